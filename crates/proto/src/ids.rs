@@ -1,0 +1,196 @@
+//! Identifier newtypes. Ids are never bare strings in an API.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Longest worker or task id accepted, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Why a string is not a valid id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("id is empty")]
+    Empty,
+    #[error("id is {len} bytes long; at most {MAX_ID_LEN} are allowed")]
+    TooLong { len: usize },
+    #[error(
+        "id contains {ch:?}; allowed are ASCII letters, digits and . _ ~ - : @ +"
+    )]
+    BadChar { ch: char },
+}
+
+/// The characters an id may hold: the URL-unreserved set plus `:`, `@` and `+`.
+/// Anything else (spaces, `/`, `%`, braces, non-ASCII) is refused on both ends.
+pub fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '~' | '-' | ':' | '@' | '+')
+}
+
+fn validate(s: &str) -> Result<(), IdError> {
+    if s.is_empty() {
+        return Err(IdError::Empty);
+    }
+    if s.len() > MAX_ID_LEN {
+        return Err(IdError::TooLong { len: s.len() });
+    }
+    match s.chars().find(|c| !is_id_char(*c)) {
+        Some(ch) => Err(IdError::BadChar { ch }),
+        None => Ok(()),
+    }
+}
+
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Validates `s` against the id rules.
+            pub fn parse(s: &str) -> Result<Self, IdError> {
+                validate(s)?;
+                Ok(Self(s.to_owned()))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), self.0)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                Self::parse(s)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                Self::parse(&s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+string_id!(
+    /// A worker's identity, chosen by its operator and stable across restarts.
+    WorkerId
+);
+string_id!(
+    /// A task's identity, assigned by the coordinator at submission (or given by the submitter).
+    TaskId
+);
+string_id!(
+    /// A checkpoint's identity, created by the worker that wrote it.
+    CheckpointId
+);
+
+impl TaskId {
+    /// A fresh random task id (`t-` and 32 hex digits).
+    pub fn random() -> Self {
+        Self(format!("t-{}", random_hex()))
+    }
+}
+
+impl CheckpointId {
+    /// A fresh random checkpoint id (`c-` and 32 hex digits).
+    pub fn random() -> Self {
+        Self(format!("c-{}", random_hex()))
+    }
+}
+
+fn random_hex() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// The attempt number of a task: 1 for the first lease, +1 each time the task is leased again.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[serde(transparent)]
+pub struct Attempt(pub u32);
+
+impl Attempt {
+    pub const FIRST: Attempt = Attempt(1);
+
+    pub fn next(self) -> Attempt {
+        Attempt(self.0.saturating_add(1))
+    }
+}
+
+impl fmt::Display for Attempt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl fmt::Debug for Attempt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Attempt({})", self.0)
+    }
+}
+
+/// Per-worker message sequence number. Monotonic for the life of a worker's state directory,
+/// never reset across sessions; it is the id of every worker message that needs an ack.
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default, Debug,
+)]
+#[serde(transparent)]
+pub struct Seq(pub u64);
+
+impl fmt::Display for Seq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_accept_the_safe_charset_and_refuse_the_rest() {
+        assert!(WorkerId::parse("gpu-box_01.lab~a:b@c+d").is_ok());
+        assert_eq!(WorkerId::parse(""), Err(IdError::Empty));
+        assert_eq!(
+            WorkerId::parse("{worker_id}"),
+            Err(IdError::BadChar { ch: '{' })
+        );
+        assert_eq!(WorkerId::parse("a/b"), Err(IdError::BadChar { ch: '/' }));
+        assert_eq!(WorkerId::parse("a b"), Err(IdError::BadChar { ch: ' ' }));
+        assert_eq!(WorkerId::parse("a%20"), Err(IdError::BadChar { ch: '%' }));
+        assert_eq!(WorkerId::parse("é"), Err(IdError::BadChar { ch: 'é' }));
+        assert!(WorkerId::parse(&"a".repeat(128)).is_ok());
+        assert_eq!(
+            WorkerId::parse(&"a".repeat(129)),
+            Err(IdError::TooLong { len: 129 })
+        );
+    }
+
+    #[test]
+    fn deserialising_an_invalid_id_fails() {
+        let r: Result<WorkerId, _> = serde_json::from_str("\"bad id\"");
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn random_ids_are_distinct_and_valid() {
+        let a = TaskId::random();
+        let b = TaskId::random();
+        assert_ne!(a, b);
+        assert!(TaskId::parse(a.as_str()).is_ok());
+        assert_eq!(a.as_str().len(), 34);
+    }
+}

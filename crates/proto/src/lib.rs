@@ -1,0 +1,22 @@
+//! Wire types of the tether protocol, shared by the coordinator and the worker.
+//!
+//! - [`ids`]: newtypes for worker, task and checkpoint ids, attempts and sequence numbers.
+//! - [`endpoint`]: the worker endpoint URL, derived on the worker and parsed on the coordinator.
+//! - [`msg`]: one closed, `type`-tagged enum per direction ([`WorkerMsg`], [`CoordMsg`]).
+//! - [`task`]: task specs, statuses, outcomes and connection statistics.
+//! - [`codec`]: frame text to message and back, with structured decode errors.
+//! - [`samples`]: one sample of every variant, for conformance tests.
+//!
+//! No async runtime here: this crate is what a worker in another language would re-implement.
+
+pub mod codec;
+pub mod endpoint;
+pub mod ids;
+pub mod msg;
+pub mod samples;
+pub mod task;
+
+pub use codec::{DecodeError, decode_coord, decode_worker, encode};
+pub use ids::{Attempt, CheckpointId, Seq, TaskId, WorkerId};
+pub use msg::{CoordMsg, PROTOCOL_VERSION, WorkerMsg};
+pub use task::{Outcome, TaskRef, TaskSpec, TaskStatus};

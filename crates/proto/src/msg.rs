@@ -1,0 +1,513 @@
+//! The messages, one closed enum per direction. JSON text frames, one object per frame, the
+//! `type` field selects the variant. Names follow the original system's vocabulary; what the
+//! original lacked (protocol version, sequence numbers, attempts, structured errors,
+//! reconciliation directives) is added here.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Attempt, CheckpointId, Seq, TaskId, WorkerId};
+use crate::task::{Blob, ConnStats, Outcome, TaskError, TaskRef};
+
+/// Version of this protocol. Peers with a different major refuse each other at registration.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Now, as the UTC timestamp every message carries.
+pub fn now() -> DateTime<Utc> {
+    Utc::now()
+}
+
+/// Messages a worker sends to the coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkerMsg {
+    Registration(Registration),
+    Heartbeat(Heartbeat),
+    TaskResult(TaskResult),
+    TaskState(TaskState),
+    Checkpoint(Checkpoint),
+    CheckpointData(CheckpointData),
+    CheckpointError(CheckpointError),
+    StateError(StateError),
+    TaskCancelled(TaskNotice),
+    TaskPaused(TaskNotice),
+    TaskResumed(TaskNotice),
+    Telemetry(Telemetry),
+    Error(ErrorMsg),
+}
+
+/// Messages the coordinator sends to a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CoordMsg {
+    Welcome(Welcome),
+    RegistrationAck(RegistrationAck),
+    Heartbeat(HeartbeatReply),
+    TaskAssignment(TaskAssignment),
+    TaskResultAck(Ack),
+    TaskStateAck(Ack),
+    CheckpointAck(Ack),
+    CheckpointDataAck(Ack),
+    TaskCancelledAck(Ack),
+    TaskPausedAck(Ack),
+    TaskResumedAck(Ack),
+    TelemetryAck(Ack),
+    CheckpointRequest(CheckpointRequest),
+    StateRequest(StateRequest),
+    CancelTask(TaskControl),
+    PauseTask(TaskControl),
+    ResumeTask(TaskControl),
+    Error(ErrorMsg),
+}
+
+/// First message of a worker session, and again after every reconnect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Registration {
+    pub worker_id: WorkerId,
+    pub protocol_version: u32,
+    /// Random id of this worker process; a new one means the worker restarted.
+    pub boot_id: String,
+    /// Capabilities a task may require, e.g. `cpu`, `cuda`.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Key/value tags a task may require, e.g. `os=linux`.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// How many tasks the worker runs at once.
+    pub slots: u32,
+    /// Executor kinds this worker can run.
+    #[serde(default)]
+    pub executors: Vec<String>,
+    /// What the worker holds, for reconciliation.
+    #[serde(default)]
+    pub inventory: Inventory,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// A worker's account of its tasks, sent at registration.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Inventory {
+    /// Tasks executing now (running or paused).
+    #[serde(default)]
+    pub running: Vec<TaskRef>,
+    /// Tasks finished whose result is not acknowledged yet (it follows in the outbox replay).
+    #[serde(default)]
+    pub finished: Vec<TaskRef>,
+    /// Tasks that were running when a previous process of this worker died.
+    #[serde(default)]
+    pub lost: Vec<TaskRef>,
+    /// Highest sequence number acknowledged by a coordinator so far.
+    #[serde(default)]
+    pub acked_seq: Seq,
+}
+
+/// Application heartbeat, worker to coordinator. Never queued: sent only on a live session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub sequence: u64,
+    #[serde(default)]
+    pub active_tasks: Vec<TaskRef>,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// The one final result of one attempt of a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub seq: Seq,
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    pub outcome: Outcome,
+    #[serde(default)]
+    pub result: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TaskError>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub duration_ms: u64,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// Progress or state of a running task. Updates for one task coalesce to the latest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskState {
+    pub seq: Seq,
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    pub state: serde_json::Value,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// Checkpoint metadata; the bytes follow in `chunks` [`CheckpointData`] messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub seq: Seq,
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    pub checkpoint_id: CheckpointId,
+    pub size: u64,
+    pub chunks: u32,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// One piece of a checkpoint's bytes, so that a large checkpoint never blocks heartbeats.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointData {
+    pub seq: Seq,
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    pub checkpoint_id: CheckpointId,
+    pub chunk: u32,
+    pub data: Blob,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// Reply to a `checkpoint_request` that cannot be served.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointError {
+    pub task_id: TaskId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_id: Option<CheckpointId>,
+    pub error: String,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// Reply to a `state_request` that cannot be served.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateError {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<TaskId>,
+    pub error: String,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// `task_cancelled`, `task_paused`, `task_resumed`: the worker applied a control.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskNotice {
+    pub seq: Seq,
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// Periodic connection statistics and worker metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Telemetry {
+    pub seq: Seq,
+    pub connection_stats: ConnStats,
+    #[serde(default)]
+    pub metrics: serde_json::Value,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// Structured error, both directions: what was wrong with which frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorMsg {
+    pub code: ErrorCode,
+    pub message: String,
+    /// The `type` of the offending frame, when it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offending_type: Option<String>,
+    /// The `seq` of the offending frame, when it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ref_seq: Option<u64>,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// Machine-readable error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame parsed as JSON but its `type` is not a known message.
+    UnknownType,
+    /// The frame is not a JSON object, or a known message with missing or invalid fields.
+    BadFrame,
+    /// The message is valid but not allowed now (e.g. before registration).
+    Unexpected,
+    /// The worker is not allowed to report on this task or attempt.
+    NotLeased,
+    /// The protocol versions are incompatible.
+    IncompatibleProtocol,
+    /// Too many messages; slow down.
+    RateLimited,
+    /// The peer could not process a valid message.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::Unexpected => "unexpected",
+            ErrorCode::NotLeased => "not_leased",
+            ErrorCode::IncompatibleProtocol => "incompatible_protocol",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// First frame of every accepted connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub worker_id: WorkerId,
+    pub protocol_version: u32,
+    /// Coordinator-wide session number of this connection.
+    pub session_id: u64,
+    pub heartbeat_interval_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// Reply to `registration`: the coordinator's decision for each task in the inventory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistrationAck {
+    pub worker_id: WorkerId,
+    pub session_id: u64,
+    #[serde(default)]
+    pub directives: Vec<Directive>,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// What the worker must do with a task it reported at registration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Directive {
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    pub action: DirectiveAction,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DirectiveAction {
+    /// The lease is still this worker's: go on.
+    Continue,
+    /// Go on, but paused.
+    Pause,
+    /// Stop the task and do not report a result (it moved on or was cancelled).
+    Cancel,
+}
+
+/// Reply to a heartbeat, echoing its sequence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    pub response_to: Option<u64>,
+    #[serde(default)]
+    pub actions: Vec<HeartbeatAction>,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// Actions a heartbeat reply may carry (the original's vocabulary).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HeartbeatAction {
+    /// Replay the outbox and send the state of every running task.
+    SyncState,
+    /// Zero the connection statistics.
+    ResetConnectionStats,
+}
+
+/// A lease on one attempt of a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskAssignment {
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    /// Executor kind: `command`, `sleep`, or one an embedding program registered.
+    pub kind: String,
+    #[serde(default)]
+    pub config: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Latest checkpoint of an earlier attempt, to resume from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<CheckpointBlob>,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// A whole checkpoint handed to a resumed attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointBlob {
+    pub checkpoint_id: CheckpointId,
+    /// The attempt that wrote it.
+    pub attempt: Attempt,
+    pub data: Blob,
+}
+
+/// Acknowledgement of a worker message that carried a `seq`; all `*_ack` types share it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    pub ack_seq: Seq,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<TaskId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_id: Option<CheckpointId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk: Option<u32>,
+    pub disposition: Disposition,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// What the coordinator did with an acknowledged message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Disposition {
+    /// Recorded now.
+    Recorded,
+    /// Already recorded earlier; nothing changed.
+    Duplicate,
+    /// From an attempt that no longer holds the lease; kept for the record, never counted.
+    Stale,
+    /// Refused (e.g. not this worker's task); do not resend.
+    Rejected,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointRequest {
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_id: Option<CheckpointId>,
+    pub timestamp: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<TaskId>,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// `cancel_task`, `pause_task`, `resume_task`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskControl {
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    pub timestamp: DateTime<Utc>,
+}
+
+impl WorkerMsg {
+    /// The wire `type` of this message.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            WorkerMsg::Registration(_) => "registration",
+            WorkerMsg::Heartbeat(_) => "heartbeat",
+            WorkerMsg::TaskResult(_) => "task_result",
+            WorkerMsg::TaskState(_) => "task_state",
+            WorkerMsg::Checkpoint(_) => "checkpoint",
+            WorkerMsg::CheckpointData(_) => "checkpoint_data",
+            WorkerMsg::CheckpointError(_) => "checkpoint_error",
+            WorkerMsg::StateError(_) => "state_error",
+            WorkerMsg::TaskCancelled(_) => "task_cancelled",
+            WorkerMsg::TaskPaused(_) => "task_paused",
+            WorkerMsg::TaskResumed(_) => "task_resumed",
+            WorkerMsg::Telemetry(_) => "telemetry",
+            WorkerMsg::Error(_) => "error",
+        }
+    }
+
+    /// The sequence number, for messages that need an ack.
+    pub fn seq(&self) -> Option<Seq> {
+        match self {
+            WorkerMsg::TaskResult(m) => Some(m.seq),
+            WorkerMsg::TaskState(m) => Some(m.seq),
+            WorkerMsg::Checkpoint(m) => Some(m.seq),
+            WorkerMsg::CheckpointData(m) => Some(m.seq),
+            WorkerMsg::TaskCancelled(m) | WorkerMsg::TaskPaused(m) | WorkerMsg::TaskResumed(m) => {
+                Some(m.seq)
+            }
+            WorkerMsg::Telemetry(m) => Some(m.seq),
+            WorkerMsg::Registration(_)
+            | WorkerMsg::Heartbeat(_)
+            | WorkerMsg::CheckpointError(_)
+            | WorkerMsg::StateError(_)
+            | WorkerMsg::Error(_) => None,
+        }
+    }
+}
+
+impl CoordMsg {
+    /// The wire `type` of this message.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            CoordMsg::Welcome(_) => "welcome",
+            CoordMsg::RegistrationAck(_) => "registration_ack",
+            CoordMsg::Heartbeat(_) => "heartbeat",
+            CoordMsg::TaskAssignment(_) => "task_assignment",
+            CoordMsg::TaskResultAck(_) => "task_result_ack",
+            CoordMsg::TaskStateAck(_) => "task_state_ack",
+            CoordMsg::CheckpointAck(_) => "checkpoint_ack",
+            CoordMsg::CheckpointDataAck(_) => "checkpoint_data_ack",
+            CoordMsg::TaskCancelledAck(_) => "task_cancelled_ack",
+            CoordMsg::TaskPausedAck(_) => "task_paused_ack",
+            CoordMsg::TaskResumedAck(_) => "task_resumed_ack",
+            CoordMsg::TelemetryAck(_) => "telemetry_ack",
+            CoordMsg::CheckpointRequest(_) => "checkpoint_request",
+            CoordMsg::StateRequest(_) => "state_request",
+            CoordMsg::CancelTask(_) => "cancel_task",
+            CoordMsg::PauseTask(_) => "pause_task",
+            CoordMsg::ResumeTask(_) => "resume_task",
+            CoordMsg::Error(_) => "error",
+        }
+    }
+
+    /// An `error` message.
+    pub fn error(
+        code: ErrorCode,
+        message: impl Into<String>,
+        offending_type: Option<String>,
+        ref_seq: Option<u64>,
+    ) -> CoordMsg {
+        CoordMsg::Error(ErrorMsg {
+            code,
+            message: message.into(),
+            offending_type,
+            ref_seq,
+            timestamp: now(),
+        })
+    }
+}
+
+/// Every wire `type` a worker may send.
+pub const WORKER_MSG_TYPES: &[&str] = &[
+    "registration",
+    "heartbeat",
+    "task_result",
+    "task_state",
+    "checkpoint",
+    "checkpoint_data",
+    "checkpoint_error",
+    "state_error",
+    "task_cancelled",
+    "task_paused",
+    "task_resumed",
+    "telemetry",
+    "error",
+];
+
+/// Every wire `type` a coordinator may send.
+pub const COORD_MSG_TYPES: &[&str] = &[
+    "welcome",
+    "registration_ack",
+    "heartbeat",
+    "task_assignment",
+    "task_result_ack",
+    "task_state_ack",
+    "checkpoint_ack",
+    "checkpoint_data_ack",
+    "task_cancelled_ack",
+    "task_paused_ack",
+    "task_resumed_ack",
+    "telemetry_ack",
+    "checkpoint_request",
+    "state_request",
+    "cancel_task",
+    "pause_task",
+    "resume_task",
+    "error",
+];

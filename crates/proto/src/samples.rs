@@ -1,0 +1,214 @@
+//! One sample of every message variant, for conformance tests on both ends and in docs.
+
+use crate::ids::{Attempt, CheckpointId, Seq, TaskId, WorkerId};
+use crate::msg::*;
+use crate::task::{Blob, ConnStats, Outcome, TaskError, TaskRef};
+
+fn task() -> TaskId {
+    TaskId::parse("t-sample").expect("valid")
+}
+
+fn ckpt() -> CheckpointId {
+    CheckpointId::parse("c-sample").expect("valid")
+}
+
+fn worker() -> WorkerId {
+    WorkerId::parse("worker-sample").expect("valid")
+}
+
+/// One of each [`WorkerMsg`] variant, in declaration order.
+pub fn worker_messages() -> Vec<WorkerMsg> {
+    let ts = now();
+    let r = TaskRef::new(task(), Attempt(2));
+    let notice = TaskNotice {
+        seq: Seq(9),
+        task_id: task(),
+        attempt: Attempt(2),
+        timestamp: ts,
+    };
+    vec![
+        WorkerMsg::Registration(Registration {
+            worker_id: worker(),
+            protocol_version: PROTOCOL_VERSION,
+            boot_id: "b-1".into(),
+            capabilities: vec!["cpu".into()],
+            tags: [("os".to_string(), "linux".to_string())].into(),
+            slots: 2,
+            executors: vec!["command".into(), "sleep".into()],
+            inventory: Inventory {
+                running: vec![r.clone()],
+                finished: vec![],
+                lost: vec![],
+                acked_seq: Seq(4),
+            },
+            timestamp: ts,
+        }),
+        WorkerMsg::Heartbeat(Heartbeat {
+            sequence: 3,
+            active_tasks: vec![r],
+            timestamp: ts,
+        }),
+        WorkerMsg::TaskResult(TaskResult {
+            seq: Seq(5),
+            task_id: task(),
+            attempt: Attempt(2),
+            outcome: Outcome::Failed,
+            result: serde_json::json!({"exit_code": 1}),
+            error: Some(TaskError {
+                message: "exit status 1".into(),
+                detail: None,
+            }),
+            started_at: ts,
+            finished_at: ts,
+            duration_ms: 12,
+            timestamp: ts,
+        }),
+        WorkerMsg::TaskState(TaskState {
+            seq: Seq(6),
+            task_id: task(),
+            attempt: Attempt(2),
+            state: serde_json::json!({"progress": 50.0}),
+            timestamp: ts,
+        }),
+        WorkerMsg::Checkpoint(Checkpoint {
+            seq: Seq(7),
+            task_id: task(),
+            attempt: Attempt(2),
+            checkpoint_id: ckpt(),
+            size: 3,
+            chunks: 1,
+            timestamp: ts,
+        }),
+        WorkerMsg::CheckpointData(CheckpointData {
+            seq: Seq(8),
+            task_id: task(),
+            attempt: Attempt(2),
+            checkpoint_id: ckpt(),
+            chunk: 0,
+            data: Blob(vec![1, 2, 3]),
+            timestamp: ts,
+        }),
+        WorkerMsg::CheckpointError(CheckpointError {
+            task_id: task(),
+            checkpoint_id: None,
+            error: "no checkpoint".into(),
+            timestamp: ts,
+        }),
+        WorkerMsg::StateError(StateError {
+            task_id: Some(task()),
+            error: "unknown task".into(),
+            timestamp: ts,
+        }),
+        WorkerMsg::TaskCancelled(notice.clone()),
+        WorkerMsg::TaskPaused(notice.clone()),
+        WorkerMsg::TaskResumed(notice),
+        WorkerMsg::Telemetry(Telemetry {
+            seq: Seq(10),
+            connection_stats: ConnStats {
+                state: "connected".into(),
+                stability: 1.0,
+                success_rate: 1.0,
+                ..ConnStats::default()
+            },
+            metrics: serde_json::json!({}),
+            timestamp: ts,
+        }),
+        WorkerMsg::Error(ErrorMsg {
+            code: ErrorCode::UnknownType,
+            message: "unknown".into(),
+            offending_type: Some("x".into()),
+            ref_seq: None,
+            timestamp: ts,
+        }),
+    ]
+}
+
+/// One of each [`CoordMsg`] variant, in declaration order.
+pub fn coord_messages() -> Vec<CoordMsg> {
+    let ts = now();
+    let ack = Ack {
+        ack_seq: Seq(5),
+        task_id: Some(task()),
+        checkpoint_id: None,
+        chunk: None,
+        disposition: Disposition::Recorded,
+        timestamp: ts,
+    };
+    let control = TaskControl {
+        task_id: task(),
+        attempt: Attempt(2),
+        reason: String::new(),
+        timestamp: ts,
+    };
+    vec![
+        CoordMsg::Welcome(Welcome {
+            worker_id: worker(),
+            protocol_version: PROTOCOL_VERSION,
+            session_id: 1,
+            heartbeat_interval_ms: 5000,
+            heartbeat_timeout_ms: 15000,
+            timestamp: ts,
+        }),
+        CoordMsg::RegistrationAck(RegistrationAck {
+            worker_id: worker(),
+            session_id: 1,
+            directives: vec![Directive {
+                task_id: task(),
+                attempt: Attempt(2),
+                action: DirectiveAction::Continue,
+                reason: String::new(),
+            }],
+            timestamp: ts,
+        }),
+        CoordMsg::Heartbeat(HeartbeatReply {
+            response_to: Some(3),
+            actions: vec![HeartbeatAction::SyncState],
+            timestamp: ts,
+        }),
+        CoordMsg::TaskAssignment(TaskAssignment {
+            task_id: task(),
+            attempt: Attempt(2),
+            kind: "sleep".into(),
+            config: serde_json::json!({"ms": 10}),
+            timeout_ms: Some(1000),
+            checkpoint: Some(CheckpointBlob {
+                checkpoint_id: ckpt(),
+                attempt: Attempt(1),
+                data: Blob(b"{}".to_vec()),
+            }),
+            timestamp: ts,
+        }),
+        CoordMsg::TaskResultAck(ack.clone()),
+        CoordMsg::TaskStateAck(ack.clone()),
+        CoordMsg::CheckpointAck(Ack {
+            checkpoint_id: Some(ckpt()),
+            ..ack.clone()
+        }),
+        CoordMsg::CheckpointDataAck(Ack {
+            checkpoint_id: Some(ckpt()),
+            chunk: Some(0),
+            ..ack.clone()
+        }),
+        CoordMsg::TaskCancelledAck(ack.clone()),
+        CoordMsg::TaskPausedAck(ack.clone()),
+        CoordMsg::TaskResumedAck(ack.clone()),
+        CoordMsg::TelemetryAck(Ack {
+            task_id: None,
+            ..ack
+        }),
+        CoordMsg::CheckpointRequest(CheckpointRequest {
+            task_id: task(),
+            attempt: Attempt(2),
+            checkpoint_id: None,
+            timestamp: ts,
+        }),
+        CoordMsg::StateRequest(StateRequest {
+            task_id: Some(task()),
+            timestamp: ts,
+        }),
+        CoordMsg::CancelTask(control.clone()),
+        CoordMsg::PauseTask(control.clone()),
+        CoordMsg::ResumeTask(control),
+        CoordMsg::error(ErrorCode::BadFrame, "bad", None, Some(1)),
+    ]
+}

@@ -1,0 +1,242 @@
+//! Task vocabulary shared by the wire messages and the HTTP API.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::ids::{Attempt, TaskId};
+
+/// One attempt of one task.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TaskRef {
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    /// Whether the task is paused (inventory and heartbeats only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+}
+
+impl TaskRef {
+    pub fn new(task_id: TaskId, attempt: Attempt) -> Self {
+        Self {
+            task_id,
+            attempt,
+            paused: false,
+        }
+    }
+}
+
+/// How an attempt ended, as the worker saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Completed,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskError {
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Where a task is in its life, as the coordinator records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    /// Waiting for a worker.
+    Queued,
+    /// Leased to a worker, which runs it.
+    Running,
+    /// Leased and paused on its worker.
+    Paused,
+    Completed,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl TaskStatus {
+    pub const ALL: [TaskStatus; 7] = [
+        TaskStatus::Queued,
+        TaskStatus::Running,
+        TaskStatus::Paused,
+        TaskStatus::Completed,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+        TaskStatus::TimedOut,
+    ];
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Cancelled | TaskStatus::TimedOut
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Queued => "queued",
+            TaskStatus::Running => "running",
+            TaskStatus::Paused => "paused",
+            TaskStatus::Completed => "completed",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Cancelled => "cancelled",
+            TaskStatus::TimedOut => "timed_out",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TaskStatus> {
+        TaskStatus::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+impl From<Outcome> for TaskStatus {
+    fn from(o: Outcome) -> Self {
+        match o {
+            Outcome::Completed => TaskStatus::Completed,
+            Outcome::Failed => TaskStatus::Failed,
+            Outcome::Cancelled => TaskStatus::Cancelled,
+            Outcome::TimedOut => TaskStatus::TimedOut,
+        }
+    }
+}
+
+/// What a client submits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// Optional caller-chosen id; submitting the same id twice is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<TaskId>,
+    /// Executor kind: `command`, `sleep`, or one an embedding program registered.
+    pub kind: String,
+    #[serde(default)]
+    pub config: serde_json::Value,
+    /// Lower runs first; 0..=9, default 5.
+    #[serde(default = "default_priority")]
+    pub priority: u8,
+    /// Capabilities a worker must advertise.
+    #[serde(default)]
+    pub requires: Vec<String>,
+    /// Tags a worker must carry with these values.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Attempts before a task lost again and again fails; default 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Free-form label shown in listings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// Default task priority.
+pub const DEFAULT_PRIORITY: u8 = 5;
+/// Lowest-urgency priority value accepted.
+pub const MAX_PRIORITY: u8 = 9;
+/// Default number of attempts.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+fn default_priority() -> u8 {
+    DEFAULT_PRIORITY
+}
+
+impl TaskSpec {
+    /// A spec of the given kind and config with every other field at its default.
+    pub fn new(kind: impl Into<String>, config: serde_json::Value) -> Self {
+        Self {
+            task_id: None,
+            kind: kind.into(),
+            config,
+            priority: DEFAULT_PRIORITY,
+            requires: Vec::new(),
+            tags: BTreeMap::new(),
+            timeout_ms: None,
+            max_attempts: None,
+            name: None,
+        }
+    }
+
+    /// Checks the fields a coordinator must refuse.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.kind.is_empty() || self.kind.len() > 64 {
+            return Err("kind must be 1 to 64 characters".into());
+        }
+        if self.priority > MAX_PRIORITY {
+            return Err(format!("priority must be 0..={MAX_PRIORITY}"));
+        }
+        if self.max_attempts == Some(0) {
+            return Err("max_attempts must be at least 1".into());
+        }
+        if self.timeout_ms == Some(0) {
+            return Err("timeout_ms must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Bytes carried in JSON as standard base64.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Blob(pub Vec<u8>);
+
+impl std::fmt::Debug for Blob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Blob({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for Blob {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Blob {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map(Blob)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Connection statistics of a worker, with the formulas the original got wrong done right.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ConnStats {
+    /// `connecting`, `connected`, `disconnected`, `failed` or `shutdown`.
+    pub state: String,
+    pub connection_attempts: u64,
+    pub successful_connections: u64,
+    pub failed_connections: u64,
+    /// Sessions that ended after they were established.
+    pub disconnections: u64,
+    /// Seconds connected, including the current session.
+    pub connected_secs: f64,
+    /// Seconds since the worker started.
+    pub total_secs: f64,
+    /// connected_secs / total_secs (1.0 before any time has passed).
+    pub stability: f64,
+    /// successful_connections / connection_attempts (1.0 before any attempt).
+    pub success_rate: f64,
+    pub rtt_samples: u64,
+    pub rtt_avg_ms: f64,
+    pub rtt_p50_ms: f64,
+    pub rtt_p95_ms: f64,
+    pub rtt_p99_ms: f64,
+    /// Time from losing a session to the next registered one.
+    pub reconnects: u64,
+    pub reconnect_avg_ms: f64,
+    pub reconnect_max_ms: f64,
+    /// Current adaptive values.
+    pub heartbeat_timeout_ms: u64,
+    pub backoff_factor: f64,
+    pub next_backoff_ms: u64,
+}
