@@ -1,1 +1,4 @@
-//! placeholder
+//! The tether worker agent.
+
+pub mod executor;
+pub mod outbox;

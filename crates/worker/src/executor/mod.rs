@@ -1,0 +1,584 @@
+//! Executors run tasks. The [`Executor`] trait is what an embedding program implements; the
+//! built-in ones are [`command::CommandExecutor`] and [`sleep::SleepExecutor`].
+//!
+//! Layering is a DAG fixed at construction: the runner owns an [`Executors`] registry, which owns
+//! a [`Metered`] wrapper per kind, which owns the executor. Nothing routes back up, so an
+//! assignment calls the executor exactly once (the original recursed until the stack overflowed).
+
+pub mod command;
+pub mod sleep;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tether_proto::msg::{Checkpoint, CheckpointData, TaskNotice, TaskState, WorkerMsg, now};
+use tether_proto::task::Blob;
+use tether_proto::{Attempt, CheckpointId, TaskId};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::outbox::{Class, Coalesce, Outbox};
+
+/// What a task needs to start.
+#[derive(Debug, Clone)]
+pub struct TaskInput {
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    pub config: serde_json::Value,
+    pub timeout: Option<Duration>,
+}
+
+/// How an execution ended other than with success.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ExecError {
+    /// The task ran and failed; `result` holds what it produced (exit status, output tail).
+    #[error("{message}")]
+    Failed {
+        message: String,
+        result: serde_json::Value,
+    },
+    /// The task's config is not valid for this executor.
+    #[error("invalid task config: {0}")]
+    InvalidConfig(String),
+    /// The task observed cancellation and stopped.
+    #[error("cancelled")]
+    Cancelled,
+    /// The executor enforced a timeout of its own.
+    #[error("timed out")]
+    TimedOut,
+}
+
+/// Runs tasks of one kind.
+pub trait Executor: Send + Sync + 'static {
+    /// Runs one attempt to its end. Called exactly once per assignment. The latest checkpoint
+    /// of an earlier attempt, if any, is `ctx.latest_checkpoint()` at start.
+    fn execute(
+        &self,
+        input: TaskInput,
+        ctx: TaskCtx,
+    ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>>;
+}
+
+/// Counters of one executor kind.
+#[derive(Debug, Default)]
+pub struct ExecMetrics {
+    pub executions: AtomicU64,
+    pub completed: AtomicU64,
+    pub failed: AtomicU64,
+    pub resumed_from_checkpoint: AtomicU64,
+    pub busy_ms: AtomicU64,
+}
+
+/// The metrics layer: owns the executor it measures, so it can only call down.
+pub struct Metered {
+    inner: Box<dyn Executor>,
+    pub metrics: Arc<ExecMetrics>,
+}
+
+impl Metered {
+    pub fn new(inner: Box<dyn Executor>) -> Self {
+        Self {
+            inner,
+            metrics: Arc::default(),
+        }
+    }
+
+    /// Runs the executor once and records the execution around the real work.
+    pub async fn run(
+        &self,
+        input: TaskInput,
+        ctx: TaskCtx,
+    ) -> Result<serde_json::Value, ExecError> {
+        let m = self.metrics.clone();
+        m.executions.fetch_add(1, Ordering::Relaxed);
+        if ctx.latest_checkpoint().is_some() {
+            m.resumed_from_checkpoint.fetch_add(1, Ordering::Relaxed);
+        }
+        let started = tokio::time::Instant::now();
+        let out = self.inner.execute(input, ctx).await;
+        m.busy_ms
+            .fetch_add(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        match &out {
+            Ok(_) => m.completed.fetch_add(1, Ordering::Relaxed),
+            Err(_) => m.failed.fetch_add(1, Ordering::Relaxed),
+        };
+        out
+    }
+}
+
+/// Executor kinds by name.
+#[derive(Default)]
+pub struct Executors {
+    by_kind: BTreeMap<String, Arc<Metered>>,
+}
+
+impl Executors {
+    /// The built-in executors: `command` and `sleep`.
+    pub fn builtin() -> Self {
+        let mut e = Self::default();
+        e.register("command", command::CommandExecutor::default());
+        e.register("sleep", sleep::SleepExecutor);
+        e
+    }
+
+    /// Adds (or replaces) the executor for `kind`.
+    pub fn register(&mut self, kind: &str, executor: impl Executor) -> &mut Self {
+        self.by_kind
+            .insert(kind.to_owned(), Arc::new(Metered::new(Box::new(executor))));
+        self
+    }
+
+    pub fn get(&self, kind: &str) -> Option<Arc<Metered>> {
+        self.by_kind.get(kind).cloned()
+    }
+
+    pub fn kinds(&self) -> Vec<String> {
+        self.by_kind.keys().cloned().collect()
+    }
+
+    /// Total executions over all kinds.
+    pub fn executions(&self) -> u64 {
+        self.by_kind
+            .values()
+            .map(|m| m.metrics.executions.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    pub fn metrics(&self) -> BTreeMap<String, Arc<ExecMetrics>> {
+        self.by_kind
+            .iter()
+            .map(|(k, m)| (k.clone(), m.metrics.clone()))
+            .collect()
+    }
+}
+
+/// A checkpoint held by the worker.
+#[derive(Debug, Clone)]
+pub struct StoredCheckpoint {
+    pub id: CheckpointId,
+    pub attempt: Attempt,
+    pub data: Arc<Vec<u8>>,
+}
+
+/// Shared between a running task's context and the runner.
+#[derive(Debug)]
+pub(crate) struct TaskShared {
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    pub cancel: CancellationToken,
+    pub pause: watch::Sender<bool>,
+    pub parked: AtomicBool,
+    pub latest: Mutex<Option<StoredCheckpoint>>,
+    pub checkpoint_requested: AtomicBool,
+    pub checkpoint_wanted: Notify,
+    pub state: Mutex<serde_json::Value>,
+}
+
+impl TaskShared {
+    pub(crate) fn new(
+        task_id: TaskId,
+        attempt: Attempt,
+        latest: Option<StoredCheckpoint>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            task_id,
+            attempt,
+            cancel: CancellationToken::new(),
+            pause: watch::channel(false).0,
+            parked: AtomicBool::new(false),
+            latest: Mutex::new(latest),
+            checkpoint_requested: AtomicBool::new(false),
+            checkpoint_wanted: Notify::new(),
+            state: Mutex::new(serde_json::Value::Null),
+        })
+    }
+
+    pub(crate) fn latest(&self) -> Option<StoredCheckpoint> {
+        self.latest.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Called when a task stores a checkpoint (the state directory persists it).
+pub type CheckpointSink = Arc<dyn Fn(&TaskId, &StoredCheckpoint) + Send + Sync>;
+
+/// What a running task can do: report state, write and read checkpoints, observe cancel and
+/// pause. Cheap to clone.
+#[derive(Clone)]
+pub struct TaskCtx {
+    pub(crate) shared: Arc<TaskShared>,
+    pub(crate) outbox: Arc<Outbox>,
+    pub(crate) chunk_size: usize,
+    pub(crate) checkpoint_dir: Option<PathBuf>,
+    pub(crate) on_checkpoint: Option<CheckpointSink>,
+}
+
+impl std::fmt::Debug for TaskCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskCtx")
+            .field("task_id", &self.shared.task_id)
+            .field("attempt", &self.shared.attempt)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Default size of one checkpoint piece on the wire.
+pub const DEFAULT_CHUNK_SIZE: usize = 256 * 1024;
+
+impl TaskCtx {
+    /// A context not attached to any worker, for unit-testing executors.
+    pub fn detached(task_id: TaskId, attempt: Attempt) -> (Self, TaskControl) {
+        let shared = TaskShared::new(task_id, attempt, None);
+        let ctx = Self {
+            shared: shared.clone(),
+            outbox: Arc::new(Outbox::new(Default::default())),
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            checkpoint_dir: None,
+            on_checkpoint: None,
+        };
+        (ctx, TaskControl { shared })
+    }
+
+    /// Gives the context a checkpoint directory (for `detached` contexts in tests).
+    pub fn with_checkpoint_dir(mut self, dir: PathBuf) -> Self {
+        self.checkpoint_dir = Some(dir);
+        self
+    }
+
+    /// Starts the context with a checkpoint to resume from (for `detached` contexts in tests).
+    pub fn with_checkpoint(self, data: Vec<u8>) -> Self {
+        *self.shared.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(StoredCheckpoint {
+            id: CheckpointId::random(),
+            attempt: self.shared.attempt,
+            data: Arc::new(data),
+        });
+        self
+    }
+
+    pub fn task_id(&self) -> &TaskId {
+        &self.shared.task_id
+    }
+
+    pub fn attempt(&self) -> Attempt {
+        self.shared.attempt
+    }
+
+    /// The outbox this context reports into (tests inspect it).
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    /// Reports progress or state; updates coalesce, so only the latest unsent one travels.
+    pub async fn report_state(&self, state: serde_json::Value) {
+        self.outbox.reserve().await;
+        *self.shared.state.lock().unwrap_or_else(|p| p.into_inner()) = state.clone();
+        let (task_id, attempt) = (self.shared.task_id.clone(), self.shared.attempt);
+        self.outbox.push(
+            Class::State,
+            Some(Coalesce::TaskState(task_id.clone())),
+            |seq| {
+                WorkerMsg::TaskState(TaskState {
+                    seq,
+                    task_id,
+                    attempt,
+                    state,
+                    timestamp: now(),
+                })
+            },
+        );
+    }
+
+    /// Stores a checkpoint, queues its upload in bounded pieces, and then, if the task was asked
+    /// to pause, parks here until resumed: a paused task stops at its next checkpoint.
+    pub async fn checkpoint(&self, data: Vec<u8>) -> CheckpointId {
+        let id = CheckpointId::random();
+        let stored = StoredCheckpoint {
+            id: id.clone(),
+            attempt: self.shared.attempt,
+            data: Arc::new(data),
+        };
+        if let Some(sink) = &self.on_checkpoint {
+            sink(&self.shared.task_id, &stored);
+        }
+        *self.shared.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored.clone());
+        self.shared
+            .checkpoint_requested
+            .store(false, Ordering::Relaxed);
+        upload_checkpoint(&self.outbox, &self.shared.task_id, &stored, self.chunk_size).await;
+        self.pause_point().await;
+        id
+    }
+
+    /// The latest checkpoint of this task: one written by this attempt, or the one an earlier
+    /// attempt left, handed over at start.
+    pub fn latest_checkpoint(&self) -> Option<Arc<Vec<u8>>> {
+        self.shared.latest().map(|c| c.data)
+    }
+
+    /// Whether the coordinator asked for a checkpoint since the last one.
+    pub fn checkpoint_requested(&self) -> bool {
+        self.shared.checkpoint_requested.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when a checkpoint is requested.
+    pub async fn checkpoint_wanted(&self) {
+        loop {
+            let n = self.shared.checkpoint_wanted.notified();
+            if self.checkpoint_requested() {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.shared.cancel.is_cancelled()
+    }
+
+    /// Resolves when the task is cancelled (by the coordinator, a timeout or shutdown).
+    pub async fn cancelled(&self) {
+        self.shared.cancel.cancelled().await
+    }
+
+    pub fn cancellation_token(&self) -> CancellationToken {
+        self.shared.cancel.clone()
+    }
+
+    /// Whether a pause is requested.
+    pub fn pause_requested(&self) -> bool {
+        *self.shared.pause.borrow()
+    }
+
+    /// A receiver that changes when pause is requested or lifted.
+    pub fn pause_watch(&self) -> watch::Receiver<bool> {
+        self.shared.pause.subscribe()
+    }
+
+    /// A pause point: if a pause is requested, tells the coordinator the task is paused and
+    /// waits until it is resumed or cancelled. Returns at once otherwise.
+    pub async fn pause_point(&self) {
+        let mut rx = self.shared.pause.subscribe();
+        if !*rx.borrow_and_update() || self.is_cancelled() {
+            return;
+        }
+        self.notice(Notice::Paused);
+        self.shared.parked.store(true, Ordering::Relaxed);
+        loop {
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() || !*rx.borrow_and_update() {
+                        break;
+                    }
+                }
+                _ = self.shared.cancel.cancelled() => break,
+            }
+        }
+        self.shared.parked.store(false, Ordering::Relaxed);
+        if !self.is_cancelled() {
+            self.notice(Notice::Resumed);
+        }
+    }
+
+    /// Directory whose files are shipped as checkpoints (command tasks).
+    pub fn checkpoint_dir(&self) -> Option<&Path> {
+        self.checkpoint_dir.as_deref()
+    }
+
+    pub(crate) fn notice(&self, kind: Notice) {
+        push_notice(&self.outbox, &self.shared.task_id, self.shared.attempt, kind);
+    }
+}
+
+/// Drives a task from outside, for tests of executors with a detached context.
+#[derive(Debug, Clone)]
+pub struct TaskControl {
+    pub(crate) shared: Arc<TaskShared>,
+}
+
+impl TaskControl {
+    pub fn cancel(&self) {
+        self.shared.cancel.cancel();
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.shared.pause.send_replace(paused);
+    }
+
+    /// Whether the task is parked at a pause point.
+    pub fn is_parked(&self) -> bool {
+        self.shared.parked.load(Ordering::Relaxed)
+    }
+
+    pub fn request_checkpoint(&self) {
+        self.shared
+            .checkpoint_requested
+            .store(true, Ordering::Relaxed);
+        self.shared.checkpoint_wanted.notify_waiters();
+    }
+
+    pub fn latest_checkpoint(&self) -> Option<Arc<Vec<u8>>> {
+        self.shared.latest().map(|c| c.data)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Notice {
+    Cancelled,
+    Paused,
+    Resumed,
+}
+
+pub(crate) fn push_notice(outbox: &Outbox, task_id: &TaskId, attempt: Attempt, kind: Notice) {
+    let task_id = task_id.clone();
+    outbox.push(Class::Notice, None, move |seq| {
+        let n = TaskNotice {
+            seq,
+            task_id,
+            attempt,
+            timestamp: now(),
+        };
+        match kind {
+            Notice::Cancelled => WorkerMsg::TaskCancelled(n),
+            Notice::Paused => WorkerMsg::TaskPaused(n),
+            Notice::Resumed => WorkerMsg::TaskResumed(n),
+        }
+    });
+}
+
+/// Queues a checkpoint as one `checkpoint` message and its `checkpoint_data` pieces.
+pub(crate) async fn upload_checkpoint(
+    outbox: &Outbox,
+    task_id: &TaskId,
+    cp: &StoredCheckpoint,
+    chunk_size: usize,
+) {
+    let chunk_size = chunk_size.max(1);
+    let pieces: Vec<&[u8]> = if cp.data.is_empty() {
+        vec![&[][..]]
+    } else {
+        cp.data.chunks(chunk_size).collect()
+    };
+    outbox.reserve().await;
+    outbox.push(Class::State, None, |seq| {
+        WorkerMsg::Checkpoint(Checkpoint {
+            seq,
+            task_id: task_id.clone(),
+            attempt: cp.attempt,
+            checkpoint_id: cp.id.clone(),
+            size: cp.data.len() as u64,
+            chunks: pieces.len() as u32,
+            timestamp: now(),
+        })
+    });
+    for (i, piece) in pieces.into_iter().enumerate() {
+        outbox.reserve().await;
+        outbox.push(Class::State, None, |seq| {
+            WorkerMsg::CheckpointData(CheckpointData {
+                seq,
+                task_id: task_id.clone(),
+                attempt: cp.attempt,
+                checkpoint_id: cp.id.clone(),
+                chunk: i as u32,
+                data: Blob(piece.to_vec()),
+                timestamp: now(),
+            })
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Counting(Arc<AtomicU64>);
+
+    impl Executor for Counting {
+        fn execute(
+            &self,
+            _input: TaskInput,
+            _ctx: TaskCtx,
+        ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
+            let n = self.0.clone();
+            Box::pin(async move {
+                n.fetch_add(1, Ordering::SeqCst);
+                Ok(serde_json::json!({}))
+            })
+        }
+    }
+
+    fn input() -> TaskInput {
+        TaskInput {
+            task_id: TaskId::parse("t").expect("id"),
+            attempt: Attempt(1),
+            config: serde_json::Value::Null,
+            timeout: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_metrics_layer_calls_its_executor_exactly_once_per_run() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let mut reg = Executors::default();
+        reg.register("count", Counting(calls.clone()));
+        let m = reg.get("count").expect("registered");
+        for _ in 0..3 {
+            let (ctx, _) = TaskCtx::detached(TaskId::parse("t").expect("id"), Attempt(1));
+            m.run(input(), ctx).await.expect("ok");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(reg.executions(), 3);
+        assert_eq!(m.metrics.completed.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_is_uploaded_in_bounded_pieces() {
+        let (mut ctx, control) = TaskCtx::detached(TaskId::parse("t").expect("id"), Attempt(2));
+        ctx.chunk_size = 4;
+        ctx.checkpoint(b"0123456789".to_vec()).await;
+        let msgs = ctx.outbox.take_unsent(100);
+        let kinds: Vec<&str> = msgs.iter().map(|(_, m)| m.type_name()).collect();
+        assert_eq!(
+            kinds,
+            ["checkpoint", "checkpoint_data", "checkpoint_data", "checkpoint_data"]
+        );
+        let mut joined = Vec::new();
+        for (_, m) in &msgs {
+            if let WorkerMsg::CheckpointData(d) = m.as_ref() {
+                assert!(d.data.0.len() <= 4);
+                assert_eq!(d.attempt, Attempt(2));
+                joined.extend_from_slice(&d.data.0);
+            }
+        }
+        assert_eq!(joined, b"0123456789");
+        assert_eq!(
+            control.latest_checkpoint().as_deref().map(Vec::as_slice),
+            Some(&b"0123456789"[..])
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_task_parks_at_its_next_checkpoint_until_resumed() {
+        let (ctx, control) = TaskCtx::detached(TaskId::parse("t").expect("id"), Attempt(1));
+        control.set_paused(true);
+        let task = tokio::spawn({
+            let ctx = ctx.clone();
+            async move { ctx.checkpoint(b"x".to_vec()).await }
+        });
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(control.is_parked());
+        assert!(!task.is_finished());
+        control.set_paused(false);
+        task.await.expect("joined");
+        assert!(!control.is_parked());
+        let kinds: Vec<&str> = ctx
+            .outbox
+            .take_unsent(100)
+            .iter()
+            .map(|(_, m)| m.type_name())
+            .collect();
+        assert!(kinds.contains(&"task_paused") && kinds.contains(&"task_resumed"));
+    }
+}

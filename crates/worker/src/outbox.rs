@@ -1,0 +1,534 @@
+//! The outbox: everything the worker must deliver and that needs an ack.
+//!
+//! Entries are sent in order of class (results first, then control notices, then state and
+//! checkpoints, then telemetry) and by sequence number within a class. An entry stays until
+//! the coordinator acknowledges its sequence number; on every new session all of them are sent
+//! again. State updates of one task coalesce to the latest, as does telemetry. Heartbeats never
+//! enter the outbox. The outbox is bounded: producers wait for room ([`Outbox::reserve`]),
+//! telemetry is dropped first, and the first time it fills a warning is logged and counted.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tether_proto::msg::WorkerMsg;
+use tether_proto::{Attempt, Seq, TaskId, TaskRef};
+use tokio::sync::Notify;
+
+/// Default bound on entries.
+pub const DEFAULT_MAX_ENTRIES: usize = 10_000;
+/// Default bound on encoded bytes held.
+pub const DEFAULT_MAX_BYTES: usize = 64 * 1024 * 1024;
+
+/// Delivery class; lower is sent first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Class {
+    Result = 0,
+    Notice = 1,
+    State = 2,
+    Telemetry = 3,
+}
+
+/// Coalescing key: a newer entry with the same key replaces the older one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Coalesce {
+    TaskState(TaskId),
+    Telemetry,
+}
+
+type Key = (Class, u64);
+
+#[derive(Debug)]
+struct Entry {
+    msg: std::sync::Arc<WorkerMsg>,
+    bytes: usize,
+    coalesce: Option<Coalesce>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    next_seq: u64,
+    entries: BTreeMap<Key, Entry>,
+    class_of: HashMap<u64, Class>,
+    coalesced: HashMap<Coalesce, u64>,
+    unsent: BTreeSet<Key>,
+    bytes: usize,
+    acked_max: u64,
+    full: bool,
+}
+
+/// Bounds of an outbox.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_entries: usize,
+    pub max_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_bytes: DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
+/// The outbox. Shared (`Arc`) between the executors that fill it and the session that drains it.
+#[derive(Debug)]
+pub struct Outbox {
+    inner: Mutex<Inner>,
+    limits: Limits,
+    /// Woken when an entry becomes sendable.
+    ready: Notify,
+    /// Woken when room is made.
+    room: Notify,
+    /// Times the outbox was found full.
+    pub full_events: AtomicU64,
+    /// Telemetry entries dropped to make room.
+    pub dropped: AtomicU64,
+}
+
+impl Outbox {
+    pub fn new(limits: Limits) -> Self {
+        Self::starting_at(limits, Seq(0))
+    }
+
+    /// An outbox whose next sequence number follows `last` (restored from a state directory).
+    pub fn starting_at(limits: Limits, last: Seq) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                next_seq: last.0 + 1,
+                acked_max: last.0,
+                ..Inner::default()
+            }),
+            limits,
+            ready: Notify::new(),
+            room: Notify::new(),
+            full_events: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock leaves consistent data (every mutation is a few
+        // map operations), so poisoning is ignored.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds an entry built from its sequence number and returns that number. Never blocks and
+    /// never refuses: callers that produce at will call [`Outbox::reserve`] first.
+    pub fn push(
+        &self,
+        class: Class,
+        coalesce: Option<Coalesce>,
+        make: impl FnOnce(Seq) -> WorkerMsg,
+    ) -> Seq {
+        let seq = {
+            let mut inner = self.lock();
+            let seq = inner.next_seq;
+            inner.next_seq += 1;
+            if let Some(key) = &coalesce {
+                if let Some(old) = inner.coalesced.remove(key) {
+                    inner.remove(old);
+                }
+                inner.coalesced.insert(key.clone(), seq);
+            }
+            let msg = make(Seq(seq));
+            let bytes = approx_size(&msg);
+            inner.class_of.insert(seq, class);
+            inner.entries.insert(
+                (class, seq),
+                Entry {
+                    msg: std::sync::Arc::new(msg),
+                    bytes,
+                    coalesce,
+                },
+            );
+            inner.unsent.insert((class, seq));
+            inner.bytes += bytes;
+            if inner.over(&self.limits) {
+                self.make_room(&mut inner);
+            }
+            Seq(seq)
+        };
+        self.ready.notify_one();
+        seq
+    }
+
+    /// Waits until the outbox is below its bounds. Results, notices, state and checkpoints wait
+    /// here rather than being dropped: nothing a task produced is lost.
+    pub async fn reserve(&self) {
+        loop {
+            let room = self.room.notified();
+            {
+                let mut inner = self.lock();
+                if !inner.over(&self.limits) {
+                    return;
+                }
+                self.make_room(&mut inner);
+                if !inner.over(&self.limits) {
+                    return;
+                }
+            }
+            room.await;
+        }
+    }
+
+    fn make_room(&self, inner: &mut Inner) {
+        // Telemetry goes first: it is the only class that may be dropped.
+        let telemetry: Vec<u64> = inner
+            .entries
+            .range((Class::Telemetry, 0)..)
+            .map(|(k, _)| k.1)
+            .collect();
+        for seq in telemetry {
+            if !inner.over(&self.limits) {
+                break;
+            }
+            inner.remove(seq);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        if inner.over(&self.limits) && !inner.full {
+            inner.full = true;
+            self.full_events.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                entries = inner.entries.len(),
+                bytes = inner.bytes,
+                max_entries = self.limits.max_entries,
+                max_bytes = self.limits.max_bytes,
+                "outbox is full; tasks wait until the coordinator acknowledges what is queued"
+            );
+        }
+    }
+
+    /// Marks `seq` delivered. Returns whether it was still held.
+    pub fn ack(&self, seq: Seq) -> bool {
+        let removed = {
+            let mut inner = self.lock();
+            inner.acked_max = inner.acked_max.max(seq.0);
+            let removed = inner.remove(seq.0);
+            if inner.full && !inner.over(&self.limits) {
+                inner.full = false;
+                tracing::info!("outbox has room again");
+            }
+            removed
+        };
+        if removed {
+            self.room.notify_waiters();
+        }
+        removed
+    }
+
+    /// Starts a new session: everything held becomes unsent again, in order.
+    pub fn requeue_all(&self) {
+        let mut inner = self.lock();
+        let keys: Vec<Key> = inner.entries.keys().copied().collect();
+        inner.unsent = keys.into_iter().collect();
+        drop(inner);
+        self.ready.notify_one();
+    }
+
+    /// Takes up to `max` unsent entries, in send order.
+    pub fn take_unsent(&self, max: usize) -> Vec<(Seq, std::sync::Arc<WorkerMsg>)> {
+        let mut inner = self.lock();
+        let mut out = Vec::with_capacity(max.min(inner.unsent.len()));
+        while out.len() < max {
+            let Some(key) = inner.unsent.pop_first() else {
+                break;
+            };
+            if let Some(e) = inner.entries.get(&key) {
+                out.push((Seq(key.1), e.msg.clone()));
+            }
+        }
+        out
+    }
+
+    /// Waits until an entry may be sendable.
+    pub async fn ready(&self) {
+        self.ready.notified().await
+    }
+
+    pub fn has_unsent(&self) -> bool {
+        !self.lock().unsent.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// Highest sequence number acknowledged so far.
+    pub fn acked_max(&self) -> Seq {
+        Seq(self.lock().acked_max)
+    }
+
+    /// Last sequence number handed out.
+    pub fn last_seq(&self) -> Seq {
+        Seq(self.lock().next_seq - 1)
+    }
+
+    /// Tasks whose result waits for an ack, for the inventory.
+    pub fn pending_results(&self) -> Vec<TaskRef> {
+        let inner = self.lock();
+        inner
+            .entries
+            .range((Class::Result, 0)..(Class::Notice, 0))
+            .filter_map(|(_, e)| match e.msg.as_ref() {
+                WorkerMsg::TaskResult(r) => Some(TaskRef::new(r.task_id.clone(), r.attempt)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether a result for this attempt is held.
+    pub fn holds_result(&self, task: &TaskId, attempt: Attempt) -> bool {
+        self.pending_results()
+            .iter()
+            .any(|r| &r.task_id == task && r.attempt == attempt)
+    }
+
+    /// A snapshot of every held entry, in send order (for persistence and tests).
+    pub fn snapshot(&self) -> Vec<(Class, Seq, std::sync::Arc<WorkerMsg>)> {
+        let inner = self.lock();
+        inner
+            .entries
+            .iter()
+            .map(|(k, e)| (k.0, Seq(k.1), e.msg.clone()))
+            .collect()
+    }
+
+    /// Puts back an entry restored from a state directory, keeping its sequence number.
+    pub fn restore(&self, class: Class, msg: WorkerMsg) {
+        let Some(seq) = msg.seq() else { return };
+        let mut inner = self.lock();
+        inner.next_seq = inner.next_seq.max(seq.0 + 1);
+        let coalesce = match &msg {
+            WorkerMsg::TaskState(s) => Some(Coalesce::TaskState(s.task_id.clone())),
+            WorkerMsg::Telemetry(_) => Some(Coalesce::Telemetry),
+            _ => None,
+        };
+        if let Some(key) = &coalesce {
+            inner.coalesced.insert(key.clone(), seq.0);
+        }
+        let bytes = approx_size(&msg);
+        inner.class_of.insert(seq.0, class);
+        inner.entries.insert(
+            (class, seq.0),
+            Entry {
+                msg: std::sync::Arc::new(msg),
+                bytes,
+                coalesce,
+            },
+        );
+        inner.unsent.insert((class, seq.0));
+        inner.bytes += bytes;
+    }
+}
+
+impl Inner {
+    fn over(&self, limits: &Limits) -> bool {
+        self.entries.len() > limits.max_entries || self.bytes > limits.max_bytes
+    }
+
+    fn remove(&mut self, seq: u64) -> bool {
+        let Some(class) = self.class_of.remove(&seq) else {
+            return false;
+        };
+        let key = (class, seq);
+        self.unsent.remove(&key);
+        if let Some(e) = self.entries.remove(&key) {
+            self.bytes -= e.bytes;
+            if let Some(c) = e.coalesce {
+                if self.coalesced.get(&c) == Some(&seq) {
+                    self.coalesced.remove(&c);
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Size estimate without encoding: the payload-carrying fields dominate.
+fn approx_size(msg: &WorkerMsg) -> usize {
+    const BASE: usize = 160;
+    match msg {
+        WorkerMsg::CheckpointData(d) => BASE + d.data.0.len() * 4 / 3,
+        WorkerMsg::TaskResult(r) => BASE + json_len(&r.result),
+        WorkerMsg::TaskState(s) => BASE + json_len(&s.state),
+        WorkerMsg::Telemetry(t) => BASE + 600 + json_len(&t.metrics),
+        _ => BASE,
+    }
+}
+
+fn json_len(v: &serde_json::Value) -> usize {
+    match v {
+        serde_json::Value::Null | serde_json::Value::Bool(_) | serde_json::Value::Number(_) => 8,
+        serde_json::Value::String(s) => s.len() + 2,
+        serde_json::Value::Array(a) => a.iter().map(json_len).sum::<usize>() + 2,
+        serde_json::Value::Object(o) => {
+            o.iter().map(|(k, v)| k.len() + 3 + json_len(v)).sum::<usize>() + 2
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_proto::msg::{TaskState, Telemetry, now};
+    use tether_proto::task::ConnStats;
+
+    fn tid(s: &str) -> TaskId {
+        TaskId::parse(s).expect("id")
+    }
+
+    fn state(ob: &Outbox, task: &str, v: i64) -> Seq {
+        ob.push(Class::State, Some(Coalesce::TaskState(tid(task))), |seq| {
+            WorkerMsg::TaskState(TaskState {
+                seq,
+                task_id: tid(task),
+                attempt: Attempt(1),
+                state: serde_json::json!({ "v": v }),
+                timestamp: now(),
+            })
+        })
+    }
+
+    fn result(ob: &Outbox, task: &str) -> Seq {
+        ob.push(Class::Result, None, |seq| {
+            WorkerMsg::TaskResult(tether_proto::msg::TaskResult {
+                seq,
+                task_id: tid(task),
+                attempt: Attempt(1),
+                outcome: tether_proto::Outcome::Completed,
+                result: serde_json::json!({}),
+                error: None,
+                started_at: now(),
+                finished_at: now(),
+                duration_ms: 0,
+                timestamp: now(),
+            })
+        })
+    }
+
+    fn telemetry(ob: &Outbox) -> Seq {
+        ob.push(Class::Telemetry, Some(Coalesce::Telemetry), |seq| {
+            WorkerMsg::Telemetry(Telemetry {
+                seq,
+                connection_stats: ConnStats::default(),
+                metrics: serde_json::json!({}),
+                timestamp: now(),
+            })
+        })
+    }
+
+    fn order(ob: &Outbox) -> Vec<u64> {
+        ob.take_unsent(usize::MAX)
+            .into_iter()
+            .map(|(s, _)| s.0)
+            .collect()
+    }
+
+    #[test]
+    fn results_go_first_then_state_then_telemetry_in_sequence_order() {
+        let ob = Outbox::new(Limits::default());
+        let t = telemetry(&ob);
+        let s1 = state(&ob, "a", 1);
+        let r1 = result(&ob, "x");
+        let s2 = state(&ob, "b", 1);
+        let r2 = result(&ob, "y");
+        assert_eq!(order(&ob), vec![r1.0, r2.0, s1.0, s2.0, t.0]);
+    }
+
+    #[test]
+    fn state_updates_of_one_task_coalesce_to_the_latest() {
+        let ob = Outbox::new(Limits::default());
+        state(&ob, "a", 1);
+        state(&ob, "b", 1);
+        let latest = state(&ob, "a", 2);
+        let sent = ob.take_unsent(10);
+        assert_eq!(sent.len(), 2);
+        let a = sent
+            .iter()
+            .find(|(s, _)| *s == latest)
+            .expect("latest state of a is held");
+        match a.1.as_ref() {
+            WorkerMsg::TaskState(s) => assert_eq!(s.state["v"], 2),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unacked_entries_are_sent_again_on_a_new_session_and_acked_ones_are_not() {
+        let ob = Outbox::new(Limits::default());
+        let a = result(&ob, "a");
+        let b = result(&ob, "b");
+        assert_eq!(order(&ob), vec![a.0, b.0]);
+        assert!(order(&ob).is_empty(), "sent once per session");
+        assert!(ob.ack(a));
+        assert!(!ob.ack(a), "a second ack is harmless");
+        ob.requeue_all();
+        assert_eq!(order(&ob), vec![b.0]);
+        assert_eq!(ob.acked_max(), a);
+        assert_eq!(ob.pending_results().len(), 1);
+    }
+
+    #[test]
+    fn a_full_outbox_drops_telemetry_first_and_keeps_results() {
+        let ob = Outbox::new(Limits {
+            max_entries: 3,
+            max_bytes: usize::MAX,
+        });
+        telemetry(&ob);
+        result(&ob, "a");
+        result(&ob, "b");
+        result(&ob, "c");
+        assert_eq!(ob.len(), 3);
+        assert_eq!(ob.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(ob.pending_results().len(), 3);
+        result(&ob, "d");
+        assert_eq!(ob.len(), 4, "results are never dropped");
+        assert_eq!(ob.full_events.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn producers_wait_for_room_until_an_ack_makes_it() {
+        let ob = std::sync::Arc::new(Outbox::new(Limits {
+            max_entries: 1,
+            max_bytes: usize::MAX,
+        }));
+        let a = result(&ob, "a");
+        result(&ob, "b");
+        let waiter = {
+            let ob = ob.clone();
+            tokio::spawn(async move { ob.reserve().await })
+        };
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        assert!(!waiter.is_finished(), "no room yet");
+        ob.ack(a);
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+            .await
+            .expect("woken")
+            .expect("joined");
+    }
+
+    #[test]
+    fn restored_entries_keep_their_sequence_and_later_pushes_follow() {
+        let ob = Outbox::new(Limits::default());
+        let s = result(&ob, "a");
+        let snap = ob.snapshot();
+        let ob2 = Outbox::new(Limits::default());
+        for (class, _, msg) in snap {
+            ob2.restore(class, (*msg).clone());
+        }
+        assert_eq!(order(&ob2), vec![s.0]);
+        let next = result(&ob2, "b");
+        assert!(next > s);
+    }
+}
