@@ -1,4 +1,29 @@
-//! The tether worker agent.
+//! The tether worker agent, usable as a library by programs with their own executors.
+//!
+//! - [`agent`]: [`Agent`] owns the connection task and its state machine; [`AgentHandle`]
+//!   observes it.
+//! - [`session`]: one WebSocket session: registration and reconciliation, outbox replay,
+//!   heartbeats, liveness.
+//! - [`connector`]: how a session's WebSocket is opened (TCP, or in-memory pipes in tests).
+//! - [`backoff`], [`adaptive`]: reconnect delays and adaptive parameters.
+//! - [`stats`]: connection statistics.
+//! - [`outbox`]: what must be delivered, bounded, ordered and coalesced.
+//! - [`runner`]: runs assignments on their own tasks; cancel, pause, resume.
+//! - [`executor`]: the [`Executor`] trait, the task context and the built-in executors.
+//! - [`config`]: settings and their defaults.
 
+pub mod adaptive;
+pub mod agent;
+pub mod backoff;
+pub mod config;
+pub mod connector;
 pub mod executor;
 pub mod outbox;
+pub mod runner;
+pub mod session;
+pub mod stats;
+
+pub use agent::{Agent, AgentError, AgentHandle};
+pub use config::WorkerConfig;
+pub use executor::{ExecError, Executor, Executors, TaskCtx, TaskInput};
+pub use stats::ConnState;

@@ -1,0 +1,326 @@
+//! The agent: one task owns the connection and its state machine
+//! (Connecting -> Connected -> Disconnected -> ... -> Failed | Shutdown). Sessions run inline in
+//! that task, so there are never two live connections; each session has a generation number
+//! and everything it started ends with it, so late events of an old session do nothing.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tether_proto::endpoint::{EndpointError, derive_endpoint};
+use tether_proto::task::ConnStats;
+use tether_proto::{TaskRef, WorkerId};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::adaptive;
+use crate::backoff::Backoff;
+use crate::config::WorkerConfig;
+use crate::connector::{ConnectError, Connector, TcpConnector, ws_config};
+use crate::executor::Executors;
+use crate::outbox::Outbox;
+use crate::runner::Runner;
+use crate::session::{Session, SessionEnd};
+use crate::stats::{ConnState, StatsTracker};
+
+/// How long running tasks get to stop at shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why an agent stopped other than by shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid coordinator URL: {0}")]
+    Config(#[from] EndpointError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("gave up after {attempts} consecutive failed connection attempts")]
+    GaveUp { attempts: u32 },
+    #[error("state directory: {0}")]
+    StateDir(String),
+}
+
+/// State shared between the agent task and its handles.
+#[derive(Debug)]
+pub struct AgentShared {
+    pub worker_id: WorkerId,
+    pub stats: Mutex<StatsTracker>,
+    pub state: watch::Sender<ConnState>,
+    /// Connections open right now (never more than one).
+    pub live_connections: AtomicI64,
+    /// Most connections ever open at once.
+    pub max_live_connections: AtomicI64,
+    /// Session generation, +1 per connection attempt.
+    pub generation: AtomicU64,
+    /// Sessions that registered.
+    pub registrations: AtomicU64,
+    /// `error` messages received from the coordinator.
+    pub errors_received: AtomicU64,
+    /// Frames from the coordinator this worker could not decode.
+    pub bad_frames: AtomicU64,
+    /// Current adaptive heartbeat timeout, ms.
+    pub heartbeat_timeout_ms: AtomicU64,
+    /// Current backoff factor x 1000.
+    pub backoff_factor_milli: AtomicU64,
+    /// Next backoff delay before jitter, ms.
+    pub next_backoff_ms: AtomicU64,
+    /// Why the agent failed, if it did.
+    pub refusal: Mutex<Option<String>>,
+}
+
+impl AgentShared {
+    pub(crate) fn stats(&self) -> std::sync::MutexGuard<'_, StatsTracker> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn set_state(&self, s: ConnState) {
+        self.stats().state = s;
+        self.state.send_if_modified(|cur| {
+            let changed = *cur != s;
+            *cur = s;
+            changed
+        });
+    }
+}
+
+/// A view of a running agent, for the CLI, the demo and tests.
+#[derive(Debug, Clone)]
+pub struct AgentHandle {
+    pub shared: Arc<AgentShared>,
+    pub outbox: Arc<Outbox>,
+    pub runner: Arc<Runner>,
+}
+
+impl AgentHandle {
+    pub fn state(&self) -> ConnState {
+        *self.shared.state.borrow()
+    }
+
+    /// Waits until the state satisfies `f`.
+    pub async fn wait_state(&self, f: impl Fn(ConnState) -> bool) -> ConnState {
+        let mut rx = self.shared.state.subscribe();
+        loop {
+            let s = *rx.borrow_and_update();
+            if f(s) {
+                return s;
+            }
+            if rx.changed().await.is_err() {
+                return *rx.borrow();
+            }
+        }
+    }
+
+    /// Connection statistics, with the current adaptive values.
+    pub fn stats(&self) -> ConnStats {
+        let mut s = self.shared.stats().snapshot();
+        s.heartbeat_timeout_ms = self.shared.heartbeat_timeout_ms.load(Ordering::Relaxed);
+        s.backoff_factor = self.shared.backoff_factor_milli.load(Ordering::Relaxed) as f64 / 1000.0;
+        s.next_backoff_ms = self.shared.next_backoff_ms.load(Ordering::Relaxed);
+        s
+    }
+
+    pub fn registrations(&self) -> u64 {
+        self.shared.registrations.load(Ordering::Relaxed)
+    }
+
+    pub fn active_tasks(&self) -> Vec<TaskRef> {
+        self.runner.active()
+    }
+
+    /// Executions started by this worker, over all executor kinds.
+    pub fn executions(&self) -> u64 {
+        self.runner.executors().executions()
+    }
+}
+
+/// A worker agent, ready to run.
+pub struct Agent {
+    pub(crate) cfg: WorkerConfig,
+    pub(crate) endpoint: String,
+    pub(crate) runner: Arc<Runner>,
+    pub(crate) outbox: Arc<Outbox>,
+    pub(crate) shared: Arc<AgentShared>,
+    pub(crate) connector: Arc<dyn Connector>,
+    pub(crate) boot_id: String,
+    pub(crate) rng: StdRng,
+    pub(crate) lost: Vec<TaskRef>,
+    pub(crate) heartbeat_seq: u64,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("worker_id", &self.cfg.worker_id)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// Builds an agent; fails on a configuration error (bad URL, unusable state directory).
+    pub fn new(cfg: WorkerConfig, executors: Executors) -> Result<Self, AgentError> {
+        let endpoint = derive_endpoint(&cfg.coordinator, &cfg.worker_id)?;
+        let outbox = Arc::new(Outbox::new(cfg.outbox));
+        let mut runner = Runner::new(executors, outbox.clone(), cfg.checkpoint_chunk_size);
+        if let Some(dir) = &cfg.state_dir {
+            runner = runner.with_checkpoint_root(dir.join("tasks"));
+        }
+        let seed = cfg.seed.unwrap_or_else(rand::random);
+        tracing::info!(worker = %cfg.worker_id, %endpoint, seed, "worker configured");
+        let shared = Arc::new(AgentShared {
+            worker_id: cfg.worker_id.clone(),
+            stats: Mutex::new(StatsTracker::new()),
+            state: watch::channel(ConnState::Disconnected).0,
+            live_connections: AtomicI64::new(0),
+            max_live_connections: AtomicI64::new(0),
+            generation: AtomicU64::new(0),
+            registrations: AtomicU64::new(0),
+            errors_received: AtomicU64::new(0),
+            bad_frames: AtomicU64::new(0),
+            heartbeat_timeout_ms: AtomicU64::new(cfg.heartbeat_timeout.as_millis() as u64),
+            backoff_factor_milli: AtomicU64::new((cfg.backoff.factor * 1000.0) as u64),
+            next_backoff_ms: AtomicU64::new(cfg.backoff.initial.as_millis() as u64),
+            refusal: Mutex::new(None),
+        });
+        Ok(Self {
+            endpoint,
+            runner: Arc::new(runner),
+            outbox,
+            shared,
+            connector: Arc::new(TcpConnector),
+            boot_id: format!("b-{}", uuid::Uuid::new_v4().simple()),
+            rng: StdRng::seed_from_u64(seed),
+            lost: Vec::new(),
+            heartbeat_seq: 0,
+            cfg,
+        })
+    }
+
+    /// Replaces the transport (tests use in-memory pipes).
+    pub fn with_connector(mut self, connector: impl Connector) -> Self {
+        self.connector = Arc::new(connector);
+        self
+    }
+
+    pub fn handle(&self) -> AgentHandle {
+        AgentHandle {
+            shared: self.shared.clone(),
+            outbox: self.outbox.clone(),
+            runner: self.runner.clone(),
+        }
+    }
+
+    /// The endpoint this agent connects to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Runs until `shutdown`, a permanent refusal, or `max_reconnect_attempts` failures.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let result = self.connect_loop(&shutdown).await;
+        self.runner.shutdown(SHUTDOWN_GRACE).await;
+        match &result {
+            Ok(()) => self.shared.set_state(ConnState::Shutdown),
+            Err(e) => {
+                *self.shared.refusal.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(e.to_string());
+                self.shared.set_state(ConnState::Failed);
+                tracing::error!(worker = %self.cfg.worker_id, error = %e, "worker stopped");
+            }
+        }
+        result
+    }
+
+    async fn connect_loop(&mut self, shutdown: &CancellationToken) -> Result<(), AgentError> {
+        let mut backoff = Backoff::new(self.cfg.backoff);
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let generation = self.shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
+            {
+                let mut s = self.shared.stats();
+                s.on_attempt();
+            }
+            self.shared.set_state(ConnState::Connecting);
+            let connect = tokio::time::timeout(
+                self.cfg.connect_timeout,
+                self.connector
+                    .connect(self.endpoint.clone(), ws_config(self.cfg.max_frame)),
+            );
+            let conn = tokio::select! {
+                r = connect => r,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            let end = match conn {
+                Ok(Ok(ws)) => {
+                    let _live = LiveGuard::new(self.shared.clone());
+                    Session::new(self, ws, generation).run(shutdown).await
+                }
+                Ok(Err(ConnectError::Refused(r))) => SessionEnd::Refused(r),
+                Ok(Err(ConnectError::Transient(e))) => SessionEnd::NotRegistered(e),
+                Err(_) => SessionEnd::NotRegistered("connect timed out".into()),
+            };
+            match end {
+                SessionEnd::Shutdown => return Ok(()),
+                SessionEnd::Refused(reason) => return Err(AgentError::Refused(reason)),
+                SessionEnd::NotRegistered(reason) => {
+                    self.shared.stats().on_attempt_failed();
+                    tracing::warn!(worker = %self.cfg.worker_id, generation, %reason, "connection attempt failed");
+                }
+                SessionEnd::Lost { registered_for, reason } => {
+                    self.shared.stats().on_session_end();
+                    if registered_for >= self.cfg.healthy_after {
+                        backoff.reset();
+                    }
+                    tracing::warn!(worker = %self.cfg.worker_id, generation, %reason, registered_ms = registered_for.as_millis() as u64, "session lost");
+                }
+            }
+            let (success_rate, attempts) = {
+                let s = self.shared.stats().snapshot();
+                (s.success_rate, s.connection_attempts)
+            };
+            backoff.set_boost(adaptive::backoff_boost(
+                &self.cfg.adaptive,
+                success_rate,
+                attempts,
+            ));
+            let delay = backoff.next_delay(&mut self.rng);
+            self.shared
+                .backoff_factor_milli
+                .store((backoff.factor() * 1000.0) as u64, Ordering::Relaxed);
+            self.shared
+                .next_backoff_ms
+                .store(backoff.peek().as_millis() as u64, Ordering::Relaxed);
+            if backoff.exhausted() {
+                return Err(AgentError::GaveUp {
+                    attempts: backoff.failures(),
+                });
+            }
+            self.shared.set_state(ConnState::Disconnected);
+            tracing::info!(worker = %self.cfg.worker_id, delay_ms = delay.as_millis() as u64, failures = backoff.failures(), "reconnecting after backoff");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Counts a connection as live for as long as it exists.
+struct LiveGuard(Arc<AgentShared>);
+
+impl LiveGuard {
+    fn new(shared: Arc<AgentShared>) -> Self {
+        let now = shared.live_connections.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.max_live_connections.fetch_max(now, Ordering::SeqCst);
+        Self(shared)
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.live_connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}

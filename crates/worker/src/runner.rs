@@ -1,0 +1,462 @@
+//! The runner: starts one executor run per assignment on its own task, independent of the
+//! connection, and turns its end into exactly one result in the outbox. Controls (cancel,
+//! pause, resume, checkpoint and state requests) act on the running executor through its
+//! context. The map of running tasks is behind a sync mutex that is never held across an await
+//! or a call that takes it again (the original deadlocked exactly there).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tether_proto::msg::{
+    CheckpointError, CheckpointRequest, Directive, DirectiveAction, StateError, StateRequest,
+    TaskAssignment, TaskControl, TaskResult, TaskState, WorkerMsg, now,
+};
+use tether_proto::task::TaskError;
+use tether_proto::{Attempt, Outcome, TaskId, TaskRef};
+use tokio_util::task::TaskTracker;
+
+use crate::executor::{
+    CheckpointSink, ExecError, Executors, Notice, StoredCheckpoint, TaskCtx, TaskInput,
+    TaskShared, push_notice, upload_checkpoint,
+};
+use crate::outbox::{Class, Coalesce, Outbox};
+
+/// Finished attempts remembered to ignore a duplicated assignment.
+const DONE_MEMORY: usize = 4096;
+
+/// Why a running task was stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    /// `cancel_task`: report a cancelled result.
+    Cancelled,
+    /// The coordinator moved the task elsewhere: stop quietly, no result.
+    Superseded,
+    /// The worker is shutting down: no result; the coordinator requeues the task.
+    Shutdown,
+}
+
+#[derive(Debug)]
+struct Running {
+    shared: Arc<TaskShared>,
+    stop: Option<StopReason>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    running: HashMap<TaskId, Running>,
+    done: HashSet<(TaskId, Attempt)>,
+    done_order: VecDeque<(TaskId, Attempt)>,
+}
+
+/// Runs assigned tasks.
+pub struct Runner {
+    executors: Executors,
+    outbox: Arc<Outbox>,
+    table: Mutex<Table>,
+    tracker: TaskTracker,
+    chunk_size: usize,
+    checkpoint_root: Option<PathBuf>,
+    on_checkpoint: Option<CheckpointSink>,
+    on_finished: Option<Arc<dyn Fn(&TaskId, Attempt) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner").finish_non_exhaustive()
+    }
+}
+
+impl Runner {
+    pub fn new(executors: Executors, outbox: Arc<Outbox>, chunk_size: usize) -> Self {
+        Self {
+            executors,
+            outbox,
+            table: Mutex::default(),
+            tracker: TaskTracker::new(),
+            chunk_size,
+            checkpoint_root: None,
+            on_checkpoint: None,
+            on_finished: None,
+        }
+    }
+
+    /// Where command tasks get their checkpoint directories.
+    pub fn with_checkpoint_root(mut self, root: PathBuf) -> Self {
+        self.checkpoint_root = Some(root);
+        self
+    }
+
+    /// Called whenever a task stores a checkpoint (persistence).
+    pub fn with_checkpoint_sink(mut self, sink: CheckpointSink) -> Self {
+        self.on_checkpoint = Some(sink);
+        self
+    }
+
+    /// Called when a task leaves the running set (persistence).
+    pub fn with_finished_hook(mut self, hook: Arc<dyn Fn(&TaskId, Attempt) + Send + Sync>) -> Self {
+        self.on_finished = Some(hook);
+        self
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn executors(&self) -> &Executors {
+        &self.executors
+    }
+
+    /// Tasks executing now, for heartbeats and the inventory.
+    pub fn active(&self) -> Vec<TaskRef> {
+        let t = self.table();
+        let mut v: Vec<TaskRef> = t
+            .running
+            .values()
+            .filter(|r| r.stop.is_none())
+            .map(|r| TaskRef {
+                task_id: r.shared.task_id.clone(),
+                attempt: r.shared.attempt,
+                paused: *r.shared.pause.borrow(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        v
+    }
+
+    pub fn running_count(&self) -> usize {
+        self.table().running.len()
+    }
+
+    /// Starts an assignment, unless this attempt already runs or finished here.
+    pub fn assign(self: &Arc<Self>, a: TaskAssignment) {
+        let key = (a.task_id.clone(), a.attempt);
+        let shared = {
+            let mut t = self.table();
+            if t.done.contains(&key) {
+                tracing::debug!(task = %a.task_id, attempt = %a.attempt, "assignment of a finished attempt ignored");
+                return;
+            }
+            if let Some(r) = t.running.get_mut(&a.task_id) {
+                if r.shared.attempt >= a.attempt {
+                    tracing::debug!(task = %a.task_id, attempt = %a.attempt, "duplicate assignment ignored");
+                    return;
+                }
+                // An older attempt of the same task is superseded by this one.
+                r.stop = Some(StopReason::Superseded);
+                r.shared.cancel.cancel();
+            }
+            let latest = a.checkpoint.as_ref().map(|c| StoredCheckpoint {
+                id: c.checkpoint_id.clone(),
+                attempt: c.attempt,
+                data: Arc::new(c.data.0.clone()),
+            });
+            let shared = TaskShared::new(a.task_id.clone(), a.attempt, latest);
+            t.running.insert(
+                a.task_id.clone(),
+                Running {
+                    shared: shared.clone(),
+                    stop: None,
+                },
+            );
+            shared
+        };
+        let this = self.clone();
+        self.tracker.spawn(async move { this.execute(a, shared).await });
+    }
+
+    async fn execute(self: Arc<Self>, a: TaskAssignment, shared: Arc<TaskShared>) {
+        let task_id = a.task_id.clone();
+        let attempt = a.attempt;
+        let started_at = now();
+        let t0 = tokio::time::Instant::now();
+        let ctx = TaskCtx {
+            shared: shared.clone(),
+            outbox: self.outbox.clone(),
+            chunk_size: self.chunk_size,
+            checkpoint_dir: self.checkpoint_root.as_ref().map(|r| {
+                r.join(task_id.as_str())
+            }),
+            on_checkpoint: self.on_checkpoint.clone(),
+        };
+        let timeout = a.timeout_ms.map(Duration::from_millis);
+        let mut timed_out = false;
+        let res = match self.executors.get(&a.kind) {
+            None => Err(ExecError::InvalidConfig(format!(
+                "no executor for kind {:?} on this worker (it has: {})",
+                a.kind,
+                self.executors.kinds().join(", ")
+            ))),
+            Some(exec) => {
+                let input = TaskInput {
+                    task_id: task_id.clone(),
+                    attempt,
+                    config: a.config,
+                    timeout,
+                };
+                let fut = exec.run(input, ctx);
+                tokio::pin!(fut);
+                match timeout {
+                    Some(limit) => tokio::select! {
+                        r = &mut fut => r,
+                        _ = tokio::time::sleep(limit) => {
+                            timed_out = true;
+                            shared.cancel.cancel();
+                            fut.await
+                        }
+                    },
+                    None => fut.await,
+                }
+            }
+        };
+        let stop = {
+            let mut t = self.table();
+            let stop = match t.running.get(&task_id) {
+                Some(r) if Arc::ptr_eq(&r.shared, &shared) => {
+                    let stop = r.stop;
+                    t.running.remove(&task_id);
+                    stop
+                }
+                // A newer attempt replaced this one in the table.
+                _ => Some(StopReason::Superseded),
+            };
+            if stop != Some(StopReason::Shutdown) {
+                let key = (task_id.clone(), attempt);
+                if t.done.insert(key.clone()) {
+                    t.done_order.push_back(key);
+                    if t.done_order.len() > DONE_MEMORY {
+                        if let Some(old) = t.done_order.pop_front() {
+                            t.done.remove(&old);
+                        }
+                    }
+                }
+            }
+            stop
+        };
+        let (outcome, result, error) = match (&res, timed_out, stop) {
+            (_, true, _) => (
+                Outcome::TimedOut,
+                serde_json::json!({}),
+                Some(TaskError {
+                    message: "task timed out".into(),
+                    detail: None,
+                }),
+            ),
+            (Ok(v), _, _) => (Outcome::Completed, v.clone(), None),
+            (Err(ExecError::Failed { message, result }), _, _) => (
+                Outcome::Failed,
+                result.clone(),
+                Some(TaskError {
+                    message: message.clone(),
+                    detail: None,
+                }),
+            ),
+            (Err(ExecError::TimedOut), _, _) => (
+                Outcome::TimedOut,
+                serde_json::json!({}),
+                Some(TaskError {
+                    message: "task timed out".into(),
+                    detail: None,
+                }),
+            ),
+            (Err(e @ ExecError::InvalidConfig(_)), _, _) => (
+                Outcome::Failed,
+                serde_json::json!({}),
+                Some(TaskError {
+                    message: e.to_string(),
+                    detail: None,
+                }),
+            ),
+            (Err(ExecError::Cancelled), _, _) => (Outcome::Cancelled, serde_json::json!({}), None),
+        };
+        let report = match stop {
+            None => true,
+            Some(StopReason::Cancelled) => true,
+            Some(StopReason::Superseded) | Some(StopReason::Shutdown) => false,
+        };
+        if report {
+            let duration_ms = t0.elapsed().as_millis() as u64;
+            self.outbox.reserve().await;
+            self.outbox.push(Class::Result, None, |seq| {
+                WorkerMsg::TaskResult(TaskResult {
+                    seq,
+                    task_id: task_id.clone(),
+                    attempt,
+                    outcome,
+                    result,
+                    error,
+                    started_at,
+                    finished_at: now(),
+                    duration_ms,
+                    timestamp: now(),
+                })
+            });
+            tracing::info!(task = %task_id, attempt = %attempt, ?outcome, duration_ms, "task finished");
+        } else {
+            tracing::info!(task = %task_id, attempt = %attempt, reason = ?stop, "task stopped without a result");
+        }
+        if let Some(hook) = &self.on_finished {
+            hook(&task_id, attempt);
+        }
+    }
+
+    fn with_running<R>(
+        &self,
+        task: &TaskId,
+        attempt: Attempt,
+        f: impl FnOnce(&mut Running) -> R,
+    ) -> Option<R> {
+        let mut t = self.table();
+        match t.running.get_mut(task) {
+            Some(r) if r.shared.attempt == attempt && r.stop.is_none() => Some(f(r)),
+            _ => None,
+        }
+    }
+
+    /// `cancel_task`: stops the executor; it reports a cancelled result.
+    pub fn cancel(&self, c: &TaskControl) {
+        let hit = self.with_running(&c.task_id, c.attempt, |r| {
+            r.stop = Some(StopReason::Cancelled);
+            r.shared.cancel.cancel();
+        });
+        if hit.is_some() {
+            push_notice(&self.outbox, &c.task_id, c.attempt, Notice::Cancelled);
+        }
+    }
+
+    /// `pause_task`: the executor stops at its next pause point.
+    pub fn pause(&self, c: &TaskControl) {
+        self.with_running(&c.task_id, c.attempt, |r| r.shared.pause.send_replace(true));
+    }
+
+    /// `resume_task`.
+    pub fn resume(&self, c: &TaskControl) {
+        let was_parked = self.with_running(&c.task_id, c.attempt, |r| {
+            r.shared.pause.send_replace(false);
+            r.shared.parked.load(Ordering::Relaxed)
+        });
+        if was_parked == Some(false) {
+            // Never reached a pause point: acknowledge the resume here.
+            push_notice(&self.outbox, &c.task_id, c.attempt, Notice::Resumed);
+        }
+    }
+
+    /// Applies the coordinator's reconciliation decisions after registration.
+    pub fn apply_directives(&self, directives: &[Directive]) {
+        for d in directives {
+            match d.action {
+                DirectiveAction::Continue => {
+                    self.with_running(&d.task_id, d.attempt, |r| r.shared.pause.send_replace(false));
+                }
+                DirectiveAction::Pause => {
+                    self.with_running(&d.task_id, d.attempt, |r| r.shared.pause.send_replace(true));
+                }
+                DirectiveAction::Cancel => {
+                    let hit = self.with_running(&d.task_id, d.attempt, |r| {
+                        r.stop = Some(StopReason::Superseded);
+                        r.shared.cancel.cancel();
+                    });
+                    if hit.is_some() {
+                        tracing::warn!(task = %d.task_id, attempt = %d.attempt, reason = %d.reason, "coordinator cancelled a task this worker still ran");
+                    }
+                }
+            }
+        }
+    }
+
+    /// `checkpoint_request`: re-sends the asked-for (or latest) checkpoint and asks the task for
+    /// a fresh one. Returns an error message to send when there is nothing to give.
+    pub async fn checkpoint_request(&self, req: &CheckpointRequest) -> Option<WorkerMsg> {
+        let shared = {
+            let t = self.table();
+            t.running
+                .get(&req.task_id)
+                .filter(|r| r.shared.attempt == req.attempt)
+                .map(|r| r.shared.clone())
+        };
+        let error = |error: String| {
+            Some(WorkerMsg::CheckpointError(CheckpointError {
+                task_id: req.task_id.clone(),
+                checkpoint_id: req.checkpoint_id.clone(),
+                error,
+                timestamp: now(),
+            }))
+        };
+        let Some(shared) = shared else {
+            return error(format!("task {} is not running here", req.task_id));
+        };
+        shared.checkpoint_requested.store(true, Ordering::Relaxed);
+        shared.checkpoint_wanted.notify_waiters();
+        match (shared.latest(), &req.checkpoint_id) {
+            (Some(cp), Some(id)) if &cp.id != id => error(format!("checkpoint {id} not found")),
+            (Some(cp), _) => {
+                upload_checkpoint(&self.outbox, &req.task_id, &cp, self.chunk_size).await;
+                None
+            }
+            (None, Some(id)) => error(format!("checkpoint {id} not found")),
+            (None, None) => error(format!(
+                "no checkpoint for task {} yet; the task was asked for one",
+                req.task_id
+            )),
+        }
+    }
+
+    /// `state_request`: queues the full state of one or every running task.
+    pub fn state_request(&self, req: &StateRequest) -> Option<WorkerMsg> {
+        let shared: Vec<Arc<TaskShared>> = {
+            let t = self.table();
+            t.running
+                .values()
+                .filter(|r| req.task_id.as_ref().is_none_or(|id| id == &r.shared.task_id))
+                .map(|r| r.shared.clone())
+                .collect()
+        };
+        if shared.is_empty() && req.task_id.is_some() {
+            return Some(WorkerMsg::StateError(StateError {
+                task_id: req.task_id.clone(),
+                error: "task is not running here".into(),
+                timestamp: now(),
+            }));
+        }
+        for s in shared {
+            let state = s.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let (task_id, attempt) = (s.task_id.clone(), s.attempt);
+            self.outbox.push(
+                Class::State,
+                Some(Coalesce::TaskState(task_id.clone())),
+                |seq| {
+                    WorkerMsg::TaskState(TaskState {
+                        seq,
+                        task_id,
+                        attempt,
+                        state,
+                        timestamp: now(),
+                    })
+                },
+            );
+        }
+        None
+    }
+
+    /// Stops every task without results (shutdown) and waits for them, up to `grace`.
+    pub async fn shutdown(&self, grace: Duration) {
+        {
+            let mut t = self.table();
+            for r in t.running.values_mut() {
+                r.stop.get_or_insert(StopReason::Shutdown);
+                r.shared.cancel.cancel();
+            }
+        }
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            tracing::warn!(remaining = self.tracker.len(), "tasks did not stop within the shutdown grace");
+        }
+    }
+
+    /// Number of executor tasks still alive (0 after a clean shutdown).
+    pub fn live_tasks(&self) -> usize {
+        self.tracker.len()
+    }
+}

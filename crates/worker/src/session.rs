@@ -1,0 +1,521 @@
+//! One session: welcome, registration with the inventory, the coordinator's reconciliation
+//! directives, outbox replay, then the loop that reads frames, sends the outbox, heartbeats,
+//! pings, and declares the session dead after `heartbeat_timeout` without any inbound frame
+//! (the only way to notice a silently black-holed network). All timers start with the session.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tether_proto::msg::{
+    CoordMsg, ErrorCode, ErrorMsg, Heartbeat, HeartbeatAction, Inventory, PROTOCOL_VERSION,
+    Registration, Telemetry, WorkerMsg, now,
+};
+use tether_proto::{decode_coord, encode};
+use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout_at};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+
+use crate::adaptive;
+use crate::agent::Agent;
+use crate::connector::WsStream;
+use crate::outbox::{Class, Coalesce};
+use crate::stats::ConnState;
+
+/// Close codes with which a coordinator refuses a worker for good.
+pub const CLOSE_UNAUTHORIZED: u16 = 4001;
+pub const CLOSE_INCOMPATIBLE: u16 = 4002;
+pub const CLOSE_CONFLICT: u16 = 4003;
+/// Close code of a session replaced by a newer connection of the same worker.
+pub const CLOSE_REPLACED: u16 = 4009;
+
+/// Outbox entries sent per batch before the loop looks at inbound frames again.
+const SEND_BATCH: usize = 64;
+/// Heartbeats remembered for RTT matching.
+const PENDING_HEARTBEATS: usize = 16;
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    Shutdown,
+    /// Retrying will not help.
+    Refused(String),
+    /// Connected but never registered.
+    NotRegistered(String),
+    /// A registered session was lost.
+    Lost {
+        registered_for: Duration,
+        reason: String,
+    },
+}
+
+enum Ev {
+    Frame(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
+    Heartbeat,
+    Ping,
+    Telemetry,
+    StatsLog,
+    Wake,
+}
+
+enum Inbound {
+    Msg(CoordMsg),
+    /// Any frame that proves the link is alive but carries no message (ping, pong, bad frame).
+    Other,
+    Closed(String, Option<u16>),
+}
+
+pub(crate) struct Session<'a> {
+    agent: &'a mut Agent,
+    ws: WsStream,
+    generation: u64,
+    deadline: Instant,
+    timeout: Duration,
+    pending_heartbeats: VecDeque<(u64, Instant)>,
+    warned_types: std::collections::HashSet<String>,
+}
+
+impl<'a> Session<'a> {
+    pub(crate) fn new(agent: &'a mut Agent, ws: WsStream, generation: u64) -> Self {
+        let timeout = agent.cfg.heartbeat_timeout;
+        Self {
+            agent,
+            ws,
+            generation,
+            deadline: Instant::now() + timeout,
+            timeout,
+            pending_heartbeats: VecDeque::new(),
+            warned_types: Default::default(),
+        }
+    }
+
+    pub(crate) async fn run(mut self, shutdown: &CancellationToken) -> SessionEnd {
+        let end = match self.register(shutdown).await {
+            Ok(()) => {
+                let registered_at = Instant::now();
+                let reason = self.main_loop(shutdown).await;
+                match reason {
+                    Err(end) => end,
+                    Ok(reason) => SessionEnd::Lost {
+                        registered_for: registered_at.elapsed(),
+                        reason,
+                    },
+                }
+            }
+            Err(end) => end,
+        };
+        if matches!(end, SessionEnd::Shutdown) {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                self.ws.close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "worker shutting down".into(),
+                })),
+            )
+            .await;
+        }
+        end
+    }
+
+    fn worker(&self) -> &tether_proto::WorkerId {
+        &self.agent.cfg.worker_id
+    }
+
+    /// Reads one frame, or times out at the liveness deadline.
+    async fn recv(&mut self, shutdown: &CancellationToken) -> Result<Inbound, SessionEnd> {
+        let frame = tokio::select! {
+            f = timeout_at(self.deadline, self.ws.next()) => f,
+            _ = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
+        };
+        match frame {
+            Err(_) => Ok(Inbound::Closed(self.dead_reason(), None)),
+            Ok(f) => Ok(self.on_frame(f).await),
+        }
+    }
+
+    fn dead_reason(&self) -> String {
+        format!("no frame for {} ms: declared dead", self.timeout.as_millis())
+    }
+
+    /// Classifies one frame; every frame moves the liveness deadline.
+    async fn on_frame(
+        &mut self,
+        frame: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    ) -> Inbound {
+        let frame = match frame {
+            None => return Inbound::Closed("connection closed".into(), None),
+            Some(Err(e)) => return Inbound::Closed(format!("read: {e}"), None),
+            Some(Ok(m)) => m,
+        };
+        self.deadline = Instant::now() + self.timeout;
+        match frame {
+            Message::Text(text) => match decode_coord(text.as_str()) {
+                Ok(m) => Inbound::Msg(m),
+                Err(e) => {
+                    self.agent.shared.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    let ty = e.offending_type().unwrap_or_default();
+                    if self.warned_types.insert(ty) {
+                        tracing::warn!(worker = %self.worker(), error = %e, "undecodable frame from coordinator");
+                    }
+                    let code = match e {
+                        tether_proto::DecodeError::UnknownType { .. } => ErrorCode::UnknownType,
+                        tether_proto::DecodeError::Malformed { .. } => ErrorCode::BadFrame,
+                    };
+                    let reply = WorkerMsg::Error(ErrorMsg {
+                        code,
+                        message: e.to_string(),
+                        offending_type: e.offending_type(),
+                        ref_seq: e.seq(),
+                        timestamp: now(),
+                    });
+                    let _ = self.send(&reply).await;
+                    Inbound::Other
+                }
+            },
+            Message::Binary(_) => {
+                self.agent.shared.bad_frames.fetch_add(1, Ordering::Relaxed);
+                Inbound::Other
+            }
+            Message::Close(frame) => {
+                let code = frame.as_ref().map(|f| u16::from(f.code));
+                let reason = frame
+                    .map(|f| format!("closed by coordinator: {} {}", u16::from(f.code), f.reason))
+                    .unwrap_or_else(|| "closed by coordinator".into());
+                Inbound::Closed(reason, code)
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Inbound::Other,
+        }
+    }
+
+    async fn send(&mut self, msg: &WorkerMsg) -> Result<(), String> {
+        let text = encode(msg);
+        match timeout_at(self.deadline, self.ws.send(Message::text(text))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("write: {e}")),
+            Err(_) => Err("write stalled past the liveness deadline".into()),
+        }
+    }
+
+    fn closed_end(reason: String, code: Option<u16>) -> SessionEnd {
+        match code {
+            Some(CLOSE_UNAUTHORIZED | CLOSE_INCOMPATIBLE | CLOSE_CONFLICT) => {
+                SessionEnd::Refused(reason)
+            }
+            _ => SessionEnd::NotRegistered(reason),
+        }
+    }
+
+    async fn register(&mut self, shutdown: &CancellationToken) -> Result<(), SessionEnd> {
+        // 1. welcome
+        let welcome = loop {
+            match self.recv(shutdown).await? {
+                Inbound::Msg(CoordMsg::Welcome(w)) => break w,
+                Inbound::Msg(CoordMsg::Error(e)) => return Err(self.refusal_or_retry(&e)),
+                Inbound::Msg(other) => {
+                    return Err(SessionEnd::NotRegistered(format!(
+                        "expected welcome, got {}",
+                        other.type_name()
+                    )));
+                }
+                Inbound::Other => continue,
+                Inbound::Closed(r, code) => return Err(Self::closed_end(r, code)),
+            }
+        };
+        if welcome.protocol_version != PROTOCOL_VERSION {
+            return Err(SessionEnd::Refused(format!(
+                "coordinator speaks protocol {}, this worker {}",
+                welcome.protocol_version, PROTOCOL_VERSION
+            )));
+        }
+        if &welcome.worker_id != self.worker() {
+            return Err(SessionEnd::Refused(format!(
+                "coordinator welcomed {} but this worker is {}",
+                welcome.worker_id,
+                self.worker()
+            )));
+        }
+        // 2. registration with the inventory
+        let a = &*self.agent;
+        let reg = WorkerMsg::Registration(Registration {
+            worker_id: a.cfg.worker_id.clone(),
+            protocol_version: PROTOCOL_VERSION,
+            boot_id: a.boot_id.clone(),
+            capabilities: a.cfg.capabilities.clone(),
+            tags: a.cfg.tags.clone(),
+            slots: a.cfg.slots,
+            executors: a.runner.executors().kinds(),
+            inventory: Inventory {
+                running: a.runner.active(),
+                finished: a.outbox.pending_results(),
+                lost: a.lost.clone(),
+                acked_seq: a.outbox.acked_max(),
+            },
+            timestamp: now(),
+        });
+        self.send(&reg).await.map_err(SessionEnd::NotRegistered)?;
+        // 3. the coordinator's decisions
+        let ack = loop {
+            match self.recv(shutdown).await? {
+                Inbound::Msg(CoordMsg::RegistrationAck(ack)) => break ack,
+                Inbound::Msg(CoordMsg::Error(e)) => return Err(self.refusal_or_retry(&e)),
+                Inbound::Msg(CoordMsg::Heartbeat(_)) | Inbound::Other => continue,
+                Inbound::Msg(other) => {
+                    return Err(SessionEnd::NotRegistered(format!(
+                        "expected registration_ack, got {}",
+                        other.type_name()
+                    )));
+                }
+                Inbound::Closed(r, code) => return Err(Self::closed_end(r, code)),
+            }
+        };
+        self.agent.runner.apply_directives(&ack.directives);
+        self.agent.lost.clear();
+        let outage = self.agent.shared.stats().on_registered();
+        self.agent
+            .shared
+            .registrations
+            .fetch_add(1, Ordering::Relaxed);
+        self.agent.shared.set_state(ConnState::Connected);
+        self.agent.outbox.requeue_all();
+        tracing::info!(
+            worker = %self.worker(),
+            generation = self.generation,
+            session = ack.session_id,
+            directives = ack.directives.len(),
+            replay = self.agent.outbox.len(),
+            outage_ms = outage.map(|d| d.as_millis() as u64),
+            "registered"
+        );
+        Ok(())
+    }
+
+    fn refusal_or_retry(&self, e: &ErrorMsg) -> SessionEnd {
+        self.agent
+            .shared
+            .errors_received
+            .fetch_add(1, Ordering::Relaxed);
+        match e.code {
+            ErrorCode::IncompatibleProtocol => SessionEnd::Refused(e.message.clone()),
+            _ => SessionEnd::NotRegistered(format!("{}: {}", e.code.as_str(), e.message)),
+        }
+    }
+
+    /// Returns `Ok(reason)` when the session is lost, `Err(end)` for shutdown or refusal.
+    async fn main_loop(&mut self, shutdown: &CancellationToken) -> Result<String, SessionEnd> {
+        let cfg = self.agent.cfg.clone();
+        let start = Instant::now();
+        let mut heartbeat = interval_at(start + cfg.heartbeat_interval, cfg.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut ping = interval_at(start + cfg.ws_ping_interval, cfg.ws_ping_interval);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut telemetry = interval_at(start + cfg.telemetry_interval, cfg.telemetry_interval);
+        telemetry.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut stats_log = interval_at(start + cfg.stats_log_interval, cfg.stats_log_interval);
+        stats_log.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let outbox = self.agent.outbox.clone();
+        loop {
+            if outbox.has_unsent() {
+                self.flush_outbox().await;
+            }
+            let deadline = self.deadline;
+            let ev = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
+                f = self.ws.next() => Ev::Frame(f),
+                _ = sleep_until(deadline) => return Ok(self.dead_reason()),
+                _ = heartbeat.tick() => Ev::Heartbeat,
+                _ = ping.tick() => Ev::Ping,
+                _ = telemetry.tick() => Ev::Telemetry,
+                _ = stats_log.tick() => Ev::StatsLog,
+                _ = outbox.ready(), if !outbox.has_unsent() => Ev::Wake,
+            };
+            match ev {
+                Ev::Frame(f) => match self.on_frame(f).await {
+                    Inbound::Msg(m) => {
+                        if let Err(reason) = self.handle(m).await {
+                            return Ok(reason);
+                        }
+                    }
+                    Inbound::Other => {}
+                    Inbound::Closed(reason, code) => {
+                        return match Self::closed_end(reason, code) {
+                            SessionEnd::NotRegistered(r) => Ok(r),
+                            end => Err(end),
+                        };
+                    }
+                },
+                Ev::Heartbeat => {
+                    if let Err(reason) = self.heartbeat().await {
+                        return Ok(reason);
+                    }
+                }
+                Ev::Ping => {
+                    let ping = self.ws.send(Message::Ping(Default::default()));
+                    match timeout_at(self.deadline, ping).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Ok(format!("ping: {e}")),
+                        Err(_) => return Ok(self.dead_reason()),
+                    }
+                }
+                Ev::Telemetry => self.push_telemetry(),
+                Ev::StatsLog => {
+                    let s = self.agent.handle().stats();
+                    tracing::info!(worker = %self.worker(), stability = s.stability, rtt_p50_ms = s.rtt_p50_ms, rtt_p95_ms = s.rtt_p95_ms, reconnects = s.reconnects, outbox = outbox.len(), "connection statistics");
+                }
+                Ev::Wake => {}
+            }
+        }
+    }
+
+    async fn flush_outbox(&mut self) {
+        let batch = self.agent.outbox.take_unsent(SEND_BATCH);
+        for (_, msg) in &batch {
+            let text = encode(msg.as_ref());
+            match timeout_at(self.deadline, self.ws.feed(Message::text(text))).await {
+                Ok(Ok(())) => {}
+                // Unsent entries stay in the outbox and go again next session.
+                _ => return,
+            }
+        }
+        let _ = timeout_at(self.deadline, self.ws.flush()).await;
+    }
+
+    async fn heartbeat(&mut self) -> Result<(), String> {
+        self.agent.heartbeat_seq += 1;
+        let seq = self.agent.heartbeat_seq;
+        if self.pending_heartbeats.len() == PENDING_HEARTBEATS {
+            self.pending_heartbeats.pop_front();
+        }
+        self.pending_heartbeats.push_back((seq, Instant::now()));
+        let hb = WorkerMsg::Heartbeat(Heartbeat {
+            sequence: seq,
+            active_tasks: self.agent.runner.active(),
+            timestamp: now(),
+        });
+        self.send(&hb).await
+    }
+
+    fn push_telemetry(&self) {
+        let stats = self.agent.handle().stats();
+        let metrics: serde_json::Map<String, serde_json::Value> = self
+            .agent
+            .runner
+            .executors()
+            .metrics()
+            .into_iter()
+            .map(|(k, m)| {
+                (
+                    k,
+                    serde_json::json!({
+                        "executions": m.executions.load(Ordering::Relaxed),
+                        "completed": m.completed.load(Ordering::Relaxed),
+                        "failed": m.failed.load(Ordering::Relaxed),
+                        "resumed_from_checkpoint": m.resumed_from_checkpoint.load(Ordering::Relaxed),
+                    }),
+                )
+            })
+            .collect();
+        let outbox_len = self.agent.outbox.len();
+        self.agent
+            .outbox
+            .push(Class::Telemetry, Some(Coalesce::Telemetry), |seq| {
+                WorkerMsg::Telemetry(Telemetry {
+                    seq,
+                    connection_stats: stats,
+                    metrics: serde_json::json!({ "executors": metrics, "outbox": outbox_len }),
+                    timestamp: now(),
+                })
+            });
+    }
+
+    fn on_rtt(&mut self, response_to: Option<u64>) {
+        let Some(seq) = response_to else { return };
+        let Some(pos) = self.pending_heartbeats.iter().position(|(s, _)| *s == seq) else {
+            return;
+        };
+        let (_, sent) = self.pending_heartbeats.remove(pos).unwrap_or((0, Instant::now()));
+        let rtt = sent.elapsed();
+        let p95 = {
+            let mut s = self.agent.shared.stats();
+            s.on_rtt(rtt);
+            s.rtt_percentile(95.0)
+        };
+        let cfg = &self.agent.cfg;
+        self.timeout = adaptive::heartbeat_timeout(
+            &cfg.adaptive,
+            cfg.heartbeat_timeout,
+            cfg.heartbeat_interval,
+            p95.map(|ms| Duration::from_secs_f64(ms / 1e3)),
+        );
+        self.agent
+            .shared
+            .heartbeat_timeout_ms
+            .store(self.timeout.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    async fn handle(&mut self, msg: CoordMsg) -> Result<(), String> {
+        let runner = self.agent.runner.clone();
+        let outbox = self.agent.outbox.clone();
+        match msg {
+            CoordMsg::Heartbeat(h) => {
+                self.on_rtt(h.response_to);
+                for action in h.actions {
+                    match action {
+                        HeartbeatAction::SyncState => {
+                            outbox.requeue_all();
+                            runner.state_request(&tether_proto::msg::StateRequest {
+                                task_id: None,
+                                timestamp: now(),
+                            });
+                        }
+                        HeartbeatAction::ResetConnectionStats => self.agent.shared.stats().reset(),
+                    }
+                }
+            }
+            CoordMsg::TaskAssignment(a) => {
+                tracing::info!(worker = %self.worker(), task = %a.task_id, attempt = %a.attempt, kind = %a.kind, resume = a.checkpoint.is_some(), "task assigned");
+                runner.assign(a);
+            }
+            CoordMsg::TaskResultAck(ack)
+            | CoordMsg::TaskStateAck(ack)
+            | CoordMsg::CheckpointAck(ack)
+            | CoordMsg::CheckpointDataAck(ack)
+            | CoordMsg::TaskCancelledAck(ack)
+            | CoordMsg::TaskPausedAck(ack)
+            | CoordMsg::TaskResumedAck(ack)
+            | CoordMsg::TelemetryAck(ack) => {
+                if ack.disposition == tether_proto::msg::Disposition::Rejected {
+                    tracing::warn!(worker = %self.worker(), seq = %ack.ack_seq, task = ?ack.task_id, "coordinator rejected a message; it will not be resent");
+                }
+                outbox.ack(ack.ack_seq);
+            }
+            CoordMsg::CheckpointRequest(req) => {
+                if let Some(reply) = runner.checkpoint_request(&req).await {
+                    self.send(&reply).await?;
+                }
+            }
+            CoordMsg::StateRequest(req) => {
+                if let Some(reply) = runner.state_request(&req) {
+                    self.send(&reply).await?;
+                }
+            }
+            CoordMsg::CancelTask(c) => runner.cancel(&c),
+            CoordMsg::PauseTask(c) => runner.pause(&c),
+            CoordMsg::ResumeTask(c) => runner.resume(&c),
+            CoordMsg::Error(e) => {
+                self.agent
+                    .shared
+                    .errors_received
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(worker = %self.worker(), code = e.code.as_str(), message = %e.message, offending = ?e.offending_type, "coordinator reported an error");
+            }
+            CoordMsg::Welcome(_) | CoordMsg::RegistrationAck(_) => {
+                tracing::debug!(worker = %self.worker(), "late welcome or registration_ack ignored");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,262 @@
+//! Connection statistics with correct formulas: every interval counts (including the current
+//! one), failures are counted, RTT percentiles come from a window of recent samples.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tether_proto::task::ConnStats;
+use tokio::time::Instant;
+
+/// Samples kept for percentiles.
+const WINDOW: usize = 128;
+
+/// The connection state machine's states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    Connecting,
+    Connected,
+    Disconnected,
+    Failed,
+    Shutdown,
+}
+
+impl ConnState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnState::Connecting => "connecting",
+            ConnState::Connected => "connected",
+            ConnState::Disconnected => "disconnected",
+            ConnState::Failed => "failed",
+            ConnState::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Tracks one worker's connection history.
+#[derive(Debug, Clone)]
+pub struct StatsTracker {
+    started: Instant,
+    pub state: ConnState,
+    attempts: u64,
+    successes: u64,
+    failures: u64,
+    disconnections: u64,
+    connected_total: Duration,
+    connected_since: Option<Instant>,
+    lost_at: Option<Instant>,
+    rtt_count: u64,
+    rtts: VecDeque<f64>,
+    reconnects: u64,
+    reconnect_ms: VecDeque<f64>,
+    reconnect_max_ms: f64,
+}
+
+impl StatsTracker {
+    pub fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            state: ConnState::Disconnected,
+            attempts: 0,
+            successes: 0,
+            failures: 0,
+            disconnections: 0,
+            connected_total: Duration::ZERO,
+            connected_since: None,
+            lost_at: None,
+            rtt_count: 0,
+            rtts: VecDeque::with_capacity(WINDOW),
+            reconnects: 0,
+            reconnect_ms: VecDeque::with_capacity(WINDOW),
+            reconnect_max_ms: 0.0,
+        }
+    }
+
+    pub fn on_attempt(&mut self) {
+        self.attempts += 1;
+        self.state = ConnState::Connecting;
+    }
+
+    /// An attempt that did not reach a registered session.
+    pub fn on_attempt_failed(&mut self) {
+        self.failures += 1;
+        self.state = ConnState::Disconnected;
+    }
+
+    /// A session registered. Returns the reconnect duration if this ends an outage.
+    pub fn on_registered(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        self.successes += 1;
+        self.connected_since = Some(now);
+        self.state = ConnState::Connected;
+        let outage = self.lost_at.take().map(|t| now - t);
+        if let Some(d) = outage {
+            let ms = d.as_secs_f64() * 1e3;
+            self.reconnects += 1;
+            push_window(&mut self.reconnect_ms, ms);
+            self.reconnect_max_ms = self.reconnect_max_ms.max(ms);
+        }
+        outage
+    }
+
+    /// A registered session ended.
+    pub fn on_session_end(&mut self) {
+        let now = Instant::now();
+        if let Some(since) = self.connected_since.take() {
+            self.connected_total += now - since;
+            self.disconnections += 1;
+            self.lost_at = Some(now);
+        }
+        self.state = ConnState::Disconnected;
+    }
+
+    pub fn on_rtt(&mut self, rtt: Duration) {
+        self.rtt_count += 1;
+        push_window(&mut self.rtts, rtt.as_secs_f64() * 1e3);
+    }
+
+    /// The given percentile (0..=100) of recent RTT samples, in ms.
+    pub fn rtt_percentile(&self, p: f64) -> Option<f64> {
+        percentile(&self.rtts, p)
+    }
+
+    pub fn reset(&mut self) {
+        let state = self.state;
+        let connected = self.connected_since.is_some();
+        *self = Self::new();
+        self.state = state;
+        if connected {
+            self.connected_since = Some(self.started);
+        }
+    }
+
+    /// Connected time including the current session.
+    pub fn connected_time(&self) -> Duration {
+        self.connected_total
+            + self
+                .connected_since
+                .map(|s| Instant::now() - s)
+                .unwrap_or_default()
+    }
+
+    /// A snapshot for telemetry and the API.
+    pub fn snapshot(&self) -> ConnStats {
+        let total = self.started.elapsed().as_secs_f64();
+        let connected = self.connected_time().as_secs_f64();
+        ConnStats {
+            state: self.state.as_str().to_owned(),
+            connection_attempts: self.attempts,
+            successful_connections: self.successes,
+            failed_connections: self.failures,
+            disconnections: self.disconnections,
+            connected_secs: connected,
+            total_secs: total,
+            stability: if total > 0.0 {
+                (connected / total).clamp(0.0, 1.0)
+            } else {
+                1.0
+            },
+            success_rate: if self.attempts > 0 {
+                self.successes as f64 / self.attempts as f64
+            } else {
+                1.0
+            },
+            rtt_samples: self.rtt_count,
+            rtt_avg_ms: mean(&self.rtts),
+            rtt_p50_ms: percentile(&self.rtts, 50.0).unwrap_or(0.0),
+            rtt_p95_ms: percentile(&self.rtts, 95.0).unwrap_or(0.0),
+            rtt_p99_ms: percentile(&self.rtts, 99.0).unwrap_or(0.0),
+            reconnects: self.reconnects,
+            reconnect_avg_ms: mean(&self.reconnect_ms),
+            reconnect_max_ms: self.reconnect_max_ms,
+            heartbeat_timeout_ms: 0,
+            backoff_factor: 0.0,
+            next_backoff_ms: 0,
+        }
+    }
+}
+
+impl Default for StatsTracker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn push_window(w: &mut VecDeque<f64>, v: f64) {
+    if w.len() == WINDOW {
+        w.pop_front();
+    }
+    w.push_back(v);
+}
+
+fn mean(w: &VecDeque<f64>) -> f64 {
+    if w.is_empty() {
+        0.0
+    } else {
+        w.iter().sum::<f64>() / w.len() as f64
+    }
+}
+
+/// Nearest-rank percentile.
+pub fn percentile(w: &VecDeque<f64>, p: f64) -> Option<f64> {
+    if w.is_empty() {
+        return None;
+    }
+    let mut v: Vec<f64> = w.iter().copied().collect();
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    Some(v[rank.clamp(1, v.len()) - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn stability_counts_the_current_session_and_every_interval() {
+        let mut s = StatsTracker::new();
+        s.on_attempt();
+        s.on_registered();
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        s.on_session_end();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        s.on_attempt();
+        s.on_attempt_failed();
+        s.on_attempt();
+        let outage = s.on_registered().expect("reconnect measured");
+        assert_eq!(outage, Duration::from_secs(2));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let snap = s.snapshot();
+        assert!((snap.stability - 0.9).abs() < 1e-9, "{}", snap.stability);
+        assert_eq!(snap.connection_attempts, 3);
+        assert_eq!(snap.successful_connections, 2);
+        assert_eq!(snap.failed_connections, 1);
+        assert!((snap.success_rate - 2.0 / 3.0).abs() < 1e-9);
+        assert_eq!(snap.reconnects, 1);
+        assert!((snap.reconnect_avg_ms - 2000.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rtt_percentiles_use_nearest_rank_over_a_window() {
+        let mut s = StatsTracker::new();
+        for ms in 1..=100 {
+            s.on_rtt(Duration::from_millis(ms));
+        }
+        let snap = s.snapshot();
+        assert_eq!(snap.rtt_p50_ms, 50.0);
+        assert_eq!(snap.rtt_p95_ms, 95.0);
+        assert_eq!(snap.rtt_p99_ms, 99.0);
+        assert!((snap.rtt_avg_ms - 50.5).abs() < 1e-9);
+        for _ in 0..200 {
+            s.on_rtt(Duration::from_millis(7));
+        }
+        assert_eq!(s.snapshot().rtt_p99_ms, 7.0, "old samples leave the window");
+        assert_eq!(s.snapshot().rtt_samples, 300);
+    }
+
+    #[test]
+    fn an_empty_tracker_reports_neutral_values() {
+        let snap = StatsTracker::new().snapshot();
+        assert_eq!(snap.success_rate, 1.0);
+        assert_eq!(snap.rtt_avg_ms, 0.0);
+    }
+}
