@@ -1,0 +1,55 @@
+//! Coordinator settings, each default a named constant.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default heartbeat interval announced to workers.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+/// Default silence after which a session is closed (the worker is then disconnected).
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default time a disconnected worker keeps its leases.
+pub const DEFAULT_LOST_AFTER: Duration = Duration::from_secs(60);
+/// Default sweeper period.
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Default largest checkpoint accepted.
+pub const DEFAULT_MAX_CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
+/// Default number of checkpoints kept per task.
+pub const DEFAULT_CHECKPOINTS_KEPT: usize = 3;
+/// Default largest number of tasks in one submission.
+pub const DEFAULT_MAX_SUBMIT_BATCH: usize = 10_000;
+/// Default largest HTTP request body.
+pub const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./tether-data";
+
+/// Everything a coordinator needs.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub data_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub lost_after: Duration,
+    pub sweep_interval: Duration,
+    pub max_frame: usize,
+    pub max_checkpoint_bytes: u64,
+    pub checkpoints_kept: usize,
+    pub max_submit_batch: usize,
+    pub max_body: usize,
+}
+
+impl CoordinatorConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            lost_after: DEFAULT_LOST_AFTER,
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
+            max_frame: tether_proto::codec::DEFAULT_MAX_FRAME,
+            max_checkpoint_bytes: DEFAULT_MAX_CHECKPOINT_BYTES,
+            checkpoints_kept: DEFAULT_CHECKPOINTS_KEPT,
+            max_submit_batch: DEFAULT_MAX_SUBMIT_BATCH,
+            max_body: DEFAULT_MAX_BODY,
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! Commands behind the HTTP API. Replies are effects, so a client sees only committed state.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use serde::Serialize;
+use tether_proto::msg::{CheckpointRequest, CoordMsg, TaskControl, now};
+use tether_proto::{CheckpointId, TaskId, TaskSpec, TaskStatus, WorkerId};
+use tokio::sync::oneshot;
+
+use super::{Core, Counters};
+use crate::model::{Desired, Task, Worker};
+use crate::store::{self, Batch, Mutation, ResultRow};
+
+/// Why an API command failed; the HTTP layer maps each to a status code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
+
+/// A control command on a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlOp {
+    Cancel,
+    Pause,
+    Resume,
+    Checkpoint,
+}
+
+/// Fleet-wide figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Overview {
+    pub tasks: BTreeMap<&'static str, u64>,
+    pub queued: usize,
+    pub workers_connected: usize,
+    pub workers_known: usize,
+    pub counters: BTreeMap<&'static str, u64>,
+}
+
+/// API commands.
+pub enum Api {
+    Submit {
+        specs: Vec<TaskSpec>,
+        reply: Reply<Vec<TaskId>>,
+    },
+    Control {
+        task: TaskId,
+        op: ControlOp,
+        reply: Reply<Task>,
+    },
+    GetTask {
+        task: TaskId,
+        reply: Reply<Task>,
+    },
+    ListTasks {
+        status: Option<TaskStatus>,
+        limit: usize,
+        reply: Reply<Vec<Task>>,
+    },
+    ListWorkers {
+        reply: Reply<Vec<Worker>>,
+    },
+    GetWorker {
+        worker: WorkerId,
+        reply: Reply<Worker>,
+    },
+    Results {
+        task: TaskId,
+        reply: Reply<Vec<ResultRow>>,
+    },
+    State {
+        task: TaskId,
+        reply: Reply<Option<serde_json::Value>>,
+    },
+    Checkpoints {
+        task: TaskId,
+        reply: Reply<Vec<serde_json::Value>>,
+    },
+    CheckpointData {
+        task: TaskId,
+        checkpoint: CheckpointId,
+        reply: Reply<Vec<u8>>,
+    },
+    Overview {
+        reply: Reply<Overview>,
+    },
+}
+
+fn reply_after_commit<T: Send + 'static>(b: &mut Batch, reply: Reply<T>, v: Result<T, ApiError>) {
+    b.effects.push(Box::new(move |_| {
+        let _ = reply.send(v);
+    }));
+}
+
+impl Core {
+    pub(super) fn on_api(&mut self, api: Api, b: &mut Batch) {
+        match api {
+            Api::Submit { specs, reply } => {
+                let r = self.submit(specs, b);
+                reply_after_commit(b, reply, r);
+            }
+            Api::Control { task, op, reply } => {
+                let r = self.control(&task, op, b);
+                reply_after_commit(b, reply, r);
+            }
+            Api::GetTask { task, reply } => {
+                let r = self.task(&task).cloned();
+                reply_after_commit(b, reply, r);
+            }
+            Api::ListTasks {
+                status,
+                limit,
+                reply,
+            } => {
+                let mut v: Vec<&Task> = self
+                    .tasks
+                    .values()
+                    .filter(|t| status.is_none_or(|s| t.status == s))
+                    .collect();
+                v.sort_by_key(|t| t.submit_seq);
+                let v = v.into_iter().take(limit).cloned().collect();
+                reply_after_commit(b, reply, Ok(v));
+            }
+            Api::ListWorkers { reply } => {
+                let mut v: Vec<Worker> = self.workers.values().cloned().collect();
+                v.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+                reply_after_commit(b, reply, Ok(v));
+            }
+            Api::GetWorker { worker, reply } => {
+                let r = self
+                    .workers
+                    .get(&worker)
+                    .cloned()
+                    .ok_or_else(|| ApiError::NotFound(format!("no worker {worker}")));
+                reply_after_commit(b, reply, r);
+            }
+            Api::Results { task, reply } => {
+                if let Err(e) = self.task(&task) {
+                    return reply_after_commit(b, reply, Err(e));
+                }
+                b.effects.push(Box::new(move |conn| {
+                    let r = store::read_results(conn, &task).map_err(internal);
+                    let _ = reply.send(r);
+                }));
+            }
+            Api::State { task, reply } => {
+                if let Err(e) = self.task(&task) {
+                    return reply_after_commit(b, reply, Err(e));
+                }
+                b.effects.push(Box::new(move |conn| {
+                    let r = store::read_state(conn, &task).map_err(internal).map(|o| {
+                        o.map(|(attempt, state, updated_at)| {
+                            serde_json::json!({"attempt": attempt, "state": state, "updated_at": updated_at})
+                        })
+                    });
+                    let _ = reply.send(r);
+                }));
+            }
+            Api::Checkpoints { task, reply } => {
+                if let Err(e) = self.task(&task) {
+                    return reply_after_commit(b, reply, Err(e));
+                }
+                b.effects.push(Box::new(move |conn| {
+                    let r = store::read_checkpoints(conn, &task).map_err(internal).map(|v| {
+                        v.into_iter()
+                            .map(|(id, attempt, size, created_at)| {
+                                serde_json::json!({"checkpoint_id": id, "attempt": attempt, "size": size, "created_at": created_at})
+                            })
+                            .collect()
+                    });
+                    let _ = reply.send(r);
+                }));
+            }
+            Api::CheckpointData {
+                task,
+                checkpoint,
+                reply,
+            } => {
+                if let Err(e) = self.task(&task) {
+                    return reply_after_commit(b, reply, Err(e));
+                }
+                b.effects.push(Box::new(move |conn| {
+                    let r = match store::read_checkpoint_data(conn, &checkpoint) {
+                        Ok(Some(d)) => Ok(d),
+                        Ok(None) => Err(ApiError::NotFound(format!("no checkpoint {checkpoint}"))),
+                        Err(e) => Err(internal(e)),
+                    };
+                    let _ = reply.send(r);
+                }));
+            }
+            Api::Overview { reply } => {
+                let o = self.overview();
+                reply_after_commit(b, reply, Ok(o));
+            }
+        }
+    }
+
+    fn task(&self, id: &TaskId) -> Result<&Task, ApiError> {
+        self.tasks
+            .get(id)
+            .ok_or_else(|| ApiError::NotFound(format!("no task {id}")))
+    }
+
+    fn submit(&mut self, specs: Vec<TaskSpec>, b: &mut Batch) -> Result<Vec<TaskId>, ApiError> {
+        if specs.is_empty() {
+            return Err(ApiError::Invalid("no tasks given".into()));
+        }
+        if specs.len() > self.cfg.max_submit_batch {
+            return Err(ApiError::Invalid(format!(
+                "{} tasks in one request; at most {} are accepted",
+                specs.len(),
+                self.cfg.max_submit_batch
+            )));
+        }
+        let mut ids = Vec::with_capacity(specs.len());
+        let mut seen = std::collections::HashSet::new();
+        for (i, s) in specs.iter().enumerate() {
+            s.validate()
+                .map_err(|e| ApiError::Invalid(format!("task {i}: {e}")))?;
+            let id = s.task_id.clone().unwrap_or_else(TaskId::random);
+            if self.tasks.contains_key(&id) || !seen.insert(id.clone()) {
+                return Err(ApiError::Conflict(format!("task {id} already exists")));
+            }
+            ids.push(id);
+        }
+        let ts = now();
+        for (spec, id) in specs.into_iter().zip(&ids) {
+            let seq = self.next_submit_seq;
+            self.next_submit_seq += 1;
+            let t = Task {
+                task_id: id.clone(),
+                spec: Arc::new(TaskSpec {
+                    task_id: Some(id.clone()),
+                    ..spec
+                }),
+                status: TaskStatus::Queued,
+                attempt: tether_proto::Attempt(0),
+                lease: None,
+                submit_seq: seq,
+                submitted_at: ts,
+                updated_at: ts,
+                finished_at: None,
+                outcome: None,
+                error: None,
+                latest_checkpoint: None,
+                attempts: Vec::new(),
+                lease_started: None,
+            };
+            self.queue.insert((t.spec.priority, seq, id.clone()));
+            b.muts.push(Mutation::PutTask(Box::new(t.clone())));
+            self.tasks.insert(id.clone(), t);
+        }
+        self.dispatch_needed = true;
+        Ok(ids)
+    }
+
+    fn control(&mut self, id: &TaskId, op: ControlOp, b: &mut Batch) -> Result<Task, ApiError> {
+        let t = self.task(id)?;
+        let status = t.status;
+        if status.is_terminal() {
+            return Err(ApiError::Conflict(format!(
+                "task {id} is already {}",
+                status.as_str()
+            )));
+        }
+        let lease = t.lease.clone();
+        let session = lease
+            .as_ref()
+            .and_then(|l| self.workers.get(&l.worker))
+            .and_then(|w| w.session.clone());
+        let control = |reason: &str| {
+            lease.as_ref().map(|l| TaskControl {
+                task_id: id.clone(),
+                attempt: l.attempt,
+                reason: reason.to_owned(),
+                timestamp: now(),
+            })
+        };
+        match op {
+            ControlOp::Cancel => {
+                self.finish_by_coordinator(id, TaskStatus::Cancelled, "cancelled by request", b);
+            }
+            ControlOp::Pause | ControlOp::Resume => {
+                let (want, msg): (Desired, fn(TaskControl) -> CoordMsg) = match op {
+                    ControlOp::Pause => (Desired::Paused, CoordMsg::PauseTask),
+                    _ => (Desired::Running, CoordMsg::ResumeTask),
+                };
+                let Some(c) = control("") else {
+                    return Err(ApiError::Conflict(format!(
+                        "task {id} is {}; only a running or paused task can be paused or resumed",
+                        status.as_str()
+                    )));
+                };
+                if let Some(t) = self.tasks.get_mut(id) {
+                    if let Some(l) = t.lease.as_mut() {
+                        l.desired = want;
+                    }
+                    t.status = match want {
+                        Desired::Paused => TaskStatus::Paused,
+                        Desired::Running => TaskStatus::Running,
+                    };
+                    t.updated_at = now();
+                }
+                self.save_task(id, b);
+                // A worker away now learns the desired state when it registers again.
+                if let Some(s) = &session {
+                    Core::send_after_commit(b, s, msg(c));
+                }
+            }
+            ControlOp::Checkpoint => {
+                let (Some(c), Some(s)) = (control(""), &session) else {
+                    return Err(ApiError::Conflict(format!(
+                        "task {id} is not running on a connected worker"
+                    )));
+                };
+                Core::send_after_commit(
+                    b,
+                    s,
+                    CoordMsg::CheckpointRequest(CheckpointRequest {
+                        task_id: c.task_id,
+                        attempt: c.attempt,
+                        checkpoint_id: None,
+                        timestamp: now(),
+                    }),
+                );
+            }
+        }
+        self.task(id).cloned()
+    }
+
+    fn overview(&self) -> Overview {
+        let mut tasks: BTreeMap<&'static str, u64> =
+            TaskStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+        for t in self.tasks.values() {
+            *tasks.entry(t.status.as_str()).or_default() += 1;
+        }
+        let c = &self.counters;
+        let counters = [
+            ("results_recorded", &c.results_recorded),
+            ("results_duplicate", &c.results_duplicate),
+            ("results_stale", &c.results_stale),
+            ("rejected", &c.rejected),
+            ("assignments", &c.assignments),
+            ("requeued", &c.requeued),
+            ("workers_lost", &c.workers_lost),
+            ("sessions_replaced", &c.sessions_replaced),
+            ("frames_in", &c.frames_in),
+            ("unknown_frames", &c.unknown_frames),
+            ("malformed_frames", &c.malformed_frames),
+            ("oversize_frames", &c.oversize_frames),
+            ("registrations", &c.registrations),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.load(Ordering::Relaxed)))
+        .collect();
+        let _ = Counters::get;
+        Overview {
+            tasks,
+            queued: self.queue.len(),
+            workers_connected: self
+                .workers
+                .values()
+                .filter(|w| w.state == crate::model::WorkerState::Connected)
+                .count(),
+            workers_known: self.workers.len(),
+            counters,
+        }
+    }
+}
+
+fn internal(e: rusqlite::Error) -> ApiError {
+    ApiError::Internal(format!("store: {e}"))
+}

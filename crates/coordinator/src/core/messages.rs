@@ -1,0 +1,610 @@
+//! Worker messages. Every message that carries a `seq` gets exactly one ack per receipt, after
+//! the commit of what it changed. Results are keyed by (task, attempt): the first one of the
+//! lease holder counts, a repeat is a duplicate, one from an older attempt is kept as stale and
+//! never counted, one for a task the sender never held is rejected.
+
+use std::sync::atomic::Ordering;
+
+use tether_proto::msg::{
+    Checkpoint, CheckpointData, CoordMsg, Directive, DirectiveAction, Disposition, ErrorCode,
+    PROTOCOL_VERSION, Registration, RegistrationAck, TaskNotice, TaskResult, TaskState,
+    Telemetry, WorkerMsg, now,
+};
+use tether_proto::{Attempt, TaskId, TaskStatus, WorkerId, encode};
+
+use super::{Core, Partial, SessionRef, ack};
+use crate::model::{CheckpointMeta, Desired, WorkerState};
+use crate::store::{Batch, Mutation};
+
+/// Whose message is this, relative to the task's lease.
+#[derive(Debug, PartialEq, Eq)]
+enum Standing {
+    /// The sender holds the lease at this attempt.
+    Holder,
+    /// The sender held this attempt once; the task moved on (requeued, cancelled, finished).
+    Stale,
+    /// The sender never held this attempt, or the task does not exist.
+    Stranger,
+}
+
+impl Core {
+    fn standing(&self, worker: &WorkerId, task: &TaskId, attempt: Attempt) -> Standing {
+        let Some(t) = self.tasks.get(task) else {
+            return Standing::Stranger;
+        };
+        if let Some(l) = &t.lease {
+            if &l.worker == worker && l.attempt == attempt {
+                return Standing::Holder;
+            }
+        }
+        if t
+            .attempts
+            .iter()
+            .any(|a| a.attempt == attempt && &a.worker == worker)
+        {
+            Standing::Stale
+        } else {
+            Standing::Stranger
+        }
+    }
+
+    fn reject(
+        &self,
+        worker: &WorkerId,
+        session: &SessionRef,
+        msg_type: &str,
+        seq: Option<tether_proto::Seq>,
+        task: &TaskId,
+        b: &mut Batch,
+    ) {
+        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(worker = %worker, task = %task, r#type = msg_type, "message about a task this worker does not hold; rejected");
+        Core::send_after_commit(
+            b,
+            session,
+            CoordMsg::error(
+                ErrorCode::NotLeased,
+                format!("task {task} is not leased to worker {worker} at that attempt"),
+                Some(msg_type.to_owned()),
+                seq.map(|s| s.0),
+            ),
+        );
+    }
+
+    pub(super) fn on_message(
+        &mut self,
+        worker: &WorkerId,
+        session: &SessionRef,
+        msg: WorkerMsg,
+        b: &mut Batch,
+    ) {
+        let registered = self
+            .workers
+            .get(worker)
+            .is_some_and(|w| w.state == WorkerState::Connected);
+        match msg {
+            WorkerMsg::Registration(r) => self.on_registration(worker, session, r, b),
+            WorkerMsg::Error(e) => {
+                tracing::warn!(worker = %worker, code = e.code.as_str(), message = %e.message, offending = ?e.offending_type, "worker reported an error");
+            }
+            other if !registered => {
+                Core::send_after_commit(
+                    b,
+                    session,
+                    CoordMsg::error(
+                        ErrorCode::Unexpected,
+                        "register first",
+                        Some(other.type_name().to_owned()),
+                        other.seq().map(|s| s.0),
+                    ),
+                );
+            }
+            WorkerMsg::Heartbeat(_) => {
+                // Answered by the session itself; nothing for the model.
+            }
+            WorkerMsg::TaskResult(r) => self.on_result(worker, session, r, b),
+            WorkerMsg::TaskState(s) => self.on_state(worker, session, s, b),
+            WorkerMsg::Checkpoint(c) => self.on_checkpoint(worker, session, c, b),
+            WorkerMsg::CheckpointData(d) => self.on_checkpoint_data(worker, session, d, b),
+            WorkerMsg::CheckpointError(e) => {
+                tracing::info!(worker = %worker, task = %e.task_id, error = %e.error, "worker could not serve a checkpoint request");
+            }
+            WorkerMsg::StateError(e) => {
+                tracing::info!(worker = %worker, task = ?e.task_id, error = %e.error, "worker could not serve a state request");
+            }
+            WorkerMsg::TaskCancelled(n) => {
+                self.on_notice(worker, session, n, CoordMsg::TaskCancelledAck, "task_cancelled", None, b)
+            }
+            WorkerMsg::TaskPaused(n) => self.on_notice(
+                worker,
+                session,
+                n,
+                CoordMsg::TaskPausedAck,
+                "task_paused",
+                Some(TaskStatus::Paused),
+                b,
+            ),
+            WorkerMsg::TaskResumed(n) => self.on_notice(
+                worker,
+                session,
+                n,
+                CoordMsg::TaskResumedAck,
+                "task_resumed",
+                Some(TaskStatus::Running),
+                b,
+            ),
+            WorkerMsg::Telemetry(t) => self.on_telemetry(worker, session, t, b),
+        }
+    }
+
+    fn on_registration(
+        &mut self,
+        worker: &WorkerId,
+        session: &SessionRef,
+        r: Registration,
+        b: &mut Batch,
+    ) {
+        if &r.worker_id != worker {
+            tracing::warn!(path_id = %worker, claimed = %r.worker_id, "registration names another worker; closing");
+            Core::send_after_commit(
+                b,
+                session,
+                CoordMsg::error(
+                    ErrorCode::Unexpected,
+                    format!(
+                        "registration names worker {} but this endpoint is for {}",
+                        r.worker_id, worker
+                    ),
+                    Some("registration".into()),
+                    None,
+                ),
+            );
+            let s = session.clone();
+            b.effects.push(Box::new(move |_| {
+                let _ = s.tx.send(super::Outgoing::Close(
+                    4003,
+                    "worker id mismatch".into(),
+                ));
+            }));
+            return;
+        }
+        if r.protocol_version != PROTOCOL_VERSION {
+            Core::send_after_commit(
+                b,
+                session,
+                CoordMsg::error(
+                    ErrorCode::IncompatibleProtocol,
+                    format!(
+                        "coordinator speaks protocol {PROTOCOL_VERSION}, worker {}",
+                        r.protocol_version
+                    ),
+                    Some("registration".into()),
+                    None,
+                ),
+            );
+            return;
+        }
+        self.counters.registrations.fetch_add(1, Ordering::Relaxed);
+        let directives = self.reconcile(worker, session, &r, b);
+        let Some(w) = self.workers.get_mut(worker) else {
+            return;
+        };
+        w.capabilities = r.capabilities.into_iter().collect();
+        w.tags = r.tags;
+        w.slots = r.slots;
+        w.executors = r.executors.into_iter().collect();
+        w.boot_id = r.boot_id;
+        w.state = WorkerState::Connected;
+        w.disconnected_at = None;
+        w.disconnected_mono = None;
+        self.save_worker(worker, b);
+        tracing::info!(worker = %worker, session = session.id, directives = directives.len(), "worker registered");
+        Core::send_after_commit(
+            b,
+            session,
+            CoordMsg::RegistrationAck(RegistrationAck {
+                worker_id: worker.clone(),
+                session_id: session.id,
+                directives,
+                timestamp: now(),
+            }),
+        );
+        self.dispatch_needed = true;
+    }
+
+    /// Agrees with a (re)registering worker on the truth, in one exchange.
+    ///
+    /// - A running task this worker holds at that attempt: continue (or pause, if paused).
+    /// - A running task it does not hold (moved on, finished, cancelled, unknown): cancel it.
+    /// - A task it holds but reports lost with a previous process: requeue it now.
+    /// - A task it holds but does not mention at all: it never got the assignment; send again.
+    /// - Finished results it still holds need nothing here: they follow in the outbox replay,
+    ///   and a result already recorded is acknowledged again without being recorded twice.
+    fn reconcile(
+        &mut self,
+        worker: &WorkerId,
+        session: &SessionRef,
+        r: &Registration,
+        b: &mut Batch,
+    ) -> Vec<Directive> {
+        let inv = &r.inventory;
+        let mut directives = Vec::new();
+        for run in &inv.running {
+            let (action, reason) = match self.standing(worker, &run.task_id, run.attempt) {
+                Standing::Holder => {
+                    let desired = self
+                        .tasks
+                        .get(&run.task_id)
+                        .and_then(|t| t.lease.as_ref())
+                        .map(|l| l.desired);
+                    match desired {
+                        Some(Desired::Paused) => (DirectiveAction::Pause, String::new()),
+                        _ => (DirectiveAction::Continue, String::new()),
+                    }
+                }
+                Standing::Stale => (
+                    DirectiveAction::Cancel,
+                    "the task moved on while this worker was away".to_owned(),
+                ),
+                Standing::Stranger => (
+                    DirectiveAction::Cancel,
+                    "this coordinator has no lease of that task for this worker".to_owned(),
+                ),
+            };
+            directives.push(Directive {
+                task_id: run.task_id.clone(),
+                attempt: run.attempt,
+                action,
+                reason,
+            });
+        }
+        let held: Vec<TaskId> = self
+            .workers
+            .get(worker)
+            .map(|w| w.leases.iter().cloned().collect())
+            .unwrap_or_default();
+        let mentions = |t: &TaskId, a: Attempt| {
+            inv.running
+                .iter()
+                .chain(inv.finished.iter())
+                .any(|x| &x.task_id == t && x.attempt == a)
+        };
+        for task_id in held {
+            let Some(lease) = self.tasks.get(&task_id).and_then(|t| t.lease.clone()) else {
+                continue;
+            };
+            if mentions(&task_id, lease.attempt) {
+                continue;
+            }
+            let lost = inv
+                .lost
+                .iter()
+                .any(|x| x.task_id == task_id && x.attempt == lease.attempt);
+            if lost {
+                tracing::info!(worker = %worker, task = %task_id, attempt = %lease.attempt, "task died with the worker's previous process; requeued");
+                self.release_and_requeue(&task_id, "died with the worker process", b);
+            } else {
+                tracing::info!(worker = %worker, task = %task_id, attempt = %lease.attempt, "worker does not know its lease; assignment sent again");
+                self.send_assignment(&task_id, session, b);
+            }
+        }
+        directives
+    }
+
+    fn on_result(&mut self, worker: &WorkerId, session: &SessionRef, r: TaskResult, b: &mut Batch) {
+        let seq = r.seq;
+        let task_id = r.task_id.clone();
+        let disposition = match self.standing(worker, &task_id, r.attempt) {
+            Standing::Stranger => {
+                self.reject(worker, session, "task_result", Some(seq), &task_id, b);
+                Disposition::Rejected
+            }
+            standing => {
+                let already = self
+                    .tasks
+                    .get_mut(&task_id)
+                    .and_then(|t| t.attempt_record(r.attempt))
+                    .is_some_and(|a| a.result_recorded);
+                if already {
+                    self.counters
+                        .results_duplicate
+                        .fetch_add(1, Ordering::Relaxed);
+                    Disposition::Duplicate
+                } else {
+                    let stale = standing == Standing::Stale;
+                    self.record_result(worker, &r, stale, b);
+                    if stale {
+                        self.counters.results_stale.fetch_add(1, Ordering::Relaxed);
+                        Disposition::Stale
+                    } else {
+                        self.counters
+                            .results_recorded
+                            .fetch_add(1, Ordering::Relaxed);
+                        Disposition::Recorded
+                    }
+                }
+            }
+        };
+        Core::send_after_commit(
+            b,
+            session,
+            ack(
+                CoordMsg::TaskResultAck,
+                seq,
+                Some(task_id),
+                None,
+                None,
+                disposition,
+            ),
+        );
+    }
+
+    fn record_result(&mut self, worker: &WorkerId, r: &TaskResult, stale: bool, b: &mut Batch) {
+        let Some(t) = self.tasks.get_mut(&r.task_id) else {
+            return;
+        };
+        let ts = now();
+        if let Some(a) = t.attempt_record(r.attempt) {
+            a.result_recorded = true;
+            if a.ended_at.is_none() {
+                a.ended_at = Some(ts);
+                a.end = Some(tether_proto::TaskStatus::from(r.outcome).as_str().to_owned());
+            }
+        }
+        if !stale {
+            t.lease = None;
+            t.status = r.outcome.into();
+            t.outcome = Some(r.outcome);
+            t.error = r.error.as_ref().map(|e| e.message.clone());
+            t.finished_at = Some(ts);
+            t.updated_at = ts;
+            if let Some(w) = self.workers.get_mut(worker) {
+                w.leases.remove(&r.task_id);
+            }
+            self.dispatch_needed = true;
+            tracing::info!(worker = %worker, task = %r.task_id, attempt = %r.attempt, outcome = ?r.outcome, "result recorded");
+        } else {
+            tracing::info!(worker = %worker, task = %r.task_id, attempt = %r.attempt, "stale result kept, not counted");
+        }
+        b.muts.push(Mutation::PutResult {
+            task_id: r.task_id.clone(),
+            attempt: r.attempt,
+            worker: worker.clone(),
+            outcome: r.outcome,
+            stale,
+            body: encode(r),
+        });
+        self.save_task(&r.task_id, b);
+    }
+
+    fn on_state(&mut self, worker: &WorkerId, session: &SessionRef, s: TaskState, b: &mut Batch) {
+        let disposition = match self.standing(worker, &s.task_id, s.attempt) {
+            Standing::Holder => {
+                b.muts.push(Mutation::PutState {
+                    task_id: s.task_id.clone(),
+                    attempt: s.attempt,
+                    state: s.state.to_string(),
+                });
+                Disposition::Recorded
+            }
+            Standing::Stale => Disposition::Stale,
+            Standing::Stranger => {
+                self.reject(worker, session, "task_state", Some(s.seq), &s.task_id, b);
+                Disposition::Rejected
+            }
+        };
+        Core::send_after_commit(
+            b,
+            session,
+            ack(
+                CoordMsg::TaskStateAck,
+                s.seq,
+                Some(s.task_id),
+                None,
+                None,
+                disposition,
+            ),
+        );
+    }
+
+    fn on_checkpoint(
+        &mut self,
+        worker: &WorkerId,
+        session: &SessionRef,
+        c: Checkpoint,
+        b: &mut Batch,
+    ) {
+        let disposition = match self.standing(worker, &c.task_id, c.attempt) {
+            Standing::Holder if c.size > self.cfg.max_checkpoint_bytes => {
+                Core::send_after_commit(
+                    b,
+                    session,
+                    CoordMsg::error(
+                        ErrorCode::BadFrame,
+                        format!(
+                            "checkpoint of {} bytes exceeds the limit of {}",
+                            c.size, self.cfg.max_checkpoint_bytes
+                        ),
+                        Some("checkpoint".into()),
+                        Some(c.seq.0),
+                    ),
+                );
+                Disposition::Rejected
+            }
+            Standing::Holder => {
+                if !self.partial.contains_key(&c.checkpoint_id) {
+                    let meta = CheckpointMeta {
+                        checkpoint_id: c.checkpoint_id.clone(),
+                        task_id: c.task_id.clone(),
+                        attempt: c.attempt,
+                        worker: worker.clone(),
+                        size: c.size,
+                        chunks: c.chunks.max(1),
+                        created_at: now(),
+                    };
+                    b.muts.push(Mutation::PutCheckpoint {
+                        meta: meta.clone(),
+                        complete: false,
+                    });
+                    self.partial.insert(
+                        c.checkpoint_id.clone(),
+                        Partial {
+                            meta,
+                            received: Default::default(),
+                        },
+                    );
+                }
+                Disposition::Recorded
+            }
+            Standing::Stale => Disposition::Stale,
+            Standing::Stranger => {
+                self.reject(worker, session, "checkpoint", Some(c.seq), &c.task_id, b);
+                Disposition::Rejected
+            }
+        };
+        Core::send_after_commit(
+            b,
+            session,
+            ack(
+                CoordMsg::CheckpointAck,
+                c.seq,
+                Some(c.task_id),
+                Some(c.checkpoint_id),
+                None,
+                disposition,
+            ),
+        );
+    }
+
+    fn on_checkpoint_data(
+        &mut self,
+        worker: &WorkerId,
+        session: &SessionRef,
+        d: CheckpointData,
+        b: &mut Batch,
+    ) {
+        let disposition = match self.partial.get_mut(&d.checkpoint_id) {
+            Some(p) if &p.meta.worker == worker && p.meta.task_id == d.task_id => {
+                if d.chunk >= p.meta.chunks {
+                    Disposition::Rejected
+                } else if p.received.insert(d.chunk) {
+                    b.muts.push(Mutation::PutChunk {
+                        checkpoint_id: d.checkpoint_id.clone(),
+                        idx: d.chunk,
+                        data: d.data.0,
+                    });
+                    if p.received.len() as u32 == p.meta.chunks {
+                        let meta = p.meta.clone();
+                        self.partial.remove(&d.checkpoint_id);
+                        self.complete_checkpoint(meta, b);
+                    }
+                    Disposition::Recorded
+                } else {
+                    Disposition::Duplicate
+                }
+            }
+            Some(_) => {
+                self.reject(worker, session, "checkpoint_data", Some(d.seq), &d.task_id, b);
+                Disposition::Rejected
+            }
+            // Complete already, or its metadata was stale or rejected.
+            None => match self.standing(worker, &d.task_id, d.attempt) {
+                Standing::Stranger => {
+                    self.reject(worker, session, "checkpoint_data", Some(d.seq), &d.task_id, b);
+                    Disposition::Rejected
+                }
+                Standing::Holder => Disposition::Duplicate,
+                Standing::Stale => Disposition::Stale,
+            },
+        };
+        Core::send_after_commit(
+            b,
+            session,
+            ack(
+                CoordMsg::CheckpointDataAck,
+                d.seq,
+                Some(d.task_id),
+                Some(d.checkpoint_id),
+                Some(d.chunk),
+                disposition,
+            ),
+        );
+    }
+
+    fn complete_checkpoint(&mut self, meta: CheckpointMeta, b: &mut Batch) {
+        b.muts.push(Mutation::PutCheckpoint {
+            meta: meta.clone(),
+            complete: true,
+        });
+        let keep = self.cfg.checkpoints_kept.max(1);
+        let Some(t) = self.tasks.get_mut(&meta.task_id) else {
+            return;
+        };
+        tracing::debug!(task = %meta.task_id, checkpoint = %meta.checkpoint_id, size = meta.size, "checkpoint complete");
+        t.latest_checkpoint = Some(meta.clone());
+        t.updated_at = now();
+        let task_id = meta.task_id.clone();
+        self.save_task(&task_id, b);
+        let ckpts = &mut self.checkpoint_history;
+        let hist = ckpts.entry(task_id).or_default();
+        hist.push_back(meta.checkpoint_id);
+        while hist.len() > keep {
+            if let Some(old) = hist.pop_front() {
+                b.muts.push(Mutation::DeleteCheckpoint(old));
+            }
+        }
+    }
+
+    fn on_notice(
+        &mut self,
+        worker: &WorkerId,
+        session: &SessionRef,
+        n: TaskNotice,
+        kind: fn(tether_proto::msg::Ack) -> CoordMsg,
+        name: &'static str,
+        status: Option<TaskStatus>,
+        b: &mut Batch,
+    ) {
+        let disposition = match self.standing(worker, &n.task_id, n.attempt) {
+            Standing::Holder => {
+                if let (Some(status), Some(t)) = (status, self.tasks.get_mut(&n.task_id)) {
+                    if !t.status.is_terminal() && t.status != status {
+                        t.status = status;
+                        t.updated_at = now();
+                        self.save_task(&n.task_id, b);
+                    }
+                }
+                Disposition::Recorded
+            }
+            Standing::Stale => Disposition::Stale,
+            Standing::Stranger => {
+                self.reject(worker, session, name, Some(n.seq), &n.task_id, b);
+                Disposition::Rejected
+            }
+        };
+        Core::send_after_commit(
+            b,
+            session,
+            ack(kind, n.seq, Some(n.task_id), None, None, disposition),
+        );
+    }
+
+    fn on_telemetry(&mut self, worker: &WorkerId, session: &SessionRef, t: Telemetry, b: &mut Batch) {
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.stats = Some(t.connection_stats);
+        }
+        self.save_worker(worker, b);
+        Core::send_after_commit(
+            b,
+            session,
+            ack(
+                CoordMsg::TelemetryAck,
+                t.seq,
+                None,
+                None,
+                None,
+                Disposition::Recorded,
+            ),
+        );
+    }
+}

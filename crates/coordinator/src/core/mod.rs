@@ -1,0 +1,327 @@
+//! The core: one task owns the model (tasks, queue, leases, workers) and applies events one at a
+//! time: session connects and disconnects, worker messages, API commands, sweeper ticks. Each
+//! event produces durable mutations and effects (acks, assignments, replies); the store commits
+//! the mutations in groups and only then runs the effects, so nothing is acknowledged before it
+//! is durable.
+//!
+//! - [`messages`]: handlers of worker messages, with reconciliation at registration.
+//! - [`tasks`]: dispatch, leases, requeue and the sweeper.
+//! - [`api`]: the commands behind the HTTP API.
+
+mod api;
+mod messages;
+mod tasks;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tether_proto::msg::{Ack, CoordMsg, Disposition, WorkerMsg, now};
+use tether_proto::{CheckpointId, Seq, TaskId, WorkerId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use api::{Api, ApiError, ControlOp, Overview};
+
+use crate::config::CoordinatorConfig;
+use crate::model::{CheckpointMeta, Task, Worker, WorkerState};
+use crate::store::{Batch, Loaded, Mutation};
+
+/// Events applied by the core in a batch before one group commit.
+const MAX_EVENTS_PER_BATCH: usize = 1024;
+
+/// What a session task sends on its socket.
+#[derive(Debug)]
+pub enum Outgoing {
+    Msg(CoordMsg),
+    Close(u16, String),
+}
+
+/// The core's handle on a live session.
+#[derive(Debug, Clone)]
+pub struct SessionRef {
+    pub id: u64,
+    pub tx: mpsc::UnboundedSender<Outgoing>,
+}
+
+impl SessionRef {
+    fn send(&self, msg: CoordMsg) {
+        let _ = self.tx.send(Outgoing::Msg(msg));
+    }
+}
+
+/// Inputs of the core.
+pub enum Event {
+    Connected {
+        worker: WorkerId,
+        session: SessionRef,
+    },
+    Frame {
+        worker: WorkerId,
+        session_id: u64,
+        msg: WorkerMsg,
+    },
+    Disconnected {
+        worker: WorkerId,
+        session_id: u64,
+    },
+    Api(Api),
+}
+
+/// Counters shared with the HTTP API and metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub results_recorded: AtomicU64,
+    pub results_duplicate: AtomicU64,
+    pub results_stale: AtomicU64,
+    pub rejected: AtomicU64,
+    pub assignments: AtomicU64,
+    pub requeued: AtomicU64,
+    pub workers_lost: AtomicU64,
+    pub sessions_replaced: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub unknown_frames: AtomicU64,
+    pub malformed_frames: AtomicU64,
+    pub oversize_frames: AtomicU64,
+    pub registrations: AtomicU64,
+}
+
+impl Counters {
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// A checkpoint whose pieces are arriving.
+#[derive(Debug)]
+struct Partial {
+    meta: CheckpointMeta,
+    received: BTreeSet<u32>,
+}
+
+/// The core's state.
+pub struct Core {
+    cfg: Arc<CoordinatorConfig>,
+    tasks: HashMap<TaskId, Task>,
+    queue: BTreeSet<(u8, u64, TaskId)>,
+    workers: HashMap<WorkerId, Worker>,
+    partial: HashMap<CheckpointId, Partial>,
+    /// Complete checkpoints per task, oldest first, for pruning.
+    checkpoint_history: HashMap<TaskId, VecDeque<CheckpointId>>,
+    next_submit_seq: u64,
+    dispatch_needed: bool,
+    counters: Arc<Counters>,
+}
+
+impl Core {
+    /// Rebuilds the model from what the store loaded.
+    pub fn new(cfg: Arc<CoordinatorConfig>, loaded: Loaded, counters: Arc<Counters>) -> Self {
+        let mut core = Self {
+            cfg,
+            tasks: HashMap::with_capacity(loaded.tasks.len()),
+            queue: BTreeSet::new(),
+            workers: HashMap::new(),
+            partial: HashMap::new(),
+            checkpoint_history: HashMap::new(),
+            next_submit_seq: 0,
+            dispatch_needed: true,
+            counters,
+        };
+        for w in loaded.workers {
+            core.workers.insert(w.worker_id.clone(), w);
+        }
+        let (mut queued, mut leased) = (0usize, 0usize);
+        for mut t in loaded.tasks {
+            core.next_submit_seq = core.next_submit_seq.max(t.submit_seq + 1);
+            match t.status {
+                tether_proto::TaskStatus::Queued => {
+                    queued += 1;
+                    core.queue
+                        .insert((t.spec.priority, t.submit_seq, t.task_id.clone()));
+                }
+                s if !s.is_terminal() => {
+                    if let Some(lease) = &t.lease {
+                        leased += 1;
+                        t.lease_started = Some(tokio::time::Instant::now());
+                        let w = core
+                            .workers
+                            .entry(lease.worker.clone())
+                            .or_insert_with(|| Worker::new(lease.worker.clone(), now()));
+                        w.leases.insert(t.task_id.clone());
+                    }
+                }
+                _ => {}
+            }
+            core.tasks.insert(t.task_id.clone(), t);
+        }
+        for (task, id) in loaded.complete_checkpoints {
+            core.checkpoint_history.entry(task).or_default().push_back(id);
+        }
+        for (meta, received) in loaded.partial_checkpoints {
+            core.partial.insert(
+                meta.checkpoint_id.clone(),
+                Partial {
+                    meta,
+                    received: received.into_iter().collect(),
+                },
+            );
+        }
+        tracing::info!(
+            tasks = core.tasks.len(),
+            queued,
+            leased,
+            workers = core.workers.len(),
+            "state recovered"
+        );
+        core
+    }
+
+    /// Applies events until `shutdown` or until every sender is gone.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Event>,
+        writer: mpsc::Sender<Batch>,
+        shutdown: CancellationToken,
+    ) {
+        let mut sweep = tokio::time::interval(self.cfg.sweep_interval);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut b = Batch::default();
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => self.apply(ev, &mut b),
+                    None => break,
+                },
+                _ = sweep.tick() => self.sweep(&mut b),
+                _ = shutdown.cancelled() => break,
+            }
+            for _ in 1..MAX_EVENTS_PER_BATCH {
+                match events.try_recv() {
+                    Ok(ev) => self.apply(ev, &mut b),
+                    Err(_) => break,
+                }
+            }
+            if self.dispatch_needed {
+                self.dispatch_needed = false;
+                self.dispatch(&mut b);
+            }
+            if !b.is_empty() && writer.send(b).await.is_err() {
+                tracing::error!("store writer is gone; core stops");
+                break;
+            }
+        }
+        // Sessions end when their senders drop with the model.
+        for w in self.workers.values() {
+            if let Some(s) = &w.session {
+                let _ = s
+                    .tx
+                    .send(Outgoing::Close(1001, "coordinator shutting down".into()));
+            }
+        }
+    }
+
+    fn apply(&mut self, ev: Event, b: &mut Batch) {
+        match ev {
+            Event::Connected { worker, session } => self.on_connected(worker, session, b),
+            Event::Disconnected { worker, session_id } => {
+                self.on_disconnected(&worker, session_id, b)
+            }
+            Event::Frame {
+                worker,
+                session_id,
+                msg,
+            } => {
+                let current = self
+                    .workers
+                    .get(&worker)
+                    .and_then(|w| w.session.as_ref())
+                    .filter(|s| s.id == session_id)
+                    .cloned();
+                // A frame of a replaced session is ignored: the newer session owns the worker.
+                if let Some(session) = current {
+                    self.counters.frames_in.fetch_add(1, Ordering::Relaxed);
+                    if let Some(w) = self.workers.get_mut(&worker) {
+                        w.last_seen = now();
+                    }
+                    self.on_message(&worker, &session, msg, b);
+                }
+            }
+            Event::Api(api) => self.on_api(api, b),
+        }
+    }
+
+    fn on_connected(&mut self, worker: WorkerId, session: SessionRef, b: &mut Batch) {
+        let w = self
+            .workers
+            .entry(worker.clone())
+            .or_insert_with(|| Worker::new(worker.clone(), now()));
+        if let Some(old) = w.session.replace(session) {
+            self.counters
+                .sessions_replaced
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(worker = %worker, old = old.id, "a newer connection replaces this worker's session");
+            let _ = old.tx.send(Outgoing::Close(
+                4009,
+                "replaced by a newer connection of this worker".into(),
+            ));
+        }
+        w.state = WorkerState::Connecting;
+        w.last_seen = now();
+        w.sessions += 1;
+        let _ = b;
+    }
+
+    fn on_disconnected(&mut self, worker: &WorkerId, session_id: u64, b: &mut Batch) {
+        let Some(w) = self.workers.get_mut(worker) else {
+            return;
+        };
+        // INVARIANT: only the session that owns the worker may mark it disconnected; the late
+        // close of a replaced session changes nothing.
+        if w.session.as_ref().map(|s| s.id) != Some(session_id) {
+            return;
+        }
+        w.session = None;
+        w.state = WorkerState::Disconnected;
+        w.disconnected_at = Some(now());
+        w.disconnected_mono = Some(tokio::time::Instant::now());
+        tracing::info!(worker = %worker, leases = w.leases.len(), "worker disconnected; its leases wait for the grace period");
+        b.muts.push(Mutation::PutWorker(Box::new(w.clone())));
+    }
+
+    /// Queues an effect that sends `msg` to `session` after the commit.
+    fn send_after_commit(b: &mut Batch, session: &SessionRef, msg: CoordMsg) {
+        let s = session.clone();
+        b.effects.push(Box::new(move |_| s.send(msg)));
+    }
+
+    fn save_task(&self, id: &TaskId, b: &mut Batch) {
+        if let Some(t) = self.tasks.get(id) {
+            b.muts.push(Mutation::PutTask(Box::new(t.clone())));
+        }
+    }
+
+    fn save_worker(&self, id: &WorkerId, b: &mut Batch) {
+        if let Some(w) = self.workers.get(id) {
+            b.muts.push(Mutation::PutWorker(Box::new(w.clone())));
+        }
+    }
+}
+
+/// Builds an ack of `kind` (e.g. `CoordMsg::TaskResultAck`).
+pub(crate) fn ack(
+    kind: fn(Ack) -> CoordMsg,
+    seq: Seq,
+    task_id: Option<TaskId>,
+    checkpoint_id: Option<CheckpointId>,
+    chunk: Option<u32>,
+    disposition: Disposition,
+) -> CoordMsg {
+    kind(Ack {
+        ack_seq: seq,
+        task_id,
+        checkpoint_id,
+        chunk,
+        disposition,
+        timestamp: now(),
+    })
+}

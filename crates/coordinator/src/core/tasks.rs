@@ -1,0 +1,276 @@
+//! Dispatch, leases, requeue and the sweeper.
+//!
+//! Dispatch is pull-style: a worker gets only what it can start now (free slots), tasks in order
+//! of priority then submission, one per worker per round so work spreads. It runs after any
+//! event that may change the answer (submission, completion, registration, lost worker).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tether_proto::msg::{CheckpointBlob, CoordMsg, TaskAssignment, TaskControl, now};
+use tether_proto::task::Blob;
+use tether_proto::{TaskId, TaskStatus, WorkerId};
+
+use super::{Core, SessionRef};
+use crate::model::{AttemptRecord, Desired, Lease, WorkerState};
+use crate::store::{self, Batch};
+
+/// Queued tasks examined per worker per round when looking for one it can run.
+const SCAN_LIMIT: usize = 4096;
+
+impl Core {
+    pub(super) fn dispatch(&mut self, b: &mut Batch) {
+        if self.queue.is_empty() {
+            return;
+        }
+        let mut candidates: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| w.free_slots() > 0)
+            .map(|w| w.worker_id.clone())
+            .collect();
+        candidates.sort_unstable();
+        while !candidates.is_empty() && !self.queue.is_empty() {
+            let mut progressed = false;
+            for wid in &candidates {
+                let Some(w) = self.workers.get(wid) else {
+                    continue;
+                };
+                if w.free_slots() == 0 {
+                    continue;
+                }
+                let pick = self
+                    .queue
+                    .iter()
+                    .take(SCAN_LIMIT)
+                    .find(|(_, _, id)| self.tasks.get(id).is_some_and(|t| w.can_run(&t.spec)))
+                    .cloned();
+                if let Some(key) = pick {
+                    self.queue.remove(&key);
+                    self.lease(&key.2, wid, b);
+                    progressed = true;
+                }
+                if self.queue.is_empty() {
+                    return;
+                }
+            }
+            if !progressed {
+                return;
+            }
+            candidates.retain(|w| self.workers.get(w).is_some_and(|w| w.free_slots() > 0));
+        }
+    }
+
+    fn lease(&mut self, task_id: &TaskId, worker: &WorkerId, b: &mut Batch) {
+        let Some(t) = self.tasks.get_mut(task_id) else {
+            return;
+        };
+        let ts = now();
+        let attempt = t.attempt.next();
+        t.attempt = attempt;
+        t.status = TaskStatus::Running;
+        t.updated_at = ts;
+        t.lease = Some(Lease {
+            worker: worker.clone(),
+            attempt,
+            since: ts,
+            desired: Desired::Running,
+        });
+        t.lease_started = Some(tokio::time::Instant::now());
+        t.attempts.push(AttemptRecord {
+            attempt,
+            worker: worker.clone(),
+            started_at: ts,
+            ended_at: None,
+            end: None,
+            result_recorded: false,
+        });
+        let Some(w) = self.workers.get_mut(worker) else {
+            return;
+        };
+        w.leases.insert(task_id.clone());
+        let session = w.session.clone();
+        self.counters.assignments.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(task = %task_id, worker = %worker, attempt = %attempt, "leased");
+        self.save_task(task_id, b);
+        if let Some(s) = session {
+            self.send_assignment(task_id, &s, b);
+        }
+    }
+
+    /// Sends the assignment of the task's current lease, with its latest checkpoint read from
+    /// the store after the commit.
+    pub(super) fn send_assignment(&self, task_id: &TaskId, session: &SessionRef, b: &mut Batch) {
+        let Some(t) = self.tasks.get(task_id) else {
+            return;
+        };
+        let Some(lease) = &t.lease else { return };
+        let mut msg = TaskAssignment {
+            task_id: task_id.clone(),
+            attempt: lease.attempt,
+            kind: t.spec.kind.clone(),
+            config: t.spec.config.clone(),
+            timeout_ms: t.spec.timeout_ms,
+            checkpoint: None,
+            timestamp: now(),
+        };
+        let checkpoint = t.latest_checkpoint.clone();
+        let paused = lease.desired == Desired::Paused;
+        let s = session.clone();
+        b.effects.push(Box::new(move |conn| {
+            if let Some(meta) = checkpoint {
+                match store::read_checkpoint_data(conn, &meta.checkpoint_id) {
+                    Ok(Some(data)) => {
+                        msg.checkpoint = Some(CheckpointBlob {
+                            checkpoint_id: meta.checkpoint_id,
+                            attempt: meta.attempt,
+                            data: Blob(data),
+                        })
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading a checkpoint for an assignment failed; the task starts afresh")
+                    }
+                }
+            }
+            let (task_id, attempt) = (msg.task_id.clone(), msg.attempt);
+            s.send(CoordMsg::TaskAssignment(msg));
+            if paused {
+                s.send(CoordMsg::PauseTask(TaskControl {
+                    task_id,
+                    attempt,
+                    reason: String::new(),
+                    timestamp: now(),
+                }));
+            }
+        }));
+    }
+
+    /// Ends the current lease and queues the task again, or fails it when its attempts are
+    /// used up.
+    pub(super) fn release_and_requeue(&mut self, task_id: &TaskId, why: &str, b: &mut Batch) {
+        let Some(t) = self.tasks.get_mut(task_id) else {
+            return;
+        };
+        let ts = now();
+        if let Some(lease) = t.lease.take() {
+            if let Some(a) = t.attempts.iter_mut().find(|a| a.attempt == lease.attempt) {
+                a.ended_at.get_or_insert(ts);
+                a.end.get_or_insert_with(|| "lost".to_owned());
+            }
+            if let Some(w) = self.workers.get_mut(&lease.worker) {
+                w.leases.remove(task_id);
+            }
+        }
+        t.lease_started = None;
+        t.updated_at = ts;
+        if t.attempt.0 >= t.max_attempts() {
+            t.status = TaskStatus::Failed;
+            t.finished_at = Some(ts);
+            t.error = Some(format!(
+                "{why}; no attempts left ({} of {})",
+                t.attempt.0,
+                t.max_attempts()
+            ));
+            tracing::warn!(task = %task_id, attempts = t.attempt.0, "task failed: attempts exhausted");
+        } else {
+            t.status = TaskStatus::Queued;
+            self.queue
+                .insert((t.spec.priority, t.submit_seq, task_id.clone()));
+            self.counters.requeued.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(task = %task_id, next_attempt = t.attempt.0 + 1, resume = t.latest_checkpoint.is_some(), %why, "task requeued");
+        }
+        self.dispatch_needed = true;
+        self.save_task(task_id, b);
+    }
+
+    /// Periodic: workers gone past the grace period lose their leases; leased tasks far past
+    /// their timeout are timed out (the worker enforces timeouts; this is the backstop).
+    pub(super) fn sweep(&mut self, b: &mut Batch) {
+        let grace = self.cfg.lost_after;
+        let lost: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| {
+                w.state == WorkerState::Disconnected
+                    && w.disconnected_mono.is_some_and(|t| t.elapsed() >= grace)
+            })
+            .map(|w| w.worker_id.clone())
+            .collect();
+        for wid in lost {
+            let leases: Vec<TaskId> = self
+                .workers
+                .get(&wid)
+                .map(|w| w.leases.iter().cloned().collect())
+                .unwrap_or_default();
+            tracing::warn!(worker = %wid, leases = leases.len(), grace_ms = grace.as_millis() as u64, "worker lost");
+            self.counters.workers_lost.fetch_add(1, Ordering::Relaxed);
+            for task in leases {
+                self.release_and_requeue(&task, "worker lost", b);
+            }
+            if let Some(w) = self.workers.get_mut(&wid) {
+                w.state = WorkerState::Lost;
+            }
+            self.save_worker(&wid, b);
+        }
+        let overdue: Vec<TaskId> = self
+            .tasks
+            .values()
+            .filter(|t| {
+                let (Some(ms), Some(started)) = (t.spec.timeout_ms, t.lease_started) else {
+                    return false;
+                };
+                started.elapsed() >= Duration::from_millis(ms) + grace
+            })
+            .map(|t| t.task_id.clone())
+            .collect();
+        for task in overdue {
+            self.finish_by_coordinator(&task, TaskStatus::TimedOut, "no result long after the task's timeout", b);
+        }
+    }
+
+    /// Ends a task in a terminal state decided here (cancel, timeout backstop) and tells the
+    /// lease holder to stop.
+    pub(super) fn finish_by_coordinator(
+        &mut self,
+        task_id: &TaskId,
+        status: TaskStatus,
+        why: &str,
+        b: &mut Batch,
+    ) {
+        let Some(t) = self.tasks.get_mut(task_id) else {
+            return;
+        };
+        let ts = now();
+        self.queue
+            .remove(&(t.spec.priority, t.submit_seq, task_id.clone()));
+        t.status = status;
+        t.finished_at = Some(ts);
+        t.updated_at = ts;
+        t.error = Some(why.to_owned());
+        t.lease_started = None;
+        if let Some(lease) = t.lease.take() {
+            if let Some(a) = t.attempts.iter_mut().find(|a| a.attempt == lease.attempt) {
+                a.ended_at.get_or_insert(ts);
+                a.end.get_or_insert_with(|| status.as_str().to_owned());
+            }
+            if let Some(w) = self.workers.get_mut(&lease.worker) {
+                w.leases.remove(task_id);
+                if let Some(s) = &w.session {
+                    Core::send_after_commit(
+                        b,
+                        s,
+                        CoordMsg::CancelTask(TaskControl {
+                            task_id: task_id.clone(),
+                            attempt: lease.attempt,
+                            reason: why.to_owned(),
+                            timestamp: ts,
+                        }),
+                    );
+                }
+            }
+        }
+        self.dispatch_needed = true;
+        self.save_task(task_id, b);
+    }
+}

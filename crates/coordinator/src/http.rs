@@ -1,0 +1,223 @@
+//! The HTTP API, JSON in and out, on the same listener as the worker endpoint.
+//!
+//! ```text
+//! POST /api/v1/tasks                      submit one spec or {"tasks": [specs]}
+//! GET  /api/v1/tasks?status=&limit=       list
+//! GET  /api/v1/tasks/{id}                 one task with its attempts
+//! GET  /api/v1/tasks/{id}/result          recorded results (counted first, stale after)
+//! GET  /api/v1/tasks/{id}/state           latest state
+//! GET  /api/v1/tasks/{id}/checkpoints     checkpoint list; /{cid} the bytes
+//! POST /api/v1/tasks/{id}/cancel|pause|resume|checkpoint
+//! GET  /api/v1/workers, /api/v1/workers/{id}
+//! GET  /api/v1/overview                   counts and counters
+//! GET  /healthz
+//! ```
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use tether_proto::{CheckpointId, TaskId, TaskSpec, TaskStatus, WorkerId};
+use tokio::sync::oneshot;
+
+use crate::core::{Api, ApiError, ControlOp, Event};
+use crate::server::AppState;
+
+/// A JSON error body: `{"error": {"code": "...", "message": "..."}}`.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(serde_json::json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        error_response(status, code, &self.to_string())
+    }
+}
+
+/// Sends a command to the core and waits for its committed reply.
+async fn ask<T>(
+    app: &AppState,
+    make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> Api,
+) -> Result<T, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    app.events
+        .send(Event::Api(make(tx)))
+        .await
+        .map_err(|_| ApiError::Internal("coordinator is shutting down".into()))?;
+    rx.await
+        .map_err(|_| ApiError::Internal("coordinator is shutting down".into()))?
+}
+
+fn parse_task(id: &str) -> Result<TaskId, ApiError> {
+    TaskId::parse(id).map_err(|e| ApiError::Invalid(format!("task id {id:?}: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum SubmitBody {
+    Many { tasks: Vec<TaskSpec> },
+    One(TaskSpec),
+}
+
+pub async fn submit(
+    State(app): State<Arc<AppState>>,
+    body: Result<Json<SubmitBody>, JsonRejection>,
+) -> Response {
+    let specs = match body {
+        Ok(Json(SubmitBody::Many { tasks })) => tasks,
+        Ok(Json(SubmitBody::One(t))) => vec![t],
+        Err(e) => return error_response(e.status(), "bad_request", &e.body_text()),
+    };
+    match ask(&app, |reply| Api::Submit { specs, reply }).await {
+        Ok(ids) => (
+            StatusCode::CREATED,
+            Json(serde_json::json!({"task_ids": ids})),
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+pub async fn list_tasks(State(app): State<Arc<AppState>>, Query(q): Query<ListQuery>) -> Response {
+    let status = match q.status.as_deref().map(|s| (s, TaskStatus::parse(s))) {
+        None => None,
+        Some((_, Some(s))) => Some(s),
+        Some((s, None)) => {
+            return ApiError::Invalid(format!(
+                "unknown status {s:?}; use one of queued, running, paused, completed, failed, cancelled, timed_out"
+            ))
+            .into_response();
+        }
+    };
+    let limit = q.limit.unwrap_or(1000).min(100_000);
+    json(ask(&app, |reply| Api::ListTasks { status, limit, reply }).await)
+}
+
+pub async fn get_task(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    match parse_task(&id) {
+        Ok(task) => json(ask(&app, |reply| Api::GetTask { task, reply }).await),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn task_result(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    match parse_task(&id) {
+        Ok(task) => json(ask(&app, |reply| Api::Results { task, reply }).await),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn task_state(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    match parse_task(&id) {
+        Ok(task) => json(ask(&app, |reply| Api::State { task, reply }).await),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn task_checkpoints(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    match parse_task(&id) {
+        Ok(task) => json(ask(&app, |reply| Api::Checkpoints { task, reply }).await),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn checkpoint_data(
+    State(app): State<Arc<AppState>>,
+    Path((id, cid)): Path<(String, String)>,
+) -> Response {
+    let task = match parse_task(&id) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let checkpoint = match CheckpointId::parse(&cid) {
+        Ok(c) => c,
+        Err(e) => return ApiError::Invalid(format!("checkpoint id: {e}")).into_response(),
+    };
+    match ask(&app, |reply| Api::CheckpointData {
+        task,
+        checkpoint,
+        reply,
+    })
+    .await
+    {
+        Ok(bytes) => (
+            [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+            bytes,
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn control(
+    State(app): State<Arc<AppState>>,
+    Path((id, action)): Path<(String, String)>,
+) -> Response {
+    let op = match action.as_str() {
+        "cancel" => ControlOp::Cancel,
+        "pause" => ControlOp::Pause,
+        "resume" => ControlOp::Resume,
+        "checkpoint" => ControlOp::Checkpoint,
+        other => {
+            return error_response(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no action {other:?}; use cancel, pause, resume or checkpoint"),
+            );
+        }
+    };
+    match parse_task(&id) {
+        Ok(task) => json(ask(&app, |reply| Api::Control { task, op, reply }).await),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn list_workers(State(app): State<Arc<AppState>>) -> Response {
+    json(ask(&app, |reply| Api::ListWorkers { reply }).await)
+}
+
+pub async fn get_worker(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    match WorkerId::parse(&id) {
+        Ok(worker) => json(ask(&app, |reply| Api::GetWorker { worker, reply }).await),
+        Err(e) => ApiError::Invalid(format!("worker id: {e}")).into_response(),
+    }
+}
+
+pub async fn overview(State(app): State<Arc<AppState>>) -> Response {
+    json(ask(&app, |reply| Api::Overview { reply }).await)
+}
+
+pub async fn healthz() -> Response {
+    Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+pub async fn not_found() -> Response {
+    error_response(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+fn json<T: serde::Serialize>(r: Result<T, ApiError>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}

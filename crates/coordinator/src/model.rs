@@ -1,0 +1,179 @@
+//! The coordinator's in-memory model: tasks, leases and workers. The store persists every
+//! change to it; on start the model is rebuilt from the store.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tether_proto::task::ConnStats;
+use tether_proto::{Attempt, CheckpointId, Outcome, TaskId, TaskSpec, TaskStatus, WorkerId};
+
+/// What the coordinator wants of a leased task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Desired {
+    Running,
+    Paused,
+}
+
+/// A lease: one attempt of a task held by one worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lease {
+    pub worker: WorkerId,
+    pub attempt: Attempt,
+    pub since: DateTime<Utc>,
+    pub desired: Desired,
+}
+
+/// One attempt in a task's timeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    pub attempt: Attempt,
+    pub worker: WorkerId,
+    pub started_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<DateTime<Utc>>,
+    /// How the attempt ended: an outcome, `lost`, `cancelled`, `superseded`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end: Option<String>,
+    /// A result from this attempt was recorded (counted or stale).
+    #[serde(default)]
+    pub result_recorded: bool,
+}
+
+/// Metadata of a stored checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub checkpoint_id: CheckpointId,
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    pub worker: WorkerId,
+    pub size: u64,
+    pub chunks: u32,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A task as the coordinator records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub task_id: TaskId,
+    pub spec: Arc<TaskSpec>,
+    pub status: TaskStatus,
+    /// Number of the latest lease (0 before the first).
+    pub attempt: Attempt,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+    pub submit_seq: u64,
+    pub submitted_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The outcome of the counted result, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+    /// Why the task failed or was cancelled, when the coordinator decided it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latest_checkpoint: Option<CheckpointMeta>,
+    #[serde(default)]
+    pub attempts: Vec<AttemptRecord>,
+    /// Monotonic start of the current lease (reset at coordinator start), for the timeout
+    /// backstop.
+    #[serde(skip)]
+    pub lease_started: Option<tokio::time::Instant>,
+}
+
+impl Task {
+    pub fn max_attempts(&self) -> u32 {
+        self.spec
+            .max_attempts
+            .unwrap_or(tether_proto::task::DEFAULT_MAX_ATTEMPTS)
+    }
+
+    pub fn attempt_record(&mut self, attempt: Attempt) -> Option<&mut AttemptRecord> {
+        self.attempts.iter_mut().find(|a| a.attempt == attempt)
+    }
+
+    /// The queue key: priority, then submission order.
+    pub fn queue_key(&self) -> (u8, u64) {
+        (self.spec.priority, self.submit_seq)
+    }
+}
+
+/// A worker as the coordinator knows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Worker {
+    pub worker_id: WorkerId,
+    pub capabilities: BTreeSet<String>,
+    pub tags: BTreeMap<String, String>,
+    pub slots: u32,
+    pub executors: BTreeSet<String>,
+    pub boot_id: String,
+    /// `connected` (registered session), `connecting` (session, not registered yet),
+    /// `disconnected` (within grace) or `lost`.
+    pub state: WorkerState,
+    pub leases: BTreeSet<TaskId>,
+    pub first_seen: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disconnected_at: Option<DateTime<Utc>>,
+    pub sessions: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<ConnStats>,
+    /// Monotonic instant of the disconnect, for the grace period.
+    #[serde(skip)]
+    pub disconnected_mono: Option<tokio::time::Instant>,
+    #[serde(skip)]
+    pub session: Option<crate::core::SessionRef>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    Connecting,
+    Connected,
+    Disconnected,
+    Lost,
+}
+
+impl Worker {
+    pub fn new(worker_id: WorkerId, now: DateTime<Utc>) -> Self {
+        Self {
+            worker_id,
+            capabilities: BTreeSet::new(),
+            tags: BTreeMap::new(),
+            slots: 0,
+            executors: BTreeSet::new(),
+            boot_id: String::new(),
+            state: WorkerState::Disconnected,
+            leases: BTreeSet::new(),
+            first_seen: now,
+            last_seen: now,
+            disconnected_at: Some(now),
+            sessions: 0,
+            stats: None,
+            disconnected_mono: Some(tokio::time::Instant::now()),
+            session: None,
+        }
+    }
+
+    /// Free slots, when the worker may take work now.
+    pub fn free_slots(&self) -> usize {
+        if self.state != WorkerState::Connected || self.session.is_none() {
+            return 0;
+        }
+        (self.slots as usize).saturating_sub(self.leases.len())
+    }
+
+    /// Whether this worker can run `spec`.
+    pub fn can_run(&self, spec: &TaskSpec) -> bool {
+        self.executors.contains(&spec.kind)
+            && spec.requires.iter().all(|c| self.capabilities.contains(c))
+            && spec
+                .tags
+                .iter()
+                .all(|(k, v)| self.tags.get(k).is_some_and(|w| w == v))
+    }
+}

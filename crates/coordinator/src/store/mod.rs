@@ -1,0 +1,477 @@
+//! Durable state in an embedded SQLite database (WAL mode) in the data directory.
+//!
+//! One writer thread owns the connection. The core hands it batches of [`Mutation`]s together
+//! with the effects (acks, assignments, API replies) that may only happen once those mutations
+//! are durable; the writer drains every batch that is waiting, commits them in one transaction
+//! (group commit), then runs their effects in order. Reads that must see committed data run as
+//! effects on the same connection, so they are consistent with what was acknowledged.
+
+mod schema;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tether_proto::{Attempt, CheckpointId, Outcome, TaskId, WorkerId};
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{CheckpointMeta, Task, Worker};
+
+pub use schema::SCHEMA_VERSION;
+
+/// Name of the database file in the data directory.
+pub const DB_FILE: &str = "tether.db";
+
+/// Why the store cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "database {path} has schema version {found}, newer than this coordinator's {supported}; refusing to touch it (upgrade tether)"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("database {path} is corrupt ({detail}); refusing to touch it (restore a backup or move it away)")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("database {path}: {source}")]
+    Sql {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("database {path} holds a record that cannot be read: {detail}")]
+    BadRecord { path: PathBuf, detail: String },
+}
+
+/// One durable change.
+#[derive(Debug)]
+pub enum Mutation {
+    PutTask(Box<Task>),
+    DeleteTask(TaskId),
+    PutResult {
+        task_id: TaskId,
+        attempt: Attempt,
+        worker: WorkerId,
+        outcome: Outcome,
+        stale: bool,
+        body: String,
+    },
+    PutState {
+        task_id: TaskId,
+        attempt: Attempt,
+        state: String,
+    },
+    PutCheckpoint {
+        meta: CheckpointMeta,
+        complete: bool,
+    },
+    PutChunk {
+        checkpoint_id: CheckpointId,
+        idx: u32,
+        data: Vec<u8>,
+    },
+    DeleteCheckpoint(CheckpointId),
+    PutWorker(Box<Worker>),
+}
+
+/// Runs after its batch is committed, on the writer's connection.
+pub type Effect = Box<dyn FnOnce(&Connection) + Send>;
+
+/// Mutations and the effects that wait for them.
+#[derive(Default)]
+pub struct Batch {
+    pub muts: Vec<Mutation>,
+    pub effects: Vec<Effect>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.muts.is_empty() && self.effects.is_empty()
+    }
+}
+
+/// Counters of the writer.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    pub commits: AtomicU64,
+    pub mutations: AtomicU64,
+    pub commit_micros: AtomicU64,
+    pub batches: AtomicU64,
+}
+
+/// What was in the database at start.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub tasks: Vec<Task>,
+    pub workers: Vec<Worker>,
+    /// Checkpoints whose pieces have not all arrived, with the pieces that did.
+    pub partial_checkpoints: Vec<(CheckpointMeta, Vec<u32>)>,
+    /// Complete checkpoints, oldest first.
+    pub complete_checkpoints: Vec<(TaskId, CheckpointId)>,
+}
+
+/// Opens (creating if needed) the database in `dir`, checks and migrates it, and loads it.
+pub fn open(dir: &Path) -> Result<(Connection, Loaded), StoreError> {
+    std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let path = dir.join(DB_FILE);
+    let conn = schema::open_checked(&path)?;
+    let loaded = load(&conn).map_err(|e| match e {
+        LoadError::Sql(source) => StoreError::Sql {
+            path: path.clone(),
+            source,
+        },
+        LoadError::Json(detail) => StoreError::BadRecord {
+            path: path.clone(),
+            detail,
+        },
+    })?;
+    Ok((conn, loaded))
+}
+
+enum LoadError {
+    Sql(rusqlite::Error),
+    Json(String),
+}
+
+impl From<rusqlite::Error> for LoadError {
+    fn from(e: rusqlite::Error) -> Self {
+        LoadError::Sql(e)
+    }
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T, LoadError> {
+    serde_json::from_str(s).map_err(|e| LoadError::Json(format!("{what}: {e}")))
+}
+
+fn load(conn: &Connection) -> Result<Loaded, LoadError> {
+    let mut out = Loaded::default();
+    let mut stmt = conn.prepare("SELECT doc FROM tasks ORDER BY submit_seq")?;
+    let docs = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    for doc in docs {
+        out.tasks.push(from_json("task", &doc?)?);
+    }
+    let mut stmt = conn.prepare("SELECT doc FROM workers")?;
+    let docs = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    for doc in docs {
+        let w: schema::WorkerDoc = from_json("worker", &doc?)?;
+        out.workers.push(w.into_worker());
+    }
+    let mut stmt = conn.prepare(
+        "SELECT id, task_id, attempt, worker, size, chunks, created_at FROM checkpoints WHERE complete = 0",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, u32>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, u32>(5)?,
+            r.get::<_, String>(6)?,
+        ))
+    })?;
+    let mut chunk_stmt = conn.prepare("SELECT idx FROM checkpoint_chunks WHERE checkpoint_id = ?1")?;
+    let bad = |what: &str, v: &str| LoadError::Json(format!("{what} {v:?} is not valid"));
+    for row in rows {
+        let (id, task, attempt, worker, size, chunks, created) = row?;
+        let meta = CheckpointMeta {
+            checkpoint_id: CheckpointId::parse(&id).map_err(|_| bad("checkpoint id", &id))?,
+            task_id: TaskId::parse(&task).map_err(|_| bad("task id", &task))?,
+            attempt: Attempt(attempt),
+            worker: WorkerId::parse(&worker).map_err(|_| bad("worker id", &worker))?,
+            size: size as u64,
+            chunks,
+            created_at: chrono::DateTime::parse_from_rfc3339(&created)
+                .map_err(|_| bad("timestamp", &created))?
+                .with_timezone(&chrono::Utc),
+        };
+        let idx: Vec<u32> = chunk_stmt
+            .query_map([&id], |r| r.get::<_, u32>(0))?
+            .collect::<Result<_, _>>()?;
+        out.partial_checkpoints.push((meta, idx));
+    }
+    let mut stmt = conn.prepare(
+        "SELECT task_id, id FROM checkpoints WHERE complete = 1 ORDER BY created_at, rowid",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    for row in rows {
+        let (task, id) = row?;
+        out.complete_checkpoints.push((
+            TaskId::parse(&task).map_err(|_| bad("task id", &task))?,
+            CheckpointId::parse(&id).map_err(|_| bad("checkpoint id", &id))?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Starts the writer thread.
+pub fn spawn_writer(
+    conn: Connection,
+    path: PathBuf,
+    mut rx: tokio::sync::mpsc::Receiver<Batch>,
+    stats: Arc<StoreStats>,
+    fatal: CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("tether-store".into())
+        .spawn(move || {
+            let mut conn = conn;
+            while let Some(first) = rx.blocking_recv() {
+                let mut batches = vec![first];
+                while batches.len() < 256 {
+                    match rx.try_recv() {
+                        Ok(b) => batches.push(b),
+                        Err(_) => break,
+                    }
+                }
+                let started = Instant::now();
+                let n_muts: usize = batches.iter().map(|b| b.muts.len()).sum();
+                if n_muts > 0 {
+                    if let Err(e) = commit(&mut conn, &mut batches) {
+                        tracing::error!(db = %path.display(), error = %e, "commit failed; stopping the coordinator without acknowledging");
+                        fatal.cancel();
+                        return;
+                    }
+                    stats.commits.fetch_add(1, Ordering::Relaxed);
+                    stats.mutations.fetch_add(n_muts as u64, Ordering::Relaxed);
+                    stats
+                        .commit_micros
+                        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                }
+                stats.batches.fetch_add(batches.len() as u64, Ordering::Relaxed);
+                for b in batches {
+                    for effect in b.effects {
+                        effect(&conn);
+                    }
+                }
+            }
+            // The core is gone: flush nothing more, just checkpoint the WAL.
+            let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+        })
+}
+
+fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<()> {
+    // Later writes of the same task in this group supersede earlier ones.
+    let mut last_task: HashMap<&TaskId, usize> = HashMap::new();
+    let mut i = 0usize;
+    for b in batches.iter() {
+        for m in &b.muts {
+            if let Mutation::PutTask(t) = m {
+                last_task.insert(&t.task_id, i);
+            }
+            i += 1;
+        }
+    }
+    let tx = conn.transaction()?;
+    let mut i = 0usize;
+    for b in batches.iter() {
+        for m in &b.muts {
+            let idx = i;
+            i += 1;
+            match m {
+                Mutation::PutTask(t) => {
+                    if last_task.get(&t.task_id) != Some(&idx) {
+                        continue;
+                    }
+                    let doc = serde_json::to_string(t.as_ref())
+                        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                    tx.prepare_cached(
+                        "INSERT INTO tasks (id, status, submit_seq, finished_at, doc) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT(id) DO UPDATE SET status = excluded.status, finished_at = excluded.finished_at, doc = excluded.doc",
+                    )?
+                    .execute(params![
+                        t.task_id.as_str(),
+                        t.status.as_str(),
+                        t.submit_seq as i64,
+                        t.finished_at.map(|d| d.to_rfc3339()),
+                        doc
+                    ])?;
+                }
+                Mutation::DeleteTask(id) => {
+                    for sql in [
+                        "DELETE FROM checkpoint_chunks WHERE checkpoint_id IN (SELECT id FROM checkpoints WHERE task_id = ?1)",
+                        "DELETE FROM checkpoints WHERE task_id = ?1",
+                        "DELETE FROM results WHERE task_id = ?1",
+                        "DELETE FROM task_state WHERE task_id = ?1",
+                        "DELETE FROM tasks WHERE id = ?1",
+                    ] {
+                        tx.prepare_cached(sql)?.execute([id.as_str()])?;
+                    }
+                }
+                Mutation::PutResult {
+                    task_id,
+                    attempt,
+                    worker,
+                    outcome,
+                    stale,
+                    body,
+                } => {
+                    tx.prepare_cached(
+                        "INSERT OR IGNORE INTO results (task_id, attempt, worker, outcome, stale, body, recorded_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )?
+                    .execute(params![
+                        task_id.as_str(),
+                        attempt.0,
+                        worker.as_str(),
+                        tether_proto::TaskStatus::from(*outcome).as_str(),
+                        *stale,
+                        body,
+                        chrono::Utc::now().to_rfc3339()
+                    ])?;
+                }
+                Mutation::PutState {
+                    task_id,
+                    attempt,
+                    state,
+                } => {
+                    tx.prepare_cached(
+                        "INSERT INTO task_state (task_id, attempt, state, updated_at) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT(task_id) DO UPDATE SET attempt = excluded.attempt, state = excluded.state, updated_at = excluded.updated_at",
+                    )?
+                    .execute(params![
+                        task_id.as_str(),
+                        attempt.0,
+                        state,
+                        chrono::Utc::now().to_rfc3339()
+                    ])?;
+                }
+                Mutation::PutCheckpoint { meta, complete } => {
+                    tx.prepare_cached(
+                        "INSERT INTO checkpoints (id, task_id, attempt, worker, size, chunks, complete, created_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                         ON CONFLICT(id) DO UPDATE SET complete = excluded.complete",
+                    )?
+                    .execute(params![
+                        meta.checkpoint_id.as_str(),
+                        meta.task_id.as_str(),
+                        meta.attempt.0,
+                        meta.worker.as_str(),
+                        meta.size as i64,
+                        meta.chunks,
+                        *complete,
+                        meta.created_at.to_rfc3339()
+                    ])?;
+                }
+                Mutation::PutChunk {
+                    checkpoint_id,
+                    idx,
+                    data,
+                } => {
+                    tx.prepare_cached(
+                        "INSERT OR IGNORE INTO checkpoint_chunks (checkpoint_id, idx, data) VALUES (?1, ?2, ?3)",
+                    )?
+                    .execute(params![checkpoint_id.as_str(), idx, data])?;
+                }
+                Mutation::DeleteCheckpoint(id) => {
+                    tx.prepare_cached("DELETE FROM checkpoint_chunks WHERE checkpoint_id = ?1")?
+                        .execute([id.as_str()])?;
+                    tx.prepare_cached("DELETE FROM checkpoints WHERE id = ?1")?
+                        .execute([id.as_str()])?;
+                }
+                Mutation::PutWorker(w) => {
+                    let doc = serde_json::to_string(&schema::WorkerDoc::from_worker(w))
+                        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                    tx.prepare_cached(
+                        "INSERT INTO workers (id, doc) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+                    )?
+                    .execute(params![w.worker_id.as_str(), doc])?;
+                }
+            }
+        }
+    }
+    tx.commit()
+}
+
+/// A stored result row.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ResultRow {
+    pub task_id: String,
+    pub attempt: u32,
+    pub worker: String,
+    pub outcome: String,
+    /// From an attempt that no longer held the lease: kept, never counted.
+    pub stale: bool,
+    pub recorded_at: String,
+    pub body: serde_json::Value,
+}
+
+/// Every result recorded for a task, counted first.
+pub fn read_results(conn: &Connection, task: &TaskId) -> rusqlite::Result<Vec<ResultRow>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT task_id, attempt, worker, outcome, stale, body, recorded_at FROM results WHERE task_id = ?1 ORDER BY stale, attempt",
+    )?;
+    let rows = stmt.query_map([task.as_str()], |r| {
+        let body: String = r.get(5)?;
+        Ok(ResultRow {
+            task_id: r.get(0)?,
+            attempt: r.get(1)?,
+            worker: r.get(2)?,
+            outcome: r.get(3)?,
+            stale: r.get(4)?,
+            body: serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+            recorded_at: r.get(6)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// The latest state of a task, with its attempt.
+pub fn read_state(
+    conn: &Connection,
+    task: &TaskId,
+) -> rusqlite::Result<Option<(u32, serde_json::Value, String)>> {
+    conn.prepare_cached("SELECT attempt, state, updated_at FROM task_state WHERE task_id = ?1")?
+        .query_row([task.as_str()], |r| {
+            let s: String = r.get(1)?;
+            Ok((
+                r.get(0)?,
+                serde_json::from_str(&s).unwrap_or(serde_json::Value::Null),
+                r.get(2)?,
+            ))
+        })
+        .optional()
+}
+
+/// Complete checkpoints of a task, newest first: (id, attempt, size, created_at).
+pub fn read_checkpoints(
+    conn: &Connection,
+    task: &TaskId,
+) -> rusqlite::Result<Vec<(String, u32, i64, String)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, attempt, size, created_at FROM checkpoints WHERE task_id = ?1 AND complete = 1 ORDER BY created_at DESC, rowid DESC",
+    )?;
+    let rows = stmt.query_map([task.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+    rows.collect()
+}
+
+/// The bytes of a checkpoint, pieces joined in order.
+pub fn read_checkpoint_data(conn: &Connection, id: &CheckpointId) -> rusqlite::Result<Option<Vec<u8>>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT data FROM checkpoint_chunks WHERE checkpoint_id = ?1 ORDER BY idx")?;
+    let mut out = Vec::new();
+    let mut any = false;
+    let rows = stmt.query_map([id.as_str()], |r| r.get::<_, Vec<u8>>(0))?;
+    for piece in rows {
+        any = true;
+        out.extend_from_slice(&piece?);
+    }
+    Ok(any.then_some(out))
+}

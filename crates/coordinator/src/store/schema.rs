@@ -1,0 +1,173 @@
+//! Schema, version checks and migrations.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OpenFlags};
+use serde::{Deserialize, Serialize};
+use tether_proto::WorkerId;
+use tether_proto::task::ConnStats;
+
+use super::StoreError;
+use crate::model::{Worker, WorkerState};
+
+/// The schema version this coordinator writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Migrations from version N-1 to N, by index.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE tasks (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    submit_seq INTEGER NOT NULL,
+    finished_at TEXT,
+    doc TEXT NOT NULL
+);
+CREATE INDEX tasks_status ON tasks (status);
+CREATE TABLE results (
+    task_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    worker TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    stale INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    recorded_at TEXT NOT NULL,
+    PRIMARY KEY (task_id, attempt)
+);
+CREATE TABLE task_state (
+    task_id TEXT PRIMARY KEY,
+    attempt INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE checkpoints (
+    id TEXT PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    worker TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    chunks INTEGER NOT NULL,
+    complete INTEGER NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX checkpoints_task ON checkpoints (task_id);
+CREATE TABLE checkpoint_chunks (
+    checkpoint_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (checkpoint_id, idx)
+);
+CREATE TABLE workers (
+    id TEXT PRIMARY KEY,
+    doc TEXT NOT NULL
+);
+"#];
+
+/// Opens the database at `path`, refusing a corrupt file or a newer schema without changing it,
+/// then switches to WAL and applies pending migrations.
+pub(super) fn open_checked(path: &Path) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let corrupt = |detail: String| StoreError::Corrupt {
+        path: path.to_owned(),
+        detail,
+    };
+    if path.exists() {
+        // Check read-only first, so that a file we refuse is left exactly as it was.
+        let ro = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(open_err)?;
+        let version: i64 = ro
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| corrupt(e.to_string()))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::TooNew {
+                path: path.to_owned(),
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        let check: String = ro
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(|e| corrupt(e.to_string()))?;
+        if check != "ok" {
+            return Err(corrupt(check));
+        }
+    }
+    let conn = Connection::open(path).map_err(open_err)?;
+    let sql = |source| StoreError::Sql {
+        path: path.to_owned(),
+        source,
+    };
+    // WAL with synchronous=NORMAL: a commit survives the death of the process (kill -9); see
+    // docs/OPERATIONS.md for power-loss durability.
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = OFF; PRAGMA busy_timeout = 5000;",
+    )
+    .map_err(sql)?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql)?;
+    for (i, migration) in MIGRATIONS.iter().enumerate() {
+        let to = i as i64 + 1;
+        if version < to {
+            let tx = conn.unchecked_transaction().map_err(sql)?;
+            tx.execute_batch(migration).map_err(sql)?;
+            tx.execute_batch(&format!("PRAGMA user_version = {to};"))
+                .map_err(sql)?;
+            tx.commit().map_err(sql)?;
+            tracing::info!(db = %path.display(), version = to, "database migrated");
+        }
+    }
+    Ok(conn)
+}
+
+/// The persisted part of a worker.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct WorkerDoc {
+    worker_id: WorkerId,
+    capabilities: BTreeSet<String>,
+    tags: BTreeMap<String, String>,
+    slots: u32,
+    executors: BTreeSet<String>,
+    boot_id: String,
+    first_seen: DateTime<Utc>,
+    last_seen: DateTime<Utc>,
+    sessions: u64,
+    stats: Option<ConnStats>,
+}
+
+impl WorkerDoc {
+    pub(super) fn from_worker(w: &Worker) -> Self {
+        Self {
+            worker_id: w.worker_id.clone(),
+            capabilities: w.capabilities.clone(),
+            tags: w.tags.clone(),
+            slots: w.slots,
+            executors: w.executors.clone(),
+            boot_id: w.boot_id.clone(),
+            first_seen: w.first_seen,
+            last_seen: w.last_seen,
+            sessions: w.sessions,
+            stats: w.stats.clone(),
+        }
+    }
+
+    /// A worker loaded at start is disconnected: its grace period starts now.
+    pub(super) fn into_worker(self) -> Worker {
+        let mut w = Worker::new(self.worker_id, Utc::now());
+        w.capabilities = self.capabilities;
+        w.tags = self.tags;
+        w.slots = self.slots;
+        w.executors = self.executors;
+        w.boot_id = self.boot_id;
+        w.first_seen = self.first_seen;
+        w.last_seen = self.last_seen;
+        w.sessions = self.sessions;
+        w.stats = self.stats;
+        w.state = WorkerState::Disconnected;
+        w
+    }
+}

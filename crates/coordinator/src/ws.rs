@@ -1,0 +1,210 @@
+//! Worker sessions. The upgrade path is parsed strictly before the upgrade (anything else is a
+//! 4xx, never an accepted-then-closed socket). Each session: welcome, then frames to the core,
+//! heartbeats answered here, a structured `error` for unknown or malformed frames (the session
+//! goes on), 1009 for oversize frames, and a close when nothing arrives for `heartbeat_timeout`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{OriginalUri, State};
+use axum::http::StatusCode;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::response::Response;
+use futures_util::{SinkExt, StreamExt};
+use tether_proto::endpoint::{PathError, parse_endpoint_path};
+use tether_proto::msg::{CoordMsg, ErrorCode, HeartbeatReply, PROTOCOL_VERSION, Welcome, WorkerMsg, now};
+use tether_proto::{DecodeError, WorkerId, decode_worker, encode};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout_at};
+
+use crate::core::{Event, Outgoing, SessionRef};
+use crate::server::AppState;
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Close code for frames over the size limit.
+const CLOSE_TOO_BIG: u16 = 1009;
+
+/// `GET /api/v1/worker/{worker_id}/ws`
+pub async fn upgrade(
+    State(app): State<Arc<AppState>>,
+    OriginalUri(uri): OriginalUri,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let worker = match parse_endpoint_path(uri.path()) {
+        Ok(w) => w,
+        Err(e) => {
+            let status = match e {
+                PathError::Shape(_) => StatusCode::NOT_FOUND,
+                PathError::Id { .. } | PathError::Encoding(_) => StatusCode::BAD_REQUEST,
+            };
+            return crate::http::error_response(status, "bad_path", &e.to_string());
+        }
+    };
+    let Ok(ws) = ws else {
+        return crate::http::error_response(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "this endpoint speaks WebSocket only",
+        );
+    };
+    let max = app.cfg.max_frame;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .write_buffer_size(0)
+        .on_upgrade(move |socket| session(app, worker, socket))
+}
+
+async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
+    let session_id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("session", worker = %worker, session = session_id);
+    let _enter = span.enter();
+    drop(_enter);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (mut sink, mut stream) = socket.split();
+    let timeout = app.cfg.heartbeat_timeout;
+    let welcome = CoordMsg::Welcome(Welcome {
+        worker_id: worker.clone(),
+        protocol_version: PROTOCOL_VERSION,
+        session_id,
+        heartbeat_interval_ms: app.cfg.heartbeat_interval.as_millis() as u64,
+        heartbeat_timeout_ms: timeout.as_millis() as u64,
+        timestamp: now(),
+    });
+    if timeout_at(Instant::now() + timeout, sink.send(text(&welcome)))
+        .await
+        .map_or(true, |r| r.is_err())
+    {
+        return;
+    }
+    let session = SessionRef { id: session_id, tx };
+    if app
+        .events
+        .send(Event::Connected {
+            worker: worker.clone(),
+            session,
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    tracing::debug!(worker = %worker, session = session_id, "session open");
+    let mut deadline = Instant::now() + timeout;
+    let reason = loop {
+        tokio::select! {
+            frame = timeout_at(deadline, stream.next()) => {
+                let frame = match frame {
+                    Err(_) => break format!("no frame for {} ms", timeout.as_millis()),
+                    Ok(None) => break "closed".into(),
+                    Ok(Some(Err(e))) => {
+                        if is_too_big(&e) {
+                            app.counters.oversize_frames.fetch_add(1, Ordering::Relaxed);
+                            let _ = sink.send(Message::Close(Some(CloseFrame {
+                                code: CLOSE_TOO_BIG,
+                                reason: "frame exceeds the size limit".into(),
+                            }))).await;
+                            break "oversize frame".into();
+                        }
+                        break format!("read: {e}");
+                    }
+                    Ok(Some(Ok(m))) => m,
+                };
+                deadline = Instant::now() + timeout;
+                let reply = match frame {
+                    Message::Text(t) => on_text(&app, &worker, session_id, t.as_str()).await,
+                    Message::Binary(_) => Some(CoordMsg::error(
+                        ErrorCode::BadFrame,
+                        "binary frames are not accepted without negotiated compression",
+                        None,
+                        None,
+                    )),
+                    Message::Close(_) => break "closed by worker".into(),
+                    Message::Ping(_) | Message::Pong(_) => None,
+                };
+                if let Some(reply) = reply {
+                    if timeout_at(deadline, sink.send(text(&reply))).await.map_or(true, |r| r.is_err()) {
+                        break "write failed".into();
+                    }
+                }
+            }
+            out = rx.recv() => match out {
+                Some(Outgoing::Msg(m)) => {
+                    if timeout_at(deadline, sink.send(text(&m))).await.map_or(true, |r| r.is_err()) {
+                        break "write failed".into();
+                    }
+                }
+                Some(Outgoing::Close(code, reason)) => {
+                    let _ = timeout_at(deadline, sink.send(Message::Close(Some(CloseFrame {
+                        code,
+                        reason: reason.clone().into(),
+                    })))).await;
+                    break format!("closed by coordinator: {reason}");
+                }
+                None => break "core stopped".into(),
+            },
+        }
+    };
+    tracing::info!(worker = %worker, session = session_id, %reason, "session ended");
+    let _ = app
+        .events
+        .send(Event::Disconnected {
+            worker,
+            session_id,
+        })
+        .await;
+}
+
+/// Decodes a frame; heartbeats are answered here, everything else goes to the core.
+async fn on_text(app: &AppState, worker: &WorkerId, session_id: u64, text: &str) -> Option<CoordMsg> {
+    match decode_worker(text) {
+        Ok(WorkerMsg::Heartbeat(h)) => Some(CoordMsg::Heartbeat(HeartbeatReply {
+            response_to: Some(h.sequence),
+            actions: Vec::new(),
+            timestamp: now(),
+        })),
+        Ok(msg) => {
+            let _ = app
+                .events
+                .send(Event::Frame {
+                    worker: worker.clone(),
+                    session_id,
+                    msg,
+                })
+                .await;
+            None
+        }
+        Err(e) => {
+            let code = match e {
+                DecodeError::UnknownType { .. } => {
+                    app.counters.unknown_frames.fetch_add(1, Ordering::Relaxed);
+                    ErrorCode::UnknownType
+                }
+                DecodeError::Malformed { .. } => {
+                    app.counters.malformed_frames.fetch_add(1, Ordering::Relaxed);
+                    ErrorCode::BadFrame
+                }
+            };
+            tracing::debug!(worker = %worker, error = %e, "undecodable frame");
+            Some(CoordMsg::error(code, e.to_string(), e.offending_type(), e.seq()))
+        }
+    }
+}
+
+fn text(m: &CoordMsg) -> Message {
+    Message::Text(encode(m).into())
+}
+
+fn is_too_big(e: &axum::Error) -> bool {
+    use std::error::Error as _;
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = e.source();
+    while let Some(err) = source {
+        if let Some(WsError::Capacity(_)) = err.downcast_ref::<WsError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
