@@ -1,1 +1,63 @@
-//! placeholder
+//! TCP fault injection for tether's end-to-end tests, its demo and `tether proxy`.
+//!
+//! This crate owns a Toxiproxy-like proxy: each [`Proxy`] listens on one address and forwards
+//! every accepted connection (a *link*) to one upstream, through a chain of [`Fault`]s per
+//! direction. Faults can be added, changed and removed while links are live, aimed at one
+//! direction and at the links of chosen workers, and each counts what it did.
+//!
+//! How the modules fit, from the bytes up:
+//!
+//! - [`fault`]: what a fault is (kind, attributes, direction, toxicity, target) and its JSON.
+//! - `stage`: the chain on one stream of one link, applied to one chunk at a time; pure logic
+//!   that says wait, hold, drop, split or deliver, plus the seeded toxicity draws.
+//! - `pump`: per stream, a reader task (chunks of at most 32 KiB into a bounded queue) and a
+//!   writer task (chunk through the stages, then to the socket), re-reading the chain on change.
+//! - `sniff`: learns the worker id from the upgrade request line before anything is forwarded.
+//! - `link`: one connection: connect upstream, sniff, run the four pump tasks, close with FIN
+//!   or RST.
+//! - [`proxy`]: the listener, live links, the fault chain in a `watch` channel, down and up,
+//!   and the [`FaultGuard`] tests hold.
+//! - [`server`] and [`control`]: many proxies by name behind a Toxiproxy-shaped HTTP API.
+//! - [`cli`]: `tether proxy`, run mode and the HTTP client subcommands.
+//! - [`stats`]: counters per fault and per proxy.
+//!
+//! Every random draw comes from a seeded `SmallRng` (proxy seed mixed with the link number),
+//! and every wait goes through `tokio::time`.
+//!
+//! ```no_run
+//! # async fn demo(coordinator: std::net::SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+//! use tether_faultproxy::{Direction, Fault, FaultKind, Proxy, ProxyConfig};
+//!
+//! let proxy = Proxy::start(ProxyConfig {
+//!     name: "coordinator".into(),
+//!     listen: "127.0.0.1:0".parse()?,
+//!     upstream: coordinator,
+//!     seed: 42,
+//! })
+//! .await?;
+//! let guard = proxy
+//!     .add_fault(Fault::new("partition", FaultKind::Blackhole {}, Direction::Both))
+//!     .await?;
+//! // ... point workers at proxy.listen_addr(), wait until guard.stats().bytes_dropped > 0 ...
+//! drop(guard); // heals the partition
+//! # Ok(()) }
+//! ```
+
+pub mod cli;
+pub mod control;
+pub mod fault;
+mod link;
+pub mod proxy;
+mod pump;
+pub mod server;
+mod sniff;
+mod stage;
+pub mod stats;
+
+pub use fault::{Direction, Fault, FaultError, FaultKind, FaultPatch, Stream, Target};
+pub use link::{CONNECT_TIMEOUT, LinkInfo};
+pub use proxy::{FaultGuard, FaultInfo, Proxy, ProxyConfig, ProxyError, ProxyInfo};
+pub use pump::{CHUNK_SIZE, QUEUE_CHUNKS};
+pub use server::{Server, ServerError};
+pub use sniff::{SNIFF_LIMIT, SNIFF_TIMEOUT};
+pub use stats::{FaultStats, ProxyStats};

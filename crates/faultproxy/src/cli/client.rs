@@ -1,0 +1,239 @@
+//! The client subcommands: one HTTP request each to the control API, then text or JSON out.
+
+use anyhow::{Context, bail};
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use super::{ClientArgs, FaultCommand, ProxyCommand, ProxyRef};
+use crate::control::{ErrorBody, ProxyPatch};
+use crate::fault::{Fault, FaultKind, Target};
+use crate::proxy::{FaultInfo, ProxyInfo};
+
+/// A control API at one base URL.
+struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    fn new(args: &ClientArgs) -> Self {
+        let raw = args.control.trim().trim_end_matches('/');
+        let base = if raw.contains("://") {
+            raw.to_owned()
+        } else {
+            format!("http://{raw}")
+        };
+        Client {
+            http: reqwest::Client::new(),
+            base,
+        }
+    }
+
+    /// Sends one request; an error answer becomes an error with the API's message.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> anyhow::Result<Option<Value>> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method.clone(), &url);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the control API at {}", self.base))?;
+        let status = resp.status();
+        if status == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        let text = resp
+            .text()
+            .await
+            .with_context(|| format!("reading the answer to {method} {url}"))?;
+        if !status.is_success() {
+            let msg = serde_json::from_str::<ErrorBody>(&text)
+                .map(|e| e.error)
+                .unwrap_or(text);
+            bail!("{method} {url}: {status}: {msg}");
+        }
+        let value = serde_json::from_str(&text)
+            .with_context(|| format!("{method} {url} answered with something not JSON"))?;
+        Ok(Some(value))
+    }
+
+    async fn typed<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> anyhow::Result<(T, Value)> {
+        let value = self
+            .call(method, path, body)
+            .await?
+            .context("the control API answered without a body")?;
+        let typed = serde_json::from_value(value.clone()).context("unexpected answer shape")?;
+        Ok((typed, value))
+    }
+}
+
+const NO_BODY: Option<&()> = None;
+
+pub(super) async fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
+    match cmd {
+        ProxyCommand::Fault { command } => fault(command).await,
+        ProxyCommand::List(args) => {
+            let c = Client::new(&args);
+            let (proxies, raw): (Vec<ProxyInfo>, _) =
+                c.typed(Method::GET, "/proxies", NO_BODY).await?;
+            if args.json {
+                return print_json(&raw);
+            }
+            println!(
+                "{:<20} {:<22} {:<22} {:<8} {:>6} {:>6}",
+                "NAME", "LISTEN", "UPSTREAM", "ENABLED", "FAULTS", "LINKS"
+            );
+            for p in proxies {
+                println!(
+                    "{:<20} {:<22} {:<22} {:<8} {:>6} {:>6}",
+                    p.name,
+                    p.listen,
+                    p.upstream,
+                    p.enabled,
+                    p.faults.len(),
+                    p.links.len()
+                );
+            }
+            Ok(())
+        }
+        ProxyCommand::Down(target) => set_enabled(&target, false).await,
+        ProxyCommand::Up(target) => set_enabled(&target, true).await,
+        ProxyCommand::Reset(args) => {
+            Client::new(&args)
+                .call(Method::POST, "/reset", NO_BODY)
+                .await?;
+            if args.json {
+                return print_json(&serde_json::json!({ "reset": true }));
+            }
+            println!("every proxy is up and every fault removed");
+            Ok(())
+        }
+    }
+}
+
+async fn set_enabled(target: &ProxyRef, enabled: bool) -> anyhow::Result<()> {
+    let c = Client::new(&target.client);
+    let patch = ProxyPatch {
+        enabled: Some(enabled),
+    };
+    let path = format!("/proxies/{}", target.proxy);
+    let (info, raw): (ProxyInfo, _) = c.typed(Method::PATCH, &path, Some(&patch)).await?;
+    if target.client.json {
+        return print_json(&raw);
+    }
+    let state = if info.enabled { "up" } else { "down" };
+    println!("proxy {} is {state} (listen {})", info.name, info.listen);
+    Ok(())
+}
+
+async fn fault(cmd: FaultCommand) -> anyhow::Result<()> {
+    match cmd {
+        FaultCommand::Add(args) => {
+            let target = &args.fault.proxy;
+            let attrs: Map<String, Value> = args.attrs.into_iter().collect();
+            let fault = Fault {
+                name: args.fault.name.clone(),
+                kind: FaultKind::from_parts(&args.kind, attrs)?,
+                direction: args.direction,
+                toxicity: args.toxicity,
+                target: if args.workers.is_empty() {
+                    Target::All
+                } else {
+                    Target::Workers(args.workers)
+                },
+            };
+            fault.validate()?;
+            let c = Client::new(&target.client);
+            let path = format!("/proxies/{}/faults", target.proxy);
+            let (info, raw): (FaultInfo, _) = c.typed(Method::POST, &path, Some(&fault)).await?;
+            if target.client.json {
+                return print_json(&raw);
+            }
+            println!("added to proxy {}: {}", target.proxy, describe(&info));
+            Ok(())
+        }
+        FaultCommand::Remove(args) => {
+            let target = &args.proxy;
+            let c = Client::new(&target.client);
+            let path = format!("/proxies/{}/faults/{}", target.proxy, args.name);
+            c.call(Method::DELETE, &path, NO_BODY).await?;
+            if target.client.json {
+                return print_json(&serde_json::json!({
+                    "proxy": target.proxy,
+                    "removed": args.name,
+                }));
+            }
+            println!("removed fault {} from proxy {}", args.name, target.proxy);
+            Ok(())
+        }
+        FaultCommand::List(target) => {
+            let c = Client::new(&target.client);
+            let path = format!("/proxies/{}/faults", target.proxy);
+            let (faults, raw): (Vec<FaultInfo>, _) = c.typed(Method::GET, &path, NO_BODY).await?;
+            if target.client.json {
+                return print_json(&raw);
+            }
+            if faults.is_empty() {
+                println!("proxy {} has no faults", target.proxy);
+            }
+            for f in &faults {
+                println!("{}", describe(f));
+                let s = &f.stats;
+                println!(
+                    "    passed {} delayed {} dropped {} corrupted {} bytes; \
+                     {} affected, {} reset, {} closed connections",
+                    s.bytes_passed,
+                    s.bytes_delayed,
+                    s.bytes_dropped,
+                    s.bytes_corrupted,
+                    s.connections_affected,
+                    s.connections_reset,
+                    s.connections_closed
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// One line about a fault: `name: kind {attrs} direction, toxicity t, target`.
+fn describe(info: &FaultInfo) -> String {
+    let f = &info.fault;
+    let target = match &f.target {
+        Target::All => "all workers".to_owned(),
+        Target::Workers(ids) => {
+            let ids: Vec<_> = ids.iter().map(|w| w.as_str()).collect();
+            format!("workers {}", ids.join(","))
+        }
+    };
+    format!(
+        "{}: {} {} {}, toxicity {}, {target}",
+        f.name,
+        f.kind.name(),
+        Value::Object(f.kind.attributes()),
+        serde_json::to_value(f.direction)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        f.toxicity
+    )
+}
+
+fn print_json(v: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}

@@ -1,0 +1,275 @@
+//! One accepted connection ("link"): connect upstream, learn the worker id, run the four pump
+//! tasks, then close both sockets the way the link ended (FIN, or RST after a reset).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tether_proto::WorkerId;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::fault::Stream;
+use crate::pump::{QUEUE_CHUNKS, Writer, read_loop};
+use crate::sniff::sniff;
+use crate::stage::{Chain, Chunk, Draws, FaultEntry, Stages, mix};
+use crate::stats::{ProxyCounters, add};
+
+/// Longest wait for the upstream to accept a connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A live link, as listed by [`crate::Proxy::links`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkInfo {
+    /// Number of the link within its proxy, from 1, never reused.
+    pub id: u64,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The worker named by the link's upgrade request, once known.
+    pub worker: Option<WorkerId>,
+}
+
+/// The live links of one proxy.
+pub(crate) type Registry = Arc<Mutex<BTreeMap<u64, LinkInfo>>>;
+
+/// How a link ended, and so how its sockets close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// FIN (or whatever the kernel sends on close).
+    Close,
+    /// RST: `SO_LINGER` 0 on both sockets.
+    Reset,
+}
+
+/// What every task of a link shares: how to end it, and how it ended.
+#[derive(Debug)]
+pub(crate) struct LinkCtl {
+    pub id: u64,
+    cancel: CancellationToken,
+    outcome: Mutex<Option<Outcome>>,
+}
+
+impl LinkCtl {
+    /// Ends the link. The first caller decides the outcome; `by` is the fault that asked.
+    pub fn close(&self, outcome: Outcome, by: Option<&FaultEntry>) {
+        let mut slot = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(outcome);
+            if let Some(e) = by {
+                let c = match outcome {
+                    Outcome::Close => &e.counters.connections_closed,
+                    Outcome::Reset => &e.counters.connections_reset,
+                };
+                add(c, 1);
+            }
+        }
+        drop(slot);
+        self.cancel.cancel();
+    }
+
+    /// Resolves once the link is closing.
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await;
+    }
+
+    fn outcome(&self) -> Outcome {
+        self.outcome
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .unwrap_or(Outcome::Close)
+    }
+}
+
+/// What a proxy hands each link.
+pub(crate) struct LinkCtx {
+    pub id: u64,
+    pub proxy: Arc<str>,
+    pub seed: u64,
+    pub upstream: SocketAddr,
+    pub chain: watch::Receiver<Chain>,
+    pub counters: Arc<ProxyCounters>,
+    pub registry: Registry,
+    /// Cancelled when the proxy goes down.
+    pub cancel: CancellationToken,
+}
+
+/// Removes the link from its registry and counts it closed, however the link task ends.
+struct Registered {
+    id: u64,
+    registry: Registry,
+    counters: Arc<ProxyCounters>,
+}
+
+impl Registered {
+    fn set_worker(&self, worker: Option<WorkerId>) {
+        let mut links = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(info) = links.get_mut(&self.id) {
+            info.worker = worker;
+        }
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+        self.counters
+            .connections_active
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        add(&self.counters.connections_closed, 1);
+    }
+}
+
+enum Half {
+    Read(OwnedReadHalf),
+    Write(OwnedWriteHalf),
+}
+
+/// Runs one link to its end.
+pub(crate) async fn run(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
+    let span = tracing::debug_span!("link", proxy = %ctx.proxy, link = ctx.id, client = %peer,
+        worker = tracing::field::Empty);
+    run_inner(ctx, client, peer).instrument(span).await;
+}
+
+async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
+    ctx.registry
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(
+            ctx.id,
+            LinkInfo {
+                id: ctx.id,
+                client: peer,
+                worker: None,
+            },
+        );
+    add(&ctx.counters.connections_active, 1);
+    let registered = Registered {
+        id: ctx.id,
+        registry: Arc::clone(&ctx.registry),
+        counters: Arc::clone(&ctx.counters),
+    };
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(ctx.upstream));
+    let server = tokio::select! {
+        biased;
+        () = ctx.cancel.cancelled() => return,
+        r = connect => match r {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return upstream_failed(&ctx, e.to_string()),
+            Err(_) => return upstream_failed(&ctx, "connect timed out".into()),
+        },
+    };
+    // Small writes must not wait for Nagle: the faults decide the timing, not the kernel.
+    for s in [&client, &server] {
+        if let Err(e) = s.set_nodelay(true) {
+            tracing::debug!(error = %e, "set_nodelay failed");
+        }
+    }
+    let (mut client_rd, client_wr) = client.into_split();
+    let (server_rd, server_wr) = server.into_split();
+    let first = tokio::select! {
+        biased;
+        () = ctx.cancel.cancelled() => return,
+        s = sniff(&mut client_rd) => s,
+    };
+    if let Some(w) = &first.worker {
+        tracing::Span::current().record("worker", tracing::field::display(w));
+    }
+    registered.set_worker(first.worker.clone());
+    tracing::debug!("link open");
+
+    let link = Arc::new(LinkCtl {
+        id: ctx.id,
+        cancel: ctx.cancel.child_token(),
+        outcome: Mutex::new(None),
+    });
+    let draws = Arc::new(Draws::new(ctx.seed, ctx.id, Arc::clone(&ctx.counters)));
+    let stages = |stream: Stream, salt: u64| {
+        Stages::new(
+            stream,
+            first.worker.clone(),
+            Arc::clone(&draws),
+            Arc::clone(&ctx.counters),
+            mix(ctx.seed, ctx.id, salt),
+        )
+    };
+    let (up_tx, up_rx) = mpsc::channel(QUEUE_CHUNKS);
+    let (down_tx, down_rx) = mpsc::channel(QUEUE_CHUNKS);
+    let writer = |stream, sink, queue| {
+        Writer::new(
+            stream,
+            sink,
+            queue,
+            ctx.chain.clone(),
+            stages(stream, stream as u64 + 1),
+            Arc::clone(&link),
+            Arc::clone(&ctx.counters),
+        )
+    };
+    let up = writer(Stream::Upstream, server_wr, up_rx);
+    let down = writer(Stream::Downstream, client_wr, down_rx);
+
+    let mut tasks = JoinSet::new();
+    let mut halves = Vec::with_capacity(4);
+    // INVARIANT: the queue is empty here, so these sends cannot wait.
+    if !first.bytes.is_empty() {
+        let _ = up_tx.try_send(Chunk::data(first.bytes, first.arrived));
+    }
+    if first.eof {
+        let _ = up_tx.try_send(Chunk::eof(first.arrived));
+        halves.push(Half::Read(client_rd));
+    } else {
+        let l = Arc::clone(&link);
+        tasks.spawn(
+            async move { Half::Read(read_loop(client_rd, up_tx, l).await) }.in_current_span(),
+        );
+    }
+    let l = Arc::clone(&link);
+    tasks
+        .spawn(async move { Half::Read(read_loop(server_rd, down_tx, l).await) }.in_current_span());
+    tasks.spawn(async move { Half::Write(up.run().await) }.in_current_span());
+    tasks.spawn(async move { Half::Write(down.run().await) }.in_current_span());
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok(h) => halves.push(h),
+            Err(e) => tracing::warn!(error = %e, "link task failed"),
+        }
+    }
+
+    let outcome = link.outcome();
+    if outcome == Outcome::Reset {
+        add(&ctx.counters.connections_reset, 1);
+        for h in halves {
+            let sock: &TcpStream = match &h {
+                Half::Read(r) => r.as_ref(),
+                Half::Write(w) => w.as_ref(),
+            };
+            if let Err(e) = sock.set_zero_linger() {
+                tracing::debug!(error = %e, "set_zero_linger failed");
+            }
+            // A dropped write half sends FIN first; forgotten, the socket closes with the
+            // read half, and with linger 0 that close is a bare RST.
+            if let Half::Write(w) = h {
+                w.forget();
+            }
+        }
+    } else {
+        drop(halves);
+    }
+    tracing::debug!(?outcome, "link closed");
+    drop(registered);
+}
+
+fn upstream_failed(ctx: &LinkCtx, reason: String) {
+    add(&ctx.counters.upstream_failures, 1);
+    tracing::warn!(upstream = %ctx.upstream, %reason, "cannot reach upstream; closing client");
+}

@@ -1,0 +1,521 @@
+//! One proxy: a listener, its live links, and the chain of faults they all follow.
+//!
+//! The faults live in a `watch` channel; every link's writers hold a receiver, so adding,
+//! changing or removing a fault reaches live links at once. Going down cancels the listener
+//! and every link of the current generation and waits for them; going up binds the same
+//! address again and starts a new generation.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
+
+use crate::fault::{Fault, FaultError, FaultPatch, validate_name};
+use crate::link::{self, LinkCtx, LinkInfo, Registry};
+use crate::stage::{Chain, FaultEntry, FaultId};
+use crate::stats::{FaultCounters, FaultStats, ProxyCounters, ProxyStats, add};
+
+/// Listen backlog of a proxy's socket.
+const BACKLOG: u32 = 1024;
+
+/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// How to start a [`Proxy`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// Unique within a [`crate::Server`]; letters, digits and `. _ ~ -`.
+    pub name: String,
+    /// Address to listen on; port 0 picks a free port, kept across down/up.
+    pub listen: SocketAddr,
+    /// Address every link connects to.
+    pub upstream: SocketAddr,
+    /// Seed of every random draw (toxicity, jitter, slicing, corruption, stalls).
+    pub seed: u64,
+}
+
+/// Why a proxy operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("invalid proxy name: {0}")]
+    Name(#[source] FaultError),
+    #[error("proxy {proxy}: cannot listen on {addr}: {source}")]
+    Bind {
+        proxy: String,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("proxy {proxy}: fault {fault:?} is invalid: {source}")]
+    InvalidFault {
+        proxy: String,
+        fault: String,
+        #[source]
+        source: FaultError,
+    },
+    #[error("proxy {proxy} already has a fault named {fault:?}")]
+    FaultExists { proxy: String, fault: String },
+    #[error("proxy {proxy} has no fault named {fault:?}")]
+    NoSuchFault { proxy: String, fault: String },
+}
+
+/// A fault as it stands now, with its counters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FaultInfo {
+    #[serde(flatten)]
+    pub fault: Fault,
+    pub stats: FaultStats,
+}
+
+/// A proxy as it stands now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProxyInfo {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub upstream: SocketAddr,
+    pub enabled: bool,
+    pub seed: u64,
+    pub faults: Vec<FaultInfo>,
+    pub links: Vec<LinkInfo>,
+    pub stats: ProxyStats,
+}
+
+/// A running TCP proxy with fault injection. Cheap to clone; when the last clone (and the last
+/// [`FaultGuard`]) is dropped, the listener and every link stop.
+#[derive(Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+    _alive: Arc<DropGuard>,
+}
+
+struct Shared {
+    name: Arc<str>,
+    upstream: SocketAddr,
+    seed: u64,
+    listen: Mutex<SocketAddr>,
+    faults: watch::Sender<Chain>,
+    fault_seq: AtomicU64,
+    link_seq: AtomicU64,
+    links: Registry,
+    counters: Arc<ProxyCounters>,
+    enabled: AtomicBool,
+    /// Cancelled when the last handle is dropped.
+    root: CancellationToken,
+    /// The running generation, if up; the lock serialises down and up.
+    run: tokio::sync::Mutex<Option<Generation>>,
+}
+
+/// The listener and links of one up period.
+struct Generation {
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("name", &self.name())
+            .field("listen", &self.listen_addr())
+            .field("upstream", &self.shared.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// Binds `config.listen` and starts accepting. Logs the seed.
+    pub async fn start(config: ProxyConfig) -> Result<Proxy, ProxyError> {
+        validate_name(&config.name).map_err(ProxyError::Name)?;
+        let listener = bind(&config.name, config.listen)?;
+        let listen = listener.local_addr().map_err(|source| ProxyError::Bind {
+            proxy: config.name.clone(),
+            addr: config.listen,
+            source,
+        })?;
+        let root = CancellationToken::new();
+        let shared = Arc::new(Shared {
+            name: Arc::from(config.name.as_str()),
+            upstream: config.upstream,
+            seed: config.seed,
+            listen: Mutex::new(listen),
+            faults: watch::Sender::new(Chain::default()),
+            fault_seq: AtomicU64::new(0),
+            link_seq: AtomicU64::new(0),
+            links: Registry::default(),
+            counters: Arc::default(),
+            enabled: AtomicBool::new(false),
+            root: root.clone(),
+            run: tokio::sync::Mutex::new(None),
+        });
+        *shared.run.lock().await = Some(Shared::spawn(&shared, listener));
+        tracing::info!(proxy = %config.name, %listen, upstream = %config.upstream,
+            seed = config.seed, "proxy started");
+        Ok(Proxy {
+            shared,
+            _alive: Arc::new(root.drop_guard()),
+        })
+    }
+
+    /// The proxy's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The address clients connect to (the real port when started on port 0).
+    pub fn listen_addr(&self) -> SocketAddr {
+        *self
+            .shared
+            .listen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The address links connect to.
+    pub fn upstream(&self) -> SocketAddr {
+        self.shared.upstream
+    }
+
+    /// The seed of the proxy's random draws.
+    pub fn seed(&self) -> u64 {
+        self.shared.seed
+    }
+
+    /// Whether the proxy is up (accepting connections).
+    pub fn is_enabled(&self) -> bool {
+        self.shared.enabled.load(Ordering::SeqCst)
+    }
+
+    /// Adds a fault to every live and future link. It stays until the returned guard is
+    /// dropped (or removed by name); call [`FaultGuard::keep`] to leave it in place.
+    /// When this returns, every chunk read afterwards on any link goes through the fault.
+    pub async fn add_fault(&self, fault: Fault) -> Result<FaultGuard, ProxyError> {
+        let info = self.insert_fault(fault)?;
+        Ok(FaultGuard {
+            proxy: self.clone(),
+            id: info.0,
+            name: info.1,
+            counters: info.2,
+            armed: true,
+        })
+    }
+
+    fn insert_fault(
+        &self,
+        fault: Fault,
+    ) -> Result<(FaultId, String, Arc<FaultCounters>), ProxyError> {
+        fault
+            .validate()
+            .map_err(|source| self.invalid(&fault.name, source))?;
+        let id = self.shared.fault_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let entry = Arc::new(FaultEntry {
+            id,
+            fault,
+            counters: Arc::default(),
+        });
+        let mut exists = false;
+        self.shared.faults.send_if_modified(|chain| {
+            exists = chain.iter().any(|e| e.fault.name == entry.fault.name);
+            if !exists {
+                let mut next = chain.as_ref().clone();
+                next.push(Arc::clone(&entry));
+                *chain = Arc::new(next);
+            }
+            !exists
+        });
+        let f = &entry.fault;
+        if exists {
+            return Err(ProxyError::FaultExists {
+                proxy: self.name().to_owned(),
+                fault: f.name.clone(),
+            });
+        }
+        tracing::info!(proxy = %self.name(), fault = %f.name, kind = f.kind.name(),
+            direction = ?f.direction, toxicity = f.toxicity, target = ?f.target, "fault added");
+        Ok((id, f.name.clone(), Arc::clone(&entry.counters)))
+    }
+
+    /// Changes a live fault; its counters and per-link state carry on.
+    pub fn update_fault(&self, name: &str, patch: &FaultPatch) -> Result<FaultInfo, ProxyError> {
+        let mut result = Err(self.no_such(name));
+        self.shared.faults.send_if_modified(|chain| {
+            let Some(pos) = chain.iter().position(|e| e.fault.name == name) else {
+                return false;
+            };
+            let old = &chain[pos];
+            match old.fault.patched(patch) {
+                Ok(fault) => {
+                    let entry = Arc::new(FaultEntry {
+                        id: old.id,
+                        fault,
+                        counters: Arc::clone(&old.counters),
+                    });
+                    result = Ok(info_of(&entry));
+                    let mut next = chain.as_ref().clone();
+                    next[pos] = entry;
+                    *chain = Arc::new(next);
+                    true
+                }
+                Err(source) => {
+                    result = Err(self.invalid(name, source));
+                    false
+                }
+            }
+        });
+        if result.is_ok() {
+            tracing::info!(proxy = %self.name(), fault = name, ?patch, "fault updated");
+        }
+        result
+    }
+
+    /// Removes a fault by name; returns it with its final counters.
+    pub fn remove_fault(&self, name: &str) -> Result<FaultInfo, ProxyError> {
+        self.remove_where(|e| e.fault.name == name)
+            .ok_or_else(|| self.no_such(name))
+    }
+
+    fn remove_where(&self, pred: impl Fn(&FaultEntry) -> bool) -> Option<FaultInfo> {
+        let mut removed = None;
+        self.shared.faults.send_if_modified(|chain| {
+            let Some(pos) = chain.iter().position(|e| pred(e)) else {
+                return false;
+            };
+            let mut next = chain.as_ref().clone();
+            removed = Some(info_of(&next.remove(pos)));
+            *chain = Arc::new(next);
+            true
+        });
+        if let Some(info) = &removed {
+            tracing::info!(proxy = %self.name(), fault = %info.fault.name, stats = ?info.stats,
+                "fault removed");
+        }
+        removed
+    }
+
+    /// Removes every fault.
+    pub fn clear_faults(&self) {
+        self.shared.faults.send_if_modified(|chain| {
+            let had = !chain.is_empty();
+            *chain = Chain::default();
+            had
+        });
+    }
+
+    /// Every fault, in the order they were added (which is the order they apply in).
+    pub fn faults(&self) -> Vec<FaultInfo> {
+        self.shared
+            .faults
+            .borrow()
+            .iter()
+            .map(|e| info_of(e))
+            .collect()
+    }
+
+    /// One fault by name.
+    pub fn fault(&self, name: &str) -> Option<FaultInfo> {
+        let chain = self.shared.faults.borrow();
+        chain
+            .iter()
+            .find(|e| e.fault.name == name)
+            .map(|e| info_of(e))
+    }
+
+    /// The live links, by link number.
+    pub fn links(&self) -> Vec<LinkInfo> {
+        let links = self
+            .shared
+            .links
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        links.values().cloned().collect()
+    }
+
+    /// The proxy's counters.
+    pub fn stats(&self) -> ProxyStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// Everything about the proxy at once.
+    pub fn info(&self) -> ProxyInfo {
+        ProxyInfo {
+            name: self.name().to_owned(),
+            listen: self.listen_addr(),
+            upstream: self.upstream(),
+            enabled: self.is_enabled(),
+            seed: self.seed(),
+            faults: self.faults(),
+            links: self.links(),
+            stats: self.stats(),
+        }
+    }
+
+    /// Stops listening and closes every live link (FIN), then returns. Faults stay.
+    pub async fn down(&self) {
+        let mut run = self.shared.run.lock().await;
+        if let Some(g) = run.take() {
+            self.shared.enabled.store(false, Ordering::SeqCst);
+            g.cancel.cancel();
+            g.tracker.close();
+            g.tracker.wait().await;
+            tracing::info!(proxy = %self.name(), "proxy down");
+        }
+    }
+
+    /// Listens again on the same address. Does nothing if the proxy is up.
+    pub async fn up(&self) -> Result<(), ProxyError> {
+        let mut run = self.shared.run.lock().await;
+        if run.is_none() {
+            let listener = bind(self.name(), self.listen_addr())?;
+            *run = Some(Shared::spawn(&self.shared, listener));
+            tracing::info!(proxy = %self.name(), listen = %self.listen_addr(), "proxy up");
+        }
+        Ok(())
+    }
+
+    fn invalid(&self, fault: &str, source: FaultError) -> ProxyError {
+        ProxyError::InvalidFault {
+            proxy: self.name().to_owned(),
+            fault: fault.to_owned(),
+            source,
+        }
+    }
+
+    fn no_such(&self, fault: &str) -> ProxyError {
+        ProxyError::NoSuchFault {
+            proxy: self.name().to_owned(),
+            fault: fault.to_owned(),
+        }
+    }
+}
+
+fn info_of(e: &FaultEntry) -> FaultInfo {
+    FaultInfo {
+        fault: e.fault.clone(),
+        stats: e.counters.snapshot(),
+    }
+}
+
+/// Binds with `SO_REUSEADDR`, so going up again works while old links sit in TIME_WAIT.
+fn bind(proxy: &str, addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    let err = |source| ProxyError::Bind {
+        proxy: proxy.to_owned(),
+        addr,
+        source,
+    };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(BACKLOG).map_err(err)
+}
+
+impl Shared {
+    fn spawn(this: &Arc<Shared>, listener: TcpListener) -> Generation {
+        let cancel = this.root.child_token();
+        let tracker = TaskTracker::new();
+        tracker.spawn(accept_loop(
+            Arc::clone(this),
+            listener,
+            cancel.clone(),
+            tracker.clone(),
+        ));
+        this.enabled.store(true, Ordering::SeqCst);
+        Generation { cancel, tracker }
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((socket, peer)) => {
+                add(&shared.counters.connections_accepted, 1);
+                let ctx = LinkCtx {
+                    id: shared.link_seq.fetch_add(1, Ordering::Relaxed) + 1,
+                    proxy: Arc::clone(&shared.name),
+                    seed: shared.seed,
+                    upstream: shared.upstream,
+                    chain: shared.faults.subscribe(),
+                    counters: Arc::clone(&shared.counters),
+                    registry: Arc::clone(&shared.links),
+                    cancel: cancel.child_token(),
+                };
+                tracker.spawn(link::run(ctx, socket, peer));
+            }
+            Err(e) => {
+                tracing::warn!(proxy = %shared.name, error = %e, "accept failed");
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(ACCEPT_RETRY) => {}
+                }
+            }
+        }
+    }
+}
+
+/// A fault added with [`Proxy::add_fault`]. Dropping it removes the fault from the proxy.
+#[must_use = "dropping the guard removes the fault at once; call keep() to leave it in place"]
+#[derive(Debug)]
+pub struct FaultGuard {
+    proxy: Proxy,
+    id: FaultId,
+    name: String,
+    counters: Arc<FaultCounters>,
+    armed: bool,
+}
+
+impl FaultGuard {
+    /// The fault's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The fault's counters now.
+    pub fn stats(&self) -> FaultStats {
+        self.counters.snapshot()
+    }
+
+    /// Changes the fault on live links; see [`Proxy::update_fault`].
+    pub fn update(&self, patch: &FaultPatch) -> Result<FaultInfo, ProxyError> {
+        self.proxy.update_fault(&self.name, patch)
+    }
+
+    /// Leaves the fault in place after the guard is gone; remove it by name later.
+    pub fn keep(mut self) {
+        self.armed = false;
+    }
+
+    /// Removes the fault now and returns its final counters.
+    pub fn remove(self) -> FaultStats {
+        let stats = self.stats();
+        drop(self);
+        stats
+    }
+}
+
+impl Drop for FaultGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let id = self.id;
+            self.proxy.remove_where(|e| e.id == id);
+        }
+    }
+}

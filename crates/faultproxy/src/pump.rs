@@ -1,0 +1,259 @@
+//! The two tasks that move one stream of a link: a reader that cuts the source into chunks of
+//! at most [`CHUNK_SIZE`] bytes and stamps their arrival, and a writer that takes each chunk
+//! through the current [`Stages`] and writes it to the sink.
+//!
+//! Between them sits a queue of at most [`QUEUE_CHUNKS`] chunks: that is what bounds the memory
+//! a delayed stream holds, and its back-pressure reaches the sender through TCP. The writer
+//! watches the proxy's fault chain, so faults added, changed or removed take effect on live
+//! links, including on a chunk that is already waiting.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::fault::Stream;
+use crate::link::{LinkCtl, Outcome};
+use crate::stage::{Chain, Chunk, Next, Stages};
+use crate::stats::ProxyCounters;
+
+/// Largest chunk read from a socket at once.
+pub const CHUNK_SIZE: usize = 32 * 1024;
+
+/// Most chunks queued per stream of a link (so at most 2 MiB per stream).
+pub const QUEUE_CHUNKS: usize = 64;
+
+/// Reads `src` into `tx` until EOF (sent on as an `eof` chunk), an error or the link closes.
+/// Returns the read half so the link can choose how the socket closes.
+pub(crate) async fn read_loop(
+    mut src: OwnedReadHalf,
+    tx: mpsc::Sender<Chunk>,
+    link: Arc<LinkCtl>,
+) -> OwnedReadHalf {
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    loop {
+        let read = tokio::select! {
+            biased;
+            () = link.cancelled() => break,
+            r = src.read(&mut buf) => r,
+        };
+        let chunk = match read {
+            Ok(0) => Chunk::eof(Instant::now()),
+            Ok(n) => Chunk::data(buf[..n].to_vec(), Instant::now()),
+            Err(e) => {
+                tracing::debug!(link = link.id, error = %e, "read failed");
+                link.close(outcome_of(&e), None);
+                break;
+            }
+        };
+        let eof = chunk.eof;
+        let sent = tokio::select! {
+            biased;
+            () = link.cancelled() => false,
+            r = tx.send(chunk) => r.is_ok(),
+        };
+        if !sent || eof {
+            break;
+        }
+    }
+    src
+}
+
+/// Whether a failed read or write means the peer reset the connection.
+fn outcome_of(e: &io::Error) -> Outcome {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => Outcome::Reset,
+        _ => Outcome::Close,
+    }
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// Sleeps until `t`, or forever when there is none.
+async fn sleep_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The writing side of one stream of a link.
+pub(crate) struct Writer {
+    stream: Stream,
+    sink: OwnedWriteHalf,
+    queue: mpsc::Receiver<Chunk>,
+    chain: watch::Receiver<Chain>,
+    stages: Stages,
+    link: Arc<LinkCtl>,
+    proxy: Arc<ProxyCounters>,
+    /// Tails of split chunks, in stream order, processed before the queue.
+    pending: VecDeque<Chunk>,
+}
+
+impl Writer {
+    pub fn new(
+        stream: Stream,
+        sink: OwnedWriteHalf,
+        queue: mpsc::Receiver<Chunk>,
+        chain: watch::Receiver<Chain>,
+        stages: Stages,
+        link: Arc<LinkCtl>,
+        proxy: Arc<ProxyCounters>,
+    ) -> Self {
+        Writer {
+            stream,
+            sink,
+            queue,
+            chain,
+            stages,
+            link,
+            proxy,
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Forwards chunks until the stream ends, the link closes or a fault closes it. Returns
+    /// the write half so the link can choose how the socket closes.
+    pub async fn run(mut self) -> OwnedWriteHalf {
+        self.refresh();
+        loop {
+            let chunk = match self.pending.pop_front() {
+                Some(c) => c,
+                None => {
+                    let reset = self.stages.reset_due().map(|(t, _)| t);
+                    tokio::select! {
+                        biased;
+                        () = self.link.cancelled() => break,
+                        () = sleep_opt(reset) => {
+                            self.fire_reset();
+                            break;
+                        }
+                        r = self.chain.changed() => {
+                            if r.is_err() {
+                                break;
+                            }
+                            self.refresh();
+                            continue;
+                        }
+                        c = self.queue.recv() => match c {
+                            Some(c) => c,
+                            None => break,
+                        },
+                    }
+                }
+            };
+            if let Flow::Stop = self.forward(chunk).await {
+                break;
+            }
+        }
+        self.sink
+    }
+
+    fn refresh(&mut self) {
+        let chain = Arc::clone(&self.chain.borrow_and_update());
+        self.stages.rebuild(&chain, Instant::now());
+    }
+
+    fn fire_reset(&self) {
+        if let Some((_, by)) = self.stages.reset_due() {
+            tracing::debug!(link = self.link.id, fault = %by.fault.name, "reset fault fired");
+            self.link.close(Outcome::Reset, Some(&by));
+        }
+    }
+
+    /// Takes one chunk through the stages, waiting where they say, and delivers it.
+    async fn forward(&mut self, mut chunk: Chunk) -> Flow {
+        loop {
+            // INVARIANT: a chunk read after a fault was published is processed with it, since
+            // the change is visible here before the chunk is looked at.
+            if self.chain.has_changed().unwrap_or(false) {
+                self.refresh();
+            }
+            let wait = match self.stages.next(&mut chunk, Instant::now()) {
+                Next::Deliver => return self.deliver(chunk).await,
+                Next::Drop => {
+                    if let Some(by) = chunk.close_after.take() {
+                        self.link.close(Outcome::Close, Some(&by));
+                        return Flow::Stop;
+                    }
+                    return Flow::Continue;
+                }
+                Next::Split {
+                    at,
+                    fault,
+                    tail_plan,
+                } => {
+                    let tail = chunk.split_off(at, fault, tail_plan);
+                    self.pending.push_front(tail);
+                    continue;
+                }
+                Next::Wait { until, fault } => Some((until, fault)),
+                Next::Hold => None,
+            };
+            let reset = self.stages.reset_due().map(|(t, _)| t);
+            tokio::select! {
+                biased;
+                () = self.link.cancelled() => return Flow::Stop,
+                () = sleep_opt(reset) => {
+                    self.fire_reset();
+                    return Flow::Stop;
+                }
+                () = sleep_opt(wait.map(|(t, _)| t)) => {
+                    if let Some((_, fault)) = wait {
+                        self.stages.waited(&chunk, fault);
+                    }
+                }
+                r = self.chain.changed() => {
+                    if r.is_err() {
+                        return Flow::Stop;
+                    }
+                    self.refresh();
+                }
+            }
+        }
+    }
+
+    async fn deliver(&mut self, chunk: Chunk) -> Flow {
+        let reset = self.stages.reset_due().map(|(t, _)| t);
+        let written = tokio::select! {
+            biased;
+            () = self.link.cancelled() => return Flow::Stop,
+            () = sleep_opt(reset) => {
+                self.fire_reset();
+                return Flow::Stop;
+            }
+            r = write_chunk(&mut self.sink, &chunk) => r,
+        };
+        if let Err(e) = written {
+            tracing::debug!(link = self.link.id, stream = ?self.stream, error = %e, "write failed");
+            self.link.close(outcome_of(&e), None);
+            return Flow::Stop;
+        }
+        self.proxy.delivered(self.stream, chunk.data.len());
+        if let Some(by) = &chunk.close_after {
+            self.link.close(Outcome::Close, Some(by));
+            return Flow::Stop;
+        }
+        if chunk.eof {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        }
+    }
+}
+
+/// Writes a data chunk, or passes the FIN on for an `eof` chunk.
+async fn write_chunk(sink: &mut OwnedWriteHalf, chunk: &Chunk) -> io::Result<()> {
+    if chunk.eof {
+        sink.shutdown().await
+    } else {
+        sink.write_all(&chunk.data).await
+    }
+}

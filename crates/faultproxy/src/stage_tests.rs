@@ -1,0 +1,367 @@
+use std::collections::VecDeque;
+
+use super::*;
+use crate::fault::{Direction, Target};
+use crate::stats::FaultStats;
+
+fn entry(id: FaultId, kind: FaultKind, direction: Direction) -> Arc<FaultEntry> {
+    Arc::new(FaultEntry {
+        id,
+        fault: Fault::new(format!("f{id}"), kind, direction),
+        counters: Arc::default(),
+    })
+}
+
+fn with(e: &Arc<FaultEntry>, f: impl FnOnce(&mut Fault)) -> Arc<FaultEntry> {
+    let mut fault = e.fault.clone();
+    f(&mut fault);
+    Arc::new(FaultEntry {
+        id: e.id,
+        fault,
+        counters: Arc::clone(&e.counters),
+    })
+}
+
+fn stages_for(stream: Stream, worker: Option<&str>, link: u64) -> Stages {
+    let proxy = Arc::new(ProxyCounters::default());
+    let draws = Arc::new(Draws::new(7, link, Arc::clone(&proxy)));
+    let worker = worker.map(|w| WorkerId::parse(w).expect("id"));
+    Stages::new(stream, worker, draws, proxy, mix(7, link, 1))
+}
+
+fn stats(e: &FaultEntry) -> FaultStats {
+    e.counters.snapshot()
+}
+
+/// Runs chunks through the stages the way the pump does, with a virtual clock.
+/// Returns what was delivered (with delivery times) and the chunks left on hold.
+fn drive(
+    stages: &mut Stages,
+    chunks: Vec<Chunk>,
+    start: Instant,
+) -> (Vec<(Vec<u8>, Instant)>, usize) {
+    let mut now = start;
+    let mut queue: VecDeque<Chunk> = chunks.into();
+    let mut out = Vec::new();
+    let mut held = 0;
+    let mut steps = 0;
+    while let Some(mut chunk) = queue.pop_front() {
+        loop {
+            steps += 1;
+            assert!(steps < 100_000, "stages did not converge");
+            match stages.next(&mut chunk, now) {
+                Next::Wait { until, fault } => {
+                    assert!(until > now);
+                    now = until;
+                    stages.waited(&chunk, fault);
+                }
+                Next::Split {
+                    at,
+                    fault,
+                    tail_plan,
+                } => {
+                    let tail = chunk.split_off(at, fault, tail_plan);
+                    queue.push_front(tail);
+                }
+                Next::Drop => break,
+                Next::Hold => {
+                    held += 1;
+                    break;
+                }
+                Next::Deliver => {
+                    out.push((std::mem::take(&mut chunk.data), now));
+                    break;
+                }
+            }
+        }
+    }
+    (out, held)
+}
+
+#[test]
+fn latency_delays_each_chunk_from_its_arrival() {
+    let e = entry(
+        1,
+        FaultKind::Latency {
+            latency_ms: 100,
+            jitter_ms: 0,
+        },
+        Direction::Downstream,
+    );
+    let mut s = stages_for(Stream::Downstream, None, 1);
+    let t0 = Instant::now();
+    s.rebuild(&[Arc::clone(&e)], t0);
+    let chunks = vec![
+        Chunk::data(b"ab".to_vec(), t0),
+        Chunk::data(b"cd".to_vec(), t0 + Duration::from_millis(30)),
+    ];
+    let (out, _) = drive(&mut s, chunks, t0);
+    assert_eq!(out[0], (b"ab".to_vec(), t0 + Duration::from_millis(100)));
+    assert_eq!(out[1], (b"cd".to_vec(), t0 + Duration::from_millis(130)));
+    let st = stats(&e);
+    assert_eq!((st.bytes_passed, st.bytes_delayed), (4, 4));
+}
+
+#[test]
+fn jitter_stays_within_bounds_and_repeats_with_the_seed() {
+    let e = entry(
+        1,
+        FaultKind::Latency {
+            latency_ms: 50,
+            jitter_ms: 20,
+        },
+        Direction::Upstream,
+    );
+    let t0 = Instant::now();
+    let run = || {
+        let mut s = stages_for(Stream::Upstream, None, 3);
+        s.rebuild(&[Arc::clone(&e)], t0);
+        let chunks = (0..50).map(|_| Chunk::data(vec![1], t0)).collect();
+        let (out, _) = drive(&mut s, chunks, t0);
+        out.iter().map(|(_, t)| *t - t0).collect::<Vec<_>>()
+    };
+    let a = run();
+    assert!(
+        a.iter().all(|d| (30..=70).contains(&d.as_millis())),
+        "{a:?}"
+    );
+    assert!(a.iter().any(|d| d.as_millis() != 50));
+    assert_eq!(a, run());
+}
+
+#[test]
+fn blackhole_drops_data_and_holds_the_fin() {
+    let e = entry(1, FaultKind::Blackhole {}, Direction::Both);
+    let mut s = stages_for(Stream::Upstream, None, 1);
+    let t0 = Instant::now();
+    s.rebuild(&[Arc::clone(&e)], t0);
+    let (out, held) = drive(
+        &mut s,
+        vec![Chunk::data(vec![0; 10], t0), Chunk::eof(t0)],
+        t0,
+    );
+    assert!(out.is_empty());
+    assert_eq!(held, 1);
+    assert_eq!(stats(&e).bytes_dropped, 10);
+    s.rebuild(&[], t0);
+    let (out, held) = drive(
+        &mut s,
+        vec![Chunk::data(vec![1; 3], t0), Chunk::eof(t0)],
+        t0,
+    );
+    assert_eq!((out.len(), held), (2, 0));
+}
+
+#[test]
+fn limit_data_passes_exactly_the_limit_then_asks_to_close() {
+    let e = entry(1, FaultKind::LimitData { bytes: 7 }, Direction::Downstream);
+    let mut s = stages_for(Stream::Downstream, None, 1);
+    let t0 = Instant::now();
+    s.rebuild(&[Arc::clone(&e)], t0);
+    let mut a = Chunk::data(vec![1; 4], t0);
+    assert_eq!(s.next(&mut a, t0), Next::Deliver);
+    assert!(a.close_after.is_none());
+    let mut b = Chunk::data(vec![2; 10], t0);
+    assert_eq!(s.next(&mut b, t0), Next::Deliver);
+    assert_eq!(b.data, vec![2; 3]);
+    assert!(b.close_after.is_some());
+    let st = stats(&e);
+    assert_eq!((st.bytes_passed, st.bytes_dropped), (7, 7));
+}
+
+#[test]
+fn corrupt_at_rate_one_flips_exactly_one_bit_per_byte() {
+    let e = entry(1, FaultKind::Corrupt { rate: 1.0 }, Direction::Downstream);
+    let mut s = stages_for(Stream::Downstream, None, 1);
+    let t0 = Instant::now();
+    s.rebuild(&[Arc::clone(&e)], t0);
+    let original: Vec<u8> = (0..=255).collect();
+    let (out, _) = drive(&mut s, vec![Chunk::data(original.clone(), t0)], t0);
+    let got = &out[0].0;
+    assert!(
+        original
+            .iter()
+            .zip(got)
+            .all(|(a, b)| (a ^ b).count_ones() == 1)
+    );
+    assert_eq!(stats(&e).bytes_corrupted, 256);
+}
+
+#[test]
+fn slicer_cuts_pieces_within_bounds_and_keeps_every_byte() {
+    let kind = FaultKind::Slicer {
+        average_size: 10,
+        size_variation: 4,
+        delay_us: 500,
+    };
+    let e = entry(1, kind, Direction::Downstream);
+    let mut s = stages_for(Stream::Downstream, None, 1);
+    let t0 = Instant::now();
+    s.rebuild(&[Arc::clone(&e)], t0);
+    let original: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+    let (out, _) = drive(&mut s, vec![Chunk::data(original.clone(), t0)], t0);
+    assert!(out.len() >= 1000 / 14);
+    assert!(out.iter().all(|(p, _)| (1..=14).contains(&p.len())));
+    assert!(
+        out.windows(2)
+            .all(|w| w[1].1 >= w[0].1 + Duration::from_micros(500))
+    );
+    assert_eq!(out.concat_bytes(), original);
+    assert_eq!(stats(&e).bytes_passed, 1000);
+}
+
+#[test]
+fn bandwidth_paces_the_stream_to_its_rate() {
+    let e = entry(
+        1,
+        FaultKind::Bandwidth {
+            bytes_per_sec: 1000,
+        },
+        Direction::Upstream,
+    );
+    let mut s = stages_for(Stream::Upstream, None, 1);
+    let t0 = Instant::now();
+    s.rebuild(&[Arc::clone(&e)], t0);
+    let original = vec![9u8; 1000];
+    let (out, _) = drive(&mut s, vec![Chunk::data(original.clone(), t0)], t0);
+    assert!(out.iter().all(|(p, _)| p.len() <= 100));
+    assert_eq!(
+        out.last().map(|(_, t)| *t),
+        Some(t0 + Duration::from_secs(1))
+    );
+    assert_eq!(out.concat_bytes(), original);
+}
+
+#[test]
+fn stall_holds_chunks_at_full_loss_and_never_at_zero() {
+    let t0 = Instant::now();
+    for (rate, expect) in [(1.0, 40), (0.0, 0)] {
+        let e = entry(
+            1,
+            FaultKind::Stall {
+                loss_rate: rate,
+                stall_ms: 40,
+            },
+            Direction::Downstream,
+        );
+        let mut s = stages_for(Stream::Downstream, None, 1);
+        s.rebuild(&[Arc::clone(&e)], t0);
+        let (out, _) = drive(&mut s, vec![Chunk::data(vec![1; 5], t0)], t0);
+        assert_eq!(out[0].1 - t0, Duration::from_millis(expect));
+        assert_eq!(stats(&e).bytes_delayed, if expect > 0 { 5 } else { 0 });
+    }
+}
+
+#[test]
+fn toxicity_is_drawn_once_per_link_and_counted_once_for_both_streams() {
+    let half = entry(1, FaultKind::Blackhole {}, Direction::Both);
+    let half = with(&half, |f| f.toxicity = 0.5);
+    let t0 = Instant::now();
+    let mut hits = 0;
+    for link in 0..1000 {
+        let proxy = Arc::new(ProxyCounters::default());
+        let draws = Arc::new(Draws::new(7, link, Arc::clone(&proxy)));
+        let a = draws.applies(&half);
+        assert_eq!(a, draws.applies(&half), "a second ask draws again");
+        let twin = Arc::new(FaultEntry {
+            id: half.id,
+            fault: half.fault.clone(),
+            counters: Arc::default(),
+        });
+        assert_eq!(a, Draws::new(7, link, proxy).applies(&twin), "not seeded");
+        hits += usize::from(a);
+    }
+    assert!((400..600).contains(&hits), "{hits} of 1000");
+    assert_eq!(stats(&half).connections_affected, hits as u64);
+
+    for (toxicity, affected) in [(0.0, 0), (1.0, 1)] {
+        let e = with(&entry(2, FaultKind::Blackhole {}, Direction::Both), |f| {
+            f.toxicity = toxicity
+        });
+        let proxy = Arc::new(ProxyCounters::default());
+        let draws = Arc::new(Draws::new(7, 1, Arc::clone(&proxy)));
+        for stream in [Stream::Upstream, Stream::Downstream] {
+            let mut s = Stages::new(stream, None, Arc::clone(&draws), Arc::clone(&proxy), 1);
+            s.rebuild(&[Arc::clone(&e)], t0);
+            let (out, _) = drive(&mut s, vec![Chunk::data(vec![1], t0)], t0);
+            assert_eq!(out.len(), 1 - affected);
+        }
+        assert_eq!(stats(&e).connections_affected, affected as u64);
+    }
+}
+
+#[test]
+fn worker_targets_and_directions_select_the_stages() {
+    let w1 = WorkerId::parse("w1").expect("id");
+    let e = with(
+        &entry(1, FaultKind::Blackhole {}, Direction::Upstream),
+        |f| {
+            f.target = Target::Workers(vec![w1]);
+        },
+    );
+    let t0 = Instant::now();
+    let cases = [
+        (Stream::Upstream, Some("w1"), 0),
+        (Stream::Upstream, Some("w2"), 1),
+        (Stream::Upstream, None, 1),
+        (Stream::Downstream, Some("w1"), 1),
+    ];
+    for (stream, worker, delivered) in cases {
+        let mut s = stages_for(stream, worker, 1);
+        s.rebuild(&[Arc::clone(&e)], t0);
+        let (out, _) = drive(&mut s, vec![Chunk::data(vec![1], t0)], t0);
+        assert_eq!(out.len(), delivered, "{stream:?} {worker:?}");
+    }
+}
+
+#[test]
+fn a_reset_is_due_its_timeout_after_it_became_active() {
+    let e = entry(
+        1,
+        FaultKind::Reset { timeout_ms: 250 },
+        Direction::Downstream,
+    );
+    let mut s = stages_for(Stream::Downstream, None, 1);
+    let t0 = Instant::now();
+    assert!(s.reset_due().is_none());
+    s.rebuild(&[Arc::clone(&e)], t0);
+    s.rebuild(&[Arc::clone(&e)], t0 + Duration::from_secs(5));
+    let (due, by) = s.reset_due().expect("due");
+    assert_eq!((due, by.id), (t0 + Duration::from_millis(250), 1));
+}
+
+#[test]
+fn a_chain_change_mid_wait_does_not_apply_a_stage_twice() {
+    let c = entry(1, FaultKind::Corrupt { rate: 1.0 }, Direction::Downstream);
+    let l = entry(
+        2,
+        FaultKind::Latency {
+            latency_ms: 100,
+            jitter_ms: 0,
+        },
+        Direction::Downstream,
+    );
+    let mut s = stages_for(Stream::Downstream, None, 1);
+    let t0 = Instant::now();
+    s.rebuild(&[Arc::clone(&c), Arc::clone(&l)], t0);
+    let mut chunk = Chunk::data(vec![0; 4], t0);
+    assert!(matches!(s.next(&mut chunk, t0), Next::Wait { .. }));
+    // The latency fault is removed while the chunk waits.
+    s.rebuild(&[Arc::clone(&c)], t0 + Duration::from_millis(10));
+    assert_eq!(
+        s.next(&mut chunk, t0 + Duration::from_millis(10)),
+        Next::Deliver
+    );
+    assert!(chunk.data.iter().all(|b| b.count_ones() == 1));
+    assert_eq!(stats(&c).bytes_corrupted, 4);
+}
+
+trait ConcatBytes {
+    fn concat_bytes(&self) -> Vec<u8>;
+}
+
+impl ConcatBytes for Vec<(Vec<u8>, Instant)> {
+    fn concat_bytes(&self) -> Vec<u8> {
+        self.iter().flat_map(|(p, _)| p.iter().copied()).collect()
+    }
+}

@@ -1,0 +1,292 @@
+//! One test per fault kind, asserting that the fault fired and what the client saw.
+
+use std::io;
+use std::time::Duration;
+
+use tether_faultproxy::{Direction, Fault, FaultKind, FaultPatch};
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
+
+use crate::*;
+
+#[tokio::test]
+async fn bytes_pass_through_unchanged_in_both_directions_and_fin_is_passed_on() {
+    let echo = echo().await;
+    let proxy = proxy_to(echo.addr).await;
+    let mut c = connect(proxy.listen_addr()).await;
+    let data = pattern(300 * 1024);
+    let (mut r, mut w) = c.split();
+    let write = async {
+        w.write_all(&data).await.expect("write");
+        w.shutdown().await.expect("shutdown");
+    };
+    let read = async {
+        let mut got = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut r, &mut got)
+            .await
+            .expect("read");
+        got
+    };
+    let ((), got) = within("echo 300 KiB", async { tokio::join!(write, read) }).await;
+    assert!(got == data, "bytes changed on the way");
+    let stats = proxy.stats();
+    assert_eq!(stats.bytes_upstream, data.len() as u64);
+    assert_eq!(stats.bytes_downstream, data.len() as u64);
+    assert_eq!(stats.connections_accepted, 1);
+}
+
+#[tokio::test]
+async fn latency_delays_the_echo_by_at_least_the_latency() {
+    let echo = echo().await;
+    let proxy = proxy_to(echo.addr).await;
+    let kind = FaultKind::Latency {
+        latency_ms: 150,
+        jitter_ms: 0,
+    };
+    let guard = proxy
+        .add_fault(Fault::new("lat", kind, Direction::Downstream))
+        .await
+        .expect("add");
+    let mut c = connect(proxy.listen_addr()).await;
+    let start = Instant::now();
+    assert_eq!(round_trip(&mut c, b"ping").await, b"ping");
+    assert!(
+        start.elapsed() >= Duration::from_millis(150),
+        "{:?}",
+        start.elapsed()
+    );
+    let s = guard.stats();
+    assert_eq!(
+        (s.bytes_delayed, s.bytes_passed, s.connections_affected),
+        (4, 4, 1)
+    );
+}
+
+#[tokio::test]
+async fn blackhole_drops_bytes_keeps_the_connection_open_and_heals_when_removed() {
+    let echo = echo().await;
+    let proxy = proxy_to(echo.addr).await;
+    let mut c = connect(proxy.listen_addr()).await;
+    assert_eq!(round_trip(&mut c, b"before").await, b"before");
+
+    let guard = proxy
+        .add_fault(Fault::new(
+            "cut",
+            FaultKind::Blackhole {},
+            Direction::Upstream,
+        ))
+        .await
+        .expect("add");
+    c.write_all(b"lost")
+        .await
+        .expect("write into the blackhole");
+    wait_for("4 bytes dropped", || guard.stats().bytes_dropped == 4).await;
+    assert_open_and_silent(&c);
+    assert_eq!(proxy.stats().faults.bytes_dropped, 4);
+
+    drop(guard);
+    assert!(proxy.faults().is_empty());
+    assert_eq!(round_trip(&mut c, b"after").await, b"after");
+}
+
+#[tokio::test]
+async fn reset_gives_the_client_connection_reset() {
+    let echo = echo().await;
+    let proxy = proxy_to(echo.addr).await;
+    let guard = proxy
+        .add_fault(Fault::new(
+            "rst",
+            FaultKind::Reset { timeout_ms: 0 },
+            Direction::Downstream,
+        ))
+        .await
+        .expect("add");
+    let mut c = connect(proxy.listen_addr()).await;
+    c.write_all(b"hello").await.expect("write");
+    let (_, err) = read_to_end(&mut c).await;
+    assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::ConnectionReset));
+    wait_for("reset counted", || guard.stats().connections_reset == 1).await;
+    wait_for("link closed", || proxy.stats().connections_reset == 1).await;
+}
+
+#[tokio::test]
+async fn a_reset_added_to_a_live_link_resets_it() {
+    let echo = echo().await;
+    let proxy = proxy_to(echo.addr).await;
+    let mut c = connect(proxy.listen_addr()).await;
+    assert_eq!(round_trip(&mut c, b"alive").await, b"alive");
+    let guard = proxy
+        .add_fault(Fault::new(
+            "rst",
+            FaultKind::Reset { timeout_ms: 20 },
+            Direction::Both,
+        ))
+        .await
+        .expect("add");
+    let (_, err) = read_to_end(&mut c).await;
+    assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::ConnectionReset));
+    assert_eq!(guard.stats().connections_reset, 1);
+}
+
+#[tokio::test]
+async fn limit_data_closes_the_link_after_exactly_n_bytes() {
+    let echo = echo().await;
+    let proxy = proxy_to(echo.addr).await;
+    let guard = proxy
+        .add_fault(Fault::new(
+            "lim",
+            FaultKind::LimitData { bytes: 10 },
+            Direction::Downstream,
+        ))
+        .await
+        .expect("add");
+    let mut c = connect(proxy.listen_addr()).await;
+    c.write_all(b"abcdefghijklmnopqrst").await.expect("write");
+    let (got, _) = read_to_end(&mut c).await;
+    assert_eq!(got, b"abcdefghij");
+    let s = guard.stats();
+    assert_eq!((s.connections_closed, s.bytes_passed), (1, 10));
+}
+
+#[tokio::test]
+async fn slicer_preserves_the_byte_stream_exactly() {
+    let echo = echo().await;
+    let proxy = proxy_to(echo.addr).await;
+    let kind = FaultKind::Slicer {
+        average_size: 7,
+        size_variation: 5,
+        delay_us: 10,
+    };
+    let guard = proxy
+        .add_fault(Fault::new("slice", kind, Direction::Both))
+        .await
+        .expect("add");
+    let mut c = connect(proxy.listen_addr()).await;
+    let data = pattern(8 * 1024);
+    assert!(round_trip(&mut c, &data).await == data);
+    assert_eq!(guard.stats().bytes_passed, 2 * data.len() as u64);
+    assert!(guard.stats().bytes_delayed > 0);
+}
+
+#[tokio::test]
+async fn corrupt_at_rate_one_changes_every_byte_and_counts_it() {
+    let echo = echo().await;
+    let proxy = proxy_to(echo.addr).await;
+    let guard = proxy
+        .add_fault(Fault::new(
+            "flip",
+            FaultKind::Corrupt { rate: 1.0 },
+            Direction::Downstream,
+        ))
+        .await
+        .expect("add");
+    let mut c = connect(proxy.listen_addr()).await;
+    let data = pattern(1000);
+    let got = round_trip(&mut c, &data).await;
+    assert!(
+        data.iter()
+            .zip(&got)
+            .all(|(a, b)| (a ^ b).count_ones() == 1)
+    );
+    assert_eq!(guard.stats().bytes_corrupted, 1000);
+}
+
+#[tokio::test]
+async fn toxicity_zero_never_applies_and_one_always_applies() {
+    let echo = echo().await;
+    for (toxicity, affected) in [(0.0, 0), (1.0, 5)] {
+        let proxy = proxy_to(echo.addr).await;
+        let fault = Fault::new(
+            "flip",
+            FaultKind::Corrupt { rate: 1.0 },
+            Direction::Downstream,
+        )
+        .with_toxicity(toxicity);
+        let guard = proxy.add_fault(fault).await.expect("add");
+        for _ in 0..5 {
+            let mut c = connect(proxy.listen_addr()).await;
+            let changed = round_trip(&mut c, b"data").await != b"data";
+            assert_eq!(changed, toxicity == 1.0, "toxicity {toxicity}");
+        }
+        assert_eq!(guard.stats().connections_affected, affected);
+    }
+}
+
+#[tokio::test]
+async fn stall_bandwidth_and_slow_close_hold_data_at_least_as_long_as_asked() {
+    let echo = echo().await;
+    let proxy = proxy_to(echo.addr).await;
+    let cases = [
+        (
+            FaultKind::Stall {
+                loss_rate: 1.0,
+                stall_ms: 120,
+            },
+            120,
+        ),
+        (
+            FaultKind::Bandwidth {
+                bytes_per_sec: 20_000,
+            },
+            200,
+        ),
+    ];
+    for (kind, ms) in cases {
+        let name = kind.name();
+        let guard = proxy
+            .add_fault(Fault::new(name, kind, Direction::Upstream))
+            .await
+            .expect("add");
+        let mut c = connect(proxy.listen_addr()).await;
+        let data = pattern(4000);
+        let start = Instant::now();
+        assert!(round_trip(&mut c, &data).await == data, "{name}");
+        assert!(
+            start.elapsed() >= Duration::from_millis(ms),
+            "{name}: {:?}",
+            start.elapsed()
+        );
+        assert!(guard.stats().bytes_delayed > 0, "{name}");
+    }
+
+    let proxy = proxy_to(echo.addr).await;
+    let guard = proxy
+        .add_fault(Fault::new(
+            "slow",
+            FaultKind::SlowClose { delay_ms: 150 },
+            Direction::Upstream,
+        ))
+        .await
+        .expect("add");
+    let mut c = connect(proxy.listen_addr()).await;
+    let start = Instant::now();
+    c.shutdown().await.expect("shutdown");
+    let (got, err) = read_to_end(&mut c).await;
+    assert!(got.is_empty() && err.is_none());
+    assert!(
+        start.elapsed() >= Duration::from_millis(150),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(guard.stats().connections_affected, 1);
+}
+
+#[tokio::test]
+async fn a_fault_changed_live_takes_effect_on_the_open_link() {
+    let echo = echo().await;
+    let proxy = proxy_to(echo.addr).await;
+    let mut c = connect(proxy.listen_addr()).await;
+    let guard = proxy
+        .add_fault(Fault::new(
+            "flip",
+            FaultKind::Corrupt { rate: 0.0 },
+            Direction::Downstream,
+        ))
+        .await
+        .expect("add");
+    assert_eq!(round_trip(&mut c, b"same").await, b"same");
+    let patch: FaultPatch = serde_json::from_str(r#"{"attributes":{"rate":1.0}}"#).expect("patch");
+    guard.update(&patch).expect("update");
+    assert_ne!(round_trip(&mut c, b"same").await, b"same");
+    assert_eq!(guard.stats().bytes_corrupted, 4);
+}
