@@ -16,7 +16,7 @@
 //! - `link`: one connection: connect upstream, sniff, run the four pump tasks, close with FIN
 //!   or RST.
 //! - [`proxy`]: the listener, live links, the fault chain in a `watch` channel, down and up,
-//!   and the [`FaultGuard`] tests hold.
+//!   and (in `guard`) the [`FaultGuard`] tests hold.
 //! - [`server`] and [`control`]: many proxies by name behind a Toxiproxy-shaped HTTP API.
 //! - [`cli`]: `tether proxy`, run mode and the HTTP client subcommands.
 //! - [`stats`]: counters per fault and per proxy.
@@ -36,7 +36,7 @@
 //! })
 //! .await?;
 //! let guard = proxy
-//!     .add_fault(Fault::new("partition", FaultKind::Blackhole {}, Direction::Both))
+//!     .add_fault(Fault::new("partition", FaultKind::Blackhole, Direction::Both))
 //!     .await?;
 //! // ... point workers at proxy.listen_addr(), wait until guard.stats().bytes_dropped > 0 ...
 //! drop(guard); // heals the partition
@@ -46,6 +46,7 @@
 pub mod cli;
 pub mod control;
 pub mod fault;
+mod guard;
 mod link;
 pub mod proxy;
 mod pump;
@@ -55,8 +56,9 @@ mod stage;
 pub mod stats;
 
 pub use fault::{Direction, Fault, FaultError, FaultKind, FaultPatch, Stream, Target};
+pub use guard::FaultGuard;
 pub use link::{CONNECT_TIMEOUT, LinkInfo};
-pub use proxy::{FaultGuard, FaultInfo, Proxy, ProxyConfig, ProxyError, ProxyInfo};
+pub use proxy::{FaultInfo, Proxy, ProxyConfig, ProxyError, ProxyInfo};
 pub use pump::{CHUNK_SIZE, QUEUE_CHUNKS};
 pub use server::{Server, ServerError};
 pub use sniff::{SNIFF_LIMIT, SNIFF_TIMEOUT};

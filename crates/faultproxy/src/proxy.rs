@@ -18,6 +18,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use crate::fault::{Fault, FaultError, FaultPatch, validate_name};
+use crate::guard::FaultGuard;
 use crate::link::{self, LinkCtx, LinkInfo, Registry};
 use crate::stage::{Chain, FaultEntry, FaultId};
 use crate::stats::{FaultCounters, FaultStats, ProxyCounters, ProxyStats, add};
@@ -195,14 +196,8 @@ impl Proxy {
     /// dropped (or removed by name); call [`FaultGuard::keep`] to leave it in place.
     /// When this returns, every chunk read afterwards on any link goes through the fault.
     pub async fn add_fault(&self, fault: Fault) -> Result<FaultGuard, ProxyError> {
-        let info = self.insert_fault(fault)?;
-        Ok(FaultGuard {
-            proxy: self.clone(),
-            id: info.0,
-            name: info.1,
-            counters: info.2,
-            armed: true,
-        })
+        let (id, name, counters) = self.insert_fault(fault)?;
+        Ok(FaultGuard::new(self.clone(), id, name, counters))
     }
 
     fn insert_fault(
@@ -279,7 +274,7 @@ impl Proxy {
             .ok_or_else(|| self.no_such(name))
     }
 
-    fn remove_where(&self, pred: impl Fn(&FaultEntry) -> bool) -> Option<FaultInfo> {
+    pub(crate) fn remove_where(&self, pred: impl Fn(&FaultEntry) -> bool) -> Option<FaultInfo> {
         let mut removed = None;
         self.shared.faults.send_if_modified(|chain| {
             let Some(pos) = chain.iter().position(|e| pred(e)) else {
@@ -467,55 +462,6 @@ async fn accept_loop(
                     () = tokio::time::sleep(ACCEPT_RETRY) => {}
                 }
             }
-        }
-    }
-}
-
-/// A fault added with [`Proxy::add_fault`]. Dropping it removes the fault from the proxy.
-#[must_use = "dropping the guard removes the fault at once; call keep() to leave it in place"]
-#[derive(Debug)]
-pub struct FaultGuard {
-    proxy: Proxy,
-    id: FaultId,
-    name: String,
-    counters: Arc<FaultCounters>,
-    armed: bool,
-}
-
-impl FaultGuard {
-    /// The fault's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The fault's counters now.
-    pub fn stats(&self) -> FaultStats {
-        self.counters.snapshot()
-    }
-
-    /// Changes the fault on live links; see [`Proxy::update_fault`].
-    pub fn update(&self, patch: &FaultPatch) -> Result<FaultInfo, ProxyError> {
-        self.proxy.update_fault(&self.name, patch)
-    }
-
-    /// Leaves the fault in place after the guard is gone; remove it by name later.
-    pub fn keep(mut self) {
-        self.armed = false;
-    }
-
-    /// Removes the fault now and returns its final counters.
-    pub fn remove(self) -> FaultStats {
-        let stats = self.stats();
-        drop(self);
-        stats
-    }
-}
-
-impl Drop for FaultGuard {
-    fn drop(&mut self) {
-        if self.armed {
-            let id = self.id;
-            self.proxy.remove_where(|e| e.id == id);
         }
     }
 }

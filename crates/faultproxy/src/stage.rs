@@ -327,7 +327,7 @@ impl Stages {
                         return Next::Wait { until, fault: id };
                     }
                 }
-                FaultKind::Blackhole {} => {
+                FaultKind::Blackhole => {
                     if chunk.eof {
                         return Next::Hold;
                     }

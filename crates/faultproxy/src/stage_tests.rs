@@ -131,7 +131,7 @@ fn jitter_stays_within_bounds_and_repeats_with_the_seed() {
 
 #[test]
 fn blackhole_drops_data_and_holds_the_fin() {
-    let e = entry(1, FaultKind::Blackhole {}, Direction::Both);
+    let e = entry(1, FaultKind::Blackhole, Direction::Both);
     let mut s = stages_for(Stream::Upstream, None, 1);
     let t0 = Instant::now();
     s.rebuild(&[Arc::clone(&e)], t0);
@@ -254,7 +254,7 @@ fn stall_holds_chunks_at_full_loss_and_never_at_zero() {
 
 #[test]
 fn toxicity_is_drawn_once_per_link_and_counted_once_for_both_streams() {
-    let half = entry(1, FaultKind::Blackhole {}, Direction::Both);
+    let half = entry(1, FaultKind::Blackhole, Direction::Both);
     let half = with(&half, |f| f.toxicity = 0.5);
     let t0 = Instant::now();
     let mut hits = 0;
@@ -275,7 +275,7 @@ fn toxicity_is_drawn_once_per_link_and_counted_once_for_both_streams() {
     assert_eq!(stats(&half).connections_affected, hits as u64);
 
     for (toxicity, affected) in [(0.0, 0), (1.0, 1)] {
-        let e = with(&entry(2, FaultKind::Blackhole {}, Direction::Both), |f| {
+        let e = with(&entry(2, FaultKind::Blackhole, Direction::Both), |f| {
             f.toxicity = toxicity
         });
         let proxy = Arc::new(ProxyCounters::default());
@@ -293,12 +293,9 @@ fn toxicity_is_drawn_once_per_link_and_counted_once_for_both_streams() {
 #[test]
 fn worker_targets_and_directions_select_the_stages() {
     let w1 = WorkerId::parse("w1").expect("id");
-    let e = with(
-        &entry(1, FaultKind::Blackhole {}, Direction::Upstream),
-        |f| {
-            f.target = Target::Workers(vec![w1]);
-        },
-    );
+    let e = with(&entry(1, FaultKind::Blackhole, Direction::Upstream), |f| {
+        f.target = Target::Workers(vec![w1]);
+    });
     let t0 = Instant::now();
     let cases = [
         (Stream::Upstream, Some("w1"), 0),

@@ -70,11 +70,7 @@ async fn blackhole_drops_bytes_keeps_the_connection_open_and_heals_when_removed(
     assert_eq!(round_trip(&mut c, b"before").await, b"before");
 
     let guard = proxy
-        .add_fault(Fault::new(
-            "cut",
-            FaultKind::Blackhole {},
-            Direction::Upstream,
-        ))
+        .add_fault(Fault::new("cut", FaultKind::Blackhole, Direction::Upstream))
         .await
         .expect("add");
     c.write_all(b"lost")

@@ -16,7 +16,7 @@ async fn a_worker_targeted_fault_applies_only_to_the_link_that_names_that_worker
     let proxy = proxy_to(echo.addr).await;
     let guard = proxy
         .add_fault(
-            Fault::new("cut-w1", FaultKind::Blackhole {}, Direction::Upstream)
+            Fault::new("cut-w1", FaultKind::Blackhole, Direction::Upstream)
                 .with_target(Target::Workers(vec![id("w1")])),
         )
         .await
