@@ -170,12 +170,16 @@ fn parse_attr(s: &str) -> Result<(String, serde_json::Value), String> {
 /// Runs `tether proxy` with parsed arguments.
 pub async fn run_cli(args: ProxyArgs) -> anyhow::Result<()> {
     match args.command {
-        None => run_server(args.run).await,
+        None => run_server(args.run, shutdown_signal()).await,
         Some(cmd) => client::run(cmd).await,
     }
 }
 
-async fn run_server(args: RunArgs) -> anyhow::Result<()> {
+/// Serves until `stop` resolves (ctrl-c or SIGTERM in the binary).
+async fn run_server(
+    args: RunArgs,
+    stop: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.control.ip().is_loopback(),
         "--control {} is not a loopback address; the control API has no authentication",
@@ -215,7 +219,7 @@ async fn run_server(args: RunArgs) -> anyhow::Result<()> {
     tokio::pin!(serve);
     tokio::select! {
         r = &mut serve => r?,
-        r = shutdown_signal() => {
+        r = stop => {
             r?;
             shutdown.cancel();
             serve.await?;
@@ -272,6 +276,31 @@ mod tests {
         Cli::try_parse_from(argv).map(|c| match c.cmd {
             Top::Proxy(p) => p,
         })
+    }
+
+    #[tokio::test]
+    async fn run_mode_serves_until_stopped_and_refuses_a_public_control_address() {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let args = parse(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &upstream.local_addr().expect("addr").to_string(),
+            "--control",
+            "127.0.0.1:0",
+            "--seed",
+            "1",
+        ])
+        .expect("parse");
+        run_server(args.run.clone(), async { Ok(()) })
+            .await
+            .expect("run mode starts and stops");
+        let mut public = args.run;
+        public.control = "0.0.0.0:0".parse().expect("addr");
+        let err = run_server(public, async { Ok(()) })
+            .await
+            .expect_err("public control address");
+        assert!(err.to_string().contains("loopback"), "{err}");
     }
 
     #[test]
