@@ -1,1 +1,371 @@
-//! placeholder
+//! Test helpers: a coordinator, workers and an HTTP client on `127.0.0.1:0`, with fast timings,
+//! and a wait-for-condition helper (no sleeps to "wait a bit").
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use tether_coordinator::{CoordinatorConfig, Handles};
+use tether_proto::{TaskId, TaskSpec, WorkerId};
+use tether_worker::backoff::{BackoffConfig, Jitter};
+use tether_worker::{Agent, AgentHandle, Executors, WorkerConfig};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Default deadline for conditions in tests (generous: CI machines are small and busy).
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Waits until `f` returns `Some`, polling every 20 ms, or panics with `what` at `deadline`.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= end {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Coordinator settings scaled down for tests.
+pub fn fast_coordinator_config(dir: PathBuf) -> CoordinatorConfig {
+    let mut c = CoordinatorConfig::new(dir);
+    c.heartbeat_interval = Duration::from_millis(200);
+    c.heartbeat_timeout = Duration::from_secs(2);
+    c.lost_after = Duration::from_secs(3);
+    c.sweep_interval = Duration::from_millis(100);
+    c
+}
+
+/// Worker settings scaled down for tests.
+pub fn fast_worker_config(coordinator: &str, id: &str) -> WorkerConfig {
+    let mut c = WorkerConfig::new(coordinator, WorkerId::parse(id).expect("valid worker id"));
+    c.heartbeat_interval = Duration::from_millis(200);
+    c.heartbeat_timeout = Duration::from_secs(2);
+    c.ws_ping_interval = Duration::from_millis(500);
+    c.connect_timeout = Duration::from_secs(2);
+    c.healthy_after = Duration::from_millis(500);
+    c.telemetry_interval = Duration::from_millis(500);
+    c.backoff = BackoffConfig {
+        initial: Duration::from_millis(50),
+        factor: 2.0,
+        max: Duration::from_millis(500),
+        jitter: Jitter::Proportional(0.2),
+        max_attempts: None,
+    };
+    c.slots = 2;
+    c.capabilities = vec!["cpu".into()];
+    c.seed = Some(7);
+    c
+}
+
+/// A coordinator running in this process.
+pub struct TestCoordinator {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub join: JoinHandle<Result<(), tether_coordinator::ServerError>>,
+    pub handles: Handles,
+    pub data_dir: PathBuf,
+}
+
+impl TestCoordinator {
+    /// `ws://addr` for workers.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&format!("http://{}", self.addr))
+    }
+
+    /// Stops it and waits until it has stopped.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.join.await;
+    }
+}
+
+/// Starts a coordinator on `127.0.0.1:0` with `cfg`, binding `addr` if given (restarts reuse
+/// the port).
+pub async fn spawn_coordinator_with(
+    cfg: CoordinatorConfig,
+    addr: Option<SocketAddr>,
+) -> TestCoordinator {
+    init_tracing();
+    let listener = match addr {
+        Some(a) => {
+            let mut tries = 0;
+            loop {
+                match TcpListener::bind(a).await {
+                    Ok(l) => break l,
+                    Err(e) if tries < 100 => {
+                        tries += 1;
+                        tracing::debug!(error = %e, "rebinding");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => panic!("bind {a}: {e}"),
+                }
+            }
+        }
+        None => TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+    };
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let data_dir = cfg.data_dir.clone();
+    let join = tokio::spawn(tether_coordinator::run_with(
+        listener,
+        cfg,
+        shutdown.clone(),
+        move |h| {
+            let _ = tx.send(h);
+        },
+    ));
+    let handles = rx.await.expect("coordinator started");
+    TestCoordinator {
+        addr,
+        shutdown,
+        join,
+        handles,
+        data_dir,
+    }
+}
+
+/// Starts a coordinator with fast settings in `dir`.
+pub async fn spawn_coordinator(dir: PathBuf) -> TestCoordinator {
+    spawn_coordinator_with(fast_coordinator_config(dir), None).await
+}
+
+/// A worker agent running in this process.
+pub struct TestWorker {
+    pub handle: AgentHandle,
+    pub shutdown: CancellationToken,
+    pub join: JoinHandle<Result<(), tether_worker::AgentError>>,
+}
+
+impl TestWorker {
+    pub async fn stop(self) -> Result<(), tether_worker::AgentError> {
+        self.shutdown.cancel();
+        self.join.await.expect("agent task")
+    }
+}
+
+/// Starts a worker agent.
+pub fn spawn_worker(cfg: WorkerConfig, executors: Executors) -> TestWorker {
+    let agent = Agent::new(cfg, executors).expect("valid worker config");
+    spawn_agent(agent)
+}
+
+/// Starts an already built agent.
+pub fn spawn_agent(agent: Agent) -> TestWorker {
+    let handle = agent.handle();
+    let shutdown = CancellationToken::new();
+    let join = tokio::spawn(agent.run(shutdown.clone()));
+    TestWorker {
+        handle,
+        shutdown,
+        join,
+    }
+}
+
+/// A small client of the HTTP API.
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_owned(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// GET a path, returning status and JSON body.
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .get(format!("{}{}", self.base, path))
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// POST JSON to a path, returning status and JSON body.
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .post(format!("{}{}", self.base, path))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    pub async fn get_as<T: DeserializeOwned>(&self, path: &str) -> T {
+        let (status, v) = self.get(path).await;
+        assert_eq!(status, 200, "GET {path}: {v}");
+        serde_json::from_value(v).expect("decode")
+    }
+
+    /// Submits tasks, returning their ids.
+    pub async fn submit(&self, specs: &[TaskSpec]) -> Vec<TaskId> {
+        let (status, v) = self
+            .post("/api/v1/tasks", &serde_json::json!({ "tasks": specs }))
+            .await;
+        assert_eq!(status, 201, "submit: {v}");
+        serde_json::from_value(v["task_ids"].clone()).expect("ids")
+    }
+
+    pub async fn task(&self, id: &TaskId) -> serde_json::Value {
+        let (status, v) = self.get(&format!("/api/v1/tasks/{id}")).await;
+        assert_eq!(status, 200, "task {id}: {v}");
+        v
+    }
+
+    pub async fn status(&self, id: &TaskId) -> String {
+        self.task(id).await["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Waits until the task has `status`.
+    pub async fn wait_status(&self, id: &TaskId, status: &str) -> serde_json::Value {
+        let what = format!("task {id} to be {status}");
+        wait_for(&what, DEADLINE, || async {
+            let t = self.task(id).await;
+            (t["status"] == status).then_some(t)
+        })
+        .await
+    }
+
+    pub async fn results(&self, id: &TaskId) -> Vec<serde_json::Value> {
+        let (status, v) = self.get(&format!("/api/v1/tasks/{id}/result")).await;
+        assert_eq!(status, 200, "results {id}: {v}");
+        v.as_array().cloned().unwrap_or_default()
+    }
+
+    pub async fn overview(&self) -> serde_json::Value {
+        self.get("/api/v1/overview").await.1
+    }
+
+    pub async fn control(&self, id: &TaskId, action: &str) -> (u16, serde_json::Value) {
+        self.post(
+            &format!("/api/v1/tasks/{id}/{action}"),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+}
+
+/// A `sleep` task spec.
+pub fn sleep_task(ms: u64, steps: u32, checkpoint_every: u32) -> TaskSpec {
+    TaskSpec::new(
+        "sleep",
+        serde_json::json!({"ms": ms, "steps": steps, "checkpoint_every": checkpoint_every}),
+    )
+}
+
+/// A TCP relay with a kill switch, for cutting a worker off in tests that do not need the
+/// full fault proxy.
+pub struct Relay {
+    pub addr: SocketAddr,
+    enabled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(upstream: SocketAddr) -> Relay {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let addr = listener.local_addr().expect("addr");
+        let enabled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> =
+            Default::default();
+        let accept = {
+            let enabled = enabled.clone();
+            let links = links.clone();
+            tokio::spawn(async move {
+                while let Ok((mut down, _)) = listener.accept().await {
+                    if !enabled.load(Ordering::SeqCst) {
+                        drop(down);
+                        continue;
+                    }
+                    let link = tokio::spawn(async move {
+                        if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                        }
+                    });
+                    links
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(link.abort_handle());
+                }
+            })
+        };
+        Relay {
+            addr,
+            enabled,
+            links,
+            accept,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    /// Cuts every live link and refuses new ones.
+    pub fn cut(&self) {
+        self.enabled
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        for l in self
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            l.abort();
+        }
+    }
+
+    /// Accepts links again.
+    pub fn restore(&self) {
+        self.enabled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}

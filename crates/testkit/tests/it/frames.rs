@@ -1,0 +1,119 @@
+use futures_util::{SinkExt, StreamExt};
+use tether_testkit::*;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn next_json(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> serde_json::Value {
+    loop {
+        match ws.next().await.expect("frame").expect("ok") {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("json"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn unknown_and_malformed_frames_get_an_error_reply_and_the_session_survives() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let url = format!("ws://{}/api/v1/worker/raw-1/ws", c.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connect");
+    assert_eq!(next_json(&mut ws).await["type"], "welcome");
+    for (frame, code) in [
+        (r#"{"type":"launch_missiles","seq":41}"#, "unknown_type"),
+        ("this is not json", "bad_frame"),
+        (r#"{"type":"task_result","seq":42}"#, "bad_frame"),
+    ] {
+        ws.send(Message::text(frame)).await.expect("send");
+        let e = next_json(&mut ws).await;
+        assert_eq!(e["type"], "error", "{e}");
+        assert_eq!(e["code"], code, "{e}");
+    }
+    let e = {
+        ws.send(Message::text(r#"{"type":"launch_missiles","seq":41}"#))
+            .await
+            .expect("send");
+        next_json(&mut ws).await
+    };
+    assert_eq!(e["offending_type"], "launch_missiles");
+    assert_eq!(e["ref_seq"], 41);
+    // Still alive: a heartbeat is answered.
+    ws.send(Message::text(
+        r#"{"type":"heartbeat","sequence":9,"active_tasks":[],"timestamp":"2026-01-01T00:00:00Z"}"#,
+    ))
+    .await
+    .expect("send");
+    let hb = next_json(&mut ws).await;
+    assert_eq!(hb["type"], "heartbeat");
+    assert_eq!(hb["response_to"], 9);
+    // Before registration, other messages are refused with a clear error.
+    ws.send(Message::text(
+        r#"{"type":"telemetry","seq":1,"connection_stats":{"state":"x","connection_attempts":0,"successful_connections":0,"failed_connections":0,"disconnections":0,"connected_secs":0,"total_secs":0,"stability":1,"success_rate":1,"rtt_samples":0,"rtt_avg_ms":0,"rtt_p50_ms":0,"rtt_p95_ms":0,"rtt_p99_ms":0,"reconnects":0,"reconnect_avg_ms":0,"reconnect_max_ms":0,"heartbeat_timeout_ms":0,"backoff_factor":0,"next_backoff_ms":0},"timestamp":"2026-01-01T00:00:00Z"}"#,
+    ))
+    .await
+    .expect("send");
+    let e = next_json(&mut ws).await;
+    assert_eq!(e["code"], "unexpected", "{e}");
+    let o = c.client().overview().await;
+    assert_eq!(o["counters"]["unknown_frames"], 2, "{o}");
+    assert_eq!(o["counters"]["malformed_frames"], 2, "{o}");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn bad_upgrade_paths_are_refused_before_the_upgrade() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    for (path, status) in [
+        ("/api/v1/worker/%7Bworker_id%7D/ws", 400),
+        ("/api/v1/worker/a%2Fb/ws", 400),
+        ("/api/v1/worker/abc/x/ws", 404),
+        ("/api/v1/worker/abc/ws/", 404),
+        ("/", 404),
+    ] {
+        let url = format!("ws://{}{}", c.addr, path);
+        match tokio_tungstenite::connect_async(&url).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status().as_u16(), status, "{path}")
+            }
+            other => panic!("{path}: expected an HTTP refusal, got {other:?}"),
+        }
+    }
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversize_frame_closes_the_session_with_1009() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.max_frame = 64 * 1024;
+    let c = spawn_coordinator_with(cfg, None).await;
+    let url = format!("ws://{}/api/v1/worker/big/ws", c.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connect");
+    assert_eq!(next_json(&mut ws).await["type"], "welcome");
+    let big = format!(
+        r#"{{"type":"heartbeat","pad":"{}"}}"#,
+        "x".repeat(100 * 1024)
+    );
+    let _ = ws.send(Message::text(big)).await;
+    let mut code = None;
+    while let Some(Ok(m)) = ws.next().await {
+        if let Message::Close(f) = m {
+            code = f.map(|f| u16::from(f.code));
+            break;
+        }
+    }
+    assert_eq!(code, Some(1009));
+    // The coordinator goes on serving others.
+    let (s, _) = c.client().get("/healthz").await;
+    assert_eq!(s, 200);
+    c.stop().await;
+}

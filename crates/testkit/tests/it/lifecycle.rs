@@ -1,0 +1,156 @@
+use tether_proto::TaskSpec;
+use tether_testkit::*;
+use tether_worker::{ConnState, Executors};
+
+#[tokio::test]
+async fn a_worker_registers_and_runs_a_task_to_one_result() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
+    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let ids = client.submit(&[sleep_task(100, 4, 0)]).await;
+    let t = client.wait_status(&ids[0], "completed").await;
+    assert_eq!(t["attempt"], 1);
+    assert_eq!(t["attempts"][0]["worker"], "w1");
+    let results = client.results(&ids[0]).await;
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0]["stale"], false);
+    assert_eq!(results[0]["body"]["result"]["steps"], 4);
+    assert_eq!(w.handle.executions(), 1);
+    wait_for("the outbox to drain", DEADLINE, || async {
+        w.handle.outbox.is_empty().then_some(())
+    })
+    .await;
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn two_workers_with_distinct_ids_stay_distinct_and_share_the_work() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    // One through a bare host:port, one through a full endpoint URL with the placeholder.
+    let a = spawn_worker(
+        fast_worker_config(&c.addr.to_string(), "worker-a"),
+        Executors::builtin(),
+    );
+    let b = spawn_worker(
+        fast_worker_config(
+            &format!("{}/api/v1/worker/{{worker_id}}/ws", c.ws_url()),
+            "worker-b",
+        ),
+        Executors::builtin(),
+    );
+    a.handle.wait_state(|s| s == ConnState::Connected).await;
+    b.handle.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let workers: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
+    let ids: Vec<&str> = workers
+        .iter()
+        .map(|w| w["worker_id"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(ids, ["worker-a", "worker-b"]);
+    let specs: Vec<TaskSpec> = (0..8).map(|_| sleep_task(200, 2, 0)).collect();
+    let ids = client.submit(&specs).await;
+    for id in &ids {
+        client.wait_status(id, "completed").await;
+    }
+    assert!(a.handle.executions() > 0 && b.handle.executions() > 0);
+    assert_eq!(a.handle.executions() + b.handle.executions(), 8);
+    a.stop().await.expect("stop");
+    b.stop().await.expect("stop");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_connection_with_the_same_id_replaces_the_first_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let first = spawn_worker(fast_worker_config(&c.ws_url(), "dup"), Executors::builtin());
+    first.handle.wait_state(|s| s == ConnState::Connected).await;
+    // A stand-in for the same worker: a raw session that registers under the same id.
+    let url = format!("ws://{}/api/v1/worker/dup/ws", c.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connect");
+    use futures_util::StreamExt;
+    let welcome = ws.next().await.expect("frame").expect("ok");
+    assert!(welcome.to_text().expect("text").contains("\"welcome\""));
+    // The first worker's session is closed with 4009 and it reconnects, replacing ours; the
+    // late close of each replaced session never unregisters the live one.
+    first.handle.wait_state(|s| s != ConnState::Connected).await;
+    first.handle.wait_state(|s| s == ConnState::Connected).await;
+    let closed = ws.next().await;
+    assert!(
+        matches!(closed, Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(ref f)))) if u16::from(f.code) == 4009),
+        "{closed:?}"
+    );
+    let client = c.client();
+    let ids = client.submit(&[sleep_task(50, 1, 0)]).await;
+    client.wait_status(&ids[0], "completed").await;
+    let o = client.overview().await;
+    assert!(
+        o["counters"]["sessions_replaced"].as_u64() >= Some(2),
+        "{o}"
+    );
+    assert_eq!(
+        first
+            .handle
+            .shared
+            .max_live_connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    first.stop().await.expect("stop");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_and_pause_reach_a_running_task() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
+    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let ids = client
+        .submit(&[sleep_task(60_000, 600, 1), sleep_task(60_000, 600, 0)])
+        .await;
+    let (pausing, cancelling) = (&ids[0], &ids[1]);
+    client.wait_status(pausing, "running").await;
+    client.wait_status(cancelling, "running").await;
+    let (s, _) = client.control(pausing, "pause").await;
+    assert_eq!(s, 200);
+    wait_for("the task to park at a checkpoint", DEADLINE, || async {
+        w.handle
+            .active_tasks()
+            .iter()
+            .any(|t| &t.task_id == pausing && t.paused)
+            .then_some(())
+    })
+    .await;
+    let (s, _) = client.control(pausing, "resume").await;
+    assert_eq!(s, 200);
+    client.wait_status(pausing, "running").await;
+    let (s, v) = client.control(cancelling, "cancel").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["status"], "cancelled");
+    wait_for(
+        "the cancelled task to stop on the worker",
+        DEADLINE,
+        || async {
+            (!w.handle
+                .active_tasks()
+                .iter()
+                .any(|t| &t.task_id == cancelling))
+            .then_some(())
+        },
+    )
+    .await;
+    let (s, _) = client.control(cancelling, "cancel").await;
+    assert_eq!(s, 409, "a terminal task cannot be cancelled again");
+    let (s, _) = client.control(pausing, "cancel").await;
+    assert_eq!(s, 200);
+    w.stop().await.expect("stop");
+    c.stop().await;
+}

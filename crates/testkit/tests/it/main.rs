@@ -1,0 +1,5 @@
+//! Coordinator and workers together over real sockets on 127.0.0.1.
+
+mod frames;
+mod lifecycle;
+mod recovery;

@@ -1,0 +1,145 @@
+use std::time::Duration;
+
+use tether_testkit::*;
+use tether_worker::{ConnState, Executors};
+
+#[tokio::test]
+async fn a_result_finished_while_disconnected_is_recorded_once_after_reconnect() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let relay = Relay::start(c.addr).await;
+    let w = spawn_worker(fast_worker_config(&relay.url(), "w1"), Executors::builtin());
+    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let ids = client.submit(&[sleep_task(1500, 15, 0)]).await;
+    wait_for("the worker to run the task", DEADLINE, || async {
+        (!w.handle.active_tasks().is_empty()).then_some(())
+    })
+    .await;
+    relay.cut();
+    w.handle.wait_state(|s| s != ConnState::Connected).await;
+    // The task finishes offline; its result waits in the outbox.
+    wait_for("the result to be produced offline", DEADLINE, || async {
+        (w.handle.outbox.pending_results().len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(client.status(&ids[0]).await, "running");
+    relay.restore();
+    client.wait_status(&ids[0], "completed").await;
+    let results = client.results(&ids[0]).await;
+    assert_eq!(results.len(), 1, "recorded exactly once: {results:?}");
+    assert_eq!(w.handle.executions(), 1);
+    assert!(w.handle.stats().reconnects >= 1);
+    w.stop().await.expect("stop");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_lost_worker_s_task_resumes_elsewhere_from_its_checkpoint_and_its_late_result_is_stale() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let relay = Relay::start(c.addr).await;
+    let a = spawn_worker(fast_worker_config(&relay.url(), "a"), Executors::builtin());
+    a.handle.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    // 40 steps of 200 ms, a checkpoint every 2 steps.
+    let ids = client.submit(&[sleep_task(8_000, 40, 2)]).await;
+    let id = &ids[0];
+    wait_for(
+        "a checkpoint to reach the coordinator",
+        DEADLINE,
+        || async {
+            let t = client.task(id).await;
+            (!t["latest_checkpoint"].is_null()).then_some(())
+        },
+    )
+    .await;
+    relay.cut();
+    // Worker b takes over once a is declared lost (after the grace period).
+    let b = spawn_worker(fast_worker_config(&c.ws_url(), "b"), Executors::builtin());
+    let t = client.wait_status(id, "completed").await;
+    assert_eq!(t["attempt"], 2);
+    assert_eq!(t["attempts"][0]["worker"], "a");
+    assert_eq!(t["attempts"][0]["end"], "lost");
+    assert_eq!(t["attempts"][1]["worker"], "b");
+    let results = client.results(id).await;
+    let counted: Vec<_> = results.iter().filter(|r| r["stale"] == false).collect();
+    assert_eq!(counted.len(), 1);
+    assert_eq!(counted[0]["worker"], "b");
+    let resumed_at = counted[0]["body"]["result"]["resumed_at"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        resumed_at >= 2,
+        "resumed from a checkpoint, at step {resumed_at}"
+    );
+    // a finishes its stale attempt offline and delivers it when it comes back.
+    wait_for("a's stale result to be produced", DEADLINE, || async {
+        (a.handle.outbox.pending_results().len() == 1).then_some(())
+    })
+    .await;
+    relay.restore();
+    wait_for(
+        "a's late result to be recorded as stale",
+        DEADLINE,
+        || async {
+            let r = client.results(id).await;
+            (r.len() == 2).then_some(())
+        },
+    )
+    .await;
+    let results = client.results(id).await;
+    let stale: Vec<_> = results.iter().filter(|r| r["stale"] == true).collect();
+    assert_eq!(stale.len(), 1);
+    assert_eq!(stale[0]["worker"], "a");
+    assert_eq!(stale[0]["attempt"], 1);
+    assert_eq!(
+        client.status(id).await,
+        "completed",
+        "a stale result changes nothing"
+    );
+    wait_for("a's outbox to drain", DEADLINE, || async {
+        a.handle.outbox.is_empty().then_some(())
+    })
+    .await;
+    let o = client.overview().await;
+    assert_eq!(o["counters"]["results_stale"], 1);
+    assert_eq!(o["counters"]["workers_lost"], 1);
+    a.stop().await.expect("stop");
+    b.stop().await.expect("stop");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_restarted_coordinator_keeps_tasks_and_leases_and_records_each_result_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let addr = c.addr;
+    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
+    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let ids = client
+        .submit(&[
+            sleep_task(2_000, 20, 0),
+            sleep_task(2_000, 20, 0),
+            sleep_task(100, 1, 0),
+        ])
+        .await;
+    client.wait_status(&ids[0], "running").await;
+    c.stop().await;
+    w.handle.wait_state(|s| s != ConnState::Connected).await;
+    let c =
+        spawn_coordinator_with(fast_coordinator_config(dir.path().to_owned()), Some(addr)).await;
+    let client = c.client();
+    for id in &ids {
+        client.wait_status(id, "completed").await;
+        assert_eq!(client.results(id).await.len(), 1);
+    }
+    // The leased tasks continued on the same worker: one execution each.
+    assert_eq!(w.handle.executions(), 3);
+    let t = client.task(&ids[0]).await;
+    assert_eq!(t["attempt"], 1, "{t}");
+    w.stop().await.expect("stop");
+    c.stop().await;
+    let _ = Duration::ZERO;
+}
