@@ -110,7 +110,14 @@ pub async fn list_tasks(State(app): State<Arc<AppState>>, Query(q): Query<ListQu
         }
     };
     let limit = q.limit.unwrap_or(1000).min(100_000);
-    json(ask(&app, |reply| Api::ListTasks { status, limit, reply }).await)
+    json(
+        ask(&app, |reply| Api::ListTasks {
+            status,
+            limit,
+            reply,
+        })
+        .await,
+    )
 }
 
 pub async fn get_task(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
@@ -134,7 +141,10 @@ pub async fn task_state(State(app): State<Arc<AppState>>, Path(id): Path<String>
     }
 }
 
-pub async fn task_checkpoints(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+pub async fn task_checkpoints(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Response {
     match parse_task(&id) {
         Ok(task) => json(ask(&app, |reply| Api::Checkpoints { task, reply }).await),
         Err(e) => e.into_response(),

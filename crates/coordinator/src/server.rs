@@ -130,7 +130,10 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/tasks/{id}", get(http::get_task))
         .route("/api/v1/tasks/{id}/result", get(http::task_result))
         .route("/api/v1/tasks/{id}/state", get(http::task_state))
-        .route("/api/v1/tasks/{id}/checkpoints", get(http::task_checkpoints))
+        .route(
+            "/api/v1/tasks/{id}/checkpoints",
+            get(http::task_checkpoints),
+        )
         .route(
             "/api/v1/tasks/{id}/checkpoints/{cid}",
             get(http::checkpoint_data),

@@ -6,14 +6,16 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{OriginalUri, State};
 use axum::http::StatusCode;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
 use tether_proto::endpoint::{PathError, parse_endpoint_path};
-use tether_proto::msg::{CoordMsg, ErrorCode, HeartbeatReply, PROTOCOL_VERSION, Welcome, WorkerMsg, now};
+use tether_proto::msg::{
+    CoordMsg, ErrorCode, HeartbeatReply, PROTOCOL_VERSION, Welcome, WorkerMsg, now,
+};
 use tether_proto::{DecodeError, WorkerId, decode_worker, encode};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
@@ -149,15 +151,17 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
     tracing::info!(worker = %worker, session = session_id, %reason, "session ended");
     let _ = app
         .events
-        .send(Event::Disconnected {
-            worker,
-            session_id,
-        })
+        .send(Event::Disconnected { worker, session_id })
         .await;
 }
 
 /// Decodes a frame; heartbeats are answered here, everything else goes to the core.
-async fn on_text(app: &AppState, worker: &WorkerId, session_id: u64, text: &str) -> Option<CoordMsg> {
+async fn on_text(
+    app: &AppState,
+    worker: &WorkerId,
+    session_id: u64,
+    text: &str,
+) -> Option<CoordMsg> {
     match decode_worker(text) {
         Ok(WorkerMsg::Heartbeat(h)) => Some(CoordMsg::Heartbeat(HeartbeatReply {
             response_to: Some(h.sequence),
@@ -182,12 +186,19 @@ async fn on_text(app: &AppState, worker: &WorkerId, session_id: u64, text: &str)
                     ErrorCode::UnknownType
                 }
                 DecodeError::Malformed { .. } => {
-                    app.counters.malformed_frames.fetch_add(1, Ordering::Relaxed);
+                    app.counters
+                        .malformed_frames
+                        .fetch_add(1, Ordering::Relaxed);
                     ErrorCode::BadFrame
                 }
             };
             tracing::debug!(worker = %worker, error = %e, "undecodable frame");
-            Some(CoordMsg::error(code, e.to_string(), e.offending_type(), e.seq()))
+            Some(CoordMsg::error(
+                code,
+                e.to_string(),
+                e.offending_type(),
+                e.seq(),
+            ))
         }
     }
 }

@@ -133,7 +133,10 @@ mod tests {
         types.dedup();
         let mut listed = COORD_MSG_TYPES.to_vec();
         listed.sort_unstable();
-        assert_eq!(types, listed, "samples cover every coordinator message type");
+        assert_eq!(
+            types, listed,
+            "samples cover every coordinator message type"
+        );
         for m in all {
             let text = encode(&m);
             let v: serde_json::Value = serde_json::from_str(&text).expect("json");
@@ -152,10 +155,23 @@ mod tests {
             })
         );
         let e = decode_worker(r#"{"type":"task_result","seq":3}"#).expect_err("missing fields");
-        assert!(matches!(e, DecodeError::Malformed { ty: Some(ref t), seq: Some(3), .. } if t == "task_result"));
-        for junk in ["", "nul", "[1,2]", "42", r#"{"seq":1}"#, r#"{"type":5}"#, "{\"type\":\"heartbeat\""] {
+        assert!(
+            matches!(e, DecodeError::Malformed { ty: Some(ref t), seq: Some(3), .. } if t == "task_result")
+        );
+        for junk in [
+            "",
+            "nul",
+            "[1,2]",
+            "42",
+            r#"{"seq":1}"#,
+            r#"{"type":5}"#,
+            "{\"type\":\"heartbeat\"",
+        ] {
             let e = decode_worker(junk).expect_err(junk);
-            assert!(matches!(e, DecodeError::Malformed { .. }), "{junk:?}: {e:?}");
+            assert!(
+                matches!(e, DecodeError::Malformed { .. }),
+                "{junk:?}: {e:?}"
+            );
         }
     }
 

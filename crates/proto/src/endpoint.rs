@@ -32,7 +32,9 @@ pub enum EndpointError {
     UnsupportedScheme { url: String, scheme: String },
     #[error("coordinator URL {url:?} has no host")]
     NoHost { url: String },
-    #[error("coordinator URL {url:?} has a query or fragment; give only scheme, host, port and path")]
+    #[error(
+        "coordinator URL {url:?} has a query or fragment; give only scheme, host, port and path"
+    )]
     QueryOrFragment { url: String },
     #[error("coordinator URL {url:?} holds the worker endpoint more than once")]
     DuplicateEndpoint { url: String },
@@ -281,7 +283,9 @@ mod tests {
             ("ws://h:1/api/v1/worker/{worker_id}}/ws", |e| {
                 matches!(e, EndpointError::WorkerIdMismatch { .. })
             }),
-            ("ws://h:99999", |e| matches!(e, EndpointError::Invalid { .. })),
+            ("ws://h:99999", |e| {
+                matches!(e, EndpointError::Invalid { .. })
+            }),
         ];
         for (input, check) in cases {
             let err = derive_endpoint(input, &w).expect_err(input);
@@ -357,14 +361,8 @@ mod tests {
             derive_http_base("127.0.0.1:8765").as_deref(),
             Ok("http://127.0.0.1:8765")
         );
-        assert_eq!(
-            derive_http_base("ws://h:1/").as_deref(),
-            Ok("http://h:1")
-        );
-        assert_eq!(
-            derive_http_base("wss://h:1").as_deref(),
-            Ok("https://h:1")
-        );
+        assert_eq!(derive_http_base("ws://h:1/").as_deref(), Ok("http://h:1"));
+        assert_eq!(derive_http_base("wss://h:1").as_deref(), Ok("https://h:1"));
         assert!(derive_http_base("gopher://h").is_err());
     }
 }

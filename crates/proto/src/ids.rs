@@ -14,9 +14,7 @@ pub enum IdError {
     Empty,
     #[error("id is {len} bytes long; at most {MAX_ID_LEN} are allowed")]
     TooLong { len: usize },
-    #[error(
-        "id contains {ch:?}; allowed are ASCII letters, digits and . _ ~ - : @ +"
-    )]
+    #[error("id contains {ch:?}; allowed are ASCII letters, digits and . _ ~ - : @ +")]
     BadChar { ch: char },
 }
 

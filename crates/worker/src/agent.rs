@@ -223,8 +223,11 @@ impl Agent {
         match &result {
             Ok(()) => self.shared.set_state(ConnState::Shutdown),
             Err(e) => {
-                *self.shared.refusal.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(e.to_string());
+                *self
+                    .shared
+                    .refusal
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                 self.shared.set_state(ConnState::Failed);
                 tracing::error!(worker = %self.cfg.worker_id, error = %e, "worker stopped");
             }
@@ -269,7 +272,10 @@ impl Agent {
                     self.shared.stats().on_attempt_failed();
                     tracing::warn!(worker = %self.cfg.worker_id, generation, %reason, "connection attempt failed");
                 }
-                SessionEnd::Lost { registered_for, reason } => {
+                SessionEnd::Lost {
+                    registered_for,
+                    reason,
+                } => {
                     self.shared.stats().on_session_end();
                     if registered_for >= self.cfg.healthy_after {
                         backoff.reset();

@@ -90,7 +90,11 @@ impl Backoff {
         let exp = i32::try_from(n.saturating_sub(1)).unwrap_or(i32::MAX);
         let secs = self.cfg.initial.as_secs_f64() * self.factor().powi(exp);
         let capped = secs.min(self.cfg.max.as_secs_f64());
-        Duration::from_secs_f64(if capped.is_finite() { capped } else { self.cfg.max.as_secs_f64() })
+        Duration::from_secs_f64(if capped.is_finite() {
+            capped
+        } else {
+            self.cfg.max.as_secs_f64()
+        })
     }
 
     /// Records a failure and returns how long to wait before the next attempt.
@@ -153,7 +157,10 @@ mod tests {
         let min = at_cap.iter().copied().fold(f64::MAX, f64::min);
         let max = at_cap.iter().copied().fold(0.0, f64::max);
         assert!(min >= 48.0 && max <= 72.0, "{min}..{max}");
-        assert!(max - min > 10.0, "delays at the cap are spread: {min}..{max}");
+        assert!(
+            max - min > 10.0,
+            "delays at the cap are spread: {min}..{max}"
+        );
     }
 
     #[test]

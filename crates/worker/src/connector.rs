@@ -46,8 +46,8 @@ impl Connector for TcpConnector {
         config: WebSocketConfig,
     ) -> BoxFuture<'static, Result<WsStream, ConnectError>> {
         Box::pin(async move {
-            let parsed =
-                url::Url::parse(&url).map_err(|e| ConnectError::Refused(format!("bad url {url}: {e}")))?;
+            let parsed = url::Url::parse(&url)
+                .map_err(|e| ConnectError::Refused(format!("bad url {url}: {e}")))?;
             if parsed.scheme() != "ws" {
                 return Err(ConnectError::Refused(format!(
                     "scheme {} is not supported by this build; use ws://",

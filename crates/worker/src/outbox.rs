@@ -373,7 +373,10 @@ fn json_len(v: &serde_json::Value) -> usize {
         serde_json::Value::String(s) => s.len() + 2,
         serde_json::Value::Array(a) => a.iter().map(json_len).sum::<usize>() + 2,
         serde_json::Value::Object(o) => {
-            o.iter().map(|(k, v)| k.len() + 3 + json_len(v)).sum::<usize>() + 2
+            o.iter()
+                .map(|(k, v)| k.len() + 3 + json_len(v))
+                .sum::<usize>()
+                + 2
         }
     }
 }

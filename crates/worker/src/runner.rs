@@ -19,8 +19,8 @@ use tether_proto::{Attempt, Outcome, TaskId, TaskRef};
 use tokio_util::task::TaskTracker;
 
 use crate::executor::{
-    CheckpointSink, ExecError, Executors, Notice, StoredCheckpoint, TaskCtx, TaskInput,
-    TaskShared, push_notice, upload_checkpoint,
+    CheckpointSink, ExecError, Executors, Notice, StoredCheckpoint, TaskCtx, TaskInput, TaskShared,
+    push_notice, upload_checkpoint,
 };
 use crate::outbox::{Class, Coalesce, Outbox};
 
@@ -164,7 +164,8 @@ impl Runner {
             shared
         };
         let this = self.clone();
-        self.tracker.spawn(async move { this.execute(a, shared).await });
+        self.tracker
+            .spawn(async move { this.execute(a, shared).await });
     }
 
     async fn execute(self: Arc<Self>, a: TaskAssignment, shared: Arc<TaskShared>) {
@@ -176,9 +177,10 @@ impl Runner {
             shared: shared.clone(),
             outbox: self.outbox.clone(),
             chunk_size: self.chunk_size,
-            checkpoint_dir: self.checkpoint_root.as_ref().map(|r| {
-                r.join(task_id.as_str())
-            }),
+            checkpoint_dir: self
+                .checkpoint_root
+                .as_ref()
+                .map(|r| r.join(task_id.as_str())),
             on_checkpoint: self.on_checkpoint.clone(),
         };
         let timeout = a.timeout_ms.map(Duration::from_millis);
@@ -348,7 +350,9 @@ impl Runner {
         for d in directives {
             match d.action {
                 DirectiveAction::Continue => {
-                    self.with_running(&d.task_id, d.attempt, |r| r.shared.pause.send_replace(false));
+                    self.with_running(&d.task_id, d.attempt, |r| {
+                        r.shared.pause.send_replace(false)
+                    });
                 }
                 DirectiveAction::Pause => {
                     self.with_running(&d.task_id, d.attempt, |r| r.shared.pause.send_replace(true));
@@ -409,7 +413,11 @@ impl Runner {
             let t = self.table();
             t.running
                 .values()
-                .filter(|r| req.task_id.as_ref().is_none_or(|id| id == &r.shared.task_id))
+                .filter(|r| {
+                    req.task_id
+                        .as_ref()
+                        .is_none_or(|id| id == &r.shared.task_id)
+                })
                 .map(|r| r.shared.clone())
                 .collect()
         };
@@ -450,8 +458,14 @@ impl Runner {
             }
         }
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
-            tracing::warn!(remaining = self.tracker.len(), "tasks did not stop within the shutdown grace");
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = self.tracker.len(),
+                "tasks did not stop within the shutdown grace"
+            );
         }
     }
 

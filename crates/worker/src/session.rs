@@ -137,7 +137,10 @@ impl<'a> Session<'a> {
     }
 
     fn dead_reason(&self) -> String {
-        format!("no frame for {} ms: declared dead", self.timeout.as_millis())
+        format!(
+            "no frame for {} ms: declared dead",
+            self.timeout.as_millis()
+        )
     }
 
     /// Classifies one frame; every frame moves the liveness deadline.
@@ -436,7 +439,10 @@ impl<'a> Session<'a> {
         let Some(pos) = self.pending_heartbeats.iter().position(|(s, _)| *s == seq) else {
             return;
         };
-        let (_, sent) = self.pending_heartbeats.remove(pos).unwrap_or((0, Instant::now()));
+        let (_, sent) = self
+            .pending_heartbeats
+            .remove(pos)
+            .unwrap_or((0, Instant::now()));
         let rtt = sent.elapsed();
         let p95 = {
             let mut s = self.agent.shared.stats();

@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 
 use tether_proto::msg::{
     Checkpoint, CheckpointData, CoordMsg, Directive, DirectiveAction, Disposition, ErrorCode,
-    PROTOCOL_VERSION, Registration, RegistrationAck, TaskNotice, TaskResult, TaskState,
-    Telemetry, WorkerMsg, now,
+    PROTOCOL_VERSION, Registration, RegistrationAck, TaskNotice, TaskResult, TaskState, Telemetry,
+    WorkerMsg, now,
 };
 use tether_proto::{Attempt, TaskId, TaskStatus, WorkerId, encode};
 
@@ -37,8 +37,7 @@ impl Core {
                 return Standing::Holder;
             }
         }
-        if t
-            .attempts
+        if t.attempts
             .iter()
             .any(|a| a.attempt == attempt && &a.worker == worker)
         {
@@ -112,9 +111,15 @@ impl Core {
             WorkerMsg::StateError(e) => {
                 tracing::info!(worker = %worker, task = ?e.task_id, error = %e.error, "worker could not serve a state request");
             }
-            WorkerMsg::TaskCancelled(n) => {
-                self.on_notice(worker, session, n, CoordMsg::TaskCancelledAck, "task_cancelled", None, b)
-            }
+            WorkerMsg::TaskCancelled(n) => self.on_notice(
+                worker,
+                session,
+                n,
+                CoordMsg::TaskCancelledAck,
+                "task_cancelled",
+                None,
+                b,
+            ),
             WorkerMsg::TaskPaused(n) => self.on_notice(
                 worker,
                 session,
@@ -161,10 +166,8 @@ impl Core {
             );
             let s = session.clone();
             b.effects.push(Box::new(move |_| {
-                let _ = s.tx.send(super::Outgoing::Close(
-                    4003,
-                    "worker id mismatch".into(),
-                ));
+                let _ =
+                    s.tx.send(super::Outgoing::Close(4003, "worker id mismatch".into()));
             }));
             return;
         }
@@ -348,7 +351,11 @@ impl Core {
             a.result_recorded = true;
             if a.ended_at.is_none() {
                 a.ended_at = Some(ts);
-                a.end = Some(tether_proto::TaskStatus::from(r.outcome).as_str().to_owned());
+                a.end = Some(
+                    tether_proto::TaskStatus::from(r.outcome)
+                        .as_str()
+                        .to_owned(),
+                );
             }
         }
         if !stale {
@@ -504,13 +511,27 @@ impl Core {
                 }
             }
             Some(_) => {
-                self.reject(worker, session, "checkpoint_data", Some(d.seq), &d.task_id, b);
+                self.reject(
+                    worker,
+                    session,
+                    "checkpoint_data",
+                    Some(d.seq),
+                    &d.task_id,
+                    b,
+                );
                 Disposition::Rejected
             }
             // Complete already, or its metadata was stale or rejected.
             None => match self.standing(worker, &d.task_id, d.attempt) {
                 Standing::Stranger => {
-                    self.reject(worker, session, "checkpoint_data", Some(d.seq), &d.task_id, b);
+                    self.reject(
+                        worker,
+                        session,
+                        "checkpoint_data",
+                        Some(d.seq),
+                        &d.task_id,
+                        b,
+                    );
                     Disposition::Rejected
                 }
                 Standing::Holder => Disposition::Duplicate,
@@ -589,7 +610,13 @@ impl Core {
         );
     }
 
-    fn on_telemetry(&mut self, worker: &WorkerId, session: &SessionRef, t: Telemetry, b: &mut Batch) {
+    fn on_telemetry(
+        &mut self,
+        worker: &WorkerId,
+        session: &SessionRef,
+        t: Telemetry,
+        b: &mut Batch,
+    ) {
         if let Some(w) = self.workers.get_mut(worker) {
             w.stats = Some(t.connection_stats);
         }

@@ -155,7 +155,10 @@ impl Core {
             core.tasks.insert(t.task_id.clone(), t);
         }
         for (task, id) in loaded.complete_checkpoints {
-            core.checkpoint_history.entry(task).or_default().push_back(id);
+            core.checkpoint_history
+                .entry(task)
+                .or_default()
+                .push_back(id);
         }
         for (meta, received) in loaded.partial_checkpoints {
             core.partial.insert(
@@ -213,9 +216,8 @@ impl Core {
         // Sessions end when their senders drop with the model.
         for w in self.workers.values() {
             if let Some(s) = &w.session {
-                let _ = s
-                    .tx
-                    .send(Outgoing::Close(1001, "coordinator shutting down".into()));
+                let _ =
+                    s.tx.send(Outgoing::Close(1001, "coordinator shutting down".into()));
             }
         }
     }

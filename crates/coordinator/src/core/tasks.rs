@@ -225,7 +225,12 @@ impl Core {
             .map(|t| t.task_id.clone())
             .collect();
         for task in overdue {
-            self.finish_by_coordinator(&task, TaskStatus::TimedOut, "no result long after the task's timeout", b);
+            self.finish_by_coordinator(
+                &task,
+                TaskStatus::TimedOut,
+                "no result long after the task's timeout",
+                b,
+            );
         }
     }
 

@@ -46,7 +46,9 @@ pub enum StoreError {
         found: i64,
         supported: i64,
     },
-    #[error("database {path} is corrupt ({detail}); refusing to touch it (restore a backup or move it away)")]
+    #[error(
+        "database {path} is corrupt ({detail}); refusing to touch it (restore a backup or move it away)"
+    )]
     Corrupt { path: PathBuf, detail: String },
     #[error("database {path}: {source}")]
     Sql {
@@ -187,7 +189,8 @@ fn load(conn: &Connection) -> Result<Loaded, LoadError> {
             r.get::<_, String>(6)?,
         ))
     })?;
-    let mut chunk_stmt = conn.prepare("SELECT idx FROM checkpoint_chunks WHERE checkpoint_id = ?1")?;
+    let mut chunk_stmt =
+        conn.prepare("SELECT idx FROM checkpoint_chunks WHERE checkpoint_id = ?1")?;
     let bad = |what: &str, v: &str| LoadError::Json(format!("{what} {v:?} is not valid"));
     for row in rows {
         let (id, task, attempt, worker, size, chunks, created) = row?;
@@ -458,14 +461,20 @@ pub fn read_checkpoints(
     let mut stmt = conn.prepare_cached(
         "SELECT id, attempt, size, created_at FROM checkpoints WHERE task_id = ?1 AND complete = 1 ORDER BY created_at DESC, rowid DESC",
     )?;
-    let rows = stmt.query_map([task.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+    let rows = stmt.query_map([task.as_str()], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+    })?;
     rows.collect()
 }
 
 /// The bytes of a checkpoint, pieces joined in order.
-pub fn read_checkpoint_data(conn: &Connection, id: &CheckpointId) -> rusqlite::Result<Option<Vec<u8>>> {
-    let mut stmt =
-        conn.prepare_cached("SELECT data FROM checkpoint_chunks WHERE checkpoint_id = ?1 ORDER BY idx")?;
+pub fn read_checkpoint_data(
+    conn: &Connection,
+    id: &CheckpointId,
+) -> rusqlite::Result<Option<Vec<u8>>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT data FROM checkpoint_chunks WHERE checkpoint_id = ?1 ORDER BY idx",
+    )?;
     let mut out = Vec::new();
     let mut any = false;
     let rows = stmt.query_map([id.as_str()], |r| r.get::<_, Vec<u8>>(0))?;

@@ -129,7 +129,10 @@ mod tests {
             ctx,
         ));
         tokio::time::sleep(Duration::from_millis(4_500)).await;
-        assert_eq!(control.latest_checkpoint().as_deref().map(Vec::as_slice), Some(&b"4"[..]));
+        assert_eq!(
+            control.latest_checkpoint().as_deref().map(Vec::as_slice),
+            Some(&b"4"[..])
+        );
         control.cancel();
         assert_eq!(run.await.expect("joined"), Err(ExecError::Cancelled));
     }
