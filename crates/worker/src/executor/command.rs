@@ -1,19 +1,1117 @@
-//! `command`: runs a program. (Being written.)
+//! `command`: runs a program as a task, in a process group of its own.
+//!
+//! Config (unknown fields are refused):
+//!
+//! ```json
+//! {"program": "prog", "args": ["a"], "env": {"K": "V"}, "cwd": "dir",
+//!  "shell": "script run with /bin/sh -c", "tail_bytes": 4096, "checkpoint_poll_ms": 1000}
+//! ```
+//!
+//! Exactly one of `program` (with optional `args`) or `shell` is given. The process inherits
+//! the worker's environment plus `env`, `TETHER_TASK_ID`, `TETHER_ATTEMPT` and, when the task
+//! has a checkpoint directory, `TETHER_CHECKPOINT_DIR`. Stdin is `/dev/null`; of stdout and
+//! stderr only the last `tail_bytes` bytes each are kept.
+//!
+//! Lifecycle of one attempt:
+//! 1. The checkpoint directory is created; if an earlier attempt left a checkpoint, the
+//!    directory is emptied and the checkpoint unpacked into it ([`super::packing`]).
+//! 2. The process starts as leader of a new process group, so signals reach its whole tree.
+//! 3. While it runs: cancellation sends SIGTERM (and SIGCONT) to the group, then SIGKILL after
+//!    [`KILL_GRACE`] ([`CommandExecutor::with_kill_grace`]), and the attempt ends `Cancelled`;
+//!    a pause request sends SIGSTOP, parks at [`TaskCtx::pause_point`], then sends SIGCONT;
+//!    every `checkpoint_poll_ms` the directory is shipped as a checkpoint if its files
+//!    changed (paths, sizes, mtimes).
+//! 4. When the leader exits, the rest of its group is terminated the same way (a task's
+//!    processes end with it), the output pipes are drained, and the directory is shipped one
+//!    last time if it changed.
+//!
+//! Result, also inside [`ExecError::Failed`] for a non-zero exit or a signal:
+//! `{"exit_code": 0, "duration_ms": 12, "stdout_tail": "..", "stderr_tail": "..", "signal": null}`.
 
-use futures_util::future::BoxFuture;
+use std::collections::{BTreeMap, VecDeque};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
 
+use futures_util::future::{BoxFuture, Either, maybe_done, select};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::{Child, Command};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::packing::{self, PackError, Signature};
 use super::{ExecError, Executor, TaskCtx, TaskInput};
 
+/// Bytes kept of stdout, and of stderr, when `tail_bytes` is not given.
+pub const DEFAULT_TAIL_BYTES: usize = 4096;
+/// Largest `tail_bytes` accepted.
+pub const MAX_TAIL_BYTES: usize = 1024 * 1024;
+/// Checkpoint directory poll interval when `checkpoint_poll_ms` is not given.
+pub const DEFAULT_CHECKPOINT_POLL_MS: u64 = 1000;
+/// Smallest `checkpoint_poll_ms` accepted.
+pub const MIN_CHECKPOINT_POLL_MS: u64 = 10;
+/// Time a process group gets between SIGTERM and SIGKILL.
+pub const KILL_GRACE: Duration = Duration::from_secs(2);
+/// How long output is still read once the process group is gone; a process that left the
+/// group may hold the pipes open forever.
+pub const PIPE_DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// The interpreter of `shell`.
+pub const SHELL: &str = "/bin/sh";
+
+pub const ENV_TASK_ID: &str = "TETHER_TASK_ID";
+pub const ENV_ATTEMPT: &str = "TETHER_ATTEMPT";
+pub const ENV_CHECKPOINT_DIR: &str = "TETHER_CHECKPOINT_DIR";
+
+/// How often a terminating group is checked for remaining members.
+const GROUP_POLL: Duration = Duration::from_millis(20);
+const READ_CHUNK: usize = 8 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    program: Option<String>,
+    args: Option<Vec<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    cwd: Option<PathBuf>,
+    shell: Option<String>,
+    #[serde(default = "default_tail_bytes")]
+    tail_bytes: usize,
+    #[serde(default = "default_poll_ms")]
+    checkpoint_poll_ms: u64,
+}
+
+fn default_tail_bytes() -> usize {
+    DEFAULT_TAIL_BYTES
+}
+
+fn default_poll_ms() -> u64 {
+    DEFAULT_CHECKPOINT_POLL_MS
+}
+
+/// A validated config.
+#[derive(Debug)]
+struct Plan {
+    program: String,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+    cwd: Option<PathBuf>,
+    tail_bytes: usize,
+    poll: Duration,
+}
+
+impl Plan {
+    fn parse(config: serde_json::Value) -> Result<Self, ExecError> {
+        let config = if config.is_null() {
+            serde_json::json!({})
+        } else {
+            config
+        };
+        let invalid = |m: String| Err(ExecError::InvalidConfig(m));
+        let c: Config =
+            serde_json::from_value(config).map_err(|e| ExecError::InvalidConfig(e.to_string()))?;
+        let (program, args) = match (c.program, c.shell, c.args) {
+            (Some(_), Some(_), _) => return invalid("give `program` or `shell`, not both".into()),
+            (None, None, _) => return invalid("missing `program` (or `shell`)".into()),
+            (None, Some(_), Some(_)) => {
+                return invalid("`args` go with `program`; a `shell` script has its own".into());
+            }
+            (Some(p), None, _) if p.is_empty() => return invalid("`program` is empty".into()),
+            (Some(p), None, args) => (p, args.unwrap_or_default()),
+            (None, Some(script), None) => (SHELL.to_owned(), vec!["-c".to_owned(), script]),
+        };
+        for (k, v) in &c.env {
+            if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+                return invalid(format!("`env` entry {k:?} is not a valid variable"));
+            }
+            if [ENV_TASK_ID, ENV_ATTEMPT, ENV_CHECKPOINT_DIR].contains(&k.as_str()) {
+                return invalid(format!("`env` cannot set {k}; the worker sets it"));
+            }
+        }
+        if c.tail_bytes > MAX_TAIL_BYTES {
+            let n = c.tail_bytes;
+            return invalid(format!("`tail_bytes` is {n}; at most {MAX_TAIL_BYTES}"));
+        }
+        if c.checkpoint_poll_ms < MIN_CHECKPOINT_POLL_MS {
+            let n = c.checkpoint_poll_ms;
+            return invalid(format!(
+                "`checkpoint_poll_ms` is {n}; at least {MIN_CHECKPOINT_POLL_MS}"
+            ));
+        }
+        Ok(Self {
+            program,
+            args,
+            env: c.env,
+            cwd: c.cwd,
+            tail_bytes: c.tail_bytes,
+            poll: Duration::from_millis(c.checkpoint_poll_ms),
+        })
+    }
+
+    fn command(&self, ctx: &TaskCtx, checkpoint_dir: Option<&Path>) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args)
+            .envs(&self.env)
+            .env(ENV_TASK_ID, ctx.task_id().as_str())
+            .env(ENV_ATTEMPT, ctx.attempt().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        match checkpoint_dir {
+            Some(dir) => cmd.env(ENV_CHECKPOINT_DIR, dir),
+            None => cmd.env_remove(ENV_CHECKPOINT_DIR),
+        };
+        if let Some(cwd) = &self.cwd {
+            cmd.current_dir(cwd);
+        }
+        cmd
+    }
+}
+
 /// The `command` executor.
-#[derive(Debug, Default, Clone)]
-pub struct CommandExecutor;
+#[derive(Debug, Clone)]
+pub struct CommandExecutor {
+    kill_grace: Duration,
+}
+
+impl Default for CommandExecutor {
+    fn default() -> Self {
+        Self {
+            kill_grace: KILL_GRACE,
+        }
+    }
+}
+
+impl CommandExecutor {
+    /// Sets the time a process group gets between SIGTERM and SIGKILL ([`KILL_GRACE`]).
+    pub fn with_kill_grace(mut self, grace: Duration) -> Self {
+        self.kill_grace = grace;
+        self
+    }
+}
 
 impl Executor for CommandExecutor {
     fn execute(
         &self,
-        _input: TaskInput,
-        _ctx: TaskCtx,
+        input: TaskInput,
+        ctx: TaskCtx,
     ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
-        Box::pin(async { Err(ExecError::InvalidConfig("command executor not built yet".into())) })
+        Box::pin(run(input, ctx, self.kill_grace))
+    }
+}
+
+async fn run(
+    input: TaskInput,
+    ctx: TaskCtx,
+    kill_grace: Duration,
+) -> Result<serde_json::Value, ExecError> {
+    let plan = Plan::parse(input.config)?;
+    let checkpoints = match ctx.checkpoint_dir() {
+        Some(dir) => Some(prepare_dir(dir, ctx.latest_checkpoint()).await?),
+        None => None,
+    };
+    if ctx.is_cancelled() {
+        return Err(ExecError::Cancelled);
+    }
+    let mut cmd = plan.command(&ctx, checkpoints.as_ref().map(|c| c.dir.as_path()));
+    let started = Instant::now();
+    let mut child = cmd.spawn().map_err(|e| ExecError::Failed {
+        message: match &plan.cwd {
+            Some(cwd) => format!("cannot start {} in {}: {e}", plan.program, cwd.display()),
+            None => format!("cannot start {}: {e}", plan.program),
+        },
+        result: not_started(),
+    })?;
+    let Some(pgid) = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw)
+    else {
+        // Only possible if the child was already reaped, which nothing here does.
+        let _ = child.kill().await;
+        return Err(ExecError::Failed {
+            message: format!("cannot start {}: no process id", plan.program),
+            result: not_started(),
+        });
+    };
+    let mut guard = GroupGuard(Some(pgid));
+    tracing::debug!(task_id = %ctx.task_id(), attempt = %ctx.attempt(), pid = pgid.as_raw(), program = %plan.program, "command started");
+
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let mut out_tail = Tail::new(plan.tail_bytes);
+    let mut err_tail = Tail::new(plan.tail_bytes);
+    // `maybe_done`: the pumps may finish inside `wait_exit` and be awaited again after it.
+    let pumps = maybe_done(async {
+        tokio::join!(pump(stdout, &mut out_tail), pump(stderr, &mut err_tail));
+    });
+    let mut pumps = Box::pin(pumps);
+
+    let mut sup = Supervisor::new(&ctx, pgid, checkpoints, plan.poll, kill_grace);
+    let end = sup.wait_exit(&mut child, pumps.as_mut()).await;
+    let duration = started.elapsed();
+    terminate_draining(&mut child, pgid, kill_grace, pumps.as_mut()).await;
+    guard.disarm();
+    let status = match end {
+        End::Cancelled => return Err(ExecError::Cancelled),
+        End::Exited(Ok(status)) => status,
+        End::Exited(Err(e)) => {
+            return Err(ExecError::Failed {
+                message: format!("cannot wait for {}: {e}", plan.program),
+                result: not_started(),
+            });
+        }
+    };
+    let _ = tokio::time::timeout(PIPE_DRAIN_GRACE, pumps.as_mut()).await;
+    drop(pumps);
+    sup.finish_checkpoints().await;
+    drop(sup);
+    tracing::debug!(task_id = %ctx.task_id(), %status, "command exited");
+    outcome(status, duration, &out_tail, &err_tail)
+}
+
+/// Turns an exit status into the task's result.
+fn outcome(
+    status: ExitStatus,
+    duration: Duration,
+    out: &Tail,
+    err: &Tail,
+) -> Result<serde_json::Value, ExecError> {
+    let result = serde_json::json!({
+        "exit_code": status.code(),
+        "duration_ms": u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        "stdout_tail": out.text(),
+        "stderr_tail": err.text(),
+        "signal": status.signal(),
+    });
+    let message = match (status.code(), status.signal()) {
+        (Some(0), _) => return Ok(result),
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(sig)) => match Signal::try_from(sig) {
+            Ok(name) => format!("killed by signal {sig} ({name})"),
+            Err(_) => format!("killed by signal {sig}"),
+        },
+        (None, None) => format!("ended with {status}"),
+    };
+    Err(ExecError::Failed { message, result })
+}
+
+/// The result of a process that never ran.
+fn not_started() -> serde_json::Value {
+    serde_json::json!({
+        "exit_code": null,
+        "duration_ms": 0,
+        "stdout_tail": "",
+        "stderr_tail": "",
+        "signal": null,
+    })
+}
+
+/// How the process ended, as far as the supervisor is concerned.
+enum End {
+    Exited(std::io::Result<ExitStatus>),
+    Cancelled,
+}
+
+/// Checkpoint directory state of a running task.
+struct Checkpoints {
+    /// Absolute, so it stays right whatever the process's working directory is.
+    dir: PathBuf,
+    /// The signature last shipped (or found at start).
+    last: Signature,
+    /// The last error looking at the directory, to log each distinct one once.
+    last_error: Option<String>,
+}
+
+/// Creates the checkpoint directory and restores the latest checkpoint into it.
+async fn prepare_dir(dir: &Path, latest: Option<Arc<Vec<u8>>>) -> Result<Checkpoints, ExecError> {
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let shown = dir.display().to_string();
+    let blocking_dir = dir.clone();
+    let last = off_thread(move || {
+        std::fs::create_dir_all(&blocking_dir).map_err(|source| PackError::Io {
+            op: "create",
+            path: blocking_dir.clone(),
+            source,
+        })?;
+        if let Some(data) = latest {
+            packing::unpack(&data, &blocking_dir)?;
+        }
+        packing::signature(&blocking_dir)
+    })
+    .await
+    .and_then(|r| r.map_err(|e| e.to_string()))
+    .map_err(|e| ExecError::Failed {
+        message: format!("cannot prepare checkpoint dir {shown}: {e}"),
+        result: not_started(),
+    })?;
+    Ok(Checkpoints {
+        dir,
+        last,
+        last_error: None,
+    })
+}
+
+/// What one look at the checkpoint directory found.
+enum Snapshot {
+    Unchanged,
+    Changed(Signature, Result<Vec<u8>, PackError>),
+    Unreadable(String),
+}
+
+/// Looks at `dir` and packs it if its signature differs from `last`. Blocking work runs off the
+/// async threads.
+async fn snapshot(dir: PathBuf, last: Signature) -> Snapshot {
+    let looked = off_thread(move || match packing::signature(&dir) {
+        Err(e) => Snapshot::Unreadable(e.to_string()),
+        Ok(sig) if sig == last => Snapshot::Unchanged,
+        Ok(sig) => {
+            let packed = packing::pack(&dir);
+            Snapshot::Changed(sig, packed)
+        }
+    })
+    .await;
+    looked.unwrap_or_else(Snapshot::Unreadable)
+}
+
+/// Ships the directory if it changed; returns what to remember of this look.
+async fn ship(ctx: &TaskCtx, dir: PathBuf, last: Signature) -> Result<Option<Signature>, String> {
+    match snapshot(dir, last).await {
+        Snapshot::Unchanged => Ok(None),
+        Snapshot::Changed(sig, Ok(data)) => {
+            let size = data.len();
+            let id = ctx.checkpoint(data).await;
+            tracing::debug!(task_id = %ctx.task_id(), checkpoint_id = %id, size, "checkpoint shipped");
+            Ok(Some(sig))
+        }
+        Snapshot::Changed(sig, Err(e)) => {
+            // Remember the signature anyway: the same files would fail the same way.
+            tracing::warn!(task_id = %ctx.task_id(), error = %e, "checkpoint dir not shipped");
+            Ok(Some(sig))
+        }
+        Snapshot::Unreadable(e) => Err(e),
+    }
+}
+
+/// Runs blocking work on the blocking pool; `Err` if it panicked or the runtime is going away.
+async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        tracing::error!(error = %e, "blocking checkpoint work failed");
+        format!("blocking work failed: {e}")
+    })
+}
+
+/// Watches a running process: cancellation, pause and checkpoint polling.
+struct Supervisor<'a> {
+    ctx: &'a TaskCtx,
+    pgid: Pid,
+    checkpoints: Option<Checkpoints>,
+    poll: Duration,
+    kill_grace: Duration,
+    /// INVARIANT: `stopped` is true exactly while the group has been sent SIGSTOP and no
+    /// SIGCONT since.
+    stopped: bool,
+    /// The pause point this supervisor parks at while the group is stopped.
+    park: Option<BoxFuture<'a, ()>>,
+    /// Stopped while a checkpoint was in flight: that checkpoint parks first, then we do.
+    park_pending: bool,
+    /// A checkpoint being looked at, packed or shipped (shipping may park while paused).
+    shipping: Option<BoxFuture<'a, Result<Option<Signature>, String>>>,
+}
+
+impl<'a> Supervisor<'a> {
+    fn new(
+        ctx: &'a TaskCtx,
+        pgid: Pid,
+        checkpoints: Option<Checkpoints>,
+        poll: Duration,
+        kill_grace: Duration,
+    ) -> Self {
+        Self {
+            ctx,
+            pgid,
+            checkpoints,
+            poll,
+            kill_grace,
+            stopped: false,
+            park: None,
+            park_pending: false,
+            shipping: None,
+        }
+    }
+
+    /// Waits until the process exits or the task is cancelled; a cancelled process group has
+    /// been killed and the leader reaped when this returns.
+    async fn wait_exit(
+        &mut self,
+        child: &mut Child,
+        mut pumps: std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> End {
+        let ctx = self.ctx;
+        let mut pause = ctx.pause_watch();
+        // A pause requested before the start applies at once.
+        pause.mark_changed();
+        let mut pause_open = true;
+        let mut pumps_done = false;
+        let mut tick = tokio::time::interval_at(Instant::now() + self.poll, self.poll);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let can_poll = self.checkpoints.is_some() && self.shipping.is_none() && !self.stopped;
+            tokio::select! {
+                biased;
+                () = ctx.cancelled() => {
+                    terminate_draining(child, self.pgid, self.kill_grace, pumps).await;
+                    tracing::debug!(task_id = %ctx.task_id(), "command cancelled");
+                    return End::Cancelled;
+                }
+                status = child.wait() => return End::Exited(status),
+                () = poll_opt(&mut self.park) => {
+                    self.park = None;
+                    self.resume();
+                }
+                changed = pause.changed(), if pause_open && !self.stopped => match changed {
+                    Err(_) => pause_open = false,
+                    Ok(()) if *pause.borrow_and_update() => self.stop(),
+                    Ok(()) => {}
+                },
+                shipped = poll_opt(&mut self.shipping) => {
+                    self.shipping = None;
+                    self.shipped(shipped);
+                    if std::mem::take(&mut self.park_pending) {
+                        self.park = Some(Box::pin(ctx.pause_point()));
+                    }
+                }
+                _ = tick.tick(), if can_poll => self.start_shipping(),
+                () = &mut pumps, if !pumps_done => pumps_done = true,
+            }
+        }
+    }
+
+    /// After the process exited: lets an in-flight checkpoint finish and ships the directory
+    /// once more if it changed. Gives up (the process already ended) if cancelled meanwhile.
+    async fn finish_checkpoints(&mut self) {
+        if self.checkpoints.is_none() {
+            return;
+        }
+        let ctx = self.ctx;
+        let finish = async {
+            if let Some(inflight) = self.shipping.take() {
+                let shipped = inflight.await;
+                self.shipped(shipped);
+            }
+            self.start_shipping();
+            if let Some(last) = self.shipping.take() {
+                let shipped = last.await;
+                self.shipped(shipped);
+            }
+        };
+        tokio::select! {
+            () = finish => {}
+            () = ctx.cancelled() => {
+                tracing::debug!(task_id = %ctx.task_id(), "cancelled before the last checkpoint");
+            }
+        }
+    }
+
+    fn start_shipping(&mut self) {
+        if let Some(cp) = &self.checkpoints {
+            let fut = ship(self.ctx, cp.dir.clone(), cp.last.clone());
+            self.shipping = Some(Box::pin(fut));
+        }
+    }
+
+    fn shipped(&mut self, shipped: Result<Option<Signature>, String>) {
+        let Some(cp) = &mut self.checkpoints else {
+            return;
+        };
+        match shipped {
+            Ok(Some(sig)) => {
+                cp.last = sig;
+                cp.last_error = None;
+            }
+            Ok(None) => cp.last_error = None,
+            Err(e) => {
+                if cp.last_error.as_ref() != Some(&e) {
+                    tracing::warn!(task_id = %self.ctx.task_id(), dir = %cp.dir.display(), error = %e, "cannot read checkpoint dir");
+                }
+                cp.last_error = Some(e);
+            }
+        }
+    }
+
+    /// Stops the group and parks at a pause point (after an in-flight checkpoint, which parks
+    /// at its own).
+    fn stop(&mut self) {
+        signal_group(self.pgid, Signal::SIGSTOP);
+        self.stopped = true;
+        tracing::debug!(task_id = %self.ctx.task_id(), "command paused");
+        if self.shipping.is_some() {
+            self.park_pending = true;
+        } else {
+            self.park = Some(Box::pin(self.ctx.pause_point()));
+        }
+    }
+
+    fn resume(&mut self) {
+        signal_group(self.pgid, Signal::SIGCONT);
+        self.stopped = false;
+        tracing::debug!(task_id = %self.ctx.task_id(), "command resumed");
+    }
+}
+
+/// Awaits the future in `slot`, or never if there is none.
+async fn poll_opt<T>(slot: &mut Option<BoxFuture<'_, T>>) -> T {
+    match slot {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Ends what is left of the process group: SIGTERM (with SIGCONT, in case it is stopped),
+/// SIGKILL once the group is still there after `grace`; then reaps the leader. Returns at once
+/// if the group is already empty.
+async fn terminate_group(child: &mut Child, pgid: Pid, grace: Duration) {
+    if signal_group(pgid, Signal::SIGTERM) {
+        signal_group(pgid, Signal::SIGCONT);
+        let deadline = Instant::now() + grace;
+        let _ = tokio::time::timeout_at(deadline, child.wait()).await;
+        while group_alive(pgid) && Instant::now() < deadline {
+            tokio::time::sleep(GROUP_POLL).await;
+        }
+        signal_group(pgid, Signal::SIGKILL);
+    }
+    if matches!(child.try_wait(), Ok(None)) {
+        // The leader left its group (setsid); it still ends with the task.
+        let _ = child.start_kill();
+    }
+    let _ = child.wait().await;
+}
+
+/// [`terminate_group`], reading output meanwhile: a process that writes while it shuts down
+/// must not block on a full pipe until SIGKILL. `pumps` must tolerate being polled when done.
+async fn terminate_draining(
+    child: &mut Child,
+    pgid: Pid,
+    grace: Duration,
+    pumps: std::pin::Pin<&mut impl Future<Output = ()>>,
+) {
+    let term = std::pin::pin!(terminate_group(child, pgid, grace));
+    if let Either::Right(((), term)) = select(term, pumps).await {
+        term.await;
+    }
+}
+
+/// Sends `sig` to the group; false if the group has no members left.
+fn signal_group(pgid: Pid, sig: Signal) -> bool {
+    match killpg(pgid, sig) {
+        Ok(()) => true,
+        Err(nix::errno::Errno::ESRCH) => false,
+        Err(e) => {
+            tracing::warn!(pgid = pgid.as_raw(), signal = %sig, error = %e, "cannot signal process group");
+            true
+        }
+    }
+}
+
+/// Whether a process of the group still runs. Zombies do not count: an orphan's zombie waits
+/// for a reaper (init, or nobody in some containers) and runs no more. Uses `/proc` where it
+/// exists; elsewhere asks the kernel, which counts zombies.
+fn group_alive(pgid: Pid) -> bool {
+    if matches!(killpg(pgid, None), Err(nix::errno::Errno::ESRCH)) {
+        return false;
+    }
+    live_member_in_proc(pgid).unwrap_or(true)
+}
+
+/// Scans `/proc` for a non-zombie process in group `pgid`; `None` without a readable `/proc`.
+fn live_member_in_proc(pgid: Pid) -> Option<bool> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        // Processes come and go while we look; a vanished one is simply not a member.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid pgrp ...`; comm may hold spaces and parentheses.
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let mut fields = stat[close + 1..].split_whitespace();
+        let (state, pgrp) = (fields.next(), fields.nth(1));
+        let running = !matches!(state, Some("Z" | "X"));
+        if running && pgrp.and_then(|g| g.parse::<i32>().ok()) == Some(pgid.as_raw()) {
+            return Some(true);
+        }
+    }
+    Some(false)
+}
+
+/// Kills the process group if the execution is dropped before it ended the group itself.
+struct GroupGuard(Option<Pid>);
+
+impl GroupGuard {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            signal_group(pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+/// The last `cap` bytes of a stream.
+#[derive(Debug)]
+struct Tail {
+    cap: usize,
+    buf: VecDeque<u8>,
+    truncated: bool,
+}
+
+impl Tail {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            buf: VecDeque::with_capacity(cap.min(READ_CHUNK)),
+            truncated: false,
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        // INVARIANT: buf.len() <= cap after every push.
+        let keep = &chunk[chunk.len().saturating_sub(self.cap)..];
+        self.truncated |= keep.len() < chunk.len();
+        self.buf.extend(keep);
+        let excess = self.buf.len().saturating_sub(self.cap);
+        self.truncated |= excess > 0;
+        self.buf.drain(..excess);
+    }
+
+    /// The tail as text; a character cut in half at the front is dropped, other invalid UTF-8
+    /// becomes U+FFFD.
+    fn text(&self) -> String {
+        let bytes: Vec<u8> = self.buf.iter().copied().collect();
+        let start = if self.truncated {
+            bytes
+                .iter()
+                .take(3)
+                .take_while(|b| (**b & 0xC0) == 0x80)
+                .count()
+        } else {
+            0
+        };
+        String::from_utf8_lossy(&bytes[start..]).into_owned()
+    }
+}
+
+/// Reads a pipe to its end into `tail`.
+async fn pump(pipe: Option<impl AsyncRead + Unpin>, tail: &mut Tail) {
+    let Some(mut pipe) = pipe else {
+        return;
+    };
+    let mut buf = vec![0; READ_CHUNK];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) => return,
+            Ok(n) => tail.push(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "output pipe read failed");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::executor::TaskControl;
+    use tether_proto::{Attempt, TaskId};
+
+    /// Long enough for a loaded 2-core machine; only ever an upper bound on waiting.
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    fn input(config: serde_json::Value) -> TaskInput {
+        TaskInput {
+            task_id: TaskId::parse("t-cmd").expect("id"),
+            attempt: Attempt(1),
+            config,
+            timeout: None,
+        }
+    }
+
+    fn ctx(attempt: u32) -> (TaskCtx, TaskControl) {
+        TaskCtx::detached(TaskId::parse("t-cmd").expect("id"), Attempt(attempt))
+    }
+
+    async fn exec(config: serde_json::Value, ctx: TaskCtx) -> Result<serde_json::Value, ExecError> {
+        CommandExecutor::default().execute(input(config), ctx).await
+    }
+
+    /// Waits until `cond` holds, failing the test after [`PATIENCE`].
+    async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while !cond() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits for a pid the script wrote (atomically, via rename) to `path`.
+    async fn read_pid(path: &Path) -> u32 {
+        let mut pid = None;
+        wait_for("the pid file", || {
+            pid = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|s| s.trim().parse().ok());
+            pid.is_some()
+        })
+        .await;
+        pid.expect("pid")
+    }
+
+    /// The state letter of a process from /proc, `None` once it is gone.
+    fn proc_state(pid: u32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let after_name = &stat[stat.rfind(')')? + 1..];
+        after_name.trim_start().chars().next()
+    }
+
+    /// Gone, or a zombie waiting for a reaper that is not us: either way it runs no more.
+    fn is_dead(pid: u32) -> bool {
+        matches!(proc_state(pid), None | Some('Z') | Some('X'))
+    }
+
+    fn failed(r: Result<serde_json::Value, ExecError>) -> (String, serde_json::Value) {
+        match r {
+            Err(ExecError::Failed { message, result }) => (message, result),
+            other => panic!("expected Failed, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_zero_exit_returns_the_stdout_tail_and_no_signal() {
+        let (ctx, _) = ctx(1);
+        let out = exec(
+            serde_json::json!({"program": "echo", "args": ["hello"]}),
+            ctx,
+        )
+        .await
+        .expect("exit 0");
+        assert_eq!(out["exit_code"], 0);
+        assert_eq!(out["stdout_tail"], "hello\n");
+        assert_eq!(out["stderr_tail"], "");
+        assert!(out["signal"].is_null());
+        assert!(out["duration_ms"].is_u64());
+    }
+
+    #[tokio::test]
+    async fn a_non_zero_exit_fails_with_its_exit_code_and_output() {
+        let (ctx, _) = ctx(1);
+        let r = exec(serde_json::json!({"shell": "echo oops >&2; exit 3"}), ctx).await;
+        let (message, result) = failed(r);
+        assert_eq!(message, "exit status 3");
+        assert_eq!(result["exit_code"], 3);
+        assert_eq!(result["stderr_tail"], "oops\n");
+        assert!(result["signal"].is_null());
+
+        let (ctx, _) = self::ctx(1);
+        let (message, _) = failed(exec(serde_json::json!({"program": "false"}), ctx).await);
+        assert_eq!(message, "exit status 1");
+    }
+
+    #[tokio::test]
+    async fn a_process_killed_by_a_signal_fails_with_the_signal_number() {
+        let (ctx, _) = ctx(1);
+        let (message, result) = failed(exec(serde_json::json!({"shell": "kill -9 $$"}), ctx).await);
+        assert_eq!(message, "killed by signal 9 (SIGKILL)");
+        assert_eq!(result["signal"], 9);
+        assert!(result["exit_code"].is_null());
+    }
+
+    #[tokio::test]
+    async fn output_longer_than_tail_bytes_keeps_only_the_tail_of_each_stream() {
+        let (ctx, _) = ctx(1);
+        // Megabytes on both pipes at once: both must be read concurrently or the child blocks.
+        let script = "seq 1 200000; seq 1 200000 >&2; echo last >&2";
+        let out = exec(serde_json::json!({"shell": script, "tail_bytes": 16}), ctx)
+            .await
+            .expect("exit 0");
+        assert_eq!(out["stdout_tail"], "8\n199999\n200000\n");
+        assert_eq!(out["stderr_tail"], "999\n200000\nlast\n");
+    }
+
+    #[tokio::test]
+    async fn the_program_sees_task_id_attempt_env_and_cwd() {
+        let cwd = tempfile::tempdir().expect("tempdir");
+        let (ctx, _) = ctx(3);
+        let script =
+            r#"echo "$TETHER_TASK_ID $TETHER_ATTEMPT [$TETHER_CHECKPOINT_DIR] $GREETING"; pwd"#;
+        let config = serde_json::json!({
+            "shell": script,
+            "env": {"GREETING": "hi"},
+            "cwd": cwd.path(),
+        });
+        let out = exec(config, ctx).await.expect("exit 0");
+        let cwd = cwd.path().canonicalize().expect("canonical");
+        assert_eq!(
+            out["stdout_tail"],
+            format!("t-cmd 3 [] hi\n{}\n", cwd.display())
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_configs_are_refused_with_a_clear_reason() {
+        let cases = [
+            (serde_json::json!(null), "missing `program`"),
+            (serde_json::json!({"args": ["x"]}), "missing `program`"),
+            (
+                serde_json::json!({"program": "a", "shell": "b"}),
+                "not both",
+            ),
+            (
+                serde_json::json!({"shell": "b", "args": ["x"]}),
+                "`args` go with `program`",
+            ),
+            (serde_json::json!({"program": ""}), "`program` is empty"),
+            (
+                serde_json::json!({"program": "a", "colour": 1}),
+                "unknown field `colour`",
+            ),
+            (
+                serde_json::json!({"program": "a", "tail_bytes": 1 << 30}),
+                "`tail_bytes`",
+            ),
+            (
+                serde_json::json!({"program": "a", "checkpoint_poll_ms": 0}),
+                "`checkpoint_poll_ms`",
+            ),
+            (
+                serde_json::json!({"program": "a", "env": {"A=B": "c"}}),
+                "not a valid variable",
+            ),
+            (
+                serde_json::json!({"program": "a", "env": {"TETHER_ATTEMPT": "9"}}),
+                "worker sets it",
+            ),
+        ];
+        for (config, expected) in cases {
+            let (ctx, _) = ctx(1);
+            match exec(config.clone(), ctx).await {
+                Err(ExecError::InvalidConfig(m)) => {
+                    assert!(m.contains(expected), "{config}: {m:?} lacks {expected:?}")
+                }
+                other => panic!("{config}: expected InvalidConfig, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_fails_to_start_with_a_clear_message() {
+        let (ctx, _) = ctx(1);
+        let r = exec(
+            serde_json::json!({"program": "/nonexistent/tether-nope"}),
+            ctx,
+        )
+        .await;
+        let (message, result) = failed(r);
+        assert!(
+            message.starts_with("cannot start /nonexistent/tether-nope: "),
+            "{message}"
+        );
+        assert!(result["exit_code"].is_null());
+    }
+
+    #[tokio::test]
+    async fn cancellation_kills_the_whole_process_tree() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, control) = ctx(1);
+        let script = r#"sleep 30 & echo $! > "$D/pid.tmp" && mv "$D/pid.tmp" "$D/child.pid"; sleep 30; wait"#;
+        let config = serde_json::json!({"shell": script, "env": {"D": dir.path()}});
+        let run = tokio::spawn(exec(config, ctx));
+        let grandchild = read_pid(&dir.path().join("child.pid")).await;
+        assert!(!is_dead(grandchild), "the background sleep runs");
+
+        control.cancel();
+        assert_eq!(run.await.expect("joined"), Err(ExecError::Cancelled));
+        wait_for("the grandchild to die", || is_dead(grandchild)).await;
+    }
+
+    #[tokio::test]
+    async fn a_tree_that_ignores_sigterm_is_killed_after_the_grace() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, control) = ctx(1);
+        // An ignored signal stays ignored across exec, so the `sleep` ignores SIGTERM too.
+        let script = r#"trap '' TERM; sleep 30 & echo $! > "$D/pid.tmp" && mv "$D/pid.tmp" "$D/child.pid"; wait"#;
+        let config = serde_json::json!({"shell": script, "env": {"D": dir.path()}});
+        let executor = CommandExecutor::default().with_kill_grace(Duration::from_millis(100));
+        let run = tokio::spawn(executor.execute(input(config), ctx));
+        let grandchild = read_pid(&dir.path().join("child.pid")).await;
+
+        control.cancel();
+        assert_eq!(run.await.expect("joined"), Err(ExecError::Cancelled));
+        wait_for("the grandchild to die", || is_dead(grandchild)).await;
+    }
+
+    #[tokio::test]
+    async fn a_background_process_left_behind_ends_with_the_task() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, _) = ctx(1);
+        // The leftover `sleep` holds stdout open; the result must not wait for it.
+        let script =
+            r#"sleep 30 & echo $! > "$D/pid.tmp" && mv "$D/pid.tmp" "$D/child.pid"; echo done"#;
+        let config = serde_json::json!({"shell": script, "env": {"D": dir.path()}});
+        let out = exec(config, ctx).await.expect("exit 0");
+        assert_eq!(out["stdout_tail"], "done\n");
+        let grandchild = read_pid(&dir.path().join("child.pid")).await;
+        wait_for("the leftover process to die", || is_dead(grandchild)).await;
+    }
+
+    #[tokio::test]
+    async fn pause_stops_the_process_and_resume_lets_it_finish() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, control) = ctx(1);
+        let outbox = ctx.outbox().clone();
+        let script = r#"echo $$ > "$D/pid.tmp" && mv "$D/pid.tmp" "$D/pid"
+            while [ ! -e "$D/go" ]; do sleep 0.02; done; echo done"#;
+        let config = serde_json::json!({"shell": script, "env": {"D": dir.path()}});
+        let run = tokio::spawn(exec(config, ctx));
+        let pid = read_pid(&dir.path().join("pid")).await;
+
+        control.set_paused(true);
+        wait_for("the process to stop", || proc_state(pid) == Some('T')).await;
+        wait_for("the task to park", || control.is_parked()).await;
+
+        control.set_paused(false);
+        wait_for("the process to continue", || proc_state(pid) != Some('T')).await;
+        std::fs::write(dir.path().join("go"), "").expect("go");
+        let out = run.await.expect("joined").expect("exit 0");
+        assert_eq!(out["stdout_tail"], "done\n");
+        let kinds: Vec<&str> = outbox
+            .take_unsent(100)
+            .iter()
+            .map(|(_, m)| m.type_name())
+            .collect();
+        assert_eq!(kinds, ["task_paused", "task_resumed"]);
+    }
+
+    #[tokio::test]
+    async fn cancelling_a_paused_process_kills_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, control) = ctx(1);
+        let script = r#"echo $$ > "$D/pid.tmp" && mv "$D/pid.tmp" "$D/pid"; sleep 30"#;
+        let config = serde_json::json!({"shell": script, "env": {"D": dir.path()}});
+        let run = tokio::spawn(exec(config, ctx));
+        let pid = read_pid(&dir.path().join("pid")).await;
+        control.set_paused(true);
+        wait_for("the task to park", || control.is_parked()).await;
+
+        control.cancel();
+        assert_eq!(run.await.expect("joined"), Err(ExecError::Cancelled));
+        wait_for("the process to die", || is_dead(pid)).await;
+    }
+
+    #[tokio::test]
+    async fn files_written_to_the_checkpoint_dir_are_shipped_while_it_runs_and_at_exit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, control) = ctx(1);
+        let ctx = ctx.with_checkpoint_dir(dir.path().join("cp"));
+        let outbox = ctx.outbox().clone();
+        let script = r#"mkdir -p "$TETHER_CHECKPOINT_DIR/sub"
+            echo 1 > "$TETHER_CHECKPOINT_DIR/sub/state.txt"
+            while [ ! -e "$D/stop" ]; do sleep 0.02; done
+            echo 2 > "$TETHER_CHECKPOINT_DIR/sub/state.txt""#;
+        let config = serde_json::json!({
+            "shell": script,
+            "env": {"D": dir.path()},
+            "checkpoint_poll_ms": 20,
+        });
+        let run = tokio::spawn(exec(config, ctx));
+        let state = |control: &TaskControl| {
+            let data = control.latest_checkpoint()?;
+            let files = packing::decode(&data).expect("a valid pack");
+            files.get("sub/state.txt").cloned()
+        };
+        wait_for("the running checkpoint", || {
+            state(&control).as_deref() == Some(b"1\n")
+        })
+        .await;
+
+        std::fs::write(dir.path().join("stop"), "").expect("stop");
+        run.await.expect("joined").expect("exit 0");
+        assert_eq!(
+            state(&control).as_deref(),
+            Some(&b"2\n"[..]),
+            "shipped at exit"
+        );
+        let kinds: Vec<&str> = outbox
+            .take_unsent(100)
+            .iter()
+            .map(|(_, m)| m.type_name())
+            .collect();
+        assert!(kinds.contains(&"checkpoint") && kinds.contains(&"checkpoint_data"));
+    }
+
+    #[tokio::test]
+    async fn a_resumed_attempt_finds_its_checkpoint_restored_before_it_starts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let saved = dir.path().join("saved");
+        std::fs::create_dir_all(&saved).expect("mkdir");
+        std::fs::write(saved.join("state.txt"), "7\n").expect("write");
+        let packed = packing::pack(&saved).expect("pack");
+        let cp = dir.path().join("cp");
+        std::fs::create_dir_all(&cp).expect("mkdir");
+        std::fs::write(cp.join("stale.txt"), "old").expect("write");
+
+        let (ctx, control) = ctx(2);
+        let ctx = ctx.with_checkpoint(packed.clone()).with_checkpoint_dir(cp);
+        let script = r#"cat "$TETHER_CHECKPOINT_DIR/state.txt"; ls "$TETHER_CHECKPOINT_DIR""#;
+        let out = exec(serde_json::json!({"shell": script}), ctx)
+            .await
+            .expect("exit 0");
+        assert_eq!(out["stdout_tail"], "7\nstate.txt\n");
+        assert_eq!(
+            control.latest_checkpoint().as_deref(),
+            Some(&packed),
+            "an unchanged dir is not shipped again"
+        );
+    }
+
+    #[test]
+    fn a_tail_keeps_the_last_bytes_and_drops_a_cut_character() {
+        let mut t = Tail::new(5);
+        t.push(b"ab");
+        assert_eq!(t.text(), "ab");
+        t.push(b"cdefg");
+        assert_eq!(t.text(), "cdefg");
+        t.push(b"0123456789");
+        assert_eq!(t.text(), "56789");
+
+        let mut t = Tail::new(4);
+        t.push("xé€".as_bytes()); // 1 + 2 + 3 bytes; the tail starts inside 'é'.
+        assert_eq!(t.text(), "€");
+        let mut t = Tail::new(0);
+        t.push(b"anything");
+        assert_eq!(t.text(), "");
     }
 }
