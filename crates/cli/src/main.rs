@@ -1,1 +1,130 @@
-fn main() {}
+//! `tether`: one binary with role subcommands. Thin: parse, configure, bind, call `run`.
+
+mod client;
+mod demo;
+mod run;
+mod settings;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tether",
+    version,
+    about = "Distributed test and benchmark runs that survive bad networks"
+)]
+struct Cli {
+    /// Log filter (e.g. info, debug, tether_worker=debug).
+    #[arg(long, global = true, env = "TETHER_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the coordinator.
+    Coordinator(run::CoordinatorArgs),
+    /// Run a worker agent.
+    Worker(run::WorkerArgs),
+    /// Submit a task: a command line after `--`, or a JSON file of specs.
+    Submit(client::SubmitArgs),
+    /// List tasks.
+    Tasks(client::TasksArgs),
+    /// Show one task with its attempts and results.
+    Task(client::TaskArgs),
+    /// List workers with their connection statistics.
+    Workers(client::CommonArgs),
+    /// Cancel a task.
+    Cancel(client::ControlArgs),
+    /// Pause a running task (it stops at its next checkpoint).
+    Pause(client::ControlArgs),
+    /// Resume a paused task.
+    Resume(client::ControlArgs),
+    /// A self-contained demonstration: a coordinator, workers, tasks and network faults.
+    Demo(demo::DemoArgs),
+    /// A TCP fault-injecting proxy and its control commands.
+    Proxy(tether_faultproxy::cli::ProxyArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let quiet = matches!(
+        cli.cmd,
+        Cmd::Submit(_)
+            | Cmd::Tasks(_)
+            | Cmd::Task(_)
+            | Cmd::Workers(_)
+            | Cmd::Cancel(_)
+            | Cmd::Pause(_)
+            | Cmd::Resume(_)
+    );
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(if quiet {
+            tracing_subscriber::EnvFilter::new("warn")
+        } else if matches!(cli.cmd, Cmd::Demo(_)) && cli.log == "info" {
+            tracing_subscriber::EnvFilter::new("error")
+        } else if false {
+            tracing_subscriber::EnvFilter::new("warn")
+        } else {
+            filter
+        })
+        .with_writer(std::io::stderr)
+        .try_init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Coordinator(a) => run::coordinator(a).await,
+            Cmd::Worker(a) => run::worker(a).await,
+            Cmd::Submit(a) => client::submit(a).await,
+            Cmd::Tasks(a) => client::tasks(a).await,
+            Cmd::Task(a) => client::task(a).await,
+            Cmd::Workers(a) => client::workers(a).await,
+            Cmd::Cancel(a) => client::control(a, "cancel").await,
+            Cmd::Pause(a) => client::control(a, "pause").await,
+            Cmd::Resume(a) => client::control(a, "resume").await,
+            Cmd::Demo(a) => demo::run(a).await,
+            Cmd::Proxy(a) => tether_faultproxy::cli::run_cli(a).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Waits for ctrl-c or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

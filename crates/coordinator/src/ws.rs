@@ -74,10 +74,7 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
         heartbeat_timeout_ms: timeout.as_millis() as u64,
         timestamp: now(),
     });
-    if timeout_at(Instant::now() + timeout, sink.send(text(&welcome)))
-        .await
-        .map_or(true, |r| r.is_err())
-    {
+    if !send_by(Instant::now() + timeout, &mut sink, &welcome).await {
         return;
     }
     let session = SessionRef { id: session_id, tx };
@@ -125,15 +122,15 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
                     Message::Close(_) => break "closed by worker".into(),
                     Message::Ping(_) | Message::Pong(_) => None,
                 };
-                if let Some(reply) = reply {
-                    if timeout_at(deadline, sink.send(text(&reply))).await.map_or(true, |r| r.is_err()) {
-                        break "write failed".into();
-                    }
+                if let Some(reply) = reply
+                    && !send_by(deadline, &mut sink, &reply).await
+                {
+                    break "write failed".into();
                 }
             }
             out = rx.recv() => match out {
                 Some(Outgoing::Msg(m)) => {
-                    if timeout_at(deadline, sink.send(text(&m))).await.map_or(true, |r| r.is_err()) {
+                    if !send_by(deadline, &mut sink, &m).await {
                         break "write failed".into();
                     }
                 }
@@ -201,6 +198,15 @@ async fn on_text(
             ))
         }
     }
+}
+
+/// Sends with a deadline; false when the write failed or stalled.
+async fn send_by(
+    deadline: Instant,
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    m: &CoordMsg,
+) -> bool {
+    matches!(timeout_at(deadline, sink.send(text(m))).await, Ok(Ok(())))
 }
 
 fn text(m: &CoordMsg) -> Message {

@@ -252,7 +252,8 @@ mod tests {
     #[test]
     fn configuration_errors_are_reported_not_passed_through() {
         let w = id("w1");
-        let cases: &[(&str, fn(&EndpointError) -> bool)] = &[
+        type Check = fn(&EndpointError) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("", |e| matches!(e, EndpointError::Empty)),
             ("ftp://h:1", |e| {
                 matches!(e, EndpointError::UnsupportedScheme { .. })

@@ -345,10 +345,10 @@ impl Inner {
         self.unsent.remove(&key);
         if let Some(e) = self.entries.remove(&key) {
             self.bytes -= e.bytes;
-            if let Some(c) = e.coalesce {
-                if self.coalesced.get(&c) == Some(&seq) {
-                    self.coalesced.remove(&c);
-                }
+            if let Some(c) = e.coalesce
+                && self.coalesced.get(&c) == Some(&seq)
+            {
+                self.coalesced.remove(&c);
             }
         }
         true

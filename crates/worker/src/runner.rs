@@ -27,6 +27,9 @@ use crate::outbox::{Class, Coalesce, Outbox};
 /// Finished attempts remembered to ignore a duplicated assignment.
 const DONE_MEMORY: usize = 4096;
 
+/// Called when a task leaves the running set.
+pub type FinishedHook = Arc<dyn Fn(&TaskId, Attempt) + Send + Sync>;
+
 /// Why a running task was stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StopReason {
@@ -60,7 +63,7 @@ pub struct Runner {
     chunk_size: usize,
     checkpoint_root: Option<PathBuf>,
     on_checkpoint: Option<CheckpointSink>,
-    on_finished: Option<Arc<dyn Fn(&TaskId, Attempt) + Send + Sync>>,
+    on_finished: Option<FinishedHook>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -96,7 +99,7 @@ impl Runner {
     }
 
     /// Called when a task leaves the running set (persistence).
-    pub fn with_finished_hook(mut self, hook: Arc<dyn Fn(&TaskId, Attempt) + Send + Sync>) -> Self {
+    pub fn with_finished_hook(mut self, hook: FinishedHook) -> Self {
         self.on_finished = Some(hook);
         self
     }
@@ -228,10 +231,10 @@ impl Runner {
                 let key = (task_id.clone(), attempt);
                 if t.done.insert(key.clone()) {
                     t.done_order.push_back(key);
-                    if t.done_order.len() > DONE_MEMORY {
-                        if let Some(old) = t.done_order.pop_front() {
-                            t.done.remove(&old);
-                        }
+                    if t.done_order.len() > DONE_MEMORY
+                        && let Some(old) = t.done_order.pop_front()
+                    {
+                        t.done.remove(&old);
                     }
                 }
             }

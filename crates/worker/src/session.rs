@@ -259,15 +259,17 @@ impl<'a> Session<'a> {
             timestamp: now(),
         });
         self.send(&reg).await.map_err(SessionEnd::NotRegistered)?;
-        // 3. the coordinator's decisions
+        // 3. the coordinator's decisions; anything else that arrives first is kept for after.
+        let mut early = Vec::new();
         let ack = loop {
             match self.recv(shutdown).await? {
                 Inbound::Msg(CoordMsg::RegistrationAck(ack)) => break ack,
                 Inbound::Msg(CoordMsg::Error(e)) => return Err(self.refusal_or_retry(&e)),
                 Inbound::Msg(CoordMsg::Heartbeat(_)) | Inbound::Other => continue,
+                Inbound::Msg(other) if early.len() < 1024 => early.push(other),
                 Inbound::Msg(other) => {
                     return Err(SessionEnd::NotRegistered(format!(
-                        "expected registration_ack, got {}",
+                        "no registration_ack; got {} and more",
                         other.type_name()
                     )));
                 }
@@ -292,6 +294,14 @@ impl<'a> Session<'a> {
             outage_ms = outage.map(|d| d.as_millis() as u64),
             "registered"
         );
+        for m in early {
+            if let Err(reason) = self.handle(m).await {
+                return Err(SessionEnd::Lost {
+                    registered_for: Duration::ZERO,
+                    reason,
+                });
+            }
+        }
         Ok(())
     }
 

@@ -16,6 +16,14 @@ use super::{Core, Partial, SessionRef, ack};
 use crate::model::{CheckpointMeta, Desired, WorkerState};
 use crate::store::{Batch, Mutation};
 
+/// A `task_cancelled`, `task_paused` or `task_resumed` notice: its ack, name and the status it
+/// reports.
+struct NoticeKind {
+    ack: fn(tether_proto::msg::Ack) -> CoordMsg,
+    name: &'static str,
+    status: Option<TaskStatus>,
+}
+
 /// Whose message is this, relative to the task's lease.
 #[derive(Debug, PartialEq, Eq)]
 enum Standing {
@@ -32,10 +40,11 @@ impl Core {
         let Some(t) = self.tasks.get(task) else {
             return Standing::Stranger;
         };
-        if let Some(l) = &t.lease {
-            if &l.worker == worker && l.attempt == attempt {
-                return Standing::Holder;
-            }
+        if let Some(l) = &t.lease
+            && &l.worker == worker
+            && l.attempt == attempt
+        {
+            return Standing::Holder;
         }
         if t.attempts
             .iter()
@@ -111,33 +120,30 @@ impl Core {
             WorkerMsg::StateError(e) => {
                 tracing::info!(worker = %worker, task = ?e.task_id, error = %e.error, "worker could not serve a state request");
             }
-            WorkerMsg::TaskCancelled(n) => self.on_notice(
-                worker,
-                session,
-                n,
-                CoordMsg::TaskCancelledAck,
-                "task_cancelled",
-                None,
-                b,
-            ),
-            WorkerMsg::TaskPaused(n) => self.on_notice(
-                worker,
-                session,
-                n,
-                CoordMsg::TaskPausedAck,
-                "task_paused",
-                Some(TaskStatus::Paused),
-                b,
-            ),
-            WorkerMsg::TaskResumed(n) => self.on_notice(
-                worker,
-                session,
-                n,
-                CoordMsg::TaskResumedAck,
-                "task_resumed",
-                Some(TaskStatus::Running),
-                b,
-            ),
+            WorkerMsg::TaskCancelled(n) => {
+                let kind = NoticeKind {
+                    ack: CoordMsg::TaskCancelledAck,
+                    name: "task_cancelled",
+                    status: None,
+                };
+                self.on_notice(worker, session, n, kind, b)
+            }
+            WorkerMsg::TaskPaused(n) => {
+                let kind = NoticeKind {
+                    ack: CoordMsg::TaskPausedAck,
+                    name: "task_paused",
+                    status: Some(TaskStatus::Paused),
+                };
+                self.on_notice(worker, session, n, kind, b)
+            }
+            WorkerMsg::TaskResumed(n) => {
+                let kind = NoticeKind {
+                    ack: CoordMsg::TaskResumedAck,
+                    name: "task_resumed",
+                    status: Some(TaskStatus::Running),
+                };
+                self.on_notice(worker, session, n, kind, b)
+            }
             WorkerMsg::Telemetry(t) => self.on_telemetry(worker, session, t, b),
         }
     }
@@ -188,7 +194,9 @@ impl Core {
             return;
         }
         self.counters.registrations.fetch_add(1, Ordering::Relaxed);
-        let directives = self.reconcile(worker, session, &r, b);
+        // The ack goes first; assignments sent again during reconciliation follow it.
+        let mut after_ack = Batch::default();
+        let directives = self.reconcile(worker, session, &r, &mut after_ack);
         let Some(w) = self.workers.get_mut(worker) else {
             return;
         };
@@ -212,6 +220,8 @@ impl Core {
                 timestamp: now(),
             }),
         );
+        b.muts.append(&mut after_ack.muts);
+        b.effects.append(&mut after_ack.effects);
         self.dispatch_needed = true;
     }
 
@@ -581,19 +591,23 @@ impl Core {
         worker: &WorkerId,
         session: &SessionRef,
         n: TaskNotice,
-        kind: fn(tether_proto::msg::Ack) -> CoordMsg,
-        name: &'static str,
-        status: Option<TaskStatus>,
+        kind: NoticeKind,
         b: &mut Batch,
     ) {
+        let NoticeKind {
+            ack: kind,
+            name,
+            status,
+        } = kind;
         let disposition = match self.standing(worker, &n.task_id, n.attempt) {
             Standing::Holder => {
-                if let (Some(status), Some(t)) = (status, self.tasks.get_mut(&n.task_id)) {
-                    if !t.status.is_terminal() && t.status != status {
-                        t.status = status;
-                        t.updated_at = now();
-                        self.save_task(&n.task_id, b);
-                    }
+                if let (Some(status), Some(t)) = (status, self.tasks.get_mut(&n.task_id))
+                    && !t.status.is_terminal()
+                    && t.status != status
+                {
+                    t.status = status;
+                    t.updated_at = now();
+                    self.save_task(&n.task_id, b);
                 }
                 Disposition::Recorded
             }

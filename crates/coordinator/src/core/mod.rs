@@ -51,6 +51,8 @@ impl SessionRef {
 }
 
 /// Inputs of the core.
+// Frames dominate the traffic; boxing them would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
 pub enum Event {
     Connected {
         worker: WorkerId,

@@ -199,7 +199,10 @@ impl TaskShared {
     }
 
     pub(crate) fn latest(&self) -> Option<StoredCheckpoint> {
-        self.latest.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -389,7 +392,12 @@ impl TaskCtx {
     }
 
     pub(crate) fn notice(&self, kind: Notice) {
-        push_notice(&self.outbox, &self.shared.task_id, self.shared.attempt, kind);
+        push_notice(
+            &self.outbox,
+            &self.shared.task_id,
+            self.shared.attempt,
+            kind,
+        );
     }
 }
 
@@ -543,7 +551,12 @@ mod tests {
         let kinds: Vec<&str> = msgs.iter().map(|(_, m)| m.type_name()).collect();
         assert_eq!(
             kinds,
-            ["checkpoint", "checkpoint_data", "checkpoint_data", "checkpoint_data"]
+            [
+                "checkpoint",
+                "checkpoint_data",
+                "checkpoint_data",
+                "checkpoint_data"
+            ]
         );
         let mut joined = Vec::new();
         for (_, m) in &msgs {

@@ -1,0 +1,376 @@
+//! Client commands: talk to the coordinator's HTTP API; human tables by default, `--json` for
+//! machines.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde_json::{Value, json};
+use tether_proto::TaskSpec;
+
+/// Default coordinator address for client commands.
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:8765";
+
+#[derive(Args, Clone)]
+pub struct CommonArgs {
+    /// Coordinator URL.
+    #[arg(long, env = "TETHER_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
+    coordinator: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(c: &CommonArgs) -> anyhow::Result<Self> {
+        let base = tether_proto::endpoint::derive_http_base(&c.coordinator)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Self {
+            base,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.http.request(method, &url);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the coordinator at {}", self.base))?;
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            let msg = v["error"]["message"].as_str().unwrap_or("request failed");
+            bail!("{msg} (HTTP {})", status.as_u16());
+        }
+        Ok(v)
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+}
+
+#[derive(Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// A JSON file with one spec or {"tasks": [specs]}.
+    #[arg(long, conflicts_with = "command")]
+    file: Option<PathBuf>,
+    /// Priority: high, normal, low, or 0 (most urgent) to 9.
+    #[arg(long, default_value = "normal", value_parser = parse_priority)]
+    priority: u8,
+    /// A capability the worker must have (repeatable).
+    #[arg(long = "require")]
+    requires: Vec<String>,
+    /// Timeout, e.g. 10m.
+    #[arg(long, value_parser = crate::settings::parse_duration_arg)]
+    timeout: Option<std::time::Duration>,
+    /// Attempts before a task lost again and again fails.
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// A label shown in listings.
+    #[arg(long)]
+    name: Option<String>,
+    /// The command line to run, after `--`.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+fn parse_priority(s: &str) -> Result<u8, String> {
+    match s {
+        "high" => Ok(1),
+        "normal" => Ok(tether_proto::task::DEFAULT_PRIORITY),
+        "low" => Ok(9),
+        n => match n.parse::<u8>() {
+            Ok(p) if p <= tether_proto::task::MAX_PRIORITY => Ok(p),
+            _ => Err(format!("priority {n:?}: use high, normal, low or 0..=9")),
+        },
+    }
+}
+
+pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
+    let api = Api::new(&a.common)?;
+    let body = match (&a.file, a.command.is_empty()) {
+        (Some(f), _) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read {}", f.display()))?;
+            let v: Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", f.display()))?;
+            if v.get("tasks").is_some() {
+                v
+            } else {
+                json!({ "tasks": [v] })
+            }
+        }
+        (None, false) => {
+            let mut spec = TaskSpec::new(
+                "command",
+                json!({ "program": a.command[0], "args": a.command[1..] }),
+            );
+            spec.priority = a.priority;
+            spec.requires = a.requires.clone();
+            spec.timeout_ms = a.timeout.map(|d| d.as_millis() as u64);
+            spec.max_attempts = a.max_attempts;
+            spec.name = a.name.clone();
+            json!({ "tasks": [spec] })
+        }
+        (None, true) => bail!("give a command after `--` or --file FILE"),
+    };
+    let v = api.post("/api/v1/tasks", &body).await?;
+    if a.common.json {
+        println!("{v}");
+    } else {
+        for id in v["task_ids"].as_array().into_iter().flatten() {
+            println!("{}", id.as_str().unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct TasksArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Only tasks in this status.
+    #[arg(long)]
+    status: Option<String>,
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
+}
+
+pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
+    let api = Api::new(&a.common)?;
+    let mut path = format!("/api/v1/tasks?limit={}", a.limit);
+    if let Some(s) = &a.status {
+        path.push_str(&format!("&status={s}"));
+    }
+    let v = api.get(&path).await?;
+    if a.common.json {
+        println!("{v}");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            vec![
+                s(&t["task_id"]),
+                s(&t["status"]),
+                t["attempt"].to_string(),
+                s(&t["lease"]["worker"]),
+                s(&t["spec"]["kind"]),
+                t["spec"]["priority"].to_string(),
+                s(&t["spec"]["name"]),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "TASK", "STATUS", "ATTEMPT", "WORKER", "KIND", "PRIO", "NAME",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct TaskArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Task id.
+    id: String,
+}
+
+pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
+    let api = Api::new(&a.common)?;
+    let t = api.get(&format!("/api/v1/tasks/{}", a.id)).await?;
+    let results = api.get(&format!("/api/v1/tasks/{}/result", a.id)).await?;
+    if a.common.json {
+        println!("{}", json!({ "task": t, "results": results }));
+        return Ok(());
+    }
+    println!("task      {}", s(&t["task_id"]));
+    println!("status    {}", s(&t["status"]));
+    println!("kind      {}", s(&t["spec"]["kind"]));
+    println!("priority  {}", t["spec"]["priority"]);
+    println!("submitted {}", s(&t["submitted_at"]));
+    if !t["error"].is_null() {
+        println!("error     {}", s(&t["error"]));
+    }
+    println!();
+    let rows: Vec<Vec<String>> = t["attempts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            vec![
+                a["attempt"].to_string(),
+                s(&a["worker"]),
+                s(&a["started_at"]),
+                s(&a["end"]),
+            ]
+        })
+        .collect();
+    print_table(&["ATTEMPT", "WORKER", "STARTED", "END"], &rows);
+    println!();
+    let rows: Vec<Vec<String>> = results
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            vec![
+                r["attempt"].to_string(),
+                s(&r["worker"]),
+                s(&r["outcome"]),
+                if r["stale"] == true {
+                    "stale".into()
+                } else {
+                    "counted".into()
+                },
+                r["body"]["result"].to_string(),
+            ]
+        })
+        .collect();
+    print_table(&["ATTEMPT", "WORKER", "OUTCOME", "RECORD", "RESULT"], &rows);
+    Ok(())
+}
+
+pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
+    let api = Api::new(&a)?;
+    let v = api.get("/api/v1/workers").await?;
+    if a.json {
+        println!("{v}");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| {
+            let st = &w["stats"];
+            vec![
+                s(&w["worker_id"]),
+                s(&w["state"]),
+                w["slots"].to_string(),
+                w["leases"]
+                    .as_array()
+                    .map(|l| l.len())
+                    .unwrap_or(0)
+                    .to_string(),
+                fmt_f(&st["rtt_p50_ms"], 1),
+                fmt_f(&st["stability"], 3),
+                st["reconnects"]
+                    .as_u64()
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                s(&w["last_seen"]),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "WORKER",
+            "STATE",
+            "SLOTS",
+            "TASKS",
+            "RTT_P50_MS",
+            "STABILITY",
+            "RECONNECTS",
+            "LAST_SEEN",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ControlArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Task id.
+    id: String,
+}
+
+pub async fn control(a: ControlArgs, action: &str) -> anyhow::Result<()> {
+    let api = Api::new(&a.common)?;
+    let v = api
+        .post(&format!("/api/v1/tasks/{}/{action}", a.id), &json!({}))
+        .await?;
+    if a.common.json {
+        println!("{v}");
+    } else {
+        println!("{} {}", s(&v["task_id"]), s(&v["status"]));
+    }
+    Ok(())
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn fmt_f(v: &Value, digits: usize) -> String {
+    v.as_f64()
+        .map(|f| format!("{f:.digits$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn print_table(head: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(head.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priorities_take_names_and_numbers() {
+        assert_eq!(parse_priority("high"), Ok(1));
+        assert_eq!(parse_priority("normal"), Ok(5));
+        assert_eq!(parse_priority("low"), Ok(9));
+        assert_eq!(parse_priority("0"), Ok(0));
+        assert!(parse_priority("10").is_err());
+        assert!(parse_priority("urgent").is_err());
+    }
+}

@@ -1,0 +1,314 @@
+//! `tether demo`: in one process, a coordinator, a fault proxy, several workers behind it, a
+//! batch of tasks, forced disconnects (a reset, the proxy going down) and a silent stall (a
+//! black hole), then a summary computed from ground truth. Exit code 0 only if every task
+//! completed with exactly one counted result.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde_json::Value;
+use tether_faultproxy::{Direction, Fault, FaultKind, Proxy, ProxyConfig, Target};
+use tether_proto::{TaskSpec, WorkerId};
+use tether_worker::backoff::{BackoffConfig, Jitter};
+use tether_worker::{Agent, AgentHandle, ConnState, Executors, WorkerConfig};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Workers to run.
+    #[arg(long, default_value_t = 4)]
+    workers: u32,
+    /// Tasks to submit.
+    #[arg(long, default_value_t = 40)]
+    tasks: u32,
+    /// Seed of the fault proxy and the workers' jitter.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Give up after this long.
+    #[arg(long, default_value = "180s", value_parser = crate::settings::parse_duration_arg)]
+    deadline: Duration,
+}
+
+struct Fleet {
+    handles: Vec<AgentHandle>,
+    stop: CancellationToken,
+    joins: Vec<tokio::task::JoinHandle<Result<(), tether_worker::AgentError>>>,
+}
+
+pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
+    if a.workers == 0 || a.tasks == 0 {
+        bail!("--workers and --tasks must be at least 1");
+    }
+    let dir = tempfile::tempdir().context("cannot create a temporary data directory")?;
+    let mut cfg = tether_coordinator::CoordinatorConfig::new(dir.path());
+    cfg.heartbeat_interval = Duration::from_millis(500);
+    cfg.heartbeat_timeout = Duration::from_secs(3);
+    cfg.lost_after = Duration::from_secs(8);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let coord_addr = listener.local_addr()?;
+    let stop_coordinator = CancellationToken::new();
+    let coordinator = tokio::spawn(tether_coordinator::run(
+        listener,
+        cfg,
+        stop_coordinator.clone(),
+    ));
+    let proxy = Proxy::start(ProxyConfig {
+        name: "demo".into(),
+        listen: "127.0.0.1:0".parse()?,
+        upstream: coord_addr,
+        seed: a.seed,
+    })
+    .await?;
+    println!(
+        "coordinator on {coord_addr}, fault proxy on {}",
+        proxy.listen_addr()
+    );
+    let fleet = start_fleet(&a, &format!("ws://{}", proxy.listen_addr()))?;
+    for h in &fleet.handles {
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            h.wait_state(|s| s == ConnState::Connected),
+        )
+        .await
+        .context("a worker did not connect")?;
+    }
+    println!("{} workers registered", fleet.handles.len());
+    let api = format!("http://{coord_addr}");
+    let http = reqwest::Client::new();
+    let specs: Vec<TaskSpec> = (0..a.tasks)
+        .map(|i| {
+            let ms = 300 + u64::from(i % 7) * 250;
+            let mut s = TaskSpec::new(
+                "sleep",
+                serde_json::json!({"ms": ms, "steps": 10, "checkpoint_every": 2}),
+            );
+            s.name = Some(format!("demo-{i}"));
+            s.priority = (i % 3) as u8 * 4;
+            s
+        })
+        .collect();
+    let resp: Value = http
+        .post(format!("{api}/api/v1/tasks"))
+        .json(&serde_json::json!({ "tasks": specs }))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let ids: Vec<String> = resp["task_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    println!("submitted {} tasks", ids.len());
+
+    // 1. A reset (RST) on the first worker's connection.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let reset = proxy
+        .add_fault(
+            Fault::new(
+                "reset-w1",
+                FaultKind::Reset { timeout_ms: 0 },
+                Direction::Both,
+            )
+            .with_target(Target::Workers(vec![WorkerId::parse("demo-w1")?])),
+        )
+        .await?;
+    wait_stats(|| reset.stats().connections_reset > 0, "the reset to fire").await?;
+    let fired_reset = reset.remove().connections_reset;
+    println!("fault: reset demo-w1's connection ({fired_reset} reset)");
+
+    // 2. The proxy goes down for 1.5 s: every link is cut and reconnects are refused.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.down().await;
+    println!("fault: proxy down");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.up().await?;
+    println!("fault: proxy up");
+
+    // 3. A silent stall: everything to and from the second worker vanishes, no FIN, no RST.
+    let target = if fleet.handles.len() > 1 {
+        "demo-w2"
+    } else {
+        "demo-w1"
+    };
+    tokio::time::timeout(Duration::from_secs(20), async {
+        let h = fleet
+            .handles
+            .iter()
+            .find(|h| h.shared.worker_id.as_str() == target);
+        if let Some(h) = h {
+            h.wait_state(|s| s == ConnState::Connected).await;
+        }
+    })
+    .await
+    .context("worker did not come back after the outage")?;
+    let before = fleet
+        .handles
+        .iter()
+        .find(|h| h.shared.worker_id.as_str() == target)
+        .map(|h| h.registrations())
+        .unwrap_or(0);
+    let hole = proxy
+        .add_fault(
+            Fault::new("stall", FaultKind::Blackhole, Direction::Both)
+                .with_target(Target::Workers(vec![WorkerId::parse(target)?])),
+        )
+        .await?;
+    let stalled = tokio::time::Instant::now();
+    let detected = tokio::time::timeout(Duration::from_secs(30), async {
+        if let Some(h) = fleet
+            .handles
+            .iter()
+            .find(|h| h.shared.worker_id.as_str() == target)
+        {
+            h.wait_state(|s| s != ConnState::Connected).await;
+        }
+    })
+    .await
+    .is_ok();
+    let detect_ms = stalled.elapsed().as_millis();
+    let dropped = hole.remove().bytes_dropped;
+    println!(
+        "fault: silent stall of {target}: {} after {detect_ms} ms ({dropped} bytes dropped)",
+        if detected { "detected" } else { "NOT detected" }
+    );
+
+    // Wait for ground truth.
+    let end = tokio::time::Instant::now() + a.deadline;
+    let tasks = loop {
+        let list: Value = http
+            .get(format!("{api}/api/v1/tasks?limit=100000"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let all = list.as_array().cloned().unwrap_or_default();
+        let done = all
+            .iter()
+            .filter(|t| {
+                matches!(
+                    t["status"].as_str(),
+                    Some("completed" | "failed" | "cancelled" | "timed_out")
+                )
+            })
+            .count();
+        if done == ids.len() || tokio::time::Instant::now() >= end {
+            break all;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let mut completed = 0usize;
+    let mut lost = 0usize;
+    let mut twice = 0usize;
+    let mut stale = 0usize;
+    for id in &ids {
+        let t = tasks.iter().find(|t| t["task_id"] == id.as_str());
+        let results: Value = http
+            .get(format!("{api}/api/v1/tasks/{id}/result"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let rows = results.as_array().cloned().unwrap_or_default();
+        let counted = rows.iter().filter(|r| r["stale"] == false).count();
+        stale += rows.len() - counted;
+        match (t.map(|t| t["status"] == "completed"), counted) {
+            (Some(true), 1) => completed += 1,
+            (_, 0) => lost += 1,
+            (_, n) if n > 1 => twice += 1,
+            _ => lost += 1,
+        }
+    }
+    let overview: Value = http
+        .get(format!("{api}/api/v1/overview"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let reconnections: u64 = fleet.handles.iter().map(|h| h.stats().reconnects).sum();
+    let resent = overview["counters"]["results_duplicate"]
+        .as_u64()
+        .unwrap_or(0);
+    let stall_reconnected = fleet
+        .handles
+        .iter()
+        .find(|h| h.shared.worker_id.as_str() == target)
+        .map(|h| h.registrations() > before)
+        .unwrap_or(false);
+
+    fleet.stop.cancel();
+    for j in fleet.joins {
+        let _ = j.await;
+    }
+    stop_coordinator.cancel();
+    let _ = coordinator.await;
+
+    println!();
+    println!("summary");
+    println!("  tasks submitted      {}", ids.len());
+    println!("  tasks completed      {completed}");
+    println!("  reconnections        {reconnections}");
+    println!("  results resent       {resent} (acknowledged again, recorded once)");
+    println!("  stale results kept   {stale}");
+    println!("  lost                 {lost}");
+    println!("  recorded twice       {twice}");
+    let ok = completed == ids.len()
+        && lost == 0
+        && twice == 0
+        && fired_reset > 0
+        && detected
+        && stall_reconnected
+        && reconnections >= fleet.handles.len() as u64;
+    if ok {
+        println!("verdict: PASS");
+        Ok(())
+    } else {
+        println!("verdict: FAIL");
+        bail!("the demo's ground truth does not hold (see the summary)")
+    }
+}
+
+fn start_fleet(a: &DemoArgs, url: &str) -> anyhow::Result<Fleet> {
+    let stop = CancellationToken::new();
+    let mut handles = Vec::new();
+    let mut joins = Vec::new();
+    for i in 1..=a.workers {
+        let mut c = WorkerConfig::new(url, WorkerId::parse(&format!("demo-w{i}"))?);
+        c.slots = 3;
+        c.heartbeat_interval = Duration::from_millis(500);
+        c.heartbeat_timeout = Duration::from_secs(2);
+        c.ws_ping_interval = Duration::from_secs(1);
+        c.healthy_after = Duration::from_secs(2);
+        c.telemetry_interval = Duration::from_secs(1);
+        c.backoff = BackoffConfig {
+            initial: Duration::from_millis(200),
+            factor: 2.0,
+            max: Duration::from_secs(2),
+            jitter: Jitter::Proportional(0.2),
+            max_attempts: None,
+        };
+        c.seed = Some(a.seed + u64::from(i));
+        let agent = Agent::new(c, Executors::builtin())?;
+        handles.push(agent.handle());
+        joins.push(tokio::spawn(agent.run(stop.clone())));
+    }
+    Ok(Fleet {
+        handles,
+        stop,
+        joins,
+    })
+}
+
+async fn wait_stats(f: impl Fn() -> bool, what: &str) -> anyhow::Result<()> {
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !f() {
+        if tokio::time::Instant::now() >= end {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}

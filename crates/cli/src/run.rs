@@ -1,0 +1,228 @@
+//! `tether coordinator` and `tether worker`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use tether_coordinator::CoordinatorConfig;
+use tether_proto::WorkerId;
+use tether_worker::backoff::Jitter;
+use tether_worker::{Agent, Executors, WorkerConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::settings::{self, parse_duration_arg};
+
+/// Default listen address of the coordinator.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8765";
+
+#[derive(Args)]
+pub struct CoordinatorArgs {
+    /// Address to listen on (worker endpoint and HTTP API).
+    #[arg(long, env = "TETHER_LISTEN")]
+    listen: Option<String>,
+    /// Directory of the database.
+    #[arg(long, env = "TETHER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Heartbeat interval announced to workers.
+    #[arg(long, value_parser = parse_duration_arg)]
+    heartbeat_interval: Option<Duration>,
+    /// Silence after which a session is closed.
+    #[arg(long, value_parser = parse_duration_arg)]
+    heartbeat_timeout: Option<Duration>,
+    /// Time a disconnected worker keeps its tasks before they move elsewhere.
+    #[arg(long, value_parser = parse_duration_arg)]
+    lost_after: Option<Duration>,
+    /// Largest frame accepted, bytes.
+    #[arg(long)]
+    max_frame: Option<usize>,
+    /// TOML settings file ([coordinator] table).
+    #[arg(long, env = "TETHER_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
+    let file = settings::load(a.config.as_deref())?.coordinator;
+    let data_dir = a
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| tether_coordinator::config::DEFAULT_DATA_DIR.into());
+    let mut cfg = CoordinatorConfig::new(data_dir);
+    let dur = |flag: Option<Duration>, file: &Option<String>| -> anyhow::Result<Option<Duration>> {
+        Ok(match (flag, file) {
+            (Some(d), _) => Some(d),
+            (None, Some(s)) => Some(settings::duration(s)?),
+            (None, None) => None,
+        })
+    };
+    if let Some(d) = dur(a.heartbeat_interval, &file.heartbeat_interval)? {
+        cfg.heartbeat_interval = d;
+    }
+    if let Some(d) = dur(a.heartbeat_timeout, &file.heartbeat_timeout)? {
+        cfg.heartbeat_timeout = d;
+    }
+    if let Some(d) = dur(a.lost_after, &file.lost_after)? {
+        cfg.lost_after = d;
+    }
+    if let Some(n) = a.max_frame.or(file.max_frame) {
+        cfg.max_frame = n;
+    }
+    if let Some(n) = file.checkpoints_kept {
+        cfg.checkpoints_kept = n;
+    }
+    let listen = a
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            crate::shutdown_signal().await;
+            shutdown.cancel();
+        }
+    });
+    tether_coordinator::run(listener, cfg, shutdown).await?;
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    /// Coordinator base URL (host:port, ws://, http://, wss://, https://) or endpoint URL.
+    #[arg(long, env = "TETHER_COORDINATOR")]
+    coordinator: Option<String>,
+    /// This worker's id (letters, digits, . _ ~ - : @ +; at most 128 bytes).
+    #[arg(long, env = "TETHER_WORKER_ID")]
+    id: Option<String>,
+    /// A capability tasks may require (repeatable).
+    #[arg(long = "capability")]
+    capabilities: Vec<String>,
+    /// A key=value tag tasks may require (repeatable).
+    #[arg(long = "tag", value_parser = parse_tag)]
+    tags: Vec<(String, String)>,
+    /// Tasks run at once.
+    #[arg(long)]
+    slots: Option<u32>,
+    /// Directory for checkpoints of command tasks.
+    #[arg(long, env = "TETHER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    #[arg(long, value_parser = parse_duration_arg)]
+    heartbeat_interval: Option<Duration>,
+    /// Silence after which the session is declared dead and reconnected.
+    #[arg(long, value_parser = parse_duration_arg)]
+    heartbeat_timeout: Option<Duration>,
+    #[arg(long, value_parser = parse_duration_arg)]
+    initial_reconnect_delay: Option<Duration>,
+    #[arg(long, value_parser = parse_duration_arg)]
+    max_reconnect_delay: Option<Duration>,
+    /// `0.2` for +/-20 %, `full` for full jitter, `0` for none.
+    #[arg(long)]
+    reconnect_jitter: Option<String>,
+    /// Consecutive failed attempts before giving up (default: never).
+    #[arg(long)]
+    max_reconnect_attempts: Option<u32>,
+    /// TOML settings file ([worker] table).
+    #[arg(long, env = "TETHER_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("tag {s:?} is not key=value"))
+}
+
+fn parse_jitter(s: &str) -> anyhow::Result<Jitter> {
+    match s {
+        "full" => Ok(Jitter::Full),
+        "0" | "none" => Ok(Jitter::None),
+        n => {
+            let j: f64 = n
+                .parse()
+                .with_context(|| format!("jitter {n:?} is not a fraction or `full`"))?;
+            if !(0.0..=1.0).contains(&j) {
+                bail!("jitter {j} is outside 0..=1");
+            }
+            Ok(Jitter::Proportional(j))
+        }
+    }
+}
+
+pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
+    let file = settings::load(a.config.as_deref())?.worker;
+    let coordinator = a.coordinator.or(file.coordinator).context(
+        "--coordinator is required (or TETHER_COORDINATOR, or coordinator in the config file)",
+    )?;
+    let id =
+        a.id.or(file.id)
+            .context("--id is required (or TETHER_WORKER_ID, or id in the config file)")?;
+    let id = WorkerId::parse(&id).with_context(|| format!("invalid worker id {id:?}"))?;
+    let mut cfg = WorkerConfig::new(coordinator, id);
+    let caps = if a.capabilities.is_empty() {
+        file.capabilities.unwrap_or_default()
+    } else {
+        a.capabilities
+    };
+    cfg.capabilities = caps;
+    cfg.tags = if a.tags.is_empty() {
+        file.tags.unwrap_or_default()
+    } else {
+        a.tags.into_iter().collect()
+    };
+    if let Some(n) = a.slots.or(file.slots) {
+        if n == 0 {
+            bail!("--slots must be at least 1");
+        }
+        cfg.slots = n;
+    }
+    cfg.state_dir = a.state_dir.or(file.state_dir);
+    let pick = |flag: Option<Duration>, file: Option<String>| -> anyhow::Result<Option<Duration>> {
+        match (flag, file) {
+            (Some(d), _) => Ok(Some(d)),
+            (None, Some(s)) => Ok(Some(settings::duration(&s)?)),
+            _ => Ok(None),
+        }
+    };
+    if let Some(d) = pick(a.heartbeat_interval, file.heartbeat_interval)? {
+        cfg.heartbeat_interval = d;
+    }
+    if let Some(d) = pick(a.heartbeat_timeout, file.heartbeat_timeout)? {
+        cfg.heartbeat_timeout = d;
+    }
+    if let Some(d) = pick(a.initial_reconnect_delay, file.initial_reconnect_delay)? {
+        cfg.backoff.initial = d;
+    }
+    if let Some(d) = pick(a.max_reconnect_delay, file.max_reconnect_delay)? {
+        cfg.backoff.max = d;
+    }
+    if let Some(j) = a.reconnect_jitter.or(file.reconnect_jitter) {
+        cfg.backoff.jitter = parse_jitter(&j)?;
+    }
+    cfg.backoff.max_attempts = a.max_reconnect_attempts.or(file.max_reconnect_attempts);
+    if cfg.heartbeat_timeout <= cfg.heartbeat_interval {
+        bail!(
+            "heartbeat timeout ({:?}) must be longer than the heartbeat interval ({:?})",
+            cfg.heartbeat_timeout,
+            cfg.heartbeat_interval
+        );
+    }
+    Ok(cfg)
+}
+
+pub async fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+    let cfg = worker_config(a)?;
+    let agent = Agent::new(cfg, Executors::builtin())?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            crate::shutdown_signal().await;
+            shutdown.cancel();
+        }
+    });
+    agent.run(shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,88 @@
+//! The optional TOML file. Precedence: flag, then environment variable, then file, then the
+//! library default.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+/// `[coordinator]` and `[worker]` tables; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub coordinator: CoordinatorFile,
+    #[serde(default)]
+    pub worker: WorkerFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorFile {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub heartbeat_interval: Option<String>,
+    pub heartbeat_timeout: Option<String>,
+    pub lost_after: Option<String>,
+    pub max_frame: Option<usize>,
+    pub checkpoints_kept: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerFile {
+    pub coordinator: Option<String>,
+    pub id: Option<String>,
+    pub capabilities: Option<Vec<String>>,
+    pub tags: Option<BTreeMap<String, String>>,
+    pub slots: Option<u32>,
+    pub state_dir: Option<PathBuf>,
+    pub heartbeat_interval: Option<String>,
+    pub heartbeat_timeout: Option<String>,
+    pub initial_reconnect_delay: Option<String>,
+    pub max_reconnect_delay: Option<String>,
+    pub reconnect_jitter: Option<String>,
+    pub max_reconnect_attempts: Option<u32>,
+}
+
+pub fn load(path: Option<&Path>) -> anyhow::Result<FileConfig> {
+    let Some(path) = path else {
+        return Ok(FileConfig::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+/// Parses a duration with a unit (`5s`, `250ms`, `1m`).
+pub fn duration(s: &str) -> anyhow::Result<std::time::Duration> {
+    humantime::parse_duration(s)
+        .with_context(|| format!("invalid duration {s:?} (use e.g. 5s, 250ms)"))
+}
+
+pub fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 5s, 250ms)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_file_with_an_unknown_key_is_refused_clearly() {
+        let dir = tempfile::tempdir().expect("dir");
+        let p = dir.path().join("t.toml");
+        std::fs::write(&p, "[worker]\nslotz = 3\n").expect("write");
+        let e = load(Some(&p)).expect_err("unknown key");
+        assert!(format!("{e:#}").contains("slotz"), "{e:#}");
+        std::fs::write(&p, "[worker]\nslots = 3\nheartbeat_interval = \"2s\"\n").expect("write");
+        let c = load(Some(&p)).expect("valid");
+        assert_eq!(c.worker.slots, Some(3));
+        assert_eq!(
+            duration("2s").expect("d"),
+            std::time::Duration::from_secs(2)
+        );
+        assert!(duration("2 parsecs").is_err());
+    }
+}
