@@ -52,7 +52,13 @@ pub fn encode<T: serde::Serialize>(msg: &T) -> String {
     // INVARIANT: our message types serialise infallibly (string keys, no non-finite floats
     // reach them: stats are computed with guards).
     serde_json::to_string(msg).unwrap_or_else(|e| {
-        format!(r#"{{"type":"error","code":"internal","message":"encode failed: {e}"}}"#)
+        serde_json::json!({
+            "type": "error",
+            "code": "internal",
+            "message": format!("encode failed: {e}"),
+            "timestamp": crate::msg::now(),
+        })
+        .to_string()
     })
 }
 

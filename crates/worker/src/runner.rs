@@ -396,7 +396,10 @@ impl Runner {
         };
         shared.checkpoint_requested.store(true, Ordering::Relaxed);
         shared.checkpoint_wanted.notify_waiters();
-        match (shared.latest(), &req.checkpoint_id) {
+        // Only a checkpoint written by this attempt can be uploaded under it; one handed over
+        // from an earlier attempt is already at the coordinator.
+        let own = shared.latest().filter(|c| c.attempt == req.attempt);
+        match (own, &req.checkpoint_id) {
             (Some(cp), Some(id)) if &cp.id != id => error(format!("checkpoint {id} not found")),
             (Some(cp), _) => {
                 upload_checkpoint(&self.outbox, &req.task_id, &cp, self.chunk_size).await;

@@ -157,23 +157,13 @@ impl Core {
     ) {
         if &r.worker_id != worker {
             tracing::warn!(path_id = %worker, claimed = %r.worker_id, "registration names another worker; closing");
-            Core::send_after_commit(
-                b,
-                session,
-                CoordMsg::error(
-                    ErrorCode::Unexpected,
-                    format!(
-                        "registration names worker {} but this endpoint is for {}",
-                        r.worker_id, worker
-                    ),
-                    Some("registration".into()),
-                    None,
-                ),
-            );
             let s = session.clone();
+            let reason = format!(
+                "registration names worker {} but this endpoint is for {}",
+                r.worker_id, worker
+            );
             b.effects.push(Box::new(move |_| {
-                let _ =
-                    s.tx.send(super::Outgoing::Close(4003, "worker id mismatch".into()));
+                let _ = s.tx.send(super::Outgoing::Close(4003, reason));
             }));
             return;
         }
@@ -191,6 +181,11 @@ impl Core {
                     None,
                 ),
             );
+            let s = session.clone();
+            b.effects.push(Box::new(move |_| {
+                let _ =
+                    s.tx.send(super::Outgoing::Close(4002, "incompatible protocol".into()));
+            }));
             return;
         }
         self.counters.registrations.fetch_add(1, Ordering::Relaxed);
@@ -448,6 +443,14 @@ impl Core {
                 );
                 Disposition::Rejected
             }
+            Standing::Holder
+                if self
+                    .checkpoint_history
+                    .get(&c.task_id)
+                    .is_some_and(|h| h.contains(&c.checkpoint_id)) =>
+            {
+                Disposition::Duplicate
+            }
             Standing::Holder => {
                 if !self.partial.contains_key(&c.checkpoint_id) {
                     let meta = CheckpointMeta {
@@ -468,6 +471,7 @@ impl Core {
                         Partial {
                             meta,
                             received: Default::default(),
+                            bytes: 0,
                         },
                     );
                 }
@@ -502,9 +506,14 @@ impl Core {
     ) {
         let disposition = match self.partial.get_mut(&d.checkpoint_id) {
             Some(p) if &p.meta.worker == worker && p.meta.task_id == d.task_id => {
-                if d.chunk >= p.meta.chunks {
+                let len = d.data.0.len() as u64;
+                if d.chunk >= p.meta.chunks
+                    || d.attempt != p.meta.attempt
+                    || p.bytes + len > p.meta.size
+                {
                     Disposition::Rejected
                 } else if p.received.insert(d.chunk) {
+                    p.bytes += len;
                     b.muts.push(Mutation::PutChunk {
                         checkpoint_id: d.checkpoint_id.clone(),
                         idx: d.chunk,

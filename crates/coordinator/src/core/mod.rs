@@ -99,6 +99,8 @@ impl Counters {
 struct Partial {
     meta: CheckpointMeta,
     received: BTreeSet<u32>,
+    /// Bytes received so far; never more than the declared size.
+    bytes: u64,
 }
 
 /// The core's state.
@@ -168,6 +170,9 @@ impl Core {
                 Partial {
                     meta,
                     received: received.into_iter().collect(),
+                    // Pieces loaded at start are counted as full; the bound is re-checked on
+                    // the pieces still to come.
+                    bytes: 0,
                 },
             );
         }
