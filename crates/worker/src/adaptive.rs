@@ -47,14 +47,16 @@ pub fn heartbeat_timeout(
         .min(cfg.max_heartbeat_timeout.max(configured))
 }
 
-/// The backoff boost for a link with this success rate over recent attempts.
-pub fn backoff_boost(cfg: &AdaptiveConfig, success_rate: f64, attempts: u64) -> f64 {
-    if !cfg.enabled || attempts < 4 {
+/// The backoff boost for a link that keeps connecting but does not stay up: `stability` is the
+/// share of time connected, `sessions` the number of registered sessions so far. A coordinator
+/// that is simply down (no session at all) gets the plain backoff, so recovery is not delayed.
+pub fn backoff_boost(cfg: &AdaptiveConfig, stability: f64, sessions: u64) -> f64 {
+    if !cfg.enabled || sessions < 3 {
         return 1.0;
     }
-    let boost = if success_rate < 0.25 {
+    let boost = if stability < 0.25 {
         cfg.max_backoff_boost
-    } else if success_rate < 0.5 {
+    } else if stability < 0.5 {
         1.0 + (cfg.max_backoff_boost - 1.0) / 2.0
     } else {
         1.0
@@ -91,7 +93,7 @@ mod tests {
     }
 
     #[test]
-    fn backoff_grows_faster_on_a_failing_link() {
+    fn backoff_grows_faster_on_a_flapping_link() {
         let cfg = AdaptiveConfig::default();
         assert_eq!(backoff_boost(&cfg, 1.0, 10), 1.0);
         assert_eq!(backoff_boost(&cfg, 0.1, 2), 1.0, "not enough evidence yet");

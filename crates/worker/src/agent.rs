@@ -283,14 +283,14 @@ impl Agent {
                     tracing::warn!(worker = %self.cfg.worker_id, generation, %reason, registered_ms = registered_for.as_millis() as u64, "session lost");
                 }
             }
-            let (success_rate, attempts) = {
+            let (stability, sessions) = {
                 let s = self.shared.stats().snapshot();
-                (s.success_rate, s.connection_attempts)
+                (s.stability, s.successful_connections)
             };
             backoff.set_boost(adaptive::backoff_boost(
                 &self.cfg.adaptive,
-                success_rate,
-                attempts,
+                stability,
+                sessions,
             ));
             let delay = backoff.next_delay(&mut self.rng);
             self.shared

@@ -1,0 +1,135 @@
+//! A scripted coordinator on the far end of an in-memory pipe.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use futures_util::future::BoxFuture;
+use futures_util::{SinkExt, StreamExt};
+use tether_proto::msg::{CoordMsg, PROTOCOL_VERSION, RegistrationAck, Welcome, now};
+use tether_proto::{WorkerId, decode_worker, encode};
+use tether_worker::connector::{ConnectError, Connector, Io, WsStream, handshake};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// What the fake coordinator does with a connection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Script {
+    /// Connection refused.
+    Refuse,
+    /// HTTP 401 at upgrade.
+    Unauthorized,
+    /// Register the worker, then close at once.
+    RegisterThenClose,
+    /// Register the worker, then answer nothing and read nothing (a black hole).
+    RegisterThenSilence,
+    /// Register and answer heartbeats.
+    Healthy,
+}
+
+#[derive(Clone)]
+pub struct FakeConnector {
+    pub script: Arc<Mutex<Script>>,
+    pub attempts: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl FakeConnector {
+    pub fn new(script: Script) -> Self {
+        Self {
+            script: Arc::new(Mutex::new(script)),
+            attempts: Arc::default(),
+        }
+    }
+
+    pub fn attempts(&self) -> Vec<Instant> {
+        self.attempts.lock().expect("lock").clone()
+    }
+
+    pub fn set(&self, s: Script) {
+        *self.script.lock().expect("lock") = s;
+    }
+}
+
+impl Connector for FakeConnector {
+    fn connect(
+        &self,
+        url: String,
+        config: WebSocketConfig,
+    ) -> BoxFuture<'static, Result<WsStream, ConnectError>> {
+        self.attempts.lock().expect("lock").push(Instant::now());
+        let script = *self.script.lock().expect("lock");
+        Box::pin(async move {
+            match script {
+                Script::Refuse => return Err(ConnectError::Transient("connection refused".into())),
+                Script::Unauthorized => {
+                    return Err(ConnectError::Refused("HTTP 401 at upgrade".into()));
+                }
+                _ => {}
+            }
+            let (client, server) = tokio::io::duplex(1 << 16);
+            tokio::spawn(serve(server, script));
+            let io: Pin<Box<dyn Io>> = Box::pin(client);
+            handshake(url, io, config).await
+        })
+    }
+}
+
+async fn serve(io: tokio::io::DuplexStream, script: Script) {
+    let Ok(mut ws) = tokio_tungstenite::accept_async(io).await else {
+        return;
+    };
+    let worker = WorkerId::parse("w").expect("id");
+    let send = |m: CoordMsg| Message::text(encode(&m));
+    let _ = ws
+        .send(send(CoordMsg::Welcome(Welcome {
+            worker_id: worker.clone(),
+            protocol_version: PROTOCOL_VERSION,
+            session_id: 1,
+            heartbeat_interval_ms: 5000,
+            heartbeat_timeout_ms: 15000,
+            timestamp: now(),
+        })))
+        .await;
+    // Wait for the registration.
+    while let Some(Ok(m)) = ws.next().await {
+        if let Message::Text(t) = m
+            && t.as_str().contains("\"registration\"")
+        {
+            break;
+        }
+    }
+    let _ = ws
+        .send(send(CoordMsg::RegistrationAck(RegistrationAck {
+            worker_id: worker,
+            session_id: 1,
+            directives: vec![],
+            timestamp: now(),
+        })))
+        .await;
+    match script {
+        Script::RegisterThenClose => {
+            let _ = ws.close(None).await;
+        }
+        Script::RegisterThenSilence => {
+            // Hold the connection open and never read or write again.
+            std::future::pending::<()>().await;
+        }
+        Script::Healthy => {
+            while let Some(Ok(m)) = ws.next().await {
+                if let Message::Text(t) = m
+                    && let Ok(tether_proto::WorkerMsg::Heartbeat(h)) = decode_worker(t.as_str())
+                {
+                    let reply = CoordMsg::Heartbeat(tether_proto::msg::HeartbeatReply {
+                        response_to: Some(h.sequence),
+                        actions: vec![],
+                        timestamp: now(),
+                    });
+                    if ws.send(send(reply)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        Script::Refuse | Script::Unauthorized => {}
+    }
+}

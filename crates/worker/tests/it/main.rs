@@ -1,0 +1,5 @@
+//! The worker's connection state machine under paused time, over in-memory pipes: backoff,
+//! refusals, liveness. Deterministic and fast: a 60 s backoff takes no real time.
+
+mod fake;
+mod state_machine;

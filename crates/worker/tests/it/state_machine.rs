@@ -1,0 +1,129 @@
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tether_proto::WorkerId;
+use tether_worker::backoff::Jitter;
+use tether_worker::{Agent, AgentError, ConnState, Executors, WorkerConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::fake::{FakeConnector, Script};
+
+fn config() -> WorkerConfig {
+    let mut c = WorkerConfig::new(
+        "ws://coordinator.invalid:1",
+        WorkerId::parse("w").expect("id"),
+    );
+    c.backoff.jitter = Jitter::None;
+    c.seed = Some(1);
+    c
+}
+
+fn gaps(attempts: &[tokio::time::Instant]) -> Vec<u64> {
+    attempts
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis() as u64)
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn reconnect_delays_double_to_the_cap_and_max_attempts_leads_to_failed() {
+    let fake = FakeConnector::new(Script::Refuse);
+    let mut cfg = config();
+    cfg.backoff.max_attempts = Some(9);
+    let agent = Agent::new(cfg, Executors::builtin())
+        .expect("config")
+        .with_connector(fake.clone());
+    let handle = agent.handle();
+    let r = agent.run(CancellationToken::new()).await;
+    assert!(
+        matches!(r, Err(AgentError::GaveUp { attempts: 9 })),
+        "{r:?}"
+    );
+    assert_eq!(handle.state(), ConnState::Failed);
+    assert_eq!(
+        gaps(&fake.attempts()),
+        [1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 60_000, 60_000]
+    );
+    let s = handle.stats();
+    assert_eq!(s.connection_attempts, 9);
+    assert_eq!(s.failed_connections, 9);
+    assert_eq!(s.successful_connections, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_permanent_refusal_is_reported_and_not_retried() {
+    let fake = FakeConnector::new(Script::Unauthorized);
+    let agent = Agent::new(config(), Executors::builtin())
+        .expect("config")
+        .with_connector(fake.clone());
+    let handle = agent.handle();
+    let r = agent.run(CancellationToken::new()).await;
+    match r {
+        Err(AgentError::Refused(reason)) => assert!(reason.contains("401"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(fake.attempts().len(), 1);
+    assert_eq!(handle.state(), ConnState::Failed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_coordinator_that_accepts_then_closes_does_not_cause_a_tight_loop() {
+    let fake = FakeConnector::new(Script::RegisterThenClose);
+    let agent = Agent::new(config(), Executors::builtin())
+        .expect("config")
+        .with_connector(fake.clone());
+    let handle = agent.handle();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(agent.run(stop.clone()));
+    let end = tokio::time::Instant::now() + Duration::from_secs(200);
+    while fake.attempts().len() < 7 && tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    run.await.expect("join").expect("clean stop");
+    let g = gaps(&fake.attempts());
+    // Registered sessions that do not stay healthy never reset the backoff, and once the link
+    // is seen flapping the delays grow faster than the plain doubling.
+    assert_eq!(&g[..2], [1_000, 2_000], "{g:?}");
+    for (i, gap) in g.iter().enumerate().take(6) {
+        assert!(*gap >= 1_000 << i, "gap {i} is {gap} ms: {g:?}");
+    }
+    assert!(g[2] > 4_000, "adaptive boost on a flapping link: {g:?}");
+    assert!(handle.stats().backoff_factor > 2.0);
+    assert!(handle.registrations() >= 6);
+    assert_eq!(handle.shared.max_live_connections.load(Ordering::SeqCst), 1);
+    assert_eq!(handle.shared.live_connections.load(Ordering::SeqCst), 0);
+    assert_eq!(handle.state(), ConnState::Shutdown);
+    assert_eq!(handle.runner.live_tasks(), 0, "no task outlives the agent");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_link_is_declared_dead_after_the_heartbeat_timeout_and_timers_restart() {
+    let fake = FakeConnector::new(Script::RegisterThenSilence);
+    let agent = Agent::new(config(), Executors::builtin())
+        .expect("config")
+        .with_connector(fake.clone());
+    let handle = agent.handle();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(agent.run(stop.clone()));
+    handle.wait_state(|s| s == ConnState::Connected).await;
+    let connected = tokio::time::Instant::now();
+    // After the first dead session, let the next one be healthy.
+    handle.wait_state(|s| s != ConnState::Connected).await;
+    let dead_after = connected.elapsed();
+    fake.set(Script::Healthy);
+    assert!(
+        dead_after >= Duration::from_secs(15) && dead_after < Duration::from_secs(16),
+        "declared dead after {dead_after:?}"
+    );
+    handle.wait_state(|s| s == ConnState::Connected).await;
+    // A healthy session is not declared dead: its timers started with it.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(handle.state(), ConnState::Connected);
+    let s = handle.stats();
+    assert!(s.rtt_samples >= 20, "{s:?}");
+    assert_eq!(s.reconnects, 1);
+    assert_eq!(fake.attempts().len(), 2);
+    stop.cancel();
+    run.await.expect("join").expect("clean stop");
+}
