@@ -117,3 +117,63 @@ async fn an_oversize_frame_closes_the_session_with_1009() {
     assert_eq!(s, 200);
     c.stop().await;
 }
+
+#[tokio::test]
+async fn the_coordinator_decodes_and_handles_every_worker_message() {
+    use tether_proto::msg::WorkerMsg;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let url = format!("ws://{}/api/v1/worker/worker-sample/ws", c.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connect");
+    assert_eq!(next_json(&mut ws).await["type"], "welcome");
+    let samples = tether_proto::samples::worker_messages();
+    let mut handled = Vec::new();
+    for (k, msg) in samples.iter().enumerate() {
+        ws.send(Message::text(tether_proto::encode(msg)))
+            .await
+            .expect("send");
+        // A heartbeat after each message marks the end of its replies.
+        let marker = 1000 + k as u64;
+        ws.send(Message::text(format!(
+            r#"{{"type":"heartbeat","sequence":{marker},"active_tasks":[],"timestamp":"2026-01-01T00:00:00Z"}}"#
+        )))
+        .await
+        .expect("send");
+        let mut replies = Vec::new();
+        loop {
+            let v = next_json(&mut ws).await;
+            if v["type"] == "heartbeat" && v["response_to"] == marker {
+                break;
+            }
+            replies.push(v);
+        }
+        for r in &replies {
+            assert!(
+                !(r["type"] == "error"
+                    && (r["code"] == "unknown_type" || r["code"] == "bad_frame")),
+                "{} was not understood: {r}",
+                msg.type_name()
+            );
+        }
+        let types: Vec<String> = replies
+            .iter()
+            .map(|r| r["type"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        match msg {
+            WorkerMsg::Registration(_) => assert_eq!(types, ["registration_ack"]),
+            m if m.seq().is_some() => {
+                let want = format!("{}_ack", m.type_name());
+                assert!(types.contains(&want), "{} got {types:?}", m.type_name());
+            }
+            _ => {}
+        }
+        handled.push(msg.type_name());
+    }
+    assert_eq!(handled.len(), tether_proto::msg::WORKER_MSG_TYPES.len());
+    let o = c.client().overview().await;
+    assert_eq!(o["counters"]["unknown_frames"], 0);
+    assert_eq!(o["counters"]["malformed_frames"], 0);
+    c.stop().await;
+}

@@ -25,6 +25,8 @@ pub enum Script {
     RegisterThenSilence,
     /// Register and answer heartbeats.
     Healthy,
+    /// Register, send one sample of every coordinator message, then answer heartbeats.
+    Conformance,
 }
 
 #[derive(Clone)]
@@ -114,7 +116,12 @@ async fn serve(io: tokio::io::DuplexStream, script: Script) {
             // Hold the connection open and never read or write again.
             std::future::pending::<()>().await;
         }
-        Script::Healthy => {
+        Script::Healthy | Script::Conformance => {
+            if script == Script::Conformance {
+                for m in tether_proto::samples::coord_messages() {
+                    let _ = ws.send(send(m)).await;
+                }
+            }
             while let Some(Ok(m)) = ws.next().await {
                 if let Message::Text(t) = m
                     && let Ok(tether_proto::WorkerMsg::Heartbeat(h)) = decode_worker(t.as_str())
