@@ -22,7 +22,11 @@ use tokio_util::sync::CancellationToken;
 struct Train;
 
 impl Executor for Train {
-    fn execute(&self, input: TaskInput, ctx: TaskCtx) -> BoxFuture<'static, Result<Value, ExecError>> {
+    fn execute(
+        &self,
+        input: TaskInput,
+        ctx: TaskCtx,
+    ) -> BoxFuture<'static, Result<Value, ExecError>> {
         Box::pin(async move {
             let epochs = input.config["epochs"].as_u64().unwrap_or(10);
             // Resume from the latest checkpoint, if an earlier attempt left one.
@@ -38,9 +42,12 @@ impl Executor for Train {
                     _ = ctx.cancelled() => return Err(ExecError::Cancelled),
                 }
                 loss *= 0.9;
-                ctx.report_state(json!({"epoch": epoch + 1, "loss": loss})).await;
+                ctx.report_state(json!({"epoch": epoch + 1, "loss": loss}))
+                    .await;
                 // A paused task parks inside `checkpoint` until it is resumed.
-                let data = json!({"epoch": epoch + 1, "loss": loss}).to_string().into_bytes();
+                let data = json!({"epoch": epoch + 1, "loss": loss})
+                    .to_string()
+                    .into_bytes();
                 ctx.checkpoint(data).await;
             }
             Ok(json!({"epochs": epochs, "resumed_from": start, "loss": loss}))
