@@ -11,6 +11,8 @@
 mod api;
 mod messages;
 mod tasks;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;

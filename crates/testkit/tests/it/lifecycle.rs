@@ -154,3 +154,27 @@ async fn cancel_and_pause_reach_a_running_task() {
     w.stop().await.expect("stop");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_task_past_its_timeout_ends_timed_out_with_one_result() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
+    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let mut spec = TaskSpec::new(
+        "command",
+        serde_json::json!({"program": "sleep", "args": ["30"]}),
+    );
+    spec.timeout_ms = Some(300);
+    let ids = client.submit(&[spec]).await;
+    let t = client.wait_status(&ids[0], "timed_out").await;
+    assert_eq!(t["outcome"], "timed_out");
+    assert_eq!(client.results(&ids[0]).await.len(), 1);
+    wait_for("the worker to be idle", DEADLINE, || async {
+        w.handle.active_tasks().is_empty().then_some(())
+    })
+    .await;
+    w.stop().await.expect("stop");
+    c.stop().await;
+}

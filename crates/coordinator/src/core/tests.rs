@@ -1,0 +1,224 @@
+//! Unit tests of the core without sockets or disk: events in, mutations and effects out.
+
+use std::sync::Arc;
+
+use tether_proto::msg::{
+    CoordMsg, Disposition, Inventory, Registration, TaskResult, WorkerMsg, now,
+};
+use tether_proto::{Attempt, Outcome, Seq, TaskId, TaskSpec, TaskStatus, WorkerId};
+use tokio::sync::mpsc;
+
+use super::{Api, Core, Counters, Event, Outgoing, SessionRef};
+use crate::config::CoordinatorConfig;
+use crate::store::{Batch, Loaded};
+
+struct Harness {
+    core: Core,
+    conn: rusqlite::Connection,
+    next_session: u64,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let cfg = Arc::new(CoordinatorConfig::new("/nonexistent"));
+        Self {
+            core: Core::new(cfg, Loaded::default(), Arc::new(Counters::default())),
+            conn: rusqlite::Connection::open_in_memory().expect("sqlite"),
+            next_session: 1,
+        }
+    }
+
+    /// Applies one event, dispatches, runs the effects.
+    fn step(&mut self, ev: Event) {
+        let mut b = Batch::default();
+        self.core.apply(ev, &mut b);
+        if self.core.dispatch_needed {
+            self.core.dispatch_needed = false;
+            self.core.dispatch(&mut b);
+        }
+        for e in b.effects {
+            e(&self.conn);
+        }
+    }
+
+    fn connect(&mut self, worker: &str) -> (u64, mpsc::UnboundedReceiver<Outgoing>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = self.next_session;
+        self.next_session += 1;
+        self.step(Event::Connected {
+            worker: wid(worker),
+            session: SessionRef { id, tx },
+        });
+        self.frame(
+            worker,
+            id,
+            WorkerMsg::Registration(Registration {
+                worker_id: wid(worker),
+                protocol_version: tether_proto::PROTOCOL_VERSION,
+                boot_id: "b".into(),
+                capabilities: vec![],
+                tags: Default::default(),
+                slots: 1,
+                executors: vec!["sleep".into()],
+                inventory: Inventory::default(),
+                timestamp: now(),
+            }),
+        );
+        (id, rx)
+    }
+
+    fn frame(&mut self, worker: &str, session_id: u64, msg: WorkerMsg) {
+        self.step(Event::Frame {
+            worker: wid(worker),
+            session_id,
+            msg,
+        });
+    }
+
+    fn submit(&mut self) -> TaskId {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        self.step(Event::Api(Api::Submit {
+            specs: vec![TaskSpec::new("sleep", serde_json::json!({}))],
+            reply: tx,
+        }));
+        rx.try_recv().expect("reply").expect("submitted").remove(0)
+    }
+}
+
+fn wid(s: &str) -> WorkerId {
+    WorkerId::parse(s).expect("id")
+}
+
+fn drain(rx: &mut mpsc::UnboundedReceiver<Outgoing>) -> Vec<CoordMsg> {
+    let mut v = Vec::new();
+    while let Ok(Outgoing::Msg(m)) = rx.try_recv() {
+        v.push(m);
+    }
+    v
+}
+
+fn result(seq: u64, task: &TaskId, attempt: u32) -> WorkerMsg {
+    WorkerMsg::TaskResult(TaskResult {
+        seq: Seq(seq),
+        task_id: task.clone(),
+        attempt: Attempt(attempt),
+        outcome: Outcome::Completed,
+        result: serde_json::json!({}),
+        error: None,
+        started_at: now(),
+        finished_at: now(),
+        duration_ms: 1,
+        timestamp: now(),
+    })
+}
+
+fn result_ack(msgs: &[CoordMsg]) -> Disposition {
+    msgs.iter()
+        .find_map(|m| match m {
+            CoordMsg::TaskResultAck(a) => Some(a.disposition),
+            _ => None,
+        })
+        .expect("a task_result_ack")
+}
+
+#[test]
+fn a_resent_result_is_acknowledged_as_duplicate_and_counted_once() {
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit();
+    assert!(
+        drain(&mut rx)
+            .iter()
+            .any(|m| matches!(m, CoordMsg::TaskAssignment(_)))
+    );
+    h.frame("a", s, result(1, &t, 1));
+    assert_eq!(result_ack(&drain(&mut rx)), Disposition::Recorded);
+    h.frame("a", s, result(2, &t, 1));
+    assert_eq!(result_ack(&drain(&mut rx)), Disposition::Duplicate);
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Completed);
+    assert_eq!(Counters::get(&h.core.counters.results_recorded), 1);
+    assert_eq!(Counters::get(&h.core.counters.results_duplicate), 1);
+}
+
+#[test]
+fn a_result_of_an_attempt_that_lost_its_lease_is_stale_and_one_from_a_stranger_is_rejected() {
+    let mut h = Harness::new();
+    let (sa, mut rxa) = h.connect("a");
+    let t = h.submit();
+    drain(&mut rxa);
+    // a goes away; its lease is released and the task requeued (attempt 2 goes to b).
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: sa,
+    });
+    let mut b = Batch::default();
+    h.core.release_and_requeue(&t, "worker lost", &mut b);
+    let (sb, mut rxb) = h.connect("b");
+    assert!(
+        drain(&mut rxb)
+            .iter()
+            .any(|m| matches!(m, CoordMsg::TaskAssignment(x) if x.attempt == Attempt(2)))
+    );
+    // a comes back with its late result for attempt 1: kept as stale, not counted.
+    let (sa2, mut rxa2) = h.connect("a");
+    h.frame("a", sa2, result(1, &t, 1));
+    assert_eq!(result_ack(&drain(&mut rxa2)), Disposition::Stale);
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Running);
+    // c never held the task.
+    let (sc, mut rxc) = h.connect("c");
+    h.frame("c", sc, result(1, &t, 2));
+    let msgs = drain(&mut rxc);
+    assert_eq!(result_ack(&msgs), Disposition::Rejected);
+    assert!(msgs.iter().any(
+        |m| matches!(m, CoordMsg::Error(e) if e.code == tether_proto::msg::ErrorCode::NotLeased)
+    ));
+    // b's result counts.
+    h.frame("b", sb, result(1, &t, 2));
+    assert_eq!(result_ack(&drain(&mut rxb)), Disposition::Recorded);
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Completed);
+    assert_eq!(Counters::get(&h.core.counters.results_stale), 1);
+    assert_eq!(Counters::get(&h.core.counters.rejected), 1);
+}
+
+#[test]
+fn a_task_lost_more_than_max_attempts_times_fails_clearly() {
+    let mut h = Harness::new();
+    let t = h.submit();
+    for (i, w) in ["a", "b", "c"].into_iter().enumerate() {
+        let (s, _rx) = h.connect(w);
+        assert_eq!(h.core.tasks[&t].attempt, Attempt(i as u32 + 1));
+        h.step(Event::Disconnected {
+            worker: wid(w),
+            session_id: s,
+        });
+        let mut b = Batch::default();
+        h.core.release_and_requeue(&t, "worker lost", &mut b);
+    }
+    let task = &h.core.tasks[&t];
+    assert_eq!(task.status, TaskStatus::Failed);
+    assert!(
+        task.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("no attempts left")
+    );
+    assert!(h.core.queue.is_empty());
+}
+
+#[test]
+fn the_late_close_of_a_replaced_session_does_not_disconnect_the_new_one() {
+    let mut h = Harness::new();
+    let (old, mut old_rx) = h.connect("a");
+    let (new, _rx) = h.connect("a");
+    assert!(matches!(
+        old_rx.try_recv(),
+        Ok(Outgoing::Msg(_)) | Ok(Outgoing::Close(..))
+    ));
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: old,
+    });
+    let w = &h.core.workers[&wid("a")];
+    assert_eq!(w.session.as_ref().map(|s| s.id), Some(new));
+    assert_eq!(w.state, crate::model::WorkerState::Connected);
+}
