@@ -2,7 +2,11 @@
 //! (Connecting -> Connected -> Disconnected -> ... -> Failed | Shutdown). Sessions run inline in
 //! that task, so there are never two live connections; each session has a generation number
 //! and everything it started ends with it, so late events of an old session do nothing.
+//! With a state directory the agent starts from what the previous process left: its outbox,
+//! its sequence numbers, and the tasks that died with it (reported `lost` at registration).
 
+use std::collections::HashMap;
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,7 +15,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tether_proto::endpoint::{EndpointError, derive_endpoint};
 use tether_proto::task::ConnStats;
-use tether_proto::{TaskRef, WorkerId};
+use tether_proto::{TaskId, TaskRef, WorkerId};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -19,10 +23,11 @@ use crate::adaptive;
 use crate::backoff::Backoff;
 use crate::config::WorkerConfig;
 use crate::connector::{ConnectError, Connector, TcpConnector, ws_config};
-use crate::executor::Executors;
+use crate::executor::{Executors, StoredCheckpoint};
 use crate::outbox::Outbox;
 use crate::runner::Runner;
 use crate::session::{Session, SessionEnd};
+use crate::statedir::{Restored, StateDir};
 use crate::stats::{ConnState, StatsTracker};
 
 /// How long running tasks get to stop at shutdown.
@@ -146,6 +151,9 @@ pub struct Agent {
     pub(crate) rng: StdRng,
     pub(crate) lost: Vec<TaskRef>,
     pub(crate) heartbeat_seq: u64,
+    pub(crate) state: Option<Arc<StateDir>>,
+    /// The latest checkpoint of each task lost with the previous process.
+    pub(crate) lost_checkpoints: HashMap<TaskId, StoredCheckpoint>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -161,10 +169,31 @@ impl Agent {
     /// Builds an agent; fails on a configuration error (bad URL, unusable state directory).
     pub fn new(cfg: WorkerConfig, executors: Executors) -> Result<Self, AgentError> {
         let endpoint = derive_endpoint(&cfg.coordinator, &cfg.worker_id)?;
-        let outbox = Arc::new(Outbox::new(cfg.outbox));
+        let (state, restored) = match &cfg.state_dir {
+            Some(dir) => {
+                let (sd, restored) = StateDir::open(dir, &cfg.worker_id)
+                    .map_err(|e| AgentError::StateDir(e.to_string()))?;
+                (Some(sd), restored)
+            }
+            None => (None, Restored::default()),
+        };
+        let mut outbox = Outbox::starting_at(cfg.outbox, restored.last_seq);
+        if let Some(sd) = &state {
+            outbox = outbox.with_journal(sd.clone());
+        }
+        for (class, msg) in restored.entries {
+            outbox.restore(class, msg);
+        }
+        let outbox = Arc::new(outbox);
         let mut runner = Runner::new(executors, outbox.clone(), cfg.checkpoint_chunk_size);
         if let Some(dir) = &cfg.state_dir {
             runner = runner.with_checkpoint_root(dir.join("tasks"));
+        }
+        if let Some(sd) = &state {
+            runner = persist_runner(runner, sd);
+        }
+        for t in &restored.lost {
+            tracing::warn!(worker = %cfg.worker_id, task = %t.task_id, attempt = %t.attempt, "task died with the previous worker process; reporting it lost");
         }
         let seed = cfg.seed.unwrap_or_else(rand::random);
         tracing::info!(worker = %cfg.worker_id, %endpoint, seed, "worker configured");
@@ -191,8 +220,10 @@ impl Agent {
             connector: Arc::new(TcpConnector),
             boot_id: format!("b-{}", uuid::Uuid::new_v4().simple()),
             rng: StdRng::seed_from_u64(seed),
-            lost: Vec::new(),
+            lost: restored.lost,
             heartbeat_seq: 0,
+            state,
+            lost_checkpoints: restored.checkpoints.into_iter().collect(),
             cfg,
         })
     }
@@ -216,9 +247,27 @@ impl Agent {
         &self.endpoint
     }
 
+    /// Tasks this agent will report lost at its next registration.
+    pub fn lost(&self) -> &[TaskRef] {
+        &self.lost
+    }
+
+    /// The latest checkpoint of a task lost with the previous process, kept in the state
+    /// directory (it was uploaded by the process that wrote it).
+    pub fn lost_checkpoint(&self, task: &TaskId) -> Option<&StoredCheckpoint> {
+        self.lost_checkpoints.get(task)
+    }
+
     /// Runs until `shutdown`, a permanent refusal, or `max_reconnect_attempts` failures.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), AgentError> {
-        let result = self.connect_loop(&shutdown).await;
+        let forget = forget_lost_once_registered(
+            self.state.clone().filter(|_| !self.lost.is_empty()),
+            self.shared.state.subscribe(),
+        );
+        let result = tokio::select! {
+            r = self.connect_loop(&shutdown) => r,
+            never = forget => match never {},
+        };
         self.runner.shutdown(SHUTDOWN_GRACE).await;
         match &result {
             Ok(()) => self.shared.set_state(ConnState::Shutdown),
@@ -312,6 +361,43 @@ impl Agent {
             }
         }
     }
+}
+
+/// Records starts, checkpoints and ends of tasks in the state directory. A failed write is
+/// logged: the task still runs, only its survival of a crash is at stake.
+fn persist_runner(runner: Runner, sd: &Arc<StateDir>) -> Runner {
+    let (on_start, on_checkpoint, on_finish) = (sd.clone(), sd.clone(), sd.clone());
+    runner
+        .with_start_hook(Arc::new(move |task, attempt| {
+            if let Err(error) = on_start.task_started(task, attempt) {
+                tracing::error!(task = %task, attempt = %attempt, %error, "could not record a running task");
+            }
+        }))
+        .with_checkpoint_sink(Arc::new(move |task, cp| {
+            if let Err(error) = on_checkpoint.store_checkpoint(task, cp) {
+                tracing::error!(task = %task, checkpoint = %cp.id, %error, "could not store a checkpoint");
+            }
+        }))
+        .with_finished_hook(Arc::new(move |task, attempt| {
+            if let Err(error) = on_finish.task_finished(task, attempt) {
+                tracing::error!(task = %task, attempt = %attempt, %error, "could not record the end of a task");
+            }
+        }))
+}
+
+/// Once a registration has been acknowledged (the coordinator requeued the lost tasks before
+/// it answered), the lost set is forgotten on disk too. Never completes.
+async fn forget_lost_once_registered(
+    state: Option<Arc<StateDir>>,
+    mut conn: watch::Receiver<ConnState>,
+) -> Infallible {
+    if let Some(sd) = state
+        && conn.wait_for(|s| *s == ConnState::Connected).await.is_ok()
+        && let Err(error) = sd.forget_lost()
+    {
+        tracing::error!(%error, "could not forget the tasks reported lost");
+    }
+    std::future::pending().await
 }
 
 /// Counts a connection as live for as long as it exists.

@@ -10,6 +10,7 @@
 //! - [`outbox`]: what must be delivered, bounded, ordered and coalesced.
 //! - [`runner`]: runs assignments on their own tasks; cancel, pause, resume.
 //! - [`executor`]: the [`Executor`] trait, the task context and the built-in executors.
+//! - [`statedir`]: the `--state-dir`: lock, identity, outbox journal, running set, checkpoints.
 //! - [`config`]: settings and their defaults.
 
 pub mod adaptive;
@@ -21,6 +22,7 @@ pub mod executor;
 pub mod outbox;
 pub mod runner;
 pub mod session;
+pub mod statedir;
 pub mod stats;
 
 pub use agent::{Agent, AgentError, AgentHandle};

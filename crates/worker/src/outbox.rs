@@ -6,6 +6,8 @@
 //! again. State updates of one task coalesce to the latest, as does telemetry. Heartbeats never
 //! enter the outbox. The outbox is bounded: producers wait for room ([`Outbox::reserve`]),
 //! telemetry is dropped first, and the first time it fills a warning is logged and counted.
+//! With a [`Journal`] (the state directory) every change is written through before it takes
+//! effect, so a restarted worker finds what was not yet acknowledged.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -37,6 +39,15 @@ pub enum Coalesce {
 }
 
 type Key = (Class, u64);
+
+/// Where the outbox writes itself through (the state directory). Called with the outbox's lock
+/// held, so writes land in the order the outbox changed; a write is complete (durable) when
+/// the call returns.
+pub trait Journal: Send + Sync {
+    /// `put` entered the outbox and the entries `removed` left it (acked, coalesced away or
+    /// dropped), as one write.
+    fn write(&self, put: Option<(Class, Seq, &WorkerMsg)>, removed: &[Seq]);
+}
 
 #[derive(Debug)]
 struct Entry {
@@ -74,10 +85,10 @@ impl Default for Limits {
 }
 
 /// The outbox. Shared (`Arc`) between the executors that fill it and the session that drains it.
-#[derive(Debug)]
 pub struct Outbox {
     inner: Mutex<Inner>,
     limits: Limits,
+    journal: Option<std::sync::Arc<dyn Journal>>,
     /// Woken when an entry becomes sendable.
     ready: Notify,
     /// Woken when room is made.
@@ -86,6 +97,15 @@ pub struct Outbox {
     pub full_events: AtomicU64,
     /// Telemetry entries dropped to make room.
     pub dropped: AtomicU64,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("limits", &self.limits)
+            .field("journal", &self.journal.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Outbox {
@@ -102,10 +122,27 @@ impl Outbox {
                 ..Inner::default()
             }),
             limits,
+            journal: None,
             ready: Notify::new(),
             room: Notify::new(),
             full_events: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Writes every later change through `journal` (set once, at construction).
+    pub fn with_journal(mut self, journal: std::sync::Arc<dyn Journal>) -> Self {
+        self.journal = Some(journal);
+        self
+    }
+
+    fn journal(&self, put: Option<(Class, Seq, &WorkerMsg)>, removed: &[u64]) {
+        if put.is_none() && removed.is_empty() {
+            return;
+        }
+        if let Some(j) = &self.journal {
+            let removed: Vec<Seq> = removed.iter().copied().map(Seq).collect();
+            j.write(put, &removed);
         }
     }
 
@@ -127,19 +164,22 @@ impl Outbox {
             let mut inner = self.lock();
             let seq = inner.next_seq;
             inner.next_seq += 1;
+            let mut removed = Vec::new();
             if let Some(key) = &coalesce {
-                if let Some(old) = inner.coalesced.remove(key) {
-                    inner.remove(old);
+                if let Some(old) = inner.coalesced.remove(key)
+                    && inner.remove(old)
+                {
+                    removed.push(old);
                 }
                 inner.coalesced.insert(key.clone(), seq);
             }
-            let msg = make(Seq(seq));
+            let msg = std::sync::Arc::new(make(Seq(seq)));
             let bytes = approx_size(&msg);
             inner.class_of.insert(seq, class);
             inner.entries.insert(
                 (class, seq),
                 Entry {
-                    msg: std::sync::Arc::new(msg),
+                    msg: msg.clone(),
                     bytes,
                     coalesce,
                 },
@@ -147,8 +187,10 @@ impl Outbox {
             inner.unsent.insert((class, seq));
             inner.bytes += bytes;
             if inner.over(&self.limits) {
-                self.make_room(&mut inner);
+                removed.extend(self.make_room(&mut inner));
             }
+            // INVARIANT: journaled under the lock, before the entry can be acked or returned.
+            self.journal(Some((class, Seq(seq), &msg)), &removed);
             Seq(seq)
         };
         self.ready.notify_one();
@@ -165,7 +207,8 @@ impl Outbox {
                 if !inner.over(&self.limits) {
                     return;
                 }
-                self.make_room(&mut inner);
+                let dropped = self.make_room(&mut inner);
+                self.journal(None, &dropped);
                 if !inner.over(&self.limits) {
                     return;
                 }
@@ -174,18 +217,21 @@ impl Outbox {
         }
     }
 
-    fn make_room(&self, inner: &mut Inner) {
+    /// Drops telemetry until within bounds; returns the sequence numbers dropped.
+    fn make_room(&self, inner: &mut Inner) -> Vec<u64> {
         // Telemetry goes first: it is the only class that may be dropped.
         let telemetry: Vec<u64> = inner
             .entries
             .range((Class::Telemetry, 0)..)
             .map(|(k, _)| k.1)
             .collect();
+        let mut dropped = Vec::new();
         for seq in telemetry {
             if !inner.over(&self.limits) {
                 break;
             }
             inner.remove(seq);
+            dropped.push(seq);
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
         if inner.over(&self.limits) && !inner.full {
@@ -199,6 +245,7 @@ impl Outbox {
                 "outbox is full; tasks wait until the coordinator acknowledges what is queued"
             );
         }
+        dropped
     }
 
     /// Marks `seq` delivered. Returns whether it was still held.
@@ -207,6 +254,9 @@ impl Outbox {
             let mut inner = self.lock();
             inner.acked_max = inner.acked_max.max(seq.0);
             let removed = inner.remove(seq.0);
+            if removed {
+                self.journal(None, &[seq.0]);
+            }
             if inner.full && !inner.over(&self.limits) {
                 inner.full = false;
                 tracing::info!("outbox has room again");
@@ -519,6 +569,40 @@ mod tests {
             .await
             .expect("woken")
             .expect("joined");
+    }
+
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<(Option<u64>, Vec<u64>)>>);
+
+    impl Journal for Recorder {
+        fn write(&self, put: Option<(Class, Seq, &WorkerMsg)>, removed: &[Seq]) {
+            let removed = removed.iter().map(|s| s.0).collect();
+            self.0
+                .lock()
+                .expect("recorder")
+                .push((put.map(|p| p.1.0), removed));
+        }
+    }
+
+    #[test]
+    fn the_journal_sees_pushes_coalesced_replacements_and_acks() {
+        let rec = std::sync::Arc::new(Recorder::default());
+        let ob = Outbox::new(Limits::default()).with_journal(rec.clone());
+        let s1 = state(&ob, "a", 1);
+        let s2 = state(&ob, "a", 2);
+        let r = result(&ob, "x");
+        assert!(ob.ack(r));
+        assert!(!ob.ack(r), "a repeated ack writes nothing");
+        let log = rec.0.lock().expect("recorder").clone();
+        assert_eq!(
+            log,
+            vec![
+                (Some(s1.0), vec![]),
+                (Some(s2.0), vec![s1.0]),
+                (Some(r.0), vec![]),
+                (None, vec![r.0]),
+            ]
+        );
     }
 
     #[test]

@@ -30,6 +30,9 @@ const DONE_MEMORY: usize = 4096;
 /// Called when a task leaves the running set.
 pub type FinishedHook = Arc<dyn Fn(&TaskId, Attempt) + Send + Sync>;
 
+/// Called when a task enters the running set, before anything can report it running.
+pub type StartHook = Arc<dyn Fn(&TaskId, Attempt) + Send + Sync>;
+
 /// Why a running task was stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StopReason {
@@ -64,6 +67,7 @@ pub struct Runner {
     checkpoint_root: Option<PathBuf>,
     on_checkpoint: Option<CheckpointSink>,
     on_finished: Option<FinishedHook>,
+    on_started: Option<StartHook>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -83,6 +87,7 @@ impl Runner {
             checkpoint_root: None,
             on_checkpoint: None,
             on_finished: None,
+            on_started: None,
         }
     }
 
@@ -101,6 +106,12 @@ impl Runner {
     /// Called when a task leaves the running set (persistence).
     pub fn with_finished_hook(mut self, hook: FinishedHook) -> Self {
         self.on_finished = Some(hook);
+        self
+    }
+
+    /// Called when a task starts (persistence).
+    pub fn with_start_hook(mut self, hook: StartHook) -> Self {
+        self.on_started = Some(hook);
         self
     }
 
@@ -157,6 +168,10 @@ impl Runner {
                 data: Arc::new(c.data.0.clone()),
             });
             let shared = TaskShared::new(a.task_id.clone(), a.attempt, latest);
+            // Under the table lock, so `active()` never shows a task not yet recorded.
+            if let Some(hook) = &self.on_started {
+                hook(&a.task_id, a.attempt);
+            }
             t.running.insert(
                 a.task_id.clone(),
                 Running {
