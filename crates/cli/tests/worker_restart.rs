@@ -1,0 +1,207 @@
+//! A real `tether worker` process killed with SIGKILL and started again on the same
+//! `--state-dir`: tasks that died with it are reported lost and resume from their checkpoint,
+//! and results it had not delivered are delivered exactly once.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tether_testkit::*;
+
+/// Generous: the worker is a separate process on a small, busy machine.
+const LONG: Duration = Duration::from_secs(60);
+
+/// A `tether worker` child process, killed (SIGKILL) when dropped.
+struct WorkerProcess {
+    child: Child,
+}
+
+impl WorkerProcess {
+    fn start(addr: SocketAddr, state_dir: &Path, log: &Path) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("worker log");
+        let child = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["--log", "info", "worker", "--coordinator"])
+            .arg(format!("ws://{addr}"))
+            .args(["--id", "w1", "--slots", "2", "--state-dir"])
+            .arg(state_dir)
+            .args([
+                "--heartbeat-interval",
+                "200ms",
+                "--heartbeat-timeout",
+                "2s",
+                "--initial-reconnect-delay",
+                "50ms",
+                "--max-reconnect-delay",
+                "500ms",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start tether worker");
+        Self { child }
+    }
+
+    /// SIGKILL, and reap it.
+    fn kill(mut self) {
+        self.child.kill().expect("kill worker");
+        self.child.wait().expect("reap worker");
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A coordinator whose grace period is long enough that only the worker's inventory (never the
+/// sweeper) can end a lease in these tests.
+fn coordinator_config(dir: PathBuf) -> tether_coordinator::CoordinatorConfig {
+    let mut c = fast_coordinator_config(dir);
+    c.lost_after = Duration::from_secs(120);
+    c
+}
+
+fn counted(results: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+    results.iter().filter(|r| r["stale"] == false).collect()
+}
+
+/// Results waiting in the worker's journal, read from the side (WAL allows a reader).
+fn journaled_results(state_dir: &Path) -> Option<i64> {
+    let conn = rusqlite::Connection::open_with_flags(
+        state_dir.join("worker.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .ok()?;
+    conn.query_row("SELECT count(*) FROM outbox WHERE class = 0", [], |r| {
+        r.get(0)
+    })
+    .ok()
+}
+
+fn log_of(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_reports_its_running_task_lost_on_restart_and_it_resumes_from_its_checkpoint()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state_dir = dir.path().join("worker-state");
+    let log = dir.path().join("worker.log");
+    let c = spawn_coordinator_with(coordinator_config(dir.path().join("coord")), None).await;
+    let client = c.client();
+    let worker = WorkerProcess::start(c.addr, &state_dir, &log);
+    // 50 steps of 200 ms, a checkpoint every 5 steps; and a short one.
+    let ids = client
+        .submit(&[sleep_task(10_000, 50, 5), sleep_task(300, 3, 0)])
+        .await;
+    let (long, short) = (&ids[0], &ids[1]);
+    wait_for(
+        "the short task to complete and the long one to checkpoint",
+        LONG,
+        || async {
+            let done = client.task(short).await["status"] == "completed";
+            let cp = !client.task(long).await["latest_checkpoint"].is_null();
+            (done && cp).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(client.task(long).await["attempt"], 1);
+    worker.kill();
+
+    let worker = WorkerProcess::start(c.addr, &state_dir, &log);
+    let t = wait_for("the long task to complete", LONG, || async {
+        let t = client.task(long).await;
+        (t["status"] == "completed").then_some(t)
+    })
+    .await;
+    let log_text = log_of(&log);
+    assert!(
+        log_text.contains("reporting it lost"),
+        "the restarted worker found the task it lost: {log_text}"
+    );
+    assert_eq!(t["attempt"], 2, "{t}");
+    assert_eq!(t["attempts"][0]["worker"], "w1");
+    assert_eq!(
+        t["attempts"][0]["end"], "lost",
+        "the registration's inventory ended attempt 1: {t}"
+    );
+    let o = client.overview().await;
+    assert_eq!(
+        o["counters"]["workers_lost"], 0,
+        "the sweeper did not do it: {o}"
+    );
+    let results = client.results(long).await;
+    let long_counted = counted(&results);
+    assert_eq!(long_counted.len(), 1, "{results:?}");
+    assert_eq!(long_counted[0]["attempt"], 2);
+    let resumed_at = long_counted[0]["body"]["result"]["resumed_at"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        resumed_at >= 5,
+        "resumed from a checkpoint, at step {resumed_at}"
+    );
+    let short_results = client.results(short).await;
+    assert_eq!(counted(&short_results).len(), 1, "{short_results:?}");
+    worker.kill();
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_finished_while_the_coordinator_was_down_survives_a_worker_kill_and_is_recorded_once()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state_dir = dir.path().join("worker-state");
+    let coord_dir = dir.path().join("coord");
+    let log = dir.path().join("worker.log");
+    let c = spawn_coordinator_with(coordinator_config(coord_dir.clone()), None).await;
+    let addr = c.addr;
+    let client = c.client();
+    let worker = WorkerProcess::start(addr, &state_dir, &log);
+    let ids = client.submit(&[sleep_task(1_500, 15, 0)]).await;
+    let id = &ids[0];
+    client.wait_status(id, "running").await;
+    c.stop().await;
+    // The task finishes while the coordinator is down; its result is journaled.
+    wait_for("the result to be journaled", LONG, || async {
+        (journaled_results(&state_dir) == Some(1)).then_some(())
+    })
+    .await;
+    worker.kill();
+
+    let c = spawn_coordinator_with(coordinator_config(coord_dir), Some(addr)).await;
+    let client = c.client();
+    let worker = WorkerProcess::start(addr, &state_dir, &log);
+    let t = wait_for("the journaled result to be recorded", LONG, || async {
+        let t = client.task(id).await;
+        (t["status"] == "completed").then_some(t)
+    })
+    .await;
+    assert_eq!(t["attempt"], 1, "not run again: {t}");
+    let results = client.results(id).await;
+    assert_eq!(results.len(), 1, "recorded exactly once: {results:?}");
+    assert_eq!(counted(&results).len(), 1);
+    let log_text = log_of(&log);
+    assert_eq!(
+        log_text.matches("task finished").count(),
+        1,
+        "the result came from the journal, not from a second run: {log_text}"
+    );
+    wait_for(
+        "the acknowledged result to leave the journal",
+        LONG,
+        || async { (journaled_results(&state_dir) == Some(0)).then_some(()) },
+    )
+    .await;
+    worker.kill();
+    c.stop().await;
+}
