@@ -106,7 +106,7 @@ pub struct WorkerArgs {
     /// Tasks run at once.
     #[arg(long)]
     slots: Option<u32>,
-    /// Directory for checkpoints of command tasks.
+    /// Directory where the outbox, identity, running tasks and checkpoints survive restarts.
     #[arg(long, env = "TETHER_STATE_DIR")]
     state_dir: Option<PathBuf>,
     #[arg(long, value_parser = parse_duration_arg)]
