@@ -36,14 +36,21 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Why an agent stopped other than by shutdown.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    // Not `#[from]`: the detail is in the message, so error chains do not print it twice.
     #[error("invalid coordinator URL: {0}")]
-    Config(#[from] EndpointError),
+    Config(EndpointError),
     #[error("{0}")]
     Refused(String),
     #[error("gave up after {attempts} consecutive failed connection attempts")]
     GaveUp { attempts: u32 },
     #[error("state directory: {0}")]
     StateDir(String),
+}
+
+impl From<EndpointError> for AgentError {
+    fn from(e: EndpointError) -> Self {
+        AgentError::Config(e)
+    }
 }
 
 /// State shared between the agent task and its handles.
