@@ -192,7 +192,9 @@ impl Core {
             .workers
             .values()
             .filter(|w| {
-                w.state == WorkerState::Disconnected
+                // A session that connects but never registers does not keep the leases alive:
+                // the grace period runs from the last registered session's end.
+                matches!(w.state, WorkerState::Disconnected | WorkerState::Connecting)
                     && w.disconnected_mono.is_some_and(|t| t.elapsed() >= grace)
             })
             .map(|w| w.worker_id.clone())

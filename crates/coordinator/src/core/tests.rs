@@ -20,7 +20,11 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        let cfg = Arc::new(CoordinatorConfig::new("/nonexistent"));
+        Self::with(CoordinatorConfig::new("/nonexistent"))
+    }
+
+    fn with(cfg: CoordinatorConfig) -> Self {
+        let cfg = Arc::new(cfg);
         Self {
             core: Core::new(cfg, Loaded::default(), Arc::new(Counters::default())),
             conn: rusqlite::Connection::open_in_memory().expect("sqlite"),
@@ -221,4 +225,27 @@ fn the_late_close_of_a_replaced_session_does_not_disconnect_the_new_one() {
     let w = &h.core.workers[&wid("a")];
     assert_eq!(w.session.as_ref().map(|s| s.id), Some(new));
     assert_eq!(w.state, crate::model::WorkerState::Connected);
+}
+
+#[test]
+fn a_session_that_never_registers_does_not_keep_a_lost_worker_s_leases() {
+    let mut cfg = CoordinatorConfig::new("/nonexistent");
+    cfg.lost_after = std::time::Duration::ZERO;
+    let mut h = Harness::with(cfg);
+    let (s, _rx) = h.connect("a");
+    let t = h.submit();
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: s,
+    });
+    // Back on the socket, but silent: no registration.
+    let (tx, _rx2) = mpsc::unbounded_channel();
+    h.step(Event::Connected {
+        worker: wid("a"),
+        session: SessionRef { id: 99, tx },
+    });
+    let mut b = Batch::default();
+    h.core.sweep(&mut b);
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Queued);
+    assert!(h.core.tasks[&t].lease.is_none());
 }
