@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tether_proto::msg::{
     CheckpointError, CheckpointRequest, Directive, DirectiveAction, StateError, StateRequest,
-    TaskAssignment, TaskControl, TaskResult, TaskState, WorkerMsg, now,
+    TaskAssignment, TaskControl, TaskResult, WorkerMsg, now,
 };
 use tether_proto::task::TaskError;
 use tether_proto::{Attempt, Outcome, TaskId, TaskRef};
@@ -20,9 +20,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::executor::{
     CheckpointSink, ExecError, Executors, Notice, StoredCheckpoint, TaskCtx, TaskInput, TaskShared,
-    push_notice, upload_checkpoint,
+    push_notice, push_state, upload_checkpoint,
 };
-use crate::outbox::{Class, Coalesce, Outbox};
+use crate::outbox::{Class, Outbox};
 
 /// Finished attempts remembered to ignore a duplicated assignment.
 const DONE_MEMORY: usize = 4096;
@@ -451,20 +451,7 @@ impl Runner {
         }
         for s in shared {
             let state = s.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let (task_id, attempt) = (s.task_id.clone(), s.attempt);
-            self.outbox.push(
-                Class::State,
-                Some(Coalesce::TaskState(task_id.clone())),
-                |seq| {
-                    WorkerMsg::TaskState(TaskState {
-                        seq,
-                        task_id,
-                        attempt,
-                        state,
-                        timestamp: now(),
-                    })
-                },
-            );
+            push_state(&self.outbox, &s.task_id, s.attempt, state);
         }
         None
     }

@@ -279,19 +279,11 @@ impl TaskCtx {
     pub async fn report_state(&self, state: serde_json::Value) {
         self.outbox.reserve().await;
         *self.shared.state.lock().unwrap_or_else(|p| p.into_inner()) = state.clone();
-        let (task_id, attempt) = (self.shared.task_id.clone(), self.shared.attempt);
-        self.outbox.push(
-            Class::State,
-            Some(Coalesce::TaskState(task_id.clone())),
-            |seq| {
-                WorkerMsg::TaskState(TaskState {
-                    seq,
-                    task_id,
-                    attempt,
-                    state,
-                    timestamp: now(),
-                })
-            },
+        push_state(
+            &self.outbox,
+            &self.shared.task_id,
+            self.shared.attempt,
+            state,
         );
     }
 
@@ -438,6 +430,29 @@ pub(crate) enum Notice {
     Cancelled,
     Paused,
     Resumed,
+}
+
+/// Queues a task's state; a newer one replaces an unsent older one.
+pub(crate) fn push_state(
+    outbox: &Outbox,
+    task_id: &TaskId,
+    attempt: Attempt,
+    state: serde_json::Value,
+) {
+    let task_id = task_id.clone();
+    outbox.push(
+        Class::State,
+        Some(Coalesce::TaskState(task_id.clone())),
+        |seq| {
+            WorkerMsg::TaskState(TaskState {
+                seq,
+                task_id,
+                attempt,
+                state,
+                timestamp: now(),
+            })
+        },
+    );
 }
 
 pub(crate) fn push_notice(outbox: &Outbox, task_id: &TaskId, attempt: Attempt, kind: Notice) {
