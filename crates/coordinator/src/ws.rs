@@ -60,9 +60,6 @@ pub async fn upgrade(
 
 async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
     let session_id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
-    let span = tracing::info_span!("session", worker = %worker, session = session_id);
-    let _enter = span.enter();
-    drop(_enter);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (mut sink, mut stream) = socket.split();
     let timeout = app.cfg.heartbeat_timeout;

@@ -57,7 +57,6 @@ impl Executor for Train {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber_init();
     let mut args = std::env::args().skip(1);
     let coordinator = args.next().unwrap_or_else(|| "ws://127.0.0.1:8765".into());
     let id = WorkerId::parse(&args.next().unwrap_or_else(|| "trainer-1".into()))?;
@@ -72,9 +71,4 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     agent.run(shutdown).await?;
     Ok(())
-}
-
-fn tracing_subscriber_init() {
-    // The library logs through `tracing`; install any subscriber you like. Kept dependency-free
-    // here: without one, logs are simply not printed.
 }

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tether_proto::msg::WorkerMsg;
-use tether_proto::{Attempt, Seq, TaskId, TaskRef};
+use tether_proto::{Seq, TaskId, TaskRef};
 use tokio::sync::Notify;
 
 /// Default bound on entries.
@@ -337,13 +337,6 @@ impl Outbox {
             .collect()
     }
 
-    /// Whether a result for this attempt is held.
-    pub fn holds_result(&self, task: &TaskId, attempt: Attempt) -> bool {
-        self.pending_results()
-            .iter()
-            .any(|r| &r.task_id == task && r.attempt == attempt)
-    }
-
     /// A snapshot of every held entry, in send order (for persistence and tests).
     pub fn snapshot(&self) -> Vec<(Class, Seq, std::sync::Arc<WorkerMsg>)> {
         let inner = self.lock();
@@ -434,6 +427,7 @@ fn json_len(v: &serde_json::Value) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tether_proto::Attempt;
     use tether_proto::msg::{TaskState, Telemetry, now};
     use tether_proto::task::ConnStats;
 

@@ -9,7 +9,7 @@ use tether_proto::msg::{CheckpointRequest, CoordMsg, TaskControl, now};
 use tether_proto::{CheckpointId, TaskId, TaskSpec, TaskStatus, WorkerId};
 use tokio::sync::oneshot;
 
-use super::{Core, Counters};
+use super::Core;
 use crate::model::{Desired, Task, Worker};
 use crate::store::{self, Batch, Mutation, ResultRow};
 
@@ -363,7 +363,6 @@ impl Core {
         .into_iter()
         .map(|(k, v)| (k, v.load(Ordering::Relaxed)))
         .collect();
-        let _ = Counters::get;
         Overview {
             tasks,
             queued: self.queue.len(),

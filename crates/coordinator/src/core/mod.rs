@@ -233,7 +233,7 @@ impl Core {
 
     fn apply(&mut self, ev: Event, b: &mut Batch) {
         match ev {
-            Event::Connected { worker, session } => self.on_connected(worker, session, b),
+            Event::Connected { worker, session } => self.on_connected(worker, session),
             Event::Disconnected { worker, session_id } => {
                 self.on_disconnected(&worker, session_id, b)
             }
@@ -261,7 +261,7 @@ impl Core {
         }
     }
 
-    fn on_connected(&mut self, worker: WorkerId, session: SessionRef, b: &mut Batch) {
+    fn on_connected(&mut self, worker: WorkerId, session: SessionRef) {
         let w = self
             .workers
             .entry(worker.clone())
@@ -279,7 +279,6 @@ impl Core {
         w.state = WorkerState::Connecting;
         w.last_seen = now();
         w.sessions += 1;
-        let _ = b;
     }
 
     fn on_disconnected(&mut self, worker: &WorkerId, session_id: u64, b: &mut Batch) {

@@ -1,5 +1,3 @@
-use std::time::Duration;
-
 use tether_testkit::*;
 use tether_worker::{ConnState, Executors};
 
@@ -141,5 +139,4 @@ async fn a_restarted_coordinator_keeps_tasks_and_leases_and_records_each_result_
     assert_eq!(t["attempt"], 1, "{t}");
     w.stop().await.expect("stop");
     c.stop().await;
-    let _ = Duration::ZERO;
 }
