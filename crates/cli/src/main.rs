@@ -49,8 +49,8 @@ enum Cmd {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Client commands print their own output and log only warnings; the demo prints its own
+    // narrative and logs only errors unless a level was asked for.
     let quiet = matches!(
         cli.cmd,
         Cmd::Submit(_)
@@ -61,16 +61,17 @@ fn main() -> std::process::ExitCode {
             | Cmd::Pause(_)
             | Cmd::Resume(_)
     );
+    let level = if quiet {
+        "warn"
+    } else if matches!(cli.cmd, Cmd::Demo(_)) && cli.log == "info" {
+        "error"
+    } else {
+        cli.log.as_str()
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(if quiet {
-            tracing_subscriber::EnvFilter::new("warn")
-        } else if matches!(cli.cmd, Cmd::Demo(_)) && cli.log == "info" {
-            tracing_subscriber::EnvFilter::new("error")
-        } else if false {
-            tracing_subscriber::EnvFilter::new("warn")
-        } else {
-            filter
-        })
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -107,8 +108,19 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// A token cancelled on ctrl-c or SIGTERM.
+pub(crate) fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        t.cancel();
+    });
+    token
+}
+
 /// Waits for ctrl-c or SIGTERM.
-pub(crate) async fn shutdown_signal() {
+async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -9,7 +9,6 @@ use tether_coordinator::CoordinatorConfig;
 use tether_proto::WorkerId;
 use tether_worker::backoff::Jitter;
 use tether_worker::{Agent, Executors, WorkerConfig};
-use tokio_util::sync::CancellationToken;
 
 use crate::settings::{self, parse_duration_arg};
 
@@ -48,20 +47,17 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         .or(file.data_dir)
         .unwrap_or_else(|| tether_coordinator::config::DEFAULT_DATA_DIR.into());
     let mut cfg = CoordinatorConfig::new(data_dir);
-    let dur = |flag: Option<Duration>, file: &Option<String>| -> anyhow::Result<Option<Duration>> {
-        Ok(match (flag, file) {
-            (Some(d), _) => Some(d),
-            (None, Some(s)) => Some(settings::duration(s)?),
-            (None, None) => None,
-        })
-    };
-    if let Some(d) = dur(a.heartbeat_interval, &file.heartbeat_interval)? {
+    if let Some(d) =
+        settings::pick_duration(a.heartbeat_interval, file.heartbeat_interval.as_deref())?
+    {
         cfg.heartbeat_interval = d;
     }
-    if let Some(d) = dur(a.heartbeat_timeout, &file.heartbeat_timeout)? {
+    if let Some(d) =
+        settings::pick_duration(a.heartbeat_timeout, file.heartbeat_timeout.as_deref())?
+    {
         cfg.heartbeat_timeout = d;
     }
-    if let Some(d) = dur(a.lost_after, &file.lost_after)? {
+    if let Some(d) = settings::pick_duration(a.lost_after, file.lost_after.as_deref())? {
         cfg.lost_after = d;
     }
     if let Some(n) = a.max_frame.or(file.max_frame) {
@@ -77,14 +73,7 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            crate::shutdown_signal().await;
-            shutdown.cancel();
-        }
-    });
+    let shutdown = crate::cancel_on_signal();
     tether_coordinator::run(listener, cfg, shutdown).await?;
     Ok(())
 }
@@ -179,23 +168,25 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
         cfg.slots = n;
     }
     cfg.state_dir = a.state_dir.or(file.state_dir);
-    let pick = |flag: Option<Duration>, file: Option<String>| -> anyhow::Result<Option<Duration>> {
-        match (flag, file) {
-            (Some(d), _) => Ok(Some(d)),
-            (None, Some(s)) => Ok(Some(settings::duration(&s)?)),
-            _ => Ok(None),
-        }
-    };
-    if let Some(d) = pick(a.heartbeat_interval, file.heartbeat_interval)? {
+    if let Some(d) =
+        settings::pick_duration(a.heartbeat_interval, file.heartbeat_interval.as_deref())?
+    {
         cfg.heartbeat_interval = d;
     }
-    if let Some(d) = pick(a.heartbeat_timeout, file.heartbeat_timeout)? {
+    if let Some(d) =
+        settings::pick_duration(a.heartbeat_timeout, file.heartbeat_timeout.as_deref())?
+    {
         cfg.heartbeat_timeout = d;
     }
-    if let Some(d) = pick(a.initial_reconnect_delay, file.initial_reconnect_delay)? {
+    if let Some(d) = settings::pick_duration(
+        a.initial_reconnect_delay,
+        file.initial_reconnect_delay.as_deref(),
+    )? {
         cfg.backoff.initial = d;
     }
-    if let Some(d) = pick(a.max_reconnect_delay, file.max_reconnect_delay)? {
+    if let Some(d) =
+        settings::pick_duration(a.max_reconnect_delay, file.max_reconnect_delay.as_deref())?
+    {
         cfg.backoff.max = d;
     }
     if let Some(j) = a.reconnect_jitter.or(file.reconnect_jitter) {
@@ -215,14 +206,7 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
 pub async fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     let cfg = worker_config(a)?;
     let agent = Agent::new(cfg, Executors::builtin())?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            crate::shutdown_signal().await;
-            shutdown.cancel();
-        }
-    });
+    let shutdown = crate::cancel_on_signal();
     agent.run(shutdown).await?;
     Ok(())
 }

@@ -61,6 +61,18 @@ pub fn duration(s: &str) -> anyhow::Result<std::time::Duration> {
         .with_context(|| format!("invalid duration {s:?} (use e.g. 5s, 250ms)"))
 }
 
+/// A duration from a flag, else from the file, else none (the library default applies).
+pub fn pick_duration(
+    flag: Option<std::time::Duration>,
+    file: Option<&str>,
+) -> anyhow::Result<Option<std::time::Duration>> {
+    match (flag, file) {
+        (Some(d), _) => Ok(Some(d)),
+        (None, Some(s)) => duration(s).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
 pub fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 5s, 250ms)"))
 }
