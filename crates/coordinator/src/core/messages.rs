@@ -24,6 +24,24 @@ struct NoticeKind {
     status: Option<TaskStatus>,
 }
 
+impl NoticeKind {
+    const CANCELLED: NoticeKind = NoticeKind {
+        ack: CoordMsg::TaskCancelledAck,
+        name: "task_cancelled",
+        status: None,
+    };
+    const PAUSED: NoticeKind = NoticeKind {
+        ack: CoordMsg::TaskPausedAck,
+        name: "task_paused",
+        status: Some(TaskStatus::Paused),
+    };
+    const RESUMED: NoticeKind = NoticeKind {
+        ack: CoordMsg::TaskResumedAck,
+        name: "task_resumed",
+        status: Some(TaskStatus::Running),
+    };
+}
+
 /// Whose message is this, relative to the task's lease.
 #[derive(Debug, PartialEq, Eq)]
 enum Standing {
@@ -121,29 +139,10 @@ impl Core {
                 tracing::info!(worker = %worker, task = ?e.task_id, error = %e.error, "worker could not serve a state request");
             }
             WorkerMsg::TaskCancelled(n) => {
-                let kind = NoticeKind {
-                    ack: CoordMsg::TaskCancelledAck,
-                    name: "task_cancelled",
-                    status: None,
-                };
-                self.on_notice(worker, session, n, kind, b)
+                self.on_notice(worker, session, n, NoticeKind::CANCELLED, b)
             }
-            WorkerMsg::TaskPaused(n) => {
-                let kind = NoticeKind {
-                    ack: CoordMsg::TaskPausedAck,
-                    name: "task_paused",
-                    status: Some(TaskStatus::Paused),
-                };
-                self.on_notice(worker, session, n, kind, b)
-            }
-            WorkerMsg::TaskResumed(n) => {
-                let kind = NoticeKind {
-                    ack: CoordMsg::TaskResumedAck,
-                    name: "task_resumed",
-                    status: Some(TaskStatus::Running),
-                };
-                self.on_notice(worker, session, n, kind, b)
-            }
+            WorkerMsg::TaskPaused(n) => self.on_notice(worker, session, n, NoticeKind::PAUSED, b),
+            WorkerMsg::TaskResumed(n) => self.on_notice(worker, session, n, NoticeKind::RESUMED, b),
             WorkerMsg::Telemetry(t) => self.on_telemetry(worker, session, t, b),
         }
     }
