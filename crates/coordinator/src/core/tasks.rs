@@ -215,9 +215,12 @@ impl Core {
             }
             self.save_worker(&wid, b);
         }
+        // Only leased tasks can be overdue: walk the leases, not the whole history.
         let overdue: Vec<TaskId> = self
-            .tasks
+            .workers
             .values()
+            .flat_map(|w| w.leases.iter())
+            .filter_map(|id| self.tasks.get(id))
             .filter(|t| {
                 let (Some(ms), Some(started)) = (t.spec.timeout_ms, t.lease_started) else {
                     return false;
