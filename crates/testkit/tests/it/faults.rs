@@ -8,27 +8,29 @@ use tether_proto::{TaskSpec, WorkerId};
 use tether_testkit::*;
 use tether_worker::{ConnState, Executors};
 
-async fn proxy_for(c: &TestCoordinator) -> Proxy {
-    Proxy::start(ProxyConfig {
+/// A coordinator, a fault proxy in front of it, and worker `w1` connected through the proxy.
+async fn worker_behind_proxy(dir: &tempfile::TempDir) -> (TestCoordinator, Proxy, TestWorker) {
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let proxy = Proxy::start(ProxyConfig {
         name: "coordinator".into(),
         listen: "127.0.0.1:0".parse().expect("addr"),
         upstream: c.addr,
         seed: 11,
     })
     .await
-    .expect("proxy")
-}
-
-#[tokio::test]
-async fn a_black_holed_worker_is_detected_by_both_sides_and_its_task_completes_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
-    let proxy = proxy_for(&c).await;
+    .expect("proxy");
     let w = spawn_worker(
         fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w1"),
         Executors::builtin(),
     );
     w.handle.wait_state(|s| s == ConnState::Connected).await;
+    (c, proxy, w)
+}
+
+#[tokio::test]
+async fn a_black_holed_worker_is_detected_by_both_sides_and_its_task_completes_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, proxy, w) = worker_behind_proxy(&dir).await;
     let client = c.client();
     let ids = client.submit(&[sleep_task(2_000, 20, 0)]).await;
     wait_for("the worker to run the task", DEADLINE, || async {
@@ -69,13 +71,7 @@ async fn a_black_holed_worker_is_detected_by_both_sides_and_its_task_completes_o
 #[tokio::test]
 async fn cancel_and_pause_reach_a_running_command_through_resets() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
-    let proxy = proxy_for(&c).await;
-    let w = spawn_worker(
-        fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w1"),
-        Executors::builtin(),
-    );
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    let (c, proxy, w) = worker_behind_proxy(&dir).await;
     let client = c.client();
     let cmd = |secs: &str| {
         TaskSpec::new(

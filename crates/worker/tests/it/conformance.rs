@@ -2,10 +2,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tether_proto::WorkerId;
-use tether_worker::{Agent, ConnState, Executors, WorkerConfig};
-use tokio_util::sync::CancellationToken;
+use tether_worker::{ConnState, WorkerConfig};
 
-use crate::fake::{FakeConnector, Script};
+use crate::fake::{FakeConnector, Running, Script};
 
 #[tokio::test(start_paused = true)]
 async fn the_worker_decodes_and_handles_every_coordinator_message() {
@@ -14,12 +13,8 @@ async fn the_worker_decodes_and_handles_every_coordinator_message() {
         "ws://coordinator.invalid:1",
         WorkerId::parse("w").expect("id"),
     );
-    let agent = Agent::new(cfg, Executors::builtin())
-        .expect("config")
-        .with_connector(fake.clone());
-    let handle = agent.handle();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(agent.run(stop.clone()));
+    let running = Running::start(&fake, cfg);
+    let handle = running.handle.clone();
     handle.wait_state(|s| s == ConnState::Connected).await;
     // The sample task_assignment (a 10 ms sleep) runs once.
     let end = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -44,6 +39,5 @@ async fn the_worker_decodes_and_handles_every_coordinator_message() {
         "no message ended the session"
     );
     assert_eq!(fake.attempts().len(), 1);
-    stop.cancel();
-    run.await.expect("join").expect("clean stop");
+    running.stop().await;
 }

@@ -140,3 +140,33 @@ async fn serve(io: tokio::io::DuplexStream, script: Script) {
         Script::Refuse | Script::Unauthorized => {}
     }
 }
+
+/// An agent whose connections go to `fake`.
+pub fn agent(fake: &FakeConnector, cfg: tether_worker::WorkerConfig) -> tether_worker::Agent {
+    tether_worker::Agent::new(cfg, tether_worker::Executors::builtin())
+        .expect("valid config")
+        .with_connector(fake.clone())
+}
+
+/// An agent running on its own task.
+pub struct Running {
+    pub handle: tether_worker::AgentHandle,
+    stop: tokio_util::sync::CancellationToken,
+    run: tokio::task::JoinHandle<Result<(), tether_worker::AgentError>>,
+}
+
+impl Running {
+    pub fn start(fake: &FakeConnector, cfg: tether_worker::WorkerConfig) -> Self {
+        let agent = agent(fake, cfg);
+        let handle = agent.handle();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let run = tokio::spawn(agent.run(stop.clone()));
+        Self { handle, stop, run }
+    }
+
+    /// Shuts the agent down and expects a clean stop.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.run.await.expect("join").expect("clean stop");
+    }
+}

@@ -3,10 +3,10 @@ use std::time::Duration;
 
 use tether_proto::WorkerId;
 use tether_worker::backoff::Jitter;
-use tether_worker::{Agent, AgentError, ConnState, Executors, WorkerConfig};
+use tether_worker::{AgentError, ConnState, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::fake::{FakeConnector, Script};
+use crate::fake::{FakeConnector, Running, Script, agent};
 
 fn config() -> WorkerConfig {
     let mut c = WorkerConfig::new(
@@ -30,9 +30,7 @@ async fn reconnect_delays_double_to_the_cap_and_max_attempts_leads_to_failed() {
     let fake = FakeConnector::new(Script::Refuse);
     let mut cfg = config();
     cfg.backoff.max_attempts = Some(9);
-    let agent = Agent::new(cfg, Executors::builtin())
-        .expect("config")
-        .with_connector(fake.clone());
+    let agent = agent(&fake, cfg);
     let handle = agent.handle();
     let r = agent.run(CancellationToken::new()).await;
     assert!(
@@ -53,9 +51,7 @@ async fn reconnect_delays_double_to_the_cap_and_max_attempts_leads_to_failed() {
 #[tokio::test(start_paused = true)]
 async fn a_permanent_refusal_is_reported_and_not_retried() {
     let fake = FakeConnector::new(Script::Unauthorized);
-    let agent = Agent::new(config(), Executors::builtin())
-        .expect("config")
-        .with_connector(fake.clone());
+    let agent = agent(&fake, config());
     let handle = agent.handle();
     let r = agent.run(CancellationToken::new()).await;
     match r {
@@ -69,18 +65,13 @@ async fn a_permanent_refusal_is_reported_and_not_retried() {
 #[tokio::test(start_paused = true)]
 async fn a_coordinator_that_accepts_then_closes_does_not_cause_a_tight_loop() {
     let fake = FakeConnector::new(Script::RegisterThenClose);
-    let agent = Agent::new(config(), Executors::builtin())
-        .expect("config")
-        .with_connector(fake.clone());
-    let handle = agent.handle();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(agent.run(stop.clone()));
+    let running = Running::start(&fake, config());
+    let handle = running.handle.clone();
     let end = tokio::time::Instant::now() + Duration::from_secs(200);
     while fake.attempts().len() < 7 && tokio::time::Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop.cancel();
-    run.await.expect("join").expect("clean stop");
+    running.stop().await;
     let g = gaps(&fake.attempts());
     // Registered sessions that do not stay healthy never reset the backoff, and once the link
     // is seen flapping the delays grow faster than the plain doubling.
@@ -100,12 +91,8 @@ async fn a_coordinator_that_accepts_then_closes_does_not_cause_a_tight_loop() {
 #[tokio::test(start_paused = true)]
 async fn a_silent_link_is_declared_dead_after_the_heartbeat_timeout_and_timers_restart() {
     let fake = FakeConnector::new(Script::RegisterThenSilence);
-    let agent = Agent::new(config(), Executors::builtin())
-        .expect("config")
-        .with_connector(fake.clone());
-    let handle = agent.handle();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(agent.run(stop.clone()));
+    let running = Running::start(&fake, config());
+    let handle = running.handle.clone();
     handle.wait_state(|s| s == ConnState::Connected).await;
     let connected = tokio::time::Instant::now();
     // After the first dead session, let the next one be healthy.
@@ -124,6 +111,5 @@ async fn a_silent_link_is_declared_dead_after_the_heartbeat_timeout_and_timers_r
     assert!(s.rtt_samples >= 20, "{s:?}");
     assert_eq!(s.reconnects, 1);
     assert_eq!(fake.attempts().len(), 2);
-    stop.cancel();
-    run.await.expect("join").expect("clean stop");
+    running.stop().await;
 }
