@@ -169,22 +169,17 @@ pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
         println!("{v}");
         return Ok(());
     }
-    let rows: Vec<Vec<String>> = v
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|t| {
-            vec![
-                s(&t["task_id"]),
-                s(&t["status"]),
-                t["attempt"].to_string(),
-                s(&t["lease"]["worker"]),
-                s(&t["spec"]["kind"]),
-                t["spec"]["priority"].to_string(),
-                s(&t["spec"]["name"]),
-            ]
-        })
-        .collect();
+    let rows = rows_of(&v, |t| {
+        vec![
+            s(&t["task_id"]),
+            s(&t["status"]),
+            t["attempt"].to_string(),
+            s(&t["lease"]["worker"]),
+            s(&t["spec"]["kind"]),
+            t["spec"]["priority"].to_string(),
+            s(&t["spec"]["name"]),
+        ]
+    });
     print_table(
         &[
             "TASK", "STATUS", "ATTEMPT", "WORKER", "KIND", "PRIO", "NAME",
@@ -219,39 +214,29 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
         println!("error     {}", s(&t["error"]));
     }
     println!();
-    let rows: Vec<Vec<String>> = t["attempts"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|a| {
-            vec![
-                a["attempt"].to_string(),
-                s(&a["worker"]),
-                s(&a["started_at"]),
-                s(&a["end"]),
-            ]
-        })
-        .collect();
+    let rows = rows_of(&t["attempts"], |a| {
+        vec![
+            a["attempt"].to_string(),
+            s(&a["worker"]),
+            s(&a["started_at"]),
+            s(&a["end"]),
+        ]
+    });
     print_table(&["ATTEMPT", "WORKER", "STARTED", "END"], &rows);
     println!();
-    let rows: Vec<Vec<String>> = results
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| {
-            vec![
-                r["attempt"].to_string(),
-                s(&r["worker"]),
-                s(&r["outcome"]),
-                if r["stale"] == true {
-                    "stale".into()
-                } else {
-                    "counted".into()
-                },
-                r["body"]["result"].to_string(),
-            ]
-        })
-        .collect();
+    let rows = rows_of(&results, |r| {
+        vec![
+            r["attempt"].to_string(),
+            s(&r["worker"]),
+            s(&r["outcome"]),
+            if r["stale"] == true {
+                "stale".into()
+            } else {
+                "counted".into()
+            },
+            r["body"]["result"].to_string(),
+        ]
+    });
     print_table(&["ATTEMPT", "WORKER", "OUTCOME", "RECORD", "RESULT"], &rows);
     Ok(())
 }
@@ -263,31 +248,26 @@ pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
         println!("{v}");
         return Ok(());
     }
-    let rows: Vec<Vec<String>> = v
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|w| {
-            let st = &w["stats"];
-            vec![
-                s(&w["worker_id"]),
-                s(&w["state"]),
-                w["slots"].to_string(),
-                w["leases"]
-                    .as_array()
-                    .map(|l| l.len())
-                    .unwrap_or(0)
-                    .to_string(),
-                fmt_f(&st["rtt_p50_ms"], 1),
-                fmt_f(&st["stability"], 3),
-                st["reconnects"]
-                    .as_u64()
-                    .map(|n| n.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                s(&w["last_seen"]),
-            ]
-        })
-        .collect();
+    let rows = rows_of(&v, |w| {
+        let st = &w["stats"];
+        vec![
+            s(&w["worker_id"]),
+            s(&w["state"]),
+            w["slots"].to_string(),
+            w["leases"]
+                .as_array()
+                .map(|l| l.len())
+                .unwrap_or(0)
+                .to_string(),
+            fmt_f(&st["rtt_p50_ms"], 1),
+            fmt_f(&st["stability"], 3),
+            st["reconnects"]
+                .as_u64()
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "-".into()),
+            s(&w["last_seen"]),
+        ]
+    });
     print_table(
         &[
             "WORKER",
@@ -337,6 +317,11 @@ fn fmt_f(v: &Value, digits: usize) -> String {
     v.as_f64()
         .map(|f| format!("{f:.digits$}"))
         .unwrap_or_else(|| "-".into())
+}
+
+/// One table row per element of a JSON array.
+fn rows_of(v: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
+    v.as_array().into_iter().flatten().map(row).collect()
 }
 
 fn print_table(head: &[&str], rows: &[Vec<String>]) {
