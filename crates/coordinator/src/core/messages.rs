@@ -42,6 +42,13 @@ impl NoticeKind {
     };
 }
 
+/// The outcome of reconciliation: directives for the ack, and leases whose assignment the
+/// worker never received (sent again after the ack).
+struct Reconciled {
+    directives: Vec<Directive>,
+    resend: Vec<TaskId>,
+}
+
 /// Whose message is this, relative to the task's lease.
 #[derive(Debug, PartialEq, Eq)]
 enum Standing {
@@ -188,9 +195,7 @@ impl Core {
             return;
         }
         self.counters.registrations.fetch_add(1, Ordering::Relaxed);
-        // The ack goes first; assignments sent again during reconciliation follow it.
-        let mut after_ack = Batch::default();
-        let directives = self.reconcile(worker, session, &r, &mut after_ack);
+        let Reconciled { directives, resend } = self.reconcile(worker, &r, b);
         let Some(w) = self.workers.get_mut(worker) else {
             return;
         };
@@ -214,8 +219,10 @@ impl Core {
                 timestamp: now(),
             }),
         );
-        b.muts.append(&mut after_ack.muts);
-        b.effects.append(&mut after_ack.effects);
+        // After the ack: assignments the worker never received.
+        for task_id in resend {
+            self.send_assignment(&task_id, session, b);
+        }
         self.dispatch_needed = true;
     }
 
@@ -227,13 +234,7 @@ impl Core {
     /// - A task it holds but does not mention at all: it never got the assignment; send again.
     /// - Finished results it still holds need nothing here: they follow in the outbox replay,
     ///   and a result already recorded is acknowledged again without being recorded twice.
-    fn reconcile(
-        &mut self,
-        worker: &WorkerId,
-        session: &SessionRef,
-        r: &Registration,
-        b: &mut Batch,
-    ) -> Vec<Directive> {
+    fn reconcile(&mut self, worker: &WorkerId, r: &Registration, b: &mut Batch) -> Reconciled {
         let inv = &r.inventory;
         let mut directives = Vec::new();
         for run in &inv.running {
@@ -270,6 +271,7 @@ impl Core {
             .get(worker)
             .map(|w| w.leases.iter().cloned().collect())
             .unwrap_or_default();
+        let mut resend = Vec::new();
         let mentions = |t: &TaskId, a: Attempt| {
             inv.running
                 .iter()
@@ -292,10 +294,10 @@ impl Core {
                 self.release_and_requeue(&task_id, "died with the worker process", b);
             } else {
                 tracing::info!(worker = %worker, task = %task_id, attempt = %lease.attempt, "worker does not know its lease; assignment sent again");
-                self.send_assignment(&task_id, session, b);
+                resend.push(task_id);
             }
         }
-        directives
+        Reconciled { directives, resend }
     }
 
     fn on_result(&mut self, worker: &WorkerId, session: &SessionRef, r: TaskResult, b: &mut Batch) {

@@ -249,3 +249,28 @@ fn a_session_that_never_registers_does_not_keep_a_lost_worker_s_leases() {
     assert_eq!(h.core.tasks[&t].status, TaskStatus::Queued);
     assert!(h.core.tasks[&t].lease.is_none());
 }
+
+#[test]
+fn an_assignment_the_worker_never_received_is_sent_again_after_the_registration_ack() {
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit();
+    drain(&mut rx);
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: s,
+    });
+    // The worker comes back without mentioning the task: the assignment was lost in flight.
+    let (_s2, mut rx2) = h.connect("a");
+    let msgs = drain(&mut rx2);
+    let types: Vec<&str> = msgs.iter().map(CoordMsg::type_name).collect();
+    assert_eq!(types, ["registration_ack", "task_assignment"], "ack first");
+    assert!(
+        matches!(&msgs[1], CoordMsg::TaskAssignment(a) if a.task_id == t && a.attempt == Attempt(1))
+    );
+    assert_eq!(
+        h.core.tasks[&t].attempt,
+        Attempt(1),
+        "the same attempt, not a new one"
+    );
+}
