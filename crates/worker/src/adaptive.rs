@@ -1,7 +1,8 @@
 //! Adaptive connection parameters, within configured bounds: the heartbeat timeout follows the
 //! measured RTT (a slow but live link is not declared dead), and the backoff factor grows on a
-//! link that keeps failing. Evaluated at every session start and heartbeat reply, from the
-//! first sample on (the original waited 5 minutes and adapted only on failures).
+//! link that keeps connecting but does not stay up. The timeout is re-evaluated at every
+//! heartbeat reply and the backoff after every lost session, from the first sample on (the
+//! original waited 5 minutes and adapted only on failures).
 
 use std::time::Duration;
 
