@@ -484,3 +484,6 @@ pub fn read_checkpoint_data(
     }
     Ok(any.then_some(out))
 }
+
+#[cfg(test)]
+mod tests;

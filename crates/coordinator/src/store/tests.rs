@@ -1,0 +1,246 @@
+//! Store tests on real database files in a temporary directory.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::Utc;
+use tether_proto::{Attempt, Outcome, TaskId, TaskSpec, TaskStatus, WorkerId};
+
+use super::*;
+
+fn task(id: &str, seq: u64, status: TaskStatus) -> Task {
+    Task {
+        task_id: TaskId::parse(id).expect("id"),
+        spec: Arc::new(TaskSpec::new("sleep", serde_json::json!({}))),
+        status,
+        attempt: Attempt(1),
+        lease: None,
+        submit_seq: seq,
+        submitted_at: Utc::now(),
+        updated_at: Utc::now(),
+        finished_at: status.is_terminal().then(Utc::now),
+        outcome: None,
+        error: None,
+        latest_checkpoint: None,
+        attempts: vec![],
+        lease_started: None,
+    }
+}
+
+fn commit_muts(conn: &mut Connection, muts: Vec<Mutation>) {
+    let mut batches = vec![Batch {
+        muts,
+        effects: vec![],
+    }];
+    commit(conn, &mut batches).expect("commit");
+}
+
+fn count(conn: &Connection, table: &str) -> i64 {
+    conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+        .expect("count")
+}
+
+fn result_mut(task: &str, attempt: u32) -> Mutation {
+    Mutation::PutResult {
+        task_id: TaskId::parse(task).expect("id"),
+        attempt: Attempt(attempt),
+        worker: WorkerId::parse("w").expect("id"),
+        outcome: Outcome::Completed,
+        stale: false,
+        body: "{}".into(),
+    }
+}
+
+fn file_bytes(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join(DB_FILE)).expect("read db file")
+}
+
+#[test]
+fn a_new_data_directory_gets_the_current_schema_and_reopens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, loaded) = open(dir.path()).expect("open");
+    assert!(loaded.tasks.is_empty());
+    let v: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .expect("version");
+    assert_eq!(v, SCHEMA_VERSION);
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .expect("mode");
+    assert_eq!(mode, "wal");
+    commit_muts(
+        &mut conn,
+        vec![
+            Mutation::PutTask(Box::new(task("a", 0, TaskStatus::Queued))),
+            Mutation::PutTask(Box::new(task("b", 1, TaskStatus::Completed))),
+        ],
+    );
+    drop(conn);
+    let (_conn, loaded) = open(dir.path()).expect("reopen");
+    let ids: Vec<&str> = loaded.tasks.iter().map(|t| t.task_id.as_str()).collect();
+    assert_eq!(ids, ["a", "b"], "tasks come back in submission order");
+}
+
+#[test]
+fn a_database_written_by_a_newer_version_is_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let conn = Connection::open(dir.path().join(DB_FILE)).expect("create");
+        conn.execute_batch(&format!(
+            "CREATE TABLE future (x); PRAGMA user_version = {};",
+            SCHEMA_VERSION + 1
+        ))
+        .expect("write");
+    }
+    let before = file_bytes(dir.path());
+    let err = open(dir.path()).expect_err("a newer schema must be refused");
+    assert!(
+        matches!(err, StoreError::TooNew { found, supported, .. } if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION),
+        "{err}"
+    );
+    assert!(err.to_string().contains("upgrade tether"), "{err}");
+    assert_eq!(file_bytes(dir.path()), before, "the file must not change");
+    assert!(
+        !dir.path().join(format!("{DB_FILE}-wal")).exists(),
+        "no WAL may be created next to a refused file"
+    );
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let garbage: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+    std::fs::write(dir.path().join(DB_FILE), &garbage).expect("write");
+    let err = open(dir.path()).expect_err("garbage must be refused");
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("corrupt"), "{err}");
+    assert_eq!(file_bytes(dir.path()), garbage, "the file must not change");
+}
+
+#[test]
+fn a_database_with_damaged_pages_is_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (mut conn, _) = open(dir.path()).expect("open");
+        let muts = (0..2000)
+            .map(|i| Mutation::PutTask(Box::new(task(&format!("t{i}"), i, TaskStatus::Queued))))
+            .collect();
+        commit_muts(&mut conn, muts);
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); PRAGMA journal_mode = DELETE;")
+            .expect("checkpoint");
+    }
+    // Overwrite the middle of the file (table and index pages) with noise, keep the header.
+    let mut bytes = file_bytes(dir.path());
+    assert!(
+        bytes.len() > 64 * 1024,
+        "the database should span many pages"
+    );
+    let mid = bytes.len() / 2;
+    for (i, b) in bytes[mid..mid + 16 * 1024].iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(31) ^ 0x5a;
+    }
+    std::fs::write(dir.path().join(DB_FILE), &bytes).expect("write");
+    let err = open(dir.path()).expect_err("damaged pages must be refused");
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert_eq!(file_bytes(dir.path()), bytes, "the file must not change");
+}
+
+#[test]
+fn a_result_is_stored_once_per_attempt_even_when_committed_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, _) = open(dir.path()).expect("open");
+    commit_muts(&mut conn, vec![result_mut("a", 1), result_mut("a", 1)]);
+    commit_muts(&mut conn, vec![result_mut("a", 1), result_mut("a", 2)]);
+    let rows = read_results(&conn, &TaskId::parse("a").expect("id")).expect("read");
+    let attempts: Vec<u32> = rows.iter().map(|r| r.attempt).collect();
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert!(attempts.contains(&1) && attempts.contains(&2));
+}
+
+#[test]
+fn deleting_a_task_removes_its_results_state_and_checkpoints() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, _) = open(dir.path()).expect("open");
+    let meta = |task: &str, id: &str| CheckpointMeta {
+        checkpoint_id: CheckpointId::parse(id).expect("id"),
+        task_id: TaskId::parse(task).expect("id"),
+        attempt: Attempt(1),
+        worker: WorkerId::parse("w").expect("id"),
+        size: 3,
+        chunks: 1,
+        created_at: Utc::now(),
+    };
+    let mut muts = Vec::new();
+    for t in ["gone", "kept"] {
+        muts.push(Mutation::PutTask(Box::new(task(
+            t,
+            0,
+            TaskStatus::Completed,
+        ))));
+        muts.push(result_mut(t, 1));
+        muts.push(Mutation::PutState {
+            task_id: TaskId::parse(t).expect("id"),
+            attempt: Attempt(1),
+            state: "{}".into(),
+        });
+        let cid = format!("{t}-c1");
+        muts.push(Mutation::PutCheckpoint {
+            meta: meta(t, &cid),
+            complete: true,
+        });
+        muts.push(Mutation::PutChunk {
+            checkpoint_id: CheckpointId::parse(&cid).expect("id"),
+            idx: 0,
+            data: vec![1, 2, 3],
+        });
+    }
+    commit_muts(&mut conn, muts);
+    commit_muts(
+        &mut conn,
+        vec![Mutation::DeleteTask(TaskId::parse("gone").expect("id"))],
+    );
+    for table in [
+        "tasks",
+        "results",
+        "task_state",
+        "checkpoints",
+        "checkpoint_chunks",
+    ] {
+        assert_eq!(
+            count(&conn, table),
+            1,
+            "{table} keeps only the other task's row"
+        );
+    }
+    let kept = TaskId::parse("kept").expect("id");
+    assert_eq!(read_results(&conn, &kept).expect("read").len(), 1);
+}
+
+#[test]
+fn later_writes_of_a_task_in_one_group_win() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, _) = open(dir.path()).expect("open");
+    let mut batches = vec![
+        Batch {
+            muts: vec![Mutation::PutTask(Box::new(task(
+                "a",
+                0,
+                TaskStatus::Queued,
+            )))],
+            effects: vec![],
+        },
+        Batch {
+            muts: vec![Mutation::PutTask(Box::new(task(
+                "a",
+                0,
+                TaskStatus::Completed,
+            )))],
+            effects: vec![],
+        },
+    ];
+    commit(&mut conn, &mut batches).expect("commit");
+    let status: String = conn
+        .query_row("SELECT status FROM tasks WHERE id = 'a'", [], |r| r.get(0))
+        .expect("row");
+    assert_eq!(status, "completed");
+}
