@@ -35,6 +35,10 @@ pub struct CoordinatorArgs {
     /// Largest frame accepted, bytes.
     #[arg(long)]
     max_frame: Option<usize>,
+    /// Remove finished tasks, their results, state and checkpoints this long after they
+    /// finished (e.g. `7d`); kept forever when unset.
+    #[arg(long, value_parser = parse_duration_arg)]
+    retention: Option<Duration>,
     /// TOML settings file ([coordinator] table).
     #[arg(long, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
@@ -59,6 +63,9 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     }
     if let Some(d) = settings::pick_duration(a.lost_after, file.lost_after.as_deref())? {
         cfg.lost_after = d;
+    }
+    if let Some(d) = settings::pick_duration(a.retention, file.retention.as_deref())? {
+        cfg.retention = Some(d);
     }
     if let Some(n) = a.max_frame.or(file.max_frame) {
         cfg.max_frame = n;

@@ -27,6 +27,7 @@ pub struct CoordinatorFile {
     pub lost_after: Option<String>,
     pub max_frame: Option<usize>,
     pub checkpoints_kept: Option<usize>,
+    pub retention: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

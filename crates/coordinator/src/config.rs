@@ -19,6 +19,8 @@ pub const DEFAULT_CHECKPOINTS_KEPT: usize = 3;
 pub const DEFAULT_MAX_SUBMIT_BATCH: usize = 10_000;
 /// Default largest HTTP request body.
 pub const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
+/// Default retention of finished tasks: kept until removed by hand.
+pub const DEFAULT_RETENTION: Option<Duration> = None;
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "./tether-data";
 
@@ -35,6 +37,8 @@ pub struct CoordinatorConfig {
     pub checkpoints_kept: usize,
     pub max_submit_batch: usize,
     pub max_body: usize,
+    /// Finished tasks (with their results, state and checkpoints) older than this are removed.
+    pub retention: Option<Duration>,
 }
 
 impl CoordinatorConfig {
@@ -50,6 +54,7 @@ impl CoordinatorConfig {
             checkpoints_kept: DEFAULT_CHECKPOINTS_KEPT,
             max_submit_batch: DEFAULT_MAX_SUBMIT_BATCH,
             max_body: DEFAULT_MAX_BODY,
+            retention: DEFAULT_RETENTION,
         }
     }
 }

@@ -359,6 +359,7 @@ impl Core {
             ("malformed_frames", &c.malformed_frames),
             ("oversize_frames", &c.oversize_frames),
             ("registrations", &c.registrations),
+            ("tasks_expired", &c.tasks_expired),
         ]
         .into_iter()
         .map(|(k, v)| (k, v.load(Ordering::Relaxed)))

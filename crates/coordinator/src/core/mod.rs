@@ -18,6 +18,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use chrono::{DateTime, Utc};
 use tether_proto::msg::{Ack, CoordMsg, Disposition, WorkerMsg, now};
 use tether_proto::{CheckpointId, Seq, TaskId, WorkerId};
 use tokio::sync::mpsc;
@@ -88,6 +89,8 @@ pub struct Counters {
     pub malformed_frames: AtomicU64,
     pub oversize_frames: AtomicU64,
     pub registrations: AtomicU64,
+    /// Finished tasks removed by the retention setting.
+    pub tasks_expired: AtomicU64,
 }
 
 impl Counters {
@@ -114,6 +117,8 @@ pub struct Core {
     partial: HashMap<CheckpointId, Partial>,
     /// Complete checkpoints per task, oldest first, for pruning.
     checkpoint_history: HashMap<TaskId, VecDeque<CheckpointId>>,
+    /// Finished tasks by the time they finished, for retention.
+    finished: BTreeSet<(DateTime<Utc>, TaskId)>,
     next_submit_seq: u64,
     dispatch_needed: bool,
     counters: Arc<Counters>,
@@ -129,6 +134,7 @@ impl Core {
             workers: HashMap::new(),
             partial: HashMap::new(),
             checkpoint_history: HashMap::new(),
+            finished: BTreeSet::new(),
             next_submit_seq: 0,
             dispatch_needed: true,
             counters,
@@ -156,7 +162,11 @@ impl Core {
                         w.leases.insert(t.task_id.clone());
                     }
                 }
-                _ => {}
+                _ => {
+                    if let Some(at) = t.finished_at {
+                        core.finished.insert((at, t.task_id.clone()));
+                    }
+                }
             }
             core.tasks.insert(t.task_id.clone(), t);
         }
@@ -304,8 +314,11 @@ impl Core {
         b.effects.push(Box::new(move |_| s.send(msg)));
     }
 
-    fn save_task(&self, id: &TaskId, b: &mut Batch) {
+    fn save_task(&mut self, id: &TaskId, b: &mut Batch) {
         if let Some(t) = self.tasks.get(id) {
+            if let (true, Some(at)) = (t.status.is_terminal(), t.finished_at) {
+                self.finished.insert((at, id.clone()));
+            }
             b.muts.push(Mutation::PutTask(Box::new(t.clone())));
         }
     }

@@ -7,13 +7,14 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tether_proto::msg::{CheckpointBlob, CoordMsg, TaskAssignment, TaskControl, now};
 use tether_proto::task::Blob;
 use tether_proto::{TaskId, TaskStatus, WorkerId};
 
 use super::{Core, SessionRef};
 use crate::model::{AttemptRecord, Desired, Lease, WorkerState};
-use crate::store::{self, Batch};
+use crate::store::{self, Batch, Mutation};
 
 /// Queued tasks examined per worker per round when looking for one it can run.
 const SCAN_LIMIT: usize = 4096;
@@ -236,6 +237,44 @@ impl Core {
                 "no result long after the task's timeout",
                 b,
             );
+        }
+        if let Some(retention) = self.cfg.retention {
+            let age = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+            if let Some(cutoff) = now().checked_sub_signed(age) {
+                self.expire_finished_before(cutoff, b);
+            }
+        }
+    }
+
+    /// Removes finished tasks that finished before `cutoff`, with their results, state and
+    /// checkpoints. Walks the finished-time index, so the cost is the number removed.
+    pub(super) fn expire_finished_before(&mut self, cutoff: DateTime<Utc>, b: &mut Batch) {
+        let mut removed = 0u64;
+        while let Some((at, id)) = self.finished.first().cloned() {
+            if at >= cutoff {
+                break;
+            }
+            self.finished.pop_first();
+            // A task finishes once, but a record may be superseded (e.g. a stale index entry
+            // after a re-save with a new time): only remove what is still finished at `at`.
+            let finished_then = self
+                .tasks
+                .get(&id)
+                .is_some_and(|t| t.status.is_terminal() && t.finished_at == Some(at));
+            if !finished_then {
+                continue;
+            }
+            self.tasks.remove(&id);
+            self.checkpoint_history.remove(&id);
+            self.partial.retain(|_, p| p.meta.task_id != id);
+            b.muts.push(Mutation::DeleteTask(id));
+            removed += 1;
+        }
+        if removed > 0 {
+            self.counters
+                .tasks_expired
+                .fetch_add(removed, Ordering::Relaxed);
+            tracing::info!(removed, %cutoff, "finished tasks past retention removed");
         }
     }
 

@@ -274,3 +274,54 @@ fn an_assignment_the_worker_never_received_is_sent_again_after_the_registration_
         "the same attempt, not a new one"
     );
 }
+
+#[test]
+fn retention_removes_only_tasks_that_finished_before_the_cutoff() {
+    let mut cfg = CoordinatorConfig::new("/nonexistent");
+    cfg.retention = Some(std::time::Duration::from_secs(3600));
+    let mut h = Harness::with(cfg);
+    let (s, mut rx) = h.connect("a");
+    let done = h.submit();
+    drain(&mut rx);
+    h.frame("a", s, result(1, &done, 1));
+    drain(&mut rx);
+    let queued = h.submit();
+    let running = h.core.tasks[&queued].status;
+    assert_eq!(h.core.tasks[&done].status, TaskStatus::Completed);
+
+    // The sweep with a one-hour retention keeps a task that finished just now.
+    let mut b = Batch::default();
+    h.core.sweep(&mut b);
+    assert!(h.core.tasks.contains_key(&done));
+    assert!(
+        !b.muts
+            .iter()
+            .any(|m| matches!(m, crate::store::Mutation::DeleteTask(_)))
+    );
+
+    // A cutoff after it finished removes it, from the model and (by mutation) from the store.
+    let mut b = Batch::default();
+    h.core
+        .expire_finished_before(now() + chrono::Duration::seconds(1), &mut b);
+    assert!(
+        !h.core.tasks.contains_key(&done),
+        "the finished task is gone"
+    );
+    let deleted: Vec<&TaskId> = b
+        .muts
+        .iter()
+        .filter_map(|m| match m {
+            crate::store::Mutation::DeleteTask(id) => Some(id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(deleted, [&done]);
+    assert_eq!(Counters::get(&h.core.counters.tasks_expired), 1);
+    // An unfinished task is never removed, however old.
+    assert_eq!(h.core.tasks[&queued].status, running);
+    let mut b = Batch::default();
+    h.core
+        .expire_finished_before(now() + chrono::Duration::days(365), &mut b);
+    assert!(h.core.tasks.contains_key(&queued));
+    assert!(b.muts.is_empty());
+}

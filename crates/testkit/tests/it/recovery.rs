@@ -1,4 +1,6 @@
+use std::time::Duration;
 use tether_testkit::*;
+
 use tether_worker::{ConnState, Executors};
 
 #[tokio::test]
@@ -137,6 +139,62 @@ async fn a_restarted_coordinator_keeps_tasks_and_leases_and_records_each_result_
     assert_eq!(w.handle.executions(), 3);
     let t = client.task(&ids[0]).await;
     assert_eq!(t["attempt"], 1, "{t}");
+    w.stop().await.expect("stop");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn retention_removes_old_finished_tasks_for_good_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.retention = Some(Duration::from_millis(500));
+    let c = spawn_coordinator_with(cfg.clone(), None).await;
+    let addr = c.addr;
+    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
+    let client = c.client();
+    // A short task with a checkpoint, and a long one that is still running at the cutoff.
+    let ids = client
+        .submit(&[sleep_task(100, 2, 1), sleep_task(30_000, 300, 0)])
+        .await;
+    let (short, long) = (&ids[0], &ids[1]);
+    client.wait_status(short, "completed").await;
+    client.wait_status(long, "running").await;
+    wait_for(
+        "the finished task to expire",
+        Duration::from_secs(20),
+        || async { (client.get(&format!("/api/v1/tasks/{short}")).await.0 == 404).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        client.get(&format!("/api/v1/tasks/{short}/result")).await.0,
+        404
+    );
+    assert_eq!(
+        client
+            .get(&format!("/api/v1/tasks/{short}/checkpoints"))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(client.status(long).await, "running");
+    let o = client.overview().await;
+    assert_eq!(o["counters"]["tasks_expired"], 1, "{o}");
+
+    // Gone from the database too: a restart does not bring it back.
+    c.stop().await;
+    let c = spawn_coordinator_with(cfg, Some(addr)).await;
+    let client = c.client();
+    assert_eq!(client.get(&format!("/api/v1/tasks/{short}")).await.0, 404);
+    assert_eq!(client.status(long).await, "running");
+    let (_, list) = client.get("/api/v1/tasks").await;
+    let listed: Vec<&str> = list
+        .as_array()
+        .or_else(|| list["tasks"].as_array())
+        .expect("a task list")
+        .iter()
+        .filter_map(|t| t["task_id"].as_str())
+        .collect();
+    assert_eq!(listed, [long.as_str()]);
     w.stop().await.expect("stop");
     c.stop().await;
 }
