@@ -14,6 +14,7 @@ use std::time::Duration;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tether_proto::endpoint::{EndpointError, derive_endpoint};
+use tether_proto::msg::{Ack, WorkerMsg};
 use tether_proto::task::ConnStats;
 use tether_proto::{TaskId, TaskRef, WorkerId};
 use tokio::sync::watch;
@@ -161,7 +162,12 @@ pub struct Agent {
     pub(crate) state: Option<Arc<StateDir>>,
     /// The latest checkpoint of each task lost with the previous process.
     pub(crate) lost_checkpoints: HashMap<TaskId, StoredCheckpoint>,
+    pub(crate) ack_hook: Option<AckHook>,
 }
+
+/// Observes every acknowledgement with the message it acknowledged, when the outbox still held
+/// it (an ack log, a test's ground truth). Called on the session's task: keep it quick.
+pub type AckHook = Arc<dyn Fn(&Ack, Option<&WorkerMsg>) + Send + Sync>;
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -231,8 +237,18 @@ impl Agent {
             heartbeat_seq: 0,
             state,
             lost_checkpoints: restored.checkpoints.into_iter().collect(),
+            ack_hook: None,
             cfg,
         })
+    }
+
+    /// Calls `hook` for every acknowledgement received, with the acknowledged message.
+    pub fn on_ack(
+        mut self,
+        hook: impl Fn(&Ack, Option<&WorkerMsg>) + Send + Sync + 'static,
+    ) -> Self {
+        self.ack_hook = Some(Arc::new(hook));
+        self
     }
 
     /// Replaces the transport (tests use in-memory pipes).

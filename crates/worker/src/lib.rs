@@ -25,7 +25,7 @@ pub mod session;
 pub mod statedir;
 pub mod stats;
 
-pub use agent::{Agent, AgentError, AgentHandle};
+pub use agent::{AckHook, Agent, AgentError, AgentHandle};
 pub use config::WorkerConfig;
 pub use executor::{ExecError, Executor, Executors, TaskCtx, TaskInput};
 pub use stats::ConnState;

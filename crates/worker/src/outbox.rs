@@ -167,7 +167,7 @@ impl Outbox {
             let mut removed = Vec::new();
             if let Some(key) = &coalesce {
                 if let Some(old) = inner.coalesced.remove(key)
-                    && inner.remove(old)
+                    && inner.remove(old).is_some()
                 {
                     removed.push(old);
                 }
@@ -250,11 +250,16 @@ impl Outbox {
 
     /// Marks `seq` delivered. Returns whether it was still held.
     pub fn ack(&self, seq: Seq) -> bool {
+        self.take_acked(seq).is_some()
+    }
+
+    /// Like [`Outbox::ack`], returning the acknowledged message if it was still held.
+    pub fn take_acked(&self, seq: Seq) -> Option<std::sync::Arc<WorkerMsg>> {
         let removed = {
             let mut inner = self.lock();
             inner.acked_max = inner.acked_max.max(seq.0);
             let removed = inner.remove(seq.0);
-            if removed {
+            if removed.is_some() {
                 self.journal(None, &[seq.0]);
             }
             if inner.full && !inner.over(&self.limits) {
@@ -263,7 +268,7 @@ impl Outbox {
             }
             removed
         };
-        if removed {
+        if removed.is_some() {
             self.room.notify_waiters();
         }
         removed
@@ -380,21 +385,19 @@ impl Inner {
         self.entries.len() > limits.max_entries || self.bytes > limits.max_bytes
     }
 
-    fn remove(&mut self, seq: u64) -> bool {
-        let Some(class) = self.class_of.remove(&seq) else {
-            return false;
-        };
+    /// Removes an entry; the message if it was held.
+    fn remove(&mut self, seq: u64) -> Option<std::sync::Arc<WorkerMsg>> {
+        let class = self.class_of.remove(&seq)?;
         let key = (class, seq);
         self.unsent.remove(&key);
-        if let Some(e) = self.entries.remove(&key) {
-            self.bytes -= e.bytes;
-            if let Some(c) = e.coalesce
-                && self.coalesced.get(&c) == Some(&seq)
-            {
-                self.coalesced.remove(&c);
-            }
+        let e = self.entries.remove(&key)?;
+        self.bytes -= e.bytes;
+        if let Some(c) = e.coalesce
+            && self.coalesced.get(&c) == Some(&seq)
+        {
+            self.coalesced.remove(&c);
         }
-        true
+        Some(e.msg)
     }
 }
 

@@ -506,7 +506,10 @@ impl<'a> Session<'a> {
                 if ack.disposition == tether_proto::msg::Disposition::Rejected {
                     tracing::warn!(worker = %self.worker(), seq = %ack.ack_seq, task = ?ack.task_id, "coordinator rejected a message; it will not be resent");
                 }
-                outbox.ack(ack.ack_seq);
+                let acked = outbox.take_acked(ack.ack_seq);
+                if let Some(hook) = &self.agent.ack_hook {
+                    hook(&ack, acked.as_deref());
+                }
             }
             CoordMsg::CheckpointRequest(req) => {
                 if let Some(reply) = runner.checkpoint_request(&req).await {

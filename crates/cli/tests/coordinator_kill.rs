@@ -1,0 +1,344 @@
+//! A real `tether coordinator` process killed with SIGKILL in the middle of a run of many tasks,
+//! twice (once while results stream in, once while submissions are in flight), and restarted on
+//! the same `--data-dir`. Ground truth afterwards: every submitted task ends in exactly one
+//! terminal state, every result a worker saw acknowledged is present, nothing is recorded twice,
+//! and the history read before a kill reads the same after it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tether_proto::msg::{Disposition, WorkerMsg};
+use tether_proto::{TaskId, TaskSpec};
+use tether_testkit::*;
+use tether_worker::{Agent, Executors};
+
+/// Generous: the coordinator is a separate process on a small, busy machine.
+const LONG: Duration = Duration::from_secs(120);
+const WORKERS: usize = 4;
+const BATCHES: usize = 12;
+const PER_BATCH: usize = 25;
+
+/// A `tether coordinator` child process, killed (SIGKILL) when dropped.
+struct CoordinatorProcess {
+    child: Child,
+}
+
+impl CoordinatorProcess {
+    fn start(addr: SocketAddr, data_dir: &Path, log: &Path) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("coordinator log");
+        let child = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["--log", "info", "coordinator", "--listen"])
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(data_dir)
+            // Long enough that no lease moves while the coordinator is down and restarting:
+            // what is checked here is durability, not the lost-worker path.
+            .args(["--heartbeat-interval", "200ms", "--heartbeat-timeout", "3s"])
+            .args(["--lost-after", "120s"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start tether coordinator");
+        Self { child }
+    }
+
+    /// SIGKILL, and reap it.
+    fn kill(mut self) {
+        self.child.kill().expect("kill coordinator");
+        self.child.wait().expect("reap coordinator");
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// Waits until the API answers.
+async fn wait_ready(http: &reqwest::Client, base: &str) {
+    wait_for("the coordinator to answer", LONG, || async {
+        let r = http.get(format!("{base}/healthz")).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+}
+
+/// A batch of tasks with ids chosen here, so that a submission whose reply was lost can be sent
+/// again: the coordinator refuses a batch it already has (409), all or nothing.
+fn batch(n: usize) -> Vec<TaskSpec> {
+    (0..PER_BATCH)
+        .map(|i| {
+            let k = n * PER_BATCH + i;
+            // Mostly short tasks; some with checkpoints; every 10th fails on purpose.
+            let config = json!({
+                "ms": 100 + (k % 7) * 60,
+                "steps": 4,
+                "checkpoint_every": if k.is_multiple_of(3) { 2 } else { 0 },
+                "fail": k % 10 == 9,
+            });
+            let mut spec = TaskSpec::new("sleep", config);
+            spec.task_id = Some(TaskId::parse(&format!("b{n}-t{i}")).expect("id"));
+            spec
+        })
+        .collect()
+}
+
+fn fails_on_purpose(id: &str) -> bool {
+    let (b, t) = id.trim_start_matches('b').split_once("-t").expect("id");
+    let k = b.parse::<usize>().expect("n") * PER_BATCH + t.parse::<usize>().expect("i");
+    k % 10 == 9
+}
+
+/// Submits a batch: `Some(true)` if the reply says it was stored, `Some(false)` if it already
+/// existed, `None` if the outcome is unknown (the coordinator died around the request).
+async fn submit(http: &reqwest::Client, base: &str, n: usize) -> Option<bool> {
+    let r = http
+        .post(format!("{base}/api/v1/tasks"))
+        .json(&json!({ "tasks": batch(n) }))
+        .send()
+        .await
+        .ok()?;
+    match r.status().as_u16() {
+        201 => Some(true),
+        409 => Some(false),
+        s => panic!("unexpected status {s} for batch {n}"),
+    }
+}
+
+/// The terminal tasks as the API shows them, with their counted results.
+async fn history(client: &Client) -> BTreeMap<String, Value> {
+    let (status, v) = client.get("/api/v1/tasks?limit=100000").await;
+    assert_eq!(status, 200, "{v}");
+    let list = v
+        .as_array()
+        .or_else(|| v["tasks"].as_array())
+        .cloned()
+        .expect("a task list");
+    let mut out = BTreeMap::new();
+    for t in list {
+        if !["completed", "failed"].contains(&t["status"].as_str().unwrap_or_default()) {
+            continue;
+        }
+        let id = t["task_id"].as_str().expect("id").to_owned();
+        let tid = TaskId::parse(&id).expect("id");
+        let full = client.task(&tid).await;
+        let results = client.results(&tid).await;
+        out.insert(
+            id,
+            json!({
+                "status": full["status"],
+                "attempt": full["attempt"],
+                "finished_at": full["finished_at"],
+                "outcome": full["outcome"],
+                "results": results,
+            }),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_twice_mid_run_loses_no_acknowledged_result_and_no_submitted_task() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("data");
+    let log = dir.path().join("coordinator.log");
+    let addr = free_addr();
+    let base = format!("http://{addr}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http client");
+    let client = Client::new(&base);
+
+    let coord = CoordinatorProcess::start(addr, &data_dir, &log);
+    wait_ready(&http, &base).await;
+
+    // Workers in this process, so that every acknowledgement they receive is observed.
+    type Seen = Arc<Mutex<Vec<(String, u32, Disposition)>>>;
+    let seen: Seen = Arc::default();
+    let mut workers = Vec::new();
+    for i in 0..WORKERS {
+        let mut cfg = fast_worker_config(&format!("ws://{addr}"), &format!("w{i}"));
+        cfg.slots = 4;
+        cfg.heartbeat_timeout = Duration::from_secs(3);
+        let seen = seen.clone();
+        let agent = Agent::new(cfg, Executors::builtin())
+            .expect("agent")
+            .on_ack(move |ack, msg| {
+                if let Some(WorkerMsg::TaskResult(r)) = msg {
+                    let mut s = seen.lock().expect("seen");
+                    s.push((r.task_id.as_str().to_owned(), r.attempt.0, ack.disposition));
+                }
+            });
+        workers.push(spawn_agent(agent));
+    }
+
+    // Phase 1: half the batches, then a kill while results stream in.
+    let mut stored: BTreeSet<usize> = BTreeSet::new();
+    for n in 0..BATCHES / 2 {
+        assert_eq!(submit(&http, &base, n).await, Some(true), "batch {n}");
+        stored.insert(n);
+    }
+    wait_for("a third of the results", LONG, || async {
+        let o = client.overview().await;
+        let n = o["counters"]["results_recorded"].as_u64()?;
+        (n as usize >= BATCHES / 2 * PER_BATCH / 3).then_some(())
+    })
+    .await;
+    let before_kill = history(&client).await;
+    assert!(!before_kill.is_empty());
+    coord.kill();
+    let acked_at_kill = seen.lock().expect("seen").len();
+
+    let coord = CoordinatorProcess::start(addr, &data_dir, &log);
+    wait_ready(&http, &base).await;
+    let after_restart = history(&client).await;
+    for (id, before) in &before_kill {
+        assert_eq!(
+            after_restart.get(id),
+            Some(before),
+            "task {id} reads the same after the restart"
+        );
+    }
+
+    // Phase 2: the other half submitted one after another, and a kill among them.
+    let submitter = {
+        let (http, base) = (http.clone(), base.clone());
+        tokio::spawn(async move {
+            let mut outcomes = HashMap::new();
+            for n in BATCHES / 2..BATCHES {
+                outcomes.insert(n, submit(&http, &base, n).await);
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            outcomes
+        })
+    };
+    wait_for("some of the second half submitted", LONG, || async {
+        let (s, _) = client
+            .get(&format!("/api/v1/tasks/b{}-t0", BATCHES / 2 + 1))
+            .await;
+        (s == 200).then_some(())
+    })
+    .await;
+    coord.kill();
+    let outcomes = submitter.await.expect("submitter");
+    eprintln!("submissions around the second kill: {outcomes:?}");
+    let coord = CoordinatorProcess::start(addr, &data_dir, &log);
+    wait_ready(&http, &base).await;
+    for (n, outcome) in outcomes {
+        match outcome {
+            Some(true) => {
+                stored.insert(n);
+            }
+            // Unknown or refused: send it again; a 409 proves the first one was stored.
+            Some(false) | None => {
+                let again = submit(&http, &base, n).await;
+                assert!(again.is_some(), "the restarted coordinator answers");
+                stored.insert(n);
+            }
+        }
+    }
+
+    // Everything submitted finishes.
+    let ids: Vec<String> = stored
+        .iter()
+        .flat_map(|n| (0..PER_BATCH).map(move |i| format!("b{n}-t{i}")))
+        .collect();
+    assert_eq!(ids.len(), BATCHES * PER_BATCH);
+    wait_for("every task to finish", LONG, || async {
+        let o = client.overview().await;
+        let done = o["tasks"]["completed"].as_u64().unwrap_or(0)
+            + o["tasks"]["failed"].as_u64().unwrap_or(0);
+        (done as usize == ids.len()).then_some(())
+    })
+    .await;
+    let final_history = history(&client).await;
+
+    // Ground truth.
+    assert_eq!(
+        final_history.len(),
+        ids.len(),
+        "every submitted task is terminal, once"
+    );
+    for id in &ids {
+        let t = final_history
+            .get(id)
+            .unwrap_or_else(|| panic!("task {id} was submitted and is missing"));
+        let want = if fails_on_purpose(id) {
+            "failed"
+        } else {
+            "completed"
+        };
+        assert_eq!(t["status"], want, "task {id}: {t}");
+        let counted: Vec<&Value> = t["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .filter(|r| r["stale"] == false)
+            .collect();
+        assert_eq!(counted.len(), 1, "task {id} has one counted result: {t}");
+    }
+    for (id, before) in &before_kill {
+        assert_eq!(
+            final_history.get(id),
+            Some(before),
+            "task {id} never changed"
+        );
+    }
+    let seen = seen.lock().expect("seen").clone();
+    eprintln!(
+        "{} result acks seen ({acked_at_kill} before the first kill)",
+        seen.len()
+    );
+    assert!(
+        seen.len() > acked_at_kill && acked_at_kill > 0,
+        "results were acknowledged before and after the kills"
+    );
+    for (task, attempt, disposition) in &seen {
+        if *disposition == Disposition::Rejected {
+            panic!("a result of task {task} attempt {attempt} was rejected");
+        }
+        let t = &final_history[task];
+        let present = t["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .any(|r| r["attempt"] == *attempt);
+        assert!(
+            present,
+            "acknowledged result of {task} attempt {attempt} is present: {t}"
+        );
+    }
+    let mut recorded: HashMap<&str, usize> = HashMap::new();
+    for (task, _, d) in &seen {
+        if *d == Disposition::Recorded {
+            *recorded.entry(task.as_str()).or_default() += 1;
+        }
+    }
+    for (task, n) in recorded {
+        assert_eq!(n, 1, "task {task} was acknowledged as recorded {n} times");
+    }
+
+    for w in workers {
+        w.stop().await.expect("worker stops");
+    }
+    drop(coord);
+}
