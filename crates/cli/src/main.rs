@@ -2,6 +2,7 @@
 
 mod client;
 mod demo;
+mod e2e;
 mod run;
 mod settings;
 
@@ -43,6 +44,9 @@ enum Cmd {
     Resume(client::ControlArgs),
     /// A self-contained demonstration: a coordinator, workers, tasks and network faults.
     Demo(demo::DemoArgs),
+    /// An end-to-end run: coordinator and worker processes, network faults and crashes on a
+    /// seeded schedule, a verdict from ground truth and a report.
+    E2e(e2e::E2eArgs),
     /// A TCP fault-injecting proxy and its control commands.
     Proxy(tether_faultproxy::cli::ProxyArgs),
 }
@@ -63,7 +67,7 @@ fn main() -> std::process::ExitCode {
     );
     let level = if quiet {
         "warn"
-    } else if matches!(cli.cmd, Cmd::Demo(_)) && cli.log == "info" {
+    } else if matches!(cli.cmd, Cmd::Demo(_) | Cmd::E2e(_)) && cli.log == "info" {
         "error"
     } else {
         cli.log.as_str()
@@ -96,6 +100,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Pause(a) => client::control(a, "pause").await,
             Cmd::Resume(a) => client::control(a, "resume").await,
             Cmd::Demo(a) => demo::run(a).await,
+            Cmd::E2e(a) => e2e::run(a).await,
             Cmd::Proxy(a) => tether_faultproxy::cli::run_cli(a).await,
         }
     });

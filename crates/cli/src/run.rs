@@ -120,6 +120,15 @@ pub struct WorkerArgs {
     /// Consecutive failed attempts before giving up (default: never).
     #[arg(long)]
     max_reconnect_attempts: Option<u32>,
+    /// Limit on one TCP connect plus WebSocket handshake.
+    #[arg(long, value_parser = parse_duration_arg)]
+    connect_timeout: Option<Duration>,
+    /// Seed of the reconnect jitter (default: random; the seed in use is logged).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Append one JSON line per session registered or lost and per result ack to this file.
+    #[arg(long, env = "TETHER_EVENT_LOG")]
+    event_log: Option<PathBuf>,
     /// TOML settings file ([worker] table).
     #[arg(long, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
@@ -200,6 +209,11 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
         cfg.backoff.jitter = parse_jitter(&j)?;
     }
     cfg.backoff.max_attempts = a.max_reconnect_attempts.or(file.max_reconnect_attempts);
+    if let Some(d) = a.connect_timeout {
+        cfg.connect_timeout = d;
+    }
+    cfg.seed = a.seed;
+    cfg.event_log = a.event_log;
     if cfg.heartbeat_timeout <= cfg.heartbeat_interval {
         bail!(
             "heartbeat timeout ({:?}) must be longer than the heartbeat interval ({:?})",

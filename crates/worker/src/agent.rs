@@ -24,6 +24,7 @@ use crate::adaptive;
 use crate::backoff::Backoff;
 use crate::config::WorkerConfig;
 use crate::connector::{ConnectError, Connector, TcpConnector, ws_config};
+use crate::eventlog::{Event, EventLog};
 use crate::executor::{Executors, StoredCheckpoint};
 use crate::outbox::Outbox;
 use crate::runner::Runner;
@@ -46,6 +47,8 @@ pub enum AgentError {
     GaveUp { attempts: u32 },
     #[error("state directory: {0}")]
     StateDir(String),
+    #[error("{0}")]
+    EventLog(String),
 }
 
 impl From<EndpointError> for AgentError {
@@ -163,6 +166,7 @@ pub struct Agent {
     /// The latest checkpoint of each task lost with the previous process.
     pub(crate) lost_checkpoints: HashMap<TaskId, StoredCheckpoint>,
     pub(crate) ack_hook: Option<AckHook>,
+    pub(crate) events: Option<EventLog>,
 }
 
 /// Observes every acknowledgement with the message it acknowledged, when the outbox still held
@@ -208,6 +212,13 @@ impl Agent {
         for t in &restored.lost {
             tracing::warn!(worker = %cfg.worker_id, task = %t.task_id, attempt = %t.attempt, "task died with the previous worker process; reporting it lost");
         }
+        let events = match &cfg.event_log {
+            Some(path) => Some(
+                EventLog::open(path, cfg.worker_id.as_str())
+                    .map_err(|e| AgentError::EventLog(e.to_string()))?,
+            ),
+            None => None,
+        };
         let seed = cfg.seed.unwrap_or_else(rand::random);
         tracing::info!(worker = %cfg.worker_id, %endpoint, seed, "worker configured");
         let shared = Arc::new(AgentShared {
@@ -238,6 +249,7 @@ impl Agent {
             state,
             lost_checkpoints: restored.checkpoints.into_iter().collect(),
             ack_hook: None,
+            events,
             cfg,
         })
     }
@@ -281,8 +293,18 @@ impl Agent {
         self.lost_checkpoints.get(task)
     }
 
+    /// Appends to the event log, when there is one.
+    pub(crate) fn event(&self, event: Event) {
+        if let Some(log) = &self.events {
+            log.record(event);
+        }
+    }
+
     /// Runs until `shutdown`, a permanent refusal, or `max_reconnect_attempts` failures.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        self.event(Event::Started {
+            boot_id: self.boot_id.clone(),
+        });
         let forget = forget_lost_once_registered(
             self.state.clone().filter(|_| !self.lost.is_empty()),
             self.shared.state.subscribe(),
@@ -342,6 +364,10 @@ impl Agent {
                 SessionEnd::Refused(reason) => return Err(AgentError::Refused(reason)),
                 SessionEnd::NotRegistered(reason) => {
                     self.shared.stats().on_attempt_failed();
+                    self.event(Event::AttemptFailed {
+                        generation,
+                        reason: reason.clone(),
+                    });
                     tracing::warn!(worker = %self.cfg.worker_id, generation, %reason, "connection attempt failed");
                 }
                 SessionEnd::Lost {
@@ -349,6 +375,11 @@ impl Agent {
                     reason,
                 } => {
                     self.shared.stats().on_session_end();
+                    self.event(Event::SessionLost {
+                        generation,
+                        dead: crate::session::is_liveness_timeout(&reason),
+                        reason: reason.clone(),
+                    });
                     if registered_for >= self.cfg.healthy_after {
                         backoff.reset();
                     }

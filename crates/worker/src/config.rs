@@ -55,6 +55,8 @@ pub struct WorkerConfig {
     pub checkpoint_chunk_size: usize,
     /// Seed of the jitter RNG; random when `None` (the seed in use is logged).
     pub seed: Option<u64>,
+    /// A JSON-lines file of connection events and result acks (see [`crate::eventlog`]).
+    pub event_log: Option<PathBuf>,
 }
 
 impl WorkerConfig {
@@ -80,6 +82,7 @@ impl WorkerConfig {
             max_frame: DEFAULT_MAX_FRAME,
             checkpoint_chunk_size: DEFAULT_CHUNK_SIZE,
             seed: None,
+            event_log: None,
         }
     }
 }

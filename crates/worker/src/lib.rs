@@ -11,6 +11,7 @@
 //! - [`runner`]: runs assignments on their own tasks; cancel, pause, resume.
 //! - [`executor`]: the [`Executor`] trait, the task context and the built-in executors.
 //! - [`statedir`]: the `--state-dir`: lock, identity, outbox journal, running set, checkpoints.
+//! - [`eventlog`]: the optional JSON-lines record of sessions and result acks.
 //! - [`config`]: settings and their defaults.
 
 pub mod adaptive;
@@ -18,6 +19,7 @@ pub mod agent;
 pub mod backoff;
 pub mod config;
 pub mod connector;
+pub mod eventlog;
 pub mod executor;
 pub mod outbox;
 pub mod runner;

@@ -37,6 +37,15 @@ const SEND_BATCH: usize = 64;
 /// Heartbeats remembered for RTT matching.
 const PENDING_HEARTBEATS: usize = 16;
 
+/// The end of every reason that says the liveness deadline passed.
+const DEAD: &str = "declared dead";
+
+/// Whether a session's end `reason` is the liveness timeout (a silent link), rather than a
+/// close, a reset or an error.
+pub fn is_liveness_timeout(reason: &str) -> bool {
+    reason.ends_with(DEAD)
+}
+
 /// How a session ended.
 #[derive(Debug)]
 pub enum SessionEnd {
@@ -137,10 +146,7 @@ impl<'a> Session<'a> {
     }
 
     fn dead_reason(&self) -> String {
-        format!(
-            "no frame for {} ms: declared dead",
-            self.timeout.as_millis()
-        )
+        format!("no frame for {} ms: {DEAD}", self.timeout.as_millis())
     }
 
     /// Classifies one frame; every frame moves the liveness deadline.
@@ -198,7 +204,7 @@ impl<'a> Session<'a> {
         match timeout_at(self.deadline, self.ws.send(Message::text(text))).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("write: {e}")),
-            Err(_) => Err("write stalled past the liveness deadline".into()),
+            Err(_) => Err(format!("write stalled: {DEAD}")),
         }
     }
 
@@ -284,6 +290,10 @@ impl<'a> Session<'a> {
             .registrations
             .fetch_add(1, Ordering::Relaxed);
         self.agent.shared.set_state(ConnState::Connected);
+        self.agent.event(crate::eventlog::Event::Registered {
+            generation: self.generation,
+            session_id: ack.session_id,
+        });
         self.agent.outbox.requeue_all();
         tracing::info!(
             worker = %self.worker(),
@@ -472,6 +482,30 @@ impl<'a> Session<'a> {
             .store(self.timeout.as_millis() as u64, Ordering::Relaxed);
     }
 
+    /// An acknowledgement: the entry leaves the outbox; a result ack goes to the event log;
+    /// the ack hook sees it with the message it acknowledged.
+    fn on_ack(&self, ack: &tether_proto::msg::Ack, result: bool) {
+        if ack.disposition == tether_proto::msg::Disposition::Rejected {
+            tracing::warn!(worker = %self.worker(), seq = %ack.ack_seq, task = ?ack.task_id, "coordinator rejected a message; it will not be resent");
+        }
+        let acked = self.agent.outbox.take_acked(ack.ack_seq);
+        if result && let Some(task_id) = &ack.task_id {
+            let attempt = match acked.as_deref() {
+                Some(WorkerMsg::TaskResult(r)) => Some(r.attempt),
+                _ => None,
+            };
+            self.agent.event(crate::eventlog::Event::ResultAck {
+                task_id: task_id.clone(),
+                attempt,
+                seq: ack.ack_seq,
+                disposition: ack.disposition,
+            });
+        }
+        if let Some(hook) = &self.agent.ack_hook {
+            hook(ack, acked.as_deref());
+        }
+    }
+
     async fn handle(&mut self, msg: CoordMsg) -> Result<(), String> {
         let runner = self.agent.runner.clone();
         let outbox = self.agent.outbox.clone();
@@ -495,22 +529,14 @@ impl<'a> Session<'a> {
                 tracing::info!(worker = %self.worker(), task = %a.task_id, attempt = %a.attempt, kind = %a.kind, resume = a.checkpoint.is_some(), "task assigned");
                 runner.assign(a);
             }
-            CoordMsg::TaskResultAck(ack)
-            | CoordMsg::TaskStateAck(ack)
+            CoordMsg::TaskResultAck(ack) => self.on_ack(&ack, true),
+            CoordMsg::TaskStateAck(ack)
             | CoordMsg::CheckpointAck(ack)
             | CoordMsg::CheckpointDataAck(ack)
             | CoordMsg::TaskCancelledAck(ack)
             | CoordMsg::TaskPausedAck(ack)
             | CoordMsg::TaskResumedAck(ack)
-            | CoordMsg::TelemetryAck(ack) => {
-                if ack.disposition == tether_proto::msg::Disposition::Rejected {
-                    tracing::warn!(worker = %self.worker(), seq = %ack.ack_seq, task = ?ack.task_id, "coordinator rejected a message; it will not be resent");
-                }
-                let acked = outbox.take_acked(ack.ack_seq);
-                if let Some(hook) = &self.agent.ack_hook {
-                    hook(&ack, acked.as_deref());
-                }
-            }
+            | CoordMsg::TelemetryAck(ack) => self.on_ack(&ack, false),
             CoordMsg::CheckpointRequest(req) => {
                 if let Some(reply) = runner.checkpoint_request(&req).await {
                     self.send(&reply).await?;

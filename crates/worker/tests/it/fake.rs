@@ -157,7 +157,14 @@ pub struct Running {
 
 impl Running {
     pub fn start(fake: &FakeConnector, cfg: tether_worker::WorkerConfig) -> Self {
-        let agent = agent(fake, cfg);
+        Self::start_with(fake.clone(), cfg)
+    }
+
+    /// An agent whose connections go to any connector.
+    pub fn start_with(connector: impl Connector, cfg: tether_worker::WorkerConfig) -> Self {
+        let agent = tether_worker::Agent::new(cfg, tether_worker::Executors::builtin())
+            .expect("valid config")
+            .with_connector(connector);
         let handle = agent.handle();
         let stop = tokio_util::sync::CancellationToken::new();
         let run = tokio::spawn(agent.run(stop.clone()));

@@ -1,6 +1,8 @@
 //! The worker's connection state machine under paused time, over in-memory pipes: backoff,
-//! refusals, liveness. Deterministic and fast: a 60 s backoff takes no real time.
+//! refusals, liveness, and a seeded simulation of partitions, holds and repairs (`sim`).
+//! Deterministic and fast: a 60 s backoff takes no real time.
 
 mod conformance;
 mod fake;
+mod sim;
 mod state_machine;

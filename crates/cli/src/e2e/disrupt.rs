@@ -1,0 +1,211 @@
+//! Carrying out one planned disruption against the live system, then waiting until the fleet
+//! is whole again before the next one.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use tether_faultproxy::{Fault, FaultGuard, FaultStats, Proxy, Target};
+use tether_proto::WorkerId;
+
+use super::observe::{self, Observation, Watcher};
+use super::plan::{Disruption, Kind};
+use super::procs::{Coordinator, Worker};
+
+/// How long the fleet gets to be whole again after a disruption.
+pub const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Poll period of every wait here.
+const TICK: Duration = Duration::from_millis(20);
+
+/// The live system a disruption acts on.
+pub struct System {
+    pub coordinator: Coordinator,
+    pub proxy: Proxy,
+    pub workers: Vec<Worker>,
+    pub watcher: Watcher,
+}
+
+fn fired(s: &FaultStats) -> bool {
+    s.bytes_delayed > 0
+        || s.bytes_dropped > 0
+        || s.bytes_corrupted > 0
+        || s.connections_reset > 0
+        || s.connections_closed > 0
+}
+
+/// Waits until `f` holds or `limit` passes; returns whether it held.
+async fn until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+async fn malformed(sys: &System) -> u64 {
+    match sys.coordinator.api.get("/api/v1/overview").await {
+        Ok(o) => {
+            let c = &o["counters"];
+            c["malformed_frames"].as_u64().unwrap_or(0) + c["unknown_frames"].as_u64().unwrap_or(0)
+        }
+        Err(_) => 0,
+    }
+}
+
+impl System {
+    fn worker_ids(&self) -> Vec<String> {
+        self.workers.iter().map(|w| w.id.clone()).collect()
+    }
+
+    /// Applies `d`, holds it, removes it, and waits for the fleet to be whole again.
+    pub async fn apply(&mut self, d: &Disruption) -> anyhow::Result<Observation> {
+        let target = d
+            .target
+            .and_then(|i| self.workers.get(i))
+            .map(|w| w.id.clone());
+        let affected = match (d.kind.targeted(), &target) {
+            (true, Some(t)) => vec![t.clone()],
+            (true, None) => vec![],
+            (false, _) if d.kind.cuts() => self.worker_ids(),
+            (false, _) => vec![],
+        };
+        let malformed_before = malformed(self).await;
+        let started_at = Utc::now();
+        let mut note = String::new();
+        let fault_stats = match (&d.fault, d.kind) {
+            (Some(kind), _) => {
+                let mut fault = Fault::new(
+                    format!("e2e-{}-{}", d.index, d.kind.as_str()),
+                    kind.clone(),
+                    d.direction,
+                );
+                if let Some(t) = &target {
+                    fault = fault.with_target(Target::Workers(vec![WorkerId::parse(t)?]));
+                }
+                let guard = self.proxy.add_fault(fault).await?;
+                let held = self.hold(d, &guard, target.as_deref(), started_at).await;
+                if !held {
+                    note = format!("not seen to take effect within {:?}", d.hold);
+                }
+                Some(guard.remove())
+            }
+            (None, Kind::ProxyDown) => {
+                self.proxy.down().await;
+                tokio::time::sleep(d.hold).await;
+                self.proxy.up().await?;
+                None
+            }
+            (None, Kind::WorkerKill) => {
+                if let Some(w) = d.target.and_then(|i| self.workers.get_mut(i)) {
+                    w.kill().await;
+                    tokio::time::sleep(d.hold).await;
+                    w.start()?;
+                }
+                None
+            }
+            (None, Kind::CoordinatorKill) => {
+                self.coordinator.kill().await;
+                tokio::time::sleep(d.hold).await;
+                self.coordinator.restart().await?;
+                None
+            }
+            (None, other) => anyhow::bail!("disruption {} has no fault", other.as_str()),
+        };
+        let removed_at = Utc::now();
+        let fleet_recovered = self.wait_whole().await;
+        let malformed_frames = malformed(self).await.saturating_sub(malformed_before);
+        let fired = match &fault_stats {
+            Some(s) => fired(s),
+            // Processes and the listener: done by this run itself, checked by detection.
+            None => true,
+        };
+        Ok(Observation {
+            index: d.index,
+            kind: d.kind,
+            target,
+            affected,
+            started_at,
+            removed_at,
+            fault_stats,
+            fired,
+            malformed_frames,
+            worker_detect_ms: BTreeMap::new(),
+            worker_detect_dead: BTreeMap::new(),
+            coordinator_detect_ms: BTreeMap::new(),
+            recover_ms: BTreeMap::new(),
+            detected: false,
+            recovered: false,
+            fleet_recovered,
+            note,
+        })
+    }
+
+    /// Keeps a proxy fault in place: timed ones for their hold, the others until they fired
+    /// (a blackhole: until both the worker and the coordinator declared the link dead).
+    async fn hold(
+        &self,
+        d: &Disruption,
+        guard: &FaultGuard,
+        target: Option<&str>,
+        since: chrono::DateTime<Utc>,
+    ) -> bool {
+        match d.kind {
+            Kind::Reset => until(d.hold, || guard.stats().connections_reset > 0).await,
+            Kind::LimitData => until(d.hold, || guard.stats().connections_closed > 0).await,
+            Kind::Corrupt => until(d.hold, || guard.stats().bytes_corrupted > 0).await,
+            Kind::Blackhole => {
+                let Some(t) = target else { return false };
+                let events = self
+                    .workers
+                    .iter()
+                    .find(|w| w.id == t)
+                    .map(|w| w.events.clone());
+                until(d.hold, || {
+                    let worker_saw = events
+                        .as_deref()
+                        .is_some_and(|p| observe::lost_since(&observe::read_events(p), since));
+                    worker_saw && self.watcher.detected(t, since).is_some()
+                })
+                .await
+            }
+            _ => {
+                tokio::time::sleep(d.hold).await;
+                true
+            }
+        }
+    }
+
+    /// Waits until every worker process is registered (its own log) and connected (the
+    /// coordinator's view).
+    pub async fn wait_whole(&mut self) -> bool {
+        let end = tokio::time::Instant::now() + RECOVERY_TIMEOUT;
+        loop {
+            let logs_ok = self
+                .workers
+                .iter()
+                .all(|w| observe::registered_now(&observe::read_events(&w.events)));
+            let coord_ok = match self.coordinator.api.get("/api/v1/workers").await {
+                Ok(v) => {
+                    let list = v.as_array().cloned().unwrap_or_default();
+                    self.workers.iter().all(|w| {
+                        list.iter()
+                            .any(|x| x["worker_id"] == w.id.as_str() && x["state"] == "connected")
+                    })
+                }
+                Err(_) => false,
+            };
+            if logs_ok && coord_ok {
+                return true;
+            }
+            if tokio::time::Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

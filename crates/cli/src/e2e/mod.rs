@@ -1,0 +1,549 @@
+//! `tether e2e`: an end-to-end run of real processes through real network faults, judged from
+//! ground truth.
+//!
+//! A coordinator process (this binary), a fault proxy (in this process) and N worker processes
+//! connected through it, each with its own `--state-dir` and `--event-log`. Waves of tasks go
+//! in while a seeded schedule of disruptions runs: proxy faults, the proxy down and up, a
+//! worker and the coordinator SIGKILLed and restarted on the same directories. Then the run
+//! waits for every task to end, reads the coordinator's API and the workers' own event logs,
+//! and judges them ([`verdict`]); the report goes out as JSON and Markdown ([`report`]).
+//!
+//! - [`plan`]: disruption kinds, scenarios, the seeded plan.
+//! - [`procs`]: the child processes and the HTTP API client.
+//! - [`disrupt`]: applying one disruption and waiting for the fleet to be whole again.
+//! - [`observe`]: the coordinator's view polled all along, event logs, detection and recovery.
+//! - [`tasks`]: the task mix.
+
+mod disrupt;
+mod observe;
+mod plan;
+mod procs;
+mod report;
+mod tasks;
+mod verdict;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use chrono::Utc;
+use clap::Args;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use serde_json::{Value, json};
+use tether_faultproxy::{Proxy, ProxyConfig};
+use tether_worker::eventlog::{Event, Record};
+use tokio_util::sync::CancellationToken;
+
+use self::disrupt::System;
+use self::observe::Watcher;
+use self::plan::Kind;
+use self::procs::{Coordinator, TIMINGS, Worker};
+use self::report::{BlackholeFigures, Figures, Report, TaskOutcomes, WorkerFigures};
+use self::verdict::{AckView, DisruptionView, Expect, GroundTruth, ResultView, TaskView};
+use crate::settings::parse_duration_arg;
+
+/// Most workers a run starts.
+pub const MAX_WORKERS: usize = 32;
+
+#[derive(Args)]
+pub struct E2eArgs {
+    /// Worker processes.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// How long disruptions keep starting (the first round, one of each kind of the
+    /// scenario, always runs to its end).
+    #[arg(long, default_value = "120s", value_parser = parse_duration_arg)]
+    duration: Duration,
+    /// Time between the starts of two disruptions (a disruption that takes longer delays
+    /// the next).
+    #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
+    disruption_interval: Duration,
+    /// Seed of the plan, the task mix, the proxy and the workers' jitter (default: random,
+    /// printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// `all`, `network` (proxy faults only), `crash` (the kills), or a comma-separated list
+    /// of: latency, bandwidth, blackhole, reset, limit_data, slicer, stall, corrupt,
+    /// proxy_down, worker_kill, coordinator_kill.
+    #[arg(long, default_value = "all")]
+    scenario: String,
+    /// Where to write the report: a path prefix (`PREFIX.json`, `PREFIX.md`) or a directory.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Directory for the processes' data, state, event logs and logs (default: a temporary
+    /// directory, kept when the run fails).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// How long the tasks get to finish once the disruptions are over.
+    #[arg(long, default_value = "120s", value_parser = parse_duration_arg)]
+    drain_timeout: Duration,
+}
+
+pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
+    if a.workers == 0 || a.workers > MAX_WORKERS {
+        bail!("--workers must be 1..={MAX_WORKERS}");
+    }
+    if a.disruption_interval.is_zero() {
+        bail!("--disruption-interval must be positive");
+    }
+    let kinds = plan::scenario_kinds(&a.scenario)?;
+    let seed = a.seed.unwrap_or_else(rand::random);
+    let per_round = kinds.len() as u128;
+    let slots = a.duration.as_millis() / a.disruption_interval.as_millis().max(1);
+    let rounds = usize::try_from(slots.div_ceil(per_round).max(1)).unwrap_or(1);
+    let plan = plan::plan(&kinds, rounds, a.workers, a.disruption_interval, seed);
+    let (_temp, work) = match &a.work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+            (None, d.clone())
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("tether-e2e-")
+                .tempdir()
+                .context("cannot create a work directory")?;
+            let p = t.path().to_owned();
+            (Some(t), p)
+        }
+    };
+    println!(
+        "tether e2e: seed {seed}, scenario {}, {} workers, work directory {}",
+        a.scenario,
+        a.workers,
+        work.display()
+    );
+    let run_started = tokio::time::Instant::now();
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let coordinator = Coordinator::start(&exe, &work).await?;
+    let proxy = Proxy::start(ProxyConfig {
+        name: "e2e".into(),
+        listen: "127.0.0.1:0".parse()?,
+        upstream: coordinator.addr,
+        seed,
+    })
+    .await?;
+    let mut workers = Vec::new();
+    for i in 0..a.workers {
+        let mut w = Worker::new(
+            &exe,
+            &work,
+            &format!("e2e-w{}", i + 1),
+            proxy.listen_addr(),
+            seed.wrapping_add(1000 * i as u64),
+        );
+        w.start()?;
+        workers.push(w);
+    }
+    let stop_watch = CancellationToken::new();
+    let watcher = Watcher::default();
+    let watch_task = tokio::spawn(
+        watcher
+            .clone()
+            .run(coordinator.api.clone(), stop_watch.clone()),
+    );
+    let mut sys = System {
+        coordinator,
+        proxy,
+        workers,
+        watcher,
+    };
+    let outcome = drive(&a, &mut sys, &plan, &kinds, seed).await;
+    stop_watch.cancel();
+    let _ = watch_task.await;
+    for w in &mut sys.workers {
+        w.stop().await;
+    }
+    sys.coordinator.stop().await;
+    let (truth, mut observations, extra) = outcome?;
+    let logs = read_logs(&sys);
+    let samples = sys.watcher.snapshot();
+    let run_end = extra.over_at;
+    let starts: Vec<_> = observations.iter().map(|o| o.started_at).collect();
+    for (i, o) in observations.iter_mut().enumerate() {
+        let end = starts.get(i + 1).copied().unwrap_or(run_end);
+        o.analyse(&logs, &samples, end);
+    }
+    let mut truth = truth;
+    truth.acks = acks(&logs);
+    truth.disruptions = observations
+        .iter()
+        .map(|o| DisruptionView {
+            index: o.index,
+            kind: o.kind,
+            fired: o.fired,
+            detected: o.detected,
+            recovered: o.recovered,
+        })
+        .collect();
+    let verdict = verdict::verdict(&truth);
+    let blackholes: Vec<_> = observations
+        .iter()
+        .filter(|o| o.kind == Kind::Blackhole)
+        .collect();
+    let report = Report {
+        config: report::Config {
+            workers: a.workers,
+            duration_ms: a.duration.as_millis() as u64,
+            disruption_interval_ms: a.disruption_interval.as_millis() as u64,
+            seed,
+            scenario: a.scenario.clone(),
+            kinds,
+            timings: TIMINGS,
+            work_dir: work.clone(),
+        },
+        wall_ms: run_started.elapsed().as_millis() as u64,
+        plan,
+        by_kind: report::by_kind(&observations),
+        blackhole: BlackholeFigures {
+            worker_heartbeat_timeout: TIMINGS.worker_heartbeat_timeout,
+            coordinator_heartbeat_timeout: TIMINGS.coordinator_heartbeat_timeout,
+            worker_detect: Figures::of(
+                blackholes
+                    .iter()
+                    .flat_map(|o| o.worker_detect_ms.values().copied()),
+            ),
+            coordinator_detect: Figures::of(
+                blackholes
+                    .iter()
+                    .flat_map(|o| o.coordinator_detect_ms.values().copied()),
+            ),
+        },
+        disruptions: observations,
+        workers: worker_figures(&sys, &logs, &extra.workers_view),
+        proxy: sys.proxy.stats(),
+        coordinator_starts: sys.coordinator.starts,
+        tasks: extra.outcomes,
+        unexpected_exits: truth.unexpected_exits.clone(),
+        verdict,
+    };
+    if let Some(target) = &a.report {
+        let (json, md) = report.write(target)?;
+        println!("report: {} and {}", json.display(), md.display());
+    }
+    println!();
+    for c in &report.verdict.checks {
+        println!(
+            "{} {:<28} {}",
+            if c.pass { "ok  " } else { "FAIL" },
+            c.name,
+            c.detail
+        );
+    }
+    let b = &report.blackhole;
+    println!(
+        "blackhole detection, ms p50/p95/max: worker {:?}/{:?}/{:?}, coordinator {:?}/{:?}/{:?}",
+        b.worker_detect.p50_ms,
+        b.worker_detect.p95_ms,
+        b.worker_detect.max_ms,
+        b.coordinator_detect.p50_ms,
+        b.coordinator_detect.p95_ms,
+        b.coordinator_detect.max_ms
+    );
+    if report.verdict.pass {
+        println!("verdict: PASS");
+        Ok(())
+    } else {
+        // Keep the evidence.
+        if let Some(t) = _temp {
+            let kept = t.keep();
+            println!("kept the work directory {}", kept.display());
+        }
+        println!("verdict: FAIL");
+        bail!("the end-to-end run failed its checks (see above)")
+    }
+}
+
+/// What the run gathered besides the verdict's ground truth.
+struct Extra {
+    outcomes: TaskOutcomes,
+    /// When the last disruption had been dealt with; later events (the workers stopped at
+    /// the end) belong to none.
+    over_at: chrono::DateTime<Utc>,
+    workers_view: Vec<Value>,
+}
+
+type Driven = (GroundTruth, Vec<observe::Observation>, Extra);
+
+/// Waits for the fleet, runs the plan while submitting waves, drains, reads ground truth.
+async fn drive(
+    a: &E2eArgs,
+    sys: &mut System,
+    plan: &[plan::Disruption],
+    kinds: &[Kind],
+    seed: u64,
+) -> anyhow::Result<Driven> {
+    if !sys.wait_whole().await {
+        bail!(
+            "the workers did not all register within {:?}",
+            disrupt::RECOVERY_TIMEOUT
+        );
+    }
+    println!("{} workers registered through the proxy", sys.workers.len());
+    let mut rng = SmallRng::seed_from_u64(seed ^ 0x7461_736b);
+    let mut submitted: Vec<(String, Expect)> = Vec::new();
+    submit_wave(sys, 0, &mut rng, &mut submitted).await?;
+    let t0 = tokio::time::Instant::now();
+    let mut observations = Vec::new();
+    let mut exits = Vec::new();
+    for d in plan {
+        let first_round = d.index < kinds.len();
+        if !first_round && t0.elapsed() >= a.duration {
+            break;
+        }
+        let at = t0 + a.disruption_interval * u32::try_from(d.index).unwrap_or(u32::MAX);
+        tokio::time::sleep_until(at).await;
+        let o = sys.apply(d).await?;
+        println!(
+            "#{:<3} {:<16} {:<8} held {:>5} ms, fired {}, fleet whole again {}{}",
+            o.index,
+            o.kind.as_str(),
+            o.target.as_deref().unwrap_or("all"),
+            (o.removed_at - o.started_at).num_milliseconds(),
+            o.fired,
+            o.fleet_recovered,
+            if o.note.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", o.note)
+            }
+        );
+        observations.push(o);
+        for w in &mut sys.workers {
+            if let Some(status) = w.exited() {
+                exits.push(format!("{} exited on its own: {status}", w.id));
+                w.start()?;
+            }
+        }
+        submit_wave(sys, d.index + 1, &mut rng, &mut submitted).await?;
+    }
+    let over_at = Utc::now();
+    println!(
+        "disruptions over; waiting for {} tasks to end",
+        submitted.len()
+    );
+    let tasks = drain(sys, &submitted, a.drain_timeout).await?;
+    // Workers stop first, so their logs hold every ack they will ever see.
+    for w in &mut sys.workers {
+        w.stop().await;
+    }
+    let mut results = BTreeMap::new();
+    let mut outcomes = TaskOutcomes {
+        submitted: submitted.len(),
+        expected_to_fail: submitted.iter().filter(|(_, e)| *e == Expect::Fail).count(),
+        ..TaskOutcomes::default()
+    };
+    for t in &tasks {
+        *outcomes.by_status.entry(t.status.clone()).or_default() += 1;
+        if t.attempt > 1 {
+            outcomes.retried += 1;
+        }
+    }
+    for (id, _) in &submitted {
+        let rows = sys
+            .coordinator
+            .api
+            .get(&format!("/api/v1/tasks/{id}/result"))
+            .await?;
+        let mut v = Vec::new();
+        for r in rows.as_array().into_iter().flatten() {
+            let stale = r["stale"].as_bool().unwrap_or(false);
+            if stale {
+                outcomes.stale_results += 1;
+            } else if resumed(&r["body"]["result"]) {
+                outcomes.resumed_from_checkpoint += 1;
+            }
+            v.push(ResultView {
+                attempt: r["attempt"].as_u64().unwrap_or(0) as u32,
+                stale,
+                outcome: r["outcome"].as_str().unwrap_or_default().to_owned(),
+            });
+        }
+        results.insert(id.clone(), v);
+    }
+    let workers_view = sys
+        .coordinator
+        .api
+        .get("/api/v1/workers")
+        .await?
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let truth = GroundTruth {
+        submitted,
+        tasks,
+        results,
+        acks: Vec::new(),
+        disruptions: Vec::new(),
+        kinds: kinds.to_vec(),
+        unexpected_exits: exits,
+    };
+    Ok((
+        truth,
+        observations,
+        Extra {
+            outcomes,
+            over_at,
+            workers_view,
+        },
+    ))
+}
+
+/// Whether a counted result says its attempt started from a checkpoint.
+fn resumed(result: &Value) -> bool {
+    if result["resumed_at"].as_u64().is_some_and(|n| n > 0) {
+        return true;
+    }
+    result["stdout_tail"]
+        .as_str()
+        .and_then(|s| s.split("counted from ").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse::<u32>().ok())
+        .is_some_and(|n| n > 0)
+}
+
+async fn submit_wave(
+    sys: &System,
+    wave: usize,
+    rng: &mut SmallRng,
+    submitted: &mut Vec<(String, Expect)>,
+) -> anyhow::Result<()> {
+    let specs = tasks::wave(wave, rng);
+    let body = json!({ "tasks": specs.iter().map(|(s, _)| s).collect::<Vec<_>>() });
+    let mut last = None;
+    for _ in 0..20 {
+        match sys.coordinator.api.post("/api/v1/tasks", &body).await {
+            Ok(v) => {
+                let ids: Vec<String> = v["task_ids"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect();
+                if ids.len() != specs.len() {
+                    bail!("submitted {} tasks, got {} ids", specs.len(), ids.len());
+                }
+                submitted.extend(ids.into_iter().zip(specs.iter().map(|(_, e)| *e)));
+                return Ok(());
+            }
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(last
+        .unwrap_or_else(|| anyhow::anyhow!("no attempt"))
+        .context("cannot submit a wave of tasks"))
+}
+
+/// Waits until every submitted task is terminal (or the deadline) and returns the list.
+async fn drain(
+    sys: &System,
+    submitted: &[(String, Expect)],
+    limit: Duration,
+) -> anyhow::Result<Vec<TaskView>> {
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        let list = sys
+            .coordinator
+            .api
+            .get("/api/v1/tasks?limit=100000")
+            .await?;
+        let tasks: Vec<TaskView> = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| TaskView {
+                id: t["task_id"].as_str().unwrap_or_default().to_owned(),
+                status: t["status"].as_str().unwrap_or_default().to_owned(),
+                attempt: t["attempt"].as_u64().unwrap_or(0) as u32,
+            })
+            .collect();
+        let open = tasks
+            .iter()
+            .filter(|t| {
+                !matches!(
+                    t.status.as_str(),
+                    "completed" | "failed" | "cancelled" | "timed_out"
+                )
+            })
+            .count();
+        if (open == 0 && tasks.len() >= submitted.len()) || tokio::time::Instant::now() >= end {
+            return Ok(tasks);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn read_logs(sys: &System) -> BTreeMap<String, Vec<Record>> {
+    sys.workers
+        .iter()
+        .map(|w| (w.id.clone(), observe::read_events(&w.events)))
+        .collect()
+}
+
+fn acks(logs: &BTreeMap<String, Vec<Record>>) -> Vec<AckView> {
+    let mut out = Vec::new();
+    for (worker, records) in logs {
+        for r in records {
+            if let Event::ResultAck {
+                task_id,
+                attempt,
+                disposition,
+                ..
+            } = &r.event
+            {
+                out.push(AckView {
+                    worker: worker.clone(),
+                    task: task_id.to_string(),
+                    attempt: attempt.map(|a| a.0),
+                    disposition: serde_json::to_value(disposition)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                });
+            }
+        }
+    }
+    out
+}
+
+fn worker_figures(
+    sys: &System,
+    logs: &BTreeMap<String, Vec<Record>>,
+    view: &[Value],
+) -> Vec<WorkerFigures> {
+    sys.workers
+        .iter()
+        .map(|w| {
+            let records = logs.get(&w.id).map(Vec::as_slice).unwrap_or_default();
+            let count = |f: fn(&Event) -> bool| records.iter().filter(|r| f(&r.event)).count();
+            let mut acks: BTreeMap<String, usize> = BTreeMap::new();
+            for a in records.iter().filter_map(|r| match &r.event {
+                Event::ResultAck { disposition, .. } => Some(disposition),
+                _ => None,
+            }) {
+                let k = serde_json::to_value(a)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                *acks.entry(k).or_default() += 1;
+            }
+            let coordinator_view = view
+                .iter()
+                .find(|x| x["worker_id"] == w.id.as_str())
+                .map(|x| json!({"sessions": x["sessions"], "state": x["state"], "stats": x["stats"]}))
+                .unwrap_or(Value::Null);
+            WorkerFigures {
+                worker: w.id.clone(),
+                process_starts: w.starts,
+                sessions_registered: count(|e| matches!(e, Event::Registered { .. })),
+                sessions_lost: count(|e| matches!(e, Event::SessionLost { .. })),
+                sessions_declared_dead: count(|e| matches!(e, Event::SessionLost { dead: true, .. })),
+                attempts_failed: count(|e| matches!(e, Event::AttemptFailed { .. })),
+                acks,
+                coordinator_view,
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,257 @@
+//! What the run sees: the coordinator's view of each worker, polled all along (its own
+//! `disconnected_at` timestamps), and the workers' event logs, read after the fact. From both,
+//! each disruption gets its detection and recovery times.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tether_worker::eventlog::{Event, Record};
+use tokio_util::sync::CancellationToken;
+
+use super::plan::Kind;
+use super::procs::Api;
+
+/// How often the coordinator's worker list is polled.
+pub const POLL: Duration = Duration::from_millis(100);
+
+/// A change of a worker's state as the coordinator reported it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CoordSample {
+    pub worker: String,
+    pub state: String,
+    /// When the run saw the change.
+    pub seen_at: DateTime<Utc>,
+    /// The coordinator's own time of the disconnect, when it reports one.
+    pub disconnected_at: Option<DateTime<Utc>>,
+}
+
+/// Polls `GET /api/v1/workers` until cancelled and keeps every state change.
+#[derive(Clone, Default)]
+pub struct Watcher {
+    pub samples: Arc<Mutex<Vec<CoordSample>>>,
+}
+
+impl Watcher {
+    pub async fn run(self, api: Api, stop: CancellationToken) {
+        let mut last: BTreeMap<String, String> = BTreeMap::new();
+        loop {
+            if let Ok(v) = api.get("/api/v1/workers").await {
+                let seen_at = Utc::now();
+                for w in v.as_array().into_iter().flatten() {
+                    let (Some(id), Some(state)) = (w["worker_id"].as_str(), w["state"].as_str())
+                    else {
+                        continue;
+                    };
+                    if last.get(id).map(String::as_str) != Some(state) {
+                        last.insert(id.to_owned(), state.to_owned());
+                        let disconnected_at = w["disconnected_at"]
+                            .as_str()
+                            .and_then(|s| s.parse::<DateTime<Utc>>().ok());
+                        self.lock().push(CoordSample {
+                            worker: id.to_owned(),
+                            state: state.to_owned(),
+                            seen_at,
+                            disconnected_at,
+                        });
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<CoordSample>> {
+        self.samples.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn snapshot(&self) -> Vec<CoordSample> {
+        self.lock().clone()
+    }
+
+    /// When the coordinator first saw `worker` not connected at or after `since`.
+    pub fn detected(&self, worker: &str, since: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        coordinator_detection(&self.lock(), worker, since)
+    }
+}
+
+fn coordinator_detection(
+    samples: &[CoordSample],
+    worker: &str,
+    since: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    samples
+        .iter()
+        .filter(|s| s.worker == worker && s.state != "connected" && s.seen_at >= since)
+        .map(|s| {
+            s.disconnected_at
+                .filter(|d| *d >= since)
+                .unwrap_or(s.seen_at)
+        })
+        .next()
+}
+
+/// A worker's event log, read now (an unreadable log is empty: nothing was recorded).
+pub fn read_events(path: &Path) -> Vec<Record> {
+    tether_worker::eventlog::read(path)
+        .map(|(r, _)| r)
+        .unwrap_or_default()
+}
+
+/// Whether the worker's latest session event says it is registered.
+pub fn registered_now(events: &[Record]) -> bool {
+    events
+        .iter()
+        .rev()
+        .find_map(|r| match r.event {
+            Event::Registered { .. } => Some(true),
+            Event::SessionLost { .. } | Event::Started { .. } => Some(false),
+            _ => None,
+        })
+        .unwrap_or(false)
+}
+
+/// Whether the worker lost a session at or after `since`.
+pub fn lost_since(events: &[Record], since: DateTime<Utc>) -> bool {
+    events
+        .iter()
+        .any(|r| r.at >= since && matches!(r.event, Event::SessionLost { .. }))
+}
+
+fn ms(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
+    (to - from).num_microseconds().unwrap_or(i64::MAX) as f64 / 1000.0
+}
+
+/// What one disruption did, with its measured times.
+#[derive(Debug, Clone, Serialize)]
+pub struct Observation {
+    pub index: usize,
+    pub kind: Kind,
+    pub target: Option<String>,
+    /// Workers whose sessions the disruption had to end.
+    pub affected: Vec<String>,
+    pub started_at: DateTime<Utc>,
+    /// When the fault was removed (or the killed process restarted, or the proxy back up).
+    pub removed_at: DateTime<Utc>,
+    /// The proxy's counters of the fault, for proxy faults.
+    pub fault_stats: Option<tether_faultproxy::FaultStats>,
+    pub fired: bool,
+    /// Frames the coordinator could not decode during the disruption.
+    pub malformed_frames: u64,
+    /// Fault to the worker declaring its session lost, per worker.
+    pub worker_detect_ms: BTreeMap<String, f64>,
+    /// Whether that loss was the liveness timeout (a silent link), per worker.
+    pub worker_detect_dead: BTreeMap<String, bool>,
+    /// Fault to the coordinator's disconnect time, per worker.
+    pub coordinator_detect_ms: BTreeMap<String, f64>,
+    /// Removal to the next registration, per worker that lost its session.
+    pub recover_ms: BTreeMap<String, f64>,
+    pub detected: bool,
+    pub recovered: bool,
+    /// Recovery of the whole fleet was seen before the next disruption.
+    pub fleet_recovered: bool,
+    pub note: String,
+}
+
+impl Observation {
+    /// Fills detection and recovery from the event logs (by worker id) and the coordinator's
+    /// samples, for events before `window_end` (the next disruption's start).
+    pub fn analyse(
+        &mut self,
+        logs: &BTreeMap<String, Vec<Record>>,
+        samples: &[CoordSample],
+        window_end: DateTime<Utc>,
+    ) {
+        let (start, removed) = (self.started_at, self.removed_at);
+        for (worker, events) in logs {
+            let window: Vec<&Record> = events
+                .iter()
+                .filter(|r| r.at >= start && r.at < window_end)
+                .collect();
+            let first_loss = window.iter().find_map(|r| match &r.event {
+                Event::SessionLost { dead, .. } => Some((r.at, *dead)),
+                _ => None,
+            });
+            if let Some((at, dead)) = first_loss {
+                self.worker_detect_ms.insert(worker.clone(), ms(start, at));
+                self.worker_detect_dead.insert(worker.clone(), dead);
+            }
+            // A restarted coordinator knows every worker as disconnected since its start; that
+            // is not a detection.
+            if self.kind != Kind::CoordinatorKill
+                && let Some(at) =
+                    coordinator_detection(samples, worker, start).filter(|d| *d < window_end)
+            {
+                self.coordinator_detect_ms
+                    .insert(worker.clone(), ms(start, at));
+            }
+            let killed = self.kind == Kind::WorkerKill && self.target.as_deref() == Some(worker);
+            if first_loss.is_none() && !killed {
+                continue;
+            }
+            let last_loss = window
+                .iter()
+                .rev()
+                .find(|r| matches!(r.event, Event::SessionLost { .. } | Event::Started { .. }))
+                .map(|r| r.at);
+            let reg_after = window
+                .iter()
+                .find(|r| r.at >= removed && matches!(r.event, Event::Registered { .. }))
+                .map(|r| r.at);
+            let back_early = window.iter().any(|r| {
+                matches!(r.event, Event::Registered { .. })
+                    && r.at < removed
+                    && last_loss.is_none_or(|l| r.at > l)
+            });
+            match (reg_after, back_early) {
+                (Some(at), _) => {
+                    self.recover_ms.insert(worker.clone(), ms(removed, at));
+                }
+                (None, true) => {
+                    self.recover_ms.insert(worker.clone(), 0.0);
+                }
+                (None, false) => {}
+            }
+        }
+        self.detected = match self.kind {
+            Kind::WorkerKill => self
+                .target
+                .as_ref()
+                .is_some_and(|t| self.coordinator_detect_ms.contains_key(t)),
+            Kind::Blackhole => self.affected.iter().all(|w| {
+                self.worker_detect_dead.get(w) == Some(&true)
+                    && self.coordinator_detect_ms.contains_key(w)
+            }),
+            Kind::Corrupt => {
+                self.malformed_frames > 0
+                    || self
+                        .affected
+                        .iter()
+                        .all(|w| self.worker_detect_ms.contains_key(w))
+            }
+            k if k.cuts() => self
+                .affected
+                .iter()
+                .all(|w| self.worker_detect_ms.contains_key(w)),
+            _ => self.fired,
+        };
+        let must_recover: Vec<&String> = logs
+            .keys()
+            .filter(|w| {
+                self.affected.contains(w)
+                    && (self.kind.cuts() || self.worker_detect_ms.contains_key(*w))
+                    || self.worker_detect_ms.contains_key(*w)
+            })
+            .collect();
+        self.recovered = self.fleet_recovered
+            && must_recover
+                .iter()
+                .all(|w| self.recover_ms.contains_key(*w));
+    }
+}

@@ -1,0 +1,296 @@
+//! The disruption schedule: which kinds a scenario uses, and a seeded plan of rounds, each
+//! round every kind of the scenario once in a shuffled order with drawn targets and parameters.
+//! The same seed, scenario, worker count and interval give the same plan.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use tether_faultproxy::{Direction, FaultKind};
+
+/// What a disruption does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Delay every chunk on every link.
+    Latency,
+    /// Squeeze one worker's link to a few KB/s.
+    Bandwidth,
+    /// Drop everything on one worker's link, no FIN, no RST.
+    Blackhole,
+    /// RST one worker's link.
+    Reset,
+    /// Cut one worker's link after a few bytes.
+    LimitData,
+    /// Split every chunk into small pieces with delays.
+    Slicer,
+    /// Loss as TCP shows it: chunks held at random.
+    Stall,
+    /// Flip bits on one worker's link.
+    Corrupt,
+    /// The whole proxy goes down (listener closed, every link cut), then up.
+    ProxyDown,
+    /// SIGKILL one worker process; restart it on the same state directory.
+    WorkerKill,
+    /// SIGKILL the coordinator; restart it on the same data directory and port.
+    CoordinatorKill,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 11] = [
+        Kind::Latency,
+        Kind::Bandwidth,
+        Kind::Blackhole,
+        Kind::Reset,
+        Kind::LimitData,
+        Kind::Slicer,
+        Kind::Stall,
+        Kind::Corrupt,
+        Kind::ProxyDown,
+        Kind::WorkerKill,
+        Kind::CoordinatorKill,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Latency => "latency",
+            Kind::Bandwidth => "bandwidth",
+            Kind::Blackhole => "blackhole",
+            Kind::Reset => "reset",
+            Kind::LimitData => "limit_data",
+            Kind::Slicer => "slicer",
+            Kind::Stall => "stall",
+            Kind::Corrupt => "corrupt",
+            Kind::ProxyDown => "proxy_down",
+            Kind::WorkerKill => "worker_kill",
+            Kind::CoordinatorKill => "coordinator_kill",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Whether the disruption must end the sessions of the workers it affects; the others
+    /// (slow links) must fire and leave the fleet connected.
+    pub fn cuts(self) -> bool {
+        matches!(
+            self,
+            Kind::Blackhole
+                | Kind::Reset
+                | Kind::LimitData
+                | Kind::ProxyDown
+                | Kind::WorkerKill
+                | Kind::CoordinatorKill
+        )
+    }
+
+    /// Whether it aims at one worker (the others aim at every worker).
+    pub fn targeted(self) -> bool {
+        matches!(
+            self,
+            Kind::Bandwidth
+                | Kind::Blackhole
+                | Kind::Reset
+                | Kind::LimitData
+                | Kind::Corrupt
+                | Kind::WorkerKill
+        )
+    }
+}
+
+/// The kinds of a `--scenario`: `all`, `network` (proxy faults only), `crash` (the two kills),
+/// or a comma-separated list of kind names.
+pub fn scenario_kinds(scenario: &str) -> anyhow::Result<Vec<Kind>> {
+    let kinds = match scenario {
+        "all" => Kind::ALL.to_vec(),
+        "network" => Kind::ALL
+            .into_iter()
+            .filter(|k| !matches!(k, Kind::WorkerKill | Kind::CoordinatorKill))
+            .collect(),
+        "crash" => vec![Kind::WorkerKill, Kind::CoordinatorKill],
+        list => {
+            let mut v = Vec::new();
+            for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                match Kind::parse(name) {
+                    Some(k) if !v.contains(&k) => v.push(k),
+                    Some(_) => {}
+                    None => bail!(
+                        "unknown disruption {name:?}; use all, network, crash, or a list of: {}",
+                        Kind::ALL.map(Kind::as_str).join(", ")
+                    ),
+                }
+            }
+            v
+        }
+    };
+    if kinds.is_empty() {
+        bail!("the scenario {scenario:?} has no disruption");
+    }
+    Ok(kinds)
+}
+
+/// One planned disruption.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Disruption {
+    pub index: usize,
+    pub kind: Kind,
+    /// Index of the targeted worker (0-based) for targeted kinds.
+    pub target: Option<usize>,
+    /// The proxy fault, for kinds made by the proxy.
+    pub fault: Option<FaultKind>,
+    pub direction: Direction,
+    /// How long a timed fault stays, or how long a killed process or the proxy stays down.
+    /// Faults that must fire or be detected stay until then (bounded by `MAX_HOLD`).
+    #[serde(with = "humantime_ms")]
+    pub hold: Duration,
+}
+
+/// Longest a disruption that waits to fire or be detected stays in place.
+pub const MAX_HOLD: Duration = Duration::from_secs(20);
+
+/// Rounds of the scenario's kinds, each shuffled, `rounds` of them.
+pub fn plan(
+    kinds: &[Kind],
+    rounds: usize,
+    workers: usize,
+    interval: Duration,
+    seed: u64,
+) -> Vec<Disruption> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let timed = (interval / 2).clamp(Duration::from_secs(1), Duration::from_secs(5));
+    let mut out = Vec::new();
+    for _ in 0..rounds.max(1) {
+        let mut round = kinds.to_vec();
+        round.shuffle(&mut rng);
+        for kind in round {
+            let target = kind.targeted().then(|| rng.random_range(0..workers.max(1)));
+            let ms = |rng: &mut SmallRng, lo: u64, hi: u64| {
+                Duration::from_millis(rng.random_range(lo..=hi))
+            };
+            let (fault, direction, hold) = match kind {
+                Kind::Latency => (
+                    Some(FaultKind::Latency {
+                        latency_ms: rng.random_range(150..=400),
+                        jitter_ms: 50,
+                    }),
+                    Direction::Both,
+                    timed,
+                ),
+                Kind::Bandwidth => (
+                    Some(FaultKind::Bandwidth {
+                        bytes_per_sec: rng.random_range(2_000..=8_000),
+                    }),
+                    Direction::Both,
+                    timed,
+                ),
+                Kind::Blackhole => (Some(FaultKind::Blackhole), Direction::Both, MAX_HOLD),
+                Kind::Reset => (
+                    Some(FaultKind::Reset { timeout_ms: 0 }),
+                    Direction::Both,
+                    MAX_HOLD,
+                ),
+                Kind::LimitData => (
+                    Some(FaultKind::LimitData {
+                        bytes: rng.random_range(256..=2_048),
+                    }),
+                    Direction::Upstream,
+                    MAX_HOLD,
+                ),
+                Kind::Slicer => (
+                    Some(FaultKind::Slicer {
+                        average_size: 16,
+                        size_variation: 8,
+                        delay_us: 500,
+                    }),
+                    Direction::Both,
+                    timed,
+                ),
+                Kind::Stall => (
+                    Some(FaultKind::Stall {
+                        loss_rate: 0.3,
+                        stall_ms: rng.random_range(100..=400),
+                    }),
+                    Direction::Both,
+                    timed,
+                ),
+                // A high rate on purpose: every frame it touches is garbled beyond parsing. A
+                // low rate can flip one digit of a JSON value into another digit, which no
+                // layer above TCP detects (see docs/ARCHITECTURE.md, "End-to-end run").
+                Kind::Corrupt => (
+                    Some(FaultKind::Corrupt { rate: 0.2 }),
+                    Direction::Both,
+                    MAX_HOLD,
+                ),
+                Kind::ProxyDown => (None, Direction::Both, ms(&mut rng, 800, 1_500)),
+                Kind::WorkerKill | Kind::CoordinatorKill => {
+                    (None, Direction::Both, ms(&mut rng, 300, 1_000))
+                }
+            };
+            out.push(Disruption {
+                index: out.len(),
+                kind,
+                target,
+                fault,
+                direction,
+                hold,
+            });
+        }
+    }
+    out
+}
+
+/// Durations as whole milliseconds in JSON.
+mod humantime_ms {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_seed_gives_the_same_plan_and_every_round_has_every_kind() {
+        let kinds = scenario_kinds("all").expect("all");
+        let a = plan(&kinds, 3, 4, Duration::from_secs(4), 9);
+        let b = plan(&kinds, 3, 4, Duration::from_secs(4), 9);
+        let c = plan(&kinds, 3, 4, Duration::from_secs(4), 10);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a.len(), 3 * Kind::ALL.len());
+        for round in a.chunks(Kind::ALL.len()) {
+            let mut seen: Vec<Kind> = round.iter().map(|d| d.kind).collect();
+            seen.sort();
+            assert_eq!(seen, Kind::ALL.to_vec());
+        }
+        assert!(a.iter().all(|d| d.target.is_none_or(|t| t < 4)));
+        assert!(a.iter().all(|d| d.kind.targeted() == d.target.is_some()));
+    }
+
+    #[test]
+    fn scenarios_name_kinds_and_unknown_names_are_refused() {
+        assert_eq!(
+            scenario_kinds("crash").expect("crash"),
+            [Kind::WorkerKill, Kind::CoordinatorKill]
+        );
+        assert!(
+            !scenario_kinds("network")
+                .expect("network")
+                .contains(&Kind::WorkerKill)
+        );
+        assert_eq!(
+            scenario_kinds("reset, blackhole,reset").expect("list"),
+            [Kind::Reset, Kind::Blackhole]
+        );
+        let e = scenario_kinds("reset,meteor").expect_err("unknown");
+        assert!(e.to_string().contains("meteor"), "{e}");
+        assert!(scenario_kinds(",").is_err());
+    }
+}

@@ -1,0 +1,304 @@
+//! The processes of a run: the coordinator and the workers are this same binary started as
+//! child processes, each logging to its own file in the work directory. A child is killed
+//! (SIGKILL) when its handle is dropped, so an aborted run leaves nothing behind.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+use tokio::process::{Child, Command};
+
+/// How long a started process gets to become ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a process gets to stop after SIGTERM before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Timings given to every process of a run (short, so that a run of a minute sees many
+/// detections and recoveries).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Timings {
+    pub coordinator_heartbeat_interval: &'static str,
+    pub coordinator_heartbeat_timeout: &'static str,
+    pub coordinator_lost_after: &'static str,
+    pub worker_heartbeat_interval: &'static str,
+    pub worker_heartbeat_timeout: &'static str,
+    pub worker_connect_timeout: &'static str,
+    pub worker_initial_reconnect_delay: &'static str,
+    pub worker_max_reconnect_delay: &'static str,
+    pub worker_slots: u32,
+}
+
+pub const TIMINGS: Timings = Timings {
+    coordinator_heartbeat_interval: "250ms",
+    coordinator_heartbeat_timeout: "3s",
+    coordinator_lost_after: "30s",
+    worker_heartbeat_interval: "250ms",
+    worker_heartbeat_timeout: "1500ms",
+    worker_connect_timeout: "2s",
+    worker_initial_reconnect_delay: "100ms",
+    worker_max_reconnect_delay: "1s",
+    worker_slots: 2,
+};
+
+fn spawn(exe: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", exe.display()))
+}
+
+/// SIGKILL and reap.
+async fn kill(child: &mut Child) {
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
+/// SIGTERM, then SIGKILL after [`STOP_GRACE`].
+async fn terminate(child: &mut Child) {
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
+            return;
+        }
+    }
+    kill(child).await;
+}
+
+/// The coordinator process, restartable on the same address and data directory.
+pub struct Coordinator {
+    exe: PathBuf,
+    pub addr: SocketAddr,
+    data_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    pub api: Api,
+    pub starts: u32,
+}
+
+impl Coordinator {
+    pub async fn start(exe: &Path, work: &Path) -> anyhow::Result<Self> {
+        // A free port, kept for every restart (the listener sets SO_REUSEADDR).
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("cannot find a free port on 127.0.0.1")?;
+        let mut c = Self {
+            exe: exe.to_owned(),
+            addr,
+            data_dir: work.join("coordinator-data"),
+            log: work.join("coordinator.log"),
+            child: None,
+            api: Api::new(addr),
+            starts: 0,
+        };
+        c.restart().await?;
+        Ok(c)
+    }
+
+    /// Starts the process (again) and waits until it answers `/healthz`.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let t = &TIMINGS;
+        let args: Vec<String> = [
+            "--log",
+            "info",
+            "coordinator",
+            "--listen",
+            &self.addr.to_string(),
+            "--data-dir",
+            &self.data_dir.display().to_string(),
+            "--heartbeat-interval",
+            t.coordinator_heartbeat_interval,
+            "--heartbeat-timeout",
+            t.coordinator_heartbeat_timeout,
+            "--lost-after",
+            t.coordinator_lost_after,
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        self.child = Some(spawn(&self.exe, &args, &self.log)?);
+        self.starts += 1;
+        let end = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            if self.api.get("/healthz").await.is_ok() {
+                return Ok(());
+            }
+            if let Some(child) = &mut self.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                bail!(
+                    "the coordinator exited with {status} at start; see {}",
+                    self.log.display()
+                );
+            }
+            if tokio::time::Instant::now() >= end {
+                bail!("the coordinator did not answer within {READY_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c).await;
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c).await;
+        }
+    }
+}
+
+/// One worker process, restartable on the same state directory and event log.
+pub struct Worker {
+    exe: PathBuf,
+    pub id: String,
+    url: String,
+    pub state_dir: PathBuf,
+    pub events: PathBuf,
+    log: PathBuf,
+    seed: u64,
+    child: Option<Child>,
+    pub starts: u32,
+}
+
+impl Worker {
+    pub fn new(exe: &Path, work: &Path, id: &str, proxy: SocketAddr, seed: u64) -> Self {
+        Self {
+            exe: exe.to_owned(),
+            id: id.to_owned(),
+            url: format!("ws://{proxy}"),
+            state_dir: work.join(format!("{id}-state")),
+            events: work.join(format!("{id}.events.jsonl")),
+            log: work.join(format!("{id}.log")),
+            seed,
+            child: None,
+            starts: 0,
+        }
+    }
+
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        let t = &TIMINGS;
+        let args: Vec<String> = vec![
+            "--log".into(),
+            "info".into(),
+            "worker".into(),
+            "--coordinator".into(),
+            self.url.clone(),
+            "--id".into(),
+            self.id.clone(),
+            "--slots".into(),
+            t.worker_slots.to_string(),
+            "--state-dir".into(),
+            self.state_dir.display().to_string(),
+            "--event-log".into(),
+            self.events.display().to_string(),
+            "--heartbeat-interval".into(),
+            t.worker_heartbeat_interval.into(),
+            "--heartbeat-timeout".into(),
+            t.worker_heartbeat_timeout.into(),
+            "--connect-timeout".into(),
+            t.worker_connect_timeout.into(),
+            "--initial-reconnect-delay".into(),
+            t.worker_initial_reconnect_delay.into(),
+            "--max-reconnect-delay".into(),
+            t.worker_max_reconnect_delay.into(),
+            "--reconnect-jitter".into(),
+            "0.2".into(),
+            "--seed".into(),
+            (self.seed + u64::from(self.starts)).to_string(),
+        ];
+        self.child = Some(spawn(&self.exe, &args, &self.log)?);
+        self.starts += 1;
+        Ok(())
+    }
+
+    /// Whether the process is still running (it exits on its own only on a fatal error).
+    pub fn exited(&mut self) -> Option<String> {
+        let c = self.child.as_mut()?;
+        match c.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            _ => None,
+        }
+    }
+
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c).await;
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c).await;
+        }
+    }
+}
+
+/// The coordinator's HTTP API.
+#[derive(Clone)]
+pub struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+/// Per request; a coordinator being killed must not hang the run.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Api {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::builder()
+                .timeout(REQUEST_TIMEOUT)
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .with_context(|| format!("GET {path}"))?;
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("GET {path}: HTTP {}: {v}", status.as_u16());
+        }
+        Ok(v)
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("POST {path}"))?;
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("POST {path}: HTTP {}: {v}", status.as_u16());
+        }
+        Ok(v)
+    }
+}

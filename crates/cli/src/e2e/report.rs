@@ -1,0 +1,338 @@
+//! The report of a run, as JSON (for machines and the test suite) and Markdown (for people):
+//! configuration and seed, the plan, each disruption with its counters and times, figures per
+//! kind (p50, p95, max), the blackhole detection times of both sides, per-worker connection
+//! statistics, task outcomes, and the verdict.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use super::observe::Observation;
+use super::plan::{Disruption, Kind};
+use super::procs::Timings;
+use super::verdict::Verdict;
+
+/// p50, p95 and max of a set of times, ms (nearest rank).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Figures {
+    pub samples: usize,
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+}
+
+impl Figures {
+    pub fn of(values: impl IntoIterator<Item = f64>) -> Self {
+        let mut v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
+        v.sort_by(f64::total_cmp);
+        let rank = |p: f64| -> Option<f64> {
+            if v.is_empty() {
+                return None;
+            }
+            let i = ((p / 100.0) * v.len() as f64).ceil() as usize;
+            v.get(i.clamp(1, v.len()) - 1).copied()
+        };
+        Self {
+            samples: v.len(),
+            p50_ms: rank(50.0),
+            p95_ms: rank(95.0),
+            max_ms: v.last().copied(),
+        }
+    }
+
+    fn cell(&self) -> String {
+        match (self.p50_ms, self.p95_ms, self.max_ms) {
+            (Some(a), Some(b), Some(c)) => format!("{a:.0} / {b:.0} / {c:.0} ({})", self.samples),
+            _ => "-".into(),
+        }
+    }
+}
+
+/// Figures of every disruption of one kind.
+#[derive(Debug, Clone, Serialize)]
+pub struct KindFigures {
+    pub count: usize,
+    pub fired: usize,
+    pub detected: usize,
+    pub recovered: usize,
+    pub worker_detect: Figures,
+    pub coordinator_detect: Figures,
+    pub recover: Figures,
+}
+
+/// A worker's connection statistics: its own records and the coordinator's view.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerFigures {
+    pub worker: String,
+    pub process_starts: u32,
+    pub sessions_registered: usize,
+    pub sessions_lost: usize,
+    pub sessions_declared_dead: usize,
+    pub attempts_failed: usize,
+    pub acks: BTreeMap<String, usize>,
+    /// The coordinator's `stats` of this worker (the worker's own telemetry) and sessions.
+    pub coordinator_view: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TaskOutcomes {
+    pub submitted: usize,
+    pub expected_to_fail: usize,
+    pub by_status: BTreeMap<String, usize>,
+    /// Tasks that needed more than one attempt.
+    pub retried: usize,
+    /// Counted results of attempts that started from a checkpoint.
+    pub resumed_from_checkpoint: usize,
+    /// Stale results kept (from attempts that had lost their lease).
+    pub stale_results: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub workers: usize,
+    pub duration_ms: u64,
+    pub disruption_interval_ms: u64,
+    pub seed: u64,
+    pub scenario: String,
+    pub kinds: Vec<Kind>,
+    pub timings: Timings,
+    pub work_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub config: Config,
+    pub wall_ms: u64,
+    pub plan: Vec<Disruption>,
+    pub disruptions: Vec<Observation>,
+    pub by_kind: BTreeMap<Kind, KindFigures>,
+    /// The silent partition: fault to the worker's liveness timeout, and to the
+    /// coordinator's, over every blackhole.
+    pub blackhole: BlackholeFigures,
+    pub workers: Vec<WorkerFigures>,
+    pub proxy: tether_faultproxy::ProxyStats,
+    pub coordinator_starts: u32,
+    pub tasks: TaskOutcomes,
+    pub unexpected_exits: Vec<String>,
+    pub verdict: Verdict,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BlackholeFigures {
+    pub worker_heartbeat_timeout: &'static str,
+    pub coordinator_heartbeat_timeout: &'static str,
+    pub worker_detect: Figures,
+    pub coordinator_detect: Figures,
+}
+
+pub fn by_kind(obs: &[Observation]) -> BTreeMap<Kind, KindFigures> {
+    let mut out = BTreeMap::new();
+    for kind in Kind::ALL {
+        let of: Vec<&Observation> = obs.iter().filter(|o| o.kind == kind).collect();
+        if of.is_empty() {
+            continue;
+        }
+        let all =
+            |f: fn(&Observation) -> Vec<f64>| of.iter().flat_map(|o| f(o)).collect::<Vec<_>>();
+        out.insert(
+            kind,
+            KindFigures {
+                count: of.len(),
+                fired: of.iter().filter(|o| o.fired).count(),
+                detected: of.iter().filter(|o| o.detected).count(),
+                recovered: of.iter().filter(|o| o.recovered).count(),
+                worker_detect: Figures::of(all(|o| o.worker_detect_ms.values().copied().collect())),
+                coordinator_detect: Figures::of(all(|o| {
+                    o.coordinator_detect_ms.values().copied().collect()
+                })),
+                recover: Figures::of(all(|o| o.recover_ms.values().copied().collect())),
+            },
+        );
+    }
+    out
+}
+
+impl Report {
+    /// Writes `<prefix>.json` and `<prefix>.md`; a directory (existing, or given with a
+    /// trailing `/`) gets `e2e-report.json` and `e2e-report.md` in it.
+    pub fn write(&self, target: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let is_dir = target.is_dir() || target.as_os_str().to_string_lossy().ends_with('/');
+        let prefix = if is_dir {
+            std::fs::create_dir_all(target)
+                .with_context(|| format!("cannot create {}", target.display()))?;
+            target.join("e2e-report")
+        } else {
+            if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create {}", parent.display()))?;
+            }
+            target.to_owned()
+        };
+        let json = prefix.with_extension("json");
+        let md = prefix.with_extension("md");
+        let text = serde_json::to_string_pretty(self).context("cannot encode the report")?;
+        std::fs::write(&json, text).with_context(|| format!("cannot write {}", json.display()))?;
+        std::fs::write(&md, self.markdown())
+            .with_context(|| format!("cannot write {}", md.display()))?;
+        Ok((json, md))
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let c = &self.config;
+        let verdict = if self.verdict.pass { "PASS" } else { "FAIL" };
+        let _ = writeln!(s, "# tether e2e: {verdict}\n");
+        let _ = writeln!(
+            s,
+            "Seed {}, scenario `{}`, {} workers, duration {} ms, disruption interval {} ms; wall time {} ms.\n",
+            c.seed, c.scenario, c.workers, c.duration_ms, c.disruption_interval_ms, self.wall_ms
+        );
+        let _ = writeln!(
+            s,
+            "Timings: {}\n",
+            serde_json::to_string(&c.timings).unwrap_or_default()
+        );
+        let _ = writeln!(
+            s,
+            "## Verdict\n\n| check | result | detail |\n|---|---|---|"
+        );
+        for ch in &self.verdict.checks {
+            let r = if ch.pass { "pass" } else { "FAIL" };
+            let _ = writeln!(s, "| {} | {r} | {} |", ch.name, ch.detail);
+        }
+        let b = &self.blackhole;
+        let _ = writeln!(
+            s,
+            "\n## Silent partition (blackhole) detection\n\nWorker heartbeat timeout {}, coordinator heartbeat timeout {}. Fault to detection, ms, p50 / p95 / max (samples):\n\n- by the worker: {}\n- by the coordinator: {}",
+            b.worker_heartbeat_timeout,
+            b.coordinator_heartbeat_timeout,
+            b.worker_detect.cell(),
+            b.coordinator_detect.cell()
+        );
+        let _ = writeln!(
+            s,
+            "\n## Per kind\n\nTimes in ms, p50 / p95 / max (samples). Detection: fault to the worker declaring its session lost, or to the coordinator's disconnect time. Recovery: fault removed to the next registration.\n\n| kind | count | fired | detected | recovered | worker detect | coordinator detect | recovery |\n|---|---|---|---|---|---|---|---|"
+        );
+        for (k, f) in &self.by_kind {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                k.as_str(),
+                f.count,
+                f.fired,
+                f.detected,
+                f.recovered,
+                f.worker_detect.cell(),
+                f.coordinator_detect.cell(),
+                f.recover.cell()
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\n## Disruptions\n\n| # | kind | target | held ms | counters | detected | recovered | note |\n|---|---|---|---|---|---|---|---|"
+        );
+        for o in &self.disruptions {
+            let held = (o.removed_at - o.started_at).num_milliseconds();
+            let counters = o
+                .fault_stats
+                .map(|f| {
+                    format!(
+                        "delayed {} B, dropped {} B, corrupted {} B, reset {}, closed {}",
+                        f.bytes_delayed,
+                        f.bytes_dropped,
+                        f.bytes_corrupted,
+                        f.connections_reset,
+                        f.connections_closed
+                    )
+                })
+                .unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {held} | {counters} | {} | {} | {} |",
+                o.index,
+                o.kind.as_str(),
+                o.target.as_deref().unwrap_or("all"),
+                o.detected,
+                o.recovered,
+                o.note
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\n## Workers\n\n| worker | starts | registered | lost | declared dead | failed attempts | result acks |\n|---|---|---|---|---|---|---|"
+        );
+        for w in &self.workers {
+            let acks: Vec<String> = w.acks.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                w.worker,
+                w.process_starts,
+                w.sessions_registered,
+                w.sessions_lost,
+                w.sessions_declared_dead,
+                w.attempts_failed,
+                acks.join(", ")
+            );
+        }
+        let t = &self.tasks;
+        let statuses: Vec<String> = t
+            .by_status
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "\n## Tasks\n\n{} submitted ({} failing on purpose): {}. Retried: {}. Resumed from a checkpoint: {}. Stale results kept: {}. Coordinator starts: {}.",
+            t.submitted,
+            t.expected_to_fail,
+            statuses.join(", "),
+            t.retried,
+            t.resumed_from_checkpoint,
+            t.stale_results,
+            self.coordinator_starts
+        );
+        let p = &self.proxy;
+        let _ = writeln!(
+            s,
+            "\n## Proxy\n\n{} connections accepted, {} reset, {} upstream failures; faults: {} B delayed, {} B dropped, {} B corrupted.",
+            p.connections_accepted,
+            p.connections_reset,
+            p.upstream_failures,
+            p.faults.bytes_delayed,
+            p.faults.bytes_dropped,
+            p.faults.bytes_corrupted
+        );
+        if !self.unexpected_exits.is_empty() {
+            let _ = writeln!(s, "\n## Unexpected exits\n");
+            for e in &self.unexpected_exits {
+                let _ = writeln!(s, "- {e}");
+            }
+        }
+        let _ = writeln!(s, "\nLogs and state: `{}`", c.work_dir.display());
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_use_the_nearest_rank() {
+        let f = Figures::of((1..=100).map(f64::from));
+        assert_eq!(f.samples, 100);
+        assert_eq!(f.p50_ms, Some(50.0));
+        assert_eq!(f.p95_ms, Some(95.0));
+        assert_eq!(f.max_ms, Some(100.0));
+        let one = Figures::of([7.0]);
+        assert_eq!(
+            (one.p50_ms, one.p95_ms, one.max_ms),
+            (Some(7.0), Some(7.0), Some(7.0))
+        );
+        assert_eq!(Figures::of([]).p50_ms, None);
+    }
+}

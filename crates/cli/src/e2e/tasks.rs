@@ -1,0 +1,92 @@
+//! The task mix: waves of short sleeps, long sleeps that checkpoint, commands that checkpoint
+//! through `$TETHER_CHECKPOINT_DIR` and resume from it, and tasks that fail on purpose. One
+//! wave goes in at the start and one after each disruption, so work is in flight through all
+//! of them.
+
+use rand::Rng;
+use rand::rngs::SmallRng;
+use serde_json::json;
+use tether_proto::TaskSpec;
+
+use super::verdict::Expect;
+
+/// Attempts allowed to tasks that must complete: a task may be lost with a killed worker or
+/// a killed coordinator several times in a run; running out of attempts is not what the run
+/// tests.
+pub const MAX_ATTEMPTS: u32 = 10;
+
+/// A command that counts to 12 in steps of 150 ms, keeping its count in the checkpoint
+/// directory, so an attempt that resumes starts where the last shipped checkpoint was.
+const COUNTER: &str = r#"d="$TETHER_CHECKPOINT_DIR"; i=$(cat "$d/count" 2>/dev/null || echo 0); start=$i
+while [ "$i" -lt 12 ]; do i=$((i+1)); echo "$i" > "$d/count.tmp" && mv "$d/count.tmp" "$d/count"; sleep 0.15; done
+echo "counted from $start to $i""#;
+
+/// One wave of tasks, named `e2e-{wave}-{n}-{kind}`.
+pub fn wave(wave: usize, rng: &mut SmallRng) -> Vec<(TaskSpec, Expect)> {
+    let mut out = Vec::new();
+    let mut add = |kind: &str, config: serde_json::Value, expect: Expect, what: &str| {
+        let mut s = TaskSpec::new(kind, config);
+        s.name = Some(format!("e2e-{wave}-{}-{what}", out.len()));
+        s.max_attempts = Some(MAX_ATTEMPTS);
+        out.push((s, expect));
+    };
+    for _ in 0..2 {
+        let ms = rng.random_range(200..=1_000);
+        add(
+            "sleep",
+            json!({"ms": ms, "steps": 4}),
+            Expect::Complete,
+            "short",
+        );
+    }
+    let ms = rng.random_range(3_000..=6_000);
+    add(
+        "sleep",
+        json!({"ms": ms, "steps": 15, "checkpoint_every": 3}),
+        Expect::Complete,
+        "long",
+    );
+    add(
+        "command",
+        json!({"shell": COUNTER, "checkpoint_poll_ms": 200}),
+        Expect::Complete,
+        "counter",
+    );
+    if wave.is_multiple_of(2) {
+        add(
+            "sleep",
+            json!({"ms": 300, "steps": 3, "fail": true}),
+            Expect::Fail,
+            "fail",
+        );
+    } else {
+        add(
+            "command",
+            json!({"shell": "echo failing on purpose >&2; exit 3"}),
+            Expect::Fail,
+            "fail",
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn a_wave_mixes_every_kind_of_task_and_valid_specs() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        for w in 0..2 {
+            let v = wave(w, &mut rng);
+            assert!(v.iter().all(|(s, _)| s.validate().is_ok()));
+            assert_eq!(v.iter().filter(|(_, e)| *e == Expect::Fail).count(), 1);
+            assert!(v.iter().any(|(s, _)| s.kind == "command"));
+            assert!(
+                v.iter()
+                    .any(|(s, _)| s.config["checkpoint_every"].as_u64() == Some(3))
+            );
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! The verdict: a pure function from ground truth (what the coordinator's API says and what the
+//! workers recorded themselves) to named checks. Nothing here talks to a process, so a broken
+//! system can be fabricated in a unit test and must fail.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use super::plan::Kind;
+
+/// What a submitted task was meant to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Expect {
+    Complete,
+    /// Fails on purpose: must end `failed`, with its failure recorded.
+    Fail,
+}
+
+/// A task as the coordinator lists it (one entry of `GET /api/v1/tasks`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskView {
+    pub id: String,
+    pub status: String,
+    pub attempt: u32,
+}
+
+/// One recorded result (`GET /api/v1/tasks/{id}/result`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ResultView {
+    pub attempt: u32,
+    pub stale: bool,
+    pub outcome: String,
+}
+
+/// A result acknowledgement a worker wrote in its event log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AckView {
+    pub worker: String,
+    pub task: String,
+    pub attempt: Option<u32>,
+    /// `recorded`, `duplicate`, `stale` or `rejected`.
+    pub disposition: String,
+}
+
+/// What was seen of one disruption.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DisruptionView {
+    pub index: usize,
+    pub kind: Kind,
+    pub fired: bool,
+    pub detected: bool,
+    pub recovered: bool,
+}
+
+/// Everything the verdict looks at.
+#[derive(Debug, Clone, Default)]
+pub struct GroundTruth {
+    pub submitted: Vec<(String, Expect)>,
+    pub tasks: Vec<TaskView>,
+    pub results: BTreeMap<String, Vec<ResultView>>,
+    pub acks: Vec<AckView>,
+    pub disruptions: Vec<DisruptionView>,
+    /// Kinds the scenario asked for.
+    pub kinds: Vec<Kind>,
+    /// Processes that exited without being told to.
+    pub unexpected_exits: Vec<String>,
+}
+
+/// One named check.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub pass: bool,
+    /// What was counted, and the first offenders when it failed.
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Verdict {
+    pub pass: bool,
+    pub checks: Vec<Check>,
+}
+
+/// At most this many offenders are named in a check's detail.
+const NAMED: usize = 5;
+
+fn check(name: &'static str, total: usize, what: &str, bad: Vec<String>) -> Check {
+    let pass = bad.is_empty();
+    let detail = if pass {
+        format!("{total} {what}: all hold")
+    } else {
+        let shown: Vec<&str> = bad.iter().take(NAMED).map(String::as_str).collect();
+        format!(
+            "{} of {total} {what} fail: {}{}",
+            bad.len(),
+            shown.join("; "),
+            if bad.len() > NAMED { "; ..." } else { "" }
+        )
+    };
+    Check { name, pass, detail }
+}
+
+const TERMINAL: [&str; 4] = ["completed", "failed", "cancelled", "timed_out"];
+
+pub fn verdict(g: &GroundTruth) -> Verdict {
+    let mut listed: BTreeMap<&str, Vec<&TaskView>> = BTreeMap::new();
+    for t in &g.tasks {
+        listed.entry(t.id.as_str()).or_default().push(t);
+    }
+    let counted = |id: &str| -> Vec<&ResultView> {
+        g.results
+            .get(id)
+            .map(|v| v.iter().filter(|r| !r.stale).collect())
+            .unwrap_or_default()
+    };
+    let n = g.submitted.len();
+    let mut checks = Vec::new();
+
+    // Every submitted task is listed once, in a terminal state.
+    let mut bad = Vec::new();
+    for (id, _) in &g.submitted {
+        match listed.get(id.as_str()).map(Vec::as_slice) {
+            None | Some([]) => bad.push(format!("{id} is unknown to the coordinator")),
+            Some([t]) if TERMINAL.contains(&t.status.as_str()) => {}
+            Some([t]) => bad.push(format!("{id} is {}", t.status)),
+            Some(many) => bad.push(format!(
+                "{id} is listed {} times ({})",
+                many.len(),
+                many.iter()
+                    .map(|t| t.status.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+    checks.push(check("every_task_terminal_once", n, "tasks", bad));
+
+    // Outcomes as intended: the rest completed, the failing ones failed (and were not retried
+    // into success).
+    let mut bad = Vec::new();
+    for (id, expect) in &g.submitted {
+        let want = match expect {
+            Expect::Complete => "completed",
+            Expect::Fail => "failed",
+        };
+        if let Some([t]) = listed.get(id.as_str()).map(Vec::as_slice)
+            && t.status != want
+        {
+            bad.push(format!("{id} is {} but should be {want}", t.status));
+        }
+    }
+    checks.push(check("outcomes_as_intended", n, "tasks", bad));
+
+    // No result lost: every task ended by a result has its counted result, and every result a
+    // worker saw acknowledged as recorded (or as a duplicate of a recorded one) is stored.
+    let mut bad = Vec::new();
+    for (id, _) in &g.submitted {
+        let ended_by_result = listed
+            .get(id.as_str())
+            .and_then(|v| v.first())
+            .is_some_and(|t| t.status == "completed" || t.status == "failed");
+        if ended_by_result && counted(id).is_empty() {
+            bad.push(format!("{id} ended without a counted result"));
+        }
+    }
+    let acked: Vec<&AckView> = g
+        .acks
+        .iter()
+        .filter(|a| a.disposition == "recorded" || a.disposition == "duplicate")
+        .collect();
+    for a in &acked {
+        let rows = g
+            .results
+            .get(&a.task)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let stored = rows
+            .iter()
+            .any(|r| a.attempt.is_none_or(|at| r.attempt == at));
+        if !stored {
+            bad.push(format!(
+                "{} acknowledged {} attempt {} as {} but the coordinator has no such result",
+                a.worker,
+                a.task,
+                a.attempt.map_or("?".into(), |x| x.to_string()),
+                a.disposition
+            ));
+        }
+    }
+    checks.push(check(
+        "no_result_lost",
+        n + acked.len(),
+        "tasks and acknowledged results",
+        bad,
+    ));
+
+    // No result recorded twice: at most one counted result per task, one stored result per
+    // attempt, and one `recorded` ack per attempt over every worker.
+    let mut bad = Vec::new();
+    for (id, rows) in &g.results {
+        let c = rows.iter().filter(|r| !r.stale).count();
+        if c > 1 {
+            bad.push(format!("{id} has {c} counted results"));
+        }
+        let attempts: BTreeSet<u32> = rows.iter().map(|r| r.attempt).collect();
+        if attempts.len() < rows.len() {
+            bad.push(format!("{id} has two results for one attempt"));
+        }
+    }
+    let mut recorded: BTreeMap<(&str, Option<u32>), usize> = BTreeMap::new();
+    for a in g.acks.iter().filter(|a| a.disposition == "recorded") {
+        *recorded.entry((a.task.as_str(), a.attempt)).or_default() += 1;
+    }
+    for ((task, attempt), k) in &recorded {
+        if *k > 1 {
+            bad.push(format!(
+                "{task} attempt {} acknowledged as recorded {k} times",
+                attempt.map_or("?".into(), |x| x.to_string())
+            ));
+        }
+    }
+    checks.push(check(
+        "no_result_recorded_twice",
+        g.results.len(),
+        "tasks",
+        bad,
+    ));
+
+    let d = &g.disruptions;
+    let named = |f: fn(&DisruptionView) -> bool, what: &str| -> Vec<String> {
+        d.iter()
+            .filter(|x| !f(x))
+            .map(|x| format!("#{} {} {what}", x.index, x.kind.as_str()))
+            .collect()
+    };
+    checks.push(check(
+        "every_disruption_fired",
+        d.len(),
+        "disruptions",
+        named(|x| x.fired, "did not fire"),
+    ));
+    checks.push(check(
+        "every_disruption_detected",
+        d.len(),
+        "disruptions",
+        named(|x| x.detected, "was not detected"),
+    ));
+    checks.push(check(
+        "every_disruption_recovered",
+        d.len(),
+        "disruptions",
+        named(|x| x.recovered, "was not recovered from"),
+    ));
+    let ran: BTreeSet<Kind> = d.iter().map(|x| x.kind).collect();
+    let missing: Vec<String> = g
+        .kinds
+        .iter()
+        .filter(|k| !ran.contains(k))
+        .map(|k| format!("{} never ran", k.as_str()))
+        .collect();
+    checks.push(check("every_kind_ran", g.kinds.len(), "kinds", missing));
+
+    checks.push(check(
+        "no_unexpected_exit",
+        g.unexpected_exits.len(),
+        "unexpected exits",
+        g.unexpected_exits.clone(),
+    ));
+
+    Verdict {
+        pass: checks.iter().all(|c| c.pass),
+        checks,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: &str, status: &str) -> TaskView {
+        TaskView {
+            id: id.into(),
+            status: status.into(),
+            attempt: 1,
+        }
+    }
+
+    fn result(attempt: u32, stale: bool, outcome: &str) -> ResultView {
+        ResultView {
+            attempt,
+            stale,
+            outcome: outcome.into(),
+        }
+    }
+
+    fn ack(worker: &str, t: &str, attempt: u32, disposition: &str) -> AckView {
+        AckView {
+            worker: worker.into(),
+            task: t.into(),
+            attempt: Some(attempt),
+            disposition: disposition.into(),
+        }
+    }
+
+    /// Two tasks, one failing on purpose; a reset that was detected and recovered from; a
+    /// result acknowledged, resent after a reconnect and acknowledged again as a duplicate.
+    fn healthy() -> GroundTruth {
+        GroundTruth {
+            submitted: vec![("a".into(), Expect::Complete), ("b".into(), Expect::Fail)],
+            tasks: vec![task("a", "completed"), task("b", "failed")],
+            results: BTreeMap::from([
+                (
+                    "a".into(),
+                    vec![result(2, false, "completed"), result(1, true, "completed")],
+                ),
+                ("b".into(), vec![result(1, false, "failed")]),
+            ]),
+            acks: vec![
+                ack("w1", "a", 2, "recorded"),
+                ack("w1", "a", 2, "duplicate"),
+                ack("w2", "a", 1, "stale"),
+                ack("w2", "b", 1, "recorded"),
+            ],
+            disruptions: vec![DisruptionView {
+                index: 0,
+                kind: Kind::Reset,
+                fired: true,
+                detected: true,
+                recovered: true,
+            }],
+            kinds: vec![Kind::Reset],
+            unexpected_exits: vec![],
+        }
+    }
+
+    fn failing(g: &GroundTruth) -> Vec<&'static str> {
+        verdict(g)
+            .checks
+            .into_iter()
+            .filter(|c| !c.pass)
+            .map(|c| c.name)
+            .collect()
+    }
+
+    #[test]
+    fn a_healthy_run_passes_every_check() {
+        let v = verdict(&healthy());
+        assert!(v.pass, "{v:?}");
+        assert_eq!(v.checks.len(), 9);
+    }
+
+    #[test]
+    fn a_result_acknowledged_as_recorded_but_missing_fails_no_result_lost() {
+        let mut g = healthy();
+        g.results.remove("b");
+        assert_eq!(failing(&g), ["no_result_lost"]);
+        let mut g = healthy();
+        g.acks.push(ack("w3", "a", 3, "recorded"));
+        assert_eq!(failing(&g), ["no_result_lost"]);
+    }
+
+    #[test]
+    fn a_result_counted_twice_fails_no_result_recorded_twice() {
+        let mut g = healthy();
+        g.results
+            .get_mut("a")
+            .expect("a")
+            .push(result(3, false, "completed"));
+        assert_eq!(failing(&g), ["no_result_recorded_twice"]);
+        let mut g = healthy();
+        g.acks.push(ack("w2", "a", 2, "recorded"));
+        assert_eq!(failing(&g), ["no_result_recorded_twice"]);
+    }
+
+    #[test]
+    fn a_task_in_two_states_or_not_finished_fails_terminal_once() {
+        let mut g = healthy();
+        g.tasks.push(task("a", "running"));
+        assert!(failing(&g).contains(&"every_task_terminal_once"));
+        let mut g = healthy();
+        g.tasks[0].status = "running".into();
+        let f = failing(&g);
+        assert!(f.contains(&"every_task_terminal_once"), "{f:?}");
+        assert!(f.contains(&"outcomes_as_intended"), "{f:?}");
+        let mut g = healthy();
+        g.tasks.remove(1);
+        assert!(failing(&g).contains(&"every_task_terminal_once"));
+    }
+
+    #[test]
+    fn a_task_failing_that_should_complete_fails_outcomes() {
+        let mut g = healthy();
+        g.tasks[0].status = "failed".into();
+        assert_eq!(failing(&g), ["outcomes_as_intended"]);
+    }
+
+    #[test]
+    fn an_undetected_or_unrecovered_disruption_or_a_kind_never_run_fails() {
+        let mut g = healthy();
+        g.disruptions[0].detected = false;
+        assert_eq!(failing(&g), ["every_disruption_detected"]);
+        let mut g = healthy();
+        g.disruptions[0].recovered = false;
+        g.disruptions[0].fired = false;
+        assert_eq!(
+            failing(&g),
+            ["every_disruption_fired", "every_disruption_recovered"]
+        );
+        let mut g = healthy();
+        g.kinds.push(Kind::CoordinatorKill);
+        assert_eq!(failing(&g), ["every_kind_ran"]);
+    }
+}

@@ -1,0 +1,139 @@
+//! A short `tether e2e` run as part of the suite: three worker processes, a coordinator
+//! process, every kind of disruption once (the first round of the plan always runs to its
+//! end), then the exit code and the JSON report's verdict and figures.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+const KINDS: [&str; 11] = [
+    "latency",
+    "bandwidth",
+    "blackhole",
+    "reset",
+    "limit_data",
+    "slicer",
+    "stall",
+    "corrupt",
+    "proxy_down",
+    "worker_kill",
+    "coordinator_kill",
+];
+
+#[test]
+fn a_short_e2e_run_with_every_disruption_passes_on_ground_truth() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report_dir = dir.path().join("report/");
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "e2e",
+            "--workers",
+            "3",
+            "--duration",
+            "1s",
+            "--disruption-interval",
+            "1500ms",
+            "--seed",
+            "7",
+            "--scenario",
+            "all",
+            "--drain-timeout",
+            "60s",
+            "--report",
+        ])
+        .arg(&report_dir)
+        .arg("--work-dir")
+        .arg(dir.path().join("work"))
+        .output()
+        .expect("run tether e2e");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let md = std::fs::read_to_string(report_dir.join("e2e-report.md")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}\nreport:\n{md}",
+        out.status
+    );
+    let text = std::fs::read_to_string(report_dir.join("e2e-report.json")).expect("JSON report");
+    let r: Value = serde_json::from_str(&text).expect("report is JSON");
+
+    assert_eq!(r["verdict"]["pass"], true, "{md}");
+    for c in r["verdict"]["checks"].as_array().expect("checks") {
+        assert_eq!(c["pass"], true, "{c}");
+    }
+    assert_eq!(r["config"]["seed"], 7);
+
+    // Every kind ran, fired, was detected and recovered from.
+    for k in KINDS {
+        let f = &r["by_kind"][k];
+        assert!(f["count"].as_u64() >= Some(1), "{k} ran: {md}");
+        assert_eq!(f["fired"], f["count"], "{k}");
+        assert_eq!(f["detected"], f["count"], "{k}");
+        assert_eq!(f["recovered"], f["count"], "{k}");
+    }
+    // The proxy's own counters show that its faults did something.
+    let faults = &r["proxy"]["faults"];
+    for counter in ["bytes_delayed", "bytes_dropped", "bytes_corrupted"] {
+        assert!(faults[counter].as_u64() > Some(0), "{counter}: {faults}");
+    }
+    assert!(
+        r["proxy"]["connections_reset"].as_u64() > Some(0),
+        "{}",
+        r["proxy"]
+    );
+    for o in r["disruptions"].as_array().expect("disruptions") {
+        let counter = match o["kind"].as_str() {
+            Some("reset") => "connections_reset",
+            Some("limit_data") => "connections_closed",
+            Some("blackhole") => "bytes_dropped",
+            Some("corrupt") => "bytes_corrupted",
+            Some("latency" | "bandwidth" | "slicer" | "stall") => "bytes_delayed",
+            _ => continue,
+        };
+        assert!(
+            o["fault_stats"][counter].as_u64() > Some(0),
+            "{counter}: {o}"
+        );
+    }
+
+    // The silent partition was found by the worker's liveness timeout and by the coordinator.
+    let b = &r["blackhole"];
+    assert!(b["worker_detect"]["samples"].as_u64() >= Some(1), "{b}");
+    assert!(
+        b["coordinator_detect"]["samples"].as_u64() >= Some(1),
+        "{b}"
+    );
+    for o in r["disruptions"].as_array().expect("disruptions") {
+        if o["kind"] == "blackhole" {
+            let t = o["target"].as_str().expect("target");
+            assert_eq!(o["worker_detect_dead"][t], true, "{o}");
+            // Silence cannot be noticed before its timeout (1.5 s and 3 s) less the 250 ms
+            // heartbeat interval (the last frame may predate the fault) has passed.
+            assert!(o["worker_detect_ms"][t].as_f64() >= Some(1250.0), "{o}");
+            assert!(
+                o["coordinator_detect_ms"][t].as_f64() >= Some(2750.0),
+                "{o}"
+            );
+        }
+    }
+
+    // Task outcomes: all accounted for, the failing ones failed.
+    let t = &r["tasks"];
+    let submitted = t["submitted"].as_u64().expect("submitted");
+    assert!(submitted >= 12 * 5, "{t}");
+    assert_eq!(
+        t["by_status"]["completed"].as_u64().unwrap_or(0)
+            + t["by_status"]["failed"].as_u64().unwrap_or(0),
+        submitted,
+        "{t}"
+    );
+    assert_eq!(t["by_status"]["failed"], t["expected_to_fail"], "{t}");
+    assert_eq!(r["coordinator_starts"].as_u64(), Some(2));
+    let workers = r["workers"].as_array().expect("workers");
+    assert_eq!(workers.len(), 3);
+    assert!(
+        workers.iter().any(|w| w["process_starts"] == 2),
+        "one worker was killed and restarted: {workers:?}"
+    );
+    assert!(md.contains("# tether e2e: PASS"), "{md}");
+}

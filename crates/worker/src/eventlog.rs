@@ -1,0 +1,170 @@
+//! The worker's own record of what happened to its connection and its results, as JSON lines
+//! appended to a file (`tether worker --event-log FILE`). End-to-end runs read it as ground
+//! truth from the worker's side: when each session registered and when it was lost (and why),
+//! and every result acknowledgement with its disposition.
+//!
+//! One line per event, written with a single `write` call and no user-space buffer, so a line
+//! survives a SIGKILL of the process the moment the call returns (it is not fsynced: a machine
+//! crash may lose the tail). Lines carry wall-clock times (RFC 3339, UTC) so that records of
+//! several processes on one machine can be compared.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tether_proto::msg::Disposition;
+use tether_proto::{Attempt, Seq, TaskId};
+
+/// Why the event log cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum EventLogError {
+    #[error("cannot open the event log {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The process started (a restart on the same log appends a new one).
+    Started { boot_id: String },
+    /// A session registered (the coordinator answered the registration).
+    Registered { generation: u64, session_id: u64 },
+    /// A registered session ended; `dead` when no frame came for the heartbeat timeout.
+    SessionLost {
+        generation: u64,
+        reason: String,
+        dead: bool,
+    },
+    /// A connection attempt ended before registration.
+    AttemptFailed { generation: u64, reason: String },
+    /// The coordinator acknowledged a result.
+    ResultAck {
+        task_id: TaskId,
+        /// The attempt of the acknowledged result, when it was still held (a repeated ack of a
+        /// result already acknowledged finds nothing to look up).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attempt: Option<Attempt>,
+        seq: Seq,
+        disposition: Disposition,
+    },
+}
+
+/// One line of the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub at: DateTime<Utc>,
+    pub worker: String,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// An append-only JSON-lines file.
+#[derive(Debug)]
+pub struct EventLog {
+    worker: String,
+    file: Mutex<File>,
+    path: PathBuf,
+}
+
+impl EventLog {
+    /// Opens `path` for appending, creating it.
+    pub fn open(path: &Path, worker: &str) -> Result<Self, EventLogError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| EventLogError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            worker: worker.to_owned(),
+            file: Mutex::new(file),
+            path: path.to_owned(),
+        })
+    }
+
+    /// Appends one event. A failed write is logged, never fatal: the log is a witness, and the
+    /// worker's job is to keep running.
+    pub fn record(&self, event: Event) {
+        let rec = Record {
+            at: Utc::now(),
+            worker: self.worker.clone(),
+            event,
+        };
+        let mut line = match serde_json::to_vec(&rec) {
+            Ok(l) => l,
+            Err(error) => {
+                tracing::error!(%error, "cannot encode an event log record");
+                return;
+            }
+        };
+        line.push(b'\n');
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(error) = file.write_all(&line) {
+            tracing::error!(path = %self.path.display(), %error, "cannot write the event log");
+        }
+    }
+}
+
+/// Reads every record of a log; lines that do not parse (a torn last line) are skipped and
+/// counted.
+pub fn read(path: &Path) -> std::io::Result<(Vec<Record>, usize)> {
+    let text = std::fs::read_to_string(path)?;
+    let mut out = Vec::new();
+    let mut bad = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        match serde_json::from_str(line) {
+            Ok(r) => out.push(r),
+            Err(_) => bad += 1,
+        }
+    }
+    Ok((out, bad))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_through_the_file_and_a_torn_line_is_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        let log = EventLog::open(&path, "w1").expect("open");
+        log.record(Event::Registered {
+            generation: 1,
+            session_id: 7,
+        });
+        log.record(Event::ResultAck {
+            task_id: TaskId::parse("t1").expect("id"),
+            attempt: Some(Attempt(2)),
+            seq: Seq(9),
+            disposition: Disposition::Recorded,
+        });
+        drop(log);
+        let mut f = OpenOptions::new().append(true).open(&path).expect("reopen");
+        f.write_all(b"{\"at\":\"20").expect("torn line");
+        let (records, bad) = read(&path).expect("read");
+        assert_eq!(bad, 1);
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].worker, "w1");
+        assert!(matches!(
+            records[1].event,
+            Event::ResultAck {
+                attempt: Some(Attempt(2)),
+                disposition: Disposition::Recorded,
+                ..
+            }
+        ));
+        let text = std::fs::read_to_string(&path).expect("text");
+        assert!(text.starts_with("{\"at\":"), "{text}");
+        assert!(text.contains("\"event\":\"result_ack\""), "{text}");
+    }
+}

@@ -1,0 +1,526 @@
+//! A small seeded network simulation under paused time: the worker's connections run over a
+//! link that the test can partition (every byte dropped, the connection left open: the
+//! half-open case), hold (bytes kept back, none lost, released in order on repair) and repair,
+//! to a fake coordinator that records results by (task, attempt) as ground truth. Minutes of
+//! simulated trouble take milliseconds.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::{SinkExt, StreamExt};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tether_proto::msg::{
+    Ack, CoordMsg, Disposition, HeartbeatReply, PROTOCOL_VERSION, RegistrationAck, TaskAssignment,
+    Welcome, WorkerMsg, now,
+};
+use tether_proto::{Attempt, TaskId, WorkerId, decode_worker, encode};
+use tether_worker::backoff::{BackoffConfig, Jitter};
+use tether_worker::connector::{ConnectError, Connector, Io, WsStream, handshake};
+use tether_worker::eventlog::{self, Event};
+use tether_worker::{ConnState, WorkerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::fake::Running;
+
+/// What the network does to every connection, now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Up,
+    /// Drop every byte; connections stay open (no FIN, no RST).
+    Partition,
+    /// Keep every byte back; deliver them all, in order, on repair.
+    Hold,
+}
+
+/// The fake coordinator's record: the ground truth of the simulation.
+#[derive(Debug, Default)]
+pub struct Truth {
+    /// Registrations answered.
+    pub registrations: u64,
+    /// Connections on which a second registration arrived (must stay 0).
+    pub double_registrations: u64,
+    /// Times each (task, attempt) result was recorded (must end at 1).
+    pub recorded: HashMap<(TaskId, Attempt), u32>,
+    /// Results received again after they were recorded (acknowledged as duplicates).
+    pub duplicates: u64,
+    /// Tasks to hand out at the first registration.
+    pub to_assign: Vec<(TaskId, u64)>,
+}
+
+#[derive(Clone)]
+pub struct SimNet {
+    mode: Arc<watch::Sender<Mode>>,
+    pub truth: Arc<Mutex<Truth>>,
+    pub attempts: Arc<Mutex<Vec<Instant>>>,
+    pub dropped: Arc<AtomicU64>,
+}
+
+impl SimNet {
+    pub fn new(tasks: Vec<(TaskId, u64)>) -> Self {
+        Self {
+            mode: Arc::new(watch::channel(Mode::Up).0),
+            truth: Arc::new(Mutex::new(Truth {
+                to_assign: tasks,
+                ..Truth::default()
+            })),
+            attempts: Arc::default(),
+            dropped: Arc::default(),
+        }
+    }
+
+    pub fn set(&self, m: Mode) {
+        self.mode.send_replace(m);
+    }
+
+    pub fn attempts(&self) -> Vec<Instant> {
+        self.attempts.lock().expect("lock").clone()
+    }
+
+    pub fn truth<T>(&self, f: impl FnOnce(&Truth) -> T) -> T {
+        f(&self.truth.lock().expect("lock"))
+    }
+}
+
+impl Connector for SimNet {
+    fn connect(
+        &self,
+        url: String,
+        config: WebSocketConfig,
+    ) -> BoxFuture<'static, Result<WsStream, ConnectError>> {
+        self.attempts.lock().expect("lock").push(Instant::now());
+        let net = self.clone();
+        Box::pin(async move {
+            let (client, near) = tokio::io::duplex(1 << 16);
+            let (far, server) = tokio::io::duplex(1 << 16);
+            let (near_r, near_w) = tokio::io::split(near);
+            let (far_r, far_w) = tokio::io::split(far);
+            tokio::spawn(pump(
+                near_r,
+                far_w,
+                net.mode.subscribe(),
+                net.dropped.clone(),
+            ));
+            tokio::spawn(pump(
+                far_r,
+                near_w,
+                net.mode.subscribe(),
+                net.dropped.clone(),
+            ));
+            tokio::spawn(serve(server, net.truth.clone()));
+            let io: Pin<Box<dyn Io>> = Box::pin(client);
+            handshake(url, io, config).await
+        })
+    }
+}
+
+/// Carries one direction of one connection through the network's mode.
+async fn pump(
+    mut from: ReadHalf<DuplexStream>,
+    mut to: WriteHalf<DuplexStream>,
+    mut mode: watch::Receiver<Mode>,
+    dropped: Arc<AtomicU64>,
+) {
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = from.read(&mut buf).await.unwrap_or(0);
+        // A FIN waits for the network like data does, and is never dropped.
+        loop {
+            let m = *mode.borrow_and_update();
+            match (m, n) {
+                (Mode::Up, 0) => {
+                    let _ = to.shutdown().await;
+                    return;
+                }
+                (Mode::Up, n) => {
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                (Mode::Partition, n) if n > 0 => {
+                    dropped.fetch_add(n as u64, Ordering::Relaxed);
+                    break;
+                }
+                _ => {
+                    if mode.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One connection of the fake coordinator: welcome, registration, heartbeat replies, the
+/// assignments at the first registration, and acks that say what was recorded.
+async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>) {
+    let Ok(mut ws) = tokio_tungstenite::accept_async(io).await else {
+        return;
+    };
+    let worker = WorkerId::parse("w").expect("id");
+    let send = |m: CoordMsg| Message::text(encode(&m));
+    let welcome = CoordMsg::Welcome(Welcome {
+        worker_id: worker.clone(),
+        protocol_version: PROTOCOL_VERSION,
+        session_id: 1,
+        heartbeat_interval_ms: 1000,
+        heartbeat_timeout_ms: 3000,
+        timestamp: now(),
+    });
+    if ws.send(send(welcome)).await.is_err() {
+        return;
+    }
+    let mut registered = false;
+    while let Some(Ok(m)) = ws.next().await {
+        let Message::Text(t) = m else { continue };
+        let Ok(msg) = decode_worker(t.as_str()) else {
+            continue;
+        };
+        let ack = |seq, task_id, disposition| Ack {
+            ack_seq: seq,
+            task_id,
+            checkpoint_id: None,
+            chunk: None,
+            disposition,
+            timestamp: now(),
+        };
+        let replies: Vec<CoordMsg> = match msg {
+            WorkerMsg::Registration(_) => {
+                let assign = {
+                    let mut t = truth.lock().expect("lock");
+                    t.registrations += 1;
+                    if registered {
+                        t.double_registrations += 1;
+                    }
+                    registered = true;
+                    std::mem::take(&mut t.to_assign)
+                };
+                let mut v = vec![CoordMsg::RegistrationAck(RegistrationAck {
+                    worker_id: worker.clone(),
+                    session_id: 1,
+                    directives: vec![],
+                    timestamp: now(),
+                })];
+                v.extend(assign.into_iter().map(|(task_id, ms)| {
+                    CoordMsg::TaskAssignment(TaskAssignment {
+                        task_id,
+                        attempt: Attempt(1),
+                        kind: "sleep".into(),
+                        config: serde_json::json!({"ms": ms, "steps": 4}),
+                        timeout_ms: None,
+                        checkpoint: None,
+                        timestamp: now(),
+                    })
+                }));
+                v
+            }
+            WorkerMsg::Heartbeat(h) => vec![CoordMsg::Heartbeat(HeartbeatReply {
+                response_to: Some(h.sequence),
+                actions: vec![],
+                timestamp: now(),
+            })],
+            WorkerMsg::TaskResult(r) => {
+                let mut t = truth.lock().expect("lock");
+                let n = t
+                    .recorded
+                    .entry((r.task_id.clone(), r.attempt))
+                    .or_default();
+                *n += 1;
+                let d = if *n == 1 {
+                    Disposition::Recorded
+                } else {
+                    // Recorded once; the count is put back and the repeat counted apart.
+                    *n = 1;
+                    t.duplicates += 1;
+                    Disposition::Duplicate
+                };
+                vec![CoordMsg::TaskResultAck(ack(r.seq, Some(r.task_id), d))]
+            }
+            WorkerMsg::TaskState(s) => vec![CoordMsg::TaskStateAck(ack(
+                s.seq,
+                Some(s.task_id),
+                Disposition::Recorded,
+            ))],
+            WorkerMsg::Telemetry(s) => {
+                vec![CoordMsg::TelemetryAck(ack(
+                    s.seq,
+                    None,
+                    Disposition::Recorded,
+                ))]
+            }
+            _ => vec![],
+        };
+        for r in replies {
+            if ws.send(send(r)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+const T: Duration = Duration::from_secs(3);
+const INTERVAL: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn config() -> WorkerConfig {
+    let mut c = WorkerConfig::new("ws://sim.invalid:1", WorkerId::parse("w").expect("id"));
+    c.heartbeat_interval = INTERVAL;
+    c.heartbeat_timeout = T;
+    c.ws_ping_interval = INTERVAL;
+    c.connect_timeout = CONNECT_TIMEOUT;
+    c.healthy_after = Duration::from_secs(5);
+    c.telemetry_interval = Duration::from_secs(5);
+    c.backoff = BackoffConfig {
+        initial: Duration::from_millis(500),
+        factor: 2.0,
+        max: Duration::from_secs(4),
+        jitter: Jitter::None,
+        max_attempts: None,
+    };
+    c.slots = 8;
+    c.seed = Some(1);
+    c
+}
+
+fn tasks(rng: &mut SmallRng, n: usize) -> Vec<(TaskId, u64)> {
+    (0..n)
+        .map(|i| {
+            (
+                TaskId::parse(&format!("t{i}")).expect("id"),
+                rng.random_range(1_000..=20_000),
+            )
+        })
+        .collect()
+}
+
+/// Every task's result recorded exactly once; nothing left to deliver.
+async fn assert_each_result_recorded_once(net: &SimNet, run: &Running, n: usize) {
+    let end = Instant::now() + Duration::from_secs(600);
+    while net.truth(|t| t.recorded.len()) < n || !run.handle.outbox.pending_results().is_empty() {
+        assert!(Instant::now() < end, "results still missing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    net.truth(|t| {
+        assert_eq!(t.recorded.len(), n, "{:?}", t.recorded);
+        assert!(t.recorded.values().all(|c| *c == 1), "{:?}", t.recorded);
+    });
+}
+
+/// Connection states with the (paused) time they began.
+fn record_states(run: &Running) -> Arc<Mutex<Vec<(Instant, ConnState)>>> {
+    let log = Arc::new(Mutex::new(vec![(Instant::now(), run.handle.state())]));
+    let mut rx = run.handle.shared.state.subscribe();
+    let out = log.clone();
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let s = *rx.borrow_and_update();
+            out.lock().expect("lock").push((Instant::now(), s));
+        }
+    });
+    log
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_partition_is_detected_within_the_timeout_and_reconnects_follow_the_backoff() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = SmallRng::seed_from_u64(11);
+    let net = SimNet::new(tasks(&mut rng, 4));
+    let mut cfg = config();
+    cfg.event_log = Some(dir.path().join("events.jsonl"));
+    let run = Running::start_with(net.clone(), cfg);
+    let h = run.handle.clone();
+    h.wait_state(|s| s == ConnState::Connected).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    net.set(Mode::Partition);
+    let cut = Instant::now();
+    h.wait_state(|s| s != ConnState::Connected).await;
+    let detect = cut.elapsed();
+    assert!(
+        detect <= T && detect >= T - INTERVAL,
+        "declared dead {detect:?} after the partition"
+    );
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let during = net.attempts();
+    net.set(Mode::Up);
+    let repaired = Instant::now();
+    h.wait_state(|s| s == ConnState::Connected).await;
+    let back = repaired.elapsed();
+    assert!(
+        net.dropped.load(Ordering::Relaxed) > 0,
+        "the partition dropped bytes"
+    );
+
+    // The session had been healthy, so the backoff started over: 0.5 s after the loss, then
+    // each attempt times out after 2 s and waits 1, 2, 4, 4 s before the next.
+    let dead_at = cut + detect;
+    let first = during[1] - dead_at;
+    assert_eq!(first, Duration::from_millis(500));
+    let gaps: Vec<u64> = during[1..]
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis() as u64)
+        .collect();
+    assert_eq!(&gaps[..4], [3_000, 4_000, 6_000, 6_000], "{gaps:?}");
+    assert!(
+        back <= CONNECT_TIMEOUT + Duration::from_secs(4),
+        "back after {back:?}"
+    );
+
+    assert_each_result_recorded_once(&net, &run, 4).await;
+    assert_eq!(net.truth(|t| t.registrations), h.registrations());
+    assert_eq!(net.truth(|t| t.double_registrations), 0);
+    assert_eq!(h.registrations(), 2);
+    assert_eq!(h.shared.max_live_connections.load(Ordering::SeqCst), 1);
+    run.stop().await;
+
+    // The worker's own record says the same: one loss, by the liveness timeout.
+    let (records, bad) = eventlog::read(&dir.path().join("events.jsonl")).expect("read");
+    assert_eq!(bad, 0);
+    let lost: Vec<_> = records
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::SessionLost { dead, .. } => Some(*dead),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lost, [true]);
+    let acks = records
+        .iter()
+        .filter(|r| {
+            matches!(
+                r.event,
+                Event::ResultAck {
+                    disposition: Disposition::Recorded,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(acks, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hold_shorter_than_the_timeout_loses_nothing_and_keeps_the_session() {
+    let net = SimNet::new(vec![(TaskId::parse("t0").expect("id"), 4_000)]);
+    let run = Running::start_with(net.clone(), config());
+    let h = run.handle.clone();
+    h.wait_state(|s| s == ConnState::Connected).await;
+    let states = record_states(&run);
+    // The task ends inside the hold: its result waits in the network, not in a dead session.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    net.set(Mode::Hold);
+    tokio::time::sleep(T - INTERVAL - Duration::from_millis(100)).await;
+    net.set(Mode::Up);
+    assert_each_result_recorded_once(&net, &run, 1).await;
+    assert_eq!(
+        states.lock().expect("lock").len(),
+        1,
+        "never left Connected"
+    );
+    assert_eq!(h.registrations(), 1);
+    assert_eq!(net.attempts().len(), 1);
+    assert_eq!(net.truth(|t| t.duplicates), 0);
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hold_longer_than_the_timeout_is_declared_dead_and_the_held_result_is_recorded_once() {
+    let net = SimNet::new(vec![(TaskId::parse("t0").expect("id"), 4_000)]);
+    let run = Running::start_with(net.clone(), config());
+    let h = run.handle.clone();
+    h.wait_state(|s| s == ConnState::Connected).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    net.set(Mode::Hold);
+    let held = Instant::now();
+    h.wait_state(|s| s != ConnState::Connected).await;
+    assert!(
+        held.elapsed() <= T,
+        "declared dead after {:?}",
+        held.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    // The result was sent into the held link before the session was declared dead; it is
+    // released to the old session now, and sent again on the new one.
+    net.set(Mode::Up);
+    h.wait_state(|s| s == ConnState::Connected).await;
+    assert_each_result_recorded_once(&net, &run, 1).await;
+    // Registrations whose ack was held past the worker's deadline count on the far side only.
+    assert!(net.truth(|t| t.registrations) >= h.registrations());
+    assert_eq!(net.truth(|t| t.double_registrations), 0);
+    assert_eq!(
+        net.truth(|t| t.duplicates),
+        1,
+        "the held copy and the resent copy both arrived; one was recorded"
+    );
+    assert_eq!(h.shared.max_live_connections.load(Ordering::SeqCst), 1);
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn seeded_partitions_and_holds_deliver_every_result_once_over_one_live_session() {
+    let (mut detections, mut outages) = (0, 0);
+    for seed in 1..=12u64 {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let n = rng.random_range(2..=6);
+        let net = SimNet::new(tasks(&mut rng, n));
+        let run = Running::start_with(net.clone(), config());
+        let h = run.handle.clone();
+        h.wait_state(|s| s == ConnState::Connected).await;
+        let states = record_states(&run);
+        let mut phases = Vec::new();
+        for _ in 0..6 {
+            let mode = match rng.random_range(0..3) {
+                0 => Mode::Up,
+                1 => Mode::Partition,
+                _ => Mode::Hold,
+            };
+            let len = Duration::from_millis(rng.random_range(500..=12_000));
+            let connected = h.state() == ConnState::Connected;
+            let start = Instant::now();
+            net.set(mode);
+            tokio::time::sleep(len).await;
+            phases.push((mode, start, len, connected));
+        }
+        net.set(Mode::Up);
+        assert_each_result_recorded_once(&net, &run, n).await;
+        // Detection: a partition or hold that began on a live session and outlasted the
+        // timeout ended that session within the timeout.
+        let states = states.lock().expect("lock").clone();
+        for (mode, start, len, connected) in phases {
+            if mode == Mode::Up || !connected || len <= T {
+                continue;
+            }
+            let lost = states
+                .iter()
+                .find(|(at, s)| *at >= start && *s != ConnState::Connected)
+                .map(|(at, _)| *at - start);
+            assert!(
+                lost.is_some_and(|d| d <= T),
+                "seed {seed}: {mode:?} of {len:?} detected after {lost:?}"
+            );
+            detections += 1;
+        }
+        outages += h.registrations() - 1;
+        // A registration whose ack the network ate counts on the far side only; none came
+        // twice on one connection.
+        assert!(
+            net.truth(|t| t.registrations) >= h.registrations(),
+            "seed {seed}"
+        );
+        assert_eq!(net.truth(|t| t.double_registrations), 0, "seed {seed}");
+        assert_eq!(h.shared.max_live_connections.load(Ordering::SeqCst), 1);
+        run.stop().await;
+    }
+    // The seeds do exercise the corners: silent links detected, sessions re-established.
+    assert!(detections >= 6, "{detections} detections checked");
+    assert!(outages >= 6, "{outages} reconnections");
+}
