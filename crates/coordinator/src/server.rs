@@ -73,6 +73,7 @@ pub async fn run_with(
         writer_rx,
         store_stats.clone(),
         fatal.clone(),
+        store::MAX_GROUP,
     )?;
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let core = Core::new(cfg.clone(), loaded, counters.clone());

@@ -22,6 +22,9 @@ use crate::model::{CheckpointMeta, Task, Worker};
 
 pub use schema::SCHEMA_VERSION;
 
+/// Most batches committed in one transaction by the writer (group commit).
+pub const MAX_GROUP: usize = 256;
+
 /// Name of the database file in the data directory.
 pub const DB_FILE: &str = "tether.db";
 
@@ -224,13 +227,15 @@ fn load(conn: &Connection) -> Result<Loaded, LoadError> {
     Ok(out)
 }
 
-/// Starts the writer thread.
+/// Starts the writer thread, which commits up to `max_group` waiting batches in one
+/// transaction ([`MAX_GROUP`] in the coordinator; 1 turns group commit off, for comparison).
 pub fn spawn_writer(
     conn: Connection,
     path: PathBuf,
     mut rx: tokio::sync::mpsc::Receiver<Batch>,
     stats: Arc<StoreStats>,
     fatal: CancellationToken,
+    max_group: usize,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("tether-store".into())
@@ -238,7 +243,7 @@ pub fn spawn_writer(
             let mut conn = conn;
             while let Some(first) = rx.blocking_recv() {
                 let mut batches = vec![first];
-                while batches.len() < 256 {
+                while batches.len() < max_group {
                     match rx.try_recv() {
                         Ok(b) => batches.push(b),
                         Err(_) => break,
