@@ -202,7 +202,8 @@ impl Agent {
             outbox.restore(class, msg);
         }
         let outbox = Arc::new(outbox);
-        let mut runner = Runner::new(executors, outbox.clone(), cfg.checkpoint_chunk_size);
+        let mut runner = Runner::new(executors, outbox.clone(), cfg.checkpoint_chunk_size)
+            .with_local_checkpoints(restored.checkpoints.clone());
         if let Some(dir) = &cfg.state_dir {
             runner = runner.with_checkpoint_root(dir.join("tasks"));
         }

@@ -68,6 +68,9 @@ pub struct Runner {
     on_checkpoint: Option<CheckpointSink>,
     on_finished: Option<FinishedHook>,
     on_started: Option<StartHook>,
+    /// Checkpoints of tasks lost with the previous process, from the state directory: a
+    /// fallback when the same task comes back with an older checkpoint or none.
+    local_checkpoints: Mutex<HashMap<TaskId, StoredCheckpoint>>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -88,6 +91,52 @@ impl Runner {
             on_checkpoint: None,
             on_finished: None,
             on_started: None,
+            local_checkpoints: Mutex::default(),
+        }
+    }
+
+    /// Checkpoints kept locally for tasks lost with the previous process.
+    pub fn with_local_checkpoints(
+        self,
+        cps: impl IntoIterator<Item = (TaskId, StoredCheckpoint)>,
+    ) -> Self {
+        *self
+            .local_checkpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = cps.into_iter().collect();
+        self
+    }
+
+    /// The checkpoint an assignment resumes from: the coordinator's, unless this worker holds a
+    /// newer one of the same task (written before it died and never uploaded in full).
+    ///
+    /// The local copy is newer when the coordinator has none, has one of an earlier attempt,
+    /// or has a different one of the same attempt (this worker wrote both, and keeps only its
+    /// latest). One of a later attempt was written elsewhere after this one: the coordinator's
+    /// wins.
+    fn resume_point(&self, a: &TaskAssignment) -> Option<StoredCheckpoint> {
+        let local = self
+            .local_checkpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&a.task_id);
+        let remote = a.checkpoint.as_ref().map(|c| StoredCheckpoint {
+            id: c.checkpoint_id.clone(),
+            attempt: c.attempt,
+            data: Arc::new(c.data.0.clone()),
+        });
+        match (local, remote) {
+            (Some(l), None) => {
+                tracing::info!(task = %a.task_id, checkpoint = %l.id, "resuming from the local checkpoint: the coordinator sent none");
+                Some(l)
+            }
+            (Some(l), Some(r))
+                if l.attempt > r.attempt || (l.attempt == r.attempt && l.id != r.id) =>
+            {
+                tracing::info!(task = %a.task_id, local = %l.id, remote = %r.id, "resuming from the local checkpoint: newer than the coordinator's");
+                Some(l)
+            }
+            (_, r) => r,
         }
     }
 
@@ -162,11 +211,7 @@ impl Runner {
                 r.stop = Some(StopReason::Superseded);
                 r.shared.cancel.cancel();
             }
-            let latest = a.checkpoint.as_ref().map(|c| StoredCheckpoint {
-                id: c.checkpoint_id.clone(),
-                attempt: c.attempt,
-                data: Arc::new(c.data.0.clone()),
-            });
+            let latest = self.resume_point(&a);
             let shared = TaskShared::new(a.task_id.clone(), a.attempt, latest);
             // Under the table lock, so `active()` never shows a task not yet recorded.
             if let Some(hook) = &self.on_started {
@@ -480,5 +525,121 @@ impl Runner {
     /// Number of executor tasks still alive (0 after a clean shutdown).
     pub fn live_tasks(&self) -> usize {
         self.tracker.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::future::BoxFuture;
+    use tether_proto::msg::{CheckpointBlob, now};
+    use tether_proto::task::Blob;
+    use tether_proto::{CheckpointId, TaskId};
+
+    use super::*;
+    use crate::executor::{ExecError, Executor, TaskCtx, TaskInput};
+    use crate::outbox::Limits;
+
+    /// Returns the checkpoint it was started with.
+    struct Echo;
+
+    impl Executor for Echo {
+        fn execute(
+            &self,
+            _input: TaskInput,
+            ctx: TaskCtx,
+        ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
+            Box::pin(async move {
+                let cp = ctx.latest_checkpoint();
+                Ok(serde_json::json!(
+                    cp.map(|d| String::from_utf8_lossy(&d).into_owned())
+                ))
+            })
+        }
+    }
+
+    fn stored(id: &str, attempt: u32, data: &str) -> StoredCheckpoint {
+        StoredCheckpoint {
+            id: CheckpointId::parse(id).expect("id"),
+            attempt: Attempt(attempt),
+            data: Arc::new(data.as_bytes().to_vec()),
+        }
+    }
+
+    fn assignment(task: &str, attempt: u32, cp: Option<(&str, u32, &str)>) -> TaskAssignment {
+        TaskAssignment {
+            task_id: TaskId::parse(task).expect("id"),
+            attempt: Attempt(attempt),
+            kind: "echo".into(),
+            config: serde_json::json!({}),
+            timeout_ms: None,
+            checkpoint: cp.map(|(id, attempt, data)| CheckpointBlob {
+                checkpoint_id: CheckpointId::parse(id).expect("id"),
+                attempt: Attempt(attempt),
+                data: Blob(data.as_bytes().to_vec()),
+            }),
+            timestamp: now(),
+        }
+    }
+
+    /// Runs each assignment and returns what each execution was started with, by task.
+    async fn resumed_from(
+        local: Vec<(TaskId, StoredCheckpoint)>,
+        assignments: Vec<TaskAssignment>,
+    ) -> HashMap<String, serde_json::Value> {
+        let mut executors = Executors::default();
+        executors.register("echo", Echo);
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner = Arc::new(
+            Runner::new(executors, outbox.clone(), 64 * 1024).with_local_checkpoints(local),
+        );
+        for a in assignments {
+            runner.assign(a);
+        }
+        runner.tracker.close();
+        runner.tracker.wait().await;
+        outbox
+            .take_unsent(100)
+            .into_iter()
+            .filter_map(|(_, m)| match m.as_ref() {
+                WorkerMsg::TaskResult(r) => Some((r.task_id.to_string(), r.result.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_lost_task_resumes_from_the_local_checkpoint_unless_the_coordinator_has_a_later_one()
+    {
+        let id = |s: &str| TaskId::parse(s).expect("id");
+        let local = vec![
+            (id("none"), stored("n-1-3", 1, "local")),
+            (id("older"), stored("o-1-3", 1, "local")),
+            (id("same"), stored("s-1-3", 1, "local")),
+            (id("later"), stored("l-1-3", 1, "local")),
+            (id("equal"), stored("e-1-3", 1, "local")),
+        ];
+        let got = resumed_from(
+            local,
+            vec![
+                assignment("none", 2, None),
+                assignment("older", 3, Some(("o-0-9", 0, "remote"))),
+                assignment("same", 2, Some(("s-1-2", 1, "remote"))),
+                assignment("later", 3, Some(("l-2-1", 2, "remote"))),
+                assignment("equal", 2, Some(("e-1-3", 1, "remote"))),
+                assignment("fresh", 1, Some(("f-1-1", 1, "remote"))),
+            ],
+        )
+        .await;
+        let want = [
+            ("none", "local"),
+            ("older", "local"),
+            ("same", "local"),
+            ("later", "remote"),
+            ("equal", "remote"),
+            ("fresh", "remote"),
+        ];
+        for (task, from) in want {
+            assert_eq!(got[task], serde_json::json!(from), "task {task}: {got:?}");
+        }
     }
 }
