@@ -96,6 +96,10 @@ pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
     let plan = plan::plan(&kinds, rounds, a.workers, a.disruption_interval, seed);
     let (_temp, work) = match &a.work_dir {
         Some(d) => {
+            // Old event logs, state and data would mix with this run's ground truth.
+            if std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some()) {
+                bail!("the work directory {} is not empty", d.display());
+            }
             std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
             (None, d.clone())
         }

@@ -241,11 +241,11 @@ impl Observation {
                 .all(|w| self.worker_detect_ms.contains_key(w)),
             _ => self.fired,
         };
+        // Workers the disruption had to cut, and any other that lost its session meanwhile.
         let must_recover: Vec<&String> = logs
             .keys()
             .filter(|w| {
-                self.affected.contains(w)
-                    && (self.kind.cuts() || self.worker_detect_ms.contains_key(*w))
+                (self.kind.cuts() && self.affected.contains(w))
                     || self.worker_detect_ms.contains_key(*w)
             })
             .collect();
@@ -253,5 +253,114 @@ impl Observation {
             && must_recover
                 .iter()
                 .all(|w| self.recover_ms.contains_key(*w));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: i64) -> DateTime<Utc> {
+        DateTime::<Utc>::from_timestamp_millis(1_800_000_000_000 + ms).expect("time")
+    }
+
+    fn rec(ms: i64, event: Event) -> Record {
+        Record {
+            at: at(ms),
+            worker: "w1".into(),
+            event,
+        }
+    }
+
+    fn blackhole() -> Observation {
+        Observation {
+            index: 0,
+            kind: Kind::Blackhole,
+            target: Some("w1".into()),
+            affected: vec!["w1".into()],
+            started_at: at(0),
+            removed_at: at(3_500),
+            fault_stats: None,
+            fired: true,
+            malformed_frames: 0,
+            worker_detect_ms: BTreeMap::new(),
+            worker_detect_dead: BTreeMap::new(),
+            coordinator_detect_ms: BTreeMap::new(),
+            recover_ms: BTreeMap::new(),
+            detected: false,
+            recovered: false,
+            fleet_recovered: true,
+            note: String::new(),
+        }
+    }
+
+    fn lost(ms: i64, dead: bool) -> Record {
+        rec(
+            ms,
+            Event::SessionLost {
+                generation: 1,
+                reason: "r".into(),
+                dead,
+            },
+        )
+    }
+
+    fn registered(ms: i64) -> Record {
+        rec(
+            ms,
+            Event::Registered {
+                generation: 2,
+                session_id: 2,
+            },
+        )
+    }
+
+    fn sample(ms: i64) -> CoordSample {
+        CoordSample {
+            worker: "w1".into(),
+            state: "disconnected".into(),
+            seen_at: at(ms + 50),
+            disconnected_at: Some(at(ms)),
+        }
+    }
+
+    #[test]
+    fn a_blackhole_seen_by_both_sides_and_re_registered_is_detected_and_recovered() {
+        let mut o = blackhole();
+        let logs = BTreeMap::from([(
+            "w1".to_owned(),
+            vec![registered(-5_000), lost(1_600, true), registered(3_700)],
+        )]);
+        o.analyse(&logs, &[sample(3_000)], at(10_000));
+        assert!(o.detected && o.recovered, "{o:?}");
+        assert_eq!(o.worker_detect_ms["w1"], 1_600.0);
+        assert_eq!(o.coordinator_detect_ms["w1"], 3_000.0);
+        assert_eq!(o.recover_ms["w1"], 200.0);
+    }
+
+    #[test]
+    fn a_blackhole_not_seen_by_the_coordinator_or_ended_by_a_close_is_not_detected() {
+        let logs = BTreeMap::from([("w1".to_owned(), vec![lost(1_600, true), registered(3_700)])]);
+        let mut o = blackhole();
+        o.analyse(&logs, &[], at(10_000));
+        assert!(!o.detected);
+        let closed =
+            BTreeMap::from([("w1".to_owned(), vec![lost(1_600, false), registered(3_700)])]);
+        let mut o = blackhole();
+        o.analyse(&closed, &[sample(3_000)], at(10_000));
+        assert!(!o.detected);
+    }
+
+    #[test]
+    fn a_worker_that_never_registers_again_is_not_recovered() {
+        let logs = BTreeMap::from([("w1".to_owned(), vec![lost(1_600, true)])]);
+        let mut o = blackhole();
+        o.analyse(&logs, &[sample(3_000)], at(10_000));
+        assert!(o.detected && !o.recovered, "{o:?}");
+        // A registration after the window (the next disruption's) does not count.
+        let logs = BTreeMap::from([("w1".to_owned(), vec![lost(1_600, true), registered(12_000)])]);
+        let mut o = blackhole();
+        o.analyse(&logs, &[sample(3_000)], at(10_000));
+        assert!(!o.recovered);
     }
 }
