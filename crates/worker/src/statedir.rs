@@ -470,83 +470,54 @@ fn class_from(v: i64) -> Option<Class> {
         .find(|c| *c as i64 == v)
 }
 
-/// The lock file: created exclusively, holding "<pid> <start time>". A lock whose process is
-/// gone (or is another process that reused the pid) is taken over.
+/// The lock: an exclusive `flock` on the lock file, which the kernel releases when the process
+/// dies, so a lock is never stale and two processes can never both take it. The file holds
+/// "<pid> <start time>" of the holder, for the error message; it is never removed (removing it
+/// would let a second process lock a new file while the first still holds the old one).
 #[derive(Debug)]
 struct LockFile {
-    path: PathBuf,
-    stamp: String,
+    _flock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl LockFile {
     fn acquire(dir: &Path) -> Result<Self, StateDirError> {
+        use nix::fcntl::{Flock, FlockArg};
         let path = dir.join(LOCK_FILE);
         let io = |source| StateDirError::Io {
             path: path.clone(),
             source,
         };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        let mut flock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                let held = std::fs::read_to_string(&path).unwrap_or_default();
+                return Err(StateDirError::Locked {
+                    dir: dir.to_owned(),
+                    pid: held_by(&held).unwrap_or(0),
+                });
+            }
+            Err((_, errno)) => return Err(io(std::io::Error::from(errno))),
+        };
         let pid = std::process::id();
         let stamp = format!("{pid} {}", start_time(pid).unwrap_or_default());
-        // Two rounds: the second runs after a stale lock was removed.
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(mut f) => {
-                    f.write_all(stamp.as_bytes())
-                        .and_then(|_| f.sync_all())
-                        .map_err(io)?;
-                    return Ok(Self { path, stamp });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let held = std::fs::read_to_string(&path).unwrap_or_default();
-                    if let Some(holder) = live_holder(&held) {
-                        return Err(StateDirError::Locked {
-                            dir: dir.to_owned(),
-                            pid: holder,
-                        });
-                    }
-                    tracing::warn!(lock = %path.display(), stale = %held.trim(), "taking over the lock of a process that is gone");
-                    match std::fs::remove_file(&path) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(io(e)),
-                    }
-                }
-                Err(e) => return Err(io(e)),
-            }
-        }
-        Err(StateDirError::Locked {
-            dir: dir.to_owned(),
-            pid: 0,
-        })
+        flock
+            .set_len(0)
+            .and_then(|_| flock.write_all(stamp.as_bytes()))
+            .map_err(io)?;
+        Ok(Self { _flock: flock })
     }
 }
 
-impl Drop for LockFile {
-    fn drop(&mut self) {
-        // Only remove the lock if it is still ours.
-        if std::fs::read_to_string(&self.path).is_ok_and(|s| s == self.stamp) {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-/// The pid in a lock's content if that process still lives (same pid and start time).
-fn live_holder(content: &str) -> Option<u32> {
-    let mut parts = content.split_whitespace();
-    let pid: u32 = parts.next()?.parse().ok()?;
-    let recorded_start = parts.next().unwrap_or("");
-    if !Path::new(&format!("/proc/{pid}")).exists() {
-        return None;
-    }
-    match start_time(pid) {
-        // A live process with another start time reused the pid.
-        Some(now) if !recorded_start.is_empty() && now != recorded_start => None,
-        _ => Some(pid),
-    }
+/// The pid recorded in a lock file.
+fn held_by(content: &str) -> Option<u32> {
+    content.split_whitespace().next()?.parse().ok()
 }
 
 /// Start time of a process (field 22 of `/proc/<pid>/stat`), to tell a reused pid apart.
@@ -671,10 +642,43 @@ mod tests {
             "{err}"
         );
         drop(held);
-        assert!(!dir.path().join(LOCK_FILE).exists(), "released on drop");
-        // A lock left by a dead process (pid beyond any real one) is taken over.
+        drop(StateDir::open(dir.path(), &wid("w1")).expect("released on drop"));
+        // A lock file left by a dead process holds no lock: it is taken over.
         std::fs::write(dir.path().join(LOCK_FILE), "4194304999 1").expect("write");
         drop(StateDir::open(dir.path(), &wid("w1")).expect("stale lock taken over"));
+    }
+
+    #[test]
+    fn of_many_openers_racing_for_a_stale_lock_exactly_one_wins() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(StateDir::open(dir.path(), &wid("w1")).expect("create"));
+        std::fs::write(dir.path().join(LOCK_FILE), "4194304999 1").expect("write");
+        const N: usize = 8;
+        let barrier = std::sync::Barrier::new(N);
+        let opened = std::sync::Barrier::new(N);
+        let wins = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..N)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        let r = StateDir::open(dir.path(), &wid("w1"));
+                        // Hold what was won until every opener has tried.
+                        opened.wait();
+                        match r {
+                            Ok(_) => true,
+                            Err(StateDirError::Locked { .. }) => false,
+                            Err(e) => panic!("unexpected error: {e}"),
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("thread"))
+                .filter(|won| *won)
+                .count()
+        });
+        assert_eq!(wins, 1, "exactly one opener holds the directory");
     }
 
     #[test]
@@ -690,6 +694,8 @@ mod tests {
             junk,
             "untouched"
         );
-        assert!(!dir.path().join(LOCK_FILE).exists(), "lock released");
+        // The lock was released with the refusal.
+        std::fs::remove_file(dir.path().join(DB_FILE)).expect("remove");
+        drop(StateDir::open(dir.path(), &wid("w1")).expect("lock released"));
     }
 }
