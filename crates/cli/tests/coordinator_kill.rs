@@ -154,6 +154,24 @@ async fn history(client: &Client) -> BTreeMap<String, Value> {
     out
 }
 
+/// Terminal tasks as `tether tasks --json` prints them, by id.
+fn cli_history(addr: SocketAddr) -> BTreeMap<String, Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["tasks", "--json", "--limit", "100000", "--coordinator"])
+        .arg(format!("http://{addr}"))
+        .output()
+        .expect("run tether tasks");
+    assert!(out.status.success(), "tether tasks: {out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("tether tasks --json prints JSON");
+    v.as_array()
+        .or_else(|| v["tasks"].as_array())
+        .expect("a task list")
+        .iter()
+        .filter(|t| ["completed", "failed"].contains(&t["status"].as_str().unwrap_or_default()))
+        .map(|t| (t["task_id"].as_str().expect("id").to_owned(), t.clone()))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_killed_twice_mid_run_loses_no_acknowledged_result_and_no_submitted_task() {
     init_tracing();
@@ -205,12 +223,21 @@ async fn a_coordinator_killed_twice_mid_run_loses_no_acknowledged_result_and_no_
     .await;
     let before_kill = history(&client).await;
     assert!(!before_kill.is_empty());
+    let cli_before = cli_history(addr);
     coord.kill();
     let acked_at_kill = seen.lock().expect("seen").len();
 
     let coord = CoordinatorProcess::start(addr, &data_dir, &log);
     wait_ready(&http, &base).await;
     let after_restart = history(&client).await;
+    let cli_after = cli_history(addr);
+    for (id, before) in &cli_before {
+        assert_eq!(
+            cli_after.get(id),
+            Some(before),
+            "`tether tasks` shows task {id} the same after the restart"
+        );
+    }
     for (id, before) in &before_kill {
         assert_eq!(
             after_restart.get(id),
