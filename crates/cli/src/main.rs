@@ -5,6 +5,7 @@ mod demo;
 mod e2e;
 mod run;
 mod settings;
+mod stress;
 
 use clap::{Parser, Subcommand};
 
@@ -49,6 +50,11 @@ enum Cmd {
     E2e(e2e::E2eArgs),
     /// A TCP fault-injecting proxy and its control commands.
     Proxy(tether_faultproxy::cli::ProxyArgs),
+    /// Load scenarios against a coordinator process, with simulated workers in another.
+    Stress(stress::StressArgs),
+    /// The simulated workers of `tether stress` (driven over stdin and stdout).
+    #[command(hide = true)]
+    StressFleet(stress::FleetArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -67,7 +73,7 @@ fn main() -> std::process::ExitCode {
     );
     let level = if quiet {
         "warn"
-    } else if matches!(cli.cmd, Cmd::Demo(_) | Cmd::E2e(_)) && cli.log == "info" {
+    } else if matches!(cli.cmd, Cmd::Demo(_) | Cmd::E2e(_) | Cmd::Stress(_)) && cli.log == "info" {
         "error"
     } else {
         cli.log.as_str()
@@ -102,6 +108,8 @@ fn main() -> std::process::ExitCode {
             Cmd::Demo(a) => demo::run(a).await,
             Cmd::E2e(a) => e2e::run(a).await,
             Cmd::Proxy(a) => tether_faultproxy::cli::run_cli(a).await,
+            Cmd::Stress(a) => stress::run(a).await,
+            Cmd::StressFleet(a) => stress::fleet(a).await,
         }
     });
     match result {

@@ -256,7 +256,8 @@ impl Core {
                 attempts: Vec::new(),
                 lease_started: None,
             };
-            self.queue.insert((t.spec.priority, seq, id.clone()));
+            self.queue
+                .insert(&t.spec, (t.spec.priority, seq, id.clone()));
             b.muts.push(Mutation::PutTask(Box::new(t.clone())));
             self.tasks.insert(id.clone(), t);
         }

@@ -207,6 +207,7 @@ impl Core {
         w.state = WorkerState::Connected;
         w.disconnected_at = None;
         w.disconnected_mono = None;
+        self.free.insert(worker.clone());
         self.save_worker(worker, b);
         tracing::info!(worker = %worker, session = session.id, directives = directives.len(), "worker registered");
         Core::send_after_commit(
@@ -373,6 +374,7 @@ impl Core {
             t.updated_at = ts;
             if let Some(w) = self.workers.get_mut(worker) {
                 w.leases.remove(&r.task_id);
+                self.free.insert(worker.clone());
             }
             self.dispatch_needed = true;
             tracing::info!(worker = %worker, task = %r.task_id, attempt = %r.attempt, outcome = ?r.outcome, "result recorded");

@@ -10,6 +10,7 @@
 
 mod api;
 mod messages;
+pub mod queue;
 mod tasks;
 #[cfg(test)]
 mod tests;
@@ -112,8 +113,10 @@ struct Partial {
 pub struct Core {
     cfg: Arc<CoordinatorConfig>,
     tasks: HashMap<TaskId, Task>,
-    queue: BTreeSet<(u8, u64, TaskId)>,
+    queue: queue::Queue,
     workers: HashMap<WorkerId, Worker>,
+    /// Workers that may have a free slot (see [`queue::plan`]).
+    free: BTreeSet<WorkerId>,
     partial: HashMap<CheckpointId, Partial>,
     /// Complete checkpoints per task, oldest first, for pruning.
     checkpoint_history: HashMap<TaskId, VecDeque<CheckpointId>>,
@@ -130,8 +133,9 @@ impl Core {
         let mut core = Self {
             cfg,
             tasks: HashMap::with_capacity(loaded.tasks.len()),
-            queue: BTreeSet::new(),
+            queue: queue::Queue::default(),
             workers: HashMap::new(),
+            free: BTreeSet::new(),
             partial: HashMap::new(),
             checkpoint_history: HashMap::new(),
             finished: BTreeSet::new(),
@@ -149,7 +153,7 @@ impl Core {
                 tether_proto::TaskStatus::Queued => {
                     queued += 1;
                     core.queue
-                        .insert((t.spec.priority, t.submit_seq, t.task_id.clone()));
+                        .insert(&t.spec, (t.spec.priority, t.submit_seq, t.task_id.clone()));
                 }
                 s if !s.is_terminal() => {
                     if let Some(lease) = &t.lease {

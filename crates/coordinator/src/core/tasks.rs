@@ -12,53 +12,21 @@ use tether_proto::msg::{CheckpointBlob, CoordMsg, TaskAssignment, TaskControl, n
 use tether_proto::task::Blob;
 use tether_proto::{TaskId, TaskStatus, WorkerId};
 
-use super::{Core, SessionRef};
+use super::{Core, SessionRef, queue};
 use crate::model::{AttemptRecord, Desired, Lease, WorkerState};
 use crate::store::{self, Batch, Mutation};
 
-/// Queued tasks examined per worker per round when looking for one it can run.
-const SCAN_LIMIT: usize = 4096;
-
 impl Core {
+    /// Leases queued tasks to workers with free slots, by the plan of [`queue::plan`]: only
+    /// workers that may have a free slot are visited, and each decision looks at the head of
+    /// each requirement group instead of scanning the queue.
     pub(super) fn dispatch(&mut self, b: &mut Batch) {
-        if self.queue.is_empty() {
+        if self.queue.is_empty() || self.free.is_empty() {
             return;
         }
-        let mut candidates: Vec<WorkerId> = self
-            .workers
-            .values()
-            .filter(|w| w.free_slots() > 0)
-            .map(|w| w.worker_id.clone())
-            .collect();
-        candidates.sort_unstable();
-        while !candidates.is_empty() && !self.queue.is_empty() {
-            let mut progressed = false;
-            for wid in &candidates {
-                let Some(w) = self.workers.get(wid) else {
-                    continue;
-                };
-                if w.free_slots() == 0 {
-                    continue;
-                }
-                let pick = self
-                    .queue
-                    .iter()
-                    .take(SCAN_LIMIT)
-                    .find(|(_, _, id)| self.tasks.get(id).is_some_and(|t| w.can_run(&t.spec)))
-                    .cloned();
-                if let Some(key) = pick {
-                    self.queue.remove(&key);
-                    self.lease(&key.2, wid, b);
-                    progressed = true;
-                }
-                if self.queue.is_empty() {
-                    return;
-                }
-            }
-            if !progressed {
-                return;
-            }
-            candidates.retain(|w| self.workers.get(w).is_some_and(|w| w.free_slots() > 0));
+        let plan = queue::plan(&mut self.queue, &mut self.free, &self.workers);
+        for ((_, _, task), worker) in plan {
+            self.lease(&task, &worker, b);
         }
     }
 
@@ -161,6 +129,7 @@ impl Core {
             }
             if let Some(w) = self.workers.get_mut(&lease.worker) {
                 w.leases.remove(task_id);
+                self.free.insert(lease.worker.clone());
             }
         }
         t.lease_started = None;
@@ -177,7 +146,7 @@ impl Core {
         } else {
             t.status = TaskStatus::Queued;
             self.queue
-                .insert((t.spec.priority, t.submit_seq, task_id.clone()));
+                .insert(&t.spec, (t.spec.priority, t.submit_seq, task_id.clone()));
             self.counters.requeued.fetch_add(1, Ordering::Relaxed);
             tracing::info!(task = %task_id, next_attempt = t.attempt.0 + 1, resume = t.latest_checkpoint.is_some(), %why, "task requeued");
         }
@@ -188,6 +157,16 @@ impl Core {
     /// Periodic: workers gone past the grace period lose their leases; leased tasks far past
     /// their timeout are timed out (the worker enforces timeouts; this is the backstop).
     pub(super) fn sweep(&mut self, b: &mut Batch) {
+        // Backstop of the free-worker index: every path that frees a slot puts the worker back,
+        // and once a period the index is checked against the model anyway.
+        let free = &mut self.free;
+        for w in self.workers.values() {
+            if w.free_slots() > 0 && !free.contains(&w.worker_id) {
+                tracing::debug!(worker = %w.worker_id, "free-worker index caught up");
+                free.insert(w.worker_id.clone());
+                self.dispatch_needed = true;
+            }
+        }
         let grace = self.cfg.lost_after;
         let lost: Vec<WorkerId> = self
             .workers
@@ -292,7 +271,7 @@ impl Core {
         };
         let ts = now();
         self.queue
-            .remove(&(t.spec.priority, t.submit_seq, task_id.clone()));
+            .remove(&t.spec, &(t.spec.priority, t.submit_seq, task_id.clone()));
         t.status = status;
         t.finished_at = Some(ts);
         t.updated_at = ts;
@@ -305,6 +284,7 @@ impl Core {
             }
             if let Some(w) = self.workers.get_mut(&lease.worker) {
                 w.leases.remove(task_id);
+                self.free.insert(lease.worker.clone());
                 if let Some(s) = &w.session {
                     Core::send_after_commit(
                         b,

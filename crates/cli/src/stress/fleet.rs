@@ -1,0 +1,468 @@
+//! `tether stress-fleet` (hidden): many simulated workers in one process. Each is a real
+//! [`Agent`] of the worker library speaking the full protocol over its own WebSocket, with light
+//! executors (`noop`, `flood`, `steps`, and the built-in `sleep`). Workers are spread over
+//! several source addresses in 127.0.0.0/8 so that one process can hold more connections than
+//! one address has ephemeral ports.
+//!
+//! The orchestrator drives the fleet with JSON lines on stdin ([`Command`]) and reads JSON
+//! lines on stdout ([`Event`]): a status every [`STATUS_EVERY`], a full report on request.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tether_proto::WorkerId;
+use tether_worker::backoff::{BackoffConfig, Jitter};
+use tether_worker::connector::{ConnectError, Connector, Io, WsStream, handshake};
+use tether_worker::executor::{ExecError, Executor, Executors, TaskCtx, TaskInput};
+use tether_worker::{Agent, AgentHandle, ConnState, WorkerConfig};
+use tokio::io::AsyncBufReadExt;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::settings::parse_duration_arg;
+
+/// How often the fleet prints its status.
+pub const STATUS_EVERY: Duration = Duration::from_millis(200);
+/// Read buffer of a simulated worker's WebSocket: frames are small, and 10,000 workers in one
+/// process should not hold 128 KiB each.
+const FLEET_READ_BUFFER: usize = 8 * 1024;
+
+#[derive(Args, Debug, Clone)]
+pub struct FleetArgs {
+    /// Coordinator base URL.
+    #[arg(long)]
+    pub coordinator: String,
+    /// Prefix of the worker ids.
+    #[arg(long, default_value = "sim")]
+    pub prefix: String,
+    /// Slots per worker.
+    #[arg(long, default_value_t = 1)]
+    pub slots: u32,
+    /// Source addresses 127.0.0.1 .. 127.0.0.N to spread connections over.
+    #[arg(long, default_value_t = 8)]
+    pub source_addrs: u8,
+    #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
+    pub heartbeat_interval: Duration,
+    #[arg(long, default_value = "200ms", value_parser = parse_duration_arg)]
+    pub backoff_initial: Duration,
+    #[arg(long, default_value = "1s", value_parser = parse_duration_arg)]
+    pub backoff_max: Duration,
+    /// Proportional jitter of the reconnect delay.
+    #[arg(long, default_value_t = 0.2)]
+    pub jitter: f64,
+    #[arg(long, default_value = "30s", value_parser = parse_duration_arg)]
+    pub telemetry_interval: Duration,
+    /// Seed of the workers' jitter (worker i uses seed + i).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// Orchestrator -> fleet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    /// Start `count` new workers now.
+    Start { count: u32 },
+    /// Stop the `count` oldest live workers: gracefully, or by dropping them (a crash).
+    Stop { count: u32, abrupt: bool },
+    /// Print a [`Event::Report`].
+    Report,
+    /// Stop every worker and exit.
+    Exit,
+}
+
+/// Fleet -> orchestrator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "ev", rename_all = "snake_case")]
+pub enum Event {
+    Status(Status),
+    Report(FleetReport),
+}
+
+/// Counts, printed every [`STATUS_EVERY`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub started: u64,
+    pub live: u64,
+    pub connected: u64,
+    pub failed: u64,
+    /// Sessions registered, over all workers and their reconnects.
+    pub registrations: u64,
+    pub executions: u64,
+    pub completed: u64,
+    pub resumed: u64,
+    pub checkpoints: u64,
+    pub flood_sent: u64,
+}
+
+/// One worker's timeline, in microseconds since the Unix epoch.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    pub id: String,
+    pub started_us: u64,
+    /// (start of the connection attempt that succeeded, registration acknowledged).
+    pub sessions: Vec<(u64, u64)>,
+    /// Backoff delay the worker announced last, ms.
+    pub next_backoff_ms: u64,
+    pub failure: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FleetReport {
+    pub status: Status,
+    pub workers: Vec<WorkerRecord>,
+}
+
+/// Microseconds since the Unix epoch: both processes read the same clock.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Counters shared by the executors of every worker in the fleet.
+#[derive(Debug, Default)]
+struct Shared {
+    checkpoints: AtomicU64,
+    flood_sent: AtomicU64,
+}
+
+struct Member {
+    handle: AgentHandle,
+    stop: CancellationToken,
+    abort: AbortHandle,
+    record: Arc<Mutex<WorkerRecord>>,
+    live: bool,
+}
+
+pub async fn run(a: FleetArgs) -> anyhow::Result<()> {
+    super::raise_open_files();
+    let shared = Arc::new(Shared::default());
+    let mut members: Vec<Member> = Vec::new();
+    let mut set: JoinSet<()> = JoinSet::new();
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut tick = tokio::time::interval(STATUS_EVERY);
+    loop {
+        tokio::select! {
+            line = lines.next_line() => {
+                let Some(line) = line.context("reading commands")? else { break };
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let cmd: Command = serde_json::from_str(&line)
+                    .with_context(|| format!("bad command {line:?}"))?;
+                match cmd {
+                    Command::Start { count } => start(&a, &shared, &mut members, &mut set, count)?,
+                    Command::Stop { count, abrupt } => {
+                        for m in members.iter_mut().filter(|m| m.live).take(count as usize) {
+                            m.live = false;
+                            if abrupt {
+                                m.abort.abort();
+                            } else {
+                                m.stop.cancel();
+                            }
+                        }
+                    }
+                    Command::Report => {
+                        let report = FleetReport {
+                            status: status(&members, &shared),
+                            workers: members.iter().map(|m| {
+                                let mut r = m.record.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                                r.next_backoff_ms = m.handle.stats().next_backoff_ms;
+                                r
+                            }).collect(),
+                        };
+                        emit(&Event::Report(report))?;
+                    }
+                    Command::Exit => break,
+                }
+            }
+            _ = tick.tick() => emit(&Event::Status(status(&members, &shared)))?,
+            Some(_) = set.join_next(), if !set.is_empty() => {}
+        }
+    }
+    for m in &members {
+        m.stop.cancel();
+    }
+    let drain = async { while set.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
+    set.abort_all();
+    Ok(())
+}
+
+fn emit(ev: &Event) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, ev)?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(())
+}
+
+fn status(members: &[Member], shared: &Shared) -> Status {
+    let mut s = Status {
+        started: members.len() as u64,
+        checkpoints: shared.checkpoints.load(Ordering::Relaxed),
+        flood_sent: shared.flood_sent.load(Ordering::Relaxed),
+        ..Status::default()
+    };
+    for m in members {
+        let state = m.handle.state();
+        s.live += u64::from(m.live);
+        s.connected += u64::from(m.live && state == ConnState::Connected);
+        s.failed += u64::from(state == ConnState::Failed);
+        s.registrations += m.handle.registrations();
+        for metrics in m.handle.runner.executors().metrics().values() {
+            s.executions += metrics.executions.load(Ordering::Relaxed);
+            s.completed += metrics.completed.load(Ordering::Relaxed);
+            s.resumed += metrics.resumed_from_checkpoint.load(Ordering::Relaxed);
+        }
+    }
+    s
+}
+
+fn start(
+    a: &FleetArgs,
+    shared: &Arc<Shared>,
+    members: &mut Vec<Member>,
+    set: &mut JoinSet<()>,
+    count: u32,
+) -> anyhow::Result<()> {
+    let started_us = now_us();
+    for _ in 0..count {
+        let i = members.len() as u64;
+        let id = format!("{}-{i}", a.prefix);
+        let worker_id = WorkerId::parse(&id).with_context(|| format!("worker id {id}"))?;
+        let mut cfg = WorkerConfig::new(a.coordinator.clone(), worker_id);
+        cfg.slots = a.slots;
+        cfg.heartbeat_interval = a.heartbeat_interval;
+        cfg.telemetry_interval = a.telemetry_interval;
+        cfg.backoff = BackoffConfig {
+            initial: a.backoff_initial,
+            max: a.backoff_max,
+            jitter: Jitter::Proportional(a.jitter),
+            ..BackoffConfig::default()
+        };
+        cfg.seed = Some(a.seed.wrapping_add(i));
+        let mut executors = Executors::builtin();
+        executors.register("noop", Noop);
+        executors.register("flood", Flood(shared.clone()));
+        executors.register("steps", Steps(shared.clone()));
+        let source = Ipv4Addr::new(127, 0, 0, 1 + (i % u64::from(a.source_addrs.max(1))) as u8);
+        let agent = Agent::new(cfg, executors)?.with_connector(BoundConnector { source });
+        let handle = agent.handle();
+        let record = Arc::new(Mutex::new(WorkerRecord {
+            id,
+            started_us,
+            ..WorkerRecord::default()
+        }));
+        let stop = CancellationToken::new();
+        let abort = set.spawn({
+            let (stop, handle, record) = (stop.clone(), handle.clone(), record.clone());
+            async move {
+                let (end, ()) = tokio::join!(agent.run(stop), watch(handle, record.clone()));
+                if let Err(e) = end {
+                    record.lock().unwrap_or_else(|p| p.into_inner()).failure = Some(e.to_string());
+                }
+            }
+        });
+        members.push(Member {
+            handle,
+            stop,
+            abort,
+            record,
+            live: true,
+        });
+    }
+    Ok(())
+}
+
+/// Records when each session's attempt started and when it registered.
+async fn watch(handle: AgentHandle, record: Arc<Mutex<WorkerRecord>>) {
+    let mut rx = handle.shared.state.subscribe();
+    let mut attempt_us = record.lock().unwrap_or_else(|p| p.into_inner()).started_us;
+    let mut registered = 0;
+    loop {
+        let state = *rx.borrow_and_update();
+        match state {
+            ConnState::Connecting => attempt_us = now_us(),
+            ConnState::Connected => {
+                let n = handle.registrations();
+                if n > registered {
+                    registered = n;
+                    let at = now_us();
+                    record
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .sessions
+                        .push((attempt_us, at));
+                }
+            }
+            ConnState::Failed | ConnState::Shutdown => return,
+            ConnState::Disconnected => {}
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Plain TCP from a chosen source address in 127.0.0.0/8, then the library's handshake.
+struct BoundConnector {
+    source: Ipv4Addr,
+}
+
+impl Connector for BoundConnector {
+    fn connect(
+        &self,
+        url: String,
+        config: WebSocketConfig,
+    ) -> BoxFuture<'static, Result<WsStream, ConnectError>> {
+        let source = self.source;
+        Box::pin(async move {
+            let parsed = url::Url::parse(&url)
+                .map_err(|e| ConnectError::Refused(format!("bad url {url}: {e}")))?;
+            let host: Ipv4Addr = parsed
+                .host_str()
+                .and_then(|h| h.parse().ok())
+                .ok_or_else(|| ConnectError::Refused(format!("{url}: not an IPv4 loopback")))?;
+            let port = parsed.port_or_known_default().unwrap_or(80);
+            let transient = |e: std::io::Error| ConnectError::Transient(format!("connect: {e}"));
+            let socket = tokio::net::TcpSocket::new_v4().map_err(transient)?;
+            socket
+                .bind(SocketAddr::V4(SocketAddrV4::new(source, 0)))
+                .map_err(transient)?;
+            let tcp = socket
+                .connect(SocketAddr::V4(SocketAddrV4::new(host, port)))
+                .await
+                .map_err(transient)?;
+            let _ = tcp.set_nodelay(true);
+            let io: Pin<Box<dyn Io>> = Box::pin(tcp);
+            handshake(url, io, config.read_buffer_size(FLEET_READ_BUFFER)).await
+        })
+    }
+}
+
+fn config<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, ExecError> {
+    let v = if v.is_null() {
+        serde_json::json!({})
+    } else {
+        v
+    };
+    serde_json::from_value(v).map_err(|e| ExecError::InvalidConfig(e.to_string()))
+}
+
+/// `noop`: succeeds at once; the trivial task of the throughput scenarios.
+struct Noop;
+
+impl Executor for Noop {
+    fn execute(
+        &self,
+        _input: TaskInput,
+        _ctx: TaskCtx,
+    ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
+        Box::pin(async { Ok(serde_json::Value::Null) })
+    }
+}
+
+#[derive(Deserialize)]
+struct FloodConfig {
+    /// State updates per second.
+    rate: u64,
+    /// Bytes of padding in each update.
+    size: usize,
+    /// How long to flood.
+    ms: u64,
+}
+
+/// `flood`: reports state at a set rate and size for a set time. Updates of one task coalesce
+/// in the outbox while unsent, so what the coordinator receives is at most this rate.
+struct Flood(Arc<Shared>);
+
+impl Executor for Flood {
+    fn execute(
+        &self,
+        input: TaskInput,
+        ctx: TaskCtx,
+    ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
+        let shared = self.0.clone();
+        Box::pin(async move {
+            let cfg: FloodConfig = config(input.config)?;
+            let pad = "x".repeat(cfg.size);
+            let start = tokio::time::Instant::now();
+            let end = start + Duration::from_millis(cfg.ms);
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut sent = 0u64;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = ctx.cancelled() => return Err(ExecError::Cancelled),
+                }
+                let now = tokio::time::Instant::now();
+                if now >= end {
+                    break;
+                }
+                let due = (now - start).as_micros() as u64 * cfg.rate / 1_000_000;
+                while sent < due {
+                    sent += 1;
+                    ctx.report_state(serde_json::json!({"n": sent, "pad": pad}))
+                        .await;
+                    shared.flood_sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(serde_json::json!({"sent": sent}))
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct StepsConfig {
+    steps: u32,
+    step_ms: u64,
+    /// Bytes of each checkpoint (at least 4: the step number).
+    #[serde(default)]
+    size: usize,
+}
+
+/// `steps`: a long task that checkpoints after every step and resumes from its latest
+/// checkpoint; the result says where it resumed.
+struct Steps(Arc<Shared>);
+
+impl Executor for Steps {
+    fn execute(
+        &self,
+        input: TaskInput,
+        ctx: TaskCtx,
+    ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
+        let shared = self.0.clone();
+        Box::pin(async move {
+            let cfg: StepsConfig = config(input.config)?;
+            let resumed_at = ctx
+                .latest_checkpoint()
+                .and_then(|d| Some(u32::from_le_bytes(d.get(..4)?.try_into().ok()?)))
+                .unwrap_or(0)
+                .min(cfg.steps);
+            for i in resumed_at..cfg.steps {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(cfg.step_ms)) => {}
+                    _ = ctx.cancelled() => return Err(ExecError::Cancelled),
+                }
+                let mut data = vec![0u8; cfg.size.max(4)];
+                data[..4].copy_from_slice(&(i + 1).to_le_bytes());
+                ctx.checkpoint(data).await;
+                shared.checkpoints.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(serde_json::json!({"steps": cfg.steps, "resumed_at": resumed_at}))
+        })
+    }
+}

@@ -1,0 +1,162 @@
+//! `tether stress`: load scenarios against a real coordinator process, with the simulated
+//! workers in another process so that their resources are measured apart.
+//!
+//! - [`procs`]: the coordinator and fleet child processes; CPU and memory from `/proc`.
+//! - [`fleet`]: the hidden `tether stress-fleet` subcommand: many [`tether_worker::Agent`]s in
+//!   one process, driven by JSON lines.
+//! - [`scenarios`]: thundering_herd, steady_load, message_flood, checkpoint_heavy,
+//!   mixed_priority.
+//! - [`probe`]: latency probes (telemetry round trips to the durable ack).
+//! - [`truth`]: lost and recorded-twice verdicts from the coordinator's database.
+//! - [`report`]: the figures, as Markdown or JSON.
+
+pub mod fleet;
+mod probe;
+mod procs;
+mod report;
+mod scenarios;
+mod truth;
+
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::{Args, ValueEnum};
+
+pub use fleet::FleetArgs;
+
+use crate::settings::parse_duration_arg;
+
+/// The scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// All workers connect at once; the coordinator is killed and restarted; all reconnect.
+    #[value(name = "thundering_herd", alias = "thundering-herd")]
+    ThunderingHerd,
+    /// Trivial tasks flow while workers keep leaving and joining.
+    #[value(name = "steady_load", alias = "steady-load")]
+    SteadyLoad,
+    /// State updates at a set rate and size per worker, with latency probes.
+    #[value(name = "message_flood", alias = "message-flood")]
+    MessageFlood,
+    /// Long tasks checkpointing often; workers crash and others resume the tasks.
+    #[value(name = "checkpoint_heavy", alias = "checkpoint-heavy")]
+    CheckpointHeavy,
+    /// A backlog of low-priority tasks, then high-priority ones that must not wait behind it.
+    #[value(name = "mixed_priority", alias = "mixed-priority")]
+    MixedPriority,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::ThunderingHerd => "thundering_herd",
+            Scenario::SteadyLoad => "steady_load",
+            Scenario::MessageFlood => "message_flood",
+            Scenario::CheckpointHeavy => "checkpoint_heavy",
+            Scenario::MixedPriority => "mixed_priority",
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StressArgs {
+    pub scenario: Scenario,
+    /// Simulated workers (default: 10,000 thundering_herd, 1,000 message_flood, 200
+    /// checkpoint_heavy, 100 otherwise).
+    #[arg(long)]
+    pub workers: Option<u64>,
+    /// Length of the measured phase (default 10s; checkpoint_heavy: the length of a task).
+    #[arg(long, value_parser = parse_duration_arg)]
+    pub duration: Option<Duration>,
+    /// Tasks (thundering_herd: running during the outage, default workers/10; checkpoint_heavy:
+    /// default one per worker; mixed_priority: low-priority backlog, default 20,000).
+    #[arg(long)]
+    pub tasks: Option<u64>,
+    /// Slots per worker (default 4 in steady_load, 1 otherwise).
+    #[arg(long)]
+    pub slots: Option<u32>,
+    /// message_flood: state updates per second per worker.
+    #[arg(long, default_value_t = 200)]
+    pub rate: u64,
+    /// message_flood: bytes of padding per state update.
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// thundering_herd: how long the coordinator stays dead.
+    #[arg(long, default_value = "2s", value_parser = parse_duration_arg)]
+    pub outage: Duration,
+    /// thundering_herd: idle window over which CPU and memory per worker are measured.
+    #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
+    pub idle: Duration,
+    /// steady_load: fraction of the workers replaced every second (half of them crash).
+    #[arg(long, default_value_t = 0.05)]
+    pub churn: f64,
+    /// Latency probes (message_flood, steady_load).
+    #[arg(long, default_value_t = 4)]
+    pub probes: u32,
+    /// Messages per second of each probe.
+    #[arg(long, default_value_t = 50)]
+    pub probe_rate: u32,
+    /// Source addresses 127.0.0.1 .. 127.0.0.N the workers connect from.
+    #[arg(long, default_value_t = 16)]
+    pub source_addrs: u8,
+    /// Workers' heartbeat interval.
+    #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
+    pub heartbeat_interval: Duration,
+    /// Workers' largest reconnect delay (before jitter of +/-20 %).
+    #[arg(long, default_value = "1s", value_parser = parse_duration_arg)]
+    pub max_reconnect_delay: Duration,
+    /// Give up (and fail) after this long.
+    #[arg(long, default_value = "600s", value_parser = parse_duration_arg)]
+    pub deadline: Duration,
+    /// Print the report as JSON instead of Markdown.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep the temporary directory (database, logs) and print its path.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+pub async fn run(a: StressArgs) -> anyhow::Result<()> {
+    raise_open_files();
+    let report = scenarios::run(a.clone()).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}", report.markdown());
+    }
+    if !report.passed() {
+        let failed: Vec<&str> = report
+            .verdicts
+            .iter()
+            .filter(|v| !v.pass)
+            .map(|v| v.name.as_str())
+            .collect();
+        bail!("verdicts failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+pub async fn fleet(a: FleetArgs) -> anyhow::Result<()> {
+    fleet::run(a).await
+}
+
+/// Raises the soft open-file limit to the hard limit: every simulated worker holds a socket.
+pub fn raise_open_files() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
+/// The open-file limit now, for the report.
+pub fn open_file_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(0)
+}

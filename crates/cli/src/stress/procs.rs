@@ -1,0 +1,329 @@
+//! The two child processes of a stress run: the coordinator (killed and restarted on the same
+//! port and data directory when a scenario asks) and the fleet of simulated workers, plus what
+//! `/proc/<pid>` says about the coordinator's CPU and memory.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStdin, Command as Proc};
+use tokio::sync::{mpsc, watch};
+
+use super::fleet::{Command, Event, FleetReport, Status};
+
+/// Settings handed to the coordinator process.
+#[derive(Debug, Clone)]
+pub struct CoordOpts {
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub lost_after: Duration,
+}
+
+/// CPU and memory of a process, from `/proc`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    pub cpu_s: f64,
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+}
+
+/// Reads `/proc/<pid>/stat` (utime + stime) and `/proc/<pid>/status` (VmRSS, VmHWM).
+pub fn sample(pid: u32) -> Option<Sample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may contain spaces: state is field 3, so utime
+    // (field 14) and stime (field 15) are at 11 and 12.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Some(Sample {
+        cpu_s: ticks as f64 / hz,
+        rss_kib: kib("VmRSS:"),
+        hwm_kib: kib("VmHWM:"),
+    })
+}
+
+/// The coordinator as a child process.
+pub struct Coordinator {
+    exe: PathBuf,
+    pub addr: std::net::SocketAddr,
+    data_dir: PathBuf,
+    log: PathBuf,
+    opts: CoordOpts,
+    child: Option<Child>,
+    /// CPU seconds of coordinator processes that already ended.
+    cpu_before: f64,
+    /// Highest VmHWM seen over all coordinator processes.
+    pub peak_rss_kib: u64,
+}
+
+impl Coordinator {
+    pub async fn start(exe: &Path, dir: &Path, opts: CoordOpts) -> anyhow::Result<Self> {
+        // A free port, reused by a restarted coordinator.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("finding a free port")?;
+        let mut c = Self {
+            exe: exe.to_owned(),
+            addr,
+            data_dir: dir.join("data"),
+            log: dir.join("coordinator.log"),
+            opts,
+            child: None,
+            cpu_before: 0.0,
+            peak_rss_kib: 0,
+        };
+        c.spawn().await?;
+        Ok(c)
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    pub fn api(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join(tether_coordinator::store::DB_FILE)
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Starts the process and waits until it answers `/healthz`.
+    pub async fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .context("opening the coordinator log")?;
+        let d = |d: Duration| format!("{}ms", d.as_millis());
+        let child = Proc::new(&self.exe)
+            .arg("--log")
+            .arg("warn")
+            .arg("coordinator")
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--heartbeat-interval")
+            .arg(d(self.opts.heartbeat_interval))
+            .arg("--heartbeat-timeout")
+            .arg(d(self.opts.heartbeat_timeout))
+            .arg("--lost-after")
+            .arg(d(self.opts.lost_after))
+            .env_remove("TETHER_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the coordinator process")?;
+        self.child = Some(child);
+        let http = reqwest::Client::new();
+        let url = format!("{}/healthz", self.api());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = http.get(&url).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                bail!(
+                    "the coordinator exited at start ({status}); see {}",
+                    self.log.display()
+                );
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the coordinator did not answer within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// CPU seconds over every coordinator process so far, and the current memory.
+    pub fn sample(&mut self) -> Sample {
+        let now = self.pid().and_then(sample).unwrap_or_default();
+        self.peak_rss_kib = self.peak_rss_kib.max(now.hwm_kib);
+        Sample {
+            cpu_s: self.cpu_before + now.cpu_s,
+            ..now
+        }
+    }
+
+    /// SIGKILL: nothing is flushed, nothing is said to the workers.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.cpu_before = self.sample().cpu_s;
+        if let Some(mut c) = self.child.take() {
+            c.kill().await.context("killing the coordinator")?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait for a clean exit (the store is closed after it).
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        self.cpu_before = self.sample().cpu_s;
+        let Some(mut c) = self.child.take() else {
+            return Ok(());
+        };
+        if let Some(pid) = c.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        match tokio::time::timeout(Duration::from_secs(30), c.wait()).await {
+            Ok(Ok(status)) if status.success() => Ok(()),
+            Ok(Ok(status)) => bail!(
+                "the coordinator exited with {status}; see {}",
+                self.log.display()
+            ),
+            Ok(Err(e)) => Err(e).context("waiting for the coordinator"),
+            Err(_) => {
+                let _ = c.kill().await;
+                bail!("the coordinator did not stop within 30 s")
+            }
+        }
+    }
+}
+
+/// The fleet as a child process, driven over its stdin and stdout.
+pub struct Fleet {
+    child: Child,
+    stdin: ChildStdin,
+    pub status: watch::Receiver<Status>,
+    reports: mpsc::Receiver<FleetReport>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Fleet {
+    pub fn spawn(exe: &Path, log: &Path, args: &[String]) -> anyhow::Result<Self> {
+        let log = std::fs::File::create(log).context("creating the fleet log")?;
+        let mut child = Proc::new(exe)
+            .arg("--log")
+            .arg("error")
+            .arg("stress-fleet")
+            .args(args)
+            .env_remove("TETHER_CONFIG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the fleet process")?;
+        let stdin = child.stdin.take().context("fleet stdin")?;
+        let stdout = child.stdout.take().context("fleet stdout")?;
+        let (status_tx, status) = watch::channel(Status::default());
+        let (report_tx, reports) = mpsc::channel(4);
+        let reader = tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                match serde_json::from_str::<Event>(&line) {
+                    Ok(Event::Status(s)) => {
+                        let _ = status_tx.send(s);
+                    }
+                    Ok(Event::Report(r)) => {
+                        let _ = report_tx.send(r).await;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "unreadable fleet output"),
+                }
+            }
+        });
+        Ok(Self {
+            child,
+            stdin,
+            status,
+            reports,
+            reader,
+        })
+    }
+
+    pub async fn send(&mut self, cmd: &Command) -> anyhow::Result<()> {
+        let mut line = serde_json::to_vec(cmd)?;
+        line.push(b'\n');
+        self.stdin
+            .write_all(&line)
+            .await
+            .context("the fleet process is gone")?;
+        self.stdin.flush().await?;
+        Ok(())
+    }
+
+    pub fn now(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// Waits for a fresh status satisfying `f`, at most `limit`.
+    pub async fn wait(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        f: impl Fn(&Status) -> bool,
+    ) -> anyhow::Result<Status> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            {
+                let s = self.status.borrow_and_update();
+                if f(&s) {
+                    return Ok(s.clone());
+                }
+            }
+            match tokio::time::timeout_at(deadline, self.status.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => bail!("the fleet process ended while waiting until {what}"),
+                Err(_) => bail!(
+                    "timed out after {} s waiting until {what} (fleet: {:?})",
+                    limit.as_secs(),
+                    self.now()
+                ),
+            }
+        }
+    }
+
+    pub async fn report(&mut self) -> anyhow::Result<FleetReport> {
+        self.send(&Command::Report).await?;
+        tokio::time::timeout(Duration::from_secs(60), self.reports.recv())
+            .await
+            .context("the fleet did not report within 60 s")?
+            .context("the fleet process ended before reporting")
+    }
+
+    /// Stops every worker and waits for the process.
+    pub async fn exit(mut self) -> anyhow::Result<()> {
+        let _ = self.send(&Command::Exit).await;
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(Ok(s)) if s.success() => {}
+            Ok(Ok(s)) => bail!("the fleet process exited with {s}"),
+            Ok(Err(e)) => return Err(e).context("waiting for the fleet"),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                bail!("the fleet process did not exit within 30 s");
+            }
+        }
+        self.reader.abort();
+        Ok(())
+    }
+}

@@ -1,0 +1,244 @@
+//! The report of a stress run: figures, distributions, verdicts; printed as Markdown or JSON.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// A distribution of measurements (ms unless the name says otherwise), nearest-rank
+/// percentiles.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Dist {
+    pub count: usize,
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Dist {
+    pub fn of(mut v: Vec<f64>) -> Option<Self> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let at = |p: f64| {
+            let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+            v[rank - 1]
+        };
+        Some(Self {
+            count: v.len(),
+            p50: at(0.50),
+            p95: at(0.95),
+            p99: at(0.99),
+            max: v[v.len() - 1],
+        })
+    }
+}
+
+/// A pass/fail check; a failed verdict makes `tether stress` exit non-zero.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    pub name: String,
+    pub pass: bool,
+    pub detail: String,
+}
+
+/// A performance target of issue 5, compared with a figure. Informative: a missed target is
+/// reported, and does not fail the run (it depends on the machine).
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub name: String,
+    /// `None` when the run is smaller than the target's size.
+    pub met: Option<bool>,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub workers: u64,
+    pub command: String,
+    pub elapsed_s: f64,
+    /// Simultaneous start: workers registered per second until the last one.
+    pub connects_per_s: Option<f64>,
+    /// Per-worker time from the simultaneous start until registered.
+    pub time_to_register_ms: Option<Dist>,
+    /// Per-worker time from the restarted coordinator answering until re-registered.
+    pub reconnect_after_ready_ms: Option<Dist>,
+    /// Per-worker time from the start of the successful attempt until re-registered.
+    pub reconnect_attempt_ms: Option<Dist>,
+    /// The workers' largest reconnect delay with jitter: the jitter window.
+    pub reconnect_window_ms: Option<f64>,
+    /// Worker messages handled by the coordinator per second (its `frames_in` counter).
+    pub messages_per_s: Option<f64>,
+    /// State updates offered by the simulated tasks per second (before coalescing).
+    pub offered_per_s: Option<f64>,
+    /// Round trip of an acknowledged message (telemetry -> durable -> ack) under load.
+    pub message_latency_ms: Option<Dist>,
+    /// Tasks submitted, dispatched, executed and durably recorded per second.
+    pub tasks_per_s: Option<f64>,
+    pub tasks: u64,
+    pub checkpoints: Option<u64>,
+    pub resumed_from_checkpoint: Option<u64>,
+    pub high_priority_wait_ms: Option<Dist>,
+    pub low_priority_wait_ms: Option<Dist>,
+    pub coordinator_cpu_s: f64,
+    /// CPU of the coordinator over the idle window, % of one core.
+    pub idle_cpu_pct: Option<f64>,
+    pub coordinator_peak_rss_kib: u64,
+    /// (RSS with the workers connected and idle - RSS before they came) / workers.
+    pub memory_per_worker_kib: Option<f64>,
+    pub lost: u64,
+    pub recorded_twice: u64,
+    pub verdicts: Vec<Verdict>,
+    pub targets: Vec<Target>,
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    pub fn verdict(&mut self, name: &str, pass: bool, detail: impl Into<String>) {
+        self.verdicts.push(Verdict {
+            name: name.to_owned(),
+            pass,
+            detail: detail.into(),
+        });
+    }
+
+    /// Compares a figure with a target; `at_size` says whether the run is as large as the
+    /// target assumes.
+    pub fn target(&mut self, name: &str, at_size: bool, met: bool, detail: impl Into<String>) {
+        self.targets.push(Target {
+            name: name.to_owned(),
+            met: at_size.then_some(met),
+            detail: detail.into(),
+        });
+    }
+
+    pub fn passed(&self) -> bool {
+        self.verdicts.iter().all(|v| v.pass)
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "# tether stress: {} ({} workers, {:.1} s)\n",
+            self.scenario, self.workers, self.elapsed_s
+        );
+        let _ = writeln!(s, "`{}`\n", self.command);
+        let _ = writeln!(s, "| figure | value |\n|---|---|");
+        let mut row = |name: &str, v: String| {
+            let _ = writeln!(s, "| {name} | {v} |");
+        };
+        let dist = |d: &Dist| {
+            format!(
+                "p50 {:.1} / p95 {:.1} / p99 {:.1} / max {:.1} (n={})",
+                d.p50, d.p95, d.p99, d.max, d.count
+            )
+        };
+        if let Some(v) = self.connects_per_s {
+            row("connects per second", format!("{v:.0}"));
+        }
+        if let Some(d) = &self.time_to_register_ms {
+            row("time until registered, ms", dist(d));
+        }
+        if let Some(d) = &self.reconnect_after_ready_ms {
+            row("re-registered after the coordinator was ready, ms", dist(d));
+        }
+        if let Some(d) = &self.reconnect_attempt_ms {
+            row("successful reconnect attempt, ms", dist(d));
+        }
+        if let Some(v) = self.reconnect_window_ms {
+            row("workers' reconnect jitter window, ms", format!("{v:.0}"));
+        }
+        if let Some(v) = self.messages_per_s {
+            row("worker messages handled per second", format!("{v:.0}"));
+        }
+        if let Some(v) = self.offered_per_s {
+            row("state updates offered per second", format!("{v:.0}"));
+        }
+        if let Some(d) = &self.message_latency_ms {
+            row("message latency (to durable ack), ms", dist(d));
+        }
+        if let Some(v) = self.tasks_per_s {
+            row("tasks per second end to end", format!("{v:.0}"));
+        }
+        row("tasks", self.tasks.to_string());
+        if let Some(v) = self.checkpoints {
+            row("checkpoints written", v.to_string());
+        }
+        if let Some(v) = self.resumed_from_checkpoint {
+            row("executions resumed from a checkpoint", v.to_string());
+        }
+        if let Some(d) = &self.high_priority_wait_ms {
+            row("high-priority queue wait, ms", dist(d));
+        }
+        if let Some(d) = &self.low_priority_wait_ms {
+            row("low-priority queue wait, ms", dist(d));
+        }
+        row(
+            "coordinator CPU seconds",
+            format!("{:.2}", self.coordinator_cpu_s),
+        );
+        if let Some(v) = self.idle_cpu_pct {
+            row("coordinator idle CPU, % of one core", format!("{v:.2}"));
+        }
+        row(
+            "coordinator peak RSS, MiB",
+            format!("{:.1}", self.coordinator_peak_rss_kib as f64 / 1024.0),
+        );
+        if let Some(v) = self.memory_per_worker_kib {
+            row(
+                "coordinator memory per connected worker, KiB",
+                format!("{v:.2}"),
+            );
+        }
+        row("lost", self.lost.to_string());
+        row("recorded twice", self.recorded_twice.to_string());
+        let _ = writeln!(s, "\n## Verdicts\n");
+        for v in &self.verdicts {
+            let mark = if v.pass { "PASS" } else { "FAIL" };
+            let _ = writeln!(s, "- {mark} {}: {}", v.name, v.detail);
+        }
+        if !self.targets.is_empty() {
+            let _ = writeln!(s, "\n## Targets (issue 5; informative)\n");
+            for t in &self.targets {
+                let mark = match t.met {
+                    Some(true) => "met",
+                    Some(false) => "MISSED",
+                    None => "n/a (smaller run)",
+                };
+                let _ = writeln!(s, "- {mark} {}: {}", t.name, t.detail);
+            }
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(s, "\n## Notes\n");
+            for n in &self.notes {
+                let _ = writeln!(s, "- {n}");
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles_of_one_to_a_hundred() {
+        let d = Dist::of((1..=100).map(f64::from).collect()).expect("non-empty");
+        assert_eq!((d.p50, d.p95, d.p99, d.max), (50.0, 95.0, 99.0, 100.0));
+        assert!(Dist::of(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn a_failed_verdict_fails_the_report() {
+        let mut r = Report::default();
+        r.verdict("lost", true, "0");
+        assert!(r.passed());
+        r.verdict("recorded twice", false, "1");
+        assert!(!r.passed());
+        assert!(r.markdown().contains("FAIL recorded twice"));
+    }
+}

@@ -1,0 +1,707 @@
+//! The scenarios. Each starts a coordinator process and a fleet process, drives them, and fills
+//! a [`Report`]; [`Run::finish`] stops both and judges lost and recorded-twice from the
+//! database.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+use tether_proto::TaskSpec;
+use tokio::time::Instant;
+
+use super::fleet::{Command, Status, now_us};
+use super::procs::{CoordOpts, Coordinator, Fleet};
+use super::report::{Dist, Report};
+use super::{Scenario, StressArgs, probe, truth};
+
+/// Tasks per submission request.
+const SUBMIT_CHUNK: usize = 5000;
+/// How long registration and the end of all tasks may take at most.
+const PHASE_LIMIT: Duration = Duration::from_secs(300);
+/// Attempts of a stress task: crashes in steady_load and checkpoint_heavy may cost a few.
+const MAX_ATTEMPTS: u32 = 10;
+
+/// One run: the processes, the HTTP client, the progress bar and the report.
+struct Run {
+    a: StressArgs,
+    workers: u64,
+    _dir: Option<tempfile::TempDir>,
+    coord: Coordinator,
+    fleet: Fleet,
+    http: reqwest::Client,
+    pb: ProgressBar,
+    report: Report,
+    submitted: HashSet<String>,
+    started: Instant,
+}
+
+pub async fn run(a: StressArgs) -> anyhow::Result<Report> {
+    let deadline = a.deadline;
+    let body = async move {
+        let mut run = Run::start(a).await?;
+        let scenario = run.a.scenario;
+        let outcome = match scenario {
+            Scenario::ThunderingHerd => thundering_herd(&mut run).await,
+            Scenario::SteadyLoad => steady_load(&mut run).await,
+            Scenario::MessageFlood => message_flood(&mut run).await,
+            Scenario::CheckpointHeavy => checkpoint_heavy(&mut run).await,
+            Scenario::MixedPriority => mixed_priority(&mut run).await,
+        };
+        if let Err(e) = outcome {
+            run.pb.finish_and_clear();
+            return Err(e.context(format!(
+                "scenario {} failed; coordinator log: {}",
+                scenario.name(),
+                run.coord.log_path().display()
+            )));
+        }
+        run.finish().await
+    };
+    tokio::time::timeout(deadline, body)
+        .await
+        .with_context(|| format!("the run exceeded --deadline {} s", deadline.as_secs()))?
+}
+
+impl Run {
+    async fn start(a: StressArgs) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("locating the tether binary")?;
+        let dir = tempfile::Builder::new()
+            .prefix("tether-stress-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        let path: PathBuf = dir.path().to_owned();
+        let workers = a.workers.unwrap_or(match a.scenario {
+            Scenario::ThunderingHerd => 10_000,
+            Scenario::MessageFlood => 1_000,
+            Scenario::CheckpointHeavy => 200,
+            _ => 100,
+        });
+        if workers == 0 {
+            bail!("--workers must be at least 1");
+        }
+        let lost_after = match a.scenario {
+            Scenario::ThunderingHerd => Duration::from_secs(60),
+            _ => Duration::from_secs(1),
+        };
+        let coord = Coordinator::start(
+            &exe,
+            &path,
+            CoordOpts {
+                heartbeat_interval: a.heartbeat_interval,
+                heartbeat_timeout: a.heartbeat_interval * 3,
+                lost_after,
+            },
+        )
+        .await?;
+        let slots = a.slots.unwrap_or(match a.scenario {
+            Scenario::SteadyLoad => 4,
+            _ => 1,
+        });
+        let telemetry = match a.scenario {
+            Scenario::MessageFlood => "1s",
+            _ => "30s",
+        };
+        let d = |d: Duration| format!("{}ms", d.as_millis());
+        let fleet_args = vec![
+            "--coordinator".into(),
+            coord.url(),
+            "--slots".into(),
+            slots.to_string(),
+            "--source-addrs".into(),
+            a.source_addrs.to_string(),
+            "--heartbeat-interval".into(),
+            d(a.heartbeat_interval),
+            "--backoff-max".into(),
+            d(a.max_reconnect_delay),
+            "--telemetry-interval".into(),
+            telemetry.into(),
+        ];
+        let fleet = Fleet::spawn(&exe, &path.join("fleet.log"), &fleet_args)?;
+        let pb = ProgressBar::new(workers);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        pb.enable_steady_tick(Duration::from_millis(200));
+        // The exact command line, so a figure can be reproduced.
+        let command = std::iter::once("tether".to_owned())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let dir = if a.keep {
+            eprintln!("keeping {}", path.display());
+            let _ = dir.keep();
+            None
+        } else {
+            Some(dir)
+        };
+        let report = Report {
+            scenario: a.scenario.name().into(),
+            workers,
+            command,
+            ..Report::default()
+        };
+        Ok(Self {
+            a,
+            workers,
+            _dir: dir,
+            coord,
+            fleet,
+            http: reqwest::Client::new(),
+            pb,
+            report,
+            submitted: HashSet::new(),
+            started: Instant::now(),
+        })
+    }
+
+    fn phase(&self, what: &str, len: u64) {
+        self.pb.set_message(what.to_owned());
+        self.pb.set_length(len);
+        self.pb.set_position(0);
+    }
+
+    /// Waits for a fleet status, moving the bar with `pos`.
+    async fn wait_fleet(
+        &mut self,
+        what: &str,
+        len: u64,
+        pos: impl Fn(&Status) -> u64,
+        done: impl Fn(&Status) -> bool,
+    ) -> anyhow::Result<Status> {
+        self.phase(what, len);
+        let pb = self.pb.clone();
+        self.fleet
+            .wait(what, PHASE_LIMIT, |s| {
+                pb.set_position(pos(s));
+                done(s)
+            })
+            .await
+    }
+
+    async fn overview(&self) -> anyhow::Result<Value> {
+        let r = self
+            .http
+            .get(format!("{}/api/v1/overview", self.coord.api()))
+            .send()
+            .await
+            .context("overview")?;
+        if !r.status().is_success() {
+            bail!("overview: HTTP {}", r.status());
+        }
+        Ok(r.json().await?)
+    }
+
+    async fn counter(&self, name: &str) -> anyhow::Result<u64> {
+        Ok(self.overview().await?["counters"][name]
+            .as_u64()
+            .unwrap_or(0))
+    }
+
+    /// Submits `specs`; every id the API returns is owed a result.
+    async fn submit(&mut self, specs: Vec<TaskSpec>) -> anyhow::Result<()> {
+        for chunk in specs.chunks(SUBMIT_CHUNK) {
+            let r = self
+                .http
+                .post(format!("{}/api/v1/tasks", self.coord.api()))
+                .json(&json!({ "tasks": chunk }))
+                .send()
+                .await
+                .context("submitting tasks")?;
+            if !r.status().is_success() {
+                bail!("submit: HTTP {}: {}", r.status(), r.text().await?);
+            }
+            let v: Value = r.json().await?;
+            for id in v["task_ids"].as_array().into_iter().flatten() {
+                if let Some(id) = id.as_str() {
+                    self.submitted.insert(id.to_owned());
+                }
+            }
+        }
+        self.report.tasks = self.submitted.len() as u64;
+        Ok(())
+    }
+
+    /// Waits until every submitted task is terminal in the coordinator.
+    async fn wait_all_terminal(&mut self) -> anyhow::Result<()> {
+        let total = self.submitted.len() as u64;
+        self.phase("tasks finishing", total);
+        let deadline = Instant::now() + PHASE_LIMIT;
+        loop {
+            let o = self.overview().await?;
+            let t = &o["tasks"];
+            let done: u64 = ["completed", "failed", "cancelled", "timed_out"]
+                .iter()
+                .map(|k| t[*k].as_u64().unwrap_or(0))
+                .sum();
+            self.pb.set_position(done);
+            if done >= total {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "only {done} of {total} tasks ended within {} s",
+                    PHASE_LIMIT.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Starts `n` workers and waits until all live workers are registered.
+    async fn start_workers(&mut self, n: u64) -> anyhow::Result<()> {
+        self.fleet.send(&Command::Start { count: n as u32 }).await?;
+        let target = self.fleet.now().live + n;
+        self.wait_fleet(
+            "workers registering",
+            target,
+            |s| s.connected,
+            move |s| s.live == target && s.connected == target,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Stops both processes, reads the ground truth and adds the common verdicts.
+    async fn finish(mut self) -> anyhow::Result<Report> {
+        self.phase("stopping", 1);
+        let fleet_status = self.fleet.now();
+        self.fleet.exit().await?;
+        self.coord.sample();
+        self.coord.stop().await?;
+        let t = truth::read(&self.coord.db_path(), &self.submitted)?;
+        let r = &mut self.report;
+        r.elapsed_s = self.started.elapsed().as_secs_f64();
+        r.coordinator_cpu_s = self.coord.sample().cpu_s.max(r.coordinator_cpu_s);
+        r.coordinator_peak_rss_kib = self.coord.peak_rss_kib;
+        r.lost = t.lost;
+        r.recorded_twice = t.recorded_twice;
+        r.verdict(
+            "lost",
+            t.lost == 0,
+            format!(
+                "{} of {} acknowledged tasks without a counted result",
+                t.lost,
+                self.submitted.len()
+            ),
+        );
+        r.verdict(
+            "recorded twice",
+            t.recorded_twice == 0,
+            format!(
+                "{} tasks with more than one counted result",
+                t.recorded_twice
+            ),
+        );
+        r.verdict(
+            "no worker gave up",
+            fleet_status.failed == 0,
+            format!("{} workers failed", fleet_status.failed),
+        );
+        if self.a.scenario == Scenario::MixedPriority {
+            mixed_priority_verdicts(r, &t);
+        }
+        r.notes.push(format!(
+            "open-file limit {}; workers connect from {} source addresses",
+            super::open_file_limit(),
+            self.a.source_addrs
+        ));
+        self.pb.finish_and_clear();
+        Ok(self.report)
+    }
+}
+
+fn ms(us: u64, from_us: u64) -> f64 {
+    us.saturating_sub(from_us) as f64 / 1000.0
+}
+
+fn spec(kind: &str, config: Value, priority: u8) -> TaskSpec {
+    let mut s = TaskSpec::new(kind, config);
+    s.priority = priority;
+    s.max_attempts = Some(MAX_ATTEMPTS);
+    s
+}
+
+/// All workers start at once; idle window (CPU, memory); tasks running; the coordinator is
+/// killed, stays dead for `--outage`, restarts on the same port and data; all re-register.
+async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
+    let n = run.workers;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let baseline = run.coord.sample();
+    let t0 = now_us();
+    run.start_workers(n).await?;
+    let reg = run.fleet.report().await?;
+    let firsts: Vec<f64> = reg
+        .workers
+        .iter()
+        .filter_map(|w| w.sessions.first().map(|s| ms(s.1, w.started_us)))
+        .collect();
+    let all_in = ms(
+        reg.workers
+            .iter()
+            .filter_map(|w| w.sessions.first().map(|s| s.1))
+            .max()
+            .unwrap_or(t0),
+        t0,
+    );
+    let r = &mut run.report;
+    r.time_to_register_ms = Dist::of(firsts);
+    r.connects_per_s = Some(n as f64 / (all_in / 1000.0).max(1e-3));
+    if let Some(d) = r.time_to_register_ms {
+        r.target(
+            "10,000 registered from a simultaneous start in under 2 s",
+            n >= 10_000,
+            d.max < 2000.0,
+            format!("{n} workers, last registered after {:.0} ms", d.max),
+        );
+    }
+    // Idle: heartbeats only.
+    run.phase("idle window", run.a.idle.as_secs());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = run.coord.sample();
+    let idle_start = Instant::now();
+    while idle_start.elapsed() < run.a.idle {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        run.pb.set_position(idle_start.elapsed().as_secs());
+    }
+    let after = run.coord.sample();
+    let idle_pct = (after.cpu_s - before.cpu_s) / idle_start.elapsed().as_secs_f64() * 100.0;
+    let per_worker = after.rss_kib.saturating_sub(baseline.rss_kib) as f64 / n as f64;
+    let r = &mut run.report;
+    r.idle_cpu_pct = Some(idle_pct);
+    r.memory_per_worker_kib = Some(per_worker);
+    r.target(
+        "idle CPU with 10,000 heartbeating workers under 5 % of one core",
+        n >= 10_000,
+        idle_pct < 5.0,
+        format!(
+            "{idle_pct:.2} % with {n} workers, heartbeat every {} ms",
+            run.a.heartbeat_interval.as_millis()
+        ),
+    );
+    r.target(
+        "at most 8 KiB of coordinator memory per idle connected worker",
+        n >= 1_000,
+        per_worker <= 8.0,
+        format!(
+            "{per_worker:.2} KiB (RSS {} KiB before the workers, {} KiB with them)",
+            baseline.rss_kib, after.rss_kib
+        ),
+    );
+    // Tasks in flight across the outage.
+    let tasks = run.a.tasks.unwrap_or((n / 10).max(1));
+    let specs = (0..tasks)
+        .map(|_| spec("steps", json!({"steps": 6, "step_ms": 500, "size": 16}), 5))
+        .collect();
+    run.submit(specs).await?;
+    run.wait_fleet(
+        "tasks starting",
+        tasks,
+        |s| s.executions,
+        move |s| s.executions >= tasks,
+    )
+    .await?;
+    let registrations_before = run.fleet.now().registrations;
+    run.phase("coordinator killed", 1);
+    let kill_us = now_us();
+    run.coord.kill().await?;
+    tokio::time::sleep(run.a.outage).await;
+    run.phase("coordinator restarting", 1);
+    run.coord.spawn().await?;
+    let ready_us = now_us();
+    let target = registrations_before + n;
+    run.wait_fleet(
+        "workers re-registering",
+        n,
+        move |s| s.registrations.saturating_sub(registrations_before),
+        move |s| s.registrations >= target && s.connected == n,
+    )
+    .await?;
+    let rep = run.fleet.report().await?;
+    let mut after_ready = Vec::new();
+    let mut attempt = Vec::new();
+    for w in &rep.workers {
+        if let Some(s) = w.sessions.iter().find(|s| s.1 > kill_us) {
+            after_ready.push(ms(s.1, ready_us));
+            attempt.push(ms(s.1, s.0));
+        }
+    }
+    let window = run.a.max_reconnect_delay.as_secs_f64() * 1000.0 * 1.2;
+    let r = &mut run.report;
+    r.reconnect_window_ms = Some(window);
+    r.reconnect_after_ready_ms = Dist::of(after_ready);
+    r.reconnect_attempt_ms = Dist::of(attempt);
+    r.verdict(
+        "every worker re-registered",
+        r.reconnect_after_ready_ms.map(|d| d.count as u64) == Some(n),
+        format!(
+            "{} of {n}",
+            r.reconnect_after_ready_ms.map(|d| d.count).unwrap_or(0)
+        ),
+    );
+    if let (Some(d), Some(a)) = (r.reconnect_after_ready_ms, r.reconnect_attempt_ms) {
+        r.target(
+            "all re-registered within 1 s of the coordinator being ready plus the jitter window",
+            n >= 10_000,
+            d.max <= 1000.0 + window,
+            format!("last after {:.0} ms; window {window:.0} ms", d.max),
+        );
+        r.target(
+            "reconnect p95 within the current backoff delay plus 100 ms",
+            true,
+            a.p95 <= 100.0,
+            format!(
+                "the successful attempt took p95 {:.1} ms after its backoff delay ended",
+                a.p95
+            ),
+        );
+    }
+    run.wait_all_terminal().await
+}
+
+/// Trivial tasks flow for `--duration` while workers leave (half crash) and join.
+async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
+    let n = run.workers;
+    run.start_workers(n).await?;
+    let duration = run.a.duration.unwrap_or(Duration::from_secs(10));
+    let slots = u64::from(run.a.slots.unwrap_or(4));
+    // Keep enough queued that no worker waits for a submission, no more.
+    let cap = (n * slots * 50).max(1000);
+    let chunk = cap.min(SUBMIT_CHUNK as u64);
+    run.phase("tasks flowing", duration.as_secs());
+    let t0 = Instant::now();
+    let mut churn = tokio::time::interval(Duration::from_secs(1));
+    churn.tick().await;
+    let mut abrupt = false;
+    let mut replaced = 0u64;
+    let per_churn = ((n as f64 * run.a.churn).ceil() as u64).min(n);
+    while t0.elapsed() < duration {
+        let done = run.fleet.now().completed;
+        if (run.submitted.len() as u64).saturating_sub(done) < cap {
+            let specs = (0..chunk).map(|_| spec("noop", Value::Null, 5)).collect();
+            run.submit(specs).await?;
+        }
+        tokio::select! {
+            _ = churn.tick(), if per_churn > 0 => {
+                run.fleet.send(&Command::Stop { count: per_churn as u32, abrupt }).await?;
+                run.fleet.send(&Command::Start { count: per_churn as u32 }).await?;
+                abrupt = !abrupt;
+                replaced += per_churn;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+        run.pb.set_position(t0.elapsed().as_secs());
+    }
+    let submitted_in_window = run.submitted.len();
+    run.wait_all_terminal().await?;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let r = &mut run.report;
+    let tps = submitted_in_window as f64 / elapsed;
+    r.tasks_per_s = Some(tps);
+    r.notes.push(format!(
+        "{replaced} workers replaced during the run (every second {per_churn} left, alternately crashing and shutting down, and as many joined); {slots} slots per worker"
+    ));
+    r.target(
+        "at least 20,000 trivial tasks per second end to end with 100 workers",
+        n == 100,
+        tps >= 20_000.0,
+        format!("{tps:.0} tasks/s with {n} workers"),
+    );
+    Ok(())
+}
+
+/// Every worker runs a task that reports state at `--rate` per second with `--size` bytes;
+/// probes measure the round trip of acknowledged messages meanwhile.
+async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
+    let n = run.workers;
+    run.start_workers(n).await?;
+    let duration = run.a.duration.unwrap_or(Duration::from_secs(10));
+    let flood_ms = (duration + Duration::from_secs(3)).as_millis() as u64;
+    let cfg = json!({"rate": run.a.rate, "size": run.a.size, "ms": flood_ms});
+    run.submit((0..n).map(|_| spec("flood", cfg.clone(), 5)).collect())
+        .await?;
+    run.wait_fleet(
+        "floods starting",
+        n,
+        |s| s.executions,
+        move |s| s.executions >= n,
+    )
+    .await?;
+    let f0 = run.counter("frames_in").await?;
+    let s0 = run.fleet.now().flood_sent;
+    let t0 = Instant::now();
+    run.phase("flooding", duration.as_secs());
+    let probes = tokio::spawn(probe::run(
+        run.coord.url(),
+        run.a.probes,
+        run.a.probe_rate,
+        t0 + duration,
+    ));
+    while t0.elapsed() < duration {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        run.pb.set_position(t0.elapsed().as_secs());
+    }
+    let f1 = run.counter("frames_in").await?;
+    let s1 = run.fleet.now().flood_sent;
+    let dt = t0.elapsed().as_secs_f64();
+    let lat = probes.await.context("probes")??;
+    let r = &mut run.report;
+    let mps = (f1 - f0) as f64 / dt;
+    r.messages_per_s = Some(mps);
+    r.offered_per_s = Some((s1 - s0) as f64 / dt);
+    r.message_latency_ms = Dist::of(lat);
+    r.target(
+        "at least 200,000 worker messages per second",
+        n >= 1_000,
+        mps >= 200_000.0,
+        format!(
+            "{mps:.0} messages/s handled ({} offered per second by {n} workers at {} /s each)",
+            r.offered_per_s.unwrap_or(0.0) as u64,
+            run.a.rate
+        ),
+    );
+    if let Some(d) = r.message_latency_ms {
+        r.target(
+            "p99 latency under 10 ms (at half the top rate)",
+            n >= 1_000,
+            d.p99 < 10.0,
+            format!("p99 {:.2} ms at {mps:.0} messages/s", d.p99),
+        );
+    }
+    r.notes.push(format!(
+        "state updates of one task coalesce in the worker's outbox while unsent; {} probes x {} msgs/s time telemetry to its durable ack",
+        run.a.probes, run.a.probe_rate
+    ));
+    run.wait_all_terminal().await
+}
+
+/// Long tasks checkpoint every step; halfway, a quarter of the workers crash; their tasks are
+/// requeued after the grace period and resumed from the latest checkpoint elsewhere.
+async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
+    let n = run.workers;
+    run.start_workers(n).await?;
+    let tasks = run.a.tasks.unwrap_or(n);
+    let duration = run.a.duration.unwrap_or(Duration::from_secs(6));
+    let step_ms = 100u64;
+    let steps = (duration.as_millis() as u64 / step_ms).max(2);
+    let cfg = json!({"steps": steps, "step_ms": step_ms, "size": 1024});
+    let f0 = run.counter("frames_in").await?;
+    let t0 = Instant::now();
+    run.submit((0..tasks).map(|_| spec("steps", cfg.clone(), 5)).collect())
+        .await?;
+    let first = tasks.min(n);
+    run.wait_fleet(
+        "tasks starting",
+        first,
+        |s| s.executions,
+        move |s| s.executions >= first,
+    )
+    .await?;
+    tokio::time::sleep(duration / 2).await;
+    let crash = (n / 4).max(1);
+    run.phase("workers crashing", 1);
+    run.fleet
+        .send(&Command::Stop {
+            count: crash as u32,
+            abrupt: true,
+        })
+        .await?;
+    run.fleet
+        .send(&Command::Start {
+            count: crash as u32,
+        })
+        .await?;
+    run.wait_all_terminal().await?;
+    let dt = t0.elapsed().as_secs_f64();
+    let f1 = run.counter("frames_in").await?;
+    let s = run.fleet.now();
+    let r = &mut run.report;
+    r.checkpoints = Some(s.checkpoints);
+    r.resumed_from_checkpoint = Some(s.resumed);
+    r.messages_per_s = Some((f1 - f0) as f64 / dt);
+    r.tasks_per_s = Some(tasks as f64 / dt);
+    r.verdict(
+        "crashed workers' tasks resumed from a checkpoint",
+        s.resumed >= 1,
+        format!(
+            "{} executions resumed after {crash} workers crashed",
+            s.resumed
+        ),
+    );
+    r.notes.push(format!(
+        "{tasks} tasks of {steps} steps x {step_ms} ms, a 1 KiB checkpoint after every step; {crash} workers crashed halfway and as many joined"
+    ));
+    Ok(())
+}
+
+/// A backlog of low-priority tasks, then high-priority ones: none may wait behind a low one.
+async fn mixed_priority(run: &mut Run) -> anyhow::Result<()> {
+    let n = run.workers;
+    run.start_workers(n).await?;
+    let low = run.a.tasks.unwrap_or(20_000);
+    let high = (low / 100).max(1);
+    let cfg = json!({"ms": 20, "steps": 1, "report": false});
+    let t0 = Instant::now();
+    run.submit((0..low).map(|_| spec("sleep", cfg.clone(), 9)).collect())
+        .await?;
+    let started = n.min(low);
+    run.wait_fleet(
+        "backlog running",
+        started,
+        |s| s.executions,
+        move |s| s.executions >= started,
+    )
+    .await?;
+    run.submit((0..high).map(|_| spec("sleep", cfg.clone(), 0)).collect())
+        .await?;
+    run.wait_all_terminal().await?;
+    run.report.tasks_per_s = Some((low + high) as f64 / t0.elapsed().as_secs_f64());
+    run.report.notes.push(format!(
+        "{low} tasks at priority 9, then {high} at priority 0; 20 ms each"
+    ));
+    Ok(())
+}
+
+/// Waits by priority and inversions: a low-priority task that started after a high-priority
+/// task was submitted and before that task started.
+fn mixed_priority_verdicts(r: &mut Report, t: &truth::Truth) {
+    let mut low_starts = Vec::new();
+    let (mut high_wait, mut low_wait) = (Vec::new(), Vec::new());
+    let mut highs = Vec::new();
+    for row in t.tasks.values() {
+        let (Some(sub), Some(start)) = (row.submitted_at, row.started_at) else {
+            continue;
+        };
+        let wait = (start - sub).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+        if row.priority == 0 {
+            high_wait.push(wait);
+            highs.push((sub, start));
+        } else {
+            low_wait.push(wait);
+            low_starts.push(start);
+        }
+    }
+    low_starts.sort();
+    let inversions = highs
+        .iter()
+        .filter(|(sub, start)| {
+            let i = low_starts.partition_point(|s| s <= sub);
+            low_starts.get(i).is_some_and(|s| s < start)
+        })
+        .count();
+    r.high_priority_wait_ms = Dist::of(high_wait);
+    r.low_priority_wait_ms = Dist::of(low_wait);
+    r.verdict(
+        "high priority never waits behind low",
+        inversions == 0 && !highs.is_empty(),
+        format!(
+            "{inversions} of {} high-priority tasks saw a low-priority task start after their submission and before them",
+            highs.len()
+        ),
+    );
+}

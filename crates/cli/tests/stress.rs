@@ -1,0 +1,113 @@
+//! Smoke runs of every `tether stress` scenario: small numbers, real processes (a coordinator
+//! and a fleet of simulated workers), verdicts read from the JSON report. They keep the
+//! scenarios from rotting; the full sizes are in docs/PERFORMANCE.md. No timing is asserted.
+
+use std::process::Command;
+use std::sync::Mutex;
+
+use serde_json::Value;
+
+/// One scenario at a time: each starts two processes and many sockets.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn stress(args: &[&str]) -> Value {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .arg("stress")
+        .args(args)
+        .args(["--json", "--deadline", "240s"])
+        .env_remove("TETHER_LOG")
+        .output()
+        .expect("run tether stress");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "tether stress {args:?} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let report: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("report is not JSON ({e}):\n{stdout}\n{stderr}"));
+    for v in report["verdicts"].as_array().expect("verdicts") {
+        assert_eq!(v["pass"], true, "verdict failed: {v}");
+    }
+    assert_eq!(report["lost"], 0, "{report:#}");
+    assert_eq!(report["recorded_twice"], 0, "{report:#}");
+    assert!(report["tasks"].as_u64().unwrap_or(0) > 0, "{report:#}");
+    assert!(report["coordinator_cpu_s"].as_f64().unwrap_or(0.0) > 0.0);
+    assert!(report["coordinator_peak_rss_kib"].as_u64().unwrap_or(0) > 0);
+    report
+}
+
+fn count(d: &Value) -> u64 {
+    d["count"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn thundering_herd_reregisters_every_worker_after_a_coordinator_kill_and_loses_nothing() {
+    let r = stress(&[
+        "thundering_herd",
+        "--workers",
+        "40",
+        "--tasks",
+        "10",
+        "--idle",
+        "1s",
+        "--outage",
+        "500ms",
+        "--max-reconnect-delay",
+        "500ms",
+        "--heartbeat-interval",
+        "1s",
+    ]);
+    assert_eq!(count(&r["time_to_register_ms"]), 40);
+    assert_eq!(count(&r["reconnect_after_ready_ms"]), 40);
+    assert!(r["connects_per_s"].as_f64().is_some());
+    assert!(r["memory_per_worker_kib"].as_f64().is_some());
+    assert!(r["idle_cpu_pct"].as_f64().is_some());
+}
+
+#[test]
+fn steady_load_keeps_tasks_flowing_while_workers_leave_and_join() {
+    let r = stress(&[
+        "steady_load",
+        "--workers",
+        "10",
+        "--duration",
+        "2s",
+        "--churn",
+        "0.2",
+    ]);
+    assert!(r["tasks_per_s"].as_f64().unwrap_or(0.0) > 0.0);
+}
+
+#[test]
+fn message_flood_measures_message_rate_and_latency() {
+    let r = stress(&[
+        "message_flood",
+        "--workers",
+        "20",
+        "--duration",
+        "2s",
+        "--rate",
+        "50",
+        "--probes",
+        "2",
+    ]);
+    assert!(r["messages_per_s"].as_f64().unwrap_or(0.0) > 0.0);
+    assert!(count(&r["message_latency_ms"]) > 0);
+}
+
+#[test]
+fn checkpoint_heavy_resumes_crashed_workers_tasks_from_checkpoints() {
+    let r = stress(&["checkpoint_heavy", "--workers", "8", "--duration", "2s"]);
+    assert!(r["checkpoints"].as_u64().unwrap_or(0) > 0);
+    assert!(r["resumed_from_checkpoint"].as_u64().unwrap_or(0) > 0);
+}
+
+#[test]
+fn mixed_priority_never_lets_high_priority_wait_behind_low() {
+    let r = stress(&["mixed_priority", "--workers", "8", "--tasks", "400"]);
+    assert!(count(&r["high_priority_wait_ms"]) > 0);
+    assert!(count(&r["low_priority_wait_ms"]) > 0);
+}
