@@ -132,6 +132,9 @@ pub struct WorkerArgs {
     /// TOML settings file ([worker] table).
     #[arg(long, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9465); off by default.
+    #[arg(long, env = "TETHER_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 fn parse_tag(s: &str) -> Result<(String, String), String> {
@@ -224,10 +227,33 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     Ok(cfg)
 }
 
-pub async fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+pub async fn worker(mut a: WorkerArgs) -> anyhow::Result<()> {
+    let metrics_listen = a.metrics_listen.take();
     let cfg = worker_config(a)?;
     let agent = Agent::new(cfg, Executors::builtin())?;
     let shutdown = crate::cancel_on_signal();
-    agent.run(shutdown).await?;
+    let metrics = match metrics_listen {
+        Some(addr) => {
+            // Before the agent runs, so nothing it records is missed.
+            tether_worker::metrics::install();
+            let listener = tokio::net::TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+            let serve =
+                tether_worker::metrics::serve(listener, agent.handle(), shutdown.child_token());
+            Some(tokio::spawn(serve))
+        }
+        None => None,
+    };
+    let result = agent.run(shutdown.clone()).await;
+    shutdown.cancel();
+    if let Some(m) = metrics {
+        match m.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "metrics endpoint failed"),
+            Err(e) => tracing::error!(error = %e, "metrics endpoint panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
+    result?;
     Ok(())
 }

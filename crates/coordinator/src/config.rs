@@ -21,6 +21,8 @@ pub const DEFAULT_MAX_SUBMIT_BATCH: usize = 10_000;
 pub const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
 /// Default retention of finished tasks: kept until removed by hand.
 pub const DEFAULT_RETENTION: Option<Duration> = None;
+/// Default period of the dashboard's chart samples (one hour is kept).
+pub const DEFAULT_HISTORY_INTERVAL: Duration = Duration::from_secs(10);
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "./tether-data";
 
@@ -39,6 +41,8 @@ pub struct CoordinatorConfig {
     pub max_body: usize,
     /// Finished tasks (with their results, state and checkpoints) older than this are removed.
     pub retention: Option<Duration>,
+    /// Period of the dashboard's chart samples.
+    pub history_interval: Duration,
 }
 
 impl CoordinatorConfig {
@@ -55,6 +59,7 @@ impl CoordinatorConfig {
             max_submit_batch: DEFAULT_MAX_SUBMIT_BATCH,
             max_body: DEFAULT_MAX_BODY,
             retention: DEFAULT_RETENTION,
+            history_interval: DEFAULT_HISTORY_INTERVAL,
         }
     }
 }

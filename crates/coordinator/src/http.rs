@@ -49,7 +49,7 @@ impl IntoResponse for ApiError {
 }
 
 /// Sends a command to the core and waits for its committed reply.
-async fn ask<T>(
+pub(crate) async fn ask<T>(
     app: &AppState,
     make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> Api,
 ) -> Result<T, ApiError> {
@@ -73,6 +73,18 @@ pub enum SubmitBody {
     One(TaskSpec),
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/tasks",
+    tag = "tasks",
+    request_body(content = serde_json::Value, description = "One task spec, or `{\"tasks\": [specs]}`: kind, config, requires, tags, priority, timeout_ms, max_attempts, task_id (optional)"),
+    responses(
+        (status = 201, description = "Accepted: `{\"task_ids\": [...]}`", body = serde_json::Value),
+        (status = 400, description = "Not JSON, or not a spec"),
+        (status = 409, description = "A task id already exists"),
+        (status = 422, description = "An invalid spec, or too many in one request"),
+    )
+)]
 pub async fn submit(
     State(app): State<Arc<AppState>>,
     body: Result<Json<SubmitBody>, JsonRejection>,
@@ -98,6 +110,19 @@ pub struct ListQuery {
     limit: Option<usize>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/tasks",
+    tag = "tasks",
+    params(
+        ("status" = Option<String>, Query, description = "queued, running, paused, completed, failed, cancelled or timed_out"),
+        ("limit" = Option<usize>, Query, description = "at most this many, oldest first (default 1000)"),
+    ),
+    responses(
+        (status = 200, description = "Tasks in submission order", body = serde_json::Value),
+        (status = 422, description = "Unknown status"),
+    )
+)]
 pub async fn list_tasks(State(app): State<Arc<AppState>>, Query(q): Query<ListQuery>) -> Response {
     let status = match q.status.as_deref().map(|s| (s, TaskStatus::parse(s))) {
         None => None,
@@ -120,6 +145,17 @@ pub async fn list_tasks(State(app): State<Arc<AppState>>, Query(q): Query<ListQu
     )
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/tasks/{id}",
+    tag = "tasks",
+    params(("id" = String, Path, description = "task id")),
+    responses(
+        (status = 200, description = "The task with its spec, status, lease, attempts and latest checkpoint", body = serde_json::Value),
+        (status = 404, description = "No such task"),
+        (status = 422, description = "Not a task id"),
+    )
+)]
 pub async fn get_task(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
     match parse_task(&id) {
         Ok(task) => json(ask(&app, |reply| Api::GetTask { task, reply }).await),
@@ -127,6 +163,16 @@ pub async fn get_task(State(app): State<Arc<AppState>>, Path(id): Path<String>) 
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/tasks/{id}/result",
+    tag = "tasks",
+    params(("id" = String, Path, description = "task id")),
+    responses(
+        (status = 200, description = "Recorded results: the counted one first, stale ones after", body = serde_json::Value),
+        (status = 404, description = "No such task"),
+    )
+)]
 pub async fn task_result(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
     match parse_task(&id) {
         Ok(task) => json(ask(&app, |reply| Api::Results { task, reply }).await),
@@ -134,6 +180,16 @@ pub async fn task_result(State(app): State<Arc<AppState>>, Path(id): Path<String
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/tasks/{id}/state",
+    tag = "tasks",
+    params(("id" = String, Path, description = "task id")),
+    responses(
+        (status = 200, description = "The latest state the worker reported (attempt, state, updated_at), or null", body = serde_json::Value),
+        (status = 404, description = "No such task"),
+    )
+)]
 pub async fn task_state(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
     match parse_task(&id) {
         Ok(task) => json(ask(&app, |reply| Api::State { task, reply }).await),
@@ -141,6 +197,16 @@ pub async fn task_state(State(app): State<Arc<AppState>>, Path(id): Path<String>
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/tasks/{id}/checkpoints",
+    tag = "tasks",
+    params(("id" = String, Path, description = "task id")),
+    responses(
+        (status = 200, description = "Complete checkpoints: checkpoint_id, attempt, size, created_at", body = serde_json::Value),
+        (status = 404, description = "No such task"),
+    )
+)]
 pub async fn task_checkpoints(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -151,6 +217,16 @@ pub async fn task_checkpoints(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/tasks/{id}/checkpoints/{cid}",
+    tag = "tasks",
+    params(("id" = String, Path, description = "task id"), ("cid" = String, Path, description = "checkpoint id")),
+    responses(
+        (status = 200, description = "The checkpoint's bytes", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 404, description = "No such task or checkpoint"),
+    )
+)]
 pub async fn checkpoint_data(
     State(app): State<Arc<AppState>>,
     Path((id, cid)): Path<(String, String)>,
@@ -179,6 +255,17 @@ pub async fn checkpoint_data(
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/tasks/{id}/{action}",
+    tag = "tasks",
+    params(("id" = String, Path, description = "task id"), ("action" = String, Path, description = "cancel, pause, resume or checkpoint")),
+    responses(
+        (status = 200, description = "The task after the command", body = serde_json::Value),
+        (status = 404, description = "No such task or action"),
+        (status = 409, description = "Not possible in the task's state"),
+    )
+)]
 pub async fn control(
     State(app): State<Arc<AppState>>,
     Path((id, action)): Path<(String, String)>,
@@ -202,10 +289,26 @@ pub async fn control(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/workers",
+    tag = "workers",
+    responses((status = 200, description = "Known workers: state, capabilities, tags, slots, leases, last_seen, connection statistics", body = serde_json::Value))
+)]
 pub async fn list_workers(State(app): State<Arc<AppState>>) -> Response {
     json(ask(&app, |reply| Api::ListWorkers { reply }).await)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/workers/{id}",
+    tag = "workers",
+    params(("id" = String, Path, description = "worker id")),
+    responses(
+        (status = 200, description = "One worker", body = serde_json::Value),
+        (status = 404, description = "No such worker"),
+    )
+)]
 pub async fn get_worker(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
     match WorkerId::parse(&id) {
         Ok(worker) => json(ask(&app, |reply| Api::GetWorker { worker, reply }).await),
@@ -213,10 +316,33 @@ pub async fn get_worker(State(app): State<Arc<AppState>>, Path(id): Path<String>
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/overview",
+    tag = "observe",
+    responses((status = 200, description = "Tasks by state, queue depth, workers by state, counters", body = serde_json::Value))
+)]
 pub async fn overview(State(app): State<Arc<AppState>>) -> Response {
     json(ask(&app, |reply| Api::Overview { reply }).await)
 }
 
+/// The dashboard's chart samples of the last hour, oldest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/history",
+    tag = "observe",
+    responses((status = 200, description = "The last hour of samples (tasks, workers, reconnections, results, RTT), oldest first", body = serde_json::Value))
+)]
+pub async fn history(State(app): State<Arc<AppState>>) -> Response {
+    Json(app.history.all()).into_response()
+}
+
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "observe",
+    responses((status = 200, description = "`{\"status\": \"ok\"}` while serving", body = serde_json::Value))
+)]
 pub async fn healthz() -> Response {
     Json(serde_json::json!({"status": "ok"})).into_response()
 }

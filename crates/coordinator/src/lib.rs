@@ -2,7 +2,9 @@
 //!
 //! - [`server`]: `run(listener, config, shutdown)`, the axum router on one listener.
 //! - [`ws`]: worker sessions on `/api/v1/worker/{worker_id}/ws`.
-//! - [`http`]: the JSON HTTP API.
+//! - [`http`]: the JSON HTTP API; [`openapi`]: its OpenAPI description.
+//! - [`dashboard`]: the live web page at `/` and its event stream.
+//! - [`metrics`]: Prometheus metric names and `/metrics`.
 //! - [`core`]: the single owner of the model; applies events, dispatches, sweeps.
 //! - [`model`]: tasks, leases, workers.
 //! - [`store`]: SQLite persistence with group commit; effects run after commit.
@@ -10,8 +12,11 @@
 
 pub mod config;
 pub mod core;
+pub mod dashboard;
 pub mod http;
+pub mod metrics;
 pub mod model;
+pub mod openapi;
 pub mod server;
 pub mod store;
 pub mod ws;

@@ -138,6 +138,24 @@ pub enum WorkerState {
     Lost,
 }
 
+impl WorkerState {
+    pub const ALL: [WorkerState; 4] = [
+        WorkerState::Connecting,
+        WorkerState::Connected,
+        WorkerState::Disconnected,
+        WorkerState::Lost,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Connecting => "connecting",
+            WorkerState::Connected => "connected",
+            WorkerState::Disconnected => "disconnected",
+            WorkerState::Lost => "lost",
+        }
+    }
+}
+
 impl Worker {
     pub fn new(worker_id: WorkerId, now: DateTime<Utc>) -> Self {
         Self {

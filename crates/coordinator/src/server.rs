@@ -5,13 +5,14 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::CoordinatorConfig;
-use crate::core::{Core, Counters, Event};
+use crate::core::{Change, Core, Counters, Event};
+use crate::dashboard::{self, History};
 use crate::store::{self, StoreError, StoreStats};
 
 /// Capacity of the core's event queue; sessions wait (and stop reading) when it is full.
@@ -25,6 +26,12 @@ pub struct AppState {
     pub events: mpsc::Sender<Event>,
     pub counters: Arc<Counters>,
     pub store_stats: Arc<StoreStats>,
+    /// Committed changes, for the dashboard's event stream.
+    pub changes: broadcast::Sender<Change>,
+    /// The dashboard's chart samples.
+    pub history: Arc<History>,
+    /// Cancelled when the coordinator stops; long-lived responses (event streams) end then.
+    pub stop: CancellationToken,
 }
 
 /// Why the coordinator stopped.
@@ -62,6 +69,7 @@ pub async fn run_with(
     on_start: impl FnOnce(Handles),
 ) -> Result<(), ServerError> {
     let cfg = Arc::new(cfg);
+    crate::metrics::install();
     let (conn, loaded) = store::open(&cfg.data_dir)?;
     let counters = Arc::new(Counters::default());
     let store_stats = Arc::new(StoreStats::default());
@@ -76,7 +84,8 @@ pub async fn run_with(
         store::MAX_GROUP,
     )?;
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
-    let core = Core::new(cfg.clone(), loaded, counters.clone());
+    let (changes, _) = broadcast::channel(dashboard::CHANGES_BUFFER);
+    let core = Core::new(cfg.clone(), loaded, counters.clone()).with_changes(changes.clone());
     let stop = CancellationToken::new();
     let core_task = tokio::spawn(core.run(events_rx, writer_tx, stop.clone()));
     let state = Arc::new(AppState {
@@ -84,7 +93,15 @@ pub async fn run_with(
         events: events_tx,
         counters: counters.clone(),
         store_stats: store_stats.clone(),
+        changes,
+        history: Arc::new(History::new(cfg.history_interval)),
+        stop: stop.clone(),
     });
+    let sampler = tokio::spawn(dashboard::sample(
+        state.clone(),
+        cfg.history_interval,
+        stop.clone(),
+    ));
     on_start(Handles {
         counters,
         store_stats,
@@ -111,6 +128,7 @@ pub async fn run_with(
         })
         .await;
     stop.cancel();
+    let _ = sampler.await;
     let _ = core_task.await;
     // The core dropped its writer sender: the writer commits what is left and exits.
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
@@ -122,29 +140,103 @@ pub async fn run_with(
     Ok(())
 }
 
+/// One route of the router: its methods and path, and the path under which the API
+/// description documents it (the same unless the router matches more than it documents).
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    pub methods: &'static [&'static str],
+    pub path: &'static str,
+    pub doc_path: &'static str,
+}
+
+/// The router and the list of its routes, built together so the list cannot miss a route.
+struct Table {
+    router: Router<Arc<AppState>>,
+    routes: Vec<Route>,
+}
+
+impl Table {
+    fn add(
+        self,
+        methods: &'static [&'static str],
+        path: &'static str,
+        handler: MethodRouter<Arc<AppState>>,
+    ) -> Self {
+        self.add_as(methods, path, path, handler)
+    }
+
+    fn add_as(
+        mut self,
+        methods: &'static [&'static str],
+        path: &'static str,
+        doc_path: &'static str,
+        handler: MethodRouter<Arc<AppState>>,
+    ) -> Self {
+        self.routes.push(Route {
+            methods,
+            path,
+            doc_path,
+        });
+        self.router = self.router.route(path, handler);
+        self
+    }
+}
+
+fn table() -> Table {
+    use crate::{dashboard, http, metrics, openapi, ws};
+    const GET: &[&str] = &["get"];
+    const POST: &[&str] = &["post"];
+    Table {
+        router: Router::new(),
+        routes: Vec::new(),
+    }
+    .add_as(
+        GET,
+        "/api/v1/worker/{*rest}",
+        "/api/v1/worker/{worker_id}/ws",
+        get(ws::upgrade),
+    )
+    .add(
+        &["get", "post"],
+        "/api/v1/tasks",
+        post(http::submit).get(http::list_tasks),
+    )
+    .add(GET, "/api/v1/tasks/{id}", get(http::get_task))
+    .add(GET, "/api/v1/tasks/{id}/result", get(http::task_result))
+    .add(GET, "/api/v1/tasks/{id}/state", get(http::task_state))
+    .add(
+        GET,
+        "/api/v1/tasks/{id}/checkpoints",
+        get(http::task_checkpoints),
+    )
+    .add(
+        GET,
+        "/api/v1/tasks/{id}/checkpoints/{cid}",
+        get(http::checkpoint_data),
+    )
+    .add(POST, "/api/v1/tasks/{id}/{action}", post(http::control))
+    .add(GET, "/api/v1/workers", get(http::list_workers))
+    .add(GET, "/api/v1/workers/{id}", get(http::get_worker))
+    .add(GET, "/api/v1/overview", get(http::overview))
+    .add(GET, "/api/v1/history", get(http::history))
+    .add(GET, "/api/v1/events", get(dashboard::events))
+    .add(GET, "/api/v1/openapi.json", get(openapi::document))
+    .add(GET, "/healthz", get(http::healthz))
+    .add(GET, "/metrics", get(metrics::scrape))
+    .add(GET, "/", get(dashboard::index))
+    .add(GET, "/dashboard/{file}", get(dashboard::file))
+}
+
+/// Every route the coordinator serves.
+pub fn routes() -> Vec<Route> {
+    table().routes
+}
+
 fn router(state: Arc<AppState>) -> Router {
-    use crate::{http, ws};
     let max_body = state.cfg.max_body;
-    Router::new()
-        .route("/api/v1/worker/{*rest}", get(ws::upgrade))
-        .route("/api/v1/tasks", post(http::submit).get(http::list_tasks))
-        .route("/api/v1/tasks/{id}", get(http::get_task))
-        .route("/api/v1/tasks/{id}/result", get(http::task_result))
-        .route("/api/v1/tasks/{id}/state", get(http::task_state))
-        .route(
-            "/api/v1/tasks/{id}/checkpoints",
-            get(http::task_checkpoints),
-        )
-        .route(
-            "/api/v1/tasks/{id}/checkpoints/{cid}",
-            get(http::checkpoint_data),
-        )
-        .route("/api/v1/tasks/{id}/{action}", post(http::control))
-        .route("/api/v1/workers", get(http::list_workers))
-        .route("/api/v1/workers/{id}", get(http::get_worker))
-        .route("/api/v1/overview", get(http::overview))
-        .route("/healthz", get(http::healthz))
-        .fallback(http::not_found)
+    table()
+        .router
+        .fallback(crate::http::not_found)
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
 
 use crate::core::{Event, Outgoing, SessionRef};
+use crate::metrics as m;
 use crate::server::AppState;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
@@ -33,6 +34,18 @@ const CLOSE_TOO_BIG: u16 = 1009;
 pub const WS_READ_BUFFER: usize = 4 * 1024;
 
 /// `GET /api/v1/worker/{worker_id}/ws`
+#[utoipa::path(
+    get,
+    path = "/api/v1/worker/{worker_id}/ws",
+    tag = "protocol",
+    params(("worker_id" = String, Path, description = "the worker's id, percent-encoded")),
+    responses(
+        (status = 101, description = "WebSocket session; messages in docs/PROTOCOL.md"),
+        (status = 400, description = "Invalid worker id"),
+        (status = 404, description = "Not the endpoint's shape"),
+        (status = 426, description = "Not a WebSocket upgrade"),
+    )
+)]
 pub async fn upgrade(
     State(app): State<Arc<AppState>>,
     OriginalUri(uri): OriginalUri,
@@ -92,23 +105,29 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
         return;
     }
     tracing::debug!(worker = %worker, session = session_id, "session open");
+    metrics::counter!(m::CONNECTIONS).increment(1);
     let mut deadline = Instant::now() + timeout;
-    let reason = loop {
+    let (kind, reason): (&'static str, String) = loop {
         tokio::select! {
             frame = timeout_at(deadline, stream.next()) => {
                 let frame = match frame {
-                    Err(_) => break format!("no frame for {} ms", timeout.as_millis()),
-                    Ok(None) => break "closed".into(),
+                    Err(_) => {
+                        // The last frame arrived `timeout` before the deadline.
+                        m::observe(m::DEAD_DETECT, Instant::now() + timeout - deadline);
+                        break ("timeout", format!("no frame for {} ms", timeout.as_millis()));
+                    }
+                    Ok(None) => break ("closed", "closed".into()),
                     Ok(Some(Err(e))) => {
                         if is_too_big(&e) {
                             app.counters.oversize_frames.fetch_add(1, Ordering::Relaxed);
+                            metrics::counter!(m::OVERSIZE_FRAMES).increment(1);
                             let _ = sink.send(Message::Close(Some(CloseFrame {
                                 code: CLOSE_TOO_BIG,
                                 reason: "frame exceeds the size limit".into(),
                             }))).await;
-                            break "oversize frame".into();
+                            break ("oversize", "oversize frame".into());
                         }
-                        break format!("read: {e}");
+                        break ("error", format!("read: {e}"));
                     }
                     Ok(Some(Ok(m))) => m,
                 };
@@ -121,19 +140,19 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
                         None,
                         None,
                     )),
-                    Message::Close(_) => break "closed by worker".into(),
+                    Message::Close(_) => break ("closed", "closed by worker".into()),
                     Message::Ping(_) | Message::Pong(_) => None,
                 };
                 if let Some(reply) = reply
                     && !send_by(deadline, &mut sink, &reply).await
                 {
-                    break "write failed".into();
+                    break ("error", "write failed".into());
                 }
             }
             out = rx.recv() => match out {
                 Some(Outgoing::Msg(m)) => {
                     if !send_by(deadline, &mut sink, &m).await {
-                        break "write failed".into();
+                        break ("error", "write failed".into());
                     }
                 }
                 Some(Outgoing::Close(code, reason)) => {
@@ -141,13 +160,14 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
                         code,
                         reason: reason.clone().into(),
                     })))).await;
-                    break format!("closed by coordinator: {reason}");
+                    break ("coordinator", format!("closed by coordinator: {reason}"));
                 }
-                None => break "core stopped".into(),
+                None => break ("coordinator", "core stopped".into()),
             },
         }
     };
     tracing::info!(worker = %worker, session = session_id, %reason, "session ended");
+    metrics::counter!(m::SESSIONS_ENDED, "reason" => kind).increment(1);
     let _ = app
         .events
         .send(Event::Disconnected { worker, session_id })
@@ -161,7 +181,11 @@ async fn on_text(
     session_id: u64,
     text: &str,
 ) -> Option<CoordMsg> {
-    match decode_worker(text) {
+    let decoded = decode_worker(text);
+    if let Ok(msg) = &decoded {
+        metrics::counter!(m::MESSAGES_IN, "type" => msg.type_name()).increment(1);
+    }
+    match decoded {
         Ok(WorkerMsg::Heartbeat(h)) => Some(CoordMsg::Heartbeat(HeartbeatReply {
             response_to: Some(h.sequence),
             actions: Vec::new(),
@@ -208,6 +232,11 @@ async fn send_by(
     sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
     m: &CoordMsg,
 ) -> bool {
+    metrics::counter!(crate::metrics::MESSAGES_OUT, "type" => m.type_name()).increment(1);
+    if let CoordMsg::Error(e) = m {
+        metrics::counter!(crate::metrics::ERRORS, "code" => e.code.as_str(), "direction" => "sent")
+            .increment(1);
+    }
     matches!(timeout_at(deadline, sink.send(text(m))).await, Ok(Ok(())))
 }
 

@@ -284,6 +284,38 @@ impl Client {
     }
 }
 
+/// The sum of the samples of metric `name` in a Prometheus text exposition whose labels include
+/// every pair of `labels` (`None` when no sample matches).
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (metric, label_text) = match series.split_once('{') {
+            Some((m, rest)) => (m, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric != name {
+            continue;
+        }
+        let matches = labels
+            .iter()
+            .all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+        if let (true, Ok(v)) = (matches, value.parse::<f64>()) {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+/// GETs a Prometheus text exposition.
+pub async fn scrape(url: &str) -> String {
+    let r = reqwest::get(url).await.expect("scrape");
+    assert_eq!(r.status().as_u16(), 200, "GET {url}");
+    r.text().await.expect("metrics text")
+}
+
 /// A `sleep` task spec.
 pub fn sleep_task(ms: u64, steps: u32, checkpoint_every: u32) -> TaskSpec {
     TaskSpec::new(

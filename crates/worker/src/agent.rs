@@ -26,6 +26,7 @@ use crate::config::WorkerConfig;
 use crate::connector::{ConnectError, Connector, TcpConnector, ws_config};
 use crate::eventlog::{Event, EventLog};
 use crate::executor::{Executors, StoredCheckpoint};
+use crate::metrics as m;
 use crate::outbox::Outbox;
 use crate::runner::Runner;
 use crate::session::{Session, SessionEnd};
@@ -341,6 +342,7 @@ impl Agent {
                 let mut s = self.shared.stats();
                 s.on_attempt();
             }
+            metrics::counter!(m::CONNECTION_ATTEMPTS).increment(1);
             self.shared.set_state(ConnState::Connecting);
             let connect = tokio::time::timeout(
                 self.cfg.connect_timeout,
@@ -369,6 +371,7 @@ impl Agent {
                         generation,
                         reason: reason.clone(),
                     });
+                    metrics::counter!(m::CONNECTION_FAILURES).increment(1);
                     tracing::warn!(worker = %self.cfg.worker_id, generation, %reason, "connection attempt failed");
                 }
                 SessionEnd::Lost {
@@ -381,6 +384,7 @@ impl Agent {
                         dead: crate::session::is_liveness_timeout(&reason),
                         reason: reason.clone(),
                     });
+                    metrics::counter!(m::SESSIONS_LOST).increment(1);
                     if registered_for >= self.cfg.healthy_after {
                         backoff.reset();
                     }

@@ -7,6 +7,7 @@
 //! - [`connector`]: how a session's WebSocket is opened (TCP, or in-memory pipes in tests).
 //! - [`backoff`], [`adaptive`]: reconnect delays and adaptive parameters.
 //! - [`stats`]: connection statistics.
+//! - [`metrics`]: Prometheus metric names and the optional `/metrics` endpoint.
 //! - [`outbox`]: what must be delivered, bounded, ordered and coalesced.
 //! - [`runner`]: runs assignments on their own tasks; cancel, pause, resume.
 //! - [`executor`]: the [`Executor`] trait, the task context and the built-in executors.
@@ -21,6 +22,7 @@ pub mod config;
 pub mod connector;
 pub mod eventlog;
 pub mod executor;
+pub mod metrics;
 pub mod outbox;
 pub mod runner;
 pub mod session;

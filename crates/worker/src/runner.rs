@@ -358,6 +358,9 @@ impl Runner {
                     timestamp: now(),
                 })
             });
+            let status = tether_proto::TaskStatus::from(outcome).as_str();
+            metrics::counter!(crate::metrics::TASKS_FINISHED, "outcome" => status).increment(1);
+            crate::metrics::observe_labeled(crate::metrics::TASK_DURATION, status, t0.elapsed());
             tracing::info!(task = %task_id, attempt = %attempt, ?outcome, duration_ms, "task finished");
         } else {
             tracing::info!(task = %task_id, attempt = %attempt, reason = ?stop, "task stopped without a result");

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::adaptive;
 use crate::agent::Agent;
 use crate::connector::WsStream;
+use crate::metrics as m;
 use crate::outbox::{Class, Coalesce};
 use crate::stats::ConnState;
 
@@ -82,6 +83,8 @@ pub(crate) struct Session<'a> {
     ws: WsStream,
     generation: u64,
     deadline: Instant,
+    /// When the last inbound frame arrived (the session's start before any).
+    last_frame: Instant,
     timeout: Duration,
     pending_heartbeats: VecDeque<(u64, Instant)>,
     warned_types: std::collections::HashSet<String>,
@@ -95,6 +98,7 @@ impl<'a> Session<'a> {
             ws,
             generation,
             deadline: Instant::now() + timeout,
+            last_frame: Instant::now(),
             timeout,
             pending_heartbeats: VecDeque::new(),
             warned_types: Default::default(),
@@ -146,6 +150,7 @@ impl<'a> Session<'a> {
     }
 
     fn dead_reason(&self) -> String {
+        m::observe(m::DEAD_DETECT, self.last_frame.elapsed());
         format!("no frame for {} ms: {DEAD}", self.timeout.as_millis())
     }
 
@@ -160,9 +165,13 @@ impl<'a> Session<'a> {
             Some(Ok(m)) => m,
         };
         self.deadline = Instant::now() + self.timeout;
+        self.last_frame = Instant::now();
         match frame {
             Message::Text(text) => match decode_coord(text.as_str()) {
-                Ok(m) => Inbound::Msg(m),
+                Ok(msg) => {
+                    metrics::counter!(m::MESSAGES_IN, "type" => msg.type_name()).increment(1);
+                    Inbound::Msg(msg)
+                }
                 Err(e) => {
                     self.agent.shared.bad_frames.fetch_add(1, Ordering::Relaxed);
                     let ty = e.offending_type().unwrap_or_default();
@@ -200,6 +209,7 @@ impl<'a> Session<'a> {
     }
 
     async fn send(&mut self, msg: &WorkerMsg) -> Result<(), String> {
+        count_out(msg);
         let text = encode(msg);
         match timeout_at(self.deadline, self.ws.send(Message::text(text))).await {
             Ok(Ok(())) => Ok(()),
@@ -285,6 +295,10 @@ impl<'a> Session<'a> {
         self.agent.runner.apply_directives(&ack.directives);
         self.agent.lost.clear();
         let outage = self.agent.shared.stats().on_registered();
+        if let Some(d) = outage {
+            metrics::counter!(m::RECONNECTIONS).increment(1);
+            m::observe(m::RECONNECT_DURATION, d);
+        }
         self.agent
             .shared
             .registrations
@@ -316,6 +330,8 @@ impl<'a> Session<'a> {
     }
 
     fn refusal_or_retry(&self, e: &ErrorMsg) -> SessionEnd {
+        metrics::counter!(m::ERRORS, "code" => e.code.as_str(), "direction" => "received")
+            .increment(1);
         self.agent
             .shared
             .errors_received
@@ -396,6 +412,7 @@ impl<'a> Session<'a> {
     async fn flush_outbox(&mut self) {
         let batch = self.agent.outbox.take_unsent(SEND_BATCH);
         for (_, msg) in &batch {
+            count_out(msg);
             let text = encode(msg.as_ref());
             match timeout_at(self.deadline, self.ws.feed(Message::text(text))).await {
                 Ok(Ok(())) => {}
@@ -464,6 +481,7 @@ impl<'a> Session<'a> {
             .remove(pos)
             .unwrap_or((0, Instant::now()));
         let rtt = sent.elapsed();
+        m::observe(m::HEARTBEAT_RTT, rtt);
         let p95 = {
             let mut s = self.agent.shared.stats();
             s.on_rtt(rtt);
@@ -551,6 +569,8 @@ impl<'a> Session<'a> {
             CoordMsg::PauseTask(c) => runner.pause(&c),
             CoordMsg::ResumeTask(c) => runner.resume(&c),
             CoordMsg::Error(e) => {
+                metrics::counter!(m::ERRORS, "code" => e.code.as_str(), "direction" => "received")
+                    .increment(1);
                 self.agent
                     .shared
                     .errors_received
@@ -562,5 +582,13 @@ impl<'a> Session<'a> {
             }
         }
         Ok(())
+    }
+}
+
+/// Counts a message written to the coordinator, and an `error` by its code.
+fn count_out(msg: &WorkerMsg) {
+    metrics::counter!(m::MESSAGES_OUT, "type" => msg.type_name()).increment(1);
+    if let WorkerMsg::Error(e) = msg {
+        metrics::counter!(m::ERRORS, "code" => e.code.as_str(), "direction" => "sent").increment(1);
     }
 }

@@ -42,8 +42,13 @@ pub enum ControlOp {
 pub struct Overview {
     pub tasks: BTreeMap<&'static str, u64>,
     pub queued: usize,
+    /// Known workers by state.
+    pub workers: BTreeMap<&'static str, u64>,
     pub workers_connected: usize,
     pub workers_known: usize,
+    /// Mean of the connected workers' reported median heartbeat RTT, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rtt_p50_ms_mean: Option<f64>,
     pub counters: BTreeMap<&'static str, u64>,
 }
 
@@ -259,6 +264,7 @@ impl Core {
             self.queue
                 .insert(&t.spec, (t.spec.priority, seq, id.clone()));
             b.muts.push(Mutation::PutTask(Box::new(t.clone())));
+            self.announce(b, || super::Change::Task(Box::new(t.clone())));
             self.tasks.insert(id.clone(), t);
         }
         self.dispatch_needed = true;
@@ -345,6 +351,13 @@ impl Core {
         for t in self.tasks.values() {
             *tasks.entry(t.status.as_str()).or_default() += 1;
         }
+        let mut workers: BTreeMap<&'static str, u64> = crate::model::WorkerState::ALL
+            .iter()
+            .map(|s| (s.as_str(), 0))
+            .collect();
+        for w in self.workers.values() {
+            *workers.entry(w.state.as_str()).or_default() += 1;
+        }
         let c = &self.counters;
         let counters = [
             ("results_recorded", &c.results_recorded),
@@ -361,13 +374,26 @@ impl Core {
             ("oversize_frames", &c.oversize_frames),
             ("registrations", &c.registrations),
             ("tasks_expired", &c.tasks_expired),
+            ("reconnections", &c.reconnections),
         ]
         .into_iter()
         .map(|(k, v)| (k, v.load(Ordering::Relaxed)))
         .collect();
+        let rtts: Vec<f64> = self
+            .workers
+            .values()
+            .filter(|w| w.state == crate::model::WorkerState::Connected)
+            .filter_map(|w| w.stats.as_ref())
+            .filter(|s| s.rtt_samples > 0)
+            .map(|s| s.rtt_p50_ms)
+            .collect();
+        let rtt_p50_ms_mean =
+            (!rtts.is_empty()).then(|| rtts.iter().sum::<f64>() / rtts.len() as f64);
         Overview {
+            rtt_p50_ms_mean,
             tasks,
             queued: self.queue.len(),
+            workers,
             workers_connected: self
                 .workers
                 .values()

@@ -13,6 +13,7 @@ use tether_proto::msg::{
 use tether_proto::{Attempt, TaskId, TaskStatus, WorkerId, encode};
 
 use super::{Core, Partial, SessionRef, ack};
+use crate::metrics as m;
 use crate::model::{CheckpointMeta, Desired, WorkerState};
 use crate::store::{Batch, Mutation};
 
@@ -118,6 +119,8 @@ impl Core {
         match msg {
             WorkerMsg::Registration(r) => self.on_registration(worker, session, r, b),
             WorkerMsg::Error(e) => {
+                metrics::counter!(m::ERRORS, "code" => e.code.as_str(), "direction" => "received")
+                    .increment(1);
                 tracing::warn!(worker = %worker, code = e.code.as_str(), message = %e.message, offending = ?e.offending_type, "worker reported an error");
             }
             other if !registered => {
@@ -204,6 +207,13 @@ impl Core {
         w.slots = r.slots;
         w.executors = r.executors.into_iter().collect();
         w.boot_id = r.boot_id;
+        if w.sessions > 1 {
+            metrics::counter!(m::RECONNECTIONS).increment(1);
+            self.counters.reconnections.fetch_add(1, Ordering::Relaxed);
+            if let Some(since) = w.disconnected_mono {
+                m::observe(m::RECONNECT_DURATION, since.elapsed());
+            }
+        }
         w.state = WorkerState::Connected;
         w.disconnected_at = None;
         w.disconnected_mono = None;
@@ -335,6 +345,7 @@ impl Core {
                 }
             }
         };
+        metrics::counter!(m::RESULTS, "disposition" => m::disposition(disposition)).increment(1);
         Core::send_after_commit(
             b,
             session,
@@ -366,6 +377,12 @@ impl Core {
             }
         }
         if !stale {
+            if let Some(l) = &t.lease {
+                let status = TaskStatus::from(r.outcome).as_str();
+                metrics::histogram!(m::TASK_DURATION, "outcome" => status)
+                    .record(m::secs_between(l.since, ts));
+                metrics::counter!(m::TASKS_FINISHED, "status" => status).increment(1);
+            }
             t.lease = None;
             t.status = r.outcome.into();
             t.outcome = Some(r.outcome);
@@ -517,6 +534,7 @@ impl Core {
                     Disposition::Rejected
                 } else if p.received.insert(d.chunk) {
                     p.bytes += len;
+                    metrics::counter!(m::CHECKPOINT_BYTES).increment(len);
                     b.muts.push(Mutation::PutChunk {
                         checkpoint_id: d.checkpoint_id.clone(),
                         idx: d.chunk,
@@ -579,6 +597,7 @@ impl Core {
             meta: meta.clone(),
             complete: true,
         });
+        metrics::histogram!(m::CHECKPOINT_SIZE).record(meta.size as f64);
         let keep = self.cfg.checkpoints_kept.max(1);
         let Some(t) = self.tasks.get_mut(&meta.task_id) else {
             return;
@@ -643,6 +662,9 @@ impl Core {
         t: Telemetry,
         b: &mut Batch,
     ) {
+        if t.connection_stats.rtt_samples > 0 {
+            metrics::histogram!(m::HEARTBEAT_RTT).record(t.connection_stats.rtt_p50_ms / 1e3);
+        }
         if let Some(w) = self.workers.get_mut(worker) {
             w.stats = Some(t.connection_stats);
         }

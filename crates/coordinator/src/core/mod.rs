@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use chrono::{DateTime, Utc};
 use tether_proto::msg::{Ack, CoordMsg, Disposition, WorkerMsg, now};
 use tether_proto::{CheckpointId, Seq, TaskId, WorkerId};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 pub use api::{Api, ApiError, ControlOp, Overview};
@@ -74,6 +74,13 @@ pub enum Event {
     Api(Api),
 }
 
+/// A committed change of the model, for live views (the dashboard's event stream).
+#[derive(Debug, Clone)]
+pub enum Change {
+    Task(Box<Task>),
+    Worker(Box<Worker>),
+}
+
 /// Counters shared with the HTTP API and metrics.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -92,6 +99,8 @@ pub struct Counters {
     pub registrations: AtomicU64,
     /// Finished tasks removed by the retention setting.
     pub tasks_expired: AtomicU64,
+    /// Registrations of a worker that had a session before.
+    pub reconnections: AtomicU64,
 }
 
 impl Counters {
@@ -125,6 +134,8 @@ pub struct Core {
     next_submit_seq: u64,
     dispatch_needed: bool,
     counters: Arc<Counters>,
+    /// Where committed changes are announced, when anyone listens.
+    changes: Option<broadcast::Sender<Change>>,
 }
 
 impl Core {
@@ -142,6 +153,7 @@ impl Core {
             next_submit_seq: 0,
             dispatch_needed: true,
             counters,
+            changes: None,
         };
         for w in loaded.workers {
             core.workers.insert(w.worker_id.clone(), w);
@@ -200,6 +212,22 @@ impl Core {
             "state recovered"
         );
         core
+    }
+
+    /// Announces committed changes of tasks and workers on `tx`.
+    pub fn with_changes(mut self, tx: broadcast::Sender<Change>) -> Self {
+        self.changes = Some(tx);
+        self
+    }
+
+    /// Queues `change` to be announced after the commit, if anyone listens.
+    fn announce(&self, b: &mut Batch, change: impl FnOnce() -> Change) {
+        if let Some(tx) = self.changes.as_ref().filter(|tx| tx.receiver_count() > 0) {
+            let (tx, change) = (tx.clone(), change());
+            b.effects.push(Box::new(move |_| {
+                let _ = tx.send(change);
+            }));
+        }
     }
 
     /// Applies events until `shutdown` or until every sender is gone.
@@ -284,6 +312,7 @@ impl Core {
             self.counters
                 .sessions_replaced
                 .fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::SESSIONS_REPLACED).increment(1);
             tracing::info!(worker = %worker, old = old.id, "a newer connection replaces this worker's session");
             let _ = old.tx.send(Outgoing::Close(
                 4009,
@@ -309,7 +338,7 @@ impl Core {
         w.disconnected_at = Some(now());
         w.disconnected_mono = Some(tokio::time::Instant::now());
         tracing::info!(worker = %worker, leases = w.leases.len(), "worker disconnected; its leases wait for the grace period");
-        b.muts.push(Mutation::PutWorker(Box::new(w.clone())));
+        self.save_worker(worker, b);
     }
 
     /// Queues an effect that sends `msg` to `session` after the commit.
@@ -324,12 +353,14 @@ impl Core {
                 self.finished.insert((at, id.clone()));
             }
             b.muts.push(Mutation::PutTask(Box::new(t.clone())));
+            self.announce(b, || Change::Task(Box::new(t.clone())));
         }
     }
 
     fn save_worker(&self, id: &WorkerId, b: &mut Batch) {
         if let Some(w) = self.workers.get(id) {
             b.muts.push(Mutation::PutWorker(Box::new(w.clone())));
+            self.announce(b, || Change::Worker(Box::new(w.clone())));
         }
     }
 }

@@ -13,6 +13,7 @@ use tether_proto::task::Blob;
 use tether_proto::{TaskId, TaskStatus, WorkerId};
 
 use super::{Core, SessionRef, queue};
+use crate::metrics as m;
 use crate::model::{AttemptRecord, Desired, Lease, WorkerState};
 use crate::store::{self, Batch, Mutation};
 
@@ -35,6 +36,8 @@ impl Core {
             return;
         };
         let ts = now();
+        // INVARIANT: a queued task's updated_at is the time it entered the queue.
+        metrics::histogram!(m::DISPATCH_LATENCY).record(m::secs_between(t.updated_at, ts));
         let attempt = t.attempt.next();
         t.attempt = attempt;
         t.status = TaskStatus::Running;
@@ -60,6 +63,7 @@ impl Core {
         w.leases.insert(task_id.clone());
         let session = w.session.clone();
         self.counters.assignments.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::ASSIGNMENTS).increment(1);
         tracing::debug!(task = %task_id, worker = %worker, attempt = %attempt, "leased");
         self.save_task(task_id, b);
         if let Some(s) = session {
@@ -136,6 +140,7 @@ impl Core {
         t.updated_at = ts;
         if t.attempt.0 >= t.max_attempts() {
             t.status = TaskStatus::Failed;
+            metrics::counter!(m::TASKS_FINISHED, "status" => t.status.as_str()).increment(1);
             t.finished_at = Some(ts);
             t.error = Some(format!(
                 "{why}; no attempts left ({} of {})",
@@ -148,6 +153,7 @@ impl Core {
             self.queue
                 .insert(&t.spec, (t.spec.priority, t.submit_seq, task_id.clone()));
             self.counters.requeued.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(m::REQUEUED).increment(1);
             tracing::info!(task = %task_id, next_attempt = t.attempt.0 + 1, resume = t.latest_checkpoint.is_some(), %why, "task requeued");
         }
         self.dispatch_needed = true;
@@ -187,6 +193,7 @@ impl Core {
                 .unwrap_or_default();
             tracing::warn!(worker = %wid, leases = leases.len(), grace_ms = grace.as_millis() as u64, "worker lost");
             self.counters.workers_lost.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(m::WORKERS_LOST).increment(1);
             for task in leases {
                 self.release_and_requeue(&task, "worker lost", b);
             }
@@ -253,6 +260,7 @@ impl Core {
             self.counters
                 .tasks_expired
                 .fetch_add(removed, Ordering::Relaxed);
+            metrics::counter!(m::TASKS_EXPIRED).increment(removed);
             tracing::info!(removed, %cutoff, "finished tasks past retention removed");
         }
     }
@@ -273,6 +281,7 @@ impl Core {
         self.queue
             .remove(&t.spec, &(t.spec.priority, t.submit_seq, task_id.clone()));
         t.status = status;
+        metrics::counter!(m::TASKS_FINISHED, "status" => status.as_str()).increment(1);
         t.finished_at = Some(ts);
         t.updated_at = ts;
         t.error = Some(why.to_owned());

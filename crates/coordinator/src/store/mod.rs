@@ -258,6 +258,9 @@ pub fn spawn_writer(
                         return;
                     }
                     stats.commits.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::observe(crate::metrics::STORE_COMMIT, started.elapsed());
+                    metrics::counter!(crate::metrics::STORE_COMMITS).increment(1);
+                    metrics::counter!(crate::metrics::STORE_MUTATIONS).increment(n_muts as u64);
                     stats.mutations.fetch_add(n_muts as u64, Ordering::Relaxed);
                     stats
                         .commit_micros

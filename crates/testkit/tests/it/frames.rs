@@ -75,7 +75,7 @@ async fn bad_upgrade_paths_are_refused_before_the_upgrade() {
         ("/api/v1/worker/a%2Fb/ws", 400),
         ("/api/v1/worker/abc/x/ws", 404),
         ("/api/v1/worker/abc/ws/", 404),
-        ("/", 404),
+        ("/api/v1/nothing", 404),
     ] {
         let url = format!("ws://{}{}", c.addr, path);
         match tokio_tungstenite::connect_async(&url).await {

@@ -1,6 +1,9 @@
 //! Coordinator and workers together over real sockets on 127.0.0.1.
 
+mod browser;
+mod dashboard;
 mod faults;
 mod frames;
 mod lifecycle;
+mod metrics;
 mod recovery;

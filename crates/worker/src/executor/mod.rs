@@ -485,6 +485,7 @@ pub(crate) async fn upload_checkpoint(
     } else {
         cp.data.chunks(chunk_size).collect()
     };
+    metrics::counter!(crate::metrics::CHECKPOINT_BYTES).increment(cp.data.len() as u64);
     outbox.reserve().await;
     outbox.push(Class::State, None, |seq| {
         WorkerMsg::Checkpoint(Checkpoint {

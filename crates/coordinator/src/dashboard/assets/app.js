@@ -1,0 +1,324 @@
+// The tether dashboard: one event stream (/api/v1/events) keeps the fleet, the tasks and the
+// charts current; controls use the ordinary API routes. No framework, no build step.
+"use strict";
+
+const state = {
+  workers: new Map(),   // worker_id -> worker
+  tasks: new Map(),     // task_id -> task
+  overview: null,
+  history: [],          // samples, oldest first
+  intervalMs: 10000,
+  selected: null,       // task_id shown in the detail panel
+};
+const MAX_TASKS = 2000;
+const $ = (sel) => document.querySelector(sel);
+
+// ---- helpers --------------------------------------------------------------------------------
+
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null) continue;
+    if (k === "class") e.className = v;
+    else if (k.startsWith("data-")) e.setAttribute(k, v);
+    else e[k] = v;
+  }
+  for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return e;
+}
+const badge = (text) => el("span", { class: "badge" }, text);
+const ago = (iso) => {
+  if (!iso) return "";
+  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  return s < 60 ? `${s.toFixed(0)} s ago` : s < 3600 ? `${(s / 60).toFixed(0)} min ago` : `${(s / 3600).toFixed(1)} h ago`;
+};
+const secs = (a, b) => (a && b ? `${((Date.parse(b) - Date.parse(a)) / 1000).toFixed(1)} s` : "");
+const time = (iso) => (iso ? new Date(iso).toLocaleTimeString() : "");
+const token = () => localStorage.getItem("tether.token") || "";
+function headers() {
+  const h = {};
+  if (token()) h.Authorization = `Bearer ${token()}`;
+  return h;
+}
+async function api(method, path) {
+  const r = await fetch(path, { method, headers: headers() });
+  const body = await r.json().catch(() => null);
+  if (!r.ok) throw new Error(body?.error?.message || `${r.status} ${r.statusText}`);
+  return body;
+}
+
+// ---- the event stream -----------------------------------------------------------------------
+// fetch() rather than EventSource, so the admin token can go in a header.
+
+async function follow() {
+  let delay = 500;
+  for (;;) {
+    try {
+      const r = await fetch("/api/v1/events", { headers: headers() });
+      if (!r.ok || !r.body) throw new Error(`${r.status}`);
+      delay = 500;
+      const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += value;
+        let end;
+        while ((end = buf.indexOf("\n\n")) >= 0) {
+          dispatch(buf.slice(0, end));
+          buf = buf.slice(end + 2);
+        }
+      }
+    } catch (e) {
+      console.warn("event stream:", e);
+    }
+    setFeed("down");
+    await new Promise((ok) => setTimeout(ok, delay));
+    delay = Math.min(delay * 2, 10000);
+    setFeed("connecting");
+  }
+}
+
+function dispatch(block) {
+  let name = "message";
+  const data = [];
+  for (const line of block.split("\n")) {
+    if (line.startsWith("event:")) name = line.slice(6).trim();
+    else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+  }
+  if (!data.length) return;
+  const v = JSON.parse(data.join("\n"));
+  switch (name) {
+    case "snapshot":
+      state.workers = new Map(v.workers.map((w) => [w.worker_id, w]));
+      state.tasks = new Map(v.tasks.map((t) => [t.task_id, t]));
+      state.overview = v.overview;
+      state.history = v.history;
+      state.intervalMs = v.history_interval_ms || state.intervalMs;
+      setFeed("live");
+      break;
+    case "task":
+      state.tasks.set(v.task_id, v);
+      if (state.tasks.size > MAX_TASKS) state.tasks.delete(state.tasks.keys().next().value);
+      if (v.task_id === state.selected) loadDetail(v.task_id);
+      break;
+    case "worker":
+      state.workers.set(v.worker_id, v);
+      break;
+    case "sample":
+      state.history.push(v);
+      trimHistory();
+      state.overview = { ...(state.overview || {}), tasks: v.tasks, queued: v.queued, workers: v.workers };
+      break;
+  }
+  schedule();
+}
+
+function trimHistory() {
+  const since = Date.now() - 3600 * 1000;
+  while (state.history.length && Date.parse(state.history[0].at) < since) state.history.shift();
+}
+
+function setFeed(s) {
+  const f = $("#feed");
+  f.dataset.feed = s;
+  f.textContent = s;
+}
+
+// ---- rendering ------------------------------------------------------------------------------
+
+let pending = false;
+function schedule() {
+  if (pending) return;
+  pending = true;
+  requestAnimationFrame(() => {
+    pending = false;
+    render();
+  });
+}
+
+function render() {
+  renderOverview();
+  renderWorkers();
+  renderTasks();
+  renderCharts();
+}
+
+function renderOverview() {
+  const o = state.overview;
+  if (!o) return;
+  const cards = [["workers connected", o.workers?.connected ?? 0], ["queued", o.queued ?? 0]];
+  for (const s of ["running", "paused", "completed", "failed", "cancelled", "timed_out"]) cards.push([s, o.tasks?.[s] ?? 0]);
+  $("#overview").replaceChildren(...cards.map(([k, v]) => el("div", { class: "card", "data-card": k }, el("b", {}, v), el("span", {}, k))));
+}
+
+function renderWorkers() {
+  const rows = [...state.workers.values()].map((w) => {
+    const s = w.stats || {};
+    const reconnects = s.reconnects ?? Math.max(0, (w.sessions || 0) - 1);
+    return el("tr", { "data-worker": w.worker_id, "data-state": w.state, "data-reconnects": reconnects },
+      el("td", {}, w.worker_id),
+      el("td", {}, badge(w.state)),
+      el("td", {}, (w.capabilities || []).join(", ")),
+      el("td", {}, (w.leases || []).map((t) => t.slice(0, 8)).join(" ")),
+      el("td", {}, `${(w.leases || []).length}/${w.slots}`),
+      el("td", {}, s.rtt_samples ? `${s.rtt_p50_ms.toFixed(1)} ms` : ""),
+      el("td", {}, s.stability !== undefined ? `${(s.stability * 100).toFixed(1)} %` : ""),
+      el("td", {}, reconnects),
+      el("td", { title: w.last_seen }, w.state === "connected" ? "now" : ago(w.last_seen)));
+  });
+  $("#workers tbody").replaceChildren(...rows);
+}
+
+function renderTasks() {
+  const status = $("#status-filter").value;
+  const text = $("#text-filter").value.trim().toLowerCase();
+  const all = [...state.tasks.values()].sort((a, b) => b.submit_seq - a.submit_seq);
+  const shown = all.filter((t) => {
+    if (status && t.status !== status) return false;
+    if (!text) return true;
+    const worker = t.lease?.worker || t.attempts?.at(-1)?.worker || "";
+    return [t.task_id, t.spec.kind, worker].some((s) => s.toLowerCase().includes(text));
+  });
+  const rows = shown.slice(0, 300).map((t) => {
+    const last = t.attempts?.at(-1);
+    const tr = el("tr", { "data-task": t.task_id, "data-status": t.status, class: t.task_id === state.selected ? "selected" : "" },
+      el("td", { title: t.task_id }, el("code", {}, t.task_id.slice(0, 8))),
+      el("td", {}, t.spec.kind),
+      el("td", {}, badge(t.status)),
+      el("td", {}, t.attempt),
+      el("td", {}, t.lease?.worker || last?.worker || ""),
+      el("td", {}, time(t.submitted_at)),
+      el("td", {}, secs(last?.started_at, t.finished_at)));
+    tr.onclick = () => select(t.task_id);
+    return tr;
+  });
+  $("#tasks tbody").replaceChildren(...rows);
+  $("#task-count").textContent = `${shown.length} of ${all.length}`;
+}
+
+// ---- charts (canvas, no library) ------------------------------------------------------------
+
+function series(f) {
+  const h = state.history;
+  const out = [];
+  for (let i = 1; i < h.length; i++) {
+    const v = f(h[i - 1], h[i]);
+    if (v !== null && v !== undefined && Number.isFinite(v)) out.push([Date.parse(h[i].at), v]);
+  }
+  return out;
+}
+
+function renderCharts() {
+  const perMin = (a, b) => ((b.results - a.results) * 60000) / Math.max(1, Date.parse(b.at) - Date.parse(a.at));
+  draw($("#chart-reconnections"), series((a, b) => b.reconnections - a.reconnections), "#b3261e");
+  draw($("#chart-rtt"), series((_, b) => b.rtt_ms ?? null), "#1f5fa8");
+  draw($("#chart-throughput"), series(perMin), "#1f7a3a");
+}
+
+function draw(canvas, points, color) {
+  const ctx = canvas.getContext("2d");
+  const { width: w, height: h } = canvas;
+  const pad = 24;
+  ctx.clearRect(0, 0, w, h);
+  ctx.strokeStyle = "#deded8";
+  ctx.strokeRect(pad, 4, w - pad - 4, h - pad - 4);
+  ctx.fillStyle = "#6b6b66";
+  ctx.font = "10px system-ui";
+  const now = Date.now();
+  const t0 = now - 3600 * 1000;
+  ctx.fillText("-60 min", pad, h - 8);
+  ctx.fillText("now", w - 24, h - 8);
+  if (!points.length) {
+    ctx.fillText("no data yet", w / 2 - 24, h / 2);
+    return;
+  }
+  const top = Math.max(...points.map((p) => p[1]));
+  const max = top > 0 ? top : 1;
+  ctx.fillText(max >= 10 ? max.toFixed(0) : max.toPrecision(2), 2, 12);
+  ctx.fillText("0", 2, h - pad);
+  const x = (t) => pad + ((t - t0) / (now - t0)) * (w - pad - 4);
+  const y = (v) => h - pad - (v / max) * (h - pad - 8);
+  ctx.strokeStyle = color;
+  ctx.lineWidth = 1.5;
+  ctx.beginPath();
+  points.forEach(([t, v], i) => (i ? ctx.lineTo(x(t), y(v)) : ctx.moveTo(x(t), y(v))));
+  ctx.stroke();
+}
+
+// ---- one task -------------------------------------------------------------------------------
+
+function select(id) {
+  state.selected = id;
+  $("#detail").hidden = false;
+  $("#detail-id").textContent = id;
+  $("#control-message").textContent = "";
+  loadDetail(id);
+  schedule();
+}
+
+async function loadDetail(id) {
+  try {
+    const enc = encodeURIComponent(id);
+    const [task, checkpoints, results, st] = await Promise.all([
+      api("GET", `/api/v1/tasks/${enc}`),
+      api("GET", `/api/v1/tasks/${enc}/checkpoints`),
+      api("GET", `/api/v1/tasks/${enc}/result`),
+      api("GET", `/api/v1/tasks/${enc}/state`),
+    ]);
+    if (state.selected !== id) return;
+    $("#detail-body").replaceChildren(...timeline(task, checkpoints, results, st));
+  } catch (e) {
+    $("#detail-body").replaceChildren(el("p", { class: "muted" }, `could not load: ${e.message}`));
+  }
+}
+
+function timeline(task, checkpoints, results, st) {
+  const out = [
+    el("p", { "data-status": task.status }, badge(task.status), ` ${task.spec.kind}, submitted ${time(task.submitted_at)}`,
+      task.finished_at ? `, finished ${time(task.finished_at)}` : "", task.error ? ` — ${task.error}` : ""),
+    el("h2", {}, "Attempts"),
+  ];
+  const events = [];
+  for (const a of task.attempts || []) {
+    events.push([a.started_at, `attempt ${a.attempt} leased to ${a.worker}`]);
+    if (a.ended_at) events.push([a.ended_at, `attempt ${a.attempt} ended: ${a.end || "?"}${a.result_recorded ? " (result recorded)" : ""}`]);
+  }
+  for (const c of checkpoints || []) events.push([c.created_at, `checkpoint ${c.checkpoint_id.slice(0, 8)} of attempt ${c.attempt}, ${c.size} bytes`]);
+  events.sort((a, b) => Date.parse(a[0]) - Date.parse(b[0]));
+  out.push(events.length
+    ? el("ol", { class: "timeline" }, ...events.map(([t, s]) => el("li", {}, el("span", { class: "muted" }, time(t)), " ", s)))
+    : el("p", { class: "muted" }, "not leased yet"));
+  if (st) out.push(el("h2", {}, "Latest state"), el("pre", {}, JSON.stringify(st.state, null, 2)));
+  out.push(el("h2", {}, "Result"));
+  out.push(results?.length
+    ? el("pre", {}, JSON.stringify(results, null, 2))
+    : el("p", { class: "muted" }, "no result yet"));
+  return out;
+}
+
+async function control(action) {
+  const id = state.selected;
+  if (!id) return;
+  const msg = $("#control-message");
+  try {
+    await api("POST", `/api/v1/tasks/${encodeURIComponent(id)}/${action}`);
+    msg.textContent = `${action}: sent`;
+    loadDetail(id);
+  } catch (e) {
+    msg.textContent = `${action}: ${e.message}`;
+  }
+}
+
+// ---- start ----------------------------------------------------------------------------------
+
+$("#token").value = token();
+$("#token").addEventListener("change", (e) => {
+  if (e.target.value) localStorage.setItem("tether.token", e.target.value);
+  else localStorage.removeItem("tether.token");
+});
+$("#status-filter").addEventListener("change", schedule);
+$("#text-filter").addEventListener("input", schedule);
+for (const b of document.querySelectorAll("#detail button")) b.addEventListener("click", () => control(b.dataset.action));
+setInterval(schedule, 5000); // relative times and the charts' time axis move
+follow();

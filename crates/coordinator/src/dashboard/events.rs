@@ -1,0 +1,113 @@
+//! `GET /api/v1/events`: server-sent events for the dashboard.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use tokio::sync::broadcast::Receiver;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{SNAPSHOT_TASKS, Sample};
+use crate::core::{Api, ApiError, Change};
+use crate::http::ask;
+use crate::server::AppState;
+
+/// Keep-alive comments keep proxies from closing an idle stream.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// `GET /api/v1/events`
+#[utoipa::path(
+    get,
+    path = "/api/v1/events",
+    tag = "observe",
+    responses((status = 200, description = "Server-sent events: `snapshot` first, then `task`, `worker`, `sample`; `resync` before a fresh snapshot", content_type = "text/event-stream", body = String))
+)]
+pub async fn events(State(app): State<Arc<AppState>>) -> Response {
+    let stream = Feed {
+        changes: app.changes.subscribe(),
+        samples: app.history.tx.subscribe(),
+        app,
+        snapshot_due: true,
+    }
+    .into_stream();
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response()
+}
+
+/// One client's position in the feed.
+struct Feed {
+    app: Arc<AppState>,
+    changes: Receiver<Change>,
+    samples: Receiver<Arc<Sample>>,
+    snapshot_due: bool,
+}
+
+impl Feed {
+    fn into_stream(self) -> impl Stream<Item = Result<Event, Infallible>> {
+        futures_util::stream::unfold(self, |mut feed| async move {
+            let ev = feed.next().await?;
+            Some((Ok(ev), feed))
+        })
+    }
+
+    /// The next event, or `None` when the coordinator stops.
+    async fn next(&mut self) -> Option<Event> {
+        if self.snapshot_due {
+            self.snapshot_due = false;
+            // Changes queued before the snapshot are in it.
+            self.changes = self.changes.resubscribe();
+            return self.snapshot().await.ok();
+        }
+        let stop = self.app.stop.clone();
+        tokio::select! {
+            _ = stop.cancelled() => None,
+            c = self.changes.recv() => match c {
+                Ok(Change::Task(t)) => Some(json_event("task", &t)),
+                Ok(Change::Worker(w)) => Some(json_event("worker", &w)),
+                Err(RecvError::Lagged(_)) => {
+                    self.snapshot_due = true;
+                    Some(Event::default().event("resync").data("{}"))
+                }
+                Err(RecvError::Closed) => None,
+            },
+            s = self.samples.recv() => match s {
+                Ok(s) => Some(json_event("sample", &s)),
+                Err(RecvError::Lagged(_)) => Some(Event::default().comment("samples skipped")),
+                Err(RecvError::Closed) => None,
+            },
+        }
+    }
+
+    async fn snapshot(&self) -> Result<Event, ApiError> {
+        let app = &self.app;
+        let overview = ask(app, |reply| Api::Overview { reply }).await?;
+        let workers = ask(app, |reply| Api::ListWorkers { reply }).await?;
+        let mut tasks = ask(app, |reply| Api::ListTasks {
+            status: None,
+            limit: usize::MAX,
+            reply,
+        })
+        .await?;
+        let newest = tasks.split_off(tasks.len().saturating_sub(SNAPSHOT_TASKS));
+        Ok(json_event(
+            "snapshot",
+            &serde_json::json!({
+                "overview": overview,
+                "workers": workers,
+                "tasks": newest,
+                "history": app.history.all(),
+                "history_interval_ms": app.cfg.history_interval.as_millis() as u64,
+            }),
+        ))
+    }
+}
+
+fn json_event<T: serde::Serialize>(name: &str, v: &T) -> Event {
+    let data = serde_json::to_string(v).unwrap_or_else(|_| "null".into());
+    Event::default().event(name).data(data)
+}

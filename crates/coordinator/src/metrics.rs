@@ -1,0 +1,280 @@
+//! Prometheus metrics of the coordinator. Every metric name is a constant here; label values
+//! come from closed sets (message types, error codes, task and worker states, outcomes), never
+//! a worker or task id.
+//!
+//! The recorder of the `metrics` crate is process-wide: [`install`] installs one Prometheus
+//! recorder the first time it is called and hands out its handle afterwards. Counters and
+//! histograms are recorded at their call sites; gauges of the model (tasks and workers by
+//! state, queue depth) are set from the core's overview when `/metrics` is scraped.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::core::Api;
+use crate::server::AppState;
+
+// Connections.
+/// Counter: WebSocket sessions opened.
+pub const CONNECTIONS: &str = "tether_connections_total";
+/// Counter: registrations of a worker that had registered before (a reconnection).
+pub const RECONNECTIONS: &str = "tether_reconnections_total";
+/// Counter: sessions ended, by `reason` (closed, timeout, error, oversize, coordinator).
+pub const SESSIONS_ENDED: &str = "tether_sessions_ended_total";
+/// Counter: sessions closed because a newer connection of the same worker arrived.
+pub const SESSIONS_REPLACED: &str = "tether_sessions_replaced_total";
+/// Counter: workers past the grace period whose leases were released.
+pub const WORKERS_LOST: &str = "tether_workers_lost_total";
+/// Gauge: known workers by `state` (connecting, connected, disconnected, lost).
+pub const WORKERS: &str = "tether_workers";
+/// Histogram (s): silence after which a session was declared dead (last frame to close).
+pub const DEAD_DETECT: &str = "tether_dead_connection_detect_seconds";
+/// Histogram (s): from a worker's disconnect to its next registration.
+pub const RECONNECT_DURATION: &str = "tether_reconnect_duration_seconds";
+/// Histogram (s): heartbeat round trip as measured and reported by workers (p50 of each
+/// telemetry report).
+pub const HEARTBEAT_RTT: &str = "tether_heartbeat_rtt_seconds";
+
+// Messages.
+/// Counter: messages decoded from workers, by `type`.
+pub const MESSAGES_IN: &str = "tether_messages_in_total";
+/// Counter: messages sent to workers, by `type`.
+pub const MESSAGES_OUT: &str = "tether_messages_out_total";
+/// Counter: `error` messages by `code` and `direction` (sent, received).
+pub const ERRORS: &str = "tether_errors_total";
+/// Counter: frames refused as too big.
+pub const OVERSIZE_FRAMES: &str = "tether_oversize_frames_total";
+
+// Tasks.
+/// Gauge: tasks by `state`.
+pub const TASKS: &str = "tether_tasks";
+/// Gauge: tasks waiting for a worker.
+pub const QUEUE_DEPTH: &str = "tether_queue_depth";
+/// Counter: tasks that reached a terminal state, by `status`.
+pub const TASKS_FINISHED: &str = "tether_tasks_finished_total";
+/// Counter: results received, by `disposition` (recorded, duplicate, stale, rejected).
+pub const RESULTS: &str = "tether_results_total";
+/// Counter: leases handed out.
+pub const ASSIGNMENTS: &str = "tether_assignments_total";
+/// Counter: tasks queued again after their lease ended without a result.
+pub const REQUEUED: &str = "tether_requeued_total";
+/// Counter: finished tasks removed by the retention setting.
+pub const TASKS_EXPIRED: &str = "tether_tasks_expired_total";
+/// Histogram (s): from a task entering the queue to its lease.
+pub const DISPATCH_LATENCY: &str = "tether_dispatch_latency_seconds";
+/// Histogram (s): from lease to counted result, by `outcome`.
+pub const TASK_DURATION: &str = "tether_task_duration_seconds";
+
+// Checkpoints and compression.
+/// Counter: checkpoint bytes received.
+pub const CHECKPOINT_BYTES: &str = "tether_checkpoint_bytes_total";
+/// Histogram (bytes): size of each completed checkpoint.
+pub const CHECKPOINT_SIZE: &str = "tether_checkpoint_size_bytes";
+/// Counter: payload bytes before compression (fed by the compression layer).
+pub const COMPRESSION_RAW_BYTES: &str = "tether_compression_raw_bytes_total";
+/// Counter: payload bytes after compression, as sent or received on the wire.
+pub const COMPRESSION_WIRE_BYTES: &str = "tether_compression_wire_bytes_total";
+/// Gauge: raw / wire bytes since start (1 while nothing was compressed).
+pub const COMPRESSION_RATIO: &str = "tether_compression_ratio";
+
+// Store.
+/// Histogram (s): one group commit, from the start of the transaction to its end.
+pub const STORE_COMMIT: &str = "tether_store_commit_seconds";
+/// Counter: group commits.
+pub const STORE_COMMITS: &str = "tether_store_commits_total";
+/// Counter: mutations committed.
+pub const STORE_MUTATIONS: &str = "tether_store_mutations_total";
+
+/// Histogram buckets for durations, in seconds: 0.5 ms to one hour.
+pub const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0, 900.0, 3600.0,
+];
+/// Histogram buckets for sizes, in bytes: 1 KiB to 256 MiB.
+pub const BYTES_BUCKETS: &[f64] = &[
+    1024.0,
+    16_384.0,
+    131_072.0,
+    1_048_576.0,
+    8_388_608.0,
+    67_108_864.0,
+    268_435_456.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+///
+/// When another recorder was installed first (an embedding program's own), the handle renders
+/// nothing of ours and a warning says so.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = builder().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!(
+                    "another metrics recorder is installed; /metrics shows only what it does not record"
+                );
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+/// The recorder's configuration: histograms with buckets (not summaries).
+pub fn builder() -> PrometheusBuilder {
+    let b = PrometheusBuilder::new();
+    // Both calls fail only on an empty bucket list.
+    let b = b
+        .set_buckets_for_metric(Matcher::Suffix("_bytes".into()), BYTES_BUCKETS)
+        .unwrap_or_else(|_| PrometheusBuilder::new());
+    b.set_buckets(SECONDS_BUCKETS)
+        .unwrap_or_else(|_| PrometheusBuilder::new())
+}
+
+/// Records a duration in a histogram.
+pub fn observe(name: &'static str, d: Duration) {
+    metrics::histogram!(name).record(d.as_secs_f64());
+}
+
+/// Seconds between two wall-clock times (0 if `to` is earlier).
+pub fn secs_between(from: chrono::DateTime<chrono::Utc>, to: chrono::DateTime<chrono::Utc>) -> f64 {
+    (to - from).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6
+}
+
+/// The label value of a result's disposition.
+pub fn disposition(d: tether_proto::msg::Disposition) -> &'static str {
+    use tether_proto::msg::Disposition;
+    match d {
+        Disposition::Recorded => "recorded",
+        Disposition::Duplicate => "duplicate",
+        Disposition::Stale => "stale",
+        Disposition::Rejected => "rejected",
+    }
+}
+
+static RAW_BYTES: AtomicU64 = AtomicU64::new(0);
+static WIRE_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Records one compressed (or decompressed) payload: `raw` bytes before compression, `wire`
+/// bytes on the wire. The compression layer calls this; the ratio gauge follows the totals.
+pub fn record_compression(raw: u64, wire: u64) {
+    metrics::counter!(COMPRESSION_RAW_BYTES).increment(raw);
+    metrics::counter!(COMPRESSION_WIRE_BYTES).increment(wire);
+    let raw = RAW_BYTES.fetch_add(raw, Ordering::Relaxed) + raw;
+    let wire = WIRE_BYTES.fetch_add(wire, Ordering::Relaxed) + wire;
+    metrics::gauge!(COMPRESSION_RATIO).set(ratio(raw, wire));
+}
+
+fn ratio(raw: u64, wire: u64) -> f64 {
+    if wire == 0 {
+        1.0
+    } else {
+        raw as f64 / wire as f64
+    }
+}
+
+/// `GET /metrics`: the model's gauges from the core's overview, then everything recorded, in
+/// the Prometheus text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "observe",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
+)]
+pub async fn scrape(State(app): State<Arc<AppState>>) -> Response {
+    let overview = match crate::http::ask(&app, |reply| Api::Overview { reply }).await {
+        Ok(o) => o,
+        Err(e) => return e.into_response(),
+    };
+    for (state, n) in &overview.tasks {
+        metrics::gauge!(TASKS, "state" => *state).set(*n as f64);
+    }
+    for (state, n) in &overview.workers {
+        metrics::gauge!(WORKERS, "state" => *state).set(*n as f64);
+    }
+    metrics::gauge!(QUEUE_DEPTH).set(overview.queued as f64);
+    metrics::gauge!(COMPRESSION_RATIO).set(ratio(
+        RAW_BYTES.load(Ordering::Relaxed),
+        WIRE_BYTES.load(Ordering::Relaxed),
+    ));
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], install().render()).into_response()
+}
+
+/// The Prometheus text exposition format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(CONNECTIONS, "WebSocket sessions opened");
+    describe_counter!(
+        RECONNECTIONS,
+        "registrations of a worker that had registered before"
+    );
+    describe_counter!(SESSIONS_ENDED, "sessions ended, by reason");
+    describe_counter!(SESSIONS_REPLACED, "sessions replaced by a newer connection");
+    describe_counter!(WORKERS_LOST, "workers lost after the grace period");
+    describe_gauge!(WORKERS, "known workers by connection state");
+    describe_histogram!(
+        DEAD_DETECT,
+        Unit::Seconds,
+        "silence before a dead session was closed"
+    );
+    describe_histogram!(
+        RECONNECT_DURATION,
+        Unit::Seconds,
+        "disconnect to next registration"
+    );
+    describe_histogram!(
+        HEARTBEAT_RTT,
+        Unit::Seconds,
+        "heartbeat round trip reported by workers (p50)"
+    );
+    describe_counter!(MESSAGES_IN, "messages received from workers, by type");
+    describe_counter!(MESSAGES_OUT, "messages sent to workers, by type");
+    describe_counter!(ERRORS, "error messages by code and direction");
+    describe_counter!(OVERSIZE_FRAMES, "frames refused as too big");
+    describe_gauge!(TASKS, "tasks by state");
+    describe_gauge!(QUEUE_DEPTH, "tasks waiting for a worker");
+    describe_counter!(
+        TASKS_FINISHED,
+        "tasks that reached a terminal state, by status"
+    );
+    describe_counter!(RESULTS, "results received, by disposition");
+    describe_counter!(ASSIGNMENTS, "leases handed out");
+    describe_counter!(TASKS_EXPIRED, "finished tasks removed by retention");
+    describe_counter!(REQUEUED, "tasks queued again after a lost lease");
+    describe_histogram!(DISPATCH_LATENCY, Unit::Seconds, "queued to leased");
+    describe_histogram!(
+        TASK_DURATION,
+        Unit::Seconds,
+        "leased to counted result, by outcome"
+    );
+    describe_counter!(CHECKPOINT_BYTES, Unit::Bytes, "checkpoint bytes received");
+    describe_histogram!(
+        CHECKPOINT_SIZE,
+        Unit::Bytes,
+        "size of completed checkpoints"
+    );
+    describe_counter!(
+        COMPRESSION_RAW_BYTES,
+        Unit::Bytes,
+        "payload bytes before compression"
+    );
+    describe_counter!(
+        COMPRESSION_WIRE_BYTES,
+        Unit::Bytes,
+        "payload bytes after compression"
+    );
+    describe_gauge!(COMPRESSION_RATIO, "raw / compressed bytes since start");
+    describe_histogram!(STORE_COMMIT, Unit::Seconds, "one group commit");
+    describe_counter!(STORE_COMMITS, "group commits");
+    describe_counter!(STORE_MUTATIONS, "mutations committed");
+}

@@ -1,0 +1,108 @@
+//! The OpenAPI description of the HTTP API, generated from the handlers' `#[utoipa::path]`
+//! annotations and served at `/api/v1/openapi.json`. A test checks that every route of the
+//! router ([`crate::server::routes`]) is described.
+
+use axum::Json;
+use axum::response::{IntoResponse, Response};
+use utoipa::OpenApi;
+
+use crate::{dashboard, http, metrics, ws};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "tether coordinator",
+        description = "Tasks, workers and the fleet's health. Errors are `{\"error\": {\"code\", \"message\"}}`. The worker WebSocket protocol is described in docs/PROTOCOL.md."
+    ),
+    paths(
+        ws::upgrade,
+        http::submit,
+        http::list_tasks,
+        http::get_task,
+        http::task_result,
+        http::task_state,
+        http::task_checkpoints,
+        http::checkpoint_data,
+        http::control,
+        http::list_workers,
+        http::get_worker,
+        http::overview,
+        http::history,
+        dashboard::events::events,
+        document,
+        http::healthz,
+        metrics::scrape,
+        dashboard::index,
+        dashboard::file,
+    ),
+    tags(
+        (name = "tasks", description = "Submit, inspect and control tasks"),
+        (name = "workers", description = "The fleet"),
+        (name = "observe", description = "Overview, metrics, events, the dashboard"),
+        (name = "protocol", description = "The worker endpoint (WebSocket)"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The document, as a JSON value.
+pub fn openapi_json() -> serde_json::Value {
+    serde_json::to_value(ApiDoc::openapi()).unwrap_or_default()
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/api/v1/openapi.json",
+    tag = "observe",
+    responses((status = 200, description = "The OpenAPI description of this API", body = serde_json::Value))
+)]
+pub async fn document() -> Response {
+    Json(openapi_json()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_of_the_router_is_described_with_its_methods() {
+        let doc = openapi_json();
+        let paths = doc["paths"].as_object().expect("paths");
+        let routes = crate::server::routes();
+        assert!(routes.len() >= 18, "the router has its routes: {routes:?}");
+        for r in &routes {
+            let Some(item) = paths.get(r.doc_path) else {
+                panic!("route {} ({}) is not described", r.path, r.doc_path);
+            };
+            for m in r.methods {
+                assert!(
+                    item.get(*m).is_some(),
+                    "{} {} is not described",
+                    m.to_uppercase(),
+                    r.doc_path
+                );
+            }
+        }
+        // And nothing is described that the router does not serve.
+        for p in paths.keys() {
+            assert!(
+                routes.iter().any(|r| r.doc_path == p),
+                "{p} is described but not routed"
+            );
+        }
+    }
+
+    #[test]
+    fn the_document_is_openapi_3_with_responses_everywhere() {
+        let doc = openapi_json();
+        assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with('3')));
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for (method, op) in item.as_object().expect("item") {
+                assert!(
+                    op["responses"].as_object().is_some_and(|r| !r.is_empty()),
+                    "{method} {path} has responses"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The dashboard in a real headless chromium: a real coordinator, real workers (one behind the
+//! fault proxy), the page fed by its event stream. Skipped, with a line that says so, where
+//! chromium is not installed (`.ci/run` installs it).
+
+use std::time::Duration;
+
+use serde_json::json;
+use tether_faultproxy::{Direction, Fault, FaultKind, Proxy, ProxyConfig, Target};
+use tether_proto::WorkerId;
+use tether_testkit::*;
+use tether_worker::{ConnState, Executors};
+
+use crate::browser::{Browser, CHROMIUM};
+
+fn worker_state(id: &str) -> String {
+    format!("document.querySelector('#workers tr[data-worker=\"{id}\"]')?.dataset.state ?? null")
+}
+
+fn task_status(id: &str) -> String {
+    format!("document.querySelector('#tasks tr[data-task=\"{id}\"]')?.dataset.status ?? null")
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_the_fleet_a_task_and_a_worker_cut_off_and_back() {
+    let Some(mut browser) = Browser::start().await else {
+        println!("skipped: no browser at {CHROMIUM} (install Debian's chromium to run this test)");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.history_interval = Duration::from_millis(250);
+    cfg.lost_after = Duration::from_secs(60);
+    let c = spawn_coordinator_with(cfg, None).await;
+    let proxy = Proxy::start(ProxyConfig {
+        name: "coordinator".into(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        upstream: c.addr,
+        seed: 5,
+    })
+    .await
+    .expect("proxy");
+    let w1 = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
+    let w2 = spawn_worker(
+        fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w2"),
+        Executors::builtin(),
+    );
+    w1.handle.wait_state(|s| s == ConnState::Connected).await;
+    w2.handle.wait_state(|s| s == ConnState::Connected).await;
+
+    // The page loads and shows the workers.
+    browser.navigate(&format!("http://{}/", c.addr)).await;
+    browser
+        .wait_eval(
+            "the event stream",
+            "document.querySelector('#feed')?.dataset.feed ?? null",
+            json!("live"),
+        )
+        .await;
+    browser
+        .wait_eval("w1 connected", &worker_state("w1"), json!("connected"))
+        .await;
+    browser
+        .wait_eval("w2 connected", &worker_state("w2"), json!("connected"))
+        .await;
+
+    // A task submitted through the API appears and finishes.
+    let client = c.client();
+    let ids = client.submit(&[sleep_task(400, 4, 2)]).await;
+    let id = ids[0].as_str();
+    let expr = format!("({}) !== null", task_status(id));
+    browser
+        .wait_eval("the task to appear", &expr, json!(true))
+        .await;
+    browser
+        .wait_eval("the task to finish", &task_status(id), json!("completed"))
+        .await;
+    client.wait_status(&ids[0], "completed").await;
+
+    // Its timeline opens on a click.
+    browser
+        .eval(&format!(
+            "document.querySelector('#tasks tr[data-task=\"{id}\"]').click()"
+        ))
+        .await;
+    browser
+        .wait_eval(
+            "the timeline",
+            "document.querySelectorAll('#detail ol.timeline li').length > 1",
+            json!(true),
+        )
+        .await;
+
+    // w2 is cut off by the fault proxy: shown disconnected, then connected again.
+    let hole = proxy
+        .add_fault(
+            Fault::new("cut-w2", FaultKind::Blackhole, Direction::Both)
+                .with_target(Target::Workers(vec![WorkerId::parse("w2").expect("id")])),
+        )
+        .await
+        .expect("fault");
+    browser
+        .wait_eval(
+            "w2 disconnected",
+            &worker_state("w2"),
+            json!("disconnected"),
+        )
+        .await;
+    assert_eq!(
+        browser.eval(&worker_state("w1")).await,
+        json!("connected"),
+        "w1 is not affected"
+    );
+    let fired = hole.remove();
+    assert!(
+        fired.bytes_dropped > 0,
+        "the black hole dropped bytes: {fired:?}"
+    );
+    browser
+        .wait_eval("w2 reconnected", &worker_state("w2"), json!("connected"))
+        .await;
+    browser
+        .wait_eval(
+            "w2's reconnection counted",
+            "document.querySelector('#workers tr[data-worker=\"w2\"]')?.dataset.reconnects ?? null",
+            json!("1"),
+        )
+        .await;
+
+    // The charts have samples to draw.
+    browser
+        .wait_eval(
+            "chart samples",
+            "fetch('/api/v1/history').then(r => r.json()).then(h => h.length > 2)",
+            json!(true),
+        )
+        .await;
+    let path = browser.screenshot("dashboard.png").await;
+    println!("dashboard screenshot: {}", path.display());
+    assert!(std::fs::metadata(&path).expect("screenshot").len() > 10_000);
+
+    w1.stop().await.expect("stop w1");
+    w2.stop().await.expect("stop w2");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn the_dashboard_assets_are_served_from_the_binary() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let base = format!("http://{}", c.addr);
+    for (path, kind, needle) in [
+        ("/", "text/html", "/dashboard/app.js"),
+        ("/dashboard/app.js", "text/javascript", "/api/v1/events"),
+        ("/dashboard/style.css", "text/css", "--bg"),
+    ] {
+        let r = reqwest::get(format!("{base}{path}")).await.expect("get");
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+        let ct = r.headers()["content-type"]
+            .to_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(ct.starts_with(kind), "{path}: {ct}");
+        let body = r.text().await.expect("body");
+        assert!(body.contains(needle), "{path} contains {needle}");
+        assert!(
+            !body.contains("http://") && !body.contains("https://"),
+            "{path} loads nothing from elsewhere"
+        );
+    }
+    let (status, _) = c.client().get("/dashboard/nope.js").await;
+    assert_eq!(status, 404);
+    c.stop().await;
+}

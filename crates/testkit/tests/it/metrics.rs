@@ -1,0 +1,107 @@
+//! `/metrics` scraped over HTTP after a real run. The recorder is process-wide and other tests
+//! run beside this one, so counters and histograms are compared before and after (they can
+//! only have moved more), and gauges of the model are this coordinator's own.
+
+use tether_coordinator::metrics as m;
+use tether_testkit::*;
+use tether_worker::metrics as wm;
+use tether_worker::{ConnState, Executors};
+
+/// A counter or a histogram's `_count`, 0 when absent.
+fn v(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric_value(text, name, labels).unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_families_are_served_and_move_with_a_run_with_a_reconnection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let url = format!("http://{}/metrics", c.addr);
+    let before = scrape(&url).await;
+    let relay = Relay::start(c.addr).await;
+    let w = spawn_worker(
+        fast_worker_config(&relay.url(), "metrics-w1"),
+        Executors::builtin(),
+    );
+    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let ids = client.submit(&[sleep_task(30, 4, 2)]).await;
+    client.wait_status(&ids[0], "completed").await;
+    // A reconnection: cut the link, let the worker notice, restore it.
+    relay.cut();
+    w.handle.wait_state(|s| s != ConnState::Connected).await;
+    relay.restore();
+    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    // Telemetry carries the worker's RTT; wait until the coordinator has recorded some.
+    let after = wait_for("telemetry with a heartbeat RTT", DEADLINE, || async {
+        let t = scrape(&url).await;
+        (v(&t, &format!("{}_count", m::HEARTBEAT_RTT), &[])
+            > v(&before, &format!("{}_count", m::HEARTBEAT_RTT), &[]))
+        .then_some(t)
+    })
+    .await;
+
+    let grew = |name: &str, labels: &[(&str, &str)]| {
+        let (b, a) = (v(&before, name, labels), v(&after, name, labels));
+        assert!(a > b, "{name}{labels:?} moved: before {b}, after {a}");
+    };
+    let count = |name: &str| format!("{name}_count");
+    grew(m::CONNECTIONS, &[]);
+    grew(m::RECONNECTIONS, &[]);
+    grew(&count(m::RECONNECT_DURATION), &[]);
+    grew(m::SESSIONS_ENDED, &[]);
+    grew(m::MESSAGES_IN, &[("type", "registration")]);
+    grew(m::MESSAGES_IN, &[("type", "task_result")]);
+    grew(m::MESSAGES_IN, &[("type", "checkpoint_data")]);
+    grew(m::MESSAGES_OUT, &[("type", "task_assignment")]);
+    grew(m::MESSAGES_OUT, &[("type", "task_result_ack")]);
+    grew(m::RESULTS, &[("disposition", "recorded")]);
+    grew(m::TASKS_FINISHED, &[("status", "completed")]);
+    grew(m::ASSIGNMENTS, &[]);
+    grew(&count(m::DISPATCH_LATENCY), &[]);
+    grew(&count(m::TASK_DURATION), &[("outcome", "completed")]);
+    grew(m::CHECKPOINT_BYTES, &[]);
+    grew(&count(m::CHECKPOINT_SIZE), &[]);
+    grew(&count(m::STORE_COMMIT), &[]);
+    grew(m::STORE_COMMITS, &[]);
+    grew(m::STORE_MUTATIONS, &[]);
+    // Histograms have buckets (not summaries).
+    assert!(
+        after.contains(&format!("{}_bucket{{le=\"0.005\"}}", m::STORE_COMMIT)),
+        "store commit latency has buckets"
+    );
+    // The model's gauges are this coordinator's.
+    assert_eq!(
+        metric_value(&after, m::TASKS, &[("state", "completed")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&after, m::TASKS, &[("state", "queued")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric_value(&after, m::WORKERS, &[("state", "connected")]),
+        Some(1.0)
+    );
+    assert_eq!(metric_value(&after, m::QUEUE_DEPTH, &[]), Some(0.0));
+    assert!(metric_value(&after, m::COMPRESSION_RATIO, &[]).is_some());
+    // The worker in this process records into the same recorder.
+    let wcount = |name: &str| v(&after, &count(name), &[]);
+    assert!(wcount(wm::HEARTBEAT_RTT) > 0.0, "worker RTT recorded");
+    assert!(
+        wcount(wm::RECONNECT_DURATION) > 0.0,
+        "worker reconnect duration"
+    );
+    assert!(v(&after, wm::SESSIONS_LOST, &[]) > 0.0);
+    assert!(v(&after, wm::MESSAGES_OUT, &[("type", "heartbeat")]) > 0.0);
+    assert!(v(&after, wm::TASKS_FINISHED, &[("outcome", "completed")]) > 0.0);
+    // No label carries an id.
+    for line in after.lines().filter(|l| !l.starts_with('#')) {
+        assert!(
+            !line.contains("metrics-w1") && !line.contains(ids[0].as_str()),
+            "an id in a label: {line}"
+        );
+    }
+    w.stop().await.expect("stop");
+    c.stop().await;
+}

@@ -1,0 +1,189 @@
+//! Prometheus metrics of the worker, served on `/metrics` by [`serve`] when the worker is
+//! started with `--metrics-listen`. Every metric name is a constant here; label values come
+//! from closed sets (message types, error codes, states, outcomes).
+//!
+//! The recorder of the `metrics` crate is process-wide: [`install`] installs one Prometheus
+//! recorder the first time it is called. Counters and histograms are recorded where things
+//! happen; gauges of the agent's state (connection state, outbox, active tasks, adaptive
+//! values) are set from an [`AgentHandle`] when `/metrics` is scraped. In a process that also
+//! runs a coordinator (the demo, tests), the coordinator's recorder records these too.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::AgentHandle;
+use crate::stats::ConnState;
+
+// Connections.
+/// Counter: connection attempts.
+pub const CONNECTION_ATTEMPTS: &str = "tether_worker_connection_attempts_total";
+/// Counter: attempts that did not end in a registered session (failed reconnections).
+pub const CONNECTION_FAILURES: &str = "tether_worker_connection_failures_total";
+/// Counter: registered sessions that were lost.
+pub const SESSIONS_LOST: &str = "tether_worker_sessions_lost_total";
+/// Counter: registrations after a lost session (successful reconnections).
+pub const RECONNECTIONS: &str = "tether_worker_reconnections_total";
+/// Gauge: 1 for the current connection `state`, 0 for the others.
+pub const CONNECTION_STATE: &str = "tether_worker_connection_state";
+/// Histogram (s): heartbeat round trip.
+pub const HEARTBEAT_RTT: &str = "tether_worker_heartbeat_rtt_seconds";
+/// Histogram (s): silence from the last inbound frame until the session was declared dead.
+pub const DEAD_DETECT: &str = "tether_worker_dead_connection_detect_seconds";
+/// Histogram (s): from losing a session to the next registration.
+pub const RECONNECT_DURATION: &str = "tether_worker_reconnect_duration_seconds";
+/// Gauge: the current (adaptive) heartbeat timeout, seconds.
+pub const HEARTBEAT_TIMEOUT: &str = "tether_worker_heartbeat_timeout_seconds";
+/// Gauge: connected time / total time.
+pub const STABILITY: &str = "tether_worker_connection_stability";
+
+// Messages.
+/// Counter: messages decoded from the coordinator, by `type`.
+pub const MESSAGES_IN: &str = "tether_worker_messages_in_total";
+/// Counter: messages written to the coordinator, by `type`.
+pub const MESSAGES_OUT: &str = "tether_worker_messages_out_total";
+/// Counter: `error` messages by `code` and `direction` (sent, received).
+pub const ERRORS: &str = "tether_worker_errors_total";
+/// Gauge: outbox entries waiting for an ack.
+pub const OUTBOX_DEPTH: &str = "tether_worker_outbox_depth";
+/// Gauge: encoded bytes in the outbox.
+pub const OUTBOX_BYTES: &str = "tether_worker_outbox_bytes";
+
+// Tasks.
+/// Gauge: tasks running on this worker, by `state` (running, paused).
+pub const TASKS: &str = "tether_worker_tasks";
+/// Counter: executions that ended with a result, by `outcome`.
+pub const TASKS_FINISHED: &str = "tether_worker_tasks_finished_total";
+/// Histogram (s): one execution, by `outcome`.
+pub const TASK_DURATION: &str = "tether_worker_task_duration_seconds";
+/// Counter: checkpoint bytes queued for upload.
+pub const CHECKPOINT_BYTES: &str = "tether_worker_checkpoint_bytes_total";
+
+// Compression.
+/// Counter: payload bytes before compression (fed by the compression layer).
+pub const COMPRESSION_RAW_BYTES: &str = "tether_worker_compression_raw_bytes_total";
+/// Counter: payload bytes after compression.
+pub const COMPRESSION_WIRE_BYTES: &str = "tether_worker_compression_wire_bytes_total";
+/// Gauge: raw / wire bytes since start (1 while nothing was compressed).
+pub const COMPRESSION_RATIO: &str = "tether_worker_compression_ratio";
+
+/// Histogram buckets for durations, in seconds: 0.5 ms to one hour.
+pub const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0, 900.0, 3600.0,
+];
+
+/// The Prometheus text exposition format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(SECONDS_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new())
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!(
+                    "another metrics recorder is installed; the worker's /metrics shows only what it does not record"
+                );
+            }
+            handle
+        })
+        .clone()
+}
+
+/// Records a duration in a histogram.
+pub fn observe(name: &'static str, d: Duration) {
+    metrics::histogram!(name).record(d.as_secs_f64());
+}
+
+/// Records a duration in a histogram labelled with an `outcome`.
+pub fn observe_labeled(name: &'static str, outcome: &'static str, d: Duration) {
+    metrics::histogram!(name, "outcome" => outcome).record(d.as_secs_f64());
+}
+
+static RAW_BYTES: AtomicU64 = AtomicU64::new(0);
+static WIRE_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Records one compressed (or decompressed) payload: `raw` bytes before compression, `wire`
+/// bytes on the wire. The compression layer calls this; the ratio gauge follows the totals.
+pub fn record_compression(raw: u64, wire: u64) {
+    metrics::counter!(COMPRESSION_RAW_BYTES).increment(raw);
+    metrics::counter!(COMPRESSION_WIRE_BYTES).increment(wire);
+    RAW_BYTES.fetch_add(raw, Ordering::Relaxed);
+    WIRE_BYTES.fetch_add(wire, Ordering::Relaxed);
+}
+
+/// Sets the gauges of `agent` and renders everything recorded.
+pub fn render(agent: &AgentHandle) -> String {
+    let state = agent.state();
+    for s in [
+        ConnState::Connecting,
+        ConnState::Connected,
+        ConnState::Disconnected,
+        ConnState::Failed,
+        ConnState::Shutdown,
+    ] {
+        metrics::gauge!(CONNECTION_STATE, "state" => s.as_str())
+            .set(f64::from(u8::from(s == state)));
+    }
+    let stats = agent.stats();
+    metrics::gauge!(STABILITY).set(stats.stability);
+    metrics::gauge!(HEARTBEAT_TIMEOUT).set(stats.heartbeat_timeout_ms as f64 / 1e3);
+    metrics::gauge!(OUTBOX_DEPTH).set(agent.outbox.len() as f64);
+    metrics::gauge!(OUTBOX_BYTES).set(agent.outbox.bytes() as f64);
+    let active = agent.active_tasks();
+    let paused = active.iter().filter(|t| t.paused).count();
+    metrics::gauge!(TASKS, "state" => "running").set((active.len() - paused) as f64);
+    metrics::gauge!(TASKS, "state" => "paused").set(paused as f64);
+    let (raw, wire) = (
+        RAW_BYTES.load(Ordering::Relaxed),
+        WIRE_BYTES.load(Ordering::Relaxed),
+    );
+    metrics::gauge!(COMPRESSION_RATIO).set(if wire == 0 {
+        1.0
+    } else {
+        raw as f64 / wire as f64
+    });
+    install().render()
+}
+
+/// Why the metrics endpoint stopped.
+#[derive(Debug, thiserror::Error)]
+#[error("metrics endpoint: {0}")]
+pub struct ServeError(#[from] std::io::Error);
+
+/// Serves `GET /metrics` for `agent` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    agent: AgentHandle,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    install();
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(Arc::new(agent));
+    tracing::info!(addr = %listener.local_addr()?, "worker metrics listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+async fn scrape(State(agent): State<Arc<AgentHandle>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], render(&agent))
+}
