@@ -61,7 +61,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     })
     .await?;
     println!(
-        "coordinator on {coord_addr}, fault proxy on {}",
+        "coordinator on {coord_addr} (dashboard: http://{coord_addr}/), fault proxy on {}",
         proxy.listen_addr()
     );
     let fleet = start_fleet(&a, &format!("ws://{}", proxy.listen_addr()))?;

@@ -166,7 +166,7 @@ impl Browser {
         std::fs::create_dir_all(&dir).expect("artifacts dir");
         let path = dir.join(name);
         std::fs::write(&path, png).expect("write screenshot");
-        path
+        std::fs::canonicalize(&path).unwrap_or(path)
     }
 }
 

@@ -90,6 +90,49 @@ async fn the_dashboard_shows_the_fleet_a_task_and_a_worker_cut_off_and_back() {
         )
         .await;
 
+    // The controls reach a running task through the API.
+    let long = client.submit(&[sleep_task(60_000, 600, 5)]).await;
+    let long_id = long[0].as_str();
+    browser
+        .wait_eval(
+            "the long task to run",
+            &task_status(long_id),
+            json!("running"),
+        )
+        .await;
+    browser
+        .eval(&format!(
+            "document.querySelector('#tasks tr[data-task=\"{long_id}\"]').click()"
+        ))
+        .await;
+    for (action, status) in [("pause", "paused"), ("resume", "running")] {
+        browser
+            .eval(&format!(
+                "document.querySelector('#detail button[data-action=\"{action}\"]').click()"
+            ))
+            .await;
+        browser
+            .wait_eval(action, &task_status(long_id), json!(status))
+            .await;
+    }
+    browser
+        .eval("document.querySelector('#detail button[data-action=\"checkpoint\"]').click()")
+        .await;
+    browser
+        .wait_eval(
+            "the checkpoint request",
+            "document.querySelector('#control-message').textContent",
+            json!("checkpoint: sent"),
+        )
+        .await;
+    browser
+        .eval("document.querySelector('#detail button[data-action=\"cancel\"]').click()")
+        .await;
+    browser
+        .wait_eval("cancel", &task_status(long_id), json!("cancelled"))
+        .await;
+    assert_eq!(client.status(&long[0]).await, "cancelled");
+
     // w2 is cut off by the fault proxy: shown disconnected, then connected again.
     let hole = proxy
         .add_fault(
@@ -170,4 +213,90 @@ async fn the_dashboard_assets_are_served_from_the_binary() {
     let (status, _) = c.client().get("/dashboard/nope.js").await;
     assert_eq!(status, 404);
     c.stop().await;
+}
+
+/// Reads the next server-sent event: its name and JSON data (comments are skipped).
+async fn next_event(
+    resp: &mut reqwest::Response,
+    buf: &mut String,
+) -> Option<(String, serde_json::Value)> {
+    loop {
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let mut name = String::from("message");
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(n) = line.strip_prefix("event:") {
+                    name = n.trim().to_owned();
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push_str(d.trim_start());
+                }
+            }
+            if !data.is_empty() {
+                return Some((
+                    name,
+                    serde_json::from_str(&data).expect("event data is JSON"),
+                ));
+            }
+        }
+        let chunk = tokio::time::timeout(DEADLINE, resp.chunk())
+            .await
+            .expect("an event in time")
+            .ok()??;
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+#[tokio::test]
+async fn the_event_stream_starts_with_a_snapshot_follows_changes_and_ends_with_the_coordinator() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.history_interval = Duration::from_millis(100);
+    let c = spawn_coordinator_with(cfg, None).await;
+    let mut resp = reqwest::get(format!("http://{}/api/v1/events", c.addr))
+        .await
+        .expect("events");
+    assert_eq!(resp.status().as_u16(), 200);
+    let ct = resp.headers()["content-type"]
+        .to_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    let mut buf = String::new();
+    let (name, snap) = next_event(&mut resp, &mut buf).await.expect("snapshot");
+    assert_eq!(name, "snapshot");
+    assert_eq!(snap["workers"], json!([]));
+    assert_eq!(snap["tasks"], json!([]));
+    assert_eq!(snap["history_interval_ms"], 100);
+
+    // A submitted task (no worker: it stays queued) and a worker that registers are announced.
+    let ids = c.client().submit(&[sleep_task(10, 1, 0)]).await;
+    let w = spawn_worker(
+        fast_worker_config(&c.ws_url(), "sse-w1"),
+        Executors::builtin(),
+    );
+    let (mut saw_queued, mut saw_worker, mut saw_done, mut saw_sample) =
+        (false, false, false, false);
+    while !(saw_queued && saw_worker && saw_done && saw_sample) {
+        let (name, v) = next_event(&mut resp, &mut buf).await.expect("an event");
+        match name.as_str() {
+            "task" if v["task_id"] == ids[0].as_str() => {
+                saw_queued |= v["status"] == "queued";
+                saw_done |= v["status"] == "completed";
+            }
+            "worker" => saw_worker |= v["worker_id"] == "sse-w1" && v["state"] == "connected",
+            "sample" => saw_sample |= v["tasks"]["queued"].is_u64(),
+            _ => {}
+        }
+    }
+    w.stop().await.expect("stop");
+    // An open stream does not keep the coordinator from stopping, and it ends then.
+    tokio::time::timeout(DEADLINE, c.stop())
+        .await
+        .expect("the coordinator stops with a dashboard open");
+    let rest = tokio::time::timeout(DEADLINE, async {
+        while next_event(&mut resp, &mut buf).await.is_some() {}
+    })
+    .await;
+    assert!(rest.is_ok(), "the stream ends with the coordinator");
 }
