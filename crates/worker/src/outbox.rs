@@ -285,15 +285,36 @@ impl Outbox {
 
     /// Takes up to `max` unsent entries, in send order.
     pub fn take_unsent(&self, max: usize) -> Vec<(Seq, std::sync::Arc<WorkerMsg>)> {
+        self.take_unsent_within(max, usize::MAX)
+            .into_iter()
+            .map(|(seq, msg, _)| (seq, msg))
+            .collect()
+    }
+
+    /// Takes up to `max` unsent entries, in send order, whose estimated sizes add up to at most
+    /// `budget` bytes (always at least one when any is unsent), with those sizes.
+    pub fn take_unsent_within(
+        &self,
+        max: usize,
+        budget: usize,
+    ) -> Vec<(Seq, std::sync::Arc<WorkerMsg>, usize)> {
         let mut inner = self.lock();
         let mut out = Vec::with_capacity(max.min(inner.unsent.len()));
+        let mut bytes = 0usize;
         while out.len() < max {
-            let Some(key) = inner.unsent.pop_first() else {
+            let Some(&key) = inner.unsent.first() else {
                 break;
             };
-            if let Some(e) = inner.entries.get(&key) {
-                out.push((Seq(key.1), e.msg.clone()));
+            let Some(e) = inner.entries.get(&key) else {
+                inner.unsent.remove(&key);
+                continue;
+            };
+            if !out.is_empty() && bytes.saturating_add(e.bytes) > budget {
+                break;
             }
+            bytes = bytes.saturating_add(e.bytes);
+            out.push((Seq(key.1), e.msg.clone(), e.bytes));
+            inner.unsent.remove(&key);
         }
         out
     }
@@ -494,6 +515,26 @@ mod tests {
         let s2 = state(&ob, "b", 1);
         let r2 = result(&ob, "y");
         assert_eq!(order(&ob), vec![r1.0, r2.0, s1.0, s2.0, t.0]);
+    }
+
+    #[test]
+    fn taking_within_a_byte_budget_stops_at_the_budget_but_always_takes_one() {
+        let ob = Outbox::new(Limits::default());
+        let seqs: Vec<Seq> = (0..5).map(|i| result(&ob, &format!("t{i}"))).collect();
+        let one = ob.take_unsent_within(10, 1);
+        assert_eq!(
+            one.len(),
+            1,
+            "a budget smaller than any entry still takes one"
+        );
+        assert_eq!(one[0].0, seqs[0]);
+        let size = one[0].2;
+        let two = ob.take_unsent_within(10, 2 * size + size / 2);
+        let got: Vec<Seq> = two.iter().map(|(s, _, _)| *s).collect();
+        assert_eq!(got, seqs[1..3], "in order, as many as fit");
+        let rest = ob.take_unsent_within(10, usize::MAX);
+        assert_eq!(rest.len(), 2);
+        assert!(!ob.has_unsent());
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub const CLOSE_REPLACED: u16 = 4009;
 
 /// Outbox entries sent per batch before the loop looks at inbound frames again.
 const SEND_BATCH: usize = 64;
+/// Estimated bytes sent and not yet acknowledged, at most. Bounds how long a heartbeat can sit
+/// behind a large upload on a slow link (about this much divided by the link's speed), so that
+/// a big checkpoint never starves the session of liveness.
+const SEND_WINDOW: usize = 512 * 1024;
 /// Heartbeats remembered for RTT matching.
 const PENDING_HEARTBEATS: usize = 16;
 
@@ -88,6 +92,9 @@ pub(crate) struct Session<'a> {
     timeout: Duration,
     pending_heartbeats: VecDeque<(u64, Instant)>,
     warned_types: std::collections::HashSet<String>,
+    /// Outbox entries sent in this session and not acknowledged yet: size and send time.
+    in_flight: std::collections::HashMap<u64, (usize, Instant)>,
+    in_flight_bytes: usize,
 }
 
 impl<'a> Session<'a> {
@@ -102,6 +109,8 @@ impl<'a> Session<'a> {
             timeout,
             pending_heartbeats: VecDeque::new(),
             warned_types: Default::default(),
+            in_flight: Default::default(),
+            in_flight_bytes: 0,
         }
     }
 
@@ -360,6 +369,8 @@ impl<'a> Session<'a> {
                 self.flush_outbox().await;
             }
             let deadline = self.deadline;
+            // More to send and room in the window: come straight back after any ready event.
+            let more = outbox.has_unsent() && self.in_flight_bytes < SEND_WINDOW;
             let ev = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
@@ -370,6 +381,7 @@ impl<'a> Session<'a> {
                 _ = telemetry.tick() => Ev::Telemetry,
                 _ = stats_log.tick() => Ev::StatsLog,
                 _ = outbox.ready(), if !outbox.has_unsent() => Ev::Wake,
+                _ = std::future::ready(()), if more => Ev::Wake,
             };
             match ev {
                 Ev::Frame(f) => match self.on_frame(f).await {
@@ -410,17 +422,44 @@ impl<'a> Session<'a> {
     }
 
     async fn flush_outbox(&mut self) {
-        let batch = self.agent.outbox.take_unsent(SEND_BATCH);
-        for (_, msg) in &batch {
+        if self.in_flight_bytes >= SEND_WINDOW {
+            self.forget_unacked();
+        }
+        let budget = SEND_WINDOW.saturating_sub(self.in_flight_bytes);
+        if budget == 0 {
+            return;
+        }
+        let batch = self.agent.outbox.take_unsent_within(SEND_BATCH, budget);
+        let sent_at = Instant::now();
+        for (seq, msg, bytes) in &batch {
             count_out(msg);
             let text = encode(msg.as_ref());
             match timeout_at(self.deadline, self.ws.feed(Message::text(text))).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => {
+                    self.in_flight.insert(seq.0, (*bytes, sent_at));
+                    self.in_flight_bytes += bytes;
+                }
                 // Unsent entries stay in the outbox and go again next session.
                 _ => return,
             }
         }
         let _ = timeout_at(self.deadline, self.ws.flush()).await;
+    }
+
+    /// Stops counting messages unacknowledged for longer than the liveness timeout: a
+    /// coordinator that never acknowledges something must not close the window for good
+    /// (the message itself stays in the outbox and goes again next session).
+    fn forget_unacked(&mut self) {
+        let timeout = self.timeout;
+        let mut freed = 0;
+        self.in_flight.retain(|_, (bytes, at)| {
+            let keep = at.elapsed() < timeout;
+            if !keep {
+                freed += *bytes;
+            }
+            keep
+        });
+        self.in_flight_bytes -= freed;
     }
 
     async fn heartbeat(&mut self) -> Result<(), String> {
@@ -502,7 +541,11 @@ impl<'a> Session<'a> {
 
     /// An acknowledgement: the entry leaves the outbox; a result ack goes to the event log;
     /// the ack hook sees it with the message it acknowledged.
-    fn on_ack(&self, ack: &tether_proto::msg::Ack, result: bool) {
+    fn on_ack(&mut self, ack: &tether_proto::msg::Ack, result: bool) {
+        // The acknowledged message no longer takes room in the send window.
+        if let Some((bytes, _)) = self.in_flight.remove(&ack.ack_seq.0) {
+            self.in_flight_bytes -= bytes;
+        }
         if ack.disposition == tether_proto::msg::Disposition::Rejected {
             tracing::warn!(worker = %self.worker(), seq = %ack.ack_seq, task = ?ack.task_id, "coordinator rejected a message; it will not be resent");
         }

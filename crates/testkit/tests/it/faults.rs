@@ -133,3 +133,102 @@ async fn cancel_and_pause_reach_a_running_command_through_resets() {
     assert_eq!(handle.runner.live_tasks(), 0, "no task outlives the agent");
     c.stop().await;
 }
+
+/// Writes one large checkpoint, then runs until cancelled.
+struct BigCheckpoint(usize);
+
+impl tether_worker::Executor for BigCheckpoint {
+    fn execute(
+        &self,
+        _input: tether_worker::TaskInput,
+        ctx: tether_worker::TaskCtx,
+    ) -> futures_util::future::BoxFuture<'static, Result<serde_json::Value, tether_worker::ExecError>>
+    {
+        let size = self.0;
+        Box::pin(async move {
+            // Incompressible-looking bytes, so no layer can shrink the upload.
+            let data: Vec<u8> = (0..size as u64)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect();
+            ctx.checkpoint(data).await;
+            ctx.cancelled().await;
+            Err(tether_worker::ExecError::Cancelled)
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_large_checkpoint_over_a_slow_link_does_not_starve_the_session() {
+    const SIZE: usize = 3 * 1024 * 1024;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let proxy = Proxy::start(ProxyConfig {
+        name: "coordinator".into(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        upstream: c.addr,
+        seed: 5,
+    })
+    .await
+    .expect("proxy");
+    let mut cfg = fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w1");
+    cfg.heartbeat_timeout = std::time::Duration::from_secs(3);
+    let mut executors = Executors::builtin();
+    executors.register("big_checkpoint", BigCheckpoint(SIZE));
+    let w = spawn_worker(cfg, executors);
+    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    // About 4 MB of base64 upstream at 400 kB/s: ten seconds of upload, several times the
+    // liveness timeout of both sides.
+    let slow = proxy
+        .add_fault(Fault::new(
+            "slow",
+            FaultKind::Bandwidth {
+                bytes_per_sec: 400_000,
+            },
+            Direction::Upstream,
+        ))
+        .await
+        .expect("fault");
+    let client = c.client();
+    let ids = client
+        .submit(&[TaskSpec::new("big_checkpoint", serde_json::json!({}))])
+        .await;
+    // Heartbeats keep being answered during the upload: with at most a window of unacknowledged
+    // bytes in flight, a heartbeat waits behind a few pieces, not behind the whole checkpoint.
+    wait_for("the task to start", DEADLINE, || async {
+        (!w.handle.active_tasks().is_empty()).then_some(())
+    })
+    .await;
+    let answered_before = w.handle.stats().rtt_samples;
+    wait_for("heartbeats answered mid-upload", 4 * DEADLINE, || async {
+        let through = slow.stats().bytes_delayed;
+        assert!(
+            through < 3_000_000,
+            "3 MB of the upload went through before 3 heartbeats were answered"
+        );
+        (w.handle.stats().rtt_samples >= answered_before + 3).then_some(())
+    })
+    .await;
+    let t = wait_for("the checkpoint to arrive whole", 4 * DEADLINE, || async {
+        let t = client.task(&ids[0]).await;
+        (!t["latest_checkpoint"].is_null()).then_some(t)
+    })
+    .await;
+    let stats = slow.remove();
+    assert!(stats.bytes_delayed > 0, "the link was slowed: {stats:?}");
+    assert_eq!(t["latest_checkpoint"]["size"], SIZE as u64, "{t}");
+    assert_eq!(
+        w.handle.registrations(),
+        1,
+        "the session lived through the upload: heartbeats were not stuck behind it"
+    );
+    assert_eq!(client.control(&ids[0], "cancel").await.0, 200);
+    client.wait_status(&ids[0], "cancelled").await;
+    let ws: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
+    assert_eq!(
+        ws[0]["sessions"], 1,
+        "the coordinator saw one session: {}",
+        ws[0]
+    );
+    w.stop().await.expect("stop");
+    c.stop().await;
+}
