@@ -2,7 +2,7 @@
 //! process, every kind of disruption once (the first round of the plan always runs to its
 //! end), then the exit code and the JSON report's verdict and figures.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
@@ -136,4 +136,93 @@ fn a_short_e2e_run_with_every_disruption_passes_on_ground_truth() {
         "one worker was killed and restarted: {workers:?}"
     );
     assert!(md.contains("# tether e2e: PASS"), "{md}");
+}
+
+/// Why network namespaces cannot be used here, if they cannot.
+fn netns_unavailable() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not root".into());
+    }
+    let probe = format!("tether-test-probe-{}", std::process::id());
+    match Command::new("ip").args(["netns", "add", &probe]).output() {
+        Ok(o) if o.status.success() => {
+            let _ = Command::new("ip").args(["netns", "del", &probe]).output();
+            None
+        }
+        Ok(o) => Some(format!(
+            "`ip netns add` failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Some(format!("cannot run `ip` (iproute2): {e}")),
+    }
+}
+
+#[test]
+fn workers_in_network_namespaces_survive_a_kernel_link_down_detected_by_both_sides() {
+    if let Some(why) = netns_unavailable() {
+        eprintln!("skipped: workers in network namespaces need root and iproute2 ({why})");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = dir.path().join("netns");
+    let child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "e2e",
+            "--netns",
+            "--workers",
+            "2",
+            "--duration",
+            "1s",
+            "--disruption-interval",
+            "1s",
+            "--seed",
+            "3",
+            "--scenario",
+            "link_down,worker_kill",
+            "--drain-timeout",
+            "60s",
+            "--report",
+        ])
+        .arg(&prefix)
+        .arg("--work-dir")
+        .arg(dir.path().join("work"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tether e2e --netns");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("wait for tether e2e");
+    let md = std::fs::read_to_string(prefix.with_extension("md")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}\nreport:\n{md}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(prefix.with_extension("json")).expect("JSON report");
+    let r: Value = serde_json::from_str(&text).expect("report is JSON");
+    assert_eq!(r["verdict"]["pass"], true, "{md}");
+    let link = &r["by_kind"]["link_down"];
+    assert_eq!(link["count"], 1, "{md}");
+    assert_eq!(link["detected"], 1, "{md}");
+    assert_eq!(link["recovered"], 1, "{md}");
+    for o in r["disruptions"].as_array().expect("disruptions") {
+        if o["kind"] == "link_down" {
+            let t = o["target"].as_str().expect("target");
+            // A link taken down by the kernel is silence: found by the liveness timeouts.
+            assert_eq!(o["worker_detect_dead"][t], true, "{o}");
+            assert!(
+                o["coordinator_detect_ms"][t].as_f64() >= Some(2750.0),
+                "{o}"
+            );
+        }
+    }
+    // Every namespace and link this run made is gone.
+    let ns = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip");
+    let names = String::from_utf8_lossy(&ns.stdout).to_string();
+    assert!(!names.contains(&format!("tether-{pid}-")), "{names}");
 }

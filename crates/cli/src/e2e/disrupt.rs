@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::Utc;
-use tether_faultproxy::{Fault, FaultGuard, FaultStats, Proxy, Target};
+use tether_faultproxy::{Fault, FaultGuard, FaultStats, Proxy, ProxyStats, Target};
 use tether_proto::WorkerId;
 
+use super::netns::NetFleet;
 use super::observe::{self, Observation, Watcher};
 use super::plan::{Disruption, Kind};
 use super::procs::{Coordinator, Worker};
@@ -20,9 +21,26 @@ const TICK: Duration = Duration::from_millis(20);
 /// The live system a disruption acts on.
 pub struct System {
     pub coordinator: Coordinator,
-    pub proxy: Proxy,
+    /// One proxy for every worker, or (with `--netns`) one per worker: worker `i` goes
+    /// through `proxies[i % len]`.
+    pub proxies: Vec<Proxy>,
     pub workers: Vec<Worker>,
     pub watcher: Watcher,
+    pub netns: Option<NetFleet>,
+}
+
+fn sum(stats: impl IntoIterator<Item = FaultStats>) -> FaultStats {
+    stats
+        .into_iter()
+        .fold(FaultStats::default(), |a, s| FaultStats {
+            bytes_passed: a.bytes_passed + s.bytes_passed,
+            bytes_delayed: a.bytes_delayed + s.bytes_delayed,
+            bytes_dropped: a.bytes_dropped + s.bytes_dropped,
+            bytes_corrupted: a.bytes_corrupted + s.bytes_corrupted,
+            connections_reset: a.connections_reset + s.connections_reset,
+            connections_closed: a.connections_closed + s.connections_closed,
+            connections_affected: a.connections_affected + s.connections_affected,
+        })
 }
 
 fn fired(s: &FaultStats) -> bool {
@@ -87,17 +105,38 @@ impl System {
                 if let Some(t) = &target {
                     fault = fault.with_target(Target::Workers(vec![WorkerId::parse(t)?]));
                 }
-                let guard = self.proxy.add_fault(fault).await?;
-                let held = self.hold(d, &guard, target.as_deref(), started_at).await;
+                let mut guards = Vec::new();
+                for (i, p) in self.proxies.iter().enumerate() {
+                    if d.target.is_none_or(|t| t % self.proxies.len() == i) {
+                        guards.push(p.add_fault(fault.clone()).await?);
+                    }
+                }
+                let held = self.hold(d, &guards, target.as_deref(), started_at).await;
                 if !held {
                     note = format!("not seen to take effect within {:?}", d.hold);
                 }
-                Some(guard.remove())
+                Some(sum(guards.into_iter().map(FaultGuard::remove)))
             }
             (None, Kind::ProxyDown) => {
-                self.proxy.down().await;
+                for p in &self.proxies {
+                    p.down().await;
+                }
                 tokio::time::sleep(d.hold).await;
-                self.proxy.up().await?;
+                for p in &self.proxies {
+                    p.up().await?;
+                }
+                None
+            }
+            (None, Kind::LinkDown) => {
+                let (Some(net), Some(i), Some(t)) = (&self.netns, d.target, target.as_deref())
+                else {
+                    anyhow::bail!("link_down needs --netns and a target");
+                };
+                net.set_link(i, false).await?;
+                if !self.silence_detected(t, started_at, d.hold).await {
+                    note = format!("not seen to take effect within {:?}", d.hold);
+                }
+                net.set_link(i, true).await?;
                 None
             }
             (None, Kind::WorkerKill) => {
@@ -150,34 +189,63 @@ impl System {
     async fn hold(
         &self,
         d: &Disruption,
-        guard: &FaultGuard,
+        guards: &[FaultGuard],
         target: Option<&str>,
         since: chrono::DateTime<Utc>,
     ) -> bool {
+        let stats = || sum(guards.iter().map(FaultGuard::stats));
         match d.kind {
-            Kind::Reset => until(d.hold, || guard.stats().connections_reset > 0).await,
-            Kind::LimitData => until(d.hold, || guard.stats().connections_closed > 0).await,
-            Kind::Corrupt => until(d.hold, || guard.stats().bytes_corrupted > 0).await,
-            Kind::Blackhole => {
-                let Some(t) = target else { return false };
-                let events = self
-                    .workers
-                    .iter()
-                    .find(|w| w.id == t)
-                    .map(|w| w.events.clone());
-                until(d.hold, || {
-                    let worker_saw = events
-                        .as_deref()
-                        .is_some_and(|p| observe::lost_since(&observe::read_events(p), since));
-                    worker_saw && self.watcher.detected(t, since).is_some()
-                })
-                .await
-            }
+            Kind::Reset => until(d.hold, || stats().connections_reset > 0).await,
+            Kind::LimitData => until(d.hold, || stats().connections_closed > 0).await,
+            Kind::Corrupt => until(d.hold, || stats().bytes_corrupted > 0).await,
+            Kind::Blackhole => match target {
+                Some(t) => self.silence_detected(t, since, d.hold).await,
+                None => false,
+            },
             _ => {
                 tokio::time::sleep(d.hold).await;
                 true
             }
         }
+    }
+
+    /// Waits (at most `limit`) until both the worker's log and the coordinator's view show
+    /// `worker`'s link declared dead since `since`.
+    async fn silence_detected(
+        &self,
+        worker: &str,
+        since: chrono::DateTime<Utc>,
+        limit: Duration,
+    ) -> bool {
+        let events = self
+            .workers
+            .iter()
+            .find(|w| w.id == worker)
+            .map(|w| w.events.clone());
+        until(limit, || {
+            let worker_saw = events
+                .as_deref()
+                .is_some_and(|p| observe::lost_since(&observe::read_events(p), since));
+            worker_saw && self.watcher.detected(worker, since).is_some()
+        })
+        .await
+    }
+
+    /// The proxies' counters, summed.
+    pub fn proxy_stats(&self) -> ProxyStats {
+        self.proxies
+            .iter()
+            .map(Proxy::stats)
+            .fold(ProxyStats::default(), |a, s| ProxyStats {
+                connections_accepted: a.connections_accepted + s.connections_accepted,
+                connections_active: a.connections_active + s.connections_active,
+                connections_closed: a.connections_closed + s.connections_closed,
+                connections_reset: a.connections_reset + s.connections_reset,
+                upstream_failures: a.upstream_failures + s.upstream_failures,
+                bytes_upstream: a.bytes_upstream + s.bytes_upstream,
+                bytes_downstream: a.bytes_downstream + s.bytes_downstream,
+                faults: sum([a.faults, s.faults]),
+            })
     }
 
     /// Waits until every worker process is registered (its own log) and connected (the

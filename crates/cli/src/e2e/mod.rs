@@ -13,8 +13,10 @@
 //! - [`disrupt`]: applying one disruption and waiting for the fleet to be whole again.
 //! - [`observe`]: the coordinator's view polled all along, event logs, detection and recovery.
 //! - [`tasks`]: the task mix.
+//! - [`netns`]: `--netns`, workers in network namespaces and faults made by the kernel.
 
 mod disrupt;
+mod netns;
 mod observe;
 mod plan;
 mod procs;
@@ -64,9 +66,9 @@ pub struct E2eArgs {
     /// printed).
     #[arg(long)]
     seed: Option<u64>,
-    /// `all`, `network` (proxy faults only), `crash` (the kills), or a comma-separated list
-    /// of: latency, bandwidth, blackhole, reset, limit_data, slicer, stall, corrupt,
-    /// proxy_down, worker_kill, coordinator_kill.
+    /// `all`, `network` (proxy faults only), `crash` (the kills), `kernel` (with --netns),
+    /// or a comma-separated list of: latency, bandwidth, blackhole, reset, limit_data,
+    /// slicer, stall, corrupt, proxy_down, worker_kill, coordinator_kill, link_down.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Where to write the report: a path prefix (`PREFIX.json`, `PREFIX.md`) or a directory.
@@ -76,6 +78,10 @@ pub struct E2eArgs {
     /// directory, kept when the run fails).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Run each worker in a network namespace of its own behind a veth pair (needs root and
+    /// iproute2), which adds kernel-made faults (`link_down`) to the scenario.
+    #[arg(long)]
+    netns: bool,
     /// How long the tasks get to finish once the disruptions are over.
     #[arg(long, default_value = "120s", value_parser = parse_duration_arg)]
     drain_timeout: Duration,
@@ -88,7 +94,10 @@ pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
     if a.disruption_interval.is_zero() {
         bail!("--disruption-interval must be positive");
     }
-    let kinds = plan::scenario_kinds(&a.scenario)?;
+    if a.netns {
+        netns::available().map_err(|e| anyhow::anyhow!("--netns is not possible here: {e}"))?;
+    }
+    let kinds = plan::scenario_kinds(&a.scenario, a.netns)?;
     let seed = a.seed.unwrap_or_else(rand::random);
     let per_round = kinds.len() as u128;
     let slots = a.duration.as_millis() / a.disruption_interval.as_millis().max(1);
@@ -120,22 +129,40 @@ pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
     );
     let run_started = tokio::time::Instant::now();
     let exe = std::env::current_exe().context("cannot find this executable")?;
+    let net = match a.netns {
+        true => Some(netns::NetFleet::create(a.workers)?),
+        false => None,
+    };
     let coordinator = Coordinator::start(&exe, &work).await?;
-    let proxy = Proxy::start(ProxyConfig {
-        name: "e2e".into(),
-        listen: "127.0.0.1:0".parse()?,
-        upstream: coordinator.addr,
-        seed,
-    })
-    .await?;
+    // On loopback one proxy serves every worker; a worker in a namespace reaches the host
+    // through its own veth, so each gets a proxy on its host-side address.
+    let listens: Vec<std::net::SocketAddr> = match &net {
+        Some(n) => n.links.iter().map(|l| (l.host_ip, 0).into()).collect(),
+        None => vec!["127.0.0.1:0".parse()?],
+    };
+    let mut proxies = Vec::new();
+    for (i, listen) in listens.into_iter().enumerate() {
+        proxies.push(
+            Proxy::start(ProxyConfig {
+                name: format!("e2e-{i}"),
+                listen,
+                upstream: coordinator.addr,
+                seed: seed.wrapping_add(i as u64),
+            })
+            .await?,
+        );
+    }
     let mut workers = Vec::new();
     for i in 0..a.workers {
         let mut w = Worker::new(
             &exe,
             &work,
             &format!("e2e-w{}", i + 1),
-            proxy.listen_addr(),
+            proxies[i % proxies.len()].listen_addr(),
             seed.wrapping_add(1000 * i as u64),
+            net.as_ref()
+                .and_then(|n| n.links.get(i))
+                .map(|l| l.ns.clone()),
         );
         w.start()?;
         workers.push(w);
@@ -149,9 +176,10 @@ pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
     );
     let mut sys = System {
         coordinator,
-        proxy,
+        proxies,
         workers,
         watcher,
+        netns: net,
     };
     let outcome = drive(&a, &mut sys, &plan, &kinds, seed).await;
     stop_watch.cancel();
@@ -216,7 +244,7 @@ pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
         },
         disruptions: observations,
         workers: worker_figures(&sys, &logs, &extra.workers_view),
-        proxy: sys.proxy.stats(),
+        proxy: sys.proxy_stats(),
         coordinator_starts: sys.coordinator.starts,
         tasks: extra.outcomes,
         unexpected_exits: truth.unexpected_exits.clone(),

@@ -37,7 +37,9 @@ pub struct Watcher {
 
 impl Watcher {
     pub async fn run(self, api: Api, stop: CancellationToken) {
-        let mut last: BTreeMap<String, String> = BTreeMap::new();
+        // A new disconnect shows as a new `disconnected_at` even when no poll saw the worker
+        // connected in between.
+        let mut last: BTreeMap<String, (String, Option<String>)> = BTreeMap::new();
         loop {
             if let Ok(v) = api.get("/api/v1/workers").await {
                 let seen_at = Utc::now();
@@ -46,11 +48,11 @@ impl Watcher {
                     else {
                         continue;
                     };
-                    if last.get(id).map(String::as_str) != Some(state) {
-                        last.insert(id.to_owned(), state.to_owned());
-                        let disconnected_at = w["disconnected_at"]
-                            .as_str()
-                            .and_then(|s| s.parse::<DateTime<Utc>>().ok());
+                    let raw_at = w["disconnected_at"].as_str().map(str::to_owned);
+                    let now = (state.to_owned(), raw_at.clone());
+                    if last.get(id) != Some(&now) {
+                        last.insert(id.to_owned(), now);
+                        let disconnected_at = raw_at.and_then(|s| s.parse::<DateTime<Utc>>().ok());
                         self.lock().push(CoordSample {
                             worker: id.to_owned(),
                             state: state.to_owned(),
@@ -224,7 +226,7 @@ impl Observation {
                 .target
                 .as_ref()
                 .is_some_and(|t| self.coordinator_detect_ms.contains_key(t)),
-            Kind::Blackhole => self.affected.iter().all(|w| {
+            Kind::Blackhole | Kind::LinkDown => self.affected.iter().all(|w| {
                 self.worker_detect_dead.get(w) == Some(&true)
                     && self.coordinator_detect_ms.contains_key(w)
             }),

@@ -37,6 +37,9 @@ pub enum Kind {
     WorkerKill,
     /// SIGKILL the coordinator; restart it on the same data directory and port.
     CoordinatorKill,
+    /// Kernel-made (`--netns`): one worker's veth link down, TCP left to retransmit into
+    /// nothing, then up.
+    LinkDown,
 }
 
 impl Kind {
@@ -54,6 +57,14 @@ impl Kind {
         Kind::CoordinatorKill,
     ];
 
+    /// Kinds that need `--netns`.
+    pub const KERNEL: [Kind; 1] = [Kind::LinkDown];
+
+    /// Every kind there is.
+    pub fn every() -> impl Iterator<Item = Kind> {
+        Kind::ALL.into_iter().chain(Kind::KERNEL)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Latency => "latency",
@@ -67,11 +78,12 @@ impl Kind {
             Kind::ProxyDown => "proxy_down",
             Kind::WorkerKill => "worker_kill",
             Kind::CoordinatorKill => "coordinator_kill",
+            Kind::LinkDown => "link_down",
         }
     }
 
     pub fn parse(s: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+        Kind::every().find(|k| k.as_str() == s)
     }
 
     /// Whether the disruption must end the sessions of the workers it affects; the others
@@ -85,6 +97,7 @@ impl Kind {
                 | Kind::ProxyDown
                 | Kind::WorkerKill
                 | Kind::CoordinatorKill
+                | Kind::LinkDown
         )
     }
 
@@ -98,15 +111,19 @@ impl Kind {
                 | Kind::LimitData
                 | Kind::Corrupt
                 | Kind::WorkerKill
+                | Kind::LinkDown
         )
     }
 }
 
 /// The kinds of a `--scenario`: `all`, `network` (proxy faults only), `crash` (the two kills),
-/// or a comma-separated list of kind names.
-pub fn scenario_kinds(scenario: &str) -> anyhow::Result<Vec<Kind>> {
+/// `kernel` (faults made by the kernel), or a comma-separated list of kind names. With
+/// `netns`, `all` includes the kernel-made kinds; without, they are refused.
+pub fn scenario_kinds(scenario: &str, netns: bool) -> anyhow::Result<Vec<Kind>> {
     let kinds = match scenario {
+        "all" if netns => Kind::every().collect(),
         "all" => Kind::ALL.to_vec(),
+        "kernel" => Kind::KERNEL.to_vec(),
         "network" => Kind::ALL
             .into_iter()
             .filter(|k| !matches!(k, Kind::WorkerKill | Kind::CoordinatorKill))
@@ -119,8 +136,11 @@ pub fn scenario_kinds(scenario: &str) -> anyhow::Result<Vec<Kind>> {
                     Some(k) if !v.contains(&k) => v.push(k),
                     Some(_) => {}
                     None => bail!(
-                        "unknown disruption {name:?}; use all, network, crash, or a list of: {}",
-                        Kind::ALL.map(Kind::as_str).join(", ")
+                        "unknown disruption {name:?}; use all, network, crash, kernel, or a list of: {}",
+                        Kind::every()
+                            .map(Kind::as_str)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 }
             }
@@ -129,6 +149,12 @@ pub fn scenario_kinds(scenario: &str) -> anyhow::Result<Vec<Kind>> {
     };
     if kinds.is_empty() {
         bail!("the scenario {scenario:?} has no disruption");
+    }
+    if !netns && let Some(k) = kinds.iter().find(|k| Kind::KERNEL.contains(k)) {
+        bail!(
+            "{} is made by the kernel and needs --netns (root, iproute2)",
+            k.as_str()
+        );
     }
     Ok(kinds)
 }
@@ -229,6 +255,8 @@ pub fn plan(
                 Kind::WorkerKill | Kind::CoordinatorKill => {
                     (None, Direction::Both, ms(&mut rng, 300, 1_000))
                 }
+                // Until both sides declared the silent link dead, like a blackhole.
+                Kind::LinkDown => (None, Direction::Both, MAX_HOLD),
             };
             out.push(Disruption {
                 index: out.len(),
@@ -258,7 +286,7 @@ mod tests {
 
     #[test]
     fn the_same_seed_gives_the_same_plan_and_every_round_has_every_kind() {
-        let kinds = scenario_kinds("all").expect("all");
+        let kinds = scenario_kinds("all", false).expect("all");
         let a = plan(&kinds, 3, 4, Duration::from_secs(4), 9);
         let b = plan(&kinds, 3, 4, Duration::from_secs(4), 9);
         let c = plan(&kinds, 3, 4, Duration::from_secs(4), 10);
@@ -277,20 +305,31 @@ mod tests {
     #[test]
     fn scenarios_name_kinds_and_unknown_names_are_refused() {
         assert_eq!(
-            scenario_kinds("crash").expect("crash"),
+            scenario_kinds("crash", false).expect("crash"),
             [Kind::WorkerKill, Kind::CoordinatorKill]
         );
         assert!(
-            !scenario_kinds("network")
+            !scenario_kinds("network", false)
                 .expect("network")
                 .contains(&Kind::WorkerKill)
         );
         assert_eq!(
-            scenario_kinds("reset, blackhole,reset").expect("list"),
+            scenario_kinds("reset, blackhole,reset", false).expect("list"),
             [Kind::Reset, Kind::Blackhole]
         );
-        let e = scenario_kinds("reset,meteor").expect_err("unknown");
+        let e = scenario_kinds("reset,meteor", false).expect_err("unknown");
         assert!(e.to_string().contains("meteor"), "{e}");
-        assert!(scenario_kinds(",").is_err());
+        assert!(scenario_kinds(",", false).is_err());
+        let e = scenario_kinds("link_down", false).expect_err("needs --netns");
+        assert!(e.to_string().contains("--netns"), "{e}");
+        assert_eq!(
+            scenario_kinds("kernel", true).expect("kernel"),
+            [Kind::LinkDown]
+        );
+        assert!(
+            scenario_kinds("all", true)
+                .expect("all")
+                .contains(&Kind::LinkDown)
+        );
     }
 }

@@ -173,13 +173,23 @@ pub struct Worker {
     pub events: PathBuf,
     log: PathBuf,
     seed: u64,
+    /// The network namespace the process runs in, if any.
+    netns: Option<String>,
     child: Option<Child>,
     pub starts: u32,
 }
 
 impl Worker {
-    pub fn new(exe: &Path, work: &Path, id: &str, proxy: SocketAddr, seed: u64) -> Self {
+    pub fn new(
+        exe: &Path,
+        work: &Path,
+        id: &str,
+        proxy: SocketAddr,
+        seed: u64,
+        netns: Option<String>,
+    ) -> Self {
         Self {
+            netns,
             exe: exe.to_owned(),
             id: id.to_owned(),
             url: format!("ws://{proxy}"),
@@ -223,7 +233,20 @@ impl Worker {
             "--seed".into(),
             (self.seed + u64::from(self.starts)).to_string(),
         ];
-        self.child = Some(spawn(&self.exe, &args, &self.log)?);
+        self.child = Some(match &self.netns {
+            // `ip netns exec` enters the namespace and execs the worker: same process.
+            Some(ns) => {
+                let mut v = vec![
+                    "netns".to_owned(),
+                    "exec".into(),
+                    ns.clone(),
+                    self.exe.display().to_string(),
+                ];
+                v.extend(args);
+                spawn(Path::new("ip"), &v, &self.log)?
+            }
+            None => spawn(&self.exe, &args, &self.log)?,
+        });
         self.starts += 1;
         Ok(())
     }

@@ -130,7 +130,7 @@ pub struct BlackholeFigures {
 
 pub fn by_kind(obs: &[Observation]) -> BTreeMap<Kind, KindFigures> {
     let mut out = BTreeMap::new();
-    for kind in Kind::ALL {
+    for kind in Kind::every() {
         let of: Vec<&Observation> = obs.iter().filter(|o| o.kind == kind).collect();
         if of.is_empty() {
             continue;
