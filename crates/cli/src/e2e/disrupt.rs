@@ -10,7 +10,7 @@ use tether_proto::WorkerId;
 
 use super::netns::NetFleet;
 use super::observe::{self, Observation, Watcher};
-use super::plan::{Disruption, Kind};
+use super::plan::{Disruption, Kind, MAX_HOLD};
 use super::procs::{Coordinator, Worker};
 
 /// How long the fleet gets to be whole again after a disruption.
@@ -156,6 +156,17 @@ impl System {
             (None, other) => anyhow::bail!("disruption {} has no fault", other.as_str()),
         };
         let removed_at = Utc::now();
+        // Some damage shows only later (a garbled frame header can leave a reader waiting for
+        // bytes that never come, until its liveness timeout): the fleet is not whole again
+        // before the disruption has been noticed.
+        if d.kind.cuts() || d.kind == Kind::Corrupt {
+            let noticed = self
+                .wait_noticed(d.kind, &affected, started_at, malformed_before)
+                .await;
+            if !noticed && note.is_empty() {
+                note = format!("not noticed within {MAX_HOLD:?}");
+            }
+        }
         let fleet_recovered = self.wait_whole().await;
         let malformed_frames = malformed(self).await.saturating_sub(malformed_before);
         let fired = match &fault_stats {
@@ -229,6 +240,43 @@ impl System {
             worker_saw && self.watcher.detected(worker, since).is_some()
         })
         .await
+    }
+
+    /// Waits (at most [`MAX_HOLD`]) until the disruption was noticed where it must be: the
+    /// coordinator lost a killed worker; the corrupted worker lost its session or the
+    /// coordinator counted undecodable frames; every other affected worker lost its session.
+    async fn wait_noticed(
+        &self,
+        kind: Kind,
+        affected: &[String],
+        since: chrono::DateTime<Utc>,
+        malformed_before: u64,
+    ) -> bool {
+        let end = tokio::time::Instant::now() + MAX_HOLD;
+        loop {
+            let lost = |w: &String| {
+                self.workers
+                    .iter()
+                    .find(|x| &x.id == w)
+                    .is_some_and(|x| observe::lost_since(&observe::read_events(&x.events), since))
+            };
+            let noticed = match kind {
+                Kind::WorkerKill => affected
+                    .iter()
+                    .all(|w| self.watcher.detected(w, since).is_some()),
+                Kind::Corrupt => {
+                    affected.iter().any(lost) || malformed(self).await > malformed_before
+                }
+                _ => affected.iter().all(lost),
+            };
+            if noticed {
+                return true;
+            }
+            if tokio::time::Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The proxies' counters, summed.
