@@ -20,20 +20,42 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tether_proto::{CheckpointId, TaskId, TaskSpec, TaskStatus, WorkerId};
 use tokio::sync::oneshot;
 
 use crate::core::{Api, ApiError, ControlOp, Event};
 use crate::server::AppState;
 
-/// A JSON error body: `{"error": {"code": "...", "message": "..."}}`.
+/// The body of every error: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// not_found, conflict, invalid, bad_request, internal, bad_path, upgrade_required, ...
+    pub code: String,
+    pub message: String,
+}
+
+/// The reply to a submission.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Submitted {
+    #[schema(value_type = Vec<String>)]
+    pub task_ids: Vec<TaskId>,
+}
+
+/// A JSON error response with an [`ErrorBody`].
 pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
-    (
-        status,
-        Json(serde_json::json!({"error": {"code": code, "message": message}})),
-    )
-        .into_response()
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: code.to_owned(),
+            message: message.to_owned(),
+        },
+    };
+    (status, Json(body)).into_response()
 }
 
 impl IntoResponse for ApiError {
@@ -79,10 +101,10 @@ pub enum SubmitBody {
     tag = "tasks",
     request_body(content = serde_json::Value, description = "One task spec, or `{\"tasks\": [specs]}`: kind, config, requires, tags, priority, timeout_ms, max_attempts, task_id (optional)"),
     responses(
-        (status = 201, description = "Accepted: `{\"task_ids\": [...]}`", body = serde_json::Value),
-        (status = 400, description = "Not JSON, or not a spec"),
-        (status = 409, description = "A task id already exists"),
-        (status = 422, description = "An invalid spec, or too many in one request"),
+        (status = 201, description = "Accepted", body = Submitted),
+        (status = 400, description = "Not JSON, or not a spec", body = ErrorBody),
+        (status = 409, description = "A task id already exists", body = ErrorBody),
+        (status = 422, description = "An invalid spec, or too many in one request", body = ErrorBody),
     )
 )]
 pub async fn submit(
@@ -95,11 +117,7 @@ pub async fn submit(
         Err(e) => return error_response(e.status(), "bad_request", &e.body_text()),
     };
     match ask(&app, |reply| Api::Submit { specs, reply }).await {
-        Ok(ids) => (
-            StatusCode::CREATED,
-            Json(serde_json::json!({"task_ids": ids})),
-        )
-            .into_response(),
+        Ok(task_ids) => (StatusCode::CREATED, Json(Submitted { task_ids })).into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -119,8 +137,8 @@ pub struct ListQuery {
         ("limit" = Option<usize>, Query, description = "at most this many, oldest first (default 1000)"),
     ),
     responses(
-        (status = 200, description = "Tasks in submission order", body = serde_json::Value),
-        (status = 422, description = "Unknown status"),
+        (status = 200, description = "Tasks in submission order", body = Vec<crate::model::Task>),
+        (status = 422, description = "Unknown status", body = ErrorBody),
     )
 )]
 pub async fn list_tasks(State(app): State<Arc<AppState>>, Query(q): Query<ListQuery>) -> Response {
@@ -151,9 +169,9 @@ pub async fn list_tasks(State(app): State<Arc<AppState>>, Query(q): Query<ListQu
     tag = "tasks",
     params(("id" = String, Path, description = "task id")),
     responses(
-        (status = 200, description = "The task with its spec, status, lease, attempts and latest checkpoint", body = serde_json::Value),
-        (status = 404, description = "No such task"),
-        (status = 422, description = "Not a task id"),
+        (status = 200, description = "The task with its spec, status, lease, attempts and latest checkpoint", body = crate::model::Task),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 422, description = "Not a task id", body = ErrorBody),
     )
 )]
 pub async fn get_task(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
@@ -170,7 +188,7 @@ pub async fn get_task(State(app): State<Arc<AppState>>, Path(id): Path<String>) 
     params(("id" = String, Path, description = "task id")),
     responses(
         (status = 200, description = "Recorded results: the counted one first, stale ones after", body = serde_json::Value),
-        (status = 404, description = "No such task"),
+        (status = 404, description = "No such task", body = ErrorBody),
     )
 )]
 pub async fn task_result(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
@@ -187,7 +205,7 @@ pub async fn task_result(State(app): State<Arc<AppState>>, Path(id): Path<String
     params(("id" = String, Path, description = "task id")),
     responses(
         (status = 200, description = "The latest state the worker reported (attempt, state, updated_at), or null", body = serde_json::Value),
-        (status = 404, description = "No such task"),
+        (status = 404, description = "No such task", body = ErrorBody),
     )
 )]
 pub async fn task_state(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
@@ -204,7 +222,7 @@ pub async fn task_state(State(app): State<Arc<AppState>>, Path(id): Path<String>
     params(("id" = String, Path, description = "task id")),
     responses(
         (status = 200, description = "Complete checkpoints: checkpoint_id, attempt, size, created_at", body = serde_json::Value),
-        (status = 404, description = "No such task"),
+        (status = 404, description = "No such task", body = ErrorBody),
     )
 )]
 pub async fn task_checkpoints(
@@ -224,7 +242,7 @@ pub async fn task_checkpoints(
     params(("id" = String, Path, description = "task id"), ("cid" = String, Path, description = "checkpoint id")),
     responses(
         (status = 200, description = "The checkpoint's bytes", content_type = "application/octet-stream", body = Vec<u8>),
-        (status = 404, description = "No such task or checkpoint"),
+        (status = 404, description = "No such task or checkpoint", body = ErrorBody),
     )
 )]
 pub async fn checkpoint_data(
@@ -261,9 +279,9 @@ pub async fn checkpoint_data(
     tag = "tasks",
     params(("id" = String, Path, description = "task id"), ("action" = String, Path, description = "cancel, pause, resume or checkpoint")),
     responses(
-        (status = 200, description = "The task after the command", body = serde_json::Value),
-        (status = 404, description = "No such task or action"),
-        (status = 409, description = "Not possible in the task's state"),
+        (status = 200, description = "The task after the command", body = crate::model::Task),
+        (status = 404, description = "No such task or action", body = ErrorBody),
+        (status = 409, description = "Not possible in the task's state", body = ErrorBody),
     )
 )]
 pub async fn control(
@@ -293,7 +311,7 @@ pub async fn control(
     get,
     path = "/api/v1/workers",
     tag = "workers",
-    responses((status = 200, description = "Known workers: state, capabilities, tags, slots, leases, last_seen, connection statistics", body = serde_json::Value))
+    responses((status = 200, description = "Known workers: state, capabilities, tags, slots, leases, last_seen, connection statistics", body = Vec<crate::model::Worker>))
 )]
 pub async fn list_workers(State(app): State<Arc<AppState>>) -> Response {
     json(ask(&app, |reply| Api::ListWorkers { reply }).await)
@@ -305,8 +323,8 @@ pub async fn list_workers(State(app): State<Arc<AppState>>) -> Response {
     tag = "workers",
     params(("id" = String, Path, description = "worker id")),
     responses(
-        (status = 200, description = "One worker", body = serde_json::Value),
-        (status = 404, description = "No such worker"),
+        (status = 200, description = "One worker", body = crate::model::Worker),
+        (status = 404, description = "No such worker", body = ErrorBody),
     )
 )]
 pub async fn get_worker(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
@@ -320,7 +338,7 @@ pub async fn get_worker(State(app): State<Arc<AppState>>, Path(id): Path<String>
     get,
     path = "/api/v1/overview",
     tag = "observe",
-    responses((status = 200, description = "Tasks by state, queue depth, workers by state, counters", body = serde_json::Value))
+    responses((status = 200, description = "Tasks by state, queue depth, workers by state, counters", body = crate::core::Overview))
 )]
 pub async fn overview(State(app): State<Arc<AppState>>) -> Response {
     json(ask(&app, |reply| Api::Overview { reply }).await)
@@ -331,7 +349,7 @@ pub async fn overview(State(app): State<Arc<AppState>>) -> Response {
     get,
     path = "/api/v1/history",
     tag = "observe",
-    responses((status = 200, description = "The last hour of samples (tasks, workers, reconnections, results, RTT), oldest first", body = serde_json::Value))
+    responses((status = 200, description = "The last hour of samples (tasks, workers, reconnections, results, RTT), oldest first", body = Vec<crate::dashboard::Sample>))
 )]
 pub async fn history(State(app): State<Arc<AppState>>) -> Response {
     Json(app.history.all()).into_response()

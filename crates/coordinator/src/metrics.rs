@@ -130,13 +130,11 @@ pub fn install() -> PrometheusHandle {
 
 /// The recorder's configuration: histograms with buckets (not summaries).
 pub fn builder() -> PrometheusBuilder {
-    let b = PrometheusBuilder::new();
-    // Both calls fail only on an empty bucket list.
-    let b = b
+    // INVARIANT: the bucket lists are non-empty constants, the only way these calls fail.
+    PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_bytes".into()), BYTES_BUCKETS)
-        .unwrap_or_else(|_| PrometheusBuilder::new());
-    b.set_buckets(SECONDS_BUCKETS)
-        .unwrap_or_else(|_| PrometheusBuilder::new())
+        .and_then(|b| b.set_buckets(SECONDS_BUCKETS))
+        .expect("bucket lists are not empty")
 }
 
 /// Records a duration in a histogram.

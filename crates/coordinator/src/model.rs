@@ -10,7 +10,7 @@ use tether_proto::task::ConnStats;
 use tether_proto::{Attempt, CheckpointId, Outcome, TaskId, TaskSpec, TaskStatus, WorkerId};
 
 /// What the coordinator wants of a leased task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Desired {
     Running,
@@ -18,18 +18,22 @@ pub enum Desired {
 }
 
 /// A lease: one attempt of a task held by one worker.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Lease {
+    #[schema(value_type = String)]
     pub worker: WorkerId,
+    #[schema(value_type = u32)]
     pub attempt: Attempt,
     pub since: DateTime<Utc>,
     pub desired: Desired,
 }
 
 /// One attempt in a task's timeline.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AttemptRecord {
+    #[schema(value_type = u32)]
     pub attempt: Attempt,
+    #[schema(value_type = String)]
     pub worker: WorkerId,
     pub started_at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -43,11 +47,15 @@ pub struct AttemptRecord {
 }
 
 /// Metadata of a stored checkpoint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CheckpointMeta {
+    #[schema(value_type = String)]
     pub checkpoint_id: CheckpointId,
+    #[schema(value_type = String)]
     pub task_id: TaskId,
+    #[schema(value_type = u32)]
     pub attempt: Attempt,
+    #[schema(value_type = String)]
     pub worker: WorkerId,
     pub size: u64,
     pub chunks: u32,
@@ -55,12 +63,18 @@ pub struct CheckpointMeta {
 }
 
 /// A task as the coordinator records it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Task {
+    #[schema(value_type = String)]
     pub task_id: TaskId,
+    /// The submitted spec: kind, config, requires, tags, priority, timeout_ms, max_attempts.
+    #[schema(value_type = Object)]
     pub spec: Arc<TaskSpec>,
+    /// queued, running, paused, completed, failed, cancelled or timed_out.
+    #[schema(value_type = String)]
     pub status: TaskStatus,
     /// Number of the latest lease (0 before the first).
+    #[schema(value_type = u32)]
     pub attempt: Attempt,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease: Option<Lease>,
@@ -71,6 +85,7 @@ pub struct Task {
     pub finished_at: Option<DateTime<Utc>>,
     /// The outcome of the counted result, when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub outcome: Option<Outcome>,
     /// Why the task failed or was cancelled, when the coordinator decided it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -103,8 +118,9 @@ impl Task {
 }
 
 /// A worker as the coordinator knows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Worker {
+    #[schema(value_type = String)]
     pub worker_id: WorkerId,
     pub capabilities: BTreeSet<String>,
     pub tags: BTreeMap<String, String>,
@@ -114,6 +130,7 @@ pub struct Worker {
     /// `connected` (registered session), `connecting` (session, not registered yet),
     /// `disconnected` (within grace) or `lost`.
     pub state: WorkerState,
+    #[schema(value_type = Vec<String>)]
     pub leases: BTreeSet<TaskId>,
     pub first_seen: DateTime<Utc>,
     pub last_seen: DateTime<Utc>,
@@ -121,6 +138,8 @@ pub struct Worker {
     pub disconnected_at: Option<DateTime<Utc>>,
     pub sessions: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// The latest connection statistics the worker reported.
+    #[schema(value_type = Option<Object>)]
     pub stats: Option<ConnStats>,
     /// Monotonic instant of the disconnect, for the grace period.
     #[serde(skip)]
@@ -129,7 +148,7 @@ pub struct Worker {
     pub session: Option<crate::core::SessionRef>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WorkerState {
     Connecting,

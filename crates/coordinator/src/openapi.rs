@@ -93,6 +93,32 @@ mod tests {
     }
 
     #[test]
+    fn the_main_bodies_have_schemas_from_the_model() {
+        let doc = openapi_json();
+        let schemas = &doc["components"]["schemas"];
+        for (name, field) in [
+            ("Task", "status"),
+            ("Task", "attempts"),
+            ("Worker", "leases"),
+            ("Overview", "queued"),
+            ("Sample", "reconnections"),
+            ("ErrorBody", "error"),
+            ("Submitted", "task_ids"),
+        ] {
+            assert!(
+                schemas[name]["properties"][field].is_object(),
+                "schema {name} has {field}: {}",
+                schemas[name]
+            );
+        }
+        let get_task = &doc["paths"]["/api/v1/tasks/{id}"]["get"]["responses"]["200"];
+        assert_eq!(
+            get_task["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/Task"
+        );
+    }
+
+    #[test]
     fn the_document_is_openapi_3_with_responses_everywhere() {
         let doc = openapi_json();
         assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with('3')));

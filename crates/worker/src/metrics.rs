@@ -91,9 +91,10 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
+            // INVARIANT: the bucket list is a non-empty constant, the only way this fails.
             let recorder = PrometheusBuilder::new()
                 .set_buckets(SECONDS_BUCKETS)
-                .unwrap_or_else(|_| PrometheusBuilder::new())
+                .expect("the bucket list is not empty")
                 .build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {

@@ -38,7 +38,7 @@ pub enum ControlOp {
 }
 
 /// Fleet-wide figures.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Overview {
     pub tasks: BTreeMap<&'static str, u64>,
     pub queued: usize,

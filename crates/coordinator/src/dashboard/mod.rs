@@ -81,7 +81,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 /// One point of the charts.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Sample {
     pub at: DateTime<Utc>,
     /// Tasks by state.
