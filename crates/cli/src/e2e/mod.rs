@@ -25,7 +25,7 @@ mod tasks;
 mod verdict;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -103,24 +103,7 @@ pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
     let slots = a.duration.as_millis() / a.disruption_interval.as_millis().max(1);
     let rounds = usize::try_from(slots.div_ceil(per_round).max(1)).unwrap_or(1);
     let plan = plan::plan(&kinds, rounds, a.workers, a.disruption_interval, seed);
-    let (_temp, work) = match &a.work_dir {
-        Some(d) => {
-            // Old event logs, state and data would mix with this run's ground truth.
-            if std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some()) {
-                bail!("the work directory {} is not empty", d.display());
-            }
-            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-            (None, d.clone())
-        }
-        None => {
-            let t = tempfile::Builder::new()
-                .prefix("tether-e2e-")
-                .tempdir()
-                .context("cannot create a work directory")?;
-            let p = t.path().to_owned();
-            (Some(t), p)
-        }
-    };
+    let (temp, work) = work_dir(a.work_dir.as_deref())?;
     println!(
         "tether e2e: seed {seed}, scenario {}, {} workers, work directory {}",
         a.scenario,
@@ -128,12 +111,82 @@ pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
         work.display()
     );
     let run_started = tokio::time::Instant::now();
+    let mut sys = start(&a, &work, seed).await?;
+    let stop_watch = CancellationToken::new();
+    let watch_task = tokio::spawn(
+        sys.watcher
+            .clone()
+            .run(sys.coordinator.api.clone(), stop_watch.clone()),
+    );
+    let outcome = drive(&a, &mut sys, &plan, &kinds, seed).await;
+    stop_watch.cancel();
+    let _ = watch_task.await;
+    for w in &mut sys.workers {
+        w.stop().await;
+    }
+    sys.coordinator.stop().await;
+    let (truth, observations, extra) = outcome?;
+    let config = report::Config {
+        workers: a.workers,
+        duration_ms: a.duration.as_millis() as u64,
+        disruption_interval_ms: a.disruption_interval.as_millis() as u64,
+        seed,
+        scenario: a.scenario.clone(),
+        kinds,
+        timings: TIMINGS,
+        work_dir: work.clone(),
+    };
+    let mut report = judge(&sys, config, plan, truth, observations, extra);
+    report.wall_ms = run_started.elapsed().as_millis() as u64;
+    if let Some(target) = &a.report {
+        let (json, md) = report.write(target)?;
+        println!("report: {} and {}", json.display(), md.display());
+    }
+    print_summary(&report);
+    if report.verdict.pass {
+        println!("verdict: PASS");
+        Ok(())
+    } else {
+        // Keep the evidence.
+        if let Some(t) = temp {
+            let kept = t.keep();
+            println!("kept the work directory {}", kept.display());
+        }
+        println!("verdict: FAIL");
+        bail!("the end-to-end run failed its checks (see above)")
+    }
+}
+
+/// The work directory: the one given (it must be empty: old event logs, state and data would
+/// mix with this run's ground truth) or a new temporary one.
+fn work_dir(given: Option<&Path>) -> anyhow::Result<(Option<tempfile::TempDir>, PathBuf)> {
+    match given {
+        Some(d) => {
+            if std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some()) {
+                bail!("the work directory {} is not empty", d.display());
+            }
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+            Ok((None, d.to_owned()))
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("tether-e2e-")
+                .tempdir()
+                .context("cannot create a work directory")?;
+            let p = t.path().to_owned();
+            Ok((Some(t), p))
+        }
+    }
+}
+
+/// Starts the namespaces (with `--netns`), the coordinator, the proxies and the workers.
+async fn start(a: &E2eArgs, work: &Path, seed: u64) -> anyhow::Result<System> {
     let exe = std::env::current_exe().context("cannot find this executable")?;
     let net = match a.netns {
         true => Some(netns::NetFleet::create(a.workers)?),
         false => None,
     };
-    let coordinator = Coordinator::start(&exe, &work).await?;
+    let coordinator = Coordinator::start(&exe, work).await?;
     // On loopback one proxy serves every worker; a worker in a namespace reaches the host
     // through its own veth, so each gets a proxy on its host-side address.
     let listens: Vec<std::net::SocketAddr> = match &net {
@@ -156,7 +209,7 @@ pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
     for i in 0..a.workers {
         let mut w = Worker::new(
             &exe,
-            &work,
+            work,
             &format!("e2e-w{}", i + 1),
             proxies[i % proxies.len()].listen_addr(),
             seed.wrapping_add(1000 * i as u64),
@@ -167,37 +220,32 @@ pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
         w.start()?;
         workers.push(w);
     }
-    let stop_watch = CancellationToken::new();
-    let watcher = Watcher::default();
-    let watch_task = tokio::spawn(
-        watcher
-            .clone()
-            .run(coordinator.api.clone(), stop_watch.clone()),
-    );
-    let mut sys = System {
+    Ok(System {
         coordinator,
         proxies,
         workers,
-        watcher,
+        watcher: Watcher::default(),
         netns: net,
-    };
-    let outcome = drive(&a, &mut sys, &plan, &kinds, seed).await;
-    stop_watch.cancel();
-    let _ = watch_task.await;
-    for w in &mut sys.workers {
-        w.stop().await;
-    }
-    sys.coordinator.stop().await;
-    let (truth, mut observations, extra) = outcome?;
-    let logs = read_logs(&sys);
+    })
+}
+
+/// Times each disruption from the event logs and the coordinator's samples, judges the
+/// ground truth, and assembles the report (its `wall_ms` is left to the caller).
+fn judge(
+    sys: &System,
+    config: report::Config,
+    plan: Vec<plan::Disruption>,
+    mut truth: GroundTruth,
+    mut observations: Vec<observe::Observation>,
+    extra: Extra,
+) -> Report {
+    let logs = read_logs(sys);
     let samples = sys.watcher.snapshot();
-    let run_end = extra.over_at;
     let starts: Vec<_> = observations.iter().map(|o| o.started_at).collect();
     for (i, o) in observations.iter_mut().enumerate() {
-        let end = starts.get(i + 1).copied().unwrap_or(run_end);
+        let end = starts.get(i + 1).copied().unwrap_or(extra.over_at);
         o.analyse(&logs, &samples, end);
     }
-    let mut truth = truth;
     truth.acks = acks(&logs);
     truth.disruptions = observations
         .iter()
@@ -214,46 +262,37 @@ pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
         .iter()
         .filter(|o| o.kind == Kind::Blackhole)
         .collect();
-    let report = Report {
-        config: report::Config {
-            workers: a.workers,
-            duration_ms: a.duration.as_millis() as u64,
-            disruption_interval_ms: a.disruption_interval.as_millis() as u64,
-            seed,
-            scenario: a.scenario.clone(),
-            kinds,
-            timings: TIMINGS,
-            work_dir: work.clone(),
-        },
-        wall_ms: run_started.elapsed().as_millis() as u64,
+    let blackhole = BlackholeFigures {
+        worker_heartbeat_timeout: TIMINGS.worker_heartbeat_timeout,
+        coordinator_heartbeat_timeout: TIMINGS.coordinator_heartbeat_timeout,
+        worker_detect: Figures::of(
+            blackholes
+                .iter()
+                .flat_map(|o| o.worker_detect_ms.values().copied()),
+        ),
+        coordinator_detect: Figures::of(
+            blackholes
+                .iter()
+                .flat_map(|o| o.coordinator_detect_ms.values().copied()),
+        ),
+    };
+    Report {
+        config,
+        wall_ms: 0,
         plan,
         by_kind: report::by_kind(&observations),
-        blackhole: BlackholeFigures {
-            worker_heartbeat_timeout: TIMINGS.worker_heartbeat_timeout,
-            coordinator_heartbeat_timeout: TIMINGS.coordinator_heartbeat_timeout,
-            worker_detect: Figures::of(
-                blackholes
-                    .iter()
-                    .flat_map(|o| o.worker_detect_ms.values().copied()),
-            ),
-            coordinator_detect: Figures::of(
-                blackholes
-                    .iter()
-                    .flat_map(|o| o.coordinator_detect_ms.values().copied()),
-            ),
-        },
+        blackhole,
         disruptions: observations,
-        workers: worker_figures(&sys, &logs, &extra.workers_view),
+        workers: worker_figures(sys, &logs, &extra.workers_view),
         proxy: sys.proxy_stats(),
         coordinator_starts: sys.coordinator.starts,
         tasks: extra.outcomes,
         unexpected_exits: truth.unexpected_exits.clone(),
         verdict,
-    };
-    if let Some(target) = &a.report {
-        let (json, md) = report.write(target)?;
-        println!("report: {} and {}", json.display(), md.display());
     }
+}
+
+fn print_summary(report: &Report) {
     println!();
     for c in &report.verdict.checks {
         println!(
@@ -264,27 +303,16 @@ pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
         );
     }
     let b = &report.blackhole;
+    let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0}"));
     println!(
-        "blackhole detection, ms p50/p95/max: worker {:?}/{:?}/{:?}, coordinator {:?}/{:?}/{:?}",
-        b.worker_detect.p50_ms,
-        b.worker_detect.p95_ms,
-        b.worker_detect.max_ms,
-        b.coordinator_detect.p50_ms,
-        b.coordinator_detect.p95_ms,
-        b.coordinator_detect.max_ms
+        "blackhole detection, ms p50/p95/max: worker {}/{}/{}, coordinator {}/{}/{}",
+        f(b.worker_detect.p50_ms),
+        f(b.worker_detect.p95_ms),
+        f(b.worker_detect.max_ms),
+        f(b.coordinator_detect.p50_ms),
+        f(b.coordinator_detect.p95_ms),
+        f(b.coordinator_detect.max_ms)
     );
-    if report.verdict.pass {
-        println!("verdict: PASS");
-        Ok(())
-    } else {
-        // Keep the evidence.
-        if let Some(t) = _temp {
-            let kept = t.keep();
-            println!("kept the work directory {}", kept.display());
-        }
-        println!("verdict: FAIL");
-        bail!("the end-to-end run failed its checks (see above)")
-    }
 }
 
 /// What the run gathered besides the verdict's ground truth.
