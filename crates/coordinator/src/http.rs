@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! POST /api/v1/tasks                      submit one spec or {"tasks": [specs]}
-//! GET  /api/v1/tasks?status=&limit=       list
+//! GET  /api/v1/tasks?status=&limit=&order=  list (order: oldest, the default, or newest)
 //! GET  /api/v1/tasks/{id}                 one task with its attempts
 //! GET  /api/v1/tasks/{id}/result          recorded results (counted first, stale after)
 //! GET  /api/v1/tasks/{id}/state           latest state
@@ -10,8 +10,12 @@
 //! POST /api/v1/tasks/{id}/cancel|pause|resume|checkpoint
 //! GET  /api/v1/workers, /api/v1/workers/{id}
 //! GET  /api/v1/overview                   counts and counters
+//! GET  /api/v1/history                    the dashboard's chart samples
 //! GET  /healthz
 //! ```
+//!
+//! Elsewhere: `/api/v1/events` and `/` (the dashboard), `/metrics`, `/api/v1/openapi.json`.
+//! Every route is listed once, in `server.rs`.
 
 use std::sync::Arc;
 
@@ -126,6 +130,7 @@ pub async fn submit(
 pub struct ListQuery {
     status: Option<String>,
     limit: Option<usize>,
+    order: Option<String>,
 }
 
 #[utoipa::path(
@@ -134,11 +139,12 @@ pub struct ListQuery {
     tag = "tasks",
     params(
         ("status" = Option<String>, Query, description = "queued, running, paused, completed, failed, cancelled or timed_out"),
-        ("limit" = Option<usize>, Query, description = "at most this many, oldest first (default 1000)"),
+        ("limit" = Option<usize>, Query, description = "at most this many (default 1000)"),
+        ("order" = Option<String>, Query, description = "`oldest` (default): the oldest first; `newest`: the newest first"),
     ),
     responses(
-        (status = 200, description = "Tasks in submission order", body = Vec<crate::model::Task>),
-        (status = 422, description = "Unknown status", body = ErrorBody),
+        (status = 200, description = "Tasks in submission order (or the reverse)", body = Vec<crate::model::Task>),
+        (status = 422, description = "Unknown status or order", body = ErrorBody),
     )
 )]
 pub async fn list_tasks(State(app): State<Arc<AppState>>, Query(q): Query<ListQuery>) -> Response {
@@ -152,11 +158,20 @@ pub async fn list_tasks(State(app): State<Arc<AppState>>, Query(q): Query<ListQu
             .into_response();
         }
     };
+    let newest_first = match q.order.as_deref() {
+        None | Some("oldest") => false,
+        Some("newest") => true,
+        Some(o) => {
+            return ApiError::Invalid(format!("unknown order {o:?}; use oldest or newest"))
+                .into_response();
+        }
+    };
     let limit = q.limit.unwrap_or(1000).min(100_000);
     json(
         ask(&app, |reply| Api::ListTasks {
             status,
             limit,
+            newest_first,
             reply,
         })
         .await,

@@ -70,6 +70,8 @@ pub enum Api {
     ListTasks {
         status: Option<TaskStatus>,
         limit: usize,
+        /// The newest `limit` tasks, newest first, instead of the oldest, oldest first.
+        newest_first: bool,
         reply: Reply<Vec<Task>>,
     },
     ListWorkers {
@@ -125,6 +127,7 @@ impl Core {
             Api::ListTasks {
                 status,
                 limit,
+                newest_first,
                 reply,
             } => {
                 let mut v: Vec<&Task> = self
@@ -132,7 +135,11 @@ impl Core {
                     .values()
                     .filter(|t| status.is_none_or(|s| t.status == s))
                     .collect();
-                v.sort_by_key(|t| t.submit_seq);
+                if newest_first {
+                    v.sort_by_key(|t| std::cmp::Reverse(t.submit_seq));
+                } else {
+                    v.sort_by_key(|t| t.submit_seq);
+                }
                 let v = v.into_iter().take(limit).cloned().collect();
                 reply_after_commit(b, reply, Ok(v));
             }

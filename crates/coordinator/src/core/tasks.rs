@@ -36,7 +36,8 @@ impl Core {
             return;
         };
         let ts = now();
-        // INVARIANT: a queued task's updated_at is the time it entered the queue.
+        // A queued task's updated_at is when it entered the queue (submission or requeue); only
+        // a checkpoint completed after its lease ended moves it, shortening that one sample.
         metrics::histogram!(m::DISPATCH_LATENCY).record(m::secs_between(t.updated_at, ts));
         let attempt = t.attempt.next();
         t.attempt = attempt;

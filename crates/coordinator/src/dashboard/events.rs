@@ -16,6 +16,8 @@ use crate::core::{Api, ApiError, Change};
 use crate::http::ask;
 use crate::server::AppState;
 
+/// Least time between two snapshots for a client that lags.
+const RESYNC_PAUSE: Duration = Duration::from_secs(1);
 /// Keep-alive comments keep proxies from closing an idle stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
@@ -32,6 +34,7 @@ pub async fn events(State(app): State<Arc<AppState>>) -> Response {
         samples: app.history.tx.subscribe(),
         app,
         snapshot_due: true,
+        first: true,
     }
     .into_stream();
     Sse::new(stream)
@@ -45,6 +48,8 @@ struct Feed {
     changes: Receiver<Change>,
     samples: Receiver<Arc<Sample>>,
     snapshot_due: bool,
+    /// No snapshot sent yet.
+    first: bool,
 }
 
 impl Feed {
@@ -58,6 +63,14 @@ impl Feed {
     /// The next event, or `None` when the coordinator stops.
     async fn next(&mut self) -> Option<Event> {
         if self.snapshot_due {
+            if !self.first {
+                // A client that keeps lagging gets at most one snapshot per pause.
+                tokio::select! {
+                    _ = self.app.stop.cancelled() => return None,
+                    _ = tokio::time::sleep(RESYNC_PAUSE) => {}
+                }
+            }
+            self.first = false;
             self.snapshot_due = false;
             // Changes queued before the snapshot are in it.
             self.changes = self.changes.resubscribe();
@@ -87,13 +100,13 @@ impl Feed {
         let app = &self.app;
         let overview = ask(app, |reply| Api::Overview { reply }).await?;
         let workers = ask(app, |reply| Api::ListWorkers { reply }).await?;
-        let mut tasks = ask(app, |reply| Api::ListTasks {
+        let newest = ask(app, |reply| Api::ListTasks {
             status: None,
-            limit: usize::MAX,
+            limit: SNAPSHOT_TASKS,
+            newest_first: true,
             reply,
         })
         .await?;
-        let newest = tasks.split_off(tasks.len().saturating_sub(SNAPSHOT_TASKS));
         Ok(json_event(
             "snapshot",
             &serde_json::json!({

@@ -300,3 +300,33 @@ async fn the_event_stream_starts_with_a_snapshot_follows_changes_and_ends_with_t
     .await;
     assert!(rest.is_ok(), "the stream ends with the coordinator");
 }
+
+#[tokio::test]
+async fn tasks_can_be_listed_newest_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let client = c.client();
+    let ids = client
+        .submit(&[
+            sleep_task(10, 1, 0),
+            sleep_task(10, 1, 0),
+            sleep_task(10, 1, 0),
+        ])
+        .await;
+    let (status, newest) = client.get("/api/v1/tasks?order=newest&limit=2").await;
+    assert_eq!(status, 200);
+    let got: Vec<&str> = newest
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|t| t["task_id"].as_str())
+        .collect();
+    assert_eq!(got, [ids[2].as_str(), ids[1].as_str()]);
+    let (status, oldest) = client.get("/api/v1/tasks?limit=1").await;
+    assert_eq!(status, 200);
+    assert_eq!(oldest[0]["task_id"], ids[0].as_str());
+    let (status, e) = client.get("/api/v1/tasks?order=sideways").await;
+    assert_eq!(status, 422, "{e}");
+    assert_eq!(e["error"]["code"], "invalid");
+    c.stop().await;
+}

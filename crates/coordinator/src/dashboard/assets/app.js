@@ -91,7 +91,8 @@ function dispatch(block) {
   switch (name) {
     case "snapshot":
       state.workers = new Map(v.workers.map((w) => [w.worker_id, w]));
-      state.tasks = new Map(v.tasks.map((t) => [t.task_id, t]));
+      // Newest first on the wire; the map keeps the oldest first so trimming drops it.
+      state.tasks = new Map(v.tasks.slice().reverse().map((t) => [t.task_id, t]));
       state.overview = v.overview;
       state.history = v.history;
       state.intervalMs = v.history_interval_ms || state.intervalMs;
