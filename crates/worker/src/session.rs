@@ -95,11 +95,14 @@ pub(crate) struct Session<'a> {
     /// Outbox entries sent in this session and not acknowledged yet: size and send time.
     in_flight: std::collections::HashMap<u64, (usize, Instant)>,
     in_flight_bytes: usize,
+    /// The heartbeat period of this session: this worker's, or the coordinator's when shorter.
+    heartbeat_every: Duration,
 }
 
 impl<'a> Session<'a> {
     pub(crate) fn new(agent: &'a mut Agent, ws: WsStream, generation: u64) -> Self {
         let timeout = agent.cfg.heartbeat_timeout;
+        let heartbeat_every = agent.cfg.heartbeat_interval;
         Self {
             agent,
             ws,
@@ -111,6 +114,7 @@ impl<'a> Session<'a> {
             warned_types: Default::default(),
             in_flight: Default::default(),
             in_flight_bytes: 0,
+            heartbeat_every,
         }
     }
 
@@ -265,6 +269,13 @@ impl<'a> Session<'a> {
                 self.worker()
             )));
         }
+        // The coordinator closes a session silent for its own timeout, which it sized for
+        // its heartbeat interval: never beat slower than it asks.
+        let asked = Duration::from_millis(welcome.heartbeat_interval_ms);
+        if !asked.is_zero() && asked < self.heartbeat_every {
+            tracing::info!(worker = %self.worker(), ours_ms = self.heartbeat_every.as_millis() as u64, coordinator_ms = welcome.heartbeat_interval_ms, "using the coordinator's shorter heartbeat interval");
+            self.heartbeat_every = asked;
+        }
         // 2. registration with the inventory
         let a = &*self.agent;
         let reg = WorkerMsg::Registration(Registration {
@@ -355,7 +366,7 @@ impl<'a> Session<'a> {
     async fn main_loop(&mut self, shutdown: &CancellationToken) -> Result<String, SessionEnd> {
         let cfg = self.agent.cfg.clone();
         let start = Instant::now();
-        let mut heartbeat = interval_at(start + cfg.heartbeat_interval, cfg.heartbeat_interval);
+        let mut heartbeat = interval_at(start + self.heartbeat_every, self.heartbeat_every);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut ping = interval_at(start + cfg.ws_ping_interval, cfg.ws_ping_interval);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);

@@ -113,3 +113,23 @@ async fn a_silent_link_is_declared_dead_after_the_heartbeat_timeout_and_timers_r
     assert_eq!(fake.attempts().len(), 2);
     running.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_beats_at_the_coordinator_s_interval_when_it_is_shorter_than_its_own() {
+    // The fake coordinator's welcome asks for a heartbeat every 5 s.
+    let fake = FakeConnector::new(Script::Healthy);
+    let mut cfg = config();
+    cfg.heartbeat_interval = Duration::from_secs(20);
+    cfg.heartbeat_timeout = Duration::from_secs(60);
+    let running = Running::start(&fake, cfg);
+    let handle = running.handle.clone();
+    handle.wait_state(|s| s == ConnState::Connected).await;
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let s = handle.stats();
+    assert_eq!(
+        s.rtt_samples, 6,
+        "heartbeats at 5, 10, .. 30 s, not at 20 s: {s:?}"
+    );
+    assert_eq!(fake.attempts().len(), 1);
+    running.stop().await;
+}
