@@ -119,15 +119,25 @@ mod tests {
     }
 
     #[test]
-    fn the_document_is_openapi_3_with_responses_everywhere() {
+    fn the_document_is_openapi_3_with_responses_everywhere_and_errors_share_one_body() {
         let doc = openapi_json();
         assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with('3')));
         for (path, item) in doc["paths"].as_object().expect("paths") {
             for (method, op) in item.as_object().expect("item") {
+                let responses = op["responses"].as_object();
                 assert!(
-                    op["responses"].as_object().is_some_and(|r| !r.is_empty()),
+                    responses.is_some_and(|r| !r.is_empty()),
                     "{method} {path} has responses"
                 );
+                for (status, r) in responses.into_iter().flatten() {
+                    if status.starts_with('4') {
+                        assert_eq!(
+                            r["content"]["application/json"]["schema"]["$ref"],
+                            "#/components/schemas/ErrorBody",
+                            "{method} {path} {status} is described as an error body"
+                        );
+                    }
+                }
             }
         }
     }

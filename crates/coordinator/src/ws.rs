@@ -41,9 +41,9 @@ pub const WS_READ_BUFFER: usize = 4 * 1024;
     params(("worker_id" = String, Path, description = "the worker's id, percent-encoded")),
     responses(
         (status = 101, description = "WebSocket session; messages in docs/PROTOCOL.md"),
-        (status = 400, description = "Invalid worker id"),
-        (status = 404, description = "Not the endpoint's shape"),
-        (status = 426, description = "Not a WebSocket upgrade"),
+        (status = 400, description = "Invalid worker id", body = crate::http::ErrorBody),
+        (status = 404, description = "Not the endpoint's shape", body = crate::http::ErrorBody),
+        (status = 426, description = "Not a WebSocket upgrade", body = crate::http::ErrorBody),
     )
 )]
 pub async fn upgrade(

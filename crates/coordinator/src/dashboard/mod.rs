@@ -58,7 +58,7 @@ pub async fn index() -> Response {
     params(("file" = String, Path, description = "app.js or style.css")),
     responses(
         (status = 200, description = "A static asset of the dashboard", body = String),
-        (status = 404, description = "No such file"),
+        (status = 404, description = "No such file", body = crate::http::ErrorBody),
     )
 )]
 pub async fn file(Path(name): Path<String>) -> Response {

@@ -187,7 +187,7 @@ async fn the_dashboard_shows_the_fleet_a_task_and_a_worker_cut_off_and_back() {
 }
 
 #[tokio::test]
-async fn the_dashboard_assets_are_served_from_the_binary() {
+async fn the_dashboard_assets_and_the_api_description_are_served_from_the_binary() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
     let base = format!("http://{}", c.addr);
@@ -212,6 +212,14 @@ async fn the_dashboard_assets_are_served_from_the_binary() {
     }
     let (status, _) = c.client().get("/dashboard/nope.js").await;
     assert_eq!(status, 404);
+    let (status, doc) = c.client().get("/api/v1/openapi.json").await;
+    assert_eq!(status, 200);
+    assert!(
+        doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")),
+        "{}",
+        doc["openapi"]
+    );
+    assert!(doc["paths"]["/api/v1/tasks"]["post"].is_object());
     c.stop().await;
 }
 
