@@ -115,6 +115,15 @@ async fn the_dashboard_shows_the_fleet_a_task_and_a_worker_cut_off_and_back() {
             .wait_eval(action, &task_status(long_id), json!(status))
             .await;
     }
+    // A typed admin token is kept and sent as a bearer token with the controls.
+    browser
+        .eval(
+            "(() => { const t = document.querySelector('#token'); t.value = 'secret-token'; \
+             t.dispatchEvent(new Event('change')); window.seen = []; const f = window.fetch; \
+             window.fetch = (u, o) => { window.seen.push([String(u), o?.headers?.Authorization ?? null]); \
+             return f(u, o); }; })()",
+        )
+        .await;
     browser
         .eval("document.querySelector('#detail button[data-action=\"checkpoint\"]').click()")
         .await;
@@ -125,6 +134,16 @@ async fn the_dashboard_shows_the_fleet_a_task_and_a_worker_cut_off_and_back() {
             json!("checkpoint: sent"),
         )
         .await;
+    assert_eq!(
+        browser
+            .eval("window.seen.find(([u]) => u.endsWith('/checkpoint'))?.[1] ?? null")
+            .await,
+        json!("Bearer secret-token")
+    );
+    assert_eq!(
+        browser.eval("localStorage.getItem('tether.token')").await,
+        json!("secret-token")
+    );
     browser
         .eval("document.querySelector('#detail button[data-action=\"cancel\"]').click()")
         .await;
