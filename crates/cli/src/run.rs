@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use tether_coordinator::CoordinatorConfig;
+use tether_coordinator::auth::WorkerAuth;
 use tether_proto::WorkerId;
+use tether_proto::auth::Secret;
 use tether_worker::backoff::Jitter;
 use tether_worker::{Agent, Executors, WorkerConfig};
 
@@ -39,6 +41,16 @@ pub struct CoordinatorArgs {
     /// finished (e.g. `7d`); kept forever when unset.
     #[arg(long, value_parser = parse_duration_arg)]
     retention: Option<Duration>,
+    /// File holding the fleet secret workers authenticate with (turns authentication on).
+    #[arg(long, env = "TETHER_SECRET_FILE")]
+    secret_file: Option<PathBuf>,
+    /// Directory of per-worker secret files named by worker id (turns authentication on;
+    /// a worker's own file wins over the fleet secret).
+    #[arg(long, env = "TETHER_SECRETS_DIR")]
+    secrets_dir: Option<PathBuf>,
+    /// Largest clock difference accepted in a worker's signed registration.
+    #[arg(long, value_parser = parse_duration_arg)]
+    auth_max_skew: Option<Duration>,
     /// TOML settings file ([coordinator] table).
     #[arg(long, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
@@ -73,6 +85,22 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     if let Some(n) = file.checkpoints_kept {
         cfg.checkpoints_kept = n;
     }
+    cfg.auth = worker_auth(
+        a.secret_file.or(file.secret_file),
+        a.secrets_dir.or(file.secrets_dir),
+        settings::pick_duration(a.auth_max_skew, file.auth_max_skew.as_deref())?,
+    )?;
+    match &cfg.auth {
+        Some(auth) => tracing::info!(
+            fleet_secret = auth.fleet.is_some(),
+            secrets_dir = ?auth.dir,
+            "workers must authenticate"
+        ),
+        None => tracing::warn!(
+            "worker authentication is off: any client can register under any worker id \
+             (give --secret-file or --secrets-dir)"
+        ),
+    }
     let listen = a
         .listen
         .or(file.listen)
@@ -84,6 +112,34 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     tether_coordinator::run(listener, cfg, shutdown).await?;
     Ok(())
 }
+
+/// Worker authentication from a fleet secret file and/or a per-worker directory.
+fn worker_auth(
+    secret_file: Option<PathBuf>,
+    dir: Option<PathBuf>,
+    max_skew: Option<Duration>,
+) -> anyhow::Result<Option<WorkerAuth>> {
+    if secret_file.is_none() && dir.is_none() {
+        return Ok(None);
+    }
+    let fleet = secret_file
+        .map(|f| Secret::from_file(&f))
+        .transpose()
+        .context("fleet secret")?;
+    if let Some(d) = &dir
+        && !d.is_dir()
+    {
+        bail!("secrets directory {} is not a directory", d.display());
+    }
+    Ok(Some(WorkerAuth {
+        fleet,
+        dir,
+        max_skew: max_skew.unwrap_or(tether_proto::auth::DEFAULT_MAX_SKEW),
+    }))
+}
+
+/// Environment variable holding a worker's secret itself (prefer a file).
+pub const SECRET_ENV: &str = "TETHER_SECRET";
 
 #[derive(Args)]
 pub struct WorkerArgs {
@@ -129,6 +185,10 @@ pub struct WorkerArgs {
     /// Append one JSON line per session registered or lost and per result ack to this file.
     #[arg(long, env = "TETHER_EVENT_LOG")]
     event_log: Option<PathBuf>,
+    /// File holding this worker's secret (or the fleet secret); TETHER_SECRET may hold the
+    /// secret itself. Never a flag value, so it never shows in `ps`.
+    #[arg(long, env = "TETHER_SECRET_FILE")]
+    secret_file: Option<PathBuf>,
     /// TOML settings file ([worker] table).
     #[arg(long, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
@@ -217,6 +277,17 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     }
     cfg.seed = a.seed;
     cfg.event_log = a.event_log;
+    cfg.secret = match (
+        a.secret_file.or(file.secret_file),
+        std::env::var_os(SECRET_ENV),
+    ) {
+        (Some(f), _) => Some(Secret::from_file(&f).context("worker secret")?),
+        (None, Some(v)) => Some(
+            Secret::new(v.as_encoded_bytes())
+                .with_context(|| format!("worker secret in {SECRET_ENV}"))?,
+        ),
+        (None, None) => None,
+    };
     if cfg.heartbeat_timeout <= cfg.heartbeat_interval {
         bail!(
             "heartbeat timeout ({:?}) must be longer than the heartbeat interval ({:?})",

@@ -28,6 +28,9 @@ pub struct CoordinatorFile {
     pub max_frame: Option<usize>,
     pub checkpoints_kept: Option<usize>,
     pub retention: Option<String>,
+    pub secret_file: Option<PathBuf>,
+    pub secrets_dir: Option<PathBuf>,
+    pub auth_max_skew: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -45,6 +48,7 @@ pub struct WorkerFile {
     pub max_reconnect_delay: Option<String>,
     pub reconnect_jitter: Option<String>,
     pub max_reconnect_attempts: Option<u32>,
+    pub secret_file: Option<PathBuf>,
 }
 
 pub fn load(path: Option<&Path>) -> anyhow::Result<FileConfig> {

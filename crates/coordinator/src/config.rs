@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::auth::WorkerAuth;
+
 /// Default heartbeat interval announced to workers.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// Default silence after which a session is closed (the worker is then disconnected).
@@ -43,6 +45,8 @@ pub struct CoordinatorConfig {
     pub retention: Option<Duration>,
     /// Period of the dashboard's chart samples.
     pub history_interval: Duration,
+    /// Worker authentication; `None` lets any client register under any id (loopback use).
+    pub auth: Option<WorkerAuth>,
 }
 
 impl CoordinatorConfig {
@@ -60,6 +64,7 @@ impl CoordinatorConfig {
             max_body: DEFAULT_MAX_BODY,
             retention: DEFAULT_RETENTION,
             history_interval: DEFAULT_HISTORY_INTERVAL,
+            auth: None,
         }
     }
 }

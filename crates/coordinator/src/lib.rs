@@ -8,8 +8,10 @@
 //! - [`core`]: the single owner of the model; applies events, dispatches, sweeps.
 //! - [`model`]: tasks, leases, workers.
 //! - [`store`]: SQLite persistence with group commit; effects run after commit.
+//! - [`auth`]: worker secrets and API tokens.
 //! - [`config`]: settings and their defaults.
 
+pub mod auth;
 pub mod config;
 pub mod core;
 pub mod dashboard;

@@ -2,6 +2,8 @@
 //! 4xx, never an accepted-then-closed socket). Each session: welcome, then frames to the core,
 //! heartbeats answered here, a structured `error` for unknown or malformed frames (the session
 //! goes on), 1009 for oversize frames, and a close when nothing arrives for `heartbeat_timeout`.
+//! With worker authentication on, the welcome carries a nonce and the session reaches the core
+//! only after a registration signed over it (else `error` `unauthorized` and close 4001).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,15 +13,18 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{OriginalUri, State};
 use axum::http::StatusCode;
 use axum::response::Response;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use tether_proto::auth::{AuthError, Challenge, NONCE_BYTES, to_hex};
 use tether_proto::endpoint::{PathError, parse_endpoint_path};
 use tether_proto::msg::{
-    CoordMsg, ErrorCode, HeartbeatReply, PROTOCOL_VERSION, Welcome, WorkerMsg, now,
+    CoordMsg, ErrorCode, HeartbeatReply, PROTOCOL_VERSION, Registration, Welcome, WorkerMsg, now,
 };
 use tether_proto::{DecodeError, WorkerId, decode_worker, encode};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
 
+use crate::auth::WorkerAuth;
 use crate::core::{Event, Outgoing, SessionRef};
 use crate::metrics as m;
 use crate::server::AppState;
@@ -32,6 +37,12 @@ const CLOSE_TOO_BIG: u16 = 1009;
 /// zeroed per connection) would make 10,000 idle workers cost 1.25 GiB; worker frames are
 /// small, and the buffer grows for a larger one (up to `max_frame`).
 pub const WS_READ_BUFFER: usize = 4 * 1024;
+/// Close code for a peer that broke a rule (too many frames before authentication).
+const CLOSE_POLICY: u16 = 1008;
+/// Close code of a failed authentication; the worker stops for good.
+pub const CLOSE_UNAUTHORIZED: u16 = 4001;
+/// Frames a connection may send before its registration is authenticated.
+const PRE_AUTH_FRAMES: usize = 16;
 
 /// `GET /api/v1/worker/{worker_id}/ws`
 #[utoipa::path(
@@ -78,20 +89,44 @@ pub async fn upgrade(
 
 async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
     let session_id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::unbounded_channel();
     let (mut sink, mut stream) = socket.split();
     let timeout = app.cfg.heartbeat_timeout;
+    let nonce = app
+        .cfg
+        .auth
+        .as_ref()
+        .map(|_| to_hex(&rand::random::<[u8; NONCE_BYTES]>()));
     let welcome = CoordMsg::Welcome(Welcome {
         worker_id: worker.clone(),
         protocol_version: PROTOCOL_VERSION,
         session_id,
         heartbeat_interval_ms: app.cfg.heartbeat_interval.as_millis() as u64,
         heartbeat_timeout_ms: timeout.as_millis() as u64,
+        nonce: nonce.clone(),
         timestamp: now(),
     });
     if !send_by(Instant::now() + timeout, &mut sink, &welcome).await {
         return;
     }
+    // With authentication on, the core hears of this connection only once it proved who it
+    // is: an impostor never replaces the real worker's session.
+    let registration = match (&app.cfg.auth, nonce) {
+        (Some(auth), Some(nonce)) => {
+            let mut conn = Conn {
+                app: &app,
+                worker: &worker,
+                session_id,
+                sink: &mut sink,
+                stream: &mut stream,
+            };
+            match conn.authenticate(auth, &nonce).await {
+                Some(r) => Some(r),
+                None => return,
+            }
+        }
+        _ => None,
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let session = SessionRef { id: session_id, tx };
     if app
         .events
@@ -103,6 +138,16 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
         .is_err()
     {
         return;
+    }
+    if let Some(r) = registration {
+        let _ = app
+            .events
+            .send(Event::Frame {
+                worker: worker.clone(),
+                session_id,
+                msg: WorkerMsg::Registration(r),
+            })
+            .await;
     }
     tracing::debug!(worker = %worker, session = session_id, "session open");
     metrics::counter!(m::CONNECTIONS).increment(1);
@@ -186,11 +231,17 @@ async fn on_text(
         metrics::counter!(m::MESSAGES_IN, "type" => msg.type_name()).increment(1);
     }
     match decoded {
-        Ok(WorkerMsg::Heartbeat(h)) => Some(CoordMsg::Heartbeat(HeartbeatReply {
-            response_to: Some(h.sequence),
-            actions: Vec::new(),
-            timestamp: now(),
-        })),
+        Ok(WorkerMsg::Heartbeat(h)) => Some(heartbeat_reply(h.sequence)),
+        Ok(WorkerMsg::Registration(_)) if app.cfg.auth.is_some() => {
+            app.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(worker = %worker, session = session_id, "second registration on an authenticated session refused");
+            Some(CoordMsg::error(
+                ErrorCode::Unauthorized,
+                "this session has authenticated already and its nonce is used; reconnect to register again",
+                Some("registration".into()),
+                None,
+            ))
+        }
         Ok(msg) => {
             let _ = app
                 .events
@@ -202,34 +253,167 @@ async fn on_text(
                 .await;
             None
         }
-        Err(e) => {
-            let code = match e {
-                DecodeError::UnknownType { .. } => {
-                    app.counters.unknown_frames.fetch_add(1, Ordering::Relaxed);
-                    ErrorCode::UnknownType
-                }
-                DecodeError::Malformed { .. } => {
-                    app.counters
-                        .malformed_frames
-                        .fetch_add(1, Ordering::Relaxed);
-                    ErrorCode::BadFrame
-                }
-            };
-            tracing::debug!(worker = %worker, error = %e, "undecodable frame");
-            Some(CoordMsg::error(
-                code,
-                e.to_string(),
-                e.offending_type(),
-                e.seq(),
-            ))
+        Err(e) => Some(decode_error(app, worker, &e)),
+    }
+}
+
+fn heartbeat_reply(sequence: u64) -> CoordMsg {
+    CoordMsg::Heartbeat(HeartbeatReply {
+        response_to: Some(sequence),
+        actions: Vec::new(),
+        timestamp: now(),
+    })
+}
+
+/// The structured reply to an undecodable frame, counted.
+fn decode_error(app: &AppState, worker: &WorkerId, e: &DecodeError) -> CoordMsg {
+    let code = match e {
+        DecodeError::UnknownType { .. } => {
+            app.counters.unknown_frames.fetch_add(1, Ordering::Relaxed);
+            ErrorCode::UnknownType
         }
+        DecodeError::Malformed { .. } => {
+            app.counters
+                .malformed_frames
+                .fetch_add(1, Ordering::Relaxed);
+            ErrorCode::BadFrame
+        }
+    };
+    tracing::debug!(worker = %worker, error = %e, "undecodable frame");
+    CoordMsg::error(code, e.to_string(), e.offending_type(), e.seq())
+}
+
+/// A connection before it is handed to the core.
+struct Conn<'a> {
+    app: &'a AppState,
+    worker: &'a WorkerId,
+    session_id: u64,
+    sink: &'a mut SplitSink<WebSocket, Message>,
+    stream: &'a mut SplitStream<WebSocket>,
+}
+
+impl Conn<'_> {
+    /// Waits for a registration whose signature answers `nonce`. Heartbeats are answered,
+    /// anything else is refused; silence, too many frames or a failed check end the connection
+    /// (a failed check with `error` `unauthorized` and close 4001).
+    async fn authenticate(&mut self, auth: &WorkerAuth, nonce: &str) -> Option<Registration> {
+        let deadline = Instant::now() + self.app.cfg.heartbeat_timeout;
+        for _ in 0..PRE_AUTH_FRAMES {
+            let frame = match timeout_at(deadline, self.stream.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) if is_too_big(&e) => {
+                    self.app
+                        .counters
+                        .oversize_frames
+                        .fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::OVERSIZE_FRAMES).increment(1);
+                    self.close(deadline, CLOSE_TOO_BIG, "frame exceeds the size limit")
+                        .await;
+                    return None;
+                }
+                _ => return None,
+            };
+            let reply = match frame {
+                Message::Text(t) => match decode_worker(t.as_str()) {
+                    Ok(WorkerMsg::Registration(r)) => {
+                        return match self.check(auth, nonce, &r).await {
+                            Ok(()) => {
+                                self.app.counters.auth_ok.fetch_add(1, Ordering::Relaxed);
+                                Some(r)
+                            }
+                            Err(e) => {
+                                self.refuse(deadline, &e).await;
+                                None
+                            }
+                        };
+                    }
+                    Ok(WorkerMsg::Heartbeat(h)) => heartbeat_reply(h.sequence),
+                    Ok(other) => CoordMsg::error(
+                        ErrorCode::Unexpected,
+                        "authenticate first: send a signed registration",
+                        Some(other.type_name().into()),
+                        other.seq().map(|s| s.0),
+                    ),
+                    Err(e) => decode_error(self.app, self.worker, &e),
+                },
+                Message::Binary(_) => CoordMsg::error(
+                    ErrorCode::BadFrame,
+                    "binary frames are not accepted before registration",
+                    None,
+                    None,
+                ),
+                Message::Close(_) => return None,
+                Message::Ping(_) | Message::Pong(_) => continue,
+            };
+            if !send_by(deadline, self.sink, &reply).await {
+                return None;
+            }
+        }
+        self.close(
+            deadline,
+            CLOSE_POLICY,
+            "too many frames before authentication",
+        )
+        .await;
+        None
+    }
+
+    async fn check(
+        &self,
+        auth: &WorkerAuth,
+        nonce: &str,
+        r: &Registration,
+    ) -> Result<(), AuthError> {
+        // A worker without a secret fails exactly like a wrong secret: ids are not enumerable.
+        let secret = auth
+            .secret_for(self.worker)
+            .await?
+            .ok_or(AuthError::BadSignature)?;
+        Challenge {
+            worker: self.worker,
+            nonce,
+            timestamp: r.timestamp,
+            boot_id: &r.boot_id,
+        }
+        .verify(&secret, r.signature.as_deref(), now(), auth.max_skew)
+    }
+
+    async fn refuse(&mut self, deadline: Instant, e: &AuthError) {
+        self.app
+            .counters
+            .auth_failures
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(worker = %self.worker, session = self.session_id, reason = %e, "worker authentication failed; closing with 4001");
+        let message = match e {
+            // Our own file problem is logged, not told.
+            AuthError::SecretFile { .. } => AuthError::BadSignature.to_string(),
+            e => e.to_string(),
+        };
+        let reply = CoordMsg::error(
+            ErrorCode::Unauthorized,
+            format!("authentication failed: {message}"),
+            Some("registration".into()),
+            None,
+        );
+        if send_by(deadline, self.sink, &reply).await {
+            self.close(deadline, CLOSE_UNAUTHORIZED, "authentication failed")
+                .await;
+        }
+    }
+
+    async fn close(&mut self, deadline: Instant, code: u16, reason: &str) {
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }));
+        let _ = timeout_at(deadline, self.sink.send(frame)).await;
     }
 }
 
 /// Sends with a deadline; false when the write failed or stalled.
 async fn send_by(
     deadline: Instant,
-    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    sink: &mut SplitSink<WebSocket, Message>,
     m: &CoordMsg,
 ) -> bool {
     metrics::counter!(crate::metrics::MESSAGES_OUT, "type" => m.type_name()).increment(1);

@@ -1,5 +1,6 @@
 //! Wire types of the tether protocol, shared by the coordinator and the worker.
 //!
+//! - [`auth`]: secrets and the registration challenge-response (HMAC-SHA256).
 //! - [`ids`]: newtypes for worker, task and checkpoint ids, attempts and sequence numbers.
 //! - [`endpoint`]: the worker endpoint URL, derived on the worker and parsed on the coordinator.
 //! - [`msg`]: one closed, `type`-tagged enum per direction ([`WorkerMsg`], [`CoordMsg`]).
@@ -9,6 +10,7 @@
 //!
 //! No async runtime here: this crate is what a worker in another language would re-implement.
 
+pub mod auth;
 pub mod codec;
 pub mod endpoint;
 pub mod ids;

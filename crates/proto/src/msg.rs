@@ -83,6 +83,10 @@ pub struct Registration {
     /// What the worker holds, for reconciliation.
     #[serde(default)]
     pub inventory: Inventory,
+    /// hex(HMAC-SHA256) answering the welcome's `nonce` (see [`crate::auth`]); required when
+    /// the coordinator sent a nonce.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
     pub timestamp: DateTime<Utc>,
 }
 
@@ -229,6 +233,8 @@ pub enum ErrorCode {
     NotLeased,
     /// The protocol versions are incompatible.
     IncompatibleProtocol,
+    /// Authentication failed; the session is closed with 4001.
+    Unauthorized,
     /// Too many messages; slow down.
     RateLimited,
     /// The peer could not process a valid message.
@@ -243,6 +249,7 @@ impl ErrorCode {
             ErrorCode::Unexpected => "unexpected",
             ErrorCode::NotLeased => "not_leased",
             ErrorCode::IncompatibleProtocol => "incompatible_protocol",
+            ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Internal => "internal",
         }
@@ -258,6 +265,10 @@ pub struct Welcome {
     pub session_id: u64,
     pub heartbeat_interval_ms: u64,
     pub heartbeat_timeout_ms: u64,
+    /// A fresh random challenge (64 hex digits) when the coordinator requires authentication:
+    /// the registration must carry its `signature`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
     pub timestamp: DateTime<Utc>,
 }
 

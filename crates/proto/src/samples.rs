@@ -41,6 +41,7 @@ pub fn worker_messages() -> Vec<WorkerMsg> {
                 lost: vec![],
                 acked_seq: Seq(4),
             },
+            signature: Some("0".repeat(64)),
             timestamp: ts,
         }),
         WorkerMsg::Heartbeat(Heartbeat {
@@ -147,6 +148,7 @@ pub fn coord_messages() -> Vec<CoordMsg> {
             session_id: 1,
             heartbeat_interval_ms: 5000,
             heartbeat_timeout_ms: 15000,
+            nonce: Some("ab".repeat(32)),
             timestamp: ts,
         }),
         CoordMsg::RegistrationAck(RegistrationAck {

@@ -168,6 +168,8 @@ pub struct Agent {
     pub(crate) lost_checkpoints: HashMap<TaskId, StoredCheckpoint>,
     pub(crate) ack_hook: Option<AckHook>,
     pub(crate) events: Option<EventLog>,
+    /// Whether "the coordinator does not ask to authenticate" was logged already.
+    pub(crate) warned_unauthenticated: bool,
 }
 
 /// Observes every acknowledgement with the message it acknowledged, when the outbox still held
@@ -252,6 +254,7 @@ impl Agent {
             lost_checkpoints: restored.checkpoints.into_iter().collect(),
             ack_hook: None,
             events,
+            warned_unauthenticated: false,
             cfg,
         })
     }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tether_proto::WorkerId;
+use tether_proto::auth::Secret;
 
 use crate::adaptive::AdaptiveConfig;
 use crate::backoff::BackoffConfig;
@@ -57,6 +58,9 @@ pub struct WorkerConfig {
     pub seed: Option<u64>,
     /// A JSON-lines file of connection events and result acks (see [`crate::eventlog`]).
     pub event_log: Option<PathBuf>,
+    /// The secret that signs registrations when the coordinator asks (its `welcome` carries a
+    /// nonce). Never sent, never logged.
+    pub secret: Option<Secret>,
 }
 
 impl WorkerConfig {
@@ -83,6 +87,7 @@ impl WorkerConfig {
             checkpoint_chunk_size: DEFAULT_CHUNK_SIZE,
             seed: None,
             event_log: None,
+            secret: None,
         }
     }
 }

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use tether_proto::auth::Challenge;
 use tether_proto::msg::{
     CoordMsg, ErrorCode, ErrorMsg, Heartbeat, HeartbeatAction, Inventory, PROTOCOL_VERSION,
     Registration, Telemetry, WorkerMsg, now,
@@ -276,7 +277,36 @@ impl<'a> Session<'a> {
             tracing::info!(worker = %self.worker(), ours_ms = self.heartbeat_every.as_millis() as u64, coordinator_ms = welcome.heartbeat_interval_ms, "using the coordinator's shorter heartbeat interval");
             self.heartbeat_every = asked;
         }
-        // 2. registration with the inventory
+        // 2. registration with the inventory, signed over the nonce when one was given
+        let a = &*self.agent;
+        let timestamp = now();
+        let signature = match (&welcome.nonce, &a.cfg.secret) {
+            (Some(nonce), Some(secret)) => Some(
+                Challenge {
+                    worker: &a.cfg.worker_id,
+                    nonce,
+                    timestamp,
+                    boot_id: &a.boot_id,
+                }
+                .sign(secret),
+            ),
+            (Some(_), None) => {
+                return Err(SessionEnd::Refused(
+                    "the coordinator requires authentication and this worker has no secret \
+                     (give --secret-file, TETHER_SECRET_FILE or TETHER_SECRET)"
+                        .into(),
+                ));
+            }
+            (None, Some(_)) => {
+                if !a.warned_unauthenticated {
+                    tracing::warn!(worker = %a.cfg.worker_id, "the coordinator does not ask workers to authenticate; registering without a signature");
+                }
+                None
+            }
+            (None, None) => None,
+        };
+        self.agent.warned_unauthenticated |=
+            welcome.nonce.is_none() && self.agent.cfg.secret.is_some();
         let a = &*self.agent;
         let reg = WorkerMsg::Registration(Registration {
             worker_id: a.cfg.worker_id.clone(),
@@ -292,7 +322,8 @@ impl<'a> Session<'a> {
                 lost: a.lost.clone(),
                 acked_seq: a.outbox.acked_max(),
             },
-            timestamp: now(),
+            signature,
+            timestamp,
         });
         self.send(&reg).await.map_err(SessionEnd::NotRegistered)?;
         // 3. the coordinator's decisions; anything else that arrives first is kept for after.
@@ -357,7 +388,9 @@ impl<'a> Session<'a> {
             .errors_received
             .fetch_add(1, Ordering::Relaxed);
         match e.code {
-            ErrorCode::IncompatibleProtocol => SessionEnd::Refused(e.message.clone()),
+            ErrorCode::IncompatibleProtocol | ErrorCode::Unauthorized => {
+                SessionEnd::Refused(e.message.clone())
+            }
             _ => SessionEnd::NotRegistered(format!("{}: {}", e.code.as_str(), e.message)),
         }
     }

@@ -44,6 +44,7 @@ async fn probe(base: String, i: u32, rate: u32, until: Instant) -> anyhow::Resul
         slots: 1,
         executors: Vec::new(),
         inventory: Inventory::default(),
+        signature: None,
         timestamp: now(),
     });
     ws.send(Message::Text(encode(&reg).into())).await?;

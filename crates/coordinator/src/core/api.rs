@@ -382,6 +382,8 @@ impl Core {
             ("registrations", &c.registrations),
             ("tasks_expired", &c.tasks_expired),
             ("reconnections", &c.reconnections),
+            ("auth_ok", &c.auth_ok),
+            ("auth_failures", &c.auth_failures),
         ]
         .into_iter()
         .map(|(k, v)| (k, v.load(Ordering::Relaxed)))

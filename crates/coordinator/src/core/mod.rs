@@ -101,6 +101,10 @@ pub struct Counters {
     pub tasks_expired: AtomicU64,
     /// Registrations of a worker that had a session before.
     pub reconnections: AtomicU64,
+    /// Registrations whose signature verified.
+    pub auth_ok: AtomicU64,
+    /// Registrations refused by authentication (closed with 4001).
+    pub auth_failures: AtomicU64,
 }
 
 impl Counters {

@@ -65,6 +65,7 @@ impl Harness {
                 slots: 1,
                 executors: vec!["sleep".into()],
                 inventory: Inventory::default(),
+                signature: None,
                 timestamp: now(),
             }),
         );

@@ -89,6 +89,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script) {
             session_id: 1,
             heartbeat_interval_ms: 5000,
             heartbeat_timeout_ms: 15000,
+            nonce: None,
             timestamp: now(),
         })))
         .await;

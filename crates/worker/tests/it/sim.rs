@@ -174,6 +174,7 @@ async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>) {
         session_id: 1,
         heartbeat_interval_ms: 1000,
         heartbeat_timeout_ms: 3000,
+        nonce: None,
         timestamp: now(),
     });
     if ws.send(send(welcome)).await.is_err() {
