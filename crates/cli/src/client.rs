@@ -19,6 +19,29 @@ pub struct CommonArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// File holding the API bearer token (TETHER_TOKEN may hold the token itself).
+    #[arg(long, env = "TETHER_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+/// Environment variable holding the API token itself (prefer a file).
+pub const TOKEN_ENV: &str = "TETHER_TOKEN";
+
+/// The API token from `--token-file`, else from `TETHER_TOKEN`, else none.
+fn api_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let raw = match file {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read token file {}", f.display()))?,
+        None => match std::env::var(TOKEN_ENV) {
+            Ok(t) => t,
+            Err(_) => return Ok(None),
+        },
+    };
+    let token = raw.trim();
+    if token.is_empty() || token.contains(char::is_whitespace) {
+        bail!("the API token must be one line without spaces");
+    }
+    Ok(Some(token.to_owned()))
 }
 
 struct Api {
@@ -30,10 +53,18 @@ impl Api {
     fn new(c: &CommonArgs) -> anyhow::Result<Self> {
         let base = tether_proto::endpoint::derive_http_base(&c.coordinator)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(Self {
-            base,
-            http: reqwest::Client::new(),
-        })
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = api_token(c.token_file.as_deref())? {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .context("the API token holds characters a header cannot carry")?;
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .context("HTTP client")?;
+        Ok(Self { base, http })
     }
 
     async fn call(

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use tether_coordinator::CoordinatorConfig;
-use tether_coordinator::auth::WorkerAuth;
+use tether_coordinator::auth::{ApiTokens, Scope, WorkerAuth};
 use tether_proto::WorkerId;
 use tether_proto::auth::Secret;
 use tether_worker::backoff::Jitter;
@@ -51,6 +51,13 @@ pub struct CoordinatorArgs {
     /// Largest clock difference accepted in a worker's signed registration.
     #[arg(long, value_parser = parse_duration_arg)]
     auth_max_skew: Option<Duration>,
+    /// File of admin API tokens, one per line (turns API authentication on; needed to listen
+    /// on a non-loopback address).
+    #[arg(long, env = "TETHER_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// File of read-only API tokens, one per line.
+    #[arg(long, env = "TETHER_READ_TOKEN_FILE")]
+    read_token_file: Option<PathBuf>,
     /// TOML settings file ([coordinator] table).
     #[arg(long, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
@@ -90,6 +97,10 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         a.secrets_dir.or(file.secrets_dir),
         settings::pick_duration(a.auth_max_skew, file.auth_max_skew.as_deref())?,
     )?;
+    cfg.api_tokens = api_tokens(
+        a.admin_token_file.or(file.admin_token_file),
+        a.read_token_file.or(file.read_token_file),
+    )?;
     match &cfg.auth {
         Some(auth) => tracing::info!(
             fleet_secret = auth.fleet.is_some(),
@@ -111,6 +122,22 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     let shutdown = crate::cancel_on_signal();
     tether_coordinator::run(listener, cfg, shutdown).await?;
     Ok(())
+}
+
+/// API tokens from files; none when no file is given.
+fn api_tokens(admin: Option<PathBuf>, read: Option<PathBuf>) -> anyhow::Result<Option<ApiTokens>> {
+    if admin.is_none() && read.is_none() {
+        return Ok(None);
+    }
+    let mut tokens = ApiTokens::default();
+    for (file, scope) in [(admin, Scope::Admin), (read, Scope::Read)] {
+        if let Some(f) = file {
+            tokens
+                .add_file(&f, scope)
+                .with_context(|| format!("{} token file {}", scope.as_str(), f.display()))?;
+        }
+    }
+    Ok(Some(tokens))
 }
 
 /// Worker authentication from a fleet secret file and/or a per-worker directory.

@@ -31,6 +31,8 @@ pub struct CoordinatorFile {
     pub secret_file: Option<PathBuf>,
     pub secrets_dir: Option<PathBuf>,
     pub auth_max_skew: Option<String>,
+    pub admin_token_file: Option<PathBuf>,
+    pub read_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -4,12 +4,26 @@
 //! Worker secrets come from a fleet secret file, a directory of per-worker secret files (named
 //! by worker id, read at each connection so workers can be provisioned without a restart), or
 //! both (the per-worker file wins). Secrets are never logged and never sent.
+//!
+//! API tokens have a scope: `read` for GET and HEAD, `admin` for everything. Only their SHA-256
+//! digests are kept, compared in constant time. [`require_token`] is a middleware on the whole
+//! router: every route needs the scope of its method except the [`is_public`] paths.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::Response;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tether_proto::WorkerId;
 use tether_proto::auth::{AuthError, Secret};
+
+use crate::server::AppState;
 
 /// How workers authenticate. `None` in the config means authentication is off.
 #[derive(Debug, Clone)]
@@ -46,5 +60,230 @@ impl WorkerAuth {
             }
         }
         Ok(self.fleet.clone())
+    }
+}
+
+/// What an API token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    /// GET and HEAD: list and read tasks, workers, results, metrics.
+    Read,
+    /// Everything: submit, cancel, pause, resume, and all reads.
+    Admin,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Admin => "admin",
+        }
+    }
+
+    /// The scope a request needs: reads for safe methods, admin for the rest.
+    pub fn needed_for(method: &Method) -> Scope {
+        if method == Method::GET || method == Method::HEAD || method == Method::OPTIONS {
+            Scope::Read
+        } else {
+            Scope::Admin
+        }
+    }
+}
+
+/// Bearer tokens of the HTTP API, by digest.
+#[derive(Clone, Default)]
+pub struct ApiTokens {
+    tokens: Vec<([u8; 32], Scope)>,
+}
+
+impl std::fmt::Debug for ApiTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let admin = self.tokens.iter().filter(|t| t.1 == Scope::Admin).count();
+        write!(
+            f,
+            "ApiTokens({admin} admin, {} read)",
+            self.tokens.len() - admin
+        )
+    }
+}
+
+impl ApiTokens {
+    /// Adds a token with a scope.
+    pub fn add(&mut self, token: &Secret, scope: Scope) {
+        self.tokens.push((digest(token.expose()), scope));
+    }
+
+    /// Reads a token file: one token per non-empty line (several allow rotation).
+    pub fn add_file(&mut self, path: &std::path::Path, scope: Scope) -> Result<usize, AuthError> {
+        let text = std::fs::read(path).map_err(|source| AuthError::SecretFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut n = 0;
+        for line in text.split(|b| *b == b'\n') {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            self.add(&Secret::new(line.trim_ascii())?, scope);
+            n += 1;
+        }
+        if n == 0 {
+            return Err(AuthError::SecretTooShort { len: 0 });
+        }
+        Ok(n)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// The scope of a presented token; every known token is compared, in constant time.
+    pub fn scope_of(&self, presented: &str) -> Option<Scope> {
+        let d = digest(presented.as_bytes());
+        let mut best = None;
+        for (known, scope) in &self.tokens {
+            if bool::from(known.ct_eq(&d)) {
+                best = best.max(Some(*scope));
+            }
+        }
+        best
+    }
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Why a listener is refused.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "refusing to serve on {addr} without API tokens: anyone who can reach it could submit \
+     commands to run on the workers; listen on a loopback address or configure tokens \
+     (--admin-token-file)"
+)]
+pub struct Exposed {
+    pub addr: SocketAddr,
+}
+
+/// Without tokens, only a loopback address may be served.
+pub fn check_exposure(addr: SocketAddr, tokens: Option<&ApiTokens>) -> Result<(), Exposed> {
+    match tokens {
+        Some(t) if !t.is_empty() => Ok(()),
+        _ if addr.ip().is_loopback() => Ok(()),
+        _ => Err(Exposed { addr }),
+    }
+}
+
+/// Paths served without a token: the worker endpoint (workers authenticate with their own
+/// handshake), the health check, and the dashboard's static files (they hold no data; the data
+/// comes from the API).
+pub fn is_public(path: &str) -> bool {
+    path == "/healthz"
+        || path == "/"
+        || path.starts_with("/api/v1/worker/")
+        || path.starts_with("/dashboard/")
+}
+
+/// Middleware: the request needs a bearer token of the scope its method needs, when tokens are
+/// configured. 401 without a valid token, 403 with a read token on an admin route.
+pub async fn require_token(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(tokens) = app.cfg.api_tokens.as_ref().filter(|t| !t.is_empty()) else {
+        return next.run(req).await;
+    };
+    if is_public(req.uri().path()) {
+        return next.run(req).await;
+    }
+    let needed = Scope::needed_for(req.method());
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let refuse = |status, code, message: &str| {
+        app.counters
+            .api_auth_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut r = crate::http::error_response(status, code, message);
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r
+    };
+    match presented.map(|p| tokens.scope_of(p)) {
+        None => refuse(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this API needs a bearer token (Authorization: Bearer ...)",
+        ),
+        Some(None) => refuse(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token"),
+        Some(Some(scope)) if scope < needed => {
+            tracing::warn!(method = %req.method(), path = %req.uri().path(), "a read-only token tried an admin request");
+            refuse(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                &format!("this request needs the {} scope", needed.as_str()),
+            )
+        }
+        Some(Some(_)) => next.run(req).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens() -> ApiTokens {
+        let mut t = ApiTokens::default();
+        t.add(
+            &Secret::new(b"admin-token-0123456789").expect("t"),
+            Scope::Admin,
+        );
+        t.add(
+            &Secret::new(b"read-token-0123456789").expect("t"),
+            Scope::Read,
+        );
+        t
+    }
+
+    #[test]
+    fn tokens_map_to_their_scope_and_unknown_tokens_to_none() {
+        let t = tokens();
+        assert_eq!(t.scope_of("admin-token-0123456789"), Some(Scope::Admin));
+        assert_eq!(t.scope_of("read-token-0123456789"), Some(Scope::Read));
+        assert_eq!(t.scope_of("read-token-012345678"), None);
+        assert_eq!(t.scope_of(""), None);
+        assert!(!format!("{t:?}").contains("token-0123"));
+        assert_eq!(Scope::needed_for(&Method::GET), Scope::Read);
+        assert_eq!(Scope::needed_for(&Method::POST), Scope::Admin);
+        assert_eq!(Scope::needed_for(&Method::DELETE), Scope::Admin);
+    }
+
+    #[test]
+    fn without_tokens_only_loopback_addresses_are_served() {
+        let lo: SocketAddr = "127.0.0.1:8765".parse().expect("addr");
+        let lo6: SocketAddr = "[::1]:8765".parse().expect("addr");
+        let any: SocketAddr = "0.0.0.0:8765".parse().expect("addr");
+        let lan: SocketAddr = "192.168.1.4:8765".parse().expect("addr");
+        assert!(check_exposure(lo, None).is_ok());
+        assert!(check_exposure(lo6, None).is_ok());
+        assert!(check_exposure(any, None).is_err());
+        assert!(check_exposure(lan, Some(&ApiTokens::default())).is_err());
+        assert!(check_exposure(lan, Some(&tokens())).is_ok());
+        let e = check_exposure(any, None).expect_err("exposed").to_string();
+        assert!(e.contains("0.0.0.0:8765") && e.contains("token"), "{e}");
+    }
+
+    #[test]
+    fn a_token_file_holds_one_token_per_line() {
+        let dir = tempfile::tempdir().expect("dir");
+        let p = dir.path().join("admin");
+        std::fs::write(&p, "first-token-0123456789\n\nsecond-token-0123456789\n").expect("w");
+        let mut t = ApiTokens::default();
+        assert_eq!(t.add_file(&p, Scope::Admin).expect("read"), 2);
+        assert_eq!(t.scope_of("second-token-0123456789"), Some(Scope::Admin));
+        std::fs::write(&p, "short\n").expect("w");
+        assert!(ApiTokens::default().add_file(&p, Scope::Read).is_err());
+        std::fs::write(&p, "\n").expect("w");
+        assert!(ApiTokens::default().add_file(&p, Scope::Read).is_err());
     }
 }

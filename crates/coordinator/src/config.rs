@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::auth::WorkerAuth;
+use crate::auth::{ApiTokens, WorkerAuth};
 
 /// Default heartbeat interval announced to workers.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
@@ -47,6 +47,8 @@ pub struct CoordinatorConfig {
     pub history_interval: Duration,
     /// Worker authentication; `None` lets any client register under any id (loopback use).
     pub auth: Option<WorkerAuth>,
+    /// Bearer tokens of the HTTP API; without them only a loopback address is served.
+    pub api_tokens: Option<ApiTokens>,
 }
 
 impl CoordinatorConfig {
@@ -65,6 +67,7 @@ impl CoordinatorConfig {
             retention: DEFAULT_RETENTION,
             history_interval: DEFAULT_HISTORY_INTERVAL,
             auth: None,
+            api_tokens: None,
         }
     }
 }

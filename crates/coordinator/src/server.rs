@@ -43,6 +43,8 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("the store failed; see the log")]
     StoreFailed,
+    #[error(transparent)]
+    Exposed(#[from] crate::auth::Exposed),
 }
 
 /// A started coordinator's handles, for embedding (demo, tests).
@@ -108,7 +110,12 @@ pub async fn run_with(
     });
     let app = router(state);
     let addr = listener.local_addr()?;
+    crate::auth::check_exposure(addr, cfg.api_tokens.as_ref())?;
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "coordinator listening");
+    match &cfg.api_tokens {
+        Some(t) if !t.is_empty() => tracing::info!(tokens = ?t, "the HTTP API needs bearer tokens"),
+        _ => tracing::warn!(%addr, "the HTTP API has no tokens: serving a loopback address only"),
+    }
     let serve_stop = {
         let shutdown = shutdown.clone();
         let fatal = fatal.clone();
@@ -237,6 +244,11 @@ fn router(state: Arc<AppState>) -> Router {
     table()
         .router
         .fallback(crate::http::not_found)
+        // Bearer tokens (when configured) for everything but the public paths.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::require_token,
+        ))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }

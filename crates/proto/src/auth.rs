@@ -94,6 +94,11 @@ impl Secret {
         Self::new(&bytes)
     }
 
+    /// The bytes, to hash or MAC; never to log or send.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
     fn mac(&self) -> HmacSha256 {
         // INVARIANT: HMAC accepts keys of any length.
         HmacSha256::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!("hmac takes any key"))

@@ -202,6 +202,22 @@ impl Client {
         }
     }
 
+    /// A client that sends `Authorization: Bearer <token>` with every request.
+    pub fn with_token(base: &str, token: &str) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+        );
+        Self {
+            base: base.trim_end_matches('/').to_owned(),
+            http: reqwest::Client::builder()
+                .default_headers(headers)
+                .build()
+                .expect("client"),
+        }
+    }
+
     /// GET a path, returning status and JSON body.
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
         let r = self

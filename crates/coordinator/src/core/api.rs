@@ -384,6 +384,7 @@ impl Core {
             ("reconnections", &c.reconnections),
             ("auth_ok", &c.auth_ok),
             ("auth_failures", &c.auth_failures),
+            ("api_auth_failures", &c.api_auth_failures),
         ]
         .into_iter()
         .map(|(k, v)| (k, v.load(Ordering::Relaxed)))

@@ -105,6 +105,8 @@ pub struct Counters {
     pub auth_ok: AtomicU64,
     /// Registrations refused by authentication (closed with 4001).
     pub auth_failures: AtomicU64,
+    /// HTTP API requests refused for a missing, unknown or under-scoped token.
+    pub api_auth_failures: AtomicU64,
 }
 
 impl Counters {

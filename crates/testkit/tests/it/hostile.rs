@@ -413,3 +413,91 @@ async fn forged_results_for_another_workers_task_or_an_attempt_not_held_are_reje
     honest.stop().await.expect("clean stop");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn the_http_api_needs_a_token_of_the_right_scope_and_workers_are_unaffected() {
+    use tether_coordinator::auth::{ApiTokens, Scope};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    let mut tokens = ApiTokens::default();
+    tokens.add(
+        &Secret::new(b"admin-token-for-tests").expect("t"),
+        Scope::Admin,
+    );
+    tokens.add(
+        &Secret::new(b"read-token-for-tests").expect("t"),
+        Scope::Read,
+    );
+    cfg.api_tokens = Some(tokens);
+    let c = spawn_coordinator_with(cfg, None).await;
+    let base = format!("http://{}", c.addr);
+    let anonymous = Client::new(&base);
+    let wrong = Client::with_token(&base, "admin-token-for-tests-but-not");
+    let reader = Client::with_token(&base, "read-token-for-tests");
+    let admin = Client::with_token(&base, "admin-token-for-tests");
+    let body = json!({"tasks": [sleep_task(50, 1, 0)]});
+    for (who, client) in [("anonymous", &anonymous), ("wrong", &wrong)] {
+        let (s, v) = client.get("/api/v1/tasks").await;
+        assert_eq!(s, 401, "{who}: {v}");
+        assert_eq!(v["error"]["code"], "unauthorized", "{who}: {v}");
+        let (s, _) = client.post("/api/v1/tasks", &body).await;
+        assert_eq!(s, 401, "{who}");
+    }
+    let (s, _) = reader.get("/api/v1/tasks").await;
+    assert_eq!(s, 200);
+    let (s, v) = reader.post("/api/v1/tasks", &body).await;
+    assert_eq!(s, 403, "{v}");
+    assert_eq!(v["error"]["code"], "forbidden", "{v}");
+    // Health checks and the worker endpoint do not take API tokens.
+    let (s, _) = anonymous.get("/healthz").await;
+    assert_eq!(s, 200);
+    let w = spawn_worker(
+        fast_worker_config(&c.ws_url(), "w-api"),
+        Executors::builtin(),
+    );
+    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    let ids = admin.submit(&[sleep_task(50, 1, 0)]).await;
+    admin.wait_status(&ids[0], "completed").await;
+    let (s, v) = reader.get(&format!("/api/v1/tasks/{}", ids[0])).await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("completed")));
+    let o = admin.overview().await;
+    assert_eq!(counter(&o, "api_auth_failures"), 5, "{o}");
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn with_tokens_metrics_and_the_event_stream_need_a_read_token_and_health_does_not() {
+    use tether_coordinator::auth::{ApiTokens, Scope};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    let mut tokens = ApiTokens::default();
+    tokens.add(
+        &Secret::new(b"read-token-for-tests").expect("t"),
+        Scope::Read,
+    );
+    cfg.api_tokens = Some(tokens);
+    let c = spawn_coordinator_with(cfg, None).await;
+    let http = reqwest::Client::new();
+    for (path, anonymous) in [
+        ("/metrics", 401),
+        ("/api/v1/openapi.json", 401),
+        ("/api/v1/history", 401),
+        ("/api/v1/no-such-route", 401),
+        ("/healthz", 200),
+    ] {
+        let url = format!("http://{}{path}", c.addr);
+        let s = http.get(&url).send().await.expect("request").status();
+        assert_eq!(s.as_u16(), anonymous, "{path} without a token");
+        let s = http
+            .get(&url)
+            .bearer_auth("read-token-for-tests")
+            .send()
+            .await
+            .expect("request")
+            .status();
+        assert_ne!(s.as_u16(), 401, "{path} with a read token");
+        assert_ne!(s.as_u16(), 403, "{path} with a read token");
+    }
+    c.stop().await;
+}

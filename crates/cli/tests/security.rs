@@ -1,0 +1,112 @@
+//! The `tether` binary with secrets and tokens: a worker process with the fleet secret in a
+//! file registers, one with a wrong secret stops with a clear error, and client commands send
+//! their token.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tether_coordinator::auth::{ApiTokens, Scope, WorkerAuth};
+use tether_proto::auth::Secret;
+use tether_testkit::*;
+use tokio::process::Command;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn tether() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tether"));
+    c.env_remove("TETHER_TOKEN")
+        .env_remove("TETHER_SECRET")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    c
+}
+
+#[tokio::test]
+async fn worker_secrets_and_api_tokens_are_read_from_files_by_the_binary() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = tempfile::tempdir().expect("files");
+    let secret = files.path().join("fleet.secret");
+    let wrong = files.path().join("wrong.secret");
+    let token = files.path().join("admin.token");
+    std::fs::write(&secret, "the fleet secret of this test\n").expect("write");
+    std::fs::write(&wrong, "not the fleet secret of this test\n").expect("write");
+    std::fs::write(&token, "admin-token-of-the-cli-test\n").expect("write");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.auth = Some(WorkerAuth::fleet(
+        Secret::from_file(&secret).expect("secret"),
+    ));
+    let mut tokens = ApiTokens::default();
+    tokens.add_file(&token, Scope::Admin).expect("token");
+    cfg.api_tokens = Some(tokens);
+    let c = spawn_coordinator_with(cfg, None).await;
+    let url = format!("ws://{}", c.addr);
+
+    // A wrong secret: the process exits on its own with a clear error.
+    let out = tokio::time::timeout(
+        LONG,
+        tether()
+            .args(["worker", "--coordinator", &url, "--id", "cli-w"])
+            .arg("--secret-file")
+            .arg(&wrong)
+            .output(),
+    )
+    .await
+    .expect("the refused worker exits")
+    .expect("run tether worker");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("authentication failed"), "{err}");
+    assert!(
+        !err.contains("not the fleet secret"),
+        "the secret leaked: {err}"
+    );
+
+    // The right secret: it registers and runs work submitted through the CLI with a token.
+    let mut worker = tether()
+        .args(["worker", "--coordinator", &url, "--id", "cli-w"])
+        .args(["--heartbeat-interval", "200ms", "--heartbeat-timeout", "2s"])
+        .env("TETHER_SECRET_FILE", &secret)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tether worker");
+    let http = format!("http://{}", c.addr);
+    let denied = tether()
+        .args(["tasks", "--coordinator", &http])
+        .output()
+        .await
+        .expect("run tether tasks");
+    assert!(!denied.status.success());
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert!(err.contains("bearer token") && err.contains("401"), "{err}");
+    let submitted = tether()
+        .args(["submit", "--coordinator", &http, "--token-file"])
+        .arg(&token)
+        .args(["--", "true"])
+        .output()
+        .await
+        .expect("run tether submit");
+    assert!(
+        submitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    let admin = Client::with_token(&http, "admin-token-of-the-cli-test");
+    wait_for("the submitted task to complete", LONG, || async {
+        let (_, v) = admin.get("/api/v1/tasks").await;
+        let done = v
+            .as_array()
+            .is_some_and(|ts| ts.len() == 1 && ts[0]["status"] == "completed");
+        done.then_some(())
+    })
+    .await;
+    let listed = tether()
+        .args(["tasks", "--coordinator", &http, "--json"])
+        .env("TETHER_TOKEN", "admin-token-of-the-cli-test")
+        .output()
+        .await
+        .expect("run tether tasks");
+    assert!(listed.status.success());
+    let _ = worker.kill().await;
+    c.stop().await;
+}
