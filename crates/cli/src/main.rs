@@ -9,6 +9,12 @@ mod stress;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of the system allocator: the coordinator allocates per message, and under
+/// load glibc's malloc spent about a tenth of its CPU consolidating and unlinking chunks
+/// (see docs/PERFORMANCE.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tether",

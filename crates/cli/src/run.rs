@@ -116,7 +116,7 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         .listen
         .or(file.listen)
         .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-    let listener = tokio::net::TcpListener::bind(&listen)
+    let listener = bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let shutdown = crate::cancel_on_signal();
@@ -167,6 +167,34 @@ fn worker_auth(
 
 /// Environment variable holding a worker's secret itself (prefer a file).
 pub const SECRET_ENV: &str = "TETHER_SECRET";
+
+/// Connections the kernel may hold for the coordinator before it accepts them (the kernel caps
+/// it at `net.core.somaxconn`). A fleet reconnecting at once must not overflow the queue: a
+/// dropped handshake costs that worker a SYN retransmission, 1 s and then 3 s.
+pub const LISTEN_BACKLOG: u32 = 65_535;
+
+/// Binds like `TcpListener::bind` (address reuse on), with [`LISTEN_BACKLOG`].
+async fn bind(listen: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(listen).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket
+            .bind(addr)
+            .and_then(|()| socket.listen(LISTEN_BACKLOG))
+        {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to listen on")
+    }))
+}
 
 #[derive(Args)]
 pub struct WorkerArgs {

@@ -36,7 +36,7 @@ const CLOSE_TOO_BIG: u16 = 1009;
 /// Initial read buffer of a session's WebSocket. The library default (128 KiB, allocated and
 /// zeroed per connection) would make 10,000 idle workers cost 1.25 GiB; worker frames are
 /// small, and the buffer grows for a larger one (up to `max_frame`).
-pub const WS_READ_BUFFER: usize = 4 * 1024;
+pub const WS_READ_BUFFER: usize = 1024;
 /// Close code for a peer that broke a rule (too many frames before authentication).
 const CLOSE_POLICY: u16 = 1008;
 /// Close code of a failed authentication; the worker stops for good.

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tether_proto::WorkerId;
 use tether_worker::backoff::{BackoffConfig, Jitter};
 use tether_worker::connector::{ConnectError, Connector, Io, WsStream, handshake};
-use tether_worker::executor::{ExecError, Executor, Executors, TaskCtx, TaskInput};
+use tether_worker::executor::{ExecError, ExecMetrics, Executor, Executors, TaskCtx, TaskInput};
 use tether_worker::{Agent, AgentHandle, ConnState, WorkerConfig};
 use tokio::io::AsyncBufReadExt;
 use tokio::task::{AbortHandle, JoinSet};
@@ -139,6 +139,8 @@ struct Shared {
 
 struct Member {
     handle: AgentHandle,
+    /// The executors' counters, fetched once: a status over 10,000 workers must be cheap.
+    metrics: Vec<Arc<ExecMetrics>>,
     stop: CancellationToken,
     abort: AbortHandle,
     record: Arc<Mutex<WorkerRecord>>,
@@ -221,7 +223,7 @@ fn status(members: &[Member], shared: &Shared) -> Status {
         s.connected += u64::from(m.live && state == ConnState::Connected);
         s.failed += u64::from(state == ConnState::Failed);
         s.registrations += m.handle.registrations();
-        for metrics in m.handle.runner.executors().metrics().values() {
+        for metrics in &m.metrics {
             s.executions += metrics.executions.load(Ordering::Relaxed);
             s.completed += metrics.completed.load(Ordering::Relaxed);
             s.resumed += metrics.resumed_from_checkpoint.load(Ordering::Relaxed);
@@ -237,9 +239,10 @@ fn start(
     set: &mut JoinSet<()>,
     count: u32,
 ) -> anyhow::Result<()> {
-    let started_us = now_us();
-    for _ in 0..count {
-        let i = members.len() as u64;
+    // Build every agent first, then start them all: a simultaneous start.
+    let mut ready = Vec::with_capacity(count as usize);
+    for k in 0..u64::from(count) {
+        let i = members.len() as u64 + k;
         let id = format!("{}-{i}", a.prefix);
         let worker_id = WorkerId::parse(&id).with_context(|| format!("worker id {id}"))?;
         let mut cfg = WorkerConfig::new(a.coordinator.clone(), worker_id);
@@ -259,7 +262,12 @@ fn start(
         executors.register("steps", Steps(shared.clone()));
         let source = Ipv4Addr::new(127, 0, 0, 1 + (i % u64::from(a.source_addrs.max(1))) as u8);
         let agent = Agent::new(cfg, executors)?.with_connector(BoundConnector { source });
+        ready.push((id, agent));
+    }
+    let started_us = now_us();
+    for (id, agent) in ready {
         let handle = agent.handle();
+        let metrics = handle.runner.executors().metrics().into_values().collect();
         let record = Arc::new(Mutex::new(WorkerRecord {
             id,
             started_us,
@@ -277,6 +285,7 @@ fn start(
         });
         members.push(Member {
             handle,
+            metrics,
             stop,
             abort,
             record,

@@ -272,6 +272,15 @@ impl Fleet {
         Ok(())
     }
 
+    /// CPU seconds the fleet process used so far.
+    pub fn cpu_s(&self) -> f64 {
+        self.child
+            .id()
+            .and_then(sample)
+            .map(|s| s.cpu_s)
+            .unwrap_or(0.0)
+    }
+
     pub fn now(&self) -> Status {
         self.status.borrow().clone()
     }

@@ -83,6 +83,8 @@ pub struct Report {
     pub high_priority_wait_ms: Option<Dist>,
     pub low_priority_wait_ms: Option<Dist>,
     pub coordinator_cpu_s: f64,
+    /// CPU of the simulated workers' process (it shares the machine with the coordinator).
+    pub fleet_cpu_s: f64,
     /// CPU of the coordinator over the idle window, % of one core.
     pub idle_cpu_pct: Option<f64>,
     pub coordinator_peak_rss_kib: u64,
@@ -180,6 +182,7 @@ impl Report {
             "coordinator CPU seconds",
             format!("{:.2}", self.coordinator_cpu_s),
         );
+        row("fleet CPU seconds", format!("{:.2}", self.fleet_cpu_s));
         if let Some(v) = self.idle_cpu_pct {
             row("coordinator idle CPU, % of one core", format!("{v:.2}"));
         }

@@ -271,6 +271,7 @@ impl Run {
     async fn finish(mut self) -> anyhow::Result<Report> {
         self.phase("stopping", 1);
         let fleet_status = self.fleet.now();
+        self.report.fleet_cpu_s = self.fleet.cpu_s();
         self.fleet.exit().await?;
         self.coord.sample();
         self.coord.stop().await?;

@@ -97,7 +97,7 @@ fn wid(s: &str) -> WorkerId {
 fn drain(rx: &mut mpsc::UnboundedReceiver<Outgoing>) -> Vec<CoordMsg> {
     let mut v = Vec::new();
     while let Ok(Outgoing::Msg(m)) = rx.try_recv() {
-        v.push(m);
+        v.push(*m);
     }
     v
 }
