@@ -58,6 +58,24 @@ pub struct CoordinatorArgs {
     /// File of read-only API tokens, one per line.
     #[arg(long, env = "TETHER_READ_TOKEN_FILE")]
     read_token_file: Option<PathBuf>,
+    /// Most connections open at once; more are closed at accept.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// New connections per second accepted from one source address (burst: 5 s worth).
+    #[arg(long)]
+    connects_per_sec: Option<f64>,
+    /// Apply --connects-per-sec to loopback clients too.
+    #[arg(long)]
+    limit_loopback: bool,
+    /// Time a new connection has to complete its request (slow-loris guard).
+    #[arg(long, value_parser = parse_duration_arg)]
+    handshake_timeout: Option<Duration>,
+    /// Messages per second of one worker session (burst: 2 s worth); excess waits.
+    #[arg(long)]
+    max_messages_per_sec: Option<f64>,
+    /// Largest HTTP request body, bytes.
+    #[arg(long)]
+    max_body: Option<usize>,
     /// TOML settings file ([coordinator] table).
     #[arg(long, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
@@ -67,6 +85,7 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     let file = settings::load(a.config.as_deref())?.coordinator;
     let data_dir = a
         .data_dir
+        .clone()
         .or(file.data_dir)
         .unwrap_or_else(|| tether_coordinator::config::DEFAULT_DATA_DIR.into());
     let mut cfg = CoordinatorConfig::new(data_dir);
@@ -92,6 +111,7 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     if let Some(n) = file.checkpoints_kept {
         cfg.checkpoints_kept = n;
     }
+    apply_limits(&mut cfg, &a)?;
     cfg.auth = worker_auth(
         a.secret_file.or(file.secret_file),
         a.secrets_dir.or(file.secrets_dir),
@@ -121,6 +141,36 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {listen}"))?;
     let shutdown = crate::cancel_on_signal();
     tether_coordinator::run(listener, cfg, shutdown).await?;
+    Ok(())
+}
+
+/// Connection, message and body limits from flags.
+fn apply_limits(cfg: &mut CoordinatorConfig, a: &CoordinatorArgs) -> anyhow::Result<()> {
+    let l = &mut cfg.limits;
+    if let Some(n) = a.max_connections {
+        l.max_connections = n;
+    }
+    if let Some(r) = a.connects_per_sec {
+        if !(r.is_finite() && r > 0.0) {
+            bail!("--connects-per-sec must be a positive number");
+        }
+        l.connects_per_sec = r;
+        l.connect_burst = (r * 5.0).ceil().min(f64::from(u32::MAX)) as u32;
+    }
+    l.limit_loopback = a.limit_loopback;
+    if let Some(d) = a.handshake_timeout {
+        l.handshake_timeout = d;
+    }
+    if let Some(r) = a.max_messages_per_sec {
+        if !(r.is_finite() && r > 0.0) {
+            bail!("--max-messages-per-sec must be a positive number");
+        }
+        l.messages_per_sec = r;
+        l.message_burst = (r * 2.0).ceil().min(f64::from(u32::MAX)) as u32;
+    }
+    if let Some(n) = a.max_body {
+        cfg.max_body = n;
+    }
     Ok(())
 }
 

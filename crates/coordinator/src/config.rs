@@ -28,6 +28,48 @@ pub const DEFAULT_HISTORY_INTERVAL: Duration = Duration::from_secs(10);
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "./tether-data";
 
+/// Default cap on open connections (workers, API clients, handshakes in progress).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+/// Default new connections per second accepted from one source address.
+pub const DEFAULT_CONNECTS_PER_SEC: f64 = 20.0;
+/// Default burst of new connections from one source address.
+pub const DEFAULT_CONNECT_BURST: u32 = 100;
+/// Default time a new connection has to get the server's first byte (a response, or the 101
+/// of an upgrade) by completing its request.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default messages per second of one worker session, sustained.
+pub const DEFAULT_MESSAGES_PER_SEC: f64 = 2000.0;
+/// Default burst of messages of one worker session.
+pub const DEFAULT_MESSAGE_BURST: u32 = 4000;
+
+/// Limits against floods and exhaustion; see `admission` and `ws`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub connects_per_sec: f64,
+    pub connect_burst: u32,
+    /// Apply the per-address rate to loopback clients too (off by default: local processes,
+    /// tests and `tether stress` open many connections from 127.0.0.1).
+    pub limit_loopback: bool,
+    pub handshake_timeout: Duration,
+    pub messages_per_sec: f64,
+    pub message_burst: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            connects_per_sec: DEFAULT_CONNECTS_PER_SEC,
+            connect_burst: DEFAULT_CONNECT_BURST,
+            limit_loopback: false,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            messages_per_sec: DEFAULT_MESSAGES_PER_SEC,
+            message_burst: DEFAULT_MESSAGE_BURST,
+        }
+    }
+}
+
 /// Everything a coordinator needs.
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -49,6 +91,8 @@ pub struct CoordinatorConfig {
     pub auth: Option<WorkerAuth>,
     /// Bearer tokens of the HTTP API; without them only a loopback address is served.
     pub api_tokens: Option<ApiTokens>,
+    /// Connection and message rate limits.
+    pub limits: Limits,
 }
 
 impl CoordinatorConfig {
@@ -68,6 +112,7 @@ impl CoordinatorConfig {
             history_interval: DEFAULT_HISTORY_INTERVAL,
             auth: None,
             api_tokens: None,
+            limits: Limits::default(),
         }
     }
 }

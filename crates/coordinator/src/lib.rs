@@ -8,9 +8,11 @@
 //! - [`core`]: the single owner of the model; applies events, dispatches, sweeps.
 //! - [`model`]: tasks, leases, workers.
 //! - [`store`]: SQLite persistence with group commit; effects run after commit.
+//! - [`admission`]: connection limits at accept, and the token bucket of rate limits.
 //! - [`auth`]: worker secrets and API tokens.
 //! - [`config`]: settings and their defaults.
 
+pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod core;

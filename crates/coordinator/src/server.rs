@@ -108,6 +108,7 @@ pub async fn run_with(
         counters,
         store_stats,
     });
+    let state_counters = state.counters.clone();
     let app = router(state);
     let addr = listener.local_addr()?;
     crate::auth::check_exposure(addr, cfg.api_tokens.as_ref())?;
@@ -128,6 +129,8 @@ pub async fn run_with(
     };
     // Sessions are long-lived: stop the core first so they close, then the server drains.
     let stop_core = stop.clone();
+    let listener =
+        crate::admission::Admission::new(listener, cfg.limits.clone(), state_counters.clone());
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             serve_stop.await;

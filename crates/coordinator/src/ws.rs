@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -24,6 +25,7 @@ use tether_proto::{DecodeError, WorkerId, decode_worker, encode};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
 
+use crate::admission::Bucket;
 use crate::auth::WorkerAuth;
 use crate::core::{Event, Outgoing, SessionRef};
 use crate::metrics as m;
@@ -37,6 +39,8 @@ const CLOSE_TOO_BIG: u16 = 1009;
 /// zeroed per connection) would make 10,000 idle workers cost 1.25 GiB; worker frames are
 /// small, and the buffer grows for a larger one (up to `max_frame`).
 pub const WS_READ_BUFFER: usize = 1024;
+/// Close code for a text frame that is not UTF-8 (RFC 6455: inconsistent data).
+const CLOSE_BAD_DATA: u16 = 1007;
 /// Close code for a peer that broke a rule (too many frames before authentication).
 const CLOSE_POLICY: u16 = 1008;
 /// Close code of a failed authentication; the worker stops for good.
@@ -152,6 +156,9 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
     tracing::debug!(worker = %worker, session = session_id, "session open");
     metrics::counter!(m::CONNECTIONS).increment(1);
     let mut deadline = Instant::now() + timeout;
+    let limits = &app.cfg.limits;
+    let mut rate = Bucket::new(limits.messages_per_sec, limits.message_burst);
+    let mut told_rate: Option<Instant> = None;
     let (kind, reason): (&'static str, String) = loop {
         tokio::select! {
             frame = timeout_at(deadline, stream.next()) => {
@@ -172,10 +179,38 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
                             }))).await;
                             break ("oversize", "oversize frame".into());
                         }
+                        if is_bad_utf8(&e) {
+                            app.counters.malformed_frames.fetch_add(1, Ordering::Relaxed);
+                            let _ = timeout_at(deadline, sink.send(Message::Close(Some(CloseFrame {
+                                code: CLOSE_BAD_DATA,
+                                reason: "text frame is not valid UTF-8".into(),
+                            })))).await;
+                            break ("invalid_utf8", "invalid UTF-8 in a text frame".into());
+                        }
                         break ("error", format!("read: {e}"));
                     }
                     Ok(Some(Ok(m))) => m,
                 };
+                if !rate.take(Instant::now()) {
+                    // Over the session's message rate: tell it once a second, and read nothing
+                    // until a token is there, so a flood backs up in its own socket.
+                    app.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    if told_rate.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        told_rate = Some(Instant::now());
+                        tracing::warn!(worker = %worker, session = session_id, "worker exceeds its message rate");
+                        let e = CoordMsg::error(
+                            ErrorCode::RateLimited,
+                            format!("more than {} messages per second; slow down", app.cfg.limits.messages_per_sec),
+                            None,
+                            None,
+                        );
+                        if !send_by(Instant::now() + timeout, &mut sink, &e).await {
+                            break ("error", "write failed".into());
+                        }
+                    }
+                    tokio::time::sleep_until(rate.next_token_at()).await;
+                    rate.take(Instant::now());
+                }
                 deadline = Instant::now() + timeout;
                 let reply = match frame {
                     Message::Text(t) => on_text(&app, &worker, session_id, t.as_str()).await,
@@ -426,6 +461,19 @@ async fn send_by(
 
 fn text(m: &CoordMsg) -> Message {
     Message::Text(encode(m).into())
+}
+
+fn is_bad_utf8(e: &axum::Error) -> bool {
+    use std::error::Error as _;
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = e.source();
+    while let Some(err) = source {
+        if let Some(WsError::Utf8(_)) = err.downcast_ref::<WsError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 fn is_too_big(e: &axum::Error) -> bool {

@@ -385,6 +385,10 @@ impl Core {
             ("auth_ok", &c.auth_ok),
             ("auth_failures", &c.auth_failures),
             ("api_auth_failures", &c.api_auth_failures),
+            ("connections_refused", &c.connections_refused),
+            ("connections_throttled", &c.connections_throttled),
+            ("slow_handshakes", &c.slow_handshakes),
+            ("rate_limited", &c.rate_limited),
         ]
         .into_iter()
         .map(|(k, v)| (k, v.load(Ordering::Relaxed)))

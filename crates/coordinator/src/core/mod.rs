@@ -109,6 +109,14 @@ pub struct Counters {
     pub auth_failures: AtomicU64,
     /// HTTP API requests refused for a missing, unknown or under-scoped token.
     pub api_auth_failures: AtomicU64,
+    /// Connections closed at accept: too many open.
+    pub connections_refused: AtomicU64,
+    /// Connections closed at accept: too many new ones from that address.
+    pub connections_throttled: AtomicU64,
+    /// Connections closed because their request was not complete by the handshake deadline.
+    pub slow_handshakes: AtomicU64,
+    /// Worker frames that had to wait for the session's message rate.
+    pub rate_limited: AtomicU64,
 }
 
 impl Counters {

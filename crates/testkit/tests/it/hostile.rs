@@ -501,3 +501,220 @@ async fn with_tokens_metrics_and_the_event_stream_need_a_read_token_and_health_d
     }
     c.stop().await;
 }
+
+/// A coordinator with tight limits, for the flood and slow-loris tests.
+async fn limited_coordinator(dir: &std::path::Path) -> TestCoordinator {
+    let mut cfg = fast_coordinator_config(dir.to_owned());
+    cfg.limits.messages_per_sec = 50.0;
+    cfg.limits.message_burst = 50;
+    cfg.limits.handshake_timeout = Duration::from_millis(500);
+    spawn_coordinator_with(cfg, None).await
+}
+
+#[tokio::test]
+async fn a_frame_flood_is_rate_limited_per_session_and_honest_workers_are_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = limited_coordinator(dir.path()).await;
+    let honest = spawn_worker(
+        fast_worker_config(&c.ws_url(), "honest"),
+        Executors::builtin(),
+    );
+    honest
+        .handle
+        .wait_state(|s| s == ConnState::Connected)
+        .await;
+    let mut f = Raw::connect(&c, "flooder").await;
+    let reg = f.registration(None, &[]);
+    f.send(&reg).await;
+    f.next_of("registration_ack").await;
+    let hb = json!({"type": "heartbeat", "sequence": 1, "timestamp": chrono::Utc::now()});
+    let text = hb.to_string();
+    let flood = async {
+        for _ in 0..300 {
+            f.ws.feed(Message::text(text.clone())).await.expect("feed");
+        }
+        f.ws.flush().await.expect("flush");
+    };
+    tokio::time::timeout(DEADLINE, flood)
+        .await
+        .expect("flood sent");
+    let e = f.next_of("error").await;
+    assert_eq!(e["code"], "rate_limited", "{e}");
+    // Meanwhile the honest worker's work goes through.
+    honest_work_completes(&c.client(), 3).await;
+    let o = c.client().overview().await;
+    assert!(counter(&o, "rate_limited") >= 100, "{o}");
+    honest.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn slow_loris_upgrades_are_cut_at_the_handshake_deadline_and_honest_workers_connect() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = limited_coordinator(dir.path()).await;
+    let mut loris = Vec::new();
+    for i in 0..10 {
+        let tcp = tokio::net::TcpStream::connect(c.addr)
+            .await
+            .expect("connect");
+        let (mut rd, mut wr) = tcp.into_split();
+        let head = format!(
+            "GET /api/v1/worker/loris-{i}/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        );
+        wr.write_all(head.as_bytes()).await.expect("write");
+        // One more header line every 100 ms, never the blank line that ends the request.
+        let dribble = tokio::spawn(async move {
+            for n in 0..1000 {
+                if wr
+                    .write_all(format!("X-Slow-{n}: 1\r\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let cut = tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            // EOF or reset, with no response byte.
+            matches!(
+                tokio::time::timeout(DEADLINE, rd.read(&mut buf)).await,
+                Ok(Ok(0) | Err(_))
+            )
+        });
+        loris.push((dribble, cut));
+    }
+    // Honest workers connect and work while the slow connections hang on.
+    let honest = spawn_worker(
+        fast_worker_config(&c.ws_url(), "honest"),
+        Executors::builtin(),
+    );
+    honest
+        .handle
+        .wait_state(|s| s == ConnState::Connected)
+        .await;
+    honest_work_completes(&c.client(), 2).await;
+    for (dribble, cut) in loris {
+        assert!(cut.await.expect("reader"), "a slow connection was not cut");
+        dribble.abort();
+    }
+    let o = c.client().overview().await;
+    assert!(counter(&o, "slow_handshakes") >= 10, "{o}");
+    honest.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_deep_nesting_and_stray_binary_frames_are_refused_clearly() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let honest = spawn_worker(
+        fast_worker_config(&c.ws_url(), "honest"),
+        Executors::builtin(),
+    );
+    honest
+        .handle
+        .wait_state(|s| s == ConnState::Connected)
+        .await;
+    let mut m = Raw::connect(&c, "mallory").await;
+    let reg = m.registration(None, &[]);
+    m.send(&reg).await;
+    m.next_of("registration_ack").await;
+    // Deeply nested JSON, at the top and inside an opaque payload: a bad_frame, session goes on.
+    let deep = "[".repeat(100_000);
+    let inner = format!(
+        r#"{{"type":"task_state","seq":1,"task_id":"t-x","attempt":1,"state":{deep},"timestamp":"2026-01-01T00:00:00Z"}}"#
+    );
+    for frame in [deep.clone(), inner] {
+        m.ws.send(Message::text(frame)).await.expect("send");
+        let e = m.next_of("error").await;
+        assert_eq!(e["code"], "bad_frame", "{e}");
+    }
+    // A binary frame (compression is not negotiated): bad_frame, session goes on.
+    let bomb = vec![0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0, 0];
+    m.ws.send(Message::binary(bomb)).await.expect("send");
+    let e = m.next_of("error").await;
+    assert_eq!(e["code"], "bad_frame", "{e}");
+    m.send(&json!({"type": "heartbeat", "sequence": 77, "timestamp": chrono::Utc::now()}))
+        .await;
+    let hb = m.next_of("heartbeat").await;
+    assert_eq!(hb["response_to"], 77, "{hb}");
+    // A text frame that is not UTF-8: closed with 1007.
+    let bad = Frame::message(vec![b'{', 0xff, 0xfe, b'}'], OpCode::Data(Data::Text), true);
+    m.ws.send(Message::Frame(bad)).await.expect("send");
+    assert_eq!(m.close_code().await, Some(1007));
+    honest_work_completes(&c.client(), 2).await;
+    let o = c.client().overview().await;
+    assert!(counter(&o, "malformed_frames") >= 3, "{o}");
+    honest.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_storm_is_throttled_per_address_and_capped_overall() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.limits.limit_loopback = true;
+    cfg.limits.connects_per_sec = 5.0;
+    cfg.limits.connect_burst = 10;
+    let c = spawn_coordinator_with(cfg, None).await;
+    // The storm comes from 127.0.0.2; everyone else from 127.0.0.1 has a bucket of its own.
+    let url = format!("ws://{}/api/v1/worker/stormer/ws", c.addr);
+    let mut refused = 0;
+    for _ in 0..30 {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind("127.0.0.2:0".parse().expect("addr"))
+            .expect("bind 127.0.0.2");
+        let tcp = sock.connect(c.addr).await.expect("tcp connect");
+        if tokio_tungstenite::client_async(&url, tcp).await.is_err() {
+            refused += 1;
+        }
+    }
+    assert!(
+        refused >= 15,
+        "only {refused} of 30 storm connections refused"
+    );
+    let honest = spawn_worker(
+        fast_worker_config(&c.ws_url(), "honest"),
+        Executors::builtin(),
+    );
+    honest
+        .handle
+        .wait_state(|s| s == ConnState::Connected)
+        .await;
+    honest_work_completes(&c.client(), 2).await;
+    let o = c.client().overview().await;
+    assert!(counter(&o, "connections_throttled") >= 15, "{o}");
+    honest.stop().await.expect("clean stop");
+    c.stop().await;
+
+    // A cap on open connections: the one over it is closed at once.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.limits.max_connections = 3;
+    let c = spawn_coordinator_with(cfg, None).await;
+    let mut held = Vec::new();
+    for i in 0..3 {
+        held.push(Raw::connect(&c, &format!("holder-{i}")).await);
+    }
+    let over = tokio_tungstenite::connect_async(format!("ws://{}/api/v1/worker/over/ws", c.addr));
+    assert!(over.await.is_err(), "a fourth connection was admitted");
+    drop(held);
+    let honest = spawn_worker(
+        fast_worker_config(&c.ws_url(), "honest"),
+        Executors::builtin(),
+    );
+    honest
+        .handle
+        .wait_state(|s| s == ConnState::Connected)
+        .await;
+    honest_work_completes(&c.client(), 2).await;
+    let o = c.client().overview().await;
+    assert!(counter(&o, "connections_refused") >= 1, "{o}");
+    honest.stop().await.expect("clean stop");
+    c.stop().await;
+}
