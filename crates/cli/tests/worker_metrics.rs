@@ -77,5 +77,13 @@ async fn a_worker_process_serves_its_metrics_when_asked() {
     assert!(value(wm::OUTBOX_DEPTH, &[]) >= 0.0);
     assert_eq!(value(wm::TASKS, &[("state", "running")]), 0.0);
     assert!(value(wm::STABILITY, &[]) > 0.0);
+    for line in text.lines() {
+        if let Some(name) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|l| l.split(' ').next())
+        {
+            assert!(text.contains(&format!("# HELP {name} ")), "{name} has help");
+        }
+    }
     c.stop().await;
 }

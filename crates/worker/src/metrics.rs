@@ -102,9 +102,66 @@ pub fn install() -> PrometheusHandle {
                     "another metrics recorder is installed; the worker's /metrics shows only what it does not record"
                 );
             }
+            describe();
             handle
         })
         .clone()
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(CONNECTION_ATTEMPTS, "connection attempts");
+    describe_counter!(
+        CONNECTION_FAILURES,
+        "attempts that did not end in a registered session"
+    );
+    describe_counter!(SESSIONS_LOST, "registered sessions that were lost");
+    describe_counter!(RECONNECTIONS, "registrations after a lost session");
+    describe_gauge!(CONNECTION_STATE, "1 for the current connection state");
+    describe_histogram!(HEARTBEAT_RTT, Unit::Seconds, "heartbeat round trip");
+    describe_histogram!(
+        DEAD_DETECT,
+        Unit::Seconds,
+        "silence before a session was declared dead"
+    );
+    describe_histogram!(
+        RECONNECT_DURATION,
+        Unit::Seconds,
+        "lost session to next registration"
+    );
+    describe_gauge!(
+        HEARTBEAT_TIMEOUT,
+        Unit::Seconds,
+        "current adaptive liveness timeout"
+    );
+    describe_gauge!(STABILITY, "connected time / total time");
+    describe_counter!(MESSAGES_IN, "messages from the coordinator, by type");
+    describe_counter!(MESSAGES_OUT, "messages to the coordinator, by type");
+    describe_counter!(ERRORS, "error messages by code and direction");
+    describe_gauge!(OUTBOX_DEPTH, "outbox entries waiting for an ack");
+    describe_gauge!(OUTBOX_BYTES, Unit::Bytes, "encoded bytes in the outbox");
+    describe_gauge!(TASKS, "tasks on this worker, by state");
+    describe_counter!(
+        TASKS_FINISHED,
+        "executions that ended with a result, by outcome"
+    );
+    describe_histogram!(TASK_DURATION, Unit::Seconds, "one execution, by outcome");
+    describe_counter!(
+        CHECKPOINT_BYTES,
+        Unit::Bytes,
+        "checkpoint bytes queued for upload"
+    );
+    describe_counter!(
+        COMPRESSION_RAW_BYTES,
+        Unit::Bytes,
+        "payload bytes before compression"
+    );
+    describe_counter!(
+        COMPRESSION_WIRE_BYTES,
+        Unit::Bytes,
+        "payload bytes after compression"
+    );
+    describe_gauge!(COMPRESSION_RATIO, "raw / compressed bytes since start");
 }
 
 /// Records a duration in a histogram.

@@ -95,6 +95,19 @@ async fn metrics_families_are_served_and_move_with_a_run_with_a_reconnection() {
     assert!(v(&after, wm::SESSIONS_LOST, &[]) > 0.0);
     assert!(v(&after, wm::MESSAGES_OUT, &[("type", "heartbeat")]) > 0.0);
     assert!(v(&after, wm::TASKS_FINISHED, &[("outcome", "completed")]) > 0.0);
+    // Every family of the coordinator has its help text.
+    for line in after.lines() {
+        if let Some(name) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|l| l.split(' ').next())
+            .filter(|n| !n.starts_with("tether_worker_"))
+        {
+            assert!(
+                after.contains(&format!("# HELP {name} ")),
+                "{name} has help"
+            );
+        }
+    }
     // No label carries an id.
     for line in after.lines().filter(|l| !l.starts_with('#')) {
         assert!(
