@@ -4,12 +4,15 @@
 
 use axum::Json;
 use axum::response::{IntoResponse, Response};
-use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{Content, Ref, ResponseBuilder};
+use utoipa::{Modify, OpenApi};
 
 use crate::{dashboard, http, metrics, ws};
 
 #[derive(OpenApi)]
 #[openapi(
+    modifiers(&BearerTokens),
     info(
         title = "tether coordinator",
         description = "Tasks, workers and the fleet's health. Errors are `{\"error\": {\"code\", \"message\"}}`. The worker WebSocket protocol is described in docs/PROTOCOL.md."
@@ -43,6 +46,59 @@ use crate::{dashboard, http, metrics, ws};
     )
 )]
 pub struct ApiDoc;
+
+/// Name of the bearer-token security scheme in the document.
+pub const BEARER: &str = "bearer";
+
+/// Marks every operation outside [`crate::auth::is_public`] as needing a bearer token (when the
+/// coordinator has tokens), with its 401 and, for writes, 403.
+struct BearerTokens;
+
+impl Modify for BearerTokens {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let scheme = HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .description(Some(
+                "When the coordinator is started with tokens: a read token for GET, an admin token for everything else. Without tokens it serves loopback only and asks for none.",
+            ))
+            .build();
+        doc.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(BEARER, SecurityScheme::Http(scheme));
+        let error = |what: &str| {
+            ResponseBuilder::new()
+                .description(what)
+                .content(
+                    "application/json",
+                    Content::new(Some(Ref::from_schema_name("ErrorBody"))),
+                )
+                .build()
+        };
+        for (path, item) in doc.paths.paths.iter_mut() {
+            if crate::auth::is_public(path) {
+                continue;
+            }
+            let ops = [
+                (&mut item.get, false),
+                (&mut item.post, true),
+                (&mut item.put, true),
+                (&mut item.delete, true),
+                (&mut item.patch, true),
+            ];
+            for (op, write) in ops {
+                let Some(op) = op.as_mut() else { continue };
+                op.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
+                let r = &mut op.responses.responses;
+                r.entry("401".into())
+                    .or_insert_with(|| error("No token, or an unknown one").into());
+                if write {
+                    r.entry("403".into())
+                        .or_insert_with(|| error("A read token on an admin request").into());
+                }
+            }
+        }
+    }
+}
 
 /// The document, as a JSON value.
 pub fn openapi_json() -> serde_json::Value {
@@ -89,6 +145,32 @@ mod tests {
                 routes.iter().any(|r| r.doc_path == p),
                 "{p} is described but not routed"
             );
+        }
+    }
+
+    #[test]
+    fn operations_need_a_bearer_token_except_the_public_paths() {
+        let doc = openapi_json();
+        assert_eq!(
+            doc["components"]["securitySchemes"][BEARER]["scheme"],
+            "bearer"
+        );
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for (method, op) in item.as_object().expect("item") {
+                let needs = op["security"][0].get(BEARER).is_some();
+                assert_eq!(
+                    needs,
+                    !crate::auth::is_public(path),
+                    "{method} {path}: security {}",
+                    op["security"]
+                );
+                if needs {
+                    assert!(
+                        op["responses"]["401"].is_object(),
+                        "{method} {path} has 401"
+                    );
+                }
+            }
         }
     }
 

@@ -205,6 +205,87 @@ async fn the_dashboard_shows_the_fleet_a_task_and_a_worker_cut_off_and_back() {
     c.stop().await;
 }
 
+/// Types `token` into the page's token field.
+async fn type_token(browser: &mut Browser, token: &str) {
+    browser
+        .eval(&format!(
+            "(() => {{ const t = document.querySelector('#token'); t.value = '{token}'; \
+             t.dispatchEvent(new Event('change')); }})()"
+        ))
+        .await;
+}
+
+#[tokio::test]
+async fn with_tokens_the_dashboard_asks_for_one_and_its_controls_need_the_admin_scope() {
+    use tether_coordinator::auth::{ApiTokens, Scope};
+    use tether_proto::auth::Secret;
+    let Some(mut browser) = Browser::start().await else {
+        println!("skipped: no browser at {CHROMIUM} (install Debian's chromium to run this test)");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    let mut tokens = ApiTokens::default();
+    tokens.add(
+        &Secret::new(b"admin-token-for-tests").expect("t"),
+        Scope::Admin,
+    );
+    tokens.add(
+        &Secret::new(b"read-token-for-tests").expect("t"),
+        Scope::Read,
+    );
+    cfg.api_tokens = Some(tokens);
+    let c = spawn_coordinator_with(cfg, None).await;
+    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
+    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    let admin = Client::with_token(&format!("http://{}", c.addr), "admin-token-for-tests");
+
+    // The page itself is public; its data is not.
+    browser.navigate(&format!("http://{}/", c.addr)).await;
+    let feed = "document.querySelector('#feed')?.dataset.feed ?? null";
+    browser
+        .wait_eval("a token to be asked for", feed, json!("token needed"))
+        .await;
+    type_token(&mut browser, "read-token-for-tests").await;
+    browser
+        .wait_eval("the event stream", feed, json!("live"))
+        .await;
+    browser
+        .wait_eval("w1 connected", &worker_state("w1"), json!("connected"))
+        .await;
+
+    // A read token sees the task but cannot cancel it; the admin token can.
+    let ids = admin.submit(&[sleep_task(60_000, 600, 0)]).await;
+    let id = ids[0].as_str();
+    browser
+        .wait_eval("the task to run", &task_status(id), json!("running"))
+        .await;
+    browser
+        .eval(&format!(
+            "document.querySelector('#tasks tr[data-task=\"{id}\"]').click()"
+        ))
+        .await;
+    let cancel = "document.querySelector('#detail button[data-action=\"cancel\"]').click()";
+    let message = "document.querySelector('#control-message').textContent";
+    browser.eval(cancel).await;
+    browser
+        .wait_eval(
+            "the refusal",
+            &format!("{message}.startsWith('cancel: ') && {message}.includes('admin')"),
+            json!(true),
+        )
+        .await;
+    assert_eq!(admin.status(&ids[0]).await, "running");
+    type_token(&mut browser, "admin-token-for-tests").await;
+    browser.eval(cancel).await;
+    browser
+        .wait_eval("cancel", &task_status(id), json!("cancelled"))
+        .await;
+    assert_eq!(admin.status(&ids[0]).await, "cancelled");
+    w.stop().await.expect("stop");
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn the_dashboard_assets_and_the_api_description_are_served_from_the_binary() {
     let dir = tempfile::tempdir().expect("tempdir");

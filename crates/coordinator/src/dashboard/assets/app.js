@@ -50,11 +50,17 @@ async function api(method, path) {
 // ---- the event stream -----------------------------------------------------------------------
 // fetch() rather than EventSource, so the admin token can go in a header.
 
+// A new token ends the current stream (or the wait before the next) and reconnects at once.
+const feed = { abort: null, wake: null };
+
 async function follow() {
   let delay = 500;
   for (;;) {
+    let status = "down";
+    feed.abort = new AbortController();
     try {
-      const r = await fetch("/api/v1/events", { headers: headers() });
+      const r = await fetch("/api/v1/events", { headers: headers(), signal: feed.abort.signal });
+      if (r.status === 401 || r.status === 403) status = "token needed";
       if (!r.ok || !r.body) throw new Error(`${r.status}`);
       delay = 500;
       const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -72,8 +78,11 @@ async function follow() {
     } catch (e) {
       console.warn("event stream:", e);
     }
-    setFeed("down");
-    await new Promise((ok) => setTimeout(ok, delay));
+    setFeed(status);
+    await new Promise((ok) => {
+      feed.wake = ok;
+      setTimeout(ok, delay);
+    });
     delay = Math.min(delay * 2, 10000);
     setFeed("connecting");
   }
@@ -317,6 +326,8 @@ $("#token").value = token();
 $("#token").addEventListener("change", (e) => {
   if (e.target.value) localStorage.setItem("tether.token", e.target.value);
   else localStorage.removeItem("tether.token");
+  feed.abort?.abort();
+  feed.wake?.();
 });
 $("#status-filter").addEventListener("change", schedule);
 $("#text-filter").addEventListener("input", schedule);
