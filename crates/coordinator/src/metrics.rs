@@ -82,6 +82,12 @@ pub const COMPRESSION_WIRE_BYTES: &str = "tether_compression_wire_bytes_total";
 /// Gauge: raw / wire bytes since start (1 while nothing was compressed).
 pub const COMPRESSION_RATIO: &str = "tether_compression_ratio";
 
+// The core's counters.
+/// Counter: every counter of the overview (`/api/v1/overview`), by `name`: registrations,
+/// rejected messages, authentication failures, refused and throttled connections, slow
+/// handshakes, rate-limited frames, ... Set from this coordinator's totals at scrape.
+pub const CORE_COUNTERS: &str = "tether_counter_total";
+
 // Store.
 /// Histogram (s): one group commit, from the start of the transaction to its end.
 pub const STORE_COMMIT: &str = "tether_store_commit_seconds";
@@ -199,6 +205,9 @@ pub async fn scrape(State(app): State<Arc<AppState>>) -> Response {
         metrics::gauge!(WORKERS, "state" => *state).set(*n as f64);
     }
     metrics::gauge!(QUEUE_DEPTH).set(overview.queued as f64);
+    for (name, n) in &overview.counters {
+        metrics::counter!(CORE_COUNTERS, "name" => *name).absolute(*n);
+    }
     metrics::gauge!(COMPRESSION_RATIO).set(ratio(
         RAW_BYTES.load(Ordering::Relaxed),
         WIRE_BYTES.load(Ordering::Relaxed),
@@ -272,6 +281,10 @@ fn describe() {
         "payload bytes after compression"
     );
     describe_gauge!(COMPRESSION_RATIO, "raw / compressed bytes since start");
+    describe_counter!(
+        CORE_COUNTERS,
+        "the core's counters (as in /api/v1/overview), by name"
+    );
     describe_histogram!(STORE_COMMIT, Unit::Seconds, "one group commit");
     describe_counter!(STORE_COMMITS, "group commits");
     describe_counter!(STORE_MUTATIONS, "mutations committed");

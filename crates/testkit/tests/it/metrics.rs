@@ -84,6 +84,17 @@ async fn metrics_families_are_served_and_move_with_a_run_with_a_reconnection() {
         Some(1.0)
     );
     assert_eq!(metric_value(&after, m::QUEUE_DEPTH, &[]), Some(0.0));
+    // The core's counters, as the overview has them.
+    let o = client.overview().await;
+    for name in ["registrations", "reconnections", "results_recorded"] {
+        let n = o["counters"][name].as_u64().expect("a counter");
+        assert!(n >= 1, "{name}: {o}");
+        let scraped = metric_value(&after, m::CORE_COUNTERS, &[("name", name)]);
+        assert!(
+            scraped.is_some_and(|v| v >= 1.0 && v <= n as f64),
+            "{name}: scraped {scraped:?}, overview {n}"
+        );
+    }
     assert!(metric_value(&after, m::COMPRESSION_RATIO, &[]).is_some());
     // The worker in this process records into the same recorder.
     let wcount = |name: &str| v(&after, &count(name), &[]);
