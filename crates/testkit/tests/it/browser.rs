@@ -13,8 +13,15 @@ use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-/// Debian's chromium.
+/// Debian's chromium; `TETHER_CHROMIUM` names another binary.
 pub const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// The browser binary the tests use.
+pub fn chromium() -> std::path::PathBuf {
+    std::env::var_os("TETHER_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(CHROMIUM))
+}
 
 /// A headless chromium with one page, killed when dropped.
 pub struct Browser {
@@ -27,11 +34,12 @@ pub struct Browser {
 impl Browser {
     /// Starts chromium, or returns `None` when it is not installed.
     pub async fn start() -> Option<Browser> {
-        if !Path::new(CHROMIUM).exists() {
+        let bin = chromium();
+        if !bin.exists() {
             return None;
         }
         let profile = tempfile::tempdir().expect("profile dir");
-        let child = Command::new(CHROMIUM)
+        let child = Command::new(&bin)
             .args([
                 "--headless",
                 "--no-sandbox",

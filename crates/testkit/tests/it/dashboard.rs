@@ -10,7 +10,7 @@ use tether_proto::WorkerId;
 use tether_testkit::*;
 use tether_worker::{ConnState, Executors};
 
-use crate::browser::{Browser, CHROMIUM};
+use crate::browser::{Browser, chromium};
 
 fn worker_state(id: &str) -> String {
     format!("document.querySelector('#workers tr[data-worker=\"{id}\"]')?.dataset.state ?? null")
@@ -23,7 +23,10 @@ fn task_status(id: &str) -> String {
 #[tokio::test]
 async fn the_dashboard_shows_the_fleet_a_task_and_a_worker_cut_off_and_back() {
     let Some(mut browser) = Browser::start().await else {
-        println!("skipped: no browser at {CHROMIUM} (install Debian's chromium to run this test)");
+        println!(
+            "skipped: no browser at {} (install Debian's chromium, or set TETHER_CHROMIUM)",
+            chromium().display()
+        );
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
@@ -220,7 +223,10 @@ async fn with_tokens_the_dashboard_asks_for_one_and_its_controls_need_the_admin_
     use tether_coordinator::auth::{ApiTokens, Scope};
     use tether_proto::auth::Secret;
     let Some(mut browser) = Browser::start().await else {
-        println!("skipped: no browser at {CHROMIUM} (install Debian's chromium to run this test)");
+        println!(
+            "skipped: no browser at {} (install Debian's chromium, or set TETHER_CHROMIUM)",
+            chromium().display()
+        );
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
