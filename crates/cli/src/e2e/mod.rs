@@ -125,7 +125,13 @@ pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
         w.stop().await;
     }
     sys.coordinator.stop().await;
-    let (truth, observations, extra) = outcome?;
+    let (truth, observations, extra) = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            keep(temp);
+            return Err(e);
+        }
+    };
     let config = report::Config {
         workers: a.workers,
         duration_ms: a.duration.as_millis() as u64,
@@ -147,13 +153,17 @@ pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
         println!("verdict: PASS");
         Ok(())
     } else {
-        // Keep the evidence.
-        if let Some(t) = temp {
-            let kept = t.keep();
-            println!("kept the work directory {}", kept.display());
-        }
+        keep(temp);
         println!("verdict: FAIL");
         bail!("the end-to-end run failed its checks (see above)")
+    }
+}
+
+/// Keeps a temporary work directory as evidence of a failed run.
+fn keep(temp: Option<tempfile::TempDir>) {
+    if let Some(t) = temp {
+        let kept = t.keep();
+        println!("kept the work directory {}", kept.display());
     }
 }
 
