@@ -6,6 +6,24 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
+/// The last lines of every process log of a run, for a failure message.
+fn log_tails(work: &std::path::Path) -> String {
+    let mut out = String::new();
+    let Ok(entries) = std::fs::read_dir(work) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "log") {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+            out.push_str(&format!("--- {}\n{tail}\n", p.display()));
+        }
+    }
+    out
+}
+
 const KINDS: [&str; 11] = [
     "latency",
     "bandwidth",
@@ -51,8 +69,9 @@ fn a_short_e2e_run_with_every_disruption_passes_on_ground_truth() {
     let md = std::fs::read_to_string(report_dir.join("e2e-report.md")).unwrap_or_default();
     assert!(
         out.status.success(),
-        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}\nreport:\n{md}",
-        out.status
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}\nreport:\n{md}\nlogs:\n{}",
+        out.status,
+        log_tails(&dir.path().join("work"))
     );
     let text = std::fs::read_to_string(report_dir.join("e2e-report.json")).expect("JSON report");
     let r: Value = serde_json::from_str(&text).expect("report is JSON");
@@ -195,10 +214,11 @@ fn workers_in_network_namespaces_survive_a_kernel_link_down_detected_by_both_sid
     let md = std::fs::read_to_string(prefix.with_extension("md")).unwrap_or_default();
     assert!(
         out.status.success(),
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}\nreport:\n{md}",
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}\nreport:\n{md}\nlogs:\n{}",
         out.status,
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        log_tails(&dir.path().join("work"))
     );
     let text = std::fs::read_to_string(prefix.with_extension("json")).expect("JSON report");
     let r: Value = serde_json::from_str(&text).expect("report is JSON");

@@ -345,9 +345,24 @@ async fn drive(
     seed: u64,
 ) -> anyhow::Result<Driven> {
     if !sys.wait_whole().await {
+        let mut missing = Vec::new();
+        for w in &mut sys.workers {
+            if !observe::registered_now(&observe::read_events(&w.events)) {
+                let exited = w
+                    .exited()
+                    .map(|s| format!(", exited: {s}"))
+                    .unwrap_or_default();
+                missing.push(format!("{}{exited} (log: {})", w.id, w.log.display()));
+            }
+        }
         bail!(
-            "the workers did not all register within {:?}",
-            disrupt::RECOVERY_TIMEOUT
+            "the workers did not all register within {:?}; not registered: {}",
+            disrupt::RECOVERY_TIMEOUT,
+            if missing.is_empty() {
+                "none by their logs, but the coordinator does not list them all".to_owned()
+            } else {
+                missing.join("; ")
+            }
         );
     }
     println!("{} workers registered through the proxy", sys.workers.len());

@@ -171,7 +171,7 @@ pub struct Worker {
     url: String,
     pub state_dir: PathBuf,
     pub events: PathBuf,
-    log: PathBuf,
+    pub log: PathBuf,
     seed: u64,
     /// The network namespace the process runs in, if any.
     netns: Option<String>,
