@@ -6,7 +6,7 @@ use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use tether_coordinator::core::SessionRef;
-use tether_coordinator::core::queue::{Queue, plan};
+use tether_coordinator::core::queue::{Queue, QueueKey, plan};
 use tether_coordinator::model::{Worker, WorkerState};
 use tether_proto::{TaskId, TaskSpec, WorkerId};
 
@@ -98,5 +98,84 @@ fn dispatch(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, dispatch);
+/// The dispatch this index replaced, kept here as the baseline: every worker with a free slot
+/// cloned and sorted, then per worker a scan of up to 4,096 queued tasks.
+fn scan_plan(
+    queue: &mut BTreeSet<QueueKey>,
+    specs: &HashMap<TaskId, TaskSpec>,
+    workers: &HashMap<WorkerId, Worker>,
+) -> usize {
+    const SCAN_LIMIT: usize = 4096;
+    let mut slots: HashMap<WorkerId, usize> = HashMap::new();
+    let mut candidates: Vec<WorkerId> = workers
+        .values()
+        .filter(|w| w.free_slots() > 0)
+        .map(|w| w.worker_id.clone())
+        .collect();
+    candidates.sort_unstable();
+    let mut leased = 0;
+    while !candidates.is_empty() && !queue.is_empty() {
+        let mut progressed = false;
+        for wid in &candidates {
+            let Some(w) = workers.get(wid) else { continue };
+            let used = slots.entry(wid.clone()).or_default();
+            if w.free_slots() <= *used {
+                continue;
+            }
+            let pick = queue
+                .iter()
+                .take(SCAN_LIMIT)
+                .find(|(_, _, id)| specs.get(id).is_some_and(|s| w.can_run(s)))
+                .cloned();
+            if let Some(key) = pick {
+                queue.remove(&key);
+                *used += 1;
+                leased += 1;
+                progressed = true;
+            }
+        }
+        if !progressed {
+            break;
+        }
+        candidates.retain(|w| {
+            workers
+                .get(w)
+                .is_some_and(|x| x.free_slots() > slots.get(w).copied().unwrap_or(0))
+        });
+    }
+    leased
+}
+
+fn scan_queue(n: usize, kind: &str) -> (BTreeSet<QueueKey>, HashMap<TaskId, TaskSpec>) {
+    let mut q = BTreeSet::new();
+    let mut specs = HashMap::new();
+    for i in 0..n {
+        let id = TaskId::parse(&format!("t-{i}")).expect("id");
+        q.insert(((i % 10) as u8, i as u64, id.clone()));
+        specs.insert(id, spec(kind));
+    }
+    (q, specs)
+}
+
+fn baseline(c: &mut Criterion) {
+    let mut g = c.benchmark_group("dispatch_scan_baseline");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(10_000));
+    g.bench_function("plan_10k_idle_workers_10k_tasks", |b| {
+        let workers = fleet(10_000, &["noop"]);
+        b.iter_batched(
+            || scan_queue(10_000, "noop"),
+            |(mut q, specs)| assert_eq!(scan_plan(&mut q, &specs, &workers), 10_000),
+            BatchSize::LargeInput,
+        )
+    });
+    g.bench_function("plan_10k_idle_workers_nothing_they_can_run", |b| {
+        let workers = fleet(10_000, &["noop"]);
+        let (mut q, specs) = scan_queue(1_000, "gpu");
+        b.iter(|| assert_eq!(scan_plan(&mut q, &specs, &workers), 0))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, dispatch, baseline);
 criterion_main!(benches);
