@@ -38,7 +38,7 @@ const CLOSE_TOO_BIG: u16 = 1009;
 /// Initial read buffer of a session's WebSocket. The library default (128 KiB, allocated and
 /// zeroed per connection) would make 10,000 idle workers cost 1.25 GiB; worker frames are
 /// small, and the buffer grows for a larger one (up to `max_frame`).
-pub const WS_READ_BUFFER: usize = 1024;
+pub const WS_READ_BUFFER: usize = 512;
 /// Close code for a text frame that is not UTF-8 (RFC 6455: inconsistent data).
 const CLOSE_BAD_DATA: u16 = 1007;
 /// Close code for a peer that broke a rule (too many frames before authentication).
@@ -123,7 +123,8 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
                 sink: &mut sink,
                 stream: &mut stream,
             };
-            match conn.authenticate(auth, &nonce).await {
+            // Boxed: the handshake runs once, and its state should not size every idle session.
+            match Box::pin(conn.authenticate(auth, &nonce)).await {
                 Some(r) => Some(r),
                 None => return,
             }
