@@ -205,3 +205,68 @@ async fn a_result_finished_while_the_coordinator_was_down_survives_a_worker_kill
     worker.kill();
     c.stop().await;
 }
+
+/// Whether a process runs (a zombie does not count: nothing here reaps orphans).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s[s.rfind(')')? + 1..].to_owned();
+            rest.split_whitespace().next().map(|state| state != "Z")
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_left_running_by_a_killed_worker_is_killed_when_the_worker_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state_dir = dir.path().join("worker-state");
+    let log = dir.path().join("worker.log");
+    let c = spawn_coordinator_with(coordinator_config(dir.path().join("coord")), None).await;
+    let client = c.client();
+    let worker = WorkerProcess::start(c.addr, &state_dir, &log);
+    let ids = client
+        .submit(&[tether_proto::TaskSpec::new(
+            "command",
+            serde_json::json!({"program": "sleep", "args": ["300"]}),
+        )])
+        .await;
+    let id = &ids[0];
+    client.wait_status(id, "running").await;
+    let record = state_dir.join("tasks").join(format!("{id}.group"));
+    let pgid: u32 = wait_for("the process group to be recorded", LONG, || async {
+        std::fs::read_to_string(&record)
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+    .await;
+    worker.kill();
+    assert!(
+        alive(pgid),
+        "SIGKILL of the worker leaves its command running"
+    );
+
+    let worker = WorkerProcess::start(c.addr, &state_dir, &log);
+    wait_for("the orphaned command to be killed", LONG, || async {
+        (!alive(pgid)).then_some(())
+    })
+    .await;
+    let log_text = log_of(&log);
+    assert!(
+        log_text.contains("outlived the previous worker process"),
+        "{log_text}"
+    );
+    // The task was reported lost and runs again as attempt 2; end it.
+    wait_for("attempt 2 to run", LONG, || async {
+        let t = client.task(id).await;
+        (t["attempt"] == 2 && t["status"] == "running").then_some(())
+    })
+    .await;
+    assert_eq!(client.control(id, "cancel").await.0, 200);
+    client.wait_status(id, "cancelled").await;
+    worker.kill();
+    c.stop().await;
+}

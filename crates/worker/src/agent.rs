@@ -193,6 +193,8 @@ impl Agent {
             Some(dir) => {
                 let (sd, restored) = StateDir::open(dir, &cfg.worker_id)
                     .map_err(|e| AgentError::StateDir(e.to_string()))?;
+                // Only after the lock is ours: the groups recorded belong to a dead process.
+                crate::executor::orphans::kill_orphans(&dir.join("tasks"));
                 (Some(sd), restored)
             }
             None => (None, Restored::default()),

@@ -240,7 +240,14 @@ async fn run(
             result: not_started(),
         });
     };
-    let mut guard = GroupGuard(Some(pgid));
+    let record = ctx.checkpoint_dir().map(super::orphans::group_file);
+    if let Some(file) = &record {
+        super::orphans::record(file, pgid);
+    }
+    let mut guard = GroupGuard {
+        pgid: Some(pgid),
+        record,
+    };
     tracing::debug!(task_id = %ctx.task_id(), attempt = %ctx.attempt(), pid = pgid.as_raw(), program = %plan.program, "command started");
 
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
@@ -659,19 +666,27 @@ fn live_member_in_proc(pgid: Pid) -> Option<bool> {
     Some(false)
 }
 
-/// Kills the process group if the execution is dropped before it ended the group itself.
-struct GroupGuard(Option<Pid>);
+/// Kills the process group if the execution is dropped before it ended the group itself, and
+/// removes the group's record (see [`super::orphans`]) once the group is gone.
+struct GroupGuard {
+    pgid: Option<Pid>,
+    record: Option<PathBuf>,
+}
 
 impl GroupGuard {
+    /// The group has ended.
     fn disarm(&mut self) {
-        self.0 = None;
+        self.pgid = None;
     }
 }
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        if let Some(pgid) = self.0 {
+        if let Some(pgid) = self.pgid {
             signal_group(pgid, Signal::SIGKILL);
+        }
+        if let Some(file) = &self.record {
+            let _ = std::fs::remove_file(file);
         }
     }
 }

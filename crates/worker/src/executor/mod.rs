@@ -6,6 +6,7 @@
 //! assignment calls the executor exactly once (the original recursed until the stack overflowed).
 
 pub mod command;
+pub mod orphans;
 pub mod packing;
 pub mod sleep;
 
