@@ -82,6 +82,13 @@ pub fn derive_endpoint(configured: &str, worker: &WorkerId) -> Result<String, En
     if rest.contains(['?', '#']) {
         return Err(EndpointError::QueryOrFragment { url: url() });
     }
+    // URL parsers read `\` as `/` in ws and http URLs: the text and the connection would differ.
+    if rest.contains('\\') {
+        return Err(EndpointError::Invalid {
+            url: url(),
+            reason: "a backslash is not allowed".into(),
+        });
+    }
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
@@ -135,6 +142,13 @@ pub fn derive_endpoint(configured: &str, worker: &WorkerId) -> Result<String, En
     })?;
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err(EndpointError::NoHost { url: url() });
+    }
+    // INVARIANT: what we connect to is what we built (no normalisation moved the endpoint).
+    if !out.ends_with(parsed.path()) {
+        return Err(EndpointError::Invalid {
+            url: url(),
+            reason: format!("it would be read as path {}", parsed.path()),
+        });
     }
     Ok(out)
 }

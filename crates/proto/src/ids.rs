@@ -16,6 +16,10 @@ pub enum IdError {
     TooLong { len: usize },
     #[error("id contains {ch:?}; allowed are ASCII letters, digits and . _ ~ - : @ +")]
     BadChar { ch: char },
+    /// `.` and `..` are path segments that URL parsers remove, so such an id never reaches
+    /// the coordinator (found by the fuzz tests).
+    #[error("id {0:?} is a dot segment, which URLs remove")]
+    DotSegment(String),
 }
 
 /// The characters an id may hold: the URL-unreserved set plus `:`, `@` and `+`.
@@ -30,6 +34,9 @@ fn validate(s: &str) -> Result<(), IdError> {
     }
     if s.len() > MAX_ID_LEN {
         return Err(IdError::TooLong { len: s.len() });
+    }
+    if s == "." || s == ".." {
+        return Err(IdError::DotSegment(s.to_owned()));
     }
     match s.chars().find(|c| !is_id_char(*c)) {
         Some(ch) => Err(IdError::BadChar { ch }),

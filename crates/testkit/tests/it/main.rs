@@ -4,6 +4,7 @@ mod browser;
 mod dashboard;
 mod faults;
 mod frames;
+mod fuzz_http;
 mod hostile;
 mod lifecycle;
 mod metrics;

@@ -1,0 +1,120 @@
+//! Random JSON bodies against the HTTP API of a real coordinator: every answer is a 2xx or a
+//! 4xx with the error body, never a 5xx or a dropped connection, and honest work still runs.
+
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::{Config, TestRunner};
+use serde_json::{Value, json};
+use tether_testkit::*;
+use tether_worker::{ConnState, Executors};
+
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        any::<String>().prop_map(Value::String),
+        prop::sample::select(vec!["sleep", "command", "t-1", "", "high"]).prop_map(Value::from),
+    ];
+    leaf.prop_recursive(3, 32, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::btree_map(
+                prop::sample::select(vec![
+                    "tasks",
+                    "kind",
+                    "config",
+                    "priority",
+                    "requires",
+                    "tags",
+                    "timeout_ms",
+                    "max_attempts",
+                    "name",
+                    "task_id",
+                    "x",
+                ])
+                .prop_map(str::to_owned),
+                inner,
+                0..6
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+#[tokio::test]
+async fn random_json_bodies_get_a_clear_answer_and_never_a_server_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let w = spawn_worker(
+        fast_worker_config(&c.ws_url(), "w-fuzz"),
+        Executors::builtin(),
+    );
+    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", c.addr);
+    let cases: u32 = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128);
+    let mut runner = TestRunner::new(Config::with_cases(cases));
+    let strategy = (json_value(), any::<Vec<u8>>(), 0u8..4);
+    for _ in 0..cases {
+        let (v, raw, how) = strategy.new_tree(&mut runner).expect("a case").current();
+        let body: Vec<u8> = match how {
+            0 => v.to_string().into_bytes(),
+            1 => json!({ "tasks": [v] }).to_string().into_bytes(),
+            2 => json!({ "kind": "sleep", "config": v })
+                .to_string()
+                .into_bytes(),
+            _ => raw,
+        };
+        for path in ["/api/v1/tasks", "/api/v1/tasks/t-none/cancel"] {
+            let r = http
+                .post(format!("{base}{path}"))
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await
+                .expect("an answer, not a dropped connection");
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap_or_default();
+            assert!(
+                status < 500,
+                "POST {path} {:?} -> {status} {text}",
+                String::from_utf8_lossy(&body)
+            );
+            if status >= 400 {
+                let e: Value = serde_json::from_str(&text).expect("a JSON error body");
+                assert!(e["error"]["code"].is_string(), "{text}");
+            }
+        }
+    }
+    // The fuzz queued plenty of valid tasks: cancel them, then honest work still runs.
+    let client = c.client();
+    for status in ["queued", "running"] {
+        let (_, v) = client
+            .get(&format!("/api/v1/tasks?status={status}&limit=100000"))
+            .await;
+        for t in v.as_array().cloned().unwrap_or_default() {
+            let id = t["task_id"].as_str().expect("task id");
+            let (s, _) = client
+                .post(&format!("/api/v1/tasks/{id}/cancel"), &json!({}))
+                .await;
+            assert!(s < 500, "cancel {id}: {s}");
+        }
+    }
+    let mut cfg = fast_worker_config(&c.ws_url(), "w-honest");
+    cfg.capabilities = vec!["honest-only".into()];
+    let honest = spawn_worker(cfg, Executors::builtin());
+    let mut spec = sleep_task(20, 1, 0);
+    spec.requires = vec!["honest-only".into()];
+    let ids = c.client().submit(&[spec]).await;
+    c.client().wait_status(&ids[0], "completed").await;
+    honest.stop().await.expect("clean stop");
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}
