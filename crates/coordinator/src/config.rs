@@ -93,6 +93,10 @@ pub struct CoordinatorConfig {
     pub api_tokens: Option<ApiTokens>,
     /// Connection and message rate limits.
     pub limits: Limits,
+    /// Agree to zstd compression when a worker offers it.
+    pub compression: bool,
+    /// Messages of at least this many bytes of JSON go compressed once agreed.
+    pub compress_threshold: usize,
 }
 
 impl CoordinatorConfig {
@@ -113,6 +117,8 @@ impl CoordinatorConfig {
             auth: None,
             api_tokens: None,
             limits: Limits::default(),
+            compression: true,
+            compress_threshold: tether_proto::compress::DEFAULT_THRESHOLD,
         }
     }
 }

@@ -17,6 +17,7 @@ use axum::response::Response;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tether_proto::auth::{AuthError, Challenge, NONCE_BYTES, to_hex};
+use tether_proto::compress::{InflateError, ZSTD, deflate, inflate};
 use tether_proto::endpoint::{PathError, parse_endpoint_path};
 use tether_proto::msg::{
     CoordMsg, ErrorCode, HeartbeatReply, PROTOCOL_VERSION, Registration, Welcome, WorkerMsg, now,
@@ -27,7 +28,7 @@ use tokio::time::{Instant, timeout_at};
 
 use crate::admission::Bucket;
 use crate::auth::WorkerAuth;
-use crate::core::{Event, Outgoing, SessionRef};
+use crate::core::{Counters, Event, Outgoing, SessionRef};
 use crate::metrics as m;
 use crate::server::AppState;
 
@@ -144,6 +145,9 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
     {
         return;
     }
+    let offers = |r: &Registration| app.cfg.compression && r.compression.iter().any(|c| c == ZSTD);
+    let mut zstd_in = registration.as_ref().is_some_and(offers);
+    let mut zstd_out = false;
     if let Some(r) = registration {
         let _ = app
             .events
@@ -214,7 +218,31 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
                 }
                 deadline = Instant::now() + timeout;
                 let reply = match frame {
-                    Message::Text(t) => on_text(&app, &worker, session_id, t.as_str()).await,
+                    Message::Text(t) => {
+                        on_text(&app, &worker, session_id, t.as_str(), &mut zstd_in).await
+                    }
+                    Message::Binary(b) if zstd_in => match inflate(&b, app.cfg.max_frame) {
+                        Ok(t) => {
+                            let c = &app.counters;
+                            c.compressed_in_frames.fetch_add(1, Ordering::Relaxed);
+                            c.compressed_in_wire_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+                            c.compressed_in_json_bytes.fetch_add(t.len() as u64, Ordering::Relaxed);
+                            on_text(&app, &worker, session_id, &t, &mut zstd_in).await
+                        }
+                        Err(InflateError::TooBig { .. }) => {
+                            app.counters.decompression_refused.fetch_add(1, Ordering::Relaxed);
+                            app.counters.oversize_frames.fetch_add(1, Ordering::Relaxed);
+                            let _ = timeout_at(deadline, sink.send(Message::Close(Some(CloseFrame {
+                                code: CLOSE_TOO_BIG,
+                                reason: "compressed frame inflates past the size limit".into(),
+                            })))).await;
+                            break ("oversize", "compressed frame inflates past the size limit".into());
+                        }
+                        Err(e) => {
+                            app.counters.malformed_frames.fetch_add(1, Ordering::Relaxed);
+                            Some(CoordMsg::error(ErrorCode::BadFrame, e.to_string(), None, None))
+                        }
+                    },
                     Message::Binary(_) => Some(CoordMsg::error(
                         ErrorCode::BadFrame,
                         "binary frames are not accepted without negotiated compression",
@@ -232,8 +260,13 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
             }
             out = rx.recv() => match out {
                 Some(Outgoing::Msg(m)) => {
-                    if !send_by(deadline, &mut sink, &m).await {
+                    let threshold = zstd_out.then_some(app.cfg.compress_threshold);
+                    if !send_framed(deadline, &mut sink, &m, threshold, &app.counters).await {
                         break ("error", "write failed".into());
+                    }
+                    // Large messages go compressed from the first frame after the ack.
+                    if let CoordMsg::RegistrationAck(a) = &*m {
+                        zstd_out = a.compression.as_deref() == Some(ZSTD);
                     }
                 }
                 Some(Outgoing::Close(code, reason)) => {
@@ -261,6 +294,7 @@ async fn on_text(
     worker: &WorkerId,
     session_id: u64,
     text: &str,
+    zstd_in: &mut bool,
 ) -> Option<CoordMsg> {
     let decoded = decode_worker(text);
     if let Ok(msg) = &decoded {
@@ -279,6 +313,9 @@ async fn on_text(
             ))
         }
         Ok(msg) => {
+            if let WorkerMsg::Registration(r) = &msg {
+                *zstd_in = app.cfg.compression && r.compression.iter().any(|c| c == ZSTD);
+            }
             let _ = app
                 .events
                 .send(Event::Frame {
@@ -458,6 +495,36 @@ async fn send_by(
             .increment(1);
     }
     matches!(timeout_at(deadline, sink.send(text(m))).await, Ok(Ok(())))
+}
+
+/// Like [`send_by`], compressing a message of at least `threshold` bytes into a binary frame.
+async fn send_framed(
+    deadline: Instant,
+    sink: &mut SplitSink<WebSocket, Message>,
+    m: &CoordMsg,
+    threshold: Option<usize>,
+    counters: &Counters,
+) -> bool {
+    let Some(threshold) = threshold else {
+        return send_by(deadline, sink, m).await;
+    };
+    let json = encode(m);
+    if json.len() < threshold {
+        return send_by(deadline, sink, m).await;
+    }
+    metrics::counter!(crate::metrics::MESSAGES_OUT, "type" => m.type_name()).increment(1);
+    let packed = deflate(&json);
+    counters
+        .compressed_out_frames
+        .fetch_add(1, Ordering::Relaxed);
+    counters
+        .compressed_out_json_bytes
+        .fetch_add(json.len() as u64, Ordering::Relaxed);
+    counters
+        .compressed_out_wire_bytes
+        .fetch_add(packed.len() as u64, Ordering::Relaxed);
+    let frame = Message::Binary(packed.into());
+    matches!(timeout_at(deadline, sink.send(frame)).await, Ok(Ok(())))
 }
 
 fn text(m: &CoordMsg) -> Message {

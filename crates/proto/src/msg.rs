@@ -87,6 +87,9 @@ pub struct Registration {
     /// the coordinator sent a nonce.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
+    /// Compressions the worker can receive and send, e.g. `["zstd"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compression: Vec<String>,
     pub timestamp: DateTime<Utc>,
 }
 
@@ -279,6 +282,9 @@ pub struct RegistrationAck {
     pub session_id: u64,
     #[serde(default)]
     pub directives: Vec<Directive>,
+    /// The compression both sides use from now on for large messages; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
     pub timestamp: DateTime<Utc>,
 }
 

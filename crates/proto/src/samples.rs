@@ -42,6 +42,7 @@ pub fn worker_messages() -> Vec<WorkerMsg> {
                 acked_seq: Seq(4),
             },
             signature: Some("0".repeat(64)),
+            compression: vec![crate::compress::ZSTD.into()],
             timestamp: ts,
         }),
         WorkerMsg::Heartbeat(Heartbeat {
@@ -160,6 +161,7 @@ pub fn coord_messages() -> Vec<CoordMsg> {
                 action: DirectiveAction::Continue,
                 reason: String::new(),
             }],
+            compression: Some(crate::compress::ZSTD.into()),
             timestamp: ts,
         }),
         CoordMsg::Heartbeat(HeartbeatReply {

@@ -61,6 +61,10 @@ pub struct WorkerConfig {
     /// The secret that signs registrations when the coordinator asks (its `welcome` carries a
     /// nonce). Never sent, never logged.
     pub secret: Option<Secret>,
+    /// Offer zstd compression at registration.
+    pub compression: bool,
+    /// Messages of at least this many bytes of JSON go compressed once agreed.
+    pub compress_threshold: usize,
 }
 
 impl WorkerConfig {
@@ -88,6 +92,8 @@ impl WorkerConfig {
             seed: None,
             event_log: None,
             secret: None,
+            compression: true,
+            compress_threshold: tether_proto::compress::DEFAULT_THRESHOLD,
         }
     }
 }

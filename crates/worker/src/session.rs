@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tether_proto::auth::Challenge;
+use tether_proto::compress::{InflateError, ZSTD, deflate, inflate};
 use tether_proto::msg::{
     CoordMsg, ErrorCode, ErrorMsg, Heartbeat, HeartbeatAction, Inventory, PROTOCOL_VERSION,
     Registration, Telemetry, WorkerMsg, now,
@@ -93,6 +94,8 @@ pub(crate) struct Session<'a> {
     timeout: Duration,
     pending_heartbeats: VecDeque<(u64, Instant)>,
     warned_types: std::collections::HashSet<String>,
+    /// Large messages go zstd-compressed both ways (agreed in `registration_ack`).
+    zstd: bool,
     /// Outbox entries sent in this session and not acknowledged yet: size and send time.
     in_flight: std::collections::HashMap<u64, (usize, Instant)>,
     in_flight_bytes: usize,
@@ -113,6 +116,7 @@ impl<'a> Session<'a> {
             timeout,
             pending_heartbeats: VecDeque::new(),
             warned_types: Default::default(),
+            zstd: false,
             in_flight: Default::default(),
             in_flight_bytes: 0,
             heartbeat_every,
@@ -181,29 +185,13 @@ impl<'a> Session<'a> {
         self.deadline = Instant::now() + self.timeout;
         self.last_frame = Instant::now();
         match frame {
-            Message::Text(text) => match decode_coord(text.as_str()) {
-                Ok(msg) => {
-                    metrics::counter!(m::MESSAGES_IN, "type" => msg.type_name()).increment(1);
-                    Inbound::Msg(msg)
-                }
+            Message::Text(text) => self.on_text(text.as_str()).await,
+            Message::Binary(b) if self.zstd => match inflate(&b, self.agent.cfg.max_frame) {
+                Ok(text) => self.on_text(&text).await,
+                Err(e @ InflateError::TooBig { .. }) => Inbound::Closed(e.to_string(), None),
                 Err(e) => {
                     self.agent.shared.bad_frames.fetch_add(1, Ordering::Relaxed);
-                    let ty = e.offending_type().unwrap_or_default();
-                    if self.warned_types.insert(ty) {
-                        tracing::warn!(worker = %self.worker(), error = %e, "undecodable frame from coordinator");
-                    }
-                    let code = match e {
-                        tether_proto::DecodeError::UnknownType { .. } => ErrorCode::UnknownType,
-                        tether_proto::DecodeError::Malformed { .. } => ErrorCode::BadFrame,
-                    };
-                    let reply = WorkerMsg::Error(ErrorMsg {
-                        code,
-                        message: e.to_string(),
-                        offending_type: e.offending_type(),
-                        ref_seq: e.seq(),
-                        timestamp: now(),
-                    });
-                    let _ = self.send(&reply).await;
+                    tracing::warn!(worker = %self.worker(), error = %e, "undecodable compressed frame from coordinator");
                     Inbound::Other
                 }
             },
@@ -222,10 +210,50 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Decodes one frame's text; an undecodable one is answered with `error`.
+    async fn on_text(&mut self, text: &str) -> Inbound {
+        match decode_coord(text) {
+            Ok(msg) => {
+                metrics::counter!(m::MESSAGES_IN, "type" => msg.type_name()).increment(1);
+                Inbound::Msg(msg)
+            }
+            Err(e) => {
+                self.agent.shared.bad_frames.fetch_add(1, Ordering::Relaxed);
+                let ty = e.offending_type().unwrap_or_default();
+                if self.warned_types.insert(ty) {
+                    tracing::warn!(worker = %self.worker(), error = %e, "undecodable frame from coordinator");
+                }
+                let code = match e {
+                    tether_proto::DecodeError::UnknownType { .. } => ErrorCode::UnknownType,
+                    tether_proto::DecodeError::Malformed { .. } => ErrorCode::BadFrame,
+                };
+                let reply = WorkerMsg::Error(ErrorMsg {
+                    code,
+                    message: e.to_string(),
+                    offending_type: e.offending_type(),
+                    ref_seq: e.seq(),
+                    timestamp: now(),
+                });
+                let _ = self.send(&reply).await;
+                Inbound::Other
+            }
+        }
+    }
+
+    /// A message's frame: text, or zstd in a binary frame when agreed and large enough.
+    fn frame(&self, msg: &WorkerMsg) -> Message {
+        let text = encode(msg);
+        if self.zstd && text.len() >= self.agent.cfg.compress_threshold {
+            Message::binary(deflate(&text))
+        } else {
+            Message::text(text)
+        }
+    }
+
     async fn send(&mut self, msg: &WorkerMsg) -> Result<(), String> {
         count_out(msg);
-        let text = encode(msg);
-        match timeout_at(self.deadline, self.ws.send(Message::text(text))).await {
+        let frame = self.frame(msg);
+        match timeout_at(self.deadline, self.ws.send(frame)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("write: {e}")),
             Err(_) => Err(format!("write stalled: {DEAD}")),
@@ -323,6 +351,11 @@ impl<'a> Session<'a> {
                 acked_seq: a.outbox.acked_max(),
             },
             signature,
+            compression: if a.cfg.compression {
+                vec![ZSTD.to_owned()]
+            } else {
+                Vec::new()
+            },
             timestamp,
         });
         self.send(&reg).await.map_err(SessionEnd::NotRegistered)?;
@@ -343,6 +376,7 @@ impl<'a> Session<'a> {
                 Inbound::Closed(r, code) => return Err(Self::closed_end(r, code)),
             }
         };
+        self.zstd = self.agent.cfg.compression && ack.compression.as_deref() == Some(ZSTD);
         self.agent.runner.apply_directives(&ack.directives);
         self.agent.lost.clear();
         let outage = self.agent.shared.stats().on_registered();
@@ -477,8 +511,8 @@ impl<'a> Session<'a> {
         let sent_at = Instant::now();
         for (seq, msg, bytes) in &batch {
             count_out(msg);
-            let text = encode(msg.as_ref());
-            match timeout_at(self.deadline, self.ws.feed(Message::text(text))).await {
+            let frame = self.frame(msg.as_ref());
+            match timeout_at(self.deadline, self.ws.feed(frame)).await {
                 Ok(Ok(())) => {
                     self.in_flight.insert(seq.0, (*bytes, sent_at));
                     self.in_flight_bytes += bytes;

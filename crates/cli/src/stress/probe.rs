@@ -45,6 +45,7 @@ async fn probe(base: String, i: u32, rate: u32, until: Instant) -> anyhow::Resul
         executors: Vec::new(),
         inventory: Inventory::default(),
         signature: None,
+        compression: Vec::new(),
         timestamp: now(),
     });
     ws.send(Message::Text(encode(&reg).into())).await?;

@@ -389,6 +389,13 @@ impl Core {
             ("connections_throttled", &c.connections_throttled),
             ("slow_handshakes", &c.slow_handshakes),
             ("rate_limited", &c.rate_limited),
+            ("compressed_in_frames", &c.compressed_in_frames),
+            ("compressed_in_wire_bytes", &c.compressed_in_wire_bytes),
+            ("compressed_in_json_bytes", &c.compressed_in_json_bytes),
+            ("compressed_out_frames", &c.compressed_out_frames),
+            ("compressed_out_wire_bytes", &c.compressed_out_wire_bytes),
+            ("compressed_out_json_bytes", &c.compressed_out_json_bytes),
+            ("decompression_refused", &c.decompression_refused),
         ]
         .into_iter()
         .map(|(k, v)| (k, v.load(Ordering::Relaxed)))

@@ -198,6 +198,10 @@ impl Core {
             return;
         }
         self.counters.registrations.fetch_add(1, Ordering::Relaxed);
+        let compression = self.cfg.compression
+            && r.compression
+                .iter()
+                .any(|c| c == tether_proto::compress::ZSTD);
         let Reconciled { directives, resend } = self.reconcile(worker, &r, b);
         let Some(w) = self.workers.get_mut(worker) else {
             return;
@@ -227,6 +231,7 @@ impl Core {
                 worker_id: worker.clone(),
                 session_id: session.id,
                 directives,
+                compression: compression.then(|| tether_proto::compress::ZSTD.to_owned()),
                 timestamp: now(),
             }),
         );

@@ -117,6 +117,16 @@ pub struct Counters {
     pub slow_handshakes: AtomicU64,
     /// Worker frames that had to wait for the session's message rate.
     pub rate_limited: AtomicU64,
+    /// Compressed frames received, their wire bytes and their JSON bytes once inflated.
+    pub compressed_in_frames: AtomicU64,
+    pub compressed_in_wire_bytes: AtomicU64,
+    pub compressed_in_json_bytes: AtomicU64,
+    /// Compressed frames sent, their wire bytes and their JSON bytes before compression.
+    pub compressed_out_frames: AtomicU64,
+    pub compressed_out_wire_bytes: AtomicU64,
+    pub compressed_out_json_bytes: AtomicU64,
+    /// Compressed frames refused for inflating past `max_frame` (closed with 1009).
+    pub decompression_refused: AtomicU64,
 }
 
 impl Counters {

@@ -66,6 +66,7 @@ impl Harness {
                 executors: vec!["sleep".into()],
                 inventory: Inventory::default(),
                 signature: None,
+                compression: Vec::new(),
                 timestamp: now(),
             }),
         );

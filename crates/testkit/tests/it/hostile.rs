@@ -718,3 +718,66 @@ async fn a_connection_storm_is_throttled_per_address_and_capped_overall() {
     honest.stop().await.expect("clean stop");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn compression_is_negotiated_and_a_decompression_bomb_is_refused_with_1009() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.max_frame = 256 * 1024;
+    let c = spawn_coordinator_with(cfg, None).await;
+    let mut wcfg = fast_worker_config(&c.ws_url(), "honest");
+    wcfg.max_frame = 256 * 1024;
+    let honest = spawn_worker(wcfg, Executors::builtin());
+    honest
+        .handle
+        .wait_state(|s| s == ConnState::Connected)
+        .await;
+
+    // The bomb: 64 MiB of zeros in a few KiB, from a client that negotiated zstd.
+    let mut m = Raw::connect(&c, "bomber").await;
+    let mut reg = m.registration(None, &[]);
+    reg["compression"] = json!(["zstd"]);
+    m.send(&reg).await;
+    let ack = m.next_of("registration_ack").await;
+    assert_eq!(ack["compression"], "zstd", "{ack}");
+    let bomb = tether_proto::compress::deflate(&"0".repeat(64 << 20));
+    assert!(bomb.len() < 256 * 1024);
+    m.ws.send(Message::binary(bomb)).await.expect("send");
+    assert_eq!(m.close_code().await, Some(1009));
+
+    // Honest traffic compressed both ways: an assignment with a large config goes out
+    // compressed, a result with a large output comes back compressed.
+    let client = c.client();
+    let mut spec = TaskSpec::new(
+        "command",
+        json!({"shell": "yes tether | head -c 6000", "tail_bytes": 8192, "env": {"PAD": "p".repeat(4000)}}),
+    );
+    spec.name = Some("big".into());
+    let id = client.submit(&[spec]).await[0].clone();
+    client.wait_status(&id, "completed").await;
+    let results = client.results(&id).await;
+    assert_eq!(results.len(), 1, "{results:?}");
+    let out = results[0]["body"]["result"]["stdout_tail"]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(out.len(), 6000, "{results:?}");
+    honest_work_completes(&client, 2).await;
+    let o = client.overview().await;
+    assert_eq!(counter(&o, "decompression_refused"), 1, "{o}");
+    assert!(counter(&o, "compressed_out_frames") >= 1, "{o}");
+    assert!(counter(&o, "compressed_in_frames") >= 1, "{o}");
+    let ratio_in = counter(&o, "compressed_in_json_bytes") as f64
+        / counter(&o, "compressed_in_wire_bytes") as f64;
+    assert!(ratio_in > 2.0, "inbound ratio {ratio_in}: {o}");
+    eprintln!(
+        "compressed in: {} frames, {} JSON bytes in {} wire bytes; out: {} frames, {} in {}",
+        counter(&o, "compressed_in_frames"),
+        counter(&o, "compressed_in_json_bytes"),
+        counter(&o, "compressed_in_wire_bytes"),
+        counter(&o, "compressed_out_frames"),
+        counter(&o, "compressed_out_json_bytes"),
+        counter(&o, "compressed_out_wire_bytes"),
+    );
+    honest.stop().await.expect("clean stop");
+    c.stop().await;
+}

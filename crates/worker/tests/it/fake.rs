@@ -103,6 +103,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script) {
     }
     let _ = ws
         .send(send(CoordMsg::RegistrationAck(RegistrationAck {
+            compression: None,
             worker_id: worker,
             session_id: 1,
             directives: vec![],

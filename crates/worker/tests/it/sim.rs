@@ -206,6 +206,7 @@ async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>) {
                     std::mem::take(&mut t.to_assign)
                 };
                 let mut v = vec![CoordMsg::RegistrationAck(RegistrationAck {
+                    compression: None,
                     worker_id: worker.clone(),
                     session_id: 1,
                     directives: vec![],

@@ -1,0 +1,84 @@
+//! Negotiated compression: a message over a threshold travels as a binary frame holding the
+//! zstd-compressed JSON of the same typed message, so the receiver always knows its type.
+//! Decompression is bounded: a frame that would inflate past the limit is refused (zip bomb).
+
+use std::io::Read;
+
+/// The one compression this protocol knows, as named in `registration` and `registration_ack`.
+pub const ZSTD: &str = "zstd";
+/// Default size from which a message is compressed, in bytes of JSON.
+pub const DEFAULT_THRESHOLD: usize = 1024;
+/// zstd level: fast; the frames are small.
+const LEVEL: i32 = 3;
+
+/// Why a binary frame could not be inflated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InflateError {
+    #[error("compressed frame inflates past {limit} bytes")]
+    TooBig { limit: usize },
+    #[error("compressed frame is not valid zstd: {0}")]
+    Corrupt(String),
+    #[error("compressed frame does not hold UTF-8 text")]
+    NotUtf8,
+}
+
+/// Compresses frame text.
+pub fn deflate(text: &str) -> Vec<u8> {
+    // INVARIANT: compressing from memory into memory cannot fail but for out-of-memory.
+    zstd::bulk::compress(text.as_bytes(), LEVEL).unwrap_or_else(|_| text.as_bytes().to_vec())
+}
+
+/// Inflates a binary frame into frame text, refusing to produce more than `limit` bytes.
+pub fn inflate(bytes: &[u8], limit: usize) -> Result<String, InflateError> {
+    let decoder = zstd::stream::read::Decoder::new(bytes)
+        .map_err(|e| InflateError::Corrupt(e.to_string()))?;
+    let mut out = Vec::new();
+    // One byte past the limit tells "exactly at the limit" from "over it".
+    decoder
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| InflateError::Corrupt(e.to_string()))?;
+    if out.len() > limit {
+        return Err(InflateError::TooBig { limit });
+    }
+    String::from_utf8(out).map_err(|_| InflateError::NotUtf8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_round_trips_and_large_repetitive_text_shrinks() {
+        let text = format!(r#"{{"type":"task_state","state":"{}"}}"#, "ab".repeat(4000));
+        let packed = deflate(&text);
+        assert!(
+            packed.len() * 10 < text.len(),
+            "{} -> {}",
+            text.len(),
+            packed.len()
+        );
+        assert_eq!(inflate(&packed, 1 << 20), Ok(text.clone()));
+        assert_eq!(inflate(&packed, text.len()), Ok(text));
+    }
+
+    #[test]
+    fn a_bomb_is_refused_at_the_limit_and_junk_is_refused_clearly() {
+        let bomb = deflate(&"0".repeat(64 << 20));
+        assert!(bomb.len() < 64 << 10, "{}", bomb.len());
+        assert_eq!(
+            inflate(&bomb, 1 << 20),
+            Err(InflateError::TooBig { limit: 1 << 20 })
+        );
+        assert!(matches!(
+            inflate(b"not zstd", 1024),
+            Err(InflateError::Corrupt(_))
+        ));
+        assert!(matches!(
+            inflate(&[], 1024),
+            Err(InflateError::Corrupt(_)) | Ok(_)
+        ));
+        let latin1 = zstd::bulk::compress(&[0xff, 0xfe], 1).expect("compress");
+        assert_eq!(inflate(&latin1, 1024), Err(InflateError::NotUtf8));
+    }
+}
