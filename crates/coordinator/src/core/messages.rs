@@ -61,6 +61,10 @@ enum Standing {
     Stranger,
 }
 
+/// Incomplete checkpoints of one task may declare at most this many times
+/// `max_checkpoint_bytes` together.
+const INCOMPLETE_CHECKPOINTS_PER_TASK: u64 = 2;
+
 impl Core {
     fn standing(&self, worker: &WorkerId, task: &TaskId, attempt: Attempt) -> Standing {
         let Some(t) = self.tasks.get(task) else {
@@ -444,6 +448,15 @@ impl Core {
         );
     }
 
+    /// Declared bytes of the checkpoints of `task` whose pieces are still arriving.
+    fn incomplete_checkpoint_bytes(&self, task: &TaskId) -> u64 {
+        self.partial
+            .values()
+            .filter(|p| &p.meta.task_id == task)
+            .map(|p| p.meta.size)
+            .sum()
+    }
+
     fn on_checkpoint(
         &mut self,
         worker: &WorkerId,
@@ -475,6 +488,30 @@ impl Core {
                     .is_some_and(|h| h.contains(&c.checkpoint_id)) =>
             {
                 Disposition::Duplicate
+            }
+            Standing::Holder
+                if !self.partial.contains_key(&c.checkpoint_id)
+                    && self
+                        .incomplete_checkpoint_bytes(&c.task_id)
+                        .saturating_add(c.size)
+                        > INCOMPLETE_CHECKPOINTS_PER_TASK * self.cfg.max_checkpoint_bytes =>
+            {
+                // Announced but never completed checkpoints would otherwise pile up on disk.
+                Core::send_after_commit(
+                    b,
+                    session,
+                    CoordMsg::error(
+                        ErrorCode::BadFrame,
+                        format!(
+                            "incomplete checkpoints of task {} would exceed {} bytes; complete one first",
+                            c.task_id,
+                            INCOMPLETE_CHECKPOINTS_PER_TASK * self.cfg.max_checkpoint_bytes
+                        ),
+                        Some("checkpoint".into()),
+                        Some(c.seq.0),
+                    ),
+                );
+                Disposition::Rejected
             }
             Standing::Holder => {
                 if !self.partial.contains_key(&c.checkpoint_id) {

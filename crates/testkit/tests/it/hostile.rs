@@ -781,3 +781,62 @@ async fn compression_is_negotiated_and_a_decompression_bomb_is_refused_with_1009
     honest.stop().await.expect("clean stop");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn checkpoints_announced_and_never_completed_are_bounded_per_task() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.max_checkpoint_bytes = 1000;
+    let c = spawn_coordinator_with(cfg, None).await;
+    let honest = spawn_worker(
+        fast_worker_config(&c.ws_url(), "honest"),
+        Executors::builtin(),
+    );
+    honest
+        .handle
+        .wait_state(|s| s == ConnState::Connected)
+        .await;
+    let client = c.client();
+    let mut m = Raw::connect(&c, "hoarder").await;
+    let reg = m.registration(None, &["hoarder-only"]);
+    m.send(&reg).await;
+    m.next_of("registration_ack").await;
+    let mut spec = sleep_task(50, 1, 0);
+    spec.requires = vec!["hoarder-only".into()];
+    let own = client.submit(&[spec]).await[0].clone();
+    let a = m.next_of("task_assignment").await;
+    assert_eq!(a["task_id"], own.as_str());
+    let ts = chrono::Utc::now();
+    let mut dispositions = Vec::new();
+    for i in 0..4u64 {
+        m.send(
+            &json!({"type": "checkpoint", "seq": 10 + i, "task_id": own, "attempt": 1,
+                       "checkpoint_id": format!("c-hoard-{i}"), "size": 900, "chunks": 1,
+                       "timestamp": ts}),
+        )
+        .await;
+        let ack = m.next_of("checkpoint_ack").await;
+        dispositions.push(ack["disposition"].as_str().unwrap_or_default().to_owned());
+    }
+    // Two announced (1800 bytes) fit under 2 x 1000; the third and fourth do not.
+    assert_eq!(
+        dispositions,
+        ["recorded", "recorded", "rejected", "rejected"]
+    );
+    // Completing one makes room again.
+    m.send(
+        &json!({"type": "checkpoint_data", "seq": 20, "task_id": own, "attempt": 1,
+                   "checkpoint_id": "c-hoard-0", "chunk": 0, "data": "aGVsbG8=", "timestamp": ts}),
+    )
+    .await;
+    m.next_of("checkpoint_data_ack").await;
+    m.send(
+        &json!({"type": "checkpoint", "seq": 21, "task_id": own, "attempt": 1,
+                   "checkpoint_id": "c-hoard-9", "size": 900, "chunks": 1, "timestamp": ts}),
+    )
+    .await;
+    assert_eq!(m.next_of("checkpoint_ack").await["disposition"], "recorded");
+    honest_work_completes(&client, 2).await;
+    honest.stop().await.expect("clean stop");
+    c.stop().await;
+}
