@@ -20,7 +20,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -147,7 +147,14 @@ pub struct ListQuery {
         (status = 422, description = "Unknown status or order", body = ErrorBody),
     )
 )]
-pub async fn list_tasks(State(app): State<Arc<AppState>>, Query(q): Query<ListQuery>) -> Response {
+pub async fn list_tasks(
+    State(app): State<Arc<AppState>>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return error_response(e.status(), "bad_request", &e.body_text()),
+    };
     let status = match q.status.as_deref().map(|s| (s, TaskStatus::parse(s))) {
         None => None,
         Some((_, Some(s))) => Some(s),

@@ -178,3 +178,27 @@ async fn a_task_past_its_timeout_ends_timed_out_with_one_result() {
     w.stop().await.expect("stop");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn bad_query_parameters_get_the_json_error_body() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let client = c.client();
+    for (query, want, code) in [
+        ("limit=abc", 400, "bad_request"),
+        ("limit=-1", 400, "bad_request"),
+        ("order=sideways", 422, "invalid"),
+        ("status=bogus", 422, "invalid"),
+    ] {
+        let (status, body) = client.get(&format!("/api/v1/tasks?{query}")).await;
+        assert_eq!(status, want, "{query}: {body}");
+        assert_eq!(body["error"]["code"], code, "{query}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{query}: {body}"
+        );
+    }
+    c.stop().await;
+}
