@@ -76,6 +76,12 @@ pub struct CoordinatorArgs {
     /// Largest HTTP request body, bytes.
     #[arg(long)]
     max_body: Option<usize>,
+    /// PEM certificate chain: serve TLS (wss://, https://); needs --tls-key.
+    #[arg(long, env = "TETHER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "TETHER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// TOML settings file ([coordinator] table).
     #[arg(long, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
@@ -112,6 +118,9 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         cfg.checkpoints_kept = n;
     }
     apply_limits(&mut cfg, &a)?;
+    if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
+        cfg.tls = Some(tether_coordinator::tls::server_config(cert, key)?);
+    }
     cfg.auth = worker_auth(
         a.secret_file.or(file.secret_file),
         a.secrets_dir.or(file.secrets_dir),
@@ -294,6 +303,9 @@ pub struct WorkerArgs {
     /// secret itself. Never a flag value, so it never shows in `ps`.
     #[arg(long, env = "TETHER_SECRET_FILE")]
     secret_file: Option<PathBuf>,
+    /// PEM certificates to trust for a wss:// coordinator (default: the system's roots).
+    #[arg(long, env = "TETHER_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// TOML settings file ([worker] table).
     #[arg(long, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
@@ -382,6 +394,7 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     }
     cfg.seed = a.seed;
     cfg.event_log = a.event_log;
+    cfg.ca_file = a.ca_file;
     cfg.secret = match (
         a.secret_file.or(file.secret_file),
         std::env::var_os(SECRET_ENV),

@@ -3,6 +3,9 @@
 //! first byte, which a client that never finishes its request headers (slow-loris) never gets.
 //! Refused connections are closed at once and counted; nothing is parsed for them.
 //!
+//! With TLS configured, every admitted connection is wrapped in a TLS handshake that runs on the
+//! connection's own task.
+//!
 //! The same token bucket limits the messages per second of each worker session (`ws.rs`).
 
 use std::collections::HashMap;
@@ -71,6 +74,7 @@ impl Bucket {
 /// A listener that admits connections within the limits.
 pub struct Admission {
     inner: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     limits: Limits,
     open: Arc<AtomicUsize>,
     per_addr: HashMap<IpAddr, Bucket>,
@@ -81,11 +85,19 @@ impl Admission {
     pub fn new(inner: TcpListener, limits: Limits, counters: Arc<Counters>) -> Self {
         Self {
             inner,
+            tls: None,
             limits,
             open: Arc::new(AtomicUsize::new(0)),
             per_addr: HashMap::new(),
             counters,
         }
+    }
+
+    /// Serves TLS on every admitted connection (the handshake runs on the connection's own
+    /// task, under the handshake deadline, never in the accept loop).
+    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(tokio_rustls::TlsAcceptor::from(config));
+        self
     }
 
     fn admit(&mut self, ip: IpAddr) -> bool {
@@ -142,6 +154,10 @@ impl axum::serve::Listener for Admission {
             }
             let _ = tcp.set_nodelay(true);
             self.open.fetch_add(1, Ordering::Relaxed);
+            let tcp = match &self.tls {
+                None => Stream::Plain(tcp),
+                Some(acceptor) => Stream::Handshaking(Box::pin(acceptor.accept(tcp))),
+            };
             let io = Guarded {
                 tcp,
                 open: self.open.clone(),
@@ -160,7 +176,7 @@ impl axum::serve::Listener for Admission {
 /// An admitted connection: counted while open, and closed if the server has not written
 /// anything (a response, or the 101 of an upgrade) by the handshake deadline.
 pub struct Guarded {
-    tcp: TcpStream,
+    tcp: Stream,
     open: Arc<AtomicUsize>,
     first_byte: Option<Pin<Box<Sleep>>>,
     counters: Arc<Counters>,
@@ -170,6 +186,59 @@ impl Drop for Guarded {
     fn drop(&mut self) {
         self.open.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// The byte stream under a connection: plain, or TLS once its handshake is done.
+enum Stream {
+    Plain(TcpStream),
+    Handshaking(Pin<Box<tokio_rustls::Accept<TcpStream>>>),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Failed,
+}
+
+impl Stream {
+    /// Drives a TLS handshake; `Ready(Ok)` once the stream can carry data.
+    fn ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Stream::Handshaking(accept) = self {
+            match accept.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(tls)) => *self = Stream::Tls(Box::new(tls)),
+                Poll::Ready(Err(e)) => {
+                    *self = Stream::Failed;
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        match self {
+            Stream::Failed => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "TLS handshake failed",
+            ))),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn io(&mut self) -> Pin<&mut dyn AsyncReadWrite> {
+        match self {
+            Stream::Plain(t) => Pin::new(t),
+            Stream::Tls(t) => Pin::new(&mut **t),
+            // INVARIANT: callers poll `ready` first, which leaves only Plain or Tls here.
+            Stream::Handshaking(_) | Stream::Failed => unreachable!("stream not ready"),
+        }
+    }
+}
+
+trait AsyncReadWrite: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncReadWrite for T {}
+
+macro_rules! ready_or_return {
+    ($s:expr, $cx:expr) => {
+        match $s.ready($cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
+    };
 }
 
 impl AsyncRead for Guarded {
@@ -190,7 +259,8 @@ impl AsyncRead for Guarded {
                 "request not complete by the handshake deadline",
             )));
         }
-        Pin::new(&mut self.tcp).poll_read(cx, buf)
+        ready_or_return!(self.tcp, cx);
+        self.tcp.io().poll_read(cx, buf)
     }
 }
 
@@ -200,7 +270,8 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.tcp).poll_write(cx, buf);
+        ready_or_return!(self.tcp, cx);
+        let r = self.tcp.io().poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.first_byte = None;
         }
@@ -208,11 +279,13 @@ impl AsyncWrite for Guarded {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
+        ready_or_return!(self.tcp, cx);
+        self.tcp.io().poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        ready_or_return!(self.tcp, cx);
+        self.tcp.io().poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -220,7 +293,8 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        ready_or_return!(self.tcp, cx);
+        let r = self.tcp.io().poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.first_byte = None;
         }
@@ -228,7 +302,10 @@ impl AsyncWrite for Guarded {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        match &self.tcp {
+            Stream::Plain(t) => t.is_write_vectored(),
+            _ => false,
+        }
     }
 }
 

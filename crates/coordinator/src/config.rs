@@ -93,6 +93,8 @@ pub struct CoordinatorConfig {
     pub api_tokens: Option<ApiTokens>,
     /// Connection and message rate limits.
     pub limits: Limits,
+    /// Serve TLS (`wss://`, `https://`) with this configuration; plain TCP when `None`.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     /// Agree to zstd compression when a worker offers it.
     pub compression: bool,
     /// Messages of at least this many bytes of JSON go compressed once agreed.
@@ -117,6 +119,7 @@ impl CoordinatorConfig {
             auth: None,
             api_tokens: None,
             limits: Limits::default(),
+            tls: None,
             compression: true,
             compress_threshold: tether_proto::compress::DEFAULT_THRESHOLD,
         }

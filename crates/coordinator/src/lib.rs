@@ -10,6 +10,7 @@
 //! - [`store`]: SQLite persistence with group commit; effects run after commit.
 //! - [`admission`]: connection limits at accept, and the token bucket of rate limits.
 //! - [`auth`]: worker secrets and API tokens.
+//! - [`tls`]: the rustls server configuration from PEM files.
 //! - [`config`]: settings and their defaults.
 
 pub mod admission;
@@ -23,6 +24,7 @@ pub mod model;
 pub mod openapi;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod ws;
 
 pub use config::CoordinatorConfig;

@@ -129,8 +129,12 @@ pub async fn run_with(
     };
     // Sessions are long-lived: stop the core first so they close, then the server drains.
     let stop_core = stop.clone();
-    let listener =
+    let mut listener =
         crate::admission::Admission::new(listener, cfg.limits.clone(), state_counters.clone());
+    if let Some(tls) = &cfg.tls {
+        listener = listener.with_tls(tls.clone());
+        tracing::info!("serving TLS (wss://, https://)");
+    }
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             serve_stop.await;

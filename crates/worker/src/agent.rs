@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::adaptive;
 use crate::backoff::Backoff;
 use crate::config::WorkerConfig;
-use crate::connector::{ConnectError, Connector, TcpConnector, ws_config};
+use crate::connector::{ConnectError, Connector, TcpConnector, tls_client_config, ws_config};
 use crate::eventlog::{Event, EventLog};
 use crate::executor::{Executors, StoredCheckpoint};
 use crate::metrics as m;
@@ -48,6 +48,8 @@ pub enum AgentError {
     GaveUp { attempts: u32 },
     #[error("state directory: {0}")]
     StateDir(String),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("{0}")]
     EventLog(String),
 }
@@ -225,6 +227,13 @@ impl Agent {
             ),
             None => None,
         };
+        let connector: Arc<dyn Connector> = if endpoint.starts_with("wss://") {
+            let tls = tls_client_config(cfg.ca_file.as_deref())
+                .map_err(|e| AgentError::Tls(e.to_string()))?;
+            Arc::new(TcpConnector::with_tls(tls))
+        } else {
+            Arc::new(TcpConnector::default())
+        };
         let seed = cfg.seed.unwrap_or_else(rand::random);
         tracing::info!(worker = %cfg.worker_id, %endpoint, seed, "worker configured");
         let shared = Arc::new(AgentShared {
@@ -247,7 +256,7 @@ impl Agent {
             runner: Arc::new(runner),
             outbox,
             shared,
-            connector: Arc::new(TcpConnector),
+            connector,
             boot_id: format!("b-{}", uuid::Uuid::new_v4().simple()),
             rng: StdRng::seed_from_u64(seed),
             lost: restored.lost,

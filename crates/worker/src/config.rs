@@ -61,6 +61,8 @@ pub struct WorkerConfig {
     /// The secret that signs registrations when the coordinator asks (its `welcome` carries a
     /// nonce). Never sent, never logged.
     pub secret: Option<Secret>,
+    /// Certificates (PEM) to trust for `wss://`; the system's roots when `None`.
+    pub ca_file: Option<PathBuf>,
     /// Offer zstd compression at registration.
     pub compression: bool,
     /// Messages of at least this many bytes of JSON go compressed once agreed.
@@ -92,6 +94,7 @@ impl WorkerConfig {
             seed: None,
             event_log: None,
             secret: None,
+            ca_file: None,
             compression: true,
             compress_threshold: tether_proto::compress::DEFAULT_THRESHOLD,
         }

@@ -1,7 +1,9 @@
 //! How a worker reaches the coordinator: a TCP connector for real use, and any other transport
 //! (in-memory pipes under paused time) for tests.
 
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -35,9 +37,79 @@ pub trait Connector: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<WsStream, ConnectError>>;
 }
 
-/// Plain TCP (`ws://`).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct TcpConnector;
+/// TCP, plain for `ws://` or with TLS for `wss://` when built [`TcpConnector::with_tls`].
+#[derive(Clone, Default)]
+pub struct TcpConnector {
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl std::fmt::Debug for TcpConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpConnector")
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// Why the TLS client could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("CA file {path}: {reason}")]
+    CaFile { path: PathBuf, reason: String },
+    #[error("no trusted root certificates (give a CA file)")]
+    NoRoots,
+    #[error("TLS setup: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// A rustls client configuration trusting the certificates of `ca_file`, or the system's roots.
+pub fn tls_client_config(
+    ca_file: Option<&Path>,
+) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| TlsSetupError::CaFile {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                })?;
+            for c in certs {
+                roots.add(c).map_err(|e| TlsSetupError::CaFile {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                let _ = roots.add(c);
+            }
+        }
+    }
+    if roots.is_empty() {
+        return Err(TlsSetupError::NoRoots);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+impl TcpConnector {
+    /// A connector that speaks TLS to `wss://` URLs.
+    pub fn with_tls(config: Arc<rustls::ClientConfig>) -> Self {
+        Self {
+            tls: Some(tokio_rustls::TlsConnector::from(config)),
+        }
+    }
+}
 
 impl Connector for TcpConnector {
     fn connect(
@@ -45,22 +117,46 @@ impl Connector for TcpConnector {
         url: String,
         config: WebSocketConfig,
     ) -> BoxFuture<'static, Result<WsStream, ConnectError>> {
+        let tls = self.tls.clone();
         Box::pin(async move {
             let parsed = url::Url::parse(&url)
                 .map_err(|e| ConnectError::Refused(format!("bad url {url}: {e}")))?;
-            if parsed.scheme() != "ws" {
-                return Err(ConnectError::Refused(format!(
-                    "scheme {} is not supported by this build; use ws://",
-                    parsed.scheme()
-                )));
-            }
+            let tls = match (parsed.scheme(), tls) {
+                ("ws", _) => None,
+                ("wss", Some(tls)) => Some(tls),
+                (scheme, _) => {
+                    return Err(ConnectError::Refused(format!(
+                        "scheme {scheme} is not set up in this connector"
+                    )));
+                }
+            };
             let host = parsed.host_str().unwrap_or_default().to_owned();
             let port = parsed.port_or_known_default().unwrap_or(80);
             let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
                 .await
                 .map_err(|e| ConnectError::Transient(format!("connect {host}:{port}: {e}")))?;
             let _ = tcp.set_nodelay(true);
-            let io: Pin<Box<dyn Io>> = Box::pin(tcp);
+            let io: Pin<Box<dyn Io>> = match tls {
+                None => Box::pin(tcp),
+                Some(tls) => {
+                    let name = rustls::pki_types::ServerName::try_from(
+                        host.trim_start_matches('[')
+                            .trim_end_matches(']')
+                            .to_owned(),
+                    )
+                    .map_err(|e| ConnectError::Refused(format!("TLS server name {host}: {e}")))?;
+                    let stream = tls.connect(name, tcp).await.map_err(|e| {
+                        // A certificate the worker does not trust will not become trusted by
+                        // retrying; anything else (reset, timeout) may pass.
+                        if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+                            ConnectError::Refused(format!("TLS with {host}:{port}: {e}"))
+                        } else {
+                            ConnectError::Transient(format!("TLS with {host}:{port}: {e}"))
+                        }
+                    })?;
+                    Box::pin(stream)
+                }
+            };
             handshake(url, io, config).await
         })
     }

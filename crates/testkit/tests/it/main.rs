@@ -9,3 +9,4 @@ mod hostile;
 mod lifecycle;
 mod metrics;
 mod recovery;
+mod tls;

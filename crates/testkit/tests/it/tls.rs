@@ -1,0 +1,116 @@
+//! TLS over real sockets with a certificate made in the test (rcgen): a worker that trusts it
+//! works over `wss://`, one that does not is refused for good, a plain client gets nowhere, and
+//! the API answers over `https://`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use tether_testkit::*;
+use tether_worker::{Agent, AgentError, ConnState, Executors};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One HTTPS request with `Connection: close`; returns status and JSON body.
+async fn https(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    method: &str,
+    path: &str,
+    body: &Value,
+) -> (u16, Value) {
+    let tls = tether_worker::connector::tls_client_config(Some(ca)).expect("client config");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut s = tokio_rustls::TlsConnector::from(Arc::clone(&tls))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let body = body.to_string();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    let status: u16 = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    let json_at = text.find("\r\n\r\n").map_or(text.len(), |i| i + 4);
+    let v = serde_json::from_str(&text[json_at..]).unwrap_or(Value::Null);
+    (status, v)
+}
+
+#[tokio::test]
+async fn tls_workers_verify_the_coordinator_and_untrusted_or_plain_clients_get_nowhere() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = tempfile::tempdir().expect("certs");
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+        .expect("self-signed certificate");
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).expect("write cert");
+    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.tls = Some(tether_coordinator::tls::server_config(&cert, &key).expect("server TLS"));
+    let c = spawn_coordinator_with(cfg, None).await;
+    let url = format!("wss://127.0.0.1:{}", c.addr.port());
+
+    let mut wcfg = fast_worker_config(&url, "tls-w");
+    wcfg.ca_file = Some(cert.clone());
+    let w = spawn_worker(wcfg, Executors::builtin());
+    w.handle.wait_state(|s| s == ConnState::Connected).await;
+
+    // Without the CA the worker does not trust the coordinator: it stops (or cannot even start
+    // when the machine has no system roots).
+    match Agent::new(
+        fast_worker_config(&url, "tls-untrusted"),
+        Executors::builtin(),
+    ) {
+        Err(AgentError::Tls(msg)) => assert!(msg.contains("root"), "{msg}"),
+        Err(other) => panic!("unexpected {other:?}"),
+        Ok(agent) => {
+            let u = spawn_agent(agent);
+            let end = tokio::time::timeout(DEADLINE, u.join)
+                .await
+                .expect("the untrusting worker stops")
+                .expect("agent task");
+            match end {
+                Err(AgentError::Refused(msg)) => assert!(msg.contains("certificate"), "{msg}"),
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+    }
+    // A plain WebSocket client gets no session.
+    let plain = format!("ws://{}/api/v1/worker/plain/ws", c.addr);
+    assert!(tokio_tungstenite::connect_async(&plain).await.is_err());
+
+    // The API over https: submit, and the TLS worker completes it.
+    let (s, v) = https(
+        c.addr,
+        &cert,
+        "POST",
+        "/api/v1/tasks",
+        &json!({"tasks": [sleep_task(50, 2, 1)]}),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["task_ids"][0].as_str().expect("an id").to_owned();
+    wait_for("the task to complete over TLS", DEADLINE, || async {
+        let (_, t) = https(
+            c.addr,
+            &cert,
+            "GET",
+            &format!("/api/v1/tasks/{id}"),
+            &Value::Null,
+        )
+        .await;
+        (t["status"] == "completed").then_some(())
+    })
+    .await;
+    assert_eq!(w.handle.executions(), 1);
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}
