@@ -227,6 +227,7 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
                             c.compressed_in_frames.fetch_add(1, Ordering::Relaxed);
                             c.compressed_in_wire_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
                             c.compressed_in_json_bytes.fetch_add(t.len() as u64, Ordering::Relaxed);
+                            crate::metrics::record_compression(t.len() as u64, b.len() as u64);
                             on_text(&app, &worker, session_id, &t, &mut zstd_in).await
                         }
                         Err(InflateError::TooBig { .. }) => {
@@ -523,6 +524,7 @@ async fn send_framed(
     counters
         .compressed_out_wire_bytes
         .fetch_add(packed.len() as u64, Ordering::Relaxed);
+    crate::metrics::record_compression(json.len() as u64, packed.len() as u64);
     let frame = Message::Binary(packed.into());
     matches!(timeout_at(deadline, sink.send(frame)).await, Ok(Ok(())))
 }

@@ -187,7 +187,10 @@ impl<'a> Session<'a> {
         match frame {
             Message::Text(text) => self.on_text(text.as_str()).await,
             Message::Binary(b) if self.zstd => match inflate(&b, self.agent.cfg.max_frame) {
-                Ok(text) => self.on_text(&text).await,
+                Ok(text) => {
+                    crate::metrics::record_compression(text.len() as u64, b.len() as u64);
+                    self.on_text(&text).await
+                }
                 Err(e @ InflateError::TooBig { .. }) => Inbound::Closed(e.to_string(), None),
                 Err(e) => {
                     self.agent.shared.bad_frames.fetch_add(1, Ordering::Relaxed);
@@ -244,7 +247,9 @@ impl<'a> Session<'a> {
     fn frame(&self, msg: &WorkerMsg) -> Message {
         let text = encode(msg);
         if self.zstd && text.len() >= self.agent.cfg.compress_threshold {
-            Message::binary(deflate(&text))
+            let packed = deflate(&text);
+            crate::metrics::record_compression(text.len() as u64, packed.len() as u64);
+            Message::binary(packed)
         } else {
             Message::text(text)
         }

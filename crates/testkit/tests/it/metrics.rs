@@ -27,6 +27,14 @@ async fn metrics_families_are_served_and_move_with_a_run_with_a_reconnection() {
     let client = c.client();
     let ids = client.submit(&[sleep_task(30, 4, 2)]).await;
     client.wait_status(&ids[0], "completed").await;
+    // An assignment over the compression threshold goes as a zstd binary frame.
+    let big = client
+        .submit(&[tether_proto::TaskSpec::new(
+            "command",
+            serde_json::json!({"program": "true", "args": ["compressible ".repeat(400)]}),
+        )])
+        .await;
+    client.wait_status(&big[0], "completed").await;
     // A reconnection: cut the link, let the worker notice, restore it.
     relay.cut();
     w.handle.wait_state(|s| s != ConnState::Connected).await;
@@ -73,7 +81,7 @@ async fn metrics_families_are_served_and_move_with_a_run_with_a_reconnection() {
     // The model's gauges are this coordinator's.
     assert_eq!(
         metric_value(&after, m::TASKS, &[("state", "completed")]),
-        Some(1.0)
+        Some(2.0)
     );
     assert_eq!(
         metric_value(&after, m::TASKS, &[("state", "queued")]),
@@ -95,7 +103,14 @@ async fn metrics_families_are_served_and_move_with_a_run_with_a_reconnection() {
             "{name}: scraped {scraped:?}, overview {n}"
         );
     }
-    assert!(metric_value(&after, m::COMPRESSION_RATIO, &[]).is_some());
+    grew(m::COMPRESSION_RAW_BYTES, &[]);
+    grew(m::COMPRESSION_WIRE_BYTES, &[]);
+    let ratio = metric_value(&after, m::COMPRESSION_RATIO, &[]).unwrap_or(0.0);
+    assert!(ratio > 1.0, "repetitive JSON compresses: ratio {ratio}");
+    assert!(
+        v(&after, wm::COMPRESSION_RAW_BYTES, &[]) > 0.0,
+        "the worker inflated it"
+    );
     // The worker in this process records into the same recorder.
     let wcount = |name: &str| v(&after, &count(name), &[]);
     assert!(wcount(wm::HEARTBEAT_RTT) > 0.0, "worker RTT recorded");
