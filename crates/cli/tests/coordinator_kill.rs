@@ -180,8 +180,10 @@ async fn a_coordinator_killed_twice_mid_run_loses_no_acknowledged_result_and_no_
     let log = dir.path().join("coordinator.log");
     let addr = free_addr();
     let base = format!("http://{addr}");
+    // No pooled connections: one kept from before a kill would fail a request after the restart.
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(0)
         .build()
         .expect("http client");
     let client = Client::new(&base);
@@ -229,6 +231,8 @@ async fn a_coordinator_killed_twice_mid_run_loses_no_acknowledged_result_and_no_
 
     let coord = CoordinatorProcess::start(addr, &data_dir, &log);
     wait_ready(&http, &base).await;
+    // A fresh client: the old one's pooled connections died with the process.
+    let client = Client::new(&base);
     let after_restart = history(&client).await;
     let cli_after = cli_history(addr);
     for (id, before) in &cli_before {
@@ -270,6 +274,8 @@ async fn a_coordinator_killed_twice_mid_run_loses_no_acknowledged_result_and_no_
     eprintln!("submissions around the second kill: {outcomes:?}");
     let coord = CoordinatorProcess::start(addr, &data_dir, &log);
     wait_ready(&http, &base).await;
+    // A fresh client: the old one's pooled connections died with the process.
+    let client = Client::new(&base);
     for (n, outcome) in outcomes {
         match outcome {
             Some(true) => {
