@@ -582,12 +582,36 @@ impl Core {
                         idx: d.chunk,
                         data: d.data.0,
                     });
-                    if p.received.len() as u32 == p.meta.chunks {
+                    if p.received.len() as u32 != p.meta.chunks {
+                        Disposition::Recorded
+                    } else if p.bytes == p.meta.size {
                         let meta = p.meta.clone();
                         self.partial.remove(&d.checkpoint_id);
                         self.complete_checkpoint(meta, b);
+                        Disposition::Recorded
+                    } else {
+                        // Every piece came but not the declared size: never hand it to a
+                        // resumed attempt.
+                        let (got, want) = (p.bytes, p.meta.size);
+                        self.partial.remove(&d.checkpoint_id);
+                        b.muts
+                            .push(Mutation::DeleteCheckpoint(d.checkpoint_id.clone()));
+                        tracing::warn!(worker = %worker, task = %d.task_id, checkpoint = %d.checkpoint_id, got, want, "checkpoint pieces do not add up to its declared size; dropped");
+                        Core::send_after_commit(
+                            b,
+                            session,
+                            CoordMsg::error(
+                                ErrorCode::BadFrame,
+                                format!(
+                                    "checkpoint {} has {got} bytes in its pieces, not the {want} declared; dropped",
+                                    d.checkpoint_id
+                                ),
+                                Some("checkpoint_data".into()),
+                                Some(d.seq.0),
+                            ),
+                        );
+                        Disposition::Rejected
                     }
-                    Disposition::Recorded
                 } else {
                     Disposition::Duplicate
                 }

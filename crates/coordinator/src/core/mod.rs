@@ -218,15 +218,13 @@ impl Core {
                 .or_default()
                 .push_back(id);
         }
-        for (meta, received) in loaded.partial_checkpoints {
+        for (meta, received, bytes) in loaded.partial_checkpoints {
             core.partial.insert(
                 meta.checkpoint_id.clone(),
                 Partial {
                     meta,
                     received: received.into_iter().collect(),
-                    // Pieces loaded at start are counted as full; the bound is re-checked on
-                    // the pieces still to come.
-                    bytes: 0,
+                    bytes,
                 },
             );
         }

@@ -327,3 +327,61 @@ fn retention_removes_only_tasks_that_finished_before_the_cutoff() {
     assert!(h.core.tasks.contains_key(&queued));
     assert!(b.muts.is_empty());
 }
+
+fn checkpoint(seq: u64, task: &TaskId, id: &str, size: u64, chunks: u32) -> WorkerMsg {
+    WorkerMsg::Checkpoint(tether_proto::msg::Checkpoint {
+        seq: Seq(seq),
+        task_id: task.clone(),
+        attempt: Attempt(1),
+        checkpoint_id: tether_proto::CheckpointId::parse(id).expect("id"),
+        size,
+        chunks,
+        timestamp: now(),
+    })
+}
+
+fn piece(seq: u64, task: &TaskId, id: &str, chunk: u32, data: &[u8]) -> WorkerMsg {
+    WorkerMsg::CheckpointData(tether_proto::msg::CheckpointData {
+        seq: Seq(seq),
+        task_id: task.clone(),
+        attempt: Attempt(1),
+        checkpoint_id: tether_proto::CheckpointId::parse(id).expect("id"),
+        chunk,
+        data: tether_proto::task::Blob(data.to_vec()),
+        timestamp: now(),
+    })
+}
+
+fn data_ack(msgs: &[CoordMsg]) -> Disposition {
+    msgs.iter()
+        .find_map(|m| match m {
+            CoordMsg::CheckpointDataAck(a) => Some(a.disposition),
+            _ => None,
+        })
+        .expect("a checkpoint_data_ack")
+}
+
+#[test]
+fn a_checkpoint_whose_pieces_fall_short_of_its_declared_size_is_dropped_not_resumed_from() {
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit();
+    drain(&mut rx);
+    // Declared 900 bytes in one piece; the piece has 5.
+    h.frame("a", s, checkpoint(1, &t, "c-short", 900, 1));
+    h.frame("a", s, piece(2, &t, "c-short", 0, b"hello"));
+    let msgs = drain(&mut rx);
+    assert_eq!(data_ack(&msgs), Disposition::Rejected, "{msgs:?}");
+    assert!(
+        msgs.iter().any(|m| matches!(m, CoordMsg::Error(_))),
+        "the worker is told why: {msgs:?}"
+    );
+    assert!(h.core.tasks[&t].latest_checkpoint.is_none());
+    assert!(h.core.partial.is_empty());
+    // A consistent one is kept.
+    h.frame("a", s, checkpoint(3, &t, "c-good", 5, 1));
+    h.frame("a", s, piece(4, &t, "c-good", 0, b"hello"));
+    assert_eq!(data_ack(&drain(&mut rx)), Disposition::Recorded);
+    let latest = h.core.tasks[&t].latest_checkpoint.clone().expect("latest");
+    assert_eq!(latest.checkpoint_id.as_str(), "c-good");
+}

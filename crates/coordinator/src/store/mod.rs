@@ -123,8 +123,8 @@ pub struct StoreStats {
 pub struct Loaded {
     pub tasks: Vec<Task>,
     pub workers: Vec<Worker>,
-    /// Checkpoints whose pieces have not all arrived, with the pieces that did.
-    pub partial_checkpoints: Vec<(CheckpointMeta, Vec<u32>)>,
+    /// Checkpoints whose pieces have not all arrived, with the pieces that did and their bytes.
+    pub partial_checkpoints: Vec<(CheckpointMeta, Vec<u32>, u64)>,
     /// Complete checkpoints, oldest first.
     pub complete_checkpoints: Vec<(TaskId, CheckpointId)>,
 }
@@ -193,7 +193,7 @@ fn load(conn: &Connection) -> Result<Loaded, LoadError> {
         ))
     })?;
     let mut chunk_stmt =
-        conn.prepare("SELECT idx FROM checkpoint_chunks WHERE checkpoint_id = ?1")?;
+        conn.prepare("SELECT idx, length(data) FROM checkpoint_chunks WHERE checkpoint_id = ?1")?;
     let bad = |what: &str, v: &str| LoadError::Json(format!("{what} {v:?} is not valid"));
     for row in rows {
         let (id, task, attempt, worker, size, chunks, created) = row?;
@@ -208,10 +208,12 @@ fn load(conn: &Connection) -> Result<Loaded, LoadError> {
                 .map_err(|_| bad("timestamp", &created))?
                 .with_timezone(&chrono::Utc),
         };
-        let idx: Vec<u32> = chunk_stmt
-            .query_map([&id], |r| r.get::<_, u32>(0))?
+        let pieces: Vec<(u32, i64)> = chunk_stmt
+            .query_map([&id], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)?)))?
             .collect::<Result<_, _>>()?;
-        out.partial_checkpoints.push((meta, idx));
+        let bytes = pieces.iter().map(|(_, n)| n.max(&0).unsigned_abs()).sum();
+        let idx = pieces.into_iter().map(|(i, _)| i).collect();
+        out.partial_checkpoints.push((meta, idx, bytes));
     }
     let mut stmt = conn.prepare(
         "SELECT task_id, id FROM checkpoints WHERE complete = 1 ORDER BY created_at, rowid",
