@@ -22,10 +22,6 @@ pub struct CommonArgs {
     /// File holding the API bearer token (TETHER_TOKEN may hold the token itself).
     #[arg(long, env = "TETHER_TOKEN_FILE")]
     token_file: Option<PathBuf>,
-    /// PEM file of the CA that signed an `https://` coordinator's certificate (default: the
-    /// system's roots).
-    #[arg(long, env = "TETHER_CA_FILE")]
-    ca_file: Option<PathBuf>,
 }
 
 /// Environment variable holding the API token itself (prefer a file).
@@ -64,16 +60,10 @@ impl Api {
             v.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, v);
         }
-        let mut builder = reqwest::Client::builder().default_headers(headers);
-        if base.starts_with("https://") {
-            // The same verification as the worker's: the given CA, or the system's roots.
-            let tls = tether_worker::connector::tls_client_config(c.ca_file.as_deref())
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            builder = builder.use_preconfigured_tls((*tls).clone());
-        } else if c.ca_file.is_some() {
-            bail!("--ca-file is for an https:// coordinator; {base} is plain HTTP");
-        }
-        let http = builder.build().context("HTTP client")?;
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .context("HTTP client")?;
         Ok(Self { base, http })
     }
 
