@@ -22,6 +22,10 @@ pub struct CommonArgs {
     /// File holding the API bearer token (TETHER_TOKEN may hold the token itself).
     #[arg(long, env = "TETHER_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// PEM file of the CA that signed an `https://` coordinator's certificate (default: the
+    /// system's roots).
+    #[arg(long, env = "TETHER_CA_FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 /// Environment variable holding the API token itself (prefer a file).
@@ -46,25 +50,64 @@ fn api_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
 
 struct Api {
     base: String,
-    http: reqwest::Client,
+    transport: Transport,
 }
+
+/// Plain HTTP through reqwest (built without TLS); `https://` through hyper with the same rustls
+/// verification as the worker's (the CA of `--ca-file`, or the system's roots).
+enum Transport {
+    Plain(reqwest::Client),
+    Tls {
+        client: HttpsClient,
+        auth: Option<reqwest::header::HeaderValue>,
+    },
+}
+
+type HttpsClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<bytes::Bytes>,
+>;
 
 impl Api {
     fn new(c: &CommonArgs) -> anyhow::Result<Self> {
         let base = tether_proto::endpoint::derive_http_base(&c.coordinator)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(token) = api_token(c.token_file.as_deref())? {
-            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
-                .context("the API token holds characters a header cannot carry")?;
-            v.set_sensitive(true);
-            headers.insert(reqwest::header::AUTHORIZATION, v);
-        }
-        let http = reqwest::Client::builder()
-            .default_headers(headers)
-            .build()
-            .context("HTTP client")?;
-        Ok(Self { base, http })
+        let auth = match api_token(c.token_file.as_deref())? {
+            Some(token) => {
+                let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                    .context("the API token holds characters a header cannot carry")?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        let transport = if base.starts_with("https://") {
+            let tls = tether_worker::connector::tls_client_config(c.ca_file.as_deref())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config((*tls).clone())
+                .https_only()
+                .enable_http1()
+                .build();
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build(connector);
+            Transport::Tls { client, auth }
+        } else {
+            if c.ca_file.is_some() {
+                bail!("--ca-file is for an https:// coordinator; {base} is plain HTTP");
+            }
+            let mut headers = reqwest::header::HeaderMap::new();
+            if let Some(v) = auth {
+                headers.insert(reqwest::header::AUTHORIZATION, v);
+            }
+            let http = reqwest::Client::builder()
+                .default_headers(headers)
+                .build()
+                .context("HTTP client")?;
+            Transport::Plain(http)
+        };
+        Ok(Self { base, transport })
     }
 
     async fn call(
@@ -74,16 +117,47 @@ impl Api {
         body: Option<&Value>,
     ) -> anyhow::Result<Value> {
         let url = format!("{}{}", self.base, path);
-        let mut req = self.http.request(method, &url);
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the coordinator at {}", self.base))?;
-        let status = resp.status();
-        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        let unreachable = || format!("cannot reach the coordinator at {}", self.base);
+        let (status, v) = match &self.transport {
+            Transport::Plain(http) => {
+                let mut req = http.request(method, &url);
+                if let Some(b) = body {
+                    req = req.json(b);
+                }
+                let resp = req.send().await.with_context(unreachable)?;
+                let status = resp.status();
+                (status, resp.json().await.unwrap_or(Value::Null))
+            }
+            Transport::Tls { client, auth } => {
+                use http_body_util::BodyExt;
+                let mut req = http::Request::builder().method(method).uri(url.as_str());
+                if let Some(v) = auth {
+                    req = req.header(http::header::AUTHORIZATION, v);
+                }
+                let payload = match body {
+                    Some(b) => {
+                        req = req.header(http::header::CONTENT_TYPE, "application/json");
+                        bytes::Bytes::from(serde_json::to_vec(b)?)
+                    }
+                    None => bytes::Bytes::new(),
+                };
+                let req = req
+                    .body(http_body_util::Full::new(payload))
+                    .context("request")?;
+                let resp = client.request(req).await.with_context(unreachable)?;
+                let status = resp.status();
+                let bytes = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .with_context(unreachable)?
+                    .to_bytes();
+                (
+                    status,
+                    serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+                )
+            }
+        };
         if !status.is_success() {
             let msg = v["error"]["message"].as_str().unwrap_or("request failed");
             bail!("{msg} (HTTP {})", status.as_u16());
