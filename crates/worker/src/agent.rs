@@ -5,7 +5,6 @@
 //! With a state directory the agent starts from what the previous process left: its outbox,
 //! its sequence numbers, and the tasks that died with it (reported `lost` at registration).
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,7 +15,7 @@ use rand::rngs::StdRng;
 use tether_proto::endpoint::{EndpointError, derive_endpoint};
 use tether_proto::msg::{Ack, WorkerMsg};
 use tether_proto::task::ConnStats;
-use tether_proto::{TaskId, TaskRef, WorkerId};
+use tether_proto::{TaskRef, WorkerId};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -25,7 +24,7 @@ use crate::backoff::Backoff;
 use crate::config::WorkerConfig;
 use crate::connector::{ConnectError, Connector, TcpConnector, tls_client_config, ws_config};
 use crate::eventlog::{Event, EventLog};
-use crate::executor::{Executors, StoredCheckpoint};
+use crate::executor::Executors;
 use crate::metrics as m;
 use crate::outbox::Outbox;
 use crate::runner::Runner;
@@ -166,8 +165,6 @@ pub struct Agent {
     pub(crate) lost: Vec<TaskRef>,
     pub(crate) heartbeat_seq: u64,
     pub(crate) state: Option<Arc<StateDir>>,
-    /// The latest checkpoint of each task lost with the previous process.
-    pub(crate) lost_checkpoints: HashMap<TaskId, StoredCheckpoint>,
     pub(crate) ack_hook: Option<AckHook>,
     pub(crate) events: Option<EventLog>,
     /// Whether "the coordinator does not ask to authenticate" was logged already.
@@ -210,7 +207,7 @@ impl Agent {
         }
         let outbox = Arc::new(outbox);
         let mut runner = Runner::new(executors, outbox.clone(), cfg.checkpoint_chunk_size)
-            .with_local_checkpoints(restored.checkpoints.clone());
+            .with_local_checkpoints(restored.checkpoints);
         if let Some(dir) = &cfg.state_dir {
             runner = runner.with_checkpoint_root(dir.join("tasks"));
         }
@@ -262,7 +259,6 @@ impl Agent {
             lost: restored.lost,
             heartbeat_seq: 0,
             state,
-            lost_checkpoints: restored.checkpoints.into_iter().collect(),
             ack_hook: None,
             events,
             warned_unauthenticated: false,
@@ -301,12 +297,6 @@ impl Agent {
     /// Tasks this agent will report lost at its next registration.
     pub fn lost(&self) -> &[TaskRef] {
         &self.lost
-    }
-
-    /// The latest checkpoint of a task lost with the previous process, kept in the state
-    /// directory (it was uploaded by the process that wrote it).
-    pub fn lost_checkpoint(&self, task: &TaskId) -> Option<&StoredCheckpoint> {
-        self.lost_checkpoints.get(task)
     }
 
     /// Appends to the event log, when there is one.
