@@ -59,24 +59,29 @@ fn spawn(exe: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
         .with_context(|| format!("cannot start {}", exe.display()))
 }
 
-/// SIGKILL and reap.
-async fn kill(child: &mut Child) {
-    let _ = child.start_kill();
-    let _ = child.wait().await;
+/// SIGKILL and reap the process in `slot`, if there is one.
+async fn kill(slot: &mut Option<Child>) {
+    if let Some(mut child) = slot.take() {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
 }
 
-/// SIGTERM, then SIGKILL after [`STOP_GRACE`].
-async fn terminate(child: &mut Child) {
-    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+/// SIGTERM the process in `slot`, then SIGKILL after [`STOP_GRACE`].
+async fn terminate(slot: &mut Option<Child>) {
+    if let Some(child) = slot.as_mut()
+        && let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok())
+    {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGTERM,
         );
         if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
+            *slot = None;
             return;
         }
     }
-    kill(child).await;
+    kill(slot).await;
 }
 
 /// The coordinator process, restartable on the same address and data directory.
@@ -152,15 +157,11 @@ impl Coordinator {
     }
 
     pub async fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            kill(&mut c).await;
-        }
+        kill(&mut self.child).await;
     }
 
     pub async fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            terminate(&mut c).await;
-        }
+        terminate(&mut self.child).await;
     }
 }
 
@@ -261,15 +262,11 @@ impl Worker {
     }
 
     pub async fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            kill(&mut c).await;
-        }
+        kill(&mut self.child).await;
     }
 
     pub async fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            terminate(&mut c).await;
-        }
+        terminate(&mut self.child).await;
     }
 }
 
