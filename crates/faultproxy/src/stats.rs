@@ -46,6 +46,53 @@ pub struct ProxyStats {
     pub faults: FaultStats,
 }
 
+impl std::ops::Add for FaultStats {
+    type Output = Self;
+
+    fn add(self, o: Self) -> Self {
+        Self {
+            bytes_passed: self.bytes_passed + o.bytes_passed,
+            bytes_delayed: self.bytes_delayed + o.bytes_delayed,
+            bytes_dropped: self.bytes_dropped + o.bytes_dropped,
+            bytes_corrupted: self.bytes_corrupted + o.bytes_corrupted,
+            connections_reset: self.connections_reset + o.connections_reset,
+            connections_closed: self.connections_closed + o.connections_closed,
+            connections_affected: self.connections_affected + o.connections_affected,
+        }
+    }
+}
+
+impl std::iter::Sum for FaultStats {
+    /// The counters of several faults (or of one fault over several proxies) together.
+    fn sum<I: Iterator<Item = Self>>(it: I) -> Self {
+        it.fold(Self::default(), |a, b| a + b)
+    }
+}
+
+impl std::ops::Add for ProxyStats {
+    type Output = Self;
+
+    fn add(self, o: Self) -> Self {
+        Self {
+            connections_accepted: self.connections_accepted + o.connections_accepted,
+            connections_active: self.connections_active + o.connections_active,
+            connections_closed: self.connections_closed + o.connections_closed,
+            connections_reset: self.connections_reset + o.connections_reset,
+            upstream_failures: self.upstream_failures + o.upstream_failures,
+            bytes_upstream: self.bytes_upstream + o.bytes_upstream,
+            bytes_downstream: self.bytes_downstream + o.bytes_downstream,
+            faults: self.faults + o.faults,
+        }
+    }
+}
+
+impl std::iter::Sum for ProxyStats {
+    /// The counters of several proxies together.
+    fn sum<I: Iterator<Item = Self>>(it: I) -> Self {
+        it.fold(Self::default(), |a, b| a + b)
+    }
+}
+
 /// Live counters of one fault (and the per-proxy totals of all faults).
 #[derive(Debug, Default)]
 pub(crate) struct FaultCounters {
@@ -113,4 +160,35 @@ impl ProxyCounters {
 /// Adds `n` to a counter.
 pub(crate) fn add(c: &AtomicU64, n: usize) {
     c.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod sum_tests {
+    use super::*;
+
+    #[test]
+    fn stats_add_field_by_field_and_sum_over_many() {
+        let f = |n: u64| FaultStats {
+            bytes_passed: n,
+            bytes_delayed: 2 * n,
+            bytes_dropped: 3 * n,
+            bytes_corrupted: 4 * n,
+            connections_reset: 5 * n,
+            connections_closed: 6 * n,
+            connections_affected: 7 * n,
+        };
+        assert_eq!([f(1), f(2), f(4)].into_iter().sum::<FaultStats>(), f(7));
+        let p = |n: u64| ProxyStats {
+            connections_accepted: n,
+            connections_active: 2 * n,
+            connections_closed: 3 * n,
+            connections_reset: 4 * n,
+            upstream_failures: 5 * n,
+            bytes_upstream: 6 * n,
+            bytes_downstream: 7 * n,
+            faults: f(n),
+        };
+        assert_eq!([p(1), p(3)].into_iter().sum::<ProxyStats>(), p(4));
+        assert_eq!(std::iter::empty::<ProxyStats>().sum::<ProxyStats>(), p(0));
+    }
 }

@@ -29,20 +29,6 @@ pub struct System {
     pub netns: Option<NetFleet>,
 }
 
-fn sum(stats: impl IntoIterator<Item = FaultStats>) -> FaultStats {
-    stats
-        .into_iter()
-        .fold(FaultStats::default(), |a, s| FaultStats {
-            bytes_passed: a.bytes_passed + s.bytes_passed,
-            bytes_delayed: a.bytes_delayed + s.bytes_delayed,
-            bytes_dropped: a.bytes_dropped + s.bytes_dropped,
-            bytes_corrupted: a.bytes_corrupted + s.bytes_corrupted,
-            connections_reset: a.connections_reset + s.connections_reset,
-            connections_closed: a.connections_closed + s.connections_closed,
-            connections_affected: a.connections_affected + s.connections_affected,
-        })
-}
-
 fn fired(s: &FaultStats) -> bool {
     s.bytes_delayed > 0
         || s.bytes_dropped > 0
@@ -115,7 +101,7 @@ impl System {
                 if !held {
                     note = format!("not seen to take effect within {:?}", d.hold);
                 }
-                Some(sum(guards.into_iter().map(FaultGuard::remove)))
+                Some(guards.into_iter().map(FaultGuard::remove).sum())
             }
             (None, Kind::ProxyDown) => {
                 for p in &self.proxies {
@@ -204,7 +190,7 @@ impl System {
         target: Option<&str>,
         since: chrono::DateTime<Utc>,
     ) -> bool {
-        let stats = || sum(guards.iter().map(FaultGuard::stats));
+        let stats = || guards.iter().map(FaultGuard::stats).sum::<FaultStats>();
         match d.kind {
             Kind::Reset => until(d.hold, || stats().connections_reset > 0).await,
             Kind::LimitData => until(d.hold, || stats().connections_closed > 0).await,
@@ -281,19 +267,7 @@ impl System {
 
     /// The proxies' counters, summed.
     pub fn proxy_stats(&self) -> ProxyStats {
-        self.proxies
-            .iter()
-            .map(Proxy::stats)
-            .fold(ProxyStats::default(), |a, s| ProxyStats {
-                connections_accepted: a.connections_accepted + s.connections_accepted,
-                connections_active: a.connections_active + s.connections_active,
-                connections_closed: a.connections_closed + s.connections_closed,
-                connections_reset: a.connections_reset + s.connections_reset,
-                upstream_failures: a.upstream_failures + s.upstream_failures,
-                bytes_upstream: a.bytes_upstream + s.bytes_upstream,
-                bytes_downstream: a.bytes_downstream + s.bytes_downstream,
-                faults: sum([a.faults, s.faults]),
-            })
+        self.proxies.iter().map(Proxy::stats).sum()
     }
 
     /// Waits until every worker process is registered (its own log) and connected (the
