@@ -42,16 +42,19 @@ pub fn read(db: &Path, submitted: &HashSet<String>) -> anyhow::Result<Truth> {
         counted.insert(id, n);
     }
     let mut truth = Truth::default();
-    let mut q = conn.prepare("SELECT id, status, doc FROM tasks")?;
+    // Schema 2: the spec in its own column, the changing part of the task in `doc`.
+    let mut q = conn.prepare("SELECT id, status, spec, doc FROM tasks")?;
     let rows = q.query_map([], |r| {
         Ok((
             r.get::<_, String>(0)?,
             r.get::<_, String>(1)?,
             r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
         ))
     })?;
     for row in rows {
-        let (id, status, doc) = row?;
+        let (id, status, spec, doc) = row?;
+        let spec: serde_json::Value = serde_json::from_str(&spec).unwrap_or_default();
         let doc: serde_json::Value = serde_json::from_str(&doc).unwrap_or_default();
         let time = |v: &serde_json::Value| {
             v.as_str()
@@ -61,7 +64,7 @@ pub fn read(db: &Path, submitted: &HashSet<String>) -> anyhow::Result<Truth> {
         let row = TaskRow {
             counted: counted.get(&id).copied().unwrap_or(0),
             status,
-            priority: doc["spec"]["priority"].as_u64().unwrap_or(5) as u8,
+            priority: spec["priority"].as_u64().unwrap_or(5) as u8,
             submitted_at: time(&doc["submitted_at"]),
             started_at: time(&doc["attempts"][0]["started_at"]),
         };

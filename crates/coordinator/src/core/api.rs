@@ -239,7 +239,7 @@ impl Core {
         for (i, s) in specs.iter().enumerate() {
             s.validate()
                 .map_err(|e| ApiError::Invalid(format!("task {i}: {e}")))?;
-            let id = s.task_id.clone().unwrap_or_else(TaskId::random);
+            let id = s.task_id.clone().unwrap_or_else(TaskId::fresh);
             if self.tasks.contains_key(&id) || !seen.insert(id.clone()) {
                 return Err(ApiError::Conflict(format!("task {id} already exists")));
             }
@@ -270,7 +270,7 @@ impl Core {
             };
             self.queue
                 .insert(&t.spec, (t.spec.priority, seq, id.clone()));
-            b.muts.push(Mutation::PutTask(Box::new(t.clone())));
+            b.muts.push(Mutation::InsertTask(Box::new(t.clone())));
             self.announce(b, || super::Change::Task(Box::new(t.clone())));
             self.tasks.insert(id.clone(), t);
         }

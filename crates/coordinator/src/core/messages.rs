@@ -403,7 +403,7 @@ impl Core {
                 self.free.insert(worker.clone());
             }
             self.dispatch_needed = true;
-            tracing::info!(worker = %worker, task = %r.task_id, attempt = %r.attempt, outcome = ?r.outcome, "result recorded");
+            tracing::debug!(worker = %worker, task = %r.task_id, attempt = %r.attempt, outcome = ?r.outcome, "result recorded");
         } else {
             tracing::info!(worker = %worker, task = %r.task_id, attempt = %r.attempt, "stale result kept, not counted");
         }

@@ -65,6 +65,10 @@ pub enum StoreError {
 /// One durable change.
 #[derive(Debug)]
 pub enum Mutation {
+    /// A task that is not in the store yet (a submission): its spec and its changing part.
+    InsertTask(Box<Task>),
+    /// A change of a stored task: only its changing part is written (inserted whole when it
+    /// is not there, e.g. when its `InsertTask` was superseded in the same group).
     PutTask(Box<Task>),
     DeleteTask(TaskId),
     PutResult {
@@ -167,10 +171,17 @@ fn from_json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T, L
 
 fn load(conn: &Connection) -> Result<Loaded, LoadError> {
     let mut out = Loaded::default();
-    let mut stmt = conn.prepare("SELECT doc FROM tasks ORDER BY submit_seq")?;
-    let docs = stmt.query_map([], |r| r.get::<_, String>(0))?;
-    for doc in docs {
-        out.tasks.push(from_json("task", &doc?)?);
+    let mut stmt = conn.prepare("SELECT doc, spec FROM tasks ORDER BY submit_seq")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+    })?;
+    for row in rows {
+        let (doc, spec) = row?;
+        let spec = spec.ok_or_else(|| LoadError::Json("task without a spec".into()))?;
+        out.tasks.push(
+            from_json::<schema::LoadedTaskDoc>("task", &doc)?
+                .with_spec(from_json("task spec", &spec)?),
+        );
     }
     let mut stmt = conn.prepare("SELECT doc FROM workers")?;
     let docs = stmt.query_map([], |r| r.get::<_, String>(0))?;
@@ -286,7 +297,7 @@ fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<()> 
     let mut i = 0usize;
     for b in batches.iter() {
         for m in &b.muts {
-            if let Mutation::PutTask(t) = m {
+            if let Mutation::PutTask(t) | Mutation::InsertTask(t) = m {
                 last_task.insert(&t.task_id, i);
             }
             i += 1;
@@ -299,23 +310,28 @@ fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<()> 
             let idx = i;
             i += 1;
             match m {
+                Mutation::InsertTask(t) => {
+                    if last_task.get(&t.task_id) == Some(&idx) {
+                        insert_task(&tx, t)?;
+                    }
+                }
                 Mutation::PutTask(t) => {
                     if last_task.get(&t.task_id) != Some(&idx) {
                         continue;
                     }
-                    let doc = serde_json::to_string(t.as_ref())
-                        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-                    tx.prepare_cached(
-                        "INSERT INTO tasks (id, status, submit_seq, finished_at, doc) VALUES (?1, ?2, ?3, ?4, ?5)
-                         ON CONFLICT(id) DO UPDATE SET status = excluded.status, finished_at = excluded.finished_at, doc = excluded.doc",
-                    )?
-                    .execute(params![
-                        t.task_id.as_str(),
-                        t.status.as_str(),
-                        t.submit_seq as i64,
-                        t.finished_at.map(|d| d.to_rfc3339()),
-                        doc
-                    ])?;
+                    let changed = tx
+                        .prepare_cached(
+                            "UPDATE tasks SET status = ?2, finished_at = ?3, doc = ?4 WHERE id = ?1",
+                        )?
+                        .execute(params![
+                            t.task_id.as_str(),
+                            t.status.as_str(),
+                            t.finished_at.map(|d| d.to_rfc3339()),
+                            to_json(&schema::TaskDoc::of(t))?
+                        ])?;
+                    if changed == 0 {
+                        insert_task(&tx, t)?;
+                    }
                 }
                 Mutation::DeleteTask(id) => {
                     for sql in [
@@ -400,8 +416,7 @@ fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<()> 
                         .execute([id.as_str()])?;
                 }
                 Mutation::PutWorker(w) => {
-                    let doc = serde_json::to_string(&schema::WorkerDoc::from_worker(w))
-                        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                    let doc = to_json(&schema::WorkerDoc::from_worker(w))?;
                     tx.prepare_cached(
                         "INSERT INTO workers (id, doc) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
                     )?
@@ -411,6 +426,27 @@ fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<()> 
         }
     }
     tx.commit()
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> rusqlite::Result<String> {
+    serde_json::to_string(v).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+/// Writes a whole task: its spec, once, and its changing part.
+fn insert_task(tx: &rusqlite::Transaction<'_>, t: &Task) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO tasks (id, status, submit_seq, finished_at, spec, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT(id) DO UPDATE SET status = excluded.status, finished_at = excluded.finished_at, spec = excluded.spec, doc = excluded.doc",
+    )?
+    .execute(params![
+        t.task_id.as_str(),
+        t.status.as_str(),
+        t.submit_seq as i64,
+        t.finished_at.map(|d| d.to_rfc3339()),
+        to_json(t.spec.as_ref())?,
+        to_json(&schema::TaskDoc::of(t))?
+    ])?;
+    Ok(())
 }
 
 /// A stored result row.

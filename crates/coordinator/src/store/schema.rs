@@ -6,17 +6,18 @@ use std::path::Path;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
-use tether_proto::WorkerId;
 use tether_proto::task::ConnStats;
+use tether_proto::{Attempt, Outcome, TaskId, TaskSpec, TaskStatus, WorkerId};
 
 use super::StoreError;
-use crate::model::{Worker, WorkerState};
+use crate::model::{AttemptRecord, CheckpointMeta, Lease, Task, Worker, WorkerState};
 
 /// The schema version this coordinator writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Migrations from version N-1 to N, by index.
-const MIGRATIONS: &[&str] = &[r#"
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tasks (
     id TEXT PRIMARY KEY,
     status TEXT NOT NULL,
@@ -62,7 +63,16 @@ CREATE TABLE workers (
     id TEXT PRIMARY KEY,
     doc TEXT NOT NULL
 );
-"#];
+"#,
+    // Version 2: the spec is written once, in its own column, and `doc` holds the task's
+    // changing part (`TaskDoc`), so a lease or a finish does not rewrite the spec. The status
+    // index was never read and cost two index writes per status change.
+    r#"
+ALTER TABLE tasks ADD COLUMN spec TEXT;
+UPDATE tasks SET spec = json_extract(doc, '$.spec'), doc = json_remove(doc, '$.spec');
+DROP INDEX tasks_status;
+"#,
+];
 
 /// Opens the database at `path`, refusing a corrupt file or a newer schema without changing it,
 /// then switches to WAL and applies pending migrations.
@@ -169,5 +179,86 @@ impl WorkerDoc {
         w.stats = self.stats;
         w.state = WorkerState::Disconnected;
         w
+    }
+}
+
+/// The changing part of a task as stored in `tasks.doc` (the spec has its own column, written
+/// once at submission). Field names and rules follow [`Task`]'s serde form.
+#[derive(Serialize)]
+pub(super) struct TaskDoc<'a> {
+    task_id: &'a TaskId,
+    status: TaskStatus,
+    attempt: Attempt,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease: Option<&'a Lease>,
+    submit_seq: u64,
+    submitted_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    finished_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<Outcome>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latest_checkpoint: Option<&'a CheckpointMeta>,
+    attempts: &'a [AttemptRecord],
+}
+
+impl<'a> TaskDoc<'a> {
+    pub(super) fn of(t: &'a Task) -> Self {
+        Self {
+            task_id: &t.task_id,
+            status: t.status,
+            attempt: t.attempt,
+            lease: t.lease.as_ref(),
+            submit_seq: t.submit_seq,
+            submitted_at: t.submitted_at,
+            updated_at: t.updated_at,
+            finished_at: t.finished_at,
+            outcome: t.outcome,
+            error: t.error.as_deref(),
+            latest_checkpoint: t.latest_checkpoint.as_ref(),
+            attempts: &t.attempts,
+        }
+    }
+}
+
+/// [`TaskDoc`] read back.
+#[derive(Deserialize)]
+pub(super) struct LoadedTaskDoc {
+    task_id: TaskId,
+    status: TaskStatus,
+    attempt: Attempt,
+    lease: Option<Lease>,
+    submit_seq: u64,
+    submitted_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    finished_at: Option<DateTime<Utc>>,
+    outcome: Option<Outcome>,
+    error: Option<String>,
+    latest_checkpoint: Option<CheckpointMeta>,
+    #[serde(default)]
+    attempts: Vec<AttemptRecord>,
+}
+
+impl LoadedTaskDoc {
+    pub(super) fn with_spec(self, spec: TaskSpec) -> Task {
+        Task {
+            task_id: self.task_id,
+            spec: std::sync::Arc::new(spec),
+            status: self.status,
+            attempt: self.attempt,
+            lease: self.lease,
+            submit_seq: self.submit_seq,
+            submitted_at: self.submitted_at,
+            updated_at: self.updated_at,
+            finished_at: self.finished_at,
+            outcome: self.outcome,
+            error: self.error,
+            latest_checkpoint: self.latest_checkpoint,
+            attempts: self.attempts,
+            lease_started: None,
+        }
     }
 }

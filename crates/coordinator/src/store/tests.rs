@@ -244,3 +244,115 @@ fn later_writes_of_a_task_in_one_group_win() {
         .expect("row");
     assert_eq!(status, "completed");
 }
+
+#[test]
+fn a_version_1_database_is_migrated_and_its_tasks_load_and_update() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let old = task("old", 0, TaskStatus::Queued);
+    {
+        // What a version-1 coordinator left: the whole task in `doc`, a status index.
+        let conn = Connection::open(dir.path().join(DB_FILE)).expect("create");
+        conn.execute_batch(schema::MIGRATIONS[0])
+            .expect("v1 schema");
+        conn.execute(
+            "INSERT INTO tasks (id, status, submit_seq, doc) VALUES ('old', 'queued', 0, ?1)",
+            [serde_json::to_string(&old).expect("json")],
+        )
+        .expect("v1 row");
+        conn.execute_batch("PRAGMA user_version = 1;")
+            .expect("version");
+    }
+    let (mut conn, loaded) = open(dir.path()).expect("open migrates");
+    assert_eq!(loaded.tasks, vec![old.clone()], "a v1 row loads whole");
+    let spec: String = conn
+        .query_row("SELECT spec FROM tasks WHERE id = 'old'", [], |r| r.get(0))
+        .expect("spec");
+    assert_eq!(
+        serde_json::from_str::<TaskSpec>(&spec).expect("spec json"),
+        *old.spec,
+        "the migration moved the spec to its column"
+    );
+    let indexes: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'tasks_status'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("indexes");
+    assert_eq!(indexes, 0, "the unused status index is gone");
+    let mut done = old.clone();
+    done.status = TaskStatus::Completed;
+    done.finished_at = Some(Utc::now());
+    let new = task("new", 1, TaskStatus::Queued);
+    commit_muts(
+        &mut conn,
+        vec![
+            Mutation::PutTask(Box::new(done.clone())),
+            Mutation::InsertTask(Box::new(new.clone())),
+        ],
+    );
+    drop(conn);
+    let (_conn, loaded) = open(dir.path()).expect("reopen");
+    assert_eq!(loaded.tasks, vec![done, new]);
+}
+
+#[test]
+fn a_task_round_trips_through_its_spec_and_doc_columns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, _) = open(dir.path()).expect("open");
+    let mut t = task("a", 0, TaskStatus::Running);
+    t.spec = Arc::new(TaskSpec::new(
+        "command",
+        serde_json::json!({"argv": ["true"]}),
+    ));
+    t.attempt = Attempt(2);
+    t.lease = Some(crate::model::Lease {
+        worker: WorkerId::parse("w").expect("id"),
+        attempt: Attempt(2),
+        since: Utc::now(),
+        desired: crate::model::Desired::Paused,
+    });
+    t.error = Some("first attempt lost".into());
+    t.attempts = vec![crate::model::AttemptRecord {
+        attempt: Attempt(1),
+        worker: WorkerId::parse("w").expect("id"),
+        started_at: Utc::now(),
+        ended_at: Some(Utc::now()),
+        end: Some("lost".into()),
+        result_recorded: false,
+    }];
+    commit_muts(&mut conn, vec![Mutation::InsertTask(Box::new(t.clone()))]);
+    let spec: String = conn
+        .query_row("SELECT spec FROM tasks WHERE id = 'a'", [], |r| r.get(0))
+        .expect("spec");
+    assert!(spec.contains("argv"), "{spec}");
+    let doc: String = conn
+        .query_row("SELECT doc FROM tasks WHERE id = 'a'", [], |r| r.get(0))
+        .expect("doc");
+    assert!(
+        !doc.contains("argv"),
+        "the spec is not rewritten with each change: {doc}"
+    );
+    drop(conn);
+    let (_conn, loaded) = open(dir.path()).expect("reopen");
+    assert_eq!(loaded.tasks, vec![t]);
+}
+
+#[test]
+fn an_update_of_a_task_inserted_in_the_same_group_writes_it_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, _) = open(dir.path()).expect("open");
+    let queued = task("a", 0, TaskStatus::Queued);
+    let mut running = queued.clone();
+    running.status = TaskStatus::Running;
+    commit_muts(
+        &mut conn,
+        vec![
+            Mutation::InsertTask(Box::new(queued)),
+            Mutation::PutTask(Box::new(running.clone())),
+        ],
+    );
+    drop(conn);
+    let (_conn, loaded) = open(dir.path()).expect("reopen");
+    assert_eq!(loaded.tasks, vec![running]);
+}
