@@ -51,6 +51,10 @@ pub struct CoordinatorArgs {
     /// Largest clock difference accepted in a worker's signed registration.
     #[arg(long, value_parser = parse_duration_arg)]
     auth_max_skew: Option<Duration>,
+    /// Require an integrity tag (HMAC-SHA256, per-session key) on every frame both ways after
+    /// registration; needs --secret-file or --secrets-dir.
+    #[arg(long)]
+    message_mac: bool,
     /// File of admin API tokens, one per line (turns API authentication on; needed to listen
     /// on a non-loopback address).
     #[arg(long, env = "TETHER_ADMIN_TOKEN_FILE")]
@@ -125,6 +129,7 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         a.secret_file.or(file.secret_file),
         a.secrets_dir.or(file.secrets_dir),
         settings::pick_duration(a.auth_max_skew, file.auth_max_skew.as_deref())?,
+        a.message_mac || file.message_mac.unwrap_or(false),
     )?;
     cfg.api_tokens = api_tokens(
         a.admin_token_file.or(file.admin_token_file),
@@ -134,6 +139,7 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         Some(auth) => tracing::info!(
             fleet_secret = auth.fleet.is_some(),
             secrets_dir = ?auth.dir,
+            message_mac = auth.message_mac,
             "workers must authenticate"
         ),
         None => tracing::warn!(
@@ -204,8 +210,12 @@ fn worker_auth(
     secret_file: Option<PathBuf>,
     dir: Option<PathBuf>,
     max_skew: Option<Duration>,
+    message_mac: bool,
 ) -> anyhow::Result<Option<WorkerAuth>> {
     if secret_file.is_none() && dir.is_none() {
+        if message_mac {
+            bail!("--message-mac needs worker authentication: give --secret-file or --secrets-dir");
+        }
         return Ok(None);
     }
     let fleet = secret_file
@@ -221,6 +231,7 @@ fn worker_auth(
         fleet,
         dir,
         max_skew: max_skew.unwrap_or(tether_proto::auth::DEFAULT_MAX_SKEW),
+        message_mac,
     }))
 }
 
@@ -303,6 +314,10 @@ pub struct WorkerArgs {
     /// secret itself. Never a flag value, so it never shows in `ps`.
     #[arg(long, env = "TETHER_SECRET_FILE")]
     secret_file: Option<PathBuf>,
+    /// Refuse a coordinator that does not ask for an integrity tag on every frame (it would
+    /// otherwise be used whenever the coordinator asks); needs a secret.
+    #[arg(long)]
+    message_mac: bool,
     /// PEM certificates to trust for a wss:// coordinator (default: the system's roots).
     #[arg(long, env = "TETHER_CA_FILE")]
     ca_file: Option<PathBuf>,
@@ -406,6 +421,12 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
         ),
         (None, None) => None,
     };
+    cfg.require_message_mac = a.message_mac || file.message_mac.unwrap_or(false);
+    if cfg.require_message_mac && cfg.secret.is_none() {
+        bail!(
+            "--message-mac needs this worker's secret: give --secret-file, TETHER_SECRET_FILE or TETHER_SECRET"
+        );
+    }
     if cfg.heartbeat_timeout <= cfg.heartbeat_interval {
         bail!(
             "heartbeat timeout ({:?}) must be longer than the heartbeat interval ({:?})",

@@ -31,6 +31,7 @@ pub struct CoordinatorFile {
     pub secret_file: Option<PathBuf>,
     pub secrets_dir: Option<PathBuf>,
     pub auth_max_skew: Option<String>,
+    pub message_mac: Option<bool>,
     pub admin_token_file: Option<PathBuf>,
     pub read_token_file: Option<PathBuf>,
 }
@@ -51,6 +52,7 @@ pub struct WorkerFile {
     pub reconnect_jitter: Option<String>,
     pub max_reconnect_attempts: Option<u32>,
     pub secret_file: Option<PathBuf>,
+    pub message_mac: Option<bool>,
 }
 
 pub fn load(path: Option<&Path>) -> anyhow::Result<FileConfig> {

@@ -32,9 +32,9 @@ async fn worker_secrets_and_api_tokens_are_read_from_files_by_the_binary() {
     std::fs::write(&wrong, "not the fleet secret of this test\n").expect("write");
     std::fs::write(&token, "admin-token-of-the-cli-test\n").expect("write");
     let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.auth = Some(WorkerAuth::fleet(
-        Secret::from_file(&secret).expect("secret"),
-    ));
+    let mut auth = WorkerAuth::fleet(Secret::from_file(&secret).expect("secret"));
+    auth.message_mac = true;
+    cfg.auth = Some(auth);
     let mut tokens = ApiTokens::default();
     tokens.add_file(&token, Scope::Admin).expect("token");
     cfg.api_tokens = Some(tokens);
@@ -46,6 +46,7 @@ async fn worker_secrets_and_api_tokens_are_read_from_files_by_the_binary() {
         LONG,
         tether()
             .args(["worker", "--coordinator", &url, "--id", "cli-w"])
+            .args(["--initial-reconnect-delay", "50ms"])
             .arg("--secret-file")
             .arg(&wrong)
             .output(),
@@ -61,9 +62,17 @@ async fn worker_secrets_and_api_tokens_are_read_from_files_by_the_binary() {
         "the secret leaked: {err}"
     );
 
-    // The right secret: it registers and runs work submitted through the CLI with a token.
+    // The right secret: it registers and runs work submitted through the CLI with a token,
+    // every frame tagged (and it would refuse a coordinator that did not ask for tags).
     let mut worker = tether()
-        .args(["worker", "--coordinator", &url, "--id", "cli-w"])
+        .args([
+            "worker",
+            "--coordinator",
+            &url,
+            "--id",
+            "cli-w",
+            "--message-mac",
+        ])
         .args(["--heartbeat-interval", "200ms", "--heartbeat-timeout", "2s"])
         .env("TETHER_SECRET_FILE", &secret)
         .stdout(Stdio::null())
@@ -107,6 +116,39 @@ async fn worker_secrets_and_api_tokens_are_read_from_files_by_the_binary() {
         .await
         .expect("run tether tasks");
     assert!(listed.status.success());
+    let (_, o) = admin.get("/api/v1/overview").await;
+    assert_eq!(o["counters"]["mac_sessions"], 1, "{o}");
+    assert_eq!(o["counters"]["mac_failures"], 0, "{o}");
     let _ = worker.kill().await;
     c.stop().await;
+}
+
+#[tokio::test]
+async fn message_mac_without_a_secret_is_a_clear_error_on_both_sides() {
+    let out = tether()
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--message-mac"])
+        .env_remove("TETHER_SECRET_FILE")
+        .env_remove("TETHER_SECRETS_DIR")
+        .output()
+        .await
+        .expect("run tether coordinator");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--message-mac needs worker authentication"),
+        "{err}"
+    );
+    let out = tether()
+        .args(["worker", "--coordinator", "ws://127.0.0.1:9", "--id", "w"])
+        .arg("--message-mac")
+        .env_remove("TETHER_SECRET_FILE")
+        .output()
+        .await
+        .expect("run tether worker");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--message-mac needs this worker's secret"),
+        "{err}"
+    );
 }

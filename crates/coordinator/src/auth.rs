@@ -34,6 +34,9 @@ pub struct WorkerAuth {
     pub dir: Option<PathBuf>,
     /// Largest difference between a registration's timestamp and this clock.
     pub max_skew: Duration,
+    /// Require an integrity tag (HMAC-SHA256 under a per-session key) on every frame after the
+    /// welcome, both ways; workers that cannot are refused.
+    pub message_mac: bool,
 }
 
 impl WorkerAuth {
@@ -43,6 +46,7 @@ impl WorkerAuth {
             fleet: Some(secret),
             dir: None,
             max_skew: tether_proto::auth::DEFAULT_MAX_SKEW,
+            message_mac: false,
         }
     }
 

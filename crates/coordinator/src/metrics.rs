@@ -47,6 +47,8 @@ pub const MESSAGES_IN: &str = "tether_messages_in_total";
 pub const MESSAGES_OUT: &str = "tether_messages_out_total";
 /// Counter: `error` messages by `code` and `direction` (sent, received).
 pub const ERRORS: &str = "tether_errors_total";
+/// Counter: worker frames dropped because their integrity tag did not verify.
+pub const MAC_FAILURES: &str = "tether_mac_failures_total";
 /// Counter: frames refused as too big.
 pub const OVERSIZE_FRAMES: &str = "tether_oversize_frames_total";
 
@@ -248,6 +250,10 @@ fn describe() {
     describe_counter!(MESSAGES_OUT, "messages sent to workers, by type");
     describe_counter!(ERRORS, "error messages by code and direction");
     describe_counter!(OVERSIZE_FRAMES, "frames refused as too big");
+    describe_counter!(
+        MAC_FAILURES,
+        "worker frames dropped because their integrity tag did not verify"
+    );
     describe_gauge!(TASKS, "tasks by state");
     describe_gauge!(QUEUE_DEPTH, "tasks waiting for a worker");
     describe_counter!(

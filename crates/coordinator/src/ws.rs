@@ -19,6 +19,9 @@ use futures_util::{SinkExt, StreamExt};
 use tether_proto::auth::{AuthError, Challenge, NONCE_BYTES, to_hex};
 use tether_proto::compress::{InflateError, ZSTD, deflate, inflate};
 use tether_proto::endpoint::{PathError, parse_endpoint_path};
+use tether_proto::integrity::{
+    self, DEFAULT_MAX_FAILURES, Direction, HMAC_SHA256, MacError, Opener, Sealer, SessionKey,
+};
 use tether_proto::msg::{
     CoordMsg, ErrorCode, HeartbeatReply, PROTOCOL_VERSION, Registration, Welcome, WorkerMsg, now,
 };
@@ -46,6 +49,9 @@ const CLOSE_BAD_DATA: u16 = 1007;
 const CLOSE_POLICY: u16 = 1008;
 /// Close code of a failed authentication; the worker stops for good.
 pub const CLOSE_UNAUTHORIZED: u16 = 4001;
+/// Close code of a session whose frames failed their integrity tag too often; the worker
+/// reconnects and starts a fresh session.
+const CLOSE_INTEGRITY: u16 = CLOSE_POLICY;
 /// Frames a connection may send before its registration is authenticated.
 const PRE_AUTH_FRAMES: usize = 16;
 
@@ -94,13 +100,20 @@ pub async fn upgrade(
 
 async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
     let session_id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
-    let (mut sink, mut stream) = socket.split();
+    let (sink, mut stream) = socket.split();
+    let mut out = Tx { sink, seal: None };
     let timeout = app.cfg.heartbeat_timeout;
     let nonce = app
         .cfg
         .auth
         .as_ref()
         .map(|_| to_hex(&rand::random::<[u8; NONCE_BYTES]>()));
+    let integrity = app
+        .cfg
+        .auth
+        .as_ref()
+        .filter(|a| a.message_mac)
+        .map(|_| HMAC_SHA256.to_owned());
     let welcome = CoordMsg::Welcome(Welcome {
         worker_id: worker.clone(),
         protocol_version: PROTOCOL_VERSION,
@@ -108,25 +121,35 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
         heartbeat_interval_ms: app.cfg.heartbeat_interval.as_millis() as u64,
         heartbeat_timeout_ms: timeout.as_millis() as u64,
         nonce: nonce.clone(),
+        integrity,
         timestamp: now(),
     });
-    if !send_by(Instant::now() + timeout, &mut sink, &welcome).await {
+    if !out.send(Instant::now() + timeout, &welcome).await {
         return;
     }
     // With authentication on, the core hears of this connection only once it proved who it
     // is: an impostor never replaces the real worker's session.
+    let mut open: Option<Box<Opener>> = None;
     let registration = match (&app.cfg.auth, nonce) {
         (Some(auth), Some(nonce)) => {
             let mut conn = Conn {
                 app: &app,
                 worker: &worker,
                 session_id,
-                sink: &mut sink,
+                tx: &mut out,
                 stream: &mut stream,
             };
             // Boxed: the handshake runs once, and its state should not size every idle session.
             match Box::pin(conn.authenticate(auth, &nonce)).await {
-                Some(r) => Some(r),
+                Some((r, keyed)) => {
+                    // From here on every data frame both ways carries a tag.
+                    if let Some((opener, key)) = keyed {
+                        app.counters.mac_sessions.fetch_add(1, Ordering::Relaxed);
+                        open = Some(Box::new(opener));
+                        out.seal = Some(Box::new(Sealer::new(key, Direction::ToWorker)));
+                    }
+                    Some(r)
+                }
                 None => return,
             }
         }
@@ -178,18 +201,12 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
                         if is_too_big(&e) {
                             app.counters.oversize_frames.fetch_add(1, Ordering::Relaxed);
                             metrics::counter!(m::OVERSIZE_FRAMES).increment(1);
-                            let _ = sink.send(Message::Close(Some(CloseFrame {
-                                code: CLOSE_TOO_BIG,
-                                reason: "frame exceeds the size limit".into(),
-                            }))).await;
+                            out.close(deadline, CLOSE_TOO_BIG, "frame exceeds the size limit").await;
                             break ("oversize", "oversize frame".into());
                         }
                         if is_bad_utf8(&e) {
                             app.counters.malformed_frames.fetch_add(1, Ordering::Relaxed);
-                            let _ = timeout_at(deadline, sink.send(Message::Close(Some(CloseFrame {
-                                code: CLOSE_BAD_DATA,
-                                reason: "text frame is not valid UTF-8".into(),
-                            })))).await;
+                            out.close(deadline, CLOSE_BAD_DATA, "text frame is not valid UTF-8").await;
                             break ("invalid_utf8", "invalid UTF-8 in a text frame".into());
                         }
                         break ("error", format!("read: {e}"));
@@ -209,7 +226,7 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
                             None,
                             None,
                         );
-                        if !send_by(Instant::now() + timeout, &mut sink, &e).await {
+                        if !out.send(Instant::now() + timeout, &e).await {
                             break ("error", "write failed".into());
                         }
                     }
@@ -217,11 +234,27 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
                     rate.take(Instant::now());
                 }
                 deadline = Instant::now() + timeout;
-                let reply = match frame {
-                    Message::Text(t) => {
-                        on_text(&app, &worker, session_id, t.as_str(), &mut zstd_in).await
+                let frame = match unseal(open.as_deref_mut(), &frame) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let failures = open.as_ref().map_or(0, |o| o.failures());
+                        app.counters.mac_failures.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!(m::MAC_FAILURES).increment(1);
+                        tracing::warn!(worker = %worker, session = session_id, error = %e, failures, "frame dropped: integrity tag");
+                        if failures >= DEFAULT_MAX_FAILURES {
+                            out.close(deadline, CLOSE_INTEGRITY, "too many frames failed their integrity tag").await;
+                            break ("integrity", format!("{failures} frames failed their integrity tag"));
+                        }
+                        let e = CoordMsg::error(ErrorCode::BadMac, format!("{e}; the frame was dropped"), None, None);
+                        if !out.send(deadline, &e).await {
+                            break ("error", "write failed".into());
+                        }
+                        continue;
                     }
-                    Message::Binary(b) if zstd_in => match inflate(&b, app.cfg.max_frame) {
+                };
+                let reply = match frame {
+                    Data::Text(t) => on_text(&app, &worker, session_id, t, &mut zstd_in).await,
+                    Data::Binary(b) if zstd_in => match inflate(b, app.cfg.max_frame) {
                         Ok(t) => {
                             let c = &app.counters;
                             c.compressed_in_frames.fetch_add(1, Ordering::Relaxed);
@@ -233,10 +266,7 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
                         Err(InflateError::TooBig { .. }) => {
                             app.counters.decompression_refused.fetch_add(1, Ordering::Relaxed);
                             app.counters.oversize_frames.fetch_add(1, Ordering::Relaxed);
-                            let _ = timeout_at(deadline, sink.send(Message::Close(Some(CloseFrame {
-                                code: CLOSE_TOO_BIG,
-                                reason: "compressed frame inflates past the size limit".into(),
-                            })))).await;
+                            out.close(deadline, CLOSE_TOO_BIG, "compressed frame inflates past the size limit").await;
                             break ("oversize", "compressed frame inflates past the size limit".into());
                         }
                         Err(e) => {
@@ -244,25 +274,25 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
                             Some(CoordMsg::error(ErrorCode::BadFrame, e.to_string(), None, None))
                         }
                     },
-                    Message::Binary(_) => Some(CoordMsg::error(
+                    Data::Binary(_) => Some(CoordMsg::error(
                         ErrorCode::BadFrame,
                         "binary frames are not accepted without negotiated compression",
                         None,
                         None,
                     )),
-                    Message::Close(_) => break ("closed", "closed by worker".into()),
-                    Message::Ping(_) | Message::Pong(_) => None,
+                    Data::Close => break ("closed", "closed by worker".into()),
+                    Data::Control => None,
                 };
                 if let Some(reply) = reply
-                    && !send_by(deadline, &mut sink, &reply).await
+                    && !out.send(deadline, &reply).await
                 {
                     break ("error", "write failed".into());
                 }
             }
-            out = rx.recv() => match out {
+            queued = rx.recv() => match queued {
                 Some(Outgoing::Msg(m)) => {
                     let threshold = zstd_out.then_some(app.cfg.compress_threshold);
-                    if !send_framed(deadline, &mut sink, &m, threshold, &app.counters).await {
+                    if !out.send_framed(deadline, &m, threshold, Some(&app.counters)).await {
                         break ("error", "write failed".into());
                     }
                     // Large messages go compressed from the first frame after the ack.
@@ -271,10 +301,7 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
                     }
                 }
                 Some(Outgoing::Close(code, reason)) => {
-                    let _ = timeout_at(deadline, sink.send(Message::Close(Some(CloseFrame {
-                        code,
-                        reason: reason.clone().into(),
-                    })))).await;
+                    out.close(deadline, code, &reason).await;
                     break ("coordinator", format!("closed by coordinator: {reason}"));
                 }
                 None => break ("coordinator", "core stopped".into()),
@@ -362,15 +389,20 @@ struct Conn<'a> {
     app: &'a AppState,
     worker: &'a WorkerId,
     session_id: u64,
-    sink: &'a mut SplitSink<WebSocket, Message>,
+    tx: &'a mut Tx,
     stream: &'a mut SplitStream<WebSocket>,
 }
 
+/// A verified registration, with the opener that verified it (frame 0) and the session key
+/// when the session carries integrity tags.
+type Authenticated = (Registration, Option<(Opener, SessionKey)>);
+
 impl Conn<'_> {
-    /// Waits for a registration whose signature answers `nonce`. Heartbeats are answered,
+    /// Waits for a registration whose signature answers `nonce` (and, with per-message
+    /// integrity, whose frame carries a tag under the session key). Heartbeats are answered,
     /// anything else is refused; silence, too many frames or a failed check end the connection
     /// (a failed check with `error` `unauthorized` and close 4001).
-    async fn authenticate(&mut self, auth: &WorkerAuth, nonce: &str) -> Option<Registration> {
+    async fn authenticate(&mut self, auth: &WorkerAuth, nonce: &str) -> Option<Authenticated> {
         let deadline = Instant::now() + self.app.cfg.heartbeat_timeout;
         for _ in 0..PRE_AUTH_FRAMES {
             let frame = match timeout_at(deadline, self.stream.next()).await {
@@ -388,12 +420,14 @@ impl Conn<'_> {
                 _ => return None,
             };
             let reply = match frame {
-                Message::Text(t) => match decode_worker(t.as_str()) {
+                // A tagged registration is read before its key exists: the key needs its
+                // client nonce. Nothing in it is trusted until the signature and tag verify.
+                Message::Text(t) => match decode_worker(integrity::peek_text(t.as_str())) {
                     Ok(WorkerMsg::Registration(r)) => {
-                        return match self.check(auth, nonce, &r).await {
-                            Ok(()) => {
+                        return match self.check(auth, nonce, &r, t.as_str()).await {
+                            Ok(keyed) => {
                                 self.app.counters.auth_ok.fetch_add(1, Ordering::Relaxed);
-                                Some(r)
+                                Some((r, keyed))
                             }
                             Err(e) => {
                                 self.refuse(deadline, &e).await;
@@ -419,7 +453,7 @@ impl Conn<'_> {
                 Message::Close(_) => return None,
                 Message::Ping(_) | Message::Pong(_) => continue,
             };
-            if !send_by(deadline, self.sink, &reply).await {
+            if !self.tx.send(deadline, &reply).await {
                 return None;
             }
         }
@@ -432,12 +466,16 @@ impl Conn<'_> {
         None
     }
 
+    /// Verifies the registration's signature and, when this coordinator requires per-message
+    /// integrity, the tag of its frame `text` under the session key (returned with the opener
+    /// that verified frame 0).
     async fn check(
         &self,
         auth: &WorkerAuth,
         nonce: &str,
         r: &Registration,
-    ) -> Result<(), AuthError> {
+        text: &str,
+    ) -> Result<Option<(Opener, SessionKey)>, AuthError> {
         // A worker without a secret fails exactly like a wrong secret: ids are not enumerable.
         let secret = auth
             .secret_for(self.worker)
@@ -449,7 +487,22 @@ impl Conn<'_> {
             timestamp: r.timestamp,
             boot_id: &r.boot_id,
         }
-        .verify(&secret, r.signature.as_deref(), now(), auth.max_skew)
+        .verify(&secret, r.signature.as_deref(), now(), auth.max_skew)?;
+        if !auth.message_mac {
+            return Ok(None);
+        }
+        let client_nonce = r
+            .client_nonce
+            .as_deref()
+            .filter(|n| integrity::is_nonce(n))
+            .ok_or(AuthError::IntegrityRequired)?;
+        let key = SessionKey::derive(&secret, self.worker, nonce, client_nonce);
+        let mut opener = Opener::new(key.clone(), Direction::ToCoordinator);
+        match opener.open_text(text) {
+            Ok(_) => Ok(Some((opener, key))),
+            Err(MacError::Missing) => Err(AuthError::IntegrityRequired),
+            Err(MacError::Mismatch) => Err(AuthError::BadIntegrityTag),
+        }
     }
 
     async fn refuse(&mut self, deadline: Instant, e: &AuthError) {
@@ -469,12 +522,72 @@ impl Conn<'_> {
             Some("registration".into()),
             None,
         );
-        if send_by(deadline, self.sink, &reply).await {
+        if self.tx.send(deadline, &reply).await {
             self.close(deadline, CLOSE_UNAUTHORIZED, "authentication failed")
                 .await;
         }
     }
 
+    async fn close(&mut self, deadline: Instant, code: u16, reason: &str) {
+        self.tx.close(deadline, code, reason).await;
+    }
+}
+
+/// A session's sending half. Once the session is keyed, every data frame carries its tag.
+struct Tx {
+    sink: SplitSink<WebSocket, Message>,
+    seal: Option<Box<Sealer>>,
+}
+
+impl Tx {
+    /// Sends with a deadline; false when the write failed or stalled.
+    async fn send(&mut self, deadline: Instant, m: &CoordMsg) -> bool {
+        self.send_framed(deadline, m, None, None).await
+    }
+
+    /// Sends with a deadline, compressing a message of at least `threshold` bytes into a
+    /// binary frame; false when the write failed or stalled.
+    async fn send_framed(
+        &mut self,
+        deadline: Instant,
+        m: &CoordMsg,
+        threshold: Option<usize>,
+        counters: Option<&Counters>,
+    ) -> bool {
+        metrics::counter!(crate::metrics::MESSAGES_OUT, "type" => m.type_name()).increment(1);
+        if let CoordMsg::Error(e) = m {
+            metrics::counter!(crate::metrics::ERRORS, "code" => e.code.as_str(), "direction" => "sent")
+                .increment(1);
+        }
+        let json = encode(m);
+        let frame = match threshold {
+            Some(threshold) if json.len() >= threshold => {
+                let packed = deflate(&json);
+                if let Some(c) = counters {
+                    c.compressed_out_frames.fetch_add(1, Ordering::Relaxed);
+                    c.compressed_out_json_bytes
+                        .fetch_add(json.len() as u64, Ordering::Relaxed);
+                    c.compressed_out_wire_bytes
+                        .fetch_add(packed.len() as u64, Ordering::Relaxed);
+                }
+                crate::metrics::record_compression(json.len() as u64, packed.len() as u64);
+                match &mut self.seal {
+                    Some(seal) => Message::Binary(seal.seal_binary(packed).into()),
+                    None => Message::Binary(packed.into()),
+                }
+            }
+            _ => match &mut self.seal {
+                Some(seal) => Message::Text(seal.seal_text(json).into()),
+                None => Message::Text(json.into()),
+            },
+        };
+        matches!(
+            timeout_at(deadline, self.sink.send(frame)).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Sends a close frame (control frames carry no tag), giving up at the deadline.
     async fn close(&mut self, deadline: Instant, code: u16, reason: &str) {
         let frame = Message::Close(Some(CloseFrame {
             code,
@@ -484,53 +597,24 @@ impl Conn<'_> {
     }
 }
 
-/// Sends with a deadline; false when the write failed or stalled.
-async fn send_by(
-    deadline: Instant,
-    sink: &mut SplitSink<WebSocket, Message>,
-    m: &CoordMsg,
-) -> bool {
-    metrics::counter!(crate::metrics::MESSAGES_OUT, "type" => m.type_name()).increment(1);
-    if let CoordMsg::Error(e) = m {
-        metrics::counter!(crate::metrics::ERRORS, "code" => e.code.as_str(), "direction" => "sent")
-            .increment(1);
-    }
-    matches!(timeout_at(deadline, sink.send(text(m))).await, Ok(Ok(())))
+/// A received frame's data, its tag verified and removed when the session is keyed.
+enum Data<'a> {
+    Text(&'a str),
+    Binary(&'a [u8]),
+    Close,
+    /// Ping or pong: no message, no tag.
+    Control,
 }
 
-/// Like [`send_by`], compressing a message of at least `threshold` bytes into a binary frame.
-async fn send_framed(
-    deadline: Instant,
-    sink: &mut SplitSink<WebSocket, Message>,
-    m: &CoordMsg,
-    threshold: Option<usize>,
-    counters: &Counters,
-) -> bool {
-    let Some(threshold) = threshold else {
-        return send_by(deadline, sink, m).await;
-    };
-    let json = encode(m);
-    if json.len() < threshold {
-        return send_by(deadline, sink, m).await;
-    }
-    metrics::counter!(crate::metrics::MESSAGES_OUT, "type" => m.type_name()).increment(1);
-    let packed = deflate(&json);
-    counters
-        .compressed_out_frames
-        .fetch_add(1, Ordering::Relaxed);
-    counters
-        .compressed_out_json_bytes
-        .fetch_add(json.len() as u64, Ordering::Relaxed);
-    counters
-        .compressed_out_wire_bytes
-        .fetch_add(packed.len() as u64, Ordering::Relaxed);
-    crate::metrics::record_compression(json.len() as u64, packed.len() as u64);
-    let frame = Message::Binary(packed.into());
-    matches!(timeout_at(deadline, sink.send(frame)).await, Ok(Ok(())))
-}
-
-fn text(m: &CoordMsg) -> Message {
-    Message::Text(encode(m).into())
+fn unseal<'a>(open: Option<&mut Opener>, frame: &'a Message) -> Result<Data<'a>, MacError> {
+    Ok(match (frame, open) {
+        (Message::Text(t), None) => Data::Text(t.as_str()),
+        (Message::Text(t), Some(o)) => Data::Text(o.open_text(t.as_str())?),
+        (Message::Binary(b), None) => Data::Binary(b),
+        (Message::Binary(b), Some(o)) => Data::Binary(o.open_binary(b)?),
+        (Message::Close(_), _) => Data::Close,
+        (Message::Ping(_) | Message::Pong(_), _) => Data::Control,
+    })
 }
 
 fn is_bad_utf8(e: &axum::Error) -> bool {

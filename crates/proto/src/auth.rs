@@ -63,6 +63,12 @@ pub enum AuthError {
     #[error("signature does not match (wrong secret, or a replayed or altered registration)")]
     BadSignature,
     #[error(
+        "this coordinator requires per-message integrity (hmac-sha256): the registration must carry a client_nonce of 64 hex digits and an integrity tag"
+    )]
+    IntegrityRequired,
+    #[error("the registration's integrity tag does not verify")]
+    BadIntegrityTag,
+    #[error(
         "registration timestamp is {skew_ms} ms away from the coordinator's clock (at most {max_ms} ms allowed)"
     )]
     ClockSkew { skew_ms: i64, max_ms: u128 },

@@ -1,6 +1,7 @@
 //! Wire types of the tether protocol, shared by the coordinator and the worker.
 //!
 //! - [`auth`]: secrets and the registration challenge-response (HMAC-SHA256).
+//! - [`integrity`]: per-message HMAC-SHA256 tags with a per-session key.
 //! - [`compress`]: negotiated zstd compression of large messages, with a bounded inflate.
 //! - [`ids`]: newtypes for worker, task and checkpoint ids, attempts and sequence numbers.
 //! - [`endpoint`]: the worker endpoint URL, derived on the worker and parsed on the coordinator.
@@ -16,6 +17,7 @@ pub mod codec;
 pub mod compress;
 pub mod endpoint;
 pub mod ids;
+pub mod integrity;
 pub mod msg;
 pub mod samples;
 pub mod task;

@@ -90,6 +90,10 @@ pub struct Registration {
     /// Compressions the worker can receive and send, e.g. `["zstd"]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub compression: Vec<String>,
+    /// The worker's fresh random nonce (64 hex digits) when the welcome asked for per-message
+    /// integrity; with the welcome's `nonce` it keys the session (see [`crate::integrity`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_nonce: Option<String>,
     pub timestamp: DateTime<Utc>,
 }
 
@@ -240,6 +244,8 @@ pub enum ErrorCode {
     Unauthorized,
     /// Too many messages; slow down.
     RateLimited,
+    /// A frame's integrity tag did not verify; the frame was dropped.
+    BadMac,
     /// The peer could not process a valid message.
     Internal,
 }
@@ -254,6 +260,7 @@ impl ErrorCode {
             ErrorCode::IncompatibleProtocol => "incompatible_protocol",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::BadMac => "bad_mac",
             ErrorCode::Internal => "internal",
         }
     }
@@ -272,6 +279,10 @@ pub struct Welcome {
     /// the registration must carry its `signature`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
+    /// `hmac-sha256` when every frame after the registration must carry an integrity tag
+    /// (see [`crate::integrity`]); only with a `nonce`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integrity: Option<String>,
     pub timestamp: DateTime<Utc>,
 }
 

@@ -43,6 +43,7 @@ pub fn worker_messages() -> Vec<WorkerMsg> {
             },
             signature: Some("0".repeat(64)),
             compression: vec![crate::compress::ZSTD.into()],
+            client_nonce: Some("cd".repeat(32)),
             timestamp: ts,
         }),
         WorkerMsg::Heartbeat(Heartbeat {
@@ -150,6 +151,7 @@ pub fn coord_messages() -> Vec<CoordMsg> {
             heartbeat_interval_ms: 5000,
             heartbeat_timeout_ms: 15000,
             nonce: Some("ab".repeat(32)),
+            integrity: Some(crate::integrity::HMAC_SHA256.into()),
             timestamp: ts,
         }),
         CoordMsg::RegistrationAck(RegistrationAck {

@@ -77,6 +77,8 @@ pub struct AgentShared {
     pub errors_received: AtomicU64,
     /// Frames from the coordinator this worker could not decode.
     pub bad_frames: AtomicU64,
+    /// Frames from the coordinator dropped because their integrity tag did not verify.
+    pub mac_failures: AtomicU64,
     /// Current adaptive heartbeat timeout, ms.
     pub heartbeat_timeout_ms: AtomicU64,
     /// Current backoff factor x 1000.
@@ -243,6 +245,7 @@ impl Agent {
             registrations: AtomicU64::new(0),
             errors_received: AtomicU64::new(0),
             bad_frames: AtomicU64::new(0),
+            mac_failures: AtomicU64::new(0),
             heartbeat_timeout_ms: AtomicU64::new(cfg.heartbeat_timeout.as_millis() as u64),
             backoff_factor_milli: AtomicU64::new((cfg.backoff.factor * 1000.0) as u64),
             next_backoff_ms: AtomicU64::new(cfg.backoff.initial.as_millis() as u64),
@@ -337,6 +340,10 @@ impl Agent {
 
     async fn connect_loop(&mut self, shutdown: &CancellationToken) -> Result<(), AgentError> {
         let mut backoff = Backoff::new(self.cfg.backoff);
+        // Refusals by the coordinator since the last registration. One may be a frame damaged
+        // on the wire (a flipped bit in a signature reads as a wrong secret); the same refusal
+        // on several fresh connections is the coordinator's answer.
+        let mut refusals = 0u32;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
@@ -357,6 +364,7 @@ impl Agent {
                 r = connect => r,
                 _ = shutdown.cancelled() => return Ok(()),
             };
+            let connected = matches!(conn, Ok(Ok(_)));
             let end = match conn {
                 Ok(Ok(ws)) => {
                     let _live = LiveGuard::new(self.shared.clone());
@@ -368,6 +376,18 @@ impl Agent {
             };
             match end {
                 SessionEnd::Shutdown => return Ok(()),
+                SessionEnd::Refused(reason)
+                    if connected && refusals + 1 < self.cfg.refusals_before_stop =>
+                {
+                    refusals += 1;
+                    self.shared.stats().on_attempt_failed();
+                    self.event(Event::AttemptFailed {
+                        generation,
+                        reason: reason.clone(),
+                    });
+                    metrics::counter!(m::CONNECTION_FAILURES).increment(1);
+                    tracing::warn!(worker = %self.cfg.worker_id, generation, %reason, refusals, stop_after = self.cfg.refusals_before_stop, "coordinator refused this worker; trying again in case the exchange was damaged");
+                }
                 SessionEnd::Refused(reason) => return Err(AgentError::Refused(reason)),
                 SessionEnd::NotRegistered(reason) => {
                     self.shared.stats().on_attempt_failed();
@@ -389,6 +409,7 @@ impl Agent {
                         reason: reason.clone(),
                     });
                     metrics::counter!(m::SESSIONS_LOST).increment(1);
+                    refusals = 0;
                     if registered_for >= self.cfg.healthy_after {
                         backoff.reset();
                     }

@@ -30,6 +30,8 @@ pub const DEFAULT_STATS_LOG_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_FRAME: usize = tether_proto::codec::DEFAULT_MAX_FRAME;
 /// Default number of concurrent tasks.
 pub const DEFAULT_SLOTS: u32 = 1;
+/// Coordinator refusals in a row after which a worker stops for good.
+pub const DEFAULT_REFUSALS_BEFORE_STOP: u32 = 3;
 
 /// Everything a worker agent needs.
 #[derive(Debug, Clone)]
@@ -61,6 +63,13 @@ pub struct WorkerConfig {
     /// The secret that signs registrations when the coordinator asks (its `welcome` carries a
     /// nonce). Never sent, never logged.
     pub secret: Option<Secret>,
+    /// Refuse a coordinator whose `welcome` does not ask for per-message integrity tags
+    /// (without this, tags are used exactly when the coordinator asks).
+    pub require_message_mac: bool,
+    /// Refusals by the coordinator (wrong secret, incompatible protocol...) on this many
+    /// connections in a row, with no registration between them, stop the worker for good;
+    /// fewer are retried, since a frame damaged on the wire can read as a refusal.
+    pub refusals_before_stop: u32,
     /// Certificates (PEM) to trust for `wss://`; the system's roots when `None`.
     pub ca_file: Option<PathBuf>,
     /// Offer zstd compression at registration.
@@ -94,6 +103,8 @@ impl WorkerConfig {
             seed: None,
             event_log: None,
             secret: None,
+            require_message_mac: false,
+            refusals_before_stop: DEFAULT_REFUSALS_BEFORE_STOP,
             ca_file: None,
             compression: true,
             compress_threshold: tether_proto::compress::DEFAULT_THRESHOLD,

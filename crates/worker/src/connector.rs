@@ -148,7 +148,19 @@ impl Connector for TcpConnector {
                     let stream = tls.connect(name, tcp).await.map_err(|e| {
                         // A certificate the worker does not trust will not become trusted by
                         // retrying; anything else (reset, timeout) may pass.
-                        if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+                        // A record damaged on the wire fails its TLS MAC: that one may pass.
+                        let untrusted = e
+                            .get_ref()
+                            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                            .is_some_and(|e| {
+                                matches!(
+                                    e,
+                                    rustls::Error::InvalidCertificate(_)
+                                        | rustls::Error::NoCertificatesPresented
+                                        | rustls::Error::UnsupportedNameType
+                                )
+                            });
+                        if untrusted {
                             ConnectError::Refused(format!("TLS with {host}:{port}: {e}"))
                         } else {
                             ConnectError::Transient(format!("TLS with {host}:{port}: {e}"))
@@ -179,14 +191,23 @@ pub async fn handshake(
                 .map(|b| String::from_utf8_lossy(b).into_owned())
                 .unwrap_or_default();
             let msg = format!("HTTP {status} at upgrade: {}", body.trim());
-            if status.as_u16() == 429 || status.is_server_error() {
-                Err(ConnectError::Transient(msg))
-            } else {
+            if is_refusal(status.as_u16()) {
                 Err(ConnectError::Refused(msg))
+            } else {
+                Err(ConnectError::Transient(msg))
             }
         }
         Err(e) => Err(ConnectError::Transient(format!("handshake: {e}"))),
     }
+}
+
+/// Whether an HTTP answer to the upgrade means "never": 401 or 403 only. Anything else may
+/// pass and is retried with backoff: a 400 or 404 for a request damaged on the wire (even the
+/// coordinator's own structured answer, since the damaged bytes may be the worker id or the
+/// path), a proxy's answer while it restarts, a rate limit. A misconfigured URL shows as the
+/// same failure logged at every attempt.
+fn is_refusal(status: u16) -> bool {
+    matches!(status, 401 | 403)
 }
 
 /// WebSocket limits for a worker.
@@ -194,4 +215,18 @@ pub fn ws_config(max_frame: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(max_frame))
         .max_frame_size(Some(max_frame))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_refusal;
+
+    #[test]
+    fn only_auth_statuses_stop_the_worker_and_the_rest_is_retried() {
+        assert!(is_refusal(401));
+        assert!(is_refusal(403));
+        for status in [400, 404, 408, 426, 429, 500, 502, 503] {
+            assert!(!is_refusal(status), "{status}");
+        }
+    }
 }

@@ -53,6 +53,8 @@ pub const MESSAGES_IN: &str = "tether_worker_messages_in_total";
 pub const MESSAGES_OUT: &str = "tether_worker_messages_out_total";
 /// Counter: `error` messages by `code` and `direction` (sent, received).
 pub const ERRORS: &str = "tether_worker_errors_total";
+/// Counter: coordinator frames dropped because their integrity tag did not verify.
+pub const MAC_FAILURES: &str = "tether_worker_mac_failures_total";
 /// Gauge: outbox entries waiting for an ack.
 pub const OUTBOX_DEPTH: &str = "tether_worker_outbox_depth";
 /// Gauge: encoded bytes in the outbox.
@@ -138,6 +140,10 @@ fn describe() {
     describe_counter!(MESSAGES_IN, "messages from the coordinator, by type");
     describe_counter!(MESSAGES_OUT, "messages to the coordinator, by type");
     describe_counter!(ERRORS, "error messages by code and direction");
+    describe_counter!(
+        MAC_FAILURES,
+        "coordinator frames dropped because their integrity tag did not verify"
+    );
     describe_gauge!(OUTBOX_DEPTH, "outbox entries waiting for an ack");
     describe_gauge!(OUTBOX_BYTES, Unit::Bytes, "encoded bytes in the outbox");
     describe_gauge!(TASKS, "tasks on this worker, by state");

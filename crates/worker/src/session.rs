@@ -10,6 +10,9 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tether_proto::auth::Challenge;
 use tether_proto::compress::{InflateError, ZSTD, deflate, inflate};
+use tether_proto::integrity::{
+    self, DEFAULT_MAX_FAILURES, Direction, HMAC_SHA256, MacError, Opener, Sealer, SessionKey,
+};
 use tether_proto::msg::{
     CoordMsg, ErrorCode, ErrorMsg, Heartbeat, HeartbeatAction, Inventory, PROTOCOL_VERSION,
     Registration, Telemetry, WorkerMsg, now,
@@ -34,6 +37,9 @@ pub const CLOSE_INCOMPATIBLE: u16 = 4002;
 pub const CLOSE_CONFLICT: u16 = 4003;
 /// Close code of a session replaced by a newer connection of the same worker.
 pub const CLOSE_REPLACED: u16 = 4009;
+/// Close code (policy violation) with which this worker ends a session whose frames failed
+/// their integrity tag too often.
+const CLOSE_POLICY: u16 = 1008;
 
 /// Outbox entries sent per batch before the loop looks at inbound frames again.
 const SEND_BATCH: usize = 64;
@@ -101,6 +107,10 @@ pub(crate) struct Session<'a> {
     in_flight_bytes: usize,
     /// The heartbeat period of this session: this worker's, or the coordinator's when shorter.
     heartbeat_every: Duration,
+    /// Tags the frames sent, once the session is keyed (the welcome asked for integrity).
+    seal: Option<Box<Sealer>>,
+    /// Verifies the frames received, once keyed.
+    open: Option<Box<Opener>>,
 }
 
 impl<'a> Session<'a> {
@@ -120,6 +130,8 @@ impl<'a> Session<'a> {
             in_flight: Default::default(),
             in_flight_bytes: 0,
             heartbeat_every,
+            seal: None,
+            open: None,
         }
     }
 
@@ -184,6 +196,24 @@ impl<'a> Session<'a> {
         };
         self.deadline = Instant::now() + self.timeout;
         self.last_frame = Instant::now();
+        let opened = match (&frame, self.open.as_deref_mut()) {
+            (Message::Text(t), Some(o)) => o.open_text(t.as_str()).map(|_| ()),
+            (Message::Binary(b), Some(o)) => o.open_binary(b).map(|_| ()),
+            _ => Ok(()),
+        };
+        if let Err(e) = opened {
+            return self.on_bad_tag(&frame, e).await;
+        }
+        let frame = match frame {
+            // Verified above: drop the tag.
+            Message::Text(t) if self.open.is_some() => {
+                Message::text(&t.as_str()[..t.len() - integrity::TEXT_TRAILER])
+            }
+            Message::Binary(b) if self.open.is_some() => {
+                Message::binary(b.slice(..b.len() - integrity::TAG_BYTES))
+            }
+            f => f,
+        };
         match frame {
             Message::Text(text) => self.on_text(text.as_str()).await,
             Message::Binary(b) if self.zstd => match inflate(&b, self.agent.cfg.max_frame) {
@@ -211,6 +241,36 @@ impl<'a> Session<'a> {
             }
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Inbound::Other,
         }
+    }
+
+    /// A frame whose tag did not verify is dropped and counted; too many end the session (a new
+    /// one starts with a fresh key). Before the first verified frame, an untagged `error` is
+    /// still read: a coordinator that refuses the registration cannot tag its refusal.
+    async fn on_bad_tag(&mut self, frame: &Message, e: MacError) -> Inbound {
+        let verified = self.open.as_ref().map_or(0, |o| o.verified());
+        if verified == 0
+            && let Message::Text(t) = frame
+            && let Ok(CoordMsg::Error(refusal)) = decode_coord(t.as_str())
+        {
+            return Inbound::Msg(CoordMsg::Error(refusal));
+        }
+        let failures = self.open.as_ref().map_or(0, |o| o.failures());
+        self.agent
+            .shared
+            .mac_failures
+            .fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::MAC_FAILURES).increment(1);
+        tracing::warn!(worker = %self.worker(), error = %e, failures, "frame from coordinator dropped: integrity tag");
+        if failures < DEFAULT_MAX_FAILURES {
+            return Inbound::Other;
+        }
+        let reason = format!("{failures} frames from the coordinator failed their integrity tag");
+        let close = self.ws.close(Some(CloseFrame {
+            code: CloseCode::from(CLOSE_POLICY),
+            reason: "too many frames failed their integrity tag".into(),
+        }));
+        let _ = timeout_at(self.deadline, close).await;
+        Inbound::Closed(reason, None)
     }
 
     /// Decodes one frame's text; an undecodable one is answered with `error`.
@@ -244,14 +304,21 @@ impl<'a> Session<'a> {
     }
 
     /// A message's frame: text, or zstd in a binary frame when agreed and large enough.
-    fn frame(&self, msg: &WorkerMsg) -> Message {
+    /// Tagged once the session is keyed.
+    fn frame(&mut self, msg: &WorkerMsg) -> Message {
         let text = encode(msg);
         if self.zstd && text.len() >= self.agent.cfg.compress_threshold {
             let packed = deflate(&text);
             crate::metrics::record_compression(text.len() as u64, packed.len() as u64);
-            Message::binary(packed)
+            match &mut self.seal {
+                Some(seal) => Message::binary(seal.seal_binary(packed)),
+                None => Message::binary(packed),
+            }
         } else {
-            Message::text(text)
+            match &mut self.seal {
+                Some(seal) => Message::text(seal.seal_text(text)),
+                None => Message::text(text),
+            }
         }
     }
 
@@ -290,14 +357,17 @@ impl<'a> Session<'a> {
                 Inbound::Closed(r, code) => return Err(Self::closed_end(r, code)),
             }
         };
+        // The welcome carries no tag (there is no key yet), so a frame damaged on the wire
+        // must not stop the worker for good: these are retried. The coordinator's own refusal
+        // of an incompatible registration (`error`, close 4002) is what stops it.
         if welcome.protocol_version != PROTOCOL_VERSION {
-            return Err(SessionEnd::Refused(format!(
-                "coordinator speaks protocol {}, this worker {}",
+            return Err(SessionEnd::NotRegistered(format!(
+                "coordinator's welcome says protocol {}, this worker speaks {}",
                 welcome.protocol_version, PROTOCOL_VERSION
             )));
         }
         if &welcome.worker_id != self.worker() {
-            return Err(SessionEnd::Refused(format!(
+            return Err(SessionEnd::NotRegistered(format!(
                 "coordinator welcomed {} but this worker is {}",
                 welcome.worker_id,
                 self.worker()
@@ -340,6 +410,7 @@ impl<'a> Session<'a> {
         };
         self.agent.warned_unauthenticated |=
             welcome.nonce.is_none() && self.agent.cfg.secret.is_some();
+        let client_nonce = self.key_session(&welcome)?;
         let a = &*self.agent;
         let reg = WorkerMsg::Registration(Registration {
             worker_id: a.cfg.worker_id.clone(),
@@ -361,6 +432,7 @@ impl<'a> Session<'a> {
             } else {
                 Vec::new()
             },
+            client_nonce,
             timestamp,
         });
         self.send(&reg).await.map_err(SessionEnd::NotRegistered)?;
@@ -417,6 +489,46 @@ impl<'a> Session<'a> {
             }
         }
         Ok(())
+    }
+
+    /// When the welcome asks for per-message integrity: a fresh client nonce, and the session
+    /// key both sides derive from it, the secret and the welcome's nonce. From the
+    /// registration on, every frame sent carries a tag and every frame received must.
+    fn key_session(
+        &mut self,
+        welcome: &tether_proto::msg::Welcome,
+    ) -> Result<Option<String>, SessionEnd> {
+        let cfg = &self.agent.cfg;
+        let (integrity, nonce, secret) = match (&welcome.integrity, &welcome.nonce, &cfg.secret) {
+            (None, _, _) if cfg.require_message_mac => {
+                return Err(SessionEnd::Refused(
+                    "this worker requires per-message integrity (--message-mac) and the \
+                     coordinator does not ask for it (start it with --message-mac, or check \
+                     what sits between the two)"
+                        .into(),
+                ));
+            }
+            (None, _, _) => return Ok(None),
+            (Some(i), Some(n), Some(s)) => (i, n, s),
+            (Some(_), _, _) => {
+                return Err(SessionEnd::Refused(
+                    "the coordinator asks for per-message integrity without an authentication \
+                     nonce, or this worker has no secret"
+                        .into(),
+                ));
+            }
+        };
+        if integrity != HMAC_SHA256 {
+            return Err(SessionEnd::Refused(format!(
+                "the coordinator asks for integrity {integrity:?}; this worker knows {HMAC_SHA256:?}"
+            )));
+        }
+        let client_nonce =
+            tether_proto::auth::to_hex(&rand::random::<[u8; tether_proto::auth::NONCE_BYTES]>());
+        let key = SessionKey::derive(secret, &cfg.worker_id, nonce, &client_nonce);
+        self.seal = Some(Box::new(Sealer::new(key.clone(), Direction::ToCoordinator)));
+        self.open = Some(Box::new(Opener::new(key, Direction::ToWorker)));
+        Ok(Some(client_nonce))
     }
 
     fn refusal_or_retry(&self, e: &ErrorMsg) -> SessionEnd {
@@ -702,6 +814,11 @@ impl<'a> Session<'a> {
                     .errors_received
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(worker = %self.worker(), code = e.code.as_str(), message = %e.message, offending = ?e.offending_type, "coordinator reported an error");
+                // A frame of ours failed its tag there: it is lost, and so is every later one
+                // (tags count frames). A new session replays the outbox under a fresh key.
+                if e.code == ErrorCode::BadMac {
+                    return Err(format!("coordinator dropped a frame: {}", e.message));
+                }
             }
             CoordMsg::Welcome(_) | CoordMsg::RegistrationAck(_) => {
                 tracing::debug!(worker = %self.worker(), "late welcome or registration_ack ignored");

@@ -46,6 +46,7 @@ async fn probe(base: String, i: u32, rate: u32, until: Instant) -> anyhow::Resul
         inventory: Inventory::default(),
         signature: None,
         compression: Vec::new(),
+        client_nonce: None,
         timestamp: now(),
     });
     ws.send(Message::Text(encode(&reg).into())).await?;

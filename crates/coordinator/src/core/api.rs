@@ -396,6 +396,8 @@ impl Core {
             ("compressed_out_wire_bytes", &c.compressed_out_wire_bytes),
             ("compressed_out_json_bytes", &c.compressed_out_json_bytes),
             ("decompression_refused", &c.decompression_refused),
+            ("mac_sessions", &c.mac_sessions),
+            ("mac_failures", &c.mac_failures),
         ]
         .into_iter()
         .map(|(k, v)| (k, v.load(Ordering::Relaxed)))

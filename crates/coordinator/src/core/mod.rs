@@ -127,6 +127,10 @@ pub struct Counters {
     pub compressed_out_json_bytes: AtomicU64,
     /// Compressed frames refused for inflating past `max_frame` (closed with 1009).
     pub decompression_refused: AtomicU64,
+    /// Sessions whose frames carry integrity tags.
+    pub mac_sessions: AtomicU64,
+    /// Worker frames dropped because their integrity tag did not verify.
+    pub mac_failures: AtomicU64,
 }
 
 impl Counters {

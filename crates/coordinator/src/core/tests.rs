@@ -67,6 +67,7 @@ impl Harness {
                 inventory: Inventory::default(),
                 signature: None,
                 compression: Vec::new(),
+                client_nonce: None,
                 timestamp: now(),
             }),
         );

@@ -6,6 +6,7 @@ mod faults;
 mod frames;
 mod fuzz_http;
 mod hostile;
+mod integrity;
 mod lifecycle;
 mod metrics;
 mod recovery;

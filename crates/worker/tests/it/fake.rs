@@ -90,6 +90,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script) {
             heartbeat_interval_ms: 5000,
             heartbeat_timeout_ms: 15000,
             nonce: None,
+            integrity: None,
             timestamp: now(),
         })))
         .await;

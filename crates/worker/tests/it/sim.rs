@@ -175,6 +175,7 @@ async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>) {
         heartbeat_interval_ms: 1000,
         heartbeat_timeout_ms: 3000,
         nonce: None,
+        integrity: None,
         timestamp: now(),
     });
     if ws.send(send(welcome)).await.is_err() {

@@ -1,0 +1,454 @@
+//! Per-message integrity tags over real sockets: honest sessions tag every frame both ways,
+//! forged, replayed and corrupted frames are dropped and counted, repeated failures close the
+//! session, and honest work completes with nothing lost or recorded twice.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tether_coordinator::auth::WorkerAuth;
+use tether_faultproxy::{Direction as ProxyDirection, Fault, FaultKind, Proxy, ProxyConfig};
+use tether_proto::auth::{Challenge, NONCE_BYTES, Secret, to_hex};
+use tether_proto::integrity::{Direction, HMAC_SHA256, Opener, Sealer, SessionKey};
+use tether_proto::{TaskId, WorkerId};
+use tether_testkit::*;
+use tether_worker::{AgentError, ConnState, Executors};
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn secret() -> Secret {
+    Secret::new(b"fleet secret for the integrity tests").expect("secret")
+}
+
+async fn mac_coordinator(dir: &std::path::Path) -> TestCoordinator {
+    let mut cfg = fast_coordinator_config(dir.to_owned());
+    let mut auth = WorkerAuth::fleet(secret());
+    auth.message_mac = true;
+    cfg.auth = Some(auth);
+    spawn_coordinator_with(cfg, None).await
+}
+
+fn honest_worker(url: &str, id: &str) -> TestWorker {
+    let mut cfg = fast_worker_config(url, id);
+    cfg.secret = Some(secret());
+    spawn_worker(cfg, Executors::builtin())
+}
+
+fn counter(o: &Value, name: &str) -> u64 {
+    o["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("counter {name} in {o}"))
+}
+
+/// Submits `n` sleep tasks of `steps` steps and waits until each completed with exactly one
+/// result whose body is the one the executor produced.
+async fn work_completes_intact(client: &Client, n: usize, steps: u32) -> Vec<TaskId> {
+    let specs: Vec<_> = (0..n).map(|_| sleep_task(40, steps, 1)).collect();
+    let ids = client.submit(&specs).await;
+    for id in &ids {
+        client.wait_status(id, "completed").await;
+        let results = client.results(id).await;
+        assert_eq!(results.len(), 1, "task {id}: {results:?}");
+        assert_eq!(
+            results[0]["body"]["result"]["steps"],
+            json!(steps),
+            "task {id}: {results:?}"
+        );
+    }
+    ids
+}
+
+/// A hand-driven worker that keys its session like a real one, and can also misbehave.
+struct Keyed {
+    ws: Ws,
+    seal: Sealer,
+    open: Opener,
+    /// Every tagged frame sent so far, for replays.
+    sent: Vec<String>,
+}
+
+enum Frame {
+    Msg(Value),
+    /// A data frame whose tag did not verify.
+    BadTag,
+    Closed(Option<u16>),
+}
+
+impl Keyed {
+    /// Connects as `id`; the registration is signed and tagged with `key_secret`, and carries
+    /// a client nonce (the key is derived from `key_nonce` when given, to fake a mismatch).
+    async fn connect(
+        c: &TestCoordinator,
+        id: &str,
+        key_secret: &Secret,
+        tag_registration: bool,
+        key_nonce: Option<&str>,
+    ) -> (Keyed, Value) {
+        let url = format!("ws://{}/api/v1/worker/{id}/ws", c.addr);
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+            .await
+            .expect("connect");
+        let welcome = match ws.next().await.expect("open").expect("frame") {
+            Message::Text(t) => serde_json::from_str::<Value>(t.as_str()).expect("json"),
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(welcome["integrity"], HMAC_SHA256, "{welcome}");
+        let nonce = welcome["nonce"].as_str().expect("nonce").to_owned();
+        let worker = WorkerId::parse(id).expect("id");
+        let client_nonce = to_hex(&rand::random::<[u8; NONCE_BYTES]>());
+        let key = SessionKey::derive(
+            &secret(),
+            &worker,
+            &nonce,
+            key_nonce.unwrap_or(&client_nonce),
+        );
+        let ts = chrono::Utc::now();
+        let reg = json!({
+            "type": "registration",
+            "worker_id": id,
+            "protocol_version": tether_proto::PROTOCOL_VERSION,
+            "boot_id": "b-keyed",
+            "capabilities": ["keyed-only"],
+            "slots": 1,
+            "executors": ["sleep"],
+            "client_nonce": client_nonce,
+            "signature": Challenge { worker: &worker, nonce: &nonce, timestamp: ts, boot_id: "b-keyed" }.sign(key_secret),
+            "timestamp": ts,
+        });
+        let mut k = Keyed {
+            ws,
+            seal: Sealer::new(key.clone(), Direction::ToCoordinator),
+            open: Opener::new(key, Direction::ToWorker),
+            sent: Vec::new(),
+        };
+        if tag_registration {
+            k.send(&reg).await;
+        } else {
+            k.send_raw(reg.to_string()).await;
+        }
+        (k, welcome)
+    }
+
+    async fn send(&mut self, v: &Value) {
+        let framed = self.seal.seal_text(v.to_string());
+        self.sent.push(framed.clone());
+        self.send_raw(framed).await;
+    }
+
+    async fn send_raw(&mut self, text: String) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    /// The next data frame, its tag checked; pings and pongs skipped.
+    async fn next(&mut self) -> Frame {
+        loop {
+            let m = tokio::time::timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("a frame in time");
+            let text = match m {
+                Some(Ok(Message::Text(t))) => t,
+                Some(Ok(Message::Close(f))) => return Frame::Closed(f.map(|f| u16::from(f.code))),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(other)) => panic!("unexpected {other:?}"),
+                Some(Err(_)) | None => return Frame::Closed(None),
+            };
+            return match self.open.open_text(text.as_str()) {
+                Ok(body) => Frame::Msg(serde_json::from_str(body).expect("json")),
+                Err(_) => {
+                    // An untagged frame is only acceptable as a refusal before any verified one.
+                    if let Ok(v) = serde_json::from_str::<Value>(text.as_str()) {
+                        return Frame::Msg(json!({"untagged": v}));
+                    }
+                    Frame::BadTag
+                }
+            };
+        }
+    }
+
+    /// The next verified message of `ty`, answering nothing else; heartbeats keep it alive.
+    async fn next_of(&mut self, ty: &str) -> Value {
+        let end = tokio::time::Instant::now() + DEADLINE;
+        let mut beat = 0;
+        loop {
+            assert!(tokio::time::Instant::now() < end, "no {ty} in time");
+            match tokio::time::timeout(Duration::from_millis(300), self.next()).await {
+                Ok(Frame::Msg(v)) if v["type"] == ty => return v,
+                Ok(Frame::Msg(_)) => {}
+                Ok(Frame::BadTag) => panic!("a coordinator frame failed its tag"),
+                Ok(Frame::Closed(code)) => panic!("closed ({code:?}) while waiting for {ty}"),
+                Err(_) => {
+                    beat += 1;
+                    let hb = json!({"type": "heartbeat", "sequence": beat, "timestamp": chrono::Utc::now()});
+                    self.send(&hb).await;
+                }
+            }
+        }
+    }
+
+    /// The close code the coordinator ends with, skipping other frames.
+    async fn close_code(&mut self) -> Option<u16> {
+        loop {
+            if let Frame::Closed(code) = self.next().await {
+                return code;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn with_message_mac_every_frame_is_tagged_both_ways_and_work_completes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = mac_coordinator(dir.path()).await;
+    let w = honest_worker(&c.ws_url(), "honest");
+    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    work_completes_intact(&c.client(), 6, 3).await;
+
+    // A hand-driven client sees the same: the registration_ack and every later frame verify
+    // under the key only it and the coordinator can derive (mutual authentication), and its
+    // own tagged frames are accepted.
+    let (mut k, _) = Keyed::connect(&c, "keyed", &secret(), true, None).await;
+    let ack = k.next_of("registration_ack").await;
+    assert_eq!(ack["worker_id"], "keyed");
+    let reply = k.next_of("heartbeat").await;
+    assert!(reply["response_to"].as_u64().is_some(), "{reply}");
+    assert!(k.open.verified() >= 2);
+    assert_eq!(k.open.failures(), 0);
+
+    let o = c.client().overview().await;
+    assert_eq!(counter(&o, "mac_sessions"), 2, "{o}");
+    assert_eq!(counter(&o, "mac_failures"), 0, "{o}");
+    assert_eq!(
+        w.handle
+            .shared
+            .mac_failures
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    assert_eq!(w.handle.registrations(), 1);
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn forged_and_replayed_frames_are_dropped_and_counted_and_repeated_failures_close_the_session()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = mac_coordinator(dir.path()).await;
+    let honest = honest_worker(&c.ws_url(), "honest");
+    honest
+        .handle
+        .wait_state(|s| s == ConnState::Connected)
+        .await;
+    let client = c.client();
+
+    let (mut k, _) = Keyed::connect(&c, "keyed", &secret(), true, None).await;
+    k.next_of("registration_ack").await;
+    let mut spec = sleep_task(50, 1, 0);
+    spec.requires = vec!["keyed-only".into()];
+    let own = client.submit(&[spec]).await[0].clone();
+    let a = k.next_of("task_assignment").await;
+    assert_eq!(a["task_id"], own.as_str());
+    let ts = chrono::Utc::now();
+    let result = |seq: u64, steps: u64| {
+        json!({"type": "task_result", "seq": seq, "task_id": own, "attempt": 1,
+               "outcome": "completed", "result": {"steps": steps},
+               "started_at": ts, "finished_at": ts, "duration_ms": 1, "timestamp": ts})
+    };
+
+    // 1. A result altered in flight: the genuine frame with one byte changed.
+    let genuine = k.seal.seal_text(result(1, 1).to_string());
+    let altered = genuine.replacen("\"steps\":1", "\"steps\":9", 1);
+    assert_ne!(altered, genuine);
+    k.send_raw(altered).await;
+    let e = k.next_of("error").await;
+    assert_eq!(e["code"], "bad_mac", "{e}");
+    // 2. A replay of the registration frame (a genuine tag, at the wrong place).
+    let replay = k.sent[0].clone();
+    k.send_raw(replay).await;
+    assert_eq!(k.next_of("error").await["code"], "bad_mac");
+    // Neither was recorded: the task is still running, without a result.
+    assert_eq!(client.status(&own).await, "running");
+    assert!(client.results(&own).await.is_empty());
+    // 3. The genuine frame, sent as the next one, still verifies and is recorded once.
+    k.sent.push(genuine.clone());
+    k.send_raw(genuine).await;
+    assert_eq!(
+        k.next_of("task_result_ack").await["disposition"],
+        "recorded"
+    );
+    let results = client.results(&own).await;
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0]["body"]["result"]["steps"], 1, "{results:?}");
+    // 4. An untagged frame is the third failure: the session is closed (policy, 1008).
+    k.send_raw(json!({"type": "heartbeat", "sequence": 99, "timestamp": ts}).to_string())
+        .await;
+    assert_eq!(k.close_code().await, Some(1008));
+
+    let o = client.overview().await;
+    assert_eq!(counter(&o, "mac_failures"), 3, "{o}");
+    // Honest work never noticed.
+    work_completes_intact(&client, 4, 2).await;
+    assert_eq!(honest.handle.registrations(), 1);
+    honest.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn registrations_without_a_tag_or_under_another_key_are_refused_with_4001() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = mac_coordinator(dir.path()).await;
+    let honest = honest_worker(&c.ws_url(), "honest");
+    honest
+        .handle
+        .wait_state(|s| s == ConnState::Connected)
+        .await;
+
+    // Signed but untagged: the coordinator requires tags.
+    let (mut k, _) = Keyed::connect(&c, "k1", &secret(), false, None).await;
+    match k.next().await {
+        Frame::Msg(v) => {
+            let e = &v["untagged"];
+            assert_eq!(e["code"], "unauthorized", "{v}");
+            assert!(
+                e["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("requires per-message integrity"),
+                "{v}"
+            );
+        }
+        _ => panic!("expected an untagged refusal"),
+    }
+    assert_eq!(k.close_code().await, Some(4001));
+    // Tagged under a key of another client nonce than the one it announces (a spliced
+    // registration): refused.
+    let other = "ab".repeat(NONCE_BYTES);
+    let (mut k, _) = Keyed::connect(&c, "k2", &secret(), true, Some(&other)).await;
+    match k.next().await {
+        Frame::Msg(v) => assert!(
+            v["untagged"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("integrity tag does not verify"),
+            "{v}"
+        ),
+        _ => panic!("expected an untagged refusal"),
+    }
+    assert_eq!(k.close_code().await, Some(4001));
+    // A worker with the wrong secret is refused as before.
+    let mut wrong = fast_worker_config(&c.ws_url(), "wrong");
+    wrong.secret = Some(Secret::new(b"not the fleet secret at all").expect("secret"));
+    let wrong = spawn_worker(wrong, Executors::builtin());
+    match tokio::time::timeout(DEADLINE, wrong.join)
+        .await
+        .expect("stops")
+        .expect("task")
+    {
+        Err(AgentError::Refused(msg)) => assert!(msg.contains("authentication failed"), "{msg}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    let o = c.client().overview().await;
+    // Two hand-driven refusals, and the worker's three attempts before it stopped.
+    assert_eq!(counter(&o, "auth_failures"), 5, "{o}");
+    work_completes_intact(&c.client(), 3, 2).await;
+    honest.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_that_requires_integrity_refuses_a_coordinator_that_does_not_ask() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.auth = Some(WorkerAuth::fleet(secret()));
+    let c = spawn_coordinator_with(cfg, None).await;
+    let mut strict = fast_worker_config(&c.ws_url(), "strict");
+    strict.secret = Some(secret());
+    strict.require_message_mac = true;
+    let strict = spawn_worker(strict, Executors::builtin());
+    match tokio::time::timeout(DEADLINE, strict.join)
+        .await
+        .expect("stops")
+        .expect("task")
+    {
+        Err(AgentError::Refused(msg)) => {
+            assert!(msg.contains("requires per-message integrity"), "{msg}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(strict.handle.registrations(), 0);
+    // Without the requirement, the same worker registers untagged.
+    let w = honest_worker(&c.ws_url(), "relaxed");
+    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    work_completes_intact(&c.client(), 2, 2).await;
+    let o = c.client().overview().await;
+    assert_eq!(counter(&o, "mac_sessions"), 0, "{o}");
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn bytes_corrupted_on_the_wire_are_caught_by_the_tags_and_nothing_corrupted_is_recorded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = mac_coordinator(dir.path()).await;
+    let proxy = Proxy::start(ProxyConfig {
+        name: "coordinator".into(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        upstream: c.addr,
+        seed: 29,
+    })
+    .await
+    .expect("proxy");
+    let w = honest_worker(&format!("ws://{}", proxy.listen_addr()), "w1");
+    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    // Tasks whose every step is a tagged state update and a checkpoint, so frames flow both
+    // ways while the link flips bits.
+    let specs: Vec<_> = (0..8).map(|_| sleep_task(60, 10, 1)).collect();
+    let ids = client.submit(&specs).await;
+    let flips = proxy
+        .add_fault(Fault::new(
+            "flips",
+            FaultKind::Corrupt { rate: 0.0005 },
+            ProxyDirection::Both,
+        ))
+        .await
+        .expect("fault");
+    let caught = || async {
+        let o = client.overview().await;
+        let worker = w
+            .handle
+            .shared
+            .mac_failures
+            .load(std::sync::atomic::Ordering::SeqCst);
+        (counter(&o, "mac_failures") > 0 && worker > 0).then_some(())
+    };
+    wait_for(
+        "corrupted frames to fail their tags on both sides",
+        DEADLINE,
+        caught,
+    )
+    .await;
+    let stats = flips.remove();
+    assert!(stats.bytes_corrupted > 0, "the fault fired: {stats:?}");
+    for id in &ids {
+        client.wait_status(id, "completed").await;
+        let results = client.results(id).await;
+        assert_eq!(results.len(), 1, "task {id}: {results:?}");
+        assert_eq!(
+            results[0]["body"]["result"]["steps"], 10,
+            "task {id}: {results:?}"
+        );
+    }
+    // The damaged sessions were replaced by fresh ones, and work goes on.
+    assert!(
+        w.handle.registrations() >= 2,
+        "{}",
+        w.handle.registrations()
+    );
+    work_completes_intact(&client, 2, 2).await;
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}
