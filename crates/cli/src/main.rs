@@ -1,5 +1,6 @@
 //! `tether`: one binary with role subcommands. Thin: parse, configure, bind, call `run`.
 
+mod cert;
 mod client;
 mod demo;
 mod e2e;
@@ -54,6 +55,9 @@ enum Cmd {
     /// An end-to-end run: coordinator and worker processes, network faults and crashes on a
     /// seeded schedule, a verdict from ground truth and a report.
     E2e(e2e::E2eArgs),
+    /// Write a private CA, a coordinator certificate signed by it and a fleet secret: the files
+    /// of a TLS + authentication setup.
+    Cert(cert::CertArgs),
     /// A TCP fault-injecting proxy and its control commands.
     Proxy(tether_faultproxy::cli::ProxyArgs),
     /// Load scenarios against a coordinator process, with simulated workers in another.
@@ -69,7 +73,8 @@ fn main() -> std::process::ExitCode {
     // narrative and logs only errors unless a level was asked for.
     let quiet = matches!(
         cli.cmd,
-        Cmd::Submit(_)
+        Cmd::Cert(_)
+            | Cmd::Submit(_)
             | Cmd::Tasks(_)
             | Cmd::Task(_)
             | Cmd::Workers(_)
@@ -113,6 +118,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Resume(a) => client::control(a, "resume").await,
             Cmd::Demo(a) => demo::run(a).await,
             Cmd::E2e(a) => e2e::run(a).await,
+            Cmd::Cert(a) => cert::run(a).await,
             Cmd::Proxy(a) => tether_faultproxy::cli::run_cli(a).await,
             Cmd::Stress(a) => stress::run(a).await,
             Cmd::StressFleet(a) => stress::fleet(a).await,

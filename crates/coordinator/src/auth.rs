@@ -58,7 +58,7 @@ impl WorkerAuth {
         {
             let path = dir.join(worker.as_str());
             match tokio::fs::read(&path).await {
-                Ok(bytes) => return Secret::new(&bytes).map(Some),
+                Ok(bytes) => return Secret::new(&zeroize::Zeroizing::new(bytes)).map(Some),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(source) => return Err(AuthError::SecretFile { path, source }),
             }

@@ -18,6 +18,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use zeroize::Zeroizing;
 
 use crate::ids::WorkerId;
 
@@ -34,9 +35,10 @@ pub const DEFAULT_MAX_SKEW: Duration = Duration::from_secs(120);
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// A shared secret. Its `Debug` never shows the bytes, so it cannot leak into logs.
+/// A shared secret. Its `Debug` never shows the bytes, so it cannot leak into logs, and its
+/// memory is zeroed when it is dropped.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Vec<u8>);
+pub struct Secret(Zeroizing<Vec<u8>>);
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -88,15 +90,16 @@ impl Secret {
         if bytes.len() > MAX_SECRET_LEN {
             return Err(AuthError::SecretTooLong);
         }
-        Ok(Self(bytes.to_vec()))
+        Ok(Self(Zeroizing::new(bytes.to_vec())))
     }
 
     /// Reads a secret file.
     pub fn from_file(path: &Path) -> Result<Self, AuthError> {
-        let bytes = std::fs::read(path).map_err(|source| AuthError::SecretFile {
-            path: path.to_owned(),
-            source,
-        })?;
+        let bytes =
+            Zeroizing::new(std::fs::read(path).map_err(|source| AuthError::SecretFile {
+                path: path.to_owned(),
+                source,
+            })?);
         Self::new(&bytes)
     }
 
