@@ -43,6 +43,12 @@ const CLOSE_TOO_BIG: u16 = 1009;
 /// zeroed per connection) would make 10,000 idle workers cost 1.25 GiB; worker frames are
 /// small, and the buffer grows for a larger one (up to `max_frame`).
 pub const WS_READ_BUFFER: usize = 512;
+/// Bytes of frames a session gathers before writing them (`send_queued` flushes at the end of
+/// its messages anyway). The buffer grows only as far as it is used, so an idle session keeps
+/// the capacity of its largest burst, not this.
+const WS_WRITE_BUFFER: usize = 16 * 1024;
+/// Most queued messages sent with one flush.
+const MAX_COALESCED: usize = 64;
 /// Close code for a text frame that is not UTF-8 (RFC 6455: inconsistent data).
 const CLOSE_BAD_DATA: u16 = 1007;
 /// Close code for a peer that broke a rule (too many frames before authentication).
@@ -94,7 +100,7 @@ pub async fn upgrade(
     ws.max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(WS_READ_BUFFER)
-        .write_buffer_size(0)
+        .write_buffer_size(WS_WRITE_BUFFER)
         .on_upgrade(move |socket| session(app, worker, socket))
 }
 
@@ -290,14 +296,14 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
                 }
             }
             queued = rx.recv() => match queued {
-                Some(Outgoing::Msg(m)) => {
-                    let threshold = zstd_out.then_some(app.cfg.compress_threshold);
-                    if !out.send_framed(deadline, &m, threshold, Some(&app.counters)).await {
-                        break ("error", "write failed".into());
-                    }
-                    // Large messages go compressed from the first frame after the ack.
-                    if let CoordMsg::RegistrationAck(a) = &*m {
-                        zstd_out = a.compression.as_deref() == Some(ZSTD);
+                Some(Outgoing::Msg(first)) => {
+                    match send_queued(&mut out, &mut rx, first, deadline, &mut zstd_out, &app).await {
+                        Ok(None) => {}
+                        Ok(Some((code, reason))) => {
+                            out.close(deadline, code, &reason).await;
+                            break ("coordinator", format!("closed by coordinator: {reason}"));
+                        }
+                        Err(()) => break ("error", "write failed".into()),
                     }
                 }
                 Some(Outgoing::Close(code, reason)) => {
@@ -533,6 +539,45 @@ impl Conn<'_> {
     }
 }
 
+/// Sends `first` and what else is queued behind it (the acks and assignments of one commit,
+/// up to [`MAX_COALESCED`] messages) with one flush, so one write. A close found in the queue
+/// is returned for the caller to send after them; `Err` when a write failed or stalled.
+async fn send_queued(
+    out: &mut Tx,
+    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    first: Box<CoordMsg>,
+    deadline: Instant,
+    zstd_out: &mut bool,
+    app: &AppState,
+) -> Result<Option<(u16, String)>, ()> {
+    let (mut next, mut close, mut fed) = (Some(first), None, 0);
+    while let Some(m) = next.take() {
+        let threshold = zstd_out.then_some(app.cfg.compress_threshold);
+        if !out
+            .feed_framed(deadline, &m, threshold, Some(&app.counters))
+            .await
+        {
+            return Err(());
+        }
+        fed += 1;
+        // Large messages go compressed from the first frame after the ack.
+        if let CoordMsg::RegistrationAck(a) = &*m {
+            *zstd_out = a.compression.as_deref() == Some(ZSTD);
+        }
+        if fed < MAX_COALESCED {
+            match rx.try_recv() {
+                Ok(Outgoing::Msg(m)) => next = Some(m),
+                Ok(Outgoing::Close(code, reason)) => close = Some((code, reason)),
+                Err(_) => {}
+            }
+        }
+    }
+    if !out.flush(deadline).await {
+        return Err(());
+    }
+    Ok(close)
+}
+
 /// A session's sending half. Once the session is keyed, every data frame carries its tag.
 struct Tx {
     sink: SplitSink<WebSocket, Message>,
@@ -554,13 +599,48 @@ impl Tx {
         threshold: Option<usize>,
         counters: Option<&Counters>,
     ) -> bool {
+        let frame = self.frame(m, threshold, counters);
+        matches!(
+            timeout_at(deadline, self.sink.send(frame)).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Like [`Tx::send_framed`] without the flush: the frame may wait in the write buffer
+    /// (`WS_WRITE_BUFFER`) for [`Tx::flush`].
+    async fn feed_framed(
+        &mut self,
+        deadline: Instant,
+        m: &CoordMsg,
+        threshold: Option<usize>,
+        counters: Option<&Counters>,
+    ) -> bool {
+        let frame = self.frame(m, threshold, counters);
+        matches!(
+            timeout_at(deadline, self.sink.feed(frame)).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Writes what the write buffer holds; false when the write failed or stalled.
+    async fn flush(&mut self, deadline: Instant) -> bool {
+        matches!(timeout_at(deadline, self.sink.flush()).await, Ok(Ok(())))
+    }
+
+    /// The frame of `m`: compressed at `threshold`, tagged when the session is keyed.
+    fn frame(
+        &mut self,
+        m: &CoordMsg,
+        threshold: Option<usize>,
+        counters: Option<&Counters>,
+    ) -> Message {
         metrics::counter!(crate::metrics::MESSAGES_OUT, "type" => m.type_name()).increment(1);
         if let CoordMsg::Error(e) = m {
             metrics::counter!(crate::metrics::ERRORS, "code" => e.code.as_str(), "direction" => "sent")
                 .increment(1);
         }
         let json = encode(m);
-        let frame = match threshold {
+        match threshold {
             Some(threshold) if json.len() >= threshold => {
                 let packed = deflate(&json);
                 if let Some(c) = counters {
@@ -580,11 +660,7 @@ impl Tx {
                 Some(seal) => Message::Text(seal.seal_text(json).into()),
                 None => Message::Text(json.into()),
             },
-        };
-        matches!(
-            timeout_at(deadline, self.sink.send(frame)).await,
-            Ok(Ok(()))
-        )
+        }
     }
 
     /// Sends a close frame (control frames carry no tag), giving up at the deadline.

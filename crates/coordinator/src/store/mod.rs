@@ -291,14 +291,34 @@ pub fn spawn_writer(
         })
 }
 
+/// What a mutation overwrites whole: of several in one group, only the last is executed.
+#[derive(PartialEq, Eq, Hash)]
+enum Slot<'a> {
+    Task(&'a TaskId),
+    State(&'a TaskId),
+    Worker(&'a WorkerId),
+}
+
+impl Mutation {
+    fn slot(&self) -> Option<Slot<'_>> {
+        match self {
+            Mutation::InsertTask(t) | Mutation::PutTask(t) => Some(Slot::Task(&t.task_id)),
+            Mutation::PutState { task_id, .. } => Some(Slot::State(task_id)),
+            Mutation::PutWorker(w) => Some(Slot::Worker(&w.worker_id)),
+            _ => None,
+        }
+    }
+}
+
 fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<()> {
-    // Later writes of the same task in this group supersede earlier ones.
-    let mut last_task: HashMap<&TaskId, usize> = HashMap::new();
+    // Later writes of the same task, task state or worker in this group supersede earlier
+    // ones: the transaction ends with the same rows, and all of it commits or none.
+    let mut last: HashMap<Slot<'_>, usize> = HashMap::new();
     let mut i = 0usize;
     for b in batches.iter() {
         for m in &b.muts {
-            if let Mutation::PutTask(t) | Mutation::InsertTask(t) = m {
-                last_task.insert(&t.task_id, i);
+            if let Some(slot) = m.slot() {
+                last.insert(slot, i);
             }
             i += 1;
         }
@@ -309,16 +329,12 @@ fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<()> 
         for m in &b.muts {
             let idx = i;
             i += 1;
+            if m.slot().is_some_and(|slot| last.get(&slot) != Some(&idx)) {
+                continue;
+            }
             match m {
-                Mutation::InsertTask(t) => {
-                    if last_task.get(&t.task_id) == Some(&idx) {
-                        insert_task(&tx, t)?;
-                    }
-                }
+                Mutation::InsertTask(t) => insert_task(&tx, t)?,
                 Mutation::PutTask(t) => {
-                    if last_task.get(&t.task_id) != Some(&idx) {
-                        continue;
-                    }
                     let changed = tx
                         .prepare_cached(
                             "UPDATE tasks SET status = ?2, finished_at = ?3, doc = ?4 WHERE id = ?1",

@@ -356,3 +356,29 @@ fn an_update_of_a_task_inserted_in_the_same_group_writes_it_whole() {
     let (_conn, loaded) = open(dir.path()).expect("reopen");
     assert_eq!(loaded.tasks, vec![running]);
 }
+
+#[test]
+fn of_several_states_of_a_task_in_one_group_the_last_is_stored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, _) = open(dir.path()).expect("open");
+    let state = |attempt: u32, n: u32| Mutation::PutState {
+        task_id: TaskId::parse("a").expect("id"),
+        attempt: Attempt(attempt),
+        state: format!("{{\"n\":{n}}}"),
+    };
+    let mut batches = vec![
+        Batch {
+            muts: vec![state(1, 1), state(1, 2)],
+            effects: vec![],
+        },
+        Batch {
+            muts: vec![state(2, 3)],
+            effects: vec![],
+        },
+    ];
+    commit(&mut conn, &mut batches).expect("commit");
+    let (attempt, state, _) = read_state(&conn, &TaskId::parse("a").expect("id"))
+        .expect("read")
+        .expect("a state");
+    assert_eq!((attempt, state), (2, serde_json::json!({"n": 3})));
+}
