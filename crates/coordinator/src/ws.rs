@@ -5,6 +5,7 @@
 //! With worker authentication on, the welcome carries a nonce and the session reaches the core
 //! only after a registration signed over it (else `error` `unauthorized` and close 4001).
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -27,6 +28,7 @@ use tether_proto::msg::{
 };
 use tether_proto::{DecodeError, WorkerId, decode_worker, encode};
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Instant, timeout_at};
 
 use crate::admission::Bucket;
@@ -104,10 +106,32 @@ pub async fn upgrade(
         .on_upgrade(move |socket| session(app, worker, socket))
 }
 
-async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
-    let session_id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
-    let (sink, mut stream) = socket.split();
-    let mut out = Tx { sink, seal: None };
+/// Splits the socket before the session's future is made, so that the socket (moved into the
+/// halves) does not take room in every idle session's state.
+fn session(
+    app: Arc<AppState>,
+    worker: WorkerId,
+    socket: WebSocket,
+) -> impl Future<Output = ()> + Send {
+    let (sink, stream) = socket.split();
+    run(app, worker, Tx { sink, seal: None }, stream)
+}
+
+/// What the handshake leaves to the session loop.
+struct Opened {
+    rx: mpsc::UnboundedReceiver<Outgoing>,
+    open: Option<Box<Opener>>,
+    zstd_in: bool,
+}
+
+/// Welcome, authentication (when on), and the session's announcement to the core.
+async fn handshake(
+    app: &AppState,
+    worker: &WorkerId,
+    session_id: u64,
+    out: &mut Tx,
+    stream: &mut SplitStream<WebSocket>,
+) -> Option<Opened> {
     let timeout = app.cfg.heartbeat_timeout;
     let nonce = app
         .cfg
@@ -131,7 +155,7 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
         timestamp: now(),
     });
     if !out.send(Instant::now() + timeout, &welcome).await {
-        return;
+        return None;
     }
     // With authentication on, the core hears of this connection only once it proved who it
     // is: an impostor never replaces the real worker's session.
@@ -139,14 +163,13 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
     let registration = match (&app.cfg.auth, nonce) {
         (Some(auth), Some(nonce)) => {
             let mut conn = Conn {
-                app: &app,
-                worker: &worker,
+                app,
+                worker,
                 session_id,
-                tx: &mut out,
-                stream: &mut stream,
+                tx: out,
+                stream,
             };
-            // Boxed: the handshake runs once, and its state should not size every idle session.
-            match Box::pin(conn.authenticate(auth, &nonce)).await {
+            match conn.authenticate(auth, &nonce).await {
                 Some((r, keyed)) => {
                     // From here on every data frame both ways carries a tag.
                     if let Some((opener, key)) = keyed {
@@ -156,12 +179,12 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
                     }
                     Some(r)
                 }
-                None => return,
+                None => return None,
             }
         }
         _ => None,
     };
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::unbounded_channel();
     let session = SessionRef { id: session_id, tx };
     if app
         .events
@@ -172,11 +195,10 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
         .await
         .is_err()
     {
-        return;
+        return None;
     }
     let offers = |r: &Registration| app.cfg.compression && r.compression.iter().any(|c| c == ZSTD);
-    let mut zstd_in = registration.as_ref().is_some_and(offers);
-    let mut zstd_out = false;
+    let zstd_in = registration.as_ref().is_some_and(offers);
     if let Some(r) = registration {
         let _ = app
             .events
@@ -187,6 +209,27 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
             })
             .await;
     }
+    Some(Opened { rx, open, zstd_in })
+}
+
+async fn run(
+    app: Arc<AppState>,
+    worker: WorkerId,
+    mut out: Tx,
+    mut stream: SplitStream<WebSocket>,
+) {
+    let session_id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let timeout = app.cfg.heartbeat_timeout;
+    // Boxed: the handshake runs once, and its state should not size every idle session.
+    let Some(Opened {
+        mut rx,
+        mut open,
+        mut zstd_in,
+    }) = Box::pin(handshake(&app, &worker, session_id, &mut out, &mut stream)).await
+    else {
+        return;
+    };
+    let mut zstd_out = false;
     tracing::debug!(worker = %worker, session = session_id, "session open");
     metrics::counter!(m::CONNECTIONS).increment(1);
     let mut deadline = Instant::now() + timeout;
@@ -259,7 +302,7 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
                     }
                 };
                 let reply = match frame {
-                    Data::Text(t) => on_text(&app, &worker, session_id, t, &mut zstd_in).await,
+                    Data::Text(t) => on_text(&app, &worker, session_id, t, &mut zstd_in),
                     Data::Binary(b) if zstd_in => match inflate(b, app.cfg.max_frame) {
                         Ok(t) => {
                             let c = &app.counters;
@@ -267,7 +310,7 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
                             c.compressed_in_wire_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
                             c.compressed_in_json_bytes.fetch_add(t.len() as u64, Ordering::Relaxed);
                             crate::metrics::record_compression(t.len() as u64, b.len() as u64);
-                            on_text(&app, &worker, session_id, &t, &mut zstd_in).await
+                            on_text(&app, &worker, session_id, &t, &mut zstd_in)
                         }
                         Err(InflateError::TooBig { .. }) => {
                             app.counters.decompression_refused.fetch_add(1, Ordering::Relaxed);
@@ -277,17 +320,27 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
                         }
                         Err(e) => {
                             app.counters.malformed_frames.fetch_add(1, Ordering::Relaxed);
-                            Some(CoordMsg::error(ErrorCode::BadFrame, e.to_string(), None, None))
+                            Some(Handled::Reply(CoordMsg::error(ErrorCode::BadFrame, e.to_string(), None, None)))
                         }
                     },
-                    Data::Binary(_) => Some(CoordMsg::error(
+                    Data::Binary(_) => Some(Handled::Reply(CoordMsg::error(
                         ErrorCode::BadFrame,
                         "binary frames are not accepted without negotiated compression",
                         None,
                         None,
-                    )),
+                    ))),
                     Data::Close => break ("closed", "closed by worker".into()),
                     Data::Control => None,
+                };
+                let reply = match reply {
+                    Some(Handled::Reply(reply)) => Some(reply),
+                    Some(Handled::Forward(ev)) => {
+                        if let Some(wait) = forward(&app, ev) {
+                            wait.await;
+                        }
+                        None
+                    }
+                    None => None,
                 };
                 if let Some(reply) = reply
                     && !out.send(deadline, &reply).await
@@ -306,7 +359,8 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
                         Err(()) => break ("error", "write failed".into()),
                     }
                 }
-                Some(Outgoing::Close(code, reason)) => {
+                Some(Outgoing::Close(c)) => {
+                    let (code, reason) = *c;
                     out.close(deadline, code, &reason).await;
                     break ("coordinator", format!("closed by coordinator: {reason}"));
                 }
@@ -316,30 +370,50 @@ async fn session(app: Arc<AppState>, worker: WorkerId, socket: WebSocket) {
     };
     tracing::info!(worker = %worker, session = session_id, %reason, "session ended");
     metrics::counter!(m::SESSIONS_ENDED, "reason" => kind).increment(1);
-    let _ = app
-        .events
-        .send(Event::Disconnected { worker, session_id })
-        .await;
+    if let Some(wait) = forward(&app, Event::Disconnected { worker, session_id }) {
+        wait.await;
+    }
 }
 
+/// What a decoded frame asks of its session.
+enum Handled {
+    Reply(CoordMsg),
+    Forward(Event),
+}
+
+/// Hands `ev` to the core, or returns the wait for room in its queue when that is full. The
+/// wait is boxed: it happens under backpressure only, and an event (hundreds of bytes) held
+/// in the session's own state would size every idle session.
+fn forward(app: &AppState, ev: Event) -> Option<Wait<'_>> {
+    match app.events.try_send(ev) {
+        Ok(()) | Err(TrySendError::Closed(_)) => None,
+        Err(TrySendError::Full(ev)) => Some(Box::pin(async move {
+            let _ = app.events.send(ev).await;
+        })),
+    }
+}
+
+/// A boxed wait of a session.
+type Wait<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
 /// Decodes a frame; heartbeats are answered here, everything else goes to the core.
-async fn on_text(
+fn on_text(
     app: &AppState,
     worker: &WorkerId,
     session_id: u64,
     text: &str,
     zstd_in: &mut bool,
-) -> Option<CoordMsg> {
+) -> Option<Handled> {
     let decoded = decode_worker(text);
     if let Ok(msg) = &decoded {
         metrics::counter!(m::MESSAGES_IN, "type" => msg.type_name()).increment(1);
     }
-    match decoded {
-        Ok(WorkerMsg::Heartbeat(h)) => Some(heartbeat_reply(h.sequence)),
+    Some(match decoded {
+        Ok(WorkerMsg::Heartbeat(h)) => Handled::Reply(heartbeat_reply(h.sequence)),
         Ok(WorkerMsg::Registration(_)) if app.cfg.auth.is_some() => {
             app.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(worker = %worker, session = session_id, "second registration on an authenticated session refused");
-            Some(CoordMsg::error(
+            Handled::Reply(CoordMsg::error(
                 ErrorCode::Unauthorized,
                 "this session has authenticated already and its nonce is used; reconnect to register again",
                 Some("registration".into()),
@@ -350,18 +424,14 @@ async fn on_text(
             if let WorkerMsg::Registration(r) = &msg {
                 *zstd_in = app.cfg.compression && r.compression.iter().any(|c| c == ZSTD);
             }
-            let _ = app
-                .events
-                .send(Event::Frame {
-                    worker: worker.clone(),
-                    session_id,
-                    msg,
-                })
-                .await;
-            None
+            Handled::Forward(Event::Frame {
+                worker: worker.clone(),
+                session_id,
+                msg,
+            })
         }
-        Err(e) => Some(decode_error(app, worker, &e)),
-    }
+        Err(e) => Handled::Reply(decode_error(app, worker, &e)),
+    })
 }
 
 fn heartbeat_reply(sequence: u64) -> CoordMsg {
@@ -567,7 +637,7 @@ async fn send_queued(
         if fed < MAX_COALESCED {
             match rx.try_recv() {
                 Ok(Outgoing::Msg(m)) => next = Some(m),
-                Ok(Outgoing::Close(code, reason)) => close = Some((code, reason)),
+                Ok(Outgoing::Close(c)) => close = Some(*c),
                 Err(_) => {}
             }
         }

@@ -176,7 +176,7 @@ impl Core {
                 r.worker_id, worker
             );
             b.effects.push(Box::new(move |_| {
-                let _ = s.tx.send(super::Outgoing::Close(4003, reason));
+                let _ = s.tx.send(super::Outgoing::close(4003, reason));
             }));
             return;
         }
@@ -197,7 +197,7 @@ impl Core {
             let s = session.clone();
             b.effects.push(Box::new(move |_| {
                 let _ =
-                    s.tx.send(super::Outgoing::Close(4002, "incompatible protocol".into()));
+                    s.tx.send(super::Outgoing::close(4002, "incompatible protocol"));
             }));
             return;
         }

@@ -40,7 +40,15 @@ pub enum Outgoing {
     /// Boxed: a session's channel allocates its first block of 32 slots when it is created,
     /// and 32 unboxed messages (168 bytes each) would cost every idle connection 5 KiB.
     Msg(Box<CoordMsg>),
-    Close(u16, String),
+    /// A close code and reason; boxed so that a slot of the channel is two words (the block
+    /// of 32 slots is allocated per session).
+    Close(Box<(u16, String)>),
+}
+
+impl Outgoing {
+    pub fn close(code: u16, reason: impl Into<String>) -> Self {
+        Outgoing::Close(Box::new((code, reason.into())))
+    }
 }
 
 /// The core's handle on a live session.
@@ -296,7 +304,7 @@ impl Core {
         for w in self.workers.values() {
             if let Some(s) = &w.session {
                 let _ =
-                    s.tx.send(Outgoing::Close(1001, "coordinator shutting down".into()));
+                    s.tx.send(Outgoing::close(1001, "coordinator shutting down"));
             }
         }
     }
@@ -342,9 +350,9 @@ impl Core {
                 .fetch_add(1, Ordering::Relaxed);
             metrics::counter!(crate::metrics::SESSIONS_REPLACED).increment(1);
             tracing::info!(worker = %worker, old = old.id, "a newer connection replaces this worker's session");
-            let _ = old.tx.send(Outgoing::Close(
+            let _ = old.tx.send(Outgoing::close(
                 4009,
-                "replaced by a newer connection of this worker".into(),
+                "replaced by a newer connection of this worker",
             ));
         }
         w.state = WorkerState::Connecting;
