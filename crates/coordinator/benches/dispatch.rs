@@ -22,7 +22,7 @@ fn worker(i: usize, kinds: &[&str]) -> Worker {
     w.state = WorkerState::Connected;
     w.session = Some(SessionRef {
         id: i as u64,
-        tx: tokio::sync::mpsc::unbounded_channel().0,
+        tx: tether_coordinator::core::mailbox::channel().0,
     });
     w
 }

@@ -27,7 +27,6 @@ use tether_proto::msg::{
     CoordMsg, ErrorCode, HeartbeatReply, PROTOCOL_VERSION, Registration, Welcome, WorkerMsg, now,
 };
 use tether_proto::{DecodeError, WorkerId, decode_worker, encode};
-use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Instant, timeout_at};
 
@@ -119,7 +118,7 @@ fn session(
 
 /// What the handshake leaves to the session loop.
 struct Opened {
-    rx: mpsc::UnboundedReceiver<Outgoing>,
+    rx: crate::core::mailbox::Receiver<Outgoing>,
     open: Option<Box<Opener>>,
     zstd_in: bool,
 }
@@ -184,7 +183,7 @@ async fn handshake(
         }
         _ => None,
     };
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = crate::core::mailbox::channel();
     let session = SessionRef { id: session_id, tx };
     if app
         .events
@@ -614,7 +613,7 @@ impl Conn<'_> {
 /// is returned for the caller to send after them; `Err` when a write failed or stalled.
 async fn send_queued(
     out: &mut Tx,
-    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    rx: &mut crate::core::mailbox::Receiver<Outgoing>,
     first: Box<CoordMsg>,
     deadline: Instant,
     zstd_out: &mut bool,

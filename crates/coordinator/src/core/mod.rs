@@ -9,6 +9,7 @@
 //! - [`api`]: the commands behind the HTTP API.
 
 mod api;
+pub mod mailbox;
 mod messages;
 pub mod queue;
 mod tasks;
@@ -37,11 +38,10 @@ const MAX_EVENTS_PER_BATCH: usize = 1024;
 /// What a session task sends on its socket.
 #[derive(Debug)]
 pub enum Outgoing {
-    /// Boxed: a session's channel allocates its first block of 32 slots when it is created,
-    /// and 32 unboxed messages (168 bytes each) would cost every idle connection 5 KiB.
+    /// Boxed: a session's mailbox keeps the capacity of its largest backlog, and unboxed
+    /// messages (168 bytes each) would make every slot of it that big.
     Msg(Box<CoordMsg>),
-    /// A close code and reason; boxed so that a slot of the channel is two words (the block
-    /// of 32 slots is allocated per session).
+    /// A close code and reason; boxed so that a slot of the mailbox is two words.
     Close(Box<(u16, String)>),
 }
 
@@ -55,7 +55,7 @@ impl Outgoing {
 #[derive(Debug, Clone)]
 pub struct SessionRef {
     pub id: u64,
-    pub tx: mpsc::UnboundedSender<Outgoing>,
+    pub tx: mailbox::Sender<Outgoing>,
 }
 
 impl SessionRef {

@@ -157,7 +157,6 @@ pub fn plan(
 mod tests {
     use super::*;
     use chrono::Utc;
-    use tokio::sync::mpsc;
 
     use crate::core::SessionRef;
     use crate::model::WorkerState;
@@ -169,7 +168,7 @@ mod tests {
         w.state = WorkerState::Connected;
         w.session = Some(SessionRef {
             id: 1,
-            tx: mpsc::unbounded_channel().0,
+            tx: crate::core::mailbox::channel().0,
         });
         w
     }

@@ -6,7 +6,6 @@ use tether_proto::msg::{
     CoordMsg, Disposition, Inventory, Registration, TaskResult, WorkerMsg, now,
 };
 use tether_proto::{Attempt, Outcome, Seq, TaskId, TaskSpec, TaskStatus, WorkerId};
-use tokio::sync::mpsc;
 
 use super::{Api, Core, Counters, Event, Outgoing, SessionRef};
 use crate::config::CoordinatorConfig;
@@ -45,8 +44,8 @@ impl Harness {
         }
     }
 
-    fn connect(&mut self, worker: &str) -> (u64, mpsc::UnboundedReceiver<Outgoing>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    fn connect(&mut self, worker: &str) -> (u64, super::mailbox::Receiver<Outgoing>) {
+        let (tx, rx) = super::mailbox::channel();
         let id = self.next_session;
         self.next_session += 1;
         self.step(Event::Connected {
@@ -96,7 +95,7 @@ fn wid(s: &str) -> WorkerId {
     WorkerId::parse(s).expect("id")
 }
 
-fn drain(rx: &mut mpsc::UnboundedReceiver<Outgoing>) -> Vec<CoordMsg> {
+fn drain(rx: &mut super::mailbox::Receiver<Outgoing>) -> Vec<CoordMsg> {
     let mut v = Vec::new();
     while let Ok(Outgoing::Msg(m)) = rx.try_recv() {
         v.push(*m);
@@ -242,7 +241,7 @@ fn a_session_that_never_registers_does_not_keep_a_lost_worker_s_leases() {
         session_id: s,
     });
     // Back on the socket, but silent: no registration.
-    let (tx, _rx2) = mpsc::unbounded_channel();
+    let (tx, _rx2) = super::mailbox::channel();
     h.step(Event::Connected {
         worker: wid("a"),
         session: SessionRef { id: 99, tx },
