@@ -177,7 +177,7 @@ fn netns_unavailable() -> Option<String> {
 }
 
 #[test]
-fn workers_in_network_namespaces_survive_a_kernel_link_down_detected_by_both_sides() {
+fn workers_in_network_namespaces_survive_a_kernel_link_down_and_a_kernel_paced_link() {
     if let Some(why) = netns_unavailable() {
         eprintln!("skipped: workers in network namespaces need root and iproute2 ({why})");
         return;
@@ -197,7 +197,7 @@ fn workers_in_network_namespaces_survive_a_kernel_link_down_detected_by_both_sid
             "--seed",
             "3",
             "--scenario",
-            "link_down,worker_kill",
+            "link_down,link_crawl,worker_kill",
             "--drain-timeout",
             "60s",
             "--report",
@@ -227,7 +227,19 @@ fn workers_in_network_namespaces_survive_a_kernel_link_down_detected_by_both_sid
     assert_eq!(link["count"], 1, "{md}");
     assert_eq!(link["detected"], 1, "{md}");
     assert_eq!(link["recovered"], 1, "{md}");
+    let crawl = &r["by_kind"]["link_crawl"];
+    assert_eq!(crawl["count"], 1, "{md}");
+    assert_eq!(crawl["detected"], 1, "{md}");
     for o in r["disruptions"].as_array().expect("disruptions") {
+        if o["kind"] == "link_crawl" {
+            // The kernel's token bucket held packets back (or dropped them) on that link.
+            let k = &o["shape_stats"];
+            assert!(k["sent_packets"].as_u64() > Some(0), "{o}");
+            assert!(
+                k["overlimits"].as_u64() > Some(0) || k["dropped"].as_u64() > Some(0),
+                "{o}"
+            );
+        }
         if o["kind"] == "link_down" {
             let t = o["target"].as_str().expect("target");
             // A link taken down by the kernel is silence: found by the liveness timeouts.

@@ -81,6 +81,7 @@ impl System {
         let malformed_before = malformed(self).await;
         let started_at = Utc::now();
         let mut note = String::new();
+        let mut shape_stats = None;
         let fault_stats = match (&d.fault, d.kind) {
             (Some(kind), _) => {
                 let mut fault = Fault::new(
@@ -125,6 +126,15 @@ impl System {
                 net.set_link(i, true).await?;
                 None
             }
+            (None, Kind::LinkCrawl) => {
+                let (Some(net), Some(i), Some(rate)) = (&self.netns, d.target, d.rate_bps) else {
+                    anyhow::bail!("link_crawl needs --netns, a target and a rate");
+                };
+                net.crawl(i, &format!("{rate}bit")).await?;
+                tokio::time::sleep(d.hold).await;
+                shape_stats = Some(net.uncrawl(i).await?);
+                None
+            }
             (None, Kind::WorkerKill) => {
                 if let Some(w) = d.target.and_then(|i| self.workers.get_mut(i)) {
                     w.kill().await;
@@ -155,10 +165,12 @@ impl System {
         }
         let fleet_recovered = self.wait_whole().await;
         let malformed_frames = malformed(self).await.saturating_sub(malformed_before);
-        let fired = match &fault_stats {
-            Some(s) => fired(s),
-            // Processes and the listener: done by this run itself, checked by detection.
-            None => true,
+        let fired = match (&fault_stats, &shape_stats) {
+            (Some(s), _) => fired(s),
+            // The kernel's filter held packets back or dropped them.
+            (None, Some(s)) => s.fired(),
+            // Processes, the listener, links: done by this run itself, checked by detection.
+            (None, None) => true,
         };
         Ok(Observation {
             index: d.index,
@@ -168,6 +180,7 @@ impl System {
             started_at,
             removed_at,
             fault_stats,
+            shape_stats,
             fired,
             malformed_frames,
             worker_detect_ms: BTreeMap::new(),

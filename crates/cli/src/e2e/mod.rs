@@ -68,7 +68,8 @@ pub struct E2eArgs {
     seed: Option<u64>,
     /// `all`, `network` (proxy faults only), `crash` (the kills), `kernel` (with --netns),
     /// or a comma-separated list of: latency, bandwidth, blackhole, reset, limit_data,
-    /// slicer, stall, corrupt, proxy_down, worker_kill, coordinator_kill, link_down.
+    /// slicer, stall, corrupt, proxy_down, worker_kill, coordinator_kill, link_down,
+    /// link_crawl.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Where to write the report: a path prefix (`PREFIX.json`, `PREFIX.md`) or a directory.
@@ -79,7 +80,7 @@ pub struct E2eArgs {
     #[arg(long)]
     work_dir: Option<PathBuf>,
     /// Run each worker in a network namespace of its own behind a veth pair (needs root and
-    /// iproute2), which adds kernel-made faults (`link_down`) to the scenario.
+    /// iproute2), which adds kernel-made faults (`link_down`, `link_crawl`) to the scenario.
     #[arg(long)]
     netns: bool,
     /// How long the tasks get to finish once the disruptions are over.

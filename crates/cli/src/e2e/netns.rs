@@ -1,11 +1,14 @@
 //! `--netns`: each worker in a network namespace of its own, joined to the host by a veth pair
 //! (`10.231.{i}.1` on the host side, `10.231.{i}.2` in the namespace), so that faults can be
 //! made by the kernel: `link_down` takes the host end of a worker's veth down, and TCP sees a
-//! silent path (no FIN, no RST, retransmissions until the link is back). Needs root and
-//! iproute2. Everything created is named after this process and removed on drop.
+//! silent path (no FIN, no RST, retransmissions until the link is back); `link_crawl` puts a
+//! token-bucket filter (`tc qdisc ... tbf`) on both ends of a worker's veth, so the kernel
+//! paces its packets to a few kilobits per second and drops what overflows a short queue: a
+//! crawling, lossy link that TCP has to retransmit through. Needs root and iproute2. Everything
+//! created is named after this process and removed on drop.
 //!
-//! `tc netem` (kernel delay and loss) would fit here too; the kernels this was built on do not
-//! provide the `netem` qdisc, so it is not used.
+//! `tc netem` (arbitrary delay and random loss) would fit here too; the kernels this was built
+//! on do not provide the `netem` qdisc, so the delay and loss here are the token bucket's.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -20,8 +23,59 @@ pub const MAX_LINKS: usize = 250;
 pub struct Link {
     pub ns: String,
     pub host_if: String,
+    /// The veth end inside the namespace.
+    pub peer_if: String,
     pub host_ip: Ipv4Addr,
 }
+
+/// What a token-bucket filter did while it was in place, both ends summed (`tc -s`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ShapeStats {
+    pub sent_bytes: u64,
+    pub sent_packets: u64,
+    /// Packets dropped because the queue was full.
+    pub dropped: u64,
+    /// Times a packet had to wait for tokens.
+    pub overlimits: u64,
+}
+
+impl ShapeStats {
+    /// Whether the filter held back or dropped anything.
+    pub fn fired(&self) -> bool {
+        self.dropped > 0 || self.overlimits > 0
+    }
+
+    /// Reads the counters from `tc -s qdisc show` output
+    /// (` Sent 1234 bytes 12 pkt (dropped 1, overlimits 5 requeues 0)`).
+    pub fn parse(text: &str) -> Self {
+        let mut s = ShapeStats::default();
+        let words: Vec<&str> = text
+            .split(|c: char| c.is_whitespace() || c == ',' || c == '(' || c == ')')
+            .filter(|w| !w.is_empty())
+            .collect();
+        for pair in words.windows(2) {
+            let n = pair[1].parse::<u64>().ok();
+            match (pair[0], n) {
+                ("Sent", Some(n)) => s.sent_bytes += n,
+                ("dropped", Some(n)) => s.dropped += n,
+                ("overlimits", Some(n)) => s.overlimits += n,
+                _ => {}
+            }
+        }
+        for pair in words.windows(2) {
+            if pair[1] == "pkt"
+                && let Ok(n) = pair[0].parse::<u64>()
+            {
+                s.sent_packets += n;
+            }
+        }
+        s
+    }
+}
+
+/// The token bucket of `link_crawl`: rate, bucket and queue (past it packets are dropped).
+pub const CRAWL_BUCKET: &str = "2kb";
+pub const CRAWL_QUEUE: &str = "3kb";
 
 /// The namespaces of one run.
 #[derive(Debug, Default)]
@@ -52,8 +106,38 @@ pub fn available() -> Result<(), String> {
     let probe = format!("tether-probe-{}", std::process::id());
     ip(&["netns", "add", &probe])
         .map_err(|e| format!("cannot create a network namespace: {e:#}"))?;
+    // `link_crawl` needs the token-bucket filter.
+    let tbf = tc_in(
+        &probe,
+        &[
+            "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "1mbit", "burst", "4kb", "limit",
+            "8kb",
+        ],
+    );
     let _ = ip(&["netns", "del", &probe]);
+    tbf.map_err(|e| format!("no kernel token-bucket filter (tc tbf): {e:#}"))?;
     Ok(())
+}
+
+fn tc_in(ns: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut v = vec!["netns", "exec", ns, "tc"];
+    v.extend_from_slice(args);
+    run("ip", &v)
+}
+
+fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run `{program}` (iproute2)"))?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl NetFleet {
@@ -69,9 +153,10 @@ impl NetFleet {
                 ns: format!("tether-{pid}-{i}"),
                 // Interface names have at most 15 bytes.
                 host_if: format!("te{pid:x}h{i}"),
+                peer_if: format!("te{pid:x}w{i}"),
                 host_ip: Ipv4Addr::new(10, 231, i as u8, 1),
             };
-            let peer = format!("te{pid:x}w{i}");
+            let peer = link.peer_if.clone();
             ip(&["netns", "add", &link.ns])?;
             fleet.links.push(link.clone());
             ip(&[
@@ -127,6 +212,76 @@ impl NetFleet {
     }
 }
 
+impl NetFleet {
+    /// Paces worker `i`'s link to `rate` (a tc rate, e.g. `16kbit`) both ways, dropping what
+    /// overflows a short queue.
+    pub async fn crawl(&self, i: usize, rate: &str) -> anyhow::Result<()> {
+        let l = self.link(i)?.clone();
+        let tbf = |dev: &str| -> Vec<String> {
+            [
+                "qdisc",
+                "replace",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                CRAWL_BUCKET,
+                "limit",
+                CRAWL_QUEUE,
+            ]
+            .map(str::to_owned)
+            .to_vec()
+        };
+        let (host, peer) = (tbf(&l.host_if), tbf(&l.peer_if));
+        blocking(move || {
+            run("tc", &strs(&host))?;
+            tc_in(&l.ns, &strs(&peer))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes the filters of worker `i`'s link; what they did while in place.
+    pub async fn uncrawl(&self, i: usize) -> anyhow::Result<ShapeStats> {
+        let l = self.link(i)?.clone();
+        blocking(move || {
+            let host = run("tc", &["-s", "qdisc", "show", "dev", &l.host_if])?;
+            let peer = tc_in(&l.ns, &["-s", "qdisc", "show", "dev", &l.peer_if])?;
+            run("tc", &["qdisc", "del", "dev", &l.host_if, "root"])?;
+            tc_in(&l.ns, &["qdisc", "del", "dev", &l.peer_if, "root"])?;
+            let (h, p) = (ShapeStats::parse(&host), ShapeStats::parse(&peer));
+            Ok(ShapeStats {
+                sent_bytes: h.sent_bytes + p.sent_bytes,
+                sent_packets: h.sent_packets + p.sent_packets,
+                dropped: h.dropped + p.dropped,
+                overlimits: h.overlimits + p.overlimits,
+            })
+        })
+        .await
+    }
+
+    fn link(&self, i: usize) -> anyhow::Result<&Link> {
+        self.links
+            .get(i)
+            .with_context(|| format!("no namespace for worker {i}"))
+    }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("tc task panicked")?
+}
+
 impl Drop for NetFleet {
     fn drop(&mut self) {
         for l in &self.links {
@@ -134,5 +289,29 @@ impl Drop for NetFleet {
             let _ = ip(&["link", "del", &l.host_if]);
             let _ = ip(&["netns", "del", &l.ns]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ShapeStats;
+
+    #[test]
+    fn tc_statistics_are_read_from_both_lines_of_a_tbf() {
+        let text = "qdisc tbf 8001: root refcnt 2 rate 16Kbit burst 2Kb lat 1.5s \n Sent 51234 bytes 312 pkt (dropped 7, overlimits 95 requeues 0) \n backlog 0b 0p requeues 0\n";
+        let s = ShapeStats::parse(text);
+        assert_eq!(
+            s,
+            ShapeStats {
+                sent_bytes: 51234,
+                sent_packets: 312,
+                dropped: 7,
+                overlimits: 95
+            }
+        );
+        assert!(s.fired());
+        let idle = ShapeStats::parse(" Sent 0 bytes 0 pkt (dropped 0, overlimits 0 requeues 0)");
+        assert!(!idle.fired());
+        assert_eq!(ShapeStats::parse("garbage"), ShapeStats::default());
     }
 }

@@ -143,6 +143,9 @@ pub struct Observation {
     pub removed_at: DateTime<Utc>,
     /// The proxy's counters of the fault, for proxy faults.
     pub fault_stats: Option<tether_faultproxy::FaultStats>,
+    /// The kernel filter's counters, for `link_crawl`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shape_stats: Option<super::netns::ShapeStats>,
     pub fired: bool,
     /// Frames the coordinator could not decode during the disruption.
     pub malformed_frames: u64,
@@ -283,6 +286,7 @@ mod tests {
             started_at: at(0),
             removed_at: at(3_500),
             fault_stats: None,
+            shape_stats: None,
             fired: true,
             malformed_frames: 0,
             worker_detect_ms: BTreeMap::new(),

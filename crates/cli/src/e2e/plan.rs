@@ -40,6 +40,9 @@ pub enum Kind {
     /// Kernel-made (`--netns`): one worker's veth link down, TCP left to retransmit into
     /// nothing, then up.
     LinkDown,
+    /// Kernel-made (`--netns`): one worker's veth paced to a few kilobits per second both ways
+    /// by a token-bucket filter, which drops what overflows its short queue.
+    LinkCrawl,
 }
 
 impl Kind {
@@ -58,7 +61,7 @@ impl Kind {
     ];
 
     /// Kinds that need `--netns`.
-    pub const KERNEL: [Kind; 1] = [Kind::LinkDown];
+    pub const KERNEL: [Kind; 2] = [Kind::LinkDown, Kind::LinkCrawl];
 
     /// Every kind there is.
     pub fn every() -> impl Iterator<Item = Kind> {
@@ -79,6 +82,7 @@ impl Kind {
             Kind::WorkerKill => "worker_kill",
             Kind::CoordinatorKill => "coordinator_kill",
             Kind::LinkDown => "link_down",
+            Kind::LinkCrawl => "link_crawl",
         }
     }
 
@@ -112,6 +116,7 @@ impl Kind {
                 | Kind::Corrupt
                 | Kind::WorkerKill
                 | Kind::LinkDown
+                | Kind::LinkCrawl
         )
     }
 }
@@ -168,6 +173,9 @@ pub struct Disruption {
     pub target: Option<usize>,
     /// The proxy fault, for kinds made by the proxy.
     pub fault: Option<FaultKind>,
+    /// The kernel's pace in bits per second, for `link_crawl`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_bps: Option<u32>,
     pub direction: Direction,
     /// How long a timed fault stays, or how long a killed process or the proxy stays down.
     /// Faults that must fire or be detected stay until then (bounded by `MAX_HOLD`).
@@ -197,6 +205,7 @@ pub fn plan(
             let ms = |rng: &mut SmallRng, lo: u64, hi: u64| {
                 Duration::from_millis(rng.random_range(lo..=hi))
             };
+            let rate_bps = (kind == Kind::LinkCrawl).then(|| rng.random_range(8_000..=24_000));
             let (fault, direction, hold) = match kind {
                 Kind::Latency => (
                     Some(FaultKind::Latency {
@@ -257,12 +266,14 @@ pub fn plan(
                 }
                 // Until both sides declared the silent link dead, like a blackhole.
                 Kind::LinkDown => (None, Direction::Both, MAX_HOLD),
+                Kind::LinkCrawl => (None, Direction::Both, timed),
             };
             out.push(Disruption {
                 index: out.len(),
                 kind,
                 target,
                 fault,
+                rate_bps,
                 direction,
                 hold,
             });
@@ -324,8 +335,10 @@ mod tests {
         assert!(e.to_string().contains("--netns"), "{e}");
         assert_eq!(
             scenario_kinds("kernel", true).expect("kernel"),
-            [Kind::LinkDown]
+            [Kind::LinkDown, Kind::LinkCrawl]
         );
+        let e = scenario_kinds("link_crawl", false).expect_err("needs --netns");
+        assert!(e.to_string().contains("--netns"), "{e}");
         assert!(
             scenario_kinds("all", true)
                 .expect("all")

@@ -248,6 +248,14 @@ impl Report {
                         f.connections_closed
                     )
                 })
+                .or_else(|| {
+                    o.shape_stats.map(|k| {
+                        format!(
+                            "kernel: sent {} B in {} packets, held back {}, dropped {}",
+                            k.sent_bytes, k.sent_packets, k.overlimits, k.dropped
+                        )
+                    })
+                })
                 .unwrap_or_else(|| "-".into());
             let _ = writeln!(
                 s,
