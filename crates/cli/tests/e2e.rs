@@ -157,6 +157,64 @@ fn a_short_e2e_run_with_every_disruption_passes_on_ground_truth() {
     assert!(md.contains("# tether e2e: PASS"), "{md}");
 }
 
+#[test]
+fn with_integrity_tags_a_low_rate_of_bit_flips_is_caught_and_every_result_is_intact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report_dir = dir.path().join("report/");
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "e2e",
+            "--message-mac",
+            "--workers",
+            "2",
+            "--duration",
+            "4s",
+            "--disruption-interval",
+            "1s",
+            "--seed",
+            "11",
+            "--scenario",
+            "corrupt,coordinator_kill,worker_kill",
+            "--drain-timeout",
+            "60s",
+            "--report",
+        ])
+        .arg(&report_dir)
+        .arg("--work-dir")
+        .arg(dir.path().join("work"))
+        .output()
+        .expect("run tether e2e --message-mac");
+    let md = std::fs::read_to_string(report_dir.join("e2e-report.md")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}\nreport:\n{md}\nlogs:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        log_tails(&dir.path().join("work"))
+    );
+    let text = std::fs::read_to_string(report_dir.join("e2e-report.json")).expect("JSON report");
+    let r: Value = serde_json::from_str(&text).expect("report is JSON");
+    assert_eq!(r["verdict"]["pass"], true, "{md}");
+    assert_eq!(r["config"]["message_mac"], true);
+    // At this rate most damaged frames still parse: the tags must catch them, and no counted
+    // result may differ from what its executor produced.
+    assert!(r["config"]["corrupt_rate"].as_f64() < Some(0.01), "{md}");
+    let intact = r["verdict"]["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["name"] == "results_intact")
+        .expect("the results_intact check");
+    assert_eq!(intact["pass"], true, "{intact}");
+    let corrupt = &r["by_kind"]["corrupt"];
+    assert!(corrupt["count"].as_u64() >= Some(1), "{md}");
+    assert_eq!(corrupt["fired"], corrupt["count"], "{md}");
+    assert_eq!(corrupt["detected"], corrupt["count"], "{md}");
+    // Restarted processes authenticated again with the secret file.
+    assert!(r["coordinator_starts"].as_u64() >= Some(2), "{md}");
+}
+
 /// Why network namespaces cannot be used here, if they cannot.
 fn netns_unavailable() -> Option<String> {
     if !nix::unistd::geteuid().is_root() {

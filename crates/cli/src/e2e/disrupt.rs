@@ -55,7 +55,11 @@ async fn malformed(sys: &System) -> u64 {
     match sys.coordinator.api.get("/api/v1/overview").await {
         Ok(o) => {
             let c = &o["counters"];
-            c["malformed_frames"].as_u64().unwrap_or(0) + c["unknown_frames"].as_u64().unwrap_or(0)
+            // With integrity tags, a damaged frame fails its tag before it is decoded.
+            ["malformed_frames", "unknown_frames", "mac_failures"]
+                .iter()
+                .map(|k| c[k].as_u64().unwrap_or(0))
+                .sum()
         }
         Err(_) => 0,
     }

@@ -83,6 +83,11 @@ pub struct E2eArgs {
     /// iproute2), which adds kernel-made faults (`link_down`, `link_crawl`) to the scenario.
     #[arg(long)]
     netns: bool,
+    /// Run with worker authentication and an integrity tag on every frame (a fleet secret in
+    /// the work directory, `--message-mac` on both sides). `corrupt` then flips bits at a low
+    /// rate, which leaves frames that still parse: only the tags can catch them.
+    #[arg(long)]
+    message_mac: bool,
     /// How long the tasks get to finish once the disruptions are over.
     #[arg(long, default_value = "120s", value_parser = parse_duration_arg)]
     drain_timeout: Duration,
@@ -103,7 +108,19 @@ pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
     let per_round = kinds.len() as u128;
     let slots = a.duration.as_millis() / a.disruption_interval.as_millis().max(1);
     let rounds = usize::try_from(slots.div_ceil(per_round).max(1)).unwrap_or(1);
-    let plan = plan::plan(&kinds, rounds, a.workers, a.disruption_interval, seed);
+    let corrupt_rate = if a.message_mac {
+        plan::CORRUPT_RATE_TAGGED
+    } else {
+        plan::CORRUPT_RATE
+    };
+    let plan = plan::plan(
+        &kinds,
+        rounds,
+        a.workers,
+        a.disruption_interval,
+        seed,
+        corrupt_rate,
+    );
     let (temp, work) = work_dir(a.work_dir.as_deref())?;
     println!(
         "tether e2e: seed {seed}, scenario {}, {} workers, work directory {}",
@@ -142,6 +159,9 @@ pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
         kinds,
         timings: TIMINGS,
         work_dir: work.clone(),
+        netns: a.netns,
+        message_mac: a.message_mac,
+        corrupt_rate,
     };
     let mut report = judge(&sys, config, plan, truth, observations, extra);
     report.wall_ms = run_started.elapsed().as_millis() as u64;
@@ -190,6 +210,21 @@ fn work_dir(given: Option<&Path>) -> anyhow::Result<(Option<tempfile::TempDir>, 
     }
 }
 
+/// A fresh fleet secret in the work directory, readable by its owner only.
+fn write_secret(work: &Path) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    let path = work.join("fleet.secret");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let secret = tether_proto::auth::to_hex(&rand::random::<[u8; 32]>());
+    opts.open(&path)
+        .and_then(|mut f| f.write_all(secret.as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
 /// Starts the namespaces (with `--netns`), the coordinator, the proxies and the workers.
 async fn start(a: &E2eArgs, work: &Path, seed: u64) -> anyhow::Result<System> {
     let exe = std::env::current_exe().context("cannot find this executable")?;
@@ -197,7 +232,11 @@ async fn start(a: &E2eArgs, work: &Path, seed: u64) -> anyhow::Result<System> {
         true => Some(netns::NetFleet::create(a.workers)?),
         false => None,
     };
-    let coordinator = Coordinator::start(&exe, work).await?;
+    let secret = match a.message_mac {
+        true => Some(write_secret(work)?),
+        false => None,
+    };
+    let coordinator = Coordinator::start(&exe, work, secret.clone()).await?;
     // On loopback one proxy serves every worker; a worker in a namespace reaches the host
     // through its own veth, so each gets a proxy on its host-side address.
     let listens: Vec<std::net::SocketAddr> = match &net {
@@ -227,6 +266,7 @@ async fn start(a: &E2eArgs, work: &Path, seed: u64) -> anyhow::Result<System> {
             net.as_ref()
                 .and_then(|n| n.links.get(i))
                 .map(|l| l.ns.clone()),
+            secret.clone(),
         );
         w.start()?;
         workers.push(w);
@@ -369,7 +409,8 @@ async fn drive(
     println!("{} workers registered through the proxy", sys.workers.len());
     let mut rng = SmallRng::seed_from_u64(seed ^ 0x7461_736b);
     let mut submitted: Vec<(String, Expect)> = Vec::new();
-    submit_wave(sys, 0, &mut rng, &mut submitted).await?;
+    let mut bodies = BTreeMap::new();
+    submit_wave(sys, 0, &mut rng, &mut submitted, &mut bodies).await?;
     let t0 = tokio::time::Instant::now();
     let mut observations = Vec::new();
     let mut exits = Vec::new();
@@ -402,7 +443,7 @@ async fn drive(
                 w.start()?;
             }
         }
-        submit_wave(sys, d.index + 1, &mut rng, &mut submitted).await?;
+        submit_wave(sys, d.index + 1, &mut rng, &mut submitted, &mut bodies).await?;
     }
     let over_at = Utc::now();
     println!(
@@ -444,6 +485,7 @@ async fn drive(
                 attempt: r["attempt"].as_u64().unwrap_or(0) as u32,
                 stale,
                 outcome: r["outcome"].as_str().unwrap_or_default().to_owned(),
+                result: r["body"]["result"].clone(),
             });
         }
         results.insert(id.clone(), v);
@@ -458,6 +500,7 @@ async fn drive(
         .unwrap_or_default();
     let truth = GroundTruth {
         submitted,
+        bodies,
         tasks,
         results,
         acks: Vec::new(),
@@ -494,6 +537,7 @@ async fn submit_wave(
     wave: usize,
     rng: &mut SmallRng,
     submitted: &mut Vec<(String, Expect)>,
+    bodies: &mut BTreeMap<String, verdict::Body>,
 ) -> anyhow::Result<()> {
     let specs = tasks::wave(wave, rng);
     let body = json!({ "tasks": specs.iter().map(|(s, _)| s).collect::<Vec<_>>() });
@@ -509,6 +553,9 @@ async fn submit_wave(
                     .collect();
                 if ids.len() != specs.len() {
                     bail!("submitted {} tasks, got {} ids", specs.len(), ids.len());
+                }
+                for (id, (spec, _)) in ids.iter().zip(&specs) {
+                    bodies.insert(id.clone(), tasks::expected_body(spec));
                 }
                 submitted.extend(ids.into_iter().zip(specs.iter().map(|(_, e)| *e)));
                 return Ok(());

@@ -147,7 +147,8 @@ pub struct Observation {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shape_stats: Option<super::netns::ShapeStats>,
     pub fired: bool,
-    /// Frames the coordinator could not decode during the disruption.
+    /// Frames the coordinator could not decode, or (with integrity tags) verify, during the
+    /// disruption.
     pub malformed_frames: u64,
     /// Fault to the worker declaring its session lost, per worker.
     pub worker_detect_ms: BTreeMap<String, f64>,

@@ -183,6 +183,15 @@ pub struct Disruption {
     pub hold: Duration,
 }
 
+/// Bit flips per byte of `corrupt` without integrity tags: high on purpose, every frame it
+/// touches is garbled beyond parsing. A low rate can flip one digit of a JSON value into
+/// another digit, which nothing above TCP detects without tags (docs/ARCHITECTURE.md,
+/// "End-to-end run").
+pub const CORRUPT_RATE: f64 = 0.2;
+/// Bit flips per byte of `corrupt` with integrity tags (`--message-mac`): low, so that most
+/// damaged frames still parse, and only the tags tell them from genuine ones.
+pub const CORRUPT_RATE_TAGGED: f64 = 0.002;
+
 /// Longest a disruption that waits to fire or be detected stays in place.
 pub const MAX_HOLD: Duration = Duration::from_secs(20);
 
@@ -193,6 +202,7 @@ pub fn plan(
     workers: usize,
     interval: Duration,
     seed: u64,
+    corrupt_rate: f64,
 ) -> Vec<Disruption> {
     let mut rng = SmallRng::seed_from_u64(seed);
     let timed = (interval / 2).clamp(Duration::from_secs(1), Duration::from_secs(5));
@@ -252,11 +262,8 @@ pub fn plan(
                     Direction::Both,
                     timed,
                 ),
-                // A high rate on purpose: every frame it touches is garbled beyond parsing. A
-                // low rate can flip one digit of a JSON value into another digit, which no
-                // layer above TCP detects (see docs/ARCHITECTURE.md, "End-to-end run").
                 Kind::Corrupt => (
-                    Some(FaultKind::Corrupt { rate: 0.2 }),
+                    Some(FaultKind::Corrupt { rate: corrupt_rate }),
                     Direction::Both,
                     MAX_HOLD,
                 ),
@@ -298,9 +305,9 @@ mod tests {
     #[test]
     fn the_same_seed_gives_the_same_plan_and_every_round_has_every_kind() {
         let kinds = scenario_kinds("all", false).expect("all");
-        let a = plan(&kinds, 3, 4, Duration::from_secs(4), 9);
-        let b = plan(&kinds, 3, 4, Duration::from_secs(4), 9);
-        let c = plan(&kinds, 3, 4, Duration::from_secs(4), 10);
+        let a = plan(&kinds, 3, 4, Duration::from_secs(4), 9, CORRUPT_RATE);
+        let b = plan(&kinds, 3, 4, Duration::from_secs(4), 9, CORRUPT_RATE);
+        let c = plan(&kinds, 3, 4, Duration::from_secs(4), 10, CORRUPT_RATE);
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_eq!(a.len(), 3 * Kind::ALL.len());

@@ -93,10 +93,12 @@ pub struct Coordinator {
     child: Option<Child>,
     pub api: Api,
     pub starts: u32,
+    /// The fleet secret file, with integrity tags required (`--message-mac`).
+    secret: Option<PathBuf>,
 }
 
 impl Coordinator {
-    pub async fn start(exe: &Path, work: &Path) -> anyhow::Result<Self> {
+    pub async fn start(exe: &Path, work: &Path, secret: Option<PathBuf>) -> anyhow::Result<Self> {
         // A free port, kept for every restart (the listener sets SO_REUSEADDR).
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -109,6 +111,7 @@ impl Coordinator {
             child: None,
             api: Api::new(addr),
             starts: 0,
+            secret,
         };
         c.restart().await?;
         Ok(c)
@@ -117,7 +120,7 @@ impl Coordinator {
     /// Starts the process (again) and waits until it answers `/healthz`.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         let t = &TIMINGS;
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "--log",
             "info",
             "coordinator",
@@ -134,6 +137,10 @@ impl Coordinator {
         ]
         .map(str::to_owned)
         .to_vec();
+        if let Some(secret) = &self.secret {
+            args.extend(["--secret-file".into(), secret.display().to_string()]);
+            args.push("--message-mac".into());
+        }
         self.child = Some(spawn(&self.exe, &args, &self.log)?);
         self.starts += 1;
         let end = tokio::time::Instant::now() + READY_TIMEOUT;
@@ -178,6 +185,8 @@ pub struct Worker {
     netns: Option<String>,
     child: Option<Child>,
     pub starts: u32,
+    /// The fleet secret file; the worker then insists on integrity tags (`--message-mac`).
+    secret: Option<PathBuf>,
 }
 
 impl Worker {
@@ -188,6 +197,7 @@ impl Worker {
         proxy: SocketAddr,
         seed: u64,
         netns: Option<String>,
+        secret: Option<PathBuf>,
     ) -> Self {
         Self {
             netns,
@@ -200,12 +210,13 @@ impl Worker {
             seed,
             child: None,
             starts: 0,
+            secret,
         }
     }
 
     pub fn start(&mut self) -> anyhow::Result<()> {
         let t = &TIMINGS;
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "--log".into(),
             "info".into(),
             "worker".into(),
@@ -234,6 +245,10 @@ impl Worker {
             "--seed".into(),
             (self.seed + u64::from(self.starts)).to_string(),
         ];
+        if let Some(secret) = &self.secret {
+            args.extend(["--secret-file".into(), secret.display().to_string()]);
+            args.push("--message-mac".into());
+        }
         self.child = Some(match &self.netns {
             // `ip netns exec` enters the namespace and execs the worker: same process.
             Some(ns) => {

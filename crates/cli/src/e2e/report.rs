@@ -100,6 +100,12 @@ pub struct Config {
     pub kinds: Vec<Kind>,
     pub timings: Timings,
     pub work_dir: PathBuf,
+    /// Workers in network namespaces (kernel-made faults).
+    pub netns: bool,
+    /// Worker authentication and integrity tags on every frame.
+    pub message_mac: bool,
+    /// Bit flips per byte of `corrupt`.
+    pub corrupt_rate: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -8,7 +8,7 @@ use rand::rngs::SmallRng;
 use serde_json::json;
 use tether_proto::TaskSpec;
 
-use super::verdict::Expect;
+use super::verdict::{Body, Expect};
 
 /// Attempts allowed to tasks that must complete: a task may be lost with a killed worker or
 /// a killed coordinator several times in a run; running out of attempts is not what the run
@@ -20,6 +20,15 @@ pub const MAX_ATTEMPTS: u32 = 10;
 const COUNTER: &str = r#"d="$TETHER_CHECKPOINT_DIR"; i=$(cat "$d/count" 2>/dev/null || echo 0); start=$i
 while [ "$i" -lt 12 ]; do i=$((i+1)); echo "$i" > "$d/count.tmp" && mv "$d/count.tmp" "$d/count"; sleep 0.15; done
 echo "counted from $start to $i""#;
+
+/// What the counted result of `spec` must say when it completes.
+pub fn expected_body(spec: &TaskSpec) -> Body {
+    match spec.kind.as_str() {
+        "sleep" => spec.config["steps"].as_u64().map_or(Body::Any, Body::Steps),
+        "command" if spec.config["shell"] == COUNTER => Body::StdoutEnds("to 12"),
+        _ => Body::Any,
+    }
+}
 
 /// One wave of tasks, named `e2e-{wave}-{n}-{kind}`.
 pub fn wave(wave: usize, rng: &mut SmallRng) -> Vec<(TaskSpec, Expect)> {
@@ -87,6 +96,9 @@ mod tests {
                 v.iter()
                     .any(|(s, _)| s.config["checkpoint_every"].as_u64() == Some(3))
             );
+            let bodies: Vec<Body> = v.iter().map(|(s, _)| expected_body(s)).collect();
+            assert!(bodies.contains(&Body::StdoutEnds("to 12")), "{bodies:?}");
+            assert!(bodies.contains(&Body::Steps(15)), "{bodies:?}");
         }
     }
 }

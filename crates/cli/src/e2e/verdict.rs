@@ -17,6 +17,32 @@ pub enum Expect {
     Fail,
 }
 
+/// What the counted result of a task that completes must say, from its spec: what the
+/// executor produces when nothing on the way changed a byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Body {
+    /// A `sleep` task of this many steps reports `steps` equal to it.
+    Steps(u64),
+    /// A command's stdout ends with this line.
+    StdoutEnds(&'static str),
+    /// Nothing checked.
+    Any,
+}
+
+impl Body {
+    /// Whether a result payload (`body.result`) is the one expected.
+    pub fn holds(&self, result: &serde_json::Value) -> bool {
+        match self {
+            Body::Steps(n) => result["steps"].as_u64() == Some(*n),
+            Body::StdoutEnds(end) => result["stdout_tail"]
+                .as_str()
+                .is_some_and(|s| s.trim_end().ends_with(end)),
+            Body::Any => true,
+        }
+    }
+}
+
 /// A task as the coordinator lists it (one entry of `GET /api/v1/tasks`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TaskView {
@@ -31,6 +57,8 @@ pub struct ResultView {
     pub attempt: u32,
     pub stale: bool,
     pub outcome: String,
+    /// The result's payload as the executor reported it (`body.result`).
+    pub result: serde_json::Value,
 }
 
 /// A result acknowledgement a worker wrote in its event log.
@@ -57,6 +85,8 @@ pub struct DisruptionView {
 #[derive(Debug, Clone, Default)]
 pub struct GroundTruth {
     pub submitted: Vec<(String, Expect)>,
+    /// What each submitted task's counted result must say when it completes.
+    pub bodies: BTreeMap<String, Body>,
     pub tasks: Vec<TaskView>,
     pub results: BTreeMap<String, Vec<ResultView>>,
     pub acks: Vec<AckView>,
@@ -151,6 +181,18 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
         }
     }
     checks.push(check("outcomes_as_intended", n, "tasks", bad));
+
+    // Results intact: the counted result of a completed task says what its executor produces,
+    // so no byte changed on the way (a flipped digit that still parses fails here).
+    let mut bad = Vec::new();
+    for (id, body) in &g.bodies {
+        for r in counted(id) {
+            if r.outcome == "completed" && !body.holds(&r.result) {
+                bad.push(format!("{id}: {body:?} expected, got {}", r.result));
+            }
+        }
+    }
+    checks.push(check("results_intact", g.bodies.len(), "tasks", bad));
 
     // No result lost: every task ended by a result has its counted result, and every result a
     // worker saw acknowledged as recorded (or as a duplicate of a recorded one) is stored.
@@ -291,6 +333,7 @@ mod tests {
             attempt,
             stale,
             outcome: outcome.into(),
+            result: serde_json::json!({"steps": 4}),
         }
     }
 
@@ -308,6 +351,11 @@ mod tests {
     fn healthy() -> GroundTruth {
         GroundTruth {
             submitted: vec![("a".into(), Expect::Complete), ("b".into(), Expect::Fail)],
+            bodies: [
+                ("a".to_owned(), Body::Steps(4)),
+                ("b".to_owned(), Body::Any),
+            ]
+            .into(),
             tasks: vec![task("a", "completed"), task("b", "failed")],
             results: BTreeMap::from([
                 (
@@ -347,7 +395,7 @@ mod tests {
     fn a_healthy_run_passes_every_check() {
         let v = verdict(&healthy());
         assert!(v.pass, "{v:?}");
-        assert_eq!(v.checks.len(), 9);
+        assert_eq!(v.checks.len(), 10);
     }
 
     #[test]
@@ -393,6 +441,27 @@ mod tests {
         let mut g = healthy();
         g.tasks[0].status = "failed".into();
         assert_eq!(failing(&g), ["outcomes_as_intended"]);
+    }
+
+    #[test]
+    fn a_counted_result_that_differs_from_what_its_executor_produces_fails_results_intact() {
+        let mut g = healthy();
+        // One digit changed on the way, and it still parses.
+        let r = &mut g.results.get_mut("a").expect("a")[0];
+        r.result = serde_json::json!({"steps": 5});
+        assert_eq!(failing(&g), ["results_intact"]);
+        // A stale result is not checked; a command's output is.
+        let mut g = healthy();
+        g.results.get_mut("a").expect("a")[1].result = serde_json::json!({"steps": 5});
+        assert!(failing(&g).is_empty(), "{:?}", failing(&g));
+        assert!(
+            Body::StdoutEnds("to 12")
+                .holds(&serde_json::json!({"stdout_tail": "counted from 4 to 12\n"}))
+        );
+        assert!(
+            !Body::StdoutEnds("to 12")
+                .holds(&serde_json::json!({"stdout_tail": "counted from 4 to 13\n"}))
+        );
     }
 
     #[test]
