@@ -24,6 +24,39 @@ fn log_tails(work: &std::path::Path) -> String {
     out
 }
 
+/// Runs `tether e2e` with `args` in `dir` (report in `dir/report/`, processes' files in
+/// `dir/work`), asserts that it passed (with the report and the logs' tails if not), and
+/// returns the JSON report, the Markdown report and the process id of the run.
+fn run_e2e(dir: &std::path::Path, args: &[&str]) -> (Value, String, u32) {
+    let report_dir = dir.join("report/");
+    let child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .arg("e2e")
+        .args(args)
+        .args(["--drain-timeout", "60s", "--report"])
+        .arg(&report_dir)
+        .arg("--work-dir")
+        .arg(dir.join("work"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tether e2e");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("wait for tether e2e");
+    let md = std::fs::read_to_string(report_dir.join("e2e-report.md")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}\nreport:\n{md}\nlogs:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        log_tails(&dir.join("work"))
+    );
+    let text = std::fs::read_to_string(report_dir.join("e2e-report.json")).expect("JSON report");
+    let r: Value = serde_json::from_str(&text).expect("report is JSON");
+    assert_eq!(r["verdict"]["pass"], true, "{md}");
+    (r, md, pid)
+}
+
 const KINDS: [&str; 11] = [
     "latency",
     "bandwidth",
@@ -41,10 +74,9 @@ const KINDS: [&str; 11] = [
 #[test]
 fn a_short_e2e_run_with_every_disruption_passes_on_ground_truth() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let report_dir = dir.path().join("report/");
-    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args([
-            "e2e",
+    let (r, md, _) = run_e2e(
+        dir.path(),
+        &[
             "--workers",
             "3",
             "--duration",
@@ -55,28 +87,8 @@ fn a_short_e2e_run_with_every_disruption_passes_on_ground_truth() {
             "7",
             "--scenario",
             "all",
-            "--drain-timeout",
-            "60s",
-            "--report",
-        ])
-        .arg(&report_dir)
-        .arg("--work-dir")
-        .arg(dir.path().join("work"))
-        .output()
-        .expect("run tether e2e");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let md = std::fs::read_to_string(report_dir.join("e2e-report.md")).unwrap_or_default();
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}\nreport:\n{md}\nlogs:\n{}",
-        out.status,
-        log_tails(&dir.path().join("work"))
+        ],
     );
-    let text = std::fs::read_to_string(report_dir.join("e2e-report.json")).expect("JSON report");
-    let r: Value = serde_json::from_str(&text).expect("report is JSON");
-
-    assert_eq!(r["verdict"]["pass"], true, "{md}");
     for c in r["verdict"]["checks"].as_array().expect("checks") {
         assert_eq!(c["pass"], true, "{c}");
     }
@@ -160,10 +172,9 @@ fn a_short_e2e_run_with_every_disruption_passes_on_ground_truth() {
 #[test]
 fn with_integrity_tags_a_low_rate_of_bit_flips_is_caught_and_every_result_is_intact() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let report_dir = dir.path().join("report/");
-    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args([
-            "e2e",
+    let (r, md, _) = run_e2e(
+        dir.path(),
+        &[
             "--message-mac",
             "--workers",
             "2",
@@ -175,27 +186,8 @@ fn with_integrity_tags_a_low_rate_of_bit_flips_is_caught_and_every_result_is_int
             "11",
             "--scenario",
             "corrupt,coordinator_kill,worker_kill",
-            "--drain-timeout",
-            "60s",
-            "--report",
-        ])
-        .arg(&report_dir)
-        .arg("--work-dir")
-        .arg(dir.path().join("work"))
-        .output()
-        .expect("run tether e2e --message-mac");
-    let md = std::fs::read_to_string(report_dir.join("e2e-report.md")).unwrap_or_default();
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}\nreport:\n{md}\nlogs:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        log_tails(&dir.path().join("work"))
+        ],
     );
-    let text = std::fs::read_to_string(report_dir.join("e2e-report.json")).expect("JSON report");
-    let r: Value = serde_json::from_str(&text).expect("report is JSON");
-    assert_eq!(r["verdict"]["pass"], true, "{md}");
     assert_eq!(r["config"]["message_mac"], true);
     // At this rate most damaged frames still parse: the tags must catch them, and no counted
     // result may differ from what its executor produced.
@@ -241,10 +233,9 @@ fn workers_in_network_namespaces_survive_a_kernel_link_down_and_a_kernel_paced_l
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let prefix = dir.path().join("netns");
-    let child = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args([
-            "e2e",
+    let (r, md, pid) = run_e2e(
+        dir.path(),
+        &[
             "--netns",
             "--workers",
             "2",
@@ -256,31 +247,8 @@ fn workers_in_network_namespaces_survive_a_kernel_link_down_and_a_kernel_paced_l
             "3",
             "--scenario",
             "link_down,link_crawl,worker_kill",
-            "--drain-timeout",
-            "60s",
-            "--report",
-        ])
-        .arg(&prefix)
-        .arg("--work-dir")
-        .arg(dir.path().join("work"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run tether e2e --netns");
-    let pid = child.id();
-    let out = child.wait_with_output().expect("wait for tether e2e");
-    let md = std::fs::read_to_string(prefix.with_extension("md")).unwrap_or_default();
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}\nreport:\n{md}\nlogs:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        log_tails(&dir.path().join("work"))
+        ],
     );
-    let text = std::fs::read_to_string(prefix.with_extension("json")).expect("JSON report");
-    let r: Value = serde_json::from_str(&text).expect("report is JSON");
-    assert_eq!(r["verdict"]["pass"], true, "{md}");
     let link = &r["by_kind"]["link_down"];
     assert_eq!(link["count"], 1, "{md}");
     assert_eq!(link["detected"], 1, "{md}");

@@ -187,6 +187,19 @@ impl Keyed {
         }
     }
 
+    /// An untagged `error` `unauthorized` whose message has `reason`, then close 4001.
+    async fn expect_refusal(&mut self, reason: &str) {
+        match self.next().await {
+            Frame::Msg(v) => {
+                let e = &v["untagged"];
+                assert_eq!(e["code"], "unauthorized", "{v}");
+                assert!(e["message"].as_str().unwrap_or("").contains(reason), "{v}");
+            }
+            _ => panic!("expected an untagged refusal"),
+        }
+        assert_eq!(self.close_code().await, Some(4001));
+    }
+
     /// The close code the coordinator ends with, skipping other frames.
     async fn close_code(&mut self) -> Option<u16> {
         loop {
@@ -307,36 +320,12 @@ async fn registrations_without_a_tag_or_under_another_key_are_refused_with_4001(
 
     // Signed but untagged: the coordinator requires tags.
     let (mut k, _) = Keyed::connect(&c, "k1", &secret(), false, None).await;
-    match k.next().await {
-        Frame::Msg(v) => {
-            let e = &v["untagged"];
-            assert_eq!(e["code"], "unauthorized", "{v}");
-            assert!(
-                e["message"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("requires per-message integrity"),
-                "{v}"
-            );
-        }
-        _ => panic!("expected an untagged refusal"),
-    }
-    assert_eq!(k.close_code().await, Some(4001));
+    k.expect_refusal("requires per-message integrity").await;
     // Tagged under a key of another client nonce than the one it announces (a spliced
     // registration): refused.
     let other = "ab".repeat(NONCE_BYTES);
     let (mut k, _) = Keyed::connect(&c, "k2", &secret(), true, Some(&other)).await;
-    match k.next().await {
-        Frame::Msg(v) => assert!(
-            v["untagged"]["message"]
-                .as_str()
-                .unwrap_or("")
-                .contains("integrity tag does not verify"),
-            "{v}"
-        ),
-        _ => panic!("expected an untagged refusal"),
-    }
-    assert_eq!(k.close_code().await, Some(4001));
+    k.expect_refusal("integrity tag does not verify").await;
     // A worker with the wrong secret is refused as before.
     let mut wrong = fast_worker_config(&c.ws_url(), "wrong");
     wrong.secret = Some(Secret::new(b"not the fleet secret at all").expect("secret"));
