@@ -140,7 +140,8 @@ pub struct Worker {
     #[serde(skip_serializing_if = "Option::is_none")]
     /// The latest connection statistics the worker reported.
     #[schema(value_type = Option<Object>)]
-    pub stats: Option<ConnStats>,
+    /// Boxed: most of the time nobody reads it, and inline it would size every worker's entry.
+    pub stats: Option<Box<ConnStats>>,
     /// Monotonic instant of the disconnect, for the grace period.
     #[serde(skip)]
     pub disconnected_mono: Option<tokio::time::Instant>,

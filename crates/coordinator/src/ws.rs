@@ -300,7 +300,10 @@ async fn run(
                         continue;
                     }
                 };
-                let reply = match frame {
+                // In a block, so the handled frame (an event of hundreds of bytes) is not kept
+                // in the session's state across the awaits below.
+                let (reply, wait) = {
+                let handled = match frame {
                     Data::Text(t) => on_text(&app, &worker, session_id, t, &mut zstd_in),
                     Data::Binary(b) if zstd_in => match inflate(b, app.cfg.max_frame) {
                         Ok(t) => {
@@ -331,18 +334,17 @@ async fn run(
                     Data::Close => break ("closed", "closed by worker".into()),
                     Data::Control => None,
                 };
-                let reply = match reply {
-                    Some(Handled::Reply(reply)) => Some(reply),
-                    Some(Handled::Forward(ev)) => {
-                        if let Some(wait) = forward(&app, ev) {
-                            wait.await;
-                        }
-                        None
-                    }
-                    None => None,
+                match handled {
+                    Some(Handled::Reply(reply)) => (Some(reply), None),
+                    Some(Handled::Forward(ev)) => (None, forward(&app, ev)),
+                    None => (None, None),
+                }
                 };
-                if let Some(reply) = reply
-                    && !out.send(deadline, &reply).await
+                if let Some(wait) = wait {
+                    wait.await;
+                }
+                if let Some(reply) = &reply
+                    && !out.send(deadline, reply).await
                 {
                     break ("error", "write failed".into());
                 }

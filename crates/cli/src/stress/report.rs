@@ -83,6 +83,14 @@ pub struct Report {
     pub high_priority_wait_ms: Option<Dist>,
     pub low_priority_wait_ms: Option<Dist>,
     pub coordinator_cpu_s: f64,
+    /// Coordinator CPU per handled worker message over the measured window, microseconds
+    /// (message_flood): its capacity is about 1e6 / this per core.
+    pub coordinator_us_per_message: Option<f64>,
+    /// The fleet's CPU per handled message over the same window, microseconds.
+    pub fleet_us_per_message: Option<f64>,
+    /// Coordinator CPU per task from the first submission until all were terminal,
+    /// microseconds (steady_load).
+    pub coordinator_us_per_task: Option<f64>,
     /// CPU of the simulated workers' process (it shares the machine with the coordinator).
     pub fleet_cpu_s: f64,
     /// CPU of the coordinator over the idle window, % of one core.
@@ -183,6 +191,21 @@ impl Report {
             format!("{:.2}", self.coordinator_cpu_s),
         );
         row("fleet CPU seconds", format!("{:.2}", self.fleet_cpu_s));
+        if let Some(v) = self.coordinator_us_per_message {
+            row(
+                "coordinator CPU per handled message (window), µs",
+                format!("{v:.1}"),
+            );
+        }
+        if let Some(v) = self.fleet_us_per_message {
+            row(
+                "fleet CPU per handled message (window), µs",
+                format!("{v:.1}"),
+            );
+        }
+        if let Some(v) = self.coordinator_us_per_task {
+            row("coordinator CPU per task (window), µs", format!("{v:.1}"));
+        }
         if let Some(v) = self.idle_cpu_pct {
             row("coordinator idle CPU, % of one core", format!("{v:.2}"));
         }

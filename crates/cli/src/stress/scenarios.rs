@@ -475,6 +475,7 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
     let cap = (n * slots * 50).max(1000);
     let chunk = cap.min(SUBMIT_CHUNK as u64);
     run.phase("tasks flowing", duration.as_secs());
+    let c0 = run.coord.sample().cpu_s;
     let t0 = Instant::now();
     let mut churn = tokio::time::interval(Duration::from_secs(1));
     churn.tick().await;
@@ -501,7 +502,9 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
     let submitted_in_window = run.submitted.len();
     run.wait_all_terminal().await?;
     let elapsed = t0.elapsed().as_secs_f64();
+    let c1 = run.coord.sample().cpu_s;
     let r = &mut run.report;
+    r.coordinator_us_per_task = Some((c1 - c0) * 1e6 / submitted_in_window.max(1) as f64);
     let tps = submitted_in_window as f64 / elapsed;
     r.tasks_per_s = Some(tps);
     r.notes.push(format!(
@@ -535,6 +538,7 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
     .await?;
     let f0 = run.counter("frames_in").await?;
     let s0 = run.fleet.now().flood_sent;
+    let (c0, fc0) = (run.coord.sample().cpu_s, run.fleet.cpu_s());
     let t0 = Instant::now();
     run.phase("flooding", duration.as_secs());
     let probes = tokio::spawn(probe::run(
@@ -549,10 +553,14 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
     }
     let f1 = run.counter("frames_in").await?;
     let s1 = run.fleet.now().flood_sent;
+    let (c1, fc1) = (run.coord.sample().cpu_s, run.fleet.cpu_s());
     let dt = t0.elapsed().as_secs_f64();
     let lat = probes.await.context("probes")??;
     let r = &mut run.report;
     let mps = (f1 - f0) as f64 / dt;
+    let handled = (f1 - f0).max(1) as f64;
+    r.coordinator_us_per_message = Some((c1 - c0) * 1e6 / handled);
+    r.fleet_us_per_message = Some((fc1 - fc0) * 1e6 / handled);
     r.messages_per_s = Some(mps);
     r.offered_per_s = Some((s1 - s0) as f64 / dt);
     r.message_latency_ms = Dist::of(lat);

@@ -732,7 +732,7 @@ impl Core {
             metrics::histogram!(m::HEARTBEAT_RTT).record(t.connection_stats.rtt_p50_ms / 1e3);
         }
         if let Some(w) = self.workers.get_mut(worker) {
-            w.stats = Some(t.connection_stats);
+            w.stats = Some(Box::new(t.connection_stats));
         }
         self.save_worker(worker, b);
         Core::send_after_commit(

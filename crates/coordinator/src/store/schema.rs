@@ -161,7 +161,7 @@ impl WorkerDoc {
             first_seen: w.first_seen,
             last_seen: w.last_seen,
             sessions: w.sessions,
-            stats: w.stats.clone(),
+            stats: w.stats.as_deref().cloned(),
         }
     }
 
@@ -176,7 +176,7 @@ impl WorkerDoc {
         w.first_seen = self.first_seen;
         w.last_seen = self.last_seen;
         w.sessions = self.sessions;
-        w.stats = self.stats;
+        w.stats = self.stats.map(Box::new);
         w.state = WorkerState::Disconnected;
         w
     }
