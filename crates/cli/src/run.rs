@@ -80,6 +80,9 @@ pub struct CoordinatorArgs {
     /// Largest HTTP request body, bytes.
     #[arg(long)]
     max_body: Option<usize>,
+    /// Largest checkpoint of a task, bytes (incomplete ones together: twice this).
+    #[arg(long)]
+    max_checkpoint_bytes: Option<u64>,
     /// PEM certificate chain: serve TLS (wss://, https://); needs --tls-key.
     #[arg(long, env = "TETHER_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -93,10 +96,41 @@ pub struct CoordinatorArgs {
 
 pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     let file = settings::load(a.config.as_deref())?.coordinator;
+    let listen = a
+        .listen
+        .clone()
+        .or(file.listen.clone())
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+    let cfg = coordinator_config(a, file)?;
+    match &cfg.auth {
+        Some(auth) => tracing::info!(
+            fleet_secret = auth.fleet.is_some(),
+            secrets_dir = ?auth.dir,
+            message_mac = auth.message_mac,
+            "workers must authenticate"
+        ),
+        None => tracing::warn!(
+            "worker authentication is off: any client can register under any worker id \
+             (give --secret-file or --secrets-dir)"
+        ),
+    }
+    let listener = bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let shutdown = crate::cancel_on_signal();
+    tether_coordinator::run(listener, cfg, shutdown).await?;
+    Ok(())
+}
+
+/// The coordinator's settings: each from its flag, else the file, else the library default.
+fn coordinator_config(
+    a: CoordinatorArgs,
+    file: settings::CoordinatorFile,
+) -> anyhow::Result<CoordinatorConfig> {
     let data_dir = a
         .data_dir
         .clone()
-        .or(file.data_dir)
+        .or(file.data_dir.clone())
         .unwrap_or_else(|| tether_coordinator::config::DEFAULT_DATA_DIR.into());
     let mut cfg = CoordinatorConfig::new(data_dir);
     if let Some(d) =
@@ -121,7 +155,7 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     if let Some(n) = file.checkpoints_kept {
         cfg.checkpoints_kept = n;
     }
-    apply_limits(&mut cfg, &a)?;
+    apply_limits(&mut cfg, &a, &file)?;
     if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
         cfg.tls = Some(tether_coordinator::tls::server_config(cert, key)?);
     }
@@ -135,56 +169,47 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         a.admin_token_file.or(file.admin_token_file),
         a.read_token_file.or(file.read_token_file),
     )?;
-    match &cfg.auth {
-        Some(auth) => tracing::info!(
-            fleet_secret = auth.fleet.is_some(),
-            secrets_dir = ?auth.dir,
-            message_mac = auth.message_mac,
-            "workers must authenticate"
-        ),
-        None => tracing::warn!(
-            "worker authentication is off: any client can register under any worker id \
-             (give --secret-file or --secrets-dir)"
-        ),
-    }
-    let listen = a
-        .listen
-        .or(file.listen)
-        .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-    let listener = bind(&listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let shutdown = crate::cancel_on_signal();
-    tether_coordinator::run(listener, cfg, shutdown).await?;
-    Ok(())
+    Ok(cfg)
 }
 
-/// Connection, message and body limits from flags.
-fn apply_limits(cfg: &mut CoordinatorConfig, a: &CoordinatorArgs) -> anyhow::Result<()> {
+/// Connection, message, body and checkpoint limits: flag, else file.
+fn apply_limits(
+    cfg: &mut CoordinatorConfig,
+    a: &CoordinatorArgs,
+    file: &settings::CoordinatorFile,
+) -> anyhow::Result<()> {
     let l = &mut cfg.limits;
-    if let Some(n) = a.max_connections {
+    if let Some(n) = a.max_connections.or(file.max_connections) {
         l.max_connections = n;
     }
-    if let Some(r) = a.connects_per_sec {
+    if let Some(r) = a.connects_per_sec.or(file.connects_per_sec) {
         if !(r.is_finite() && r > 0.0) {
-            bail!("--connects-per-sec must be a positive number");
+            bail!("connects-per-sec must be a positive number");
         }
         l.connects_per_sec = r;
         l.connect_burst = (r * 5.0).ceil().min(f64::from(u32::MAX)) as u32;
     }
-    l.limit_loopback = a.limit_loopback;
-    if let Some(d) = a.handshake_timeout {
+    l.limit_loopback = a.limit_loopback || file.limit_loopback.unwrap_or(false);
+    if let Some(d) =
+        settings::pick_duration(a.handshake_timeout, file.handshake_timeout.as_deref())?
+    {
         l.handshake_timeout = d;
     }
-    if let Some(r) = a.max_messages_per_sec {
+    if let Some(r) = a.max_messages_per_sec.or(file.max_messages_per_sec) {
         if !(r.is_finite() && r > 0.0) {
-            bail!("--max-messages-per-sec must be a positive number");
+            bail!("max-messages-per-sec must be a positive number");
         }
         l.messages_per_sec = r;
         l.message_burst = (r * 2.0).ceil().min(f64::from(u32::MAX)) as u32;
     }
-    if let Some(n) = a.max_body {
+    if let Some(n) = a.max_body.or(file.max_body) {
         cfg.max_body = n;
+    }
+    if let Some(n) = a.max_checkpoint_bytes.or(file.max_checkpoint_bytes) {
+        if n == 0 {
+            bail!("max-checkpoint-bytes must be at least 1");
+        }
+        cfg.max_checkpoint_bytes = n;
     }
     Ok(())
 }
@@ -318,6 +343,12 @@ pub struct WorkerArgs {
     /// otherwise be used whenever the coordinator asks); needs a secret.
     #[arg(long)]
     message_mac: bool,
+    /// Most messages the outbox holds while offline; producers (tasks) wait beyond it.
+    #[arg(long)]
+    max_outbox_entries: Option<usize>,
+    /// Most bytes the outbox holds while offline; producers (tasks) wait beyond it.
+    #[arg(long)]
+    max_outbox_bytes: Option<usize>,
     /// PEM certificates to trust for a wss:// coordinator (default: the system's roots).
     #[arg(long, env = "TETHER_CA_FILE")]
     ca_file: Option<PathBuf>,
@@ -422,6 +453,18 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
         (None, None) => None,
     };
     cfg.require_message_mac = a.message_mac || file.message_mac.unwrap_or(false);
+    if let Some(n) = a.max_outbox_entries.or(file.max_outbox_entries) {
+        if n == 0 {
+            bail!("max-outbox-entries must be at least 1");
+        }
+        cfg.outbox.max_entries = n;
+    }
+    if let Some(n) = a.max_outbox_bytes.or(file.max_outbox_bytes) {
+        if n == 0 {
+            bail!("max-outbox-bytes must be at least 1");
+        }
+        cfg.outbox.max_bytes = n;
+    }
     if cfg.require_message_mac && cfg.secret.is_none() {
         bail!(
             "--message-mac needs this worker's secret: give --secret-file, TETHER_SECRET_FILE or TETHER_SECRET"
@@ -466,4 +509,95 @@ pub async fn worker(mut a: WorkerArgs) -> anyhow::Result<()> {
     }
     result?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Coord {
+        #[command(flatten)]
+        a: CoordinatorArgs,
+    }
+
+    #[derive(Parser)]
+    struct Work {
+        #[command(flatten)]
+        a: WorkerArgs,
+    }
+
+    fn file(dir: &std::path::Path, text: &str) -> PathBuf {
+        let p = dir.join("tether.toml");
+        std::fs::write(&p, text).expect("write config");
+        p
+    }
+
+    #[test]
+    fn every_coordinator_limit_comes_from_its_flag_else_the_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let toml = file(
+            dir.path(),
+            "[coordinator]\nmax_connections = 100\nconnects_per_sec = 3.0\nlimit_loopback = true\n\
+             handshake_timeout = \"4s\"\nmax_messages_per_sec = 50.0\nmax_body = 4096\n\
+             max_checkpoint_bytes = 1000000\nmax_frame = 65536\n",
+        );
+        let parse = |flags: &[&str]| {
+            let c = Coord::try_parse_from(["t"].iter().chain(flags)).expect("flags");
+            let f = settings::load(Some(&toml)).expect("file").coordinator;
+            coordinator_config(c.a, f)
+        };
+        let cfg = parse(&[]).expect("config");
+        let l = &cfg.limits;
+        assert_eq!(l.max_connections, 100);
+        assert_eq!(l.connects_per_sec, 3.0);
+        assert!(l.limit_loopback);
+        assert_eq!(l.handshake_timeout, Duration::from_secs(4));
+        assert_eq!(l.messages_per_sec, 50.0);
+        assert_eq!(cfg.max_body, 4096);
+        assert_eq!(cfg.max_checkpoint_bytes, 1_000_000);
+        assert_eq!(cfg.max_frame, 65536);
+        // A flag wins over the file.
+        let cfg = parse(&["--max-connections", "7", "--max-checkpoint-bytes", "99"]).expect("c");
+        assert_eq!(cfg.limits.max_connections, 7);
+        assert_eq!(cfg.max_checkpoint_bytes, 99);
+        // Nonsense is refused with the setting's name.
+        let e = parse(&["--max-checkpoint-bytes", "0"]).expect_err("zero");
+        assert!(e.to_string().contains("max-checkpoint-bytes"), "{e}");
+        let e = parse(&["--max-messages-per-sec=-1"]).expect_err("negative");
+        assert!(e.to_string().contains("max-messages-per-sec"), "{e}");
+        let e = parse(&["--message-mac"]).expect_err("no secret");
+        assert!(e.to_string().contains("--message-mac"), "{e}");
+    }
+
+    #[test]
+    fn worker_outbox_limits_and_integrity_come_from_flags_else_the_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let secret = dir.path().join("s");
+        std::fs::write(&secret, "a secret of the worker config test").expect("secret");
+        let toml = file(
+            dir.path(),
+            &format!(
+                "[worker]\ncoordinator = \"ws://127.0.0.1:1\"\nid = \"w\"\nmax_outbox_entries = 5\n\
+                 max_outbox_bytes = 6000\nmessage_mac = true\nsecret_file = {:?}\n",
+                secret.display().to_string()
+            ),
+        );
+        let parse = |flags: &[&str]| {
+            let mut args = vec!["t", "--config", toml.to_str().expect("utf-8")];
+            args.extend_from_slice(flags);
+            worker_config(Work::try_parse_from(args).expect("flags").a)
+        };
+        let cfg = parse(&[]).expect("config");
+        assert_eq!(cfg.outbox.max_entries, 5);
+        assert_eq!(cfg.outbox.max_bytes, 6000);
+        assert!(cfg.require_message_mac);
+        assert!(cfg.secret.is_some());
+        let cfg = parse(&["--max-outbox-entries", "9"]).expect("config");
+        assert_eq!(cfg.outbox.max_entries, 9);
+        let e = parse(&["--max-outbox-bytes", "0"]).expect_err("zero");
+        assert!(e.to_string().contains("max-outbox-bytes"), "{e}");
+    }
 }

@@ -32,6 +32,13 @@ pub struct CoordinatorFile {
     pub secrets_dir: Option<PathBuf>,
     pub auth_max_skew: Option<String>,
     pub message_mac: Option<bool>,
+    pub max_connections: Option<usize>,
+    pub connects_per_sec: Option<f64>,
+    pub limit_loopback: Option<bool>,
+    pub handshake_timeout: Option<String>,
+    pub max_messages_per_sec: Option<f64>,
+    pub max_body: Option<usize>,
+    pub max_checkpoint_bytes: Option<u64>,
     pub admin_token_file: Option<PathBuf>,
     pub read_token_file: Option<PathBuf>,
 }
@@ -53,6 +60,8 @@ pub struct WorkerFile {
     pub max_reconnect_attempts: Option<u32>,
     pub secret_file: Option<PathBuf>,
     pub message_mac: Option<bool>,
+    pub max_outbox_entries: Option<usize>,
+    pub max_outbox_bytes: Option<usize>,
 }
 
 pub fn load(path: Option<&Path>) -> anyhow::Result<FileConfig> {
