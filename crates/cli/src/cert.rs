@@ -103,6 +103,9 @@ pub fn write(a: &CertArgs) -> anyhow::Result<Written> {
         bail!("--days must be between 1 and {MAX_DAYS}");
     }
     let names = effective_names(&a.names);
+    for n in &names {
+        check_name(n)?;
+    }
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create directory {}", a.out.display()))?;
     let w = Written {
@@ -162,6 +165,14 @@ pub fn write(a: &CertArgs) -> anyhow::Result<Written> {
     Ok(Written { new_secret, ..w })
 }
 
+/// A name a worker can verify the certificate against: an IP address or a DNS name, as the
+/// worker's TLS client (rustls) parses them.
+fn check_name(name: &str) -> anyhow::Result<()> {
+    rustls::pki_types::ServerName::try_from(name)
+        .map(|_| ())
+        .map_err(|_| anyhow::anyhow!("--name {name:?} is neither a DNS name nor an IP address"))
+}
+
 fn name(common: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, common);
@@ -190,4 +201,26 @@ fn write_file(path: &Path, bytes: &[u8], private: bool) -> anyhow::Result<()> {
     f.write_all(bytes)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_name;
+
+    #[test]
+    fn names_are_dns_names_or_ip_addresses() {
+        for ok in [
+            "localhost",
+            "127.0.0.1",
+            "::1",
+            "coordinator.example",
+            "a-b.c",
+        ] {
+            assert!(check_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["bad name!", "", "a..b", "http://x", "x/y"] {
+            let e = check_name(bad).expect_err(bad);
+            assert!(e.to_string().contains("neither a DNS name"), "{e}");
+        }
+    }
 }
