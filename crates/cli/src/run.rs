@@ -38,7 +38,8 @@ pub struct CoordinatorArgs {
     #[arg(long)]
     max_frame: Option<usize>,
     /// Remove finished tasks, their results, state and checkpoints this long after they
-    /// finished (e.g. `7d`); kept forever when unset.
+    /// finished (e.g. `7d`), and lost workers this long after they were last seen; kept
+    /// forever when unset.
     #[arg(long, value_parser = parse_duration_arg)]
     retention: Option<Duration>,
     /// File holding the fleet secret workers authenticate with (turns authentication on).

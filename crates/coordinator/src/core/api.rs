@@ -381,6 +381,7 @@ impl Core {
             ("oversize_frames", &c.oversize_frames),
             ("registrations", &c.registrations),
             ("tasks_expired", &c.tasks_expired),
+            ("workers_expired", &c.workers_expired),
             ("reconnections", &c.reconnections),
             ("auth_ok", &c.auth_ok),
             ("auth_failures", &c.auth_failures),

@@ -109,6 +109,8 @@ pub struct Counters {
     pub registrations: AtomicU64,
     /// Finished tasks removed by the retention setting.
     pub tasks_expired: AtomicU64,
+    /// Lost workers forgotten by the retention setting.
+    pub workers_expired: AtomicU64,
     /// Registrations of a worker that had a session before.
     pub reconnections: AtomicU64,
     /// Registrations whose signature verified.

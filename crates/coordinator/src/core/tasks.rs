@@ -229,6 +229,7 @@ impl Core {
             let age = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
             if let Some(cutoff) = now().checked_sub_signed(age) {
                 self.expire_finished_before(cutoff, b);
+                self.expire_workers_lost_before(cutoff, b);
             }
         }
     }
@@ -264,6 +265,35 @@ impl Core {
             metrics::counter!(m::TASKS_EXPIRED).increment(removed);
             tracing::info!(removed, %cutoff, "finished tasks past retention removed");
         }
+    }
+
+    /// Forgets workers that are lost, hold nothing, and were last seen before `cutoff`: the
+    /// record of a machine gone for good does not stay in the list (and the store) forever. A
+    /// worker that comes back later registers as new.
+    pub(super) fn expire_workers_lost_before(&mut self, cutoff: DateTime<Utc>, b: &mut Batch) {
+        let gone: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| {
+                w.state == WorkerState::Lost
+                    && w.session.is_none()
+                    && w.leases.is_empty()
+                    && w.last_seen < cutoff
+            })
+            .map(|w| w.worker_id.clone())
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        for id in &gone {
+            self.workers.remove(id);
+            self.free.remove(id);
+            b.muts.push(Mutation::DeleteWorker(id.clone()));
+        }
+        self.counters
+            .workers_expired
+            .fetch_add(gone.len() as u64, Ordering::Relaxed);
+        tracing::info!(removed = gone.len(), %cutoff, "lost workers past retention forgotten");
     }
 
     /// Ends a task in a terminal state decided here (cancel, timeout backstop) and tells the

@@ -9,6 +9,7 @@ use tether_proto::{Attempt, Outcome, Seq, TaskId, TaskSpec, TaskStatus, WorkerId
 
 use super::{Api, Core, Counters, Event, Outgoing, SessionRef};
 use crate::config::CoordinatorConfig;
+use crate::model::WorkerState;
 use crate::store::{Batch, Loaded};
 
 struct Harness {
@@ -384,4 +385,45 @@ fn a_checkpoint_whose_pieces_fall_short_of_its_declared_size_is_dropped_not_resu
     assert_eq!(data_ack(&drain(&mut rx)), Disposition::Recorded);
     let latest = h.core.tasks[&t].latest_checkpoint.clone().expect("latest");
     assert_eq!(latest.checkpoint_id.as_str(), "c-good");
+}
+
+#[test]
+fn retention_forgets_lost_workers_that_hold_nothing_and_keeps_every_other() {
+    let mut h = Harness::with(CoordinatorConfig::new("/nonexistent"));
+    let _live = h.connect("live");
+    for id in ["gone", "holding", "recent"] {
+        let _ = h.connect(id);
+    }
+    let long_ago = now() - chrono::Duration::days(30);
+    for (id, last_seen) in [("gone", long_ago), ("holding", long_ago), ("recent", now())] {
+        let w = h.core.workers.get_mut(&wid(id)).expect("worker");
+        w.state = WorkerState::Lost;
+        w.session = None;
+        w.last_seen = last_seen;
+    }
+    let held = TaskId::parse("t-held").expect("id");
+    h.core
+        .workers
+        .get_mut(&wid("holding"))
+        .expect("worker")
+        .leases
+        .insert(held);
+
+    let mut b = Batch::default();
+    h.core
+        .expire_workers_lost_before(now() - chrono::Duration::days(1), &mut b);
+    let mut left: Vec<String> = h.core.workers.keys().map(|w| w.to_string()).collect();
+    left.sort();
+    assert_eq!(left, ["holding", "live", "recent"]);
+    assert!(!h.core.free.contains(&wid("gone")));
+    let deleted: Vec<&WorkerId> = b
+        .muts
+        .iter()
+        .filter_map(|m| match m {
+            crate::store::Mutation::DeleteWorker(id) => Some(id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(deleted, [&wid("gone")]);
+    assert_eq!(Counters::get(&h.core.counters.workers_expired), 1);
 }

@@ -95,6 +95,8 @@ pub enum Mutation {
     },
     DeleteCheckpoint(CheckpointId),
     PutWorker(Box<Worker>),
+    /// A worker's record removed (retention of lost workers).
+    DeleteWorker(WorkerId),
 }
 
 /// Runs after its batch is committed, on the writer's connection.
@@ -305,6 +307,7 @@ impl Mutation {
             Mutation::InsertTask(t) | Mutation::PutTask(t) => Some(Slot::Task(&t.task_id)),
             Mutation::PutState { task_id, .. } => Some(Slot::State(task_id)),
             Mutation::PutWorker(w) => Some(Slot::Worker(&w.worker_id)),
+            Mutation::DeleteWorker(id) => Some(Slot::Worker(id)),
             _ => None,
         }
     }
@@ -437,6 +440,10 @@ fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<()> 
                         "INSERT INTO workers (id, doc) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
                     )?
                     .execute(params![w.worker_id.as_str(), doc])?;
+                }
+                Mutation::DeleteWorker(id) => {
+                    tx.prepare_cached("DELETE FROM workers WHERE id = ?1")?
+                        .execute([id.as_str()])?;
                 }
             }
         }

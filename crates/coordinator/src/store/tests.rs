@@ -382,3 +382,40 @@ fn of_several_states_of_a_task_in_one_group_the_last_is_stored() {
         .expect("a state");
     assert_eq!((attempt, state), (2, serde_json::json!({"n": 3})));
 }
+
+#[test]
+fn a_deleted_worker_is_gone_unless_written_again_later_in_the_same_group() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, _) = open(dir.path()).expect("open");
+    let worker = |id: &str| Box::new(Worker::new(WorkerId::parse(id).expect("id"), Utc::now()));
+    let id = |s: &str| WorkerId::parse(s).expect("id");
+    commit_muts(
+        &mut conn,
+        vec![
+            Mutation::PutWorker(worker("kept")),
+            Mutation::PutWorker(worker("gone")),
+            Mutation::PutWorker(worker("back")),
+        ],
+    );
+    assert_eq!(count(&conn, "workers"), 3);
+    // Deleted; written then deleted in one group; deleted then written again in one group.
+    commit_muts(
+        &mut conn,
+        vec![
+            Mutation::DeleteWorker(id("gone")),
+            Mutation::PutWorker(worker("fresh")),
+            Mutation::DeleteWorker(id("fresh")),
+            Mutation::DeleteWorker(id("back")),
+            Mutation::PutWorker(worker("back")),
+        ],
+    );
+    drop(conn);
+    let (_conn, loaded) = open(dir.path()).expect("reopen");
+    let mut ids: Vec<String> = loaded
+        .workers
+        .iter()
+        .map(|w| w.worker_id.to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["back", "kept"]);
+}
