@@ -764,28 +764,29 @@ fn unseal<'a>(open: Option<&mut Opener>, frame: &'a Message) -> Result<Data<'a>,
     })
 }
 
-fn is_bad_utf8(e: &axum::Error) -> bool {
+/// The WebSocket error behind an axum read error, if there is one.
+fn ws_cause(e: &axum::Error) -> Option<&tokio_tungstenite::tungstenite::Error> {
     use std::error::Error as _;
-    use tokio_tungstenite::tungstenite::Error as WsError;
     let mut source: Option<&(dyn std::error::Error + 'static)> = e.source();
     while let Some(err) = source {
-        if let Some(WsError::Utf8(_)) = err.downcast_ref::<WsError>() {
-            return true;
+        if let Some(ws) = err.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+            return Some(ws);
         }
         source = err.source();
     }
-    false
+    None
+}
+
+fn is_bad_utf8(e: &axum::Error) -> bool {
+    matches!(
+        ws_cause(e),
+        Some(tokio_tungstenite::tungstenite::Error::Utf8(_))
+    )
 }
 
 fn is_too_big(e: &axum::Error) -> bool {
-    use std::error::Error as _;
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    let mut source: Option<&(dyn std::error::Error + 'static)> = e.source();
-    while let Some(err) = source {
-        if let Some(WsError::Capacity(_)) = err.downcast_ref::<WsError>() {
-            return true;
-        }
-        source = err.source();
-    }
-    false
+    matches!(
+        ws_cause(e),
+        Some(tokio_tungstenite::tungstenite::Error::Capacity(_))
+    )
 }
