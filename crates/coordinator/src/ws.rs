@@ -670,11 +670,7 @@ impl Tx {
         threshold: Option<usize>,
         counters: Option<&Counters>,
     ) -> bool {
-        let frame = self.frame(m, threshold, counters);
-        matches!(
-            timeout_at(deadline, self.sink.send(frame)).await,
-            Ok(Ok(()))
-        )
+        self.feed_framed(deadline, m, threshold, counters).await && self.flush(deadline).await
     }
 
     /// Like [`Tx::send_framed`] without the flush: the frame may wait in the write buffer

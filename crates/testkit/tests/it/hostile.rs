@@ -162,6 +162,16 @@ async fn authed_coordinator(dir: &std::path::Path) -> TestCoordinator {
     spawn_coordinator_with(cfg, None).await
 }
 
+/// An honest worker without a secret, connected.
+async fn connected_honest_worker(c: &TestCoordinator) -> TestWorker {
+    let w = spawn_worker(
+        fast_worker_config(&c.ws_url(), "honest"),
+        Executors::builtin(),
+    );
+    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w
+}
+
 fn honest_worker(c: &TestCoordinator, id: &str) -> TestWorker {
     let mut cfg = fast_worker_config(&c.ws_url(), id);
     cfg.secret = Some(fleet_secret());
@@ -346,14 +356,7 @@ async fn a_replayed_or_repeated_handshake_is_refused_and_the_honest_session_is_u
 async fn forged_results_for_another_workers_task_or_an_attempt_not_held_are_rejected() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
-    let honest = spawn_worker(
-        fast_worker_config(&c.ws_url(), "honest"),
-        Executors::builtin(),
-    );
-    honest
-        .handle
-        .wait_state(|s| s == ConnState::Connected)
-        .await;
+    let honest = connected_honest_worker(&c).await;
     let client = c.client();
     // A long task leased to the honest worker.
     let victim = client.submit(&[sleep_task(2000, 20, 0)]).await[0].clone();
@@ -518,14 +521,7 @@ async fn limited_coordinator(dir: &std::path::Path) -> TestCoordinator {
 async fn a_frame_flood_is_rate_limited_per_session_and_honest_workers_are_not() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = limited_coordinator(dir.path()).await;
-    let honest = spawn_worker(
-        fast_worker_config(&c.ws_url(), "honest"),
-        Executors::builtin(),
-    );
-    honest
-        .handle
-        .wait_state(|s| s == ConnState::Connected)
-        .await;
+    let honest = connected_honest_worker(&c).await;
     let mut f = Raw::connect(&c, "flooder").await;
     let reg = f.registration(None, &[]);
     f.send(&reg).await;
@@ -590,14 +586,7 @@ async fn slow_loris_upgrades_are_cut_at_the_handshake_deadline_and_honest_worker
         loris.push((dribble, cut));
     }
     // Honest workers connect and work while the slow connections hang on.
-    let honest = spawn_worker(
-        fast_worker_config(&c.ws_url(), "honest"),
-        Executors::builtin(),
-    );
-    honest
-        .handle
-        .wait_state(|s| s == ConnState::Connected)
-        .await;
+    let honest = connected_honest_worker(&c).await;
     honest_work_completes(&c.client(), 2).await;
     for (dribble, cut) in loris {
         assert!(cut.await.expect("reader"), "a slow connection was not cut");
@@ -615,14 +604,7 @@ async fn invalid_utf8_deep_nesting_and_stray_binary_frames_are_refused_clearly()
     use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
-    let honest = spawn_worker(
-        fast_worker_config(&c.ws_url(), "honest"),
-        Executors::builtin(),
-    );
-    honest
-        .handle
-        .wait_state(|s| s == ConnState::Connected)
-        .await;
+    let honest = connected_honest_worker(&c).await;
     let mut m = Raw::connect(&c, "mallory").await;
     let reg = m.registration(None, &[]);
     m.send(&reg).await;
@@ -681,14 +663,7 @@ async fn a_connection_storm_is_throttled_per_address_and_capped_overall() {
         refused >= 15,
         "only {refused} of 30 storm connections refused"
     );
-    let honest = spawn_worker(
-        fast_worker_config(&c.ws_url(), "honest"),
-        Executors::builtin(),
-    );
-    honest
-        .handle
-        .wait_state(|s| s == ConnState::Connected)
-        .await;
+    let honest = connected_honest_worker(&c).await;
     honest_work_completes(&c.client(), 2).await;
     let o = c.client().overview().await;
     assert!(counter(&o, "connections_throttled") >= 15, "{o}");
@@ -707,14 +682,7 @@ async fn a_connection_storm_is_throttled_per_address_and_capped_overall() {
     let over = tokio_tungstenite::connect_async(format!("ws://{}/api/v1/worker/over/ws", c.addr));
     assert!(over.await.is_err(), "a fourth connection was admitted");
     drop(held);
-    let honest = spawn_worker(
-        fast_worker_config(&c.ws_url(), "honest"),
-        Executors::builtin(),
-    );
-    honest
-        .handle
-        .wait_state(|s| s == ConnState::Connected)
-        .await;
+    let honest = connected_honest_worker(&c).await;
     honest_work_completes(&c.client(), 2).await;
     let o = c.client().overview().await;
     assert!(counter(&o, "connections_refused") >= 1, "{o}");
@@ -791,14 +759,7 @@ async fn checkpoints_announced_and_never_completed_are_bounded_per_task() {
     let mut cfg = fast_coordinator_config(dir.path().to_owned());
     cfg.max_checkpoint_bytes = 1000;
     let c = spawn_coordinator_with(cfg, None).await;
-    let honest = spawn_worker(
-        fast_worker_config(&c.ws_url(), "honest"),
-        Executors::builtin(),
-    );
-    honest
-        .handle
-        .wait_state(|s| s == ConnState::Connected)
-        .await;
+    let honest = connected_honest_worker(&c).await;
     let client = c.client();
     let mut m = Raw::connect(&c, "hoarder").await;
     let reg = m.registration(None, &["hoarder-only"]);

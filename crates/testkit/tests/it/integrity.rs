@@ -30,10 +30,13 @@ async fn mac_coordinator(dir: &std::path::Path) -> TestCoordinator {
     spawn_coordinator_with(cfg, None).await
 }
 
-fn honest_worker(url: &str, id: &str) -> TestWorker {
+/// A worker with the fleet secret, connected.
+async fn honest_worker(url: &str, id: &str) -> TestWorker {
     let mut cfg = fast_worker_config(url, id);
     cfg.secret = Some(secret());
-    spawn_worker(cfg, Executors::builtin())
+    let w = spawn_worker(cfg, Executors::builtin());
+    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w
 }
 
 fn counter(o: &Value, name: &str) -> u64 {
@@ -214,8 +217,7 @@ impl Keyed {
 async fn with_message_mac_every_frame_is_tagged_both_ways_and_work_completes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = mac_coordinator(dir.path()).await;
-    let w = honest_worker(&c.ws_url(), "honest");
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    let w = honest_worker(&c.ws_url(), "honest").await;
     work_completes_intact(&c.client(), 6, 3).await;
 
     // A hand-driven client sees the same: the registration_ack and every later frame verify
@@ -249,11 +251,7 @@ async fn forged_and_replayed_frames_are_dropped_and_counted_and_repeated_failure
  {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = mac_coordinator(dir.path()).await;
-    let honest = honest_worker(&c.ws_url(), "honest");
-    honest
-        .handle
-        .wait_state(|s| s == ConnState::Connected)
-        .await;
+    let honest = honest_worker(&c.ws_url(), "honest").await;
     let client = c.client();
 
     let (mut k, _) = Keyed::connect(&c, "keyed", &secret(), true, None).await;
@@ -312,11 +310,7 @@ async fn forged_and_replayed_frames_are_dropped_and_counted_and_repeated_failure
 async fn registrations_without_a_tag_or_under_another_key_are_refused_with_4001() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = mac_coordinator(dir.path()).await;
-    let honest = honest_worker(&c.ws_url(), "honest");
-    honest
-        .handle
-        .wait_state(|s| s == ConnState::Connected)
-        .await;
+    let honest = honest_worker(&c.ws_url(), "honest").await;
 
     // Signed but untagged: the coordinator requires tags.
     let (mut k, _) = Keyed::connect(&c, "k1", &secret(), false, None).await;
@@ -369,8 +363,7 @@ async fn a_worker_that_requires_integrity_refuses_a_coordinator_that_does_not_as
     }
     assert_eq!(strict.handle.registrations(), 0);
     // Without the requirement, the same worker registers untagged.
-    let w = honest_worker(&c.ws_url(), "relaxed");
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    let w = honest_worker(&c.ws_url(), "relaxed").await;
     work_completes_intact(&c.client(), 2, 2).await;
     let o = c.client().overview().await;
     assert_eq!(counter(&o, "mac_sessions"), 0, "{o}");
@@ -390,8 +383,7 @@ async fn bytes_corrupted_on_the_wire_are_caught_by_the_tags_and_nothing_corrupte
     })
     .await
     .expect("proxy");
-    let w = honest_worker(&format!("ws://{}", proxy.listen_addr()), "w1");
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    let w = honest_worker(&format!("ws://{}", proxy.listen_addr()), "w1").await;
     let client = c.client();
     // Tasks whose every step is a tagged state update and a checkpoint, so frames flow both
     // ways while the link flips bits.
