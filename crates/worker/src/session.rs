@@ -11,7 +11,7 @@ use futures_util::{SinkExt, StreamExt};
 use tether_proto::auth::Challenge;
 use tether_proto::compress::{InflateError, ZSTD, deflate, inflate};
 use tether_proto::integrity::{
-    self, DEFAULT_MAX_FAILURES, Direction, HMAC_SHA256, MacError, Opener, Sealer, SessionKey,
+    DEFAULT_MAX_FAILURES, Direction, HMAC_SHA256, MacError, Opener, Sealer, SessionKey,
 };
 use tether_proto::msg::{
     CoordMsg, ErrorCode, ErrorMsg, Heartbeat, HeartbeatAction, Inventory, PROTOCOL_VERSION,
@@ -81,6 +81,14 @@ enum Ev {
     Telemetry,
     StatsLog,
     Wake,
+}
+
+/// A received frame's data.
+enum Data<'a> {
+    Text(&'a str),
+    Binary(&'a [u8]),
+    /// Close, ping or pong.
+    Control,
 }
 
 enum Inbound {
@@ -196,27 +204,18 @@ impl<'a> Session<'a> {
         };
         self.deadline = Instant::now() + self.timeout;
         self.last_frame = Instant::now();
-        let opened = match (&frame, self.open.as_deref_mut()) {
-            (Message::Text(t), Some(o)) => o.open_text(t.as_str()).map(|_| ()),
-            (Message::Binary(b), Some(o)) => o.open_binary(b).map(|_| ()),
-            _ => Ok(()),
+        // The frame's data, its tag checked and dropped when the session is keyed.
+        let data = match (&frame, self.open.as_deref_mut()) {
+            (Message::Text(t), Some(o)) => o.open_text(t.as_str()).map(Data::Text),
+            (Message::Binary(b), Some(o)) => o.open_binary(b).map(Data::Binary),
+            (Message::Text(t), None) => Ok(Data::Text(t.as_str())),
+            (Message::Binary(b), None) => Ok(Data::Binary(b)),
+            _ => Ok(Data::Control),
         };
-        if let Err(e) = opened {
-            return self.on_bad_tag(&frame, e).await;
-        }
-        let frame = match frame {
-            // Verified above: drop the tag.
-            Message::Text(t) if self.open.is_some() => {
-                Message::text(&t.as_str()[..t.len() - integrity::TEXT_TRAILER])
-            }
-            Message::Binary(b) if self.open.is_some() => {
-                Message::binary(b.slice(..b.len() - integrity::TAG_BYTES))
-            }
-            f => f,
-        };
-        match frame {
-            Message::Text(text) => self.on_text(text.as_str()).await,
-            Message::Binary(b) if self.zstd => match inflate(&b, self.agent.cfg.max_frame) {
+        match data {
+            Err(e) => self.on_bad_tag(&frame, e).await,
+            Ok(Data::Text(text)) => self.on_text(text).await,
+            Ok(Data::Binary(b)) if self.zstd => match inflate(b, self.agent.cfg.max_frame) {
                 Ok(text) => {
                     crate::metrics::record_compression(text.len() as u64, b.len() as u64);
                     self.on_text(&text).await
@@ -228,10 +227,17 @@ impl<'a> Session<'a> {
                     Inbound::Other
                 }
             },
-            Message::Binary(_) => {
+            Ok(Data::Binary(_)) => {
                 self.agent.shared.bad_frames.fetch_add(1, Ordering::Relaxed);
                 Inbound::Other
             }
+            Ok(Data::Control) => Self::on_control(frame),
+        }
+    }
+
+    /// A close, ping or pong frame.
+    fn on_control(frame: Message) -> Inbound {
+        match frame {
             Message::Close(frame) => {
                 let code = frame.as_ref().map(|f| u16::from(f.code));
                 let reason = frame
@@ -239,7 +245,8 @@ impl<'a> Session<'a> {
                     .unwrap_or_else(|| "closed by coordinator".into());
                 Inbound::Closed(reason, code)
             }
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Inbound::Other,
+            // Data frames are handled by `on_frame`.
+            _ => Inbound::Other,
         }
     }
 
