@@ -54,22 +54,32 @@ impl ShapeStats {
             .filter(|w| !w.is_empty())
             .collect();
         for pair in words.windows(2) {
-            let n = pair[1].parse::<u64>().ok();
-            match (pair[0], n) {
-                ("Sent", Some(n)) => s.sent_bytes += n,
-                ("dropped", Some(n)) => s.dropped += n,
-                ("overlimits", Some(n)) => s.overlimits += n,
-                _ => {}
-            }
-        }
-        for pair in words.windows(2) {
-            if pair[1] == "pkt"
-                && let Ok(n) = pair[0].parse::<u64>()
-            {
-                s.sent_packets += n;
+            let counter = match pair {
+                ["Sent", n] => (&mut s.sent_bytes, n),
+                ["dropped", n] => (&mut s.dropped, n),
+                ["overlimits", n] => (&mut s.overlimits, n),
+                [n, "pkt"] => (&mut s.sent_packets, n),
+                _ => continue,
+            };
+            if let Ok(n) = counter.1.parse::<u64>() {
+                *counter.0 += n;
             }
         }
         s
+    }
+}
+
+impl std::ops::Add for ShapeStats {
+    type Output = Self;
+
+    /// Both ends of a link together.
+    fn add(self, o: Self) -> Self {
+        Self {
+            sent_bytes: self.sent_bytes + o.sent_bytes,
+            sent_packets: self.sent_packets + o.sent_packets,
+            dropped: self.dropped + o.dropped,
+            overlimits: self.overlimits + o.overlimits,
+        }
     }
 }
 
@@ -252,13 +262,7 @@ impl NetFleet {
             let peer = tc_in(&l.ns, &["-s", "qdisc", "show", "dev", &l.peer_if])?;
             run("tc", &["qdisc", "del", "dev", &l.host_if, "root"])?;
             tc_in(&l.ns, &["qdisc", "del", "dev", &l.peer_if, "root"])?;
-            let (h, p) = (ShapeStats::parse(&host), ShapeStats::parse(&peer));
-            Ok(ShapeStats {
-                sent_bytes: h.sent_bytes + p.sent_bytes,
-                sent_packets: h.sent_packets + p.sent_packets,
-                dropped: h.dropped + p.dropped,
-                overlimits: h.overlimits + p.overlimits,
-            })
+            Ok(ShapeStats::parse(&host) + ShapeStats::parse(&peer))
         })
         .await
     }
