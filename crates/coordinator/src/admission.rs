@@ -64,6 +64,15 @@ impl Bucket {
         }
     }
 
+    /// Takes `n` more tokens, into debt if need be: the next [`Bucket::take`] waits until the
+    /// debt is paid.
+    pub fn charge(&mut self, n: u32) {
+        if n > 0 {
+            self.refill(Instant::now());
+            self.tokens -= f64::from(n);
+        }
+    }
+
     /// When the next token is there.
     pub fn next_token_at(&self) -> Instant {
         let missing = (1.0 - self.tokens).max(0.0);

@@ -99,6 +99,8 @@ pub struct CoordinatorConfig {
     pub compression: bool,
     /// Messages of at least this many bytes of JSON go compressed once agreed.
     pub compress_threshold: usize,
+    /// Agree to batch frames when a worker offers them.
+    pub batching: bool,
 }
 
 impl CoordinatorConfig {
@@ -122,6 +124,17 @@ impl CoordinatorConfig {
             tls: None,
             compression: true,
             compress_threshold: tether_proto::compress::DEFAULT_THRESHOLD,
+            batching: true,
         }
+    }
+
+    /// The batch frames agreed with a worker that offers them: at most
+    /// [`MAX_BATCH_BYTES`](tether_proto::codec::MAX_BATCH_BYTES), and half the frame limit, so
+    /// that a batch (compressed or not) always fits in a frame.
+    pub fn batching(&self) -> Option<tether_proto::msg::Batching> {
+        self.batching.then(|| tether_proto::msg::Batching {
+            max_messages: tether_proto::codec::MAX_BATCH_MESSAGES,
+            max_bytes: tether_proto::codec::MAX_BATCH_BYTES.min(self.max_frame as u64 / 2),
+        })
     }
 }

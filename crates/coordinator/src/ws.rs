@@ -18,15 +18,17 @@ use axum::response::Response;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tether_proto::auth::{AuthError, Challenge, NONCE_BYTES, to_hex};
+use tether_proto::codec::{MAX_BATCH_MESSAGES, decode_worker_batch};
 use tether_proto::compress::{InflateError, ZSTD, deflate, inflate};
 use tether_proto::endpoint::{PathError, parse_endpoint_path};
 use tether_proto::integrity::{
     self, DEFAULT_MAX_FAILURES, Direction, HMAC_SHA256, MacError, Opener, Sealer, SessionKey,
 };
 use tether_proto::msg::{
-    CoordMsg, ErrorCode, HeartbeatReply, PROTOCOL_VERSION, Registration, Welcome, WorkerMsg, now,
+    Batching, CoordMsg, ErrorCode, HeartbeatReply, PROTOCOL_VERSION, Registration, Welcome,
+    WorkerMsg, now,
 };
-use tether_proto::{DecodeError, WorkerId, decode_worker, encode};
+use tether_proto::{Batch, DecodeError, WorkerId, decode_worker, encode, is_batch};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Instant, timeout_at};
 
@@ -120,7 +122,30 @@ fn session(
 struct Opened {
     rx: crate::core::mailbox::Receiver<Outgoing>,
     open: Option<Box<Opener>>,
-    zstd_in: bool,
+    agreed: Inbound,
+}
+
+/// What the session accepts from its worker, as agreed by the worker's registration.
+#[derive(Debug, Default, Clone, Copy)]
+struct Inbound {
+    /// zstd-compressed binary frames.
+    zstd: bool,
+    /// Batch frames.
+    batch: bool,
+}
+
+impl Inbound {
+    fn agree(&mut self, app: &AppState, r: &Registration) {
+        self.zstd = app.cfg.compression && r.compression.iter().any(|c| c == ZSTD);
+        self.batch = app.cfg.batching && r.batching;
+    }
+}
+
+/// What the session sends to its worker, as agreed by the `registration_ack`.
+#[derive(Debug, Default, Clone, Copy)]
+struct Outbound {
+    zstd: bool,
+    batch: Option<Batching>,
 }
 
 /// Welcome, authentication (when on), and the session's announcement to the core.
@@ -196,9 +221,9 @@ async fn handshake(
     {
         return None;
     }
-    let offers = |r: &Registration| app.cfg.compression && r.compression.iter().any(|c| c == ZSTD);
-    let zstd_in = registration.as_ref().is_some_and(offers);
+    let mut agreed = Inbound::default();
     if let Some(r) = registration {
+        agreed.agree(app, &r);
         let _ = app
             .events
             .send(Event::Frame {
@@ -208,7 +233,7 @@ async fn handshake(
             })
             .await;
     }
-    Some(Opened { rx, open, zstd_in })
+    Some(Opened { rx, open, agreed })
 }
 
 async fn run(
@@ -223,12 +248,12 @@ async fn run(
     let Some(Opened {
         mut rx,
         mut open,
-        mut zstd_in,
+        mut agreed,
     }) = Box::pin(handshake(&app, &worker, session_id, &mut out, &mut stream)).await
     else {
         return;
     };
-    let mut zstd_out = false;
+    let mut sending = Outbound::default();
     tracing::debug!(worker = %worker, session = session_id, "session open");
     metrics::counter!(m::CONNECTIONS).increment(1);
     let mut deadline = Instant::now() + timeout;
@@ -300,19 +325,21 @@ async fn run(
                         continue;
                     }
                 };
-                // In a block, so the handled frame (an event of hundreds of bytes) is not kept
+                // In a block, so the handled frame (events of hundreds of bytes) is not kept
                 // in the session's state across the awaits below.
-                let (reply, wait) = {
-                let handled = match frame {
-                    Data::Text(t) => on_text(&app, &worker, session_id, t, &mut zstd_in),
-                    Data::Binary(b) if zstd_in => match inflate(b, app.cfg.max_frame) {
+                if matches!(frame, Data::Text(_) | Data::Binary(_)) {
+                    app.counters.frames_in.fetch_add(1, Ordering::Relaxed);
+                }
+                let Handled { replies, wait, messages } = match frame {
+                    Data::Text(t) => on_text(&app, &worker, session_id, t, &mut agreed),
+                    Data::Binary(b) if agreed.zstd => match inflate(b, app.cfg.max_frame) {
                         Ok(t) => {
                             let c = &app.counters;
                             c.compressed_in_frames.fetch_add(1, Ordering::Relaxed);
                             c.compressed_in_wire_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
                             c.compressed_in_json_bytes.fetch_add(t.len() as u64, Ordering::Relaxed);
                             crate::metrics::record_compression(t.len() as u64, b.len() as u64);
-                            on_text(&app, &worker, session_id, &t, &mut zstd_in)
+                            on_text(&app, &worker, session_id, &t, &mut agreed)
                         }
                         Err(InflateError::TooBig { .. }) => {
                             app.counters.decompression_refused.fetch_add(1, Ordering::Relaxed);
@@ -322,36 +349,31 @@ async fn run(
                         }
                         Err(e) => {
                             app.counters.malformed_frames.fetch_add(1, Ordering::Relaxed);
-                            Some(Handled::Reply(CoordMsg::error(ErrorCode::BadFrame, e.to_string(), None, None)))
+                            Handled::reply(CoordMsg::error(ErrorCode::BadFrame, e.to_string(), None, None))
                         }
                     },
-                    Data::Binary(_) => Some(Handled::Reply(CoordMsg::error(
+                    Data::Binary(_) => Handled::reply(CoordMsg::error(
                         ErrorCode::BadFrame,
                         "binary frames are not accepted without negotiated compression",
                         None,
                         None,
-                    ))),
+                    )),
                     Data::Close => break ("closed", "closed by worker".into()),
-                    Data::Control => None,
+                    Data::Control => Handled::default(),
                 };
-                match handled {
-                    Some(Handled::Reply(reply)) => (Some(reply), None),
-                    Some(Handled::Forward(ev)) => (None, forward(&app, ev)),
-                    None => (None, None),
-                }
-                };
+                // A batch counts against the message rate by its messages: what it saves is
+                // per frame, not a licence to send more.
+                rate.charge(messages.saturating_sub(1));
                 if let Some(wait) = wait {
                     wait.await;
                 }
-                if let Some(reply) = &reply
-                    && !out.send(deadline, reply).await
-                {
+                if !replies.is_empty() && !out.send_all(deadline, &replies).await {
                     break ("error", "write failed".into());
                 }
             }
             queued = rx.recv() => match queued {
                 Some(Outgoing::Msg(first)) => {
-                    match send_queued(&mut out, &mut rx, first, deadline, &mut zstd_out, &app).await {
+                    match send_queued(&mut out, &mut rx, first, deadline, &mut sending, &app).await {
                         Ok(None) => {}
                         Ok(Some((code, reason))) => {
                             out.close(deadline, code, &reason).await;
@@ -376,45 +398,137 @@ async fn run(
     }
 }
 
-/// What a decoded frame asks of its session.
-enum Handled {
-    Reply(CoordMsg),
-    Forward(Event),
+/// What a frame asks of its session: replies to send, and the wait for room in the core's
+/// queue when it was full.
+#[derive(Default)]
+struct Handled<'a> {
+    replies: Vec<CoordMsg>,
+    wait: Option<Wait<'a>>,
+    /// Messages the frame carried.
+    messages: u32,
 }
 
-/// Hands `ev` to the core, or returns the wait for room in its queue when that is full. The
-/// wait is boxed: it happens under backpressure only, and an event (hundreds of bytes) held
-/// in the session's own state would size every idle session.
-fn forward(app: &AppState, ev: Event) -> Option<Wait<'_>> {
-    match app.events.try_send(ev) {
-        Ok(()) | Err(TrySendError::Closed(_)) => None,
-        Err(TrySendError::Full(ev)) => Some(Box::pin(async move {
-            let _ = app.events.send(ev).await;
-        })),
+impl Handled<'_> {
+    fn reply(m: CoordMsg) -> Self {
+        Self {
+            replies: vec![m],
+            ..Self::default()
+        }
     }
+}
+
+/// Hands events to the core in order. Once its queue is full, the rest wait in `pending` for
+/// a boxed wait: it happens under backpressure only, and events (hundreds of bytes each) held
+/// in the session's own state would size every idle session.
+struct Forward<'a> {
+    app: &'a AppState,
+    pending: Vec<Event>,
+}
+
+impl<'a> Forward<'a> {
+    fn new(app: &'a AppState) -> Self {
+        Self {
+            app,
+            pending: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, ev: Event) {
+        if !self.pending.is_empty() {
+            self.pending.push(ev);
+            return;
+        }
+        match self.app.events.try_send(ev) {
+            Ok(()) | Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full(ev)) => self.pending.push(ev),
+        }
+    }
+
+    fn wait(self) -> Option<Wait<'a>> {
+        let (app, pending) = (self.app, self.pending);
+        (!pending.is_empty()).then(|| -> Wait<'a> {
+            Box::pin(async move {
+                for ev in pending {
+                    let _ = app.events.send(ev).await;
+                }
+            })
+        })
+    }
+}
+
+/// Hands `ev` to the core, or returns the wait for room in its queue when that is full.
+fn forward(app: &AppState, ev: Event) -> Option<Wait<'_>> {
+    let mut f = Forward::new(app);
+    f.send(ev);
+    f.wait()
 }
 
 /// A boxed wait of a session.
 type Wait<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
-/// Decodes a frame; heartbeats are answered here, everything else goes to the core.
-fn on_text(
-    app: &AppState,
+/// Decodes a frame (one message, or a batch once agreed); heartbeats are answered here,
+/// everything else goes to the core in order.
+fn on_text<'a>(
+    app: &'a AppState,
     worker: &WorkerId,
     session_id: u64,
     text: &str,
-    zstd_in: &mut bool,
-) -> Option<Handled> {
-    let decoded = decode_worker(text);
+    agreed: &mut Inbound,
+) -> Handled<'a> {
+    let mut h = Handled::default();
+    let mut fwd = Forward::new(app);
+    let mut each = |decoded, agreed: &mut Inbound| {
+        h.messages += 1;
+        if let Some(reply) = on_message(app, worker, session_id, decoded, agreed, &mut fwd) {
+            h.replies.push(reply);
+        }
+    };
+    if !is_batch(text) {
+        each(decode_worker(text), agreed);
+    } else if !agreed.batch {
+        app.counters
+            .malformed_frames
+            .fetch_add(1, Ordering::Relaxed);
+        return Handled::reply(CoordMsg::error(
+            ErrorCode::BadFrame,
+            "batch frames are accepted only when agreed at registration",
+            None,
+            None,
+        ));
+    } else {
+        match decode_worker_batch(text, MAX_BATCH_MESSAGES) {
+            Ok(messages) => {
+                app.counters.batch_frames_in.fetch_add(1, Ordering::Relaxed);
+                for m in messages {
+                    each(m, agreed);
+                }
+            }
+            Err(e) => return Handled::reply(decode_error(app, worker, &e)),
+        }
+    }
+    h.wait = fwd.wait();
+    h
+}
+
+/// One decoded message: a heartbeat or a refusal is answered (returned), anything else goes
+/// to the core.
+fn on_message(
+    app: &AppState,
+    worker: &WorkerId,
+    session_id: u64,
+    decoded: Result<WorkerMsg, DecodeError>,
+    agreed: &mut Inbound,
+    fwd: &mut Forward<'_>,
+) -> Option<CoordMsg> {
     if let Ok(msg) = &decoded {
         metrics::counter!(m::MESSAGES_IN, "type" => msg.type_name()).increment(1);
     }
-    Some(match decoded {
-        Ok(WorkerMsg::Heartbeat(h)) => Handled::Reply(heartbeat_reply(h.sequence)),
+    match decoded {
+        Ok(WorkerMsg::Heartbeat(h)) => Some(heartbeat_reply(h.sequence)),
         Ok(WorkerMsg::Registration(_)) if app.cfg.auth.is_some() => {
             app.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(worker = %worker, session = session_id, "second registration on an authenticated session refused");
-            Handled::Reply(CoordMsg::error(
+            Some(CoordMsg::error(
                 ErrorCode::Unauthorized,
                 "this session has authenticated already and its nonce is used; reconnect to register again",
                 Some("registration".into()),
@@ -423,16 +537,17 @@ fn on_text(
         }
         Ok(msg) => {
             if let WorkerMsg::Registration(r) = &msg {
-                *zstd_in = app.cfg.compression && r.compression.iter().any(|c| c == ZSTD);
+                agreed.agree(app, r);
             }
-            Handled::Forward(Event::Frame {
+            fwd.send(Event::Frame {
                 worker: worker.clone(),
                 session_id,
                 msg,
-            })
+            });
+            None
         }
-        Err(e) => Handled::Reply(decode_error(app, worker, &e)),
-    })
+        Err(e) => Some(decode_error(app, worker, &e)),
+    }
 }
 
 fn heartbeat_reply(sequence: u64) -> CoordMsg {
@@ -611,29 +726,55 @@ impl Conn<'_> {
 }
 
 /// Sends `first` and what else is queued behind it (the acks and assignments of one commit,
-/// up to [`MAX_COALESCED`] messages) with one flush, so one write. A close found in the queue
-/// is returned for the caller to send after them; `Err` when a write failed or stalled.
+/// up to [`MAX_COALESCED`] messages) with one flush, so one write; in batch frames once
+/// agreed. A close found in the queue is returned for the caller to send after them; `Err`
+/// when a write failed or stalled.
 async fn send_queued(
     out: &mut Tx,
     rx: &mut crate::core::mailbox::Receiver<Outgoing>,
     first: Box<CoordMsg>,
     deadline: Instant,
-    zstd_out: &mut bool,
+    agreed: &mut Outbound,
     app: &AppState,
 ) -> Result<Option<(u16, String)>, ()> {
     let (mut next, mut close, mut fed) = (Some(first), None, 0);
+    let counters = Some(&*app.counters);
+    let mut batch = Batch::new();
     while let Some(m) = next.take() {
-        let threshold = zstd_out.then_some(app.cfg.compress_threshold);
-        if !out
-            .feed_framed(deadline, &m, threshold, Some(&app.counters))
-            .await
-        {
-            return Err(());
+        let threshold = agreed.zstd.then_some(app.cfg.compress_threshold);
+        match agreed.batch {
+            // The ack itself goes alone: the worker learns from it what may follow.
+            Some(limits) if !matches!(*m, CoordMsg::RegistrationAck(_)) => {
+                count_out(&m);
+                let full = batch.push_within(&*m, limits.max_bytes as usize);
+                let full = full.or_else(|| {
+                    (batch.len() >= limits.max_messages as usize).then(|| batch.take())
+                });
+                if let Some(text) = full
+                    && !out.feed_text(deadline, text, threshold, counters).await
+                {
+                    return Err(());
+                }
+            }
+            _ => {
+                if !batch.is_empty()
+                    && !out
+                        .feed_text(deadline, batch.take(), threshold, counters)
+                        .await
+                {
+                    return Err(());
+                }
+                if !out.feed_framed(deadline, &m, threshold, counters).await {
+                    return Err(());
+                }
+            }
         }
         fed += 1;
-        // Large messages go compressed from the first frame after the ack.
+        // Large messages go compressed, and messages batched, from the first frame after the
+        // ack.
         if let CoordMsg::RegistrationAck(a) = &*m {
-            *zstd_out = a.compression.as_deref() == Some(ZSTD);
+            agreed.zstd = a.compression.as_deref() == Some(ZSTD);
+            agreed.batch = a.batching;
         }
         if fed < MAX_COALESCED {
             match rx.try_recv() {
@@ -643,10 +784,31 @@ async fn send_queued(
             }
         }
     }
+    if !batch.is_empty()
+        && !out
+            .feed_text(
+                deadline,
+                batch.take(),
+                agreed.zstd.then_some(app.cfg.compress_threshold),
+                counters,
+            )
+            .await
+    {
+        return Err(());
+    }
     if !out.flush(deadline).await {
         return Err(());
     }
     Ok(close)
+}
+
+/// Counts a message sent, and an `error` by its code.
+fn count_out(m: &CoordMsg) {
+    metrics::counter!(crate::metrics::MESSAGES_OUT, "type" => m.type_name()).increment(1);
+    if let CoordMsg::Error(e) = m {
+        metrics::counter!(crate::metrics::ERRORS, "code" => e.code.as_str(), "direction" => "sent")
+            .increment(1);
+    }
 }
 
 /// A session's sending half. Once the session is keyed, every data frame carries its tag.
@@ -659,6 +821,16 @@ impl Tx {
     /// Sends with a deadline; false when the write failed or stalled.
     async fn send(&mut self, deadline: Instant, m: &CoordMsg) -> bool {
         self.send_framed(deadline, m, None, None).await
+    }
+
+    /// Sends messages, a frame each, with one flush; false when a write failed or stalled.
+    async fn send_all(&mut self, deadline: Instant, ms: &[CoordMsg]) -> bool {
+        for m in ms {
+            if !self.feed_framed(deadline, m, None, None).await {
+                return false;
+            }
+        }
+        self.flush(deadline).await
     }
 
     /// Sends with a deadline, compressing a message of at least `threshold` bytes into a
@@ -682,7 +854,25 @@ impl Tx {
         threshold: Option<usize>,
         counters: Option<&Counters>,
     ) -> bool {
-        let frame = self.frame(m, threshold, counters);
+        count_out(m);
+        self.feed_text(deadline, encode(m), threshold, counters)
+            .await
+    }
+
+    /// Feeds a frame of `json` (one message or a batch), compressed at `threshold`.
+    async fn feed_text(
+        &mut self,
+        deadline: Instant,
+        json: String,
+        threshold: Option<usize>,
+        counters: Option<&Counters>,
+    ) -> bool {
+        if let Some(c) = counters
+            && is_batch(&json)
+        {
+            c.batch_frames_out.fetch_add(1, Ordering::Relaxed);
+        }
+        let frame = self.frame(json, threshold, counters);
         matches!(
             timeout_at(deadline, self.sink.feed(frame)).await,
             Ok(Ok(()))
@@ -694,19 +884,13 @@ impl Tx {
         matches!(timeout_at(deadline, self.sink.flush()).await, Ok(Ok(())))
     }
 
-    /// The frame of `m`: compressed at `threshold`, tagged when the session is keyed.
+    /// The frame of `json`: compressed at `threshold`, tagged when the session is keyed.
     fn frame(
         &mut self,
-        m: &CoordMsg,
+        json: String,
         threshold: Option<usize>,
         counters: Option<&Counters>,
     ) -> Message {
-        metrics::counter!(crate::metrics::MESSAGES_OUT, "type" => m.type_name()).increment(1);
-        if let CoordMsg::Error(e) = m {
-            metrics::counter!(crate::metrics::ERRORS, "code" => e.code.as_str(), "direction" => "sent")
-                .increment(1);
-        }
-        let json = encode(m);
         match threshold {
             Some(threshold) if json.len() >= threshold => {
                 let packed = deflate(&json);

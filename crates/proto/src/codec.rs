@@ -1,5 +1,11 @@
 //! Frame text <-> message. Decoding tells an unknown `type` from a malformed frame so that the
 //! receiver can answer with the right structured `error` and go on.
+//!
+//! A frame holds one message (a JSON object) or, once both sides agreed to batching at
+//! registration, a batch: a JSON array of messages, each of which is what it would be alone
+//! (same seq, same ack). A batch spares the per-frame costs (a read, a wakeup, a write, a
+//! TCP segment and an integrity tag) when many small messages are ready at once. One bad
+//! message in a batch is refused alone; the others are handled.
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -60,6 +66,137 @@ pub fn encode<T: serde::Serialize>(msg: &T) -> String {
         })
         .to_string()
     })
+}
+
+/// Default bounds of a batch frame: most messages, most bytes of JSON text.
+pub const MAX_BATCH_MESSAGES: u32 = 256;
+pub const MAX_BATCH_BYTES: u64 = 64 * 1024;
+
+/// Whether a frame's text is a batch (a JSON array) rather than one message.
+pub fn is_batch(text: &str) -> bool {
+    text.trim_start().starts_with('[')
+}
+
+/// Decodes a batch of worker messages: each element decoded on its own, in order.
+pub fn decode_worker_batch(
+    text: &str,
+    max_messages: u32,
+) -> Result<Vec<Result<WorkerMsg, DecodeError>>, DecodeError> {
+    decode_batch(text, max_messages, WORKER_MSG_TYPES)
+}
+
+/// Decodes a batch of coordinator messages: each element decoded on its own, in order.
+pub fn decode_coord_batch(
+    text: &str,
+    max_messages: u32,
+) -> Result<Vec<Result<CoordMsg, DecodeError>>, DecodeError> {
+    decode_batch(text, max_messages, COORD_MSG_TYPES)
+}
+
+/// Splits a batch into its elements without decoding them (one pass over the text), then
+/// decodes each. The batch itself fails when it is not an array of 1 to `max_messages`
+/// elements.
+fn decode_batch<T: DeserializeOwned>(
+    text: &str,
+    max_messages: u32,
+    known: &[&str],
+) -> Result<Vec<Result<T, DecodeError>>, DecodeError> {
+    let malformed = |reason: String| DecodeError::Malformed {
+        ty: None,
+        seq: None,
+        reason,
+    };
+    let parts: Vec<&serde_json::value::RawValue> =
+        serde_json::from_str(text).map_err(|e| malformed(format!("not a batch: {e}")))?;
+    if parts.is_empty() {
+        return Err(malformed("empty batch".into()));
+    }
+    if parts.len() > max_messages as usize {
+        return Err(malformed(format!(
+            "batch of {} messages exceeds the limit of {max_messages}",
+            parts.len()
+        )));
+    }
+    Ok(parts.into_iter().map(|p| decode(p.get(), known)).collect())
+}
+
+/// Builds one frame's text from several messages: the message itself when there is one, a
+/// batch when there are more.
+#[derive(Debug, Default)]
+pub struct Batch {
+    buf: Vec<u8>,
+    count: usize,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Messages pushed since the last [`Batch::take`].
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes of the frame text so far (the closing bracket aside).
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Adds a message.
+    pub fn push<T: serde::Serialize>(&mut self, msg: &T) {
+        self.buf.push(if self.count == 0 { b'[' } else { b',' });
+        let start = self.buf.len();
+        if serde_json::to_writer(&mut self.buf, msg).is_err() {
+            self.buf.truncate(start);
+            self.buf.extend_from_slice(encode(msg).as_bytes());
+        }
+        self.count += 1;
+    }
+
+    /// Adds a message, keeping the batch within `max_bytes`: when this message would take it
+    /// past them, the messages before it are returned as one frame's text and this one starts
+    /// the next batch. A single message larger than `max_bytes` still goes, alone.
+    pub fn push_within<T: serde::Serialize>(
+        &mut self,
+        msg: &T,
+        max_bytes: usize,
+    ) -> Option<String> {
+        let before = self.buf.len();
+        self.push(msg);
+        if self.count < 2 || self.buf.len() < max_bytes {
+            return None;
+        }
+        // With its closing bracket the batch would pass `max_bytes`. Everything after the
+        // separating comma is the new message.
+        let tail = self.buf.split_off(before + 1);
+        self.buf.truncate(before);
+        self.count -= 1;
+        let full = self.take();
+        self.buf.push(b'[');
+        self.buf.extend_from_slice(&tail);
+        self.count = 1;
+        Some(full)
+    }
+
+    /// The frame text of the messages pushed (empty when none), and a fresh start.
+    pub fn take(&mut self) -> String {
+        let mut buf = std::mem::take(&mut self.buf);
+        match std::mem::take(&mut self.count) {
+            0 => buf.clear(),
+            // One message goes as itself: drop the opening bracket.
+            1 => {
+                buf.remove(0);
+            }
+            _ => buf.push(b']'),
+        }
+        // INVARIANT: serde_json writes UTF-8, and the brackets and commas are ASCII.
+        String::from_utf8(buf).unwrap_or_default()
+    }
 }
 
 fn decode<T: DeserializeOwned>(text: &str, known: &[&str]) -> Result<T, DecodeError> {
@@ -176,6 +313,87 @@ mod tests {
             let e = decode_worker(junk).expect_err(junk);
             assert!(
                 matches!(e, DecodeError::Malformed { .. }),
+                "{junk:?}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_batch_round_trips_and_one_message_goes_as_itself() {
+        let all = samples::worker_messages();
+        let mut b = Batch::new();
+        for m in &all {
+            b.push(m);
+        }
+        assert_eq!(b.len(), all.len());
+        let text = b.take();
+        assert!(is_batch(&text));
+        assert!(b.is_empty() && b.bytes() == 0, "take starts afresh");
+        let decoded = decode_worker_batch(&text, MAX_BATCH_MESSAGES).expect("batch");
+        assert_eq!(decoded, all.iter().cloned().map(Ok).collect::<Vec<_>>());
+
+        b.push(&all[1]);
+        let one = b.take();
+        assert!(!is_batch(&one));
+        assert_eq!(decode_worker(&one), Ok(all[1].clone()));
+        assert_eq!(b.take(), "", "nothing pushed, nothing to send");
+
+        // Within a byte bound: the batch splits before the message that would overflow it.
+        let hb = encode(&all[1]);
+        let bound = 2 * hb.len() + 3;
+        let mut frames = Vec::new();
+        for _ in 0..5 {
+            frames.extend(b.push_within(&all[1], bound));
+        }
+        frames.push(b.take());
+        assert_eq!(frames.len(), 3, "{frames:?}");
+        for f in &frames[..2] {
+            assert!(f.len() <= bound, "{} > {bound}", f.len());
+            assert_eq!(decode_worker_batch(f, 2).expect("batch").len(), 2);
+        }
+        assert_eq!(decode_worker(&frames[2]), Ok(all[1].clone()));
+        // A message larger than the bound goes alone.
+        assert_eq!(b.push_within(&all[0], 10), None);
+        assert_eq!(
+            b.push_within(&all[1], 10).map(|f| decode_worker(&f)),
+            Some(Ok(all[0].clone()))
+        );
+        assert_eq!(decode_worker(&b.take()), Ok(all[1].clone()));
+
+        let coord = samples::coord_messages();
+        for m in &coord {
+            b.push(m);
+        }
+        let decoded = decode_coord_batch(&b.take(), MAX_BATCH_MESSAGES).expect("batch");
+        assert_eq!(decoded, coord.into_iter().map(Ok).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_bad_message_in_a_batch_fails_alone_and_a_bad_batch_fails_whole() {
+        let hb = encode(&samples::worker_messages()[1]);
+        let text = format!(
+            r#"[{hb},{{"type":"launch_missiles","seq":7}},{{"type":"task_result","seq":3}},{hb}]"#
+        );
+        let decoded = decode_worker_batch(&text, MAX_BATCH_MESSAGES).expect("batch");
+        assert_eq!(decoded.len(), 4);
+        assert!(decoded[0].is_ok() && decoded[3].is_ok());
+        assert!(matches!(
+            &decoded[1],
+            Err(DecodeError::UnknownType { seq: Some(7), .. })
+        ));
+        assert!(matches!(
+            &decoded[2],
+            Err(DecodeError::Malformed { seq: Some(3), .. })
+        ));
+        let nested = format!("[[{hb}]]");
+        assert!(matches!(
+            decode_worker_batch(&nested, MAX_BATCH_MESSAGES).expect("batch")[0],
+            Err(DecodeError::Malformed { .. })
+        ));
+        for junk in ["[]", "[", "[1,", "{}", "", &format!("[{hb},{hb},{hb}]")] {
+            let e = decode_worker_batch(junk, 2).expect_err(junk);
+            assert!(
+                matches!(e, DecodeError::Malformed { ty: None, .. }),
                 "{junk:?}: {e:?}"
             );
         }

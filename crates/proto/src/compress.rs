@@ -2,7 +2,10 @@
 //! zstd-compressed JSON of the same typed message, so the receiver always knows its type.
 //! Decompression is bounded: a frame that would inflate past the limit is refused (zip bomb).
 
+use std::cell::RefCell;
 use std::io::Read;
+
+use zstd::zstd_safe::{DCtx, ResetDirective};
 
 /// The one compression this protocol knows, as named in `registration` and `registration_ack`.
 pub const ZSTD: &str = "zstd";
@@ -22,16 +25,41 @@ pub enum InflateError {
     NotUtf8,
 }
 
+thread_local! {
+    // A zstd context costs more to make (hundreds of KiB zeroed) than a small frame costs to
+    // compress: each thread keeps one of each and reuses it.
+    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<DCtx<'static>> = RefCell::new(DCtx::create());
+}
+
 /// Compresses frame text.
 pub fn deflate(text: &str) -> Vec<u8> {
+    let packed = COMPRESSOR.with_borrow_mut(|c| {
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(LEVEL).ok();
+        }
+        c.as_mut()?.compress(text.as_bytes()).ok()
+    });
     // INVARIANT: compressing from memory into memory cannot fail but for out-of-memory.
-    zstd::bulk::compress(text.as_bytes(), LEVEL).unwrap_or_else(|_| text.as_bytes().to_vec())
+    packed.unwrap_or_else(|| text.as_bytes().to_vec())
 }
 
 /// Inflates a binary frame into frame text, refusing to produce more than `limit` bytes.
 pub fn inflate(bytes: &[u8], limit: usize) -> Result<String, InflateError> {
-    let decoder = zstd::stream::read::Decoder::new(bytes)
-        .map_err(|e| InflateError::Corrupt(e.to_string()))?;
+    DECOMPRESSOR.with_borrow_mut(|ctx| {
+        // A frame refused halfway leaves the context mid-stream.
+        ctx.reset(ResetDirective::SessionOnly)
+            .map_err(|code| InflateError::Corrupt(zstd::zstd_safe::get_error_name(code).into()))?;
+        inflate_with(ctx, bytes, limit)
+    })
+}
+
+fn inflate_with(
+    ctx: &mut DCtx<'static>,
+    bytes: &[u8],
+    limit: usize,
+) -> Result<String, InflateError> {
+    let decoder = zstd::stream::read::Decoder::with_context(bytes, ctx);
     let mut out = Vec::new();
     // One byte past the limit tells "exactly at the limit" from "over it".
     decoder
@@ -80,5 +108,19 @@ mod tests {
         ));
         let latin1 = zstd::bulk::compress(&[0xff, 0xfe], 1).expect("compress");
         assert_eq!(inflate(&latin1, 1024), Err(InflateError::NotUtf8));
+    }
+
+    #[test]
+    fn the_reused_contexts_start_afresh_after_a_refused_or_broken_frame() {
+        let text = format!(r#"{{"type":"task_state","state":"{}"}}"#, "xy".repeat(2000));
+        let packed = deflate(&text);
+        assert_eq!(
+            inflate(&deflate(&"0".repeat(1 << 20)), 1024),
+            Err(InflateError::TooBig { limit: 1024 })
+        );
+        assert_eq!(inflate(&packed, 1 << 20), Ok(text.clone()));
+        assert!(inflate(&packed[..packed.len() / 2], 1 << 20).is_err());
+        assert_eq!(inflate(&packed, 1 << 20), Ok(text.clone()));
+        assert_eq!(deflate(&text), packed, "the same input packs the same way");
     }
 }

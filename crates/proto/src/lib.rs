@@ -22,7 +22,7 @@ pub mod msg;
 pub mod samples;
 pub mod task;
 
-pub use codec::{DecodeError, decode_coord, decode_worker, encode};
+pub use codec::{Batch, DecodeError, decode_coord, decode_worker, encode, is_batch};
 pub use ids::{Attempt, CheckpointId, Seq, TaskId, WorkerId};
 pub use msg::{CoordMsg, PROTOCOL_VERSION, WorkerMsg};
 pub use task::{Outcome, TaskRef, TaskSpec, TaskStatus};

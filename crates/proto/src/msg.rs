@@ -94,6 +94,10 @@ pub struct Registration {
     /// integrity; with the welcome's `nonce` it keys the session (see [`crate::integrity`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_nonce: Option<String>,
+    /// The worker reads batch frames (a JSON array of messages, see [`crate::codec::Batch`])
+    /// and sends them once the coordinator agrees in `registration_ack`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub batching: bool,
     pub timestamp: DateTime<Utc>,
 }
 
@@ -296,7 +300,20 @@ pub struct RegistrationAck {
     /// The compression both sides use from now on for large messages; none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<String>,
+    /// Present when the coordinator agrees to the worker's `batching`: from the next frame on,
+    /// both sides may send batch frames within these bounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batching: Option<Batching>,
     pub timestamp: DateTime<Utc>,
+}
+
+/// Bounds of the batch frames a coordinator accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batching {
+    /// Most messages in one batch frame.
+    pub max_messages: u32,
+    /// Most bytes of one batch frame's JSON text.
+    pub max_bytes: u64,
 }
 
 /// What the worker must do with a task it reported at registration.

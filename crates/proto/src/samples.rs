@@ -44,6 +44,7 @@ pub fn worker_messages() -> Vec<WorkerMsg> {
             signature: Some("0".repeat(64)),
             compression: vec![crate::compress::ZSTD.into()],
             client_nonce: Some("cd".repeat(32)),
+            batching: true,
             timestamp: ts,
         }),
         WorkerMsg::Heartbeat(Heartbeat {
@@ -164,6 +165,10 @@ pub fn coord_messages() -> Vec<CoordMsg> {
                 reason: String::new(),
             }],
             compression: Some(crate::compress::ZSTD.into()),
+            batching: Some(Batching {
+                max_messages: 256,
+                max_bytes: 65_536,
+            }),
             timestamp: ts,
         }),
         CoordMsg::Heartbeat(HeartbeatReply {

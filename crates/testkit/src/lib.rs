@@ -28,6 +28,14 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// The messages of a frame's JSON: the elements of a batch, or the message itself.
+pub fn messages_of(v: serde_json::Value) -> Vec<serde_json::Value> {
+    match v {
+        serde_json::Value::Array(items) => items,
+        one => vec![one],
+    }
+}
+
 /// Waits until `f` returns `Some`, polling every 20 ms, or panics with `what` at `deadline`.
 pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
 where

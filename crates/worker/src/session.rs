@@ -9,15 +9,16 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tether_proto::auth::Challenge;
+use tether_proto::codec::decode_coord_batch;
 use tether_proto::compress::{InflateError, ZSTD, deflate, inflate};
 use tether_proto::integrity::{
     DEFAULT_MAX_FAILURES, Direction, HMAC_SHA256, MacError, Opener, Sealer, SessionKey,
 };
 use tether_proto::msg::{
-    CoordMsg, ErrorCode, ErrorMsg, Heartbeat, HeartbeatAction, Inventory, PROTOCOL_VERSION,
-    Registration, Telemetry, WorkerMsg, now,
+    Batching, CoordMsg, ErrorCode, ErrorMsg, Heartbeat, HeartbeatAction, Inventory,
+    PROTOCOL_VERSION, Registration, Telemetry, WorkerMsg, now,
 };
-use tether_proto::{decode_coord, encode};
+use tether_proto::{Batch, DecodeError, decode_coord, encode, is_batch};
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout_at};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -93,6 +94,8 @@ enum Data<'a> {
 
 enum Inbound {
     Msg(CoordMsg),
+    /// The messages of a batch frame, in order.
+    Msgs(Vec<CoordMsg>),
     /// Any frame that proves the link is alive but carries no message (ping, pong, bad frame).
     Other,
     Closed(String, Option<u16>),
@@ -110,6 +113,11 @@ pub(crate) struct Session<'a> {
     warned_types: std::collections::HashSet<String>,
     /// Large messages go zstd-compressed both ways (agreed in `registration_ack`).
     zstd: bool,
+    /// Outbox entries sent together go in one batch frame, within these bounds (agreed in
+    /// `registration_ack`).
+    batching: Option<Batching>,
+    /// While unsent entries are held back to go in one batch: when they go at the latest.
+    hold_until: Option<Instant>,
     /// Outbox entries sent in this session and not acknowledged yet: size and send time.
     in_flight: std::collections::HashMap<u64, (usize, Instant)>,
     in_flight_bytes: usize,
@@ -135,6 +143,8 @@ impl<'a> Session<'a> {
             pending_heartbeats: VecDeque::new(),
             warned_types: Default::default(),
             zstd: false,
+            batching: None,
+            hold_until: None,
             in_flight: Default::default(),
             in_flight_bytes: 0,
             heartbeat_every,
@@ -280,40 +290,71 @@ impl<'a> Session<'a> {
         Inbound::Closed(reason, None)
     }
 
-    /// Decodes one frame's text; an undecodable one is answered with `error`.
+    /// Decodes one frame's text (a message, or a batch when this worker offered batching); an
+    /// undecodable message is answered with `error`, the others of its batch are kept.
     async fn on_text(&mut self, text: &str) -> Inbound {
-        match decode_coord(text) {
-            Ok(msg) => {
-                metrics::counter!(m::MESSAGES_IN, "type" => msg.type_name()).increment(1);
-                Inbound::Msg(msg)
-            }
-            Err(e) => {
-                self.agent.shared.bad_frames.fetch_add(1, Ordering::Relaxed);
-                let ty = e.offending_type().unwrap_or_default();
-                if self.warned_types.insert(ty) {
-                    tracing::warn!(worker = %self.worker(), error = %e, "undecodable frame from coordinator");
+        if !is_batch(text) {
+            return match decode_coord(text) {
+                Ok(msg) => {
+                    metrics::counter!(m::MESSAGES_IN, "type" => msg.type_name()).increment(1);
+                    Inbound::Msg(msg)
                 }
-                let code = match e {
-                    tether_proto::DecodeError::UnknownType { .. } => ErrorCode::UnknownType,
-                    tether_proto::DecodeError::Malformed { .. } => ErrorCode::BadFrame,
-                };
-                let reply = WorkerMsg::Error(ErrorMsg {
-                    code,
-                    message: e.to_string(),
-                    offending_type: e.offending_type(),
-                    ref_seq: e.seq(),
-                    timestamp: now(),
-                });
-                let _ = self.send(&reply).await;
-                Inbound::Other
+                Err(e) => {
+                    self.on_undecodable(e).await;
+                    Inbound::Other
+                }
+            };
+        }
+        let decoded = match self.agent.cfg.batching {
+            true => decode_coord_batch(text, u32::MAX),
+            false => Err(DecodeError::Malformed {
+                ty: None,
+                seq: None,
+                reason: "batch frame, and this worker did not offer batching".into(),
+            }),
+        };
+        let mut msgs = Vec::new();
+        for d in decoded.unwrap_or_else(|e| vec![Err(e)]) {
+            match d {
+                Ok(msg) => {
+                    metrics::counter!(m::MESSAGES_IN, "type" => msg.type_name()).increment(1);
+                    msgs.push(msg);
+                }
+                Err(e) => self.on_undecodable(e).await,
             }
         }
+        Inbound::Msgs(msgs)
+    }
+
+    /// Counts an undecodable message, warns once per type, and tells the coordinator.
+    async fn on_undecodable(&mut self, e: DecodeError) {
+        self.agent.shared.bad_frames.fetch_add(1, Ordering::Relaxed);
+        let ty = e.offending_type().unwrap_or_default();
+        if self.warned_types.insert(ty) {
+            tracing::warn!(worker = %self.worker(), error = %e, "undecodable frame from coordinator");
+        }
+        let code = match e {
+            DecodeError::UnknownType { .. } => ErrorCode::UnknownType,
+            DecodeError::Malformed { .. } => ErrorCode::BadFrame,
+        };
+        let reply = WorkerMsg::Error(ErrorMsg {
+            code,
+            message: e.to_string(),
+            offending_type: e.offending_type(),
+            ref_seq: e.seq(),
+            timestamp: now(),
+        });
+        let _ = self.send(&reply).await;
     }
 
     /// A message's frame: text, or zstd in a binary frame when agreed and large enough.
     /// Tagged once the session is keyed.
     fn frame(&mut self, msg: &WorkerMsg) -> Message {
-        let text = encode(msg);
+        self.frame_text(encode(msg))
+    }
+
+    /// The frame of `text` (one message or a batch).
+    fn frame_text(&mut self, text: String) -> Message {
         if self.zstd && text.len() >= self.agent.cfg.compress_threshold {
             let packed = deflate(&text);
             crate::metrics::record_compression(text.len() as u64, packed.len() as u64);
@@ -360,7 +401,7 @@ impl<'a> Session<'a> {
                         other.type_name()
                     )));
                 }
-                Inbound::Other => continue,
+                Inbound::Other | Inbound::Msgs(_) => continue,
                 Inbound::Closed(r, code) => return Err(Self::closed_end(r, code)),
             }
         };
@@ -440,6 +481,7 @@ impl<'a> Session<'a> {
                 Vec::new()
             },
             client_nonce,
+            batching: a.cfg.batching,
             timestamp,
         });
         self.send(&reg).await.map_err(SessionEnd::NotRegistered)?;
@@ -451,6 +493,12 @@ impl<'a> Session<'a> {
                 Inbound::Msg(CoordMsg::Error(e)) => return Err(self.refusal_or_retry(&e)),
                 Inbound::Msg(CoordMsg::Heartbeat(_)) | Inbound::Other => continue,
                 Inbound::Msg(other) if early.len() < 1024 => early.push(other),
+                Inbound::Msgs(msgs) if early.len() + msgs.len() <= 1024 => early.extend(msgs),
+                Inbound::Msgs(_) => {
+                    return Err(SessionEnd::NotRegistered(
+                        "no registration_ack; got more than 1024 messages".into(),
+                    ));
+                }
                 Inbound::Msg(other) => {
                     return Err(SessionEnd::NotRegistered(format!(
                         "no registration_ack; got {} and more",
@@ -461,6 +509,7 @@ impl<'a> Session<'a> {
             }
         };
         self.zstd = self.agent.cfg.compression && ack.compression.as_deref() == Some(ZSTD);
+        self.batching = ack.batching.filter(|_| self.agent.cfg.batching);
         self.agent.runner.apply_directives(&ack.directives);
         self.agent.lost.clear();
         let outage = self.agent.shared.stats().on_registered();
@@ -567,12 +616,15 @@ impl<'a> Session<'a> {
         stats_log.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let outbox = self.agent.outbox.clone();
         loop {
-            if outbox.has_unsent() {
+            let waiting = outbox.unsent();
+            let holding = waiting.count > 0 && self.hold(waiting);
+            if waiting.count > 0 && !holding {
                 self.flush_outbox().await;
             }
             let deadline = self.deadline;
+            let hold_until = self.hold_until.unwrap_or(deadline);
             // More to send and room in the window: come straight back after any ready event.
-            let more = outbox.has_unsent() && self.in_flight_bytes < SEND_WINDOW;
+            let more = !holding && outbox.has_unsent() && self.in_flight_bytes < SEND_WINDOW;
             let ev = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
@@ -582,14 +634,22 @@ impl<'a> Session<'a> {
                 _ = ping.tick() => Ev::Ping,
                 _ = telemetry.tick() => Ev::Telemetry,
                 _ = stats_log.tick() => Ev::StatsLog,
-                _ = outbox.ready(), if !outbox.has_unsent() => Ev::Wake,
+                _ = outbox.ready(), if holding || !outbox.has_unsent() => Ev::Wake,
                 _ = std::future::ready(()), if more => Ev::Wake,
+                _ = sleep_until(hold_until), if holding => Ev::Wake,
             };
             match ev {
                 Ev::Frame(f) => match self.on_frame(f).await {
                     Inbound::Msg(m) => {
                         if let Err(reason) = self.handle(m).await {
                             return Ok(reason);
+                        }
+                    }
+                    Inbound::Msgs(msgs) => {
+                        for m in msgs {
+                            if let Err(reason) = self.handle(m).await {
+                                return Ok(reason);
+                            }
                         }
                     }
                     Inbound::Other => {}
@@ -623,6 +683,34 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Whether to hold the unsent entries back to gather a batch (Nagle's rule): only with
+    /// batching agreed, while earlier messages are unacknowledged, when none of those waiting
+    /// is urgent and they do not fill a batch yet, and for at most the linger.
+    fn hold(&mut self, waiting: crate::outbox::Unsent) -> bool {
+        let linger = self.agent.cfg.batch_linger;
+        let hold = match self.batching {
+            Some(limits) => {
+                !self.in_flight.is_empty()
+                    && !waiting.urgent
+                    && waiting.count < limits.max_messages as usize
+                    && !linger.is_zero()
+            }
+            None => false,
+        };
+        if !hold {
+            self.hold_until = None;
+            return false;
+        }
+        let until = *self
+            .hold_until
+            .get_or_insert_with(|| Instant::now() + linger);
+        if Instant::now() >= until {
+            self.hold_until = None;
+            return false;
+        }
+        true
+    }
+
     async fn flush_outbox(&mut self) {
         if self.in_flight_bytes >= SEND_WINDOW {
             self.forget_unacked();
@@ -631,15 +719,45 @@ impl<'a> Session<'a> {
         if budget == 0 {
             return;
         }
-        let batch = self.agent.outbox.take_unsent_within(SEND_BATCH, budget);
+        let taken = self.agent.outbox.take_unsent_within(SEND_BATCH, budget);
         let sent_at = Instant::now();
-        for (seq, msg, bytes) in &batch {
-            count_out(msg);
-            let frame = self.frame(msg.as_ref());
+        // Frames to feed: their text and the entries they carry.
+        let mut frames: Vec<(String, std::ops::Range<usize>)> = Vec::new();
+        match self.batching {
+            Some(limits) if taken.len() > 1 => {
+                let max_messages = (limits.max_messages as usize).max(1);
+                let mut batch = Batch::new();
+                let mut first = 0;
+                for (i, (_, msg, _)) in taken.iter().enumerate() {
+                    count_out(msg);
+                    if let Some(text) = batch.push_within(msg.as_ref(), limits.max_bytes as usize) {
+                        frames.push((text, first..i));
+                        first = i;
+                    }
+                    if batch.len() >= max_messages {
+                        frames.push((batch.take(), first..i + 1));
+                        first = i + 1;
+                    }
+                }
+                if !batch.is_empty() {
+                    frames.push((batch.take(), first..taken.len()));
+                }
+            }
+            _ => {
+                for (i, (_, msg, _)) in taken.iter().enumerate() {
+                    count_out(msg);
+                    frames.push((encode(msg.as_ref()), i..i + 1));
+                }
+            }
+        }
+        for (text, entries) in frames {
+            let frame = self.frame_text(text);
             match timeout_at(self.deadline, self.ws.feed(frame)).await {
                 Ok(Ok(())) => {
-                    self.in_flight.insert(seq.0, (*bytes, sent_at));
-                    self.in_flight_bytes += bytes;
+                    for (seq, _, bytes) in &taken[entries] {
+                        self.in_flight.insert(seq.0, (*bytes, sent_at));
+                        self.in_flight_bytes += bytes;
+                    }
                 }
                 // Unsent entries stay in the outbox and go again next session.
                 _ => return,

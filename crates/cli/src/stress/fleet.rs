@@ -64,6 +64,9 @@ pub struct FleetArgs {
     /// Seed of the workers' jitter (worker i uses seed + i).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Workers do not offer batch frames (one message per frame, as before batching).
+    #[arg(long)]
+    pub no_batching: bool,
 }
 
 /// Orchestrator -> fleet.
@@ -249,6 +252,7 @@ fn start(
         cfg.slots = a.slots;
         cfg.heartbeat_interval = a.heartbeat_interval;
         cfg.telemetry_interval = a.telemetry_interval;
+        cfg.batching = !a.no_batching;
         cfg.backoff = BackoffConfig {
             initial: a.backoff_initial,
             max: a.backoff_max,
@@ -386,15 +390,16 @@ impl Executor for Noop {
 #[derive(Deserialize)]
 struct FloodConfig {
     /// State updates per second.
-    rate: u64,
+    rate: f64,
     /// Bytes of padding in each update.
     size: usize,
     /// How long to flood.
     ms: u64,
 }
 
-/// `flood`: reports state at a set rate and size for a set time. Updates of one task coalesce
-/// in the outbox while unsent, so what the coordinator receives is at most this rate.
+/// `flood`: reports state at a set rate and size for a set time, one update per tick of
+/// 1 / rate, so that no two updates of a task are made together (updates of one task coalesce
+/// in the outbox while unsent: what the coordinator receives is at most this rate).
 struct Flood(Arc<Shared>);
 
 impl Executor for Flood {
@@ -406,10 +411,16 @@ impl Executor for Flood {
         let shared = self.0.clone();
         Box::pin(async move {
             let cfg: FloodConfig = config(input.config)?;
+            if !(cfg.rate.is_finite() && cfg.rate > 0.0) {
+                return Err(ExecError::InvalidConfig(format!(
+                    "rate {} is not positive",
+                    cfg.rate
+                )));
+            }
             let pad = "x".repeat(cfg.size);
-            let start = tokio::time::Instant::now();
-            let end = start + Duration::from_millis(cfg.ms);
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let end = tokio::time::Instant::now() + Duration::from_millis(cfg.ms);
+            let every = Duration::from_secs_f64(1.0 / cfg.rate).max(Duration::from_millis(1));
+            let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut sent = 0u64;
             loop {
@@ -417,17 +428,13 @@ impl Executor for Flood {
                     _ = tick.tick() => {}
                     _ = ctx.cancelled() => return Err(ExecError::Cancelled),
                 }
-                let now = tokio::time::Instant::now();
-                if now >= end {
+                if tokio::time::Instant::now() >= end {
                     break;
                 }
-                let due = (now - start).as_micros() as u64 * cfg.rate / 1_000_000;
-                while sent < due {
-                    sent += 1;
-                    ctx.report_state(serde_json::json!({"n": sent, "pad": pad}))
-                        .await;
-                    shared.flood_sent.fetch_add(1, Ordering::Relaxed);
-                }
+                sent += 1;
+                ctx.report_state(serde_json::json!({"n": sent, "pad": pad}))
+                    .await;
+                shared.flood_sent.fetch_add(1, Ordering::Relaxed);
             }
             Ok(serde_json::json!({"sent": sent}))
         })

@@ -108,6 +108,9 @@ pub struct StressArgs {
     /// Give up (and fail) after this long.
     #[arg(long, default_value = "600s", value_parser = parse_duration_arg)]
     pub deadline: Duration,
+    /// Workers do not offer batch frames: one message per frame, to compare.
+    #[arg(long)]
+    pub no_batching: bool,
     /// Print the report as JSON instead of Markdown.
     #[arg(long)]
     pub json: bool,

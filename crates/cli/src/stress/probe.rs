@@ -47,6 +47,7 @@ async fn probe(base: String, i: u32, rate: u32, until: Instant) -> anyhow::Resul
         signature: None,
         compression: Vec::new(),
         client_nonce: None,
+        batching: false,
         timestamp: now(),
     });
     ws.send(Message::Text(encode(&reg).into())).await?;

@@ -69,10 +69,12 @@ pub struct Report {
     pub reconnect_attempt_ms: Option<Dist>,
     /// The workers' largest reconnect delay with jitter: the jitter window.
     pub reconnect_window_ms: Option<f64>,
-    /// Worker messages handled by the coordinator per second (its `frames_in` counter).
+    /// Worker messages handled by the coordinator per second (its `messages_in` counter).
     pub messages_per_s: Option<f64>,
     /// State updates offered by the simulated tasks per second (before coalescing).
     pub offered_per_s: Option<f64>,
+    /// Worker messages per worker frame (above 1 with batch frames).
+    pub messages_per_frame: Option<f64>,
     /// Round trip of an acknowledged message (telemetry -> durable -> ack) under load.
     pub message_latency_ms: Option<Dist>,
     /// Tasks submitted, dispatched, executed and durably recorded per second.
@@ -166,6 +168,9 @@ impl Report {
         }
         if let Some(v) = self.offered_per_s {
             row("state updates offered per second", format!("{v:.0}"));
+        }
+        if let Some(v) = self.messages_per_frame {
+            row("worker messages per frame", format!("{v:.2}"));
         }
         if let Some(d) = &self.message_latency_ms {
             row("message latency (to durable ack), ms", dist(d));

@@ -96,16 +96,13 @@ impl Run {
             },
         )
         .await?;
-        let slots = a.slots.unwrap_or(match a.scenario {
-            Scenario::SteadyLoad => 4,
-            _ => 1,
-        });
+        let slots = flood_slots(&a);
         let telemetry = match a.scenario {
             Scenario::MessageFlood => "1s",
             _ => "30s",
         };
         let d = |d: Duration| format!("{}ms", d.as_millis());
-        let fleet_args = vec![
+        let mut fleet_args = vec![
             "--coordinator".into(),
             coord.url(),
             "--slots".into(),
@@ -119,6 +116,9 @@ impl Run {
             "--telemetry-interval".into(),
             telemetry.into(),
         ];
+        if a.no_batching {
+            fleet_args.push("--no-batching".into());
+        }
         let fleet = Fleet::spawn(&exe, &path.join("fleet.log"), &fleet_args)?;
         let pb = ProgressBar::new(workers);
         pb.set_style(
@@ -519,24 +519,38 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every worker runs a task that reports state at `--rate` per second with `--size` bytes;
-/// probes measure the round trip of acknowledged messages meanwhile.
+/// Slots per worker: `--slots`, else 4 in steady_load, 8 in message_flood, 1 otherwise.
+fn flood_slots(a: &StressArgs) -> u32 {
+    a.slots.unwrap_or(match a.scenario {
+        Scenario::SteadyLoad => 4,
+        Scenario::MessageFlood => 8,
+        _ => 1,
+    })
+}
+
+/// Every worker runs one task per slot; together they report state at `--rate` per second
+/// per worker with `--size` bytes, each task at its own pace; probes measure the round trip
+/// of acknowledged messages meanwhile.
 async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
     let n = run.workers;
     run.start_workers(n).await?;
     let duration = run.a.duration.unwrap_or(Duration::from_secs(10));
     let flood_ms = (duration + Duration::from_secs(3)).as_millis() as u64;
-    let cfg = json!({"rate": run.a.rate, "size": run.a.size, "ms": flood_ms});
-    run.submit((0..n).map(|_| spec("flood", cfg.clone(), 5)).collect())
+    let slots = u64::from(flood_slots(&run.a).max(1));
+    let per_task = run.a.rate as f64 / slots as f64;
+    let cfg = json!({"rate": per_task, "size": run.a.size, "ms": flood_ms});
+    let tasks = n * slots;
+    run.submit((0..tasks).map(|_| spec("flood", cfg.clone(), 5)).collect())
         .await?;
     run.wait_fleet(
         "floods starting",
-        n,
+        tasks,
         |s| s.executions,
-        move |s| s.executions >= n,
+        move |s| s.executions >= tasks,
     )
     .await?;
-    let f0 = run.counter("frames_in").await?;
+    let f0 = run.counter("messages_in").await?;
+    let w0 = run.counter("frames_in").await?;
     let s0 = run.fleet.now().flood_sent;
     let (c0, fc0) = (run.coord.sample().cpu_s, run.fleet.cpu_s());
     let t0 = Instant::now();
@@ -551,7 +565,8 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(250)).await;
         run.pb.set_position(t0.elapsed().as_secs());
     }
-    let f1 = run.counter("frames_in").await?;
+    let f1 = run.counter("messages_in").await?;
+    let w1 = run.counter("frames_in").await?;
     let s1 = run.fleet.now().flood_sent;
     let (c1, fc1) = (run.coord.sample().cpu_s, run.fleet.cpu_s());
     let dt = t0.elapsed().as_secs_f64();
@@ -563,6 +578,7 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
     r.fleet_us_per_message = Some((fc1 - fc0) * 1e6 / handled);
     r.messages_per_s = Some(mps);
     r.offered_per_s = Some((s1 - s0) as f64 / dt);
+    r.messages_per_frame = Some((f1 - f0) as f64 / (w1 - w0).max(1) as f64);
     r.message_latency_ms = Dist::of(lat);
     r.target(
         "at least 200,000 worker messages per second",
@@ -583,7 +599,7 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
         );
     }
     r.notes.push(format!(
-        "state updates of one task coalesce in the worker's outbox while unsent; {} probes x {} msgs/s time telemetry to its durable ack",
+        "{slots} flood tasks per worker at {per_task:.1} updates/s each; updates of one task coalesce in the worker's outbox while unsent; {} probes x {} msgs/s time telemetry to its durable ack",
         run.a.probes, run.a.probe_rate
     ));
     run.wait_all_terminal().await
@@ -599,7 +615,7 @@ async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
     let step_ms = 100u64;
     let steps = (duration.as_millis() as u64 / step_ms).max(2);
     let cfg = json!({"steps": steps, "step_ms": step_ms, "size": 1024});
-    let f0 = run.counter("frames_in").await?;
+    let f0 = run.counter("messages_in").await?;
     let t0 = Instant::now();
     run.submit((0..tasks).map(|_| spec("steps", cfg.clone(), 5)).collect())
         .await?;
@@ -627,7 +643,7 @@ async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
         .await?;
     run.wait_all_terminal().await?;
     let dt = t0.elapsed().as_secs_f64();
-    let f1 = run.counter("frames_in").await?;
+    let f1 = run.counter("messages_in").await?;
     let s = run.fleet.now();
     let r = &mut run.report;
     r.checkpoints = Some(s.checkpoints);

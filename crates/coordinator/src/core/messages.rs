@@ -236,6 +236,7 @@ impl Core {
                 session_id: session.id,
                 directives,
                 compression: compression.then(|| tether_proto::compress::ZSTD.to_owned()),
+                batching: self.cfg.batching().filter(|_| r.batching),
                 timestamp: now(),
             }),
         );

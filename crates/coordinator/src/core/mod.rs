@@ -102,7 +102,15 @@ pub struct Counters {
     pub requeued: AtomicU64,
     pub workers_lost: AtomicU64,
     pub sessions_replaced: AtomicU64,
+    /// Worker messages the core handled (from current sessions; a batch frame counts its
+    /// messages).
+    pub messages_in: AtomicU64,
+    /// Data frames received from workers (a batch frame counts once).
     pub frames_in: AtomicU64,
+    /// Batch frames received (several messages in one frame).
+    pub batch_frames_in: AtomicU64,
+    /// Batch frames sent.
+    pub batch_frames_out: AtomicU64,
     pub unknown_frames: AtomicU64,
     pub malformed_frames: AtomicU64,
     pub oversize_frames: AtomicU64,
@@ -330,7 +338,7 @@ impl Core {
                     .cloned();
                 // A frame of a replaced session is ignored: the newer session owns the worker.
                 if let Some(session) = current {
-                    self.counters.frames_in.fetch_add(1, Ordering::Relaxed);
+                    self.counters.messages_in.fetch_add(1, Ordering::Relaxed);
                     if let Some(w) = self.workers.get_mut(&worker) {
                         w.last_seen = now();
                     }

@@ -68,6 +68,7 @@ impl Harness {
                 signature: None,
                 compression: Vec::new(),
                 client_nonce: None,
+                batching: false,
                 timestamp: now(),
             }),
         );

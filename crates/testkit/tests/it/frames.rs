@@ -130,6 +130,7 @@ async fn the_coordinator_decodes_and_handles_every_worker_message() {
     assert_eq!(next_json(&mut ws).await["type"], "welcome");
     let samples = tether_proto::samples::worker_messages();
     let mut handled = Vec::new();
+    let mut pending = std::collections::VecDeque::new();
     for (k, msg) in samples.iter().enumerate() {
         ws.send(Message::text(tether_proto::encode(msg)))
             .await
@@ -151,9 +152,16 @@ async fn the_coordinator_decodes_and_handles_every_worker_message() {
         ))))
         .await
         .expect("send");
+        // The sample registration offers batching, so replies after the ack may come in
+        // batch frames: read message by message.
         let mut replies = Vec::new();
         loop {
-            let v = next_json(&mut ws).await;
+            if pending.is_empty() {
+                pending.extend(messages_of(next_json(&mut ws).await));
+            }
+            let Some(v) = pending.pop_front() else {
+                continue;
+            };
             if v["type"] == "telemetry_ack" && v["ack_seq"] == marker {
                 break;
             }

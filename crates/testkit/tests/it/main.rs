@@ -1,5 +1,6 @@
 //! Coordinator and workers together over real sockets on 127.0.0.1.
 
+mod batching;
 mod browser;
 mod dashboard;
 mod faults;
@@ -9,5 +10,6 @@ mod hostile;
 mod integrity;
 mod lifecycle;
 mod metrics;
+mod raw;
 mod recovery;
 mod tls;

@@ -41,3 +41,42 @@ async fn the_worker_decodes_and_handles_every_coordinator_message() {
     assert_eq!(fake.attempts().len(), 1);
     running.stop().await;
 }
+
+/// One batch frame holding every coordinator message and an unknown one: each is handled as
+/// if it came alone, the unknown one is refused alone. A worker that did not offer batching
+/// refuses the whole frame (and nothing in it runs).
+#[tokio::test(start_paused = true)]
+async fn the_worker_handles_a_batch_message_by_message() {
+    for batching in [true, false] {
+        let fake = FakeConnector::new(Script::BatchConformance);
+        let mut cfg = WorkerConfig::new(
+            "ws://coordinator.invalid:1",
+            WorkerId::parse("w").expect("id"),
+        );
+        cfg.batching = batching;
+        let running = Running::start(&fake, cfg);
+        let handle = running.handle.clone();
+        handle.wait_state(|s| s == ConnState::Connected).await;
+        let end = tokio::time::Instant::now() + Duration::from_secs(60);
+        while handle.shared.bad_frames.load(Ordering::SeqCst) < 1
+            && tokio::time::Instant::now() < end
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let expect = u64::from(batching);
+        assert_eq!(handle.executions(), expect, "batching {batching}");
+        assert_eq!(
+            handle.shared.bad_frames.load(Ordering::SeqCst),
+            1,
+            "the unknown message, or the refused batch (batching {batching})"
+        );
+        assert_eq!(
+            handle.shared.errors_received.load(Ordering::SeqCst),
+            expect,
+            "the sample error (batching {batching})"
+        );
+        assert_eq!(handle.state(), ConnState::Connected);
+        running.stop().await;
+    }
+}

@@ -27,6 +27,9 @@ pub enum Script {
     Healthy,
     /// Register, send one sample of every coordinator message, then answer heartbeats.
     Conformance,
+    /// Like `Conformance`, with batching agreed and the samples in one batch frame, an
+    /// unknown message among them.
+    BatchConformance,
 }
 
 #[derive(Clone)]
@@ -105,6 +108,10 @@ async fn serve(io: tokio::io::DuplexStream, script: Script) {
     let _ = ws
         .send(send(CoordMsg::RegistrationAck(RegistrationAck {
             compression: None,
+            batching: (script == Script::BatchConformance).then_some(tether_proto::msg::Batching {
+                max_messages: 256,
+                max_bytes: 65_536,
+            }),
             worker_id: worker,
             session_id: 1,
             directives: vec![],
@@ -119,11 +126,21 @@ async fn serve(io: tokio::io::DuplexStream, script: Script) {
             // Hold the connection open and never read or write again.
             std::future::pending::<()>().await;
         }
-        Script::Healthy | Script::Conformance => {
+        Script::Healthy | Script::Conformance | Script::BatchConformance => {
             if script == Script::Conformance {
                 for m in tether_proto::samples::coord_messages() {
                     let _ = ws.send(send(m)).await;
                 }
+            }
+            if script == Script::BatchConformance {
+                let mut batch = tether_proto::Batch::new();
+                for (i, m) in tether_proto::samples::coord_messages().iter().enumerate() {
+                    batch.push(m);
+                    if i == 3 {
+                        batch.push(&serde_json::json!({"type": "bogus", "seq": 5}));
+                    }
+                }
+                let _ = ws.send(Message::text(batch.take())).await;
             }
             while let Some(Ok(m)) = ws.next().await {
                 if let Message::Text(t) = m

@@ -208,6 +208,7 @@ async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>) {
                 };
                 let mut v = vec![CoordMsg::RegistrationAck(RegistrationAck {
                     compression: None,
+                    batching: None,
                     worker_id: worker.clone(),
                     session_id: 1,
                     directives: vec![],

@@ -1,0 +1,250 @@
+//! Batch frames over real sockets: agreed at registration, handled message by message (a bad
+//! one refused alone), answered in batch frames, bounded, and charged to the session's message
+//! rate by their messages; real workers that batch, with integrity tags and compression on,
+//! lose nothing and record nothing twice.
+
+use std::collections::BTreeMap;
+
+use futures_util::SinkExt;
+use serde_json::{Value, json};
+use tether_coordinator::auth::WorkerAuth;
+use tether_proto::Seq;
+use tether_proto::auth::Secret;
+use tether_proto::msg::{Telemetry, WorkerMsg, now};
+use tether_proto::task::ConnStats;
+use tether_testkit::*;
+use tether_worker::{ConnState, Executors};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::raw::{Raw, counter};
+
+fn telemetry(seq: u64) -> Value {
+    serde_json::to_value(WorkerMsg::Telemetry(Telemetry {
+        seq: Seq(seq),
+        connection_stats: ConnStats::default(),
+        metrics: Value::Null,
+        timestamp: now(),
+    }))
+    .expect("json")
+}
+
+fn batch(items: &[Value]) -> Message {
+    Message::text(Value::Array(items.to_vec()).to_string())
+}
+
+/// A hand-driven worker, registered with or without batching, and its `registration_ack`.
+async fn registered(c: &TestCoordinator, id: &str, batching: bool) -> (Raw, Value) {
+    let mut r = Raw::connect(c, id).await;
+    let mut reg = r.registration(None, &[]);
+    reg["batching"] = batching.into();
+    r.send(&reg).await;
+    let ack = r.next_of("registration_ack").await;
+    (r, ack)
+}
+
+/// Reads messages until `done` says the replies seen so far are complete.
+async fn read_until(r: &mut Raw, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    let mut seen = Vec::new();
+    while !done(&seen) {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "replies so far: {seen:?}"
+        );
+        seen.push(r.next().await);
+    }
+    seen
+}
+
+fn acks_by_seq(replies: &[Value]) -> BTreeMap<u64, usize> {
+    let mut acks = BTreeMap::new();
+    for v in replies.iter().filter(|v| v["type"] == "telemetry_ack") {
+        *acks
+            .entry(v["ack_seq"].as_u64().expect("ack_seq"))
+            .or_default() += 1;
+    }
+    acks
+}
+
+#[tokio::test]
+async fn a_batch_frame_is_handled_message_by_message_and_answered_in_batch_frames() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (mut r, ack) = registered(&c, "batcher", true).await;
+    assert_eq!(
+        ack["batching"],
+        json!({"max_messages": 256, "max_bytes": 65536}),
+        "{ack}"
+    );
+    let mut items: Vec<Value> = (1..=20).map(telemetry).collect();
+    items.insert(
+        5,
+        json!({"type": "heartbeat", "sequence": 77, "timestamp": now()}),
+    );
+    items.insert(10, json!({"type": "launch_missiles", "seq": 78}));
+    items.insert(15, json!({"type": "task_state", "seq": 79}));
+    r.ws.send(batch(&items)).await.expect("send");
+    let replies = read_until(&mut r, |seen| {
+        acks_by_seq(seen).len() == 20
+            && seen.iter().filter(|v| v["type"] == "error").count() == 2
+            && seen.iter().any(|v| v["response_to"] == 77)
+    })
+    .await;
+    assert!(
+        acks_by_seq(&replies).values().all(|&n| n == 1),
+        "each message acknowledged once: {replies:?}"
+    );
+    let errors: Vec<(&Value, &Value)> = replies
+        .iter()
+        .filter(|v| v["type"] == "error")
+        .map(|v| (&v["code"], &v["ref_seq"]))
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            (&json!("unknown_type"), &json!(78)),
+            (&json!("bad_frame"), &json!(79))
+        ]
+    );
+    // The session goes on; a lone message after the batch is answered as usual.
+    r.send(&telemetry(100)).await;
+    let v = r.next_of("telemetry_ack").await;
+    assert_eq!(v["ack_seq"], 100);
+    let o = c.client().overview().await;
+    assert_eq!(counter(&o, "batch_frames_in"), 1, "{o}");
+    assert_eq!(
+        counter(&o, "frames_in"),
+        3,
+        "registration, batch, lone message"
+    );
+    assert_eq!(
+        counter(&o, "messages_in"),
+        22,
+        "registration and 21 telemetry"
+    );
+    assert_eq!(counter(&o, "unknown_frames"), 1);
+    assert_eq!(counter(&o, "malformed_frames"), 1);
+    assert!(
+        counter(&o, "batch_frames_out") >= 1,
+        "the acks of one commit go in a batch frame: {o}"
+    );
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn batch_frames_need_agreement_and_stay_within_their_bounds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+
+    // Not agreed: the whole frame is refused, none of its messages handled.
+    let (mut r, ack) = registered(&c, "plain", false).await;
+    assert_eq!(ack["batching"], Value::Null, "{ack}");
+    r.ws.send(batch(&[telemetry(1), telemetry(2)]))
+        .await
+        .expect("send");
+    let e = r.next_of("error").await;
+    assert_eq!(e["code"], "bad_frame", "{e}");
+    assert!(
+        e["message"].as_str().unwrap_or_default().contains("agreed"),
+        "{e}"
+    );
+    r.send(&telemetry(3)).await;
+    let replies = read_until(&mut r, |seen| acks_by_seq(seen).contains_key(&3)).await;
+    assert_eq!(acks_by_seq(&replies).keys().collect::<Vec<_>>(), [&3]);
+
+    // Agreed: more than 256 messages, or none, is refused whole.
+    let (mut r, _) = registered(&c, "greedy", true).await;
+    let too_many: Vec<Value> = (1..=257).map(telemetry).collect();
+    r.ws.send(batch(&too_many)).await.expect("send");
+    let e = r.next_of("error").await;
+    assert_eq!(e["code"], "bad_frame", "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("exceeds"),
+        "{e}"
+    );
+    r.ws.send(Message::text("[]")).await.expect("send");
+    let e = r.next_of("error").await;
+    assert!(
+        e["message"].as_str().unwrap_or_default().contains("empty"),
+        "{e}"
+    );
+    r.send(&telemetry(300)).await;
+    let replies = read_until(&mut r, |seen| acks_by_seq(seen).contains_key(&300)).await;
+    assert_eq!(acks_by_seq(&replies).keys().collect::<Vec<_>>(), [&300]);
+
+    let o = c.client().overview().await;
+    assert_eq!(counter(&o, "batch_frames_in"), 0, "{o}");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_is_charged_to_the_message_rate_by_its_messages() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.limits.messages_per_sec = 20.0;
+    cfg.limits.message_burst = 20;
+    let c = spawn_coordinator_with(cfg, None).await;
+    let (mut r, _) = registered(&c, "bulk", true).await;
+    // Within the burst by frames (registration, batch, lone message), far over it by messages.
+    let items: Vec<Value> = (1..=60).map(telemetry).collect();
+    r.ws.send(batch(&items)).await.expect("send");
+    r.send(&telemetry(61)).await;
+    let replies = read_until(&mut r, |seen| acks_by_seq(seen).len() == 61).await;
+    assert!(
+        replies
+            .iter()
+            .any(|v| v["type"] == "error" && v["code"] == "rate_limited"),
+        "{replies:?}"
+    );
+    let o = c.client().overview().await;
+    assert!(counter(&o, "rate_limited") >= 1, "{o}");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn workers_that_batch_lose_nothing_with_integrity_tags_and_compression() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = Secret::new(b"fleet secret for the batching tests").expect("secret");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    let mut auth = WorkerAuth::fleet(secret.clone());
+    auth.message_mac = true;
+    cfg.auth = Some(auth);
+    // Small enough that batches of a few updates go compressed.
+    cfg.compress_threshold = 256;
+    let c = spawn_coordinator_with(cfg, None).await;
+    let client = c.client();
+
+    // One worker per protocol: an old-style one (one message per frame), then one that batches.
+    for (id, batching, tasks) in [("single", false, 8), ("batcher", true, 32)] {
+        let mut wc = fast_worker_config(&c.ws_url(), id);
+        wc.secret = Some(secret.clone());
+        wc.slots = 8;
+        wc.batching = batching;
+        wc.compress_threshold = 256;
+        let w = spawn_worker(wc, Executors::builtin());
+        w.handle.wait_state(|s| s == ConnState::Connected).await;
+        let specs: Vec<_> = (0..tasks).map(|_| sleep_task(10, 10, 3)).collect();
+        let ids = client.submit(&specs).await;
+        for id in &ids {
+            client.wait_status(id, "completed").await;
+            let results = client.results(id).await;
+            assert_eq!(results.len(), 1, "task {id}: {results:?}");
+        }
+        let o = client.overview().await;
+        match batching {
+            false => assert_eq!(counter(&o, "batch_frames_in"), 0, "{o}"),
+            true => {
+                assert!(counter(&o, "batch_frames_in") > 0, "{o}");
+                assert!(counter(&o, "batch_frames_out") > 0, "{o}");
+                assert!(counter(&o, "compressed_in_frames") > 0, "{o}");
+            }
+        }
+        assert_eq!(counter(&o, "mac_failures"), 0, "{o}");
+        assert_eq!(counter(&o, "results_duplicate"), 0, "{o}");
+        w.stop().await.expect("clean stop");
+    }
+    c.stop().await;
+}
