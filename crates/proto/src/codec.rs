@@ -7,6 +7,8 @@
 //! TCP segment and an integrity tag) when many small messages are ready at once. One bad
 //! message in a batch is refused alone; the others are handled.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -45,12 +47,87 @@ impl DecodeError {
 
 /// Decodes a worker frame.
 pub fn decode_worker(text: &str) -> Result<WorkerMsg, DecodeError> {
-    decode(text, WORKER_MSG_TYPES)
+    match type_of(text).and_then(|ty| worker_variant(&ty, text)) {
+        Some(Ok(m)) => Ok(m),
+        Some(Err(e)) => Err(classify(text, WORKER_MSG_TYPES, e)),
+        None => decode(text, WORKER_MSG_TYPES),
+    }
 }
 
 /// Decodes a coordinator frame.
 pub fn decode_coord(text: &str) -> Result<CoordMsg, DecodeError> {
-    decode(text, COORD_MSG_TYPES)
+    match type_of(text).and_then(|ty| coord_variant(&ty, text)) {
+        Some(Ok(m)) => Ok(m),
+        Some(Err(e)) => Err(classify(text, COORD_MSG_TYPES, e)),
+        None => decode(text, COORD_MSG_TYPES),
+    }
+}
+
+/// The `type` of a message: read off its front when it starts with it, as every message this
+/// crate encodes does, else found by a pass over its keys. Knowing the type first lets the
+/// variant's struct be decoded straight from the text (it ignores the `type` key like any
+/// unknown field); decoding the `type`-tagged enum would first copy the whole message into an
+/// intermediate tree, which costs more than the decoding itself.
+fn type_of(text: &str) -> Option<Cow<'_, str>> {
+    if let Some(rest) = text.strip_prefix(r#"{"type":""#)
+        && let Some(ty) = rest.split('"').next()
+        && !ty.contains('\\')
+    {
+        return Some(Cow::Borrowed(ty));
+    }
+    #[derive(Deserialize)]
+    struct Tag<'a> {
+        #[serde(rename = "type", borrow)]
+        ty: Cow<'a, str>,
+    }
+    serde_json::from_str::<Tag<'_>>(text).ok().map(|t| t.ty)
+}
+
+/// Decodes the worker message of type `ty`; `None` for a type this side does not know.
+fn worker_variant(ty: &str, text: &str) -> Option<serde_json::Result<WorkerMsg>> {
+    use serde_json::from_str as de;
+    Some(match ty {
+        "registration" => de(text).map(WorkerMsg::Registration),
+        "heartbeat" => de(text).map(WorkerMsg::Heartbeat),
+        "task_result" => de(text).map(WorkerMsg::TaskResult),
+        "task_state" => de(text).map(WorkerMsg::TaskState),
+        "checkpoint" => de(text).map(WorkerMsg::Checkpoint),
+        "checkpoint_data" => de(text).map(WorkerMsg::CheckpointData),
+        "checkpoint_error" => de(text).map(WorkerMsg::CheckpointError),
+        "state_error" => de(text).map(WorkerMsg::StateError),
+        "task_cancelled" => de(text).map(WorkerMsg::TaskCancelled),
+        "task_paused" => de(text).map(WorkerMsg::TaskPaused),
+        "task_resumed" => de(text).map(WorkerMsg::TaskResumed),
+        "telemetry" => de(text).map(WorkerMsg::Telemetry),
+        "error" => de(text).map(WorkerMsg::Error),
+        _ => return None,
+    })
+}
+
+/// Decodes the coordinator message of type `ty`; `None` for a type this side does not know.
+fn coord_variant(ty: &str, text: &str) -> Option<serde_json::Result<CoordMsg>> {
+    use serde_json::from_str as de;
+    Some(match ty {
+        "welcome" => de(text).map(CoordMsg::Welcome),
+        "registration_ack" => de(text).map(CoordMsg::RegistrationAck),
+        "heartbeat" => de(text).map(CoordMsg::Heartbeat),
+        "task_assignment" => de(text).map(CoordMsg::TaskAssignment),
+        "task_result_ack" => de(text).map(CoordMsg::TaskResultAck),
+        "task_state_ack" => de(text).map(CoordMsg::TaskStateAck),
+        "checkpoint_ack" => de(text).map(CoordMsg::CheckpointAck),
+        "checkpoint_data_ack" => de(text).map(CoordMsg::CheckpointDataAck),
+        "task_cancelled_ack" => de(text).map(CoordMsg::TaskCancelledAck),
+        "task_paused_ack" => de(text).map(CoordMsg::TaskPausedAck),
+        "task_resumed_ack" => de(text).map(CoordMsg::TaskResumedAck),
+        "telemetry_ack" => de(text).map(CoordMsg::TelemetryAck),
+        "checkpoint_request" => de(text).map(CoordMsg::CheckpointRequest),
+        "state_request" => de(text).map(CoordMsg::StateRequest),
+        "cancel_task" => de(text).map(CoordMsg::CancelTask),
+        "pause_task" => de(text).map(CoordMsg::PauseTask),
+        "resume_task" => de(text).map(CoordMsg::ResumeTask),
+        "error" => de(text).map(CoordMsg::Error),
+        _ => return None,
+    })
 }
 
 /// Encodes a message as frame text.
@@ -397,6 +474,37 @@ mod tests {
                 "{junk:?}: {e:?}"
             );
         }
+    }
+
+    #[test]
+    fn every_type_decodes_straight_into_its_variant_wherever_the_type_key_is() {
+        for m in samples::worker_messages() {
+            let text = encode(&m);
+            assert_eq!(type_of(&text).as_deref(), Some(m.type_name()));
+            let direct = worker_variant(m.type_name(), &text).expect("a known type");
+            assert_eq!(direct.expect("decodes"), m);
+            // The same message with `type` last, and with spaces: the slow way to the type.
+            let mut v: serde_json::Value = serde_json::from_str(&text).expect("json");
+            let ty = v
+                .as_object_mut()
+                .expect("object")
+                .remove("type")
+                .expect("type");
+            v.as_object_mut().expect("object").insert("type".into(), ty);
+            let moved = serde_json::to_string_pretty(&v).expect("json");
+            assert!(!moved.starts_with(r#"{"type""#));
+            assert_eq!(decode_worker(&moved), Ok(m));
+        }
+        for m in samples::coord_messages() {
+            let text = encode(&m);
+            let direct = coord_variant(m.type_name(), &text).expect("a known type");
+            assert_eq!(direct.expect("decodes"), m);
+        }
+        let escaped = r#"{"type":"heart\u0062eat","sequence":1,"active_tasks":[],"timestamp":"2026-01-01T00:00:00Z"}"#;
+        assert!(matches!(
+            decode_worker(escaped),
+            Ok(WorkerMsg::Heartbeat(_))
+        ));
     }
 
     #[test]
