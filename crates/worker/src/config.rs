@@ -13,8 +13,6 @@ use crate::executor::DEFAULT_CHUNK_SIZE;
 use crate::outbox::Limits;
 
 /// Default application heartbeat interval.
-/// Default of [`WorkerConfig::batch_linger`].
-pub const DEFAULT_BATCH_LINGER: Duration = Duration::from_millis(5);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// Default silence after which a session is declared dead.
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -81,11 +79,6 @@ pub struct WorkerConfig {
     /// Offer batch frames at registration: once agreed, the outbox entries sent together go
     /// in one frame.
     pub batching: bool,
-    /// With batching agreed, the longest a state update, checkpoint or telemetry entry is held
-    /// back while earlier messages are unacknowledged, so that it goes with the ones after it
-    /// (Nagle's rule: nothing is held while nothing is in flight, and results and control
-    /// notices are never held). Zero sends at once.
-    pub batch_linger: Duration,
 }
 
 impl WorkerConfig {
@@ -119,7 +112,6 @@ impl WorkerConfig {
             compression: true,
             compress_threshold: tether_proto::compress::DEFAULT_THRESHOLD,
             batching: true,
-            batch_linger: DEFAULT_BATCH_LINGER,
         }
     }
 }

@@ -68,13 +68,6 @@ struct Inner {
     full: bool,
 }
 
-/// See [`Outbox::unsent`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Unsent {
-    pub count: usize,
-    pub urgent: bool,
-}
-
 /// Bounds of an outbox.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -335,16 +328,6 @@ impl Outbox {
         !self.lock().unsent.is_empty()
     }
 
-    /// What waits to be sent: how many entries, and whether one is urgent (a result or a
-    /// control notice, which a sender gathering a batch should not hold back).
-    pub fn unsent(&self) -> Unsent {
-        let inner = self.lock();
-        Unsent {
-            count: inner.unsent.len(),
-            urgent: inner.unsent.first().is_some_and(|k| k.0 < Class::State),
-        }
-    }
-
     pub fn len(&self) -> usize {
         self.lock().entries.len()
     }
@@ -521,45 +504,6 @@ mod tests {
             .into_iter()
             .map(|(s, _)| s.0)
             .collect()
-    }
-
-    #[test]
-    fn unsent_tells_how_many_wait_and_whether_one_is_urgent() {
-        let ob = Outbox::new(Limits::default());
-        assert_eq!(
-            ob.unsent(),
-            Unsent {
-                count: 0,
-                urgent: false
-            }
-        );
-        state(&ob, "a", 1);
-        state(&ob, "b", 1);
-        state(&ob, "a", 2);
-        assert_eq!(
-            ob.unsent(),
-            Unsent {
-                count: 2,
-                urgent: false
-            },
-            "a's updates coalesce"
-        );
-        let r = result(&ob, "c");
-        assert_eq!(
-            ob.unsent(),
-            Unsent {
-                count: 3,
-                urgent: true
-            }
-        );
-        assert_eq!(ob.take_unsent(1)[0].0, r, "the urgent entry goes first");
-        assert_eq!(
-            ob.unsent(),
-            Unsent {
-                count: 2,
-                urgent: false
-            }
-        );
     }
 
     #[test]

@@ -116,8 +116,6 @@ pub(crate) struct Session<'a> {
     /// Outbox entries sent together go in one batch frame, within these bounds (agreed in
     /// `registration_ack`).
     batching: Option<Batching>,
-    /// While unsent entries are held back to go in one batch: when they go at the latest.
-    hold_until: Option<Instant>,
     /// Outbox entries sent in this session and not acknowledged yet: size and send time.
     in_flight: std::collections::HashMap<u64, (usize, Instant)>,
     in_flight_bytes: usize,
@@ -144,7 +142,6 @@ impl<'a> Session<'a> {
             warned_types: Default::default(),
             zstd: false,
             batching: None,
-            hold_until: None,
             in_flight: Default::default(),
             in_flight_bytes: 0,
             heartbeat_every,
@@ -616,15 +613,12 @@ impl<'a> Session<'a> {
         stats_log.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let outbox = self.agent.outbox.clone();
         loop {
-            let waiting = outbox.unsent();
-            let holding = waiting.count > 0 && self.hold(waiting);
-            if waiting.count > 0 && !holding {
+            if outbox.has_unsent() {
                 self.flush_outbox().await;
             }
             let deadline = self.deadline;
-            let hold_until = self.hold_until.unwrap_or(deadline);
             // More to send and room in the window: come straight back after any ready event.
-            let more = !holding && outbox.has_unsent() && self.in_flight_bytes < SEND_WINDOW;
+            let more = outbox.has_unsent() && self.in_flight_bytes < SEND_WINDOW;
             let ev = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
@@ -634,9 +628,8 @@ impl<'a> Session<'a> {
                 _ = ping.tick() => Ev::Ping,
                 _ = telemetry.tick() => Ev::Telemetry,
                 _ = stats_log.tick() => Ev::StatsLog,
-                _ = outbox.ready(), if holding || !outbox.has_unsent() => Ev::Wake,
+                _ = outbox.ready(), if !outbox.has_unsent() => Ev::Wake,
                 _ = std::future::ready(()), if more => Ev::Wake,
-                _ = sleep_until(hold_until), if holding => Ev::Wake,
             };
             match ev {
                 Ev::Frame(f) => match self.on_frame(f).await {
@@ -681,34 +674,6 @@ impl<'a> Session<'a> {
                 Ev::Wake => {}
             }
         }
-    }
-
-    /// Whether to hold the unsent entries back to gather a batch (Nagle's rule): only with
-    /// batching agreed, while earlier messages are unacknowledged, when none of those waiting
-    /// is urgent and they do not fill a batch yet, and for at most the linger.
-    fn hold(&mut self, waiting: crate::outbox::Unsent) -> bool {
-        let linger = self.agent.cfg.batch_linger;
-        let hold = match self.batching {
-            Some(limits) => {
-                !self.in_flight.is_empty()
-                    && !waiting.urgent
-                    && waiting.count < limits.max_messages as usize
-                    && !linger.is_zero()
-            }
-            None => false,
-        };
-        if !hold {
-            self.hold_until = None;
-            return false;
-        }
-        let until = *self
-            .hold_until
-            .get_or_insert_with(|| Instant::now() + linger);
-        if Instant::now() >= until {
-            self.hold_until = None;
-            return false;
-        }
-        true
     }
 
     async fn flush_outbox(&mut self) {

@@ -67,9 +67,6 @@ pub struct FleetArgs {
     /// Workers do not offer batch frames (one message per frame, as before batching).
     #[arg(long)]
     pub no_batching: bool,
-    /// Longest a non-urgent message waits for others while earlier ones are unacknowledged.
-    #[arg(long, default_value = "5ms", value_parser = parse_duration_arg)]
-    pub batch_linger: Duration,
 }
 
 /// Orchestrator -> fleet.
@@ -256,7 +253,6 @@ fn start(
         cfg.heartbeat_interval = a.heartbeat_interval;
         cfg.telemetry_interval = a.telemetry_interval;
         cfg.batching = !a.no_batching;
-        cfg.batch_linger = a.batch_linger;
         cfg.backoff = BackoffConfig {
             initial: a.backoff_initial,
             max: a.backoff_max,

@@ -111,10 +111,6 @@ pub struct StressArgs {
     /// Workers do not offer batch frames: one message per frame, to compare.
     #[arg(long)]
     pub no_batching: bool,
-    /// Workers' batch linger: the longest a state update waits for others to share its frame
-    /// while earlier messages are unacknowledged.
-    #[arg(long, default_value = "5ms", value_parser = parse_duration_arg)]
-    pub batch_linger: Duration,
     /// Print the report as JSON instead of Markdown.
     #[arg(long)]
     pub json: bool,

@@ -115,8 +115,6 @@ impl Run {
             d(a.max_reconnect_delay),
             "--telemetry-interval".into(),
             telemetry.into(),
-            "--batch-linger".into(),
-            d(a.batch_linger),
         ];
         if a.no_batching {
             fleet_args.push("--no-batching".into());
