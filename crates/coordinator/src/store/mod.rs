@@ -143,6 +143,11 @@ pub fn open(dir: &Path) -> Result<(Connection, Loaded), StoreError> {
     })?;
     let path = dir.join(DB_FILE);
     let conn = schema::open_checked(&path)?;
+    // What a previous process logged and did not fold yet.
+    compact_states(&conn).map_err(|source| StoreError::Sql {
+        path: path.clone(),
+        source,
+    })?;
     let loaded = load(&conn).map_err(|e| match e {
         LoadError::Sql(source) => StoreError::Sql {
             path: path.clone(),
@@ -256,6 +261,8 @@ pub fn spawn_writer(
         .name("tether-store".into())
         .spawn(move || {
             let mut conn = conn;
+            // Rows in the state log (at most: a fold inside a commit empties it earlier).
+            let (mut log_rows, mut folded_at) = (0usize, Instant::now());
             while let Some(first) = rx.blocking_recv() {
                 let mut batches = vec![first];
                 while batches.len() < max_group {
@@ -267,10 +274,18 @@ pub fn spawn_writer(
                 let started = Instant::now();
                 let n_muts: usize = batches.iter().map(|b| b.muts.len()).sum();
                 if n_muts > 0 {
-                    if let Err(e) = commit(&mut conn, &mut batches) {
-                        tracing::error!(db = %path.display(), error = %e, "commit failed; stopping the coordinator without acknowledging");
-                        fatal.cancel();
-                        return;
+                    match commit(&mut conn, &mut batches) {
+                        Ok(c) => {
+                            if c.folded {
+                                (log_rows, folded_at) = (0, Instant::now());
+                            }
+                            log_rows += c.logged;
+                        }
+                        Err(e) => {
+                            tracing::error!(db = %path.display(), error = %e, "commit failed; stopping the coordinator without acknowledging");
+                            fatal.cancel();
+                            return;
+                        }
                     }
                     stats.commits.fetch_add(1, Ordering::Relaxed);
                     crate::metrics::observe(crate::metrics::STORE_COMMIT, started.elapsed());
@@ -286,6 +301,21 @@ pub fn spawn_writer(
                     for effect in b.effects {
                         effect(&conn);
                     }
+                }
+                // After the effects: the acks of this group do not wait for a fold.
+                if log_rows >= COMPACT_ROWS || (log_rows > 0 && folded_at.elapsed() >= COMPACT_EVERY) {
+                    let folded = conn
+                        .unchecked_transaction()
+                        .and_then(|tx| compact_states(&tx).and_then(|n| tx.commit().map(|()| n)));
+                    match folded {
+                        Ok(n) => tracing::debug!(rows = n, "state log folded"),
+                        Err(e) => {
+                            tracing::error!(db = %path.display(), error = %e, "folding the state log failed; stopping the coordinator");
+                            fatal.cancel();
+                            return;
+                        }
+                    }
+                    (log_rows, folded_at) = (0, Instant::now());
                 }
             }
             // The core is gone: flush nothing more, just checkpoint the WAL.
@@ -313,7 +343,16 @@ impl Mutation {
     }
 }
 
-fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<()> {
+/// What a group commit did to the state log.
+#[derive(Debug, Default, Clone, Copy)]
+struct Committed {
+    /// States appended to the log.
+    logged: usize,
+    /// Whether the log was folded (before a task's deletion).
+    folded: bool,
+}
+
+fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<Committed> {
     // Later writes of the same task, task state or worker in this group supersede earlier
     // ones: the transaction ends with the same rows, and all of it commits or none.
     let mut last: HashMap<Slot<'_>, usize> = HashMap::new();
@@ -327,6 +366,7 @@ fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<()> 
         }
     }
     let tx = conn.transaction()?;
+    let (mut logged, mut folded) = (0usize, false);
     let mut i = 0usize;
     for b in batches.iter() {
         for m in &b.muts {
@@ -353,6 +393,12 @@ fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<()> 
                     }
                 }
                 Mutation::DeleteTask(id) => {
+                    // Its logged states are folded first, so that deleting its row of
+                    // `task_state` deletes them all (and no log scan per task).
+                    if !folded {
+                        compact_states(&tx)?;
+                        folded = true;
+                    }
                     for sql in [
                         "DELETE FROM checkpoint_chunks WHERE checkpoint_id IN (SELECT id FROM checkpoints WHERE task_id = ?1)",
                         "DELETE FROM checkpoints WHERE task_id = ?1",
@@ -391,8 +437,7 @@ fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<()> 
                     state,
                 } => {
                     tx.prepare_cached(
-                        "INSERT INTO task_state (task_id, attempt, state, updated_at) VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT(task_id) DO UPDATE SET attempt = excluded.attempt, state = excluded.state, updated_at = excluded.updated_at",
+                        "INSERT INTO task_state_log (task_id, attempt, state, updated_at) VALUES (?1, ?2, ?3, ?4)",
                     )?
                     .execute(params![
                         task_id.as_str(),
@@ -400,6 +445,7 @@ fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<()> 
                         state,
                         chrono::Utc::now().to_rfc3339()
                     ])?;
+                    logged += 1;
                 }
                 Mutation::PutCheckpoint { meta, complete } => {
                     tx.prepare_cached(
@@ -448,7 +494,8 @@ fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<()> 
             }
         }
     }
-    tx.commit()
+    tx.commit()?;
+    Ok(Committed { logged, folded })
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> rusqlite::Result<String> {
@@ -505,20 +552,55 @@ pub fn read_results(conn: &Connection, task: &TaskId) -> rusqlite::Result<Vec<Re
     rows.collect()
 }
 
-/// The latest state of a task, with its attempt.
+/// Folds the state log into `task_state` (the latest logged state of each task replaces its
+/// row) and empties the log. Returns the log rows folded. Run it inside a transaction or as
+/// its own statement pair; the writer does it every [`COMPACT_EVERY`] or [`COMPACT_ROWS`].
+pub fn compact_states(conn: &Connection) -> rusqlite::Result<usize> {
+    let latest = conn
+        .prepare_cached(
+            "INSERT INTO task_state (task_id, attempt, state, updated_at)
+             SELECT task_id, attempt, state, updated_at FROM task_state_log
+             WHERE seq IN (SELECT max(seq) FROM task_state_log GROUP BY task_id)
+             ON CONFLICT(task_id) DO UPDATE SET attempt = excluded.attempt, state = excluded.state, updated_at = excluded.updated_at",
+        )?
+        .execute([])?;
+    let rows = conn
+        .prepare_cached("DELETE FROM task_state_log")?
+        .execute([])?;
+    debug_assert!(latest <= rows);
+    Ok(rows)
+}
+
+/// The log is folded once it holds this many rows...
+pub const COMPACT_ROWS: usize = 20_000;
+/// ...or when it holds any and was last folded this long ago. Reading a task's state scans
+/// the log, so it stays short.
+pub const COMPACT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The latest state of a task, with its attempt: its newest logged state, else its row.
 pub fn read_state(
     conn: &Connection,
     task: &TaskId,
 ) -> rusqlite::Result<Option<(u32, serde_json::Value, String)>> {
+    let row = |r: &rusqlite::Row<'_>| {
+        let s: String = r.get(1)?;
+        Ok((
+            r.get(0)?,
+            serde_json::from_str(&s).unwrap_or(serde_json::Value::Null),
+            r.get(2)?,
+        ))
+    };
+    let logged = conn
+        .prepare_cached(
+            "SELECT attempt, state, updated_at FROM task_state_log WHERE task_id = ?1 ORDER BY seq DESC LIMIT 1",
+        )?
+        .query_row([task.as_str()], row)
+        .optional()?;
+    if logged.is_some() {
+        return Ok(logged);
+    }
     conn.prepare_cached("SELECT attempt, state, updated_at FROM task_state WHERE task_id = ?1")?
-        .query_row([task.as_str()], |r| {
-            let s: String = r.get(1)?;
-            Ok((
-                r.get(0)?,
-                serde_json::from_str(&s).unwrap_or(serde_json::Value::Null),
-                r.get(2)?,
-            ))
-        })
+        .query_row([task.as_str()], row)
         .optional()
 }
 

@@ -13,7 +13,7 @@ use super::StoreError;
 use crate::model::{AttemptRecord, CheckpointMeta, Lease, Task, Worker, WorkerState};
 
 /// The schema version this coordinator writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Migrations from version N-1 to N, by index.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -71,6 +71,18 @@ CREATE TABLE workers (
 ALTER TABLE tasks ADD COLUMN spec TEXT;
 UPDATE tasks SET spec = json_extract(doc, '$.spec'), doc = json_remove(doc, '$.spec');
 DROP INDEX tasks_status;
+"#,
+    // Version 3: state updates are appended to a log (one row after the other, a few pages a
+    // commit) and folded into `task_state` now and then (see `store::compact_states`), instead
+    // of an update in place per state, which dirtied a page per row.
+    r#"
+CREATE TABLE task_state_log (
+    seq INTEGER PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
 "#,
 ];
 

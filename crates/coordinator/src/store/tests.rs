@@ -419,3 +419,154 @@ fn a_deleted_worker_is_gone_unless_written_again_later_in_the_same_group() {
     ids.sort();
     assert_eq!(ids, ["back", "kept"]);
 }
+
+fn state_mut(task: &str, n: u32) -> Mutation {
+    Mutation::PutState {
+        task_id: TaskId::parse(task).expect("id"),
+        attempt: Attempt(1),
+        state: format!("{{\"n\":{n}}}"),
+    }
+}
+
+fn state_n(conn: &Connection, task: &str) -> Option<u64> {
+    read_state(conn, &TaskId::parse(task).expect("id"))
+        .expect("read")
+        .and_then(|(_, s, _)| s["n"].as_u64())
+}
+
+#[test]
+fn states_are_logged_then_folded_and_the_latest_is_read_either_way() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, _) = open(dir.path()).expect("open");
+    commit_muts(&mut conn, vec![state_mut("a", 1), state_mut("b", 1)]);
+    commit_muts(&mut conn, vec![state_mut("a", 2)]);
+    assert_eq!(state_n(&conn, "a"), Some(2), "from the log");
+    assert_eq!(
+        (count(&conn, "task_state_log"), count(&conn, "task_state")),
+        (3, 0)
+    );
+    assert_eq!(compact_states(&conn).expect("fold"), 3);
+    assert_eq!(
+        (count(&conn, "task_state_log"), count(&conn, "task_state")),
+        (0, 2)
+    );
+    assert_eq!(state_n(&conn, "a"), Some(2), "from the table");
+    assert_eq!(state_n(&conn, "b"), Some(1));
+    commit_muts(&mut conn, vec![state_mut("a", 3)]);
+    assert_eq!(
+        state_n(&conn, "a"),
+        Some(3),
+        "the log is newer than the table"
+    );
+    assert_eq!(compact_states(&conn).expect("fold"), 1);
+    assert_eq!(state_n(&conn, "a"), Some(3));
+    assert_eq!(state_n(&conn, "none"), None);
+}
+
+#[test]
+fn a_task_deleted_while_its_states_are_logged_keeps_none_even_under_the_same_id() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, _) = open(dir.path()).expect("open");
+    let t = |id| Mutation::PutTask(Box::new(task(id, 0, TaskStatus::Completed)));
+    commit_muts(
+        &mut conn,
+        vec![
+            t("gone"),
+            t("kept"),
+            state_mut("gone", 1),
+            state_mut("kept", 1),
+        ],
+    );
+    commit_muts(&mut conn, vec![state_mut("gone", 2)]);
+    commit_muts(
+        &mut conn,
+        vec![Mutation::DeleteTask(TaskId::parse("gone").expect("id"))],
+    );
+    assert_eq!(state_n(&conn, "gone"), None);
+    assert_eq!(state_n(&conn, "kept"), Some(1), "folded, not lost");
+    assert_eq!(count(&conn, "task_state_log"), 0);
+    commit_muts(&mut conn, vec![t("gone")]);
+    assert_eq!(
+        state_n(&conn, "gone"),
+        None,
+        "a new task of that id starts without a state"
+    );
+}
+
+#[test]
+fn states_logged_by_a_process_that_died_are_folded_at_the_next_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (mut conn, _) = open(dir.path()).expect("open");
+        commit_muts(&mut conn, vec![state_mut("a", 1), state_mut("a", 2)]);
+        commit_muts(&mut conn, vec![state_mut("a", 3)]);
+    }
+    let (conn, _) = open(dir.path()).expect("reopen");
+    assert_eq!(count(&conn, "task_state_log"), 0);
+    assert_eq!(state_n(&conn, "a"), Some(3));
+}
+
+#[test]
+fn a_version_2_database_keeps_its_task_states_and_gets_the_state_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let conn = Connection::open(dir.path().join(DB_FILE)).expect("create");
+        conn.execute_batch(schema::MIGRATIONS[0]).expect("v1");
+        conn.execute_batch(schema::MIGRATIONS[1]).expect("v2");
+        conn.execute(
+            r#"INSERT INTO task_state (task_id, attempt, state, updated_at) VALUES ('a', 1, '{"n":7}', 'x')"#,
+            [],
+        )
+        .expect("v2 state");
+        conn.execute_batch("PRAGMA user_version = 2;")
+            .expect("version");
+    }
+    let (mut conn, _) = open(dir.path()).expect("open migrates");
+    assert_eq!(state_n(&conn, "a"), Some(7));
+    commit_muts(&mut conn, vec![state_mut("a", 8)]);
+    assert_eq!(state_n(&conn, "a"), Some(8));
+}
+
+#[test]
+fn the_writer_folds_the_state_log_a_second_after_the_last_fold() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (conn, _) = open(dir.path()).expect("open");
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let writer = spawn_writer(
+        conn,
+        dir.path().join(DB_FILE),
+        rx,
+        Arc::default(),
+        tokio_util::sync::CancellationToken::new(),
+        MAX_GROUP,
+    )
+    .expect("writer");
+    // Each group answers with the log's and the table's row counts, as its effect sees them.
+    let group = |muts: Vec<Mutation>| {
+        let (done, seen) = std::sync::mpsc::channel();
+        let effect: Effect = Box::new(move |conn: &Connection| {
+            let _ = done.send((count(conn, "task_state_log"), count(conn, "task_state")));
+        });
+        tx.blocking_send(Batch {
+            muts,
+            effects: vec![effect],
+        })
+        .expect("send");
+        seen.recv().expect("effect ran")
+    };
+    assert_eq!(
+        group(vec![state_mut("a", 1)]),
+        (1, 0),
+        "logged, not folded yet"
+    );
+    std::thread::sleep(COMPACT_EVERY);
+    // The fold runs after this group's effects, so they still see the log...
+    assert_eq!(group(vec![state_mut("a", 2)]), (2, 0));
+    // ...and the next group's see it folded.
+    assert_eq!(group(vec![state_mut("b", 1)]), (1, 1));
+    drop(tx);
+    writer.join().expect("writer ends");
+    let (conn, _) = open(dir.path()).expect("reopen");
+    assert_eq!(state_n(&conn, "a"), Some(2));
+    assert_eq!(state_n(&conn, "b"), Some(1));
+}
