@@ -47,19 +47,25 @@ impl DecodeError {
 
 /// Decodes a worker frame.
 pub fn decode_worker(text: &str) -> Result<WorkerMsg, DecodeError> {
-    match type_of(text).and_then(|ty| worker_variant(&ty, text)) {
-        Some(Ok(m)) => Ok(m),
-        Some(Err(e)) => Err(classify(text, WORKER_MSG_TYPES, e)),
-        None => decode(text, WORKER_MSG_TYPES),
-    }
+    decode_typed(text, WORKER_MSG_TYPES, worker_variant)
 }
 
 /// Decodes a coordinator frame.
 pub fn decode_coord(text: &str) -> Result<CoordMsg, DecodeError> {
-    match type_of(text).and_then(|ty| coord_variant(&ty, text)) {
+    decode_typed(text, COORD_MSG_TYPES, coord_variant)
+}
+
+/// Decodes straight into the variant named by the message's `type` (see [`type_of`]); a
+/// message without a known type takes the slow path, which tells what is wrong with it.
+fn decode_typed<T: DeserializeOwned>(
+    text: &str,
+    known: &[&str],
+    variant: fn(&str, &str) -> Option<serde_json::Result<T>>,
+) -> Result<T, DecodeError> {
+    match type_of(text).and_then(|ty| variant(&ty, text)) {
         Some(Ok(m)) => Ok(m),
-        Some(Err(e)) => Err(classify(text, COORD_MSG_TYPES, e)),
-        None => decode(text, COORD_MSG_TYPES),
+        Some(Err(e)) => Err(classify(text, known, e)),
+        None => decode(text, known),
     }
 }
 

@@ -27,6 +27,18 @@ fn task(id: &str, seq: u64, status: TaskStatus) -> Task {
     }
 }
 
+/// A database as a coordinator of schema `version` left it, with one row written by `insert`
+/// (whose one parameter is `value`).
+fn old_database(dir: &Path, version: usize, insert: &str, value: &str) {
+    let conn = Connection::open(dir.join(DB_FILE)).expect("create");
+    for m in &schema::MIGRATIONS[..version] {
+        conn.execute_batch(m).expect("old schema");
+    }
+    conn.execute(insert, [value]).expect("old row");
+    conn.execute_batch(&format!("PRAGMA user_version = {version};"))
+        .expect("version");
+}
+
 fn commit_muts(conn: &mut Connection, muts: Vec<Mutation>) {
     let mut batches = vec![Batch {
         muts,
@@ -249,19 +261,13 @@ fn later_writes_of_a_task_in_one_group_win() {
 fn a_version_1_database_is_migrated_and_its_tasks_load_and_update() {
     let dir = tempfile::tempdir().expect("tempdir");
     let old = task("old", 0, TaskStatus::Queued);
-    {
-        // What a version-1 coordinator left: the whole task in `doc`, a status index.
-        let conn = Connection::open(dir.path().join(DB_FILE)).expect("create");
-        conn.execute_batch(schema::MIGRATIONS[0])
-            .expect("v1 schema");
-        conn.execute(
-            "INSERT INTO tasks (id, status, submit_seq, doc) VALUES ('old', 'queued', 0, ?1)",
-            [serde_json::to_string(&old).expect("json")],
-        )
-        .expect("v1 row");
-        conn.execute_batch("PRAGMA user_version = 1;")
-            .expect("version");
-    }
+    // What a version-1 coordinator left: the whole task in `doc`, a status index.
+    old_database(
+        dir.path(),
+        1,
+        "INSERT INTO tasks (id, status, submit_seq, doc) VALUES ('old', 'queued', 0, ?1)",
+        &serde_json::to_string(&old).expect("json"),
+    );
     let (mut conn, loaded) = open(dir.path()).expect("open migrates");
     assert_eq!(loaded.tasks, vec![old.clone()], "a v1 row loads whole");
     let spec: String = conn
@@ -509,18 +515,12 @@ fn states_logged_by_a_process_that_died_are_folded_at_the_next_open() {
 #[test]
 fn a_version_2_database_keeps_its_task_states_and_gets_the_state_log() {
     let dir = tempfile::tempdir().expect("tempdir");
-    {
-        let conn = Connection::open(dir.path().join(DB_FILE)).expect("create");
-        conn.execute_batch(schema::MIGRATIONS[0]).expect("v1");
-        conn.execute_batch(schema::MIGRATIONS[1]).expect("v2");
-        conn.execute(
-            r#"INSERT INTO task_state (task_id, attempt, state, updated_at) VALUES ('a', 1, '{"n":7}', 'x')"#,
-            [],
-        )
-        .expect("v2 state");
-        conn.execute_batch("PRAGMA user_version = 2;")
-            .expect("version");
-    }
+    old_database(
+        dir.path(),
+        2,
+        "INSERT INTO task_state (task_id, attempt, state, updated_at) VALUES ('a', 1, ?1, 'x')",
+        r#"{"n":7}"#,
+    );
     let (mut conn, _) = open(dir.path()).expect("open migrates");
     assert_eq!(state_n(&conn, "a"), Some(7));
     commit_muts(&mut conn, vec![state_mut("a", 8)]);

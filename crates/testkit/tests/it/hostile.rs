@@ -188,34 +188,23 @@ async fn a_replayed_or_repeated_handshake_is_refused_and_the_honest_session_is_u
     );
     // ...sending it again on the same session is refused (the nonce is used)...
     first.send(&captured).await;
-    let e = first.next_of("error").await;
-    assert_eq!(e["code"], "unauthorized", "{e}");
+    first.next_error("unauthorized", "").await;
     drop(first);
     // ...and replaying it on a new connection meets a new nonce: refused, closed with 4001.
     let mut replay = Raw::connect(&c, "victim").await;
     assert_ne!(replay.welcome["nonce"].as_str(), Some(nonce.as_str()));
     replay.send(&captured).await;
-    let e = replay.next_of("error").await;
-    assert_eq!(e["code"], "unauthorized", "{e}");
+    replay.next_error("unauthorized", "").await;
     assert_eq!(replay.close_code().await, Some(4001));
     // An unsigned registration and other frames before it are refused too.
     let mut unsigned = Raw::connect(&c, "victim").await;
     unsigned
         .send(&json!({"type": "task_state", "seq": 1, "task_id": "t-x", "attempt": 1, "state": {}, "timestamp": chrono::Utc::now()}))
         .await;
-    let e = unsigned.next_of("error").await;
-    assert_eq!(e["code"], "unexpected", "{e}");
+    unsigned.next_error("unexpected", "").await;
     let reg = unsigned.registration(None, &[]);
     unsigned.send(&reg).await;
-    let e = unsigned.next_of("error").await;
-    assert_eq!(e["code"], "unauthorized", "{e}");
-    assert!(
-        e["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("no signature"),
-        "{e}"
-    );
+    unsigned.next_error("unauthorized", "no signature").await;
     assert_eq!(unsigned.close_code().await, Some(4001));
 
     honest_work_completes(&c.client(), 3).await;
@@ -411,8 +400,7 @@ async fn a_frame_flood_is_rate_limited_per_session_and_honest_workers_are_not() 
     tokio::time::timeout(DEADLINE, flood)
         .await
         .expect("flood sent");
-    let e = f.next_of("error").await;
-    assert_eq!(e["code"], "rate_limited", "{e}");
+    f.next_error("rate_limited", "").await;
     // Meanwhile the honest worker's work goes through.
     honest_work_completes(&c.client(), 3).await;
     let o = c.client().overview().await;
@@ -490,14 +478,12 @@ async fn invalid_utf8_deep_nesting_and_stray_binary_frames_are_refused_clearly()
     );
     for frame in [deep.clone(), inner] {
         m.ws.send(Message::text(frame)).await.expect("send");
-        let e = m.next_of("error").await;
-        assert_eq!(e["code"], "bad_frame", "{e}");
+        m.next_error("bad_frame", "").await;
     }
     // A binary frame (compression is not negotiated): bad_frame, session goes on.
     let bomb = vec![0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0, 0];
     m.ws.send(Message::binary(bomb)).await.expect("send");
-    let e = m.next_of("error").await;
-    assert_eq!(e["code"], "bad_frame", "{e}");
+    m.next_error("bad_frame", "").await;
     m.send(&json!({"type": "heartbeat", "sequence": 77, "timestamp": chrono::Utc::now()}))
         .await;
     let hb = m.next_of("heartbeat").await;

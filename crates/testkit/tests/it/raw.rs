@@ -77,6 +77,17 @@ impl Raw {
         self.next_of_each(&[ty]).await.remove(0)
     }
 
+    /// The next `error`, which must have `code` and say `says` in its message.
+    pub(crate) async fn next_error(&mut self, code: &str, says: &str) -> Value {
+        let e = self.next_of("error").await;
+        assert_eq!(e["code"], code, "{e}");
+        assert!(
+            e["message"].as_str().unwrap_or_default().contains(says),
+            "{e}"
+        );
+        e
+    }
+
     /// One frame of each type in `types`, in any order, skipping others.
     pub(crate) async fn next_of_each(&mut self, types: &[&str]) -> Vec<Value> {
         let end = tokio::time::Instant::now() + DEADLINE;
