@@ -4,9 +4,10 @@
 
 use proptest::prelude::*;
 use serde_json::Value;
+use tether_proto::codec::{MAX_BATCH_MESSAGES, decode_coord_batch, decode_worker_batch};
 use tether_proto::endpoint::{derive_endpoint, parse_endpoint_path};
 use tether_proto::msg::{COORD_MSG_TYPES, WORKER_MSG_TYPES};
-use tether_proto::{WorkerId, decode_coord, decode_worker, encode, samples};
+use tether_proto::{Batch, WorkerId, decode_coord, decode_worker, encode, is_batch, samples};
 
 /// Any JSON value, nested a few levels, with strings that include the message types.
 fn json_value() -> impl Strategy<Value = Value> {
@@ -81,9 +82,26 @@ fn damaged_frame() -> impl Strategy<Value = String> {
         })
 }
 
-/// Decodes in both directions; a frame that decodes must re-encode to a frame that decodes to
-/// a message of the same type (opaque JSON payloads may lose float digits, so not equality).
+/// Decodes in both directions, as a message and as a batch; a frame that decodes must re-encode
+/// to a frame that decodes to a message of the same type (opaque JSON payloads may lose float
+/// digits, so not equality).
 fn decode_is_total(text: &str) {
+    for m in decode_worker_batch(text, MAX_BATCH_MESSAGES)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let again = decode_worker(&encode(&m)).expect("re-encoded element decodes");
+        assert_eq!(again.type_name(), m.type_name());
+    }
+    for m in decode_coord_batch(text, MAX_BATCH_MESSAGES)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let again = decode_coord(&encode(&m)).expect("re-encoded element decodes");
+        assert_eq!(again.type_name(), m.type_name());
+    }
     if let Ok(m) = decode_worker(text) {
         let again = decode_worker(&encode(&m)).expect("re-encoded frame decodes");
         assert_eq!(again.type_name(), m.type_name());
@@ -113,6 +131,40 @@ proptest! {
     #[test]
     fn damaged_frames_decode_or_fail_cleanly(text in damaged_frame()) {
         decode_is_total(&text);
+    }
+
+    #[test]
+    fn arrays_of_damaged_or_mutated_frames_decode_element_by_element(
+        parts in prop::collection::vec(prop_oneof![mutated_frame(), damaged_frame(), sample_frame()], 0..6)
+    ) {
+        decode_is_total(&format!("[{}]", parts.join(",")));
+    }
+
+    #[test]
+    fn batches_within_any_byte_bound_give_back_every_message_in_order(
+        picks in prop::collection::vec(any::<prop::sample::Index>(), 1..40),
+        bound in 1usize..4096,
+    ) {
+        let all = samples::worker_messages();
+        let sent: Vec<_> = picks.iter().map(|i| i.get(&all).clone()).collect();
+        let mut batch = Batch::new();
+        let mut frames = Vec::new();
+        for m in &sent {
+            frames.extend(batch.push_within(m, bound));
+        }
+        frames.push(batch.take());
+        let mut got = Vec::new();
+        for f in &frames {
+            if is_batch(f) {
+                prop_assert!(f.len() <= bound, "a batch of {} bytes over the bound {bound}", f.len());
+                for m in decode_worker_batch(f, MAX_BATCH_MESSAGES).expect("a batch") {
+                    got.push(m.expect("an element"));
+                }
+            } else {
+                got.push(decode_worker(f).expect("a message"));
+            }
+        }
+        prop_assert_eq!(got, sent);
     }
 
     #[test]
