@@ -818,9 +818,9 @@ struct Tx {
 }
 
 impl Tx {
-    /// Sends with a deadline; false when the write failed or stalled.
+    /// Sends with a deadline, uncompressed; false when the write failed or stalled.
     async fn send(&mut self, deadline: Instant, m: &CoordMsg) -> bool {
-        self.send_framed(deadline, m, None, None).await
+        self.send_all(deadline, std::slice::from_ref(m)).await
     }
 
     /// Sends messages, a frame each, with one flush; false when a write failed or stalled.
@@ -833,20 +833,8 @@ impl Tx {
         self.flush(deadline).await
     }
 
-    /// Sends with a deadline, compressing a message of at least `threshold` bytes into a
-    /// binary frame; false when the write failed or stalled.
-    async fn send_framed(
-        &mut self,
-        deadline: Instant,
-        m: &CoordMsg,
-        threshold: Option<usize>,
-        counters: Option<&Counters>,
-    ) -> bool {
-        self.feed_framed(deadline, m, threshold, counters).await && self.flush(deadline).await
-    }
-
-    /// Like [`Tx::send_framed`] without the flush: the frame may wait in the write buffer
-    /// (`WS_WRITE_BUFFER`) for [`Tx::flush`].
+    /// Feeds a message's frame, compressing it into a binary frame from `threshold` bytes; the
+    /// frame may wait in the write buffer (`WS_WRITE_BUFFER`) for [`Tx::flush`].
     async fn feed_framed(
         &mut self,
         deadline: Instant,
