@@ -1,11 +1,12 @@
 //! Encode and decode of the hot messages: results, state updates, heartbeats (worker side) and
-//! assignments and acks (coordinator side).
+//! assignments and acks (coordinator side); and a batch frame of 16 state updates, per message.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
+use tether_proto::codec::{MAX_BATCH_MESSAGES, decode_worker_batch};
 use tether_proto::msg::{CoordMsg, WorkerMsg};
 use tether_proto::samples::{coord_messages, worker_messages};
-use tether_proto::{decode_coord, decode_worker, encode};
+use tether_proto::{Batch, decode_coord, decode_worker, encode};
 
 fn name_of(json: &str) -> String {
     serde_json::from_str::<serde_json::Value>(json)
@@ -59,5 +60,35 @@ fn coord(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, worker, coord);
+/// 16 state updates in one batch frame: encode and decode, the throughput in messages, so that
+/// the time per element compares with `worker_msg/*/task_state`.
+fn batch(c: &mut Criterion) {
+    let state = worker_messages()
+        .into_iter()
+        .find(|m| matches!(m, WorkerMsg::TaskState(_)))
+        .expect("a task_state sample");
+    let msgs = vec![state; 16];
+    let mut b = Batch::new();
+    for m in &msgs {
+        b.push(m);
+    }
+    let text = b.take();
+    let mut g = c.benchmark_group("batch_of_16");
+    g.throughput(Throughput::Elements(msgs.len() as u64));
+    g.bench_function("encode", |bench| {
+        bench.iter(|| {
+            let mut b = Batch::new();
+            for m in black_box(&msgs) {
+                b.push(m);
+            }
+            b.take()
+        })
+    });
+    g.bench_function("decode", |bench| {
+        bench.iter(|| decode_worker_batch(black_box(&text), MAX_BATCH_MESSAGES))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, worker, coord, batch);
 criterion_main!(benches);

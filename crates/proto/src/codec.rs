@@ -60,7 +60,7 @@ pub fn decode_coord(text: &str) -> Result<CoordMsg, DecodeError> {
 fn decode_typed<T: DeserializeOwned>(
     text: &str,
     known: &[&str],
-    variant: fn(&str, &str) -> Option<serde_json::Result<T>>,
+    variant: Variant<T>,
 ) -> Result<T, DecodeError> {
     match type_of(text).and_then(|ty| variant(&ty, text)) {
         Some(Ok(m)) => Ok(m),
@@ -88,6 +88,10 @@ fn type_of(text: &str) -> Option<Cow<'_, str>> {
     }
     serde_json::from_str::<Tag<'_>>(text).ok().map(|t| t.ty)
 }
+
+/// Decodes the message of a type (first argument) from its text (second); `None` for a type
+/// this side does not know.
+type Variant<T> = fn(&str, &str) -> Option<serde_json::Result<T>>;
 
 /// Decodes the worker message of type `ty`; `None` for a type this side does not know.
 fn worker_variant(ty: &str, text: &str) -> Option<serde_json::Result<WorkerMsg>> {
@@ -165,7 +169,7 @@ pub fn decode_worker_batch(
     text: &str,
     max_messages: u32,
 ) -> Result<Vec<Result<WorkerMsg, DecodeError>>, DecodeError> {
-    decode_batch(text, max_messages, WORKER_MSG_TYPES)
+    decode_batch(text, max_messages, WORKER_MSG_TYPES, worker_variant)
 }
 
 /// Decodes a batch of coordinator messages: each element decoded on its own, in order.
@@ -173,7 +177,7 @@ pub fn decode_coord_batch(
     text: &str,
     max_messages: u32,
 ) -> Result<Vec<Result<CoordMsg, DecodeError>>, DecodeError> {
-    decode_batch(text, max_messages, COORD_MSG_TYPES)
+    decode_batch(text, max_messages, COORD_MSG_TYPES, coord_variant)
 }
 
 /// Splits a batch into its elements without decoding them (one pass over the text), then
@@ -183,6 +187,7 @@ fn decode_batch<T: DeserializeOwned>(
     text: &str,
     max_messages: u32,
     known: &[&str],
+    variant: Variant<T>,
 ) -> Result<Vec<Result<T, DecodeError>>, DecodeError> {
     let malformed = |reason: String| DecodeError::Malformed {
         ty: None,
@@ -200,7 +205,10 @@ fn decode_batch<T: DeserializeOwned>(
             parts.len()
         )));
     }
-    Ok(parts.into_iter().map(|p| decode(p.get(), known)).collect())
+    Ok(parts
+        .into_iter()
+        .map(|p| decode_typed(p.get(), known, variant))
+        .collect())
 }
 
 /// Builds one frame's text from several messages: the message itself when there is one, a
