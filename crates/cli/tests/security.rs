@@ -54,9 +54,7 @@ async fn worker_secrets_and_api_tokens_are_read_from_files_by_the_binary() {
     .await
     .expect("the refused worker exits")
     .expect("run tether worker");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("authentication failed"), "{err}");
+    let err = failed_saying(&out, "authentication failed");
     assert!(
         !err.contains("not the fleet secret"),
         "the secret leaked: {err}"
@@ -132,12 +130,7 @@ async fn message_mac_without_a_secret_is_a_clear_error_on_both_sides() {
         .output()
         .await
         .expect("run tether coordinator");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("--message-mac needs worker authentication"),
-        "{err}"
-    );
+    failed_saying(&out, "--message-mac needs worker authentication");
     let out = tether()
         .args(["worker", "--coordinator", "ws://127.0.0.1:9", "--id", "w"])
         .arg("--message-mac")
@@ -145,10 +138,13 @@ async fn message_mac_without_a_secret_is_a_clear_error_on_both_sides() {
         .output()
         .await
         .expect("run tether worker");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("--message-mac needs this worker's secret"),
-        "{err}"
-    );
+    failed_saying(&out, "--message-mac needs this worker's secret");
+}
+
+/// Asserts that the process failed and its stderr says `says`; returns the stderr.
+fn failed_saying(out: &std::process::Output, says: &str) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "succeeded: {err}");
+    assert!(err.contains(says), "{err}");
+    err
 }

@@ -73,7 +73,8 @@ fn decode_typed<T: DeserializeOwned>(
 /// crate encodes does, else found by a pass over its keys. Knowing the type first lets the
 /// variant's struct be decoded straight from the text (it ignores the `type` key like any
 /// unknown field); decoding the `type`-tagged enum would first copy the whole message into an
-/// intermediate tree, which costs more than the decoding itself.
+/// intermediate tree (a third of the time of a `task_state` decode, measured in the codec
+/// benchmark).
 fn type_of(text: &str) -> Option<Cow<'_, str>> {
     if let Some(rest) = text.strip_prefix(r#"{"type":""#)
         && let Some(ty) = rest.split('"').next()

@@ -26,8 +26,9 @@ pub enum InflateError {
 }
 
 thread_local! {
-    // A zstd context costs more to make (hundreds of KiB zeroed) than a small frame costs to
-    // compress: each thread keeps one of each and reuses it.
+    // Making a zstd context (its tables allocated and zeroed) cost more than compressing a
+    // small frame: 11 % of the samples of both sides in a batched flood. Each thread keeps one
+    // of each and reuses it.
     static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<DCtx<'static>> = RefCell::new(DCtx::create());
 }

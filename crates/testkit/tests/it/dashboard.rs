@@ -5,12 +5,13 @@
 use std::time::Duration;
 
 use serde_json::json;
-use tether_faultproxy::{Direction, Fault, FaultKind, Proxy, ProxyConfig, Target};
+use tether_faultproxy::{Direction, Fault, FaultKind, Target};
 use tether_proto::WorkerId;
 use tether_testkit::*;
 use tether_worker::{ConnState, Executors};
 
 use crate::browser::{Browser, chromium};
+use crate::faults::proxy_in_front;
 
 fn worker_state(id: &str) -> String {
     format!("document.querySelector('#workers tr[data-worker=\"{id}\"]')?.dataset.state ?? null")
@@ -34,14 +35,7 @@ async fn the_dashboard_shows_the_fleet_a_task_and_a_worker_cut_off_and_back() {
     cfg.history_interval = Duration::from_millis(250);
     cfg.lost_after = Duration::from_secs(60);
     let c = spawn_coordinator_with(cfg, None).await;
-    let proxy = Proxy::start(ProxyConfig {
-        name: "coordinator".into(),
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        upstream: c.addr,
-        seed: 5,
-    })
-    .await
-    .expect("proxy");
+    let proxy = proxy_in_front(&c, 5).await;
     let w1 = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
     let w2 = spawn_worker(
         fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w2"),

@@ -8,17 +8,22 @@ use tether_proto::{TaskSpec, WorkerId};
 use tether_testkit::*;
 use tether_worker::{ConnState, Executors};
 
-/// A coordinator, a fault proxy in front of it, and worker `w1` connected through the proxy.
-async fn worker_behind_proxy(dir: &tempfile::TempDir) -> (TestCoordinator, Proxy, TestWorker) {
-    let c = spawn_coordinator(dir.path().to_owned()).await;
-    let proxy = Proxy::start(ProxyConfig {
+/// A fault proxy in front of `c` (its faults drawn from `seed`).
+pub(crate) async fn proxy_in_front(c: &TestCoordinator, seed: u64) -> Proxy {
+    Proxy::start(ProxyConfig {
         name: "coordinator".into(),
         listen: "127.0.0.1:0".parse().expect("addr"),
         upstream: c.addr,
-        seed: 11,
+        seed,
     })
     .await
-    .expect("proxy");
+    .expect("proxy")
+}
+
+/// A coordinator, a fault proxy in front of it, and worker `w1` connected through the proxy.
+async fn worker_behind_proxy(dir: &tempfile::TempDir) -> (TestCoordinator, Proxy, TestWorker) {
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let proxy = proxy_in_front(&c, 11).await;
     let w = spawn_worker(
         fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w1"),
         Executors::builtin(),
@@ -162,14 +167,7 @@ async fn a_large_checkpoint_over_a_slow_link_does_not_starve_the_session() {
     const SIZE: usize = 3 * 1024 * 1024;
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
-    let proxy = Proxy::start(ProxyConfig {
-        name: "coordinator".into(),
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        upstream: c.addr,
-        seed: 5,
-    })
-    .await
-    .expect("proxy");
+    let proxy = proxy_in_front(&c, 5).await;
     let mut cfg = fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w1");
     cfg.heartbeat_timeout = std::time::Duration::from_secs(3);
     let mut executors = Executors::builtin();

@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tether_coordinator::auth::WorkerAuth;
-use tether_faultproxy::{Direction as ProxyDirection, Fault, FaultKind, Proxy, ProxyConfig};
+use tether_faultproxy::{Direction as ProxyDirection, Fault, FaultKind};
 use tether_proto::auth::{Challenge, NONCE_BYTES, Secret, to_hex};
 use tether_proto::integrity::{Direction, HMAC_SHA256, Opener, Sealer, SessionKey};
 use tether_proto::{TaskId, WorkerId};
@@ -15,8 +15,8 @@ use tether_testkit::*;
 use tether_worker::{AgentError, ConnState, Executors};
 use tokio_tungstenite::tungstenite::Message;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use crate::faults::proxy_in_front;
+use crate::raw::Ws;
 
 fn secret() -> Secret {
     Secret::new(b"fleet secret for the integrity tests").expect("secret")
@@ -375,14 +375,7 @@ async fn a_worker_that_requires_integrity_refuses_a_coordinator_that_does_not_as
 async fn bytes_corrupted_on_the_wire_are_caught_by_the_tags_and_nothing_corrupted_is_recorded() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = mac_coordinator(dir.path()).await;
-    let proxy = Proxy::start(ProxyConfig {
-        name: "coordinator".into(),
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        upstream: c.addr,
-        seed: 29,
-    })
-    .await
-    .expect("proxy");
+    let proxy = proxy_in_front(&c, 29).await;
     let w = honest_worker(&format!("ws://{}", proxy.listen_addr()), "w1").await;
     let client = c.client();
     // Tasks whose every step is a tagged state update and a checkpoint, so frames flow both
