@@ -6,7 +6,9 @@
 //! (group commit), then runs their effects in order. Reads that must see committed data run as
 //! effects on the same connection, so they are consistent with what was acknowledged.
 
+mod fold;
 mod schema;
+mod wal;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,7 +22,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::model::{CheckpointMeta, Task, Worker};
 
+pub use fold::{FOLD_EVERY, FOLD_ROWS, PIECE_BUDGET, compact_states};
 pub use schema::SCHEMA_VERSION;
+pub use wal::{CHECKPOINT_EVERY, WAL_RESTART_FRAMES};
+
+use fold::Folder;
+use wal::Checkpointer;
 
 /// Most batches committed in one transaction by the writer (group commit).
 pub const MAX_GROUP: usize = 256;
@@ -261,8 +268,19 @@ pub fn spawn_writer(
         .name("tether-store".into())
         .spawn(move || {
             let mut conn = conn;
-            // Rows in the state log (at most: a fold inside a commit empties it earlier).
-            let (mut log_rows, mut folded_at) = (0usize, Instant::now());
+            // The WAL is copied into the database by a thread of its own, not by a commit.
+            let checkpointer = match Checkpointer::start(&path) {
+                Ok(c) => conn
+                    .execute_batch("PRAGMA wal_autocheckpoint = 0;")
+                    .map(|()| c)
+                    .map_err(|e| tracing::warn!(db = %path.display(), error = %e, "cannot hand WAL checkpoints to a thread; commits do them"))
+                    .ok(),
+                Err(e) => {
+                    tracing::warn!(db = %path.display(), error = %e, "cannot open a checkpoint connection; commits do WAL checkpoints");
+                    None
+                }
+            };
+            let mut folder = Folder::new();
             while let Some(first) = rx.blocking_recv() {
                 let mut batches = vec![first];
                 while batches.len() < max_group {
@@ -274,18 +292,10 @@ pub fn spawn_writer(
                 let started = Instant::now();
                 let n_muts: usize = batches.iter().map(|b| b.muts.len()).sum();
                 if n_muts > 0 {
-                    match commit(&mut conn, &mut batches) {
-                        Ok(c) => {
-                            if c.folded {
-                                (log_rows, folded_at) = (0, Instant::now());
-                            }
-                            log_rows += c.logged;
-                        }
-                        Err(e) => {
-                            tracing::error!(db = %path.display(), error = %e, "commit failed; stopping the coordinator without acknowledging");
-                            fatal.cancel();
-                            return;
-                        }
+                    if let Err(e) = commit(&mut conn, &mut batches, &mut folder) {
+                        tracing::error!(db = %path.display(), error = %e, "commit failed; stopping the coordinator without acknowledging");
+                        fatal.cancel();
+                        return;
                     }
                     stats.commits.fetch_add(1, Ordering::Relaxed);
                     crate::metrics::observe(crate::metrics::STORE_COMMIT, started.elapsed());
@@ -303,21 +313,30 @@ pub fn spawn_writer(
                     }
                 }
                 // After the effects: the acks of this group do not wait for a fold.
-                if log_rows >= COMPACT_ROWS || (log_rows > 0 && folded_at.elapsed() >= COMPACT_EVERY) {
-                    let folded = conn
-                        .unchecked_transaction()
-                        .and_then(|tx| compact_states(&tx).and_then(|n| tx.commit().map(|()| n)));
-                    match folded {
-                        Ok(n) => tracing::debug!(rows = n, "state log folded"),
+                if folder.due() {
+                    match folder.piece(&conn) {
+                        Ok(p) => tracing::trace!(states = p.states_written, rows = p.rows_deleted, "state log folded a piece"),
                         Err(e) => {
                             tracing::error!(db = %path.display(), error = %e, "folding the state log failed; stopping the coordinator");
                             fatal.cancel();
                             return;
                         }
                     }
-                    (log_rows, folded_at) = (0, Instant::now());
+                }
+                if let Some(c) = &checkpointer
+                    && c.wal_frames.load(Ordering::Relaxed) >= WAL_RESTART_FRAMES
+                {
+                    // Under steady commits the checkpointer never finds the WAL copied whole,
+                    // and only a WAL copied whole is started over. Between two commits the
+                    // writer can copy what is left (little: the checkpointer did the rest), so
+                    // that the next commit starts the WAL over.
+                    if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
+                        tracing::warn!(db = %path.display(), error = %e, "WAL checkpoint failed");
+                    }
+                    c.wal_frames.store(0, Ordering::Relaxed);
                 }
             }
+            drop(checkpointer);
             // The core is gone: flush nothing more, just checkpoint the WAL.
             let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
         })
@@ -343,16 +362,11 @@ impl Mutation {
     }
 }
 
-/// What a group commit did to the state log.
-#[derive(Debug, Default, Clone, Copy)]
-struct Committed {
-    /// States appended to the log.
-    logged: usize,
-    /// Whether the log was folded (before a task's deletion).
-    folded: bool,
-}
-
-fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<Committed> {
+fn commit(
+    conn: &mut Connection,
+    batches: &mut [Batch],
+    folder: &mut Folder,
+) -> rusqlite::Result<()> {
     // Later writes of the same task, task state or worker in this group supersede earlier
     // ones: the transaction ends with the same rows, and all of it commits or none.
     let mut last: HashMap<Slot<'_>, usize> = HashMap::new();
@@ -366,7 +380,7 @@ fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<Comm
         }
     }
     let tx = conn.transaction()?;
-    let (mut logged, mut folded) = (0usize, false);
+    let mut folded = false;
     let mut i = 0usize;
     for b in batches.iter() {
         for m in &b.muts {
@@ -397,6 +411,7 @@ fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<Comm
                     // `task_state` deletes them all (and no log scan per task).
                     if !folded {
                         compact_states(&tx)?;
+                        folder.emptied();
                         folded = true;
                     }
                     for sql in [
@@ -445,7 +460,7 @@ fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<Comm
                         state,
                         chrono::Utc::now().to_rfc3339()
                     ])?;
-                    logged += 1;
+                    folder.logged(task_id, tx.last_insert_rowid());
                 }
                 Mutation::PutCheckpoint { meta, complete } => {
                     tx.prepare_cached(
@@ -495,7 +510,7 @@ fn commit(conn: &mut Connection, batches: &mut [Batch]) -> rusqlite::Result<Comm
         }
     }
     tx.commit()?;
-    Ok(Committed { logged, folded })
+    Ok(())
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> rusqlite::Result<String> {
@@ -551,31 +566,6 @@ pub fn read_results(conn: &Connection, task: &TaskId) -> rusqlite::Result<Vec<Re
     })?;
     rows.collect()
 }
-
-/// Folds the state log into `task_state` (the latest logged state of each task replaces its
-/// row) and empties the log. Returns the log rows folded. Run it inside a transaction or as
-/// its own statement pair; the writer does it every [`COMPACT_EVERY`] or [`COMPACT_ROWS`].
-pub fn compact_states(conn: &Connection) -> rusqlite::Result<usize> {
-    let latest = conn
-        .prepare_cached(
-            "INSERT INTO task_state (task_id, attempt, state, updated_at)
-             SELECT task_id, attempt, state, updated_at FROM task_state_log
-             WHERE seq IN (SELECT max(seq) FROM task_state_log GROUP BY task_id)
-             ON CONFLICT(task_id) DO UPDATE SET attempt = excluded.attempt, state = excluded.state, updated_at = excluded.updated_at",
-        )?
-        .execute([])?;
-    let rows = conn
-        .prepare_cached("DELETE FROM task_state_log")?
-        .execute([])?;
-    debug_assert!(latest <= rows);
-    Ok(rows)
-}
-
-/// The log is folded once it holds this many rows...
-pub const COMPACT_ROWS: usize = 20_000;
-/// ...or when it holds any and was last folded this long ago. Reading a task's state scans
-/// the log, so it stays short.
-pub const COMPACT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The latest state of a task, with its attempt: its newest logged state, else its row.
 pub fn read_state(

@@ -44,7 +44,7 @@ fn commit_muts(conn: &mut Connection, muts: Vec<Mutation>) {
         muts,
         effects: vec![],
     }];
-    commit(conn, &mut batches).expect("commit");
+    commit(conn, &mut batches, &mut Folder::new()).expect("commit");
 }
 
 fn count(conn: &Connection, table: &str) -> i64 {
@@ -250,7 +250,7 @@ fn later_writes_of_a_task_in_one_group_win() {
             effects: vec![],
         },
     ];
-    commit(&mut conn, &mut batches).expect("commit");
+    commit(&mut conn, &mut batches, &mut Folder::new()).expect("commit");
     let status: String = conn
         .query_row("SELECT status FROM tasks WHERE id = 'a'", [], |r| r.get(0))
         .expect("row");
@@ -382,7 +382,7 @@ fn of_several_states_of_a_task_in_one_group_the_last_is_stored() {
             effects: vec![],
         },
     ];
-    commit(&mut conn, &mut batches).expect("commit");
+    commit(&mut conn, &mut batches, &mut Folder::new()).expect("commit");
     let (attempt, state, _) = read_state(&conn, &TaskId::parse("a").expect("id"))
         .expect("read")
         .expect("a state");
@@ -527,46 +527,216 @@ fn a_version_2_database_keeps_its_task_states_and_gets_the_state_log() {
     assert_eq!(state_n(&conn, "a"), Some(8));
 }
 
-#[test]
-fn the_writer_folds_the_state_log_a_second_after_the_last_fold() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (conn, _) = open(dir.path()).expect("open");
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let writer = spawn_writer(
-        conn,
-        dir.path().join(DB_FILE),
-        rx,
-        Arc::default(),
-        tokio_util::sync::CancellationToken::new(),
-        MAX_GROUP,
-    )
-    .expect("writer");
-    // Each group answers with the log's and the table's row counts, as its effect sees them.
-    let group = |muts: Vec<Mutation>| {
+/// A writer thread on the database in `dir`.
+struct Writer {
+    tx: tokio::sync::mpsc::Sender<Batch>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(dir: &Path) -> Writer {
+        let (conn, _) = open(dir).expect("open");
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let thread = spawn_writer(
+            conn,
+            dir.join(DB_FILE),
+            rx,
+            Arc::default(),
+            tokio_util::sync::CancellationToken::new(),
+            MAX_GROUP,
+        )
+        .expect("writer");
+        Writer { tx, thread }
+    }
+
+    /// Commits `muts` as one group; answers the log's and the table's row counts as the
+    /// group's effect sees them.
+    fn group(&self, muts: Vec<Mutation>) -> (i64, i64) {
         let (done, seen) = std::sync::mpsc::channel();
         let effect: Effect = Box::new(move |conn: &Connection| {
             let _ = done.send((count(conn, "task_state_log"), count(conn, "task_state")));
         });
-        tx.blocking_send(Batch {
-            muts,
-            effects: vec![effect],
-        })
-        .expect("send");
+        self.tx
+            .blocking_send(Batch {
+                muts,
+                effects: vec![effect],
+            })
+            .expect("send");
         seen.recv().expect("effect ran")
-    };
+    }
+
+    fn stop(self) {
+        drop(self.tx);
+        self.thread.join().expect("writer ends");
+    }
+}
+
+#[test]
+fn the_writer_folds_the_state_log_a_second_after_the_last_fold() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = Writer::start(dir.path());
     assert_eq!(
-        group(vec![state_mut("a", 1)]),
+        w.group(vec![state_mut("a", 1)]),
         (1, 0),
         "logged, not folded yet"
     );
-    std::thread::sleep(COMPACT_EVERY);
+    std::thread::sleep(FOLD_EVERY);
     // The fold runs after this group's effects, so they still see the log...
-    assert_eq!(group(vec![state_mut("a", 2)]), (2, 0));
+    assert_eq!(w.group(vec![state_mut("a", 2)]), (2, 0));
     // ...and the next group's see it folded.
-    assert_eq!(group(vec![state_mut("b", 1)]), (1, 1));
-    drop(tx);
-    writer.join().expect("writer ends");
+    assert_eq!(w.group(vec![state_mut("b", 1)]), (1, 1));
+    w.stop();
     let (conn, _) = open(dir.path()).expect("reopen");
     assert_eq!(state_n(&conn, "a"), Some(2));
     assert_eq!(state_n(&conn, "b"), Some(1));
+}
+
+fn commit_with(conn: &mut Connection, folder: &mut Folder, muts: Vec<Mutation>) {
+    let mut batches = vec![Batch {
+        muts,
+        effects: vec![],
+    }];
+    commit(conn, &mut batches, folder).expect("commit");
+}
+
+fn table_n(conn: &Connection, task: &str) -> Option<u64> {
+    conn.query_row(
+        "SELECT state FROM task_state WHERE task_id = ?1",
+        [task],
+        |r| r.get::<_, String>(0),
+    )
+    .optional()
+    .expect("read")
+    .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+    .and_then(|v| v["n"].as_u64())
+}
+
+#[test]
+fn a_fold_round_writes_each_task_s_newest_state_then_deletes_what_it_covers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, _) = open(dir.path()).expect("open");
+    let mut f = Folder::new();
+    for m in [state_mut("a", 1), state_mut("b", 1), state_mut("a", 2)] {
+        commit_with(&mut conn, &mut f, vec![m]);
+    }
+    assert!(!f.due(), "neither a second nor {FOLD_ROWS} rows yet");
+    f.begin_now();
+    assert_eq!(
+        f.piece(&conn).expect("fold"),
+        fold::Piece {
+            states_written: 2,
+            rows_deleted: 3
+        }
+    );
+    assert!(!f.due(), "round over");
+    assert_eq!(
+        (table_n(&conn, "a"), table_n(&conn, "b")),
+        (Some(2), Some(1))
+    );
+    assert_eq!(count(&conn, "task_state_log"), 0);
+
+    // A round bigger than a piece; states logged meanwhile stay for the next round.
+    let tasks = PIECE_BUDGET / 16 + 44;
+    for i in 0..tasks {
+        commit_with(&mut conn, &mut f, vec![state_mut(&format!("t{i:04}"), 1)]);
+    }
+    f.begin_now();
+    let first = f.piece(&conn).expect("fold");
+    assert_eq!((first.states_written, first.rows_deleted), (tasks - 44, 0));
+    commit_with(&mut conn, &mut f, vec![state_mut("t0000", 2)]);
+    commit_with(
+        &mut conn,
+        &mut f,
+        vec![state_mut(&format!("t{:04}", tasks - 1), 2)],
+    );
+    assert!(f.due(), "the round goes on");
+    let second = f.piece(&conn).expect("fold");
+    assert_eq!((second.states_written, second.rows_deleted), (44, tasks));
+    assert_eq!(count(&conn, "task_state_log"), 2, "the newer states stay");
+    assert_eq!(table_n(&conn, "t0000"), Some(1));
+    assert_eq!(state_n(&conn, "t0000"), Some(2), "read from the log first");
+    assert_eq!(state_n(&conn, &format!("t{:04}", tasks - 1)), Some(2));
+    assert_eq!(state_n(&conn, "t0001"), Some(1));
+    f.begin_now();
+    f.piece(&conn).expect("fold");
+    assert_eq!(table_n(&conn, "t0000"), Some(2));
+    assert_eq!(count(&conn, "task_state_log"), 0);
+}
+
+#[test]
+fn a_task_deleted_during_a_fold_round_stays_without_a_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, _) = open(dir.path()).expect("open");
+    let mut f = Folder::new();
+    let tasks = PIECE_BUDGET / 16 + 10;
+    for i in 0..tasks {
+        commit_with(&mut conn, &mut f, vec![state_mut(&format!("t{i:04}"), 1)]);
+    }
+    f.begin_now();
+    f.piece(&conn).expect("fold");
+    let last = format!("t{:04}", tasks - 1);
+    assert_eq!(table_n(&conn, &last), None, "not written yet");
+    commit_with(
+        &mut conn,
+        &mut f,
+        vec![Mutation::DeleteTask(TaskId::parse(&last).expect("id"))],
+    );
+    assert!(!f.due(), "the deletion folded the whole log");
+    assert_eq!(f.piece(&conn).expect("fold"), fold::Piece::default());
+    assert_eq!(state_n(&conn, &last), None);
+    assert_eq!(state_n(&conn, &format!("t{:04}", tasks - 2)), Some(1));
+    assert_eq!(count(&conn, "task_state_log"), 0);
+}
+
+#[test]
+fn under_steady_states_the_writer_folds_in_pieces_and_the_log_stays_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = Writer::start(dir.path());
+    let per_group = 1024usize;
+    // A round writes `per_group` states and deletes FOLD_ROWS rows, a piece per group.
+    let pieces = per_group * 16 / PIECE_BUDGET + FOLD_ROWS / PIECE_BUDGET + 1;
+    let bound = (FOLD_ROWS + (pieces + 1) * per_group) as i64;
+    let (mut longest, mut folded) = (0, 0);
+    for g in 0..(3 * FOLD_ROWS / per_group) as u32 {
+        let muts = (0..per_group)
+            .map(|i| state_mut(&format!("t{i}"), g))
+            .collect();
+        let (log, table) = w.group(muts);
+        longest = longest.max(log);
+        folded = folded.max(table);
+        assert!(log < bound, "group {g}: {log} rows in the log");
+    }
+    assert!(longest >= FOLD_ROWS as i64, "the log filled up to a round");
+    assert_eq!(folded, per_group as i64, "every task's state was folded");
+    w.stop();
+    let (conn, _) = open(dir.path()).expect("reopen");
+    assert_eq!(
+        state_n(&conn, "t7"),
+        Some(3 * FOLD_ROWS as u64 / per_group as u64 - 1)
+    );
+}
+
+#[test]
+fn the_wal_starts_over_while_the_writer_keeps_committing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = Writer::start(dir.path());
+    let wal = dir.path().join(format!("{DB_FILE}-wal"));
+    let frame = 4096 + 24;
+    // Each commit appends at least one frame; without checkpoints the WAL would pass 3x the
+    // frames after which the writer makes it start over.
+    let commits = 3 * WAL_RESTART_FRAMES as u32;
+    for n in 0..commits {
+        w.group(vec![state_mut(&format!("t{}", n % 64), n)]);
+    }
+    let size = std::fs::metadata(&wal).expect("wal").len();
+    assert!(
+        size < 2 * WAL_RESTART_FRAMES * frame,
+        "{size} bytes of WAL after {commits} commits"
+    );
+    w.stop();
+    assert_eq!(
+        std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0),
+        0,
+        "truncated at the end"
+    );
 }
