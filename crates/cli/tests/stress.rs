@@ -62,6 +62,13 @@ fn thundering_herd_reregisters_every_worker_after_a_coordinator_kill_and_loses_n
     ]);
     assert_eq!(count(&r["time_to_register_ms"]), 40);
     assert_eq!(count(&r["reconnect_after_ready_ms"]), 40);
+    // Each worker waited a backoff delay (500 ms +/- 20 %) before the attempt that succeeded.
+    assert_eq!(count(&r["reconnect_beyond_delay_ms"]), 40);
+    let max = |k: &str| r[k]["max"].as_f64().expect("max");
+    assert!(
+        max("reconnect_beyond_delay_ms") <= max("reconnect_after_ready_ms") - 400.0,
+        "{r}"
+    );
     assert!(r["connects_per_s"].as_f64().is_some());
     assert!(r["memory_per_worker_kib"].as_f64().is_some());
     assert!(r["idle_cpu_pct"].as_f64().is_some());

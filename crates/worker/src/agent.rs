@@ -85,6 +85,9 @@ pub struct AgentShared {
     pub backoff_factor_milli: AtomicU64,
     /// Next backoff delay before jitter, ms.
     pub next_backoff_ms: AtomicU64,
+    /// The delay (with jitter) waited before the current connection attempt, µs; 0 before
+    /// the first.
+    pub backoff_delay_us: AtomicU64,
     /// Why the agent failed, if it did.
     pub refusal: Mutex<Option<String>>,
 }
@@ -249,6 +252,7 @@ impl Agent {
             heartbeat_timeout_ms: AtomicU64::new(cfg.heartbeat_timeout.as_millis() as u64),
             backoff_factor_milli: AtomicU64::new((cfg.backoff.factor * 1000.0) as u64),
             next_backoff_ms: AtomicU64::new(cfg.backoff.initial.as_millis() as u64),
+            backoff_delay_us: AtomicU64::new(0),
             refusal: Mutex::new(None),
         });
         Ok(Self {
@@ -437,6 +441,9 @@ impl Agent {
                     attempts: backoff.failures(),
                 });
             }
+            self.shared
+                .backoff_delay_us
+                .store(delay.as_micros() as u64, Ordering::Relaxed);
             self.shared.set_state(ConnState::Disconnected);
             tracing::info!(worker = %self.cfg.worker_id, delay_ms = delay.as_millis() as u64, failures = backoff.failures(), "reconnecting after backoff");
             tokio::select! {

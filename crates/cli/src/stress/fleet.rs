@@ -112,11 +112,22 @@ pub struct Status {
 pub struct WorkerRecord {
     pub id: String,
     pub started_us: u64,
-    /// (start of the connection attempt that succeeded, registration acknowledged).
-    pub sessions: Vec<(u64, u64)>,
+    /// Each registered session.
+    pub sessions: Vec<SessionRecord>,
     /// Backoff delay the worker announced last, ms.
     pub next_backoff_ms: u64,
     pub failure: Option<String>,
+}
+
+/// A registered session, in microseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// Start of the connection attempt that succeeded.
+    pub attempt_us: u64,
+    /// Registration acknowledged.
+    pub registered_us: u64,
+    /// The backoff delay the worker waited before that attempt (0 for its first).
+    pub delay_us: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -299,25 +310,32 @@ fn start(
     Ok(())
 }
 
-/// Records when each session's attempt started and when it registered.
+/// Records when each session's attempt started, after what delay, and when it registered.
 async fn watch(handle: AgentHandle, record: Arc<Mutex<WorkerRecord>>) {
     let mut rx = handle.shared.state.subscribe();
     let mut attempt_us = record.lock().unwrap_or_else(|p| p.into_inner()).started_us;
+    let mut delay_us = 0;
     let mut registered = 0;
     loop {
         let state = *rx.borrow_and_update();
         match state {
-            ConnState::Connecting => attempt_us = now_us(),
+            ConnState::Connecting => {
+                attempt_us = now_us();
+                delay_us = handle.shared.backoff_delay_us.load(Ordering::Relaxed);
+            }
             ConnState::Connected => {
                 let n = handle.registrations();
                 if n > registered {
                     registered = n;
-                    let at = now_us();
                     record
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .sessions
-                        .push((attempt_us, at));
+                        .push(SessionRecord {
+                            attempt_us,
+                            registered_us: now_us(),
+                            delay_us,
+                        });
                 }
             }
             ConnState::Failed | ConnState::Shutdown => return,

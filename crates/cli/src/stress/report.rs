@@ -67,6 +67,10 @@ pub struct Report {
     pub reconnect_after_ready_ms: Option<Dist>,
     /// Per-worker time from the start of the successful attempt until re-registered.
     pub reconnect_attempt_ms: Option<Dist>,
+    /// Per-worker time from the restarted coordinator answering until re-registered, less the
+    /// backoff delay the worker waited before its successful attempt (negative when the
+    /// worker was already part way through that delay when the fault cleared).
+    pub reconnect_beyond_delay_ms: Option<Dist>,
     /// The workers' largest reconnect delay with jitter: the jitter window.
     pub reconnect_window_ms: Option<f64>,
     /// Worker messages handled by the coordinator per second (its `messages_in` counter).
@@ -156,6 +160,12 @@ impl Report {
         }
         if let Some(d) = &self.reconnect_after_ready_ms {
             row("re-registered after the coordinator was ready, ms", dist(d));
+        }
+        if let Some(d) = &self.reconnect_beyond_delay_ms {
+            row(
+                "re-registered after the coordinator was ready, less the worker's backoff delay, ms",
+                dist(d),
+            );
         }
         if let Some(d) = &self.reconnect_attempt_ms {
             row("successful reconnect attempt, ms", dist(d));

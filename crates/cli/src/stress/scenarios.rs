@@ -340,12 +340,16 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
     let firsts: Vec<f64> = reg
         .workers
         .iter()
-        .filter_map(|w| w.sessions.first().map(|s| ms(s.1, w.started_us)))
+        .filter_map(|w| {
+            w.sessions
+                .first()
+                .map(|s| ms(s.registered_us, w.started_us))
+        })
         .collect();
     let all_in = ms(
         reg.workers
             .iter()
-            .filter_map(|w| w.sessions.first().map(|s| s.1))
+            .filter_map(|w| w.sessions.first().map(|s| s.registered_us))
             .max()
             .unwrap_or(t0),
         t0,
@@ -424,18 +428,20 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
     )
     .await?;
     let rep = run.fleet.report().await?;
-    let mut after_ready = Vec::new();
-    let mut attempt = Vec::new();
+    let (mut after_ready, mut beyond_delay, mut attempt) = (Vec::new(), Vec::new(), Vec::new());
     for w in &rep.workers {
-        if let Some(s) = w.sessions.iter().find(|s| s.1 > kill_us) {
-            after_ready.push(ms(s.1, ready_us));
-            attempt.push(ms(s.1, s.0));
+        if let Some(s) = w.sessions.iter().find(|s| s.registered_us > kill_us) {
+            after_ready.push(ms(s.registered_us, ready_us));
+            beyond_delay
+                .push((s.registered_us as f64 - ready_us as f64 - s.delay_us as f64) / 1000.0);
+            attempt.push(ms(s.registered_us, s.attempt_us));
         }
     }
     let window = run.a.max_reconnect_delay.as_secs_f64() * 1000.0 * 1.2;
     let r = &mut run.report;
     r.reconnect_window_ms = Some(window);
     r.reconnect_after_ready_ms = Dist::of(after_ready);
+    r.reconnect_beyond_delay_ms = Dist::of(beyond_delay);
     r.reconnect_attempt_ms = Dist::of(attempt);
     r.verdict(
         "every worker re-registered",
@@ -445,7 +451,11 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
             r.reconnect_after_ready_ms.map(|d| d.count).unwrap_or(0)
         ),
     );
-    if let (Some(d), Some(a)) = (r.reconnect_after_ready_ms, r.reconnect_attempt_ms) {
+    if let (Some(d), Some(b), Some(a)) = (
+        r.reconnect_after_ready_ms,
+        r.reconnect_beyond_delay_ms,
+        r.reconnect_attempt_ms,
+    ) {
         r.target(
             "all re-registered within 1 s of the coordinator being ready plus the jitter window",
             n >= 10_000,
@@ -455,9 +465,18 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
         r.target(
             "reconnect p95 within the current backoff delay plus 100 ms",
             true,
+            b.p95 <= 100.0,
+            format!(
+                "p95 of (re-registered after the coordinator was ready, less the worker's own backoff delay) {:.1} ms",
+                b.p95
+            ),
+        );
+        r.target(
+            "(stricter) the successful attempt itself within 100 ms, p95",
+            true,
             a.p95 <= 100.0,
             format!(
-                "the successful attempt took p95 {:.1} ms after its backoff delay ended",
+                "p95 {:.1} ms from the attempt's start (after its backoff delay) to registered",
                 a.p95
             ),
         );
