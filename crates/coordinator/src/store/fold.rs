@@ -13,7 +13,7 @@
 //! reads right whatever the round has done. A task's deletion folds the whole log inside its
 //! commit ([`compact_states`]), and so does opening the database; the folder then starts over.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
@@ -33,7 +33,7 @@ const UPSERT_COST: usize = 16;
 #[derive(Debug)]
 pub(super) struct Folder {
     /// Newest logged `seq` of each task logged since the current round began.
-    pending: BTreeMap<TaskId, i64>,
+    pending: HashMap<TaskId, i64>,
     /// `seq` of the first state logged since the current round began.
     pending_first: Option<i64>,
     /// The highest `seq` logged.
@@ -46,8 +46,10 @@ pub(super) struct Folder {
 
 #[derive(Debug)]
 struct Round {
-    /// Tasks whose state is still to be written, with the `seq` to write.
-    tasks: BTreeMap<TaskId, i64>,
+    /// The round's tasks in id order, with the `seq` of the state to write, and how many of
+    /// them are written.
+    tasks: Vec<(TaskId, i64)>,
+    written: usize,
     /// Next log row to delete, and the last one the round covers.
     delete_from: i64,
     bound: i64,
@@ -63,7 +65,7 @@ pub(super) struct Piece {
 impl Folder {
     pub fn new() -> Self {
         Folder {
-            pending: BTreeMap::new(),
+            pending: HashMap::new(),
             pending_first: None,
             last: 0,
             pending_rows: 0,
@@ -117,8 +119,11 @@ impl Folder {
             let Some(first) = self.pending_first.take() else {
                 return Ok(Piece::default());
             };
+            let mut tasks: Vec<(TaskId, i64)> = self.pending.drain().collect();
+            tasks.sort_unstable();
             self.round = Some(Round {
-                tasks: std::mem::take(&mut self.pending),
+                tasks,
+                written: 0,
                 delete_from: first,
                 bound: self.last,
             });
@@ -138,15 +143,17 @@ impl Folder {
                  ON CONFLICT(task_id) DO UPDATE SET attempt = excluded.attempt, state = excluded.state, updated_at = excluded.updated_at",
             )?;
             while budget >= UPSERT_COST {
-                let Some((_, seq)) = round.tasks.pop_first() else {
+                let Some((_, seq)) = round.tasks.get(round.written) else {
                     break;
                 };
                 upsert.execute([seq])?;
+                round.written += 1;
                 piece.states_written += 1;
                 budget -= UPSERT_COST;
             }
         }
-        if round.tasks.is_empty() && budget > 0 {
+        let all_written = round.written == round.tasks.len();
+        if all_written && budget > 0 {
             let to = round
                 .bound
                 .min(round.delete_from.saturating_add(budget as i64 - 1));
@@ -156,7 +163,7 @@ impl Folder {
             round.delete_from = to + 1;
         }
         tx.commit()?;
-        if round.tasks.is_empty() && round.delete_from > round.bound {
+        if all_written && round.delete_from > round.bound {
             self.round = None;
         }
         Ok(piece)
