@@ -59,8 +59,17 @@ fn thundering_herd_reregisters_every_worker_after_a_coordinator_kill_and_loses_n
         "500ms",
         "--heartbeat-interval",
         "1s",
+        "--message-mac",
     ]);
     assert_eq!(count(&r["time_to_register_ms"]), 40);
+    // Authenticated and tagged, before the kill and after it: the restarted coordinator's
+    // counter holds the 40 re-registered sessions, each keyed afresh.
+    assert_eq!(r["mac_sessions"], 40, "{r}");
+    assert!(
+        r["security"]
+            .as_str()
+            .is_some_and(|s| s.contains("HMAC-SHA256"))
+    );
     assert_eq!(count(&r["reconnect_after_ready_ms"]), 40);
     // Each worker waited a backoff delay (500 ms +/- 20 %) before the attempt that succeeded.
     assert_eq!(count(&r["reconnect_beyond_delay_ms"]), 40);
@@ -100,9 +109,12 @@ fn message_flood_measures_message_rate_and_latency() {
         "50",
         "--probes",
         "2",
+        "--message-mac",
     ]);
     assert!(r["messages_per_s"].as_f64().unwrap_or(0.0) > 0.0);
+    // The probes' round trips, through the same authentication and tags as the workers.
     assert!(count(&r["message_latency_ms"]) > 0);
+    assert_eq!(r["mac_sessions"], 22, "20 workers and 2 probes: {r}");
 }
 
 #[test]

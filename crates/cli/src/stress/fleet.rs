@@ -19,6 +19,7 @@ use clap::Args;
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tether_proto::WorkerId;
+use tether_proto::auth::Secret;
 use tether_worker::backoff::{BackoffConfig, Jitter};
 use tether_worker::connector::{ConnectError, Connector, Io, WsStream, handshake};
 use tether_worker::executor::{ExecError, ExecMetrics, Executor, Executors, TaskCtx, TaskInput};
@@ -67,6 +68,12 @@ pub struct FleetArgs {
     /// Workers do not offer batch frames (one message per frame, as before batching).
     #[arg(long)]
     pub no_batching: bool,
+    /// Fleet secret the workers authenticate with.
+    #[arg(long)]
+    pub secret_file: Option<std::path::PathBuf>,
+    /// Workers require an integrity tag on every frame.
+    #[arg(long)]
+    pub message_mac: bool,
 }
 
 /// Orchestrator -> fleet.
@@ -253,6 +260,12 @@ fn start(
     set: &mut JoinSet<()>,
     count: u32,
 ) -> anyhow::Result<()> {
+    let secret = a
+        .secret_file
+        .as_deref()
+        .map(Secret::from_file)
+        .transpose()
+        .context("reading the fleet secret")?;
     // Build every agent first, then start them all: a simultaneous start.
     let mut ready = Vec::with_capacity(count as usize);
     for k in 0..u64::from(count) {
@@ -264,6 +277,8 @@ fn start(
         cfg.heartbeat_interval = a.heartbeat_interval;
         cfg.telemetry_interval = a.telemetry_interval;
         cfg.batching = !a.no_batching;
+        cfg.secret = secret.clone();
+        cfg.require_message_mac = a.message_mac;
         cfg.backoff = BackoffConfig {
             initial: a.backoff_initial,
             max: a.backoff_max,

@@ -111,6 +111,13 @@ pub struct StressArgs {
     /// Workers do not offer batch frames: one message per frame, to compare.
     #[arg(long)]
     pub no_batching: bool,
+    /// Workers (and probes) authenticate with a fleet secret made for the run (HMAC
+    /// challenge-response at registration).
+    #[arg(long)]
+    pub auth: bool,
+    /// Every frame both ways carries an HMAC-SHA256 integrity tag; implies --auth.
+    #[arg(long)]
+    pub message_mac: bool,
     /// Print the report as JSON instead of Markdown.
     #[arg(long)]
     pub json: bool,

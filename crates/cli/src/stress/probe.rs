@@ -1,12 +1,15 @@
 //! Latency probes: a few extra protocol clients that register like workers (without executors,
 //! so nothing is assigned to them) and send telemetry one message at a time, timing each until
 //! its `telemetry_ack`. The ack leaves the coordinator only after the message was committed,
-//! so the round trip measures the coordinator's message path under the load of the run.
+//! so the round trip measures the coordinator's message path under the load of the run. They
+//! authenticate and tag their frames like the workers when the run does.
 
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
+use tether_proto::auth::{Challenge, NONCE_BYTES, Secret, to_hex};
+use tether_proto::integrity::{Direction, Opener, Sealer, SessionKey};
 use tether_proto::msg::{
     CoordMsg, Inventory, PROTOCOL_VERSION, Registration, Telemetry, WorkerMsg, now,
 };
@@ -16,11 +19,18 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Runs `probes` clients, each sending `rate` messages per second, until `until`. Returns every
-/// round trip in ms.
-pub async fn run(base: String, probes: u32, rate: u32, until: Instant) -> anyhow::Result<Vec<f64>> {
+/// round trip in ms. With a `secret` they authenticate, and tag their frames when the
+/// coordinator asks for integrity, as workers do.
+pub async fn run(
+    base: String,
+    probes: u32,
+    rate: u32,
+    secret: Option<Secret>,
+    until: Instant,
+) -> anyhow::Result<Vec<f64>> {
     let mut set = tokio::task::JoinSet::new();
     for i in 0..probes {
-        set.spawn(probe(base.clone(), i, rate.max(1), until));
+        set.spawn(probe(base.clone(), i, rate.max(1), secret.clone(), until));
     }
     let mut all = Vec::new();
     while let Some(r) = set.join_next().await {
@@ -29,29 +39,118 @@ pub async fn run(base: String, probes: u32, rate: u32, until: Instant) -> anyhow
     Ok(all)
 }
 
-async fn probe(base: String, i: u32, rate: u32, until: Instant) -> anyhow::Result<Vec<f64>> {
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A probe's connection: tags what it sends and checks what it receives once keyed.
+struct Link {
+    ws: Ws,
+    seal: Option<Sealer>,
+    open: Option<Opener>,
+}
+
+impl Link {
+    async fn send(&mut self, msg: &WorkerMsg) -> anyhow::Result<()> {
+        let mut text = encode(msg);
+        if let Some(s) = &mut self.seal {
+            text = s.seal_text(text);
+        }
+        self.ws.send(Message::Text(text.into())).await?;
+        Ok(())
+    }
+
+    /// Waits (at most 30 s) for a message that `f` accepts; others are skipped.
+    async fn wait_for(&mut self, f: impl Fn(&CoordMsg) -> bool) -> anyhow::Result<CoordMsg> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .context("probe: no answer within 30 s")?;
+            let text = match frame {
+                Some(Ok(Message::Text(t))) => t,
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => bail!("probe read: {e}"),
+                None => bail!("probe: the coordinator closed the connection"),
+            };
+            let body = match &mut self.open {
+                Some(o) => o.open_text(text.as_str()).map_err(|e| {
+                    anyhow::anyhow!("probe: a frame failed its integrity tag: {e:?}")
+                })?,
+                None => text.as_str(),
+            };
+            if let Ok(m) = decode_coord(body)
+                && f(&m)
+            {
+                return Ok(m);
+            }
+        }
+    }
+}
+
+async fn probe(
+    base: String,
+    i: u32,
+    rate: u32,
+    secret: Option<Secret>,
+    until: Instant,
+) -> anyhow::Result<Vec<f64>> {
     let id = WorkerId::parse(&format!("probe-{i}"))?;
     let url = tether_proto::endpoint::derive_endpoint(&base, &id)?;
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+    let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
         .await
         .context("probe connect")?;
-    let reg = WorkerMsg::Registration(Registration {
+    let mut link = Link {
+        ws,
+        seal: None,
+        open: None,
+    };
+    let CoordMsg::Welcome(welcome) = link.wait_for(|m| matches!(m, CoordMsg::Welcome(_))).await?
+    else {
+        bail!("probe: no welcome");
+    };
+    let boot_id = format!("probe-{i}-{}", std::process::id());
+    let timestamp = now();
+    let (signature, client_nonce) = match (&welcome.nonce, &secret) {
+        (None, _) => (None, None),
+        (Some(_), None) => {
+            bail!("the coordinator asks probes to authenticate; the run has no secret")
+        }
+        (Some(nonce), Some(secret)) => {
+            let signature = Challenge {
+                worker: &id,
+                nonce,
+                timestamp,
+                boot_id: &boot_id,
+            }
+            .sign(secret);
+            let client_nonce = welcome.integrity.as_ref().map(|_| {
+                let client_nonce = to_hex(&rand::random::<[u8; NONCE_BYTES]>());
+                let key = SessionKey::derive(secret, &id, nonce, &client_nonce);
+                link.seal = Some(Sealer::new(key.clone(), Direction::ToCoordinator));
+                link.open = Some(Opener::new(key, Direction::ToWorker));
+                client_nonce
+            });
+            (Some(signature), client_nonce)
+        }
+    };
+    link.send(&WorkerMsg::Registration(Registration {
         worker_id: id.clone(),
         protocol_version: PROTOCOL_VERSION,
-        boot_id: format!("probe-{i}-{}", std::process::id()),
+        boot_id,
         capabilities: Vec::new(),
         tags: Default::default(),
         slots: 1,
         executors: Vec::new(),
         inventory: Inventory::default(),
-        signature: None,
+        signature,
         compression: Vec::new(),
-        client_nonce: None,
+        client_nonce,
         batching: false,
-        timestamp: now(),
-    });
-    ws.send(Message::Text(encode(&reg).into())).await?;
-    wait_for(&mut ws, |m| matches!(m, CoordMsg::RegistrationAck(_))).await?;
+        timestamp,
+    }))
+    .await?;
+    link.wait_for(|m| matches!(m, CoordMsg::RegistrationAck(_)))
+        .await?;
     let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut out = Vec::new();
@@ -66,38 +165,11 @@ async fn probe(base: String, i: u32, rate: u32, until: Instant) -> anyhow::Resul
             timestamp: now(),
         });
         let sent = Instant::now();
-        ws.send(Message::Text(encode(&msg).into())).await?;
-        wait_for(
-            &mut ws,
-            |m| matches!(m, CoordMsg::TelemetryAck(a) if a.ack_seq == Seq(seq)),
-        )
-        .await?;
+        link.send(&msg).await?;
+        link.wait_for(|m| matches!(m, CoordMsg::TelemetryAck(a) if a.ack_seq == Seq(seq)))
+            .await?;
         out.push(sent.elapsed().as_secs_f64() * 1000.0);
     }
-    let _ = ws.close(None).await;
+    let _ = link.ws.close(None).await;
     Ok(out)
-}
-
-async fn wait_for<S>(ws: &mut S, f: impl Fn(&CoordMsg) -> bool) -> anyhow::Result<()>
-where
-    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let frame = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .context("probe: no answer within 30 s")?;
-        match frame {
-            Some(Ok(Message::Text(t))) => {
-                if let Ok(m) = decode_coord(t.as_str())
-                    && f(&m)
-                {
-                    return Ok(());
-                }
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => bail!("probe read: {e}"),
-            None => bail!("probe: the coordinator closed the connection"),
-        }
-    }
 }

@@ -19,6 +19,10 @@ pub struct CoordOpts {
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
     pub lost_after: Duration,
+    /// The fleet secret workers must authenticate with.
+    pub secret_file: Option<PathBuf>,
+    /// Every frame carries an integrity tag.
+    pub message_mac: bool,
 }
 
 /// CPU and memory of a process, from `/proc`.
@@ -118,6 +122,14 @@ impl Coordinator {
             .open(&self.log)
             .context("opening the coordinator log")?;
         let d = |d: Duration| format!("{}ms", d.as_millis());
+        let mut security = Vec::new();
+        if let Some(f) = &self.opts.secret_file {
+            security.push("--secret-file".into());
+            security.push(f.clone().into_os_string());
+        }
+        if self.opts.message_mac {
+            security.push("--message-mac".into());
+        }
         let child = Proc::new(&self.exe)
             .arg("--log")
             .arg("warn")
@@ -132,6 +144,7 @@ impl Coordinator {
             .arg(d(self.opts.heartbeat_timeout))
             .arg("--lost-after")
             .arg(d(self.opts.lost_after))
+            .args(security)
             .env_remove("TETHER_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -58,6 +58,10 @@ pub struct Report {
     pub scenario: String,
     pub workers: u64,
     pub command: String,
+    /// How workers authenticate and whether frames carry integrity tags.
+    pub security: String,
+    /// Sessions whose frames carried integrity tags (the coordinator's `mac_sessions`).
+    pub mac_sessions: Option<u64>,
     pub elapsed_s: f64,
     /// Simultaneous start: workers registered per second until the last one.
     pub connects_per_s: Option<f64>,
@@ -152,6 +156,10 @@ impl Report {
                 d.p50, d.p95, d.p99, d.max, d.count
             )
         };
+        row("security", self.security.clone());
+        if let Some(v) = self.mac_sessions.filter(|&n| n > 0) {
+            row("sessions with integrity tags", v.to_string());
+        }
         if let Some(v) = self.connects_per_s {
             row("connects per second", format!("{v:.0}"));
         }

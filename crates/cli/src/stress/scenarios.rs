@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use tether_proto::TaskSpec;
+use tether_proto::auth::Secret;
 use tokio::time::Instant;
 
 use super::fleet::{Command, Status, now_us};
@@ -31,6 +32,8 @@ struct Run {
     _dir: Option<tempfile::TempDir>,
     coord: Coordinator,
     fleet: Fleet,
+    /// The fleet secret, when workers authenticate.
+    secret: Option<Secret>,
     http: reqwest::Client,
     pb: ProgressBar,
     report: Report,
@@ -86,6 +89,15 @@ impl Run {
             Scenario::ThunderingHerd => Duration::from_secs(60),
             _ => Duration::from_secs(1),
         };
+        let auth = a.auth || a.message_mac;
+        let secret_file = path.join("fleet.secret");
+        let secret = if auth {
+            let hex = tether_proto::auth::to_hex(&rand::random::<[u8; 32]>());
+            write_private(&secret_file, hex.as_bytes()).context("writing the fleet secret")?;
+            Some(Secret::new(hex.as_bytes())?)
+        } else {
+            None
+        };
         let coord = Coordinator::start(
             &exe,
             &path,
@@ -93,6 +105,8 @@ impl Run {
                 heartbeat_interval: a.heartbeat_interval,
                 heartbeat_timeout: a.heartbeat_interval * 3,
                 lost_after,
+                secret_file: auth.then(|| secret_file.clone()),
+                message_mac: a.message_mac,
             },
         )
         .await?;
@@ -119,6 +133,13 @@ impl Run {
         if a.no_batching {
             fleet_args.push("--no-batching".into());
         }
+        if auth {
+            fleet_args.push("--secret-file".into());
+            fleet_args.push(secret_file.display().to_string());
+        }
+        if a.message_mac {
+            fleet_args.push("--message-mac".into());
+        }
         let fleet = Fleet::spawn(&exe, &path.join("fleet.log"), &fleet_args)?;
         let pb = ProgressBar::new(workers);
         pb.set_style(
@@ -144,6 +165,12 @@ impl Run {
             scenario: a.scenario.name().into(),
             workers,
             command,
+            security: match (auth, a.message_mac) {
+                (_, true) => "authenticated, every frame tagged (HMAC-SHA256)",
+                (true, false) => "authenticated (HMAC challenge-response)",
+                (false, false) => "none",
+            }
+            .into(),
             ..Report::default()
         };
         Ok(Self {
@@ -152,6 +179,7 @@ impl Run {
             _dir: dir,
             coord,
             fleet,
+            secret,
             http: reqwest::Client::new(),
             pb,
             report,
@@ -270,6 +298,7 @@ impl Run {
     /// Stops both processes, reads the ground truth and adds the common verdicts.
     async fn finish(mut self) -> anyhow::Result<Report> {
         self.phase("stopping", 1);
+        self.report.mac_sessions = Some(self.counter("mac_sessions").await?);
         let fleet_status = self.fleet.now();
         self.report.fleet_cpu_s = self.fleet.cpu_s();
         self.fleet.exit().await?;
@@ -315,6 +344,18 @@ impl Run {
         self.pb.finish_and_clear();
         Ok(self.report)
     }
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(bytes)
 }
 
 fn ms(us: u64, from_us: u64) -> f64 {
@@ -578,6 +619,7 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
         run.coord.url(),
         run.a.probes,
         run.a.probe_rate,
+        run.secret.clone(),
         t0 + duration,
     ));
     while t0.elapsed() < duration {
