@@ -21,8 +21,10 @@ use tether_proto::TaskId;
 
 /// A round begins once this long has passed since the previous one began...
 pub const FOLD_EVERY: Duration = Duration::from_secs(1);
-/// ...or once this many states were logged since (about 16 MiB of log).
-pub const FOLD_ROWS: usize = 65_536;
+/// ...or once this many states were logged since (about 8 MiB of log). Reading the state of a
+/// task with nothing logged scans the whole log on the writer's connection (about 1 ms for
+/// 30,000 rows), so the log is kept this short.
+pub const FOLD_ROWS: usize = 32_768;
 /// Work of one piece: writing a task's state counts [`UPSERT_COST`], deleting a log row one.
 /// About a millisecond on the development machine (256 states written, or 4,096 rows
 /// deleted).
