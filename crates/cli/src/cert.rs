@@ -37,6 +37,19 @@ pub struct CertArgs {
     force: bool,
 }
 
+impl CertArgs {
+    /// Certificates for localhost and 127.0.0.1, valid for a day, into `out` (tests and
+    /// `tether stress --tls`).
+    pub fn local(out: PathBuf) -> Self {
+        Self {
+            out,
+            names: Vec::new(),
+            days: 1,
+            force: false,
+        }
+    }
+}
+
 /// What `tether cert` wrote.
 #[derive(Debug)]
 pub struct Written {

@@ -48,7 +48,7 @@ fn api_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
     Ok(Some(token.to_owned()))
 }
 
-struct Api {
+pub(crate) struct Api {
     base: String,
     transport: Transport,
 }
@@ -70,9 +70,20 @@ type HttpsClient = hyper_util::client::legacy::Client<
 
 impl Api {
     fn new(c: &CommonArgs) -> anyhow::Result<Self> {
-        let base = tether_proto::endpoint::derive_http_base(&c.coordinator)
+        let token = api_token(c.token_file.as_deref())?;
+        Self::build(&c.coordinator, token, c.ca_file.as_deref())
+    }
+
+    /// A client of the coordinator at `coordinator` (any of its URLs), with an API token and,
+    /// for `https://`, the CA that signed its certificate.
+    pub(crate) fn build(
+        coordinator: &str,
+        token: Option<String>,
+        ca_file: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        let base = tether_proto::endpoint::derive_http_base(coordinator)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let auth = match api_token(c.token_file.as_deref())? {
+        let auth = match token {
             Some(token) => {
                 let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
                     .context("the API token holds characters a header cannot carry")?;
@@ -82,7 +93,7 @@ impl Api {
             None => None,
         };
         let transport = if base.starts_with("https://") {
-            let tls = tether_worker::connector::tls_client_config(c.ca_file.as_deref())
+            let tls = tether_worker::connector::tls_client_config(ca_file)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let connector = hyper_rustls::HttpsConnectorBuilder::new()
                 .with_tls_config((*tls).clone())
@@ -94,7 +105,7 @@ impl Api {
                     .build(connector);
             Transport::Tls { client, auth }
         } else {
-            if c.ca_file.is_some() {
+            if ca_file.is_some() {
                 bail!("--ca-file is for an https:// coordinator; {base} is plain HTTP");
             }
             let mut headers = reqwest::header::HeaderMap::new();
@@ -165,11 +176,11 @@ impl Api {
         Ok(v)
     }
 
-    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+    pub(crate) async fn get(&self, path: &str) -> anyhow::Result<Value> {
         self.call(reqwest::Method::GET, path, None).await
     }
 
-    async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+    pub(crate) async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         self.call(reqwest::Method::POST, path, Some(body)).await
     }
 }

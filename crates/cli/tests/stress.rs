@@ -110,11 +110,14 @@ fn message_flood_measures_message_rate_and_latency() {
         "--probes",
         "2",
         "--message-mac",
+        "--tls",
     ]);
     assert!(r["messages_per_s"].as_f64().unwrap_or(0.0) > 0.0);
-    // The probes' round trips, through the same authentication and tags as the workers.
+    // The probes' round trips, through the same TLS, authentication and tags as the workers.
     assert!(count(&r["message_latency_ms"]) > 0);
     assert_eq!(r["mac_sessions"], 22, "20 workers and 2 probes: {r}");
+    // Over TLS (the coordinator serves nothing else when given a certificate).
+    assert!(r["security"].as_str().is_some_and(|s| s.ends_with("; TLS")));
 }
 
 #[test]

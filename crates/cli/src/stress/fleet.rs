@@ -74,6 +74,9 @@ pub struct FleetArgs {
     /// Workers require an integrity tag on every frame.
     #[arg(long)]
     pub message_mac: bool,
+    /// CA of the coordinator's TLS certificate (the coordinator URL is wss://).
+    #[arg(long)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Orchestrator -> fleet.
@@ -266,6 +269,13 @@ fn start(
         .map(Secret::from_file)
         .transpose()
         .context("reading the fleet secret")?;
+    let tls = match &a.ca_file {
+        Some(ca) => Some(tokio_rustls::TlsConnector::from(
+            tether_worker::connector::tls_client_config(Some(ca))
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        )),
+        None => None,
+    };
     // Build every agent first, then start them all: a simultaneous start.
     let mut ready = Vec::with_capacity(count as usize);
     for k in 0..u64::from(count) {
@@ -291,7 +301,10 @@ fn start(
         executors.register("flood", Flood(shared.clone()));
         executors.register("steps", Steps(shared.clone()));
         let source = Ipv4Addr::new(127, 0, 0, 1 + (i % u64::from(a.source_addrs.max(1))) as u8);
-        let agent = Agent::new(cfg, executors)?.with_connector(BoundConnector { source });
+        let agent = Agent::new(cfg, executors)?.with_connector(BoundConnector {
+            source,
+            tls: tls.clone(),
+        });
         ready.push((id, agent));
     }
     let started_us = now_us();
@@ -362,9 +375,11 @@ async fn watch(handle: AgentHandle, record: Arc<Mutex<WorkerRecord>>) {
     }
 }
 
-/// Plain TCP from a chosen source address in 127.0.0.0/8, then the library's handshake.
+/// TCP from a chosen source address in 127.0.0.0/8, TLS when set up, then the library's
+/// handshake.
 struct BoundConnector {
     source: Ipv4Addr,
+    tls: Option<tokio_rustls::TlsConnector>,
 }
 
 impl Connector for BoundConnector {
@@ -373,7 +388,7 @@ impl Connector for BoundConnector {
         url: String,
         config: WebSocketConfig,
     ) -> BoxFuture<'static, Result<WsStream, ConnectError>> {
-        let source = self.source;
+        let (source, tls) = (self.source, self.tls.clone());
         Box::pin(async move {
             let parsed = url::Url::parse(&url)
                 .map_err(|e| ConnectError::Refused(format!("bad url {url}: {e}")))?;
@@ -392,7 +407,15 @@ impl Connector for BoundConnector {
                 .await
                 .map_err(transient)?;
             let _ = tcp.set_nodelay(true);
-            let io: Pin<Box<dyn Io>> = Box::pin(tcp);
+            let io: Pin<Box<dyn Io>> = match tls {
+                None => Box::pin(tcp),
+                Some(tls) => {
+                    let name = rustls::pki_types::ServerName::from(std::net::IpAddr::V4(host));
+                    Box::pin(tls.connect(name, tcp).await.map_err(|e| {
+                        ConnectError::Transient(format!("TLS with {host}:{port}: {e}"))
+                    })?)
+                }
+            };
             handshake(url, io, config.read_buffer_size(FLEET_READ_BUFFER)).await
         })
     }

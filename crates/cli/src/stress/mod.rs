@@ -118,6 +118,10 @@ pub struct StressArgs {
     /// Every frame both ways carries an HMAC-SHA256 integrity tag; implies --auth.
     #[arg(long)]
     pub message_mac: bool,
+    /// The coordinator serves TLS (a private CA and certificate made for the run); workers and
+    /// probes connect with wss:// and trust that CA only.
+    #[arg(long)]
+    pub tls: bool,
     /// Print the report as JSON instead of Markdown.
     #[arg(long)]
     pub json: bool,

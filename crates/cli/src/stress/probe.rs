@@ -4,6 +4,7 @@
 //! so the round trip measures the coordinator's message path under the load of the run. They
 //! authenticate and tag their frames like the workers when the run does.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -15,6 +16,8 @@ use tether_proto::msg::{
 };
 use tether_proto::task::ConnStats;
 use tether_proto::{Seq, WorkerId, decode_coord, encode};
+use tether_worker::config::DEFAULT_MAX_FRAME;
+use tether_worker::connector::{Connector, TcpConnector, WsStream, ws_config};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -26,11 +29,24 @@ pub async fn run(
     probes: u32,
     rate: u32,
     secret: Option<Secret>,
+    tls: Option<Arc<rustls::ClientConfig>>,
     until: Instant,
 ) -> anyhow::Result<Vec<f64>> {
+    let connector = match tls {
+        Some(config) => TcpConnector::with_tls(config),
+        None => TcpConnector::default(),
+    };
     let mut set = tokio::task::JoinSet::new();
     for i in 0..probes {
-        set.spawn(probe(base.clone(), i, rate.max(1), secret.clone(), until));
+        let c = connector.clone();
+        set.spawn(probe(
+            c,
+            base.clone(),
+            i,
+            rate.max(1),
+            secret.clone(),
+            until,
+        ));
     }
     let mut all = Vec::new();
     while let Some(r) = set.join_next().await {
@@ -39,12 +55,9 @@ pub async fn run(
     Ok(all)
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 /// A probe's connection: tags what it sends and checks what it receives once keyed.
 struct Link {
-    ws: Ws,
+    ws: WsStream,
     seal: Option<Sealer>,
     open: Option<Opener>,
 }
@@ -88,6 +101,7 @@ impl Link {
 }
 
 async fn probe(
+    connector: TcpConnector,
     base: String,
     i: u32,
     rate: u32,
@@ -96,7 +110,8 @@ async fn probe(
 ) -> anyhow::Result<Vec<f64>> {
     let id = WorkerId::parse(&format!("probe-{i}"))?;
     let url = tether_proto::endpoint::derive_endpoint(&base, &id)?;
-    let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+    let ws = connector
+        .connect(url.to_string(), ws_config(DEFAULT_MAX_FRAME))
         .await
         .context("probe connect")?;
     let mut link = Link {

@@ -23,6 +23,16 @@ pub struct CoordOpts {
     pub secret_file: Option<PathBuf>,
     /// Every frame carries an integrity tag.
     pub message_mac: bool,
+    /// The coordinator serves TLS with these files.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A coordinator certificate, its key, and the CA that signed it (`tether cert`).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 /// CPU and memory of a process, from `/proc`.
@@ -95,11 +105,17 @@ impl Coordinator {
     }
 
     pub fn url(&self) -> String {
-        format!("ws://{}", self.addr)
+        let scheme = if self.opts.tls.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://{}", self.addr)
     }
 
-    pub fn api(&self) -> String {
-        format!("http://{}", self.addr)
+    /// A client of the coordinator's HTTP API.
+    pub fn api(&self) -> anyhow::Result<crate::client::Api> {
+        crate::client::Api::build(
+            &self.url(),
+            None,
+            self.opts.tls.as_ref().map(|t| t.ca.as_path()),
+        )
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -130,6 +146,12 @@ impl Coordinator {
         if self.opts.message_mac {
             security.push("--message-mac".into());
         }
+        if let Some(t) = &self.opts.tls {
+            security.push("--tls-cert".into());
+            security.push(t.cert.clone().into_os_string());
+            security.push("--tls-key".into());
+            security.push(t.key.clone().into_os_string());
+        }
         let child = Proc::new(&self.exe)
             .arg("--log")
             .arg("warn")
@@ -153,13 +175,10 @@ impl Coordinator {
             .spawn()
             .context("starting the coordinator process")?;
         self.child = Some(child);
-        let http = reqwest::Client::new();
-        let url = format!("{}/healthz", self.api());
+        let api = self.api()?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = http.get(&url).send().await
-                && r.status().is_success()
-            {
+            if api.get("/healthz").await.is_ok() {
                 return Ok(());
             }
             if let Some(c) = self.child.as_mut()

@@ -14,7 +14,7 @@ use tether_proto::auth::Secret;
 use tokio::time::Instant;
 
 use super::fleet::{Command, Status, now_us};
-use super::procs::{CoordOpts, Coordinator, Fleet};
+use super::procs::{CoordOpts, Coordinator, Fleet, TlsFiles};
 use super::report::{Dist, Report};
 use super::{Scenario, StressArgs, probe, truth};
 
@@ -34,7 +34,9 @@ struct Run {
     fleet: Fleet,
     /// The fleet secret, when workers authenticate.
     secret: Option<Secret>,
-    http: reqwest::Client,
+    /// The probes' TLS client, when the coordinator serves TLS.
+    probe_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    api: crate::client::Api,
     pb: ProgressBar,
     report: Report,
     submitted: HashSet<String>,
@@ -98,6 +100,17 @@ impl Run {
         } else {
             None
         };
+        let tls = if a.tls {
+            let w = crate::cert::write(&crate::cert::CertArgs::local(path.join("tls")))
+                .context("making the run's certificates")?;
+            Some(TlsFiles {
+                cert: w.cert,
+                key: w.key,
+                ca: w.ca,
+            })
+        } else {
+            None
+        };
         let coord = Coordinator::start(
             &exe,
             &path,
@@ -107,6 +120,7 @@ impl Run {
                 lost_after,
                 secret_file: auth.then(|| secret_file.clone()),
                 message_mac: a.message_mac,
+                tls: tls.clone(),
             },
         )
         .await?;
@@ -140,6 +154,10 @@ impl Run {
         if a.message_mac {
             fleet_args.push("--message-mac".into());
         }
+        if let Some(t) = &tls {
+            fleet_args.push("--ca-file".into());
+            fleet_args.push(t.ca.display().to_string());
+        }
         let fleet = Fleet::spawn(&exe, &path.join("fleet.log"), &fleet_args)?;
         let pb = ProgressBar::new(workers);
         pb.set_style(
@@ -165,22 +183,34 @@ impl Run {
             scenario: a.scenario.name().into(),
             workers,
             command,
-            security: match (auth, a.message_mac) {
-                (_, true) => "authenticated, every frame tagged (HMAC-SHA256)",
-                (true, false) => "authenticated (HMAC challenge-response)",
-                (false, false) => "none",
-            }
-            .into(),
+            security: format!(
+                "{}{}",
+                match (auth, a.message_mac) {
+                    (_, true) => "authenticated, every frame tagged (HMAC-SHA256)",
+                    (true, false) => "authenticated (HMAC challenge-response)",
+                    (false, false) => "no authentication",
+                },
+                if a.tls { "; TLS" } else { "; no TLS" }
+            ),
             ..Report::default()
         };
+        let api = coord.api()?;
+        let probe_tls = match &tls {
+            Some(t) => Some(
+                tether_worker::connector::tls_client_config(Some(&t.ca))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            ),
+            None => None,
+        };
         Ok(Self {
+            probe_tls,
             a,
             workers,
             _dir: dir,
             coord,
             fleet,
             secret,
-            http: reqwest::Client::new(),
+            api,
             pb,
             report,
             submitted: HashSet::new(),
@@ -213,16 +243,7 @@ impl Run {
     }
 
     async fn overview(&self) -> anyhow::Result<Value> {
-        let r = self
-            .http
-            .get(format!("{}/api/v1/overview", self.coord.api()))
-            .send()
-            .await
-            .context("overview")?;
-        if !r.status().is_success() {
-            bail!("overview: HTTP {}", r.status());
-        }
-        Ok(r.json().await?)
+        self.api.get("/api/v1/overview").await.context("overview")
     }
 
     async fn counter(&self, name: &str) -> anyhow::Result<u64> {
@@ -234,17 +255,11 @@ impl Run {
     /// Submits `specs`; every id the API returns is owed a result.
     async fn submit(&mut self, specs: Vec<TaskSpec>) -> anyhow::Result<()> {
         for chunk in specs.chunks(SUBMIT_CHUNK) {
-            let r = self
-                .http
-                .post(format!("{}/api/v1/tasks", self.coord.api()))
-                .json(&json!({ "tasks": chunk }))
-                .send()
+            let v = self
+                .api
+                .post("/api/v1/tasks", &json!({ "tasks": chunk }))
                 .await
                 .context("submitting tasks")?;
-            if !r.status().is_success() {
-                bail!("submit: HTTP {}: {}", r.status(), r.text().await?);
-            }
-            let v: Value = r.json().await?;
             for id in v["task_ids"].as_array().into_iter().flatten() {
                 if let Some(id) = id.as_str() {
                     self.submitted.insert(id.to_owned());
@@ -620,6 +635,7 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
         run.a.probes,
         run.a.probe_rate,
         run.secret.clone(),
+        run.probe_tls.clone(),
         t0 + duration,
     ));
     while t0.elapsed() < duration {
