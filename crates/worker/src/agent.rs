@@ -190,8 +190,28 @@ impl std::fmt::Debug for Agent {
 }
 
 impl Agent {
-    /// Builds an agent; fails on a configuration error (bad URL, unusable state directory).
+    /// Builds an agent; fails on a configuration error (bad URL, unusable state directory, a
+    /// CA file that cannot be read for a `wss://` coordinator).
     pub fn new(cfg: WorkerConfig, executors: Executors) -> Result<Self, AgentError> {
+        Self::build(cfg, executors, None)
+    }
+
+    /// Builds an agent that connects through `connector` (a bound source address, a TLS
+    /// client shared by many agents, in-memory pipes), without setting up its own: for a
+    /// `wss://` coordinator that would read the CA file, or the system's roots, once per agent.
+    pub fn with_transport(
+        cfg: WorkerConfig,
+        executors: Executors,
+        connector: impl Connector,
+    ) -> Result<Self, AgentError> {
+        Self::build(cfg, executors, Some(Arc::new(connector)))
+    }
+
+    fn build(
+        cfg: WorkerConfig,
+        executors: Executors,
+        connector: Option<Arc<dyn Connector>>,
+    ) -> Result<Self, AgentError> {
         let endpoint = derive_endpoint(&cfg.coordinator, &cfg.worker_id)?;
         let (state, restored) = match &cfg.state_dir {
             Some(dir) => {
@@ -229,12 +249,14 @@ impl Agent {
             ),
             None => None,
         };
-        let connector: Arc<dyn Connector> = if endpoint.starts_with("wss://") {
-            let tls = tls_client_config(cfg.ca_file.as_deref())
-                .map_err(|e| AgentError::Tls(e.to_string()))?;
-            Arc::new(TcpConnector::with_tls(tls))
-        } else {
-            Arc::new(TcpConnector::default())
+        let connector: Arc<dyn Connector> = match connector {
+            Some(c) => c,
+            None if endpoint.starts_with("wss://") => {
+                let tls = tls_client_config(cfg.ca_file.as_deref())
+                    .map_err(|e| AgentError::Tls(e.to_string()))?;
+                Arc::new(TcpConnector::with_tls(tls))
+            }
+            None => Arc::new(TcpConnector::default()),
         };
         let seed = cfg.seed.unwrap_or_else(rand::random);
         tracing::info!(worker = %cfg.worker_id, %endpoint, seed, "worker configured");

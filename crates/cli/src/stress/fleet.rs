@@ -301,10 +301,14 @@ fn start(
         executors.register("flood", Flood(shared.clone()));
         executors.register("steps", Steps(shared.clone()));
         let source = Ipv4Addr::new(127, 0, 0, 1 + (i % u64::from(a.source_addrs.max(1))) as u8);
-        let agent = Agent::new(cfg, executors)?.with_connector(BoundConnector {
-            source,
-            tls: tls.clone(),
-        });
+        let agent = Agent::with_transport(
+            cfg,
+            executors,
+            BoundConnector {
+                source,
+                tls: tls.clone(),
+            },
+        )?;
         ready.push((id, agent));
     }
     let started_us = now_us();
