@@ -37,9 +37,14 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
         reason: e.to_string(),
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
+    // Workers reconnect after every network fault. With a session ticket a reconnecting worker
+    // resumes its TLS session (a key exchange, no certificate and no signature); stateless
+    // tickets, under keys that rotate in memory every 6 hours, serve any number of workers,
+    // where rustls's default session cache remembers 256.
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(Arc::new(config))
 }

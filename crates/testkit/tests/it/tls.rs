@@ -114,3 +114,61 @@ async fn tls_workers_verify_the_coordinator_and_untrusted_or_plain_clients_get_n
     w.stop().await.expect("clean stop");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn workers_reconnecting_over_tls_resume_their_sessions_however_many_they_are() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = tempfile::tempdir().expect("certs");
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()])
+        .expect("self-signed certificate");
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).expect("write cert");
+    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.tls = Some(tether_coordinator::tls::server_config(&cert, &key).expect("server TLS"));
+    let c = spawn_coordinator_with(cfg, None).await;
+    // One TLS client per worker, as each worker process has; more of them than a session cache
+    // of 256 holds.
+    let clients: Vec<_> = (0..300)
+        .map(|_| {
+            tokio_rustls::TlsConnector::from(
+                tether_worker::connector::tls_client_config(Some(&cert)).expect("client config"),
+            )
+        })
+        .collect();
+    // A handshake, then a request whose answer carries the session tickets.
+    let visit = |tls: tokio_rustls::TlsConnector| async move {
+        let tcp = tokio::net::TcpStream::connect(c.addr)
+            .await
+            .expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let mut s = tls.connect(name, tcp).await.expect("TLS handshake");
+        let kind = s.get_ref().1.handshake_kind();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        assert!(
+            out.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        kind
+    };
+    for tls in &clients {
+        assert_eq!(visit(tls.clone()).await, Some(rustls::HandshakeKind::Full));
+    }
+    let mut resumed = 0;
+    for tls in &clients {
+        if visit(tls.clone()).await == Some(rustls::HandshakeKind::Resumed) {
+            resumed += 1;
+        }
+    }
+    assert_eq!(
+        resumed,
+        clients.len(),
+        "every reconnect resumed its session"
+    );
+    c.stop().await;
+}
