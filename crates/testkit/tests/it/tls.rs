@@ -44,18 +44,37 @@ async fn https(
     (status, v)
 }
 
+/// A coordinator serving TLS with a self-signed certificate made for the test.
+struct TlsCoordinator {
+    c: TestCoordinator,
+    /// The certificate, which is its own CA.
+    cert: std::path::PathBuf,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl TlsCoordinator {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = tempfile::tempdir().expect("certs");
+        let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+            .expect("self-signed certificate");
+        let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+        std::fs::write(&cert, made.cert.pem()).expect("write cert");
+        std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
+        let mut cfg = fast_coordinator_config(dir.path().to_owned());
+        cfg.tls = Some(tether_coordinator::tls::server_config(&cert, &key).expect("server TLS"));
+        let c = spawn_coordinator_with(cfg, None).await;
+        Self {
+            c,
+            cert,
+            _dirs: (dir, certs),
+        }
+    }
+}
+
 #[tokio::test]
 async fn tls_workers_verify_the_coordinator_and_untrusted_or_plain_clients_get_nowhere() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let certs = tempfile::tempdir().expect("certs");
-    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
-        .expect("self-signed certificate");
-    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    std::fs::write(&cert, made.cert.pem()).expect("write cert");
-    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.tls = Some(tether_coordinator::tls::server_config(&cert, &key).expect("server TLS"));
-    let c = spawn_coordinator_with(cfg, None).await;
+    let TlsCoordinator { c, cert, _dirs } = TlsCoordinator::start().await;
     let url = format!("wss://127.0.0.1:{}", c.addr.port());
 
     let mut wcfg = fast_worker_config(&url, "tls-w");
@@ -117,16 +136,7 @@ async fn tls_workers_verify_the_coordinator_and_untrusted_or_plain_clients_get_n
 
 #[tokio::test]
 async fn workers_reconnecting_over_tls_resume_their_sessions_however_many_they_are() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let certs = tempfile::tempdir().expect("certs");
-    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()])
-        .expect("self-signed certificate");
-    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    std::fs::write(&cert, made.cert.pem()).expect("write cert");
-    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.tls = Some(tether_coordinator::tls::server_config(&cert, &key).expect("server TLS"));
-    let c = spawn_coordinator_with(cfg, None).await;
+    let TlsCoordinator { c, cert, _dirs } = TlsCoordinator::start().await;
     // One TLS client per worker, as each worker process has; more of them than a session cache
     // of 256 holds.
     let clients: Vec<_> = (0..300)
