@@ -4,7 +4,9 @@
 //! with the effects (acks, assignments, API replies) that may only happen once those mutations
 //! are durable; the writer drains every batch that is waiting, commits them in one transaction
 //! (group commit), then runs their effects in order. Reads that must see committed data run as
-//! effects on the same connection, so they are consistent with what was acknowledged.
+//! effects on the same connection, so they are consistent with what was acknowledged. Between
+//! groups the writer folds a bounded piece of the state log ([`fold`]); a thread with a
+//! connection of its own copies the WAL into the database ([`wal`]).
 
 mod fold;
 mod schema;
