@@ -193,7 +193,7 @@ fn name(common: &str) -> DistinguishedName {
 }
 
 /// Writes a file; a private one is created readable by its owner only.
-fn write_file(path: &Path, bytes: &[u8], private: bool) -> anyhow::Result<()> {
+pub(crate) fn write_file(path: &Path, bytes: &[u8], private: bool) -> anyhow::Result<()> {
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]

@@ -95,7 +95,7 @@ impl Run {
         let secret_file = path.join("fleet.secret");
         let secret = if auth {
             let hex = tether_proto::auth::to_hex(&rand::random::<[u8; 32]>());
-            write_private(&secret_file, hex.as_bytes()).context("writing the fleet secret")?;
+            crate::cert::write_file(&secret_file, hex.as_bytes(), true)?;
             Some(Secret::new(hex.as_bytes())?)
         } else {
             None
@@ -359,18 +359,6 @@ impl Run {
         self.pb.finish_and_clear();
         Ok(self.report)
     }
-}
-
-/// Writes a file only its owner can read.
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?
-        .write_all(bytes)
 }
 
 fn ms(us: u64, from_us: u64) -> f64 {
