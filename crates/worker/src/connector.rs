@@ -138,40 +138,47 @@ impl Connector for TcpConnector {
             let _ = tcp.set_nodelay(true);
             let io: Pin<Box<dyn Io>> = match tls {
                 None => Box::pin(tcp),
-                Some(tls) => {
-                    let name = rustls::pki_types::ServerName::try_from(
-                        host.trim_start_matches('[')
-                            .trim_end_matches(']')
-                            .to_owned(),
-                    )
-                    .map_err(|e| ConnectError::Refused(format!("TLS server name {host}: {e}")))?;
-                    let stream = tls.connect(name, tcp).await.map_err(|e| {
-                        // A certificate the worker does not trust will not become trusted by
-                        // retrying; anything else (reset, timeout) may pass.
-                        // A record damaged on the wire fails its TLS MAC: that one may pass.
-                        let untrusted = e
-                            .get_ref()
-                            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                            .is_some_and(|e| {
-                                matches!(
-                                    e,
-                                    rustls::Error::InvalidCertificate(_)
-                                        | rustls::Error::NoCertificatesPresented
-                                        | rustls::Error::UnsupportedNameType
-                                )
-                            });
-                        if untrusted {
-                            ConnectError::Refused(format!("TLS with {host}:{port}: {e}"))
-                        } else {
-                            ConnectError::Transient(format!("TLS with {host}:{port}: {e}"))
-                        }
-                    })?;
-                    Box::pin(stream)
-                }
+                Some(tls) => tls_handshake(&tls, &host, port, tcp).await?,
             };
             handshake(url, io, config).await
         })
     }
+}
+
+/// Runs the TLS client handshake over `tcp` with `host` (a DNS name or an IP address), and
+/// classifies a failure: a certificate this client does not trust is refused for good,
+/// anything else (a reset, a timeout, a record damaged on the wire) may pass on a retry.
+pub async fn tls_handshake(
+    tls: &tokio_rustls::TlsConnector,
+    host: &str,
+    port: u16,
+    tcp: tokio::net::TcpStream,
+) -> Result<Pin<Box<dyn Io>>, ConnectError> {
+    let name = rustls::pki_types::ServerName::try_from(
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+    )
+    .map_err(|e| ConnectError::Refused(format!("TLS server name {host}: {e}")))?;
+    let stream = tls.connect(name, tcp).await.map_err(|e| {
+        let untrusted = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .is_some_and(|e| {
+                matches!(
+                    e,
+                    rustls::Error::InvalidCertificate(_)
+                        | rustls::Error::NoCertificatesPresented
+                        | rustls::Error::UnsupportedNameType
+                )
+            });
+        if untrusted {
+            ConnectError::Refused(format!("TLS with {host}:{port}: {e}"))
+        } else {
+            ConnectError::Transient(format!("TLS with {host}:{port}: {e}"))
+        }
+    })?;
+    Ok(Box::pin(stream))
 }
 
 /// Runs the WebSocket client handshake over any byte stream and classifies failures.

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tether_proto::WorkerId;
 use tether_proto::auth::Secret;
 use tether_worker::backoff::{BackoffConfig, Jitter};
-use tether_worker::connector::{ConnectError, Connector, Io, WsStream, handshake};
+use tether_worker::connector::{ConnectError, Connector, Io, WsStream, handshake, tls_handshake};
 use tether_worker::executor::{ExecError, ExecMetrics, Executor, Executors, TaskCtx, TaskInput};
 use tether_worker::{Agent, AgentHandle, ConnState, WorkerConfig};
 use tokio::io::AsyncBufReadExt;
@@ -413,12 +413,7 @@ impl Connector for BoundConnector {
             let _ = tcp.set_nodelay(true);
             let io: Pin<Box<dyn Io>> = match tls {
                 None => Box::pin(tcp),
-                Some(tls) => {
-                    let name = rustls::pki_types::ServerName::from(std::net::IpAddr::V4(host));
-                    Box::pin(tls.connect(name, tcp).await.map_err(|e| {
-                        ConnectError::Transient(format!("TLS with {host}:{port}: {e}"))
-                    })?)
-                }
+                Some(tls) => tls_handshake(&tls, &host.to_string(), port, tcp).await?,
             };
             handshake(url, io, config.read_buffer_size(FLEET_READ_BUFFER)).await
         })
