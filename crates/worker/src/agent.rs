@@ -304,12 +304,6 @@ impl Agent {
         self
     }
 
-    /// Replaces the transport (tests use in-memory pipes).
-    pub fn with_connector(mut self, connector: impl Connector) -> Self {
-        self.connector = Arc::new(connector);
-        self
-    }
-
     pub fn handle(&self) -> AgentHandle {
         AgentHandle {
             shared: self.shared.clone(),

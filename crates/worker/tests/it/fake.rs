@@ -163,9 +163,8 @@ async fn serve(io: tokio::io::DuplexStream, script: Script) {
 
 /// An agent whose connections go to `fake`.
 pub fn agent(fake: &FakeConnector, cfg: tether_worker::WorkerConfig) -> tether_worker::Agent {
-    tether_worker::Agent::new(cfg, tether_worker::Executors::builtin())
+    tether_worker::Agent::with_transport(cfg, tether_worker::Executors::builtin(), fake.clone())
         .expect("valid config")
-        .with_connector(fake.clone())
 }
 
 /// An agent running on its own task.
@@ -182,9 +181,12 @@ impl Running {
 
     /// An agent whose connections go to any connector.
     pub fn start_with(connector: impl Connector, cfg: tether_worker::WorkerConfig) -> Self {
-        let agent = tether_worker::Agent::new(cfg, tether_worker::Executors::builtin())
-            .expect("valid config")
-            .with_connector(connector);
+        let agent = tether_worker::Agent::with_transport(
+            cfg,
+            tether_worker::Executors::builtin(),
+            connector,
+        )
+        .expect("valid config");
         let handle = agent.handle();
         let stop = tokio_util::sync::CancellationToken::new();
         let run = tokio::spawn(agent.run(stop.clone()));
