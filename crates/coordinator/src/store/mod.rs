@@ -272,11 +272,10 @@ pub fn spawn_writer(
             let mut conn = conn;
             // The WAL is copied into the database by a thread of its own, not by a commit.
             let checkpointer = match Checkpointer::start(&path) {
-                Ok(c) => conn
-                    .execute_batch("PRAGMA wal_autocheckpoint = 0;")
-                    .map(|()| c)
-                    .map_err(|e| tracing::warn!(db = %path.display(), error = %e, "cannot hand WAL checkpoints to a thread; commits do them"))
-                    .ok(),
+                Ok(c) => {
+                    wal::track_wal(&conn);
+                    Some(c)
+                }
                 Err(e) => {
                     tracing::warn!(db = %path.display(), error = %e, "cannot open a checkpoint connection; commits do WAL checkpoints");
                     None
@@ -325,17 +324,11 @@ pub fn spawn_writer(
                         }
                     }
                 }
-                if let Some(c) = &checkpointer
-                    && c.wal_frames.load(Ordering::Relaxed) >= WAL_RESTART_FRAMES
+                if checkpointer.is_some()
+                    && wal::wal_frames() >= WAL_RESTART_FRAMES
+                    && let Err(e) = wal::finish_checkpoint(&conn)
                 {
-                    // Under steady commits the checkpointer never finds the WAL copied whole,
-                    // and only a WAL copied whole is started over. Between two commits the
-                    // writer can copy what is left (little: the checkpointer did the rest), so
-                    // that the next commit starts the WAL over.
-                    if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
-                        tracing::warn!(db = %path.display(), error = %e, "WAL checkpoint failed");
-                    }
-                    c.wal_frames.store(0, Ordering::Relaxed);
+                    tracing::warn!(db = %path.display(), error = %e, "WAL checkpoint failed");
                 }
             }
             drop(checkpointer);
