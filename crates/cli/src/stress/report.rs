@@ -58,7 +58,8 @@ pub struct Report {
     pub scenario: String,
     pub workers: u64,
     pub command: String,
-    /// How workers authenticate and whether frames carry integrity tags.
+    /// How the coordinator saw the run's sessions: authenticated or not, tagged or not, over
+    /// TLS or not.
     pub security: String,
     /// Sessions whose frames carried integrity tags (the coordinator's `mac_sessions`).
     pub mac_sessions: Option<u64>,

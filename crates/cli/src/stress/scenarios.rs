@@ -183,15 +183,6 @@ impl Run {
             scenario: a.scenario.name().into(),
             workers,
             command,
-            security: format!(
-                "{}{}",
-                match (auth, a.message_mac) {
-                    (_, true) => "authenticated, every frame tagged (HMAC-SHA256)",
-                    (true, false) => "authenticated (HMAC challenge-response)",
-                    (false, false) => "no authentication",
-                },
-                if a.tls { "; TLS" } else { "; no TLS" }
-            ),
             ..Report::default()
         };
         let api = coord.api()?;
@@ -313,7 +304,26 @@ impl Run {
     /// Stops both processes, reads the ground truth and adds the common verdicts.
     async fn finish(mut self) -> anyhow::Result<Report> {
         self.phase("stopping", 1);
-        self.report.mac_sessions = Some(self.counter("mac_sessions").await?);
+        // What the coordinator saw, not what was asked for: registrations that authenticated,
+        // sessions whose frames carried tags, and the scheme every connection of the run used.
+        let (authenticated, tagged) = (
+            self.counter("auth_ok").await?,
+            self.counter("mac_sessions").await?,
+        );
+        self.report.mac_sessions = Some(tagged);
+        self.report.security = format!(
+            "{}; {}",
+            match (authenticated, tagged) {
+                (_, 1..) => "authenticated, frames tagged (HMAC-SHA256)",
+                (1.., 0) => "authenticated (HMAC challenge-response)",
+                (0, 0) => "no authentication",
+            },
+            if self.coord.url().starts_with("wss://") {
+                "TLS"
+            } else {
+                "no TLS"
+            }
+        );
         let fleet_status = self.fleet.now();
         self.report.fleet_cpu_s = self.fleet.cpu_s();
         self.fleet.exit().await?;
