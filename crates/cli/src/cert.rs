@@ -172,10 +172,15 @@ pub fn write(a: &CertArgs) -> anyhow::Result<Written> {
     write_file(&w.key, key.serialize_pem().as_bytes(), true)?;
     let new_secret = !w.secret.exists();
     if new_secret {
-        let secret = tether_proto::auth::to_hex(&rand::random::<[u8; SECRET_BYTES]>());
-        write_file(&w.secret, format!("{secret}\n").as_bytes(), true)?;
+        write_secret(&w.secret)?;
     }
     Ok(Written { new_secret, ..w })
+}
+
+/// Writes a new random fleet secret (hex), readable by its owner only.
+pub(crate) fn write_secret(path: &Path) -> anyhow::Result<()> {
+    let secret = tether_proto::auth::to_hex(&rand::random::<[u8; SECRET_BYTES]>());
+    write_file(path, format!("{secret}\n").as_bytes(), true)
 }
 
 /// A name a worker can verify the certificate against: an IP address or a DNS name, as the
@@ -193,7 +198,7 @@ fn name(common: &str) -> DistinguishedName {
 }
 
 /// Writes a file; a private one is created readable by its owner only.
-pub(crate) fn write_file(path: &Path, bytes: &[u8], private: bool) -> anyhow::Result<()> {
+fn write_file(path: &Path, bytes: &[u8], private: bool) -> anyhow::Result<()> {
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]

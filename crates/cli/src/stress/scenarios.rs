@@ -94,9 +94,8 @@ impl Run {
         let auth = a.auth || a.message_mac;
         let secret_file = path.join("fleet.secret");
         let secret = if auth {
-            let hex = tether_proto::auth::to_hex(&rand::random::<[u8; 32]>());
-            crate::cert::write_file(&secret_file, hex.as_bytes(), true)?;
-            Some(Secret::new(hex.as_bytes())?)
+            crate::cert::write_secret(&secret_file)?;
+            Some(Secret::from_file(&secret_file)?)
         } else {
             None
         };
