@@ -49,8 +49,9 @@ pub(super) fn finish_checkpoint(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// Copies the WAL into the database every [`CHECKPOINT_EVERY`], from a connection and thread
-/// of its own (SQLite's automatic checkpoint runs inside a commit, which then took 4-7 ms
-/// instead of well under one). Stops when dropped.
+/// of its own. SQLite's automatic checkpoint runs inside the commit that crosses its threshold:
+/// with it, commits of a single mutation took 4-7 ms now and then under the flood; without it,
+/// 99.7 % of commits take under 0.5 ms. Stops when dropped.
 pub(super) struct Checkpointer {
     stop: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
