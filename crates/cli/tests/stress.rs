@@ -111,8 +111,14 @@ fn message_flood_measures_message_rate_and_latency() {
         "2",
         "--message-mac",
         "--tls",
+        "--in-step",
     ]);
     assert!(r["messages_per_s"].as_f64().unwrap_or(0.0) > 0.0);
+    // Each worker's 8 tasks report in step, and what they make in one round leaves in one
+    // frame: about 3 messages a frame with the probes' single ones counted; 1.05 when each
+    // update went alone.
+    let per_frame = r["messages_per_frame"].as_f64().unwrap_or(0.0);
+    assert!(per_frame > 2.0, "{per_frame} messages per frame: {r}");
     // The probes' round trips, through the same TLS, authentication and tags as the workers.
     assert!(count(&r["message_latency_ms"]) > 0);
     assert_eq!(r["mac_sessions"], 22, "20 workers and 2 probes: {r}");

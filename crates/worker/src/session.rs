@@ -82,6 +82,8 @@ enum Ev {
     Telemetry,
     StatsLog,
     Wake,
+    /// The outbox has something new to send.
+    Ready,
 }
 
 /// A received frame's data.
@@ -628,7 +630,7 @@ impl<'a> Session<'a> {
                 _ = ping.tick() => Ev::Ping,
                 _ = telemetry.tick() => Ev::Telemetry,
                 _ = stats_log.tick() => Ev::StatsLog,
-                _ = outbox.ready(), if !outbox.has_unsent() => Ev::Wake,
+                _ = outbox.ready(), if !outbox.has_unsent() => Ev::Ready,
                 _ = std::future::ready(()), if more => Ev::Wake,
             };
             match ev {
@@ -671,6 +673,10 @@ impl<'a> Session<'a> {
                     let s = self.agent.handle().stats();
                     tracing::info!(worker = %self.worker(), stability = s.stability, rtt_p50_ms = s.rtt_p50_ms, rtt_p95_ms = s.rtt_p95_ms, reconnects = s.reconnects, outbox = outbox.len(), "connection statistics");
                 }
+                // Let the tasks woken in the same round (this worker's other executors, whose
+                // timers fired together) add theirs first: one frame carries them all, for one
+                // scheduler round of delay and no timer.
+                Ev::Ready => tokio::task::yield_now().await,
                 Ev::Wake => {}
             }
         }

@@ -155,10 +155,12 @@ pub fn now_us() -> u64 {
 }
 
 /// Counters shared by the executors of every worker in the fleet.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
     checkpoints: AtomicU64,
     flood_sent: AtomicU64,
+    /// The origin of the flood clock (`in_step`).
+    epoch: tokio::time::Instant,
 }
 
 struct Member {
@@ -173,7 +175,11 @@ struct Member {
 
 pub async fn run(a: FleetArgs) -> anyhow::Result<()> {
     super::raise_open_files();
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared {
+        checkpoints: AtomicU64::new(0),
+        flood_sent: AtomicU64::new(0),
+        epoch: tokio::time::Instant::now(),
+    });
     let mut members: Vec<Member> = Vec::new();
     let mut set: JoinSet<()> = JoinSet::new();
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -298,7 +304,14 @@ fn start(
         cfg.seed = Some(a.seed.wrapping_add(i));
         let mut executors = Executors::builtin();
         executors.register("noop", Noop);
-        executors.register("flood", Flood(shared.clone()));
+        executors.register(
+            "flood",
+            Flood {
+                shared: shared.clone(),
+                // Spread evenly: the golden ratio's fractional multiples.
+                phase: (i as f64 * 0.618_033_988_749_895).fract(),
+            },
+        );
         executors.register("steps", Steps(shared.clone()));
         let source = Ipv4Addr::new(127, 0, 0, 1 + (i % u64::from(a.source_addrs.max(1))) as u8);
         let agent = Agent::with_transport(
@@ -450,12 +463,20 @@ struct FloodConfig {
     size: usize,
     /// How long to flood.
     ms: u64,
+    /// The tasks of one worker report in step: each tick falls on the worker's own phase of a
+    /// fleet-wide clock, so a worker's updates leave together (one frame of several).
+    #[serde(default)]
+    in_step: bool,
 }
 
 /// `flood`: reports state at a set rate and size for a set time, one update per tick of
 /// 1 / rate, so that no two updates of a task are made together (updates of one task coalesce
 /// in the outbox while unsent: what the coordinator receives is at most this rate).
-struct Flood(Arc<Shared>);
+struct Flood {
+    shared: Arc<Shared>,
+    /// This worker's phase in the fleet's flood clock (`in_step`).
+    phase: f64,
+}
 
 impl Executor for Flood {
     fn execute(
@@ -463,7 +484,8 @@ impl Executor for Flood {
         input: TaskInput,
         ctx: TaskCtx,
     ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
-        let shared = self.0.clone();
+        let shared = self.shared.clone();
+        let phase = self.phase;
         Box::pin(async move {
             let cfg: FloodConfig = config(input.config)?;
             if !(cfg.rate.is_finite() && cfg.rate > 0.0) {
@@ -475,8 +497,21 @@ impl Executor for Flood {
             let pad = "x".repeat(cfg.size);
             let end = tokio::time::Instant::now() + Duration::from_millis(cfg.ms);
             let every = Duration::from_secs_f64(1.0 / cfg.rate).max(Duration::from_millis(1));
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let first = match cfg.in_step {
+                // The next instant at this worker's phase of the fleet's clock.
+                true => {
+                    let since = shared.epoch.elapsed().as_secs_f64() / every.as_secs_f64();
+                    let next = (since - phase).ceil() + phase;
+                    shared.epoch + every.mul_f64(next)
+                }
+                false => tokio::time::Instant::now(),
+            };
+            let mut tick = tokio::time::interval_at(first, every);
+            tick.set_missed_tick_behavior(match cfg.in_step {
+                // Late ticks are skipped, so that the worker's tasks stay in step.
+                true => tokio::time::MissedTickBehavior::Skip,
+                false => tokio::time::MissedTickBehavior::Delay,
+            });
             let mut sent = 0u64;
             loop {
                 tokio::select! {

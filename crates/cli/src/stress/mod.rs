@@ -81,6 +81,11 @@ pub struct StressArgs {
     /// message_flood: bytes of padding per state update.
     #[arg(long, default_value_t = 64)]
     pub size: usize,
+    /// message_flood: the tasks of each worker report in step (each worker on its own phase of
+    /// a fleet-wide clock), so a worker's updates leave together in one frame; by default each
+    /// task reports at its own pace.
+    #[arg(long)]
+    pub in_step: bool,
     /// thundering_herd: how long the coordinator stays dead.
     #[arg(long, default_value = "2s", value_parser = parse_duration_arg)]
     pub outage: Duration,

@@ -601,8 +601,8 @@ fn flood_slots(a: &StressArgs) -> u32 {
 }
 
 /// Every worker runs one task per slot; together they report state at `--rate` per second
-/// per worker with `--size` bytes, each task at its own pace; probes measure the round trip
-/// of acknowledged messages meanwhile.
+/// per worker with `--size` bytes, each task at its own pace (or the worker's tasks in step,
+/// `--in-step`); probes measure the round trip of acknowledged messages meanwhile.
 async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
     let n = run.workers;
     run.start_workers(n).await?;
@@ -610,7 +610,8 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
     let flood_ms = (duration + Duration::from_secs(3)).as_millis() as u64;
     let slots = u64::from(flood_slots(&run.a).max(1));
     let per_task = run.a.rate as f64 / slots as f64;
-    let cfg = json!({"rate": per_task, "size": run.a.size, "ms": flood_ms});
+    let cfg =
+        json!({"rate": per_task, "size": run.a.size, "ms": flood_ms, "in_step": run.a.in_step});
     let tasks = n * slots;
     run.submit((0..tasks).map(|_| spec("flood", cfg.clone(), 5)).collect())
         .await?;
@@ -673,7 +674,11 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
         );
     }
     r.notes.push(format!(
-        "{slots} flood tasks per worker at {per_task:.1} updates/s each; updates of one task coalesce in the worker's outbox while unsent; {} probes x {} msgs/s time telemetry to its durable ack",
+        "{slots} flood tasks per worker at {per_task:.1} updates/s each, {}; updates of one task coalesce in the worker's outbox while unsent; {} probes x {} msgs/s time telemetry to its durable ack",
+        match run.a.in_step {
+            true => "a worker's tasks in step (late ticks skipped)",
+            false => "each at its own pace",
+        },
         run.a.probes, run.a.probe_rate
     ));
     run.wait_all_terminal().await

@@ -4,7 +4,7 @@ use std::time::Duration;
 use tether_proto::WorkerId;
 use tether_worker::{ConnState, WorkerConfig};
 
-use crate::fake::{FakeConnector, Running, Script};
+use crate::fake::{FakeConnector, Running, Script, TOGETHER};
 
 #[tokio::test(start_paused = true)]
 async fn the_worker_decodes_and_handles_every_coordinator_message() {
@@ -79,4 +79,38 @@ async fn the_worker_handles_a_batch_message_by_message() {
         assert_eq!(handle.state(), ConnState::Connected);
         running.stop().await;
     }
+}
+
+/// Messages that tasks make in the same scheduler round leave in one frame: the session lets
+/// the other woken tasks run before it gathers the outbox. On one runtime thread the task that
+/// first wakes the session would otherwise hand it the thread at once (tokio's LIFO slot), and
+/// each task's update would go in a frame of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn updates_made_in_the_same_round_share_a_frame() {
+    let fake = FakeConnector::new(Script::AssignTogether);
+    let mut cfg = WorkerConfig::new(
+        "ws://coordinator.invalid:1",
+        WorkerId::parse("w").expect("id"),
+    );
+    cfg.slots = TOGETHER as u32;
+    let running = Running::start(&fake, cfg);
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    let total = || {
+        fake.states_per_frame
+            .lock()
+            .expect("lock")
+            .iter()
+            .sum::<usize>()
+    };
+    while total() < TOGETHER && std::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let frames = fake.states_per_frame.lock().expect("lock").clone();
+    assert_eq!(total(), TOGETHER, "every task's state arrived: {frames:?}");
+    assert!(
+        frames.len() <= 2,
+        "{TOGETHER} states made in one round went in {} frames: {frames:?}",
+        frames.len()
+    );
+    running.stop().await;
 }

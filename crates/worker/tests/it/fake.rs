@@ -30,12 +30,20 @@ pub enum Script {
     /// Like `Conformance`, with batching agreed and the samples in one batch frame, an
     /// unknown message among them.
     BatchConformance,
+    /// Batching agreed; assigns `TOGETHER` one-step `sleep` tasks in one batch frame, then
+    /// records how many `task_state` messages each frame from the worker carries.
+    AssignTogether,
 }
+
+/// Tasks assigned at once by [`Script::AssignTogether`].
+pub const TOGETHER: usize = 8;
 
 #[derive(Clone)]
 pub struct FakeConnector {
     pub script: Arc<Mutex<Script>>,
     pub attempts: Arc<Mutex<Vec<Instant>>>,
+    /// `task_state` messages in each frame that carried any ([`Script::AssignTogether`]).
+    pub states_per_frame: Arc<Mutex<Vec<usize>>>,
 }
 
 impl FakeConnector {
@@ -43,6 +51,7 @@ impl FakeConnector {
         Self {
             script: Arc::new(Mutex::new(script)),
             attempts: Arc::default(),
+            states_per_frame: Arc::default(),
         }
     }
 
@@ -63,6 +72,7 @@ impl Connector for FakeConnector {
     ) -> BoxFuture<'static, Result<WsStream, ConnectError>> {
         self.attempts.lock().expect("lock").push(Instant::now());
         let script = *self.script.lock().expect("lock");
+        let states = self.states_per_frame.clone();
         Box::pin(async move {
             match script {
                 Script::Refuse => return Err(ConnectError::Transient("connection refused".into())),
@@ -72,14 +82,18 @@ impl Connector for FakeConnector {
                 _ => {}
             }
             let (client, server) = tokio::io::duplex(1 << 16);
-            tokio::spawn(serve(server, script));
+            tokio::spawn(serve(server, script, states));
             let io: Pin<Box<dyn Io>> = Box::pin(client);
             handshake(url, io, config).await
         })
     }
 }
 
-async fn serve(io: tokio::io::DuplexStream, script: Script) {
+async fn serve(
+    io: tokio::io::DuplexStream,
+    script: Script,
+    states_per_frame: Arc<Mutex<Vec<usize>>>,
+) {
     let Ok(mut ws) = tokio_tungstenite::accept_async(io).await else {
         return;
     };
@@ -108,10 +122,11 @@ async fn serve(io: tokio::io::DuplexStream, script: Script) {
     let _ = ws
         .send(send(CoordMsg::RegistrationAck(RegistrationAck {
             compression: None,
-            batching: (script == Script::BatchConformance).then_some(tether_proto::msg::Batching {
-                max_messages: 256,
-                max_bytes: 65_536,
-            }),
+            batching: matches!(script, Script::BatchConformance | Script::AssignTogether)
+                .then_some(tether_proto::msg::Batching {
+                    max_messages: 256,
+                    max_bytes: 65_536,
+                }),
             worker_id: worker,
             session_id: 1,
             directives: vec![],
@@ -125,6 +140,31 @@ async fn serve(io: tokio::io::DuplexStream, script: Script) {
         Script::RegisterThenSilence => {
             // Hold the connection open and never read or write again.
             std::future::pending::<()>().await;
+        }
+        Script::AssignTogether => {
+            let mut batch = tether_proto::Batch::new();
+            for _ in 0..TOGETHER {
+                batch.push(&CoordMsg::TaskAssignment(
+                    tether_proto::msg::TaskAssignment {
+                        task_id: tether_proto::TaskId::fresh(),
+                        attempt: tether_proto::Attempt(1),
+                        kind: "sleep".into(),
+                        config: serde_json::json!({"ms": 0, "steps": 1}),
+                        timeout_ms: None,
+                        checkpoint: None,
+                        timestamp: now(),
+                    },
+                ));
+            }
+            let _ = ws.send(Message::text(batch.take())).await;
+            while let Some(Ok(m)) = ws.next().await {
+                if let Message::Text(t) = m {
+                    let states = t.as_str().matches(r#""type":"task_state""#).count();
+                    if states > 0 {
+                        states_per_frame.lock().expect("lock").push(states);
+                    }
+                }
+            }
         }
         Script::Healthy | Script::Conformance | Script::BatchConformance => {
             if script == Script::Conformance {
