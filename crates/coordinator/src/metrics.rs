@@ -15,6 +15,8 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tether_proto::counters::ByType;
+use tether_proto::msg::{COORD_MSG_TYPES, WORKER_MSG_TYPES};
 
 use crate::core::Api;
 use crate::server::AppState;
@@ -116,6 +118,11 @@ pub const BYTES_BUCKETS: &[f64] = &[
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// [`MESSAGES_IN`] by type, made when the recorder is installed.
+pub static MESSAGES_IN_BY_TYPE: ByType = ByType::new(MESSAGES_IN, WORKER_MSG_TYPES);
+/// [`MESSAGES_OUT`] by type, made when the recorder is installed.
+pub static MESSAGES_OUT_BY_TYPE: ByType = ByType::new(MESSAGES_OUT, COORD_MSG_TYPES);
+
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 ///
 /// When another recorder was installed first (an embedding program's own), the handle renders
@@ -131,6 +138,8 @@ pub fn install() -> PrometheusHandle {
                 );
             }
             describe();
+            MESSAGES_IN_BY_TYPE.register();
+            MESSAGES_OUT_BY_TYPE.register();
             handle
         })
         .clone()

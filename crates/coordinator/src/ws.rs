@@ -521,7 +521,7 @@ fn on_message(
     fwd: &mut Forward<'_>,
 ) -> Option<CoordMsg> {
     if let Ok(msg) = &decoded {
-        metrics::counter!(m::MESSAGES_IN, "type" => msg.type_name()).increment(1);
+        m::MESSAGES_IN_BY_TYPE.increment(msg.type_name());
     }
     match decoded {
         Ok(WorkerMsg::Heartbeat(h)) => Some(heartbeat_reply(h.sequence)),
@@ -804,7 +804,7 @@ async fn send_queued(
 
 /// Counts a message sent, and an `error` by its code.
 fn count_out(m: &CoordMsg) {
-    metrics::counter!(crate::metrics::MESSAGES_OUT, "type" => m.type_name()).increment(1);
+    crate::metrics::MESSAGES_OUT_BY_TYPE.increment(m.type_name());
     if let CoordMsg::Error(e) = m {
         metrics::counter!(crate::metrics::ERRORS, "code" => e.code.as_str(), "direction" => "sent")
             .increment(1);

@@ -1,5 +1,6 @@
 //! Encode and decode of the hot messages: results, state updates, heartbeats (worker side) and
-//! assignments and acks (coordinator side); and a batch frame of 16 state updates, per message.
+//! assignments and acks (coordinator side); a batch frame of 16 state updates, per message; and
+//! the compression of batch frames just over the threshold.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
@@ -90,5 +91,43 @@ fn batch(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, worker, coord, batch);
+/// A batch frame of 8 state updates and one of their 8 acknowledgements (1.2 and 1.1 KiB of
+/// JSON, just over the compression threshold): compress and inflate each, the throughput in
+/// bytes of JSON.
+fn compress(c: &mut Criterion) {
+    let state = serde_json::to_value(
+        worker_messages()
+            .into_iter()
+            .find(|m| matches!(m, WorkerMsg::TaskState(_)))
+            .expect("a task_state sample"),
+    )
+    .expect("json");
+    let ack = serde_json::to_value(
+        coord_messages()
+            .into_iter()
+            .find(|m| matches!(m, CoordMsg::TaskStateAck(_)))
+            .expect("a task_state_ack sample"),
+    )
+    .expect("json");
+    let mut g = c.benchmark_group("compress");
+    for (name, one) in [("states_8", state), ("acks_8", ack)] {
+        let mut b = Batch::new();
+        for m in vec![one; 8] {
+            b.push(&m);
+        }
+        let text = b.take();
+        let packed = tether_proto::compress::deflate(&text);
+        g.throughput(Throughput::Bytes(text.len() as u64));
+        g.bench_function(BenchmarkId::new("deflate", name), |bench| {
+            bench.iter(|| tether_proto::compress::deflate(black_box(&text)))
+        });
+        g.bench_function(BenchmarkId::new("inflate", name), |bench| {
+            bench.iter(|| tether_proto::compress::inflate(black_box(&packed), 1 << 20))
+        });
+        eprintln!("{name}: {} bytes -> {}", text.len(), packed.len());
+    }
+    g.finish();
+}
+
+criterion_group!(benches, worker, coord, batch, compress);
 criterion_main!(benches);

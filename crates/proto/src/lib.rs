@@ -15,6 +15,8 @@
 pub mod auth;
 pub mod codec;
 pub mod compress;
+#[cfg(feature = "metrics")]
+pub mod counters;
 pub mod endpoint;
 pub mod ids;
 pub mod integrity;

@@ -18,6 +18,8 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tether_proto::counters::ByType;
+use tether_proto::msg::{COORD_MSG_TYPES, WORKER_MSG_TYPES};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -89,6 +91,11 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// [`MESSAGES_IN`] by type, made when the recorder is installed.
+pub static MESSAGES_IN_BY_TYPE: ByType = ByType::new(MESSAGES_IN, COORD_MSG_TYPES);
+/// [`MESSAGES_OUT`] by type, made when the recorder is installed.
+pub static MESSAGES_OUT_BY_TYPE: ByType = ByType::new(MESSAGES_OUT, WORKER_MSG_TYPES);
+
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 pub fn install() -> PrometheusHandle {
     HANDLE
@@ -105,6 +112,8 @@ pub fn install() -> PrometheusHandle {
                 );
             }
             describe();
+            MESSAGES_IN_BY_TYPE.register();
+            MESSAGES_OUT_BY_TYPE.register();
             handle
         })
         .clone()

@@ -295,7 +295,7 @@ impl<'a> Session<'a> {
         if !is_batch(text) {
             return match decode_coord(text) {
                 Ok(msg) => {
-                    metrics::counter!(m::MESSAGES_IN, "type" => msg.type_name()).increment(1);
+                    m::MESSAGES_IN_BY_TYPE.increment(msg.type_name());
                     Inbound::Msg(msg)
                 }
                 Err(e) => {
@@ -316,7 +316,7 @@ impl<'a> Session<'a> {
         for d in decoded.unwrap_or_else(|e| vec![Err(e)]) {
             match d {
                 Ok(msg) => {
-                    metrics::counter!(m::MESSAGES_IN, "type" => msg.type_name()).increment(1);
+                    m::MESSAGES_IN_BY_TYPE.increment(msg.type_name());
                     msgs.push(msg);
                 }
                 Err(e) => self.on_undecodable(e).await,
@@ -926,7 +926,7 @@ impl<'a> Session<'a> {
 
 /// Counts a message written to the coordinator, and an `error` by its code.
 fn count_out(msg: &WorkerMsg) {
-    metrics::counter!(m::MESSAGES_OUT, "type" => msg.type_name()).increment(1);
+    m::MESSAGES_OUT_BY_TYPE.increment(msg.type_name());
     if let WorkerMsg::Error(e) = msg {
         metrics::counter!(m::ERRORS, "code" => e.code.as_str(), "direction" => "sent").increment(1);
     }
