@@ -7,7 +7,7 @@ use std::hint::black_box;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use tether_coordinator::core::SessionRef;
 use tether_coordinator::core::queue::{Queue, QueueKey, plan};
-use tether_coordinator::model::{Worker, WorkerState};
+use tether_coordinator::model::{IdMap, Worker, WorkerState};
 use tether_proto::{TaskId, TaskSpec, WorkerId};
 
 const KINDS: [&str; 4] = ["noop", "sleep", "command", "gpu"];
@@ -46,7 +46,7 @@ fn queue(n: usize, kinds: &[&str]) -> Queue {
     q
 }
 
-fn fleet(n: usize, kinds: &[&str]) -> HashMap<WorkerId, Worker> {
+fn fleet(n: usize, kinds: &[&str]) -> IdMap<WorkerId, Worker> {
     (0..n)
         .map(|i| worker(i, kinds))
         .map(|w| (w.worker_id.clone(), w))
@@ -103,7 +103,7 @@ fn dispatch(c: &mut Criterion) {
 fn scan_plan(
     queue: &mut BTreeSet<QueueKey>,
     specs: &HashMap<TaskId, TaskSpec>,
-    workers: &HashMap<WorkerId, Worker>,
+    workers: &IdMap<WorkerId, Worker>,
 ) -> usize {
     const SCAN_LIMIT: usize = 4096;
     let mut slots: HashMap<WorkerId, usize> = HashMap::new();

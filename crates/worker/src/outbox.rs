@@ -10,6 +10,9 @@
 //! effect, so a restarted worker finds what was not yet acknowledged.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// foldhash rather than SipHash: every entry is hashed several times between push and ack.
+type Hasher = foldhash::quality::RandomState;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -60,8 +63,8 @@ struct Entry {
 struct Inner {
     next_seq: u64,
     entries: BTreeMap<Key, Entry>,
-    class_of: HashMap<u64, Class>,
-    coalesced: HashMap<Coalesce, u64>,
+    class_of: HashMap<u64, Class, Hasher>,
+    coalesced: HashMap<Coalesce, u64, Hasher>,
     unsent: BTreeSet<Key>,
     bytes: usize,
     acked_max: u64,

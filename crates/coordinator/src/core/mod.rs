@@ -16,7 +16,7 @@ mod tasks;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 pub use api::{Api, ApiError, ControlOp, Overview};
 
 use crate::config::CoordinatorConfig;
-use crate::model::{CheckpointMeta, Task, Worker, WorkerState};
+use crate::model::{CheckpointMeta, IdMap, Task, Worker, WorkerState};
 use crate::store::{Batch, Loaded, Mutation};
 
 /// Events applied by the core in a batch before one group commit.
@@ -169,14 +169,14 @@ struct Partial {
 /// The core's state.
 pub struct Core {
     cfg: Arc<CoordinatorConfig>,
-    tasks: HashMap<TaskId, Task>,
+    tasks: IdMap<TaskId, Task>,
     queue: queue::Queue,
-    workers: HashMap<WorkerId, Worker>,
+    workers: IdMap<WorkerId, Worker>,
     /// Workers that may have a free slot (see [`queue::plan`]).
     free: BTreeSet<WorkerId>,
-    partial: HashMap<CheckpointId, Partial>,
+    partial: IdMap<CheckpointId, Partial>,
     /// Complete checkpoints per task, oldest first, for pruning.
-    checkpoint_history: HashMap<TaskId, VecDeque<CheckpointId>>,
+    checkpoint_history: IdMap<TaskId, VecDeque<CheckpointId>>,
     /// Finished tasks by the time they finished, for retention.
     finished: BTreeSet<(DateTime<Utc>, TaskId)>,
     next_submit_seq: u64,
@@ -191,12 +191,12 @@ impl Core {
     pub fn new(cfg: Arc<CoordinatorConfig>, loaded: Loaded, counters: Arc<Counters>) -> Self {
         let mut core = Self {
             cfg,
-            tasks: HashMap::with_capacity(loaded.tasks.len()),
+            tasks: IdMap::with_capacity_and_hasher(loaded.tasks.len(), Default::default()),
             queue: queue::Queue::default(),
-            workers: HashMap::new(),
+            workers: IdMap::default(),
             free: BTreeSet::new(),
-            partial: HashMap::new(),
-            checkpoint_history: HashMap::new(),
+            partial: IdMap::default(),
+            checkpoint_history: IdMap::default(),
             finished: BTreeSet::new(),
             next_submit_seq: 0,
             dispatch_needed: true,

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use tether_proto::{TaskId, TaskSpec, WorkerId};
 
-use crate::model::Worker;
+use crate::model::{IdMap, Worker};
 
 /// Priority, then submission order, then id: the order tasks leave the queue.
 pub type QueueKey = (u8, u64, TaskId);
@@ -114,7 +114,7 @@ impl Queue {
 pub fn plan(
     queue: &mut Queue,
     free: &mut BTreeSet<WorkerId>,
-    workers: &HashMap<WorkerId, Worker>,
+    workers: &IdMap<WorkerId, Worker>,
 ) -> Vec<(QueueKey, WorkerId)> {
     let mut out = Vec::new();
     let mut full = Vec::new();
@@ -206,7 +206,7 @@ mod tests {
         for seq in 0..5 {
             task(&mut q, "sleep", 5, seq);
         }
-        let workers: HashMap<WorkerId, Worker> =
+        let workers: IdMap<WorkerId, Worker> =
             [worker("a", &["sleep"], 2), worker("b", &["sleep"], 2)]
                 .into_iter()
                 .map(|w| (w.worker_id.clone(), w))

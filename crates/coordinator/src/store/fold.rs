@@ -13,7 +13,6 @@
 //! reads right whatever the round has done. A task's deletion folds the whole log inside its
 //! commit ([`compact_states`]), and so does opening the database; the folder then starts over.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
@@ -35,7 +34,7 @@ const UPSERT_COST: usize = 16;
 #[derive(Debug)]
 pub(super) struct Folder {
     /// Newest logged `seq` of each task logged since the current round began.
-    pending: HashMap<TaskId, i64>,
+    pending: crate::model::IdMap<TaskId, i64>,
     /// `seq` of the first state logged since the current round began.
     pending_first: Option<i64>,
     /// The highest `seq` logged.
@@ -66,7 +65,7 @@ pub(super) struct Piece {
 impl Folder {
     pub fn new() -> Self {
         Folder {
-            pending: HashMap::new(),
+            pending: Default::default(),
             pending_first: None,
             last: 0,
             pending_rows: 0,
