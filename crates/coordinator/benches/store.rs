@@ -79,6 +79,7 @@ fn run(max_group: usize, round: usize) -> Duration {
                     let _ = done.send(());
                 }
             })],
+            reads: vec![],
         };
         tx.blocking_send(batch).expect("writer alive");
     }

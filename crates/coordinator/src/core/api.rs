@@ -160,7 +160,7 @@ impl Core {
                 if let Err(e) = self.task(&task) {
                     return reply_after_commit(b, reply, Err(e));
                 }
-                b.effects.push(Box::new(move |conn| {
+                b.reads.push(Box::new(move |conn| {
                     let r = store::read_results(conn, &task).map_err(internal);
                     let _ = reply.send(r);
                 }));
@@ -169,7 +169,7 @@ impl Core {
                 if let Err(e) = self.task(&task) {
                     return reply_after_commit(b, reply, Err(e));
                 }
-                b.effects.push(Box::new(move |conn| {
+                b.reads.push(Box::new(move |conn| {
                     let r = store::read_state(conn, &task).map_err(internal).map(|o| {
                         o.map(|(attempt, state, updated_at)| {
                             serde_json::json!({"attempt": attempt, "state": state, "updated_at": updated_at})
@@ -182,7 +182,7 @@ impl Core {
                 if let Err(e) = self.task(&task) {
                     return reply_after_commit(b, reply, Err(e));
                 }
-                b.effects.push(Box::new(move |conn| {
+                b.reads.push(Box::new(move |conn| {
                     let r = store::read_checkpoints(conn, &task).map_err(internal).map(|v| {
                         v.into_iter()
                             .map(|(id, attempt, size, created_at)| {
@@ -201,7 +201,7 @@ impl Core {
                 if let Err(e) = self.task(&task) {
                     return reply_after_commit(b, reply, Err(e));
                 }
-                b.effects.push(Box::new(move |conn| {
+                b.reads.push(Box::new(move |conn| {
                     let r = match store::read_checkpoint_data(conn, &checkpoint) {
                         Ok(Some(d)) => Ok(d),
                         Ok(None) => Err(ApiError::NotFound(format!("no checkpoint {checkpoint}"))),

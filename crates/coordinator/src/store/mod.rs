@@ -3,12 +3,16 @@
 //! One writer thread owns the connection. The core hands it batches of [`Mutation`]s together
 //! with the effects (acks, assignments, API replies) that may only happen once those mutations
 //! are durable; the writer drains every batch that is waiting, commits them in one transaction
-//! (group commit), then runs their effects in order. Reads that must see committed data run as
-//! effects on the same connection, so they are consistent with what was acknowledged. Between
-//! groups the writer folds a bounded piece of the state log ([`fold`]); a thread with a
-//! connection of its own copies the WAL into the database ([`wal`]).
+//! (group commit), then runs their effects in order. Reads that must be ordered with later
+//! commits (a checkpoint handed out with an assignment) run as effects on the same connection;
+//! the API's reads of committed data go to a reader thread with a connection of its own
+//! ([`read`]) once their group committed, so that they see what was acknowledged without
+//! holding up the commits behind them. Between groups the writer folds a bounded piece of the
+//! state log ([`fold`]); a thread with a connection of its own copies the WAL into the
+//! database ([`wal`]).
 
 mod fold;
+mod read;
 mod schema;
 mod wal;
 
@@ -29,6 +33,7 @@ pub use schema::SCHEMA_VERSION;
 pub use wal::{CHECKPOINT_EVERY, WAL_RESTART_FRAMES};
 
 use fold::Folder;
+use read::Reader;
 use wal::Checkpointer;
 
 /// Most batches committed in one transaction by the writer (group commit).
@@ -108,19 +113,25 @@ pub enum Mutation {
     DeleteWorker(WorkerId),
 }
 
-/// Runs after its batch is committed, on the writer's connection.
+/// Runs after its batch is committed, on the writer's connection (an effect) or the reader's
+/// (a read).
 pub type Effect = Box<dyn FnOnce(&Connection) + Send>;
 
-/// Mutations and the effects that wait for them.
+/// Mutations and what waits for them.
 #[derive(Default)]
 pub struct Batch {
     pub muts: Vec<Mutation>,
+    /// Run in order on the writer's connection once the batch is committed.
     pub effects: Vec<Effect>,
+    /// Reads of committed data that need no order with later commits (the API's): handed to
+    /// the reader thread once the batch is committed (run on the writer's connection when
+    /// there is no reader).
+    pub reads: Vec<Effect>,
 }
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.muts.is_empty() && self.effects.is_empty()
+        self.muts.is_empty() && self.effects.is_empty() && self.reads.is_empty()
     }
 }
 
@@ -281,6 +292,13 @@ pub fn spawn_writer(
                     None
                 }
             };
+            let reader = match Reader::start(&path) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(db = %path.display(), error = %e, "cannot open a read connection; API reads run between commits");
+                    None
+                }
+            };
             let mut folder = Folder::new();
             while let Some(first) = rx.blocking_recv() {
                 let mut batches = vec![first];
@@ -312,6 +330,16 @@ pub fn spawn_writer(
                     for effect in b.effects {
                         effect(&conn);
                     }
+                    for read in b.reads {
+                        match &reader {
+                            Some(r) => {
+                                if let Err(read) = r.run(read) {
+                                    read(&conn);
+                                }
+                            }
+                            None => read(&conn),
+                        }
+                    }
                 }
                 // After the effects: the acks of this group do not wait for a fold.
                 if folder.due() {
@@ -331,6 +359,7 @@ pub fn spawn_writer(
                     tracing::warn!(db = %path.display(), error = %e, "WAL checkpoint failed");
                 }
             }
+            drop(reader);
             drop(checkpointer);
             // The core is gone: flush nothing more, just checkpoint the WAL.
             let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
@@ -574,6 +603,11 @@ pub fn read_state(
             serde_json::from_str(&s).unwrap_or(serde_json::Value::Null),
             r.get(2)?,
         ))
+    };
+    // Both lookups in one snapshot (the reader's connection runs beside the writer's folds).
+    let _snapshot = match conn.is_autocommit() {
+        true => Some(conn.unchecked_transaction()?),
+        false => None,
     };
     let logged = conn
         .prepare_cached(

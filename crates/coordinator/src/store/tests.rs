@@ -43,6 +43,7 @@ fn commit_muts(conn: &mut Connection, muts: Vec<Mutation>) {
     let mut batches = vec![Batch {
         muts,
         effects: vec![],
+        reads: vec![],
     }];
     commit(conn, &mut batches, &mut Folder::new()).expect("commit");
 }
@@ -240,6 +241,7 @@ fn later_writes_of_a_task_in_one_group_win() {
                 TaskStatus::Queued,
             )))],
             effects: vec![],
+            reads: vec![],
         },
         Batch {
             muts: vec![Mutation::PutTask(Box::new(task(
@@ -248,6 +250,7 @@ fn later_writes_of_a_task_in_one_group_win() {
                 TaskStatus::Completed,
             )))],
             effects: vec![],
+            reads: vec![],
         },
     ];
     commit(&mut conn, &mut batches, &mut Folder::new()).expect("commit");
@@ -376,10 +379,12 @@ fn of_several_states_of_a_task_in_one_group_the_last_is_stored() {
         Batch {
             muts: vec![state(1, 1), state(1, 2)],
             effects: vec![],
+            reads: vec![],
         },
         Batch {
             muts: vec![state(2, 3)],
             effects: vec![],
+            reads: vec![],
         },
     ];
     commit(&mut conn, &mut batches, &mut Folder::new()).expect("commit");
@@ -560,6 +565,7 @@ impl Writer {
             .blocking_send(Batch {
                 muts,
                 effects: vec![effect],
+                reads: vec![],
             })
             .expect("send");
         seen.recv().expect("effect ran")
@@ -569,6 +575,58 @@ impl Writer {
         drop(self.tx);
         self.thread.join().expect("writer ends");
     }
+}
+
+/// An API read runs on the reader's connection after its group committed: it sees that
+/// group's state, and while it is held up (a large checkpoint downloading) the writer keeps
+/// committing. On the writer's connection the second group would wait for the read.
+#[test]
+fn a_read_sees_its_group_committed_and_does_not_hold_up_the_commits_behind_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = Writer::start(dir.path());
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let (answer, answered) = std::sync::mpsc::channel();
+    let read: Effect = Box::new(move |conn: &Connection| {
+        let seen = state_n(conn, "a");
+        let _ = held.recv();
+        let _ = answer.send(seen);
+    });
+    let (done, committed) = std::sync::mpsc::channel();
+    let effect: Effect = Box::new(move |_: &Connection| {
+        let _ = done.send(());
+    });
+    w.tx.blocking_send(Batch {
+        muts: vec![state_mut("a", 1)],
+        effects: vec![effect],
+        reads: vec![read],
+    })
+    .expect("send");
+    committed.recv().expect("first group committed");
+    // Committed and acknowledged while the read is still held.
+    let (done, committed) = std::sync::mpsc::channel();
+    let effect: Effect = Box::new(move |conn: &Connection| {
+        let _ = done.send(count(conn, "task_state_log"));
+    });
+    w.tx.blocking_send(Batch {
+        muts: vec![state_mut("a", 2)],
+        effects: vec![effect],
+        reads: vec![],
+    })
+    .expect("send");
+    let second = committed.recv_timeout(std::time::Duration::from_secs(10));
+    assert!(answered.try_recv().is_err(), "the read is still held");
+    release.send(()).expect("read waiting");
+    assert_eq!(
+        second,
+        Ok(2),
+        "the second group committed while the read was held"
+    );
+    let seen = answered.recv().expect("read ran");
+    assert!(
+        matches!(seen, Some(1 | 2)),
+        "the read saw its own group's commit (or the next): {seen:?}"
+    );
+    w.stop();
 }
 
 #[test]
@@ -595,6 +653,7 @@ fn commit_with(conn: &mut Connection, folder: &mut Folder, muts: Vec<Mutation>) 
     let mut batches = vec![Batch {
         muts,
         effects: vec![],
+        reads: vec![],
     }];
     commit(conn, &mut batches, folder).expect("commit");
 }
