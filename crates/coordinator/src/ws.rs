@@ -25,10 +25,10 @@ use tether_proto::integrity::{
     self, DEFAULT_MAX_FAILURES, Direction, HMAC_SHA256, MacError, Opener, Sealer, SessionKey,
 };
 use tether_proto::msg::{
-    Batching, CoordMsg, ErrorCode, HeartbeatReply, PROTOCOL_VERSION, Registration, Welcome,
-    WorkerMsg, now,
+    Acks, Batching, CoordMsg, Disposition, ErrorCode, HeartbeatReply, PROTOCOL_VERSION,
+    Registration, Welcome, WorkerMsg, now,
 };
-use tether_proto::{Batch, DecodeError, WorkerId, decode_worker, encode, is_batch};
+use tether_proto::{Batch, DecodeError, Seq, WorkerId, decode_worker, encode, is_batch};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Instant, timeout_at};
 
@@ -146,6 +146,8 @@ impl Inbound {
 struct Outbound {
     zstd: bool,
     batch: Option<Batching>,
+    /// Recorded messages may be acknowledged together in `acks`.
+    compact_acks: bool,
 }
 
 /// Welcome, authentication (when on), and the session's announcement to the core.
@@ -740,9 +742,13 @@ async fn send_queued(
     let (mut next, mut close, mut fed) = (Some(first), None, 0);
     let counters = Some(&*app.counters);
     let mut batch = Batch::new();
+    // Acknowledgements of recorded messages, sent together in one `acks` after the rest.
+    let mut recorded: Vec<Seq> = Vec::new();
     while let Some(m) = next.take() {
         let threshold = agreed.zstd.then_some(app.cfg.compress_threshold);
+        let compact = agreed.compact_acks.then(|| recorded_ack(&m)).flatten();
         match agreed.batch {
+            _ if compact.is_some() => recorded.extend(compact),
             // The ack itself goes alone: the worker learns from it what may follow.
             Some(limits) if !matches!(*m, CoordMsg::RegistrationAck(_)) => {
                 count_out(&m);
@@ -775,12 +781,35 @@ async fn send_queued(
         if let CoordMsg::RegistrationAck(a) = &*m {
             agreed.zstd = a.compression.as_deref() == Some(ZSTD);
             agreed.batch = a.batching;
+            agreed.compact_acks = a.compact_acks;
         }
         if fed < MAX_COALESCED {
             match rx.try_recv() {
                 Ok(Outgoing::Msg(m)) => next = Some(m),
                 Ok(Outgoing::Close(c)) => close = Some(*c),
                 Err(_) => {}
+            }
+        }
+    }
+    if !recorded.is_empty() {
+        app.counters
+            .compact_acked
+            .fetch_add(recorded.len() as u64, Ordering::Relaxed);
+        let acks = CoordMsg::Acks(Acks::of(recorded));
+        count_out(&acks);
+        let threshold = agreed.zstd.then_some(app.cfg.compress_threshold);
+        match agreed.batch {
+            Some(limits) => {
+                if let Some(text) = batch.push_within(&acks, limits.max_bytes as usize)
+                    && !out.feed_text(deadline, text, threshold, counters).await
+                {
+                    return Err(());
+                }
+            }
+            None => {
+                if !out.feed_framed(deadline, &acks, threshold, counters).await {
+                    return Err(());
+                }
             }
         }
     }
@@ -800,6 +829,25 @@ async fn send_queued(
         return Err(());
     }
     Ok(close)
+}
+
+/// The sequence number of an acknowledgement that `acks` may carry: a recorded message other
+/// than a result (a result's ack names its task, which the worker logs).
+fn recorded_ack(m: &CoordMsg) -> Option<Seq> {
+    match m {
+        CoordMsg::TaskStateAck(a)
+        | CoordMsg::CheckpointAck(a)
+        | CoordMsg::CheckpointDataAck(a)
+        | CoordMsg::TaskCancelledAck(a)
+        | CoordMsg::TaskPausedAck(a)
+        | CoordMsg::TaskResumedAck(a)
+        | CoordMsg::TelemetryAck(a)
+            if a.disposition == Disposition::Recorded =>
+        {
+            Some(a.ack_seq)
+        }
+        _ => None,
+    }
 }
 
 /// Counts a message sent, and an `error` by its code.

@@ -131,6 +131,7 @@ fn coord_variant(ty: &str, text: &str) -> Option<serde_json::Result<CoordMsg>> {
         "task_paused_ack" => de(text).map(CoordMsg::TaskPausedAck),
         "task_resumed_ack" => de(text).map(CoordMsg::TaskResumedAck),
         "telemetry_ack" => de(text).map(CoordMsg::TelemetryAck),
+        "acks" => de(text).map(CoordMsg::Acks),
         "checkpoint_request" => de(text).map(CoordMsg::CheckpointRequest),
         "state_request" => de(text).map(CoordMsg::StateRequest),
         "cancel_task" => de(text).map(CoordMsg::CancelTask),

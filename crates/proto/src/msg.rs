@@ -54,6 +54,7 @@ pub enum CoordMsg {
     TaskPausedAck(Ack),
     TaskResumedAck(Ack),
     TelemetryAck(Ack),
+    Acks(Acks),
     CheckpointRequest(CheckpointRequest),
     StateRequest(StateRequest),
     CancelTask(TaskControl),
@@ -98,6 +99,10 @@ pub struct Registration {
     /// and sends them once the coordinator agrees in `registration_ack`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub batching: bool,
+    /// The worker reads `acks` (the sequence numbers of several recorded messages in one
+    /// message) in place of their `*_ack`s once the coordinator agrees in `registration_ack`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub compact_acks: bool,
     pub timestamp: DateTime<Utc>,
 }
 
@@ -304,6 +309,10 @@ pub struct RegistrationAck {
     /// both sides may send batch frames within these bounds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batching: Option<Batching>,
+    /// The coordinator agrees to the worker's `compact_acks`: from the next frame on, messages
+    /// it records (other than results) may be acknowledged in `acks`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub compact_acks: bool,
     pub timestamp: DateTime<Utc>,
 }
 
@@ -394,6 +403,56 @@ pub struct Ack {
     pub chunk: Option<u32>,
     pub disposition: Disposition,
     pub timestamp: DateTime<Utc>,
+}
+
+/// Several recorded messages acknowledged at once (agreed at registration, `compact_acks`):
+/// each sequence number in `recorded` is acknowledged as its own `*_ack` with disposition
+/// `recorded` would be. Results, and messages with any other disposition, keep their own ack.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Acks {
+    /// Inclusive ranges `[first, last]` of sequence numbers, ascending.
+    pub recorded: Vec<(Seq, Seq)>,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// Most sequence numbers one `acks` may cover; a worker refuses one that covers more (a
+/// coordinator makes an `acks` of one flush, at most a few hundred).
+pub const MAX_ACKS_COVERED: u64 = 65_536;
+
+impl Acks {
+    /// Ranges over `seqs`, in any order.
+    pub fn of(mut seqs: Vec<Seq>) -> Acks {
+        seqs.sort_unstable();
+        let mut recorded: Vec<(Seq, Seq)> = Vec::new();
+        for s in seqs {
+            match recorded.last_mut() {
+                Some((_, last)) if s.0 <= last.0.saturating_add(1) => *last = (*last).max(s),
+                _ => recorded.push((s, s)),
+            }
+        }
+        Acks {
+            recorded,
+            timestamp: now(),
+        }
+    }
+
+    /// Every sequence number covered, or `None` when a range is inverted or they cover more
+    /// than [`MAX_ACKS_COVERED`].
+    pub fn seqs(&self) -> Option<Vec<Seq>> {
+        let mut total = 0u64;
+        for (first, last) in &self.recorded {
+            total = total.checked_add(last.0.checked_sub(first.0)?.checked_add(1)?)?;
+        }
+        if total > MAX_ACKS_COVERED {
+            return None;
+        }
+        Some(
+            self.recorded
+                .iter()
+                .flat_map(|(first, last)| (first.0..=last.0).map(Seq))
+                .collect(),
+        )
+    }
 }
 
 /// What the coordinator did with an acknowledged message.
@@ -492,6 +551,7 @@ impl CoordMsg {
             CoordMsg::TaskPausedAck(_) => "task_paused_ack",
             CoordMsg::TaskResumedAck(_) => "task_resumed_ack",
             CoordMsg::TelemetryAck(_) => "telemetry_ack",
+            CoordMsg::Acks(_) => "acks",
             CoordMsg::CheckpointRequest(_) => "checkpoint_request",
             CoordMsg::StateRequest(_) => "state_request",
             CoordMsg::CancelTask(_) => "cancel_task",
@@ -549,6 +609,7 @@ pub const COORD_MSG_TYPES: &[&str] = &[
     "task_paused_ack",
     "task_resumed_ack",
     "telemetry_ack",
+    "acks",
     "checkpoint_request",
     "state_request",
     "cancel_task",
@@ -556,3 +617,40 @@ pub const COORD_MSG_TYPES: &[&str] = &[
     "resume_task",
     "error",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seqs(v: &[u64]) -> Vec<Seq> {
+        v.iter().copied().map(Seq).collect()
+    }
+
+    #[test]
+    fn acks_cover_each_sequence_number_given_once_in_ascending_ranges() {
+        let a = Acks::of(seqs(&[9, 3, 4, 5, 12, 4, 10, 11, 20]));
+        assert_eq!(
+            a.recorded,
+            vec![(Seq(3), Seq(5)), (Seq(9), Seq(12)), (Seq(20), Seq(20))]
+        );
+        assert_eq!(a.seqs(), Some(seqs(&[3, 4, 5, 9, 10, 11, 12, 20])));
+        assert_eq!(Acks::of(Vec::new()).recorded, vec![]);
+    }
+
+    #[test]
+    fn acks_with_an_inverted_range_or_covering_too_many_are_refused() {
+        let at = |recorded: Vec<(Seq, Seq)>| Acks {
+            recorded,
+            timestamp: now(),
+        };
+        assert_eq!(at(vec![(Seq(5), Seq(4))]).seqs(), None);
+        assert_eq!(at(vec![(Seq(0), Seq(u64::MAX))]).seqs(), None);
+        let limit = at(vec![(Seq(1), Seq(MAX_ACKS_COVERED))]);
+        assert_eq!(limit.seqs().map(|s| s.len() as u64), Some(MAX_ACKS_COVERED));
+        let over = at(vec![
+            (Seq(1), Seq(MAX_ACKS_COVERED)),
+            (Seq(MAX_ACKS_COVERED + 5), Seq(MAX_ACKS_COVERED + 5)),
+        ]);
+        assert_eq!(over.seqs(), None);
+    }
+}

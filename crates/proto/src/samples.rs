@@ -45,6 +45,7 @@ pub fn worker_messages() -> Vec<WorkerMsg> {
             compression: vec![crate::compress::ZSTD.into()],
             client_nonce: Some("cd".repeat(32)),
             batching: true,
+            compact_acks: true,
             timestamp: ts,
         }),
         WorkerMsg::Heartbeat(Heartbeat {
@@ -169,6 +170,7 @@ pub fn coord_messages() -> Vec<CoordMsg> {
                 max_messages: 256,
                 max_bytes: 65_536,
             }),
+            compact_acks: true,
             timestamp: ts,
         }),
         CoordMsg::Heartbeat(HeartbeatReply {
@@ -206,6 +208,10 @@ pub fn coord_messages() -> Vec<CoordMsg> {
         CoordMsg::TelemetryAck(Ack {
             task_id: None,
             ..ack
+        }),
+        CoordMsg::Acks(Acks {
+            recorded: vec![(Seq(7), Seq(9)), (Seq(12), Seq(12))],
+            timestamp: ts,
         }),
         CoordMsg::CheckpointRequest(CheckpointRequest {
             task_id: task(),

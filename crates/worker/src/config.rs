@@ -79,6 +79,9 @@ pub struct WorkerConfig {
     /// Offer batch frames at registration: once agreed, the outbox entries sent together go
     /// in one frame.
     pub batching: bool,
+    /// Offer compact acknowledgements at registration: once agreed, the coordinator may
+    /// acknowledge several recorded messages in one `acks`.
+    pub compact_acks: bool,
 }
 
 impl WorkerConfig {
@@ -112,6 +115,7 @@ impl WorkerConfig {
             compression: true,
             compress_threshold: tether_proto::compress::DEFAULT_THRESHOLD,
             batching: true,
+            compact_acks: true,
         }
     }
 }

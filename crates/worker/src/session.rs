@@ -481,6 +481,7 @@ impl<'a> Session<'a> {
             },
             client_nonce,
             batching: a.cfg.batching,
+            compact_acks: a.cfg.compact_acks,
             timestamp,
         });
         self.send(&reg).await.map_err(SessionEnd::NotRegistered)?;
@@ -841,20 +842,50 @@ impl<'a> Session<'a> {
             tracing::warn!(worker = %self.worker(), seq = %ack.ack_seq, task = ?ack.task_id, "coordinator rejected a message; it will not be resent");
         }
         let acked = self.agent.outbox.take_acked(ack.ack_seq);
-        if result && let Some(task_id) = &ack.task_id {
-            let attempt = match acked.as_deref() {
-                Some(WorkerMsg::TaskResult(r)) => Some(r.attempt),
-                _ => None,
-            };
+        let held_result = match acked.as_deref() {
+            Some(WorkerMsg::TaskResult(r)) => Some((&r.task_id, r.attempt)),
+            _ => None,
+        };
+        // A result's ack names its task; one acknowledged in `acks` is known by what was held.
+        let task_id = ack
+            .task_id
+            .as_ref()
+            .filter(|_| result)
+            .or(held_result.map(|(t, _)| t));
+        if let Some(task_id) = task_id {
             self.agent.event(crate::eventlog::Event::ResultAck {
                 task_id: task_id.clone(),
-                attempt,
+                attempt: held_result.map(|(_, a)| a),
                 seq: ack.ack_seq,
                 disposition: ack.disposition,
             });
         }
         if let Some(hook) = &self.agent.ack_hook {
             hook(ack, acked.as_deref());
+        }
+    }
+
+    /// Each sequence number in `acks` is acknowledged as a `*_ack` with disposition `recorded`
+    /// would be. One that covers more than [`tether_proto::msg::MAX_ACKS_COVERED`] or holds an
+    /// inverted range is refused whole and counted.
+    fn on_acks(&mut self, acks: &tether_proto::msg::Acks) {
+        let Some(seqs) = acks.seqs() else {
+            self.agent.shared.bad_frames.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(worker = %self.worker(), ranges = acks.recorded.len(), "acks with an inverted range or covering too many messages; ignored");
+            return;
+        };
+        for seq in seqs {
+            self.on_ack(
+                &tether_proto::msg::Ack {
+                    ack_seq: seq,
+                    task_id: None,
+                    checkpoint_id: None,
+                    chunk: None,
+                    disposition: tether_proto::msg::Disposition::Recorded,
+                    timestamp: acks.timestamp,
+                },
+                false,
+            );
         }
     }
 
@@ -889,6 +920,7 @@ impl<'a> Session<'a> {
             | CoordMsg::TaskPausedAck(ack)
             | CoordMsg::TaskResumedAck(ack)
             | CoordMsg::TelemetryAck(ack) => self.on_ack(&ack, false),
+            CoordMsg::Acks(acks) => self.on_acks(&acks),
             CoordMsg::CheckpointRequest(req) => {
                 if let Some(reply) = runner.checkpoint_request(&req).await {
                     self.send(&reply).await?;

@@ -68,6 +68,9 @@ pub struct FleetArgs {
     /// Workers do not offer batch frames (one message per frame, as before batching).
     #[arg(long)]
     pub no_batching: bool,
+    /// Workers do not offer compact acknowledgements (one `*_ack` per message).
+    #[arg(long)]
+    pub no_compact_acks: bool,
     /// Fleet secret the workers authenticate with.
     #[arg(long)]
     pub secret_file: Option<std::path::PathBuf>,
@@ -293,6 +296,7 @@ fn start(
         cfg.heartbeat_interval = a.heartbeat_interval;
         cfg.telemetry_interval = a.telemetry_interval;
         cfg.batching = !a.no_batching;
+        cfg.compact_acks = !a.no_compact_acks;
         cfg.secret = secret.clone();
         cfg.require_message_mac = a.message_mac;
         cfg.backoff = BackoffConfig {

@@ -116,6 +116,9 @@ pub struct StressArgs {
     /// Workers do not offer batch frames: one message per frame, to compare.
     #[arg(long)]
     pub no_batching: bool,
+    /// Workers do not offer compact acknowledgements: one `*_ack` per message, to compare.
+    #[arg(long)]
+    pub no_compact_acks: bool,
     /// Workers (and probes) authenticate with a fleet secret made for the run (HMAC
     /// challenge-response at registration).
     #[arg(long)]

@@ -161,6 +161,8 @@ async fn probe(
         compression: Vec::new(),
         client_nonce,
         batching: false,
+        // Probes time their own telemetry_ack.
+        compact_acks: false,
         timestamp,
     }))
     .await?;

@@ -146,6 +146,9 @@ impl Run {
         if a.no_batching {
             fleet_args.push("--no-batching".into());
         }
+        if a.no_compact_acks {
+            fleet_args.push("--no-compact-acks".into());
+        }
         if auth {
             fleet_args.push("--secret-file".into());
             fleet_args.push(secret_file.display().to_string());

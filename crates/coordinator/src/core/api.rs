@@ -379,6 +379,7 @@ impl Core {
             ("frames_in", &c.frames_in),
             ("batch_frames_in", &c.batch_frames_in),
             ("batch_frames_out", &c.batch_frames_out),
+            ("compact_acked", &c.compact_acked),
             ("unknown_frames", &c.unknown_frames),
             ("malformed_frames", &c.malformed_frames),
             ("oversize_frames", &c.oversize_frames),

@@ -237,6 +237,7 @@ impl Core {
                 directives,
                 compression: compression.then(|| tether_proto::compress::ZSTD.to_owned()),
                 batching: self.cfg.batching().filter(|_| r.batching),
+                compact_acks: r.compact_acks,
                 timestamp: now(),
             }),
         );

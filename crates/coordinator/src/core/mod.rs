@@ -111,6 +111,8 @@ pub struct Counters {
     pub batch_frames_in: AtomicU64,
     /// Batch frames sent.
     pub batch_frames_out: AtomicU64,
+    /// Messages acknowledged inside an `acks` rather than by an ack of their own.
+    pub compact_acked: AtomicU64,
     pub unknown_frames: AtomicU64,
     pub malformed_frames: AtomicU64,
     pub oversize_frames: AtomicU64,

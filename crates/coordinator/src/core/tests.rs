@@ -69,6 +69,7 @@ impl Harness {
                 compression: Vec::new(),
                 client_nonce: None,
                 batching: false,
+                compact_acks: false,
                 timestamp: now(),
             }),
         );

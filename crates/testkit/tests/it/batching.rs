@@ -131,6 +131,67 @@ async fn a_batch_frame_is_handled_message_by_message_and_answered_in_batch_frame
     c.stop().await;
 }
 
+/// With `compact_acks` agreed, the recorded messages of one write are acknowledged by one
+/// `acks` whose ranges cover each exactly once; a message about a task the worker does not
+/// hold keeps its own ack (`rejected`) and is in no `acks`. Without the offer, every message
+/// gets its own ack (the test above).
+#[tokio::test]
+async fn recorded_messages_are_acknowledged_together_in_acks_once_agreed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let mut r = Raw::connect(&c, "compact").await;
+    let mut reg = r.registration(None, &[]);
+    reg["batching"] = true.into();
+    reg["compact_acks"] = true.into();
+    r.send(&reg).await;
+    let ack = r.next_of("registration_ack").await;
+    assert_eq!(ack["compact_acks"], true, "{ack}");
+    let mut items: Vec<Value> = (1..=30).map(telemetry).collect();
+    items.push(json!({
+        "type": "task_state", "seq": 31, "task_id": "t-0000000000000000000000000000dead",
+        "attempt": 1, "state": {"n": 1}, "timestamp": now(),
+    }));
+    r.ws.send(batch(&items)).await.expect("send");
+    let covered = |seen: &[Value]| -> Vec<u64> {
+        let mut seqs = Vec::new();
+        for v in seen.iter().filter(|v| v["type"] == "acks") {
+            for range in v["recorded"].as_array().expect("ranges") {
+                let (first, last) = (
+                    range[0].as_u64().expect("first"),
+                    range[1].as_u64().expect("last"),
+                );
+                seqs.extend(first..=last);
+            }
+        }
+        seqs.sort_unstable();
+        seqs
+    };
+    let replies = read_until(&mut r, |seen| {
+        covered(seen).len() >= 30 && seen.iter().any(|v| v["type"] == "task_state_ack")
+    })
+    .await;
+    assert_eq!(
+        covered(&replies),
+        (1..=30).collect::<Vec<u64>>(),
+        "each recorded message acknowledged once: {replies:?}"
+    );
+    assert!(
+        !replies.iter().any(|v| v["type"] == "telemetry_ack"),
+        "{replies:?}"
+    );
+    let own = replies
+        .iter()
+        .find(|v| v["type"] == "task_state_ack")
+        .expect("an ack of its own");
+    assert_eq!(
+        (&own["ack_seq"], &own["disposition"]),
+        (&json!(31), &json!("rejected"))
+    );
+    let o = c.client().overview().await;
+    assert_eq!(counter(&o, "compact_acked"), 30, "{o}");
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn batch_frames_need_agreement_and_stay_within_their_bounds() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -240,6 +301,13 @@ async fn workers_that_batch_lose_nothing_with_integrity_tags_and_compression() {
             }
         }
         assert_eq!(counter(&o, "mac_failures"), 0, "{o}");
+        // States and notices were acknowledged in `acks` (agreed by default), and nothing the
+        // worker sent is left unacknowledged.
+        assert!(counter(&o, "compact_acked") > 0, "{o}");
+        wait_for("the outbox to empty", DEADLINE, || async {
+            w.handle.outbox.is_empty().then_some(())
+        })
+        .await;
         w.stop().await.expect("clean stop");
     }
     c.stop().await;

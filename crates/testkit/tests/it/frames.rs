@@ -132,6 +132,16 @@ async fn the_coordinator_decodes_and_handles_every_worker_message() {
     let mut handled = Vec::new();
     let mut pending = std::collections::VecDeque::new();
     for (k, msg) in samples.iter().enumerate() {
+        // Every message its own ack here (`acks` is tested in batching.rs).
+        let msg = &match msg {
+            WorkerMsg::Registration(r) => {
+                WorkerMsg::Registration(tether_proto::msg::Registration {
+                    compact_acks: false,
+                    ..r.clone()
+                })
+            }
+            m => m.clone(),
+        };
         ws.send(Message::text(tether_proto::encode(msg)))
             .await
             .expect("send");

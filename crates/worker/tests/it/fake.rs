@@ -130,6 +130,7 @@ async fn serve(
             worker_id: worker,
             session_id: 1,
             directives: vec![],
+            compact_acks: false,
             timestamp: now(),
         })))
         .await;

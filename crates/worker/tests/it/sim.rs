@@ -212,6 +212,7 @@ async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>) {
                     worker_id: worker.clone(),
                     session_id: 1,
                     directives: vec![],
+                    compact_acks: false,
                     timestamp: now(),
                 })];
                 v.extend(assign.into_iter().map(|(task_id, ms)| {
