@@ -119,6 +119,13 @@ fn message_flood_measures_message_rate_and_latency() {
     // update went alone.
     let per_frame = r["messages_per_frame"].as_f64().unwrap_or(0.0);
     assert!(per_frame > 2.0, "{per_frame} messages per frame: {r}");
+    // The workers' states are acknowledged in `acks` (the probes' telemetry, the heartbeats
+    // and the results are not).
+    let compact = r["compact_acked_share"].as_f64().unwrap_or(0.0);
+    assert!(
+        compact > 0.5,
+        "{compact} of the messages acknowledged in acks: {r}"
+    );
     // The probes' round trips, through the same TLS, authentication and tags as the workers.
     assert!(count(&r["message_latency_ms"]) > 0);
     assert_eq!(r["mac_sessions"], 22, "20 workers and 2 probes: {r}");

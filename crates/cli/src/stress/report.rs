@@ -84,6 +84,9 @@ pub struct Report {
     pub offered_per_s: Option<f64>,
     /// Worker messages per worker frame (above 1 with batch frames).
     pub messages_per_frame: Option<f64>,
+    /// Share of the handled messages acknowledged inside an `acks` (compact acknowledgements)
+    /// rather than by an ack of their own.
+    pub compact_acked_share: Option<f64>,
     /// Round trip of an acknowledged message (telemetry -> durable -> ack) under load.
     pub message_latency_ms: Option<Dist>,
     /// Tasks submitted, dispatched, executed and durably recorded per second.
@@ -190,6 +193,12 @@ impl Report {
         }
         if let Some(v) = self.messages_per_frame {
             row("worker messages per frame", format!("{v:.2}"));
+        }
+        if let Some(v) = self.compact_acked_share {
+            row(
+                "worker messages acknowledged in `acks`, %",
+                format!("{:.1}", v * 100.0),
+            );
         }
         if let Some(d) = &self.message_latency_ms {
             row("message latency (to durable ack), ms", dist(d));

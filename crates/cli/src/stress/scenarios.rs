@@ -627,6 +627,7 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
     .await?;
     let f0 = run.counter("messages_in").await?;
     let w0 = run.counter("frames_in").await?;
+    let a0 = run.counter("compact_acked").await?;
     let s0 = run.fleet.now().flood_sent;
     let (c0, fc0) = (run.coord.sample().cpu_s, run.fleet.cpu_s());
     let t0 = Instant::now();
@@ -645,6 +646,7 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
     }
     let f1 = run.counter("messages_in").await?;
     let w1 = run.counter("frames_in").await?;
+    let a1 = run.counter("compact_acked").await?;
     let s1 = run.fleet.now().flood_sent;
     let (c1, fc1) = (run.coord.sample().cpu_s, run.fleet.cpu_s());
     let dt = t0.elapsed().as_secs_f64();
@@ -657,6 +659,7 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
     r.messages_per_s = Some(mps);
     r.offered_per_s = Some((s1 - s0) as f64 / dt);
     r.messages_per_frame = Some((f1 - f0) as f64 / (w1 - w0).max(1) as f64);
+    r.compact_acked_share = Some((a1 - a0) as f64 / handled);
     r.message_latency_ms = Dist::of(lat);
     r.target(
         "at least 200,000 worker messages per second",
