@@ -745,32 +745,10 @@ async fn send_queued(
     // Acknowledgements of recorded messages, sent together in one `acks` after the rest.
     let mut recorded: Vec<Seq> = Vec::new();
     while let Some(m) = next.take() {
-        let threshold = agreed.zstd.then_some(app.cfg.compress_threshold);
-        let compact = agreed.compact_acks.then(|| recorded_ack(&m)).flatten();
-        match agreed.batch {
-            _ if compact.is_some() => recorded.extend(compact),
-            // The ack itself goes alone: the worker learns from it what may follow.
-            Some(limits) if !matches!(*m, CoordMsg::RegistrationAck(_)) => {
-                count_out(&m);
-                let full = batch.push_within(&*m, limits.max_bytes as usize);
-                let full = full.or_else(|| {
-                    (batch.len() >= limits.max_messages as usize).then(|| batch.take())
-                });
-                if let Some(text) = full
-                    && !out.feed_text(deadline, text, threshold, counters).await
-                {
-                    return Err(());
-                }
-            }
-            _ => {
-                if !batch.is_empty()
-                    && !out
-                        .feed_text(deadline, batch.take(), threshold, counters)
-                        .await
-                {
-                    return Err(());
-                }
-                if !out.feed_framed(deadline, &m, threshold, counters).await {
+        match agreed.compact_acks.then(|| recorded_ack(&m)).flatten() {
+            Some(seq) => recorded.push(seq),
+            None => {
+                if !feed_one(out, &mut batch, &m, agreed, deadline, app).await {
                     return Err(());
                 }
             }
@@ -796,21 +774,8 @@ async fn send_queued(
             .compact_acked
             .fetch_add(recorded.len() as u64, Ordering::Relaxed);
         let acks = CoordMsg::Acks(Acks::of(recorded));
-        count_out(&acks);
-        let threshold = agreed.zstd.then_some(app.cfg.compress_threshold);
-        match agreed.batch {
-            Some(limits) => {
-                if let Some(text) = batch.push_within(&acks, limits.max_bytes as usize)
-                    && !out.feed_text(deadline, text, threshold, counters).await
-                {
-                    return Err(());
-                }
-            }
-            None => {
-                if !out.feed_framed(deadline, &acks, threshold, counters).await {
-                    return Err(());
-                }
-            }
+        if !feed_one(out, &mut batch, &acks, agreed, deadline, app).await {
+            return Err(());
         }
     }
     if !batch.is_empty()
@@ -829,6 +794,40 @@ async fn send_queued(
         return Err(());
     }
     Ok(close)
+}
+
+/// Feeds `m` (counted): into `batch` once batching is agreed (feeding the batch when it is
+/// full), else as a frame of its own after whatever `batch` holds. `false` when a write failed.
+async fn feed_one(
+    out: &mut Tx,
+    batch: &mut Batch,
+    m: &CoordMsg,
+    agreed: &Outbound,
+    deadline: Instant,
+    app: &AppState,
+) -> bool {
+    let threshold = agreed.zstd.then_some(app.cfg.compress_threshold);
+    let counters = Some(&*app.counters);
+    match agreed.batch {
+        // The ack itself goes alone: the worker learns from it what may follow.
+        Some(limits) if !matches!(m, CoordMsg::RegistrationAck(_)) => {
+            count_out(m);
+            let full = batch.push_within(m, limits.max_bytes as usize);
+            let full = full
+                .or_else(|| (batch.len() >= limits.max_messages as usize).then(|| batch.take()));
+            match full {
+                Some(text) => out.feed_text(deadline, text, threshold, counters).await,
+                None => true,
+            }
+        }
+        _ => {
+            (batch.is_empty()
+                || out
+                    .feed_text(deadline, batch.take(), threshold, counters)
+                    .await)
+                && out.feed_framed(deadline, m, threshold, counters).await
+        }
+    }
 }
 
 /// The sequence number of an acknowledgement that `acks` may carry: a recorded message other
