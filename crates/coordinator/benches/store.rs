@@ -52,7 +52,10 @@ fn run(max_group: usize, round: usize) -> Duration {
         rx,
         Arc::new(StoreStats::default()),
         CancellationToken::new(),
-        max_group,
+        store::WriterOptions {
+            max_group,
+            ..Default::default()
+        },
     )
     .expect("writer");
     let (done_tx, done_rx) = std::sync::mpsc::channel();

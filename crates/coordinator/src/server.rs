@@ -83,7 +83,7 @@ pub async fn run_with(
         writer_rx,
         store_stats.clone(),
         fatal.clone(),
-        store::MAX_GROUP,
+        store::WriterOptions::default(),
     )?;
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let (changes, _) = broadcast::channel(dashboard::CHANGES_BUFFER);

@@ -30,7 +30,7 @@ use crate::model::{CheckpointMeta, Task, Worker};
 
 pub use fold::{FOLD_EVERY, FOLD_ROWS, PIECE_BUDGET, compact_states};
 pub use schema::SCHEMA_VERSION;
-pub use wal::{CHECKPOINT_EVERY, WAL_RESTART_FRAMES};
+pub use wal::{CATCH_UP_EVERY, CHECKPOINT_EVERY, WAL_RESTART_FRAMES};
 
 use fold::Folder;
 use read::Reader;
@@ -267,22 +267,41 @@ fn load(conn: &Connection) -> Result<Loaded, LoadError> {
     Ok(out)
 }
 
-/// Starts the writer thread, which commits up to `max_group` waiting batches in one
-/// transaction ([`MAX_GROUP`] in the coordinator; 1 turns group commit off, for comparison).
+/// How the writer groups commits and keeps its WAL short.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterOptions {
+    /// Waiting batches committed in one transaction ([`MAX_GROUP`]; 1 turns group commit
+    /// off, for comparison).
+    pub max_group: usize,
+    /// Frames in the WAL past which it starts over ([`WAL_RESTART_FRAMES`]).
+    pub wal_restart_frames: u64,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            max_group: MAX_GROUP,
+            wal_restart_frames: WAL_RESTART_FRAMES,
+        }
+    }
+}
+
+/// Starts the writer thread, which commits up to `opts.max_group` waiting batches in one
+/// transaction.
 pub fn spawn_writer(
     conn: Connection,
     path: PathBuf,
     mut rx: tokio::sync::mpsc::Receiver<Batch>,
     stats: Arc<StoreStats>,
     fatal: CancellationToken,
-    max_group: usize,
+    opts: WriterOptions,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("tether-store".into())
         .spawn(move || {
             let mut conn = conn;
             // The WAL is copied into the database by a thread of its own, not by a commit.
-            let checkpointer = match Checkpointer::start(&path) {
+            let checkpointer = match Checkpointer::start(&path, opts.wal_restart_frames) {
                 Ok(c) => {
                     wal::track_wal(&conn);
                     Some(c)
@@ -302,7 +321,7 @@ pub fn spawn_writer(
             let mut folder = Folder::new();
             while let Some(first) = rx.blocking_recv() {
                 let mut batches = vec![first];
-                while batches.len() < max_group {
+                while batches.len() < opts.max_group {
                     match rx.try_recv() {
                         Ok(b) => batches.push(b),
                         Err(_) => break,
@@ -352,8 +371,11 @@ pub fn spawn_writer(
                         }
                     }
                 }
-                if checkpointer.is_some()
-                    && wal::wal_frames() >= WAL_RESTART_FRAMES
+                // Right after a pass of the checkpointer, the WAL has little left to copy.
+                let frames = wal::wal_frames();
+                if let Some(c) = &checkpointer
+                    && frames >= opts.wal_restart_frames
+                    && (c.just_passed() || frames >= 2 * opts.wal_restart_frames)
                     && let Err(e) = wal::finish_checkpoint(&conn)
                 {
                     tracing::warn!(db = %path.display(), error = %e, "WAL checkpoint failed");

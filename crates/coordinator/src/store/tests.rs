@@ -540,6 +540,10 @@ struct Writer {
 
 impl Writer {
     fn start(dir: &Path) -> Writer {
+        Writer::start_with(dir, WriterOptions::default())
+    }
+
+    fn start_with(dir: &Path, opts: WriterOptions) -> Writer {
         let (conn, _) = open(dir).expect("open");
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let thread = spawn_writer(
@@ -548,7 +552,7 @@ impl Writer {
             rx,
             Arc::default(),
             tokio_util::sync::CancellationToken::new(),
-            MAX_GROUP,
+            opts,
         )
         .expect("writer");
         Writer { tx, thread }
@@ -778,18 +782,26 @@ fn under_steady_states_the_writer_folds_in_pieces_and_the_log_stays_bounded() {
 #[test]
 fn the_wal_starts_over_while_the_writer_keeps_committing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let w = Writer::start(dir.path());
+    let restart = 512;
+    let w = Writer::start_with(
+        dir.path(),
+        WriterOptions {
+            wal_restart_frames: restart,
+            ..Default::default()
+        },
+    );
     let wal = dir.path().join(format!("{DB_FILE}-wal"));
     let frame = 4096 + 24;
-    // Each commit appends at least one frame; without checkpoints the WAL would pass 3x the
-    // frames after which the writer makes it start over.
-    let commits = 3 * WAL_RESTART_FRAMES as u32;
+    // Each commit appends at least one frame; without start-overs the WAL would pass 4x the
+    // frames after which the writer makes it start over (after a pass of the checkpointer,
+    // or at twice that without one).
+    let commits = 4 * restart as u32;
     for n in 0..commits {
         w.group(vec![state_mut(&format!("t{}", n % 64), n)]);
     }
     let size = std::fs::metadata(&wal).expect("wal").len();
     assert!(
-        size < 2 * WAL_RESTART_FRAMES * frame,
+        size < 3 * restart * frame,
         "{size} bytes of WAL after {commits} commits"
     );
     w.stop();
@@ -797,5 +809,51 @@ fn the_wal_starts_over_while_the_writer_keeps_committing() {
         std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0),
         0,
         "truncated at the end"
+    );
+}
+
+/// Once the WAL is long the checkpointer passes often and says so, once per pass: the writer
+/// finishes a checkpoint right after one, when little is left to copy.
+#[test]
+fn the_checkpointer_says_when_it_has_just_passed_over_a_long_wal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (conn, _) = open(dir.path()).expect("open");
+    wal::track_wal(&conn);
+    let c = wal::Checkpointer::start(&dir.path().join(DB_FILE), 64).expect("checkpointer");
+    let passed_within = |limit: std::time::Duration| {
+        let t = std::time::Instant::now();
+        while t.elapsed() < limit {
+            if c.just_passed() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        false
+    };
+    // A short WAL: passes every CHECKPOINT_EVERY, none of them over a long WAL.
+    conn.execute_batch("CREATE TABLE t (x TEXT)")
+        .expect("create");
+    assert!(!passed_within(3 * CHECKPOINT_EVERY), "the WAL is short");
+    // 200 commits of a page each: the WAL is past 64 frames until a start-over.
+    let big = "x".repeat(3000);
+    for _ in 0..200 {
+        conn.execute("INSERT INTO t VALUES (?1)", [&big])
+            .expect("insert");
+    }
+    assert!(wal::wal_frames() >= 64, "{} frames", wal::wal_frames());
+    assert!(
+        passed_within(3 * CHECKPOINT_EVERY),
+        "a pass over the long WAL"
+    );
+    // Said once per pass, and passes come every CATCH_UP_EVERY while it stays long.
+    assert!(!c.just_passed());
+    assert!(passed_within(20 * CATCH_UP_EVERY), "passes again soon");
+    wal::finish_checkpoint(&conn).expect("finish");
+    conn.execute("INSERT INTO t VALUES ('after')", [])
+        .expect("insert after");
+    assert!(
+        wal::wal_frames() < 64,
+        "started over: {} frames",
+        wal::wal_frames()
     );
 }
