@@ -155,7 +155,9 @@ pub struct TaskState {
     pub seq: Seq,
     pub task_id: TaskId,
     pub attempt: Attempt,
-    pub state: serde_json::Value,
+    /// Shared, so that a worker keeps its latest state (to answer `state_request`) without a
+    /// copy per update.
+    pub state: std::sync::Arc<serde_json::Value>,
     pub timestamp: DateTime<Utc>,
 }
 

@@ -72,7 +72,7 @@ pub fn worker_messages() -> Vec<WorkerMsg> {
             seq: Seq(6),
             task_id: task(),
             attempt: Attempt(2),
-            state: serde_json::json!({"progress": 50.0}),
+            state: serde_json::json!({"progress": 50.0}).into(),
             timestamp: ts,
         }),
         WorkerMsg::Checkpoint(Checkpoint {

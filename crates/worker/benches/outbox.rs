@@ -29,7 +29,7 @@ fn state(seq: Seq, task: &TaskId, n: u64) -> WorkerMsg {
         seq,
         task_id: task.clone(),
         attempt: Attempt(1),
-        state: serde_json::json!({"progress": n}),
+        state: serde_json::json!({"progress": n}).into(),
         timestamp: now(),
     })
 }

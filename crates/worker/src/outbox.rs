@@ -468,7 +468,7 @@ mod tests {
                 seq,
                 task_id: tid(task),
                 attempt: Attempt(1),
-                state: serde_json::json!({ "v": v }),
+                state: serde_json::json!({ "v": v }).into(),
                 timestamp: now(),
             })
         })

@@ -561,7 +561,7 @@ mod tests {
             seq: Seq(seq),
             task_id: tid(task),
             attempt: Attempt(1),
-            state: serde_json::json!({"step": seq}),
+            state: serde_json::json!({"step": seq}).into(),
             timestamp: now(),
         })
     }

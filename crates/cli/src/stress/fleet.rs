@@ -517,10 +517,13 @@ impl Executor for Flood {
                 false => tokio::time::MissedTickBehavior::Delay,
             });
             let mut sent = 0u64;
+            // One wait for cancellation across the ticks, not one made and dropped per tick.
+            let cancelled = ctx.cancelled();
+            tokio::pin!(cancelled);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
-                    _ = ctx.cancelled() => return Err(ExecError::Cancelled),
+                    _ = &mut cancelled => return Err(ExecError::Cancelled),
                 }
                 if tokio::time::Instant::now() >= end {
                     break;

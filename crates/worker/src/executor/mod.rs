@@ -177,7 +177,7 @@ pub(crate) struct TaskShared {
     pub latest: Mutex<Option<StoredCheckpoint>>,
     pub checkpoint_requested: AtomicBool,
     pub checkpoint_wanted: Notify,
-    pub state: Mutex<serde_json::Value>,
+    pub state: Mutex<Arc<serde_json::Value>>,
 }
 
 impl TaskShared {
@@ -195,7 +195,7 @@ impl TaskShared {
             latest: Mutex::new(latest),
             checkpoint_requested: AtomicBool::new(false),
             checkpoint_wanted: Notify::new(),
-            state: Mutex::new(serde_json::Value::Null),
+            state: Mutex::new(Arc::new(serde_json::Value::Null)),
         })
     }
 
@@ -279,6 +279,7 @@ impl TaskCtx {
     /// Reports progress or state; updates coalesce, so only the latest unsent one travels.
     pub async fn report_state(&self, state: serde_json::Value) {
         self.outbox.reserve().await;
+        let state = Arc::new(state);
         *self.shared.state.lock().unwrap_or_else(|p| p.into_inner()) = state.clone();
         push_state(
             &self.outbox,
@@ -438,7 +439,7 @@ pub(crate) fn push_state(
     outbox: &Outbox,
     task_id: &TaskId,
     attempt: Attempt,
-    state: serde_json::Value,
+    state: Arc<serde_json::Value>,
 ) {
     let task_id = task_id.clone();
     outbox.push(
