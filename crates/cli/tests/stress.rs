@@ -112,6 +112,8 @@ fn message_flood_measures_message_rate_and_latency() {
         "--message-mac",
         "--tls",
         "--in-step",
+        "--fleet-nice",
+        "5",
     ]);
     assert!(r["messages_per_s"].as_f64().unwrap_or(0.0) > 0.0);
     // Each worker's 8 tasks report in step, and what they make in one round leaves in one
@@ -131,6 +133,8 @@ fn message_flood_measures_message_rate_and_latency() {
     assert_eq!(r["mac_sessions"], 22, "20 workers and 2 probes: {r}");
     // Over TLS (the coordinator serves nothing else when given a certificate).
     assert!(r["security"].as_str().is_some_and(|s| s.ends_with("; TLS")));
+    // The fleet ran niced, as /proc says.
+    assert_eq!(r["fleet_nice"], 5, "{r}");
 }
 
 #[test]

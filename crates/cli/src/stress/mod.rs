@@ -113,6 +113,11 @@ pub struct StressArgs {
     /// Give up (and fail) after this long.
     #[arg(long, default_value = "600s", value_parser = parse_duration_arg)]
     pub deadline: Duration,
+    /// Niceness of the fleet process (0-19). Above 0 the load generator yields the CPU to the
+    /// coordinator when both want it, as workers on other machines would not compete with it;
+    /// the report says so. 0 (the default): the same priority.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub fleet_nice: u8,
     /// Workers do not offer batch frames: one message per frame, to compare.
     #[arg(long)]
     pub no_batching: bool,

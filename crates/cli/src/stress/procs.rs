@@ -41,9 +41,11 @@ pub struct Sample {
     pub cpu_s: f64,
     pub rss_kib: u64,
     pub hwm_kib: u64,
+    /// Its niceness (-20..19).
+    pub nice: i64,
 }
 
-/// Reads `/proc/<pid>/stat` (utime + stime) and `/proc/<pid>/status` (VmRSS, VmHWM).
+/// Reads `/proc/<pid>/stat` (utime + stime, nice) and `/proc/<pid>/status` (VmRSS, VmHWM).
 pub fn sample(pid: u32) -> Option<Sample> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which may contain spaces: state is field 3, so utime
@@ -51,6 +53,7 @@ pub fn sample(pid: u32) -> Option<Sample> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let nice: i64 = fields.get(16)?.parse().ok()?;
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
@@ -67,6 +70,7 @@ pub fn sample(pid: u32) -> Option<Sample> {
         cpu_s: ticks as f64 / hz,
         rss_kib: kib("VmRSS:"),
         hwm_kib: kib("VmHWM:"),
+        nice,
     })
 }
 
@@ -252,9 +256,18 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    pub fn spawn(exe: &Path, log: &Path, args: &[String]) -> anyhow::Result<Self> {
+    /// Starts `exe stress-fleet args`, through `nice -n nice` when `nice` is above 0.
+    pub fn spawn(exe: &Path, log: &Path, args: &[String], nice: u8) -> anyhow::Result<Self> {
         let log = std::fs::File::create(log).context("creating the fleet log")?;
-        let mut child = Proc::new(exe)
+        let mut cmd = match nice {
+            0 => Proc::new(exe),
+            n => {
+                let mut c = Proc::new("nice");
+                c.arg("-n").arg(n.to_string()).arg(exe);
+                c
+            }
+        };
+        let mut child = cmd
             .arg("--log")
             .arg("error")
             .arg("stress-fleet")
@@ -306,11 +319,12 @@ impl Fleet {
 
     /// CPU seconds the fleet process used so far.
     pub fn cpu_s(&self) -> f64 {
-        self.child
-            .id()
-            .and_then(sample)
-            .map(|s| s.cpu_s)
-            .unwrap_or(0.0)
+        self.sample().map(|s| s.cpu_s).unwrap_or(0.0)
+    }
+
+    /// What `/proc` says of the fleet process.
+    pub fn sample(&self) -> Option<Sample> {
+        self.child.id().and_then(sample)
     }
 
     pub fn now(&self) -> Status {

@@ -107,6 +107,8 @@ pub struct Report {
     pub coordinator_us_per_task: Option<f64>,
     /// CPU of the simulated workers' process (it shares the machine with the coordinator).
     pub fleet_cpu_s: f64,
+    /// The fleet process's niceness as `/proc` read it at the end (`--fleet-nice`).
+    pub fleet_nice: Option<i64>,
     /// CPU of the coordinator over the idle window, % of one core.
     pub idle_cpu_pct: Option<f64>,
     pub coordinator_peak_rss_kib: u64,
@@ -224,6 +226,9 @@ impl Report {
             format!("{:.2}", self.coordinator_cpu_s),
         );
         row("fleet CPU seconds", format!("{:.2}", self.fleet_cpu_s));
+        if let Some(n) = self.fleet_nice.filter(|&n| n != 0) {
+            row("fleet niceness", n.to_string());
+        }
         if let Some(v) = self.coordinator_us_per_message {
             row(
                 "coordinator CPU per handled message (window), µs",

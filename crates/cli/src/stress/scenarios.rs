@@ -160,7 +160,7 @@ impl Run {
             fleet_args.push("--ca-file".into());
             fleet_args.push(t.ca.display().to_string());
         }
-        let fleet = Fleet::spawn(&exe, &path.join("fleet.log"), &fleet_args)?;
+        let fleet = Fleet::spawn(&exe, &path.join("fleet.log"), &fleet_args, a.fleet_nice)?;
         let pb = ProgressBar::new(workers);
         pb.set_style(
             ProgressStyle::with_template(
@@ -181,12 +181,18 @@ impl Run {
         } else {
             Some(dir)
         };
-        let report = Report {
+        let mut report = Report {
             scenario: a.scenario.name().into(),
             workers,
             command,
             ..Report::default()
         };
+        if a.fleet_nice > 0 {
+            report.notes.push(format!(
+                "the fleet ran at nice {}: it yields the CPU to the coordinator when both want it",
+                a.fleet_nice
+            ));
+        }
         let api = coord.api()?;
         let probe_tls = match &tls {
             Some(t) => Some(
@@ -327,7 +333,9 @@ impl Run {
             }
         );
         let fleet_status = self.fleet.now();
-        self.report.fleet_cpu_s = self.fleet.cpu_s();
+        let fleet = self.fleet.sample();
+        self.report.fleet_cpu_s = fleet.map(|s| s.cpu_s).unwrap_or(0.0);
+        self.report.fleet_nice = fleet.map(|s| s.nice);
         self.fleet.exit().await?;
         self.coord.sample();
         self.coord.stop().await?;
