@@ -38,6 +38,12 @@ use wal::Checkpointer;
 
 /// Most batches committed in one transaction by the writer (group commit).
 pub const MAX_GROUP: usize = 256;
+/// The writer's group commit window. Under a flood of 100,000 messages/s it commits about
+/// 1,000 times a second instead of 4,000-5,700 times, with 120-130 mutations each instead of
+/// 23-33: the WAL grows by 0.09 frames a mutation instead of 0.13-0.25 (each commit rewrites
+/// the log's last page and the pages around it), and the coordinator spends about a tenth less
+/// CPU per message, for at most this much more latency.
+pub const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Name of the database file in the data directory.
 pub const DB_FILE: &str = "tether.db";
@@ -275,6 +281,10 @@ pub struct WriterOptions {
     pub max_group: usize,
     /// Frames in the WAL past which it starts over ([`WAL_RESTART_FRAMES`]).
     pub wal_restart_frames: u64,
+    /// Group commit window ([`COMMIT_INTERVAL`]): a group commits no sooner than this after
+    /// the previous one began, and takes every batch that arrived meanwhile; a batch that
+    /// arrives after a quiet spell commits at once. Zero commits whatever waits at once.
+    pub commit_interval: std::time::Duration,
 }
 
 impl Default for WriterOptions {
@@ -282,6 +292,7 @@ impl Default for WriterOptions {
         WriterOptions {
             max_group: MAX_GROUP,
             wal_restart_frames: WAL_RESTART_FRAMES,
+            commit_interval: COMMIT_INTERVAL,
         }
     }
 }
@@ -319,7 +330,17 @@ pub fn spawn_writer(
                 }
             };
             let mut folder = Folder::new();
+            let mut last_began: Option<Instant> = None;
+            let mut backlog = false;
             while let Some(first) = rx.blocking_recv() {
+                // The group commit window; a backlog (the last group was full) commits at once.
+                if let Some(wait) = last_began
+                    .and_then(|t| opts.commit_interval.checked_sub(t.elapsed()))
+                    .filter(|_| !backlog)
+                {
+                    std::thread::sleep(wait);
+                }
+                last_began = Some(Instant::now());
                 let mut batches = vec![first];
                 while batches.len() < opts.max_group {
                     match rx.try_recv() {
@@ -327,6 +348,7 @@ pub fn spawn_writer(
                         Err(_) => break,
                     }
                 }
+                backlog = batches.len() >= opts.max_group;
                 let started = Instant::now();
                 let n_muts: usize = batches.iter().map(|b| b.muts.len()).sum();
                 if n_muts > 0 {

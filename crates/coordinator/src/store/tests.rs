@@ -539,8 +539,15 @@ struct Writer {
 }
 
 impl Writer {
+    /// A writer without a commit window: the tests commit one group after another.
     fn start(dir: &Path) -> Writer {
-        Writer::start_with(dir, WriterOptions::default())
+        Writer::start_with(
+            dir,
+            WriterOptions {
+                commit_interval: std::time::Duration::ZERO,
+                ..Default::default()
+            },
+        )
     }
 
     fn start_with(dir: &Path, opts: WriterOptions) -> Writer {
@@ -579,6 +586,78 @@ impl Writer {
         drop(self.tx);
         self.thread.join().expect("writer ends");
     }
+}
+
+/// A batch of one state whose effect says when it ran.
+fn timed(task: &str, n: u32, done: std::sync::mpsc::Sender<std::time::Instant>) -> Batch {
+    let effect: Effect = Box::new(move |_: &Connection| {
+        let _ = done.send(std::time::Instant::now());
+    });
+    Batch {
+        muts: vec![state_mut(task, n)],
+        effects: vec![effect],
+        reads: vec![],
+    }
+}
+
+/// Within the group commit window, batches wait for one commit together; after a quiet spell
+/// a batch commits at once.
+#[test]
+fn batches_within_the_commit_window_commit_together_and_a_quiet_writer_commits_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (conn, _) = open(dir.path()).expect("open");
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let stats = Arc::new(StoreStats::default());
+    let window = std::time::Duration::from_millis(500);
+    let thread = spawn_writer(
+        conn,
+        dir.path().join(DB_FILE),
+        rx,
+        stats.clone(),
+        tokio_util::sync::CancellationToken::new(),
+        WriterOptions {
+            commit_interval: window,
+            ..Default::default()
+        },
+    )
+    .expect("writer");
+    let (done, ran) = std::sync::mpsc::channel();
+    // The first batch: nothing committed before, so at once.
+    let sent = std::time::Instant::now();
+    tx.blocking_send(timed("a", 0, done.clone())).expect("send");
+    let first = ran.recv().expect("first effect");
+    assert!(
+        first - sent < window / 2,
+        "first commit after {:?}",
+        first - sent
+    );
+    // Ten batches a millisecond apart, right after: one commit at the end of the window.
+    for n in 1..=10 {
+        tx.blocking_send(timed("a", n, done.clone())).expect("send");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let times: Vec<_> = (0..10).map(|_| ran.recv().expect("effect")).collect();
+    assert_eq!(
+        stats.commits.load(Ordering::Relaxed),
+        2,
+        "the ten batches in one commit"
+    );
+    assert!(times.iter().all(|t| *t - first >= window * 9 / 10));
+    // A quiet spell longer than the window: the next batch commits at once.
+    std::thread::sleep(window + window / 5);
+    let sent = std::time::Instant::now();
+    tx.blocking_send(timed("a", 11, done)).expect("send");
+    let last = ran.recv().expect("last effect");
+    assert!(
+        last - sent < window / 2,
+        "after a quiet spell: {:?}",
+        last - sent
+    );
+    assert_eq!(stats.commits.load(Ordering::Relaxed), 3);
+    drop(tx);
+    thread.join().expect("writer ends");
+    let (conn, _) = open(dir.path()).expect("reopen");
+    assert_eq!(state_n(&conn, "a"), Some(11));
 }
 
 /// An API read runs on the reader's connection after its group committed: it sees that
