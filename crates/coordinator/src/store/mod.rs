@@ -448,6 +448,8 @@ fn commit(
         }
     }
     let tx = conn.transaction()?;
+    // Results and states are stamped with the time of their commit.
+    let now = chrono::Utc::now().to_rfc3339();
     let mut folded = false;
     let mut i = 0usize;
     for b in batches.iter() {
@@ -511,7 +513,7 @@ fn commit(
                         tether_proto::TaskStatus::from(*outcome).as_str(),
                         *stale,
                         body,
-                        chrono::Utc::now().to_rfc3339()
+                        now
                     ])?;
                 }
                 Mutation::PutState {
@@ -526,7 +528,7 @@ fn commit(
                         task_id.as_str(),
                         attempt.0,
                         state,
-                        chrono::Utc::now().to_rfc3339()
+                        now
                     ])?;
                     folder.logged(task_id, tx.last_insert_rowid());
                 }
