@@ -24,7 +24,7 @@ pub enum IdError {
 
 /// The characters an id may hold: the URL-unreserved set plus `:`, `@` and `+`.
 /// Anything else (spaces, `/`, `%`, braces, non-ASCII) is refused on both ends.
-pub fn is_id_char(c: char) -> bool {
+pub const fn is_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '~' | '-' | ':' | '@' | '+')
 }
 
@@ -38,11 +38,26 @@ fn validate(s: &str) -> Result<(), IdError> {
     if s == "." || s == ".." {
         return Err(IdError::DotSegment(s.to_owned()));
     }
-    match s.chars().find(|c| !is_id_char(*c)) {
-        Some(ch) => Err(IdError::BadChar { ch }),
+    // Bytewise: every allowed character is ASCII, so the first byte outside the set starts
+    // the character to report.
+    match s.bytes().position(|b| !ID_BYTES[usize::from(b)]) {
+        Some(i) => Err(IdError::BadChar {
+            ch: s[i..].chars().next().unwrap_or(char::REPLACEMENT_CHARACTER),
+        }),
         None => Ok(()),
     }
 }
+
+/// [`is_id_char`] as a table over bytes.
+static ID_BYTES: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 128 {
+        t[b] = is_id_char(b as u8 as char);
+        b += 1;
+    }
+    t
+};
 
 macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident) => {
@@ -84,8 +99,10 @@ macro_rules! string_id {
 
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                // The decoded string becomes the id: one allocation, not a copy of it.
                 let s = String::deserialize(d)?;
-                Self::parse(&s).map_err(serde::de::Error::custom)
+                validate(&s).map_err(serde::de::Error::custom)?;
+                Ok(Self(s))
             }
         }
     };
@@ -190,6 +207,24 @@ mod tests {
     fn deserialising_an_invalid_id_fails() {
         let r: Result<WorkerId, _> = serde_json::from_str("\"bad id\"");
         assert!(r.is_err());
+        // Escapes are decoded before the check, both ways.
+        let r: Result<TaskId, _> = serde_json::from_str("\"a\\u0020b\"");
+        assert!(r.is_err());
+        let t: TaskId = serde_json::from_str("\"t-\\u0041\"").expect("valid once decoded");
+        assert_eq!(t.as_str(), "t-A");
+    }
+
+    /// The byte table agrees with `is_id_char` on every character up to U+00FF.
+    #[test]
+    fn the_byte_table_is_the_id_charset() {
+        for c in '\0'..='\u{ff}' {
+            let expect = is_id_char(c);
+            assert_eq!(
+                validate(&c.to_string()).is_ok(),
+                expect && c != '.',
+                "{c:?}"
+            );
+        }
     }
 
     #[test]

@@ -16,7 +16,6 @@ mod read;
 mod schema;
 mod wal;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -437,7 +436,9 @@ fn commit(
 ) -> rusqlite::Result<()> {
     // Later writes of the same task, task state or worker in this group supersede earlier
     // ones: the transaction ends with the same rows, and all of it commits or none.
-    let mut last: HashMap<Slot<'_>, usize> = HashMap::new();
+    let n: usize = batches.iter().map(|b| b.muts.len()).sum();
+    let mut last: crate::model::IdMap<Slot<'_>, usize> =
+        crate::model::IdMap::with_capacity_and_hasher(n, Default::default());
     let mut i = 0usize;
     for b in batches.iter() {
         for m in &b.muts {
