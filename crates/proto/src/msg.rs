@@ -155,10 +155,101 @@ pub struct TaskState {
     pub seq: Seq,
     pub task_id: TaskId,
     pub attempt: Attempt,
-    /// Shared, so that a worker keeps its latest state (to answer `state_request`) without a
-    /// copy per update.
-    pub state: std::sync::Arc<serde_json::Value>,
+    pub state: StateJson,
     pub timestamp: DateTime<Utc>,
+}
+
+/// Deepest nesting of arrays and objects accepted in a task's state: serde_json's own limit
+/// for a tree, which refused deeper states before they were kept as text.
+pub const MAX_STATE_DEPTH: usize = 128;
+
+/// A task's state as JSON text, kept as it was made or received: the coordinator stores it
+/// without building a tree and serialising it again, and a worker keeps its latest one (to
+/// answer `state_request`) as the same shared text the message carries. Decoding checks that
+/// it is nested at most [`MAX_STATE_DEPTH`] deep.
+#[derive(Debug, Clone)]
+pub struct StateJson(std::sync::Arc<serde_json::value::RawValue>);
+
+impl StateJson {
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The state as a tree.
+    pub fn to_value(&self) -> serde_json::Result<serde_json::Value> {
+        serde_json::from_str(self.get())
+    }
+}
+
+impl From<&serde_json::Value> for StateJson {
+    fn from(v: &serde_json::Value) -> Self {
+        // A `Value` always serialises (its map keys are strings).
+        let raw = serde_json::value::to_raw_value(v).unwrap_or_else(|_| {
+            serde_json::value::RawValue::from_string("null".into()).expect("null is JSON")
+        });
+        StateJson(raw.into())
+    }
+}
+
+impl From<serde_json::Value> for StateJson {
+    fn from(v: serde_json::Value) -> Self {
+        StateJson::from(&v)
+    }
+}
+
+/// Equal as JSON: the same text, or texts that differ only in spacing or key order.
+impl PartialEq for StateJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+            || matches!((self.to_value(), other.to_value()), (Ok(a), Ok(b)) if a == b)
+    }
+}
+
+impl Serialize for StateJson {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for StateJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+        if nesting(raw.get()) > MAX_STATE_DEPTH {
+            return Err(serde::de::Error::custom(format!(
+                "state nested deeper than {MAX_STATE_DEPTH}"
+            )));
+        }
+        Ok(StateJson(raw.into()))
+    }
+}
+
+/// The deepest nesting of arrays and objects in `json` (valid JSON: brackets inside strings
+/// do not count).
+fn nesting(json: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// Checkpoint metadata; the bytes follow in `chunks` [`CheckpointData`] messages.
@@ -623,6 +714,30 @@ pub const COORD_MSG_TYPES: &[&str] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn state(json: &str) -> serde_json::Result<StateJson> {
+        serde_json::from_str(json)
+    }
+
+    /// A state is kept as the text received, nested at most MAX_STATE_DEPTH deep; brackets
+    /// inside strings (escaped quotes included) do not count.
+    #[test]
+    fn a_state_keeps_its_text_and_is_refused_past_the_depth_limit() {
+        let s = state(r#"{"a": [1, "]]]\"[[[[", {"b": null}]}"#).expect("state");
+        assert_eq!(s.get(), r#"{"a": [1, "]]]\"[[[[", {"b": null}]}"#);
+        assert_eq!(nesting(s.get()), 3);
+        let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        assert!(state(&deep(MAX_STATE_DEPTH)).is_ok());
+        let e = state(&deep(MAX_STATE_DEPTH + 1)).expect_err("too deep");
+        assert!(e.to_string().contains("nested deeper"), "{e}");
+        assert!(state("{").is_err(), "not JSON");
+        // Made from a tree, it is that tree's text; equal to any spacing of it.
+        let v = serde_json::json!({"n": 1, "pad": "x"});
+        let made = StateJson::from(&v);
+        assert_eq!(made.to_value().expect("json"), v);
+        assert_eq!(made, state(r#"{ "pad": "x", "n": 1 }"#).expect("state"));
+        assert_ne!(made, state(r#"{"n": 2, "pad": "x"}"#).expect("state"));
+    }
 
     fn seqs(v: &[u64]) -> Vec<Seq> {
         v.iter().copied().map(Seq).collect()

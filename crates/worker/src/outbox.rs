@@ -431,7 +431,7 @@ fn approx_size(msg: &WorkerMsg) -> usize {
     match msg {
         WorkerMsg::CheckpointData(d) => BASE + d.data.0.len() * 4 / 3,
         WorkerMsg::TaskResult(r) => BASE + json_len(&r.result),
-        WorkerMsg::TaskState(s) => BASE + json_len(&s.state),
+        WorkerMsg::TaskState(s) => BASE + s.state.get().len(),
         WorkerMsg::Telemetry(t) => BASE + 600 + json_len(&t.metrics),
         _ => BASE,
     }
@@ -553,7 +553,7 @@ mod tests {
             .find(|(s, _)| *s == latest)
             .expect("latest state of a is held");
         match a.1.as_ref() {
-            WorkerMsg::TaskState(s) => assert_eq!(s.state["v"], 2),
+            WorkerMsg::TaskState(s) => assert_eq!(s.state.to_value().expect("json")["v"], 2),
             other => panic!("unexpected {other:?}"),
         }
     }

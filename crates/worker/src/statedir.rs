@@ -366,7 +366,7 @@ fn restore(conn: &Connection, path: &Path) -> Result<Restored, StateDirError> {
             let (seq, class, json) = row.map_err(db)?;
             let class = class_from(class)
                 .ok_or_else(|| corrupt(format!("outbox entry {seq} has class {class}")))?;
-            let msg: WorkerMsg = serde_json::from_str(&json)
+            let msg: WorkerMsg = tether_proto::decode_worker(&json)
                 .map_err(|e| corrupt(format!("outbox entry {seq}: {e}")))?;
             entries.push((class, msg));
         }

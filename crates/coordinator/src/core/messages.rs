@@ -426,9 +426,8 @@ impl Core {
                 b.muts.push(Mutation::PutState {
                     task_id: s.task_id.clone(),
                     attempt: s.attempt,
-                    // Straight into a buffer: `Value`'s `Display` goes through the formatter a
-                    // token at a time (3 % of the coordinator under the flood).
-                    state: serde_json::to_string(&s.state).unwrap_or_default(),
+                    // The text as received: no tree is built or serialised again.
+                    state: s.state.get().to_owned(),
                 });
                 Disposition::Recorded
             }

@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use tether_proto::msg::{Checkpoint, CheckpointData, TaskNotice, TaskState, WorkerMsg, now};
+use tether_proto::msg::{
+    Checkpoint, CheckpointData, StateJson, TaskNotice, TaskState, WorkerMsg, now,
+};
 use tether_proto::task::Blob;
 use tether_proto::{Attempt, CheckpointId, TaskId};
 use tokio::sync::{Notify, watch};
@@ -177,7 +179,7 @@ pub(crate) struct TaskShared {
     pub latest: Mutex<Option<StoredCheckpoint>>,
     pub checkpoint_requested: AtomicBool,
     pub checkpoint_wanted: Notify,
-    pub state: Mutex<Arc<serde_json::Value>>,
+    pub state: Mutex<StateJson>,
 }
 
 impl TaskShared {
@@ -195,7 +197,7 @@ impl TaskShared {
             latest: Mutex::new(latest),
             checkpoint_requested: AtomicBool::new(false),
             checkpoint_wanted: Notify::new(),
-            state: Mutex::new(Arc::new(serde_json::Value::Null)),
+            state: Mutex::new(StateJson::from(serde_json::Value::Null)),
         })
     }
 
@@ -279,7 +281,7 @@ impl TaskCtx {
     /// Reports progress or state; updates coalesce, so only the latest unsent one travels.
     pub async fn report_state(&self, state: serde_json::Value) {
         self.outbox.reserve().await;
-        let state = Arc::new(state);
+        let state = StateJson::from(state);
         *self.shared.state.lock().unwrap_or_else(|p| p.into_inner()) = state.clone();
         push_state(
             &self.outbox,
@@ -435,12 +437,7 @@ pub(crate) enum Notice {
 }
 
 /// Queues a task's state; a newer one replaces an unsent older one.
-pub(crate) fn push_state(
-    outbox: &Outbox,
-    task_id: &TaskId,
-    attempt: Attempt,
-    state: Arc<serde_json::Value>,
-) {
+pub(crate) fn push_state(outbox: &Outbox, task_id: &TaskId, attempt: Attempt, state: StateJson) {
     let task_id = task_id.clone();
     outbox.push(
         Class::State,
