@@ -23,6 +23,7 @@ pub mod integrity;
 pub mod msg;
 pub mod samples;
 pub mod task;
+pub mod time;
 
 pub use codec::{Batch, DecodeError, decode_coord, decode_worker, encode, is_batch};
 pub use ids::{Attempt, CheckpointId, Seq, TaskId, WorkerId};

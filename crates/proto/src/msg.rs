@@ -103,6 +103,7 @@ pub struct Registration {
     /// message) in place of their `*_ack`s once the coordinator agrees in `registration_ack`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub compact_acks: bool,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -129,6 +130,7 @@ pub struct Heartbeat {
     pub sequence: u64,
     #[serde(default)]
     pub active_tasks: Vec<TaskRef>,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -143,9 +145,12 @@ pub struct TaskResult {
     pub result: serde_json::Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TaskError>,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub started_at: DateTime<Utc>,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub finished_at: DateTime<Utc>,
     pub duration_ms: u64,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -156,6 +161,7 @@ pub struct TaskState {
     pub task_id: TaskId,
     pub attempt: Attempt,
     pub state: StateJson,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -261,6 +267,7 @@ pub struct Checkpoint {
     pub checkpoint_id: CheckpointId,
     pub size: u64,
     pub chunks: u32,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -273,6 +280,7 @@ pub struct CheckpointData {
     pub checkpoint_id: CheckpointId,
     pub chunk: u32,
     pub data: Blob,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -283,6 +291,7 @@ pub struct CheckpointError {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_id: Option<CheckpointId>,
     pub error: String,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -292,6 +301,7 @@ pub struct StateError {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_id: Option<TaskId>,
     pub error: String,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -301,6 +311,7 @@ pub struct TaskNotice {
     pub seq: Seq,
     pub task_id: TaskId,
     pub attempt: Attempt,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -311,6 +322,7 @@ pub struct Telemetry {
     pub connection_stats: ConnStats,
     #[serde(default)]
     pub metrics: serde_json::Value,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -325,6 +337,7 @@ pub struct ErrorMsg {
     /// The `seq` of the offending frame, when it could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ref_seq: Option<u64>,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -385,6 +398,7 @@ pub struct Welcome {
     /// (see [`crate::integrity`]); only with a `nonce`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub integrity: Option<String>,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -406,6 +420,7 @@ pub struct RegistrationAck {
     /// it records (other than results) may be acknowledged in `acks`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub compact_acks: bool,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -445,6 +460,7 @@ pub struct HeartbeatReply {
     pub response_to: Option<u64>,
     #[serde(default)]
     pub actions: Vec<HeartbeatAction>,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -472,6 +488,7 @@ pub struct TaskAssignment {
     /// Latest checkpoint of an earlier attempt, to resume from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<CheckpointBlob>,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -495,6 +512,7 @@ pub struct Ack {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk: Option<u32>,
     pub disposition: Disposition,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -505,6 +523,7 @@ pub struct Ack {
 pub struct Acks {
     /// Inclusive ranges `[first, last]` of sequence numbers, ascending.
     pub recorded: Vec<(Seq, Seq)>,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -568,6 +587,7 @@ pub struct CheckpointRequest {
     pub attempt: Attempt,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_id: Option<CheckpointId>,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -575,6 +595,7 @@ pub struct CheckpointRequest {
 pub struct StateRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_id: Option<TaskId>,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -585,6 +606,7 @@ pub struct TaskControl {
     pub attempt: Attempt,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub timestamp: DateTime<Utc>,
 }
 
