@@ -833,20 +833,9 @@ async fn feed_one(
 /// The sequence number of an acknowledgement that `acks` may carry: a recorded message other
 /// than a result (a result's ack names its task, which the worker logs).
 fn recorded_ack(m: &CoordMsg) -> Option<Seq> {
-    match m {
-        CoordMsg::TaskStateAck(a)
-        | CoordMsg::CheckpointAck(a)
-        | CoordMsg::CheckpointDataAck(a)
-        | CoordMsg::TaskCancelledAck(a)
-        | CoordMsg::TaskPausedAck(a)
-        | CoordMsg::TaskResumedAck(a)
-        | CoordMsg::TelemetryAck(a)
-            if a.disposition == Disposition::Recorded =>
-        {
-            Some(a.ack_seq)
-        }
-        _ => None,
-    }
+    m.message_ack()
+        .filter(|a| a.disposition == Disposition::Recorded)
+        .map(|a| a.ack_seq)
 }
 
 /// Counts a message sent, and an `error` by its code.

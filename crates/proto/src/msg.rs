@@ -676,6 +676,22 @@ impl CoordMsg {
         }
     }
 
+    /// The acknowledgement this message is, when it acknowledges a message other than a
+    /// result: the kind that `acks` may carry (a result's ack names its task, which a worker
+    /// logs, and always travels alone).
+    pub fn message_ack(&self) -> Option<&Ack> {
+        match self {
+            CoordMsg::TaskStateAck(a)
+            | CoordMsg::CheckpointAck(a)
+            | CoordMsg::CheckpointDataAck(a)
+            | CoordMsg::TaskCancelledAck(a)
+            | CoordMsg::TaskPausedAck(a)
+            | CoordMsg::TaskResumedAck(a)
+            | CoordMsg::TelemetryAck(a) => Some(a),
+            _ => None,
+        }
+    }
+
     /// An `error` message.
     pub fn error(
         code: ErrorCode,
@@ -736,6 +752,20 @@ pub const COORD_MSG_TYPES: &[&str] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every `*_ack` but a result's is a message ack; nothing else is.
+    #[test]
+    fn message_acks_are_the_acks_of_everything_but_results() {
+        let mut seen = 0;
+        for m in crate::samples::coord_messages() {
+            let ty = m.type_name();
+            let expect =
+                ty.ends_with("_ack") && ty != "task_result_ack" && ty != "registration_ack";
+            assert_eq!(m.message_ack().is_some(), expect, "{ty}");
+            seen += usize::from(expect);
+        }
+        assert_eq!(seen, 7, "one sample of each message ack");
+    }
 
     fn state(json: &str) -> serde_json::Result<StateJson> {
         serde_json::from_str(json)

@@ -15,7 +15,7 @@ pub const CATCH_UP_EVERY: std::time::Duration = std::time::Duration::from_millis
 /// the checkpointer, so that the WAL starts over (65,536 frames of 4 KiB pages: 256 MiB; twice
 /// that, it does not wait for a pass). Each start-over holds the commits up for 3-15 ms on the
 /// development machine, however long the WAL: at 16 MiB that was every 0.3 s under a flood of
-/// 100,000 messages/s, at 256 MiB it is every few seconds.
+/// 100,000 messages/s, at 256 MiB every 1-5 s.
 pub const WAL_RESTART_FRAMES: u64 = 65_536;
 
 thread_local! {
