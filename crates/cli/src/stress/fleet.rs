@@ -80,6 +80,11 @@ pub struct FleetArgs {
     /// CA of the coordinator's TLS certificate (the coordinator URL is wss://).
     #[arg(long)]
     pub ca_file: Option<std::path::PathBuf>,
+    /// Threads the workers run on, each a single-threaded runtime holding its share of the
+    /// workers (0: one per CPU). A worker's tasks and session then share one thread: what its
+    /// tasks make in one round leaves in one frame, and no task is woken across threads.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
 }
 
 /// Orchestrator -> fleet.
@@ -176,6 +181,58 @@ struct Member {
     live: bool,
 }
 
+/// The single-threaded runtimes the workers run on, worker `i` on shard `i % len`. Each runs
+/// on its own thread until the fleet drops it.
+struct Shards {
+    handles: Vec<tokio::runtime::Handle>,
+    /// Dropped to let the shards' threads finish.
+    _stop: tokio::sync::watch::Sender<()>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Shards {
+    fn start(n: usize) -> anyhow::Result<Self> {
+        let n = match n {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let (stop, _) = tokio::sync::watch::channel(());
+        let (mut handles, mut threads) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for k in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting a fleet runtime")?;
+            handles.push(rt.handle().clone());
+            let mut stopped = stop.subscribe();
+            let thread = std::thread::Builder::new()
+                .name(format!("fleet-{k}"))
+                .spawn(move || {
+                    rt.block_on(async move { while stopped.changed().await.is_ok() {} });
+                })
+                .context("starting a fleet thread")?;
+            threads.push(thread);
+        }
+        Ok(Self {
+            handles,
+            _stop: stop,
+            threads,
+        })
+    }
+
+    fn for_worker(&self, i: u64) -> &tokio::runtime::Handle {
+        &self.handles[(i % self.handles.len() as u64) as usize]
+    }
+
+    /// Stops the shards' threads; what still runs on them is dropped.
+    fn join(self) {
+        drop(self._stop);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
 pub async fn run(a: FleetArgs) -> anyhow::Result<()> {
     super::raise_open_files();
     let shared = Arc::new(Shared {
@@ -183,6 +240,7 @@ pub async fn run(a: FleetArgs) -> anyhow::Result<()> {
         flood_sent: AtomicU64::new(0),
         epoch: tokio::time::Instant::now(),
     });
+    let shards = Shards::start(a.threads)?;
     let mut members: Vec<Member> = Vec::new();
     let mut set: JoinSet<()> = JoinSet::new();
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -197,7 +255,9 @@ pub async fn run(a: FleetArgs) -> anyhow::Result<()> {
                 let cmd: Command = serde_json::from_str(&line)
                     .with_context(|| format!("bad command {line:?}"))?;
                 match cmd {
-                    Command::Start { count } => start(&a, &shared, &mut members, &mut set, count)?,
+                    Command::Start { count } => {
+                        start(&a, &shared, &shards, &mut members, &mut set, count)?
+                    }
                     Command::Stop { count, abrupt } => {
                         for m in members.iter_mut().filter(|m| m.live).take(count as usize) {
                             m.live = false;
@@ -232,6 +292,7 @@ pub async fn run(a: FleetArgs) -> anyhow::Result<()> {
     let drain = async { while set.join_next().await.is_some() {} };
     let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
     set.abort_all();
+    tokio::task::spawn_blocking(move || shards.join()).await?;
     Ok(())
 }
 
@@ -268,6 +329,7 @@ fn status(members: &[Member], shared: &Shared) -> Status {
 fn start(
     a: &FleetArgs,
     shared: &Arc<Shared>,
+    shards: &Shards,
     members: &mut Vec<Member>,
     set: &mut JoinSet<()>,
     count: u32,
@@ -330,6 +392,8 @@ fn start(
     }
     let started_us = now_us();
     for (id, agent) in ready {
+        // Worker `i`, as numbered when its agent was built.
+        let i = members.len() as u64;
         let handle = agent.handle();
         let metrics = handle.runner.executors().metrics().into_values().collect();
         let record = Arc::new(Mutex::new(WorkerRecord {
@@ -338,7 +402,7 @@ fn start(
             ..WorkerRecord::default()
         }));
         let stop = CancellationToken::new();
-        let abort = set.spawn({
+        let run = {
             let (stop, handle, record) = (stop.clone(), handle.clone(), record.clone());
             async move {
                 let (end, ()) = tokio::join!(agent.run(stop), watch(handle, record.clone()));
@@ -346,7 +410,8 @@ fn start(
                     record.lock().unwrap_or_else(|p| p.into_inner()).failure = Some(e.to_string());
                 }
             }
-        });
+        };
+        let abort = set.spawn_on(run, shards.for_worker(i));
         members.push(Member {
             handle,
             metrics,
