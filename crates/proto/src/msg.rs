@@ -186,6 +186,26 @@ impl StateJson {
     pub fn to_value(&self) -> serde_json::Result<serde_json::Value> {
         serde_json::from_str(self.get())
     }
+
+    /// A state already made as JSON text (by a program's output, or by a format string): the
+    /// text is checked, as when decoded, and kept as it is.
+    pub fn from_text(text: String) -> Result<Self, StateTextError> {
+        let raw = serde_json::value::RawValue::from_string(text)
+            .map_err(|e| StateTextError::NotJson(e.to_string()))?;
+        if nesting(raw.get()) > MAX_STATE_DEPTH {
+            return Err(StateTextError::TooDeep);
+        }
+        Ok(StateJson(raw.into()))
+    }
+}
+
+/// Why a text is not a task state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateTextError {
+    #[error("state is not JSON: {0}")]
+    NotJson(String),
+    #[error("state nested deeper than {MAX_STATE_DEPTH}")]
+    TooDeep,
 }
 
 impl From<&serde_json::Value> for StateJson {
@@ -789,6 +809,19 @@ mod tests {
         assert_eq!(made.to_value().expect("json"), v);
         assert_eq!(made, state(r#"{ "pad": "x", "n": 1 }"#).expect("state"));
         assert_ne!(made, state(r#"{"n": 2, "pad": "x"}"#).expect("state"));
+        // Made from text, it is checked as when decoded and kept as it is.
+        let text = StateJson::from_text(r#"{"n":1,"pad":"x"}"#.into()).expect("text");
+        assert_eq!(text.get(), r#"{"n":1,"pad":"x"}"#);
+        assert_eq!(text, made);
+        assert!(StateJson::from_text(deep(MAX_STATE_DEPTH)).is_ok());
+        assert_eq!(
+            StateJson::from_text(deep(MAX_STATE_DEPTH + 1)).expect_err("too deep"),
+            StateTextError::TooDeep
+        );
+        assert!(matches!(
+            StateJson::from_text(r#"{"n":1"#.into()),
+            Err(StateTextError::NotJson(_))
+        ));
     }
 
     fn seqs(v: &[u64]) -> Vec<Seq> {

@@ -169,12 +169,19 @@ impl Outbox {
             inner.next_seq += 1;
             let mut removed = Vec::new();
             if let Some(key) = &coalesce {
-                if let Some(old) = inner.coalesced.remove(key)
+                // One lookup, and the key copied only when new.
+                let old = match inner.coalesced.get_mut(key) {
+                    Some(s) => Some(std::mem::replace(s, seq)),
+                    None => {
+                        inner.coalesced.insert(key.clone(), seq);
+                        None
+                    }
+                };
+                if let Some(old) = old
                     && inner.remove(old).is_some()
                 {
                     removed.push(old);
                 }
-                inner.coalesced.insert(key.clone(), seq);
             }
             let msg = std::sync::Arc::new(make(Seq(seq)));
             let bytes = approx_size(&msg);
@@ -417,9 +424,10 @@ impl Inner {
         let e = self.entries.remove(&key)?;
         self.bytes -= e.bytes;
         if let Some(c) = e.coalesce
-            && self.coalesced.get(&c) == Some(&seq)
+            && let std::collections::hash_map::Entry::Occupied(o) = self.coalesced.entry(c)
+            && *o.get() == seq
         {
-            self.coalesced.remove(&c);
+            o.remove();
         }
         Some(e.msg)
     }

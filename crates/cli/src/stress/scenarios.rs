@@ -246,9 +246,14 @@ impl Run {
     }
 
     async fn counter(&self, name: &str) -> anyhow::Result<u64> {
-        Ok(self.overview().await?["counters"][name]
-            .as_u64()
-            .unwrap_or(0))
+        Ok(self.counters([name]).await?[0])
+    }
+
+    /// Several of the coordinator's counters, read together from one overview (so that their
+    /// ratios are not skewed by what arrives between two reads).
+    async fn counters<const N: usize>(&self, names: [&str; N]) -> anyhow::Result<[u64; N]> {
+        let o = self.overview().await?;
+        Ok(names.map(|name| o["counters"][name].as_u64().unwrap_or(0)))
     }
 
     /// Submits `specs`; every id the API returns is owed a result.
@@ -314,10 +319,7 @@ impl Run {
         self.phase("stopping", 1);
         // What the coordinator saw, not what was asked for: registrations that authenticated,
         // sessions whose frames carried tags, and the scheme every connection of the run used.
-        let (authenticated, tagged) = (
-            self.counter("auth_ok").await?,
-            self.counter("mac_sessions").await?,
-        );
+        let [authenticated, tagged] = self.counters(["auth_ok", "mac_sessions"]).await?;
         self.report.mac_sessions = Some(tagged);
         self.report.security = format!(
             "{}; {}",
@@ -633,9 +635,9 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
         move |s| s.executions >= tasks,
     )
     .await?;
-    let f0 = run.counter("messages_in").await?;
-    let w0 = run.counter("frames_in").await?;
-    let a0 = run.counter("compact_acked").await?;
+    let [f0, w0, a0] = run
+        .counters(["messages_in", "frames_in", "compact_acked"])
+        .await?;
     let s0 = run.fleet.now().flood_sent;
     let (c0, fc0) = (run.coord.sample().cpu_s, run.fleet.cpu_s());
     let t0 = Instant::now();
@@ -652,9 +654,9 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(250)).await;
         run.pb.set_position(t0.elapsed().as_secs());
     }
-    let f1 = run.counter("messages_in").await?;
-    let w1 = run.counter("frames_in").await?;
-    let a1 = run.counter("compact_acked").await?;
+    let [f1, w1, a1] = run
+        .counters(["messages_in", "frames_in", "compact_acked"])
+        .await?;
     let s1 = run.fleet.now().flood_sent;
     let (c1, fc1) = (run.coord.sample().cpu_s, run.fleet.cpu_s());
     let dt = t0.elapsed().as_secs_f64();

@@ -279,9 +279,9 @@ impl TaskCtx {
     }
 
     /// Reports progress or state; updates coalesce, so only the latest unsent one travels.
-    pub async fn report_state(&self, state: serde_json::Value) {
+    pub async fn report_state(&self, state: impl Into<StateJson>) {
         self.outbox.reserve().await;
-        let state = StateJson::from(state);
+        let state = state.into();
         *self.shared.state.lock().unwrap_or_else(|p| p.into_inner()) = state.clone();
         push_state(
             &self.outbox,
