@@ -59,18 +59,42 @@ static ID_BYTES: [bool; 256] = {
     t
 };
 
+/// Made from text already validated.
+trait FromValidated {
+    fn from_validated(s: &str) -> Self;
+}
+
+/// Reads an id from the decoder's text: borrowed straight from the frame when it has no
+/// escapes, so the shared text is the one allocation.
+struct IdVisitor<T>(std::marker::PhantomData<T>);
+
+impl<T: FromValidated> serde::de::Visitor<'_> for IdVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an id string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<T, E> {
+        validate(s).map_err(E::custom)?;
+        Ok(T::from_validated(s))
+    }
+}
+
 macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-        #[serde(transparent)]
-        pub struct $name(String);
+        ///
+        /// Shared text: a copy is a reference count, not an allocation, and two copies of one
+        /// id compare equal by address before their text is read.
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(std::sync::Arc<str>);
 
         impl $name {
             /// Validates `s` against the id rules.
             pub fn parse(s: &str) -> Result<Self, IdError> {
                 validate(s)?;
-                Ok(Self(s.to_owned()))
+                Ok(Self(s.into()))
             }
 
             pub fn as_str(&self) -> &str {
@@ -97,12 +121,27 @@ macro_rules! string_id {
             }
         }
 
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                // The decoded string becomes the id: one allocation, not a copy of it.
-                let s = String::deserialize(d)?;
-                validate(&s).map_err(serde::de::Error::custom)?;
-                Ok(Self(s))
+                d.deserialize_str(IdVisitor(std::marker::PhantomData::<$name>))
+            }
+        }
+
+        impl From<$name> for std::sync::Arc<str> {
+            fn from(id: $name) -> Self {
+                id.0
+            }
+        }
+
+        impl FromValidated for $name {
+            fn from_validated(s: &str) -> Self {
+                Self(s.into())
             }
         }
     };
@@ -126,14 +165,14 @@ impl TaskId {
     /// by time. The store's indexes on task ids then grow at their end instead of dirtying a
     /// random page per task; random ids cost about a quarter of the coordinator's CPU per task.
     pub fn fresh() -> Self {
-        Self(format!("t-{}", uuid::Uuid::now_v7().simple()))
+        Self(format!("t-{}", uuid::Uuid::now_v7().simple()).into())
     }
 }
 
 impl CheckpointId {
     /// A fresh random checkpoint id (`c-` and 32 hex digits).
     pub fn random() -> Self {
-        Self(format!("c-{}", random_hex()))
+        Self(format!("c-{}", random_hex()).into())
     }
 }
 
@@ -212,6 +251,28 @@ mod tests {
         assert!(r.is_err());
         let t: TaskId = serde_json::from_str("\"t-\\u0041\"").expect("valid once decoded");
         assert_eq!(t.as_str(), "t-A");
+        // From a tree as from text, and back to the same text.
+        let v = serde_json::json!("w-1");
+        let w: WorkerId = serde_json::from_value(v.clone()).expect("from a tree");
+        assert_eq!(serde_json::to_value(&w).expect("to a tree"), v);
+        let r: Result<WorkerId, _> = serde_json::from_value(serde_json::json!(1));
+        assert!(r.is_err(), "not a string");
+    }
+
+    /// A copy shares the text; equality, order and hashing go by the text either way.
+    #[test]
+    fn copies_of_an_id_share_its_text_and_equal_ids_are_equal_however_made() {
+        let a = TaskId::parse("t-1").expect("valid");
+        let copy = a.clone();
+        assert!(std::ptr::eq(a.as_str(), copy.as_str()));
+        let b: TaskId = serde_json::from_str("\"t-1\"").expect("valid");
+        assert!(!std::ptr::eq(a.as_str(), b.as_str()));
+        assert_eq!(a, b);
+        assert_eq!(a.cmp(&b), std::cmp::Ordering::Equal);
+        use std::hash::BuildHasher;
+        let state = std::collections::hash_map::RandomState::new();
+        assert_eq!(state.hash_one(&a), state.hash_one(&b));
+        assert!(a < TaskId::parse("t-2").expect("valid"));
     }
 
     /// The byte table agrees with `is_id_char` on every character up to U+00FF.
