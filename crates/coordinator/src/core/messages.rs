@@ -67,22 +67,33 @@ const INCOMPLETE_CHECKPOINTS_PER_TASK: u64 = 2;
 
 impl Core {
     fn standing(&self, worker: &WorkerId, task: &TaskId, attempt: Attempt) -> Standing {
-        let Some(t) = self.tasks.get(task) else {
-            return Standing::Stranger;
+        self.standing_and_id(worker, task, attempt).0
+    }
+
+    /// The standing, and the task's id as the coordinator holds it (a copy of that one shares
+    /// its text: maps keyed by it then compare keys by address).
+    fn standing_and_id(
+        &self,
+        worker: &WorkerId,
+        task: &TaskId,
+        attempt: Attempt,
+    ) -> (Standing, Option<&TaskId>) {
+        let Some((id, t)) = self.tasks.get_key_value(task) else {
+            return (Standing::Stranger, None);
         };
         if let Some(l) = &t.lease
             && &l.worker == worker
             && l.attempt == attempt
         {
-            return Standing::Holder;
+            return (Standing::Holder, Some(id));
         }
         if t.attempts
             .iter()
             .any(|a| a.attempt == attempt && &a.worker == worker)
         {
-            Standing::Stale
+            (Standing::Stale, Some(id))
         } else {
-            Standing::Stranger
+            (Standing::Stranger, Some(id))
         }
     }
 
@@ -421,18 +432,19 @@ impl Core {
     }
 
     fn on_state(&mut self, worker: &WorkerId, session: &SessionRef, s: TaskState, b: &mut Batch) {
-        let disposition = match self.standing(worker, &s.task_id, s.attempt) {
-            Standing::Holder => {
+        let disposition = match self.standing_and_id(worker, &s.task_id, s.attempt) {
+            (Standing::Holder, Some(id)) => {
                 b.muts.push(Mutation::PutState {
-                    task_id: s.task_id.clone(),
+                    task_id: id.clone(),
                     attempt: s.attempt,
                     // The text as received: no tree is built or serialised again.
-                    state: s.state.get().to_owned(),
+                    state: s.state.clone(),
                 });
                 Disposition::Recorded
             }
-            Standing::Stale => Disposition::Stale,
-            Standing::Stranger => {
+            (Standing::Stale, _) => Disposition::Stale,
+            // A stranger (a holder's task always has an id).
+            _ => {
                 self.reject(worker, session, "task_state", Some(s.seq), &s.task_id, b);
                 Disposition::Rejected
             }

@@ -101,7 +101,8 @@ pub enum Mutation {
     PutState {
         task_id: TaskId,
         attempt: Attempt,
-        state: String,
+        /// The text as received, shared with the message: not copied.
+        state: tether_proto::msg::StateJson,
     },
     PutCheckpoint {
         meta: CheckpointMeta,
@@ -525,12 +526,7 @@ fn commit(
                     tx.prepare_cached(
                         "INSERT INTO task_state_log (task_id, attempt, state, updated_at) VALUES (?1, ?2, ?3, ?4)",
                     )?
-                    .execute(params![
-                        task_id.as_str(),
-                        attempt.0,
-                        state,
-                        now
-                    ])?;
+                    .execute(params![task_id.as_str(), attempt.0, state.get(), now])?;
                     folder.logged(task_id, tx.last_insert_rowid());
                 }
                 Mutation::PutCheckpoint { meta, complete } => {

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use chrono::Utc;
+use tether_proto::msg::StateJson;
 use tether_proto::{Attempt, Outcome, TaskId, TaskSpec, TaskStatus, WorkerId};
 
 use super::*;
@@ -194,7 +195,7 @@ fn deleting_a_task_removes_its_results_state_and_checkpoints() {
         muts.push(Mutation::PutState {
             task_id: TaskId::parse(t).expect("id"),
             attempt: Attempt(1),
-            state: "{}".into(),
+            state: StateJson::from_text("{}".into()).expect("json"),
         });
         let cid = format!("{t}-c1");
         muts.push(Mutation::PutCheckpoint {
@@ -373,7 +374,7 @@ fn of_several_states_of_a_task_in_one_group_the_last_is_stored() {
     let state = |attempt: u32, n: u32| Mutation::PutState {
         task_id: TaskId::parse("a").expect("id"),
         attempt: Attempt(attempt),
-        state: format!("{{\"n\":{n}}}"),
+        state: StateJson::from_text(format!("{{\"n\":{n}}}")).expect("json"),
     };
     let mut batches = vec![
         Batch {
@@ -435,7 +436,7 @@ fn state_mut(task: &str, n: u32) -> Mutation {
     Mutation::PutState {
         task_id: TaskId::parse(task).expect("id"),
         attempt: Attempt(1),
-        state: format!("{{\"n\":{n}}}"),
+        state: StateJson::from_text(format!("{{\"n\":{n}}}")).expect("json"),
     }
 }
 
