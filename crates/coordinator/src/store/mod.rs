@@ -438,29 +438,28 @@ fn commit(
     // Later writes of the same task, task state or worker in this group supersede earlier
     // ones: the transaction ends with the same rows, and all of it commits or none.
     let n: usize = batches.iter().map(|b| b.muts.len()).sum();
-    let mut last: crate::model::IdMap<Slot<'_>, usize> =
-        crate::model::IdMap::with_capacity_and_hasher(n, Default::default());
-    let mut i = 0usize;
-    for b in batches.iter() {
-        for m in &b.muts {
-            if let Some(slot) = m.slot() {
-                last.insert(slot, i);
+    // Whether each mutation, in order, is executed: the last of its slot, or slotless.
+    let mut keep = vec![true; n];
+    {
+        let mut last: crate::model::IdMap<Slot<'_>, usize> =
+            crate::model::IdMap::with_capacity_and_hasher(n, Default::default());
+        for (i, m) in batches.iter().flat_map(|b| &b.muts).enumerate() {
+            if let Some(slot) = m.slot()
+                && let Some(earlier) = last.insert(slot, i)
+            {
+                keep[earlier] = false;
             }
-            i += 1;
         }
     }
     let tx = conn.transaction()?;
     // Results and states are stamped with the time of their commit.
     let now = chrono::Utc::now().to_rfc3339();
     let mut folded = false;
-    let mut i = 0usize;
-    for b in batches.iter() {
-        for m in &b.muts {
-            let idx = i;
-            i += 1;
-            if m.slot().is_some_and(|slot| last.get(&slot) != Some(&idx)) {
-                continue;
-            }
+    // The state log's statement, taken from the cache once per group, not once per state.
+    let mut log_state = None;
+    let muts = batches.iter().flat_map(|b| &b.muts).zip(keep);
+    for (m, keep) in muts {
+        if keep {
             match m {
                 Mutation::InsertTask(t) => insert_task(&tx, t)?,
                 Mutation::PutTask(t) => {
@@ -523,11 +522,15 @@ fn commit(
                     attempt,
                     state,
                 } => {
-                    tx.prepare_cached(
-                        "INSERT INTO task_state_log (task_id, attempt, state, updated_at) VALUES (?1, ?2, ?3, ?4)",
-                    )?
-                    .execute(params![task_id.as_str(), attempt.0, state.get(), now])?;
-                    folder.logged(task_id, tx.last_insert_rowid());
+                    let stmt = match &mut log_state {
+                        Some(stmt) => stmt,
+                        None => log_state.insert(tx.prepare_cached(
+                            "INSERT INTO task_state_log (task_id, attempt, state, updated_at) VALUES (?1, ?2, ?3, ?4)",
+                        )?),
+                    };
+                    let seq =
+                        stmt.insert(params![task_id.as_str(), attempt.0, state.get(), now])?;
+                    folder.logged(task_id, seq);
                 }
                 Mutation::PutCheckpoint { meta, complete } => {
                     tx.prepare_cached(
@@ -576,6 +579,7 @@ fn commit(
             }
         }
     }
+    drop(log_state);
     tx.commit()?;
     Ok(())
 }
