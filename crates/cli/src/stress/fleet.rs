@@ -589,7 +589,10 @@ impl Executor for Flood {
             let cancelled = ctx.cancelled();
             tokio::pin!(cancelled);
             loop {
+                // The tick first: woken by it, the select returns without polling the
+                // cancellation (whose every poll takes the token's lock).
                 tokio::select! {
+                    biased;
                     _ = tick.tick() => {}
                     _ = &mut cancelled => return Err(ExecError::Cancelled),
                 }
