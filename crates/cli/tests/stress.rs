@@ -116,11 +116,13 @@ fn message_flood_measures_message_rate_and_latency() {
         "5",
     ]);
     assert!(r["messages_per_s"].as_f64().unwrap_or(0.0) > 0.0);
-    // Each worker's 8 tasks report in step, and what they make in one round leaves in one
-    // frame: about 3 messages a frame with the probes' single ones counted; 1.05 when each
-    // update went alone.
+    // Each worker's 8 tasks report in step, on the thread their session runs on, and what
+    // they make in one round leaves in one frame: 1,000 updates a second in 125 frames, with
+    // the probes' 100 single ones about 4.9 messages a frame. 1.05 when each update went alone;
+    // about 3 when the fleet's tasks ran on a shared multi-threaded runtime, where a worker's
+    // session took its outbox while the other thread still ran half of its tasks.
     let per_frame = r["messages_per_frame"].as_f64().unwrap_or(0.0);
-    assert!(per_frame > 2.0, "{per_frame} messages per frame: {r}");
+    assert!(per_frame > 4.0, "{per_frame} messages per frame: {r}");
     // The workers' states are acknowledged in `acks` (the probes' telemetry, the heartbeats
     // and the results are not).
     let compact = r["compact_acked_share"].as_f64().unwrap_or(0.0);

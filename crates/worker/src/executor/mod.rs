@@ -279,6 +279,9 @@ impl TaskCtx {
     }
 
     /// Reports progress or state; updates coalesce, so only the latest unsent one travels.
+    /// Takes a `serde_json::Value`, or a [`StateJson`] made from text the executor already has
+    /// (`StateJson::from_text`), which is then sent as it is, not parsed into a tree and
+    /// serialised again.
     pub async fn report_state(&self, state: impl Into<StateJson>) {
         self.outbox.reserve().await;
         let state = state.into();
@@ -555,6 +558,25 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 3);
         assert_eq!(reg.executions(), 3);
         assert_eq!(m.metrics.completed.load(Ordering::SeqCst), 3);
+    }
+
+    /// A state made from text travels as that text; one made from a tree as the tree's text;
+    /// an unsent one is replaced by the next.
+    #[tokio::test]
+    async fn a_state_reported_as_text_travels_as_that_text_and_coalesces() {
+        let (ctx, _) = TaskCtx::detached(TaskId::parse("t").expect("id"), Attempt(1));
+        ctx.report_state(serde_json::json!({"n": 1})).await;
+        let text = r#"{ "n" : 2,"pad":"x" }"#;
+        ctx.report_state(StateJson::from_text(text.into()).expect("json"))
+            .await;
+        let msgs = ctx.outbox.take_unsent(100);
+        assert_eq!(msgs.len(), 1, "the first state was replaced while unsent");
+        let WorkerMsg::TaskState(s) = msgs[0].1.as_ref() else {
+            panic!("not a state: {:?}", msgs[0].1)
+        };
+        assert_eq!(s.state.get(), text);
+        let encoded = tether_proto::codec::encode(msgs[0].1.as_ref());
+        assert!(encoded.contains(text), "{encoded}");
     }
 
     #[tokio::test]
