@@ -103,7 +103,7 @@ pub struct Registration {
     /// message) in place of their `*_ack`s once the coordinator agrees in `registration_ack`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub compact_acks: bool,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -130,7 +130,7 @@ pub struct Heartbeat {
     pub sequence: u64,
     #[serde(default)]
     pub active_tasks: Vec<TaskRef>,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -145,12 +145,12 @@ pub struct TaskResult {
     pub result: serde_json::Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TaskError>,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub started_at: DateTime<Utc>,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub finished_at: DateTime<Utc>,
     pub duration_ms: u64,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -161,7 +161,7 @@ pub struct TaskState {
     pub task_id: TaskId,
     pub attempt: Attempt,
     pub state: StateJson,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -287,7 +287,7 @@ pub struct Checkpoint {
     pub checkpoint_id: CheckpointId,
     pub size: u64,
     pub chunks: u32,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -300,7 +300,7 @@ pub struct CheckpointData {
     pub checkpoint_id: CheckpointId,
     pub chunk: u32,
     pub data: Blob,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -311,7 +311,7 @@ pub struct CheckpointError {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_id: Option<CheckpointId>,
     pub error: String,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -321,7 +321,7 @@ pub struct StateError {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_id: Option<TaskId>,
     pub error: String,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -331,7 +331,7 @@ pub struct TaskNotice {
     pub seq: Seq,
     pub task_id: TaskId,
     pub attempt: Attempt,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -342,7 +342,7 @@ pub struct Telemetry {
     pub connection_stats: ConnStats,
     #[serde(default)]
     pub metrics: serde_json::Value,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -357,7 +357,7 @@ pub struct ErrorMsg {
     /// The `seq` of the offending frame, when it could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ref_seq: Option<u64>,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -418,7 +418,7 @@ pub struct Welcome {
     /// (see [`crate::integrity`]); only with a `nonce`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub integrity: Option<String>,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -440,7 +440,7 @@ pub struct RegistrationAck {
     /// it records (other than results) may be acknowledged in `acks`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub compact_acks: bool,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -480,7 +480,7 @@ pub struct HeartbeatReply {
     pub response_to: Option<u64>,
     #[serde(default)]
     pub actions: Vec<HeartbeatAction>,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -508,7 +508,7 @@ pub struct TaskAssignment {
     /// Latest checkpoint of an earlier attempt, to resume from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<CheckpointBlob>,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -532,7 +532,7 @@ pub struct Ack {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk: Option<u32>,
     pub disposition: Disposition,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -543,7 +543,7 @@ pub struct Ack {
 pub struct Acks {
     /// Inclusive ranges `[first, last]` of sequence numbers, ascending.
     pub recorded: Vec<(Seq, Seq)>,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -607,7 +607,7 @@ pub struct CheckpointRequest {
     pub attempt: Attempt,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_id: Option<CheckpointId>,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -615,7 +615,7 @@ pub struct CheckpointRequest {
 pub struct StateRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_id: Option<TaskId>,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -626,7 +626,7 @@ pub struct TaskControl {
     pub attempt: Attempt,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
-    #[serde(deserialize_with = "crate::time::deserialize")]
+    #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
