@@ -455,11 +455,26 @@ fn commit(
     // Results and states are stamped with the time of their commit.
     let now = chrono::Utc::now().to_rfc3339();
     let mut folded = false;
-    // The state log's statement, taken from the cache once per group, not once per state.
-    let mut log_state = None;
+    // States are appended to the log together, several rows a statement, in the order of the
+    // group: the ones in a row are held until another kind of mutation comes, or the end.
+    let mut states = StateRows::default();
     let muts = batches.iter().flat_map(|b| &b.muts).zip(keep);
     for (m, keep) in muts {
+        if let (
+            true,
+            Mutation::PutState {
+                task_id,
+                attempt,
+                state,
+            },
+        ) = (keep, m)
+        {
+            let row = (task_id, task_id.as_str(), attempt.0, state.get());
+            states.push(&tx, &now, folder, row)?;
+            continue;
+        }
         if keep {
+            states.flush(&tx, &now, folder)?;
             match m {
                 Mutation::InsertTask(t) => insert_task(&tx, t)?,
                 Mutation::PutTask(t) => {
@@ -517,21 +532,8 @@ fn commit(
                         now
                     ])?;
                 }
-                Mutation::PutState {
-                    task_id,
-                    attempt,
-                    state,
-                } => {
-                    let stmt = match &mut log_state {
-                        Some(stmt) => stmt,
-                        None => log_state.insert(tx.prepare_cached(
-                            "INSERT INTO task_state_log (task_id, attempt, state, updated_at) VALUES (?1, ?2, ?3, ?4)",
-                        )?),
-                    };
-                    let seq =
-                        stmt.insert(params![task_id.as_str(), attempt.0, state.get(), now])?;
-                    folder.logged(task_id, seq);
-                }
+                // Held above.
+                Mutation::PutState { .. } => {}
                 Mutation::PutCheckpoint { meta, complete } => {
                     tx.prepare_cached(
                         "INSERT INTO checkpoints (id, task_id, attempt, worker, size, chunks, complete, created_at)
@@ -579,9 +581,74 @@ fn commit(
             }
         }
     }
-    drop(log_state);
+    states.flush(&tx, &now, folder)?;
     tx.commit()?;
     Ok(())
+}
+
+/// Rows of the state log one statement appends, when that many states come in a row: SQLite's
+/// work per statement (its program started, its cursor opened, the statement taken from the
+/// cache) is paid once for them.
+const LOG_ROWS: usize = 16;
+
+/// `INSERT INTO task_state_log … VALUES (…), (…), …` with [`LOG_ROWS`] rows.
+static LOG_MANY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let rows = vec!["(?, ?, ?, ?)"; LOG_ROWS].join(", ");
+    format!("INSERT INTO task_state_log (task_id, attempt, state, updated_at) VALUES {rows}")
+});
+
+const LOG_ONE: &str =
+    "INSERT INTO task_state_log (task_id, attempt, state, updated_at) VALUES (?1, ?2, ?3, ?4)";
+
+/// States held to be appended to the log together: (task, its id's text, attempt, state text).
+#[derive(Default)]
+struct StateRows<'a> {
+    held: Vec<(&'a TaskId, &'a str, u32, &'a str)>,
+}
+
+impl<'a> StateRows<'a> {
+    fn push(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        now: &str,
+        folder: &mut Folder,
+        row: (&'a TaskId, &'a str, u32, &'a str),
+    ) -> rusqlite::Result<()> {
+        self.held.push(row);
+        if self.held.len() == LOG_ROWS {
+            self.flush(tx, now, folder)?;
+        }
+        Ok(())
+    }
+
+    /// Appends what is held, in order, and tells the folder each row's `seq`: a statement's
+    /// rows take consecutive rowids after the table's largest, in the order of its VALUES.
+    fn flush(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        now: &str,
+        folder: &mut Folder,
+    ) -> rusqlite::Result<()> {
+        if self.held.len() == LOG_ROWS {
+            let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(4 * LOG_ROWS);
+            for (_, task, attempt, state) in &self.held {
+                values.extend([task as &dyn rusqlite::ToSql, attempt, state, &now]);
+            }
+            tx.prepare_cached(&LOG_MANY)?.execute(&*values)?;
+            let last = tx.last_insert_rowid();
+            for (i, (task, ..)) in self.held.iter().enumerate() {
+                folder.logged(task, last - (LOG_ROWS - 1 - i) as i64);
+            }
+        } else if !self.held.is_empty() {
+            let mut stmt = tx.prepare_cached(LOG_ONE)?;
+            for (task, text, attempt, state) in &self.held {
+                let seq = stmt.insert(params![text, attempt, state, now])?;
+                folder.logged(task, seq);
+            }
+        }
+        self.held.clear();
+        Ok(())
+    }
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> rusqlite::Result<String> {

@@ -806,6 +806,46 @@ fn a_fold_round_writes_each_task_s_newest_state_then_deletes_what_it_covers() {
     assert_eq!(count(&conn, "task_state_log"), 0);
 }
 
+/// States are appended several rows a statement (`LOG_ROWS`), in runs broken by other
+/// mutations: each row must still be known to the folder as its own task's, so each task ends
+/// with its own newest state.
+#[test]
+fn states_appended_together_are_each_folded_as_their_own_task_s() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, _) = open(dir.path()).expect("open");
+    let mut f = Folder::new();
+    let tasks = 2 * LOG_ROWS + 7;
+    let n = |i: usize, round: usize| (i * 10 + round) as u32;
+    // Every task, then every other one in the opposite order: a row credited to the wrong
+    // task would leave some task with an older state, or none.
+    let rounds: [Vec<usize>; 2] = [
+        (0..tasks).collect(),
+        (0..tasks).rev().filter(|i| i.is_multiple_of(2)).collect(),
+    ];
+    for (round, order) in rounds.iter().enumerate() {
+        let mut muts: Vec<Mutation> = order
+            .iter()
+            .map(|&i| state_mut(&format!("t{i:03}"), n(i, round)))
+            .collect();
+        // A run broken by another kind of mutation.
+        let worker = Worker::new(WorkerId::parse("w").expect("id"), Utc::now());
+        muts.insert(LOG_ROWS + 3, Mutation::PutWorker(Box::new(worker)));
+        commit_with(&mut conn, &mut f, muts);
+    }
+    let newest = |i: usize| Some(u64::from(n(i, usize::from(i.is_multiple_of(2)))));
+    for i in 0..tasks {
+        assert_eq!(state_n(&conn, &format!("t{i:03}")), newest(i));
+    }
+    f.begin_now();
+    while f.due() {
+        f.piece(&conn).expect("fold");
+    }
+    assert_eq!(count(&conn, "task_state_log"), 0);
+    for i in 0..tasks {
+        assert_eq!(table_n(&conn, &format!("t{i:03}")), newest(i), "t{i:03}");
+    }
+}
+
 #[test]
 fn a_task_deleted_during_a_fold_round_stays_without_a_state() {
     let dir = tempfile::tempdir().expect("tempdir");
