@@ -460,124 +460,122 @@ fn commit(
     let mut states = StateRows::default();
     let muts = batches.iter().flat_map(|b| &b.muts).zip(keep);
     for (m, keep) in muts {
-        if let (
-            true,
-            Mutation::PutState {
-                task_id,
-                attempt,
-                state,
-            },
-        ) = (keep, m)
+        if !keep {
+            continue;
+        }
+        if let Mutation::PutState {
+            task_id,
+            attempt,
+            state,
+        } = m
         {
             let row = (task_id, task_id.as_str(), attempt.0, state.get());
             states.push(&tx, &now, folder, row)?;
             continue;
         }
-        if keep {
-            states.flush(&tx, &now, folder)?;
-            match m {
-                Mutation::InsertTask(t) => insert_task(&tx, t)?,
-                Mutation::PutTask(t) => {
-                    let changed = tx
-                        .prepare_cached(
-                            "UPDATE tasks SET status = ?2, finished_at = ?3, doc = ?4 WHERE id = ?1",
-                        )?
-                        .execute(params![
-                            t.task_id.as_str(),
-                            t.status.as_str(),
-                            t.finished_at.map(|d| d.to_rfc3339()),
-                            to_json(&schema::TaskDoc::of(t))?
-                        ])?;
-                    if changed == 0 {
-                        insert_task(&tx, t)?;
-                    }
+        states.flush(&tx, &now, folder)?;
+        match m {
+            Mutation::InsertTask(t) => insert_task(&tx, t)?,
+            Mutation::PutTask(t) => {
+                let changed = tx
+                    .prepare_cached(
+                        "UPDATE tasks SET status = ?2, finished_at = ?3, doc = ?4 WHERE id = ?1",
+                    )?
+                    .execute(params![
+                        t.task_id.as_str(),
+                        t.status.as_str(),
+                        t.finished_at.map(|d| d.to_rfc3339()),
+                        to_json(&schema::TaskDoc::of(t))?
+                    ])?;
+                if changed == 0 {
+                    insert_task(&tx, t)?;
                 }
-                Mutation::DeleteTask(id) => {
-                    // Its logged states are folded first, so that deleting its row of
-                    // `task_state` deletes them all (and no log scan per task).
-                    if !folded {
-                        compact_states(&tx)?;
-                        folder.emptied();
-                        folded = true;
-                    }
-                    for sql in [
-                        "DELETE FROM checkpoint_chunks WHERE checkpoint_id IN (SELECT id FROM checkpoints WHERE task_id = ?1)",
-                        "DELETE FROM checkpoints WHERE task_id = ?1",
-                        "DELETE FROM results WHERE task_id = ?1",
-                        "DELETE FROM task_state WHERE task_id = ?1",
-                        "DELETE FROM tasks WHERE id = ?1",
-                    ] {
-                        tx.prepare_cached(sql)?.execute([id.as_str()])?;
-                    }
+            }
+            Mutation::DeleteTask(id) => {
+                // Its logged states are folded first, so that deleting its row of
+                // `task_state` deletes them all (and no log scan per task).
+                if !folded {
+                    compact_states(&tx)?;
+                    folder.emptied();
+                    folded = true;
                 }
-                Mutation::PutResult {
-                    task_id,
-                    attempt,
-                    worker,
-                    outcome,
-                    stale,
+                for sql in [
+                    "DELETE FROM checkpoint_chunks WHERE checkpoint_id IN (SELECT id FROM checkpoints WHERE task_id = ?1)",
+                    "DELETE FROM checkpoints WHERE task_id = ?1",
+                    "DELETE FROM results WHERE task_id = ?1",
+                    "DELETE FROM task_state WHERE task_id = ?1",
+                    "DELETE FROM tasks WHERE id = ?1",
+                ] {
+                    tx.prepare_cached(sql)?.execute([id.as_str()])?;
+                }
+            }
+            Mutation::PutResult {
+                task_id,
+                attempt,
+                worker,
+                outcome,
+                stale,
+                body,
+            } => {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO results (task_id, attempt, worker, outcome, stale, body, recorded_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?
+                .execute(params![
+                    task_id.as_str(),
+                    attempt.0,
+                    worker.as_str(),
+                    tether_proto::TaskStatus::from(*outcome).as_str(),
+                    *stale,
                     body,
-                } => {
-                    tx.prepare_cached(
-                        "INSERT OR IGNORE INTO results (task_id, attempt, worker, outcome, stale, body, recorded_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    )?
-                    .execute(params![
-                        task_id.as_str(),
-                        attempt.0,
-                        worker.as_str(),
-                        tether_proto::TaskStatus::from(*outcome).as_str(),
-                        *stale,
-                        body,
-                        now
-                    ])?;
-                }
-                // Held above.
-                Mutation::PutState { .. } => {}
-                Mutation::PutCheckpoint { meta, complete } => {
-                    tx.prepare_cached(
-                        "INSERT INTO checkpoints (id, task_id, attempt, worker, size, chunks, complete, created_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                         ON CONFLICT(id) DO UPDATE SET complete = excluded.complete",
-                    )?
-                    .execute(params![
-                        meta.checkpoint_id.as_str(),
-                        meta.task_id.as_str(),
-                        meta.attempt.0,
-                        meta.worker.as_str(),
-                        meta.size as i64,
-                        meta.chunks,
-                        *complete,
-                        meta.created_at.to_rfc3339()
-                    ])?;
-                }
-                Mutation::PutChunk {
-                    checkpoint_id,
-                    idx,
-                    data,
-                } => {
-                    tx.prepare_cached(
-                        "INSERT OR IGNORE INTO checkpoint_chunks (checkpoint_id, idx, data) VALUES (?1, ?2, ?3)",
-                    )?
-                    .execute(params![checkpoint_id.as_str(), idx, data])?;
-                }
-                Mutation::DeleteCheckpoint(id) => {
-                    tx.prepare_cached("DELETE FROM checkpoint_chunks WHERE checkpoint_id = ?1")?
-                        .execute([id.as_str()])?;
-                    tx.prepare_cached("DELETE FROM checkpoints WHERE id = ?1")?
-                        .execute([id.as_str()])?;
-                }
-                Mutation::PutWorker(w) => {
-                    let doc = to_json(&schema::WorkerDoc::from_worker(w))?;
-                    tx.prepare_cached(
-                        "INSERT INTO workers (id, doc) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
-                    )?
-                    .execute(params![w.worker_id.as_str(), doc])?;
-                }
-                Mutation::DeleteWorker(id) => {
-                    tx.prepare_cached("DELETE FROM workers WHERE id = ?1")?
-                        .execute([id.as_str()])?;
-                }
+                    now
+                ])?;
+            }
+            // Held above.
+            Mutation::PutState { .. } => {}
+            Mutation::PutCheckpoint { meta, complete } => {
+                tx.prepare_cached(
+                    "INSERT INTO checkpoints (id, task_id, attempt, worker, size, chunks, complete, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT(id) DO UPDATE SET complete = excluded.complete",
+                )?
+                .execute(params![
+                    meta.checkpoint_id.as_str(),
+                    meta.task_id.as_str(),
+                    meta.attempt.0,
+                    meta.worker.as_str(),
+                    meta.size as i64,
+                    meta.chunks,
+                    *complete,
+                    meta.created_at.to_rfc3339()
+                ])?;
+            }
+            Mutation::PutChunk {
+                checkpoint_id,
+                idx,
+                data,
+            } => {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO checkpoint_chunks (checkpoint_id, idx, data) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![checkpoint_id.as_str(), idx, data])?;
+            }
+            Mutation::DeleteCheckpoint(id) => {
+                tx.prepare_cached("DELETE FROM checkpoint_chunks WHERE checkpoint_id = ?1")?
+                    .execute([id.as_str()])?;
+                tx.prepare_cached("DELETE FROM checkpoints WHERE id = ?1")?
+                    .execute([id.as_str()])?;
+            }
+            Mutation::PutWorker(w) => {
+                let doc = to_json(&schema::WorkerDoc::from_worker(w))?;
+                tx.prepare_cached(
+                    "INSERT INTO workers (id, doc) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+                )?
+                .execute(params![w.worker_id.as_str(), doc])?;
+            }
+            Mutation::DeleteWorker(id) => {
+                tx.prepare_cached("DELETE FROM workers WHERE id = ?1")?
+                    .execute([id.as_str()])?;
             }
         }
     }
