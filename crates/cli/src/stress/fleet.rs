@@ -187,7 +187,7 @@ struct Member {
 struct Shards {
     handles: Vec<tokio::runtime::Handle>,
     /// Dropped to let the shards' threads finish.
-    _stop: tokio::sync::watch::Sender<()>,
+    stop: tokio::sync::watch::Sender<()>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -216,7 +216,7 @@ impl Shards {
         }
         Ok(Self {
             handles,
-            _stop: stop,
+            stop,
             threads,
         })
     }
@@ -227,7 +227,7 @@ impl Shards {
 
     /// Stops the shards' threads; what still runs on them is dropped.
     fn join(self) {
-        drop(self._stop);
+        drop(self.stop);
         for t in self.threads {
             let _ = t.join();
         }
