@@ -137,6 +137,11 @@ fn message_flood_measures_message_rate_and_latency() {
     assert!(r["security"].as_str().is_some_and(|s| s.ends_with("; TLS")));
     // The fleet ran niced, as /proc says.
     assert_eq!(r["fleet_nice"], 5, "{r}");
+    // The machine's speed, probed before and after.
+    for at in ["machine_before", "machine_after"] {
+        let us = r[at]["codec_us"].as_f64().unwrap_or(0.0);
+        assert!(us > 0.0, "{at}: {r}");
+    }
 }
 
 #[test]

@@ -11,6 +11,7 @@
 //! - [`report`]: the figures, as Markdown or JSON.
 
 pub mod fleet;
+mod machine;
 mod probe;
 mod procs;
 mod report;

@@ -116,6 +116,9 @@ pub struct Report {
     pub memory_per_worker_kib: Option<f64>,
     pub lost: u64,
     pub recorded_twice: u64,
+    /// The machine's speed before the run and after both processes stopped.
+    pub machine_before: Option<super::machine::Probe>,
+    pub machine_after: Option<super::machine::Probe>,
     pub verdicts: Vec<Verdict>,
     pub targets: Vec<Target>,
     pub notes: Vec<String>,
@@ -255,6 +258,19 @@ impl Report {
             row(
                 "coordinator memory per connected worker, KiB",
                 format!("{v:.2}"),
+            );
+        }
+        let machine = |p: &super::machine::Probe| {
+            let load = p
+                .load_1m
+                .map(|l| format!(", load {l:.2}"))
+                .unwrap_or_default();
+            format!("{:.2} µs{load}", p.codec_us)
+        };
+        if let (Some(b), Some(a)) = (&self.machine_before, &self.machine_after) {
+            row(
+                "machine probe (a state update encoded and decoded), before / after",
+                format!("{} / {}", machine(b), machine(a)),
             );
         }
         row("lost", self.lost.to_string());

@@ -45,6 +45,7 @@ struct Run {
 
 pub async fn run(a: StressArgs) -> anyhow::Result<Report> {
     let deadline = a.deadline;
+    let before = super::machine::probe();
     let body = async move {
         let mut run = Run::start(a).await?;
         let scenario = run.a.scenario;
@@ -65,9 +66,12 @@ pub async fn run(a: StressArgs) -> anyhow::Result<Report> {
         }
         run.finish().await
     };
-    tokio::time::timeout(deadline, body)
+    let mut report = tokio::time::timeout(deadline, body)
         .await
-        .with_context(|| format!("the run exceeded --deadline {} s", deadline.as_secs()))?
+        .with_context(|| format!("the run exceeded --deadline {} s", deadline.as_secs()))??;
+    report.machine_before = Some(before);
+    report.machine_after = Some(super::machine::probe());
+    Ok(report)
 }
 
 impl Run {
