@@ -12,9 +12,9 @@ pub const ZSTD: &str = "zstd";
 /// Default size from which a message is compressed, in bytes of JSON.
 pub const DEFAULT_THRESHOLD: usize = 1024;
 /// zstd level: the first of the fast levels. The frames are small (a batch of a few messages
-/// is 1-8 KiB), and at this size level -1 compressed 1.8 KB of varied JSON 2.4 times as fast as
-/// levels 1-3 and inflated it 6 times as fast, for 5.2 times smaller instead of 6.4 (`zstd -b`;
-/// docs/PERFORMANCE.md, seventh round).
+/// is 1-8 KiB), and at this size level -1 compressed 1.8 KB of varied JSON 2.2-2.4 times as fast
+/// as levels 1-3 and inflated it 5.8-6 times as fast, for 5.2 times smaller instead of 6.3-6.4
+/// (`zstd -b`; docs/PERFORMANCE.md, seventh round).
 const LEVEL: i32 = -1;
 
 /// Why a binary frame could not be inflated.

@@ -59,25 +59,20 @@ static ID_BYTES: [bool; 256] = {
     t
 };
 
-/// Made from text already validated.
-trait FromValidated {
-    fn from_validated(s: &str) -> Self;
-}
+/// Reads an id's text from the decoder, borrowed straight from the frame when it has no
+/// escapes, and checks it: the shared text is the one allocation.
+struct IdVisitor;
 
-/// Reads an id from the decoder's text: borrowed straight from the frame when it has no
-/// escapes, so the shared text is the one allocation.
-struct IdVisitor<T>(std::marker::PhantomData<T>);
-
-impl<T: FromValidated> serde::de::Visitor<'_> for IdVisitor<T> {
-    type Value = T;
+impl serde::de::Visitor<'_> for IdVisitor {
+    type Value = std::sync::Arc<str>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an id string")
     }
 
-    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<T, E> {
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
         validate(s).map_err(E::custom)?;
-        Ok(T::from_validated(s))
+        Ok(s.into())
     }
 }
 
@@ -129,19 +124,7 @@ macro_rules! string_id {
 
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                d.deserialize_str(IdVisitor(std::marker::PhantomData::<$name>))
-            }
-        }
-
-        impl From<$name> for std::sync::Arc<str> {
-            fn from(id: $name) -> Self {
-                id.0
-            }
-        }
-
-        impl FromValidated for $name {
-            fn from_validated(s: &str) -> Self {
-                Self(s.into())
+                d.deserialize_str(IdVisitor).map(Self)
             }
         }
     };

@@ -192,6 +192,11 @@ impl StateJson {
     pub fn from_text(text: String) -> Result<Self, StateTextError> {
         let raw = serde_json::value::RawValue::from_string(text)
             .map_err(|e| StateTextError::NotJson(e.to_string()))?;
+        Self::checked(raw)
+    }
+
+    /// JSON text nested at most [`MAX_STATE_DEPTH`] deep, made or decoded.
+    fn checked(raw: Box<serde_json::value::RawValue>) -> Result<Self, StateTextError> {
         if nesting(raw.get()) > MAX_STATE_DEPTH {
             return Err(StateTextError::TooDeep);
         }
@@ -241,12 +246,7 @@ impl Serialize for StateJson {
 impl<'de> Deserialize<'de> for StateJson {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
-        if nesting(raw.get()) > MAX_STATE_DEPTH {
-            return Err(serde::de::Error::custom(format!(
-                "state nested deeper than {MAX_STATE_DEPTH}"
-            )));
-        }
-        Ok(StateJson(raw.into()))
+        StateJson::checked(raw).map_err(serde::de::Error::custom)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Writing and reading the timestamps every message carries. chrono's own reader goes through
 //! its general format parser (about 1.5 % of the coordinator under a message flood), and its
-//! writer through its general formatter (5 % of the simulated workers); the form this protocol
+//! writer through its general formatter (about 125 ns a timestamp, against 55 ns here, both
+//! into a fresh `serde_json` writer); the form this protocol
 //! writes (`2026-11-30T13:03:43.123456789Z`, chrono's RFC 3339 with `Z` and the fraction in
 //! 0, 3, 6 or 9 digits) is written and read here by position, and anything else is handed to
 //! chrono, so what is written and accepted is exactly what chrono writes and accepts.
@@ -47,19 +48,26 @@ fn write(t: &DateTime<Utc>, buf: &mut [u8; 30]) -> Option<usize> {
         n if n % 1_000 == 0 => (n / 1_000, 6),
         n => (n, 9),
     };
-    if digits > 0 {
-        put(20, frac, digits);
-    }
-    for (at, sep) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')] {
+    let end = match digits {
+        0 => 19,
+        _ => {
+            put(20, frac, digits);
+            20 + digits
+        }
+    };
+    // The fraction's dot at 19 is overwritten by the `Z` when there is no fraction.
+    for (at, sep) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+    ] {
         buf[at] = sep;
     }
-    let mut n = 19;
-    if digits > 0 {
-        buf[19] = b'.';
-        n = 20 + digits;
-    }
-    buf[n] = b'Z';
-    Some(n + 1)
+    buf[end] = b'Z';
+    Some(end + 1)
 }
 
 /// For `#[serde(with = "crate::time")]` on a `DateTime<Utc>`.

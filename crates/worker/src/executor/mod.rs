@@ -560,8 +560,8 @@ mod tests {
         assert_eq!(m.metrics.completed.load(Ordering::SeqCst), 3);
     }
 
-    /// A state made from text travels as that text; one made from a tree as the tree's text;
-    /// an unsent one is replaced by the next.
+    /// A state made from text travels as that text, and replaces the unsent one (made from a
+    /// tree) before it.
     #[tokio::test]
     async fn a_state_reported_as_text_travels_as_that_text_and_coalesces() {
         let (ctx, _) = TaskCtx::detached(TaskId::parse("t").expect("id"), Attempt(1));
