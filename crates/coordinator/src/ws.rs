@@ -262,17 +262,26 @@ async fn run(
     let limits = &app.cfg.limits;
     let mut rate = Bucket::new(limits.messages_per_sec, limits.message_burst);
     let mut told_rate: Option<Instant> = None;
+    // One liveness timer for the session, moved lazily: every frame moves the deadline, and
+    // only when the timer fires at a deadline that has since moved on is it set again (a timer
+    // made per frame was registered and cancelled in the timer wheel twice a frame).
+    let liveness = tokio::time::sleep_until(deadline);
+    tokio::pin!(liveness);
     let (kind, reason): (&'static str, String) = loop {
         tokio::select! {
-            frame = timeout_at(deadline, stream.next()) => {
+            () = &mut liveness => {
+                if Instant::now() < deadline {
+                    liveness.as_mut().reset(deadline);
+                    continue;
+                }
+                // The last frame arrived `timeout` before the deadline.
+                m::observe(m::DEAD_DETECT, Instant::now() + timeout - deadline);
+                break ("timeout", format!("no frame for {} ms", timeout.as_millis()));
+            }
+            frame = stream.next() => {
                 let frame = match frame {
-                    Err(_) => {
-                        // The last frame arrived `timeout` before the deadline.
-                        m::observe(m::DEAD_DETECT, Instant::now() + timeout - deadline);
-                        break ("timeout", format!("no frame for {} ms", timeout.as_millis()));
-                    }
-                    Ok(None) => break ("closed", "closed".into()),
-                    Ok(Some(Err(e))) => {
+                    None => break ("closed", "closed".into()),
+                    Some(Err(e)) => {
                         if is_too_big(&e) {
                             app.counters.oversize_frames.fetch_add(1, Ordering::Relaxed);
                             metrics::counter!(m::OVERSIZE_FRAMES).increment(1);
@@ -286,7 +295,7 @@ async fn run(
                         }
                         break ("error", format!("read: {e}"));
                     }
-                    Ok(Some(Ok(m))) => m,
+                    Some(Ok(m)) => m,
                 };
                 if !rate.take(Instant::now()) {
                     // Over the session's message rate: tell it once a second, and read nothing

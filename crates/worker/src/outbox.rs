@@ -9,7 +9,7 @@
 //! With a [`Journal`] (the state directory) every change is written through before it takes
 //! effect, so a restarted worker finds what was not yet acknowledged.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 /// foldhash rather than SipHash: every entry is hashed several times between push and ack.
 type Hasher = foldhash::quality::RandomState;
@@ -41,8 +41,6 @@ pub enum Coalesce {
     Telemetry,
 }
 
-type Key = (Class, u64);
-
 /// Where the outbox writes itself through (the state directory). Called with the outbox's lock
 /// held, so writes land in the order the outbox changed; a write is complete (durable) when
 /// the call returns.
@@ -56,16 +54,23 @@ pub trait Journal: Send + Sync {
 struct Entry {
     msg: std::sync::Arc<WorkerMsg>,
     bytes: usize,
+    class: Class,
+    /// Sent in this session (not in `unsent`).
+    sent: bool,
     coalesce: Option<Coalesce>,
 }
+
+/// The four classes, in send order.
+const CLASSES: usize = 4;
 
 #[derive(Debug, Default)]
 struct Inner {
     next_seq: u64,
-    entries: BTreeMap<Key, Entry>,
-    class_of: HashMap<u64, Class, Hasher>,
+    /// Held entries by sequence number.
+    entries: HashMap<u64, Entry, Hasher>,
+    /// Unsent entries of each class (indexed by [`Class`]), in sequence order.
+    unsent: [BTreeSet<u64>; CLASSES],
     coalesced: HashMap<Coalesce, u64, Hasher>,
-    unsent: BTreeSet<Key>,
     bytes: usize,
     acked_max: u64,
     full: bool,
@@ -184,18 +189,7 @@ impl Outbox {
                 }
             }
             let msg = std::sync::Arc::new(make(Seq(seq)));
-            let bytes = approx_size(&msg);
-            inner.class_of.insert(seq, class);
-            inner.entries.insert(
-                (class, seq),
-                Entry {
-                    msg: msg.clone(),
-                    bytes,
-                    coalesce,
-                },
-            );
-            inner.unsent.insert((class, seq));
-            inner.bytes += bytes;
+            inner.insert(seq, class, msg.clone(), coalesce);
             if inner.over(&self.limits) {
                 removed.extend(self.make_room(&mut inner));
             }
@@ -230,11 +224,13 @@ impl Outbox {
     /// Drops telemetry until within bounds; returns the sequence numbers dropped.
     fn make_room(&self, inner: &mut Inner) -> Vec<u64> {
         // Telemetry goes first: it is the only class that may be dropped.
-        let telemetry: Vec<u64> = inner
+        let mut telemetry: Vec<u64> = inner
             .entries
-            .range((Class::Telemetry, 0)..)
-            .map(|(k, _)| k.1)
+            .iter()
+            .filter(|(_, e)| e.class == Class::Telemetry)
+            .map(|(seq, _)| *seq)
             .collect();
+        telemetry.sort_unstable();
         let mut dropped = Vec::new();
         for seq in telemetry {
             if !inner.over(&self.limits) {
@@ -265,30 +261,51 @@ impl Outbox {
 
     /// Like [`Outbox::ack`], returning the acknowledged message if it was still held.
     pub fn take_acked(&self, seq: Seq) -> Option<std::sync::Arc<WorkerMsg>> {
-        let removed = {
+        self.take_acked_all([seq]).pop().map(|(_, msg)| msg)
+    }
+
+    /// Marks every sequence number of `seqs` delivered, under one lock and with one journal
+    /// write (an `acks` message covers many); returns the messages that were still held, with
+    /// their sequence numbers, in the order of `seqs`.
+    pub fn take_acked_all(
+        &self,
+        seqs: impl IntoIterator<Item = Seq>,
+    ) -> Vec<(Seq, std::sync::Arc<WorkerMsg>)> {
+        let taken = {
             let mut inner = self.lock();
-            inner.acked_max = inner.acked_max.max(seq.0);
-            let removed = inner.remove(seq.0);
-            if removed.is_some() {
-                self.journal(None, &[seq.0]);
+            let taken: Vec<(Seq, std::sync::Arc<WorkerMsg>)> = seqs
+                .into_iter()
+                .filter_map(|seq| {
+                    inner.acked_max = inner.acked_max.max(seq.0);
+                    inner.remove(seq.0).map(|msg| (seq, msg))
+                })
+                .collect();
+            if self.journal.is_some() {
+                let removed: Vec<u64> = taken.iter().map(|(seq, _)| seq.0).collect();
+                self.journal(None, &removed);
             }
             if inner.full && !inner.over(&self.limits) {
                 inner.full = false;
                 tracing::info!("outbox has room again");
             }
-            removed
+            taken
         };
-        if removed.is_some() {
+        if !taken.is_empty() {
             self.room.notify_waiters();
         }
-        removed
+        taken
     }
 
     /// Starts a new session: everything held becomes unsent again, in order.
     pub fn requeue_all(&self) {
         let mut inner = self.lock();
-        let keys: Vec<Key> = inner.entries.keys().copied().collect();
-        inner.unsent = keys.into_iter().collect();
+        let Inner {
+            entries, unsent, ..
+        } = &mut *inner;
+        for (seq, e) in entries.iter_mut() {
+            e.sent = false;
+            unsent[e.class as usize].insert(*seq);
+        }
         drop(inner);
         self.ready.notify_one();
     }
@@ -309,22 +326,29 @@ impl Outbox {
         budget: usize,
     ) -> Vec<(Seq, std::sync::Arc<WorkerMsg>, usize)> {
         let mut inner = self.lock();
-        let mut out = Vec::with_capacity(max.min(inner.unsent.len()));
+        let Inner {
+            entries, unsent, ..
+        } = &mut *inner;
+        let mut out = Vec::new();
         let mut bytes = 0usize;
-        while out.len() < max {
-            let Some(&key) = inner.unsent.first() else {
-                break;
-            };
-            let Some(e) = inner.entries.get(&key) else {
-                inner.unsent.remove(&key);
-                continue;
-            };
-            if !out.is_empty() && bytes.saturating_add(e.bytes) > budget {
-                break;
+        for unsent in unsent.iter_mut() {
+            while out.len() < max {
+                let Some(&seq) = unsent.first() else {
+                    break;
+                };
+                // INVARIANT: `unsent` holds only held entries (`Inner::remove` keeps it so).
+                let Some(e) = entries.get_mut(&seq) else {
+                    unsent.pop_first();
+                    continue;
+                };
+                if !out.is_empty() && bytes.saturating_add(e.bytes) > budget {
+                    return out;
+                }
+                bytes = bytes.saturating_add(e.bytes);
+                e.sent = true;
+                out.push((Seq(seq), e.msg.clone(), e.bytes));
+                unsent.pop_first();
             }
-            bytes = bytes.saturating_add(e.bytes);
-            out.push((Seq(key.1), e.msg.clone(), e.bytes));
-            inner.unsent.remove(&key);
         }
         out
     }
@@ -335,7 +359,7 @@ impl Outbox {
     }
 
     pub fn has_unsent(&self) -> bool {
-        !self.lock().unsent.is_empty()
+        self.lock().unsent.iter().any(|u| !u.is_empty())
     }
 
     pub fn len(&self) -> usize {
@@ -363,24 +387,30 @@ impl Outbox {
     /// Tasks whose result waits for an ack, for the inventory.
     pub fn pending_results(&self) -> Vec<TaskRef> {
         let inner = self.lock();
-        inner
+        let mut results: Vec<(u64, TaskRef)> = inner
             .entries
-            .range((Class::Result, 0)..(Class::Notice, 0))
-            .filter_map(|(_, e)| match e.msg.as_ref() {
-                WorkerMsg::TaskResult(r) => Some(TaskRef::new(r.task_id.clone(), r.attempt)),
+            .iter()
+            .filter_map(|(seq, e)| match e.msg.as_ref() {
+                WorkerMsg::TaskResult(r) => {
+                    Some((*seq, TaskRef::new(r.task_id.clone(), r.attempt)))
+                }
                 _ => None,
             })
-            .collect()
+            .collect();
+        results.sort_unstable_by_key(|(seq, _)| *seq);
+        results.into_iter().map(|(_, r)| r).collect()
     }
 
     /// A snapshot of every held entry, in send order (for persistence and tests).
     pub fn snapshot(&self) -> Vec<(Class, Seq, std::sync::Arc<WorkerMsg>)> {
         let inner = self.lock();
-        inner
+        let mut all: Vec<(Class, Seq, std::sync::Arc<WorkerMsg>)> = inner
             .entries
             .iter()
-            .map(|(k, e)| (k.0, Seq(k.1), e.msg.clone()))
-            .collect()
+            .map(|(seq, e)| (e.class, Seq(*seq), e.msg.clone()))
+            .collect();
+        all.sort_unstable_by_key(|(class, seq, _)| (*class, *seq));
+        all
     }
 
     /// Puts back an entry restored from a state directory, keeping its sequence number.
@@ -396,18 +426,7 @@ impl Outbox {
         if let Some(key) = &coalesce {
             inner.coalesced.insert(key.clone(), seq.0);
         }
-        let bytes = approx_size(&msg);
-        inner.class_of.insert(seq.0, class);
-        inner.entries.insert(
-            (class, seq.0),
-            Entry {
-                msg: std::sync::Arc::new(msg),
-                bytes,
-                coalesce,
-            },
-        );
-        inner.unsent.insert((class, seq.0));
-        inner.bytes += bytes;
+        inner.insert(seq.0, class, std::sync::Arc::new(msg), coalesce);
     }
 }
 
@@ -416,12 +435,35 @@ impl Inner {
         self.entries.len() > limits.max_entries || self.bytes > limits.max_bytes
     }
 
+    /// Holds a new entry, unsent.
+    fn insert(
+        &mut self,
+        seq: u64,
+        class: Class,
+        msg: std::sync::Arc<WorkerMsg>,
+        coalesce: Option<Coalesce>,
+    ) {
+        let bytes = approx_size(&msg);
+        self.bytes += bytes;
+        self.unsent[class as usize].insert(seq);
+        self.entries.insert(
+            seq,
+            Entry {
+                msg,
+                bytes,
+                class,
+                sent: false,
+                coalesce,
+            },
+        );
+    }
+
     /// Removes an entry; the message if it was held.
     fn remove(&mut self, seq: u64) -> Option<std::sync::Arc<WorkerMsg>> {
-        let class = self.class_of.remove(&seq)?;
-        let key = (class, seq);
-        self.unsent.remove(&key);
-        let e = self.entries.remove(&key)?;
+        let e = self.entries.remove(&seq)?;
+        if !e.sent {
+            self.unsent[e.class as usize].remove(&seq);
+        }
         self.bytes -= e.bytes;
         if let Some(c) = e.coalesce
             && let std::collections::hash_map::Entry::Occupied(o) = self.coalesced.entry(c)
@@ -652,6 +694,32 @@ mod tests {
                 (None, vec![r.0]),
             ]
         );
+    }
+
+    #[test]
+    fn acks_taken_together_leave_in_one_journal_write_and_skip_what_is_not_held() {
+        let rec = std::sync::Arc::new(Recorder::default());
+        let ob = Outbox::new(Limits::default()).with_journal(rec.clone());
+        let a = result(&ob, "a");
+        let s = state(&ob, "t", 1);
+        let b = result(&ob, "b");
+        assert_eq!(order(&ob), vec![a.0, b.0, s.0]);
+        let taken: Vec<Seq> = ob
+            .take_acked_all([b, Seq(999), a])
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect();
+        assert_eq!(taken, vec![b, a], "held ones, in the order asked");
+        let log = rec.0.lock().expect("recorder").clone();
+        assert_eq!(log.last(), Some(&(None, vec![b.0, a.0])), "one write");
+        assert!(ob.take_acked_all([a, b]).is_empty(), "acked twice: nothing");
+        assert_eq!(
+            rec.0.lock().expect("recorder").len(),
+            log.len(),
+            "nor written"
+        );
+        ob.requeue_all();
+        assert_eq!(order(&ob), vec![s.0], "the unacked one goes again");
     }
 
     #[test]

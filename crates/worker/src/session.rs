@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use tether_proto::Seq;
 use tether_proto::auth::Challenge;
 use tether_proto::codec::decode_coord_batch;
 use tether_proto::compress::{InflateError, ZSTD, deflate, inflate};
@@ -119,7 +120,7 @@ pub(crate) struct Session<'a> {
     /// `registration_ack`).
     batching: Option<Batching>,
     /// Outbox entries sent in this session and not acknowledged yet: size and send time.
-    in_flight: std::collections::HashMap<u64, (usize, Instant)>,
+    in_flight: std::collections::HashMap<u64, (usize, Instant), foldhash::quality::RandomState>,
     in_flight_bytes: usize,
     /// The heartbeat period of this session: this worker's, or the coordinator's when shorter.
     heartbeat_every: Duration,
@@ -615,18 +616,38 @@ impl<'a> Session<'a> {
         let mut stats_log = interval_at(start + cfg.stats_log_interval, cfg.stats_log_interval);
         stats_log.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let outbox = self.agent.outbox.clone();
+        // Made once, not per event: each would register with the token, and the liveness timer
+        // with the timer wheel, only to leave again at the end of the round. The timer is
+        // moved lazily: every frame moves the deadline, and only when the timer fires at a
+        // deadline that has since moved on is it set again (at once when a shorter timeout
+        // brings the deadline forward).
+        let stop = shutdown.cancelled();
+        tokio::pin!(stop);
+        let mut armed = self.deadline;
+        let liveness = sleep_until(armed);
+        tokio::pin!(liveness);
         loop {
             if outbox.has_unsent() {
                 self.flush_outbox().await;
             }
-            let deadline = self.deadline;
+            if self.deadline < armed {
+                armed = self.deadline;
+                liveness.as_mut().reset(armed);
+            }
             // More to send and room in the window: come straight back after any ready event.
             let more = outbox.has_unsent() && self.in_flight_bytes < SEND_WINDOW;
             let ev = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
+                _ = &mut stop => return Err(SessionEnd::Shutdown),
                 f = self.ws.next() => Ev::Frame(f),
-                _ = sleep_until(deadline) => return Ok(self.dead_reason()),
+                _ = &mut liveness => {
+                    if Instant::now() >= self.deadline {
+                        return Ok(self.dead_reason());
+                    }
+                    armed = self.deadline;
+                    liveness.as_mut().reset(armed);
+                    Ev::Wake
+                }
                 _ = heartbeat.tick() => Ev::Heartbeat,
                 _ = ping.tick() => Ev::Ping,
                 _ = telemetry.tick() => Ev::Telemetry,
@@ -834,15 +855,24 @@ impl<'a> Session<'a> {
     /// An acknowledgement: the entry leaves the outbox; a result ack goes to the event log;
     /// the ack hook sees it with the message it acknowledged.
     fn on_ack(&mut self, ack: &tether_proto::msg::Ack, result: bool) {
-        // The acknowledged message no longer takes room in the send window.
-        if let Some((bytes, _)) = self.in_flight.remove(&ack.ack_seq.0) {
-            self.in_flight_bytes -= bytes;
-        }
+        self.leave_window(ack.ack_seq);
         if ack.disposition == tether_proto::msg::Disposition::Rejected {
             tracing::warn!(worker = %self.worker(), seq = %ack.ack_seq, task = ?ack.task_id, "coordinator rejected a message; it will not be resent");
         }
         let acked = self.agent.outbox.take_acked(ack.ack_seq);
-        let held_result = match acked.as_deref() {
+        self.acked(ack, acked.as_deref(), result);
+    }
+
+    /// The acknowledged message no longer takes room in the send window.
+    fn leave_window(&mut self, seq: Seq) {
+        if let Some((bytes, _)) = self.in_flight.remove(&seq.0) {
+            self.in_flight_bytes -= bytes;
+        }
+    }
+
+    /// What follows an ack of a message (`held` if the outbox still held it).
+    fn acked(&mut self, ack: &tether_proto::msg::Ack, held: Option<&WorkerMsg>, result: bool) {
+        let held_result = match held {
             Some(WorkerMsg::TaskResult(r)) => Some((&r.task_id, r.attempt)),
             _ => None,
         };
@@ -861,7 +891,7 @@ impl<'a> Session<'a> {
             });
         }
         if let Some(hook) = &self.agent.ack_hook {
-            hook(ack, acked.as_deref());
+            hook(ack, held);
         }
     }
 
@@ -874,18 +904,27 @@ impl<'a> Session<'a> {
             tracing::warn!(worker = %self.worker(), ranges = acks.recorded.len(), "acks with an inverted range or covering too many messages; ignored");
             return;
         };
+        for &seq in &seqs {
+            self.leave_window(seq);
+        }
+        // All of them leave the outbox together (one lock, one journal write).
+        let mut held = self
+            .agent
+            .outbox
+            .take_acked_all(seqs.iter().copied())
+            .into_iter()
+            .peekable();
         for seq in seqs {
-            self.on_ack(
-                &tether_proto::msg::Ack {
-                    ack_seq: seq,
-                    task_id: None,
-                    checkpoint_id: None,
-                    chunk: None,
-                    disposition: tether_proto::msg::Disposition::Recorded,
-                    timestamp: acks.timestamp,
-                },
-                false,
-            );
+            let msg = held.next_if(|(s, _)| *s == seq).map(|(_, m)| m);
+            let ack = tether_proto::msg::Ack {
+                ack_seq: seq,
+                task_id: None,
+                checkpoint_id: None,
+                chunk: None,
+                disposition: tether_proto::msg::Disposition::Recorded,
+                timestamp: acks.timestamp,
+            };
+            self.acked(&ack, msg.as_deref(), false);
         }
     }
 

@@ -20,10 +20,14 @@ use tether_proto::TaskId;
 
 /// A round begins once this long has passed since the previous one began...
 pub const FOLD_EVERY: Duration = Duration::from_secs(1);
-/// ...or once this many states were logged since (about 8 MiB of log). Reading the state of a
-/// task with nothing logged scans the whole log on the writer's connection (about 1 ms for
-/// 30,000 rows), so the log is kept this short.
-pub const FOLD_ROWS: usize = 32_768;
+/// ...or once this many states were logged since (about 32 MiB of log at a flood's 250 bytes a
+/// row). A round writes each task's newest state once, however many it logged: under a flood
+/// of 8,000 tasks at 200,000 states/s a round of 32,768 rows wrote a state for every 4 rows, a
+/// round of this many writes one for every 16 (the fold was 6 % of the coordinator's CPU; see
+/// docs/PERFORMANCE.md). Reading the state of a task with nothing logged scans the whole log on
+/// the reader's connection (about 1 ms for 30,000 rows, so up to 4 ms), which is why the log
+/// is kept this short.
+pub const FOLD_ROWS: usize = 131_072;
 /// Work of one piece: writing a task's state counts [`UPSERT_COST`], deleting a log row one
 /// (64 states written, or 1,024 rows deleted). A piece holds up the commit behind it: pieces of
 /// 4,096 took 2-7 ms under a flood of 100,000 messages/s and were most of the slowest
