@@ -302,9 +302,15 @@ impl Outbox {
         let Inner {
             entries, unsent, ..
         } = &mut *inner;
+        let mut held: [Vec<u64>; CLASSES] = Default::default();
         for (seq, e) in entries.iter_mut() {
             e.sent = false;
-            unsent[e.class as usize].insert(*seq);
+            held[e.class as usize].push(*seq);
+        }
+        // Built from sorted runs (in bulk), not by an insert per entry in the map's order.
+        for (unsent, mut seqs) in unsent.iter_mut().zip(held) {
+            seqs.sort_unstable();
+            *unsent = seqs.into_iter().collect();
         }
         drop(inner);
         self.ready.notify_one();

@@ -1,8 +1,13 @@
 //! How fast the machine was when a run began and ended. This machine's speed drifts (the same
 //! build handled 172,000 and 200,000 messages a second an hour apart, with no load of its own
-//! visible): a report carries a fixed probe of single-thread speed and the load average, so
-//! that runs are compared knowing the phase they ran in.
+//! visible): a report carries fixed probes of single-thread speed, of the loopback network
+//! path and of memory latency, and the load average, so that runs are compared knowing the
+//! phase they ran in. The codec probe alone missed slow phases: the flood cost 15 % more CPU a
+//! message in one hour than in the hour before at the same codec figure, the flood's CPU being
+//! a third kernel networking and its coordinator's lookups cache misses.
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -18,6 +23,12 @@ pub struct Probe {
     /// Microseconds to encode a state update and decode it again (the median of several
     /// batches, on one thread).
     pub codec_us: f64,
+    /// Microseconds for a 1 KiB message (a flood frame's size) to go over a loopback TCP
+    /// connection and back, on one thread (so kernel work, not scheduling); `None` when no
+    /// loopback connection could be made.
+    pub loopback_us: Option<f64>,
+    /// Nanoseconds a dependent load takes at random across 64 MiB (cache misses).
+    pub memory_ns: f64,
     /// The 1-minute load average, from `/proc/loadavg` (`None` where there is none).
     pub load_1m: Option<f64>,
 }
@@ -43,13 +54,67 @@ pub fn probe() -> Probe {
             t.elapsed().as_secs_f64() * 1e6 / f64::from(PER_BATCH)
         })
         .collect();
-    batches.sort_by(f64::total_cmp);
     Probe {
-        codec_us: batches[BATCHES / 2],
+        codec_us: median(&mut batches),
+        loopback_us: loopback().ok(),
+        memory_ns: memory(),
         load_1m: std::fs::read_to_string("/proc/loadavg")
             .ok()
             .and_then(|s| s.split_whitespace().next()?.parse().ok()),
     }
+}
+
+fn median(batches: &mut [f64]) -> f64 {
+    batches.sort_by(f64::total_cmp);
+    batches[batches.len() / 2]
+}
+
+/// Median round trip of a 1 KiB message over loopback TCP, written and read on this thread.
+fn loopback() -> std::io::Result<f64> {
+    let listener = TcpListener::bind(("127.0.0.1", 0))?;
+    let mut client = TcpStream::connect(listener.local_addr()?)?;
+    let (mut server, _) = listener.accept()?;
+    client.set_nodelay(true)?;
+    server.set_nodelay(true)?;
+    let out = [7u8; 1024];
+    let mut back = [0u8; 1024];
+    let mut batches = Vec::with_capacity(BATCHES);
+    for _ in 0..BATCHES {
+        let t = Instant::now();
+        for _ in 0..PER_BATCH {
+            client.write_all(&out)?;
+            server.read_exact(&mut back)?;
+            server.write_all(&back)?;
+            client.read_exact(&mut back)?;
+        }
+        batches.push(t.elapsed().as_secs_f64() * 1e6 / f64::from(PER_BATCH));
+    }
+    Ok(median(&mut batches))
+}
+
+/// Median time of a dependent load at random in 64 MiB: a single cycle through a shuffled
+/// permutation (Sattolo's), so each load's address comes from the one before.
+fn memory() -> f64 {
+    const SLOTS: usize = 8 << 20;
+    const LOADS: u32 = 200_000;
+    let mut next: Vec<u32> = (0..SLOTS as u32).collect();
+    let mut rng = rand::rng();
+    for i in (1..SLOTS).rev() {
+        let j = rand::Rng::random_range(&mut rng, 0..i);
+        next.swap(i, j);
+    }
+    let mut at = 0u32;
+    let mut batches: Vec<f64> = (0..BATCHES)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..LOADS {
+                at = next[at as usize];
+            }
+            t.elapsed().as_secs_f64() * 1e9 / f64::from(LOADS)
+        })
+        .collect();
+    std::hint::black_box(at);
+    median(&mut batches)
 }
 
 #[cfg(test)]
@@ -60,5 +125,8 @@ mod tests {
     fn the_probe_times_real_work() {
         let p = probe();
         assert!(p.codec_us > 0.0 && p.codec_us.is_finite(), "{p:?}");
+        let loopback = p.loopback_us.expect("a loopback connection");
+        assert!(loopback > 0.0 && loopback.is_finite(), "{p:?}");
+        assert!(p.memory_ns > 0.0 && p.memory_ns.is_finite(), "{p:?}");
     }
 }

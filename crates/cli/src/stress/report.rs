@@ -265,11 +265,19 @@ impl Report {
                 .load_1m
                 .map(|l| format!(", load {l:.2}"))
                 .unwrap_or_default();
-            format!("{:.2} µs{load}", p.codec_us)
+            let loopback = p
+                .loopback_us
+                .map(|l| format!(", loopback {l:.1} µs"))
+                .unwrap_or_default();
+            format!(
+                "codec {:.2} µs{loopback}, memory {:.0} ns{load}",
+                p.codec_us, p.memory_ns
+            )
         };
         if let (Some(b), Some(a)) = (&self.machine_before, &self.machine_after) {
             row(
-                "machine probe (a state update encoded and decoded), before / after",
+                "machine probe (a state update encoded and decoded; a 1 KiB loopback round \
+                 trip; a random load in 64 MiB), before / after",
                 format!("{} / {}", machine(b), machine(a)),
             );
         }
