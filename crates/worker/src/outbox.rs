@@ -9,7 +9,7 @@
 //! With a [`Journal`] (the state directory) every change is written through before it takes
 //! effect, so a restarted worker finds what was not yet acknowledged.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, VecDeque};
 
 /// foldhash rather than SipHash: every entry is hashed several times between push and ack.
 type Hasher = foldhash::quality::RandomState;
@@ -68,8 +68,10 @@ struct Inner {
     next_seq: u64,
     /// Held entries by sequence number.
     entries: HashMap<u64, Entry, Hasher>,
-    /// Unsent entries of each class (indexed by [`Class`]), in sequence order.
-    unsent: [BTreeSet<u64>; CLASSES],
+    /// Unsent entries of each class (indexed by [`Class`]), in sequence order. A queue, not an
+    /// ordered set: new entries come at its end, sent ones leave at its front, and a set's
+    /// node was allocated and freed each time a worker's queue filled and emptied.
+    unsent: [VecDeque<u64>; CLASSES],
     coalesced: HashMap<Coalesce, u64, Hasher>,
     bytes: usize,
     acked_max: u64,
@@ -310,7 +312,7 @@ impl Outbox {
         // Built from sorted runs (in bulk), not by an insert per entry in the map's order.
         for (unsent, mut seqs) in unsent.iter_mut().zip(held) {
             seqs.sort_unstable();
-            *unsent = seqs.into_iter().collect();
+            *unsent = seqs.into();
         }
         drop(inner);
         self.ready.notify_one();
@@ -339,12 +341,12 @@ impl Outbox {
         let mut bytes = 0usize;
         for unsent in unsent.iter_mut() {
             while out.len() < max {
-                let Some(&seq) = unsent.first() else {
+                let Some(&seq) = unsent.front() else {
                     break;
                 };
                 // INVARIANT: `unsent` holds only held entries (`Inner::remove` keeps it so).
                 let Some(e) = entries.get_mut(&seq) else {
-                    unsent.pop_first();
+                    unsent.pop_front();
                     continue;
                 };
                 if !out.is_empty() && bytes.saturating_add(e.bytes) > budget {
@@ -353,7 +355,7 @@ impl Outbox {
                 bytes = bytes.saturating_add(e.bytes);
                 e.sent = true;
                 out.push((Seq(seq), e.msg.clone(), e.bytes));
-                unsent.pop_first();
+                unsent.pop_front();
             }
         }
         out
@@ -451,7 +453,17 @@ impl Inner {
     ) {
         let bytes = approx_size(&msg);
         self.bytes += bytes;
-        self.unsent[class as usize].insert(seq);
+        let unsent = &mut self.unsent[class as usize];
+        match unsent.back() {
+            // New entries: at the end.
+            Some(&last) if last >= seq => {
+                // Restored ones may come in any order.
+                if let Err(at) = unsent.binary_search(&seq) {
+                    unsent.insert(at, seq);
+                }
+            }
+            _ => unsent.push_back(seq),
+        }
         self.entries.insert(
             seq,
             Entry {
@@ -468,7 +480,10 @@ impl Inner {
     fn remove(&mut self, seq: u64) -> Option<std::sync::Arc<WorkerMsg>> {
         let e = self.entries.remove(&seq)?;
         if !e.sent {
-            self.unsent[e.class as usize].remove(&seq);
+            let unsent = &mut self.unsent[e.class as usize];
+            if let Ok(at) = unsent.binary_search(&seq) {
+                unsent.remove(at);
+            }
         }
         self.bytes -= e.bytes;
         if let Some(c) = e.coalesce
@@ -726,6 +741,25 @@ mod tests {
         );
         ob.requeue_all();
         assert_eq!(order(&ob), vec![s.0], "the unacked one goes again");
+    }
+
+    #[test]
+    fn entries_restored_out_of_order_are_sent_in_order() {
+        let ob = Outbox::new(Limits::default());
+        let seqs: Vec<Seq> = (0..4).map(|i| result(&ob, &format!("t{i}"))).collect();
+        let mut snap = ob.snapshot();
+        snap.reverse();
+        snap.swap(0, 2);
+        let ob2 = Outbox::new(Limits::default());
+        for (class, _, msg) in snap {
+            ob2.restore(class, (*msg).clone());
+        }
+        let s = state(&ob2, "a", 1);
+        let later = result(&ob2, "later");
+        let mut want: Vec<u64> = seqs.iter().map(|s| s.0).collect();
+        want.push(later.0);
+        want.push(s.0);
+        assert_eq!(order(&ob2), want);
     }
 
     #[test]
