@@ -212,8 +212,8 @@ impl<'a> Session<'a> {
             Some(Err(e)) => return Inbound::Closed(format!("read: {e}"), None),
             Some(Ok(m)) => m,
         };
-        self.deadline = Instant::now() + self.timeout;
         self.last_frame = Instant::now();
+        self.deadline = self.last_frame + self.timeout;
         // The frame's data, its tag checked and dropped when the session is keyed.
         let data = match (&frame, self.open.as_deref_mut()) {
             (Message::Text(t), Some(o)) => o.open_text(t.as_str()).map(Data::Text),
@@ -846,6 +846,9 @@ impl<'a> Session<'a> {
             cfg.heartbeat_interval,
             p95.map(|ms| Duration::from_secs_f64(ms / 1e3)),
         );
+        // The new timeout counts from the last frame, this one: a shorter one brings the
+        // deadline forward at once, a longer one puts it back.
+        self.deadline = self.last_frame + self.timeout;
         self.agent
             .shared
             .heartbeat_timeout_ms

@@ -25,6 +25,9 @@ pub enum Script {
     RegisterThenSilence,
     /// Register and answer heartbeats.
     Healthy,
+    /// Register, answer the first `slow` heartbeats [`SLOW_REPLY`] late and the next `prompt` at
+    /// once, then fall silent like [`Script::RegisterThenSilence`].
+    Recovering { slow: u32, prompt: u32 },
     /// Register, send one sample of every coordinator message, then answer heartbeats.
     Conformance,
     /// Like `Conformance`, with batching agreed and the samples in one batch frame, an
@@ -34,6 +37,9 @@ pub enum Script {
     /// records how many `task_state` messages each frame from the worker carries.
     AssignTogether,
 }
+
+/// How late [`Script::Recovering`] answers its slow heartbeats.
+pub const SLOW_REPLY: std::time::Duration = std::time::Duration::from_secs(4);
 
 /// Tasks assigned at once by [`Script::AssignTogether`].
 pub const TOGETHER: usize = 8;
@@ -197,6 +203,30 @@ async fn serve(
                     }
                 }
             }
+        }
+        Script::Recovering { slow, prompt } => {
+            let mut answered = 0;
+            while answered < slow + prompt
+                && let Some(Ok(m)) = ws.next().await
+            {
+                if let Message::Text(t) = m
+                    && let Ok(tether_proto::WorkerMsg::Heartbeat(h)) = decode_worker(t.as_str())
+                {
+                    if answered < slow {
+                        tokio::time::sleep(SLOW_REPLY).await;
+                    }
+                    let reply = CoordMsg::Heartbeat(tether_proto::msg::HeartbeatReply {
+                        response_to: Some(h.sequence),
+                        actions: vec![],
+                        timestamp: now(),
+                    });
+                    if ws.send(send(reply)).await.is_err() {
+                        return;
+                    }
+                    answered += 1;
+                }
+            }
+            std::future::pending::<()>().await;
         }
         Script::Refuse | Script::Unauthorized => {}
     }

@@ -115,6 +115,46 @@ async fn a_silent_link_is_declared_dead_after_the_heartbeat_timeout_and_timers_r
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_liveness_timeout_that_shrinks_as_the_link_recovers_applies_at_once() {
+    // Heartbeats answered 4 s late raise the adaptive timeout to 5 + 4 x 4 = 21 s. Once prompt
+    // answers fill the RTT window (128 samples, p95 by nearest rank: after 122 of them) it is
+    // 15 s again; the coordinator falls silent right after that answer, and the session must
+    // be declared dead 15 s after it, not at the later deadline its liveness timer was last
+    // set for. Where that timer stands depends on the phase of the heartbeats against it, so
+    // four runs take each phase (the timer is set again every 20 s, a heartbeat comes every 5).
+    for slow in 9..13 {
+        shrinks_after(slow).await;
+    }
+}
+
+async fn shrinks_after(slow: u32) {
+    const PROMPT: u32 = 122;
+    let fake = FakeConnector::new(Script::Recovering {
+        slow,
+        prompt: PROMPT,
+    });
+    let running = Running::start(&fake, config());
+    let handle = running.handle.clone();
+    handle.wait_state(|s| s == ConnState::Connected).await;
+    let step = Duration::from_millis(10);
+    while handle.stats().heartbeat_timeout_ms != 21_000 {
+        tokio::time::sleep(step).await;
+    }
+    while handle.stats().rtt_samples < u64::from(slow + PROMPT) {
+        tokio::time::sleep(step).await;
+    }
+    let last = tokio::time::Instant::now();
+    assert_eq!(handle.stats().heartbeat_timeout_ms, 15_000, "shrunk");
+    handle.wait_state(|s| s != ConnState::Connected).await;
+    let dead_after = last.elapsed();
+    assert!(
+        dead_after >= Duration::from_secs(15) - step && dead_after < Duration::from_millis(15_500),
+        "{slow} slow answers: declared dead {dead_after:?} after the last frame"
+    );
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_worker_beats_at_the_coordinator_s_interval_when_it_is_shorter_than_its_own() {
     // The fake coordinator's welcome asks for a heartbeat every 5 s.
     let fake = FakeConnector::new(Script::Healthy);
