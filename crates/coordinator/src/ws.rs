@@ -28,7 +28,7 @@ use tether_proto::msg::{
     Acks, Batching, CoordMsg, Disposition, ErrorCode, HeartbeatReply, PROTOCOL_VERSION,
     Registration, Welcome, WorkerMsg, now,
 };
-use tether_proto::{Batch, DecodeError, Seq, WorkerId, decode_worker, encode, is_batch};
+use tether_proto::{Batch, DecodeError, Seq, TaskId, WorkerId, decode_worker, encode, is_batch};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Instant, timeout_at};
 
@@ -256,6 +256,7 @@ async fn run(
         return;
     };
     let mut sending = Outbound::default();
+    let mut known = KnownIds::default();
     tracing::debug!(worker = %worker, session = session_id, "session open");
     metrics::counter!(m::CONNECTIONS).increment(1);
     let mut deadline = Instant::now() + timeout;
@@ -342,7 +343,7 @@ async fn run(
                     app.counters.frames_in.fetch_add(1, Ordering::Relaxed);
                 }
                 let Handled { replies, wait, messages } = match frame {
-                    Data::Text(t) => on_text(&app, &worker, session_id, t, &mut agreed),
+                    Data::Text(t) => on_text(&app, &worker, session_id, t, &mut agreed, &known),
                     Data::Binary(b) if agreed.zstd => match inflate(b, app.cfg.max_frame) {
                         Ok(t) => {
                             let c = &app.counters;
@@ -350,7 +351,7 @@ async fn run(
                             c.compressed_in_wire_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
                             c.compressed_in_json_bytes.fetch_add(t.len() as u64, Ordering::Relaxed);
                             crate::metrics::record_compression(t.len() as u64, b.len() as u64);
-                            on_text(&app, &worker, session_id, &t, &mut agreed)
+                            on_text(&app, &worker, session_id, &t, &mut agreed, &known)
                         }
                         Err(InflateError::TooBig { .. }) => {
                             app.counters.decompression_refused.fetch_add(1, Ordering::Relaxed);
@@ -384,7 +385,7 @@ async fn run(
             }
             queued = rx.recv() => match queued {
                 Some(Outgoing::Msg(first)) => {
-                    match send_queued(&mut out, &mut rx, first, deadline, &mut sending, &app).await {
+                    match send_queued(&mut out, &mut rx, first, deadline, &mut sending, &mut known, &app).await {
                         Ok(None) => {}
                         Ok(Some((code, reason))) => {
                             out.close(deadline, code, &reason).await;
@@ -485,11 +486,15 @@ fn on_text<'a>(
     session_id: u64,
     text: &str,
     agreed: &mut Inbound,
+    known: &KnownIds,
 ) -> Handled<'a> {
     let mut h = Handled::default();
     let mut fwd = Forward::new(app);
-    let mut each = |decoded, agreed: &mut Inbound| {
+    let mut each = |mut decoded: Result<WorkerMsg, DecodeError>, agreed: &mut Inbound| {
         h.messages += 1;
+        if let Some(id) = decoded.as_mut().ok().and_then(WorkerMsg::task_id_mut) {
+            known.share(id);
+        }
         if let Some(reply) = on_message(app, worker, session_id, decoded, agreed, &mut fwd) {
             h.replies.push(reply);
         }
@@ -519,6 +524,32 @@ fn on_text<'a>(
     }
     h.wait = fwd.wait();
     h
+}
+
+/// The task ids of the assignments a session sent last, as the core holds them. An id received
+/// from the worker is replaced by its copy here, so that the core's lookups by it compare
+/// addresses: compared by text, a freshly decoded id made every lookup load the text of the
+/// map's key, a cache miss a message (2 % of the coordinator's samples under a flood).
+#[derive(Default)]
+struct KnownIds(std::collections::VecDeque<TaskId>);
+
+impl KnownIds {
+    /// Ids remembered, newest last: as many tasks as a worker of the stress scenarios runs.
+    const CAP: usize = 16;
+
+    fn remember(&mut self, id: &TaskId) {
+        if self.0.len() == Self::CAP {
+            self.0.pop_front();
+        }
+        self.0.push_back(id.clone());
+    }
+
+    /// Replaces `id` by the remembered copy of the same text, if there is one.
+    fn share(&self, id: &mut TaskId) {
+        if let Some(k) = self.0.iter().rev().find(|k| *k == id) {
+            *id = k.clone();
+        }
+    }
 }
 
 /// One decoded message: a heartbeat or a refusal is answered (returned), anything else goes
@@ -746,6 +777,7 @@ async fn send_queued(
     first: Box<CoordMsg>,
     deadline: Instant,
     agreed: &mut Outbound,
+    known: &mut KnownIds,
     app: &AppState,
 ) -> Result<Option<(u16, String)>, ()> {
     let (mut next, mut close, mut fed) = (Some(first), None, 0);
@@ -754,6 +786,9 @@ async fn send_queued(
     // Acknowledgements of recorded messages, sent together in one `acks` after the rest.
     let mut recorded: Vec<Seq> = Vec::new();
     while let Some(m) = next.take() {
+        if let CoordMsg::TaskAssignment(a) = &*m {
+            known.remember(&a.task_id);
+        }
         match agreed.compact_acks.then(|| recorded_ack(&m)).flatten() {
             Some(seq) => recorded.push(seq),
             None => {
@@ -1002,4 +1037,37 @@ fn is_too_big(e: &axum::Error) -> bool {
         ws_cause(e),
         Some(tokio_tungstenite::tungstenite::Error::Capacity(_))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn same(a: &TaskId, b: &TaskId) -> bool {
+        std::ptr::eq(a.as_str().as_ptr(), b.as_str().as_ptr())
+    }
+
+    #[test]
+    fn a_received_id_becomes_the_remembered_copy_of_the_same_text() {
+        let mut known = KnownIds::default();
+        let ids: Vec<TaskId> = (0..=KnownIds::CAP).map(|_| TaskId::fresh()).collect();
+        for id in &ids {
+            known.remember(id);
+        }
+        let newest = ids.last().expect("ids");
+        let mut received = TaskId::parse(newest.as_str()).expect("id");
+        assert!(!same(&received, newest), "decoded: a text of its own");
+        known.share(&mut received);
+        assert!(same(&received, newest), "now the assignment's copy");
+        // The oldest was forgotten (the cap): its id stays as received.
+        let mut old = TaskId::parse(ids[0].as_str()).expect("id");
+        known.share(&mut old);
+        assert!(!same(&old, &ids[0]));
+        assert_eq!(old, ids[0]);
+        // An unknown id is left alone.
+        let mut other = TaskId::fresh();
+        let before = other.clone();
+        known.share(&mut other);
+        assert!(same(&other, &before));
+    }
 }

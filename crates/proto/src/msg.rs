@@ -668,6 +668,25 @@ impl WorkerMsg {
             | WorkerMsg::Error(_) => None,
         }
     }
+
+    /// The task this message is about, for messages about one task.
+    pub fn task_id_mut(&mut self) -> Option<&mut TaskId> {
+        match self {
+            WorkerMsg::TaskResult(m) => Some(&mut m.task_id),
+            WorkerMsg::TaskState(m) => Some(&mut m.task_id),
+            WorkerMsg::Checkpoint(m) => Some(&mut m.task_id),
+            WorkerMsg::CheckpointData(m) => Some(&mut m.task_id),
+            WorkerMsg::CheckpointError(m) => Some(&mut m.task_id),
+            WorkerMsg::StateError(m) => m.task_id.as_mut(),
+            WorkerMsg::TaskCancelled(m) | WorkerMsg::TaskPaused(m) | WorkerMsg::TaskResumed(m) => {
+                Some(&mut m.task_id)
+            }
+            WorkerMsg::Registration(_)
+            | WorkerMsg::Heartbeat(_)
+            | WorkerMsg::Telemetry(_)
+            | WorkerMsg::Error(_) => None,
+        }
+    }
 }
 
 impl CoordMsg {

@@ -75,7 +75,9 @@ impl Core {
     /// Sends the assignment of the task's current lease, with its latest checkpoint read from
     /// the store after the commit.
     pub(super) fn send_assignment(&self, task_id: &TaskId, session: &SessionRef, b: &mut Batch) {
-        let Some(t) = self.tasks.get(task_id) else {
+        // The map's own copy of the id: the session remembers it and hands it back with what
+        // the worker sends about the task (`ws::KnownIds`).
+        let Some((task_id, t)) = self.tasks.get_key_value(task_id) else {
             return;
         };
         let Some(lease) = &t.lease else { return };
