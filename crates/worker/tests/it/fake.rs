@@ -190,17 +190,10 @@ async fn serve(
                 let _ = ws.send(Message::text(batch.take())).await;
             }
             while let Some(Ok(m)) = ws.next().await {
-                if let Message::Text(t) = m
-                    && let Ok(tether_proto::WorkerMsg::Heartbeat(h)) = decode_worker(t.as_str())
+                if let Some(seq) = heartbeat_in(&m)
+                    && ws.send(heartbeat_reply(seq)).await.is_err()
                 {
-                    let reply = CoordMsg::Heartbeat(tether_proto::msg::HeartbeatReply {
-                        response_to: Some(h.sequence),
-                        actions: vec![],
-                        timestamp: now(),
-                    });
-                    if ws.send(send(reply)).await.is_err() {
-                        break;
-                    }
+                    break;
                 }
             }
         }
@@ -209,27 +202,43 @@ async fn serve(
             while answered < slow + prompt
                 && let Some(Ok(m)) = ws.next().await
             {
-                if let Message::Text(t) = m
-                    && let Ok(tether_proto::WorkerMsg::Heartbeat(h)) = decode_worker(t.as_str())
-                {
-                    if answered < slow {
-                        tokio::time::sleep(SLOW_REPLY).await;
-                    }
-                    let reply = CoordMsg::Heartbeat(tether_proto::msg::HeartbeatReply {
-                        response_to: Some(h.sequence),
-                        actions: vec![],
-                        timestamp: now(),
-                    });
-                    if ws.send(send(reply)).await.is_err() {
-                        return;
-                    }
-                    answered += 1;
+                let Some(seq) = heartbeat_in(&m) else {
+                    continue;
+                };
+                if answered < slow {
+                    tokio::time::sleep(SLOW_REPLY).await;
                 }
+                if ws.send(heartbeat_reply(seq)).await.is_err() {
+                    return;
+                }
+                answered += 1;
             }
             std::future::pending::<()>().await;
         }
         Script::Refuse | Script::Unauthorized => {}
     }
+}
+
+/// The sequence number of a heartbeat frame.
+fn heartbeat_in(m: &Message) -> Option<u64> {
+    match m {
+        Message::Text(t) => match decode_worker(t.as_str()) {
+            Ok(tether_proto::WorkerMsg::Heartbeat(h)) => Some(h.sequence),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The answer to heartbeat `seq`.
+fn heartbeat_reply(seq: u64) -> Message {
+    Message::text(encode(&CoordMsg::Heartbeat(
+        tether_proto::msg::HeartbeatReply {
+            response_to: Some(seq),
+            actions: vec![],
+            timestamp: now(),
+        },
+    )))
 }
 
 /// An agent whose connections go to `fake`.
