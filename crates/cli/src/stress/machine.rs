@@ -27,7 +27,7 @@ pub struct Probe {
     /// connection and back, on one thread (so kernel work, not scheduling); `None` when no
     /// loopback connection could be made.
     pub loopback_us: Option<f64>,
-    /// Nanoseconds a dependent load takes at random across 64 MiB (cache misses).
+    /// Nanoseconds a dependent load takes at random across 32 MiB (cache misses).
     pub memory_ns: f64,
     /// The 1-minute load average, from `/proc/loadavg` (`None` where there is none).
     pub load_1m: Option<f64>,
@@ -92,17 +92,18 @@ fn loopback() -> std::io::Result<f64> {
     Ok(median(&mut batches))
 }
 
-/// Median time of a dependent load at random in 64 MiB: a single cycle through a shuffled
-/// permutation (Sattolo's), so each load's address comes from the one before.
+/// Median time of a dependent load at random in 32 MiB: each slot holds the next slot of a
+/// full-period linear congruential sequence (`a·i + c mod 2^k`, `c` odd and `a ≡ 1 mod 4`:
+/// one cycle through every slot), so each load's address comes from the one before and jumps
+/// far. Filling it is one cheap pass, also in a debug build (the smoke tests run the probe).
 fn memory() -> f64 {
-    const SLOTS: usize = 8 << 20;
+    const SLOTS: u32 = 8 << 20;
     const LOADS: u32 = 200_000;
-    let mut next: Vec<u32> = (0..SLOTS as u32).collect();
-    let mut rng = rand::rng();
-    for i in (1..SLOTS).rev() {
-        let j = rand::Rng::random_range(&mut rng, 0..i);
-        next.swap(i, j);
-    }
+    const A: u32 = 1_664_525;
+    const C: u32 = 1_013_904_223;
+    let next: Vec<u32> = (0..SLOTS)
+        .map(|i| i.wrapping_mul(A).wrapping_add(C) & (SLOTS - 1))
+        .collect();
     let mut at = 0u32;
     let mut batches: Vec<f64> = (0..BATCHES)
         .map(|_| {

@@ -277,7 +277,7 @@ impl Report {
         if let (Some(b), Some(a)) = (&self.machine_before, &self.machine_after) {
             row(
                 "machine probe (a state update encoded and decoded; a 1 KiB loopback round \
-                 trip; a random load in 64 MiB), before / after",
+                 trip; a random load in 32 MiB), before / after",
                 format!("{} / {}", machine(b), machine(a)),
             );
         }
