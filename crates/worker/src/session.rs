@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tether_proto::Seq;
 use tether_proto::auth::Challenge;
 use tether_proto::codec::decode_coord_batch;
 use tether_proto::compress::{InflateError, ZSTD, deflate, inflate};
@@ -119,9 +118,8 @@ pub(crate) struct Session<'a> {
     /// Outbox entries sent together go in one batch frame, within these bounds (agreed in
     /// `registration_ack`).
     batching: Option<Batching>,
-    /// Outbox entries sent in this session and not acknowledged yet: size and send time.
-    in_flight: std::collections::HashMap<u64, (usize, Instant), foldhash::quality::RandomState>,
-    in_flight_bytes: usize,
+    /// Outbox entries sent in this session and not acknowledged yet.
+    window: Window,
     /// The heartbeat period of this session: this worker's, or the coordinator's when shorter.
     heartbeat_every: Duration,
     /// Tags the frames sent, once the session is keyed (the welcome asked for integrity).
@@ -145,8 +143,7 @@ impl<'a> Session<'a> {
             warned_types: Default::default(),
             zstd: false,
             batching: None,
-            in_flight: Default::default(),
-            in_flight_bytes: 0,
+            window: Window::default(),
             heartbeat_every,
             seal: None,
             open: None,
@@ -635,7 +632,8 @@ impl<'a> Session<'a> {
                 liveness.as_mut().reset(armed);
             }
             // More to send and room in the window: come straight back after any ready event.
-            let more = outbox.has_unsent() && self.in_flight_bytes < SEND_WINDOW;
+            let unsent = outbox.has_unsent();
+            let more = unsent && self.window.bytes < SEND_WINDOW;
             let ev = tokio::select! {
                 biased;
                 _ = &mut stop => return Err(SessionEnd::Shutdown),
@@ -652,7 +650,7 @@ impl<'a> Session<'a> {
                 _ = ping.tick() => Ev::Ping,
                 _ = telemetry.tick() => Ev::Telemetry,
                 _ = stats_log.tick() => Ev::StatsLog,
-                _ = outbox.ready(), if !outbox.has_unsent() => Ev::Ready,
+                _ = outbox.ready(), if !unsent => Ev::Ready,
                 _ = std::future::ready(()), if more => Ev::Wake,
             };
             match ev {
@@ -705,10 +703,12 @@ impl<'a> Session<'a> {
     }
 
     async fn flush_outbox(&mut self) {
-        if self.in_flight_bytes >= SEND_WINDOW {
-            self.forget_unacked();
+        if self.window.bytes >= SEND_WINDOW {
+            // A coordinator that never acknowledges something must not close the window for
+            // good (the message itself stays in the outbox and goes again next session).
+            self.window.forget_older_than(self.timeout);
         }
-        let budget = SEND_WINDOW.saturating_sub(self.in_flight_bytes);
+        let budget = SEND_WINDOW.saturating_sub(self.window.bytes);
         if budget == 0 {
             return;
         }
@@ -748,8 +748,7 @@ impl<'a> Session<'a> {
             match timeout_at(self.deadline, self.ws.feed(frame)).await {
                 Ok(Ok(())) => {
                     for (seq, _, bytes) in &taken[entries] {
-                        self.in_flight.insert(seq.0, (*bytes, sent_at));
-                        self.in_flight_bytes += bytes;
+                        self.window.enter(seq.0, *bytes, sent_at);
                     }
                 }
                 // Unsent entries stay in the outbox and go again next session.
@@ -757,22 +756,6 @@ impl<'a> Session<'a> {
             }
         }
         let _ = timeout_at(self.deadline, self.ws.flush()).await;
-    }
-
-    /// Stops counting messages unacknowledged for longer than the liveness timeout: a
-    /// coordinator that never acknowledges something must not close the window for good
-    /// (the message itself stays in the outbox and goes again next session).
-    fn forget_unacked(&mut self) {
-        let timeout = self.timeout;
-        let mut freed = 0;
-        self.in_flight.retain(|_, (bytes, at)| {
-            let keep = at.elapsed() < timeout;
-            if !keep {
-                freed += *bytes;
-            }
-            keep
-        });
-        self.in_flight_bytes -= freed;
     }
 
     async fn heartbeat(&mut self) -> Result<(), String> {
@@ -858,19 +841,12 @@ impl<'a> Session<'a> {
     /// An acknowledgement: the entry leaves the outbox; a result ack goes to the event log;
     /// the ack hook sees it with the message it acknowledged.
     fn on_ack(&mut self, ack: &tether_proto::msg::Ack, result: bool) {
-        self.leave_window(ack.ack_seq);
+        self.window.leave(ack.ack_seq.0);
         if ack.disposition == tether_proto::msg::Disposition::Rejected {
             tracing::warn!(worker = %self.worker(), seq = %ack.ack_seq, task = ?ack.task_id, "coordinator rejected a message; it will not be resent");
         }
         let acked = self.agent.outbox.take_acked(ack.ack_seq);
         self.acked(ack, acked.as_deref(), result);
-    }
-
-    /// The acknowledged message no longer takes room in the send window.
-    fn leave_window(&mut self, seq: Seq) {
-        if let Some((bytes, _)) = self.in_flight.remove(&seq.0) {
-            self.in_flight_bytes -= bytes;
-        }
     }
 
     /// What follows an ack of a message (`held` if the outbox still held it).
@@ -907,8 +883,8 @@ impl<'a> Session<'a> {
             tracing::warn!(worker = %self.worker(), ranges = acks.recorded.len(), "acks with an inverted range or covering too many messages; ignored");
             return;
         };
-        for &seq in &seqs {
-            self.leave_window(seq);
+        for seq in &seqs {
+            self.window.leave(seq.0);
         }
         // All of them leave the outbox together (one lock, one journal write).
         let mut held = self
@@ -998,10 +974,105 @@ impl<'a> Session<'a> {
     }
 }
 
+/// The send window: outbox entries sent in this session and not acknowledged yet, in sequence
+/// order (sequence number, size, send time), and their bytes. A sorted queue rather than a map:
+/// entries are mostly sent and acknowledged in sequence order, so the work is at its ends (a
+/// map's insert and remove, cold in a fleet of a thousand sessions, were 2.5 % of the stress
+/// fleet's CPU).
+#[derive(Debug, Default)]
+struct Window {
+    sent: VecDeque<(u64, usize, Instant)>,
+    bytes: usize,
+}
+
+impl Window {
+    /// A sent message takes room until acknowledged. Sent again in the same session (a
+    /// `sync_state` directive resends the outbox), it counts once.
+    fn enter(&mut self, seq: u64, bytes: usize, at: Instant) {
+        let w = &mut self.sent;
+        match w.back() {
+            Some(&(last, ..)) if last >= seq => {
+                let i = w.partition_point(|&(s, ..)| s < seq);
+                match w.get_mut(i) {
+                    Some(e) if e.0 == seq => {
+                        self.bytes -= e.1;
+                        *e = (seq, bytes, at);
+                    }
+                    _ => w.insert(i, (seq, bytes, at)),
+                }
+            }
+            _ => w.push_back((seq, bytes, at)),
+        }
+        self.bytes += bytes;
+    }
+
+    /// The acknowledged message no longer takes room.
+    fn leave(&mut self, seq: u64) {
+        if let Ok(i) = self.sent.binary_search_by_key(&seq, |&(s, ..)| s)
+            && let Some((_, bytes, _)) = self.sent.remove(i)
+        {
+            self.bytes -= bytes;
+        }
+    }
+
+    /// Stops counting messages sent longer than `timeout` ago.
+    fn forget_older_than(&mut self, timeout: Duration) {
+        let mut freed = 0;
+        self.sent.retain(|(_, bytes, at)| {
+            let keep = at.elapsed() < timeout;
+            if !keep {
+                freed += *bytes;
+            }
+            keep
+        });
+        self.bytes -= freed;
+    }
+}
+
 /// Counts a message written to the coordinator, and an `error` by its code.
 fn count_out(msg: &WorkerMsg) {
     m::MESSAGES_OUT_BY_TYPE.increment(msg.type_name());
     if let WorkerMsg::Error(e) = msg {
         metrics::counter!(m::ERRORS, "code" => e.code.as_str(), "direction" => "sent").increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_counts_each_sent_message_once_until_acked_in_any_order() {
+        let mut w = Window::default();
+        let at = Instant::now();
+        // Results go first, so sequence numbers are not always sent in order.
+        for (seq, bytes) in [(5, 50), (7, 70), (2, 20), (9, 90)] {
+            w.enter(seq, bytes, at);
+        }
+        assert_eq!(w.bytes, 230);
+        let order: Vec<u64> = w.sent.iter().map(|e| e.0).collect();
+        assert_eq!(order, vec![2, 5, 7, 9], "kept in sequence order");
+        // Sent again in the same session (sync_state): counted once, at its new size.
+        w.enter(7, 75, at);
+        assert_eq!(w.bytes, 235);
+        w.leave(5);
+        w.leave(5);
+        w.leave(42);
+        assert_eq!(w.bytes, 185, "a repeated or unknown ack frees nothing");
+        for seq in [9, 2, 7] {
+            w.leave(seq);
+        }
+        assert_eq!((w.bytes, w.sent.len()), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_window_forgets_what_was_sent_longer_ago_than_the_timeout() {
+        let mut w = Window::default();
+        w.enter(1, 100, Instant::now());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        w.enter(2, 10, Instant::now());
+        w.forget_older_than(Duration::from_secs(5));
+        assert_eq!(w.bytes, 10);
+        assert_eq!(w.sent.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2]);
     }
 }
