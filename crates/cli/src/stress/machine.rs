@@ -1,10 +1,10 @@
 //! How fast the machine was when a run began and ended. This machine's speed drifts (the same
 //! build handled 172,000 and 200,000 messages a second an hour apart, with no load of its own
 //! visible): a report carries fixed probes of single-thread speed, of the loopback network
-//! path and of memory latency, and the load average, so that runs are compared knowing the
-//! phase they ran in. The codec probe alone missed slow phases: the flood cost 15 % more CPU a
-//! message in one hour than in the hour before at the same codec figure, the flood's CPU being
-//! a third kernel networking and its coordinator's lookups cache misses.
+//! path and of memory latency, and the load average. None of them has followed the drift so
+//! far (the flood cost 15 % more CPU a message in one hour than in the hour before, every
+//! probe unchanged: docs/PERFORMANCE.md, eighth round); they rule those causes out, and only
+//! interleaved runs compare builds.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -137,12 +137,23 @@ async fn shrinks_after(slow: u32) {
     let handle = running.handle.clone();
     handle.wait_state(|s| s == ConnState::Connected).await;
     let step = Duration::from_millis(10);
-    while handle.stats().heartbeat_timeout_ms != 21_000 {
-        tokio::time::sleep(step).await;
-    }
-    while handle.stats().rtt_samples < u64::from(slow + PROMPT) {
-        tokio::time::sleep(step).await;
-    }
+    // Bounded (in virtual time): the slow answers take under a minute, the prompt ones ten.
+    let raised = async {
+        while handle.stats().heartbeat_timeout_ms != 21_000 {
+            tokio::time::sleep(step).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), raised)
+        .await
+        .expect("slow answers raise the timeout to 21 s");
+    let answered = async {
+        while handle.stats().rtt_samples < u64::from(slow + PROMPT) {
+            tokio::time::sleep(step).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(1_200), answered)
+        .await
+        .expect("every heartbeat answered");
     let last = tokio::time::Instant::now();
     assert_eq!(handle.stats().heartbeat_timeout_ms, 15_000, "shrunk");
     handle.wait_state(|s| s != ConnState::Connected).await;
