@@ -37,16 +37,18 @@ pub async fn run(
         None => TcpConnector::default(),
     };
     let mut set = tokio::task::JoinSet::new();
+    let rate = rate.max(1);
+    // The probes' ticks are spread evenly over the period: in step, they would all time the
+    // same instants (and queue behind each other), so p99 would rest on a quarter of the
+    // moments.
+    let clock = Clock {
+        epoch: Instant::now(),
+        period: Duration::from_secs(1) / rate,
+        probes: probes.max(1),
+    };
     for i in 0..probes {
         let c = connector.clone();
-        set.spawn(probe(
-            c,
-            base.clone(),
-            i,
-            rate.max(1),
-            secret.clone(),
-            until,
-        ));
+        set.spawn(probe(c, base.clone(), i, clock, secret.clone(), until));
     }
     let mut all = Vec::new();
     while let Some(r) = set.join_next().await {
@@ -100,11 +102,29 @@ impl Link {
     }
 }
 
+/// The probes' shared clock: probe `i` ticks at `epoch + period * (k + i / probes)`.
+#[derive(Clone, Copy)]
+struct Clock {
+    epoch: Instant,
+    period: Duration,
+    probes: u32,
+}
+
+impl Clock {
+    /// Probe `i`'s first tick at or after `now`.
+    fn first_tick(&self, i: u32, now: Instant) -> Instant {
+        let phase = self.epoch + self.period * (i % self.probes) / self.probes;
+        let behind = now.saturating_duration_since(phase);
+        let periods = behind.as_nanos().div_ceil(self.period.as_nanos().max(1));
+        phase + self.period * u32::try_from(periods).unwrap_or(u32::MAX)
+    }
+}
+
 async fn probe(
     connector: TcpConnector,
     base: String,
     i: u32,
-    rate: u32,
+    clock: Clock,
     secret: Option<Secret>,
     until: Instant,
 ) -> anyhow::Result<Vec<f64>> {
@@ -168,7 +188,7 @@ async fn probe(
     .await?;
     link.wait_for(|m| matches!(m, CoordMsg::RegistrationAck(_)))
         .await?;
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+    let mut tick = tokio::time::interval_at(clock.first_tick(i, Instant::now()), clock.period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut out = Vec::new();
     let mut seq = 0u64;
@@ -189,4 +209,26 @@ async fn probe(
     }
     let _ = link.ws.close(None).await;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_tick_on_their_own_phase_of_a_shared_clock() {
+        let epoch = Instant::now();
+        let clock = Clock {
+            epoch,
+            period: Duration::from_millis(20),
+            probes: 4,
+        };
+        // Before its phase, a probe waits for it; later, for its next tick on the grid.
+        let at = |ms: u64| epoch + Duration::from_millis(ms);
+        let firsts: Vec<_> = (0..4).map(|i| clock.first_tick(i, at(0))).collect();
+        assert_eq!(firsts, vec![at(0), at(5), at(10), at(15)]);
+        assert_eq!(clock.first_tick(1, at(6)), at(25));
+        assert_eq!(clock.first_tick(1, at(25)), at(25));
+        assert_eq!(clock.first_tick(3, at(1_000)), at(1_015));
+    }
 }
