@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tether_coordinator::model::Task;
-use tether_coordinator::store::{self, Batch, Mutation, StoreStats};
+use tether_coordinator::store::{self, Batch, Effect, Mutation, StoreStats};
 use tether_proto::{Attempt, Outcome, TaskId, TaskSpec, TaskStatus, WorkerId};
 use tokio_util::sync::CancellationToken;
 
@@ -77,11 +77,11 @@ fn run(max_group: usize, round: usize) -> Duration {
                 },
                 Mutation::PutTask(Box::new(t)),
             ],
-            effects: vec![Box::new(move |_| {
+            effects: vec![Effect::Run(Box::new(move |_| {
                 if last {
                     let _ = done.send(());
                 }
-            })],
+            }))],
             reads: vec![],
         };
         tx.blocking_send(batch).expect("writer alive");

@@ -104,9 +104,9 @@ pub enum Api {
 }
 
 fn reply_after_commit<T: Send + 'static>(b: &mut Batch, reply: Reply<T>, v: Result<T, ApiError>) {
-    b.effects.push(Box::new(move |_| {
+    b.effect(move |_| {
         let _ = reply.send(v);
-    }));
+    });
 }
 
 impl Core {

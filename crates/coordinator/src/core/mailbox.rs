@@ -66,6 +66,17 @@ impl<T> Sender<T> {
         self.0.notify.notify_one();
         Ok(())
     }
+
+    /// Queues `msgs` in order, together: one lock and one wakeup for all of them. Fails only
+    /// when the session has ended (the messages are dropped).
+    pub fn send_all(&self, msgs: impl IntoIterator<Item = T>) -> Result<(), Closed<()>> {
+        if self.0.closed.load(Ordering::Acquire) {
+            return Err(Closed(()));
+        }
+        self.0.queue().extend(msgs);
+        self.0.notify.notify_one();
+        Ok(())
+    }
 }
 
 impl<T> Clone for Sender<T> {
@@ -167,5 +178,17 @@ mod tests {
         let (tx, rx) = channel();
         drop(rx);
         assert_eq!(tx.send(7), Err(Closed(7)));
+    }
+
+    #[test]
+    fn messages_sent_together_arrive_in_order_after_those_before() {
+        let (tx, mut rx) = channel();
+        tx.send(1).expect("open");
+        tx.send_all([2, 3, 4]).expect("open");
+        tx.send(5).expect("open");
+        let got: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(got, vec![1, 2, 3, 4, 5]);
+        drop(rx);
+        assert_eq!(tx.send_all([6]), Err(Closed(())));
     }
 }

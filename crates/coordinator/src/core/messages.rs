@@ -186,9 +186,9 @@ impl Core {
                 "registration names worker {} but this endpoint is for {}",
                 r.worker_id, worker
             );
-            b.effects.push(Box::new(move |_| {
+            b.effect(move |_| {
                 let _ = s.tx.send(super::Outgoing::close(4003, reason));
-            }));
+            });
             return;
         }
         if r.protocol_version != PROTOCOL_VERSION {
@@ -206,10 +206,10 @@ impl Core {
                 ),
             );
             let s = session.clone();
-            b.effects.push(Box::new(move |_| {
+            b.effect(move |_| {
                 let _ =
                     s.tx.send(super::Outgoing::close(4002, "incompatible protocol"));
-            }));
+            });
             return;
         }
         self.counters.registrations.fetch_add(1, Ordering::Relaxed);

@@ -59,8 +59,11 @@ pub struct SessionRef {
 }
 
 impl SessionRef {
-    fn send(&self, msg: CoordMsg) {
-        let _ = self.tx.send(Outgoing::Msg(Box::new(msg)));
+    /// Queues `msgs` in order, in one turn of the mailbox (nothing when the session has ended).
+    pub(crate) fn send_all(&self, msgs: Vec<CoordMsg>) {
+        let _ = self
+            .tx
+            .send_all(msgs.into_iter().map(|m| Outgoing::Msg(Box::new(m))));
     }
 }
 
@@ -272,9 +275,9 @@ impl Core {
     fn announce(&self, b: &mut Batch, change: impl FnOnce() -> Change) {
         if let Some(tx) = self.changes.as_ref().filter(|tx| tx.receiver_count() > 0) {
             let (tx, change) = (tx.clone(), change());
-            b.effects.push(Box::new(move |_| {
+            b.effect(move |_| {
                 let _ = tx.send(change);
-            }));
+            });
         }
     }
 
@@ -391,8 +394,7 @@ impl Core {
 
     /// Queues an effect that sends `msg` to `session` after the commit.
     fn send_after_commit(b: &mut Batch, session: &SessionRef, msg: CoordMsg) {
-        let s = session.clone();
-        b.effects.push(Box::new(move |_| s.send(msg)));
+        b.send(session, msg);
     }
 
     fn save_task(&mut self, id: &TaskId, b: &mut Batch) {

@@ -91,35 +91,39 @@ impl Core {
             timestamp: now(),
         };
         let checkpoint = t.latest_checkpoint.clone();
-        let paused = lease.desired == Desired::Paused;
+        let pause = (lease.desired == Desired::Paused).then(|| {
+            CoordMsg::PauseTask(TaskControl {
+                task_id: msg.task_id.clone(),
+                attempt: msg.attempt,
+                reason: String::new(),
+                timestamp: now(),
+            })
+        });
+        let Some(meta) = checkpoint else {
+            b.send(session, CoordMsg::TaskAssignment(msg));
+            if let Some(pause) = pause {
+                b.send(session, pause);
+            }
+            return;
+        };
+        // The checkpoint is read once its batch is committed, on the writer's connection.
         let s = session.clone();
-        b.effects.push(Box::new(move |conn| {
-            if let Some(meta) = checkpoint {
-                match store::read_checkpoint_data(conn, &meta.checkpoint_id) {
-                    Ok(Some(data)) => {
-                        msg.checkpoint = Some(CheckpointBlob {
-                            checkpoint_id: meta.checkpoint_id,
-                            attempt: meta.attempt,
-                            data: Blob(data),
-                        })
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "reading a checkpoint for an assignment failed; the task starts afresh")
-                    }
+        b.effect(move |conn| {
+            match store::read_checkpoint_data(conn, &meta.checkpoint_id) {
+                Ok(Some(data)) => {
+                    msg.checkpoint = Some(CheckpointBlob {
+                        checkpoint_id: meta.checkpoint_id,
+                        attempt: meta.attempt,
+                        data: Blob(data),
+                    })
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "reading a checkpoint for an assignment failed; the task starts afresh")
                 }
             }
-            let (task_id, attempt) = (msg.task_id.clone(), msg.attempt);
-            s.send(CoordMsg::TaskAssignment(msg));
-            if paused {
-                s.send(CoordMsg::PauseTask(TaskControl {
-                    task_id,
-                    attempt,
-                    reason: String::new(),
-                    timestamp: now(),
-                }));
-            }
-        }));
+            s.send_all([CoordMsg::TaskAssignment(msg)].into_iter().chain(pause).collect());
+        });
     }
 
     /// Ends the current lease and queues the task again, or fails it when its attempts are

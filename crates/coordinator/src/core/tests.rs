@@ -41,7 +41,7 @@ impl Harness {
             self.core.dispatch(&mut b);
         }
         for e in b.effects {
-            e(&self.conn);
+            e.run(&self.conn);
         }
     }
 

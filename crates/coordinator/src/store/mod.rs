@@ -22,9 +22,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use rusqlite::{Connection, OptionalExtension, params};
+use tether_proto::msg::CoordMsg;
 use tether_proto::{Attempt, CheckpointId, Outcome, TaskId, WorkerId};
 use tokio_util::sync::CancellationToken;
 
+use crate::core::SessionRef;
 use crate::model::{CheckpointMeta, Task, Worker};
 
 pub use fold::{FOLD_EVERY, FOLD_ROWS, PIECE_BUDGET, compact_states};
@@ -121,7 +123,26 @@ pub enum Mutation {
 
 /// Runs after its batch is committed, on the writer's connection (an effect) or the reader's
 /// (a read).
-pub type Effect = Box<dyn FnOnce(&Connection) + Send>;
+pub type Job = Box<dyn FnOnce(&Connection) + Send>;
+
+/// What happens once a batch is committed, in order.
+pub enum Effect {
+    /// A job on the writer's connection.
+    Run(Job),
+    /// Messages for one session, handed over together: a frame's acknowledgements take one
+    /// turn of the session's mailbox (one lock, one wakeup) instead of one each, and no job is
+    /// boxed for each.
+    Send(SessionRef, Vec<CoordMsg>),
+}
+
+impl Effect {
+    pub fn run(self, conn: &Connection) {
+        match self {
+            Effect::Run(job) => job(conn),
+            Effect::Send(to, msgs) => to.send_all(msgs),
+        }
+    }
+}
 
 /// Mutations and what waits for them.
 #[derive(Default)]
@@ -132,12 +153,28 @@ pub struct Batch {
     /// Reads of committed data that need no order with later commits (the API's): handed to
     /// the reader thread once the batch is committed (run on the writer's connection when
     /// there is no reader).
-    pub reads: Vec<Effect>,
+    pub reads: Vec<Job>,
 }
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
         self.muts.is_empty() && self.effects.is_empty() && self.reads.is_empty()
+    }
+
+    /// Runs `job` on the writer's connection once the batch is committed, after the effects
+    /// queued before it.
+    pub fn effect(&mut self, job: impl FnOnce(&Connection) + Send + 'static) {
+        self.effects.push(Effect::Run(Box::new(job)));
+    }
+
+    /// Sends `msg` to `session` once the batch is committed, after the effects queued before
+    /// it: with the messages queued for the same session just before, when nothing came
+    /// between.
+    pub fn send(&mut self, session: &SessionRef, msg: CoordMsg) {
+        match self.effects.last_mut() {
+            Some(Effect::Send(to, msgs)) if to.id == session.id => msgs.push(msg),
+            _ => self.effects.push(Effect::Send(session.clone(), vec![msg])),
+        }
     }
 }
 
@@ -369,7 +406,7 @@ pub fn spawn_writer(
                 stats.batches.fetch_add(batches.len() as u64, Ordering::Relaxed);
                 for b in batches {
                     for effect in b.effects {
-                        effect(&conn);
+                        effect.run(&conn);
                     }
                     for read in b.reads {
                         match &reader {

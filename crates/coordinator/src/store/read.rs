@@ -11,11 +11,11 @@ use std::sync::mpsc;
 
 use rusqlite::Connection;
 
-use super::Effect;
+use super::Job;
 
 /// The reader thread. Stops once dropped, after the reads already handed to it.
 pub(super) struct Reader {
-    jobs: Option<mpsc::Sender<Effect>>,
+    jobs: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -27,7 +27,7 @@ impl Reader {
                     .map(|()| c)
             })
             .map_err(std::io::Error::other)?;
-        let (jobs, rx) = mpsc::channel::<Effect>();
+        let (jobs, rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("tether-read".into())
             .spawn(move || {
@@ -42,7 +42,7 @@ impl Reader {
     }
 
     /// Hands `read` to the reader thread; gives it back if that thread is gone.
-    pub fn run(&self, read: Effect) -> Result<(), Effect> {
+    pub fn run(&self, read: Job) -> Result<(), Job> {
         match &self.jobs {
             Some(jobs) => jobs.send(read).map_err(|e| e.0),
             None => Err(read),

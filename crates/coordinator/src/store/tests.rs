@@ -570,9 +570,9 @@ impl Writer {
     /// group's effect sees them.
     fn group(&self, muts: Vec<Mutation>) -> (i64, i64) {
         let (done, seen) = std::sync::mpsc::channel();
-        let effect: Effect = Box::new(move |conn: &Connection| {
+        let effect = Effect::Run(Box::new(move |conn: &Connection| {
             let _ = done.send((count(conn, "task_state_log"), count(conn, "task_state")));
-        });
+        }));
         self.tx
             .blocking_send(Batch {
                 muts,
@@ -591,9 +591,9 @@ impl Writer {
 
 /// A batch of one state whose effect says when it ran.
 fn timed(task: &str, n: u32, done: std::sync::mpsc::Sender<std::time::Instant>) -> Batch {
-    let effect: Effect = Box::new(move |_: &Connection| {
+    let effect = Effect::Run(Box::new(move |_: &Connection| {
         let _ = done.send(std::time::Instant::now());
-    });
+    }));
     Batch {
         muts: vec![state_mut(task, n)],
         effects: vec![effect],
@@ -670,15 +670,15 @@ fn a_read_sees_its_group_committed_and_does_not_hold_up_the_commits_behind_it() 
     let w = Writer::start(dir.path());
     let (release, held) = std::sync::mpsc::channel::<()>();
     let (answer, answered) = std::sync::mpsc::channel();
-    let read: Effect = Box::new(move |conn: &Connection| {
+    let read: Job = Box::new(move |conn: &Connection| {
         let seen = state_n(conn, "a");
         let _ = held.recv();
         let _ = answer.send(seen);
     });
     let (done, committed) = std::sync::mpsc::channel();
-    let effect: Effect = Box::new(move |_: &Connection| {
+    let effect = Effect::Run(Box::new(move |_: &Connection| {
         let _ = done.send(());
-    });
+    }));
     w.tx.blocking_send(Batch {
         muts: vec![state_mut("a", 1)],
         effects: vec![effect],
@@ -688,9 +688,9 @@ fn a_read_sees_its_group_committed_and_does_not_hold_up_the_commits_behind_it() 
     committed.recv().expect("first group committed");
     // Committed and acknowledged while the read is still held.
     let (done, committed) = std::sync::mpsc::channel();
-    let effect: Effect = Box::new(move |conn: &Connection| {
+    let effect = Effect::Run(Box::new(move |conn: &Connection| {
         let _ = done.send(count(conn, "task_state_log"));
-    });
+    }));
     w.tx.blocking_send(Batch {
         muts: vec![state_mut("a", 2)],
         effects: vec![effect],
@@ -976,4 +976,59 @@ fn the_checkpointer_says_when_it_has_just_passed_over_a_long_wal() {
         "started over: {} frames",
         wal::wal_frames()
     );
+}
+
+/// What `session`'s mailbox holds: the first sequence number of each `acks`, in order.
+fn acked_firsts(rx: &mut crate::core::mailbox::Receiver<crate::core::Outgoing>) -> Vec<u64> {
+    let mut got = Vec::new();
+    while let Ok(crate::core::Outgoing::Msg(m)) = rx.try_recv() {
+        if let CoordMsg::Acks(a) = *m {
+            got.push(a.recorded[0].0.0);
+        }
+    }
+    got
+}
+
+#[test]
+fn a_batch_hands_a_session_its_consecutive_messages_together_and_in_order() {
+    let acks = |n: u64| CoordMsg::Acks(tether_proto::msg::Acks::of(vec![tether_proto::Seq(n)]));
+    let (tx, mut rx_a) = crate::core::mailbox::channel();
+    let a = SessionRef { id: 1, tx };
+    let (tx, mut rx_b) = crate::core::mailbox::channel();
+    let b = SessionRef { id: 2, tx };
+    let mut batch = Batch::default();
+    batch.send(&a, acks(1));
+    batch.send(&a, acks(2));
+    batch.send(&b, acks(3));
+    batch.send(&a, acks(4));
+    let (ran, ran_rx) = std::sync::mpsc::channel();
+    batch.effect(move |_| {
+        let _ = ran.send(());
+    });
+    batch.send(&a, acks(5));
+    batch.send(&a, acks(6));
+    // A run of messages to one session is one effect; another session's, or a job, ends it.
+    let runs: Vec<usize> = batch
+        .effects
+        .iter()
+        .map(|e| match e {
+            Effect::Send(_, msgs) => msgs.len(),
+            Effect::Run(_) => 0,
+        })
+        .collect();
+    assert_eq!(runs, vec![2, 1, 1, 0, 2]);
+    let conn = Connection::open_in_memory().expect("sqlite");
+    for e in batch.effects {
+        e.run(&conn);
+    }
+    assert!(ran_rx.try_recv().is_ok(), "the job ran");
+    assert_eq!(acked_firsts(&mut rx_a), vec![1, 2, 4, 5, 6]);
+    assert_eq!(acked_firsts(&mut rx_b), vec![3]);
+    // A session that has ended takes nothing, and nothing fails.
+    drop(rx_b);
+    let mut batch = Batch::default();
+    batch.send(&b, acks(7));
+    for e in batch.effects {
+        e.run(&conn);
+    }
 }
