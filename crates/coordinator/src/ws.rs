@@ -231,7 +231,7 @@ async fn handshake(
             .send(Event::Frame {
                 worker: worker.clone(),
                 session_id,
-                msg: WorkerMsg::Registration(r),
+                msgs: vec![WorkerMsg::Registration(r)],
             })
             .await;
     }
@@ -490,13 +490,17 @@ fn on_text<'a>(
 ) -> Handled<'a> {
     let mut h = Handled::default();
     let mut fwd = Forward::new(app);
+    let mut frame = FrameEvents::new(worker, session_id);
     let mut each = |mut decoded: Result<WorkerMsg, DecodeError>, agreed: &mut Inbound| {
         h.messages += 1;
         if let Some(id) = decoded.as_mut().ok().and_then(WorkerMsg::task_id_mut) {
             known.share(id);
         }
-        if let Some(reply) = on_message(app, worker, session_id, decoded, agreed, &mut fwd) {
+        if let Some(reply) = on_message(app, worker, session_id, decoded, agreed, &mut frame) {
             h.replies.push(reply);
+        }
+        if let Some(ev) = frame.full() {
+            fwd.send(ev);
         }
     };
     if !is_batch(text) {
@@ -522,8 +526,50 @@ fn on_text<'a>(
             Err(e) => return Handled::reply(decode_error(app, worker, &e)),
         }
     }
+    if let Some(ev) = frame.rest() {
+        fwd.send(ev);
+    }
     h.wait = fwd.wait();
     h
+}
+
+/// A frame's messages for the core, gathered into events of up to
+/// [`FRAME_EVENT_MESSAGES`](crate::core::FRAME_EVENT_MESSAGES): one hand-over and one lookup of
+/// the session for a frame's messages instead of one each.
+struct FrameEvents<'a> {
+    worker: &'a WorkerId,
+    session_id: u64,
+    msgs: Vec<WorkerMsg>,
+}
+
+impl<'a> FrameEvents<'a> {
+    fn new(worker: &'a WorkerId, session_id: u64) -> Self {
+        Self {
+            worker,
+            session_id,
+            msgs: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, msg: WorkerMsg) {
+        self.msgs.push(msg);
+    }
+
+    /// The event of the messages gathered, once there are as many as an event carries.
+    fn full(&mut self) -> Option<Event> {
+        (self.msgs.len() >= crate::core::FRAME_EVENT_MESSAGES)
+            .then(|| self.rest())
+            .flatten()
+    }
+
+    /// The event of whatever is gathered.
+    fn rest(&mut self) -> Option<Event> {
+        (!self.msgs.is_empty()).then(|| Event::Frame {
+            worker: self.worker.clone(),
+            session_id: self.session_id,
+            msgs: std::mem::take(&mut self.msgs),
+        })
+    }
 }
 
 /// The task ids of the assignments a session sent last, as the core holds them. An id received
@@ -560,7 +606,7 @@ fn on_message(
     session_id: u64,
     decoded: Result<WorkerMsg, DecodeError>,
     agreed: &mut Inbound,
-    fwd: &mut Forward<'_>,
+    frame: &mut FrameEvents<'_>,
 ) -> Option<CoordMsg> {
     if let Ok(msg) = &decoded {
         m::MESSAGES_IN_BY_TYPE.increment(msg.type_name());
@@ -581,11 +627,7 @@ fn on_message(
             if let WorkerMsg::Registration(r) = &msg {
                 agreed.agree(app, r);
             }
-            fwd.send(Event::Frame {
-                worker: worker.clone(),
-                session_id,
-                msg,
-            });
+            frame.push(msg);
             None
         }
         Err(e) => Some(decode_error(app, worker, &e)),
@@ -1069,5 +1111,48 @@ mod tests {
         let before = other.clone();
         known.share(&mut other);
         assert!(same(&other, &before));
+    }
+
+    #[test]
+    fn a_frames_messages_go_to_the_core_in_order_in_events_of_bounded_size() {
+        use tether_proto::msg::Telemetry;
+        let worker = WorkerId::parse("w-1").expect("id");
+        let telemetry = |n: u64| {
+            WorkerMsg::Telemetry(Telemetry {
+                seq: Seq(n),
+                connection_stats: Default::default(),
+                metrics: serde_json::Value::Null,
+                timestamp: now(),
+            })
+        };
+        let n = 2 * crate::core::FRAME_EVENT_MESSAGES as u64 + 8;
+        let mut frame = FrameEvents::new(&worker, 7);
+        let mut events = Vec::new();
+        for i in 1..=n {
+            frame.push(telemetry(i));
+            events.extend(frame.full());
+        }
+        events.extend(frame.rest());
+        assert!(frame.rest().is_none(), "nothing is handed over twice");
+        let mut sizes = Vec::new();
+        let mut seqs = Vec::new();
+        for ev in events {
+            let Event::Frame {
+                worker: w,
+                session_id,
+                msgs,
+            } = ev
+            else {
+                panic!("a frame event");
+            };
+            assert_eq!((w.as_str(), session_id), ("w-1", 7));
+            sizes.push(msgs.len());
+            seqs.extend(msgs.iter().filter_map(|m| match m {
+                WorkerMsg::Telemetry(t) => Some(t.seq.0),
+                _ => None,
+            }));
+        }
+        assert_eq!(sizes, vec![16, 16, 8]);
+        assert_eq!(seqs, (1..=n).collect::<Vec<_>>());
     }
 }

@@ -35,6 +35,10 @@ use crate::store::{Batch, Loaded, Mutation};
 /// Events applied by the core in a batch before one group commit.
 const MAX_EVENTS_PER_BATCH: usize = 1024;
 
+/// Most messages an [`Event::Frame`] carries; a larger batch frame is handed over in several.
+/// With the capacity of the core's queue, this bounds the messages waiting in it.
+pub const FRAME_EVENT_MESSAGES: usize = 16;
+
 /// What a session task sends on its socket.
 #[derive(Debug)]
 pub enum Outgoing {
@@ -75,10 +79,12 @@ pub enum Event {
         worker: WorkerId,
         session: SessionRef,
     },
+    /// Messages of one frame, in order: at most [`FRAME_EVENT_MESSAGES`] an event. The
+    /// session and the worker's record are looked up once for all of them.
     Frame {
         worker: WorkerId,
         session_id: u64,
-        msg: WorkerMsg,
+        msgs: Vec<WorkerMsg>,
     },
     Disconnected {
         worker: WorkerId,
@@ -333,7 +339,7 @@ impl Core {
             Event::Frame {
                 worker,
                 session_id,
-                msg,
+                msgs,
             } => {
                 let current = self
                     .workers
@@ -343,11 +349,15 @@ impl Core {
                     .cloned();
                 // A frame of a replaced session is ignored: the newer session owns the worker.
                 if let Some(session) = current {
-                    self.counters.messages_in.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .messages_in
+                        .fetch_add(msgs.len() as u64, Ordering::Relaxed);
                     if let Some(w) = self.workers.get_mut(&worker) {
                         w.last_seen = now();
                     }
-                    self.on_message(&worker, &session, msg, b);
+                    for msg in msgs {
+                        self.on_message(&worker, &session, msg, b);
+                    }
                 }
             }
             Event::Api(api) => self.on_api(api, b),

@@ -80,7 +80,7 @@ impl Harness {
         self.step(Event::Frame {
             worker: wid(worker),
             session_id,
-            msg,
+            msgs: vec![msg],
         });
     }
 
@@ -428,4 +428,46 @@ fn retention_forgets_lost_workers_that_hold_nothing_and_keeps_every_other() {
         .collect();
     assert_eq!(deleted, [&wid("gone")]);
     assert_eq!(Counters::get(&h.core.counters.workers_expired), 1);
+}
+
+#[test]
+fn a_frames_messages_are_applied_in_order_and_those_of_a_replaced_session_not_at_all() {
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit();
+    drain(&mut rx);
+    let before = Counters::get(&h.core.counters.messages_in);
+    // The same result twice in one frame: recorded, then a duplicate, in that order.
+    h.step(Event::Frame {
+        worker: wid("a"),
+        session_id: s,
+        msgs: vec![result(1, &t, 1), result(2, &t, 1)],
+    });
+    let acks: Vec<(u64, Disposition)> = drain(&mut rx)
+        .iter()
+        .filter_map(|m| match m {
+            CoordMsg::TaskResultAck(a) => Some((a.ack_seq.0, a.disposition)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        acks,
+        vec![(1, Disposition::Recorded), (2, Disposition::Duplicate)]
+    );
+    assert_eq!(Counters::get(&h.core.counters.messages_in), before + 2);
+    // A frame that arrives on a session since replaced is ignored whole.
+    let (_new, mut new_rx) = h.connect("a");
+    let before = Counters::get(&h.core.counters.messages_in);
+    h.step(Event::Frame {
+        worker: wid("a"),
+        session_id: s,
+        msgs: vec![result(3, &t, 1), result(4, &t, 1)],
+    });
+    assert_eq!(Counters::get(&h.core.counters.messages_in), before);
+    assert!(
+        !drain(&mut new_rx)
+            .iter()
+            .any(|m| matches!(m, CoordMsg::TaskResultAck(_)))
+    );
+    assert_eq!(Counters::get(&h.core.counters.results_duplicate), 1);
 }
