@@ -20,10 +20,10 @@ fn worker(i: usize, kinds: &[&str]) -> Worker {
     w.executors = kinds.iter().map(|k| k.to_string()).collect();
     w.slots = 1;
     w.state = WorkerState::Connected;
-    w.session = Some(SessionRef {
-        id: i as u64,
-        tx: tether_coordinator::core::mailbox::channel().0,
-    });
+    w.session = Some(SessionRef::new(
+        i as u64,
+        tether_coordinator::core::mailbox::channel().0,
+    ));
     w
 }
 

@@ -211,7 +211,7 @@ async fn handshake(
         _ => None,
     };
     let (tx, rx) = crate::core::mailbox::channel();
-    let session = SessionRef { id: session_id, tx };
+    let session = SessionRef::new(session_id, tx);
     if app
         .events
         .send(Event::Connected {
@@ -384,7 +384,12 @@ async fn run(
                 }
             }
             queued = rx.recv() => match queued {
-                Some(Outgoing::Msg(first)) => {
+                Some(Outgoing::Close(c)) => {
+                    let (code, reason) = *c;
+                    out.close(deadline, code, &reason).await;
+                    break ("coordinator", format!("closed by coordinator: {reason}"));
+                }
+                Some(first) => {
                     match send_queued(&mut out, &mut rx, first, deadline, &mut sending, &mut known, &app).await {
                         Ok(None) => {}
                         Ok(Some((code, reason))) => {
@@ -393,11 +398,6 @@ async fn run(
                         }
                         Err(()) => break ("error", "write failed".into()),
                     }
-                }
-                Some(Outgoing::Close(c)) => {
-                    let (code, reason) = *c;
-                    out.close(deadline, code, &reason).await;
-                    break ("coordinator", format!("closed by coordinator: {reason}"));
                 }
                 None => break ("coordinator", "core stopped".into()),
             },
@@ -816,7 +816,7 @@ impl Conn<'_> {
 async fn send_queued(
     out: &mut Tx,
     rx: &mut crate::core::mailbox::Receiver<Outgoing>,
-    first: Box<CoordMsg>,
+    first: Outgoing,
     deadline: Instant,
     agreed: &mut Outbound,
     known: &mut KnownIds,
@@ -827,7 +827,21 @@ async fn send_queued(
     let mut batch = Batch::new();
     // Acknowledgements of recorded messages, sent together in one `acks` after the rest.
     let mut recorded: Vec<Seq> = Vec::new();
-    while let Some(m) = next.take() {
+    while let Some(o) = next.take() {
+        let m = match o {
+            Outgoing::Msg(m) => m,
+            // Sent only to a session that agreed to compact acknowledgements.
+            Outgoing::Recorded(seq) => {
+                recorded.push(seq);
+                fed += 1;
+                next = more(rx, fed, &mut close);
+                continue;
+            }
+            Outgoing::Close(c) => {
+                close = Some(*c);
+                break;
+            }
+        };
         if let CoordMsg::TaskAssignment(a) = &*m {
             known.remember(&a.task_id);
         }
@@ -847,13 +861,7 @@ async fn send_queued(
             agreed.batch = a.batching;
             agreed.compact_acks = a.compact_acks;
         }
-        if fed < MAX_COALESCED {
-            match rx.try_recv() {
-                Ok(Outgoing::Msg(m)) => next = Some(m),
-                Ok(Outgoing::Close(c)) => close = Some(*c),
-                Err(_) => {}
-            }
-        }
+        next = more(rx, fed, &mut close);
     }
     if !recorded.is_empty() {
         app.counters
@@ -880,6 +888,26 @@ async fn send_queued(
         return Err(());
     }
     Ok(close)
+}
+
+/// The next queued message to coalesce into this write, while fewer than [`MAX_COALESCED`]
+/// were fed; a close found in the queue goes to `close` and ends the write.
+fn more(
+    rx: &mut crate::core::mailbox::Receiver<Outgoing>,
+    fed: usize,
+    close: &mut Option<(u16, String)>,
+) -> Option<Outgoing> {
+    if fed >= MAX_COALESCED {
+        return None;
+    }
+    match rx.try_recv() {
+        Ok(Outgoing::Close(c)) => {
+            *close = Some(*c);
+            None
+        }
+        Ok(o) => Some(o),
+        Err(_) => None,
+    }
 }
 
 /// Feeds `m` (counted): into `batch` once batching is agreed (feeding the batch when it is

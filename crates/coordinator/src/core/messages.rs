@@ -226,6 +226,10 @@ impl Core {
         w.slots = r.slots;
         w.executors = r.executors.into_iter().collect();
         w.boot_id = r.boot_id;
+        // From the registration ack on, recorded messages are acknowledged by number.
+        if let Some(s) = w.session.as_mut().filter(|s| s.id == session.id) {
+            s.compact_acks = r.compact_acks;
+        }
         if w.sessions > 1 {
             metrics::counter!(m::RECONNECTIONS).increment(1);
             self.counters.reconnections.fetch_add(1, Ordering::Relaxed);
@@ -449,9 +453,7 @@ impl Core {
                 Disposition::Rejected
             }
         };
-        Core::send_after_commit(
-            b,
-            session,
+        Core::send_ack(b, session, s.seq, disposition, || {
             ack(
                 CoordMsg::TaskStateAck,
                 s.seq,
@@ -459,8 +461,8 @@ impl Core {
                 None,
                 None,
                 disposition,
-            ),
-        );
+            )
+        });
     }
 
     /// Declared bytes of the checkpoints of `task` whose pieces are still arriving.
@@ -560,9 +562,7 @@ impl Core {
                 Disposition::Rejected
             }
         };
-        Core::send_after_commit(
-            b,
-            session,
+        Core::send_ack(b, session, c.seq, disposition, || {
             ack(
                 CoordMsg::CheckpointAck,
                 c.seq,
@@ -570,8 +570,8 @@ impl Core {
                 Some(c.checkpoint_id),
                 None,
                 disposition,
-            ),
-        );
+            )
+        });
     }
 
     fn on_checkpoint_data(
@@ -659,9 +659,7 @@ impl Core {
                 Standing::Stale => Disposition::Stale,
             },
         };
-        Core::send_after_commit(
-            b,
-            session,
+        Core::send_ack(b, session, d.seq, disposition, || {
             ack(
                 CoordMsg::CheckpointDataAck,
                 d.seq,
@@ -669,8 +667,8 @@ impl Core {
                 Some(d.checkpoint_id),
                 Some(d.chunk),
                 disposition,
-            ),
-        );
+            )
+        });
     }
 
     fn complete_checkpoint(&mut self, meta: CheckpointMeta, b: &mut Batch) {
@@ -729,11 +727,9 @@ impl Core {
                 Disposition::Rejected
             }
         };
-        Core::send_after_commit(
-            b,
-            session,
-            ack(kind, n.seq, Some(n.task_id), None, None, disposition),
-        );
+        Core::send_ack(b, session, n.seq, disposition, || {
+            ack(kind, n.seq, Some(n.task_id), None, None, disposition)
+        });
     }
 
     fn on_telemetry(
@@ -750,9 +746,7 @@ impl Core {
             w.stats = Some(Box::new(t.connection_stats));
         }
         self.save_worker(worker, b);
-        Core::send_after_commit(
-            b,
-            session,
+        Core::send_ack(b, session, t.seq, Disposition::Recorded, || {
             ack(
                 CoordMsg::TelemetryAck,
                 t.seq,
@@ -760,7 +754,7 @@ impl Core {
                 None,
                 None,
                 Disposition::Recorded,
-            ),
-        );
+            )
+        });
     }
 }

@@ -45,6 +45,10 @@ pub enum Outgoing {
     /// Boxed: a session's mailbox keeps the capacity of its largest backlog, and unboxed
     /// messages (168 bytes each) would make every slot of it that big.
     Msg(Box<CoordMsg>),
+    /// The acknowledgement of a recorded message other than a result, to a session that agreed
+    /// to compact acknowledgements: its sequence number only, which the session sends in its
+    /// next `acks` (no message is built, boxed and taken apart again for it).
+    Recorded(Seq),
     /// A close code and reason; boxed so that a slot of the mailbox is two words.
     Close(Box<(u16, String)>),
 }
@@ -60,14 +64,23 @@ impl Outgoing {
 pub struct SessionRef {
     pub id: u64,
     pub tx: mailbox::Sender<Outgoing>,
+    /// Agreed at registration: recorded messages are acknowledged by sequence number
+    /// ([`Outgoing::Recorded`]).
+    pub compact_acks: bool,
 }
 
 impl SessionRef {
-    /// Queues `msgs` in order, in one turn of the mailbox (nothing when the session has ended).
-    pub(crate) fn send_all(&self, msgs: Vec<CoordMsg>) {
-        let _ = self
-            .tx
-            .send_all(msgs.into_iter().map(|m| Outgoing::Msg(Box::new(m))));
+    pub fn new(id: u64, tx: mailbox::Sender<Outgoing>) -> Self {
+        Self {
+            id,
+            tx,
+            compact_acks: false,
+        }
+    }
+
+    /// Queues `out` in order, in one turn of the mailbox (nothing when the session has ended).
+    pub(crate) fn send_all(&self, out: Vec<Outgoing>) {
+        let _ = self.tx.send_all(out);
     }
 }
 
@@ -405,6 +418,23 @@ impl Core {
     /// Queues an effect that sends `msg` to `session` after the commit.
     fn send_after_commit(b: &mut Batch, session: &SessionRef, msg: CoordMsg) {
         b.send(session, msg);
+    }
+
+    /// Acknowledges message `seq` (not a result) after the commit: by its sequence number alone
+    /// when it was recorded and the session agreed to compact acknowledgements, else with the
+    /// whole `ack`.
+    fn send_ack(
+        b: &mut Batch,
+        session: &SessionRef,
+        seq: Seq,
+        disposition: Disposition,
+        ack: impl FnOnce() -> CoordMsg,
+    ) {
+        if session.compact_acks && disposition == Disposition::Recorded {
+            b.send_recorded(session, seq);
+        } else {
+            b.send(session, ack());
+        }
     }
 
     fn save_task(&mut self, id: &TaskId, b: &mut Batch) {

@@ -166,10 +166,7 @@ mod tests {
         w.executors = kinds.iter().map(|k| k.to_string()).collect();
         w.slots = slots;
         w.state = WorkerState::Connected;
-        w.session = Some(SessionRef {
-            id: 1,
-            tx: crate::core::mailbox::channel().0,
-        });
+        w.session = Some(SessionRef::new(1, crate::core::mailbox::channel().0));
         w
     }
 

@@ -12,7 +12,7 @@ use tether_proto::msg::{CheckpointBlob, CoordMsg, TaskAssignment, TaskControl, n
 use tether_proto::task::Blob;
 use tether_proto::{TaskId, TaskStatus, WorkerId};
 
-use super::{Core, SessionRef, queue};
+use super::{Core, Outgoing, SessionRef, queue};
 use crate::metrics as m;
 use crate::model::{AttemptRecord, Desired, Lease, WorkerState};
 use crate::store::{self, Batch, Mutation};
@@ -122,7 +122,8 @@ impl Core {
                     tracing::error!(error = %e, "reading a checkpoint for an assignment failed; the task starts afresh")
                 }
             }
-            s.send_all([CoordMsg::TaskAssignment(msg)].into_iter().chain(pause).collect());
+            let msgs = [CoordMsg::TaskAssignment(msg)].into_iter().chain(pause);
+            s.send_all(msgs.map(|m| Outgoing::Msg(Box::new(m))).collect());
         });
     }
 

@@ -46,12 +46,21 @@ impl Harness {
     }
 
     fn connect(&mut self, worker: &str) -> (u64, super::mailbox::Receiver<Outgoing>) {
+        self.connect_with(worker, false)
+    }
+
+    /// Connects and registers `worker`, offering compact acknowledgements or not.
+    fn connect_with(
+        &mut self,
+        worker: &str,
+        compact_acks: bool,
+    ) -> (u64, super::mailbox::Receiver<Outgoing>) {
         let (tx, rx) = super::mailbox::channel();
         let id = self.next_session;
         self.next_session += 1;
         self.step(Event::Connected {
             worker: wid(worker),
-            session: SessionRef { id, tx },
+            session: SessionRef::new(id, tx),
         });
         self.frame(
             worker,
@@ -69,7 +78,7 @@ impl Harness {
                 compression: Vec::new(),
                 client_nonce: None,
                 batching: false,
-                compact_acks: false,
+                compact_acks,
                 timestamp: now(),
             }),
         );
@@ -247,7 +256,7 @@ fn a_session_that_never_registers_does_not_keep_a_lost_worker_s_leases() {
     let (tx, _rx2) = super::mailbox::channel();
     h.step(Event::Connected {
         worker: wid("a"),
-        session: SessionRef { id: 99, tx },
+        session: SessionRef::new(99, tx),
     });
     let mut b = Batch::default();
     h.core.sweep(&mut b);
@@ -470,4 +479,63 @@ fn a_frames_messages_are_applied_in_order_and_those_of_a_replaced_session_not_at
             .any(|m| matches!(m, CoordMsg::TaskResultAck(_)))
     );
     assert_eq!(Counters::get(&h.core.counters.results_duplicate), 1);
+}
+
+fn state(seq: u64, task: &TaskId, attempt: u32) -> WorkerMsg {
+    WorkerMsg::TaskState(tether_proto::msg::TaskState {
+        seq: Seq(seq),
+        task_id: task.clone(),
+        attempt: Attempt(attempt),
+        state: serde_json::from_str(r#"{"n":1}"#).expect("state"),
+        timestamp: now(),
+    })
+}
+
+#[test]
+fn a_session_that_agreed_to_compact_acks_gets_recorded_messages_acknowledged_by_number() {
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect_with("a", true);
+    let t = h.submit();
+    drain(&mut rx);
+    // Recorded: by number; a result keeps its whole ack (it names the task); a message about
+    // an attempt the worker does not hold is answered whole too (rejected, with an error).
+    h.step(Event::Frame {
+        worker: wid("a"),
+        session_id: s,
+        msgs: vec![
+            state(1, &t, 1),
+            state(2, &t, 1),
+            result(3, &t, 1),
+            state(4, &t, 7),
+        ],
+    });
+    let mut got = Vec::new();
+    while let Ok(o) = rx.try_recv() {
+        got.push(match o {
+            Outgoing::Recorded(seq) => format!("recorded {}", seq.0),
+            Outgoing::Msg(m) => m.type_name().to_string(),
+            Outgoing::Close(_) => "close".into(),
+        });
+    }
+    assert_eq!(
+        got,
+        vec![
+            "recorded 1",
+            "recorded 2",
+            "task_result_ack",
+            "error",
+            "task_state_ack"
+        ]
+    );
+    // Without the agreement, every ack is whole.
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect_with("b", false);
+    let t = h.submit();
+    drain(&mut rx);
+    h.frame("b", s, state(1, &t, 1));
+    let acks = drain(&mut rx);
+    assert!(
+        matches!(&acks[..], [CoordMsg::TaskStateAck(a)] if a.disposition == Disposition::Recorded),
+        "{acks:?}"
+    );
 }

@@ -23,10 +23,10 @@ use std::time::Instant;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tether_proto::msg::CoordMsg;
-use tether_proto::{Attempt, CheckpointId, Outcome, TaskId, WorkerId};
+use tether_proto::{Attempt, CheckpointId, Outcome, Seq, TaskId, WorkerId};
 use tokio_util::sync::CancellationToken;
 
-use crate::core::SessionRef;
+use crate::core::{Outgoing, SessionRef};
 use crate::model::{CheckpointMeta, Task, Worker};
 
 pub use fold::{FOLD_EVERY, FOLD_ROWS, PIECE_BUDGET, compact_states};
@@ -132,7 +132,7 @@ pub enum Effect {
     /// Messages for one session, handed over together: a frame's acknowledgements take one
     /// turn of the session's mailbox (one lock, one wakeup) instead of one each, and no job is
     /// boxed for each.
-    Send(SessionRef, Vec<CoordMsg>),
+    Send(SessionRef, Vec<Outgoing>),
 }
 
 impl Effect {
@@ -171,9 +171,19 @@ impl Batch {
     /// it: with the messages queued for the same session just before, when nothing came
     /// between.
     pub fn send(&mut self, session: &SessionRef, msg: CoordMsg) {
+        self.send_out(session, Outgoing::Msg(Box::new(msg)));
+    }
+
+    /// Acknowledges recorded message `seq` to `session` by its number ([`Outgoing::Recorded`]),
+    /// in order with what [`Batch::send`] queues.
+    pub fn send_recorded(&mut self, session: &SessionRef, seq: Seq) {
+        self.send_out(session, Outgoing::Recorded(seq));
+    }
+
+    fn send_out(&mut self, session: &SessionRef, out: Outgoing) {
         match self.effects.last_mut() {
-            Some(Effect::Send(to, msgs)) if to.id == session.id => msgs.push(msg),
-            _ => self.effects.push(Effect::Send(session.clone(), vec![msg])),
+            Some(Effect::Send(to, queued)) if to.id == session.id => queued.push(out),
+            _ => self.effects.push(Effect::Send(session.clone(), vec![out])),
         }
     }
 }

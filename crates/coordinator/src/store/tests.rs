@@ -993,9 +993,9 @@ fn acked_firsts(rx: &mut crate::core::mailbox::Receiver<crate::core::Outgoing>) 
 fn a_batch_hands_a_session_its_consecutive_messages_together_and_in_order() {
     let acks = |n: u64| CoordMsg::Acks(tether_proto::msg::Acks::of(vec![tether_proto::Seq(n)]));
     let (tx, mut rx_a) = crate::core::mailbox::channel();
-    let a = SessionRef { id: 1, tx };
+    let a = SessionRef::new(1, tx);
     let (tx, mut rx_b) = crate::core::mailbox::channel();
-    let b = SessionRef { id: 2, tx };
+    let b = SessionRef::new(2, tx);
     let mut batch = Batch::default();
     batch.send(&a, acks(1));
     batch.send(&a, acks(2));
