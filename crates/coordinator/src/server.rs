@@ -16,8 +16,8 @@ use crate::dashboard::{self, History};
 use crate::store::{self, StoreError, StoreStats};
 
 /// Capacity of the core's event queue; sessions wait (and stop reading) when it is full. An
-/// event carries up to `FRAME_EVENT_MESSAGES` (16) of a frame's messages, so at most 131,072
-/// messages wait in it.
+/// event carries up to [`FRAME_EVENT_MESSAGES`](crate::core::FRAME_EVENT_MESSAGES) of a frame's
+/// messages, so at most this many times that wait in it.
 const EVENT_QUEUE: usize = 8_192;
 /// Batches waiting for the writer before the core waits.
 const WRITER_QUEUE: usize = 1024;

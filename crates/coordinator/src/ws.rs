@@ -557,9 +557,10 @@ impl<'a> FrameEvents<'a> {
 
     /// The event of the messages gathered, once there are as many as an event carries.
     fn full(&mut self) -> Option<Event> {
-        (self.msgs.len() >= crate::core::FRAME_EVENT_MESSAGES)
-            .then(|| self.rest())
-            .flatten()
+        if self.msgs.len() < crate::core::FRAME_EVENT_MESSAGES {
+            return None;
+        }
+        self.rest()
     }
 
     /// The event of whatever is gathered.
@@ -828,39 +829,36 @@ async fn send_queued(
     // Acknowledgements of recorded messages, sent together in one `acks` after the rest.
     let mut recorded: Vec<Seq> = Vec::new();
     while let Some(o) = next.take() {
-        let m = match o {
-            Outgoing::Msg(m) => m,
+        match o {
             // Sent only to a session that agreed to compact acknowledgements.
-            Outgoing::Recorded(seq) => {
-                recorded.push(seq);
-                fed += 1;
-                next = more(rx, fed, &mut close);
-                continue;
+            Outgoing::Recorded(seq) => recorded.push(seq),
+            Outgoing::Msg(m) => {
+                if let CoordMsg::TaskAssignment(a) = &*m {
+                    known.remember(&a.task_id);
+                }
+                match agreed.compact_acks.then(|| recorded_ack(&m)).flatten() {
+                    Some(seq) => recorded.push(seq),
+                    None => {
+                        if !feed_one(out, &mut batch, &m, agreed, deadline, app).await {
+                            return Err(());
+                        }
+                    }
+                }
+                // Large messages go compressed, and messages batched, from the first frame
+                // after the ack.
+                if let CoordMsg::RegistrationAck(a) = &*m {
+                    agreed.zstd = a.compression.as_deref() == Some(ZSTD);
+                    agreed.batch = a.batching;
+                    agreed.compact_acks = a.compact_acks;
+                }
             }
+            // Not reached: the caller and `more` take closes out of the queue.
             Outgoing::Close(c) => {
                 close = Some(*c);
                 break;
             }
-        };
-        if let CoordMsg::TaskAssignment(a) = &*m {
-            known.remember(&a.task_id);
-        }
-        match agreed.compact_acks.then(|| recorded_ack(&m)).flatten() {
-            Some(seq) => recorded.push(seq),
-            None => {
-                if !feed_one(out, &mut batch, &m, agreed, deadline, app).await {
-                    return Err(());
-                }
-            }
         }
         fed += 1;
-        // Large messages go compressed, and messages batched, from the first frame after the
-        // ack.
-        if let CoordMsg::RegistrationAck(a) = &*m {
-            agreed.zstd = a.compression.as_deref() == Some(ZSTD);
-            agreed.batch = a.batching;
-            agreed.compact_acks = a.compact_acks;
-        }
         next = more(rx, fed, &mut close);
     }
     if !recorded.is_empty() {

@@ -328,7 +328,7 @@ impl Core {
                 self.save_task(id, b);
                 // A worker away now learns the desired state when it registers again.
                 if let Some(s) = &session {
-                    Core::send_after_commit(b, s, msg(c));
+                    b.send(s, msg(c));
                 }
             }
             ControlOp::Checkpoint => {
@@ -337,8 +337,7 @@ impl Core {
                         "task {id} is not running on a connected worker"
                     )));
                 };
-                Core::send_after_commit(
-                    b,
+                b.send(
                     s,
                     CoordMsg::CheckpointRequest(CheckpointRequest {
                         task_id: c.task_id,

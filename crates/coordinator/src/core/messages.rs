@@ -108,8 +108,7 @@ impl Core {
     ) {
         self.counters.rejected.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(worker = %worker, task = %task, r#type = msg_type, "message about a task this worker does not hold; rejected");
-        Core::send_after_commit(
-            b,
+        b.send(
             session,
             CoordMsg::error(
                 ErrorCode::NotLeased,
@@ -139,8 +138,7 @@ impl Core {
                 tracing::warn!(worker = %worker, code = e.code.as_str(), message = %e.message, offending = ?e.offending_type, "worker reported an error");
             }
             other if !registered => {
-                Core::send_after_commit(
-                    b,
+                b.send(
                     session,
                     CoordMsg::error(
                         ErrorCode::Unexpected,
@@ -181,19 +179,15 @@ impl Core {
     ) {
         if &r.worker_id != worker {
             tracing::warn!(path_id = %worker, claimed = %r.worker_id, "registration names another worker; closing");
-            let s = session.clone();
             let reason = format!(
                 "registration names worker {} but this endpoint is for {}",
                 r.worker_id, worker
             );
-            b.effect(move |_| {
-                let _ = s.tx.send(super::Outgoing::close(4003, reason));
-            });
+            b.close(session, 4003, reason);
             return;
         }
         if r.protocol_version != PROTOCOL_VERSION {
-            Core::send_after_commit(
-                b,
+            b.send(
                 session,
                 CoordMsg::error(
                     ErrorCode::IncompatibleProtocol,
@@ -205,11 +199,7 @@ impl Core {
                     None,
                 ),
             );
-            let s = session.clone();
-            b.effect(move |_| {
-                let _ =
-                    s.tx.send(super::Outgoing::close(4002, "incompatible protocol"));
-            });
+            b.close(session, 4002, "incompatible protocol");
             return;
         }
         self.counters.registrations.fetch_add(1, Ordering::Relaxed);
@@ -243,8 +233,7 @@ impl Core {
         self.free.insert(worker.clone());
         self.save_worker(worker, b);
         tracing::info!(worker = %worker, session = session.id, directives = directives.len(), "worker registered");
-        Core::send_after_commit(
-            b,
+        b.send(
             session,
             CoordMsg::RegistrationAck(RegistrationAck {
                 worker_id: worker.clone(),
@@ -372,8 +361,7 @@ impl Core {
             }
         };
         metrics::counter!(m::RESULTS, "disposition" => m::disposition(disposition)).increment(1);
-        Core::send_after_commit(
-            b,
+        b.send(
             session,
             ack(
                 CoordMsg::TaskResultAck,
@@ -483,8 +471,7 @@ impl Core {
     ) {
         let disposition = match self.standing(worker, &c.task_id, c.attempt) {
             Standing::Holder if c.size > self.cfg.max_checkpoint_bytes => {
-                Core::send_after_commit(
-                    b,
+                b.send(
                     session,
                     CoordMsg::error(
                         ErrorCode::BadFrame,
@@ -514,9 +501,7 @@ impl Core {
                         > INCOMPLETE_CHECKPOINTS_PER_TASK * self.cfg.max_checkpoint_bytes =>
             {
                 // Announced but never completed checkpoints would otherwise pile up on disk.
-                Core::send_after_commit(
-                    b,
-                    session,
+                b.send(session,
                     CoordMsg::error(
                         ErrorCode::BadFrame,
                         format!(
@@ -612,9 +597,7 @@ impl Core {
                         b.muts
                             .push(Mutation::DeleteCheckpoint(d.checkpoint_id.clone()));
                         tracing::warn!(worker = %worker, task = %d.task_id, checkpoint = %d.checkpoint_id, got, want, "checkpoint pieces do not add up to its declared size; dropped");
-                        Core::send_after_commit(
-                            b,
-                            session,
+                        b.send(session,
                             CoordMsg::error(
                                 ErrorCode::BadFrame,
                                 format!(

@@ -79,7 +79,7 @@ impl SessionRef {
     }
 
     /// Queues `out` in order, in one turn of the mailbox (nothing when the session has ended).
-    pub(crate) fn send_all(&self, out: Vec<Outgoing>) {
+    pub(crate) fn send_all(&self, out: impl IntoIterator<Item = Outgoing>) {
         let _ = self.tx.send_all(out);
     }
 }
@@ -413,11 +413,6 @@ impl Core {
         w.disconnected_mono = Some(tokio::time::Instant::now());
         tracing::info!(worker = %worker, leases = w.leases.len(), "worker disconnected; its leases wait for the grace period");
         self.save_worker(worker, b);
-    }
-
-    /// Queues an effect that sends `msg` to `session` after the commit.
-    fn send_after_commit(b: &mut Batch, session: &SessionRef, msg: CoordMsg) {
-        b.send(session, msg);
     }
 
     /// Acknowledges message `seq` (not a result) after the commit: by its sequence number alone

@@ -123,7 +123,7 @@ impl Core {
                 }
             }
             let msgs = [CoordMsg::TaskAssignment(msg)].into_iter().chain(pause);
-            s.send_all(msgs.map(|m| Outgoing::Msg(Box::new(m))).collect());
+            s.send_all(msgs.map(|m| Outgoing::Msg(Box::new(m))));
         });
     }
 
@@ -333,8 +333,7 @@ impl Core {
                 w.leases.remove(task_id);
                 self.free.insert(lease.worker.clone());
                 if let Some(s) = &w.session {
-                    Core::send_after_commit(
-                        b,
+                    b.send(
                         s,
                         CoordMsg::CancelTask(TaskControl {
                             task_id: task_id.clone(),

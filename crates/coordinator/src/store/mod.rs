@@ -174,6 +174,12 @@ impl Batch {
         self.send_out(session, Outgoing::Msg(Box::new(msg)));
     }
 
+    /// Closes `session` with `code` and `reason` once the batch is committed, after what was
+    /// queued for it before.
+    pub fn close(&mut self, session: &SessionRef, code: u16, reason: impl Into<String>) {
+        self.send_out(session, Outgoing::close(code, reason));
+    }
+
     /// Acknowledges recorded message `seq` to `session` by its number ([`Outgoing::Recorded`]),
     /// in order with what [`Batch::send`] queues.
     pub fn send_recorded(&mut self, session: &SessionRef, seq: Seq) {
