@@ -28,6 +28,7 @@ pub mod runner;
 pub mod session;
 pub mod statedir;
 pub mod stats;
+mod woken;
 
 pub use agent::{AckHook, Agent, AgentError, AgentHandle};
 pub use config::WorkerConfig;

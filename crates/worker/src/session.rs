@@ -19,7 +19,7 @@ use tether_proto::msg::{
     PROTOCOL_VERSION, Registration, Telemetry, WorkerMsg, now,
 };
 use tether_proto::{Batch, DecodeError, decode_coord, encode, is_batch};
-use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout_at};
+use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -77,13 +77,64 @@ pub enum SessionEnd {
 
 enum Ev {
     Frame(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
+    /// The session's timer: the liveness deadline or a periodic duty may be due.
+    Timer,
+    Wake,
+    /// The outbox has something new to send.
+    Ready,
+}
+
+/// A session's periodic duties, in the order they are done when due together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Duty {
     Heartbeat,
     Ping,
     Telemetry,
     StatsLog,
-    Wake,
-    /// The outbox has something new to send.
-    Ready,
+}
+
+const DUTIES: [Duty; 4] = [Duty::Heartbeat, Duty::Ping, Duty::Telemetry, Duty::StatsLog];
+
+/// When each [`Duty`] is next due. Each is first due one period after the start; a duty done
+/// late is next due one period after it was done, not at once again (like `tokio::time::
+/// MissedTickBehavior::Delay`).
+#[derive(Debug)]
+struct Duties {
+    next: [Instant; 4],
+    every: [Duration; 4],
+}
+
+impl Duties {
+    /// `every`: the periods, in the order of [`DUTIES`] (at least 1 ms each).
+    fn new(start: Instant, every: [Duration; 4]) -> Self {
+        let every = every.map(|e| e.max(Duration::from_millis(1)));
+        Duties {
+            next: every.map(|e| start + e),
+            every,
+        }
+    }
+
+    /// When the first duty is due.
+    fn next(&self) -> Instant {
+        self.next.into_iter().min().unwrap_or_else(Instant::now)
+    }
+
+    /// The duties due at `now`, each moved on to its next time.
+    fn take_due(&mut self, now: Instant) -> impl Iterator<Item = Duty> + use<> {
+        let mut due = [None; 4];
+        for (i, duty) in DUTIES.into_iter().enumerate() {
+            if self.next[i] <= now {
+                let on_time = self.next[i] + self.every[i];
+                self.next[i] = if on_time > now {
+                    on_time
+                } else {
+                    now + self.every[i]
+                };
+                due[i] = Some(duty);
+            }
+        }
+        due.into_iter().flatten()
+    }
 }
 
 /// A received frame's data.
@@ -603,33 +654,35 @@ impl<'a> Session<'a> {
     /// Returns `Ok(reason)` when the session is lost, `Err(end)` for shutdown or refusal.
     async fn main_loop(&mut self, shutdown: &CancellationToken) -> Result<String, SessionEnd> {
         let cfg = self.agent.cfg.clone();
-        let start = Instant::now();
-        let mut heartbeat = interval_at(start + self.heartbeat_every, self.heartbeat_every);
-        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut ping = interval_at(start + cfg.ws_ping_interval, cfg.ws_ping_interval);
-        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut telemetry = interval_at(start + cfg.telemetry_interval, cfg.telemetry_interval);
-        telemetry.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut stats_log = interval_at(start + cfg.stats_log_interval, cfg.stats_log_interval);
-        stats_log.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut duties = Duties::new(
+            Instant::now(),
+            [
+                self.heartbeat_every,
+                cfg.ws_ping_interval,
+                cfg.telemetry_interval,
+                cfg.stats_log_interval,
+            ],
+        );
         let outbox = self.agent.outbox.clone();
-        // Made once, not per event: each would register with the token, and the liveness timer
-        // with the timer wheel, only to leave again at the end of the round. The timer is
-        // moved lazily: every frame moves the deadline, and only when the timer fires at a
-        // deadline that has since moved on is it set again (at once when a shorter timeout
-        // brings the deadline forward).
-        let stop = shutdown.cancelled();
+        // Made once, not per event: each would register with the token, and the timer with
+        // the timer wheel, only to leave again at the end of the round. The wait for shutdown
+        // is polled only once the token woke the task (each poll of it takes two locks). One
+        // timer serves the liveness deadline and the periodic duties (one timer per duty was
+        // four more wakers registered every round). It is moved lazily: every frame moves the
+        // deadline, and only when the timer fires at a deadline that has since moved on is it
+        // set again (at once when a shorter timeout brings the deadline forward).
+        let stop = crate::woken::when_woken(shutdown.cancelled());
         tokio::pin!(stop);
-        let mut armed = self.deadline;
-        let liveness = sleep_until(armed);
-        tokio::pin!(liveness);
+        let mut armed = duties.next().min(self.deadline);
+        let timer = sleep_until(armed);
+        tokio::pin!(timer);
         loop {
             if outbox.has_unsent() {
                 self.flush_outbox().await;
             }
             if self.deadline < armed {
                 armed = self.deadline;
-                liveness.as_mut().reset(armed);
+                timer.as_mut().reset(armed);
             }
             // More to send and room in the window: come straight back after any ready event.
             let unsent = outbox.has_unsent();
@@ -638,18 +691,7 @@ impl<'a> Session<'a> {
                 biased;
                 _ = &mut stop => return Err(SessionEnd::Shutdown),
                 f = self.ws.next() => Ev::Frame(f),
-                _ = &mut liveness => {
-                    if Instant::now() >= self.deadline {
-                        return Ok(self.dead_reason());
-                    }
-                    armed = self.deadline;
-                    liveness.as_mut().reset(armed);
-                    Ev::Wake
-                }
-                _ = heartbeat.tick() => Ev::Heartbeat,
-                _ = ping.tick() => Ev::Ping,
-                _ = telemetry.tick() => Ev::Telemetry,
-                _ = stats_log.tick() => Ev::StatsLog,
+                _ = &mut timer => Ev::Timer,
                 _ = outbox.ready(), if !unsent => Ev::Ready,
                 _ = std::future::ready(()), if more => Ev::Wake,
             };
@@ -675,29 +717,47 @@ impl<'a> Session<'a> {
                         };
                     }
                 },
-                Ev::Heartbeat => {
-                    if let Err(reason) = self.heartbeat().await {
-                        return Ok(reason);
+                Ev::Timer => {
+                    if Instant::now() >= self.deadline {
+                        return Ok(self.dead_reason());
                     }
-                }
-                Ev::Ping => {
-                    let ping = self.ws.send(Message::Ping(Default::default()));
-                    match timeout_at(self.deadline, ping).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => return Ok(format!("ping: {e}")),
-                        Err(_) => return Ok(self.dead_reason()),
+                    for duty in duties.take_due(Instant::now()) {
+                        if let Err(reason) = self.duty(duty).await {
+                            return Ok(reason);
+                        }
                     }
-                }
-                Ev::Telemetry => self.push_telemetry(),
-                Ev::StatsLog => {
-                    let s = self.agent.handle().stats();
-                    tracing::info!(worker = %self.worker(), stability = s.stability, rtt_p50_ms = s.rtt_p50_ms, rtt_p95_ms = s.rtt_p95_ms, reconnects = s.reconnects, outbox = outbox.len(), "connection statistics");
+                    armed = duties.next().min(self.deadline);
+                    timer.as_mut().reset(armed);
                 }
                 // Let the tasks woken in the same round (this worker's other executors, whose
                 // timers fired together) add theirs first: one frame carries them all, for one
                 // scheduler round of delay and no timer.
                 Ev::Ready => tokio::task::yield_now().await,
                 Ev::Wake => {}
+            }
+        }
+    }
+
+    /// Does one periodic duty; `Err(reason)` when the session is found lost.
+    async fn duty(&mut self, duty: Duty) -> Result<(), String> {
+        match duty {
+            Duty::Heartbeat => self.heartbeat().await,
+            Duty::Ping => {
+                let ping = self.ws.send(Message::Ping(Default::default()));
+                match timeout_at(self.deadline, ping).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(format!("ping: {e}")),
+                    Err(_) => Err(self.dead_reason()),
+                }
+            }
+            Duty::Telemetry => {
+                self.push_telemetry();
+                Ok(())
+            }
+            Duty::StatsLog => {
+                let s = self.agent.handle().stats();
+                tracing::info!(worker = %self.worker(), stability = s.stability, rtt_p50_ms = s.rtt_p50_ms, rtt_p95_ms = s.rtt_p95_ms, reconnects = s.reconnects, outbox = self.agent.outbox.len(), "connection statistics");
+                Ok(())
             }
         }
     }
@@ -1040,6 +1100,40 @@ fn count_out(msg: &WorkerMsg) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn duties_fall_due_each_on_its_own_period_and_a_late_one_is_not_repeated() {
+        let start = Instant::now();
+        let ms = Duration::from_millis;
+        let mut d = Duties::new(start, [ms(100), ms(250), ms(100), ms(1000)]);
+        assert_eq!(d.next(), start + ms(100));
+        assert_eq!(d.take_due(start + ms(99)).count(), 0);
+        let due: Vec<_> = d.take_due(start + ms(100)).collect();
+        assert_eq!(due, [Duty::Heartbeat, Duty::Telemetry]);
+        // On time: the next is one period after the last due time, not after now.
+        assert_eq!(d.next(), start + ms(200));
+        let due: Vec<_> = d.take_due(start + ms(203)).collect();
+        assert_eq!(due, [Duty::Heartbeat, Duty::Telemetry]);
+        assert_eq!(d.next(), start + ms(250));
+        // Late by more than a period: done once, and next due a period after now.
+        let due: Vec<_> = d.take_due(start + ms(700)).collect();
+        assert_eq!(due, [Duty::Heartbeat, Duty::Ping, Duty::Telemetry]);
+        assert_eq!(d.next(), start + ms(800));
+        assert_eq!(d.take_due(start + ms(799)).count(), 0);
+        let due: Vec<_> = d.take_due(start + ms(1000)).collect();
+        assert_eq!(
+            due,
+            [Duty::Heartbeat, Duty::Ping, Duty::Telemetry, Duty::StatsLog]
+        );
+    }
+
+    #[test]
+    fn a_zero_period_does_not_make_a_duty_due_at_every_round() {
+        let start = Instant::now();
+        let mut d = Duties::new(start, [Duration::ZERO; 4]);
+        assert_eq!(d.take_due(start + Duration::from_millis(1)).count(), 4);
+        assert_eq!(d.take_due(start + Duration::from_millis(1)).count(), 0);
+    }
 
     #[test]
     fn the_window_counts_each_sent_message_once_until_acked_in_any_order() {

@@ -589,8 +589,8 @@ impl Executor for Flood {
             let cancelled = ctx.cancelled();
             tokio::pin!(cancelled);
             loop {
-                // The tick first: woken by it, the select returns without polling the
-                // cancellation (whose every poll takes the token's lock).
+                // The cancellation's wait is polled again only once it woke the task
+                // (`TaskCtx::cancelled`), not at every tick.
                 tokio::select! {
                     biased;
                     _ = tick.tick() => {}

@@ -341,9 +341,11 @@ impl TaskCtx {
         self.shared.cancel.is_cancelled()
     }
 
-    /// Resolves when the task is cancelled (by the coordinator, a timeout or shutdown).
-    pub async fn cancelled(&self) {
-        self.shared.cancel.cancelled().await
+    /// Resolves when the task is cancelled (by the coordinator, a timeout or shutdown). Cheap
+    /// to wait for alongside busier futures in a loop: polled again only once the cancellation
+    /// woke the task (pin it once, outside the loop).
+    pub fn cancelled(&self) -> impl Future<Output = ()> + Send + '_ {
+        crate::woken::when_woken(self.shared.cancel.cancelled())
     }
 
     pub fn cancellation_token(&self) -> CancellationToken {
