@@ -90,6 +90,11 @@ pub struct CoordinatorArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "TETHER_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// What an acknowledged result, state or checkpoint survives: `process` (the coordinator
+    /// killed; the default) or `machine` (also an OS crash or power loss: one fsync per group
+    /// commit).
+    #[arg(long)]
+    durability: Option<tether_coordinator::store::Durability>,
     /// TOML settings file ([coordinator] table).
     #[arg(long, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
@@ -155,6 +160,9 @@ fn coordinator_config(
     }
     if let Some(n) = file.checkpoints_kept {
         cfg.checkpoints_kept = n;
+    }
+    if let Some(d) = a.durability.or(file.durability) {
+        cfg.durability = d;
     }
     apply_limits(&mut cfg, &a, &file)?;
     if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
@@ -571,6 +579,33 @@ mod tests {
         assert!(e.to_string().contains("max-messages-per-sec"), "{e}");
         let e = parse(&["--message-mac"]).expect_err("no secret");
         assert!(e.to_string().contains("--message-mac"), "{e}");
+    }
+
+    #[test]
+    fn durability_comes_from_its_flag_else_the_file_and_a_bad_value_is_refused() {
+        use tether_coordinator::store::Durability;
+        let dir = tempfile::tempdir().expect("dir");
+        let toml = file(dir.path(), "[coordinator]\ndurability = \"machine\"\n");
+        let with_file = |flags: &[&str]| {
+            let c = Coord::try_parse_from(["t"].iter().chain(flags)).expect("flags");
+            let f = settings::load(Some(&toml)).expect("file").coordinator;
+            coordinator_config(c.a, f).expect("config").durability
+        };
+        assert_eq!(with_file(&[]), Durability::Machine);
+        assert_eq!(with_file(&["--durability", "process"]), Durability::Process);
+        let c = Coord::try_parse_from(["t"]).expect("no flags");
+        let cfg = coordinator_config(c.a, Default::default()).expect("config");
+        assert_eq!(cfg.durability, Durability::Process, "the default");
+        let e = Coord::try_parse_from(["t", "--durability", "disk"])
+            .err()
+            .expect("refused");
+        assert!(
+            e.to_string().contains("expected `process` or `machine`"),
+            "{e}"
+        );
+        let bad = file(dir.path(), "[coordinator]\ndurability = \"disk\"\n");
+        let e = settings::load(Some(&bad)).expect_err("refused in the file");
+        assert!(format!("{e:#}").contains("durability"), "{e:#}");
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub struct CoordinatorFile {
     pub max_checkpoint_bytes: Option<u64>,
     pub admin_token_file: Option<PathBuf>,
     pub read_token_file: Option<PathBuf>,
+    pub durability: Option<tether_coordinator::store::Durability>,
 }
 
 #[derive(Debug, Default, Deserialize)]

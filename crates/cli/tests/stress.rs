@@ -93,8 +93,16 @@ fn steady_load_keeps_tasks_flowing_while_workers_leave_and_join() {
         "2s",
         "--churn",
         "0.2",
+        "--durability",
+        "machine",
     ]);
     assert!(r["tasks_per_s"].as_f64().unwrap_or(0.0) > 0.0);
+    assert!(
+        r["durability"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("machine")),
+        "{r}"
+    );
 }
 
 #[test]

@@ -101,6 +101,8 @@ pub struct CoordinatorConfig {
     pub compress_threshold: usize,
     /// Agree to batch frames when a worker offers them.
     pub batching: bool,
+    /// What an acknowledged commit survives.
+    pub durability: crate::store::Durability,
 }
 
 impl CoordinatorConfig {
@@ -125,6 +127,7 @@ impl CoordinatorConfig {
             compression: true,
             compress_threshold: tether_proto::compress::DEFAULT_THRESHOLD,
             batching: true,
+            durability: crate::store::Durability::Process,
         }
     }
 

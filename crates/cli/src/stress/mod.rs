@@ -119,6 +119,10 @@ pub struct StressArgs {
     /// the report says so. 0 (the default): the same priority.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=19))]
     pub fleet_nice: u8,
+    /// What the coordinator's acknowledged commits survive: `process` (the default) or
+    /// `machine` (one fsync per group commit), to measure what the second costs.
+    #[arg(long, default_value = "process")]
+    pub durability: tether_coordinator::store::Durability,
     /// Workers do not offer batch frames: one message per frame, to compare.
     #[arg(long)]
     pub no_batching: bool,

@@ -25,6 +25,7 @@ pub struct CoordOpts {
     pub message_mac: bool,
     /// The coordinator serves TLS with these files.
     pub tls: Option<TlsFiles>,
+    pub durability: tether_coordinator::store::Durability,
 }
 
 /// A coordinator certificate, its key, and the CA that signed it (`tether cert`).
@@ -142,19 +143,23 @@ impl Coordinator {
             .open(&self.log)
             .context("opening the coordinator log")?;
         let d = |d: Duration| format!("{}ms", d.as_millis());
-        let mut security = Vec::new();
+        let mut flags = Vec::new();
         if let Some(f) = &self.opts.secret_file {
-            security.push("--secret-file".into());
-            security.push(f.clone().into_os_string());
+            flags.push("--secret-file".into());
+            flags.push(f.clone().into_os_string());
         }
         if self.opts.message_mac {
-            security.push("--message-mac".into());
+            flags.push("--message-mac".into());
+        }
+        if self.opts.durability == tether_coordinator::store::Durability::Machine {
+            flags.push("--durability".into());
+            flags.push("machine".into());
         }
         if let Some(t) = &self.opts.tls {
-            security.push("--tls-cert".into());
-            security.push(t.cert.clone().into_os_string());
-            security.push("--tls-key".into());
-            security.push(t.key.clone().into_os_string());
+            flags.push("--tls-cert".into());
+            flags.push(t.cert.clone().into_os_string());
+            flags.push("--tls-key".into());
+            flags.push(t.key.clone().into_os_string());
         }
         let child = Proc::new(&self.exe)
             .arg("--log")
@@ -170,7 +175,7 @@ impl Coordinator {
             .arg(d(self.opts.heartbeat_timeout))
             .arg("--lost-after")
             .arg(d(self.opts.lost_after))
-            .args(security)
+            .args(flags)
             .env_remove("TETHER_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

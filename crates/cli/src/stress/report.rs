@@ -61,6 +61,8 @@ pub struct Report {
     /// How the coordinator saw the run's sessions: authenticated or not, tagged or not, over
     /// TLS or not.
     pub security: String,
+    /// What the coordinator's acknowledged commits survive (`--durability`).
+    pub durability: String,
     /// Sessions whose frames carried integrity tags (the coordinator's `mac_sessions`).
     pub mac_sessions: Option<u64>,
     pub elapsed_s: f64,
@@ -166,6 +168,7 @@ impl Report {
             )
         };
         row("security", self.security.clone());
+        row("durability", self.durability.clone());
         if let Some(v) = self.mac_sessions.filter(|&n| n > 0) {
             row("sessions with integrity tags", v.to_string());
         }

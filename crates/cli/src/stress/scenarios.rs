@@ -124,6 +124,7 @@ impl Run {
                 secret_file: auth.then(|| secret_file.clone()),
                 message_mac: a.message_mac,
                 tls: tls.clone(),
+                durability: a.durability,
             },
         )
         .await?;
@@ -189,6 +190,13 @@ impl Run {
             scenario: a.scenario.name().into(),
             workers,
             command,
+            durability: match a.durability {
+                tether_coordinator::store::Durability::Process => "process",
+                tether_coordinator::store::Durability::Machine => {
+                    "machine (fsync per group commit)"
+                }
+            }
+            .into(),
             ..Report::default()
         };
         if a.fleet_nice > 0 {

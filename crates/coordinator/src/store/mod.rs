@@ -214,6 +214,41 @@ pub struct Loaded {
     pub complete_checkpoints: Vec<(TaskId, CheckpointId)>,
 }
 
+/// What an acknowledged commit survives (docs/OPERATIONS.md, "Durability").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// The death of the coordinator's process (SQLite `synchronous = NORMAL`: the WAL is
+    /// written before the ack and synced at each checkpoint pass, every 100 ms).
+    #[default]
+    Process,
+    /// Also a crash of the machine or a power loss (`synchronous = FULL`: one fsync of the WAL
+    /// per group commit, before its acks).
+    Machine,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "process" => Ok(Durability::Process),
+            "machine" => Ok(Durability::Machine),
+            other => Err(format!(
+                "unknown durability {other:?}: expected `process` or `machine`"
+            )),
+        }
+    }
+}
+
+/// Sets what the commits of the writer's connection `conn` survive.
+pub fn set_durability(conn: &Connection, d: Durability) -> rusqlite::Result<()> {
+    conn.execute_batch(match d {
+        Durability::Process => "PRAGMA synchronous = NORMAL;",
+        Durability::Machine => "PRAGMA synchronous = FULL;",
+    })
+}
+
 /// Opens (creating if needed) the database in `dir`, checks and migrates it, and loads it.
 pub fn open(dir: &Path) -> Result<(Connection, Loaded), StoreError> {
     std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {

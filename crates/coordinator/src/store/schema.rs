@@ -127,8 +127,8 @@ pub(super) fn open_checked(path: &Path) -> Result<Connection, StoreError> {
         path: path.to_owned(),
         source,
     };
-    // WAL with synchronous=NORMAL: a commit survives the death of the process (kill -9); see
-    // docs/OPERATIONS.md for power-loss durability.
+    // WAL with synchronous=NORMAL: a commit survives the death of the process (kill -9);
+    // `--durability machine` sets FULL (super::set_durability; docs/OPERATIONS.md).
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = OFF; PRAGMA busy_timeout = 5000;",
     )

@@ -96,6 +96,25 @@ fn a_new_data_directory_gets_the_current_schema_and_reopens() {
 }
 
 #[test]
+fn durability_machine_makes_every_commit_sync_the_wal_and_process_does_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (conn, _) = open(dir.path()).expect("open");
+    let sync = |conn: &Connection| -> i64 {
+        conn.query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .expect("synchronous")
+    };
+    // SQLite: 1 = NORMAL (the WAL synced at checkpoints only), 2 = FULL (at every commit).
+    assert_eq!(sync(&conn), 1, "the default survives the process's death");
+    set_durability(&conn, Durability::Machine).expect("machine");
+    assert_eq!(sync(&conn), 2);
+    set_durability(&conn, Durability::Process).expect("process");
+    assert_eq!(sync(&conn), 1);
+    assert_eq!("machine".parse(), Ok(Durability::Machine));
+    let e = "disk".parse::<Durability>().expect_err("unknown");
+    assert!(e.contains("process") && e.contains("machine"), "{e}");
+}
+
+#[test]
 fn a_database_written_by_a_newer_version_is_refused_and_left_untouched() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
