@@ -63,6 +63,19 @@ fn inflate_with(
     bytes: &[u8],
     limit: usize,
 ) -> Result<String, InflateError> {
+    // A frame of ours says how long its content is: inflated in one call into a buffer of
+    // that size when within the limit (streaming through the decoder's buffers into a growing
+    // string was a third of the coordinator's inflating). Anything else streams, bounded.
+    if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(bytes)
+        && size <= limit as u64
+    {
+        let mut out = Vec::with_capacity(size as usize);
+        if ctx.decompress(&mut out, bytes).is_ok() {
+            return String::from_utf8(out).map_err(|_| InflateError::NotUtf8);
+        }
+        ctx.reset(ResetDirective::SessionOnly)
+            .map_err(|code| InflateError::Corrupt(zstd::zstd_safe::get_error_name(code).into()))?;
+    }
     let decoder = zstd::stream::read::Decoder::with_context(bytes, ctx);
     let mut out = Vec::new();
     // One byte past the limit tells "exactly at the limit" from "over it".
@@ -112,6 +125,41 @@ mod tests {
         ));
         let latin1 = zstd::bulk::compress(&[0xff, 0xfe], 1).expect("compress");
         assert_eq!(inflate(&latin1, 1024), Err(InflateError::NotUtf8));
+    }
+
+    #[test]
+    fn frames_without_their_size_or_several_in_a_row_inflate_whole_and_bounded() {
+        let a = format!(r#"{{"type":"task_state","state":"{}"}}"#, "ab".repeat(900));
+        let b = format!(r#"{{"type":"telemetry","x":"{}"}}"#, "cd".repeat(700));
+        // Two frames in a row: the first one's size is not the whole.
+        let two = [deflate(&a), deflate(&b)].concat();
+        assert_eq!(inflate(&two, 1 << 20), Ok(format!("{a}{b}")));
+        assert_eq!(
+            inflate(&two, a.len() + 10),
+            Err(InflateError::TooBig {
+                limit: a.len() + 10
+            })
+        );
+        // A frame that does not say its size.
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 1).expect("encoder");
+        enc.include_contentsize(false).expect("no size");
+        std::io::Write::write_all(&mut enc, a.as_bytes()).expect("write");
+        let streamed = enc.finish().expect("finish");
+        assert!(matches!(
+            zstd::zstd_safe::get_frame_content_size(&streamed),
+            Ok(None)
+        ));
+        assert_eq!(inflate(&streamed, 1 << 20), Ok(a.clone()));
+        assert_eq!(
+            inflate(&streamed, 100),
+            Err(InflateError::TooBig { limit: 100 })
+        );
+        // Exactly at the limit is within it.
+        assert_eq!(inflate(&deflate(&a), a.len()), Ok(a.clone()));
+        assert_eq!(
+            inflate(&deflate(&a), a.len() - 1),
+            Err(InflateError::TooBig { limit: a.len() - 1 })
+        );
     }
 
     #[test]
