@@ -10,7 +10,8 @@
 use std::borrow::Cow;
 
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{DeserializeOwned, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use crate::msg::{COORD_MSG_TYPES, CoordMsg, WORKER_MSG_TYPES, WorkerMsg};
 
@@ -47,25 +48,21 @@ impl DecodeError {
 
 /// Decodes a worker frame.
 pub fn decode_worker(text: &str) -> Result<WorkerMsg, DecodeError> {
-    decode_typed(text, WORKER_MSG_TYPES, worker_variant)
+    decode_typed(text)
 }
 
 /// Decodes a coordinator frame.
 pub fn decode_coord(text: &str) -> Result<CoordMsg, DecodeError> {
-    decode_typed(text, COORD_MSG_TYPES, coord_variant)
+    decode_typed(text)
 }
 
 /// Decodes straight into the variant named by the message's `type` (see [`type_of`]); a
 /// message without a known type takes the slow path, which tells what is wrong with it.
-fn decode_typed<T: DeserializeOwned>(
-    text: &str,
-    known: &[&str],
-    variant: Variant<T>,
-) -> Result<T, DecodeError> {
-    match type_of(text).and_then(|ty| variant(&ty, text)) {
+fn decode_typed<T: Typed>(text: &str) -> Result<T, DecodeError> {
+    match type_of(text).and_then(|ty| T::from_text(&ty, text)) {
         Some(Ok(m)) => Ok(m),
-        Some(Err(e)) => Err(classify(text, known, e)),
-        None => decode(text, known),
+        Some(Err(e)) => Err(classify(text, T::TYPES, e)),
+        None => decode(text, T::TYPES),
     }
 }
 
@@ -90,56 +87,76 @@ fn type_of(text: &str) -> Option<Cow<'_, str>> {
     serde_json::from_str::<Tag<'_>>(text).ok().map(|t| t.ty)
 }
 
-/// Decodes the message of a type (first argument) from its text (second); `None` for a type
-/// this side does not know.
-type Variant<T> = fn(&str, &str) -> Option<serde_json::Result<T>>;
+/// A message enum whose variants are told apart by the `type` key.
+trait Typed: DeserializeOwned {
+    /// The names of its types, as in [`WORKER_MSG_TYPES`].
+    const TYPES: &'static [&'static str];
 
-/// Decodes the worker message of type `ty`; `None` for a type this side does not know.
-fn worker_variant(ty: &str, text: &str) -> Option<serde_json::Result<WorkerMsg>> {
-    use serde_json::from_str as de;
-    Some(match ty {
-        "registration" => de(text).map(WorkerMsg::Registration),
-        "heartbeat" => de(text).map(WorkerMsg::Heartbeat),
-        "task_result" => de(text).map(WorkerMsg::TaskResult),
-        "task_state" => de(text).map(WorkerMsg::TaskState),
-        "checkpoint" => de(text).map(WorkerMsg::Checkpoint),
-        "checkpoint_data" => de(text).map(WorkerMsg::CheckpointData),
-        "checkpoint_error" => de(text).map(WorkerMsg::CheckpointError),
-        "state_error" => de(text).map(WorkerMsg::StateError),
-        "task_cancelled" => de(text).map(WorkerMsg::TaskCancelled),
-        "task_paused" => de(text).map(WorkerMsg::TaskPaused),
-        "task_resumed" => de(text).map(WorkerMsg::TaskResumed),
-        "telemetry" => de(text).map(WorkerMsg::Telemetry),
-        "error" => de(text).map(WorkerMsg::Error),
-        _ => return None,
-    })
+    /// Decodes the variant of type `ty` from `d` (which may or may not still hold the `type`
+    /// key: the variants' structs ignore it like any unknown field); `None` for a type this
+    /// side does not know.
+    fn variant<'de, D: Deserializer<'de>>(ty: &str, d: D) -> Option<Result<Self, D::Error>>;
+
+    /// [`Typed::variant`] from a message's whole text.
+    fn from_text(ty: &str, text: &str) -> Option<serde_json::Result<Self>> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let m = Self::variant(ty, &mut de)?;
+        Some(m.and_then(|m| de.end().map(|()| m)))
+    }
 }
 
-/// Decodes the coordinator message of type `ty`; `None` for a type this side does not know.
-fn coord_variant(ty: &str, text: &str) -> Option<serde_json::Result<CoordMsg>> {
-    use serde_json::from_str as de;
-    Some(match ty {
-        "welcome" => de(text).map(CoordMsg::Welcome),
-        "registration_ack" => de(text).map(CoordMsg::RegistrationAck),
-        "heartbeat" => de(text).map(CoordMsg::Heartbeat),
-        "task_assignment" => de(text).map(CoordMsg::TaskAssignment),
-        "task_result_ack" => de(text).map(CoordMsg::TaskResultAck),
-        "task_state_ack" => de(text).map(CoordMsg::TaskStateAck),
-        "checkpoint_ack" => de(text).map(CoordMsg::CheckpointAck),
-        "checkpoint_data_ack" => de(text).map(CoordMsg::CheckpointDataAck),
-        "task_cancelled_ack" => de(text).map(CoordMsg::TaskCancelledAck),
-        "task_paused_ack" => de(text).map(CoordMsg::TaskPausedAck),
-        "task_resumed_ack" => de(text).map(CoordMsg::TaskResumedAck),
-        "telemetry_ack" => de(text).map(CoordMsg::TelemetryAck),
-        "acks" => de(text).map(CoordMsg::Acks),
-        "checkpoint_request" => de(text).map(CoordMsg::CheckpointRequest),
-        "state_request" => de(text).map(CoordMsg::StateRequest),
-        "cancel_task" => de(text).map(CoordMsg::CancelTask),
-        "pause_task" => de(text).map(CoordMsg::PauseTask),
-        "resume_task" => de(text).map(CoordMsg::ResumeTask),
-        "error" => de(text).map(CoordMsg::Error),
-        _ => return None,
-    })
+impl Typed for WorkerMsg {
+    const TYPES: &'static [&'static str] = WORKER_MSG_TYPES;
+
+    fn variant<'de, D: Deserializer<'de>>(ty: &str, d: D) -> Option<Result<Self, D::Error>> {
+        use serde::Deserialize as D_;
+        Some(match ty {
+            "registration" => D_::deserialize(d).map(WorkerMsg::Registration),
+            "heartbeat" => D_::deserialize(d).map(WorkerMsg::Heartbeat),
+            "task_result" => D_::deserialize(d).map(WorkerMsg::TaskResult),
+            "task_state" => D_::deserialize(d).map(WorkerMsg::TaskState),
+            "checkpoint" => D_::deserialize(d).map(WorkerMsg::Checkpoint),
+            "checkpoint_data" => D_::deserialize(d).map(WorkerMsg::CheckpointData),
+            "checkpoint_error" => D_::deserialize(d).map(WorkerMsg::CheckpointError),
+            "state_error" => D_::deserialize(d).map(WorkerMsg::StateError),
+            "task_cancelled" => D_::deserialize(d).map(WorkerMsg::TaskCancelled),
+            "task_paused" => D_::deserialize(d).map(WorkerMsg::TaskPaused),
+            "task_resumed" => D_::deserialize(d).map(WorkerMsg::TaskResumed),
+            "telemetry" => D_::deserialize(d).map(WorkerMsg::Telemetry),
+            "error" => D_::deserialize(d).map(WorkerMsg::Error),
+            _ => return None,
+        })
+    }
+}
+
+impl Typed for CoordMsg {
+    const TYPES: &'static [&'static str] = COORD_MSG_TYPES;
+
+    fn variant<'de, D: Deserializer<'de>>(ty: &str, d: D) -> Option<Result<Self, D::Error>> {
+        use serde::Deserialize as D_;
+        Some(match ty {
+            "welcome" => D_::deserialize(d).map(CoordMsg::Welcome),
+            "registration_ack" => D_::deserialize(d).map(CoordMsg::RegistrationAck),
+            "heartbeat" => D_::deserialize(d).map(CoordMsg::Heartbeat),
+            "task_assignment" => D_::deserialize(d).map(CoordMsg::TaskAssignment),
+            "task_result_ack" => D_::deserialize(d).map(CoordMsg::TaskResultAck),
+            "task_state_ack" => D_::deserialize(d).map(CoordMsg::TaskStateAck),
+            "checkpoint_ack" => D_::deserialize(d).map(CoordMsg::CheckpointAck),
+            "checkpoint_data_ack" => D_::deserialize(d).map(CoordMsg::CheckpointDataAck),
+            "task_cancelled_ack" => D_::deserialize(d).map(CoordMsg::TaskCancelledAck),
+            "task_paused_ack" => D_::deserialize(d).map(CoordMsg::TaskPausedAck),
+            "task_resumed_ack" => D_::deserialize(d).map(CoordMsg::TaskResumedAck),
+            "telemetry_ack" => D_::deserialize(d).map(CoordMsg::TelemetryAck),
+            "acks" => D_::deserialize(d).map(CoordMsg::Acks),
+            "checkpoint_request" => D_::deserialize(d).map(CoordMsg::CheckpointRequest),
+            "state_request" => D_::deserialize(d).map(CoordMsg::StateRequest),
+            "cancel_task" => D_::deserialize(d).map(CoordMsg::CancelTask),
+            "pause_task" => D_::deserialize(d).map(CoordMsg::PauseTask),
+            "resume_task" => D_::deserialize(d).map(CoordMsg::ResumeTask),
+            "error" => D_::deserialize(d).map(CoordMsg::Error),
+            _ => return None,
+        })
+    }
 }
 
 /// Encodes a message as frame text.
@@ -171,7 +188,7 @@ pub fn decode_worker_batch(
     text: &str,
     max_messages: u32,
 ) -> Result<Vec<Result<WorkerMsg, DecodeError>>, DecodeError> {
-    decode_batch(text, max_messages, WORKER_MSG_TYPES, worker_variant)
+    decode_batch(text, max_messages)
 }
 
 /// Decodes a batch of coordinator messages: each element decoded on its own, in order.
@@ -179,18 +196,32 @@ pub fn decode_coord_batch(
     text: &str,
     max_messages: u32,
 ) -> Result<Vec<Result<CoordMsg, DecodeError>>, DecodeError> {
-    decode_batch(text, max_messages, COORD_MSG_TYPES, coord_variant)
+    decode_batch(text, max_messages)
 }
 
-/// Splits a batch into its elements without decoding them (one pass over the text), then
-/// decodes each. The batch itself fails when it is not an array of 1 to `max_messages`
-/// elements.
-fn decode_batch<T: DeserializeOwned>(
+/// Decodes a batch in one pass over its text when every element is a message of a known type
+/// with its `type` first, as every batch this crate encodes is. Otherwise (or when any element
+/// is bad) it splits the batch into its elements without decoding them, then decodes each, so
+/// that each bad one is refused alone. The batch itself fails when it is not an array of 1 to
+/// `max_messages` elements.
+fn decode_batch<T: Typed>(
     text: &str,
     max_messages: u32,
-    known: &[&str],
-    variant: Variant<T>,
 ) -> Result<Vec<Result<T, DecodeError>>, DecodeError> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let one_pass = serde::Deserializer::deserialize_seq(
+        &mut de,
+        OnePass::<T> {
+            max: max_messages as usize,
+            of: std::marker::PhantomData,
+        },
+    )
+    .and_then(|msgs| de.end().map(|()| msgs));
+    if let Ok(msgs) = one_pass
+        && !msgs.is_empty()
+    {
+        return Ok(msgs.into_iter().map(Ok).collect());
+    }
     let malformed = |reason: String| DecodeError::Malformed {
         ty: None,
         seq: None,
@@ -207,10 +238,63 @@ fn decode_batch<T: DeserializeOwned>(
             parts.len()
         )));
     }
-    Ok(parts
-        .into_iter()
-        .map(|p| decode_typed(p.get(), known, variant))
-        .collect())
+    Ok(parts.into_iter().map(|p| decode_typed(p.get())).collect())
+}
+
+/// The one pass of [`decode_batch`]: up to `max` elements, each decoded straight into the
+/// variant its first key names. Any surprise is an error, and the batch takes the slow path.
+struct OnePass<T> {
+    max: usize,
+    of: std::marker::PhantomData<T>,
+}
+
+impl<'de, T: Typed> Visitor<'de> for OnePass<T> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of messages")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        let mut out = Vec::new();
+        while let Some(m) = seq.next_element_seed(Element(std::marker::PhantomData))? {
+            if out.len() == self.max {
+                return Err(serde::de::Error::custom("too many messages"));
+            }
+            out.push(m);
+        }
+        Ok(out)
+    }
+}
+
+/// One element of [`OnePass`]: an object whose first key is `type`.
+struct Element<T>(std::marker::PhantomData<T>);
+
+impl<'de, T: Typed> DeserializeSeed<'de> for Element<T> {
+    type Value = T;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, T: Typed> Visitor<'de> for Element<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a message with its type first")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<T, A::Error> {
+        use serde::de::Error;
+        // Borrowed: a key or type with escapes fails here and takes the slow path.
+        if map.next_key::<&'de str>()? != Some("type") {
+            return Err(A::Error::custom("type not first"));
+        }
+        let ty: &'de str = map.next_value()?;
+        T::variant(ty, MapAccessDeserializer::new(map))
+            .unwrap_or_else(|| Err(A::Error::custom("unknown type")))
+    }
 }
 
 /// Builds one frame's text from several messages: the message itself when there is one, a
@@ -497,7 +581,7 @@ mod tests {
         for m in samples::worker_messages() {
             let text = encode(&m);
             assert_eq!(type_of(&text).as_deref(), Some(m.type_name()));
-            let direct = worker_variant(m.type_name(), &text).expect("a known type");
+            let direct = WorkerMsg::from_text(m.type_name(), &text).expect("a known type");
             assert_eq!(direct.expect("decodes"), m);
             // The same message with `type` last, and with spaces: the slow way to the type.
             let mut v: serde_json::Value = serde_json::from_str(&text).expect("json");
@@ -513,7 +597,7 @@ mod tests {
         }
         for m in samples::coord_messages() {
             let text = encode(&m);
-            let direct = coord_variant(m.type_name(), &text).expect("a known type");
+            let direct = CoordMsg::from_text(m.type_name(), &text).expect("a known type");
             assert_eq!(direct.expect("decodes"), m);
         }
         let escaped = r#"{"type":"heart\u0062eat","sequence":1,"active_tasks":[],"timestamp":"2026-01-01T00:00:00Z"}"#;
@@ -521,6 +605,68 @@ mod tests {
             decode_worker(escaped),
             Ok(WorkerMsg::Heartbeat(_))
         ));
+    }
+
+    /// Every sample message in a batch, each with its `type` first (one pass) and moved last
+    /// (the slow path), decodes to the message itself, on both sides.
+    #[test]
+    fn a_batch_decodes_the_same_in_one_pass_and_element_by_element() {
+        fn type_last(text: &str) -> String {
+            let mut v: serde_json::Value = serde_json::from_str(text).expect("json");
+            let o = v.as_object_mut().expect("object");
+            let ty = o.remove("type").expect("type");
+            o.insert("type".into(), ty);
+            v.to_string()
+        }
+        let worker = samples::worker_messages();
+        let texts: Vec<String> = worker.iter().map(encode).collect();
+        let batch = format!("[{}]", texts.join(","));
+        let want: Vec<_> = worker.iter().cloned().map(Ok).collect();
+        assert_eq!(decode_worker_batch(&batch, 256), Ok(want.clone()));
+        // The one pass itself, not only its fallback, reads this batch.
+        let mut de = serde_json::Deserializer::from_str(&batch);
+        let one: Vec<WorkerMsg> = serde::Deserializer::deserialize_seq(
+            &mut de,
+            OnePass::<WorkerMsg> {
+                max: 256,
+                of: std::marker::PhantomData,
+            },
+        )
+        .expect("one pass");
+        assert_eq!(one, worker);
+        let moved: Vec<String> = texts.iter().map(|t| type_last(t)).collect();
+        let slow = format!("[{}]", moved.join(","));
+        assert_eq!(decode_worker_batch(&slow, 256), Ok(want));
+        let coord = samples::coord_messages();
+        let texts: Vec<String> = coord.iter().map(encode).collect();
+        let batch = format!("[ {} ]", texts.join(" , "));
+        let want: Vec<_> = coord.into_iter().map(Ok).collect();
+        assert_eq!(decode_coord_batch(&batch, 256), Ok(want));
+    }
+
+    /// A bad element makes the one pass give up; the slow path then refuses that element alone,
+    /// and the bounds of the batch hold either way.
+    #[test]
+    fn a_batch_with_a_bad_element_refuses_it_alone_and_the_bounds_hold() {
+        let good = encode(&samples::worker_messages()[1]);
+        let unknown = r#"{"type":"from_the_future","seq":7}"#;
+        let broken = r#"{"type":"heartbeat","sequence":"not a number"}"#;
+        let batch = format!("[{good},{unknown},{good},{broken}]");
+        let out = decode_worker_batch(&batch, 256).expect("a batch");
+        assert_eq!(out.len(), 4);
+        assert!(out[0].is_ok() && out[2].is_ok());
+        assert!(
+            matches!(&out[1], Err(DecodeError::UnknownType { ty, .. }) if ty == "from_the_future")
+        );
+        assert!(matches!(&out[3], Err(DecodeError::Malformed { .. })));
+        let three = format!("[{good},{good},{good}]");
+        assert_eq!(decode_worker_batch(&three, 3).map(|v| v.len()), Ok(3));
+        let e = decode_worker_batch(&three, 2).expect_err("over the limit");
+        assert!(e.to_string().contains("exceeds the limit of 2"), "{e}");
+        let e = decode_worker_batch("[]", 2).expect_err("empty");
+        assert!(e.to_string().contains("empty batch"), "{e}");
+        let e = decode_worker_batch(&format!("[{good}] trailing"), 2).expect_err("trailing");
+        assert!(e.to_string().contains("not a batch"), "{e}");
     }
 
     #[test]
