@@ -109,21 +109,20 @@ impl Typed for WorkerMsg {
     const TYPES: &'static [&'static str] = WORKER_MSG_TYPES;
 
     fn variant<'de, D: Deserializer<'de>>(ty: &str, d: D) -> Option<Result<Self, D::Error>> {
-        use serde::Deserialize as D_;
         Some(match ty {
-            "registration" => D_::deserialize(d).map(WorkerMsg::Registration),
-            "heartbeat" => D_::deserialize(d).map(WorkerMsg::Heartbeat),
-            "task_result" => D_::deserialize(d).map(WorkerMsg::TaskResult),
-            "task_state" => D_::deserialize(d).map(WorkerMsg::TaskState),
-            "checkpoint" => D_::deserialize(d).map(WorkerMsg::Checkpoint),
-            "checkpoint_data" => D_::deserialize(d).map(WorkerMsg::CheckpointData),
-            "checkpoint_error" => D_::deserialize(d).map(WorkerMsg::CheckpointError),
-            "state_error" => D_::deserialize(d).map(WorkerMsg::StateError),
-            "task_cancelled" => D_::deserialize(d).map(WorkerMsg::TaskCancelled),
-            "task_paused" => D_::deserialize(d).map(WorkerMsg::TaskPaused),
-            "task_resumed" => D_::deserialize(d).map(WorkerMsg::TaskResumed),
-            "telemetry" => D_::deserialize(d).map(WorkerMsg::Telemetry),
-            "error" => D_::deserialize(d).map(WorkerMsg::Error),
+            "registration" => Deserialize::deserialize(d).map(WorkerMsg::Registration),
+            "heartbeat" => Deserialize::deserialize(d).map(WorkerMsg::Heartbeat),
+            "task_result" => Deserialize::deserialize(d).map(WorkerMsg::TaskResult),
+            "task_state" => Deserialize::deserialize(d).map(WorkerMsg::TaskState),
+            "checkpoint" => Deserialize::deserialize(d).map(WorkerMsg::Checkpoint),
+            "checkpoint_data" => Deserialize::deserialize(d).map(WorkerMsg::CheckpointData),
+            "checkpoint_error" => Deserialize::deserialize(d).map(WorkerMsg::CheckpointError),
+            "state_error" => Deserialize::deserialize(d).map(WorkerMsg::StateError),
+            "task_cancelled" => Deserialize::deserialize(d).map(WorkerMsg::TaskCancelled),
+            "task_paused" => Deserialize::deserialize(d).map(WorkerMsg::TaskPaused),
+            "task_resumed" => Deserialize::deserialize(d).map(WorkerMsg::TaskResumed),
+            "telemetry" => Deserialize::deserialize(d).map(WorkerMsg::Telemetry),
+            "error" => Deserialize::deserialize(d).map(WorkerMsg::Error),
             _ => return None,
         })
     }
@@ -133,27 +132,26 @@ impl Typed for CoordMsg {
     const TYPES: &'static [&'static str] = COORD_MSG_TYPES;
 
     fn variant<'de, D: Deserializer<'de>>(ty: &str, d: D) -> Option<Result<Self, D::Error>> {
-        use serde::Deserialize as D_;
         Some(match ty {
-            "welcome" => D_::deserialize(d).map(CoordMsg::Welcome),
-            "registration_ack" => D_::deserialize(d).map(CoordMsg::RegistrationAck),
-            "heartbeat" => D_::deserialize(d).map(CoordMsg::Heartbeat),
-            "task_assignment" => D_::deserialize(d).map(CoordMsg::TaskAssignment),
-            "task_result_ack" => D_::deserialize(d).map(CoordMsg::TaskResultAck),
-            "task_state_ack" => D_::deserialize(d).map(CoordMsg::TaskStateAck),
-            "checkpoint_ack" => D_::deserialize(d).map(CoordMsg::CheckpointAck),
-            "checkpoint_data_ack" => D_::deserialize(d).map(CoordMsg::CheckpointDataAck),
-            "task_cancelled_ack" => D_::deserialize(d).map(CoordMsg::TaskCancelledAck),
-            "task_paused_ack" => D_::deserialize(d).map(CoordMsg::TaskPausedAck),
-            "task_resumed_ack" => D_::deserialize(d).map(CoordMsg::TaskResumedAck),
-            "telemetry_ack" => D_::deserialize(d).map(CoordMsg::TelemetryAck),
-            "acks" => D_::deserialize(d).map(CoordMsg::Acks),
-            "checkpoint_request" => D_::deserialize(d).map(CoordMsg::CheckpointRequest),
-            "state_request" => D_::deserialize(d).map(CoordMsg::StateRequest),
-            "cancel_task" => D_::deserialize(d).map(CoordMsg::CancelTask),
-            "pause_task" => D_::deserialize(d).map(CoordMsg::PauseTask),
-            "resume_task" => D_::deserialize(d).map(CoordMsg::ResumeTask),
-            "error" => D_::deserialize(d).map(CoordMsg::Error),
+            "welcome" => Deserialize::deserialize(d).map(CoordMsg::Welcome),
+            "registration_ack" => Deserialize::deserialize(d).map(CoordMsg::RegistrationAck),
+            "heartbeat" => Deserialize::deserialize(d).map(CoordMsg::Heartbeat),
+            "task_assignment" => Deserialize::deserialize(d).map(CoordMsg::TaskAssignment),
+            "task_result_ack" => Deserialize::deserialize(d).map(CoordMsg::TaskResultAck),
+            "task_state_ack" => Deserialize::deserialize(d).map(CoordMsg::TaskStateAck),
+            "checkpoint_ack" => Deserialize::deserialize(d).map(CoordMsg::CheckpointAck),
+            "checkpoint_data_ack" => Deserialize::deserialize(d).map(CoordMsg::CheckpointDataAck),
+            "task_cancelled_ack" => Deserialize::deserialize(d).map(CoordMsg::TaskCancelledAck),
+            "task_paused_ack" => Deserialize::deserialize(d).map(CoordMsg::TaskPausedAck),
+            "task_resumed_ack" => Deserialize::deserialize(d).map(CoordMsg::TaskResumedAck),
+            "telemetry_ack" => Deserialize::deserialize(d).map(CoordMsg::TelemetryAck),
+            "acks" => Deserialize::deserialize(d).map(CoordMsg::Acks),
+            "checkpoint_request" => Deserialize::deserialize(d).map(CoordMsg::CheckpointRequest),
+            "state_request" => Deserialize::deserialize(d).map(CoordMsg::StateRequest),
+            "cancel_task" => Deserialize::deserialize(d).map(CoordMsg::CancelTask),
+            "pause_task" => Deserialize::deserialize(d).map(CoordMsg::PauseTask),
+            "resume_task" => Deserialize::deserialize(d).map(CoordMsg::ResumeTask),
+            "error" => Deserialize::deserialize(d).map(CoordMsg::Error),
             _ => return None,
         })
     }

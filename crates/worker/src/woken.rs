@@ -111,13 +111,21 @@ mod tests {
         waker: Mutex<Option<Waker>>,
     }
 
+    impl Probe {
+        /// Wakes whatever polled it last.
+        fn wake(&self) {
+            let waker = self.waker.lock().expect("lock").take();
+            waker.expect("polled").wake();
+        }
+    }
+
     struct Polls(Arc<Probe>);
 
     impl Future for Polls {
         type Output = ();
         fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
             self.0.polls.fetch_add(1, Ordering::SeqCst);
-            *self.0.waker.lock().unwrap() = Some(cx.waker().clone());
+            *self.0.waker.lock().expect("lock") = Some(cx.waker().clone());
             match self.0.ready.load(Ordering::SeqCst) {
                 true => Poll::Ready(()),
                 false => Poll::Pending,
@@ -135,14 +143,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_inner_future_is_polled_again_only_after_it_woke_the_task() {
+    /// A wrapped [`Probe`], the task that polls it, and that task's waker.
+    fn wrapped() -> (WhenWoken<Polls>, Arc<Probe>, Arc<Task>, Waker) {
         let probe = Arc::new(Probe::default());
         let task = Arc::new(Task::default());
         let waker = Waker::from(task.clone());
-        let mut cx = Context::from_waker(&waker);
-        let mut fut = when_woken(Polls(probe.clone()));
+        (when_woken(Polls(probe.clone())), probe, task, waker)
+    }
 
+    #[test]
+    fn the_inner_future_is_polled_again_only_after_it_woke_the_task() {
+        let (mut fut, probe, task, waker) = wrapped();
+        let mut cx = Context::from_waker(&waker);
         assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
         assert_eq!(probe.polls.load(Ordering::SeqCst), 1);
         // The task wakes for other reasons: the inner future is left alone.
@@ -154,7 +166,7 @@ mod tests {
 
         // Its own wake-up wakes the task, and the next poll reaches it.
         probe.ready.store(true, Ordering::SeqCst);
-        probe.waker.lock().unwrap().take().unwrap().wake();
+        probe.wake();
         assert_eq!(task.0.load(Ordering::SeqCst), 1);
         assert!(Pin::new(&mut fut).poll(&mut cx).is_ready());
         assert_eq!(probe.polls.load(Ordering::SeqCst), 2);
@@ -162,14 +174,11 @@ mod tests {
 
     #[test]
     fn every_wake_up_reaches_the_task_not_only_the_first() {
-        let probe = Arc::new(Probe::default());
-        let task = Arc::new(Task::default());
-        let waker = Waker::from(task.clone());
+        let (mut fut, probe, task, waker) = wrapped();
         let mut cx = Context::from_waker(&waker);
-        let mut fut = when_woken(Polls(probe.clone()));
         assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
         for round in 1..=3 {
-            probe.waker.lock().unwrap().take().unwrap().wake();
+            probe.wake();
             assert_eq!(task.0.load(Ordering::SeqCst), round);
             assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
             assert_eq!(probe.polls.load(Ordering::SeqCst), round + 1);
@@ -193,7 +202,7 @@ mod tests {
                 .poll(&mut Context::from_waker(&w2))
                 .is_pending()
         );
-        probe.waker.lock().unwrap().take().unwrap().wake();
+        probe.wake();
         assert_eq!(first.0.load(Ordering::SeqCst), 0);
         assert_eq!(second.0.load(Ordering::SeqCst), 1);
     }
