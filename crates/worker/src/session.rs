@@ -95,9 +95,9 @@ enum Duty {
 
 const DUTIES: [Duty; 4] = [Duty::Heartbeat, Duty::Ping, Duty::Telemetry, Duty::StatsLog];
 
-/// When each [`Duty`] is next due. Each is first due one period after the start; a duty done
-/// late is next due one period after it was done, not at once again (like `tokio::time::
-/// MissedTickBehavior::Delay`).
+/// When each [`Duty`] is next due. Each is first due one period after the start and keeps its
+/// cadence; one done more than a period late is next due a period after it was done, not
+/// repeated to catch up (like `tokio::time::MissedTickBehavior::Delay` then).
 #[derive(Debug)]
 struct Duties {
     next: [Instant; 4],
@@ -1115,7 +1115,8 @@ mod tests {
         let due: Vec<_> = d.take_due(start + ms(203)).collect();
         assert_eq!(due, [Duty::Heartbeat, Duty::Telemetry]);
         assert_eq!(d.next(), start + ms(250));
-        // Late by more than a period: done once, and next due a period after now.
+        // Late by more than a period: done once, and next due a period after now (late by
+        // less, as at 203 ms, it kept its cadence).
         let due: Vec<_> = d.take_due(start + ms(700)).collect();
         assert_eq!(due, [Duty::Heartbeat, Duty::Ping, Duty::Telemetry]);
         assert_eq!(d.next(), start + ms(800));

@@ -432,10 +432,13 @@ fn start(
             let (stop, handle, record) = (stop.clone(), handle.clone(), record.clone());
             async move {
                 // A task of its own on the same shard: joined with the agent's, it was polled at
-                // every wake-up of the session (1.2 % of the fleet's CPU under a flood).
-                let watching = tokio::spawn(watch(handle, record.clone()));
+                // every wake-up of the session (1.2 % of the fleet's CPU under a flood). It ends
+                // on the agent's last state, or is aborted with this future (an abrupt stop).
+                let watching = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(watch(
+                    handle,
+                    record.clone(),
+                )));
                 let end = agent.run(stop).await;
-                // It ends on the agent's last state (or when the agent is dropped).
                 let _ = watching.await;
                 if let Err(e) = end {
                     record.lock().unwrap_or_else(|p| p.into_inner()).failure = Some(e.to_string());
