@@ -693,6 +693,46 @@ mod tests {
     /// A flood stops soon after it is cancelled, whether its ticks are quick or slow: it waits
     /// for the cancellation beside its tick. (Real time: the slack is for a busy machine; a
     /// flood of 2-second ticks that only looked at the token each tick would take up to 2 s.)
+    /// A worker stopped abruptly (its task aborted, as a crash) leaves nothing running on its
+    /// shard: neither its agent nor its registration watch, which holds the agent's state and
+    /// would otherwise wait for a change forever.
+    #[test]
+    fn an_abrupt_stop_leaves_none_of_the_workers_tasks_on_its_shard() {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            a: FleetArgs,
+        }
+        // Nothing listens there: the worker keeps trying, with its backoff.
+        let a = <Flags as clap::Parser>::try_parse_from(["t", "--coordinator", "ws://127.0.0.1:1"])
+            .expect("flags")
+            .a;
+        let shared = Arc::new(Shared {
+            checkpoints: AtomicU64::new(0),
+            flood_sent: Striped::default(),
+            epoch: tokio::time::Instant::now(),
+        });
+        let shards = Shards::start(1).expect("shards");
+        let (mut members, mut set) = (Vec::new(), JoinSet::new());
+        start(&a, &shared, &shards, &mut members, &mut set, 1).expect("start");
+        let alive = || shards.handles[0].metrics().num_alive_tasks();
+        let within = |want: &dyn Fn(usize) -> bool| {
+            let until = std::time::Instant::now() + Duration::from_secs(10);
+            while !want(alive()) && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            alive()
+        };
+        let running = within(&|n| n >= 2);
+        assert!(
+            running >= 2,
+            "the worker and its watch run: {running} tasks"
+        );
+        members[0].abort.abort();
+        assert_eq!(within(&|n| n == 0), 0, "tasks left after an abrupt stop");
+        shards.join();
+    }
+
     #[test]
     fn a_striped_count_sums_what_every_thread_added() {
         let count = Arc::new(Striped::default());
