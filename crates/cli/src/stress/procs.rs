@@ -151,10 +151,8 @@ impl Coordinator {
         if self.opts.message_mac {
             flags.push("--message-mac".into());
         }
-        if self.opts.durability == tether_coordinator::store::Durability::Machine {
-            flags.push("--durability".into());
-            flags.push("machine".into());
-        }
+        flags.push("--durability".into());
+        flags.push(self.opts.durability.as_str().into());
         if let Some(t) = &self.opts.tls {
             flags.push("--tls-cert".into());
             flags.push(t.cert.clone().into_os_string());

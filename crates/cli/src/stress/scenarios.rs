@@ -190,13 +190,7 @@ impl Run {
             scenario: a.scenario.name().into(),
             workers,
             command,
-            durability: match a.durability {
-                tether_coordinator::store::Durability::Process => "process",
-                tether_coordinator::store::Durability::Machine => {
-                    "machine (fsync per group commit)"
-                }
-            }
-            .into(),
+            durability: a.durability.as_str().into(),
             ..Report::default()
         };
         if a.fleet_nice > 0 {

@@ -227,17 +227,24 @@ pub enum Durability {
     Machine,
 }
 
+impl Durability {
+    /// Its name, as `--durability` takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Process => "process",
+            Durability::Machine => "machine",
+        }
+    }
+}
+
 impl std::str::FromStr for Durability {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "process" => Ok(Durability::Process),
-            "machine" => Ok(Durability::Machine),
-            other => Err(format!(
-                "unknown durability {other:?}: expected `process` or `machine`"
-            )),
-        }
+        [Durability::Process, Durability::Machine]
+            .into_iter()
+            .find(|d| d.as_str() == s)
+            .ok_or_else(|| format!("unknown durability {s:?}: expected `process` or `machine`"))
     }
 }
 

@@ -110,6 +110,7 @@ fn durability_machine_makes_every_commit_sync_the_wal_and_process_does_not() {
     set_durability(&conn, Durability::Process).expect("process");
     assert_eq!(sync(&conn), 1);
     assert_eq!("machine".parse(), Ok(Durability::Machine));
+    assert_eq!("process".parse(), Ok(Durability::Process));
     let e = "disk".parse::<Durability>().expect_err("unknown");
     assert!(e.contains("process") && e.contains("machine"), "{e}");
 }
