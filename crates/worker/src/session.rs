@@ -116,7 +116,7 @@ impl Duties {
 
     /// When the first duty is due.
     fn next(&self) -> Instant {
-        self.next.into_iter().min().unwrap_or_else(Instant::now)
+        self.next.into_iter().fold(self.next[0], Instant::min)
     }
 
     /// The duties due at `now`, each moved on to its next time.

@@ -670,10 +670,13 @@ impl Executor for Steps {
                 .and_then(|d| Some(u32::from_le_bytes(d.get(..4)?.try_into().ok()?)))
                 .unwrap_or(0)
                 .min(cfg.steps);
+            // One wait for cancellation across the steps (`TaskCtx::cancelled` allocates).
+            let cancelled = ctx.cancelled();
+            tokio::pin!(cancelled);
             for i in resumed_at..cfg.steps {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(cfg.step_ms)) => {}
-                    _ = ctx.cancelled() => return Err(ExecError::Cancelled),
+                    _ = &mut cancelled => return Err(ExecError::Cancelled),
                 }
                 let mut data = vec![0u8; cfg.size.max(4)];
                 data[..4].copy_from_slice(&(i + 1).to_le_bytes());

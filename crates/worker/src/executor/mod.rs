@@ -343,7 +343,7 @@ impl TaskCtx {
 
     /// Resolves when the task is cancelled (by the coordinator, a timeout or shutdown). Cheap
     /// to wait for alongside busier futures in a loop: polled again only once the cancellation
-    /// woke the task (pin it once, outside the loop).
+    /// woke the task. Making one allocates twice, so pin it once, outside the loop.
     pub fn cancelled(&self) -> impl Future<Output = ()> + Send + '_ {
         crate::woken::when_woken(self.shared.cancel.cancelled())
     }
