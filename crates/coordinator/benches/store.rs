@@ -44,7 +44,7 @@ fn task(i: usize) -> Task {
 /// last ack effect ran.
 fn run(max_group: usize, round: usize) -> Duration {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (conn, _) = store::open(dir.path()).expect("open store");
+    let (conn, loaded) = store::open(dir.path()).expect("open store");
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let writer = store::spawn_writer(
         conn,
@@ -56,6 +56,7 @@ fn run(max_group: usize, round: usize) -> Duration {
             max_group,
             ..Default::default()
         },
+        loaded.unfolded,
     )
     .expect("writer");
     let (done_tx, done_rx) = std::sync::mpsc::channel();

@@ -89,7 +89,11 @@ pub async fn run_with(
         writer_rx,
         store_stats.clone(),
         fatal.clone(),
-        store::WriterOptions::default(),
+        store::WriterOptions {
+            durability: cfg.durability,
+            ..Default::default()
+        },
+        loaded.unfolded.clone(),
     )?;
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let (changes, _) = broadcast::channel(dashboard::CHANGES_BUFFER);

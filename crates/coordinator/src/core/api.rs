@@ -169,8 +169,9 @@ impl Core {
                 if let Err(e) = self.task(&task) {
                     return reply_after_commit(b, reply, Err(e));
                 }
+                let unfolded = self.unfolded.clone();
                 b.reads.push(Box::new(move |conn| {
-                    let r = store::read_state(conn, &task).map_err(internal).map(|o| {
+                    let r = store::read_state(conn, &unfolded, &task).map_err(internal).map(|o| {
                         o.map(|(attempt, state, updated_at)| {
                             serde_json::json!({"attempt": attempt, "state": state, "updated_at": updated_at})
                         })

@@ -208,6 +208,8 @@ pub struct Core {
     counters: Arc<Counters>,
     /// Where committed changes are announced, when anyone listens.
     changes: Option<broadcast::Sender<Change>>,
+    /// Task states the store's writer has not folded into the database yet (for reads).
+    unfolded: Arc<crate::store::Unfolded>,
 }
 
 impl Core {
@@ -226,6 +228,7 @@ impl Core {
             dispatch_needed: true,
             counters,
             changes: None,
+            unfolded: loaded.unfolded,
         };
         for w in loaded.workers {
             core.workers.insert(w.worker_id.clone(), w);

@@ -7,13 +7,14 @@
 //! commits (a checkpoint handed out with an assignment) run as effects on the same connection;
 //! the API's reads of committed data go to a reader thread with a connection of its own
 //! ([`read`]) once their group committed, so that they see what was acknowledged without
-//! holding up the commits behind them. Between groups the writer folds a bounded piece of the
-//! state log ([`fold`]); a thread with a connection of its own copies the WAL into the
+//! holding up the commits behind them. Task states go to a journal file of their own before
+//! the group's commit, and between groups the writer folds a bounded piece of them into the
+//! database ([`states`]); a thread with a connection of its own copies the WAL into the
 //! database ([`wal`]).
 
-mod fold;
 mod read;
 mod schema;
+mod states;
 mod wal;
 
 use std::path::{Path, PathBuf};
@@ -29,12 +30,12 @@ use tokio_util::sync::CancellationToken;
 use crate::core::{Outgoing, SessionRef};
 use crate::model::{CheckpointMeta, Task, Worker};
 
-pub use fold::{FOLD_EVERY, FOLD_ROWS, PIECE_BUDGET, compact_states};
 pub use schema::SCHEMA_VERSION;
+pub use states::{FOLD_BYTES, FOLD_EVERY, PIECE_STATES, Unfolded, WriteError};
 pub use wal::{CATCH_UP_EVERY, CHECKPOINT_EVERY, WAL_RESTART_FRAMES};
 
-use fold::Folder;
 use read::Reader;
+use states::{Op, States};
 use wal::Checkpointer;
 
 /// Most batches committed in one transaction by the writer (group commit).
@@ -212,6 +213,9 @@ pub struct Loaded {
     pub partial_checkpoints: Vec<(CheckpointMeta, Vec<u32>, u64)>,
     /// Complete checkpoints, oldest first.
     pub complete_checkpoints: Vec<(TaskId, CheckpointId)>,
+    /// The task states the writer has journaled and not yet folded into the database (empty
+    /// at open: the journal was replayed); the writer fills it, the API's reads look in it.
+    pub unfolded: Arc<Unfolded>,
 }
 
 /// What an acknowledged commit survives (docs/OPERATIONS.md, "Durability").
@@ -263,12 +267,11 @@ pub fn open(dir: &Path) -> Result<(Connection, Loaded), StoreError> {
         source,
     })?;
     let path = dir.join(DB_FILE);
+    // What a previous process journaled and did not fold yet (read first: a corrupt journal
+    // is refused before the database is opened for writing).
+    let journaled = states::read_journals(dir)?;
     let conn = schema::open_checked(&path)?;
-    // What a previous process logged and did not fold yet.
-    compact_states(&conn).map_err(|source| StoreError::Sql {
-        path: path.clone(),
-        source,
-    })?;
+    states::replay(&conn, dir, journaled)?;
     let loaded = load(&conn).map_err(|e| match e {
         LoadError::Sql(source) => StoreError::Sql {
             path: path.clone(),
@@ -380,6 +383,12 @@ pub struct WriterOptions {
     /// the previous one began, and takes every batch that arrived meanwhile; a batch that
     /// arrives after a quiet spell commits at once. Zero commits whatever waits at once.
     pub commit_interval: std::time::Duration,
+    /// What an acknowledged state survives: with [`Durability::Machine`] the state journal is
+    /// synced at each group, before its commit (the database's side is [`set_durability`]).
+    pub durability: Durability,
+    /// Bytes of state journal after which a fold round begins ([`FOLD_BYTES`]; one begins
+    /// [`FOLD_EVERY`] after the previous one anyway).
+    pub fold_bytes: u64,
 }
 
 impl Default for WriterOptions {
@@ -388,12 +397,15 @@ impl Default for WriterOptions {
             max_group: MAX_GROUP,
             wal_restart_frames: WAL_RESTART_FRAMES,
             commit_interval: COMMIT_INTERVAL,
+            durability: Durability::Process,
+            fold_bytes: FOLD_BYTES,
         }
     }
 }
 
 /// Starts the writer thread, which commits up to `opts.max_group` waiting batches in one
-/// transaction.
+/// transaction, with a state journal beside the database at `path` whose unfolded states it
+/// keeps in `unfolded` ([`Loaded::unfolded`]).
 pub fn spawn_writer(
     conn: Connection,
     path: PathBuf,
@@ -401,7 +413,16 @@ pub fn spawn_writer(
     stats: Arc<StoreStats>,
     fatal: CancellationToken,
     opts: WriterOptions,
+    unfolded: Arc<Unfolded>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let dir = path.parent().unwrap_or(Path::new(".")).to_owned();
+    let sync = opts.durability == Durability::Machine;
+    let mut states = States::start(&dir, unfolded, sync, opts.fold_bytes).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot start the state journal in {}: {e}", dir.display()),
+        )
+    })?;
     std::thread::Builder::new()
         .name("tether-store".into())
         .spawn(move || {
@@ -424,7 +445,6 @@ pub fn spawn_writer(
                     None
                 }
             };
-            let mut folder = Folder::new();
             let mut last_began: Option<Instant> = None;
             let mut backlog = false;
             while let Some(first) = rx.blocking_recv() {
@@ -447,7 +467,7 @@ pub fn spawn_writer(
                 let started = Instant::now();
                 let n_muts: usize = batches.iter().map(|b| b.muts.len()).sum();
                 if n_muts > 0 {
-                    if let Err(e) = commit(&mut conn, &mut batches, &mut folder) {
+                    if let Err(e) = commit(&mut conn, &mut batches, &mut states) {
                         tracing::error!(db = %path.display(), error = %e, "commit failed; stopping the coordinator without acknowledging");
                         fatal.cancel();
                         return;
@@ -478,11 +498,11 @@ pub fn spawn_writer(
                     }
                 }
                 // After the effects: the acks of this group do not wait for a fold.
-                if folder.due() {
-                    match folder.piece(&conn) {
-                        Ok(p) => tracing::trace!(states = p.states_written, rows = p.rows_deleted, "state log folded a piece"),
+                if states.due() {
+                    match states.piece(&conn) {
+                        Ok(p) => tracing::trace!(states = p.states_written, files = p.files_deleted, "states folded a piece"),
                         Err(e) => {
-                            tracing::error!(db = %path.display(), error = %e, "folding the state log failed; stopping the coordinator");
+                            tracing::error!(db = %path.display(), error = %e, "folding the task states failed; stopping the coordinator");
                             fatal.cancel();
                             return;
                         }
@@ -500,7 +520,10 @@ pub fn spawn_writer(
             }
             drop(reader);
             drop(checkpointer);
-            // The core is gone: flush nothing more, just checkpoint the WAL.
+            // The core is gone: fold the states (the journal files go) and checkpoint the WAL.
+            if let Err(e) = states.fold_all(&conn) {
+                tracing::warn!(db = %path.display(), error = %e, "folding the task states at the end failed; the next start replays their journal");
+            }
             let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
         })
 }
@@ -528,8 +551,8 @@ impl Mutation {
 fn commit(
     conn: &mut Connection,
     batches: &mut [Batch],
-    folder: &mut Folder,
-) -> rusqlite::Result<()> {
+    states: &mut States,
+) -> Result<(), WriteError> {
     // Later writes of the same task, task state or worker in this group supersede earlier
     // ones: the transaction ends with the same rows, and all of it commits or none.
     let n: usize = batches.iter().map(|b| b.muts.len()).sum();
@@ -549,26 +572,14 @@ fn commit(
     let tx = conn.transaction()?;
     // Results and states are stamped with the time of their commit.
     let now = chrono::Utc::now().to_rfc3339();
-    let mut folded = false;
-    // States are appended to the log together, several rows a statement, in the order of the
-    // group: the ones in a row are held until another kind of mutation comes, or the end.
-    let mut states = StateRows::default();
+    // The group's states and deletions, in order: journaled before the commit, kept in memory
+    // after it.
+    let mut ops: Vec<Op<'_>> = Vec::new();
     let muts = batches.iter().flat_map(|b| &b.muts).zip(keep);
     for (m, keep) in muts {
         if !keep {
             continue;
         }
-        if let Mutation::PutState {
-            task_id,
-            attempt,
-            state,
-        } = m
-        {
-            let row = (task_id, task_id.as_str(), attempt.0, state.get());
-            states.push(&tx, &now, folder, row)?;
-            continue;
-        }
-        states.flush(&tx, &now, folder)?;
         match m {
             Mutation::InsertTask(t) => insert_task(&tx, t)?,
             Mutation::PutTask(t) => {
@@ -587,13 +598,8 @@ fn commit(
                 }
             }
             Mutation::DeleteTask(id) => {
-                // Its logged states are folded first, so that deleting its row of
-                // `task_state` deletes them all (and no log scan per task).
-                if !folded {
-                    compact_states(&tx)?;
-                    folder.emptied();
-                    folded = true;
-                }
+                // Its journaled states go too (and are not replayed, even under its id).
+                ops.push(Op::Forget(id));
                 for sql in [
                     "DELETE FROM checkpoint_chunks WHERE checkpoint_id IN (SELECT id FROM checkpoints WHERE task_id = ?1)",
                     "DELETE FROM checkpoints WHERE task_id = ?1",
@@ -626,8 +632,15 @@ fn commit(
                     now
                 ])?;
             }
-            // Held above.
-            Mutation::PutState { .. } => {}
+            Mutation::PutState {
+                task_id,
+                attempt,
+                state,
+            } => ops.push(Op::State {
+                task: task_id,
+                attempt: attempt.0,
+                state: state.get(),
+            }),
             Mutation::PutCheckpoint { meta, complete } => {
                 tx.prepare_cached(
                     "INSERT INTO checkpoints (id, task_id, attempt, worker, size, chunks, complete, created_at)
@@ -674,74 +687,10 @@ fn commit(
             }
         }
     }
-    states.flush(&tx, &now, folder)?;
+    states.append(&now, &ops)?;
     tx.commit()?;
+    states.committed(&now, &ops);
     Ok(())
-}
-
-/// Rows of the state log one statement appends, when that many states come in a row: SQLite's
-/// work per statement (its program started, its cursor opened, the statement taken from the
-/// cache) is paid once for them.
-const LOG_ROWS: usize = 16;
-
-/// `INSERT INTO task_state_log … VALUES (…), (…), …` with [`LOG_ROWS`] rows.
-static LOG_MANY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let rows = vec!["(?, ?, ?, ?)"; LOG_ROWS].join(", ");
-    format!("INSERT INTO task_state_log (task_id, attempt, state, updated_at) VALUES {rows}")
-});
-
-const LOG_ONE: &str =
-    "INSERT INTO task_state_log (task_id, attempt, state, updated_at) VALUES (?1, ?2, ?3, ?4)";
-
-/// States held to be appended to the log together: (task, its id's text, attempt, state text).
-#[derive(Default)]
-struct StateRows<'a> {
-    held: Vec<(&'a TaskId, &'a str, u32, &'a str)>,
-}
-
-impl<'a> StateRows<'a> {
-    fn push(
-        &mut self,
-        tx: &rusqlite::Transaction<'_>,
-        now: &str,
-        folder: &mut Folder,
-        row: (&'a TaskId, &'a str, u32, &'a str),
-    ) -> rusqlite::Result<()> {
-        self.held.push(row);
-        if self.held.len() == LOG_ROWS {
-            self.flush(tx, now, folder)?;
-        }
-        Ok(())
-    }
-
-    /// Appends what is held, in order, and tells the folder each row's `seq`: a statement's
-    /// rows take consecutive rowids after the table's largest, in the order of its VALUES.
-    fn flush(
-        &mut self,
-        tx: &rusqlite::Transaction<'_>,
-        now: &str,
-        folder: &mut Folder,
-    ) -> rusqlite::Result<()> {
-        if self.held.len() == LOG_ROWS {
-            let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(4 * LOG_ROWS);
-            for (_, task, attempt, state) in &self.held {
-                values.extend([task as &dyn rusqlite::ToSql, attempt, state, &now]);
-            }
-            tx.prepare_cached(&LOG_MANY)?.execute(&*values)?;
-            let last = tx.last_insert_rowid();
-            for (i, (task, ..)) in self.held.iter().enumerate() {
-                folder.logged(task, last - (LOG_ROWS - 1 - i) as i64);
-            }
-        } else if !self.held.is_empty() {
-            let mut stmt = tx.prepare_cached(LOG_ONE)?;
-            for (task, text, attempt, state) in &self.held {
-                let seq = stmt.insert(params![text, attempt, state, now])?;
-                folder.logged(task, seq);
-            }
-        }
-        self.held.clear();
-        Ok(())
-    }
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> rusqlite::Result<String> {
@@ -798,33 +747,22 @@ pub fn read_results(conn: &Connection, task: &TaskId) -> rusqlite::Result<Vec<Re
     rows.collect()
 }
 
-/// The latest state of a task, with its attempt: its newest logged state, else its row.
+/// The latest state of a task, with its attempt: its unfolded state, else its row. (A fold
+/// removes a state from `unfolded` only after its row committed, and the row is read after
+/// looking there.)
 pub fn read_state(
     conn: &Connection,
+    unfolded: &Unfolded,
     task: &TaskId,
 ) -> rusqlite::Result<Option<(u32, serde_json::Value, String)>> {
+    let json = |s: &str| serde_json::from_str(s).unwrap_or(serde_json::Value::Null);
+    if let Some((attempt, state, at)) = unfolded.get(task) {
+        return Ok(Some((attempt, json(&state), at)));
+    }
     let row = |r: &rusqlite::Row<'_>| {
         let s: String = r.get(1)?;
-        Ok((
-            r.get(0)?,
-            serde_json::from_str(&s).unwrap_or(serde_json::Value::Null),
-            r.get(2)?,
-        ))
+        Ok((r.get(0)?, json(&s), r.get(2)?))
     };
-    // Both lookups in one snapshot (the reader's connection runs beside the writer's folds).
-    let _snapshot = match conn.is_autocommit() {
-        true => Some(conn.unchecked_transaction()?),
-        false => None,
-    };
-    let logged = conn
-        .prepare_cached(
-            "SELECT attempt, state, updated_at FROM task_state_log WHERE task_id = ?1 ORDER BY seq DESC LIMIT 1",
-        )?
-        .query_row([task.as_str()], row)
-        .optional()?;
-    if logged.is_some() {
-        return Ok(logged);
-    }
     conn.prepare_cached("SELECT attempt, state, updated_at FROM task_state WHERE task_id = ?1")?
         .query_row([task.as_str()], row)
         .optional()

@@ -13,7 +13,7 @@ use super::StoreError;
 use crate::model::{AttemptRecord, CheckpointMeta, Lease, Task, Worker, WorkerState};
 
 /// The schema version this coordinator writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Migrations from version N-1 to N, by index.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -73,8 +73,8 @@ UPDATE tasks SET spec = json_extract(doc, '$.spec'), doc = json_remove(doc, '$.s
 DROP INDEX tasks_status;
 "#,
     // Version 3: state updates are appended to a log (one row after the other, a few pages a
-    // commit) and folded into `task_state` now and then (see `store::compact_states`), instead
-    // of an update in place per state, which dirtied a page per row.
+    // commit) and folded into `task_state` now and then, instead of an update in place per
+    // state, which dirtied a page per row.
     r#"
 CREATE TABLE task_state_log (
     seq INTEGER PRIMARY KEY,
@@ -84,10 +84,19 @@ CREATE TABLE task_state_log (
     updated_at TEXT NOT NULL
 );
 "#,
+    // Version 4: states are journaled in a file of their own (`store::states`); the log's
+    // newest state of each task is folded into `task_state` and the log goes.
+    r#"
+INSERT INTO task_state (task_id, attempt, state, updated_at)
+SELECT task_id, attempt, state, updated_at FROM task_state_log
+WHERE seq IN (SELECT max(seq) FROM task_state_log GROUP BY task_id)
+ON CONFLICT(task_id) DO UPDATE SET attempt = excluded.attempt, state = excluded.state, updated_at = excluded.updated_at;
+DROP TABLE task_state_log;
+"#,
 ];
 
-/// The writer connection's page cache: the state log at its longest
-/// ([`super::FOLD_ROWS`] rows of a few hundred bytes) and the task tables beside it.
+/// The writer connection's page cache: the task tables, `task_state` among them (a fold round
+/// rewrites the rows of every task with a new state).
 const WRITER_CACHE_KIB: u32 = 64 * 1024;
 
 /// Opens the database at `path`, refusing a corrupt file or a newer schema without changing it,
@@ -133,9 +142,9 @@ pub(super) fn open_checked(path: &Path) -> Result<Connection, StoreError> {
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = OFF; PRAGMA busy_timeout = 5000;",
     )
     .map_err(sql)?;
-    // This is the writer's connection. Its page cache holds the state log and the tables the
-    // fold rewrites (SQLite's default of 2 MiB made the fold's deletes read evicted log pages
-    // back with a syscall each); statement journals (upserts, multi-row inserts) stay in
+    // This is the writer's connection. Its page cache holds the tables a fold of the states
+    // rewrites (SQLite's default of 2 MiB made the fold read evicted pages back with a
+    // syscall each); statement journals (upserts, multi-row inserts) stay in
     // memory rather than in a temporary file. Both only as used: an idle coordinator's cache
     // stays small.
     conn.execute_batch(&format!(

@@ -1,0 +1,731 @@
+//! Task states: appended to a journal file of their own, folded into `task_state` now and then.
+//!
+//! A worker's state updates are most of what a busy coordinator stores, and each one only
+//! replaces the one before it. Appending them to SQLite (a row in a log table, folded and
+//! deleted later) cost a B-tree insert, the WAL frames of the log's pages, their copy into the
+//! database by the checkpointer, a read back and a delete per state: 28 % of the coordinator's
+//! CPU under `message_flood` (docs/PERFORMANCE.md, eleventh round). Here a group commit's
+//! states are one `write` to the journal, before the group's SQLite commit and so before its
+//! acknowledgements; the writer also keeps each task's newest unfolded state in memory
+//! ([`Unfolded`]), where reads find it. Now and then a round writes the newest state of every
+//! task that has one into `task_state`, a bounded piece after each group, and once it is done
+//! deletes the journal files the round covered.
+//!
+//! The journal is a sequence of files `states-<generation>.journal`; a round begins by moving
+//! the appends to the next generation. Each file is a magic header, then one frame per group:
+//! its length, the CRC-32 of its payload, and the payload (the group's commit time, then its
+//! records in order: a task's state, or a task's deletion, so that a deleted task's older
+//! states are not brought back). Opening the database replays every journal file, oldest
+//! first, into `task_state` (only for tasks that exist), then deletes them; so does a writer
+//! that stops. A frame that is cut short or fails its CRC (a write torn by a crash of the
+//! machine: without `--durability machine` the journal is not synced) ends what is read of
+//! that file, as a torn WAL frame ends SQLite's WAL, and is reported; a file with a wrong
+//! header, or a frame whose CRC holds but whose records do not parse, is refused as corrupt.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+use tether_proto::TaskId;
+
+use super::StoreError;
+use crate::model::IdMap;
+
+/// A round begins once this long has passed since the previous one began...
+pub const FOLD_EVERY: Duration = Duration::from_secs(1);
+/// ...or once the journal grew by this many bytes since (a flood's second at 200,000 states/s
+/// of about 150 bytes each is 30 MB).
+pub const FOLD_BYTES: u64 = 32 * 1024 * 1024;
+/// States a piece writes into `task_state`: a piece holds up the commit behind it (the log's
+/// pieces of 4,096 rows took 2-7 ms under a flood, pieces of 1,024 under 2 ms; an upsert costs
+/// about as much as 16 deletes).
+pub const PIECE_STATES: usize = 64;
+
+const MAGIC: &[u8; 8] = b"TSJRNL01";
+const FRAME_HEAD: usize = 8;
+/// A frame longer than this is not one a writer made (a group is at most a few MiB).
+const MAX_FRAME: u32 = 1 << 30;
+const KIND_STATE: u8 = 1;
+const KIND_FORGET: u8 = 2;
+
+/// One change to the states, in the order of its group.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Op<'a> {
+    /// The task's newest state.
+    State {
+        task: &'a TaskId,
+        attempt: u32,
+        state: &'a str,
+    },
+    /// The task was deleted: its states go with it.
+    Forget(&'a TaskId),
+}
+
+/// A task's newest state not yet in `task_state`.
+#[derive(Debug, Clone)]
+struct Pending {
+    /// Which change this is (a round removes only the one it wrote).
+    version: u64,
+    attempt: u32,
+    state: String,
+    updated_at: Arc<str>,
+}
+
+/// The newest state of each task whose state is journaled but not yet folded into
+/// `task_state`. Shared by the writer, which fills and folds it, and the API's reads.
+#[derive(Debug, Default)]
+pub struct Unfolded {
+    map: Mutex<IdMap<TaskId, Pending>>,
+}
+
+impl Unfolded {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdMap<TaskId, Pending>> {
+        // Every change under this lock is one map operation: a panic leaves it consistent.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The task's newest unfolded state: (attempt, state, updated_at).
+    pub fn get(&self, task: &TaskId) -> Option<(u32, String, String)> {
+        self.lock()
+            .get(task)
+            .map(|p| (p.attempt, p.state.clone(), p.updated_at.to_string()))
+    }
+
+    /// Tasks with an unfolded state.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The journal files of `dir`, oldest first, with their generations.
+fn journal_files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(generation) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("states-"))
+            .and_then(|n| n.strip_suffix(".journal"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        files.push((generation, entry.path()));
+    }
+    files.sort_unstable();
+    Ok(files)
+}
+
+fn journal_path(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("states-{generation}.journal"))
+}
+
+/// Makes a file's creation or removal in `dir` durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Encodes a group's changes as one frame.
+fn encode_frame(buf: &mut Vec<u8>, now: &str, ops: &[Op<'_>]) {
+    buf.clear();
+    buf.extend_from_slice(&[0; FRAME_HEAD]);
+    put_str16(buf, now);
+    for op in ops {
+        match *op {
+            Op::State {
+                task,
+                attempt,
+                state,
+            } => {
+                buf.push(KIND_STATE);
+                put_str16(buf, task.as_str());
+                buf.extend_from_slice(&attempt.to_le_bytes());
+                buf.extend_from_slice(&(state.len() as u32).to_le_bytes());
+                buf.extend_from_slice(state.as_bytes());
+            }
+            Op::Forget(task) => {
+                buf.push(KIND_FORGET);
+                put_str16(buf, task.as_str());
+            }
+        }
+    }
+    let len = (buf.len() - FRAME_HEAD) as u32;
+    let crc = crc32fast::hash(&buf[FRAME_HEAD..]);
+    buf[..4].copy_from_slice(&len.to_le_bytes());
+    buf[4..FRAME_HEAD].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn put_str16(buf: &mut Vec<u8>, s: &str) {
+    // Task ids and timestamps are short (ids are bounded by the protocol).
+    let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.extend_from_slice(&s.as_bytes()[..usize::from(len)]);
+}
+
+/// A state read back from the journal: (attempt, state, updated_at).
+type Replayed = (u32, String, String);
+
+/// Reads a frame's payload into `into`, in order; `Err` names what does not parse.
+fn decode_frame(payload: &[u8], into: &mut IdMap<String, Replayed>) -> Result<(), String> {
+    let mut r = payload;
+    let now = take_str16(&mut r).ok_or("commit time cut short")?;
+    while let Some((&kind, rest)) = r.split_first() {
+        r = rest;
+        let task = take_str16(&mut r).ok_or("task id cut short")?;
+        match kind {
+            KIND_STATE => {
+                let attempt = take_u32(&mut r).ok_or("attempt cut short")?;
+                let len = take_u32(&mut r).ok_or("state length cut short")? as usize;
+                if r.len() < len {
+                    return Err("state cut short".into());
+                }
+                let (state, rest) = r.split_at(len);
+                r = rest;
+                let state = std::str::from_utf8(state).map_err(|e| format!("state: {e}"))?;
+                into.insert(task.to_owned(), (attempt, state.to_owned(), now.to_owned()));
+            }
+            KIND_FORGET => {
+                into.remove(task);
+            }
+            other => return Err(format!("unknown record kind {other}")),
+        }
+    }
+    Ok(())
+}
+
+fn take_str16<'a>(r: &mut &'a [u8]) -> Option<&'a str> {
+    let len = usize::from(u16::from_le_bytes(r.get(..2)?.try_into().ok()?));
+    let s = std::str::from_utf8(r.get(2..2 + len)?).ok()?;
+    *r = &r[2 + len..];
+    Some(s)
+}
+
+fn take_u32(r: &mut &[u8]) -> Option<u32> {
+    let v = u32::from_le_bytes(r.get(..4)?.try_into().ok()?);
+    *r = &r[4..];
+    Some(v)
+}
+
+/// What reading one journal file found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct FileRead {
+    pub frames: usize,
+    /// Bytes after the last whole frame (a write torn by a crash), not read.
+    pub torn_bytes: u64,
+}
+
+/// Reads the journal file at `path` into `into` (the newest state of each task, in order).
+fn read_file(path: &Path, into: &mut IdMap<String, Replayed>) -> Result<FileRead, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt {
+        path: path.to_owned(),
+        detail,
+    };
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|e| corrupt(format!("cannot read the state journal: {e}")))?;
+    let mut read = FileRead::default();
+    if bytes.len() < MAGIC.len() {
+        // Created, and the machine stopped before its header was written.
+        read.torn_bytes = bytes.len() as u64;
+        return Ok(read);
+    }
+    if &bytes[..MAGIC.len()] != MAGIC {
+        return Err(corrupt("not a tether state journal (bad header)".into()));
+    }
+    let mut at = MAGIC.len();
+    while at < bytes.len() {
+        let head = bytes.get(at..at + FRAME_HEAD);
+        let frame = head.and_then(|h| {
+            let len = u32::from_le_bytes(h[..4].try_into().ok()?);
+            let crc = u32::from_le_bytes(h[4..].try_into().ok()?);
+            let payload = bytes.get(at + FRAME_HEAD..at + FRAME_HEAD + len as usize)?;
+            (len <= MAX_FRAME && crc32fast::hash(payload) == crc).then_some(payload)
+        });
+        let Some(payload) = frame else {
+            read.torn_bytes = (bytes.len() - at) as u64;
+            break;
+        };
+        decode_frame(payload, into).map_err(|e| {
+            corrupt(format!(
+                "state journal frame at byte {at} holds a bad record: {e}"
+            ))
+        })?;
+        read.frames += 1;
+        at += FRAME_HEAD + payload.len();
+    }
+    Ok(read)
+}
+
+/// What the journal files of a data directory hold: read before the database is opened for
+/// writing, so that a corrupt journal is refused with the database untouched.
+#[derive(Debug, Default)]
+pub(super) struct Journaled {
+    files: Vec<PathBuf>,
+    /// The newest state of each task, by task id.
+    latest: IdMap<String, Replayed>,
+}
+
+/// Reads every journal file in `dir`, oldest first.
+pub(super) fn read_journals(dir: &Path) -> Result<Journaled, StoreError> {
+    let files = journal_files(dir).map_err(|source| StoreError::DataDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut out = Journaled::default();
+    for (_, path) in files {
+        let read = read_file(&path, &mut out.latest)?;
+        if read.torn_bytes > 0 {
+            tracing::warn!(journal = %path.display(), frames = read.frames, torn_bytes = read.torn_bytes, "the state journal ends in a torn write (a crash of the machine); its last unsynced group is not replayed");
+        }
+        out.files.push(path);
+    }
+    Ok(out)
+}
+
+/// Folds what [`read_journals`] found into `task_state` (only for tasks that exist) in one
+/// transaction, then deletes the files. Returns the states written.
+pub(super) fn replay(
+    conn: &Connection,
+    dir: &Path,
+    journaled: Journaled,
+) -> Result<usize, StoreError> {
+    let Journaled { files, latest } = journaled;
+    if files.is_empty() {
+        return Ok(0);
+    }
+    let db = dir.join(super::DB_FILE);
+    let io = |e: std::io::Error| StoreError::DataDir {
+        path: dir.to_owned(),
+        source: e,
+    };
+    let sql = |source| StoreError::Sql {
+        path: db.clone(),
+        source,
+    };
+    let tx = conn.unchecked_transaction().map_err(sql)?;
+    let mut written = 0;
+    {
+        let mut upsert = tx
+            .prepare(
+                "INSERT INTO task_state (task_id, attempt, state, updated_at)
+                 SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ?1)
+                 ON CONFLICT(task_id) DO UPDATE SET attempt = excluded.attempt, state = excluded.state, updated_at = excluded.updated_at",
+            )
+            .map_err(sql)?;
+        for (task, (attempt, state, at)) in &latest {
+            written += upsert
+                .execute(rusqlite::params![task, attempt, state, at])
+                .map_err(sql)?;
+        }
+    }
+    tx.commit().map_err(sql)?;
+    for path in &files {
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    // Before anything newer is written: a removal lost to a crash would replay older states.
+    sync_dir(dir).map_err(io)?;
+    tracing::info!(
+        files = files.len(),
+        states = written,
+        "state journal replayed"
+    );
+    Ok(written)
+}
+
+/// Why the writer failed to keep a state.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("{0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("state journal: {0}")]
+    Journal(#[from] std::io::Error),
+}
+
+/// The file appends go to.
+#[derive(Debug)]
+struct Journal {
+    dir: PathBuf,
+    generation: u64,
+    file: File,
+    /// Bytes appended since the current round began.
+    grown: u64,
+    /// Synced at each append, and the directory at each new or removed file.
+    sync: bool,
+    /// A round begins once `grown` reaches this.
+    fold_bytes: u64,
+    /// Appends synced so far.
+    synced: u64,
+    buf: Vec<u8>,
+}
+
+impl Journal {
+    fn create(dir: &Path, generation: u64, sync: bool) -> std::io::Result<File> {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(journal_path(dir, generation))?;
+        file.write_all(MAGIC)?;
+        if sync {
+            file.sync_data()?;
+            sync_dir(dir)?;
+        }
+        Ok(file)
+    }
+}
+
+/// What one piece of folding did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Piece {
+    pub states_written: usize,
+    /// Journal files deleted (the round is over).
+    pub files_deleted: usize,
+}
+
+#[derive(Debug)]
+struct Round {
+    /// The journal generations up to this one are covered by the round.
+    through: u64,
+    /// The tasks to write, in task-id order (a piece touches only their pages).
+    tasks: Vec<TaskId>,
+    written: usize,
+}
+
+/// The writer's side of the states: the journal, the unfolded states and the fold.
+#[derive(Debug)]
+pub(super) struct States {
+    journal: Journal,
+    unfolded: Arc<Unfolded>,
+    next_version: u64,
+    round: Option<Round>,
+    round_began: Instant,
+}
+
+impl States {
+    /// Starts a journal in `dir` (where [`replay`] left none) with `unfolded` empty; a fold
+    /// round begins every [`FOLD_EVERY`] or `fold_bytes` of journal.
+    pub fn start(
+        dir: &Path,
+        unfolded: Arc<Unfolded>,
+        sync: bool,
+        fold_bytes: u64,
+    ) -> std::io::Result<Self> {
+        let generation = journal_files(dir)?.last().map_or(1, |(g, _)| g + 1);
+        let file = Journal::create(dir, generation, sync)?;
+        Ok(States {
+            journal: Journal {
+                dir: dir.to_owned(),
+                generation,
+                file,
+                grown: 0,
+                sync,
+                fold_bytes,
+                synced: 0,
+                buf: Vec::new(),
+            },
+            unfolded,
+            next_version: 0,
+            round: None,
+            round_began: Instant::now(),
+        })
+    }
+
+    /// Appends a group's changes to the journal: call before the group's commit.
+    pub fn append(&mut self, now: &str, ops: &[Op<'_>]) -> std::io::Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let j = &mut self.journal;
+        encode_frame(&mut j.buf, now, ops);
+        j.file.write_all(&j.buf)?;
+        if j.sync {
+            j.file.sync_data()?;
+            j.synced += 1;
+        }
+        j.grown += j.buf.len() as u64;
+        Ok(())
+    }
+
+    /// The group of `ops` committed: its states are the newest.
+    pub fn committed(&mut self, now: &str, ops: &[Op<'_>]) {
+        if ops.is_empty() {
+            return;
+        }
+        let now: Arc<str> = now.into();
+        let mut map = self.unfolded.lock();
+        for op in ops {
+            match *op {
+                Op::State {
+                    task,
+                    attempt,
+                    state,
+                } => {
+                    self.next_version += 1;
+                    let p = Pending {
+                        version: self.next_version,
+                        attempt,
+                        state: state.to_owned(),
+                        updated_at: now.clone(),
+                    };
+                    match map.get_mut(task) {
+                        Some(old) => *old = p,
+                        None => {
+                            map.insert(task.clone(), p);
+                        }
+                    }
+                }
+                Op::Forget(task) => {
+                    map.remove(task);
+                }
+            }
+        }
+    }
+
+    /// Appends synced so far (tests).
+    #[cfg(test)]
+    pub fn synced(&self) -> u64 {
+        self.journal.synced
+    }
+
+    /// Makes a round due now (tests).
+    #[cfg(test)]
+    pub fn begin_now(&mut self) {
+        self.round_began = Instant::now()
+            .checked_sub(FOLD_EVERY)
+            .unwrap_or(self.round_began);
+    }
+
+    /// Whether the next [`States::piece`] has anything to do.
+    pub fn due(&self) -> bool {
+        self.round.is_some()
+            || ((self.journal.grown >= self.journal.fold_bytes
+                || self.round_began.elapsed() >= FOLD_EVERY)
+                && !self.unfolded.is_empty())
+    }
+
+    /// Does one piece of folding in a transaction of its own: begins a round if one is due
+    /// (the appends move to a new journal file), writes up to [`PIECE_STATES`] states, and
+    /// once the round has written them all deletes the files it covered.
+    pub fn piece(&mut self, conn: &Connection) -> Result<Piece, WriteError> {
+        if self.round.is_none() {
+            if !self.due() {
+                return Ok(Piece::default());
+            }
+            let j = &mut self.journal;
+            let through = j.generation;
+            j.file = Journal::create(&j.dir, through + 1, j.sync)?;
+            j.generation = through + 1;
+            j.grown = 0;
+            let mut tasks: Vec<TaskId> = self.unfolded.lock().keys().cloned().collect();
+            tasks.sort_unstable();
+            self.round = Some(Round {
+                through,
+                tasks,
+                written: 0,
+            });
+            self.round_began = Instant::now();
+        }
+        let Some(round) = &mut self.round else {
+            return Ok(Piece::default());
+        };
+        let end = (round.written + PIECE_STATES).min(round.tasks.len());
+        let tasks = &round.tasks[round.written..end];
+        // The newest state of each (newer than at the round's start, if one came since).
+        let states: Vec<(&TaskId, Pending)> = {
+            let map = self.unfolded.lock();
+            tasks
+                .iter()
+                .filter_map(|t| map.get(t).map(|p| (t, p.clone())))
+                .collect()
+        };
+        let mut piece = Piece::default();
+        if !states.is_empty() {
+            let tx = conn.unchecked_transaction()?;
+            {
+                let mut upsert = tx.prepare_cached(
+                    "INSERT INTO task_state (task_id, attempt, state, updated_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(task_id) DO UPDATE SET attempt = excluded.attempt, state = excluded.state, updated_at = excluded.updated_at",
+                )?;
+                for (task, p) in &states {
+                    upsert.execute(rusqlite::params![
+                        task.as_str(),
+                        p.attempt,
+                        p.state,
+                        &*p.updated_at
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            // Only now may a read miss them in memory: it then reads them from the table.
+            let mut map = self.unfolded.lock();
+            for (task, p) in &states {
+                if map.get(*task).is_some_and(|now| now.version == p.version) {
+                    map.remove(*task);
+                }
+            }
+            piece.states_written = states.len();
+        }
+        round.written = end;
+        if round.written == round.tasks.len() {
+            let through = round.through;
+            self.round = None;
+            piece.files_deleted = self.delete_through(through)?;
+        }
+        Ok(piece)
+    }
+
+    /// Deletes the journal files up to generation `through`: every state they hold is in
+    /// `task_state`, or older than one still unfolded (and journaled in a later file).
+    fn delete_through(&mut self, through: u64) -> std::io::Result<usize> {
+        let dir = &self.journal.dir;
+        let mut deleted = 0;
+        for (generation, path) in journal_files(dir)? {
+            if generation <= through {
+                std::fs::remove_file(path)?;
+                deleted += 1;
+            }
+        }
+        if self.journal.sync && deleted > 0 {
+            sync_dir(dir)?;
+        }
+        Ok(deleted)
+    }
+
+    /// Folds everything unfolded and deletes every journal file (the writer stops).
+    pub fn fold_all(&mut self, conn: &Connection) -> Result<(), WriteError> {
+        if self.round.is_none() {
+            self.round_began = Instant::now()
+                .checked_sub(FOLD_EVERY)
+                .unwrap_or(self.round_began);
+        }
+        while self.due() {
+            self.piece(conn)?;
+        }
+        let generation = self.journal.generation;
+        self.delete_through(generation)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> TaskId {
+        TaskId::parse(s).expect("id")
+    }
+
+    fn frame(now: &str, ops: &[Op<'_>]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        encode_frame(&mut buf, now, ops);
+        buf
+    }
+
+    fn file_of(frames: &[Vec<u8>]) -> Vec<u8> {
+        let mut bytes = MAGIC.to_vec();
+        for f in frames {
+            bytes.extend_from_slice(f);
+        }
+        bytes
+    }
+
+    fn read_bytes(bytes: &[u8]) -> Result<(FileRead, IdMap<String, Replayed>), StoreError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = journal_path(dir.path(), 1);
+        std::fs::write(&path, bytes).expect("write");
+        let mut map = IdMap::default();
+        read_file(&path, &mut map).map(|r| (r, map))
+    }
+
+    #[test]
+    fn frames_read_back_in_order_with_deletions_and_the_newest_state_of_each_task() {
+        let (a, b) = (id("a"), id("b"));
+        let st = |task, attempt, state| Op::State {
+            task,
+            attempt,
+            state,
+        };
+        let bytes = file_of(&[
+            frame("t1", &[st(&a, 1, "{\"n\":1}"), st(&b, 1, "{\"n\":1}")]),
+            frame("t2", &[Op::Forget(&b), st(&a, 2, "{\"n\":2}")]),
+            frame("t3", &[st(&b, 3, "{\"n\":3}")]),
+        ]);
+        let (read, map) = read_bytes(&bytes).expect("read");
+        assert_eq!(
+            read,
+            FileRead {
+                frames: 3,
+                torn_bytes: 0
+            }
+        );
+        assert_eq!(map["a"], (2, "{\"n\":2}".to_owned(), "t2".to_owned()));
+        assert_eq!(
+            map["b"],
+            (3, "{\"n\":3}".to_owned(), "t3".to_owned()),
+            "a state after a deletion"
+        );
+        let (_, map) = read_bytes(&file_of(&[
+            frame("t1", &[st(&b, 1, "{}")]),
+            frame("t2", &[Op::Forget(&b)]),
+        ]))
+        .expect("read");
+        assert!(map.is_empty(), "deleted last: no state");
+    }
+
+    #[test]
+    fn a_torn_or_damaged_last_frame_ends_the_file_and_the_frames_before_it_count() {
+        let a = id("a");
+        let st = |n: &'static str| Op::State {
+            task: &a,
+            attempt: 1,
+            state: n,
+        };
+        let whole = file_of(&[frame("t1", &[st("1")]), frame("t2", &[st("2")])]);
+        let first_end = MAGIC.len() + frame("t1", &[st("1")]).len();
+        // Cut anywhere inside the second frame: the first one's state.
+        for cut in first_end..whole.len() {
+            let (read, map) = read_bytes(&whole[..cut]).expect("read");
+            assert_eq!(read.frames, 1, "cut at {cut}");
+            assert_eq!(read.torn_bytes, (cut - first_end) as u64);
+            assert_eq!(map["a"].1, "1");
+        }
+        // A flipped bit in the second frame's payload fails its CRC.
+        let mut bad = whole.clone();
+        *bad.last_mut().expect("byte") ^= 1;
+        let (read, map) = read_bytes(&bad).expect("read");
+        assert_eq!((read.frames, map["a"].1.as_str()), (1, "1"));
+        // Shorter than the header: created, never written.
+        let (read, map) = read_bytes(&MAGIC[..3]).expect("read");
+        assert_eq!((read.frames, read.torn_bytes, map.len()), (0, 3, 0));
+    }
+
+    #[test]
+    fn a_wrong_header_or_a_bad_record_under_a_good_crc_is_refused_as_corrupt() {
+        let mut bytes = file_of(&[]);
+        bytes[0] = b'X';
+        let err = read_bytes(&bytes).expect_err("bad header");
+        assert!(
+            err.to_string().contains("not a tether state journal"),
+            "{err}"
+        );
+        // A record kind no writer makes, under a CRC that holds.
+        let mut payload = Vec::new();
+        put_str16(&mut payload, "t1");
+        payload.extend_from_slice(&[9, 1, 0, b'a']);
+        let mut f = (payload.len() as u32).to_le_bytes().to_vec();
+        f.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        f.extend_from_slice(&payload);
+        let err = read_bytes(&file_of(&[f])).expect_err("bad record");
+        assert!(err.to_string().contains("unknown record kind 9"), "{err}");
+        assert!(err.to_string().contains("corrupt"), "{err}");
+    }
+}
