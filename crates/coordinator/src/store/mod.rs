@@ -639,7 +639,7 @@ fn commit(
             } => ops.push(Op::State {
                 task: task_id,
                 attempt: attempt.0,
-                state: state.get(),
+                state,
             }),
             Mutation::PutCheckpoint { meta, complete } => {
                 tx.prepare_cached(

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tether_proto::TaskId;
+use tether_proto::msg::StateJson;
 
 use super::StoreError;
 use crate::model::IdMap;
@@ -58,7 +59,7 @@ pub(super) enum Op<'a> {
     State {
         task: &'a TaskId,
         attempt: u32,
-        state: &'a str,
+        state: &'a StateJson,
     },
     /// The task was deleted: its states go with it.
     Forget(&'a TaskId),
@@ -70,7 +71,8 @@ struct Pending {
     /// Which change this is (a round removes only the one it wrote).
     version: u64,
     attempt: u32,
-    state: String,
+    /// The text the message carried (shared, not copied).
+    state: StateJson,
     updated_at: Arc<str>,
 }
 
@@ -89,9 +91,13 @@ impl Unfolded {
 
     /// The task's newest unfolded state: (attempt, state, updated_at).
     pub fn get(&self, task: &TaskId) -> Option<(u32, String, String)> {
-        self.lock()
-            .get(task)
-            .map(|p| (p.attempt, p.state.clone(), p.updated_at.to_string()))
+        self.lock().get(task).map(|p| {
+            (
+                p.attempt,
+                p.state.get().to_owned(),
+                p.updated_at.to_string(),
+            )
+        })
     }
 
     /// Tasks with an unfolded state.
@@ -148,6 +154,7 @@ fn encode_frame(buf: &mut Vec<u8>, now: &str, ops: &[Op<'_>]) {
                 buf.push(KIND_STATE);
                 put_str16(buf, task.as_str());
                 buf.extend_from_slice(&attempt.to_le_bytes());
+                let state = state.get();
                 buf.extend_from_slice(&(state.len() as u32).to_le_bytes());
                 buf.extend_from_slice(state.as_bytes());
             }
@@ -473,7 +480,7 @@ impl States {
                     let p = Pending {
                         version: self.next_version,
                         attempt,
-                        state: state.to_owned(),
+                        state: state.clone(),
                         updated_at: now.clone(),
                     };
                     match map.get_mut(task) {
@@ -559,7 +566,7 @@ impl States {
                     upsert.execute(rusqlite::params![
                         task.as_str(),
                         p.attempt,
-                        p.state,
+                        p.state.get(),
                         &*p.updated_at
                     ])?;
                 }
@@ -624,6 +631,10 @@ mod tests {
         TaskId::parse(s).expect("id")
     }
 
+    fn json(s: &str) -> StateJson {
+        StateJson::from_text(s.to_owned()).expect("json")
+    }
+
     fn frame(now: &str, ops: &[Op<'_>]) -> Vec<u8> {
         let mut buf = Vec::new();
         encode_frame(&mut buf, now, ops);
@@ -649,15 +660,16 @@ mod tests {
     #[test]
     fn frames_read_back_in_order_with_deletions_and_the_newest_state_of_each_task() {
         let (a, b) = (id("a"), id("b"));
+        let [n1, n2, n3, empty] = ["{\"n\":1}", "{\"n\":2}", "{\"n\":3}", "{}"].map(json);
         let st = |task, attempt, state| Op::State {
             task,
             attempt,
             state,
         };
         let bytes = file_of(&[
-            frame("t1", &[st(&a, 1, "{\"n\":1}"), st(&b, 1, "{\"n\":1}")]),
-            frame("t2", &[Op::Forget(&b), st(&a, 2, "{\"n\":2}")]),
-            frame("t3", &[st(&b, 3, "{\"n\":3}")]),
+            frame("t1", &[st(&a, 1, &n1), st(&b, 1, &n1)]),
+            frame("t2", &[Op::Forget(&b), st(&a, 2, &n2)]),
+            frame("t3", &[st(&b, 3, &n3)]),
         ]);
         let (read, map) = read_bytes(&bytes).expect("read");
         assert_eq!(
@@ -674,7 +686,7 @@ mod tests {
             "a state after a deletion"
         );
         let (_, map) = read_bytes(&file_of(&[
-            frame("t1", &[st(&b, 1, "{}")]),
+            frame("t1", &[st(&b, 1, &empty)]),
             frame("t2", &[Op::Forget(&b)]),
         ]))
         .expect("read");
@@ -684,13 +696,14 @@ mod tests {
     #[test]
     fn a_torn_or_damaged_last_frame_ends_the_file_and_the_frames_before_it_count() {
         let a = id("a");
-        let st = |n: &'static str| Op::State {
+        let [one, two] = ["1", "2"].map(json);
+        let st = |n| Op::State {
             task: &a,
             attempt: 1,
             state: n,
         };
-        let whole = file_of(&[frame("t1", &[st("1")]), frame("t2", &[st("2")])]);
-        let first_end = MAGIC.len() + frame("t1", &[st("1")]).len();
+        let whole = file_of(&[frame("t1", &[st(&one)]), frame("t2", &[st(&two)])]);
+        let first_end = MAGIC.len() + frame("t1", &[st(&one)]).len();
         // Cut anywhere inside the second frame: the first one's state.
         for cut in first_end..whole.len() {
             let (read, map) = read_bytes(&whole[..cut]).expect("read");
