@@ -375,3 +375,89 @@ async fn a_coordinator_killed_twice_mid_run_loses_no_acknowledged_result_and_no_
     }
     drop(coord);
 }
+
+/// State updates are journaled beside the database and folded into it about once a second: a
+/// coordinator killed right after acknowledging some must still answer with the newest of them
+/// (or a newer one), read from the journal at its restart. The restarted coordinator listens on
+/// another port, so that the worker cannot send it anything newer before the check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_right_after_acknowledging_states_still_has_the_newest() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("data");
+    let log = dir.path().join("coordinator.log");
+    let addr = free_addr();
+    let base = format!("http://{addr}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("http client");
+    let coord = CoordinatorProcess::start(addr, &data_dir, &log);
+    wait_ready(&http, &base).await;
+
+    // The newest `current_iteration` acknowledged for each task.
+    let acked: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let mut cfg = fast_worker_config(&format!("ws://{addr}"), "w0");
+    cfg.slots = 3;
+    let seen = acked.clone();
+    let agent = Agent::new(cfg, Executors::builtin())
+        .expect("agent")
+        .on_ack(move |_, msg| {
+            if let Some(WorkerMsg::TaskState(s)) = msg
+                && let Some(n) = s
+                    .state
+                    .to_value()
+                    .ok()
+                    .and_then(|v| v["current_iteration"].as_u64())
+            {
+                let mut seen = seen.lock().expect("acked");
+                let at = seen.entry(s.task_id.as_str().to_owned()).or_default();
+                *at = (*at).max(n);
+            }
+        });
+    let worker = spawn_agent(agent);
+    // Ten minutes in 100 ms steps, a state each.
+    let tasks: Vec<TaskSpec> = (0..3)
+        .map(|i| {
+            let mut spec = TaskSpec::new("sleep", json!({"ms": 600_000, "steps": 6_000}));
+            spec.task_id = Some(TaskId::parse(&format!("s{i}")).expect("id"));
+            spec
+        })
+        .collect();
+    let r = http
+        .post(format!("{base}/api/v1/tasks"))
+        .json(&json!({ "tasks": tasks }))
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(r.status().as_u16(), 201);
+    wait_for(
+        "every task to have 15 states acknowledged",
+        LONG,
+        || async {
+            let seen = acked.lock().expect("acked");
+            (seen.len() == 3 && seen.values().all(|n| *n >= 15)).then_some(())
+        },
+    )
+    .await;
+    coord.kill();
+    let at_kill = acked.lock().expect("acked").clone();
+
+    let addr = free_addr();
+    let base = format!("http://{addr}");
+    let coord = CoordinatorProcess::start(addr, &data_dir, &log);
+    wait_ready(&http, &base).await;
+    let client = Client::new(&base);
+    for (task, acked) in &at_kill {
+        let (status, state) = client.get(&format!("/api/v1/tasks/{task}/state")).await;
+        assert_eq!(status, 200, "{task}: {state}");
+        let n = state["state"]["current_iteration"].as_u64();
+        assert!(
+            n.is_some_and(|n| n >= *acked),
+            "task {task}: state {state} after the restart, {acked} acknowledged before the kill"
+        );
+    }
+    worker.stop().await.expect("worker stops");
+    drop(coord);
+}
