@@ -197,7 +197,9 @@ impl StateJson {
 
     /// JSON text nested at most [`MAX_STATE_DEPTH`] deep, made or decoded.
     fn checked(raw: Box<serde_json::value::RawValue>) -> Result<Self, StateTextError> {
-        if nesting(raw.get()) > MAX_STATE_DEPTH {
+        // Each level of nesting takes an opening and a closing bracket: a text this short
+        // cannot be too deep, and is not scanned (most states are).
+        if raw.get().len() > 2 * MAX_STATE_DEPTH && nesting(raw.get()) > MAX_STATE_DEPTH {
             return Err(StateTextError::TooDeep);
         }
         Ok(StateJson(raw.into()))
@@ -821,6 +823,13 @@ mod tests {
         assert!(state(&deep(MAX_STATE_DEPTH)).is_ok());
         let e = state(&deep(MAX_STATE_DEPTH + 1)).expect_err("too deep");
         assert!(e.to_string().contains("nested deeper"), "{e}");
+        // The shortest text that is too deep (texts up to twice the limit are not scanned).
+        let tightest = format!(
+            "{}{}",
+            "[".repeat(MAX_STATE_DEPTH + 1),
+            "]".repeat(MAX_STATE_DEPTH + 1)
+        );
+        assert!(state(&tightest).is_err());
         assert!(state("{").is_err(), "not JSON");
         // Made from a tree, it is that tree's text; equal to any spacing of it.
         let v = serde_json::json!({"n": 1, "pad": "x"});
