@@ -71,6 +71,16 @@ fn free_addr() -> SocketAddr {
     l.local_addr().expect("addr")
 }
 
+/// An HTTP client without pooled connections: one kept from before a kill would fail a
+/// request after the restart.
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("http client")
+}
+
 /// Waits until the API answers.
 async fn wait_ready(http: &reqwest::Client, base: &str) {
     wait_for("the coordinator to answer", LONG, || async {
@@ -176,16 +186,10 @@ fn cli_history(addr: SocketAddr) -> BTreeMap<String, Value> {
 async fn a_coordinator_killed_twice_mid_run_loses_no_acknowledged_result_and_no_submitted_task() {
     init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");
-    let data_dir = dir.path().join("data");
-    let log = dir.path().join("coordinator.log");
+    let (data_dir, log) = (dir.path().join("data"), dir.path().join("coordinator.log"));
     let addr = free_addr();
     let base = format!("http://{addr}");
-    // No pooled connections: one kept from before a kill would fail a request after the restart.
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .pool_max_idle_per_host(0)
-        .build()
-        .expect("http client");
+    let http = http_client();
     let client = Client::new(&base);
 
     let coord = CoordinatorProcess::start(addr, &data_dir, &log);
@@ -384,15 +388,10 @@ async fn a_coordinator_killed_twice_mid_run_loses_no_acknowledged_result_and_no_
 async fn a_coordinator_killed_right_after_acknowledging_states_still_has_the_newest() {
     init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");
-    let data_dir = dir.path().join("data");
-    let log = dir.path().join("coordinator.log");
+    let (data_dir, log) = (dir.path().join("data"), dir.path().join("coordinator.log"));
     let addr = free_addr();
     let base = format!("http://{addr}");
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .pool_max_idle_per_host(0)
-        .build()
-        .expect("http client");
+    let http = http_client();
     let coord = CoordinatorProcess::start(addr, &data_dir, &log);
     wait_ready(&http, &base).await;
 

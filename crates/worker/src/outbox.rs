@@ -13,8 +13,8 @@ use std::collections::{HashMap, VecDeque};
 
 /// foldhash rather than SipHash: every entry is hashed several times between push and ack.
 type Hasher = foldhash::quality::RandomState;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use tether_proto::msg::WorkerMsg;
 use tether_proto::{Seq, TaskId, TaskRef};
@@ -94,9 +94,51 @@ impl Default for Limits {
     }
 }
 
+/// What the session and the producers ask at every turn, published at the end of each use of
+/// the lock, so that they ask without taking it.
+#[derive(Debug, Default)]
+struct Flags {
+    /// Some entry is unsent.
+    unsent: AtomicBool,
+    /// Past a bound: producers wait in [`Outbox::reserve`].
+    over: AtomicBool,
+}
+
+/// The outbox's lock, held: publishes the [`Flags`] as it is released.
+struct Locked<'a> {
+    inner: MutexGuard<'a, Inner>,
+    flags: &'a Flags,
+    limits: &'a Limits,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.inner
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        // Still under the lock (the guard drops after this): the flags change in the lock's
+        // order, and a notification sent after the release finds them set.
+        let unsent = self.inner.unsent.iter().any(|u| !u.is_empty());
+        self.flags.unsent.store(unsent, Ordering::Release);
+        let over = self.inner.over(self.limits);
+        self.flags.over.store(over, Ordering::Release);
+    }
+}
+
 /// The outbox. Shared (`Arc`) between the executors that fill it and the session that drains it.
 pub struct Outbox {
     inner: Mutex<Inner>,
+    flags: Flags,
     limits: Limits,
     journal: Option<std::sync::Arc<dyn Journal>>,
     /// Woken when an entry becomes sendable.
@@ -131,6 +173,7 @@ impl Outbox {
                 acked_max: last.0,
                 ..Inner::default()
             }),
+            flags: Flags::default(),
             limits,
             journal: None,
             ready: Notify::new(),
@@ -156,10 +199,14 @@ impl Outbox {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> Locked<'_> {
         // A panic while holding this lock leaves consistent data (every mutation is a few
         // map operations), so poisoning is ignored.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        Locked {
+            inner: self.inner.lock().unwrap_or_else(|p| p.into_inner()),
+            flags: &self.flags,
+            limits: &self.limits,
+        }
     }
 
     /// Adds an entry built from its sequence number and returns that number. Never blocks and
@@ -206,6 +253,10 @@ impl Outbox {
     /// Waits until the outbox is below its bounds. Results, notices, state and checkpoints wait
     /// here rather than being dropped: nothing a task produced is lost.
     pub async fn reserve(&self) {
+        // Nearly always: room, known without the lock.
+        if !self.flags.over.load(Ordering::Acquire) {
+            return;
+        }
         loop {
             let room = self.room.notified();
             {
@@ -366,8 +417,9 @@ impl Outbox {
         self.ready.notified().await
     }
 
+    /// Whether some entry is unsent (without taking the lock: as of the last change).
     pub fn has_unsent(&self) -> bool {
-        self.lock().unsent.iter().any(|u| !u.is_empty())
+        self.flags.unsent.load(Ordering::Acquire)
     }
 
     pub fn len(&self) -> usize {
@@ -681,6 +733,35 @@ mod tests {
             .await
             .expect("woken")
             .expect("joined");
+    }
+
+    #[test]
+    fn whether_anything_is_unsent_or_over_the_bounds_is_published_at_every_change() {
+        let ob = Outbox::new(Limits {
+            max_entries: 2,
+            max_bytes: usize::MAX,
+        });
+        let over = |ob: &Outbox| ob.flags.over.load(Ordering::Acquire);
+        assert!(!ob.has_unsent());
+        state(&ob, "a", 1);
+        let a = state(&ob, "a", 2);
+        assert!(ob.has_unsent());
+        assert_eq!(ob.take_unsent(10).len(), 1, "coalesced");
+        assert!(!ob.has_unsent(), "all sent");
+        ob.requeue_all();
+        assert!(ob.has_unsent(), "a new session sends it again");
+        ob.take_unsent(10);
+        ob.ack(a);
+        assert!(!ob.has_unsent());
+        let [x, y] = [result(&ob, "x"), result(&ob, "y")];
+        assert!(!over(&ob), "at the bound, not past it");
+        result(&ob, "z");
+        assert!(over(&ob));
+        ob.take_unsent(1);
+        assert!(ob.has_unsent(), "two left");
+        ob.take_acked_all([x, y]);
+        assert!(!over(&ob), "an ack made room");
+        assert!(ob.has_unsent());
     }
 
     #[derive(Default)]
