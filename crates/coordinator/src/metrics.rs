@@ -99,6 +99,12 @@ pub const STORE_COMMIT: &str = "tether_store_commit_seconds";
 pub const STORE_COMMITS: &str = "tether_store_commits_total";
 /// Counter: mutations committed.
 pub const STORE_MUTATIONS: &str = "tether_store_mutations_total";
+/// Gauge: tasks whose newest state is journaled and not yet folded into the database.
+pub const STORE_UNFOLDED_STATES: &str = "tether_store_unfolded_states";
+/// Gauge (bytes): the state journal's files on disk.
+pub const STORE_JOURNAL_BYTES: &str = "tether_store_journal_bytes";
+/// Counter: fold rounds completed (their journal files deleted).
+pub const STORE_FOLD_ROUNDS: &str = "tether_store_fold_rounds_total";
 
 /// Histogram buckets for durations, in seconds: 0.5 ms to one hour.
 pub const SECONDS_BUCKETS: &[f64] = &[
@@ -303,4 +309,17 @@ fn describe() {
     describe_histogram!(STORE_COMMIT, Unit::Seconds, "one group commit");
     describe_counter!(STORE_COMMITS, "group commits");
     describe_counter!(STORE_MUTATIONS, "mutations committed");
+    describe_gauge!(
+        STORE_UNFOLDED_STATES,
+        "tasks whose newest state is journaled and not yet folded into the database"
+    );
+    describe_gauge!(
+        STORE_JOURNAL_BYTES,
+        Unit::Bytes,
+        "the state journal's files on disk"
+    );
+    describe_counter!(
+        STORE_FOLD_ROUNDS,
+        "state fold rounds completed (their journal files deleted)"
+    );
 }

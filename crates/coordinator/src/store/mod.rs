@@ -508,6 +508,7 @@ pub fn spawn_writer(
                         }
                     }
                 }
+                states.publish_metrics();
                 // Right after a pass of the checkpointer, the WAL has little left to copy.
                 let frames = wal::wal_frames();
                 if let Some(c) = &checkpointer

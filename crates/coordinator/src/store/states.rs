@@ -363,8 +363,10 @@ struct Journal {
     dir: PathBuf,
     generation: u64,
     file: File,
-    /// Bytes appended since the current round began.
+    /// Bytes appended since the current round began (to the current file).
     grown: u64,
+    /// Bytes of the files a round under way covers (deleted at its end).
+    covered: u64,
     /// Synced at each append, and the directory at each new or removed file.
     sync: bool,
     /// A round begins once `grown` reaches this.
@@ -434,6 +436,7 @@ impl States {
                 generation,
                 file,
                 grown: 0,
+                covered: 0,
                 sync,
                 fold_bytes,
                 synced: 0,
@@ -531,6 +534,7 @@ impl States {
             let through = j.generation;
             j.file = Journal::create(&j.dir, through + 1, j.sync)?;
             j.generation = through + 1;
+            j.covered += j.grown + MAGIC.len() as u64;
             j.grown = 0;
             let mut tasks: Vec<TaskId> = self.unfolded.lock().keys().cloned().collect();
             tasks.sort_unstable();
@@ -586,8 +590,22 @@ impl States {
             let through = round.through;
             self.round = None;
             piece.files_deleted = self.delete_through(through)?;
+            self.journal.covered = 0;
+            metrics::counter!(crate::metrics::STORE_FOLD_ROUNDS).increment(1);
         }
         Ok(piece)
+    }
+
+    /// Bytes of the journal's files on disk.
+    pub fn journal_bytes(&self) -> u64 {
+        let j = &self.journal;
+        j.covered + j.grown + MAGIC.len() as u64
+    }
+
+    /// Sets the gauges of the unfolded states and the journal's bytes.
+    pub fn publish_metrics(&self) {
+        metrics::gauge!(crate::metrics::STORE_JOURNAL_BYTES).set(self.journal_bytes() as f64);
+        metrics::gauge!(crate::metrics::STORE_UNFOLDED_STATES).set(self.unfolded.len() as f64);
     }
 
     /// Deletes the journal files up to generation `through`: every state they hold is in

@@ -605,6 +605,11 @@ fn a_fold_round_writes_each_task_s_newest_state_even_one_that_came_during_the_ro
     let tasks = PIECE_STATES + 10;
     let name = |i: usize| format!("t{i:04}");
     j.commit((0..tasks).map(|i| state_mut(&name(i), 1)).collect());
+    assert_eq!(
+        j.states.journal_bytes(),
+        j.journal().1,
+        "as counted, on disk"
+    );
     j.states.begin_now();
     let first = j.piece();
     assert_eq!(
@@ -612,14 +617,21 @@ fn a_fold_round_writes_each_task_s_newest_state_even_one_that_came_during_the_ro
         (PIECE_STATES, 0)
     );
     assert_eq!(j.journal().0, 2, "the appends moved to a new file");
+    assert_eq!(j.states.journal_bytes(), j.journal().1);
     // One state for a task this round wrote already, one for a task it has yet to write.
     j.commit(vec![state_mut(&name(0), 2)]);
     j.commit(vec![state_mut(&name(tasks - 1), 2)]);
     assert!(j.states.due(), "the round goes on");
+    assert_eq!(j.states.journal_bytes(), j.journal().1);
     let second = j.piece();
     assert_eq!((second.states_written, second.files_deleted), (10, 1));
     assert!(!j.states.due(), "round over");
     assert_eq!(j.journal().0, 1);
+    assert_eq!(
+        j.states.journal_bytes(),
+        j.journal().1,
+        "the covered file went"
+    );
     assert_eq!(table_n(&j.conn, &name(0)), Some(1));
     assert_eq!(j.state_n(&name(0)), Some(2), "the newer one, from memory");
     assert_eq!(

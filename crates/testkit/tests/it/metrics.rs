@@ -73,6 +73,15 @@ async fn metrics_families_are_served_and_move_with_a_run_with_a_reconnection() {
     grew(&count(m::STORE_COMMIT), &[]);
     grew(m::STORE_COMMITS, &[]);
     grew(m::STORE_MUTATIONS, &[]);
+    // The state journal's gauges (any coordinator's in this process: at least a file header).
+    assert!(
+        metric_value(&after, m::STORE_JOURNAL_BYTES, &[]).is_some_and(|b| b >= 8.0),
+        "journal bytes served"
+    );
+    assert!(
+        metric_value(&after, m::STORE_UNFOLDED_STATES, &[]).is_some(),
+        "unfolded states served"
+    );
     // Histograms have buckets (not summaries).
     assert!(
         after.contains(&format!("{}_bucket{{le=\"0.005\"}}", m::STORE_COMMIT)),
