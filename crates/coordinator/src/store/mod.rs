@@ -75,6 +75,10 @@ pub enum StoreError {
         "database {path} is corrupt ({detail}); refusing to touch it (restore a backup or move it away)"
     )]
     Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "state journal {path} is corrupt ({detail}); refusing to start (move it away to start without the task states it holds)"
+    )]
+    CorruptJournal { path: PathBuf, detail: String },
     #[error("database {path}: {source}")]
     Sql {
         path: PathBuf,

@@ -20,7 +20,8 @@
 //! that stops. A frame that is cut short or fails its CRC (a write torn by a crash of the
 //! machine: without `--durability machine` the journal is not synced) ends what is read of
 //! that file, as a torn WAL frame ends SQLite's WAL, and is reported; a file with a wrong
-//! header, or a frame whose CRC holds but whose records do not parse, is refused as corrupt.
+//! header, or a frame whose CRC holds but whose records do not parse, is refused as corrupt
+//! ([`StoreError::CorruptJournal`]) before the database is opened for writing.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -231,7 +232,7 @@ pub(super) struct FileRead {
 
 /// Reads the journal file at `path` into `into` (the newest state of each task, in order).
 fn read_file(path: &Path, into: &mut IdMap<String, Replayed>) -> Result<FileRead, StoreError> {
-    let corrupt = |detail: String| StoreError::Corrupt {
+    let corrupt = |detail: String| StoreError::CorruptJournal {
         path: path.to_owned(),
         detail,
     };

@@ -845,7 +845,7 @@ fn a_corrupt_journal_is_refused_and_left_untouched() {
     let before = file_bytes(dir.path());
     let err = open(dir.path()).map(|_| ()).expect_err("refused");
     assert!(
-        matches!(&err, StoreError::Corrupt { path: p, .. } if *p == path),
+        matches!(&err, StoreError::CorruptJournal { path: p, .. } if *p == path),
         "{err}"
     );
     assert!(
