@@ -47,6 +47,25 @@ fn outbox(c: &mut Criterion) {
             o.ack(seq)
         })
     });
+    // The flood's path: each task's state is sent and acknowledged before its next one, so
+    // nothing coalesces; eight tasks in turn.
+    g.bench_function("state_push_take_ack_8_tasks", |b| {
+        let o = Outbox::new(Limits::default());
+        let tasks: Vec<TaskId> = (0..8)
+            .map(|i| TaskId::parse(&format!("t-bench-{i}")).expect("id"))
+            .collect();
+        let mut n = 0u64;
+        b.iter(|| {
+            n += 1;
+            let task = &tasks[(n % 8) as usize];
+            let seq = o.push(Class::State, Some(Coalesce::TaskState(task.clone())), |s| {
+                state(s, task, n)
+            });
+            let sent = o.take_unsent(64);
+            black_box(&sent);
+            o.ack(seq)
+        })
+    });
     g.bench_function("state_coalesced_over_unsent", |b| {
         let o = Outbox::new(Limits::default());
         let mut n = 0;
