@@ -71,14 +71,16 @@ fn free_addr() -> SocketAddr {
     l.local_addr().expect("addr")
 }
 
-/// An HTTP client without pooled connections: one kept from before a kill would fail a
-/// request after the restart.
-fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
+/// A free address for a coordinator, its API's base URL, and an HTTP client without pooled
+/// connections (one kept from before a kill would fail a request after the restart).
+fn api() -> (SocketAddr, String, reqwest::Client) {
+    let addr = free_addr();
+    let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .pool_max_idle_per_host(0)
         .build()
-        .expect("http client")
+        .expect("http client");
+    (addr, format!("http://{addr}"), http)
 }
 
 /// Waits until the API answers.
@@ -187,9 +189,7 @@ async fn a_coordinator_killed_twice_mid_run_loses_no_acknowledged_result_and_no_
     init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");
     let (data_dir, log) = (dir.path().join("data"), dir.path().join("coordinator.log"));
-    let addr = free_addr();
-    let base = format!("http://{addr}");
-    let http = http_client();
+    let (addr, base, http) = api();
     let client = Client::new(&base);
 
     let coord = CoordinatorProcess::start(addr, &data_dir, &log);
@@ -389,9 +389,7 @@ async fn a_coordinator_killed_right_after_acknowledging_states_still_has_the_new
     init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");
     let (data_dir, log) = (dir.path().join("data"), dir.path().join("coordinator.log"));
-    let addr = free_addr();
-    let base = format!("http://{addr}");
-    let http = http_client();
+    let (addr, base, http) = api();
     let coord = CoordinatorProcess::start(addr, &data_dir, &log);
     wait_ready(&http, &base).await;
 
@@ -443,8 +441,7 @@ async fn a_coordinator_killed_right_after_acknowledging_states_still_has_the_new
     coord.kill();
     let at_kill = acked.lock().expect("acked").clone();
 
-    let addr = free_addr();
-    let base = format!("http://{addr}");
+    let (addr, base, http) = api();
     let coord = CoordinatorProcess::start(addr, &data_dir, &log);
     wait_ready(&http, &base).await;
     let client = Client::new(&base);

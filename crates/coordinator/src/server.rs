@@ -75,10 +75,6 @@ pub async fn run_with(
     let cfg = Arc::new(cfg);
     crate::metrics::install();
     let (conn, loaded) = store::open(&cfg.data_dir)?;
-    store::set_durability(&conn, cfg.durability).map_err(|source| store::StoreError::Sql {
-        path: cfg.data_dir.join(store::DB_FILE),
-        source,
-    })?;
     let counters = Arc::new(Counters::default());
     let store_stats = Arc::new(StoreStats::default());
     let fatal = CancellationToken::new();

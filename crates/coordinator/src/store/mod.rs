@@ -387,8 +387,8 @@ pub struct WriterOptions {
     /// the previous one began, and takes every batch that arrived meanwhile; a batch that
     /// arrives after a quiet spell commits at once. Zero commits whatever waits at once.
     pub commit_interval: std::time::Duration,
-    /// What an acknowledged state survives: with [`Durability::Machine`] the state journal is
-    /// synced at each group, before its commit (the database's side is [`set_durability`]).
+    /// What an acknowledged commit survives: the database's commits ([`set_durability`]) and
+    /// the state journal's appends (synced at each group with [`Durability::Machine`]).
     pub durability: Durability,
     /// Bytes of state journal after which a fold round begins ([`FOLD_BYTES`]; one begins
     /// [`FOLD_EVERY`] after the previous one anyway).
@@ -419,6 +419,10 @@ pub fn spawn_writer(
     opts: WriterOptions,
     unfolded: Arc<Unfolded>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    // One setting for both: the database's commits and the journal's appends.
+    set_durability(&conn, opts.durability).map_err(|e| {
+        std::io::Error::other(format!("cannot set durability on {}: {e}", path.display()))
+    })?;
     let dir = path.parent().unwrap_or(Path::new(".")).to_owned();
     let sync = opts.durability == Durability::Machine;
     let mut states = States::start(&dir, unfolded, sync, opts.fold_bytes).map_err(|e| {

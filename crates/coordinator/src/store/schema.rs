@@ -137,7 +137,8 @@ pub(super) fn open_checked(path: &Path) -> Result<Connection, StoreError> {
         source,
     };
     // WAL with synchronous=NORMAL: a commit survives the death of the process (kill -9);
-    // `--durability machine` sets FULL (super::set_durability; docs/OPERATIONS.md).
+    // `--durability machine` sets FULL (super::set_durability, from the writer's options;
+    // docs/OPERATIONS.md).
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = OFF; PRAGMA busy_timeout = 5000;",
     )

@@ -507,8 +507,7 @@ impl States {
         self.journal.synced
     }
 
-    /// Makes a round due now (tests).
-    #[cfg(test)]
+    /// Makes a round due now, if anything is unfolded (the writer stops; tests).
     pub fn begin_now(&mut self) {
         self.round_began = Instant::now()
             .checked_sub(FOLD_EVERY)
@@ -629,9 +628,7 @@ impl States {
     /// Folds everything unfolded and deletes every journal file (the writer stops).
     pub fn fold_all(&mut self, conn: &Connection) -> Result<(), WriteError> {
         if self.round.is_none() {
-            self.round_began = Instant::now()
-                .checked_sub(FOLD_EVERY)
-                .unwrap_or(self.round_began);
+            self.begin_now();
         }
         while self.due() {
             self.piece(conn)?;

@@ -989,6 +989,36 @@ impl Writer {
     }
 }
 
+/// The writer's options set the database's durability as well as the journal's.
+#[test]
+fn the_writer_sets_the_database_s_durability_from_its_options() {
+    for (durability, want) in [(Durability::Machine, 2), (Durability::Process, 1)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = Writer::start_with(
+            dir.path(),
+            WriterOptions {
+                durability,
+                ..Default::default()
+            },
+        );
+        let (done, seen) = std::sync::mpsc::channel();
+        let effect = Effect::Run(Box::new(move |conn: &Connection| {
+            let sync: i64 = conn
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .expect("synchronous");
+            let _ = done.send(sync);
+        }));
+        w.tx.blocking_send(Batch {
+            muts: vec![new_task("a")],
+            effects: vec![effect],
+            reads: vec![],
+        })
+        .expect("send");
+        assert_eq!(seen.recv().expect("effect ran"), want, "{durability:?}");
+        w.stop();
+    }
+}
+
 /// A batch of one state whose effect says when it ran.
 fn timed(task: &str, n: u32, done: std::sync::mpsc::Sender<std::time::Instant>) -> Batch {
     let effect = Effect::Run(Box::new(move |_: &Connection| {
