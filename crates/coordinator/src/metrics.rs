@@ -185,13 +185,12 @@ static RAW_BYTES: AtomicU64 = AtomicU64::new(0);
 static WIRE_BYTES: AtomicU64 = AtomicU64::new(0);
 
 /// Records one compressed (or decompressed) payload: `raw` bytes before compression, `wire`
-/// bytes on the wire. The compression layer calls this; the ratio gauge follows the totals.
+/// bytes on the wire. The compression layer calls this for every compressed frame; the two
+/// counters and the ratio gauge are set from these totals when scraped (three lookups in the
+/// recorder's registry a frame were 1.3 % of the coordinator's samples under a flood).
 pub fn record_compression(raw: u64, wire: u64) {
-    metrics::counter!(COMPRESSION_RAW_BYTES).increment(raw);
-    metrics::counter!(COMPRESSION_WIRE_BYTES).increment(wire);
-    let raw = RAW_BYTES.fetch_add(raw, Ordering::Relaxed) + raw;
-    let wire = WIRE_BYTES.fetch_add(wire, Ordering::Relaxed) + wire;
-    metrics::gauge!(COMPRESSION_RATIO).set(ratio(raw, wire));
+    RAW_BYTES.fetch_add(raw, Ordering::Relaxed);
+    WIRE_BYTES.fetch_add(wire, Ordering::Relaxed);
 }
 
 fn ratio(raw: u64, wire: u64) -> f64 {
@@ -225,10 +224,13 @@ pub async fn scrape(State(app): State<Arc<AppState>>) -> Response {
     for (name, n) in &overview.counters {
         metrics::counter!(CORE_COUNTERS, "name" => *name).absolute(*n);
     }
-    metrics::gauge!(COMPRESSION_RATIO).set(ratio(
+    let (raw, wire) = (
         RAW_BYTES.load(Ordering::Relaxed),
         WIRE_BYTES.load(Ordering::Relaxed),
-    ));
+    );
+    metrics::counter!(COMPRESSION_RAW_BYTES).absolute(raw);
+    metrics::counter!(COMPRESSION_WIRE_BYTES).absolute(wire);
+    metrics::gauge!(COMPRESSION_RATIO).set(ratio(raw, wire));
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], install().render()).into_response()
 }
 
