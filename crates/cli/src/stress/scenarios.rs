@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::fleet::{Command, Status, now_us};
 use super::procs::{CoordOpts, Coordinator, Fleet, TlsFiles};
-use super::report::{Dist, Report};
+use super::report::{self, Dist, Report};
 use super::{Scenario, StressArgs, probe, truth};
 
 /// Tasks per submission request.
@@ -677,10 +677,12 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
     r.messages_per_frame = Some((f1 - f0) as f64 / (w1 - w0).max(1) as f64);
     r.compact_acked_share = Some((a1 - a0) as f64 / handled);
     r.message_latency_ms = Dist::of(lat);
+    // At a rate asked of the fleet below the target's, the target is out of reach by design.
+    let asked = n as f64 * run.a.rate as f64;
     r.target(
         "at least 200,000 worker messages per second",
-        n >= 1_000,
-        mps >= 200_000.0,
+        n >= 1_000 && asked >= report::TOP_RATE,
+        mps >= report::TOP_RATE,
         format!(
             "{mps:.0} messages/s handled ({} offered per second by {n} workers at {} /s each)",
             r.offered_per_s.unwrap_or(0.0) as u64,
@@ -690,7 +692,7 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
     if let Some(d) = r.message_latency_ms {
         r.target(
             "p99 latency under 10 ms (at half the top rate)",
-            n >= 1_000,
+            n >= 1_000 && report::at_half_rate(mps, d.p99),
             d.p99 < 10.0,
             format!("p99 {:.2} ms at {mps:.0} messages/s", d.p99),
         );
