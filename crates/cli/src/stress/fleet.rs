@@ -633,7 +633,7 @@ impl Executor for Flood {
                     break;
                 }
                 sent += 1;
-                let state = StateJson::from_text(format!(r#"{{"n":{sent},"pad":"{pad}"}}"#))
+                let state = StateJson::from_text(flood_state(sent, &pad))
                     .map_err(|e| ExecError::InvalidConfig(e.to_string()))?;
                 ctx.report_state(state).await;
                 shared.flood_sent.add(1);
@@ -641,6 +641,21 @@ impl Executor for Flood {
             Ok(serde_json::json!({"sent": sent}))
         })
     }
+}
+
+/// A flood update's text, `{"n":<n>,"pad":"<pad>"}`, made in one allocation of its final size
+/// (`format!` sizes its buffer from the literal text and grew it for the pad; it was 3.7 % of
+/// the fleet's samples under the flood).
+fn flood_state(n: u64, pad: &str) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(pad.len() + 40);
+    s.push_str(r#"{"n":"#);
+    // INVARIANT: writing into a String cannot fail.
+    let _ = write!(s, "{n}");
+    s.push_str(r#","pad":""#);
+    s.push_str(pad);
+    s.push_str(r#""}"#);
+    s
 }
 
 #[derive(Deserialize)]
@@ -692,6 +707,19 @@ impl Executor for Steps {
 mod tests {
     use super::*;
     use tether_proto::{Attempt, TaskId};
+
+    #[test]
+    fn a_flood_state_is_the_json_object_of_its_number_and_pad() {
+        for (n, pad) in [(0, ""), (7, "xxx"), (u64::MAX, &*"x".repeat(1000))] {
+            let text = flood_state(n, pad);
+            let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+            assert_eq!(v, serde_json::json!({"n": n, "pad": pad}));
+            assert!(
+                text.capacity() <= pad.len() + 40,
+                "one allocation of its size"
+            );
+        }
+    }
 
     /// A flood stops soon after it is cancelled, whether its ticks are quick or slow: it waits
     /// for the cancellation beside its tick. (Real time: the slack is for a busy machine; a
