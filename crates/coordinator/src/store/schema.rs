@@ -145,7 +145,7 @@ pub(super) fn open_checked(path: &Path) -> Result<Connection, StoreError> {
     .map_err(sql)?;
     // This is the writer's connection. Its page cache holds the tables a fold of the states
     // rewrites (SQLite's default of 2 MiB made the fold read evicted pages back with a
-    // syscall each); statement journals (upserts, multi-row inserts) stay in
+    // syscall each); statement journals (the fold's upserts among them) stay in
     // memory rather than in a temporary file. Both only as used: an idle coordinator's cache
     // stays small.
     conn.execute_batch(&format!(
