@@ -95,9 +95,9 @@ enum Duty {
 
 const DUTIES: [Duty; 4] = [Duty::Heartbeat, Duty::Ping, Duty::Telemetry, Duty::StatsLog];
 
-/// When each [`Duty`] is next due. Each is first due one period after the start and keeps its
-/// cadence; one done more than a period late is next due a period after it was done, not
-/// repeated to catch up (like `tokio::time::MissedTickBehavior::Delay` then).
+/// When each [`Duty`] is next due. Each is first due at its phase of its first period after
+/// the start and keeps its cadence; one done more than a period late is next due a period after
+/// it was done, not repeated to catch up (like `tokio::time::MissedTickBehavior::Delay` then).
 #[derive(Debug)]
 struct Duties {
     next: [Instant; 4],
@@ -105,13 +105,31 @@ struct Duties {
 }
 
 impl Duties {
-    /// `every`: the periods, in the order of [`DUTIES`] (at least 1 ms each).
-    fn new(start: Instant, every: [Duration; 4]) -> Self {
+    /// `every`: the periods, in the order of [`DUTIES`] (at least 1 ms each); `phase`: when
+    /// in its first period each is first due, a fraction in (0, 1] (1: a period after `start`).
+    fn new(start: Instant, every: [Duration; 4], phase: [f64; 4]) -> Self {
         let every = every.map(|e| e.max(Duration::from_millis(1)));
-        Duties {
-            next: every.map(|e| start + e),
-            every,
+        let mut next = [start; 4];
+        for (i, n) in next.iter_mut().enumerate() {
+            *n = start + every[i].mul_f64(phase[i].clamp(f64::EPSILON, 1.0));
         }
+        Duties { next, every }
+    }
+
+    /// Duties on random phases. A fleet's sessions start together (a restart of the
+    /// coordinator reconnects them all within the backoff's jitter), and duties first due a
+    /// whole period after the start would stay in step for good: every worker's telemetry
+    /// and heartbeat in the same few milliseconds of each period, a burst of store writes at
+    /// the coordinator that the messages behind it wait out (docs/PERFORMANCE.md, thirteenth
+    /// round). Each first due at a random point of its first period, they spread evenly, and
+    /// none comes later than it would have.
+    fn spread(start: Instant, every: [Duration; 4], rng: &mut impl rand::Rng) -> Self {
+        // (0, 1]: never at the start itself.
+        Self::new(
+            start,
+            every,
+            std::array::from_fn(|_| 1.0 - rng.random::<f64>()),
+        )
     }
 
     /// When the first duty is due.
@@ -654,7 +672,7 @@ impl<'a> Session<'a> {
     /// Returns `Ok(reason)` when the session is lost, `Err(end)` for shutdown or refusal.
     async fn main_loop(&mut self, shutdown: &CancellationToken) -> Result<String, SessionEnd> {
         let cfg = self.agent.cfg.clone();
-        let mut duties = Duties::new(
+        let mut duties = Duties::spread(
             Instant::now(),
             [
                 self.heartbeat_every,
@@ -662,6 +680,7 @@ impl<'a> Session<'a> {
                 cfg.telemetry_interval,
                 cfg.stats_log_interval,
             ],
+            &mut rand::rng(),
         );
         let outbox = self.agent.outbox.clone();
         // Made once, not per event: each would register with the token, and the timer with
@@ -1105,7 +1124,7 @@ mod tests {
     fn duties_fall_due_each_on_its_own_period_and_a_late_one_is_not_repeated() {
         let start = Instant::now();
         let ms = Duration::from_millis;
-        let mut d = Duties::new(start, [ms(100), ms(250), ms(100), ms(1000)]);
+        let mut d = Duties::new(start, [ms(100), ms(250), ms(100), ms(1000)], [1.0; 4]);
         assert_eq!(d.next(), start + ms(100));
         assert_eq!(d.take_due(start + ms(99)).count(), 0);
         let due: Vec<_> = d.take_due(start + ms(100)).collect();
@@ -1129,9 +1148,63 @@ mod tests {
     }
 
     #[test]
+    fn a_duty_is_first_due_at_its_phase_and_then_keeps_its_period() {
+        let start = Instant::now();
+        let ms = Duration::from_millis;
+        let mut d = Duties::new(
+            start,
+            [ms(100), ms(1000), ms(100), ms(1000)],
+            [0.3, 1.0, 0.7, 1.0],
+        );
+        assert_eq!(d.next(), start + ms(30));
+        assert_eq!(
+            d.take_due(start + ms(30)).collect::<Vec<_>>(),
+            [Duty::Heartbeat]
+        );
+        assert_eq!(d.next(), start + ms(70));
+        assert_eq!(
+            d.take_due(start + ms(70)).collect::<Vec<_>>(),
+            [Duty::Telemetry]
+        );
+        assert_eq!(d.next(), start + ms(130));
+        assert_eq!(
+            d.take_due(start + ms(130)).collect::<Vec<_>>(),
+            [Duty::Heartbeat]
+        );
+        assert_eq!(d.next(), start + ms(170));
+    }
+
+    #[test]
+    fn sessions_started_together_spread_their_duties_over_the_first_period() {
+        use rand::SeedableRng;
+        let start = Instant::now();
+        let every = Duration::from_secs(1);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        // A fleet of 1,000 sessions started in the same instant.
+        let firsts: Vec<Duration> = (0..1000)
+            .map(|_| Duties::spread(start, [every; 4], &mut rng).next[2] - start)
+            .collect();
+        // None later than a period (a heartbeat never comes later than unspread), none at
+        // the start itself.
+        assert!(firsts.iter().all(|f| *f > Duration::ZERO && *f <= every));
+        // Spread over the period: each tenth of it holds some, none holds a burst.
+        let mut tenths = [0u32; 10];
+        for f in &firsts {
+            tenths[((f.as_secs_f64() * 10.0) as usize).min(9)] += 1;
+        }
+        assert!(
+            tenths.iter().all(|&n| (50..=150).contains(&n)),
+            "{tenths:?}"
+        );
+        // A session's duties are on phases of their own.
+        let d = Duties::spread(start, [every; 4], &mut rng);
+        assert!(d.next.windows(2).any(|w| w[0] != w[1]));
+    }
+
+    #[test]
     fn a_zero_period_does_not_make_a_duty_due_at_every_round() {
         let start = Instant::now();
-        let mut d = Duties::new(start, [Duration::ZERO; 4]);
+        let mut d = Duties::new(start, [Duration::ZERO; 4], [1.0; 4]);
         assert_eq!(d.take_due(start + Duration::from_millis(1)).count(), 4);
         assert_eq!(d.take_due(start + Duration::from_millis(1)).count(), 0);
     }
