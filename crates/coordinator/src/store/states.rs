@@ -140,6 +140,101 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Removes `paths` (one already gone is not an error), then, with `sync`, makes that durable.
+fn remove_files(dir: &Path, paths: &[PathBuf], sync: bool) -> std::io::Result<()> {
+    for path in paths {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    if sync && !paths.is_empty() {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+enum Reap {
+    Files(Vec<PathBuf>),
+    /// Answered once everything sent before is removed (tests).
+    #[cfg(test)]
+    Settle(std::sync::mpsc::Sender<()>),
+}
+
+/// Removes the journal files of finished rounds on a thread of its own. Removing a file of
+/// tens of MiB frees its pages: 1-5 ms under a flood, which held up the commit behind a
+/// round's last piece (docs/PERFORMANCE.md, thirteenth round). One thread removes them in
+/// order, each round's removal durable (with `sync`) before the next's begins, so a file
+/// that a crash of the machine brings back is never newer than one that stayed; replaying
+/// it is harmless, since every state in it was folded or is superseded by a later file's.
+/// A removal that fails is logged and tried again by the next round (the file is still
+/// listed); dropping the reaper waits for what was sent.
+#[derive(Debug)]
+struct Reaper {
+    tx: Option<std::sync::mpsc::Sender<Reap>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Reaper {
+    fn start(dir: &Path, sync: bool) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<Reap>();
+        let dir = dir.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("tether-reaper".into())
+            .spawn(move || {
+                for reap in rx {
+                    match reap {
+                        Reap::Files(paths) => {
+                            if let Err(e) = remove_files(&dir, &paths, sync) {
+                                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a folded state journal; the next round tries again");
+                            }
+                        }
+                        #[cfg(test)]
+                        Reap::Settle(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })?;
+        Ok(Reaper {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands `paths` over; false when the thread is gone (the caller removes them itself).
+    fn remove(&self, paths: Vec<PathBuf>) -> Result<(), Vec<PathBuf>> {
+        match &self.tx {
+            Some(tx) => tx.send(Reap::Files(paths)).map_err(|e| match e.0 {
+                Reap::Files(paths) => paths,
+                #[cfg(test)]
+                Reap::Settle(_) => Vec::new(),
+            }),
+            None => Err(paths),
+        }
+    }
+
+    /// Waits until everything handed over is removed.
+    #[cfg(test)]
+    fn settle(&self) {
+        let (done, wait) = std::sync::mpsc::channel();
+        if let Some(tx) = &self.tx
+            && tx.send(Reap::Settle(done)).is_ok()
+        {
+            let _ = wait.recv();
+        }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Encodes a group's changes as one frame.
 fn encode_frame(buf: &mut Vec<u8>, now: &str, ops: &[Op<'_>]) {
     buf.clear();
@@ -418,6 +513,8 @@ pub(super) struct States {
     next_version: u64,
     round: Option<Round>,
     round_began: Instant,
+    /// None when its thread could not start: the writer removes the files itself.
+    reaper: Option<Reaper>,
 }
 
 impl States {
@@ -431,6 +528,9 @@ impl States {
     ) -> std::io::Result<Self> {
         let generation = journal_files(dir)?.last().map_or(1, |(g, _)| g + 1);
         let file = Journal::create(dir, generation, sync)?;
+        let reaper = Reaper::start(dir, sync)
+            .inspect_err(|e| tracing::warn!(dir = %dir.display(), error = %e, "cannot start the journal reaper; the writer removes folded journals itself"))
+            .ok();
         Ok(States {
             journal: Journal {
                 dir: dir.to_owned(),
@@ -447,6 +547,7 @@ impl States {
             next_version: 0,
             round: None,
             round_began: Instant::now(),
+            reaper,
         })
     }
 
@@ -608,21 +709,33 @@ impl States {
         metrics::gauge!(crate::metrics::STORE_UNFOLDED_STATES).set(self.unfolded.len() as f64);
     }
 
-    /// Deletes the journal files up to generation `through`: every state they hold is in
-    /// `task_state`, or older than one still unfolded (and journaled in a later file).
+    /// Deletes the journal files up to generation `through` (by the [`Reaper`], when it
+    /// runs): every state they hold is in `task_state`, or older than one still unfolded
+    /// (and journaled in a later file). Returns how many.
     fn delete_through(&mut self, through: u64) -> std::io::Result<usize> {
-        let dir = &self.journal.dir;
-        let mut deleted = 0;
-        for (generation, path) in journal_files(dir)? {
-            if generation <= through {
-                std::fs::remove_file(path)?;
-                deleted += 1;
-            }
+        let j = &self.journal;
+        let paths: Vec<PathBuf> = journal_files(&j.dir)?
+            .into_iter()
+            .filter(|(generation, _)| *generation <= through)
+            .map(|(_, path)| path)
+            .collect();
+        let n = paths.len();
+        let left = match &self.reaper {
+            Some(reaper) => reaper.remove(paths).err(),
+            None => Some(paths),
+        };
+        if let Some(paths) = left {
+            remove_files(&j.dir, &paths, j.sync)?;
         }
-        if self.journal.sync && deleted > 0 {
-            sync_dir(dir)?;
+        Ok(n)
+    }
+
+    /// Waits until the journal files of finished rounds are removed.
+    #[cfg(test)]
+    pub fn settle(&self) {
+        if let Some(reaper) = &self.reaper {
+            reaper.settle();
         }
-        Ok(deleted)
     }
 
     /// Folds everything unfolded and deletes every journal file (the writer stops).
@@ -633,6 +746,8 @@ impl States {
         while self.due() {
             self.piece(conn)?;
         }
+        // The last files go here, after the reaper's: none is left behind for the next start.
+        drop(self.reaper.take());
         let generation = self.journal.generation;
         self.delete_through(generation)?;
         Ok(())
@@ -756,5 +871,30 @@ mod tests {
         let err = read_bytes(&file_of(&[f])).expect_err("bad record");
         assert!(err.to_string().contains("unknown record kind 9"), "{err}");
         assert!(err.to_string().contains("corrupt"), "{err}");
+    }
+
+    #[test]
+    fn the_reaper_removes_what_it_is_given_in_order_and_a_missing_file_is_no_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files: Vec<PathBuf> = (1..=3).map(|g| journal_path(dir.path(), g)).collect();
+        for f in &files {
+            std::fs::write(f, b"x").expect("write");
+        }
+        for sync in [false, true] {
+            let reaper = Reaper::start(dir.path(), sync).expect("reaper");
+            let mut given = files[..2].to_vec();
+            given.push(dir.path().join("gone-already.journal"));
+            reaper.remove(given).expect("handed over");
+            reaper.settle();
+            assert!(!files[0].exists() && !files[1].exists());
+            assert!(files[2].exists(), "only what it was given");
+            // Dropped, it still removes what it was handed.
+            reaper.remove(vec![files[2].clone()]).expect("handed over");
+            drop(reaper);
+            assert!(!files[2].exists());
+            for f in &files {
+                std::fs::write(f, b"x").expect("write");
+            }
+        }
     }
 }

@@ -539,8 +539,11 @@ impl Journaled {
         )
     }
 
+    /// Folds a piece; the files a finished round covered are gone when it returns.
     fn piece(&mut self) -> states::Piece {
-        self.states.piece(&self.conn).expect("fold")
+        let piece = self.states.piece(&self.conn).expect("fold");
+        self.states.settle();
+        piece
     }
 
     /// Begins a round and folds pieces until it is over.
