@@ -147,6 +147,10 @@ pub struct Worker {
     #[schema(value_type = Option<Object>)]
     /// Boxed: most of the time nobody reads it, and inline it would size every worker's entry.
     pub stats: Option<Box<ConnStats>>,
+    /// When telemetry last saved the record (the statistics are saved at most every
+    /// `STATS_SAVE_EVERY`; core::messages).
+    #[serde(skip)]
+    pub stats_saved: Option<tokio::time::Instant>,
     /// Monotonic instant of the disconnect, for the grace period.
     #[serde(skip)]
     pub disconnected_mono: Option<tokio::time::Instant>,
@@ -197,6 +201,7 @@ impl Worker {
             disconnected_at: Some(now),
             sessions: 0,
             stats: None,
+            stats_saved: None,
             disconnected_mono: Some(tokio::time::Instant::now()),
             session: None,
         }

@@ -12,7 +12,7 @@ use tether_proto::msg::{
 };
 use tether_proto::{Attempt, TaskId, TaskStatus, WorkerId, encode};
 
-use super::{Core, Partial, SessionRef, ack};
+use super::{Change, Core, Partial, SessionRef, ack};
 use crate::metrics as m;
 use crate::model::{CheckpointMeta, Desired, WorkerState};
 use crate::store::{Batch, Mutation};
@@ -64,6 +64,14 @@ enum Standing {
 /// Incomplete checkpoints of one task may declare at most this many times
 /// `max_checkpoint_bytes` together.
 const INCOMPLETE_CHECKPOINTS_PER_TASK: u64 = 2;
+
+/// A worker's record is saved for its telemetry at most this often. The statistics are kept
+/// (and shown) from every `telemetry`, but they are monitoring data that the next report
+/// replaces: a write of the record for each one was a commit per report, 333 a second from
+/// 10,000 workers reporting every 30 s, and most of an idle coordinator's CPU
+/// (docs/PERFORMANCE.md, thirteenth round). A restart shows statistics at most this old until
+/// each worker's next report; every other save of the record carries the latest.
+pub(crate) const STATS_SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl Core {
     fn standing(&self, worker: &WorkerId, task: &TaskId, attempt: Attempt) -> Standing {
@@ -230,6 +238,8 @@ impl Core {
         w.state = WorkerState::Connected;
         w.disconnected_at = None;
         w.disconnected_mono = None;
+        // Saved now, with its statistics: the next telemetry need not save it again.
+        w.stats_saved = Some(tokio::time::Instant::now());
         self.free.insert(worker.clone());
         self.save_worker(worker, b);
         tracing::info!(worker = %worker, session = session.id, directives = directives.len(), "worker registered");
@@ -725,10 +735,21 @@ impl Core {
         if t.connection_stats.rtt_samples > 0 {
             metrics::histogram!(m::HEARTBEAT_RTT).record(t.connection_stats.rtt_p50_ms / 1e3);
         }
-        if let Some(w) = self.workers.get_mut(worker) {
+        let save = self.workers.get_mut(worker).is_some_and(|w| {
             w.stats = Some(Box::new(t.connection_stats));
+            let due = w
+                .stats_saved
+                .is_none_or(|at| at.elapsed() >= STATS_SAVE_EVERY);
+            if due {
+                w.stats_saved = Some(tokio::time::Instant::now());
+            }
+            due
+        });
+        if save {
+            self.save_worker(worker, b);
+        } else if let Some(w) = self.workers.get(worker) {
+            self.announce(b, || Change::Worker(Box::new(w.clone())));
         }
-        self.save_worker(worker, b);
         Core::send_ack(b, session, t.seq, Disposition::Recorded, || {
             ack(
                 CoordMsg::TelemetryAck,

@@ -539,3 +539,71 @@ fn a_session_that_agreed_to_compact_acks_gets_recorded_messages_acknowledged_by_
         "{acks:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn telemetry_updates_the_statistics_every_time_and_saves_the_record_at_most_every_period() {
+    use crate::store::Mutation;
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    drain(&mut rx);
+    let telemetry = |seq: u64, reconnects: u64| {
+        let mut stats = tether_proto::task::ConnStats::default();
+        stats.reconnects = reconnects;
+        Event::Frame {
+            worker: wid("a"),
+            session_id: s,
+            msgs: vec![WorkerMsg::Telemetry(tether_proto::msg::Telemetry {
+                seq: Seq(seq),
+                connection_stats: stats,
+                metrics: serde_json::Value::Null,
+                timestamp: now(),
+            })],
+        }
+    };
+    // Applies a report; returns the reconnects of each worker record it saves, and its ack.
+    let mut report = |h: &mut Harness, seq: u64, reconnects: u64| {
+        let mut b = Batch::default();
+        h.core.apply(telemetry(seq, reconnects), &mut b);
+        let saved: Vec<u64> = b
+            .muts
+            .iter()
+            .filter_map(|m| match m {
+                Mutation::PutWorker(w) => Some(w.stats.as_ref().map_or(0, |s| s.reconnects)),
+                _ => None,
+            })
+            .collect();
+        for e in b.effects {
+            e.run(&h.conn);
+        }
+        let acked = drain(&mut rx).iter().any(
+            |m| matches!(m, CoordMsg::TelemetryAck(a) if a.ack_seq == Seq(seq) && a.disposition == Disposition::Recorded),
+        );
+        assert_eq!(
+            h.core.workers[&wid("a")]
+                .stats
+                .as_ref()
+                .map(|s| s.reconnects),
+            Some(reconnects),
+            "kept from every report"
+        );
+        (saved, acked)
+    };
+    // The registration saved the record a moment ago.
+    assert_eq!(
+        report(&mut h, 1, 1),
+        (vec![], true),
+        "a report within the period only updates the model"
+    );
+    tokio::time::advance(super::messages::STATS_SAVE_EVERY - std::time::Duration::from_secs(1))
+        .await;
+    assert_eq!(report(&mut h, 2, 2), (vec![], true));
+    tokio::time::advance(std::time::Duration::from_secs(1)).await;
+    assert_eq!(
+        report(&mut h, 3, 3),
+        (vec![3], true),
+        "a period after the last save, saved with the latest"
+    );
+    assert_eq!(report(&mut h, 4, 4), (vec![], true));
+    tokio::time::advance(super::messages::STATS_SAVE_EVERY).await;
+    assert_eq!(report(&mut h, 5, 5), (vec![5], true));
+}
