@@ -680,7 +680,8 @@ impl<'a> Session<'a> {
                 cfg.telemetry_interval,
                 cfg.stats_log_interval,
             ],
-            &mut rand::rng(),
+            // The agent's generator: a run with a seed (`WorkerConfig::seed`) replays.
+            &mut self.agent.rng,
         );
         let outbox = self.agent.outbox.clone();
         // Made once, not per event: each would register with the token, and the timer with
