@@ -46,6 +46,7 @@ pub struct WorkerConfig {
     pub state_dir: Option<PathBuf>,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
+    /// WebSocket pings, only when heartbeats are rarer (the coordinator answers heartbeats).
     pub ws_ping_interval: Duration,
     pub connect_timeout: Duration,
     pub healthy_after: Duration,

@@ -95,6 +95,12 @@ enum Duty {
 
 const DUTIES: [Duty; 4] = [Duty::Heartbeat, Duty::Ping, Duty::Telemetry, Duty::StatsLog];
 
+/// Whether WebSocket pings go out: only when heartbeats (answered by the coordinator, so also
+/// proof of the link both ways) are rarer than pings.
+fn pings_needed(heartbeat_every: Duration, ping_every: Duration) -> bool {
+    heartbeat_every > ping_every
+}
+
 /// When each [`Duty`] is next due. Each is first due at its phase of its first period after
 /// the start and keeps its cadence; one done more than a period late is next due a period after
 /// it was done, not repeated to catch up (like `tokio::time::MissedTickBehavior::Delay` then).
@@ -762,6 +768,11 @@ impl<'a> Session<'a> {
     async fn duty(&mut self, duty: Duty) -> Result<(), String> {
         match duty {
             Duty::Heartbeat => self.heartbeat().await,
+            // Heartbeats at least as often prove the link both ways already: a ping as well
+            // was a third of an idle fleet's messages (docs/PERFORMANCE.md, thirteenth round).
+            Duty::Ping if !pings_needed(self.heartbeat_every, self.agent.cfg.ws_ping_interval) => {
+                Ok(())
+            }
             Duty::Ping => {
                 let ping = self.ws.send(Message::Ping(Default::default()));
                 match timeout_at(self.deadline, ping).await {
@@ -1200,6 +1211,17 @@ mod tests {
         // A session's duties are on phases of their own.
         let d = Duties::spread(start, [every; 4], &mut rng);
         assert!(d.next.windows(2).any(|w| w[0] != w[1]));
+    }
+
+    #[test]
+    fn pings_go_out_only_when_heartbeats_are_rarer() {
+        let s = Duration::from_secs;
+        assert!(
+            !pings_needed(s(5), s(10)),
+            "the defaults: heartbeats suffice"
+        );
+        assert!(!pings_needed(s(10), s(10)));
+        assert!(pings_needed(s(20), s(10)));
     }
 
     #[test]
