@@ -547,8 +547,10 @@ async fn telemetry_updates_the_statistics_every_time_and_saves_the_record_at_mos
     let (s, mut rx) = h.connect("a");
     drain(&mut rx);
     let telemetry = |seq: u64, reconnects: u64| {
-        let mut stats = tether_proto::task::ConnStats::default();
-        stats.reconnects = reconnects;
+        let stats = tether_proto::task::ConnStats {
+            reconnects,
+            ..Default::default()
+        };
         Event::Frame {
             worker: wid("a"),
             session_id: s,
