@@ -177,10 +177,10 @@ async fn a_worker_beats_at_the_coordinator_s_interval_when_it_is_shorter_than_it
     handle.wait_state(|s| s == ConnState::Connected).await;
     tokio::time::sleep(Duration::from_secs(31)).await;
     let s = handle.stats();
-    // The first beat comes at a random point of the first period, then one every period: six
-    // or seven in 31 s at 5 s, where 20 s would make one or two.
-    assert!(
-        (6..=7).contains(&s.rtt_samples),
+    // The first beat comes at a random point of the first period's second half, then one
+    // every period: six in 31 s at 5 s, where 20 s would make one or two.
+    assert_eq!(
+        s.rtt_samples, 6,
         "heartbeats every 5 s, not every 20 s: {s:?}"
     );
     assert_eq!(fake.attempts().len(), 1);
