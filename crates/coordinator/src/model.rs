@@ -147,8 +147,8 @@ pub struct Worker {
     #[schema(value_type = Option<Object>)]
     /// Boxed: most of the time nobody reads it, and inline it would size every worker's entry.
     pub stats: Option<Box<ConnStats>>,
-    /// When telemetry last saved the record (the statistics are saved at most every
-    /// `STATS_SAVE_EVERY`; core::messages).
+    /// When the record was last saved with its statistics, by a registration or a telemetry
+    /// report (telemetry saves it at most every `STATS_SAVE_EVERY`; core::messages).
     #[serde(skip)]
     pub stats_saved: Option<tokio::time::Instant>,
     /// Monotonic instant of the disconnect, for the grace period.

@@ -68,9 +68,10 @@ const INCOMPLETE_CHECKPOINTS_PER_TASK: u64 = 2;
 /// A worker's record is saved for its telemetry at most this often. The statistics are kept
 /// (and shown) from every `telemetry`, but they are monitoring data that the next report
 /// replaces: a write of the record for each one was a commit per report, 333 a second from
-/// 10,000 workers reporting every 30 s, and most of an idle coordinator's CPU
-/// (docs/PERFORMANCE.md, thirteenth round). A restart shows statistics at most this old until
-/// each worker's next report; every other save of the record carries the latest.
+/// 10,000 workers reporting every 30 s, 5 % of a core on the store thread of an otherwise idle
+/// coordinator (docs/PERFORMANCE.md, thirteenth round). A restart shows statistics at most
+/// this old until each worker's next report; a registration, like every other save of the
+/// record, carries the latest.
 pub(crate) const STATS_SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl Core {
