@@ -79,7 +79,7 @@ pub const TASK_DURATION: &str = "tether_task_duration_seconds";
 pub const CHECKPOINT_BYTES: &str = "tether_checkpoint_bytes_total";
 /// Histogram (bytes): size of each completed checkpoint.
 pub const CHECKPOINT_SIZE: &str = "tether_checkpoint_size_bytes";
-/// Counter: payload bytes before compression (fed by the compression layer).
+/// Counter: payload bytes before compression, both ways (from the core's counters).
 pub const COMPRESSION_RAW_BYTES: &str = "tether_compression_raw_bytes_total";
 /// Counter: payload bytes after compression, as sent or received on the wire.
 pub const COMPRESSION_WIRE_BYTES: &str = "tether_compression_wire_bytes_total";
@@ -181,18 +181,6 @@ pub fn disposition(d: tether_proto::msg::Disposition) -> &'static str {
     }
 }
 
-static RAW_BYTES: AtomicU64 = AtomicU64::new(0);
-static WIRE_BYTES: AtomicU64 = AtomicU64::new(0);
-
-/// Records one compressed (or decompressed) payload: `raw` bytes before compression, `wire`
-/// bytes on the wire. The compression layer calls this for every compressed frame; the two
-/// counters and the ratio gauge are set from these totals when scraped (three lookups in the
-/// recorder's registry a frame were 1.3 % of the coordinator's samples under a flood).
-pub fn record_compression(raw: u64, wire: u64) {
-    RAW_BYTES.fetch_add(raw, Ordering::Relaxed);
-    WIRE_BYTES.fetch_add(wire, Ordering::Relaxed);
-}
-
 fn ratio(raw: u64, wire: u64) -> f64 {
     if wire == 0 {
         1.0
@@ -224,10 +212,13 @@ pub async fn scrape(State(app): State<Arc<AppState>>) -> Response {
     for (name, n) in &overview.counters {
         metrics::counter!(CORE_COUNTERS, "name" => *name).absolute(*n);
     }
-    let (raw, wire) = (
-        RAW_BYTES.load(Ordering::Relaxed),
-        WIRE_BYTES.load(Ordering::Relaxed),
-    );
+    // From the core's counters of compressed frames, both ways, which every compressed frame
+    // adds to: three lookups in the recorder's registry a frame were 1.3 % of the
+    // coordinator's samples under a flood.
+    let c = &app.counters;
+    let get = |n: &AtomicU64| n.load(Ordering::Relaxed);
+    let raw = get(&c.compressed_in_json_bytes) + get(&c.compressed_out_json_bytes);
+    let wire = get(&c.compressed_in_wire_bytes) + get(&c.compressed_out_wire_bytes);
     metrics::counter!(COMPRESSION_RAW_BYTES).absolute(raw);
     metrics::counter!(COMPRESSION_WIRE_BYTES).absolute(wire);
     metrics::gauge!(COMPRESSION_RATIO).set(ratio(raw, wire));

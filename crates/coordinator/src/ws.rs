@@ -350,7 +350,6 @@ async fn run(
                             c.compressed_in_frames.fetch_add(1, Ordering::Relaxed);
                             c.compressed_in_wire_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
                             c.compressed_in_json_bytes.fetch_add(t.len() as u64, Ordering::Relaxed);
-                            crate::metrics::record_compression(t.len() as u64, b.len() as u64);
                             on_text(&app, &worker, session_id, &t, &mut agreed, &known)
                         }
                         Err(InflateError::TooBig { .. }) => {
@@ -1037,7 +1036,6 @@ impl Tx {
                     c.compressed_out_wire_bytes
                         .fetch_add(packed.len() as u64, Ordering::Relaxed);
                 }
-                crate::metrics::record_compression(json.len() as u64, packed.len() as u64);
                 match &mut self.seal {
                     Some(seal) => Message::Binary(seal.seal_binary(packed).into()),
                     None => Message::Binary(packed.into()),
