@@ -202,7 +202,7 @@ impl Reaper {
         })
     }
 
-    /// Hands `paths` over; false when the thread is gone (the caller removes them itself).
+    /// Hands `paths` over; `Err` with them when the thread is gone (the caller removes them).
     fn remove(&self, paths: Vec<PathBuf>) -> Result<(), Vec<PathBuf>> {
         match &self.tx {
             Some(tx) => tx.send(Reap::Files(paths)).map_err(|e| match e.0 {
