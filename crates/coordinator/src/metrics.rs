@@ -99,6 +99,9 @@ pub const STORE_COMMIT: &str = "tether_store_commit_seconds";
 pub const STORE_COMMITS: &str = "tether_store_commits_total";
 /// Counter: mutations committed.
 pub const STORE_MUTATIONS: &str = "tether_store_mutations_total";
+/// Counter: batches of messages only that the core delivered itself, the writer having nothing
+/// unfinished (`store::Handoff`).
+pub const STORE_DIRECT: &str = "tether_store_direct_deliveries_total";
 /// Gauge: tasks whose newest state is journaled and not yet folded into the database.
 pub const STORE_UNFOLDED_STATES: &str = "tether_store_unfolded_states";
 /// Gauge (bytes): the state journal's files on disk.
@@ -302,6 +305,10 @@ fn describe() {
     describe_histogram!(STORE_COMMIT, Unit::Seconds, "one group commit");
     describe_counter!(STORE_COMMITS, "group commits");
     describe_counter!(STORE_MUTATIONS, "mutations committed");
+    describe_counter!(
+        STORE_DIRECT,
+        "batches of messages only delivered by the core itself, the writer having nothing unfinished"
+    );
     describe_gauge!(
         STORE_UNFOLDED_STATES,
         "tasks whose newest state is journaled and not yet folded into the database"

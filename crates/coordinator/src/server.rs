@@ -95,7 +95,8 @@ pub async fn run_with(
     let (changes, _) = broadcast::channel(dashboard::CHANGES_BUFFER);
     let core = Core::new(cfg.clone(), loaded, counters.clone()).with_changes(changes.clone());
     let stop = CancellationToken::new();
-    let core_task = tokio::spawn(core.run(events_rx, writer_tx, stop.clone()));
+    let handoff = store::Handoff::new(writer_tx, store_stats.clone());
+    let core_task = tokio::spawn(core.run(events_rx, handoff, stop.clone()));
     let state = Arc::new(AppState {
         cfg: cfg.clone(),
         events: events_tx,

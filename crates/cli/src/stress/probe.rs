@@ -1,9 +1,10 @@
 //! Latency probes: a few extra protocol clients that register like workers (without executors,
 //! so nothing is assigned to them) and send telemetry one message at a time, timing each until
-//! its `telemetry_ack`. The ack leaves the coordinator only after the commit of the group the
-//! message was in, as a state update's does (the coordinator saves the statistics themselves at
-//! most every few minutes), so the round trip measures the coordinator's message path under the
-//! load of the run. They authenticate and tag their frames like the workers when the run does.
+//! its `telemetry_ack`. The ack leaves the coordinator behind every acknowledgement queued before
+//! it, so while the store has commits in hand (as under load) it waits for them as a state
+//! update's ack does; when the store has nothing unfinished it leaves at once (the statistics
+//! themselves are saved at most every few minutes). The round trip measures the coordinator's
+//! message path under the load of the run. They authenticate and tag their frames like the workers when the run does.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -89,7 +89,7 @@ pub struct Report {
     /// Share of the handled messages acknowledged inside an `acks` (compact acknowledgements)
     /// rather than by an ack of their own.
     pub compact_acked_share: Option<f64>,
-    /// Round trip of an acknowledged message (telemetry -> its group's commit -> ack) under load.
+    /// Round trip of an acknowledged message (telemetry -> the commits before it -> ack) under load.
     pub message_latency_ms: Option<Dist>,
     /// Tasks submitted, dispatched, executed and durably recorded per second.
     pub tasks_per_s: Option<f64>,

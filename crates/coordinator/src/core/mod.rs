@@ -30,7 +30,7 @@ pub use api::{Api, ApiError, ControlOp, Overview};
 
 use crate::config::CoordinatorConfig;
 use crate::model::{CheckpointMeta, IdMap, Task, Worker, WorkerState};
-use crate::store::{Batch, Loaded, Mutation};
+use crate::store::{Batch, Handoff, Loaded, Mutation};
 
 /// Events applied by the core in a batch before one group commit.
 const MAX_EVENTS_PER_BATCH: usize = 1024;
@@ -307,7 +307,7 @@ impl Core {
     pub async fn run(
         mut self,
         mut events: mpsc::Receiver<Event>,
-        writer: mpsc::Sender<Batch>,
+        mut writer: Handoff,
         shutdown: CancellationToken,
     ) {
         let mut sweep = tokio::time::interval(self.cfg.sweep_interval);
@@ -332,7 +332,7 @@ impl Core {
                 self.dispatch_needed = false;
                 self.dispatch(&mut b);
             }
-            if !b.is_empty() && writer.send(b).await.is_err() {
+            if !b.is_empty() && writer.pass(b).await.is_err() {
                 tracing::error!("store writer is gone; core stops");
                 break;
             }

@@ -609,3 +609,107 @@ async fn telemetry_updates_the_statistics_every_time_and_saves_the_record_at_mos
     tokio::time::advance(super::messages::STATS_SAVE_EVERY).await;
     assert_eq!(report(&mut h, 5, 5), (vec![5], true));
 }
+
+/// A batch of messages only (a telemetry report's ack) is delivered by the core itself while
+/// the writer has nothing unfinished, and waits behind any batch the writer has not finished:
+/// no message overtakes one queued before it.
+#[tokio::test]
+async fn a_batch_of_messages_only_skips_an_idle_writer_and_never_overtakes_an_unfinished_one() {
+    use crate::store::{Handoff, StoreStats};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let cfg = Arc::new(CoordinatorConfig::new("/nonexistent"));
+    let core = Core::new(cfg, Loaded::default(), Arc::new(Counters::default()));
+    let (events, events_rx) = tokio::sync::mpsc::channel(16);
+    let (tx, mut writer) = tokio::sync::mpsc::channel(16);
+    let stats = Arc::new(StoreStats::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let core_task =
+        tokio::spawn(core.run(events_rx, Handoff::new(tx, stats.clone()), stop.clone()));
+    let conn = rusqlite::Connection::open_in_memory().expect("sqlite");
+    let frame = |msg: WorkerMsg| Event::Frame {
+        worker: wid("a"),
+        session_id: 1,
+        msgs: vec![msg],
+    };
+    let telemetry = |seq: u64| {
+        frame(WorkerMsg::Telemetry(tether_proto::msg::Telemetry {
+            seq: Seq(seq),
+            connection_stats: Default::default(),
+            metrics: serde_json::Value::Null,
+            timestamp: now(),
+        }))
+    };
+    let within = |what: &'static str| {
+        move |r: Result<Option<Batch>, tokio::time::error::Elapsed>| {
+            r.expect(what).expect("core alive")
+        }
+    };
+    let (session, mut mailbox) = super::mailbox::channel();
+    events
+        .send(Event::Connected {
+            worker: wid("a"),
+            session: SessionRef::new(1, session),
+        })
+        .await
+        .expect("core");
+    events
+        .send(frame(WorkerMsg::Registration(Registration {
+            worker_id: wid("a"),
+            protocol_version: tether_proto::PROTOCOL_VERSION,
+            boot_id: "b".into(),
+            capabilities: vec![],
+            tags: Default::default(),
+            slots: 1,
+            executors: vec![],
+            inventory: Inventory::default(),
+            signature: None,
+            compression: Vec::new(),
+            client_nonce: None,
+            batching: false,
+            compact_acks: false,
+            timestamp: now(),
+        })))
+        .await
+        .expect("core");
+    let second = Duration::from_secs(5);
+    let registered =
+        within("the registration's batch")(tokio::time::timeout(second, writer.recv()).await);
+    assert!(
+        !registered.muts.is_empty(),
+        "the registration saves the worker"
+    );
+    // The writer has not finished the registration's batch: the report's ack goes behind it.
+    events.send(telemetry(1)).await.expect("core");
+    let behind = within("the report's batch, behind the registration's")(
+        tokio::time::timeout(second, writer.recv()).await,
+    );
+    assert!(behind.muts.is_empty(), "the report saves nothing");
+    assert!(
+        matches!(mailbox.try_recv(), Err(super::mailbox::TryRecvError::Empty)),
+        "nothing was delivered ahead of the writer"
+    );
+    for e in registered.effects.into_iter().chain(behind.effects) {
+        e.run(&conn);
+    }
+    stats.batches.fetch_add(2, Ordering::Release);
+    let sent = drain(&mut mailbox);
+    assert!(
+        matches!(&sent[..], [CoordMsg::RegistrationAck(_), CoordMsg::TelemetryAck(a)] if a.ack_seq == Seq(1)),
+        "{sent:?}"
+    );
+    // Nothing unfinished: the next report's ack comes from the core, the writer sees nothing.
+    events.send(telemetry(2)).await.expect("core");
+    let ack = tokio::time::timeout(second, mailbox.recv())
+        .await
+        .expect("the ack, without the writer")
+        .expect("session open");
+    assert!(
+        matches!(&ack, Outgoing::Msg(m) if matches!(&**m, CoordMsg::TelemetryAck(a) if a.ack_seq == Seq(2))),
+        "{ack:?}"
+    );
+    assert!(writer.try_recv().is_err(), "the writer was not woken");
+    assert_eq!(stats.delivered_directly.load(Ordering::Relaxed), 1);
+    stop.cancel();
+    core_task.await.expect("core ends");
+}

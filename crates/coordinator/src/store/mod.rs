@@ -197,6 +197,14 @@ impl Batch {
             _ => self.effects.push(Effect::Send(session.clone(), vec![out])),
         }
     }
+
+    /// Nothing in the batch needs the store: no mutation, no read, no job on the writer's
+    /// connection; only messages for sessions.
+    fn only_messages(&self) -> bool {
+        self.muts.is_empty()
+            && self.reads.is_empty()
+            && self.effects.iter().all(|e| matches!(e, Effect::Send(..)))
+    }
 }
 
 /// Counters of the writer.
@@ -205,7 +213,56 @@ pub struct StoreStats {
     pub commits: AtomicU64,
     pub mutations: AtomicU64,
     pub commit_micros: AtomicU64,
+    /// Batches whose effects have run (counted after them, see [`Handoff`]).
     pub batches: AtomicU64,
+    /// Batches of messages only, delivered by the core itself while the writer had nothing
+    /// unfinished ([`Handoff`]).
+    pub delivered_directly: AtomicU64,
+}
+
+/// The core's end of the writer's queue.
+///
+/// A batch with nothing for the store (an acknowledgement of telemetry whose statistics are not
+/// due to be saved, say) would still cross to the writer's thread and back, two thread wakeups,
+/// only to keep its messages behind those of earlier batches. It counts the batches it hands
+/// over; the writer counts those whose effects have run ([`StoreStats::batches`], after them).
+/// When the two agree, every message queued before is in its session's mailbox, and a batch
+/// of messages only is delivered here and now: it overtakes nothing.
+pub struct Handoff {
+    tx: tokio::sync::mpsc::Sender<Batch>,
+    stats: Arc<StoreStats>,
+    handed: u64,
+}
+
+impl Handoff {
+    /// `stats` must be the writer's (`spawn_writer`), and nothing else may send to `tx`.
+    pub fn new(tx: tokio::sync::mpsc::Sender<Batch>, stats: Arc<StoreStats>) -> Self {
+        Self {
+            tx,
+            stats,
+            handed: 0,
+        }
+    }
+
+    /// Hands `b` to the writer, or delivers its messages at once (see [`Handoff`]). Fails
+    /// when the writer is gone.
+    pub async fn pass(&mut self, b: Batch) -> Result<(), Batch> {
+        if b.only_messages() && self.stats.batches.load(Ordering::Acquire) == self.handed {
+            for effect in b.effects {
+                if let Effect::Send(to, msgs) = effect {
+                    to.send_all(msgs);
+                }
+            }
+            self.stats
+                .delivered_directly
+                .fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::STORE_DIRECT).increment(1);
+            return Ok(());
+        }
+        self.tx.send(b).await.map_err(|e| e.0)?;
+        self.handed += 1;
+        Ok(())
+    }
 }
 
 /// What was in the database at start.
@@ -489,7 +546,7 @@ pub fn spawn_writer(
                         .commit_micros
                         .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                 }
-                stats.batches.fetch_add(batches.len() as u64, Ordering::Relaxed);
+                let n_batches = batches.len() as u64;
                 for b in batches {
                     for effect in b.effects {
                         effect.run(&conn);
@@ -505,6 +562,9 @@ pub fn spawn_writer(
                         }
                     }
                 }
+                // After the effects, so that the core's `Handoff` may deliver a batch of
+                // messages itself only once every message queued before is out.
+                stats.batches.fetch_add(n_batches, Ordering::Release);
                 // After the effects: the acks of this group do not wait for a fold.
                 if states.due() {
                     match states.piece(&conn) {
