@@ -311,7 +311,7 @@ async fn run(
                             None,
                             None,
                         );
-                        if !out.send(Instant::now() + timeout, &e).await {
+                        if !out.send_rare(Instant::now() + timeout, e).await {
                             break ("error", "write failed".into());
                         }
                     }
@@ -331,7 +331,7 @@ async fn run(
                             break ("integrity", format!("{failures} frames failed their integrity tag"));
                         }
                         let e = CoordMsg::error(ErrorCode::BadMac, format!("{e}; the frame was dropped"), None, None);
-                        if !out.send(deadline, &e).await {
+                        if !out.send_rare(deadline, e).await {
                             break ("error", "write failed".into());
                         }
                         continue;
@@ -389,7 +389,10 @@ async fn run(
                     break ("coordinator", format!("closed by coordinator: {reason}"));
                 }
                 Some(first) => {
-                    match send_queued(&mut out, &mut rx, first, deadline, &mut sending, &mut known, &app).await {
+                    // Boxed: its state (the batch, the frames being fed) is the largest of the
+                    // session's awaits, and inline it would size every idle session.
+                    let send = Box::pin(send_queued(&mut out, &mut rx, first, deadline, &mut sending, &mut known, &app));
+                    match send.await {
                         Ok(None) => {}
                         Ok(Some((code, reason))) => {
                             out.close(deadline, code, &reason).await;
@@ -970,6 +973,16 @@ impl Tx {
         self.send_all(deadline, std::slice::from_ref(m)).await
     }
 
+    /// [`Tx::send`] for a rare path (a refusal, an integrity error), boxed: inline, the message
+    /// and the write's state would size every idle session's future.
+    fn send_rare(
+        &mut self,
+        deadline: Instant,
+        m: CoordMsg,
+    ) -> Pin<Box<impl Future<Output = bool> + Send + '_>> {
+        Box::pin(async move { self.send(deadline, &m).await })
+    }
+
     /// Sends messages, a frame each, with one flush; false when a write failed or stalled.
     async fn send_all(&mut self, deadline: Instant, ms: &[CoordMsg]) -> bool {
         for m in ms {
@@ -1108,6 +1121,22 @@ fn is_too_big(e: &axum::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size of the future an async fn of four arguments returns, without making one.
+    fn future_size<F: Future, A, B, C, D>(_: fn(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every idle connection keeps its session's future, whose size is that of its largest
+    /// await: the rare and the large ones (the handshake, the queued sends, the refusals) are
+    /// boxed so that 10,000 idle sessions do not each carry them (1,640 bytes before, 1,200
+    /// after; docs/PERFORMANCE.md, fourteenth round). A new await that sizes every session
+    /// fails here.
+    #[test]
+    fn an_idle_sessions_future_stays_small() {
+        let size = future_size(run);
+        assert!(size <= 1280, "the session's future takes {size} bytes");
+    }
 
     fn same(a: &TaskId, b: &TaskId) -> bool {
         std::ptr::eq(a.as_str().as_ptr(), b.as_str().as_ptr())
