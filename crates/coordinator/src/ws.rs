@@ -378,7 +378,9 @@ async fn run(
                 if let Some(wait) = wait {
                     wait.await;
                 }
-                if !replies.is_empty() && !out.send_all(deadline, &replies).await {
+                // Boxed (an allocation per reply, tens of nanoseconds): inline, the write's
+                // state would size every idle session's future.
+                if !replies.is_empty() && !Box::pin(out.send_all(deadline, &replies)).await {
                     break ("error", "write failed".into());
                 }
             }
@@ -1061,13 +1063,21 @@ impl Tx {
         }
     }
 
-    /// Sends a close frame (control frames carry no tag), giving up at the deadline.
-    async fn close(&mut self, deadline: Instant, code: u16, reason: &str) {
+    /// Sends a close frame (control frames carry no tag), giving up at the deadline. Boxed: a
+    /// session closes once, and inline the write's state would size every idle session.
+    fn close<'a>(
+        &'a mut self,
+        deadline: Instant,
+        code: u16,
+        reason: &str,
+    ) -> Pin<Box<impl Future<Output = ()> + Send + 'a>> {
         let frame = Message::Close(Some(CloseFrame {
             code,
             reason: reason.into(),
         }));
-        let _ = timeout_at(deadline, self.sink.send(frame)).await;
+        Box::pin(async move {
+            let _ = timeout_at(deadline, self.sink.send(frame)).await;
+        })
     }
 }
 
@@ -1128,14 +1138,13 @@ mod tests {
     }
 
     /// Every idle connection keeps its session's future, whose size is that of its largest
-    /// await: the rare and the large ones (the handshake, the queued sends, the refusals) are
-    /// boxed so that 10,000 idle sessions do not each carry them (1,640 bytes before, 1,200
-    /// after; docs/PERFORMANCE.md, fourteenth round). A new await that sizes every session
-    /// fails here.
+    /// await: the writes and the handshake are boxed so that 10,000 idle sessions do not each
+    /// carry their state (1,640 bytes before, 912 after; docs/PERFORMANCE.md, fourteenth
+    /// round). A new await that sizes every session fails here.
     #[test]
     fn an_idle_sessions_future_stays_small() {
         let size = future_size(run);
-        assert!(size <= 1280, "the session's future takes {size} bytes");
+        assert!(size <= 1024, "the session's future takes {size} bytes");
     }
 
     fn same(a: &TaskId, b: &TaskId) -> bool {
