@@ -378,8 +378,8 @@ async fn run(
                 if let Some(wait) = wait {
                     wait.await;
                 }
-                // Boxed (an allocation per reply, tens of nanoseconds): inline, the write's
-                // state would size every idle session's future.
+                // Boxed (an allocation per reply): inline, the write's state would size every
+                // idle session's future.
                 if !replies.is_empty() && !Box::pin(out.send_all(deadline, &replies)).await {
                     break ("error", "write failed".into());
                 }
