@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::adaptive;
 use crate::agent::Agent;
+use crate::config::WorkerConfig;
 use crate::connector::WsStream;
 use crate::metrics as m;
 use crate::outbox::{Class, Coalesce};
@@ -99,6 +100,26 @@ const DUTIES: [Duty; 4] = [Duty::Heartbeat, Duty::Ping, Duty::Telemetry, Duty::S
 /// proof of the link both ways) are rarer than pings.
 fn pings_needed(heartbeat_every: Duration, ping_every: Duration) -> bool {
     heartbeat_every > ping_every
+}
+
+/// The period of a duty that is not done: it comes due only in a session that lives a year.
+const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The periods of the [`DUTIES`], in order, for a session heartbeating every `heartbeat_every`.
+/// The ping's is [`NEVER`] when heartbeats are at least as frequent: a ping as well was a third
+/// of an idle fleet's messages (docs/PERFORMANCE.md, thirteenth round), and a duty that is
+/// skipped when due would still wake the session for nothing.
+fn periods(heartbeat_every: Duration, cfg: &WorkerConfig) -> [Duration; 4] {
+    let ping = match pings_needed(heartbeat_every, cfg.ws_ping_interval) {
+        true => cfg.ws_ping_interval,
+        false => NEVER,
+    };
+    [
+        heartbeat_every,
+        ping,
+        cfg.telemetry_interval,
+        cfg.stats_log_interval,
+    ]
 }
 
 /// When each [`Duty`] is next due. Each is first due at its phase of its first period after
@@ -682,12 +703,7 @@ impl<'a> Session<'a> {
         let cfg = self.agent.cfg.clone();
         let mut duties = Duties::spread(
             Instant::now(),
-            [
-                self.heartbeat_every,
-                cfg.ws_ping_interval,
-                cfg.telemetry_interval,
-                cfg.stats_log_interval,
-            ],
+            periods(self.heartbeat_every, &cfg),
             // The agent's generator: a run with a seed (`WorkerConfig::seed`) replays.
             &mut self.agent.rng,
         );
@@ -770,11 +786,6 @@ impl<'a> Session<'a> {
     async fn duty(&mut self, duty: Duty) -> Result<(), String> {
         match duty {
             Duty::Heartbeat => self.heartbeat().await,
-            // Heartbeats at least as often prove the link both ways already: a ping as well
-            // was a third of an idle fleet's messages (docs/PERFORMANCE.md, thirteenth round).
-            Duty::Ping if !pings_needed(self.heartbeat_every, self.agent.cfg.ws_ping_interval) => {
-                Ok(())
-            }
             Duty::Ping => {
                 let ping = self.ws.send(Message::Ping(Default::default()));
                 match timeout_at(self.deadline, ping).await {
@@ -1224,6 +1235,28 @@ mod tests {
         );
         assert!(!pings_needed(s(10), s(10)));
         assert!(pings_needed(s(20), s(10)));
+        // Not needed, the ping duty is never due within a day of sessions, so it wakes nothing.
+        let cfg = WorkerConfig::new(
+            "ws://127.0.0.1:1",
+            tether_proto::WorkerId::parse("w").expect("id"),
+        );
+        let start = Instant::now();
+        let mut d = Duties::new(start, periods(s(5), &cfg), [1.0; 4]);
+        let mut t = start;
+        while t < start + s(86_400) {
+            t = d.next();
+            assert!(
+                d.take_due(t).all(|duty| duty != Duty::Ping),
+                "a ping came due at {:?}",
+                t - start
+            );
+        }
+        let d = Duties::new(start, periods(s(20), &cfg), [1.0; 4]);
+        assert_eq!(
+            d.next[1] - start,
+            cfg.ws_ping_interval,
+            "needed, it keeps its period"
+        );
     }
 
     #[test]

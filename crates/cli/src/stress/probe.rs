@@ -4,7 +4,8 @@
 //! it, so while the store has commits in hand (as under load) it waits for them as a state
 //! update's ack does; when the store has nothing unfinished it leaves at once (the statistics
 //! themselves are saved at most every few minutes). The round trip measures the coordinator's
-//! message path under the load of the run. They authenticate and tag their frames like the workers when the run does.
+//! message path under the load of the run. They authenticate and tag their frames like the
+//! workers when the run does.
 
 use std::sync::Arc;
 use std::time::Duration;

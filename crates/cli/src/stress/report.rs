@@ -209,7 +209,10 @@ impl Report {
             );
         }
         if let Some(d) = &self.message_latency_ms {
-            row("message latency (to the ack after its commit), ms", dist(d));
+            row(
+                "message latency (to the ack, behind the commits before it), ms",
+                dist(d),
+            );
         }
         if let Some(v) = self.tasks_per_s {
             row("tasks per second end to end", format!("{v:.0}"));
