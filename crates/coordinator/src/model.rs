@@ -13,6 +13,8 @@ use tether_proto::{Attempt, CheckpointId, Outcome, TaskId, TaskSpec, TaskStatus,
 /// the store look ids up several times per message, and SipHash was 1-1.5 % of the
 /// coordinator's samples under `message_flood`.
 pub type IdMap<K, V> = std::collections::HashMap<K, V, foldhash::quality::RandomState>;
+/// A set of ids, hashed like [`IdMap`].
+pub type IdSet<K> = std::collections::HashSet<K, foldhash::quality::RandomState>;
 
 /// What the coordinator wants of a leased task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

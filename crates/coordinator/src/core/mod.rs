@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 pub use api::{Api, ApiError, ControlOp, Overview};
 
 use crate::config::CoordinatorConfig;
-use crate::model::{CheckpointMeta, IdMap, Task, Worker, WorkerState};
+use crate::model::{CheckpointMeta, IdMap, IdSet, Task, Worker, WorkerState};
 use crate::store::{Batch, Handoff, Loaded, Mutation};
 
 /// Events applied by the core in a batch before one group commit.
@@ -203,6 +203,17 @@ pub struct Core {
     checkpoint_history: IdMap<TaskId, VecDeque<CheckpointId>>,
     /// Finished tasks by the time they finished, for retention.
     finished: BTreeSet<(DateTime<Utc>, TaskId)>,
+    /// Workers without a registered session, in the order they lost it (when they came, for
+    /// one never registered), with that instant: the sweep looks at those past the grace
+    /// period only, instead of at every worker every second. An entry is stale (and dropped)
+    /// once the worker's `disconnected_mono` no longer equals its instant.
+    disconnects: VecDeque<(tokio::time::Instant, WorkerId)>,
+    /// Leased tasks with a timeout, for the sweep's overdue check; entries of tasks no longer
+    /// leased are dropped when the sweep comes to them.
+    timed_leases: IdSet<TaskId>,
+    /// Sweeps so far: the free-worker index is checked against the model every
+    /// [`tasks::FREE_INDEX_CHECK_EVERY`]th.
+    sweeps: u64,
     next_submit_seq: u64,
     dispatch_needed: bool,
     counters: Arc<Counters>,
@@ -224,6 +235,9 @@ impl Core {
             partial: IdMap::default(),
             checkpoint_history: IdMap::default(),
             finished: BTreeSet::new(),
+            disconnects: VecDeque::new(),
+            timed_leases: IdSet::default(),
+            sweeps: 0,
             next_submit_seq: 0,
             dispatch_needed: true,
             counters,
@@ -246,6 +260,9 @@ impl Core {
                     if let Some(lease) = &t.lease {
                         leased += 1;
                         t.lease_started = Some(tokio::time::Instant::now());
+                        if t.spec.timeout_ms.is_some() {
+                            core.timed_leases.insert(t.task_id.clone());
+                        }
                         let w = core
                             .workers
                             .entry(lease.worker.clone())
@@ -277,6 +294,13 @@ impl Core {
                 },
             );
         }
+        let mut gone: Vec<_> = core
+            .workers
+            .values()
+            .filter_map(|w| w.disconnected_mono.map(|t| (t, w.worker_id.clone())))
+            .collect();
+        gone.sort();
+        core.disconnects.extend(gone);
         tracing::info!(
             tasks = core.tasks.len(),
             queued,
@@ -381,10 +405,14 @@ impl Core {
     }
 
     fn on_connected(&mut self, worker: WorkerId, session: SessionRef) {
-        let w = self
-            .workers
-            .entry(worker.clone())
-            .or_insert_with(|| Worker::new(worker.clone(), now()));
+        let w = self.workers.entry(worker.clone()).or_insert_with(|| {
+            let w = Worker::new(worker.clone(), now());
+            // Lost after the grace period unless it registers (see `sweep`).
+            if let Some(t) = w.disconnected_mono {
+                self.disconnects.push_back((t, worker.clone()));
+            }
+            w
+        });
         if let Some(old) = w.session.replace(session) {
             self.counters
                 .sessions_replaced
@@ -413,8 +441,10 @@ impl Core {
         w.session = None;
         w.state = WorkerState::Disconnected;
         w.disconnected_at = Some(now());
-        w.disconnected_mono = Some(tokio::time::Instant::now());
+        let at = tokio::time::Instant::now();
+        w.disconnected_mono = Some(at);
         tracing::info!(worker = %worker, leases = w.leases.len(), "worker disconnected; its leases wait for the grace period");
+        self.disconnects.push_back((at, worker.clone()));
         self.save_worker(worker, b);
     }
 

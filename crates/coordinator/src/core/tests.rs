@@ -94,9 +94,13 @@ impl Harness {
     }
 
     fn submit(&mut self) -> TaskId {
+        self.submit_spec(TaskSpec::new("sleep", serde_json::json!({})))
+    }
+
+    fn submit_spec(&mut self, spec: TaskSpec) -> TaskId {
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         self.step(Event::Api(Api::Submit {
-            specs: vec![TaskSpec::new("sleep", serde_json::json!({}))],
+            specs: vec![spec],
             reply: tx,
         }));
         rx.try_recv().expect("reply").expect("submitted").remove(0)
@@ -262,6 +266,69 @@ fn a_session_that_never_registers_does_not_keep_a_lost_worker_s_leases() {
     h.core.sweep(&mut b);
     assert_eq!(h.core.tasks[&t].status, TaskStatus::Queued);
     assert!(h.core.tasks[&t].lease.is_none());
+}
+
+/// Runs the sweep as the core's loop does, with its effects.
+fn sweep(h: &mut Harness) {
+    let mut b = Batch::default();
+    h.core.sweep(&mut b);
+    for e in b.effects {
+        e.run(&h.conn);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_is_lost_a_grace_period_after_its_last_session_ended_not_its_first() {
+    use std::time::Duration;
+    let mut cfg = CoordinatorConfig::new("/nonexistent");
+    cfg.lost_after = Duration::from_secs(10);
+    let mut h = Harness::with(cfg);
+    let (s1, _rx1) = h.connect("a");
+    let t = h.submit();
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Running);
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: s1,
+    });
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let (s2, _rx2) = h.connect("a");
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: s2,
+    });
+    // The first session ended 11 s ago, the last 5 s ago.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    sweep(&mut h);
+    assert_eq!(
+        h.core.tasks[&t].status,
+        TaskStatus::Running,
+        "still within its grace"
+    );
+    assert_eq!(h.core.workers[&wid("a")].state, WorkerState::Disconnected);
+    tokio::time::advance(Duration::from_secs(5)).await;
+    sweep(&mut h);
+    assert_eq!(h.core.workers[&wid("a")].state, WorkerState::Lost);
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Queued, "requeued");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_far_past_its_timeout_is_timed_out_by_the_sweep() {
+    use std::time::Duration;
+    let mut cfg = CoordinatorConfig::new("/nonexistent");
+    cfg.lost_after = Duration::from_secs(10);
+    let mut h = Harness::with(cfg);
+    let (_s, _rx) = h.connect("a");
+    let mut spec = TaskSpec::new("sleep", serde_json::json!({}));
+    spec.timeout_ms = Some(1_000);
+    let timed = h.submit_spec(spec);
+    assert_eq!(h.core.tasks[&timed].status, TaskStatus::Running);
+    // Its timeout and the grace period, less a moment: the worker may still report.
+    tokio::time::advance(Duration::from_millis(10_900)).await;
+    sweep(&mut h);
+    assert_eq!(h.core.tasks[&timed].status, TaskStatus::Running);
+    tokio::time::advance(Duration::from_millis(200)).await;
+    sweep(&mut h);
+    assert_eq!(h.core.tasks[&timed].status, TaskStatus::TimedOut);
 }
 
 #[test]
