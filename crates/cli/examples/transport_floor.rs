@@ -28,7 +28,7 @@ const ACK: &str = r#"{"type":"ack","ack_seq":1234,"task_id":"0b6a3a5e-8f3c-4b5e-
 
 struct Args {
     conns: usize,
-    rate: u32,
+    rate: f64,
     per_frame: usize,
     secs: u64,
 }
@@ -53,13 +53,15 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let parsed = Args {
         conns: arg(&args, "--conns", 1000),
-        rate: arg(&args, "--rate", 300),
+        rate: arg(&args, "--rate", 300.0),
         per_frame: arg(&args, "--per-frame", 2),
         secs: arg(&args, "--secs", 8),
     };
     let rt = tokio::runtime::Runtime::new()?;
     match args.first().map(String::as_str) {
         Some("serve") => rt.block_on(serve()),
+        Some("serve-tt") => rt.block_on(serve_tt()),
+        Some("serve-raw") => rt.block_on(serve_raw()),
         Some("client") => {
             let url = arg(&args, "--url", String::new());
             rt.block_on(client(&url, &parsed))
@@ -81,6 +83,67 @@ async fn serve() -> anyhow::Result<()> {
     );
     axum::serve(listener, app.into_make_service()).await?;
     Ok(())
+}
+
+/// The same answers from tokio-tungstenite on the accepted stream, without hyper and axum.
+async fn serve_tt() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("{}", listener.local_addr()?);
+    let cfg = tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(512)
+        .write_buffer_size(16 * 1024);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(cfg)).await
+            else {
+                return;
+            };
+            let acks: Vec<String> = (0..=16).map(|n| batch(ACK, n)).collect();
+            while let Some(Ok(msg)) = ws.next().await {
+                let tungstenite::Message::Text(text) = msg else {
+                    continue;
+                };
+                let n = text.as_str().matches("\"type\"").count().min(16);
+                let reply = tungstenite::Message::Text(acks[n].as_str().into());
+                if ws.send(reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// No WebSocket on the server: after the handshake, each read is answered with one unmasked
+/// text frame of one acknowledgement (the floor of tokio and the kernel alone).
+async fn serve_raw() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("{}", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
+                return;
+            };
+            let mut stream = ws.into_inner();
+            let mut frame = match ACK.len() {
+                n @ 0..126 => vec![0x81u8, n as u8],
+                n => vec![0x81u8, 126, (n >> 8) as u8, n as u8],
+            };
+            frame.extend_from_slice(ACK.as_bytes());
+            let mut buf = [0u8; 512];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                if stream.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
 }
 
 /// Answers each frame of n messages with one frame of n acknowledgements.
@@ -108,7 +171,7 @@ async fn client(url: &str, a: &Args) -> anyhow::Result<()> {
         .unwrap_or_default()
         .parse()?;
     let frame = batch(STATE, a.per_frame);
-    let period = Duration::from_secs_f64(a.per_frame as f64 / f64::from(a.rate));
+    let period = Duration::from_secs_f64(a.per_frame as f64 / a.rate);
     let mut tasks = Vec::new();
     for i in 0..a.conns {
         let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % 16) as u8));
@@ -169,8 +232,9 @@ fn cpu_s(pid: u32) -> f64 {
 
 async fn drive(a: &Args) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
+    let mode = std::env::var("FLOOR_SERVER").unwrap_or_else(|_| "serve".into());
     let mut server = tokio::process::Command::new(&exe)
-        .arg("serve")
+        .arg(&mode)
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
@@ -203,10 +267,10 @@ async fn drive(a: &Args) -> anyhow::Result<()> {
     let (s1, c1, dt) = (cpu_s(sp), cpu_s(cp), t0.elapsed().as_secs_f64());
     let rate = answered as f64 / dt;
     println!(
-        "conns {} offered {}/s in frames of {}: answered {:.0} messages/s; \
+        "conns {} offered {:.0}/s in frames of {}: answered {:.0} messages/s; \
          server {:.2} CPU-s ({:.2} us/msg), client {:.2} CPU-s ({:.2} us/msg)",
         a.conns,
-        a.conns as u64 * u64::from(a.rate),
+        a.conns as f64 * a.rate,
         a.per_frame,
         rate,
         s1 - s0,

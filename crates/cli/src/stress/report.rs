@@ -113,6 +113,10 @@ pub struct Report {
     pub fleet_nice: Option<i64>,
     /// CPU of the coordinator over the idle window, % of one core.
     pub idle_cpu_pct: Option<f64>,
+    /// Worker frames (heartbeats, telemetry) the coordinator read per second in the idle window.
+    pub idle_frames_per_s: Option<f64>,
+    /// The coordinator's CPU over the idle window divided by the frames read in it, µs.
+    pub idle_us_per_frame: Option<f64>,
     pub coordinator_peak_rss_kib: u64,
     /// (RSS with the workers connected and idle - RSS before they came) / workers.
     pub memory_per_worker_kib: Option<f64>,
@@ -255,6 +259,18 @@ impl Report {
         }
         if let Some(v) = self.idle_cpu_pct {
             row("coordinator idle CPU, % of one core", format!("{v:.2}"));
+        }
+        if let Some(v) = self.idle_frames_per_s {
+            row(
+                "worker frames read per second (idle window)",
+                format!("{v:.0}"),
+            );
+        }
+        if let Some(v) = self.idle_us_per_frame {
+            row(
+                "coordinator CPU per frame read (idle window), µs",
+                format!("{v:.1}"),
+            );
         }
         row(
             "coordinator peak RSS, MiB",
