@@ -18,7 +18,7 @@ pub struct CommonArgs {
     coordinator: String,
     /// Print JSON instead of a table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// File holding the API bearer token (TETHER_TOKEN may hold the token itself).
     #[arg(long, env = "TETHER_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -68,8 +68,12 @@ type HttpsClient = hyper_util::client::legacy::Client<
     http_body_util::Full<bytes::Bytes>,
 >;
 
+/// A response body as it arrives, chunk by chunk.
+pub(crate) type Chunks =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = anyhow::Result<bytes::Bytes>> + Send>>;
+
 impl Api {
-    fn new(c: &CommonArgs) -> anyhow::Result<Self> {
+    pub(crate) fn new(c: &CommonArgs) -> anyhow::Result<Self> {
         let token = api_token(c.token_file.as_deref())?;
         Self::build(&c.coordinator, token, c.ca_file.as_deref())
     }
@@ -176,6 +180,62 @@ impl Api {
         Ok(v)
     }
 
+    /// GET `path` and its body as it comes (an event stream). An error status is an error,
+    /// with the API's message.
+    pub(crate) async fn stream(&self, path: &str) -> anyhow::Result<Chunks> {
+        use futures_util::StreamExt;
+        let url = format!("{}{}", self.base, path);
+        let unreachable = || format!("cannot reach the coordinator at {}", self.base);
+        let refused = |status: http::StatusCode, body: &[u8]| {
+            let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let msg = v["error"]["message"].as_str().unwrap_or("request failed");
+            anyhow::anyhow!("{msg} (HTTP {})", status.as_u16())
+        };
+        match &self.transport {
+            Transport::Plain(http) => {
+                let resp = http.get(&url).send().await.with_context(unreachable)?;
+                let status = resp.status();
+                if !status.is_success() {
+                    let body = resp.bytes().await.unwrap_or_default();
+                    return Err(refused(status, &body));
+                }
+                Ok(futures_util::stream::unfold(resp, |mut r| async move {
+                    match r.chunk().await {
+                        Ok(Some(b)) => Some((Ok(b), r)),
+                        Ok(None) => None,
+                        Err(e) => Some((Err(anyhow::Error::new(e).context("reading")), r)),
+                    }
+                })
+                .boxed())
+            }
+            Transport::Tls { client, auth } => {
+                use http_body_util::BodyExt;
+                let mut req = http::Request::builder().uri(url.as_str());
+                if let Some(v) = auth {
+                    req = req.header(http::header::AUTHORIZATION, v);
+                }
+                let req = req
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .context("request")?;
+                let resp = client.request(req).await.with_context(unreachable)?;
+                let status = resp.status();
+                if !status.is_success() {
+                    let body = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    return Err(refused(status, &body));
+                }
+                let body = http_body_util::BodyDataStream::new(resp.into_body());
+                Ok(body
+                    .map(|r| r.map_err(|e| anyhow::Error::new(e).context("reading")))
+                    .boxed())
+            }
+        }
+    }
+
     pub(crate) async fn get(&self, path: &str) -> anyhow::Result<Value> {
         self.call(reqwest::Method::GET, path, None).await
     }
@@ -207,6 +267,10 @@ pub struct SubmitArgs {
     /// A label shown in listings.
     #[arg(long)]
     name: Option<String>,
+    /// Then follow the submitted tasks until each has ended, as `tether watch` does (exit 0
+    /// only if all completed).
+    #[arg(long)]
+    watch: bool,
     /// The command line to run, after `--`.
     #[arg(last = true)]
     command: Vec<String>,
@@ -259,6 +323,15 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
         for id in v["task_ids"].as_array().into_iter().flatten() {
             println!("{}", id.as_str().unwrap_or_default());
         }
+    }
+    if a.watch {
+        let ids = v["task_ids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|id| id.as_str().map(str::to_owned))
+            .collect();
+        return crate::watch::follow(&api, Some(ids), a.common.json, false).await;
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ mod e2e;
 mod run;
 mod settings;
 mod stress;
+mod watch;
 
 use clap::{Parser, Subcommand};
 
@@ -42,6 +43,9 @@ enum Cmd {
     Tasks(client::TasksArgs),
     /// Show one task with its attempts and results.
     Task(client::TaskArgs),
+    /// Follow tasks as they change, until each named one has ended (exit 0 only if all
+    /// completed), or every task until interrupted; survives a restart of the coordinator.
+    Watch(watch::WatchArgs),
     /// List workers with their connection statistics.
     Workers(client::CommonArgs),
     /// Cancel a task.
@@ -77,6 +81,7 @@ fn main() -> std::process::ExitCode {
             | Cmd::Submit(_)
             | Cmd::Tasks(_)
             | Cmd::Task(_)
+            | Cmd::Watch(_)
             | Cmd::Workers(_)
             | Cmd::Cancel(_)
             | Cmd::Pause(_)
@@ -112,6 +117,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Submit(a) => client::submit(a).await,
             Cmd::Tasks(a) => client::tasks(a).await,
             Cmd::Task(a) => client::task(a).await,
+            Cmd::Watch(a) => watch::run(a).await,
             Cmd::Workers(a) => client::workers(a).await,
             Cmd::Cancel(a) => client::control(a, "cancel").await,
             Cmd::Pause(a) => client::control(a, "pause").await,

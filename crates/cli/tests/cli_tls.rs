@@ -52,6 +52,30 @@ async fn client_commands_speak_https_and_verify_the_coordinator_certificate() {
     let v: serde_json::Value = serde_json::from_slice(&ok.stdout).expect("JSON");
     assert!(v.is_array() || v["tasks"].is_array(), "{v}");
 
+    // The event stream over TLS: a task cancelled before the watch starts ends it at once
+    // (the watch reads it after the stream's snapshot), as not completed.
+    let watched = tokio::task::spawn_blocking({
+        let (url, cert_s) = (url.clone(), cert_s.clone());
+        move || {
+            let common = ["--coordinator", &url, "--ca-file", &cert_s];
+            let submitted = tether(&[&["submit"][..], &common, &["--", "true"]].concat());
+            assert!(submitted.status.success(), "{submitted:?}");
+            let id = String::from_utf8_lossy(&submitted.stdout).trim().to_owned();
+            let cancelled = tether(&[&["cancel", &id][..], &common].concat());
+            assert!(cancelled.status.success(), "{cancelled:?}");
+            (id.clone(), tether(&[&["watch", &id][..], &common].concat()))
+        }
+    })
+    .await
+    .expect("join");
+    let (id, out) = watched;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "a cancelled task is not completed");
+    assert!(
+        stdout.contains(&id) && stdout.contains("cancelled"),
+        "{out:?}"
+    );
+
     let untrusted = tokio::task::spawn_blocking({
         let (url, wrong) = (url.clone(), wrong.to_string_lossy().into_owned());
         move || {

@@ -1,0 +1,482 @@
+//! `tether watch`: follows tasks as they change, from the coordinator's event stream
+//! (`/api/v1/events`), until each named task has ended, or, with no task named, until
+//! interrupted. A lost stream (a coordinator restart, a dropped connection) is opened again
+//! with a growing delay, and what changed meanwhile is caught up from the API, so nothing in
+//! between goes unreported and nothing is reported twice.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::Args;
+use futures_util::StreamExt;
+use serde_json::Value;
+use tether_proto::TaskStatus;
+
+use crate::client::{Api, CommonArgs};
+
+/// First delay before the stream is opened again; doubled per failure up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Tasks to follow until each has ended; with none, every task's changes until interrupted.
+    ids: Vec<String>,
+    /// Show workers' changes too (connected, disconnected, lost).
+    #[arg(long)]
+    workers: bool,
+}
+
+pub async fn run(a: WatchArgs) -> anyhow::Result<()> {
+    let api = Api::new(&a.common)?;
+    let ids = (!a.ids.is_empty()).then(|| a.ids.iter().cloned().collect());
+    follow(&api, ids, a.common.json, a.workers).await
+}
+
+/// Follows `ids` (or every task) on `api`, printing each change; `Ok` once every named task
+/// has completed, an error naming those that ended otherwise.
+pub(crate) async fn follow(
+    api: &Api,
+    ids: Option<BTreeSet<String>>,
+    json: bool,
+    workers: bool,
+) -> anyhow::Result<()> {
+    let stop = crate::cancel_on_signal();
+    let named = ids.is_some();
+    let mut watch = Watch::new(ids, json, workers);
+    let mut delay = RETRY_FIRST;
+    let mut opened_once = false;
+    loop {
+        let outcome = tokio::select! {
+            o = watch.stream(api) => o,
+            () = stop.cancelled() => return match named {
+                false => Ok(()),
+                true => Err(anyhow::anyhow!("interrupted before every task ended")),
+            },
+        };
+        match outcome {
+            Ok(Turn::Done) => return watch.verdict(),
+            Err(Fatal(e)) => return Err(e),
+            Ok(Turn::Lost { opened, why }) => {
+                if opened {
+                    opened_once = true;
+                    delay = RETRY_FIRST;
+                } else if !opened_once {
+                    // Never reached: a wrong address or a coordinator that is not up; say so
+                    // rather than wait for it.
+                    return Err(why);
+                }
+                eprintln!(
+                    "watch: {why:#}; opening the event stream again in {} ms",
+                    delay.as_millis()
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = stop.cancelled() => continue,
+                }
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// How one opening of the event stream ended.
+enum Turn {
+    /// Every named task has ended.
+    Done,
+    /// The stream ended or failed; `opened` if it had delivered its snapshot.
+    Lost { opened: bool, why: anyhow::Error },
+}
+
+/// An error that retrying will not mend (a task that does not exist, a refused token).
+struct Fatal(anyhow::Error);
+
+impl From<anyhow::Error> for Fatal {
+    fn from(e: anyhow::Error) -> Self {
+        Fatal(e)
+    }
+}
+
+/// What a task looked like when it was last reported: a change of any of it is reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    status: String,
+    attempt: u64,
+    worker: Option<String>,
+    checkpoint: Option<String>,
+}
+
+impl Seen {
+    fn of(t: &Value) -> Self {
+        Seen {
+            status: t["status"].as_str().unwrap_or("?").to_owned(),
+            attempt: t["attempt"].as_u64().unwrap_or(0),
+            worker: t["lease"]["worker"].as_str().map(str::to_owned),
+            checkpoint: t["latest_checkpoint"]["checkpoint_id"]
+                .as_str()
+                .map(str::to_owned),
+        }
+    }
+
+    fn ended(&self) -> bool {
+        status_of(&self.status).is_some_and(TaskStatus::is_terminal)
+    }
+}
+
+fn status_of(s: &str) -> Option<TaskStatus> {
+    serde_json::from_value(Value::String(s.to_owned())).ok()
+}
+
+struct Watch {
+    /// The tasks followed; `None`: all.
+    ids: Option<BTreeSet<String>>,
+    json: bool,
+    workers: bool,
+    seen: HashMap<String, Seen>,
+    /// Named tasks that ended, with their status.
+    ended: BTreeMap<String, String>,
+    /// Workers' states as last reported.
+    worker_states: HashMap<String, String>,
+}
+
+impl Watch {
+    fn new(ids: Option<BTreeSet<String>>, json: bool, workers: bool) -> Self {
+        Watch {
+            ids,
+            json,
+            workers,
+            seen: HashMap::new(),
+            ended: BTreeMap::new(),
+            worker_states: HashMap::new(),
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.ids
+            .as_ref()
+            .is_some_and(|ids| ids.len() == self.ended.len())
+    }
+
+    /// Opens the stream once and follows it until every named task ended or it is lost.
+    async fn stream(&mut self, api: &Api) -> Result<Turn, Fatal> {
+        let mut chunks = match api.stream("/api/v1/events").await {
+            Ok(c) => c,
+            Err(e) if is_refusal(&e) => return Err(Fatal(e)),
+            Err(why) => return Ok(Turn::Lost { opened: false, why }),
+        };
+        let mut parser = SseParser::default();
+        let mut opened = false;
+        loop {
+            let chunk = match chunks.next().await {
+                Some(Ok(c)) => c,
+                Some(Err(why)) => return Ok(Turn::Lost { opened, why }),
+                None => {
+                    let why = anyhow::anyhow!("the coordinator closed the event stream");
+                    return Ok(Turn::Lost { opened, why });
+                }
+            };
+            for ev in parser.push(&chunk) {
+                match ev.event.as_str() {
+                    "snapshot" => {
+                        let snap: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
+                        // The stream is live from here on: whatever changed before it is in
+                        // the snapshot or read now, whatever changes after it comes as events.
+                        if let Err(why) = self.catch_up(api, &snap).await {
+                            if is_refusal(&why) {
+                                return Err(Fatal(why));
+                            }
+                            return Ok(Turn::Lost { opened, why });
+                        }
+                        opened = true;
+                    }
+                    "task" => {
+                        if let Ok(t) = serde_json::from_str::<Value>(&ev.data) {
+                            self.on_task(&t);
+                        }
+                    }
+                    "worker" if self.workers => {
+                        if let Ok(w) = serde_json::from_str::<Value>(&ev.data) {
+                            self.on_worker(&w);
+                        }
+                    }
+                    // `resync` is followed by a fresh snapshot; `sample` is for the dashboard.
+                    _ => {}
+                }
+                if self.done() {
+                    return Ok(Turn::Done);
+                }
+            }
+        }
+    }
+
+    /// After a snapshot: each named task still running is read, so a change made while no
+    /// stream was open is reported now; without names, the snapshot's newest tasks are
+    /// compared with what was reported (the first snapshot only sets the baseline).
+    async fn catch_up(&mut self, api: &Api, snap: &Value) -> anyhow::Result<()> {
+        match self.ids.clone() {
+            Some(ids) => {
+                let open: Vec<String> = ids
+                    .into_iter()
+                    .filter(|id| !self.ended.contains_key(id))
+                    .collect();
+                for id in open {
+                    let t = api.get(&format!("/api/v1/tasks/{id}")).await.map_err(|e| {
+                        match e.to_string().contains("HTTP 404") {
+                            true => anyhow::anyhow!("no task {id} at this coordinator"),
+                            false => e,
+                        }
+                    })?;
+                    self.on_task(&t);
+                }
+            }
+            None => {
+                let first = self.seen.is_empty();
+                for t in snap["tasks"].as_array().into_iter().flatten() {
+                    if first {
+                        if let Some(id) = t["task_id"].as_str() {
+                            self.seen.insert(id.to_owned(), Seen::of(t));
+                        }
+                    } else {
+                        self.on_task(t);
+                    }
+                }
+            }
+        }
+        if self.workers {
+            for w in snap["workers"].as_array().into_iter().flatten() {
+                self.on_worker(w);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reports `t` if it is followed and changed since it was last reported.
+    fn on_task(&mut self, t: &Value) {
+        let Some(id) = t["task_id"].as_str() else {
+            return;
+        };
+        if self.ids.as_ref().is_some_and(|ids| !ids.contains(id)) {
+            return;
+        }
+        let now = Seen::of(t);
+        if self.seen.get(id) == Some(&now) {
+            return;
+        }
+        if self.json {
+            println!("{t}");
+        } else {
+            println!("{}", task_line(t, &now));
+        }
+        if now.ended() && self.ids.is_some() {
+            self.ended.insert(id.to_owned(), now.status.clone());
+        }
+        self.seen.insert(id.to_owned(), now);
+    }
+
+    fn on_worker(&mut self, w: &Value) {
+        let (Some(id), Some(state)) = (w["worker_id"].as_str(), w["state"].as_str()) else {
+            return;
+        };
+        if self.worker_states.get(id).map(String::as_str) == Some(state) {
+            return;
+        }
+        self.worker_states.insert(id.to_owned(), state.to_owned());
+        if self.json {
+            println!("{}", serde_json::json!({ "worker": w }));
+        } else {
+            println!("{}  worker {id}  {state}", time_of(&w["last_seen"]));
+        }
+    }
+
+    /// `Ok` when every named task completed; else an error naming the others.
+    fn verdict(&self) -> anyhow::Result<()> {
+        let unsuccessful: Vec<String> = self
+            .ended
+            .iter()
+            .filter(|(_, s)| status_of(s) != Some(TaskStatus::Completed))
+            .map(|(id, s)| format!("{id} {s}"))
+            .collect();
+        if !self.json {
+            println!(
+                "{} of {} tasks completed",
+                self.ended.len() - unsuccessful.len(),
+                self.ended.len()
+            );
+        }
+        if unsuccessful.is_empty() {
+            Ok(())
+        } else {
+            bail!("not completed: {}", unsuccessful.join(", "))
+        }
+    }
+}
+
+/// A refusal that another try would get again: a bad token, a missing task.
+fn is_refusal(e: &anyhow::Error) -> bool {
+    let s = format!("{e:#}");
+    ["HTTP 401", "HTTP 403", "HTTP 404", "no task "]
+        .iter()
+        .any(|m| s.contains(m))
+}
+
+fn time_of(v: &Value) -> String {
+    v.as_str()
+        .and_then(|s| s.get(11..19))
+        .unwrap_or("--:--:--")
+        .to_owned()
+}
+
+/// `10:31:02  <task>  running  attempt 1  on w1  <name>  <error>`
+fn task_line(t: &Value, seen: &Seen) -> String {
+    let mut line = format!(
+        "{}  {}  {}  attempt {}",
+        time_of(&t["updated_at"]),
+        t["task_id"].as_str().unwrap_or("?"),
+        seen.status,
+        seen.attempt
+    );
+    if let Some(w) = &seen.worker {
+        line.push_str(&format!("  on {w}"));
+    }
+    if let Some(c) = &seen.checkpoint {
+        line.push_str(&format!("  checkpoint {c}"));
+    }
+    if let Some(n) = t["spec"]["name"].as_str() {
+        line.push_str(&format!("  {n}"));
+    }
+    if let Some(e) = t["error"].as_str() {
+        line.push_str(&format!("  ({e})"));
+    }
+    line
+}
+
+/// One server-sent event.
+#[derive(Debug, PartialEq, Eq)]
+struct SseEvent {
+    event: String,
+    data: String,
+}
+
+/// Server-sent events out of a byte stream cut anywhere (the text/event-stream format: fields
+/// per line, an event ends at a blank line; comments and unknown fields are skipped).
+#[derive(Default)]
+struct SseParser {
+    buf: Vec<u8>,
+    event: String,
+    data: Vec<String>,
+}
+
+impl SseParser {
+    fn push(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
+        self.buf.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        while let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+            let mut line: Vec<u8> = self.buf.drain(..=end).collect();
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            let line = String::from_utf8_lossy(&line);
+            if line.is_empty() {
+                if !self.data.is_empty() {
+                    out.push(SseEvent {
+                        event: match self.event.is_empty() {
+                            true => "message".into(),
+                            false => std::mem::take(&mut self.event),
+                        },
+                        data: self.data.join("\n"),
+                    });
+                }
+                self.event.clear();
+                self.data.clear();
+                continue;
+            }
+            if line.starts_with(':') {
+                continue;
+            }
+            let (field, value) = line.split_once(':').unwrap_or((&line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "event" => self.event = value.to_owned(),
+                "data" => self.data.push(value.to_owned()),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn ev(event: &str, data: &str) -> SseEvent {
+        SseEvent {
+            event: event.into(),
+            data: data.into(),
+        }
+    }
+
+    #[test]
+    fn events_are_parsed_from_chunks_cut_anywhere() {
+        let text = ": keep-alive\n\nevent: snapshot\ndata: {\"a\":1}\n\nevent:task\r\ndata: x\r\ndata: y\r\n\r\ndata: plain\n\n";
+        let want = vec![
+            ev("snapshot", "{\"a\":1}"),
+            ev("task", "x\ny"),
+            ev("message", "plain"),
+        ];
+        for cut in 1..text.len() {
+            let mut p = SseParser::default();
+            let mut got = p.push(&text.as_bytes()[..cut]);
+            got.extend(p.push(&text.as_bytes()[cut..]));
+            assert_eq!(got, want, "cut at {cut}");
+        }
+        // A byte at a time.
+        let mut p = SseParser::default();
+        let got: Vec<_> = text.bytes().flat_map(|b| p.push(&[b])).collect();
+        assert_eq!(got, want);
+    }
+
+    fn task(id: &str, status: &str, attempt: u64, worker: Option<&str>) -> Value {
+        json!({
+            "task_id": id,
+            "status": status,
+            "attempt": attempt,
+            "lease": worker.map(|w| json!({ "worker": w })),
+            "updated_at": "2026-12-01T10:31:02.123Z",
+        })
+    }
+
+    #[test]
+    fn a_named_task_is_reported_once_per_change_and_ends_the_watch_when_terminal() {
+        let mut w = Watch::new(Some(["a".to_owned(), "b".to_owned()].into()), true, false);
+        w.on_task(&task("a", "queued", 0, None));
+        w.on_task(&task("a", "queued", 0, None));
+        w.on_task(&task("c", "running", 1, Some("w1")));
+        assert_eq!(
+            w.seen.len(),
+            1,
+            "a repeat and an unnamed task are not reported"
+        );
+        w.on_task(&task("a", "running", 1, Some("w1")));
+        w.on_task(&task("a", "completed", 1, Some("w1")));
+        assert!(!w.done());
+        w.on_task(&task("b", "failed", 3, None));
+        assert!(w.done());
+        let err = w.verdict().expect_err("b failed");
+        assert!(err.to_string().contains("b failed"), "{err}");
+    }
+
+    #[test]
+    fn every_named_task_completed_is_a_success() {
+        let mut w = Watch::new(Some(["a".to_owned()].into()), true, false);
+        w.on_task(&task("a", "completed", 1, None));
+        assert!(w.done());
+        assert!(w.verdict().is_ok());
+    }
+}

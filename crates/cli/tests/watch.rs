@@ -1,0 +1,286 @@
+//! `tether watch` and `tether submit --watch` as a user runs them: real `tether coordinator`,
+//! `tether worker` and `tether watch` processes. The watch reports each named task's changes,
+//! ends when they have all ended, exits 0 only if all completed, and keeps following through a
+//! coordinator killed with SIGKILL and restarted on its data directory.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+const LONG: Duration = Duration::from_secs(90);
+
+/// A child process, killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tether() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tether"))
+}
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+fn coordinator(addr: SocketAddr, dir: &Path) -> Proc {
+    let child = tether()
+        .args(["--log", "warn", "coordinator", "--listen"])
+        .arg(addr.to_string())
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--heartbeat-interval", "200ms", "--heartbeat-timeout", "2s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start coordinator");
+    Proc(child)
+}
+
+fn worker(addr: SocketAddr, id: &str) -> Proc {
+    let child = tether()
+        .args(["--log", "warn", "worker", "--coordinator"])
+        .arg(format!("http://{addr}"))
+        .args(["--id", id, "--slots", "2"])
+        .args(["--initial-reconnect-delay", "100ms"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start worker");
+    Proc(child)
+}
+
+/// A client command with its stdout lines arriving on a channel and its stderr kept in a file.
+struct Watcher {
+    proc: Proc,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stderr: tempfile::NamedTempFile,
+}
+
+impl Watcher {
+    fn start(args: &[&str]) -> Self {
+        let stderr = tempfile::NamedTempFile::new().expect("stderr file");
+        let mut child = tether()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr.reopen().expect("stderr"))
+            .spawn()
+            .expect("start watch");
+        let out = child.stdout.take().expect("piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Watcher {
+            proc: Proc(child),
+            lines,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    /// Waits for a stdout line holding every one of `parts`.
+    fn wait_line(&mut self, parts: &[&str]) -> String {
+        let deadline = Instant::now() + LONG;
+        loop {
+            if let Some(l) = self
+                .seen
+                .iter()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+            {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => self.seen.push(l),
+                Err(_) => panic!(
+                    "no line with {parts:?}; got {:?}; stderr: {}",
+                    self.seen,
+                    self.stderr_text()
+                ),
+            }
+        }
+    }
+
+    /// Waits for the exit; its success, and every stdout line.
+    fn wait_exit(&mut self) -> (bool, Vec<String>) {
+        let deadline = Instant::now() + LONG;
+        loop {
+            if let Some(status) = self.proc.0.try_wait().expect("wait") {
+                while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(l);
+                }
+                return (status.success(), self.seen.clone());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running; got {:?}; stderr: {}",
+                self.seen,
+                self.stderr_text()
+            );
+            while let Ok(l) = self.lines.try_recv() {
+                self.seen.push(l);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stderr_text(&self) -> String {
+        std::fs::read_to_string(self.stderr.path()).unwrap_or_default()
+    }
+}
+
+async fn wait_ready(http: &reqwest::Client, base: &str) {
+    tether_testkit::wait_for("the coordinator to answer", LONG, || async {
+        let r = http.get(format!("{base}/healthz")).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("http client")
+}
+
+async fn submit(http: &reqwest::Client, base: &str, id: &str, config: serde_json::Value) {
+    let spec = json!({ "task_id": id, "kind": "sleep", "config": config });
+    let r = http
+        .post(format!("{base}/api/v1/tasks"))
+        .json(&json!({ "tasks": [spec] }))
+        .send()
+        .await
+        .expect("submit");
+    assert!(r.status().is_success(), "submit {id}: {}", r.status());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_reports_each_change_and_exits_non_zero_when_a_named_task_failed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr = free_addr();
+    let base = format!("http://{addr}");
+    let _coord = coordinator(addr, dir.path());
+    let http = http();
+    wait_ready(&http, &base).await;
+    submit(&http, &base, "good", json!({"ms": 300, "steps": 3})).await;
+    submit(
+        &http,
+        &base,
+        "bad",
+        json!({"ms": 300, "steps": 3, "fail": true}),
+    )
+    .await;
+    let mut watch = Watcher::start(&["watch", "--coordinator", &base, "good", "bad"]);
+    // No worker yet: both are reported queued, then run once one comes.
+    watch.wait_line(&["good", "queued"]);
+    watch.wait_line(&["bad", "queued"]);
+    let _w = worker(addr, "w1");
+    let (ok, lines) = watch.wait_exit();
+    assert!(!ok, "a failed task makes the watch fail: {lines:?}");
+    let has = |parts: &[&str]| lines.iter().any(|l| parts.iter().all(|p| l.contains(p)));
+    assert!(has(&["good", "running", "on w1"]), "{lines:?}");
+    assert!(has(&["good", "completed"]), "{lines:?}");
+    assert!(has(&["bad", "failed"]), "{lines:?}");
+    assert!(has(&["1 of 2 tasks completed"]), "{lines:?}");
+    let repeats = lines
+        .iter()
+        .filter(|l| l.contains("good") && l.contains("completed"));
+    assert_eq!(repeats.count(), 1, "each change once: {lines:?}");
+    assert!(
+        watch.stderr_text().contains("not completed: bad failed"),
+        "{}",
+        watch.stderr_text()
+    );
+
+    // `submit --watch` follows what it submitted and exits 0 when all completed.
+    let mut submit = Watcher::start(&["submit", "--coordinator", &base, "--watch", "--", "true"]);
+    let (ok, lines) = submit.wait_exit();
+    assert!(ok, "{lines:?}; stderr: {}", submit.stderr_text());
+    assert!(lines.iter().any(|l| l.contains("completed")), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l == "1 of 1 tasks completed"),
+        "{lines:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_keeps_following_through_a_coordinator_killed_and_restarted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr = free_addr();
+    let base = format!("http://{addr}");
+    let coord = coordinator(addr, dir.path());
+    let http = http();
+    wait_ready(&http, &base).await;
+    submit(&http, &base, "across", json!({"ms": 300, "steps": 3})).await;
+    let mut watch = Watcher::start(&["watch", "--coordinator", &base, "across"]);
+    watch.wait_line(&["across", "queued"]);
+    drop(coord); // SIGKILL
+    // The watch notices and keeps trying while the coordinator is down.
+    tether_testkit::wait_for("the watch to notice", LONG, || async {
+        watch
+            .stderr_text()
+            .contains("opening the event stream again")
+            .then_some(())
+    })
+    .await;
+    let _coord = coordinator(addr, dir.path());
+    wait_ready(&http, &base).await;
+    let _w = worker(addr, "w1");
+    let (ok, lines) = watch.wait_exit();
+    assert!(ok, "{lines:?}; stderr: {}", watch.stderr_text());
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("across") && l.contains("completed")),
+        "{lines:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_refuses_an_unknown_task_and_an_unreachable_coordinator_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr = free_addr();
+    let base = format!("http://{addr}");
+    let mut unreachable = Watcher::start(&["watch", "--coordinator", &base, "x"]);
+    let (ok, _) = unreachable.wait_exit();
+    assert!(!ok);
+    assert!(
+        unreachable
+            .stderr_text()
+            .contains("cannot reach the coordinator"),
+        "{}",
+        unreachable.stderr_text()
+    );
+    let _coord = coordinator(addr, dir.path());
+    let http = http();
+    wait_ready(&http, &base).await;
+    let mut unknown = Watcher::start(&["watch", "--coordinator", &base, "nope"]);
+    let (ok, _) = unknown.wait_exit();
+    assert!(!ok);
+    assert!(
+        unknown.stderr_text().contains("no task nope"),
+        "{}",
+        unknown.stderr_text()
+    );
+}
