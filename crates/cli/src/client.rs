@@ -267,6 +267,22 @@ pub struct SubmitArgs {
     /// A label shown in listings.
     #[arg(long)]
     name: Option<String>,
+    /// The task's id (default: one the coordinator makes); the same id twice is refused, so a
+    /// submission whose reply was lost can be sent again safely.
+    #[arg(long, conflicts_with = "file")]
+    id: Option<String>,
+    /// A tag the worker must carry, KEY=VALUE (repeatable).
+    #[arg(long = "tag", value_parser = parse_key_value, conflicts_with = "file")]
+    tags: Vec<(String, String)>,
+    /// An environment variable for the command, KEY=VALUE (repeatable).
+    #[arg(long = "env", value_parser = parse_key_value, conflicts_with = "file")]
+    env: Vec<(String, String)>,
+    /// The command's working directory on the worker.
+    #[arg(long, conflicts_with = "file")]
+    cwd: Option<String>,
+    /// A script run with `/bin/sh -c` on the worker, instead of a command line after `--`.
+    #[arg(long, conflicts_with_all = ["command", "file"])]
+    shell: Option<String>,
     /// Then follow the submitted tasks until each has ended, as `tether watch` does (exit 0
     /// only if all completed).
     #[arg(long)]
@@ -274,6 +290,45 @@ pub struct SubmitArgs {
     /// The command line to run, after `--`.
     #[arg(last = true)]
     command: Vec<String>,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?}: use KEY=VALUE")),
+    }
+}
+
+/// The spec of a `command` task from the flags: a command line after `--` or a `--shell`
+/// script, with its environment, directory and the worker it needs.
+fn command_spec(a: &SubmitArgs) -> anyhow::Result<TaskSpec> {
+    let mut config = match (&a.shell, a.command.split_first()) {
+        (Some(script), _) => json!({ "shell": script }),
+        (None, Some((program, args))) => json!({ "program": program, "args": args }),
+        (None, None) => bail!("give a command after `--`, --shell SCRIPT or --file FILE"),
+    };
+    if !a.env.is_empty() {
+        let env: serde_json::Map<String, Value> =
+            a.env.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        config["env"] = Value::Object(env);
+    }
+    if let Some(dir) = &a.cwd {
+        config["cwd"] = json!(dir);
+    }
+    let mut spec = TaskSpec::new("command", config);
+    spec.task_id = match &a.id {
+        Some(id) => {
+            Some(tether_proto::TaskId::parse(id).map_err(|e| anyhow::anyhow!("--id {id:?}: {e}"))?)
+        }
+        None => None,
+    };
+    spec.priority = a.priority;
+    spec.requires = a.requires.clone();
+    spec.tags = a.tags.iter().cloned().collect();
+    spec.timeout_ms = a.timeout.map(|d| d.as_millis() as u64);
+    spec.max_attempts = a.max_attempts;
+    spec.name = a.name.clone();
+    Ok(spec)
 }
 
 fn parse_priority(s: &str) -> Result<u8, String> {
@@ -290,8 +345,8 @@ fn parse_priority(s: &str) -> Result<u8, String> {
 
 pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     let api = Api::new(&a.common)?;
-    let body = match (&a.file, a.command.is_empty()) {
-        (Some(f), _) => {
+    let body = match &a.file {
+        Some(f) => {
             let text = std::fs::read_to_string(f)
                 .with_context(|| format!("cannot read {}", f.display()))?;
             let v: Value = serde_json::from_str(&text)
@@ -302,19 +357,7 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
                 json!({ "tasks": [v] })
             }
         }
-        (None, false) => {
-            let mut spec = TaskSpec::new(
-                "command",
-                json!({ "program": a.command[0], "args": a.command[1..] }),
-            );
-            spec.priority = a.priority;
-            spec.requires = a.requires.clone();
-            spec.timeout_ms = a.timeout.map(|d| d.as_millis() as u64);
-            spec.max_attempts = a.max_attempts;
-            spec.name = a.name.clone();
-            json!({ "tasks": [spec] })
-        }
-        (None, true) => bail!("give a command after `--` or --file FILE"),
+        None => json!({ "tasks": [command_spec(&a)?] }),
     };
     let v = api.post("/api/v1/tasks", &body).await?;
     if a.common.json {
@@ -537,6 +580,73 @@ fn print_table(head: &[&str], rows: &[Vec<String>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn submit_args(args: &[&str]) -> Result<SubmitArgs, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            submit: SubmitArgs,
+        }
+        let argv = std::iter::once("submit").chain(args.iter().copied());
+        <Cli as clap::Parser>::try_parse_from(argv).map(|c| c.submit)
+    }
+
+    #[test]
+    fn a_command_spec_carries_its_environment_directory_tags_and_id() {
+        let a = submit_args(&[
+            "--id",
+            "nightly-1",
+            "--env",
+            "A=1",
+            "--env",
+            "B=x=y",
+            "--cwd",
+            "/srv",
+            "--tag",
+            "os=linux",
+            "--priority",
+            "high",
+            "--",
+            "make",
+            "bench",
+        ])
+        .expect("parsed");
+        let spec = command_spec(&a).expect("spec");
+        assert_eq!(
+            spec.task_id.map(|t| t.to_string()).as_deref(),
+            Some("nightly-1")
+        );
+        assert_eq!(
+            spec.config,
+            json!({"program": "make", "args": ["bench"], "env": {"A": "1", "B": "x=y"}, "cwd": "/srv"})
+        );
+        assert_eq!(spec.tags.get("os").map(String::as_str), Some("linux"));
+        assert_eq!(spec.priority, 1);
+        let a = submit_args(&["--shell", "echo $A | wc -c"]).expect("parsed");
+        assert_eq!(
+            command_spec(&a).expect("spec").config,
+            json!({"shell": "echo $A | wc -c"})
+        );
+    }
+
+    #[test]
+    fn bad_submit_flags_are_refused_with_a_clear_error() {
+        let e = submit_args(&["--env", "NOEQUALS", "--", "true"])
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("use KEY=VALUE"), "{e}");
+        assert!(submit_args(&["--tag", "=v", "--", "true"]).is_err());
+        assert!(
+            submit_args(&["--shell", "true", "--", "true"]).is_err(),
+            "one or the other"
+        );
+        assert!(submit_args(&["--file", "t.json", "--env", "A=1"]).is_err());
+        let a = submit_args(&[]).expect("parsed");
+        let e = command_spec(&a).expect_err("nothing to run");
+        assert!(e.to_string().contains("give a command"), "{e}");
+        let a = submit_args(&["--id", "bad id!", "--", "true"]).expect("parsed");
+        assert!(command_spec(&a).is_err());
+    }
 
     #[test]
     fn priorities_take_names_and_numbers() {

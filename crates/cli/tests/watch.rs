@@ -213,11 +213,31 @@ async fn watch_reports_each_change_and_exits_non_zero_when_a_named_task_failed()
         watch.stderr_text()
     );
 
-    // `submit --watch` follows what it submitted and exits 0 when all completed.
-    let mut submit = Watcher::start(&["submit", "--coordinator", &base, "--watch", "--", "true"]);
+    // `submit --watch` follows what it submitted and exits 0 when all completed; the script
+    // succeeds only if the flags' environment and directory reached it.
+    let mut submit = Watcher::start(&[
+        "submit",
+        "--coordinator",
+        &base,
+        "--watch",
+        "--id",
+        "envcheck",
+        "--env",
+        "CHECK=a=b",
+        "--cwd",
+        "/tmp",
+        "--shell",
+        r#"test "$CHECK" = a=b && test "$(pwd)" = /tmp"#,
+    ]);
     let (ok, lines) = submit.wait_exit();
     assert!(ok, "{lines:?}; stderr: {}", submit.stderr_text());
-    assert!(lines.iter().any(|l| l.contains("completed")), "{lines:?}");
+    assert_eq!(lines.first().map(String::as_str), Some("envcheck"));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("envcheck") && l.contains("completed")),
+        "{lines:?}"
+    );
     assert!(
         lines.iter().any(|l| l == "1 of 1 tasks completed"),
         "{lines:?}"
