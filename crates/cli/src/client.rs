@@ -68,6 +68,26 @@ type HttpsClient = hyper_util::client::legacy::Client<
     http_body_util::Full<bytes::Bytes>,
 >;
 
+/// An error status from the API, with its message.
+#[derive(Debug, thiserror::Error)]
+#[error("{message} (HTTP {status})")]
+pub(crate) struct Refused {
+    pub(crate) status: u16,
+    message: String,
+}
+
+impl Refused {
+    fn of(status: http::StatusCode, body: &Value) -> Self {
+        Refused {
+            status: status.as_u16(),
+            message: body["error"]["message"]
+                .as_str()
+                .unwrap_or("request failed")
+                .to_owned(),
+        }
+    }
+}
+
 /// A response body as it arrives, chunk by chunk.
 pub(crate) type Chunks =
     std::pin::Pin<Box<dyn futures_util::Stream<Item = anyhow::Result<bytes::Bytes>> + Send>>;
@@ -174,8 +194,7 @@ impl Api {
             }
         };
         if !status.is_success() {
-            let msg = v["error"]["message"].as_str().unwrap_or("request failed");
-            bail!("{msg} (HTTP {})", status.as_u16());
+            return Err(Refused::of(status, &v).into());
         }
         Ok(v)
     }
@@ -188,8 +207,7 @@ impl Api {
         let unreachable = || format!("cannot reach the coordinator at {}", self.base);
         let refused = |status: http::StatusCode, body: &[u8]| {
             let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-            let msg = v["error"]["message"].as_str().unwrap_or("request failed");
-            anyhow::anyhow!("{msg} (HTTP {})", status.as_u16())
+            anyhow::Error::from(Refused::of(status, &v))
         };
         match &self.transport {
             Transport::Plain(http) => {

@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use tether_proto::TaskStatus;
 
-use crate::client::{Api, CommonArgs};
+use crate::client::{Api, CommonArgs, Refused};
 
 /// First delay before the stream is opened again; doubled per failure up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(250);
@@ -94,12 +94,6 @@ enum Turn {
 /// An error that retrying will not mend (a task that does not exist, a refused token).
 struct Fatal(anyhow::Error);
 
-impl From<anyhow::Error> for Fatal {
-    fn from(e: anyhow::Error) -> Self {
-        Fatal(e)
-    }
-}
-
 /// What a task looked like when it was last reported: a change of any of it is reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Seen {
@@ -140,6 +134,8 @@ struct Watch {
     ended: BTreeMap<String, String>,
     /// Workers' states as last reported.
     worker_states: HashMap<String, String>,
+    /// Following every task: a first snapshot has set what counts as already seen.
+    baseline: bool,
 }
 
 impl Watch {
@@ -151,6 +147,7 @@ impl Watch {
             seen: HashMap::new(),
             ended: BTreeMap::new(),
             worker_states: HashMap::new(),
+            baseline: false,
         }
     }
 
@@ -233,7 +230,7 @@ impl Watch {
                 }
             }
             None => {
-                let first = self.seen.is_empty();
+                let first = !std::mem::replace(&mut self.baseline, true);
                 for t in snap["tasks"].as_array().into_iter().flatten() {
                     if first {
                         if let Some(id) = t["task_id"].as_str() {
@@ -316,10 +313,8 @@ impl Watch {
 
 /// A refusal that another try would get again: a bad token, a missing task.
 fn is_refusal(e: &anyhow::Error) -> bool {
-    let s = format!("{e:#}");
-    ["HTTP 401", "HTTP 403", "HTTP 404", "no task "]
-        .iter()
-        .any(|m| s.contains(m))
+    e.downcast_ref::<Refused>()
+        .is_some_and(|r| matches!(r.status, 401 | 403 | 404))
 }
 
 fn time_of(v: &Value) -> String {
