@@ -451,8 +451,15 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
     let api = Api::new(&a.common)?;
     let t = api.get(&format!("/api/v1/tasks/{}", a.id)).await?;
     let results = api.get(&format!("/api/v1/tasks/{}/result", a.id)).await?;
+    let state = api.get(&format!("/api/v1/tasks/{}/state", a.id)).await?;
+    let checkpoints = api
+        .get(&format!("/api/v1/tasks/{}/checkpoints", a.id))
+        .await?;
     if a.common.json {
-        println!("{}", json!({ "task": t, "results": results }));
+        println!(
+            "{}",
+            json!({ "task": t, "results": results, "state": state, "checkpoints": checkpoints })
+        );
         return Ok(());
     }
     println!("task      {}", s(&t["task_id"]));
@@ -488,6 +495,27 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
         ]
     });
     print_table(&["ATTEMPT", "WORKER", "OUTCOME", "RECORD", "RESULT"], &rows);
+    if !state.is_null() {
+        println!();
+        println!(
+            "state     {} (attempt {}, {})",
+            state["state"],
+            state["attempt"],
+            s(&state["updated_at"])
+        );
+    }
+    if checkpoints.as_array().is_some_and(|c| !c.is_empty()) {
+        println!();
+        let rows = rows_of(&checkpoints, |c| {
+            vec![
+                s(&c["checkpoint_id"]),
+                c["attempt"].to_string(),
+                c["size"].to_string(),
+                s(&c["created_at"]),
+            ]
+        });
+        print_table(&["CHECKPOINT", "ATTEMPT", "BYTES", "CREATED"], &rows);
+    }
     Ok(())
 }
 

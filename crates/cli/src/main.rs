@@ -54,6 +54,9 @@ enum Cmd {
     Pause(client::ControlArgs),
     /// Resume a paused task.
     Resume(client::ControlArgs),
+    /// Ask a running task for a checkpoint now (an executor that checkpoints makes one at its
+    /// next chance).
+    Checkpoint(client::ControlArgs),
     /// A self-contained demonstration: a coordinator, workers, tasks and network faults.
     Demo(demo::DemoArgs),
     /// An end-to-end run: coordinator and worker processes, network faults and crashes on a
@@ -86,6 +89,7 @@ fn main() -> std::process::ExitCode {
             | Cmd::Cancel(_)
             | Cmd::Pause(_)
             | Cmd::Resume(_)
+            | Cmd::Checkpoint(_)
     );
     let level = if quiet {
         "warn"
@@ -122,6 +126,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Cancel(a) => client::control(a, "cancel").await,
             Cmd::Pause(a) => client::control(a, "pause").await,
             Cmd::Resume(a) => client::control(a, "resume").await,
+            Cmd::Checkpoint(a) => client::control(a, "checkpoint").await,
             Cmd::Demo(a) => demo::run(a).await,
             Cmd::E2e(a) => e2e::run(a).await,
             Cmd::Cert(a) => cert::run(a).await,

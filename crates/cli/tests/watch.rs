@@ -1,7 +1,9 @@
-//! `tether watch` and `tether submit --watch` as a user runs them: real `tether coordinator`,
-//! `tether worker` and `tether watch` processes. The watch reports each named task's changes,
-//! ends when they have all ended, exits 0 only if all completed, and keeps following through a
-//! coordinator killed with SIGKILL and restarted on its data directory.
+//! The client commands that follow and steer running tasks, as a user runs them: real `tether
+//! coordinator`, `tether worker` and client processes. `tether watch` (and `submit --watch`)
+//! reports each named task's changes, ends when they have all ended, exits 0 only if all
+//! completed, and keeps following through a coordinator killed with SIGKILL and restarted on
+//! its data directory; `tether checkpoint` gets a running task checkpointed now, and `tether
+//! task` shows its live state and checkpoints.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -303,4 +305,65 @@ async fn watch_refuses_an_unknown_task_and_an_unreachable_coordinator_at_once() 
         "{}",
         unknown.stderr_text()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_asks_a_running_task_for_one_and_task_shows_its_state_and_checkpoints() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr = free_addr();
+    let base = format!("http://{addr}");
+    let _coord = coordinator(addr, dir.path());
+    let http = http();
+    wait_ready(&http, &base).await;
+    // No checkpoints of its own (`checkpoint_every` 0): any it has was asked for.
+    submit(
+        &http,
+        &base,
+        "long",
+        json!({"ms": 6000, "steps": 30, "checkpoint_every": 0}),
+    )
+    .await;
+    let _w = worker(addr, "w1");
+    let run = |args: &[&str]| {
+        let out = tether()
+            .args(args)
+            .args(["--coordinator", &base])
+            .output()
+            .expect("run tether");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    tether_testkit::wait_for("the task to report progress", LONG, || async {
+        let (_, out, _) = run(&["task", "long", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        (v["task"]["status"] == "running" && !v["state"].is_null()).then_some(())
+    })
+    .await;
+    let (_, out, _) = run(&["task", "long", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["checkpoints"], json!([]), "none before it is asked: {v}");
+    let (ok, out, err) = run(&["checkpoint", "long"]);
+    assert!(ok, "{out} {err}");
+    assert_eq!(out.trim(), "long running");
+    tether_testkit::wait_for("the checkpoint asked for", LONG, || async {
+        let (_, out, _) = run(&["task", "long", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        v["checkpoints"]
+            .as_array()
+            .is_some_and(|c| !c.is_empty())
+            .then_some(())
+    })
+    .await;
+    let (ok, out, _) = run(&["task", "long"]);
+    assert!(ok);
+    assert!(
+        out.contains("CHECKPOINT") && out.contains("state "),
+        "{out}"
+    );
+    let (ok, _, err) = run(&["checkpoint", "nope"]);
+    assert!(!ok);
+    assert!(err.contains("HTTP 404"), "{err}");
 }
