@@ -77,7 +77,7 @@ pub(crate) struct Refused {
 }
 
 impl Refused {
-    fn of(status: http::StatusCode, body: &Value) -> Self {
+    pub(crate) fn of(status: http::StatusCode, body: &Value) -> Self {
         Refused {
             status: status.as_u16(),
             message: body["error"]["message"]

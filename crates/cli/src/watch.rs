@@ -221,9 +221,9 @@ impl Watch {
                     .collect();
                 for id in open {
                     let t = api.get(&format!("/api/v1/tasks/{id}")).await.map_err(|e| {
-                        match e.to_string().contains("HTTP 404") {
-                            true => anyhow::anyhow!("no task {id} at this coordinator"),
-                            false => e,
+                        match e.downcast_ref::<Refused>().map(|r| r.status) {
+                            Some(404) => e.context(format!("no task {id} at this coordinator")),
+                            _ => e,
                         }
                     })?;
                     self.on_task(&t);
@@ -465,6 +465,22 @@ mod tests {
         assert!(w.done());
         let err = w.verdict().expect_err("b failed");
         assert!(err.to_string().contains("b failed"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_task_or_a_refused_token_is_final_and_a_lost_connection_is_not() {
+        let refused = |status: u16| {
+            let status = http::StatusCode::from_u16(status).expect("status");
+            anyhow::Error::from(Refused::of(status, &json!({"error": {"message": "x"}})))
+        };
+        assert!(is_refusal(
+            &refused(404).context("no task a at this coordinator")
+        ));
+        assert!(is_refusal(&refused(401)) && is_refusal(&refused(403)));
+        assert!(!is_refusal(&refused(503)), "a coordinator starting up");
+        assert!(!is_refusal(&anyhow::anyhow!(
+            "cannot reach the coordinator"
+        )));
     }
 
     #[test]
