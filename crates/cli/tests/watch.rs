@@ -177,27 +177,49 @@ async fn submit(http: &reqwest::Client, base: &str, id: &str, config: serde_json
     assert!(r.status().is_success(), "submit {id}: {}", r.status());
 }
 
+/// One coordinator's place: its data directory, address, API base URL and an HTTP client.
+struct Site {
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Site {
+    fn new() -> Self {
+        let addr = free_addr();
+        Site {
+            dir: tempfile::tempdir().expect("tempdir"),
+            addr,
+            base: format!("http://{addr}"),
+            http: http(),
+        }
+    }
+
+    /// Starts a coordinator on the site's address and data directory, and waits until it answers.
+    async fn coordinator(&self) -> Proc {
+        let p = coordinator(self.addr, self.dir.path());
+        wait_ready(&self.http, &self.base).await;
+        p
+    }
+
+    async fn submit(&self, id: &str, config: serde_json::Value) {
+        submit(&self.http, &self.base, id, config).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_reports_each_change_and_exits_non_zero_when_a_named_task_failed() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let addr = free_addr();
-    let base = format!("http://{addr}");
-    let _coord = coordinator(addr, dir.path());
-    let http = http();
-    wait_ready(&http, &base).await;
-    submit(&http, &base, "good", json!({"ms": 300, "steps": 3})).await;
-    submit(
-        &http,
-        &base,
-        "bad",
-        json!({"ms": 300, "steps": 3, "fail": true}),
-    )
-    .await;
-    let mut watch = Watcher::start(&["watch", "--coordinator", &base, "good", "bad"]);
+    let site = Site::new();
+    let _coord = site.coordinator().await;
+    site.submit("good", json!({"ms": 300, "steps": 3})).await;
+    site.submit("bad", json!({"ms": 300, "steps": 3, "fail": true}))
+        .await;
+    let mut watch = Watcher::start(&["watch", "--coordinator", &site.base, "good", "bad"]);
     // No worker yet: both are reported queued, then run once one comes.
     watch.wait_line(&["good", "queued"]);
     watch.wait_line(&["bad", "queued"]);
-    let _w = worker(addr, "w1");
+    let _w = worker(site.addr, "w1");
     let (ok, lines) = watch.wait_exit();
     assert!(!ok, "a failed task makes the watch fail: {lines:?}");
     let has = |parts: &[&str]| lines.iter().any(|l| parts.iter().all(|p| l.contains(p)));
@@ -220,7 +242,7 @@ async fn watch_reports_each_change_and_exits_non_zero_when_a_named_task_failed()
     let mut submit = Watcher::start(&[
         "submit",
         "--coordinator",
-        &base,
+        &site.base,
         "--watch",
         "--id",
         "envcheck",
@@ -248,14 +270,10 @@ async fn watch_reports_each_change_and_exits_non_zero_when_a_named_task_failed()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_keeps_following_through_a_coordinator_killed_and_restarted() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let addr = free_addr();
-    let base = format!("http://{addr}");
-    let coord = coordinator(addr, dir.path());
-    let http = http();
-    wait_ready(&http, &base).await;
-    submit(&http, &base, "across", json!({"ms": 300, "steps": 3})).await;
-    let mut watch = Watcher::start(&["watch", "--coordinator", &base, "across"]);
+    let site = Site::new();
+    let coord = site.coordinator().await;
+    site.submit("across", json!({"ms": 300, "steps": 3})).await;
+    let mut watch = Watcher::start(&["watch", "--coordinator", &site.base, "across"]);
     watch.wait_line(&["across", "queued"]);
     drop(coord); // SIGKILL
     // The watch notices and keeps trying while the coordinator is down.
@@ -266,9 +284,8 @@ async fn watch_keeps_following_through_a_coordinator_killed_and_restarted() {
             .then_some(())
     })
     .await;
-    let _coord = coordinator(addr, dir.path());
-    wait_ready(&http, &base).await;
-    let _w = worker(addr, "w1");
+    let _coord = site.coordinator().await;
+    let _w = worker(site.addr, "w1");
     let (ok, lines) = watch.wait_exit();
     assert!(ok, "{lines:?}; stderr: {}", watch.stderr_text());
     assert!(
@@ -281,10 +298,8 @@ async fn watch_keeps_following_through_a_coordinator_killed_and_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_refuses_an_unknown_task_and_an_unreachable_coordinator_at_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let addr = free_addr();
-    let base = format!("http://{addr}");
-    let mut unreachable = Watcher::start(&["watch", "--coordinator", &base, "x"]);
+    let site = Site::new();
+    let mut unreachable = Watcher::start(&["watch", "--coordinator", &site.base, "x"]);
     let (ok, _) = unreachable.wait_exit();
     assert!(!ok);
     assert!(
@@ -294,10 +309,8 @@ async fn watch_refuses_an_unknown_task_and_an_unreachable_coordinator_at_once() 
         "{}",
         unreachable.stderr_text()
     );
-    let _coord = coordinator(addr, dir.path());
-    let http = http();
-    wait_ready(&http, &base).await;
-    let mut unknown = Watcher::start(&["watch", "--coordinator", &base, "nope"]);
+    let _coord = site.coordinator().await;
+    let mut unknown = Watcher::start(&["watch", "--coordinator", &site.base, "nope"]);
     let (ok, _) = unknown.wait_exit();
     assert!(!ok);
     assert!(
@@ -309,25 +322,19 @@ async fn watch_refuses_an_unknown_task_and_an_unreachable_coordinator_at_once() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoint_asks_a_running_task_for_one_and_task_shows_its_state_and_checkpoints() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let addr = free_addr();
-    let base = format!("http://{addr}");
-    let _coord = coordinator(addr, dir.path());
-    let http = http();
-    wait_ready(&http, &base).await;
+    let site = Site::new();
+    let _coord = site.coordinator().await;
     // No checkpoints of its own (`checkpoint_every` 0): any it has was asked for.
-    submit(
-        &http,
-        &base,
+    site.submit(
         "long",
         json!({"ms": 6000, "steps": 30, "checkpoint_every": 0}),
     )
     .await;
-    let _w = worker(addr, "w1");
+    let _w = worker(site.addr, "w1");
     let run = |args: &[&str]| {
         let out = tether()
             .args(args)
-            .args(["--coordinator", &base])
+            .args(["--coordinator", &site.base])
             .output()
             .expect("run tether");
         (
