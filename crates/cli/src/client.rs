@@ -449,12 +449,16 @@ pub struct TaskArgs {
 
 pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
     let api = Api::new(&a.common)?;
-    let t = api.get(&format!("/api/v1/tasks/{}", a.id)).await?;
-    let results = api.get(&format!("/api/v1/tasks/{}/result", a.id)).await?;
-    let state = api.get(&format!("/api/v1/tasks/{}/state", a.id)).await?;
-    let checkpoints = api
-        .get(&format!("/api/v1/tasks/{}/checkpoints", a.id))
-        .await?;
+    // Four independent reads: sent together, not one after another.
+    let path = format!("/api/v1/tasks/{}", a.id);
+    let [of_result, of_state, of_checkpoints] =
+        ["result", "state", "checkpoints"].map(|sub| format!("{path}/{sub}"));
+    let (t, results, state, checkpoints) = tokio::try_join!(
+        api.get(&path),
+        api.get(&of_result),
+        api.get(&of_state),
+        api.get(&of_checkpoints),
+    )?;
     if a.common.json {
         println!(
             "{}",
