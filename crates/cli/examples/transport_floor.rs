@@ -59,8 +59,7 @@ fn main() -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Runtime::new()?;
     match args.first().map(String::as_str) {
-        Some("serve") => rt.block_on(serve()),
-        Some("serve-tt") => rt.block_on(serve_tt()),
+        Some(mode @ ("serve" | "serve-tt")) => serve_on(mode),
         Some("serve-raw") => rt.block_on(serve_raw()),
         Some("client") => {
             let url = arg(&args, "--url", String::new());
@@ -70,9 +69,67 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve() -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    println!("{}", listener.local_addr()?);
+/// Serves `mode` on the runtime `FLOOR_RT` names: `multi` (tokio's default, a thread per
+/// core), `current` (one thread), or `shards` (a one-thread runtime per core, each accepting
+/// on its own listener of the same port, `SO_REUSEPORT`, the kernel spreading connections).
+fn serve_on(mode: &str) -> anyhow::Result<()> {
+    let rt_kind = std::env::var("FLOOR_RT").unwrap_or_else(|_| "multi".into());
+    let listen = |addr: SocketAddr| -> anyhow::Result<std::net::TcpListener> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        let l = socket.listen(4096)?;
+        Ok(l.into_std()?)
+    };
+    let tt = mode == "serve-tt";
+    let shards = match rt_kind.as_str() {
+        "multi" => 0,
+        "current" => 1,
+        "shards" => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        other => anyhow::bail!("FLOOR_RT: multi, current or shards, not {other}"),
+    };
+    let first = {
+        let _rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let _g = _rt.enter();
+        listen("127.0.0.1:0".parse()?)?
+    };
+    let addr = first.local_addr()?;
+    println!("{addr}");
+    if shards == 0 {
+        let rt = tokio::runtime::Runtime::new()?;
+        return rt.block_on(serve_one(tt, first));
+    }
+    let mut more = Vec::new();
+    for _ in 1..shards {
+        let _rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let _g = _rt.enter();
+        let l = listen(addr)?;
+        more.push(std::thread::spawn(move || shard(tt, l)));
+    }
+    shard(tt, first)
+}
+
+fn shard(tt: bool, l: std::net::TcpListener) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(serve_one(tt, l))
+}
+
+async fn serve_one(tt: bool, l: std::net::TcpListener) -> anyhow::Result<()> {
+    let l = tokio::net::TcpListener::from_std(l)?;
+    if tt {
+        serve_tt(l).await
+    } else {
+        serve(l).await
+    }
+}
+
+async fn serve(listener: tokio::net::TcpListener) -> anyhow::Result<()> {
     let app = axum::Router::new().route(
         "/ws",
         get(|ws: WebSocketUpgrade| async move {
@@ -86,9 +143,7 @@ async fn serve() -> anyhow::Result<()> {
 }
 
 /// The same answers from tokio-tungstenite on the accepted stream, without hyper and axum.
-async fn serve_tt() -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    println!("{}", listener.local_addr()?);
+async fn serve_tt(listener: tokio::net::TcpListener) -> anyhow::Result<()> {
     let cfg = tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(512)
         .write_buffer_size(16 * 1024);

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use anyhow::bail;
+use chrono::{DateTime, SecondsFormat, Utc};
 use clap::Args;
 use futures_util::StreamExt;
 use serde_json::Value;
@@ -18,6 +19,11 @@ use crate::client::{Api, CommonArgs, Refused};
 /// First delay before the stream is opened again; doubled per failure up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How far before the latest change it saw the watch asks, after a gap, for the tasks changed
+/// since: room for the coordinator's clock to have been set back a little meanwhile.
+const CATCH_UP_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
+/// Most tasks the API lists at once.
+const LIST_MAX: usize = 100_000;
 
 #[derive(Args)]
 pub struct WatchArgs {
@@ -130,6 +136,12 @@ struct Watch {
     json: bool,
     workers: bool,
     seen: HashMap<String, Seen>,
+    /// When each task seen last changed, by the coordinator's clock: an older copy (a read that
+    /// crossed an event) is not reported as a change.
+    changed_at: HashMap<String, DateTime<Utc>>,
+    /// The latest change seen, by the coordinator's clock: after a gap, the tasks changed since
+    /// are read from the API.
+    high_water: Option<DateTime<Utc>>,
     /// Named tasks that ended, with their status.
     ended: BTreeMap<String, String>,
     /// Workers' states as last reported.
@@ -145,6 +157,8 @@ impl Watch {
             json,
             workers,
             seen: HashMap::new(),
+            changed_at: HashMap::new(),
+            high_water: None,
             ended: BTreeMap::new(),
             worker_states: HashMap::new(),
             baseline: false,
@@ -210,9 +224,13 @@ impl Watch {
     }
 
     /// After a snapshot: each named task still running is read, so a change made while no
-    /// stream was open is reported now; without names, the snapshot's newest tasks are
-    /// compared with what was reported (the first snapshot only sets the baseline).
+    /// stream was open is reported now; without names, every task changed since the latest
+    /// change seen (all of them if none was) is read and compared with what was reported (the
+    /// first snapshot only sets the baseline).
     async fn catch_up(&mut self, api: &Api, snap: &Value) -> anyhow::Result<()> {
+        // The latest change seen before this snapshot; from the snapshot on, the stream is live.
+        let before = self.high_water;
+        self.high_water = self.high_water.max(time(&snap["at"]));
         match self.ids.clone() {
             Some(ids) => {
                 let open: Vec<String> = ids
@@ -229,13 +247,28 @@ impl Watch {
                     self.on_task(&t);
                 }
             }
-            None => {
-                let first = !std::mem::replace(&mut self.baseline, true);
+            None if !self.baseline => {
+                self.baseline = true;
                 for t in snap["tasks"].as_array().into_iter().flatten() {
-                    if first {
-                        if let Some(id) = t["task_id"].as_str() {
-                            self.seen.insert(id.to_owned(), Seen::of(t));
-                        }
+                    self.know(t);
+                }
+            }
+            None => {
+                // The snapshot holds the newest tasks only; an older one may have changed too.
+                let mut path = format!("/api/v1/tasks?limit={LIST_MAX}");
+                if let Some(t) = before {
+                    let since = (t - CATCH_UP_MARGIN).to_rfc3339_opts(SecondsFormat::Micros, true);
+                    path.push_str(&format!("&updated_since={since}"));
+                }
+                let changed = api.get(&path).await?;
+                for t in changed.as_array().into_iter().flatten() {
+                    let id = t["task_id"].as_str().unwrap_or_default();
+                    // Never seen and last changed before the gap: as it was when the watch
+                    // started (the first snapshot holds the newest tasks only), not a change.
+                    let unchanged = !self.seen.contains_key(id)
+                        && before.is_some_and(|b| time(&t["updated_at"]).is_some_and(|at| at <= b));
+                    if unchanged {
+                        self.know(t);
                     } else {
                         self.on_task(t);
                     }
@@ -258,6 +291,9 @@ impl Watch {
         if self.ids.as_ref().is_some_and(|ids| !ids.contains(id)) {
             return;
         }
+        if !self.note(id, t) {
+            return;
+        }
         let now = Seen::of(t);
         if self.seen.get(id) == Some(&now) {
             return;
@@ -271,6 +307,27 @@ impl Watch {
             self.ended.insert(id.to_owned(), now.status.clone());
         }
         self.seen.insert(id.to_owned(), now);
+    }
+
+    /// Takes `t` as it is for seen, without reporting it.
+    fn know(&mut self, t: &Value) {
+        if let Some(id) = t["task_id"].as_str() {
+            self.note(id, t);
+            self.seen.insert(id.to_owned(), Seen::of(t));
+        }
+    }
+
+    /// Notes when `t` changed; false if a later copy of it was seen already.
+    fn note(&mut self, id: &str, t: &Value) -> bool {
+        let Some(at) = time(&t["updated_at"]) else {
+            return true;
+        };
+        if self.changed_at.get(id).is_some_and(|seen| *seen > at) {
+            return false;
+        }
+        self.changed_at.insert(id.to_owned(), at);
+        self.high_water = self.high_water.max(Some(at));
+        true
     }
 
     fn on_worker(&mut self, w: &Value) {
@@ -315,6 +372,13 @@ impl Watch {
 fn is_refusal(e: &anyhow::Error) -> bool {
     e.downcast_ref::<Refused>()
         .is_some_and(|r| matches!(r.status, 401 | 403 | 404))
+}
+
+/// An RFC 3339 time of the API.
+fn time(v: &Value) -> Option<DateTime<Utc>> {
+    v.as_str()
+        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.with_timezone(&Utc))
 }
 
 fn time_of(v: &Value) -> String {
@@ -481,6 +545,25 @@ mod tests {
         assert!(!is_refusal(&anyhow::anyhow!(
             "cannot reach the coordinator"
         )));
+    }
+
+    #[test]
+    fn an_older_copy_of_a_task_is_not_reported_as_a_change() {
+        let at = |mut t: Value, time: &str| {
+            t["updated_at"] = json!(time);
+            t
+        };
+        let mut w = Watch::new(None, true, false);
+        // A read after a gap returned the task completed; an event from before arrives after.
+        w.on_task(&at(task("a", "completed", 1, None), "2026-12-01T10:31:05Z"));
+        w.on_task(&at(
+            task("a", "running", 1, Some("w1")),
+            "2026-12-01T10:31:04Z",
+        ));
+        assert_eq!(w.seen["a"].status, "completed");
+        w.on_task(&at(task("b", "queued", 0, None), "2026-12-01T10:31:03Z"));
+        let latest = DateTime::parse_from_rfc3339("2026-12-01T10:31:05Z").expect("time");
+        assert_eq!(w.high_water, Some(latest.with_timezone(&Utc)));
     }
 
     #[test]

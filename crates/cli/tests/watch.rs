@@ -297,6 +297,75 @@ async fn watch_keeps_following_through_a_coordinator_killed_and_restarted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_of_every_task_reports_a_change_made_while_its_stream_was_cut_to_any_task() {
+    let site = Site::new();
+    let _coord = site.coordinator().await;
+    site.submit("old", json!({"ms": 60_000})).await;
+    // More newer tasks than the stream's snapshot holds: "old" is not in it.
+    let filler: Vec<_> = (0..520)
+        .map(|i| json!({ "task_id": format!("filler-{i}"), "kind": "sleep", "config": {} }))
+        .collect();
+    let r = site
+        .http
+        .post(format!("{}/api/v1/tasks", site.base))
+        .json(&json!({ "tasks": filler }))
+        .send()
+        .await
+        .expect("submit");
+    assert!(r.status().is_success(), "{}", r.status());
+    let proxy = tether_faultproxy::Proxy::start(tether_faultproxy::ProxyConfig {
+        name: "watch".into(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        upstream: site.addr,
+        seed: 1,
+    })
+    .await
+    .expect("proxy");
+    let through = format!("http://{}", proxy.listen_addr());
+    let mut watch = Watcher::start(&["watch", "--coordinator", &through]);
+    // The first snapshot is the baseline, reported as nothing; a task submitted after it shows
+    // the stream is live.
+    let mut live = None;
+    for i in 0..200 {
+        site.submit(&format!("live-{i}"), json!({})).await;
+        if let Ok(l) = watch.lines.recv_timeout(Duration::from_millis(300)) {
+            watch.seen.push(l);
+            live = Some(format!("live-{i} "));
+            break;
+        }
+    }
+    let live = live.expect("the watch reports a task submitted after its start");
+    watch.wait_line(&[&live, "queued"]);
+    proxy.down().await;
+    tether_testkit::wait_for("the watch to lose its stream", LONG, || async {
+        watch
+            .stderr_text()
+            .contains("opening the event stream again")
+            .then_some(())
+    })
+    .await;
+    let r = site
+        .http
+        .post(format!("{}/api/v1/tasks/old/cancel", site.base))
+        .send()
+        .await
+        .expect("cancel");
+    assert!(r.status().is_success(), "{}", r.status());
+    proxy.up().await.expect("proxy up");
+    watch.wait_line(&["old", "cancelled"]);
+    // And nothing already reported is reported again.
+    site.submit("after", json!({})).await;
+    watch.wait_line(&["after", "queued"]);
+    let repeats = watch.seen.iter().filter(|l| l.contains(&live)).count();
+    assert_eq!(repeats, 1, "{:?}", watch.seen);
+    assert!(
+        !watch.seen.iter().any(|l| l.contains("filler")),
+        "{:?}",
+        watch.seen
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_refuses_an_unknown_task_and_an_unreachable_coordinator_at_once() {
     let site = Site::new();
     let mut unreachable = Watcher::start(&["watch", "--coordinator", &site.base, "x"]);

@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! POST /api/v1/tasks                      submit one spec or {"tasks": [specs]}
-//! GET  /api/v1/tasks?status=&limit=&order=  list (order: oldest, the default, or newest)
+//! GET  /api/v1/tasks?status=&limit=&order=&updated_since=
+//!                                         list (order: oldest, the default, or newest;
+//!                                         updated_since: changed at or after an RFC 3339 time)
 //! GET  /api/v1/tasks/{id}                 one task with its attempts
 //! GET  /api/v1/tasks/{id}/result          recorded results (counted first, stale after)
 //! GET  /api/v1/tasks/{id}/state           latest state
@@ -24,6 +26,7 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tether_proto::{CheckpointId, TaskId, TaskSpec, TaskStatus, WorkerId};
 use tokio::sync::oneshot;
@@ -131,6 +134,7 @@ pub struct ListQuery {
     status: Option<String>,
     limit: Option<usize>,
     order: Option<String>,
+    updated_since: Option<String>,
 }
 
 #[utoipa::path(
@@ -141,10 +145,11 @@ pub struct ListQuery {
         ("status" = Option<String>, Query, description = "queued, running, paused, completed, failed, cancelled or timed_out"),
         ("limit" = Option<usize>, Query, description = "at most this many (default 1000)"),
         ("order" = Option<String>, Query, description = "`oldest` (default): the oldest first; `newest`: the newest first"),
+        ("updated_since" = Option<String>, Query, description = "only tasks changed at or after this RFC 3339 time (`updated_at`), e.g. 2026-12-01T12:00:00Z"),
     ),
     responses(
         (status = 200, description = "Tasks in submission order (or the reverse)", body = Vec<crate::model::Task>),
-        (status = 422, description = "Unknown status or order", body = ErrorBody),
+        (status = 422, description = "Unknown status or order, or a time that is not RFC 3339", body = ErrorBody),
     )
 )]
 pub async fn list_tasks(
@@ -173,16 +178,32 @@ pub async fn list_tasks(
                 .into_response();
         }
     };
+    let updated_since = match q.updated_since.as_deref().map(parse_time).transpose() {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
     let limit = q.limit.unwrap_or(1000).min(100_000);
     json(
         ask(&app, |reply| Api::ListTasks {
             status,
             limit,
             newest_first,
+            updated_since,
             reply,
         })
         .await,
     )
+}
+
+/// An RFC 3339 time of a query.
+fn parse_time(s: &str) -> Result<DateTime<Utc>, ApiError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| {
+            ApiError::Invalid(format!(
+                "{s:?} is not an RFC 3339 time ({e}); e.g. 2026-12-01T12:00:00Z (a `+` offset must be sent as %2B)"
+            ))
+        })
 }
 
 #[utoipa::path(

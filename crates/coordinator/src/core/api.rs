@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tether_proto::msg::{CheckpointRequest, CoordMsg, TaskControl, now};
 use tether_proto::{CheckpointId, TaskId, TaskSpec, TaskStatus, WorkerId};
@@ -72,6 +73,8 @@ pub enum Api {
         limit: usize,
         /// The newest `limit` tasks, newest first, instead of the oldest, oldest first.
         newest_first: bool,
+        /// Only tasks changed at or after this time (their `updated_at`).
+        updated_since: Option<DateTime<Utc>>,
         reply: Reply<Vec<Task>>,
     },
     ListWorkers {
@@ -128,12 +131,14 @@ impl Core {
                 status,
                 limit,
                 newest_first,
+                updated_since,
                 reply,
             } => {
                 let mut v: Vec<&Task> = self
                     .tasks
                     .values()
                     .filter(|t| status.is_none_or(|s| t.status == s))
+                    .filter(|t| updated_since.is_none_or(|since| t.updated_at >= since))
                     .collect();
                 if newest_first {
                     v.sort_by_key(|t| std::cmp::Reverse(t.submit_seq));

@@ -98,18 +98,23 @@ impl Feed {
 
     async fn snapshot(&self) -> Result<Event, ApiError> {
         let app = &self.app;
+        // Read before the core is asked: a change at or before it is in the snapshot or, made
+        // since the subscription, in an event after it.
+        let at = tether_proto::msg::now();
         let overview = ask(app, |reply| Api::Overview { reply }).await?;
         let workers = ask(app, |reply| Api::ListWorkers { reply }).await?;
         let newest = ask(app, |reply| Api::ListTasks {
             status: None,
             limit: SNAPSHOT_TASKS,
             newest_first: true,
+            updated_since: None,
             reply,
         })
         .await?;
         Ok(json_event(
             "snapshot",
             &serde_json::json!({
+                "at": at,
                 "overview": overview,
                 "workers": workers,
                 "tasks": newest,

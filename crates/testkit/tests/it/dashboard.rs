@@ -410,6 +410,62 @@ async fn the_event_stream_starts_with_a_snapshot_follows_changes_and_ends_with_t
 }
 
 #[tokio::test]
+async fn tasks_can_be_listed_by_when_they_last_changed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let client = c.client();
+    let first = client.submit(&[sleep_task(10, 1, 0)]).await.remove(0);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let later = client
+        .submit(&[sleep_task(10, 1, 0), sleep_task(10, 1, 0)])
+        .await;
+    let since = client.task(&later[0]).await["updated_at"]
+        .as_str()
+        .expect("updated_at")
+        .to_owned();
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .expect("a list")
+            .iter()
+            .filter_map(|t| t["task_id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let (status, changed) = client
+        .get(&format!("/api/v1/tasks?updated_since={since}"))
+        .await;
+    assert_eq!(status, 200, "{changed}");
+    assert_eq!(ids(&changed), [later[0].to_string(), later[1].to_string()]);
+    // A change moves an older task into the window: cancelled now, it was updated now.
+    let (status, _) = client.control(&first, "cancel").await;
+    assert_eq!(status, 200);
+    let (_, changed) = client
+        .get(&format!("/api/v1/tasks?updated_since={since}&order=newest"))
+        .await;
+    assert_eq!(
+        ids(&changed),
+        [
+            later[1].to_string(),
+            later[0].to_string(),
+            first.to_string()
+        ]
+    );
+    let (_, none) = client
+        .get("/api/v1/tasks?updated_since=2999-01-01T00:00:00Z")
+        .await;
+    assert_eq!(ids(&none), Vec::<String>::new());
+    let (status, e) = client.get("/api/v1/tasks?updated_since=yesterday").await;
+    assert_eq!(status, 422, "{e}");
+    assert_eq!(e["error"]["code"], "invalid");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("RFC 3339")),
+        "{e}"
+    );
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn tasks_can_be_listed_newest_first() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
