@@ -31,6 +31,11 @@ pub struct CoordinatorArgs {
     /// Silence after which a session is closed.
     #[arg(long, value_parser = parse_duration_arg)]
     heartbeat_timeout: Option<Duration>,
+    /// Heartbeats a second the whole fleet may send (default 1000; 0: no limit). A fleet
+    /// larger than the budget times the interval is told a longer interval, and the timeout
+    /// grows in proportion (10,000 workers: every 10 s, closed after 30 s of silence).
+    #[arg(long, env = "TETHER_HEARTBEAT_BUDGET")]
+    heartbeat_budget: Option<u32>,
     /// Time a disconnected worker keeps its tasks before they move elsewhere.
     #[arg(long, value_parser = parse_duration_arg)]
     lost_after: Option<Duration>,
@@ -148,6 +153,9 @@ fn coordinator_config(
         settings::pick_duration(a.heartbeat_timeout, file.heartbeat_timeout.as_deref())?
     {
         cfg.heartbeat_timeout = d;
+    }
+    if let Some(n) = a.heartbeat_budget.or(file.heartbeat_budget) {
+        cfg.heartbeat_budget = n;
     }
     if let Some(d) = settings::pick_duration(a.lost_after, file.lost_after.as_deref())? {
         cfg.lost_after = d;

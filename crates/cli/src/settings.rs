@@ -24,6 +24,7 @@ pub struct CoordinatorFile {
     pub data_dir: Option<PathBuf>,
     pub heartbeat_interval: Option<String>,
     pub heartbeat_timeout: Option<String>,
+    pub heartbeat_budget: Option<u32>,
     pub lost_after: Option<String>,
     pub max_frame: Option<usize>,
     pub checkpoints_kept: Option<usize>,

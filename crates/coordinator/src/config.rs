@@ -9,6 +9,10 @@ use crate::auth::{ApiTokens, WorkerAuth};
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// Default silence after which a session is closed (the worker is then disconnected).
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default heartbeat budget: the fleet's heartbeats a second the coordinator plans for. Up to
+/// 5,000 workers beat at the configured interval; a larger fleet is told a longer one (10 s at
+/// 10,000 workers), as HashiCorp Nomad sizes its clients' heartbeat TTL to its fleet.
+pub const DEFAULT_HEARTBEAT_BUDGET: u32 = 1_000;
 /// Default time a disconnected worker keeps its leases.
 pub const DEFAULT_LOST_AFTER: Duration = Duration::from_secs(60);
 /// Default sweeper period.
@@ -76,6 +80,9 @@ pub struct CoordinatorConfig {
     pub data_dir: PathBuf,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
+    /// Heartbeats a second the whole fleet may send (0: no limit): past `budget × interval`
+    /// workers, sessions are told a longer interval, and the timeout grows in proportion.
+    pub heartbeat_budget: u32,
     pub lost_after: Duration,
     pub sweep_interval: Duration,
     pub max_frame: usize,
@@ -105,12 +112,45 @@ pub struct CoordinatorConfig {
     pub durability: crate::store::Durability,
 }
 
+/// A session's heartbeat cadence: how often its worker beats, and the silence after which the
+/// session is closed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Beat {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
 impl CoordinatorConfig {
+    /// The cadence for a fleet of `sessions`: the configured one, or, when that fleet would beat
+    /// more often than the heartbeat budget allows, an interval that keeps it within the budget
+    /// (in whole milliseconds) and a timeout stretched in proportion.
+    pub fn beat(&self, sessions: u64) -> Beat {
+        let configured = Beat {
+            interval: self.heartbeat_interval,
+            timeout: self.heartbeat_timeout,
+        };
+        if self.heartbeat_budget == 0 {
+            return configured;
+        }
+        let needed_ms = sessions.saturating_mul(1000) / u64::from(self.heartbeat_budget);
+        let needed = Duration::from_millis(needed_ms);
+        if needed <= self.heartbeat_interval {
+            return configured;
+        }
+        let stretch = needed.as_secs_f64() / self.heartbeat_interval.as_secs_f64().max(1e-3);
+        Beat {
+            interval: needed,
+            timeout: Duration::from_millis(
+                (self.heartbeat_timeout.as_secs_f64() * stretch * 1e3).round() as u64,
+            ),
+        }
+    }
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            heartbeat_budget: DEFAULT_HEARTBEAT_BUDGET,
             lost_after: DEFAULT_LOST_AFTER,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
             max_frame: tether_proto::codec::DEFAULT_MAX_FRAME,
@@ -139,5 +179,41 @@ impl CoordinatorConfig {
             max_messages: tether_proto::codec::MAX_BATCH_MESSAGES,
             max_bytes: tether_proto::codec::MAX_BATCH_BYTES.min(self.max_frame as u64 / 2),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fleet_past_the_heartbeat_budget_is_told_a_longer_interval_and_timeout_in_proportion() {
+        let cfg = CoordinatorConfig::new("/unused");
+        let configured = Beat {
+            interval: DEFAULT_HEARTBEAT_INTERVAL,
+            timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+        };
+        assert_eq!(cfg.beat(0), configured);
+        assert_eq!(cfg.beat(5_000), configured, "5,000 × 1/5 s is the budget");
+        let s = Duration::from_secs;
+        assert_eq!(
+            cfg.beat(10_000),
+            Beat {
+                interval: s(10),
+                timeout: s(30)
+            }
+        );
+        assert_eq!(
+            cfg.beat(7_500),
+            Beat {
+                interval: Duration::from_millis(7_500),
+                timeout: Duration::from_millis(22_500)
+            }
+        );
+        let unlimited = CoordinatorConfig {
+            heartbeat_budget: 0,
+            ..cfg
+        };
+        assert_eq!(unlimited.beat(1_000_000), configured);
     }
 }

@@ -34,6 +34,7 @@ use tokio::time::{Instant, timeout_at};
 
 use crate::admission::Bucket;
 use crate::auth::WorkerAuth;
+use crate::config::Beat;
 use crate::core::{Counters, Event, Outgoing, SessionRef};
 use crate::metrics as m;
 use crate::server::AppState;
@@ -132,6 +133,8 @@ struct Inbound {
     zstd: bool,
     /// Batch frames.
     batch: bool,
+    /// The heartbeat cadence the worker was told last (in the welcome or a heartbeat reply).
+    beat: Beat,
 }
 
 impl Inbound {
@@ -139,7 +142,26 @@ impl Inbound {
         self.zstd = app.cfg.compression && r.compression.iter().any(|c| c == ZSTD);
         self.batch = app.cfg.batching && r.batching;
     }
+
+    /// The cadence to tell the worker in the reply to a heartbeat, if the fleet has grown or
+    /// shrunk enough since it was last told (by a quarter of the interval, so that a fleet
+    /// changing by a few workers does not retune every session); from then on it is this
+    /// session's.
+    fn retune(&mut self, app: &AppState) -> Option<Beat> {
+        let now = app
+            .cfg
+            .beat(app.counters.sessions_open.load(Ordering::Relaxed));
+        let (told, new) = (self.beat.interval.as_secs_f64(), now.interval.as_secs_f64());
+        let moved = new > told * RETUNE_RATIO || new * RETUNE_RATIO < told;
+        moved.then(|| {
+            self.beat = now;
+            now
+        })
+    }
 }
+
+/// How far the fleet's cadence must move from a session's before the session is retuned.
+const RETUNE_RATIO: f64 = 1.25;
 
 /// What the session sends to its worker, as agreed by the `registration_ack`.
 #[derive(Debug, Default, Clone, Copy)]
@@ -159,6 +181,9 @@ async fn handshake(
     stream: &mut SplitStream<WebSocket>,
 ) -> Option<Opened> {
     let timeout = app.cfg.heartbeat_timeout;
+    // The welcome tells the configured cadence (a worker beats at it, or at its own when
+    // shorter); a fleet over the heartbeat budget retunes it in the first heartbeat's reply.
+    let beat = app.cfg.beat(0);
     let nonce = app
         .cfg
         .auth
@@ -174,8 +199,8 @@ async fn handshake(
         worker_id: worker.clone(),
         protocol_version: PROTOCOL_VERSION,
         session_id,
-        heartbeat_interval_ms: app.cfg.heartbeat_interval.as_millis() as u64,
-        heartbeat_timeout_ms: timeout.as_millis() as u64,
+        heartbeat_interval_ms: beat.interval.as_millis() as u64,
+        heartbeat_timeout_ms: beat.timeout.as_millis() as u64,
         nonce: nonce.clone(),
         integrity,
         timestamp: now(),
@@ -223,7 +248,10 @@ async fn handshake(
     {
         return None;
     }
-    let mut agreed = Inbound::default();
+    let mut agreed = Inbound {
+        beat,
+        ..Inbound::default()
+    };
     if let Some(r) = registration {
         agreed.agree(app, &r);
         let _ = app
@@ -245,7 +273,6 @@ async fn run(
     mut stream: SplitStream<WebSocket>,
 ) {
     let session_id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
-    let timeout = app.cfg.heartbeat_timeout;
     // Boxed: the handshake runs once, and its state should not size every idle session.
     let Some(Opened {
         mut rx,
@@ -259,7 +286,8 @@ async fn run(
     let mut known = KnownIds::default();
     tracing::debug!(worker = %worker, session = session_id, "session open");
     metrics::counter!(m::CONNECTIONS).increment(1);
-    let mut deadline = Instant::now() + timeout;
+    app.counters.sessions_open.fetch_add(1, Ordering::Relaxed);
+    let mut deadline = Instant::now() + agreed.beat.timeout;
     let limits = &app.cfg.limits;
     let mut rate = Bucket::new(limits.messages_per_sec, limits.message_burst);
     let mut told_rate: Option<Instant> = None;
@@ -276,6 +304,7 @@ async fn run(
                     continue;
                 }
                 // The last frame arrived `timeout` before the deadline.
+                let timeout = agreed.beat.timeout;
                 m::observe(m::DEAD_DETECT, Instant::now() + timeout - deadline);
                 break ("timeout", format!("no frame for {} ms", timeout.as_millis()));
             }
@@ -311,14 +340,14 @@ async fn run(
                             None,
                             None,
                         );
-                        if !out.send_rare(Instant::now() + timeout, e).await {
+                        if !out.send_rare(Instant::now() + agreed.beat.timeout, e).await {
                             break ("error", "write failed".into());
                         }
                     }
                     tokio::time::sleep_until(rate.next_token_at()).await;
                     rate.take(Instant::now());
                 }
-                deadline = Instant::now() + timeout;
+                deadline = Instant::now() + agreed.beat.timeout;
                 let frame = match unseal(open.as_deref_mut(), &frame) {
                     Ok(f) => f,
                     Err(e) => {
@@ -342,7 +371,7 @@ async fn run(
                 if matches!(frame, Data::Text(_) | Data::Binary(_)) {
                     app.counters.frames_in.fetch_add(1, Ordering::Relaxed);
                 }
-                let Handled { replies, wait, messages } = match frame {
+                let handled = match frame {
                     Data::Text(t) => on_text(&app, &worker, session_id, t, &mut agreed, &known),
                     Data::Binary(b) if agreed.zstd => match inflate(b, app.cfg.max_frame) {
                         Ok(t) => {
@@ -372,6 +401,9 @@ async fn run(
                     Data::Close => break ("closed", "closed by worker".into()),
                     Data::Control => Handled::default(),
                 };
+                // A heartbeat's reply may have retuned the session's cadence.
+                deadline = Instant::now() + agreed.beat.timeout;
+                let Handled { replies, wait, messages } = handled;
                 // A batch counts against the message rate by its messages: what it saves is
                 // per frame, not a licence to send more.
                 rate.charge(messages.saturating_sub(1));
@@ -407,6 +439,7 @@ async fn run(
             },
         }
     };
+    app.counters.sessions_open.fetch_sub(1, Ordering::Relaxed);
     tracing::info!(worker = %worker, session = session_id, %reason, "session ended");
     metrics::counter!(m::SESSIONS_ENDED, "reason" => kind).increment(1);
     if let Some(wait) = forward(&app, Event::Disconnected { worker, session_id }) {
@@ -617,7 +650,14 @@ fn on_message(
         m::MESSAGES_IN_BY_TYPE.increment(msg.type_name());
     }
     match decoded {
-        Ok(WorkerMsg::Heartbeat(h)) => Some(heartbeat_reply(h.sequence)),
+        Ok(WorkerMsg::Heartbeat(h)) => {
+            let mut reply = HeartbeatReply::answering(h.sequence);
+            if let Some(beat) = agreed.retune(app) {
+                reply.heartbeat_interval_ms = Some(beat.interval.as_millis() as u64);
+                reply.heartbeat_timeout_ms = Some(beat.timeout.as_millis() as u64);
+            }
+            Some(CoordMsg::Heartbeat(reply))
+        }
         Ok(WorkerMsg::Registration(_)) if app.cfg.auth.is_some() => {
             app.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(worker = %worker, session = session_id, "second registration on an authenticated session refused");
@@ -637,14 +677,6 @@ fn on_message(
         }
         Err(e) => Some(decode_error(app, worker, &e)),
     }
-}
-
-fn heartbeat_reply(sequence: u64) -> CoordMsg {
-    CoordMsg::Heartbeat(HeartbeatReply {
-        response_to: Some(sequence),
-        actions: Vec::new(),
-        timestamp: now(),
-    })
 }
 
 /// The structured reply to an undecodable frame, counted.
@@ -716,7 +748,9 @@ impl Conn<'_> {
                             }
                         };
                     }
-                    Ok(WorkerMsg::Heartbeat(h)) => heartbeat_reply(h.sequence),
+                    Ok(WorkerMsg::Heartbeat(h)) => {
+                        CoordMsg::Heartbeat(HeartbeatReply::answering(h.sequence))
+                    }
                     Ok(other) => CoordMsg::error(
                         ErrorCode::Unexpected,
                         "authenticate first: send a signed registration",

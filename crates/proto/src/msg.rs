@@ -482,8 +482,28 @@ pub struct HeartbeatReply {
     pub response_to: Option<u64>,
     #[serde(default)]
     pub actions: Vec<HeartbeatAction>,
+    /// The session's heartbeat interval from now on, when the coordinator changed it (it
+    /// stretches its interval as its fleet grows, to keep within its heartbeat budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// The silence after which the coordinator closes the session, with that interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_timeout_ms: Option<u64>,
     #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
+}
+
+impl HeartbeatReply {
+    /// The plain answer to heartbeat `sequence`: no actions, the interval unchanged.
+    pub fn answering(sequence: u64) -> Self {
+        Self {
+            response_to: Some(sequence),
+            actions: Vec::new(),
+            heartbeat_interval_ms: None,
+            heartbeat_timeout_ms: None,
+            timestamp: now(),
+        }
+    }
 }
 
 /// Actions a heartbeat reply may carry (the original's vocabulary).

@@ -176,6 +176,8 @@ pub fn coord_messages() -> Vec<CoordMsg> {
         CoordMsg::Heartbeat(HeartbeatReply {
             response_to: Some(3),
             actions: vec![HeartbeatAction::SyncState],
+            heartbeat_interval_ms: Some(10_000),
+            heartbeat_timeout_ms: Some(30_000),
             timestamp: ts,
         }),
         CoordMsg::TaskAssignment(TaskAssignment {

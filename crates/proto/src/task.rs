@@ -240,6 +240,10 @@ pub struct ConnStats {
     pub reconnect_max_ms: f64,
     /// Current adaptive values.
     pub heartbeat_timeout_ms: u64,
+    /// The session's heartbeat interval (the coordinator's when it asked for a longer one to
+    /// keep its fleet within its heartbeat budget).
+    #[serde(default)]
+    pub heartbeat_interval_ms: u64,
     pub backoff_factor: f64,
     pub next_backoff_ms: u64,
 }

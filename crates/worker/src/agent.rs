@@ -81,6 +81,8 @@ pub struct AgentShared {
     pub mac_failures: AtomicU64,
     /// Current adaptive heartbeat timeout, ms.
     pub heartbeat_timeout_ms: AtomicU64,
+    /// Current heartbeat interval, ms.
+    pub heartbeat_interval_ms: AtomicU64,
     /// Current backoff factor x 1000.
     pub backoff_factor_milli: AtomicU64,
     /// Next backoff delay before jitter, ms.
@@ -138,6 +140,7 @@ impl AgentHandle {
     pub fn stats(&self) -> ConnStats {
         let mut s = self.shared.stats().snapshot();
         s.heartbeat_timeout_ms = self.shared.heartbeat_timeout_ms.load(Ordering::Relaxed);
+        s.heartbeat_interval_ms = self.shared.heartbeat_interval_ms.load(Ordering::Relaxed);
         s.backoff_factor = self.shared.backoff_factor_milli.load(Ordering::Relaxed) as f64 / 1000.0;
         s.next_backoff_ms = self.shared.next_backoff_ms.load(Ordering::Relaxed);
         s
@@ -272,6 +275,7 @@ impl Agent {
             bad_frames: AtomicU64::new(0),
             mac_failures: AtomicU64::new(0),
             heartbeat_timeout_ms: AtomicU64::new(cfg.heartbeat_timeout.as_millis() as u64),
+            heartbeat_interval_ms: AtomicU64::new(cfg.heartbeat_interval.as_millis() as u64),
             backoff_factor_milli: AtomicU64::new((cfg.backoff.factor * 1000.0) as u64),
             next_backoff_ms: AtomicU64::new(cfg.backoff.initial.as_millis() as u64),
             backoff_delay_us: AtomicU64::new(0),

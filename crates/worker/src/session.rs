@@ -102,6 +102,9 @@ fn pings_needed(heartbeat_every: Duration, ping_every: Duration) -> bool {
     heartbeat_every > ping_every
 }
 
+/// The longest heartbeat interval a coordinator's budget can ask of a worker.
+const MAX_FOLLOWED_INTERVAL: Duration = Duration::from_secs(60);
+
 /// The period of a duty that is not done: it comes due only in a session that lives a year.
 const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -161,6 +164,20 @@ impl Duties {
         )
     }
 
+    /// New periods from `now` on: a duty whose period changed keeps the share of its current
+    /// period still to run (a heartbeat half-way through a 5 s period is due 5 s later if the
+    /// period became 10 s).
+    fn retune(&mut self, now: Instant, every: [Duration; 4]) {
+        let every = every.map(|e| e.max(Duration::from_millis(1)));
+        for ((next, old), new) in self.next.iter_mut().zip(&mut self.every).zip(every) {
+            if new != *old {
+                let left = next.saturating_duration_since(now).as_secs_f64() / old.as_secs_f64();
+                *next = now + new.mul_f64(left.clamp(0.0, 1.0));
+                *old = new;
+            }
+        }
+    }
+
     /// When the first duty is due.
     fn next(&self) -> Instant {
         self.next.into_iter().fold(self.next[0], Instant::min)
@@ -218,8 +235,14 @@ pub(crate) struct Session<'a> {
     batching: Option<Batching>,
     /// Outbox entries sent in this session and not acknowledged yet.
     window: Window,
-    /// The heartbeat period of this session: this worker's, or the coordinator's when shorter.
+    /// The heartbeat period of this session: this worker's, or the coordinator's when shorter
+    /// or when it asked for a longer one to keep its fleet within its heartbeat budget.
     heartbeat_every: Duration,
+    /// The coordinator's interval of its welcome: one asked later beyond it is a budget's.
+    coordinator_every: Duration,
+    /// The coordinator's timeout while it asks for a budget's interval: the session is not
+    /// declared dead sooner than the coordinator would close it.
+    timeout_floor: Duration,
     /// Tags the frames sent, once the session is keyed (the welcome asked for integrity).
     seal: Option<Box<Sealer>>,
     /// Verifies the frames received, once keyed.
@@ -243,6 +266,8 @@ impl<'a> Session<'a> {
             batching: None,
             window: Window::default(),
             heartbeat_every,
+            coordinator_every: Duration::ZERO,
+            timeout_floor: Duration::ZERO,
             seal: None,
             open: None,
         }
@@ -519,10 +544,15 @@ impl<'a> Session<'a> {
         // The coordinator closes a session silent for its own timeout, which it sized for
         // its heartbeat interval: never beat slower than it asks.
         let asked = Duration::from_millis(welcome.heartbeat_interval_ms);
+        self.coordinator_every = asked;
         if !asked.is_zero() && asked < self.heartbeat_every {
             tracing::info!(worker = %self.worker(), ours_ms = self.heartbeat_every.as_millis() as u64, coordinator_ms = welcome.heartbeat_interval_ms, "using the coordinator's shorter heartbeat interval");
             self.heartbeat_every = asked;
         }
+        self.agent
+            .shared
+            .heartbeat_interval_ms
+            .store(self.heartbeat_every.as_millis() as u64, Ordering::Relaxed);
         // 2. registration with the inventory, signed over the nonce when one was given
         let a = &*self.agent;
         let timestamp = now();
@@ -740,27 +770,35 @@ impl<'a> Session<'a> {
                 _ = std::future::ready(()), if more => Ev::Wake,
             };
             match ev {
-                Ev::Frame(f) => match self.on_frame(f).await {
-                    Inbound::Msg(m) => {
-                        if let Err(reason) = self.handle(m).await {
-                            return Ok(reason);
-                        }
-                    }
-                    Inbound::Msgs(msgs) => {
-                        for m in msgs {
+                Ev::Frame(f) => {
+                    match self.on_frame(f).await {
+                        Inbound::Msg(m) => {
                             if let Err(reason) = self.handle(m).await {
                                 return Ok(reason);
                             }
                         }
+                        Inbound::Msgs(msgs) => {
+                            for m in msgs {
+                                if let Err(reason) = self.handle(m).await {
+                                    return Ok(reason);
+                                }
+                            }
+                        }
+                        Inbound::Other => {}
+                        Inbound::Closed(reason, code) => {
+                            return match Self::closed_end(reason, code) {
+                                SessionEnd::NotRegistered(r) => Ok(r),
+                                end => Err(end),
+                            };
+                        }
                     }
-                    Inbound::Other => {}
-                    Inbound::Closed(reason, code) => {
-                        return match Self::closed_end(reason, code) {
-                            SessionEnd::NotRegistered(r) => Ok(r),
-                            end => Err(end),
-                        };
+                    // A heartbeat reply may have retuned the cadence.
+                    if duties.every[0] != self.heartbeat_every.max(Duration::from_millis(1)) {
+                        duties.retune(Instant::now(), periods(self.heartbeat_every, &cfg));
+                        armed = duties.next().min(self.deadline);
+                        timer.as_mut().reset(armed);
                     }
-                },
+                }
                 Ev::Timer => {
                     if Instant::now() >= self.deadline {
                         return Ok(self.dead_reason());
@@ -910,6 +948,37 @@ impl<'a> Session<'a> {
             });
     }
 
+    /// The coordinator asked for a new interval (its fleet grew or shrank). Beyond its
+    /// welcome's it is a budget's, followed as asked (up to [`MAX_FOLLOWED_INTERVAL`]), with its
+    /// timeout as this session's least; otherwise, as in the welcome, this worker's own
+    /// interval when that is shorter.
+    fn retune(&mut self, interval_ms: u64, timeout_ms: Option<u64>) {
+        let asked = Duration::from_millis(interval_ms).min(MAX_FOLLOWED_INTERVAL);
+        if asked.is_zero() {
+            return;
+        }
+        let budget = asked > self.coordinator_every;
+        let every = if budget {
+            asked
+        } else {
+            asked.min(self.agent.cfg.heartbeat_interval)
+        };
+        self.timeout_floor = match (budget, timeout_ms) {
+            (true, Some(ms)) => Duration::from_millis(ms),
+            _ => Duration::ZERO,
+        };
+        if every != self.heartbeat_every {
+            tracing::info!(worker = %self.worker(), from_ms = self.heartbeat_every.as_millis() as u64, to_ms = every.as_millis() as u64, "heartbeat interval retuned by the coordinator");
+        }
+        self.heartbeat_every = every;
+        self.agent
+            .shared
+            .heartbeat_interval_ms
+            .store(every.as_millis() as u64, Ordering::Relaxed);
+        let p95 = self.agent.shared.stats().rtt_percentile(95.0);
+        self.retime(p95);
+    }
+
     fn on_rtt(&mut self, response_to: Option<u64>) {
         let Some(seq) = response_to else { return };
         let Some(pos) = self.pending_heartbeats.iter().position(|(s, _)| *s == seq) else {
@@ -926,13 +995,20 @@ impl<'a> Session<'a> {
             s.on_rtt(rtt);
             s.rtt_percentile(95.0)
         };
+        self.retime(p95);
+    }
+
+    /// The session's timeout for the recent p95 RTT (ms), its interval and the coordinator's
+    /// floor.
+    fn retime(&mut self, p95: Option<f64>) {
         let cfg = &self.agent.cfg;
         self.timeout = adaptive::heartbeat_timeout(
             &cfg.adaptive,
             cfg.heartbeat_timeout,
-            cfg.heartbeat_interval,
+            self.heartbeat_every,
             p95.map(|ms| Duration::from_secs_f64(ms / 1e3)),
-        );
+        )
+        .max(self.timeout_floor);
         // The new timeout counts from the last frame, this one: a shorter one brings the
         // deadline forward at once, a longer one puts it back.
         self.deadline = self.last_frame + self.timeout;
@@ -1016,6 +1092,9 @@ impl<'a> Session<'a> {
         let outbox = self.agent.outbox.clone();
         match msg {
             CoordMsg::Heartbeat(h) => {
+                if let Some(ms) = h.heartbeat_interval_ms {
+                    self.retune(ms, h.heartbeat_timeout_ms);
+                }
                 self.on_rtt(h.response_to);
                 for action in h.actions {
                     match action {
@@ -1197,6 +1276,30 @@ mod tests {
             [Duty::Heartbeat]
         );
         assert_eq!(d.next(), start + ms(170));
+    }
+
+    #[test]
+    fn a_retuned_duty_keeps_the_share_of_its_period_still_to_run() {
+        let ms = Duration::from_millis;
+        let start = Instant::now();
+        let mut d = Duties::new(start, [ms(100), ms(1000), ms(400), ms(1000)], [1.0; 4]);
+        // Half-way through the heartbeat's period, it doubles: due a whole old period later.
+        let now = start + ms(50);
+        d.retune(now, [ms(200), ms(1000), ms(400), ms(1000)]);
+        assert_eq!(d.next[0], now + ms(100));
+        assert_eq!(d.every[0], ms(200));
+        assert_eq!(
+            d.next[2],
+            start + ms(400),
+            "an unchanged duty keeps its time"
+        );
+        // Then it keeps the new period.
+        let due: Vec<Duty> = d.take_due(now + ms(100)).collect();
+        assert_eq!(due, [Duty::Heartbeat]);
+        assert_eq!(d.next[0], now + ms(300));
+        // Overdue when shortened: due now.
+        d.retune(now + ms(400), [ms(50), ms(1000), ms(400), ms(1000)]);
+        assert_eq!(d.next[0], now + ms(400));
     }
 
     #[test]

@@ -173,6 +173,8 @@ pub struct Counters {
     pub mac_sessions: AtomicU64,
     /// Worker frames dropped because their integrity tag did not verify.
     pub mac_failures: AtomicU64,
+    /// Sessions open now (past their welcome): the fleet the heartbeat budget is shared by.
+    pub sessions_open: AtomicU64,
 }
 
 impl Counters {

@@ -2,6 +2,7 @@
 
 mod batching;
 mod browser;
+mod budget;
 mod dashboard;
 mod faults;
 mod frames;

@@ -233,11 +233,7 @@ fn heartbeat_in(m: &Message) -> Option<u64> {
 /// The answer to heartbeat `seq`.
 fn heartbeat_reply(seq: u64) -> Message {
     Message::text(encode(&CoordMsg::Heartbeat(
-        tether_proto::msg::HeartbeatReply {
-            response_to: Some(seq),
-            actions: vec![],
-            timestamp: now(),
-        },
+        tether_proto::msg::HeartbeatReply::answering(seq),
     )))
 }
 

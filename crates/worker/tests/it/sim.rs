@@ -228,11 +228,9 @@ async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>) {
                 }));
                 v
             }
-            WorkerMsg::Heartbeat(h) => vec![CoordMsg::Heartbeat(HeartbeatReply {
-                response_to: Some(h.sequence),
-                actions: vec![],
-                timestamp: now(),
-            })],
+            WorkerMsg::Heartbeat(h) => {
+                vec![CoordMsg::Heartbeat(HeartbeatReply::answering(h.sequence))]
+            }
             WorkerMsg::TaskResult(r) => {
                 let mut t = truth.lock().expect("lock");
                 let n = t
