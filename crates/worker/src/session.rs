@@ -112,8 +112,10 @@ const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The ping's is [`NEVER`] when heartbeats are at least as frequent: a ping as well was a third
 /// of an idle fleet's messages (docs/PERFORMANCE.md, thirteenth round), and a duty that is
 /// skipped when due would still wake the session for nothing.
-fn periods(heartbeat_every: Duration, cfg: &WorkerConfig) -> [Duration; 4] {
-    let ping = match pings_needed(heartbeat_every, cfg.ws_ping_interval) {
+/// Nor are pings sent at a heartbeat budget's interval (`budget`): they would make up for the
+/// frames the coordinator asked its fleet to spare.
+fn periods(heartbeat_every: Duration, cfg: &WorkerConfig, budget: bool) -> [Duration; 4] {
+    let ping = match !budget && pings_needed(heartbeat_every, cfg.ws_ping_interval) {
         true => cfg.ws_ping_interval,
         false => NEVER,
     };
@@ -240,6 +242,8 @@ pub(crate) struct Session<'a> {
     heartbeat_every: Duration,
     /// The coordinator's interval of its welcome: one asked later beyond it is a budget's.
     coordinator_every: Duration,
+    /// The coordinator asked for a budget's interval (longer than its welcome's).
+    budget: bool,
     /// The coordinator's timeout while it asks for a budget's interval: the session is not
     /// declared dead sooner than the coordinator would close it.
     timeout_floor: Duration,
@@ -267,6 +271,7 @@ impl<'a> Session<'a> {
             window: Window::default(),
             heartbeat_every,
             coordinator_every: Duration::ZERO,
+            budget: false,
             timeout_floor: Duration::ZERO,
             seal: None,
             open: None,
@@ -733,7 +738,7 @@ impl<'a> Session<'a> {
         let cfg = self.agent.cfg.clone();
         let mut duties = Duties::spread(
             Instant::now(),
-            periods(self.heartbeat_every, &cfg),
+            periods(self.heartbeat_every, &cfg, self.budget),
             // The agent's generator: a run with a seed (`WorkerConfig::seed`) replays.
             &mut self.agent.rng,
         );
@@ -793,8 +798,10 @@ impl<'a> Session<'a> {
                         }
                     }
                     // A heartbeat reply may have retuned the cadence.
-                    if duties.every[0] != self.heartbeat_every.max(Duration::from_millis(1)) {
-                        duties.retune(Instant::now(), periods(self.heartbeat_every, &cfg));
+                    let now = periods(self.heartbeat_every, &cfg, self.budget)
+                        .map(|e| e.max(Duration::from_millis(1)));
+                    if duties.every != now {
+                        duties.retune(Instant::now(), now);
                         armed = duties.next().min(self.deadline);
                         timer.as_mut().reset(armed);
                     }
@@ -958,6 +965,7 @@ impl<'a> Session<'a> {
             return;
         }
         let budget = asked > self.coordinator_every;
+        self.budget = budget;
         let every = if budget {
             asked
         } else {
@@ -1344,7 +1352,7 @@ mod tests {
             tether_proto::WorkerId::parse("w").expect("id"),
         );
         let start = Instant::now();
-        let mut d = Duties::new(start, periods(s(5), &cfg), [1.0; 4]);
+        let mut d = Duties::new(start, periods(s(5), &cfg, false), [1.0; 4]);
         let mut t = start;
         while t < start + s(86_400) {
             t = d.next();
@@ -1354,12 +1362,14 @@ mod tests {
                 t - start
             );
         }
-        let d = Duties::new(start, periods(s(20), &cfg), [1.0; 4]);
+        let d = Duties::new(start, periods(s(20), &cfg, false), [1.0; 4]);
         assert_eq!(
             d.next[1] - start,
             cfg.ws_ping_interval,
             "needed, it keeps its period"
         );
+        // At a heartbeat budget's interval, none: they would spend what the budget saves.
+        assert_eq!(periods(s(20), &cfg, true)[1], NEVER);
     }
 
     #[test]
