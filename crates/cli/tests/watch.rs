@@ -145,6 +145,16 @@ impl Watcher {
         }
     }
 
+    /// Waits until the watch says it lost its stream and will open it again.
+    async fn wait_reopening(&self) {
+        tether_testkit::wait_for("the watch to lose its stream", LONG, || async {
+            self.stderr_text()
+                .contains("opening the event stream again")
+                .then_some(())
+        })
+        .await;
+    }
+
     fn stderr_text(&self) -> String {
         std::fs::read_to_string(self.stderr.path()).unwrap_or_default()
     }
@@ -277,13 +287,7 @@ async fn watch_keeps_following_through_a_coordinator_killed_and_restarted() {
     watch.wait_line(&["across", "queued"]);
     drop(coord); // SIGKILL
     // The watch notices and keeps trying while the coordinator is down.
-    tether_testkit::wait_for("the watch to notice", LONG, || async {
-        watch
-            .stderr_text()
-            .contains("opening the event stream again")
-            .then_some(())
-    })
-    .await;
+    watch.wait_reopening().await;
     let _coord = site.coordinator().await;
     let _w = worker(site.addr, "w1");
     let (ok, lines) = watch.wait_exit();
@@ -337,13 +341,7 @@ async fn watch_of_every_task_reports_a_change_made_while_its_stream_was_cut_to_a
     let live = live.expect("the watch reports a task submitted after its start");
     watch.wait_line(&[&live, "queued"]);
     proxy.down().await;
-    tether_testkit::wait_for("the watch to lose its stream", LONG, || async {
-        watch
-            .stderr_text()
-            .contains("opening the event stream again")
-            .then_some(())
-    })
-    .await;
+    watch.wait_reopening().await;
     let r = site
         .http
         .post(format!("{}/api/v1/tasks/old/cancel", site.base))
