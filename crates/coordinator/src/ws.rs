@@ -160,6 +160,22 @@ impl Inbound {
     }
 }
 
+/// A session counted in [`Counters::sessions_open`] until dropped, however its task ends.
+struct OpenSession<'a>(&'a Counters);
+
+impl<'a> OpenSession<'a> {
+    fn count(c: &'a Counters) -> Self {
+        c.sessions_open.fetch_add(1, Ordering::Relaxed);
+        OpenSession(c)
+    }
+}
+
+impl Drop for OpenSession<'_> {
+    fn drop(&mut self) {
+        self.0.sessions_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// How far the fleet's cadence must move from a session's before the session is retuned.
 const RETUNE_RATIO: f64 = 1.25;
 
@@ -286,7 +302,7 @@ async fn run(
     let mut known = KnownIds::default();
     tracing::debug!(worker = %worker, session = session_id, "session open");
     metrics::counter!(m::CONNECTIONS).increment(1);
-    app.counters.sessions_open.fetch_add(1, Ordering::Relaxed);
+    let _open = OpenSession::count(&app.counters);
     let mut deadline = Instant::now() + agreed.beat.timeout;
     let limits = &app.cfg.limits;
     let mut rate = Bucket::new(limits.messages_per_sec, limits.message_burst);
@@ -371,6 +387,7 @@ async fn run(
                 if matches!(frame, Data::Text(_) | Data::Binary(_)) {
                     app.counters.frames_in.fetch_add(1, Ordering::Relaxed);
                 }
+                let told = agreed.beat.timeout;
                 let handled = match frame {
                     Data::Text(t) => on_text(&app, &worker, session_id, t, &mut agreed, &known),
                     Data::Binary(b) if agreed.zstd => match inflate(b, app.cfg.max_frame) {
@@ -401,8 +418,9 @@ async fn run(
                     Data::Close => break ("closed", "closed by worker".into()),
                     Data::Control => Handled::default(),
                 };
-                // A heartbeat's reply may have retuned the session's cadence.
-                deadline = Instant::now() + agreed.beat.timeout;
+                // A heartbeat's reply may have retuned the session's cadence: a longer timeout
+                // counts from this frame too (a shorter one from the next).
+                deadline += agreed.beat.timeout.saturating_sub(told);
                 let Handled { replies, wait, messages } = handled;
                 // A batch counts against the message rate by its messages: what it saves is
                 // per frame, not a licence to send more.
@@ -439,7 +457,6 @@ async fn run(
             },
         }
     };
-    app.counters.sessions_open.fetch_sub(1, Ordering::Relaxed);
     tracing::info!(worker = %worker, session = session_id, %reason, "session ended");
     metrics::counter!(m::SESSIONS_ENDED, "reason" => kind).increment(1);
     if let Some(wait) = forward(&app, Event::Disconnected { worker, session_id }) {

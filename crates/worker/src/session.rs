@@ -244,6 +244,8 @@ pub(crate) struct Session<'a> {
     coordinator_every: Duration,
     /// The coordinator asked for a budget's interval (longer than its welcome's).
     budget: bool,
+    /// A heartbeat reply retuned the cadence: the duties' periods follow.
+    retuned: bool,
     /// The coordinator's timeout while it asks for a budget's interval: the session is not
     /// declared dead sooner than the coordinator would close it.
     timeout_floor: Duration,
@@ -272,6 +274,7 @@ impl<'a> Session<'a> {
             heartbeat_every,
             coordinator_every: Duration::ZERO,
             budget: false,
+            retuned: false,
             timeout_floor: Duration::ZERO,
             seal: None,
             open: None,
@@ -797,11 +800,9 @@ impl<'a> Session<'a> {
                             };
                         }
                     }
-                    // A heartbeat reply may have retuned the cadence.
-                    let now = periods(self.heartbeat_every, &cfg, self.budget)
-                        .map(|e| e.max(Duration::from_millis(1)));
-                    if duties.every != now {
-                        duties.retune(Instant::now(), now);
+                    if std::mem::take(&mut self.retuned) {
+                        let every = periods(self.heartbeat_every, &cfg, self.budget);
+                        duties.retune(Instant::now(), every);
                         armed = duties.next().min(self.deadline);
                         timer.as_mut().reset(armed);
                     }
@@ -966,6 +967,7 @@ impl<'a> Session<'a> {
         }
         let budget = asked > self.coordinator_every;
         self.budget = budget;
+        self.retuned = true;
         let every = if budget {
             asked
         } else {
