@@ -112,19 +112,18 @@ const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The ping's is [`NEVER`] when heartbeats are at least as frequent: a ping as well was a third
 /// of an idle fleet's messages (docs/PERFORMANCE.md, thirteenth round), and a duty that is
 /// skipped when due would still wake the session for nothing.
-/// Nor are pings sent at a heartbeat budget's interval (`budget`): they would make up for the
-/// frames the coordinator asked its fleet to spare.
-fn periods(heartbeat_every: Duration, cfg: &WorkerConfig, budget: bool) -> [Duration; 4] {
-    let ping = match !budget && pings_needed(heartbeat_every, cfg.ws_ping_interval) {
+/// At a heartbeat budget's interval, stretched `budget` times the coordinator's configured one,
+/// no pings are sent (they would make up for the frames the coordinator asked its fleet to
+/// spare) and telemetry, which costs the coordinator more than a heartbeat, is stretched as much.
+fn periods(heartbeat_every: Duration, cfg: &WorkerConfig, budget: Option<f64>) -> [Duration; 4] {
+    let ping = match budget.is_none() && pings_needed(heartbeat_every, cfg.ws_ping_interval) {
         true => cfg.ws_ping_interval,
         false => NEVER,
     };
-    [
-        heartbeat_every,
-        ping,
-        cfg.telemetry_interval,
-        cfg.stats_log_interval,
-    ]
+    let telemetry = cfg
+        .telemetry_interval
+        .mul_f64(budget.unwrap_or(1.0).clamp(1.0, 1e3));
+    [heartbeat_every, ping, telemetry, cfg.stats_log_interval]
 }
 
 /// When each [`Duty`] is next due. Each is first due at its phase of its first period after
@@ -741,7 +740,7 @@ impl<'a> Session<'a> {
         let cfg = self.agent.cfg.clone();
         let mut duties = Duties::spread(
             Instant::now(),
-            periods(self.heartbeat_every, &cfg, self.budget),
+            periods(self.heartbeat_every, &cfg, self.stretch()),
             // The agent's generator: a run with a seed (`WorkerConfig::seed`) replays.
             &mut self.agent.rng,
         );
@@ -801,7 +800,7 @@ impl<'a> Session<'a> {
                         }
                     }
                     if std::mem::take(&mut self.retuned) {
-                        let every = periods(self.heartbeat_every, &cfg, self.budget);
+                        let every = periods(self.heartbeat_every, &cfg, self.stretch());
                         duties.retune(Instant::now(), every);
                         armed = duties.next().min(self.deadline);
                         timer.as_mut().reset(armed);
@@ -954,6 +953,12 @@ impl<'a> Session<'a> {
                     timestamp: now(),
                 })
             });
+    }
+
+    /// How many times the coordinator's welcome interval a budget asked for, if one did.
+    fn stretch(&self) -> Option<f64> {
+        (self.budget && !self.coordinator_every.is_zero())
+            .then(|| self.heartbeat_every.as_secs_f64() / self.coordinator_every.as_secs_f64())
     }
 
     /// The coordinator asked for a new interval (its fleet grew or shrank). Beyond its
@@ -1354,7 +1359,7 @@ mod tests {
             tether_proto::WorkerId::parse("w").expect("id"),
         );
         let start = Instant::now();
-        let mut d = Duties::new(start, periods(s(5), &cfg, false), [1.0; 4]);
+        let mut d = Duties::new(start, periods(s(5), &cfg, None), [1.0; 4]);
         let mut t = start;
         while t < start + s(86_400) {
             t = d.next();
@@ -1364,14 +1369,17 @@ mod tests {
                 t - start
             );
         }
-        let d = Duties::new(start, periods(s(20), &cfg, false), [1.0; 4]);
+        let d = Duties::new(start, periods(s(20), &cfg, None), [1.0; 4]);
         assert_eq!(
             d.next[1] - start,
             cfg.ws_ping_interval,
             "needed, it keeps its period"
         );
-        // At a heartbeat budget's interval, none: they would spend what the budget saves.
-        assert_eq!(periods(s(20), &cfg, true)[1], NEVER);
+        // At a heartbeat budget's interval, none: they would spend what the budget saves; and
+        // telemetry is as rare again as heartbeats became.
+        let budget = periods(s(20), &cfg, Some(4.0));
+        assert_eq!(budget[1], NEVER);
+        assert_eq!(budget[2], cfg.telemetry_interval * 4);
     }
 
     #[test]
