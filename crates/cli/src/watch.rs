@@ -126,6 +126,15 @@ impl Seen {
     }
 }
 
+/// A task as the watch last saw it.
+#[derive(Debug)]
+struct Known {
+    shown: Seen,
+    /// When it changed, by the coordinator's clock: an older copy (a read that crossed an
+    /// event) is not reported as a change.
+    at: Option<DateTime<Utc>>,
+}
+
 fn status_of(s: &str) -> Option<TaskStatus> {
     serde_json::from_value(Value::String(s.to_owned())).ok()
 }
@@ -135,10 +144,8 @@ struct Watch {
     ids: Option<BTreeSet<String>>,
     json: bool,
     workers: bool,
-    seen: HashMap<String, Seen>,
-    /// When each task seen last changed, by the coordinator's clock: an older copy (a read that
-    /// crossed an event) is not reported as a change.
-    changed_at: HashMap<String, DateTime<Utc>>,
+    /// Each task as last reported (or taken as seen), and when it changed then.
+    seen: HashMap<String, Known>,
     /// The latest change seen, by the coordinator's clock: after a gap, the tasks changed since
     /// are read from the API.
     high_water: Option<DateTime<Utc>>,
@@ -157,7 +164,6 @@ impl Watch {
             json,
             workers,
             seen: HashMap::new(),
-            changed_at: HashMap::new(),
             high_water: None,
             ended: BTreeMap::new(),
             worker_states: HashMap::new(),
@@ -291,43 +297,45 @@ impl Watch {
         if self.ids.as_ref().is_some_and(|ids| !ids.contains(id)) {
             return;
         }
-        if !self.note(id, t) {
+        let Some(now) = self.fresh(id, t) else {
             return;
-        }
-        let now = Seen::of(t);
-        if self.seen.get(id) == Some(&now) {
-            return;
-        }
-        if self.json {
-            println!("{t}");
-        } else {
-            println!("{}", task_line(t, &now));
-        }
-        if now.ended() && self.ids.is_some() {
-            self.ended.insert(id.to_owned(), now.status.clone());
+        };
+        if self.seen.get(id).is_none_or(|k| k.shown != now.shown) {
+            if self.json {
+                println!("{t}");
+            } else {
+                println!("{}", task_line(t, &now.shown));
+            }
+            if now.shown.ended() && self.ids.is_some() {
+                self.ended.insert(id.to_owned(), now.shown.status.clone());
+            }
         }
         self.seen.insert(id.to_owned(), now);
     }
 
     /// Takes `t` as it is for seen, without reporting it.
     fn know(&mut self, t: &Value) {
-        if let Some(id) = t["task_id"].as_str() {
-            self.note(id, t);
-            self.seen.insert(id.to_owned(), Seen::of(t));
+        let Some(id) = t["task_id"].as_str() else {
+            return;
+        };
+        if let Some(now) = self.fresh(id, t) {
+            self.seen.insert(id.to_owned(), now);
         }
     }
 
-    /// Notes when `t` changed; false if a later copy of it was seen already.
-    fn note(&mut self, id: &str, t: &Value) -> bool {
-        let Some(at) = time(&t["updated_at"]) else {
-            return true;
-        };
-        if self.changed_at.get(id).is_some_and(|seen| *seen > at) {
-            return false;
+    /// `t` as the watch would know it, unless a later copy of it was seen already; its time
+    /// moves the high-water mark.
+    fn fresh(&mut self, id: &str, t: &Value) -> Option<Known> {
+        let at = time(&t["updated_at"]);
+        let seen_at = self.seen.get(id).and_then(|k| k.at);
+        if seen_at.zip(at).is_some_and(|(seen, at)| seen > at) {
+            return None;
         }
-        self.changed_at.insert(id.to_owned(), at);
-        self.high_water = self.high_water.max(Some(at));
-        true
+        self.high_water = self.high_water.max(at);
+        Some(Known {
+            shown: Seen::of(t),
+            at: at.or(seen_at),
+        })
     }
 
     fn on_worker(&mut self, w: &Value) {
@@ -560,7 +568,13 @@ mod tests {
             task("a", "running", 1, Some("w1")),
             "2026-12-01T10:31:04Z",
         ));
-        assert_eq!(w.seen["a"].status, "completed");
+        assert_eq!(w.seen["a"].shown.status, "completed");
+        // Nor taken as seen when it comes in a catch-up's list.
+        w.know(&at(
+            task("a", "running", 1, Some("w1")),
+            "2026-12-01T10:31:04Z",
+        ));
+        assert_eq!(w.seen["a"].shown.status, "completed");
         w.on_task(&at(task("b", "queued", 0, None), "2026-12-01T10:31:03Z"));
         let latest = DateTime::parse_from_rfc3339("2026-12-01T10:31:05Z").expect("time");
         assert_eq!(w.high_water, Some(latest.with_timezone(&Utc)));

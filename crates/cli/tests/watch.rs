@@ -35,33 +35,34 @@ fn free_addr() -> SocketAddr {
     l.local_addr().expect("addr")
 }
 
-fn coordinator(addr: SocketAddr, dir: &Path) -> Proc {
-    let child = tether()
-        .args(["--log", "warn", "coordinator", "--listen"])
-        .arg(addr.to_string())
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--heartbeat-interval", "200ms", "--heartbeat-timeout", "2s"])
+/// Starts `cmd` with no standard streams.
+fn quiet(cmd: &mut Command, what: &str) -> Proc {
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start coordinator");
+        .unwrap_or_else(|e| panic!("start {what}: {e}"));
     Proc(child)
 }
 
+fn coordinator(addr: SocketAddr, dir: &Path) -> Proc {
+    let mut cmd = tether();
+    cmd.args(["--log", "warn", "coordinator", "--listen"])
+        .arg(addr.to_string())
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--heartbeat-interval", "200ms", "--heartbeat-timeout", "2s"]);
+    quiet(&mut cmd, "coordinator")
+}
+
 fn worker(addr: SocketAddr, id: &str) -> Proc {
-    let child = tether()
-        .args(["--log", "warn", "worker", "--coordinator"])
+    let mut cmd = tether();
+    cmd.args(["--log", "warn", "worker", "--coordinator"])
         .arg(format!("http://{addr}"))
         .args(["--id", id, "--slots", "2"])
-        .args(["--initial-reconnect-delay", "100ms"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start worker");
-    Proc(child)
+        .args(["--initial-reconnect-delay", "100ms"]);
+    quiet(&mut cmd, "worker")
 }
 
 /// A client command with its stdout lines arriving on a channel and its stderr kept in a file.
