@@ -143,21 +143,26 @@ impl Inbound {
         self.batch = app.cfg.batching && r.batching;
     }
 
-    /// The cadence to tell the worker in the reply to a heartbeat, if the fleet has grown or
-    /// shrunk enough since it was last told (by a quarter of the interval, so that a fleet
-    /// changing by a few workers does not retune every session); from then on it is this
-    /// session's.
+    /// The cadence to tell the worker in the reply to a heartbeat, if the fleet's has moved far
+    /// enough from the session's (see [`retunes`]); from then on it is this session's.
     fn retune(&mut self, app: &AppState) -> Option<Beat> {
         let now = app
             .cfg
             .beat(app.counters.sessions_open.load(Ordering::Relaxed));
-        let (told, new) = (self.beat.interval.as_secs_f64(), now.interval.as_secs_f64());
-        let moved = new > told * RETUNE_RATIO || new * RETUNE_RATIO < told;
-        moved.then(|| {
+        retunes(self.beat, now).then(|| {
             self.beat = now;
             now
         })
     }
+}
+
+/// Whether a session told `told` is retuned to the fleet's cadence `fleet`. A fleet grown past
+/// what the session was told is over the budget, so a twentieth longer is enough; one shrunk
+/// only costs detection time, so its sessions are brought back once a quarter shorter (a fleet
+/// changing by a few workers does not retune every session either way).
+fn retunes(told: Beat, fleet: Beat) -> bool {
+    let (told, new) = (told.interval.as_secs_f64(), fleet.interval.as_secs_f64());
+    new > told * OVER_BUDGET_RATIO || new * RELAX_RATIO < told
 }
 
 /// A session counted in [`Counters::sessions_open`] until dropped, however its task ends.
@@ -176,8 +181,12 @@ impl Drop for OpenSession<'_> {
     }
 }
 
-/// How far the fleet's cadence must move from a session's before the session is retuned.
-const RETUNE_RATIO: f64 = 1.25;
+/// How much longer the fleet's interval must be than a session's before the session, which
+/// beats too often for the budget, is retuned: the budget is kept within 5 %.
+const OVER_BUDGET_RATIO: f64 = 1.05;
+/// How much shorter the fleet's interval must be than a session's before the session, which
+/// beats less often than it could, is retuned.
+const RELAX_RATIO: f64 = 1.25;
 
 /// What the session sends to its worker, as agreed by the `registration_ack`.
 #[derive(Debug, Default, Clone, Copy)]
@@ -1196,6 +1205,42 @@ mod tests {
     fn an_idle_sessions_future_stays_small() {
         let size = future_size(run);
         assert!(size <= 1024, "the session's future takes {size} bytes");
+    }
+
+    /// A fleet that grows keeps within a twentieth of its heartbeat budget (a session beating
+    /// too often is retuned once the fleet needs a 5 % longer interval), while one that shrinks
+    /// a little does not retune its sessions back and forth. With the quarter both ways a fleet
+    /// grew to 23 % over its budget before its sessions were retuned.
+    #[test]
+    fn a_growing_fleet_stays_within_its_heartbeat_budget_and_a_shrinking_one_is_retuned_later() {
+        let cfg = crate::CoordinatorConfig::new("unused");
+        let budget = f64::from(cfg.heartbeat_budget);
+        let mut told = cfg.beat(0);
+        let mut retuned = 0;
+        for sessions in 1..=20_000u64 {
+            let fleet = cfg.beat(sessions);
+            if retunes(told, fleet) {
+                told = fleet;
+                retuned += 1;
+            }
+            let per_sec = sessions as f64 / told.interval.as_secs_f64();
+            assert!(
+                per_sec <= budget * 1.05 + 1.0,
+                "{sessions} sessions told {:?}: {per_sec:.0} heartbeats a second",
+                told.interval
+            );
+        }
+        // From the budget's 5 s onwards each retune is a twentieth longer: 5 s to 20 s in
+        // about 29 steps, not one per session.
+        assert!((20..=40).contains(&retuned), "{retuned} retunes");
+        // Shrinking: 20,000 to 16,100 sessions (told 20 s, needed 16.1 s) is not yet a quarter.
+        let at_20k = cfg.beat(20_000);
+        assert!(!retunes(at_20k, cfg.beat(16_100)));
+        assert!(retunes(at_20k, cfg.beat(15_900)));
+        // Growing by less than a twentieth does not retune.
+        let at_10k = cfg.beat(10_000);
+        assert!(!retunes(at_10k, cfg.beat(10_400)));
+        assert!(retunes(at_10k, cfg.beat(10_600)));
     }
 
     fn same(a: &TaskId, b: &TaskId) -> bool {
