@@ -542,6 +542,11 @@ pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
                 .unwrap_or(0)
                 .to_string(),
             fmt_f(&st["rtt_p50_ms"], 1),
+            // The cadence the worker beats at (a large fleet's budget stretches it).
+            st["heartbeat_interval_ms"]
+                .as_f64()
+                .map(|ms| format!("{:.1}", ms / 1000.0))
+                .unwrap_or_else(|| "-".into()),
             fmt_f(&st["stability"], 3),
             st["reconnects"]
                 .as_u64()
@@ -557,6 +562,7 @@ pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
             "SLOTS",
             "TASKS",
             "RTT_P50_MS",
+            "HEARTBEAT_S",
             "STABILITY",
             "RECONNECTS",
             "LAST_SEEN",

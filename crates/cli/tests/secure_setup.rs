@@ -167,6 +167,13 @@ async fn tether_cert_files_make_a_working_tls_authenticated_tagged_deployment() 
     let workers = run(&mut client(&["workers", "--json"])).await;
     let v: serde_json::Value = serde_json::from_slice(&workers.stdout).expect("json");
     assert_eq!(v[0]["worker_id"], "secure-w", "{v}");
+    // The table names the worker and the cadence each beats at.
+    let table = run(&mut client(&["workers"])).await;
+    let table = text(&table.stdout);
+    assert!(
+        table.contains("HEARTBEAT_S") && table.contains("secure-w"),
+        "{table}"
+    );
     // A client that does not trust the CA gets nowhere.
     let untrusted = run(tether()
         .args(["tasks", "--coordinator", &https, "--token-file"])
