@@ -13,7 +13,7 @@ use tether_proto::TaskSpec;
 use tether_proto::auth::Secret;
 use tokio::time::Instant;
 
-use super::fleet::{Command, Status, now_us};
+use super::fleet::{Command, FleetReport, Status, WorkerRecord, now_us};
 use super::procs::{CoordOpts, Coordinator, Fleet, TlsFiles};
 use super::report::{self, Dist, Report};
 use super::{Scenario, StressArgs, probe, truth};
@@ -22,6 +22,9 @@ use super::{Scenario, StressArgs, probe, truth};
 const SUBMIT_CHUNK: usize = 5000;
 /// How long registration and the end of all tasks may take at most.
 const PHASE_LIMIT: Duration = Duration::from_secs(300);
+/// How long a report may take to catch up with the status it follows (see
+/// [`Run::settled_report`]).
+const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 /// Attempts of a stress task: crashes in steady_load and checkpoint_heavy may cost a few.
 const MAX_ATTEMPTS: u32 = 10;
 
@@ -229,6 +232,25 @@ impl Run {
         self.pb.set_position(0);
     }
 
+    /// The fleet's report once every worker's record shows what `done` asks of it, or the last
+    /// one read after [`SETTLE_LIMIT`] (the verdicts then name what is missing). The status
+    /// counts a worker registered as soon as its agent is; its record is written by a task of
+    /// its own, which on a busy machine runs a little later, so a report read at once could
+    /// leave out the last workers to register: the slowest, whose times the figures need.
+    async fn settled_report(
+        &mut self,
+        done: impl Fn(&WorkerRecord) -> bool,
+    ) -> anyhow::Result<FleetReport> {
+        let start = Instant::now();
+        loop {
+            let rep = self.fleet.report().await?;
+            if rep.workers.iter().all(&done) || start.elapsed() > SETTLE_LIMIT {
+                return Ok(rep);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits for a fleet status, moving the bar with `pos`.
     async fn wait_fleet(
         &mut self,
@@ -408,7 +430,7 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
     let baseline = run.coord.sample();
     let t0 = now_us();
     run.start_workers(n).await?;
-    let reg = run.fleet.report().await?;
+    let reg = run.settled_report(|w| !w.sessions.is_empty()).await?;
     let firsts: Vec<f64> = reg
         .workers
         .iter()
@@ -510,7 +532,9 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
         move |s| s.registrations >= target && s.connected == n,
     )
     .await?;
-    let rep = run.fleet.report().await?;
+    let rep = run
+        .settled_report(|w| w.sessions.iter().any(|s| s.registered_us > kill_us))
+        .await?;
     let (mut after_ready, mut beyond_delay, mut attempt) = (Vec::new(), Vec::new(), Vec::new());
     for w in &rep.workers {
         if let Some(s) = w.sessions.iter().find(|s| s.registered_us > kill_us) {
