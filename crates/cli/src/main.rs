@@ -2,6 +2,7 @@
 
 mod cert;
 mod client;
+mod coalesce;
 mod demo;
 mod e2e;
 mod run;
@@ -105,6 +106,7 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .try_init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
+        .on_thread_park(coalesce::before_park)
         .enable_all()
         .build()
     {

@@ -25,6 +25,7 @@ pub struct CoordinatorFile {
     pub heartbeat_interval: Option<String>,
     pub heartbeat_timeout: Option<String>,
     pub heartbeat_budget: Option<u32>,
+    pub idle_coalesce: Option<String>,
     pub lost_after: Option<String>,
     pub max_frame: Option<usize>,
     pub checkpoints_kept: Option<usize>,

@@ -60,8 +60,12 @@ fn thundering_herd_reregisters_every_worker_after_a_coordinator_kill_and_loses_n
         "--heartbeat-interval",
         "1s",
         "--message-mac",
+        // A coordinator coalescing its idle wake-ups passes every verdict too.
+        "--idle-coalesce",
+        "2ms",
     ]);
     assert_eq!(count(&r["time_to_register_ms"]), 40);
+    assert_eq!(r["idle_coalesce_ms"], 2.0, "{r}");
     // Authenticated and tagged, before the kill and after it: the restarted coordinator's
     // counter holds the 40 re-registered sessions, each keyed afresh.
     assert_eq!(r["mac_sessions"], 40, "{r}");

@@ -123,6 +123,10 @@ pub struct StressArgs {
     /// `machine` (one fsync per group commit), to measure what the second costs.
     #[arg(long, default_value = "process")]
     pub durability: tether_coordinator::store::Durability,
+    /// The coordinator's idle coalescing (`tether coordinator --idle-coalesce`, e.g. `4ms`):
+    /// off by default, as in the coordinator.
+    #[arg(long, value_parser = parse_duration_arg)]
+    pub idle_coalesce: Option<Duration>,
     /// Workers do not offer batch frames: one message per frame, to compare.
     #[arg(long)]
     pub no_batching: bool,

@@ -26,6 +26,8 @@ pub struct CoordOpts {
     /// The coordinator serves TLS with these files.
     pub tls: Option<TlsFiles>,
     pub durability: tether_coordinator::store::Durability,
+    /// `--idle-coalesce`, when given.
+    pub idle_coalesce: Option<Duration>,
 }
 
 /// A coordinator certificate, its key, and the CA that signed it (`tether cert`).
@@ -153,6 +155,10 @@ impl Coordinator {
         }
         flags.push("--durability".into());
         flags.push(self.opts.durability.as_str().into());
+        if let Some(w) = self.opts.idle_coalesce {
+            flags.push("--idle-coalesce".into());
+            flags.push(format!("{}us", w.as_micros()).into());
+        }
         if let Some(t) = &self.opts.tls {
             flags.push("--tls-cert".into());
             flags.push(t.cert.clone().into_os_string());
@@ -175,6 +181,8 @@ impl Coordinator {
             .arg(d(self.opts.lost_after))
             .args(flags)
             .env_remove("TETHER_CONFIG")
+            // What the report says of it is what was passed.
+            .env_remove("TETHER_IDLE_COALESCE")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -111,6 +111,8 @@ pub struct Report {
     pub fleet_cpu_s: f64,
     /// The fleet process's niceness as `/proc` read it at the end (`--fleet-nice`).
     pub fleet_nice: Option<i64>,
+    /// The coordinator's `--idle-coalesce`, milliseconds, when given.
+    pub idle_coalesce_ms: Option<f64>,
     /// CPU of the coordinator over the idle window, % of one core.
     pub idle_cpu_pct: Option<f64>,
     /// Worker frames (heartbeats, telemetry) the coordinator read per second in the idle window.
@@ -241,6 +243,9 @@ impl Report {
         row("fleet CPU seconds", format!("{:.2}", self.fleet_cpu_s));
         if let Some(n) = self.fleet_nice.filter(|&n| n != 0) {
             row("fleet niceness", n.to_string());
+        }
+        if let Some(ms) = self.idle_coalesce_ms {
+            row("coordinator idle coalescing, ms", format!("{ms}"));
         }
         if let Some(v) = self.coordinator_us_per_message {
             row(

@@ -128,6 +128,7 @@ impl Run {
                 message_mac: a.message_mac,
                 tls: tls.clone(),
                 durability: a.durability,
+                idle_coalesce: a.idle_coalesce,
             },
         )
         .await?;
@@ -196,6 +197,14 @@ impl Run {
             durability: a.durability.as_str().into(),
             ..Report::default()
         };
+        if let Some(w) = a.idle_coalesce.filter(|w| !w.is_zero()) {
+            report.idle_coalesce_ms = Some(w.as_secs_f64() * 1e3);
+            report.notes.push(format!(
+                "the coordinator ran with idle coalescing of {} µs (--idle-coalesce): its threads \
+                 wait that long before parking",
+                w.as_micros()
+            ));
+        }
         if a.fleet_nice > 0 {
             report.notes.push(format!(
                 "the fleet ran at nice {}: it yields the CPU to the coordinator when both want it",
