@@ -517,7 +517,16 @@ impl<'a> Session<'a> {
     }
 
     async fn register(&mut self, shutdown: &CancellationToken) -> Result<(), SessionEnd> {
-        // 1. welcome
+        // 1. welcome. A worker without a secret puts nothing of the welcome in its
+        // registration (no signature over its nonce, no session key), so it sends the
+        // registration first: the coordinator finds it waiting once its welcome is out, a round
+        // trip and a wake-up sooner on both sides, which counts when a fleet reconnects at once.
+        // The welcome is still read and checked before the acknowledgement is taken.
+        let sent_first = self.agent.cfg.secret.is_none() && !self.agent.cfg.require_message_mac;
+        if sent_first {
+            let reg = self.registration(now(), None, None);
+            self.send(&reg).await.map_err(SessionEnd::NotRegistered)?;
+        }
         let welcome = loop {
             match self.recv(shutdown).await? {
                 Inbound::Msg(CoordMsg::Welcome(w)) => break w,
@@ -591,33 +600,10 @@ impl<'a> Session<'a> {
         self.agent.warned_unauthenticated |=
             welcome.nonce.is_none() && self.agent.cfg.secret.is_some();
         let client_nonce = self.key_session(&welcome)?;
-        let a = &*self.agent;
-        let reg = WorkerMsg::Registration(Registration {
-            worker_id: a.cfg.worker_id.clone(),
-            protocol_version: PROTOCOL_VERSION,
-            boot_id: a.boot_id.clone(),
-            capabilities: a.cfg.capabilities.clone(),
-            tags: a.cfg.tags.clone(),
-            slots: a.cfg.slots,
-            executors: a.runner.executors().kinds(),
-            inventory: Inventory {
-                running: a.runner.active(),
-                finished: a.outbox.pending_results(),
-                lost: a.lost.clone(),
-                acked_seq: a.outbox.acked_max(),
-            },
-            signature,
-            compression: if a.cfg.compression {
-                vec![ZSTD.to_owned()]
-            } else {
-                Vec::new()
-            },
-            client_nonce,
-            batching: a.cfg.batching,
-            compact_acks: a.cfg.compact_acks,
-            timestamp,
-        });
-        self.send(&reg).await.map_err(SessionEnd::NotRegistered)?;
+        if !sent_first {
+            let reg = self.registration(timestamp, signature, client_nonce);
+            self.send(&reg).await.map_err(SessionEnd::NotRegistered)?;
+        }
         // 3. the coordinator's decisions; anything else that arrives first is kept for after.
         let mut early = Vec::new();
         let ack = loop {
@@ -678,6 +664,42 @@ impl<'a> Session<'a> {
             }
         }
         Ok(())
+    }
+
+    /// This worker's registration: who it is, what it can run, and its inventory (running,
+    /// finished but unacknowledged, lost), signed when the welcome asked.
+    fn registration(
+        &self,
+        timestamp: chrono::DateTime<chrono::Utc>,
+        signature: Option<String>,
+        client_nonce: Option<String>,
+    ) -> WorkerMsg {
+        let a = &*self.agent;
+        WorkerMsg::Registration(Registration {
+            worker_id: a.cfg.worker_id.clone(),
+            protocol_version: PROTOCOL_VERSION,
+            boot_id: a.boot_id.clone(),
+            capabilities: a.cfg.capabilities.clone(),
+            tags: a.cfg.tags.clone(),
+            slots: a.cfg.slots,
+            executors: a.runner.executors().kinds(),
+            inventory: Inventory {
+                running: a.runner.active(),
+                finished: a.outbox.pending_results(),
+                lost: a.lost.clone(),
+                acked_seq: a.outbox.acked_max(),
+            },
+            signature,
+            compression: if a.cfg.compression {
+                vec![ZSTD.to_owned()]
+            } else {
+                Vec::new()
+            },
+            client_nonce,
+            batching: a.cfg.batching,
+            compact_acks: a.cfg.compact_acks,
+            timestamp,
+        })
     }
 
     /// When the welcome asks for per-message integrity: a fresh client nonce, and the session

@@ -25,6 +25,9 @@ pub enum Script {
     RegisterThenSilence,
     /// Register and answer heartbeats.
     Healthy,
+    /// Like `Healthy`, but the welcome goes out only once the registration has arrived: a
+    /// worker that waited for the welcome before registering would wait for ever.
+    WelcomeAfterRegistration,
     /// Register, answer the first `slow` heartbeats [`SLOW_REPLY`] late and the next `prompt` at
     /// once, then fall silent like [`Script::RegisterThenSilence`].
     Recovering { slow: u32, prompt: u32 },
@@ -105,18 +108,20 @@ async fn serve(
     };
     let worker = WorkerId::parse("w").expect("id");
     let send = |m: CoordMsg| Message::text(encode(&m));
-    let _ = ws
-        .send(send(CoordMsg::Welcome(Welcome {
-            worker_id: worker.clone(),
-            protocol_version: PROTOCOL_VERSION,
-            session_id: 1,
-            heartbeat_interval_ms: 5000,
-            heartbeat_timeout_ms: 15000,
-            nonce: None,
-            integrity: None,
-            timestamp: now(),
-        })))
-        .await;
+    let welcome = send(CoordMsg::Welcome(Welcome {
+        worker_id: worker.clone(),
+        protocol_version: PROTOCOL_VERSION,
+        session_id: 1,
+        heartbeat_interval_ms: 5000,
+        heartbeat_timeout_ms: 15000,
+        nonce: None,
+        integrity: None,
+        timestamp: now(),
+    }));
+    let late = script == Script::WelcomeAfterRegistration;
+    if !late {
+        let _ = ws.send(welcome.clone()).await;
+    }
     // Wait for the registration.
     while let Some(Ok(m)) = ws.next().await {
         if let Message::Text(t) = m
@@ -124,6 +129,9 @@ async fn serve(
         {
             break;
         }
+    }
+    if late {
+        let _ = ws.send(welcome).await;
     }
     let _ = ws
         .send(send(CoordMsg::RegistrationAck(RegistrationAck {
@@ -173,7 +181,10 @@ async fn serve(
                 }
             }
         }
-        Script::Healthy | Script::Conformance | Script::BatchConformance => {
+        Script::Healthy
+        | Script::WelcomeAfterRegistration
+        | Script::Conformance
+        | Script::BatchConformance => {
             if script == Script::Conformance {
                 for m in tether_proto::samples::coord_messages() {
                     let _ = ws.send(send(m)).await;

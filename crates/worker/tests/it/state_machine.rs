@@ -186,3 +186,22 @@ async fn a_worker_beats_at_the_coordinator_s_interval_when_it_is_shorter_than_it
     assert_eq!(fake.attempts().len(), 1);
     running.stop().await;
 }
+
+/// A worker without a secret needs nothing of the welcome for its registration, so it sends it
+/// at once (a round trip sooner when a whole fleet reconnects): it registers even with a
+/// coordinator that answers only once the registration is in.
+#[tokio::test(start_paused = true)]
+async fn a_worker_without_a_secret_registers_before_the_welcome_arrives() {
+    let fake = FakeConnector::new(Script::WelcomeAfterRegistration);
+    let running = Running::start(&fake, config());
+    let handle = running.handle.clone();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        handle.wait_state(|s| s == ConnState::Connected),
+    )
+    .await
+    .expect("registered without waiting for the welcome");
+    assert_eq!(handle.registrations(), 1);
+    assert_eq!(fake.attempts().len(), 1);
+    running.stop().await;
+}
