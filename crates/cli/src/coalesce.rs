@@ -4,7 +4,7 @@
 //! wake-up (the `epoll_wait` return, the context switches, waking the runtime's other thread)
 //! costs about as much as the frame itself; under load the threads do not park, so nothing is
 //! delayed. The price is latency while the coordinator is nearly idle: a message that finds
-//! every thread waiting is read up to this much later (docs/OPERATIONS.md, "Large fleets").
+//! every thread waiting is read up to this much later (docs/OPERATIONS.md, "Idle coalescing").
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
