@@ -65,6 +65,7 @@ fn thundering_herd_reregisters_every_worker_after_a_coordinator_kill_and_loses_n
         "2ms",
     ]);
     assert_eq!(count(&r["time_to_register_ms"]), 40);
+    // The report records what it passed (tests/idle_coalesce.rs checks the coordinator applies it).
     assert_eq!(r["idle_coalesce_ms"], 2.0, "{r}");
     // Authenticated and tagged, before the kill and after it: the restarted coordinator's
     // counter holds the 40 re-registered sessions, each keyed afresh.
