@@ -45,7 +45,10 @@ async fn the_coordinator_applies_idle_coalescing_within_its_limit_and_refuses_it
     .await
     .expect("the coordinator logs within 30 s")
     .expect("the coordinator says idle coalescing is on");
-    assert!(applied.contains("wait_us") && applied.contains("2000"), "{applied}");
+    assert!(
+        applied.contains("wait_us") && applied.contains("2000"),
+        "{applied}"
+    );
     let _ = child.kill().await;
 
     let refused = coordinator(dir.path(), "25ms").output().await.expect("run");
