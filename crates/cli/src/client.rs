@@ -258,6 +258,38 @@ impl Api {
         self.call(reqwest::Method::GET, path, None).await
     }
 
+    /// Every task `/api/v1/tasks?{query}` lists, read `page` at a time: each page after the
+    /// first asks for the tasks after the previous page's last `submit_seq`, so a listing of
+    /// any size is read whole, once each, however many tasks arrive meanwhile.
+    pub(crate) async fn list_tasks(&self, query: &str, page: usize) -> anyhow::Result<Vec<Value>> {
+        let page = page.max(1);
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let mut path = format!("/api/v1/tasks?limit={page}");
+            if !query.is_empty() {
+                path.push('&');
+                path.push_str(query);
+            }
+            if let Some(seq) = after {
+                path.push_str(&format!("&after_seq={seq}"));
+            }
+            let Value::Array(got) = self.get(&path).await? else {
+                bail!("the coordinator's task list is not a list");
+            };
+            let full = got.len() >= page;
+            let last = got.last().map(|t| t["submit_seq"].as_u64());
+            all.extend(got);
+            match last {
+                Some(Some(seq)) if full => after = Some(seq),
+                Some(None) if full => {
+                    bail!("the coordinator's tasks carry no submit_seq to page by")
+                }
+                _ => return Ok(all),
+            }
+        }
+    }
+
     pub(crate) async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         self.call(reqwest::Method::POST, path, Some(body)).await
     }
@@ -392,7 +424,8 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
             .flatten()
             .filter_map(|id| id.as_str().map(str::to_owned))
             .collect();
-        return crate::watch::follow(&api, Some(ids), a.common.json, false).await;
+        return crate::watch::follow(&api, Some(ids), a.common.json, false, crate::watch::PAGE)
+            .await;
     }
     Ok(())
 }
@@ -402,19 +435,30 @@ pub struct TasksArgs {
     #[command(flatten)]
     common: CommonArgs,
     /// Only tasks in this status.
-    #[arg(long)]
+    #[arg(long, value_parser = [
+        "queued", "running", "paused", "completed", "failed", "cancelled", "timed_out",
+    ])]
     status: Option<String>,
-    #[arg(long, default_value_t = 1000)]
-    limit: usize,
+    /// At most this many (the oldest first); with --all, the tasks read a request.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    limit: u64,
+    /// Every task, read page by page, however many there are.
+    #[arg(long)]
+    all: bool,
 }
 
 pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
     let api = Api::new(&a.common)?;
-    let mut path = format!("/api/v1/tasks?limit={}", a.limit);
-    if let Some(s) = &a.status {
-        path.push_str(&format!("&status={s}"));
-    }
-    let v = api.get(&path).await?;
+    let query = match &a.status {
+        Some(s) => format!("status={s}"),
+        None => String::new(),
+    };
+    let v = if a.all {
+        Value::Array(api.list_tasks(&query, a.limit as usize).await?)
+    } else {
+        api.get(&format!("/api/v1/tasks?limit={}&{query}", a.limit))
+            .await?
+    };
     if a.common.json {
         println!("{v}");
         return Ok(());

@@ -22,8 +22,8 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How far before the latest change it saw the watch asks, after a gap, for the tasks changed
 /// since: room for the coordinator's clock to have been set back a little meanwhile.
 const CATCH_UP_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
-/// Most tasks the API lists at once.
-const LIST_MAX: usize = 100_000;
+/// Tasks read a request when catching up after a gap (`--page-size`), page after page.
+pub(crate) const PAGE: usize = 10_000;
 
 #[derive(Args)]
 pub struct WatchArgs {
@@ -34,12 +34,16 @@ pub struct WatchArgs {
     /// Show workers' changes too (connected, disconnected, lost).
     #[arg(long)]
     workers: bool,
+    /// Tasks read a request when catching up on what changed while the stream was down; the
+    /// catch-up reads page after page until it has every such task.
+    #[arg(long, default_value_t = PAGE as u64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    page_size: u64,
 }
 
 pub async fn run(a: WatchArgs) -> anyhow::Result<()> {
     let api = Api::new(&a.common)?;
     let ids = (!a.ids.is_empty()).then(|| a.ids.iter().cloned().collect());
-    follow(&api, ids, a.common.json, a.workers).await
+    follow(&api, ids, a.common.json, a.workers, a.page_size as usize).await
 }
 
 /// Follows `ids` (or every task) on `api`, printing each change; `Ok` once every named task
@@ -49,10 +53,12 @@ pub(crate) async fn follow(
     ids: Option<BTreeSet<String>>,
     json: bool,
     workers: bool,
+    page: usize,
 ) -> anyhow::Result<()> {
     let stop = crate::cancel_on_signal();
     let named = ids.is_some();
     let mut watch = Watch::new(ids, json, workers);
+    watch.page = page;
     let mut delay = RETRY_FIRST;
     let mut opened_once = false;
     loop {
@@ -153,6 +159,8 @@ struct Watch {
     ended: BTreeMap<String, String>,
     /// Workers' states as last reported.
     worker_states: HashMap<String, String>,
+    /// Tasks read a request when catching up.
+    page: usize,
     /// Following every task: a first snapshot has set what counts as already seen.
     baseline: bool,
 }
@@ -167,6 +175,7 @@ impl Watch {
             high_water: None,
             ended: BTreeMap::new(),
             worker_states: HashMap::new(),
+            page: PAGE,
             baseline: false,
         }
     }
@@ -261,13 +270,17 @@ impl Watch {
             }
             None => {
                 // The snapshot holds the newest tasks only; an older one may have changed too.
-                let mut path = format!("/api/v1/tasks?limit={LIST_MAX}");
-                if let Some(t) = before {
-                    let since = (t - CATCH_UP_MARGIN).to_rfc3339_opts(SecondsFormat::Micros, true);
-                    path.push_str(&format!("&updated_since={since}"));
-                }
-                let changed = api.get(&path).await?;
-                for t in changed.as_array().into_iter().flatten() {
+                // Page by page: a gap may have changed any number of tasks.
+                let query = match before {
+                    Some(t) => {
+                        let since =
+                            (t - CATCH_UP_MARGIN).to_rfc3339_opts(SecondsFormat::Micros, true);
+                        format!("updated_since={since}")
+                    }
+                    None => String::new(),
+                };
+                let changed = api.list_tasks(&query, self.page).await?;
+                for t in &changed {
                     let id = t["task_id"].as_str().unwrap_or_default();
                     // Never seen and last changed before the gap: as it was when the watch
                     // started (the first snapshot holds the newest tasks only), not a change.

@@ -3,7 +3,7 @@
 //! reports each named task's changes, ends when they have all ended, exits 0 only if all
 //! completed, and keeps following through a coordinator killed with SIGKILL and restarted on
 //! its data directory; `tether checkpoint` gets a running task checkpointed now, and `tether
-//! task` shows its live state and checkpoints.
+//! task` shows its live state and checkpoints; `tether tasks --all` reads every task page by page.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -327,7 +327,8 @@ async fn watch_of_every_task_reports_a_change_made_while_its_stream_was_cut_to_a
     .await
     .expect("proxy");
     let through = format!("http://{}", proxy.listen_addr());
-    let mut watch = Watcher::start(&["watch", "--coordinator", &through]);
+    // Pages of two: the catch-up after the gap must read page after page to see every change.
+    let mut watch = Watcher::start(&["watch", "--coordinator", &through, "--page-size", "2"]);
     // The first snapshot is the baseline, reported as nothing; a task submitted after it shows
     // the stream is live.
     let mut live = None;
@@ -350,17 +351,33 @@ async fn watch_of_every_task_reports_a_change_made_while_its_stream_was_cut_to_a
         .await
         .expect("cancel");
     assert!(r.status().is_success(), "{}", r.status());
+    let cut: Vec<String> = (0..5).map(|i| format!("filler-{}", 100 * i + 7)).collect();
+    for id in &cut {
+        let r = site
+            .http
+            .post(format!("{}/api/v1/tasks/{id}/cancel", site.base))
+            .send()
+            .await
+            .expect("cancel");
+        assert!(r.status().is_success(), "{}", r.status());
+    }
     proxy.up().await.expect("proxy up");
     watch.wait_line(&["old", "cancelled"]);
+    for id in &cut {
+        watch.wait_line(&[&format!("{id} "), "cancelled"]);
+    }
     // And nothing already reported is reported again.
     site.submit("after", json!({})).await;
     watch.wait_line(&["after", "queued"]);
     let repeats = watch.seen.iter().filter(|l| l.contains(&live)).count();
     assert_eq!(repeats, 1, "{:?}", watch.seen);
+    // Of the fillers, only those changed in the gap, once each.
+    let fillers: Vec<&String> = watch.seen.iter().filter(|l| l.contains("filler")).collect();
+    assert_eq!(fillers.len(), cut.len(), "{fillers:?}");
     assert!(
-        !watch.seen.iter().any(|l| l.contains("filler")),
-        "{:?}",
-        watch.seen
+        cut.iter()
+            .all(|id| fillers.iter().any(|l| l.contains(&format!("{id} ")))),
+        "{fillers:?}"
     );
 }
 
@@ -441,4 +458,58 @@ async fn checkpoint_asks_a_running_task_for_one_and_task_shows_its_state_and_che
     let (ok, _, err) = run(&["checkpoint", "nope"]);
     assert!(!ok);
     assert!(err.contains("HTTP 404"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_all_reads_every_task_page_by_page_and_refuses_an_unknown_status() {
+    let site = Site::new();
+    let _coord = site.coordinator().await;
+    let ids: Vec<String> = (0..7).map(|i| format!("t-{i}")).collect();
+    for id in &ids {
+        site.submit(id, json!({})).await;
+    }
+    let run = |args: &[&str]| {
+        let out = tether()
+            .args(args)
+            .args(["--coordinator", &site.base])
+            .output()
+            .expect("run tether");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let listed = |out: &str| -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(out).expect("JSON");
+        v.as_array()
+            .expect("a list")
+            .iter()
+            .map(|t| t["task_id"].as_str().expect("id").to_owned())
+            .collect()
+    };
+    // Pages of three: 3 + 3 + 1, every task once, oldest first.
+    let (ok, out, err) = run(&["tasks", "--all", "--limit", "3", "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(listed(&out), ids);
+    // Without --all, the limit is the most listed.
+    let (ok, out, err) = run(&["tasks", "--limit", "3", "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(listed(&out), ids[..3]);
+    let (ok, out, err) = run(&["tasks", "--all", "--limit", "2", "--status", "queued"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains("queued")).count(),
+        7,
+        "{out}"
+    );
+    let (ok, _, err) = run(&["tasks", "--status", "done"]);
+    assert!(!ok);
+    assert!(
+        err.contains("possible values") && err.contains("completed"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["tasks", "--limit", "0"]);
+    assert!(!ok);
+    assert!(err.contains("--limit"), "{err}");
 }

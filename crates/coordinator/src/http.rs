@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! POST /api/v1/tasks                      submit one spec or {"tasks": [specs]}
-//! GET  /api/v1/tasks?status=&limit=&order=&updated_since=
+//! GET  /api/v1/tasks?status=&limit=&order=&updated_since=&after_seq=
 //!                                         list (order: oldest, the default, or newest;
 //!                                         updated_since: changed at or after an RFC 3339 time)
 //! GET  /api/v1/tasks/{id}                 one task with its attempts
@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use tether_proto::{CheckpointId, TaskId, TaskSpec, TaskStatus, WorkerId};
 use tokio::sync::oneshot;
 
-use crate::core::{Api, ApiError, ControlOp, Event};
+use crate::core::{Api, ApiError, ControlOp, Event, TaskQuery};
 use crate::server::AppState;
 
 /// The body of every error: `{"error": {"code": "...", "message": "..."}}`.
@@ -129,12 +129,16 @@ pub async fn submit(
     }
 }
 
+/// Most tasks one listing returns; more are read page by page (`after_seq`).
+const LIST_MAX: usize = 100_000;
+
 #[derive(Deserialize)]
 pub struct ListQuery {
     status: Option<String>,
     limit: Option<usize>,
     order: Option<String>,
     updated_since: Option<String>,
+    after_seq: Option<u64>,
 }
 
 #[utoipa::path(
@@ -143,9 +147,10 @@ pub struct ListQuery {
     tag = "tasks",
     params(
         ("status" = Option<String>, Query, description = "queued, running, paused, completed, failed, cancelled or timed_out"),
-        ("limit" = Option<usize>, Query, description = "at most this many (default 1000)"),
+        ("limit" = Option<usize>, Query, description = "at most this many (default 1000, at most 100000)"),
         ("order" = Option<String>, Query, description = "`oldest` (default): the oldest first; `newest`: the newest first"),
         ("updated_since" = Option<String>, Query, description = "only tasks changed at or after this RFC 3339 time (`updated_at`), e.g. 2026-12-01T12:00:00Z"),
+        ("after_seq" = Option<u64>, Query, description = "the next page: only tasks after the one with this `submit_seq` in the order asked; pass a page's last `submit_seq`. A page shorter than `limit` is the last"),
     ),
     responses(
         (status = 200, description = "Tasks in submission order (or the reverse)", body = Vec<crate::model::Task>),
@@ -182,17 +187,14 @@ pub async fn list_tasks(
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
-    let limit = q.limit.unwrap_or(1000).min(100_000);
-    json(
-        ask(&app, |reply| Api::ListTasks {
-            status,
-            limit,
-            newest_first,
-            updated_since,
-            reply,
-        })
-        .await,
-    )
+    let query = TaskQuery {
+        status,
+        limit: q.limit.unwrap_or(1000).min(LIST_MAX),
+        newest_first,
+        updated_since,
+        after_seq: q.after_seq,
+    };
+    json(ask(&app, |reply| Api::ListTasks { query, reply }).await)
 }
 
 /// An RFC 3339 time of a query.

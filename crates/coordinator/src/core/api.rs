@@ -53,6 +53,41 @@ pub struct Overview {
     pub counters: BTreeMap<&'static str, u64>,
 }
 
+/// Which tasks a listing returns, and in what order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskQuery {
+    pub status: Option<TaskStatus>,
+    pub limit: usize,
+    /// The newest `limit` tasks, newest first, instead of the oldest, oldest first.
+    pub newest_first: bool,
+    /// Only tasks changed at or after this time (their `updated_at`).
+    pub updated_since: Option<DateTime<Utc>>,
+    /// Keyset pagination: only tasks after the one with this `submit_seq` in the order asked
+    /// (submitted after it, or before it when newest first). A page's last `submit_seq` asks
+    /// for the next page; it stays valid when that task is gone (retention) and pages neither
+    /// skip nor repeat a task as new ones arrive.
+    pub after_seq: Option<u64>,
+}
+
+impl TaskQuery {
+    fn admits(&self, t: &Task) -> bool {
+        self.status.is_none_or(|s| t.status == s)
+            && self.updated_since.is_none_or(|since| t.updated_at >= since)
+            && self.after_seq.is_none_or(|a| match self.newest_first {
+                false => t.submit_seq > a,
+                true => t.submit_seq < a,
+            })
+    }
+
+    /// The position of `t` in the order asked.
+    fn rank(&self, t: &Task) -> u64 {
+        match self.newest_first {
+            false => t.submit_seq,
+            true => u64::MAX - t.submit_seq,
+        }
+    }
+}
+
 /// API commands.
 pub enum Api {
     Submit {
@@ -69,12 +104,7 @@ pub enum Api {
         reply: Reply<Task>,
     },
     ListTasks {
-        status: Option<TaskStatus>,
-        limit: usize,
-        /// The newest `limit` tasks, newest first, instead of the oldest, oldest first.
-        newest_first: bool,
-        /// Only tasks changed at or after this time (their `updated_at`).
-        updated_since: Option<DateTime<Utc>>,
+        query: TaskQuery,
         reply: Reply<Vec<Task>>,
     },
     ListWorkers {
@@ -127,25 +157,8 @@ impl Core {
                 let r = self.task(&task).cloned();
                 reply_after_commit(b, reply, r);
             }
-            Api::ListTasks {
-                status,
-                limit,
-                newest_first,
-                updated_since,
-                reply,
-            } => {
-                let mut v: Vec<&Task> = self
-                    .tasks
-                    .values()
-                    .filter(|t| status.is_none_or(|s| t.status == s))
-                    .filter(|t| updated_since.is_none_or(|since| t.updated_at >= since))
-                    .collect();
-                if newest_first {
-                    v.sort_by_key(|t| std::cmp::Reverse(t.submit_seq));
-                } else {
-                    v.sort_by_key(|t| t.submit_seq);
-                }
-                let v = v.into_iter().take(limit).cloned().collect();
+            Api::ListTasks { query, reply } => {
+                let v = self.list_tasks(&query);
                 reply_after_commit(b, reply, Ok(v));
             }
             Api::ListWorkers { reply } => {
@@ -221,6 +234,21 @@ impl Core {
                 reply_after_commit(b, reply, Ok(o));
             }
         }
+    }
+
+    /// The tasks `q` asks for, in its order. One pass over the tasks and a partial selection:
+    /// a page of a large table costs the core no sort of all of it.
+    pub(super) fn list_tasks(&self, q: &TaskQuery) -> Vec<Task> {
+        if q.limit == 0 {
+            return Vec::new();
+        }
+        let mut v: Vec<&Task> = self.tasks.values().filter(|t| q.admits(t)).collect();
+        if v.len() > q.limit {
+            v.select_nth_unstable_by_key(q.limit - 1, |t| q.rank(t));
+            v.truncate(q.limit);
+        }
+        v.sort_unstable_by_key(|t| q.rank(t));
+        v.into_iter().cloned().collect()
     }
 
     fn task(&self, id: &TaskId) -> Result<&Task, ApiError> {

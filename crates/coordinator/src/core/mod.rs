@@ -26,7 +26,7 @@ use tether_proto::{CheckpointId, Seq, TaskId, WorkerId};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-pub use api::{Api, ApiError, ControlOp, Overview};
+pub use api::{Api, ApiError, ControlOp, Overview, TaskQuery};
 
 use crate::config::CoordinatorConfig;
 use crate::model::{CheckpointMeta, IdMap, IdSet, Task, Worker, WorkerState};

@@ -407,6 +407,88 @@ fn retention_removes_only_tasks_that_finished_before_the_cutoff() {
     assert!(b.muts.is_empty());
 }
 
+/// Every page of `q`, each asked with the previous page's last `submit_seq`.
+fn pages(h: &Harness, mut q: super::TaskQuery) -> Vec<Vec<TaskId>> {
+    let mut out = Vec::new();
+    for _ in 0..100 {
+        let page = h.core.list_tasks(&q);
+        let Some(last) = page.last() else {
+            return out;
+        };
+        q.after_seq = Some(last.submit_seq);
+        let short = page.len() < q.limit;
+        out.push(page.into_iter().map(|t| t.task_id).collect());
+        if short {
+            return out;
+        }
+    }
+    panic!("no last page after 100: {out:?}");
+}
+
+#[test]
+fn a_listing_read_page_by_page_returns_every_task_once_in_order_even_past_a_removed_cursor() {
+    let mut h = Harness::new();
+    let ids: Vec<TaskId> = (0..23).map(|_| h.submit()).collect();
+    let q = |limit, newest_first| super::TaskQuery {
+        limit,
+        newest_first,
+        ..Default::default()
+    };
+
+    let oldest = pages(&h, q(5, false));
+    assert_eq!(
+        oldest.iter().map(Vec::len).collect::<Vec<_>>(),
+        [5, 5, 5, 5, 3]
+    );
+    assert_eq!(oldest.concat(), ids);
+    let newest = pages(&h, q(5, true));
+    let mut reversed = ids.clone();
+    reversed.reverse();
+    assert_eq!(newest.concat(), reversed);
+    // One page of all of them, and nothing for a limit of 0.
+    assert_eq!(pages(&h, q(100, false)), vec![ids.clone()]);
+    assert!(h.core.list_tasks(&q(0, false)).is_empty());
+
+    // The cursor is a position, not a task: it still holds once its task is gone (retention),
+    // and a task submitted meanwhile comes on a later page, not a second time.
+    let first = h.core.list_tasks(&q(5, false));
+    let cursor = first.last().expect("a page").submit_seq;
+    h.core.tasks.remove(&ids[4]);
+    let late = h.submit();
+    let rest = h.core.list_tasks(&super::TaskQuery {
+        after_seq: Some(cursor),
+        ..q(100, false)
+    });
+    let mut expected = ids[5..].to_vec();
+    expected.push(late);
+    assert_eq!(
+        rest.into_iter().map(|t| t.task_id).collect::<Vec<_>>(),
+        expected
+    );
+
+    // With a status filter, only the matching tasks, still in pages.
+    let cancelled: Vec<TaskId> = [&ids[1], &ids[9], &ids[17]]
+        .into_iter()
+        .map(|id| {
+            let (tx, mut rx) = tokio::sync::oneshot::channel();
+            h.step(Event::Api(Api::Control {
+                task: id.clone(),
+                op: super::ControlOp::Cancel,
+                reply: tx,
+            }));
+            rx.try_recv().expect("reply").expect("cancelled").task_id
+        })
+        .collect();
+    let only = pages(
+        &h,
+        super::TaskQuery {
+            status: Some(TaskStatus::Cancelled),
+            ..q(2, false)
+        },
+    );
+    assert_eq!(only.concat(), cancelled);
+}
+
 fn checkpoint(seq: u64, task: &TaskId, id: &str, size: u64, chunks: u32) -> WorkerMsg {
     WorkerMsg::Checkpoint(tether_proto::msg::Checkpoint {
         seq: Seq(seq),

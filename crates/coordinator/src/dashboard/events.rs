@@ -12,7 +12,7 @@ use tokio::sync::broadcast::Receiver;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{SNAPSHOT_TASKS, Sample};
-use crate::core::{Api, ApiError, Change};
+use crate::core::{Api, ApiError, Change, TaskQuery};
 use crate::http::ask;
 use crate::server::AppState;
 
@@ -103,14 +103,12 @@ impl Feed {
         let at = tether_proto::msg::now();
         let overview = ask(app, |reply| Api::Overview { reply }).await?;
         let workers = ask(app, |reply| Api::ListWorkers { reply }).await?;
-        let newest = ask(app, |reply| Api::ListTasks {
-            status: None,
+        let query = TaskQuery {
             limit: SNAPSHOT_TASKS,
             newest_first: true,
-            updated_since: None,
-            reply,
-        })
-        .await?;
+            ..TaskQuery::default()
+        };
+        let newest = ask(app, |reply| Api::ListTasks { query, reply }).await?;
         Ok(json_event(
             "snapshot",
             &serde_json::json!({

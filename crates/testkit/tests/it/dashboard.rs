@@ -410,7 +410,7 @@ async fn the_event_stream_starts_with_a_snapshot_follows_changes_and_ends_with_t
 }
 
 #[tokio::test]
-async fn tasks_can_be_listed_by_when_they_last_changed() {
+async fn tasks_can_be_listed_by_when_they_last_changed_and_page_by_page() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
     let client = c.client();
@@ -453,6 +453,29 @@ async fn tasks_can_be_listed_by_when_they_last_changed() {
         .get("/api/v1/tasks?updated_since=2999-01-01T00:00:00Z")
         .await;
     assert_eq!(ids(&none), Vec::<String>::new());
+    // Page by page: a page's last submit_seq asks for the next, combined with the filter.
+    let (_, page) = client
+        .get(&format!(
+            "/api/v1/tasks?updated_since={since}&order=newest&limit=2"
+        ))
+        .await;
+    assert_eq!(ids(&page), [later[1].to_string(), later[0].to_string()]);
+    let cursor = page[1]["submit_seq"].as_u64().expect("submit_seq");
+    let (status, next) = client
+        .get(&format!(
+            "/api/v1/tasks?updated_since={since}&order=newest&limit=2&after_seq={cursor}"
+        ))
+        .await;
+    assert_eq!(status, 200, "{next}");
+    assert_eq!(ids(&next), [first.to_string()]);
+    let (status, e) = client.get("/api/v1/tasks?after_seq=last").await;
+    assert_eq!(status, 400, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("after_seq")),
+        "{e}"
+    );
     let (status, e) = client.get("/api/v1/tasks?updated_since=yesterday").await;
     assert_eq!(status, 422, "{e}");
     assert_eq!(e["error"]["code"], "invalid");
