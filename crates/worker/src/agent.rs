@@ -90,6 +90,12 @@ pub struct AgentShared {
     /// The delay (with jitter) waited before the current connection attempt, µs; 0 before
     /// the first.
     pub backoff_delay_us: AtomicU64,
+    /// When the current (or latest) connection attempt started, µs since the Unix epoch.
+    pub attempt_started_unix_us: AtomicU64,
+    /// When the latest session's registration was acknowledged, µs since the Unix epoch;
+    /// 0 before the first. Stamped where it happens, so a reader that runs later (a
+    /// watcher of the state, a load test's bookkeeping) does not add its own lag.
+    pub registered_unix_us: AtomicU64,
     /// Why the agent failed, if it did.
     pub refusal: Mutex<Option<String>>,
 }
@@ -107,6 +113,13 @@ impl AgentShared {
             changed
         });
     }
+}
+
+/// Microseconds since the Unix epoch (0 for a clock set before it).
+pub(crate) fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// A view of a running agent, for the CLI, the demo and tests.
@@ -279,6 +292,8 @@ impl Agent {
             backoff_factor_milli: AtomicU64::new((cfg.backoff.factor * 1000.0) as u64),
             next_backoff_ms: AtomicU64::new(cfg.backoff.initial.as_millis() as u64),
             backoff_delay_us: AtomicU64::new(0),
+            attempt_started_unix_us: AtomicU64::new(0),
+            registered_unix_us: AtomicU64::new(0),
             refusal: Mutex::new(None),
         });
         Ok(Self {
@@ -378,6 +393,9 @@ impl Agent {
                 s.on_attempt();
             }
             metrics::counter!(m::CONNECTION_ATTEMPTS).increment(1);
+            self.shared
+                .attempt_started_unix_us
+                .store(unix_us(), Ordering::Relaxed);
             self.shared.set_state(ConnState::Connecting);
             let connect = tokio::time::timeout(
                 self.cfg.connect_timeout,

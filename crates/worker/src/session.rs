@@ -638,6 +638,10 @@ impl<'a> Session<'a> {
         }
         self.agent
             .shared
+            .registered_unix_us
+            .store(crate::agent::unix_us(), Ordering::Relaxed);
+        self.agent
+            .shared
             .registrations
             .fetch_add(1, Ordering::Relaxed);
         self.agent.shared.set_state(ConnState::Connected);

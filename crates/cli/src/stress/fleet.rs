@@ -458,36 +458,33 @@ fn start(
     Ok(())
 }
 
-/// Records when each session's attempt started, after what delay, and when it registered.
+/// Records when each session's attempt started, after what delay, and when it registered:
+/// the instants the agent stamped as they happened, not when this task got to run (on a
+/// shard with a thousand agents reconnecting at once, that was milliseconds later).
 async fn watch(handle: AgentHandle, record: Arc<Mutex<WorkerRecord>>) {
     let mut rx = handle.shared.state.subscribe();
-    let mut attempt_us = record.lock().unwrap_or_else(|p| p.into_inner()).started_us;
-    let mut delay_us = 0;
     let mut registered = 0;
     loop {
         let state = *rx.borrow_and_update();
         match state {
-            ConnState::Connecting => {
-                attempt_us = now_us();
-                delay_us = handle.shared.backoff_delay_us.load(Ordering::Relaxed);
-            }
             ConnState::Connected => {
                 let n = handle.registrations();
                 if n > registered {
                     registered = n;
+                    let shared = &handle.shared;
                     record
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .sessions
                         .push(SessionRecord {
-                            attempt_us,
-                            registered_us: now_us(),
-                            delay_us,
+                            attempt_us: shared.attempt_started_unix_us.load(Ordering::Relaxed),
+                            registered_us: shared.registered_unix_us.load(Ordering::Relaxed),
+                            delay_us: shared.backoff_delay_us.load(Ordering::Relaxed),
                         });
                 }
             }
             ConnState::Failed | ConnState::Shutdown => return,
-            ConnState::Disconnected => {}
+            ConnState::Connecting | ConnState::Disconnected => {}
         }
         if rx.changed().await.is_err() {
             return;

@@ -230,3 +230,45 @@ async fn a_large_checkpoint_over_a_slow_link_does_not_starve_the_session() {
     w.stop().await.expect("stop");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn an_agent_stamps_each_attempt_and_registration_when_they_happen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let before = unix_us();
+    let (c, proxy, w) = worker_behind_proxy(&dir).await;
+    let shared = &w.handle.shared;
+    let stamps = || {
+        (
+            shared.attempt_started_unix_us.load(Ordering::Relaxed),
+            shared.registered_unix_us.load(Ordering::Relaxed),
+        )
+    };
+    let (a1, r1) = stamps();
+    assert!(
+        before <= a1 && a1 <= r1 && r1 <= unix_us(),
+        "{before} {a1} {r1}"
+    );
+    // Cut off: the next registration is stamped after the attempt that made it, which
+    // started no sooner than the backoff delay after the first session ended.
+    proxy.down().await;
+    w.handle.wait_state(|s| s != ConnState::Connected).await;
+    proxy.up().await.expect("proxy up");
+    wait_for("a second registration", DEADLINE, || async {
+        (w.handle.registrations() >= 2).then_some(())
+    })
+    .await;
+    let (a2, r2) = stamps();
+    let delay = shared.backoff_delay_us.load(Ordering::Relaxed);
+    assert!(delay > 0, "a reconnection waits a backoff delay");
+    assert!(a2 >= r1 + delay, "attempt {a2} after {r1} + {delay}");
+    assert!(a2 <= r2 && r2 <= unix_us(), "{a2} {r2}");
+    w.stop().await.expect("stop");
+    c.stop().await;
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_micros() as u64
+}
