@@ -175,6 +175,24 @@ impl TestWorker {
         self.shutdown.cancel();
         self.join.await.expect("agent task")
     }
+
+    /// Waits until the agent's connection state satisfies `f`, for at most twice
+    /// [`DEADLINE`]: a test whose awaited change never comes fails, naming the state the
+    /// worker is in, instead of hanging the suite.
+    pub async fn wait_state(
+        &self,
+        f: impl Fn(tether_worker::ConnState) -> bool,
+    ) -> tether_worker::ConnState {
+        match tokio::time::timeout(2 * DEADLINE, self.handle.wait_state(f)).await {
+            Ok(s) => s,
+            Err(_) => panic!(
+                "worker {} still {:?} after {:?}",
+                self.handle.shared.worker_id,
+                self.handle.state(),
+                2 * DEADLINE
+            ),
+        }
+    }
 }
 
 /// Starts a worker agent.

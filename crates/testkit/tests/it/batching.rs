@@ -271,7 +271,7 @@ async fn workers_that_batch_lose_nothing_with_integrity_tags_and_compression() {
         wc.batching = batching;
         wc.compress_threshold = 256;
         let w = spawn_worker(wc, Executors::builtin());
-        w.handle.wait_state(|s| s == ConnState::Connected).await;
+        w.wait_state(|s| s == ConnState::Connected).await;
         let specs: Vec<_> = (0..tasks).map(|_| sleep_task(600, 6, 2)).collect();
         let ids = client.submit(&specs).await;
         if batching {

@@ -41,8 +41,8 @@ async fn the_dashboard_shows_the_fleet_a_task_and_a_worker_cut_off_and_back() {
         fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w2"),
         Executors::builtin(),
     );
-    w1.handle.wait_state(|s| s == ConnState::Connected).await;
-    w2.handle.wait_state(|s| s == ConnState::Connected).await;
+    w1.wait_state(|s| s == ConnState::Connected).await;
+    w2.wait_state(|s| s == ConnState::Connected).await;
 
     // The page loads and shows the workers.
     browser.navigate(&format!("http://{}/", c.addr)).await;
@@ -237,7 +237,7 @@ async fn with_tokens_the_dashboard_asks_for_one_and_its_controls_need_the_admin_
     cfg.api_tokens = Some(tokens);
     let c = spawn_coordinator_with(cfg, None).await;
     let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w.wait_state(|s| s == ConnState::Connected).await;
     let admin = Client::with_token(&format!("http://{}", c.addr), "admin-token-for-tests");
 
     // The page itself is public; its data is not.

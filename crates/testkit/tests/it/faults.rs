@@ -28,7 +28,7 @@ async fn worker_behind_proxy(dir: &tempfile::TempDir) -> (TestCoordinator, Proxy
         fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w1"),
         Executors::builtin(),
     );
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w.wait_state(|s| s == ConnState::Connected).await;
     (c, proxy, w)
 }
 
@@ -50,7 +50,7 @@ async fn a_black_holed_worker_is_detected_by_both_sides_and_its_task_completes_o
         .await
         .expect("fault");
     // No FIN, no RST: only the heartbeat timeout can notice.
-    w.handle.wait_state(|s| s != ConnState::Connected).await;
+    w.wait_state(|s| s != ConnState::Connected).await;
     wait_for("the coordinator to notice", DEADLINE, || async {
         let ws: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
         (ws[0]["state"] == "disconnected").then_some(())
@@ -61,7 +61,7 @@ async fn a_black_holed_worker_is_detected_by_both_sides_and_its_task_completes_o
         stats.bytes_dropped > 0,
         "the black hole dropped bytes: {stats:?}"
     );
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w.wait_state(|s| s == ConnState::Connected).await;
     client.wait_status(&ids[0], "completed").await;
     assert_eq!(client.results(&ids[0]).await.len(), 1);
     assert_eq!(w.handle.executions(), 1);
@@ -103,7 +103,7 @@ async fn cancel_and_pause_reach_a_running_command_through_resets() {
     })
     .await;
     drop(reset);
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w.wait_state(|s| s == ConnState::Connected).await;
     let (s, _) = client.control(&ids[0], "pause").await;
     assert_eq!(s, 200);
     wait_for("the command to be stopped", DEADLINE, || async {
@@ -173,7 +173,7 @@ async fn a_large_checkpoint_over_a_slow_link_does_not_starve_the_session() {
     let mut executors = Executors::builtin();
     executors.register("big_checkpoint", BigCheckpoint(SIZE));
     let w = spawn_worker(cfg, executors);
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w.wait_state(|s| s == ConnState::Connected).await;
     // About 4 MB of base64 upstream at 400 kB/s: ten seconds of upload, several times the
     // liveness timeout of both sides.
     let slow = proxy
@@ -251,7 +251,7 @@ async fn an_agent_stamps_each_attempt_and_registration_when_they_happen() {
     // Cut off: the next registration is stamped after the attempt that made it, which
     // started no sooner than the backoff delay after the first session ended.
     proxy.down().await;
-    w.handle.wait_state(|s| s != ConnState::Connected).await;
+    w.wait_state(|s| s != ConnState::Connected).await;
     proxy.up().await.expect("proxy up");
     wait_for("a second registration", DEADLINE, || async {
         (w.handle.registrations() >= 2).then_some(())

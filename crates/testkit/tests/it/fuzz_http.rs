@@ -53,7 +53,7 @@ async fn random_json_bodies_get_a_clear_answer_and_never_a_server_error() {
         fast_worker_config(&c.ws_url(), "w-fuzz"),
         Executors::builtin(),
     );
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w.wait_state(|s| s == ConnState::Connected).await;
     let http = reqwest::Client::new();
     let base = format!("http://{}", c.addr);
     let cases: u32 = std::env::var("PROPTEST_CASES")

@@ -42,7 +42,7 @@ async fn connected_honest_worker(c: &TestCoordinator) -> TestWorker {
         fast_worker_config(&c.ws_url(), "honest"),
         Executors::builtin(),
     );
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w.wait_state(|s| s == ConnState::Connected).await;
     w
 }
 
@@ -57,10 +57,7 @@ async fn a_wrong_or_missing_secret_stops_the_worker_for_good_and_honest_workers_
     let dir = tempfile::tempdir().expect("tempdir");
     let c = authed_coordinator(dir.path()).await;
     let honest = honest_worker(&c, "honest");
-    honest
-        .handle
-        .wait_state(|s| s == ConnState::Connected)
-        .await;
+    honest.wait_state(|s| s == ConnState::Connected).await;
 
     let mut wrong = fast_worker_config(&c.ws_url(), "honest");
     wrong.secret = Some(Secret::new(b"not the fleet secret at all").expect("secret"));
@@ -110,9 +107,9 @@ async fn every_reconnect_authenticates_again_with_a_fresh_nonce() {
     let mut cfg = fast_worker_config(&relay.url(), "roamer");
     cfg.secret = Some(fleet_secret());
     let w = spawn_worker(cfg, Executors::builtin());
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w.wait_state(|s| s == ConnState::Connected).await;
     relay.cut();
-    w.handle.wait_state(|s| s != ConnState::Connected).await;
+    w.wait_state(|s| s != ConnState::Connected).await;
     relay.restore();
     wait_for("a second registration", DEADLINE, || async {
         (w.handle.registrations() >= 2).then_some(())
@@ -157,11 +154,8 @@ async fn per_worker_secrets_from_a_directory_override_the_fleet_secret() {
     own.secret = Some(Secret::new(b"the special worker's own secret").expect("secret"));
     let special = spawn_worker(own, Executors::builtin());
     let other = honest_worker(&c, "ordinary");
-    special
-        .handle
-        .wait_state(|s| s == ConnState::Connected)
-        .await;
-    other.handle.wait_state(|s| s == ConnState::Connected).await;
+    special.wait_state(|s| s == ConnState::Connected).await;
+    other.wait_state(|s| s == ConnState::Connected).await;
     honest_work_completes(&c.client(), 4).await;
     special.stop().await.expect("clean stop");
     other.stop().await.expect("clean stop");
@@ -173,10 +167,7 @@ async fn a_replayed_or_repeated_handshake_is_refused_and_the_honest_session_is_u
     let dir = tempfile::tempdir().expect("tempdir");
     let c = authed_coordinator(dir.path()).await;
     let honest = honest_worker(&c, "honest");
-    honest
-        .handle
-        .wait_state(|s| s == ConnState::Connected)
-        .await;
+    honest.wait_state(|s| s == ConnState::Connected).await;
 
     // An eavesdropper captured a valid signed registration of "victim" on one connection...
     let mut first = Raw::connect(&c, "victim").await;
@@ -326,7 +317,7 @@ async fn the_http_api_needs_a_token_of_the_right_scope_and_workers_are_unaffecte
         fast_worker_config(&c.ws_url(), "w-api"),
         Executors::builtin(),
     );
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w.wait_state(|s| s == ConnState::Connected).await;
     let ids = admin.submit(&[sleep_task(50, 1, 0)]).await;
     admin.wait_status(&ids[0], "completed").await;
     let (s, v) = reader.get(&format!("/api/v1/tasks/{}", ids[0])).await;
@@ -561,10 +552,7 @@ async fn compression_is_negotiated_and_a_decompression_bomb_is_refused_with_1009
     let mut wcfg = fast_worker_config(&c.ws_url(), "honest");
     wcfg.max_frame = 256 * 1024;
     let honest = spawn_worker(wcfg, Executors::builtin());
-    honest
-        .handle
-        .wait_state(|s| s == ConnState::Connected)
-        .await;
+    honest.wait_state(|s| s == ConnState::Connected).await;
 
     // The bomb: 64 MiB of zeros in a few KiB, from a client that negotiated zstd.
     let mut m = Raw::connect(&c, "bomber").await;

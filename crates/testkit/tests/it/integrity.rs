@@ -35,7 +35,7 @@ async fn honest_worker(url: &str, id: &str) -> TestWorker {
     let mut cfg = fast_worker_config(url, id);
     cfg.secret = Some(secret());
     let w = spawn_worker(cfg, Executors::builtin());
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w.wait_state(|s| s == ConnState::Connected).await;
     w
 }
 

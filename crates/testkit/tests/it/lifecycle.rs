@@ -7,7 +7,7 @@ async fn a_worker_registers_and_runs_a_task_to_one_result() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
     let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w.wait_state(|s| s == ConnState::Connected).await;
     let client = c.client();
     let ids = client.submit(&[sleep_task(100, 4, 0)]).await;
     let t = client.wait_status(&ids[0], "completed").await;
@@ -42,8 +42,8 @@ async fn two_workers_with_distinct_ids_stay_distinct_and_share_the_work() {
         ),
         Executors::builtin(),
     );
-    a.handle.wait_state(|s| s == ConnState::Connected).await;
-    b.handle.wait_state(|s| s == ConnState::Connected).await;
+    a.wait_state(|s| s == ConnState::Connected).await;
+    b.wait_state(|s| s == ConnState::Connected).await;
     let client = c.client();
     let workers: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
     let ids: Vec<&str> = workers
@@ -68,7 +68,7 @@ async fn a_second_connection_with_the_same_id_replaces_the_first_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
     let first = spawn_worker(fast_worker_config(&c.ws_url(), "dup"), Executors::builtin());
-    first.handle.wait_state(|s| s == ConnState::Connected).await;
+    first.wait_state(|s| s == ConnState::Connected).await;
     // A stand-in for the same worker: a raw session that registers under the same id.
     let url = format!("ws://{}/api/v1/worker/dup/ws", c.addr);
     let (mut ws, _) = tokio_tungstenite::connect_async(&url)
@@ -79,8 +79,8 @@ async fn a_second_connection_with_the_same_id_replaces_the_first_cleanly() {
     assert!(welcome.to_text().expect("text").contains("\"welcome\""));
     // The first worker's session is closed with 4009 and it reconnects, replacing ours; the
     // late close of each replaced session never unregisters the live one.
-    first.handle.wait_state(|s| s != ConnState::Connected).await;
-    first.handle.wait_state(|s| s == ConnState::Connected).await;
+    first.wait_state(|s| s != ConnState::Connected).await;
+    first.wait_state(|s| s == ConnState::Connected).await;
     let closed = ws.next().await;
     assert!(
         matches!(closed, Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(ref f)))) if u16::from(f.code) == 4009),
@@ -111,7 +111,7 @@ async fn cancel_and_pause_reach_a_running_task() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
     let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w.wait_state(|s| s == ConnState::Connected).await;
     let client = c.client();
     let ids = client
         .submit(&[sleep_task(60_000, 600, 1), sleep_task(60_000, 600, 0)])
@@ -160,7 +160,7 @@ async fn a_task_past_its_timeout_ends_timed_out_with_one_result() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
     let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w.wait_state(|s| s == ConnState::Connected).await;
     let client = c.client();
     let mut spec = TaskSpec::new(
         "command",

@@ -23,7 +23,7 @@ async fn metrics_families_are_served_and_move_with_a_run_with_a_reconnection() {
         fast_worker_config(&relay.url(), "metrics-w1"),
         Executors::builtin(),
     );
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w.wait_state(|s| s == ConnState::Connected).await;
     let client = c.client();
     let ids = client.submit(&[sleep_task(30, 4, 2)]).await;
     client.wait_status(&ids[0], "completed").await;
@@ -37,9 +37,9 @@ async fn metrics_families_are_served_and_move_with_a_run_with_a_reconnection() {
     client.wait_status(&big[0], "completed").await;
     // A reconnection: cut the link, let the worker notice, restore it.
     relay.cut();
-    w.handle.wait_state(|s| s != ConnState::Connected).await;
+    w.wait_state(|s| s != ConnState::Connected).await;
     relay.restore();
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w.wait_state(|s| s == ConnState::Connected).await;
     // Telemetry carries the worker's RTT; wait until the coordinator has recorded some.
     let after = wait_for("telemetry with a heartbeat RTT", DEADLINE, || async {
         let t = scrape(&url).await;

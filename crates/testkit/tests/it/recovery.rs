@@ -9,7 +9,7 @@ async fn a_result_finished_while_disconnected_is_recorded_once_after_reconnect()
     let c = spawn_coordinator(dir.path().to_owned()).await;
     let relay = Relay::start(c.addr).await;
     let w = spawn_worker(fast_worker_config(&relay.url(), "w1"), Executors::builtin());
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w.wait_state(|s| s == ConnState::Connected).await;
     let client = c.client();
     let ids = client.submit(&[sleep_task(1500, 15, 0)]).await;
     wait_for("the worker to run the task", DEADLINE, || async {
@@ -17,7 +17,7 @@ async fn a_result_finished_while_disconnected_is_recorded_once_after_reconnect()
     })
     .await;
     relay.cut();
-    w.handle.wait_state(|s| s != ConnState::Connected).await;
+    w.wait_state(|s| s != ConnState::Connected).await;
     // The task finishes offline; its result waits in the outbox.
     wait_for("the result to be produced offline", DEADLINE, || async {
         (w.handle.outbox.pending_results().len() == 1).then_some(())
@@ -40,7 +40,7 @@ async fn a_lost_worker_s_task_resumes_elsewhere_from_its_checkpoint_and_its_late
     let c = spawn_coordinator(dir.path().to_owned()).await;
     let relay = Relay::start(c.addr).await;
     let a = spawn_worker(fast_worker_config(&relay.url(), "a"), Executors::builtin());
-    a.handle.wait_state(|s| s == ConnState::Connected).await;
+    a.wait_state(|s| s == ConnState::Connected).await;
     let client = c.client();
     // 40 steps of 200 ms, a checkpoint every 2 steps.
     let ids = client.submit(&[sleep_task(8_000, 40, 2)]).await;
@@ -116,7 +116,7 @@ async fn a_restarted_coordinator_keeps_tasks_and_leases_and_records_each_result_
     let c = spawn_coordinator(dir.path().to_owned()).await;
     let addr = c.addr;
     let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w.wait_state(|s| s == ConnState::Connected).await;
     let client = c.client();
     let ids = client
         .submit(&[
@@ -127,7 +127,7 @@ async fn a_restarted_coordinator_keeps_tasks_and_leases_and_records_each_result_
         .await;
     client.wait_status(&ids[0], "running").await;
     c.stop().await;
-    w.handle.wait_state(|s| s != ConnState::Connected).await;
+    w.wait_state(|s| s != ConnState::Connected).await;
     let c =
         spawn_coordinator_with(fast_coordinator_config(dir.path().to_owned()), Some(addr)).await;
     let client = c.client();

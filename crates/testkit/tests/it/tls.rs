@@ -80,7 +80,7 @@ async fn tls_workers_verify_the_coordinator_and_untrusted_or_plain_clients_get_n
     let mut wcfg = fast_worker_config(&url, "tls-w");
     wcfg.ca_file = Some(cert.clone());
     let w = spawn_worker(wcfg, Executors::builtin());
-    w.handle.wait_state(|s| s == ConnState::Connected).await;
+    w.wait_state(|s| s == ConnState::Connected).await;
 
     // Without the CA the worker does not trust the coordinator: it stops (or cannot even start
     // when the machine has no system roots).
