@@ -20,7 +20,7 @@ use futures_util::{SinkExt, StreamExt};
 use tether_proto::auth::{AuthError, Challenge, NONCE_BYTES, to_hex};
 use tether_proto::codec::{MAX_BATCH_MESSAGES, decode_worker_batch};
 use tether_proto::compress::{InflateError, ZSTD, deflate, inflate};
-use tether_proto::endpoint::{PathError, parse_endpoint_path};
+use tether_proto::endpoint::{PathError, is_pipelined, parse_endpoint_path};
 use tether_proto::integrity::{
     self, DEFAULT_MAX_FAILURES, Direction, HMAC_SHA256, MacError, Opener, Sealer, SessionKey,
 };
@@ -100,12 +100,15 @@ pub async fn upgrade(
             "this endpoint speaks WebSocket only",
         );
     };
+    // A worker that registers without waiting for the welcome: with no authentication asked,
+    // the welcome can wait for the registration's acknowledgement and go in its write.
+    let hold_welcome = app.cfg.auth.is_none() && is_pipelined(uri.query());
     let max = app.cfg.max_frame;
     ws.max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(WS_READ_BUFFER)
         .write_buffer_size(WS_WRITE_BUFFER)
-        .on_upgrade(move |socket| session(app, worker, socket))
+        .on_upgrade(move |socket| session(app, worker, socket, hold_welcome))
 }
 
 /// Splits the socket before the session's future is made, so that the socket (moved into the
@@ -114,9 +117,10 @@ fn session(
     app: Arc<AppState>,
     worker: WorkerId,
     socket: WebSocket,
+    hold_welcome: bool,
 ) -> impl Future<Output = ()> + Send {
     let (sink, stream) = socket.split();
-    run(app, worker, Tx { sink, seal: None }, stream)
+    run(app, worker, Tx { sink, seal: None }, stream, hold_welcome)
 }
 
 /// What the handshake leaves to the session loop.
@@ -197,13 +201,16 @@ struct Outbound {
     compact_acks: bool,
 }
 
-/// Welcome, authentication (when on), and the session's announcement to the core.
+/// Welcome, authentication (when on), and the session's announcement to the core. With
+/// `hold_welcome` (a worker that registers first, no authentication) the welcome is only
+/// buffered: the session's first write, the registration's acknowledgement, carries it.
 async fn handshake(
     app: &AppState,
     worker: &WorkerId,
     session_id: u64,
     out: &mut Tx,
     stream: &mut SplitStream<WebSocket>,
+    hold_welcome: bool,
 ) -> Option<Opened> {
     let timeout = app.cfg.heartbeat_timeout;
     // The welcome tells the configured cadence (a worker beats at it, or at its own when
@@ -230,7 +237,14 @@ async fn handshake(
         integrity,
         timestamp: now(),
     });
-    if !out.send(Instant::now() + timeout, &welcome).await {
+    let sent = match hold_welcome && nonce.is_none() {
+        true => {
+            out.feed_framed(Instant::now() + timeout, &welcome, None, None)
+                .await
+        }
+        false => out.send(Instant::now() + timeout, &welcome).await,
+    };
+    if !sent {
         return None;
     }
     // With authentication on, the core hears of this connection only once it proved who it
@@ -296,6 +310,7 @@ async fn run(
     worker: WorkerId,
     mut out: Tx,
     mut stream: SplitStream<WebSocket>,
+    hold_welcome: bool,
 ) {
     let session_id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     // Boxed: the handshake runs once, and its state should not size every idle session.
@@ -303,7 +318,15 @@ async fn run(
         mut rx,
         mut open,
         mut agreed,
-    }) = Box::pin(handshake(&app, &worker, session_id, &mut out, &mut stream)).await
+    }) = Box::pin(handshake(
+        &app,
+        &worker,
+        session_id,
+        &mut out,
+        &mut stream,
+        hold_welcome,
+    ))
+    .await
     else {
         return;
     };
@@ -1192,8 +1215,8 @@ fn is_too_big(e: &axum::Error) -> bool {
 mod tests {
     use super::*;
 
-    /// The size of the future an async fn of four arguments returns, without making one.
-    fn future_size<F: Future, A, B, C, D>(_: fn(A, B, C, D) -> F) -> usize {
+    /// The size of the future an async fn of five arguments returns, without making one.
+    fn future_size<F: Future, A, B, C, D, E>(_: fn(A, B, C, D, E) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 

@@ -51,7 +51,9 @@ pub(crate) fn inspect(buf: &[u8]) -> Sniff {
     };
     let mut parts = line.split(' ');
     let worker = match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(_method), Some(path), Some(version), None) if version.starts_with("HTTP/") => {
+        (Some(_method), Some(target), Some(version), None) if version.starts_with("HTTP/") => {
+            // The path, without the query (`?pipelined=1` of a worker that registers first).
+            let path = target.split_once('?').map_or(target, |(path, _)| path);
             parse_endpoint_path(path).ok()
         }
         _ => None,
@@ -118,6 +120,10 @@ mod tests {
         assert_eq!(
             inspect(b"GET /api/v1/worker/a%40b/ws HTTP/1.1\n"),
             Sniff::Done(w("a@b"))
+        );
+        assert_eq!(
+            inspect(b"GET /api/v1/worker/w-2/ws?pipelined=1 HTTP/1.1\r\n"),
+            Sniff::Done(w("w-2"))
         );
     }
 

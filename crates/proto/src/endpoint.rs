@@ -13,6 +13,17 @@ use crate::ids::{IdError, WorkerId};
 /// The literal placeholder a configured endpoint URL may hold.
 pub const PLACEHOLDER: &str = "{worker_id}";
 
+/// The query a worker adds to its endpoint URL when it sends its registration without waiting
+/// for the welcome (it has no secret to sign the welcome's nonce with). A coordinator that
+/// asks no authentication then holds the welcome and writes it together with the
+/// registration's acknowledgement: one write and one wake-up less a registration.
+pub const PIPELINED_QUERY: &str = "pipelined=1";
+
+/// Whether an endpoint URL's query (the part after `?`) holds [`PIPELINED_QUERY`].
+pub fn is_pipelined(query: Option<&str>) -> bool {
+    query.is_some_and(|q| q.split('&').any(|p| p == PIPELINED_QUERY))
+}
+
 /// Path segments before the worker id.
 const PREFIX: [&str; 3] = ["api", "v1", "worker"];
 
@@ -221,6 +232,21 @@ mod tests {
 
     fn id(s: &str) -> WorkerId {
         WorkerId::parse(s).expect("valid id")
+    }
+
+    #[test]
+    fn only_the_exact_pipelined_pair_says_the_worker_registers_first() {
+        assert!(is_pipelined(Some("pipelined=1")));
+        assert!(is_pipelined(Some("x=2&pipelined=1")));
+        for q in [
+            None,
+            Some(""),
+            Some("pipelined=0"),
+            Some("pipelined=10"),
+            Some("xpipelined=1"),
+        ] {
+            assert!(!is_pipelined(q), "{q:?}");
+        }
     }
 
     fn path_of(url: &str) -> String {

@@ -115,6 +115,13 @@ impl AgentShared {
     }
 }
 
+/// Whether the worker sends its registration right after the upgrade instead of after the
+/// welcome: without a secret, nothing of the welcome goes into it (no signature over its nonce,
+/// no session key). Its endpoint URL then says so ([`tether_proto::endpoint::PIPELINED_QUERY`]).
+pub(crate) fn registers_first(cfg: &WorkerConfig) -> bool {
+    cfg.secret.is_none() && !cfg.require_message_mac
+}
+
 /// Microseconds since the Unix epoch (0 for a clock set before it).
 pub(crate) fn unix_us() -> u64 {
     std::time::SystemTime::now()
@@ -228,7 +235,11 @@ impl Agent {
         executors: Executors,
         connector: Option<Arc<dyn Connector>>,
     ) -> Result<Self, AgentError> {
-        let endpoint = derive_endpoint(&cfg.coordinator, &cfg.worker_id)?;
+        let mut endpoint = derive_endpoint(&cfg.coordinator, &cfg.worker_id)?;
+        if registers_first(&cfg) {
+            endpoint.push('?');
+            endpoint.push_str(tether_proto::endpoint::PIPELINED_QUERY);
+        }
         let (state, restored) = match &cfg.state_dir {
             Some(dir) => {
                 let (sd, restored) = StateDir::open(dir, &cfg.worker_id)

@@ -521,8 +521,10 @@ impl<'a> Session<'a> {
         // registration (no signature over its nonce, no session key), so it sends the
         // registration first: the coordinator finds it waiting once its welcome is out, a round
         // trip and a wake-up sooner on both sides, which counts when a fleet reconnects at once.
-        // The welcome is still read and checked before the acknowledgement is taken.
-        let sent_first = self.agent.cfg.secret.is_none() && !self.agent.cfg.require_message_mac;
+        // Its endpoint URL says so, and a coordinator that asks no authentication then writes
+        // the welcome with the acknowledgement. The welcome is still read and checked before
+        // the acknowledgement is taken.
+        let sent_first = crate::agent::registers_first(&self.agent.cfg);
         if sent_first {
             let reg = self.registration(now(), None, None);
             self.send(&reg).await.map_err(SessionEnd::NotRegistered)?;

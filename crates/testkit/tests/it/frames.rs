@@ -205,3 +205,68 @@ async fn the_coordinator_decodes_and_handles_every_worker_message() {
     assert_eq!(o["counters"]["malformed_frames"], 0);
     c.stop().await;
 }
+
+/// A registration of `id` with nothing of a welcome in it (no signature).
+fn bare_registration(id: &str) -> serde_json::Value {
+    serde_json::json!({
+        "type": "registration",
+        "worker_id": id,
+        "protocol_version": tether_proto::PROTOCOL_VERSION,
+        "boot_id": "b-1",
+        "capabilities": [],
+        "slots": 1,
+        "executors": ["sleep"],
+        "timestamp": chrono::Utc::now(),
+    })
+}
+
+#[tokio::test]
+async fn a_worker_that_registers_first_gets_its_welcome_with_the_acknowledgement() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let url = |addr, id: &str, query: &str| format!("ws://{addr}/api/v1/worker/{id}/ws{query}");
+    let quiet = std::time::Duration::from_millis(300);
+
+    // Saying so: nothing comes before the registration; then the welcome, then its ack.
+    let (mut ws, _) = tokio_tungstenite::connect_async(url(c.addr, "p1", "?pipelined=1"))
+        .await
+        .expect("connect");
+    assert!(
+        tokio::time::timeout(quiet, ws.next()).await.is_err(),
+        "the welcome waits for the registration"
+    );
+    ws.send(Message::text(bare_registration("p1").to_string()))
+        .await
+        .expect("send");
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    assert_eq!(welcome["worker_id"], "p1", "{welcome}");
+    let ack = next_json(&mut ws).await;
+    assert_eq!(ack["type"], "registration_ack", "{ack}");
+
+    // Not saying so: the welcome comes at once, as a worker that waits for it needs.
+    let (mut ws, _) = tokio_tungstenite::connect_async(url(c.addr, "p2", ""))
+        .await
+        .expect("connect");
+    let welcome = tokio::time::timeout(DEADLINE, next_json(&mut ws))
+        .await
+        .expect("a welcome without a registration");
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    c.stop().await;
+
+    // A coordinator that asks authentication never holds it: its nonce is to be signed.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.auth = Some(tether_coordinator::auth::WorkerAuth::fleet(
+        tether_proto::auth::Secret::new(b"a fleet secret of the frames test").expect("secret"),
+    ));
+    let c = spawn_coordinator_with(cfg, None).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(url(c.addr, "p3", "?pipelined=1"))
+        .await
+        .expect("connect");
+    let welcome = tokio::time::timeout(DEADLINE, next_json(&mut ws))
+        .await
+        .expect("a welcome without a registration");
+    assert!(welcome["nonce"].is_string(), "{welcome}");
+    c.stop().await;
+}

@@ -51,6 +51,8 @@ pub const TOGETHER: usize = 8;
 pub struct FakeConnector {
     pub script: Arc<Mutex<Script>>,
     pub attempts: Arc<Mutex<Vec<Instant>>>,
+    /// The URL of each attempt.
+    pub urls: Arc<Mutex<Vec<String>>>,
     /// `task_state` messages in each frame that carried any ([`Script::AssignTogether`]).
     pub states_per_frame: Arc<Mutex<Vec<usize>>>,
 }
@@ -60,6 +62,7 @@ impl FakeConnector {
         Self {
             script: Arc::new(Mutex::new(script)),
             attempts: Arc::default(),
+            urls: Arc::default(),
             states_per_frame: Arc::default(),
         }
     }
@@ -80,6 +83,7 @@ impl Connector for FakeConnector {
         config: WebSocketConfig,
     ) -> BoxFuture<'static, Result<WsStream, ConnectError>> {
         self.attempts.lock().expect("lock").push(Instant::now());
+        self.urls.lock().expect("lock").push(url.clone());
         let script = *self.script.lock().expect("lock");
         let states = self.states_per_frame.clone();
         Box::pin(async move {

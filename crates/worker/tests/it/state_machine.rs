@@ -189,7 +189,7 @@ async fn a_worker_beats_at_the_coordinator_s_interval_when_it_is_shorter_than_it
 
 /// A worker without a secret needs nothing of the welcome for its registration, so it sends it
 /// at once (a round trip sooner when a whole fleet reconnects): it registers even with a
-/// coordinator that answers only once the registration is in.
+/// coordinator that answers only once the registration is in, and its endpoint URL says so.
 #[tokio::test(start_paused = true)]
 async fn a_worker_without_a_secret_registers_before_the_welcome_arrives() {
     let fake = FakeConnector::new(Script::WelcomeAfterRegistration);
@@ -203,5 +203,25 @@ async fn a_worker_without_a_secret_registers_before_the_welcome_arrives() {
     .expect("registered without waiting for the welcome");
     assert_eq!(handle.registrations(), 1);
     assert_eq!(fake.attempts().len(), 1);
+    running.stop().await;
+    // Its endpoint URL says so (the coordinator may then send the welcome with the ack); a
+    // worker with a secret waits for the welcome's nonce and says nothing.
+    let urls = fake.urls.lock().expect("lock").clone();
+    assert_eq!(
+        urls,
+        ["ws://coordinator.invalid:1/api/v1/worker/w/ws?pipelined=1"]
+    );
+    let fake = FakeConnector::new(Script::Healthy);
+    let mut cfg = config();
+    cfg.secret = Some(
+        tether_proto::auth::Secret::new(b"a secret of the state machine test").expect("secret"),
+    );
+    let running = Running::start(&fake, cfg);
+    running
+        .handle
+        .wait_state(|s| s == ConnState::Connected)
+        .await;
+    let urls = fake.urls.lock().expect("lock").clone();
+    assert_eq!(urls, ["ws://coordinator.invalid:1/api/v1/worker/w/ws"]);
     running.stop().await;
 }
