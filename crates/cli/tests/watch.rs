@@ -161,6 +161,20 @@ impl Watcher {
     }
 }
 
+/// Runs a client command against the coordinator at `base`: success, stdout, stderr.
+fn client(base: &str, args: &[&str]) -> (bool, String, String) {
+    let out = tether()
+        .args(args)
+        .args(["--coordinator", base])
+        .output()
+        .expect("run tether");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 async fn wait_ready(http: &reqwest::Client, base: &str) {
     tether_testkit::wait_for("the coordinator to answer", LONG, || async {
         let r = http.get(format!("{base}/healthz")).send().await.ok()?;
@@ -416,18 +430,7 @@ async fn checkpoint_asks_a_running_task_for_one_and_task_shows_its_state_and_che
     )
     .await;
     let _w = worker(site.addr, "w1");
-    let run = |args: &[&str]| {
-        let out = tether()
-            .args(args)
-            .args(["--coordinator", &site.base])
-            .output()
-            .expect("run tether");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| client(&site.base, args);
     tether_testkit::wait_for("the task to report progress", LONG, || async {
         let (_, out, _) = run(&["task", "long", "--json"]);
         let v: serde_json::Value = serde_json::from_str(&out).ok()?;
@@ -468,18 +471,7 @@ async fn tasks_all_reads_every_task_page_by_page_and_refuses_an_unknown_status()
     for id in &ids {
         site.submit(id, json!({})).await;
     }
-    let run = |args: &[&str]| {
-        let out = tether()
-            .args(args)
-            .args(["--coordinator", &site.base])
-            .output()
-            .expect("run tether");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| client(&site.base, args);
     let listed = |out: &str| -> Vec<String> {
         let v: serde_json::Value = serde_json::from_str(out).expect("JSON");
         v.as_array()
