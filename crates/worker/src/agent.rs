@@ -122,8 +122,9 @@ pub(crate) fn registers_first(cfg: &WorkerConfig) -> bool {
     cfg.secret.is_none() && !cfg.require_message_mac
 }
 
-/// Microseconds since the Unix epoch (0 for a clock set before it).
-pub(crate) fn unix_us() -> u64 {
+/// Microseconds since the Unix epoch (0 for a clock set before it): the clock of
+/// [`AgentShared`]'s stamps, which other processes on the machine read too.
+pub fn unix_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)

@@ -155,12 +155,10 @@ pub struct FleetReport {
     pub workers: Vec<WorkerRecord>,
 }
 
-/// Microseconds since the Unix epoch: both processes read the same clock.
+/// Microseconds since the Unix epoch: both processes read the same clock, the one the agents
+/// stamp their attempts and registrations with.
 pub fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+    tether_worker::agent::unix_us()
 }
 
 /// A count that every shard thread adds to: a cache line per thread, summed when read. One
