@@ -15,7 +15,7 @@ async fn the_worker_decodes_and_handles_every_coordinator_message() {
     );
     let running = Running::start(&fake, cfg);
     let handle = running.handle.clone();
-    handle.wait_state(|s| s == ConnState::Connected).await;
+    running.wait_state(|s| s == ConnState::Connected).await;
     // The sample task_assignment (a 10 ms sleep) runs once.
     let end = tokio::time::Instant::now() + Duration::from_secs(60);
     while handle.executions() < 1 && tokio::time::Instant::now() < end {
@@ -56,7 +56,7 @@ async fn the_worker_handles_a_batch_message_by_message() {
         cfg.batching = batching;
         let running = Running::start(&fake, cfg);
         let handle = running.handle.clone();
-        handle.wait_state(|s| s == ConnState::Connected).await;
+        running.wait_state(|s| s == ConnState::Connected).await;
         let end = tokio::time::Instant::now() + Duration::from_secs(60);
         while handle.shared.bad_frames.load(Ordering::SeqCst) < 1
             && tokio::time::Instant::now() < end

@@ -265,7 +265,22 @@ pub struct Running {
     run: tokio::task::JoinHandle<Result<(), tether_worker::AgentError>>,
 }
 
+/// Longest a test waits for an agent's connection state (virtual time in paused tests).
+const STATE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl Running {
+    /// Waits until the agent's state satisfies `f`; a state that never comes fails the test
+    /// after [`STATE_WAIT`], naming the state it is in, instead of running it for ever.
+    pub async fn wait_state(
+        &self,
+        f: impl Fn(tether_worker::ConnState) -> bool,
+    ) -> tether_worker::ConnState {
+        match tokio::time::timeout(STATE_WAIT, self.handle.wait_state(f)).await {
+            Ok(s) => s,
+            Err(_) => panic!("agent still {:?} after {STATE_WAIT:?}", self.handle.state()),
+        }
+    }
+
     pub fn start(fake: &FakeConnector, cfg: tether_worker::WorkerConfig) -> Self {
         Self::start_with(fake.clone(), cfg)
     }

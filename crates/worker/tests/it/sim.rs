@@ -341,12 +341,12 @@ async fn a_partition_is_detected_within_the_timeout_and_reconnects_follow_the_ba
     cfg.event_log = Some(dir.path().join("events.jsonl"));
     let run = Running::start_with(net.clone(), cfg);
     let h = run.handle.clone();
-    h.wait_state(|s| s == ConnState::Connected).await;
+    run.wait_state(|s| s == ConnState::Connected).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
 
     net.set(Mode::Partition);
     let cut = Instant::now();
-    h.wait_state(|s| s != ConnState::Connected).await;
+    run.wait_state(|s| s != ConnState::Connected).await;
     let detect = cut.elapsed();
     assert!(
         detect <= T && detect >= T - INTERVAL,
@@ -356,7 +356,7 @@ async fn a_partition_is_detected_within_the_timeout_and_reconnects_follow_the_ba
     let during = net.attempts();
     net.set(Mode::Up);
     let repaired = Instant::now();
-    h.wait_state(|s| s == ConnState::Connected).await;
+    run.wait_state(|s| s == ConnState::Connected).await;
     let back = repaired.elapsed();
     assert!(
         net.dropped.load(Ordering::Relaxed) > 0,
@@ -416,7 +416,7 @@ async fn a_hold_shorter_than_the_timeout_loses_nothing_and_keeps_the_session() {
     let net = SimNet::new(vec![(TaskId::parse("t0").expect("id"), 4_000)]);
     let run = Running::start_with(net.clone(), config());
     let h = run.handle.clone();
-    h.wait_state(|s| s == ConnState::Connected).await;
+    run.wait_state(|s| s == ConnState::Connected).await;
     let states = record_states(&run);
     // The task ends inside the hold: its result waits in the network, not in a dead session.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
@@ -440,11 +440,11 @@ async fn a_hold_longer_than_the_timeout_is_declared_dead_and_the_held_result_is_
     let net = SimNet::new(vec![(TaskId::parse("t0").expect("id"), 4_000)]);
     let run = Running::start_with(net.clone(), config());
     let h = run.handle.clone();
-    h.wait_state(|s| s == ConnState::Connected).await;
+    run.wait_state(|s| s == ConnState::Connected).await;
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     net.set(Mode::Hold);
     let held = Instant::now();
-    h.wait_state(|s| s != ConnState::Connected).await;
+    run.wait_state(|s| s != ConnState::Connected).await;
     assert!(
         held.elapsed() <= T,
         "declared dead after {:?}",
@@ -454,7 +454,7 @@ async fn a_hold_longer_than_the_timeout_is_declared_dead_and_the_held_result_is_
     // The result was sent into the held link before the session was declared dead; it is
     // released to the old session now, and sent again on the new one.
     net.set(Mode::Up);
-    h.wait_state(|s| s == ConnState::Connected).await;
+    run.wait_state(|s| s == ConnState::Connected).await;
     assert_each_result_recorded_once(&net, &run, 1).await;
     // Registrations whose ack was held past the worker's deadline count on the far side only.
     assert!(net.truth(|t| t.registrations) >= h.registrations());
@@ -477,7 +477,7 @@ async fn seeded_partitions_and_holds_deliver_every_result_once_over_one_live_ses
         let net = SimNet::new(tasks(&mut rng, n));
         let run = Running::start_with(net.clone(), config());
         let h = run.handle.clone();
-        h.wait_state(|s| s == ConnState::Connected).await;
+        run.wait_state(|s| s == ConnState::Connected).await;
         let states = record_states(&run);
         let mut phases = Vec::new();
         for _ in 0..6 {

@@ -93,17 +93,17 @@ async fn a_silent_link_is_declared_dead_after_the_heartbeat_timeout_and_timers_r
     let fake = FakeConnector::new(Script::RegisterThenSilence);
     let running = Running::start(&fake, config());
     let handle = running.handle.clone();
-    handle.wait_state(|s| s == ConnState::Connected).await;
+    running.wait_state(|s| s == ConnState::Connected).await;
     let connected = tokio::time::Instant::now();
     // After the first dead session, let the next one be healthy.
-    handle.wait_state(|s| s != ConnState::Connected).await;
+    running.wait_state(|s| s != ConnState::Connected).await;
     let dead_after = connected.elapsed();
     fake.set(Script::Healthy);
     assert!(
         dead_after >= Duration::from_secs(15) && dead_after < Duration::from_secs(16),
         "declared dead after {dead_after:?}"
     );
-    handle.wait_state(|s| s == ConnState::Connected).await;
+    running.wait_state(|s| s == ConnState::Connected).await;
     // A healthy session is not declared dead: its timers started with it.
     tokio::time::sleep(Duration::from_secs(120)).await;
     assert_eq!(handle.state(), ConnState::Connected);
@@ -135,7 +135,7 @@ async fn shrinks_after(slow: u32) {
     });
     let running = Running::start(&fake, config());
     let handle = running.handle.clone();
-    handle.wait_state(|s| s == ConnState::Connected).await;
+    running.wait_state(|s| s == ConnState::Connected).await;
     let step = Duration::from_millis(10);
     // Bounded (in virtual time): the slow answers take under a minute, the prompt ones ten.
     let raised = async {
@@ -156,7 +156,7 @@ async fn shrinks_after(slow: u32) {
         .expect("every heartbeat answered");
     let last = tokio::time::Instant::now();
     assert_eq!(handle.stats().heartbeat_timeout_ms, 15_000, "shrunk");
-    handle.wait_state(|s| s != ConnState::Connected).await;
+    running.wait_state(|s| s != ConnState::Connected).await;
     let dead_after = last.elapsed();
     assert!(
         dead_after >= Duration::from_secs(15) - step && dead_after < Duration::from_millis(15_500),
@@ -174,7 +174,7 @@ async fn a_worker_beats_at_the_coordinator_s_interval_when_it_is_shorter_than_it
     cfg.heartbeat_timeout = Duration::from_secs(60);
     let running = Running::start(&fake, cfg);
     let handle = running.handle.clone();
-    handle.wait_state(|s| s == ConnState::Connected).await;
+    running.wait_state(|s| s == ConnState::Connected).await;
     tokio::time::sleep(Duration::from_secs(31)).await;
     let s = handle.stats();
     // The first beat comes at a random point of the first period's second half, then one
@@ -197,7 +197,7 @@ async fn a_worker_without_a_secret_registers_before_the_welcome_arrives() {
     let handle = running.handle.clone();
     tokio::time::timeout(
         Duration::from_secs(5),
-        handle.wait_state(|s| s == ConnState::Connected),
+        running.wait_state(|s| s == ConnState::Connected),
     )
     .await
     .expect("registered without waiting for the welcome");
@@ -217,10 +217,7 @@ async fn a_worker_without_a_secret_registers_before_the_welcome_arrives() {
         tether_proto::auth::Secret::new(b"a secret of the state machine test").expect("secret"),
     );
     let running = Running::start(&fake, cfg);
-    running
-        .handle
-        .wait_state(|s| s == ConnState::Connected)
-        .await;
+    running.wait_state(|s| s == ConnState::Connected).await;
     let urls = fake.urls.lock().expect("lock").clone();
     assert_eq!(urls, ["ws://coordinator.invalid:1/api/v1/worker/w/ws"]);
     running.stop().await;
