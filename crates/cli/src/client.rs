@@ -260,9 +260,10 @@ impl Api {
 
     /// Every task `/api/v1/tasks?{query}` lists, read `page` at a time: each page after the
     /// first asks for the tasks after the previous page's last `submit_seq`, so a listing of
-    /// any size is read whole, once each, however many tasks arrive meanwhile.
+    /// any size is read whole, once each, however many tasks arrive meanwhile. A page is at
+    /// most the API's 100,000: a shorter page must mean the last one, not the API's cap.
     pub(crate) async fn list_tasks(&self, query: &str, page: usize) -> anyhow::Result<Vec<Value>> {
-        let page = page.max(1);
+        let page = page.clamp(1, 100_000);
         let mut all = Vec::new();
         let mut after = None;
         loop {
