@@ -237,7 +237,7 @@ async fn handshake(
         integrity,
         timestamp: now(),
     });
-    let sent = match hold_welcome && nonce.is_none() {
+    let sent = match hold_welcome {
         true => {
             out.feed_framed(Instant::now() + timeout, &welcome, None, None)
                 .await

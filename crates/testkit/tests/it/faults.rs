@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use tether_faultproxy::{Direction, Fault, FaultKind, Proxy, ProxyConfig, Target};
 use tether_proto::{TaskSpec, WorkerId};
 use tether_testkit::*;
+use tether_worker::agent::unix_us;
 use tether_worker::{ConnState, Executors};
 
 /// A fault proxy in front of `c` (its faults drawn from `seed`).
@@ -264,11 +265,4 @@ async fn an_agent_stamps_each_attempt_and_registration_when_they_happen() {
     assert!(a2 <= r2 && r2 <= unix_us(), "{a2} {r2}");
     w.stop().await.expect("stop");
     c.stop().await;
-}
-
-fn unix_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_micros() as u64
 }
