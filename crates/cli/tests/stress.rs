@@ -88,6 +88,47 @@ fn thundering_herd_reregisters_every_worker_after_a_coordinator_kill_and_loses_n
     assert!(r["idle_cpu_pct"].as_f64().is_some());
 }
 
+/// Through fault proxies (`tether proxy` processes), every worker is cut off while the
+/// coordinator lives on: the proxies down, or every connection reset as soon as made. Each
+/// worker must make a new session after the cut, and its tasks (running across it) must end
+/// with one counted result each.
+#[test]
+fn thundering_herd_reconnects_every_worker_after_a_proxy_cut_and_loses_nothing() {
+    for cut in ["proxy-down", "reset"] {
+        let r = stress(&[
+            "thundering_herd",
+            "--workers",
+            "40",
+            "--tasks",
+            "10",
+            "--idle",
+            "1s",
+            "--outage",
+            "700ms",
+            "--max-reconnect-delay",
+            "300ms",
+            "--heartbeat-interval",
+            "1s",
+            "--cut",
+            cut,
+        ]);
+        assert!(r["cut"].as_str().is_some_and(|c| c.starts_with(cut)), "{r}");
+        // Sessions registered after the cut began, one per worker (the verdict "every worker
+        // re-registered" counts the same).
+        assert_eq!(count(&r["reconnect_after_ready_ms"]), 40, "{r}");
+        assert!(r["proxy_cpu_s"].as_f64().is_some_and(|s| s > 0.0), "{r}");
+        if cut == "reset" {
+            // The 40 live links at least, then attempts made during the cut.
+            let note = r["notes"][0].as_str().unwrap_or_default().to_owned();
+            let reset: u64 = note
+                .split_whitespace()
+                .find_map(|w| w.parse().ok())
+                .unwrap_or(0);
+            assert!(reset >= 40, "{note}: {r}");
+        }
+    }
+}
+
 #[test]
 fn steady_load_keeps_tasks_flowing_while_workers_leave_and_join() {
     let r = stress(&[

@@ -40,9 +40,10 @@ const FLEET_READ_BUFFER: usize = 8 * 1024;
 
 #[derive(Args, Debug, Clone)]
 pub struct FleetArgs {
-    /// Coordinator base URL.
-    #[arg(long)]
-    pub coordinator: String,
+    /// Coordinator base URL; repeat it to spread the workers over several (worker i takes the
+    /// i-th modulo their number), e.g. one fault proxy each.
+    #[arg(long, required = true)]
+    pub coordinator: Vec<String>,
     /// Prefix of the worker ids.
     #[arg(long, default_value = "sim")]
     pub prefix: String,
@@ -377,7 +378,8 @@ fn start(
         let i = members.len() as u64 + k;
         let id = format!("{}-{i}", a.prefix);
         let worker_id = WorkerId::parse(&id).with_context(|| format!("worker id {id}"))?;
-        let mut cfg = WorkerConfig::new(a.coordinator.clone(), worker_id);
+        let url = &a.coordinator[(i % a.coordinator.len() as u64) as usize];
+        let mut cfg = WorkerConfig::new(url.clone(), worker_id);
         cfg.slots = a.slots;
         cfg.heartbeat_interval = a.heartbeat_interval;
         cfg.telemetry_interval = a.telemetry_interval;

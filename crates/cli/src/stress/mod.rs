@@ -30,7 +30,8 @@ use crate::settings::parse_duration_arg;
 /// The scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Scenario {
-    /// All workers connect at once; the coordinator is killed and restarted; all reconnect.
+    /// All workers connect at once; they are all cut off (the coordinator killed and restarted,
+    /// or `--cut` through fault proxies); all reconnect.
     #[value(name = "thundering_herd", alias = "thundering-herd")]
     ThunderingHerd,
     /// Trivial tasks flow while workers keep leaving and joining.
@@ -45,6 +46,37 @@ pub enum Scenario {
     /// A backlog of low-priority tasks, then high-priority ones that must not wait behind it.
     #[value(name = "mixed_priority", alias = "mixed-priority")]
     MixedPriority,
+}
+
+/// How `thundering_herd` cuts every worker off from the coordinator at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Cut {
+    /// The coordinator is killed (SIGKILL) and restarted on the same port and data.
+    Kill,
+    /// The workers reach the coordinator through fault proxies (`tether proxy` processes,
+    /// 5,000 workers each); the proxies go down: listener closed and every link cut, so that
+    /// every new connection is refused until they come up again. The coordinator lives on and
+    /// sees every session end.
+    ProxyDown,
+    /// Through the fault proxies, a `reset` fault on every link, old and new: each connection
+    /// is reset (TCP RST) as soon as it is made, until the fault is removed. Every reconnect
+    /// attempt connects and fails, instead of being refused.
+    Reset,
+}
+
+impl Cut {
+    pub fn name(self) -> &'static str {
+        match self {
+            Cut::Kill => "kill",
+            Cut::ProxyDown => "proxy-down",
+            Cut::Reset => "reset",
+        }
+    }
+
+    /// Whether the workers reach the coordinator through fault proxies.
+    pub fn proxied(self) -> bool {
+        self != Cut::Kill
+    }
 }
 
 impl Scenario {
@@ -87,9 +119,13 @@ pub struct StressArgs {
     /// task reports at its own pace.
     #[arg(long)]
     pub in_step: bool,
-    /// thundering_herd: how long the coordinator stays dead.
+    /// thundering_herd: how long the cut lasts (the coordinator dead, the proxies down, the
+    /// reset fault in place).
     #[arg(long, default_value = "2s", value_parser = parse_duration_arg)]
     pub outage: Duration,
+    /// thundering_herd: how every worker is cut off from the coordinator at once.
+    #[arg(long, value_enum, default_value_t = Cut::Kill)]
+    pub cut: Cut,
     /// thundering_herd: idle window over which CPU and memory per worker are measured.
     #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
     pub idle: Duration,

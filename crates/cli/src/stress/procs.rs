@@ -1,6 +1,7 @@
-//! The two child processes of a stress run: the coordinator (killed and restarted on the same
-//! port and data directory when a scenario asks) and the fleet of simulated workers, plus what
-//! `/proc/<pid>` says about the coordinator's CPU and memory.
+//! The child processes of a stress run: the coordinator (killed and restarted on the same port
+//! and data directory when a scenario asks), the fleet of simulated workers, and the fault
+//! proxies between them when the workers are cut off through one; plus what `/proc/<pid>`
+//! says about their CPU and memory.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -391,5 +392,134 @@ impl Fleet {
         }
         self.reader.abort();
         Ok(())
+    }
+}
+
+/// A fault proxy between the workers and the coordinator, as a child process (`tether proxy`):
+/// each holds two sockets a worker, so several share a large fleet within the open-file limit.
+/// Driven through its control API.
+pub struct FaultProxy {
+    child: Child,
+    /// Where the workers connect.
+    pub listen: std::net::SocketAddr,
+    control: String,
+    http: reqwest::Client,
+}
+
+/// Name of the proxy inside each proxy process.
+const PROXY_NAME: &str = "stress";
+
+impl FaultProxy {
+    /// Starts `exe proxy` in front of `upstream` on a free loopback port and reads the address
+    /// it listens on and its control API's from the line it prints.
+    pub async fn spawn(
+        exe: &Path,
+        log: &Path,
+        upstream: std::net::SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let log = std::fs::File::create(log).context("creating the proxy log")?;
+        let mut child = Proc::new(exe)
+            .args(["--log", "warn", "proxy", "--listen", "127.0.0.1:0"])
+            .arg("--upstream")
+            .arg(upstream.to_string())
+            .args([
+                "--name",
+                PROXY_NAME,
+                "--control",
+                "127.0.0.1:0",
+                "--seed",
+                "0",
+                "--json",
+            ])
+            .env_remove("TETHER_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting a fault proxy process")?;
+        let stdout = child.stdout.take().context("proxy stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .context("the fault proxy did not start within 30 s")??
+            .context("the fault proxy exited at start")?;
+        let v: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("fault proxy said {line:?}"))?;
+        let control = v["control"]
+            .as_str()
+            .context("no control address in the fault proxy's line")?
+            .to_owned();
+        let listen = v["proxies"][0]["listen"]
+            .as_str()
+            .context("no listen address in the fault proxy's line")?
+            .parse()?;
+        Ok(Self {
+            child,
+            listen,
+            control,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    /// Sends one control request; an error answer is an error.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}/proxies/{PROXY_NAME}{path}", self.control);
+        let resp = self
+            .http
+            .request(method.clone(), &url)
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| format!("{method} {url}"))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("{method} {url}: {status}: {text}");
+        }
+        Ok(serde_json::from_str(&text).unwrap_or_default())
+    }
+
+    /// Takes the proxy down (`true`: listener closed, every link cut) or brings it up.
+    pub async fn set_down(&self, down: bool) -> anyhow::Result<()> {
+        self.call(
+            reqwest::Method::PATCH,
+            "",
+            serde_json::json!({ "enabled": !down }),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Adds a fault (its JSON shape, `tether_faultproxy::Fault`).
+    pub async fn add_fault(&self, fault: &tether_faultproxy::Fault) -> anyhow::Result<()> {
+        self.call(
+            reqwest::Method::POST,
+            "/faults",
+            serde_json::to_value(fault)?,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Removes a fault; its counters, read just before.
+    pub async fn remove_fault(&self, name: &str) -> anyhow::Result<tether_faultproxy::FaultStats> {
+        let path = format!("/faults/{name}");
+        let info = self
+            .call(reqwest::Method::GET, &path, serde_json::Value::Null)
+            .await?;
+        self.call(reqwest::Method::DELETE, &path, serde_json::Value::Null)
+            .await?;
+        serde_json::from_value(info["stats"].clone()).context("the fault's counters")
+    }
+
+    /// The process's CPU seconds so far.
+    pub fn cpu_s(&self) -> f64 {
+        self.child.id().and_then(sample).map_or(0.0, |s| s.cpu_s)
     }
 }

@@ -70,13 +70,16 @@ pub struct Report {
     pub connects_per_s: Option<f64>,
     /// Per-worker time from the simultaneous start until registered.
     pub time_to_register_ms: Option<Dist>,
-    /// Per-worker time from the restarted coordinator answering until re-registered.
+    /// thundering_herd: how the workers were cut off (`--cut`) and for how long.
+    pub cut: Option<String>,
+    /// Per-worker time from the cut clearing (the restarted coordinator answering, the proxy
+    /// up again, the reset fault removed) until re-registered.
     pub reconnect_after_ready_ms: Option<Dist>,
     /// Per-worker time from the start of the successful attempt until re-registered.
     pub reconnect_attempt_ms: Option<Dist>,
-    /// Per-worker time from the restarted coordinator answering until re-registered, less the
-    /// backoff delay the worker waited before its successful attempt (negative when the
-    /// worker was already part way through that delay when the fault cleared).
+    /// Per-worker time from the cut clearing until re-registered, less the backoff delay the
+    /// worker waited before its successful attempt (negative when the worker was already part
+    /// way through that delay when the cut cleared).
     pub reconnect_beyond_delay_ms: Option<Dist>,
     /// The workers' largest reconnect delay with jitter: the jitter window.
     pub reconnect_window_ms: Option<f64>,
@@ -109,6 +112,8 @@ pub struct Report {
     pub coordinator_us_per_task: Option<f64>,
     /// CPU of the simulated workers' process (it shares the machine with the coordinator).
     pub fleet_cpu_s: f64,
+    /// CPU of the fault proxies' processes (`--cut` through them).
+    pub proxy_cpu_s: Option<f64>,
     /// The fleet process's niceness as `/proc` read it at the end (`--fleet-nice`).
     pub fleet_nice: Option<i64>,
     /// The coordinator's `--idle-coalesce`, milliseconds, when given.
@@ -184,12 +189,15 @@ impl Report {
         if let Some(d) = &self.time_to_register_ms {
             row("time until registered, ms", dist(d));
         }
+        if let Some(v) = &self.cut {
+            row("cut", v.clone());
+        }
         if let Some(d) = &self.reconnect_after_ready_ms {
-            row("re-registered after the coordinator was ready, ms", dist(d));
+            row("re-registered after the cut cleared, ms", dist(d));
         }
         if let Some(d) = &self.reconnect_beyond_delay_ms {
             row(
-                "re-registered after the coordinator was ready, less the worker's backoff delay, ms",
+                "re-registered after the cut cleared, less the worker's backoff delay, ms",
                 dist(d),
             );
         }
@@ -241,6 +249,9 @@ impl Report {
             format!("{:.2}", self.coordinator_cpu_s),
         );
         row("fleet CPU seconds", format!("{:.2}", self.fleet_cpu_s));
+        if let Some(v) = self.proxy_cpu_s {
+            row("fault proxies' CPU seconds", format!("{v:.2}"));
+        }
         if let Some(n) = self.fleet_nice.filter(|&n| n != 0) {
             row("fleet niceness", n.to_string());
         }

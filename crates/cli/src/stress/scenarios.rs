@@ -9,14 +9,15 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
+use tether_faultproxy::{Direction, Fault, FaultKind};
 use tether_proto::TaskSpec;
 use tether_proto::auth::Secret;
 use tokio::time::Instant;
 
 use super::fleet::{Command, FleetReport, Status, WorkerRecord, now_us};
-use super::procs::{CoordOpts, Coordinator, Fleet, TlsFiles};
+use super::procs::{CoordOpts, Coordinator, FaultProxy, Fleet, TlsFiles};
 use super::report::{self, Dist, Report};
-use super::{Scenario, StressArgs, probe, truth};
+use super::{Cut, Scenario, StressArgs, probe, truth};
 
 /// Tasks per submission request.
 const SUBMIT_CHUNK: usize = 5000;
@@ -25,6 +26,9 @@ const PHASE_LIMIT: Duration = Duration::from_secs(300);
 /// How long a report may take to catch up with the status it follows (see
 /// [`Run::settled_report`]).
 const SETTLE_LIMIT: Duration = Duration::from_secs(5);
+/// Workers a fault proxy carries at most: it holds two sockets for each, and the open-file
+/// limit may be as low as 20,000 (this machine's, which the run cannot raise).
+const WORKERS_PER_PROXY: u64 = 5_000;
 /// Attempts of a stress task: crashes in steady_load and checkpoint_heavy may cost a few.
 const MAX_ATTEMPTS: u32 = 10;
 
@@ -34,6 +38,8 @@ struct Run {
     workers: u64,
     _dir: Option<tempfile::TempDir>,
     coord: Coordinator,
+    /// The fault proxies between the workers and the coordinator (`--cut` other than `kill`).
+    proxies: Vec<FaultProxy>,
     fleet: Fleet,
     /// The fleet secret, when workers authenticate.
     secret: Option<Secret>,
@@ -132,15 +138,37 @@ impl Run {
             },
         )
         .await?;
+        // Only thundering_herd cuts; each proxy is a process of its own, a hop the workers'
+        // traffic takes, measured apart.
+        let mut proxies = Vec::new();
+        if a.scenario == Scenario::ThunderingHerd && a.cut.proxied() {
+            for i in 0..workers.div_ceil(WORKERS_PER_PROXY) {
+                let log = path.join(format!("proxy-{i}.log"));
+                proxies.push(FaultProxy::spawn(&exe, &log, coord.addr).await?);
+            }
+        }
+        let urls: Vec<String> = match proxies.is_empty() {
+            true => vec![coord.url()],
+            false => proxies
+                .iter()
+                .map(|p| {
+                    coord
+                        .url()
+                        .replace(&coord.addr.to_string(), &p.listen.to_string())
+                })
+                .collect(),
+        };
         let slots = flood_slots(&a);
         let telemetry = match a.scenario {
             Scenario::MessageFlood => "1s",
             _ => "30s",
         };
         let d = |d: Duration| format!("{}ms", d.as_millis());
-        let mut fleet_args = vec![
-            "--coordinator".into(),
-            coord.url(),
+        let mut fleet_args: Vec<String> = urls
+            .into_iter()
+            .flat_map(|u| ["--coordinator".to_owned(), u])
+            .collect();
+        fleet_args.extend([
             "--slots".into(),
             slots.to_string(),
             "--source-addrs".into(),
@@ -151,7 +179,7 @@ impl Run {
             d(a.max_reconnect_delay),
             "--telemetry-interval".into(),
             telemetry.into(),
-        ];
+        ]);
         if a.no_batching {
             fleet_args.push("--no-batching".into());
         }
@@ -225,6 +253,7 @@ impl Run {
             workers,
             _dir: dir,
             coord,
+            proxies,
             fleet,
             secret,
             api,
@@ -233,6 +262,66 @@ impl Run {
             submitted: HashSet::new(),
             started: Instant::now(),
         })
+    }
+
+    /// Cuts every worker off from the coordinator for `--outage` as `--cut` says; the times
+    /// (µs since the epoch) the cut began and cleared.
+    async fn cut(&mut self) -> anyhow::Result<(u64, u64)> {
+        let outage = self.a.outage;
+        let cut = self.a.cut;
+        self.report.cut = Some(format!(
+            "{} for {} ms: {}",
+            cut.name(),
+            outage.as_millis(),
+            match cut {
+                Cut::Kill =>
+                    "the coordinator killed (SIGKILL), then restarted on its port and data",
+                Cut::ProxyDown =>
+                    "the workers' proxy down (every link cut, connections refused), then up",
+                Cut::Reset =>
+                    "a reset fault on every link of the workers' proxy (each connection reset as soon as made), then removed",
+            }
+        ));
+        let start_us = now_us();
+        match cut {
+            Cut::Kill => {
+                self.phase("coordinator killed", 1);
+                self.coord.kill().await?;
+                tokio::time::sleep(outage).await;
+                self.phase("coordinator restarting", 1);
+                self.coord.spawn().await?;
+            }
+            Cut::ProxyDown => {
+                self.phase("proxy down", 1);
+                for p in &self.proxies {
+                    p.set_down(true).await?;
+                }
+                tokio::time::sleep(outage).await;
+                for p in &self.proxies {
+                    p.set_down(false).await?;
+                }
+            }
+            Cut::Reset => {
+                self.phase("every link reset", 1);
+                let reset = Fault::new(
+                    "stress-cut",
+                    FaultKind::Reset { timeout_ms: 0 },
+                    Direction::Both,
+                );
+                for p in &self.proxies {
+                    p.add_fault(&reset).await?;
+                }
+                tokio::time::sleep(outage).await;
+                let mut links = 0;
+                for p in &self.proxies {
+                    links += p.remove_fault(&reset.name).await?.connections_reset;
+                }
+                self.report.notes.push(format!(
+                    "the reset fault reset {links} connections of the workers"
+                ));
+            }
+        }
+        Ok((start_us, now_us()))
     }
 
     fn phase(&self, what: &str, len: u64) {
@@ -375,6 +464,9 @@ impl Run {
         let fleet = self.fleet.sample();
         self.report.fleet_cpu_s = fleet.map(|s| s.cpu_s).unwrap_or(0.0);
         self.report.fleet_nice = fleet.map(|s| s.nice);
+        if !self.proxies.is_empty() {
+            self.report.proxy_cpu_s = Some(self.proxies.iter().map(FaultProxy::cpu_s).sum());
+        }
         self.fleet.exit().await?;
         self.coord.sample();
         self.coord.stop().await?;
@@ -431,8 +523,9 @@ fn spec(kind: &str, config: Value, priority: u8) -> TaskSpec {
     s
 }
 
-/// All workers start at once; idle window (CPU, memory); tasks running; the coordinator is
-/// killed, stays dead for `--outage`, restarts on the same port and data; all re-register.
+/// All workers start at once; idle window (CPU, memory); tasks running; every worker is cut
+/// off for `--outage` as `--cut` says (by default the coordinator is killed and restarts on
+/// the same port and data); all re-register.
 async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
     let n = run.workers;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -526,13 +619,7 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
     )
     .await?;
     let registrations_before = run.fleet.now().registrations;
-    run.phase("coordinator killed", 1);
-    let kill_us = now_us();
-    run.coord.kill().await?;
-    tokio::time::sleep(run.a.outage).await;
-    run.phase("coordinator restarting", 1);
-    run.coord.spawn().await?;
-    let ready_us = now_us();
+    let (cut_us, ready_us) = run.cut().await?;
     let target = registrations_before + n;
     run.wait_fleet(
         "workers re-registering",
@@ -542,11 +629,11 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
     )
     .await?;
     let rep = run
-        .settled_report(|w| w.sessions.iter().any(|s| s.registered_us > kill_us))
+        .settled_report(|w| w.sessions.iter().any(|s| s.registered_us > cut_us))
         .await?;
     let (mut after_ready, mut beyond_delay, mut attempt) = (Vec::new(), Vec::new(), Vec::new());
     for w in &rep.workers {
-        if let Some(s) = w.sessions.iter().find(|s| s.registered_us > kill_us) {
+        if let Some(s) = w.sessions.iter().find(|s| s.registered_us > cut_us) {
             after_ready.push(ms(s.registered_us, ready_us));
             beyond_delay
                 .push((s.registered_us as f64 - ready_us as f64 - s.delay_us as f64) / 1000.0);
@@ -573,7 +660,7 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
         r.reconnect_attempt_ms,
     ) {
         r.target(
-            "all re-registered within 1 s of the coordinator being ready plus the jitter window",
+            "all re-registered within 1 s of the coordinator being ready (the cut cleared) plus the jitter window",
             n >= 10_000,
             d.max <= 1000.0 + window,
             format!("last after {:.0} ms; window {window:.0} ms", d.max),
@@ -583,7 +670,7 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
             true,
             b.p95 <= 100.0,
             format!(
-                "p95 of (re-registered after the coordinator was ready, less the worker's own backoff delay) {:.1} ms",
+                "p95 of (re-registered after the cut cleared, less the worker's own backoff delay) {:.1} ms",
                 b.p95
             ),
         );
