@@ -518,8 +518,8 @@ impl FaultProxy {
         serde_json::from_value(info["stats"].clone()).context("the fault's counters")
     }
 
-    /// The process's CPU seconds so far.
-    pub fn cpu_s(&self) -> f64 {
-        self.child.id().and_then(sample).map_or(0.0, |s| s.cpu_s)
+    /// The process's CPU and memory now.
+    pub fn sample(&self) -> Sample {
+        self.child.id().and_then(sample).unwrap_or_default()
     }
 }

@@ -114,6 +114,8 @@ pub struct Report {
     pub fleet_cpu_s: f64,
     /// CPU of the fault proxies' processes (`--cut` through them).
     pub proxy_cpu_s: Option<f64>,
+    /// Peak RSS of the fault proxies' processes, summed.
+    pub proxy_peak_rss_kib: Option<u64>,
     /// The fleet process's niceness as `/proc` read it at the end (`--fleet-nice`).
     pub fleet_nice: Option<i64>,
     /// The coordinator's `--idle-coalesce`, milliseconds, when given.
@@ -251,6 +253,9 @@ impl Report {
         row("fleet CPU seconds", format!("{:.2}", self.fleet_cpu_s));
         if let Some(v) = self.proxy_cpu_s {
             row("fault proxies' CPU seconds", format!("{v:.2}"));
+        }
+        if let Some(v) = self.proxy_peak_rss_kib {
+            row("fault proxies' peak RSS, KiB (summed)", v.to_string());
         }
         if let Some(n) = self.fleet_nice.filter(|&n| n != 0) {
             row("fleet niceness", n.to_string());

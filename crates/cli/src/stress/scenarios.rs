@@ -465,7 +465,9 @@ impl Run {
         self.report.fleet_cpu_s = fleet.map(|s| s.cpu_s).unwrap_or(0.0);
         self.report.fleet_nice = fleet.map(|s| s.nice);
         if !self.proxies.is_empty() {
-            self.report.proxy_cpu_s = Some(self.proxies.iter().map(FaultProxy::cpu_s).sum());
+            let samples: Vec<_> = self.proxies.iter().map(FaultProxy::sample).collect();
+            self.report.proxy_cpu_s = Some(samples.iter().map(|s| s.cpu_s).sum());
+            self.report.proxy_peak_rss_kib = Some(samples.iter().map(|s| s.hwm_kib).sum());
         }
         self.fleet.exit().await?;
         self.coord.sample();
