@@ -10,7 +10,8 @@
 //! - [`fault`]: what a fault is (kind, attributes, direction, toxicity, target) and its JSON.
 //! - `stage`: the chain on one stream of one link, applied to one chunk at a time; pure logic
 //!   that says wait, hold, drop, split or deliver, plus the seeded toxicity draws.
-//! - `pump`: per stream, a reader task (chunks of at most 32 KiB into a bounded queue) and a
+//! - `pump`: per stream, a reader task (chunks of at most 32 KiB, read into a buffer that
+//!   starts at 4 KiB and grows when a read fills it, into a bounded queue) and a
 //!   writer task (chunk through the stages, then to the socket), re-reading the chain on change.
 //! - `sniff`: learns the worker id from the upgrade request line before anything is forwarded.
 //! - `link`: one connection: connect upstream, sniff, run the four pump tasks, close with FIN

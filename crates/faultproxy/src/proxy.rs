@@ -23,10 +23,11 @@ use crate::link::{self, LinkCtx, LinkInfo, Registry};
 use crate::stage::{Chain, FaultEntry, FaultId};
 use crate::stats::{FaultCounters, FaultStats, ProxyCounters, ProxyStats, add};
 
-/// Listen backlog of a proxy's socket (the kernel caps it at `net.core.somaxconn`), as the
-/// coordinator's: a herd of workers reconnecting at once through a proxy must not find its
-/// queue full, have its SYNs dropped and wait a second for the retransmission.
-const BACKLOG: u32 = 4096;
+/// Listen backlog of a proxy's socket, as the coordinator's (the kernel caps it at
+/// `net.core.somaxconn`): a herd of workers reconnecting at once through a proxy must not find
+/// its queue full, have its SYNs dropped and wait a second for the retransmission (tokio's
+/// default of 1,024 overflowed with 5,000 workers a proxy).
+const BACKLOG: u32 = 65_535;
 
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
