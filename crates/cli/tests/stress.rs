@@ -91,10 +91,15 @@ fn thundering_herd_reregisters_every_worker_after_a_coordinator_kill_and_loses_n
 /// Through fault proxies (`tether proxy` processes), every worker is cut off while the
 /// coordinator lives on: the proxies down, or every connection reset as soon as made. Each
 /// worker must make a new session after the cut, and its tasks (running across it) must end
-/// with one counted result each.
+/// with one counted result each. The reset cut outlasts `--lost-after` and the tasks: they are
+/// taken from their cut-off workers and run again, and a first attempt's result, delivered
+/// after the reconnection, is kept as stale and not counted.
 #[test]
 fn thundering_herd_reconnects_every_worker_after_a_proxy_cut_and_loses_nothing() {
-    for cut in ["proxy-down", "reset"] {
+    // The tasks take 3 s: the reset cut outlasts them, so that their first attempts end while
+    // their workers are cut off (a first attempt still running when its worker comes back is
+    // cancelled there, its lease gone, and leaves no result to keep).
+    for (cut, outage, lost_after) in [("proxy-down", "700ms", "60s"), ("reset", "4s", "1s")] {
         let r = stress(&[
             "thundering_herd",
             "--workers",
@@ -104,7 +109,9 @@ fn thundering_herd_reconnects_every_worker_after_a_proxy_cut_and_loses_nothing()
             "--idle",
             "1s",
             "--outage",
-            "700ms",
+            outage,
+            "--lost-after",
+            lost_after,
             "--max-reconnect-delay",
             "300ms",
             "--heartbeat-interval",
@@ -112,6 +119,12 @@ fn thundering_herd_reconnects_every_worker_after_a_proxy_cut_and_loses_nothing()
             "--cut",
             cut,
         ]);
+        // Within --lost-after nothing moves; past it, every task's first attempt ended stale.
+        let stale = r["stale_results"].as_u64().expect("stale_results");
+        match lost_after {
+            "60s" => assert_eq!(stale, 0, "{r}"),
+            _ => assert!(stale > 0, "{r}"),
+        }
         assert!(r["cut"].as_str().is_some_and(|c| c.starts_with(cut)), "{r}");
         // Sessions registered after the cut began, one per worker (the verdict "every worker
         // re-registered" counts the same).

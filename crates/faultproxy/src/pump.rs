@@ -95,9 +95,14 @@ enum Flow {
     Stop,
 }
 
-/// Sleeps until `t`, or forever when there is none.
+/// Sleeps until `t`, or forever when there is none. A deadline already reached is met at once:
+/// a timer, even one already due, fires only on the time driver's next turn (up to a
+/// millisecond on), and meanwhile a queued chunk won the writer's select. A `reset` of
+/// `timeout_ms` 0 let a WebSocket upgrade and the registration behind it through on loopback,
+/// and the coordinator saw the worker back before the link was cut.
 async fn sleep_opt(t: Option<Instant>) {
     match t {
+        Some(t) if t <= Instant::now() => {}
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
     }

@@ -123,6 +123,12 @@ pub struct StressArgs {
     /// reset fault in place).
     #[arg(long, default_value = "2s", value_parser = parse_duration_arg)]
     pub outage: Duration,
+    /// The coordinator's `--lost-after`: how long a disconnected worker keeps its tasks before
+    /// they go back to the queue (default 60s in thundering_herd, so that the outage loses no
+    /// worker, 1s otherwise, so that crashed workers' tasks move on at once). A thundering_herd
+    /// whose `--outage` outlasts it has every task taken from its cut-off worker and run again.
+    #[arg(long, value_parser = parse_duration_arg)]
+    pub lost_after: Option<Duration>,
     /// thundering_herd: how every worker is cut off from the coordinator at once.
     #[arg(long, value_enum, default_value_t = Cut::Kill)]
     pub cut: Cut,

@@ -130,6 +130,8 @@ pub struct Report {
     /// (RSS with the workers connected and idle - RSS before they came) / workers.
     pub memory_per_worker_kib: Option<f64>,
     pub lost: u64,
+    /// Results the store kept but did not count (from an attempt whose lease had ended).
+    pub stale_results: u64,
     pub recorded_twice: u64,
     /// The machine's speed before the run and after both processes stopped.
     pub machine_before: Option<super::machine::Probe>,
@@ -326,6 +328,10 @@ impl Report {
         }
         row("lost", self.lost.to_string());
         row("recorded twice", self.recorded_twice.to_string());
+        row(
+            "results kept as stale (an attempt whose lease had ended)",
+            self.stale_results.to_string(),
+        );
         let _ = writeln!(s, "\n## Verdicts\n");
         for v in &self.verdicts {
             let mark = if v.pass { "PASS" } else { "FAIL" };

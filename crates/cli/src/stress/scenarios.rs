@@ -100,10 +100,10 @@ impl Run {
         if workers == 0 {
             bail!("--workers must be at least 1");
         }
-        let lost_after = match a.scenario {
+        let lost_after = a.lost_after.unwrap_or(match a.scenario {
             Scenario::ThunderingHerd => Duration::from_secs(60),
             _ => Duration::from_secs(1),
-        };
+        });
         let auth = a.auth || a.message_mac;
         let secret_file = path.join("fleet.secret");
         let secret = if auth {
@@ -479,6 +479,7 @@ impl Run {
         r.coordinator_peak_rss_kib = self.coord.peak_rss_kib;
         r.lost = t.lost;
         r.recorded_twice = t.recorded_twice;
+        r.stale_results = t.stale;
         r.verdict(
             "lost",
             t.lost == 0,

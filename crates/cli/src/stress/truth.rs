@@ -28,6 +28,9 @@ pub struct Truth {
     /// Tasks with more than one counted result.
     pub recorded_twice: u64,
     pub failed: u64,
+    /// Results kept but not counted: from an attempt whose lease had ended (its worker was
+    /// taken for lost and the task given to another attempt).
+    pub stale: u64,
 }
 
 pub fn read(db: &Path, submitted: &HashSet<String>) -> anyhow::Result<Truth> {
@@ -41,7 +44,12 @@ pub fn read(db: &Path, submitted: &HashSet<String>) -> anyhow::Result<Truth> {
         let (id, n) = row?;
         counted.insert(id, n);
     }
-    let mut truth = Truth::default();
+    let mut truth = Truth {
+        stale: conn.query_row("SELECT count(*) FROM results WHERE stale = 1", [], |r| {
+            r.get(0)
+        })?,
+        ..Truth::default()
+    };
     // Schema 2: the spec in its own column, the changing part of the task in `doc`.
     let mut q = conn.prepare("SELECT id, status, spec, doc FROM tasks")?;
     let rows = q.query_map([], |r| {

@@ -105,6 +105,39 @@ async fn reset_gives_the_client_connection_reset() {
     wait_for("link closed", || proxy.stats().connections_reset == 1).await;
 }
 
+/// A reset of timeout 0 cuts a new link before any of its bytes pass, either way: what the
+/// client sent with its connection (as a worker sends its upgrade and registration) never
+/// reaches the server.
+#[tokio::test]
+async fn a_reset_of_timeout_zero_lets_no_byte_of_a_new_link_through() {
+    let echo = echo().await;
+    let proxy = proxy_to(echo.addr).await;
+    let guard = proxy
+        .add_fault(Fault::new(
+            "rst",
+            FaultKind::Reset { timeout_ms: 0 },
+            Direction::Both,
+        ))
+        .await
+        .expect("add");
+    for _ in 0..20 {
+        let mut c = connect(proxy.listen_addr()).await;
+        c.write_all(b"GET /ws/worker/w1 HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let (got, err) = read_to_end(&mut c).await;
+        assert!(got.is_empty(), "{} bytes came back", got.len());
+        assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::ConnectionReset));
+    }
+    wait_for("20 resets counted", || {
+        guard.stats().connections_reset == 20
+    })
+    .await;
+    let s = proxy.stats();
+    assert_eq!((s.bytes_upstream, s.bytes_downstream), (0, 0), "{s:?}");
+    assert_eq!(guard.stats().bytes_passed, 0);
+}
+
 #[tokio::test]
 async fn a_reset_added_to_a_live_link_resets_it() {
     let echo = echo().await;
