@@ -89,7 +89,8 @@ fn thundering_herd_reregisters_every_worker_after_a_coordinator_kill_and_loses_n
 }
 
 /// Through fault proxies (`tether proxy` processes), every worker is cut off while the
-/// coordinator lives on: the proxies down, or every connection reset as soon as made. Each
+/// coordinator lives on: the proxies down, every connection reset as soon as made, or every
+/// byte swallowed with nothing closed. Each
 /// worker must make a new session after the cut, and its tasks (running across it) must end
 /// with one counted result each. The reset cut outlasts `--lost-after` and the tasks: they are
 /// taken from their cut-off workers and run again, and a first attempt's result, delivered
@@ -99,7 +100,13 @@ fn thundering_herd_reconnects_every_worker_after_a_proxy_cut_and_loses_nothing()
     // The tasks take 3 s: the reset cut outlasts them, so that their first attempts end while
     // their workers are cut off (a first attempt still running when its worker comes back is
     // cancelled there, its lease gone, and leaves no result to keep).
-    for (cut, outage, lost_after) in [("proxy-down", "700ms", "60s"), ("reset", "4s", "1s")] {
+    // The blackhole outlasts the liveness timeout (3 heartbeat intervals): the workers find
+    // the silent stall themselves.
+    for (cut, outage, lost_after) in [
+        ("proxy-down", "700ms", "60s"),
+        ("reset", "4s", "1s"),
+        ("blackhole", "4s", "60s"),
+    ] {
         let r = stress(&[
             "thundering_herd",
             "--workers",

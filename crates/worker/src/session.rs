@@ -324,6 +324,21 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// The session's end when a message sent in it has waited for its acknowledgement longer
+    /// than the liveness timeout: the connection lost what was sent (a middlebox that swallows
+    /// bytes and keeps the connection, as a proxy's blackhole does) while the coordinator's
+    /// heartbeats still arrive, and the message would wait in the outbox for as long as the
+    /// session lasts. A new session sends it again (the coordinator keeps one of each).
+    fn unacknowledged(&self) -> Option<String> {
+        let (seq, at) = self.window.oldest()?;
+        (at.elapsed() >= self.timeout).then(|| {
+            format!(
+                "message {seq} sent {} ms ago is not acknowledged: the connection lost what was sent",
+                at.elapsed().as_millis()
+            )
+        })
+    }
+
     fn dead_reason(&self) -> String {
         m::observe(m::DEAD_DETECT, self.last_frame.elapsed());
         format!("no frame for {} ms: {DEAD}", self.timeout.as_millis())
@@ -838,6 +853,9 @@ impl<'a> Session<'a> {
                     if Instant::now() >= self.deadline {
                         return Ok(self.dead_reason());
                     }
+                    if let Some(reason) = self.unacknowledged() {
+                        return Ok(reason);
+                    }
                     for duty in duties.take_due(Instant::now()) {
                         if let Err(reason) = self.duty(duty).await {
                             return Ok(reason);
@@ -1239,6 +1257,14 @@ impl Window {
         {
             self.bytes -= bytes;
         }
+    }
+
+    /// The message waiting longest for its acknowledgement: its sequence number and send time.
+    fn oldest(&self) -> Option<(u64, Instant)> {
+        self.sent
+            .iter()
+            .min_by_key(|&&(_, _, at)| at)
+            .map(|&(seq, _, at)| (seq, at))
     }
 
     /// Stops counting messages sent longer than `timeout` ago.

@@ -62,6 +62,12 @@ pub enum Cut {
     /// is reset (TCP RST) as soon as it is made, until the fault is removed. Every reconnect
     /// attempt connects and fails, instead of being refused.
     Reset,
+    /// Through the fault proxies, a `blackhole` on every link, both ways: the bytes of live
+    /// links and of new connections are swallowed, nothing is closed: a silent stall. Workers
+    /// find it by their liveness timeout (the coordinator's heartbeat timeout, three
+    /// `--heartbeat-interval`s), so `--outage` must be longer; a worker whose message waits as
+    /// long for its acknowledgement ends its session too.
+    Blackhole,
 }
 
 impl Cut {
@@ -70,6 +76,7 @@ impl Cut {
             Cut::Kill => "kill",
             Cut::ProxyDown => "proxy-down",
             Cut::Reset => "reset",
+            Cut::Blackhole => "blackhole",
         }
     }
 

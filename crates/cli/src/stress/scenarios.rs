@@ -100,6 +100,18 @@ impl Run {
         if workers == 0 {
             bail!("--workers must be at least 1");
         }
+        // Workers find a silent stall by their liveness timeout (the coordinator's heartbeat
+        // timeout, three intervals), or by a message left unacknowledged as long: a shorter
+        // blackhole leaves an idle worker's session up, and no re-registration would come.
+        let liveness = a.heartbeat_interval * 3;
+        if a.scenario == Scenario::ThunderingHerd && a.cut == Cut::Blackhole && a.outage <= liveness
+        {
+            bail!(
+                "--cut blackhole needs an --outage longer than the workers' liveness timeout \
+                 (3 x --heartbeat-interval = {} ms), or idle workers never notice it",
+                liveness.as_millis()
+            );
+        }
         let lost_after = a.lost_after.unwrap_or(match a.scenario {
             Scenario::ThunderingHerd => Duration::from_secs(60),
             _ => Duration::from_secs(1),
@@ -128,7 +140,7 @@ impl Run {
             &path,
             CoordOpts {
                 heartbeat_interval: a.heartbeat_interval,
-                heartbeat_timeout: a.heartbeat_interval * 3,
+                heartbeat_timeout: liveness,
                 lost_after,
                 secret_file: auth.then(|| secret_file.clone()),
                 message_mac: a.message_mac,
@@ -280,6 +292,8 @@ impl Run {
                     "the workers' proxy down (every link cut, connections refused), then up",
                 Cut::Reset =>
                     "a reset fault on every link of the workers' proxy (each connection reset as soon as made), then removed",
+                Cut::Blackhole =>
+                    "a blackhole on every link of the workers' proxy, both ways (every byte swallowed, nothing closed), then removed",
             }
         ));
         let start_us = now_us();
@@ -301,24 +315,32 @@ impl Run {
                     p.set_down(false).await?;
                 }
             }
-            Cut::Reset => {
-                self.phase("every link reset", 1);
-                let reset = Fault::new(
-                    "stress-cut",
-                    FaultKind::Reset { timeout_ms: 0 },
-                    Direction::Both,
-                );
+            Cut::Reset | Cut::Blackhole => {
+                self.phase("every link faulted", 1);
+                let kind = match cut {
+                    Cut::Reset => FaultKind::Reset { timeout_ms: 0 },
+                    _ => FaultKind::Blackhole,
+                };
+                let fault = Fault::new("stress-cut", kind, Direction::Both);
                 for p in &self.proxies {
-                    p.add_fault(&reset).await?;
+                    p.add_fault(&fault).await?;
                 }
                 tokio::time::sleep(outage).await;
-                let mut links = 0;
+                let mut stats = Vec::new();
                 for p in &self.proxies {
-                    links += p.remove_fault(&reset.name).await?.connections_reset;
+                    stats.push(p.remove_fault(&fault.name).await?);
                 }
-                self.report.notes.push(format!(
-                    "the reset fault reset {links} connections of the workers"
-                ));
+                let stats: tether_faultproxy::FaultStats = stats.into_iter().sum();
+                self.report.notes.push(match cut {
+                    Cut::Reset => format!(
+                        "the reset fault reset {} connections of the workers",
+                        stats.connections_reset
+                    ),
+                    _ => format!(
+                        "the blackhole swallowed {} bytes on {} connections",
+                        stats.bytes_dropped, stats.connections_affected
+                    ),
+                });
             }
         }
         Ok((start_us, now_us()))

@@ -23,8 +23,11 @@ pub enum Script {
     RegisterThenClose,
     /// Register the worker, then answer nothing and read nothing (a black hole).
     RegisterThenSilence,
-    /// Register and answer heartbeats.
+    /// Register, answer heartbeats and acknowledge every message that has a sequence number.
     Healthy,
+    /// Like `Healthy`, but no message is ever acknowledged: what the worker sends is lost on
+    /// the way (a middlebox that swallows bytes), while heartbeats still come back.
+    Unacknowledging,
     /// Like `Healthy`, but the welcome goes out only once the registration has arrived: a
     /// worker that waited for the welcome before registering would wait for ever.
     WelcomeAfterRegistration,
@@ -55,6 +58,8 @@ pub struct FakeConnector {
     pub urls: Arc<Mutex<Vec<String>>>,
     /// `task_state` messages in each frame that carried any ([`Script::AssignTogether`]).
     pub states_per_frame: Arc<Mutex<Vec<usize>>>,
+    /// Sequence numbers received, with the connection (attempt index) that carried each.
+    pub received: Arc<Mutex<Vec<(usize, u64)>>>,
 }
 
 impl FakeConnector {
@@ -64,7 +69,17 @@ impl FakeConnector {
             attempts: Arc::default(),
             urls: Arc::default(),
             states_per_frame: Arc::default(),
+            received: Arc::default(),
         }
+    }
+
+    /// The sequence numbers received on connection `conn` (the attempt's index).
+    pub fn received_on(&self, conn: usize) -> Vec<u64> {
+        let r = self.received.lock().expect("lock");
+        r.iter()
+            .filter(|(c, _)| *c == conn)
+            .map(|&(_, s)| s)
+            .collect()
     }
 
     pub fn attempts(&self) -> Vec<Instant> {
@@ -82,10 +97,15 @@ impl Connector for FakeConnector {
         url: String,
         config: WebSocketConfig,
     ) -> BoxFuture<'static, Result<WsStream, ConnectError>> {
-        self.attempts.lock().expect("lock").push(Instant::now());
+        let conn = {
+            let mut a = self.attempts.lock().expect("lock");
+            a.push(Instant::now());
+            a.len() - 1
+        };
         self.urls.lock().expect("lock").push(url.clone());
         let script = *self.script.lock().expect("lock");
         let states = self.states_per_frame.clone();
+        let received = self.received.clone();
         Box::pin(async move {
             match script {
                 Script::Refuse => return Err(ConnectError::Transient("connection refused".into())),
@@ -95,7 +115,7 @@ impl Connector for FakeConnector {
                 _ => {}
             }
             let (client, server) = tokio::io::duplex(1 << 16);
-            tokio::spawn(serve(server, script, states));
+            tokio::spawn(serve(server, script, states, (conn, received)));
             let io: Pin<Box<dyn Io>> = Box::pin(client);
             handshake(url, io, config).await
         })
@@ -106,6 +126,7 @@ async fn serve(
     io: tokio::io::DuplexStream,
     script: Script,
     states_per_frame: Arc<Mutex<Vec<usize>>>,
+    (conn, received): (usize, Arc<Mutex<Vec<(usize, u64)>>>),
 ) {
     let Ok(mut ws) = tokio_tungstenite::accept_async(io).await else {
         return;
@@ -186,6 +207,7 @@ async fn serve(
             }
         }
         Script::Healthy
+        | Script::Unacknowledging
         | Script::WelcomeAfterRegistration
         | Script::Conformance
         | Script::BatchConformance => {
@@ -210,6 +232,13 @@ async fn serve(
                 {
                     break;
                 }
+                let Some((seq, ack)) = ack_of(&m) else {
+                    continue;
+                };
+                received.lock().expect("lock").push((conn, seq));
+                if script != Script::Unacknowledging && ws.send(send(ack)).await.is_err() {
+                    break;
+                }
             }
         }
         Script::Recovering { slow, prompt } => {
@@ -218,6 +247,13 @@ async fn serve(
                 && let Some(Ok(m)) = ws.next().await
             {
                 let Some(seq) = heartbeat_in(&m) else {
+                    // What it records it acknowledges at once; only its heartbeats are slow.
+                    if let Some((seq, ack)) = ack_of(&m) {
+                        received.lock().expect("lock").push((conn, seq));
+                        if ws.send(send(ack)).await.is_err() {
+                            return;
+                        }
+                    }
                     continue;
                 };
                 if answered < slow {
@@ -243,6 +279,34 @@ fn heartbeat_in(m: &Message) -> Option<u64> {
         },
         _ => None,
     }
+}
+
+/// A single message with a sequence number (no batch is agreed with these scripts): the
+/// number, and its acknowledgement as a coordinator that recorded it sends it.
+fn ack_of(m: &Message) -> Option<(u64, CoordMsg)> {
+    use tether_proto::WorkerMsg as W;
+    let Message::Text(t) = m else { return None };
+    let msg = decode_worker(t.as_str()).ok()?;
+    let seq = msg.seq()?;
+    let ack = tether_proto::msg::Ack {
+        ack_seq: seq,
+        task_id: None,
+        checkpoint_id: None,
+        chunk: None,
+        disposition: tether_proto::msg::Disposition::Recorded,
+        timestamp: now(),
+    };
+    let kind: fn(tether_proto::msg::Ack) -> CoordMsg = match msg {
+        W::TaskResult(_) => CoordMsg::TaskResultAck,
+        W::TaskState(_) => CoordMsg::TaskStateAck,
+        W::Checkpoint(_) => CoordMsg::CheckpointAck,
+        W::CheckpointData(_) => CoordMsg::CheckpointDataAck,
+        W::TaskCancelled(_) => CoordMsg::TaskCancelledAck,
+        W::TaskPaused(_) => CoordMsg::TaskPausedAck,
+        W::TaskResumed(_) => CoordMsg::TaskResumedAck,
+        _ => CoordMsg::TelemetryAck,
+    };
+    Some((seq.0, kind(ack)))
 }
 
 /// The answer to heartbeat `seq`.

@@ -114,6 +114,47 @@ async fn a_silent_link_is_declared_dead_after_the_heartbeat_timeout_and_timers_r
     running.stop().await;
 }
 
+/// A coordinator whose heartbeats come back but which never acknowledges what the worker sent
+/// (a middlebox swallowed it): the session ends once a message has waited the liveness timeout
+/// for its acknowledgement, and the next session sends it again. Without this the message
+/// would wait in the outbox for as long as the heartbeats kept the session up.
+#[tokio::test(start_paused = true)]
+async fn a_message_never_acknowledged_ends_the_session_and_goes_again_in_the_next() {
+    let fake = FakeConnector::new(Script::Unacknowledging);
+    let mut cfg = config();
+    cfg.telemetry_interval = Duration::from_secs(3);
+    let running = Running::start(&fake, cfg);
+    let handle = running.handle.clone();
+    running.wait_state(|s| s == ConnState::Connected).await;
+    let connected = tokio::time::Instant::now();
+    running.wait_state(|s| s != ConnState::Connected).await;
+    let ended_after = connected.elapsed();
+    fake.set(Script::Healthy);
+    // The first telemetry leaves within its period, then waits the 15 s timeout; the check
+    // runs with the session's duties (a heartbeat every 5 s).
+    assert!(
+        ended_after >= Duration::from_secs(15) && ended_after < Duration::from_secs(26),
+        "ended after {ended_after:?}"
+    );
+    let first = fake.received_on(0);
+    assert!(!first.is_empty(), "nothing was sent in the first session");
+    running.wait_state(|s| s == ConnState::Connected).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    // What the first session left unacknowledged went again first in the second (telemetry
+    // is latest-wins: each report replaced the one before it in the outbox, so the last is
+    // what was left), and was acknowledged there: that session lasts.
+    let second = fake.received_on(1);
+    let last = first.last().expect("one");
+    assert!(
+        second.first() == Some(last),
+        "{last} not sent again first: {first:?} / {second:?}"
+    );
+    assert_eq!(handle.state(), ConnState::Connected);
+    assert_eq!(handle.stats().reconnects, 1);
+    assert_eq!(fake.attempts().len(), 2);
+    running.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_liveness_timeout_that_shrinks_as_the_link_recovers_applies_at_once() {
     // Heartbeats answered 4 s late raise the adaptive timeout to 5 + 4 x 4 = 21 s. Once prompt
