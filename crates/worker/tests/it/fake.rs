@@ -44,6 +44,9 @@ pub enum Script {
     AssignTogether,
 }
 
+/// Sequence numbers a fake coordinator received, each with its connection's index.
+pub type Received = Arc<Mutex<Vec<(usize, u64)>>>;
+
 /// How late [`Script::Recovering`] answers its slow heartbeats.
 pub const SLOW_REPLY: std::time::Duration = std::time::Duration::from_secs(4);
 
@@ -59,7 +62,7 @@ pub struct FakeConnector {
     /// `task_state` messages in each frame that carried any ([`Script::AssignTogether`]).
     pub states_per_frame: Arc<Mutex<Vec<usize>>>,
     /// Sequence numbers received, with the connection (attempt index) that carried each.
-    pub received: Arc<Mutex<Vec<(usize, u64)>>>,
+    pub received: Received,
 }
 
 impl FakeConnector {
@@ -126,7 +129,7 @@ async fn serve(
     io: tokio::io::DuplexStream,
     script: Script,
     states_per_frame: Arc<Mutex<Vec<usize>>>,
-    (conn, received): (usize, Arc<Mutex<Vec<(usize, u64)>>>),
+    (conn, received): (usize, Received),
 ) {
     let Ok(mut ws) = tokio_tungstenite::accept_async(io).await else {
         return;
