@@ -100,16 +100,24 @@ impl Run {
         if workers == 0 {
             bail!("--workers must be at least 1");
         }
-        // Workers find a silent stall by their liveness timeout (the coordinator's heartbeat
-        // timeout, three intervals), or by a message left unacknowledged as long: a shorter
-        // blackhole leaves an idle worker's session up, and no re-registration would come.
         let liveness = a.heartbeat_interval * 3;
-        if a.scenario == Scenario::ThunderingHerd && a.cut == Cut::Blackhole && a.outage <= liveness
+        // Workers find a silent stall by their liveness timeout: the one the coordinator
+        // announces, three intervals, stretched by its heartbeat budget for a large fleet (30 s
+        // for 10,000 workers). A shorter blackhole leaves an idle worker's session up, and no
+        // re-registration would come.
+        let mut announced = tether_coordinator::config::CoordinatorConfig::new(&path);
+        announced.heartbeat_interval = a.heartbeat_interval;
+        announced.heartbeat_timeout = liveness;
+        let announced = announced.beat(workers).timeout;
+        if a.scenario == Scenario::ThunderingHerd
+            && a.cut == Cut::Blackhole
+            && a.outage <= announced
         {
             bail!(
                 "--cut blackhole needs an --outage longer than the workers' liveness timeout \
-                 (3 x --heartbeat-interval = {} ms), or idle workers never notice it",
-                liveness.as_millis()
+                 ({} ms for {workers} workers: 3 x --heartbeat-interval, stretched by the \
+                 coordinator's heartbeat budget), or idle workers never notice it",
+                announced.as_millis()
             );
         }
         let lost_after = a.lost_after.unwrap_or(match a.scenario {
