@@ -2,14 +2,14 @@
 //! tasks, then close both sockets the way the link ended (FIN, or RST after a reset).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tether_proto::WorkerId;
-use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +23,26 @@ use crate::stats::{ProxyCounters, add};
 
 /// Longest wait for the upstream to accept a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Source addresses (127.0.0.1 ..= 127.0.0.N) a proxy spreads its connections to a loopback
+/// upstream over. From one address, every connection to the one upstream port needs a port of
+/// its own, and the kernel finds each by a walk over the ones in use: with 10,000 workers'
+/// links and their closed predecessors in TIME_WAIT, that walk (`__inet_hash_connect`) was
+/// two thirds of the proxies' CPU (docs/PERFORMANCE.md, nineteenth round).
+pub const LOOPBACK_SOURCES: u8 = 16;
+
+/// Connects link `id` to `upstream`; to a loopback one from the source address its id picks.
+async fn connect_upstream(upstream: SocketAddr, id: u64) -> std::io::Result<TcpStream> {
+    match upstream {
+        SocketAddr::V4(a) if a.ip().is_loopback() => {
+            let socket = TcpSocket::new_v4()?;
+            let source = Ipv4Addr::new(127, 0, 0, 1 + (id % u64::from(LOOPBACK_SOURCES)) as u8);
+            socket.bind(SocketAddr::new(source.into(), 0))?;
+            socket.connect(upstream).await
+        }
+        _ => TcpStream::connect(upstream).await,
+    }
+}
 
 /// A live link, as listed by [`crate::Proxy::links`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,7 +178,7 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
         registry: Arc::clone(&ctx.registry),
         counters: Arc::clone(&ctx.counters),
     };
-    let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(ctx.upstream));
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, connect_upstream(ctx.upstream, ctx.id));
     let server = tokio::select! {
         biased;
         () = ctx.cancel.cancelled() => return,

@@ -35,6 +35,27 @@ async fn bytes_pass_through_unchanged_in_both_directions_and_fin_is_passed_on() 
     assert_eq!(stats.connections_accepted, 1);
 }
 
+/// A proxy spreads its connections to a loopback upstream over several source addresses, so
+/// that thousands of links do not search one address's ports for a free one.
+#[tokio::test]
+async fn links_to_a_loopback_upstream_come_from_several_source_addresses() {
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let proxy = proxy_to(upstream.local_addr().expect("addr")).await;
+    let mut clients = Vec::new();
+    let mut sources = std::collections::HashSet::new();
+    for _ in 0..4 {
+        let mut c = connect(proxy.listen_addr()).await;
+        c.write_all(b"x").await.expect("write");
+        clients.push(c);
+        let (_, peer) = within("accept", upstream.accept()).await.expect("accept");
+        assert!(peer.ip().is_loopback(), "{peer}");
+        sources.insert(peer.ip());
+    }
+    assert_eq!(sources.len(), 4, "{sources:?}");
+}
+
 #[tokio::test]
 async fn latency_delays_the_echo_by_at_least_the_latency() {
     let echo = echo().await;
