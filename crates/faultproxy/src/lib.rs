@@ -14,7 +14,8 @@
 //!   starts at 4 KiB and grows when a read fills it, into a bounded queue) and a
 //!   writer task (chunk through the stages, then to the socket), re-reading the chain on change.
 //! - `sniff`: learns the worker id from the upgrade request line before anything is forwarded.
-//! - `link`: one connection: connect upstream, sniff, run the four pump tasks, close with FIN
+//! - `link`: one connection: connect upstream (to a loopback one from one of
+//!   [`LOOPBACK_SOURCES`] source addresses), sniff, run the four pump tasks, close with FIN
 //!   or RST.
 //! - [`proxy`]: the listener, live links, the fault chain in a `watch` channel, down and up,
 //!   and (in `guard`) the [`FaultGuard`] tests hold.
@@ -58,7 +59,7 @@ pub mod stats;
 
 pub use fault::{Direction, Fault, FaultError, FaultKind, FaultPatch, Stream, Target};
 pub use guard::FaultGuard;
-pub use link::{CONNECT_TIMEOUT, LinkInfo};
+pub use link::{CONNECT_TIMEOUT, LOOPBACK_SOURCES, LinkInfo};
 pub use proxy::{FaultInfo, Proxy, ProxyConfig, ProxyError, ProxyInfo};
 pub use pump::{CHUNK_SIZE, QUEUE_CHUNKS};
 pub use server::{Server, ServerError};
