@@ -325,18 +325,18 @@ impl<'a> Session<'a> {
     }
 
     /// The session's end when a message sent in it has waited for its acknowledgement longer
-    /// than the liveness timeout: the connection lost what was sent (a middlebox that swallows
-    /// bytes and keeps the connection, as a proxy's blackhole does) while the coordinator's
-    /// heartbeats still arrive, and the message would wait in the outbox for as long as the
-    /// session lasts. A new session sends it again (the coordinator keeps one of each).
+    /// than the liveness timeout, with nothing acknowledged since or a later message
+    /// acknowledged ([`Window::lost`]): the connection lost what was sent (a middlebox that
+    /// swallows bytes and keeps the connection, as a proxy's blackhole does) while the
+    /// coordinator's heartbeats still arrive, and the message would wait in the outbox for as
+    /// long as the session lasts. A new session sends it again (the coordinator keeps one of
+    /// each).
     fn unacknowledged(&self) -> Option<String> {
-        let (seq, at) = self.window.oldest()?;
-        (at.elapsed() >= self.timeout).then(|| {
-            format!(
-                "message {seq} sent {} ms ago is not acknowledged: the connection lost what was sent",
-                at.elapsed().as_millis()
-            )
-        })
+        let (seq, at) = self.window.lost(self.timeout)?;
+        Some(format!(
+            "message {seq} sent {} ms ago is not acknowledged: the connection lost what was sent",
+            at.elapsed().as_millis()
+        ))
     }
 
     fn dead_reason(&self) -> String {
@@ -898,11 +898,9 @@ impl<'a> Session<'a> {
     }
 
     async fn flush_outbox(&mut self) {
-        if self.window.bytes >= SEND_WINDOW {
-            // A coordinator that never acknowledges something must not close the window for
-            // good (the message itself stays in the outbox and goes again next session).
-            self.window.forget_older_than(self.timeout);
-        }
+        // A window that a coordinator never acknowledges stays closed only until the message
+        // waiting longest has waited the liveness timeout: that ends the session
+        // (`unacknowledged`), and the next one sends it again.
         let budget = SEND_WINDOW.saturating_sub(self.window.bytes);
         if budget == 0 {
             return;
@@ -1227,6 +1225,10 @@ impl<'a> Session<'a> {
 struct Window {
     sent: VecDeque<(u64, usize, Instant)>,
     bytes: usize,
+    /// When an acknowledgement last took an entry out.
+    last_ack: Option<Instant>,
+    /// The latest send time among the entries acknowledged.
+    newest_acked: Option<Instant>,
 }
 
 impl Window {
@@ -1253,10 +1255,23 @@ impl Window {
     /// The acknowledged message no longer takes room.
     fn leave(&mut self, seq: u64) {
         if let Ok(i) = self.sent.binary_search_by_key(&seq, |&(s, ..)| s)
-            && let Some((_, bytes, _)) = self.sent.remove(i)
+            && let Some((_, bytes, at)) = self.sent.remove(i)
         {
             self.bytes -= bytes;
+            self.last_ack = Some(Instant::now());
+            self.newest_acked = self.newest_acked.max(Some(at));
         }
+    }
+
+    /// The message the link lost, if one is known lost: waiting `timeout` for its
+    /// acknowledgement while either nothing at all was acknowledged for as long, or a message
+    /// sent after it was (the coordinator handles a session's messages in order). A slow link
+    /// whose acknowledgements still trickle in, in order, loses nothing by this reading.
+    fn lost(&self, timeout: Duration) -> Option<(u64, Instant)> {
+        let (seq, at) = self.oldest()?;
+        let silent = self.last_ack.is_none_or(|t| t.elapsed() >= timeout);
+        let overtaken = self.newest_acked.is_some_and(|n| n > at);
+        (at.elapsed() >= timeout && (silent || overtaken)).then_some((seq, at))
     }
 
     /// The message waiting longest for its acknowledgement: its sequence number and send time.
@@ -1265,19 +1280,6 @@ impl Window {
             .iter()
             .min_by_key(|&&(_, _, at)| at)
             .map(|&(seq, _, at)| (seq, at))
-    }
-
-    /// Stops counting messages sent longer than `timeout` ago.
-    fn forget_older_than(&mut self, timeout: Duration) {
-        let mut freed = 0;
-        self.sent.retain(|(_, bytes, at)| {
-            let keep = at.elapsed() < timeout;
-            if !keep {
-                freed += *bytes;
-            }
-            keep
-        });
-        self.bytes -= freed;
     }
 }
 
@@ -1469,13 +1471,58 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_window_forgets_what_was_sent_longer_ago_than_the_timeout() {
+    async fn a_message_is_lost_when_nothing_or_a_later_message_was_acknowledged_since() {
+        let timeout = Duration::from_secs(15);
+        let tick = || tokio::time::sleep(Duration::from_secs(5));
+        // Nothing acknowledged at all for the timeout: lost.
         let mut w = Window::default();
-        w.enter(1, 100, Instant::now());
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        w.enter(2, 10, Instant::now());
-        w.forget_older_than(Duration::from_secs(5));
-        assert_eq!(w.bytes, 10);
-        assert_eq!(w.sent.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2]);
+        w.enter(1, 10, Instant::now());
+        tick().await;
+        assert_eq!(w.lost(timeout), None, "not waited long enough");
+        tokio::time::sleep(timeout).await;
+        assert_eq!(w.lost(timeout).map(|l| l.0), Some(1));
+        // A slow link: the messages before it acknowledged in order, the last a moment ago;
+        // it waits longer than the timeout but is not known lost.
+        let mut w = Window::default();
+        for seq in 1..=4 {
+            w.enter(seq, 10, Instant::now());
+        }
+        for seq in 1..=3 {
+            tick().await;
+            w.leave(seq);
+        }
+        tick().await;
+        assert_eq!(
+            w.lost(timeout),
+            None,
+            "acknowledgements still trickle in, in order"
+        );
+        // A message sent after it was acknowledged: it was lost on the way.
+        w.enter(5, 10, Instant::now());
+        tick().await;
+        w.leave(5);
+        assert_eq!(w.lost(timeout).map(|l| l.0), Some(4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_window_names_the_message_waiting_longest_for_its_acknowledgement() {
+        let mut w = Window::default();
+        assert_eq!(w.oldest(), None);
+        let t0 = Instant::now();
+        w.enter(3, 10, t0);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        w.enter(1, 10, Instant::now());
+        assert_eq!(
+            w.oldest(),
+            Some((3, t0)),
+            "by send time, not sequence number"
+        );
+        // Sent again in the session (a `sync_state` directive): its wait starts over.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let t2 = Instant::now();
+        w.enter(3, 10, t2);
+        assert_eq!(w.oldest().map(|o| o.0), Some(1));
+        w.leave(1);
+        assert_eq!(w.oldest(), Some((3, t2)));
     }
 }
