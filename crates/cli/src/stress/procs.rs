@@ -113,8 +113,13 @@ impl Coordinator {
     }
 
     pub fn url(&self) -> String {
+        self.url_at(self.addr)
+    }
+
+    /// The coordinator's URL as reached through `addr` (a fault proxy in front of it).
+    pub fn url_at(&self, addr: std::net::SocketAddr) -> String {
         let scheme = if self.opts.tls.is_some() { "wss" } else { "ws" };
-        format!("{scheme}://{}", self.addr)
+        format!("{scheme}://{addr}")
     }
 
     /// A client of the coordinator's HTTP API.

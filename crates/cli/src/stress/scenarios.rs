@@ -169,14 +169,7 @@ impl Run {
         }
         let urls: Vec<String> = match proxies.is_empty() {
             true => vec![coord.url()],
-            false => proxies
-                .iter()
-                .map(|p| {
-                    coord
-                        .url()
-                        .replace(&coord.addr.to_string(), &p.listen.to_string())
-                })
-                .collect(),
+            false => proxies.iter().map(|p| coord.url_at(p.listen)).collect(),
         };
         let slots = flood_slots(&a);
         let telemetry = match a.scenario {
