@@ -137,14 +137,16 @@ fn thundering_herd_reconnects_every_worker_after_a_proxy_cut_and_loses_nothing()
         // re-registered" counts the same).
         assert_eq!(count(&r["reconnect_after_ready_ms"]), 40, "{r}");
         assert!(r["proxy_cpu_s"].as_f64().is_some_and(|s| s > 0.0), "{r}");
-        if cut == "reset" {
+        let fault = |k: &str| r["cut_fault"][k].as_u64().unwrap_or(0);
+        match cut {
             // The 40 live links at least, then attempts made during the cut.
-            let note = r["notes"][0].as_str().unwrap_or_default().to_owned();
-            let reset: u64 = note
-                .split_whitespace()
-                .find_map(|w| w.parse().ok())
-                .unwrap_or(0);
-            assert!(reset >= 40, "{note}: {r}");
+            "reset" => assert!(fault("connections_reset") >= 40, "{r}"),
+            // Every live link went silent: the heartbeats sent into it were swallowed.
+            "blackhole" => {
+                assert!(fault("connections_affected") >= 40, "{r}");
+                assert!(fault("bytes_dropped") > 0, "{r}");
+            }
+            _ => assert!(r["cut_fault"].is_null(), "{r}"),
         }
     }
 }

@@ -116,6 +116,9 @@ pub struct Report {
     pub proxy_cpu_s: Option<f64>,
     /// Peak RSS of the fault proxies' processes, summed.
     pub proxy_peak_rss_kib: Option<u64>,
+    /// What the cut's fault did on the proxies (`--cut reset|blackhole`), summed over them:
+    /// the connections it reset, the bytes it swallowed, the connections it touched.
+    pub cut_fault: Option<tether_faultproxy::FaultStats>,
     /// The fleet process's niceness as `/proc` read it at the end (`--fleet-nice`).
     pub fleet_nice: Option<i64>,
     /// The coordinator's `--idle-coalesce`, milliseconds, when given.
@@ -258,6 +261,15 @@ impl Report {
         }
         if let Some(v) = self.proxy_peak_rss_kib {
             row("fault proxies' peak RSS, KiB (summed)", v.to_string());
+        }
+        if let Some(f) = &self.cut_fault {
+            row(
+                "the cut's fault",
+                format!(
+                    "{} connections touched, {} reset, {} bytes swallowed",
+                    f.connections_affected, f.connections_reset, f.bytes_dropped
+                ),
+            );
         }
         if let Some(n) = self.fleet_nice.filter(|&n| n != 0) {
             row("fleet niceness", n.to_string());

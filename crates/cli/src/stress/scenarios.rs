@@ -331,17 +331,7 @@ impl Run {
                 for p in &self.proxies {
                     stats.push(p.remove_fault(&fault.name).await?);
                 }
-                let stats: tether_faultproxy::FaultStats = stats.into_iter().sum();
-                self.report.notes.push(match cut {
-                    Cut::Reset => format!(
-                        "the reset fault reset {} connections of the workers",
-                        stats.connections_reset
-                    ),
-                    _ => format!(
-                        "the blackhole swallowed {} bytes on {} connections",
-                        stats.bytes_dropped, stats.connections_affected
-                    ),
-                });
+                self.report.cut_fault = Some(stats.into_iter().sum());
             }
         }
         Ok((start_us, now_us()))
