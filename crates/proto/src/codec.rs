@@ -671,6 +671,9 @@ mod tests {
     fn unknown_fields_are_ignored_for_forward_compatibility() {
         let text = r#"{"type":"heartbeat","sequence":1,"active_tasks":[],"timestamp":"2026-01-01T00:00:00Z","future":true}"#;
         assert!(matches!(decode_worker(text), Ok(WorkerMsg::Heartbeat(_))));
+        // The original put `worker_id` in every message; outside `registration` it is ignored.
+        let text = r#"{"type":"heartbeat","worker_id":"w1","sequence":1,"active_tasks":[],"timestamp":"2026-01-01T00:00:00Z"}"#;
+        assert!(matches!(decode_worker(text), Ok(WorkerMsg::Heartbeat(_))));
     }
 
     #[test]

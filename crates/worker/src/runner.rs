@@ -326,7 +326,7 @@ impl Runner {
                     detail: None,
                 }),
             ),
-            (Err(e @ ExecError::InvalidConfig(_)), _, _) => (
+            (Err(e @ (ExecError::InvalidConfig(_) | ExecError::Panicked(_))), _, _) => (
                 Outcome::Failed,
                 serde_json::json!({}),
                 Some(TaskError {

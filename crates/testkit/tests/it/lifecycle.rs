@@ -26,6 +26,57 @@ async fn a_worker_registers_and_runs_a_task_to_one_result() {
     c.stop().await;
 }
 
+/// Panics in its task, every time it runs.
+struct Panics;
+
+impl tether_worker::Executor for Panics {
+    fn execute(
+        &self,
+        _input: tether_worker::TaskInput,
+        _ctx: tether_worker::TaskCtx,
+    ) -> futures_util::future::BoxFuture<'static, Result<serde_json::Value, tether_worker::ExecError>>
+    {
+        Box::pin(async { panic!("the executor's own bug") })
+    }
+}
+
+#[tokio::test]
+async fn an_executor_that_panics_fails_its_task_with_one_result_and_the_worker_runs_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let mut executors = Executors::builtin();
+    executors.register("panics", Panics);
+    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), executors);
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let ids = client
+        .submit(&[TaskSpec::new("panics", serde_json::json!({}))])
+        .await;
+    let t = client.wait_status(&ids[0], "failed").await;
+    assert_eq!(t["attempt"], 1, "{t}");
+    let results = client.results(&ids[0]).await;
+    assert_eq!(results.len(), 1, "{results:?}");
+    let error = results[0]["body"]["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        error.contains("executor panicked: the executor's own bug"),
+        "{results:?}"
+    );
+    // The panic took neither the session nor the runner with it: the next task runs, and the
+    // panicked one no longer counts as running.
+    let next = client.submit(&[sleep_task(10, 1, 0)]).await;
+    client.wait_status(&next[0], "completed").await;
+    assert_eq!(w.handle.executions(), 2);
+    assert!(
+        w.handle.active_tasks().is_empty(),
+        "{:?}",
+        w.handle.active_tasks()
+    );
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn two_workers_with_distinct_ids_stay_distinct_and_share_the_work() {
     let dir = tempfile::tempdir().expect("tempdir");

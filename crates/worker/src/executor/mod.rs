@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tether_proto::msg::{
     Checkpoint, CheckpointData, StateJson, TaskNotice, TaskState, WorkerMsg, now,
@@ -54,6 +55,10 @@ pub enum ExecError {
     /// The executor enforced a timeout of its own.
     #[error("timed out")]
     TimedOut,
+    /// The executor panicked; the panic is contained to its task (the worker and the other
+    /// tasks run on), and the attempt ends with this failure as its one result.
+    #[error("executor panicked: {0}")]
+    Panicked(String),
 }
 
 /// Runs tasks of one kind.
@@ -103,7 +108,18 @@ impl Metered {
             m.resumed_from_checkpoint.fetch_add(1, Ordering::Relaxed);
         }
         let started = tokio::time::Instant::now();
-        let out = self.inner.execute(input, ctx).await;
+        let (task, attempt) = (input.task_id.clone(), input.attempt);
+        // The call and every poll of its future run inside the guard, so a panic in either
+        // becomes this attempt's failure rather than a task that never reports.
+        let run = std::panic::AssertUnwindSafe(async { self.inner.execute(input, ctx).await });
+        let out = match run.catch_unwind().await {
+            Ok(out) => out,
+            Err(payload) => {
+                let message = panic_message(payload.as_ref());
+                tracing::error!(task = %task, attempt = %attempt, panic = %message, "executor panicked; the attempt fails");
+                Err(ExecError::Panicked(message))
+            }
+        };
         m.busy_ms
             .fetch_add(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         match &out {
@@ -111,6 +127,18 @@ impl Metered {
             Err(_) => m.failed.fetch_add(1, Ordering::Relaxed),
         };
         out
+    }
+}
+
+/// The text a panic was raised with (`panic!("...")` carries a `&str` or a `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (
+        payload.downcast_ref::<&str>(),
+        payload.downcast_ref::<String>(),
+    ) {
+        (Some(s), _) => (*s).to_owned(),
+        (_, Some(s)) => s.clone(),
+        _ => "a panic without a message".to_owned(),
     }
 }
 
@@ -535,6 +563,41 @@ mod tests {
                 n.fetch_add(1, Ordering::SeqCst);
                 Ok(serde_json::json!({}))
             })
+        }
+    }
+
+    /// Panics when called (`at_call`) or when its future is first polled.
+    struct Panicking {
+        at_call: bool,
+    }
+
+    impl Executor for Panicking {
+        fn execute(
+            &self,
+            _input: TaskInput,
+            _ctx: TaskCtx,
+        ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
+            if self.at_call {
+                panic!("boom at the call");
+            }
+            Box::pin(async move { panic!("boom in task {}", 7) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_executor_fails_its_attempt_once_and_is_counted_as_failed() {
+        let mut reg = Executors::default();
+        reg.register("call", Panicking { at_call: true });
+        reg.register("poll", Panicking { at_call: false });
+        for (kind, message) in [("call", "boom at the call"), ("poll", "boom in task 7")] {
+            let m = reg.get(kind).expect("registered");
+            let (ctx, _) = TaskCtx::detached(TaskId::parse("t").expect("id"), Attempt(1));
+            let err = m.run(input(), ctx).await.expect_err("a panic is a failure");
+            assert_eq!(err, ExecError::Panicked(message.into()));
+            assert_eq!(err.to_string(), format!("executor panicked: {message}"));
+            assert_eq!(m.metrics.executions.load(Ordering::SeqCst), 1);
+            assert_eq!(m.metrics.failed.load(Ordering::SeqCst), 1);
+            assert_eq!(m.metrics.completed.load(Ordering::SeqCst), 0);
         }
     }
 
