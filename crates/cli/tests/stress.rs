@@ -76,6 +76,9 @@ fn thundering_herd_reregisters_every_worker_after_a_coordinator_kill_and_loses_n
             .is_some_and(|s| s.contains("HMAC-SHA256"))
     );
     assert_eq!(count(&r["reconnect_after_ready_ms"]), 40);
+    // Every worker came back in paced attempts (the verdict bounds them by the backoff).
+    assert_eq!(count(&r["reconnect_attempts"]), 40);
+    assert!(r["reconnect_attempts"]["max"].as_f64() >= Some(1.0), "{r}");
     // Each worker waited a backoff delay (500 ms +/- 20 %) before the attempt that succeeded.
     assert_eq!(count(&r["reconnect_beyond_delay_ms"]), 40);
     let max = |k: &str| r[k]["max"].as_f64().expect("max");
@@ -136,6 +139,11 @@ fn thundering_herd_reconnects_every_worker_after_a_proxy_cut_and_loses_nothing()
         // Sessions registered after the cut began, one per worker (the verdict "every worker
         // re-registered" counts the same).
         assert_eq!(count(&r["reconnect_after_ready_ms"]), 40, "{r}");
+        assert_eq!(count(&r["reconnect_attempts"]), 40, "{r}");
+        if cut == "reset" {
+            // Attempts made during the cut were reset, and the workers tried again (paced).
+            assert!(r["reconnect_attempts"]["max"].as_f64() >= Some(2.0), "{r}");
+        }
         assert!(r["proxy_cpu_s"].as_f64().is_some_and(|s| s > 0.0), "{r}");
         let fault = |k: &str| r["cut_fault"][k].as_u64().unwrap_or(0);
         match cut {

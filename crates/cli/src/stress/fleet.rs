@@ -148,6 +148,9 @@ pub struct SessionRecord {
     pub registered_us: u64,
     /// The backoff delay the worker waited before that attempt (0 for its first).
     pub delay_us: u64,
+    /// Connection attempts the worker had made by then, this one included.
+    #[serde(default)]
+    pub attempts: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -480,6 +483,7 @@ async fn watch(handle: AgentHandle, record: Arc<Mutex<WorkerRecord>>) {
                             attempt_us: shared.attempt_started_unix_us.load(Ordering::Relaxed),
                             registered_us: shared.registered_unix_us.load(Ordering::Relaxed),
                             delay_us: shared.backoff_delay_us.load(Ordering::Relaxed),
+                            attempts: handle.stats().connection_attempts,
                         });
                 }
             }

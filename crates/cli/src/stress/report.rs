@@ -81,6 +81,9 @@ pub struct Report {
     /// worker waited before its successful attempt (negative when the worker was already part
     /// way through that delay when the cut cleared).
     pub reconnect_beyond_delay_ms: Option<Dist>,
+    /// thundering_herd: connection attempts each worker made from the cut until it was
+    /// registered again (the successful one included).
+    pub reconnect_attempts: Option<Dist>,
     /// The workers' largest reconnect delay with jitter: the jitter window.
     pub reconnect_window_ms: Option<f64>,
     /// Worker messages handled by the coordinator per second (its `messages_in` counter).
@@ -207,6 +210,9 @@ impl Report {
                 "re-registered after the cut cleared, less the worker's backoff delay, ms",
                 dist(d),
             );
+        }
+        if let Some(d) = &self.reconnect_attempts {
+            row("connection attempts to come back, per worker", dist(d));
         }
         if let Some(d) = &self.reconnect_attempt_ms {
             row("successful reconnect attempt, ms", dist(d));

@@ -31,6 +31,10 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 const WORKERS_PER_PROXY: u64 = 5_000;
 /// Attempts of a stress task: crashes in steady_load and checkpoint_heavy may cost a few.
 const MAX_ATTEMPTS: u32 = 10;
+/// The simulated workers' first reconnect delay and its proportional jitter (the fleet is
+/// started with them, so the run knows the least delay any of its attempts waited).
+const FLEET_BACKOFF_INITIAL: Duration = Duration::from_millis(200);
+const FLEET_JITTER: f64 = 0.2;
 
 /// One run: the processes, the HTTP client, the progress bar and the report.
 struct Run {
@@ -188,6 +192,10 @@ impl Run {
             a.source_addrs.to_string(),
             "--heartbeat-interval".into(),
             d(a.heartbeat_interval),
+            "--backoff-initial".into(),
+            d(FLEET_BACKOFF_INITIAL),
+            "--jitter".into(),
+            FLEET_JITTER.to_string(),
             "--backoff-max".into(),
             d(a.max_reconnect_delay),
             "--telemetry-interval".into(),
@@ -648,14 +656,44 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
         .settled_report(|w| w.sessions.iter().any(|s| s.registered_us > cut_us))
         .await?;
     let (mut after_ready, mut beyond_delay, mut attempt) = (Vec::new(), Vec::new(), Vec::new());
+    // Every attempt after the cut waited a backoff delay of at least this first.
+    let least_delay_us = (FLEET_BACKOFF_INITIAL
+        .min(run.a.max_reconnect_delay)
+        .as_micros() as f64
+        * (1.0 - FLEET_JITTER)) as u64;
+    let (mut attempts, mut storming) = (Vec::new(), Vec::new());
     for w in &rep.workers {
+        let before = w.sessions.iter().rfind(|s| s.registered_us <= cut_us);
         if let Some(s) = w.sessions.iter().find(|s| s.registered_us > cut_us) {
             after_ready.push(ms(s.registered_us, ready_us));
             beyond_delay
                 .push((s.registered_us as f64 - ready_us as f64 - s.delay_us as f64) / 1000.0);
             attempt.push(ms(s.registered_us, s.attempt_us));
+            if let Some(b) = before {
+                let made = s.attempts.saturating_sub(b.attempts);
+                attempts.push(made as f64);
+                let allowed = s.attempt_us.saturating_sub(cut_us) / least_delay_us.max(1) + 1;
+                if made > allowed {
+                    storming.push(format!("{} ({made} attempts, {allowed} allowed)", w.id));
+                }
+            }
         }
     }
+    run.report.reconnect_attempts = Dist::of(attempts);
+    run.report.verdict(
+        "no reconnect storm: each worker's attempts after the cut paced by its backoff",
+        run.report.reconnect_attempts.is_some() && storming.is_empty(),
+        match (storming.first(), run.report.reconnect_attempts) {
+            (Some(first), _) => format!("{} workers over, first {first}", storming.len()),
+            (None, Some(d)) => format!(
+                "attempts a worker made to come back: p50 {:.0}, max {:.0} (each after a delay of at least {} ms)",
+                d.p50,
+                d.max,
+                least_delay_us / 1000
+            ),
+            (None, None) => "no worker came back".into(),
+        },
+    );
     let window = run.a.max_reconnect_delay.as_secs_f64() * 1000.0 * 1.2;
     let r = &mut run.report;
     r.reconnect_window_ms = Some(window);

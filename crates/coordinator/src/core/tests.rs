@@ -203,6 +203,37 @@ fn a_result_of_an_attempt_that_lost_its_lease_is_stale_and_one_from_a_stranger_i
 }
 
 #[test]
+fn a_task_cancelled_while_running_stays_cancelled_when_its_completed_result_arrives() {
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit();
+    drain(&mut rx);
+    let (tx, mut reply) = tokio::sync::oneshot::channel();
+    h.step(Event::Api(Api::Control {
+        task: t.clone(),
+        op: super::ControlOp::Cancel,
+        reply: tx,
+    }));
+    reply.try_recv().expect("reply").expect("cancelled");
+    assert!(drain(&mut rx).iter().any(
+        |m| matches!(m, CoordMsg::CancelTask(c) if c.task_id == t && c.attempt == Attempt(1))
+    ));
+    // The executor finished before the cancel reached it: its result is kept, not counted.
+    h.frame("a", s, result(1, &t, 1));
+    assert_eq!(result_ack(&drain(&mut rx)), Disposition::Stale);
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Cancelled);
+    assert_eq!(h.core.tasks[&t].outcome, None);
+    assert_eq!(Counters::get(&h.core.counters.results_recorded), 0);
+    // The worker is free for the next task.
+    let next = h.submit();
+    assert!(
+        drain(&mut rx)
+            .iter()
+            .any(|m| matches!(m, CoordMsg::TaskAssignment(a) if a.task_id == next))
+    );
+}
+
+#[test]
 fn a_task_lost_more_than_max_attempts_times_fails_clearly() {
     let mut h = Harness::new();
     let t = h.submit();

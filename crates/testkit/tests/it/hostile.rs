@@ -163,6 +163,48 @@ async fn per_worker_secrets_from_a_directory_override_the_fleet_secret() {
 }
 
 #[tokio::test]
+async fn a_registration_naming_another_worker_is_closed_with_4003_and_that_worker_is_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let honest = spawn_worker(
+        fast_worker_config(&c.ws_url(), "honest"),
+        Executors::builtin(),
+    );
+    honest.wait_state(|s| s == ConnState::Connected).await;
+
+    // A connection on its own path claims to be "honest" in its registration.
+    let mut impostor = Raw::connect(&c, "mallory").await;
+    let mut reg = impostor.registration(None, &[]);
+    reg["worker_id"] = json!("honest");
+    impostor.send(&reg).await;
+    assert_eq!(impostor.close_code().await, Some(4003));
+
+    // "honest" keeps its one session; "mallory" (without authentication, whoever connects on
+    // that path) connected and never registered; the work goes to the honest worker.
+    let workers: Vec<serde_json::Value> = c.client().get_as("/api/v1/workers").await;
+    let of = |id: &str| {
+        workers
+            .iter()
+            .find(|w| w["worker_id"] == id)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (h, m) = (of("honest"), of("mallory"));
+    assert_eq!(
+        (&h["state"], &h["sessions"]),
+        (&json!("connected"), &json!(1)),
+        "{h}"
+    );
+    assert_eq!((&m["boot_id"], &m["slots"]), (&json!(""), &json!(0)), "{m}");
+    assert_ne!(m["state"], "connected", "{m}");
+    honest_work_completes(&c.client(), 2).await;
+    assert_eq!(honest.handle.registrations(), 1);
+    assert_eq!(honest.handle.executions(), 2);
+    honest.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn a_replayed_or_repeated_handshake_is_refused_and_the_honest_session_is_untouched() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = authed_coordinator(dir.path()).await;

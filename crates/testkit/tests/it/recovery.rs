@@ -143,6 +143,66 @@ async fn a_restarted_coordinator_keeps_tasks_and_leases_and_records_each_result_
     c.stop().await;
 }
 
+/// The ids of a task's stored checkpoints, as the API lists them.
+async fn checkpoint_ids(client: &Client, task: &tether_proto::TaskId) -> Vec<String> {
+    let (status, list) = client
+        .get(&format!("/api/v1/tasks/{task}/checkpoints"))
+        .await;
+    assert_eq!(status, 200, "{list}");
+    let mut ids: Vec<String> = list
+        .as_array()
+        .or_else(|| list["checkpoints"].as_array())
+        .expect("a checkpoint list")
+        .iter()
+        .filter_map(|c| c["checkpoint_id"].as_str().map(str::to_owned))
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn only_the_latest_checkpoints_of_a_task_are_kept_across_a_coordinator_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.checkpoints_kept = 2;
+    let c = spawn_coordinator_with(cfg.clone(), None).await;
+    let addr = c.addr;
+    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    // 16 steps of 250 ms, a checkpoint after each but the last: 15 checkpoints.
+    let id = client.submit(&[sleep_task(4_000, 16, 1)]).await.remove(0);
+    wait_for("two checkpoints stored", DEADLINE, || async {
+        (checkpoint_ids(&client, &id).await.len() == 2).then_some(())
+    })
+    .await;
+    let before = checkpoint_ids(&client, &id).await;
+    // Restarted, the coordinator still knows which checkpoints it holds, so it goes on
+    // removing the oldest: the two from before the restart do not stay behind.
+    c.stop().await;
+    let c = spawn_coordinator_with(cfg, Some(addr)).await;
+    let client = c.client();
+    client.wait_status(&id, "completed").await;
+    let kept = checkpoint_ids(&client, &id).await;
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert!(
+        kept.iter().all(|k| !before.contains(k)),
+        "{before:?} {kept:?}"
+    );
+    let latest = client.task(&id).await["latest_checkpoint"]["checkpoint_id"].clone();
+    assert!(
+        kept.iter().any(|k| latest == k.as_str()),
+        "{latest} {kept:?}"
+    );
+    // What was removed is gone, bytes and all.
+    let (status, _) = client
+        .get(&format!("/api/v1/tasks/{id}/checkpoints/{}", before[0]))
+        .await;
+    assert_eq!(status, 404);
+    w.stop().await.expect("stop");
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn retention_removes_old_finished_tasks_for_good_and_keeps_the_rest() {
     let dir = tempfile::tempdir().expect("tempdir");
