@@ -34,6 +34,9 @@ pub enum Script {
     /// Register, answer the first `slow` heartbeats [`SLOW_REPLY`] late and the next `prompt` at
     /// once, then fall silent like [`Script::RegisterThenSilence`].
     Recovering { slow: u32, prompt: u32 },
+    /// Register, acknowledge at once, and answer each heartbeat [`LATE_REPLY`] after it came:
+    /// later than the next heartbeat, so each answer is to one before the latest.
+    LateReplies,
     /// Register, send one sample of every coordinator message, then answer heartbeats.
     Conformance,
     /// Like `Conformance`, with batching agreed and the samples in one batch frame, an
@@ -49,6 +52,9 @@ pub type Received = Arc<Mutex<Vec<(usize, u64)>>>;
 
 /// How late [`Script::Recovering`] answers its slow heartbeats.
 pub const SLOW_REPLY: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// How late [`Script::LateReplies`] answers every heartbeat.
+pub const LATE_REPLY: std::time::Duration = std::time::Duration::from_millis(7_300);
 
 /// Tasks assigned at once by [`Script::AssignTogether`].
 pub const TOGETHER: usize = 8;
@@ -268,6 +274,38 @@ async fn serve(
                 answered += 1;
             }
             std::future::pending::<()>().await;
+        }
+        Script::LateReplies => {
+            let mut due: std::collections::VecDeque<(u64, tokio::time::Instant)> =
+                std::collections::VecDeque::new();
+            loop {
+                let next = due.front().map(|&(_, at)| at);
+                let wait = async {
+                    match next {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = wait => {
+                        let Some((seq, _)) = due.pop_front() else { continue };
+                        if ws.send(heartbeat_reply(seq)).await.is_err() {
+                            return;
+                        }
+                    }
+                    m = ws.next() => {
+                        let Some(Ok(m)) = m else { return };
+                        if let Some(seq) = heartbeat_in(&m) {
+                            due.push_back((seq, tokio::time::Instant::now() + LATE_REPLY));
+                        } else if let Some((seq, ack)) = ack_of(&m) {
+                            received.lock().expect("lock").push((conn, seq));
+                            if ws.send(send(ack)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
         }
         Script::Refuse | Script::Unauthorized => {}
     }

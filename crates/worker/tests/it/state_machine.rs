@@ -207,6 +207,35 @@ async fn shrinks_after(slow: u32) {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_answer_to_an_older_heartbeat_is_timed_from_that_heartbeat() {
+    // Heartbeats every 5 s, each answered 7.3 s after it came: every answer arrives after the
+    // next heartbeat went out. Timed against the latest heartbeat (the original's defect) the
+    // round trip would read 2.3 s; it is 7.3 s.
+    let fake = FakeConnector::new(Script::LateReplies);
+    let mut cfg = config();
+    cfg.heartbeat_timeout = Duration::from_secs(30);
+    let running = Running::start(&fake, cfg);
+    let handle = running.handle.clone();
+    running.wait_state(|s| s == ConnState::Connected).await;
+    let answered = async {
+        while handle.stats().rtt_samples < 8 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), answered)
+        .await
+        .expect("eight heartbeats answered");
+    let s = handle.stats();
+    let late = crate::fake::LATE_REPLY.as_secs_f64() * 1e3;
+    for rtt in [s.rtt_p50_ms, s.rtt_p99_ms, s.rtt_avg_ms] {
+        assert!((rtt - late).abs() < 50.0, "{s:?}");
+    }
+    assert_eq!(handle.state(), ConnState::Connected);
+    assert_eq!(fake.attempts().len(), 1);
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_worker_beats_at_the_coordinator_s_interval_when_it_is_shorter_than_its_own() {
     // The fake coordinator's welcome asks for a heartbeat every 5 s.
     let fake = FakeConnector::new(Script::Healthy);
