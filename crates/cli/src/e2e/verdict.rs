@@ -147,6 +147,13 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
     let n = g.submitted.len();
     let mut checks = Vec::new();
 
+    // A run that submitted nothing proves nothing: every check below would hold vacuously.
+    let none = match n {
+        0 => vec!["no task was submitted".to_owned()],
+        _ => vec![],
+    };
+    checks.push(check("tasks_submitted", n, "tasks", none));
+
     // Every submitted task is listed once, in a terminal state.
     let mut bad = Vec::new();
     for (id, _) in &g.submitted {
@@ -395,7 +402,23 @@ mod tests {
     fn a_healthy_run_passes_every_check() {
         let v = verdict(&healthy());
         assert!(v.pass, "{v:?}");
-        assert_eq!(v.checks.len(), 10);
+        assert_eq!(v.checks.len(), 11);
+    }
+
+    #[test]
+    fn a_run_that_submitted_nothing_fails() {
+        let g = GroundTruth {
+            submitted: vec![],
+            bodies: BTreeMap::new(),
+            tasks: vec![],
+            results: BTreeMap::new(),
+            acks: vec![],
+            disruptions: vec![],
+            kinds: vec![],
+            unexpected_exits: vec![],
+        };
+        assert_eq!(failing(&g), ["tasks_submitted"]);
+        assert!(!verdict(&g).pass);
     }
 
     #[test]
