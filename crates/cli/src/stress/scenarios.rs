@@ -501,14 +501,17 @@ impl Run {
         r.lost = t.lost;
         r.recorded_twice = t.recorded_twice;
         r.stale_results = t.stale;
+        // Over no task at all, "none lost" would hold vacuously.
         r.verdict(
             "lost",
-            t.lost == 0,
-            format!(
-                "{} of {} acknowledged tasks without a counted result",
-                t.lost,
-                self.submitted.len()
-            ),
+            t.lost == 0 && !self.submitted.is_empty(),
+            match self.submitted.len() {
+                0 => "no task was submitted: nothing to check".to_owned(),
+                n => format!(
+                    "{} of {n} acknowledged tasks without a counted result",
+                    t.lost
+                ),
+            },
         );
         r.verdict(
             "recorded twice",
