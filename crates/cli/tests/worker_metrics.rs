@@ -1,4 +1,5 @@
-//! A real `tether worker --metrics-listen` process serves its Prometheus metrics.
+//! A real `tether worker --metrics-listen` process serves its Prometheus metrics, and a real
+//! worker process with nothing to do sleeps: no busy-waiting sender, connected or not.
 
 use std::process::{Child, Command, Stdio};
 
@@ -86,4 +87,71 @@ async fn a_worker_process_serves_its_metrics_when_asked() {
         }
     }
     c.stop().await;
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat` (clock ticks of
+/// 1/100 s, Linux's USER_HZ).
+fn cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = |i: usize| f[i].parse::<f64>().expect("ticks");
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+#[tokio::test]
+async fn an_idle_worker_process_sleeps_connected_and_while_it_waits_to_reconnect() {
+    // What a worker with nothing to do may use of a core, at most: a heartbeat or an attempt a
+    // second costs well under 1 %; the original's sender loop that polled its queue kept a
+    // core busy.
+    const AT_MOST: f64 = 0.05;
+    const WINDOW: std::time::Duration = std::time::Duration::from_secs(3);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let worker = Killed(
+        Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["--log", "warn", "worker", "--coordinator"])
+            .arg(c.ws_url())
+            .args([
+                "--id",
+                "idle1",
+                "--heartbeat-interval",
+                "1s",
+                "--initial-reconnect-delay",
+                "200ms",
+                "--max-reconnect-delay",
+                "1s",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tether worker"),
+    );
+    let pid = worker.0.id();
+    let client = c.client();
+    let ids = client.submit(&[sleep_task(10, 1, 0)]).await;
+    client.wait_status(&ids[0], "completed").await;
+    let share = |before: f64| (cpu_s(pid) - before) / WINDOW.as_secs_f64();
+
+    // Connected, heartbeating, nothing to send.
+    let before = cpu_s(pid);
+    tokio::time::sleep(WINDOW).await;
+    let connected = share(before);
+    assert!(
+        connected < AT_MOST,
+        "idle and connected: {connected:.3} of a core"
+    );
+
+    // The coordinator gone: the worker waits out its backoff between attempts.
+    c.stop().await;
+    let before = cpu_s(pid);
+    tokio::time::sleep(WINDOW).await;
+    let reconnecting = share(before);
+    assert!(
+        reconnecting < AT_MOST,
+        "reconnecting: {reconnecting:.3} of a core"
+    );
 }
