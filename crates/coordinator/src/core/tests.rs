@@ -388,6 +388,33 @@ fn an_assignment_the_worker_never_received_is_sent_again_after_the_registration_
 }
 
 #[test]
+fn what_was_answered_to_an_ended_session_is_never_replayed_to_the_next() {
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit();
+    let t2 = h.submit_spec(TaskSpec::new("sleep", serde_json::json!({})));
+    drain(&mut rx);
+    // The result's ack and the next assignment go to the first session, which ends before
+    // the worker could read them (the original queued such messages and replayed them).
+    h.frame("a", s, result(1, &t, 1));
+    assert_eq!(result_ack(&drain(&mut rx)), Disposition::Recorded);
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: s,
+    });
+    let (s2, mut rx2) = h.connect("a");
+    let msgs = drain(&mut rx2);
+    let types: Vec<&str> = msgs.iter().map(CoordMsg::type_name).collect();
+    // Only what holds now: the registration's ack and the lease still held (t2, sent again).
+    assert_eq!(types, ["registration_ack", "task_assignment"], "{msgs:?}");
+    assert!(matches!(&msgs[1], CoordMsg::TaskAssignment(a) if a.task_id == t2));
+    // The worker, not having seen the ack, sends its result again: acknowledged afresh, once.
+    h.frame("a", s2, result(1, &t, 1));
+    assert_eq!(result_ack(&drain(&mut rx2)), Disposition::Duplicate);
+    assert_eq!(Counters::get(&h.core.counters.results_recorded), 1);
+}
+
+#[test]
 fn retention_removes_only_tasks_that_finished_before_the_cutoff() {
     let mut cfg = CoordinatorConfig::new("/nonexistent");
     cfg.retention = Some(std::time::Duration::from_secs(3600));
