@@ -272,6 +272,11 @@ fn worker_auth(
         if message_mac {
             bail!("--message-mac needs worker authentication: give --secret-file or --secrets-dir");
         }
+        if max_skew.is_some() {
+            bail!(
+                "--auth-max-skew needs worker authentication: give --secret-file or --secrets-dir"
+            );
+        }
         return Ok(None);
     }
     let fleet = secret_file
@@ -601,6 +606,156 @@ mod tests {
         assert!(e.to_string().contains("max-messages-per-sec"), "{e}");
         let e = parse(&["--message-mac"]).expect_err("no secret");
         assert!(e.to_string().contains("--message-mac"), "{e}");
+    }
+
+    /// Every key the file's `[table]` accepts: serde's error for an unknown key names them all.
+    fn file_keys(table: &str) -> Vec<String> {
+        let e = toml::from_str::<settings::FileConfig>(&format!("[{table}]\nno_such_key = 1\n"))
+            .expect_err("an unknown key");
+        let msg = e.to_string();
+        let list = msg
+            .split("expected one of")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no key list in {msg:?}"));
+        let mut keys: Vec<String> = list
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// A secret file and a directory, for the keys that need one.
+    fn secret_files(dir: &std::path::Path) -> (String, String) {
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "a secret of the dead-key test, long enough").expect("secret");
+        let secrets = dir.join("secrets");
+        std::fs::create_dir_all(&secrets).expect("secrets dir");
+        let q = |p: PathBuf| format!("{:?}", p.display().to_string());
+        (q(secret), q(secrets))
+    }
+
+    #[test]
+    fn every_coordinator_key_of_the_file_changes_the_configuration() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (secret, secrets) = secret_files(dir.path());
+        let auth = format!("secret_file = {secret}");
+        // Read where the coordinator starts (`coordinator()`), not by `coordinator_config`.
+        let at_start = ["idle_coalesce", "listen"];
+        // key = a value other than the default; lines every case of the key starts from.
+        let cases: Vec<(&str, String, String)> = vec![
+            ("data_dir", "\"/elsewhere\"".into(), String::new()),
+            ("heartbeat_interval", "\"7s\"".into(), String::new()),
+            ("heartbeat_timeout", "\"41s\"".into(), String::new()),
+            ("heartbeat_budget", "77".into(), String::new()),
+            ("lost_after", "\"9m\"".into(), String::new()),
+            ("max_frame", "123456".into(), String::new()),
+            ("checkpoints_kept", "9".into(), String::new()),
+            ("retention", "\"3d\"".into(), String::new()),
+            ("secret_file", secret.clone(), String::new()),
+            ("secrets_dir", secrets.clone(), String::new()),
+            ("auth_max_skew", "\"77s\"".into(), auth.clone()),
+            ("message_mac", "true".into(), auth.clone()),
+            ("max_connections", "7".into(), String::new()),
+            ("connects_per_sec", "3.5".into(), String::new()),
+            ("limit_loopback", "true".into(), String::new()),
+            ("handshake_timeout", "\"4s\"".into(), String::new()),
+            ("max_messages_per_sec", "50.0".into(), String::new()),
+            ("max_body", "4096".into(), String::new()),
+            ("max_checkpoint_bytes", "1000000".into(), String::new()),
+            ("admin_token_file", secret.clone(), String::new()),
+            ("read_token_file", secret.clone(), String::new()),
+            ("durability", "\"machine\"".into(), String::new()),
+        ];
+        let mut covered: Vec<String> = cases.iter().map(|c| c.0.to_owned()).collect();
+        covered.extend(at_start.map(str::to_owned));
+        covered.sort();
+        assert_eq!(
+            covered,
+            file_keys("coordinator"),
+            "every key has a case here"
+        );
+        let config = |lines: &str| {
+            let toml = file(dir.path(), &format!("[coordinator]\n{lines}\n"));
+            let c = Coord::try_parse_from(["t"]).expect("no flags");
+            let f = settings::load(Some(&toml)).expect("file").coordinator;
+            format!("{:?}", coordinator_config(c.a, f).expect("config"))
+        };
+        // The same file gives the same configuration, so a difference is the key's doing.
+        assert_eq!(config(&auth), config(&auth));
+        for (key, value, base) in &cases {
+            let with = config(&format!("{base}\n{key} = {value}"));
+            assert_ne!(with, config(base), "{key} = {value} changed nothing");
+        }
+    }
+
+    #[test]
+    fn every_worker_key_of_the_file_changes_the_configuration() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (secret, _) = secret_files(dir.path());
+        let base = "coordinator = \"ws://127.0.0.1:1\"\nid = \"w\"";
+        let auth = format!("{base}\nsecret_file = {secret}");
+        let cases: Vec<(&str, String, String)> = vec![
+            (
+                "coordinator",
+                "\"ws://127.0.0.1:2\"".into(),
+                "id = \"w\"".to_owned(),
+            ),
+            (
+                "id",
+                "\"w2\"".into(),
+                "coordinator = \"ws://127.0.0.1:1\"".into(),
+            ),
+            ("capabilities", "[\"gpu\"]".into(), base.into()),
+            ("tags", "{ rack = \"r1\" }".into(), base.into()),
+            ("slots", "3".into(), base.into()),
+            ("state_dir", "\"/elsewhere\"".into(), base.into()),
+            ("heartbeat_interval", "\"7s\"".into(), base.into()),
+            ("heartbeat_timeout", "\"41s\"".into(), base.into()),
+            ("initial_reconnect_delay", "\"3s\"".into(), base.into()),
+            ("max_reconnect_delay", "\"90s\"".into(), base.into()),
+            ("reconnect_jitter", "\"full\"".into(), base.into()),
+            ("max_reconnect_attempts", "5".into(), base.into()),
+            ("secret_file", secret.clone(), base.into()),
+            ("message_mac", "true".into(), auth.clone()),
+            ("max_outbox_entries", "5".into(), base.into()),
+            ("max_outbox_bytes", "6000".into(), base.into()),
+        ];
+        let mut covered: Vec<String> = cases.iter().map(|c| c.0.to_owned()).collect();
+        covered.sort();
+        assert_eq!(covered, file_keys("worker"), "every key has a case here");
+        let config = |lines: &str| {
+            let toml = file(dir.path(), &format!("[worker]\n{lines}\n"));
+            let args = ["t", "--config", toml.to_str().expect("utf-8")];
+            format!(
+                "{:?}",
+                worker_config(Work::try_parse_from(args).expect("flags").a)
+            )
+        };
+        assert_eq!(config(&auth), config(&auth));
+        for (key, value, other) in &cases {
+            // The two required keys are compared against the configuration with the other
+            // value they could have.
+            let without = match *key {
+                "coordinator" | "id" => config(base),
+                _ => config(other),
+            };
+            let with = config(&format!("{other}\n{key} = {value}"));
+            assert_ne!(with, without, "{key} = {value} changed nothing");
+            assert!(!with.starts_with("Err"), "{key} = {value}: {with}");
+        }
+    }
+
+    #[test]
+    fn an_authentication_setting_without_a_secret_is_refused_not_ignored() {
+        for flag in ["--message-mac", "--auth-max-skew=10s"] {
+            let c = Coord::try_parse_from(["t", flag]).expect("flags");
+            let e = coordinator_config(c.a, Default::default()).expect_err("refused");
+            let name = flag.split('=').next().unwrap_or(flag);
+            assert!(e.to_string().contains(name), "{e}");
+        }
     }
 
     #[test]
