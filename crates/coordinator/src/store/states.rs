@@ -17,11 +17,13 @@
 //! records in order: a task's state, or a task's deletion, so that a deleted task's older
 //! states are not brought back). Opening the database replays every journal file, oldest
 //! first, into `task_state` (only for tasks that exist), then deletes them; so does a writer
-//! that stops. A frame that is cut short or fails its CRC (a write torn by a crash of the
-//! machine: without `--durability machine` the journal is not synced) ends what is read of
+//! that stops. A frame that is cut short, zeroed or fails its CRC (a write torn by a crash of
+//! the machine: without `--durability machine` the journal is not synced) ends what is read of
 //! that file, as a torn WAL frame ends SQLite's WAL, and is reported; a file with a wrong
-//! header, or a frame whose CRC holds but whose records do not parse, is refused as corrupt
-//! ([`StoreError::CorruptJournal`]) before the database is opened for writing.
+//! header, a frame whose CRC holds but whose records do not parse, or a damaged frame with a
+//! whole one after it behind bytes that are not zeros (damage, which no crash makes) is
+//! refused as corrupt ([`StoreError::CorruptJournal`]) before the database is opened for
+//! writing.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -346,14 +348,18 @@ fn read_file(path: &Path, into: &mut IdMap<String, Replayed>) -> Result<FileRead
     }
     let mut at = MAGIC.len();
     while at < bytes.len() {
-        let head = bytes.get(at..at + FRAME_HEAD);
-        let frame = head.and_then(|h| {
-            let len = u32::from_le_bytes(h[..4].try_into().ok()?);
-            let crc = u32::from_le_bytes(h[4..].try_into().ok()?);
-            let payload = bytes.get(at + FRAME_HEAD..at + FRAME_HEAD + len as usize)?;
-            (len <= MAX_FRAME && crc32fast::hash(payload) == crc).then_some(payload)
-        });
-        let Some(payload) = frame else {
+        let Some(payload) = whole_frame(&bytes, at) else {
+            // A crash tears the last writes: what follows is cut short, or zeros where the
+            // file system had not written the pages yet. Damage elsewhere leaves whole frames
+            // after it, behind bytes no crash writes: refused, not replayed in part.
+            if let Some(next) = (at + 1..bytes.len()).find(|&p| whole_frame(&bytes, p).is_some())
+                && bytes[at..next].iter().any(|&b| b != 0)
+            {
+                return Err(corrupt(format!(
+                    "the frame at byte {at} is damaged and a whole frame follows at byte \
+                     {next}: the file was damaged, not torn by a crash"
+                )));
+            }
             read.torn_bytes = (bytes.len() - at) as u64;
             break;
         };
@@ -366,6 +372,20 @@ fn read_file(path: &Path, into: &mut IdMap<String, Replayed>) -> Result<FileRead
         at += FRAME_HEAD + payload.len();
     }
     Ok(read)
+}
+
+/// The payload of the whole frame that starts at byte `at` of `bytes`: its length in range and
+/// not zero (every frame holds at least its commit time; a zeroed head is no frame), its
+/// payload within the file, its CRC right.
+fn whole_frame(bytes: &[u8], at: usize) -> Option<&[u8]> {
+    let head = bytes.get(at..at + FRAME_HEAD)?;
+    let len = u32::from_le_bytes(head[..4].try_into().ok()?);
+    let crc = u32::from_le_bytes(head[4..].try_into().ok()?);
+    if len == 0 || len > MAX_FRAME {
+        return None;
+    }
+    let payload = bytes.get(at + FRAME_HEAD..at + FRAME_HEAD + len as usize)?;
+    (crc32fast::hash(payload) == crc).then_some(payload)
 }
 
 /// What the journal files of a data directory hold: read before the database is opened for
@@ -850,6 +870,62 @@ mod tests {
         // Shorter than the header: created, never written.
         let (read, map) = read_bytes(&MAGIC[..3]).expect("read");
         assert_eq!((read.frames, read.torn_bytes, map.len()), (0, 3, 0));
+    }
+
+    #[test]
+    fn zeros_where_a_crash_left_unwritten_pages_end_the_file_like_a_torn_write() {
+        let a = id("a");
+        let [one, two] = ["1", "2"].map(json);
+        let st = |n| Op::State {
+            task: &a,
+            attempt: 1,
+            state: n,
+        };
+        let first = frame("t1", &[st(&one)]);
+        let whole = file_of(&[first.clone(), frame("t2", &[st(&two)])]);
+        // Zeros after the last frame (the file's size written, its pages not).
+        let mut tail = whole.clone();
+        tail.extend([0u8; 100]);
+        let (read, map) = read_bytes(&tail).expect("a zeroed tail is torn, not corrupt");
+        assert_eq!(
+            (read.frames, read.torn_bytes, map["a"].1.as_str()),
+            (2, 100, "2")
+        );
+        // Zeros in place of the second frame, a whole third one after them (pages written
+        // back out of order): read up to the hole.
+        let second_at = MAGIC.len() + first.len();
+        let mut hole = whole.clone();
+        hole[second_at..].fill(0);
+        hole.extend(frame("t3", &[st(&two)]));
+        let (read, map) = read_bytes(&hole).expect("a zeroed hole is torn, not corrupt");
+        assert_eq!((read.frames, map["a"].1.as_str()), (1, "1"));
+    }
+
+    #[test]
+    fn damage_with_whole_frames_after_it_is_refused_as_corrupt_not_read_as_torn() {
+        let a = id("a");
+        let [one, two, three] = ["1", "2", "3"].map(json);
+        let st = |n| Op::State {
+            task: &a,
+            attempt: 1,
+            state: n,
+        };
+        let first = frame("t1", &[st(&one)]);
+        let mut bytes = file_of(&[
+            first.clone(),
+            frame("t2", &[st(&two)]),
+            frame("t3", &[st(&three)]),
+        ]);
+        // Garbage over the second frame's head: the third frame is still whole after it.
+        let second_at = MAGIC.len() + first.len();
+        bytes[second_at..second_at + 5].copy_from_slice(b"\x13\x37\xde\xad\x01");
+        let err = read_bytes(&bytes).expect_err("damage in the middle");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("frame at byte {second_at} is damaged")),
+            "{msg}"
+        );
+        assert!(msg.contains("not torn by a crash"), "{msg}");
     }
 
     #[test]
