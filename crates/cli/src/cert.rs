@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::output::outln;
 use anyhow::{Context, bail};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -64,25 +65,25 @@ pub struct Written {
 pub async fn run(a: CertArgs) -> anyhow::Result<()> {
     let w = write(&a)?;
     let names = effective_names(&a.names).join(", ");
-    println!(
+    outln!(
         "wrote {} (the CA: give it to workers and client commands as --ca-file)",
         w.ca.display()
-    );
-    println!(
+    )?;
+    outln!(
         "wrote {} and {} (the coordinator's certificate for {names}, and its key)",
         w.cert.display(),
         w.key.display()
-    );
+    )?;
     if w.new_secret {
-        println!(
+        outln!(
             "wrote {} (a new fleet secret; keep it private)",
             w.secret.display()
-        );
+        )?;
     } else {
-        println!(
+        outln!(
             "kept {} (the fleet secret that was there)",
             w.secret.display()
-        );
+        )?;
     }
     let (ca, cert, key, secret) = (
         w.ca.display(),
@@ -90,15 +91,13 @@ pub async fn run(a: CertArgs) -> anyhow::Result<()> {
         w.key.display(),
         w.secret.display(),
     );
-    println!();
-    println!("  tether coordinator --listen 0.0.0.0:8765 --tls-cert {cert} --tls-key {key} \\");
-    println!("      --secret-file {secret} --message-mac --admin-token-file <tokens>");
-    println!(
+    outln!()?;
+    outln!("  tether coordinator --listen 0.0.0.0:8765 --tls-cert {cert} --tls-key {key} \\")?;
+    outln!("      --secret-file {secret} --message-mac --admin-token-file <tokens>")?;
+    outln!(
         "  tether worker --coordinator wss://<name>:8765 --ca-file {ca} --secret-file {secret} --message-mac"
-    );
-    println!(
-        "  tether tasks --coordinator https://<name>:8765 --ca-file {ca} --token-file <token>"
-    );
+    )?;
+    outln!("  tether tasks --coordinator https://<name>:8765 --ca-file {ca} --token-file <token>")?;
     Ok(())
 }
 

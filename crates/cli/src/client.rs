@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use crate::output::outln;
 use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::{Value, json};
@@ -412,10 +413,10 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     };
     let v = api.post("/api/v1/tasks", &body).await?;
     if a.common.json {
-        println!("{v}");
+        outln!("{v}")?;
     } else {
         for id in v["task_ids"].as_array().into_iter().flatten() {
-            println!("{}", id.as_str().unwrap_or_default());
+            outln!("{}", id.as_str().unwrap_or_default())?;
         }
     }
     if a.watch {
@@ -461,7 +462,7 @@ pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
             .await?
     };
     if a.common.json {
-        println!("{v}");
+        outln!("{v}")?;
         return Ok(());
     }
     let rows = rows_of(&v, |t| {
@@ -480,7 +481,7 @@ pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
             "TASK", "STATUS", "ATTEMPT", "WORKER", "KIND", "PRIO", "NAME",
         ],
         &rows,
-    );
+    )?;
     Ok(())
 }
 
@@ -505,21 +506,21 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
         api.get(&of_checkpoints),
     )?;
     if a.common.json {
-        println!(
+        outln!(
             "{}",
             json!({ "task": t, "results": results, "state": state, "checkpoints": checkpoints })
-        );
+        )?;
         return Ok(());
     }
-    println!("task      {}", s(&t["task_id"]));
-    println!("status    {}", s(&t["status"]));
-    println!("kind      {}", s(&t["spec"]["kind"]));
-    println!("priority  {}", t["spec"]["priority"]);
-    println!("submitted {}", s(&t["submitted_at"]));
+    outln!("task      {}", s(&t["task_id"]))?;
+    outln!("status    {}", s(&t["status"]))?;
+    outln!("kind      {}", s(&t["spec"]["kind"]))?;
+    outln!("priority  {}", t["spec"]["priority"])?;
+    outln!("submitted {}", s(&t["submitted_at"]))?;
     if !t["error"].is_null() {
-        println!("error     {}", s(&t["error"]));
+        outln!("error     {}", s(&t["error"]))?;
     }
-    println!();
+    outln!()?;
     let rows = rows_of(&t["attempts"], |a| {
         vec![
             a["attempt"].to_string(),
@@ -528,8 +529,8 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
             s(&a["end"]),
         ]
     });
-    print_table(&["ATTEMPT", "WORKER", "STARTED", "END"], &rows);
-    println!();
+    print_table(&["ATTEMPT", "WORKER", "STARTED", "END"], &rows)?;
+    outln!()?;
     let rows = rows_of(&results, |r| {
         vec![
             r["attempt"].to_string(),
@@ -543,18 +544,18 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
             r["body"]["result"].to_string(),
         ]
     });
-    print_table(&["ATTEMPT", "WORKER", "OUTCOME", "RECORD", "RESULT"], &rows);
+    print_table(&["ATTEMPT", "WORKER", "OUTCOME", "RECORD", "RESULT"], &rows)?;
     if !state.is_null() {
-        println!();
-        println!(
+        outln!()?;
+        outln!(
             "state     {} (attempt {}, {})",
             state["state"],
             state["attempt"],
             s(&state["updated_at"])
-        );
+        )?;
     }
     if checkpoints.as_array().is_some_and(|c| !c.is_empty()) {
-        println!();
+        outln!()?;
         let rows = rows_of(&checkpoints, |c| {
             vec![
                 s(&c["checkpoint_id"]),
@@ -563,7 +564,7 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
                 s(&c["created_at"]),
             ]
         });
-        print_table(&["CHECKPOINT", "ATTEMPT", "BYTES", "CREATED"], &rows);
+        print_table(&["CHECKPOINT", "ATTEMPT", "BYTES", "CREATED"], &rows)?;
     }
     Ok(())
 }
@@ -572,7 +573,7 @@ pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
     let api = Api::new(&a)?;
     let v = api.get("/api/v1/workers").await?;
     if a.json {
-        println!("{v}");
+        outln!("{v}")?;
         return Ok(());
     }
     let rows = rows_of(&v, |w| {
@@ -613,7 +614,7 @@ pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
             "LAST_SEEN",
         ],
         &rows,
-    );
+    )?;
     Ok(())
 }
 
@@ -631,9 +632,9 @@ pub async fn control(a: ControlArgs, action: &str) -> anyhow::Result<()> {
         .post(&format!("/api/v1/tasks/{}/{action}", a.id), &json!({}))
         .await?;
     if a.common.json {
-        println!("{v}");
+        outln!("{v}")?;
     } else {
-        println!("{} {}", s(&v["task_id"]), s(&v["status"]));
+        outln!("{} {}", s(&v["task_id"]), s(&v["status"]))?;
     }
     Ok(())
 }
@@ -657,7 +658,7 @@ fn rows_of(v: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
     v.as_array().into_iter().flatten().map(row).collect()
 }
 
-fn print_table(head: &[&str], rows: &[Vec<String>]) {
+fn print_table(head: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
     let mut widths: Vec<usize> = head.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -670,12 +671,13 @@ fn print_table(head: &[&str], rows: &[Vec<String>]) {
             .enumerate()
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
-        println!("{}", parts.join("  ").trim_end());
+        outln!("{}", parts.join("  ").trim_end())
     };
-    line(head.iter().map(|h| h.to_string()).collect());
+    line(head.iter().map(|h| h.to_string()).collect())?;
     for r in rows {
-        line(r.clone());
+        line(r.clone())?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

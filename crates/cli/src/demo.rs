@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::output::outln;
 use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::Value;
@@ -60,10 +61,10 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         seed: a.seed,
     })
     .await?;
-    println!(
+    outln!(
         "coordinator on {coord_addr} (dashboard: http://{coord_addr}/), fault proxy on {}",
         proxy.listen_addr()
-    );
+    )?;
     let fleet = start_fleet(&a, &format!("ws://{}", proxy.listen_addr()))?;
     for h in &fleet.handles {
         tokio::time::timeout(
@@ -73,7 +74,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         .await
         .context("a worker did not connect")?;
     }
-    println!("{} workers registered", fleet.handles.len());
+    outln!("{} workers registered", fleet.handles.len())?;
     let api = format!("http://{coord_addr}");
     let http = reqwest::Client::new();
     let specs: Vec<TaskSpec> = (0..a.tasks)
@@ -102,7 +103,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         .flatten()
         .filter_map(|v| v.as_str().map(str::to_owned))
         .collect();
-    println!("submitted {} tasks", ids.len());
+    outln!("submitted {} tasks", ids.len())?;
 
     // 1. A reset (RST) on the first worker's connection.
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -118,15 +119,15 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         .await?;
     wait_stats(|| reset.stats().connections_reset > 0, "the reset to fire").await?;
     let fired_reset = reset.remove().connections_reset;
-    println!("fault: reset demo-w1's connection ({fired_reset} reset)");
+    outln!("fault: reset demo-w1's connection ({fired_reset} reset)")?;
 
     // 2. The proxy goes down for 1.5 s: every link is cut and reconnects are refused.
     tokio::time::sleep(Duration::from_millis(700)).await;
     proxy.down().await;
-    println!("fault: proxy down");
+    outln!("fault: proxy down")?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     proxy.up().await?;
-    println!("fault: proxy up");
+    outln!("fault: proxy up")?;
 
     // 3. A silent stall: everything to and from the second worker vanishes, no FIN, no RST.
     let target = if fleet.handles.len() > 1 {
@@ -171,10 +172,10 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     .is_ok();
     let detect_ms = stalled.elapsed().as_millis();
     let dropped = hole.remove().bytes_dropped;
-    println!(
+    outln!(
         "fault: silent stall of {target}: {} after {detect_ms} ms ({dropped} bytes dropped)",
         if detected { "detected" } else { "NOT detected" }
-    );
+    )?;
 
     // Wait for ground truth.
     let end = tokio::time::Instant::now() + a.deadline;
@@ -246,15 +247,15 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     stop_coordinator.cancel();
     let _ = coordinator.await;
 
-    println!();
-    println!("summary");
-    println!("  tasks submitted      {}", ids.len());
-    println!("  tasks completed      {completed}");
-    println!("  reconnections        {reconnections}");
-    println!("  results resent       {resent} (acknowledged again, recorded once)");
-    println!("  stale results kept   {stale}");
-    println!("  lost                 {lost}");
-    println!("  recorded twice       {twice}");
+    outln!()?;
+    outln!("summary")?;
+    outln!("  tasks submitted      {}", ids.len())?;
+    outln!("  tasks completed      {completed}")?;
+    outln!("  reconnections        {reconnections}")?;
+    outln!("  results resent       {resent} (acknowledged again, recorded once)")?;
+    outln!("  stale results kept   {stale}")?;
+    outln!("  lost                 {lost}")?;
+    outln!("  recorded twice       {twice}")?;
     let ok = completed == ids.len()
         && lost == 0
         && twice == 0
@@ -263,10 +264,10 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         && stall_reconnected
         && reconnections >= fleet.handles.len() as u64;
     if ok {
-        println!("verdict: PASS");
+        outln!("verdict: PASS")?;
         Ok(())
     } else {
-        println!("verdict: FAIL");
+        outln!("verdict: FAIL")?;
         bail!("the demo's ground truth does not hold (see the summary)")
     }
 }

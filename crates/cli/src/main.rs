@@ -5,6 +5,7 @@ mod client;
 mod coalesce;
 mod demo;
 mod e2e;
+mod output;
 mod run;
 mod settings;
 mod stress;
@@ -139,8 +140,10 @@ fn main() -> std::process::ExitCode {
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The reader of the output has seen enough (`tether tasks | head`).
+        Err(e) if output::is_closed(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", output::describe(&e));
             std::process::ExitCode::FAILURE
         }
     }

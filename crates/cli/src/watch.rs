@@ -15,6 +15,7 @@ use serde_json::Value;
 use tether_proto::TaskStatus;
 
 use crate::client::{Api, CommonArgs, Refused};
+use crate::output::outln;
 
 /// First delay before the stream is opened again; doubled per failure up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(250);
@@ -211,7 +212,7 @@ impl Watch {
                         // The stream is live from here on: whatever changed before it is in
                         // the snapshot or read now, whatever changes after it comes as events.
                         if let Err(why) = self.catch_up(api, &snap).await {
-                            if is_refusal(&why) {
+                            if is_refusal(&why) || crate::output::is_closed(&why) {
                                 return Err(Fatal(why));
                             }
                             return Ok(Turn::Lost { opened, why });
@@ -220,12 +221,12 @@ impl Watch {
                     }
                     "task" => {
                         if let Ok(t) = serde_json::from_str::<Value>(&ev.data) {
-                            self.on_task(&t);
+                            self.on_task(&t).map_err(Fatal)?;
                         }
                     }
                     "worker" if self.workers => {
                         if let Ok(w) = serde_json::from_str::<Value>(&ev.data) {
-                            self.on_worker(&w);
+                            self.on_worker(&w).map_err(Fatal)?;
                         }
                     }
                     // `resync` is followed by a fresh snapshot; `sample` is for the dashboard.
@@ -259,7 +260,7 @@ impl Watch {
                             _ => e,
                         }
                     })?;
-                    self.on_task(&t);
+                    self.on_task(&t)?;
                 }
             }
             None if !self.baseline => {
@@ -289,41 +290,42 @@ impl Watch {
                     if unchanged {
                         self.know(t);
                     } else {
-                        self.on_task(t);
+                        self.on_task(t)?;
                     }
                 }
             }
         }
         if self.workers {
             for w in snap["workers"].as_array().into_iter().flatten() {
-                self.on_worker(w);
+                self.on_worker(w)?;
             }
         }
         Ok(())
     }
 
     /// Reports `t` if it is followed and changed since it was last reported.
-    fn on_task(&mut self, t: &Value) {
+    fn on_task(&mut self, t: &Value) -> anyhow::Result<()> {
         let Some(id) = t["task_id"].as_str() else {
-            return;
+            return Ok(());
         };
         if self.ids.as_ref().is_some_and(|ids| !ids.contains(id)) {
-            return;
+            return Ok(());
         }
         let Some(now) = self.fresh(id, t) else {
-            return;
+            return Ok(());
         };
         if self.seen.get(id).is_none_or(|k| k.shown != now.shown) {
             if self.json {
-                println!("{t}");
+                outln!("{t}")?;
             } else {
-                println!("{}", task_line(t, &now.shown));
+                outln!("{}", task_line(t, &now.shown))?;
             }
             if now.shown.ended() && self.ids.is_some() {
                 self.ended.insert(id.to_owned(), now.shown.status.clone());
             }
         }
         self.seen.insert(id.to_owned(), now);
+        Ok(())
     }
 
     /// Takes `t` as it is for seen, without reporting it.
@@ -351,19 +353,20 @@ impl Watch {
         })
     }
 
-    fn on_worker(&mut self, w: &Value) {
+    fn on_worker(&mut self, w: &Value) -> anyhow::Result<()> {
         let (Some(id), Some(state)) = (w["worker_id"].as_str(), w["state"].as_str()) else {
-            return;
+            return Ok(());
         };
         if self.worker_states.get(id).map(String::as_str) == Some(state) {
-            return;
+            return Ok(());
         }
         self.worker_states.insert(id.to_owned(), state.to_owned());
         if self.json {
-            println!("{}", serde_json::json!({ "worker": w }));
+            outln!("{}", serde_json::json!({ "worker": w }))?;
         } else {
-            println!("{}  worker {id}  {state}", time_of(&w["last_seen"]));
+            outln!("{}  worker {id}  {state}", time_of(&w["last_seen"]))?;
         }
+        Ok(())
     }
 
     /// `Ok` when every named task completed; else an error naming the others.
@@ -375,11 +378,11 @@ impl Watch {
             .map(|(id, s)| format!("{id} {s}"))
             .collect();
         if !self.json {
-            println!(
+            outln!(
                 "{} of {} tasks completed",
                 self.ended.len() - unsuccessful.len(),
                 self.ended.len()
-            );
+            )?;
         }
         if unsuccessful.is_empty() {
             Ok(())
@@ -535,18 +538,21 @@ mod tests {
     #[test]
     fn a_named_task_is_reported_once_per_change_and_ends_the_watch_when_terminal() {
         let mut w = Watch::new(Some(["a".to_owned(), "b".to_owned()].into()), true, false);
-        w.on_task(&task("a", "queued", 0, None));
-        w.on_task(&task("a", "queued", 0, None));
-        w.on_task(&task("c", "running", 1, Some("w1")));
+        w.on_task(&task("a", "queued", 0, None)).expect("written");
+        w.on_task(&task("a", "queued", 0, None)).expect("written");
+        w.on_task(&task("c", "running", 1, Some("w1")))
+            .expect("written");
         assert_eq!(
             w.seen.len(),
             1,
             "a repeat and an unnamed task are not reported"
         );
-        w.on_task(&task("a", "running", 1, Some("w1")));
-        w.on_task(&task("a", "completed", 1, Some("w1")));
+        w.on_task(&task("a", "running", 1, Some("w1")))
+            .expect("written");
+        w.on_task(&task("a", "completed", 1, Some("w1")))
+            .expect("written");
         assert!(!w.done());
-        w.on_task(&task("b", "failed", 3, None));
+        w.on_task(&task("b", "failed", 3, None)).expect("written");
         assert!(w.done());
         let err = w.verdict().expect_err("b failed");
         assert!(err.to_string().contains("b failed"), "{err}");
@@ -576,11 +582,13 @@ mod tests {
         };
         let mut w = Watch::new(None, true, false);
         // A read after a gap returned the task completed; an event from before arrives after.
-        w.on_task(&at(task("a", "completed", 1, None), "2026-12-01T10:31:05Z"));
+        w.on_task(&at(task("a", "completed", 1, None), "2026-12-01T10:31:05Z"))
+            .expect("written");
         w.on_task(&at(
             task("a", "running", 1, Some("w1")),
             "2026-12-01T10:31:04Z",
-        ));
+        ))
+        .expect("written");
         assert_eq!(w.seen["a"].shown.status, "completed");
         // Nor taken as seen when it comes in a catch-up's list.
         w.know(&at(
@@ -588,7 +596,8 @@ mod tests {
             "2026-12-01T10:31:04Z",
         ));
         assert_eq!(w.seen["a"].shown.status, "completed");
-        w.on_task(&at(task("b", "queued", 0, None), "2026-12-01T10:31:03Z"));
+        w.on_task(&at(task("b", "queued", 0, None), "2026-12-01T10:31:03Z"))
+            .expect("written");
         let latest = DateTime::parse_from_rfc3339("2026-12-01T10:31:05Z").expect("time");
         assert_eq!(w.high_water, Some(latest.with_timezone(&Utc)));
     }
@@ -596,7 +605,8 @@ mod tests {
     #[test]
     fn every_named_task_completed_is_a_success() {
         let mut w = Watch::new(Some(["a".to_owned()].into()), true, false);
-        w.on_task(&task("a", "completed", 1, None));
+        w.on_task(&task("a", "completed", 1, None))
+            .expect("written");
         assert!(w.done());
         assert!(w.verdict().is_ok());
     }

@@ -504,4 +504,23 @@ async fn tasks_all_reads_every_task_page_by_page_and_refuses_an_unknown_status()
     let (ok, _, err) = run(&["tasks", "--limit", "0"]);
     assert!(!ok);
     assert!(err.contains("--limit"), "{err}");
+    // Its reader gone before it wrote (`tether tasks | head -1`): it ends quietly and
+    // successfully, as the reader asked, instead of panicking on the write.
+    for format in [&["--json"][..], &[]] {
+        let mut child = tether()
+            .args(["tasks", "--all", "--limit", "1"])
+            .args(format)
+            .arg("--coordinator")
+            .arg(&site.base)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run tether tasks");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("tether tasks ends");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{format:?}: {}: {err}", out.status);
+        assert!(!err.contains("panicked"), "{format:?}: {err}");
+    }
 }

@@ -44,6 +44,7 @@ use self::plan::Kind;
 use self::procs::{Coordinator, TIMINGS, Worker};
 use self::report::{BlackholeFigures, Figures, Report, TaskOutcomes, WorkerFigures};
 use self::verdict::{AckView, DisruptionView, Expect, GroundTruth, ResultView, TaskView};
+use crate::output::outln;
 use crate::settings::parse_duration_arg;
 
 /// Most workers a run starts.
@@ -122,12 +123,12 @@ pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
         corrupt_rate,
     );
     let (temp, work) = work_dir(a.work_dir.as_deref())?;
-    println!(
+    outln!(
         "tether e2e: seed {seed}, scenario {}, {} workers, work directory {}",
         a.scenario,
         a.workers,
         work.display()
-    );
+    )?;
     let run_started = tokio::time::Instant::now();
     let mut sys = start(&a, &work, seed).await?;
     let stop_watch = CancellationToken::new();
@@ -167,15 +168,15 @@ pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
     report.wall_ms = run_started.elapsed().as_millis() as u64;
     if let Some(target) = &a.report {
         let (json, md) = report.write(target)?;
-        println!("report: {} and {}", json.display(), md.display());
+        outln!("report: {} and {}", json.display(), md.display())?;
     }
-    print_summary(&report);
+    print_summary(&report)?;
     if report.verdict.pass {
-        println!("verdict: PASS");
+        outln!("verdict: PASS")?;
         Ok(())
     } else {
         keep(temp);
-        println!("verdict: FAIL");
+        outln!("verdict: FAIL")?;
         bail!("the end-to-end run failed its checks (see above)")
     }
 }
@@ -184,7 +185,8 @@ pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
 fn keep(temp: Option<tempfile::TempDir>) {
     if let Some(t) = temp {
         let kept = t.keep();
-        println!("kept the work directory {}", kept.display());
+        // On the error path: a note beside the error, not output that could fail in its turn.
+        eprintln!("kept the work directory {}", kept.display());
     }
 }
 
@@ -343,19 +345,19 @@ fn judge(
     }
 }
 
-fn print_summary(report: &Report) {
-    println!();
+fn print_summary(report: &Report) -> anyhow::Result<()> {
+    outln!()?;
     for c in &report.verdict.checks {
-        println!(
+        outln!(
             "{} {:<28} {}",
             if c.pass { "ok  " } else { "FAIL" },
             c.name,
             c.detail
-        );
+        )?;
     }
     let b = &report.blackhole;
     let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0}"));
-    println!(
+    outln!(
         "blackhole detection, ms p50/p95/max: worker {}/{}/{}, coordinator {}/{}/{}",
         f(b.worker_detect.p50_ms),
         f(b.worker_detect.p95_ms),
@@ -363,7 +365,8 @@ fn print_summary(report: &Report) {
         f(b.coordinator_detect.p50_ms),
         f(b.coordinator_detect.p95_ms),
         f(b.coordinator_detect.max_ms)
-    );
+    )?;
+    Ok(())
 }
 
 /// What the run gathered besides the verdict's ground truth.
@@ -406,7 +409,7 @@ async fn drive(
             }
         );
     }
-    println!("{} workers registered through the proxy", sys.workers.len());
+    outln!("{} workers registered through the proxy", sys.workers.len())?;
     let mut rng = SmallRng::seed_from_u64(seed ^ 0x7461_736b);
     let mut submitted: Vec<(String, Expect)> = Vec::new();
     let mut bodies = BTreeMap::new();
@@ -422,7 +425,7 @@ async fn drive(
         let at = t0 + a.disruption_interval * u32::try_from(d.index).unwrap_or(u32::MAX);
         tokio::time::sleep_until(at).await;
         let o = sys.apply(d).await?;
-        println!(
+        outln!(
             "#{:<3} {:<16} {:<8} held {:>5} ms, fired {}, fleet whole again {}{}",
             o.index,
             o.kind.as_str(),
@@ -435,7 +438,7 @@ async fn drive(
             } else {
                 format!(" ({})", o.note)
             }
-        );
+        )?;
         observations.push(o);
         for w in &mut sys.workers {
             if let Some(status) = w.exited() {
@@ -446,10 +449,10 @@ async fn drive(
         submit_wave(sys, d.index + 1, &mut rng, &mut submitted, &mut bodies).await?;
     }
     let over_at = Utc::now();
-    println!(
+    outln!(
         "disruptions over; waiting for {} tasks to end",
         submitted.len()
-    );
+    )?;
     let tasks = drain(sys, &submitted, a.drain_timeout).await?;
     // Workers stop first, so their logs hold every ack they will ever see.
     for w in &mut sys.workers {

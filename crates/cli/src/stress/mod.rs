@@ -25,6 +25,7 @@ use clap::{Args, ValueEnum};
 
 pub use fleet::FleetArgs;
 
+use crate::output::outln;
 use crate::settings::parse_duration_arg;
 
 /// The scenarios.
@@ -205,9 +206,9 @@ pub async fn run(a: StressArgs) -> anyhow::Result<()> {
     raise_open_files();
     let report = scenarios::run(a.clone()).await?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        println!("{}", report.markdown());
+        outln!("{}", report.markdown())?;
     }
     if !report.passed() {
         let failed: Vec<&str> = report

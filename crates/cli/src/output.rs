@@ -1,0 +1,87 @@
+//! The commands' own output on standard output. A closed pipe (`tether tasks | head -1`) is its
+//! reader saying it has seen enough: the command ends quietly with success, where `println!`
+//! panicked on the failed write.
+
+use std::fmt;
+use std::io::Write;
+
+/// Standard output was closed by its reader.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed by its reader")]
+pub struct Closed;
+
+/// Writes one line to standard output: [`Closed`] when the reader has gone, any other failure
+/// as an error that says where it happened.
+pub fn line(args: fmt::Arguments<'_>) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Closed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot write to standard output")),
+    }
+}
+
+/// Whether `e` is standard output's reader having gone (see [`Closed`]).
+pub fn is_closed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Closed>())
+}
+
+/// An error and its causes for the user, each said once: a message that already ends with its
+/// cause (an error type's `{source}`) is not followed by that cause again.
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// `println!` for a command's output: `outln!(...)?` ends the command on a closed pipe instead
+/// of panicking.
+macro_rules! outln {
+    () => {
+        $crate::output::line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::line(format_args!($($arg)*))
+    };
+}
+pub(crate) use outln;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot open database d/tether.db: {source}")]
+    struct Open {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_already_in_its_message_is_said_once() {
+        let e = anyhow::Error::new(Open {
+            source: std::io::Error::other("disk I/O error"),
+        })
+        .context("serving");
+        assert_eq!(
+            describe(&e),
+            "serving: cannot open database d/tether.db: disk I/O error"
+        );
+        let e = anyhow::Error::new(std::io::Error::other("denied")).context("reading x");
+        assert_eq!(describe(&e), "reading x: denied");
+    }
+
+    #[test]
+    fn a_closed_pipe_is_told_apart_from_other_errors() {
+        assert!(is_closed(&anyhow::Error::new(Closed).context("listing")));
+        assert!(!is_closed(&anyhow::anyhow!("broken")));
+    }
+}
