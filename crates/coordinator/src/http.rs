@@ -22,12 +22,16 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::path::ErrorKind;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tether_proto::{CheckpointId, TaskId, TaskSpec, TaskStatus, WorkerId};
 use tokio::sync::oneshot;
 
@@ -95,11 +99,104 @@ fn parse_task(id: &str) -> Result<TaskId, ApiError> {
     TaskId::parse(id).map_err(|e| ApiError::Invalid(format!("task id {id:?}: {e}")))
 }
 
+/// [`Path`] whose rejection is the API's JSON error body rather than axum's plain text.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = BadPath;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, BadPath> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(e) => Err(BadPath::from(e)),
+        }
+    }
+}
+
+/// Why the path parameters of a request could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BadPath {
+    #[error("path parameter `{key}` is not valid UTF-8 once percent-decoded")]
+    Utf8 { key: String },
+    /// Anything else axum refuses, with its own message and status.
+    #[error("{}", .0.body_text())]
+    Other(PathRejection),
+}
+
+impl From<PathRejection> for BadPath {
+    fn from(e: PathRejection) -> Self {
+        if let PathRejection::FailedToDeserializePathParams(f) = &e
+            && let ErrorKind::InvalidUtf8InPathParam { key } = f.kind()
+        {
+            return BadPath::Utf8 { key: key.clone() };
+        }
+        BadPath::Other(e)
+    }
+}
+
+impl IntoResponse for BadPath {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            BadPath::Utf8 { .. } => StatusCode::BAD_REQUEST,
+            BadPath::Other(e) => e.status(),
+        };
+        // A 5xx here is a route whose parameters do not fit its handler: our bug, not the URL.
+        let code = if status.is_server_error() {
+            "internal"
+        } else {
+            "bad_path"
+        };
+        error_response(status, code, &self.to_string())
+    }
+}
+
+/// Why a submission's body holds no specs.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// Not JSON, too large, or not sent as `application/json`: axum's message and status.
+    #[error("{}", .0.body_text())]
+    Body(#[from] JsonRejection),
+    /// JSON, but neither a spec object nor `{"tasks": [specs]}`.
+    #[error("the body is {0}; send one task spec object or {{\"tasks\": [specs]}}")]
+    Shape(&'static str),
+    /// The right shape with a field unknown, missing, of the wrong type or out of range; the
+    /// message starts with where, e.g. `tasks[2].kind: invalid type: ...`.
+    #[error("{0}")]
+    Spec(#[from] serde_path_to_error::Error<serde_json::Error>),
+}
+
+impl IntoResponse for SubmitError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            SubmitError::Body(e) => e.status(),
+            SubmitError::Shape(_) | SubmitError::Spec(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        error_response(status, "bad_request", &self.to_string())
+    }
+}
+
+/// `{"tasks": [specs]}`; other keys beside `tasks` are ignored, as they always were.
 #[derive(Deserialize)]
-#[serde(untagged)]
-pub enum SubmitBody {
-    Many { tasks: Vec<TaskSpec> },
-    One(TaskSpec),
+struct Batch {
+    tasks: Vec<TaskSpec>,
+}
+
+/// The specs of a submission body: `{"tasks": [specs]}` when the object has a `tasks` key, else
+/// one spec. The shape is decided first and then deserialized, so serde's error says which
+/// field of which element is wrong (an untagged enum could only say that no variant matched).
+fn specs_of(body: Value) -> Result<Vec<TaskSpec>, SubmitError> {
+    match body {
+        Value::Object(m) if m.contains_key("tasks") => {
+            let batch: Batch = serde_path_to_error::deserialize(Value::Object(m))?;
+            Ok(batch.tasks)
+        }
+        Value::Object(m) => Ok(vec![serde_path_to_error::deserialize(Value::Object(m))?]),
+        Value::Array(_) => Err(SubmitError::Shape("a JSON array")),
+        Value::String(_) => Err(SubmitError::Shape("a string")),
+        Value::Number(_) => Err(SubmitError::Shape("a number")),
+        Value::Bool(_) => Err(SubmitError::Shape("a boolean")),
+        Value::Null => Err(SubmitError::Shape("null")),
+    }
 }
 
 #[utoipa::path(
@@ -109,19 +206,23 @@ pub enum SubmitBody {
     request_body(content = serde_json::Value, description = "One task spec, or `{\"tasks\": [specs]}`: kind, config, requires, tags, priority, timeout_ms, max_attempts, task_id (optional)"),
     responses(
         (status = 201, description = "Accepted", body = Submitted),
-        (status = 400, description = "Not JSON, or not a spec", body = ErrorBody),
+        (status = 400, description = "Not JSON", body = ErrorBody),
         (status = 409, description = "A task id already exists", body = ErrorBody),
-        (status = 422, description = "An invalid spec, or too many in one request", body = ErrorBody),
+        (status = 413, description = "Larger than the body limit", body = ErrorBody),
+        (status = 415, description = "Not sent as `application/json`", body = ErrorBody),
+        (status = 422, description = "Not a spec (`bad_request`; the message starts with the field at fault, e.g. `tasks[2].kind: invalid type: ...`), an invalid spec, or too many in one request (`invalid`)", body = ErrorBody),
     )
 )]
 pub async fn submit(
     State(app): State<Arc<AppState>>,
-    body: Result<Json<SubmitBody>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Response {
-    let specs = match body {
-        Ok(Json(SubmitBody::Many { tasks })) => tasks,
-        Ok(Json(SubmitBody::One(t))) => vec![t],
-        Err(e) => return error_response(e.status(), "bad_request", &e.body_text()),
+    let specs = match body
+        .map_err(SubmitError::from)
+        .and_then(|Json(v)| specs_of(v))
+    {
+        Ok(specs) => specs,
+        Err(e) => return e.into_response(),
     };
     match ask(&app, |reply| Api::Submit { specs, reply }).await {
         Ok(task_ids) => (StatusCode::CREATED, Json(Submitted { task_ids })).into_response(),
@@ -215,11 +316,12 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, ApiError> {
     params(("id" = String, Path, description = "task id")),
     responses(
         (status = 200, description = "The task with its spec, status, lease, attempts and latest checkpoint", body = crate::model::Task),
+        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
         (status = 422, description = "Not a task id", body = ErrorBody),
     )
 )]
-pub async fn get_task(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+pub async fn get_task(State(app): State<Arc<AppState>>, ApiPath(id): ApiPath<String>) -> Response {
     match parse_task(&id) {
         Ok(task) => json(ask(&app, |reply| Api::GetTask { task, reply }).await),
         Err(e) => e.into_response(),
@@ -233,10 +335,14 @@ pub async fn get_task(State(app): State<Arc<AppState>>, Path(id): Path<String>) 
     params(("id" = String, Path, description = "task id")),
     responses(
         (status = 200, description = "Recorded results: the counted one first, stale ones after", body = serde_json::Value),
+        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
     )
 )]
-pub async fn task_result(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+pub async fn task_result(
+    State(app): State<Arc<AppState>>,
+    ApiPath(id): ApiPath<String>,
+) -> Response {
     match parse_task(&id) {
         Ok(task) => json(ask(&app, |reply| Api::Results { task, reply }).await),
         Err(e) => e.into_response(),
@@ -250,10 +356,14 @@ pub async fn task_result(State(app): State<Arc<AppState>>, Path(id): Path<String
     params(("id" = String, Path, description = "task id")),
     responses(
         (status = 200, description = "The latest state the worker reported (attempt, state, updated_at), or null", body = serde_json::Value),
+        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
     )
 )]
-pub async fn task_state(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+pub async fn task_state(
+    State(app): State<Arc<AppState>>,
+    ApiPath(id): ApiPath<String>,
+) -> Response {
     match parse_task(&id) {
         Ok(task) => json(ask(&app, |reply| Api::State { task, reply }).await),
         Err(e) => e.into_response(),
@@ -267,12 +377,13 @@ pub async fn task_state(State(app): State<Arc<AppState>>, Path(id): Path<String>
     params(("id" = String, Path, description = "task id")),
     responses(
         (status = 200, description = "Complete checkpoints: checkpoint_id, attempt, size, created_at", body = serde_json::Value),
+        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
     )
 )]
 pub async fn task_checkpoints(
     State(app): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Response {
     match parse_task(&id) {
         Ok(task) => json(ask(&app, |reply| Api::Checkpoints { task, reply }).await),
@@ -287,12 +398,13 @@ pub async fn task_checkpoints(
     params(("id" = String, Path, description = "task id"), ("cid" = String, Path, description = "checkpoint id")),
     responses(
         (status = 200, description = "The checkpoint's bytes", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such task or checkpoint", body = ErrorBody),
     )
 )]
 pub async fn checkpoint_data(
     State(app): State<Arc<AppState>>,
-    Path((id, cid)): Path<(String, String)>,
+    ApiPath((id, cid)): ApiPath<(String, String)>,
 ) -> Response {
     let task = match parse_task(&id) {
         Ok(t) => t,
@@ -325,13 +437,14 @@ pub async fn checkpoint_data(
     params(("id" = String, Path, description = "task id"), ("action" = String, Path, description = "cancel, pause, resume or checkpoint")),
     responses(
         (status = 200, description = "The task after the command", body = crate::model::Task),
+        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such task or action", body = ErrorBody),
         (status = 409, description = "Not possible in the task's state", body = ErrorBody),
     )
 )]
 pub async fn control(
     State(app): State<Arc<AppState>>,
-    Path((id, action)): Path<(String, String)>,
+    ApiPath((id, action)): ApiPath<(String, String)>,
 ) -> Response {
     let op = match action.as_str() {
         "cancel" => ControlOp::Cancel,
@@ -369,10 +482,14 @@ pub async fn list_workers(State(app): State<Arc<AppState>>) -> Response {
     params(("id" = String, Path, description = "worker id")),
     responses(
         (status = 200, description = "One worker", body = crate::model::Worker),
+        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such worker", body = ErrorBody),
     )
 )]
-pub async fn get_worker(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+pub async fn get_worker(
+    State(app): State<Arc<AppState>>,
+    ApiPath(id): ApiPath<String>,
+) -> Response {
     match WorkerId::parse(&id) {
         Ok(worker) => json(ask(&app, |reply| Api::GetWorker { worker, reply }).await),
         Err(e) => ApiError::Invalid(format!("worker id: {e}")).into_response(),
@@ -418,5 +535,84 @@ fn json<T: serde::Serialize>(r: Result<T, ApiError>) -> Response {
     match r {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn refusal(body: Value) -> String {
+        match specs_of(body) {
+            Ok(specs) => panic!("accepted {specs:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn one_spec_or_a_batch_is_read_as_before() {
+        let one = specs_of(json!({"kind": "sleep", "priority": 2})).expect("one spec");
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].priority, 2);
+        let many = specs_of(json!({"tasks": [{"kind": "a"}, {"kind": "b"}]})).expect("a batch");
+        let kinds: Vec<&str> = many.iter().map(|s| s.kind.as_str()).collect();
+        assert_eq!(kinds, ["a", "b"]);
+        let empty = specs_of(json!({"tasks": []})).expect("an empty batch, refused by the core");
+        assert!(empty.is_empty());
+    }
+
+    #[test]
+    fn a_bad_field_of_one_spec_is_named() {
+        let m = refusal(json!({"kind": "sleep", "confg": {}}));
+        assert!(
+            m.starts_with("confg: unknown field `confg`, expected one of"),
+            "{m}"
+        );
+        assert!(m.contains("`config`"), "{m}");
+        let m = refusal(json!({"kind": 5}));
+        assert_eq!(m, "kind: invalid type: integer `5`, expected a string");
+        let m = refusal(json!({"kind": "sleep", "priority": 300}));
+        assert_eq!(m, "priority: invalid value: integer `300`, expected u8");
+        let m = refusal(json!({"config": {}}));
+        assert_eq!(m, "missing field `kind`");
+    }
+
+    #[test]
+    fn a_bad_element_of_a_batch_is_named_with_its_index() {
+        let body = json!({"tasks": [{"kind": "a"}, {"kind": "b"}, {"kind": "c", "confg": {}}]});
+        let m = refusal(body);
+        assert!(
+            m.starts_with("tasks[2].confg: unknown field `confg`"),
+            "{m}"
+        );
+        let m = refusal(json!({"tasks": [{"kind": "a"}, {"kind": "b", "tags": {"os": 1}}]}));
+        assert_eq!(
+            m,
+            "tasks[1].tags.os: invalid type: integer `1`, expected a string"
+        );
+        let m = refusal(json!({"tasks": {"kind": "a"}}));
+        assert!(
+            m.starts_with("tasks: invalid type: map, expected a sequence"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn a_body_of_another_shape_is_told_the_two_shapes() {
+        for (body, what) in [
+            (json!([{"kind": "a"}]), "a JSON array"),
+            (json!("sleep"), "a string"),
+            (json!(7), "a number"),
+            (json!(true), "a boolean"),
+            (Value::Null, "null"),
+        ] {
+            let m = refusal(body);
+            assert_eq!(
+                m,
+                format!("the body is {what}; send one task spec object or {{\"tasks\": [specs]}}")
+            );
+        }
     }
 }

@@ -696,3 +696,166 @@ async fn checkpoints_announced_and_never_completed_are_bounded_per_task() {
     honest.stop().await.expect("clean stop");
     c.stop().await;
 }
+
+/// Sends one raw HTTP/1.1 request (`Connection: close`) and reads the status, the
+/// `content-type` and the body as JSON (`Null` when it is not JSON).
+async fn raw_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    target: &str,
+) -> (u16, String, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.expect("write");
+    let mut reply = Vec::new();
+    tokio::time::timeout(DEADLINE, tcp.read_to_end(&mut reply))
+        .await
+        .expect("a reply in time")
+        .expect("read");
+    let reply = String::from_utf8_lossy(&reply);
+    let (head, body) = reply.split_once("\r\n\r\n").expect("a head and a body");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type:")
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    (status, content_type, json)
+}
+
+#[tokio::test]
+async fn path_parameters_that_are_not_utf8_get_the_json_error_body_and_the_api_keeps_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let honest = connected_honest_worker(&c).await;
+    let bad = "%2e%2e%2f%00%ff";
+    for (method, target, key) in [
+        ("GET", format!("/api/v1/tasks/{bad}"), "id"),
+        ("GET", format!("/api/v1/tasks/{bad}/result"), "id"),
+        ("GET", format!("/api/v1/tasks/{bad}/state"), "id"),
+        ("GET", format!("/api/v1/tasks/{bad}/checkpoints"), "id"),
+        ("GET", format!("/api/v1/tasks/t-1/checkpoints/{bad}"), "cid"),
+        ("POST", format!("/api/v1/tasks/{bad}/cancel"), "id"),
+        ("POST", format!("/api/v1/tasks/t-1/{bad}"), "action"),
+        ("GET", format!("/api/v1/workers/{bad}"), "id"),
+    ] {
+        let (status, content_type, body) = raw_request(c.addr, method, &target).await;
+        assert_eq!(status, 400, "{method} {target}: {body}");
+        assert_eq!(content_type, "application/json", "{method} {target}");
+        assert_eq!(
+            body["error"]["code"], "bad_path",
+            "{method} {target}: {body}"
+        );
+        assert_eq!(
+            body["error"]["message"],
+            format!("path parameter `{key}` is not valid UTF-8 once percent-decoded"),
+            "{method} {target}"
+        );
+    }
+    // Valid paths answer as they did.
+    let (status, _, body) = raw_request(c.addr, "GET", "/api/v1/tasks/t-none").await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "not_found", "{body}");
+    let (status, _, body) = raw_request(c.addr, "GET", "/api/v1/tasks/bad%20id").await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid", "{body}");
+    let (status, _, body) = raw_request(c.addr, "GET", "/api/v1/workers/honest").await;
+    assert_eq!(status, 200, "{body}");
+    honest_work_completes(&c.client(), 2).await;
+    honest.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_submission_with_a_bad_field_gets_a_json_error_naming_the_field_and_element() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.max_body = 64 * 1024;
+    let c = spawn_coordinator_with(cfg, None).await;
+    let honest = connected_honest_worker(&c).await;
+    let client = c.client();
+    let ok = json!({"kind": "sleep", "config": {"ms": 10}});
+    for (body, says) in [
+        (
+            json!({"kind": "sleep", "confg": {}}),
+            "confg: unknown field `confg`, expected one of `task_id`, `kind`, `config`,",
+        ),
+        (
+            json!({"kind": 5}),
+            "kind: invalid type: integer `5`, expected a string",
+        ),
+        (
+            json!({"kind": "sleep", "priority": 300}),
+            "priority: invalid value: integer `300`, expected u8",
+        ),
+        (
+            json!({"tasks": [ok, ok, {"kind": "sleep", "confg": {}}]}),
+            "tasks[2].confg: unknown field `confg`, expected one of",
+        ),
+        (
+            json!({"tasks": [ok, {"kind": "sleep", "requires": "gpu"}]}),
+            "tasks[1].requires: invalid type: string \"gpu\", expected a sequence",
+        ),
+        (
+            json!([ok]),
+            "the body is a JSON array; send one task spec object or {\"tasks\": [specs]}",
+        ),
+    ] {
+        let (status, e) = client.post("/api/v1/tasks", &body).await;
+        assert_eq!(status, 422, "{body}: {e}");
+        assert_eq!(e["error"]["code"], "bad_request", "{body}: {e}");
+        let message = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with(says), "{body}: {message}");
+    }
+    // An invalid value of the right type is still the core's 422 `invalid`, with its rule.
+    let (status, e) = client
+        .post("/api/v1/tasks", &json!({"kind": "sleep", "priority": 10}))
+        .await;
+    assert_eq!(status, 422, "{e}");
+    assert_eq!(e["error"]["code"], "invalid", "{e}");
+    assert_eq!(
+        e["error"]["message"], "task 0: priority must be 0..=9",
+        "{e}"
+    );
+    // Not JSON, too large, or not JSON by its content type keep their statuses, as JSON.
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/api/v1/tasks", c.addr);
+    let big = json!({"kind": "sleep", "name": "n".repeat(128 * 1024)}).to_string();
+    for (content_type, body, want) in [
+        ("application/json", "{\"kind\": ".to_owned(), 400),
+        ("application/json", big, 413),
+        ("text/plain", ok.to_string(), 415),
+    ] {
+        let r = http
+            .post(&url)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("an answer");
+        let status = r.status().as_u16();
+        let e: serde_json::Value = r.json().await.expect("a JSON error body");
+        assert_eq!(status, want, "{content_type}: {e}");
+        assert_eq!(e["error"]["code"], "bad_request", "{e}");
+    }
+    // Nothing of a refused batch was queued, and honest work runs.
+    let (status, listed) = client.get("/api/v1/tasks").await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+    let (status, v) = client.post("/api/v1/tasks", &json!({"tasks": [ok]})).await;
+    assert_eq!(status, 201, "{v}");
+    honest_work_completes(&client, 2).await;
+    honest.stop().await.expect("clean stop");
+    c.stop().await;
+}
