@@ -25,7 +25,7 @@ pub struct CoordinatorArgs {
     /// Directory of the database.
     #[arg(long, env = "TETHER_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Heartbeat interval announced to workers.
+    /// Heartbeat interval announced to workers (at least 10ms; default 5s).
     #[arg(long, value_parser = parse_duration_arg)]
     heartbeat_interval: Option<Duration>,
     /// Silence after which a session is closed.
@@ -45,7 +45,7 @@ pub struct CoordinatorArgs {
     /// Time a disconnected worker keeps its tasks before they move elsewhere.
     #[arg(long, value_parser = parse_duration_arg)]
     lost_after: Option<Duration>,
-    /// Largest frame accepted, bytes.
+    /// Largest frame accepted, bytes (at least 1048576; default 16 MiB).
     #[arg(long)]
     max_frame: Option<usize>,
     /// Remove finished tasks, their results, state and checkpoints this long after they
@@ -118,10 +118,14 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         .clone()
         .or(file.listen.clone())
         .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-    let coalesce = settings::pick_duration(a.idle_coalesce, file.idle_coalesce.as_deref())?
-        .map(crate::coalesce::check)
-        .transpose()
-        .context("--idle-coalesce")?;
+    let coalesce = settings::pick_duration(
+        a.idle_coalesce,
+        file.idle_coalesce.as_deref(),
+        "idle_coalesce",
+    )?
+    .map(crate::coalesce::check)
+    .transpose()
+    .context("--idle-coalesce")?;
     let cfg = coordinator_config(a, file)?;
     if let Some(wait) = coalesce {
         crate::coalesce::set(wait);
@@ -158,23 +162,29 @@ fn coordinator_config(
         .or(file.data_dir.clone())
         .unwrap_or_else(|| tether_coordinator::config::DEFAULT_DATA_DIR.into());
     let mut cfg = CoordinatorConfig::new(data_dir);
-    if let Some(d) =
-        settings::pick_duration(a.heartbeat_interval, file.heartbeat_interval.as_deref())?
-    {
+    if let Some(d) = settings::pick_duration(
+        a.heartbeat_interval,
+        file.heartbeat_interval.as_deref(),
+        "heartbeat_interval",
+    )? {
         cfg.heartbeat_interval = d;
     }
-    if let Some(d) =
-        settings::pick_duration(a.heartbeat_timeout, file.heartbeat_timeout.as_deref())?
-    {
+    if let Some(d) = settings::pick_duration(
+        a.heartbeat_timeout,
+        file.heartbeat_timeout.as_deref(),
+        "heartbeat_timeout",
+    )? {
         cfg.heartbeat_timeout = d;
     }
     if let Some(n) = a.heartbeat_budget.or(file.heartbeat_budget) {
         cfg.heartbeat_budget = n;
     }
-    if let Some(d) = settings::pick_duration(a.lost_after, file.lost_after.as_deref())? {
+    if let Some(d) =
+        settings::pick_duration(a.lost_after, file.lost_after.as_deref(), "lost_after")?
+    {
         cfg.lost_after = d;
     }
-    if let Some(d) = settings::pick_duration(a.retention, file.retention.as_deref())? {
+    if let Some(d) = settings::pick_duration(a.retention, file.retention.as_deref(), "retention")? {
         cfg.retention = Some(d);
     }
     if let Some(n) = a.max_frame.or(file.max_frame) {
@@ -187,13 +197,30 @@ fn coordinator_config(
         cfg.durability = d;
     }
     apply_limits(&mut cfg, &a, &file)?;
+    check_heartbeat(
+        cfg.heartbeat_interval,
+        cfg.heartbeat_timeout,
+        tether_coordinator::config::MIN_HEARTBEAT_INTERVAL,
+    )?;
+    let min_frame = tether_coordinator::config::MIN_MAX_FRAME;
+    if cfg.max_frame < min_frame {
+        bail!(
+            "--max-frame {} is too small: at least {min_frame} bytes (a worker's checkpoint piece \
+             and a batch frame must fit)",
+            cfg.max_frame
+        );
+    }
     if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
         cfg.tls = Some(tether_coordinator::tls::server_config(cert, key)?);
     }
     cfg.auth = worker_auth(
         a.secret_file.or(file.secret_file),
         a.secrets_dir.or(file.secrets_dir),
-        settings::pick_duration(a.auth_max_skew, file.auth_max_skew.as_deref())?,
+        settings::pick_duration(
+            a.auth_max_skew,
+            file.auth_max_skew.as_deref(),
+            "auth_max_skew",
+        )?,
         a.message_mac || file.message_mac.unwrap_or(false),
     )?;
     cfg.api_tokens = api_tokens(
@@ -221,9 +248,11 @@ fn apply_limits(
         l.connect_burst = (r * 5.0).ceil().min(f64::from(u32::MAX)) as u32;
     }
     l.limit_loopback = a.limit_loopback || file.limit_loopback.unwrap_or(false);
-    if let Some(d) =
-        settings::pick_duration(a.handshake_timeout, file.handshake_timeout.as_deref())?
-    {
+    if let Some(d) = settings::pick_duration(
+        a.handshake_timeout,
+        file.handshake_timeout.as_deref(),
+        "handshake_timeout",
+    )? {
         l.handshake_timeout = d;
     }
     if let Some(r) = a.max_messages_per_sec.or(file.max_messages_per_sec) {
@@ -347,11 +376,13 @@ pub struct WorkerArgs {
     /// Directory where the outbox, identity, running tasks and checkpoints survive restarts.
     #[arg(long, env = "TETHER_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// Heartbeat interval (at least 10ms; default 5s).
     #[arg(long, value_parser = parse_duration_arg)]
     heartbeat_interval: Option<Duration>,
     /// Silence after which the session is declared dead and reconnected.
     #[arg(long, value_parser = parse_duration_arg)]
     heartbeat_timeout: Option<Duration>,
+    /// First reconnect delay (at least 10ms; default 1s), doubled up to the maximum.
     #[arg(long, value_parser = parse_duration_arg)]
     initial_reconnect_delay: Option<Duration>,
     #[arg(long, value_parser = parse_duration_arg)]
@@ -359,7 +390,7 @@ pub struct WorkerArgs {
     /// `0.2` for +/-20 %, `full` for full jitter, `0` for none.
     #[arg(long)]
     reconnect_jitter: Option<String>,
-    /// Consecutive failed attempts before giving up (default: never).
+    /// Consecutive failed attempts before giving up (at least 1; default: never give up).
     #[arg(long)]
     max_reconnect_attempts: Option<u32>,
     /// Limit on one TCP connect plus WebSocket handshake.
@@ -446,25 +477,32 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
         cfg.slots = n;
     }
     cfg.state_dir = a.state_dir.or(file.state_dir);
-    if let Some(d) =
-        settings::pick_duration(a.heartbeat_interval, file.heartbeat_interval.as_deref())?
-    {
+    if let Some(d) = settings::pick_duration(
+        a.heartbeat_interval,
+        file.heartbeat_interval.as_deref(),
+        "heartbeat_interval",
+    )? {
         cfg.heartbeat_interval = d;
     }
-    if let Some(d) =
-        settings::pick_duration(a.heartbeat_timeout, file.heartbeat_timeout.as_deref())?
-    {
+    if let Some(d) = settings::pick_duration(
+        a.heartbeat_timeout,
+        file.heartbeat_timeout.as_deref(),
+        "heartbeat_timeout",
+    )? {
         cfg.heartbeat_timeout = d;
     }
     if let Some(d) = settings::pick_duration(
         a.initial_reconnect_delay,
         file.initial_reconnect_delay.as_deref(),
+        "initial_reconnect_delay",
     )? {
         cfg.backoff.initial = d;
     }
-    if let Some(d) =
-        settings::pick_duration(a.max_reconnect_delay, file.max_reconnect_delay.as_deref())?
-    {
+    if let Some(d) = settings::pick_duration(
+        a.max_reconnect_delay,
+        file.max_reconnect_delay.as_deref(),
+        "max_reconnect_delay",
+    )? {
         cfg.backoff.max = d;
     }
     if let Some(j) = a.reconnect_jitter.or(file.reconnect_jitter) {
@@ -506,14 +544,43 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
             "--message-mac needs this worker's secret: give --secret-file, TETHER_SECRET_FILE or TETHER_SECRET"
         );
     }
-    if cfg.heartbeat_timeout <= cfg.heartbeat_interval {
+    check_heartbeat(
+        cfg.heartbeat_interval,
+        cfg.heartbeat_timeout,
+        tether_worker::config::MIN_HEARTBEAT_INTERVAL,
+    )?;
+    let b = &cfg.backoff;
+    if b.initial < tether_worker::backoff::MIN_INITIAL {
         bail!(
-            "heartbeat timeout ({:?}) must be longer than the heartbeat interval ({:?})",
-            cfg.heartbeat_timeout,
-            cfg.heartbeat_interval
+            "--initial-reconnect-delay {:?} is too short: at least {:?} (a worker would retry in a tight loop)",
+            b.initial,
+            tether_worker::backoff::MIN_INITIAL
         );
     }
+    if b.max < b.initial {
+        bail!(
+            "--max-reconnect-delay {:?} is shorter than --initial-reconnect-delay {:?}",
+            b.max,
+            b.initial
+        );
+    }
+    if b.max_attempts == Some(0) {
+        bail!("--max-reconnect-attempts must be at least 1 (leave it out to retry for ever)");
+    }
     Ok(cfg)
+}
+
+/// A heartbeat interval of at least `min` and a liveness timeout longer than it.
+fn check_heartbeat(interval: Duration, timeout: Duration, min: Duration) -> anyhow::Result<()> {
+    if interval < min {
+        bail!("--heartbeat-interval {interval:?} is too short: at least {min:?}");
+    }
+    if timeout <= interval {
+        bail!(
+            "--heartbeat-timeout {timeout:?} must be longer than the heartbeat interval {interval:?}"
+        );
+    }
+    Ok(())
 }
 
 pub async fn worker(mut a: WorkerArgs) -> anyhow::Result<()> {
@@ -578,7 +645,7 @@ mod tests {
             dir.path(),
             "[coordinator]\nmax_connections = 100\nconnects_per_sec = 3.0\nlimit_loopback = true\n\
              handshake_timeout = \"4s\"\nmax_messages_per_sec = 50.0\nmax_body = 4096\n\
-             max_checkpoint_bytes = 1000000\nmax_frame = 65536\n",
+             max_checkpoint_bytes = 1000000\nmax_frame = 2097152\n",
         );
         let parse = |flags: &[&str]| {
             let c = Coord::try_parse_from(["t"].iter().chain(flags)).expect("flags");
@@ -594,7 +661,7 @@ mod tests {
         assert_eq!(l.messages_per_sec, 50.0);
         assert_eq!(cfg.max_body, 4096);
         assert_eq!(cfg.max_checkpoint_bytes, 1_000_000);
-        assert_eq!(cfg.max_frame, 65536);
+        assert_eq!(cfg.max_frame, 2_097_152);
         // A flag wins over the file.
         let cfg = parse(&["--max-connections", "7", "--max-checkpoint-bytes", "99"]).expect("c");
         assert_eq!(cfg.limits.max_connections, 7);
@@ -651,7 +718,7 @@ mod tests {
             ("heartbeat_timeout", "\"41s\"".into(), String::new()),
             ("heartbeat_budget", "77".into(), String::new()),
             ("lost_after", "\"9m\"".into(), String::new()),
-            ("max_frame", "123456".into(), String::new()),
+            ("max_frame", "2000000".into(), String::new()),
             ("checkpoints_kept", "9".into(), String::new()),
             ("retention", "\"3d\"".into(), String::new()),
             ("secret_file", secret.clone(), String::new()),
@@ -746,6 +813,65 @@ mod tests {
             assert_ne!(with, without, "{key} = {value} changed nothing");
             assert!(!with.starts_with("Err"), "{key} = {value}: {with}");
         }
+    }
+
+    #[test]
+    fn settings_that_would_stop_the_work_are_refused_with_their_name() {
+        let coord = |flags: &[&str]| {
+            let c = Coord::try_parse_from(["t"].iter().chain(flags)).expect("flags");
+            coordinator_config(c.a, Default::default())
+        };
+        for (flags, name) in [
+            (&["--heartbeat-interval", "0s"][..], "--heartbeat-interval"),
+            (&["--heartbeat-timeout", "0s"], "--heartbeat-timeout"),
+            (&["--heartbeat-interval", "20s"], "--heartbeat-timeout"),
+            (&["--max-frame", "0"], "--max-frame"),
+            (&["--max-frame", "65536"], "--max-frame"),
+        ] {
+            let e = coord(flags).expect_err("refused");
+            assert!(e.to_string().contains(name), "{flags:?}: {e}");
+        }
+        coord(&["--heartbeat-interval", "10ms", "--max-frame", "1048576"]).expect("the least");
+        let work = |flags: &[&str]| {
+            let base = ["t", "--coordinator", "ws://127.0.0.1:1", "--id", "w"];
+            worker_config(
+                Work::try_parse_from(base.iter().chain(flags))
+                    .expect("flags")
+                    .a,
+            )
+        };
+        for (flags, name) in [
+            (&["--heartbeat-interval", "0s"][..], "--heartbeat-interval"),
+            (
+                &["--initial-reconnect-delay", "0s"],
+                "--initial-reconnect-delay",
+            ),
+            (&["--max-reconnect-delay", "100ms"], "--max-reconnect-delay"),
+            (
+                &["--max-reconnect-attempts", "0"],
+                "--max-reconnect-attempts",
+            ),
+        ] {
+            let e = work(flags).expect_err("refused");
+            assert!(e.to_string().contains(name), "{flags:?}: {e}");
+        }
+        work(&[
+            "--initial-reconnect-delay",
+            "10ms",
+            "--max-reconnect-attempts",
+            "1",
+        ])
+        .expect("the least");
+        // A bad duration in the file names its key.
+        let dir = tempfile::tempdir().expect("dir");
+        let toml = file(dir.path(), "[coordinator]\nlost_after = \"5 parsecs\"\n");
+        let c = Coord::try_parse_from(["t"]).expect("no flags");
+        let f = settings::load(Some(&toml)).expect("file").coordinator;
+        let e = coordinator_config(c.a, f).expect_err("bad duration");
+        assert!(
+            format!("{e:#}").contains("lost_after in the config file"),
+            "{e:#}"
+        );
     }
 
     #[test]

@@ -82,14 +82,18 @@ pub fn duration(s: &str) -> anyhow::Result<std::time::Duration> {
         .with_context(|| format!("invalid duration {s:?} (use e.g. 5s, 250ms)"))
 }
 
-/// A duration from a flag, else from the file, else none (the library default applies).
+/// A duration from a flag, else from the file's `key`, else none (the library default
+/// applies). A bad value in the file is refused with the key's name.
 pub fn pick_duration(
     flag: Option<std::time::Duration>,
     file: Option<&str>,
+    key: &str,
 ) -> anyhow::Result<Option<std::time::Duration>> {
     match (flag, file) {
         (Some(d), _) => Ok(Some(d)),
-        (None, Some(s)) => duration(s).map(Some),
+        (None, Some(s)) => duration(s)
+            .map(Some)
+            .with_context(|| format!("{key} in the config file")),
         (None, None) => Ok(None),
     }
 }

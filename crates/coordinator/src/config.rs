@@ -9,6 +9,12 @@ use crate::auth::{ApiTokens, WorkerAuth};
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// Default silence after which a session is closed (the worker is then disconnected).
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Shortest heartbeat interval a coordinator may announce: below it the fleet's heartbeats are
+/// all the coordinator does (a worker answered a 0 s interval with about 600 beats a second).
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
+/// Smallest frame limit: a worker's checkpoint piece (256 KiB, about 342 KiB as base64 in its
+/// JSON) and a batch frame must fit, or the session that carries one ends each time it is sent.
+pub const MIN_MAX_FRAME: usize = 1024 * 1024;
 /// Default heartbeat budget: the fleet's heartbeats a second the coordinator plans for. Up to
 /// 5,000 workers beat at the configured interval; a larger fleet is told a longer one (10 s at
 /// 10,000 workers), as HashiCorp Nomad sizes its clients' heartbeat TTL to its fleet.

@@ -11,6 +11,9 @@ pub const DEFAULT_INITIAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_FACTOR: f64 = 2.0;
 /// Default cap.
 pub const DEFAULT_MAX: Duration = Duration::from_secs(60);
+/// Shortest first delay: with none, a worker would retry in a tight loop (what the original's
+/// reconnect storms were made of).
+pub const MIN_INITIAL: Duration = Duration::from_millis(10);
 /// Default proportional jitter (+/- 20 %).
 pub const DEFAULT_JITTER: f64 = 0.2;
 

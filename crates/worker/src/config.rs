@@ -16,6 +16,8 @@ use crate::outbox::Limits;
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// Default silence after which a session is declared dead.
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Shortest heartbeat interval a worker may be given.
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
 /// Default WebSocket ping interval.
 pub const DEFAULT_WS_PING_INTERVAL: Duration = Duration::from_secs(10);
 /// Default limit on one connect + handshake.
