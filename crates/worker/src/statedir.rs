@@ -112,7 +112,11 @@ impl StateDir {
     /// Opens (creating if needed) and locks `dir` for `worker`, and reads what the previous
     /// process left. Tasks it recorded as running are moved to the lost set now.
     pub fn open(dir: &Path, worker: &WorkerId) -> Result<(Arc<Self>, Restored), StateDirError> {
-        std::fs::create_dir_all(dir).map_err(|source| StateDirError::Io {
+        let made = match dir.exists() && !dir.is_dir() {
+            true => Err(std::io::Error::other("it exists and is not a directory")),
+            false => std::fs::create_dir_all(dir),
+        };
+        made.map_err(|source| StateDirError::Io {
             path: dir.to_owned(),
             source,
         })?;
@@ -288,6 +292,16 @@ fn open_db(path: &Path) -> Result<Connection, StateDirError> {
         path: path.to_owned(),
         detail,
     };
+    // SQLite would take an empty file for a new database and a directory for a disk error.
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => return Err(corrupt("it is a directory, not a file".into())),
+        Ok(m) if m.len() == 0 => {
+            return Err(corrupt(
+                "the file is empty: every worker database holds at least its header".into(),
+            ));
+        }
+        _ => {}
+    }
     let conn = Connection::open(path).map_err(|e| corrupt(e.to_string()))?;
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
@@ -697,5 +711,21 @@ mod tests {
         // The lock was released with the refusal.
         std::fs::remove_file(dir.path().join(DB_FILE)).expect("remove");
         drop(StateDir::open(dir.path(), &wid("w1")).expect("lock released"));
+    }
+
+    #[test]
+    fn an_emptied_database_file_is_refused_not_started_afresh() {
+        // An empty file would open as a new database: the outbox it held gone, without a word.
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(DB_FILE), b"").expect("write");
+        let err = StateDir::open(dir.path(), &wid("w1")).expect_err("empty");
+        assert!(matches!(err, StateDirError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("the file is empty"), "{err}");
+        assert_eq!(std::fs::read(dir.path().join(DB_FILE)).expect("read"), b"");
+        // A state directory that is a file.
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").expect("write");
+        let err = StateDir::open(&file, &wid("w1")).expect_err("a file");
+        assert!(err.to_string().contains("is not a directory"), "{err}");
     }
 }

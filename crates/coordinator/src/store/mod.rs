@@ -323,7 +323,11 @@ pub fn set_durability(conn: &Connection, d: Durability) -> rusqlite::Result<()> 
 
 /// Opens (creating if needed) the database in `dir`, checks and migrates it, and loads it.
 pub fn open(dir: &Path) -> Result<(Connection, Loaded), StoreError> {
-    std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+    let made = match dir.exists() && !dir.is_dir() {
+        true => Err(std::io::Error::other("it exists and is not a directory")),
+        false => std::fs::create_dir_all(dir),
+    };
+    made.map_err(|source| StoreError::DataDir {
         path: dir.to_owned(),
         source,
     })?;

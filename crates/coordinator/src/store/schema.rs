@@ -111,6 +111,18 @@ pub(super) fn open_checked(path: &Path) -> Result<Connection, StoreError> {
         detail,
     };
     if path.exists() {
+        // SQLite would take an empty file for a new database and a directory for a disk error.
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => return Err(corrupt("it is a directory, not a file".into())),
+            Ok(m) if m.len() == 0 => {
+                return Err(corrupt(
+                    "the file is empty: every database tether made holds at least its header; \
+                     if this data directory is new, delete the empty file"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
         // Check read-only first, so that a file we refuse is left exactly as it was.
         let ro = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(open_err)?;

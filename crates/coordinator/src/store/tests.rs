@@ -176,6 +176,26 @@ fn a_file_that_is_not_a_database_is_refused_and_left_untouched() {
 }
 
 #[test]
+fn an_emptied_database_file_or_a_directory_in_its_place_is_refused_not_started_afresh() {
+    // An empty file would open as a new, empty database: every task gone, without a word.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join(DB_FILE), b"").expect("write");
+    let err = open(dir.path()).expect_err("an empty file must be refused");
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("the file is empty"), "{err}");
+    assert_eq!(file_bytes(dir.path()), b"", "the file must not change");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join(DB_FILE)).expect("mkdir");
+    let err = open(dir.path()).expect_err("a directory must be refused");
+    assert!(err.to_string().contains("is a directory"), "{err}");
+    // A data directory that is a file.
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").expect("write");
+    let err = open(&file).expect_err("a file is no data directory");
+    assert!(err.to_string().contains("is not a directory"), "{err}");
+}
+
+#[test]
 fn a_database_with_damaged_pages_is_refused_and_left_untouched() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
