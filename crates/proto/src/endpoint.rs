@@ -166,14 +166,16 @@ pub fn derive_endpoint(configured: &str, worker: &WorkerId) -> Result<String, En
 
 /// Derives the HTTP base URL (for the HTTP API) from the same configured URL forms.
 pub fn derive_http_base(configured: &str) -> Result<String, EndpointError> {
-    let raw = configured.trim().trim_end_matches('/');
-    if raw.is_empty() {
+    let raw = configured.trim();
+    if raw.trim_end_matches('/').is_empty() {
         return Err(EndpointError::Empty);
     }
+    // The scheme first: `http://` alone is a URL without a host, not a host named `http:`.
     let (scheme, rest) = match raw.split_once("://") {
-        Some((s, rest)) => (s.to_ascii_lowercase(), rest),
-        None => ("http".to_owned(), raw),
+        Some((s, rest)) => (s.to_ascii_lowercase(), rest.trim_end_matches('/')),
+        None => ("http".to_owned(), raw.trim_end_matches('/')),
     };
+    let raw = raw.trim_end_matches('/');
     let scheme = match scheme.as_str() {
         "ws" | "http" => "http",
         "wss" | "https" => "https",
@@ -189,7 +191,16 @@ pub fn derive_http_base(configured: &str) -> Result<String, EndpointError> {
             url: raw.to_owned(),
         });
     }
-    Ok(format!("{scheme}://{rest}"))
+    let base = format!("{scheme}://{rest}");
+    // A host an HTTP client cannot use (a space in it, a bad port) is said here, in the terms
+    // of the URL given, not as the client's "builder error" later.
+    if let Err(e) = url::Url::parse(&base) {
+        return Err(EndpointError::Invalid {
+            url: raw.to_owned(),
+            reason: e.to_string(),
+        });
+    }
+    Ok(base)
 }
 
 /// Why the coordinator refused an upgrade path.
@@ -405,5 +416,16 @@ mod tests {
         assert_eq!(derive_http_base("ws://h:1/").as_deref(), Ok("http://h:1"));
         assert_eq!(derive_http_base("wss://h:1").as_deref(), Ok("https://h:1"));
         assert!(derive_http_base("gopher://h").is_err());
+        assert!(matches!(
+            derive_http_base("http://"),
+            Err(EndpointError::NoHost { .. })
+        ));
+        let e = derive_http_base("not a url").expect_err("a space in the host");
+        assert!(matches!(e, EndpointError::Invalid { .. }), "{e}");
+        assert!(
+            e.to_string().contains("\"not a url\" is not a valid URL"),
+            "{e}"
+        );
+        assert!(derive_http_base("h:99999").is_err(), "a port out of range");
     }
 }
