@@ -175,7 +175,6 @@ pub fn derive_http_base(configured: &str) -> Result<String, EndpointError> {
         Some((s, rest)) => (s.to_ascii_lowercase(), rest.trim_end_matches('/')),
         None => ("http".to_owned(), raw.trim_end_matches('/')),
     };
-    let raw = raw.trim_end_matches('/');
     let scheme = match scheme.as_str() {
         "ws" | "http" => "http",
         "wss" | "https" => "https",
