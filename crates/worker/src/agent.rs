@@ -260,6 +260,7 @@ impl Agent {
         }
         let outbox = Arc::new(outbox);
         let mut runner = Runner::new(executors, outbox.clone(), cfg.checkpoint_chunk_size)
+            .with_max_frame(cfg.max_frame)
             .with_local_checkpoints(restored.checkpoints);
         if let Some(dir) = &cfg.state_dir {
             runner = runner.with_checkpoint_root(dir.join("tasks"));

@@ -64,6 +64,8 @@ pub struct Runner {
     table: Mutex<Table>,
     tracker: TaskTracker,
     chunk_size: usize,
+    /// The largest frame a message may take: a bigger result is not sent as it is.
+    max_frame: usize,
     checkpoint_root: Option<PathBuf>,
     on_checkpoint: Option<CheckpointSink>,
     on_finished: Option<FinishedHook>,
@@ -87,12 +89,19 @@ impl Runner {
             table: Mutex::default(),
             tracker: TaskTracker::new(),
             chunk_size,
+            max_frame: crate::config::DEFAULT_MAX_FRAME,
             checkpoint_root: None,
             on_checkpoint: None,
             on_finished: None,
             on_started: None,
             local_checkpoints: Mutex::default(),
         }
+    }
+
+    /// The largest frame a message may take (the worker's `max_frame`).
+    pub fn with_max_frame(mut self, max_frame: usize) -> Self {
+        self.max_frame = max_frame;
+        self
     }
 
     /// Checkpoints kept locally for tasks lost with the previous process.
@@ -240,6 +249,7 @@ impl Runner {
             shared: shared.clone(),
             outbox: self.outbox.clone(),
             chunk_size: self.chunk_size,
+            max_frame: self.max_frame,
             checkpoint_dir: self
                 .checkpoint_root
                 .as_ref()
@@ -300,7 +310,7 @@ impl Runner {
             }
             stop
         };
-        let (outcome, result, error) = match (&res, timed_out, stop) {
+        let (mut outcome, mut result, mut error) = match (&res, timed_out, stop) {
             (_, true, _) => (
                 Outcome::TimedOut,
                 serde_json::json!({}),
@@ -336,6 +346,24 @@ impl Runner {
             ),
             (Err(ExecError::Cancelled), _, _) => (Outcome::Cancelled, serde_json::json!({}), None),
         };
+        // A result that cannot be delivered would end every session that carries it; the
+        // attempt fails with why instead.
+        let bytes = serde_json::to_string(&result).map_or(0, |t| t.len())
+            + error.as_ref().map_or(0, |e| {
+                e.message.len() + e.detail.as_ref().map_or(0, String::len)
+            });
+        if !crate::executor::fits(bytes, self.max_frame) {
+            tracing::error!(task = %task_id, attempt = %attempt, bytes, limit = self.max_frame, "the task's result is larger than a message may be; the attempt fails");
+            outcome = Outcome::Failed;
+            result = serde_json::json!({});
+            error = Some(TaskError {
+                message: format!(
+                    "the result ({bytes} bytes of JSON) is larger than a message may be ({} bytes); it was not sent",
+                    self.max_frame
+                ),
+                detail: None,
+            });
+        }
         let report = match stop {
             None => true,
             Some(StopReason::Cancelled) => true,

@@ -77,6 +77,84 @@ async fn an_executor_that_panics_fails_its_task_with_one_result_and_the_worker_r
     c.stop().await;
 }
 
+/// Reports a state of `config.state_bytes` and returns a result of `config.result_bytes`; with
+/// `config.hold`, runs until cancelled after its state.
+struct Big;
+
+impl tether_worker::Executor for Big {
+    fn execute(
+        &self,
+        input: tether_worker::TaskInput,
+        ctx: tether_worker::TaskCtx,
+    ) -> futures_util::future::BoxFuture<'static, Result<serde_json::Value, tether_worker::ExecError>>
+    {
+        Box::pin(async move {
+            let n = |k: &str| input.config[k].as_u64().unwrap_or(0) as usize;
+            ctx.report_state(serde_json::json!({ "pad": "s".repeat(n("state_bytes")) }))
+                .await;
+            if input.config["hold"] == true {
+                ctx.cancelled().await;
+                return Err(tether_worker::ExecError::Cancelled);
+            }
+            Ok(serde_json::json!({ "pad": "r".repeat(n("result_bytes")) }))
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_result_or_state_too_large_for_a_message_is_not_sent_and_the_session_lives_on() {
+    // Both ends at 1 MiB: a 2 MB result sent as it is would end the session at the
+    // coordinator's limit, and again at every resend.
+    const LIMIT: usize = 1024 * 1024;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut ccfg = fast_coordinator_config(dir.path().to_owned());
+    ccfg.max_frame = LIMIT;
+    let c = spawn_coordinator_with(ccfg, None).await;
+    let mut executors = Executors::builtin();
+    executors.register("big", Big);
+    let mut wcfg = fast_worker_config(&c.ws_url(), "w1");
+    wcfg.max_frame = LIMIT;
+    let w = spawn_worker(wcfg, executors);
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let big = |state: usize, result: usize, hold: bool| {
+        TaskSpec::new(
+            "big",
+            serde_json::json!({ "state_bytes": state, "result_bytes": result, "hold": hold }),
+        )
+    };
+    let ids = client
+        .submit(&[big(10, 2_000_000, false), big(2_000_000, 10, true)])
+        .await;
+    // The oversize result: the attempt fails, saying why.
+    client.wait_status(&ids[0], "failed").await;
+    let results = client.results(&ids[0]).await;
+    assert_eq!(results.len(), 1, "{results:?}");
+    let error = results[0]["body"]["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("larger than a message may be"), "{error}");
+    // The oversize state: replaced by a note of its size, recorded while the task runs.
+    let path = format!("/api/v1/tasks/{}/state", ids[1]);
+    let state = wait_for("the note of the state's size", DEADLINE, || async {
+        let (_, v) = client.get(&path).await;
+        (!v["state"].is_null()).then_some(v)
+    })
+    .await;
+    assert_eq!(
+        state["state"]["state_too_large"]["bytes"], 2_000_010,
+        "{state}"
+    );
+    client.control(&ids[1], "cancel").await;
+    client.wait_status(&ids[1], "cancelled").await;
+    // One session throughout, and the worker still works.
+    let next = client.submit(&[sleep_task(10, 1, 0)]).await;
+    client.wait_status(&next[0], "completed").await;
+    assert_eq!(w.handle.registrations(), 1);
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn two_workers_with_distinct_ids_stay_distinct_and_share_the_work() {
     let dir = tempfile::tempdir().expect("tempdir");

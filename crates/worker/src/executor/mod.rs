@@ -247,6 +247,8 @@ pub struct TaskCtx {
     pub(crate) shared: Arc<TaskShared>,
     pub(crate) outbox: Arc<Outbox>,
     pub(crate) chunk_size: usize,
+    /// The largest frame a message may take (the worker's `max_frame`).
+    pub(crate) max_frame: usize,
     pub(crate) checkpoint_dir: Option<PathBuf>,
     pub(crate) on_checkpoint: Option<CheckpointSink>,
 }
@@ -263,6 +265,17 @@ impl std::fmt::Debug for TaskCtx {
 /// Default size of one checkpoint piece on the wire.
 pub const DEFAULT_CHUNK_SIZE: usize = 256 * 1024;
 
+/// Room a message needs besides the payload a task made (its other fields, escaping, an
+/// integrity tag): a result or state larger than the frame limit less this is not sent as it is.
+/// Sent, it would end the session at the coordinator's limit (close 1009) and again at every
+/// resend after reconnecting: a message that could never be delivered, holding up the rest.
+pub const ENVELOPE_BYTES: usize = 16 * 1024;
+
+/// Whether a payload of `len` bytes fits in a message under `max_frame`.
+pub(crate) fn fits(len: usize, max_frame: usize) -> bool {
+    len.saturating_add(ENVELOPE_BYTES) <= max_frame
+}
+
 impl TaskCtx {
     /// A context not attached to any worker, for unit-testing executors.
     pub fn detached(task_id: TaskId, attempt: Attempt) -> (Self, TaskControl) {
@@ -271,6 +284,7 @@ impl TaskCtx {
             shared: shared.clone(),
             outbox: Arc::new(Outbox::new(Default::default())),
             chunk_size: DEFAULT_CHUNK_SIZE,
+            max_frame: crate::config::DEFAULT_MAX_FRAME,
             checkpoint_dir: None,
             on_checkpoint: None,
         };
@@ -312,7 +326,14 @@ impl TaskCtx {
     /// serialised again.
     pub async fn report_state(&self, state: impl Into<StateJson>) {
         self.outbox.reserve().await;
-        let state = state.into();
+        let mut state = state.into();
+        let bytes = state.get().len();
+        if !fits(bytes, self.max_frame) {
+            tracing::error!(task = %self.shared.task_id, bytes, limit = self.max_frame, "a state larger than a message may be is replaced by a note of its size");
+            state = StateJson::from(serde_json::json!({
+                "state_too_large": { "bytes": bytes, "limit": self.max_frame }
+            }));
+        }
         *self.shared.state.lock().unwrap_or_else(|p| p.into_inner()) = state.clone();
         push_state(
             &self.outbox,
