@@ -202,6 +202,25 @@ fn coordinator_config(
         cfg.heartbeat_timeout,
         tether_coordinator::config::MIN_HEARTBEAT_INTERVAL,
     )?;
+    // A resumed task's checkpoint travels in its assignment, as base64: the default shrinks
+    // to what a smaller frame holds; a value given that does not fit is refused.
+    let fitting =
+        (cfg.max_frame as u64).saturating_sub(tether_proto::codec::ENVELOPE_BYTES as u64) / 4 * 3;
+    let given = a
+        .max_checkpoint_bytes
+        .or(file.max_checkpoint_bytes)
+        .is_some();
+    if !given {
+        cfg.max_checkpoint_bytes = cfg.max_checkpoint_bytes.min(fitting);
+    }
+    if cfg.max_checkpoint_bytes > fitting {
+        bail!(
+            "--max-checkpoint-bytes {} does not fit in a frame of --max-frame {} once base64 in \
+             an assignment (a resumed task gets its checkpoint there): lower it or raise the other",
+            cfg.max_checkpoint_bytes,
+            cfg.max_frame
+        );
+    }
     let min_frame = tether_coordinator::config::MIN_MAX_FRAME;
     if cfg.max_frame < min_frame {
         bail!(
@@ -827,6 +846,10 @@ mod tests {
             (&["--heartbeat-interval", "20s"], "--heartbeat-timeout"),
             (&["--max-frame", "0"], "--max-frame"),
             (&["--max-frame", "65536"], "--max-frame"),
+            (
+                &["--max-checkpoint-bytes", "20000000"],
+                "--max-checkpoint-bytes",
+            ),
         ] {
             let e = coord(flags).expect_err("refused");
             assert!(e.to_string().contains(name), "{flags:?}: {e}");

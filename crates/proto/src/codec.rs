@@ -17,6 +17,9 @@ use crate::msg::{COORD_MSG_TYPES, CoordMsg, WORKER_MSG_TYPES, WorkerMsg};
 
 /// Default largest frame accepted, in bytes.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
+/// Room a message needs besides the payload it carries (its other fields, escaping, an
+/// integrity tag): a payload is sent only if it fits in the frame limit less this.
+pub const ENVELOPE_BYTES: usize = 16 * 1024;
 
 /// Why a frame could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -103,6 +103,10 @@ pub struct Registration {
     /// message) in place of their `*_ack`s once the coordinator agrees in `registration_ack`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub compact_acks: bool,
+    /// The largest frame the worker accepts, bytes: the coordinator sends it nothing larger
+    /// (a resumed task's checkpoint that would not fit is left out of its assignment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_frame: Option<u64>,
     #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }

@@ -46,6 +46,7 @@ pub fn worker_messages() -> Vec<WorkerMsg> {
             client_nonce: Some("cd".repeat(32)),
             batching: true,
             compact_acks: true,
+            max_frame: Some(16 * 1024 * 1024),
             timestamp: ts,
         }),
         WorkerMsg::Heartbeat(Heartbeat {

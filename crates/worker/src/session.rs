@@ -717,6 +717,7 @@ impl<'a> Session<'a> {
                 Vec::new()
             },
             client_nonce,
+            max_frame: Some(a.cfg.max_frame as u64),
             batching: a.cfg.batching,
             compact_acks: a.cfg.compact_acks,
             timestamp,

@@ -186,6 +186,7 @@ async fn probe(
         batching: false,
         // Probes time their own telemetry_ack.
         compact_acks: false,
+        max_frame: None,
         timestamp,
     }))
     .await?;

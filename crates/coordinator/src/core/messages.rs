@@ -228,6 +228,9 @@ impl Core {
         // From the registration ack on, recorded messages are acknowledged by number.
         if let Some(s) = w.session.as_mut().filter(|s| s.id == session.id) {
             s.compact_acks = r.compact_acks;
+            if let Some(n) = r.max_frame {
+                s.max_frame = usize::try_from(n).unwrap_or(usize::MAX);
+            }
         }
         if w.sessions > 1 {
             metrics::counter!(m::RECONNECTIONS).increment(1);
@@ -256,9 +259,15 @@ impl Core {
                 timestamp: now(),
             }),
         );
-        // After the ack: assignments the worker never received.
+        // After the ack: assignments the worker never received, through the session as the
+        // registration left it (its frame limit known).
+        let current = self
+            .workers
+            .get(worker)
+            .and_then(|w| w.session.clone())
+            .filter(|s| s.id == session.id);
         for task_id in resend {
-            self.send_assignment(&task_id, session, b);
+            self.send_assignment(&task_id, current.as_ref().unwrap_or(session), b);
         }
         self.dispatch_needed = true;
     }

@@ -67,6 +67,9 @@ pub struct SessionRef {
     /// Agreed at registration: recorded messages are acknowledged by sequence number
     /// ([`Outgoing::Recorded`]).
     pub compact_acks: bool,
+    /// The largest frame the worker accepts, from its registration (a worker that does not
+    /// say takes the protocol's default).
+    pub max_frame: usize,
 }
 
 impl SessionRef {
@@ -75,6 +78,7 @@ impl SessionRef {
             id,
             tx,
             compact_acks: false,
+            max_frame: tether_proto::codec::DEFAULT_MAX_FRAME,
         }
     }
 

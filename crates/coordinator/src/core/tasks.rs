@@ -113,10 +113,16 @@ impl Core {
             }
             return;
         };
-        // The checkpoint is read once its batch is committed, on the writer's connection.
+        // The checkpoint is read once its batch is committed, on the writer's connection. It
+        // goes only if the assignment then fits in a frame both ends take: a bigger one would
+        // end the worker's session at every resend, and the task would never run.
         let s = session.clone();
+        let limit = self.cfg.max_frame.min(session.max_frame);
         b.effect(move |conn| {
             match store::read_checkpoint_data(conn, &meta.checkpoint_id) {
+                Ok(Some(data)) if !fits_in_assignment(&msg, data.len(), limit) => {
+                    tracing::error!(task = %msg.task_id, checkpoint = %meta.checkpoint_id, bytes = data.len(), limit, "the checkpoint does not fit in an assignment to this worker; the task starts afresh");
+                }
                 Ok(Some(data)) => {
                     msg.checkpoint = Some(CheckpointBlob {
                         checkpoint_id: meta.checkpoint_id,
@@ -372,4 +378,12 @@ impl Core {
         self.dispatch_needed = true;
         self.save_task(task_id, b);
     }
+}
+
+/// Whether `msg` with a checkpoint of `bytes` (base64 in its JSON: 4 characters for 3 bytes)
+/// fits in a frame of `limit`.
+fn fits_in_assignment(msg: &TaskAssignment, bytes: usize, limit: usize) -> bool {
+    let config = serde_json::to_string(&msg.config).map_or(0, |t| t.len());
+    let data = bytes.div_ceil(3) * 4;
+    config + data + tether_proto::codec::ENVELOPE_BYTES <= limit
 }

@@ -79,6 +79,7 @@ impl Harness {
                 client_nonce: None,
                 batching: false,
                 compact_acks,
+                max_frame: None,
                 timestamp: now(),
             }),
         );
@@ -875,6 +876,7 @@ async fn a_batch_of_messages_only_skips_an_idle_writer_and_never_overtakes_an_un
             client_nonce: None,
             batching: false,
             compact_acks: false,
+            max_frame: None,
             timestamp: now(),
         })))
         .await

@@ -265,15 +265,12 @@ impl std::fmt::Debug for TaskCtx {
 /// Default size of one checkpoint piece on the wire.
 pub const DEFAULT_CHUNK_SIZE: usize = 256 * 1024;
 
-/// Room a message needs besides the payload a task made (its other fields, escaping, an
-/// integrity tag): a result or state larger than the frame limit less this is not sent as it is.
-/// Sent, it would end the session at the coordinator's limit (close 1009) and again at every
-/// resend after reconnecting: a message that could never be delivered, holding up the rest.
-pub const ENVELOPE_BYTES: usize = 16 * 1024;
-
-/// Whether a payload of `len` bytes fits in a message under `max_frame`.
+/// Whether a payload of `len` bytes fits in a message under `max_frame`. A result or state
+/// that does not is not sent as it is: it would end the session at the coordinator's limit
+/// (close 1009) and again at every resend after reconnecting, a message that could never be
+/// delivered, holding up the rest.
 pub(crate) fn fits(len: usize, max_frame: usize) -> bool {
-    len.saturating_add(ENVELOPE_BYTES) <= max_frame
+    len.saturating_add(tether_proto::codec::ENVELOPE_BYTES) <= max_frame
 }
 
 impl TaskCtx {
