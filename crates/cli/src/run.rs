@@ -331,10 +331,20 @@ fn worker_auth(
         .map(|f| Secret::from_file(&f))
         .transpose()
         .context("fleet secret")?;
-    if let Some(d) = &dir
-        && !d.is_dir()
-    {
-        bail!("secrets directory {} is not a directory", d.display());
+    if let Some(d) = &dir {
+        if !d.is_dir() {
+            bail!("secrets directory {} is not a directory", d.display());
+        }
+        // Files are read at each registration (they may be added while running); one that
+        // cannot serve is said now, where the operator looks, not only when its worker fails.
+        for entry in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_file()
+                && let Err(e) = Secret::from_file(&path)
+            {
+                tracing::warn!(file = %path.display(), error = %e, "a worker's secret file is unusable; that worker will be refused");
+            }
+        }
     }
     Ok(Some(WorkerAuth {
         fleet,

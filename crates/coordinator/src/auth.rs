@@ -58,7 +58,16 @@ impl WorkerAuth {
         {
             let path = dir.join(worker.as_str());
             match tokio::fs::read(&path).await {
-                Ok(bytes) => return Secret::new(&zeroize::Zeroizing::new(bytes)).map(Some),
+                // An unusable file is the coordinator's problem: logged with its path, and
+                // told to the worker as any refusal is (nothing about the file gets out).
+                Ok(bytes) => {
+                    return Secret::new(&zeroize::Zeroizing::new(bytes))
+                        .map(Some)
+                        .map_err(|e| AuthError::SecretFile {
+                            path,
+                            source: std::io::Error::other(e.to_string()),
+                        });
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(source) => return Err(AuthError::SecretFile { path, source }),
             }
@@ -202,8 +211,7 @@ pub async fn require_token(State(app): State<Arc<AppState>>, req: Request, next:
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer_token);
     let refuse = |status, code, message: &str| {
         app.counters
             .api_auth_failures
@@ -232,9 +240,29 @@ pub async fn require_token(State(app): State<Arc<AppState>>, req: Request, next:
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value; the scheme's name in any case
+/// (RFC 7235: `bearer` is `Bearer`).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_read_in_any_case_and_nothing_else_is_a_token() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc "), Some("abc"));
+        assert_eq!(bearer_token("BEARER  abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+    }
 
     fn tokens() -> ApiTokens {
         let mut t = ApiTokens::default();

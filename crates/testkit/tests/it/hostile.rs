@@ -157,6 +157,17 @@ async fn per_worker_secrets_from_a_directory_override_the_fleet_secret() {
     special.wait_state(|s| s == ConnState::Connected).await;
     other.wait_state(|s| s == ConnState::Connected).await;
     honest_work_completes(&c.client(), 4).await;
+    // A worker whose own file is unusable (too short) is refused as any other: the answer
+    // says nothing of the file, its length or that it exists.
+    std::fs::write(secrets.path().join("short"), "abc").expect("write");
+    let mut short = Raw::connect(&c, "short").await;
+    let reg = short.registration(Some(&fleet_secret()), &[]);
+    short.send(&reg).await;
+    let e = short
+        .next_error("unauthorized", "signature does not match")
+        .await;
+    assert!(!e.to_string().contains("bytes"), "{e}");
+    assert_eq!(short.close_code().await, Some(4001));
     special.stop().await.expect("clean stop");
     other.stop().await.expect("clean stop");
     c.stop().await;
