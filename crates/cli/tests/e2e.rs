@@ -1,6 +1,7 @@
 //! A short `tether e2e` run as part of the suite: three worker processes, a coordinator
 //! process, every kind of disruption once (the first round of the plan always runs to its
-//! end), then the exit code and the JSON report's verdict and figures.
+//! end), then the exit code and the JSON report's verdict and figures. And the README's first
+//! command, `tether demo`, as a newcomer runs it.
 
 use std::process::{Command, Stdio};
 
@@ -283,4 +284,32 @@ fn workers_in_network_namespaces_survive_a_kernel_link_down_and_a_kernel_paced_l
         .expect("ip");
     let names = String::from_utf8_lossy(&ns.stdout).to_string();
     assert!(!names.contains(&format!("tether-{pid}-")), "{names}");
+}
+
+/// The README's main job: `tether demo` on its embedded defaults passes its own ground truth
+/// (every task completed once, nothing lost, nothing recorded twice, every fault fired and was
+/// recovered from) and exits 0.
+#[test]
+fn the_readme_demo_passes_its_ground_truth_on_its_defaults() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .arg("demo")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tether demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{text}\n{err}", out.status);
+    for line in [
+        "tasks submitted      40",
+        "tasks completed      40",
+        "lost                 0",
+        "recorded twice       0",
+        "verdict: PASS",
+    ] {
+        assert!(text.contains(line), "no {line:?} in:\n{text}");
+    }
+    assert!(
+        text.contains("silent stall") && text.contains("detected after"),
+        "{text}"
+    );
 }

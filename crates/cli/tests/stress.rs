@@ -241,3 +241,59 @@ fn mixed_priority_never_lets_high_priority_wait_behind_low() {
     assert!(count(&r["high_priority_wait_ms"]) > 0);
     assert!(count(&r["low_priority_wait_ms"]) > 0);
 }
+
+/// Values no run can use are refused by name before any process starts; nothing is left in
+/// the temporary directory.
+#[test]
+fn arguments_no_run_can_use_are_refused_by_name_before_anything_starts() {
+    for (args, name) in [
+        (&["steady_load", "--duration", "0s"][..], "--duration"),
+        (&["message_flood", "--size", "100000000000"], "--size"),
+        (&["message_flood", "--rate", "0"], "--rate"),
+        (&["steady_load", "--churn", "2"], "--churn"),
+        (
+            &["steady_load", "--heartbeat-interval", "0s"],
+            "--heartbeat-interval",
+        ),
+        (&["thundering_herd", "--outage", "0s"], "--outage"),
+        (&["steady_load", "--workers", "0"], "--workers"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .arg("stress")
+            .args(args)
+            .output()
+            .expect("run tether stress");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(err.contains(name), "{args:?}: {err}");
+        assert!(!err.contains("kept the work directory"), "{args:?}: {err}");
+    }
+}
+
+/// A run that fails keeps its work directory (the logs are its evidence) and says where.
+#[test]
+fn a_failed_run_keeps_its_work_directory_and_says_where() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "stress",
+            "steady_load",
+            "--workers",
+            "2",
+            "--duration",
+            "1s",
+        ])
+        .args(["--deadline", "1ms"])
+        .output()
+        .expect("run tether stress");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("--deadline"), "{err}");
+    let kept = err
+        .lines()
+        .find_map(|l| l.strip_prefix("kept the work directory "))
+        .and_then(|l| l.split(' ').next())
+        .unwrap_or_else(|| panic!("no kept directory in: {err}"));
+    let kept = std::path::Path::new(kept);
+    assert!(kept.is_dir(), "{}", kept.display());
+    std::fs::remove_dir_all(kept).expect("remove the kept directory");
+}

@@ -197,12 +197,54 @@ pub struct StressArgs {
     /// Print the report as JSON instead of Markdown.
     #[arg(long)]
     pub json: bool,
-    /// Keep the temporary directory (database, logs) and print its path.
+    /// Keep the work directory (database, logs) when the run passes too; a run that fails
+    /// always keeps it and prints its path.
     #[arg(long)]
     pub keep: bool,
 }
 
+/// The largest `--size` of a state update: a message must fit in a frame with room to spare.
+pub const MAX_UPDATE_SIZE: usize = 1024 * 1024;
+
+impl StressArgs {
+    /// Refuses, by flag name, values no run can use, before anything starts.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.workers == Some(0) {
+            bail!("--workers must be at least 1");
+        }
+        if self.duration.is_some_and(|d| d.is_zero()) {
+            bail!("--duration must be longer than 0");
+        }
+        if self.rate == 0 {
+            bail!("--rate must be at least 1 (updates a second per worker)");
+        }
+        if self.size > MAX_UPDATE_SIZE {
+            bail!("--size must be at most {MAX_UPDATE_SIZE} bytes");
+        }
+        if !(0.0..=1.0).contains(&self.churn) {
+            bail!("--churn must be a share of the workers, 0 to 1");
+        }
+        if self.probe_rate == 0 {
+            bail!("--probe-rate must be at least 1");
+        }
+        if self.source_addrs == 0 {
+            bail!("--source-addrs must be at least 1");
+        }
+        if self.heartbeat_interval < tether_coordinator::config::MIN_HEARTBEAT_INTERVAL {
+            bail!(
+                "--heartbeat-interval must be at least {:?}",
+                tether_coordinator::config::MIN_HEARTBEAT_INTERVAL
+            );
+        }
+        if self.outage.is_zero() {
+            bail!("--outage must be longer than 0");
+        }
+        Ok(())
+    }
+}
+
 pub async fn run(a: StressArgs) -> anyhow::Result<()> {
+    a.check()?;
     raise_open_files();
     let report = scenarios::run(a.clone()).await?;
     if a.json {

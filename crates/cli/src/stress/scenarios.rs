@@ -40,7 +40,6 @@ const FLEET_JITTER: f64 = 0.2;
 struct Run {
     a: StressArgs,
     workers: u64,
-    _dir: Option<tempfile::TempDir>,
     coord: Coordinator,
     /// The fault proxies between the workers and the coordinator (`--cut` other than `kill`).
     proxies: Vec<FaultProxy>,
@@ -58,9 +57,20 @@ struct Run {
 
 pub async fn run(a: StressArgs) -> anyhow::Result<Report> {
     let deadline = a.deadline;
+    let keep = a.keep;
     let before = super::machine::probe();
+    // The work directory (database, logs) outlives the run unless it passed: a failed run's
+    // logs are its evidence. Ctrl-c or SIGTERM ends the run (its processes are killed with it)
+    // and removes the directory unless --keep.
+    let work = tempfile::Builder::new()
+        .prefix("tether-stress-")
+        .tempdir()
+        .context("creating a temporary directory")?
+        .keep();
+    let stop = crate::cancel_on_signal();
+    let dir = work.clone();
     let body = async move {
-        let mut run = Run::start(a).await?;
+        let mut run = Run::start(a, dir).await?;
         let scenario = run.a.scenario;
         let outcome = match scenario {
             Scenario::ThunderingHerd => thundering_herd(&mut run).await,
@@ -79,22 +89,35 @@ pub async fn run(a: StressArgs) -> anyhow::Result<Report> {
         }
         run.finish().await
     };
-    let mut report = tokio::time::timeout(deadline, body)
-        .await
-        .with_context(|| format!("the run exceeded --deadline {} s", deadline.as_secs()))??;
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(deadline, body) => r
+            .with_context(|| format!("the run exceeded --deadline {} s", deadline.as_secs()))
+            .and_then(|r| r),
+        () = stop.cancelled() => {
+            if !keep {
+                let _ = std::fs::remove_dir_all(&work);
+            }
+            return Err(anyhow::anyhow!("interrupted"));
+        }
+    };
+    match &outcome {
+        Ok(report) if report.passed() && !keep => {
+            let _ = std::fs::remove_dir_all(&work);
+        }
+        _ => eprintln!(
+            "kept the work directory {} (the database and the logs of the coordinator, the fleet and the proxies)",
+            work.display()
+        ),
+    }
+    let mut report = outcome?;
     report.machine_before = Some(before);
     report.machine_after = Some(super::machine::probe());
     Ok(report)
 }
 
 impl Run {
-    async fn start(a: StressArgs) -> anyhow::Result<Self> {
+    async fn start(a: StressArgs, path: PathBuf) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("locating the tether binary")?;
-        let dir = tempfile::Builder::new()
-            .prefix("tether-stress-")
-            .tempdir()
-            .context("creating a temporary directory")?;
-        let path: PathBuf = dir.path().to_owned();
         let workers = a.workers.unwrap_or(match a.scenario {
             Scenario::ThunderingHerd => 10_000,
             Scenario::MessageFlood => 1_000,
@@ -232,13 +255,6 @@ impl Run {
             .chain(std::env::args().skip(1))
             .collect::<Vec<_>>()
             .join(" ");
-        let dir = if a.keep {
-            eprintln!("keeping {}", path.display());
-            let _ = dir.keep();
-            None
-        } else {
-            Some(dir)
-        };
         let mut report = Report {
             scenario: a.scenario.name().into(),
             workers,
@@ -272,7 +288,6 @@ impl Run {
             probe_tls,
             a,
             workers,
-            _dir: dir,
             coord,
             proxies,
             fleet,
