@@ -105,6 +105,17 @@ pub fn router(server: Server) -> Router {
             get(get_fault).patch(patch_fault).delete(delete_fault),
         )
         .route("/reset", post(reset))
+        // Everything else answers in the API's JSON error body too.
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "no_such_route", "no such route")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
+            )
+        })
         .with_state(server)
 }
 
@@ -157,6 +168,9 @@ impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         if r.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE {
             return ApiError::new(r.status(), "not_json", r.body_text());
+        }
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::new(r.status(), "too_large", r.body_text());
         }
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", r.body_text())
     }

@@ -376,7 +376,10 @@ impl Agent {
         };
         self.runner.shutdown(SHUTDOWN_GRACE).await;
         match &result {
-            Ok(()) => self.shared.set_state(ConnState::Shutdown),
+            Ok(()) => {
+                self.shared.set_state(ConnState::Shutdown);
+                tracing::info!(worker = %self.cfg.worker_id, "worker stopped");
+            }
             Err(e) => {
                 *self
                     .shared

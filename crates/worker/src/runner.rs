@@ -391,7 +391,12 @@ impl Runner {
             crate::metrics::observe_labeled(crate::metrics::TASK_DURATION, status, t0.elapsed());
             tracing::info!(task = %task_id, attempt = %attempt, ?outcome, duration_ms, "task finished");
         } else {
-            tracing::info!(task = %task_id, attempt = %attempt, reason = ?stop, "task stopped without a result");
+            let reason = match stop {
+                Some(StopReason::Superseded) => "a newer attempt replaced it",
+                Some(StopReason::Shutdown) => "the worker is stopping",
+                _ => "",
+            };
+            tracing::info!(task = %task_id, attempt = %attempt, reason, "task stopped without a result");
         }
         if let Some(hook) = &self.on_finished {
             hook(&task_id, attempt);

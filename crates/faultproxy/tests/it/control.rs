@@ -188,6 +188,24 @@ async fn bodies_that_are_not_json_or_have_unknown_fields_get_400_or_415() {
         (st, err["code"].as_str()),
         (StatusCode::BAD_REQUEST, Some("invalid_name"))
     );
+    // An unknown route, a method a route does not take and a body over the limit answer in
+    // the same JSON body (`call` parses every answer as JSON).
+    let (st, err) = ctl.call(M::GET, "/nowhere", None).await;
+    assert_eq!(
+        (st, err["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("no_such_route"))
+    );
+    let (st, err) = ctl.call(M::PUT, "/proxies", None).await;
+    assert_eq!(
+        (st, err["code"].as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
+    );
+    let huge = json!({"name": "p", "listen": "127.0.0.1:0", "upstream": "x".repeat(3_000_000)});
+    let (st, err) = ctl.call(M::POST, "/proxies", Some(huge)).await;
+    assert_eq!(
+        (st, err["code"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("too_large"))
+    );
     ctl.stop().await;
 }
 
