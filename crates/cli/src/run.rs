@@ -230,7 +230,15 @@ fn coordinator_config(
         );
     }
     if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
-        cfg.tls = Some(tether_coordinator::tls::server_config(cert, key)?);
+        cfg.tls = Some(
+            tether_coordinator::tls::server_config(cert, key).with_context(|| {
+                format!(
+                    "TLS certificate {} with key {}",
+                    cert.display(),
+                    key.display()
+                )
+            })?,
+        );
     }
     cfg.auth = worker_auth(
         a.secret_file.or(file.secret_file),
