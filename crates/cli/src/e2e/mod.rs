@@ -95,6 +95,16 @@ pub struct E2eArgs {
 }
 
 pub async fn run(a: E2eArgs) -> anyhow::Result<()> {
+    // Ctrl-c or SIGTERM drops the run: its processes are killed with their handles, its
+    // network namespaces deleted and a temporary work directory removed as they drop.
+    let stop = crate::cancel_on_signal();
+    tokio::select! {
+        r = run_to_end(a) => r,
+        () = stop.cancelled() => Err(anyhow::anyhow!("interrupted")),
+    }
+}
+
+async fn run_to_end(a: E2eArgs) -> anyhow::Result<()> {
     if a.workers == 0 || a.workers > MAX_WORKERS {
         bail!("--workers must be 1..={MAX_WORKERS}");
     }
