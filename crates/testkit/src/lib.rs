@@ -359,6 +359,31 @@ pub async fn scrape(url: &str) -> String {
 }
 
 /// A `sleep` task spec.
+/// An executor made of a closure, for tests: `executor(|input, ctx| async move { ... })`.
+pub fn executor<F, Fut>(run: F) -> impl tether_worker::Executor
+where
+    F: Fn(tether_worker::TaskInput, tether_worker::TaskCtx) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<serde_json::Value, tether_worker::ExecError>> + Send + 'static,
+{
+    struct FnExecutor<F>(F);
+    impl<F, Fut> tether_worker::Executor for FnExecutor<F>
+    where
+        F: Fn(tether_worker::TaskInput, tether_worker::TaskCtx) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<serde_json::Value, tether_worker::ExecError>> + Send + 'static,
+    {
+        fn execute(
+            &self,
+            input: tether_worker::TaskInput,
+            ctx: tether_worker::TaskCtx,
+        ) -> std::pin::Pin<
+            Box<dyn Future<Output = Result<serde_json::Value, tether_worker::ExecError>> + Send>,
+        > {
+            Box::pin((self.0)(input, ctx))
+        }
+    }
+    FnExecutor(run)
+}
+
 pub fn sleep_task(ms: u64, steps: u32, checkpoint_every: u32) -> TaskSpec {
     TaskSpec::new(
         "sleep",

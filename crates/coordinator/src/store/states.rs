@@ -786,6 +786,15 @@ mod tests {
         StateJson::from_text(s.to_owned()).expect("json")
     }
 
+    /// Task `task`'s state `state` at attempt 1.
+    fn st<'a>(task: &'a TaskId, state: &'a StateJson) -> Op<'a> {
+        Op::State {
+            task,
+            attempt: 1,
+            state,
+        }
+    }
+
     fn frame(now: &str, ops: &[Op<'_>]) -> Vec<u8> {
         let mut buf = Vec::new();
         encode_frame(&mut buf, now, ops);
@@ -848,13 +857,8 @@ mod tests {
     fn a_torn_or_damaged_last_frame_ends_the_file_and_the_frames_before_it_count() {
         let a = id("a");
         let [one, two] = ["1", "2"].map(json);
-        let st = |n| Op::State {
-            task: &a,
-            attempt: 1,
-            state: n,
-        };
-        let whole = file_of(&[frame("t1", &[st(&one)]), frame("t2", &[st(&two)])]);
-        let first_end = MAGIC.len() + frame("t1", &[st(&one)]).len();
+        let whole = file_of(&[frame("t1", &[st(&a, &one)]), frame("t2", &[st(&a, &two)])]);
+        let first_end = MAGIC.len() + frame("t1", &[st(&a, &one)]).len();
         // Cut anywhere inside the second frame: the first one's state.
         for cut in first_end..whole.len() {
             let (read, map) = read_bytes(&whole[..cut]).expect("read");
@@ -876,13 +880,8 @@ mod tests {
     fn zeros_where_a_crash_left_unwritten_pages_end_the_file_like_a_torn_write() {
         let a = id("a");
         let [one, two] = ["1", "2"].map(json);
-        let st = |n| Op::State {
-            task: &a,
-            attempt: 1,
-            state: n,
-        };
-        let first = frame("t1", &[st(&one)]);
-        let whole = file_of(&[first.clone(), frame("t2", &[st(&two)])]);
+        let first = frame("t1", &[st(&a, &one)]);
+        let whole = file_of(&[first.clone(), frame("t2", &[st(&a, &two)])]);
         // Zeros after the last frame (the file's size written, its pages not).
         let mut tail = whole.clone();
         tail.extend([0u8; 100]);
@@ -896,7 +895,7 @@ mod tests {
         let second_at = MAGIC.len() + first.len();
         let mut hole = whole.clone();
         hole[second_at..].fill(0);
-        hole.extend(frame("t3", &[st(&two)]));
+        hole.extend(frame("t3", &[st(&a, &two)]));
         let (read, map) = read_bytes(&hole).expect("a zeroed hole is torn, not corrupt");
         assert_eq!((read.frames, map["a"].1.as_str()), (1, "1"));
     }
@@ -905,16 +904,11 @@ mod tests {
     fn damage_with_whole_frames_after_it_is_refused_as_corrupt_not_read_as_torn() {
         let a = id("a");
         let [one, two, three] = ["1", "2", "3"].map(json);
-        let st = |n| Op::State {
-            task: &a,
-            attempt: 1,
-            state: n,
-        };
-        let first = frame("t1", &[st(&one)]);
+        let first = frame("t1", &[st(&a, &one)]);
         let mut bytes = file_of(&[
             first.clone(),
-            frame("t2", &[st(&two)]),
-            frame("t3", &[st(&three)]),
+            frame("t2", &[st(&a, &two)]),
+            frame("t3", &[st(&a, &three)]),
         ]);
         // Garbage over the second frame's head: the third frame is still whole after it.
         let second_at = MAGIC.len() + first.len();

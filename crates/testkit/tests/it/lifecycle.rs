@@ -26,26 +26,16 @@ async fn a_worker_registers_and_runs_a_task_to_one_result() {
     c.stop().await;
 }
 
-/// Panics in its task, every time it runs.
-struct Panics;
-
-impl tether_worker::Executor for Panics {
-    fn execute(
-        &self,
-        _input: tether_worker::TaskInput,
-        _ctx: tether_worker::TaskCtx,
-    ) -> futures_util::future::BoxFuture<'static, Result<serde_json::Value, tether_worker::ExecError>>
-    {
-        Box::pin(async { panic!("the executor's own bug") })
-    }
-}
-
 #[tokio::test]
 async fn an_executor_that_panics_fails_its_task_with_one_result_and_the_worker_runs_on() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
     let mut executors = Executors::builtin();
-    executors.register("panics", Panics);
+    // Panics in its task, every time it runs.
+    executors.register(
+        "panics",
+        executor(|_, _| async { panic!("the executor's own bug") }),
+    );
     let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), executors);
     w.wait_state(|s| s == ConnState::Connected).await;
     let client = c.client();
@@ -77,30 +67,6 @@ async fn an_executor_that_panics_fails_its_task_with_one_result_and_the_worker_r
     c.stop().await;
 }
 
-/// Reports a state of `config.state_bytes` and returns a result of `config.result_bytes`; with
-/// `config.hold`, runs until cancelled after its state.
-struct Big;
-
-impl tether_worker::Executor for Big {
-    fn execute(
-        &self,
-        input: tether_worker::TaskInput,
-        ctx: tether_worker::TaskCtx,
-    ) -> futures_util::future::BoxFuture<'static, Result<serde_json::Value, tether_worker::ExecError>>
-    {
-        Box::pin(async move {
-            let n = |k: &str| input.config[k].as_u64().unwrap_or(0) as usize;
-            ctx.report_state(serde_json::json!({ "pad": "s".repeat(n("state_bytes")) }))
-                .await;
-            if input.config["hold"] == true {
-                ctx.cancelled().await;
-                return Err(tether_worker::ExecError::Cancelled);
-            }
-            Ok(serde_json::json!({ "pad": "r".repeat(n("result_bytes")) }))
-        })
-    }
-}
-
 #[tokio::test]
 async fn a_result_or_state_too_large_for_a_message_is_not_sent_and_the_session_lives_on() {
     // Both ends at 1 MiB: a 2 MB result sent as it is would end the session at the
@@ -111,7 +77,21 @@ async fn a_result_or_state_too_large_for_a_message_is_not_sent_and_the_session_l
     ccfg.max_frame = LIMIT;
     let c = spawn_coordinator_with(ccfg, None).await;
     let mut executors = Executors::builtin();
-    executors.register("big", Big);
+    // Reports a state of `config.state_bytes` and returns a result of `config.result_bytes`;
+    // with `config.hold`, runs until cancelled after its state.
+    executors.register(
+        "big",
+        executor(|input, ctx| async move {
+            let n = |k: &str| input.config[k].as_u64().unwrap_or(0) as usize;
+            ctx.report_state(serde_json::json!({ "pad": "s".repeat(n("state_bytes")) }))
+                .await;
+            if input.config["hold"] == true {
+                ctx.cancelled().await;
+                return Err(tether_worker::ExecError::Cancelled);
+            }
+            Ok(serde_json::json!({ "pad": "r".repeat(n("result_bytes")) }))
+        }),
+    );
     let mut wcfg = fast_worker_config(&c.ws_url(), "w1");
     wcfg.max_frame = LIMIT;
     let w = spawn_worker(wcfg, executors);

@@ -110,41 +110,31 @@ async fn a_lost_worker_s_task_resumes_elsewhere_from_its_checkpoint_and_its_late
     c.stop().await;
 }
 
-/// Writes a checkpoint of `config.bytes` and then runs until cancelled; resumed from a
-/// checkpoint, or on a second attempt, it ends at once and says whether it resumed.
-struct BigCheckpoint;
-
-impl tether_worker::Executor for BigCheckpoint {
-    fn execute(
-        &self,
-        input: tether_worker::TaskInput,
-        ctx: tether_worker::TaskCtx,
-    ) -> futures_util::future::BoxFuture<'static, Result<serde_json::Value, tether_worker::ExecError>>
-    {
-        Box::pin(async move {
-            let resumed = ctx.latest_checkpoint().is_some();
-            if resumed || input.attempt.0 > 1 {
-                return Ok(serde_json::json!({ "resumed": resumed }));
-            }
-            let bytes = input.config["bytes"].as_u64().unwrap_or(0) as usize;
-            // Bytes that do not compress, as a real checkpoint's often do not.
-            let data: Vec<u8> = (0..bytes as u64)
-                .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
-                .collect();
-            ctx.checkpoint(data).await;
-            ctx.cancelled().await;
-            Err(tether_worker::ExecError::Cancelled)
-        })
-    }
-}
-
 #[tokio::test]
 async fn a_checkpoint_too_large_for_the_next_worker_s_frames_is_left_out_and_the_task_runs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
+    // Writes a checkpoint of `config.bytes` and then runs until cancelled; resumed from a
+    // checkpoint, or on a second attempt, it ends at once and says whether it resumed.
     let with_big = || {
         let mut e = Executors::builtin();
-        e.register("big-checkpoint", BigCheckpoint);
+        e.register(
+            "big-checkpoint",
+            executor(|input, ctx| async move {
+                let resumed = ctx.latest_checkpoint().is_some();
+                if resumed || input.attempt.0 > 1 {
+                    return Ok(serde_json::json!({ "resumed": resumed }));
+                }
+                let bytes = input.config["bytes"].as_u64().unwrap_or(0);
+                // Bytes that do not compress, as a real checkpoint's often do not.
+                let data: Vec<u8> = (0..bytes)
+                    .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+                    .collect();
+                ctx.checkpoint(data).await;
+                ctx.cancelled().await;
+                Err(tether_worker::ExecError::Cancelled)
+            }),
+        );
         e
     };
     let a = spawn_worker(fast_worker_config(&c.ws_url(), "a"), with_big());
