@@ -103,6 +103,17 @@ impl Scope {
     }
 }
 
+/// Why a token file cannot serve.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    #[error("cannot read it: {0}")]
+    Read(std::io::Error),
+    #[error("it holds no token (one a line; a line that starts with # is a comment)")]
+    Empty,
+    #[error("the token on line {line} is not usable: {reason}")]
+    Token { line: usize, reason: String },
+}
+
 /// Bearer tokens of the HTTP API, by digest.
 #[derive(Clone, Default)]
 pub struct ApiTokens {
@@ -126,22 +137,35 @@ impl ApiTokens {
         self.tokens.push((digest(token.expose()), scope));
     }
 
-    /// Reads a token file: one token per non-empty line (several allow rotation).
-    pub fn add_file(&mut self, path: &std::path::Path, scope: Scope) -> Result<usize, AuthError> {
-        let text = std::fs::read(path).map_err(|source| AuthError::SecretFile {
-            path: path.to_owned(),
-            source,
-        })?;
+    /// Reads a token file: one token per line (several allow rotation); blank lines and lines
+    /// that start with `#` are skipped.
+    pub fn add_file(
+        &mut self,
+        path: &std::path::Path,
+        scope: Scope,
+    ) -> Result<usize, TokenFileError> {
+        let text = std::fs::read(path).map_err(TokenFileError::Read)?;
         let mut n = 0;
-        for line in text.split(|b| *b == b'\n') {
-            if line.iter().all(u8::is_ascii_whitespace) {
+        for (i, line) in text.split(|b| *b == b'\n').enumerate() {
+            let line = line.trim_ascii();
+            if line.is_empty() || line.starts_with(b"#") {
                 continue;
             }
-            self.add(&Secret::new(line.trim_ascii())?, scope);
+            let token = Secret::new(line).map_err(|e| TokenFileError::Token {
+                line: i + 1,
+                reason: match e {
+                    AuthError::SecretTooShort { len } => format!(
+                        "{len} bytes, at least {} are required",
+                        tether_proto::auth::MIN_SECRET_LEN
+                    ),
+                    e => e.to_string(),
+                },
+            })?;
+            self.add(&token, scope);
             n += 1;
         }
         if n == 0 {
-            return Err(AuthError::SecretTooShort { len: 0 });
+            return Err(TokenFileError::Empty);
         }
         Ok(n)
     }
@@ -313,9 +337,19 @@ mod tests {
         let mut t = ApiTokens::default();
         assert_eq!(t.add_file(&p, Scope::Admin).expect("read"), 2);
         assert_eq!(t.scope_of("second-token-0123456789"), Some(Scope::Admin));
-        std::fs::write(&p, "short\n").expect("w");
-        assert!(ApiTokens::default().add_file(&p, Scope::Read).is_err());
-        std::fs::write(&p, "\n").expect("w");
-        assert!(ApiTokens::default().add_file(&p, Scope::Read).is_err());
+        std::fs::write(&p, "# the admin token\nshort\n").expect("w");
+        let e = ApiTokens::default()
+            .add_file(&p, Scope::Read)
+            .expect_err("short");
+        assert_eq!(
+            e.to_string(),
+            "the token on line 2 is not usable: 5 bytes, at least 16 are required"
+        );
+        std::fs::write(&p, "\n# only a comment\n").expect("w");
+        let e = ApiTokens::default()
+            .add_file(&p, Scope::Read)
+            .expect_err("empty");
+        assert!(matches!(e, TokenFileError::Empty), "{e}");
+        assert!(e.to_string().contains("holds no token"), "{e}");
     }
 }
