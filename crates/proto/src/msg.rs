@@ -446,6 +446,9 @@ pub struct RegistrationAck {
     /// it records (other than results) may be acknowledged in `acks`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub compact_acks: bool,
+    /// The largest frame the coordinator accepts, bytes: the worker sends nothing larger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_frame: Option<u64>,
     #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }

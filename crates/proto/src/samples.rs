@@ -172,6 +172,7 @@ pub fn coord_messages() -> Vec<CoordMsg> {
                 max_bytes: 65_536,
             }),
             compact_acks: true,
+            max_frame: Some(16 * 1024 * 1024),
             timestamp: ts,
         }),
         CoordMsg::Heartbeat(HeartbeatReply {

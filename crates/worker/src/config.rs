@@ -57,9 +57,9 @@ pub struct WorkerConfig {
     pub telemetry_interval: Duration,
     pub stats_log_interval: Duration,
     pub outbox: Limits,
-    /// Largest frame accepted, and the most a result or state may take when sent: a bigger one
-    /// is not sent as it is (the attempt fails saying why; a state becomes a note of its size).
-    /// Keep it at most the coordinator's `--max-frame` (both default to 16 MiB).
+    /// Largest frame accepted, and the most a result or state may take when sent (or the
+    /// coordinator's limit, when its `registration_ack` says a smaller one): a bigger one is not
+    /// sent as it is (the attempt fails saying why; a state becomes a note of its size).
     pub max_frame: usize,
     pub checkpoint_chunk_size: usize,
     /// Seed of the jitter RNG; random when `None` (the seed in use is logged).

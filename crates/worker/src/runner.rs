@@ -64,8 +64,9 @@ pub struct Runner {
     table: Mutex<Table>,
     tracker: TaskTracker,
     chunk_size: usize,
-    /// The largest frame a message may take: a bigger result is not sent as it is.
-    max_frame: usize,
+    /// The largest frame a message may take (the smaller of this worker's and the
+    /// coordinator's limits, once it said): a bigger result is not sent as it is.
+    max_frame: Arc<std::sync::atomic::AtomicUsize>,
     checkpoint_root: Option<PathBuf>,
     on_checkpoint: Option<CheckpointSink>,
     on_finished: Option<FinishedHook>,
@@ -89,7 +90,7 @@ impl Runner {
             table: Mutex::default(),
             tracker: TaskTracker::new(),
             chunk_size,
-            max_frame: crate::config::DEFAULT_MAX_FRAME,
+            max_frame: Arc::new(crate::config::DEFAULT_MAX_FRAME.into()),
             checkpoint_root: None,
             on_checkpoint: None,
             on_finished: None,
@@ -99,9 +100,16 @@ impl Runner {
     }
 
     /// The largest frame a message may take (the worker's `max_frame`).
-    pub fn with_max_frame(mut self, max_frame: usize) -> Self {
-        self.max_frame = max_frame;
+    pub fn with_max_frame(self, max_frame: usize) -> Self {
+        self.max_frame.store(max_frame, Ordering::Relaxed);
         self
+    }
+
+    /// Lowers the largest frame a message may take to the coordinator's limit (its
+    /// `registration_ack` says it), never above this worker's own.
+    pub fn limit_frames_to(&self, coordinator: usize, own: usize) {
+        self.max_frame
+            .store(own.min(coordinator), Ordering::Relaxed);
     }
 
     /// Checkpoints kept locally for tasks lost with the previous process.
@@ -249,7 +257,7 @@ impl Runner {
             shared: shared.clone(),
             outbox: self.outbox.clone(),
             chunk_size: self.chunk_size,
-            max_frame: self.max_frame,
+            max_frame: self.max_frame.clone(),
             checkpoint_dir: self
                 .checkpoint_root
                 .as_ref()
@@ -352,14 +360,14 @@ impl Runner {
             + error.as_ref().map_or(0, |e| {
                 e.message.len() + e.detail.as_ref().map_or(0, String::len)
             });
-        if !crate::executor::fits(bytes, self.max_frame) {
-            tracing::error!(task = %task_id, attempt = %attempt, bytes, limit = self.max_frame, "the task's result is larger than a message may be; the attempt fails");
+        let limit = self.max_frame.load(Ordering::Relaxed);
+        if !crate::executor::fits(bytes, limit) {
+            tracing::error!(task = %task_id, attempt = %attempt, bytes, limit, "the task's result is larger than a message may be; the attempt fails");
             outcome = Outcome::Failed;
             result = serde_json::json!({});
             error = Some(TaskError {
                 message: format!(
-                    "the result ({bytes} bytes of JSON) is larger than a message may be ({} bytes); it was not sent",
-                    self.max_frame
+                    "the result ({bytes} bytes of JSON) is larger than a message may be ({limit} bytes); it was not sent"
                 ),
                 detail: None,
             });

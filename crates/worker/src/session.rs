@@ -647,6 +647,12 @@ impl<'a> Session<'a> {
         self.zstd = self.agent.cfg.compression && ack.compression.as_deref() == Some(ZSTD);
         self.batching = ack.batching.filter(|_| self.agent.cfg.batching);
         self.agent.runner.apply_directives(&ack.directives);
+        if let Some(n) = ack.max_frame {
+            let coordinator = usize::try_from(n).unwrap_or(usize::MAX);
+            self.agent
+                .runner
+                .limit_frames_to(coordinator, self.agent.cfg.max_frame);
+        }
         self.agent.lost.clear();
         let outage = self.agent.shared.stats().on_registered();
         if let Some(d) = outage {

@@ -256,6 +256,7 @@ impl Core {
                 compression: compression.then(|| tether_proto::compress::ZSTD.to_owned()),
                 batching: self.cfg.batching().filter(|_| r.batching),
                 compact_acks: r.compact_acks,
+                max_frame: Some(self.cfg.max_frame as u64),
                 timestamp: now(),
             }),
         );

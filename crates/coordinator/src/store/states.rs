@@ -349,11 +349,12 @@ fn read_file(path: &Path, into: &mut IdMap<String, Replayed>) -> Result<FileRead
     let mut at = MAGIC.len();
     while at < bytes.len() {
         let Some(payload) = whole_frame(&bytes, at) else {
-            // A crash tears the last writes: what follows is cut short, or zeros where the
-            // file system had not written the pages yet. Damage elsewhere leaves whole frames
-            // after it, behind bytes no crash writes: refused, not replayed in part.
+            // A crash tears the last writes: what follows is cut short, or has whole pages of
+            // zeros where the file system had not written them yet (pages go to disk out of
+            // order; a hole falls on page boundaries, not frames). Damage elsewhere leaves
+            // whole frames after it with no such page between: refused, not replayed in part.
             if let Some(next) = (at + 1..bytes.len()).find(|&p| whole_frame(&bytes, p).is_some())
-                && bytes[at..next].iter().any(|&b| b != 0)
+                && !has_zero_page(&bytes[..next], at)
             {
                 return Err(corrupt(format!(
                     "the frame at byte {at} is damaged and a whole frame follows at byte \
@@ -372,6 +373,19 @@ fn read_file(path: &Path, into: &mut IdMap<String, Replayed>) -> Result<FileRead
         at += FRAME_HEAD + payload.len();
     }
     Ok(read)
+}
+
+/// The size of the pages a file system writes back (the unit of a crash's holes).
+const PAGE: usize = 4096;
+
+/// Whether `bytes[from..]` holds a whole page-aligned page of zeros: the mark of pages a crash
+/// left unwritten, which random damage does not make.
+fn has_zero_page(bytes: &[u8], from: usize) -> bool {
+    let first = from.next_multiple_of(PAGE);
+    (first..bytes.len())
+        .step_by(PAGE)
+        .filter_map(|p| bytes.get(p..p + PAGE))
+        .any(|page| page.iter().all(|&b| b == 0))
 }
 
 /// The payload of the whole frame that starts at byte `at` of `bytes`: its length in range and
@@ -890,13 +904,14 @@ mod tests {
             (read.frames, read.torn_bytes, map["a"].1.as_str()),
             (2, 100, "2")
         );
-        // Zeros in place of the second frame, a whole third one after them (pages written
-        // back out of order): read up to the hole.
-        let second_at = MAGIC.len() + first.len();
-        let mut hole = whole.clone();
-        hole[second_at..].fill(0);
-        hole.extend(frame("t3", &[st(&a, &two)]));
-        let (read, map) = read_bytes(&hole).expect("a zeroed hole is torn, not corrupt");
+        // A page of zeros inside a long second frame, a whole third frame after it (pages
+        // written back out of order: the hole starts on a page boundary, mid-frame): read up
+        // to the hole.
+        let long = json(&format!("\"{}\"", "x".repeat(3 * PAGE)));
+        let second = frame("t2", &[st(&a, &long)]);
+        let mut hole = file_of(&[first.clone(), second, frame("t3", &[st(&a, &two)])]);
+        hole[PAGE..2 * PAGE].fill(0);
+        let (read, map) = read_bytes(&hole).expect("a zeroed page is torn, not corrupt");
         assert_eq!((read.frames, map["a"].1.as_str()), (1, "1"));
     }
 

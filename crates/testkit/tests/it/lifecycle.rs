@@ -69,8 +69,9 @@ async fn an_executor_that_panics_fails_its_task_with_one_result_and_the_worker_r
 
 #[tokio::test]
 async fn a_result_or_state_too_large_for_a_message_is_not_sent_and_the_session_lives_on() {
-    // Both ends at 1 MiB: a 2 MB result sent as it is would end the session at the
-    // coordinator's limit, and again at every resend.
+    // The coordinator takes frames of 1 MiB, the worker 16 (its default): told the smaller
+    // limit in the registration's ack, the worker does not send a 2 MB result as it is, which
+    // would end the session at the coordinator's limit, and again at every resend.
     const LIMIT: usize = 1024 * 1024;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut ccfg = fast_coordinator_config(dir.path().to_owned());
@@ -92,9 +93,7 @@ async fn a_result_or_state_too_large_for_a_message_is_not_sent_and_the_session_l
             Ok(serde_json::json!({ "pad": "r".repeat(n("result_bytes")) }))
         }),
     );
-    let mut wcfg = fast_worker_config(&c.ws_url(), "w1");
-    wcfg.max_frame = LIMIT;
-    let w = spawn_worker(wcfg, executors);
+    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), executors);
     w.wait_state(|s| s == ConnState::Connected).await;
     let client = c.client();
     let big = |state: usize, result: usize, hold: bool| {

@@ -12,7 +12,7 @@ pub mod sleep;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -247,8 +247,8 @@ pub struct TaskCtx {
     pub(crate) shared: Arc<TaskShared>,
     pub(crate) outbox: Arc<Outbox>,
     pub(crate) chunk_size: usize,
-    /// The largest frame a message may take (the worker's `max_frame`).
-    pub(crate) max_frame: usize,
+    /// The largest frame a message may take (see `Runner::limit_frames_to`).
+    pub(crate) max_frame: Arc<AtomicUsize>,
     pub(crate) checkpoint_dir: Option<PathBuf>,
     pub(crate) on_checkpoint: Option<CheckpointSink>,
 }
@@ -281,7 +281,7 @@ impl TaskCtx {
             shared: shared.clone(),
             outbox: Arc::new(Outbox::new(Default::default())),
             chunk_size: DEFAULT_CHUNK_SIZE,
-            max_frame: crate::config::DEFAULT_MAX_FRAME,
+            max_frame: Arc::new(crate::config::DEFAULT_MAX_FRAME.into()),
             checkpoint_dir: None,
             on_checkpoint: None,
         };
@@ -325,10 +325,11 @@ impl TaskCtx {
         self.outbox.reserve().await;
         let mut state = state.into();
         let bytes = state.get().len();
-        if !fits(bytes, self.max_frame) {
-            tracing::error!(task = %self.shared.task_id, bytes, limit = self.max_frame, "a state larger than a message may be is replaced by a note of its size");
+        let limit = self.max_frame.load(Ordering::Relaxed);
+        if !fits(bytes, limit) {
+            tracing::error!(task = %self.shared.task_id, bytes, limit, "a state larger than a message may be is replaced by a note of its size");
             state = StateJson::from(serde_json::json!({
-                "state_too_large": { "bytes": bytes, "limit": self.max_frame }
+                "state_too_large": { "bytes": bytes, "limit": limit }
             }));
         }
         *self.shared.state.lock().unwrap_or_else(|p| p.into_inner()) = state.clone();

@@ -179,6 +179,7 @@ async fn serve(
             session_id: 1,
             directives: vec![],
             compact_acks: false,
+            max_frame: None,
             timestamp: now(),
         })))
         .await;

@@ -213,6 +213,7 @@ async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>) {
                     session_id: 1,
                     directives: vec![],
                     compact_acks: false,
+                    max_frame: None,
                     timestamp: now(),
                 })];
                 v.extend(assign.into_iter().map(|(task_id, ms)| {
