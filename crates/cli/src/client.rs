@@ -338,7 +338,7 @@ pub struct SubmitArgs {
     /// Then follow the submitted tasks until each has ended, as `tether watch` does (exit 0
     /// only if all completed).
     #[arg(long)]
-    watch: bool,
+    pub(crate) watch: bool,
     /// The command line to run, after `--`.
     #[arg(last = true)]
     command: Vec<String>,

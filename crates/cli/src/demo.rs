@@ -223,8 +223,8 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         });
         match (t.map(|t| t["status"] == "completed"), counted) {
             (Some(true), 1) => completed += 1,
-            // Still running when the wait ended: not lost, not done either.
-            (_, 0) if !ended => unfinished += 1,
+            // Listed and still running when the wait ended: not lost, not done either.
+            (Some(_), 0) if !ended => unfinished += 1,
             (_, 0) => lost += 1,
             (_, n) if n > 1 => twice += 1,
             _ => lost += 1,

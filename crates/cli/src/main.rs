@@ -78,6 +78,21 @@ enum Cmd {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Commands whose output is all they do: a reader that has seen enough (`| head`) ends them
+    // with success. The others (a run's verdict, a watch's outcome) end with failure then,
+    // since the outcome they exist to report was not read.
+    let output_only = matches!(
+        &cli.cmd,
+        Cmd::Cert(_)
+            | Cmd::Tasks(_)
+            | Cmd::Task(_)
+            | Cmd::Workers(_)
+            | Cmd::Cancel(_)
+            | Cmd::Pause(_)
+            | Cmd::Resume(_)
+            | Cmd::Checkpoint(_)
+    ) || matches!(&cli.cmd, Cmd::Submit(s) if !s.watch)
+        || matches!(&cli.cmd, Cmd::Proxy(p) if p.is_client());
     // Client commands print their own output and log only warnings; the demo prints its own
     // narrative and logs only errors unless a level was asked for.
     let quiet = matches!(
@@ -141,7 +156,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // The reader of the output has seen enough (`tether tasks | head`).
-        Err(e) if output::is_closed(&e) => std::process::ExitCode::SUCCESS,
+        Err(e) if output_only && output::is_closed(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", output::describe(&e));
             std::process::ExitCode::FAILURE

@@ -1,6 +1,7 @@
 //! The commands' own output on standard output. A closed pipe (`tether tasks | head -1`) is its
-//! reader saying it has seen enough: the command ends quietly with success, where `println!`
-//! panicked on the failed write.
+//! reader saying it has seen enough: the command ends, where `println!` panicked on the failed
+//! write; with success for a command whose output is all it does, with failure for one that
+//! exists to report an outcome (a run's verdict, a watch), which went unread (`main`).
 
 use std::fmt;
 use std::io::Write;
@@ -23,7 +24,8 @@ pub fn line(args: fmt::Arguments<'_>) -> anyhow::Result<()> {
 
 /// Whether `e` is standard output's reader having gone (see [`Closed`]).
 pub fn is_closed(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.is::<Closed>())
+    e.chain()
+        .any(|c| c.is::<Closed>() || c.is::<tether_faultproxy::cli::StdoutClosed>())
 }
 
 /// An error and its causes for the user, each said once: a message that already ends with its

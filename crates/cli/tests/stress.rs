@@ -257,6 +257,18 @@ fn arguments_no_run_can_use_are_refused_by_name_before_anything_starts() {
         ),
         (&["thundering_herd", "--outage", "0s"], "--outage"),
         (&["steady_load", "--workers", "0"], "--workers"),
+        (
+            &[
+                "thundering_herd",
+                "--workers",
+                "10",
+                "--cut",
+                "blackhole",
+                "--outage",
+                "1s",
+            ],
+            "--outage",
+        ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_tether"))
             .arg("stress")

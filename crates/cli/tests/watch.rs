@@ -523,4 +523,18 @@ async fn tasks_all_reads_every_task_page_by_page_and_refuses_an_unknown_status()
         assert!(out.status.success(), "{format:?}: {}: {err}", out.status);
         assert!(!err.contains("panicked"), "{format:?}: {err}");
     }
+    // A watch exists to report how its tasks end: with its reader gone, it fails, saying so.
+    let mut child = tether()
+        .args(["watch", "t-0", "--coordinator"])
+        .arg(&site.base)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tether watch");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("tether watch ends");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("standard output was closed"), "{err}");
 }

@@ -207,6 +207,16 @@ pub struct StressArgs {
 pub const MAX_UPDATE_SIZE: usize = 1024 * 1024;
 
 impl StressArgs {
+    /// The simulated workers: `--workers`, else the scenario's default.
+    pub fn fleet_size(&self) -> u64 {
+        self.workers.unwrap_or(match self.scenario {
+            Scenario::ThunderingHerd => 10_000,
+            Scenario::MessageFlood => 1_000,
+            Scenario::CheckpointHeavy => 200,
+            _ => 100,
+        })
+    }
+
     /// Refuses, by flag name, values no run can use, before anything starts.
     pub fn check(&self) -> anyhow::Result<()> {
         if self.workers == Some(0) {
@@ -238,6 +248,26 @@ impl StressArgs {
         }
         if self.outage.is_zero() {
             bail!("--outage must be longer than 0");
+        }
+        // Workers find a silent stall by their liveness timeout: the one the coordinator
+        // announces, three intervals, stretched by its heartbeat budget for a large fleet (30 s
+        // for 10,000 workers). A shorter blackhole leaves an idle worker's session up, and no
+        // re-registration would come.
+        let workers = self.fleet_size();
+        let mut announced = tether_coordinator::config::CoordinatorConfig::new("unused");
+        announced.heartbeat_interval = self.heartbeat_interval;
+        announced.heartbeat_timeout = self.heartbeat_interval * 3;
+        let announced = announced.beat(workers).timeout;
+        if self.scenario == Scenario::ThunderingHerd
+            && self.cut == Cut::Blackhole
+            && self.outage <= announced
+        {
+            bail!(
+                "--cut blackhole needs an --outage longer than the workers' liveness timeout \
+                 ({} ms for {workers} workers: 3 x --heartbeat-interval, stretched by the \
+                 coordinator's heartbeat budget), or idle workers never notice it",
+                announced.as_millis()
+            );
         }
         Ok(())
     }

@@ -118,35 +118,8 @@ pub async fn run(a: StressArgs) -> anyhow::Result<Report> {
 impl Run {
     async fn start(a: StressArgs, path: PathBuf) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("locating the tether binary")?;
-        let workers = a.workers.unwrap_or(match a.scenario {
-            Scenario::ThunderingHerd => 10_000,
-            Scenario::MessageFlood => 1_000,
-            Scenario::CheckpointHeavy => 200,
-            _ => 100,
-        });
-        if workers == 0 {
-            bail!("--workers must be at least 1");
-        }
+        let workers = a.fleet_size();
         let liveness = a.heartbeat_interval * 3;
-        // Workers find a silent stall by their liveness timeout: the one the coordinator
-        // announces, three intervals, stretched by its heartbeat budget for a large fleet (30 s
-        // for 10,000 workers). A shorter blackhole leaves an idle worker's session up, and no
-        // re-registration would come.
-        let mut announced = tether_coordinator::config::CoordinatorConfig::new(&path);
-        announced.heartbeat_interval = a.heartbeat_interval;
-        announced.heartbeat_timeout = liveness;
-        let announced = announced.beat(workers).timeout;
-        if a.scenario == Scenario::ThunderingHerd
-            && a.cut == Cut::Blackhole
-            && a.outage <= announced
-        {
-            bail!(
-                "--cut blackhole needs an --outage longer than the workers' liveness timeout \
-                 ({} ms for {workers} workers: 3 x --heartbeat-interval, stretched by the \
-                 coordinator's heartbeat budget), or idle workers never notice it",
-                announced.as_millis()
-            );
-        }
         let lost_after = a.lost_after.unwrap_or(match a.scenario {
             Scenario::ThunderingHerd => Duration::from_secs(60),
             _ => Duration::from_secs(1),

@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use super::{ClientArgs, FaultCommand, ProxyCommand, ProxyRef};
+use super::{ClientArgs, FaultCommand, ProxyCommand, ProxyRef, out};
 use crate::control::{ErrorBody, ProxyPatch};
 use crate::fault::{Fault, FaultKind, Target};
 use crate::proxy::{FaultInfo, ProxyInfo};
@@ -93,12 +93,17 @@ pub(super) async fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
             if args.json {
                 return print_json(&raw);
             }
-            println!(
+            out!(
                 "{:<20} {:<22} {:<22} {:<8} {:>6} {:>6}",
-                "NAME", "LISTEN", "UPSTREAM", "ENABLED", "FAULTS", "LINKS"
-            );
+                "NAME",
+                "LISTEN",
+                "UPSTREAM",
+                "ENABLED",
+                "FAULTS",
+                "LINKS"
+            )?;
             for p in proxies {
-                println!(
+                out!(
                     "{:<20} {:<22} {:<22} {:<8} {:>6} {:>6}",
                     p.name,
                     p.listen,
@@ -106,7 +111,7 @@ pub(super) async fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
                     p.enabled,
                     p.faults.len(),
                     p.links.len()
-                );
+                )?;
             }
             Ok(())
         }
@@ -119,7 +124,7 @@ pub(super) async fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
             if args.json {
                 return print_json(&serde_json::json!({ "reset": true }));
             }
-            println!("every proxy is up and every fault removed");
+            out!("every proxy is up and every fault removed")?;
             Ok(())
         }
     }
@@ -136,7 +141,7 @@ async fn set_enabled(target: &ProxyRef, enabled: bool) -> anyhow::Result<()> {
         return print_json(&raw);
     }
     let state = if info.enabled { "up" } else { "down" };
-    println!("proxy {} is {state} (listen {})", info.name, info.listen);
+    out!("proxy {} is {state} (listen {})", info.name, info.listen)?;
     Ok(())
 }
 
@@ -163,7 +168,7 @@ async fn fault(cmd: FaultCommand) -> anyhow::Result<()> {
             if target.client.json {
                 return print_json(&raw);
             }
-            println!("added to proxy {}: {}", target.proxy, describe(&info));
+            out!("added to proxy {}: {}", target.proxy, describe(&info))?;
             Ok(())
         }
         FaultCommand::Remove(args) => {
@@ -177,7 +182,7 @@ async fn fault(cmd: FaultCommand) -> anyhow::Result<()> {
                     "removed": args.name,
                 }));
             }
-            println!("removed fault {} from proxy {}", args.name, target.proxy);
+            out!("removed fault {} from proxy {}", args.name, target.proxy)?;
             Ok(())
         }
         FaultCommand::List(target) => {
@@ -188,12 +193,12 @@ async fn fault(cmd: FaultCommand) -> anyhow::Result<()> {
                 return print_json(&raw);
             }
             if faults.is_empty() {
-                println!("proxy {} has no faults", target.proxy);
+                out!("proxy {} has no faults", target.proxy)?;
             }
             for f in &faults {
-                println!("{}", describe(f));
+                out!("{}", describe(f))?;
                 let s = &f.stats;
-                println!(
+                out!(
                     "    passed {} delayed {} dropped {} corrupted {} bytes; \
                      {} affected, {} reset, {} closed connections",
                     s.bytes_passed,
@@ -203,7 +208,7 @@ async fn fault(cmd: FaultCommand) -> anyhow::Result<()> {
                     s.connections_affected,
                     s.connections_reset,
                     s.connections_closed
-                );
+                )?;
             }
             Ok(())
         }
@@ -234,6 +239,6 @@ fn describe(info: &FaultInfo) -> String {
 }
 
 fn print_json(v: &Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    out!("{}", serde_json::to_string_pretty(v)?)?;
     Ok(())
 }

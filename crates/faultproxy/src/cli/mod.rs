@@ -42,6 +42,13 @@ pub struct ProxyArgs {
     pub run: RunArgs,
 }
 
+impl ProxyArgs {
+    /// A client subcommand (one request to a control API), not the proxy itself.
+    pub fn is_client(&self) -> bool {
+        self.command.is_some()
+    }
+}
+
 /// Run mode: a proxy (optional) plus the control API, until ctrl-c or SIGTERM.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
@@ -168,6 +175,31 @@ fn parse_attr(s: &str) -> Result<(String, serde_json::Value), String> {
 }
 
 /// Runs `tether proxy` with parsed arguments.
+/// Standard output was closed by its reader (`tether proxy list | head -1`): the client
+/// command ends there instead of panicking on the write.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed by its reader")]
+pub struct StdoutClosed;
+
+/// Writes one line of a command's output: [`StdoutClosed`] when the reader has gone.
+pub(crate) fn out_line(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot write to standard output")),
+    }
+}
+
+/// `println!` for a command's output (see [`out_line`]).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::out_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use out;
+
 pub async fn run_cli(args: ProxyArgs) -> anyhow::Result<()> {
     match args.command {
         None => run_server(args.run, shutdown_signal()).await,
@@ -207,12 +239,12 @@ async fn run_server(
             "seed": seed,
             "proxies": proxies,
         });
-        println!("{line}");
+        out!("{line}")?;
     } else {
         for p in &proxies {
-            println!("proxy {}: {} -> {}", p.name, p.listen, p.upstream);
+            out!("proxy {}: {} -> {}", p.name, p.listen, p.upstream)?;
         }
-        println!("control API on http://{control_addr}, seed {seed}; ctrl-c to stop");
+        out!("control API on http://{control_addr}, seed {seed}; ctrl-c to stop")?;
     }
     let shutdown = CancellationToken::new();
     let serve = control::run(listener, server.clone(), shutdown.clone());
