@@ -307,6 +307,11 @@ fn api_tokens(admin: Option<PathBuf>, read: Option<PathBuf>) -> anyhow::Result<O
     if admin.is_none() && read.is_none() {
         return Ok(None);
     }
+    if admin.is_none() {
+        tracing::warn!(
+            "only read tokens are given (--read-token-file): no request can submit or control a task"
+        );
+    }
     let mut tokens = ApiTokens::default();
     for (file, scope) in [(admin, Scope::Admin), (read, Scope::Read)] {
         if let Some(f) = file {

@@ -111,6 +111,11 @@ async fn run_to_end(a: E2eArgs) -> anyhow::Result<()> {
     if a.disruption_interval.is_zero() {
         bail!("--disruption-interval must be positive");
     }
+    if a.drain_timeout.is_zero() {
+        bail!(
+            "--drain-timeout must be positive (the tasks get it to finish after the disruptions)"
+        );
+    }
     if a.netns {
         netns::available().map_err(|e| anyhow::anyhow!("--netns is not possible here: {e}"))?;
     }

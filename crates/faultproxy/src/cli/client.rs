@@ -149,7 +149,12 @@ async fn fault(cmd: FaultCommand) -> anyhow::Result<()> {
     match cmd {
         FaultCommand::Add(args) => {
             let target = &args.fault.proxy;
-            let attrs: Map<String, Value> = args.attrs.into_iter().collect();
+            let mut attrs = Map::new();
+            for (k, v) in args.attrs {
+                if attrs.insert(k.clone(), v).is_some() {
+                    bail!("--attr {k} is given twice");
+                }
+            }
             let fault = Fault {
                 name: args.fault.name.clone(),
                 kind: FaultKind::from_parts(&args.kind, attrs)?,

@@ -287,5 +287,22 @@ async fn cli_client_commands_drive_a_running_control_api() {
         "fault", "add", c[0], c[1], "--name", "x", "--kind", "corrupt", "--attr", "rate=3",
     ];
     assert!(cli(&bad).await.is_err());
+    let twice = [
+        "fault",
+        "add",
+        c[0],
+        c[1],
+        "--name",
+        "x",
+        "--kind",
+        "latency",
+        "--attr",
+        "latency_ms=1",
+        "--attr",
+        "latency_ms=2",
+    ];
+    let err = cli(&twice).await.expect_err("an attribute given twice");
+    assert!(err.to_string().contains("given twice"), "{err}");
+    assert!(proxy.faults().is_empty());
     ctl.stop().await;
 }
