@@ -506,7 +506,11 @@ impl Runner {
         match (own, &req.checkpoint_id) {
             (Some(cp), Some(id)) if &cp.id != id => error(format!("checkpoint {id} not found")),
             (Some(cp), _) => {
-                upload_checkpoint(&self.outbox, &req.task_id, &cp, self.chunk_size).await;
+                let piece = crate::executor::piece_size(
+                    self.chunk_size,
+                    self.max_frame.load(Ordering::Relaxed),
+                );
+                upload_checkpoint(&self.outbox, &req.task_id, &cp, piece).await;
                 None
             }
             (None, Some(id)) => error(format!("checkpoint {id} not found")),

@@ -135,6 +135,44 @@ async fn a_result_or_state_too_large_for_a_message_is_not_sent_and_the_session_l
 }
 
 #[tokio::test]
+async fn checkpoint_pieces_fit_in_the_frames_the_coordinator_takes() {
+    // A coordinator that takes 256 KiB frames, a worker whose pieces are 256 KiB (342 KiB as
+    // base64): told the limit, the worker cuts smaller pieces, and the checkpoint arrives.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut ccfg = fast_coordinator_config(dir.path().to_owned());
+    ccfg.max_frame = 256 * 1024;
+    let c = spawn_coordinator_with(ccfg, None).await;
+    let mut executors = Executors::builtin();
+    executors.register(
+        "checkpoints",
+        executor(|_, ctx| async move {
+            ctx.checkpoint(vec![7u8; 600_000]).await;
+            // Running on, so that the checkpoint is one of a running attempt.
+            ctx.cancelled().await;
+            Err(tether_worker::ExecError::Cancelled)
+        }),
+    );
+    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), executors);
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let id = client
+        .submit(&[TaskSpec::new("checkpoints", serde_json::json!({}))])
+        .await
+        .remove(0);
+    let t = wait_for("the checkpoint to be stored", DEADLINE, || async {
+        let t = client.task(&id).await;
+        (!t["latest_checkpoint"].is_null()).then_some(t)
+    })
+    .await;
+    assert_eq!(t["latest_checkpoint"]["size"], 600_000, "{t}");
+    assert_eq!(w.handle.registrations(), 1);
+    client.control(&id, "cancel").await;
+    client.wait_status(&id, "cancelled").await;
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn two_workers_with_distinct_ids_stay_distinct_and_share_the_work() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;

@@ -265,6 +265,13 @@ impl std::fmt::Debug for TaskCtx {
 /// Default size of one checkpoint piece on the wire.
 pub const DEFAULT_CHUNK_SIZE: usize = 256 * 1024;
 
+/// The checkpoint piece size to use under a frame limit: `chunk_size`, or less when a piece
+/// (base64 in its message) would not fit in a frame of `max_frame`.
+pub(crate) fn piece_size(chunk_size: usize, max_frame: usize) -> usize {
+    let fitting = max_frame.saturating_sub(tether_proto::codec::ENVELOPE_BYTES) / 4 * 3;
+    chunk_size.min(fitting).max(1)
+}
+
 /// Whether a payload of `len` bytes fits in a message under `max_frame`. A result or state
 /// that does not is not sent as it is: it would end the session at the coordinator's limit
 /// (close 1009) and again at every resend after reconnecting, a message that could never be
@@ -357,7 +364,8 @@ impl TaskCtx {
         self.shared
             .checkpoint_requested
             .store(false, Ordering::Relaxed);
-        upload_checkpoint(&self.outbox, &self.shared.task_id, &stored, self.chunk_size).await;
+        let piece = piece_size(self.chunk_size, self.max_frame.load(Ordering::Relaxed));
+        upload_checkpoint(&self.outbox, &self.shared.task_id, &stored, piece).await;
         self.pause_point().await;
         id
     }
@@ -661,6 +669,16 @@ mod tests {
         assert_eq!(s.state.get(), text);
         let encoded = tether_proto::codec::encode(msgs[0].1.as_ref());
         assert!(encoded.contains(text), "{encoded}");
+    }
+
+    #[test]
+    fn a_checkpoint_piece_fits_in_the_frames_the_coordinator_takes() {
+        assert_eq!(piece_size(DEFAULT_CHUNK_SIZE, 16 << 20), DEFAULT_CHUNK_SIZE);
+        // A coordinator taking 256 KiB frames: pieces whose base64 fits with room to spare.
+        let piece = piece_size(DEFAULT_CHUNK_SIZE, 256 * 1024);
+        assert!(piece.div_ceil(3) * 4 + tether_proto::codec::ENVELOPE_BYTES <= 256 * 1024);
+        assert!(piece > 150 * 1024, "{piece}");
+        assert_eq!(piece_size(DEFAULT_CHUNK_SIZE, 0), 1);
     }
 
     #[tokio::test]
