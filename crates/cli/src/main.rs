@@ -78,10 +78,8 @@ enum Cmd {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // Commands whose output is all they do: a reader that has seen enough (`| head`) ends them
-    // with success. The others (a run's verdict, a watch's outcome) end with failure then,
-    // since the outcome they exist to report was not read.
-    let output_only = matches!(
+    // The client commands that read or steer the coordinator and print what they got.
+    let client = matches!(
         &cli.cmd,
         Cmd::Cert(_)
             | Cmd::Tasks(_)
@@ -91,23 +89,16 @@ fn main() -> std::process::ExitCode {
             | Cmd::Pause(_)
             | Cmd::Resume(_)
             | Cmd::Checkpoint(_)
-    ) || matches!(&cli.cmd, Cmd::Submit(s) if !s.watch)
+    );
+    // Commands whose output is all they do: a reader that has seen enough (`| head`) ends them
+    // with success. The others (a run's verdict, a watch's outcome) end with failure then,
+    // since the outcome they exist to report was not read.
+    let output_only = client
+        || matches!(&cli.cmd, Cmd::Submit(s) if !s.watch)
         || matches!(&cli.cmd, Cmd::Proxy(p) if p.is_client());
     // Client commands print their own output and log only warnings; the demo prints its own
     // narrative and logs only errors unless a level was asked for.
-    let quiet = matches!(
-        cli.cmd,
-        Cmd::Cert(_)
-            | Cmd::Submit(_)
-            | Cmd::Tasks(_)
-            | Cmd::Task(_)
-            | Cmd::Watch(_)
-            | Cmd::Workers(_)
-            | Cmd::Cancel(_)
-            | Cmd::Pause(_)
-            | Cmd::Resume(_)
-            | Cmd::Checkpoint(_)
-    );
+    let quiet = client || matches!(cli.cmd, Cmd::Submit(_) | Cmd::Watch(_));
     let level = if quiet {
         "warn"
     } else if matches!(cli.cmd, Cmd::Demo(_) | Cmd::E2e(_) | Cmd::Stress(_)) && cli.log == "info" {
