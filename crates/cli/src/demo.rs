@@ -185,15 +185,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             .json()
             .await?;
         let all = list.as_array().cloned().unwrap_or_default();
-        let done = all
-            .iter()
-            .filter(|t| {
-                matches!(
-                    t["status"].as_str(),
-                    Some("completed" | "failed" | "cancelled" | "timed_out")
-                )
-            })
-            .count();
+        let done = all.iter().filter(|t| ended(t)).count();
         if done == ids.len() || tokio::time::Instant::now() >= end {
             break all;
         }
@@ -215,12 +207,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         let rows = results.as_array().cloned().unwrap_or_default();
         let counted = rows.iter().filter(|r| r["stale"] == false).count();
         stale += rows.len() - counted;
-        let ended = t.is_some_and(|t| {
-            matches!(
-                t["status"].as_str(),
-                Some("completed" | "failed" | "cancelled" | "timed_out")
-            )
-        });
+        let ended = t.is_some_and(ended);
         match (t.map(|t| t["status"] == "completed"), counted) {
             (Some(true), 1) => completed += 1,
             // Listed and still running when the wait ended: not lost, not done either.
@@ -331,4 +318,12 @@ async fn wait_stats(f: impl Fn() -> bool, what: &str) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
+}
+
+/// Whether a task as the API lists it has ended (a terminal status).
+fn ended(t: &Value) -> bool {
+    t["status"]
+        .as_str()
+        .and_then(tether_proto::TaskStatus::parse)
+        .is_some_and(tether_proto::TaskStatus::is_terminal)
 }

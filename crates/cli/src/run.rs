@@ -205,8 +205,8 @@ fn coordinator_config(
     // A resumed task's checkpoint travels in its assignment, as base64: the default shrinks
     // to what a smaller frame holds; a value given that does not fit is refused.
     // The frame both ends take: workers (the `tether worker` binary) take 16 MiB.
-    let frame = cfg.max_frame.min(tether_proto::codec::DEFAULT_MAX_FRAME) as u64;
-    let fitting = frame.saturating_sub(tether_proto::codec::ENVELOPE_BYTES as u64) / 4 * 3;
+    let frame = cfg.max_frame.min(tether_proto::codec::DEFAULT_MAX_FRAME);
+    let fitting = tether_proto::codec::largest_blob(frame) as u64;
     let given = a
         .max_checkpoint_bytes
         .or(file.max_checkpoint_bytes)

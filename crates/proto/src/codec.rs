@@ -21,6 +21,42 @@ pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// integrity tag): a payload is sent only if it fits in the frame limit less this.
 pub const ENVELOPE_BYTES: usize = 16 * 1024;
 
+/// Whether a message whose payload is `len` bytes of JSON fits in a frame of `max_frame`.
+pub fn fits(len: usize, max_frame: usize) -> bool {
+    len.saturating_add(ENVELOPE_BYTES) <= max_frame
+}
+
+/// Bytes of `v` as JSON, counted as it is written (nothing is kept): what a payload will take
+/// in its message. 0 for a value that does not serialise.
+pub fn json_len(v: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    match serde_json::to_writer(&mut n, v) {
+        Ok(()) => n.0,
+        Err(_) => 0,
+    }
+}
+
+/// Bytes of JSON that `bytes` of binary take as base64 ([`crate::task::Blob`]).
+pub fn base64_len(bytes: usize) -> usize {
+    bytes.div_ceil(3).saturating_mul(4)
+}
+
+/// The most binary bytes (a checkpoint, a piece of one) a message may carry as base64 in a
+/// frame of `max_frame`.
+pub fn largest_blob(max_frame: usize) -> usize {
+    max_frame.saturating_sub(ENVELOPE_BYTES) / 4 * 3
+}
+
 /// Why a frame could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -668,6 +704,17 @@ mod tests {
         assert!(e.to_string().contains("empty batch"), "{e}");
         let e = decode_worker_batch(&format!("[{good}] trailing"), 2).expect_err("trailing");
         assert!(e.to_string().contains("not a batch"), "{e}");
+    }
+
+    #[test]
+    fn payload_sizes_are_counted_as_the_json_they_become() {
+        let v = serde_json::json!({"a": [1, 2, "x\"y"]});
+        assert_eq!(json_len(&v), serde_json::to_string(&v).expect("json").len());
+        assert_eq!(base64_len(3), 4);
+        assert_eq!(base64_len(4), 8);
+        let frame = 1 << 20;
+        assert!(fits(base64_len(largest_blob(frame)), frame));
+        assert!(!fits(base64_len(largest_blob(frame) + 3), frame));
     }
 
     #[test]

@@ -356,12 +356,12 @@ impl Runner {
         };
         // A result that cannot be delivered would end every session that carries it; the
         // attempt fails with why instead.
-        let bytes = serde_json::to_string(&result).map_or(0, |t| t.len())
+        let bytes = tether_proto::codec::json_len(&result)
             + error.as_ref().map_or(0, |e| {
                 e.message.len() + e.detail.as_ref().map_or(0, String::len)
             });
         let limit = self.max_frame.load(Ordering::Relaxed);
-        if !crate::executor::fits(bytes, limit) {
+        if !tether_proto::codec::fits(bytes, limit) {
             tracing::error!(task = %task_id, attempt = %attempt, bytes, limit, "the task's result is larger than a message may be; the attempt fails");
             outcome = Outcome::Failed;
             result = serde_json::json!({});

@@ -383,7 +383,6 @@ impl Core {
 /// Whether `msg` with a checkpoint of `bytes` (base64 in its JSON: 4 characters for 3 bytes)
 /// fits in a frame of `limit`.
 fn fits_in_assignment(msg: &TaskAssignment, bytes: usize, limit: usize) -> bool {
-    let config = serde_json::to_string(&msg.config).map_or(0, |t| t.len());
-    let data = bytes.div_ceil(3) * 4;
-    config + data + tether_proto::codec::ENVELOPE_BYTES <= limit
+    let config = tether_proto::codec::json_len(&msg.config);
+    tether_proto::codec::fits(config + tether_proto::codec::base64_len(bytes), limit)
 }

@@ -268,16 +268,9 @@ pub const DEFAULT_CHUNK_SIZE: usize = 256 * 1024;
 /// The checkpoint piece size to use under a frame limit: `chunk_size`, or less when a piece
 /// (base64 in its message) would not fit in a frame of `max_frame`.
 pub(crate) fn piece_size(chunk_size: usize, max_frame: usize) -> usize {
-    let fitting = max_frame.saturating_sub(tether_proto::codec::ENVELOPE_BYTES) / 4 * 3;
-    chunk_size.min(fitting).max(1)
-}
-
-/// Whether a payload of `len` bytes fits in a message under `max_frame`. A result or state
-/// that does not is not sent as it is: it would end the session at the coordinator's limit
-/// (close 1009) and again at every resend after reconnecting, a message that could never be
-/// delivered, holding up the rest.
-pub(crate) fn fits(len: usize, max_frame: usize) -> bool {
-    len.saturating_add(tether_proto::codec::ENVELOPE_BYTES) <= max_frame
+    chunk_size
+        .min(tether_proto::codec::largest_blob(max_frame))
+        .max(1)
 }
 
 impl TaskCtx {
@@ -333,7 +326,9 @@ impl TaskCtx {
         let mut state = state.into();
         let bytes = state.get().len();
         let limit = self.max_frame.load(Ordering::Relaxed);
-        if !fits(bytes, limit) {
+        // Not sent as it is when too large: it would end the session at the coordinator's
+        // limit (close 1009), and again at every resend after reconnecting.
+        if !tether_proto::codec::fits(bytes, limit) {
             tracing::error!(task = %self.shared.task_id, bytes, limit, "a state larger than a message may be is replaced by a note of its size");
             state = StateJson::from(serde_json::json!({
                 "state_too_large": { "bytes": bytes, "limit": limit }
@@ -676,7 +671,11 @@ mod tests {
         assert_eq!(piece_size(DEFAULT_CHUNK_SIZE, 16 << 20), DEFAULT_CHUNK_SIZE);
         // A coordinator taking 256 KiB frames: pieces whose base64 fits with room to spare.
         let piece = piece_size(DEFAULT_CHUNK_SIZE, 256 * 1024);
-        assert!(piece.div_ceil(3) * 4 + tether_proto::codec::ENVELOPE_BYTES <= 256 * 1024);
+        let frame = 256 * 1024;
+        assert!(tether_proto::codec::fits(
+            tether_proto::codec::base64_len(piece),
+            frame
+        ));
         assert!(piece > 150 * 1024, "{piece}");
         assert_eq!(piece_size(DEFAULT_CHUNK_SIZE, 0), 1);
     }
