@@ -202,26 +202,6 @@ fn coordinator_config(
         cfg.heartbeat_timeout,
         tether_coordinator::config::MIN_HEARTBEAT_INTERVAL,
     )?;
-    // A resumed task's checkpoint travels in its assignment, as base64: the default shrinks
-    // to what a smaller frame holds; a value given that does not fit is refused.
-    // The frame both ends take: workers (the `tether worker` binary) take 16 MiB.
-    let frame = cfg.max_frame.min(tether_proto::codec::DEFAULT_MAX_FRAME);
-    let fitting = tether_proto::codec::largest_blob(frame) as u64;
-    let given = a
-        .max_checkpoint_bytes
-        .or(file.max_checkpoint_bytes)
-        .is_some();
-    if !given {
-        cfg.max_checkpoint_bytes = cfg.max_checkpoint_bytes.min(fitting);
-    }
-    if cfg.max_checkpoint_bytes > fitting {
-        bail!(
-            "--max-checkpoint-bytes {} does not fit in a frame of --max-frame {} once base64 in \
-             an assignment (a resumed task gets its checkpoint there): lower it or raise the other",
-            cfg.max_checkpoint_bytes,
-            cfg.max_frame
-        );
-    }
     let min_frame = tether_coordinator::config::MIN_MAX_FRAME;
     if cfg.max_frame < min_frame {
         bail!(
@@ -870,10 +850,6 @@ mod tests {
             (&["--heartbeat-interval", "20s"], "--heartbeat-timeout"),
             (&["--max-frame", "0"], "--max-frame"),
             (&["--max-frame", "65536"], "--max-frame"),
-            (
-                &["--max-checkpoint-bytes", "20000000"],
-                "--max-checkpoint-bytes",
-            ),
         ] {
             let e = coord(flags).expect_err("refused");
             assert!(e.to_string().contains(name), "{flags:?}: {e}");

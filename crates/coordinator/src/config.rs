@@ -23,10 +23,10 @@ pub const DEFAULT_HEARTBEAT_BUDGET: u32 = 1_000;
 pub const DEFAULT_LOST_AFTER: Duration = Duration::from_secs(60);
 /// Default sweeper period.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
-/// Default largest checkpoint accepted: a resumed task gets its checkpoint inside its
-/// assignment, as base64, so it must fit in a worker's frame (16 MiB by default) with room to
-/// spare; a larger one could be stored but never handed to a resumed task.
-pub const DEFAULT_MAX_CHECKPOINT_BYTES: u64 = 8 * 1024 * 1024;
+/// Default largest checkpoint accepted. It travels in pieces both ways (uploaded in
+/// `checkpoint_data`, fetched by a resumed attempt with `checkpoint_fetch`), so no frame bounds
+/// it; a worker holds its task's latest in memory.
+pub const DEFAULT_MAX_CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
 /// Default number of checkpoints kept per task.
 pub const DEFAULT_CHECKPOINTS_KEPT: usize = 3;
 /// Default largest number of tasks in one submission.

@@ -77,6 +77,8 @@ pub const TASK_DURATION: &str = "tether_task_duration_seconds";
 // Checkpoints and compression.
 /// Counter: checkpoint bytes received.
 pub const CHECKPOINT_BYTES: &str = "tether_checkpoint_bytes_total";
+/// Counter: checkpoint bytes sent to workers that fetched them (`checkpoint_fetch`).
+pub const CHECKPOINT_BYTES_SERVED: &str = "tether_checkpoint_bytes_served_total";
 /// Histogram (bytes): size of each completed checkpoint.
 pub const CHECKPOINT_SIZE: &str = "tether_checkpoint_size_bytes";
 /// Counter: payload bytes before compression, both ways (from the core's counters).
@@ -282,6 +284,11 @@ fn describe() {
         "leased to counted result, by outcome"
     );
     describe_counter!(CHECKPOINT_BYTES, Unit::Bytes, "checkpoint bytes received");
+    describe_counter!(
+        CHECKPOINT_BYTES_SERVED,
+        Unit::Bytes,
+        "checkpoint bytes sent to workers that fetched them"
+    );
     describe_histogram!(
         CHECKPOINT_SIZE,
         Unit::Bytes,

@@ -30,6 +30,7 @@ pub enum WorkerMsg {
     Checkpoint(Checkpoint),
     CheckpointData(CheckpointData),
     CheckpointError(CheckpointError),
+    CheckpointFetch(CheckpointFetch),
     StateError(StateError),
     TaskCancelled(TaskNotice),
     TaskPaused(TaskNotice),
@@ -56,6 +57,7 @@ pub enum CoordMsg {
     TelemetryAck(Ack),
     Acks(Acks),
     CheckpointRequest(CheckpointRequest),
+    CheckpointPiece(CheckpointPiece),
     StateRequest(StateRequest),
     CancelTask(TaskControl),
     PauseTask(TaskControl),
@@ -104,7 +106,7 @@ pub struct Registration {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub compact_acks: bool,
     /// The largest frame the worker accepts, bytes: the coordinator sends it nothing larger
-    /// (a resumed task's checkpoint that would not fit is left out of its assignment).
+    /// (a resumed task's checkpoint that would not fit goes by `checkpoint_fetch`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_frame: Option<u64>,
     #[serde(with = "crate::time")]
@@ -317,6 +319,38 @@ pub struct CheckpointError {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_id: Option<CheckpointId>,
     pub error: String,
+    #[serde(with = "crate::time")]
+    pub timestamp: DateTime<Utc>,
+}
+
+/// Asks for a byte range of the checkpoint an assignment named without its bytes (too large
+/// to travel in the assignment); answered by one `checkpoint_piece`. Through the outbox, so a
+/// request lost with a session is asked again in the next.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointFetch {
+    pub seq: Seq,
+    pub task_id: TaskId,
+    /// The attempt the assignment leased (the one that will resume from the checkpoint).
+    pub attempt: Attempt,
+    pub checkpoint_id: CheckpointId,
+    pub offset: u64,
+    pub len: u64,
+    #[serde(with = "crate::time")]
+    pub timestamp: DateTime<Utc>,
+}
+
+/// Reply to a `checkpoint_fetch`: the bytes asked for, or why they cannot be served.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointPiece {
+    /// The `seq` of the fetch this answers (it acknowledges it).
+    pub ack_seq: Seq,
+    pub task_id: TaskId,
+    pub checkpoint_id: CheckpointId,
+    pub offset: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Blob>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
@@ -541,13 +575,18 @@ pub struct TaskAssignment {
     pub timestamp: DateTime<Utc>,
 }
 
-/// A whole checkpoint handed to a resumed attempt.
+/// The checkpoint handed to a resumed attempt: its bytes, or, when they are too large to
+/// travel in one message, their size, for the worker to fetch in pieces (`checkpoint_fetch`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointBlob {
     pub checkpoint_id: CheckpointId,
     /// The attempt that wrote it.
     pub attempt: Attempt,
-    pub data: Blob,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Blob>,
+    /// The checkpoint's bytes; given when `data` is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 /// Acknowledgement of a worker message that carried a `seq`; all `*_ack` types share it.
@@ -670,6 +709,7 @@ impl WorkerMsg {
             WorkerMsg::Checkpoint(_) => "checkpoint",
             WorkerMsg::CheckpointData(_) => "checkpoint_data",
             WorkerMsg::CheckpointError(_) => "checkpoint_error",
+            WorkerMsg::CheckpointFetch(_) => "checkpoint_fetch",
             WorkerMsg::StateError(_) => "state_error",
             WorkerMsg::TaskCancelled(_) => "task_cancelled",
             WorkerMsg::TaskPaused(_) => "task_paused",
@@ -686,6 +726,7 @@ impl WorkerMsg {
             WorkerMsg::TaskState(m) => Some(m.seq),
             WorkerMsg::Checkpoint(m) => Some(m.seq),
             WorkerMsg::CheckpointData(m) => Some(m.seq),
+            WorkerMsg::CheckpointFetch(m) => Some(m.seq),
             WorkerMsg::TaskCancelled(m) | WorkerMsg::TaskPaused(m) | WorkerMsg::TaskResumed(m) => {
                 Some(m.seq)
             }
@@ -706,6 +747,7 @@ impl WorkerMsg {
             WorkerMsg::Checkpoint(m) => Some(&mut m.task_id),
             WorkerMsg::CheckpointData(m) => Some(&mut m.task_id),
             WorkerMsg::CheckpointError(m) => Some(&mut m.task_id),
+            WorkerMsg::CheckpointFetch(m) => Some(&mut m.task_id),
             WorkerMsg::StateError(m) => m.task_id.as_mut(),
             WorkerMsg::TaskCancelled(m) | WorkerMsg::TaskPaused(m) | WorkerMsg::TaskResumed(m) => {
                 Some(&mut m.task_id)
@@ -736,6 +778,7 @@ impl CoordMsg {
             CoordMsg::TelemetryAck(_) => "telemetry_ack",
             CoordMsg::Acks(_) => "acks",
             CoordMsg::CheckpointRequest(_) => "checkpoint_request",
+            CoordMsg::CheckpointPiece(_) => "checkpoint_piece",
             CoordMsg::StateRequest(_) => "state_request",
             CoordMsg::CancelTask(_) => "cancel_task",
             CoordMsg::PauseTask(_) => "pause_task",
@@ -786,6 +829,7 @@ pub const WORKER_MSG_TYPES: &[&str] = &[
     "checkpoint",
     "checkpoint_data",
     "checkpoint_error",
+    "checkpoint_fetch",
     "state_error",
     "task_cancelled",
     "task_paused",
@@ -810,6 +854,7 @@ pub const COORD_MSG_TYPES: &[&str] = &[
     "telemetry_ack",
     "acks",
     "checkpoint_request",
+    "checkpoint_piece",
     "state_request",
     "cancel_task",
     "pause_task",

@@ -100,6 +100,15 @@ pub fn worker_messages() -> Vec<WorkerMsg> {
             error: "no checkpoint".into(),
             timestamp: ts,
         }),
+        WorkerMsg::CheckpointFetch(CheckpointFetch {
+            seq: Seq(10),
+            task_id: task(),
+            attempt: Attempt(3),
+            checkpoint_id: ckpt(),
+            offset: 1_048_576,
+            len: 1_048_576,
+            timestamp: ts,
+        }),
         WorkerMsg::StateError(StateError {
             task_id: Some(task()),
             error: "unknown task".into(),
@@ -191,7 +200,8 @@ pub fn coord_messages() -> Vec<CoordMsg> {
             checkpoint: Some(CheckpointBlob {
                 checkpoint_id: ckpt(),
                 attempt: Attempt(1),
-                data: Blob(b"{}".to_vec()),
+                data: Some(Blob(b"{}".to_vec())),
+                size: None,
             }),
             timestamp: ts,
         }),
@@ -221,6 +231,15 @@ pub fn coord_messages() -> Vec<CoordMsg> {
             task_id: task(),
             attempt: Attempt(2),
             checkpoint_id: None,
+            timestamp: ts,
+        }),
+        CoordMsg::CheckpointPiece(CheckpointPiece {
+            ack_seq: Seq(10),
+            task_id: task(),
+            checkpoint_id: ckpt(),
+            offset: 1_048_576,
+            data: Some(Blob(vec![4, 5, 6])),
+            error: None,
             timestamp: ts,
         }),
         CoordMsg::StateRequest(StateRequest {

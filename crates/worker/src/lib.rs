@@ -22,6 +22,7 @@ pub mod config;
 pub mod connector;
 pub mod eventlog;
 pub mod executor;
+mod fetch;
 pub mod metrics;
 pub mod outbox;
 pub mod runner;

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tether_proto::msg::{
-    CheckpointError, CheckpointRequest, Directive, DirectiveAction, StateError, StateRequest,
-    TaskAssignment, TaskControl, TaskResult, WorkerMsg, now,
+    CheckpointError, CheckpointPiece, CheckpointRequest, Directive, DirectiveAction, StateError,
+    StateRequest, TaskAssignment, TaskControl, TaskResult, WorkerMsg, now,
 };
 use tether_proto::task::TaskError;
 use tether_proto::{Attempt, Outcome, TaskId, TaskRef};
@@ -22,6 +22,7 @@ use crate::executor::{
     CheckpointSink, ExecError, Executors, Notice, StoredCheckpoint, TaskCtx, TaskInput, TaskShared,
     push_notice, push_state, upload_checkpoint,
 };
+use crate::fetch::{FETCH_PIECE, FetchError, Fetches, Wanted, fetch};
 use crate::outbox::{Class, Outbox};
 
 /// Finished attempts remembered to ignore a duplicated assignment.
@@ -74,6 +75,17 @@ pub struct Runner {
     /// Checkpoints of tasks lost with the previous process, from the state directory: a
     /// fallback when the same task comes back with an older checkpoint or none.
     local_checkpoints: Mutex<HashMap<TaskId, StoredCheckpoint>>,
+    /// Checkpoints being fetched for resumed attempts.
+    fetches: Fetches,
+}
+
+/// Where an attempt resumes from.
+#[derive(Debug)]
+enum Resume {
+    Afresh,
+    From(StoredCheckpoint),
+    /// The coordinator's checkpoint, named without its bytes: fetched before the attempt runs.
+    Fetch(Wanted),
 }
 
 impl std::fmt::Debug for Runner {
@@ -96,6 +108,7 @@ impl Runner {
             on_finished: None,
             on_started: None,
             local_checkpoints: Mutex::default(),
+            fetches: Fetches::default(),
         }
     }
 
@@ -131,29 +144,41 @@ impl Runner {
     /// or has a different one of the same attempt (this worker wrote both, and keeps only its
     /// latest). One of a later attempt was written elsewhere after this one: the coordinator's
     /// wins.
-    fn resume_point(&self, a: &TaskAssignment) -> Option<StoredCheckpoint> {
+    fn resume_point(&self, a: &TaskAssignment) -> Resume {
         let local = self
             .local_checkpoints
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&a.task_id);
-        let remote = a.checkpoint.as_ref().map(|c| StoredCheckpoint {
-            id: c.checkpoint_id.clone(),
-            attempt: c.attempt,
-            data: Arc::new(c.data.0.clone()),
-        });
+        let remote = a.checkpoint.as_ref();
         match (local, remote) {
             (Some(l), None) => {
                 tracing::info!(task = %a.task_id, checkpoint = %l.id, "resuming from the local checkpoint: the coordinator sent none");
-                Some(l)
+                Resume::From(l)
             }
             (Some(l), Some(r))
-                if l.attempt > r.attempt || (l.attempt == r.attempt && l.id != r.id) =>
+                if l.attempt > r.attempt || (l.attempt == r.attempt && l.id != r.checkpoint_id) =>
             {
-                tracing::info!(task = %a.task_id, local = %l.id, remote = %r.id, "resuming from the local checkpoint: newer than the coordinator's");
-                Some(l)
+                tracing::info!(task = %a.task_id, local = %l.id, remote = %r.checkpoint_id, "resuming from the local checkpoint: newer than the coordinator's");
+                Resume::From(l)
             }
-            (_, r) => r,
+            (_, None) => Resume::Afresh,
+            (_, Some(r)) => match (&r.data, r.size) {
+                (Some(data), _) => Resume::From(StoredCheckpoint {
+                    id: r.checkpoint_id.clone(),
+                    attempt: r.attempt,
+                    data: Arc::new(data.0.clone()),
+                }),
+                (None, Some(size)) => Resume::Fetch(Wanted {
+                    id: r.checkpoint_id.clone(),
+                    attempt: r.attempt,
+                    size,
+                }),
+                (None, None) => {
+                    tracing::error!(task = %a.task_id, checkpoint = %r.checkpoint_id, "the assignment names a checkpoint with neither its bytes nor its size; the task starts afresh");
+                    Resume::Afresh
+                }
+            },
         }
     }
 
@@ -213,7 +238,7 @@ impl Runner {
     /// Starts an assignment, unless this attempt already runs or finished here.
     pub fn assign(self: &Arc<Self>, a: TaskAssignment) {
         let key = (a.task_id.clone(), a.attempt);
-        let shared = {
+        let (shared, fetch) = {
             let mut t = self.table();
             if t.done.contains(&key) {
                 tracing::debug!(task = %a.task_id, attempt = %a.attempt, "assignment of a finished attempt ignored");
@@ -228,7 +253,11 @@ impl Runner {
                 r.stop = Some(StopReason::Superseded);
                 r.shared.cancel.cancel();
             }
-            let latest = self.resume_point(&a);
+            let (latest, fetch) = match self.resume_point(&a) {
+                Resume::Afresh => (None, None),
+                Resume::From(cp) => (Some(cp), None),
+                Resume::Fetch(wanted) => (None, Some(wanted)),
+            };
             let shared = TaskShared::new(a.task_id.clone(), a.attempt, latest);
             // Under the table lock, so `active()` never shows a task not yet recorded.
             if let Some(hook) = &self.on_started {
@@ -241,14 +270,45 @@ impl Runner {
                     stop: None,
                 },
             );
-            shared
+            (shared, fetch)
         };
         let this = self.clone();
         self.tracker
-            .spawn(async move { this.execute(a, shared).await });
+            .spawn(async move { this.execute(a, shared, fetch).await });
     }
 
-    async fn execute(self: Arc<Self>, a: TaskAssignment, shared: Arc<TaskShared>) {
+    /// A piece of a checkpoint being fetched (`checkpoint_piece`).
+    pub fn checkpoint_piece(&self, piece: CheckpointPiece) {
+        self.fetches.deliver(piece);
+    }
+
+    /// Fetches the checkpoint an attempt resumes from into its `latest`. `false` when the
+    /// attempt was stopped meanwhile; one the coordinator cannot serve starts afresh.
+    async fn fetch_checkpoint(&self, shared: &TaskShared, wanted: &Wanted) -> bool {
+        let piece = FETCH_PIECE.min(tether_proto::codec::largest_blob(
+            self.max_frame.load(Ordering::Relaxed),
+        ));
+        let t0 = tokio::time::Instant::now();
+        match fetch(&self.outbox, &self.fetches, shared, wanted, piece).await {
+            Ok(cp) => {
+                tracing::info!(task = %shared.task_id, attempt = %shared.attempt, checkpoint = %cp.id, bytes = cp.data.len(), ms = t0.elapsed().as_millis() as u64, "checkpoint fetched");
+                *shared.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(cp);
+                true
+            }
+            Err(FetchError::Stopped) => false,
+            Err(FetchError::Failed(error)) => {
+                tracing::error!(task = %shared.task_id, attempt = %shared.attempt, checkpoint = %wanted.id, %error, "fetching the checkpoint failed; the task starts afresh");
+                true
+            }
+        }
+    }
+
+    async fn execute(
+        self: Arc<Self>,
+        a: TaskAssignment,
+        shared: Arc<TaskShared>,
+        fetch: Option<Wanted>,
+    ) {
         let task_id = a.task_id.clone();
         let attempt = a.attempt;
         let started_at = now();
@@ -266,7 +326,12 @@ impl Runner {
         };
         let timeout = a.timeout_ms.map(Duration::from_millis);
         let mut timed_out = false;
+        let fetched = match &fetch {
+            Some(wanted) => self.fetch_checkpoint(&shared, wanted).await,
+            None => true,
+        };
         let res = match self.executors.get(&a.kind) {
+            _ if !fetched => Err(ExecError::Cancelled),
             None => Err(ExecError::InvalidConfig(format!(
                 "no executor for kind {:?} on this worker (it has: {})",
                 a.kind,
@@ -623,7 +688,8 @@ mod tests {
             checkpoint: cp.map(|(id, attempt, data)| CheckpointBlob {
                 checkpoint_id: CheckpointId::parse(id).expect("id"),
                 attempt: Attempt(attempt),
-                data: Blob(data.as_bytes().to_vec()),
+                data: Some(Blob(data.as_bytes().to_vec())),
+                size: None,
             }),
             timestamp: now(),
         }

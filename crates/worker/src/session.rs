@@ -1193,6 +1193,12 @@ impl<'a> Session<'a> {
                     self.send(&reply).await?;
                 }
             }
+            CoordMsg::CheckpointPiece(piece) => {
+                // The piece acknowledges its fetch.
+                self.window.leave(piece.ack_seq.0);
+                outbox.ack(piece.ack_seq);
+                runner.checkpoint_piece(piece);
+            }
             CoordMsg::StateRequest(req) => {
                 if let Some(reply) = runner.state_request(&req) {
                     self.send(&reply).await?;

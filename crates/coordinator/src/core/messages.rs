@@ -6,16 +6,16 @@
 use std::sync::atomic::Ordering;
 
 use tether_proto::msg::{
-    Checkpoint, CheckpointData, CoordMsg, Directive, DirectiveAction, Disposition, ErrorCode,
-    PROTOCOL_VERSION, Registration, RegistrationAck, TaskNotice, TaskResult, TaskState, Telemetry,
-    WorkerMsg, now,
+    Checkpoint, CheckpointData, CheckpointFetch, CheckpointPiece, CoordMsg, Directive,
+    DirectiveAction, Disposition, ErrorCode, PROTOCOL_VERSION, Registration, RegistrationAck,
+    TaskNotice, TaskResult, TaskState, Telemetry, WorkerMsg, now,
 };
 use tether_proto::{Attempt, TaskId, TaskStatus, WorkerId, encode};
 
-use super::{Change, Core, Partial, SessionRef, ack};
+use super::{Change, Core, Outgoing, Partial, SessionRef, ack};
 use crate::metrics as m;
 use crate::model::{CheckpointMeta, Desired, WorkerState};
-use crate::store::{Batch, Mutation};
+use crate::store::{self, Batch, Mutation};
 
 /// A `task_cancelled`, `task_paused` or `task_resumed` notice: its ack, name and the status it
 /// reports.
@@ -164,6 +164,7 @@ impl Core {
             WorkerMsg::TaskState(s) => self.on_state(worker, session, s, b),
             WorkerMsg::Checkpoint(c) => self.on_checkpoint(worker, session, c, b),
             WorkerMsg::CheckpointData(d) => self.on_checkpoint_data(worker, session, d, b),
+            WorkerMsg::CheckpointFetch(f) => self.on_checkpoint_fetch(worker, session, f, b),
             WorkerMsg::CheckpointError(e) => {
                 tracing::info!(worker = %worker, task = %e.task_id, error = %e.error, "worker could not serve a checkpoint request");
             }
@@ -578,6 +579,86 @@ impl Core {
                 disposition,
             )
         });
+    }
+
+    /// `checkpoint_fetch`: a range of the checkpoint that the lease holder's assignment named
+    /// without its bytes. Read on the store's reader once the batch is committed (never on the
+    /// core's thread) and sent as one `checkpoint_piece`; a fetch that cannot be served gets a
+    /// piece saying why, which acknowledges it all the same.
+    fn on_checkpoint_fetch(
+        &mut self,
+        worker: &WorkerId,
+        session: &SessionRef,
+        f: CheckpointFetch,
+        b: &mut Batch,
+    ) {
+        let limit = self.cfg.max_frame.min(session.max_frame);
+        let largest = tether_proto::codec::largest_blob(limit) as u64;
+        let refusal = match self.standing_and_id(worker, &f.task_id, f.attempt) {
+            (Standing::Holder, _) => {
+                let latest = self
+                    .tasks
+                    .get(&f.task_id)
+                    .and_then(|t| t.latest_checkpoint.as_ref());
+                match latest {
+                    Some(m) if m.checkpoint_id != f.checkpoint_id => Some(format!(
+                        "checkpoint {} is not the latest of task {}",
+                        f.checkpoint_id, f.task_id
+                    )),
+                    None => Some(format!("task {} has no checkpoint", f.task_id)),
+                    Some(_) if f.len == 0 || f.len > largest => Some(format!(
+                        "a piece of {} bytes was asked for; a message to this worker carries 1 to {largest}",
+                        f.len
+                    )),
+                    Some(m) if f.offset >= m.size => Some(format!(
+                        "offset {} is past the end of checkpoint {} ({} bytes)",
+                        f.offset, f.checkpoint_id, m.size
+                    )),
+                    Some(_) => None,
+                }
+            }
+            _ => Some(format!(
+                "task {} is not leased to worker {worker} at attempt {}",
+                f.task_id, f.attempt
+            )),
+        };
+        let piece = move |f: CheckpointFetch, data: Option<Vec<u8>>, error: Option<String>| {
+            CoordMsg::CheckpointPiece(CheckpointPiece {
+                ack_seq: f.seq,
+                task_id: f.task_id,
+                checkpoint_id: f.checkpoint_id,
+                offset: f.offset,
+                data: data.map(tether_proto::task::Blob),
+                error,
+                timestamp: now(),
+            })
+        };
+        if let Some(error) = refusal {
+            tracing::warn!(worker = %worker, task = %f.task_id, checkpoint = %f.checkpoint_id, %error, "checkpoint fetch refused");
+            b.send(session, piece(f, None, Some(error)));
+            return;
+        }
+        let s = session.clone();
+        b.reads.push(Box::new(move |conn| {
+            let range =
+                store::read_checkpoint_range(conn, &f.task_id, &f.checkpoint_id, f.offset, f.len);
+            let reply = match range {
+                Ok(Some(data)) => {
+                    metrics::counter!(m::CHECKPOINT_BYTES_SERVED).increment(data.len() as u64);
+                    piece(f, Some(data), None)
+                }
+                Ok(None) => {
+                    let error = format!("checkpoint {} not found", f.checkpoint_id);
+                    piece(f, None, Some(error))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, checkpoint = %f.checkpoint_id, "reading a checkpoint for a fetch failed");
+                    let error = format!("reading checkpoint {} failed: {e}", f.checkpoint_id);
+                    piece(f, None, Some(error))
+                }
+            };
+            s.send_all([Outgoing::Msg(Box::new(reply))]);
+        }));
     }
 
     fn on_checkpoint_data(

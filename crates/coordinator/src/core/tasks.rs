@@ -17,6 +17,11 @@ use crate::metrics as m;
 use crate::model::{AttemptRecord, Desired, Lease, WorkerState};
 use crate::store::{self, Batch, Mutation};
 
+/// The largest checkpoint handed over in its assignment; a larger one the worker fetches in
+/// pieces (`checkpoint_fetch`). The size of a worker's upload pieces: no frame of a resumed
+/// task's hand-over is larger than a frame of its upload.
+pub const INLINE_CHECKPOINT_BYTES: u64 = 256 * 1024;
+
 /// The free-worker index is checked against the model on the first sweep and every this many
 /// after it (a minute at the default sweep interval): a backstop, walking every worker.
 pub(super) const FREE_INDEX_CHECK_EVERY: u64 = 60;
@@ -113,21 +118,36 @@ impl Core {
             }
             return;
         };
-        // The checkpoint is read once its batch is committed, on the writer's connection. It
-        // goes only if the assignment then fits in a frame both ends take: a bigger one would
-        // end the worker's session at every resend, and the task would never run.
-        let s = session.clone();
+        // A small checkpoint travels in the assignment, read once its batch is committed, on
+        // the writer's connection. A larger one (or one that would not fit in a frame both ends
+        // take) is named with its size, and the worker fetches it in pieces (`checkpoint_fetch`):
+        // a frame of many megabytes would hold up the session's heartbeats behind it.
         let limit = self.cfg.max_frame.min(session.max_frame);
+        if meta.size > INLINE_CHECKPOINT_BYTES
+            || !fits_in_assignment(&msg, meta.size as usize, limit)
+        {
+            tracing::debug!(task = %msg.task_id, checkpoint = %meta.checkpoint_id, bytes = meta.size, "the checkpoint goes by fetch");
+            msg.checkpoint = Some(CheckpointBlob {
+                checkpoint_id: meta.checkpoint_id,
+                attempt: meta.attempt,
+                data: None,
+                size: Some(meta.size),
+            });
+            b.send(session, CoordMsg::TaskAssignment(msg));
+            if let Some(pause) = pause {
+                b.send(session, pause);
+            }
+            return;
+        }
+        let s = session.clone();
         b.effect(move |conn| {
             match store::read_checkpoint_data(conn, &meta.checkpoint_id) {
-                Ok(Some(data)) if !fits_in_assignment(&msg, data.len(), limit) => {
-                    tracing::error!(task = %msg.task_id, checkpoint = %meta.checkpoint_id, bytes = data.len(), limit, "the checkpoint does not fit in an assignment to this worker; the task starts afresh");
-                }
                 Ok(Some(data)) => {
                     msg.checkpoint = Some(CheckpointBlob {
                         checkpoint_id: meta.checkpoint_id,
                         attempt: meta.attempt,
-                        data: Blob(data),
+                        data: Some(Blob(data)),
+                        size: None,
                     })
                 }
                 Ok(None) => {}

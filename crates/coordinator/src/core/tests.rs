@@ -606,6 +606,72 @@ fn a_checkpoint_whose_pieces_fall_short_of_its_declared_size_is_dropped_not_resu
     assert_eq!(latest.checkpoint_id.as_str(), "c-good");
 }
 
+fn fetch(seq: u64, task: &TaskId, id: &str, attempt: u32, offset: u64, len: u64) -> WorkerMsg {
+    WorkerMsg::CheckpointFetch(tether_proto::msg::CheckpointFetch {
+        seq: Seq(seq),
+        task_id: task.clone(),
+        attempt: Attempt(attempt),
+        checkpoint_id: tether_proto::CheckpointId::parse(id).expect("id"),
+        offset,
+        len,
+        timestamp: now(),
+    })
+}
+
+/// The error of the one `checkpoint_piece` in `msgs`, which must answer `seq`.
+fn piece_error(msgs: &[CoordMsg], seq: u64) -> String {
+    let pieces: Vec<_> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            CoordMsg::CheckpointPiece(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pieces.len(), 1, "{msgs:?}");
+    assert_eq!(pieces[0].ack_seq, Seq(seq));
+    assert!(pieces[0].data.is_none());
+    pieces[0].error.clone().expect("an error")
+}
+
+#[test]
+fn a_checkpoint_fetch_is_served_only_to_the_lease_holder_within_the_checkpoint_and_a_frame() {
+    let mut h = Harness::new();
+    let (a, mut rx_a) = h.connect("a");
+    let t = h.submit();
+    h.frame("a", a, checkpoint(1, &t, "c-1", 10, 1));
+    h.frame("a", a, piece(2, &t, "c-1", 0, b"0123456789"));
+    drain(&mut rx_a);
+    let (b, mut rx_b) = h.connect("b");
+    drain(&mut rx_b);
+    // Another worker, another attempt, another checkpoint, a piece no frame carries, a range
+    // past the end: each answered with why (which acknowledges the fetch).
+    h.frame("b", b, fetch(1, &t, "c-1", 1, 0, 10));
+    assert!(piece_error(&drain(&mut rx_b), 1).contains("not leased"));
+    h.frame("a", a, fetch(3, &t, "c-1", 2, 0, 10));
+    assert!(piece_error(&drain(&mut rx_a), 3).contains("not leased"));
+    h.frame("a", a, fetch(4, &t, "c-2", 1, 0, 10));
+    assert!(piece_error(&drain(&mut rx_a), 4).contains("not the latest"));
+    h.frame("a", a, fetch(5, &t, "c-1", 1, 0, 0));
+    assert!(piece_error(&drain(&mut rx_a), 5).contains("1 to"));
+    h.frame("a", a, fetch(6, &t, "c-1", 1, 0, 16 * 1024 * 1024));
+    assert!(piece_error(&drain(&mut rx_a), 6).contains("1 to"));
+    h.frame("a", a, fetch(7, &t, "c-1", 1, 10, 5));
+    assert!(piece_error(&drain(&mut rx_a), 7).contains("past the end"));
+    // The holder's fetch within the checkpoint is a read of the store, not answered by the
+    // core itself.
+    let mut batch = Batch::default();
+    h.core.apply(
+        Event::Frame {
+            worker: wid("a"),
+            session_id: a,
+            msgs: vec![fetch(8, &t, "c-1", 1, 2, 5)],
+        },
+        &mut batch,
+    );
+    assert_eq!(batch.reads.len(), 1);
+    assert!(batch.effects.is_empty());
+}
+
 #[test]
 fn retention_forgets_lost_workers_that_hold_nothing_and_keeps_every_other() {
     let mut h = Harness::with(CoordinatorConfig::new("/nonexistent"));

@@ -873,5 +873,58 @@ pub fn read_checkpoint_data(
     Ok(any.then_some(out))
 }
 
+/// Bytes `offset..offset + len` of checkpoint `id` of `task` (fewer at its end), reading only
+/// the pieces the range overlaps; `None` when `task` has no complete checkpoint `id`.
+pub fn read_checkpoint_range(
+    conn: &Connection,
+    task: &TaskId,
+    id: &CheckpointId,
+    offset: u64,
+    len: u64,
+) -> rusqlite::Result<Option<Vec<u8>>> {
+    let complete = conn
+        .prepare_cached(
+            "SELECT 1 FROM checkpoints WHERE id = ?1 AND task_id = ?2 AND complete = 1",
+        )?
+        .exists([id.as_str(), task.as_str()])?;
+    if !complete {
+        return Ok(None);
+    }
+    let end = offset.saturating_add(len);
+    // Where each piece starts: `length` reads a blob's size from its record, not its bytes.
+    let mut overlapping = Vec::new();
+    let mut at = 0u64;
+    let mut sizes = conn.prepare_cached(
+        "SELECT idx, length(data) FROM checkpoint_chunks WHERE checkpoint_id = ?1 ORDER BY idx",
+    )?;
+    let rows = sizes.query_map([id.as_str()], |r| {
+        Ok((r.get::<_, u32>(0)?, r.get::<_, u64>(1)?))
+    })?;
+    for row in rows {
+        let (idx, n) = row?;
+        if at >= end {
+            break;
+        }
+        if at + n > offset {
+            overlapping.push((idx, at));
+        }
+        at += n;
+    }
+    let mut out = Vec::with_capacity(end.min(at).saturating_sub(offset) as usize);
+    let mut piece = conn.prepare_cached(
+        "SELECT data FROM checkpoint_chunks WHERE checkpoint_id = ?1 AND idx = ?2",
+    )?;
+    for (idx, at) in overlapping {
+        piece.query_row(rusqlite::params![id.as_str(), idx], |r| {
+            let data = r.get_ref(0)?.as_blob()?;
+            let from = offset.saturating_sub(at).min(data.len() as u64) as usize;
+            let to = (end - at).min(data.len() as u64) as usize;
+            out.extend_from_slice(&data[from..to]);
+            Ok(())
+        })?;
+    }
+    Ok(Some(out))
+}
+
 #[cfg(test)]
 mod tests;

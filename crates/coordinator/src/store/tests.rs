@@ -1374,3 +1374,63 @@ fn a_batch_hands_a_session_its_consecutive_messages_together_and_in_order() {
         e.run(&conn);
     }
 }
+
+#[test]
+fn a_checkpoint_range_is_read_across_its_pieces_and_only_for_its_own_task() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, _) = open(dir.path()).expect("open");
+    let (task, cid) = (
+        TaskId::parse("t").expect("id"),
+        CheckpointId::parse("c").expect("id"),
+    );
+    // Pieces of 3, 1, 4 and 2 bytes: 0 1 2 | 3 | 4 5 6 7 | 8 9.
+    let pieces: [&[u8]; 4] = [&[0, 1, 2], &[3], &[4, 5, 6, 7], &[8, 9]];
+    let mut muts = vec![Mutation::PutCheckpoint {
+        meta: CheckpointMeta {
+            checkpoint_id: cid.clone(),
+            task_id: task.clone(),
+            attempt: Attempt(1),
+            worker: WorkerId::parse("w").expect("id"),
+            size: 10,
+            chunks: 4,
+            created_at: Utc::now(),
+        },
+        complete: true,
+    }];
+    for (idx, data) in pieces.iter().enumerate() {
+        muts.push(Mutation::PutChunk {
+            checkpoint_id: cid.clone(),
+            idx: idx as u32,
+            data: data.to_vec(),
+        });
+    }
+    commit_muts(&mut conn, muts);
+    let read = |offset, len| {
+        read_checkpoint_range(&conn, &task, &cid, offset, len)
+            .expect("read")
+            .expect("found")
+    };
+    let all: Vec<u8> = (0..10).collect();
+    for offset in 0..10u64 {
+        for len in 1..=11u64 {
+            let end = (offset + len).min(10) as usize;
+            assert_eq!(
+                read(offset, len),
+                all[offset as usize..end],
+                "{offset}+{len}"
+            );
+        }
+    }
+    assert!(read(10, 5).is_empty(), "past the end: nothing");
+    let other = TaskId::parse("other").expect("id");
+    assert_eq!(
+        read_checkpoint_range(&conn, &other, &cid, 0, 10).expect("read"),
+        None,
+        "another task's checkpoint is not served"
+    );
+    let missing = CheckpointId::parse("missing").expect("id");
+    assert_eq!(
+        read_checkpoint_range(&conn, &task, &missing, 0, 10).expect("read"),
+        None
+    );
+}

@@ -191,6 +191,10 @@ async fn the_coordinator_decodes_and_handles_every_worker_message() {
             .collect();
         match msg {
             WorkerMsg::Registration(_) => assert!(types.contains(&"registration_ack".to_owned())),
+            // A fetch is answered by its piece (here a refusal: the sample task is not leased).
+            WorkerMsg::CheckpointFetch(_) => {
+                assert!(types.contains(&"checkpoint_piece".to_owned()), "{types:?}")
+            }
             m if m.seq().is_some() => {
                 let want = format!("{}_ack", m.type_name());
                 assert!(types.contains(&want), "{} got {types:?}", m.type_name());

@@ -1,4 +1,5 @@
 use std::time::Duration;
+use tether_faultproxy::{Direction, Fault, FaultKind};
 use tether_testkit::*;
 
 use tether_worker::{ConnState, Executors};
@@ -110,41 +111,71 @@ async fn a_lost_worker_s_task_resumes_elsewhere_from_its_checkpoint_and_its_late
     c.stop().await;
 }
 
+/// `n` bytes that do not compress, as a real checkpoint's often do not (xorshift64*).
+fn noise(n: u64) -> Vec<u8> {
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    (0..n)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+        })
+        .collect()
+}
+
+/// FNV-1a: says whether two byte strings are the same.
+fn digest(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Writes a checkpoint of `config.bytes` and then runs until cancelled; resumed from a
+/// checkpoint, it ends at once with the checkpoint's length and digest; a later attempt
+/// without one ends at once too.
+fn big_checkpoint_executors() -> Executors {
+    let mut e = Executors::builtin();
+    e.register(
+        "big-checkpoint",
+        executor(|input, ctx| async move {
+            if let Some(cp) = ctx.latest_checkpoint() {
+                return Ok(serde_json::json!({
+                    "resumed": true,
+                    "len": cp.len(),
+                    "digest": digest(&cp).to_string(),
+                }));
+            }
+            if input.attempt.0 > 1 {
+                return Ok(serde_json::json!({ "resumed": false }));
+            }
+            ctx.checkpoint(noise(input.config["bytes"].as_u64().unwrap_or(0)))
+                .await;
+            ctx.cancelled().await;
+            Err(tether_worker::ExecError::Cancelled)
+        }),
+    );
+    e
+}
+
 #[tokio::test]
-async fn a_checkpoint_too_large_for_the_next_worker_s_frames_is_left_out_and_the_task_runs() {
+async fn a_checkpoint_larger_than_a_message_follows_its_task_in_pieces_through_a_cut() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
-    // Writes a checkpoint of `config.bytes` and then runs until cancelled; resumed from a
-    // checkpoint, or on a second attempt, it ends at once and says whether it resumed.
-    let with_big = || {
-        let mut e = Executors::builtin();
-        e.register(
-            "big-checkpoint",
-            executor(|input, ctx| async move {
-                let resumed = ctx.latest_checkpoint().is_some();
-                if resumed || input.attempt.0 > 1 {
-                    return Ok(serde_json::json!({ "resumed": resumed }));
-                }
-                let bytes = input.config["bytes"].as_u64().unwrap_or(0);
-                // Bytes that do not compress, as a real checkpoint's often do not.
-                let data: Vec<u8> = (0..bytes)
-                    .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
-                    .collect();
-                ctx.checkpoint(data).await;
-                ctx.cancelled().await;
-                Err(tether_worker::ExecError::Cancelled)
-            }),
-        );
-        e
-    };
-    let a = spawn_worker(fast_worker_config(&c.ws_url(), "a"), with_big());
+    // Frames of 1 MiB: the 5 MB checkpoint is 6.7 MB as base64, more than six of them.
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.max_frame = 1024 * 1024;
+    let c = spawn_coordinator_with(cfg, None).await;
+    let a = spawn_worker(
+        fast_worker_config(&c.ws_url(), "a"),
+        big_checkpoint_executors(),
+    );
     a.wait_state(|s| s == ConnState::Connected).await;
     let client = c.client();
-    // 3 MB: 4 MB as base64 in an assignment, twice what worker b takes in a frame.
+    const BYTES: u64 = 5_000_000;
     let id = client
         .submit(&[tether_proto::TaskSpec::new(
             "big-checkpoint",
-            serde_json::json!({ "bytes": 3_000_000 }),
+            serde_json::json!({ "bytes": BYTES }),
         )])
         .await
         .remove(0);
@@ -153,24 +184,62 @@ async fn a_checkpoint_too_large_for_the_next_worker_s_frames_is_left_out_and_the
         DEADLINE,
         || async {
             let t = client.task(&id).await;
-            (!t["latest_checkpoint"].is_null()).then_some(())
+            (t["latest_checkpoint"]["size"] == BYTES).then_some(())
         },
     )
     .await;
     a.stop().await.expect("stop");
-    let mut cfg = fast_worker_config(&c.ws_url(), "b");
-    cfg.max_frame = 2 * 1024 * 1024;
-    let b = spawn_worker(cfg, with_big());
-    // Once a is lost the task goes to b, without the checkpoint b could not receive: it runs
-    // afresh rather than end b's session at every resend of its assignment.
+    // Worker b takes the task over through a link of 2 MB/s towards it: the pieces take
+    // seconds to arrive, and the link is cut while they do.
+    let proxy = crate::faults::proxy_in_front(&c, 5).await;
+    let _slow = proxy
+        .add_fault(Fault::new(
+            "slow",
+            FaultKind::Bandwidth {
+                bytes_per_sec: 2_000_000,
+            },
+            Direction::Downstream,
+        ))
+        .await
+        .expect("fault");
+    let b = spawn_worker(
+        fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "b"),
+        big_checkpoint_executors(),
+    );
+    let metrics = format!("http://{}/metrics", c.addr);
+    let served = || async {
+        metric_value(
+            &scrape(&metrics).await,
+            "tether_checkpoint_bytes_served_total",
+            &[],
+        )
+        .unwrap_or(0.0)
+    };
+    wait_for("the first pieces to be served", DEADLINE, || async {
+        (served().await > 0.0).then_some(())
+    })
+    .await;
+    proxy.down().await;
+    b.wait_state(|s| s != ConnState::Connected).await;
+    proxy.up().await.expect("up");
     let t = client.wait_status(&id, "completed").await;
     assert_eq!(t["attempts"][1]["worker"], "b", "{t}");
     let results = client.results(&id).await;
+    let r = &results[0]["body"]["result"];
+    assert_eq!(r["resumed"], true, "{results:?}");
+    assert_eq!(r["len"], BYTES, "{results:?}");
     assert_eq!(
-        results[0]["body"]["result"]["resumed"], false,
+        r["digest"],
+        digest(&noise(BYTES)).to_string(),
         "{results:?}"
     );
-    assert_eq!(b.handle.registrations(), 1);
+    // The pieces lost in the cut were asked for again in the next session.
+    assert!(b.handle.registrations() >= 2);
+    let again = served().await;
+    assert!(
+        again > BYTES as f64,
+        "{again} bytes served: the cut lost none in flight"
+    );
     b.stop().await.expect("stop");
     c.stop().await;
 }

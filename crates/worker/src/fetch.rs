@@ -1,0 +1,301 @@
+//! Fetching the checkpoint an assignment named without its bytes (too large to travel in it):
+//! byte ranges asked for a few at a time with `checkpoint_fetch`, each answered by one
+//! `checkpoint_piece`. The requests go through the outbox, so one lost with a session is asked
+//! again in the next, and one the coordinator never answers ends the session like any message
+//! it never acknowledges.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tether_proto::msg::{CheckpointFetch, CheckpointPiece, WorkerMsg, now};
+use tether_proto::{Attempt, CheckpointId, Seq, TaskId};
+use tokio::sync::mpsc;
+
+use crate::executor::{StoredCheckpoint, TaskShared};
+use crate::outbox::{Class, Outbox};
+
+/// The largest piece asked for at once (smaller when a frame either end takes is smaller).
+pub const FETCH_PIECE: usize = 1024 * 1024;
+
+/// Pieces asked for and not yet answered, per checkpoint.
+pub const FETCH_WINDOW: usize = 4;
+
+/// The checkpoint to fetch: what the assignment said of it.
+#[derive(Debug, Clone)]
+pub(crate) struct Wanted {
+    pub id: CheckpointId,
+    /// The attempt that wrote it.
+    pub attempt: Attempt,
+    pub size: u64,
+}
+
+/// Why a fetch ended without the checkpoint.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum FetchError {
+    /// The attempt was stopped (cancelled, superseded, the worker stopping).
+    Stopped,
+    /// The coordinator could not serve it, or served something else.
+    Failed(String),
+}
+
+/// The fetches in progress, by task: where the session hands the pieces it receives.
+#[derive(Debug, Default)]
+pub(crate) struct Fetches {
+    by_task: Mutex<HashMap<TaskId, mpsc::UnboundedSender<CheckpointPiece>>>,
+}
+
+impl Fetches {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<TaskId, mpsc::UnboundedSender<CheckpointPiece>>> {
+        self.by_task.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands a piece to the fetch of its task; one that no fetch waits for (its attempt ended,
+    /// or it answers a request a previous process made) is dropped.
+    pub(crate) fn deliver(&self, piece: CheckpointPiece) {
+        let tx = self.lock().get(&piece.task_id).cloned();
+        match tx {
+            Some(tx) => {
+                let _ = tx.send(piece);
+            }
+            None => {
+                tracing::debug!(task = %piece.task_id, offset = piece.offset, "checkpoint piece for no fetch in progress; dropped")
+            }
+        }
+    }
+}
+
+/// Removes a fetch from [`Fetches`] when it ends, unless a newer attempt's replaced it.
+struct Registered<'a> {
+    fetches: &'a Fetches,
+    task_id: TaskId,
+    tx: mpsc::UnboundedSender<CheckpointPiece>,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let mut map = self.fetches.lock();
+        if map
+            .get(&self.task_id)
+            .is_some_and(|tx| tx.same_channel(&self.tx))
+        {
+            map.remove(&self.task_id);
+        }
+    }
+}
+
+/// Fetches `wanted` for the attempt of `shared`, `piece` bytes at most a request.
+pub(crate) async fn fetch(
+    outbox: &Outbox,
+    fetches: &Fetches,
+    shared: &TaskShared,
+    wanted: &Wanted,
+    piece: usize,
+) -> Result<StoredCheckpoint, FetchError> {
+    let size = wanted.size;
+    let mut data = Vec::new();
+    usize::try_from(size)
+        .ok()
+        .and_then(|n| data.try_reserve_exact(n).ok())
+        .ok_or_else(|| FetchError::Failed(format!("no memory for a checkpoint of {size} bytes")))?;
+    data.resize(size as usize, 0);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    fetches.lock().insert(shared.task_id.clone(), tx.clone());
+    let _registered = Registered {
+        fetches,
+        task_id: shared.task_id.clone(),
+        tx,
+    };
+    let piece = piece.max(1) as u64;
+    // Requests not yet answered: sequence number to (offset, length).
+    let mut asked: HashMap<Seq, (u64, u64)> = HashMap::new();
+    let (mut next, mut filled) = (0u64, 0u64);
+    while filled < size {
+        while asked.len() < FETCH_WINDOW && next < size {
+            let len = piece.min(size - next);
+            outbox.reserve().await;
+            let seq = outbox.push(Class::Notice, None, |seq| {
+                WorkerMsg::CheckpointFetch(CheckpointFetch {
+                    seq,
+                    task_id: shared.task_id.clone(),
+                    attempt: shared.attempt,
+                    checkpoint_id: wanted.id.clone(),
+                    offset: next,
+                    len,
+                    timestamp: now(),
+                })
+            });
+            asked.insert(seq, (next, len));
+            next += len;
+        }
+        let p = tokio::select! {
+            p = rx.recv() => p.ok_or(FetchError::Stopped)?,
+            _ = shared.cancel.cancelled() => return Err(FetchError::Stopped),
+        };
+        // An answer to a request sent twice (a `sync_state` resends the outbox) comes twice.
+        let Some((offset, len)) = asked.remove(&p.ack_seq) else {
+            continue;
+        };
+        if let Some(error) = p.error {
+            return Err(FetchError::Failed(error));
+        }
+        let bytes = p.data.map(|b| b.0).unwrap_or_default();
+        if p.checkpoint_id != wanted.id || p.offset != offset || bytes.len() as u64 != len {
+            return Err(FetchError::Failed(format!(
+                "asked for {len} bytes at {offset} of checkpoint {}, got {} bytes at {} of {}",
+                wanted.id,
+                bytes.len(),
+                p.offset,
+                p.checkpoint_id
+            )));
+        }
+        data[offset as usize..][..bytes.len()].copy_from_slice(&bytes);
+        filled += len;
+    }
+    Ok(StoredCheckpoint {
+        id: wanted.id.clone(),
+        attempt: wanted.attempt,
+        data: Arc::new(data),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::Limits;
+    use tether_proto::task::Blob;
+
+    fn id(s: &str) -> CheckpointId {
+        CheckpointId::parse(s).expect("id")
+    }
+
+    /// The fetches the outbox holds unsent now, as (seq, offset, len).
+    fn asked(outbox: &Outbox) -> Vec<(Seq, u64, u64)> {
+        outbox
+            .take_unsent(100)
+            .into_iter()
+            .map(|(seq, m)| match m.as_ref() {
+                WorkerMsg::CheckpointFetch(f) => (seq, f.offset, f.len),
+                other => panic!("not a fetch: {other:?}"),
+            })
+            .collect()
+    }
+
+    fn answer(seq: Seq, offset: u64, data: &[u8]) -> CheckpointPiece {
+        CheckpointPiece {
+            ack_seq: seq,
+            task_id: TaskId::parse("t").expect("id"),
+            checkpoint_id: id("c"),
+            offset,
+            data: Some(Blob(data.to_vec())),
+            error: None,
+            timestamp: now(),
+        }
+    }
+
+    struct Setup {
+        outbox: Outbox,
+        fetches: Fetches,
+        shared: Arc<TaskShared>,
+        wanted: Wanted,
+    }
+
+    fn setup(size: u64) -> Setup {
+        Setup {
+            outbox: Outbox::new(Limits::default()),
+            fetches: Fetches::default(),
+            shared: TaskShared::new(TaskId::parse("t").expect("id"), Attempt(2), None),
+            wanted: Wanted {
+                id: id("c"),
+                attempt: Attempt(1),
+                size,
+            },
+        }
+    }
+
+    /// Lets the fetch run until it waits.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Runs a fetch until it waits for answers.
+    async fn until_waiting<F: std::future::Future>(run: std::pin::Pin<&mut F>) {
+        tokio::select! {
+            _ = run => panic!("ended before any answer"),
+            () = settle() => {}
+        }
+    }
+
+    #[tokio::test]
+    async fn pieces_are_asked_a_window_at_a_time_and_put_together_in_any_order() {
+        let s = setup(20);
+        let data: Vec<u8> = (0..20).collect();
+        let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, 3);
+        tokio::pin!(run);
+        let mut answered = 0;
+        loop {
+            tokio::select! {
+                r = &mut run => {
+                    let cp = r.expect("fetched");
+                    assert_eq!(*cp.data, data);
+                    assert_eq!((cp.id, cp.attempt), (id("c"), Attempt(1)));
+                    break;
+                }
+                () = settle() => {
+                    let mut batch = asked(&s.outbox);
+                    assert!(batch.len() <= FETCH_WINDOW, "{batch:?}");
+                    assert!(!batch.is_empty(), "the fetch waits for nothing");
+                    // Answered last first, the first one twice (a resent request).
+                    batch.reverse();
+                    for (seq, offset, len) in &batch {
+                        let range = &data[*offset as usize..(*offset + *len) as usize];
+                        s.fetches.deliver(answer(*seq, *offset, range));
+                        answered += 1;
+                    }
+                    let (seq, offset, len) = batch[batch.len() - 1];
+                    s.fetches
+                        .deliver(answer(seq, offset, &data[offset as usize..(offset + len) as usize]));
+                }
+            }
+        }
+        assert_eq!(answered, 7, "20 bytes in pieces of 3");
+        assert!(
+            s.fetches.lock().is_empty(),
+            "the fetch leaves no route behind"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_or_wrong_piece_fails_the_fetch_and_a_stopped_attempt_stops_it() {
+        for case in ["refused", "short", "moved"] {
+            let s = setup(10);
+            let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, 100);
+            tokio::pin!(run);
+            until_waiting(run.as_mut()).await;
+            let (seq, offset, _) = asked(&s.outbox)[0];
+            let mut p = answer(seq, offset, &[0; 10]);
+            match case {
+                "refused" => {
+                    p.data = None;
+                    p.error = Some("task t is not leased".into());
+                }
+                "short" => p.data = Some(Blob(vec![0; 9])),
+                _ => p.offset = 1,
+            }
+            s.fetches.deliver(p);
+            match run.await {
+                Err(FetchError::Failed(e)) => assert!(!e.is_empty(), "{case}"),
+                other => panic!("{case}: {other:?}"),
+            }
+        }
+        let s = setup(10);
+        let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, 100);
+        tokio::pin!(run);
+        until_waiting(run.as_mut()).await;
+        s.shared.cancel.cancel();
+        assert_eq!(run.await.err(), Some(FetchError::Stopped));
+    }
+}
