@@ -220,10 +220,14 @@ impl Core {
                 if let Err(e) = self.task(&task) {
                     return reply_after_commit(b, reply, Err(e));
                 }
+                // Only a complete checkpoint of this task: another task's id is not found here.
                 b.reads.push(Box::new(move |conn| {
-                    let r = match store::read_checkpoint_data(conn, &checkpoint) {
+                    let all = store::read_checkpoint_range(conn, &task, &checkpoint, 0, u64::MAX);
+                    let r = match all {
                         Ok(Some(d)) => Ok(d),
-                        Ok(None) => Err(ApiError::NotFound(format!("no checkpoint {checkpoint}"))),
+                        Ok(None) => Err(ApiError::NotFound(format!(
+                            "task {task} has no checkpoint {checkpoint}"
+                        ))),
                         Err(e) => Err(internal(e)),
                     };
                     let _ = reply.send(r);

@@ -333,6 +333,14 @@ async fn only_the_latest_checkpoints_of_a_task_are_kept_across_a_coordinator_res
         .get(&format!("/api/v1/tasks/{id}/checkpoints/{}", before[0]))
         .await;
     assert_eq!(status, 404);
+    // A kept one is served under its own task only.
+    let other = client.submit(&[sleep_task(10, 1, 0)]).await.remove(0);
+    for (task, want) in [(&id, 200), (&other, 404)] {
+        let (status, _) = client
+            .get(&format!("/api/v1/tasks/{task}/checkpoints/{}", kept[0]))
+            .await;
+        assert_eq!(status, want, "checkpoint {} under task {task}", kept[0]);
+    }
     w.stop().await.expect("stop");
     c.stop().await;
 }
