@@ -243,6 +243,7 @@ impl Core {
         w.state = WorkerState::Connected;
         w.disconnected_at = None;
         w.disconnected_mono = None;
+        self.unregistered.remove(worker);
         // Saved now, with its statistics: the next telemetry need not save it again.
         w.stats_saved = Some(tokio::time::Instant::now());
         self.free.insert(worker.clone());

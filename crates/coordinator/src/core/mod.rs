@@ -209,11 +209,16 @@ pub struct Core {
     checkpoint_history: IdMap<TaskId, VecDeque<CheckpointId>>,
     /// Finished tasks by the time they finished, for retention.
     finished: BTreeSet<(DateTime<Utc>, TaskId)>,
-    /// Workers without a registered session, in the order they lost it (when they came, for
-    /// one never registered), with that instant: the sweep looks at those past the grace
-    /// period only, instead of at every worker every second. An entry is stale (and dropped)
-    /// once the worker's `disconnected_mono` no longer equals its instant.
+    /// Workers without a registered session, in the order they lost it (since the start, for
+    /// one known only by the leases the store held), with that instant: the sweep looks at
+    /// those past the grace period only, instead of at every worker every second. An entry is
+    /// stale (and dropped) once the worker's `disconnected_mono` no longer equals its instant.
     disconnects: VecDeque<(tokio::time::Instant, WorkerId)>,
+    /// Workers whose record was made for a session that has not registered (none was loaded or
+    /// registered before): the record goes with that session unless it registers, so a
+    /// connection that never registers is neither listed once it ended nor saved.
+    // INVARIANT: such a record holds no lease (only a registered worker is given one).
+    unregistered: IdSet<WorkerId>,
     /// Leased tasks with a timeout, for the sweep's overdue check; entries of tasks no longer
     /// leased are dropped when the sweep comes to them.
     timed_leases: IdSet<TaskId>,
@@ -242,6 +247,7 @@ impl Core {
             checkpoint_history: IdMap::default(),
             finished: BTreeSet::new(),
             disconnects: VecDeque::new(),
+            unregistered: IdSet::default(),
             timed_leases: IdSet::default(),
             sweeps: 0,
             next_submit_seq: 0,
@@ -412,11 +418,12 @@ impl Core {
 
     fn on_connected(&mut self, worker: WorkerId, session: SessionRef) {
         let w = self.workers.entry(worker.clone()).or_insert_with(|| {
-            let w = Worker::new(worker.clone(), now());
-            // Lost after the grace period unless it registers (see `sweep`).
-            if let Some(t) = w.disconnected_mono {
-                self.disconnects.push_back((t, worker.clone()));
-            }
+            // Not a worker yet: a connection, whose record goes with it unless it registers
+            // (`on_disconnected`). It holds nothing for the sweep to release.
+            self.unregistered.insert(worker.clone());
+            let mut w = Worker::new(worker.clone(), now());
+            w.disconnected_at = None;
+            w.disconnected_mono = None;
             w
         });
         if let Some(old) = w.session.replace(session) {
@@ -442,6 +449,13 @@ impl Core {
         // INVARIANT: only the session that owns the worker may mark it disconnected; the late
         // close of a replaced session changes nothing.
         if w.session.as_ref().map(|s| s.id) != Some(session_id) {
+            return;
+        }
+        if w.leases.is_empty() && self.unregistered.remove(worker) {
+            // It never registered: no worker to list, keep or save.
+            self.workers.remove(worker);
+            self.free.remove(worker);
+            tracing::debug!(worker = %worker, session = session_id, "a connection that never registered ended; no worker record kept");
             return;
         }
         w.session = None;

@@ -300,6 +300,71 @@ fn a_session_that_never_registers_does_not_keep_a_lost_worker_s_leases() {
     assert!(h.core.tasks[&t].lease.is_none());
 }
 
+#[test]
+fn a_connection_that_never_registers_leaves_no_worker_record_and_saves_none() {
+    let mut h = Harness::new();
+    let (tx, _rx) = super::mailbox::channel();
+    h.step(Event::Connected {
+        worker: wid("stranger"),
+        session: SessionRef::new(7, tx),
+    });
+    assert_eq!(
+        h.core.workers[&wid("stranger")].state,
+        WorkerState::Connecting,
+        "listed as connecting while its connection is open"
+    );
+    let mut b = Batch::default();
+    h.core.apply(
+        Event::Disconnected {
+            worker: wid("stranger"),
+            session_id: 7,
+        },
+        &mut b,
+    );
+    assert!(h.core.workers.is_empty(), "no record once it ended");
+    assert!(
+        !b.muts
+            .iter()
+            .any(|m| matches!(m, crate::store::Mutation::PutWorker(_))),
+        "nothing saved"
+    );
+    let mut b = Batch::default();
+    h.core.sweep(&mut b);
+    assert!(b.muts.is_empty() && h.core.workers.is_empty());
+
+    // A registered worker that disconnects is kept and saved, as before.
+    let (s, _rx) = h.connect("a");
+    let mut b = Batch::default();
+    h.core.apply(
+        Event::Disconnected {
+            worker: wid("a"),
+            session_id: s,
+        },
+        &mut b,
+    );
+    assert_eq!(h.core.workers[&wid("a")].state, WorkerState::Disconnected);
+    assert!(
+        b.muts
+            .iter()
+            .any(|m| matches!(m, crate::store::Mutation::PutWorker(w) if w.worker_id == wid("a")))
+    );
+    // A later connection of that worker that does not register leaves its record as it was.
+    let (tx, _rx) = super::mailbox::channel();
+    h.step(Event::Connected {
+        worker: wid("a"),
+        session: SessionRef::new(99, tx),
+    });
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: 99,
+    });
+    let w = &h.core.workers[&wid("a")];
+    assert_eq!(
+        (w.state, w.boot_id.as_str()),
+        (WorkerState::Disconnected, "b")
+    );
+}
+
 /// Runs the sweep as the core's loop does, with its effects.
 fn sweep(h: &mut Harness) {
     let mut b = Batch::default();

@@ -332,11 +332,15 @@ pub fn open(dir: &Path) -> Result<(Connection, Loaded), StoreError> {
         source,
     })?;
     let path = dir.join(DB_FILE);
-    // What a previous process journaled and did not fold yet (read first: a corrupt journal
-    // is refused before the database is opened for writing).
-    let journaled = states::read_journals(dir)?;
-    let conn = schema::open_checked(&path)?;
+    let found = schema::check(&path)?;
+    // What a previous process journaled and did not fold yet (read before the database is
+    // opened for writing: a corrupt journal is refused with the database untouched).
+    let journaled = states::read_journals(dir, found >= schema::WHOLE_JOURNALS)?;
+    let conn = schema::open_checked(&path, schema::WHOLE_JOURNALS - 1)?;
     states::replay(&conn, dir, journaled)?;
+    // Only once the journals an older coordinator made are gone (durably: `replay` syncs the
+    // directory) does the database say that every journal beside it is created whole.
+    schema::migrate(&conn, &path, SCHEMA_VERSION)?;
     let loaded = load(&conn).map_err(|e| match e {
         LoadError::Sql(source) => StoreError::Sql {
             path: path.clone(),

@@ -13,7 +13,14 @@ use super::StoreError;
 use crate::model::{AttemptRecord, CheckpointMeta, Lease, Task, Worker, WorkerState};
 
 /// The schema version this coordinator writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
+
+/// The version from which every state journal file in the data directory was created whole
+/// (`store::states`): one shorter than its header is damage, not a crash. A coordinator of an
+/// earlier version could leave such a file (a crash, or a failed write, between creating the
+/// file and writing its header), holding no state; its journals are read as it wrote them,
+/// and the version is set only once they are replayed and removed.
+pub(super) const WHOLE_JOURNALS: i64 = 5;
 
 /// Migrations from version N-1 to N, by index.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -93,15 +100,18 @@ WHERE seq IN (SELECT max(seq) FROM task_state_log GROUP BY task_id)
 ON CONFLICT(task_id) DO UPDATE SET attempt = excluded.attempt, state = excluded.state, updated_at = excluded.updated_at;
 DROP TABLE task_state_log;
 "#,
+    // Version 5: no change to the tables. State journal files are created whole (written
+    // under a temporary name, synced, renamed): see `WHOLE_JOURNALS`.
+    "",
 ];
 
 /// The writer connection's page cache: the task tables, `task_state` among them (a fold round
 /// rewrites the rows of every task with a new state).
 const WRITER_CACHE_KIB: u32 = 64 * 1024;
 
-/// Opens the database at `path`, refusing a corrupt file or a newer schema without changing it,
-/// then switches to WAL and applies pending migrations.
-pub(super) fn open_checked(path: &Path) -> Result<Connection, StoreError> {
+/// Checks the database at `path` read-only, refusing a corrupt file or a newer schema without
+/// changing it; returns its schema version (0 when there is no database yet).
+pub(super) fn check(path: &Path) -> Result<i64, StoreError> {
     let open_err = |source| StoreError::Open {
         path: path.to_owned(),
         source,
@@ -110,39 +120,50 @@ pub(super) fn open_checked(path: &Path) -> Result<Connection, StoreError> {
         path: path.to_owned(),
         detail,
     };
-    if path.exists() {
-        // SQLite would take an empty file for a new database and a directory for a disk error.
-        match std::fs::metadata(path) {
-            Ok(m) if m.is_dir() => return Err(corrupt("it is a directory, not a file".into())),
-            Ok(m) if m.len() == 0 => {
-                return Err(corrupt(
-                    "the file is empty: every database tether made holds at least its header; \
-                     if this data directory is new, delete the empty file"
-                        .into(),
-                ));
-            }
-            _ => {}
-        }
-        // Check read-only first, so that a file we refuse is left exactly as it was.
-        let ro = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(open_err)?;
-        let version: i64 = ro
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(|e| corrupt(e.to_string()))?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::TooNew {
-                path: path.to_owned(),
-                found: version,
-                supported: SCHEMA_VERSION,
-            });
-        }
-        let check: String = ro
-            .query_row("PRAGMA quick_check", [], |r| r.get(0))
-            .map_err(|e| corrupt(e.to_string()))?;
-        if check != "ok" {
-            return Err(corrupt(check));
-        }
+    if !path.exists() {
+        return Ok(0);
     }
+    // SQLite would take an empty file for a new database and a directory for a disk error.
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => return Err(corrupt("it is a directory, not a file".into())),
+        Ok(m) if m.len() == 0 => {
+            return Err(corrupt(
+                "the file is empty: every database tether made holds at least its header; \
+                 if this data directory is new, delete the empty file"
+                    .into(),
+            ));
+        }
+        _ => {}
+    }
+    // Read-only, so that a file we refuse is left exactly as it was.
+    let ro =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(open_err)?;
+    let version: i64 = ro
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| corrupt(e.to_string()))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let check: String = ro
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| corrupt(e.to_string()))?;
+    if check != "ok" {
+        return Err(corrupt(check));
+    }
+    Ok(version)
+}
+
+/// Opens the database at `path` (passed by [`check`]) for writing, switches to WAL and applies
+/// pending migrations up to version `through`.
+pub(super) fn open_checked(path: &Path, through: i64) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
     let conn = Connection::open(path).map_err(open_err)?;
     let sql = |source| StoreError::Sql {
         path: path.to_owned(),
@@ -164,12 +185,22 @@ pub(super) fn open_checked(path: &Path) -> Result<Connection, StoreError> {
         "PRAGMA cache_size = -{WRITER_CACHE_KIB}; PRAGMA temp_store = MEMORY;"
     ))
     .map_err(sql)?;
+    migrate(&conn, path, through)?;
+    Ok(conn)
+}
+
+/// Applies the migrations of `conn`'s database (at `path`) up to version `through`.
+pub(super) fn migrate(conn: &Connection, path: &Path, through: i64) -> Result<(), StoreError> {
+    let sql = |source| StoreError::Sql {
+        path: path.to_owned(),
+        source,
+    };
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(sql)?;
     for (i, migration) in MIGRATIONS.iter().enumerate() {
         let to = i as i64 + 1;
-        if version < to {
+        if version < to && to <= through {
             let tx = conn.unchecked_transaction().map_err(sql)?;
             tx.execute_batch(migration).map_err(sql)?;
             tx.execute_batch(&format!("PRAGMA user_version = {to};"))
@@ -178,7 +209,7 @@ pub(super) fn open_checked(path: &Path) -> Result<Connection, StoreError> {
             tracing::info!(db = %path.display(), version = to, "database migrated");
         }
     }
-    Ok(conn)
+    Ok(())
 }
 
 /// The persisted part of a worker.

@@ -12,7 +12,11 @@
 //! deletes the journal files the round covered.
 //!
 //! The journal is a sequence of files `states-<generation>.journal`; a round begins by moving
-//! the appends to the next generation. Each file is a magic header, then one frame per group:
+//! the appends to the next generation. A file is created whole: its header is written under a
+//! temporary name (`.journal.tmp`), synced, renamed into place and the directory synced, so a
+//! journal file always holds at least its header, whatever the durability and whatever a crash
+//! interrupts (a temporary file left behind is removed at the next start, unread). Each file is
+//! a magic header, then one frame per group:
 //! its length, the CRC-32 of its payload, and the payload (the group's commit time, then its
 //! records in order: a task's state, or a task's deletion, so that a deleted task's older
 //! states are not brought back). Opening the database replays every journal file, oldest
@@ -20,10 +24,13 @@
 //! that stops. A frame that is cut short, zeroed or fails its CRC (a write torn by a crash of
 //! the machine: without `--durability machine` the journal is not synced) ends what is read of
 //! that file, as a torn WAL frame ends SQLite's WAL, and is reported; a file with a wrong
-//! header, a frame whose CRC holds but whose records do not parse, or a damaged frame with a
-//! whole one after it behind bytes that are not zeros (damage, which no crash makes) is
-//! refused as corrupt ([`StoreError::CorruptJournal`]) before the database is opened for
-//! writing.
+//! header, a file shorter than its header (empty, say: its states were lost), a frame whose CRC
+//! holds but whose records do not parse, or a damaged frame with a whole one after it behind
+//! bytes that are not zeros (damage, which no crash makes) is refused as corrupt
+//! ([`StoreError::CorruptJournal`]) before the database is opened for writing. (Coordinators
+//! before schema version 5 created the file in place, so a crash could leave one shorter than
+//! its header and holding no state: a data directory they left is read with that allowed; see
+//! `schema::WHOLE_JOURNALS`.)
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -135,6 +142,28 @@ fn journal_files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
 
 fn journal_path(dir: &Path, generation: u64) -> PathBuf {
     dir.join(format!("states-{generation}.journal"))
+}
+
+/// Where a journal file is made before it is renamed into place.
+fn temporary_path(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("states-{generation}.journal.tmp"))
+}
+
+/// The temporary files of journal creations a crash cut short, in `dir`.
+fn temporary_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let is_temporary = entry.file_name().to_str().is_some_and(|n| {
+            n.strip_prefix("states-")
+                .and_then(|n| n.strip_suffix(".journal.tmp"))
+                .is_some_and(|g| g.parse::<u64>().is_ok())
+        });
+        if is_temporary {
+            files.push(entry.path());
+        }
+    }
+    Ok(files)
 }
 
 /// Makes a file's creation or removal in `dir` durable.
@@ -328,7 +357,14 @@ pub(super) struct FileRead {
 }
 
 /// Reads the journal file at `path` into `into` (the newest state of each task, in order).
-fn read_file(path: &Path, into: &mut IdMap<String, Replayed>) -> Result<FileRead, StoreError> {
+/// With `whole` (the data directory's journals were created whole), a file shorter than its
+/// header is corrupt; without, it is one an older coordinator created and crashed before its
+/// header was written, and holds nothing.
+fn read_file(
+    path: &Path,
+    into: &mut IdMap<String, Replayed>,
+    whole: bool,
+) -> Result<FileRead, StoreError> {
     let corrupt = |detail: String| StoreError::CorruptJournal {
         path: path.to_owned(),
         detail,
@@ -339,7 +375,18 @@ fn read_file(path: &Path, into: &mut IdMap<String, Replayed>) -> Result<FileRead
         .map_err(|e| corrupt(format!("cannot read the state journal: {e}")))?;
     let mut read = FileRead::default();
     if bytes.len() < MAGIC.len() {
-        // Created, and the machine stopped before its header was written.
+        if whole {
+            let size = match bytes.len() {
+                0 => "it is empty (0 bytes)".to_owned(),
+                n => format!("it is {n} bytes long"),
+            };
+            return Err(corrupt(format!(
+                "{size}, yet every journal file is created holding its {}-byte header: the \
+                 task states it held were lost",
+                MAGIC.len()
+            )));
+        }
+        // Created in place by an older coordinator, which stopped before its header was written.
         read.torn_bytes = bytes.len() as u64;
         return Ok(read);
     }
@@ -407,19 +454,26 @@ fn whole_frame(bytes: &[u8], at: usize) -> Option<&[u8]> {
 #[derive(Debug, Default)]
 pub(super) struct Journaled {
     files: Vec<PathBuf>,
+    /// Temporary files of creations cut short: removed, never read.
+    temporary: Vec<PathBuf>,
     /// The newest state of each task, by task id.
     latest: IdMap<String, Replayed>,
 }
 
-/// Reads every journal file in `dir`, oldest first.
-pub(super) fn read_journals(dir: &Path) -> Result<Journaled, StoreError> {
-    let files = journal_files(dir).map_err(|source| StoreError::DataDir {
+/// Reads every journal file in `dir`, oldest first; `whole` when the data directory's journal
+/// files were all created whole (see [`read_file`]).
+pub(super) fn read_journals(dir: &Path, whole: bool) -> Result<Journaled, StoreError> {
+    let data_dir = |source| StoreError::DataDir {
         path: dir.to_owned(),
         source,
-    })?;
-    let mut out = Journaled::default();
+    };
+    let files = journal_files(dir).map_err(data_dir)?;
+    let mut out = Journaled {
+        temporary: temporary_files(dir).map_err(data_dir)?,
+        ..Journaled::default()
+    };
     for (_, path) in files {
-        let read = read_file(&path, &mut out.latest)?;
+        let read = read_file(&path, &mut out.latest, whole)?;
         if read.torn_bytes > 0 {
             tracing::warn!(journal = %path.display(), frames = read.frames, torn_bytes = read.torn_bytes, "the state journal ends in a torn write (a crash of the machine); its last unsynced group is not replayed");
         }
@@ -435,8 +489,12 @@ pub(super) fn replay(
     dir: &Path,
     journaled: Journaled,
 ) -> Result<usize, StoreError> {
-    let Journaled { files, latest } = journaled;
-    if files.is_empty() {
+    let Journaled {
+        files,
+        temporary,
+        latest,
+    } = journaled;
+    if files.is_empty() && temporary.is_empty() {
         return Ok(0);
     }
     let db = dir.join(super::DB_FILE);
@@ -465,7 +523,7 @@ pub(super) fn replay(
         }
     }
     tx.commit().map_err(sql)?;
-    for path in &files {
+    for path in files.iter().chain(&temporary) {
         std::fs::remove_file(path).map_err(io)?;
     }
     // Before anything newer is written: a removal lost to a crash would replay older states.
@@ -497,7 +555,8 @@ struct Journal {
     grown: u64,
     /// Bytes of the files a round under way covers (deleted at its end).
     covered: u64,
-    /// Synced at each append, and the directory at each new or removed file.
+    /// Synced at each append, and the directory at each removed file (a new file is synced
+    /// whatever this says: [`Journal::create`]).
     sync: bool,
     /// A round begins once `grown` reaches this.
     fold_bytes: u64,
@@ -507,18 +566,30 @@ struct Journal {
 }
 
 impl Journal {
-    fn create(dir: &Path, generation: u64, sync: bool) -> std::io::Result<File> {
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(journal_path(dir, generation))?;
-        file.write_all(MAGIC)?;
-        if sync {
+    /// Creates the journal file of `generation` whole: its header is written and synced under
+    /// a temporary name, which is then renamed into place, and the rename synced. A crash at
+    /// any point leaves no file under the journal's name, or one with its header; so an empty
+    /// journal file is damage, never a crash. This costs two syncs a file (about one a second
+    /// while states flow), with either durability.
+    fn create(dir: &Path, generation: u64) -> std::io::Result<File> {
+        let temporary = temporary_path(dir, generation);
+        let made: std::io::Result<File> = (|| {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(&temporary)?;
+            file.write_all(MAGIC)?;
             file.sync_data()?;
+            std::fs::rename(&temporary, journal_path(dir, generation))?;
             sync_dir(dir)?;
+            Ok(file)
+        })();
+        if made.is_err() {
+            // Gone already once renamed; else the next start would remove it.
+            let _ = std::fs::remove_file(&temporary);
         }
-        Ok(file)
+        made
     }
 }
 
@@ -561,7 +632,7 @@ impl States {
         fold_bytes: u64,
     ) -> std::io::Result<Self> {
         let generation = journal_files(dir)?.last().map_or(1, |(g, _)| g + 1);
-        let file = Journal::create(dir, generation, sync)?;
+        let file = Journal::create(dir, generation)?;
         let reaper = Reaper::start(dir, sync)
             .inspect_err(|e| tracing::warn!(dir = %dir.display(), error = %e, "cannot start the journal reaper; the writer removes folded journals itself"))
             .ok();
@@ -667,7 +738,7 @@ impl States {
             }
             let j = &mut self.journal;
             let through = j.generation;
-            j.file = Journal::create(&j.dir, through + 1, j.sync)?;
+            j.file = Journal::create(&j.dir, through + 1)?;
             j.generation = through + 1;
             j.covered += j.grown + MAGIC.len() as u64;
             j.grown = 0;
@@ -824,11 +895,20 @@ mod tests {
     }
 
     fn read_bytes(bytes: &[u8]) -> Result<(FileRead, IdMap<String, Replayed>), StoreError> {
+        read_bytes_of(bytes, true)
+    }
+
+    /// Reads `bytes` as a journal file of a data directory whose journals were created `whole`
+    /// (or not: an older coordinator's).
+    fn read_bytes_of(
+        bytes: &[u8],
+        whole: bool,
+    ) -> Result<(FileRead, IdMap<String, Replayed>), StoreError> {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = journal_path(dir.path(), 1);
         std::fs::write(&path, bytes).expect("write");
         let mut map = IdMap::default();
-        read_file(&path, &mut map).map(|r| (r, map))
+        read_file(&path, &mut map, whole).map(|r| (r, map))
     }
 
     #[test]
@@ -885,9 +965,58 @@ mod tests {
         *bad.last_mut().expect("byte") ^= 1;
         let (read, map) = read_bytes(&bad).expect("read");
         assert_eq!((read.frames, map["a"].1.as_str()), (1, "1"));
-        // Shorter than the header: created, never written.
-        let (read, map) = read_bytes(&MAGIC[..3]).expect("read");
-        assert_eq!((read.frames, read.torn_bytes, map.len()), (0, 3, 0));
+    }
+
+    #[test]
+    fn a_file_shorter_than_its_header_is_corrupt_unless_an_older_coordinator_made_it() {
+        for len in [0, 3, MAGIC.len() - 1] {
+            let err = read_bytes(&MAGIC[..len]).expect_err("no journal file is made short");
+            let msg = err.to_string();
+            assert!(matches!(err, StoreError::CorruptJournal { .. }), "{msg}");
+            assert!(msg.contains("task states it held were lost"), "{msg}");
+            if len == 0 {
+                assert!(msg.contains("empty (0 bytes)"), "{msg}");
+            }
+            // An older coordinator created the file in place: one that crashed before its
+            // header was written left it short, with nothing in it.
+            let (read, map) = read_bytes_of(&MAGIC[..len], false).expect("read");
+            assert_eq!(
+                (read.frames, read.torn_bytes, map.len()),
+                (0, len as u64, 0)
+            );
+        }
+        let (read, _) = read_bytes(MAGIC).expect("a header alone is a journal with no group");
+        assert_eq!(read, FileRead::default());
+    }
+
+    #[test]
+    fn a_new_journal_file_is_named_only_once_it_holds_its_header() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A creation that a crash cut short left its temporary file: it is overwritten.
+        std::fs::write(temporary_path(dir.path(), 4), b"TS").expect("write");
+        let mut file = Journal::create(dir.path(), 4).expect("create");
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["states-4.journal"], "no temporary file left");
+        assert_eq!(
+            std::fs::read(journal_path(dir.path(), 4)).expect("read"),
+            MAGIC
+        );
+        // Appends go after the header, to the file under its name.
+        file.write_all(b"x").expect("append");
+        assert_eq!(
+            std::fs::metadata(journal_path(dir.path(), 4))
+                .expect("meta")
+                .len(),
+            MAGIC.len() as u64 + 1
+        );
+        // A creation that fails leaves nothing under the journal's name.
+        std::fs::create_dir(journal_path(dir.path(), 5)).expect("a directory in the way");
+        Journal::create(dir.path(), 5).expect_err("cannot rename over a directory");
+        assert!(!temporary_path(dir.path(), 5).exists());
+        assert!(journal_path(dir.path(), 5).is_dir());
     }
 
     #[test]

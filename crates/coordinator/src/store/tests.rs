@@ -884,6 +884,83 @@ fn a_corrupt_journal_is_refused_and_left_untouched() {
 }
 
 #[test]
+fn an_empty_journal_is_refused_as_corrupt_by_name_and_left_untouched_with_the_database() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let mut j = Journaled::open(dir.path());
+        j.commit(vec![new_task("a"), state_mut("a", 1)]);
+    }
+    // The journal of a process that stopped without folding, its bytes lost.
+    let path = dir.path().join("states-1.journal");
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_len(0))
+        .expect("empty the journal");
+    let before = file_bytes(dir.path());
+    for _ in 0..2 {
+        let err = open(dir.path()).map(|_| ()).expect_err("refused");
+        assert!(
+            matches!(&err, StoreError::CorruptJournal { path: p, .. } if *p == path),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("empty (0 bytes)"), "{msg}");
+        assert!(path.exists(), "journal left in place");
+        assert_eq!(std::fs::metadata(&path).expect("journal").len(), 0);
+        assert_eq!(file_bytes(dir.path()), before, "database untouched");
+    }
+}
+
+#[test]
+fn an_upgrade_reads_an_older_coordinators_journals_as_it_wrote_them_then_creates_them_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let mut j = Journaled::open(dir.path());
+        j.commit(vec![new_task("a"), state_mut("a", 1)]);
+    }
+    // As a coordinator of schema 4 left the directory: a journal with a group in it, and an
+    // empty one it created and crashed before writing its header.
+    {
+        let conn = Connection::open(dir.path().join(DB_FILE)).expect("db");
+        conn.execute_batch("PRAGMA user_version = 4;")
+            .expect("version");
+    }
+    let empty = dir.path().join("states-2.journal");
+    std::fs::write(&empty, b"").expect("empty journal");
+    let version = |conn: &Connection| -> i64 {
+        conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version")
+    };
+    let (conn, _) = open(dir.path()).expect("an older coordinator's empty journal is accepted");
+    assert_eq!(state_n(&conn, "a"), Some(1), "replayed");
+    assert_eq!(journal(dir.path()), (0, 0), "both replayed and removed");
+    assert_eq!(version(&conn), SCHEMA_VERSION);
+    drop(conn);
+    // From now on this directory's journals are created whole: an empty one is damage.
+    {
+        let _j = Journaled::open(dir.path());
+    }
+    std::fs::write(dir.path().join("states-1.journal"), b"").expect("empty journal");
+    let err = open(dir.path()).map(|_| ()).expect_err("refused");
+    assert!(err.to_string().contains("empty (0 bytes)"), "{err}");
+}
+
+#[test]
+fn a_temporary_journal_file_a_crash_left_is_removed_at_start_and_not_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    drop(open(dir.path()).expect("open"));
+    // Not a journal (a creation cut short), whatever it holds.
+    let temporary = dir.path().join("states-3.journal.tmp");
+    std::fs::write(&temporary, b"TS").expect("write");
+    let (conn, loaded) = open(dir.path()).expect("open");
+    assert!(!temporary.exists());
+    assert!(loaded.unfolded.is_empty());
+    drop(conn);
+}
+
+#[test]
 fn durability_machine_syncs_the_journal_at_every_group_with_states_and_process_does_not() {
     let dir = tempfile::tempdir().expect("tempdir");
     for sync in [true, false] {

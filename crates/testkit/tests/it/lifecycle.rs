@@ -2,6 +2,8 @@ use tether_proto::TaskSpec;
 use tether_testkit::*;
 use tether_worker::{ConnState, Executors};
 
+use crate::raw::Raw;
+
 #[tokio::test]
 async fn a_worker_registers_and_runs_a_task_to_one_result() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -249,6 +251,67 @@ async fn a_second_connection_with_the_same_id_replaces_the_first_cleanly() {
         1
     );
     first.stop().await.expect("stop");
+    c.stop().await;
+}
+
+/// The worker list as `GET /api/v1/workers` gives it: (id, state, boot_id) by id.
+async fn worker_list(client: &Client) -> Vec<(String, String, String)> {
+    let workers: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
+    let mut v: Vec<(String, String, String)> = workers
+        .iter()
+        .map(|w| {
+            let s = |k: &str| w[k].as_str().unwrap_or_default().to_owned();
+            (s("worker_id"), s("state"), s("boot_id"))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn a_connection_that_never_registers_is_not_listed_or_saved_once_it_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let addr = c.addr;
+    let client = c.client();
+    // A worker that registers, then goes.
+    let mut known = Raw::connect(&c, "known").await;
+    let reg = known.registration(None, &[]);
+    known.send(&reg).await;
+    known.next_of("registration_ack").await;
+    // Two connections that never register: one closes, one drops its socket (an error).
+    let mut closes = Raw::connect(&c, "closes").await;
+    let drops = Raw::connect(&c, "drops").await;
+    let all_open = |l: &[(String, String, String)]| {
+        l.iter().filter(|w| w.1 == "connecting").count() == 2
+            && l.iter().any(|w| w.0 == "known" && w.1 == "connected")
+    };
+    wait_for("the core to hear of every connection", DEADLINE, || async {
+        all_open(&worker_list(&client).await).then_some(())
+    })
+    .await;
+    known.ws.close(None).await.expect("close");
+    closes.ws.close(None).await.expect("close");
+    drop(drops);
+    // Every session has ended: none connecting, the registered worker disconnected.
+    let list = wait_for("every session to end", DEADLINE, || async {
+        let l = worker_list(&client).await;
+        let ended = !l.iter().any(|w| w.1 == "connecting" || w.1 == "connected");
+        ended.then_some(l)
+    })
+    .await;
+    let expected = vec![("known".into(), "disconnected".into(), "b-raw".into())];
+    assert_eq!(list, expected, "only the registered worker is listed");
+    let o = client.overview().await;
+    assert_eq!(o["workers_known"], 1, "{o}");
+    assert_eq!(o["workers"]["disconnected"], 1, "{o}");
+    assert_eq!(o["workers"]["connecting"], 0, "{o}");
+
+    // Nor was either saved: a restarted coordinator knows the registered worker only.
+    c.stop().await;
+    let c =
+        spawn_coordinator_with(fast_coordinator_config(dir.path().to_owned()), Some(addr)).await;
+    assert_eq!(worker_list(&c.client()).await, expected, "after a restart");
     c.stop().await;
 }
 
