@@ -230,9 +230,25 @@ fn message_flood_measures_message_rate_and_latency() {
 
 #[test]
 fn checkpoint_heavy_resumes_crashed_workers_tasks_from_checkpoints() {
-    let r = stress(&["checkpoint_heavy", "--workers", "8", "--duration", "2s"]);
+    // Checkpoints over 256 KiB: the resumed tasks fetch theirs in pieces.
+    let r = stress(&[
+        "checkpoint_heavy",
+        "--workers",
+        "8",
+        "--duration",
+        "2s",
+        "--checkpoint-size",
+        "300000",
+    ]);
     assert!(r["checkpoints"].as_u64().unwrap_or(0) > 0);
     assert!(r["resumed_from_checkpoint"].as_u64().unwrap_or(0) > 0);
+    let whole = r["verdicts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == "every checkpoint resumed from was what its step wrote")
+        .expect("the verdict");
+    assert_eq!(whole["pass"], true, "{whole}");
 }
 
 #[test]
@@ -249,6 +265,10 @@ fn arguments_no_run_can_use_are_refused_by_name_before_anything_starts() {
     for (args, name) in [
         (&["steady_load", "--duration", "0s"][..], "--duration"),
         (&["message_flood", "--size", "100000000000"], "--size"),
+        (
+            &["checkpoint_heavy", "--checkpoint-size", "3"],
+            "--checkpoint-size",
+        ),
         (&["message_flood", "--rate", "0"], "--rate"),
         (&["steady_load", "--churn", "2"], "--churn"),
         (

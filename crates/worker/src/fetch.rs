@@ -14,8 +14,10 @@ use tokio::sync::mpsc;
 use crate::executor::{StoredCheckpoint, TaskShared};
 use crate::outbox::{Class, Outbox};
 
-/// The largest piece asked for at once (smaller when a frame either end takes is smaller).
-pub const FETCH_PIECE: usize = 1024 * 1024;
+/// The largest piece asked for at once (smaller when a frame either end takes is smaller): the
+/// size of an upload's pieces, so that no frame of a hand-over holds a session's heartbeats
+/// back longer than one of the upload.
+pub const FETCH_PIECE: usize = 256 * 1024;
 
 /// Pieces asked for and not yet answered, per checkpoint.
 pub const FETCH_WINDOW: usize = 4;

@@ -124,6 +124,9 @@ pub struct Status {
     pub completed: u64,
     pub resumed: u64,
     pub checkpoints: u64,
+    /// Checkpoints resumed from that were not what their step wrote.
+    #[serde(default)]
+    pub damaged: u64,
     pub flood_sent: u64,
 }
 
@@ -194,9 +197,22 @@ impl Striped {
 #[derive(Debug)]
 struct Shared {
     checkpoints: AtomicU64,
+    /// Checkpoints resumed from that were not what their step wrote.
+    damaged: AtomicU64,
     flood_sent: Striped,
     /// The origin of the flood clock (`in_step`).
     epoch: tokio::time::Instant,
+}
+
+impl Shared {
+    fn new() -> Self {
+        Self {
+            checkpoints: AtomicU64::new(0),
+            damaged: AtomicU64::new(0),
+            flood_sent: Striped::default(),
+            epoch: tokio::time::Instant::now(),
+        }
+    }
 }
 
 struct Member {
@@ -263,11 +279,7 @@ impl Shards {
 
 pub async fn run(a: FleetArgs) -> anyhow::Result<()> {
     super::raise_open_files();
-    let shared = Arc::new(Shared {
-        checkpoints: AtomicU64::new(0),
-        flood_sent: Striped::default(),
-        epoch: tokio::time::Instant::now(),
-    });
+    let shared = Arc::new(Shared::new());
     let shards = Shards::start(a.threads)?;
     let mut members: Vec<Member> = Vec::new();
     let mut set: JoinSet<()> = JoinSet::new();
@@ -336,6 +348,7 @@ fn status(members: &[Member], shared: &Shared) -> Status {
     let mut s = Status {
         started: members.len() as u64,
         checkpoints: shared.checkpoints.load(Ordering::Relaxed),
+        damaged: shared.damaged.load(Ordering::Relaxed),
         flood_sent: shared.flood_sent.sum(),
         ..Status::default()
     };
@@ -668,8 +681,27 @@ struct StepsConfig {
     size: usize,
 }
 
+/// The checkpoint step `step` writes: the step number, then `size - 4` bytes drawn from it
+/// (xorshift64*: they do not compress, as a real checkpoint's often do not), so that a resumed
+/// attempt can tell whether what it got is exactly what was written.
+fn step_checkpoint(step: u32, size: usize) -> Vec<u8> {
+    let mut data = Vec::with_capacity(size.max(4));
+    data.extend_from_slice(&step.to_le_bytes());
+    let mut x = 0x9E37_79B9_7F4A_7C15 ^ u64::from(step);
+    while data.len() < size {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let word = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+        let n = (size - data.len()).min(8);
+        data.extend_from_slice(&word[..n]);
+    }
+    data
+}
+
 /// `steps`: a long task that checkpoints after every step and resumes from its latest
-/// checkpoint; the result says where it resumed.
+/// checkpoint; the result says where it resumed. A checkpoint that is not exactly what its
+/// step wrote is counted as damaged (and the task starts over).
 struct Steps(Arc<Shared>);
 
 impl Executor for Steps {
@@ -681,11 +713,22 @@ impl Executor for Steps {
         let shared = self.0.clone();
         Box::pin(async move {
             let cfg: StepsConfig = config(input.config)?;
-            let resumed_at = ctx
-                .latest_checkpoint()
-                .and_then(|d| Some(u32::from_le_bytes(d.get(..4)?.try_into().ok()?)))
-                .unwrap_or(0)
-                .min(cfg.steps);
+            let resumed_at = match ctx.latest_checkpoint() {
+                Some(d) => {
+                    let step = d
+                        .get(..4)
+                        .and_then(|b| b.try_into().ok())
+                        .map_or(0, u32::from_le_bytes);
+                    if *d == step_checkpoint(step, cfg.size.max(4)) {
+                        step
+                    } else {
+                        shared.damaged.fetch_add(1, Ordering::Relaxed);
+                        0
+                    }
+                }
+                None => 0,
+            }
+            .min(cfg.steps);
             // One wait for cancellation across the steps (`TaskCtx::cancelled` allocates).
             let cancelled = ctx.cancelled();
             tokio::pin!(cancelled);
@@ -694,9 +737,8 @@ impl Executor for Steps {
                     _ = tokio::time::sleep(Duration::from_millis(cfg.step_ms)) => {}
                     _ = &mut cancelled => return Err(ExecError::Cancelled),
                 }
-                let mut data = vec![0u8; cfg.size.max(4)];
-                data[..4].copy_from_slice(&(i + 1).to_le_bytes());
-                ctx.checkpoint(data).await;
+                ctx.checkpoint(step_checkpoint(i + 1, cfg.size.max(4)))
+                    .await;
                 shared.checkpoints.fetch_add(1, Ordering::Relaxed);
             }
             Ok(serde_json::json!({"steps": cfg.steps, "resumed_at": resumed_at}))
@@ -708,6 +750,23 @@ impl Executor for Steps {
 mod tests {
     use super::*;
     use tether_proto::{Attempt, TaskId};
+
+    #[test]
+    fn a_step_checkpoint_is_its_step_then_bytes_drawn_from_it() {
+        for size in [4, 5, 13, 300_000] {
+            let a = step_checkpoint(7, size);
+            assert_eq!(a.len(), size);
+            assert_eq!(a[..4], 7u32.to_le_bytes());
+            assert_eq!(a, step_checkpoint(7, size), "the same step, the same bytes");
+            if size > 4 {
+                assert_ne!(
+                    a[4..],
+                    step_checkpoint(8, size)[4..],
+                    "another step's differ"
+                );
+            }
+        }
+    }
 
     #[test]
     fn a_flood_state_is_the_json_object_of_its_number_and_pad() {
@@ -739,11 +798,7 @@ mod tests {
         let a = <Flags as clap::Parser>::try_parse_from(["t", "--coordinator", "ws://127.0.0.1:1"])
             .expect("flags")
             .a;
-        let shared = Arc::new(Shared {
-            checkpoints: AtomicU64::new(0),
-            flood_sent: Striped::default(),
-            epoch: tokio::time::Instant::now(),
-        });
+        let shared = Arc::new(Shared::new());
         let shards = Shards::start(1).expect("shards");
         let (mut members, mut set) = (Vec::new(), JoinSet::new());
         start(&a, &shared, &shards, &mut members, &mut set, 1).expect("start");
@@ -787,11 +842,7 @@ mod tests {
     #[tokio::test]
     async fn a_flood_stops_soon_after_it_is_cancelled_at_any_rate() {
         for rate in [25.0, 0.5] {
-            let shared = Arc::new(Shared {
-                checkpoints: AtomicU64::new(0),
-                flood_sent: Striped::default(),
-                epoch: tokio::time::Instant::now(),
-            });
+            let shared = Arc::new(Shared::new());
             let flood = Flood { shared, phase: 0.0 };
             let (ctx, control) = TaskCtx::detached(TaskId::fresh(), Attempt(1));
             let input = TaskInput {

@@ -122,6 +122,10 @@ pub struct StressArgs {
     /// message_flood: bytes of padding per state update.
     #[arg(long, default_value_t = 64)]
     pub size: usize,
+    /// checkpoint_heavy: bytes of each checkpoint (over 256 KiB, a resumed task fetches its
+    /// checkpoint in pieces).
+    #[arg(long, default_value_t = 1024)]
+    pub checkpoint_size: usize,
     /// message_flood: the tasks of each worker report in step (each worker on its own phase of
     /// a fleet-wide clock), so a worker's updates leave together in one frame; by default each
     /// task reports at its own pace.
@@ -205,6 +209,10 @@ pub struct StressArgs {
 
 /// The largest `--size` of a state update: a message must fit in a frame with room to spare.
 pub const MAX_UPDATE_SIZE: usize = 1024 * 1024;
+/// The largest `--checkpoint-size`: a quarter of the coordinator's default checkpoint bound
+/// (each worker of the fleet holds its task's latest checkpoint, and its outbox the ones not
+/// yet acknowledged).
+pub const MAX_CHECKPOINT_SIZE: usize = 16 * 1024 * 1024;
 
 impl StressArgs {
     /// The simulated workers: `--workers`, else the scenario's default.
@@ -230,6 +238,9 @@ impl StressArgs {
         }
         if self.size > MAX_UPDATE_SIZE {
             bail!("--size must be at most {MAX_UPDATE_SIZE} bytes");
+        }
+        if !(4..=MAX_CHECKPOINT_SIZE).contains(&self.checkpoint_size) {
+            bail!("--checkpoint-size must be 4 to {MAX_CHECKPOINT_SIZE} bytes");
         }
         if !(0.0..=1.0).contains(&self.churn) {
             bail!("--churn must be a share of the workers, 0 to 1");

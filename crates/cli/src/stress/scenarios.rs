@@ -893,7 +893,8 @@ async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
     let duration = run.a.duration.unwrap_or(Duration::from_secs(6));
     let step_ms = 100u64;
     let steps = (duration.as_millis() as u64 / step_ms).max(2);
-    let cfg = json!({"steps": steps, "step_ms": step_ms, "size": 1024});
+    let size = run.a.checkpoint_size;
+    let cfg = json!({"steps": steps, "step_ms": step_ms, "size": size});
     let f0 = run.counter("messages_in").await?;
     let t0 = Instant::now();
     run.submit((0..tasks).map(|_| spec("steps", cfg.clone(), 5)).collect())
@@ -937,8 +938,13 @@ async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
             s.resumed
         ),
     );
+    r.verdict(
+        "every checkpoint resumed from was what its step wrote",
+        s.damaged == 0,
+        format!("{} damaged of {} resumed", s.damaged, s.resumed),
+    );
     r.notes.push(format!(
-        "{tasks} tasks of {steps} steps x {step_ms} ms, a 1 KiB checkpoint after every step; {crash} workers crashed halfway and as many joined"
+        "{tasks} tasks of {steps} steps x {step_ms} ms, a checkpoint of {size} bytes after every step; {crash} workers crashed halfway and as many joined"
     ));
     Ok(())
 }
