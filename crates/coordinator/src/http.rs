@@ -397,9 +397,9 @@ pub async fn task_checkpoints(
     tag = "tasks",
     params(("id" = String, Path, description = "task id"), ("cid" = String, Path, description = "checkpoint id")),
     responses(
-        (status = 200, description = "The checkpoint's bytes", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 200, description = "The bytes of a complete checkpoint of this task", content_type = "application/octet-stream", body = Vec<u8>),
         (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
-        (status = 404, description = "No such task or checkpoint", body = ErrorBody),
+        (status = 404, description = "No such task, or no complete checkpoint of that id of this task", body = ErrorBody),
     )
 )]
 pub async fn checkpoint_data(

@@ -939,6 +939,12 @@ async fn send_queued(
                     agreed.compact_acks = a.compact_acks;
                 }
             }
+            // Its fetch leaves the session's count once the piece is in the socket's buffer.
+            Outgoing::Piece(p) => {
+                if !feed_one(out, &mut batch, &p.0, agreed, deadline, app).await {
+                    return Err(());
+                }
+            }
             // Not reached: the caller and `more` take closes out of the queue.
             Outgoing::Close(c) => {
                 close = Some(*c);

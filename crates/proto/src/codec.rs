@@ -46,6 +46,13 @@ pub fn json_len(v: &impl serde::Serialize) -> usize {
     }
 }
 
+/// A checkpoint piece, bytes: what the Rust worker uploads and fetches at a time, and the
+/// largest checkpoint the coordinator hands over inside an assignment.
+pub const CHECKPOINT_PIECE: usize = 256 * 1024;
+
+/// The most bytes one `checkpoint_fetch` may ask for (and what a frame both ends take holds).
+pub const MAX_FETCH_LEN: u64 = 1024 * 1024;
+
 /// Bytes of JSON that `bytes` of binary take as base64 ([`crate::task::Blob`]).
 pub fn base64_len(bytes: usize) -> usize {
     bytes.div_ceil(3).saturating_mul(4)

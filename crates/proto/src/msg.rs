@@ -109,6 +109,11 @@ pub struct Registration {
     /// (a resumed task's checkpoint that would not fit goes by `checkpoint_fetch`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_frame: Option<u64>,
+    /// The worker fetches a resumed task's checkpoint that its assignment names without its
+    /// bytes (`checkpoint_fetch`). Without it, a checkpoint too large for the assignment is
+    /// left out of it (the task starts afresh).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub checkpoint_fetch: bool,
     #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
@@ -584,7 +589,7 @@ pub struct CheckpointBlob {
     pub attempt: Attempt,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<Blob>,
-    /// The checkpoint's bytes; given when `data` is not.
+    /// The checkpoint's size in bytes; given when `data` is not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
 }

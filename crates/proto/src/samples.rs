@@ -47,6 +47,7 @@ pub fn worker_messages() -> Vec<WorkerMsg> {
             batching: true,
             compact_acks: true,
             max_frame: Some(16 * 1024 * 1024),
+            checkpoint_fetch: true,
             timestamp: ts,
         }),
         WorkerMsg::Heartbeat(Heartbeat {

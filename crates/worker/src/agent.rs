@@ -256,7 +256,15 @@ impl Agent {
             outbox = outbox.with_journal(sd.clone());
         }
         for (class, msg) in restored.entries {
+            // A fetch was made for an attempt of the process that died: no one waits for its
+            // piece, and the coordinator need not read it (it leaves the journal too).
+            let fetch = matches!(msg, WorkerMsg::CheckpointFetch(_))
+                .then(|| msg.seq())
+                .flatten();
             outbox.restore(class, msg);
+            if let Some(seq) = fetch {
+                outbox.ack(seq);
+            }
         }
         let outbox = Arc::new(outbox);
         let mut runner = Runner::new(executors, outbox.clone(), cfg.checkpoint_chunk_size)
@@ -559,5 +567,52 @@ impl LiveGuard {
 impl Drop for LiveGuard {
     fn drop(&mut self) {
         self.0.live_connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::{Class, Journal};
+    use crate::statedir::StateDir;
+    use tether_proto::msg::{CheckpointFetch, TaskState, now};
+    use tether_proto::{Attempt, CheckpointId, Seq, TaskId};
+
+    /// A fetch journaled by a process that died answers to no attempt of the next one: it is
+    /// neither sent again nor kept in the journal; the rest of the outbox is.
+    #[test]
+    fn a_fetch_left_by_a_previous_process_is_dropped_and_the_rest_restored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let id = WorkerId::parse("w").expect("id");
+        let task = TaskId::parse("t").expect("id");
+        let state = WorkerMsg::TaskState(TaskState {
+            seq: Seq(1),
+            task_id: task.clone(),
+            attempt: Attempt(1),
+            state: serde_json::json!({"step": 1}).into(),
+            timestamp: now(),
+        });
+        let fetch = WorkerMsg::CheckpointFetch(CheckpointFetch {
+            seq: Seq(2),
+            task_id: task,
+            attempt: Attempt(2),
+            checkpoint_id: CheckpointId::parse("c").expect("id"),
+            offset: 0,
+            len: 10,
+            timestamp: now(),
+        });
+        {
+            let (sd, _) = StateDir::open(dir.path(), &id).expect("open");
+            sd.write(Some((Class::State, Seq(1), &state)), &[]);
+            sd.write(Some((Class::Notice, Seq(2), &fetch)), &[]);
+        }
+        let mut cfg = WorkerConfig::new("ws://127.0.0.1:1", id.clone());
+        cfg.state_dir = Some(dir.path().to_owned());
+        let agent = Agent::new(cfg, Executors::builtin()).expect("agent");
+        let held: Vec<Seq> = agent.outbox.snapshot().iter().map(|(_, s, _)| *s).collect();
+        assert_eq!(held, [Seq(1)]);
+        drop(agent);
+        let (_sd, restored) = StateDir::open(dir.path(), &id).expect("reopen");
+        assert_eq!(restored.entries, vec![(Class::State, state)]);
     }
 }

@@ -17,10 +17,14 @@ use crate::outbox::{Class, Outbox};
 /// The largest piece asked for at once (smaller when a frame either end takes is smaller): the
 /// size of an upload's pieces, so that no frame of a hand-over holds a session's heartbeats
 /// back longer than one of the upload.
-pub const FETCH_PIECE: usize = 256 * 1024;
+pub const FETCH_PIECE: usize = tether_proto::codec::CHECKPOINT_PIECE;
 
 /// Pieces asked for and not yet answered, per checkpoint.
 pub const FETCH_WINDOW: usize = 4;
+
+/// The largest checkpoint this worker fetches: the size comes from the coordinator, and the
+/// whole checkpoint is held in memory.
+pub const MAX_FETCH_SIZE: u64 = 1 << 30;
 
 /// The checkpoint to fetch: what the assignment said of it.
 #[derive(Debug, Clone)]
@@ -96,12 +100,13 @@ pub(crate) async fn fetch(
     piece: usize,
 ) -> Result<StoredCheckpoint, FetchError> {
     let size = wanted.size;
-    let mut data = Vec::new();
-    usize::try_from(size)
-        .ok()
-        .and_then(|n| data.try_reserve_exact(n).ok())
-        .ok_or_else(|| FetchError::Failed(format!("no memory for a checkpoint of {size} bytes")))?;
-    data.resize(size as usize, 0);
+    if size > MAX_FETCH_SIZE {
+        return Err(FetchError::Failed(format!(
+            "the checkpoint has {size} bytes, more than the {MAX_FETCH_SIZE} this worker fetches"
+        )));
+    }
+    // Zeroed pages from the allocator: only what arrives is written.
+    let mut data = vec![0u8; size as usize];
     let (tx, mut rx) = mpsc::unbounded_channel();
     fetches.lock().insert(shared.task_id.clone(), tx.clone());
     let _registered = Registered {
@@ -293,6 +298,11 @@ mod tests {
                 other => panic!("{case}: {other:?}"),
             }
         }
+        let mut s = setup(10);
+        s.wanted.size = MAX_FETCH_SIZE + 1;
+        let r = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, 100).await;
+        assert!(matches!(r, Err(FetchError::Failed(_))), "too large: {r:?}");
+        assert!(s.outbox.is_empty(), "nothing asked for");
         let s = setup(10);
         let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, 100);
         tokio::pin!(run);

@@ -9,7 +9,8 @@
 //! - [`stats`]: connection statistics.
 //! - [`metrics`]: Prometheus metric names and the optional `/metrics` endpoint.
 //! - [`outbox`]: what must be delivered, bounded, ordered and coalesced.
-//! - [`runner`]: runs assignments on their own tasks; cancel, pause, resume.
+//! - [`runner`]: runs assignments on their own tasks; cancel, pause, resume. A resumed task's
+//!   checkpoint too large for its assignment is fetched first (`fetch`).
 //! - [`executor`]: the [`Executor`] trait, the task context and the built-in executors.
 //! - [`statedir`]: the `--state-dir`: lock, identity, outbox journal, running set, checkpoints.
 //! - [`eventlog`]: the optional JSON-lines record of sessions and result acks.

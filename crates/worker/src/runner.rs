@@ -326,38 +326,42 @@ impl Runner {
         };
         let timeout = a.timeout_ms.map(Duration::from_millis);
         let mut timed_out = false;
-        let fetched = match &fetch {
-            Some(wanted) => self.fetch_checkpoint(&shared, wanted).await,
-            None => true,
-        };
-        let res = match self.executors.get(&a.kind) {
-            _ if !fetched => Err(ExecError::Cancelled),
-            None => Err(ExecError::InvalidConfig(format!(
-                "no executor for kind {:?} on this worker (it has: {})",
-                a.kind,
-                self.executors.kinds().join(", ")
-            ))),
-            Some(exec) => {
-                let input = TaskInput {
-                    task_id: task_id.clone(),
-                    attempt,
-                    config: a.config,
-                    timeout,
-                };
-                let fut = exec.run(input, ctx);
-                tokio::pin!(fut);
-                match timeout {
-                    Some(limit) => tokio::select! {
-                        r = &mut fut => r,
-                        _ = tokio::time::sleep(limit) => {
-                            timed_out = true;
-                            shared.cancel.cancel();
-                            fut.await
-                        }
-                    },
-                    None => fut.await,
+        // The attempt's timeout covers the fetch of its checkpoint: the coordinator's
+        // backstop counts from the lease.
+        let run = async {
+            if let Some(wanted) = &fetch
+                && !self.fetch_checkpoint(&shared, wanted).await
+            {
+                return Err(ExecError::Cancelled);
+            }
+            match self.executors.get(&a.kind) {
+                None => Err(ExecError::InvalidConfig(format!(
+                    "no executor for kind {:?} on this worker (it has: {})",
+                    a.kind,
+                    self.executors.kinds().join(", ")
+                ))),
+                Some(exec) => {
+                    let input = TaskInput {
+                        task_id: task_id.clone(),
+                        attempt,
+                        config: a.config,
+                        timeout,
+                    };
+                    exec.run(input, ctx).await
                 }
             }
+        };
+        tokio::pin!(run);
+        let res = match timeout {
+            Some(limit) => tokio::select! {
+                r = &mut run => r,
+                _ = tokio::time::sleep(limit) => {
+                    timed_out = true;
+                    shared.cancel.cancel();
+                    run.await
+                }
+            },
+            None => run.await,
         };
         let stop = {
             let mut t = self.table();

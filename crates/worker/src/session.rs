@@ -726,6 +726,7 @@ impl<'a> Session<'a> {
             max_frame: Some(a.cfg.max_frame as u64),
             batching: a.cfg.batching,
             compact_acks: a.cfg.compact_acks,
+            checkpoint_fetch: true,
             timestamp,
         })
     }
@@ -1215,6 +1216,26 @@ impl<'a> Session<'a> {
                     .errors_received
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(worker = %self.worker(), code = e.code.as_str(), message = %e.message, offending = ?e.offending_type, "coordinator reported an error");
+                // A fetch the coordinator cannot read (one that does not know `checkpoint_fetch`:
+                // say a rollback while it was under way) is answered by no piece, ever: it ends,
+                // and its attempt starts afresh. (Slowed down, it is sent again.)
+                let unreadable = matches!(e.code, ErrorCode::UnknownType | ErrorCode::BadFrame);
+                if let (true, Some("checkpoint_fetch"), Some(seq)) =
+                    (unreadable, e.offending_type.as_deref(), e.ref_seq)
+                    && let Some(held) = outbox.take_acked(tether_proto::Seq(seq))
+                    && let WorkerMsg::CheckpointFetch(f) = held.as_ref()
+                {
+                    self.window.leave(seq);
+                    runner.checkpoint_piece(tether_proto::msg::CheckpointPiece {
+                        ack_seq: f.seq,
+                        task_id: f.task_id.clone(),
+                        checkpoint_id: f.checkpoint_id.clone(),
+                        offset: f.offset,
+                        data: None,
+                        error: Some(format!("the coordinator refused the fetch: {}", e.message)),
+                        timestamp: now(),
+                    });
+                }
                 // A frame of ours failed its tag there: it is lost, and so is every later one
                 // (tags count frames). A new session replays the outbox under a fresh key.
                 if e.code == ErrorCode::BadMac {

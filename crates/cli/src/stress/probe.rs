@@ -187,6 +187,7 @@ async fn probe(
         // Probes time their own telemetry_ack.
         compact_acks: false,
         max_frame: None,
+        checkpoint_fetch: false,
         timestamp,
     }))
     .await?;

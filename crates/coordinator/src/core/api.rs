@@ -407,6 +407,7 @@ impl Core {
             ("results_recorded", &c.results_recorded),
             ("results_duplicate", &c.results_duplicate),
             ("results_stale", &c.results_stale),
+            ("checkpoint_bytes_served", &c.checkpoint_bytes_served),
             ("rejected", &c.rejected),
             ("assignments", &c.assignments),
             ("requeued", &c.requeued),

@@ -12,7 +12,7 @@ use tether_proto::msg::{
 };
 use tether_proto::{Attempt, TaskId, TaskStatus, WorkerId, encode};
 
-use super::{Change, Core, Outgoing, Partial, SessionRef, ack};
+use super::{Change, Core, InFlight, Outgoing, Partial, SessionRef, ack};
 use crate::metrics as m;
 use crate::model::{CheckpointMeta, Desired, WorkerState};
 use crate::store::{self, Batch, Mutation};
@@ -60,6 +60,10 @@ enum Standing {
     /// The sender never held this attempt, or the task does not exist.
     Stranger,
 }
+
+/// A session's `checkpoint_fetch`es being read or waiting for its socket, at most: the Rust
+/// worker keeps 4 in flight, and a `sync_state` resend may double them.
+pub(crate) const MAX_FETCHES_IN_FLIGHT: usize = 16;
 
 /// Incomplete checkpoints of one task may declare at most this many times
 /// `max_checkpoint_bytes` together.
@@ -229,6 +233,7 @@ impl Core {
         // From the registration ack on, recorded messages are acknowledged by number.
         if let Some(s) = w.session.as_mut().filter(|s| s.id == session.id) {
             s.compact_acks = r.compact_acks;
+            s.checkpoint_fetch = r.checkpoint_fetch;
             if let Some(n) = r.max_frame {
                 s.max_frame = usize::try_from(n).unwrap_or(usize::MAX);
             }
@@ -594,7 +599,8 @@ impl Core {
         b: &mut Batch,
     ) {
         let limit = self.cfg.max_frame.min(session.max_frame);
-        let largest = tether_proto::codec::largest_blob(limit) as u64;
+        let largest = (tether_proto::codec::largest_blob(limit) as u64)
+            .min(tether_proto::codec::MAX_FETCH_LEN);
         let refusal = match self.standing_and_id(worker, &f.task_id, f.attempt) {
             (Standing::Holder, _) => {
                 let latest = self
@@ -634,18 +640,36 @@ impl Core {
                 timestamp: now(),
             })
         };
-        if let Some(error) = refusal {
-            tracing::warn!(worker = %worker, task = %f.task_id, checkpoint = %f.checkpoint_id, %error, "checkpoint fetch refused");
-            b.send(session, piece(f, None, Some(error)));
-            return;
-        }
+        let count = self.fetching.entry(session.id).or_default();
+        let in_flight = match refusal {
+            None => InFlight::enter(count, MAX_FETCHES_IN_FLIGHT).ok_or_else(|| {
+                format!(
+                    "{MAX_FETCHES_IN_FLIGHT} fetches of this session are in flight; ask again once \
+                     their pieces came"
+                )
+            }),
+            Some(error) => Err(error),
+        };
+        let in_flight = match in_flight {
+            Ok(i) => i,
+            Err(error) => {
+                tracing::warn!(worker = %worker, task = %f.task_id, checkpoint = %f.checkpoint_id, %error, "checkpoint fetch refused");
+                b.send(session, piece(f, None, Some(error)));
+                return;
+            }
+        };
         let s = session.clone();
+        let counters = self.counters.clone();
         b.reads.push(Box::new(move |conn| {
             let range =
                 store::read_checkpoint_range(conn, &f.task_id, &f.checkpoint_id, f.offset, f.len);
             let reply = match range {
                 Ok(Some(data)) => {
-                    metrics::counter!(m::CHECKPOINT_BYTES_SERVED).increment(data.len() as u64);
+                    let n = data.len() as u64;
+                    metrics::counter!(m::CHECKPOINT_BYTES_SERVED).increment(n);
+                    counters
+                        .checkpoint_bytes_served
+                        .fetch_add(n, Ordering::Relaxed);
                     piece(f, Some(data), None)
                 }
                 Ok(None) => {
@@ -658,7 +682,7 @@ impl Core {
                     piece(f, None, Some(error))
                 }
             };
-            s.send_all([Outgoing::Msg(Box::new(reply))]);
+            s.send_all([Outgoing::Piece(Box::new((reply, in_flight)))]);
         }));
     }
 

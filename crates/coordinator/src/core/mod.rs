@@ -18,7 +18,7 @@ mod tests;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use chrono::{DateTime, Utc};
 use tether_proto::msg::{Ack, CoordMsg, Disposition, WorkerMsg, now};
@@ -51,6 +51,31 @@ pub enum Outgoing {
     Recorded(Seq),
     /// A close code and reason; boxed so that a slot of the mailbox is two words.
     Close(Box<(u16, String)>),
+    /// A `checkpoint_piece`, with the count of its session's fetches in flight that it leaves
+    /// once written (or dropped with the session).
+    Piece(Box<(CoordMsg, InFlight)>),
+}
+
+/// One of a session's fetches in flight; leaves the count when dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Enters `count`, unless it holds `max` already.
+    pub(crate) fn enter(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InFlight(count.clone()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Outgoing {
@@ -70,6 +95,9 @@ pub struct SessionRef {
     /// The largest frame the worker accepts, from its registration (a worker that does not
     /// say takes the protocol's default).
     pub max_frame: usize,
+    /// From its registration: the worker fetches a checkpoint too large for an assignment
+    /// (`checkpoint_fetch`); without it, such a checkpoint is left out.
+    pub checkpoint_fetch: bool,
 }
 
 impl SessionRef {
@@ -79,6 +107,7 @@ impl SessionRef {
             tx,
             compact_acks: false,
             max_frame: tether_proto::codec::DEFAULT_MAX_FRAME,
+            checkpoint_fetch: false,
         }
     }
 
@@ -145,6 +174,8 @@ pub struct Counters {
     pub registrations: AtomicU64,
     /// Finished tasks removed by the retention setting.
     pub tasks_expired: AtomicU64,
+    /// Checkpoint bytes sent in `checkpoint_piece`s.
+    pub checkpoint_bytes_served: AtomicU64,
     /// Lost workers forgotten by the retention setting.
     pub workers_expired: AtomicU64,
     /// Registrations of a worker that had a session before.
@@ -222,6 +253,10 @@ pub struct Core {
     /// Leased tasks with a timeout, for the sweep's overdue check; entries of tasks no longer
     /// leased are dropped when the sweep comes to them.
     timed_leases: IdSet<TaskId>,
+    /// Per session (by id), its `checkpoint_fetch`es read or being read and not yet written
+    /// to its socket: bounded, so that a worker that fetches without reading cannot make the
+    /// coordinator read and hold checkpoint bytes without end.
+    fetching: std::collections::HashMap<u64, Arc<AtomicUsize>>,
     /// Sweeps so far: the free-worker index is checked against the model every
     /// [`tasks::FREE_INDEX_CHECK_EVERY`]th.
     sweeps: u64,
@@ -248,6 +283,7 @@ impl Core {
             finished: BTreeSet::new(),
             disconnects: VecDeque::new(),
             unregistered: IdSet::default(),
+            fetching: Default::default(),
             timed_leases: IdSet::default(),
             sweeps: 0,
             next_submit_seq: 0,
@@ -386,6 +422,7 @@ impl Core {
         match ev {
             Event::Connected { worker, session } => self.on_connected(worker, session),
             Event::Disconnected { worker, session_id } => {
+                self.fetching.remove(&session_id);
                 self.on_disconnected(&worker, session_id, b)
             }
             Event::Frame {

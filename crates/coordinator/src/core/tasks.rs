@@ -14,13 +14,13 @@ use tether_proto::{TaskId, TaskStatus, WorkerId};
 
 use super::{Core, Outgoing, SessionRef, queue};
 use crate::metrics as m;
-use crate::model::{AttemptRecord, Desired, Lease, WorkerState};
+use crate::model::{AttemptRecord, CheckpointMeta, Desired, Lease, WorkerState};
 use crate::store::{self, Batch, Mutation};
 
 /// The largest checkpoint handed over in its assignment; a larger one the worker fetches in
 /// pieces (`checkpoint_fetch`). The size of a worker's upload pieces: no frame of a resumed
 /// task's hand-over is larger than a frame of its upload.
-pub const INLINE_CHECKPOINT_BYTES: u64 = 256 * 1024;
+pub const INLINE_CHECKPOINT_BYTES: u64 = tether_proto::codec::CHECKPOINT_PIECE as u64;
 
 /// The free-worker index is checked against the model on the first sweep and every this many
 /// after it (a minute at the default sweep interval): a backstop, walking every worker.
@@ -111,34 +111,44 @@ impl Core {
                 timestamp: now(),
             })
         });
-        let Some(meta) = checkpoint else {
-            b.send(session, CoordMsg::TaskAssignment(msg));
-            if let Some(pause) = pause {
-                b.send(session, pause);
-            }
-            return;
-        };
         // A small checkpoint travels in the assignment, read once its batch is committed, on
         // the writer's connection. A larger one (or one that would not fit in a frame both ends
         // take) is named with its size, and the worker fetches it in pieces (`checkpoint_fetch`):
-        // a frame of many megabytes would hold up the session's heartbeats behind it.
+        // a frame of many megabytes would hold up the session's heartbeats behind it. A worker
+        // that does not fetch gets what fits inline and nothing else: a bigger one would end
+        // its session at every resend of the assignment.
         let limit = self.cfg.max_frame.min(session.max_frame);
-        if meta.size > INLINE_CHECKPOINT_BYTES
-            || !fits_in_assignment(&msg, meta.size as usize, limit)
-        {
-            tracing::debug!(task = %msg.task_id, checkpoint = %meta.checkpoint_id, bytes = meta.size, "the checkpoint goes by fetch");
-            msg.checkpoint = Some(CheckpointBlob {
-                checkpoint_id: meta.checkpoint_id,
-                attempt: meta.attempt,
-                data: None,
-                size: Some(meta.size),
-            });
-            b.send(session, CoordMsg::TaskAssignment(msg));
-            if let Some(pause) = pause {
-                b.send(session, pause);
+        let fits = |meta: &CheckpointMeta| fits_in_assignment(&msg, meta.size as usize, limit);
+        let meta = match checkpoint {
+            Some(meta)
+                if fits(&meta)
+                    && (meta.size <= INLINE_CHECKPOINT_BYTES || !session.checkpoint_fetch) =>
+            {
+                meta
             }
-            return;
-        }
+            other => {
+                match other {
+                    Some(meta) if session.checkpoint_fetch => {
+                        tracing::debug!(task = %msg.task_id, checkpoint = %meta.checkpoint_id, bytes = meta.size, "the checkpoint goes by fetch");
+                        msg.checkpoint = Some(CheckpointBlob {
+                            checkpoint_id: meta.checkpoint_id,
+                            attempt: meta.attempt,
+                            data: None,
+                            size: Some(meta.size),
+                        });
+                    }
+                    Some(meta) => {
+                        tracing::error!(task = %msg.task_id, checkpoint = %meta.checkpoint_id, bytes = meta.size, limit, "the checkpoint does not fit in an assignment to this worker, which does not fetch checkpoints; the task starts afresh");
+                    }
+                    None => {}
+                }
+                b.send(session, CoordMsg::TaskAssignment(msg));
+                if let Some(pause) = pause {
+                    b.send(session, pause);
+                }
+                return;
+            }
+        };
         let s = session.clone();
         b.effect(move |conn| {
             match store::read_checkpoint_data(conn, &meta.checkpoint_id) {

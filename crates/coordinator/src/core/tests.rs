@@ -55,6 +55,15 @@ impl Harness {
         worker: &str,
         compact_acks: bool,
     ) -> (u64, super::mailbox::Receiver<Outgoing>) {
+        self.connect_registering(worker, |r| r.compact_acks = compact_acks)
+    }
+
+    /// Connects and registers `worker` with the registration `edit` makes of the usual one.
+    fn connect_registering(
+        &mut self,
+        worker: &str,
+        edit: impl FnOnce(&mut Registration),
+    ) -> (u64, super::mailbox::Receiver<Outgoing>) {
         let (tx, rx) = super::mailbox::channel();
         let id = self.next_session;
         self.next_session += 1;
@@ -62,27 +71,26 @@ impl Harness {
             worker: wid(worker),
             session: SessionRef::new(id, tx),
         });
-        self.frame(
-            worker,
-            id,
-            WorkerMsg::Registration(Registration {
-                worker_id: wid(worker),
-                protocol_version: tether_proto::PROTOCOL_VERSION,
-                boot_id: "b".into(),
-                capabilities: vec![],
-                tags: Default::default(),
-                slots: 1,
-                executors: vec!["sleep".into()],
-                inventory: Inventory::default(),
-                signature: None,
-                compression: Vec::new(),
-                client_nonce: None,
-                batching: false,
-                compact_acks,
-                max_frame: None,
-                timestamp: now(),
-            }),
-        );
+        let mut registration = Registration {
+            worker_id: wid(worker),
+            protocol_version: tether_proto::PROTOCOL_VERSION,
+            boot_id: "b".into(),
+            capabilities: vec![],
+            tags: Default::default(),
+            slots: 1,
+            executors: vec!["sleep".into()],
+            inventory: Inventory::default(),
+            signature: None,
+            compression: Vec::new(),
+            client_nonce: None,
+            batching: false,
+            compact_acks: false,
+            max_frame: None,
+            checkpoint_fetch: true,
+            timestamp: now(),
+        };
+        edit(&mut registration);
+        self.frame(worker, id, WorkerMsg::Registration(registration));
         (id, rx)
     }
 
@@ -723,18 +731,79 @@ fn a_checkpoint_fetch_is_served_only_to_the_lease_holder_within_the_checkpoint_a
     h.frame("a", a, fetch(7, &t, "c-1", 1, 10, 5));
     assert!(piece_error(&drain(&mut rx_a), 7).contains("past the end"));
     // The holder's fetch within the checkpoint is a read of the store, not answered by the
-    // core itself.
+    // core itself; a session has at most so many of them read or unsent at once.
+    let max = super::messages::MAX_FETCHES_IN_FLIGHT as u64;
+    let mut batch = Batch::default();
+    let msgs = (0..max)
+        .map(|i| fetch(10 + i, &t, "c-1", 1, 2, 5))
+        .collect();
+    h.core.apply(
+        Event::Frame {
+            worker: wid("a"),
+            session_id: a,
+            msgs,
+        },
+        &mut batch,
+    );
+    assert_eq!(batch.reads.len() as u64, max);
+    assert!(batch.effects.is_empty());
+    h.frame("a", a, fetch(100, &t, "c-1", 1, 2, 5));
+    assert!(piece_error(&drain(&mut rx_a), 100).contains("in flight"));
+    // Their pieces written (here: dropped), the session may fetch again.
+    drop(batch);
     let mut batch = Batch::default();
     h.core.apply(
         Event::Frame {
             worker: wid("a"),
             session_id: a,
-            msgs: vec![fetch(8, &t, "c-1", 1, 2, 5)],
+            msgs: vec![fetch(101, &t, "c-1", 1, 2, 5)],
         },
         &mut batch,
     );
     assert_eq!(batch.reads.len(), 1);
-    assert!(batch.effects.is_empty());
+}
+
+/// The checkpoint of the task's assignment in `msgs`.
+fn assigned_checkpoint(msgs: &[CoordMsg]) -> Option<tether_proto::msg::CheckpointBlob> {
+    msgs.iter()
+        .find_map(|m| match m {
+            CoordMsg::TaskAssignment(a) => Some(a.checkpoint.clone()),
+            _ => None,
+        })
+        .expect("an assignment")
+}
+
+#[test]
+fn a_checkpoint_too_large_for_an_assignment_is_named_to_a_worker_that_fetches_and_left_out_otherwise()
+ {
+    let mut cfg = CoordinatorConfig::new("/nonexistent");
+    cfg.lost_after = std::time::Duration::ZERO;
+    let mut h = Harness::with(cfg);
+    let (a, mut rx_a) = h.connect("a");
+    let t = h.submit();
+    let big = vec![7u8; 2_000_000];
+    h.frame("a", a, checkpoint(1, &t, "c-1", big.len() as u64, 1));
+    h.frame("a", a, piece(2, &t, "c-1", 0, &big));
+    drain(&mut rx_a);
+    let leave = |h: &mut Harness, worker: &str, session_id: u64| {
+        h.step(Event::Disconnected {
+            worker: wid(worker),
+            session_id,
+        });
+        sweep(h);
+    };
+    leave(&mut h, "a", a);
+    // Frames of 1 MiB: 2 MB cannot travel in an assignment.
+    let (old, mut rx_old) = h.connect_registering("old", |r| {
+        r.max_frame = Some(1024 * 1024);
+        r.checkpoint_fetch = false;
+    });
+    assert_eq!(assigned_checkpoint(&drain(&mut rx_old)), None, "left out");
+    leave(&mut h, "old", old);
+    let (_new, mut rx_new) = h.connect_registering("new", |r| r.max_frame = Some(1024 * 1024));
+    let named = assigned_checkpoint(&drain(&mut rx_new)).expect("named");
+    assert_eq!(named.checkpoint_id.as_str(), "c-1");
+    assert_eq!((named.data, named.size), (None, Some(2_000_000)));
 }
 
 #[test]
@@ -854,6 +923,7 @@ fn a_session_that_agreed_to_compact_acks_gets_recorded_messages_acknowledged_by_
             Outgoing::Recorded(seq) => format!("recorded {}", seq.0),
             Outgoing::Msg(m) => m.type_name().to_string(),
             Outgoing::Close(_) => "close".into(),
+            Outgoing::Piece(p) => p.0.type_name().to_string(),
         });
     }
     assert_eq!(
@@ -1008,6 +1078,7 @@ async fn a_batch_of_messages_only_skips_an_idle_writer_and_never_overtakes_an_un
             batching: false,
             compact_acks: false,
             max_frame: None,
+            checkpoint_fetch: true,
             timestamp: now(),
         })))
         .await

@@ -878,7 +878,8 @@ pub fn read_checkpoint_data(
 }
 
 /// Bytes `offset..offset + len` of checkpoint `id` of `task` (fewer at its end), reading only
-/// the pieces the range overlaps; `None` when `task` has no complete checkpoint `id`.
+/// the pieces the range overlaps; `None` when `task` has no complete checkpoint `id`. One read
+/// transaction: a re-upload or a removal committed meanwhile is not half seen.
 pub fn read_checkpoint_range(
     conn: &Connection,
     task: &TaskId,
@@ -886,6 +887,7 @@ pub fn read_checkpoint_range(
     offset: u64,
     len: u64,
 ) -> rusqlite::Result<Option<Vec<u8>>> {
+    let conn = conn.unchecked_transaction()?;
     let complete = conn
         .prepare_cached(
             "SELECT 1 FROM checkpoints WHERE id = ?1 AND task_id = ?2 AND complete = 1",

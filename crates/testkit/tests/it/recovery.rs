@@ -158,20 +158,25 @@ fn big_checkpoint_executors() -> Executors {
     e
 }
 
-#[tokio::test]
-async fn a_checkpoint_larger_than_a_message_follows_its_task_in_pieces_through_a_cut() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    // Frames of 1 MiB: the 5 MB checkpoint is 6.7 MB as base64, more than six of them.
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+/// The size of the checkpoint the fetch tests hand over: 6.7 MB as base64, more than six frames
+/// of the 1 MiB their coordinator takes.
+const BYTES: u64 = 5_000_000;
+
+/// A coordinator taking 1 MiB frames, in `dir`.
+fn small_frames(dir: &std::path::Path) -> tether_coordinator::CoordinatorConfig {
+    let mut cfg = fast_coordinator_config(dir.to_owned());
     cfg.max_frame = 1024 * 1024;
-    let c = spawn_coordinator_with(cfg, None).await;
+    cfg
+}
+
+/// A task that worker a checkpointed with [`BYTES`] and left (a stopped).
+async fn a_task_checkpointed_and_left(c: &TestCoordinator) -> tether_proto::TaskId {
     let a = spawn_worker(
         fast_worker_config(&c.ws_url(), "a"),
         big_checkpoint_executors(),
     );
     a.wait_state(|s| s == ConnState::Connected).await;
     let client = c.client();
-    const BYTES: u64 = 5_000_000;
     let id = client
         .submit(&[tether_proto::TaskSpec::new(
             "big-checkpoint",
@@ -189,42 +194,52 @@ async fn a_checkpoint_larger_than_a_message_follows_its_task_in_pieces_through_a
     )
     .await;
     a.stop().await.expect("stop");
-    // Worker b takes the task over through a link of 2 MB/s towards it: the pieces take
-    // seconds to arrive, and the link is cut while they do.
-    let proxy = crate::faults::proxy_in_front(&c, 5).await;
-    let _slow = proxy
-        .add_fault(Fault::new(
-            "slow",
-            FaultKind::Bandwidth {
-                bytes_per_sec: 2_000_000,
-            },
-            Direction::Downstream,
-        ))
-        .await
-        .expect("fault");
+    id
+}
+
+/// Worker b, behind a fault proxy whose link towards it carries 2 MB/s: a checkpoint's pieces
+/// take seconds to arrive.
+async fn worker_b_on_a_slow_link(c: &TestCoordinator) -> (tether_faultproxy::Proxy, TestWorker) {
+    let proxy = crate::faults::proxy_in_front(c, 5).await;
+    let slow = Fault::new(
+        "slow",
+        FaultKind::Bandwidth {
+            bytes_per_sec: 2_000_000,
+        },
+        Direction::Downstream,
+    );
+    // Kept until the proxy goes (a guard dropped here would remove the fault).
+    std::mem::forget(proxy.add_fault(slow).await.expect("fault"));
     let b = spawn_worker(
         fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "b"),
         big_checkpoint_executors(),
     );
-    let metrics = format!("http://{}/metrics", c.addr);
-    let served = || async {
-        metric_value(
-            &scrape(&metrics).await,
-            "tether_checkpoint_bytes_served_total",
-            &[],
-        )
-        .unwrap_or(0.0)
-    };
-    wait_for("the first pieces to be served", DEADLINE, || async {
-        (served().await > 0.0).then_some(())
+    (proxy, b)
+}
+
+/// Checkpoint bytes coordinator `c` has served to fetches since it started (its own count:
+/// the metrics recorder is the test process's, shared by the tests running beside this one).
+async fn served(c: &TestCoordinator) -> u64 {
+    c.client().overview().await["counters"]["checkpoint_bytes_served"]
+        .as_u64()
+        .expect("a count")
+}
+
+/// Waits until `c` served more than the worker's first window of pieces (4 of 256 KiB): the
+/// worker has taken one at least, and asked for the next.
+async fn wait_first_pieces_taken(c: &TestCoordinator) {
+    wait_for("the first pieces to be taken", DEADLINE, || async {
+        (served(c).await > 4 * 256 * 1024).then_some(())
     })
     .await;
-    proxy.down().await;
-    b.wait_state(|s| s != ConnState::Connected).await;
-    proxy.up().await.expect("up");
-    let t = client.wait_status(&id, "completed").await;
+}
+
+/// The task completed on b at its second attempt, resumed from exactly the checkpoint a wrote.
+async fn assert_resumed_on_b_from_the_whole_checkpoint(client: &Client, id: &tether_proto::TaskId) {
+    let t = client.wait_status(id, "completed").await;
+    assert_eq!(t["attempt"], 2, "{t}");
     assert_eq!(t["attempts"][1]["worker"], "b", "{t}");
-    let results = client.results(&id).await;
+    let results = client.results(id).await;
     let r = &results[0]["body"]["result"];
     assert_eq!(r["resumed"], true, "{results:?}");
     assert_eq!(r["len"], BYTES, "{results:?}");
@@ -233,13 +248,50 @@ async fn a_checkpoint_larger_than_a_message_follows_its_task_in_pieces_through_a
         digest(&noise(BYTES)).to_string(),
         "{results:?}"
     );
+}
+
+#[tokio::test]
+async fn a_checkpoint_larger_than_a_message_follows_its_task_in_pieces_through_a_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator_with(small_frames(dir.path()), None).await;
+    let id = a_task_checkpointed_and_left(&c).await;
+    let (proxy, b) = worker_b_on_a_slow_link(&c).await;
+    wait_first_pieces_taken(&c).await;
+    proxy.down().await;
+    b.wait_state(|s| s != ConnState::Connected).await;
+    proxy.up().await.expect("up");
+    assert_resumed_on_b_from_the_whole_checkpoint(&c.client(), &id).await;
     // The pieces lost in the cut were asked for again in the next session.
     assert!(b.handle.registrations() >= 2);
-    let again = served().await;
+    let served = served(&c).await;
     assert!(
-        again > BYTES as f64,
-        "{again} bytes served: the cut lost none in flight"
+        served > BYTES,
+        "{served} bytes served: none was served again after the cut"
     );
+    b.stop().await.expect("stop");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_fetch_under_way_when_the_coordinator_restarts_goes_on_from_where_it_was() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator_with(small_frames(dir.path()), None).await;
+    let addr = c.addr;
+    let id = a_task_checkpointed_and_left(&c).await;
+    let (_proxy, b) = worker_b_on_a_slow_link(&c).await;
+    wait_first_pieces_taken(&c).await;
+    c.stop().await;
+    b.wait_state(|s| s != ConnState::Connected).await;
+    let c = spawn_coordinator_with(small_frames(dir.path()), Some(addr)).await;
+    // The restarted coordinator kept b's lease (attempt 2) and its checkpoint, and served b
+    // what it still lacked.
+    assert_resumed_on_b_from_the_whole_checkpoint(&c.client(), &id).await;
+    let after = served(&c).await;
+    assert!(
+        after > 0 && after < BYTES,
+        "{after} bytes served after the restart: only what b still lacked"
+    );
+    assert_eq!(b.handle.executions(), 1);
     b.stop().await.expect("stop");
     c.stop().await;
 }

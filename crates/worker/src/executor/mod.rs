@@ -263,7 +263,7 @@ impl std::fmt::Debug for TaskCtx {
 }
 
 /// Default size of one checkpoint piece on the wire.
-pub const DEFAULT_CHUNK_SIZE: usize = 256 * 1024;
+pub const DEFAULT_CHUNK_SIZE: usize = tether_proto::codec::CHECKPOINT_PIECE;
 
 /// The checkpoint piece size to use under a frame limit: `chunk_size`, or less when a piece
 /// (base64 in its message) would not fit in a frame of `max_frame`.

@@ -114,3 +114,25 @@ async fn updates_made_in_the_same_round_share_a_frame() {
     );
     running.stop().await;
 }
+
+/// A coordinator that does not know `checkpoint_fetch` (one rolled back while a fetch was
+/// under way) answers it with `unknown_type`: the fetch ends, the attempt runs afresh and
+/// reports, and the session lives on. Were the refusal only logged, no piece would ever come:
+/// the task would never run, and the fetch never acknowledged would end session after session.
+#[tokio::test(start_paused = true)]
+async fn a_fetch_the_coordinator_cannot_read_ends_and_its_task_runs_afresh() {
+    let fake = FakeConnector::new(Script::UnknownFetch);
+    let cfg = WorkerConfig::new(
+        "ws://coordinator.invalid:1",
+        WorkerId::parse("w").expect("id"),
+    );
+    let running = Running::start(&fake, cfg);
+    let end = tokio::time::Instant::now() + Duration::from_secs(120);
+    while fake.outcomes.lock().expect("lock").is_empty() && tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let outcomes = fake.outcomes.lock().expect("lock").clone();
+    assert_eq!(outcomes, [tether_proto::Outcome::Completed]);
+    assert_eq!(fake.attempts().len(), 1, "one session throughout");
+    running.stop().await;
+}

@@ -45,6 +45,10 @@ pub enum Script {
     /// Batching agreed; assigns `TOGETHER` one-step `sleep` tasks in one batch frame, then
     /// records how many `task_state` messages each frame from the worker carries.
     AssignTogether,
+    /// Assigns a one-step `sleep` task whose checkpoint is named without its bytes, and answers
+    /// a `checkpoint_fetch` as a coordinator that does not know it (`error` `unknown_type`);
+    /// acknowledges the rest like `Healthy` and records each result's outcome.
+    UnknownFetch,
 }
 
 /// Sequence numbers a fake coordinator received, each with its connection's index.
@@ -69,6 +73,8 @@ pub struct FakeConnector {
     pub states_per_frame: Arc<Mutex<Vec<usize>>>,
     /// Sequence numbers received, with the connection (attempt index) that carried each.
     pub received: Received,
+    /// The outcome of each `task_result` received ([`Script::UnknownFetch`]).
+    pub outcomes: Arc<Mutex<Vec<tether_proto::Outcome>>>,
 }
 
 impl FakeConnector {
@@ -79,6 +85,7 @@ impl FakeConnector {
             urls: Arc::default(),
             states_per_frame: Arc::default(),
             received: Arc::default(),
+            outcomes: Arc::default(),
         }
     }
 
@@ -115,6 +122,7 @@ impl Connector for FakeConnector {
         let script = *self.script.lock().expect("lock");
         let states = self.states_per_frame.clone();
         let received = self.received.clone();
+        let outcomes = self.outcomes.clone();
         Box::pin(async move {
             match script {
                 Script::Refuse => return Err(ConnectError::Transient("connection refused".into())),
@@ -124,7 +132,7 @@ impl Connector for FakeConnector {
                 _ => {}
             }
             let (client, server) = tokio::io::duplex(1 << 16);
-            tokio::spawn(serve(server, script, states, (conn, received)));
+            tokio::spawn(serve(server, script, states, (conn, received), outcomes));
             let io: Pin<Box<dyn Io>> = Box::pin(client);
             handshake(url, io, config).await
         })
@@ -136,6 +144,7 @@ async fn serve(
     script: Script,
     states_per_frame: Arc<Mutex<Vec<usize>>>,
     (conn, received): (usize, Received),
+    outcomes: Arc<Mutex<Vec<tether_proto::Outcome>>>,
 ) {
     let Ok(mut ws) = tokio_tungstenite::accept_async(io).await else {
         return;
@@ -305,6 +314,53 @@ async fn serve(
                             }
                         }
                     }
+                }
+            }
+        }
+        Script::UnknownFetch => {
+            let assignment = CoordMsg::TaskAssignment(tether_proto::msg::TaskAssignment {
+                task_id: tether_proto::TaskId::parse("t-1").expect("id"),
+                attempt: tether_proto::Attempt(2),
+                kind: "sleep".into(),
+                config: serde_json::json!({"ms": 0, "steps": 1}),
+                timeout_ms: None,
+                checkpoint: Some(tether_proto::msg::CheckpointBlob {
+                    checkpoint_id: tether_proto::CheckpointId::parse("c-1").expect("id"),
+                    attempt: tether_proto::Attempt(1),
+                    data: None,
+                    size: Some(1_000_000),
+                }),
+                timestamp: now(),
+            });
+            if conn == 0 && ws.send(send(assignment)).await.is_err() {
+                return;
+            }
+            while let Some(Ok(m)) = ws.next().await {
+                let reply = match &m {
+                    Message::Text(t) => match decode_worker(t.as_str()) {
+                        Ok(tether_proto::WorkerMsg::CheckpointFetch(f)) => Some(CoordMsg::error(
+                            tether_proto::msg::ErrorCode::UnknownType,
+                            "frame has unknown message type \"checkpoint_fetch\"",
+                            Some("checkpoint_fetch".into()),
+                            Some(f.seq.0),
+                        )),
+                        Ok(tether_proto::WorkerMsg::TaskResult(r)) => {
+                            outcomes.lock().expect("lock").push(r.outcome);
+                            ack_of(&m).map(|(_, ack)| ack)
+                        }
+                        _ => ack_of(&m).map(|(_, ack)| ack),
+                    },
+                    _ => None,
+                };
+                if let Some(seq) = heartbeat_in(&m)
+                    && ws.send(heartbeat_reply(seq)).await.is_err()
+                {
+                    return;
+                }
+                if let Some(r) = reply
+                    && ws.send(send(r)).await.is_err()
+                {
+                    return;
                 }
             }
         }
