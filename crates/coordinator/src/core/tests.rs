@@ -71,24 +71,7 @@ impl Harness {
             worker: wid(worker),
             session: SessionRef::new(id, tx),
         });
-        let mut registration = Registration {
-            worker_id: wid(worker),
-            protocol_version: tether_proto::PROTOCOL_VERSION,
-            boot_id: "b".into(),
-            capabilities: vec![],
-            tags: Default::default(),
-            slots: 1,
-            executors: vec!["sleep".into()],
-            inventory: Inventory::default(),
-            signature: None,
-            compression: Vec::new(),
-            client_nonce: None,
-            batching: false,
-            compact_acks: false,
-            max_frame: None,
-            checkpoint_fetch: true,
-            timestamp: now(),
-        };
+        let mut registration = registration(worker);
         edit(&mut registration);
         self.frame(worker, id, WorkerMsg::Registration(registration));
         (id, rx)
@@ -113,6 +96,29 @@ impl Harness {
             reply: tx,
         }));
         rx.try_recv().expect("reply").expect("submitted").remove(0)
+    }
+}
+
+/// The registration of `worker` these tests start from: one slot for `sleep`, nothing agreed
+/// but checkpoint fetches.
+fn registration(worker: &str) -> Registration {
+    Registration {
+        worker_id: wid(worker),
+        protocol_version: tether_proto::PROTOCOL_VERSION,
+        boot_id: "b".into(),
+        capabilities: vec![],
+        tags: Default::default(),
+        slots: 1,
+        executors: vec!["sleep".into()],
+        inventory: Inventory::default(),
+        signature: None,
+        compression: Vec::new(),
+        client_nonce: None,
+        batching: false,
+        compact_acks: false,
+        max_frame: None,
+        checkpoint_fetch: true,
+        timestamp: now(),
     }
 }
 
@@ -1064,22 +1070,8 @@ async fn a_batch_of_messages_only_skips_an_idle_writer_and_never_overtakes_an_un
         .expect("core");
     events
         .send(frame(WorkerMsg::Registration(Registration {
-            worker_id: wid("a"),
-            protocol_version: tether_proto::PROTOCOL_VERSION,
-            boot_id: "b".into(),
-            capabilities: vec![],
-            tags: Default::default(),
-            slots: 1,
             executors: vec![],
-            inventory: Inventory::default(),
-            signature: None,
-            compression: Vec::new(),
-            client_nonce: None,
-            batching: false,
-            compact_acks: false,
-            max_frame: None,
-            checkpoint_fetch: true,
-            timestamp: now(),
+            ..registration("a")
         })))
         .await
         .expect("core");
