@@ -356,6 +356,10 @@ pub struct CheckpointPiece {
     pub data: Option<Blob>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// With `error`: `not_leased` (the fetch's attempt holds no lease: stop it),
+    /// `rate_limited` or `internal` (ask again later), `bad_frame` (a fetch never to repeat).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<ErrorCode>,
     #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }

@@ -241,6 +241,7 @@ pub fn coord_messages() -> Vec<CoordMsg> {
             offset: 1_048_576,
             data: Some(Blob(vec![4, 5, 6])),
             error: None,
+            code: None,
             timestamp: ts,
         }),
         CoordMsg::StateRequest(StateRequest {

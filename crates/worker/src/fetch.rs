@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tether_proto::msg::{CheckpointFetch, CheckpointPiece, WorkerMsg, now};
+use tether_proto::msg::{CheckpointFetch, CheckpointPiece, ErrorCode, WorkerMsg, now};
 use tether_proto::{Attempt, CheckpointId, Seq, TaskId};
 use tokio::sync::mpsc;
 
@@ -21,6 +21,13 @@ pub const FETCH_PIECE: usize = tether_proto::codec::CHECKPOINT_PIECE;
 
 /// Pieces asked for and not yet answered, per checkpoint.
 pub const FETCH_WINDOW: usize = 4;
+
+/// Pieces refused for now (`rate_limited`, `internal`) asked for again, per fetch, at most,
+/// each after [`RETRY_DELAY`].
+pub const MAX_RETRIES: u32 = 5;
+
+/// How long a refused-for-now piece waits before it is asked for again.
+pub const RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The largest checkpoint this worker fetches: the size comes from the coordinator, and the
 /// whole checkpoint is held in memory.
@@ -40,6 +47,8 @@ pub(crate) struct Wanted {
 pub(crate) enum FetchError {
     /// The attempt was stopped (cancelled, superseded, the worker stopping).
     Stopped,
+    /// The coordinator says the attempt holds no lease: it is to stop, without a result.
+    NotLeased(String),
     /// The coordinator could not serve it, or served something else.
     Failed(String),
 }
@@ -115,25 +124,27 @@ pub(crate) async fn fetch(
         tx,
     };
     let piece = piece.max(1) as u64;
+    let ask = |offset: u64, len: u64| async move {
+        outbox.reserve().await;
+        outbox.push(Class::Notice, None, |seq| {
+            WorkerMsg::CheckpointFetch(CheckpointFetch {
+                seq,
+                task_id: shared.task_id.clone(),
+                attempt: shared.attempt,
+                checkpoint_id: wanted.id.clone(),
+                offset,
+                len,
+                timestamp: now(),
+            })
+        })
+    };
     // Requests not yet answered: sequence number to (offset, length).
     let mut asked: HashMap<Seq, (u64, u64)> = HashMap::new();
-    let (mut next, mut filled) = (0u64, 0u64);
+    let (mut next, mut filled, mut retries) = (0u64, 0u64, 0u32);
     while filled < size {
         while asked.len() < FETCH_WINDOW && next < size {
             let len = piece.min(size - next);
-            outbox.reserve().await;
-            let seq = outbox.push(Class::Notice, None, |seq| {
-                WorkerMsg::CheckpointFetch(CheckpointFetch {
-                    seq,
-                    task_id: shared.task_id.clone(),
-                    attempt: shared.attempt,
-                    checkpoint_id: wanted.id.clone(),
-                    offset: next,
-                    len,
-                    timestamp: now(),
-                })
-            });
-            asked.insert(seq, (next, len));
+            asked.insert(ask(next, len).await, (next, len));
             next += len;
         }
         let p = tokio::select! {
@@ -144,8 +155,23 @@ pub(crate) async fn fetch(
         let Some((offset, len)) = asked.remove(&p.ack_seq) else {
             continue;
         };
-        if let Some(error) = p.error {
-            return Err(FetchError::Failed(error));
+        match (p.error, p.code) {
+            (None, _) => {}
+            (Some(error), Some(ErrorCode::NotLeased)) => return Err(FetchError::NotLeased(error)),
+            // Busy, or a read that failed: the same range again, a moment later.
+            (Some(error), Some(ErrorCode::RateLimited | ErrorCode::Internal))
+                if retries < MAX_RETRIES =>
+            {
+                retries += 1;
+                tracing::warn!(task = %shared.task_id, checkpoint = %wanted.id, offset, %error, retries, "checkpoint piece refused for now; asking again");
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY_DELAY) => {}
+                    _ = shared.cancel.cancelled() => return Err(FetchError::Stopped),
+                }
+                asked.insert(ask(offset, len).await, (offset, len));
+                continue;
+            }
+            (Some(error), _) => return Err(FetchError::Failed(error)),
         }
         let bytes = p.data.map(|b| b.0).unwrap_or_default();
         if p.checkpoint_id != wanted.id || p.offset != offset || bytes.len() as u64 != len {
@@ -197,7 +223,54 @@ mod tests {
             offset,
             data: Some(Blob(data.to_vec())),
             error: None,
+            code: None,
             timestamp: now(),
+        }
+    }
+
+    fn refusal(seq: Seq, offset: u64, code: ErrorCode) -> CheckpointPiece {
+        CheckpointPiece {
+            data: None,
+            error: Some("no".into()),
+            code: Some(code),
+            ..answer(seq, offset, &[])
+        }
+    }
+
+    /// Refused for now (busy, a failed read), a piece is asked for again a moment later, up to
+    /// [`MAX_RETRIES`] times in all.
+    #[tokio::test(start_paused = true)]
+    async fn a_piece_refused_for_now_is_asked_again_a_bounded_number_of_times() {
+        for (refusals, fetched) in [(MAX_RETRIES, true), (MAX_RETRIES + 1, false)] {
+            let s = setup(10);
+            let data: Vec<u8> = (0..10).collect();
+            let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, 100);
+            tokio::pin!(run);
+            let mut refused = 0;
+            let r = loop {
+                tokio::select! {
+                    r = &mut run => break r,
+                    () = settle() => {
+                        for (seq, offset, _) in asked(&s.outbox) {
+                            if refused < refusals {
+                                refused += 1;
+                                let code = [ErrorCode::Internal, ErrorCode::RateLimited][refused as usize % 2];
+                                s.fetches.deliver(refusal(seq, offset, code));
+                            } else {
+                                s.fetches.deliver(answer(seq, offset, &data));
+                            }
+                        }
+                        tokio::time::sleep(RETRY_DELAY / 2).await;
+                    }
+                }
+            };
+            match r {
+                Ok(cp) => assert!(fetched && *cp.data == data, "{refusals}"),
+                Err(e) => assert!(
+                    !fetched && matches!(e, FetchError::Failed(_)),
+                    "{refusals}: {e:?}"
+                ),
+            }
         }
     }
 
@@ -298,6 +371,15 @@ mod tests {
                 other => panic!("{case}: {other:?}"),
             }
         }
+        // Told the attempt holds no lease: it is to stop, not to start afresh.
+        let s = setup(10);
+        let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, 100);
+        tokio::pin!(run);
+        until_waiting(run.as_mut()).await;
+        let (seq, offset, _) = asked(&s.outbox)[0];
+        s.fetches
+            .deliver(refusal(seq, offset, ErrorCode::NotLeased));
+        assert!(matches!(run.await, Err(FetchError::NotLeased(_))));
         let mut s = setup(10);
         s.wanted.size = MAX_FETCH_SIZE + 1;
         let r = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, 100).await;

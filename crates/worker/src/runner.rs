@@ -84,8 +84,9 @@ pub struct Runner {
 enum Resume {
     Afresh,
     From(StoredCheckpoint),
-    /// The coordinator's checkpoint, named without its bytes: fetched before the attempt runs.
-    Fetch(Wanted),
+    /// The coordinator's checkpoint, named without its bytes: fetched before the attempt runs
+    /// (with an older one of this worker's to fall back on, if it has one).
+    Fetch(Wanted, Option<StoredCheckpoint>),
 }
 
 impl std::fmt::Debug for Runner {
@@ -163,17 +164,20 @@ impl Runner {
                 Resume::From(l)
             }
             (_, None) => Resume::Afresh,
-            (_, Some(r)) => match (&r.data, r.size) {
+            (local, Some(r)) => match (&r.data, r.size) {
                 (Some(data), _) => Resume::From(StoredCheckpoint {
                     id: r.checkpoint_id.clone(),
                     attempt: r.attempt,
                     data: Arc::new(data.0.clone()),
                 }),
-                (None, Some(size)) => Resume::Fetch(Wanted {
-                    id: r.checkpoint_id.clone(),
-                    attempt: r.attempt,
-                    size,
-                }),
+                (None, Some(size)) => Resume::Fetch(
+                    Wanted {
+                        id: r.checkpoint_id.clone(),
+                        attempt: r.attempt,
+                        size,
+                    },
+                    local,
+                ),
                 (None, None) => {
                     tracing::error!(task = %a.task_id, checkpoint = %r.checkpoint_id, "the assignment names a checkpoint with neither its bytes nor its size; the task starts afresh");
                     Resume::Afresh
@@ -256,7 +260,7 @@ impl Runner {
             let (latest, fetch) = match self.resume_point(&a) {
                 Resume::Afresh => (None, None),
                 Resume::From(cp) => (Some(cp), None),
-                Resume::Fetch(wanted) => (None, Some(wanted)),
+                Resume::Fetch(wanted, fallback) => (fallback, Some(wanted)),
             };
             let shared = TaskShared::new(a.task_id.clone(), a.attempt, latest);
             // Under the table lock, so `active()` never shows a task not yet recorded.
@@ -282,8 +286,10 @@ impl Runner {
         self.fetches.deliver(piece);
     }
 
-    /// Fetches the checkpoint an attempt resumes from into its `latest`. `false` when the
-    /// attempt was stopped meanwhile; one the coordinator cannot serve starts afresh.
+    /// Fetches the checkpoint an attempt resumes from into its `latest` (which holds until then
+    /// an older one of this worker's, or nothing). `false` when the attempt is to stop: it was
+    /// stopped meanwhile, or the coordinator says it holds no lease (it ends without a result).
+    /// One the coordinator cannot serve resumes from what `latest` holds, or afresh.
     async fn fetch_checkpoint(&self, shared: &TaskShared, wanted: &Wanted) -> bool {
         let piece = FETCH_PIECE.min(tether_proto::codec::largest_blob(
             self.max_frame.load(Ordering::Relaxed),
@@ -296,8 +302,16 @@ impl Runner {
                 true
             }
             Err(FetchError::Stopped) => false,
+            Err(FetchError::NotLeased(error)) => {
+                tracing::warn!(task = %shared.task_id, attempt = %shared.attempt, %error, "the attempt holds no lease; it stops without a result");
+                self.with_running(&shared.task_id, shared.attempt, |r| {
+                    r.stop.get_or_insert(StopReason::Superseded);
+                });
+                false
+            }
             Err(FetchError::Failed(error)) => {
-                tracing::error!(task = %shared.task_id, attempt = %shared.attempt, checkpoint = %wanted.id, %error, "fetching the checkpoint failed; the task starts afresh");
+                let fallback = shared.latest().map(|c| c.id);
+                tracing::error!(task = %shared.task_id, attempt = %shared.attempt, checkpoint = %wanted.id, %error, ?fallback, "fetching the checkpoint failed; the task resumes from this worker's older checkpoint, if any, else afresh");
                 true
             }
         }
@@ -723,6 +737,73 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// A checkpoint the assignment names by its size is fetched before the executor runs.
+    /// Refused as not leased, the attempt ends without a result; refused otherwise, it resumes
+    /// from this worker's older checkpoint of the task.
+    #[tokio::test]
+    async fn a_named_checkpoint_is_fetched_and_a_refused_fetch_stops_or_falls_back() {
+        let id = |s: &str| TaskId::parse(s).expect("id");
+        let mut executors = Executors::default();
+        executors.register("echo", Echo);
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let local = vec![(id("fallback"), stored("f-old", 1, "local"))];
+        let runner = Arc::new(
+            Runner::new(executors, outbox.clone(), 64 * 1024).with_local_checkpoints(local),
+        );
+        for (task, cp) in [("fetched", "x-2"), ("gone", "g-2"), ("fallback", "f-2")] {
+            let mut a = assignment(task, 3, None);
+            a.checkpoint = Some(CheckpointBlob {
+                checkpoint_id: CheckpointId::parse(cp).expect("id"),
+                attempt: Attempt(2),
+                data: None,
+                size: Some(3),
+            });
+            runner.assign(a);
+        }
+        let mut fetches = Vec::new();
+        while fetches.len() < 3 {
+            tokio::task::yield_now().await;
+            fetches.extend(outbox.take_unsent(10).into_iter().filter_map(
+                |(_, m)| match m.as_ref() {
+                    WorkerMsg::CheckpointFetch(f) => Some(f.clone()),
+                    _ => None,
+                },
+            ));
+        }
+        for f in fetches {
+            outbox.ack(f.seq);
+            let (data, code) = match f.task_id.as_str() {
+                "fetched" => (Some(Blob(b"abc".to_vec())), None),
+                "gone" => (None, Some(tether_proto::msg::ErrorCode::NotLeased)),
+                _ => (None, Some(tether_proto::msg::ErrorCode::BadFrame)),
+            };
+            runner.checkpoint_piece(tether_proto::msg::CheckpointPiece {
+                ack_seq: f.seq,
+                task_id: f.task_id,
+                checkpoint_id: f.checkpoint_id,
+                offset: f.offset,
+                error: code.map(|_| "refused".to_owned()),
+                data,
+                code,
+                timestamp: now(),
+            });
+        }
+        runner.tracker.close();
+        runner.tracker.wait().await;
+        let results: HashMap<String, serde_json::Value> = outbox
+            .take_unsent(100)
+            .into_iter()
+            .filter_map(|(_, m)| match m.as_ref() {
+                WorkerMsg::TaskResult(r) => Some((r.task_id.to_string(), r.result.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(results.len(), 2, "{results:?}");
+        assert_eq!(results["fetched"], "abc");
+        assert_eq!(results["fallback"], "local");
+        assert_eq!(runner.running_count(), 0);
     }
 
     #[tokio::test]

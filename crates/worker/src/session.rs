@@ -1233,6 +1233,7 @@ impl<'a> Session<'a> {
                         offset: f.offset,
                         data: None,
                         error: Some(format!("the coordinator refused the fetch: {}", e.message)),
+                        code: Some(e.code),
                         timestamp: now(),
                     });
                 }

@@ -78,6 +78,24 @@ const INCOMPLETE_CHECKPOINTS_PER_TASK: u64 = 2;
 /// record, carries the latest.
 pub(crate) const STATS_SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// The answer to fetch `f`: its bytes, or why not.
+fn checkpoint_piece(f: CheckpointFetch, found: Result<Vec<u8>, (ErrorCode, String)>) -> CoordMsg {
+    let (data, refusal) = match found {
+        Ok(data) => (Some(tether_proto::task::Blob(data)), None),
+        Err(refusal) => (None, Some(refusal)),
+    };
+    CoordMsg::CheckpointPiece(CheckpointPiece {
+        ack_seq: f.seq,
+        task_id: f.task_id,
+        checkpoint_id: f.checkpoint_id,
+        offset: f.offset,
+        data,
+        code: refusal.as_ref().map(|(code, _)| *code),
+        error: refusal.map(|(_, error)| error),
+        timestamp: now(),
+    })
+}
+
 impl Core {
     fn standing(&self, worker: &WorkerId, task: &TaskId, attempt: Attempt) -> Standing {
         self.standing_and_id(worker, task, attempt).0
@@ -598,63 +616,27 @@ impl Core {
         f: CheckpointFetch,
         b: &mut Batch,
     ) {
-        let limit = self.cfg.max_frame.min(session.max_frame);
-        let largest = (tether_proto::codec::largest_blob(limit) as u64)
-            .min(tether_proto::codec::MAX_FETCH_LEN);
-        let refusal = match self.standing_and_id(worker, &f.task_id, f.attempt) {
-            (Standing::Holder, _) => {
-                let latest = self
-                    .tasks
-                    .get(&f.task_id)
-                    .and_then(|t| t.latest_checkpoint.as_ref());
-                match latest {
-                    Some(m) if m.checkpoint_id != f.checkpoint_id => Some(format!(
-                        "checkpoint {} is not the latest of task {}",
-                        f.checkpoint_id, f.task_id
-                    )),
-                    None => Some(format!("task {} has no checkpoint", f.task_id)),
-                    Some(_) if f.len == 0 || f.len > largest => Some(format!(
-                        "a piece of {} bytes was asked for; a message to this worker carries 1 to {largest}",
-                        f.len
-                    )),
-                    Some(m) if f.offset >= m.size => Some(format!(
-                        "offset {} is past the end of checkpoint {} ({} bytes)",
-                        f.offset, f.checkpoint_id, m.size
-                    )),
-                    Some(_) => None,
+        let refused = self
+            .fetch_refusal(worker, session, &f)
+            .map_err(|error| (ErrorCode::NotLeased, error))
+            .and_then(|refusal| match refusal {
+                Some(error) => Err((ErrorCode::BadFrame, error)),
+                None => {
+                    let count = self.fetching.entry(session.id).or_default();
+                    InFlight::enter(count, MAX_FETCHES_IN_FLIGHT).ok_or_else(|| {
+                        let error = format!(
+                            "{MAX_FETCHES_IN_FLIGHT} fetches of this session are in flight; \
+                             ask again once their pieces came"
+                        );
+                        (ErrorCode::RateLimited, error)
+                    })
                 }
-            }
-            _ => Some(format!(
-                "task {} is not leased to worker {worker} at attempt {}",
-                f.task_id, f.attempt
-            )),
-        };
-        let piece = move |f: CheckpointFetch, data: Option<Vec<u8>>, error: Option<String>| {
-            CoordMsg::CheckpointPiece(CheckpointPiece {
-                ack_seq: f.seq,
-                task_id: f.task_id,
-                checkpoint_id: f.checkpoint_id,
-                offset: f.offset,
-                data: data.map(tether_proto::task::Blob),
-                error,
-                timestamp: now(),
-            })
-        };
-        let count = self.fetching.entry(session.id).or_default();
-        let in_flight = match refusal {
-            None => InFlight::enter(count, MAX_FETCHES_IN_FLIGHT).ok_or_else(|| {
-                format!(
-                    "{MAX_FETCHES_IN_FLIGHT} fetches of this session are in flight; ask again once \
-                     their pieces came"
-                )
-            }),
-            Some(error) => Err(error),
-        };
-        let in_flight = match in_flight {
-            Ok(i) => i,
-            Err(error) => {
+            });
+        let in_flight = match refused {
+            Ok(in_flight) => in_flight,
+            Err((code, error)) => {
                 tracing::warn!(worker = %worker, task = %f.task_id, checkpoint = %f.checkpoint_id, %error, "checkpoint fetch refused");
-                b.send(session, piece(f, None, Some(error)));
+                b.send(session, checkpoint_piece(f, Err((code, error))));
                 return;
             }
         };
@@ -663,27 +645,68 @@ impl Core {
         b.reads.push(Box::new(move |conn| {
             let range =
                 store::read_checkpoint_range(conn, &f.task_id, &f.checkpoint_id, f.offset, f.len);
-            let reply = match range {
+            let found = match range {
                 Ok(Some(data)) => {
                     let n = data.len() as u64;
                     metrics::counter!(m::CHECKPOINT_BYTES_SERVED).increment(n);
                     counters
                         .checkpoint_bytes_served
                         .fetch_add(n, Ordering::Relaxed);
-                    piece(f, Some(data), None)
+                    Ok(data)
                 }
-                Ok(None) => {
-                    let error = format!("checkpoint {} not found", f.checkpoint_id);
-                    piece(f, None, Some(error))
-                }
+                // Removed since (the task was retried or forgotten): the fetch is out of date.
+                Ok(None) => Err((
+                    ErrorCode::BadFrame,
+                    format!("checkpoint {} not found", f.checkpoint_id),
+                )),
                 Err(e) => {
                     tracing::error!(error = %e, checkpoint = %f.checkpoint_id, "reading a checkpoint for a fetch failed");
                     let error = format!("reading checkpoint {} failed: {e}", f.checkpoint_id);
-                    piece(f, None, Some(error))
+                    Err((ErrorCode::Internal, error))
                 }
             };
+            let reply = checkpoint_piece(f, found);
             s.send_all([Outgoing::Piece(Box::new((reply, in_flight)))]);
         }));
+    }
+
+    /// Why a `checkpoint_fetch` cannot be served: `Err` when its sender does not hold the
+    /// lease at its attempt, `Ok(Some)` when it asks for what is not there or too much at once.
+    fn fetch_refusal(
+        &self,
+        worker: &WorkerId,
+        session: &SessionRef,
+        f: &CheckpointFetch,
+    ) -> Result<Option<String>, String> {
+        if self.standing(worker, &f.task_id, f.attempt) != Standing::Holder {
+            return Err(format!(
+                "task {} is not leased to worker {worker} at attempt {}",
+                f.task_id, f.attempt
+            ));
+        }
+        let limit = self.cfg.max_frame.min(session.max_frame);
+        let largest = (tether_proto::codec::largest_blob(limit) as u64)
+            .min(tether_proto::codec::MAX_FETCH_LEN);
+        let latest = self
+            .tasks
+            .get(&f.task_id)
+            .and_then(|t| t.latest_checkpoint.as_ref());
+        Ok(match latest {
+            Some(m) if m.checkpoint_id != f.checkpoint_id => Some(format!(
+                "checkpoint {} is not the latest of task {}",
+                f.checkpoint_id, f.task_id
+            )),
+            None => Some(format!("task {} has no checkpoint", f.task_id)),
+            Some(_) if f.len == 0 || f.len > largest => Some(format!(
+                "a piece of {} bytes was asked for; a message to this worker carries 1 to {largest}",
+                f.len
+            )),
+            Some(m) if f.offset >= m.size => Some(format!(
+                "offset {} is past the end of checkpoint {} ({} bytes)",
+                f.offset, f.checkpoint_id, m.size
+            )),
+            Some(_) => None,
+        })
     }
 
     fn on_checkpoint_data(

@@ -697,8 +697,8 @@ fn fetch(seq: u64, task: &TaskId, id: &str, attempt: u32, offset: u64, len: u64)
     })
 }
 
-/// The error of the one `checkpoint_piece` in `msgs`, which must answer `seq`.
-fn piece_error(msgs: &[CoordMsg], seq: u64) -> String {
+/// The error of the one `checkpoint_piece` in `msgs`, which must answer `seq`, with its code.
+fn piece_error(msgs: &[CoordMsg], seq: u64) -> (tether_proto::msg::ErrorCode, String) {
     let pieces: Vec<_> = msgs
         .iter()
         .filter_map(|m| match m {
@@ -709,7 +709,8 @@ fn piece_error(msgs: &[CoordMsg], seq: u64) -> String {
     assert_eq!(pieces.len(), 1, "{msgs:?}");
     assert_eq!(pieces[0].ack_seq, Seq(seq));
     assert!(pieces[0].data.is_none());
-    pieces[0].error.clone().expect("an error")
+    let code = pieces[0].code.expect("a code");
+    (code, pieces[0].error.clone().expect("an error"))
 }
 
 #[test]
@@ -724,18 +725,41 @@ fn a_checkpoint_fetch_is_served_only_to_the_lease_holder_within_the_checkpoint_a
     drain(&mut rx_b);
     // Another worker, another attempt, another checkpoint, a piece no frame carries, a range
     // past the end: each answered with why (which acknowledges the fetch).
+    use tether_proto::msg::ErrorCode::{BadFrame, NotLeased, RateLimited};
+    let refused = |(c, e): (_, String), code, why: &str| c == code && e.contains(why);
     h.frame("b", b, fetch(1, &t, "c-1", 1, 0, 10));
-    assert!(piece_error(&drain(&mut rx_b), 1).contains("not leased"));
+    assert!(refused(
+        piece_error(&drain(&mut rx_b), 1),
+        NotLeased,
+        "not leased"
+    ));
     h.frame("a", a, fetch(3, &t, "c-1", 2, 0, 10));
-    assert!(piece_error(&drain(&mut rx_a), 3).contains("not leased"));
+    assert!(refused(
+        piece_error(&drain(&mut rx_a), 3),
+        NotLeased,
+        "not leased"
+    ));
     h.frame("a", a, fetch(4, &t, "c-2", 1, 0, 10));
-    assert!(piece_error(&drain(&mut rx_a), 4).contains("not the latest"));
+    assert!(refused(
+        piece_error(&drain(&mut rx_a), 4),
+        BadFrame,
+        "not the latest"
+    ));
     h.frame("a", a, fetch(5, &t, "c-1", 1, 0, 0));
-    assert!(piece_error(&drain(&mut rx_a), 5).contains("1 to"));
-    h.frame("a", a, fetch(6, &t, "c-1", 1, 0, 16 * 1024 * 1024));
-    assert!(piece_error(&drain(&mut rx_a), 6).contains("1 to"));
+    assert!(refused(piece_error(&drain(&mut rx_a), 5), BadFrame, "1 to"));
+    // Over 1 MiB, though a frame of 16 MiB would carry it.
+    h.frame("a", a, fetch(6, &t, "c-1", 1, 0, 1024 * 1024 + 1));
+    assert!(refused(
+        piece_error(&drain(&mut rx_a), 6),
+        BadFrame,
+        "1 to 1048576"
+    ));
     h.frame("a", a, fetch(7, &t, "c-1", 1, 10, 5));
-    assert!(piece_error(&drain(&mut rx_a), 7).contains("past the end"));
+    assert!(refused(
+        piece_error(&drain(&mut rx_a), 7),
+        BadFrame,
+        "past the end"
+    ));
     // The holder's fetch within the checkpoint is a read of the store, not answered by the
     // core itself; a session has at most so many of them read or unsent at once.
     let max = super::messages::MAX_FETCHES_IN_FLIGHT as u64;
@@ -754,7 +778,11 @@ fn a_checkpoint_fetch_is_served_only_to_the_lease_holder_within_the_checkpoint_a
     assert_eq!(batch.reads.len() as u64, max);
     assert!(batch.effects.is_empty());
     h.frame("a", a, fetch(100, &t, "c-1", 1, 2, 5));
-    assert!(piece_error(&drain(&mut rx_a), 100).contains("in flight"));
+    assert!(refused(
+        piece_error(&drain(&mut rx_a), 100),
+        RateLimited,
+        "in flight"
+    ));
     // Their pieces written (here: dropped), the session may fetch again.
     drop(batch);
     let mut batch = Batch::default();
