@@ -20,6 +20,12 @@ pub const SCHEMA_VERSION: i64 = 5;
 /// earlier version could leave such a file (a crash, or a failed write, between creating the
 /// file and writing its header), holding no state; its journals are read as it wrote them,
 /// and the version is set only once they are replayed and removed.
+///
+/// So `store::open` migrates to version 4 before it replays the journals, and to the newest
+/// after. A future migration (version 6 on) therefore runs after the replay, which writes
+/// `task_state` as this code knows it: a migration that changes that table must either keep
+/// what the replay writes valid or move this marker out of the version (a row of its own,
+/// written after the replay), so that every table migration runs first.
 pub(super) const WHOLE_JOURNALS: i64 = 5;
 
 /// Migrations from version N-1 to N, by index.
