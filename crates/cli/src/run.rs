@@ -197,11 +197,7 @@ fn coordinator_config(
         cfg.durability = d;
     }
     apply_limits(&mut cfg, &a, &file)?;
-    check_heartbeat(
-        cfg.heartbeat_interval,
-        cfg.heartbeat_timeout,
-        tether_coordinator::config::MIN_HEARTBEAT_INTERVAL,
-    )?;
+    cfg.validate().map_err(as_flag)?;
     let min_frame = tether_coordinator::config::MIN_MAX_FRAME;
     if cfg.max_frame < min_frame {
         bail!(
@@ -567,43 +563,20 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
             "--message-mac needs this worker's secret: give --secret-file, TETHER_SECRET_FILE or TETHER_SECRET"
         );
     }
-    check_heartbeat(
-        cfg.heartbeat_interval,
-        cfg.heartbeat_timeout,
-        tether_worker::config::MIN_HEARTBEAT_INTERVAL,
-    )?;
-    let b = &cfg.backoff;
-    if b.initial < tether_worker::backoff::MIN_INITIAL {
-        bail!(
-            "--initial-reconnect-delay {:?} is too short: at least {:?} (a worker would retry in a tight loop)",
-            b.initial,
-            tether_worker::backoff::MIN_INITIAL
-        );
-    }
-    if b.max < b.initial {
-        bail!(
-            "--max-reconnect-delay {:?} is shorter than --initial-reconnect-delay {:?}",
-            b.max,
-            b.initial
-        );
-    }
-    if b.max_attempts == Some(0) {
-        bail!("--max-reconnect-attempts must be at least 1 (leave it out to retry for ever)");
-    }
+    cfg.validate().map_err(as_flag)?;
     Ok(cfg)
 }
 
-/// A heartbeat interval of at least `min` and a liveness timeout longer than it.
-fn check_heartbeat(interval: Duration, timeout: Duration, min: Duration) -> anyhow::Result<()> {
-    if interval < min {
-        bail!("--heartbeat-interval {interval:?} is too short: at least {min:?}");
-    }
-    if timeout <= interval {
-        bail!(
-            "--heartbeat-timeout {timeout:?} must be longer than the heartbeat interval {interval:?}"
-        );
-    }
-    Ok(())
+/// A library's refusal of a setting, in terms of the flag that gives it (the same key, with
+/// underscores, in the configuration file).
+fn as_flag(e: tether_proto::settings::ConfigError) -> anyhow::Error {
+    let flag = match e.field {
+        "backoff.initial" => "initial-reconnect-delay".to_owned(),
+        "backoff.max" => "max-reconnect-delay".to_owned(),
+        "backoff.max_attempts" => "max-reconnect-attempts".to_owned(),
+        field => field.replace('_', "-"),
+    };
+    anyhow::anyhow!("--{flag} {}", e.why)
 }
 
 pub async fn worker(mut a: WorkerArgs) -> anyhow::Result<()> {

@@ -129,6 +129,27 @@ pub struct Beat {
 }
 
 impl CoordinatorConfig {
+    /// Refuses settings no run can work with (`run` calls it): a heartbeat interval under
+    /// [`MIN_HEARTBEAT_INTERVAL`] or a timeout not longer than it, frames too small for a
+    /// message's envelope, a checkpoint bound of 0. The `tether coordinator` command asks more
+    /// of some (frames of 1 MiB at least).
+    pub fn validate(&self) -> Result<(), tether_proto::settings::ConfigError> {
+        use tether_proto::settings::{ConfigError, check_frame, check_heartbeat};
+        check_heartbeat(
+            self.heartbeat_interval,
+            self.heartbeat_timeout,
+            MIN_HEARTBEAT_INTERVAL,
+        )?;
+        check_frame(self.max_frame)?;
+        if self.max_checkpoint_bytes == 0 {
+            return Err(ConfigError::new(
+                "max_checkpoint_bytes",
+                "0 refuses every checkpoint: at least 1",
+            ));
+        }
+        Ok(())
+    }
+
     /// The cadence for a fleet of `sessions`: the configured one, or, when that fleet would beat
     /// more often than the heartbeat budget allows, an interval that keeps it within the budget
     /// (in whole milliseconds) and a timeout stretched in proportion.
@@ -193,6 +214,49 @@ impl CoordinatorConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each setting no run can work with is refused by its field name, and a coordinator is not
+    /// started on it (nor its data directory made); the defaults and the least of each pass.
+    #[tokio::test]
+    async fn settings_that_would_stop_the_work_are_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let base = || CoordinatorConfig::new(&data);
+        base().validate().expect("the defaults");
+        type Spoil = fn(&mut CoordinatorConfig);
+        let cases: [(&str, Spoil); 4] = [
+            ("heartbeat_interval", |c| {
+                c.heartbeat_interval = Duration::ZERO
+            }),
+            ("heartbeat_timeout", |c| {
+                c.heartbeat_timeout = c.heartbeat_interval
+            }),
+            ("max_frame", |c| c.max_frame = 1024),
+            ("max_checkpoint_bytes", |c| c.max_checkpoint_bytes = 0),
+        ];
+        for (field, spoil) in cases {
+            let mut c = base();
+            spoil(&mut c);
+            assert_eq!(c.validate().map_err(|e| e.field), Err(field));
+        }
+        let mut least = base();
+        least.heartbeat_interval = MIN_HEARTBEAT_INTERVAL;
+        least.heartbeat_timeout = MIN_HEARTBEAT_INTERVAL * 2;
+        least.max_frame = tether_proto::settings::MIN_FRAME;
+        least.max_checkpoint_bytes = 1;
+        least.validate().expect("the least of each");
+        let mut c = base();
+        c.heartbeat_interval = Duration::ZERO;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let e = crate::server::run(listener, c, shutdown)
+            .await
+            .expect_err("refused");
+        assert!(e.to_string().contains("heartbeat_interval"), "{e}");
+        assert!(!data.exists(), "nothing made for a refused configuration");
+    }
 
     #[test]
     fn a_fleet_past_the_heartbeat_budget_is_told_a_longer_interval_and_timeout_in_proportion() {

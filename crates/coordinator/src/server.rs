@@ -47,6 +47,8 @@ pub enum ServerError {
     StoreFailed,
     #[error(transparent)]
     Exposed(#[from] crate::auth::Exposed),
+    #[error("invalid configuration: {0}")]
+    Config(#[from] tether_proto::settings::ConfigError),
 }
 
 /// A started coordinator's handles, for embedding (demo, tests).
@@ -72,6 +74,7 @@ pub async fn run_with(
     shutdown: CancellationToken,
     on_start: impl FnOnce(Handles),
 ) -> Result<(), ServerError> {
+    cfg.validate()?;
     let cfg = Arc::new(cfg);
     crate::metrics::install();
     let (conn, loaded) = store::open(&cfg.data_dir)?;

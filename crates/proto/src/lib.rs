@@ -22,6 +22,7 @@ pub mod ids;
 pub mod integrity;
 pub mod msg;
 pub mod samples;
+pub mod settings;
 pub mod task;
 pub mod time;
 

@@ -41,6 +41,8 @@ pub enum AgentError {
     // Not `#[from]`: the detail is in the message, so error chains do not print it twice.
     #[error("invalid coordinator URL: {0}")]
     Config(EndpointError),
+    #[error("invalid configuration: {0}")]
+    Settings(#[from] tether_proto::settings::ConfigError),
     #[error("{0}")]
     Refused(String),
     #[error("gave up after {attempts} consecutive failed connection attempts")]
@@ -236,6 +238,7 @@ impl Agent {
         executors: Executors,
         connector: Option<Arc<dyn Connector>>,
     ) -> Result<Self, AgentError> {
+        cfg.validate()?;
         let mut endpoint = derive_endpoint(&cfg.coordinator, &cfg.worker_id)?;
         if registers_first(&cfg) {
             endpoint.push('?');

@@ -91,6 +91,48 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// Refuses settings no run can work with (building an agent calls it): a heartbeat
+    /// interval under [`MIN_HEARTBEAT_INTERVAL`] or a timeout not longer than it, a first
+    /// reconnect delay under [`crate::backoff::MIN_INITIAL`] (a tight reconnect loop) or a cap
+    /// below it, giving up after 0 attempts, no slots, frames too small for a message's
+    /// envelope.
+    pub fn validate(&self) -> Result<(), tether_proto::settings::ConfigError> {
+        use tether_proto::settings::{ConfigError, check_frame, check_heartbeat};
+        check_heartbeat(
+            self.heartbeat_interval,
+            self.heartbeat_timeout,
+            MIN_HEARTBEAT_INTERVAL,
+        )?;
+        check_frame(self.max_frame)?;
+        let b = &self.backoff;
+        let min = crate::backoff::MIN_INITIAL;
+        if b.initial < min {
+            return Err(ConfigError::new(
+                "backoff.initial",
+                format!("{:?} is too short: at least {min:?}", b.initial),
+            ));
+        }
+        if b.max < b.initial {
+            return Err(ConfigError::new(
+                "backoff.max",
+                format!(
+                    "{:?} is shorter than the first reconnect delay ({:?})",
+                    b.max, b.initial
+                ),
+            ));
+        }
+        if b.max_attempts == Some(0) {
+            return Err(ConfigError::new(
+                "backoff.max_attempts",
+                "0 gives up before the first attempt: at least 1, or none to retry for ever",
+            ));
+        }
+        if self.slots == 0 {
+            return Err(ConfigError::new("slots", "0 runs nothing: at least 1"));
+        }
+        Ok(())
+    }
+
     /// A config with every default, for the given coordinator and id.
     pub fn new(coordinator: impl Into<String>, worker_id: WorkerId) -> Self {
         Self {
@@ -123,5 +165,50 @@ impl WorkerConfig {
             batching: true,
             compact_acks: true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each setting no run can work with is refused by its field name; the defaults and the
+    /// least of each pass.
+    #[test]
+    fn settings_that_would_stop_the_work_are_refused_by_name() {
+        let base = || WorkerConfig::new("ws://127.0.0.1:1", WorkerId::parse("w").expect("id"));
+        base().validate().expect("the defaults");
+        type Spoil = fn(&mut WorkerConfig);
+        let cases: [(&str, Spoil); 7] = [
+            ("heartbeat_interval", |c| {
+                c.heartbeat_interval = Duration::ZERO
+            }),
+            ("heartbeat_timeout", |c| {
+                c.heartbeat_timeout = c.heartbeat_interval
+            }),
+            ("max_frame", |c| c.max_frame = 1024),
+            ("backoff.initial", |c| c.backoff.initial = Duration::ZERO),
+            ("backoff.max", |c| c.backoff.max = c.backoff.initial / 2),
+            ("backoff.max_attempts", |c| c.backoff.max_attempts = Some(0)),
+            ("slots", |c| c.slots = 0),
+        ];
+        for (field, spoil) in cases {
+            let mut c = base();
+            spoil(&mut c);
+            assert_eq!(c.validate().map_err(|e| e.field), Err(field));
+        }
+        let mut least = base();
+        least.heartbeat_interval = MIN_HEARTBEAT_INTERVAL;
+        least.heartbeat_timeout = MIN_HEARTBEAT_INTERVAL * 2;
+        least.max_frame = tether_proto::settings::MIN_FRAME;
+        least.backoff.initial = crate::backoff::MIN_INITIAL;
+        least.backoff.max = crate::backoff::MIN_INITIAL;
+        least.backoff.max_attempts = Some(1);
+        least.validate().expect("the least of each");
+        // An agent is not built on a refused configuration.
+        let mut c = base();
+        c.slots = 0;
+        let e = crate::Agent::new(c, crate::Executors::builtin()).expect_err("refused");
+        assert!(e.to_string().contains("slots"), "{e}");
     }
 }
