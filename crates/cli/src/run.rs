@@ -197,7 +197,7 @@ fn coordinator_config(
         cfg.durability = d;
     }
     apply_limits(&mut cfg, &a, &file)?;
-    cfg.validate().map_err(as_flag)?;
+    // First: the library's own floor is lower.
     let min_frame = tether_coordinator::config::MIN_MAX_FRAME;
     if cfg.max_frame < min_frame {
         bail!(
@@ -206,6 +206,7 @@ fn coordinator_config(
             cfg.max_frame
         );
     }
+    cfg.validate().map_err(as_flag)?;
     if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
         cfg.tls = Some(
             tether_coordinator::tls::server_config(cert, key).with_context(|| {
@@ -570,13 +571,15 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
 /// A library's refusal of a setting, in terms of the flag that gives it (the same key, with
 /// underscores, in the configuration file).
 fn as_flag(e: tether_proto::settings::ConfigError) -> anyhow::Error {
-    let flag = match e.field {
-        "backoff.initial" => "initial-reconnect-delay".to_owned(),
-        "backoff.max" => "max-reconnect-delay".to_owned(),
-        "backoff.max_attempts" => "max-reconnect-attempts".to_owned(),
-        field => field.replace('_', "-"),
+    let flag = |field: &str| match field {
+        "backoff.initial" => "--initial-reconnect-delay".to_owned(),
+        "backoff.max" => "--max-reconnect-delay".to_owned(),
+        "backoff.max_attempts" => "--max-reconnect-attempts".to_owned(),
+        field => format!("--{}", field.replace('_', "-")),
     };
-    anyhow::anyhow!("--{flag} {}", e.why)
+    // The reason may name another setting (a cap below the first delay).
+    let why = e.why.replace("backoff.initial", &flag("backoff.initial"));
+    anyhow::anyhow!("{} {why}", flag(e.field))
 }
 
 pub async fn worker(mut a: WorkerArgs) -> anyhow::Result<()> {
@@ -822,7 +825,8 @@ mod tests {
             (&["--heartbeat-timeout", "0s"], "--heartbeat-timeout"),
             (&["--heartbeat-interval", "20s"], "--heartbeat-timeout"),
             (&["--max-frame", "0"], "--max-frame"),
-            (&["--max-frame", "65536"], "--max-frame"),
+            (&["--max-frame", "65536"], "at least 1048576"),
+            (&["--max-frame", "1024"], "at least 1048576"),
         ] {
             let e = coord(flags).expect_err("refused");
             assert!(e.to_string().contains(name), "{flags:?}: {e}");

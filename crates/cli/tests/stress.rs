@@ -270,6 +270,10 @@ fn arguments_no_run_can_use_are_refused_by_name_before_anything_starts() {
             "--checkpoint-size",
         ),
         (&["message_flood", "--rate", "0"], "--rate"),
+        (
+            &["steady_load", "--max-reconnect-delay", "100ms"],
+            "--max-reconnect-delay",
+        ),
         (&["steady_load", "--churn", "2"], "--churn"),
         (
             &["steady_load", "--heartbeat-interval", "0s"],

@@ -939,7 +939,8 @@ async fn send_queued(
                     agreed.compact_acks = a.compact_acks;
                 }
             }
-            // Its fetch leaves the session's count once the piece is in the socket's buffer.
+            // Its fetch leaves the session's count once the piece is fed to the socket (or to
+            // the batch frame being built; the writer is sequential, so the bound holds).
             Outgoing::Piece(p) => {
                 if !feed_one(out, &mut batch, &p.0, agreed, deadline, app).await {
                     return Err(());

@@ -109,14 +109,17 @@ impl WorkerConfig {
         if b.initial < min {
             return Err(ConfigError::new(
                 "backoff.initial",
-                format!("{:?} is too short: at least {min:?}", b.initial),
+                format!(
+                    "{:?} is too short: at least {min:?} (a worker would retry in a tight loop)",
+                    b.initial
+                ),
             ));
         }
         if b.max < b.initial {
             return Err(ConfigError::new(
                 "backoff.max",
                 format!(
-                    "{:?} is shorter than the first reconnect delay ({:?})",
+                    "{:?} is shorter than backoff.initial {:?}",
                     b.max, b.initial
                 ),
             ));

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tether_proto::msg::{CheckpointFetch, CheckpointPiece, ErrorCode, WorkerMsg, now};
-use tether_proto::{Attempt, CheckpointId, Seq, TaskId};
-use tokio::sync::mpsc;
+use tether_proto::{Attempt, CheckpointId, TaskId};
+use tokio::sync::{Semaphore, mpsc};
 
 use crate::executor::{StoredCheckpoint, TaskShared};
 use crate::outbox::{Class, Outbox};
@@ -22,8 +22,12 @@ pub const FETCH_PIECE: usize = tether_proto::codec::CHECKPOINT_PIECE;
 /// Pieces asked for and not yet answered, per checkpoint.
 pub const FETCH_WINDOW: usize = 4;
 
-/// Pieces refused for now (`rate_limited`, `internal`) asked for again, per fetch, at most,
-/// each after [`RETRY_DELAY`].
+/// Pieces asked for and not yet answered, over all the worker's fetches: half the coordinator's
+/// bound of a session's fetches in flight, so that a `sync_state` resend of them all fits.
+pub const WORKER_FETCHES: usize = 8;
+
+/// Pieces refused for now (`rate_limited`, `internal`) in a row asked for again, at most, each
+/// after [`RETRY_DELAY`]; a piece that comes starts the count over.
 pub const MAX_RETRIES: u32 = 5;
 
 /// How long a refused-for-now piece waits before it is asked for again.
@@ -54,9 +58,21 @@ pub(crate) enum FetchError {
 }
 
 /// The fetches in progress, by task: where the session hands the pieces it receives.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Fetches {
     by_task: Mutex<HashMap<TaskId, mpsc::UnboundedSender<CheckpointPiece>>>,
+    /// Pieces asked for and not answered, over every fetch of the worker: at most
+    /// [`WORKER_FETCHES`], under the coordinator's bound for a session.
+    permits: Semaphore,
+}
+
+impl Default for Fetches {
+    fn default() -> Self {
+        Self {
+            by_task: Mutex::default(),
+            permits: Semaphore::new(WORKER_FETCHES),
+        }
+    }
 }
 
 impl Fetches {
@@ -138,13 +154,24 @@ pub(crate) async fn fetch(
             })
         })
     };
-    // Requests not yet answered: sequence number to (offset, length).
-    let mut asked: HashMap<Seq, (u64, u64)> = HashMap::new();
+    // Requests not yet answered: sequence number to (offset, length, the worker's permit).
+    let mut asked = HashMap::new();
     let (mut next, mut filled, mut retries) = (0u64, 0u64, 0u32);
     while filled < size {
         while asked.len() < FETCH_WINDOW && next < size {
+            // A fetch waits for a permit only while it holds none: one that holds some takes
+            // its answers first (two fetches each waiting, holding what the other wants, would
+            // wait for ever).
+            let permit = match fetches.permits.try_acquire() {
+                Ok(permit) => permit,
+                Err(_) if !asked.is_empty() => break,
+                Err(_) => tokio::select! {
+                    p = fetches.permits.acquire() => p.map_err(|_| FetchError::Stopped)?,
+                    _ = shared.cancel.cancelled() => return Err(FetchError::Stopped),
+                },
+            };
             let len = piece.min(size - next);
-            asked.insert(ask(next, len).await, (next, len));
+            asked.insert(ask(next, len).await, (next, len, permit));
             next += len;
         }
         let p = tokio::select! {
@@ -152,7 +179,7 @@ pub(crate) async fn fetch(
             _ = shared.cancel.cancelled() => return Err(FetchError::Stopped),
         };
         // An answer to a request sent twice (a `sync_state` resends the outbox) comes twice.
-        let Some((offset, len)) = asked.remove(&p.ack_seq) else {
+        let Some((offset, len, permit)) = asked.remove(&p.ack_seq) else {
             continue;
         };
         match (p.error, p.code) {
@@ -168,7 +195,7 @@ pub(crate) async fn fetch(
                     _ = tokio::time::sleep(RETRY_DELAY) => {}
                     _ = shared.cancel.cancelled() => return Err(FetchError::Stopped),
                 }
-                asked.insert(ask(offset, len).await, (offset, len));
+                asked.insert(ask(offset, len).await, (offset, len, permit));
                 continue;
             }
             (Some(error), _) => return Err(FetchError::Failed(error)),
@@ -185,6 +212,8 @@ pub(crate) async fn fetch(
         }
         data[offset as usize..][..bytes.len()].copy_from_slice(&bytes);
         filled += len;
+        retries = 0;
+        drop(permit);
     }
     Ok(StoredCheckpoint {
         id: wanted.id.clone(),
@@ -197,6 +226,7 @@ pub(crate) async fn fetch(
 mod tests {
     use super::*;
     use crate::outbox::Limits;
+    use tether_proto::Seq;
     use tether_proto::task::Blob;
 
     fn id(s: &str) -> CheckpointId {
@@ -235,6 +265,50 @@ mod tests {
             code: Some(code),
             ..answer(seq, offset, &[])
         }
+    }
+
+    /// Several fetches of one worker keep at most [`WORKER_FETCHES`] pieces asked for and not
+    /// answered, all of them together, and each comes to its end: none waits holding permits
+    /// another waits for.
+    #[tokio::test]
+    async fn the_worker_s_fetches_together_keep_a_bounded_number_in_flight() {
+        let s = setup(40);
+        let data: Vec<u8> = (0..40).collect();
+        let tasks = ["t", "u", "v"];
+        let shared: Vec<_> = tasks
+            .iter()
+            .map(|t| TaskShared::new(TaskId::parse(t).expect("id"), Attempt(2), None))
+            .collect();
+        let runs = futures_util::future::join_all(
+            shared
+                .iter()
+                .map(|sh| fetch(&s.outbox, &s.fetches, sh, &s.wanted, 3)),
+        );
+        tokio::pin!(runs);
+        let mut most = 0;
+        let done = loop {
+            tokio::select! {
+                r = &mut runs => break r,
+                () = settle() => {
+                    let batch: Vec<_> = s.outbox.take_unsent(100).into_iter().map(|(seq, m)| match m.as_ref() {
+                        WorkerMsg::CheckpointFetch(f) => (seq, f.task_id.clone(), f.offset, f.len),
+                        other => panic!("not a fetch: {other:?}"),
+                    }).collect();
+                    most = most.max(batch.len());
+                    for (seq, task, offset, len) in batch {
+                        s.outbox.ack(seq);
+                        let mut p = answer(seq, offset, &data[offset as usize..(offset + len) as usize]);
+                        p.task_id = task;
+                        s.fetches.deliver(p);
+                    }
+                }
+            }
+        };
+        for r in done {
+            assert_eq!(*r.expect("fetched").data, data);
+        }
+        assert!(most <= WORKER_FETCHES, "{most} in flight at once");
+        assert!(most > FETCH_WINDOW, "the fetches ran side by side: {most}");
     }
 
     /// Refused for now (busy, a failed read), a piece is asked for again a moment later, up to

@@ -164,6 +164,11 @@ impl Runner {
                 Resume::From(l)
             }
             (_, None) => Resume::Afresh,
+            // The very checkpoint the coordinator would have this worker fetch: no need.
+            (Some(l), Some(r)) if l.id == r.checkpoint_id && r.data.is_none() => {
+                tracing::info!(task = %a.task_id, checkpoint = %l.id, "resuming from the local copy of the coordinator's checkpoint");
+                Resume::From(l)
+            }
             (local, Some(r)) => match (&r.data, r.size) {
                 (Some(data), _) => Resume::From(StoredCheckpoint {
                     id: r.checkpoint_id.clone(),
@@ -748,11 +753,20 @@ mod tests {
         let mut executors = Executors::default();
         executors.register("echo", Echo);
         let outbox = Arc::new(Outbox::new(Limits::default()));
-        let local = vec![(id("fallback"), stored("f-old", 1, "local"))];
+        let local = vec![
+            (id("fallback"), stored("f-old", 1, "local")),
+            (id("same"), stored("s-2", 2, "mine")),
+        ];
         let runner = Arc::new(
             Runner::new(executors, outbox.clone(), 64 * 1024).with_local_checkpoints(local),
         );
-        for (task, cp) in [("fetched", "x-2"), ("gone", "g-2"), ("fallback", "f-2")] {
+        let named = [
+            ("fetched", "x-2"),
+            ("gone", "g-2"),
+            ("fallback", "f-2"),
+            ("same", "s-2"),
+        ];
+        for (task, cp) in named {
             let mut a = assignment(task, 3, None);
             a.checkpoint = Some(CheckpointBlob {
                 checkpoint_id: CheckpointId::parse(cp).expect("id"),
@@ -762,16 +776,22 @@ mod tests {
             });
             runner.assign(a);
         }
-        let mut fetches = Vec::new();
-        while fetches.len() < 3 {
+        // What the tasks sent: the fetches to answer, and a result already (the one that
+        // resumed from its own copy).
+        let (mut fetches, mut sent) = (Vec::new(), Vec::new());
+        for _ in 0..1000 {
+            if fetches.len() >= 3 {
+                break;
+            }
             tokio::task::yield_now().await;
-            fetches.extend(outbox.take_unsent(10).into_iter().filter_map(
-                |(_, m)| match m.as_ref() {
-                    WorkerMsg::CheckpointFetch(f) => Some(f.clone()),
-                    _ => None,
-                },
-            ));
+            for (_, m) in outbox.take_unsent(10) {
+                match m.as_ref() {
+                    WorkerMsg::CheckpointFetch(f) => fetches.push(f.clone()),
+                    _ => sent.push(m),
+                }
+            }
         }
+        assert_eq!(fetches.len(), 3, "all but the one held here: {fetches:?}");
         for f in fetches {
             outbox.ack(f.seq);
             let (data, code) = match f.task_id.as_str() {
@@ -792,16 +812,17 @@ mod tests {
         }
         runner.tracker.close();
         runner.tracker.wait().await;
-        let results: HashMap<String, serde_json::Value> = outbox
-            .take_unsent(100)
-            .into_iter()
-            .filter_map(|(_, m)| match m.as_ref() {
+        sent.extend(outbox.take_unsent(100).into_iter().map(|(_, m)| m));
+        let results: HashMap<String, serde_json::Value> = sent
+            .iter()
+            .filter_map(|m| match m.as_ref() {
                 WorkerMsg::TaskResult(r) => Some((r.task_id.to_string(), r.result.clone())),
                 _ => None,
             })
             .collect();
-        assert_eq!(results.len(), 2, "{results:?}");
+        assert_eq!(results.len(), 3, "{results:?}");
         assert_eq!(results["fetched"], "abc");
+        assert_eq!(results["same"], "mine", "not fetched: held here already");
         assert_eq!(results["fallback"], "local");
         assert_eq!(runner.running_count(), 0);
     }

@@ -398,6 +398,8 @@ fn start(
         let mut cfg = WorkerConfig::new(url.clone(), worker_id);
         cfg.slots = a.slots;
         cfg.heartbeat_interval = a.heartbeat_interval;
+        // As the coordinator the run starts announces it (its own takes over once welcomed).
+        cfg.heartbeat_timeout = a.heartbeat_interval * 3;
         cfg.telemetry_interval = a.telemetry_interval;
         cfg.batching = !a.no_batching;
         cfg.compact_acks = !a.no_compact_acks;

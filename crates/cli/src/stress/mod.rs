@@ -236,6 +236,12 @@ impl StressArgs {
         if self.rate == 0 {
             bail!("--rate must be at least 1 (updates a second per worker)");
         }
+        let first = scenarios::FLEET_BACKOFF_INITIAL;
+        if self.max_reconnect_delay < first {
+            bail!(
+                "--max-reconnect-delay must be at least {first:?}, the fleet's first reconnect delay"
+            );
+        }
         if self.size > MAX_UPDATE_SIZE {
             bail!("--size must be at most {MAX_UPDATE_SIZE} bytes");
         }

@@ -62,7 +62,7 @@ enum Standing {
 }
 
 /// A session's `checkpoint_fetch`es being read or waiting for its socket, at most: the Rust
-/// worker keeps 4 in flight, and a `sync_state` resend may double them.
+/// worker keeps 8 in flight over all its tasks, and a `sync_state` resend may double them.
 pub(crate) const MAX_FETCHES_IN_FLIGHT: usize = 16;
 
 /// Incomplete checkpoints of one task may declare at most this many times
