@@ -307,6 +307,11 @@ impl Outbox {
         dropped
     }
 
+    /// The message held under `seq`, if it is still held.
+    pub fn held(&self, seq: Seq) -> Option<std::sync::Arc<WorkerMsg>> {
+        self.lock().entries.get(&seq.0).map(|e| e.msg.clone())
+    }
+
     /// Marks `seq` delivered. Returns whether it was still held.
     pub fn ack(&self, seq: Seq) -> bool {
         self.take_acked(seq).is_some()

@@ -1195,9 +1195,20 @@ impl<'a> Session<'a> {
                 }
             }
             CoordMsg::CheckpointPiece(piece) => {
-                // The piece acknowledges its fetch.
-                self.window.leave(piece.ack_seq.0);
-                outbox.ack(piece.ack_seq);
+                // The piece acknowledges its fetch, and nothing else its `ack_seq` might name
+                // (a result would be dropped undelivered).
+                match outbox.held(piece.ack_seq).as_deref() {
+                    Some(WorkerMsg::CheckpointFetch(f)) if f.task_id == piece.task_id => {
+                        self.window.leave(piece.ack_seq.0);
+                        outbox.ack(piece.ack_seq);
+                    }
+                    Some(other) => {
+                        tracing::warn!(worker = %self.worker(), seq = %piece.ack_seq, held = other.type_name(), "a checkpoint piece names an entry that is not its fetch; it acknowledges nothing");
+                        return Ok(());
+                    }
+                    // Answered already (a fetch sent twice is answered twice).
+                    None => {}
+                }
                 runner.checkpoint_piece(piece);
             }
             CoordMsg::StateRequest(req) => {

@@ -115,13 +115,10 @@ async fn updates_made_in_the_same_round_share_a_frame() {
     running.stop().await;
 }
 
-/// A coordinator that does not know `checkpoint_fetch` (one rolled back while a fetch was
-/// under way) answers it with `unknown_type`: the fetch ends, the attempt runs afresh and
-/// reports, and the session lives on. Were the refusal only logged, no piece would ever come:
-/// the task would never run, and the fetch never acknowledged would end session after session.
-#[tokio::test(start_paused = true)]
-async fn a_fetch_the_coordinator_cannot_read_ends_and_its_task_runs_afresh() {
-    let fake = FakeConnector::new(Script::UnknownFetch);
+/// A worker against a fake coordinator playing `script`, run until the coordinator has a
+/// task result (or two minutes of virtual time went by).
+async fn until_a_result(script: Script) -> (FakeConnector, Running) {
+    let fake = FakeConnector::new(script);
     let cfg = WorkerConfig::new(
         "ws://coordinator.invalid:1",
         WorkerId::parse("w").expect("id"),
@@ -131,8 +128,35 @@ async fn a_fetch_the_coordinator_cannot_read_ends_and_its_task_runs_afresh() {
     while fake.outcomes.lock().expect("lock").is_empty() && tokio::time::Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    (fake, running)
+}
+
+/// A coordinator that does not know `checkpoint_fetch` (one rolled back while a fetch was
+/// under way) answers it with `unknown_type`: the fetch ends, the attempt runs afresh and
+/// reports, and the session lives on. Were the refusal only logged, no piece would ever come:
+/// the task would never run, and the fetch never acknowledged would end session after session.
+#[tokio::test(start_paused = true)]
+async fn a_fetch_the_coordinator_cannot_read_ends_and_its_task_runs_afresh() {
+    let (fake, running) = until_a_result(Script::UnknownFetch).await;
     let outcomes = fake.outcomes.lock().expect("lock").clone();
     assert_eq!(outcomes, [tether_proto::Outcome::Completed]);
     assert_eq!(fake.attempts().len(), 1, "one session throughout");
+    running.stop().await;
+}
+
+/// A `checkpoint_piece` acknowledges its fetch and nothing else: one whose `ack_seq` names a
+/// result (a confused coordinator) leaves the result held, to be sent again.
+#[tokio::test(start_paused = true)]
+async fn a_piece_naming_a_result_does_not_acknowledge_it() {
+    let (fake, running) = until_a_result(Script::PieceForResult).await;
+    assert_eq!(
+        fake.outcomes.lock().expect("lock").len(),
+        1,
+        "the result was sent"
+    );
+    // The piece came back (a round trip); the result is still held.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = running.handle.outbox.pending_results();
+    assert_eq!(held.len(), 1, "the result is still held: {held:?}");
     running.stop().await;
 }

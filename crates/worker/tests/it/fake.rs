@@ -49,6 +49,10 @@ pub enum Script {
     /// a `checkpoint_fetch` as a coordinator that does not know it (`error` `unknown_type`);
     /// acknowledges the rest like `Healthy` and records each result's outcome.
     UnknownFetch,
+    /// Assigns a one-step `sleep` task and answers its result with a `checkpoint_piece` whose
+    /// `ack_seq` is the result's (a confused coordinator), never with its ack; records the
+    /// result's outcome and acknowledges the rest.
+    PieceForResult,
 }
 
 /// Sequence numbers a fake coordinator received, each with its connection's index.
@@ -317,19 +321,21 @@ async fn serve(
                 }
             }
         }
-        Script::UnknownFetch => {
+        Script::UnknownFetch | Script::PieceForResult => {
+            let named =
+                (script == Script::UnknownFetch).then(|| tether_proto::msg::CheckpointBlob {
+                    checkpoint_id: tether_proto::CheckpointId::parse("c-1").expect("id"),
+                    attempt: tether_proto::Attempt(1),
+                    data: None,
+                    size: Some(1_000_000),
+                });
             let assignment = CoordMsg::TaskAssignment(tether_proto::msg::TaskAssignment {
                 task_id: tether_proto::TaskId::parse("t-1").expect("id"),
                 attempt: tether_proto::Attempt(2),
                 kind: "sleep".into(),
                 config: serde_json::json!({"ms": 0, "steps": 1}),
                 timeout_ms: None,
-                checkpoint: Some(tether_proto::msg::CheckpointBlob {
-                    checkpoint_id: tether_proto::CheckpointId::parse("c-1").expect("id"),
-                    attempt: tether_proto::Attempt(1),
-                    data: None,
-                    size: Some(1_000_000),
-                }),
+                checkpoint: named,
                 timestamp: now(),
             });
             if conn == 0 && ws.send(send(assignment)).await.is_err() {
@@ -346,7 +352,23 @@ async fn serve(
                         )),
                         Ok(tether_proto::WorkerMsg::TaskResult(r)) => {
                             outcomes.lock().expect("lock").push(r.outcome);
-                            ack_of(&m).map(|(_, ack)| ack)
+                            if script == Script::PieceForResult {
+                                Some(CoordMsg::CheckpointPiece(
+                                    tether_proto::msg::CheckpointPiece {
+                                        ack_seq: r.seq,
+                                        task_id: r.task_id,
+                                        checkpoint_id: tether_proto::CheckpointId::parse("c-1")
+                                            .expect("id"),
+                                        offset: 0,
+                                        data: Some(tether_proto::task::Blob(vec![1])),
+                                        error: None,
+                                        code: None,
+                                        timestamp: now(),
+                                    },
+                                ))
+                            } else {
+                                ack_of(&m).map(|(_, ack)| ack)
+                            }
                         }
                         _ => ack_of(&m).map(|(_, ack)| ack),
                     },
