@@ -616,23 +616,17 @@ impl Core {
         f: CheckpointFetch,
         b: &mut Batch,
     ) {
-        let refused = self
-            .fetch_refusal(worker, session, &f)
-            .map_err(|error| (ErrorCode::NotLeased, error))
-            .and_then(|refusal| match refusal {
-                Some(error) => Err((ErrorCode::BadFrame, error)),
-                None => {
-                    let count = self.fetching.entry(session.id).or_default();
-                    InFlight::enter(count, MAX_FETCHES_IN_FLIGHT).ok_or_else(|| {
-                        let error = format!(
-                            "{MAX_FETCHES_IN_FLIGHT} fetches of this session are in flight; \
-                             ask again once their pieces came"
-                        );
-                        (ErrorCode::RateLimited, error)
-                    })
-                }
-            });
-        let in_flight = match refused {
+        let admitted = self.fetch_refusal(worker, session, &f).and_then(|()| {
+            let count = self.fetching.entry(session.id).or_default();
+            InFlight::enter(count, MAX_FETCHES_IN_FLIGHT).ok_or_else(|| {
+                let error = format!(
+                    "{MAX_FETCHES_IN_FLIGHT} fetches of this session are in flight; ask again \
+                     once their pieces came"
+                );
+                (ErrorCode::RateLimited, error)
+            })
+        });
+        let in_flight = match admitted {
             Ok(in_flight) => in_flight,
             Err((code, error)) => {
                 tracing::warn!(worker = %worker, task = %f.task_id, checkpoint = %f.checkpoint_id, %error, "checkpoint fetch refused");
@@ -670,19 +664,21 @@ impl Core {
         }));
     }
 
-    /// Why a `checkpoint_fetch` cannot be served: `Err` when its sender does not hold the
-    /// lease at its attempt, `Ok(Some)` when it asks for what is not there or too much at once.
+    /// Why a `checkpoint_fetch` cannot be served, with its code: `not_leased` when its sender
+    /// does not hold the lease at its attempt, `bad_frame` when it asks for what is not there
+    /// or too much at once.
     fn fetch_refusal(
         &self,
         worker: &WorkerId,
         session: &SessionRef,
         f: &CheckpointFetch,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<(), (ErrorCode, String)> {
         if self.standing(worker, &f.task_id, f.attempt) != Standing::Holder {
-            return Err(format!(
+            let error = format!(
                 "task {} is not leased to worker {worker} at attempt {}",
                 f.task_id, f.attempt
-            ));
+            );
+            return Err((ErrorCode::NotLeased, error));
         }
         let limit = self.cfg.max_frame.min(session.max_frame);
         let largest = (tether_proto::codec::largest_blob(limit) as u64)
@@ -691,7 +687,7 @@ impl Core {
             .tasks
             .get(&f.task_id)
             .and_then(|t| t.latest_checkpoint.as_ref());
-        Ok(match latest {
+        let bad = match latest {
             Some(m) if m.checkpoint_id != f.checkpoint_id => Some(format!(
                 "checkpoint {} is not the latest of task {}",
                 f.checkpoint_id, f.task_id
@@ -706,7 +702,8 @@ impl Core {
                 f.offset, f.checkpoint_id, m.size
             )),
             Some(_) => None,
-        })
+        };
+        bad.map_or(Ok(()), |error| Err((ErrorCode::BadFrame, error)))
     }
 
     fn on_checkpoint_data(

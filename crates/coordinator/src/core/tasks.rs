@@ -151,7 +151,14 @@ impl Core {
         };
         let s = session.clone();
         b.effect(move |conn| {
-            match store::read_checkpoint_data(conn, &meta.checkpoint_id) {
+            let whole = store::read_checkpoint_range(
+                conn,
+                &meta.task_id,
+                &meta.checkpoint_id,
+                0,
+                u64::MAX,
+            );
+            match whole {
                 Ok(Some(data)) => {
                     msg.checkpoint = Some(CheckpointBlob {
                         checkpoint_id: meta.checkpoint_id,

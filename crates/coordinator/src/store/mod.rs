@@ -859,24 +859,6 @@ pub fn read_checkpoints(
     rows.collect()
 }
 
-/// The bytes of a checkpoint, pieces joined in order.
-pub fn read_checkpoint_data(
-    conn: &Connection,
-    id: &CheckpointId,
-) -> rusqlite::Result<Option<Vec<u8>>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT data FROM checkpoint_chunks WHERE checkpoint_id = ?1 ORDER BY idx",
-    )?;
-    let mut out = Vec::new();
-    let mut any = false;
-    let rows = stmt.query_map([id.as_str()], |r| r.get::<_, Vec<u8>>(0))?;
-    for piece in rows {
-        any = true;
-        out.extend_from_slice(&piece?);
-    }
-    Ok(any.then_some(out))
-}
-
 /// Bytes `offset..offset + len` of checkpoint `id` of `task` (fewer at its end), reading only
 /// the pieces the range overlaps; `None` when `task` has no complete checkpoint `id`. One read
 /// transaction: a re-upload or a removal committed meanwhile is not half seen.
