@@ -1,7 +1,9 @@
 //! The agent: one task owns the connection and its state machine
 //! (Connecting -> Connected -> Disconnected -> ... -> Failed | Shutdown). Sessions run inline in
-//! that task, so there are never two live connections; each session has a generation number
-//! and everything it started ends with it, so late events of an old session do nothing.
+//! that task, so there are never two live sessions (two connection attempts may be under way,
+//! see `dial`; the first to open is the session, the other is dropped unused); each attempt
+//! has a generation number and everything its session started ends with it, so late events of
+//! an old session do nothing.
 //! With a state directory the agent starts from what the previous process left: its outbox,
 //! its sequence numbers, and the tasks that died with it (reported `lost` at registration).
 
@@ -19,10 +21,10 @@ use tether_proto::{TaskRef, WorkerId};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::adaptive;
 use crate::backoff::Backoff;
 use crate::config::WorkerConfig;
-use crate::connector::{ConnectError, Connector, TcpConnector, tls_client_config, ws_config};
+use crate::connector::{Connector, TcpConnector, tls_client_config};
+use crate::dial::Dialed;
 use crate::eventlog::{Event, EventLog};
 use crate::executor::Executors;
 use crate::metrics as m;
@@ -410,63 +412,30 @@ impl Agent {
         // on the wire (a flipped bit in a signature reads as a wrong secret); the same refusal
         // on several fresh connections is the coordinator's answer.
         let mut refusals = 0u32;
+        let mut waited = Duration::ZERO;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
-            let generation = self.shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
-            {
-                let mut s = self.shared.stats();
-                s.on_attempt();
-            }
-            metrics::counter!(m::CONNECTION_ATTEMPTS).increment(1);
-            self.shared
-                .attempt_started_unix_us
-                .store(unix_us(), Ordering::Relaxed);
-            self.shared.set_state(ConnState::Connecting);
-            let connect = tokio::time::timeout(
-                self.cfg.connect_timeout,
-                self.connector
-                    .connect(self.endpoint.clone(), ws_config(self.cfg.max_frame)),
-            );
-            let conn = tokio::select! {
-                r = connect => r,
-                _ = shutdown.cancelled() => return Ok(()),
+            let (ws, generation) = match self.dial(&mut backoff, waited, shutdown).await {
+                Dialed::Open(ws, generation) => (ws, generation),
+                Dialed::Refused(reason) => return Err(AgentError::Refused(reason)),
+                Dialed::GaveUp(attempts) => return Err(AgentError::GaveUp { attempts }),
+                Dialed::Shutdown => return Ok(()),
             };
-            let connected = matches!(conn, Ok(Ok(_)));
-            let end = match conn {
-                Ok(Ok(ws)) => {
-                    let _live = LiveGuard::new(self.shared.clone());
-                    Session::new(self, ws, generation).run(shutdown).await
-                }
-                Ok(Err(ConnectError::Refused(r))) => SessionEnd::Refused(r),
-                Ok(Err(ConnectError::Transient(e))) => SessionEnd::NotRegistered(e),
-                Err(_) => SessionEnd::NotRegistered("connect timed out".into()),
+            let end = {
+                let _live = LiveGuard::new(self.shared.clone());
+                Session::new(self, *ws, generation).run(shutdown).await
             };
             match end {
                 SessionEnd::Shutdown => return Ok(()),
-                SessionEnd::Refused(reason)
-                    if connected && refusals + 1 < self.cfg.refusals_before_stop =>
-                {
+                SessionEnd::Refused(reason) if refusals + 1 < self.cfg.refusals_before_stop => {
                     refusals += 1;
-                    self.shared.stats().on_attempt_failed();
-                    self.event(Event::AttemptFailed {
-                        generation,
-                        reason: reason.clone(),
-                    });
-                    metrics::counter!(m::CONNECTION_FAILURES).increment(1);
+                    self.attempt_failed(generation, &reason);
                     tracing::warn!(worker = %self.cfg.worker_id, generation, %reason, refusals, stop_after = self.cfg.refusals_before_stop, "coordinator refused this worker; trying again in case the exchange was damaged");
                 }
                 SessionEnd::Refused(reason) => return Err(AgentError::Refused(reason)),
-                SessionEnd::NotRegistered(reason) => {
-                    self.shared.stats().on_attempt_failed();
-                    self.event(Event::AttemptFailed {
-                        generation,
-                        reason: reason.clone(),
-                    });
-                    metrics::counter!(m::CONNECTION_FAILURES).increment(1);
-                    tracing::warn!(worker = %self.cfg.worker_id, generation, %reason, "connection attempt failed");
-                }
+                SessionEnd::NotRegistered(reason) => self.attempt_failed(generation, &reason),
                 SessionEnd::Lost {
                     registered_for,
                     reason,
@@ -485,36 +454,21 @@ impl Agent {
                     tracing::warn!(worker = %self.cfg.worker_id, generation, %reason, registered_ms = registered_for.as_millis() as u64, "session lost");
                 }
             }
-            let (stability, sessions) = {
-                let s = self.shared.stats().snapshot();
-                (s.stability, s.successful_connections)
-            };
-            backoff.set_boost(adaptive::backoff_boost(
-                &self.cfg.adaptive,
-                stability,
-                sessions,
-            ));
+            self.tune(&mut backoff);
             let delay = backoff.next_delay(&mut self.rng);
-            self.shared
-                .backoff_factor_milli
-                .store((backoff.factor() * 1000.0) as u64, Ordering::Relaxed);
-            self.shared
-                .next_backoff_ms
-                .store(backoff.peek().as_millis() as u64, Ordering::Relaxed);
+            self.publish(&backoff);
             if backoff.exhausted() {
                 return Err(AgentError::GaveUp {
                     attempts: backoff.failures(),
                 });
             }
-            self.shared
-                .backoff_delay_us
-                .store(delay.as_micros() as u64, Ordering::Relaxed);
             self.shared.set_state(ConnState::Disconnected);
             tracing::info!(worker = %self.cfg.worker_id, delay_ms = delay.as_millis() as u64, failures = backoff.failures(), "reconnecting after backoff");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.cancelled() => return Ok(()),
             }
+            waited = delay;
         }
     }
 }

@@ -102,8 +102,15 @@ impl Backoff {
 
     /// Records a failure and returns how long to wait before the next attempt.
     pub fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
-        self.failures = self.failures.saturating_add(1);
-        let base = self.base(self.failures);
+        let d = self.upcoming(rng);
+        self.record_failure();
+        d
+    }
+
+    /// Draws the delay the next failure would wait, without recording one: how long an
+    /// attempt may stay unanswered before the next one starts beside it.
+    pub fn upcoming(&self, rng: &mut impl Rng) -> Duration {
+        let base = self.base(self.failures.saturating_add(1));
         match self.cfg.jitter {
             Jitter::None => base,
             Jitter::Full => base.mul_f64(rng.random_range(0.0..=1.0)),
@@ -112,6 +119,11 @@ impl Backoff {
                 base.mul_f64(rng.random_range((1.0 - j)..=(1.0 + j)))
             }
         }
+    }
+
+    /// Records a failure whose delay was drawn by [`Backoff::upcoming`].
+    pub fn record_failure(&mut self) {
+        self.failures = self.failures.saturating_add(1);
     }
 
     /// The delay the next failure would wait, before jitter (for statistics).

@@ -19,6 +19,8 @@ pub enum Script {
     Refuse,
     /// HTTP 401 at upgrade.
     Unauthorized,
+    /// The connection made, the upgrade request swallowed: no answer, no reset (a blackhole).
+    Unanswered,
     /// Register the worker, then close at once.
     RegisterThenClose,
     /// Register the worker, then answer nothing and read nothing (a black hole).
@@ -133,6 +135,7 @@ impl Connector for FakeConnector {
                 Script::Unauthorized => {
                     return Err(ConnectError::Refused("HTTP 401 at upgrade".into()));
                 }
+                Script::Unanswered => std::future::pending().await,
                 _ => {}
             }
             let (client, server) = tokio::io::duplex(1 << 16);
@@ -386,7 +389,7 @@ async fn serve(
                 }
             }
         }
-        Script::Refuse | Script::Unauthorized => {}
+        Script::Refuse | Script::Unauthorized | Script::Unanswered => {}
     }
 }
 

@@ -48,6 +48,58 @@ async fn reconnect_delays_double_to_the_cap_and_max_attempts_leads_to_failed() {
     assert_eq!(s.successful_connections, 0);
 }
 
+/// Attempts that get no answer at all (a blackhole) are paced like attempts that fail at once:
+/// the next starts beside the unanswered one after the backoff delay, not after its connect
+/// timeout, at most two are under way, and every one counts towards `max_attempts`.
+#[tokio::test(start_paused = true)]
+async fn unanswered_attempts_are_paced_by_the_backoff_and_count_towards_max_attempts() {
+    let fake = FakeConnector::new(Script::Unanswered);
+    let mut cfg = config();
+    cfg.connect_timeout = Duration::from_secs(10);
+    cfg.backoff.max_attempts = Some(4);
+    let agent = agent(&fake, cfg);
+    let handle = agent.handle();
+    let start = tokio::time::Instant::now();
+    let r = agent.run(CancellationToken::new()).await;
+    assert!(
+        matches!(r, Err(AgentError::GaveUp { attempts: 4 })),
+        "{r:?}"
+    );
+    assert_eq!(gaps(&fake.attempts()), [1_000, 2_000, 4_000]);
+    // The fourth's delay (8 s) counts its failure; no fifth starts; the worker gives up once
+    // the last two under way (started at 3 and 7 s) have timed out.
+    assert_eq!(start.elapsed(), Duration::from_secs(17));
+    let s = handle.stats();
+    assert_eq!(s.connection_attempts, 4);
+    assert_eq!(s.failed_connections, 4);
+}
+
+/// When the path clears, the attempt made after it opens the session while an older one made
+/// into the silence is still under way; the older is dropped unused.
+#[tokio::test(start_paused = true)]
+async fn a_path_that_clears_is_used_by_the_next_attempt_without_waiting_out_the_older() {
+    let fake = FakeConnector::new(Script::Unanswered);
+    let mut cfg = config();
+    cfg.connect_timeout = Duration::from_secs(10);
+    let running = Running::start(&fake, cfg);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(fake.attempts().len(), 2, "attempts at 0 and 1 s");
+    fake.set(Script::Healthy);
+    let cleared = tokio::time::Instant::now();
+    running.wait_state(|s| s == ConnState::Connected).await;
+    assert_eq!(
+        cleared.elapsed(),
+        Duration::from_millis(500),
+        "the attempt due at 3 s opened the session"
+    );
+    assert_eq!(fake.attempts().len(), 3);
+    let s = running.handle.stats();
+    assert_eq!(s.successful_connections, 1);
+    assert_eq!(s.failed_connections, 2, "the two unanswered ones, given up");
+    assert_eq!(running.handle.registrations(), 1);
+    running.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_permanent_refusal_is_reported_and_not_retried() {
     let fake = FakeConnector::new(Script::Unauthorized);

@@ -1,0 +1,228 @@
+//! Connection attempts paced by the backoff rather than by their outcome.
+//!
+//! An attempt that fails (refused, reset) is followed by the next after a backoff delay. One
+//! that gets no answer at all is not waited out: when it has been under way for the delay the
+//! worker would wait had it failed, it counts as failed and the next attempt starts beside it.
+//! On a silent path (a blackhole: the upgrade request swallowed, no reset) the worker is so
+//! back within its current delay of the path clearing, instead of after the connect timeout of
+//! an attempt made while it was silent. The rate of attempts is the backoff's either way, so a
+//! fleet whose coordinator is slow to answer does not storm it: at most [`MAX_UNDER_WAY`]
+//! attempts of a worker are under way at once, the oldest is given up for a newer one, and an
+//! attempt still under way when another opens is dropped unused (it never registers, so it
+//! never displaces the session of the one that won).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::time::{Instant, Timeout};
+use tokio_util::sync::CancellationToken;
+
+use crate::adaptive;
+use crate::agent::{Agent, unix_us};
+use crate::backoff::Backoff;
+use crate::connector::{ConnectError, WsStream, ws_config};
+use crate::eventlog::Event;
+use crate::metrics as m;
+use crate::stats::ConnState;
+
+/// Attempts of one worker under way at once.
+pub const MAX_UNDER_WAY: usize = 2;
+
+/// How dialling ended.
+pub(crate) enum Dialed {
+    /// A WebSocket is open (boxed: the other outcomes are small); the attempt's generation.
+    Open(Box<WsStream>, u64),
+    /// The coordinator refused this worker at the upgrade (401, 403, a TLS certificate).
+    Refused(String),
+    /// `max_attempts` attempts failed in a row.
+    GaveUp(u32),
+    Shutdown,
+}
+
+/// One connection attempt under way.
+struct Attempt {
+    generation: u64,
+    started_unix_us: u64,
+    /// The backoff delay waited before it.
+    delay: Duration,
+    /// Its failure is in the backoff already: a newer attempt started while it was under way.
+    counted: bool,
+    connect: Connecting,
+}
+
+/// An attempt's connector future under its connect timeout.
+type Connecting = Pin<Box<Timeout<BoxFuture<'static, Result<WsStream, ConnectError>>>>>;
+
+/// Polls every attempt under way; ready with the index and outcome of the first that ended.
+struct FirstEnded<'a>(&'a mut VecDeque<Attempt>);
+
+impl Future for FirstEnded<'_> {
+    type Output = (usize, Result<WsStream, ConnectError>);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        for (i, a) in self.0.iter_mut().enumerate() {
+            if let Poll::Ready(r) = a.connect.as_mut().poll(cx) {
+                let r =
+                    r.unwrap_or_else(|_| Err(ConnectError::Transient("connect timed out".into())));
+                return Poll::Ready((i, r));
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Agent {
+    /// Makes connection attempts until one opens a WebSocket, the first at once (`waited` is
+    /// the delay waited before it), each next one a backoff delay after the newest failed or,
+    /// when the newest is still unanswered, a backoff delay after it started.
+    pub(crate) async fn dial(
+        &mut self,
+        backoff: &mut Backoff,
+        waited: Duration,
+        shutdown: &CancellationToken,
+    ) -> Dialed {
+        let mut under_way: VecDeque<Attempt> = VecDeque::with_capacity(MAX_UNDER_WAY);
+        // When the next attempt starts, and the delay it will have waited.
+        let mut next: Option<(Instant, Duration)> = Some((Instant::now(), waited));
+        loop {
+            let due = next.map(|(at, _)| at);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Dialed::Shutdown,
+                (i, r) = FirstEnded(&mut under_way), if !under_way.is_empty() => {
+                    let Some(a) = under_way.remove(i) else { continue };
+                    match r {
+                        Ok(ws) => {
+                            // The twins still under way are dropped here, unused.
+                            for twin in &under_way {
+                                self.attempt_failed(twin.generation, "another attempt opened first");
+                            }
+                            self.shared
+                                .attempt_started_unix_us
+                                .store(a.started_unix_us, Ordering::Relaxed);
+                            self.shared
+                                .backoff_delay_us
+                                .store(a.delay.as_micros() as u64, Ordering::Relaxed);
+                            return Dialed::Open(Box::new(ws), a.generation);
+                        }
+                        Err(ConnectError::Refused(reason)) => return Dialed::Refused(reason),
+                        Err(ConnectError::Transient(reason)) => {
+                            self.attempt_failed(a.generation, &reason);
+                            if !a.counted {
+                                // The newest failed: the next waits a delay from now.
+                                self.tune(backoff);
+                                let d = backoff.next_delay(&mut self.rng);
+                                self.publish(backoff);
+                                next = (!backoff.exhausted()).then(|| (Instant::now() + d, d));
+                                if next.is_some() {
+                                    tracing::info!(worker = %self.cfg.worker_id, delay_ms = d.as_millis() as u64, failures = backoff.failures(), "reconnecting after backoff");
+                                }
+                            }
+                            if under_way.is_empty() {
+                                if next.is_none() {
+                                    return Dialed::GaveUp(backoff.failures());
+                                }
+                                self.shared.set_state(ConnState::Disconnected);
+                            } else {
+                                self.shared.set_state(ConnState::Connecting);
+                            }
+                        }
+                    }
+                }
+                _ = sleep_until_some(due), if due.is_some() => {
+                    let Some((_, delay)) = next.take() else { continue };
+                    if let Some(newest) = under_way.back_mut() {
+                        // Unanswered for the delay a failure would have waited: count it as
+                        // failed (it may still open) and start the next beside it.
+                        newest.counted = true;
+                        self.tune(backoff);
+                        backoff.record_failure();
+                        if backoff.exhausted() {
+                            continue;
+                        }
+                        tracing::info!(worker = %self.cfg.worker_id, generation = newest.generation, delay_ms = delay.as_millis() as u64, failures = backoff.failures(), "no answer within the backoff delay; another attempt beside it");
+                    }
+                    if under_way.len() == MAX_UNDER_WAY
+                        && let Some(oldest) = under_way.pop_front()
+                    {
+                        self.attempt_failed(oldest.generation, "no answer; given up for a newer attempt");
+                    }
+                    under_way.push_back(self.start_attempt(delay));
+                    let d = backoff.upcoming(&mut self.rng);
+                    self.publish(backoff);
+                    next = Some((Instant::now() + d, d));
+                }
+            }
+        }
+    }
+
+    fn start_attempt(&mut self, delay: Duration) -> Attempt {
+        let generation = self.shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        self.shared.stats().on_attempt();
+        metrics::counter!(m::CONNECTION_ATTEMPTS).increment(1);
+        let started_unix_us = unix_us();
+        self.shared
+            .attempt_started_unix_us
+            .store(started_unix_us, Ordering::Relaxed);
+        self.shared
+            .backoff_delay_us
+            .store(delay.as_micros() as u64, Ordering::Relaxed);
+        self.shared.set_state(ConnState::Connecting);
+        let connect = self
+            .connector
+            .connect(self.endpoint.clone(), ws_config(self.cfg.max_frame));
+        Attempt {
+            generation,
+            started_unix_us,
+            delay,
+            counted: false,
+            connect: Box::pin(tokio::time::timeout(self.cfg.connect_timeout, connect)),
+        }
+    }
+
+    /// An attempt that did not open a session.
+    pub(crate) fn attempt_failed(&self, generation: u64, reason: &str) {
+        self.shared.stats().on_attempt_failed();
+        self.event(Event::AttemptFailed {
+            generation,
+            reason: reason.to_owned(),
+        });
+        metrics::counter!(m::CONNECTION_FAILURES).increment(1);
+        tracing::warn!(worker = %self.cfg.worker_id, generation, %reason, "connection attempt failed");
+    }
+
+    /// Sets the backoff's adaptive boost from the link's record so far.
+    pub(crate) fn tune(&self, backoff: &mut Backoff) {
+        let (stability, sessions) = {
+            let s = self.shared.stats().snapshot();
+            (s.stability, s.successful_connections)
+        };
+        backoff.set_boost(adaptive::backoff_boost(
+            &self.cfg.adaptive,
+            stability,
+            sessions,
+        ));
+    }
+
+    /// Publishes the backoff's state, for statistics.
+    pub(crate) fn publish(&self, backoff: &Backoff) {
+        self.shared
+            .backoff_factor_milli
+            .store((backoff.factor() * 1000.0) as u64, Ordering::Relaxed);
+        self.shared
+            .next_backoff_ms
+            .store(backoff.peek().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
