@@ -136,7 +136,10 @@ impl Agent {
                 }
                 _ = sleep_until_some(due), if due.is_some() => {
                     let Some((_, delay)) = next.take() else { continue };
-                    if let Some(newest) = under_way.back_mut() {
+                    // The newest attempt still under way and not yet counted: this is its
+                    // delay running out (a counted one is an older attempt, whose successor
+                    // failed and set this delay).
+                    if let Some(newest) = under_way.back_mut().filter(|a| !a.counted) {
                         // Unanswered for the delay a failure would have waited: count it as
                         // failed (it may still open) and start the next beside it.
                         newest.counted = true;

@@ -74,6 +74,26 @@ async fn unanswered_attempts_are_paced_by_the_backoff_and_count_towards_max_atte
     assert_eq!(s.failed_connections, 4);
 }
 
+/// An attempt refused at once while an older one is still unanswered counts once: the delays
+/// go on doubling from where they were, not twice as fast.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_beside_an_unanswered_attempt_counts_one_failure() {
+    let fake = FakeConnector::new(Script::Unanswered);
+    let mut cfg = config();
+    cfg.connect_timeout = Duration::from_secs(10);
+    let running = Running::start(&fake, cfg);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    fake.set(Script::Refuse);
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    while fake.attempts().len() < 5 && tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Unanswered at 0 and 1 s; refused at 3 s (the one of 1 s still under way until 11 s),
+    // then at 7 and 15 s.
+    assert_eq!(gaps(&fake.attempts())[..4], [1_000, 2_000, 4_000, 8_000]);
+    running.stop().await;
+}
+
 /// When the path clears, the attempt made after it opens the session while an older one made
 /// into the silence is still under way; the older is dropped unused.
 #[tokio::test(start_paused = true)]
