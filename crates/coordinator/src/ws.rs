@@ -2,8 +2,9 @@
 //! 4xx, never an accepted-then-closed socket). Each session: welcome, then frames to the core,
 //! heartbeats answered here, a structured `error` for unknown or malformed frames (the session
 //! goes on), 1009 for oversize frames, and a close when nothing arrives for `heartbeat_timeout`.
-//! With worker authentication on, the welcome carries a nonce and the session reaches the core
-//! only after a registration signed over it (else `error` `unauthorized` and close 4001).
+//! A connection reaches the core only with its registration, so one that never registers never
+//! replaces the worker's session. With worker authentication on, the welcome carries a nonce and
+//! the registration must be signed over it (else `error` `unauthorized` and close 4001).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -62,7 +63,8 @@ pub const CLOSE_UNAUTHORIZED: u16 = 4001;
 /// Close code of a session whose frames failed their integrity tag too often; the worker
 /// reconnects and starts a fresh session.
 const CLOSE_INTEGRITY: u16 = CLOSE_POLICY;
-/// Frames a connection may send before its registration is authenticated.
+/// Frames a connection may send before its registration (authenticated, when authentication is
+/// on).
 const PRE_AUTH_FRAMES: usize = 16;
 
 /// `GET /api/v1/worker/{worker_id}/ws`
@@ -201,9 +203,11 @@ struct Outbound {
     compact_acks: bool,
 }
 
-/// Welcome, authentication (when on), and the session's announcement to the core. With
-/// `hold_welcome` (a worker that registers first, no authentication) the welcome is only
-/// buffered: the session's first write, the registration's acknowledgement, carries it.
+/// Welcome, the wait for the registration (authenticated, when authentication is on), then the
+/// session's announcement to the core with that registration. With `hold_welcome` (a worker
+/// that registers first, no authentication) the welcome is only buffered: the session's first
+/// write, the registration's acknowledgement, carries it (or the reply to a frame sent before
+/// the registration).
 async fn handshake(
     app: &AppState,
     worker: &WorkerId,
@@ -247,33 +251,27 @@ async fn handshake(
     if !sent {
         return None;
     }
-    // With authentication on, the core hears of this connection only once it proved who it
-    // is: an impostor never replaces the real worker's session.
-    let mut open: Option<Box<Opener>> = None;
-    let registration = match (&app.cfg.auth, nonce) {
-        (Some(auth), Some(nonce)) => {
-            let mut conn = Conn {
-                app,
-                worker,
-                session_id,
-                tx: out,
-                stream,
-            };
-            match conn.authenticate(auth, &nonce).await {
-                Some((r, keyed)) => {
-                    // From here on every data frame both ways carries a tag.
-                    if let Some((opener, key)) = keyed {
-                        app.counters.mac_sessions.fetch_add(1, Ordering::Relaxed);
-                        open = Some(Box::new(opener));
-                        out.seal = Some(Box::new(Sealer::new(key, Direction::ToWorker)));
-                    }
-                    Some(r)
-                }
-                None => return None,
-            }
-        }
-        _ => None,
+    // The core hears of a connection only once it registered (with authentication on, once
+    // it proved who it is): a connection that never registers (a stray client, a worker's
+    // redundant attempt dropped unused, an impostor) never replaces the worker's session.
+    let auth = app.cfg.auth.as_ref().zip(nonce.as_deref());
+    let mut conn = Conn {
+        app,
+        worker,
+        session_id,
+        tx: out,
+        stream,
     };
+    let Some((registration, keyed)) = conn.await_registration(auth).await else {
+        tracing::debug!(worker = %worker, session = session_id, "connection ended before it registered");
+        return None;
+    };
+    // From here on every data frame both ways carries a tag.
+    let open = keyed.map(|(opener, key)| {
+        app.counters.mac_sessions.fetch_add(1, Ordering::Relaxed);
+        out.seal = Some(Box::new(Sealer::new(key, Direction::ToWorker)));
+        Box::new(opener)
+    });
     let (tx, rx) = crate::core::mailbox::channel();
     let session = SessionRef::new(session_id, tx);
     if app
@@ -291,17 +289,15 @@ async fn handshake(
         beat,
         ..Inbound::default()
     };
-    if let Some(r) = registration {
-        agreed.agree(app, &r);
-        let _ = app
-            .events
-            .send(Event::Frame {
-                worker: worker.clone(),
-                session_id,
-                msgs: vec![WorkerMsg::Registration(r)],
-            })
-            .await;
-    }
+    agreed.agree(app, &registration);
+    let _ = app
+        .events
+        .send(Event::Frame {
+            worker: worker.clone(),
+            session_id,
+            msgs: vec![WorkerMsg::Registration(registration)],
+        })
+        .await;
     Some(Opened { rx, open, agreed })
 }
 
@@ -755,57 +751,86 @@ struct Conn<'a> {
     stream: &'a mut SplitStream<WebSocket>,
 }
 
-/// A verified registration, with the opener that verified it (frame 0) and the session key
-/// when the session carries integrity tags.
-type Authenticated = (Registration, Option<(Opener, SessionKey)>);
+/// A registration (verified, with authentication on), with the opener that verified it (frame
+/// 0) and the session key when the session carries integrity tags.
+type Registered = (Registration, Option<(Opener, SessionKey)>);
 
 impl Conn<'_> {
-    /// Waits for a registration whose signature answers `nonce` (and, with per-message
-    /// integrity, whose frame carries a tag under the session key). Heartbeats are answered,
-    /// anything else is refused; silence, too many frames or a failed check end the connection
-    /// (a failed check with `error` `unauthorized` and close 4001).
-    async fn authenticate(&mut self, auth: &WorkerAuth, nonce: &str) -> Option<Authenticated> {
+    /// Waits for the connection's registration: with `auth` (the worker authentication and this
+    /// connection's nonce), one whose signature answers the nonce (and, with per-message
+    /// integrity, whose frame carries a tag under the session key). Heartbeats are answered, a
+    /// worker's `error` is logged, anything else is refused; silence past the heartbeat
+    /// timeout, too many frames or a failed check end the connection (a failed check with
+    /// `error` `unauthorized` and close 4001).
+    async fn await_registration(
+        &mut self,
+        auth: Option<(&WorkerAuth, &str)>,
+    ) -> Option<Registered> {
         let deadline = Instant::now() + self.app.cfg.heartbeat_timeout;
+        let counters = &self.app.counters;
         for _ in 0..PRE_AUTH_FRAMES {
             let frame = match timeout_at(deadline, self.stream.next()).await {
                 Ok(Some(Ok(m))) => m,
                 Ok(Some(Err(e))) if is_too_big(&e) => {
-                    self.app
-                        .counters
-                        .oversize_frames
-                        .fetch_add(1, Ordering::Relaxed);
+                    counters.oversize_frames.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(m::OVERSIZE_FRAMES).increment(1);
                     self.close(deadline, CLOSE_TOO_BIG, "frame exceeds the size limit")
                         .await;
                     return None;
                 }
+                Ok(Some(Err(e))) if is_bad_utf8(&e) => {
+                    counters.malformed_frames.fetch_add(1, Ordering::Relaxed);
+                    self.close(deadline, CLOSE_BAD_DATA, "text frame is not valid UTF-8")
+                        .await;
+                    return None;
+                }
                 _ => return None,
             };
+            if matches!(frame, Message::Text(_) | Message::Binary(_)) {
+                counters.frames_in.fetch_add(1, Ordering::Relaxed);
+            }
             let reply = match frame {
+                Message::Text(t) if is_batch(t.as_str()) => {
+                    counters.malformed_frames.fetch_add(1, Ordering::Relaxed);
+                    CoordMsg::error(
+                        ErrorCode::BadFrame,
+                        "batch frames are accepted only when agreed at registration",
+                        None,
+                        None,
+                    )
+                }
                 // A tagged registration is read before its key exists: the key needs its
                 // client nonce. Nothing in it is trusted until the signature and tag verify.
-                Message::Text(t) => match decode_worker(integrity::peek_text(t.as_str())) {
-                    Ok(WorkerMsg::Registration(r)) => {
-                        return match self.check(auth, nonce, &r, t.as_str()).await {
-                            Ok(keyed) => {
-                                self.app.counters.auth_ok.fetch_add(1, Ordering::Relaxed);
-                                Some((r, keyed))
+                Message::Text(t) => match decode_worker(match auth {
+                    Some(_) => integrity::peek_text(t.as_str()),
+                    None => t.as_str(),
+                }) {
+                    Ok(msg) => {
+                        m::MESSAGES_IN_BY_TYPE.increment(msg.type_name());
+                        match msg {
+                            WorkerMsg::Registration(r) => {
+                                return self.admit(auth, deadline, r, t.as_str()).await;
                             }
-                            Err(e) => {
-                                self.refuse(deadline, &e).await;
-                                None
+                            WorkerMsg::Heartbeat(h) => {
+                                CoordMsg::Heartbeat(HeartbeatReply::answering(h.sequence))
                             }
-                        };
+                            // Never answered: an error for an error could go back and forth.
+                            WorkerMsg::Error(e) => {
+                                metrics::counter!(m::ERRORS, "code" => e.code.as_str(), "direction" => "received").increment(1);
+                                tracing::warn!(worker = %self.worker, session = self.session_id, code = e.code.as_str(), message = %e.message, "worker reported an error before registering");
+                                continue;
+                            }
+                            other => CoordMsg::error(
+                                ErrorCode::Unexpected,
+                                match auth {
+                                    Some(_) => "authenticate first: send a signed registration",
+                                    None => "register first",
+                                },
+                                Some(other.type_name().into()),
+                                other.seq().map(|s| s.0),
+                            ),
+                        }
                     }
-                    Ok(WorkerMsg::Heartbeat(h)) => {
-                        CoordMsg::Heartbeat(HeartbeatReply::answering(h.sequence))
-                    }
-                    Ok(other) => CoordMsg::error(
-                        ErrorCode::Unexpected,
-                        "authenticate first: send a signed registration",
-                        Some(other.type_name().into()),
-                        other.seq().map(|s| s.0),
-                    ),
                     Err(e) => decode_error(self.app, self.worker, &e),
                 },
                 Message::Binary(_) => CoordMsg::error(
@@ -821,13 +846,36 @@ impl Conn<'_> {
                 return None;
             }
         }
-        self.close(
-            deadline,
-            CLOSE_POLICY,
-            "too many frames before authentication",
-        )
-        .await;
+        let reason = match auth {
+            Some(_) => "too many frames before authentication",
+            None => "too many frames before registration",
+        };
+        self.close(deadline, CLOSE_POLICY, reason).await;
         None
+    }
+
+    /// Takes registration `r` (read from frame `text`): as it is without authentication, else
+    /// once its check passed (a failed check is refused).
+    async fn admit(
+        &mut self,
+        auth: Option<(&WorkerAuth, &str)>,
+        deadline: Instant,
+        r: Registration,
+        text: &str,
+    ) -> Option<Registered> {
+        let Some((auth, nonce)) = auth else {
+            return Some((r, None));
+        };
+        match self.check(auth, nonce, &r, text).await {
+            Ok(keyed) => {
+                self.app.counters.auth_ok.fetch_add(1, Ordering::Relaxed);
+                Some((r, keyed))
+            }
+            Err(e) => {
+                self.refuse(deadline, &e).await;
+                None
+            }
+        }
     }
 
     /// Verifies the registration's signature and, when this coordinator requires per-message

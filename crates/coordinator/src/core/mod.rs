@@ -121,6 +121,9 @@ impl SessionRef {
 // Frames dominate the traffic; boxing them would cost an allocation per message.
 #[allow(clippy::large_enum_variant)]
 pub enum Event {
+    /// A session that has read its worker's registration (verified, with authentication on);
+    /// the registration follows as the session's first [`Event::Frame`]. It replaces the
+    /// worker's current session, if any (closed with 4009).
     Connected {
         worker: WorkerId,
         session: SessionRef,
@@ -246,8 +249,10 @@ pub struct Core {
     /// stale (and dropped) once the worker's `disconnected_mono` no longer equals its instant.
     disconnects: VecDeque<(tokio::time::Instant, WorkerId)>,
     /// Workers whose record was made for a session that has not registered (none was loaded or
-    /// registered before): the record goes with that session unless it registers, so a
-    /// connection that never registers is neither listed once it ended nor saved.
+    /// registered before): the record goes with that session unless it registers. A session
+    /// reaches the core with its registration (`ws.rs`), so this is one whose registration is
+    /// still to be applied or was refused (another worker's id, another protocol); such a
+    /// connection is neither listed once it ended nor saved.
     // INVARIANT: such a record holds no lease (only a registered worker is given one).
     unregistered: IdSet<WorkerId>,
     /// Leased tasks with a timeout, for the sweep's overdue check; entries of tasks no longer
@@ -455,8 +460,9 @@ impl Core {
 
     fn on_connected(&mut self, worker: WorkerId, session: SessionRef) {
         let w = self.workers.entry(worker.clone()).or_insert_with(|| {
-            // Not a worker yet: a connection, whose record goes with it unless it registers
-            // (`on_disconnected`). It holds nothing for the sweep to release.
+            // Not a worker yet: a connection, whose record goes with it unless its registration
+            // (the session's next event) is accepted (`on_disconnected`). It holds nothing for
+            // the sweep to release.
             self.unregistered.insert(worker.clone());
             let mut w = Worker::new(worker.clone(), now());
             w.disconnected_at = None;

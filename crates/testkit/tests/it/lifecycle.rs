@@ -218,22 +218,14 @@ async fn a_second_connection_with_the_same_id_replaces_the_first_cleanly() {
     let first = spawn_worker(fast_worker_config(&c.ws_url(), "dup"), Executors::builtin());
     first.wait_state(|s| s == ConnState::Connected).await;
     // A stand-in for the same worker: a raw session that registers under the same id.
-    let url = format!("ws://{}/api/v1/worker/dup/ws", c.addr);
-    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
-        .await
-        .expect("connect");
-    use futures_util::StreamExt;
-    let welcome = ws.next().await.expect("frame").expect("ok");
-    assert!(welcome.to_text().expect("text").contains("\"welcome\""));
+    let mut stand_in = Raw::connect(&c, "dup").await;
+    let reg = stand_in.registration(None, &[]);
+    stand_in.send(&reg).await;
     // The first worker's session is closed with 4009 and it reconnects, replacing ours; the
     // late close of each replaced session never unregisters the live one.
     first.wait_state(|s| s != ConnState::Connected).await;
     first.wait_state(|s| s == ConnState::Connected).await;
-    let closed = ws.next().await;
-    assert!(
-        matches!(closed, Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(ref f)))) if u16::from(f.code) == 4009),
-        "{closed:?}"
-    );
+    assert_eq!(stand_in.close_code().await, Some(4009));
     let client = c.client();
     let ids = client.submit(&[sleep_task(50, 1, 0)]).await;
     client.wait_status(&ids[0], "completed").await;
@@ -282,14 +274,12 @@ async fn a_connection_that_never_registers_is_not_listed_or_saved_once_it_ends()
     // Two connections that never register: one closes, one drops its socket (an error).
     let mut closes = Raw::connect(&c, "closes").await;
     let drops = Raw::connect(&c, "drops").await;
-    let all_open = |l: &[(String, String, String)]| {
-        l.iter().filter(|w| w.1 == "connecting").count() == 2
-            && l.iter().any(|w| w.0 == "known" && w.1 == "connected")
-    };
-    wait_for("the core to hear of every connection", DEADLINE, || async {
-        all_open(&worker_list(&client).await).then_some(())
-    })
-    .await;
+    // Open (each has its welcome), they are not workers: the core has not heard of them.
+    assert_eq!(
+        worker_list(&client).await,
+        vec![("known".into(), "connected".into(), "b-raw".into())],
+        "while they are open"
+    );
     known.ws.close(None).await.expect("close");
     closes.ws.close(None).await.expect("close");
     drop(drops);
@@ -312,6 +302,81 @@ async fn a_connection_that_never_registers_is_not_listed_or_saved_once_it_ends()
     let c =
         spawn_coordinator_with(fast_coordinator_config(dir.path().to_owned()), Some(addr)).await;
     assert_eq!(worker_list(&c.client()).await, expected, "after a restart");
+    c.stop().await;
+}
+
+/// The state and the session count of `id` as `GET /api/v1/workers/{id}` gives them.
+async fn worker_sessions(client: &Client, id: &str) -> (String, u64) {
+    let (status, w) = client.get(&format!("/api/v1/workers/{id}")).await;
+    assert_eq!(status, 200, "{w}");
+    let state = w["state"].as_str().unwrap_or_default().to_owned();
+    (state, w["sessions"].as_u64().unwrap_or_default())
+}
+
+/// A worker's redundant connection attempt that it drops once another won, or any client on the
+/// worker's path that never registers, leaves the worker's registered session alone.
+#[tokio::test]
+async fn a_connection_that_never_registers_does_not_replace_the_workers_session() {
+    // A connection that has not registered within this is cut.
+    const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.heartbeat_timeout = TIMEOUT;
+    let c = spawn_coordinator_with(cfg, None).await;
+    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let untouched = |when: &'static str| {
+        let (w, client) = (&w, &client);
+        async move {
+            assert_eq!(w.handle.registrations(), 1, "{when}");
+            assert_eq!(w.handle.state(), ConnState::Connected, "{when}");
+            let o = client.overview().await;
+            assert_eq!(o["counters"]["sessions_replaced"], 0, "{when}: {o}");
+            let listed = worker_sessions(client, "w1").await;
+            assert_eq!(listed, ("connected".into(), 1), "{when}");
+        }
+    };
+    // Two that end right after the upgrade: one closes, one drops its socket.
+    let url = format!("ws://{}/api/v1/worker/w1/ws", c.addr);
+    let upgrade = || async {
+        let (ws, _) = tokio_tungstenite::connect_async(&url)
+            .await
+            .expect("upgrade");
+        ws
+    };
+    let mut closes = upgrade().await;
+    closes.close(None).await.expect("close");
+    drop(upgrade().await);
+    // Two that stay open: one silent, one that beats and sends a message before registering.
+    let mut silent = Raw::connect(&c, "w1").await;
+    let opened = tokio::time::Instant::now();
+    let mut chatty = Raw::connect(&c, "w1").await;
+    chatty
+        .send(&serde_json::json!({"type": "heartbeat", "sequence": 5, "timestamp": chrono::Utc::now()}))
+        .await;
+    assert_eq!(chatty.next_of("heartbeat").await["response_to"], 5);
+    chatty
+        .send(&serde_json::json!({"type": "task_state", "seq": 1, "task_id": "t-x", "attempt": 1, "state": {}, "timestamp": chrono::Utc::now()}))
+        .await;
+    let e = chatty.next_error("unexpected", "register first").await;
+    assert_eq!(
+        (&e["offending_type"], &e["ref_seq"]),
+        (&serde_json::json!("task_state"), &serde_json::json!(1)),
+        "{e}"
+    );
+    untouched("while they are open").await;
+    // The coordinator cuts both for not registering (heartbeats do not keep such a connection),
+    // without a close: they were never sessions, so nothing replaced them either.
+    assert_eq!(silent.close_code().await, None, "silent");
+    assert_eq!(chatty.close_code().await, None, "chatty");
+    assert!(opened.elapsed() >= TIMEOUT / 2, "{:?}", opened.elapsed());
+    untouched("once they were cut").await;
+    // The session works on.
+    let ids = client.submit(&[sleep_task(50, 1, 0)]).await;
+    client.wait_status(&ids[0], "completed").await;
+    untouched("after a task").await;
+    w.stop().await.expect("stop");
     c.stop().await;
 }
 
