@@ -36,6 +36,7 @@ use tokio::time::{Instant, timeout_at};
 use crate::admission::Bucket;
 use crate::auth::WorkerAuth;
 use crate::config::Beat;
+use crate::core::registration_refusal;
 use crate::core::{Counters, Event, Outgoing, SessionRef};
 use crate::metrics as m;
 use crate::server::AppState;
@@ -855,7 +856,9 @@ impl Conn<'_> {
     }
 
     /// Takes registration `r` (read from frame `text`): as it is without authentication, else
-    /// once its check passed (a failed check is refused).
+    /// once its check passed (a failed check is refused); either way only when it names this
+    /// endpoint's worker and speaks this protocol (else it is refused here, before the core
+    /// hears of the connection, so it never displaces the worker's session).
     async fn admit(
         &mut self,
         auth: Option<(&WorkerAuth, &str)>,
@@ -863,19 +866,29 @@ impl Conn<'_> {
         r: Registration,
         text: &str,
     ) -> Option<Registered> {
-        let Some((auth, nonce)) = auth else {
-            return Some((r, None));
+        let keyed = match auth {
+            None => None,
+            Some((auth, nonce)) => match self.check(auth, nonce, &r, text).await {
+                Ok(keyed) => {
+                    self.app.counters.auth_ok.fetch_add(1, Ordering::Relaxed);
+                    keyed
+                }
+                Err(e) => {
+                    self.refuse(deadline, &e).await;
+                    return None;
+                }
+            },
         };
-        match self.check(auth, nonce, &r, text).await {
-            Ok(keyed) => {
-                self.app.counters.auth_ok.fetch_add(1, Ordering::Relaxed);
-                Some((r, keyed))
+        if let Some(refusal) = registration_refusal(self.worker, &r) {
+            if let Some(e) = &refusal.error
+                && !self.tx.send(deadline, e).await
+            {
+                return None;
             }
-            Err(e) => {
-                self.refuse(deadline, &e).await;
-                None
-            }
+            self.close(deadline, refusal.code, &refusal.reason).await;
+            return None;
         }
+        Some((r, keyed))
     }
 
     /// Verifies the registration's signature and, when this coordinator requires per-message

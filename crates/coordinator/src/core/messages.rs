@@ -209,29 +209,11 @@ impl Core {
         r: Registration,
         b: &mut Batch,
     ) {
-        if &r.worker_id != worker {
-            tracing::warn!(path_id = %worker, claimed = %r.worker_id, "registration names another worker; closing");
-            let reason = format!(
-                "registration names worker {} but this endpoint is for {}",
-                r.worker_id, worker
-            );
-            b.close(session, 4003, reason);
-            return;
-        }
-        if r.protocol_version != PROTOCOL_VERSION {
-            b.send(
-                session,
-                CoordMsg::error(
-                    ErrorCode::IncompatibleProtocol,
-                    format!(
-                        "coordinator speaks protocol {PROTOCOL_VERSION}, worker {}",
-                        r.protocol_version
-                    ),
-                    Some("registration".into()),
-                    None,
-                ),
-            );
-            b.close(session, 4002, "incompatible protocol");
+        if let Some(refusal) = registration_refusal(worker, &r) {
+            if let Some(e) = refusal.error {
+                b.send(session, e);
+            }
+            b.close(session, refusal.code, refusal.reason);
             return;
         }
         self.counters.registrations.fetch_add(1, Ordering::Relaxed);
@@ -898,4 +880,46 @@ impl Core {
             )
         });
     }
+}
+
+/// Why a registration cannot be taken on a worker's endpoint, whoever sent it.
+pub(crate) struct Refusal {
+    /// The close code: 4003 for another worker's id, 4002 for another protocol.
+    pub code: u16,
+    pub reason: String,
+    /// The `error` sent before the close, if any.
+    pub error: Option<CoordMsg>,
+}
+
+/// Checks registration `r` arriving on `worker`'s endpoint: it names that worker and speaks
+/// this protocol. The session checks it before the core hears of the connection (a refused
+/// registration never displaces the worker's session); the core checks it again.
+pub(crate) fn registration_refusal(worker: &WorkerId, r: &Registration) -> Option<Refusal> {
+    if &r.worker_id != worker {
+        tracing::warn!(path_id = %worker, claimed = %r.worker_id, "registration names another worker; closing");
+        return Some(Refusal {
+            code: 4003,
+            reason: format!(
+                "registration names worker {} but this endpoint is for {}",
+                r.worker_id, worker
+            ),
+            error: None,
+        });
+    }
+    if r.protocol_version != PROTOCOL_VERSION {
+        return Some(Refusal {
+            code: 4002,
+            reason: "incompatible protocol".into(),
+            error: Some(CoordMsg::error(
+                ErrorCode::IncompatibleProtocol,
+                format!(
+                    "coordinator speaks protocol {PROTOCOL_VERSION}, worker {}",
+                    r.protocol_version
+                ),
+                Some("registration".into()),
+                None,
+            )),
+        });
+    }
+    None
 }

@@ -27,6 +27,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 pub use api::{Api, ApiError, ControlOp, Overview, TaskQuery};
+pub(crate) use messages::registration_refusal;
 
 use crate::config::CoordinatorConfig;
 use crate::model::{CheckpointMeta, IdMap, IdSet, Task, Worker, WorkerState};

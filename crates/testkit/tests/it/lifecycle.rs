@@ -366,6 +366,30 @@ async fn a_connection_that_never_registers_does_not_replace_the_workers_session(
         "{e}"
     );
     untouched("while they are open").await;
+    // Two whose registrations cannot be taken on this endpoint: refused before the core hears
+    // of them, so they displace nothing either.
+    let mut other_id = Raw::connect(&c, "w1").await;
+    let mut reg = other_id.registration(None, &[]);
+    reg["worker_id"] = "w2".into();
+    other_id.send(&reg).await;
+    assert_eq!(
+        other_id.close_code().await,
+        Some(4003),
+        "another worker's id"
+    );
+    let mut other_protocol = Raw::connect(&c, "w1").await;
+    let mut reg = other_protocol.registration(None, &[]);
+    reg["protocol_version"] = 99.into();
+    other_protocol.send(&reg).await;
+    other_protocol
+        .next_error("incompatible_protocol", "protocol")
+        .await;
+    assert_eq!(
+        other_protocol.close_code().await,
+        Some(4002),
+        "another protocol"
+    );
+    untouched("after refused registrations").await;
     // The coordinator cuts both for not registering (heartbeats do not keep such a connection),
     // without a close: they were never sessions, so nothing replaced them either.
     assert_eq!(silent.close_code().await, None, "silent");
