@@ -413,11 +413,14 @@ impl Agent {
         // on several fresh connections is the coordinator's answer.
         let mut refusals = 0u32;
         let mut waited = Duration::ZERO;
+        // Whether the path swallowed what was sent: the last session ended by the liveness
+        // timeout (attempts then get a twin when unanswered for a delay, see `dial`).
+        let mut silent = false;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
-            let (ws, generation) = match self.dial(&mut backoff, waited, shutdown).await {
+            let (ws, generation) = match self.dial(&mut backoff, waited, silent, shutdown).await {
                 Dialed::Open(ws, generation) => (ws, generation),
                 Dialed::Refused(reason) => return Err(AgentError::Refused(reason)),
                 Dialed::GaveUp(attempts) => return Err(AgentError::GaveUp { attempts }),
@@ -427,6 +430,7 @@ impl Agent {
                 let _live = LiveGuard::new(self.shared.clone());
                 Session::new(self, *ws, generation).run(shutdown).await
             };
+            silent = matches!(&end, SessionEnd::Lost { reason, .. } | SessionEnd::NotRegistered(reason) if crate::session::is_liveness_timeout(reason));
             match end {
                 SessionEnd::Shutdown => return Ok(()),
                 SessionEnd::Refused(reason) if refusals + 1 < self.cfg.refusals_before_stop => {

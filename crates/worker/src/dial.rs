@@ -1,15 +1,17 @@
-//! Connection attempts paced by the backoff rather than by their outcome.
+//! Connection attempts paced by the backoff rather than by their outcome, on a silent path.
 //!
 //! An attempt that fails (refused, reset) is followed by the next after a backoff delay. One
-//! that gets no answer at all is not waited out: when it has been under way for the delay the
-//! worker would wait had it failed, it counts as failed and the next attempt starts beside it.
-//! On a silent path (a blackhole: the upgrade request swallowed, no reset) the worker is so
-//! back within its current delay of the path clearing, instead of after the connect timeout of
-//! an attempt made while it was silent. The rate of attempts is the backoff's either way, so a
-//! fleet whose coordinator is slow to answer does not storm it: at most [`MAX_UNDER_WAY`]
-//! attempts of a worker are under way at once, the oldest is given up for a newer one, and an
-//! attempt still under way when another opens is dropped unused (it never registers, so it
-//! never displaces the session of the one that won).
+//! that gets no answer at all is, as a rule, waited for until its connect timeout: a coordinator
+//! busy with a herd of handshakes (after a restart, say) answers late, and a second attempt
+//! beside each late one would only add to its work. But once the path has shown it swallows
+//! what is sent (the last session ended by the liveness timeout, or an attempt of this outage
+//! timed out), an attempt left unanswered for the delay the worker would wait had it failed
+//! counts as failed, and the next starts beside it. On a blackhole that clears, the worker is
+//! so back within its current delay instead of after the connect timeout of an attempt made
+//! while it was silent. The rate of attempts is the backoff's either way: at most
+//! [`MAX_UNDER_WAY`] attempts of a worker are under way at once, the oldest is given up for a
+//! newer one, and an attempt still under way when another opens is dropped unused (it never
+//! registers, so it never displaces the session of the one that won).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -32,6 +34,9 @@ use crate::stats::ConnState;
 
 /// Attempts of one worker under way at once.
 pub const MAX_UNDER_WAY: usize = 2;
+
+/// Why an attempt failed when its connect timeout passed.
+const TIMED_OUT: &str = "connect timed out";
 
 /// How dialling ended.
 pub(crate) enum Dialed {
@@ -79,11 +84,13 @@ impl Future for FirstEnded<'_> {
 impl Agent {
     /// Makes connection attempts until one opens a WebSocket, the first at once (`waited` is
     /// the delay waited before it), each next one a backoff delay after the newest failed or,
-    /// when the newest is still unanswered, a backoff delay after it started.
+    /// on a `silent` path (or once an attempt timed out), when the newest is still unanswered,
+    /// a backoff delay after it started.
     pub(crate) async fn dial(
         &mut self,
         backoff: &mut Backoff,
         waited: Duration,
+        mut silent: bool,
         shutdown: &CancellationToken,
     ) -> Dialed {
         let mut under_way: VecDeque<Attempt> = VecDeque::with_capacity(MAX_UNDER_WAY);
@@ -112,6 +119,7 @@ impl Agent {
                         }
                         Err(ConnectError::Refused(reason)) => return Dialed::Refused(reason),
                         Err(ConnectError::Transient(reason)) => {
+                            silent |= reason == TIMED_OUT;
                             self.attempt_failed(a.generation, &reason);
                             if !a.counted {
                                 // The newest failed: the next waits a delay from now.
@@ -156,9 +164,12 @@ impl Agent {
                         self.attempt_failed(oldest.generation, "no answer; given up for a newer attempt");
                     }
                     under_way.push_back(self.start_attempt(delay));
-                    let d = backoff.upcoming(&mut self.rng);
+                    // On a silent path, when the next starts if this one is still unanswered.
+                    next = silent.then(|| {
+                        let d = backoff.upcoming(&mut self.rng);
+                        (Instant::now() + d, d)
+                    });
                     self.publish(backoff);
-                    next = Some((Instant::now() + d, d));
                 }
             }
         }

@@ -5,8 +5,8 @@
 //! - [`session`]: one WebSocket session: registration and reconciliation, outbox replay,
 //!   heartbeats, liveness.
 //! - [`connector`]: how a session's WebSocket is opened (TCP, or in-memory pipes in tests).
-//! - `dial`: connection attempts paced by the backoff; one left unanswered for a delay gets a
-//!   newer one beside it.
+//! - `dial`: connection attempts; on a path that went silent, one left unanswered for a
+//!   backoff delay gets a newer one beside it.
 //! - [`backoff`], [`adaptive`]: reconnect delays and adaptive parameters.
 //! - [`stats`]: connection statistics.
 //! - [`metrics`]: Prometheus metric names and the optional `/metrics` endpoint.

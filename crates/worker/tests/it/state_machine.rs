@@ -48,9 +48,11 @@ async fn reconnect_delays_double_to_the_cap_and_max_attempts_leads_to_failed() {
     assert_eq!(s.successful_connections, 0);
 }
 
-/// Attempts that get no answer at all (a blackhole) are paced like attempts that fail at once:
-/// the next starts beside the unanswered one after the backoff delay, not after its connect
-/// timeout, at most two are under way, and every one counts towards `max_attempts`.
+/// Attempts that get no answer at all (a blackhole): the first is waited for until its connect
+/// timeout (nothing yet says the path is silent rather than the coordinator busy); after that,
+/// each is paced like an attempt that fails at once: the next starts beside the unanswered one
+/// after the backoff delay, at most two are under way, and every one counts towards
+/// `max_attempts`.
 #[tokio::test(start_paused = true)]
 async fn unanswered_attempts_are_paced_by_the_backoff_and_count_towards_max_attempts() {
     let fake = FakeConnector::new(Script::Unanswered);
@@ -65,10 +67,11 @@ async fn unanswered_attempts_are_paced_by_the_backoff_and_count_towards_max_atte
         matches!(r, Err(AgentError::GaveUp { attempts: 4 })),
         "{r:?}"
     );
-    assert_eq!(gaps(&fake.attempts()), [1_000, 2_000, 4_000]);
+    // The first times out at 10 s and the next waits 1 s; then 2 and 4 s beside each other.
+    assert_eq!(gaps(&fake.attempts()), [11_000, 2_000, 4_000]);
     // The fourth's delay (8 s) counts its failure; no fifth starts; the worker gives up once
-    // the last two under way (started at 3 and 7 s) have timed out.
-    assert_eq!(start.elapsed(), Duration::from_secs(17));
+    // the last two under way (started at 13 and 17 s) have timed out.
+    assert_eq!(start.elapsed(), Duration::from_secs(27));
     let s = handle.stats();
     assert_eq!(s.connection_attempts, 4);
     assert_eq!(s.failed_connections, 4);
@@ -82,15 +85,15 @@ async fn a_refusal_beside_an_unanswered_attempt_counts_one_failure() {
     let mut cfg = config();
     cfg.connect_timeout = Duration::from_secs(10);
     let running = Running::start(&fake, cfg);
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    tokio::time::sleep(Duration::from_millis(12_500)).await;
     fake.set(Script::Refuse);
     let end = tokio::time::Instant::now() + Duration::from_secs(60);
     while fake.attempts().len() < 5 && tokio::time::Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Unanswered at 0 and 1 s; refused at 3 s (the one of 1 s still under way until 11 s),
-    // then at 7 and 15 s.
-    assert_eq!(gaps(&fake.attempts())[..4], [1_000, 2_000, 4_000, 8_000]);
+    // Unanswered at 0 (timed out at 10 s) and 11 s; refused at 13 s (the one of 11 s still
+    // under way until 21 s), then at 17 and 25 s.
+    assert_eq!(gaps(&fake.attempts())[..4], [11_000, 2_000, 4_000, 8_000]);
     running.stop().await;
 }
 
@@ -102,21 +105,42 @@ async fn a_path_that_clears_is_used_by_the_next_attempt_without_waiting_out_the_
     let mut cfg = config();
     cfg.connect_timeout = Duration::from_secs(10);
     let running = Running::start(&fake, cfg);
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
-    assert_eq!(fake.attempts().len(), 2, "attempts at 0 and 1 s");
+    tokio::time::sleep(Duration::from_millis(12_000)).await;
+    assert_eq!(fake.attempts().len(), 2, "attempts at 0 and 11 s");
     fake.set(Script::Healthy);
     let cleared = tokio::time::Instant::now();
     running.wait_state(|s| s == ConnState::Connected).await;
     assert_eq!(
         cleared.elapsed(),
-        Duration::from_millis(500),
-        "the attempt due at 3 s opened the session"
+        Duration::from_secs(1),
+        "the attempt due at 13 s opened the session"
     );
     assert_eq!(fake.attempts().len(), 3);
     let s = running.handle.stats();
     assert_eq!(s.successful_connections, 1);
-    assert_eq!(s.failed_connections, 2, "the two unanswered ones, given up");
+    assert_eq!(
+        s.failed_connections, 2,
+        "the one timed out, and the one given up for the newer"
+    );
     assert_eq!(running.handle.registrations(), 1);
+    running.stop().await;
+}
+
+/// A session that ended by a close, not by silence, says nothing of the path: an attempt after
+/// it that is slow to be answered (a coordinator busy with a herd of handshakes) gets no twin.
+#[tokio::test(start_paused = true)]
+async fn after_a_closed_session_a_slow_attempt_is_waited_for_alone() {
+    let fake = FakeConnector::new(Script::RegisterThenClose);
+    let mut cfg = config();
+    cfg.connect_timeout = Duration::from_secs(10);
+    let running = Running::start(&fake, cfg);
+    while fake.attempts().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    fake.set(Script::Unanswered);
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    // The session's close, the backoff's 1 s, then one attempt under way for the rest.
+    assert_eq!(fake.attempts().len(), 2, "no twin beside the slow attempt");
     running.stop().await;
 }
 
