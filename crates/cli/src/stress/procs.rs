@@ -14,6 +14,9 @@ use tokio::sync::{mpsc, watch};
 
 use super::fleet::{Command, Event, FleetReport, Status};
 
+/// How long a fault proxy's control API has to answer a call.
+const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Settings handed to the coordinator process.
 #[derive(Debug, Clone)]
 pub struct CoordOpts {
@@ -463,7 +466,10 @@ impl FaultProxy {
             child,
             listen,
             control,
-            http: reqwest::Client::new(),
+            // A control call that hangs is an error of the run, not minutes added to its cut.
+            http: reqwest::Client::builder()
+                .timeout(CONTROL_TIMEOUT)
+                .build()?,
         })
     }
 
