@@ -869,10 +869,7 @@ impl Conn<'_> {
         let keyed = match auth {
             None => None,
             Some((auth, nonce)) => match self.check(auth, nonce, &r, text).await {
-                Ok(keyed) => {
-                    self.app.counters.auth_ok.fetch_add(1, Ordering::Relaxed);
-                    keyed
-                }
+                Ok(keyed) => keyed,
                 Err(e) => {
                     self.refuse(deadline, &e).await;
                     return None;
@@ -880,6 +877,12 @@ impl Conn<'_> {
             },
         };
         if let Some(refusal) = registration_refusal(self.worker, &r) {
+            tracing::warn!(worker = %self.worker, session = self.session_id, code = refusal.code, reason = %refusal.reason, "registration refused");
+            // The key exists once the signature verified: the refusal carries its tag, as
+            // every frame after the registration does.
+            if let Some((_, key)) = &keyed {
+                self.tx.seal = Some(Box::new(Sealer::new(key.clone(), Direction::ToWorker)));
+            }
             if let Some(e) = &refusal.error
                 && !self.tx.send(deadline, e).await
             {
@@ -887,6 +890,9 @@ impl Conn<'_> {
             }
             self.close(deadline, refusal.code, &refusal.reason).await;
             return None;
+        }
+        if auth.is_some() {
+            self.app.counters.auth_ok.fetch_add(1, Ordering::Relaxed);
         }
         Some((r, keyed))
     }

@@ -413,8 +413,8 @@ impl Agent {
         // on several fresh connections is the coordinator's answer.
         let mut refusals = 0u32;
         let mut waited = Duration::ZERO;
-        // Whether the path swallowed what was sent: the last session ended by the liveness
-        // timeout (attempts then get a twin when unanswered for a delay, see `dial`).
+        // Whether the path swallowed what was sent: the last registered session ended by the
+        // liveness timeout (attempts then get a twin when unanswered for a delay, see `dial`).
         let mut silent = false;
         loop {
             if shutdown.is_cancelled() {
@@ -430,7 +430,10 @@ impl Agent {
                 let _live = LiveGuard::new(self.shared.clone());
                 Session::new(self, *ws, generation).run(shutdown).await
             };
-            silent = matches!(&end, SessionEnd::Lost { reason, .. } | SessionEnd::NotRegistered(reason) if crate::session::is_liveness_timeout(reason));
+            // Only a registered session's silence: a registration answered late may be a
+            // coordinator busy with a herd, whose handshakes a twin each would only add to.
+            let dead = |reason: &str| crate::session::is_liveness_timeout(reason);
+            silent = matches!(&end, SessionEnd::Lost { reason, .. } if dead(reason));
             match end {
                 SessionEnd::Shutdown => return Ok(()),
                 SessionEnd::Refused(reason) if refusals + 1 < self.cfg.refusals_before_stop => {

@@ -210,6 +210,22 @@ mod tests {
     }
 
     #[test]
+    fn an_upcoming_delay_records_nothing_until_its_failure_is() {
+        let cfg = BackoffConfig::default();
+        let (mut a, mut b) = (Backoff::new(cfg), Backoff::new(cfg));
+        let (mut ra, mut rb) = (StdRng::seed_from_u64(5), StdRng::seed_from_u64(5));
+        for _ in 0..8 {
+            let peeked = a.upcoming(&mut ra);
+            let before = a.failures();
+            a.upcoming(&mut StdRng::seed_from_u64(9));
+            assert_eq!(a.failures(), before, "drawing records no failure");
+            a.record_failure();
+            assert_eq!(peeked, b.next_delay(&mut rb), "the same draw as next_delay");
+            assert_eq!(a.failures(), b.failures());
+        }
+    }
+
+    #[test]
     fn a_boost_grows_the_delay_faster_but_never_past_the_cap() {
         let mut b = Backoff::new(BackoffConfig {
             jitter: Jitter::None,

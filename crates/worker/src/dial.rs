@@ -38,6 +38,10 @@ pub const MAX_UNDER_WAY: usize = 2;
 /// Why an attempt failed when its connect timeout passed.
 const TIMED_OUT: &str = "connect timed out";
 
+/// Why an attempt under way was dropped: a newer one was started beside it, or one beside it
+/// opened first.
+const TWIN_DROPPED: &str = "dropped for another attempt beside it";
+
 /// How dialling ended.
 pub(crate) enum Dialed {
     /// A WebSocket is open (boxed: the other outcomes are small); the attempt's generation.
@@ -50,7 +54,7 @@ pub(crate) enum Dialed {
 }
 
 /// One connection attempt under way.
-struct Attempt {
+struct Dialing {
     generation: u64,
     started_unix_us: u64,
     /// The backoff delay waited before it.
@@ -63,18 +67,32 @@ struct Attempt {
 /// An attempt's connector future under its connect timeout.
 type Connecting = Pin<Box<Timeout<BoxFuture<'static, Result<WsStream, ConnectError>>>>>;
 
+/// How an attempt ended.
+enum Ended {
+    /// Boxed like [`Dialed::Open`]: the other outcomes are small.
+    Open(Box<WsStream>),
+    Refused(String),
+    Failed(String),
+    /// No answer within the connect timeout: the path may be silent.
+    TimedOut,
+}
+
 /// Polls every attempt under way; ready with the index and outcome of the first that ended.
-struct FirstEnded<'a>(&'a mut VecDeque<Attempt>);
+struct FirstEnded<'a>(&'a mut VecDeque<Dialing>);
 
 impl Future for FirstEnded<'_> {
-    type Output = (usize, Result<WsStream, ConnectError>);
+    type Output = (usize, Ended);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         for (i, a) in self.0.iter_mut().enumerate() {
             if let Poll::Ready(r) = a.connect.as_mut().poll(cx) {
-                let r =
-                    r.unwrap_or_else(|_| Err(ConnectError::Transient("connect timed out".into())));
-                return Poll::Ready((i, r));
+                let ended = match r {
+                    Ok(Ok(ws)) => Ended::Open(Box::new(ws)),
+                    Ok(Err(ConnectError::Refused(reason))) => Ended::Refused(reason),
+                    Ok(Err(ConnectError::Transient(reason))) => Ended::Failed(reason),
+                    Err(_) => Ended::TimedOut,
+                };
+                return Poll::Ready((i, ended));
             }
         }
         Poll::Pending
@@ -93,7 +111,7 @@ impl Agent {
         mut silent: bool,
         shutdown: &CancellationToken,
     ) -> Dialed {
-        let mut under_way: VecDeque<Attempt> = VecDeque::with_capacity(MAX_UNDER_WAY);
+        let mut under_way: VecDeque<Dialing> = VecDeque::with_capacity(MAX_UNDER_WAY);
         // When the next attempt starts, and the delay it will have waited.
         let mut next: Option<(Instant, Duration)> = Some((Instant::now(), waited));
         loop {
@@ -104,10 +122,10 @@ impl Agent {
                 (i, r) = FirstEnded(&mut under_way), if !under_way.is_empty() => {
                     let Some(a) = under_way.remove(i) else { continue };
                     match r {
-                        Ok(ws) => {
+                        Ended::Open(ws) => {
                             // The twins still under way are dropped here, unused.
                             for twin in &under_way {
-                                self.attempt_failed(twin.generation, "another attempt opened first");
+                                self.twin_dropped(twin.generation);
                             }
                             self.shared
                                 .attempt_started_unix_us
@@ -115,11 +133,17 @@ impl Agent {
                             self.shared
                                 .backoff_delay_us
                                 .store(a.delay.as_micros() as u64, Ordering::Relaxed);
-                            return Dialed::Open(Box::new(ws), a.generation);
+                            return Dialed::Open(ws, a.generation);
                         }
-                        Err(ConnectError::Refused(reason)) => return Dialed::Refused(reason),
-                        Err(ConnectError::Transient(reason)) => {
-                            silent |= reason == TIMED_OUT;
+                        Ended::Refused(reason) => return Dialed::Refused(reason),
+                        ended @ (Ended::Failed(_) | Ended::TimedOut) => {
+                            let reason = match ended {
+                                Ended::Failed(reason) => reason,
+                                _ => {
+                                    silent = true;
+                                    TIMED_OUT.to_owned()
+                                }
+                            };
                             self.attempt_failed(a.generation, &reason);
                             if !a.counted {
                                 // The newest failed: the next waits a delay from now.
@@ -161,7 +185,7 @@ impl Agent {
                     if under_way.len() == MAX_UNDER_WAY
                         && let Some(oldest) = under_way.pop_front()
                     {
-                        self.attempt_failed(oldest.generation, "no answer; given up for a newer attempt");
+                        self.twin_dropped(oldest.generation);
                     }
                     under_way.push_back(self.start_attempt(delay));
                     // On a silent path, when the next starts if this one is still unanswered.
@@ -175,7 +199,7 @@ impl Agent {
         }
     }
 
-    fn start_attempt(&mut self, delay: Duration) -> Attempt {
+    fn start_attempt(&mut self, delay: Duration) -> Dialing {
         let generation = self.shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
         self.shared.stats().on_attempt();
         metrics::counter!(m::CONNECTION_ATTEMPTS).increment(1);
@@ -190,7 +214,7 @@ impl Agent {
         let connect = self
             .connector
             .connect(self.endpoint.clone(), ws_config(self.cfg.max_frame));
-        Attempt {
+        Dialing {
             generation,
             started_unix_us,
             delay,
@@ -208,6 +232,17 @@ impl Agent {
         });
         metrics::counter!(m::CONNECTION_FAILURES).increment(1);
         tracing::warn!(worker = %self.cfg.worker_id, generation, %reason, "connection attempt failed");
+    }
+
+    /// An attempt given up unanswered for a newer one, or left when its twin opened first: not
+    /// a failure of the link (no failure metric, no warning), but it did not open a session.
+    fn twin_dropped(&self, generation: u64) {
+        self.shared.stats().on_attempt_failed();
+        self.event(Event::AttemptFailed {
+            generation,
+            reason: TWIN_DROPPED.to_owned(),
+        });
+        tracing::debug!(worker = %self.cfg.worker_id, generation, "connection attempt dropped for its twin");
     }
 
     /// Sets the backoff's adaptive boost from the link's record so far.

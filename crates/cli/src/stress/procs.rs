@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use super::fleet::{Command, Event, FleetReport, Status};
 
 /// How long a fault proxy's control API has to answer a call.
-const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Settings handed to the coordinator process.
 #[derive(Debug, Clone)]

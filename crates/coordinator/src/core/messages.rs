@@ -210,6 +210,7 @@ impl Core {
         b: &mut Batch,
     ) {
         if let Some(refusal) = registration_refusal(worker, &r) {
+            tracing::warn!(worker = %worker, code = refusal.code, reason = %refusal.reason, "registration refused");
             if let Some(e) = refusal.error {
                 b.send(session, e);
             }
@@ -896,7 +897,6 @@ pub(crate) struct Refusal {
 /// registration never displaces the worker's session); the core checks it again.
 pub(crate) fn registration_refusal(worker: &WorkerId, r: &Registration) -> Option<Refusal> {
     if &r.worker_id != worker {
-        tracing::warn!(path_id = %worker, claimed = %r.worker_id, "registration names another worker; closing");
         return Some(Refusal {
             code: 4003,
             reason: format!(

@@ -89,6 +89,26 @@ impl Keyed {
         tag_registration: bool,
         key_nonce: Option<&str>,
     ) -> (Keyed, Value) {
+        Self::connect_speaking(
+            c,
+            id,
+            key_secret,
+            tag_registration,
+            key_nonce,
+            tether_proto::PROTOCOL_VERSION,
+        )
+        .await
+    }
+
+    /// [`Keyed::connect`], registering with `protocol_version`.
+    async fn connect_speaking(
+        c: &TestCoordinator,
+        id: &str,
+        key_secret: &Secret,
+        tag_registration: bool,
+        key_nonce: Option<&str>,
+        protocol_version: u32,
+    ) -> (Keyed, Value) {
         let url = format!("ws://{}/api/v1/worker/{id}/ws", c.addr);
         let (mut ws, _) = tokio_tungstenite::connect_async(&url)
             .await
@@ -111,7 +131,7 @@ impl Keyed {
         let reg = json!({
             "type": "registration",
             "worker_id": id,
-            "protocol_version": tether_proto::PROTOCOL_VERSION,
+            "protocol_version": protocol_version,
             "boot_id": "b-keyed",
             "capabilities": ["keyed-only"],
             "slots": 1,
@@ -243,6 +263,28 @@ async fn with_message_mac_every_frame_is_tagged_both_ways_and_work_completes() {
     );
     assert_eq!(w.handle.registrations(), 1);
     w.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+/// A registration whose signature verified but whose protocol is another is refused with an
+/// `error` that carries its tag, like every frame after the registration, then close 4002.
+#[tokio::test]
+async fn a_signed_registration_of_another_protocol_is_refused_with_a_tagged_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = mac_coordinator(dir.path()).await;
+    let (mut k, _) = Keyed::connect_speaking(&c, "keyed", &secret(), true, None, 99).await;
+    match k.next().await {
+        Frame::Msg(v) => assert_eq!(v["code"], "incompatible_protocol", "tagged: {v}"),
+        Frame::BadTag => panic!("the refusal failed its tag"),
+        Frame::Closed(code) => panic!("closed ({code:?}) without the error"),
+    }
+    assert_eq!(k.close_code().await, Some(4002));
+    let o = c.client().overview().await;
+    assert_eq!(
+        counter(&o, "auth_ok"),
+        0,
+        "a refused registration is not counted: {o}"
+    );
     c.stop().await;
 }
 

@@ -444,6 +444,11 @@ async fn a_partition_is_detected_within_the_timeout_and_reconnects_follow_the_ba
         2,
         "two attempts under way at most, the older given up for the newer"
     );
+    assert_eq!(
+        net.open.0.load(Ordering::SeqCst),
+        1,
+        "once back, the session's connection alone: the attempts beside it were dropped"
+    );
 
     assert_each_result_recorded_once(&net, &run, 4).await;
     assert_eq!(net.truth(|t| t.registrations), h.registrations());

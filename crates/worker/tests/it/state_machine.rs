@@ -120,7 +120,7 @@ async fn a_path_that_clears_is_used_by_the_next_attempt_without_waiting_out_the_
     assert_eq!(s.successful_connections, 1);
     assert_eq!(
         s.failed_connections, 2,
-        "the one timed out, and the one given up for the newer"
+        "the one timed out, and the one left when its twin opened first"
     );
     assert_eq!(running.handle.registrations(), 1);
     running.stop().await;
