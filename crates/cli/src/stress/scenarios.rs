@@ -647,11 +647,14 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
         .settled_report(|w| w.sessions.iter().any(|s| s.registered_us > cut_us))
         .await?;
     let (mut after_ready, mut beyond_delay, mut attempt) = (Vec::new(), Vec::new(), Vec::new());
-    // Every attempt after the cut waited a backoff delay of at least this first.
-    let least_delay_us = (FLEET_BACKOFF_INITIAL
-        .min(run.a.max_reconnect_delay)
-        .as_micros() as f64
-        * (1.0 - FLEET_JITTER)) as u64;
+    // Every attempt after the cut started a backoff delay after the one before (or after the
+    // session's end), the delays growing from the fleet's first: at least this first.
+    let schedule = Schedule {
+        first: FLEET_BACKOFF_INITIAL.min(run.a.max_reconnect_delay),
+        cap: run.a.max_reconnect_delay,
+        jitter: FLEET_JITTER,
+    };
+    let least_delay_us = schedule.least(1).as_micros() as u64;
     let (mut attempts, mut storming) = (Vec::new(), Vec::new());
     for w in &rep.workers {
         let before = w.sessions.iter().rfind(|s| s.registered_us <= cut_us);
@@ -663,7 +666,9 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
             if let Some(b) = before {
                 let made = s.attempts.saturating_sub(b.attempts);
                 attempts.push(made as f64);
-                let allowed = s.attempt_us.saturating_sub(cut_us) / least_delay_us.max(1) + 1;
+                let allowed = schedule
+                    .attempts_within(Duration::from_micros(s.attempt_us.saturating_sub(cut_us)))
+                    + 1;
                 if made > allowed {
                     storming.push(format!("{} ({made} attempts, {allowed} allowed)", w.id));
                 }
@@ -677,10 +682,11 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
         match (storming.first(), run.report.reconnect_attempts) {
             (Some(first), _) => format!("{} workers over, first {first}", storming.len()),
             (None, Some(d)) => format!(
-                "attempts a worker made to come back: p50 {:.0}, max {:.0} (each after a delay of at least {} ms)",
+                "attempts a worker made to come back: p50 {:.0}, max {:.0} (each after a delay of at least {} ms, doubling up to {} ms less the jitter)",
                 d.p50,
                 d.max,
-                least_delay_us / 1000
+                least_delay_us / 1000,
+                schedule.least(u32::MAX).as_millis()
             ),
             (None, None) => "no worker came back".into(),
         },
@@ -1018,4 +1024,62 @@ fn mixed_priority_verdicts(r: &mut Report, t: &truth::Truth) {
             highs.len()
         ),
     );
+}
+
+/// The fleet's reconnect delays at their shortest: the first, doubling (the workers' factor;
+/// their adaptive boost only makes it grow faster) up to the cap, less the jitter.
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    first: Duration,
+    cap: Duration,
+    jitter: f64,
+}
+
+impl Schedule {
+    /// The shortest the `n`-th delay after a healthy session can be (n >= 1).
+    fn least(&self, n: u32) -> Duration {
+        let factor =
+            tether_worker::backoff::DEFAULT_FACTOR.powi(n.saturating_sub(1).min(64) as i32);
+        self.first
+            .mul_f64(factor)
+            .min(self.cap)
+            .mul_f64(1.0 - self.jitter)
+    }
+
+    /// How many attempts, each after its delay, fit in `elapsed` at most.
+    fn attempts_within(&self, elapsed: Duration) -> u64 {
+        let (mut n, mut spent) = (0u32, Duration::ZERO);
+        loop {
+            spent += self.least(n + 1);
+            if spent > elapsed || self.least(n + 1).is_zero() {
+                return u64::from(n);
+            }
+            n += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_attempts_a_backoff_allows_follow_its_doubling_delays_to_the_cap() {
+        let s = Schedule {
+            first: Duration::from_millis(200),
+            cap: Duration::from_secs(1),
+            jitter: 0.2,
+        };
+        let ms = |n| s.least(n).as_millis();
+        assert_eq!(
+            [ms(1), ms(2), ms(3), ms(4), ms(9)],
+            [160, 320, 640, 800, 800]
+        );
+        // 160 + 320 + 640 = 1,120 ms; then one more each 800 ms.
+        assert_eq!(s.attempts_within(Duration::from_millis(1_119)), 2);
+        assert_eq!(s.attempts_within(Duration::from_millis(1_120)), 3);
+        assert_eq!(s.attempts_within(Duration::from_millis(1_120 + 8_000)), 13);
+        // A worker at the first delay for 27 s (170 attempts) would be over.
+        assert!(s.attempts_within(Duration::from_secs(27)) < 40);
+    }
 }
