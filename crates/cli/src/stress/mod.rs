@@ -69,6 +69,12 @@ pub enum Cut {
     /// `--heartbeat-interval`s), so `--outage` must be longer; a worker whose message waits as
     /// long for its acknowledgement ends its session too.
     Blackhole,
+    /// The coordinator process is stopped (SIGSTOP) and, after the outage, continued
+    /// (SIGCONT): its sockets stay open and silent and new connections wait in its listen
+    /// queue, as with a frozen host. Workers find it by their liveness timeout, so `--outage`
+    /// must be longer, as for `blackhole`; the attempts they make meanwhile are all answered
+    /// at once when it goes on.
+    Stall,
 }
 
 impl Cut {
@@ -78,12 +84,13 @@ impl Cut {
             Cut::ProxyDown => "proxy-down",
             Cut::Reset => "reset",
             Cut::Blackhole => "blackhole",
+            Cut::Stall => "stall",
         }
     }
 
     /// Whether the workers reach the coordinator through fault proxies.
     pub fn proxied(self) -> bool {
-        self != Cut::Kill
+        !matches!(self, Cut::Kill | Cut::Stall)
     }
 }
 
@@ -276,13 +283,14 @@ impl StressArgs {
         announced.heartbeat_timeout = self.heartbeat_interval * 3;
         let announced = announced.beat(workers).timeout;
         if self.scenario == Scenario::ThunderingHerd
-            && self.cut == Cut::Blackhole
+            && matches!(self.cut, Cut::Blackhole | Cut::Stall)
             && self.outage <= announced
         {
             bail!(
-                "--cut blackhole needs an --outage longer than the workers' liveness timeout \
+                "--cut {} needs an --outage longer than the workers' liveness timeout \
                  ({} ms for {workers} workers: 3 x --heartbeat-interval, stretched by the \
                  coordinator's heartbeat budget), or idle workers never notice it",
+                self.cut.name(),
                 announced.as_millis()
             );
         }

@@ -134,6 +134,13 @@ impl Coordinator {
         )
     }
 
+    /// Sends `signal` to the running coordinator.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let pid = self.pid().context("the coordinator is not running")?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+        nix::sys::signal::kill(pid, signal).with_context(|| format!("{signal} to the coordinator"))
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(Child::id)
     }

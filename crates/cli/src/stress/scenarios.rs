@@ -291,6 +291,8 @@ impl Run {
                     "a reset fault on every link of the workers' proxy (each connection reset as soon as made), then removed",
                 Cut::Blackhole =>
                     "a blackhole on every link of the workers' proxy, both ways (every byte swallowed, nothing closed), then removed",
+                Cut::Stall =>
+                    "the coordinator stopped (SIGSTOP), then continued (SIGCONT): silent, nothing closed",
             }
         ));
         let start_us = now_us();
@@ -301,6 +303,12 @@ impl Run {
                 tokio::time::sleep(outage).await;
                 self.phase("coordinator restarting", 1);
                 self.coord.spawn().await?;
+            }
+            Cut::Stall => {
+                self.phase("coordinator stopped", 1);
+                self.coord.signal(nix::sys::signal::Signal::SIGSTOP)?;
+                tokio::time::sleep(outage).await;
+                self.coord.signal(nix::sys::signal::Signal::SIGCONT)?;
             }
             Cut::ProxyDown => {
                 self.phase("proxy down", 1);
