@@ -91,6 +91,38 @@ fn thundering_herd_reregisters_every_worker_after_a_coordinator_kill_and_loses_n
     assert!(r["idle_cpu_pct"].as_f64().is_some());
 }
 
+/// A coordinator stopped (SIGSTOP) past the workers' liveness timeout and continued: every
+/// worker finds the silence itself, comes back once it goes on, within its paced attempts
+/// (those made into the stopped coordinator's listen queue get twins), and nothing is lost.
+#[test]
+fn thundering_herd_reregisters_every_worker_after_a_coordinator_stall() {
+    let r = stress(&[
+        "thundering_herd",
+        "--workers",
+        "40",
+        "--tasks",
+        "10",
+        "--idle",
+        "1s",
+        "--outage",
+        "4s",
+        "--max-reconnect-delay",
+        "300ms",
+        "--heartbeat-interval",
+        "1s",
+        "--cut",
+        "stall",
+    ]);
+    assert!(
+        r["cut"].as_str().is_some_and(|c| c.starts_with("stall")),
+        "{r}"
+    );
+    assert_eq!(count(&r["reconnect_after_ready_ms"]), 40, "{r}");
+    assert_eq!(count(&r["reconnect_attempts"]), 40, "{r}");
+    // Attempts made while it was stopped were waited for a delay each, then given twins.
+    assert!(r["reconnect_attempts"]["max"].as_f64() >= Some(2.0), "{r}");
+}
+
 /// Through fault proxies (`tether proxy` processes), every worker is cut off while the
 /// coordinator lives on: the proxies down, every connection reset as soon as made, or every
 /// byte swallowed with nothing closed. Each
