@@ -461,16 +461,12 @@ impl Agent {
                     tracing::warn!(worker = %self.cfg.worker_id, generation, %reason, registered_ms = registered_for.as_millis() as u64, "session lost");
                 }
             }
-            self.tune(&mut backoff);
-            let delay = backoff.next_delay(&mut self.rng);
-            self.publish(&backoff);
-            if backoff.exhausted() {
+            let Some(delay) = self.failed(&mut backoff) else {
                 return Err(AgentError::GaveUp {
                     attempts: backoff.failures(),
                 });
-            }
+            };
             self.shared.set_state(ConnState::Disconnected);
-            tracing::info!(worker = %self.cfg.worker_id, delay_ms = delay.as_millis() as u64, failures = backoff.failures(), "reconnecting after backoff");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.cancelled() => return Ok(()),

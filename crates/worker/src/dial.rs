@@ -147,13 +147,7 @@ impl Agent {
                             self.attempt_failed(a.generation, &reason);
                             if !a.counted {
                                 // The newest failed: the next waits a delay from now.
-                                self.tune(backoff);
-                                let d = backoff.next_delay(&mut self.rng);
-                                self.publish(backoff);
-                                next = (!backoff.exhausted()).then(|| (Instant::now() + d, d));
-                                if next.is_some() {
-                                    tracing::info!(worker = %self.cfg.worker_id, delay_ms = d.as_millis() as u64, failures = backoff.failures(), "reconnecting after backoff");
-                                }
+                                next = self.failed(backoff).map(|d| (Instant::now() + d, d));
                             }
                             if under_way.is_empty() {
                                 if next.is_none() {
@@ -245,8 +239,21 @@ impl Agent {
         tracing::debug!(worker = %self.cfg.worker_id, generation, "connection attempt dropped for its twin");
     }
 
+    /// Records a failed attempt or session in the backoff: the delay before the next attempt,
+    /// or `None` once `max_attempts` failed in a row.
+    pub(crate) fn failed(&mut self, backoff: &mut Backoff) -> Option<Duration> {
+        self.tune(backoff);
+        let delay = backoff.next_delay(&mut self.rng);
+        self.publish(backoff);
+        if backoff.exhausted() {
+            return None;
+        }
+        tracing::info!(worker = %self.cfg.worker_id, delay_ms = delay.as_millis() as u64, failures = backoff.failures(), "reconnecting after backoff");
+        Some(delay)
+    }
+
     /// Sets the backoff's adaptive boost from the link's record so far.
-    pub(crate) fn tune(&self, backoff: &mut Backoff) {
+    fn tune(&self, backoff: &mut Backoff) {
         let (stability, sessions) = {
             let s = self.shared.stats().snapshot();
             (s.stability, s.successful_connections)
@@ -259,7 +266,7 @@ impl Agent {
     }
 
     /// Publishes the backoff's state, for statistics.
-    pub(crate) fn publish(&self, backoff: &Backoff) {
+    fn publish(&self, backoff: &Backoff) {
         self.shared
             .backoff_factor_milli
             .store((backoff.factor() * 1000.0) as u64, Ordering::Relaxed);
