@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tether_proto::WorkerId;
+use tokio::io::AsyncReadExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -16,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::fault::Stream;
-use crate::pump::{QUEUE_CHUNKS, Writer, read_loop};
-use crate::sniff::sniff;
+use crate::pump::{QUEUE_CHUNKS, Writer, outcome_of, read_loop, sleep_opt};
+use crate::sniff::{Sniffed, sniff};
 use crate::stage::{Chain, Chunk, Draws, FaultEntry, Stages, mix};
 use crate::stats::{ProxyCounters, add};
 
@@ -53,6 +54,9 @@ pub struct LinkInfo {
     pub client: SocketAddr,
     /// The worker named by the link's upgrade request, once known.
     pub worker: Option<WorkerId>,
+    /// Whether the link has its upstream connection: not yet while its first bytes are read,
+    /// nor while a blackhole on its upstream stream holds it back (see the blackhole fault).
+    pub connected: bool,
 }
 
 /// The live links of one proxy.
@@ -127,10 +131,10 @@ struct Registered {
 }
 
 impl Registered {
-    fn set_worker(&self, worker: Option<WorkerId>) {
+    fn set(&self, change: impl FnOnce(&mut LinkInfo)) {
         let mut links = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(info) = links.get_mut(&self.id) {
-            info.worker = worker;
+            change(info);
         }
     }
 }
@@ -170,6 +174,7 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
                 id: ctx.id,
                 client: peer,
                 worker: None,
+                connected: false,
             },
         );
     add(&ctx.counters.connections_active, 1);
@@ -178,25 +183,12 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
         registry: Arc::clone(&ctx.registry),
         counters: Arc::clone(&ctx.counters),
     };
-    let connect = tokio::time::timeout(CONNECT_TIMEOUT, connect_upstream(ctx.upstream, ctx.id));
-    let server = tokio::select! {
-        biased;
-        () = ctx.cancel.cancelled() => return,
-        r = connect => match r {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return upstream_failed(&ctx, e.to_string()),
-            Err(_) => return upstream_failed(&ctx, "connect timed out".into()),
-        },
-    };
     // Small writes must not wait for Nagle: the faults decide the timing, not the kernel.
-    for s in [&client, &server] {
-        if let Err(e) = s.set_nodelay(true) {
-            tracing::debug!(error = %e, "set_nodelay failed");
-        }
+    if let Err(e) = client.set_nodelay(true) {
+        tracing::debug!(error = %e, "set_nodelay failed");
     }
     let (mut client_rd, client_wr) = client.into_split();
-    let (server_rd, server_wr) = server.into_split();
-    let first = tokio::select! {
+    let mut first = tokio::select! {
         biased;
         () = ctx.cancel.cancelled() => return,
         s = sniff(&mut client_rd) => s,
@@ -204,8 +196,7 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
     if let Some(w) = &first.worker {
         tracing::Span::current().record("worker", tracing::field::display(w));
     }
-    registered.set_worker(first.worker.clone());
-    tracing::debug!("link open");
+    registered.set(|info| info.worker.clone_from(&first.worker));
 
     let link = Arc::new(LinkCtl {
         id: ctx.id,
@@ -213,30 +204,62 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
         outcome: Mutex::new(None),
     });
     let draws = Arc::new(Draws::new(ctx.seed, ctx.id, Arc::clone(&ctx.counters)));
-    let stages = |stream: Stream, salt: u64| {
+    let stages = |stream: Stream| {
         Stages::new(
             stream,
             first.worker.clone(),
             Arc::clone(&draws),
             Arc::clone(&ctx.counters),
-            mix(ctx.seed, ctx.id, salt),
+            mix(ctx.seed, ctx.id, stream as u64 + 1),
         )
     };
+    let mut up_stages = stages(Stream::Upstream);
+    let mut down_stages = stages(Stream::Downstream);
+    let passage = withhold(
+        &ctx,
+        &link,
+        [&mut up_stages, &mut down_stages],
+        &mut first,
+        &mut client_rd,
+    )
+    .await;
+    if !passage {
+        let halves = vec![Half::Read(client_rd), Half::Write(client_wr)];
+        return close(halves, link.outcome(), &ctx.counters, registered);
+    }
+
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, connect_upstream(ctx.upstream, ctx.id));
+    let server = tokio::select! {
+        biased;
+        () = link.cancelled() => return,
+        r = connect => match r {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return upstream_failed(&ctx, e.to_string()),
+            Err(_) => return upstream_failed(&ctx, "connect timed out".into()),
+        },
+    };
+    if let Err(e) = server.set_nodelay(true) {
+        tracing::debug!(error = %e, "set_nodelay failed");
+    }
+    registered.set(|info| info.connected = true);
+    tracing::debug!("link open");
+    let (server_rd, server_wr) = server.into_split();
+
     let (up_tx, up_rx) = mpsc::channel(QUEUE_CHUNKS);
     let (down_tx, down_rx) = mpsc::channel(QUEUE_CHUNKS);
-    let writer = |stream, sink, queue| {
+    let writer = |stream, sink, queue, stages| {
         Writer::new(
             stream,
             sink,
             queue,
             ctx.chain.clone(),
-            stages(stream, stream as u64 + 1),
+            stages,
             Arc::clone(&link),
             Arc::clone(&ctx.counters),
         )
     };
-    let up = writer(Stream::Upstream, server_wr, up_rx);
-    let down = writer(Stream::Downstream, client_wr, down_rx);
+    let up = writer(Stream::Upstream, server_wr, up_rx, up_stages);
+    let down = writer(Stream::Downstream, client_wr, down_rx, down_stages);
 
     let mut tasks = JoinSet::new();
     let mut halves = Vec::with_capacity(4);
@@ -264,10 +287,82 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
             Err(e) => tracing::warn!(error = %e, "link task failed"),
         }
     }
+    close(halves, link.outcome(), &ctx.counters, registered);
+}
 
-    let outcome = link.outcome();
+/// Holds the link back from its upstream while a blackhole swallows its upstream stream, as a
+/// SYN sent into one is lost: the upstream sees no connection until the fault is removed
+/// (then the link connects, and what the client sends from then on goes through), and none at
+/// all if the client gives up first. What the client sends meanwhile is swallowed, as by the
+/// blackhole on a connected link; a reset fault of the link still fires on time. Without this
+/// a fleet retrying behind a blackhole left a pair of sockets and an upstream connection per
+/// abandoned attempt until the removal (the proxy ran out of descriptors; docs/PERFORMANCE.md,
+/// twenty-third round). Returns whether the link may connect; if not, it has ended.
+async fn withhold(
+    ctx: &LinkCtx,
+    link: &LinkCtl,
+    mut stages: [&mut Stages; 2],
+    first: &mut Sniffed,
+    client: &mut OwnedReadHalf,
+) -> bool {
+    let mut chain = ctx.chain.clone();
+    let mut buf = [0u8; 1024];
+    let mut held = false;
+    loop {
+        let now = tokio::time::Instant::now();
+        let current = Arc::clone(&chain.borrow_and_update());
+        for s in stages.iter_mut() {
+            s.rebuild(&current, now);
+        }
+        let Some(hole) = stages[0].blackhole().cloned() else {
+            if held {
+                tracing::debug!("blackhole removed; connecting upstream");
+            }
+            return true;
+        };
+        if !held {
+            held = true;
+            tracing::debug!(fault = %hole.fault.name, "upstream held back by a blackhole");
+        }
+        stages[0].swallowed(&hole, first.bytes.len());
+        first.bytes.clear();
+        if first.eof {
+            return false;
+        }
+        let reset = stages
+            .iter()
+            .filter_map(|s| s.reset_due())
+            .min_by_key(|(t, _)| *t);
+        tokio::select! {
+            biased;
+            () = link.cancelled() => return false,
+            () = sleep_opt(reset.as_ref().map(|(t, _)| *t)) => {
+                if let Some((_, by)) = reset {
+                    link.close(Outcome::Reset, Some(&by));
+                }
+                return false;
+            }
+            r = chain.changed() => {
+                if r.is_err() {
+                    return false;
+                }
+            }
+            r = client.read(&mut buf) => match r {
+                Ok(0) => first.eof = true,
+                Ok(n) => first.bytes.extend_from_slice(&buf[..n]),
+                Err(e) => {
+                    link.close(outcome_of(&e), None);
+                    return false;
+                }
+            },
+        }
+    }
+}
+
+/// Closes a link's sockets the way it ended: dropped (FIN), or with RST after a reset.
+fn close(halves: Vec<Half>, outcome: Outcome, counters: &ProxyCounters, registered: Registered) {
     if outcome == Outcome::Reset {
-        add(&ctx.counters.connections_reset, 1);
+        add(&counters.connections_reset, 1);
         for h in halves {
             let sock: &TcpStream = match &h {
                 Half::Read(r) => r.as_ref(),

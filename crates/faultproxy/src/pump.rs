@@ -83,7 +83,7 @@ pub(crate) async fn read_loop(
 }
 
 /// Whether a failed read or write means the peer reset the connection.
-fn outcome_of(e: &io::Error) -> Outcome {
+pub(crate) fn outcome_of(e: &io::Error) -> Outcome {
     match e.kind() {
         io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => Outcome::Reset,
         _ => Outcome::Close,
@@ -100,7 +100,7 @@ enum Flow {
 /// millisecond on), and meanwhile a queued chunk won the writer's select. A `reset` of
 /// `timeout_ms` 0 let a WebSocket upgrade and the registration behind it through on loopback,
 /// and the coordinator saw the worker back before the link was cut.
-async fn sleep_opt(t: Option<Instant>) {
+pub(crate) async fn sleep_opt(t: Option<Instant>) {
     match t {
         Some(t) if t <= Instant::now() => {}
         Some(t) => tokio::time::sleep_until(t).await,

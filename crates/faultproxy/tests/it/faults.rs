@@ -106,6 +106,73 @@ async fn blackhole_drops_bytes_keeps_the_connection_open_and_heals_when_removed(
     assert_eq!(round_trip(&mut c, b"after").await, b"after");
 }
 
+/// A link made while a blackhole swallows its upstream stream is not connected upstream, as a
+/// SYN sent into a blackhole is lost too: a client that gives up first leaves nothing upstream
+/// and nothing held in the proxy; one still there when the fault goes is connected then, and
+/// what it sends from then on goes through.
+#[tokio::test]
+async fn a_link_made_into_a_blackhole_reaches_the_upstream_only_once_it_is_removed() {
+    let echo = echo().await;
+    let proxy = proxy_to(echo.addr).await;
+    let guard = proxy
+        .add_fault(Fault::new("cut", FaultKind::Blackhole, Direction::Upstream))
+        .await
+        .expect("add");
+
+    let request = upgrade_request("w1");
+    let mut gone = connect(proxy.listen_addr()).await;
+    gone.write_all(&request).await.expect("write");
+    wait_for("the request swallowed", || {
+        guard.stats().bytes_dropped == request.len() as u64
+    })
+    .await;
+    drop(gone);
+    wait_for("the abandoned link gone", || proxy.links().is_empty()).await;
+
+    let mut stays = connect(proxy.listen_addr()).await;
+    stays.write_all(b"lost").await.expect("write");
+    wait_for("the bytes swallowed", || {
+        guard.stats().bytes_dropped == request.len() as u64 + 4
+    })
+    .await;
+    let links = proxy.links();
+    assert_eq!(links.len(), 1);
+    assert!(!links[0].connected, "{links:?}");
+    assert_eq!(echo.accepted(), 0, "no connection may reach the upstream");
+    assert_open_and_silent(&stays);
+
+    drop(guard);
+    assert_eq!(round_trip(&mut stays, b"after").await, b"after");
+    assert_eq!(echo.accepted(), 1);
+    assert!(proxy.links()[0].connected);
+}
+
+/// A reset fault fires on time on a link a blackhole holds back from its upstream.
+#[tokio::test]
+async fn a_reset_fires_on_a_link_held_back_by_a_blackhole() {
+    let echo = echo().await;
+    let proxy = proxy_to(echo.addr).await;
+    let _hole = proxy
+        .add_fault(Fault::new("cut", FaultKind::Blackhole, Direction::Upstream))
+        .await
+        .expect("add");
+    let rst = proxy
+        .add_fault(Fault::new(
+            "rst",
+            FaultKind::Reset { timeout_ms: 200 },
+            Direction::Downstream,
+        ))
+        .await
+        .expect("add");
+    let mut c = connect(proxy.listen_addr()).await;
+    c.write_all(b"hello").await.expect("write");
+    let (_, err) = read_to_end(&mut c).await;
+    assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::ConnectionReset));
+    assert_eq!(rst.stats().connections_reset, 1);
+    wait_for("link closed", || proxy.stats().connections_reset == 1).await;
+    assert_eq!(echo.accepted(), 0);
+}
+
 #[tokio::test]
 async fn reset_gives_the_client_connection_reset() {
     let echo = echo().await;

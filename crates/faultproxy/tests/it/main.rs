@@ -9,6 +9,8 @@ mod updown;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tether_faultproxy::{Proxy, ProxyConfig};
@@ -24,7 +26,15 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 /// Stops when dropped.
 pub struct Echo {
     pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Echo {
+    /// Connections the echo server has accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Echo {
@@ -36,9 +46,12 @@ impl Drop for Echo {
 pub async fn echo() -> Echo {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
     let addr = listener.local_addr().expect("echo addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
     let task = tokio::spawn(async move {
         let mut conns = JoinSet::new();
         while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
             conns.spawn(async move {
                 let (mut r, mut w) = s.split();
                 if tokio::io::copy(&mut r, &mut w).await.is_ok() {
@@ -47,7 +60,11 @@ pub async fn echo() -> Echo {
             });
         }
     });
-    Echo { addr, task }
+    Echo {
+        addr,
+        accepted,
+        task,
+    }
 }
 
 pub async fn proxy_to(upstream: SocketAddr) -> Proxy {
