@@ -12,7 +12,7 @@
 //! | `POST /proxies/{name}/faults`         | `Fault`         | 201 `FaultInfo`                |
 //! | `GET /proxies/{name}/faults/{fault}`  |                 | 200 `FaultInfo`                |
 //! | `PATCH /proxies/{name}/faults/{fault}`| `FaultPatch`    | 200 `FaultInfo`                |
-//! | `DELETE /proxies/{name}/faults/{fault}`|                | 204                            |
+//! | `DELETE /proxies/{name}/faults/{fault}`|                | 200 `FaultInfo`, final counters|
 //! | `POST /reset`                         |                 | 204: all up, no faults         |
 //!
 //! Errors are `{"error": "<message>", "code": "<code>"}` with 400 (bad body or name), 404
@@ -318,12 +318,13 @@ async fn patch_fault(
     Ok(Json(proxy.update_fault(&fault, &patch)?))
 }
 
+/// Answers the removed fault with its final counters: read in the same step as the removal, so
+/// no byte the fault handled between a `GET` and the `DELETE` goes uncounted.
 async fn delete_fault(
     State(s): State<Server>,
     Path((name, fault)): Path<(String, String)>,
-) -> ApiResult<StatusCode> {
-    s.get(&name).await?.remove_fault(&fault)?;
-    Ok(StatusCode::NO_CONTENT)
+) -> ApiResult<Json<FaultInfo>> {
+    Ok(Json(s.get(&name).await?.remove_fault(&fault)?))
 }
 
 async fn reset(State(s): State<Server>) -> ApiResult<StatusCode> {

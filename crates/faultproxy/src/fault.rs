@@ -102,7 +102,10 @@ pub enum FaultKind {
     /// Pace the stream to `bytes_per_sec`, in pieces of at most a tenth of a second's worth.
     Bandwidth { bytes_per_sec: u64 },
     /// Drop every byte silently and keep the connection open (a half-open partition). A FIN
-    /// from the sender is held, not dropped, and goes through once the fault is removed.
+    /// from the sender is held, not dropped, and goes through once the fault is removed. A
+    /// link made while a blackhole sits on its upstream stream is not connected upstream
+    /// until the fault is removed (a SYN into a blackhole is lost too); if its client leaves
+    /// first, the upstream never sees it.
     Blackhole,
     /// Close the whole link with TCP RST (`SO_LINGER` 0) on both sockets, `timeout_ms` after
     /// the fault became active on the link.

@@ -525,13 +525,12 @@ impl FaultProxy {
         .map(drop)
     }
 
-    /// Removes a fault; its counters, read just before.
+    /// Removes a fault; its final counters, as the removal answers them (one request: a proxy
+    /// short of descriptors may not accept a second connection for a while).
     pub async fn remove_fault(&self, name: &str) -> anyhow::Result<tether_faultproxy::FaultStats> {
         let path = format!("/faults/{name}");
         let info = self
-            .call(reqwest::Method::GET, &path, serde_json::Value::Null)
-            .await?;
-        self.call(reqwest::Method::DELETE, &path, serde_json::Value::Null)
+            .call(reqwest::Method::DELETE, &path, serde_json::Value::Null)
             .await?;
         serde_json::from_value(info["stats"].clone()).context("the fault's counters")
     }

@@ -135,8 +135,12 @@ async fn control_api_round_trip_creates_faults_lists_deletes_and_resets() {
         .call(M::PATCH, "/proxies/coord/faults/bh", Some(patch))
         .await;
     assert_eq!((st, f["toxicity"].as_f64()), (StatusCode::OK, Some(0.0)));
-    let (st, _) = ctl.call(M::DELETE, "/proxies/coord/faults/bh", None).await;
-    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (st, f) = ctl.call(M::DELETE, "/proxies/coord/faults/bh", None).await;
+    assert_eq!(
+        (st, f["name"].as_str(), f["stats"]["bytes_dropped"].as_u64()),
+        (StatusCode::OK, Some("bh"), Some(5)),
+        "the removed fault with its final counters: {f}"
+    );
     let (st, _) = ctl.call(M::GET, "/proxies/coord/faults/bh", None).await;
     assert_eq!(st, StatusCode::NOT_FOUND);
     assert_eq!(round_trip(&mut c, b"flows").await, b"flows");
