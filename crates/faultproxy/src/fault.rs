@@ -103,9 +103,11 @@ pub enum FaultKind {
     Bandwidth { bytes_per_sec: u64 },
     /// Drop every byte silently and keep the connection open (a half-open partition). A FIN
     /// from the sender is held, not dropped, and goes through once the fault is removed. A
-    /// link made while a blackhole sits on its upstream stream is not connected upstream
-    /// until the fault is removed (a SYN into a blackhole is lost too); if its client leaves
-    /// first, the upstream never sees it.
+    /// link made while a blackhole sits on its upstream stream is as a connection whose SYN
+    /// went into it: not connected upstream until a retransmission of that SYN (1, 3, 7, 15,
+    /// 31, 63 s after the connect, as Linux) finds the fault gone, then what its client sent
+    /// meanwhile (up to 32 KiB) goes through; if its client leaves first, the upstream never
+    /// sees it; after the last retransmission (127 s) it is reset.
     Blackhole,
     /// Close the whole link with TCP RST (`SO_LINGER` 0) on both sockets, `timeout_ms` after
     /// the fault became active on the link.

@@ -13,11 +13,12 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::fault::Stream;
-use crate::pump::{QUEUE_CHUNKS, Writer, outcome_of, read_loop, sleep_opt};
+use crate::pump::{CHUNK_SIZE, FIRST_READ, QUEUE_CHUNKS, Writer, outcome_of, read_loop, sleep_opt};
 use crate::sniff::{Sniffed, sniff};
 use crate::stage::{Chain, Chunk, Draws, FaultEntry, Stages, mix};
 use crate::stats::{ProxyCounters, add};
@@ -165,6 +166,8 @@ pub(crate) async fn run(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
 }
 
 async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
+    // When the client's SYN came, near enough.
+    let accepted = Instant::now();
     ctx.registry
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -221,6 +224,7 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
         [&mut up_stages, &mut down_stages],
         &mut first,
         &mut client_rd,
+        accepted,
     )
     .await;
     if !passage {
@@ -290,42 +294,72 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
     close(halves, link.outcome(), &ctx.counters, registered);
 }
 
-/// Holds the link back from its upstream while a blackhole swallows its upstream stream, as a
-/// SYN sent into one is lost: the upstream sees no connection until the fault is removed
-/// (then the link connects, and what the client sends from then on goes through), and none at
-/// all if the client gives up first. What the client sends meanwhile is swallowed, as by the
-/// blackhole on a connected link; a reset fault of the link still fires on time. Without this
-/// a fleet retrying behind a blackhole left a pair of sockets and an upstream connection per
-/// abandoned attempt until the removal (the proxy ran out of descriptors; docs/PERFORMANCE.md,
-/// twenty-third round). Returns whether the link may connect; if not, it has ended.
+/// First wait for the answer to a SYN, as Linux's: each retransmission waits twice as long.
+const SYN_RTO: Duration = Duration::from_secs(1);
+
+/// Retransmissions of an unanswered SYN before the connect fails (Linux's `tcp_syn_retries`).
+const SYN_RETRIES: u32 = 6;
+
+/// When a SYN sent at `sent` is next sent again after `now`, as Linux does it (1, 3, 7, 15, 31
+/// and 63 s after the first); `None` once the last has gone unanswered for its wait (127 s).
+fn next_syn(sent: Instant, now: Instant) -> Option<Instant> {
+    let mut at = sent;
+    let mut wait = SYN_RTO;
+    for _ in 0..SYN_RETRIES {
+        at += wait;
+        if at > now {
+            return Some(at);
+        }
+        wait *= 2;
+    }
+    (at + wait > now).then_some(at + wait)
+}
+
+/// Holds the link back from its upstream while a blackhole sits on its upstream stream, as a
+/// connection whose SYN went into the blackhole: the upstream sees nothing until a
+/// retransmission of that SYN finds the fault gone ([`next_syn`]; then the link connects and
+/// what its client sent meanwhile goes through, as the bytes a client could not have sent
+/// before its connection was up), and nothing at all if the client gives up first. At most a
+/// chunk is held (a send buffer's worth); a reset fault of the link still fires on time; when
+/// the last retransmission goes unanswered the link is reset (the connect would have failed).
+/// Without this a fleet retrying behind a blackhole left a pair of sockets and an upstream
+/// connection per abandoned attempt until the removal (the proxy ran out of descriptors;
+/// docs/PERFORMANCE.md, twenty-third round). Returns whether the link may connect; if not, it
+/// has ended.
 async fn withhold(
     ctx: &LinkCtx,
     link: &LinkCtl,
     mut stages: [&mut Stages; 2],
     first: &mut Sniffed,
     client: &mut OwnedReadHalf,
+    sent: Instant,
 ) -> bool {
     let mut chain = ctx.chain.clone();
-    let mut buf = [0u8; 1024];
-    let mut held = false;
+    let mut buf = vec![0u8; FIRST_READ];
+    let mut due: Option<Instant> = None;
     loop {
-        let now = tokio::time::Instant::now();
+        let now = Instant::now();
         let current = Arc::clone(&chain.borrow_and_update());
         for s in stages.iter_mut() {
             s.rebuild(&current, now);
         }
-        let Some(hole) = stages[0].blackhole().cloned() else {
-            if held {
-                tracing::debug!("blackhole removed; connecting upstream");
+        if due.is_none_or(|t| t <= now) {
+            let Some(hole) = stages[0].blackhole() else {
+                if due.is_some() {
+                    tracing::debug!("the blackhole is gone; connecting upstream");
+                }
+                return true;
+            };
+            if due.is_none() {
+                tracing::debug!(fault = %hole.fault.name, "upstream held back by a blackhole");
             }
-            return true;
-        };
-        if !held {
-            held = true;
-            tracing::debug!(fault = %hole.fault.name, "upstream held back by a blackhole");
+            let Some(next) = next_syn(sent, now) else {
+                tracing::debug!("no SYN got through the blackhole; resetting the link");
+                link.close(Outcome::Reset, None);
+                return false;
+            };
+            due = Some(next);
         }
-        stages[0].swallowed(&hole, first.bytes.len());
-        first.bytes.clear();
         if first.eof {
             return false;
         }
@@ -333,6 +367,7 @@ async fn withhold(
             .iter()
             .filter_map(|s| s.reset_due())
             .min_by_key(|(t, _)| *t);
+        let room = CHUNK_SIZE.saturating_sub(first.bytes.len()).min(buf.len());
         tokio::select! {
             biased;
             () = link.cancelled() => return false,
@@ -342,14 +377,20 @@ async fn withhold(
                 }
                 return false;
             }
+            () = sleep_opt(due) => {}
             r = chain.changed() => {
                 if r.is_err() {
                     return false;
                 }
             }
-            r = client.read(&mut buf) => match r {
+            r = client.read(&mut buf[..room]), if room > 0 => match r {
                 Ok(0) => first.eof = true,
-                Ok(n) => first.bytes.extend_from_slice(&buf[..n]),
+                Ok(n) => {
+                    if first.bytes.is_empty() {
+                        first.arrived = Instant::now();
+                    }
+                    first.bytes.extend_from_slice(&buf[..n]);
+                }
                 Err(e) => {
                     link.close(outcome_of(&e), None);
                     return false;
@@ -387,4 +428,24 @@ fn close(halves: Vec<Half>, outcome: Outcome, counters: &ProxyCounters, register
 fn upstream_failed(ctx: &LinkCtx, reason: String) {
     add(&ctx.counters.upstream_failures, 1);
     tracing::warn!(upstream = %ctx.upstream, %reason, "cannot reach upstream; closing client");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unanswered_syn_is_sent_again_as_linux_does_then_the_connect_fails() {
+        let sent = Instant::now();
+        let s = Duration::from_secs;
+        let after = |t: Duration| next_syn(sent, sent + t).map(|at| at - sent);
+        assert_eq!(after(s(0)), Some(s(1)));
+        assert_eq!(after(Duration::from_millis(999)), Some(s(1)));
+        assert_eq!(after(s(1)), Some(s(3)));
+        assert_eq!(after(s(5)), Some(s(7)));
+        assert_eq!(after(s(62)), Some(s(63)));
+        // The sixth retransmission is the last: after it, the wait before giving up.
+        assert_eq!(after(s(63)), Some(s(127)));
+        assert_eq!(after(s(127)), None);
+    }
 }

@@ -246,12 +246,6 @@ impl Stages {
             .find(|e| matches!(e.fault.kind, FaultKind::Blackhole))
     }
 
-    /// Counts `n` bytes swallowed by `entry` (a blackhole) before they reached any stage.
-    pub fn swallowed(&self, entry: &FaultEntry, n: usize) {
-        add(&entry.counters.bytes_dropped, n);
-        add(&self.proxy.faults.bytes_dropped, n);
-    }
-
     /// The earliest pending reset of this stream and the fault that asks for it.
     pub fn reset_due(&self) -> Option<(Instant, Arc<FaultEntry>)> {
         self.active

@@ -180,14 +180,16 @@ async fn fault(cmd: FaultCommand) -> anyhow::Result<()> {
             let target = &args.proxy;
             let c = Client::new(&target.client);
             let path = format!("/proxies/{}/faults/{}", target.proxy, args.name);
-            c.call(Method::DELETE, &path, NO_BODY).await?;
+            let (info, raw): (FaultInfo, _) = c.typed(Method::DELETE, &path, NO_BODY).await?;
             if target.client.json {
-                return print_json(&serde_json::json!({
-                    "proxy": target.proxy,
-                    "removed": args.name,
-                }));
+                return print_json(&raw);
             }
-            out!("removed fault {} from proxy {}", args.name, target.proxy)?;
+            out!(
+                "removed from proxy {}: {}; final counters {}",
+                target.proxy,
+                describe(&info),
+                serde_json::to_string(&info.stats)?
+            )?;
             Ok(())
         }
         FaultCommand::List(target) => {

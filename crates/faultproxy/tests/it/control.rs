@@ -95,6 +95,10 @@ async fn control_api_round_trip_creates_faults_lists_deletes_and_resets() {
         (StatusCode::NOT_FOUND, Some("no_such_proxy"))
     );
 
+    // A link made before the blackhole: the fault swallows its bytes (one made into it would
+    // not be connected yet, and hold them).
+    let mut c = connect(listen).await;
+    assert_eq!(round_trip(&mut c, b"first").await, b"first");
     let fault = json!({"name": "bh", "kind": "blackhole", "direction": "upstream"});
     let (st, f) = ctl
         .call(M::POST, "/proxies/coord/faults", Some(fault.clone()))
@@ -117,7 +121,6 @@ async fn control_api_round_trip_creates_faults_lists_deletes_and_resets() {
         (StatusCode::OK, Some(1))
     );
 
-    let mut c = connect(listen).await;
     c.write_all(b"12345").await.expect("write");
     let mut dropped = 0;
     for _ in 0..2000 {

@@ -31,18 +31,30 @@ async fn a_worker_targeted_fault_applies_only_to_the_link_that_names_that_worker
     assert_eq!(round_trip(&mut w2, &req2).await, req2);
     assert_eq!(round_trip(&mut anon, b"plain bytes").await, b"plain bytes");
 
-    wait_for("w1's bytes dropped", || {
-        guard.stats().bytes_dropped == req1.len() as u64
+    // Only w1's link is held back from the upstream (made into its blackhole).
+    wait_for("w1's link named", || {
+        proxy.links().iter().any(|l| l.worker == Some(id("w1")))
     })
     .await;
     assert_open_and_silent(&w1);
     assert_eq!(guard.stats().connections_affected, 1);
-
-    let mut workers: Vec<_> = proxy.links().into_iter().map(|l| l.worker).collect();
+    let mut workers: Vec<_> = proxy
+        .links()
+        .into_iter()
+        .map(|l| (l.worker, l.connected))
+        .collect();
     workers.sort();
-    assert_eq!(workers, vec![None, Some(id("w1")), Some(id("w2"))]);
+    assert_eq!(
+        workers,
+        vec![
+            (None, true),
+            (Some(id("w1")), false),
+            (Some(id("w2")), true)
+        ]
+    );
 
     drop(guard);
+    assert_eq!(read_n(&mut w1, req1.len()).await, req1);
     assert_eq!(round_trip(&mut w1, b"healed").await, b"healed");
 }
 
