@@ -3,29 +3,13 @@
 //! write; with success for a command whose output is all it does, with failure for one that
 //! exists to report an outcome (a run's verdict, a watch), which went unread (`main`).
 
-use std::fmt;
-use std::io::Write;
-
-/// Standard output was closed by its reader.
-#[derive(Debug, thiserror::Error)]
-#[error("standard output was closed by its reader")]
-pub struct Closed;
-
-/// Writes one line to standard output: [`Closed`] when the reader has gone, any other failure
-/// as an error that says where it happened.
-pub fn line(args: fmt::Arguments<'_>) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    match out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Closed.into()),
-        Err(e) => Err(anyhow::Error::new(e).context("cannot write to standard output")),
-    }
-}
+/// Standard output was closed by its reader; [`line`] writes one line of a command's output
+/// and says so. Shared with `tether proxy`'s commands, which live in the fault proxy's crate.
+pub use tether_faultproxy::cli::{StdoutClosed as Closed, out_line as line};
 
 /// Whether `e` is standard output's reader having gone (see [`Closed`]).
 pub fn is_closed(e: &anyhow::Error) -> bool {
-    e.chain()
-        .any(|c| c.is::<Closed>() || c.is::<tether_faultproxy::cli::StdoutClosed>())
+    e.chain().any(|c| c.is::<Closed>())
 }
 
 /// An error and its causes for the user, each said once: a message that already ends with its

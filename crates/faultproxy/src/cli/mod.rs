@@ -174,15 +174,15 @@ fn parse_attr(s: &str) -> Result<(String, serde_json::Value), String> {
     Ok((key.to_owned(), value))
 }
 
-/// Runs `tether proxy` with parsed arguments.
 /// Standard output was closed by its reader (`tether proxy list | head -1`): the client
 /// command ends there instead of panicking on the write.
 #[derive(Debug, thiserror::Error)]
 #[error("standard output was closed by its reader")]
 pub struct StdoutClosed;
 
-/// Writes one line of a command's output: [`StdoutClosed`] when the reader has gone.
-pub(crate) fn out_line(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+/// Writes one line of a command's output: [`StdoutClosed`] when the reader has gone, any other
+/// failure as an error that says where it happened.
+pub fn out_line(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     match out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
@@ -200,6 +200,7 @@ macro_rules! out {
 }
 pub(crate) use out;
 
+/// Runs `tether proxy` with parsed arguments.
 pub async fn run_cli(args: ProxyArgs) -> anyhow::Result<()> {
     match args.command {
         None => run_server(args.run, shutdown_signal()).await,
