@@ -273,32 +273,21 @@ async fn handshake(
         out.seal = Some(Box::new(Sealer::new(key, Direction::ToWorker)));
         Box::new(opener)
     });
-    let (tx, rx) = crate::core::mailbox::channel();
-    let session = SessionRef::new(session_id, tx);
-    if app
-        .events
-        .send(Event::Connected {
-            worker: worker.clone(),
-            session,
-        })
-        .await
-        .is_err()
-    {
-        return None;
-    }
     let mut agreed = Inbound {
         beat,
         ..Inbound::default()
     };
     agreed.agree(app, &registration);
-    let _ = app
-        .events
-        .send(Event::Frame {
+    let (tx, rx) = crate::core::mailbox::channel();
+    let session = SessionRef::new(session_id, tx);
+    app.events
+        .send(Event::Connected {
             worker: worker.clone(),
-            session_id,
-            msgs: vec![WorkerMsg::Registration(registration)],
+            session,
+            registration: Box::new(registration),
         })
-        .await;
+        .await
+        .ok()?;
     Some(Opened { rx, open, agreed })
 }
 

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use chrono::{DateTime, Utc};
-use tether_proto::msg::{Ack, CoordMsg, Disposition, WorkerMsg, now};
+use tether_proto::msg::{Ack, CoordMsg, Disposition, Registration, WorkerMsg, now};
 use tether_proto::{CheckpointId, Seq, TaskId, WorkerId};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -122,12 +122,14 @@ impl SessionRef {
 // Frames dominate the traffic; boxing them would cost an allocation per message.
 #[allow(clippy::large_enum_variant)]
 pub enum Event {
-    /// A session that has read its worker's registration (verified, with authentication on);
-    /// the registration follows as the session's first [`Event::Frame`]. It replaces the
-    /// worker's current session, if any (closed with 4009).
+    /// A session that has read its worker's registration (verified, with authentication on),
+    /// with that registration, applied as the session's first message in the same step: no
+    /// reader of the core's state sees the session without it. It replaces the worker's
+    /// current session, if any (closed with 4009).
     Connected {
         worker: WorkerId,
         session: SessionRef,
+        registration: Box<Registration>,
     },
     /// Messages of one frame, in order: at most [`FRAME_EVENT_MESSAGES`] an event. The
     /// session and the worker's record are looked up once for all of them.
@@ -426,7 +428,23 @@ impl Core {
 
     fn apply(&mut self, ev: Event, b: &mut Batch) {
         match ev {
-            Event::Connected { worker, session } => self.on_connected(worker, session),
+            Event::Connected {
+                worker,
+                session,
+                registration,
+            } => {
+                let session_id = session.id;
+                self.on_connected(worker.clone(), session);
+                let msgs = vec![WorkerMsg::Registration(*registration)];
+                self.apply(
+                    Event::Frame {
+                        worker,
+                        session_id,
+                        msgs,
+                    },
+                    b,
+                );
+            }
             Event::Disconnected { worker, session_id } => {
                 self.fetching.remove(&session_id);
                 self.on_disconnected(&worker, session_id, b)

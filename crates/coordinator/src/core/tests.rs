@@ -67,14 +67,29 @@ impl Harness {
         let (tx, rx) = super::mailbox::channel();
         let id = self.next_session;
         self.next_session += 1;
+        let mut registration = registration(worker);
+        edit(&mut registration);
         self.step(Event::Connected {
             worker: wid(worker),
             session: SessionRef::new(id, tx),
+            registration: Box::new(registration),
         });
-        let mut registration = registration(worker);
-        edit(&mut registration);
-        self.frame(worker, id, WorkerMsg::Registration(registration));
         (id, rx)
+    }
+
+    /// A session of `worker` whose registration the core refuses (another protocol): the
+    /// connection is there, the worker never registered on it.
+    fn connect_refused(&mut self, worker: &str, id: u64) -> super::mailbox::Receiver<Outgoing> {
+        let (tx, rx) = super::mailbox::channel();
+        self.step(Event::Connected {
+            worker: wid(worker),
+            session: SessionRef::new(id, tx),
+            registration: Box::new(Registration {
+                protocol_version: 99,
+                ..registration(worker)
+            }),
+        });
+        rx
     }
 
     fn frame(&mut self, worker: &str, session_id: u64, msg: WorkerMsg) {
@@ -302,12 +317,8 @@ fn a_session_that_never_registers_does_not_keep_a_lost_worker_s_leases() {
         worker: wid("a"),
         session_id: s,
     });
-    // Back on the socket, but silent: no registration.
-    let (tx, _rx2) = super::mailbox::channel();
-    h.step(Event::Connected {
-        worker: wid("a"),
-        session: SessionRef::new(99, tx),
-    });
+    // Back on the socket, but with a registration the core refuses.
+    let _rx2 = h.connect_refused("a", 99);
     let mut b = Batch::default();
     h.core.sweep(&mut b);
     assert_eq!(h.core.tasks[&t].status, TaskStatus::Queued);
@@ -317,15 +328,11 @@ fn a_session_that_never_registers_does_not_keep_a_lost_worker_s_leases() {
 #[test]
 fn a_connection_that_never_registers_leaves_no_worker_record_and_saves_none() {
     let mut h = Harness::new();
-    let (tx, _rx) = super::mailbox::channel();
-    h.step(Event::Connected {
-        worker: wid("stranger"),
-        session: SessionRef::new(7, tx),
-    });
+    let _rx = h.connect_refused("stranger", 7);
     assert_eq!(
         h.core.workers[&wid("stranger")].state,
         WorkerState::Connecting,
-        "listed as connecting while its connection is open"
+        "listed as connecting while its refused connection is open"
     );
     let mut b = Batch::default();
     h.core.apply(
@@ -363,11 +370,7 @@ fn a_connection_that_never_registers_leaves_no_worker_record_and_saves_none() {
             .any(|m| matches!(m, crate::store::Mutation::PutWorker(w) if w.worker_id == wid("a")))
     );
     // A later connection of that worker that does not register leaves its record as it was.
-    let (tx, _rx) = super::mailbox::channel();
-    h.step(Event::Connected {
-        worker: wid("a"),
-        session: SessionRef::new(99, tx),
-    });
+    let _rx = h.connect_refused("a", 99);
     h.step(Event::Disconnected {
         worker: wid("a"),
         session_id: 99,
@@ -1093,14 +1096,11 @@ async fn a_batch_of_messages_only_skips_an_idle_writer_and_never_overtakes_an_un
         .send(Event::Connected {
             worker: wid("a"),
             session: SessionRef::new(1, session),
+            registration: Box::new(Registration {
+                executors: vec![],
+                ..registration("a")
+            }),
         })
-        .await
-        .expect("core");
-    events
-        .send(frame(WorkerMsg::Registration(Registration {
-            executors: vec![],
-            ..registration("a")
-        })))
         .await
         .expect("core");
     let second = Duration::from_secs(5);
