@@ -124,8 +124,8 @@ fn thundering_herd_reregisters_every_worker_after_a_coordinator_stall() {
 }
 
 /// Through fault proxies (`tether proxy` processes), every worker is cut off while the
-/// coordinator lives on: the proxies down, every connection reset as soon as made, or every
-/// byte swallowed with nothing closed. Each
+/// coordinator lives on: the proxies down, every connection reset as soon as made, or a
+/// blackhole (live links' bytes swallowed, new connections held back, nothing closed). Each
 /// worker must make a new session after the cut, and its tasks (running across it) must end
 /// with one counted result each. The reset cut outlasts `--lost-after` and the tasks: they are
 /// taken from their cut-off workers and run again, and a first attempt's result, delivered

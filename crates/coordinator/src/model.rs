@@ -134,7 +134,8 @@ pub struct Worker {
     pub slots: u32,
     pub executors: BTreeSet<String>,
     pub boot_id: String,
-    /// `connected` (registered session), `connecting` (session, not registered yet),
+    /// `connected` (registered session), `connecting` (a session whose registration the core
+    /// refused, until it closes),
     /// `disconnected` (within grace) or `lost`.
     pub state: WorkerState,
     #[schema(value_type = Vec<String>)]

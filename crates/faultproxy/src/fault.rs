@@ -106,8 +106,8 @@ pub enum FaultKind {
     /// link made while a blackhole sits on its upstream stream is as a connection whose SYN
     /// went into it: not connected upstream until a retransmission of that SYN (1, 3, 7, 15,
     /// 31, 63 s after the connect, as Linux) finds the fault gone, then what its client sent
-    /// meanwhile (up to 32 KiB) goes through; if its client leaves first, the upstream never
-    /// sees it; after the last retransmission (127 s) it is reset.
+    /// meanwhile (up to 32 KiB) goes through; if its client leaves first (or only shuts its
+    /// sending side), the upstream never sees it; 127 s after the connect it is reset.
     Blackhole,
     /// Close the whole link with TCP RST (`SO_LINGER` 0) on both sockets, `timeout_ms` after
     /// the fault became active on the link.

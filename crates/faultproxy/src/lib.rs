@@ -14,9 +14,9 @@
 //!   starts at 4 KiB and grows when a read fills it, into a bounded queue) and a
 //!   writer task (chunk through the stages, then to the socket), re-reading the chain on change.
 //! - `sniff`: learns the worker id from the upgrade request line before anything is forwarded.
-//! - `link`: one connection: connect upstream (to a loopback one from one of
-//!   [`LOOPBACK_SOURCES`] source addresses), sniff, run the four pump tasks, close with FIN
-//!   or RST.
+//! - `link`: one connection: sniff, wait while a blackhole holds it back (a lost SYN),
+//!   connect upstream (to a loopback one from one of [`LOOPBACK_SOURCES`] source addresses),
+//!   run the four pump tasks, close with FIN or RST.
 //! - [`proxy`]: the listener, live links, the fault chain in a `watch` channel, down and up,
 //!   and (in `guard`) the [`FaultGuard`] tests hold.
 //! - [`server`] and [`control`]: many proxies by name behind a Toxiproxy-shaped HTTP API.

@@ -1,5 +1,6 @@
-//! One accepted connection ("link"): connect upstream, learn the worker id, run the four pump
-//! tasks, then close both sockets the way the link ended (FIN, or RST after a reset).
+//! One accepted connection ("link"): learn the worker id, wait while a blackhole holds the
+//! link back (a lost SYN), connect upstream, run the four pump tasks, then close the sockets
+//! the way the link ended (FIN, or RST after a reset).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -232,19 +233,9 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
         return close(halves, link.outcome(), &ctx.counters, registered);
     }
 
-    let connect = tokio::time::timeout(CONNECT_TIMEOUT, connect_upstream(ctx.upstream, ctx.id));
-    let server = tokio::select! {
-        biased;
-        () = link.cancelled() => return,
-        r = connect => match r {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return upstream_failed(&ctx, e.to_string()),
-            Err(_) => return upstream_failed(&ctx, "connect timed out".into()),
-        },
+    let Some(server) = dial(&ctx, &link).await else {
+        return;
     };
-    if let Err(e) = server.set_nodelay(true) {
-        tracing::debug!(error = %e, "set_nodelay failed");
-    }
     registered.set(|info| info.connected = true);
     tracing::debug!("link open");
     let (server_rd, server_wr) = server.into_split();
@@ -301,27 +292,35 @@ const SYN_RTO: Duration = Duration::from_secs(1);
 const SYN_RETRIES: u32 = 6;
 
 /// When a SYN sent at `sent` is next sent again after `now`, as Linux does it (1, 3, 7, 15, 31
-/// and 63 s after the first); `None` once the last has gone unanswered for its wait (127 s).
-fn next_syn(sent: Instant, now: Instant) -> Option<Instant> {
+/// and 63 s after the first); after the last, when the connect fails ([`syn_gives_up`]).
+fn next_syn(sent: Instant, now: Instant) -> Instant {
     let mut at = sent;
     let mut wait = SYN_RTO;
     for _ in 0..SYN_RETRIES {
         at += wait;
         if at > now {
-            return Some(at);
+            return at;
         }
         wait *= 2;
     }
-    (at + wait > now).then_some(at + wait)
+    at + wait
+}
+
+/// When a connect whose SYN (sent at `sent`) was never answered fails: the last retransmission
+/// unanswered for twice its wait (127 s).
+fn syn_gives_up(sent: Instant) -> Instant {
+    sent + SYN_RTO * ((1 << (SYN_RETRIES + 1)) - 1)
 }
 
 /// Holds the link back from its upstream while a blackhole sits on its upstream stream, as a
 /// connection whose SYN went into the blackhole: the upstream sees nothing until a
 /// retransmission of that SYN finds the fault gone ([`next_syn`]; then the link connects and
 /// what its client sent meanwhile goes through, as the bytes a client could not have sent
-/// before its connection was up), and nothing at all if the client gives up first. At most a
-/// chunk is held (a send buffer's worth); a reset fault of the link still fires on time; when
-/// the last retransmission goes unanswered the link is reset (the connect would have failed).
+/// before its connection was up), and nothing at all if the client gives up first (closes, or
+/// only shuts its sending side: the proxy cannot tell the two apart). At most a chunk is held
+/// (a send buffer's worth; the client is not read further, so its leaving is noticed at the
+/// next retransmission); a reset fault of the link still fires on time; when the last
+/// retransmission goes unanswered the link is reset (the connect would have failed).
 /// Without this a fleet retrying behind a blackhole left a pair of sockets and an upstream
 /// connection per abandoned attempt until the removal (the proxy ran out of descriptors;
 /// docs/PERFORMANCE.md, twenty-third round). Returns whether the link may connect; if not, it
@@ -343,6 +342,11 @@ async fn withhold(
         for s in stages.iter_mut() {
             s.rebuild(&current, now);
         }
+        if now >= syn_gives_up(sent) {
+            tracing::debug!("no SYN got through the blackhole; resetting the link");
+            link.close(Outcome::Reset, None);
+            return false;
+        }
         if due.is_none_or(|t| t <= now) {
             let Some(hole) = stages[0].blackhole() else {
                 if due.is_some() {
@@ -353,12 +357,7 @@ async fn withhold(
             if due.is_none() {
                 tracing::debug!(fault = %hole.fault.name, "upstream held back by a blackhole");
             }
-            let Some(next) = next_syn(sent, now) else {
-                tracing::debug!("no SYN got through the blackhole; resetting the link");
-                link.close(Outcome::Reset, None);
-                return false;
-            };
-            due = Some(next);
+            due = Some(next_syn(sent, now));
         }
         if first.eof {
             return false;
@@ -425,9 +424,28 @@ fn close(halves: Vec<Half>, outcome: Outcome, counters: &ProxyCounters, register
     drop(registered);
 }
 
-fn upstream_failed(ctx: &LinkCtx, reason: String) {
-    add(&ctx.counters.upstream_failures, 1);
-    tracing::warn!(upstream = %ctx.upstream, %reason, "cannot reach upstream; closing client");
+/// Connects the link upstream, without Nagle; `None` when the link closed meanwhile or the
+/// upstream cannot be reached (counted and logged; the client is then closed).
+async fn dial(ctx: &LinkCtx, link: &LinkCtl) -> Option<TcpStream> {
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, connect_upstream(ctx.upstream, ctx.id));
+    let failed = |reason: String| {
+        add(&ctx.counters.upstream_failures, 1);
+        tracing::warn!(upstream = %ctx.upstream, %reason, "cannot reach upstream; closing client");
+        None
+    };
+    let server = tokio::select! {
+        biased;
+        () = link.cancelled() => return None,
+        r = connect => match r {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return failed(e.to_string()),
+            Err(_) => return failed("connect timed out".into()),
+        },
+    };
+    if let Err(e) = server.set_nodelay(true) {
+        tracing::debug!(error = %e, "set_nodelay failed");
+    }
+    Some(server)
 }
 
 #[cfg(test)]
@@ -438,14 +456,14 @@ mod tests {
     fn an_unanswered_syn_is_sent_again_as_linux_does_then_the_connect_fails() {
         let sent = Instant::now();
         let s = Duration::from_secs;
-        let after = |t: Duration| next_syn(sent, sent + t).map(|at| at - sent);
-        assert_eq!(after(s(0)), Some(s(1)));
-        assert_eq!(after(Duration::from_millis(999)), Some(s(1)));
-        assert_eq!(after(s(1)), Some(s(3)));
-        assert_eq!(after(s(5)), Some(s(7)));
-        assert_eq!(after(s(62)), Some(s(63)));
+        let after = |t: Duration| next_syn(sent, sent + t) - sent;
+        assert_eq!(after(s(0)), s(1));
+        assert_eq!(after(Duration::from_millis(999)), s(1));
+        assert_eq!(after(s(1)), s(3));
+        assert_eq!(after(s(5)), s(7));
+        assert_eq!(after(s(62)), s(63));
         // The sixth retransmission is the last: after it, the wait before giving up.
-        assert_eq!(after(s(63)), Some(s(127)));
-        assert_eq!(after(s(127)), None);
+        assert_eq!(after(s(63)), s(127));
+        assert_eq!(syn_gives_up(sent) - sent, s(127));
     }
 }

@@ -156,7 +156,8 @@ pub struct Observation {
     pub worker_detect_dead: BTreeMap<String, bool>,
     /// Fault to the coordinator's disconnect time, per worker.
     pub coordinator_detect_ms: BTreeMap<String, f64>,
-    /// Removal to the next registration, per worker that lost its session.
+    /// Removal to the registration after the worker's last loss in the window (0 when it was
+    /// back before the removal), per worker that lost its session.
     pub recover_ms: BTreeMap<String, f64>,
     pub detected: bool,
     pub recovered: bool,
@@ -167,7 +168,9 @@ pub struct Observation {
 
 impl Observation {
     /// Fills detection and recovery from the event logs (by worker id) and the coordinator's
-    /// samples, for events before `window_end` (the next disruption's start).
+    /// samples: losses and detections from events before `window_end` (the next disruption's
+    /// start, or the end of the disruptions), the registration that ends a loss from any
+    /// time after it.
     pub fn analyse(
         &mut self,
         logs: &BTreeMap<String, Vec<Record>>,
@@ -210,25 +213,24 @@ impl Observation {
             // too: a session the disruption's aftermath ends just after the fleet looked whole
             // again (a link that crawled, its retransmissions still queued) comes back after
             // the next disruption started, or after the last one was over. One that never
-            // comes back is not recovered; one slow to, by `fleet_recovered`.
-            let since = last_loss.map_or(removed, |l| l.max(removed));
-            let reg_after = events
-                .iter()
-                .find(|r| r.at >= since && matches!(r.event, Event::Registered { .. }))
-                .map(|r| r.at);
+            // comes back is not recovered; one slow to, by `fleet_recovered`. One back before
+            // the removal recovered at once.
             let back_early = window.iter().any(|r| {
                 matches!(r.event, Event::Registered { .. })
                     && r.at < removed
                     && last_loss.is_none_or(|l| r.at > l)
             });
-            match (reg_after, back_early) {
-                (Some(at), _) => {
-                    self.recover_ms.insert(worker.clone(), ms(removed, at));
-                }
-                (None, true) => {
-                    self.recover_ms.insert(worker.clone(), 0.0);
-                }
-                (None, false) => {}
+            let since = last_loss.map_or(removed, |l| l.max(removed));
+            let recovery = if back_early {
+                Some(0.0)
+            } else {
+                events
+                    .iter()
+                    .find(|r| r.at >= since && matches!(r.event, Event::Registered { .. }))
+                    .map(|r| ms(removed, r.at))
+            };
+            if let Some(recovery) = recovery {
+                self.recover_ms.insert(worker.clone(), recovery);
             }
         }
         self.detected = match self.kind {
@@ -391,5 +393,23 @@ mod tests {
         o.analyse(&logs, &[sample(3_000)], at(10_000));
         assert!(o.detected && o.recovered, "{o:?}");
         assert_eq!(o.recover_ms["w1"], 7_500.0);
+    }
+
+    /// A worker back before the removal recovered at once, whatever later disruptions do to it.
+    #[test]
+    fn a_worker_back_before_the_removal_recovered_at_once() {
+        let logs = BTreeMap::from([(
+            "w1".to_owned(),
+            vec![
+                lost(1_600, true),
+                registered(2_000),
+                lost(20_000, true),
+                registered(21_000),
+            ],
+        )]);
+        let mut o = blackhole();
+        o.analyse(&logs, &[sample(3_000)], at(10_000));
+        assert!(o.recovered, "{o:?}");
+        assert_eq!(o.recover_ms["w1"], 0.0);
     }
 }

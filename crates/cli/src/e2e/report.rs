@@ -220,7 +220,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "\n## Per kind\n\nTimes in ms, p50 / p95 / max (samples). Detection: fault to the worker declaring its session lost, or to the coordinator's disconnect time. Recovery: fault removed to the next registration.\n\n| kind | count | fired | detected | recovered | worker detect | coordinator detect | recovery |\n|---|---|---|---|---|---|---|---|"
+            "\n## Per kind\n\nTimes in ms, p50 / p95 / max (samples). Detection: fault to the worker declaring its session lost, or to the coordinator's disconnect time. Recovery: fault removed to the registration after the worker's last loss (0 when it was back before the removal).\n\n| kind | count | fired | detected | recovered | worker detect | coordinator detect | recovery |\n|---|---|---|---|---|---|---|---|"
         );
         for (k, f) in &self.by_kind {
             let _ = writeln!(

@@ -64,7 +64,8 @@ pub enum Cut {
     /// attempt connects and fails, instead of being refused.
     Reset,
     /// Through the fault proxies, a `blackhole` on every link, both ways: the bytes of live
-    /// links and of new connections are swallowed, nothing is closed: a silent stall. Workers
+    /// links are swallowed, new connections are held back as lost SYNs, nothing is closed: a
+    /// silent stall. Workers
     /// find it by their liveness timeout (the coordinator's heartbeat timeout, three
     /// `--heartbeat-interval`s), so `--outage` must be longer; a worker whose message waits as
     /// long for its acknowledgement ends its session too.

@@ -525,8 +525,8 @@ impl FaultProxy {
         .map(drop)
     }
 
-    /// Removes a fault; its final counters, as the removal answers them (one request: a proxy
-    /// short of descriptors may not accept a second connection for a while).
+    /// Removes a fault; its counters, as the removal answers them (one request: a proxy short
+    /// of descriptors may not accept a second connection for a while).
     pub async fn remove_fault(&self, name: &str) -> anyhow::Result<tether_faultproxy::FaultStats> {
         let path = format!("/faults/{name}");
         let info = self

@@ -290,7 +290,7 @@ impl Run {
                 Cut::Reset =>
                     "a reset fault on every link of the workers' proxy (each connection reset as soon as made), then removed",
                 Cut::Blackhole =>
-                    "a blackhole on every link of the workers' proxy, both ways (every byte swallowed, nothing closed), then removed",
+                    "a blackhole on every link of the workers' proxy, both ways (live links' bytes swallowed, new connections held back as lost SYNs, nothing closed), then removed",
                 Cut::Stall =>
                     "the coordinator stopped (SIGSTOP), then continued (SIGCONT): silent, nothing closed",
             }

@@ -480,8 +480,8 @@ impl Core {
     fn on_connected(&mut self, worker: WorkerId, session: SessionRef) {
         let w = self.workers.entry(worker.clone()).or_insert_with(|| {
             // Not a worker yet: a connection, whose record goes with it unless its registration
-            // (the session's next event) is accepted (`on_disconnected`). It holds nothing for
-            // the sweep to release.
+            // (applied right after, in the same step) is accepted (`on_disconnected`). It holds
+            // nothing for the sweep to release.
             self.unregistered.insert(worker.clone());
             let mut w = Worker::new(worker.clone(), now());
             w.disconnected_at = None;

@@ -307,7 +307,7 @@ fn the_late_close_of_a_replaced_session_does_not_disconnect_the_new_one() {
 }
 
 #[test]
-fn a_session_that_never_registers_does_not_keep_a_lost_worker_s_leases() {
+fn a_session_whose_registration_is_refused_does_not_keep_a_lost_worker_s_leases() {
     let mut cfg = CoordinatorConfig::new("/nonexistent");
     cfg.lost_after = std::time::Duration::ZERO;
     let mut h = Harness::with(cfg);
@@ -326,7 +326,7 @@ fn a_session_that_never_registers_does_not_keep_a_lost_worker_s_leases() {
 }
 
 #[test]
-fn a_connection_that_never_registers_leaves_no_worker_record_and_saves_none() {
+fn a_connection_whose_registration_is_refused_leaves_no_worker_record_and_saves_none() {
     let mut h = Harness::new();
     let _rx = h.connect_refused("stranger", 7);
     assert_eq!(

@@ -185,7 +185,7 @@ async fn fault(cmd: FaultCommand) -> anyhow::Result<()> {
                 return print_json(&raw);
             }
             out!(
-                "removed from proxy {}: {}; final counters {}",
+                "removed from proxy {}: {}; its counters {}",
                 target.proxy,
                 describe(&info),
                 serde_json::to_string(&info.stats)?

@@ -95,7 +95,7 @@ pub enum ProxyCommand {
 pub enum FaultCommand {
     /// Add a fault.
     Add(FaultAddArgs),
-    /// Remove a fault by name.
+    /// Remove a fault by name; prints it with its counters at the removal.
     Remove(FaultRef),
     /// List the faults of a proxy with their counters.
     List(ProxyRef),
