@@ -134,8 +134,8 @@ pub struct Worker {
     pub slots: u32,
     pub executors: BTreeSet<String>,
     pub boot_id: String,
-    /// `connected` (registered session), `connecting` (a session whose registration the core
-    /// refused, until it closes),
+    /// `connected` (registered session), `connecting` (not produced any more: see
+    /// [`WorkerState::Connecting`]),
     /// `disconnected` (within grace) or `lost`.
     pub state: WorkerState,
     #[schema(value_type = Vec<String>)]
@@ -164,6 +164,9 @@ pub struct Worker {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WorkerState {
+    /// Not produced since a session reaches the core with its registration (a worker is
+    /// listed once registered); kept so that API clients and the `tether_workers` gauge see
+    /// the same states as before.
     Connecting,
     Connected,
     Disconnected,

@@ -202,6 +202,20 @@ impl Core {
         }
     }
 
+    /// Tells `session` why its registration is refused, and closes it.
+    pub(super) fn refuse_registration(
+        worker: &WorkerId,
+        session: &SessionRef,
+        refusal: Refusal,
+        b: &mut Batch,
+    ) {
+        tracing::warn!(worker = %worker, code = refusal.code, reason = %refusal.reason, "registration refused");
+        if let Some(e) = refusal.error {
+            b.send(session, e);
+        }
+        b.close(session, refusal.code, refusal.reason);
+    }
+
     fn on_registration(
         &mut self,
         worker: &WorkerId,
@@ -210,12 +224,7 @@ impl Core {
         b: &mut Batch,
     ) {
         if let Some(refusal) = registration_refusal(worker, &r) {
-            tracing::warn!(worker = %worker, code = refusal.code, reason = %refusal.reason, "registration refused");
-            if let Some(e) = refusal.error {
-                b.send(session, e);
-            }
-            b.close(session, refusal.code, refusal.reason);
-            return;
+            return Self::refuse_registration(worker, session, refusal, b);
         }
         self.counters.registrations.fetch_add(1, Ordering::Relaxed);
         let compression = self.cfg.compression
@@ -249,7 +258,6 @@ impl Core {
         w.state = WorkerState::Connected;
         w.disconnected_at = None;
         w.disconnected_mono = None;
-        self.unregistered.remove(worker);
         // Saved now, with its statistics: the next telemetry need not save it again.
         w.stats_saved = Some(tokio::time::Instant::now());
         self.free.insert(worker.clone());

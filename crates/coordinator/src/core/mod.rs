@@ -251,13 +251,6 @@ pub struct Core {
     /// those past the grace period only, instead of at every worker every second. An entry is
     /// stale (and dropped) once the worker's `disconnected_mono` no longer equals its instant.
     disconnects: VecDeque<(tokio::time::Instant, WorkerId)>,
-    /// Workers whose record was made for a session that has not registered (none was loaded or
-    /// registered before): the record goes with that session unless it registers. A session
-    /// reaches the core with its registration (`ws.rs`), so this is one whose registration is
-    /// still to be applied or was refused (another worker's id, another protocol); such a
-    /// connection is neither listed once it ended nor saved.
-    // INVARIANT: such a record holds no lease (only a registered worker is given one).
-    unregistered: IdSet<WorkerId>,
     /// Leased tasks with a timeout, for the sweep's overdue check; entries of tasks no longer
     /// leased are dropped when the sweep comes to them.
     timed_leases: IdSet<TaskId>,
@@ -290,7 +283,6 @@ impl Core {
             checkpoint_history: IdMap::default(),
             finished: BTreeSet::new(),
             disconnects: VecDeque::new(),
-            unregistered: IdSet::default(),
             fetching: Default::default(),
             timed_leases: IdSet::default(),
             sweeps: 0,
@@ -433,6 +425,12 @@ impl Core {
                 session,
                 registration,
             } => {
+                // Refused before it touches the worker: its live session, if any, stays. (The
+                // session refuses such a registration before the core; this is the core's own
+                // guard.)
+                if let Some(refusal) = registration_refusal(&worker, &registration) {
+                    return Self::refuse_registration(&worker, &session, refusal, b);
+                }
                 let session_id = session.id;
                 self.on_connected(worker.clone(), session);
                 let msgs = vec![WorkerMsg::Registration(*registration)];
@@ -478,11 +476,9 @@ impl Core {
     }
 
     fn on_connected(&mut self, worker: WorkerId, session: SessionRef) {
+        // A worker first seen: its registration, accepted already, is applied in this step. It
+        // was never disconnected (no reconnect to time).
         let w = self.workers.entry(worker.clone()).or_insert_with(|| {
-            // Not a worker yet: a connection, whose record goes with it unless its registration
-            // (applied right after, in the same step) is accepted (`on_disconnected`). It holds
-            // nothing for the sweep to release.
-            self.unregistered.insert(worker.clone());
             let mut w = Worker::new(worker.clone(), now());
             w.disconnected_at = None;
             w.disconnected_mono = None;
@@ -499,7 +495,6 @@ impl Core {
                 "replaced by a newer connection of this worker",
             ));
         }
-        w.state = WorkerState::Connecting;
         w.last_seen = now();
         w.sessions += 1;
     }
@@ -511,13 +506,6 @@ impl Core {
         // INVARIANT: only the session that owns the worker may mark it disconnected; the late
         // close of a replaced session changes nothing.
         if w.session.as_ref().map(|s| s.id) != Some(session_id) {
-            return;
-        }
-        if w.leases.is_empty() && self.unregistered.remove(worker) {
-            // It never registered: no worker to list, keep or save.
-            self.workers.remove(worker);
-            self.free.remove(worker);
-            tracing::debug!(worker = %worker, session = session_id, "a connection that never registered ended; no worker record kept");
             return;
         }
         w.session = None;

@@ -236,11 +236,10 @@ impl Core {
             let Some((at, wid)) = self.disconnects.pop_front() else {
                 break;
             };
-            // A session that connects but never registers does not keep the leases alive:
-            // the grace period runs from the last registered session's end.
+            // A connection whose registration is refused leaves the worker as it was: the
+            // grace period runs from the last registered session's end.
             let gone = self.workers.get(&wid).is_some_and(|w| {
-                matches!(w.state, WorkerState::Disconnected | WorkerState::Connecting)
-                    && w.disconnected_mono == Some(at)
+                w.state == WorkerState::Disconnected && w.disconnected_mono == Some(at)
             });
             if gone {
                 lost.push(wid);

@@ -149,6 +149,16 @@ fn drain(rx: &mut super::mailbox::Receiver<Outgoing>) -> Vec<CoordMsg> {
     v
 }
 
+/// The code of the first close in the mailbox, if any.
+fn close_code(rx: &mut super::mailbox::Receiver<Outgoing>) -> Option<u16> {
+    while let Ok(out) = rx.try_recv() {
+        if let Outgoing::Close(c) = out {
+            return Some(c.0);
+        }
+    }
+    None
+}
+
 fn result(seq: u64, task: &TaskId, attempt: u32) -> WorkerMsg {
     WorkerMsg::TaskResult(TaskResult {
         seq: Seq(seq),
@@ -325,14 +335,33 @@ fn a_session_whose_registration_is_refused_does_not_keep_a_lost_worker_s_leases(
     assert!(h.core.tasks[&t].lease.is_none());
 }
 
+/// A registration the core refuses does not touch the worker: its live session is not replaced
+/// (no 4009), nor counted as replaced, nor is the worker's record changed.
+#[test]
+fn a_refused_registration_does_not_replace_the_workers_live_session() {
+    let mut h = Harness::new();
+    let (live, mut live_rx) = h.connect("a");
+    drain(&mut live_rx);
+    let mut refused = h.connect_refused("a", 99);
+    assert_eq!(close_code(&mut refused), Some(4002));
+    assert_eq!(close_code(&mut live_rx), None, "the live session stays");
+    let w = &h.core.workers[&wid("a")];
+    assert_eq!(
+        (w.session.as_ref().map(|s| s.id), w.state, w.sessions),
+        (Some(live), WorkerState::Connected, 1)
+    );
+    let replaced = &h.core.counters.sessions_replaced;
+    assert_eq!(replaced.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
 #[test]
 fn a_connection_whose_registration_is_refused_leaves_no_worker_record_and_saves_none() {
     let mut h = Harness::new();
-    let _rx = h.connect_refused("stranger", 7);
-    assert_eq!(
-        h.core.workers[&wid("stranger")].state,
-        WorkerState::Connecting,
-        "listed as connecting while its refused connection is open"
+    let mut rx = h.connect_refused("stranger", 7);
+    assert_eq!(close_code(&mut rx), Some(4002), "refused for its protocol");
+    assert!(
+        h.core.workers.is_empty(),
+        "no record for a refused connection"
     );
     let mut b = Batch::default();
     h.core.apply(
