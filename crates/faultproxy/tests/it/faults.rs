@@ -3,7 +3,7 @@
 use std::io;
 use std::time::Duration;
 
-use tether_faultproxy::{Direction, Fault, FaultKind, FaultPatch};
+use tether_faultproxy::{Direction, Fault, FaultGuard, FaultKind, FaultPatch, Proxy};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
@@ -106,6 +106,15 @@ async fn blackhole_drops_bytes_keeps_the_connection_open_and_heals_when_removed(
     assert_eq!(round_trip(&mut c, b"after").await, b"after");
 }
 
+/// An echo server behind a proxy with a blackhole on its upstream stream.
+async fn blackholed() -> (Echo, Proxy, FaultGuard) {
+    let echo = echo().await;
+    let proxy = proxy_to(echo.addr).await;
+    let cut = Fault::new("cut", FaultKind::Blackhole, Direction::Upstream);
+    let guard = proxy.add_fault(cut).await.expect("add");
+    (echo, proxy, guard)
+}
+
 /// A link made while a blackhole sits on its upstream stream is as a connection whose SYN went
 /// into the blackhole: a client that gives up leaves nothing upstream and nothing held in the
 /// proxy; for one still there, the link connects at the SYN's first retransmission after the
@@ -113,12 +122,7 @@ async fn blackhole_drops_bytes_keeps_the_connection_open_and_heals_when_removed(
 /// then, as bytes a client could not have sent before its connection was up.
 #[tokio::test]
 async fn a_link_made_into_a_blackhole_connects_upstream_when_a_retransmitted_syn_would() {
-    let echo = echo().await;
-    let proxy = proxy_to(echo.addr).await;
-    let guard = proxy
-        .add_fault(Fault::new("cut", FaultKind::Blackhole, Direction::Upstream))
-        .await
-        .expect("add");
+    let (echo, proxy, guard) = blackholed().await;
 
     let mut gone = connect(proxy.listen_addr()).await;
     gone.write_all(&upgrade_request("w1")).await.expect("write");
@@ -159,12 +163,7 @@ async fn a_link_made_into_a_blackhole_connects_upstream_when_a_retransmitted_syn
 /// through. Paused time: the runtime skips ahead whenever it has nothing to do.
 #[tokio::test(start_paused = true)]
 async fn a_link_held_past_its_last_syn_is_reset_though_the_blackhole_then_goes() {
-    let echo = echo().await;
-    let proxy = proxy_to(echo.addr).await;
-    let guard = proxy
-        .add_fault(Fault::new("cut", FaultKind::Blackhole, Direction::Upstream))
-        .await
-        .expect("add");
+    let (echo, proxy, guard) = blackholed().await;
     let mut c = tokio::net::TcpStream::connect(proxy.listen_addr())
         .await
         .expect("connect");
