@@ -39,13 +39,10 @@ fn stress(args: &[&str]) -> Value {
     report
 }
 
-fn count(d: &Value) -> u64 {
-    d["count"].as_u64().unwrap_or(0)
-}
-
-#[test]
-fn thundering_herd_reregisters_every_worker_after_a_coordinator_kill_and_loses_nothing() {
-    let r = stress(&[
+/// A small `thundering_herd` (40 workers, 10 tasks, heartbeats every second) cut off for
+/// `outage`, the workers' delays capped at `max_delay`; `extra` adds to or overrides that.
+fn herd(outage: &str, max_delay: &str, extra: &[&str]) -> Value {
+    let mut args = vec![
         "thundering_herd",
         "--workers",
         "40",
@@ -53,17 +50,29 @@ fn thundering_herd_reregisters_every_worker_after_a_coordinator_kill_and_loses_n
         "10",
         "--idle",
         "1s",
-        "--outage",
-        "500ms",
-        "--max-reconnect-delay",
-        "500ms",
         "--heartbeat-interval",
         "1s",
-        "--message-mac",
-        // A coordinator coalescing its idle wake-ups passes every verdict too.
-        "--idle-coalesce",
-        "2ms",
-    ]);
+        "--outage",
+        outage,
+        "--max-reconnect-delay",
+        max_delay,
+    ];
+    args.extend_from_slice(extra);
+    stress(&args)
+}
+
+fn count(d: &Value) -> u64 {
+    d["count"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn thundering_herd_reregisters_every_worker_after_a_coordinator_kill_and_loses_nothing() {
+    // A coordinator coalescing its idle wake-ups passes every verdict too.
+    let r = herd(
+        "500ms",
+        "500ms",
+        &["--message-mac", "--idle-coalesce", "2ms"],
+    );
     assert_eq!(count(&r["time_to_register_ms"]), 40);
     // The report records what it passed (tests/idle_coalesce.rs checks the coordinator applies it).
     assert_eq!(r["idle_coalesce_ms"], 2.0, "{r}");
@@ -96,23 +105,7 @@ fn thundering_herd_reregisters_every_worker_after_a_coordinator_kill_and_loses_n
 /// (those made into the stopped coordinator's listen queue get twins), and nothing is lost.
 #[test]
 fn thundering_herd_reregisters_every_worker_after_a_coordinator_stall() {
-    let r = stress(&[
-        "thundering_herd",
-        "--workers",
-        "40",
-        "--tasks",
-        "10",
-        "--idle",
-        "1s",
-        "--outage",
-        "4s",
-        "--max-reconnect-delay",
-        "300ms",
-        "--heartbeat-interval",
-        "1s",
-        "--cut",
-        "stall",
-    ]);
+    let r = herd("4s", "300ms", &["--cut", "stall"]);
     assert!(
         r["cut"].as_str().is_some_and(|c| c.starts_with("stall")),
         "{r}"
@@ -142,25 +135,7 @@ fn thundering_herd_reconnects_every_worker_after_a_proxy_cut_and_loses_nothing()
         ("reset", "4s", "1s"),
         ("blackhole", "4s", "60s"),
     ] {
-        let r = stress(&[
-            "thundering_herd",
-            "--workers",
-            "40",
-            "--tasks",
-            "10",
-            "--idle",
-            "1s",
-            "--outage",
-            outage,
-            "--lost-after",
-            lost_after,
-            "--max-reconnect-delay",
-            "300ms",
-            "--heartbeat-interval",
-            "1s",
-            "--cut",
-            cut,
-        ]);
+        let r = herd(outage, "300ms", &["--lost-after", lost_after, "--cut", cut]);
         // Within --lost-after nothing moves; past it, every task's first attempt ended stale.
         let stale = r["stale_results"].as_u64().expect("stale_results");
         match lost_after {
