@@ -32,7 +32,7 @@ pub const SESSIONS_ENDED: &str = "tether_sessions_ended_total";
 pub const SESSIONS_REPLACED: &str = "tether_sessions_replaced_total";
 /// Counter: workers past the grace period whose leases were released.
 pub const WORKERS_LOST: &str = "tether_workers_lost_total";
-/// Gauge: known workers by `state` (connecting, connected, disconnected, lost).
+/// Gauge: known workers by `state` (connected, disconnected, lost).
 pub const WORKERS: &str = "tether_workers";
 /// Histogram (s): silence after which a session was declared dead (last frame to close).
 pub const DEAD_DETECT: &str = "tether_dead_connection_detect_seconds";

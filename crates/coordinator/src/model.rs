@@ -134,9 +134,8 @@ pub struct Worker {
     pub slots: u32,
     pub executors: BTreeSet<String>,
     pub boot_id: String,
-    /// `connected` (registered session), `connecting` (not produced any more: see
-    /// [`WorkerState::Connecting`]),
-    /// `disconnected` (within grace) or `lost`.
+    /// `connected` (registered session), `disconnected` (within grace) or `lost`. A worker is
+    /// listed once registered: a connection that has not registered is not a worker yet.
     pub state: WorkerState,
     #[schema(value_type = Vec<String>)]
     pub leases: BTreeSet<TaskId>,
@@ -164,18 +163,13 @@ pub struct Worker {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WorkerState {
-    /// Not produced since a session reaches the core with its registration (a worker is
-    /// listed once registered); kept so that API clients and the `tether_workers` gauge see
-    /// the same states as before.
-    Connecting,
     Connected,
     Disconnected,
     Lost,
 }
 
 impl WorkerState {
-    pub const ALL: [WorkerState; 4] = [
-        WorkerState::Connecting,
+    pub const ALL: [WorkerState; 3] = [
         WorkerState::Connected,
         WorkerState::Disconnected,
         WorkerState::Lost,
@@ -183,7 +177,6 @@ impl WorkerState {
 
     pub fn as_str(self) -> &'static str {
         match self {
-            WorkerState::Connecting => "connecting",
             WorkerState::Connected => "connected",
             WorkerState::Disconnected => "disconnected",
             WorkerState::Lost => "lost",
