@@ -33,6 +33,19 @@ fn stress(args: &[&str]) -> Value {
     }
     assert_eq!(report["lost"], 0, "{report:#}");
     assert_eq!(report["recorded_twice"], 0, "{report:#}");
+    assert_eq!(report["failed"], 0, "{report:#}");
+    let names: Vec<_> = report["verdicts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| &v["name"])
+        .collect();
+    for common in ["lost", "recorded twice", "none failed", "no worker gave up"] {
+        assert!(
+            names.iter().any(|n| *n == common),
+            "no {common:?} verdict: {report:#}"
+        );
+    }
     assert!(report["tasks"].as_u64().unwrap_or(0) > 0, "{report:#}");
     assert!(report["coordinator_cpu_s"].as_f64().unwrap_or(0.0) > 0.0);
     assert!(report["coordinator_peak_rss_kib"].as_u64().unwrap_or(0) > 0);
@@ -295,6 +308,24 @@ fn arguments_no_run_can_use_are_refused_by_name_before_anything_starts() {
         ),
         (&["thundering_herd", "--outage", "0s"], "--outage"),
         (&["steady_load", "--workers", "0"], "--workers"),
+        (&["steady_load", "--slots", "0"], "--slots"),
+        (&["thundering_herd", "--tasks", "0"], "--tasks"),
+        (
+            &[
+                "mixed_priority",
+                "--workers",
+                "8",
+                "--slots",
+                "2",
+                "--tasks",
+                "16",
+            ],
+            "--tasks",
+        ),
+        (
+            &["steady_load", "--idle-coalesce", "50ms"],
+            "--idle-coalesce",
+        ),
         (
             &[
                 "thundering_herd",

@@ -20,7 +20,7 @@ mod truth;
 
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 
 pub use fleet::FleetArgs;
@@ -240,6 +240,26 @@ impl StressArgs {
         }
         if self.duration.is_some_and(|d| d.is_zero()) {
             bail!("--duration must be longer than 0");
+        }
+        if self.tasks == Some(0) {
+            bail!("--tasks must be at least 1: a run without tasks has nothing to judge");
+        }
+        if self.slots == Some(0) {
+            bail!("--slots must be at least 1: a worker without slots runs nothing");
+        }
+        if self.scenario == Scenario::MixedPriority {
+            let (low, slots) = (self.tasks.unwrap_or(20_000), self.slots.unwrap_or(1));
+            let running = self.fleet_size() * u64::from(slots);
+            if low <= running {
+                bail!(
+                    "--tasks must be more than --workers x --slots ({running}) in mixed_priority: \
+                     with every low-priority task running at once there is no backlog for the \
+                     high-priority ones to pass"
+                );
+            }
+        }
+        if let Some(wait) = self.idle_coalesce {
+            crate::coalesce::check(wait).context("--idle-coalesce")?;
         }
         if self.rate == 0 {
             bail!("--rate must be at least 1 (updates a second per worker)");

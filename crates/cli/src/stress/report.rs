@@ -136,6 +136,8 @@ pub struct Report {
     /// (RSS with the workers connected and idle - RSS before they came) / workers.
     pub memory_per_worker_kib: Option<f64>,
     pub lost: u64,
+    /// Tasks that ended `failed`: no stress task is meant to (each runs a trivial executor).
+    pub failed: u64,
     /// Results the store kept but did not count (from an attempt whose lease had ended).
     pub stale_results: u64,
     pub recorded_twice: u64,
@@ -346,6 +348,7 @@ impl Report {
         }
         row("lost", self.lost.to_string());
         row("recorded twice", self.recorded_twice.to_string());
+        row("ended failed", self.failed.to_string());
         row(
             "results kept as stale (an attempt whose lease had ended)",
             self.stale_results.to_string(),

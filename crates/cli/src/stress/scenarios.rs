@@ -407,11 +407,22 @@ impl Run {
                 .post("/api/v1/tasks", &json!({ "tasks": chunk }))
                 .await
                 .context("submitting tasks")?;
-            for id in v["task_ids"].as_array().into_iter().flatten() {
-                if let Some(id) = id.as_str() {
-                    self.submitted.insert(id.to_owned());
-                }
+            // Judged against what was sent, not what the API says it took: a short answer
+            // would leave tasks no verdict looks at.
+            let ids: Vec<&str> = v["task_ids"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            if ids.len() != chunk.len() {
+                bail!(
+                    "submitted {} tasks, the coordinator acknowledged {} ids: {v}",
+                    chunk.len(),
+                    ids.len()
+                );
             }
+            self.submitted.extend(ids.into_iter().map(str::to_owned));
         }
         self.report.tasks = self.submitted.len() as u64;
         Ok(())
@@ -515,6 +526,16 @@ impl Run {
             format!(
                 "{} tasks with more than one counted result",
                 t.recorded_twice
+            ),
+        );
+        r.failed = t.failed;
+        r.verdict(
+            "none failed",
+            t.failed == 0,
+            format!(
+                "{} of {} tasks ended failed (each runs a trivial executor: none should)",
+                t.failed,
+                self.submitted.len()
             ),
         );
         r.verdict(
@@ -1015,6 +1036,12 @@ fn mixed_priority_verdicts(r: &mut Report, t: &truth::Truth) {
         }
     }
     low_starts.sort();
+    // Over a backlog already drained, "never waits behind low" would hold for any queue: the
+    // verdict needs high-priority tasks submitted while low-priority ones still waited.
+    let contended = highs
+        .iter()
+        .filter(|(sub, _)| low_starts.last().is_some_and(|s| s > sub))
+        .count();
     let inversions = highs
         .iter()
         .filter(|(sub, start)| {
@@ -1026,9 +1053,9 @@ fn mixed_priority_verdicts(r: &mut Report, t: &truth::Truth) {
     r.low_priority_wait_ms = Dist::of(low_wait);
     r.verdict(
         "high priority never waits behind low",
-        inversions == 0 && !highs.is_empty(),
+        inversions == 0 && contended > 0,
         format!(
-            "{inversions} of {} high-priority tasks saw a low-priority task start after their submission and before them",
+            "{inversions} of {} high-priority tasks saw a low-priority task start after their submission and before them; {contended} were submitted while low-priority ones still waited",
             highs.len()
         ),
     );
@@ -1089,5 +1116,56 @@ mod tests {
         assert_eq!(s.attempts_within(Duration::from_millis(1_120 + 8_000)), 13);
         // A worker at the first delay for 27 s (170 attempts) would be over.
         assert!(s.attempts_within(Duration::from_secs(27)) < 40);
+    }
+
+    /// Tasks as the store would have them: (priority, submitted, started) in ms from an epoch.
+    fn store_of(tasks: &[(u8, i64, i64)]) -> truth::Truth {
+        let at = |ms| chrono::DateTime::UNIX_EPOCH + chrono::Duration::milliseconds(ms);
+        let tasks = tasks
+            .iter()
+            .enumerate()
+            .map(|(i, &(priority, sub, start))| {
+                let row = truth::TaskRow {
+                    status: "completed".into(),
+                    priority,
+                    submitted_at: Some(at(sub)),
+                    started_at: Some(at(start)),
+                    counted: 1,
+                };
+                (format!("t{i}"), row)
+            });
+        truth::Truth {
+            tasks: tasks.collect(),
+            ..truth::Truth::default()
+        }
+    }
+
+    fn priority_verdict(tasks: &[(u8, i64, i64)]) -> report::Verdict {
+        let mut r = Report::default();
+        mixed_priority_verdicts(&mut r, &store_of(tasks));
+        r.verdicts.pop().expect("a verdict")
+    }
+
+    #[test]
+    fn the_priority_verdict_fails_on_an_inversion_and_on_a_backlog_that_had_drained() {
+        // Low-priority tasks waiting at 100 ms; the high one submitted then starts first.
+        let passed = priority_verdict(&[(9, 0, 10), (9, 0, 150), (9, 0, 200), (0, 100, 120)]);
+        assert!(passed.pass, "{}", passed.detail);
+        // A low one starts after the high one's submission and before it: an inversion.
+        let inverted = priority_verdict(&[(9, 0, 10), (9, 0, 110), (9, 0, 200), (0, 100, 120)]);
+        assert!(!inverted.pass, "{}", inverted.detail);
+        assert!(inverted.detail.starts_with("1 of 1"), "{}", inverted.detail);
+        // Every low one had started before the high one came: nothing was tested.
+        let drained = priority_verdict(&[(9, 0, 10), (9, 0, 20), (0, 100, 120)]);
+        assert!(!drained.pass, "{}", drained.detail);
+        assert!(
+            drained
+                .detail
+                .ends_with("0 were submitted while low-priority ones still waited")
+        );
+        assert!(
+            !priority_verdict(&[(9, 0, 10)]).pass,
+            "no high-priority task at all"
+        );
     }
 }

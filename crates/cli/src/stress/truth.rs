@@ -89,3 +89,78 @@ pub fn read(db: &Path, submitted: &HashSet<String>) -> anyhow::Result<Truth> {
     }
     Ok(truth)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store file with the two tables the truth reads, as the coordinator lays them out.
+    fn store(
+        dir: &Path,
+        tasks: &[(&str, &str)],
+        results: &[(&str, u32, bool)],
+    ) -> std::path::PathBuf {
+        let path = dir.join("tether.db");
+        let c = Connection::open(&path).expect("create");
+        c.execute_batch(
+            "CREATE TABLE tasks (id TEXT PRIMARY KEY, status TEXT, spec TEXT, doc TEXT);
+             CREATE TABLE results (task_id TEXT, attempt INTEGER, stale INTEGER);",
+        )
+        .expect("schema");
+        for (id, status) in tasks {
+            c.execute(
+                "INSERT INTO tasks VALUES (?1, ?2, '{\"priority\": 3}', '{}')",
+                [id, status],
+            )
+            .expect("task");
+        }
+        for (id, attempt, stale) in results {
+            c.execute(
+                "INSERT INTO results VALUES (?1, ?2, ?3)",
+                rusqlite::params![id, attempt, stale],
+            )
+            .expect("result");
+        }
+        path
+    }
+
+    #[test]
+    fn each_acknowledged_task_is_judged_from_the_file_lost_twice_failed_or_stale() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = store(
+            dir.path(),
+            &[
+                ("done", "completed"),
+                ("failed", "failed"),
+                ("twice", "completed"),
+                ("no-result", "completed"),
+                ("running", "running"),
+                ("only-stale", "completed"),
+            ],
+            &[
+                ("done", 1, false),
+                ("failed", 1, false),
+                ("twice", 1, false),
+                ("twice", 2, false),
+                ("running", 1, false),
+                ("only-stale", 1, true),
+            ],
+        );
+        let acked = [
+            "done",
+            "failed",
+            "twice",
+            "no-result",
+            "running",
+            "only-stale",
+            "absent",
+        ];
+        let t = read(&db, &acked.iter().map(|s| s.to_string()).collect()).expect("read");
+        assert_eq!(t.recorded_twice, 1);
+        assert_eq!(t.failed, 1);
+        assert_eq!(t.stale, 1);
+        // No result, not terminal, only a stale result, not in the file at all.
+        assert_eq!(t.lost, 4);
+        assert_eq!(t.tasks["done"].priority, 3);
+    }
+}
