@@ -587,6 +587,25 @@ fn on_text<'a>(
             None,
             None,
         ));
+    } else if let Some(most) = app
+        .cfg
+        .batching()
+        .map(|b| b.max_bytes)
+        .filter(|&most| text.len() as u64 > most)
+    {
+        // The bound the ack announced: a worker that keeps to it never sends more.
+        app.counters
+            .malformed_frames
+            .fetch_add(1, Ordering::Relaxed);
+        return Handled::reply(CoordMsg::error(
+            ErrorCode::BadFrame,
+            format!(
+                "a batch of {} bytes exceeds the agreed batching.max_bytes of {most}",
+                text.len()
+            ),
+            None,
+            None,
+        ));
     } else {
         match decode_worker_batch(text, MAX_BATCH_MESSAGES) {
             Ok(messages) => {

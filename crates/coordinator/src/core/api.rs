@@ -277,6 +277,16 @@ impl Core {
         for (i, s) in specs.iter().enumerate() {
             s.validate()
                 .map_err(|e| ApiError::Invalid(format!("task {i}: {e}")))?;
+            // A config no assignment can carry would only fail at its first dispatch.
+            let config = tether_proto::codec::json_len(&s.config);
+            if !tether_proto::codec::fits(config, self.cfg.max_frame) {
+                return Err(ApiError::Invalid(format!(
+                    "task {i}: its config of {config} bytes does not fit in an assignment: frames \
+                     carry at most {} bytes, {} of them for the message around it",
+                    self.cfg.max_frame,
+                    tether_proto::codec::ENVELOPE_BYTES
+                )));
+            }
             let id = s.task_id.clone().unwrap_or_else(TaskId::fresh);
             if self.tasks.contains_key(&id) || !seen.insert(id.clone()) {
                 return Err(ApiError::Conflict(format!("task {id} already exists")));

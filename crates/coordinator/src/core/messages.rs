@@ -10,7 +10,7 @@ use tether_proto::msg::{
     DirectiveAction, Disposition, ErrorCode, PROTOCOL_VERSION, Registration, RegistrationAck,
     TaskNotice, TaskResult, TaskState, Telemetry, WorkerMsg, now,
 };
-use tether_proto::{Attempt, TaskId, TaskStatus, WorkerId, encode};
+use tether_proto::{Attempt, CheckpointId, TaskId, TaskStatus, WorkerId, encode};
 
 use super::{Change, Core, InFlight, Outgoing, Partial, SessionRef, ack};
 use crate::metrics as m;
@@ -65,9 +65,12 @@ enum Standing {
 /// worker keeps 8 in flight over all its tasks, and a `sync_state` resend may double them.
 pub(crate) const MAX_FETCHES_IN_FLIGHT: usize = 16;
 
-/// Incomplete checkpoints of one task may declare at most this many times
+/// Incomplete checkpoints of one attempt may declare at most this many times
 /// `max_checkpoint_bytes` together.
 const INCOMPLETE_CHECKPOINTS_PER_TASK: u64 = 2;
+
+/// Pieces a checkpoint may come in, at most (the Rust worker's pieces are 256 KiB: 16 GiB).
+pub(crate) const MAX_CHECKPOINT_CHUNKS: u64 = 65_536;
 
 /// A worker's record is saved for its telemetry at most this often. The statistics are kept
 /// (and shown) from every `telemetry`, but they are monitoring data that the next report
@@ -284,7 +287,7 @@ impl Core {
             .and_then(|w| w.session.clone())
             .filter(|s| s.id == session.id);
         for task_id in resend {
-            self.send_assignment(&task_id, current.as_ref().unwrap_or(session), b);
+            self.assign(&task_id, current.as_ref().unwrap_or(session), b);
         }
         self.dispatch_needed = true;
     }
@@ -445,6 +448,7 @@ impl Core {
                 self.free.insert(worker.clone());
             }
             self.dispatch_needed = true;
+            self.drop_partials(&r.task_id, None, b);
             tracing::debug!(worker = %worker, task = %r.task_id, attempt = %r.attempt, outcome = ?r.outcome, "result recorded");
         } else {
             tracing::info!(worker = %worker, task = %r.task_id, attempt = %r.attempt, "stale result kept, not counted");
@@ -490,13 +494,77 @@ impl Core {
         });
     }
 
-    /// Declared bytes of the checkpoints of `task` whose pieces are still arriving.
-    fn incomplete_checkpoint_bytes(&self, task: &TaskId) -> u64 {
+    /// Declared bytes of the checkpoints of `task` at `attempt` whose pieces are still
+    /// arriving (an ended attempt's are dropped when the next one announces).
+    fn incomplete_checkpoint_bytes(&self, task: &TaskId, attempt: Attempt) -> u64 {
         self.partial
             .values()
-            .filter(|p| &p.meta.task_id == task)
+            .filter(|p| &p.meta.task_id == task && p.meta.attempt == attempt)
             .map(|p| p.meta.size)
             .sum()
+    }
+
+    /// Why the lease holder's announcement of a new checkpoint cannot be taken: its pieces
+    /// could not add up to its size, or its id is another upload's.
+    fn announce_refusal(&self, worker: &WorkerId, c: &Checkpoint) -> Option<String> {
+        // Every piece but an empty checkpoint's single one carries a byte: more pieces than
+        // bytes could never complete, and each would take a row.
+        let most = c.size.clamp(1, MAX_CHECKPOINT_CHUNKS);
+        if c.chunks == 0 || u64::from(c.chunks) > most {
+            return Some(format!(
+                "checkpoint {} of {} bytes announces {} pieces; it may have 1 to {most}",
+                c.checkpoint_id, c.size, c.chunks
+            ));
+        }
+        let p = self.partial.get(&c.checkpoint_id)?;
+        let same = p.meta.task_id == c.task_id
+            && p.meta.attempt == c.attempt
+            && &p.meta.worker == worker
+            && p.meta.size == c.size
+            && p.meta.chunks == c.chunks;
+        (!same).then(|| {
+            format!(
+                "checkpoint id {} is already being uploaded for task {} attempt {} ({} bytes in {} pieces)",
+                c.checkpoint_id, p.meta.task_id, p.meta.attempt, p.meta.size, p.meta.chunks
+            )
+        })
+    }
+
+    /// Drops the unfinished checkpoints that no lease can complete any more, of every task: at
+    /// start, for uploads a previous run left (an attempt that ended while it uploaded).
+    pub(super) fn drop_unleased_partials(&mut self, b: &mut Batch) {
+        let tasks: std::collections::BTreeSet<TaskId> = self
+            .partial
+            .values()
+            .map(|p| p.meta.task_id.clone())
+            .collect();
+        for task in tasks {
+            let live = self
+                .tasks
+                .get(&task)
+                .and_then(|t| t.lease.as_ref())
+                .map(|l| l.attempt);
+            self.drop_partials(&task, live, b);
+        }
+    }
+
+    /// Drops the unfinished checkpoints of `task` that no lease can complete any more: those
+    /// of every attempt but `live` (all of them for `None`), from memory and the store.
+    pub(super) fn drop_partials(&mut self, task: &TaskId, live: Option<Attempt>, b: &mut Batch) {
+        if self.partial.is_empty() {
+            return;
+        }
+        let ended: Vec<CheckpointId> = self
+            .partial
+            .values()
+            .filter(|p| &p.meta.task_id == task && Some(p.meta.attempt) != live)
+            .map(|p| p.meta.checkpoint_id.clone())
+            .collect();
+        for id in ended {
+            self.partial.remove(&id);
+            tracing::debug!(task = %task, checkpoint = %id, "unfinished checkpoint of an ended attempt dropped");
+            b.muts.push(Mutation::DeleteCheckpoint(id));
+        }
     }
 
     fn on_checkpoint(
@@ -530,10 +598,22 @@ impl Core {
             {
                 Disposition::Duplicate
             }
+            Standing::Holder if let Some(error) = self.announce_refusal(worker, &c) => {
+                b.send(
+                    session,
+                    CoordMsg::error(
+                        ErrorCode::BadFrame,
+                        error,
+                        Some("checkpoint".into()),
+                        Some(c.seq.0),
+                    ),
+                );
+                Disposition::Rejected
+            }
             Standing::Holder
                 if !self.partial.contains_key(&c.checkpoint_id)
                     && self
-                        .incomplete_checkpoint_bytes(&c.task_id)
+                        .incomplete_checkpoint_bytes(&c.task_id, c.attempt)
                         .saturating_add(c.size)
                         > INCOMPLETE_CHECKPOINTS_PER_TASK * self.cfg.max_checkpoint_bytes =>
             {
@@ -554,13 +634,14 @@ impl Core {
             }
             Standing::Holder => {
                 if !self.partial.contains_key(&c.checkpoint_id) {
+                    self.drop_partials(&c.task_id, Some(c.attempt), b);
                     let meta = CheckpointMeta {
                         checkpoint_id: c.checkpoint_id.clone(),
                         task_id: c.task_id.clone(),
                         attempt: c.attempt,
                         worker: worker.clone(),
                         size: c.size,
-                        chunks: c.chunks.max(1),
+                        chunks: c.chunks,
                         created_at: now(),
                     };
                     b.muts.push(Mutation::PutCheckpoint {
@@ -704,8 +785,15 @@ impl Core {
         d: CheckpointData,
         b: &mut Batch,
     ) {
-        let disposition = match self.partial.get_mut(&d.checkpoint_id) {
-            Some(p) if &p.meta.worker == worker && p.meta.task_id == d.task_id => {
+        let standing = self.standing(worker, &d.task_id, d.attempt);
+        let disposition = match (standing, self.partial.get_mut(&d.checkpoint_id)) {
+            // Only the lease holder completes a checkpoint: an ended attempt's pieces (a
+            // worker back after its task moved on, replaying its outbox) must not make its
+            // upload the task's latest over the new attempt's.
+            (Standing::Stale, _) => Disposition::Stale,
+            (Standing::Holder, Some(p))
+                if &p.meta.worker == worker && p.meta.task_id == d.task_id =>
+            {
                 let len = d.data.0.len() as u64;
                 if d.chunk >= p.meta.chunks
                     || d.attempt != p.meta.attempt
@@ -752,7 +840,10 @@ impl Core {
                     Disposition::Duplicate
                 }
             }
-            Some(_) => {
+            // Complete already, or its announcement was rejected.
+            (Standing::Holder, None) => Disposition::Duplicate,
+            // Another upload's id, or a stranger.
+            (Standing::Holder | Standing::Stranger, _) => {
                 self.reject(
                     worker,
                     session,
@@ -763,22 +854,6 @@ impl Core {
                 );
                 Disposition::Rejected
             }
-            // Complete already, or its metadata was stale or rejected.
-            None => match self.standing(worker, &d.task_id, d.attempt) {
-                Standing::Stranger => {
-                    self.reject(
-                        worker,
-                        session,
-                        "checkpoint_data",
-                        Some(d.seq),
-                        &d.task_id,
-                        b,
-                    );
-                    Disposition::Rejected
-                }
-                Standing::Holder => Disposition::Duplicate,
-                Standing::Stale => Disposition::Stale,
-            },
         };
         Core::send_ack(b, session, d.seq, disposition, || {
             ack(

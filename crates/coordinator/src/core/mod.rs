@@ -384,6 +384,12 @@ impl Core {
     ) {
         let mut sweep = tokio::time::interval(self.cfg.sweep_interval);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut first = Batch::default();
+        self.drop_unleased_partials(&mut first);
+        if !first.is_empty() && writer.pass(first).await.is_err() {
+            tracing::error!("store writer is gone; core stops");
+            return;
+        }
         loop {
             let mut b = Batch::default();
             tokio::select! {

@@ -80,8 +80,30 @@ impl Core {
         tracing::debug!(task = %task_id, worker = %worker, attempt = %attempt, "leased");
         self.save_task(task_id, b);
         if let Some(s) = session {
-            self.send_assignment(task_id, &s, b);
+            self.assign(task_id, &s, b);
         }
+    }
+
+    /// Sends the assignment of the task's current lease to `session`, or fails the task when
+    /// its config cannot reach this worker: an assignment over the worker's frame limit would
+    /// end its session, and every registration after would send it again.
+    pub(super) fn assign(&mut self, task_id: &TaskId, session: &SessionRef, b: &mut Batch) {
+        let Some(t) = self.tasks.get(task_id) else {
+            return;
+        };
+        let limit = self.cfg.max_frame.min(session.max_frame);
+        let config = tether_proto::codec::json_len(&t.spec.config);
+        if tether_proto::codec::fits(config, limit) {
+            return self.send_assignment(task_id, session, b);
+        }
+        let why = format!(
+            "its config of {config} bytes does not fit in an assignment to worker {}, whose \
+             frames carry at most {limit} bytes ({} of them for the message around it)",
+            t.lease.as_ref().map_or("?", |l| l.worker.as_str()),
+            tether_proto::codec::ENVELOPE_BYTES
+        );
+        tracing::error!(task = %task_id, "task failed: {why}");
+        self.finish_by_coordinator(task_id, TaskStatus::Failed, &why, b);
     }
 
     /// Sends the assignment of the task's current lease, with its latest checkpoint read from
@@ -196,7 +218,12 @@ impl Core {
         }
         t.lease_started = None;
         t.updated_at = ts;
-        if t.attempt.0 >= t.max_attempts() {
+        let exhausted = t.attempt.0 >= t.max_attempts();
+        self.drop_partials(task_id, None, b);
+        let Some(t) = self.tasks.get_mut(task_id) else {
+            return;
+        };
+        if exhausted {
             t.status = TaskStatus::Failed;
             metrics::counter!(m::TASKS_FINISHED, "status" => t.status.as_str()).increment(1);
             t.finished_at = Some(ts);
@@ -411,6 +438,7 @@ impl Core {
                 }
             }
         }
+        self.drop_partials(task_id, None, b);
         self.dispatch_needed = true;
         self.save_task(task_id, b);
     }

@@ -683,6 +683,165 @@ fn piece(seq: u64, task: &TaskId, id: &str, chunk: u32, data: &[u8]) -> WorkerMs
     })
 }
 
+/// `msg` (a checkpoint or one of its pieces) as attempt `attempt` sends it.
+fn of_attempt(mut msg: WorkerMsg, attempt: u32) -> WorkerMsg {
+    match &mut msg {
+        WorkerMsg::Checkpoint(c) => c.attempt = Attempt(attempt),
+        WorkerMsg::CheckpointData(d) => d.attempt = Attempt(attempt),
+        _ => unreachable!("not a checkpoint message"),
+    }
+    msg
+}
+
+fn checkpoint_ack(msgs: &[CoordMsg]) -> Disposition {
+    msgs.iter()
+        .find_map(|m| match m {
+            CoordMsg::CheckpointAck(a) => Some(a.disposition),
+            _ => None,
+        })
+        .expect("a checkpoint_ack")
+}
+
+fn deleted_checkpoints(b: &Batch) -> Vec<&str> {
+    b.muts
+        .iter()
+        .filter_map(|m| match m {
+            crate::store::Mutation::DeleteCheckpoint(id) => Some(id.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_ended_attempts_unfinished_checkpoint_is_dropped_and_its_late_pieces_never_become_the_latest()
+{
+    let mut h = Harness::new();
+    let (sa, mut rxa) = h.connect("a");
+    let t = h.submit();
+    // Attempt 1 uploads half of c-old, then its worker is taken for lost.
+    h.frame("a", sa, checkpoint(1, &t, "c-old", 2, 2));
+    h.frame("a", sa, piece(2, &t, "c-old", 0, b"a"));
+    drain(&mut rxa);
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: sa,
+    });
+    let mut b = Batch::default();
+    h.core.release_and_requeue(&t, "worker lost", &mut b);
+    assert!(h.core.partial.is_empty(), "no lease can complete it");
+    assert_eq!(
+        deleted_checkpoints(&b),
+        ["c-old"],
+        "nor does the store keep it"
+    );
+    // Attempt 2 checkpoints on b.
+    let (sb, mut rxb) = h.connect("b");
+    h.frame("b", sb, of_attempt(checkpoint(1, &t, "c-new", 1, 1), 2));
+    h.frame("b", sb, of_attempt(piece(2, &t, "c-new", 0, b"b"), 2));
+    assert_eq!(data_ack(&drain(&mut rxb)), Disposition::Recorded);
+    // a comes back and replays its outbox: the rest of c-old is stale, not a checkpoint.
+    let (sa2, mut rxa2) = h.connect("a");
+    drain(&mut rxa2);
+    h.frame("a", sa2, checkpoint(3, &t, "c-old", 2, 2));
+    assert_eq!(checkpoint_ack(&drain(&mut rxa2)), Disposition::Stale);
+    h.frame("a", sa2, piece(4, &t, "c-old", 1, b"a"));
+    assert_eq!(data_ack(&drain(&mut rxa2)), Disposition::Stale);
+    let latest = h.core.tasks[&t].latest_checkpoint.clone().expect("latest");
+    assert_eq!(latest.checkpoint_id.as_str(), "c-new");
+
+    // Even an upload still known (one a previous run left) takes no piece from an ended
+    // attempt.
+    h.core.partial.insert(
+        tether_proto::CheckpointId::parse("c-old").expect("id"),
+        super::Partial {
+            meta: crate::model::CheckpointMeta {
+                checkpoint_id: tether_proto::CheckpointId::parse("c-old").expect("id"),
+                task_id: t.clone(),
+                attempt: Attempt(1),
+                worker: wid("a"),
+                size: 2,
+                chunks: 2,
+                created_at: now(),
+            },
+            received: [0].into(),
+            bytes: 1,
+        },
+    );
+    h.frame("a", sa2, piece(5, &t, "c-old", 1, b"a"));
+    assert_eq!(data_ack(&drain(&mut rxa2)), Disposition::Stale);
+    let latest = h.core.tasks[&t].latest_checkpoint.clone().expect("latest");
+    assert_eq!(latest.checkpoint_id.as_str(), "c-new");
+    // At start, such leftovers go.
+    let mut b = Batch::default();
+    h.core.drop_unleased_partials(&mut b);
+    assert_eq!(deleted_checkpoints(&b), ["c-old"]);
+    assert!(h.core.partial.is_empty());
+}
+
+#[test]
+fn abandoned_uploads_do_not_count_against_the_next_attempts_checkpoints() {
+    let mut cfg = CoordinatorConfig::new("/nonexistent");
+    cfg.max_checkpoint_bytes = 100;
+    let mut h = Harness::with(cfg);
+    let t = h.submit();
+    // Two attempts each leave 100 announced bytes behind: the per-task bound (2 x 100).
+    for (attempt, w) in [(1, "a"), (2, "b")] {
+        let (s, mut rx) = h.connect(w);
+        let id = format!("c-{w}");
+        h.frame(w, s, of_attempt(checkpoint(1, &t, &id, 100, 1), attempt));
+        assert_eq!(checkpoint_ack(&drain(&mut rx)), Disposition::Recorded);
+        h.step(Event::Disconnected {
+            worker: wid(w),
+            session_id: s,
+        });
+        let mut b = Batch::default();
+        h.core.release_and_requeue(&t, "worker lost", &mut b);
+    }
+    let (s, mut rx) = h.connect("c");
+    h.frame("c", s, of_attempt(checkpoint(1, &t, "c-c", 100, 1), 3));
+    assert_eq!(checkpoint_ack(&drain(&mut rx)), Disposition::Recorded);
+    h.frame("c", s, of_attempt(piece(2, &t, "c-c", 0, &[1; 100]), 3));
+    assert_eq!(data_ack(&drain(&mut rx)), Disposition::Recorded);
+    assert!(h.core.tasks[&t].latest_checkpoint.is_some());
+}
+
+#[test]
+fn a_checkpoint_with_more_pieces_than_bytes_or_another_uploads_id_is_refused() {
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit();
+    let other = h.submit_spec(TaskSpec::new("other", serde_json::json!({})));
+    drain(&mut rx);
+    for (size, chunks) in [(0, 4_000_000_000), (10, 11), (10, 0)] {
+        h.frame("a", s, checkpoint(1, &t, "c-1", size, chunks));
+        let msgs = drain(&mut rx);
+        assert_eq!(
+            checkpoint_ack(&msgs),
+            Disposition::Rejected,
+            "{size} in {chunks}"
+        );
+        assert!(
+            msgs.iter().any(|m| matches!(m, CoordMsg::Error(_))),
+            "{msgs:?}"
+        );
+    }
+    assert!(h.core.partial.is_empty());
+    // An empty checkpoint is one empty piece.
+    h.frame("a", s, checkpoint(2, &t, "c-empty", 0, 1));
+    assert_eq!(checkpoint_ack(&drain(&mut rx)), Disposition::Recorded);
+    // Another task's upload in progress keeps its id.
+    h.frame("a", s, checkpoint(3, &t, "c-2", 10, 2));
+    drain(&mut rx);
+    let (sb, mut rxb) = h.connect_registering("b", |r| r.executors = vec!["other".into()]);
+    drain(&mut rxb);
+    h.frame("b", sb, checkpoint(1, &other, "c-2", 10, 2));
+    assert_eq!(checkpoint_ack(&drain(&mut rxb)), Disposition::Rejected);
+    h.frame("b", sb, piece(2, &other, "c-2", 0, b"12345"));
+    assert_eq!(data_ack(&drain(&mut rxb)), Disposition::Rejected);
+    let p = &h.core.partial[&tether_proto::CheckpointId::parse("c-2").expect("id")];
+    assert_eq!((&p.meta.task_id, p.bytes), (&t, 0));
+}
+
 fn data_ack(msgs: &[CoordMsg]) -> Disposition {
     msgs.iter()
         .find_map(|m| match m {
@@ -1172,4 +1331,49 @@ async fn a_batch_of_messages_only_skips_an_idle_writer_and_never_overtakes_an_un
     assert_eq!(stats.delivered_directly.load(Ordering::Relaxed), 1);
     stop.cancel();
     core_task.await.expect("core ends");
+}
+
+#[test]
+fn a_config_no_assignment_can_carry_is_refused_at_submission_and_fails_its_task_at_a_smaller_worker()
+ {
+    let mut cfg = CoordinatorConfig::new("/nonexistent");
+    cfg.max_frame = 2 * 1024 * 1024;
+    let mut h = Harness::with(cfg);
+    let config = |bytes: usize| serde_json::json!({ "pad": "x".repeat(bytes) });
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    h.step(Event::Api(Api::Submit {
+        specs: vec![TaskSpec::new("sleep", config(2 * 1024 * 1024))],
+        reply: tx,
+    }));
+    let e = rx.try_recv().expect("reply").expect_err("refused");
+    assert!(
+        e.to_string().contains("does not fit in an assignment"),
+        "{e}"
+    );
+    assert!(h.core.tasks.is_empty());
+    // 1.5 MB fits the coordinator's frames, not those of a worker that takes 1 MiB.
+    let t = h.submit_spec(TaskSpec::new("sleep", config(1_500_000)));
+    let (_s, mut rx) = h.connect_registering("small", |r| r.max_frame = Some(1024 * 1024));
+    let msgs = drain(&mut rx);
+    assert!(
+        !msgs
+            .iter()
+            .any(|m| matches!(m, CoordMsg::TaskAssignment(_))),
+        "never sent: it would end the session at every registration"
+    );
+    let task = &h.core.tasks[&t];
+    assert_eq!(task.status, TaskStatus::Failed);
+    assert!(task.lease.is_none());
+    let error = task.error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("worker small") && error.contains("1048576"),
+        "{error}"
+    );
+    // The worker is free for what fits.
+    let next = h.submit();
+    assert!(
+        drain(&mut rx)
+            .iter()
+            .any(|m| matches!(m, CoordMsg::TaskAssignment(a) if a.task_id == next))
+    );
 }

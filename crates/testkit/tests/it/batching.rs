@@ -208,13 +208,23 @@ async fn batch_frames_need_agreement_and_stay_within_their_bounds() {
     let replies = read_until(&mut r, |seen| acks_by_seq(seen).contains_key(&3)).await;
     assert_eq!(acks_by_seq(&replies).keys().collect::<Vec<_>>(), [&3]);
 
-    // Agreed: more than 256 messages, or none, is refused whole.
+    // Agreed: more than 256 messages, none, or more bytes than agreed, is refused whole.
     let (mut r, _) = registered(&c, "greedy", true).await;
     let too_many: Vec<Value> = (1..=257).map(telemetry).collect();
     r.ws.send(batch(&too_many)).await.expect("send");
     r.next_error("bad_frame", "exceeds").await;
     r.ws.send(Message::text("[]")).await.expect("send");
     r.next_error("bad_frame", "empty").await;
+    // Two messages over the agreed bytes (64 KiB of JSON) together, each well within a frame.
+    let padded = |seq| {
+        let mut m = telemetry(seq);
+        m["pad"] = json!("x".repeat(40_000));
+        m
+    };
+    r.ws.send(batch(&[padded(298), padded(299)]))
+        .await
+        .expect("send");
+    r.next_error("bad_frame", "max_bytes").await;
     r.send(&telemetry(300)).await;
     let replies = read_until(&mut r, |seen| acks_by_seq(seen).contains_key(&300)).await;
     assert_eq!(acks_by_seq(&replies).keys().collect::<Vec<_>>(), [&300]);
