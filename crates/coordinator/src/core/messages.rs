@@ -516,6 +516,16 @@ impl Core {
                 c.checkpoint_id, c.size, c.chunks
             ));
         }
+        if let Some(owner) = self
+            .checkpoint_owner
+            .get(&c.checkpoint_id)
+            .filter(|&owner| owner != &c.task_id)
+        {
+            return Some(format!(
+                "checkpoint id {} is a checkpoint of task {owner}; ids are one task's",
+                c.checkpoint_id
+            ));
+        }
         let p = self.partial.get(&c.checkpoint_id)?;
         let same = p.meta.task_id == c.task_id
             && p.meta.attempt == c.attempt
@@ -882,11 +892,14 @@ impl Core {
         t.updated_at = now();
         let task_id = meta.task_id.clone();
         self.save_task(&task_id, b);
+        self.checkpoint_owner
+            .insert(meta.checkpoint_id.clone(), task_id.clone());
         let ckpts = &mut self.checkpoint_history;
         let hist = ckpts.entry(task_id).or_default();
         hist.push_back(meta.checkpoint_id);
         while hist.len() > keep {
             if let Some(old) = hist.pop_front() {
+                self.checkpoint_owner.remove(&old);
                 b.muts.push(Mutation::DeleteCheckpoint(old));
             }
         }

@@ -244,6 +244,9 @@ pub struct Core {
     partial: IdMap<CheckpointId, Partial>,
     /// Complete checkpoints per task, oldest first, for pruning.
     checkpoint_history: IdMap<TaskId, VecDeque<CheckpointId>>,
+    /// The task of every complete checkpoint kept: an id is one task's (the store keys
+    /// checkpoints and their pieces by id alone).
+    checkpoint_owner: IdMap<CheckpointId, TaskId>,
     /// Finished tasks by the time they finished, for retention.
     finished: BTreeSet<(DateTime<Utc>, TaskId)>,
     /// Workers without a registered session, in the order they lost it (since the start, for
@@ -281,6 +284,7 @@ impl Core {
             free: BTreeSet::new(),
             partial: IdMap::default(),
             checkpoint_history: IdMap::default(),
+            checkpoint_owner: IdMap::default(),
             finished: BTreeSet::new(),
             disconnects: VecDeque::new(),
             fetching: Default::default(),
@@ -327,6 +331,7 @@ impl Core {
             core.tasks.insert(t.task_id.clone(), t);
         }
         for (task, id) in loaded.complete_checkpoints {
+            core.checkpoint_owner.insert(id.clone(), task.clone());
             core.checkpoint_history
                 .entry(task)
                 .or_default()

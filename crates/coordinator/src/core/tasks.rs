@@ -353,7 +353,9 @@ impl Core {
                 continue;
             }
             self.tasks.remove(&id);
-            self.checkpoint_history.remove(&id);
+            for kept in self.checkpoint_history.remove(&id).into_iter().flatten() {
+                self.checkpoint_owner.remove(&kept);
+            }
             self.partial.retain(|_, p| p.meta.task_id != id);
             b.muts.push(Mutation::DeleteTask(id));
             removed += 1;

@@ -829,6 +829,8 @@ fn a_checkpoint_with_more_pieces_than_bytes_or_another_uploads_id_is_refused() {
     // An empty checkpoint is one empty piece.
     h.frame("a", s, checkpoint(2, &t, "c-empty", 0, 1));
     assert_eq!(checkpoint_ack(&drain(&mut rx)), Disposition::Recorded);
+    h.frame("a", s, piece(2, &t, "c-empty", 0, b""));
+    assert_eq!(data_ack(&drain(&mut rx)), Disposition::Recorded);
     // Another task's upload in progress keeps its id.
     h.frame("a", s, checkpoint(3, &t, "c-2", 10, 2));
     drain(&mut rx);
@@ -840,6 +842,20 @@ fn a_checkpoint_with_more_pieces_than_bytes_or_another_uploads_id_is_refused() {
     assert_eq!(data_ack(&drain(&mut rxb)), Disposition::Rejected);
     let p = &h.core.partial[&tether_proto::CheckpointId::parse("c-2").expect("id")];
     assert_eq!((&p.meta.task_id, p.bytes), (&t, 0));
+    // So does its complete one (the store keys pieces by id: a reuse would write into it).
+    h.frame("a", s, piece(4, &t, "c-2", 0, b"12345"));
+    h.frame("a", s, piece(5, &t, "c-2", 1, b"67890"));
+    assert_eq!(data_ack(&drain(&mut rx)), Disposition::Recorded);
+    assert!(h.core.partial.is_empty());
+    h.frame("b", sb, checkpoint(3, &other, "c-2", 10, 2));
+    let msgs = drain(&mut rxb);
+    assert_eq!(checkpoint_ack(&msgs), Disposition::Rejected);
+    assert!(
+        msgs.iter()
+            .any(|m| matches!(m, CoordMsg::Error(e) if e.message.contains("one task's"))),
+        "{msgs:?}"
+    );
+    assert!(h.core.partial.is_empty(), "nothing of it kept");
 }
 
 fn data_ack(msgs: &[CoordMsg]) -> Disposition {
