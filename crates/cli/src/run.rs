@@ -345,8 +345,9 @@ fn worker_auth(
     }))
 }
 
-/// Environment variable holding a worker's secret itself (prefer a file).
-pub const SECRET_ENV: &str = "TETHER_SECRET";
+/// Environment variable holding a worker's secret itself (prefer a file); its `command` tasks
+/// do not inherit it.
+pub const SECRET_ENV: &str = tether_worker::executor::command::ENV_SECRET;
 
 /// Connections the kernel may hold for the coordinator before it accepts them (the kernel caps
 /// it at `net.core.somaxconn`). A fleet reconnecting at once must not overflow the queue: a

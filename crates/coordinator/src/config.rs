@@ -131,7 +131,7 @@ pub struct Beat {
 impl CoordinatorConfig {
     /// Refuses settings no run can work with (`run` calls it): a heartbeat interval under
     /// [`MIN_HEARTBEAT_INTERVAL`] or a timeout not longer than it, frames too small for a
-    /// message's envelope, a checkpoint bound of 0. The `tether coordinator` command asks more
+    /// message's envelope, a checkpoint bound, connection limit or body limit of 0. The `tether coordinator` command asks more
     /// of some (frames of 1 MiB at least).
     pub fn validate(&self) -> Result<(), tether_proto::settings::ConfigError> {
         use tether_proto::settings::{ConfigError, check_frame, check_heartbeat};
@@ -145,6 +145,18 @@ impl CoordinatorConfig {
             return Err(ConfigError::new(
                 "max_checkpoint_bytes",
                 "0 refuses every checkpoint: at least 1",
+            ));
+        }
+        if self.limits.max_connections == 0 {
+            return Err(ConfigError::new(
+                "max_connections",
+                "0 refuses every connection: at least 1",
+            ));
+        }
+        if self.max_body == 0 {
+            return Err(ConfigError::new(
+                "max_body",
+                "0 refuses every request with a body, every submission among them: at least 1",
             ));
         }
         Ok(())
@@ -224,7 +236,7 @@ mod tests {
         let base = || CoordinatorConfig::new(&data);
         base().validate().expect("the defaults");
         type Spoil = fn(&mut CoordinatorConfig);
-        let cases: [(&str, Spoil); 4] = [
+        let cases: [(&str, Spoil); 6] = [
             ("heartbeat_interval", |c| {
                 c.heartbeat_interval = Duration::ZERO
             }),
@@ -233,6 +245,8 @@ mod tests {
             }),
             ("max_frame", |c| c.max_frame = 1024),
             ("max_checkpoint_bytes", |c| c.max_checkpoint_bytes = 0),
+            ("max_connections", |c| c.limits.max_connections = 0),
+            ("max_body", |c| c.max_body = 0),
         ];
         for (field, spoil) in cases {
             let mut c = base();

@@ -826,7 +826,7 @@ impl Conn<'_> {
                             // Never answered: an error for an error could go back and forth.
                             WorkerMsg::Error(e) => {
                                 metrics::counter!(m::ERRORS, "code" => e.code.as_str(), "direction" => "received").increment(1);
-                                tracing::warn!(worker = %self.worker, session = self.session_id, code = e.code.as_str(), message = %e.message, "worker reported an error before registering");
+                                tracing::warn!(worker = %self.worker, session = self.session_id, code = e.code.as_str(), message = ?e.logged(), "worker reported an error before registering");
                                 continue;
                             }
                             other => CoordMsg::error(
@@ -916,6 +916,8 @@ impl Conn<'_> {
         text: &str,
     ) -> Result<Option<(Opener, SessionKey)>, AuthError> {
         // A worker without a secret fails exactly like a wrong secret: ids are not enumerable.
+        // So the signature's form is judged before the secret is looked up.
+        tether_proto::auth::signature_bytes(r.signature.as_deref())?;
         let secret = auth
             .secret_for(self.worker)
             .await?

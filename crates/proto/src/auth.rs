@@ -125,6 +125,15 @@ pub fn to_hex(bytes: &[u8]) -> String {
     s
 }
 
+/// The 32 bytes of a registration's signature, or why there are none: checked before any
+/// secret is looked up, so that a worker id without a secret answers exactly like one with.
+pub fn signature_bytes(signature: Option<&str>) -> Result<Vec<u8>, AuthError> {
+    let sig = signature.ok_or(AuthError::MissingSignature)?;
+    from_hex(sig)
+        .filter(|b| b.len() == 32)
+        .ok_or(AuthError::BadSignatureEncoding)
+}
+
 fn from_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
@@ -170,7 +179,8 @@ impl Challenge<'_> {
         to_hex(&mac.finalize().into_bytes())
     }
 
-    /// Checks a signature (in constant time), then the timestamp against `now`.
+    /// Checks a signature (in constant time), then the timestamp against `now`. The
+    /// signature's presence and form are checked first, as [`signature_bytes`] does.
     pub fn verify(
         &self,
         secret: &Secret,
@@ -178,10 +188,7 @@ impl Challenge<'_> {
         now: DateTime<Utc>,
         max_skew: Duration,
     ) -> Result<(), AuthError> {
-        let sig = signature.ok_or(AuthError::MissingSignature)?;
-        let sig = from_hex(sig)
-            .filter(|b| b.len() == 32)
-            .ok_or(AuthError::BadSignatureEncoding)?;
+        let sig = signature_bytes(signature)?;
         let mut mac = secret.mac();
         mac.update(&self.input());
         mac.verify_slice(&sig)

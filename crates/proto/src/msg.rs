@@ -410,6 +410,22 @@ pub struct ErrorMsg {
     pub timestamp: DateTime<Utc>,
 }
 
+/// Characters of a peer's error text that a log line shows.
+pub const LOGGED_MESSAGE_CHARS: usize = 256;
+
+impl ErrorMsg {
+    /// The peer's text as a log line may show it: its first [`LOGGED_MESSAGE_CHARS`]
+    /// characters, quoted and escaped by `Debug` (a newline in it cannot forge another line).
+    pub fn logged(&self) -> impl std::fmt::Debug + '_ {
+        let end = self
+            .message
+            .char_indices()
+            .nth(LOGGED_MESSAGE_CHARS)
+            .map_or(self.message.len(), |(i, _)| i);
+        &self.message[..end]
+    }
+}
+
 /// Machine-readable error codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -874,6 +890,26 @@ pub const COORD_MSG_TYPES: &[&str] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peers_error_text_is_logged_escaped_and_cut() {
+        let mut e = match CoordMsg::error(ErrorCode::BadFrame, "x", None, None) {
+            CoordMsg::Error(e) => e,
+            _ => unreachable!(),
+        };
+        e.message = "ok\nFAKE authentication failed".into();
+        assert_eq!(
+            format!("{:?}", e.logged()),
+            r#""ok\nFAKE authentication failed""#
+        );
+        e.message = "é".repeat(10_000);
+        let shown = format!("{:?}", e.logged());
+        assert_eq!(
+            shown.chars().count(),
+            LOGGED_MESSAGE_CHARS + 2,
+            "quotes around"
+        );
+    }
 
     /// Every `*_ack` but a result's is a message ack; nothing else is.
     #[test]

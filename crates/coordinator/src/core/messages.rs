@@ -169,7 +169,7 @@ impl Core {
             WorkerMsg::Error(e) => {
                 metrics::counter!(m::ERRORS, "code" => e.code.as_str(), "direction" => "received")
                     .increment(1);
-                tracing::warn!(worker = %worker, code = e.code.as_str(), message = %e.message, offending = ?e.offending_type, "worker reported an error");
+                tracing::warn!(worker = %worker, code = e.code.as_str(), message = ?e.logged(), offending = ?e.offending_type, "worker reported an error");
             }
             other if !registered => {
                 b.send(

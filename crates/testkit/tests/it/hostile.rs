@@ -174,6 +174,47 @@ async fn per_worker_secrets_from_a_directory_override_the_fleet_secret() {
 }
 
 #[tokio::test]
+async fn a_worker_id_without_a_secret_answers_exactly_like_one_with_so_ids_cannot_be_probed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secrets = tempfile::tempdir().expect("secrets");
+    std::fs::write(
+        secrets.path().join("known"),
+        "the known worker's own secret\n",
+    )
+    .expect("write");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.auth = Some(WorkerAuth {
+        fleet: None,
+        dir: Some(secrets.path().to_owned()),
+        max_skew: Duration::from_secs(30),
+        message_mac: false,
+    });
+    let c = spawn_coordinator_with(cfg, None).await;
+    let wrong = Secret::new(b"a guess at some worker's secret").expect("secret");
+    // What each id is told for no signature, a malformed one and a wrong one.
+    let mut told = Vec::new();
+    for id in ["known", "unknown"] {
+        let mut answers = Vec::new();
+        for signature in ["none", "malformed", "signed with the wrong secret"] {
+            let mut raw = Raw::connect(&c, id).await;
+            let mut reg = raw.registration(Some(&wrong), &[]);
+            match signature {
+                "none" => drop(reg.as_object_mut().expect("object").remove("signature")),
+                "malformed" => reg["signature"] = json!("00ff"),
+                _ => {}
+            }
+            raw.send(&reg).await;
+            let e = raw.next_of("error").await;
+            assert_eq!(raw.close_code().await, Some(4001), "{id}: {e}");
+            answers.push((e["code"].clone(), e["message"].clone()));
+        }
+        told.push(answers);
+    }
+    assert_eq!(told[0], told[1], "the answers tell the ids apart");
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn a_registration_naming_another_worker_is_closed_with_4003_and_that_worker_is_untouched() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;

@@ -8,8 +8,8 @@
 //! ```
 //!
 //! Exactly one of `program` (with optional `args`) or `shell` is given. The process inherits
-//! the worker's environment plus `env`, `TETHER_TASK_ID`, `TETHER_ATTEMPT` and, when the task
-//! has a checkpoint directory, `TETHER_CHECKPOINT_DIR`. Stdin is `/dev/null`; of stdout and
+//! the worker's environment but its secret (`TETHER_SECRET`), plus `env`, `TETHER_TASK_ID`,
+//! `TETHER_ATTEMPT` and, when the task has a checkpoint directory, `TETHER_CHECKPOINT_DIR`. Stdin is `/dev/null`; of stdout and
 //! stderr only the last `tail_bytes` bytes each are kept.
 //!
 //! Lifecycle of one attempt:
@@ -65,6 +65,9 @@ pub const SHELL: &str = "/bin/sh";
 pub const ENV_TASK_ID: &str = "TETHER_TASK_ID";
 pub const ENV_ATTEMPT: &str = "TETHER_ATTEMPT";
 pub const ENV_CHECKPOINT_DIR: &str = "TETHER_CHECKPOINT_DIR";
+/// The worker's own secret, when given in the environment (`tether worker`): never inherited
+/// by a task, whose output the coordinator keeps and serves.
+pub const ENV_SECRET: &str = "TETHER_SECRET";
 
 /// How often a terminating group is checked for remaining members.
 const GROUP_POLL: Duration = Duration::from_millis(20);
@@ -155,6 +158,7 @@ impl Plan {
     fn command(&self, ctx: &TaskCtx, checkpoint_dir: Option<&Path>) -> Command {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args)
+            .env_remove(ENV_SECRET)
             .envs(&self.env)
             .env(ENV_TASK_ID, ctx.task_id().as_str())
             .env(ENV_ATTEMPT, ctx.attempt().to_string())
@@ -822,6 +826,23 @@ mod tests {
             Err(ExecError::Failed { message, result }) => (message, result),
             other => panic!("expected Failed, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_task_never_inherits_the_workers_secret_but_may_set_the_variable_itself() {
+        let (ctx, _) = ctx(1);
+        let envs = |config| {
+            let plan = Plan::parse(config).expect("plan");
+            let cmd = plan.command(&ctx, None);
+            cmd.as_std()
+                .get_envs()
+                .find(|(k, _)| *k == ENV_SECRET)
+                .map(|(_, v)| v.map(|v| v.to_owned()))
+        };
+        // Removed (`None`), not left to the inherited environment.
+        assert_eq!(envs(serde_json::json!({"program": "env"})), Some(None));
+        let own = serde_json::json!({"program": "env", "env": {ENV_SECRET: "the task's"}});
+        assert_eq!(envs(own), Some(Some("the task's".into())));
     }
 
     #[tokio::test]
