@@ -221,6 +221,55 @@ pub fn is_public(path: &str) -> bool {
         || path.starts_with("/dashboard/")
 }
 
+/// Middleware against browsers turned on the coordinator. A web page may not open the worker
+/// endpoint (a browser always sends `Origin` on a WebSocket upgrade; workers do not), and
+/// without API tokens a request to the API or the dashboard must name a loopback host: a page
+/// that rebinds its own domain's DNS to 127.0.0.1 reaches a loopback listener, but under its
+/// own name.
+pub async fn browser_guard(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let refuse = |message: &str| {
+        tracing::warn!(path = %req.uri().path(), host = ?req.headers().get(header::HOST), origin = ?req.headers().get(header::ORIGIN), "{message}");
+        crate::http::error_response(StatusCode::FORBIDDEN, "forbidden", message)
+    };
+    if req.uri().path().starts_with("/api/v1/worker/") {
+        // Workers may come through a forwarder under another name (a fault proxy on a veth's
+        // address): for them the Origin check is the guard.
+        if req.headers().contains_key(header::ORIGIN) {
+            return refuse(
+                "the worker endpoint does not serve web pages (the request has an Origin)",
+            );
+        }
+        return next.run(req).await;
+    }
+    let tokenless = app.cfg.api_tokens.as_ref().is_none_or(|t| t.is_empty());
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok());
+    if tokenless && !host.is_none_or(is_loopback_host) {
+        return refuse(
+            "without API tokens this coordinator answers only requests for a loopback host \
+             (localhost, 127.0.0.1, [::1])",
+        );
+    }
+    next.run(req).await
+}
+
+/// Whether a `Host` header names a loopback host: `localhost` (or a name under it), an address
+/// in 127.0.0.0/8 or `[::1]`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Middleware: the request needs a bearer token of the scope its method needs, when tokens are
 /// configured. 401 without a valid token, 403 with a read token on an admin route.
 pub async fn require_token(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
@@ -299,6 +348,32 @@ mod tests {
             Scope::Read,
         );
         t
+    }
+
+    #[test]
+    fn loopback_hosts_are_localhost_127_0_0_0_8_and_v6_loopback_with_or_without_a_port() {
+        for host in [
+            "localhost",
+            "LOCALHOST:8765",
+            "app.localhost:1",
+            "127.0.0.1",
+            "127.3.4.5:80",
+            "[::1]",
+            "[::1]:8765",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8765",
+            "localhost.evil.example",
+            "10.0.0.1:8765",
+            "[::2]:1",
+            "",
+            "127.0.0.1.evil.example",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
     }
 
     #[test]

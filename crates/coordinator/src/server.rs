@@ -269,6 +269,10 @@ fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             crate::auth::require_token,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::browser_guard,
+        ))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }

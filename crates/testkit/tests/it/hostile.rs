@@ -912,3 +912,49 @@ async fn a_submission_with_a_bad_field_gets_a_json_error_naming_the_field_and_el
     honest.stop().await.expect("clean stop");
     c.stop().await;
 }
+
+/// A request as a browser would make it: raw HTTP/1.1 with the given headers; the status.
+async fn raw_status(addr: std::net::SocketAddr, request: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.expect("status line");
+    std::str::from_utf8(&head[9..12])
+        .expect("utf-8")
+        .parse()
+        .expect("status")
+}
+
+#[tokio::test]
+async fn web_pages_reach_neither_the_worker_endpoint_nor_a_tokenless_api_under_their_own_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let honest = connected_honest_worker(&c).await;
+    let get = |host: &str, path: &str, extra: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n")
+    };
+    // A page whose domain was rebound to 127.0.0.1 asks under its own name.
+    let rebound = get("evil.example:8765", "/api/v1/tasks", "");
+    assert_eq!(raw_status(c.addr, &rebound).await, 403);
+    let local = get(&c.addr.to_string(), "/api/v1/tasks", "");
+    assert_eq!(raw_status(c.addr, &local).await, 200);
+    let named = get("localhost", "/api/v1/overview", "");
+    assert_eq!(raw_status(c.addr, &named).await, 200);
+    // A browser's WebSocket always carries an Origin; a worker's never does.
+    let upgrade = "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let from_page = get(
+        &c.addr.to_string(),
+        "/api/v1/worker/page/ws",
+        &format!("{upgrade}Origin: http://evil.example\r\n"),
+    );
+    assert_eq!(raw_status(c.addr, &from_page).await, 403);
+    let plain = get(&c.addr.to_string(), "/api/v1/worker/plain/ws", upgrade)
+        .replace("Connection: close", "Connection: Upgrade");
+    assert_eq!(raw_status(c.addr, &plain).await, 101);
+    // The honest worker kept working.
+    honest_work_completes(&c.client(), 2).await;
+    honest.stop().await.expect("clean stop");
+    c.stop().await;
+}
