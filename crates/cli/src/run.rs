@@ -292,12 +292,27 @@ fn api_tokens(admin: Option<PathBuf>, read: Option<PathBuf>) -> anyhow::Result<O
     let mut tokens = ApiTokens::default();
     for (file, scope) in [(admin, Scope::Admin), (read, Scope::Read)] {
         if let Some(f) = file {
+            warn_if_open(&f, "an API token file");
             tokens
                 .add_file(&f, scope)
                 .with_context(|| format!("{} token file {}", scope.as_str(), f.display()))?;
         }
     }
     Ok(Some(tokens))
+}
+
+/// Says so when `path` (a secret, or a directory of them) is open to other users: anyone who
+/// reads a worker secret can register as that worker, an API token acts with its scope.
+fn warn_if_open(path: &std::path::Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(mode) = loose_mode(path) {
+        let mode = format!("{:o}", mode & 0o777);
+        tracing::warn!(path = %path.display(), mode, "{what} is readable by other users (chmod 600, or 700 for a directory)");
+    }
+    fn loose_mode(path: &std::path::Path) -> Option<u32> {
+        let mode = std::fs::metadata(path).ok()?.permissions().mode();
+        (mode & 0o077 != 0).then_some(mode)
+    }
 }
 
 /// Worker authentication from a fleet secret file and/or a per-worker directory.
@@ -319,6 +334,7 @@ fn worker_auth(
         return Ok(None);
     }
     let fleet = secret_file
+        .inspect(|f| warn_if_open(f, "the fleet secret file"))
         .map(|f| Secret::from_file(&f))
         .transpose()
         .context("fleet secret")?;
@@ -326,6 +342,7 @@ fn worker_auth(
         if !d.is_dir() {
             bail!("secrets directory {} is not a directory", d.display());
         }
+        warn_if_open(d, "the worker secrets directory");
         // Files are read at each registration (they may be added while running); one that
         // cannot serve is said now, where the operator looks, not only when its worker fails.
         for entry in std::fs::read_dir(d).into_iter().flatten().flatten() {
@@ -540,7 +557,10 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
         a.secret_file.or(file.secret_file),
         std::env::var_os(SECRET_ENV),
     ) {
-        (Some(f), _) => Some(Secret::from_file(&f).context("worker secret")?),
+        (Some(f), _) => {
+            warn_if_open(&f, "the worker secret file");
+            Some(Secret::from_file(&f).context("worker secret")?)
+        }
         (None, Some(v)) => Some(
             Secret::new(v.as_encoded_bytes())
                 .with_context(|| format!("worker secret in {SECRET_ENV}"))?,

@@ -31,6 +31,9 @@ async fn worker_secrets_and_api_tokens_are_read_from_files_by_the_binary() {
     std::fs::write(&secret, "the fleet secret of this test\n").expect("write");
     std::fs::write(&wrong, "not the fleet secret of this test\n").expect("write");
     std::fs::write(&token, "admin-token-of-the-cli-test\n").expect("write");
+    // Whatever the umask: the wrong secret is open to others, and the process says so.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let mut cfg = fast_coordinator_config(dir.path().to_owned());
     let mut auth = WorkerAuth::fleet(Secret::from_file(&secret).expect("secret"));
     auth.message_mac = true;
@@ -59,6 +62,7 @@ async fn worker_secrets_and_api_tokens_are_read_from_files_by_the_binary() {
         !err.contains("not the fleet secret"),
         "the secret leaked: {err}"
     );
+    assert!(err.contains("readable by other users"), "{err}");
 
     // The right secret: it registers and runs work submitted through the CLI with a token,
     // every frame tagged (and it would refuse a coordinator that did not ask for tags).

@@ -323,14 +323,25 @@ pub fn set_durability(conn: &Connection, d: Durability) -> rusqlite::Result<()> 
 
 /// Opens (creating if needed) the database in `dir`, checks and migrates it, and loads it.
 pub fn open(dir: &Path) -> Result<(Connection, Loaded), StoreError> {
+    // Made for the coordinator's user alone: the store holds task specs (their `env` often
+    // carries credentials), output tails and checkpoints.
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let made = match dir.exists() && !dir.is_dir() {
         true => Err(std::io::Error::other("it exists and is not a directory")),
-        false => std::fs::create_dir_all(dir),
+        false => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir),
     };
     made.map_err(|source| StoreError::DataDir {
         path: dir.to_owned(),
         source,
     })?;
+    if let Ok(meta) = std::fs::metadata(dir)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(dir = %dir.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "the data directory is open to other users; it holds task specs, output and checkpoints (chmod 700)");
+    }
     let path = dir.join(DB_FILE);
     let found = schema::check(&path)?;
     // What a previous process journaled and did not fold yet (read before the database is

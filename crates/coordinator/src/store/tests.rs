@@ -120,6 +120,18 @@ fn a_new_data_directory_gets_the_current_schema_and_reopens() {
 }
 
 #[test]
+fn a_data_directory_the_store_makes_is_its_users_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("made/data");
+    let (_conn, _) = open(&data).expect("open");
+    for made in [&data, &dir.path().join("made")] {
+        let mode = std::fs::metadata(made).expect("made").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{}", made.display());
+    }
+}
+
+#[test]
 fn durability_machine_makes_every_commit_sync_the_wal_and_process_does_not() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (conn, _) = open(dir.path()).expect("open");
