@@ -296,6 +296,7 @@ impl Core {
             changes: None,
             unfolded: loaded.unfolded,
         };
+        core.next_submit_seq = loaded.next_submit_seq;
         for w in loaded.workers {
             core.workers.insert(w.worker_id.clone(), w);
         }

@@ -361,6 +361,8 @@ impl Core {
             removed += 1;
         }
         if removed > 0 {
+            // The newest removed may have held the highest number: keep the next one.
+            b.muts.push(Mutation::NextSubmitSeq(self.next_submit_seq));
             self.counters
                 .tasks_expired
                 .fetch_add(removed, Ordering::Relaxed);

@@ -567,6 +567,15 @@ fn retention_removes_only_tasks_that_finished_before_the_cutoff() {
         })
         .collect();
     assert_eq!(deleted, [&done]);
+    // The next submission number is kept: the removed task may have held the highest.
+    assert!(
+        b.muts.iter().any(|m| matches!(
+            m,
+            crate::store::Mutation::NextSubmitSeq(n) if *n == h.core.next_submit_seq
+        )),
+        "{:?}",
+        b.muts
+    );
     assert_eq!(Counters::get(&h.core.counters.tasks_expired), 1);
     // An unfinished task is never removed, however old.
     assert_eq!(h.core.tasks[&queued].status, running);
@@ -575,6 +584,22 @@ fn retention_removes_only_tasks_that_finished_before_the_cutoff() {
         .expire_finished_before(now() + chrono::Duration::days(365), &mut b);
     assert!(h.core.tasks.contains_key(&queued));
     assert!(b.muts.is_empty());
+}
+
+#[test]
+fn submission_numbers_continue_past_the_kept_mark_when_the_stored_tasks_end_below_it() {
+    let loaded = Loaded {
+        next_submit_seq: 41,
+        ..Loaded::default()
+    };
+    let cfg = Arc::new(CoordinatorConfig::new("/nonexistent"));
+    let mut h = Harness {
+        core: Core::new(cfg, loaded, Arc::new(Counters::default())),
+        conn: rusqlite::Connection::open_in_memory().expect("sqlite"),
+        next_session: 1,
+    };
+    let t = h.submit();
+    assert_eq!(h.core.tasks[&t].submit_seq, 41);
 }
 
 /// Every page of `q`, each asked with the previous page's last `submit_seq`.

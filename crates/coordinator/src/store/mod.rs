@@ -124,6 +124,9 @@ pub enum Mutation {
     PutWorker(Box<Worker>),
     /// A worker's record removed (retention of lost workers).
     DeleteWorker(WorkerId),
+    /// The next submission number is at least this (written when tasks are removed: the
+    /// stored tasks then may not show the highest number given).
+    NextSubmitSeq(u64),
 }
 
 /// Runs after its batch is committed, on the writer's connection (an effect) or the reader's
@@ -274,6 +277,8 @@ pub struct Loaded {
     pub partial_checkpoints: Vec<(CheckpointMeta, Vec<u32>, u64)>,
     /// Complete checkpoints, oldest first.
     pub complete_checkpoints: Vec<(TaskId, CheckpointId)>,
+    /// The next submission number kept when tasks were removed (0 if none was).
+    pub next_submit_seq: u64,
     /// The task states the writer has journaled and not yet folded into the database (empty
     /// at open: the journal was replayed); the writer fills it, the API's reads look in it.
     pub unfolded: Arc<Unfolded>,
@@ -394,6 +399,14 @@ fn load(conn: &Connection) -> Result<Loaded, LoadError> {
                 .with_spec(from_json("task spec", &spec)?),
         );
     }
+    out.next_submit_seq = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'next_submit_seq'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .map_or(0, |v| v.max(0).unsigned_abs());
     let mut stmt = conn.prepare("SELECT doc FROM workers")?;
     let docs = stmt.query_map([], |r| r.get::<_, String>(0))?;
     for doc in docs {
@@ -697,6 +710,13 @@ fn commit(
                 ] {
                     tx.prepare_cached(sql)?.execute([id.as_str()])?;
                 }
+            }
+            Mutation::NextSubmitSeq(next) => {
+                tx.prepare_cached(
+                    "INSERT INTO meta (key, value) VALUES ('next_submit_seq', ?1)
+                     ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+                )?
+                .execute([i64::try_from(*next).unwrap_or(i64::MAX)])?;
             }
             Mutation::PutResult {
                 task_id,

@@ -13,7 +13,7 @@ use super::StoreError;
 use crate::model::{AttemptRecord, CheckpointMeta, Lease, Task, Worker, WorkerState};
 
 /// The schema version this coordinator writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// The version from which every state journal file in the data directory was created whole
 /// (`store::states`): one shorter than its header is damage, not a crash. A coordinator of an
@@ -109,6 +109,14 @@ DROP TABLE task_state_log;
     // Version 5: no change to the tables. State journal files are created whole (written
     // under a temporary name, synced, renamed): see `WHOLE_JOURNALS`.
     "",
+    // Version 6: the next submission number, kept when retention removes tasks (the newest
+    // among them may have held the highest number: reused, it would break `after_seq` paging).
+    r#"
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"#,
 ];
 
 /// The writer connection's page cache: the task tables, `task_state` among them (a fold round

@@ -120,6 +120,31 @@ fn a_new_data_directory_gets_the_current_schema_and_reopens() {
 }
 
 #[test]
+fn the_next_submission_number_outlives_the_tasks_that_held_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, loaded) = open(dir.path()).expect("open");
+    assert_eq!(loaded.next_submit_seq, 0);
+    commit_muts(
+        &mut conn,
+        vec![
+            Mutation::PutTask(Box::new(task("a", 0, TaskStatus::Completed))),
+            Mutation::PutTask(Box::new(task("b", 7, TaskStatus::Completed))),
+        ],
+    );
+    // Retention removes the newest; a lower mark later never lowers it.
+    let b = TaskId::parse("b").expect("id");
+    commit_muts(
+        &mut conn,
+        vec![Mutation::DeleteTask(b), Mutation::NextSubmitSeq(8)],
+    );
+    commit_muts(&mut conn, vec![Mutation::NextSubmitSeq(3)]);
+    drop(conn);
+    let (_conn, loaded) = open(dir.path()).expect("reopen");
+    assert_eq!(loaded.tasks.len(), 1);
+    assert_eq!(loaded.next_submit_seq, 8);
+}
+
+#[test]
 fn a_data_directory_the_store_makes_is_its_users_alone() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
