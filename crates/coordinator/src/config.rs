@@ -236,7 +236,7 @@ mod tests {
         let base = || CoordinatorConfig::new(&data);
         base().validate().expect("the defaults");
         type Spoil = fn(&mut CoordinatorConfig);
-        let cases: [(&str, Spoil); 6] = [
+        let cases: [(&str, Spoil); 7] = [
             ("heartbeat_interval", |c| {
                 c.heartbeat_interval = Duration::ZERO
             }),
@@ -244,6 +244,9 @@ mod tests {
                 c.heartbeat_timeout = c.heartbeat_interval
             }),
             ("max_frame", |c| c.max_frame = 1024),
+            ("max_frame", |c| {
+                c.max_frame = tether_proto::settings::MAX_FRAME + 1
+            }),
             ("max_checkpoint_bytes", |c| c.max_checkpoint_bytes = 0),
             ("max_connections", |c| c.limits.max_connections = 0),
             ("max_body", |c| c.max_body = 0),

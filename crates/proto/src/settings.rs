@@ -23,6 +23,9 @@ impl ConfigError {
 /// The smallest frame limit a library configuration runs with: room for a message's envelope
 /// and as much again for what it carries (the `tether` commands ask for 1 MiB).
 pub const MIN_FRAME: usize = 2 * crate::codec::ENVELOPE_BYTES;
+/// The largest frame limit either end takes: a message is held whole in memory (and a
+/// coordinator's state journal writes each state whole), so this bounds what one peer costs.
+pub const MAX_FRAME: usize = 256 * 1024 * 1024;
 
 /// Refuses a heartbeat interval under `min`, and a timeout that is not longer than the
 /// interval (every session would end before its first answer could come).
@@ -46,12 +49,18 @@ pub fn check_heartbeat(
     Ok(())
 }
 
-/// Refuses a frame limit under [`MIN_FRAME`].
+/// Refuses a frame limit under [`MIN_FRAME`] or over [`MAX_FRAME`].
 pub fn check_frame(max_frame: usize) -> Result<(), ConfigError> {
     if max_frame < MIN_FRAME {
         return Err(ConfigError::new(
             "max_frame",
             format!("{max_frame} bytes is too small: at least {MIN_FRAME}"),
+        ));
+    }
+    if max_frame > MAX_FRAME {
+        return Err(ConfigError::new(
+            "max_frame",
+            format!("{max_frame} bytes is too large: at most {MAX_FRAME}"),
         ));
     }
     Ok(())

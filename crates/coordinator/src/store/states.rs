@@ -57,8 +57,13 @@ pub const PIECE_STATES: usize = 64;
 
 const MAGIC: &[u8; 8] = b"TSJRNL01";
 const FRAME_HEAD: usize = 8;
-/// A frame longer than this is not one a writer made (a group is at most a few MiB).
+/// A frame longer than this is not one a writer made: a group's changes go in frames of at
+/// most [`SPLIT_AT`] plus one op, and a state is at most a message frame
+/// (`tether_proto::settings::MAX_FRAME`, 256 MiB).
 const MAX_FRAME: u32 = 1 << 30;
+/// A group's changes past this many bytes continue in another frame (a group is usually a few
+/// MiB; large states could make one past what a reader takes).
+const SPLIT_AT: usize = 256 * 1024 * 1024;
 const KIND_STATE: u8 = 1;
 const KIND_FORGET: u8 = 2;
 
@@ -267,6 +272,28 @@ impl Drop for Reaper {
 }
 
 /// Encodes a group's changes as one frame.
+/// `ops` in runs of at most `most` bytes of payload each (a run of one op may be larger).
+fn frames_of<'o, 'a>(ops: &'o [Op<'a>], most: usize) -> impl Iterator<Item = &'o [Op<'a>]> {
+    let size = |op: &Op<'_>| match *op {
+        Op::State { task, state, .. } => 16 + task.as_str().len() + state.get().len(),
+        Op::Forget(task) => 3 + task.as_str().len(),
+    };
+    let mut rest = ops;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (mut n, mut bytes) = (0, 0);
+        while n < rest.len() && (n == 0 || bytes + size(&rest[n]) <= most) {
+            bytes += size(&rest[n]);
+            n += 1;
+        }
+        let (run, after) = rest.split_at(n);
+        rest = after;
+        Some(run)
+    })
+}
+
 fn encode_frame(buf: &mut Vec<u8>, now: &str, ops: &[Op<'_>]) {
     buf.clear();
     buf.extend_from_slice(&[0; FRAME_HEAD]);
@@ -563,6 +590,8 @@ struct Journal {
     /// Appends synced so far.
     synced: u64,
     buf: Vec<u8>,
+    /// A group's frames carry at most this many bytes of changes ([`SPLIT_AT`]).
+    split_at: usize,
 }
 
 impl Journal {
@@ -647,6 +676,7 @@ impl States {
                 fold_bytes,
                 synced: 0,
                 buf: Vec::new(),
+                split_at: SPLIT_AT,
             },
             unfolded,
             next_version: 0,
@@ -662,13 +692,17 @@ impl States {
             return Ok(());
         }
         let j = &mut self.journal;
-        encode_frame(&mut j.buf, now, ops);
-        j.file.write_all(&j.buf)?;
+        // Each frame is replayed on its own: a group cut in two by a crash leaves states that
+        // were never acknowledged, which a state's resend replaces anyway.
+        for ops in frames_of(ops, j.split_at) {
+            encode_frame(&mut j.buf, now, ops);
+            j.file.write_all(&j.buf)?;
+            j.grown += j.buf.len() as u64;
+        }
         if j.sync {
             j.file.sync_data()?;
             j.synced += 1;
         }
-        j.grown += j.buf.len() as u64;
         Ok(())
     }
 
@@ -711,6 +745,12 @@ impl States {
     #[cfg(test)]
     pub fn synced(&self) -> u64 {
         self.journal.synced
+    }
+
+    /// Splits a group's changes into frames past `bytes` instead of [`SPLIT_AT`] (tests).
+    #[cfg(test)]
+    pub fn split_frames_at(&mut self, bytes: usize) {
+        self.journal.split_at = bytes;
     }
 
     /// Makes a round due now, if anything is unfolded (the writer stops; tests).
@@ -878,6 +918,30 @@ mod tests {
             attempt: 1,
             state,
         }
+    }
+
+    #[test]
+    fn a_groups_changes_go_in_runs_of_at_most_the_split_each_op_once_in_order() {
+        let (a, b, c) = (id("a"), id("b"), id("c"));
+        let (small, big) = (json("1"), json(&format!("\"{}\"", "x".repeat(100))));
+        let ops = [
+            st(&a, &small),
+            st(&b, &small),
+            st(&c, &big),
+            Op::Forget(&a),
+            st(&b, &small),
+        ];
+        // 16 + 1 + 1 bytes for each small state, 118 for the big one, 4 for the forget.
+        let runs: Vec<usize> = frames_of(&ops, 40).map(<[Op<'_>]>::len).collect();
+        assert_eq!(
+            runs,
+            [2, 1, 2],
+            "the big one alone, past the split by itself"
+        );
+        let all: Vec<usize> = frames_of(&ops, usize::MAX).map(<[Op<'_>]>::len).collect();
+        assert_eq!(all, [5]);
+        assert_eq!(frames_of(&ops, 0).count(), 5, "one op a frame at least");
+        assert_eq!(frames_of(&[], 40).count(), 0);
     }
 
     fn frame(now: &str, ops: &[Op<'_>]) -> Vec<u8> {

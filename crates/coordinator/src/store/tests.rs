@@ -951,6 +951,38 @@ fn an_empty_journal_is_refused_as_corrupt_by_name_and_left_untouched_with_the_da
 }
 
 #[test]
+fn a_group_journaled_in_several_frames_is_replayed_whole() {
+    let group = || {
+        vec![
+            new_task("a"),
+            new_task("b"),
+            state_mut("a", 1),
+            state_mut("b", 2),
+        ]
+    };
+    let (whole, split) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    Journaled::open(whole.path()).commit(group());
+    {
+        let mut j = Journaled::open(split.path());
+        j.states.split_frames_at(1);
+        j.commit(group());
+    }
+    assert!(
+        journal(split.path()).1 > journal(whole.path()).1,
+        "a frame's head for each state"
+    );
+    // As after a crash: the states come back from the journal alone.
+    let (conn, _) = open(split.path()).expect("reopen");
+    assert_eq!(
+        (state_n(&conn, "a"), state_n(&conn, "b")),
+        (Some(1), Some(2))
+    );
+}
+
+#[test]
 fn an_upgrade_reads_an_older_coordinators_journals_as_it_wrote_them_then_creates_them_whole() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
