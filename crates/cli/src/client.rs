@@ -301,23 +301,24 @@ impl Api {
 pub struct SubmitArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// A JSON file with one spec or {"tasks": [specs]}.
+    /// A JSON file with one spec or {"tasks": [specs]}: the spec comes from the file alone, so
+    /// every flag that would shape it is refused beside this one, rather than ignored.
     #[arg(long, conflicts_with = "command")]
     file: Option<PathBuf>,
     /// Priority: high, normal, low, or 0 (most urgent) to 9.
-    #[arg(long, default_value = "normal", value_parser = parse_priority)]
+    #[arg(long, default_value = "normal", value_parser = parse_priority, conflicts_with = "file")]
     priority: u8,
     /// A capability the worker must have (repeatable).
-    #[arg(long = "require")]
+    #[arg(long = "require", conflicts_with = "file")]
     requires: Vec<String>,
     /// Timeout, e.g. 10m.
-    #[arg(long, value_parser = crate::settings::parse_duration_arg)]
+    #[arg(long, value_parser = crate::settings::parse_duration_arg, conflicts_with = "file")]
     timeout: Option<std::time::Duration>,
     /// Attempts before a task lost again and again fails.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "file")]
     max_attempts: Option<u32>,
     /// A label shown in listings.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "file")]
     name: Option<String>,
     /// The task's id (default: one the coordinator makes); the same id twice is refused, so a
     /// submission whose reply was lost can be sent again safely.
@@ -743,7 +744,33 @@ mod tests {
             submit_args(&["--shell", "true", "--", "true"]).is_err(),
             "one or the other"
         );
-        assert!(submit_args(&["--file", "t.json", "--env", "A=1"]).is_err());
+        // The spec comes from the file alone: each flag that would shape it is refused beside
+        // --file, by name, rather than accepted and ignored.
+        for flag in [
+            &["--priority", "high"][..],
+            &["--require", "cuda"],
+            &["--timeout", "10m"],
+            &["--max-attempts", "3"],
+            &["--name", "bench"],
+            &["--id", "nightly-1"],
+            &["--tag", "os=linux"],
+            &["--env", "A=1"],
+            &["--cwd", "/srv"],
+            &["--shell", "true"],
+        ] {
+            let e = submit_args(&[&["--file", "t.json"][..], flag].concat())
+                .err()
+                .unwrap_or_else(|| panic!("--file with {flag:?} is refused"));
+            assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{e}");
+            assert!(e.to_string().contains(flag[0]), "{flag:?}: {e}");
+        }
+        let e = submit_args(&["--file", "t.json", "--", "true"])
+            .err()
+            .expect("--file with a command is refused");
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{e}");
+        // What does go with a file: the defaults, --watch and the client's own flags.
+        let a = submit_args(&["--file", "t.json", "--watch", "--json"]).expect("parsed");
+        assert!(a.watch && a.file.is_some());
         let a = submit_args(&[]).expect("parsed");
         let e = command_spec(&a).expect_err("nothing to run");
         assert!(e.to_string().contains("give a command"), "{e}");
