@@ -16,15 +16,24 @@ impl Drop for Killed {
     }
 }
 
+/// A free port for a worker's metrics (released just before the worker binds it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// The worker's metrics page, or `None` if nothing answers.
+async fn scrape(url: &str) -> Option<String> {
+    reqwest::get(url).await.ok()?.text().await.ok()
+}
+
 #[tokio::test]
 async fn a_worker_process_serves_its_metrics_when_asked() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
-    // A free port for the worker's metrics (released just before the worker binds it).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = free_port();
     let _worker = Killed(
         Command::new(env!("CARGO_BIN_EXE_tether"))
             .args(["--log", "warn", "worker", "--coordinator"])
@@ -50,8 +59,7 @@ async fn a_worker_process_serves_its_metrics_when_asked() {
     client.wait_status(&ids[0], "completed").await;
     let url = format!("http://127.0.0.1:{port}/metrics");
     let text = wait_for("the worker's metrics to show RTT", DEADLINE, || async {
-        let r = reqwest::get(&url).await.ok()?;
-        let text = r.text().await.ok()?;
+        let text = scrape(&url).await?;
         let rtt = metric_value(&text, &format!("{}_count", wm::HEARTBEAT_RTT), &[])?;
         (rtt > 0.0).then_some(text)
     })
@@ -112,7 +120,8 @@ async fn an_idle_worker_process_sleeps_connected_and_while_it_waits_to_reconnect
     const WINDOW: std::time::Duration = std::time::Duration::from_secs(3);
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
-    let worker = Killed(
+    let port = free_port();
+    let mut worker = Killed(
         Command::new(env!("CARGO_BIN_EXE_tether"))
             .args(["--log", "warn", "worker", "--coordinator"])
             .arg(c.ws_url())
@@ -126,6 +135,8 @@ async fn an_idle_worker_process_sleeps_connected_and_while_it_waits_to_reconnect
                 "--max-reconnect-delay",
                 "1s",
             ])
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{port}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -147,11 +158,38 @@ async fn an_idle_worker_process_sleeps_connected_and_while_it_waits_to_reconnect
         "idle and connected: {connected:.3} of a core"
     );
 
-    // The coordinator gone: the worker waits out its backoff between attempts.
+    // The coordinator gone: the worker waits out its backoff between attempts. A worker that
+    // exited (or gave up and stopped trying) would use no CPU either, its figures frozen, so
+    // the window counts only if the process is still running and kept making attempts in it
+    // (with delays from 200 ms to 1 s, three or four in 3 s; at least two asked).
     c.stop().await;
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let attempts = |text: &str| {
+        metric_value(text, wm::CONNECTION_ATTEMPTS, &[])
+            .unwrap_or_else(|| panic!("{} in:\n{text}", wm::CONNECTION_ATTEMPTS))
+    };
+    let alive = |worker: &mut Killed, when: &str| {
+        let exited = worker.0.try_wait().expect("the worker's status");
+        assert!(exited.is_none(), "the worker exited {when}: {exited:?}");
+    };
+    let first = scrape(&url).await.expect("the worker's metrics");
     let before = cpu_s(pid);
     tokio::time::sleep(WINDOW).await;
     let reconnecting = share(before);
+    alive(&mut worker, "while it should be reconnecting");
+    let last = scrape(&url)
+        .await
+        .expect("the worker's metrics after the window");
+    let made = attempts(&last) - attempts(&first);
+    assert!(
+        made >= 2.0,
+        "connection attempts made in the reconnecting window: {made}"
+    );
+    assert!(
+        metric_value(&last, wm::CONNECTION_STATE, &[("state", "failed")]) == Some(0.0)
+            && metric_value(&last, wm::CONNECTION_STATE, &[("state", "shutdown")]) == Some(0.0),
+        "the worker is still trying:\n{last}"
+    );
     assert!(
         reconnecting < AT_MOST,
         "reconnecting: {reconnecting:.3} of a core"
