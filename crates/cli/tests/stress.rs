@@ -200,6 +200,19 @@ fn steady_load_keeps_tasks_flowing_while_workers_leave_and_join() {
         "machine",
     ]);
     assert!(r["tasks_per_s"].as_f64().unwrap_or(0.0) > 0.0);
+    // Two workers a second left and joined, by the coordinator's count, and the run's verdict
+    // on churn is among those that passed.
+    assert!(r["workers_replaced"].as_u64() >= Some(2), "{r}");
+    assert!(
+        r["verdicts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(
+                |v| v["name"].as_str().is_some_and(|n| n.contains("--churn")) && v["pass"] == true
+            ),
+        "{r}"
+    );
     assert!(
         r["durability"]
             .as_str()

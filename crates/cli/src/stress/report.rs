@@ -113,6 +113,9 @@ pub struct Report {
     /// Coordinator CPU per task from the first submission until all were terminal,
     /// microseconds (steady_load).
     pub coordinator_us_per_task: Option<f64>,
+    /// steady_load: workers replaced during the run by the coordinator's count (the fewer of
+    /// the workers known and no longer connected, and those registered after the first).
+    pub workers_replaced: Option<u64>,
     /// CPU of the simulated workers' process (it shares the machine with the coordinator).
     pub fleet_cpu_s: f64,
     /// CPU of the fault proxies' processes (`--cut` through them).
@@ -247,6 +250,12 @@ impl Report {
             row("tasks per second end to end", format!("{v:.0}"));
         }
         row("tasks", self.tasks.to_string());
+        if let Some(v) = self.workers_replaced {
+            row(
+                "workers replaced (left and joined), coordinator's count",
+                v.to_string(),
+            );
+        }
         if let Some(v) = self.checkpoints {
             row("checkpoints written", v.to_string());
         }

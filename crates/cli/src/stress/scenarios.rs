@@ -388,6 +388,27 @@ impl Run {
         self.api.get("/api/v1/overview").await.context("overview")
     }
 
+    /// Workers that left and workers that joined after the first `initial`, by the
+    /// coordinator's count: known and not connected, known beyond the first `initial`. Waits
+    /// up to [`SETTLE_LIMIT`] for `asked` of each (the last round's may still be closing or
+    /// registering), then says what there is.
+    async fn churned(&self, initial: u64, asked: u64) -> anyhow::Result<(u64, u64)> {
+        let deadline = Instant::now() + SETTLE_LIMIT;
+        loop {
+            let o = self.overview().await?;
+            let count = |k: &str| o[k].as_u64().unwrap_or(0);
+            let known = count("workers_known");
+            let (left, joined) = (
+                known.saturating_sub(count("workers_connected")),
+                known.saturating_sub(initial),
+            );
+            if (left >= asked && joined >= asked) || Instant::now() > deadline {
+                return Ok((left, joined));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn counter(&self, name: &str) -> anyhow::Result<u64> {
         Ok(self.counters([name]).await?[0])
     }
@@ -805,12 +826,25 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
     run.wait_all_terminal().await?;
     let elapsed = t0.elapsed().as_secs_f64();
     let c1 = run.coord.sample().cpu_s;
+    let (left, joined) = run.churned(n, replaced).await?;
     let r = &mut run.report;
     r.coordinator_us_per_task = Some((c1 - c0) * 1e6 / submitted_in_window.max(1) as f64);
     let tps = submitted_in_window as f64 / elapsed;
     r.tasks_per_s = Some(tps);
+    // Replaced: a worker gone from the coordinator, and a new one registered in its place.
+    r.workers_replaced = Some(left.min(joined));
+    if per_churn > 0 {
+        // A run asked to churn that did not measured a steady load without it.
+        r.verdict(
+            "workers left and joined as --churn asked",
+            left >= replaced && joined >= replaced,
+            format!(
+                "by the coordinator's count {left} left and {joined} joined; {replaced} of each asked"
+            ),
+        );
+    }
     r.notes.push(format!(
-        "{replaced} workers replaced during the run (every second {per_churn} left, alternately crashing and shutting down, and as many joined); {slots} slots per worker"
+        "every second {per_churn} workers left (alternately crashing and shutting down) and as many joined; {slots} slots per worker"
     ));
     r.target(
         "at least 20,000 trivial tasks per second end to end with 100 workers",
