@@ -230,7 +230,7 @@ fn netns_unavailable() -> Option<String> {
 #[test]
 fn workers_in_network_namespaces_survive_a_kernel_link_down_and_a_kernel_paced_link() {
     if let Some(why) = netns_unavailable() {
-        eprintln!("skipped: workers in network namespaces need root and iproute2 ({why})");
+        tether_testkit::skip_unless_ci("root and iproute2 for network namespaces", &why);
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

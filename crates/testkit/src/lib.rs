@@ -28,6 +28,25 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// Whether this is a CI run: the environment variable `CI` set (`.ci/run` exports `CI=true`)
+/// to anything but empty, `false` or `0`.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "false" | "0"))
+}
+
+/// For a test whose environment is missing (`needs`: what it needs; `why`: what is missing).
+/// In CI, where `.ci/run` provides that environment, it fails the test: a skip there would
+/// pass without testing anything. Elsewhere it prints that the test is skipped, and the
+/// caller returns.
+#[track_caller]
+pub fn skip_unless_ci(needs: &str, why: &str) {
+    assert!(
+        !in_ci(),
+        "this test needs {needs}, and in CI (CI is set) a missing one is a failure, not a skip: {why}"
+    );
+    eprintln!("skipped: this test needs {needs} ({why}); with CI set it fails instead");
+}
+
 /// The messages of a frame's JSON: the elements of a batch, or the message itself.
 pub fn messages_of(v: serde_json::Value) -> Vec<serde_json::Value> {
     match v {

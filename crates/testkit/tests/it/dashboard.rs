@@ -1,6 +1,6 @@
 //! The dashboard in a real headless chromium: a real coordinator, real workers (one behind the
-//! fault proxy), the page fed by its event stream. Skipped, with a line that says so, where
-//! chromium is not installed (`.ci/run` installs it).
+//! fault proxy), the page fed by its event stream. Where chromium is not installed, skipped
+//! with a line that says so, or failed in CI (`CI` set: `.ci/run` installs it).
 
 use std::time::Duration;
 
@@ -13,6 +13,15 @@ use tether_worker::{ConnState, Executors};
 use crate::browser::{Browser, chromium};
 use crate::faults::proxy_in_front;
 
+/// Says the test is skipped, or fails it in CI (which installs chromium).
+#[track_caller]
+fn no_browser() {
+    skip_unless_ci(
+        "a headless chromium (Debian's chromium, or TETHER_CHROMIUM)",
+        &format!("nothing at {}", chromium().display()),
+    );
+}
+
 fn worker_state(id: &str) -> String {
     format!("document.querySelector('#workers tr[data-worker=\"{id}\"]')?.dataset.state ?? null")
 }
@@ -24,10 +33,7 @@ fn task_status(id: &str) -> String {
 #[tokio::test]
 async fn the_dashboard_shows_the_fleet_a_task_and_a_worker_cut_off_and_back() {
     let Some(mut browser) = Browser::start().await else {
-        println!(
-            "skipped: no browser at {} (install Debian's chromium, or set TETHER_CHROMIUM)",
-            chromium().display()
-        );
+        no_browser();
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
@@ -217,10 +223,7 @@ async fn with_tokens_the_dashboard_asks_for_one_and_its_controls_need_the_admin_
     use tether_coordinator::auth::{ApiTokens, Scope};
     use tether_proto::auth::Secret;
     let Some(mut browser) = Browser::start().await else {
-        println!(
-            "skipped: no browser at {} (install Debian's chromium, or set TETHER_CHROMIUM)",
-            chromium().display()
-        );
+        no_browser();
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
