@@ -11,7 +11,7 @@ use tether_proto::WorkerId;
 use super::netns::NetFleet;
 use super::observe::{self, Observation, Watcher};
 use super::plan::{Disruption, Kind, MAX_HOLD};
-use super::procs::{Coordinator, Worker};
+use super::procs::{self, Coordinator, Worker};
 
 /// How long the fleet gets to be whole again after a disruption.
 pub const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -35,6 +35,39 @@ fn fired(s: &FaultStats) -> bool {
         || s.bytes_corrupted > 0
         || s.connections_reset > 0
         || s.connections_closed > 0
+}
+
+/// Whether taking the proxies down did what it says: every link that was open before is
+/// closed (`before` and `after`: the proxies' counters summed, around going down), there
+/// were links to close, and the listeners refuse connections (`refused`).
+fn proxies_went_down(before: &ProxyStats, after: &ProxyStats, refused: bool) -> bool {
+    before.connections_active > 0
+        && after.connections_active == 0
+        && after
+            .connections_closed
+            .saturating_sub(before.connections_closed)
+            >= before.connections_active
+        && refused
+}
+
+/// Whether a connection to every address in `addrs` is refused now.
+async fn all_refuse(addrs: impl IntoIterator<Item = std::net::SocketAddr>) -> bool {
+    for a in addrs {
+        match tokio::net::TcpStream::connect(a).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Whether a kill's exit status shows a SIGKILL, and what it shows.
+fn killed(status: Option<std::process::ExitStatus>) -> (bool, String) {
+    match status {
+        _ if procs::killed_by_sigkill(status) => (true, "ended by SIGKILL".into()),
+        Some(s) => (false, format!("not ended by SIGKILL: {s}")),
+        None => (false, "no process to kill".into()),
+    }
 }
 
 /// Waits until `f` holds or `limit` passes; returns whether it held.
@@ -86,6 +119,9 @@ impl System {
         let started_at = Utc::now();
         let mut note = String::new();
         let mut shape_stats = None;
+        // What shows that a disruption without counters of its own took effect, and whether
+        // it does.
+        let mut evidence = None;
         let fault_stats = match (&d.fault, d.kind) {
             (Some(kind), _) => {
                 let mut fault = Fault::new(
@@ -109,9 +145,28 @@ impl System {
                 Some(guards.into_iter().map(FaultGuard::remove).sum())
             }
             (None, Kind::ProxyDown) => {
+                let before = self.proxy_stats();
                 for p in &self.proxies {
                     p.down().await;
                 }
+                let after = self.proxy_stats();
+                let refused = all_refuse(self.proxies.iter().map(Proxy::listen_addr)).await;
+                evidence = Some((
+                    proxies_went_down(&before, &after, refused),
+                    format!(
+                        "{} links open before, {} after, {} closed; listeners {}",
+                        before.connections_active,
+                        after.connections_active,
+                        after
+                            .connections_closed
+                            .saturating_sub(before.connections_closed),
+                        if refused {
+                            "refused a connection"
+                        } else {
+                            "still accepted a connection"
+                        }
+                    ),
+                ));
                 tokio::time::sleep(d.hold).await;
                 for p in &self.proxies {
                     p.up().await?;
@@ -127,6 +182,12 @@ impl System {
                 if !self.silence_detected(t, started_at, d.hold).await {
                     note = format!("not seen to take effect within {:?}", d.hold);
                 }
+                // Still down at the end of the hold, by the kernel's own account.
+                let state = net.operstate(i)?;
+                evidence = Some((
+                    state == "down",
+                    format!("host end operstate {state} at the end of the hold"),
+                ));
                 net.set_link(i, true).await?;
                 None
             }
@@ -141,14 +202,14 @@ impl System {
             }
             (None, Kind::WorkerKill) => {
                 if let Some(w) = d.target.and_then(|i| self.workers.get_mut(i)) {
-                    w.kill().await;
+                    evidence = Some(killed(w.kill().await));
                     tokio::time::sleep(d.hold).await;
                     w.start()?;
                 }
                 None
             }
             (None, Kind::CoordinatorKill) => {
-                self.coordinator.kill().await;
+                evidence = Some(killed(self.coordinator.kill().await));
                 tokio::time::sleep(d.hold).await;
                 self.coordinator.restart().await?;
                 None
@@ -169,12 +230,13 @@ impl System {
         }
         let fleet_recovered = self.wait_whole().await;
         let malformed_frames = malformed(self).await.saturating_sub(malformed_before);
-        let fired = match (&fault_stats, &shape_stats) {
-            (Some(s), _) => fired(s),
+        let fired = match (&fault_stats, &shape_stats, &evidence) {
+            (Some(s), _, _) => fired(s),
             // The kernel's filter held packets back or dropped them.
-            (None, Some(s)) => s.fired(),
-            // Processes, the listener, links: done by this run itself, checked by detection.
-            (None, None) => true,
+            (None, Some(s), _) => s.fired(),
+            // The process's exit status, the proxies' links and listeners, the link's state.
+            (None, None, Some((shown, _))) => *shown,
+            (None, None, None) => false,
         };
         Ok(Observation {
             index: d.index,
@@ -186,12 +248,13 @@ impl System {
             fault_stats,
             shape_stats,
             fired,
+            evidence: evidence.map(|(_, e)| e),
             malformed_frames,
             worker_detect_ms: BTreeMap::new(),
             worker_detect_dead: BTreeMap::new(),
             coordinator_detect_ms: BTreeMap::new(),
             recover_ms: BTreeMap::new(),
-            detected: false,
+            detected: None,
             recovered: false,
             fleet_recovered,
             note,
@@ -314,5 +377,45 @@ impl System {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn links(active: u64, closed: u64) -> ProxyStats {
+        ProxyStats {
+            connections_active: active,
+            connections_closed: closed,
+            ..ProxyStats::default()
+        }
+    }
+
+    #[test]
+    fn the_proxies_went_down_only_if_every_open_link_closed_and_the_listeners_refuse() {
+        assert!(proxies_went_down(&links(3, 5), &links(0, 8), true));
+        // A listener still accepting, a link still open, links not closed, nothing to close.
+        assert!(!proxies_went_down(&links(3, 5), &links(0, 8), false));
+        assert!(!proxies_went_down(&links(3, 5), &links(1, 7), true));
+        assert!(!proxies_went_down(&links(3, 5), &links(0, 7), true));
+        assert!(!proxies_went_down(&links(0, 5), &links(0, 5), true));
+    }
+
+    #[tokio::test]
+    async fn a_closed_listener_refuses_and_an_open_one_does_not() {
+        let open = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let (open_addr, closed_addr) = (
+            open.local_addr().expect("addr"),
+            closed.local_addr().expect("addr"),
+        );
+        drop(closed);
+        assert!(all_refuse([closed_addr]).await);
+        assert!(!all_refuse([closed_addr, open_addr]).await);
     }
 }

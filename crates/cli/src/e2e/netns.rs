@@ -220,6 +220,16 @@ impl NetFleet {
         }
         Ok(())
     }
+
+    /// The kernel's operational state of the host end of worker `i`'s veth (`up`, `down`,
+    /// ...), as `/sys/class/net/<if>/operstate` says.
+    pub fn operstate(&self, i: usize) -> anyhow::Result<String> {
+        let l = self.link(i)?;
+        let path = format!("/sys/class/net/{}/operstate", l.host_if);
+        let state =
+            std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+        Ok(state.trim().to_owned())
+    }
 }
 
 impl NetFleet {

@@ -146,7 +146,13 @@ pub struct Observation {
     /// The kernel filter's counters, for `link_crawl`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shape_stats: Option<super::netns::ShapeStats>,
+    /// Whether it took effect: the proxy's or the kernel's counters show it did something,
+    /// or (for kinds without counters) the `evidence` shows it.
     pub fired: bool,
+    /// For kinds without counters, what shows they took effect: the killed process's exit
+    /// status, the proxies' links and listeners after going down, the link's state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<String>,
     /// Frames the coordinator could not decode, or (with integrity tags) verify, during the
     /// disruption.
     pub malformed_frames: u64,
@@ -159,7 +165,9 @@ pub struct Observation {
     /// Removal to the registration after the worker's last loss in the window (0 when it was
     /// back before the removal), per worker that lost its session.
     pub recover_ms: BTreeMap<String, f64>,
-    pub detected: bool,
+    /// Whether it was noticed where it must be (see [`Observation::analyse`]); `None` for
+    /// the kinds that have nothing to notice ([`Kind::detectable`]).
+    pub detected: Option<bool>,
     pub recovered: bool,
     /// Recovery of the whole fleet was seen before the next disruption.
     pub fleet_recovered: bool,
@@ -233,28 +241,24 @@ impl Observation {
                 self.recover_ms.insert(worker.clone(), recovery);
             }
         }
-        self.detected = match self.kind {
+        // Each from evidence the run did not make itself: the workers' event logs, the
+        // coordinator's view and counters. A disruption that affected no worker noticed
+        // nothing.
+        let every =
+            |f: &dyn Fn(&String) -> bool| !self.affected.is_empty() && self.affected.iter().all(f);
+        let lost = |w: &String| self.worker_detect_ms.contains_key(w);
+        self.detected = self.kind.detectable().then(|| match self.kind {
             Kind::WorkerKill => self
                 .target
                 .as_ref()
                 .is_some_and(|t| self.coordinator_detect_ms.contains_key(t)),
-            Kind::Blackhole | Kind::LinkDown => self.affected.iter().all(|w| {
+            Kind::Blackhole | Kind::LinkDown => every(&|w| {
                 self.worker_detect_dead.get(w) == Some(&true)
                     && self.coordinator_detect_ms.contains_key(w)
             }),
-            Kind::Corrupt => {
-                self.malformed_frames > 0
-                    || self
-                        .affected
-                        .iter()
-                        .all(|w| self.worker_detect_ms.contains_key(w))
-            }
-            k if k.cuts() => self
-                .affected
-                .iter()
-                .all(|w| self.worker_detect_ms.contains_key(w)),
-            _ => self.fired,
-        };
+            Kind::Corrupt => self.malformed_frames > 0 || every(&lost),
+            _ => every(&lost),
+        });
         // Workers the disruption had to cut, and any other that lost its session meanwhile.
         let must_recover: Vec<&String> = logs
             .keys()
@@ -297,12 +301,13 @@ mod tests {
             fault_stats: None,
             shape_stats: None,
             fired: true,
+            evidence: None,
             malformed_frames: 0,
             worker_detect_ms: BTreeMap::new(),
             worker_detect_dead: BTreeMap::new(),
             coordinator_detect_ms: BTreeMap::new(),
             recover_ms: BTreeMap::new(),
-            detected: false,
+            detected: None,
             recovered: false,
             fleet_recovered: true,
             note: String::new(),
@@ -347,7 +352,7 @@ mod tests {
             vec![registered(-5_000), lost(1_600, true), registered(3_700)],
         )]);
         o.analyse(&logs, &[sample(3_000)], at(10_000));
-        assert!(o.detected && o.recovered, "{o:?}");
+        assert!(o.detected == Some(true) && o.recovered, "{o:?}");
         assert_eq!(o.worker_detect_ms["w1"], 1_600.0);
         assert_eq!(o.coordinator_detect_ms["w1"], 3_000.0);
         assert_eq!(o.recover_ms["w1"], 200.0);
@@ -358,12 +363,12 @@ mod tests {
         let logs = BTreeMap::from([("w1".to_owned(), vec![lost(1_600, true), registered(3_700)])]);
         let mut o = blackhole();
         o.analyse(&logs, &[], at(10_000));
-        assert!(!o.detected);
+        assert_eq!(o.detected, Some(false));
         let closed =
             BTreeMap::from([("w1".to_owned(), vec![lost(1_600, false), registered(3_700)])]);
         let mut o = blackhole();
         o.analyse(&closed, &[sample(3_000)], at(10_000));
-        assert!(!o.detected);
+        assert_eq!(o.detected, Some(false));
     }
 
     #[test]
@@ -371,7 +376,7 @@ mod tests {
         let logs = BTreeMap::from([("w1".to_owned(), vec![lost(1_600, true)])]);
         let mut o = blackhole();
         o.analyse(&logs, &[sample(3_000)], at(10_000));
-        assert!(o.detected && !o.recovered, "{o:?}");
+        assert!(o.detected == Some(true) && !o.recovered, "{o:?}");
         // A registration before the loss does not end it.
         let logs = BTreeMap::from([("w1".to_owned(), vec![registered(3_600), lost(3_650, true)])]);
         let mut o = blackhole();
@@ -391,8 +396,45 @@ mod tests {
         )]);
         let mut o = blackhole();
         o.analyse(&logs, &[sample(3_000)], at(10_000));
-        assert!(o.detected && o.recovered, "{o:?}");
+        assert!(o.detected == Some(true) && o.recovered, "{o:?}");
         assert_eq!(o.recover_ms["w1"], 7_500.0);
+    }
+
+    /// A slow link's detection is not applicable, whatever it fired; a cut's comes from the
+    /// logs and the coordinator's view, not from its firing.
+    #[test]
+    fn detection_is_not_applicable_to_a_slow_link_and_not_taken_from_firing() {
+        let quiet = BTreeMap::from([("w1".to_owned(), vec![registered(-5_000)])]);
+        for kind in [Kind::Latency, Kind::Bandwidth, Kind::Slicer, Kind::Stall] {
+            let mut o = Observation {
+                kind,
+                ..blackhole()
+            };
+            o.analyse(&quiet, &[], at(10_000));
+            assert_eq!(o.detected, None, "{kind:?}");
+        }
+        for kind in [
+            Kind::Reset,
+            Kind::ProxyDown,
+            Kind::WorkerKill,
+            Kind::CoordinatorKill,
+        ] {
+            let mut o = Observation {
+                kind,
+                ..blackhole()
+            };
+            assert!(o.fired);
+            o.analyse(&quiet, &[], at(10_000));
+            assert_eq!(o.detected, Some(false), "{kind:?}");
+        }
+        // Affecting nobody, a cut noticed nothing.
+        let mut o = Observation {
+            kind: Kind::Reset,
+            affected: vec![],
+            ..blackhole()
+        };
+        o.analyse(&quiet, &[], at(10_000));
+        assert_eq!(o.detected, Some(false));
     }
 
     /// A worker back before the removal recovered at once, whatever later disruptions do to it.

@@ -105,6 +105,18 @@ impl Kind {
         )
     }
 
+    /// Whether something independent of the run shows that the disruption was noticed: a
+    /// session it ended in the worker's own log, the coordinator's disconnect, frames it
+    /// counted undecodable. The slow links (latency, bandwidth, slicer, stall, link_crawl) are
+    /// meant to be ridden through: nothing records noticing them, and their detection is not
+    /// applicable rather than taken to be their firing.
+    pub fn detectable(self) -> bool {
+        !matches!(
+            self,
+            Kind::Latency | Kind::Bandwidth | Kind::Slicer | Kind::Stall | Kind::LinkCrawl
+        )
+    }
+
     /// Whether it aims at one worker (the others aim at every worker).
     pub fn targeted(self) -> bool {
         matches!(

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -60,11 +60,18 @@ fn spawn(exe: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
 }
 
 /// SIGKILL and reap the process in `slot`, if there is one.
-async fn kill(slot: &mut Option<Child>) {
-    if let Some(mut child) = slot.take() {
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-    }
+/// SIGKILL the process in `slot`; how it ended (`None`: there was no process, or its status
+/// could not be read).
+async fn kill(slot: &mut Option<Child>) -> Option<ExitStatus> {
+    let mut child = slot.take()?;
+    let _ = child.start_kill();
+    child.wait().await.ok()
+}
+
+/// Whether `status` says the process was ended by SIGKILL (not one that had exited already).
+pub fn killed_by_sigkill(status: Option<ExitStatus>) -> bool {
+    use std::os::unix::process::ExitStatusExt as _;
+    status.and_then(|s| s.signal()) == Some(nix::sys::signal::Signal::SIGKILL as i32)
 }
 
 /// SIGTERM the process in `slot`, then SIGKILL after [`STOP_GRACE`].
@@ -163,8 +170,9 @@ impl Coordinator {
         }
     }
 
-    pub async fn kill(&mut self) {
-        kill(&mut self.child).await;
+    /// SIGKILL; how the process ended.
+    pub async fn kill(&mut self) -> Option<ExitStatus> {
+        kill(&mut self.child).await
     }
 
     pub async fn stop(&mut self) {
@@ -276,8 +284,9 @@ impl Worker {
         }
     }
 
-    pub async fn kill(&mut self) {
-        kill(&mut self.child).await;
+    /// SIGKILL; how the process ended.
+    pub async fn kill(&mut self) -> Option<ExitStatus> {
+        kill(&mut self.child).await
     }
 
     pub async fn stop(&mut self) {
@@ -335,5 +344,42 @@ impl Api {
             bail!("POST {path}: HTTP {}: {v}", status.as_u16());
         }
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_a_process_ended_by_sigkill_counts_as_killed() {
+        let start = |program: &str, args: &[&str]| {
+            Some(
+                Command::new(program)
+                    .args(args)
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("spawn"),
+            )
+        };
+        let mut slot = start("sleep", &["30"]);
+        assert!(killed_by_sigkill(kill(&mut slot).await));
+        assert!(slot.is_none());
+        // Nothing to kill, or a process that had already exited on its own: no kill.
+        assert!(!killed_by_sigkill(kill(&mut None).await));
+        let mut slot = start("true", &[]);
+        if let Some(c) = slot.as_mut() {
+            c.wait().await.expect("wait");
+        }
+        assert!(!killed_by_sigkill(kill(&mut slot).await));
+        // Another signal is not a SIGKILL.
+        let mut c = start("sleep", &["30"]).expect("child");
+        let pid = c.id().and_then(|p| i32::try_from(p).ok()).expect("pid");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        assert!(!killed_by_sigkill(c.wait().await.ok()));
     }
 }

@@ -56,7 +56,8 @@ impl Figures {
 pub struct KindFigures {
     pub count: usize,
     pub fired: usize,
-    pub detected: usize,
+    /// `None` for a kind with nothing to detect ([`Kind::detectable`]).
+    pub detected: Option<usize>,
     pub recovered: usize,
     pub worker_detect: Figures,
     pub coordinator_detect: Figures,
@@ -148,7 +149,9 @@ pub fn by_kind(obs: &[Observation]) -> BTreeMap<Kind, KindFigures> {
             KindFigures {
                 count: of.len(),
                 fired: of.iter().filter(|o| o.fired).count(),
-                detected: of.iter().filter(|o| o.detected).count(),
+                detected: kind
+                    .detectable()
+                    .then(|| of.iter().filter(|o| o.detected == Some(true)).count()),
                 recovered: of.iter().filter(|o| o.recovered).count(),
                 worker_detect: Figures::of(all(|o| o.worker_detect_ms.values().copied().collect())),
                 coordinator_detect: Figures::of(all(|o| {
@@ -220,7 +223,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "\n## Per kind\n\nTimes in ms, p50 / p95 / max (samples). Detection: fault to the worker declaring its session lost, or to the coordinator's disconnect time. Recovery: fault removed to the registration after the worker's last loss (0 when it was back before the removal).\n\n| kind | count | fired | detected | recovered | worker detect | coordinator detect | recovery |\n|---|---|---|---|---|---|---|---|"
+            "\n## Per kind\n\nTimes in ms, p50 / p95 / max (samples). Fired: the proxy's or the kernel's counters, or for a kill the process's exit status (SIGKILL), for proxy_down the links closed and the listeners refusing, for link_down the link's state. Detected: the workers' event logs, the coordinator's view and counters; n/a for a slow link, which nothing is meant to notice. Detection time: fault to the worker declaring its session lost, or to the coordinator's disconnect time. Recovery: fault removed to the registration after the worker's last loss (0 when it was back before the removal).\n\n| kind | count | fired | detected | recovered | worker detect | coordinator detect | recovery |\n|---|---|---|---|---|---|---|---|"
         );
         for (k, f) in &self.by_kind {
             let _ = writeln!(
@@ -229,7 +232,7 @@ impl Report {
                 k.as_str(),
                 f.count,
                 f.fired,
-                f.detected,
+                f.detected.map_or_else(|| "n/a".into(), |n| n.to_string()),
                 f.recovered,
                 f.worker_detect.cell(),
                 f.coordinator_detect.cell(),
@@ -238,7 +241,7 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "\n## Disruptions\n\n| # | kind | target | held ms | counters | detected | recovered | note |\n|---|---|---|---|---|---|---|---|"
+            "\n## Disruptions\n\n| # | kind | target | held ms | counters or evidence | fired | detected | recovered | note |\n|---|---|---|---|---|---|---|---|---|"
         );
         for o in &self.disruptions {
             let held = (o.removed_at - o.started_at).num_milliseconds();
@@ -262,14 +265,16 @@ impl Report {
                         )
                     })
                 })
+                .or_else(|| o.evidence.clone())
                 .unwrap_or_else(|| "-".into());
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {held} | {counters} | {} | {} | {} |",
+                "| {} | {} | {} | {held} | {counters} | {} | {} | {} | {} |",
                 o.index,
                 o.kind.as_str(),
                 o.target.as_deref().unwrap_or("all"),
-                o.detected,
+                o.fired,
+                o.detected.map_or_else(|| "n/a".into(), |d| d.to_string()),
                 o.recovered,
                 o.note
             );

@@ -77,7 +77,8 @@ pub struct DisruptionView {
     pub index: usize,
     pub kind: Kind,
     pub fired: bool,
-    pub detected: bool,
+    /// `None`: nothing to detect (a slow link, [`Kind::detectable`]).
+    pub detected: Option<bool>,
     pub recovered: bool,
 }
 
@@ -291,9 +292,9 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
     ));
     checks.push(check(
         "every_disruption_detected",
-        d.len(),
-        "disruptions",
-        named(|x| x.detected, "was not detected"),
+        d.iter().filter(|x| x.detected.is_some()).count(),
+        "disruptions that end sessions or damage frames (slow links have nothing to detect)",
+        named(|x| x.detected != Some(false), "was not detected"),
     ));
     checks.push(check(
         "every_disruption_recovered",
@@ -381,7 +382,7 @@ mod tests {
                 index: 0,
                 kind: Kind::Reset,
                 fired: true,
-                detected: true,
+                detected: Some(true),
                 recovered: true,
             }],
             kinds: vec![Kind::Reset],
@@ -490,8 +491,16 @@ mod tests {
     #[test]
     fn an_undetected_or_unrecovered_disruption_or_a_kind_never_run_fails() {
         let mut g = healthy();
-        g.disruptions[0].detected = false;
+        g.disruptions[0].detected = Some(false);
         assert_eq!(failing(&g), ["every_disruption_detected"]);
+        // A slow link has nothing to detect; it still has to fire and be recovered from.
+        let mut g = healthy();
+        g.disruptions[0].kind = Kind::Latency;
+        g.kinds = vec![Kind::Latency];
+        g.disruptions[0].detected = None;
+        assert!(failing(&g).is_empty());
+        g.disruptions[0].fired = false;
+        assert_eq!(failing(&g), ["every_disruption_fired"]);
         let mut g = healthy();
         g.disruptions[0].recovered = false;
         g.disruptions[0].fired = false;
