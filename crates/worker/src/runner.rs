@@ -16,6 +16,7 @@ use tether_proto::msg::{
 };
 use tether_proto::task::TaskError;
 use tether_proto::{Attempt, Outcome, TaskId, TaskRef};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::executor::{
@@ -77,6 +78,8 @@ pub struct Runner {
     local_checkpoints: Mutex<HashMap<TaskId, StoredCheckpoint>>,
     /// Checkpoints being fetched for resumed attempts.
     fetches: Fetches,
+    /// Cancelled at shutdown: a re-upload waiting for room in the outbox gives up.
+    stopping: CancellationToken,
 }
 
 /// Where an attempt resumes from.
@@ -110,6 +113,7 @@ impl Runner {
             on_started: None,
             local_checkpoints: Mutex::default(),
             fetches: Fetches::default(),
+            stopping: CancellationToken::new(),
         }
     }
 
@@ -567,7 +571,13 @@ impl Runner {
 
     /// `checkpoint_request`: re-sends the asked-for (or latest) checkpoint and asks the task for
     /// a fresh one. Returns an error message to send when there is nothing to give.
-    pub async fn checkpoint_request(&self, req: &CheckpointRequest) -> Option<WorkerMsg> {
+    ///
+    /// Never waits: it is called on the session's task, and the re-upload waits for room in
+    /// the outbox, which only the acks that task reads can make (waiting there, the session
+    /// read nothing, sent no heartbeat and never ended). The re-upload runs on a task of its
+    /// own, its pieces pushed in order; one under way for the attempt covers a request that
+    /// comes meanwhile (the task, asked again, uploads any newer checkpoint itself).
+    pub fn checkpoint_request(self: &Arc<Self>, req: &CheckpointRequest) -> Option<WorkerMsg> {
         let shared = {
             let t = self.table();
             t.running
@@ -594,11 +604,24 @@ impl Runner {
         match (own, &req.checkpoint_id) {
             (Some(cp), Some(id)) if &cp.id != id => error(format!("checkpoint {id} not found")),
             (Some(cp), _) => {
+                if shared.reuploading.swap(true, Ordering::AcqRel) {
+                    tracing::debug!(task = %req.task_id, checkpoint = %cp.id, "a re-upload of the checkpoint is under way already");
+                    return None;
+                }
                 let piece = crate::executor::piece_size(
                     self.chunk_size,
                     self.max_frame.load(Ordering::Relaxed),
                 );
-                upload_checkpoint(&self.outbox, &req.task_id, &cp, piece).await;
+                let this = self.clone();
+                self.tracker.spawn(async move {
+                    // Not stopped with the attempt: a re-upload cut short would leave the
+                    // checkpoint incomplete at the coordinator. Only shutdown gives up.
+                    tokio::select! {
+                        () = upload_checkpoint(&this.outbox, &shared.task_id, &cp, piece) => {}
+                        () = this.stopping.cancelled() => {}
+                    }
+                    shared.reuploading.store(false, Ordering::Release);
+                });
                 None
             }
             (None, Some(id)) => error(format!("checkpoint {id} not found")),
@@ -639,6 +662,7 @@ impl Runner {
 
     /// Stops every task without results (shutdown) and waits for them, up to `grace`.
     pub async fn shutdown(&self, grace: Duration) {
+        self.stopping.cancel();
         {
             let mut t = self.table();
             for r in t.running.values_mut() {

@@ -1195,7 +1195,8 @@ impl<'a> Session<'a> {
             | CoordMsg::TelemetryAck(ack) => self.on_ack(&ack, false),
             CoordMsg::Acks(acks) => self.on_acks(&acks),
             CoordMsg::CheckpointRequest(req) => {
-                if let Some(reply) = runner.checkpoint_request(&req).await {
+                // Never waits for room in the outbox: only this task reads the acks that make it.
+                if let Some(reply) = runner.checkpoint_request(&req) {
                     self.send(&reply).await?;
                 }
             }

@@ -207,6 +207,8 @@ pub(crate) struct TaskShared {
     pub latest: Mutex<Option<StoredCheckpoint>>,
     pub checkpoint_requested: AtomicBool,
     pub checkpoint_wanted: Notify,
+    /// A re-upload of the latest checkpoint (`checkpoint_request`) is under way.
+    pub reuploading: AtomicBool,
     pub state: Mutex<StateJson>,
 }
 
@@ -225,6 +227,7 @@ impl TaskShared {
             latest: Mutex::new(latest),
             checkpoint_requested: AtomicBool::new(false),
             checkpoint_wanted: Notify::new(),
+            reuploading: AtomicBool::new(false),
             state: Mutex::new(StateJson::from(serde_json::Value::Null)),
         })
     }

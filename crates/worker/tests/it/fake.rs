@@ -55,6 +55,33 @@ pub enum Script {
     /// `ack_seq` is the result's (a confused coordinator), never with its ack; records the
     /// result's outcome and acknowledges the rest.
     PieceForResult,
+    /// Assigns one task of kind [`BIG_KIND`] ([`BigCheckpoint`]), acknowledges everything like
+    /// `Healthy`, and once all the pieces of its checkpoint are in, asks for the checkpoint
+    /// again (`checkpoint_request`, as `POST /tasks/{id}/checkpoint` does); records every
+    /// `checkpoint_data` received in `pieces`.
+    RequestCheckpoint,
+}
+
+/// The kind of [`BigCheckpoint`] tasks.
+pub const BIG_KIND: &str = "big_checkpoint";
+
+/// Writes one checkpoint of `bytes` bytes (its config's `{"bytes": n}`), then waits until
+/// cancelled.
+pub struct BigCheckpoint;
+
+impl tether_worker::Executor for BigCheckpoint {
+    fn execute(
+        &self,
+        input: tether_worker::TaskInput,
+        ctx: tether_worker::TaskCtx,
+    ) -> BoxFuture<'static, Result<serde_json::Value, tether_worker::ExecError>> {
+        Box::pin(async move {
+            let bytes = input.config["bytes"].as_u64().unwrap_or(1) as usize;
+            ctx.checkpoint(vec![7u8; bytes]).await;
+            ctx.cancelled().await;
+            Err(tether_worker::ExecError::Cancelled)
+        })
+    }
 }
 
 /// Sequence numbers a fake coordinator received, each with its connection's index.
@@ -81,6 +108,9 @@ pub struct FakeConnector {
     pub received: Received,
     /// The outcome of each `task_result` received ([`Script::UnknownFetch`]).
     pub outcomes: Arc<Mutex<Vec<tether_proto::Outcome>>>,
+    /// Each `checkpoint_data` received, by checkpoint id and chunk
+    /// ([`Script::RequestCheckpoint`]).
+    pub pieces: Arc<Mutex<Vec<(String, u32)>>>,
 }
 
 impl FakeConnector {
@@ -92,6 +122,7 @@ impl FakeConnector {
             states_per_frame: Arc::default(),
             received: Arc::default(),
             outcomes: Arc::default(),
+            pieces: Arc::default(),
         }
     }
 
@@ -129,6 +160,7 @@ impl Connector for FakeConnector {
         let states = self.states_per_frame.clone();
         let received = self.received.clone();
         let outcomes = self.outcomes.clone();
+        let pieces = self.pieces.clone();
         Box::pin(async move {
             match script {
                 Script::Refuse => return Err(ConnectError::Transient("connection refused".into())),
@@ -139,20 +171,34 @@ impl Connector for FakeConnector {
                 _ => {}
             }
             let (client, server) = tokio::io::duplex(1 << 16);
-            tokio::spawn(serve(server, script, states, (conn, received), outcomes));
+            let seen = Seen {
+                states,
+                received: (conn, received),
+                outcomes,
+                pieces,
+            };
+            tokio::spawn(serve(server, script, seen));
             let io: Pin<Box<dyn Io>> = Box::pin(client);
             handshake(url, io, config).await
         })
     }
 }
 
-async fn serve(
-    io: tokio::io::DuplexStream,
-    script: Script,
-    states_per_frame: Arc<Mutex<Vec<usize>>>,
-    (conn, received): (usize, Received),
+/// What a connection of the fake coordinator records.
+struct Seen {
+    states: Arc<Mutex<Vec<usize>>>,
+    received: (usize, Received),
     outcomes: Arc<Mutex<Vec<tether_proto::Outcome>>>,
-) {
+    pieces: Arc<Mutex<Vec<(String, u32)>>>,
+}
+
+async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
+    let Seen {
+        states: states_per_frame,
+        received: (conn, received),
+        outcomes,
+        pieces,
+    } = seen;
     let Ok(mut ws) = tokio_tungstenite::accept_async(io).await else {
         return;
     };
@@ -389,9 +435,69 @@ async fn serve(
                 }
             }
         }
+        Script::RequestCheckpoint => {
+            let task_id = tether_proto::TaskId::parse("t-big").expect("id");
+            let attempt = tether_proto::Attempt(1);
+            let assignment = CoordMsg::TaskAssignment(tether_proto::msg::TaskAssignment {
+                task_id: task_id.clone(),
+                attempt,
+                kind: BIG_KIND.into(),
+                config: serde_json::json!({ "bytes": BIG_CHECKPOINT }),
+                timeout_ms: None,
+                checkpoint: None,
+                timestamp: now(),
+            });
+            if conn == 0 && ws.send(send(assignment)).await.is_err() {
+                return;
+            }
+            let (mut chunks, mut asked) = (None, false);
+            while let Some(Ok(m)) = ws.next().await {
+                if let Some(seq) = heartbeat_in(&m)
+                    && ws.send(heartbeat_reply(seq)).await.is_err()
+                {
+                    return;
+                }
+                if let Message::Text(t) = &m {
+                    match decode_worker(t.as_str()) {
+                        Ok(tether_proto::WorkerMsg::Checkpoint(c)) => chunks = Some(c.chunks),
+                        Ok(tether_proto::WorkerMsg::CheckpointData(d)) => {
+                            pieces
+                                .lock()
+                                .expect("lock")
+                                .push((d.checkpoint_id.to_string(), d.chunk));
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some((seq, ack)) = ack_of(&m) {
+                    received.lock().expect("lock").push((conn, seq));
+                    if ws.send(send(ack)).await.is_err() {
+                        return;
+                    }
+                }
+                let all_in =
+                    chunks.is_some_and(|n| pieces.lock().expect("lock").len() >= n as usize);
+                if all_in && !asked {
+                    asked = true;
+                    let request =
+                        CoordMsg::CheckpointRequest(tether_proto::msg::CheckpointRequest {
+                            task_id: task_id.clone(),
+                            attempt,
+                            checkpoint_id: None,
+                            timestamp: now(),
+                        });
+                    if ws.send(send(request)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
         Script::Refuse | Script::Unauthorized | Script::Unanswered => {}
     }
 }
+
+/// Bytes of the checkpoint a [`Script::RequestCheckpoint`] task writes.
+pub const BIG_CHECKPOINT: usize = 16 * 1024;
 
 /// The sequence number of a heartbeat frame.
 fn heartbeat_in(m: &Message) -> Option<u64> {
@@ -474,12 +580,23 @@ impl Running {
 
     /// An agent whose connections go to any connector.
     pub fn start_with(connector: impl Connector, cfg: tether_worker::WorkerConfig) -> Self {
-        let agent = tether_worker::Agent::with_transport(
-            cfg,
-            tether_worker::Executors::builtin(),
-            connector,
-        )
-        .expect("valid config");
+        Self::start_running(connector, cfg, tether_worker::Executors::builtin())
+    }
+
+    /// An agent with the built-in executors and [`BigCheckpoint`] as [`BIG_KIND`].
+    pub fn start_with_big(fake: &FakeConnector, cfg: tether_worker::WorkerConfig) -> Self {
+        let mut executors = tether_worker::Executors::builtin();
+        executors.register(BIG_KIND, BigCheckpoint);
+        Self::start_running(fake.clone(), cfg, executors)
+    }
+
+    fn start_running(
+        connector: impl Connector,
+        cfg: tether_worker::WorkerConfig,
+        executors: tether_worker::Executors,
+    ) -> Self {
+        let agent =
+            tether_worker::Agent::with_transport(cfg, executors, connector).expect("valid config");
         let handle = agent.handle();
         let stop = tokio_util::sync::CancellationToken::new();
         let run = tokio::spawn(agent.run(stop.clone()));

@@ -388,3 +388,57 @@ async fn a_worker_without_a_secret_registers_before_the_welcome_arrives() {
     assert_eq!(urls, ["ws://coordinator.invalid:1/api/v1/worker/w/ws"]);
     running.stop().await;
 }
+
+/// An operator's `checkpoint_request` while the outbox is past its bound (a checkpoint larger
+/// than the bound on its own, or a backlog after an outage): the re-upload waits for room that
+/// only acknowledgements make, and the session, which reads them, must not wait with it. It
+/// goes on reading, acknowledging and heartbeating, and the re-upload completes.
+#[tokio::test(start_paused = true)]
+async fn a_checkpoint_request_while_the_outbox_is_full_keeps_the_session_and_the_upload_completes()
+{
+    use crate::fake::BIG_CHECKPOINT;
+    let fake = FakeConnector::new(Script::RequestCheckpoint);
+    let mut cfg = config();
+    // 1 KiB pieces: the checkpoint is 17 entries, the outbox holds 4.
+    cfg.checkpoint_chunk_size = 1024;
+    cfg.outbox.max_entries = 4;
+    let chunks = BIG_CHECKPOINT / 1024;
+    let running = Running::start_with_big(&fake, cfg);
+    let handle = running.handle.clone();
+    running.wait_state(|s| s == ConnState::Connected).await;
+    let pieces = || fake.pieces.lock().expect("lock").clone();
+    let both = async {
+        while pieces().len() < 2 * chunks {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), both)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the re-upload did not complete: {} of {} pieces, {} heartbeats answered",
+                pieces().len(),
+                2 * chunks,
+                handle.stats().rtt_samples
+            )
+        });
+    // The same checkpoint twice, each piece in order.
+    let got = pieces();
+    let id = &got[0].0;
+    assert!(got.iter().all(|(c, _)| c == id), "{got:?}");
+    let order: Vec<u32> = got.iter().map(|(_, chunk)| *chunk).collect();
+    let once: Vec<u32> = (0..chunks as u32).collect();
+    assert_eq!(order, [once.clone(), once].concat());
+    // The session lived on: heartbeats still go out and come back on the one connection.
+    let beats = handle.stats().rtt_samples;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(
+        handle.stats().rtt_samples >= beats + 5,
+        "{:?}",
+        handle.stats()
+    );
+    assert_eq!(handle.state(), ConnState::Connected);
+    assert_eq!(fake.attempts().len(), 1);
+    assert!(handle.outbox.is_empty(), "{:?}", handle.outbox.snapshot());
+    running.stop().await;
+}
