@@ -208,13 +208,52 @@ impl StateJson {
 
     /// JSON text nested at most [`MAX_STATE_DEPTH`] deep, made or decoded.
     fn checked(raw: Box<serde_json::value::RawValue>) -> Result<Self, StateTextError> {
+        let state = StateJson(raw.into());
+        state.check_depth()?;
+        Ok(state)
+    }
+
+    /// Whether this state is nested at most [`MAX_STATE_DEPTH`] deep, as decoding it asks. A
+    /// state made from a tree (`From<serde_json::Value>`) is not checked when made: a sender
+    /// asks this before it sends one, since a deeper state would never be decoded, nor
+    /// acknowledged, at the other end.
+    pub fn check_depth(&self) -> Result<(), StateTextError> {
         // Each level of nesting takes an opening and a closing bracket: a text this short
         // cannot be too deep, and is not scanned (most states are).
-        if raw.get().len() > 2 * MAX_STATE_DEPTH && nesting(raw.get()) > MAX_STATE_DEPTH {
+        let text = self.get();
+        if text.len() > 2 * MAX_STATE_DEPTH && nesting(text) > MAX_STATE_DEPTH {
             return Err(StateTextError::TooDeep);
         }
-        Ok(StateJson(raw.into()))
+        Ok(())
     }
+}
+
+/// Deepest nesting of arrays and objects in a task's result that a `task_result` can carry.
+/// The result is decoded as a tree, within serde_json's recursion limit (a tree at most 127
+/// deep), and the message around it takes one level: a result nested deeper is never decoded,
+/// so never acknowledged, by the other end.
+pub const MAX_RESULT_DEPTH: usize = 126;
+
+/// The deepest nesting of arrays and objects in `v` (0 for a scalar, 1 for `[]` or `{}`),
+/// counted without recursion (a tree made by a program may be deeper than any stack) and
+/// only up to `limit + 1`: enough to tell that it is deeper than `limit`.
+pub fn value_depth(v: &serde_json::Value, limit: usize) -> usize {
+    use serde_json::Value;
+    let mut deepest = 0;
+    let mut stack: Vec<(&Value, usize)> = vec![(v, 1)];
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::Array(a) => Box::new(a.iter()),
+            Value::Object(o) => Box::new(o.values()),
+            _ => continue,
+        };
+        deepest = deepest.max(depth);
+        if deepest > limit {
+            break;
+        }
+        stack.extend(children.map(|c| (c, depth + 1)));
+    }
+    deepest
 }
 
 /// Why a text is not a task state.
@@ -931,6 +970,58 @@ mod tests {
 
     /// A state is kept as the text received, nested at most MAX_STATE_DEPTH deep; brackets
     /// inside strings (escaped quotes included) do not count.
+    fn nested(n: usize) -> serde_json::Value {
+        let mut v = serde_json::json!(1);
+        for i in 0..n {
+            v = match i % 2 {
+                0 => serde_json::json!([v]),
+                _ => serde_json::json!({ "k": v }),
+            };
+        }
+        v
+    }
+
+    /// A result nested MAX_RESULT_DEPTH deep is decoded in a `task_result`, alone or in a
+    /// batch; one level more is not (so a worker must not send one); `value_depth` tells them
+    /// apart, and a state made from a tree too deep is caught by `check_depth`.
+    #[test]
+    fn a_result_nested_up_to_the_limit_decodes_and_one_level_more_does_not() {
+        use crate::codec::{decode_worker, decode_worker_batch, encode};
+        let Some(WorkerMsg::TaskResult(sample)) = crate::samples::worker_messages()
+            .into_iter()
+            .find(|m| m.type_name() == "task_result")
+        else {
+            panic!("no task_result sample");
+        };
+        for (depth, decodes) in [(MAX_RESULT_DEPTH, true), (MAX_RESULT_DEPTH + 1, false)] {
+            let v = nested(depth);
+            assert_eq!(value_depth(&v, usize::MAX), depth);
+            assert_eq!(
+                value_depth(&v, MAX_RESULT_DEPTH) > MAX_RESULT_DEPTH,
+                !decodes
+            );
+            let mut r = sample.clone();
+            r.result = v;
+            let text = encode(&WorkerMsg::TaskResult(r));
+            assert_eq!(decode_worker(&text).is_ok(), decodes, "depth {depth}");
+            let batch = decode_worker_batch(&format!("[{text},{text}]"), 8).expect("batch");
+            assert!(batch.iter().all(|m| m.is_ok() == decodes), "depth {depth}");
+        }
+        assert_eq!(value_depth(&serde_json::json!(1), 5), 0);
+        assert_eq!(value_depth(&serde_json::json!({"a": [1, {}]}), 5), 3);
+        assert_eq!(
+            value_depth(&nested(1_000), 5),
+            6,
+            "counted only past the limit"
+        );
+        let state = StateJson::from(nested(MAX_STATE_DEPTH + 1));
+        assert_eq!(state.check_depth(), Err(StateTextError::TooDeep));
+        assert_eq!(
+            StateJson::from(nested(MAX_STATE_DEPTH)).check_depth(),
+            Ok(())
+        );
+    }
+
     #[test]
     fn a_state_keeps_its_text_and_is_refused_past_the_depth_limit() {
         let s = state(r#"{"a": [1, "]]]\"[[[[", {"b": null}]}"#).expect("state");

@@ -43,7 +43,7 @@ impl Executor for Train {
                 }
                 loss *= 0.9;
                 ctx.report_state(json!({"epoch": epoch + 1, "loss": loss}))
-                    .await;
+                    .await?;
                 // A paused task parks inside `checkpoint` until it is resumed.
                 let data = json!({"epoch": epoch + 1, "loss": loss})
                     .to_string()

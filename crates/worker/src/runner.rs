@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tether_proto::msg::{
-    CheckpointError, CheckpointPiece, CheckpointRequest, Directive, DirectiveAction, StateError,
-    StateRequest, TaskAssignment, TaskControl, TaskResult, WorkerMsg, now,
+    CheckpointError, CheckpointPiece, CheckpointRequest, Directive, DirectiveAction,
+    MAX_RESULT_DEPTH, StateError, StateRequest, TaskAssignment, TaskControl, TaskResult, WorkerMsg,
+    now,
 };
 use tether_proto::task::TaskError;
 use tether_proto::{Attempt, Outcome, TaskId, TaskRef};
@@ -464,6 +465,19 @@ impl Runner {
                 detail: None,
             });
         }
+        // Nor would one nested deeper than the other end decodes: never acknowledged, it would
+        // be sent again in every session.
+        if tether_proto::msg::value_depth(&result, MAX_RESULT_DEPTH) > MAX_RESULT_DEPTH {
+            tracing::error!(task = %task_id, attempt = %attempt, limit = MAX_RESULT_DEPTH, "the task's result is nested deeper than a message may carry; the attempt fails");
+            outcome = Outcome::Failed;
+            result = serde_json::json!({});
+            error = Some(TaskError {
+                message: format!(
+                    "the result is nested deeper than a message may carry ({MAX_RESULT_DEPTH} levels of arrays and objects); it was not sent"
+                ),
+                detail: None,
+            });
+        }
         let report = match stop {
             None => true,
             Some(StopReason::Cancelled) => true,
@@ -714,6 +728,75 @@ mod tests {
                     cp.map(|d| String::from_utf8_lossy(&d).into_owned())
                 ))
             })
+        }
+    }
+
+    /// Returns (or fails with) a result nested `config.depth` deep.
+    struct Deep;
+
+    impl Executor for Deep {
+        fn execute(
+            &self,
+            input: TaskInput,
+            _ctx: TaskCtx,
+        ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
+            Box::pin(async move {
+                let depth = input.config["depth"].as_u64().unwrap_or(0);
+                let result = (0..depth).fold(serde_json::json!(1), |v, i| match i % 2 {
+                    0 => serde_json::json!([v]),
+                    _ => serde_json::json!({ "k": v }),
+                });
+                match input.config["fail"] == true {
+                    true => Err(ExecError::Failed {
+                        message: "failed".into(),
+                        result,
+                    }),
+                    false => Ok(result),
+                }
+            })
+        }
+    }
+
+    /// A result nested deeper than the other end decodes would never be acknowledged and
+    /// would go again in every session: the attempt fails saying why, in a message that
+    /// decodes. One at the limit goes as it is.
+    #[tokio::test]
+    async fn a_result_nested_too_deep_fails_its_attempt_in_a_message_that_decodes() {
+        use tether_proto::msg::MAX_RESULT_DEPTH;
+        let mut executors = Executors::default();
+        executors.register("deep", Deep);
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner = Arc::new(Runner::new(executors, outbox.clone(), 64 * 1024));
+        let tasks = [
+            ("at-limit", MAX_RESULT_DEPTH, false),
+            ("too-deep", MAX_RESULT_DEPTH + 1, false),
+            ("failed-too-deep", 2 * MAX_RESULT_DEPTH, true),
+        ];
+        for (task, depth, fail) in tasks {
+            let mut a = assignment(task, 1, None);
+            a.kind = "deep".into();
+            a.config = serde_json::json!({ "depth": depth, "fail": fail });
+            runner.assign(a);
+        }
+        runner.tracker.close();
+        runner.tracker.wait().await;
+        let mut results = HashMap::new();
+        for (_, m) in outbox.take_unsent(100) {
+            let text = tether_proto::codec::encode(m.as_ref());
+            let decoded = tether_proto::codec::decode_worker(&text);
+            let Ok(WorkerMsg::TaskResult(r)) = decoded else {
+                panic!("{} does not decode: {decoded:?}", m.type_name());
+            };
+            results.insert(r.task_id.to_string(), r);
+        }
+        assert_eq!(results.len(), 3);
+        assert_eq!(results["at-limit"].outcome, Outcome::Completed);
+        for task in ["too-deep", "failed-too-deep"] {
+            let r = &results[task];
+            assert_eq!(r.outcome, Outcome::Failed, "{task}");
+            assert_eq!(r.result, serde_json::json!({}));
+            let error = r.error.as_ref().map(|e| e.message.as_str()).unwrap_or("");
+            assert!(error.contains("nested deeper"), "{task}: {error}");
         }
     }
 

@@ -6,7 +6,8 @@
 //! <state_dir>/
 //!   lock           "<pid> <start time>" of the process that owns the directory
 //!   worker.db      SQLite (WAL, synchronous=NORMAL): identity, outbox journal, seq high-water
-//!                  mark, tasks running now, tasks lost with the previous process, checkpoints
+//!                  mark, tasks running now, tasks lost with the previous process, checkpoints,
+//!                  journaled entries set aside at a start because they did not decode
 //!   tasks/<task>/  checkpoint directories of command tasks (owned by the executor)
 //! ```
 //!
@@ -44,6 +45,8 @@ CREATE TABLE IF NOT EXISTS lost (
 CREATE TABLE IF NOT EXISTS checkpoints (
     task_id TEXT PRIMARY KEY, checkpoint_id TEXT NOT NULL, attempt INTEGER NOT NULL,
     data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS discarded (
+    seq INTEGER PRIMARY KEY, class INTEGER NOT NULL, msg TEXT NOT NULL, reason TEXT NOT NULL);
 ";
 
 /// Why a state directory cannot be used.
@@ -362,7 +365,7 @@ fn restore(conn: &Connection, path: &Path) -> Result<Restored, StateDirError> {
         path: path.to_owned(),
         detail,
     };
-    let mut entries = Vec::new();
+    let (mut entries, mut salvaged, mut discarded) = (Vec::new(), Vec::new(), Vec::new());
     {
         let mut stmt = conn
             .prepare("SELECT seq, class, msg FROM outbox ORDER BY seq")
@@ -378,12 +381,38 @@ fn restore(conn: &Connection, path: &Path) -> Result<Restored, StateDirError> {
             .map_err(db)?;
         for row in rows {
             let (seq, class, json) = row.map_err(db)?;
-            let class = class_from(class)
-                .ok_or_else(|| corrupt(format!("outbox entry {seq} has class {class}")))?;
-            let msg: WorkerMsg = tether_proto::decode_worker(&json)
-                .map_err(|e| corrupt(format!("outbox entry {seq}: {e}")))?;
-            entries.push((class, msg));
+            match journaled(class, &json) {
+                Journaled::Entry(class, msg) => entries.push((class, msg)),
+                Journaled::Salvaged(class, msg, why) => {
+                    tracing::error!(seq, %why, "a journaled result does not decode; it is sent as the failure of its attempt");
+                    salvaged.push((seq, serde_json::to_string(&msg).unwrap_or_default()));
+                    entries.push((class, msg));
+                }
+                Journaled::Discarded(why) => {
+                    tracing::error!(seq, %why, "a journaled outbox entry does not decode; it is set aside (table discarded), not sent");
+                    discarded.push((seq, why));
+                }
+            }
         }
+    }
+    // An entry the other end could not decode either would never be acknowledged: it is not
+    // let stop the worker from starting (a worker of an earlier version journaled results and
+    // states nested too deep; nothing produces them now).
+    for (seq, json) in &salvaged {
+        conn.execute(
+            "UPDATE outbox SET msg = ?2 WHERE seq = ?1",
+            params![seq, json],
+        )
+        .map_err(db)?;
+    }
+    for (seq, why) in &discarded {
+        conn.execute(
+            "INSERT OR REPLACE INTO discarded (seq, class, msg, reason)
+             SELECT seq, class, msg, ?2 FROM outbox WHERE seq = ?1",
+            params![seq, why],
+        )
+        .and_then(|_| conn.execute("DELETE FROM outbox WHERE seq = ?1", params![seq]))
+        .map_err(db)?;
     }
     let seq_high: Option<i64> = conn
         .query_row("SELECT value FROM meta WHERE key = 'seq_high'", [], |r| {
@@ -440,6 +469,65 @@ fn restore(conn: &Connection, path: &Path) -> Result<Restored, StateDirError> {
         lost,
         checkpoints,
     })
+}
+
+/// What a journaled outbox entry is at a start.
+enum Journaled {
+    Entry(Class, WorkerMsg),
+    /// A result that does not decode, made the failure of its attempt, with why.
+    Salvaged(Class, WorkerMsg, String),
+    /// Anything else that does not decode, with why.
+    Discarded(String),
+}
+
+/// Reads a journaled outbox entry. One that does not decode is not sent as it is (the other
+/// end would not decode it either, and never acknowledge it): a result becomes the failure of
+/// its attempt, saying why, so that the attempt still ends with one result; anything else
+/// (a state, a notice, telemetry) is set aside.
+fn journaled(class: i64, json: &str) -> Journaled {
+    let Some(class) = class_from(class) else {
+        return Journaled::Discarded(format!("unknown class {class}"));
+    };
+    let error = match tether_proto::decode_worker(json) {
+        Ok(msg) => return Journaled::Entry(class, msg),
+        Err(e) => e.to_string(),
+    };
+    /// What a result is without its `result` and `error`, which are skipped unread (serde_json
+    /// skips a value of any depth without recursion).
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(rename = "type")]
+        ty: String,
+        seq: Seq,
+        task_id: TaskId,
+        attempt: Attempt,
+        #[serde(with = "tether_proto::time")]
+        started_at: chrono::DateTime<chrono::Utc>,
+        #[serde(with = "tether_proto::time")]
+        finished_at: chrono::DateTime<chrono::Utc>,
+        duration_ms: u64,
+    }
+    match serde_json::from_str::<Head>(json) {
+        Ok(h) if h.ty == "task_result" && class == Class::Result => {
+            let msg = WorkerMsg::TaskResult(tether_proto::msg::TaskResult {
+                seq: h.seq,
+                task_id: h.task_id,
+                attempt: h.attempt,
+                outcome: tether_proto::Outcome::Failed,
+                result: serde_json::json!({}),
+                error: Some(tether_proto::task::TaskError {
+                    message: format!("the result could not be sent ({error})"),
+                    detail: None,
+                }),
+                started_at: h.started_at,
+                finished_at: h.finished_at,
+                duration_ms: h.duration_ms,
+                timestamp: tether_proto::msg::now(),
+            });
+            Journaled::Salvaged(class, msg, error)
+        }
+        _ => Journaled::Discarded(error),
+    }
 }
 
 fn read_checkpoint(
@@ -634,6 +722,69 @@ mod tests {
         drop(sd);
         let (_sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
         assert!(restored.lost.is_empty());
+    }
+
+    /// Entries that do not decode (a result and a state nested too deep, journaled by a
+    /// worker that still sent them; a damaged row) do not stop the worker from starting: the
+    /// result becomes its attempt's failure, in the journal too, and the rest is set aside.
+    #[test]
+    fn journaled_entries_that_do_not_decode_do_not_stop_a_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let nested = |n: usize| (0..n).fold(serde_json::json!(1), |v, _| serde_json::json!([v]));
+        let WorkerMsg::TaskResult(mut deep) = result(1, "a") else {
+            unreachable!()
+        };
+        deep.result = nested(tether_proto::msg::MAX_RESULT_DEPTH + 1);
+        let WorkerMsg::TaskState(mut deep_state) = state(2, "b") else {
+            unreachable!()
+        };
+        deep_state.state = nested(tether_proto::msg::MAX_STATE_DEPTH + 1).into();
+        let s4 = state(4, "c");
+        {
+            let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+            sd.write(
+                Some((Class::Result, Seq(1), &WorkerMsg::TaskResult(deep.clone()))),
+                &[],
+            );
+            sd.write(
+                Some((Class::State, Seq(2), &WorkerMsg::TaskState(deep_state))),
+                &[],
+            );
+            sd.write(Some((Class::State, Seq(4), &s4)), &[]);
+            sd.conn()
+                .execute(
+                    "INSERT INTO outbox (seq, class, msg) VALUES (3, 1, '{\"type\":\"task_paused\"')",
+                    [],
+                )
+                .expect("damaged row");
+        }
+        for _ in 0..2 {
+            let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+            assert_eq!(restored.entries.len(), 2, "{:?}", restored.entries);
+            let (class, WorkerMsg::TaskResult(r)) = &restored.entries[0] else {
+                panic!("{:?}", restored.entries[0]);
+            };
+            assert_eq!(*class, Class::Result);
+            assert_eq!(
+                (r.seq, &r.task_id, r.attempt),
+                (Seq(1), &deep.task_id, deep.attempt)
+            );
+            assert_eq!(r.outcome, tether_proto::Outcome::Failed);
+            let error = r.error.as_ref().map(|e| e.message.as_str()).unwrap_or("");
+            assert!(error.contains("could not be sent"), "{error}");
+            assert_eq!(r.started_at, deep.started_at);
+            assert_eq!(restored.entries[1], (Class::State, s4.clone()));
+            assert_eq!(restored.last_seq, Seq(4));
+            let set_aside: Vec<i64> = sd
+                .conn()
+                .prepare("SELECT seq FROM discarded ORDER BY seq")
+                .expect("prepare")
+                .query_map([], |r| r.get(0))
+                .expect("query")
+                .collect::<Result<_, _>>()
+                .expect("rows");
+            assert_eq!(set_aside, [2, 3]);
+        }
     }
 
     #[test]

@@ -651,7 +651,7 @@ impl Executor for Flood {
                 sent += 1;
                 let state = StateJson::from_text(flood_state(sent, &pad))
                     .map_err(|e| ExecError::InvalidConfig(e.to_string()))?;
-                ctx.report_state(state).await;
+                ctx.report_state(state).await?;
                 shared.flood_sent.add(1);
             }
             Ok(serde_json::json!({"sent": sent}))

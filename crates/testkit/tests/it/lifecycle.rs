@@ -87,7 +87,7 @@ async fn a_result_or_state_too_large_for_a_message_is_not_sent_and_the_session_l
         executor(|input, ctx| async move {
             let n = |k: &str| input.config[k].as_u64().unwrap_or(0) as usize;
             ctx.report_state(serde_json::json!({ "pad": "s".repeat(n("state_bytes")) }))
-                .await;
+                .await?;
             if input.config["hold"] == true {
                 ctx.cancelled().await;
                 return Err(tether_worker::ExecError::Cancelled);

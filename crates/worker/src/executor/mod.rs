@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tether_proto::msg::{
-    Checkpoint, CheckpointData, StateJson, TaskNotice, TaskState, WorkerMsg, now,
+    Checkpoint, CheckpointData, StateJson, StateTextError, TaskNotice, TaskState, WorkerMsg, now,
 };
 use tether_proto::task::Blob;
 use tether_proto::{Attempt, CheckpointId, TaskId};
@@ -59,6 +59,17 @@ pub enum ExecError {
     /// tasks run on), and the attempt ends with this failure as its one result.
     #[error("executor panicked: {0}")]
     Panicked(String),
+}
+
+/// A state the worker refused to send ([`TaskCtx::report_state`]) ends the attempt as a
+/// failure saying why, for an executor that passes the error on with `?`.
+impl From<StateTextError> for ExecError {
+    fn from(e: StateTextError) -> Self {
+        ExecError::Failed {
+            message: format!("the task reported a state that cannot be sent: {e}"),
+            result: serde_json::json!({}),
+        }
+    }
 }
 
 /// Runs tasks of one kind.
@@ -324,9 +335,18 @@ impl TaskCtx {
     /// Takes a `serde_json::Value`, or a [`StateJson`] made from text the executor already has
     /// (`StateJson::from_text`), which is then sent as it is, not parsed into a tree and
     /// serialised again.
-    pub async fn report_state(&self, state: impl Into<StateJson>) {
-        self.outbox.reserve().await;
+    ///
+    /// A state nested deeper than [`tether_proto::msg::MAX_STATE_DEPTH`] is refused
+    /// ([`StateTextError::TooDeep`]) and not sent: the coordinator could not decode it, would
+    /// never acknowledge it, and the worker would resend it in every session. `?` turns the
+    /// error into the attempt's failure.
+    pub async fn report_state(&self, state: impl Into<StateJson>) -> Result<(), StateTextError> {
         let mut state = state.into();
+        if let Err(e) = state.check_depth() {
+            tracing::error!(task = %self.shared.task_id, error = %e, "a state nested too deep is refused, not sent");
+            return Err(e);
+        }
+        self.outbox.reserve().await;
         let bytes = state.get().len();
         let limit = self.max_frame.load(Ordering::Relaxed);
         // Not sent as it is when too large: it would end the session at the coordinator's
@@ -344,6 +364,7 @@ impl TaskCtx {
             self.shared.attempt,
             state,
         );
+        Ok(())
     }
 
     /// Stores a checkpoint, queues its upload in bounded pieces, and then, if the task was asked
@@ -655,10 +676,13 @@ mod tests {
     #[tokio::test]
     async fn a_state_reported_as_text_travels_as_that_text_and_coalesces() {
         let (ctx, _) = TaskCtx::detached(TaskId::parse("t").expect("id"), Attempt(1));
-        ctx.report_state(serde_json::json!({"n": 1})).await;
+        ctx.report_state(serde_json::json!({"n": 1}))
+            .await
+            .expect("sent");
         let text = r#"{ "n" : 2,"pad":"x" }"#;
         ctx.report_state(StateJson::from_text(text.into()).expect("json"))
-            .await;
+            .await
+            .expect("sent");
         let msgs = ctx.outbox.take_unsent(100);
         assert_eq!(msgs.len(), 1, "the first state was replaced while unsent");
         let WorkerMsg::TaskState(s) = msgs[0].1.as_ref() else {
@@ -667,6 +691,44 @@ mod tests {
         assert_eq!(s.state.get(), text);
         let encoded = tether_proto::codec::encode(msgs[0].1.as_ref());
         assert!(encoded.contains(text), "{encoded}");
+    }
+
+    /// A state made from a tree nested deeper than a message may carry is refused, not sent
+    /// (the coordinator's decoder would refuse it, and never acknowledge it) nor kept as the
+    /// task's state; `?` makes it the attempt's failure.
+    #[tokio::test]
+    async fn a_state_nested_too_deep_is_refused_and_not_sent() {
+        use tether_proto::msg::MAX_STATE_DEPTH;
+        let nested = |n: usize| {
+            (0..n).fold(serde_json::json!(1), |v, i| match i % 2 {
+                0 => serde_json::json!([v]),
+                _ => serde_json::json!({ "k": v }),
+            })
+        };
+        let (ctx, _) = TaskCtx::detached(TaskId::parse("t").expect("id"), Attempt(1));
+        ctx.report_state(serde_json::json!({"n": 1}))
+            .await
+            .expect("sent");
+        let deep = nested(MAX_STATE_DEPTH + 1);
+        let e = ctx.report_state(deep).await.expect_err("too deep");
+        assert_eq!(e, StateTextError::TooDeep);
+        assert_eq!(
+            *ctx.shared.state.lock().expect("lock"),
+            serde_json::json!({"n": 1}).into()
+        );
+        let sent = ctx.outbox.take_unsent(100);
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        let text = tether_proto::codec::encode(sent[0].1.as_ref());
+        assert!(tether_proto::codec::decode_worker(&text).is_ok());
+        // At the limit it goes, and decodes at the other end.
+        ctx.report_state(nested(MAX_STATE_DEPTH))
+            .await
+            .expect("sent");
+        let sent = ctx.outbox.take_unsent(100);
+        let text = tether_proto::codec::encode(sent[0].1.as_ref());
+        assert!(tether_proto::codec::decode_worker(&text).is_ok());
+        let failed = ExecError::from(e);
+        assert!(failed.to_string().contains("nested deeper"), "{failed}");
     }
 
     #[test]

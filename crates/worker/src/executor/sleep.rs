@@ -75,7 +75,7 @@ async fn run(input: TaskInput, ctx: TaskCtx) -> Result<serde_json::Value, ExecEr
                 "progress": f64::from(done) * 100.0 / f64::from(steps),
                 "current_iteration": done,
             }))
-            .await;
+            .await?;
         }
         let due = cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0 && done < steps;
         if due || (ctx.checkpoint_requested() && done < steps) {
