@@ -417,6 +417,32 @@ impl Outbox {
         out
     }
 
+    /// Puts entries taken by [`Outbox::take_unsent_within`] and then not written back as
+    /// unsent, in their place in send order. Entries no longer held (acknowledged meanwhile)
+    /// or not marked sent are left alone.
+    pub fn unsend(&self, seqs: impl IntoIterator<Item = Seq>) {
+        let mut inner = self.lock();
+        let Inner {
+            entries, unsent, ..
+        } = &mut *inner;
+        let mut any = false;
+        for seq in seqs {
+            let Some(e) = entries.get_mut(&seq.0).filter(|e| e.sent) else {
+                continue;
+            };
+            e.sent = false;
+            let queue = &mut unsent[e.class as usize];
+            if let Err(at) = queue.binary_search(&seq.0) {
+                queue.insert(at, seq.0);
+            }
+            any = true;
+        }
+        drop(inner);
+        if any {
+            self.ready.notify_one();
+        }
+    }
+
     /// Waits until an entry may be sendable.
     pub async fn ready(&self) {
         self.ready.notified().await
@@ -665,6 +691,26 @@ mod tests {
         assert_eq!(got, seqs[1..3], "in order, as many as fit");
         let rest = ob.take_unsent_within(10, usize::MAX);
         assert_eq!(rest.len(), 2);
+        assert!(!ob.has_unsent());
+    }
+
+    /// Entries taken but not written go back in their place in send order; one acknowledged
+    /// meanwhile, or never taken, is left alone.
+    #[test]
+    fn entries_taken_and_not_written_are_put_back_in_send_order() {
+        let ob = Outbox::new(Limits::default());
+        let s1 = state(&ob, "a", 1);
+        let r1 = result(&ob, "x");
+        let r2 = result(&ob, "y");
+        let taken: Vec<Seq> = ob.take_unsent(2).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(taken, [r1, r2]);
+        let s2 = state(&ob, "b", 1);
+        ob.ack(r1);
+        ob.unsend([r2, r1, s2]);
+        assert!(ob.has_unsent());
+        assert_eq!(order(&ob), vec![r2.0, s1.0, s2.0]);
+        ob.unsend([r2]);
+        assert_eq!(order(&ob), vec![r2.0]);
         assert!(!ob.has_unsent());
     }
 

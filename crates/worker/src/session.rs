@@ -515,11 +515,7 @@ impl<'a> Session<'a> {
     async fn send(&mut self, msg: &WorkerMsg) -> Result<(), String> {
         count_out(msg);
         let frame = self.frame(msg);
-        match timeout_at(self.deadline, self.ws.send(frame)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("write: {e}")),
-            Err(_) => Err(format!("write stalled: {DEAD}")),
-        }
+        write_result(timeout_at(self.deadline, self.ws.send(frame)).await)
     }
 
     fn closed_end(reason: String, code: Option<u16>) -> SessionEnd {
@@ -809,8 +805,10 @@ impl<'a> Session<'a> {
         let timer = sleep_until(armed);
         tokio::pin!(timer);
         loop {
-            if outbox.has_unsent() {
-                self.flush_outbox().await;
+            if outbox.has_unsent()
+                && let Err(reason) = self.flush_outbox().await
+            {
+                return Ok(reason);
             }
             if self.deadline < armed {
                 armed = self.deadline;
@@ -905,13 +903,19 @@ impl<'a> Session<'a> {
         }
     }
 
-    async fn flush_outbox(&mut self) {
+    /// Sends what the window has room for. The entries taken are marked sent for this session;
+    /// those whose frame a write did not take (it failed, or stalled until the liveness
+    /// deadline) are put back as unsent, since this session may go on (a frame read after the
+    /// stall moves the deadline), and they would otherwise wait for the next one, outside the
+    /// window that notices a message never acknowledged. `Err(reason)` when a write failed
+    /// (the connection is broken) or a tagged frame was not written: the session ends.
+    async fn flush_outbox(&mut self) -> Result<(), String> {
         // A window that a coordinator never acknowledges stays closed only until the message
         // waiting longest has waited the liveness timeout: that ends the session
         // (`unacknowledged`), and the next one sends it again.
         let budget = SEND_WINDOW.saturating_sub(self.window.bytes);
         if budget == 0 {
-            return;
+            return Ok(());
         }
         let taken = self.agent.outbox.take_unsent_within(SEND_BATCH, budget);
         let sent_at = Instant::now();
@@ -946,22 +950,34 @@ impl<'a> Session<'a> {
         }
         for (text, entries) in frames {
             let frame = self.frame_text(text);
-            match timeout_at(self.deadline, self.ws.feed(frame)).await {
-                Ok(Ok(())) => {
-                    for (seq, msg, bytes) in &taken[entries] {
-                        self.window.enter(Sent {
-                            seq: seq.0,
-                            bytes: *bytes,
-                            at: sent_at,
-                            in_order: !matches!(msg.as_ref(), WorkerMsg::CheckpointFetch(_)),
-                        });
-                    }
-                }
-                // Unsent entries stay in the outbox and go again next session.
-                _ => return,
+            // A feed that did not complete did not take its frame: it waited for room in the
+            // write buffer (`poll_ready`) until the deadline, or failed.
+            let fed = timeout_at(self.deadline, self.ws.feed(frame)).await;
+            if let Err(reason) = write_result(fed) {
+                let unsent = taken[entries.start..].iter().map(|(seq, _, _)| *seq);
+                self.agent.outbox.unsend(unsent);
+                // A tagged frame not written leaves a gap in the count the tags carry: every
+                // later frame would fail its tag at the coordinator.
+                return match is_liveness_timeout(&reason) && self.seal.is_none() {
+                    true => Ok(()),
+                    false => Err(reason),
+                };
+            }
+            for (seq, msg, bytes) in &taken[entries] {
+                self.window.enter(Sent {
+                    seq: seq.0,
+                    bytes: *bytes,
+                    at: sent_at,
+                    in_order: !matches!(msg.as_ref(), WorkerMsg::CheckpointFetch(_)),
+                });
             }
         }
-        let _ = timeout_at(self.deadline, self.ws.flush()).await;
+        // What was fed is in the window: a flush that stalls until the deadline (a slow link)
+        // leaves it to the window's own watch and the liveness deadline.
+        match timeout_at(self.deadline, self.ws.flush()).await {
+            Ok(Err(e)) => Err(format!("write: {e}")),
+            _ => Ok(()),
+        }
     }
 
     async fn heartbeat(&mut self) -> Result<(), String> {
@@ -1353,6 +1369,17 @@ impl Window {
     #[cfg(test)]
     fn oldest(&self) -> Option<(u64, Instant)> {
         self.sent.iter().min_by_key(|e| e.at).map(|e| (e.seq, e.at))
+    }
+}
+
+/// A write bounded by the liveness deadline: `Err(reason)` when it failed or stalled.
+fn write_result(
+    r: Result<Result<(), tokio_tungstenite::tungstenite::Error>, tokio::time::error::Elapsed>,
+) -> Result<(), String> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("write: {e}")),
+        Err(_) => Err(format!("write stalled: {DEAD}")),
     }
 }
 

@@ -60,7 +60,20 @@ pub enum Script {
     /// again (`checkpoint_request`, as `POST /tasks/{id}/checkpoint` does); records every
     /// `checkpoint_data` received in `pieces`.
     RequestCheckpoint,
+    /// Assigns one [`BIG_KIND`] task of [`STALLED_CHECKPOINT`] bytes on the first connection
+    /// and reads nothing for [`STALL`] while it still sends a frame every second (the worker's
+    /// writes fill the pipe and wait, its reads go on); then, and on later connections, like
+    /// `Healthy`, recording every `checkpoint_data` in `pieces`.
+    StallReads,
 }
+
+/// How long [`Script::StallReads`] reads nothing: more than twice the worker's liveness
+/// timeout (15 s), so that a write waits until the deadline even after a frame read in between
+/// moved it.
+pub const STALL: std::time::Duration = std::time::Duration::from_secs(40);
+
+/// Bytes of the checkpoint of [`Script::StallReads`]: pieces far larger than the pipe.
+pub const STALLED_CHECKPOINT: usize = 2 << 20;
 
 /// The kind of [`BigCheckpoint`] tasks.
 pub const BIG_KIND: &str = "big_checkpoint";
@@ -435,14 +448,18 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                 }
             }
         }
-        Script::RequestCheckpoint => {
+        Script::RequestCheckpoint | Script::StallReads => {
             let task_id = tether_proto::TaskId::parse("t-big").expect("id");
             let attempt = tether_proto::Attempt(1);
+            let bytes = match script {
+                Script::StallReads => STALLED_CHECKPOINT,
+                _ => BIG_CHECKPOINT,
+            };
             let assignment = CoordMsg::TaskAssignment(tether_proto::msg::TaskAssignment {
                 task_id: task_id.clone(),
                 attempt,
                 kind: BIG_KIND.into(),
-                config: serde_json::json!({ "bytes": BIG_CHECKPOINT }),
+                config: serde_json::json!({ "bytes": bytes }),
                 timeout_ms: None,
                 checkpoint: None,
                 timestamp: now(),
@@ -450,7 +467,18 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
             if conn == 0 && ws.send(send(assignment)).await.is_err() {
                 return;
             }
-            let (mut chunks, mut asked) = (None, false);
+            if conn == 0 && script == Script::StallReads {
+                let until = Instant::now() + STALL;
+                while Instant::now() < until {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    // An answer to no heartbeat: a frame, and nothing more.
+                    if ws.send(heartbeat_reply(0)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            // Only this script asks for the checkpoint again.
+            let (mut chunks, mut asked) = (None, script != Script::RequestCheckpoint);
             while let Some(Ok(m)) = ws.next().await {
                 if let Some(seq) = heartbeat_in(&m)
                     && ws.send(heartbeat_reply(seq)).await.is_err()

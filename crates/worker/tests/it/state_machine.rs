@@ -442,3 +442,64 @@ async fn a_checkpoint_request_while_the_outbox_is_full_keeps_the_session_and_the
     assert!(handle.outbox.is_empty(), "{:?}", handle.outbox.snapshot());
     running.stop().await;
 }
+
+/// The coordinator stops reading for longer than the liveness timeout while its frames still
+/// come: the worker's writes wait until the deadline, and the frames read after it keep the
+/// session. What the session took from the outbox and could not write goes out in it once
+/// the link reads again: every piece arrives, and nothing waits in the outbox for a session
+/// that never comes.
+#[tokio::test(start_paused = true)]
+async fn entries_a_stalled_write_did_not_take_are_sent_when_the_link_reads_again() {
+    use crate::fake::{STALL, STALLED_CHECKPOINT};
+    let fake = FakeConnector::new(Script::StallReads);
+    let cfg = config();
+    let chunks = STALLED_CHECKPOINT.div_ceil(cfg.checkpoint_chunk_size);
+    let timeout = cfg.heartbeat_timeout;
+    assert!(
+        STALL > timeout,
+        "the writes wait past the liveness deadline"
+    );
+    let running = Running::start_with_big(&fake, cfg);
+    let handle = running.handle.clone();
+    running.wait_state(|s| s == ConnState::Connected).await;
+    let started = tokio::time::Instant::now();
+    let delivered = || {
+        let mut got: Vec<u32> = fake
+            .pieces
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|p| p.1)
+            .collect();
+        got.sort_unstable();
+        got.dedup();
+        got.len()
+    };
+    let all = async {
+        while delivered() < chunks || !handle.outbox.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), all)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} of {chunks} pieces delivered; the outbox holds {:?}",
+                delivered(),
+                handle
+                    .outbox
+                    .snapshot()
+                    .iter()
+                    .map(|(_, s, m)| (s.0, m.type_name()))
+                    .collect::<Vec<_>>()
+            )
+        });
+    assert!(
+        started.elapsed() >= STALL,
+        "delivered only after the stall: {:?}",
+        started.elapsed()
+    );
+    // The frames that kept coming kept the session: the entries went in it.
+    assert_eq!(fake.attempts().len(), 1);
+    running.stop().await;
+}
