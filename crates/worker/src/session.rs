@@ -1252,12 +1252,18 @@ impl<'a> Session<'a> {
                 // A fetch the coordinator cannot read (one that does not know `checkpoint_fetch`:
                 // say a rollback while it was under way) is answered by no piece, ever: it ends,
                 // and its attempt starts afresh. (Slowed down, it is sent again.)
+                // It ends that fetch, and nothing else its `ref_seq` might name (a result would
+                // be dropped undelivered), as a piece does.
                 let unreadable = matches!(e.code, ErrorCode::UnknownType | ErrorCode::BadFrame);
                 if let (true, Some("checkpoint_fetch"), Some(seq)) =
                     (unreadable, e.offending_type.as_deref(), e.ref_seq)
-                    && let Some(held) = outbox.take_acked(tether_proto::Seq(seq))
-                    && let WorkerMsg::CheckpointFetch(f) = held.as_ref()
+                    && let Some(held) = outbox.held(tether_proto::Seq(seq))
                 {
+                    let WorkerMsg::CheckpointFetch(f) = held.as_ref() else {
+                        tracing::warn!(worker = %self.worker(), seq, held = held.type_name(), "an error names as a checkpoint_fetch an entry that is not one; it ends nothing");
+                        return Ok(());
+                    };
+                    outbox.ack(f.seq);
                     self.window.leave(seq);
                     runner.checkpoint_piece(tether_proto::msg::CheckpointPiece {
                         ack_seq: f.seq,

@@ -160,3 +160,29 @@ async fn a_piece_naming_a_result_does_not_acknowledge_it() {
     assert_eq!(held.len(), 1, "the result is still held: {held:?}");
     running.stop().await;
 }
+
+/// An `error` that names a `checkpoint_fetch` it could not read ends that fetch, and nothing
+/// else its `ref_seq` might name: one naming a result's `seq` (a confused coordinator, or an
+/// error forged on the wire) leaves the result held, to be sent again.
+#[tokio::test(start_paused = true)]
+async fn an_error_naming_a_result_as_a_fetch_does_not_discard_it() {
+    let (fake, running) = until_a_result(Script::ErrorForResult).await;
+    assert_eq!(
+        fake.outcomes.lock().expect("lock").len(),
+        1,
+        "the result was sent"
+    );
+    // The error came back (a round trip); the result is still held.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        running
+            .handle
+            .shared
+            .errors_received
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let held = running.handle.outbox.pending_results();
+    assert_eq!(held.len(), 1, "the result is still held: {held:?}");
+    running.stop().await;
+}

@@ -55,6 +55,9 @@ pub enum Script {
     /// `ack_seq` is the result's (a confused coordinator), never with its ack; records the
     /// result's outcome and acknowledges the rest.
     PieceForResult,
+    /// Like `PieceForResult`, with an `error` `bad_frame` that names the result's `seq` as
+    /// `ref_seq` of a `checkpoint_fetch` (a confused or forged error) instead of the piece.
+    ErrorForResult,
     /// Assigns one task of kind [`BIG_KIND`] ([`BigCheckpoint`]), acknowledges everything like
     /// `Healthy`, and once all the pieces of its checkpoint are in, asks for the checkpoint
     /// again (`checkpoint_request`, as `POST /tasks/{id}/checkpoint` does); records every
@@ -383,7 +386,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                 }
             }
         }
-        Script::UnknownFetch | Script::PieceForResult => {
+        Script::UnknownFetch | Script::PieceForResult | Script::ErrorForResult => {
             let named =
                 (script == Script::UnknownFetch).then(|| tether_proto::msg::CheckpointBlob {
                     checkpoint_id: tether_proto::CheckpointId::parse("c-1").expect("id"),
@@ -414,7 +417,14 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                         )),
                         Ok(tether_proto::WorkerMsg::TaskResult(r)) => {
                             outcomes.lock().expect("lock").push(r.outcome);
-                            if script == Script::PieceForResult {
+                            if script == Script::ErrorForResult {
+                                Some(CoordMsg::error(
+                                    tether_proto::msg::ErrorCode::BadFrame,
+                                    "undecodable checkpoint_fetch",
+                                    Some("checkpoint_fetch".into()),
+                                    Some(r.seq.0),
+                                ))
+                            } else if script == Script::PieceForResult {
                                 Some(CoordMsg::CheckpointPiece(
                                     tether_proto::msg::CheckpointPiece {
                                         ack_seq: r.seq,
