@@ -408,9 +408,11 @@ impl Agent {
 
     async fn connect_loop(&mut self, shutdown: &CancellationToken) -> Result<(), AgentError> {
         let mut backoff = Backoff::new(self.cfg.backoff);
-        // Refusals by the coordinator since the last registration. One may be a frame damaged
-        // on the wire (a flipped bit in a signature reads as a wrong secret); the same refusal
-        // on several fresh connections is the coordinator's answer.
+        // Refusals by the coordinator since the last registration, at the upgrade (401, 403,
+        // an untrusted certificate: counted in `dial`) or in the session (close 4001-4003,
+        // `unauthorized`, `incompatible_protocol`). One may be a frame damaged on the wire (a
+        // flipped bit in a signature reads as a wrong secret), a proxy's hiccup or a forgery;
+        // the same refusal on several fresh connections is the coordinator's answer.
         let mut refusals = 0u32;
         let mut waited = Duration::ZERO;
         // Whether the path swallowed what was sent: the last registered session ended by the
@@ -420,7 +422,10 @@ impl Agent {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
-            let (ws, generation) = match self.dial(&mut backoff, waited, silent, shutdown).await {
+            let dialed = self
+                .dial(&mut backoff, waited, silent, &mut refusals, shutdown)
+                .await;
+            let (ws, generation) = match dialed {
                 Dialed::Open(ws, generation) => (ws, generation),
                 Dialed::Refused(reason) => return Err(AgentError::Refused(reason)),
                 Dialed::GaveUp(attempts) => return Err(AgentError::GaveUp { attempts }),

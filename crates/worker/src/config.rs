@@ -72,9 +72,10 @@ pub struct WorkerConfig {
     /// Refuse a coordinator whose `welcome` does not ask for per-message integrity tags
     /// (without this, tags are used exactly when the coordinator asks).
     pub require_message_mac: bool,
-    /// Refusals by the coordinator (wrong secret, incompatible protocol...) on this many
-    /// connections in a row, with no registration between them, stop the worker for good;
-    /// fewer are retried, since a frame damaged on the wire can read as a refusal.
+    /// Refusals by the coordinator (HTTP 401 or 403 at the upgrade, a certificate not trusted,
+    /// a wrong secret, an incompatible protocol...) on this many connections in a row, with no
+    /// registration between them, stop the worker for good; fewer are retried with backoff,
+    /// since a frame damaged on the wire, a proxy's hiccup or a forgery can read as a refusal.
     pub refusals_before_stop: u32,
     /// Certificates (PEM) to trust for `wss://`; the system's roots when `None`.
     pub ca_file: Option<PathBuf>,

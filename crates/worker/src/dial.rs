@@ -46,7 +46,8 @@ const TWIN_DROPPED: &str = "dropped for another attempt beside it";
 pub(crate) enum Dialed {
     /// A WebSocket is open (boxed: the other outcomes are small); the attempt's generation.
     Open(Box<WsStream>, u64),
-    /// The coordinator refused this worker at the upgrade (401, 403, a TLS certificate).
+    /// The coordinator refused this worker at the upgrade (401, 403, a TLS certificate) on
+    /// the last of `refusals_before_stop` connections in a row.
     Refused(String),
     /// `max_attempts` attempts failed in a row.
     GaveUp(u32),
@@ -104,11 +105,17 @@ impl Agent {
     /// the delay waited before it), each next one a backoff delay after the newest failed or,
     /// on a `silent` path (or once an attempt timed out), when the newest is still unanswered,
     /// a backoff delay after it started.
+    ///
+    /// A refusal at the upgrade counts in `refusals` (the coordinator's refusals since the last
+    /// registration): one may be an answer damaged on the wire, a proxy's hiccup or forged by
+    /// someone on the path, so it is retried like a failure until the refusals reach
+    /// `refusals_before_stop`.
     pub(crate) async fn dial(
         &mut self,
         backoff: &mut Backoff,
         waited: Duration,
         mut silent: bool,
+        refusals: &mut u32,
         shutdown: &CancellationToken,
     ) -> Dialed {
         let mut under_way: VecDeque<Dialing> = VecDeque::with_capacity(MAX_UNDER_WAY);
@@ -135,9 +142,23 @@ impl Agent {
                                 .store(a.delay.as_micros() as u64, Ordering::Relaxed);
                             return Dialed::Open(ws, a.generation);
                         }
-                        Ended::Refused(reason) => return Dialed::Refused(reason),
-                        ended @ (Ended::Failed(_) | Ended::TimedOut) => {
+                        Ended::Refused(reason)
+                            if *refusals + 1 >= self.cfg.refusals_before_stop =>
+                        {
+                            *refusals += 1;
+                            self.attempt_failed(a.generation, &reason);
+                            for twin in &under_way {
+                                self.twin_dropped(twin.generation);
+                            }
+                            return Dialed::Refused(reason);
+                        }
+                        ended @ (Ended::Refused(_) | Ended::Failed(_) | Ended::TimedOut) => {
                             let reason = match ended {
+                                Ended::Refused(reason) => {
+                                    *refusals += 1;
+                                    tracing::warn!(worker = %self.cfg.worker_id, generation = a.generation, %reason, refusals = *refusals, stop_after = self.cfg.refusals_before_stop, "coordinator refused this worker at the upgrade; trying again in case the answer was damaged or forged");
+                                    reason
+                                }
                                 Ended::Failed(reason) => reason,
                                 _ => {
                                     silent = true;

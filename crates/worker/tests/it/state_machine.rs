@@ -144,18 +144,40 @@ async fn after_a_closed_session_a_slow_attempt_is_waited_for_alone() {
     running.stop().await;
 }
 
+/// A refusal at the upgrade (HTTP 401) counts towards `refusals_before_stop` like a refusal in
+/// the session: the worker backs off and tries again, and stops, with the reason, only once
+/// refused on that many connections in a row. One refusal (a proxy's hiccup, a forged answer)
+/// does not stop it for good.
 #[tokio::test(start_paused = true)]
-async fn a_permanent_refusal_is_reported_and_not_retried() {
+async fn refusals_at_the_upgrade_stop_the_worker_only_after_refusals_before_stop_in_a_row() {
     let fake = FakeConnector::new(Script::Unauthorized);
-    let agent = agent(&fake, config());
+    let cfg = config();
+    assert_eq!(cfg.refusals_before_stop, 3);
+    let agent = agent(&fake, cfg);
     let handle = agent.handle();
     let r = agent.run(CancellationToken::new()).await;
     match r {
         Err(AgentError::Refused(reason)) => assert!(reason.contains("401"), "{reason}"),
         other => panic!("expected a refusal, got {other:?}"),
     }
-    assert_eq!(fake.attempts().len(), 1);
+    assert_eq!(
+        gaps(&fake.attempts()),
+        [1_000, 2_000],
+        "backed off between them"
+    );
     assert_eq!(handle.state(), ConnState::Failed);
+    assert_eq!(handle.stats().failed_connections, 3);
+
+    // Refused once, then let in: it registers and keeps working.
+    let fake = FakeConnector::new(Script::Unauthorized);
+    let running = Running::start(&fake, config());
+    while fake.attempts().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    fake.set(Script::Healthy);
+    running.wait_state(|s| s == ConnState::Connected).await;
+    assert_eq!(gaps(&fake.attempts()), [1_000]);
+    running.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
