@@ -635,6 +635,11 @@ impl Running {
     ) -> Self {
         let agent =
             tether_worker::Agent::with_transport(cfg, executors, connector).expect("valid config");
+        Self::start_agent(agent)
+    }
+
+    /// Runs an agent built by the test (with an ack hook, say) on its own task.
+    pub fn start_agent(agent: tether_worker::Agent) -> Self {
         let handle = agent.handle();
         let stop = tokio_util::sync::CancellationToken::new();
         let run = tokio::spawn(agent.run(stop.clone()));

@@ -41,15 +41,25 @@ pub enum Mode {
     Hold,
 }
 
+/// A result's key, as a coordinator records it.
+type Key = (TaskId, Attempt);
+
 /// The fake coordinator's record: the ground truth of the simulation.
 #[derive(Debug, Default)]
 pub struct Truth {
     /// Registrations answered.
     pub registrations: u64,
+    /// The connection of each registration answered.
+    pub registered_on: Vec<usize>,
     /// Connections on which a second registration arrived (must stay 0).
     pub double_registrations: u64,
-    /// Times each (task, attempt) result was recorded (must end at 1).
-    pub recorded: HashMap<(TaskId, Attempt), u32>,
+    /// Times each (task, attempt) result was recorded, as a coordinator that keys results by
+    /// (task, attempt) records them: the first copy; a later one is a duplicate (docs/PROTOCOL.md
+    /// section 8). So at most 1: a task missing here is a result lost.
+    pub recorded: HashMap<Key, u32>,
+    /// The connection (its index among the attempts) that carried each copy of each result,
+    /// in the order they arrived.
+    pub copies: HashMap<Key, Vec<usize>>,
     /// Results received again after they were recorded (acknowledged as duplicates).
     pub duplicates: u64,
     /// Tasks to hand out at the first registration.
@@ -65,6 +75,9 @@ pub struct SimNet {
     /// The worker's ends of connections open now (attempts under way and the session), and
     /// the most ever open at once.
     pub open: Arc<(AtomicU64, AtomicU64)>,
+    /// The worker's side: for each result, the connection whose session first handed its
+    /// acknowledgement to the worker (from the agent's ack hook).
+    pub acked_on: Arc<Mutex<HashMap<Key, usize>>>,
 }
 
 impl SimNet {
@@ -78,7 +91,31 @@ impl SimNet {
             attempts: Arc::default(),
             dropped: Arc::default(),
             open: Arc::default(),
+            acked_on: Arc::default(),
         }
+    }
+
+    /// A worker whose connections go through this network, its acknowledgements of results
+    /// noted in [`SimNet::acked_on`].
+    pub fn start(&self, cfg: WorkerConfig) -> Running {
+        let agent = tether_worker::Agent::with_transport(
+            cfg,
+            tether_worker::Executors::builtin(),
+            self.clone(),
+        )
+        .expect("valid config");
+        let shared = agent.handle().shared;
+        let acked_on = self.acked_on.clone();
+        let agent = agent.on_ack(move |_, held| {
+            if let Some(WorkerMsg::TaskResult(r)) = held {
+                // Sessions run one at a time and dial nothing while they live: the latest
+                // attempt's generation is the session's, and attempt `g` is connection `g - 1`.
+                let conn = shared.generation.load(Ordering::SeqCst) as usize - 1;
+                let mut a = acked_on.lock().expect("lock");
+                a.entry((r.task_id.clone(), r.attempt)).or_insert(conn);
+            }
+        });
+        Running::start_agent(agent)
     }
 
     pub fn set(&self, m: Mode) {
@@ -100,7 +137,11 @@ impl Connector for SimNet {
         url: String,
         config: WebSocketConfig,
     ) -> BoxFuture<'static, Result<WsStream, ConnectError>> {
-        self.attempts.lock().expect("lock").push(Instant::now());
+        let conn = {
+            let mut a = self.attempts.lock().expect("lock");
+            a.push(Instant::now());
+            a.len() - 1
+        };
         let net = self.clone();
         Box::pin(async move {
             let (client, near) = tokio::io::duplex(1 << 16);
@@ -119,7 +160,7 @@ impl Connector for SimNet {
                 net.mode.subscribe(),
                 net.dropped.clone(),
             ));
-            tokio::spawn(serve(server, net.truth.clone()));
+            tokio::spawn(serve(server, net.truth.clone(), conn));
             let io: Pin<Box<dyn Io>> = Box::pin(Counted::new(client, net.open.clone()));
             handshake(url, io, config).await
         })
@@ -218,9 +259,9 @@ async fn pump(
     }
 }
 
-/// One connection of the fake coordinator: welcome, registration, heartbeat replies, the
+/// Connection `conn` of the fake coordinator: welcome, registration, heartbeat replies, the
 /// assignments at the first registration, and acks that say what was recorded.
-async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>) {
+async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>, conn: usize) {
     let Ok(mut ws) = tokio_tungstenite::accept_async(io).await else {
         return;
     };
@@ -258,6 +299,7 @@ async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>) {
                 let assign = {
                     let mut t = truth.lock().expect("lock");
                     t.registrations += 1;
+                    t.registered_on.push(conn);
                     if registered {
                         t.double_registrations += 1;
                     }
@@ -292,18 +334,18 @@ async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>) {
             }
             WorkerMsg::TaskResult(r) => {
                 let mut t = truth.lock().expect("lock");
-                let n = t
-                    .recorded
-                    .entry((r.task_id.clone(), r.attempt))
-                    .or_default();
-                *n += 1;
-                let d = if *n == 1 {
-                    Disposition::Recorded
-                } else {
-                    // Recorded once; the count is put back and the repeat counted apart.
-                    *n = 1;
-                    t.duplicates += 1;
-                    Disposition::Duplicate
+                let key = (r.task_id.clone(), r.attempt);
+                t.copies.entry(key.clone()).or_default().push(conn);
+                // Recorded once, by (task, attempt); a copy of a recorded result is a duplicate.
+                let d = match t.recorded.contains_key(&key) {
+                    false => {
+                        t.recorded.insert(key, 1);
+                        Disposition::Recorded
+                    }
+                    true => {
+                        t.duplicates += 1;
+                        Disposition::Duplicate
+                    }
                 };
                 vec![CoordMsg::TaskResultAck(ack(r.seq, Some(r.task_id), d))]
             }
@@ -364,16 +406,41 @@ fn tasks(rng: &mut SmallRng, n: usize) -> Vec<(TaskId, u64)> {
         .collect()
 }
 
-/// Every task's result recorded exactly once; nothing left to deliver.
+/// Every task's result recorded, once; nothing left to deliver; and no result sent again
+/// once the worker had its acknowledgement.
+///
+/// A copy received twice is allowed (the coordinator keys results by (task, attempt) and
+/// answers `duplicate`, docs/PROTOCOL.md section 8), but only while the worker could not know
+/// it arrived: its acknowledgement was lost, or held back, with a session. Once a session
+/// handed the worker the acknowledgement, the result has left its outbox, and no later
+/// connection may carry it: a worker that sent acknowledged results again at each reconnect
+/// would cost the coordinator a duplicate per result per reconnect, for ever.
 async fn assert_each_result_recorded_once(net: &SimNet, run: &Running, n: usize) {
     let end = Instant::now() + Duration::from_secs(600);
     while net.truth(|t| t.recorded.len()) < n || !run.handle.outbox.pending_results().is_empty() {
         assert!(Instant::now() < end, "results still missing");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let acked_on = net.acked_on.lock().expect("lock").clone();
     net.truth(|t| {
         assert_eq!(t.recorded.len(), n, "{:?}", t.recorded);
         assert!(t.recorded.values().all(|c| *c == 1), "{:?}", t.recorded);
+        let copies: usize = t.copies.values().map(Vec::len).sum();
+        assert_eq!(copies as u64, n as u64 + t.duplicates, "{:?}", t.copies);
+        for (key, conns) in &t.copies {
+            let acked = acked_on.get(key);
+            assert!(acked.is_some(), "{key:?}: the worker never had its ack");
+            let resent: Vec<usize> = conns
+                .iter()
+                .copied()
+                .filter(|c| acked.is_some_and(|a| c > a))
+                .collect();
+            assert!(
+                resent.is_empty(),
+                "{key:?} was acknowledged to the worker on connection {acked:?}, and sent again \
+                 on {resent:?} (every copy: {conns:?})"
+            );
+        }
     });
 }
 
@@ -401,7 +468,7 @@ async fn a_partition_is_detected_within_the_timeout_and_reconnects_follow_the_ba
     // Longer than any delay: attempts into the partition are never answered and never time
     // out before the next one is due.
     cfg.connect_timeout = Duration::from_secs(10);
-    let run = Running::start_with(net.clone(), cfg);
+    let run = net.start(cfg);
     let h = run.handle.clone();
     run.wait_state(|s| s == ConnState::Connected).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -486,7 +553,7 @@ async fn a_partition_is_detected_within_the_timeout_and_reconnects_follow_the_ba
 #[tokio::test(start_paused = true)]
 async fn a_hold_shorter_than_the_timeout_loses_nothing_and_keeps_the_session() {
     let net = SimNet::new(vec![(TaskId::parse("t0").expect("id"), 4_000)]);
-    let run = Running::start_with(net.clone(), config());
+    let run = net.start(config());
     let h = run.handle.clone();
     run.wait_state(|s| s == ConnState::Connected).await;
     let states = record_states(&run);
@@ -510,7 +577,7 @@ async fn a_hold_shorter_than_the_timeout_loses_nothing_and_keeps_the_session() {
 #[tokio::test(start_paused = true)]
 async fn a_hold_longer_than_the_timeout_is_declared_dead_and_the_held_result_is_recorded_once() {
     let net = SimNet::new(vec![(TaskId::parse("t0").expect("id"), 4_000)]);
-    let run = Running::start_with(net.clone(), config());
+    let run = net.start(config());
     let h = run.handle.clone();
     run.wait_state(|s| s == ConnState::Connected).await;
     tokio::time::sleep(Duration::from_millis(2_500)).await;
@@ -542,12 +609,12 @@ async fn a_hold_longer_than_the_timeout_is_declared_dead_and_the_held_result_is_
 
 #[tokio::test(start_paused = true)]
 async fn seeded_partitions_and_holds_deliver_every_result_once_over_one_live_session() {
-    let (mut detections, mut outages) = (0, 0);
+    let (mut detections, mut outages, mut exposed) = (0, 0, 0);
     for seed in 1..=12u64 {
         let mut rng = SmallRng::seed_from_u64(seed);
         let n = rng.random_range(2..=6);
         let net = SimNet::new(tasks(&mut rng, n));
-        let run = Running::start_with(net.clone(), config());
+        let run = net.start(config());
         let h = run.handle.clone();
         run.wait_state(|s| s == ConnState::Connected).await;
         let states = record_states(&run);
@@ -585,6 +652,16 @@ async fn seeded_partitions_and_holds_deliver_every_result_once_over_one_live_ses
             detections += 1;
         }
         outages += h.registrations() - 1;
+        // Results acknowledged to the worker before a later session registered: a worker that
+        // sent acknowledged results again would have sent these.
+        let last = net.truth(|t| t.registered_on.iter().copied().max().unwrap_or(0));
+        exposed += net
+            .acked_on
+            .lock()
+            .expect("lock")
+            .values()
+            .filter(|&&a| a < last)
+            .count();
         // A registration whose ack the network ate counts on the far side only; none came
         // twice on one connection.
         assert!(
@@ -598,4 +675,8 @@ async fn seeded_partitions_and_holds_deliver_every_result_once_over_one_live_ses
     // The seeds do exercise the corners: silent links detected, sessions re-established.
     assert!(detections >= 6, "{detections} detections checked");
     assert!(outages >= 6, "{outages} reconnections");
+    assert!(
+        exposed >= 10,
+        "{exposed} results acknowledged before a later session"
+    );
 }
