@@ -30,6 +30,16 @@ use crate::outbox::{Class, Outbox};
 /// Finished attempts remembered to ignore a duplicated assignment.
 const DONE_MEMORY: usize = 4096;
 
+/// Longest a newer attempt of a task waits for the older one it superseded, still running here,
+/// to end before it starts (and unpacks its checkpoint into the directory they share): the
+/// `command` executor's kill grace, the reading of its output meanwhile, and a second to spare.
+/// An executor that takes longer is not waited for (the wait is logged).
+pub const PREDECESSOR_GRACE: Duration = Duration::from_secs(
+    crate::executor::command::KILL_GRACE.as_secs()
+        + crate::executor::command::PIPE_DRAIN_GRACE.as_secs()
+        + 1,
+);
+
 /// Called when a task leaves the running set.
 pub type FinishedHook = Arc<dyn Fn(&TaskId, Attempt) + Send + Sync>;
 
@@ -81,6 +91,25 @@ pub struct Runner {
     fetches: Fetches,
     /// Cancelled at shutdown: a re-upload waiting for room in the outbox gives up.
     stopping: CancellationToken,
+}
+
+/// Waits, up to [`PREDECESSOR_GRACE`], until the older attempt a newer one superseded has ended:
+/// both use the task's checkpoint directory (and its process-group record), and the older may
+/// still write there while its processes shut down. Not cut short when the newer is stopped
+/// meanwhile: the one after it waits for the newer only.
+async fn wait_for_predecessor(older: &TaskShared, newer: &TaskShared) {
+    if older.ended.is_cancelled() {
+        return;
+    }
+    let t0 = tokio::time::Instant::now();
+    match tokio::time::timeout(PREDECESSOR_GRACE, older.ended.cancelled()).await {
+        Ok(()) => {
+            tracing::info!(task = %newer.task_id, attempt = %newer.attempt, older = %older.attempt, ms = t0.elapsed().as_millis() as u64, "the older attempt ended; the newer starts");
+        }
+        Err(_) => {
+            tracing::warn!(task = %newer.task_id, attempt = %newer.attempt, older = %older.attempt, grace_ms = PREDECESSOR_GRACE.as_millis() as u64, "the older attempt has not ended within the grace; the newer starts anyway");
+        }
+    }
 }
 
 /// Where an attempt resumes from.
@@ -252,20 +281,23 @@ impl Runner {
     /// Starts an assignment, unless this attempt already runs or finished here.
     pub fn assign(self: &Arc<Self>, a: TaskAssignment) {
         let key = (a.task_id.clone(), a.attempt);
-        let (shared, fetch) = {
+        let (shared, fetch, predecessor) = {
             let mut t = self.table();
             if t.done.contains(&key) {
                 tracing::debug!(task = %a.task_id, attempt = %a.attempt, "assignment of a finished attempt ignored");
                 return;
             }
+            let mut predecessor = None;
             if let Some(r) = t.running.get_mut(&a.task_id) {
                 if r.shared.attempt >= a.attempt {
                     tracing::debug!(task = %a.task_id, attempt = %a.attempt, "duplicate assignment ignored");
                     return;
                 }
-                // An older attempt of the same task is superseded by this one.
+                // An older attempt of the same task is superseded by this one, which starts
+                // once it ended.
                 r.stop = Some(StopReason::Superseded);
                 r.shared.cancel.cancel();
+                predecessor = Some(r.shared.clone());
             }
             let (latest, fetch) = match self.resume_point(&a) {
                 Resume::Afresh => (None, None),
@@ -284,11 +316,15 @@ impl Runner {
                     stop: None,
                 },
             );
-            (shared, fetch)
+            (shared, fetch, predecessor)
         };
         let this = self.clone();
-        self.tracker
-            .spawn(async move { this.execute(a, shared, fetch).await });
+        self.tracker.spawn(async move {
+            if let Some(older) = predecessor {
+                wait_for_predecessor(&older, &shared).await;
+            }
+            this.execute(a, shared, fetch).await
+        });
     }
 
     /// A piece of a checkpoint being fetched (`checkpoint_piece`).
@@ -387,6 +423,8 @@ impl Runner {
             },
             None => run.await,
         };
+        // The executor returned: it touches the task's directory no more.
+        shared.ended.cancel();
         let stop = {
             let mut t = self.table();
             let stop = match t.running.get(&task_id) {
@@ -798,6 +836,99 @@ mod tests {
             let error = r.error.as_ref().map(|e| e.message.as_str()).unwrap_or("");
             assert!(error.contains("nested deeper"), "{task}: {error}");
         }
+    }
+
+    /// A newer attempt of a task that still runs here (the coordinator requeued it while this
+    /// worker was away, and handed it back) shares its checkpoint directory and process-group
+    /// record with the older one, which gets a kill grace to end. The newer waits for it: it
+    /// unpacks its checkpoint only once the older can write no more, and the older's end does
+    /// not remove the newer's record (a crash would then leave the newer's group running).
+    #[tokio::test]
+    async fn a_newer_attempt_starts_once_the_older_one_of_its_task_ended() {
+        use crate::executor::command::CommandExecutor;
+        let root = tempfile::tempdir().expect("tempdir");
+        let mut executors = Executors::default();
+        executors.register(
+            "command",
+            CommandExecutor::default().with_kill_grace(Duration::from_secs(5)),
+        );
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner = Arc::new(
+            Runner::new(executors, outbox.clone(), 64 * 1024)
+                .with_checkpoint_root(root.path().to_owned()),
+        );
+        let command = |attempt: u32, shell: &str, checkpoint: Option<Vec<u8>>| {
+            let mut a = assignment("t", attempt, None);
+            a.kind = "command".into();
+            a.config = serde_json::json!({ "shell": shell });
+            a.checkpoint = checkpoint.map(|data| CheckpointBlob {
+                checkpoint_id: CheckpointId::parse("c-1").expect("id"),
+                attempt: Attempt(attempt - 1),
+                data: Some(Blob(data)),
+                size: None,
+            });
+            a
+        };
+        // The older attempt writes into its directory while it shuts down.
+        runner.assign(command(
+            1,
+            r#"trap 'sleep 0.5; echo late > "$TETHER_CHECKPOINT_DIR/late"; exit 0' TERM
+               touch "$TETHER_CHECKPOINT_DIR/ready"
+               while :; do sleep 0.05; done"#,
+            None,
+        ));
+        let ready = root.path().join("t").join("ready");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !ready.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "attempt 1 never started"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let saved = tempfile::tempdir().expect("tempdir");
+        std::fs::write(saved.path().join("saved"), "1").expect("write");
+        let checkpoint = crate::executor::packing::pack(saved.path()).expect("pack");
+        // The newer, once the older surely ended: what its directory holds, and its record.
+        runner.assign(command(
+            2,
+            r#"sleep 1.5
+               ls "$TETHER_CHECKPOINT_DIR"
+               echo "pgid $$"
+               cat "$TETHER_CHECKPOINT_DIR.group" || echo "no record""#,
+            Some(checkpoint),
+        ));
+        runner.tracker.close();
+        tokio::time::timeout(Duration::from_secs(30), runner.tracker.wait())
+            .await
+            .expect("both attempts ended");
+        let results: Vec<TaskResult> = outbox
+            .take_unsent(100)
+            .into_iter()
+            .filter_map(|(_, m)| match m.as_ref() {
+                WorkerMsg::TaskResult(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(results.len(), 1, "the superseded attempt reports nothing");
+        assert_eq!(results[0].attempt, Attempt(2));
+        let out = results[0].result["stdout_tail"]
+            .as_str()
+            .unwrap_or_default();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines.first(),
+            Some(&"saved"),
+            "the checkpoint alone, nothing the older attempt wrote: {out}"
+        );
+        let pgid = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("pgid "))
+            .unwrap_or("?");
+        assert!(
+            lines.iter().any(|l| l.starts_with(&format!("{pgid} "))),
+            "the newer attempt's record is there: {out}"
+        );
     }
 
     fn stored(id: &str, attempt: u32, data: &str) -> StoredCheckpoint {

@@ -250,7 +250,7 @@ async fn run(
     }
     let mut guard = GroupGuard {
         pgid: Some(pgid),
-        record,
+        record: record.map(|file| (file, pgid)),
     };
     tracing::debug!(task_id = %ctx.task_id(), attempt = %ctx.attempt(), pid = pgid.as_raw(), program = %plan.program, "command started");
 
@@ -671,10 +671,11 @@ fn live_member_in_proc(pgid: Pid) -> Option<bool> {
 }
 
 /// Kills the process group if the execution is dropped before it ended the group itself, and
-/// removes the group's record (see [`super::orphans`]) once the group is gone.
+/// removes the group's record (see [`super::orphans`]) once the group is gone, if the record is
+/// still this group's: a newer attempt of the task may have recorded its own in the same file.
 struct GroupGuard {
     pgid: Option<Pid>,
-    record: Option<PathBuf>,
+    record: Option<(PathBuf, Pid)>,
 }
 
 impl GroupGuard {
@@ -689,8 +690,8 @@ impl Drop for GroupGuard {
         if let Some(pgid) = self.pgid {
             signal_group(pgid, Signal::SIGKILL);
         }
-        if let Some(file) = &self.record {
-            let _ = std::fs::remove_file(file);
+        if let Some((file, pgid)) = &self.record {
+            super::orphans::forget(file, *pgid);
         }
     }
 }

@@ -220,6 +220,9 @@ pub(crate) struct TaskShared {
     pub checkpoint_wanted: Notify,
     /// A re-upload of the latest checkpoint (`checkpoint_request`) is under way.
     pub reuploading: AtomicBool,
+    /// Cancelled once the executor's run has returned: the attempt touches its checkpoint
+    /// directory no more (a newer attempt of the task waits for it).
+    pub ended: CancellationToken,
     pub state: Mutex<StateJson>,
 }
 
@@ -239,6 +242,7 @@ impl TaskShared {
             checkpoint_requested: AtomicBool::new(false),
             checkpoint_wanted: Notify::new(),
             reuploading: AtomicBool::new(false),
+            ended: CancellationToken::new(),
             state: Mutex::new(StateJson::from(serde_json::Value::Null)),
         })
     }

@@ -33,6 +33,18 @@ pub(crate) fn record(file: &Path, pgid: Pid) {
     }
 }
 
+/// Removes the record of group `pgid` once it ended, unless the file records another group
+/// now (a newer attempt of the same task started and recorded its own).
+pub(crate) fn forget(file: &Path, pgid: Pid) {
+    let recorded = std::fs::read_to_string(file).ok().and_then(|content| {
+        let pid = content.split_whitespace().next()?;
+        pid.parse::<u32>().ok()
+    });
+    if recorded == Some(pgid.as_raw().unsigned_abs()) {
+        let _ = std::fs::remove_file(file);
+    }
+}
+
 /// Kills every group recorded under `tasks_root` by a previous process that still runs, and
 /// removes the records. Returns the number of groups killed.
 pub fn kill_orphans(tasks_root: &Path) -> usize {
@@ -93,5 +105,21 @@ mod tests {
         );
         assert!(!live.exists() && !stale.exists(), "records removed");
         assert_eq!(kill_orphans(dir.path()), 0);
+    }
+
+    /// A group's end removes its own record only: a newer attempt may have recorded its group
+    /// in the same file meanwhile.
+    #[test]
+    fn an_ended_group_forgets_its_own_record_and_not_a_newer_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = group_file(&dir.path().join("t"));
+        let (older, newer) = (Pid::from_raw(4_000_001), Pid::from_raw(4_000_002));
+        record(&file, older);
+        record(&file, newer);
+        forget(&file, older);
+        assert!(file.exists(), "the newer attempt's record stays");
+        forget(&file, newer);
+        assert!(!file.exists());
+        forget(&file, newer);
     }
 }
