@@ -53,6 +53,11 @@ pub const CHECKPOINT_PIECE: usize = 256 * 1024;
 /// The most bytes one `checkpoint_fetch` may ask for (and what a frame both ends take holds).
 pub const MAX_FETCH_LEN: u64 = 1024 * 1024;
 
+/// The most pieces (`checkpoint_data`) one checkpoint may come in; the coordinator refuses a
+/// `checkpoint` announcing more (each piece is a row, and its index is remembered until the
+/// checkpoint completes).
+pub const MAX_CHECKPOINT_CHUNKS: u64 = 65_536;
+
 /// Bytes of JSON that `bytes` of binary take as base64 ([`crate::task::Blob`]).
 pub fn base64_len(bytes: usize) -> usize {
     bytes.div_ceil(3).saturating_mul(4)

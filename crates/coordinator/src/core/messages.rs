@@ -5,6 +5,7 @@
 
 use std::sync::atomic::Ordering;
 
+use tether_proto::codec::MAX_CHECKPOINT_CHUNKS;
 use tether_proto::msg::{
     Checkpoint, CheckpointData, CheckpointFetch, CheckpointPiece, CoordMsg, Directive,
     DirectiveAction, Disposition, ErrorCode, PROTOCOL_VERSION, Registration, RegistrationAck,
@@ -68,9 +69,6 @@ pub(crate) const MAX_FETCHES_IN_FLIGHT: usize = 16;
 /// Incomplete checkpoints of one attempt may declare at most this many times
 /// `max_checkpoint_bytes` together.
 const INCOMPLETE_CHECKPOINTS_PER_TASK: u64 = 2;
-
-/// Pieces a checkpoint may come in, at most (the Rust worker's pieces are 256 KiB: 16 GiB).
-pub(crate) const MAX_CHECKPOINT_CHUNKS: u64 = 65_536;
 
 /// A worker's record is saved for its telemetry at most this often. The statistics are kept
 /// (and shown) from every `telemetry`, but they are monitoring data that the next report

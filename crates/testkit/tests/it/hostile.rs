@@ -760,7 +760,7 @@ async fn raw_request(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let head = format!(
-        "{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
     tcp.write_all(head.as_bytes()).await.expect("write");
     let mut reply = Vec::new();

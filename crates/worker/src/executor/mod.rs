@@ -561,7 +561,10 @@ pub(crate) async fn upload_checkpoint(
     cp: &StoredCheckpoint,
     chunk_size: usize,
 ) {
-    let chunk_size = chunk_size.max(1);
+    // Larger pieces rather than more than the coordinator takes (at the default frame limit,
+    // a checkpoint would need to pass 1 TiB for such a piece not to fit in a frame).
+    let most = usize::try_from(tether_proto::codec::MAX_CHECKPOINT_CHUNKS).unwrap_or(usize::MAX);
+    let chunk_size = chunk_size.max(1).max(cp.data.len().div_ceil(most));
     let pieces: Vec<&[u8]> = if cp.data.is_empty() {
         vec![&[][..]]
     } else {
@@ -778,6 +781,29 @@ mod tests {
             control.latest_checkpoint().as_deref().map(Vec::as_slice),
             Some(&b"0123456789"[..])
         );
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_never_comes_in_more_pieces_than_the_coordinator_takes() {
+        let outbox = Outbox::new(crate::outbox::Limits {
+            max_entries: usize::MAX,
+            max_bytes: usize::MAX,
+        });
+        let most = tether_proto::codec::MAX_CHECKPOINT_CHUNKS as usize;
+        let cp = StoredCheckpoint {
+            id: tether_proto::CheckpointId::parse("c-many").expect("id"),
+            attempt: Attempt(1),
+            data: Arc::new(vec![7; 3 * most]),
+        };
+        // Three pieces' worth at the most pieces, in pieces of 1 byte asked: 3 bytes instead.
+        upload_checkpoint(&outbox, &TaskId::parse("t").expect("id"), &cp, 1).await;
+        let msgs = outbox.take_unsent(usize::MAX);
+        let announced = msgs.iter().find_map(|(_, m)| match m.as_ref() {
+            WorkerMsg::Checkpoint(c) => Some(c.chunks),
+            _ => None,
+        });
+        assert_eq!(announced, Some(most as u32));
+        assert_eq!(msgs.len(), most + 1);
     }
 
     #[tokio::test(start_paused = true)]
