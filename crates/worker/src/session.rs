@@ -1248,7 +1248,7 @@ impl<'a> Session<'a> {
                     .shared
                     .errors_received
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(worker = %self.worker(), code = e.code.as_str(), message = %e.message, offending = ?e.offending_type, "coordinator reported an error");
+                tracing::warn!(worker = %self.worker(), code = e.code.as_str(), message = ?e.logged(), offending = ?e.offending_type, "coordinator reported an error");
                 // A fetch the coordinator cannot read (one that does not know `checkpoint_fetch`:
                 // say a rollback while it was under way) is answered by no piece, ever: it ends,
                 // and its attempt starts afresh. (Slowed down, it is sent again.)

@@ -189,10 +189,10 @@ impl Core {
             WorkerMsg::CheckpointData(d) => self.on_checkpoint_data(worker, session, d, b),
             WorkerMsg::CheckpointFetch(f) => self.on_checkpoint_fetch(worker, session, f, b),
             WorkerMsg::CheckpointError(e) => {
-                tracing::info!(worker = %worker, task = %e.task_id, error = %e.error, "worker could not serve a checkpoint request");
+                tracing::info!(worker = %worker, task = %e.task_id, error = ?e.error, "worker could not serve a checkpoint request");
             }
             WorkerMsg::StateError(e) => {
-                tracing::info!(worker = %worker, task = ?e.task_id, error = %e.error, "worker could not serve a state request");
+                tracing::info!(worker = %worker, task = ?e.task_id, error = ?e.error, "worker could not serve a state request");
             }
             WorkerMsg::TaskCancelled(n) => {
                 self.on_notice(worker, session, n, NoticeKind::CANCELLED, b)
