@@ -496,8 +496,8 @@ impl Core {
     /// arriving (an ended attempt's are dropped when the next one announces).
     fn incomplete_checkpoint_bytes(&self, task: &TaskId, attempt: Attempt) -> u64 {
         self.partial
-            .values()
-            .filter(|p| &p.meta.task_id == task && p.meta.attempt == attempt)
+            .of_task(task)
+            .filter(|p| p.meta.attempt == attempt)
             .map(|p| p.meta.size)
             .sum()
     }
@@ -541,11 +541,7 @@ impl Core {
     /// Drops the unfinished checkpoints that no lease can complete any more, of every task: at
     /// start, for uploads a previous run left (an attempt that ended while it uploaded).
     pub(super) fn drop_unleased_partials(&mut self, b: &mut Batch) {
-        let tasks: std::collections::BTreeSet<TaskId> = self
-            .partial
-            .values()
-            .map(|p| p.meta.task_id.clone())
-            .collect();
+        let tasks: Vec<TaskId> = self.partial.tasks().cloned().collect();
         for task in tasks {
             let live = self
                 .tasks
@@ -559,13 +555,10 @@ impl Core {
     /// Drops the unfinished checkpoints of `task` that no lease can complete any more: those
     /// of every attempt but `live` (all of them for `None`), from memory and the store.
     pub(super) fn drop_partials(&mut self, task: &TaskId, live: Option<Attempt>, b: &mut Batch) {
-        if self.partial.is_empty() {
-            return;
-        }
         let ended: Vec<CheckpointId> = self
             .partial
-            .values()
-            .filter(|p| &p.meta.task_id == task && Some(p.meta.attempt) != live)
+            .of_task(task)
+            .filter(|p| Some(p.meta.attempt) != live)
             .map(|p| p.meta.checkpoint_id.clone())
             .collect();
         for id in ended {
@@ -656,14 +649,11 @@ impl Core {
                         meta: meta.clone(),
                         complete: false,
                     });
-                    self.partial.insert(
-                        c.checkpoint_id.clone(),
-                        Partial {
-                            meta,
-                            received: Default::default(),
-                            bytes: 0,
-                        },
-                    );
+                    self.partial.insert(Partial {
+                        meta,
+                        received: Default::default(),
+                        bytes: 0,
+                    });
                 }
                 Disposition::Recorded
             }
@@ -1009,6 +999,22 @@ pub(crate) fn registration_refusal(worker: &WorkerId, r: &Registration) -> Optio
                 format!(
                     "coordinator speaks protocol {PROTOCOL_VERSION}, worker {}",
                     r.protocol_version
+                ),
+                Some("registration".into()),
+                None,
+            )),
+        });
+    }
+    // Every peer takes frames of this much (a frame limit below it could carry no task).
+    let least = tether_proto::settings::MIN_FRAME as u64;
+    if let Some(max) = r.max_frame.filter(|&m| m < least) {
+        return Some(Refusal {
+            code: 4002,
+            reason: "frame limit too small".into(),
+            error: Some(CoordMsg::error(
+                ErrorCode::IncompatibleProtocol,
+                format!(
+                    "registration's max_frame of {max} bytes is under the {least} every peer takes"
                 ),
                 Some("registration".into()),
                 None,

@@ -233,6 +233,70 @@ struct Partial {
     bytes: u64,
 }
 
+/// The checkpoints whose pieces are arriving, by id and by task: a lease's end looks at its
+/// task's uploads only, not every upload of the fleet.
+#[derive(Debug, Default)]
+struct Uploads {
+    by_id: IdMap<CheckpointId, Partial>,
+    by_task: IdMap<TaskId, Vec<CheckpointId>>,
+}
+
+impl Uploads {
+    fn insert(&mut self, p: Partial) {
+        let id = p.meta.checkpoint_id.clone();
+        self.by_task
+            .entry(p.meta.task_id.clone())
+            .or_default()
+            .push(id.clone());
+        if let Some(old) = self.by_id.insert(id.clone(), p) {
+            self.unindex(&old.meta.task_id, &id);
+        }
+    }
+
+    fn remove(&mut self, id: &CheckpointId) -> Option<Partial> {
+        let p = self.by_id.remove(id)?;
+        self.unindex(&p.meta.task_id, id);
+        Some(p)
+    }
+
+    fn unindex(&mut self, task: &TaskId, id: &CheckpointId) {
+        if let Some(ids) = self.by_task.get_mut(task) {
+            ids.retain(|x| x != id);
+            if ids.is_empty() {
+                self.by_task.remove(task);
+            }
+        }
+    }
+
+    fn get(&self, id: &CheckpointId) -> Option<&Partial> {
+        self.by_id.get(id)
+    }
+
+    fn get_mut(&mut self, id: &CheckpointId) -> Option<&mut Partial> {
+        self.by_id.get_mut(id)
+    }
+
+    fn contains_key(&self, id: &CheckpointId) -> bool {
+        self.by_id.contains_key(id)
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.by_id.is_empty() && self.by_task.is_empty()
+    }
+
+    /// The uploads of `task`.
+    fn of_task(&self, task: &TaskId) -> impl Iterator<Item = &Partial> {
+        let ids = self.by_task.get(task).map_or(&[][..], Vec::as_slice);
+        ids.iter().filter_map(|id| self.by_id.get(id))
+    }
+
+    /// The tasks with uploads.
+    fn tasks(&self) -> impl Iterator<Item = &TaskId> {
+        self.by_task.keys()
+    }
+}
+
 /// The core's state.
 pub struct Core {
     cfg: Arc<CoordinatorConfig>,
@@ -241,7 +305,7 @@ pub struct Core {
     workers: IdMap<WorkerId, Worker>,
     /// Workers that may have a free slot (see [`queue::plan`]).
     free: BTreeSet<WorkerId>,
-    partial: IdMap<CheckpointId, Partial>,
+    partial: Uploads,
     /// Complete checkpoints per task, oldest first, for pruning.
     checkpoint_history: IdMap<TaskId, VecDeque<CheckpointId>>,
     /// The task of every complete checkpoint kept: an id is one task's (the store keys
@@ -282,7 +346,7 @@ impl Core {
             queue: queue::Queue::default(),
             workers: IdMap::default(),
             free: BTreeSet::new(),
-            partial: IdMap::default(),
+            partial: Uploads::default(),
             checkpoint_history: IdMap::default(),
             checkpoint_owner: IdMap::default(),
             finished: BTreeSet::new(),
@@ -339,14 +403,11 @@ impl Core {
                 .push_back(id);
         }
         for (meta, received, bytes) in loaded.partial_checkpoints {
-            core.partial.insert(
-                meta.checkpoint_id.clone(),
-                Partial {
-                    meta,
-                    received: received.into_iter().collect(),
-                    bytes,
-                },
-            );
+            core.partial.insert(Partial {
+                meta,
+                received: received.into_iter().collect(),
+                bytes,
+            });
         }
         let mut gone: Vec<_> = core
             .workers

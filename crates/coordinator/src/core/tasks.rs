@@ -356,7 +356,14 @@ impl Core {
             for kept in self.checkpoint_history.remove(&id).into_iter().flatten() {
                 self.checkpoint_owner.remove(&kept);
             }
-            self.partial.retain(|_, p| p.meta.task_id != id);
+            let uploads: Vec<_> = self
+                .partial
+                .of_task(&id)
+                .map(|p| p.meta.checkpoint_id.clone())
+                .collect();
+            for upload in uploads {
+                self.partial.remove(&upload);
+            }
             b.muts.push(Mutation::DeleteTask(id));
             removed += 1;
         }

@@ -776,22 +776,19 @@ fn an_ended_attempts_unfinished_checkpoint_is_dropped_and_its_late_pieces_never_
 
     // Even an upload still known (one a previous run left) takes no piece from an ended
     // attempt.
-    h.core.partial.insert(
-        tether_proto::CheckpointId::parse("c-old").expect("id"),
-        super::Partial {
-            meta: crate::model::CheckpointMeta {
-                checkpoint_id: tether_proto::CheckpointId::parse("c-old").expect("id"),
-                task_id: t.clone(),
-                attempt: Attempt(1),
-                worker: wid("a"),
-                size: 2,
-                chunks: 2,
-                created_at: now(),
-            },
-            received: [0].into(),
-            bytes: 1,
+    h.core.partial.insert(super::Partial {
+        meta: crate::model::CheckpointMeta {
+            checkpoint_id: tether_proto::CheckpointId::parse("c-old").expect("id"),
+            task_id: t.clone(),
+            attempt: Attempt(1),
+            worker: wid("a"),
+            size: 2,
+            chunks: 2,
+            created_at: now(),
         },
-    );
+        received: [0].into(),
+        bytes: 1,
+    });
     h.frame("a", sa2, piece(5, &t, "c-old", 1, b"a"));
     assert_eq!(data_ack(&drain(&mut rxa2)), Disposition::Stale);
     let latest = h.core.tasks[&t].latest_checkpoint.clone().expect("latest");
@@ -865,7 +862,8 @@ fn a_checkpoint_with_more_pieces_than_bytes_or_another_uploads_id_is_refused() {
     assert_eq!(checkpoint_ack(&drain(&mut rxb)), Disposition::Rejected);
     h.frame("b", sb, piece(2, &other, "c-2", 0, b"12345"));
     assert_eq!(data_ack(&drain(&mut rxb)), Disposition::Rejected);
-    let p = &h.core.partial[&tether_proto::CheckpointId::parse("c-2").expect("id")];
+    let c2 = tether_proto::CheckpointId::parse("c-2").expect("id");
+    let p = h.core.partial.get(&c2).expect("c-2 uploading");
     assert_eq!((&p.meta.task_id, p.bytes), (&t, 0));
     // So does its complete one (the store keys pieces by id: a reuse would write into it).
     h.frame("a", s, piece(4, &t, "c-2", 0, b"12345"));
@@ -1372,6 +1370,20 @@ async fn a_batch_of_messages_only_skips_an_idle_writer_and_never_overtakes_an_un
     assert_eq!(stats.delivered_directly.load(Ordering::Relaxed), 1);
     stop.cancel();
     core_task.await.expect("core ends");
+}
+
+#[test]
+fn a_registration_taking_frames_under_the_least_every_peer_takes_is_refused() {
+    let mut h = Harness::new();
+    let t = h.submit();
+    let (_, mut rx) = h.connect_registering("tiny", |r| r.max_frame = Some(16 * 1024));
+    assert_eq!(close_code(&mut rx), Some(4002));
+    assert!(!h.core.workers.contains_key(&wid("tiny")), "no record");
+    assert_eq!(
+        h.core.tasks[&t].status,
+        TaskStatus::Queued,
+        "nothing leased to it"
+    );
 }
 
 #[test]
