@@ -100,6 +100,18 @@ impl Harness {
         });
     }
 
+    /// `worker`'s session ends and the worker is taken for lost: `task` goes back to the
+    /// queue (or fails, its attempts used up). The batch holds what that wrote.
+    fn lose(&mut self, worker: &str, session_id: u64, task: &TaskId) -> Batch {
+        self.step(Event::Disconnected {
+            worker: wid(worker),
+            session_id,
+        });
+        let mut b = Batch::default();
+        self.core.release_and_requeue(task, "worker lost", &mut b);
+        b
+    }
+
     fn submit(&mut self) -> TaskId {
         self.submit_spec(TaskSpec::new("sleep", serde_json::json!({})))
     }
@@ -174,13 +186,19 @@ fn result(seq: u64, task: &TaskId, attempt: u32) -> WorkerMsg {
     })
 }
 
-fn result_ack(msgs: &[CoordMsg]) -> Disposition {
+/// The disposition of the first acknowledgement of type `ty` in `msgs`.
+fn ack_of(msgs: &[CoordMsg], ty: &str) -> Disposition {
     msgs.iter()
+        .filter(|m| m.type_name() == ty)
         .find_map(|m| match m {
             CoordMsg::TaskResultAck(a) => Some(a.disposition),
-            _ => None,
+            m => m.message_ack().map(|a| a.disposition),
         })
-        .expect("a task_result_ack")
+        .unwrap_or_else(|| panic!("a {ty} in {msgs:?}"))
+}
+
+fn result_ack(msgs: &[CoordMsg]) -> Disposition {
+    ack_of(msgs, "task_result_ack")
 }
 
 #[test]
@@ -209,12 +227,7 @@ fn a_result_of_an_attempt_that_lost_its_lease_is_stale_and_one_from_a_stranger_i
     let t = h.submit();
     drain(&mut rxa);
     // a goes away; its lease is released and the task requeued (attempt 2 goes to b).
-    h.step(Event::Disconnected {
-        worker: wid("a"),
-        session_id: sa,
-    });
-    let mut b = Batch::default();
-    h.core.release_and_requeue(&t, "worker lost", &mut b);
+    h.lose("a", sa, &t);
     let (sb, mut rxb) = h.connect("b");
     assert!(
         drain(&mut rxb)
@@ -280,12 +293,7 @@ fn a_task_lost_more_than_max_attempts_times_fails_clearly() {
     for (i, w) in ["a", "b", "c"].into_iter().enumerate() {
         let (s, _rx) = h.connect(w);
         assert_eq!(h.core.tasks[&t].attempt, Attempt(i as u32 + 1));
-        h.step(Event::Disconnected {
-            worker: wid(w),
-            session_id: s,
-        });
-        let mut b = Batch::default();
-        h.core.release_and_requeue(&t, "worker lost", &mut b);
+        h.lose(w, s, &t);
     }
     let task = &h.core.tasks[&t];
     assert_eq!(task.status, TaskStatus::Failed);
@@ -719,12 +727,7 @@ fn of_attempt(mut msg: WorkerMsg, attempt: u32) -> WorkerMsg {
 }
 
 fn checkpoint_ack(msgs: &[CoordMsg]) -> Disposition {
-    msgs.iter()
-        .find_map(|m| match m {
-            CoordMsg::CheckpointAck(a) => Some(a.disposition),
-            _ => None,
-        })
-        .expect("a checkpoint_ack")
+    ack_of(msgs, "checkpoint_ack")
 }
 
 fn deleted_checkpoints(b: &Batch) -> Vec<&str> {
@@ -747,12 +750,7 @@ fn an_ended_attempts_unfinished_checkpoint_is_dropped_and_its_late_pieces_never_
     h.frame("a", sa, checkpoint(1, &t, "c-old", 2, 2));
     h.frame("a", sa, piece(2, &t, "c-old", 0, b"a"));
     drain(&mut rxa);
-    h.step(Event::Disconnected {
-        worker: wid("a"),
-        session_id: sa,
-    });
-    let mut b = Batch::default();
-    h.core.release_and_requeue(&t, "worker lost", &mut b);
+    let b = h.lose("a", sa, &t);
     assert!(h.core.partial.is_empty(), "no lease can complete it");
     assert_eq!(
         deleted_checkpoints(&b),
@@ -812,12 +810,7 @@ fn abandoned_uploads_do_not_count_against_the_next_attempts_checkpoints() {
         let id = format!("c-{w}");
         h.frame(w, s, of_attempt(checkpoint(1, &t, &id, 100, 1), attempt));
         assert_eq!(checkpoint_ack(&drain(&mut rx)), Disposition::Recorded);
-        h.step(Event::Disconnected {
-            worker: wid(w),
-            session_id: s,
-        });
-        let mut b = Batch::default();
-        h.core.release_and_requeue(&t, "worker lost", &mut b);
+        h.lose(w, s, &t);
     }
     let (s, mut rx) = h.connect("c");
     h.frame("c", s, of_attempt(checkpoint(1, &t, "c-c", 100, 1), 3));
@@ -882,12 +875,7 @@ fn a_checkpoint_with_more_pieces_than_bytes_or_another_uploads_id_is_refused() {
 }
 
 fn data_ack(msgs: &[CoordMsg]) -> Disposition {
-    msgs.iter()
-        .find_map(|m| match m {
-            CoordMsg::CheckpointDataAck(a) => Some(a.disposition),
-            _ => None,
-        })
-        .expect("a checkpoint_data_ack")
+    ack_of(msgs, "checkpoint_data_ack")
 }
 
 #[test]
