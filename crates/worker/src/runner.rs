@@ -31,9 +31,10 @@ use crate::outbox::{Class, Outbox};
 const DONE_MEMORY: usize = 4096;
 
 /// Longest a newer attempt of a task waits for the older one it superseded, still running here,
-/// to end before it starts (and unpacks its checkpoint into the directory they share): the
-/// `command` executor's kill grace, the reading of its output meanwhile, and a second to spare.
-/// An executor that takes longer is not waited for (the wait is logged).
+/// to end before it starts (and unpacks its checkpoint into the directory they share), unless
+/// its executor says otherwise ([`Executor::stop_grace`](crate::Executor::stop_grace)): the
+/// `command` executor's default kill grace, the reading of its output meanwhile, and a second
+/// to spare. An executor that takes longer is not waited for (the wait is logged).
 pub const PREDECESSOR_GRACE: Duration = Duration::from_secs(
     crate::executor::command::KILL_GRACE.as_secs()
         + crate::executor::command::PIPE_DRAIN_GRACE.as_secs()
@@ -93,21 +94,21 @@ pub struct Runner {
     stopping: CancellationToken,
 }
 
-/// Waits, up to [`PREDECESSOR_GRACE`], until the older attempt a newer one superseded has ended:
+/// Waits, up to `grace`, until the older attempt a newer one superseded has ended:
 /// both use the task's checkpoint directory (and its process-group record), and the older may
 /// still write there while its processes shut down. Not cut short when the newer is stopped
 /// meanwhile: the one after it waits for the newer only.
-async fn wait_for_predecessor(older: &TaskShared, newer: &TaskShared) {
+async fn wait_for_predecessor(older: &TaskShared, newer: &TaskShared, grace: Duration) {
     if older.ended.is_cancelled() {
         return;
     }
     let t0 = tokio::time::Instant::now();
-    match tokio::time::timeout(PREDECESSOR_GRACE, older.ended.cancelled()).await {
+    match tokio::time::timeout(grace, older.ended.cancelled()).await {
         Ok(()) => {
             tracing::info!(task = %newer.task_id, attempt = %newer.attempt, older = %older.attempt, ms = t0.elapsed().as_millis() as u64, "the older attempt ended; the newer starts");
         }
         Err(_) => {
-            tracing::warn!(task = %newer.task_id, attempt = %newer.attempt, older = %older.attempt, grace_ms = PREDECESSOR_GRACE.as_millis() as u64, "the older attempt has not ended within the grace; the newer starts anyway");
+            tracing::warn!(task = %newer.task_id, attempt = %newer.attempt, older = %older.attempt, grace_ms = grace.as_millis() as u64, "the older attempt has not ended within the grace; the newer starts anyway");
         }
     }
 }
@@ -319,9 +320,13 @@ impl Runner {
             (shared, fetch, predecessor)
         };
         let this = self.clone();
+        let grace = self
+            .executors
+            .get(&a.kind)
+            .map_or(PREDECESSOR_GRACE, |e| e.stop_grace());
         self.tracker.spawn(async move {
             if let Some(older) = predecessor {
-                wait_for_predecessor(&older, &shared).await;
+                wait_for_predecessor(&older, &shared, grace).await;
             }
             this.execute(a, shared, fetch).await
         });
@@ -929,6 +934,67 @@ mod tests {
             lines.iter().any(|l| l.starts_with(&format!("{pgid} "))),
             "the newer attempt's record is there: {out}"
         );
+    }
+
+    /// Ends `stopping` after its cancel; tells when each attempt started.
+    struct SlowToStop {
+        stopping: Duration,
+        started: Arc<Mutex<Vec<(u32, tokio::time::Instant)>>>,
+    }
+
+    impl Executor for SlowToStop {
+        fn execute(
+            &self,
+            input: TaskInput,
+            ctx: TaskCtx,
+        ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
+            let (stopping, started) = (self.stopping, self.started.clone());
+            Box::pin(async move {
+                started
+                    .lock()
+                    .expect("lock")
+                    .push((input.attempt.0, tokio::time::Instant::now()));
+                ctx.cancelled().await;
+                tokio::time::sleep(stopping).await;
+                Err(ExecError::Cancelled)
+            })
+        }
+
+        fn stop_grace(&self) -> Duration {
+            self.stopping * 2
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_newer_attempt_waits_for_the_older_as_long_as_its_executor_takes_to_stop() {
+        let started = Arc::new(Mutex::new(Vec::new()));
+        let stopping = PREDECESSOR_GRACE * 3;
+        let mut executors = Executors::default();
+        executors.register(
+            "echo",
+            SlowToStop {
+                stopping,
+                started: started.clone(),
+            },
+        );
+        let runner = Arc::new(Runner::new(
+            executors,
+            Arc::new(Outbox::new(Limits::default())),
+            64 * 1024,
+        ));
+        runner.assign(assignment("t", 1, None));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let superseded = tokio::time::Instant::now();
+        runner.assign(assignment("t", 2, None));
+        tokio::time::sleep(stopping * 2).await;
+        let started = started.lock().expect("lock").clone();
+        assert_eq!(started.len(), 2, "{started:?}");
+        let waited = started[1].1 - superseded;
+        assert!(
+            waited >= stopping,
+            "the newer started {waited:?} after the older was cancelled, which took {stopping:?}"
+        );
+        runner.shutdown(Duration::from_secs(1)).await;
     }
 
     fn stored(id: &str, attempt: u32, data: &str) -> StoredCheckpoint {

@@ -208,6 +208,11 @@ impl Executor for CommandExecutor {
     ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
         Box::pin(run(input, ctx, self.kill_grace))
     }
+
+    /// Its kill grace, the reading of the output meanwhile, and a second to spare.
+    fn stop_grace(&self) -> Duration {
+        self.kill_grace + PIPE_DRAIN_GRACE + Duration::from_secs(1)
+    }
 }
 
 async fn run(

@@ -81,6 +81,12 @@ pub trait Executor: Send + Sync + 'static {
         input: TaskInput,
         ctx: TaskCtx,
     ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>>;
+
+    /// How long an attempt of this executor may take to end once cancelled: a newer attempt
+    /// of the same task waits that long for it (they share the task's checkpoint directory).
+    fn stop_grace(&self) -> Duration {
+        crate::runner::PREDECESSOR_GRACE
+    }
 }
 
 /// Counters of one executor kind.
@@ -105,6 +111,11 @@ impl Metered {
             inner,
             metrics: Arc::default(),
         }
+    }
+
+    /// The executor's [`Executor::stop_grace`].
+    pub fn stop_grace(&self) -> Duration {
+        self.inner.stop_grace()
     }
 
     /// Runs the executor once and records the execution around the real work.
