@@ -305,13 +305,13 @@ fn api_tokens(admin: Option<PathBuf>, read: Option<PathBuf>) -> anyhow::Result<O
 /// reads a worker secret can register as that worker, an API token acts with its scope.
 fn warn_if_open(path: &std::path::Path, what: &str) {
     use std::os::unix::fs::PermissionsExt;
-    if let Some(mode) = loose_mode(path) {
-        let mode = format!("{:o}", mode & 0o777);
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        let mode = format!("{mode:o}");
         tracing::warn!(path = %path.display(), mode, "{what} is readable by other users (chmod 600, or 700 for a directory)");
-    }
-    fn loose_mode(path: &std::path::Path) -> Option<u32> {
-        let mode = std::fs::metadata(path).ok()?.permissions().mode();
-        (mode & 0o077 != 0).then_some(mode)
     }
 }
 

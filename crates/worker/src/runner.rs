@@ -497,27 +497,25 @@ impl Runner {
                 e.message.len() + e.detail.as_ref().map_or(0, String::len)
             });
         let limit = self.max_frame.load(Ordering::Relaxed);
-        if !tether_proto::codec::fits(bytes, limit) {
-            tracing::error!(task = %task_id, attempt = %attempt, bytes, limit, "the task's result is larger than a message may be; the attempt fails");
-            outcome = Outcome::Failed;
-            result = serde_json::json!({});
-            error = Some(TaskError {
-                message: format!(
-                    "the result ({bytes} bytes of JSON) is larger than a message may be ({limit} bytes); it was not sent"
-                ),
-                detail: None,
-            });
-        }
         // Nor would one nested deeper than the other end decodes: never acknowledged, it would
         // be sent again in every session.
-        if tether_proto::msg::value_depth(&result, MAX_RESULT_DEPTH) > MAX_RESULT_DEPTH {
-            tracing::error!(task = %task_id, attempt = %attempt, limit = MAX_RESULT_DEPTH, "the task's result is nested deeper than a message may carry; the attempt fails");
+        let unsendable = if !tether_proto::codec::fits(bytes, limit) {
+            Some(format!(
+                "the result ({bytes} bytes of JSON) is larger than a message may be ({limit} bytes); it was not sent"
+            ))
+        } else if tether_proto::msg::value_depth(&result, MAX_RESULT_DEPTH) > MAX_RESULT_DEPTH {
+            Some(format!(
+                "the result is nested deeper than a message may carry ({MAX_RESULT_DEPTH} levels of arrays and objects); it was not sent"
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = unsendable {
+            tracing::error!(task = %task_id, attempt = %attempt, %message, "the task's result cannot be sent; the attempt fails");
             outcome = Outcome::Failed;
             result = serde_json::json!({});
             error = Some(TaskError {
-                message: format!(
-                    "the result is nested deeper than a message may carry ({MAX_RESULT_DEPTH} levels of arrays and objects); it was not sent"
-                ),
+                message,
                 detail: None,
             });
         }

@@ -25,6 +25,17 @@ fn gaps(attempts: &[tokio::time::Instant]) -> Vec<u64> {
         .collect()
 }
 
+/// Polls `cond` every `step` until it holds or `limit` passes (virtual time in paused tests);
+/// whether it held.
+async fn held_within(limit: Duration, step: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let polled = async {
+        while !cond() {
+            tokio::time::sleep(step).await;
+        }
+    };
+    tokio::time::timeout(limit, polled).await.is_ok()
+}
+
 #[tokio::test(start_paused = true)]
 async fn reconnect_delays_double_to_the_cap_and_max_attempts_leads_to_failed() {
     let fake = FakeConnector::new(Script::Refuse);
@@ -297,22 +308,14 @@ async fn shrinks_after(slow: u32) {
     running.wait_state(|s| s == ConnState::Connected).await;
     let step = Duration::from_millis(10);
     // Bounded (in virtual time): the slow answers take under a minute, the prompt ones ten.
-    let raised = async {
-        while handle.stats().heartbeat_timeout_ms != 21_000 {
-            tokio::time::sleep(step).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(120), raised)
-        .await
-        .expect("slow answers raise the timeout to 21 s");
-    let answered = async {
-        while handle.stats().rtt_samples < u64::from(slow + PROMPT) {
-            tokio::time::sleep(step).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(1_200), answered)
-        .await
-        .expect("every heartbeat answered");
+    let raised = held_within(Duration::from_secs(120), step, || {
+        handle.stats().heartbeat_timeout_ms == 21_000
+    });
+    assert!(raised.await, "slow answers raise the timeout to 21 s");
+    let answered = held_within(Duration::from_secs(1_200), step, || {
+        handle.stats().rtt_samples >= u64::from(slow + PROMPT)
+    });
+    assert!(answered.await, "every heartbeat answered");
     let last = tokio::time::Instant::now();
     assert_eq!(handle.stats().heartbeat_timeout_ms, 15_000, "shrunk");
     running.wait_state(|s| s != ConnState::Connected).await;
@@ -335,14 +338,10 @@ async fn an_answer_to_an_older_heartbeat_is_timed_from_that_heartbeat() {
     let running = Running::start(&fake, cfg);
     let handle = running.handle.clone();
     running.wait_state(|s| s == ConnState::Connected).await;
-    let answered = async {
-        while handle.stats().rtt_samples < 8 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(120), answered)
-        .await
-        .expect("eight heartbeats answered");
+    let answered = held_within(Duration::from_secs(120), Duration::from_millis(10), || {
+        handle.stats().rtt_samples >= 8
+    });
+    assert!(answered.await, "eight heartbeats answered");
     let s = handle.stats();
     let late = crate::fake::LATE_REPLY.as_secs_f64() * 1e3;
     for rtt in [s.rtt_p50_ms, s.rtt_p99_ms, s.rtt_avg_ms] {
@@ -429,21 +428,16 @@ async fn a_checkpoint_request_while_the_outbox_is_full_keeps_the_session_and_the
     let handle = running.handle.clone();
     running.wait_state(|s| s == ConnState::Connected).await;
     let pieces = || fake.pieces.lock().expect("lock").clone();
-    let both = async {
-        while pieces().len() < 2 * chunks {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), both)
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "the re-upload did not complete: {} of {} pieces, {} heartbeats answered",
-                pieces().len(),
-                2 * chunks,
-                handle.stats().rtt_samples
-            )
-        });
+    let both = held_within(Duration::from_secs(60), Duration::from_millis(100), || {
+        pieces().len() >= 2 * chunks
+    });
+    assert!(
+        both.await,
+        "the re-upload did not complete: {} of {} pieces, {} heartbeats answered",
+        pieces().len(),
+        2 * chunks,
+        handle.stats().rtt_samples
+    );
     // The same checkpoint twice, each piece in order.
     let got = pieces();
     let id = &got[0].0;
@@ -497,25 +491,20 @@ async fn entries_a_stalled_write_did_not_take_are_sent_when_the_link_reads_again
         got.dedup();
         got.len()
     };
-    let all = async {
-        while delivered() < chunks || !handle.outbox.is_empty() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(120), all)
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "{} of {chunks} pieces delivered; the outbox holds {:?}",
-                delivered(),
-                handle
-                    .outbox
-                    .snapshot()
-                    .iter()
-                    .map(|(_, s, m)| (s.0, m.type_name()))
-                    .collect::<Vec<_>>()
-            )
-        });
+    let all = held_within(Duration::from_secs(120), Duration::from_millis(100), || {
+        delivered() >= chunks && handle.outbox.is_empty()
+    });
+    assert!(
+        all.await,
+        "{} of {chunks} pieces delivered; the outbox holds {:?}",
+        delivered(),
+        handle
+            .outbox
+            .snapshot()
+            .iter()
+            .map(|(_, s, m)| (s.0, m.type_name()))
+            .collect::<Vec<_>>()
+    );
     assert!(
         started.elapsed() >= STALL,
         "delivered only after the stall: {:?}",
