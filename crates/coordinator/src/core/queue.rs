@@ -1,7 +1,8 @@
 //! The queue of tasks waiting for a worker, and the dispatch plan over it.
 //!
 //! Tasks are grouped by what they require of a worker ([`Requirement`]: executor kind,
-//! capabilities, tags); each group is ordered by (priority, submission). A worker's next task
+//! capabilities, tags, and for a config too large for the frames every peer takes, the frame
+//! limit its assignment needs); each group is ordered by (priority, submission). A worker's next task
 //! is the first head among the groups it can run, so one decision costs a look at each group,
 //! not a scan of the queue. Workers that may have a free slot are kept in an ordered set, so
 //! a dispatch visits only them, not every known worker.
@@ -22,6 +23,10 @@ pub struct Requirement {
     /// Sorted, without repeats.
     requires: Vec<String>,
     tags: BTreeMap<String, String>,
+    /// The least frame limit a worker must take to be sent the assignment: 0 when the config
+    /// fits in the frames every peer takes ([`tether_proto::settings::MIN_FRAME`]), as nearly
+    /// every config does, so only tasks of large configs group apart by size.
+    frame: usize,
 }
 
 impl Requirement {
@@ -33,10 +38,13 @@ impl Requirement {
             kind: spec.kind.clone(),
             requires,
             tags: spec.tags.clone(),
+            frame: frame_needed(&spec.config),
         }
     }
 
-    /// Whether `w` can run tasks with this requirement (the same rule as [`Worker::can_run`]).
+    /// Whether `w` can run tasks with this requirement: [`Worker::can_run`], and frames that
+    /// carry the assignment (a worker of smaller frames is passed over, not sent a frame it
+    /// would refuse).
     pub fn met_by(&self, w: &Worker) -> bool {
         w.executors.contains(&self.kind)
             && self.requires.iter().all(|c| w.capabilities.contains(c))
@@ -44,6 +52,21 @@ impl Requirement {
                 .tags
                 .iter()
                 .all(|(k, v)| w.tags.get(k).is_some_and(|x| x == v))
+            && (self.frame == 0
+                || w.session
+                    .as_ref()
+                    .is_some_and(|s| s.max_frame >= self.frame))
+    }
+}
+
+/// The frame limit an assignment of `config` needs, or 0 when every peer's frames carry it.
+fn frame_needed(config: &serde_json::Value) -> usize {
+    let needed =
+        tether_proto::codec::json_len(config).saturating_add(tether_proto::codec::ENVELOPE_BYTES);
+    if needed <= tether_proto::settings::MIN_FRAME {
+        0
+    } else {
+        needed
     }
 }
 
@@ -214,6 +237,33 @@ mod tests {
         assert_eq!(order, vec![(0, "a"), (1, "b"), (2, "a"), (3, "b")]);
         assert!(free.is_empty(), "both workers are full");
         assert_eq!(q.len(), 1);
+    }
+
+    #[test]
+    fn a_task_whose_assignment_needs_larger_frames_waits_for_a_worker_that_takes_them() {
+        let mut q = Queue::default();
+        let mut big = TaskSpec::new("sleep", serde_json::json!({ "pad": "x".repeat(100_000) }));
+        big.priority = 0;
+        let big_key = (0, 1, TaskId::parse("big").expect("id"));
+        q.insert(&big, big_key.clone());
+        let small = task(&mut q, "sleep", 9, 2);
+        let with_frame = |id: &str, max_frame: usize| {
+            let mut w = worker(id, &["sleep"], 1);
+            if let Some(s) = w.session.as_mut() {
+                s.max_frame = max_frame;
+            }
+            w
+        };
+        // Frames of 100 KB carry 100,000 bytes of config, not the message around it.
+        assert_eq!(q.pop_for(&with_frame("a", 100_000)), Some(small));
+        assert_eq!(q.pop_for(&with_frame("b", 100_000)), None);
+        assert_eq!(q.pop_for(&with_frame("c", 128 * 1024)), Some(big_key));
+        // Configs that fit the frames every peer takes form one group whatever their size.
+        let tiny = TaskSpec::new("sleep", serde_json::json!({ "pad": "x".repeat(1_000) }));
+        assert_eq!(
+            Requirement::of(&tiny),
+            Requirement::of(&TaskSpec::new("sleep", serde_json::Value::Null))
+        );
     }
 
     #[test]

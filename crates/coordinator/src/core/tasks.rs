@@ -84,9 +84,12 @@ impl Core {
         }
     }
 
-    /// Sends the assignment of the task's current lease to `session`, or fails the task when
-    /// its config cannot reach this worker: an assignment over the worker's frame limit would
-    /// end its session, and every registration after would send it again.
+    /// Sends the assignment of the task's current lease to `session`. An assignment over the
+    /// worker's frame limit would end its session, and every registration after would send it
+    /// again; so a task whose config this worker's frames cannot carry (dispatch passes such
+    /// workers over; this one registered again with a smaller limit) goes back to the queue for
+    /// another, and one the coordinator's own frames cannot carry (a limit lowered since it was
+    /// submitted) fails.
     pub(super) fn assign(&mut self, task_id: &TaskId, session: &SessionRef, b: &mut Batch) {
         let Some(t) = self.tasks.get(task_id) else {
             return;
@@ -102,6 +105,10 @@ impl Core {
             t.lease.as_ref().map_or("?", |l| l.worker.as_str()),
             tether_proto::codec::ENVELOPE_BYTES
         );
+        if tether_proto::codec::fits(config, self.cfg.max_frame) {
+            tracing::warn!(task = %task_id, "task requeued: {why}");
+            return self.release_and_requeue(task_id, &why, b);
+        }
         tracing::error!(task = %task_id, "task failed: {why}");
         self.finish_by_coordinator(task_id, TaskStatus::Failed, &why, b);
     }

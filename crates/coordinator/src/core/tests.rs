@@ -1375,8 +1375,7 @@ fn a_registration_taking_frames_under_the_least_every_peer_takes_is_refused() {
 }
 
 #[test]
-fn a_config_no_assignment_can_carry_is_refused_at_submission_and_fails_its_task_at_a_smaller_worker()
- {
+fn a_config_no_assignment_can_carry_is_refused_and_one_only_larger_frames_carry_waits_for_them() {
     let mut cfg = CoordinatorConfig::new("/nonexistent");
     cfg.max_frame = 2 * 1024 * 1024;
     let mut h = Harness::with(cfg);
@@ -1392,29 +1391,68 @@ fn a_config_no_assignment_can_carry_is_refused_at_submission_and_fails_its_task_
         "{e}"
     );
     assert!(h.core.tasks.is_empty());
-    // 1.5 MB fits the coordinator's frames, not those of a worker that takes 1 MiB.
-    let t = h.submit_spec(TaskSpec::new("sleep", config(1_500_000)));
-    let (_s, mut rx) = h.connect_registering("small", |r| r.max_frame = Some(1024 * 1024));
-    let msgs = drain(&mut rx);
-    assert!(
-        !msgs
-            .iter()
-            .any(|m| matches!(m, CoordMsg::TaskAssignment(_))),
-        "never sent: it would end the session at every registration"
-    );
-    let task = &h.core.tasks[&t];
-    assert_eq!(task.status, TaskStatus::Failed);
+    // 1.5 MB fits the coordinator's frames, not those of a worker that takes 1 MiB: it is
+    // never sent there (it would end the session at every registration), and it waits.
+    let big = h.submit_spec(TaskSpec::new("sleep", config(1_500_000)));
+    let (_s, mut small) = h.connect_registering("small", |r| r.max_frame = Some(1024 * 1024));
+    let assigned = |rx: &mut super::mailbox::Receiver<Outgoing>| -> Vec<TaskId> {
+        drain(rx)
+            .into_iter()
+            .filter_map(|m| match m {
+                CoordMsg::TaskAssignment(a) => Some(a.task_id),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(assigned(&mut small), Vec::<TaskId>::new());
+    assert_eq!(h.core.tasks[&big].status, TaskStatus::Queued);
+    assert_eq!(h.core.tasks[&big].attempt, Attempt(0), "no attempt spent");
+    // The small worker is free for what fits, queued behind or not.
+    let next = h.submit();
+    assert_eq!(assigned(&mut small), vec![next]);
+    // A worker whose frames carry it takes it.
+    let (s_large, mut large) = h.connect_registering("large", |r| r.max_frame = Some(4 << 20));
+    assert_eq!(assigned(&mut large), vec![big.clone()]);
+    // Should it come back taking smaller frames without having received the assignment, the
+    // task goes back to the queue instead of to it (or failing).
+    h.step(Event::Disconnected {
+        worker: wid("large"),
+        session_id: s_large,
+    });
+    let (_, mut shrunk) = h.connect_registering("large", |r| r.max_frame = Some(1024 * 1024));
+    assert_eq!(assigned(&mut shrunk), Vec::<TaskId>::new());
+    let task = &h.core.tasks[&big];
+    assert_eq!(task.status, TaskStatus::Queued);
     assert!(task.lease.is_none());
+    assert_eq!(
+        task.attempts.last().and_then(|a| a.end.as_deref()),
+        Some("lost")
+    );
+    // Its config still fits the coordinator's frames, and a worker of large frames ends it.
+    let (_, mut third) = h.connect_registering("third", |r| r.max_frame = Some(2 << 20));
+    assert_eq!(assigned(&mut third), vec![big]);
+}
+
+#[test]
+fn a_task_whose_config_outgrew_a_lowered_coordinator_frame_limit_fails_at_its_lease() {
+    let mut h = Harness::new();
+    let big = h.submit_spec(TaskSpec::new(
+        "sleep",
+        serde_json::json!({ "pad": "x".repeat(100_000) }),
+    ));
+    // As after a restart with a lower `max_frame` than when it was submitted.
+    Arc::make_mut(&mut h.core.cfg).max_frame = 64 * 1024;
+    let (_, mut rx) = h.connect("w");
+    assert!(
+        !drain(&mut rx)
+            .iter()
+            .any(|m| matches!(m, CoordMsg::TaskAssignment(_)))
+    );
+    let task = &h.core.tasks[&big];
+    assert_eq!(task.status, TaskStatus::Failed);
     let error = task.error.as_deref().unwrap_or_default();
     assert!(
-        error.contains("worker small") && error.contains("1048576"),
+        error.contains("worker w") && error.contains("65536"),
         "{error}"
-    );
-    // The worker is free for what fits.
-    let next = h.submit();
-    assert!(
-        drain(&mut rx)
-            .iter()
-            .any(|m| matches!(m, CoordMsg::TaskAssignment(a) if a.task_id == next))
     );
 }
