@@ -550,6 +550,26 @@ fn journal(dir: &Path) -> (usize, u64) {
         })
 }
 
+/// Bytes of the journal files the writer holds: the two newest. Older ones belong to finished
+/// rounds (a round starts only after the last one ended) and wait for the reaper thread, whose
+/// pace is the file system's, not the writer's.
+fn held_journal(dir: &Path) -> u64 {
+    let mut files: Vec<(u64, u64)> = std::fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let generation = name.strip_prefix("states-")?.strip_suffix(".journal")?;
+            Some((
+                generation.parse().ok()?,
+                e.metadata().map_or(0, |m| m.len()),
+            ))
+        })
+        .collect();
+    files.sort_unstable();
+    files.iter().rev().take(2).map(|(_, bytes)| bytes).sum()
+}
+
 fn new_task(id: &str) -> Mutation {
     Mutation::InsertTask(Box::new(task(id, 0, TaskStatus::Running)))
 }
@@ -1134,13 +1154,13 @@ impl Writer {
         }
     }
 
-    /// Commits `muts` as one group; answers the journal's bytes on disk and the rows of
-    /// `task_state` as the group's effect sees them.
+    /// Commits `muts` as one group; answers the bytes of the journal files the writer holds
+    /// and the rows of `task_state`, as the group's effect sees them.
     fn group(&self, muts: Vec<Mutation>) -> (u64, i64) {
         let (done, seen) = std::sync::mpsc::channel();
         let dir = self.dir.clone();
         let effect = Effect::Run(Box::new(move |conn: &Connection| {
-            let _ = done.send((journal(&dir).1, count(conn, "task_state")));
+            let _ = done.send((held_journal(&dir), count(conn, "task_state")));
         }));
         self.tx
             .blocking_send(Batch {
