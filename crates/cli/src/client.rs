@@ -89,6 +89,9 @@ impl Refused {
     }
 }
 
+/// Times a GET is sent to a coordinator that answers it is busy.
+const BUSY_TRIES: u32 = 5;
+
 /// A response body as it arrives, chunk by chunk.
 pub(crate) type Chunks =
     std::pin::Pin<Box<dyn futures_util::Stream<Item = anyhow::Result<bytes::Bytes>> + Send>>;
@@ -255,8 +258,22 @@ impl Api {
         }
     }
 
+    /// GET `path`. A coordinator busy with large answers (`503`, each waited 30 s for its
+    /// turn) is asked again, up to [`BUSY_TRIES`] times in all.
     pub(crate) async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        self.call(reqwest::Method::GET, path, None).await
+        let mut tries = 1;
+        loop {
+            match self.call(reqwest::Method::GET, path, None).await {
+                Err(e)
+                    if tries < BUSY_TRIES
+                        && e.downcast_ref::<Refused>().is_some_and(|r| r.status == 503) =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                answer => return answer,
+            }
+        }
     }
 
     /// Every task `/api/v1/tasks?{query}` lists, read `page` at a time: each page after the
@@ -786,5 +803,58 @@ mod tests {
         assert_eq!(parse_priority("0"), Ok(0));
         assert!(parse_priority("10").is_err());
         assert!(parse_priority("urgent").is_err());
+    }
+
+    /// Six seconds: a second between tries.
+    #[tokio::test]
+    async fn a_get_answered_busy_is_asked_again_and_other_refusals_are_not() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+        let asked = Arc::new(AtomicU32::new(0));
+        let busy_for = Arc::new(AtomicU32::new(2));
+        let (counted, busy) = (asked.clone(), busy_for.clone());
+        let refusal = |status: http::StatusCode, code: &str| {
+            let body = serde_json::json!({"error": {"code": code, "message": code}});
+            (status, axum::Json(body))
+        };
+        let app = axum::Router::new()
+            .route(
+                "/busy",
+                axum::routing::get(move || {
+                    let n = counted.fetch_add(1, SeqCst) + 1;
+                    let busy = n <= busy.load(SeqCst);
+                    async move {
+                        if busy {
+                            refusal(http::StatusCode::SERVICE_UNAVAILABLE, "busy")
+                        } else {
+                            (http::StatusCode::OK, axum::Json(serde_json::json!([1])))
+                        }
+                    }
+                }),
+            )
+            .route(
+                "/missing",
+                axum::routing::get(move || async move {
+                    refusal(http::StatusCode::NOT_FOUND, "not_found")
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let api = Api::build(&format!("http://{addr}"), None, None).expect("client");
+        let got = api.get("/busy").await.expect("answered");
+        assert_eq!(got, serde_json::json!([1]));
+        assert_eq!(asked.load(SeqCst), 3, "two busy answers, then the list");
+        // Busy for good: given up after BUSY_TRIES, with the coordinator's word.
+        asked.store(0, SeqCst);
+        busy_for.store(u32::MAX, SeqCst);
+        let e = api.get("/busy").await.expect_err("busy");
+        assert_eq!(e.downcast_ref::<Refused>().map(|r| r.status), Some(503));
+        assert_eq!(asked.load(SeqCst), BUSY_TRIES);
+        // Any other refusal is final at once.
+        let e = api.get("/missing").await.expect_err("refused");
+        assert_eq!(e.downcast_ref::<Refused>().map(|r| r.status), Some(404));
     }
 }

@@ -18,10 +18,15 @@
 //!
 //! Elsewhere: `/api/v1/events` and `/` (the dashboard), `/metrics`, `/api/v1/openapi.json`.
 //! Every route is listed once, in `server.rs`.
+//!
+//! Answers that may run to many megabytes (task listings, results, checkpoint bytes, the
+//! workers) take turns ([`heavy`]), so that requests at once cannot hold memory without bound.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
+use axum::body::{Body, Bytes};
 use axum::extract::path::ErrorKind;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequestParts, Path, Query, State};
@@ -79,6 +84,60 @@ impl IntoResponse for ApiError {
         };
         error_response(status, code, &self.to_string())
     }
+}
+
+/// How many answers that may run to many megabytes (a listing of up to [`LIST_MAX`] tasks, a
+/// task's results, a checkpoint of up to `max_checkpoint_bytes`, the workers) are made at
+/// once. Each holds its turn until its body is handed to the connection: unbounded, a few
+/// hundred such requests (of up to `max_connections`) held gigabytes.
+pub const HEAVY_AT_ONCE: usize = 8;
+/// How long such an answer waits for a turn before `503 busy`.
+pub const HEAVY_WAIT: Duration = Duration::from_secs(30);
+/// The pieces a heavy body is handed to the connection in: it takes the next only when it has
+/// room, so a turn lasts until the last piece is taken, however slowly the client reads.
+const HEAVY_PIECE: usize = 64 * 1024;
+
+/// Makes `answer` in a turn of [`HEAVY_AT_ONCE`], kept until its body is handed over.
+async fn heavy(app: &AppState, answer: impl Future<Output = Response>) -> Response {
+    let turn = match tokio::time::timeout(HEAVY_WAIT, app.heavy.clone().acquire_owned()).await {
+        Ok(Ok(turn)) => turn,
+        Ok(Err(_)) => {
+            return ApiError::Internal("coordinator is shutting down".into()).into_response();
+        }
+        Err(_) => {
+            let mut busy = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                &format!(
+                    "{HEAVY_AT_ONCE} large answers are being made or sent, and this one waited {} s for its turn; try again",
+                    HEAVY_WAIT.as_secs()
+                ),
+            );
+            busy.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+            return busy;
+        }
+    };
+    let (mut parts, body) = answer.await.into_parts();
+    // Already whole in memory (JSON or a checkpoint's bytes): this only takes it back.
+    let bytes = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(b) => b,
+        Err(e) => return ApiError::Internal(format!("making the answer: {e}")).into_response(),
+    };
+    parts
+        .headers
+        .insert(axum::http::header::CONTENT_LENGTH, bytes.len().into());
+    let pieces = futures_util::stream::unfold((bytes, turn), |(mut rest, turn)| async move {
+        // The turn ends with the stream: after the last piece, or when the client goes.
+        if rest.is_empty() {
+            return None;
+        }
+        let piece: Bytes = rest.split_to(rest.len().min(HEAVY_PIECE));
+        Some((Ok::<_, std::convert::Infallible>(piece), (rest, turn)))
+    });
+    Response::from_parts(parts, Body::from_stream(pieces))
 }
 
 /// Sends a command to the core and waits for its committed reply.
@@ -256,6 +315,7 @@ pub struct ListQuery {
     responses(
         (status = 200, description = "Tasks in submission order (or the reverse)", body = Vec<crate::model::Task>),
         (status = 422, description = "Unknown status or order, or a time that is not RFC 3339", body = ErrorBody),
+        (status = 503, description = "Busy: every turn for large answers was held for 30 s (Retry-After)", body = ErrorBody),
     )
 )]
 pub async fn list_tasks(
@@ -295,7 +355,10 @@ pub async fn list_tasks(
         updated_since,
         after_seq: q.after_seq,
     };
-    json(ask(&app, |reply| Api::ListTasks { query, reply }).await)
+    heavy(&app, async {
+        json(ask(&app, |reply| Api::ListTasks { query, reply }).await)
+    })
+    .await
 }
 
 /// An RFC 3339 time of a query.
@@ -337,6 +400,7 @@ pub async fn get_task(State(app): State<Arc<AppState>>, ApiPath(id): ApiPath<Str
         (status = 200, description = "Recorded results: the counted one first, stale ones after", body = serde_json::Value),
         (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
+        (status = 503, description = "Busy: every turn for large answers was held for 30 s (Retry-After)", body = ErrorBody),
     )
 )]
 pub async fn task_result(
@@ -344,7 +408,12 @@ pub async fn task_result(
     ApiPath(id): ApiPath<String>,
 ) -> Response {
     match parse_task(&id) {
-        Ok(task) => json(ask(&app, |reply| Api::Results { task, reply }).await),
+        Ok(task) => {
+            heavy(&app, async {
+                json(ask(&app, |reply| Api::Results { task, reply }).await)
+            })
+            .await
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -400,6 +469,7 @@ pub async fn task_checkpoints(
         (status = 200, description = "The bytes of a complete checkpoint of this task", content_type = "application/octet-stream", body = Vec<u8>),
         (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such task, or no complete checkpoint of that id of this task", body = ErrorBody),
+        (status = 503, description = "Busy: every turn for large answers was held for 30 s (Retry-After)", body = ErrorBody),
     )
 )]
 pub async fn checkpoint_data(
@@ -414,20 +484,23 @@ pub async fn checkpoint_data(
         Ok(c) => c,
         Err(e) => return ApiError::Invalid(format!("checkpoint id: {e}")).into_response(),
     };
-    match ask(&app, |reply| Api::CheckpointData {
-        task,
-        checkpoint,
-        reply,
+    heavy(&app, async {
+        match ask(&app, |reply| Api::CheckpointData {
+            task,
+            checkpoint,
+            reply,
+        })
+        .await
+        {
+            Ok(bytes) => (
+                [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+                bytes,
+            )
+                .into_response(),
+            Err(e) => e.into_response(),
+        }
     })
     .await
-    {
-        Ok(bytes) => (
-            [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
-            bytes,
-        )
-            .into_response(),
-        Err(e) => e.into_response(),
-    }
 }
 
 #[utoipa::path(
@@ -469,10 +542,16 @@ pub async fn control(
     get,
     path = "/api/v1/workers",
     tag = "workers",
-    responses((status = 200, description = "Known workers: state, capabilities, tags, slots, leases, last_seen, connection statistics", body = Vec<crate::model::Worker>))
+    responses(
+        (status = 200, description = "Known workers: state, capabilities, tags, slots, leases, last_seen, connection statistics", body = Vec<crate::model::Worker>),
+        (status = 503, description = "Busy: every turn for large answers was held for 30 s (Retry-After)", body = ErrorBody),
+    )
 )]
 pub async fn list_workers(State(app): State<Arc<AppState>>) -> Response {
-    json(ask(&app, |reply| Api::ListWorkers { reply }).await)
+    heavy(&app, async {
+        json(ask(&app, |reply| Api::ListWorkers { reply }).await)
+    })
+    .await
 }
 
 #[utoipa::path(
@@ -614,5 +693,87 @@ mod tests {
                 format!("the body is {what}; send one task spec object or {{\"tasks\": [specs]}}")
             );
         }
+    }
+
+    /// An app whose core answers every listing of workers with `n` of them, counting the asks.
+    fn app_listing(n: usize) -> (Arc<AppState>, Arc<std::sync::atomic::AtomicUsize>) {
+        let (events, mut rx) = tokio::sync::mpsc::channel(16);
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = asked.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                if let Event::Api(Api::ListWorkers { reply }) = ev {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let workers = (0..n)
+                        .map(|i| {
+                            let id = WorkerId::parse(&format!("w{i}")).expect("id");
+                            crate::model::Worker::new(id, Utc::now())
+                        })
+                        .collect();
+                    let _ = reply.send(Ok(workers));
+                }
+            }
+        });
+        let app = AppState {
+            cfg: Arc::new(crate::config::CoordinatorConfig::new("/nonexistent")),
+            events,
+            counters: Arc::default(),
+            store_stats: Arc::default(),
+            changes: tokio::sync::broadcast::channel(1).0,
+            history: Arc::new(crate::dashboard::History::new(Duration::from_secs(1))),
+            stop: tokio_util::sync::CancellationToken::new(),
+            heavy: Arc::new(tokio::sync::Semaphore::new(HEAVY_AT_ONCE)),
+        };
+        (Arc::new(app), asked)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn large_answers_take_turns_each_held_until_its_body_is_read_or_dropped() {
+        use futures_util::StreamExt;
+        use std::sync::atomic::Ordering::SeqCst;
+        let (app, asked) = app_listing(3_000);
+        let mut held = Vec::new();
+        for _ in 0..HEAVY_AT_ONCE {
+            held.push(list_workers(State(app.clone())).await);
+        }
+        assert_eq!(asked.load(SeqCst), HEAVY_AT_ONCE);
+        // One more waits for a turn: the core is not even asked to make it.
+        let waiting = tokio::spawn(list_workers(State(app.clone())));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(asked.load(SeqCst), HEAVY_AT_ONCE);
+        // A body read in part keeps its turn (a slow client holds a turn, not more memory)...
+        let first = held.remove(0);
+        let length: usize = first.headers()[axum::http::header::CONTENT_LENGTH]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("a length");
+        assert!(length > 2 * HEAVY_PIECE, "{length} bytes: several pieces");
+        let mut body = first.into_body().into_data_stream();
+        let mut read = body.next().await.expect("a piece").expect("data").to_vec();
+        assert_eq!(read.len(), HEAVY_PIECE);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiting.is_finished());
+        // ...until it is read whole, which ends it.
+        while let Some(piece) = body.next().await {
+            read.extend_from_slice(&piece.expect("data"));
+        }
+        assert_eq!(read.len(), length);
+        let workers: Vec<Value> = serde_json::from_slice(&read).expect("JSON");
+        assert_eq!(workers.len(), 3_000);
+        drop(body);
+        let next = waiting.await.expect("answered");
+        assert_eq!(next.status(), StatusCode::OK);
+        assert_eq!(asked.load(SeqCst), HEAVY_AT_ONCE + 1);
+        // A body dropped unread (the client went) ends its turn too.
+        drop(held.remove(0));
+        let again = list_workers(State(app.clone())).await;
+        assert_eq!(again.status(), StatusCode::OK);
+        // Every turn held: one more waits HEAVY_WAIT and is told to come back.
+        let busy = list_workers(State(app.clone())).await;
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(busy.headers()[axum::http::header::RETRY_AFTER], "1");
+        assert_eq!(asked.load(SeqCst), HEAVY_AT_ONCE + 2);
+        drop((held, next, again));
     }
 }

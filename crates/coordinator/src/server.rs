@@ -34,6 +34,8 @@ pub struct AppState {
     pub history: Arc<History>,
     /// Cancelled when the coordinator stops; long-lived responses (event streams) end then.
     pub stop: CancellationToken,
+    /// Turns for answers that may run to many megabytes ([`crate::http::HEAVY_AT_ONCE`]).
+    pub heavy: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why the coordinator stopped.
@@ -108,6 +110,7 @@ pub async fn run_with(
         changes,
         history: Arc::new(History::new(cfg.history_interval)),
         stop: stop.clone(),
+        heavy: Arc::new(tokio::sync::Semaphore::new(crate::http::HEAVY_AT_ONCE)),
     });
     let sampler = tokio::spawn(dashboard::sample(
         state.clone(),
