@@ -423,6 +423,7 @@ pub struct WorkerArgs {
     /// First reconnect delay (at least 10ms; default 1s), doubled up to the maximum.
     #[arg(long, value_parser = parse_duration_arg)]
     initial_reconnect_delay: Option<Duration>,
+    /// Longest reconnect delay, before jitter (default 60s; at least the first delay).
     #[arg(long, value_parser = parse_duration_arg)]
     max_reconnect_delay: Option<Duration>,
     /// `0.2` for +/-20 %, `full` for full jitter, `0` for none.
