@@ -222,10 +222,13 @@ pub fn is_public(path: &str) -> bool {
 }
 
 /// Middleware against browsers turned on the coordinator. A web page may not open the worker
-/// endpoint (a browser always sends `Origin` on a WebSocket upgrade; workers do not), and
-/// without API tokens a request to the API or the dashboard must name a loopback host: a page
-/// that rebinds its own domain's DNS to 127.0.0.1 reaches a loopback listener, but under its
-/// own name.
+/// endpoint (a browser always sends `Origin` on a WebSocket upgrade; workers do not); without
+/// API tokens a request to the API or the dashboard must name a loopback host (a page that
+/// rebinds its own domain's DNS to 127.0.0.1 reaches a loopback listener, but under its own
+/// name); and a command (any method but GET, HEAD, OPTIONS) from another site's page is
+/// refused: a form on any site may POST to `http://127.0.0.1:8765/api/v1/tasks/{id}/cancel`
+/// under the right name, but its browser says where it comes from (`Origin`,
+/// `Sec-Fetch-Site`). The dashboard's own commands come from its origin; the CLI sends neither.
 pub async fn browser_guard(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let refuse = |message: &str| {
         tracing::warn!(path = %req.uri().path(), host = ?req.headers().get(header::HOST), origin = ?req.headers().get(header::ORIGIN), "{message}");
@@ -252,7 +255,35 @@ pub async fn browser_guard(State(app): State<Arc<AppState>>, req: Request, next:
              (localhost, 127.0.0.1, [::1])",
         );
     }
+    if Scope::needed_for(req.method()) == Scope::Admin && from_another_site(&req, host) {
+        return refuse("commands are not taken from another site's page");
+    }
     next.run(req).await
+}
+
+/// Whether a browser says `req` comes from a page of another origin than the one it asks:
+/// `Sec-Fetch-Site` other than `same-origin` or `none` (typed by the user), or an `Origin`
+/// whose host and port are not `host` (`null` included: a sandboxed or local page).
+fn from_another_site(req: &Request, host: Option<&str>) -> bool {
+    let site = req
+        .headers()
+        .get("sec-fetch-site")
+        .map(|v| v.to_str().unwrap_or_default());
+    if site.is_some_and(|s| s != "same-origin" && s != "none") {
+        return true;
+    }
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return false;
+    };
+    let authority = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, authority)| authority);
+    match (authority, host) {
+        (Some(a), Some(h)) => !a.eq_ignore_ascii_case(h),
+        _ => true,
+    }
 }
 
 /// Whether a `Host` header names a loopback host: `localhost` (or a name under it), an address

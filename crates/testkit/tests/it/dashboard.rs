@@ -306,6 +306,20 @@ async fn the_dashboard_assets_and_the_api_description_are_served_from_the_binary
             .unwrap_or_default()
             .to_owned();
         assert!(ct.starts_with(kind), "{path}: {ct}");
+        // No other site may frame it (clickjacking) or make it load from elsewhere.
+        let policy = r.headers()["content-security-policy"]
+            .to_str()
+            .unwrap_or_default()
+            .to_owned();
+        for rule in [
+            "default-src 'self'",
+            "frame-ancestors 'none'",
+            "form-action 'none'",
+        ] {
+            assert!(policy.contains(rule), "{path}: {policy}");
+        }
+        assert_eq!(r.headers()["x-frame-options"], "DENY", "{path}");
+        assert_eq!(r.headers()["x-content-type-options"], "nosniff", "{path}");
         let body = r.text().await.expect("body");
         assert!(body.contains(needle), "{path} contains {needle}");
         assert!(

@@ -958,3 +958,41 @@ async fn web_pages_reach_neither_the_worker_endpoint_nor_a_tokenless_api_under_t
     honest.stop().await.expect("clean stop");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn another_sites_page_cannot_command_a_tokenless_coordinator_and_its_own_origin_can() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let client = c.client();
+    // No worker: the task stays queued, and a cancel of it would succeed.
+    let id = client.submit(&[sleep_task(50, 2, 1)]).await.remove(0);
+    let host = c.addr.to_string();
+    let cancel = |extra: &str| {
+        format!(
+            "POST /api/v1/tasks/{id}/cancel HTTP/1.1\r\nHost: {host}\r\n{extra}\
+             Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+    };
+    // A form on another site posts under the loopback name, but its browser says whence.
+    for whence in [
+        "Origin: http://evil.example\r\n".to_owned(),
+        format!("Origin: http://localhost:{}\r\n", c.addr.port() + 1),
+        "Origin: null\r\n".to_owned(),
+        "Sec-Fetch-Site: cross-site\r\n".to_owned(),
+        format!("Origin: http://{host}\r\nSec-Fetch-Site: same-site\r\n"),
+    ] {
+        assert_eq!(raw_status(c.addr, &cancel(&whence)).await, 403, "{whence}");
+    }
+    assert_eq!(client.task(&id).await["status"], "queued");
+    // Reads stay open to any page's requests the loopback name allows (they change nothing).
+    let read = format!(
+        "GET /api/v1/tasks/{id} HTTP/1.1\r\nHost: {host}\r\nOrigin: http://evil.example\r\n\
+         Connection: close\r\n\r\n"
+    );
+    assert_eq!(raw_status(c.addr, &read).await, 200);
+    // The dashboard's own command, and the CLI's (no Origin), are taken.
+    let own = format!("Origin: http://{host}\r\nSec-Fetch-Site: same-origin\r\n");
+    assert_eq!(raw_status(c.addr, &cancel(&own)).await, 200);
+    assert_eq!(client.task(&id).await["status"], "cancelled");
+    c.stop().await;
+}
