@@ -2,6 +2,7 @@
 //! machines.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::output::outln;
 use anyhow::{Context, bail};
@@ -91,6 +92,9 @@ impl Refused {
 
 /// Times a GET is sent to a coordinator that answers it is busy.
 const BUSY_TRIES: u32 = 5;
+/// Longest wait for a whole answer to a request: a coordinator (or a path) that went silent
+/// is an error, not a command that never returns. A large answer may wait 30 s for its turn.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A response body as it arrives, chunk by chunk.
 pub(crate) type Chunks =
@@ -157,50 +161,66 @@ impl Api {
     ) -> anyhow::Result<Value> {
         let url = format!("{}{}", self.base, path);
         let unreachable = || format!("cannot reach the coordinator at {}", self.base);
-        let (status, v) = match &self.transport {
-            Transport::Plain(http) => {
-                let mut req = http.request(method, &url);
-                if let Some(b) = body {
-                    req = req.json(b);
-                }
-                let resp = req.send().await.with_context(unreachable)?;
-                let status = resp.status();
-                (status, resp.json().await.unwrap_or(Value::Null))
-            }
-            Transport::Tls { client, auth } => {
-                use http_body_util::BodyExt;
-                let mut req = http::Request::builder().method(method).uri(url.as_str());
-                if let Some(v) = auth {
-                    req = req.header(http::header::AUTHORIZATION, v);
-                }
-                let payload = match body {
-                    Some(b) => {
-                        req = req.header(http::header::CONTENT_TYPE, "application/json");
-                        bytes::Bytes::from(serde_json::to_vec(b)?)
+        let exchange = async {
+            match &self.transport {
+                Transport::Plain(http) => {
+                    let mut req = http.request(method, &url);
+                    if let Some(b) = body {
+                        req = req.json(b);
                     }
-                    None => bytes::Bytes::new(),
-                };
-                let req = req
-                    .body(http_body_util::Full::new(payload))
-                    .context("request")?;
-                let resp = client.request(req).await.with_context(unreachable)?;
-                let status = resp.status();
-                let bytes = resp
-                    .into_body()
-                    .collect()
-                    .await
-                    .with_context(unreachable)?
-                    .to_bytes();
-                (
-                    status,
-                    serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-                )
+                    let resp = req.send().await.with_context(unreachable)?;
+                    let status = resp.status();
+                    let bytes = resp.bytes().await.with_context(unreachable)?;
+                    anyhow::Ok((status, bytes))
+                }
+                Transport::Tls { client, auth } => {
+                    use http_body_util::BodyExt;
+                    let mut req = http::Request::builder().method(method).uri(url.as_str());
+                    if let Some(v) = auth {
+                        req = req.header(http::header::AUTHORIZATION, v);
+                    }
+                    let payload = match body {
+                        Some(b) => {
+                            req = req.header(http::header::CONTENT_TYPE, "application/json");
+                            bytes::Bytes::from(serde_json::to_vec(b)?)
+                        }
+                        None => bytes::Bytes::new(),
+                    };
+                    let req = req
+                        .body(http_body_util::Full::new(payload))
+                        .context("request")?;
+                    let resp = client.request(req).await.with_context(unreachable)?;
+                    let status = resp.status();
+                    let bytes = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .with_context(unreachable)?
+                        .to_bytes();
+                    Ok((status, bytes))
+                }
             }
         };
+        let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the coordinator at {} did not answer {path} within {} s",
+                    self.base,
+                    REQUEST_TIMEOUT.as_secs()
+                )
+            })??;
         if !status.is_success() {
+            // An error's body is the API's `{"error": ...}`, or whatever a proxy in between said.
+            let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             return Err(Refused::of(status, &v).into());
         }
-        Ok(v)
+        serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "the coordinator's answer to {path} is not JSON ({} bytes)",
+                bytes.len()
+            )
+        })
     }
 
     /// GET `path` and its body as it comes (an event stream). An error status is an error,

@@ -23,6 +23,10 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How far before the latest change it saw the watch asks, after a gap, for the tasks changed
 /// since: room for the coordinator's clock to have been set back a little meanwhile.
 const CATCH_UP_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
+/// Silence of the event stream after which it is taken for lost and opened again: the
+/// coordinator sends a keep-alive every 15 s, so a path that went dead (a half-open connection
+/// no write will reveal) shows as this much silence.
+const SILENCE: Duration = Duration::from_secs(45);
 /// Tasks read a request when catching up after a gap (`--page-size`), page after page.
 pub(crate) const PAGE: usize = 10_000;
 
@@ -42,6 +46,9 @@ pub struct WatchArgs {
 }
 
 pub async fn run(a: WatchArgs) -> anyhow::Result<()> {
+    for id in &a.ids {
+        tether_proto::TaskId::parse(id).map_err(|e| anyhow::anyhow!("task id {id:?}: {e}"))?;
+    }
     let api = Api::new(&a.common)?;
     let ids = (!a.ids.is_empty()).then(|| a.ids.iter().cloned().collect());
     follow(&api, ids, a.common.json, a.workers, a.page_size as usize).await
@@ -164,6 +171,10 @@ struct Watch {
     page: usize,
     /// Following every task: a first snapshot has set what counts as already seen.
     baseline: bool,
+    /// Silence after which the stream is taken for lost ([`SILENCE`]).
+    silence: Duration,
+    /// The first snapshot's time, by the coordinator's clock (following every task).
+    started: Option<DateTime<Utc>>,
 }
 
 impl Watch {
@@ -178,6 +189,8 @@ impl Watch {
             worker_states: HashMap::new(),
             page: PAGE,
             baseline: false,
+            silence: SILENCE,
+            started: None,
         }
     }
 
@@ -197,11 +210,19 @@ impl Watch {
         let mut parser = SseParser::default();
         let mut opened = false;
         loop {
-            let chunk = match chunks.next().await {
-                Some(Ok(c)) => c,
-                Some(Err(why)) => return Ok(Turn::Lost { opened, why }),
-                None => {
+            let chunk = match tokio::time::timeout(self.silence, chunks.next()).await {
+                Ok(Some(Ok(c))) => c,
+                Ok(Some(Err(why))) => return Ok(Turn::Lost { opened, why }),
+                Ok(None) => {
                     let why = anyhow::anyhow!("the coordinator closed the event stream");
+                    return Ok(Turn::Lost { opened, why });
+                }
+                Err(_) => {
+                    let why = anyhow::anyhow!(
+                        "the event stream was silent for {} ms (the coordinator sends a \
+                         keep-alive every 15 s)",
+                        self.silence.as_millis()
+                    );
                     return Ok(Turn::Lost { opened, why });
                 }
             };
@@ -246,7 +267,27 @@ impl Watch {
     async fn catch_up(&mut self, api: &Api, snap: &Value) -> anyhow::Result<()> {
         // The latest change seen before this snapshot; from the snapshot on, the stream is live.
         let before = self.high_water;
-        self.high_water = self.high_water.max(time(&snap["at"]));
+        match self.read_gap(api, snap, before).await {
+            Ok(()) => {
+                self.high_water = self.high_water.max(time(&snap["at"]));
+                Ok(())
+            }
+            Err(e) => {
+                // The next snapshot asks again from the same mark: the tasks read so far moved
+                // it, but those the failure left unread changed after it too.
+                self.high_water = before;
+                Err(e)
+            }
+        }
+    }
+
+    /// What [`Watch::catch_up`] reads, `before` being the latest change seen before the gap.
+    async fn read_gap(
+        &mut self,
+        api: &Api,
+        snap: &Value,
+        before: Option<DateTime<Utc>>,
+    ) -> anyhow::Result<()> {
         match self.ids.clone() {
             Some(ids) => {
                 let open: Vec<String> = ids
@@ -265,6 +306,7 @@ impl Watch {
             }
             None if !self.baseline => {
                 self.baseline = true;
+                self.started = time(&snap["at"]);
                 for t in snap["tasks"].as_array().into_iter().flatten() {
                     self.know(t);
                 }
@@ -283,10 +325,16 @@ impl Watch {
                 let changed = api.list_tasks(&query, self.page).await?;
                 for t in &changed {
                     let id = t["task_id"].as_str().unwrap_or_default();
-                    // Never seen and last changed before the gap: as it was when the watch
-                    // started (the first snapshot holds the newest tasks only), not a change.
+                    // Never seen and last changed before the watch started, or well before
+                    // the gap: as it was when the watch started (the first snapshot holds the
+                    // newest tasks only), not a change. Just before the gap it may be a
+                    // change stamped by a clock set back.
+                    let at = time(&t["updated_at"]);
                     let unchanged = !self.seen.contains_key(id)
-                        && before.is_some_and(|b| time(&t["updated_at"]).is_some_and(|at| at <= b));
+                        && at.is_some_and(|at| {
+                            self.started.is_some_and(|s| at <= s)
+                                || before.is_some_and(|b| at <= b - CATCH_UP_MARGIN)
+                        });
                     if unchanged {
                         self.know(t);
                     } else {
@@ -339,16 +387,28 @@ impl Watch {
     }
 
     /// `t` as the watch would know it, unless a later copy of it was seen already; its time
-    /// moves the high-water mark.
+    /// moves the high-water mark. Later means further along first (an ended task does not run
+    /// again; a later attempt follows an earlier one), then changed later by the coordinator's
+    /// clock: a clock set back must not hide a task's end, after which nothing comes.
     fn fresh(&mut self, id: &str, t: &Value) -> Option<Known> {
         let at = time(&t["updated_at"]);
-        let seen_at = self.seen.get(id).and_then(|k| k.at);
-        if seen_at.zip(at).is_some_and(|(seen, at)| seen > at) {
-            return None;
+        let shown = Seen::of(t);
+        let known = self.seen.get(id);
+        let seen_at = known.and_then(|k| k.at);
+        if let Some(k) = known {
+            let along = |s: &Seen| (s.ended(), s.attempt);
+            let older = match along(&shown).cmp(&along(&k.shown)) {
+                std::cmp::Ordering::Less => true,
+                std::cmp::Ordering::Greater => false,
+                std::cmp::Ordering::Equal => seen_at.zip(at).is_some_and(|(seen, at)| seen > at),
+            };
+            if older {
+                return None;
+            }
         }
         self.high_water = self.high_water.max(at);
         Some(Known {
-            shown: Seen::of(t),
+            shown,
             at: at.or(seen_at),
         })
     }
@@ -609,5 +669,102 @@ mod tests {
             .expect("written");
         assert!(w.done());
         assert!(w.verdict().is_ok());
+    }
+
+    #[test]
+    fn a_tasks_end_stamped_by_a_clock_set_back_is_still_its_end() {
+        let at = |mut t: Value, time: &str| {
+            t["updated_at"] = json!(time);
+            t
+        };
+        let mut w = Watch::new(Some(["a".to_owned()].into()), true, false);
+        w.on_task(&at(
+            task("a", "running", 1, Some("w1")),
+            "2026-12-01T10:31:05Z",
+        ))
+        .expect("written");
+        // The coordinator restarted with its clock 3 s back, then the task completed.
+        w.on_task(&at(task("a", "completed", 1, None), "2026-12-01T10:31:02Z"))
+            .expect("written");
+        assert!(
+            w.done(),
+            "nothing comes after a task's end: it must not be dropped"
+        );
+        assert!(w.verdict().is_ok());
+    }
+
+    /// A coordinator whose event stream sends its headers and a snapshot, then nothing; and
+    /// whose task listings fail.
+    async fn silent_coordinator() -> Api {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut head = [0u8; 2048];
+                let n = tokio::io::AsyncReadExt::read(&mut s, &mut head)
+                    .await
+                    .unwrap_or(0);
+                let head = String::from_utf8_lossy(&head[..n]);
+                let reply: &[u8] = if head.starts_with("GET /api/v1/events") {
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n\
+                      event: snapshot\ndata: {\"at\": \"2026-12-01T10:40:00Z\", \"tasks\": []}\n\n"
+                } else {
+                    b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 2\r\n\
+                      connection: close\r\n\r\n{}"
+                };
+                let _ = s.write_all(reply).await;
+                held.push(s);
+            }
+        });
+        Api::build(&format!("http://{addr}"), None, None).expect("client")
+    }
+
+    #[tokio::test]
+    async fn a_silent_event_stream_is_taken_for_lost_and_a_failed_catch_up_keeps_its_mark() {
+        let api = silent_coordinator().await;
+        let mut w = Watch::new(None, true, false);
+        w.silence = Duration::from_millis(300);
+        // The first snapshot sets the baseline (no read); then the stream says nothing.
+        let started = std::time::Instant::now();
+        match w.stream(&api).await {
+            Ok(Turn::Lost { opened, why }) => {
+                assert!(opened);
+                assert!(format!("{why:#}").contains("silent"), "{why:#}");
+            }
+            _ => panic!("the silent stream must be lost"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // A gap's catch-up that fails leaves the mark where it was: the next one asks again
+        // from it, not from this snapshot's time.
+        let mark = time(&json!("2026-12-01T10:30:00Z"));
+        w.high_water = mark;
+        let snap = json!({"at": "2026-12-01T10:40:00Z", "tasks": []});
+        assert!(w.catch_up(&api, &snap).await.is_err());
+        assert_eq!(w.high_water, mark);
+    }
+
+    #[tokio::test]
+    async fn an_id_no_task_can_have_is_refused_before_any_request() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            watch: WatchArgs,
+        }
+        // Port 9 (discard) on loopback: nothing answers, and nothing must be asked.
+        for id in ["x#y", "x?limit=1", "a/b"] {
+            let argv = ["watch", "--coordinator", "http://127.0.0.1:9", id];
+            let a = <Cli as clap::Parser>::try_parse_from(argv)
+                .expect("parsed")
+                .watch;
+            let e = run(a).await.expect_err("refused");
+            assert!(
+                format!("{e:#}").starts_with(&format!("task id {id:?}")),
+                "{e:#}"
+            );
+        }
     }
 }
