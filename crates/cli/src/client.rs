@@ -877,4 +877,31 @@ mod tests {
         let e = api.get("/missing").await.expect_err("refused");
         assert_eq!(e.downcast_ref::<Refused>().map(|r| r.status), Some(404));
     }
+
+    #[tokio::test]
+    async fn an_answer_cut_short_or_not_json_is_an_error_not_null() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut head = [0u8; 1024];
+                let n = s.read(&mut head).await.unwrap_or(0);
+                let reply: &[u8] = if head[..n].starts_with(b"GET /cut") {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n[1, 2, 3,"
+                } else {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nnot json!"
+                };
+                let _ = s.write_all(reply).await;
+                // Closed here: the cut answer ends 91 bytes short.
+            }
+        });
+        let api = Api::build(&format!("http://{addr}"), None, None).expect("client");
+        let e = api.get("/cut").await.expect_err("cut short");
+        assert!(format!("{e:#}").contains("cannot reach"), "{e:#}");
+        let e = api.get("/text").await.expect_err("not JSON");
+        assert!(format!("{e:#}").contains("is not JSON"), "{e:#}");
+    }
 }
