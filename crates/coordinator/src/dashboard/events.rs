@@ -72,8 +72,10 @@ impl Feed {
             }
             self.first = false;
             self.snapshot_due = false;
-            // Changes queued before the snapshot are in it.
+            // Changes and samples queued before the snapshot are in it (a sample may come both
+            // in its history and after it: the page draws a sample no older than its last once).
             self.changes = self.changes.resubscribe();
+            self.samples = self.samples.resubscribe();
             return self.snapshot().await.ok();
         }
         let stop = self.app.stop.clone();

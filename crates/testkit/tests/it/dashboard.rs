@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tether_faultproxy::{Direction, Fault, FaultKind, Target};
-use tether_proto::WorkerId;
+use tether_proto::{TaskId, TaskSpec, WorkerId};
 use tether_testkit::*;
 use tether_worker::{ConnState, Executors};
 
@@ -532,5 +532,65 @@ async fn tasks_can_be_listed_newest_first() {
     let (status, e) = client.get("/api/v1/tasks?order=sideways").await;
     assert_eq!(status, 422, "{e}");
     assert_eq!(e["error"]["code"], "invalid");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_lagged_gets_a_fresh_snapshot_and_no_sample_older_than_its_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.history_interval = Duration::from_millis(50);
+    let c = spawn_coordinator_with(cfg, None).await;
+    let mut resp = reqwest::get(format!("http://{}/api/v1/events", c.addr))
+        .await
+        .expect("events");
+    let mut buf = String::new();
+    let (name, _) = next_event(&mut resp, &mut buf).await.expect("snapshot");
+    assert_eq!(name, "snapshot");
+    // The client stops reading; 20,000 changes of 2 KiB fill the sockets' buffers and overrun
+    // its share of the change buffer (4,096), while samples pile up behind it.
+    let pad = "x".repeat(2048);
+    for batch in 0..20 {
+        let specs: Vec<TaskSpec> = (0..1000)
+            .map(|i| {
+                let mut s = TaskSpec::new("nobody-runs-this", json!({ "pad": pad }));
+                s.task_id = Some(TaskId::parse(&format!("lag-{batch}-{i}")).expect("id"));
+                s
+            })
+            .collect();
+        c.client().submit(&specs).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Reading again: what was written before the overrun, then `resync` and a fresh snapshot.
+    let mut resynced = false;
+    let snap = loop {
+        let (name, v) = next_event(&mut resp, &mut buf).await.expect("an event");
+        match name.as_str() {
+            "resync" => resynced = true,
+            "snapshot" => break v,
+            _ => {}
+        }
+    };
+    assert!(resynced, "the snapshot follows a resync");
+    let last = snap["history"]
+        .as_array()
+        .and_then(|h| h.last())
+        .and_then(|s| s["at"].as_str())
+        .expect("the snapshot holds the chart's history")
+        .to_owned();
+    let at = |s: &str| chrono::DateTime::parse_from_rfc3339(s).expect("RFC 3339");
+    // Samples after the snapshot are newer than its history: none that were queued before it.
+    let mut after = 0;
+    while after < 5 {
+        let (name, v) = next_event(&mut resp, &mut buf).await.expect("an event");
+        if name == "sample" {
+            let t = v["at"].as_str().expect("at");
+            assert!(
+                at(t) >= at(&last),
+                "sample of {t} after a snapshot whose history ends {last}"
+            );
+            after += 1;
+        }
+    }
     c.stop().await;
 }

@@ -9,6 +9,7 @@ const state = {
   history: [],          // samples, oldest first
   intervalMs: 10000,
   selected: null,       // task_id shown in the detail panel
+  skewMs: 0,            // the coordinator's clock less this browser's, at the last snapshot
 };
 const MAX_TASKS = 2000;
 const $ = (sel) => document.querySelector(sel);
@@ -27,9 +28,11 @@ function el(tag, attrs = {}, ...children) {
   return e;
 }
 const badge = (text) => el("span", { class: "badge" }, text);
+// Now by the coordinator's clock: times on the page are its times, whatever this browser's.
+const coordNow = () => Date.now() + state.skewMs;
 const ago = (iso) => {
   if (!iso) return "";
-  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  const s = Math.max(0, (coordNow() - Date.parse(iso)) / 1000);
   return s < 60 ? `${s.toFixed(0)} s ago` : s < 3600 ? `${(s / 60).toFixed(0)} min ago` : `${(s / 3600).toFixed(1)} h ago`;
 };
 const secs = (a, b) => (a && b ? `${((Date.parse(b) - Date.parse(a)) / 1000).toFixed(1)} s` : "");
@@ -105,6 +108,7 @@ function dispatch(block) {
       state.overview = v.overview;
       state.history = v.history;
       state.intervalMs = v.history_interval_ms || state.intervalMs;
+      state.skewMs = Date.parse(v.at) - Date.now() || 0;
       setFeed("live");
       break;
     case "task":
@@ -115,17 +119,22 @@ function dispatch(block) {
     case "worker":
       state.workers.set(v.worker_id, v);
       break;
-    case "sample":
+    case "sample": {
+      // A sample the snapshot's history already holds (or older) is not drawn twice or back
+      // in time.
+      const last = state.history[state.history.length - 1];
+      if (last && Date.parse(v.at) <= Date.parse(last.at)) break;
       state.history.push(v);
       trimHistory();
       state.overview = { ...(state.overview || {}), tasks: v.tasks, queued: v.queued, workers: v.workers };
       break;
+    }
   }
   schedule();
 }
 
 function trimHistory() {
-  const since = Date.now() - 3600 * 1000;
+  const since = coordNow() - 3600 * 1000;
   while (state.history.length && Date.parse(state.history[0].at) < since) state.history.shift();
 }
 
@@ -235,7 +244,7 @@ function draw(canvas, points, color) {
   ctx.strokeRect(pad, 4, w - pad - 4, h - pad - 4);
   ctx.fillStyle = "#6b6b66";
   ctx.font = "10px system-ui";
-  const now = Date.now();
+  const now = coordNow();
   const t0 = now - 3600 * 1000;
   ctx.fillText("-60 min", pad, h - 8);
   ctx.fillText("now", w - 24, h - 8);
