@@ -38,6 +38,9 @@ pub struct AppState {
     pub heavy: Arc<tokio::sync::Semaphore>,
 }
 
+/// How long a stopping coordinator waits for its HTTP connections to finish what they send.
+pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why the coordinator stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -151,12 +154,23 @@ pub async fn run_with(
     // Through `into_make_service`: served as a bare `Router`, axum rebuilds every route for each
     // connection (`Router::with_state` per accept: about 7 % of the coordinator's samples while
     // 10,000 workers connected at once); this way each connection clones one `Arc`.
-    let served = axum::serve(listener, app.into_make_service())
-        .with_graceful_shutdown(async move {
+    let serving =
+        axum::serve(listener, app.into_make_service()).with_graceful_shutdown(async move {
             serve_stop.await;
             stop_core.cancel();
-        })
-        .await;
+        });
+    // A client that stopped reading (an event stream's window shut) holds its connection, and
+    // a graceful drain would wait for it for ever: past `DRAIN`, the connections left are let go.
+    let served = tokio::select! {
+        served = serving => served,
+        () = async {
+            stop.cancelled().await;
+            tokio::time::sleep(DRAIN).await;
+        } => {
+            tracing::warn!("connections still open {} s after the stop are let go", DRAIN.as_secs());
+            Ok(())
+        }
+    };
     stop.cancel();
     let _ = sampler.await;
     let _ = core_task.await;

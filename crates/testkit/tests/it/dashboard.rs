@@ -594,3 +594,42 @@ async fn a_client_that_lagged_gets_a_fresh_snapshot_and_no_sample_older_than_its
     }
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_stopped_reading_its_event_stream_does_not_hold_up_the_stop() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("buffer size");
+    let mut stalled = socket.connect(c.addr).await.expect("connect");
+    let request = format!("GET /api/v1/events HTTP/1.1\r\nHost: {}\r\n\r\n", c.addr);
+    stalled
+        .write_all(request.as_bytes())
+        .await
+        .expect("request");
+    let mut head = [0u8; 12];
+    stalled.read_exact(&mut head).await.expect("status line");
+    assert_eq!(&head[9..12], b"200");
+    // Changes of 2 KiB each until the server's writes to it block: it is never read again.
+    let pad = "x".repeat(2048);
+    for batch in 0..5 {
+        let specs: Vec<TaskSpec> = (0..1000)
+            .map(|i| {
+                let mut s = TaskSpec::new("nobody-runs-this", json!({ "pad": pad }));
+                s.task_id = Some(TaskId::parse(&format!("stall-{batch}-{i}")).expect("id"));
+                s
+            })
+            .collect();
+        c.client().submit(&specs).await;
+    }
+    tokio::time::timeout(tether_coordinator::server::DRAIN + DEADLINE, c.stop())
+        .await
+        .expect("the coordinator stops with a client that reads nothing");
+    drop(stalled);
+    // What was submitted is there after a restart.
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (status, t) = c.client().get("/api/v1/tasks/stall-4-999").await;
+    assert_eq!(status, 200, "{t}");
+    c.stop().await;
+}
