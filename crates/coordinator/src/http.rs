@@ -87,8 +87,8 @@ impl IntoResponse for ApiError {
 }
 
 /// How many answers that may run to many megabytes (a listing of up to [`LIST_MAX`] tasks, a
-/// task's results, a checkpoint of up to `max_checkpoint_bytes`, the workers) are made at
-/// once. Each holds its turn until its body is handed to the connection: unbounded, a few
+/// task's results, a checkpoint of up to `max_checkpoint_bytes`, the workers, an event
+/// stream's snapshot) are made at once. Each holds its turn until its body is handed to the connection: unbounded, a few
 /// hundred such requests (of up to `max_connections`) held gigabytes.
 pub const HEAVY_AT_ONCE: usize = 8;
 /// How long such an answer waits for a turn before `503 busy`.
@@ -97,14 +97,26 @@ pub const HEAVY_WAIT: Duration = Duration::from_secs(30);
 /// room, so a turn lasts until the last piece is taken, however slowly the client reads.
 const HEAVY_PIECE: usize = 64 * 1024;
 
+/// A turn of [`HEAVY_AT_ONCE`], waited for up to [`HEAVY_WAIT`]: `Err(None)` when the wait
+/// ran out, `Err(Some(_))` when the coordinator is stopping.
+pub(crate) async fn heavy_turn(
+    app: &AppState,
+) -> Result<tokio::sync::OwnedSemaphorePermit, Option<ApiError>> {
+    match tokio::time::timeout(HEAVY_WAIT, app.heavy.clone().acquire_owned()).await {
+        Ok(Ok(turn)) => Ok(turn),
+        Ok(Err(_)) => Err(Some(ApiError::Internal(
+            "coordinator is shutting down".into(),
+        ))),
+        Err(_) => Err(None),
+    }
+}
+
 /// Makes `answer` in a turn of [`HEAVY_AT_ONCE`], kept until its body is handed over.
 async fn heavy(app: &AppState, answer: impl Future<Output = Response>) -> Response {
-    let turn = match tokio::time::timeout(HEAVY_WAIT, app.heavy.clone().acquire_owned()).await {
-        Ok(Ok(turn)) => turn,
-        Ok(Err(_)) => {
-            return ApiError::Internal("coordinator is shutting down".into()).into_response();
-        }
-        Err(_) => {
+    let turn = match heavy_turn(app).await {
+        Ok(turn) => turn,
+        Err(Some(stopping)) => return stopping.into_response(),
+        Err(None) => {
             let mut busy = error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "busy",
@@ -702,7 +714,10 @@ mod tests {
         let counted = asked.clone();
         tokio::spawn(async move {
             while let Some(ev) = rx.recv().await {
-                if let Event::Api(Api::ListWorkers { reply }) = ev {
+                if let Event::Api(Api::Overview { .. }) = ev {
+                    // Dropped unanswered: an event stream's snapshot asks this first.
+                    counted.fetch_add(1000, std::sync::atomic::Ordering::SeqCst);
+                } else if let Event::Api(Api::ListWorkers { reply }) = ev {
                     counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let workers = (0..n)
                         .map(|i| {
@@ -774,6 +789,19 @@ mod tests {
         assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(busy.headers()[axum::http::header::RETRY_AFTER], "1");
         assert_eq!(asked.load(SeqCst), HEAVY_AT_ONCE + 2);
-        drop((held, next, again));
+        // An event stream's snapshot waits for a turn too (the core is not asked for it).
+        let stream = crate::dashboard::events::events(State(app.clone())).await;
+        let mut frames = stream.into_body().into_data_stream();
+        let first = tokio::time::timeout(Duration::from_secs(5), frames.next()).await;
+        assert!(first.is_err(), "no snapshot without a turn");
+        assert_eq!(asked.load(SeqCst), HEAVY_AT_ONCE + 2);
+        drop(next);
+        let _ = tokio::time::timeout(Duration::from_secs(5), frames.next()).await;
+        assert_eq!(
+            asked.load(SeqCst),
+            HEAVY_AT_ONCE + 2 + 1000,
+            "asked once a turn came"
+        );
+        drop((held, again));
     }
 }

@@ -98,8 +98,14 @@ impl Feed {
         }
     }
 
+    /// The snapshot, made in a turn for large answers (it holds every worker and the newest
+    /// tasks); a client that waited [`crate::http::HEAVY_WAIT`] for one has its stream ended,
+    /// to open it again.
     async fn snapshot(&self) -> Result<Event, ApiError> {
         let app = &self.app;
+        let _turn = crate::http::heavy_turn(app).await.map_err(|e| {
+            e.unwrap_or_else(|| ApiError::Internal("busy with large answers".into()))
+        })?;
         // Read before the core is asked: a change at or before it is in the snapshot or, made
         // since the subscription, in an event after it.
         let at = tether_proto::msg::now();
