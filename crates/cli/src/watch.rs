@@ -508,6 +508,9 @@ struct SseEvent {
 #[derive(Default)]
 struct SseParser {
     buf: Vec<u8>,
+    /// Bytes of `buf` known to hold no line end: a line of many megabytes (a snapshot) that
+    /// comes in small chunks is scanned once, not once a chunk.
+    scanned: usize,
     event: String,
     data: Vec<String>,
 }
@@ -516,7 +519,12 @@ impl SseParser {
     fn push(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
-        while let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+        while let Some(end) = self.buf[self.scanned..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|at| self.scanned + at)
+        {
+            self.scanned = 0;
             let mut line: Vec<u8> = self.buf.drain(..=end).collect();
             line.pop();
             if line.last() == Some(&b'\r') {
@@ -548,6 +556,7 @@ impl SseParser {
                 _ => {}
             }
         }
+        self.scanned = self.buf.len();
         out
     }
 }
@@ -563,6 +572,22 @@ mod tests {
             event: event.into(),
             data: data.into(),
         }
+    }
+
+    #[test]
+    fn a_line_of_megabytes_in_small_chunks_is_scanned_once() {
+        let mut p = SseParser::default();
+        let data = "x".repeat(8 << 20);
+        let text = format!("event: snapshot\ndata: {data}\n\n");
+        let mut got = Vec::new();
+        let mut scanned = 0usize;
+        for chunk in text.as_bytes().chunks(4096) {
+            // What a push scans: the bytes it had not scanned before, and this chunk.
+            scanned += p.buf.len() - p.scanned + chunk.len();
+            got.extend(p.push(chunk));
+        }
+        assert_eq!(got, vec![ev("snapshot", &data)]);
+        assert!(scanned <= 2 * text.len(), "{scanned} bytes scanned for {}", text.len());
     }
 
     #[test]

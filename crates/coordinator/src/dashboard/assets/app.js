@@ -67,16 +67,11 @@ async function follow() {
       if (!r.ok || !r.body) throw new Error(`${r.status}`);
       delay = 500;
       const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
-      let buf = "";
+      const push = eventSplitter(dispatch);
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
-        buf += value;
-        let end;
-        while ((end = buf.indexOf("\n\n")) >= 0) {
-          dispatch(buf.slice(0, end));
-          buf = buf.slice(end + 2);
-        }
+        push(value);
       }
     } catch (e) {
       console.warn("event stream:", e);
@@ -89,6 +84,37 @@ async function follow() {
     delay = Math.min(delay * 2, 10000);
     setFeed("connecting");
   }
+}
+
+// Cuts text that comes in chunks into events (blocks ended by a blank line) for `emit`. An
+// event's chunks are gathered and joined once it ends, and each chunk is searched once: a
+// snapshot of many megabytes in small chunks is not copied and searched again at each one.
+function eventSplitter(emit) {
+  let parts = []; // the unfinished event's text
+  let last = "";  // its last character: the blank line may straddle two chunks
+  return (chunk) => {
+    let rest = chunk;
+    for (;;) {
+      if (last === "\n" && rest.startsWith("\n")) {
+        emit(parts.join("").slice(0, -1));
+        parts = [];
+        last = "";
+        rest = rest.slice(1);
+        continue;
+      }
+      const end = rest.indexOf("\n\n");
+      if (end < 0) break;
+      parts.push(rest.slice(0, end));
+      emit(parts.join(""));
+      parts = [];
+      last = "";
+      rest = rest.slice(end + 2);
+    }
+    if (rest) {
+      parts.push(rest);
+      last = rest[rest.length - 1];
+    }
+  };
 }
 
 function dispatch(block) {
@@ -276,7 +302,28 @@ function select(id) {
   schedule();
 }
 
+// One load of the detail panel at a time: changes of the selected task while one is in flight
+// ask for one more after it (a burst of changes is one reload, not four requests each), and a
+// load whose answer comes after a newer one's is dropped.
+const detail = { loading: false, again: false, seq: 0 };
+
 async function loadDetail(id) {
+  if (detail.loading) {
+    detail.again = true;
+    return;
+  }
+  detail.loading = true;
+  detail.again = false;
+  const seq = ++detail.seq;
+  try {
+    await loadDetailNow(id, seq);
+  } finally {
+    detail.loading = false;
+    if (detail.again && state.selected) loadDetail(state.selected);
+  }
+}
+
+async function loadDetailNow(id, seq) {
   try {
     const enc = encodeURIComponent(id);
     const [task, checkpoints, results, st] = await Promise.all([
@@ -285,9 +332,10 @@ async function loadDetail(id) {
       api("GET", `/api/v1/tasks/${enc}/result`),
       api("GET", `/api/v1/tasks/${enc}/state`),
     ]);
-    if (state.selected !== id) return;
+    if (state.selected !== id || seq !== detail.seq) return;
     $("#detail-body").replaceChildren(...timeline(task, checkpoints, results, st));
   } catch (e) {
+    if (state.selected !== id || seq !== detail.seq) return;
     $("#detail-body").replaceChildren(el("p", { class: "muted" }, `could not load: ${e.message}`));
   }
 }
