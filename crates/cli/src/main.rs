@@ -46,7 +46,8 @@ enum Cmd {
     /// Show one task with its attempts and results.
     Task(client::TaskArgs),
     /// Follow tasks as they change, until each named one has ended (exit 0 only if all
-    /// completed), or every task until interrupted; survives a restart of the coordinator.
+    /// completed, 1 if one ended otherwise, 2 if the watch could not follow them to their end),
+    /// or every task until interrupted; survives a restart of the coordinator.
     Watch(watch::WatchArgs),
     /// List workers with their connection statistics.
     Workers(client::CommonArgs),
@@ -150,7 +151,10 @@ fn main() -> std::process::ExitCode {
         Err(e) if output_only && output::is_closed(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", output::describe(&e));
-            std::process::ExitCode::FAILURE
+            match e.downcast_ref::<watch::Unfollowed>() {
+                Some(_) => std::process::ExitCode::from(2),
+                None => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }

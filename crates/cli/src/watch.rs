@@ -54,8 +54,20 @@ pub async fn run(a: WatchArgs) -> anyhow::Result<()> {
     follow(&api, ids, a.common.json, a.workers, a.page_size as usize).await
 }
 
+/// Why a watch could not tell how its tasks ended (interrupted, unreachable, refused): exit
+/// status 2, where tasks that ended but not all completed are 1.
+#[derive(Debug)]
+pub(crate) struct Unfollowed;
+
+impl std::fmt::Display for Unfollowed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the watch could not follow its tasks to their end")
+    }
+}
+
 /// Follows `ids` (or every task) on `api`, printing each change; `Ok` once every named task
-/// has completed, an error naming those that ended otherwise.
+/// has completed, an error naming those that ended otherwise, or one with the context
+/// [`Unfollowed`] when it could not follow them.
 pub(crate) async fn follow(
     api: &Api,
     ids: Option<BTreeSet<String>>,
@@ -63,10 +75,20 @@ pub(crate) async fn follow(
     workers: bool,
     page: usize,
 ) -> anyhow::Result<()> {
-    let stop = crate::cancel_on_signal();
-    let named = ids.is_some();
     let mut watch = Watch::new(ids, json, workers);
     watch.page = page;
+    match follow_with(api, &mut watch).await {
+        // Every task, until interrupted: nothing to judge.
+        Ok(()) if watch.ids.is_none() => Ok(()),
+        Ok(()) => watch.verdict(),
+        Err(e) => Err(e.context(Unfollowed)),
+    }
+}
+
+/// Follows until every named task ended (`Ok`), or the watch cannot go on.
+async fn follow_with(api: &Api, watch: &mut Watch) -> anyhow::Result<()> {
+    let stop = crate::cancel_on_signal();
+    let named = watch.ids.is_some();
     let mut delay = RETRY_FIRST;
     let mut opened_once = false;
     loop {
@@ -78,7 +100,7 @@ pub(crate) async fn follow(
             },
         };
         match outcome {
-            Ok(Turn::Done) => return watch.verdict(),
+            Ok(Turn::Done) => return Ok(()),
             Err(Fatal(e)) => return Err(e),
             Ok(Turn::Lost { opened, why }) => {
                 if opened {
@@ -587,7 +609,11 @@ mod tests {
             got.extend(p.push(chunk));
         }
         assert_eq!(got, vec![ev("snapshot", &data)]);
-        assert!(scanned <= 2 * text.len(), "{scanned} bytes scanned for {}", text.len());
+        assert!(
+            scanned <= 2 * text.len(),
+            "{scanned} bytes scanned for {}",
+            text.len()
+        );
     }
 
     #[test]

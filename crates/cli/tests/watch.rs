@@ -123,15 +123,15 @@ impl Watcher {
         }
     }
 
-    /// Waits for the exit; its success, and every stdout line.
-    fn wait_exit(&mut self) -> (bool, Vec<String>) {
+    /// Waits for the exit; its code, and every stdout line.
+    fn wait_exit(&mut self) -> (Option<i32>, Vec<String>) {
         let deadline = Instant::now() + LONG;
         loop {
             if let Some(status) = self.proc.0.try_wait().expect("wait") {
                 while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
                     self.seen.push(l);
                 }
-                return (status.success(), self.seen.clone());
+                return (status.code(), self.seen.clone());
             }
             assert!(
                 Instant::now() < deadline,
@@ -245,8 +245,12 @@ async fn watch_reports_each_change_and_exits_non_zero_when_a_named_task_failed()
     watch.wait_line(&["good", "queued"]);
     watch.wait_line(&["bad", "queued"]);
     let _w = worker(site.addr, "w1");
-    let (ok, lines) = watch.wait_exit();
-    assert!(!ok, "a failed task makes the watch fail: {lines:?}");
+    let (code, lines) = watch.wait_exit();
+    assert_eq!(
+        code,
+        Some(1),
+        "a failed task makes the watch fail: {lines:?}"
+    );
     let has = |parts: &[&str]| lines.iter().any(|l| parts.iter().all(|p| l.contains(p)));
     assert!(has(&["good", "running", "on w1"]), "{lines:?}");
     assert!(has(&["good", "completed"]), "{lines:?}");
@@ -278,8 +282,8 @@ async fn watch_reports_each_change_and_exits_non_zero_when_a_named_task_failed()
         "--shell",
         r#"test "$CHECK" = a=b && test "$(pwd)" = /tmp"#,
     ]);
-    let (ok, lines) = submit.wait_exit();
-    assert!(ok, "{lines:?}; stderr: {}", submit.stderr_text());
+    let (code, lines) = submit.wait_exit();
+    assert_eq!(code, Some(0), "{lines:?}; stderr: {}", submit.stderr_text());
     assert_eq!(lines.first().map(String::as_str), Some("envcheck"));
     assert!(
         lines
@@ -305,8 +309,8 @@ async fn watch_keeps_following_through_a_coordinator_killed_and_restarted() {
     watch.wait_reopening().await;
     let _coord = site.coordinator().await;
     let _w = worker(site.addr, "w1");
-    let (ok, lines) = watch.wait_exit();
-    assert!(ok, "{lines:?}; stderr: {}", watch.stderr_text());
+    let (code, lines) = watch.wait_exit();
+    assert_eq!(code, Some(0), "{lines:?}; stderr: {}", watch.stderr_text());
     assert!(
         lines
             .iter()
@@ -399,8 +403,8 @@ async fn watch_of_every_task_reports_a_change_made_while_its_stream_was_cut_to_a
 async fn watch_refuses_an_unknown_task_and_an_unreachable_coordinator_at_once() {
     let site = Site::new();
     let mut unreachable = Watcher::start(&["watch", "--coordinator", &site.base, "x"]);
-    let (ok, _) = unreachable.wait_exit();
-    assert!(!ok);
+    let (code, _) = unreachable.wait_exit();
+    assert_eq!(code, Some(2), "could not follow: not a task's failure");
     assert!(
         unreachable
             .stderr_text()
@@ -410,8 +414,8 @@ async fn watch_refuses_an_unknown_task_and_an_unreachable_coordinator_at_once() 
     );
     let _coord = site.coordinator().await;
     let mut unknown = Watcher::start(&["watch", "--coordinator", &site.base, "nope"]);
-    let (ok, _) = unknown.wait_exit();
-    assert!(!ok);
+    let (code, _) = unknown.wait_exit();
+    assert_eq!(code, Some(2), "could not follow: not a task's failure");
     assert!(
         unknown.stderr_text().contains("no task nope"),
         "{}",
