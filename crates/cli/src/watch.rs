@@ -27,6 +27,9 @@ const CATCH_UP_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
 /// coordinator sends a keep-alive every 15 s, so a path that went dead (a half-open connection
 /// no write will reveal) shows as this much silence.
 const SILENCE: Duration = Duration::from_secs(45);
+/// Tasks a watch of every task keeps (to tell a change from a copy already reported) before
+/// it forgets those that ended long enough ago.
+const SEEN_MAX: usize = 100_000;
 /// Tasks read a request when catching up after a gap (`--page-size`), page after page.
 pub(crate) const PAGE: usize = 10_000;
 
@@ -197,6 +200,8 @@ struct Watch {
     silence: Duration,
     /// The first snapshot's time, by the coordinator's clock (following every task).
     started: Option<DateTime<Utc>>,
+    /// Tasks known when ended ones are next forgotten ([`SEEN_MAX`]).
+    forget_at: usize,
 }
 
 impl Watch {
@@ -213,6 +218,7 @@ impl Watch {
             baseline: false,
             silence: SILENCE,
             started: None,
+            forget_at: SEEN_MAX,
         }
     }
 
@@ -395,7 +401,26 @@ impl Watch {
             }
         }
         self.seen.insert(id.to_owned(), now);
+        self.forget_old_ends();
         Ok(())
+    }
+
+    /// Following every task, the tasks that ended well before the latest change are forgotten
+    /// once [`SEEN_MAX`] are known (a watch of a busy coordinator ran out of memory): an ended
+    /// task changes no more, and a catch-up never lists it again (it reads changes from just
+    /// before the latest only; one that predates the watch is not reported).
+    fn forget_old_ends(&mut self) {
+        if self.ids.is_some() || self.seen.len() < self.forget_at {
+            return;
+        }
+        let Some(cutoff) = self.high_water.map(|h| h - CATCH_UP_MARGIN * 2) else {
+            return;
+        };
+        self.seen
+            .retain(|_, k| !(k.shown.ended() && k.at.is_some_and(|at| at < cutoff)));
+        // What is left is running (or just ended): look again once as many more came, so that
+        // a look costs a pass over the tasks only as often as that many changes.
+        self.forget_at = (2 * self.seen.len()).max(SEEN_MAX);
     }
 
     /// Takes `t` as it is for seen, without reporting it.
@@ -817,5 +842,35 @@ mod tests {
                 "{e:#}"
             );
         }
+    }
+
+    #[test]
+    fn a_watch_of_every_task_forgets_tasks_that_ended_long_before_and_keeps_the_rest() {
+        let mut w = Watch::new(None, true, false);
+        let base = DateTime::parse_from_rfc3339("2026-12-01T10:00:00Z")
+            .expect("time")
+            .with_timezone(&Utc);
+        let stamped = |id: String, status: &str, secs: i64| {
+            let mut t = task(&id, status, 1, None);
+            t["updated_at"] = json!(base + chrono::TimeDelta::seconds(secs));
+            t
+        };
+        // Ended long ago, and still running from then.
+        for i in 0..SEEN_MAX / 2 {
+            w.on_task(&stamped(format!("old-{i}"), "completed", 0))
+                .expect("written");
+        }
+        for i in 0..SEEN_MAX / 2 - 1 {
+            w.on_task(&stamped(format!("run-{i}"), "running", 0))
+                .expect("written");
+        }
+        assert_eq!(w.seen.len(), SEEN_MAX - 1, "nothing forgotten yet");
+        // A change a minute later fills the watch: the ended ones of then are forgotten, not
+        // the running ones.
+        w.on_task(&stamped("new".into(), "completed", 60))
+            .expect("written");
+        assert_eq!(w.seen.len(), SEEN_MAX / 2);
+        assert!(w.seen.contains_key("run-7") && w.seen.contains_key("new"));
+        assert!(!w.seen.contains_key("old-7"));
     }
 }
