@@ -79,20 +79,30 @@ pub(crate) struct LinkCtl {
     pub id: u64,
     cancel: CancellationToken,
     outcome: Mutex<Option<Outcome>>,
+    /// The proxy's counters: a fault's close counts in its proxy's fault totals too.
+    counters: Arc<ProxyCounters>,
 }
 
 impl LinkCtl {
-    /// Ends the link. The first caller decides the outcome; `by` is the fault that asked.
+    /// Ends the link. The first caller decides the outcome; `by` is the fault that asked, and
+    /// the close counts for it and in its proxy's fault totals.
     pub fn close(&self, outcome: Outcome, by: Option<&FaultEntry>) {
         let mut slot = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
         if slot.is_none() {
             *slot = Some(outcome);
             if let Some(e) = by {
-                let c = match outcome {
-                    Outcome::Close => &e.counters.connections_closed,
-                    Outcome::Reset => &e.counters.connections_reset,
+                let (fault, proxy) = match outcome {
+                    Outcome::Close => (
+                        &e.counters.connections_closed,
+                        &self.counters.faults.connections_closed,
+                    ),
+                    Outcome::Reset => (
+                        &e.counters.connections_reset,
+                        &self.counters.faults.connections_reset,
+                    ),
                 };
-                add(c, 1);
+                add(fault, 1);
+                add(proxy, 1);
             }
         }
         drop(slot);
@@ -206,6 +216,7 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
         id: ctx.id,
         cancel: ctx.cancel.child_token(),
         outcome: Mutex::new(None),
+        counters: Arc::clone(&ctx.counters),
     });
     let draws = Arc::new(Draws::new(ctx.seed, ctx.id, Arc::clone(&ctx.counters)));
     let stages = |stream: Stream| {

@@ -290,6 +290,48 @@ async fn limit_data_closes_the_link_after_exactly_n_bytes() {
     assert_eq!((s.connections_closed, s.bytes_passed), (1, 10));
 }
 
+/// The proxy's fault totals are the sum of its faults' counters, the links they closed or
+/// reset included (`GET /proxies/{name}/stats` and reports read them there).
+#[tokio::test]
+async fn links_a_fault_resets_or_closes_count_in_the_proxy_fault_totals() {
+    let echo = echo().await;
+    let proxy = proxy_to(echo.addr).await;
+    let rst = proxy
+        .add_fault(Fault::new(
+            "rst",
+            FaultKind::Reset { timeout_ms: 0 },
+            Direction::Downstream,
+        ))
+        .await
+        .expect("add");
+    let mut c = connect(proxy.listen_addr()).await;
+    let (_, err) = read_to_end(&mut c).await;
+    assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::ConnectionReset));
+    wait_for("reset counted", || rst.stats().connections_reset == 1).await;
+    drop(rst);
+    assert_eq!(proxy.stats().faults.connections_reset, 1);
+
+    let lim = proxy
+        .add_fault(Fault::new(
+            "lim",
+            FaultKind::LimitData { bytes: 2 },
+            Direction::Downstream,
+        ))
+        .await
+        .expect("add");
+    let mut c = connect(proxy.listen_addr()).await;
+    c.write_all(b"abcd").await.expect("write");
+    let (got, _) = read_to_end(&mut c).await;
+    assert_eq!(got, b"ab");
+    wait_for("close counted", || lim.stats().connections_closed == 1).await;
+    let faults = proxy.stats().faults;
+    assert_eq!(
+        (faults.connections_reset, faults.connections_closed),
+        (1, 1),
+        "{faults:?}"
+    );
+}
+
 #[tokio::test]
 async fn slicer_preserves_the_byte_stream_exactly() {
     let echo = echo().await;
