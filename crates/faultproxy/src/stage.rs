@@ -64,7 +64,8 @@ impl Chunk {
     }
 
     /// Splits off the bytes from `at` on into a chunk of their own that has not passed `stage`
-    /// yet, optionally with `stage`'s deadline planned already.
+    /// yet, optionally with `stage`'s deadline planned already. A close asked for by
+    /// `limit_data` goes with the tail: it is due after the last byte, not the first piece.
     pub fn split_off(&mut self, at: usize, stage: FaultId, tail_plan: Option<Instant>) -> Chunk {
         let mut plan: Vec<_> = self
             .plan
@@ -84,7 +85,7 @@ impl Chunk {
                 .filter(|id| *id != stage)
                 .collect(),
             plan,
-            close_after: None,
+            close_after: self.close_after.take(),
         }
     }
 

@@ -332,6 +332,43 @@ async fn links_a_fault_resets_or_closes_count_in_the_proxy_fault_totals() {
     );
 }
 
+/// `limit_data` before a fault that cuts chunks into pieces (slicer, bandwidth) still passes
+/// every byte it promises: the link closes after the last piece, not the first.
+#[tokio::test]
+async fn limit_data_followed_by_a_splitting_fault_passes_all_its_bytes_before_the_close() {
+    let echo = echo().await;
+    let splitters = [
+        FaultKind::Slicer {
+            average_size: 100,
+            size_variation: 0,
+            delay_us: 0,
+        },
+        FaultKind::Bandwidth {
+            bytes_per_sec: 5_000,
+        },
+    ];
+    for splitter in splitters {
+        let name = splitter.name();
+        let proxy = proxy_to(echo.addr).await;
+        let limit = FaultKind::LimitData { bytes: 1000 };
+        let lim = proxy
+            .add_fault(Fault::new("lim", limit, Direction::Downstream))
+            .await
+            .expect("add");
+        let _split = proxy
+            .add_fault(Fault::new(name, splitter, Direction::Downstream))
+            .await
+            .expect("add");
+        let mut c = connect(proxy.listen_addr()).await;
+        let data = pattern(2000);
+        c.write_all(&data).await.expect("write");
+        let (got, _) = read_to_end(&mut c).await;
+        assert_eq!(got.len(), 1000, "{name}");
+        assert!(got == data[..1000], "{name}: bytes changed on the way");
+        wait_for("close counted", || lim.stats().connections_closed == 1).await;
+    }
+}
+
 #[tokio::test]
 async fn slicer_preserves_the_byte_stream_exactly() {
     let echo = echo().await;
