@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 use tether_proto::WorkerId;
 use tokio::io::AsyncReadExt;
@@ -271,7 +272,10 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
     let mut halves = Vec::with_capacity(4);
     // INVARIANT: the queue is empty here, so these sends cannot wait.
     if !first.bytes.is_empty() {
-        let _ = up_tx.try_send(Chunk::data(first.bytes, first.arrived));
+        let _ = up_tx.try_send(Chunk::data(
+            BytesMut::from(first.bytes.as_slice()),
+            first.arrived,
+        ));
     }
     if first.eof {
         let _ = up_tx.try_send(Chunk::eof(first.arrived));

@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, watch};
@@ -59,7 +60,7 @@ pub(crate) async fn read_loop(
         let chunk = match read {
             Ok(0) => Chunk::eof(Instant::now()),
             Ok(n) => {
-                let chunk = Chunk::data(buf[..n].to_vec(), Instant::now());
+                let chunk = Chunk::data(BytesMut::from(&buf[..n]), Instant::now());
                 buf.resize(grown(buf.len(), n), 0);
                 chunk
             }

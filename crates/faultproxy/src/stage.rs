@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tether_proto::WorkerId;
@@ -35,7 +36,9 @@ pub(crate) type Chain = Arc<Vec<Arc<FaultEntry>>>;
 /// A piece of one stream on its way through the chain. An `eof` chunk carries the sender's FIN.
 #[derive(Debug)]
 pub(crate) struct Chunk {
-    pub data: Vec<u8>,
+    /// The bytes; pieces split off share the buffer, so a slicer cutting a chunk into many
+    /// small pieces copies nothing (a `Vec` copied the rest at every cut).
+    pub data: BytesMut,
     pub eof: bool,
     pub arrived: Instant,
     done: Vec<FaultId>,
@@ -45,7 +48,7 @@ pub(crate) struct Chunk {
 }
 
 impl Chunk {
-    pub fn data(data: Vec<u8>, arrived: Instant) -> Self {
+    pub fn data(data: BytesMut, arrived: Instant) -> Self {
         Chunk {
             data,
             eof: false,
@@ -59,7 +62,7 @@ impl Chunk {
     pub fn eof(arrived: Instant) -> Self {
         Chunk {
             eof: true,
-            ..Chunk::data(Vec::new(), arrived)
+            ..Chunk::data(BytesMut::new(), arrived)
         }
     }
 
@@ -387,7 +390,7 @@ impl Stages {
                 }
                 FaultKind::Corrupt { rate } if !chunk.eof && rate > 0.0 => {
                     let mut changed = 0;
-                    for b in &mut chunk.data {
+                    for b in chunk.data.iter_mut() {
                         if rng.random::<f64>() < rate {
                             *b ^= 1 << rng.random_range(0..8u8);
                             changed += 1;

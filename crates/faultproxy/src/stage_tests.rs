@@ -29,6 +29,11 @@ fn stages_for(stream: Stream, worker: Option<&str>, link: u64) -> Stages {
     Stages::new(stream, worker, draws, proxy, mix(7, link, 1))
 }
 
+/// A data chunk holding a copy of `bytes`.
+fn data_chunk(bytes: impl AsRef<[u8]>, arrived: Instant) -> Chunk {
+    Chunk::data(BytesMut::from(bytes.as_ref()), arrived)
+}
+
 fn stats(e: &FaultEntry) -> FaultStats {
     e.counters.snapshot()
 }
@@ -69,7 +74,7 @@ fn drive(
                     break;
                 }
                 Next::Deliver => {
-                    out.push((std::mem::take(&mut chunk.data), now));
+                    out.push((chunk.data.to_vec(), now));
                     break;
                 }
             }
@@ -92,8 +97,8 @@ fn latency_delays_each_chunk_from_its_arrival() {
     let t0 = Instant::now();
     s.rebuild(&[Arc::clone(&e)], t0);
     let chunks = vec![
-        Chunk::data(b"ab".to_vec(), t0),
-        Chunk::data(b"cd".to_vec(), t0 + Duration::from_millis(30)),
+        data_chunk(b"ab", t0),
+        data_chunk(b"cd", t0 + Duration::from_millis(30)),
     ];
     let (out, _) = drive(&mut s, chunks, t0);
     assert_eq!(out[0], (b"ab".to_vec(), t0 + Duration::from_millis(100)));
@@ -116,7 +121,7 @@ fn jitter_stays_within_bounds_and_repeats_with_the_seed() {
     let run = || {
         let mut s = stages_for(Stream::Upstream, None, 3);
         s.rebuild(&[Arc::clone(&e)], t0);
-        let chunks = (0..50).map(|_| Chunk::data(vec![1], t0)).collect();
+        let chunks = (0..50).map(|_| data_chunk(vec![1], t0)).collect();
         let (out, _) = drive(&mut s, chunks, t0);
         out.iter().map(|(_, t)| *t - t0).collect::<Vec<_>>()
     };
@@ -137,18 +142,14 @@ fn blackhole_drops_data_and_holds_the_fin() {
     s.rebuild(&[Arc::clone(&e)], t0);
     let (out, held) = drive(
         &mut s,
-        vec![Chunk::data(vec![0; 10], t0), Chunk::eof(t0)],
+        vec![data_chunk(vec![0; 10], t0), Chunk::eof(t0)],
         t0,
     );
     assert!(out.is_empty());
     assert_eq!(held, 1);
     assert_eq!(stats(&e).bytes_dropped, 10);
     s.rebuild(&[], t0);
-    let (out, held) = drive(
-        &mut s,
-        vec![Chunk::data(vec![1; 3], t0), Chunk::eof(t0)],
-        t0,
-    );
+    let (out, held) = drive(&mut s, vec![data_chunk(vec![1; 3], t0), Chunk::eof(t0)], t0);
     assert_eq!((out.len(), held), (2, 0));
 }
 
@@ -158,10 +159,10 @@ fn limit_data_passes_exactly_the_limit_then_asks_to_close() {
     let mut s = stages_for(Stream::Downstream, None, 1);
     let t0 = Instant::now();
     s.rebuild(&[Arc::clone(&e)], t0);
-    let mut a = Chunk::data(vec![1; 4], t0);
+    let mut a = data_chunk(vec![1; 4], t0);
     assert_eq!(s.next(&mut a, t0), Next::Deliver);
     assert!(a.close_after.is_none());
-    let mut b = Chunk::data(vec![2; 10], t0);
+    let mut b = data_chunk(vec![2; 10], t0);
     assert_eq!(s.next(&mut b, t0), Next::Deliver);
     assert_eq!(b.data, vec![2; 3]);
     assert!(b.close_after.is_some());
@@ -176,7 +177,7 @@ fn corrupt_at_rate_one_flips_exactly_one_bit_per_byte() {
     let t0 = Instant::now();
     s.rebuild(&[Arc::clone(&e)], t0);
     let original: Vec<u8> = (0..=255).collect();
-    let (out, _) = drive(&mut s, vec![Chunk::data(original.clone(), t0)], t0);
+    let (out, _) = drive(&mut s, vec![data_chunk(original.clone(), t0)], t0);
     let got = &out[0].0;
     assert!(
         original
@@ -199,7 +200,7 @@ fn slicer_cuts_pieces_within_bounds_and_keeps_every_byte() {
     let t0 = Instant::now();
     s.rebuild(&[Arc::clone(&e)], t0);
     let original: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
-    let (out, _) = drive(&mut s, vec![Chunk::data(original.clone(), t0)], t0);
+    let (out, _) = drive(&mut s, vec![data_chunk(original.clone(), t0)], t0);
     assert!(out.len() >= 1000 / 14);
     assert!(out.iter().all(|(p, _)| (1..=14).contains(&p.len())));
     assert!(
@@ -208,6 +209,22 @@ fn slicer_cuts_pieces_within_bounds_and_keeps_every_byte() {
     );
     assert_eq!(out.concat_bytes(), original);
     assert_eq!(stats(&e).bytes_passed, 1000);
+}
+
+/// A slicer cuts a 32 KiB chunk into hundreds of pieces: each cut must not copy the rest.
+#[test]
+fn splitting_a_chunk_shares_its_buffer_instead_of_copying_the_rest() {
+    let t0 = Instant::now();
+    let mut head = data_chunk(vec![5u8; 1000], t0);
+    let start = head.data.as_ptr();
+    let tail = head.split_off(10, 1, None);
+    assert_eq!((head.data.len(), tail.data.len()), (10, 990));
+    assert_eq!(head.data.as_ptr(), start);
+    assert_eq!(
+        tail.data.as_ptr(),
+        start.wrapping_add(10),
+        "the tail was copied"
+    );
 }
 
 #[test]
@@ -223,7 +240,7 @@ fn bandwidth_paces_the_stream_to_its_rate() {
     let t0 = Instant::now();
     s.rebuild(&[Arc::clone(&e)], t0);
     let original = vec![9u8; 1000];
-    let (out, _) = drive(&mut s, vec![Chunk::data(original.clone(), t0)], t0);
+    let (out, _) = drive(&mut s, vec![data_chunk(original.clone(), t0)], t0);
     assert!(out.iter().all(|(p, _)| p.len() <= 100));
     assert_eq!(
         out.last().map(|(_, t)| *t),
@@ -246,7 +263,7 @@ fn stall_holds_chunks_at_full_loss_and_never_at_zero() {
         );
         let mut s = stages_for(Stream::Downstream, None, 1);
         s.rebuild(&[Arc::clone(&e)], t0);
-        let (out, _) = drive(&mut s, vec![Chunk::data(vec![1; 5], t0)], t0);
+        let (out, _) = drive(&mut s, vec![data_chunk(vec![1; 5], t0)], t0);
         assert_eq!(out[0].1 - t0, Duration::from_millis(expect));
         assert_eq!(stats(&e).bytes_delayed, if expect > 0 { 5 } else { 0 });
     }
@@ -283,7 +300,7 @@ fn toxicity_is_drawn_once_per_link_and_counted_once_for_both_streams() {
         for stream in [Stream::Upstream, Stream::Downstream] {
             let mut s = Stages::new(stream, None, Arc::clone(&draws), Arc::clone(&proxy), 1);
             s.rebuild(&[Arc::clone(&e)], t0);
-            let (out, _) = drive(&mut s, vec![Chunk::data(vec![1], t0)], t0);
+            let (out, _) = drive(&mut s, vec![data_chunk(vec![1], t0)], t0);
             assert_eq!(out.len(), 1 - affected);
         }
         assert_eq!(stats(&e).connections_affected, affected as u64);
@@ -306,7 +323,7 @@ fn worker_targets_and_directions_select_the_stages() {
     for (stream, worker, delivered) in cases {
         let mut s = stages_for(stream, worker, 1);
         s.rebuild(&[Arc::clone(&e)], t0);
-        let (out, _) = drive(&mut s, vec![Chunk::data(vec![1], t0)], t0);
+        let (out, _) = drive(&mut s, vec![data_chunk(vec![1], t0)], t0);
         assert_eq!(out.len(), delivered, "{stream:?} {worker:?}");
     }
 }
@@ -341,7 +358,7 @@ fn a_chain_change_mid_wait_does_not_apply_a_stage_twice() {
     let mut s = stages_for(Stream::Downstream, None, 1);
     let t0 = Instant::now();
     s.rebuild(&[Arc::clone(&c), Arc::clone(&l)], t0);
-    let mut chunk = Chunk::data(vec![0; 4], t0);
+    let mut chunk = data_chunk(vec![0; 4], t0);
     assert!(matches!(s.next(&mut chunk, t0), Next::Wait { .. }));
     // The latency fault is removed while the chunk waits.
     s.rebuild(&[Arc::clone(&c)], t0 + Duration::from_millis(10));
