@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 use tether_proto::WorkerId;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -333,9 +333,11 @@ fn syn_gives_up(sent: Instant) -> Instant {
 /// what its client sent meanwhile goes through, as the bytes a client could not have sent
 /// before its connection was up), and nothing at all if the client gives up first (closes, or
 /// only shuts its sending side: the proxy cannot tell the two apart). At most a chunk is held
-/// (a send buffer's worth; the client is not read further, so its leaving is noticed at the
-/// next retransmission); a reset fault of the link still fires on time; when the last
-/// retransmission goes unanswered the link is reset (the connect would have failed).
+/// (a send buffer's worth); the client is then not read further but still watched
+/// ([`read_or_watch`]), so its leaving ends the link at once even with bytes of it unread, and
+/// a removal of the fault afterwards sends nothing upstream. A reset fault of the link still
+/// fires on time; when the last retransmission goes unanswered the link is reset (the connect
+/// would have failed).
 /// Without this a fleet retrying behind a blackhole left a pair of sockets and an upstream
 /// connection per abandoned attempt until the removal (the proxy ran out of descriptors;
 /// docs/PERFORMANCE.md, twenty-third round). Returns whether the link may connect; if not, it
@@ -397,7 +399,7 @@ async fn withhold(
                     return false;
                 }
             }
-            r = client.read(&mut buf[..room]), if room > 0 => match r {
+            r = read_or_watch(client, &mut buf[..room]) => match r {
                 Ok(0) => first.eof = true,
                 Ok(n) => {
                     if first.bytes.is_empty() {
@@ -411,6 +413,29 @@ async fn withhold(
                 }
             },
         }
+    }
+}
+
+/// How often a held link with no room left looks whether its client has left, while bytes of
+/// the client wait unread in the kernel (the socket stays readable then, so a wait for
+/// readiness alone would spin).
+const LEAVE_POLL: Duration = Duration::from_millis(100);
+
+/// Reads from a client held back by a blackhole into `buf`. With no room left (`buf` empty) it
+/// reads nothing, so the client's further bytes stay in the kernel for when the link connects,
+/// and answers 0 (as at EOF) once the client has closed its sending side or the connection:
+/// read-closed readiness is seen even behind unread bytes. Before this, a client that gave up
+/// with more than a chunk sent was not noticed until the 127 s bound, and a blackhole removed
+/// first let the link connect and deliver the abandoned bytes upstream.
+async fn read_or_watch(client: &mut OwnedReadHalf, buf: &mut [u8]) -> std::io::Result<usize> {
+    if !buf.is_empty() {
+        return client.read(buf).await;
+    }
+    loop {
+        if client.ready(Interest::READABLE).await?.is_read_closed() {
+            return Ok(0);
+        }
+        tokio::time::sleep(LEAVE_POLL).await;
     }
 }
 

@@ -158,6 +158,59 @@ async fn a_link_made_into_a_blackhole_connects_upstream_when_a_retransmitted_syn
     assert_eq!(proxy.stats().faults.bytes_dropped, 0, "nothing swallowed");
 }
 
+/// A client that gives up behind a blackhole after sending more than the proxy holds (a chunk)
+/// is noticed at once, though bytes of it are still unread, and the upstream never sees it,
+/// even when the blackhole goes afterwards.
+#[tokio::test]
+async fn a_client_leaving_a_full_held_link_ends_it_at_once_and_reaches_nothing_upstream() {
+    let (echo, proxy, guard) = blackholed().await;
+    let mut c = connect(proxy.listen_addr()).await;
+    let mut data = upgrade_request("w1");
+    data.resize(40 * 1024, b'x');
+    within("write 40 KiB", c.write_all(&data))
+        .await
+        .expect("write");
+    wait_for("the request read", || {
+        proxy.links().first().is_some_and(|l| l.worker.is_some())
+    })
+    .await;
+    drop(c);
+    // A few seconds at most, not the 127 s bound of a SYN never answered.
+    let end = Instant::now() + Duration::from_secs(3);
+    while !proxy.links().is_empty() {
+        assert!(Instant::now() < end, "the abandoned link is still held");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(guard);
+    // The link task has ended, so nothing of it can reach the upstream any more.
+    assert_eq!(
+        echo.accepted(),
+        0,
+        "the abandoned link reached the upstream"
+    );
+    let s = proxy.stats();
+    assert_eq!((s.connections_closed, s.bytes_upstream), (1, 0), "{s:?}");
+}
+
+/// A client that stays behind a blackhole with more than a chunk sent loses nothing: what the
+/// proxy left unread while it watched the client goes through once the link connects.
+#[tokio::test]
+async fn a_full_held_link_passes_every_byte_once_the_blackhole_goes() {
+    let (echo, proxy, guard) = blackholed().await;
+    let mut c = connect(proxy.listen_addr()).await;
+    let data = pattern(40 * 1024);
+    within("write 40 KiB", c.write_all(&data))
+        .await
+        .expect("write");
+    wait_for("the link listed", || proxy.links().len() == 1).await;
+    drop(guard);
+    assert!(
+        read_n(&mut c, data.len()).await == data,
+        "bytes lost or changed"
+    );
+    assert_eq!(echo.accepted(), 1);
+}
+
 /// A link whose last SYN retransmission (63 s) went into the blackhole is reset 127 s after its
 /// connect, as the connect would have failed: a blackhole removed in between does not let it
 /// through. Paused time: the runtime skips ahead whenever it has nothing to do.
