@@ -100,6 +100,8 @@ pub enum FaultKind {
         jitter_ms: u64,
     },
     /// Pace the stream to `bytes_per_sec`, in pieces of at most a tenth of a second's worth.
+    /// About a second's worth (at least 64 KiB) waits in the proxy; beyond that the sender's
+    /// writes stall, as on a slow link.
     Bandwidth { bytes_per_sec: u64 },
     /// Drop every byte silently and keep the connection open (a half-open partition). A FIN
     /// from the sender is held, not dropped, and goes through once the fault is removed. A

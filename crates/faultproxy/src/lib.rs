@@ -11,8 +11,9 @@
 //! - `stage`: the chain on one stream of one link, applied to one chunk at a time; pure logic
 //!   that says wait, hold, drop, split or deliver, plus the seeded toxicity draws.
 //! - `pump`: per stream, a reader task (chunks of at most 32 KiB, read into a buffer that
-//!   starts at 4 KiB and grows when a read fills it, into a bounded queue) and a
-//!   writer task (chunk through the stages, then to the socket), re-reading the chain on change.
+//!   starts at 4 KiB and grows when a read fills it, into a queue bounded in chunks and in
+//!   bytes, a second's worth under a bandwidth fault) and a writer task (chunk through the
+//!   stages, then to the socket), re-reading the chain on change.
 //! - `sniff`: learns the worker id from the upgrade request line before anything is forwarded.
 //! - `link`: one connection: sniff, wait while a blackhole holds it back (a lost SYN),
 //!   connect upstream (to a loopback one from one of [`LOOPBACK_SOURCES`] source addresses),
@@ -61,7 +62,7 @@ pub use fault::{Direction, Fault, FaultError, FaultKind, FaultPatch, Stream, Tar
 pub use guard::FaultGuard;
 pub use link::{CONNECT_TIMEOUT, LOOPBACK_SOURCES, LinkInfo};
 pub use proxy::{FaultInfo, Proxy, ProxyConfig, ProxyError, ProxyInfo};
-pub use pump::{CHUNK_SIZE, QUEUE_CHUNKS};
+pub use pump::{CHUNK_SIZE, QUEUE_BYTES, QUEUE_CHUNKS, QUEUE_FLOOR};
 pub use server::{Server, ServerError};
 pub use sniff::{SNIFF_LIMIT, SNIFF_TIMEOUT};
 pub use stats::{FaultStats, ProxyStats};

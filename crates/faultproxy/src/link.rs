@@ -13,14 +13,14 @@ use tether_proto::WorkerId;
 use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::fault::Stream;
-use crate::pump::{CHUNK_SIZE, FIRST_READ, QUEUE_CHUNKS, Writer, outcome_of, read_loop, sleep_opt};
+use crate::pump::{CHUNK_SIZE, FIRST_READ, Writer, outcome_of, queue, read_loop, sleep_opt};
 use crate::sniff::{Sniffed, sniff};
 use crate::stage::{Chain, Chunk, Draws, FaultEntry, Stages, mix};
 use crate::stats::{ProxyCounters, add};
@@ -252,8 +252,8 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
     tracing::debug!("link open");
     let (server_rd, server_wr) = server.into_split();
 
-    let (up_tx, up_rx) = mpsc::channel(QUEUE_CHUNKS);
-    let (down_tx, down_rx) = mpsc::channel(QUEUE_CHUNKS);
+    let (up_tx, up_rx) = queue();
+    let (down_tx, down_rx) = queue();
     let writer = |stream, sink, queue, stages| {
         Writer::new(
             stream,
@@ -270,15 +270,16 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
 
     let mut tasks = JoinSet::new();
     let mut halves = Vec::with_capacity(4);
-    // INVARIANT: the queue is empty here, so these sends cannot wait.
+    // INVARIANT: the queue is empty here, so these sends cannot wait (and at most a chunk is
+    // sent, which an empty queue always takes, whatever its bytes limit).
     if !first.bytes.is_empty() {
-        let _ = up_tx.try_send(Chunk::data(
+        up_tx.try_send(Chunk::data(
             BytesMut::from(first.bytes.as_slice()),
             first.arrived,
         ));
     }
     if first.eof {
-        let _ = up_tx.try_send(Chunk::eof(first.arrived));
+        up_tx.try_send(Chunk::eof(first.arrived));
         halves.push(Half::Read(client_rd));
     } else {
         let l = Arc::clone(&link);

@@ -2,19 +2,22 @@
 //! at most [`CHUNK_SIZE`] bytes and stamps their arrival, and a writer that takes each chunk
 //! through the current [`Stages`] and writes it to the sink.
 //!
-//! Between them sits a queue of at most [`QUEUE_CHUNKS`] chunks: that is what bounds the memory
-//! a delayed stream holds, and its back-pressure reaches the sender through TCP. The writer
-//! watches the proxy's fault chain, so faults added, changed or removed take effect on live
-//! links, including on a chunk that is already waiting.
+//! Between them sits a [`queue`] of at most [`QUEUE_CHUNKS`] chunks and at most
+//! [`QUEUE_BYTES`] bytes, or about a second of the slowest bandwidth fault on the stream (at
+//! least [`QUEUE_FLOOR`]): that is what bounds the memory a delayed stream holds, and its
+//! back-pressure reaches the sender through TCP, so a sender on a slow link stalls as on a real
+//! one. The writer watches the proxy's fault chain, so faults added, changed or removed take
+//! effect on live links, including on a chunk that is already waiting.
 
 use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
 use crate::fault::Stream;
@@ -25,8 +28,106 @@ use crate::stats::ProxyCounters;
 /// Largest chunk read from a socket at once.
 pub const CHUNK_SIZE: usize = 32 * 1024;
 
-/// Most chunks queued per stream of a link (so at most 2 MiB per stream).
+/// Most chunks queued per stream of a link.
 pub const QUEUE_CHUNKS: usize = 64;
+
+/// Most bytes queued per stream of a link without a bandwidth fault (as many as
+/// [`QUEUE_CHUNKS`] full chunks).
+pub const QUEUE_BYTES: usize = QUEUE_CHUNKS * CHUNK_SIZE;
+
+/// Fewest bytes a bandwidth fault lets queue on its stream, however slow it is. Its bound is
+/// otherwise a second's worth: before, a 2 KB/s fault took 2 MiB from the sender at full
+/// speed, so a worker never saw its writes stall on a slow link.
+pub const QUEUE_FLOOR: usize = 64 * 1024;
+
+/// Bytes queued on one stream and how many may be; shared by its reader and its writer.
+#[derive(Debug)]
+struct Budget {
+    queued: AtomicUsize,
+    limit: AtomicUsize,
+    /// Signalled when bytes leave the queue or the limit changes; only the reader waits.
+    room: Notify,
+}
+
+/// The queue between the reader and the writer of one stream, bounded in chunks and in bytes.
+pub(crate) fn queue() -> (QueueTx, QueueRx) {
+    let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
+    let budget = Arc::new(Budget {
+        queued: AtomicUsize::new(0),
+        limit: AtomicUsize::new(QUEUE_BYTES),
+        room: Notify::new(),
+    });
+    (
+        QueueTx {
+            tx,
+            budget: Arc::clone(&budget),
+        },
+        QueueRx { rx, budget },
+    )
+}
+
+/// The reader's end of a [`queue`].
+pub(crate) struct QueueTx {
+    tx: mpsc::Sender<Chunk>,
+    budget: Arc<Budget>,
+}
+
+impl QueueTx {
+    /// Queues `chunk` once its bytes fit under the limit; a chunk always fits an empty queue,
+    /// so one larger than the limit still goes through. False when the writer is gone.
+    /// Cancel-safe: the bytes count as queued only once the chunk is sent.
+    async fn send(&self, chunk: Chunk) -> bool {
+        let n = chunk.data.len();
+        loop {
+            let queued = self.budget.queued.load(Ordering::Acquire);
+            let limit = self.budget.limit.load(Ordering::Acquire);
+            if n == 0 || queued == 0 || queued.saturating_add(n) <= limit {
+                break;
+            }
+            // A signal given since the check above is kept for this wait (one waiter).
+            self.budget.room.notified().await;
+        }
+        let Ok(permit) = self.tx.reserve().await else {
+            return false;
+        };
+        self.budget.queued.fetch_add(n, Ordering::AcqRel);
+        permit.send(chunk);
+        true
+    }
+
+    /// Queues `chunk` without waiting, if there is a slot for it (the bytes limit aside).
+    pub fn try_send(&self, chunk: Chunk) {
+        let n = chunk.data.len();
+        // Counted before it can be taken, so the count never runs below zero.
+        self.budget.queued.fetch_add(n, Ordering::AcqRel);
+        if self.tx.try_send(chunk).is_err() {
+            self.budget.queued.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
+}
+
+/// The writer's end of a [`queue`].
+pub(crate) struct QueueRx {
+    rx: mpsc::Receiver<Chunk>,
+    budget: Arc<Budget>,
+}
+
+impl QueueRx {
+    async fn recv(&mut self) -> Option<Chunk> {
+        let chunk = self.rx.recv().await?;
+        self.budget
+            .queued
+            .fetch_sub(chunk.data.len(), Ordering::AcqRel);
+        self.budget.room.notify_one();
+        Some(chunk)
+    }
+
+    fn set_limit(&self, limit: usize) {
+        if self.budget.limit.swap(limit, Ordering::AcqRel) != limit {
+            self.budget.room.notify_one();
+        }
+    }
+}
 
 /// A reader's first buffer. It doubles, up to [`CHUNK_SIZE`], each time a read fills it: a
 /// link of small messages (a worker's heartbeats) holds 8 KiB of read buffers instead of
@@ -47,7 +148,7 @@ fn grown(len: usize, n: usize) -> usize {
 /// Returns the read half so the link can choose how the socket closes.
 pub(crate) async fn read_loop(
     mut src: OwnedReadHalf,
-    tx: mpsc::Sender<Chunk>,
+    tx: QueueTx,
     link: Arc<LinkCtl>,
 ) -> OwnedReadHalf {
     let mut buf = vec![0u8; FIRST_READ];
@@ -74,7 +175,7 @@ pub(crate) async fn read_loop(
         let sent = tokio::select! {
             biased;
             () = link.cancelled() => false,
-            r = tx.send(chunk) => r.is_ok(),
+            sent = tx.send(chunk) => sent,
         };
         if !sent || eof {
             break;
@@ -113,7 +214,7 @@ pub(crate) async fn sleep_opt(t: Option<Instant>) {
 pub(crate) struct Writer {
     stream: Stream,
     sink: OwnedWriteHalf,
-    queue: mpsc::Receiver<Chunk>,
+    queue: QueueRx,
     chain: watch::Receiver<Chain>,
     stages: Stages,
     link: Arc<LinkCtl>,
@@ -126,7 +227,7 @@ impl Writer {
     pub fn new(
         stream: Stream,
         sink: OwnedWriteHalf,
-        queue: mpsc::Receiver<Chunk>,
+        queue: QueueRx,
         chain: watch::Receiver<Chain>,
         stages: Stages,
         link: Arc<LinkCtl>,
@@ -184,6 +285,7 @@ impl Writer {
     fn refresh(&mut self) {
         let chain = Arc::clone(&self.chain.borrow_and_update());
         self.stages.rebuild(&chain, Instant::now());
+        self.queue.set_limit(self.stages.queue_limit());
     }
 
     fn fire_reset(&self) {

@@ -17,6 +17,7 @@ use tether_proto::WorkerId;
 use tokio::time::Instant;
 
 use crate::fault::{Fault, FaultKind, Stream};
+use crate::pump::{QUEUE_BYTES, QUEUE_FLOOR};
 use crate::stats::{FaultCounters, ProxyCounters, add};
 
 /// Identity of one fault on one proxy; never reused, unlike names.
@@ -241,6 +242,24 @@ impl Stages {
                     .or_insert(State::Reset { since: now });
             }
         }
+    }
+
+    /// Most bytes worth queueing ahead of these stages: about a second of the slowest
+    /// bandwidth fault (at least [`QUEUE_FLOOR`]), so its sender feels the slow link as
+    /// back-pressure; without one, [`QUEUE_BYTES`].
+    pub fn queue_limit(&self) -> usize {
+        self.active
+            .iter()
+            .filter_map(|e| match e.fault.kind {
+                FaultKind::Bandwidth { bytes_per_sec } => Some(bytes_per_sec),
+                _ => None,
+            })
+            .min()
+            .map_or(QUEUE_BYTES, |rate| {
+                usize::try_from(rate)
+                    .unwrap_or(usize::MAX)
+                    .clamp(QUEUE_FLOOR, QUEUE_BYTES)
+            })
     }
 
     /// The first active blackhole of this stream: what it is sent is swallowed whole.

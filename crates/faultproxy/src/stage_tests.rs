@@ -250,6 +250,34 @@ fn bandwidth_paces_the_stream_to_its_rate() {
 }
 
 #[test]
+fn the_queue_holds_a_second_of_the_slowest_bandwidth_within_its_floor_and_default() {
+    use crate::pump::{QUEUE_BYTES, QUEUE_FLOOR};
+    let bw = |id, bytes_per_sec| {
+        entry(
+            id,
+            FaultKind::Bandwidth { bytes_per_sec },
+            Direction::Upstream,
+        )
+    };
+    let t0 = Instant::now();
+    let mut s = stages_for(Stream::Upstream, None, 1);
+    let cases = [
+        (vec![], QUEUE_BYTES),
+        (vec![bw(1, 200_000), bw(2, 100_000)], 100_000),
+        (vec![bw(1, 1000)], QUEUE_FLOOR),
+        (vec![bw(1, 1 << 40)], QUEUE_BYTES),
+        (
+            vec![entry(1, FaultKind::Blackhole, Direction::Upstream)],
+            QUEUE_BYTES,
+        ),
+    ];
+    for (chain, limit) in cases {
+        s.rebuild(&chain, t0);
+        assert_eq!(s.queue_limit(), limit, "{chain:?}");
+    }
+}
+
+#[test]
 fn stall_holds_chunks_at_full_loss_and_never_at_zero() {
     let t0 = Instant::now();
     for (rate, expect) in [(1.0, 40), (0.0, 0)] {

@@ -545,6 +545,41 @@ async fn stall_bandwidth_and_slow_close_hold_data_at_least_as_long_as_asked() {
     assert_eq!(guard.stats().connections_affected, 1);
 }
 
+/// A bandwidth fault lets about a second of its rate queue in the proxy (at least 64 KiB), so a
+/// sender on a slow link has its writes stall as on a real one; without the fault the same
+/// write goes through at once. The client's send buffer is fixed small: Linux grows an
+/// unpinned one to 4 MiB on loopback, which would take the whole write by itself.
+#[tokio::test]
+async fn bandwidth_pushes_back_on_the_sender_instead_of_queueing_its_bytes() {
+    let sink = sink().await;
+    let data = vec![7u8; 1_000_000];
+    for slow in [false, true] {
+        let proxy = proxy_to(sink.addr).await;
+        let mut guard = None;
+        if slow {
+            let kind = FaultKind::Bandwidth {
+                bytes_per_sec: 1000,
+            };
+            let bw = Fault::new("bw", kind, Direction::Upstream);
+            guard = Some(proxy.add_fault(bw).await.expect("add"));
+        }
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_send_buffer_size(16 * 1024).expect("send buffer");
+        let mut c = within("connect", socket.connect(proxy.listen_addr()))
+            .await
+            .expect("connect");
+        let write = c.write_all(&data);
+        match guard {
+            None => within("1 MB written", write).await.expect("write"),
+            Some(g) => {
+                let r = tokio::time::timeout(Duration::from_secs(1), write).await;
+                assert!(r.is_err(), "1 MB taken in under 1 s at 1000 B/s");
+                assert!(g.stats().bytes_delayed > 0, "the fault did not fire");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_fault_changed_live_takes_effect_on_the_open_link() {
     let echo = echo().await;

@@ -67,6 +67,33 @@ pub async fn echo() -> Echo {
     }
 }
 
+/// A server on 127.0.0.1:0 that reads everything it is sent and throws it away. Stops when
+/// dropped.
+pub struct Sink {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn sink() -> Sink {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sink");
+    let addr = listener.local_addr().expect("sink addr");
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            conns.spawn(async move {
+                let _ = tokio::io::copy(&mut s, &mut tokio::io::sink()).await;
+            });
+        }
+    });
+    Sink { addr, task }
+}
+
 pub async fn proxy_to(upstream: SocketAddr) -> Proxy {
     Proxy::start(ProxyConfig {
         name: "it".into(),
