@@ -15,8 +15,9 @@
 //! | `DELETE /proxies/{name}/faults/{fault}`|                | 200 `FaultInfo` at removal     |
 //! | `POST /reset`                         |                 | 204: all up, no faults         |
 //!
-//! Errors are `{"error": "<message>", "code": "<code>"}` with 400 (bad body or name), 404
-//! (no such proxy or fault), 409 (name or address taken), 415 (not JSON) or 500.
+//! Errors are `{"error": "<message>", "code": "<code>"}` with 400 (bad body or name), 403 (a
+//! `Host` that is not a loopback name: see [`router`]), 404 (no such proxy or fault), 409 (name
+//! or address taken), 415 (not JSON) or 500.
 
 use std::collections::BTreeMap;
 use std::future::IntoFuture;
@@ -25,9 +26,11 @@ use std::net::SocketAddr;
 
 use axum::Json;
 use axum::Router;
+use axum::extract::Request;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
@@ -90,7 +93,8 @@ pub enum ControlError {
     Serve(#[source] io::Error),
 }
 
-/// The routes, for embedding or for tests.
+/// The routes, for embedding or for tests. The API has no authentication and serves loopback
+/// only, so a request must name a loopback host (see [`host_guard`]).
 pub fn router(server: Server) -> Router {
     Router::new()
         .route("/proxies", get(list_proxies).post(create_proxy))
@@ -116,7 +120,42 @@ pub fn router(server: Server) -> Router {
                 "this route does not take that method",
             )
         })
+        .layer(middleware::from_fn(host_guard))
         .with_state(server)
+}
+
+/// Refuses (403) a request whose `Host` is not a loopback name (`localhost` or a name under it,
+/// an address in 127.0.0.0/8, `[::1]`; any port), as the coordinator's `browser_guard` does. A
+/// web page that rebinds its own domain's DNS to 127.0.0.1 reaches a loopback listener, but
+/// under its own name: without this it could create proxies (open relays) and faults. A
+/// request without `Host` (HTTP/1.0) passes; browsers always send one.
+async fn host_guard(req: Request, next: Next) -> Response {
+    let host = req.headers().get(header::HOST);
+    if host.is_none_or(|h| h.to_str().is_ok_and(is_loopback_host)) {
+        return next.run(req).await;
+    }
+    tracing::warn!(path = %req.uri().path(), ?host, "request for a host not loopback refused");
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "the control API answers only requests for a loopback host (localhost, 127.0.0.1, [::1])",
+    )
+    .into_response()
+}
+
+/// Whether a `Host` header names a loopback host: `localhost` (or a name under it), an address
+/// in 127.0.0.0/8 or `[::1]`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Serves the control API on `listener` until `shutdown` is cancelled. The proxies of
@@ -331,4 +370,39 @@ async fn delete_fault(
 async fn reset(State(s): State<Server>) -> ApiResult<StatusCode> {
     s.reset().await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_names_and_addresses_are_loopback_hosts() {
+        let yes = [
+            "localhost",
+            "LocalHost:8474",
+            "app.localhost",
+            "127.0.0.1",
+            "127.0.0.1:8474",
+            "127.9.9.9:1",
+            "[::1]",
+            "[::1]:8474",
+        ];
+        for host in yes {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        let no = [
+            "evil.example",
+            "evil.example:8474",
+            "localhost.evil.example",
+            "10.0.0.1:8474",
+            "0.0.0.0",
+            "[::]:8474",
+            "[::ffff:8.8.8.8]",
+            "",
+        ];
+        for host in no {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
 }

@@ -216,6 +216,50 @@ async fn bodies_that_are_not_json_or_have_unknown_fields_get_400_or_415() {
     ctl.stop().await;
 }
 
+/// Sends `GET /proxies` for `host` over a raw socket (a client library sets `Host` itself);
+/// returns the status code and the body.
+async fn get_for_host(base: &str, host: &str) -> (u16, Value) {
+    let addr = base.trim_start_matches("http://");
+    let mut s = connect(addr.parse().expect("control addr")).await;
+    let req = format!("GET /proxies HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let (raw, _) = read_to_end(&mut s).await;
+    let text = String::from_utf8(raw).expect("utf-8 answer");
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect(&text);
+    let (_, body) = text.split_once("\r\n\r\n").expect(&text);
+    (status, serde_json::from_str(body).expect(body))
+}
+
+/// A web page that rebinds its domain's DNS to 127.0.0.1 reaches the control API under its own
+/// name: refused, so it cannot open a relay. The API's own loopback names pass.
+#[tokio::test]
+async fn the_control_api_refuses_a_request_for_a_host_that_is_not_loopback() {
+    let ctl = Control::start().await;
+    let (status, err) = get_for_host(&ctl.base, "evil.example").await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (403, Some("forbidden")),
+        "{err}"
+    );
+    assert!(
+        err["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("loopback"))
+    );
+    let real = ctl.base.trim_start_matches("http://").to_owned();
+    for host in [real.as_str(), "localhost:8474", "[::1]"] {
+        let (status, list) = get_for_host(&ctl.base, host).await;
+        assert_eq!((status, list), (200, json!([])), "{host}");
+    }
+    let (st, _) = ctl.call(M::GET, "/proxies", None).await;
+    assert_eq!(st, StatusCode::OK);
+    ctl.stop().await;
+}
+
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
