@@ -16,7 +16,8 @@
 //!   stages, then to the socket), re-reading the chain on change.
 //! - `sniff`: learns the worker id from the upgrade request line before anything is forwarded.
 //! - `link`: one connection: sniff, wait while a blackhole holds it back (a lost SYN),
-//!   connect upstream (to a loopback one from one of [`LOOPBACK_SOURCES`] source addresses),
+//!   connect upstream (to a loopback one from one of [`LOOPBACK_SOURCES`] source addresses
+//!   on Linux),
 //!   run the four pump tasks, close with FIN or RST.
 //! - [`proxy`]: the listener, live links, the fault chain in a `watch` channel, down and up,
 //!   and (in `guard`) the [`FaultGuard`] tests hold.

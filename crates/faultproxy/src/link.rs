@@ -29,22 +29,45 @@ use crate::stats::{ProxyCounters, add};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Source addresses (127.0.0.1 ..= 127.0.0.N) a proxy spreads its connections to a loopback
-/// upstream over. From one address, every connection to the one upstream port needs a port of
-/// its own, and the kernel finds each by a walk over the ones in use: with 10,000 workers'
-/// links and their closed predecessors in TIME_WAIT, that walk (`__inet_hash_connect`) was
-/// two thirds of the proxies' CPU (docs/PERFORMANCE.md, nineteenth round).
+/// upstream over, on Linux. From one address, every connection to the one upstream port needs a
+/// port of its own, and the kernel finds each by a walk over the ones in use: with 10,000
+/// workers' links and their closed predecessors in TIME_WAIT, that walk
+/// (`__inet_hash_connect`) was two thirds of the proxies' CPU (docs/PERFORMANCE.md, nineteenth
+/// round). Elsewhere (macOS, the BSDs) only 127.0.0.1 is configured on the loopback, so the
+/// kernel picks the source as for any connection.
 pub const LOOPBACK_SOURCES: u8 = 16;
 
-/// Connects link `id` to `upstream`; to a loopback one from the source address its id picks.
-async fn connect_upstream(upstream: SocketAddr, id: u64) -> std::io::Result<TcpStream> {
+/// The source address link `id` connects to `upstream` from: for a loopback IPv4 upstream on
+/// Linux (where all of 127.0.0.0/8 is the loopback's), one of [`LOOPBACK_SOURCES`] by the id.
+#[cfg(target_os = "linux")]
+fn loopback_source(upstream: SocketAddr, id: u64) -> Option<Ipv4Addr> {
     match upstream {
-        SocketAddr::V4(a) if a.ip().is_loopback() => {
+        SocketAddr::V4(a) if a.ip().is_loopback() => Some(Ipv4Addr::new(
+            127,
+            0,
+            0,
+            1 + (id % u64::from(LOOPBACK_SOURCES)) as u8,
+        )),
+        _ => None,
+    }
+}
+
+/// The source address link `id` connects to `upstream` from: the kernel's choice, since only
+/// 127.0.0.1 exists on this system's loopback (127.0.0.2 and on cannot be bound).
+#[cfg(not(target_os = "linux"))]
+fn loopback_source(_upstream: SocketAddr, _id: u64) -> Option<Ipv4Addr> {
+    None
+}
+
+/// Connects link `id` to `upstream`, from the source address [`loopback_source`] picks.
+async fn connect_upstream(upstream: SocketAddr, id: u64) -> std::io::Result<TcpStream> {
+    match loopback_source(upstream, id) {
+        Some(source) => {
             let socket = TcpSocket::new_v4()?;
-            let source = Ipv4Addr::new(127, 0, 0, 1 + (id % u64::from(LOOPBACK_SOURCES)) as u8);
             socket.bind(SocketAddr::new(source.into(), 0))?;
             socket.connect(upstream).await
         }
-        _ => TcpStream::connect(upstream).await,
+        None => TcpStream::connect(upstream).await,
     }
 }
 
