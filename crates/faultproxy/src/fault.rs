@@ -103,13 +103,18 @@ pub enum FaultKind {
     /// About a second's worth (at least 64 KiB) waits in the proxy; beyond that the sender's
     /// writes stall, as on a slow link.
     Bandwidth { bytes_per_sec: u64 },
-    /// Drop every byte silently and keep the connection open (a half-open partition). A FIN
-    /// from the sender is held, not dropped, and goes through once the fault is removed. A
-    /// link made while a blackhole sits on its upstream stream is as a connection whose SYN
-    /// went into it: not connected upstream until a retransmission of that SYN (1, 3, 7, 15,
-    /// 31, 63 s after the connect, as Linux) finds the fault gone, then what its client sent
-    /// meanwhile (up to 32 KiB) goes through; if its client leaves first (or only shuts its
-    /// sending side), the upstream never sees it; 127 s after the connect it is reset.
+    /// Drop every byte silently and keep the connection open. Unlike a network partition,
+    /// the bytes are gone for good, not resent: a link that outlives the fault carries on with
+    /// a hole in its stream where they were (real TCP would retransmit them once the path
+    /// healed, or give the connection up), so what is sent after the fault goes does not line
+    /// up with what came before. A FIN from the sender is held, not dropped, and goes through
+    /// once the fault is removed. A link made while a blackhole sits on its upstream stream is
+    /// as a connection whose SYN went into it: not connected upstream until a retransmission
+    /// of that SYN (1, 3, 7, 15, 31, 63 s after the connect, as Linux) finds the fault gone,
+    /// then everything its client sent meanwhile goes through, nothing lost (the proxy holds up
+    /// to 32 KiB of it, the rest waits in the client's connection); if its client leaves first
+    /// (or only shuts its sending side), the upstream never sees it; 127 s after the connect it
+    /// is reset.
     Blackhole,
     /// Close the whole link with TCP RST (`SO_LINGER` 0) on both sockets, `timeout_ms` after
     /// the fault became active on the link.

@@ -43,7 +43,7 @@
 //!     .add_fault(Fault::new("partition", FaultKind::Blackhole, Direction::Both))
 //!     .await?;
 //! // ... point workers at proxy.listen_addr(), wait until guard.stats().bytes_dropped > 0 ...
-//! drop(guard); // heals the partition
+//! drop(guard); // lifts the blackhole; what it swallowed on live links stays lost
 //! # Ok(()) }
 //! ```
 
