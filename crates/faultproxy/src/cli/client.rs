@@ -18,17 +18,25 @@ struct Client {
 }
 
 impl Client {
-    fn new(args: &ClientArgs) -> Self {
-        let raw = args.control.trim().trim_end_matches('/');
+    fn new(args: &ClientArgs) -> anyhow::Result<Self> {
+        Client::with(reqwest::Client::builder(), &args.control)
+    }
+
+    /// A client of the control API at `control` (a URL or host:port), built from `builder`
+    /// with every proxy off, those of `HTTP_PROXY` and the like included: the API is on
+    /// loopback, and a proxy meant for the outside would not reach it (or be down).
+    fn with(builder: reqwest::ClientBuilder, control: &str) -> anyhow::Result<Self> {
+        let raw = control.trim().trim_end_matches('/');
         let base = if raw.contains("://") {
             raw.to_owned()
         } else {
             format!("http://{raw}")
         };
-        Client {
-            http: reqwest::Client::new(),
-            base,
-        }
+        let http = builder
+            .no_proxy()
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Client { http, base })
     }
 
     /// Sends one request; an error answer becomes an error with the API's message.
@@ -87,7 +95,7 @@ pub(super) async fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
     match cmd {
         ProxyCommand::Fault { command } => fault(command).await,
         ProxyCommand::List(args) => {
-            let c = Client::new(&args);
+            let c = Client::new(&args)?;
             let (proxies, raw): (Vec<ProxyInfo>, _) =
                 c.typed(Method::GET, "/proxies", NO_BODY).await?;
             if args.json {
@@ -118,7 +126,7 @@ pub(super) async fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
         ProxyCommand::Down(target) => set_enabled(&target, false).await,
         ProxyCommand::Up(target) => set_enabled(&target, true).await,
         ProxyCommand::Reset(args) => {
-            Client::new(&args)
+            Client::new(&args)?
                 .call(Method::POST, "/reset", NO_BODY)
                 .await?;
             if args.json {
@@ -131,7 +139,7 @@ pub(super) async fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
 }
 
 async fn set_enabled(target: &ProxyRef, enabled: bool) -> anyhow::Result<()> {
-    let c = Client::new(&target.client);
+    let c = Client::new(&target.client)?;
     let patch = ProxyPatch {
         enabled: Some(enabled),
     };
@@ -167,7 +175,7 @@ async fn fault(cmd: FaultCommand) -> anyhow::Result<()> {
                 },
             };
             fault.validate()?;
-            let c = Client::new(&target.client);
+            let c = Client::new(&target.client)?;
             let path = format!("/proxies/{}/faults", target.proxy);
             let (info, raw): (FaultInfo, _) = c.typed(Method::POST, &path, Some(&fault)).await?;
             if target.client.json {
@@ -178,7 +186,7 @@ async fn fault(cmd: FaultCommand) -> anyhow::Result<()> {
         }
         FaultCommand::Remove(args) => {
             let target = &args.proxy;
-            let c = Client::new(&target.client);
+            let c = Client::new(&target.client)?;
             let path = format!("/proxies/{}/faults/{}", target.proxy, args.name);
             let (info, raw): (FaultInfo, _) = c.typed(Method::DELETE, &path, NO_BODY).await?;
             if target.client.json {
@@ -193,7 +201,7 @@ async fn fault(cmd: FaultCommand) -> anyhow::Result<()> {
             Ok(())
         }
         FaultCommand::List(target) => {
-            let c = Client::new(&target.client);
+            let c = Client::new(&target.client)?;
             let path = format!("/proxies/{}/faults", target.proxy);
             let (faults, raw): (Vec<FaultInfo>, _) = c.typed(Method::GET, &path, NO_BODY).await?;
             if target.client.json {
@@ -248,4 +256,37 @@ fn describe(info: &FaultInfo) -> String {
 fn print_json(v: &Value) -> anyhow::Result<()> {
     out!("{}", serde_json::to_string_pretty(v)?)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::control;
+    use crate::server::Server;
+
+    /// `HTTP_PROXY=http://127.0.0.1:1` gives reqwest a proxy for every `http://` URL, loopback
+    /// ones included; here the builder gets that proxy directly (the process environment is
+    /// shared by the tests running beside this one). Nothing listens on port 1.
+    #[tokio::test]
+    async fn the_client_reaches_a_loopback_control_api_past_a_configured_http_proxy() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let serve = tokio::spawn(control::run(listener, Server::new(1), stop.clone()));
+        let proxy = reqwest::Proxy::http("http://127.0.0.1:1").expect("proxy url");
+        let builder = reqwest::Client::builder().proxy(proxy);
+        let client = Client::with(builder, &addr.to_string()).expect("client");
+        let call = client.call(Method::GET, "/proxies", NO_BODY);
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(10), call)
+            .await
+            .expect("answered within 10 s")
+            .expect("the control API reached");
+        assert_eq!(answer, Some(Value::Array(Vec::new())));
+        stop.cancel();
+        let stopped = tokio::time::timeout(std::time::Duration::from_secs(10), serve).await;
+        assert!(matches!(stopped, Ok(Ok(Ok(())))), "{stopped:?}");
+    }
 }
