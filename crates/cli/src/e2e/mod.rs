@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use self::disrupt::System;
 use self::observe::Watcher;
 use self::plan::Kind;
-use self::procs::{Coordinator, TIMINGS, Worker};
+use self::procs::{Coordinator, Exit, TIMINGS, Worker};
 use self::report::{BlackholeFigures, Figures, Report, TaskOutcomes, WorkerFigures};
 use self::verdict::{AckView, DisruptionView, Expect, GroundTruth, ResultView, TaskView};
 use crate::output::outln;
@@ -155,6 +155,7 @@ async fn run_to_end(a: E2eArgs) -> anyhow::Result<()> {
     let outcome = drive(&a, &mut sys, &plan, &kinds, seed).await;
     stop_watch.cancel();
     let _ = watch_task.await;
+    // A run that ended early still stops what it started (a finished one stopped them all).
     for w in &mut sys.workers {
         w.stop().await;
     }
@@ -431,7 +432,9 @@ async fn drive(
     submit_wave(sys, 0, &mut rng, &mut submitted, &mut bodies).await?;
     let t0 = tokio::time::Instant::now();
     let mut observations = Vec::new();
-    let mut exits = Vec::new();
+    // The ends of processes the run did not kill: any seen between disruptions, and how each
+    // stopped at the end (judged by `procs::unexpected_exits`).
+    let mut exits: Vec<(String, Exit)> = Vec::new();
     for d in plan {
         let first_round = d.index < kinds.len();
         if !first_round && t0.elapsed() >= a.duration {
@@ -457,9 +460,13 @@ async fn drive(
         observations.push(o);
         for w in &mut sys.workers {
             if let Some(status) = w.exited() {
-                exits.push(format!("{} exited on its own: {status}", w.id));
+                exits.push((w.id.clone(), Exit::OnItsOwn(status)));
                 w.start()?;
             }
+        }
+        if let Some(status) = sys.coordinator.exited() {
+            exits.push(("coordinator".into(), Exit::OnItsOwn(status)));
+            sys.coordinator.restart().await?;
         }
         submit_wave(sys, d.index + 1, &mut rng, &mut submitted, &mut bodies).await?;
     }
@@ -469,9 +476,12 @@ async fn drive(
         submitted.len()
     )?;
     let tasks = drain(sys, &submitted, a.drain_timeout).await?;
-    // Workers stop first, so their logs hold every ack they will ever see.
+    // Workers stop first, so their logs hold every ack they will ever see. One that ended
+    // while the tasks drained shows here: its leases moved on, and nothing else would tell.
     for w in &mut sys.workers {
-        w.stop().await;
+        if let Some(exit) = w.stop().await {
+            exits.push((w.id.clone(), exit));
+        }
     }
     let mut results = BTreeMap::new();
     let mut outcomes = TaskOutcomes {
@@ -516,6 +526,9 @@ async fn drive(
         .as_array()
         .cloned()
         .unwrap_or_default();
+    if let Some(exit) = sys.coordinator.stop().await {
+        exits.push(("coordinator".into(), exit));
+    }
     let truth = GroundTruth {
         submitted,
         bodies,
@@ -524,7 +537,7 @@ async fn drive(
         acks: Vec::new(),
         disruptions: Vec::new(),
         kinds: kinds.to_vec(),
-        unexpected_exits: exits,
+        unexpected_exits: procs::unexpected_exits(&exits),
     };
     Ok((
         truth,

@@ -59,7 +59,6 @@ fn spawn(exe: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
         .with_context(|| format!("cannot start {}", exe.display()))
 }
 
-/// SIGKILL and reap the process in `slot`, if there is one.
 /// SIGKILL the process in `slot`; how it ended (`None`: there was no process, or its status
 /// could not be read).
 async fn kill(slot: &mut Option<Child>) -> Option<ExitStatus> {
@@ -74,21 +73,57 @@ pub fn killed_by_sigkill(status: Option<ExitStatus>) -> bool {
     status.and_then(|s| s.signal()) == Some(nix::sys::signal::Signal::SIGKILL as i32)
 }
 
-/// SIGTERM the process in `slot`, then SIGKILL after [`STOP_GRACE`].
-async fn terminate(slot: &mut Option<Child>) {
-    if let Some(child) = slot.as_mut()
-        && let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok())
-    {
+/// How a child process of the run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// It had ended before the run told it to stop.
+    OnItsOwn(ExitStatus),
+    /// It ended within the grace after the run's SIGTERM.
+    Stopped(ExitStatus),
+    /// It was still running this long after the run's SIGTERM, and was SIGKILLed.
+    KilledAfterGrace(Duration),
+}
+
+/// The unexpected ones among `seen` (a process's name and how it ended), described. Every
+/// process of a run handles SIGTERM (`cancel_on_signal`) by stopping gracefully and exiting 0,
+/// so anything else is a fault: an end the run did not ask for (whatever its status), a
+/// non-zero status or a death by any signal after SIGTERM (a crash while stopping, or the
+/// SIGTERM itself: its handler was not there), or needing SIGKILL after the grace.
+pub fn unexpected_exits(seen: &[(String, Exit)]) -> Vec<String> {
+    seen.iter()
+        .filter_map(|(name, exit)| match exit {
+            Exit::OnItsOwn(status) => Some(format!("{name} exited on its own: {status}")),
+            Exit::Stopped(status) if status.success() => None,
+            Exit::Stopped(status) => Some(format!(
+                "{name} ended with {status} after SIGTERM (it should exit 0)"
+            )),
+            Exit::KilledAfterGrace(grace) => Some(format!(
+                "{name} had not stopped {grace:?} after SIGTERM and was SIGKILLed"
+            )),
+        })
+        .collect()
+}
+
+/// Stops the process in `slot`: SIGTERM, then SIGKILL after `grace`; how it ended (`None`:
+/// there was no process). One that had already ended is not signalled.
+async fn terminate(slot: &mut Option<Child>, grace: Duration) -> Option<Exit> {
+    let mut child = slot.take()?;
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(Exit::OnItsOwn(status));
+    }
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGTERM,
         );
-        if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
-            *slot = None;
-            return;
-        }
     }
-    kill(slot).await;
+    if let Ok(Ok(status)) = tokio::time::timeout(grace, child.wait()).await {
+        return Some(Exit::Stopped(status));
+    }
+    // Not ended within the grace (or its status unreadable, which no SIGTERM explains either).
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    Some(Exit::KilledAfterGrace(grace))
 }
 
 /// The coordinator process, restartable on the same address and data directory.
@@ -175,8 +210,14 @@ impl Coordinator {
         kill(&mut self.child).await
     }
 
-    pub async fn stop(&mut self) {
-        terminate(&mut self.child).await;
+    /// Whether the process has ended (it does so on its own only on a fatal error), and how.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// SIGTERM, SIGKILL after [`STOP_GRACE`]; how the process ended (`None`: none was running).
+    pub async fn stop(&mut self) -> Option<Exit> {
+        terminate(&mut self.child, STOP_GRACE).await
     }
 }
 
@@ -275,13 +316,9 @@ impl Worker {
         Ok(())
     }
 
-    /// Whether the process is still running (it exits on its own only on a fatal error).
-    pub fn exited(&mut self) -> Option<String> {
-        let c = self.child.as_mut()?;
-        match c.try_wait() {
-            Ok(Some(status)) => Some(status.to_string()),
-            _ => None,
-        }
+    /// Whether the process has ended (it does so on its own only on a fatal error), and how.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
     }
 
     /// SIGKILL; how the process ended.
@@ -289,8 +326,9 @@ impl Worker {
         kill(&mut self.child).await
     }
 
-    pub async fn stop(&mut self) {
-        terminate(&mut self.child).await;
+    /// SIGTERM, SIGKILL after [`STOP_GRACE`]; how the process ended (`None`: none was running).
+    pub async fn stop(&mut self) -> Option<Exit> {
+        terminate(&mut self.child, STOP_GRACE).await
     }
 }
 
@@ -381,5 +419,98 @@ mod tests {
         )
         .expect("SIGTERM");
         assert!(!killed_by_sigkill(c.wait().await.ok()));
+    }
+
+    const SIGSEGV: i32 = nix::sys::signal::Signal::SIGSEGV as i32;
+    const SIGTERM: i32 = nix::sys::signal::Signal::SIGTERM as i32;
+
+    /// A wait status as the kernel gives it: `code << 8` for an exit, the signal's number for
+    /// a death by signal.
+    fn status(raw: i32) -> ExitStatus {
+        use std::os::unix::process::ExitStatusExt as _;
+        ExitStatus::from_raw(raw)
+    }
+
+    #[test]
+    fn only_a_clean_exit_after_sigterm_is_expected() {
+        let seen = [
+            ("clean".to_owned(), Exit::Stopped(status(0))),
+            ("exit3".to_owned(), Exit::Stopped(status(3 << 8))),
+            ("segv".to_owned(), Exit::Stopped(status(SIGSEGV))),
+            ("term".to_owned(), Exit::Stopped(status(SIGTERM))),
+            ("stuck".to_owned(), Exit::KilledAfterGrace(STOP_GRACE)),
+            ("early".to_owned(), Exit::OnItsOwn(status(0))),
+            ("panicked".to_owned(), Exit::OnItsOwn(status(101 << 8))),
+        ];
+        let bad = unexpected_exits(&seen);
+        let names: Vec<&str> = bad
+            .iter()
+            .map(|d| d.split_whitespace().next().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            names,
+            ["exit3", "segv", "term", "stuck", "early", "panicked"],
+            "{bad:?}"
+        );
+        assert!(bad[0].contains("exit status: 3"), "{bad:?}");
+        assert!(bad[1].contains("SIGSEGV"), "{bad:?}");
+        assert!(bad[3].contains("SIGKILLed"), "{bad:?}");
+        assert!(unexpected_exits(&seen[..1]).is_empty());
+    }
+
+    /// Starts `sh -c script` and waits (5 s at most) for its first line, `ready`, so that
+    /// the traps it sets are in place before it is signalled.
+    async fn ready_shell(script: &str) -> Option<Child> {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut c = Command::new("sh")
+            .args(["-c", script])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn");
+        let out = c.stdout.take().expect("stdout");
+        let mut lines = tokio::io::BufReader::new(out).lines();
+        let first = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await;
+        assert_eq!(
+            first.ok().and_then(Result::ok).flatten().as_deref(),
+            Some("ready")
+        );
+        Some(c)
+    }
+
+    #[tokio::test]
+    async fn terminate_tells_an_early_end_a_graceful_stop_a_signal_death_and_a_kill_apart() {
+        let grace = Duration::from_secs(5);
+        // Ended before being told: exit 3, not signalled.
+        let mut slot = ready_shell("echo ready; exit 3").await;
+        if let Some(c) = slot.as_mut() {
+            c.wait().await.expect("wait");
+        }
+        assert_eq!(
+            terminate(&mut slot, grace).await,
+            Some(Exit::OnItsOwn(status(3 << 8)))
+        );
+        assert!(slot.is_none());
+        assert_eq!(terminate(&mut None, grace).await, None);
+        // Handles SIGTERM and exits 0, as tether does.
+        let mut slot =
+            ready_shell("trap 'exit 0' TERM; echo ready; while :; do sleep 0.05; done").await;
+        assert_eq!(
+            terminate(&mut slot, grace).await,
+            Some(Exit::Stopped(status(0)))
+        );
+        // Does not handle it: ended by the SIGTERM itself.
+        let mut slot = ready_shell("echo ready; exec sleep 30").await;
+        assert_eq!(
+            terminate(&mut slot, grace).await,
+            Some(Exit::Stopped(status(SIGTERM)))
+        );
+        // Ignores it: SIGKILLed after the grace.
+        let short = Duration::from_millis(300);
+        let mut slot = ready_shell("trap '' TERM; echo ready; exec sleep 30").await;
+        assert_eq!(
+            terminate(&mut slot, short).await,
+            Some(Exit::KilledAfterGrace(short))
+        );
     }
 }
