@@ -43,7 +43,7 @@ use self::observe::Watcher;
 use self::plan::Kind;
 use self::procs::{Coordinator, Exit, TIMINGS, Worker};
 use self::report::{BlackholeFigures, Figures, Report, TaskOutcomes, WorkerFigures};
-use self::verdict::{AckView, DisruptionView, Expect, GroundTruth, ResultView, TaskView};
+use self::verdict::{AckView, Expect, GroundTruth, ResultView, TaskView};
 use crate::output::outln;
 use crate::settings::parse_duration_arg;
 
@@ -318,13 +318,7 @@ fn judge(
     truth.acks = acks(&logs);
     truth.disruptions = observations
         .iter()
-        .map(|o| DisruptionView {
-            index: o.index,
-            kind: o.kind,
-            fired: o.fired,
-            detected: o.detected,
-            recovered: o.recovered,
-        })
+        .map(observe::Observation::view)
         .collect();
     let verdict = verdict::verdict(&truth);
     let blackholes: Vec<_> = observations

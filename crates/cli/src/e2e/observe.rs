@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::plan::Kind;
 use super::procs::Api;
+use super::verdict::DisruptionView;
 
 /// How often the coordinator's worker list is polled.
 pub const POLL: Duration = Duration::from_millis(100);
@@ -175,6 +176,25 @@ pub struct Observation {
 }
 
 impl Observation {
+    /// What the verdict looks at (after [`Observation::analyse`]).
+    pub fn view(&self) -> DisruptionView {
+        DisruptionView {
+            index: self.index,
+            kind: self.kind,
+            fired: self.fired,
+            detected: self.detected,
+            recovered: self.recovered,
+            sessions_lost: self
+                .worker_detect_ms
+                .keys()
+                .map(|w| {
+                    let dead = self.worker_detect_dead.get(w).copied().unwrap_or(false);
+                    (w.clone(), dead)
+                })
+                .collect(),
+        }
+    }
+
     /// Fills detection and recovery from the event logs (by worker id) and the coordinator's
     /// samples: losses and detections from events before `window_end` (the next disruption's
     /// start, or the end of the disruptions), the registration that ends a loss from any
@@ -435,6 +455,44 @@ mod tests {
         };
         o.analyse(&quiet, &[], at(10_000));
         assert_eq!(o.detected, Some(false));
+    }
+
+    /// A latency whose window holds a worker's dead session: the loss reaches the verdict,
+    /// which fails the run for it, though the worker came back; a quiet one passes.
+    #[test]
+    fn a_session_declared_dead_under_latency_reaches_the_verdict_and_fails_it() {
+        let judge = |events: Vec<Record>| {
+            let mut o = Observation {
+                kind: Kind::Latency,
+                affected: vec![],
+                ..blackhole()
+            };
+            o.analyse(
+                &BTreeMap::from([("w1".to_owned(), events)]),
+                &[],
+                at(10_000),
+            );
+            let truth = super::super::verdict::GroundTruth {
+                disruptions: vec![o.view()],
+                ..Default::default()
+            };
+            let v = super::super::verdict::verdict(&truth);
+            (
+                o.view(),
+                v.checks
+                    .iter()
+                    .any(|c| c.name == "slow_links_ridden_through" && !c.pass),
+            )
+        };
+        let (view, failed) = judge(vec![
+            registered(-5_000),
+            lost(1_600, true),
+            registered(2_000),
+        ]);
+        assert_eq!(view.sessions_lost, [("w1".to_owned(), true)]);
+        assert!(view.recovered && failed, "{view:?}");
+        let (view, failed) = judge(vec![registered(-5_000)]);
+        assert!(view.sessions_lost.is_empty() && !failed, "{view:?}");
     }
 
     /// A worker back before the removal recovered at once, whatever later disruptions do to it.

@@ -90,8 +90,9 @@ impl Kind {
         Kind::every().find(|k| k.as_str() == s)
     }
 
-    /// Whether the disruption must end the sessions of the workers it affects; the others
-    /// (slow links) must fire and leave the fleet connected.
+    /// Whether the disruption must end the sessions of the workers it affects. The others
+    /// must fire; of those, the ones that [`Kind::rides_through`] must leave every session
+    /// up, and the rest may end some (and every session ended must come back).
     pub fn cuts(self) -> bool {
         matches!(
             self,
@@ -107,14 +108,28 @@ impl Kind {
 
     /// Whether something independent of the run shows that the disruption was noticed: a
     /// session it ended in the worker's own log, the coordinator's disconnect, frames it
-    /// counted undecodable. The slow links (latency, bandwidth, slicer, stall, link_crawl) are
-    /// meant to be ridden through: nothing records noticing them, and their detection is not
+    /// counted undecodable. The slow links (latency, bandwidth, slicer, stall, link_crawl) end
+    /// nothing on purpose: nothing records noticing them, and their detection is not
     /// applicable rather than taken to be their firing.
     pub fn detectable(self) -> bool {
         !matches!(
             self,
             Kind::Latency | Kind::Bandwidth | Kind::Slicer | Kind::Stall | Kind::LinkCrawl
         )
+    }
+
+    /// Whether every session must live through it: the slow links that slow a link without
+    /// ever leaving it silent for long. Latency of at most 450 ms each way is well inside the
+    /// worker's 1.5 s liveness timeout (which grows with the measured round trip); the slicer
+    /// passes tens of kilobytes a second; a bandwidth of 2 to 8 KB/s is well above what one
+    /// worker of the run's task mix exchanges (heartbeats and small task messages, a few
+    /// hundred bytes a second). Not among them, since they can end a live session by design:
+    /// `stall`, whose holds stack (the proxy reads ahead and draws for every queued chunk, so
+    /// four or five holds of 400 ms in a row, about one draw in a hundred, are a silence past
+    /// the timeout before it has grown), and `link_crawl`, whose filter drops packets and so
+    /// doubles TCP's retransmission timer past the timeout.
+    pub fn rides_through(self) -> bool {
+        matches!(self, Kind::Latency | Kind::Bandwidth | Kind::Slicer)
     }
 
     /// Whether it aims at one worker (the others aim at every worker).

@@ -80,6 +80,9 @@ pub struct DisruptionView {
     /// `None`: nothing to detect (a slow link, [`Kind::detectable`]).
     pub detected: Option<bool>,
     pub recovered: bool,
+    /// Workers that lost a session between its start and the next disruption's, each with
+    /// whether the loss was the liveness timeout (the link declared dead).
+    pub sessions_lost: Vec<(String, bool)>,
 }
 
 /// Everything the verdict looks at.
@@ -302,6 +305,29 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
         "disruptions",
         named(|x| x.recovered, "was not recovered from"),
     ));
+    // The slow links every session must live through ([`Kind::rides_through`]): a session
+    // lost in the window of one fails, whether declared dead or closed. Being back afterwards
+    // (`recovered`) does not make up for it.
+    let ridden: Vec<&DisruptionView> = d.iter().filter(|x| x.kind.rides_through()).collect();
+    let bad = ridden
+        .iter()
+        .flat_map(|x| {
+            x.sessions_lost.iter().map(move |(worker, dead)| {
+                format!(
+                    "#{} {}: {worker} lost its session ({})",
+                    x.index,
+                    x.kind.as_str(),
+                    if *dead { "declared dead" } else { "closed" }
+                )
+            })
+        })
+        .collect();
+    checks.push(check(
+        "slow_links_ridden_through",
+        ridden.len(),
+        "disruptions every session must live through (latency, bandwidth, slicer)",
+        bad,
+    ));
     let ran: BTreeSet<Kind> = d.iter().map(|x| x.kind).collect();
     let missing: Vec<String> = g
         .kinds
@@ -384,6 +410,7 @@ mod tests {
                 fired: true,
                 detected: Some(true),
                 recovered: true,
+                sessions_lost: vec![("w1".into(), false)],
             }],
             kinds: vec![Kind::Reset],
             unexpected_exits: vec![],
@@ -403,7 +430,7 @@ mod tests {
     fn a_healthy_run_passes_every_check() {
         let v = verdict(&healthy());
         assert!(v.pass, "{v:?}");
-        assert_eq!(v.checks.len(), 11);
+        assert_eq!(v.checks.len(), 12);
     }
 
     #[test]
@@ -498,6 +525,7 @@ mod tests {
         g.disruptions[0].kind = Kind::Latency;
         g.kinds = vec![Kind::Latency];
         g.disruptions[0].detected = None;
+        g.disruptions[0].sessions_lost.clear();
         assert!(failing(&g).is_empty());
         g.disruptions[0].fired = false;
         assert_eq!(failing(&g), ["every_disruption_fired"]);
@@ -511,5 +539,49 @@ mod tests {
         let mut g = healthy();
         g.kinds.push(Kind::CoordinatorKill);
         assert_eq!(failing(&g), ["every_kind_ran"]);
+    }
+
+    /// Latency every session must live through: a worker whose link was declared dead in its
+    /// window fails the run though it came back, and so does a closed session; the same loss
+    /// under a stall (which can end a live session by design) does not.
+    #[test]
+    fn a_session_lost_under_a_slow_link_that_must_be_ridden_through_fails() {
+        let slow = |kind: Kind, lost: Vec<(String, bool)>| {
+            let mut g = healthy();
+            g.kinds = vec![kind];
+            g.disruptions = vec![DisruptionView {
+                index: 0,
+                kind,
+                fired: true,
+                detected: None,
+                recovered: true,
+                sessions_lost: lost,
+            }];
+            g
+        };
+        assert!(failing(&slow(Kind::Latency, vec![])).is_empty());
+        let dead = slow(Kind::Latency, vec![("w2".into(), true)]);
+        assert_eq!(failing(&dead), ["slow_links_ridden_through"]);
+        let detail = verdict(&dead)
+            .checks
+            .into_iter()
+            .find(|c| c.name == "slow_links_ridden_through")
+            .map(|c| c.detail)
+            .unwrap_or_default();
+        assert!(
+            detail.contains("#0 latency: w2 lost its session (declared dead)"),
+            "{detail}"
+        );
+        for kind in [Kind::Bandwidth, Kind::Slicer] {
+            let closed = slow(kind, vec![("w1".into(), false)]);
+            assert_eq!(failing(&closed), ["slow_links_ridden_through"], "{kind:?}");
+        }
+        for kind in [Kind::Stall, Kind::LinkCrawl, Kind::Corrupt, Kind::Reset] {
+            let g = slow(kind, vec![("w2".into(), true)]);
+            assert!(
+                !failing(&g).contains(&"slow_links_ridden_through"),
+                "{kind:?}"
+            );
+        }
     }
 }
