@@ -1,7 +1,7 @@
 //! A short `tether e2e` run as part of the suite: three worker processes, a coordinator
 //! process, every kind of disruption once (the first round of the plan always runs to its
-//! end), then the exit code and the JSON report's verdict and figures. And the README's first
-//! command, `tether demo`, as a newcomer runs it.
+//! end), then the exit code and the JSON report's verdict and figures. A run that cannot
+//! start. And the README's first command, `tether demo`, as a newcomer runs it.
 
 use std::process::{Command, Stdio};
 
@@ -56,6 +56,33 @@ fn run_e2e(dir: &std::path::Path, args: &[&str]) -> (Value, String, u32) {
     let r: Value = serde_json::from_str(&text).expect("report is JSON");
     assert_eq!(r["verdict"]["pass"], true, "{md}");
     (r, md, pid)
+}
+
+/// A run whose coordinator exits at start (a setting it cannot parse, from its environment)
+/// fails with an error that names the coordinator's log in a temporary work directory, and
+/// that file is still there to read.
+#[test]
+fn a_run_that_cannot_start_keeps_the_log_its_error_names() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["e2e", "--workers", "1", "--duration", "1s"])
+        .env("TMPDIR", tmp.path())
+        .env("TETHER_HEARTBEAT_BUDGET", "not-a-number")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tether e2e");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let log = stderr
+        .split_whitespace()
+        .find(|w| w.ends_with("coordinator.log"))
+        .unwrap_or_else(|| panic!("no log named: {stderr}"));
+    assert!(log.starts_with(&*tmp.path().to_string_lossy()), "{log}");
+    let text = std::fs::read_to_string(log).unwrap_or_else(|e| panic!("{log}: {e}\n{stderr}"));
+    assert!(
+        text.contains("TETHER_HEARTBEAT_BUDGET") || text.contains("heartbeat-budget"),
+        "{text}"
+    );
 }
 
 const KINDS: [&str; 11] = [

@@ -138,6 +138,20 @@ async fn run_to_end(a: E2eArgs) -> anyhow::Result<()> {
         corrupt_rate,
     );
     let (temp, work) = work_dir(a.work_dir.as_deref())?;
+    let result = run_in(&a, &work, seed, kinds, plan, corrupt_rate).await;
+    kept_on_error(temp, result)
+}
+
+/// The run itself, in `work`; on any error (a process that would not start, a report that
+/// could not be written, failed checks) the caller keeps the directory.
+async fn run_in(
+    a: &E2eArgs,
+    work: &Path,
+    seed: u64,
+    kinds: Vec<Kind>,
+    plan: Vec<plan::Disruption>,
+    corrupt_rate: f64,
+) -> anyhow::Result<()> {
     outln!(
         "tether e2e: seed {seed}, scenario {}, {} workers, work directory {}",
         a.scenario,
@@ -145,14 +159,14 @@ async fn run_to_end(a: E2eArgs) -> anyhow::Result<()> {
         work.display()
     )?;
     let run_started = tokio::time::Instant::now();
-    let mut sys = start(&a, &work, seed).await?;
+    let mut sys = start(a, work, seed).await?;
     let stop_watch = CancellationToken::new();
     let watch_task = tokio::spawn(
         sys.watcher
             .clone()
             .run(sys.coordinator.api.clone(), stop_watch.clone()),
     );
-    let outcome = drive(&a, &mut sys, &plan, &kinds, seed).await;
+    let outcome = drive(a, &mut sys, &plan, &kinds, seed).await;
     stop_watch.cancel();
     let _ = watch_task.await;
     // A run that ended early still stops what it started (a finished one stopped them all).
@@ -160,13 +174,7 @@ async fn run_to_end(a: E2eArgs) -> anyhow::Result<()> {
         w.stop().await;
     }
     sys.coordinator.stop().await;
-    let (truth, observations, extra) = match outcome {
-        Ok(o) => o,
-        Err(e) => {
-            keep(temp);
-            return Err(e);
-        }
-    };
+    let (truth, observations, extra) = outcome?;
     let config = report::Config {
         workers: a.workers,
         duration_ms: a.duration.as_millis() as u64,
@@ -175,7 +183,7 @@ async fn run_to_end(a: E2eArgs) -> anyhow::Result<()> {
         scenario: a.scenario.clone(),
         kinds,
         timings: TIMINGS,
-        work_dir: work.clone(),
+        work_dir: work.to_owned(),
         netns: a.netns,
         message_mac: a.message_mac,
         corrupt_rate,
@@ -191,10 +199,22 @@ async fn run_to_end(a: E2eArgs) -> anyhow::Result<()> {
         outln!("verdict: PASS")?;
         Ok(())
     } else {
-        keep(temp);
         outln!("verdict: FAIL")?;
         bail!("the end-to-end run failed its checks (see above)")
     }
+}
+
+/// `result`, with a temporary work directory kept when it is an error: the error may name a
+/// file in it (a process's log), and `--work-dir`'s help promises the directory of a failed
+/// run. Removed otherwise.
+fn kept_on_error<T>(
+    temp: Option<tempfile::TempDir>,
+    result: anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    if result.is_err() {
+        keep(temp);
+    }
+    result
 }
 
 /// Keeps a temporary work directory as evidence of a failed run.
@@ -704,4 +724,27 @@ fn worker_figures(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_temporary_work_directory_is_kept_when_the_run_fails_and_removed_when_it_passes() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let temp = || {
+            let t = tempfile::tempdir_in(parent.path()).expect("tempdir");
+            let log = t.path().join("coordinator.log");
+            std::fs::write(&log, "error: cannot start\n").expect("log");
+            (t, log)
+        };
+        let (t, log) = temp();
+        let failed: anyhow::Result<()> = Err(anyhow::anyhow!("see {}", log.display()));
+        assert!(kept_on_error(Some(t), failed).is_err());
+        assert!(log.exists(), "the log the error names is gone");
+        let (t, log) = temp();
+        kept_on_error(Some(t), Ok(())).expect("passed");
+        assert!(!log.exists() && !log.parent().expect("dir").exists());
+    }
 }
