@@ -302,7 +302,7 @@ impl System {
         until(limit, || {
             let worker_saw = events
                 .as_deref()
-                .is_some_and(|p| observe::lost_since(&observe::read_events(p), since));
+                .is_some_and(|p| observe::lost_since(&observe::events_now(p), since));
             worker_saw && self.watcher.detected(worker, since).is_some()
         })
         .await
@@ -324,7 +324,7 @@ impl System {
                 self.workers
                     .iter()
                     .find(|x| &x.id == w)
-                    .is_some_and(|x| observe::lost_since(&observe::read_events(&x.events), since))
+                    .is_some_and(|x| observe::lost_since(&observe::events_now(&x.events), since))
             };
             let noticed = match kind {
                 Kind::WorkerKill => affected
@@ -358,7 +358,7 @@ impl System {
             let logs_ok = self
                 .workers
                 .iter()
-                .all(|w| observe::registered_now(&observe::read_events(&w.events)));
+                .all(|w| observe::registered_now(&observe::events_now(&w.events)));
             let coord_ok = match self.coordinator.api.get("/api/v1/workers").await {
                 Ok(v) => {
                     let list = v.as_array().cloned().unwrap_or_default();

@@ -188,7 +188,8 @@ async fn run_in(
         message_mac: a.message_mac,
         corrupt_rate,
     };
-    let mut report = judge(&sys, config, plan, truth, observations, extra);
+    let logs = read_logs(&sys)?;
+    let mut report = judge(&sys, &logs, config, plan, truth, observations, extra);
     report.wall_ms = run_started.elapsed().as_millis() as u64;
     if let Some(target) = &a.report {
         let (json, md) = report.write(target)?;
@@ -322,20 +323,20 @@ async fn start(a: &E2eArgs, work: &Path, seed: u64) -> anyhow::Result<System> {
 /// ground truth, and assembles the report (its `wall_ms` is left to the caller).
 fn judge(
     sys: &System,
+    logs: &BTreeMap<String, Vec<Record>>,
     config: report::Config,
     plan: Vec<plan::Disruption>,
     mut truth: GroundTruth,
     mut observations: Vec<observe::Observation>,
     extra: Extra,
 ) -> Report {
-    let logs = read_logs(sys);
     let samples = sys.watcher.snapshot();
     let starts: Vec<_> = observations.iter().map(|o| o.started_at).collect();
     for (i, o) in observations.iter_mut().enumerate() {
         let end = starts.get(i + 1).copied().unwrap_or(extra.over_at);
-        o.analyse(&logs, &samples, end);
+        o.analyse(logs, &samples, end);
     }
-    truth.acks = acks(&logs);
+    truth.acks = acks(logs);
     truth.disruptions = observations
         .iter()
         .map(observe::Observation::view)
@@ -366,7 +367,7 @@ fn judge(
         by_kind: report::by_kind(&observations),
         blackhole,
         disruptions: observations,
-        workers: worker_figures(sys, &logs, &extra.workers_view),
+        workers: worker_figures(sys, logs, &extra.workers_view),
         proxy: sys.proxy_stats(),
         coordinator_starts: sys.coordinator.starts,
         tasks: extra.outcomes,
@@ -421,7 +422,7 @@ async fn drive(
     if !sys.wait_whole().await {
         let mut missing = Vec::new();
         for w in &mut sys.workers {
-            if !observe::registered_now(&observe::read_events(&w.events)) {
+            if !observe::registered_now(&observe::events_now(&w.events)) {
                 let exited = w
                     .exited()
                     .map(|s| format!(", exited: {s}"))
@@ -653,10 +654,11 @@ async fn drain(
     }
 }
 
-fn read_logs(sys: &System) -> BTreeMap<String, Vec<Record>> {
+/// Every worker's event log, as ground truth: any that cannot be read whole fails the run.
+fn read_logs(sys: &System) -> anyhow::Result<BTreeMap<String, Vec<Record>>> {
     sys.workers
         .iter()
-        .map(|w| (w.id.clone(), observe::read_events(&w.events)))
+        .map(|w| Ok((w.id.clone(), observe::read_events(&w.events)?)))
         .collect()
 }
 

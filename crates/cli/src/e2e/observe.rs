@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tether_worker::eventlog::{Event, Record};
@@ -100,11 +101,40 @@ fn coordinator_detection(
         .next()
 }
 
-/// A worker's event log, read now (an unreadable log is empty: nothing was recorded).
-pub fn read_events(path: &Path) -> Vec<Record> {
+/// A worker's event log as it is now, to wait on a condition: the records that parse, none
+/// while there is no log to read (a worker that has not opened it yet). Never ground truth:
+/// see [`read_events`].
+pub fn events_now(path: &Path) -> Vec<Record> {
     tether_worker::eventlog::read(path)
         .map(|(r, _)| r)
         .unwrap_or_default()
+}
+
+/// A worker's event log, read as ground truth (its acknowledgements are inputs of
+/// `no_result_lost` and `no_result_recorded_twice`): a log that cannot be read is an error,
+/// and so is a line that does not parse, except a last line without its newline (torn: the
+/// process was killed while writing it, and nothing was written after it).
+pub fn read_events(path: &Path) -> anyhow::Result<Vec<Record>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the event log {}", path.display()))?;
+    parse_events(&text).with_context(|| format!("the event log {} is damaged", path.display()))
+}
+
+fn parse_events(text: &str) -> anyhow::Result<Vec<Record>> {
+    let mut out = Vec::new();
+    // Only the last piece can lack its newline.
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let torn = !line.ends_with('\n');
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Record>(line) {
+            Ok(r) => out.push(r),
+            Err(_) if torn => {}
+            Err(e) => anyhow::bail!("line {} does not parse: {e}", n + 1),
+        }
+    }
+    Ok(out)
 }
 
 /// Whether the worker's latest session event says it is registered.
@@ -493,6 +523,28 @@ mod tests {
         assert!(view.recovered && failed, "{view:?}");
         let (view, failed) = judge(vec![registered(-5_000)]);
         assert!(view.sessions_lost.is_empty() && !failed, "{view:?}");
+    }
+
+    #[test]
+    fn an_event_log_with_a_bad_line_or_none_at_all_is_an_error_but_a_torn_last_line_is_not() {
+        let line = |r: &Record| serde_json::to_string(r).expect("json") + "\n";
+        let whole = line(&registered(0)) + &line(&lost(10, true));
+        assert_eq!(parse_events(&whole).expect("whole").len(), 2);
+        // Killed while writing its last line.
+        let torn = whole.clone() + r#"{"at":"2027-01-15T08:0"#;
+        assert_eq!(parse_events(&torn).expect("torn").len(), 2);
+        // A bad line with its newline, in the middle or at the end, is damage.
+        let middle = line(&registered(0)) + "{\"at\": garbage}\n" + &line(&lost(10, true));
+        let e = parse_events(&middle).expect_err("bad line");
+        assert!(e.to_string().contains("line 2"), "{e}");
+        assert!(parse_events(&(whole.clone() + "not json\n")).is_err());
+        // A log that is not there is not an empty one.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("w1.events.jsonl");
+        assert!(read_events(&missing).is_err());
+        assert!(events_now(&missing).is_empty());
+        std::fs::write(&missing, torn).expect("write");
+        assert_eq!(read_events(&missing).expect("read").len(), 2);
     }
 
     /// A worker back before the removal recovered at once, whatever later disruptions do to it.
