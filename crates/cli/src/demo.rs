@@ -256,18 +256,30 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     outln!("  stale results kept   {stale}")?;
     outln!("  lost                 {lost}")?;
     outln!("  recorded twice       {twice}")?;
-    let ok = completed == ids.len()
-        && lost == 0
-        && twice == 0
-        && fired_reset > 0
-        && detected
-        && stall_reconnected
-        && reconnections >= fleet.handles.len() as u64;
-    if ok {
+    let tally = Tally {
+        asked: a.tasks as usize,
+        submitted: ids.len(),
+        completed,
+        lost,
+        twice,
+        resets_fired: fired_reset,
+        stall_detected: detected,
+        stall_reconnected,
+        reconnections,
+        workers: fleet.handles.len(),
+    };
+    if tally.passed() {
         outln!("verdict: PASS")?;
         Ok(())
     } else {
         outln!("verdict: FAIL")?;
+        if tally.submitted != tally.asked {
+            bail!(
+                "asked for {} tasks, the coordinator took {}",
+                tally.asked,
+                tally.submitted
+            )
+        }
         if unfinished > 0 {
             bail!(
                 "{unfinished} tasks had not ended when --deadline {} s passed",
@@ -275,6 +287,42 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             )
         }
         bail!("the demo's ground truth does not hold (see the summary)")
+    }
+}
+
+/// What the demo counted, for its verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tally {
+    /// Tasks asked for (`--tasks`).
+    asked: usize,
+    /// Task ids the coordinator answered the submission with.
+    submitted: usize,
+    /// Tasks completed with exactly one counted result.
+    completed: usize,
+    lost: usize,
+    twice: usize,
+    resets_fired: u64,
+    stall_detected: bool,
+    stall_reconnected: bool,
+    /// Reconnections over the fleet (the proxy going down cuts every worker once at least).
+    reconnections: u64,
+    workers: usize,
+}
+
+impl Tally {
+    /// Every task asked for was taken and completed with exactly one counted result, and
+    /// every fault did what it is there for. A count of completions alone would pass a demo
+    /// whose submission came back with fewer ids, or none.
+    fn passed(&self) -> bool {
+        self.asked > 0
+            && self.submitted == self.asked
+            && self.completed == self.submitted
+            && self.lost == 0
+            && self.twice == 0
+            && self.resets_fired > 0
+            && self.stall_detected
+            && self.stall_reconnected
+            && self.reconnections >= self.workers as u64
     }
 }
 
@@ -326,4 +374,72 @@ fn ended(t: &Value) -> bool {
         .as_str()
         .and_then(tether_proto::TaskStatus::parse)
         .is_some_and(tether_proto::TaskStatus::is_terminal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn passing() -> Tally {
+        Tally {
+            asked: 40,
+            submitted: 40,
+            completed: 40,
+            lost: 0,
+            twice: 0,
+            resets_fired: 1,
+            stall_detected: true,
+            stall_reconnected: true,
+            reconnections: 5,
+            workers: 4,
+        }
+    }
+
+    #[test]
+    fn the_demo_passes_only_when_every_task_asked_for_completed_once() {
+        assert!(passing().passed());
+        // No ids back, or fewer than asked: nothing, or not everything, was run.
+        let none = Tally {
+            submitted: 0,
+            completed: 0,
+            ..passing()
+        };
+        assert!(!none.passed());
+        let fewer = Tally {
+            submitted: 39,
+            completed: 39,
+            ..passing()
+        };
+        assert!(!fewer.passed());
+        for broken in [
+            Tally {
+                completed: 39,
+                lost: 1,
+                ..passing()
+            },
+            Tally {
+                completed: 39,
+                twice: 1,
+                ..passing()
+            },
+            Tally {
+                resets_fired: 0,
+                ..passing()
+            },
+            Tally {
+                stall_detected: false,
+                ..passing()
+            },
+            Tally {
+                stall_reconnected: false,
+                ..passing()
+            },
+            Tally {
+                reconnections: 3,
+                ..passing()
+            },
+        ] {
+            assert!(!broken.passed(), "{broken:?}");
+        }
+    }
 }
