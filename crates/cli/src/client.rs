@@ -90,6 +90,16 @@ impl Refused {
     }
 }
 
+/// Whether the host of `url` is this machine: `localhost`, `127.0.0.0/8` or `::1`.
+fn is_loopback(url: &str) -> bool {
+    match url::Url::parse(url).ok().as_ref().and_then(url::Url::host) {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
 /// Times a GET is sent to a coordinator that answers it is busy.
 const BUSY_TRIES: u32 = 5;
 /// Longest wait for a whole answer to a request: a coordinator (or a path) that went silent
@@ -112,6 +122,17 @@ impl Api {
         coordinator: &str,
         token: Option<String>,
         ca_file: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        Self::build_with(coordinator, token, ca_file, reqwest::Client::builder())
+    }
+
+    /// [`Api::build`], its plain HTTP client made from `http` (in which a test can set a
+    /// proxy as the environment would).
+    fn build_with(
+        coordinator: &str,
+        token: Option<String>,
+        ca_file: Option<&std::path::Path>,
+        http: reqwest::ClientBuilder,
     ) -> anyhow::Result<Self> {
         let base = tether_proto::endpoint::derive_http_base(coordinator)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -144,7 +165,14 @@ impl Api {
             if let Some(v) = auth {
                 headers.insert(reqwest::header::AUTHORIZATION, v);
             }
-            let http = reqwest::Client::builder()
+            // reqwest takes a proxy from HTTP_PROXY and the like, loopback included unless
+            // NO_PROXY names it; a proxy cannot reach this machine's coordinator for us. One
+            // elsewhere may need the proxy.
+            let http = match is_loopback(&base) {
+                true => http.no_proxy(),
+                false => http,
+            };
+            let http = http
                 .default_headers(headers)
                 .build()
                 .context("HTTP client")?;
@@ -903,5 +931,57 @@ mod tests {
         assert!(format!("{e:#}").contains("cannot reach"), "{e:#}");
         let e = api.get("/text").await.expect_err("not JSON");
         assert!(format!("{e:#}").contains("is not JSON"), "{e:#}");
+    }
+
+    /// A proxy from the environment (here given to the builder, as reqwest would take it from
+    /// HTTP_PROXY) is not used for a coordinator on this machine, and is for one elsewhere.
+    #[tokio::test]
+    async fn a_coordinator_on_loopback_is_reached_directly_whatever_the_proxy() {
+        let serve = |app: axum::Router| async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            addr
+        };
+        let coordinator = serve(axum::Router::new().route(
+            "/up",
+            axum::routing::get(|| async { axum::Json(serde_json::json!({"from": "coordinator"})) }),
+        ))
+        .await;
+        // A proxy that answers every request itself.
+        let proxy = serve(
+            axum::Router::new()
+                .fallback(|| async { axum::Json(serde_json::json!({"from": "proxy"})) }),
+        )
+        .await;
+        let proxied = || {
+            let p = reqwest::Proxy::all(format!("http://{proxy}")).expect("proxy");
+            reqwest::Client::builder().proxy(p)
+        };
+        for url in [
+            format!("http://{coordinator}"),
+            format!("http://localhost:{}", coordinator.port()),
+        ] {
+            let api = Api::build_with(&url, None, None, proxied()).expect("client");
+            let got = api.get("/up").await.expect("answered");
+            assert_eq!(got, serde_json::json!({"from": "coordinator"}), "{url}");
+        }
+        let far = Api::build_with("http://coordinator.invalid:8765", None, None, proxied())
+            .expect("client");
+        let got = far.get("/up").await.expect("answered by the proxy");
+        assert_eq!(got, serde_json::json!({"from": "proxy"}));
+        for (url, local) in [
+            ("http://localhost:8765", true),
+            ("http://LOCALHOST:8765", true),
+            ("http://127.0.0.2:8765", true),
+            ("http://[::1]:8765", true),
+            ("http://10.0.0.1:8765", false),
+            ("http://localhost.example.com:8765", false),
+            ("http://[::2]:8765", false),
+        ] {
+            assert_eq!(is_loopback(url), local, "{url}");
+        }
     }
 }

@@ -74,7 +74,11 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     }
     outln!("{} workers registered", fleet.handles.len())?;
     let api = format!("http://{coord_addr}");
-    let http = reqwest::Client::new();
+    // The coordinator is on loopback: a proxy from HTTP_PROXY could not reach it.
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .context("HTTP client")?;
     let specs: Vec<TaskSpec> = (0..a.tasks)
         .map(|i| {
             let ms = 300 + u64::from(i % 7) * 250;

@@ -232,6 +232,13 @@ pub fn spawn_agent(agent: Agent) -> TestWorker {
     }
 }
 
+/// An HTTP client for servers on this machine, from `builder`. Without a proxy: reqwest takes
+/// one from HTTP_PROXY and the like, and sends even a loopback request through it unless
+/// NO_PROXY names the host, and a proxy cannot reach a test's `127.0.0.1` server.
+pub fn loopback_client(builder: reqwest::ClientBuilder) -> reqwest::Client {
+    builder.no_proxy().build().expect("HTTP client")
+}
+
 /// A small client of the HTTP API.
 #[derive(Clone)]
 pub struct Client {
@@ -243,7 +250,7 @@ impl Client {
     pub fn new(base: &str) -> Self {
         Self {
             base: base.trim_end_matches('/').to_owned(),
-            http: reqwest::Client::new(),
+            http: loopback_client(reqwest::Client::builder()),
         }
     }
 
@@ -256,10 +263,7 @@ impl Client {
         );
         Self {
             base: base.trim_end_matches('/').to_owned(),
-            http: reqwest::Client::builder()
-                .default_headers(headers)
-                .build()
-                .expect("client"),
+            http: loopback_client(reqwest::Client::builder().default_headers(headers)),
         }
     }
 
@@ -372,7 +376,11 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
 
 /// GETs a Prometheus text exposition.
 pub async fn scrape(url: &str) -> String {
-    let r = reqwest::get(url).await.expect("scrape");
+    let r = loopback_client(reqwest::Client::builder())
+        .get(url)
+        .send()
+        .await
+        .expect("scrape");
     assert_eq!(r.status().as_u16(), 200, "GET {url}");
     r.text().await.expect("metrics text")
 }

@@ -346,8 +346,10 @@ impl Api {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             base: format!("http://{addr}"),
+            // Always on loopback: a proxy from HTTP_PROXY could not reach it.
             http: reqwest::Client::builder()
                 .timeout(REQUEST_TIMEOUT)
+                .no_proxy()
                 .build()
                 .unwrap_or_default(),
         }

@@ -474,8 +474,10 @@ impl FaultProxy {
             listen,
             control,
             // A control call that hangs is an error of the run, not minutes added to its cut.
+            // The control API is on loopback: a proxy from HTTP_PROXY could not reach it.
             http: reqwest::Client::builder()
                 .timeout(CONTROL_TIMEOUT)
+                .no_proxy()
                 .build()?,
         })
     }
