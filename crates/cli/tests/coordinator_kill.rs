@@ -76,6 +76,7 @@ fn free_addr() -> SocketAddr {
 fn api() -> (SocketAddr, String, reqwest::Client) {
     let addr = free_addr();
     let http = reqwest::Client::builder()
+        .no_proxy()
         .timeout(Duration::from_secs(10))
         .pool_max_idle_per_host(0)
         .build()

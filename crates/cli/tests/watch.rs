@@ -185,6 +185,7 @@ async fn wait_ready(http: &reqwest::Client, base: &str) {
 
 fn http() -> reqwest::Client {
     reqwest::Client::builder()
+        .no_proxy()
         .timeout(Duration::from_secs(10))
         .pool_max_idle_per_host(0)
         .build()

@@ -26,7 +26,8 @@ fn free_port() -> u16 {
 
 /// The worker's metrics page, or `None` if nothing answers.
 async fn scrape(url: &str) -> Option<String> {
-    reqwest::get(url).await.ok()?.text().await.ok()
+    let http = tether_testkit::loopback_client(reqwest::Client::builder());
+    http.get(url).send().await.ok()?.text().await.ok()
 }
 
 #[tokio::test]

@@ -47,7 +47,11 @@ impl Control {
         path: &str,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut req = reqwest::Client::new().request(method, format!("{}{path}", self.base));
+        let mut req = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client")
+            .request(method, format!("{}{path}", self.base));
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -176,7 +180,10 @@ async fn control_api_round_trip_creates_faults_lists_deletes_and_resets() {
 async fn bodies_that_are_not_json_or_have_unknown_fields_get_400_or_415() {
     let ctl = Control::start().await;
     let url = format!("{}/proxies", ctl.base);
-    let resp = reqwest::Client::new()
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
         .post(&url)
         .body("{}")
         .send()

@@ -78,7 +78,15 @@ impl Browser {
             "chromium's page target",
             tether_testkit::DEADLINE,
             || async {
-                let targets: Vec<Value> = reqwest::get(&list_url).await.ok()?.json().await.ok()?;
+                let targets: Vec<Value> =
+                    tether_testkit::loopback_client(reqwest::Client::builder())
+                        .get(&list_url)
+                        .send()
+                        .await
+                        .ok()?
+                        .json()
+                        .await
+                        .ok()?;
                 targets
                     .iter()
                     .find(|t| t["type"] == "page")

@@ -299,7 +299,11 @@ async fn the_dashboard_assets_and_the_api_description_are_served_from_the_binary
         ("/dashboard/app.js", "text/javascript", "/api/v1/events"),
         ("/dashboard/style.css", "text/css", "--bg"),
     ] {
-        let r = reqwest::get(format!("{base}{path}")).await.expect("get");
+        let r = loopback_client(reqwest::Client::builder())
+            .get(format!("{base}{path}"))
+            .send()
+            .await
+            .expect("get");
         assert_eq!(r.status().as_u16(), 200, "{path}");
         let ct = r.headers()["content-type"]
             .to_str()
@@ -378,7 +382,9 @@ async fn the_event_stream_starts_with_a_snapshot_follows_changes_and_ends_with_t
     let mut cfg = fast_coordinator_config(dir.path().to_owned());
     cfg.history_interval = Duration::from_millis(100);
     let c = spawn_coordinator_with(cfg, None).await;
-    let mut resp = reqwest::get(format!("http://{}/api/v1/events", c.addr))
+    let mut resp = loopback_client(reqwest::Client::builder())
+        .get(format!("http://{}/api/v1/events", c.addr))
+        .send()
         .await
         .expect("events");
     assert_eq!(resp.status().as_u16(), 200);
@@ -541,7 +547,9 @@ async fn a_client_that_lagged_gets_a_fresh_snapshot_and_no_sample_older_than_its
     let mut cfg = fast_coordinator_config(dir.path().to_owned());
     cfg.history_interval = Duration::from_millis(50);
     let c = spawn_coordinator_with(cfg, None).await;
-    let mut resp = reqwest::get(format!("http://{}/api/v1/events", c.addr))
+    let mut resp = loopback_client(reqwest::Client::builder())
+        .get(format!("http://{}/api/v1/events", c.addr))
+        .send()
         .await
         .expect("events");
     let mut buf = String::new();

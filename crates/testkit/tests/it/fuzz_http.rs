@@ -54,7 +54,7 @@ async fn random_json_bodies_get_a_clear_answer_and_never_a_server_error() {
         Executors::builtin(),
     );
     w.wait_state(|s| s == ConnState::Connected).await;
-    let http = reqwest::Client::new();
+    let http = loopback_client(reqwest::Client::builder());
     let base = format!("http://{}", c.addr);
     let cases: u32 = std::env::var("PROPTEST_CASES")
         .ok()

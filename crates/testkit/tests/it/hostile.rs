@@ -435,7 +435,7 @@ async fn with_tokens_metrics_and_the_event_stream_need_a_read_token_and_health_d
     );
     cfg.api_tokens = Some(tokens);
     let c = spawn_coordinator_with(cfg, None).await;
-    let http = reqwest::Client::new();
+    let http = loopback_client(reqwest::Client::builder());
     for (path, anonymous) in [
         ("/metrics", 401),
         ("/api/v1/openapi.json", 401),
@@ -882,7 +882,7 @@ async fn a_submission_with_a_bad_field_gets_a_json_error_naming_the_field_and_el
         "{e}"
     );
     // Not JSON, too large, or not JSON by its content type keep their statuses, as JSON.
-    let http = reqwest::Client::new();
+    let http = loopback_client(reqwest::Client::builder());
     let url = format!("http://{}/api/v1/tasks", c.addr);
     let big = json!({"kind": "sleep", "name": "n".repeat(128 * 1024)}).to_string();
     for (content_type, body, want) in [
