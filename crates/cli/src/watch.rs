@@ -278,6 +278,15 @@ impl Watch {
                             self.on_worker(&w).map_err(Fatal)?;
                         }
                     }
+                    "task_removed" => {
+                        // Retention removed an ended task: nothing to follow any more.
+                        if let Ok(t) = serde_json::from_str::<Value>(&ev.data)
+                            && let Some(id) = t["task_id"].as_str()
+                            && self.ids.is_none()
+                        {
+                            self.seen.remove(id);
+                        }
+                    }
                     // `resync` is followed by a fresh snapshot; `sample` is for the dashboard.
                     _ => {}
                 }

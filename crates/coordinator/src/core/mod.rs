@@ -150,6 +150,10 @@ pub enum Event {
 pub enum Change {
     Task(Box<Task>),
     Worker(Box<Worker>),
+    /// A finished task removed by retention.
+    TaskRemoved(TaskId),
+    /// A lost worker forgotten by retention.
+    WorkerRemoved(WorkerId),
 }
 
 /// Counters shared with the HTTP API and metrics.

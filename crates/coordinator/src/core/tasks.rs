@@ -371,6 +371,8 @@ impl Core {
             for upload in uploads {
                 self.partial.remove(&upload);
             }
+            let gone = id.clone();
+            self.announce(b, || super::Change::TaskRemoved(gone));
             b.muts.push(Mutation::DeleteTask(id));
             removed += 1;
         }
@@ -406,6 +408,7 @@ impl Core {
         for id in &gone {
             self.workers.remove(id);
             self.free.remove(id);
+            self.announce(b, || super::Change::WorkerRemoved(id.clone()));
             b.muts.push(Mutation::DeleteWorker(id.clone()));
         }
         self.counters

@@ -26,7 +26,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
     get,
     path = "/api/v1/events",
     tag = "observe",
-    responses((status = 200, description = "Server-sent events: `snapshot` first, then `task`, `worker`, `sample`; `resync` before a fresh snapshot", content_type = "text/event-stream", body = String))
+    responses((status = 200, description = "Server-sent events: `snapshot` first, then `task`, `worker`, `sample`, `task_removed` and `worker_removed` (retention); `resync` before a fresh snapshot", content_type = "text/event-stream", body = String))
 )]
 pub async fn events(State(app): State<Arc<AppState>>) -> Response {
     let stream = Feed {
@@ -84,6 +84,13 @@ impl Feed {
             c = self.changes.recv() => match c {
                 Ok(Change::Task(t)) => Some(json_event("task", &t)),
                 Ok(Change::Worker(w)) => Some(json_event("worker", &w)),
+                Ok(Change::TaskRemoved(id)) => {
+                    Some(json_event("task_removed", &serde_json::json!({ "task_id": id })))
+                }
+                Ok(Change::WorkerRemoved(id)) => Some(json_event(
+                    "worker_removed",
+                    &serde_json::json!({ "worker_id": id }),
+                )),
                 Err(RecvError::Lagged(_)) => {
                     self.snapshot_due = true;
                     Some(Event::default().event("resync").data("{}"))

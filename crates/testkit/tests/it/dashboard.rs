@@ -641,3 +641,38 @@ async fn a_client_that_stopped_reading_its_event_stream_does_not_hold_up_the_sto
     assert_eq!(status, 200, "{t}");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn what_retention_removes_is_announced_on_the_event_stream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.retention = Some(Duration::from_millis(500));
+    let c = spawn_coordinator_with(cfg, None).await;
+    let mut resp = loopback_client(reqwest::Client::builder())
+        .get(format!("http://{}/api/v1/events", c.addr))
+        .send()
+        .await
+        .expect("events");
+    let mut buf = String::new();
+    let (name, _) = next_event(&mut resp, &mut buf).await.expect("snapshot");
+    assert_eq!(name, "snapshot");
+    let w = spawn_worker(
+        fast_worker_config(&c.ws_url(), "short-lived"),
+        Executors::builtin(),
+    );
+    let id = c.client().submit(&[sleep_task(10, 1, 0)]).await.remove(0);
+    c.client().wait_status(&id, "completed").await;
+    // The worker goes for good: lost after `lost_after`, then forgotten by retention.
+    w.stop().await.expect("stop");
+    let (mut task_gone, mut worker_gone) = (false, false);
+    while !(task_gone && worker_gone) {
+        let (name, v) = next_event(&mut resp, &mut buf).await.expect("an event");
+        match name.as_str() {
+            "task_removed" => task_gone |= v["task_id"] == id.as_str(),
+            "worker_removed" => worker_gone |= v["worker_id"] == "short-lived",
+            _ => {}
+        }
+    }
+    assert_eq!(c.client().get(&format!("/api/v1/tasks/{id}")).await.0, 404);
+    c.stop().await;
+}

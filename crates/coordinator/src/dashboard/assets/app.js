@@ -145,6 +145,12 @@ function dispatch(block) {
     case "worker":
       state.workers.set(v.worker_id, v);
       break;
+    case "task_removed":
+      state.tasks.delete(v.task_id);
+      break;
+    case "worker_removed":
+      state.workers.delete(v.worker_id);
+      break;
     case "sample": {
       // A sample the snapshot's history already holds (or older) is not drawn twice or back
       // in time.
