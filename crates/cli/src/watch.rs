@@ -27,6 +27,8 @@ const CATCH_UP_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
 /// coordinator sends a keep-alive every 15 s, so a path that went dead (a half-open connection
 /// no write will reveal) shows as this much silence.
 const SILENCE: Duration = Duration::from_secs(45);
+/// Named tasks read one request each after a gap; more are read from the task listing.
+const ONE_BY_ONE: usize = 64;
 /// Tasks a watch of every task keeps (to tell a change from a copy already reported) before
 /// it forgets those that ended long enough ago.
 const SEEN_MAX: usize = 100_000;
@@ -331,14 +333,21 @@ impl Watch {
                     .into_iter()
                     .filter(|id| !self.ended.contains_key(id))
                     .collect();
-                for id in open {
-                    let t = api.get(&format!("/api/v1/tasks/{id}")).await.map_err(|e| {
-                        match e.downcast_ref::<Refused>().map(|r| r.status) {
-                            Some(404) => e.context(format!("no task {id} at this coordinator")),
-                            _ => e,
-                        }
-                    })?;
-                    self.on_task(&t)?;
+                if open.len() > ONE_BY_ONE {
+                    self.read_named_listed(api, &open, before).await?;
+                } else {
+                    for id in open {
+                        let t =
+                            api.get(&format!("/api/v1/tasks/{id}")).await.map_err(|e| {
+                                match e.downcast_ref::<Refused>().map(|r| r.status) {
+                                    Some(404) => {
+                                        e.context(format!("no task {id} at this coordinator"))
+                                    }
+                                    _ => e,
+                                }
+                            })?;
+                        self.on_task(&t)?;
+                    }
                 }
             }
             None if !self.baseline => {
@@ -384,6 +393,43 @@ impl Watch {
             for w in snap["workers"].as_array().into_iter().flatten() {
                 self.on_worker(w)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Many named tasks: read from the listing, page by page (every task the first time, then
+    /// those changed since just before the gap), not with a request each: a watch of thousands
+    /// of tasks whose stream lags would read them all again at every snapshot. A name the
+    /// first reading does not find is refused, as a request for it would be.
+    async fn read_named_listed(
+        &mut self,
+        api: &Api,
+        open: &[String],
+        before: Option<DateTime<Utc>>,
+    ) -> anyhow::Result<()> {
+        let query = match before {
+            Some(t) => format!(
+                "updated_since={}",
+                (t - CATCH_UP_MARGIN).to_rfc3339_opts(SecondsFormat::Micros, true)
+            ),
+            None => String::new(),
+        };
+        let wanted: std::collections::HashSet<&str> = open.iter().map(String::as_str).collect();
+        let mut found = std::collections::HashSet::new();
+        for t in api.list_tasks(&query, self.page).await? {
+            if let Some(id) = t["task_id"].as_str().filter(|id| wanted.contains(id)) {
+                found.insert(id.to_owned());
+                self.on_task(&t)?;
+            }
+        }
+        if before.is_none()
+            && let Some(missing) = open.iter().find(|id| !found.contains(*id))
+        {
+            let body = serde_json::json!({"error": {"message": format!("no task {missing}")}});
+            return Err(
+                anyhow::Error::from(Refused::of(http::StatusCode::NOT_FOUND, &body))
+                    .context(format!("no task {missing} at this coordinator")),
+            );
         }
         Ok(())
     }
@@ -881,5 +927,47 @@ mod tests {
         assert_eq!(w.seen.len(), SEEN_MAX / 2);
         assert!(w.seen.contains_key("run-7") && w.seen.contains_key("new"));
         assert!(!w.seen.contains_key("old-7"));
+    }
+
+    #[tokio::test]
+    async fn many_named_tasks_are_read_from_the_listing_not_one_request_each() {
+        let n = ONE_BY_ONE + 6;
+        let listed: Vec<Value> = (0..n)
+            .map(|i| {
+                let mut t = task(&format!("t{i}"), "completed", 1, None);
+                t["submit_seq"] = json!(i);
+                t
+            })
+            .collect();
+        let app = axum::Router::new()
+            .route(
+                "/api/v1/tasks",
+                axum::routing::get(move || async move { axum::Json(Value::from(listed)) }),
+            )
+            // Asked one by one, the watch would fail: every single read is refused here.
+            .route(
+                "/api/v1/tasks/{id}",
+                axum::routing::get(|| async { http::StatusCode::INTERNAL_SERVER_ERROR }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let api = Api::build(&format!("http://{addr}"), None, None).expect("client");
+        let snap = json!({"at": "2026-12-01T10:40:00Z", "tasks": []});
+        let names = (0..n).map(|i| format!("t{i}")).collect();
+        let mut w = Watch::new(Some(names), true, false);
+        w.catch_up(&api, &snap)
+            .await
+            .expect("read from the listing");
+        assert!(w.done(), "{} of {n} ended", w.ended.len());
+        // A name the listing lacks is refused as a missing task is.
+        let mut names: BTreeSet<String> = (0..n).map(|i| format!("t{i}")).collect();
+        names.insert("nope".into());
+        let mut w = Watch::new(Some(names), true, false);
+        let e = w.catch_up(&api, &snap).await.expect_err("no such task");
+        assert!(is_refusal(&e), "{e:#}");
+        assert!(format!("{e:#}").contains("no task nope"), "{e:#}");
     }
 }
