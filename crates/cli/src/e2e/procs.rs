@@ -151,7 +151,7 @@ impl Coordinator {
             data_dir: work.join("coordinator-data"),
             log: work.join("coordinator.log"),
             child: None,
-            api: Api::new(addr),
+            api: Api::new(addr)?,
             starts: 0,
             secret,
         };
@@ -343,16 +343,16 @@ pub struct Api {
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Api {
-    pub fn new(addr: SocketAddr) -> Self {
-        Self {
+    pub fn new(addr: SocketAddr) -> anyhow::Result<Self> {
+        Ok(Self {
             base: format!("http://{addr}"),
             // Always on loopback: a proxy from HTTP_PROXY could not reach it.
             http: reqwest::Client::builder()
                 .timeout(REQUEST_TIMEOUT)
                 .no_proxy()
                 .build()
-                .unwrap_or_default(),
-        }
+                .context("HTTP client")?,
+        })
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
