@@ -321,6 +321,46 @@ async fn watch_keeps_following_through_a_coordinator_killed_and_restarted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_of_a_named_task_reports_its_end_reached_while_its_stream_was_cut() {
+    let site = Site::new();
+    let _coord = site.coordinator().await;
+    site.submit("in-gap", json!({"ms": 300, "steps": 3})).await;
+    let proxy = tether_faultproxy::Proxy::start(tether_faultproxy::ProxyConfig {
+        name: "watch".into(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        upstream: site.addr,
+        seed: 1,
+    })
+    .await
+    .expect("proxy");
+    let through = format!("http://{}", proxy.listen_addr());
+    let mut watch = Watcher::start(&["watch", "--coordinator", &through, "in-gap"]);
+    watch.wait_line(&["in-gap", "queued"]);
+    proxy.down().await;
+    watch.wait_reopening().await;
+    // The task runs and ends while the watch sees nothing: no event of it will ever come.
+    let _w = worker(site.addr, "w1");
+    tether_testkit::wait_for("the task to complete", LONG, || async {
+        let r = site
+            .http
+            .get(format!("{}/api/v1/tasks/in-gap", site.base))
+            .send()
+            .await
+            .ok()?;
+        let t: serde_json::Value = r.json().await.ok()?;
+        (t["status"] == "completed").then_some(())
+    })
+    .await;
+    proxy.up().await.expect("proxy up");
+    let (code, lines) = watch.wait_exit();
+    assert_eq!(code, Some(0), "{lines:?}; stderr: {}", watch.stderr_text());
+    let ends = lines
+        .iter()
+        .filter(|l| l.contains("in-gap") && l.contains("completed"));
+    assert_eq!(ends.count(), 1, "{lines:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_of_every_task_reports_a_change_made_while_its_stream_was_cut_to_any_task() {
     let site = Site::new();
     let _coord = site.coordinator().await;
