@@ -136,20 +136,25 @@ function dispatch(block) {
       state.intervalMs = v.history_interval_ms || state.intervalMs;
       state.skewMs = Date.parse(v.at) - Date.now() || 0;
       setFeed("live");
+      dirty.all();
       break;
     case "task":
       state.tasks.set(v.task_id, v);
       if (state.tasks.size > MAX_TASKS) state.tasks.delete(state.tasks.keys().next().value);
       if (v.task_id === state.selected) loadDetail(v.task_id);
+      dirty.tasks = true;
       break;
     case "worker":
       state.workers.set(v.worker_id, v);
+      dirty.workers = true;
       break;
     case "task_removed":
       state.tasks.delete(v.task_id);
+      dirty.tasks = true;
       break;
     case "worker_removed":
       state.workers.delete(v.worker_id);
+      dirty.workers = true;
       break;
     case "sample": {
       // A sample the snapshot's history already holds (or older) is not drawn twice or back
@@ -159,6 +164,7 @@ function dispatch(block) {
       state.history.push(v);
       trimHistory();
       state.overview = { ...(state.overview || {}), tasks: v.tasks, queued: v.queued, workers: v.workers };
+      dirty.overview = dirty.charts = true;
       break;
     }
   }
@@ -179,6 +185,15 @@ function setFeed(s) {
 // ---- rendering ------------------------------------------------------------------------------
 
 let pending = false;
+// What changed since the last frame: only that is drawn again. A large fleet's table (each
+// worker's telemetry changes it) is drawn at most once a second, not at every frame.
+const dirty = {
+  overview: true, workers: true, tasks: true, charts: true,
+  all() { this.overview = this.workers = this.tasks = this.charts = true; },
+};
+const LARGE_FLEET = 500;
+let workersDrawn = 0;
+
 function schedule() {
   if (pending) return;
   pending = true;
@@ -189,10 +204,26 @@ function schedule() {
 }
 
 function render() {
-  renderOverview();
-  renderWorkers();
-  renderTasks();
-  renderCharts();
+  if (dirty.overview) renderOverview();
+  if (dirty.workers) {
+    const wait = workersDrawn + 1000 - performance.now();
+    if (state.workers.size < LARGE_FLEET || wait <= 0) {
+      renderWorkers();
+      workersDrawn = performance.now();
+      dirty.workers = false;
+    } else {
+      setTimeout(schedule, wait);
+    }
+  }
+  if (dirty.tasks) renderTasks();
+  if (dirty.charts) renderCharts();
+  dirty.overview = dirty.tasks = dirty.charts = false;
+}
+
+// The filters and the selection change the task table.
+function redrawTasks() {
+  dirty.tasks = true;
+  schedule();
 }
 
 function renderOverview() {
@@ -305,7 +336,7 @@ function select(id) {
   $("#detail-id").textContent = id;
   $("#control-message").textContent = "";
   loadDetail(id);
-  schedule();
+  redrawTasks();
 }
 
 // One load of the detail panel at a time: changes of the selected task while one is in flight
@@ -392,8 +423,8 @@ $("#token").addEventListener("change", (e) => {
   feed.abort?.abort();
   feed.wake?.();
 });
-$("#status-filter").addEventListener("change", schedule);
-$("#text-filter").addEventListener("input", schedule);
+$("#status-filter").addEventListener("change", redrawTasks);
+$("#text-filter").addEventListener("input", redrawTasks);
 for (const b of document.querySelectorAll("#detail button")) b.addEventListener("click", () => control(b.dataset.action));
 setInterval(schedule, 5000); // relative times and the charts' time axis move
 follow();
