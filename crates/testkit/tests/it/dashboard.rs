@@ -144,7 +144,7 @@ async fn the_dashboard_shows_the_fleet_a_task_and_a_worker_cut_off_and_back() {
         json!("Bearer secret-token")
     );
     assert_eq!(
-        browser.eval("localStorage.getItem('tether.token')").await,
+        browser.eval("sessionStorage.getItem('tether.token')").await,
         json!("secret-token")
     );
     browser

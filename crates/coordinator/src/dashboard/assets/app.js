@@ -37,7 +37,7 @@ const ago = (iso) => {
 };
 const secs = (a, b) => (a && b ? `${((Date.parse(b) - Date.parse(a)) / 1000).toFixed(1)} s` : "");
 const time = (iso) => (iso ? new Date(iso).toLocaleTimeString() : "");
-const token = () => localStorage.getItem("tether.token") || "";
+const token = () => sessionStorage.getItem("tether.token") || "";
 function headers() {
   const h = {};
   if (token()) h.Authorization = `Bearer ${token()}`;
@@ -418,8 +418,8 @@ async function control(action) {
 
 $("#token").value = token();
 $("#token").addEventListener("change", (e) => {
-  if (e.target.value) localStorage.setItem("tether.token", e.target.value);
-  else localStorage.removeItem("tether.token");
+  if (e.target.value) sessionStorage.setItem("tether.token", e.target.value);
+  else sessionStorage.removeItem("tether.token");
   feed.abort?.abort();
   feed.wake?.();
 });
