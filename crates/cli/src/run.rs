@@ -366,6 +366,16 @@ fn worker_auth(
 /// do not inherit it.
 pub const SECRET_ENV: &str = tether_worker::executor::command::ENV_SECRET;
 
+/// Makes this process's memory and `/proc` files (its environment, where `TETHER_SECRET` may
+/// be) unreadable by other processes of its user, tasks included: they run as the worker's
+/// user. Linux only; elsewhere nothing changes.
+fn keep_memory_private() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(error = %e, "cannot keep the worker's memory from its tasks (prctl)");
+    }
+}
+
 /// Connections the kernel may hold for the coordinator before it accepts them (the kernel caps
 /// it at `net.core.somaxconn`). A fleet reconnecting at once must not overflow the queue: a
 /// dropped handshake costs that worker a SYN retransmission, 1 s and then 3 s.
@@ -568,6 +578,9 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
         ),
         (None, None) => None,
     };
+    if cfg.secret.is_some() {
+        keep_memory_private();
+    }
     cfg.require_message_mac = a.message_mac || file.message_mac.unwrap_or(false);
     if let Some(n) = a.max_outbox_entries.or(file.max_outbox_entries) {
         if n == 0 {

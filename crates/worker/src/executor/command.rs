@@ -68,6 +68,14 @@ pub const ENV_CHECKPOINT_DIR: &str = "TETHER_CHECKPOINT_DIR";
 /// The worker's own secret, when given in the environment (`tether worker`): never inherited
 /// by a task, whose output the coordinator keeps and serves.
 pub const ENV_SECRET: &str = "TETHER_SECRET";
+/// What a task's environment never inherits from the worker's: the worker's secret, where its
+/// secret file is, and an API token (an operator's, for the CLI).
+pub const CREDENTIAL_ENV: [&str; 4] = [
+    ENV_SECRET,
+    "TETHER_SECRET_FILE",
+    "TETHER_TOKEN",
+    "TETHER_TOKEN_FILE",
+];
 
 /// How often a terminating group is checked for remaining members.
 const GROUP_POLL: Duration = Duration::from_millis(20);
@@ -157,9 +165,11 @@ impl Plan {
 
     fn command(&self, ctx: &TaskCtx, checkpoint_dir: Option<&Path>) -> Command {
         let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args)
-            .env_remove(ENV_SECRET)
-            .envs(&self.env)
+        cmd.args(&self.args);
+        for credential in CREDENTIAL_ENV {
+            cmd.env_remove(credential);
+        }
+        cmd.envs(&self.env)
             .env(ENV_TASK_ID, ctx.task_id().as_str())
             .env(ENV_ATTEMPT, ctx.attempt().to_string())
             .stdin(Stdio::null())
