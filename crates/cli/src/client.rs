@@ -103,7 +103,7 @@ fn is_loopback(url: &str) -> bool {
 /// Times a GET is sent to a coordinator that answers it is busy.
 const BUSY_TRIES: u32 = 5;
 /// Longest wait for a whole answer to a request: a coordinator (or a path) that went silent
-/// is an error, not a command that never returns. A large answer may wait 30 s for its turn.
+/// is an error, not a command that never returns. A large answer may wait a few seconds for its turn.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A response body as it arrives, chunk by chunk.
@@ -306,7 +306,7 @@ impl Api {
         }
     }
 
-    /// GET `path`. A coordinator busy with large answers (`503`, each waited 30 s for its
+    /// GET `path`. A coordinator busy with large answers (`503`, each waited for its
     /// turn) is asked again, up to [`BUSY_TRIES`] times in all.
     pub(crate) async fn get(&self, path: &str) -> anyhow::Result<Value> {
         let mut tries = 1;

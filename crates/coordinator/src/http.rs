@@ -91,18 +91,25 @@ impl IntoResponse for ApiError {
 /// stream's snapshot) are made at once. Each holds its turn until its body is handed to the connection: unbounded, a few
 /// hundred such requests (of up to `max_connections`) held gigabytes.
 pub const HEAVY_AT_ONCE: usize = 8;
-/// How long such an answer waits for a turn before `503 busy`.
+/// How long such an answer waits for a turn before `503 busy`, at most: half the handshake
+/// deadline (`--handshake-timeout`, 10 s by default), within which a new connection's first
+/// answer must begin, or the connection is cut as a slow-loris one.
 pub const HEAVY_WAIT: Duration = Duration::from_secs(30);
+
+/// How long an answer waits for its turn here: [`HEAVY_WAIT`] or half the handshake deadline.
+fn heavy_wait(app: &AppState) -> Duration {
+    HEAVY_WAIT.min(app.cfg.limits.handshake_timeout / 2)
+}
 /// The pieces a heavy body is handed to the connection in: it takes the next only when it has
 /// room, so a turn lasts until the last piece is taken, however slowly the client reads.
 const HEAVY_PIECE: usize = 64 * 1024;
 
-/// A turn of [`HEAVY_AT_ONCE`], waited for up to [`HEAVY_WAIT`]: `Err(None)` when the wait
+/// A turn of [`HEAVY_AT_ONCE`], waited for up to [`heavy_wait`]: `Err(None)` when the wait
 /// ran out, `Err(Some(_))` when the coordinator is stopping.
 pub(crate) async fn heavy_turn(
     app: &AppState,
 ) -> Result<tokio::sync::OwnedSemaphorePermit, Option<ApiError>> {
-    match tokio::time::timeout(HEAVY_WAIT, app.heavy.clone().acquire_owned()).await {
+    match tokio::time::timeout(heavy_wait(app), app.heavy.clone().acquire_owned()).await {
         Ok(Ok(turn)) => Ok(turn),
         Ok(Err(_)) => Err(Some(ApiError::Internal(
             "coordinator is shutting down".into(),
@@ -122,7 +129,7 @@ async fn heavy(app: &AppState, answer: impl Future<Output = Response>) -> Respon
                 "busy",
                 &format!(
                     "{HEAVY_AT_ONCE} large answers are being made or sent, and this one waited {} s for its turn; try again",
-                    HEAVY_WAIT.as_secs()
+                    heavy_wait(app).as_secs_f64()
                 ),
             );
             busy.headers_mut().insert(
@@ -327,7 +334,7 @@ pub struct ListQuery {
     responses(
         (status = 200, description = "Tasks in submission order (or the reverse)", body = Vec<crate::model::Task>),
         (status = 422, description = "Unknown status or order, or a time that is not RFC 3339", body = ErrorBody),
-        (status = 503, description = "Busy: every turn for large answers was held for 30 s (Retry-After)", body = ErrorBody),
+        (status = 503, description = "Busy: every turn for large answers was held for half the handshake deadline (Retry-After)", body = ErrorBody),
     )
 )]
 pub async fn list_tasks(
@@ -412,7 +419,7 @@ pub async fn get_task(State(app): State<Arc<AppState>>, ApiPath(id): ApiPath<Str
         (status = 200, description = "Recorded results: the counted one first, stale ones after", body = serde_json::Value),
         (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
-        (status = 503, description = "Busy: every turn for large answers was held for 30 s (Retry-After)", body = ErrorBody),
+        (status = 503, description = "Busy: every turn for large answers was held for half the handshake deadline (Retry-After)", body = ErrorBody),
     )
 )]
 pub async fn task_result(
@@ -481,7 +488,7 @@ pub async fn task_checkpoints(
         (status = 200, description = "The bytes of a complete checkpoint of this task", content_type = "application/octet-stream", body = Vec<u8>),
         (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such task, or no complete checkpoint of that id of this task", body = ErrorBody),
-        (status = 503, description = "Busy: every turn for large answers was held for 30 s (Retry-After)", body = ErrorBody),
+        (status = 503, description = "Busy: every turn for large answers was held for half the handshake deadline (Retry-After)", body = ErrorBody),
     )
 )]
 pub async fn checkpoint_data(
@@ -556,7 +563,7 @@ pub async fn control(
     tag = "workers",
     responses(
         (status = 200, description = "Known workers: state, capabilities, tags, slots, leases, last_seen, connection statistics", body = Vec<crate::model::Worker>),
-        (status = 503, description = "Busy: every turn for large answers was held for 30 s (Retry-After)", body = ErrorBody),
+        (status = 503, description = "Busy: every turn for large answers was held for half the handshake deadline (Retry-After)", body = ErrorBody),
     )
 )]
 pub async fn list_workers(State(app): State<Arc<AppState>>) -> Response {

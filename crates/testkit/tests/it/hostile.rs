@@ -996,3 +996,53 @@ async fn another_sites_page_cannot_command_a_tokenless_coordinator_and_its_own_o
     assert_eq!(client.task(&id).await["status"], "cancelled");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn readers_that_hold_every_turn_for_large_answers_get_others_a_busy_answer_not_a_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    // 2,000 tasks of 4 KiB: each listing of them is 8 MB, more than sockets' buffers hold.
+    let pad = "x".repeat(4096);
+    for batch in 0..2 {
+        let specs: Vec<TaskSpec> = (0..1000)
+            .map(|i| {
+                let mut s = TaskSpec::new("nobody-runs-this", serde_json::json!({ "pad": pad }));
+                s.task_id = Some(TaskId::parse(&format!("big-{batch}-{i}")).expect("id"));
+                s
+            })
+            .collect();
+        c.client().submit(&specs).await;
+    }
+    // Readers that ask for the listing and read nothing past its status line hold every turn.
+    let mut held = Vec::new();
+    for _ in 0..tether_coordinator::http::HEAVY_AT_ONCE {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("buffer size");
+        let mut s = socket.connect(c.addr).await.expect("connect");
+        let request = format!(
+            "GET /api/v1/tasks?limit=100000 HTTP/1.1\r\nHost: {}\r\n\r\n",
+            c.addr
+        );
+        s.write_all(request.as_bytes()).await.expect("request");
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await.expect("status line");
+        assert_eq!(&head[9..12], b"200");
+        held.push(s);
+    }
+    // The next large answer waits for a turn, then is told the coordinator is busy: within
+    // the handshake deadline, so it is an answer, not a connection cut as a slow-loris one.
+    let request = format!(
+        "GET /api/v1/workers HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        c.addr
+    );
+    assert_eq!(raw_status(c.addr, &request).await, 503);
+    // Small answers are not held up.
+    let (status, overview) = c.client().get("/api/v1/overview").await;
+    assert_eq!(status, 200);
+    assert_eq!(overview["counters"]["slow_handshakes"], 0, "{overview}");
+    drop(held);
+    let (status, _) = c.client().get("/api/v1/workers").await;
+    assert_eq!(status, 200, "turns come back when their readers go");
+    c.stop().await;
+}
