@@ -799,7 +799,7 @@ mod tests {
         // An event stream's snapshot waits for a turn too (the core is not asked for it).
         let stream = crate::dashboard::events::events(State(app.clone())).await;
         let mut frames = stream.into_body().into_data_stream();
-        let first = tokio::time::timeout(Duration::from_secs(5), frames.next()).await;
+        let first = tokio::time::timeout(Duration::from_secs(2), frames.next()).await;
         assert!(first.is_err(), "no snapshot without a turn");
         assert_eq!(asked.load(SeqCst), HEAVY_AT_ONCE + 2);
         drop(next);
