@@ -6,7 +6,7 @@
 //!   one process, driven by JSON lines.
 //! - [`scenarios`]: thundering_herd, steady_load, message_flood, checkpoint_heavy,
 //!   mixed_priority.
-//! - [`probe`]: latency probes (telemetry round trips to the ack, behind the commits before it).
+//! - [`probe`]: latency probes (telemetry round trips from when due to the ack, behind the commits before it).
 //! - [`truth`]: lost and recorded-twice verdicts from the coordinator's database.
 //! - [`report`]: the figures, as Markdown or JSON.
 

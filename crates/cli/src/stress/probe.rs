@@ -193,32 +193,83 @@ async fn probe(
     .await?;
     link.wait_for(|m| matches!(m, CoordMsg::RegistrationAck(_)))
         .await?;
-    let mut tick = tokio::time::interval_at(clock.first_tick(i, Instant::now()), clock.period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let tick = tokio::time::interval_at(clock.first_tick(i, Instant::now()), clock.period);
+    let out = timed(tick, until, &mut link, |link, seq| {
+        Box::pin(async move {
+            let msg = WorkerMsg::Telemetry(Telemetry {
+                seq: Seq(seq),
+                connection_stats: ConnStats::default(),
+                metrics: serde_json::Value::Null,
+                timestamp: now(),
+            });
+            link.send(&msg).await?;
+            link.wait_for(|m| matches!(m, CoordMsg::TelemetryAck(a) if a.ack_seq == Seq(seq)))
+                .await?;
+            anyhow::Ok(())
+        })
+    })
+    .await?;
+    let _ = link.ws.close(None).await;
+    Ok(out)
+}
+
+/// Runs `round_trip` once a tick of `tick` until `until`, one at a time, and times each from
+/// when its tick was due, not from when it could be sent: a round trip held up a second holds
+/// up the ticks behind it, and their waits count too (at 50 a second, a stall of a second is
+/// 50 slow samples, not one), as a probe that sent on time would have seen them.
+async fn timed<L>(
+    mut tick: tokio::time::Interval,
+    until: Instant,
+    link: &mut L,
+    round_trip: for<'a> fn(
+        &'a mut L,
+        u64,
+    ) -> futures_util::future::BoxFuture<'a, anyhow::Result<()>>,
+) -> anyhow::Result<Vec<f64>> {
+    // Ticks missed while a round trip was held up come at once after it, each with its time.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut out = Vec::new();
     let mut seq = 0u64;
     while Instant::now() < until {
-        tick.tick().await;
+        let due = tick.tick().await;
         seq += 1;
-        let msg = WorkerMsg::Telemetry(Telemetry {
-            seq: Seq(seq),
-            connection_stats: ConnStats::default(),
-            metrics: serde_json::Value::Null,
-            timestamp: now(),
-        });
-        let sent = Instant::now();
-        link.send(&msg).await?;
-        link.wait_for(|m| matches!(m, CoordMsg::TelemetryAck(a) if a.ack_seq == Seq(seq)))
-            .await?;
-        out.push(sent.elapsed().as_secs_f64() * 1000.0);
+        round_trip(link, seq).await?;
+        out.push(due.elapsed().as_secs_f64() * 1000.0);
     }
-    let _ = link.ws.close(None).await;
     Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_counts_for_every_tick_it_held_up_not_once() {
+        // 50 round trips a second for 10 s, each taking 1 ms but for one held up a second.
+        let start = Instant::now();
+        let tick = tokio::time::interval_at(start, Duration::from_millis(20));
+        let out = timed(tick, start + Duration::from_secs(10), &mut (), |_, seq| {
+            Box::pin(async move {
+                let pause = if seq == 100 { 1_000 } else { 1 };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                Ok(())
+            })
+        })
+        .await
+        .expect("timed");
+        let mut sorted = out.clone();
+        sorted.sort_by(f64::total_cmp);
+        let p99 = sorted[(sorted.len() * 99).div_ceil(100) - 1];
+        // The ticks due during the stall waited for it: about 50 samples of up to a second.
+        let slow = out.iter().filter(|&&ms| ms > 100.0).count();
+        assert!((45..=55).contains(&slow), "{slow} slow samples");
+        assert!(p99 >= 800.0, "p99 {p99} ms");
+        assert!(
+            sorted[sorted.len() / 2] < 5.0,
+            "p50 {} ms",
+            sorted[sorted.len() / 2]
+        );
+    }
 
     #[test]
     fn probes_tick_on_their_own_phase_of_a_shared_clock() {

@@ -242,7 +242,7 @@ impl Report {
         }
         if let Some(d) = &self.message_latency_ms {
             row(
-                "message latency (to the ack, behind the commits before it), ms",
+                "message latency (from when due to the ack, behind the commits before it), ms",
                 dist(d),
             );
         }

@@ -943,7 +943,7 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
         );
     }
     r.notes.push(format!(
-        "{slots} flood tasks per worker at {per_task:.1} updates/s each, {}; updates of one task coalesce in the worker's outbox while unsent; {} probes x {} msgs/s time telemetry to its ack, behind the commits before it",
+        "{slots} flood tasks per worker at {per_task:.1} updates/s each, {}; updates of one task coalesce in the worker's outbox while unsent; {} probes x {} msgs/s time telemetry from when it is due (a stall delays the probes behind it and counts for each) to its ack, behind the commits before it",
         match run.a.in_step {
             true => "a worker's tasks in step (late ticks skipped)",
             false => "each at its own pace",
