@@ -381,10 +381,19 @@ async fn run(
                     tokio::time::sleep_until(rate.next_token_at()).await;
                     rate.take(Instant::now());
                 }
-                deadline = Instant::now() + agreed.beat.timeout;
                 let frame = match unseal(open.as_deref_mut(), &frame) {
-                    Ok(f) => f,
+                    Ok(f) => {
+                        // With integrity on, only a frame that verified is the worker: pings
+                        // and pongs carry no tag, and whoever holds the connection could keep
+                        // a dead worker's session (and its leases) alive with them.
+                        if open.is_none() || matches!(f, Data::Text(_) | Data::Binary(_)) {
+                            deadline = Instant::now() + agreed.beat.timeout;
+                        }
+                        f
+                    }
                     Err(e) => {
+                        // Writes get their own time: the deadline did not move for this frame.
+                        let deadline = Instant::now() + agreed.beat.timeout;
                         let failures = open.as_ref().map_or(0, |o| o.failures());
                         app.counters.mac_failures.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!(m::MAC_FAILURES).increment(1);

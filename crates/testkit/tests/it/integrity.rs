@@ -468,3 +468,30 @@ async fn bytes_corrupted_on_the_wire_are_caught_by_the_tags_and_nothing_corrupte
     w.stop().await.expect("clean stop");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn with_message_mac_only_verified_frames_keep_a_session_alive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = mac_coordinator(dir.path()).await;
+    let (mut k, _) = Keyed::connect(&c, "pinger", &secret(), true, None).await;
+    k.next_of("registration_ack").await;
+    // Whoever holds the connection (the worker's host gone) may send pings and frames that
+    // fail their tags; none of it is the worker, and its session must end at its timeout
+    // (2 s here) for its tasks to move on.
+    let started = tokio::time::Instant::now();
+    let ended = loop {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the session outlived its timeout on untagged frames"
+        );
+        if k.ws.send(Message::Ping(vec![1].into())).await.is_err() {
+            break true;
+        }
+        match tokio::time::timeout(Duration::from_millis(300), k.ws.next()).await {
+            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => break true,
+            _ => {}
+        }
+    };
+    assert!(ended);
+    c.stop().await;
+}
