@@ -34,6 +34,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
+use tether_proto::endpoint::is_loopback_host;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -141,21 +142,6 @@ async fn host_guard(req: Request, next: Next) -> Response {
         "the control API answers only requests for a loopback host (localhost, 127.0.0.1, [::1])",
     )
     .into_response()
-}
-
-/// Whether a `Host` header names a loopback host: `localhost` (or a name under it), an address
-/// in 127.0.0.0/8 or `[::1]`, with or without a port.
-fn is_loopback_host(host: &str) -> bool {
-    let name = match host.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
-    };
-    let name = name.to_ascii_lowercase();
-    name == "localhost"
-        || name.ends_with(".localhost")
-        || name
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Serves the control API on `listener` until `shutdown` is cancelled. The proxies of
@@ -370,39 +356,4 @@ async fn delete_fault(
 async fn reset(State(s): State<Server>) -> ApiResult<StatusCode> {
     s.reset().await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_loopback_names_and_addresses_are_loopback_hosts() {
-        let yes = [
-            "localhost",
-            "LocalHost:8474",
-            "app.localhost",
-            "127.0.0.1",
-            "127.0.0.1:8474",
-            "127.9.9.9:1",
-            "[::1]",
-            "[::1]:8474",
-        ];
-        for host in yes {
-            assert!(is_loopback_host(host), "{host}");
-        }
-        let no = [
-            "evil.example",
-            "evil.example:8474",
-            "localhost.evil.example",
-            "10.0.0.1:8474",
-            "0.0.0.0",
-            "[::]:8474",
-            "[::ffff:8.8.8.8]",
-            "",
-        ];
-        for host in no {
-            assert!(!is_loopback_host(host), "{host}");
-        }
-    }
 }

@@ -19,6 +19,23 @@ pub const PLACEHOLDER: &str = "{worker_id}";
 /// registration's acknowledgement: one write and one wake-up less a registration.
 pub const PIPELINED_QUERY: &str = "pipelined=1";
 
+/// Whether a `Host` header names a loopback host: `localhost` (or a name under it), an address
+/// in 127.0.0.0/8 or `[::1]`, with or without a port. Loopback-only HTTP servers (the
+/// coordinator without API tokens, the fault proxy's control API) answer only these, so that a
+/// web page whose own name was rebound to 127.0.0.1 (DNS rebinding) is refused.
+pub fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Whether an endpoint URL's query (the part after `?`) holds [`PIPELINED_QUERY`].
 pub fn is_pipelined(query: Option<&str>) -> bool {
     query.is_some_and(|q| q.split('&').any(|p| p == PIPELINED_QUERY))
@@ -426,5 +443,33 @@ mod tests {
             "{e}"
         );
         assert!(derive_http_base("h:99999").is_err(), "a port out of range");
+    }
+
+    #[test]
+    fn loopback_hosts_are_localhost_127_0_0_0_8_and_v6_loopback_with_or_without_a_port() {
+        for host in [
+            "localhost",
+            "LOCALHOST:8765",
+            "app.localhost:1",
+            "127.0.0.1",
+            "127.3.4.5:80",
+            "[::1]",
+            "[::1]:8765",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8765",
+            "localhost.evil.example",
+            "10.0.0.1:8765",
+            "[::2]:1",
+            "0.0.0.0",
+            "[::]:8474",
+            "",
+            "127.0.0.1.evil.example",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
     }
 }
