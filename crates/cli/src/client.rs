@@ -746,6 +746,17 @@ fn print_table(head: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Serves `app` on a loopback port for a test; its address.
+#[cfg(test)]
+pub(crate) async fn serve_for_test(app: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -886,11 +897,7 @@ mod tests {
                     refusal(http::StatusCode::NOT_FOUND, "not_found")
                 }),
             );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let addr = serve_for_test(app).await;
         let api = Api::build(&format!("http://{addr}"), None, None).expect("client");
         let got = api.get("/busy").await.expect("answered");
         assert_eq!(got, serde_json::json!([1]));
@@ -937,14 +944,7 @@ mod tests {
     /// HTTP_PROXY) is not used for a coordinator on this machine, and is for one elsewhere.
     #[tokio::test]
     async fn a_coordinator_on_loopback_is_reached_directly_whatever_the_proxy() {
-        let serve = |app: axum::Router| async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            let addr = listener.local_addr().expect("addr");
-            tokio::spawn(async move { axum::serve(listener, app).await });
-            addr
-        };
+        let serve = serve_for_test;
         let coordinator = serve(axum::Router::new().route(
             "/up",
             axum::routing::get(|| async { axum::Json(serde_json::json!({"from": "coordinator"})) }),

@@ -949,11 +949,7 @@ mod tests {
                 "/api/v1/tasks/{id}",
                 axum::routing::get(|| async { http::StatusCode::INTERNAL_SERVER_ERROR }),
             );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let addr = crate::client::serve_for_test(app).await;
         let api = Api::build(&format!("http://{addr}"), None, None).expect("client");
         let snap = json!({"at": "2026-12-01T10:40:00Z", "tasks": []});
         let names = (0..n).map(|i| format!("t{i}")).collect();

@@ -307,6 +307,26 @@ impl Client {
         serde_json::from_value(v["task_ids"].clone()).expect("ids")
     }
 
+    /// Submits `count` tasks no worker runs (kind `nobody-runs-this`), each with a config of
+    /// `bytes` of padding and the id `{prefix}-{i}`, a thousand a request: changes and
+    /// listings of many bytes.
+    pub async fn submit_padded(&self, prefix: &str, count: usize, bytes: usize) {
+        let pad = "x".repeat(bytes);
+        let ids: Vec<usize> = (0..count).collect();
+        for chunk in ids.chunks(1000) {
+            let specs: Vec<TaskSpec> = chunk
+                .iter()
+                .map(|i| {
+                    let mut s =
+                        TaskSpec::new("nobody-runs-this", serde_json::json!({ "pad": pad }));
+                    s.task_id = Some(TaskId::parse(&format!("{prefix}-{i}")).expect("id"));
+                    s
+                })
+                .collect();
+            self.submit(&specs).await;
+        }
+    }
+
     pub async fn task(&self, id: &TaskId) -> serde_json::Value {
         let (status, v) = self.get(&format!("/api/v1/tasks/{id}")).await;
         assert_eq!(status, 200, "task {id}: {v}");

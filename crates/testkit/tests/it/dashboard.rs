@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tether_faultproxy::{Direction, Fault, FaultKind, Target};
-use tether_proto::{TaskId, TaskSpec, WorkerId};
+use tether_proto::WorkerId;
 use tether_testkit::*;
 use tether_worker::{ConnState, Executors};
 
@@ -376,6 +376,19 @@ async fn next_event(
     }
 }
 
+/// Opens the coordinator's event stream and reads its first event, the snapshot.
+async fn open_events(c: &TestCoordinator) -> (reqwest::Response, String, serde_json::Value) {
+    let mut resp = loopback_client(reqwest::Client::builder())
+        .get(format!("http://{}/api/v1/events", c.addr))
+        .send()
+        .await
+        .expect("events");
+    let mut buf = String::new();
+    let (name, snap) = next_event(&mut resp, &mut buf).await.expect("snapshot");
+    assert_eq!(name, "snapshot");
+    (resp, buf, snap)
+}
+
 #[tokio::test]
 async fn the_event_stream_starts_with_a_snapshot_follows_changes_and_ends_with_the_coordinator() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -547,27 +560,10 @@ async fn a_client_that_lagged_gets_a_fresh_snapshot_and_no_sample_older_than_its
     let mut cfg = fast_coordinator_config(dir.path().to_owned());
     cfg.history_interval = Duration::from_millis(50);
     let c = spawn_coordinator_with(cfg, None).await;
-    let mut resp = loopback_client(reqwest::Client::builder())
-        .get(format!("http://{}/api/v1/events", c.addr))
-        .send()
-        .await
-        .expect("events");
-    let mut buf = String::new();
-    let (name, _) = next_event(&mut resp, &mut buf).await.expect("snapshot");
-    assert_eq!(name, "snapshot");
+    let (mut resp, mut buf, _) = open_events(&c).await;
     // The client stops reading; 20,000 changes of 2 KiB fill the sockets' buffers and overrun
     // its share of the change buffer (4,096), while samples pile up behind it.
-    let pad = "x".repeat(2048);
-    for batch in 0..20 {
-        let specs: Vec<TaskSpec> = (0..1000)
-            .map(|i| {
-                let mut s = TaskSpec::new("nobody-runs-this", json!({ "pad": pad }));
-                s.task_id = Some(TaskId::parse(&format!("lag-{batch}-{i}")).expect("id"));
-                s
-            })
-            .collect();
-        c.client().submit(&specs).await;
-    }
+    c.client().submit_padded("lag", 20000, 2048).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     // Reading again: what was written before the overrun, then `resync` and a fresh snapshot.
     let mut resynced = false;
@@ -620,24 +616,14 @@ async fn a_client_that_stopped_reading_its_event_stream_does_not_hold_up_the_sto
     stalled.read_exact(&mut head).await.expect("status line");
     assert_eq!(&head[9..12], b"200");
     // Changes of 2 KiB each until the server's writes to it block: it is never read again.
-    let pad = "x".repeat(2048);
-    for batch in 0..5 {
-        let specs: Vec<TaskSpec> = (0..1000)
-            .map(|i| {
-                let mut s = TaskSpec::new("nobody-runs-this", json!({ "pad": pad }));
-                s.task_id = Some(TaskId::parse(&format!("stall-{batch}-{i}")).expect("id"));
-                s
-            })
-            .collect();
-        c.client().submit(&specs).await;
-    }
+    c.client().submit_padded("stall", 5000, 2048).await;
     tokio::time::timeout(tether_coordinator::server::DRAIN + DEADLINE, c.stop())
         .await
         .expect("the coordinator stops with a client that reads nothing");
     drop(stalled);
     // What was submitted is there after a restart.
     let c = spawn_coordinator(dir.path().to_owned()).await;
-    let (status, t) = c.client().get("/api/v1/tasks/stall-4-999").await;
+    let (status, t) = c.client().get("/api/v1/tasks/stall-4999").await;
     assert_eq!(status, 200, "{t}");
     c.stop().await;
 }
@@ -648,14 +634,7 @@ async fn what_retention_removes_is_announced_on_the_event_stream() {
     let mut cfg = fast_coordinator_config(dir.path().to_owned());
     cfg.retention = Some(Duration::from_millis(500));
     let c = spawn_coordinator_with(cfg, None).await;
-    let mut resp = loopback_client(reqwest::Client::builder())
-        .get(format!("http://{}/api/v1/events", c.addr))
-        .send()
-        .await
-        .expect("events");
-    let mut buf = String::new();
-    let (name, _) = next_event(&mut resp, &mut buf).await.expect("snapshot");
-    assert_eq!(name, "snapshot");
+    let (mut resp, mut buf, _) = open_events(&c).await;
     let w = spawn_worker(
         fast_worker_config(&c.ws_url(), "short-lived"),
         Executors::builtin(),

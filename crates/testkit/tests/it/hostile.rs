@@ -1003,17 +1003,7 @@ async fn readers_that_hold_every_turn_for_large_answers_get_others_a_busy_answer
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
     // 2,000 tasks of 4 KiB: each listing of them is 8 MB, more than sockets' buffers hold.
-    let pad = "x".repeat(4096);
-    for batch in 0..2 {
-        let specs: Vec<TaskSpec> = (0..1000)
-            .map(|i| {
-                let mut s = TaskSpec::new("nobody-runs-this", serde_json::json!({ "pad": pad }));
-                s.task_id = Some(TaskId::parse(&format!("big-{batch}-{i}")).expect("id"));
-                s
-            })
-            .collect();
-        c.client().submit(&specs).await;
-    }
+    c.client().submit_padded("big", 2000, 4096).await;
     // Readers that ask for the listing and read nothing past its status line hold every turn.
     let mut held = Vec::new();
     for _ in 0..tether_coordinator::http::HEAVY_AT_ONCE {
