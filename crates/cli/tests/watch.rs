@@ -174,6 +174,19 @@ fn client(base: &str, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+/// A fault proxy in front of the site's coordinator, and the URL through it.
+async fn proxy_in_front(site: &Site) -> (tether_faultproxy::Proxy, String) {
+    let proxy = tether_faultproxy::Proxy::start(tether_faultproxy::ProxyConfig {
+        name: "watch".into(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        upstream: site.addr,
+        seed: 1,
+    })
+    .await
+    .expect("proxy");
+    let through = format!("http://{}", proxy.listen_addr());
+    (proxy, through)
+}
 
 async fn wait_ready(http: &reqwest::Client, base: &str) {
     tether_testkit::wait_for("the coordinator to answer", LONG, || async {
@@ -325,15 +338,7 @@ async fn watch_of_a_named_task_reports_its_end_reached_while_its_stream_was_cut(
     let site = Site::new();
     let _coord = site.coordinator().await;
     site.submit("in-gap", json!({"ms": 300, "steps": 3})).await;
-    let proxy = tether_faultproxy::Proxy::start(tether_faultproxy::ProxyConfig {
-        name: "watch".into(),
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        upstream: site.addr,
-        seed: 1,
-    })
-    .await
-    .expect("proxy");
-    let through = format!("http://{}", proxy.listen_addr());
+    let (proxy, through) = proxy_in_front(&site).await;
     let mut watch = Watcher::start(&["watch", "--coordinator", &through, "in-gap"]);
     watch.wait_line(&["in-gap", "queued"]);
     proxy.down().await;
@@ -377,15 +382,7 @@ async fn watch_of_every_task_reports_a_change_made_while_its_stream_was_cut_to_a
         .await
         .expect("submit");
     assert!(r.status().is_success(), "{}", r.status());
-    let proxy = tether_faultproxy::Proxy::start(tether_faultproxy::ProxyConfig {
-        name: "watch".into(),
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        upstream: site.addr,
-        seed: 1,
-    })
-    .await
-    .expect("proxy");
-    let through = format!("http://{}", proxy.listen_addr());
+    let (proxy, through) = proxy_in_front(&site).await;
     // Pages of two: the catch-up after the gap must read page after page to see every change.
     let mut watch = Watcher::start(&["watch", "--coordinator", &through, "--page-size", "2"]);
     // The first snapshot is the baseline, reported as nothing; a task submitted after it shows
