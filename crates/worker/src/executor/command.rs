@@ -13,8 +13,8 @@
 //! stderr only the last `tail_bytes` bytes each are kept.
 //!
 //! Lifecycle of one attempt:
-//! 1. The checkpoint directory is created; if an earlier attempt left a checkpoint, the
-//!    directory is emptied and the checkpoint unpacked into it ([`super::packing`]).
+//! 1. The checkpoint directory is created and emptied; if an earlier attempt left a
+//!    checkpoint, it is unpacked into it ([`super::packing`]).
 //! 2. The process starts as leader of a new process group, so signals reach its whole tree.
 //! 3. While it runs: cancellation sends SIGTERM (and SIGCONT) to the group, then SIGKILL after
 //!    [`KILL_GRACE`] ([`CommandExecutor::with_kill_grace`]), and the attempt ends `Cancelled`;
@@ -354,19 +354,18 @@ struct Checkpoints {
     last_error: Option<String>,
 }
 
-/// Creates the checkpoint directory and restores the latest checkpoint into it.
+/// Creates the checkpoint directory and restores the latest checkpoint into it; with no
+/// checkpoint, empties it. An attempt starts from its checkpoint or from nothing, never from
+/// files an earlier attempt (or an earlier task of the same id) left without shipping them: a
+/// resumable script would take them for its own progress.
 async fn prepare_dir(dir: &Path, latest: Option<Arc<Vec<u8>>>) -> Result<Checkpoints, ExecError> {
     let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     let shown = dir.display().to_string();
     let blocking_dir = dir.clone();
     let last = off_thread(move || {
-        std::fs::create_dir_all(&blocking_dir).map_err(|source| PackError::Io {
-            op: "create",
-            path: blocking_dir.clone(),
-            source,
-        })?;
-        if let Some(data) = latest {
-            packing::unpack(&data, &blocking_dir)?;
+        match latest {
+            Some(data) => packing::unpack(&data, &blocking_dir)?,
+            None => packing::clear_dir(&blocking_dir)?,
         }
         packing::signature(&blocking_dir)
     })
@@ -1146,6 +1145,29 @@ mod tests {
             control.latest_checkpoint().as_deref(),
             Some(&packed),
             "an unchanged dir is not shipped again"
+        );
+    }
+
+    /// Files an earlier attempt (or an earlier task of the same id) left in the directory
+    /// without shipping them are not the new attempt's: with no checkpoint it starts empty.
+    #[tokio::test]
+    async fn an_attempt_without_a_checkpoint_starts_with_an_empty_checkpoint_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cp = dir.path().join("cp");
+        std::fs::create_dir_all(cp.join("sub")).expect("mkdir");
+        std::fs::write(cp.join("stale.txt"), "old").expect("write");
+        std::fs::write(cp.join("sub/done.marker"), "").expect("write");
+
+        let (ctx, control) = ctx(1);
+        let ctx = ctx.with_checkpoint_dir(cp);
+        let script = r#"ls "$TETHER_CHECKPOINT_DIR""#;
+        let out = exec(serde_json::json!({"shell": script}), ctx)
+            .await
+            .expect("exit 0");
+        assert_eq!(out["stdout_tail"], "");
+        assert!(
+            control.latest_checkpoint().is_none(),
+            "an empty dir, unchanged, is not shipped"
         );
     }
 

@@ -178,7 +178,7 @@ fn is_safe_relative(rel: &str) -> bool {
 }
 
 /// Creates `dir` if needed and removes everything in it. Symlinks are removed, not followed.
-fn clear_dir(dir: &Path) -> Result<(), PackError> {
+pub(crate) fn clear_dir(dir: &Path) -> Result<(), PackError> {
     fs::create_dir_all(dir).map_err(io_err("create", dir))?;
     for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
         let entry = entry.map_err(io_err("list", dir))?;
