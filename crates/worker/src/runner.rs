@@ -54,7 +54,8 @@ enum StopReason {
     Cancelled,
     /// The coordinator moved the task elsewhere: stop quietly, no result.
     Superseded,
-    /// The worker is shutting down: no result; the coordinator requeues the task.
+    /// The worker is shutting down: no result if the executor stopped for it (the
+    /// coordinator requeues the task); one that ended on its own meanwhile reports its result.
     Shutdown,
 }
 
@@ -430,7 +431,11 @@ impl Runner {
         };
         // The executor returned: it touches the task's directory no more.
         shared.ended.cancel();
-        let stop = {
+        // Only an attempt that stopped because it was told to goes the way it was told: one
+        // that ended on its own (exited 0 just before its deadline while its executor still
+        // cleaned up, or finished as the worker began to stop) reports what it returned.
+        let stopped = matches!(res, Err(ExecError::Cancelled));
+        let (stop, report) = {
             let mut t = self.table();
             let stop = match t.running.get(&task_id) {
                 Some(r) if Arc::ptr_eq(&r.shared, &shared) => {
@@ -441,7 +446,14 @@ impl Runner {
                 // A newer attempt replaced this one in the table.
                 _ => Some(StopReason::Superseded),
             };
-            if stop != Some(StopReason::Shutdown) {
+            let report = match stop {
+                None | Some(StopReason::Cancelled) => true,
+                Some(StopReason::Superseded) => false,
+                // Stopped by the shutdown, the coordinator requeues it; ended on its own,
+                // what it produced is a result like any other.
+                Some(StopReason::Shutdown) => !stopped,
+            };
+            if report || stop != Some(StopReason::Shutdown) {
                 let key = (task_id.clone(), attempt);
                 if t.done.insert(key.clone()) {
                     t.done_order.push_back(key);
@@ -452,19 +464,11 @@ impl Runner {
                     }
                 }
             }
-            stop
+            (stop, report)
         };
-        let (mut outcome, mut result, mut error) = match (&res, timed_out, stop) {
-            (_, true, _) => (
-                Outcome::TimedOut,
-                serde_json::json!({}),
-                Some(TaskError {
-                    message: "task timed out".into(),
-                    detail: None,
-                }),
-            ),
-            (Ok(v), _, _) => (Outcome::Completed, v.clone(), None),
-            (Err(ExecError::Failed { message, result }), _, _) => (
+        let (mut outcome, mut result, mut error) = match &res {
+            Ok(v) => (Outcome::Completed, v.clone(), None),
+            Err(ExecError::Failed { message, result }) => (
                 Outcome::Failed,
                 result.clone(),
                 Some(TaskError {
@@ -472,7 +476,7 @@ impl Runner {
                     detail: None,
                 }),
             ),
-            (Err(ExecError::TimedOut), _, _) => (
+            Err(ExecError::Cancelled) if timed_out => (
                 Outcome::TimedOut,
                 serde_json::json!({}),
                 Some(TaskError {
@@ -480,7 +484,15 @@ impl Runner {
                     detail: None,
                 }),
             ),
-            (Err(e @ (ExecError::InvalidConfig(_) | ExecError::Panicked(_))), _, _) => (
+            Err(ExecError::TimedOut) => (
+                Outcome::TimedOut,
+                serde_json::json!({}),
+                Some(TaskError {
+                    message: "task timed out".into(),
+                    detail: None,
+                }),
+            ),
+            Err(e @ (ExecError::InvalidConfig(_) | ExecError::Panicked(_))) => (
                 Outcome::Failed,
                 serde_json::json!({}),
                 Some(TaskError {
@@ -488,7 +500,7 @@ impl Runner {
                     detail: None,
                 }),
             ),
-            (Err(ExecError::Cancelled), _, _) => (Outcome::Cancelled, serde_json::json!({}), None),
+            Err(ExecError::Cancelled) => (Outcome::Cancelled, serde_json::json!({}), None),
         };
         // A result that cannot be delivered would end every session that carries it; the
         // attempt fails with why instead.
@@ -519,14 +531,15 @@ impl Runner {
                 detail: None,
             });
         }
-        let report = match stop {
-            None => true,
-            Some(StopReason::Cancelled) => true,
-            Some(StopReason::Superseded) | Some(StopReason::Shutdown) => false,
-        };
         if report {
             let duration_ms = t0.elapsed().as_millis() as u64;
-            self.outbox.reserve().await;
+            // Once the worker is stopping, no session reads the acks that make room: the
+            // result is queued (and journaled) at once rather than waiting to be dropped with
+            // the process. The outbox never refuses a push.
+            tokio::select! {
+                () = self.outbox.reserve() => {}
+                () = self.stopping.cancelled() => {}
+            }
             self.outbox.push(Class::Result, None, |seq| {
                 WorkerMsg::TaskResult(TaskResult {
                     seq,
@@ -715,7 +728,8 @@ impl Runner {
         None
     }
 
-    /// Stops every task without results (shutdown) and waits for them, up to `grace`.
+    /// Stops every task (shutdown) and waits for them, up to `grace`. A task stopped this way
+    /// reports nothing; one that ended on its own meanwhile has its result queued as usual.
     pub async fn shutdown(&self, grace: Duration) {
         self.stopping.cancel();
         {
@@ -993,6 +1007,123 @@ mod tests {
             "the newer started {waited:?} after the older was cancelled, which took {stopping:?}"
         );
         runner.shutdown(Duration::from_secs(1)).await;
+    }
+
+    /// The results in `outbox`, unsent, by task.
+    fn results(outbox: &Outbox) -> HashMap<String, TaskResult> {
+        outbox
+            .take_unsent(usize::MAX)
+            .into_iter()
+            .filter_map(|(_, m)| match m.as_ref() {
+                WorkerMsg::TaskResult(r) => Some((r.task_id.to_string(), r.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A command that exits 0 before its deadline, whose executor is still ending the
+    /// background process it left (which ignores SIGTERM) when the timer fires, completed:
+    /// the executor's answer is the outcome, not the timer's.
+    #[tokio::test]
+    async fn a_command_that_exited_before_its_deadline_completes_though_its_cleanup_outlasts_it() {
+        use crate::executor::command::CommandExecutor;
+        let mut executors = Executors::default();
+        executors.register(
+            "command",
+            CommandExecutor::default().with_kill_grace(Duration::from_secs(2)),
+        );
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner = Arc::new(Runner::new(executors, outbox.clone(), 64 * 1024));
+        let mut a = assignment("t", 1, None);
+        a.kind = "command".into();
+        a.timeout_ms = Some(1000);
+        a.config = serde_json::json!({ "shell": "trap '' TERM; sleep 5 & sleep 0.3; exit 0" });
+        runner.assign(a);
+        runner.tracker.close();
+        tokio::time::timeout(Duration::from_secs(30), runner.tracker.wait())
+            .await
+            .expect("the attempt ended");
+        let results = results(&outbox);
+        let r = &results["t"];
+        assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
+        assert_eq!(r.result["exit_code"], 0);
+        assert!(r.error.is_none(), "{r:?}");
+    }
+
+    /// Told to stop, returns a result anyway: an attempt that finished as the worker began to
+    /// stop.
+    struct FinishesAnyway;
+
+    impl Executor for FinishesAnyway {
+        fn execute(
+            &self,
+            _input: TaskInput,
+            ctx: TaskCtx,
+        ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
+            Box::pin(async move {
+                ctx.cancelled().await;
+                Ok(serde_json::json!("finished"))
+            })
+        }
+    }
+
+    /// A result an attempt produced while the worker shut down is queued and journaled like
+    /// any other (the coordinator would otherwise run the task again), even when the outbox is
+    /// full: no session reads the acks that would make room any more. An attempt the shutdown
+    /// stopped reports nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_result_finished_while_the_worker_shuts_down_is_queued_and_journaled() {
+        use crate::statedir::StateDir;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let worker = tether_proto::WorkerId::parse("w").expect("id");
+        let (sd, _) = StateDir::open(dir.path(), &worker).expect("state dir");
+        let limits = Limits {
+            max_entries: 1,
+            max_bytes: usize::MAX,
+        };
+        let outbox = Arc::new(Outbox::new(limits).with_journal(sd.clone()));
+        // Full: two notices over a bound of one, and nothing will ack them.
+        for task in ["x", "y"] {
+            let task = TaskId::parse(task).expect("id");
+            push_notice(&outbox, &task, Attempt(1), Notice::Paused);
+        }
+        let mut executors = Executors::default();
+        executors.register("finishes", FinishesAnyway);
+        executors.register(
+            "echo",
+            SlowToStop {
+                stopping: Duration::ZERO,
+                started: Arc::default(),
+            },
+        );
+        let runner = Arc::new(Runner::new(executors, outbox.clone(), 64 * 1024));
+        let mut a = assignment("finished", 1, None);
+        a.kind = "finishes".into();
+        runner.assign(a);
+        runner.assign(assignment("stopped", 1, None));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        runner.shutdown(Duration::from_secs(5)).await;
+        assert_eq!(
+            runner.live_tasks(),
+            0,
+            "nothing waits for room in the outbox"
+        );
+
+        let results = results(&outbox);
+        assert_eq!(results.len(), 1, "{results:?}");
+        assert_eq!(results["finished"].outcome, Outcome::Completed);
+        assert_eq!(results["finished"].result, "finished");
+        drop((runner, outbox, sd));
+        let (_sd, restored) = StateDir::open(dir.path(), &worker).expect("reopened");
+        let journaled: Vec<String> = restored
+            .entries
+            .iter()
+            .filter_map(|(_, m)| match m {
+                WorkerMsg::TaskResult(r) => Some(r.task_id.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(journaled, ["finished"]);
     }
 
     fn stored(id: &str, attempt: u32, data: &str) -> StoredCheckpoint {
