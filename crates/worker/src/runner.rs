@@ -434,7 +434,7 @@ impl Runner {
         // Only an attempt that stopped because it was told to goes the way it was told: one
         // that ended on its own (exited 0 just before its deadline while its executor still
         // cleaned up, or finished as the worker began to stop) reports what it returned.
-        let stopped = matches!(res, Err(ExecError::Cancelled));
+        let stopped = matches!(res, Err(ExecError::Cancelled | ExecError::Stopped { .. }));
         let (stop, report) = {
             let mut t = self.table();
             let stop = match t.running.get(&task_id) {
@@ -484,6 +484,14 @@ impl Runner {
                     detail: None,
                 }),
             ),
+            Err(ExecError::Stopped { result }) if timed_out => (
+                Outcome::TimedOut,
+                result.clone(),
+                Some(TaskError {
+                    message: "task timed out".into(),
+                    detail: None,
+                }),
+            ),
             Err(ExecError::TimedOut) => (
                 Outcome::TimedOut,
                 serde_json::json!({}),
@@ -501,6 +509,7 @@ impl Runner {
                 }),
             ),
             Err(ExecError::Cancelled) => (Outcome::Cancelled, serde_json::json!({}), None),
+            Err(ExecError::Stopped { result }) => (Outcome::Cancelled, result.clone(), None),
         };
         // A result that cannot be delivered would end every session that carries it; the
         // attempt fails with why instead.
@@ -1048,6 +1057,37 @@ mod tests {
         assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
         assert_eq!(r.result["exit_code"], 0);
         assert!(r.error.is_none(), "{r:?}");
+    }
+
+    /// A command stopped by its timeout reports what it wrote until then: a hung test gives
+    /// its output to debug it by, not `{}`.
+    #[tokio::test]
+    async fn a_timed_out_command_reports_the_output_it_wrote_before_its_deadline() {
+        let mut executors = Executors::default();
+        executors.register(
+            "command",
+            crate::executor::command::CommandExecutor::default(),
+        );
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner = Arc::new(Runner::new(executors, outbox.clone(), 64 * 1024));
+        let mut a = assignment("t", 1, None);
+        a.kind = "command".into();
+        a.timeout_ms = Some(500);
+        a.config = serde_json::json!({ "shell": "echo started; sleep 30" });
+        runner.assign(a);
+        runner.tracker.close();
+        tokio::time::timeout(Duration::from_secs(30), runner.tracker.wait())
+            .await
+            .expect("the attempt ended");
+        let results = results(&outbox);
+        let r = &results["t"];
+        assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
+        assert_eq!(r.result["stdout_tail"], "started\n");
+        assert_eq!(r.result["signal"], 15);
+        assert_eq!(
+            r.error.as_ref().map(|e| e.message.as_str()),
+            Some("task timed out")
+        );
     }
 
     /// Told to stop, returns a result anyway: an attempt that finished as the worker began to

@@ -17,7 +17,8 @@
 //!    checkpoint, it is unpacked into it ([`super::packing`]).
 //! 2. The process starts as leader of a new process group, so signals reach its whole tree.
 //! 3. While it runs: cancellation sends SIGTERM (and SIGCONT) to the group, then SIGKILL after
-//!    [`KILL_GRACE`] ([`CommandExecutor::with_kill_grace`]), and the attempt ends `Cancelled`;
+//!    [`KILL_GRACE`] ([`CommandExecutor::with_kill_grace`]), and the attempt ends
+//!    [`ExecError::Stopped`] with the result below (what it wrote until then);
 //!    a pause request sends SIGSTOP, parks at [`TaskCtx::pause_point`], then sends SIGCONT;
 //!    every `checkpoint_poll_ms` the directory is shipped as a checkpoint if its files
 //!    changed (paths, sizes, mtimes).
@@ -25,7 +26,8 @@
 //!    processes end with it), the output pipes are drained, and the directory is shipped one
 //!    last time if it changed.
 //!
-//! Result, also inside [`ExecError::Failed`] for a non-zero exit or a signal:
+//! Result, also inside [`ExecError::Failed`] for a non-zero exit or a signal, and inside
+//! [`ExecError::Stopped`] for a cancelled (or timed-out) process:
 //! `{"exit_code": 0, "duration_ms": 12, "stdout_tail": "..", "stderr_tail": "..", "signal": null}`.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -284,7 +286,15 @@ async fn run(
     terminate_draining(&mut child, pgid, kill_grace, pumps.as_mut()).await;
     guard.disarm();
     let status = match end {
-        End::Cancelled => return Err(ExecError::Cancelled),
+        End::Cancelled => {
+            // What it wrote until it was stopped is what a hung task leaves to debug it by.
+            let _ = tokio::time::timeout(PIPE_DRAIN_GRACE, pumps.as_mut()).await;
+            drop(pumps);
+            // The group was ended and the leader reaped: its status is known.
+            let status = child.try_wait().ok().flatten();
+            let result = result(status, duration, &out_tail, &err_tail);
+            return Err(ExecError::Stopped { result });
+        }
         End::Exited(Ok(status)) => status,
         End::Exited(Err(e)) => {
             return Err(ExecError::Failed {
@@ -308,13 +318,7 @@ fn outcome(
     out: &Tail,
     err: &Tail,
 ) -> Result<serde_json::Value, ExecError> {
-    let result = serde_json::json!({
-        "exit_code": status.code(),
-        "duration_ms": u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-        "stdout_tail": out.text(),
-        "stderr_tail": err.text(),
-        "signal": status.signal(),
-    });
+    let result = result(Some(status), duration, out, err);
     let message = match (status.code(), status.signal()) {
         (Some(0), _) => return Ok(result),
         (Some(code), _) => format!("exit status {code}"),
@@ -325,6 +329,22 @@ fn outcome(
         (None, None) => format!("ended with {status}"),
     };
     Err(ExecError::Failed { message, result })
+}
+
+/// The result of a process that ran: how it ended (when known), how long it ran, its output.
+fn result(
+    status: Option<ExitStatus>,
+    duration: Duration,
+    out: &Tail,
+    err: &Tail,
+) -> serde_json::Value {
+    serde_json::json!({
+        "exit_code": status.and_then(|s| s.code()),
+        "duration_ms": u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        "stdout_tail": out.text(),
+        "stderr_tail": err.text(),
+        "signal": status.and_then(|s| s.signal()),
+    })
 }
 
 /// The result of a process that never ran.
@@ -836,6 +856,13 @@ mod tests {
         matches!(proc_state(pid), None | Some('Z') | Some('X'))
     }
 
+    fn stopped(r: Result<serde_json::Value, ExecError>) -> serde_json::Value {
+        match r {
+            Err(ExecError::Stopped { result }) => result,
+            other => panic!("expected Stopped, got {other:?}"),
+        }
+    }
+
     fn failed(r: Result<serde_json::Value, ExecError>) -> (String, serde_json::Value) {
         match r {
             Err(ExecError::Failed { message, result }) => (message, result),
@@ -1004,8 +1031,28 @@ mod tests {
         assert!(!is_dead(grandchild), "the background sleep runs");
 
         control.cancel();
-        assert_eq!(run.await.expect("joined"), Err(ExecError::Cancelled));
+        stopped(run.await.expect("joined"));
         wait_for("the grandchild to die", || is_dead(grandchild)).await;
+    }
+
+    /// A hung task stopped by a cancel or its timeout leaves what it wrote until then, and
+    /// how it was ended, to debug it by.
+    #[tokio::test]
+    async fn a_cancelled_process_stops_with_its_output_and_the_signal_that_ended_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, control) = ctx(1);
+        let script = r#"echo started; echo warming >&2; touch "$D/ready"; sleep 30"#;
+        let config = serde_json::json!({"shell": script, "env": {"D": dir.path()}});
+        let run = tokio::spawn(exec(config, ctx));
+        wait_for("the script to start", || dir.path().join("ready").exists()).await;
+
+        control.cancel();
+        let result = stopped(run.await.expect("joined"));
+        assert_eq!(result["stdout_tail"], "started\n");
+        assert_eq!(result["stderr_tail"], "warming\n");
+        assert_eq!(result["signal"], 15);
+        assert!(result["exit_code"].is_null());
+        assert!(result["duration_ms"].is_u64());
     }
 
     #[tokio::test]
@@ -1020,7 +1067,7 @@ mod tests {
         let grandchild = read_pid(&dir.path().join("child.pid")).await;
 
         control.cancel();
-        assert_eq!(run.await.expect("joined"), Err(ExecError::Cancelled));
+        stopped(run.await.expect("joined"));
         wait_for("the grandchild to die", || is_dead(grandchild)).await;
     }
 
@@ -1078,7 +1125,7 @@ mod tests {
         wait_for("the task to park", || control.is_parked()).await;
 
         control.cancel();
-        assert_eq!(run.await.expect("joined"), Err(ExecError::Cancelled));
+        stopped(run.await.expect("joined"));
         wait_for("the process to die", || is_dead(pid)).await;
     }
 

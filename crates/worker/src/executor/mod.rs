@@ -52,6 +52,12 @@ pub enum ExecError {
     /// The task observed cancellation and stopped.
     #[error("cancelled")]
     Cancelled,
+    /// The task observed cancellation and stopped, with what it produced until then (the
+    /// `command` executor: output tails, signal, duration). The attempt ends as for
+    /// [`ExecError::Cancelled`] (`cancelled`, or `timed_out` when its timeout stopped it), with
+    /// `result` as its result.
+    #[error("cancelled")]
+    Stopped { result: serde_json::Value },
     /// The executor enforced a timeout of its own.
     #[error("timed out")]
     TimedOut,
