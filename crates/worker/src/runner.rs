@@ -114,6 +114,38 @@ async fn wait_for_predecessor(older: &TaskShared, newer: &TaskShared, grace: Dur
     }
 }
 
+/// Whether an attempt that ended reports a result: not when superseded, nor when the
+/// shutdown stopped it (`stopped`: its executor returned a cancellation; the coordinator
+/// requeues it). One that ended on its own while the worker stopped reports what it produced.
+/// A stop reason only ever changes towards reporting less, so a `false` stays `false`.
+fn reports(stop: Option<StopReason>, stopped: bool) -> bool {
+    match stop {
+        None | Some(StopReason::Cancelled) => true,
+        Some(StopReason::Superseded) => false,
+        Some(StopReason::Shutdown) => !stopped,
+    }
+}
+
+/// Removes a finished task's checkpoint directory, off the async threads. A failure is logged:
+/// only disk space is at stake.
+async fn remove_checkpoint_dir(dir: PathBuf) {
+    let shown = dir.display().to_string();
+    let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    })
+    .await;
+    match removed {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(dir = %shown, %error, "could not remove a finished task's checkpoint dir");
+        }
+        Err(error) => {
+            tracing::warn!(dir = %shown, %error, "removing a finished task's checkpoint dir failed");
+        }
+    }
+}
+
 /// Where an attempt resumes from.
 #[derive(Debug)]
 enum Resume {
@@ -379,15 +411,16 @@ impl Runner {
         let attempt = a.attempt;
         let started_at = now();
         let t0 = tokio::time::Instant::now();
+        let checkpoint_dir = self
+            .checkpoint_root
+            .as_ref()
+            .map(|r| r.join(task_id.as_str()));
         let ctx = TaskCtx {
             shared: shared.clone(),
             outbox: self.outbox.clone(),
             chunk_size: self.chunk_size,
             max_frame: self.max_frame.clone(),
-            checkpoint_dir: self
-                .checkpoint_root
-                .as_ref()
-                .map(|r| r.join(task_id.as_str())),
+            checkpoint_dir: checkpoint_dir.clone(),
             on_checkpoint: self.on_checkpoint.clone(),
         };
         let timeout = a.timeout_ms.map(Duration::from_millis);
@@ -429,12 +462,22 @@ impl Runner {
             },
             None => run.await,
         };
-        // The executor returned: it touches the task's directory no more.
-        shared.ended.cancel();
         // Only an attempt that stopped because it was told to goes the way it was told: one
         // that ended on its own (exited 0 just before its deadline while its executor still
         // cleaned up, or finished as the worker began to stop) reports what it returned.
         let stopped = matches!(res, Err(ExecError::Cancelled | ExecError::Stopped { .. }));
+        // A reported attempt's directory is of no more use: its result says how it ended. One
+        // stopped without a result keeps it, for the attempt that replaces it or the next
+        // start. Removed before `ended`: a newer attempt of the task, which would use it,
+        // waits for that.
+        let finished = self
+            .with_stop(&task_id, &shared, |stop| reports(stop, stopped))
+            .unwrap_or(false);
+        if let Some(dir) = checkpoint_dir.filter(|_| finished) {
+            remove_checkpoint_dir(dir).await;
+        }
+        // The executor returned: it touches the task's directory no more.
+        shared.ended.cancel();
         let (stop, report) = {
             let mut t = self.table();
             let stop = match t.running.get(&task_id) {
@@ -446,13 +489,7 @@ impl Runner {
                 // A newer attempt replaced this one in the table.
                 _ => Some(StopReason::Superseded),
             };
-            let report = match stop {
-                None | Some(StopReason::Cancelled) => true,
-                Some(StopReason::Superseded) => false,
-                // Stopped by the shutdown, the coordinator requeues it; ended on its own,
-                // what it produced is a result like any other.
-                Some(StopReason::Shutdown) => !stopped,
-            };
+            let report = reports(stop, stopped);
             if report || stop != Some(StopReason::Shutdown) {
                 let key = (task_id.clone(), attempt);
                 if t.done.insert(key.clone()) {
@@ -577,6 +614,21 @@ impl Runner {
         }
         if let Some(hook) = &self.on_finished {
             hook(&task_id, attempt);
+        }
+    }
+
+    /// Calls `f` with why the attempt `shared` was stopped, if it still is the one in the
+    /// table; `None` if a newer attempt replaced it.
+    fn with_stop<R>(
+        &self,
+        task: &TaskId,
+        shared: &Arc<TaskShared>,
+        f: impl FnOnce(Option<StopReason>) -> R,
+    ) -> Option<R> {
+        let t = self.table();
+        match t.running.get(task) {
+            Some(r) if Arc::ptr_eq(&r.shared, shared) => Some(f(r.stop)),
+            _ => None,
         }
     }
 
@@ -1088,6 +1140,57 @@ mod tests {
             r.error.as_ref().map(|e| e.message.as_str()),
             Some("task timed out")
         );
+    }
+
+    /// A task that reported its result leaves no checkpoint directory behind (a long-lived
+    /// worker would fill its disk with them); one the shutdown stopped keeps its own, for the
+    /// next start.
+    #[tokio::test]
+    async fn a_finished_task_leaves_no_checkpoint_dir_and_a_stopped_one_keeps_it() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let mut executors = Executors::default();
+        executors.register(
+            "command",
+            crate::executor::command::CommandExecutor::default(),
+        );
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner = Arc::new(
+            Runner::new(executors, outbox.clone(), 64 * 1024)
+                .with_checkpoint_root(root.path().to_owned()),
+        );
+        let command = |task: &str, shell: &str| {
+            let mut a = assignment(task, 1, None);
+            a.kind = "command".into();
+            a.config = serde_json::json!({ "shell": shell });
+            a
+        };
+        runner.assign(command(
+            "finished",
+            r#"echo x > "$TETHER_CHECKPOINT_DIR/f""#,
+        ));
+        runner.assign(command(
+            "stopped",
+            r#"echo x > "$TETHER_CHECKPOINT_DIR/f"; sleep 30"#,
+        ));
+        let (finished, stopped) = (root.path().join("finished"), root.path().join("stopped"));
+        let reported = || {
+            let pending = outbox.pending_results();
+            pending.iter().any(|r| r.task_id.as_str() == "finished")
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !reported() || !stopped.join("f").exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the result of one, and the file of the other"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!finished.exists(), "removed before the result was queued");
+        runner.shutdown(Duration::from_secs(10)).await;
+        let results = results(&outbox);
+        assert_eq!(results["finished"].outcome, Outcome::Completed);
+        assert!(!results.contains_key("stopped"), "{results:?}");
+        assert!(stopped.join("f").exists(), "kept for the next start");
     }
 
     /// Told to stop, returns a result anyway: an attempt that finished as the worker began to
