@@ -28,7 +28,9 @@
 //!
 //! Result, also inside [`ExecError::Failed`] for a non-zero exit or a signal, and inside
 //! [`ExecError::Stopped`] for a cancelled (or timed-out) process:
-//! `{"exit_code": 0, "duration_ms": 12, "stdout_tail": "..", "stderr_tail": "..", "signal": null}`.
+//! `{"exit_code": 0, "duration_ms": 12, "stdout_tail": "..", "stderr_tail": "..",
+//! "stdout_truncated": false, "stderr_truncated": false, "signal": null}`. A `*_truncated` flag is
+//! always present, and true when the tail beside it is only the end of what the stream carried.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::process::ExitStatusExt;
@@ -343,6 +345,8 @@ fn result(
         "duration_ms": u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
         "stdout_tail": out.text(),
         "stderr_tail": err.text(),
+        "stdout_truncated": out.truncated,
+        "stderr_truncated": err.truncated,
         "signal": status.and_then(|s| s.signal()),
     })
 }
@@ -354,6 +358,8 @@ fn not_started() -> serde_json::Value {
         "duration_ms": 0,
         "stdout_tail": "",
         "stderr_tail": "",
+        "stdout_truncated": false,
+        "stderr_truncated": false,
         "signal": null,
     })
 }
@@ -937,6 +943,29 @@ mod tests {
             .expect("exit 0");
         assert_eq!(out["stdout_tail"], "8\n199999\n200000\n");
         assert_eq!(out["stderr_tail"], "999\n200000\nlast\n");
+    }
+
+    /// A reader of the result can tell a tail that is the whole output from one that is only
+    /// its end.
+    #[tokio::test]
+    async fn a_tail_cut_to_tail_bytes_is_marked_truncated_and_a_whole_one_is_not() {
+        let (ctx, _) = ctx(1);
+        let config =
+            serde_json::json!({"shell": "printf 0123456789; printf ab >&2", "tail_bytes": 4});
+        let out = exec(config, ctx).await.expect("exit 0");
+        assert_eq!(out["stdout_tail"], "6789");
+        assert_eq!(out["stdout_truncated"], true);
+        assert_eq!(out["stderr_tail"], "ab");
+        assert_eq!(out["stderr_truncated"], false);
+
+        let (ctx, _) = self::ctx(1);
+        let config = serde_json::json!({"shell": "printf abcd", "tail_bytes": 4});
+        let out = exec(config, ctx).await.expect("exit 0");
+        assert_eq!(out["stdout_tail"], "abcd");
+        assert_eq!(
+            out["stdout_truncated"], false,
+            "exactly tail_bytes is whole"
+        );
     }
 
     #[tokio::test]
