@@ -1193,6 +1193,53 @@ mod tests {
         assert!(stopped.join("f").exists(), "kept for the next start");
     }
 
+    /// Binary output grows up to six times as JSON: a tail of 1 MiB of zero bytes (6 MiB
+    /// escaped) is cut from the front to fit a 2 MiB frame, marked truncated, and the attempt
+    /// completes with its exit code, not replaced by a failure that the result did not fit.
+    #[tokio::test]
+    async fn binary_output_too_large_as_json_is_cut_to_fit_and_the_exit_code_kept() {
+        let max_frame = 2 << 20;
+        let mut executors = Executors::default();
+        executors.register(
+            "command",
+            crate::executor::command::CommandExecutor::default(),
+        );
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner =
+            Arc::new(Runner::new(executors, outbox.clone(), 64 * 1024).with_max_frame(max_frame));
+        let mut a = assignment("t", 1, None);
+        a.kind = "command".into();
+        // Exactly tail_bytes in all: only the fit cuts it.
+        a.config = serde_json::json!({
+            "shell": "head -c 1048572 /dev/zero; echo end",
+            "tail_bytes": 1048576,
+        });
+        runner.assign(a);
+        runner.tracker.close();
+        tokio::time::timeout(Duration::from_secs(30), runner.tracker.wait())
+            .await
+            .expect("the attempt ended");
+        let msgs = outbox.take_unsent(100);
+        let [(_, msg)] = msgs.as_slice() else {
+            panic!("one result: {msgs:?}");
+        };
+        let WorkerMsg::TaskResult(r) = msg.as_ref() else {
+            panic!("not a result: {msg:?}");
+        };
+        assert_eq!(r.outcome, Outcome::Completed, "{:?}", r.error);
+        assert_eq!(r.result["exit_code"], 0);
+        assert_eq!(r.result["stdout_truncated"], true);
+        let tail = r.result["stdout_tail"].as_str().unwrap_or_default();
+        assert!(tail.ends_with("\0\0end\n"), "the end is kept");
+        assert!(
+            tail.len() > 200 * 1024,
+            "cut no more than needed: {}",
+            tail.len()
+        );
+        let frame = tether_proto::codec::encode(msg.as_ref());
+        assert!(frame.len() <= max_frame, "{} bytes", frame.len());
+    }
+
     /// Told to stop, returns a result anyway: an attempt that finished as the worker began to
     /// stop.
     struct FinishesAnyway;

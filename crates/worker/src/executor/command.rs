@@ -30,7 +30,9 @@
 //! [`ExecError::Stopped`] for a cancelled (or timed-out) process:
 //! `{"exit_code": 0, "duration_ms": 12, "stdout_tail": "..", "stderr_tail": "..",
 //! "stdout_truncated": false, "stderr_truncated": false, "signal": null}`. A `*_truncated` flag is
-//! always present, and true when the tail beside it is only the end of what the stream carried.
+//! always present, and true when the tail beside it is only the end of what the stream carried:
+//! cut to `tail_bytes`, or further so that the result fits in a message (binary output grows up
+//! to six times as JSON), which keeps the exit code and signal.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::process::ExitStatusExt;
@@ -80,6 +82,10 @@ pub const CREDENTIAL_ENV: [&str; 4] = [
     "TETHER_TOKEN",
     "TETHER_TOKEN_FILE",
 ];
+
+/// Room a result leaves beside it in its message for the error it may travel with (an exit
+/// status, the runner's `task timed out`).
+const ERROR_ROOM: usize = 256;
 
 /// How often a terminating group is checked for remaining members.
 const GROUP_POLL: Duration = Duration::from_millis(20);
@@ -294,7 +300,7 @@ async fn run(
             drop(pumps);
             // The group was ended and the leader reaped: its status is known.
             let status = child.try_wait().ok().flatten();
-            let result = result(status, duration, &out_tail, &err_tail);
+            let result = result(status, duration, &out_tail, &err_tail, ctx.max_frame());
             return Err(ExecError::Stopped { result });
         }
         End::Exited(Ok(status)) => status,
@@ -310,7 +316,7 @@ async fn run(
     sup.finish_checkpoints().await;
     drop(sup);
     tracing::debug!(task_id = %ctx.task_id(), %status, "command exited");
-    outcome(status, duration, &out_tail, &err_tail)
+    outcome(status, duration, &out_tail, &err_tail, ctx.max_frame())
 }
 
 /// Turns an exit status into the task's result.
@@ -319,8 +325,9 @@ fn outcome(
     duration: Duration,
     out: &Tail,
     err: &Tail,
+    max_frame: usize,
 ) -> Result<serde_json::Value, ExecError> {
-    let result = result(Some(status), duration, out, err);
+    let result = result(Some(status), duration, out, err, max_frame);
     let message = match (status.code(), status.signal()) {
         (Some(0), _) => return Ok(result),
         (Some(code), _) => format!("exit status {code}"),
@@ -333,22 +340,84 @@ fn outcome(
     Err(ExecError::Failed { message, result })
 }
 
-/// The result of a process that ran: how it ended (when known), how long it ran, its output.
+/// The result of a process that ran: how it ended (when known), how long it ran, its output,
+/// the output cut to fit in a message of `max_frame` ([`fit_tails`]).
 fn result(
     status: Option<ExitStatus>,
     duration: Duration,
     out: &Tail,
     err: &Tail,
+    max_frame: usize,
 ) -> serde_json::Value {
-    serde_json::json!({
+    let mut out = (out.text(), out.truncated);
+    let mut err = (err.text(), err.truncated);
+    let others = serde_json::json!({
         "exit_code": status.and_then(|s| s.code()),
         "duration_ms": u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-        "stdout_tail": out.text(),
-        "stderr_tail": err.text(),
-        "stdout_truncated": out.truncated,
-        "stderr_truncated": err.truncated,
+        "stdout_tail": "",
+        "stderr_tail": "",
+        "stdout_truncated": true,
+        "stderr_truncated": true,
         "signal": status.and_then(|s| s.signal()),
+    });
+    let room = max_frame
+        .saturating_sub(tether_proto::codec::ENVELOPE_BYTES)
+        .saturating_sub(ERROR_ROOM)
+        .saturating_sub(tether_proto::codec::json_len(&others));
+    fit_tails(&mut out, &mut err, room);
+    serde_json::json!({
+        "exit_code": others["exit_code"],
+        "duration_ms": others["duration_ms"],
+        "stdout_tail": out.0,
+        "stderr_tail": err.0,
+        "stdout_truncated": out.1,
+        "stderr_truncated": err.1,
+        "signal": others["signal"],
     })
+}
+
+/// Cuts two tails from the front, keeping their ends, until their contents take at most `room`
+/// bytes as JSON strings, and marks a cut one truncated. Output of binary bytes grows up to six
+/// times as JSON (`\u0000`); a result too large for a message would be replaced whole by a
+/// failure, losing the exit code. Each tail gets half the room, and the other's unused half.
+fn fit_tails(out: &mut (String, bool), err: &mut (String, bool), room: usize) {
+    let (out_len, err_len) = (escaped_len(&out.0), escaped_len(&err.0));
+    if out_len.saturating_add(err_len) <= room {
+        return;
+    }
+    let half = room / 2;
+    let (out_room, err_room) = if out_len <= half {
+        (out_len, room - out_len)
+    } else if err_len <= half {
+        (room - err_len, err_len)
+    } else {
+        (half, room - half)
+    };
+    for (tail, room) in [(out, out_room), (err, err_room)] {
+        let start = keep_end(&tail.0, room);
+        if start > 0 {
+            tail.0.drain(..start);
+            tail.1 = true;
+        }
+    }
+}
+
+/// Bytes `text` takes inside a JSON string (without the quotes).
+fn escaped_len(text: &str) -> usize {
+    tether_proto::codec::json_len(&text).saturating_sub(2)
+}
+
+/// The byte index from which the end of `text` takes at most `room` bytes inside a JSON string.
+fn keep_end(text: &str, room: usize) -> usize {
+    let mut used = 0usize;
+    let mut buf = [0u8; 4];
+    for (i, c) in text.char_indices().rev() {
+        used = used.saturating_add(escaped_len(c.encode_utf8(&mut buf)));
+        if used > room {
+            return i + c.len_utf8();
+        }
+    }
+    0
 }
 
 /// The result of a process that never ran.
@@ -1245,6 +1314,28 @@ mod tests {
             control.latest_checkpoint().is_none(),
             "an empty dir, unchanged, is not shipped"
         );
+    }
+
+    /// Room is counted in escaped bytes; a tail that needs less than half leaves the rest to
+    /// the other; only a cut tail is marked.
+    #[test]
+    fn tails_too_large_for_a_message_keep_their_ends_within_the_room() {
+        let tails = |out: &str, err: &str, room| {
+            let (mut out, mut err) = ((out.to_owned(), false), (err.to_owned(), false));
+            fit_tails(&mut out, &mut err, room);
+            (out, err)
+        };
+        let (out, err) = tails(&"a".repeat(100), "bb", 50);
+        assert_eq!(out, ("a".repeat(48), true));
+        assert_eq!(err, ("bb".to_owned(), false));
+        let (out, err) = tails(&"a".repeat(100), &"b".repeat(100), 20);
+        assert_eq!((out.0.len(), err.0.len()), (10, 10));
+        assert!(out.1 && err.1);
+        // `"` takes 2, a NUL 6, `é` 2 (UTF-8, unescaped): 2 + 6 + 2 = 10 of 11.
+        let (out, _) = tails("x\"\"\u{0}é", "", 11);
+        assert_eq!(out, ("\"\u{0}é".to_owned(), true));
+        let (out, _) = tails("short", "", 11);
+        assert_eq!(out, ("short".to_owned(), false));
     }
 
     #[test]

@@ -482,6 +482,12 @@ impl TaskCtx {
         }
     }
 
+    /// The largest frame a message may take now: a result or state must fit in it, with
+    /// [`tether_proto::codec::ENVELOPE_BYTES`] to spare ([`tether_proto::codec::fits`]).
+    pub fn max_frame(&self) -> usize {
+        self.max_frame.load(Ordering::Relaxed)
+    }
+
     /// Directory whose files are shipped as checkpoints (command tasks).
     pub fn checkpoint_dir(&self) -> Option<&Path> {
         self.checkpoint_dir.as_deref()
