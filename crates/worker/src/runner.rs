@@ -1082,28 +1082,44 @@ mod tests {
             .collect()
     }
 
+    /// Runs one `command` task `t` of `config` (with `timeout_ms`) on `executor`, by a runner
+    /// whose messages take `max_frame`, to its end; the outbox holding what it sent.
+    async fn run_command(
+        executor: crate::executor::command::CommandExecutor,
+        max_frame: usize,
+        timeout_ms: Option<u64>,
+        config: serde_json::Value,
+    ) -> Arc<Outbox> {
+        let mut executors = Executors::default();
+        executors.register("command", executor);
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner =
+            Arc::new(Runner::new(executors, outbox.clone(), 64 * 1024).with_max_frame(max_frame));
+        let mut a = assignment("t", 1, None);
+        a.kind = "command".into();
+        a.timeout_ms = timeout_ms;
+        a.config = config;
+        runner.assign(a);
+        runner.tracker.close();
+        tokio::time::timeout(Duration::from_secs(30), runner.tracker.wait())
+            .await
+            .expect("the attempt ended");
+        outbox
+    }
+
     /// A command that exits 0 before its deadline, whose executor is still ending the
     /// background process it left (which ignores SIGTERM) when the timer fires, completed:
     /// the executor's answer is the outcome, not the timer's.
     #[tokio::test]
     async fn a_command_that_exited_before_its_deadline_completes_though_its_cleanup_outlasts_it() {
         use crate::executor::command::CommandExecutor;
-        let mut executors = Executors::default();
-        executors.register(
-            "command",
+        let outbox = run_command(
             CommandExecutor::default().with_kill_grace(Duration::from_secs(2)),
-        );
-        let outbox = Arc::new(Outbox::new(Limits::default()));
-        let runner = Arc::new(Runner::new(executors, outbox.clone(), 64 * 1024));
-        let mut a = assignment("t", 1, None);
-        a.kind = "command".into();
-        a.timeout_ms = Some(1000);
-        a.config = serde_json::json!({ "shell": "trap '' TERM; sleep 5 & sleep 0.3; exit 0" });
-        runner.assign(a);
-        runner.tracker.close();
-        tokio::time::timeout(Duration::from_secs(30), runner.tracker.wait())
-            .await
-            .expect("the attempt ended");
+            crate::config::DEFAULT_MAX_FRAME,
+            Some(1000),
+            serde_json::json!({ "shell": "trap '' TERM; sleep 5 & sleep 0.3; exit 0" }),
+        )
+        .await;
         let results = results(&outbox);
         let r = &results["t"];
         assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
@@ -1115,22 +1131,13 @@ mod tests {
     /// its output to debug it by, not `{}`.
     #[tokio::test]
     async fn a_timed_out_command_reports_the_output_it_wrote_before_its_deadline() {
-        let mut executors = Executors::default();
-        executors.register(
-            "command",
+        let outbox = run_command(
             crate::executor::command::CommandExecutor::default(),
-        );
-        let outbox = Arc::new(Outbox::new(Limits::default()));
-        let runner = Arc::new(Runner::new(executors, outbox.clone(), 64 * 1024));
-        let mut a = assignment("t", 1, None);
-        a.kind = "command".into();
-        a.timeout_ms = Some(500);
-        a.config = serde_json::json!({ "shell": "echo started; sleep 30" });
-        runner.assign(a);
-        runner.tracker.close();
-        tokio::time::timeout(Duration::from_secs(30), runner.tracker.wait())
-            .await
-            .expect("the attempt ended");
+            crate::config::DEFAULT_MAX_FRAME,
+            Some(500),
+            serde_json::json!({ "shell": "echo started; sleep 30" }),
+        )
+        .await;
         let results = results(&outbox);
         let r = &results["t"];
         assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
@@ -1199,26 +1206,18 @@ mod tests {
     #[tokio::test]
     async fn binary_output_too_large_as_json_is_cut_to_fit_and_the_exit_code_kept() {
         let max_frame = 2 << 20;
-        let mut executors = Executors::default();
-        executors.register(
-            "command",
-            crate::executor::command::CommandExecutor::default(),
-        );
-        let outbox = Arc::new(Outbox::new(Limits::default()));
-        let runner =
-            Arc::new(Runner::new(executors, outbox.clone(), 64 * 1024).with_max_frame(max_frame));
-        let mut a = assignment("t", 1, None);
-        a.kind = "command".into();
         // Exactly tail_bytes in all: only the fit cuts it.
-        a.config = serde_json::json!({
+        let config = serde_json::json!({
             "shell": "head -c 1048572 /dev/zero; echo end",
             "tail_bytes": 1048576,
         });
-        runner.assign(a);
-        runner.tracker.close();
-        tokio::time::timeout(Duration::from_secs(30), runner.tracker.wait())
-            .await
-            .expect("the attempt ended");
+        let outbox = run_command(
+            crate::executor::command::CommandExecutor::default(),
+            max_frame,
+            None,
+            config,
+        )
+        .await;
         let msgs = outbox.take_unsent(100);
         let [(_, msg)] = msgs.as_slice() else {
             panic!("one result: {msgs:?}");
