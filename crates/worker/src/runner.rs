@@ -1083,13 +1083,13 @@ mod tests {
     }
 
     /// Runs one `command` task `t` of `config` (with `timeout_ms`) on `executor`, by a runner
-    /// whose messages take `max_frame`, to its end; the outbox holding what it sent.
+    /// whose messages take `max_frame`, to its end; its result, the one message it sent.
     async fn run_command(
         executor: crate::executor::command::CommandExecutor,
         max_frame: usize,
         timeout_ms: Option<u64>,
         config: serde_json::Value,
-    ) -> Arc<Outbox> {
+    ) -> TaskResult {
         let mut executors = Executors::default();
         executors.register("command", executor);
         let outbox = Arc::new(Outbox::new(Limits::default()));
@@ -1104,7 +1104,14 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(30), runner.tracker.wait())
             .await
             .expect("the attempt ended");
-        outbox
+        let msgs = outbox.take_unsent(100);
+        let [(_, msg)] = msgs.as_slice() else {
+            panic!("one result: {msgs:?}");
+        };
+        let WorkerMsg::TaskResult(r) = msg.as_ref() else {
+            panic!("not a result: {msg:?}");
+        };
+        r.clone()
     }
 
     /// A command that exits 0 before its deadline, whose executor is still ending the
@@ -1113,15 +1120,13 @@ mod tests {
     #[tokio::test]
     async fn a_command_that_exited_before_its_deadline_completes_though_its_cleanup_outlasts_it() {
         use crate::executor::command::CommandExecutor;
-        let outbox = run_command(
+        let r = run_command(
             CommandExecutor::default().with_kill_grace(Duration::from_secs(2)),
             crate::config::DEFAULT_MAX_FRAME,
             Some(1000),
             serde_json::json!({ "shell": "trap '' TERM; sleep 5 & sleep 0.3; exit 0" }),
         )
         .await;
-        let results = results(&outbox);
-        let r = &results["t"];
         assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
         assert_eq!(r.result["exit_code"], 0);
         assert!(r.error.is_none(), "{r:?}");
@@ -1131,15 +1136,13 @@ mod tests {
     /// its output to debug it by, not `{}`.
     #[tokio::test]
     async fn a_timed_out_command_reports_the_output_it_wrote_before_its_deadline() {
-        let outbox = run_command(
+        let r = run_command(
             crate::executor::command::CommandExecutor::default(),
             crate::config::DEFAULT_MAX_FRAME,
             Some(500),
             serde_json::json!({ "shell": "echo started; sleep 30" }),
         )
         .await;
-        let results = results(&outbox);
-        let r = &results["t"];
         assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
         assert_eq!(r.result["stdout_tail"], "started\n");
         assert_eq!(r.result["signal"], 15);
@@ -1211,20 +1214,13 @@ mod tests {
             "shell": "head -c 1048572 /dev/zero; echo end",
             "tail_bytes": 1048576,
         });
-        let outbox = run_command(
+        let r = run_command(
             crate::executor::command::CommandExecutor::default(),
             max_frame,
             None,
             config,
         )
         .await;
-        let msgs = outbox.take_unsent(100);
-        let [(_, msg)] = msgs.as_slice() else {
-            panic!("one result: {msgs:?}");
-        };
-        let WorkerMsg::TaskResult(r) = msg.as_ref() else {
-            panic!("not a result: {msg:?}");
-        };
         assert_eq!(r.outcome, Outcome::Completed, "{:?}", r.error);
         assert_eq!(r.result["exit_code"], 0);
         assert_eq!(r.result["stdout_truncated"], true);
@@ -1235,7 +1231,7 @@ mod tests {
             "cut no more than needed: {}",
             tail.len()
         );
-        let frame = tether_proto::codec::encode(msg.as_ref());
+        let frame = tether_proto::codec::encode(&WorkerMsg::TaskResult(r));
         assert!(frame.len() <= max_frame, "{} bytes", frame.len());
     }
 
