@@ -503,6 +503,11 @@ impl Runner {
             }
             (stop, report)
         };
+        // What a stopped attempt leaves: the output a `Stopped` executor kept, or nothing.
+        let partial = || match &res {
+            Err(ExecError::Stopped { result }) => result.clone(),
+            _ => serde_json::json!({}),
+        };
         let (mut outcome, mut result, mut error) = match &res {
             Ok(v) => (Outcome::Completed, v.clone(), None),
             Err(ExecError::Failed { message, result }) => (
@@ -513,30 +518,10 @@ impl Runner {
                     detail: None,
                 }),
             ),
-            Err(ExecError::Cancelled) if timed_out => (
-                Outcome::TimedOut,
-                serde_json::json!({}),
-                Some(TaskError {
-                    message: "task timed out".into(),
-                    detail: None,
-                }),
-            ),
-            Err(ExecError::Stopped { result }) if timed_out => (
-                Outcome::TimedOut,
-                result.clone(),
-                Some(TaskError {
-                    message: "task timed out".into(),
-                    detail: None,
-                }),
-            ),
-            Err(ExecError::TimedOut) => (
-                Outcome::TimedOut,
-                serde_json::json!({}),
-                Some(TaskError {
-                    message: "task timed out".into(),
-                    detail: None,
-                }),
-            ),
+            Err(ExecError::TimedOut) => (Outcome::TimedOut, partial(), None),
+            Err(ExecError::Cancelled | ExecError::Stopped { .. }) if timed_out => {
+                (Outcome::TimedOut, partial(), None)
+            }
             Err(e @ (ExecError::InvalidConfig(_) | ExecError::Panicked(_))) => (
                 Outcome::Failed,
                 serde_json::json!({}),
@@ -545,9 +530,16 @@ impl Runner {
                     detail: None,
                 }),
             ),
-            Err(ExecError::Cancelled) => (Outcome::Cancelled, serde_json::json!({}), None),
-            Err(ExecError::Stopped { result }) => (Outcome::Cancelled, result.clone(), None),
+            Err(ExecError::Cancelled | ExecError::Stopped { .. }) => {
+                (Outcome::Cancelled, partial(), None)
+            }
         };
+        if outcome == Outcome::TimedOut {
+            error = Some(TaskError {
+                message: "task timed out".into(),
+                detail: None,
+            });
+        }
         // A result that cannot be delivered would end every session that carries it; the
         // attempt fails with why instead.
         let bytes = tether_proto::codec::json_len(&result)
