@@ -114,19 +114,38 @@ impl EventLog {
     }
 }
 
-/// Reads every record of a log; lines that do not parse (a torn last line) are skipped and
-/// counted.
-pub fn read(path: &Path) -> std::io::Result<(Vec<Record>, usize)> {
-    let text = std::fs::read_to_string(path)?;
-    let mut out = Vec::new();
-    let mut bad = 0;
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+/// A log as read.
+#[derive(Debug, Default)]
+pub struct Read {
+    pub records: Vec<Record>,
+    /// The numbers (from 1) of whole lines that do not parse: damage.
+    pub damaged: Vec<usize>,
+    /// The last line lacks its newline and does not parse: a write cut short (the process was
+    /// killed during it, and nothing was written after it).
+    pub torn: bool,
+}
+
+/// Reads every record of a log (see [`parse`]).
+pub fn read(path: &Path) -> std::io::Result<Read> {
+    Ok(parse(&std::fs::read_to_string(path)?))
+}
+
+/// The records of a log's text; lines that do not parse are skipped and told apart: a torn
+/// last line, or damage.
+pub fn parse(text: &str) -> Read {
+    let mut read = Read::default();
+    // Only the last piece can lack its newline.
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
         match serde_json::from_str(line) {
-            Ok(r) => out.push(r),
-            Err(_) => bad += 1,
+            Ok(r) => read.records.push(r),
+            Err(_) if !line.ends_with('\n') => read.torn = true,
+            Err(_) => read.damaged.push(n + 1),
         }
     }
-    Ok((out, bad))
+    read
 }
 
 #[cfg(test)]
@@ -151,8 +170,9 @@ mod tests {
         drop(log);
         let mut f = OpenOptions::new().append(true).open(&path).expect("reopen");
         f.write_all(b"{\"at\":\"20").expect("torn line");
-        let (records, bad) = read(&path).expect("read");
-        assert_eq!(bad, 1);
+        let read = read(&path).expect("read");
+        assert!(read.torn && read.damaged.is_empty(), "{read:?}");
+        let records = read.records;
         assert_eq!(records.len(), 2);
         assert_eq!(records[0].worker, "w1");
         assert!(matches!(

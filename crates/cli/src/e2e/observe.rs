@@ -106,7 +106,7 @@ fn coordinator_detection(
 /// see [`read_events`].
 pub fn events_now(path: &Path) -> Vec<Record> {
     tether_worker::eventlog::read(path)
-        .map(|(r, _)| r)
+        .map(|r| r.records)
         .unwrap_or_default()
 }
 
@@ -115,26 +115,17 @@ pub fn events_now(path: &Path) -> Vec<Record> {
 /// and so is a line that does not parse, except a last line without its newline (torn: the
 /// process was killed while writing it, and nothing was written after it).
 pub fn read_events(path: &Path) -> anyhow::Result<Vec<Record>> {
-    let text = std::fs::read_to_string(path)
+    let read = tether_worker::eventlog::read(path)
         .with_context(|| format!("cannot read the event log {}", path.display()))?;
-    parse_events(&text).with_context(|| format!("the event log {} is damaged", path.display()))
+    whole(read).with_context(|| format!("the event log {} is damaged", path.display()))
 }
 
-fn parse_events(text: &str) -> anyhow::Result<Vec<Record>> {
-    let mut out = Vec::new();
-    // Only the last piece can lack its newline.
-    for (n, line) in text.split_inclusive('\n').enumerate() {
-        let torn = !line.ends_with('\n');
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<Record>(line) {
-            Ok(r) => out.push(r),
-            Err(_) if torn => {}
-            Err(e) => anyhow::bail!("line {} does not parse: {e}", n + 1),
-        }
+/// The records of a log with no damage (a torn last line is no damage).
+fn whole(read: tether_worker::eventlog::Read) -> anyhow::Result<Vec<Record>> {
+    match read.damaged.first() {
+        Some(n) => anyhow::bail!("line {n} does not parse"),
+        None => Ok(read.records),
     }
-    Ok(out)
 }
 
 /// Whether the worker's latest session event says it is registered.
@@ -523,6 +514,10 @@ mod tests {
         assert!(view.recovered && failed, "{view:?}");
         let (view, failed) = judge(vec![registered(-5_000)]);
         assert!(view.sessions_lost.is_empty() && !failed, "{view:?}");
+    }
+
+    fn parse_events(text: &str) -> anyhow::Result<Vec<Record>> {
+        whole(tether_worker::eventlog::parse(text))
     }
 
     #[test]
