@@ -360,14 +360,7 @@ impl Watch {
             None => {
                 // The snapshot holds the newest tasks only; an older one may have changed too.
                 // Page by page: a gap may have changed any number of tasks.
-                let query = match before {
-                    Some(t) => {
-                        let since =
-                            (t - CATCH_UP_MARGIN).to_rfc3339_opts(SecondsFormat::Micros, true);
-                        format!("updated_since={since}")
-                    }
-                    None => String::new(),
-                };
+                let query = changed_since(before);
                 let changed = api.list_tasks(&query, self.page).await?;
                 for t in &changed {
                     let id = t["task_id"].as_str().unwrap_or_default();
@@ -407,13 +400,7 @@ impl Watch {
         open: &[String],
         before: Option<DateTime<Utc>>,
     ) -> anyhow::Result<()> {
-        let query = match before {
-            Some(t) => format!(
-                "updated_since={}",
-                (t - CATCH_UP_MARGIN).to_rfc3339_opts(SecondsFormat::Micros, true)
-            ),
-            None => String::new(),
-        };
+        let query = changed_since(before);
         let wanted: std::collections::HashSet<&str> = open.iter().map(String::as_str).collect();
         let mut found = std::collections::HashSet::new();
         for t in api.list_tasks(&query, self.page).await? {
@@ -558,6 +545,15 @@ impl Watch {
 fn is_refusal(e: &anyhow::Error) -> bool {
     e.downcast_ref::<Refused>()
         .is_some_and(|r| matches!(r.status, 401 | 403 | 404))
+}
+
+/// The listing's query for the tasks changed in a gap that began after `before` (with room for
+/// a clock set back a little), or for every task when nothing was seen before it.
+fn changed_since(before: Option<DateTime<Utc>>) -> String {
+    before.map_or_else(String::new, |t| {
+        let since = (t - CATCH_UP_MARGIN).to_rfc3339_opts(SecondsFormat::Micros, true);
+        format!("updated_since={since}")
+    })
 }
 
 /// An RFC 3339 time of the API.
