@@ -100,6 +100,9 @@ pub struct AgentShared {
     /// 0 before the first. Stamped where it happens, so a reader that runs later (a
     /// watcher of the state, a load test's bookkeeping) does not add its own lag.
     pub registered_unix_us: AtomicU64,
+    /// When the latest registered session ended (the worker noticed it lost the coordinator),
+    /// µs since the Unix epoch; 0 before the first loss.
+    pub lost_unix_us: AtomicU64,
     /// Why the agent failed, if it did.
     pub refusal: Mutex<Option<String>>,
 }
@@ -320,6 +323,7 @@ impl Agent {
             backoff_delay_us: AtomicU64::new(0),
             attempt_started_unix_us: AtomicU64::new(0),
             registered_unix_us: AtomicU64::new(0),
+            lost_unix_us: AtomicU64::new(0),
             refusal: Mutex::new(None),
         });
         Ok(Self {
@@ -452,6 +456,7 @@ impl Agent {
                     registered_for,
                     reason,
                 } => {
+                    self.shared.lost_unix_us.store(unix_us(), Ordering::Relaxed);
                     self.shared.stats().on_session_end();
                     self.event(Event::SessionLost {
                         generation,

@@ -137,6 +137,11 @@ pub struct WorkerRecord {
     pub started_us: u64,
     /// Each registered session.
     pub sessions: Vec<SessionRecord>,
+    /// The connection attempts seen starting (the last [`ATTEMPTS_KEPT`]), in order: what a
+    /// reconnect figure needs to find the first attempt after a fault cleared. An attempt started while another was under way (a silent path's twin)
+    /// may be missed.
+    #[serde(default)]
+    pub attempts: Vec<AttemptRecord>,
     /// Backoff delay the worker announced last, ms.
     pub next_backoff_ms: u64,
     pub failure: Option<String>,
@@ -154,6 +159,20 @@ pub struct SessionRecord {
     /// Connection attempts the worker had made by then, this one included.
     #[serde(default)]
     pub attempts: u64,
+    /// When the worker noticed it had lost its session before this one (0 for the first).
+    #[serde(default)]
+    pub lost_us: u64,
+}
+
+/// Attempts kept in a [`WorkerRecord`].
+pub const ATTEMPTS_KEPT: usize = 256;
+
+/// A connection attempt, in microseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    pub started_us: u64,
+    /// The backoff delay waited before it.
+    pub delay_us: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -482,6 +501,7 @@ fn start(
 async fn watch(handle: AgentHandle, record: Arc<Mutex<WorkerRecord>>) {
     let mut rx = handle.shared.state.subscribe();
     let mut registered = 0;
+    let shared = &handle.shared;
     loop {
         let state = *rx.borrow_and_update();
         match state {
@@ -489,21 +509,31 @@ async fn watch(handle: AgentHandle, record: Arc<Mutex<WorkerRecord>>) {
                 let n = handle.registrations();
                 if n > registered {
                     registered = n;
-                    let shared = &handle.shared;
-                    record
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .sessions
-                        .push(SessionRecord {
-                            attempt_us: shared.attempt_started_unix_us.load(Ordering::Relaxed),
-                            registered_us: shared.registered_unix_us.load(Ordering::Relaxed),
-                            delay_us: shared.backoff_delay_us.load(Ordering::Relaxed),
-                            attempts: handle.stats().connection_attempts,
-                        });
+                    let mut r = record.lock().unwrap_or_else(|p| p.into_inner());
+                    r.sessions.push(SessionRecord {
+                        attempt_us: shared.attempt_started_unix_us.load(Ordering::Relaxed),
+                        registered_us: shared.registered_unix_us.load(Ordering::Relaxed),
+                        delay_us: shared.backoff_delay_us.load(Ordering::Relaxed),
+                        attempts: handle.stats().connection_attempts,
+                        lost_us: shared.lost_unix_us.load(Ordering::Relaxed),
+                    });
+                }
+            }
+            ConnState::Connecting => {
+                let attempt = AttemptRecord {
+                    started_us: shared.attempt_started_unix_us.load(Ordering::Relaxed),
+                    delay_us: shared.backoff_delay_us.load(Ordering::Relaxed),
+                };
+                let mut r = record.lock().unwrap_or_else(|p| p.into_inner());
+                if r.attempts.last() != Some(&attempt) {
+                    if r.attempts.len() == ATTEMPTS_KEPT {
+                        r.attempts.remove(0);
+                    }
+                    r.attempts.push(attempt);
                 }
             }
             ConnState::Failed | ConnState::Shutdown => return,
-            ConnState::Connecting | ConnState::Disconnected => {}
+            ConnState::Disconnected => {}
         }
         if rx.changed().await.is_err() {
             return;

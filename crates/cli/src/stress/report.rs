@@ -77,9 +77,11 @@ pub struct Report {
     pub reconnect_after_ready_ms: Option<Dist>,
     /// Per-worker time from the start of the successful attempt until re-registered.
     pub reconnect_attempt_ms: Option<Dist>,
-    /// Per-worker time from the cut clearing until re-registered, less the backoff delay the
-    /// worker waited before its successful attempt (negative when the worker was already part
-    /// way through that delay when the cut cleared).
+    /// Per-worker time from the cut clearing until re-registered, less the backoff delay
+    /// current when it cleared: the delay before the worker's first attempt that started after
+    /// the clearing, whether that attempt came back or failed (0 when the attempt that came
+    /// back was under way through the clearing). Negative when the worker was part way through
+    /// that delay when the cut cleared.
     pub reconnect_beyond_delay_ms: Option<Dist>,
     /// thundering_herd: connection attempts each worker made from the cut until it was
     /// registered again (the successful one included).
@@ -212,7 +214,7 @@ impl Report {
         }
         if let Some(d) = &self.reconnect_beyond_delay_ms {
             row(
-                "re-registered after the cut cleared, less the worker's backoff delay, ms",
+                "re-registered after the cut cleared, less the backoff delay current then, ms",
                 dist(d),
             );
         }

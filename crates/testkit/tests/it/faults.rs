@@ -263,6 +263,10 @@ async fn an_agent_stamps_each_attempt_and_registration_when_they_happen() {
     assert!(delay > 0, "a reconnection waits a backoff delay");
     assert!(a2 >= r1 + delay, "attempt {a2} after {r1} + {delay}");
     assert!(a2 <= r2 && r2 <= unix_us(), "{a2} {r2}");
+    // The loss is stamped when the worker noticed it: after the first registration, a
+    // backoff delay or more before the attempt that came back.
+    let lost = shared.lost_unix_us.load(Ordering::Relaxed);
+    assert!(r1 < lost && lost + delay <= a2, "{r1} {lost} {delay} {a2}");
     w.stop().await.expect("stop");
     c.stop().await;
 }
