@@ -7,6 +7,7 @@
 //! With a state directory the agent starts from what the previous process left: its outbox,
 //! its sequence numbers, and the tasks that died with it (reported `lost` at registration).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -100,6 +101,9 @@ pub struct AgentShared {
     /// 0 before the first. Stamped where it happens, so a reader that runs later (a
     /// watcher of the state, a load test's bookkeeping) does not add its own lag.
     pub registered_unix_us: AtomicU64,
+    /// The latest connection attempts (at most [`RECENT_ATTEMPTS`]), oldest first, twins
+    /// started while another attempt was under way included.
+    pub recent_attempts: Mutex<VecDeque<AttemptStamp>>,
     /// When the latest registered session ended (the worker noticed it lost the coordinator),
     /// µs since the Unix epoch; 0 before the first loss.
     pub lost_unix_us: AtomicU64,
@@ -107,7 +111,43 @@ pub struct AgentShared {
     pub refusal: Mutex<Option<String>>,
 }
 
+/// Connection attempts kept in [`AgentShared::recent_attempts`].
+pub const RECENT_ATTEMPTS: usize = 16;
+
+/// A connection attempt as it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptStamp {
+    /// µs since the Unix epoch.
+    pub started_unix_us: u64,
+    /// The backoff delay (with jitter) waited before it, µs.
+    pub delay_us: u64,
+}
+
 impl AgentShared {
+    /// The latest connection attempts, oldest first.
+    pub fn recent_attempts(&self) -> Vec<AttemptStamp> {
+        let a = self
+            .recent_attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        a.iter().copied().collect()
+    }
+
+    pub(crate) fn stamp_attempt(&self, stamp: AttemptStamp) {
+        self.attempt_started_unix_us
+            .store(stamp.started_unix_us, Ordering::Relaxed);
+        self.backoff_delay_us
+            .store(stamp.delay_us, Ordering::Relaxed);
+        let mut a = self
+            .recent_attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if a.len() == RECENT_ATTEMPTS {
+            a.pop_front();
+        }
+        a.push_back(stamp);
+    }
+
     pub(crate) fn stats(&self) -> std::sync::MutexGuard<'_, StatsTracker> {
         self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -323,6 +363,7 @@ impl Agent {
             backoff_delay_us: AtomicU64::new(0),
             attempt_started_unix_us: AtomicU64::new(0),
             registered_unix_us: AtomicU64::new(0),
+            recent_attempts: Mutex::new(VecDeque::new()),
             lost_unix_us: AtomicU64::new(0),
             refusal: Mutex::new(None),
         });

@@ -25,7 +25,7 @@ use tokio::time::{Instant, Timeout};
 use tokio_util::sync::CancellationToken;
 
 use crate::adaptive;
-use crate::agent::{Agent, unix_us};
+use crate::agent::{Agent, AttemptStamp, unix_us};
 use crate::backoff::Backoff;
 use crate::connector::{ConnectError, WsStream, ws_config};
 use crate::eventlog::Event;
@@ -219,12 +219,10 @@ impl Agent {
         self.shared.stats().on_attempt();
         metrics::counter!(m::CONNECTION_ATTEMPTS).increment(1);
         let started_unix_us = unix_us();
-        self.shared
-            .attempt_started_unix_us
-            .store(started_unix_us, Ordering::Relaxed);
-        self.shared
-            .backoff_delay_us
-            .store(delay.as_micros() as u64, Ordering::Relaxed);
+        self.shared.stamp_attempt(AttemptStamp {
+            started_unix_us,
+            delay_us: delay.as_micros() as u64,
+        });
         self.shared.set_state(ConnState::Connecting);
         let connect = self
             .connector

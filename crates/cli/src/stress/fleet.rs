@@ -137,9 +137,10 @@ pub struct WorkerRecord {
     pub started_us: u64,
     /// Each registered session.
     pub sessions: Vec<SessionRecord>,
-    /// The connection attempts seen starting (the last [`ATTEMPTS_KEPT`]), in order: what a
-    /// reconnect figure needs to find the first attempt after a fault cleared. An attempt started while another was under way (a silent path's twin)
-    /// may be missed.
+    /// The connection attempts before each registration (the agent's latest
+    /// [`tether_worker::agent::RECENT_ATTEMPTS`] each time, twins included; the last
+    /// [`ATTEMPTS_KEPT`] in all), in order: what a reconnect figure needs to find the first
+    /// attempt after a fault cleared.
     #[serde(default)]
     pub attempts: Vec<AttemptRecord>,
     /// Backoff delay the worker announced last, ms.
@@ -510,6 +511,18 @@ async fn watch(handle: AgentHandle, record: Arc<Mutex<WorkerRecord>>) {
                 if n > registered {
                     registered = n;
                     let mut r = record.lock().unwrap_or_else(|p| p.into_inner());
+                    let seen = r.attempts.last().map_or(0, |a| a.started_us);
+                    for a in shared.recent_attempts() {
+                        if a.started_unix_us > seen {
+                            if r.attempts.len() == ATTEMPTS_KEPT {
+                                r.attempts.remove(0);
+                            }
+                            r.attempts.push(AttemptRecord {
+                                started_us: a.started_unix_us,
+                                delay_us: a.delay_us,
+                            });
+                        }
+                    }
                     r.sessions.push(SessionRecord {
                         attempt_us: shared.attempt_started_unix_us.load(Ordering::Relaxed),
                         registered_us: shared.registered_unix_us.load(Ordering::Relaxed),
@@ -519,21 +532,8 @@ async fn watch(handle: AgentHandle, record: Arc<Mutex<WorkerRecord>>) {
                     });
                 }
             }
-            ConnState::Connecting => {
-                let attempt = AttemptRecord {
-                    started_us: shared.attempt_started_unix_us.load(Ordering::Relaxed),
-                    delay_us: shared.backoff_delay_us.load(Ordering::Relaxed),
-                };
-                let mut r = record.lock().unwrap_or_else(|p| p.into_inner());
-                if r.attempts.last() != Some(&attempt) {
-                    if r.attempts.len() == ATTEMPTS_KEPT {
-                        r.attempts.remove(0);
-                    }
-                    r.attempts.push(attempt);
-                }
-            }
             ConnState::Failed | ConnState::Shutdown => return,
-            ConnState::Disconnected => {}
+            ConnState::Connecting | ConnState::Disconnected => {}
         }
         if rx.changed().await.is_err() {
             return;

@@ -1096,8 +1096,8 @@ struct Comeback {
     /// From the cut clearing until re-registered, ms.
     after_ready_ms: f64,
     /// The same, less the backoff delay current when the cut cleared: the delay before the
-    /// first attempt that started after it (one that failed too), 0 if the attempt that came
-    /// back was already under way, ms.
+    /// first attempt that started after it (one that failed too, or a twin), 0 if none had
+    /// started before an attempt under way through the clearing came back, ms.
     beyond_delay_ms: f64,
     /// The successful attempt, from its start to registered, ms.
     attempt_ms: f64,
@@ -1109,14 +1109,19 @@ struct Comeback {
 impl Comeback {
     fn of(w: &WorkerRecord, cut_us: u64, ready_us: u64, schedule: &Schedule) -> Option<Self> {
         let s = w.sessions.iter().find(|s| s.registered_us > cut_us)?;
+        // The delay the worker was waiting when the cut cleared ends at its first attempt
+        // after it: one that failed, the one that came back, or a twin started beside an
+        // attempt under way (on a silent path an unanswered attempt does not stop the next).
         let first_after_ready = w
             .attempts
             .iter()
-            .find(|a| a.started_us >= ready_us && a.started_us <= s.attempt_us);
+            .find(|a| a.started_us >= ready_us && a.started_us < s.registered_us);
         let current_delay_us = match first_after_ready {
             Some(a) => a.delay_us,
-            // Its start was not seen (a twin): its own delay.
+            // Not in the record (more attempts than it keeps): the successful one's own.
             None if s.attempt_us >= ready_us => s.delay_us,
+            // Back through an attempt under way since before the clearing, before any other
+            // started: no delay of its own is subtracted.
             None => 0,
         };
         let paced = w
@@ -1261,9 +1266,18 @@ mod tests {
             (22_100, 22_110, 2_000, 10_010),
         );
         assert_eq!(comeback(&w).beyond_delay_ms, 1_510.0);
-        // An attempt under way through the clearing has no delay left to wait.
+        // An attempt under way through the clearing that came back before another started:
+        // nothing subtracted.
         let w = worker_back(&[(19_900, 1_000)], (19_900, 20_050, 1_000, 10_010));
         assert_eq!(comeback(&w).beyond_delay_ms, 50.0);
+        // Its SYN lost in a blackhole, it came back at the kernel's retransmission (1 s after
+        // its start), after a twin had started at 20.2 s on its 800 ms delay: measured against
+        // that delay.
+        let w = worker_back(
+            &[(19_500, 800), (20_200, 800)],
+            (19_500, 20_510, 800, 10_010),
+        );
+        assert_eq!(comeback(&w).beyond_delay_ms, 510.0 - 800.0);
     }
 
     #[test]

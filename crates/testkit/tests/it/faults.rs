@@ -267,6 +267,16 @@ async fn an_agent_stamps_each_attempt_and_registration_when_they_happen() {
     // backoff delay or more before the attempt that came back.
     let lost = shared.lost_unix_us.load(Ordering::Relaxed);
     assert!(r1 < lost && lost + delay <= a2, "{r1} {lost} {delay} {a2}");
+    // Every attempt is kept with its delay: the first, then those after the loss.
+    let recent = shared.recent_attempts();
+    assert_eq!(
+        recent.first().map(|a| (a.started_unix_us, a.delay_us)),
+        Some((a1, 0))
+    );
+    assert_eq!(
+        recent.last().map(|a| (a.started_unix_us, a.delay_us)),
+        Some((a2, delay))
+    );
     w.stop().await.expect("stop");
     c.stop().await;
 }
