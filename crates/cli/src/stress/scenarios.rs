@@ -1096,8 +1096,9 @@ struct Comeback {
     /// From the cut clearing until re-registered, ms.
     after_ready_ms: f64,
     /// The same, less the backoff delay current when the cut cleared: the delay before the
-    /// first attempt that started after it (one that failed too, or a twin), 0 if none had
-    /// started before an attempt under way through the clearing came back, ms.
+    /// first attempt that started after it (one that failed too, or a twin); if an attempt
+    /// under way through the clearing came back before another started, the shortest delay
+    /// the schedule allowed the next, ms.
     beyond_delay_ms: f64,
     /// The successful attempt, from its start to registered, ms.
     attempt_ms: f64,
@@ -1109,6 +1110,8 @@ struct Comeback {
 impl Comeback {
     fn of(w: &WorkerRecord, cut_us: u64, ready_us: u64, schedule: &Schedule) -> Option<Self> {
         let s = w.sessions.iter().find(|s| s.registered_us > cut_us)?;
+        let before = w.sessions.iter().rfind(|b| b.registered_us <= cut_us);
+        let made = before.map(|b| s.attempts.saturating_sub(b.attempts));
         // The delay the worker was waiting when the cut cleared ends at its first attempt
         // after it: one that failed, the one that came back, or a twin started beside an
         // attempt under way (on a silent path an unanswered attempt does not stop the next).
@@ -1120,26 +1123,26 @@ impl Comeback {
             Some(a) => a.delay_us,
             // Not in the record (more attempts than it keeps): the successful one's own.
             None if s.attempt_us >= ready_us => s.delay_us,
-            // Back through an attempt under way since before the clearing, before any other
-            // started: no delay of its own is subtracted.
-            None => 0,
+            // Back through an attempt under way since before the clearing (a SYN held in a
+            // blackhole, sent again by the kernel) before the next was due: the delay that
+            // next one would have waited, at its shortest by the schedule (0 if unknown).
+            None => made.map_or(0, |n| {
+                schedule
+                    .least(u32::try_from(n + 1).unwrap_or(u32::MAX))
+                    .as_micros() as u64
+            }),
         };
-        let paced = w
-            .sessions
-            .iter()
-            .rfind(|b| b.registered_us <= cut_us)
-            .map(|b| {
-                let made = s.attempts.saturating_sub(b.attempts);
-                // A blackhole is noticed only at the liveness timeout: attempts are paced from
-                // then, not from the cut.
-                let noticed_us = if s.lost_us > cut_us {
-                    s.lost_us
-                } else {
-                    cut_us
-                };
-                let since = Duration::from_micros(s.attempt_us.saturating_sub(noticed_us));
-                (made, schedule.attempts_within(since) + 1)
-            });
+        let paced = made.map(|made| {
+            // A blackhole is noticed only at the liveness timeout: attempts are paced from
+            // then, not from the cut.
+            let noticed_us = if s.lost_us > cut_us {
+                s.lost_us
+            } else {
+                cut_us
+            };
+            let since = Duration::from_micros(s.attempt_us.saturating_sub(noticed_us));
+            (made, schedule.attempts_within(since) + 1)
+        });
         Some(Self {
             after_ready_ms: ms(s.registered_us, ready_us),
             beyond_delay_ms: (s.registered_us as f64 - ready_us as f64 - current_delay_us as f64)
@@ -1267,9 +1270,9 @@ mod tests {
         );
         assert_eq!(comeback(&w).beyond_delay_ms, 1_510.0);
         // An attempt under way through the clearing that came back before another started:
-        // nothing subtracted.
+        // less the shortest the second attempt's delay could be (400 ms less 20 %).
         let w = worker_back(&[(19_900, 1_000)], (19_900, 20_050, 1_000, 10_010));
-        assert_eq!(comeback(&w).beyond_delay_ms, 50.0);
+        assert_eq!(comeback(&w).beyond_delay_ms, 50.0 - 320.0);
         // Its SYN lost in a blackhole, it came back at the kernel's retransmission (1 s after
         // its start), after a twin had started at 20.2 s on its 800 ms delay: measured against
         // that delay.
