@@ -1,6 +1,7 @@
 //! Negotiated compression: a message over a threshold travels as a binary frame holding the
 //! zstd-compressed JSON of the same typed message, so the receiver always knows its type.
-//! Decompression is bounded: a frame that would inflate past the limit is refused (zip bomb).
+//! Decompression is bounded: a frame that would inflate past the limit is refused (zip bomb),
+//! before inflating anything when it states its size, else once the limit is passed.
 
 use std::cell::RefCell;
 use std::io::Read;
@@ -65,10 +66,15 @@ fn inflate_with(
 ) -> Result<String, InflateError> {
     // A frame of ours says how long its content is: inflated in one call into a buffer of
     // that size when within the limit (streaming through the decoder's buffers into a growing
-    // string was a third of the coordinator's inflating). Anything else streams, bounded.
-    if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(bytes)
-        && size <= limit as u64
+    // string was a third of the coordinator's inflating), refused at once past it (what
+    // follows the first frame only adds). Anything else streams, bounded.
+    let stated = zstd::zstd_safe::get_frame_content_size(bytes);
+    if let Ok(Some(size)) = stated
+        && size > limit as u64
     {
+        return Err(InflateError::TooBig { limit });
+    }
+    if let Ok(Some(size)) = stated {
         let mut out = Vec::with_capacity(size as usize);
         if ctx.decompress(&mut out, bytes).is_ok() {
             return String::from_utf8(out).map_err(|_| InflateError::NotUtf8);
@@ -125,6 +131,26 @@ mod tests {
         ));
         let latin1 = zstd::bulk::compress(&[0xff, 0xfe], 1).expect("compress");
         assert_eq!(inflate(&latin1, 1024), Err(InflateError::NotUtf8));
+    }
+
+    /// A bomb that states its size is refused from its header: nothing of it is inflated. Cut
+    /// to its first bytes, it would be an incomplete frame (corrupt) if it were.
+    #[test]
+    fn a_frame_stating_a_size_past_the_limit_is_refused_before_inflating() {
+        let bomb = deflate(&"0".repeat(16 << 20));
+        assert!(matches!(
+            zstd::zstd_safe::get_frame_content_size(&bomb),
+            Ok(Some(n)) if n == 16 << 20
+        ));
+        let header = &bomb[..bomb.len().min(24)];
+        assert_eq!(
+            inflate(header, 1 << 20),
+            Err(InflateError::TooBig { limit: 1 << 20 })
+        );
+        assert!(matches!(
+            inflate(header, 32 << 20),
+            Err(InflateError::Corrupt(_))
+        ));
     }
 
     #[test]
