@@ -6,14 +6,23 @@
 //! With TLS configured, every admitted connection is wrapped in a TLS handshake that runs on the
 //! connection's own task.
 //!
-//! The same token bucket limits the messages per second of each worker session (`ws.rs`).
+//! A connection that the worker endpoint upgrades to a WebSocket may then read only
+//! [`PRE_REGISTRATION_BYTES`] (and what it can draw from a pool shared by all, for a
+//! registration with a long inventory) until its session has registered: the WebSocket's frame
+//! limit is set once, at the upgrade, to `max_frame`, and without this a client that never
+//! authenticates could have the coordinator buffer that much per connection. The upgrade
+//! handler reaches the connection's budget through [`Peer`], axum's `ConnectInfo`; HTTP requests
+//! never arm it, so their bodies are bounded by `max_body` only.
+//!
+//! The same token bucket limits the messages and the bytes per second of each worker session
+//! (`ws.rs`).
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,36 +35,57 @@ use crate::core::Counters;
 
 /// Source addresses remembered before idle ones are forgotten.
 const MAX_TRACKED_ADDRS: usize = 4096;
+/// Bytes a WebSocket connection may read of its own before its session registered
+/// (authenticated, with worker authentication on), counted from the upgrade. A signed
+/// registration of a worker with 100 capabilities and 100 tags is about 4 KiB of JSON, and each
+/// task its inventory lists adds about 60 bytes: this holds one listing about 900 tasks, with
+/// the heartbeats allowed before it. A longer one (a worker back from a long outage lists every
+/// unacknowledged result, up to 10,000 with the default outbox: about 600 KB) draws the rest
+/// from the coordinator's `registration_pool`.
+pub const PRE_REGISTRATION_BYTES: usize = 64 * 1024;
 
-/// A token bucket: `rate` tokens per second, at most `burst` saved up.
+/// A rate: `per_sec` tokens a second, at most `burst` saved up.
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    per_sec: f64,
+    burst: f64,
+}
+
+impl Rate {
+    pub fn new(per_sec: f64, burst: u32) -> Self {
+        Self {
+            per_sec: per_sec.max(f64::MIN_POSITIVE),
+            burst: f64::from(burst.max(1)),
+        }
+    }
+}
+
+/// A token bucket filled at a [`Rate`] its owner keeps (every session's buckets fill at the
+/// same rates, so they are not stored in each: an idle session's state is its memory).
 #[derive(Debug, Clone)]
 pub struct Bucket {
     tokens: f64,
     last: Instant,
-    rate: f64,
-    burst: f64,
 }
 
 impl Bucket {
-    pub fn new(rate: f64, burst: u32) -> Self {
-        let burst = f64::from(burst.max(1));
+    /// A bucket holding the whole burst.
+    pub fn full(rate: Rate) -> Self {
         Self {
-            tokens: burst,
+            tokens: rate.burst,
             last: Instant::now(),
-            rate: rate.max(f64::MIN_POSITIVE),
-            burst,
         }
     }
 
-    fn refill(&mut self, now: Instant) {
-        let earned = now.saturating_duration_since(self.last).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + earned).min(self.burst);
+    fn refill(&mut self, now: Instant, rate: Rate) {
+        let earned = now.saturating_duration_since(self.last).as_secs_f64() * rate.per_sec;
+        self.tokens = (self.tokens + earned).min(rate.burst);
         self.last = now;
     }
 
     /// Takes a token if there is one.
-    pub fn take(&mut self, now: Instant) -> bool {
-        self.refill(now);
+    pub fn take(&mut self, now: Instant, rate: Rate) -> bool {
+        self.refill(now, rate);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -64,19 +94,25 @@ impl Bucket {
         }
     }
 
+    /// Whether a token is there, taking none.
+    pub fn ready(&mut self, now: Instant, rate: Rate) -> bool {
+        self.refill(now, rate);
+        self.tokens >= 1.0
+    }
+
     /// Takes `n` more tokens, into debt if need be: the next [`Bucket::take`] waits until the
     /// debt is paid.
-    pub fn charge(&mut self, n: u32) {
+    pub fn charge(&mut self, n: u64, rate: Rate) {
         if n > 0 {
-            self.refill(Instant::now());
-            self.tokens -= f64::from(n);
+            self.refill(Instant::now(), rate);
+            self.tokens -= n as f64;
         }
     }
 
     /// When the next token is there.
-    pub fn next_token_at(&self) -> Instant {
+    pub fn next_token_at(&self, rate: Rate) -> Instant {
         let missing = (1.0 - self.tokens).max(0.0);
-        self.last + Duration::from_secs_f64(missing / self.rate)
+        self.last + Duration::from_secs_f64(missing / rate.per_sec)
     }
 }
 
@@ -88,6 +124,8 @@ pub struct Admission {
     open: Arc<AtomicUsize>,
     per_addr: HashMap<IpAddr, Bucket>,
     counters: Arc<Counters>,
+    /// Bytes left of `limits.registration_pool`.
+    pool: Arc<AtomicUsize>,
 }
 
 impl Admission {
@@ -95,6 +133,7 @@ impl Admission {
         Self {
             inner,
             tls: None,
+            pool: Arc::new(AtomicUsize::new(limits.registration_pool)),
             limits,
             open: Arc::new(AtomicUsize::new(0)),
             per_addr: HashMap::new(),
@@ -124,11 +163,11 @@ impl Admission {
                 self.per_addr.clear();
             }
         }
-        let limits = &self.limits;
+        let rate = Rate::new(self.limits.connects_per_sec, self.limits.connect_burst);
         self.per_addr
             .entry(ip)
-            .or_insert_with(|| Bucket::new(limits.connects_per_sec, limits.connect_burst))
-            .take(now)
+            .or_insert_with(|| Bucket::full(rate))
+            .take(now, rate)
     }
 }
 
@@ -172,6 +211,8 @@ impl axum::serve::Listener for Admission {
                 open: self.open.clone(),
                 first_byte: Some(Box::pin(tokio::time::sleep(self.limits.handshake_timeout))),
                 counters: self.counters.clone(),
+                entry: Arc::new(Entry::new(self.pool.clone())),
+                entry_read: 0,
             };
             return (io, addr);
         }
@@ -182,6 +223,130 @@ impl axum::serve::Listener for Admission {
     }
 }
 
+/// What a request learns of its connection (axum's `ConnectInfo`): the peer's address, and the
+/// connection's budget before registration, which the worker endpoint arms at its upgrade.
+#[derive(Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub entry: Arc<Entry>,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Admission>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Admission>) -> Self {
+        Peer {
+            addr: *stream.remote_addr(),
+            entry: stream.io().entry.clone(),
+        }
+    }
+}
+
+/// A connection's reading before its WebSocket session registered: shared by the connection,
+/// which counts what it reads while armed, and the session, which ends it.
+pub struct Entry {
+    state: AtomicU8,
+    /// Bytes taken from the pool, given back when the session registers or the connection ends.
+    drawn: AtomicUsize,
+    pool: Arc<AtomicUsize>,
+}
+
+/// Not armed: an HTTP connection (or one whose upgrade is being answered).
+const ENTRY_HTTP: u8 = 0;
+/// A WebSocket whose session has not registered: reads are counted.
+const ENTRY_ARMED: u8 = 1;
+/// Registered: nothing counted any more.
+const ENTRY_REGISTERED: u8 = 2;
+/// Over its budget: every read fails.
+const ENTRY_OVER: u8 = 3;
+
+impl Entry {
+    fn new(pool: Arc<AtomicUsize>) -> Self {
+        Self {
+            state: AtomicU8::new(ENTRY_HTTP),
+            drawn: AtomicUsize::new(0),
+            pool,
+        }
+    }
+
+    /// From now on the connection's reads count against its budget (the worker endpoint, as it
+    /// answers an upgrade).
+    pub fn arm(&self) {
+        let _ = self.state.compare_exchange(
+            ENTRY_HTTP,
+            ENTRY_ARMED,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The session registered: nothing is counted any more, and what it drew goes back.
+    pub fn registered(&self) {
+        if self
+            .state
+            .compare_exchange(
+                ENTRY_ARMED,
+                ENTRY_REGISTERED,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+        {
+            self.give_back();
+        }
+    }
+
+    fn give_back(&self) {
+        let drawn = self.drawn.swap(0, Ordering::Relaxed);
+        if drawn > 0 {
+            self.pool.fetch_add(drawn, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts `n` more bytes read (`read` so far, kept by the connection): past the
+    /// connection's own budget, the rest is drawn from the pool, and when the pool cannot cover
+    /// it the connection is over for good.
+    fn count(&self, read: &mut usize, n: usize) -> Count {
+        match self.state.load(Ordering::Relaxed) {
+            ENTRY_ARMED => {}
+            ENTRY_OVER => return Count::Over,
+            _ => return Count::Within,
+        }
+        *read = read.saturating_add(n);
+        let want = read
+            .saturating_sub(PRE_REGISTRATION_BYTES)
+            .saturating_sub(self.drawn.load(Ordering::Relaxed));
+        if want == 0 {
+            return Count::Within;
+        }
+        let drawn = self
+            .pool
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(want)
+            });
+        if drawn.is_ok() {
+            self.drawn.fetch_add(want, Ordering::Relaxed);
+            return Count::Within;
+        }
+        self.state.store(ENTRY_OVER, Ordering::Relaxed);
+        self.give_back();
+        Count::Overflowed
+    }
+}
+
+/// What a read did to its connection's budget before registration.
+#[derive(Debug, PartialEq, Eq)]
+enum Count {
+    Within,
+    /// This read went past it.
+    Overflowed,
+    /// An earlier one did.
+    Over,
+}
+
+/// The read error of a connection over its budget before registration.
+#[derive(Debug, thiserror::Error)]
+#[error("more than {PRE_REGISTRATION_BYTES} bytes before registration")]
+pub struct OverEntryBudget;
+
 /// An admitted connection: counted while open, and closed if the server has not written
 /// anything (a response, or the 101 of an upgrade) by the handshake deadline.
 pub struct Guarded {
@@ -189,11 +354,15 @@ pub struct Guarded {
     open: Arc<AtomicUsize>,
     first_byte: Option<Pin<Box<Sleep>>>,
     counters: Arc<Counters>,
+    entry: Arc<Entry>,
+    /// Bytes read since `entry` was armed.
+    entry_read: usize,
 }
 
 impl Drop for Guarded {
     fn drop(&mut self) {
         self.open.fetch_sub(1, Ordering::Relaxed);
+        self.entry.give_back();
     }
 }
 
@@ -269,7 +438,28 @@ impl AsyncRead for Guarded {
             )));
         }
         ready_or_return!(self.tcp, cx);
-        self.tcp.io().poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = self.tcp.io().poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        let this = &mut *self;
+        let count = match n {
+            0 => Count::Within,
+            n => this.entry.count(&mut this.entry_read, n),
+        };
+        if count == Count::Within {
+            return r;
+        }
+        if count == Count::Overflowed {
+            this.counters
+                .pre_registration_overflows
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        // What was read is dropped: the session learns of the budget from the error.
+        buf.set_filled(before);
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            OverEntryBudget,
+        )))
     }
 }
 
@@ -324,17 +514,60 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_bucket_allows_its_burst_then_its_rate() {
-        let mut b = Bucket::new(10.0, 3);
+        let rate = Rate::new(10.0, 3);
+        let mut b = Bucket::full(rate);
         let now = Instant::now();
-        assert!(b.take(now) && b.take(now) && b.take(now));
-        assert!(!b.take(now));
-        assert_eq!(b.next_token_at(), now + Duration::from_millis(100));
+        assert!(b.take(now, rate) && b.take(now, rate) && b.take(now, rate));
+        assert!(!b.take(now, rate));
+        assert_eq!(b.next_token_at(rate), now + Duration::from_millis(100));
         tokio::time::advance(Duration::from_millis(100)).await;
-        assert!(b.take(Instant::now()));
-        assert!(!b.take(Instant::now()));
+        assert!(b.take(Instant::now(), rate));
+        assert!(!b.take(Instant::now(), rate));
         tokio::time::advance(Duration::from_secs(60)).await;
         let now = Instant::now();
-        assert!(b.take(now) && b.take(now) && b.take(now));
-        assert!(!b.take(now), "never more than the burst saved up");
+        assert!(b.take(now, rate) && b.take(now, rate) && b.take(now, rate));
+        assert!(!b.take(now, rate), "never more than the burst saved up");
+    }
+
+    /// A connection reads within its own budget, then draws from the pool; past what the pool
+    /// has it is over for good. What it drew goes back when its session registers or the
+    /// connection ends, and an HTTP connection (never armed) is not counted at all.
+    #[test]
+    fn a_connection_before_registration_reads_its_budget_then_the_pool_and_gives_back_what_it_drew()
+    {
+        let own = PRE_REGISTRATION_BYTES;
+        let pool = Arc::new(AtomicUsize::new(100));
+        let left = || pool.load(Ordering::Relaxed);
+
+        let http = Entry::new(pool.clone());
+        let mut read = 0;
+        assert_eq!(http.count(&mut read, 64 << 20), Count::Within);
+        assert_eq!((read, left()), (0, 100));
+
+        let ws = Entry::new(pool.clone());
+        ws.arm();
+        let mut read = 0;
+        assert_eq!(ws.count(&mut read, own), Count::Within);
+        assert_eq!(left(), 100, "its own budget");
+        assert_eq!(ws.count(&mut read, 60), Count::Within);
+        assert_eq!(left(), 40);
+        let other = Entry::new(pool.clone());
+        other.arm();
+        let mut other_read = 0;
+        assert_eq!(other.count(&mut other_read, own + 50), Count::Overflowed);
+        assert_eq!(other.count(&mut other_read, 1), Count::Over);
+        assert_eq!(left(), 40, "nothing drawn by the one refused");
+        ws.registered();
+        assert_eq!(left(), 100, "given back at registration");
+        assert_eq!(ws.count(&mut read, 64 << 20), Count::Within);
+        assert_eq!(left(), 100, "nothing counted once registered");
+
+        let dropped = Entry::new(pool.clone());
+        dropped.arm();
+        let mut read = 0;
+        assert_eq!(dropped.count(&mut read, own + 30), Count::Within);
+        assert_eq!(left(), 70);
+        dropped.give_back();
+        assert_eq!(left(), 100, "given back when the connection ends");
     }
 }

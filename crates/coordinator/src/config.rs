@@ -53,6 +53,20 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MESSAGES_PER_SEC: f64 = 2000.0;
 /// Default burst of messages of one worker session.
 pub const DEFAULT_MESSAGE_BURST: u32 = 4000;
+/// Default bytes per second of one worker session, sustained, counted on each frame's text as
+/// decoded (after inflating, for a compressed frame): what inflating and parsing cost. A worker
+/// of the message flood (200 updates a second) sends about 60 KiB a second, a checkpoint of
+/// 64 MiB is about 85 MiB of base64 JSON; so only a session that makes the coordinator inflate
+/// and parse far more than any worker needs is ever paced.
+pub const DEFAULT_BYTES_PER_SEC: f64 = 64.0 * 1024.0 * 1024.0;
+/// Default burst of bytes of one worker session: three of the largest checkpoints
+/// ([`DEFAULT_MAX_CHECKPOINT_BYTES`], as base64 JSON) in a row go through at once.
+pub const DEFAULT_BYTE_BURST: u32 = 256 * 1024 * 1024;
+/// Default bytes that WebSocket connections still registering may read beyond their own
+/// [`PRE_REGISTRATION_BYTES`](crate::admission::PRE_REGISTRATION_BYTES), all together: a
+/// registration is small, but one whose inventory lists thousands of unacknowledged results
+/// (a worker back from a long outage; its outbox holds up to 10,000) runs to hundreds of KiB.
+pub const DEFAULT_REGISTRATION_POOL: usize = 64 * 1024 * 1024;
 
 /// Limits against floods and exhaustion; see `admission` and `ws`.
 #[derive(Debug, Clone)]
@@ -66,6 +80,14 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     pub messages_per_sec: f64,
     pub message_burst: u32,
+    /// Decoded bytes per second of one worker session, and their burst; over it the session
+    /// stops reading, as over its message rate.
+    pub bytes_per_sec: f64,
+    pub byte_burst: u32,
+    /// Bytes shared by the WebSocket connections whose reading before their registration runs
+    /// past their own [`PRE_REGISTRATION_BYTES`](crate::admission::PRE_REGISTRATION_BYTES)
+    /// (see `admission`).
+    pub registration_pool: usize,
 }
 
 impl Default for Limits {
@@ -78,7 +100,22 @@ impl Default for Limits {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             messages_per_sec: DEFAULT_MESSAGES_PER_SEC,
             message_burst: DEFAULT_MESSAGE_BURST,
+            bytes_per_sec: DEFAULT_BYTES_PER_SEC,
+            byte_burst: DEFAULT_BYTE_BURST,
+            registration_pool: DEFAULT_REGISTRATION_POOL,
         }
+    }
+}
+
+impl Limits {
+    /// Messages a second of one worker session.
+    pub fn message_rate(&self) -> crate::admission::Rate {
+        crate::admission::Rate::new(self.messages_per_sec, self.message_burst)
+    }
+
+    /// Decoded bytes a second of one worker session.
+    pub fn byte_rate(&self) -> crate::admission::Rate {
+        crate::admission::Rate::new(self.bytes_per_sec, self.byte_burst)
     }
 }
 

@@ -91,7 +91,8 @@ pub const COMPRESSION_RATIO: &str = "tether_compression_ratio";
 // The core's counters.
 /// Counter: every counter of the overview (`/api/v1/overview`), by `name`: registrations,
 /// rejected messages, authentication failures, refused and throttled connections, slow
-/// handshakes, rate-limited frames, ... Set from this coordinator's totals at scrape.
+/// handshakes, connections over their budget before registration, frames paced by the message
+/// or byte rate, ... Set from this coordinator's totals at scrape.
 pub const CORE_COUNTERS: &str = "tether_counter_total";
 
 // Store.

@@ -151,14 +151,18 @@ pub async fn run_with(
         listener = listener.with_tls(tls.clone());
         tracing::info!("serving TLS (wss://, https://)");
     }
-    // Through `into_make_service`: served as a bare `Router`, axum rebuilds every route for each
+    // Through a make-service: served as a bare `Router`, axum rebuilds every route for each
     // connection (`Router::with_state` per accept: about 7 % of the coordinator's samples while
-    // 10,000 workers connected at once); this way each connection clones one `Arc`.
-    let serving =
-        axum::serve(listener, app.into_make_service()).with_graceful_shutdown(async move {
-            serve_stop.await;
-            stop_core.cancel();
-        });
+    // 10,000 workers connected at once); this way each connection clones one `Arc`. Its
+    // `ConnectInfo` hands the worker endpoint the connection's budget before registration.
+    let serving = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<crate::admission::Peer>(),
+    )
+    .with_graceful_shutdown(async move {
+        serve_stop.await;
+        stop_core.cancel();
+    });
     // A client that stopped reading (an event stream's window shut) holds its connection, and
     // a graceful drain would wait for it for ever: past `DRAIN`, the connections left are let go.
     let served = tokio::select! {

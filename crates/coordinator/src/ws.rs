@@ -4,7 +4,9 @@
 //! goes on), 1009 for oversize frames, and a close when nothing arrives for `heartbeat_timeout`.
 //! A connection reaches the core only with its registration, so one that never registers never
 //! replaces the worker's session. With worker authentication on, the welcome carries a nonce and
-//! the registration must be signed over it (else `error` `unauthorized` and close 4001).
+//! the registration must be signed over it (else `error` `unauthorized` and close 4001). Until it
+//! registers, the connection reads within its budget before registration (`admission`); after,
+//! a session's frames are read at its message and byte rates (`Pace`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{OriginalUri, State};
+use axum::extract::{ConnectInfo, OriginalUri, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use futures_util::stream::{SplitSink, SplitStream};
@@ -33,9 +35,9 @@ use tether_proto::{Batch, DecodeError, Seq, TaskId, WorkerId, decode_worker, enc
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Instant, timeout_at};
 
-use crate::admission::Bucket;
+use crate::admission::{Bucket, Entry, OverEntryBudget, Peer};
 use crate::auth::WorkerAuth;
-use crate::config::Beat;
+use crate::config::{Beat, Limits};
 use crate::core::registration_refusal;
 use crate::core::{Counters, Event, Outgoing, SessionRef};
 use crate::metrics as m;
@@ -83,6 +85,7 @@ const PRE_AUTH_FRAMES: usize = 16;
 )]
 pub async fn upgrade(
     State(app): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     OriginalUri(uri): OriginalUri,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
@@ -103,15 +106,28 @@ pub async fn upgrade(
             "this endpoint speaks WebSocket only",
         );
     };
-    // A worker that registers without waiting for the welcome: with no authentication asked,
-    // the welcome can wait for the registration's acknowledgement and go in its write.
-    let hold_welcome = app.cfg.auth.is_none() && is_pipelined(uri.query());
+    let opening = Opening {
+        hold_welcome: app.cfg.auth.is_none() && is_pipelined(uri.query()),
+        entry: peer.entry,
+    };
+    // The frame limit holds for the whole session (axum sets it once); until the session has
+    // registered, the connection reads only within its budget before registration.
+    opening.entry.arm();
     let max = app.cfg.max_frame;
     ws.max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(WS_READ_BUFFER)
         .write_buffer_size(WS_WRITE_BUFFER)
-        .on_upgrade(move |socket| session(app, worker, socket, hold_welcome))
+        .on_upgrade(move |socket| session(app, worker, socket, opening))
+}
+
+/// How a session starts, as its upgrade found it.
+struct Opening {
+    /// A worker that registers without waiting for the welcome: with no authentication asked,
+    /// the welcome can wait for the registration's acknowledgement and go in its write.
+    hold_welcome: bool,
+    /// The connection's budget before registration, ended once the session has registered.
+    entry: Arc<Entry>,
 }
 
 /// Splits the socket before the session's future is made, so that the socket (moved into the
@@ -120,10 +136,10 @@ fn session(
     app: Arc<AppState>,
     worker: WorkerId,
     socket: WebSocket,
-    hold_welcome: bool,
+    opening: Opening,
 ) -> impl Future<Output = ()> + Send {
     let (sink, stream) = socket.split();
-    run(app, worker, Tx { sink, seal: None }, stream, hold_welcome)
+    run(app, worker, Tx { sink, seal: None }, stream, opening)
 }
 
 /// What the handshake leaves to the session loop.
@@ -208,15 +224,19 @@ struct Outbound {
 /// session's announcement to the core with that registration. With `hold_welcome` (a worker
 /// that registers first, no authentication) the welcome is only buffered: the session's first
 /// write, the registration's acknowledgement, carries it (or the reply to a frame sent before
-/// the registration).
+/// the registration). Once registered, the connection's budget before registration ends.
 async fn handshake(
     app: &AppState,
     worker: &WorkerId,
     session_id: u64,
     out: &mut Tx,
     stream: &mut SplitStream<WebSocket>,
-    hold_welcome: bool,
+    opening: Opening,
 ) -> Option<Opened> {
+    let Opening {
+        hold_welcome,
+        entry,
+    } = opening;
     let timeout = app.cfg.heartbeat_timeout;
     // The welcome tells the configured cadence (a worker beats at it, or at its own when
     // shorter); a fleet over the heartbeat budget retunes it in the first heartbeat's reply.
@@ -267,6 +287,8 @@ async fn handshake(
         tracing::debug!(worker = %worker, session = session_id, "connection ended before it registered");
         return None;
     };
+    // From here on the worker may send frames up to `max_frame`.
+    entry.registered();
     // From here on every data frame both ways carries a tag.
     let open = keyed.map(|(opener, key)| {
         app.counters.mac_sessions.fetch_add(1, Ordering::Relaxed);
@@ -296,7 +318,7 @@ async fn run(
     worker: WorkerId,
     mut out: Tx,
     mut stream: SplitStream<WebSocket>,
-    hold_welcome: bool,
+    opening: Opening,
 ) {
     let session_id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     // Boxed: the handshake runs once, and its state should not size every idle session.
@@ -310,7 +332,7 @@ async fn run(
         session_id,
         &mut out,
         &mut stream,
-        hold_welcome,
+        opening,
     ))
     .await
     else {
@@ -322,9 +344,7 @@ async fn run(
     metrics::counter!(m::CONNECTIONS).increment(1);
     let _open = OpenSession::count(&app.counters);
     let mut deadline = Instant::now() + agreed.beat.timeout;
-    let limits = &app.cfg.limits;
-    let mut rate = Bucket::new(limits.messages_per_sec, limits.message_burst);
-    let mut told_rate: Option<Instant> = None;
+    let mut pace = Pace::new(&app.cfg.limits);
     // One liveness timer for the session, moved lazily: every frame moves the deadline, and
     // only when the timer fires at a deadline that has since moved on is it set again (a timer
     // made per frame was registered and cancelled in the timer wheel twice a frame).
@@ -361,25 +381,12 @@ async fn run(
                     }
                     Some(Ok(m)) => m,
                 };
-                if !rate.take(Instant::now()) {
-                    // Over the session's message rate: tell it once a second, and read nothing
-                    // until a token is there, so a flood backs up in its own socket.
-                    app.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
-                    if told_rate.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                        told_rate = Some(Instant::now());
-                        tracing::warn!(worker = %worker, session = session_id, "worker exceeds its message rate");
-                        let e = CoordMsg::error(
-                            ErrorCode::RateLimited,
-                            format!("more than {} messages per second; slow down", app.cfg.limits.messages_per_sec),
-                            None,
-                            None,
-                        );
-                        if !out.send_rare(Instant::now() + agreed.beat.timeout, e).await {
-                            break ("error", "write failed".into());
-                        }
-                    }
-                    tokio::time::sleep_until(rate.next_token_at()).await;
-                    rate.take(Instant::now());
+                // Over the session's message or byte rate: tell it once a second, and read
+                // nothing until both allow this frame, so a flood backs up in its own socket.
+                if let Some(over) = pace.admit(Instant::now(), &app.cfg.limits)
+                    && !Box::pin(pace.wait(over, &mut out, &app, &worker, session_id, agreed.beat.timeout)).await
+                {
+                    break ("error", "write failed".into());
                 }
                 let frame = match unseal(open.as_deref_mut(), &frame) {
                     Ok(f) => {
@@ -415,10 +422,16 @@ async fn run(
                     app.counters.frames_in.fetch_add(1, Ordering::Relaxed);
                 }
                 let told = agreed.beat.timeout;
+                // Every frame is charged to the byte rate by its text as decoded: inflating and
+                // parsing are what it costs.
                 let handled = match frame {
-                    Data::Text(t) => on_text(&app, &worker, session_id, t, &mut agreed, &known),
+                    Data::Text(t) => {
+                        pace.charge_bytes(t.len(), &app.cfg.limits);
+                        on_text(&app, &worker, session_id, t, &mut agreed, &known)
+                    }
                     Data::Binary(b) if agreed.zstd => match inflate(b, app.cfg.max_frame) {
                         Ok(t) => {
+                            pace.charge_bytes(t.len(), &app.cfg.limits);
                             let c = &app.counters;
                             c.compressed_in_frames.fetch_add(1, Ordering::Relaxed);
                             c.compressed_in_wire_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
@@ -432,16 +445,21 @@ async fn run(
                             break ("oversize", "compressed frame inflates past the size limit".into());
                         }
                         Err(e) => {
+                            // What it inflated before failing is not known: up to the limit.
+                            pace.charge_bytes(app.cfg.max_frame, &app.cfg.limits);
                             app.counters.malformed_frames.fetch_add(1, Ordering::Relaxed);
                             Handled::reply(CoordMsg::error(ErrorCode::BadFrame, e.to_string(), None, None))
                         }
                     },
-                    Data::Binary(_) => Handled::reply(CoordMsg::error(
-                        ErrorCode::BadFrame,
-                        "binary frames are not accepted without negotiated compression",
-                        None,
-                        None,
-                    )),
+                    Data::Binary(b) => {
+                        pace.charge_bytes(b.len(), &app.cfg.limits);
+                        Handled::reply(CoordMsg::error(
+                            ErrorCode::BadFrame,
+                            "binary frames are not accepted without negotiated compression",
+                            None,
+                            None,
+                        ))
+                    }
                     Data::Close => break ("closed", "closed by worker".into()),
                     Data::Control => Handled::default(),
                 };
@@ -451,7 +469,7 @@ async fn run(
                 let Handled { replies, wait, messages } = handled;
                 // A batch counts against the message rate by its messages: what it saves is
                 // per frame, not a licence to send more.
-                rate.charge(messages.saturating_sub(1));
+                pace.charge_messages(messages.saturating_sub(1), &app.cfg.limits);
                 if let Some(wait) = wait {
                     wait.await;
                 }
@@ -488,6 +506,115 @@ async fn run(
     metrics::counter!(m::SESSIONS_ENDED, "reason" => kind).increment(1);
     if let Some(wait) = forward(&app, Event::Disconnected { worker, session_id }) {
         wait.await;
+    }
+}
+
+/// A session's rates: messages a second, and bytes a second of its frames' text as decoded
+/// (after inflating, for a compressed frame), each a token bucket. A frame is read and then
+/// handled once both have room; the bytes are charged after decoding, into debt if need be (at
+/// most one frame's, `max_frame`), and the next frame waits until the debt is paid. So a
+/// session never costs more inflating and parsing than the byte rate allows, over any span,
+/// by more than its burst and one frame.
+struct Pace {
+    messages: Bucket,
+    bytes: Bucket,
+    /// When the worker was last told it is over a rate.
+    told: Option<Instant>,
+}
+
+/// The rate a frame has to wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Over {
+    Messages,
+    Bytes,
+}
+
+impl Pace {
+    fn new(limits: &Limits) -> Self {
+        Self {
+            messages: Bucket::full(limits.message_rate()),
+            bytes: Bucket::full(limits.byte_rate()),
+            told: None,
+        }
+    }
+
+    /// Takes the frame's message token when both rates have room now; else the one that has
+    /// not.
+    fn admit(&mut self, now: Instant, limits: &Limits) -> Option<Over> {
+        if !self.bytes.ready(now, limits.byte_rate()) {
+            return Some(Over::Bytes);
+        }
+        if !self.messages.take(now, limits.message_rate()) {
+            return Some(Over::Messages);
+        }
+        None
+    }
+
+    /// Charges a frame's decoded bytes.
+    fn charge_bytes(&mut self, n: usize, limits: &Limits) {
+        self.bytes.charge(n as u64, limits.byte_rate());
+    }
+
+    /// Charges a frame's messages past its first (taken by [`Pace::admit`]).
+    fn charge_messages(&mut self, n: u32, limits: &Limits) {
+        self.messages.charge(u64::from(n), limits.message_rate());
+    }
+
+    /// Waits, counted and telling the worker at most once a second, until both rates have
+    /// room for the frame (its message token taken); false when the telling failed. Boxed by
+    /// the caller: a rare path, whose state would size every idle session's future.
+    async fn wait(
+        &mut self,
+        mut over: Over,
+        out: &mut Tx,
+        app: &AppState,
+        worker: &WorkerId,
+        session_id: u64,
+        timeout: Duration,
+    ) -> bool {
+        let limits = &app.cfg.limits;
+        let mut counted = [false; 2];
+        loop {
+            let (counter, what) = match over {
+                Over::Messages => (
+                    &app.counters.rate_limited,
+                    format!("more than {} messages per second", limits.messages_per_sec),
+                ),
+                Over::Bytes => (
+                    &app.counters.bytes_limited,
+                    format!("more than {} bytes per second", limits.bytes_per_sec),
+                ),
+            };
+            // A frame is counted once for each rate it waited for.
+            if !std::mem::replace(&mut counted[over as usize], true) {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            if self
+                .told
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            {
+                self.told = Some(Instant::now());
+                tracing::warn!(worker = %worker, session = session_id, rate = ?over, "worker exceeds its rate");
+                let e = CoordMsg::error(
+                    ErrorCode::RateLimited,
+                    format!("{what}; slow down"),
+                    None,
+                    None,
+                );
+                if !out.send(Instant::now() + timeout, &e).await {
+                    return false;
+                }
+            }
+            let ready_at = match over {
+                Over::Messages => self.messages.next_token_at(limits.message_rate()),
+                Over::Bytes => self.bytes.next_token_at(limits.byte_rate()),
+            };
+            tokio::time::sleep_until(ready_at).await;
+            match self.admit(Instant::now(), limits) {
+                None => return true,
+                Some(next) => over = next,
+            }
+        }
     }
 }
 
@@ -799,6 +926,14 @@ impl Conn<'_> {
                 Ok(Some(Err(e))) if is_bad_utf8(&e) => {
                     counters.malformed_frames.fetch_add(1, Ordering::Relaxed);
                     self.close(deadline, CLOSE_BAD_DATA, "text frame is not valid UTF-8")
+                        .await;
+                    return None;
+                }
+                // Counted where it was read (`pre_registration_overflows`); what was read of
+                // the frame is dropped, and the socket is closed, so this close may not arrive.
+                Ok(Some(Err(e))) if is_over_entry_budget(&e) => {
+                    tracing::debug!(worker = %self.worker, session = self.session_id, "connection read too much before its registration");
+                    self.close(deadline, CLOSE_POLICY, "too many bytes before registration")
                         .await;
                     return None;
                 }
@@ -1294,6 +1429,15 @@ fn is_bad_utf8(e: &axum::Error) -> bool {
     matches!(
         ws_cause(e),
         Some(tokio_tungstenite::tungstenite::Error::Utf8(_))
+    )
+}
+
+/// A read refused by the connection's budget before registration (`admission`).
+fn is_over_entry_budget(e: &axum::Error) -> bool {
+    matches!(
+        ws_cause(e),
+        Some(tokio_tungstenite::tungstenite::Error::Io(io))
+            if io.get_ref().is_some_and(|inner| inner.is::<OverEntryBudget>())
     )
 }
 

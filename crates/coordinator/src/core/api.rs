@@ -442,6 +442,8 @@ impl Core {
             ("connections_throttled", &c.connections_throttled),
             ("slow_handshakes", &c.slow_handshakes),
             ("rate_limited", &c.rate_limited),
+            ("bytes_limited", &c.bytes_limited),
+            ("pre_registration_overflows", &c.pre_registration_overflows),
             ("compressed_in_frames", &c.compressed_in_frames),
             ("compressed_in_wire_bytes", &c.compressed_in_wire_bytes),
             ("compressed_in_json_bytes", &c.compressed_in_json_bytes),

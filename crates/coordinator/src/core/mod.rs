@@ -204,6 +204,11 @@ pub struct Counters {
     pub slow_handshakes: AtomicU64,
     /// Worker frames that had to wait for the session's message rate.
     pub rate_limited: AtomicU64,
+    /// Worker frames that had to wait for the session's byte rate (decoded bytes a second).
+    pub bytes_limited: AtomicU64,
+    /// WebSocket connections closed for reading more before their registration than their
+    /// budget and the shared pool allow (`admission::PRE_REGISTRATION_BYTES`).
+    pub pre_registration_overflows: AtomicU64,
     /// Compressed frames received, their wire bytes and their JSON bytes once inflated.
     pub compressed_in_frames: AtomicU64,
     pub compressed_in_wire_bytes: AtomicU64,

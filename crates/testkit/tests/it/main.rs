@@ -3,6 +3,7 @@
 mod batching;
 mod browser;
 mod budget;
+mod byte_limits;
 mod dashboard;
 mod faults;
 mod frames;
