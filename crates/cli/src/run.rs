@@ -376,6 +376,16 @@ fn keep_memory_private() {
     }
 }
 
+/// Makes the worker a child subreaper (Linux): a process its tasks leave behind when its
+/// parent ends (a daemon, `setsid cmd &`) re-parents to the worker, which reaps it
+/// (`tether_worker::reaper`), instead of to init. Elsewhere nothing changes.
+fn adopt_orphans() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = tether_worker::reaper::become_subreaper() {
+        tracing::warn!(error = %e, "cannot adopt the orphans of tasks (prctl)");
+    }
+}
+
 /// Connections the kernel may hold for the coordinator before it accepts them (the kernel caps
 /// it at `net.core.somaxconn`). A fleet reconnecting at once must not overflow the queue: a
 /// dropped handshake costs that worker a SYN retransmission, 1 s and then 3 s.
@@ -620,6 +630,7 @@ fn as_flag(e: tether_proto::settings::ConfigError) -> anyhow::Error {
 pub async fn worker(mut a: WorkerArgs) -> anyhow::Result<()> {
     let metrics_listen = a.metrics_listen.take();
     let cfg = worker_config(a)?;
+    adopt_orphans();
     let agent = Agent::new(cfg, Executors::builtin())?;
     let shutdown = crate::cancel_on_signal();
     let metrics = match metrics_listen {

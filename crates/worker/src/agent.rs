@@ -294,7 +294,7 @@ impl Agent {
                 let (sd, restored) = StateDir::open(dir, &cfg.worker_id)
                     .map_err(|e| AgentError::StateDir(e.to_string()))?;
                 // Only after the lock is ours: the groups recorded belong to a dead process.
-                crate::executor::orphans::kill_orphans(&dir.join("tasks"));
+                crate::executor::orphans::kill_orphans(dir);
                 (Some(sd), restored)
             }
             None => (None, Restored::default()),
@@ -319,7 +319,9 @@ impl Agent {
             .with_max_frame(cfg.max_frame)
             .with_local_checkpoints(restored.checkpoints);
         if let Some(dir) = &cfg.state_dir {
-            runner = runner.with_checkpoint_root(dir.join("tasks"));
+            runner = runner
+                .with_checkpoint_root(dir.join("tasks"))
+                .with_group_root(dir.join(crate::executor::orphans::GROUPS_DIR));
         }
         if let Some(sd) = &state {
             runner = persist_runner(runner, sd);
@@ -428,11 +430,20 @@ impl Agent {
             self.state.clone().filter(|_| !self.lost.is_empty()),
             self.shared.state.subscribe(),
         );
+        // Orphans of tasks re-parent to a subreaper (or PID 1): reaped until the tasks are
+        // stopped, after the connection loop.
+        let stop_reaping = CancellationToken::new();
+        let reaping = crate::reaper::is_reaper()
+            .then(|| tokio::spawn(crate::reaper::run(stop_reaping.clone())));
         let result = tokio::select! {
             r = self.connect_loop(&shutdown) => r,
             never = forget => match never {},
         };
         self.runner.shutdown(SHUTDOWN_GRACE).await;
+        stop_reaping.cancel();
+        if let Some(reaping) = reaping {
+            let _ = reaping.await;
+        }
         match &result {
             Ok(()) => {
                 self.shared.set_state(ConnState::Shutdown);

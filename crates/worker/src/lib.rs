@@ -14,6 +14,7 @@
 //! - [`runner`]: runs assignments on their own tasks; cancel, pause, resume. A resumed task's
 //!   checkpoint too large for its assignment is fetched first (`fetch`).
 //! - [`executor`]: the [`Executor`] trait, the task context and the built-in executors.
+//! - [`reaper`]: the worker as a child subreaper (Linux): reaps the orphans of its tasks.
 //! - [`statedir`]: the `--state-dir`: lock, identity, outbox journal, running set, checkpoints.
 //! - [`eventlog`]: the optional JSON-lines record of sessions and result acks.
 //! - [`config`]: settings and their defaults.
@@ -29,6 +30,7 @@ pub mod executor;
 mod fetch;
 pub mod metrics;
 pub mod outbox;
+pub mod reaper;
 pub mod runner;
 pub mod session;
 pub mod statedir;

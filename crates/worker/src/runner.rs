@@ -83,6 +83,8 @@ pub struct Runner {
     /// coordinator's limits, once it said): a bigger result is not sent as it is.
     max_frame: Arc<std::sync::atomic::AtomicUsize>,
     checkpoint_root: Option<PathBuf>,
+    /// Where command tasks record their process groups ([`crate::executor::orphans`]).
+    group_root: Option<PathBuf>,
     on_checkpoint: Option<CheckpointSink>,
     on_finished: Option<FinishedHook>,
     on_started: Option<StartHook>,
@@ -172,6 +174,7 @@ impl Runner {
             chunk_size,
             max_frame: Arc::new(crate::config::DEFAULT_MAX_FRAME.into()),
             checkpoint_root: None,
+            group_root: None,
             on_checkpoint: None,
             on_finished: None,
             on_started: None,
@@ -262,6 +265,13 @@ impl Runner {
     /// Where command tasks get their checkpoint directories.
     pub fn with_checkpoint_root(mut self, root: PathBuf) -> Self {
         self.checkpoint_root = Some(root);
+        self
+    }
+
+    /// Where command tasks record their process groups, for a worker that starts after a
+    /// crash to kill them ([`crate::executor::orphans`]).
+    pub fn with_group_root(mut self, root: PathBuf) -> Self {
+        self.group_root = Some(root);
         self
     }
 
@@ -421,6 +431,10 @@ impl Runner {
             chunk_size: self.chunk_size,
             max_frame: self.max_frame.clone(),
             checkpoint_dir: checkpoint_dir.clone(),
+            group_record: self
+                .group_root
+                .as_ref()
+                .map(|r| crate::executor::orphans::record_file(r, &task_id)),
             on_checkpoint: self.on_checkpoint.clone(),
         };
         let timeout = a.timeout_ms.map(Duration::from_millis);
@@ -923,14 +937,16 @@ mod tests {
             CommandExecutor::default().with_kill_grace(Duration::from_secs(5)),
         );
         let outbox = Arc::new(Outbox::new(Limits::default()));
+        let groups = root.path().join("groups");
         let runner = Arc::new(
             Runner::new(executors, outbox.clone(), 64 * 1024)
-                .with_checkpoint_root(root.path().to_owned()),
+                .with_checkpoint_root(root.path().to_owned())
+                .with_group_root(groups.clone()),
         );
         let command = |attempt: u32, shell: &str, checkpoint: Option<Vec<u8>>| {
             let mut a = assignment("t", attempt, None);
             a.kind = "command".into();
-            a.config = serde_json::json!({ "shell": shell });
+            a.config = serde_json::json!({ "shell": shell, "env": { "RECORD": groups.join("t") } });
             a.checkpoint = checkpoint.map(|data| CheckpointBlob {
                 checkpoint_id: CheckpointId::parse("c-1").expect("id"),
                 attempt: Attempt(attempt - 1),
@@ -965,7 +981,7 @@ mod tests {
             r#"sleep 1.5
                ls "$TETHER_CHECKPOINT_DIR"
                echo "pgid $$"
-               cat "$TETHER_CHECKPOINT_DIR.group" || echo "no record""#,
+               cat "$RECORD" || echo "no record""#,
             Some(checkpoint),
         ));
         runner.tracker.close();
@@ -1104,6 +1120,116 @@ mod tests {
             panic!("not a result: {msg:?}");
         };
         r.clone()
+    }
+
+    /// A process that left its task's group is killed when the task times out, like the group.
+    #[tokio::test]
+    async fn a_timed_out_command_ends_the_processes_that_left_its_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = r#"setsid sh -c 'echo $$ > "$D/pid.tmp"; mv "$D/pid.tmp" "$D/child.pid"; exec sleep 300' >/dev/null 2>&1 &
+            sleep 30"#;
+        let config = serde_json::json!({"shell": script, "env": {"D": dir.path()}});
+        let executor = crate::executor::command::CommandExecutor::default()
+            .with_kill_grace(Duration::from_millis(200));
+        let r = run_command(
+            executor,
+            crate::config::DEFAULT_MAX_FRAME,
+            Some(3000),
+            config,
+        )
+        .await;
+        assert_eq!(r.outcome, Outcome::TimedOut);
+        let pid: u32 = std::fs::read_to_string(dir.path().join("child.pid"))
+            .expect("the process started before the timeout")
+            .trim()
+            .parse()
+            .expect("pid");
+        let dead = || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().next());
+            matches!(state, None | Some("Z" | "X"))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !dead() {
+            assert!(std::time::Instant::now() < deadline, "{pid} still runs");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The process-group record of task `x` was the path of the checkpoint directory of task
+    /// `x.group` (`tasks/x.group`): whichever of the two started second failed to start or lost
+    /// its record. Records have a directory of their own now.
+    #[tokio::test]
+    async fn tasks_x_and_x_dot_group_both_run_and_clean_up() {
+        use crate::executor::command::CommandExecutor;
+        let root = tempfile::tempdir().expect("tempdir");
+        let (tasks, groups) = (root.path().join("tasks"), root.path().join("groups"));
+        let mut executors = Executors::default();
+        executors.register("command", CommandExecutor::default());
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner = Arc::new(
+            Runner::new(executors, outbox.clone(), 64 * 1024)
+                .with_checkpoint_root(tasks.clone())
+                .with_group_root(groups.clone()),
+        );
+        let wait_for = |path: PathBuf| async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !path.exists() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{} never appeared",
+                    path.display()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        for task in ["x", "x.group"] {
+            let mut a = assignment(task, 1, None);
+            a.kind = "command".into();
+            a.config = serde_json::json!({
+                "shell": r#"touch "$TETHER_CHECKPOINT_DIR/ready"
+                    while [ ! -e "$D/go" ]; do sleep 0.02; done
+                    echo "pgid $$"; cat "$RECORD""#,
+                "env": { "D": root.path(), "RECORD": groups.join(task) },
+            });
+            runner.assign(a);
+            wait_for(tasks.join(task).join("ready")).await;
+        }
+        std::fs::write(root.path().join("go"), "").expect("go");
+        runner.tracker.close();
+        tokio::time::timeout(Duration::from_secs(30), runner.tracker.wait())
+            .await
+            .expect("both ended");
+        let results: Vec<TaskResult> = outbox
+            .take_unsent(100)
+            .into_iter()
+            .filter_map(|(_, m)| match m.as_ref() {
+                WorkerMsg::TaskResult(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(results.len(), 2);
+        for r in &results {
+            assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
+            let out = r.result["stdout_tail"].as_str().unwrap_or_default();
+            let pgid = out
+                .lines()
+                .find_map(|l| l.strip_prefix("pgid "))
+                .unwrap_or("?");
+            assert!(
+                out.lines().any(|l| l.starts_with(&format!("{pgid} "))),
+                "{}: its own record: {out}",
+                r.task_id
+            );
+        }
+        let left: Vec<_> = std::fs::read_dir(&groups)
+            .expect("groups")
+            .flatten()
+            .collect();
+        assert!(left.is_empty(), "records removed: {left:?}");
+        assert!(!tasks.join("x").exists() && !tasks.join("x.group").exists());
     }
 
     /// A command that exits 0 before its deadline, whose executor is still ending the

@@ -9,6 +9,8 @@
 //!                  mark, tasks running now, tasks lost with the previous process, checkpoints,
 //!                  journaled entries set aside at a start because they did not decode
 //!   tasks/<task>/  checkpoint directories of command tasks (owned by the executor)
+//!   groups/<task>  the process group and mark of a running command task, for a worker that
+//!                  starts after a crash (`executor::orphans`)
 //! ```
 //!
 //! Every write is a committed transaction when the call returns: an outbox entry counts as

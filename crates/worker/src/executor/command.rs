@@ -9,7 +9,9 @@
 //!
 //! Exactly one of `program` (with optional `args`) or `shell` is given. The process inherits
 //! the worker's environment but its secret (`TETHER_SECRET`), plus `env`, `TETHER_TASK_ID`,
-//! `TETHER_ATTEMPT` and, when the task has a checkpoint directory, `TETHER_CHECKPOINT_DIR`. Stdin is `/dev/null`; of stdout and
+//! `TETHER_ATTEMPT`, `TETHER_TASK_MARK` (`<executor nonce>:<task>:<attempt>`, which finds the
+//! attempt's processes that left its group, see [`super::procs`]) and, when the task has a
+//! checkpoint directory, `TETHER_CHECKPOINT_DIR`. Stdin is `/dev/null`; of stdout and
 //! stderr only the last `tail_bytes` bytes each are kept.
 //!
 //! Lifecycle of one attempt:
@@ -25,6 +27,11 @@
 //! 4. When the leader exits, the rest of its group is terminated the same way (a task's
 //!    processes end with it), the output pipes are drained, and the directory is shipped one
 //!    last time if it changed.
+//!
+//! Whenever the group is terminated (cancel, timeout, the leader's exit), so are the processes
+//! that left it (`setsid`, a daemon's double fork) but still carry the attempt's mark in their
+//! environment: SIGTERM with the group, SIGKILL after the same grace. With a group record
+//! ([`super::orphans`]) the mark is recorded too, for a worker that starts after a crash.
 //!
 //! Result, also inside [`ExecError::Failed`] for a non-zero exit or a signal, and inside
 //! [`ExecError::Stopped`] for a cancelled (or timed-out) process:
@@ -71,6 +78,8 @@ pub const SHELL: &str = "/bin/sh";
 pub const ENV_TASK_ID: &str = "TETHER_TASK_ID";
 pub const ENV_ATTEMPT: &str = "TETHER_ATTEMPT";
 pub const ENV_CHECKPOINT_DIR: &str = "TETHER_CHECKPOINT_DIR";
+/// The mark of an attempt's processes, `<executor nonce>:<task>:<attempt>`.
+pub const ENV_TASK_MARK: &str = super::procs::MARK_ENV;
 /// The worker's own secret, when given in the environment (`tether worker`): never inherited
 /// by a task, whose output the coordinator keeps and serves.
 pub const ENV_SECRET: &str = "TETHER_SECRET";
@@ -149,7 +158,7 @@ impl Plan {
             if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
                 return invalid(format!("`env` entry {k:?} is not a valid variable"));
             }
-            if [ENV_TASK_ID, ENV_ATTEMPT, ENV_CHECKPOINT_DIR].contains(&k.as_str()) {
+            if [ENV_TASK_ID, ENV_ATTEMPT, ENV_CHECKPOINT_DIR, ENV_TASK_MARK].contains(&k.as_str()) {
                 return invalid(format!("`env` cannot set {k}; the worker sets it"));
             }
         }
@@ -173,7 +182,7 @@ impl Plan {
         })
     }
 
-    fn command(&self, ctx: &TaskCtx, checkpoint_dir: Option<&Path>) -> Command {
+    fn command(&self, ctx: &TaskCtx, checkpoint_dir: Option<&Path>, mark: &str) -> Command {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args);
         for credential in CREDENTIAL_ENV {
@@ -182,6 +191,7 @@ impl Plan {
         cmd.envs(&self.env)
             .env(ENV_TASK_ID, ctx.task_id().as_str())
             .env(ENV_ATTEMPT, ctx.attempt().to_string())
+            .env(ENV_TASK_MARK, mark)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -202,12 +212,16 @@ impl Plan {
 #[derive(Debug, Clone)]
 pub struct CommandExecutor {
     kill_grace: Duration,
+    /// Random, in the mark of every process it starts: another executor's (another worker's,
+    /// in the same process or not) processes never carry it.
+    nonce: Arc<str>,
 }
 
 impl Default for CommandExecutor {
     fn default() -> Self {
         Self {
             kill_grace: KILL_GRACE,
+            nonce: uuid::Uuid::new_v4().simple().to_string().into(),
         }
     }
 }
@@ -226,7 +240,8 @@ impl Executor for CommandExecutor {
         input: TaskInput,
         ctx: TaskCtx,
     ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
-        Box::pin(run(input, ctx, self.kill_grace))
+        let mark = format!("{}:{}:{}", self.nonce, input.task_id, input.attempt);
+        Box::pin(run(input, ctx, self.kill_grace, mark.into()))
     }
 
     /// Its kill grace, the reading of the output meanwhile, and a second to spare.
@@ -239,6 +254,7 @@ async fn run(
     input: TaskInput,
     ctx: TaskCtx,
     kill_grace: Duration,
+    mark: Arc<str>,
 ) -> Result<serde_json::Value, ExecError> {
     let plan = Plan::parse(input.config)?;
     let checkpoints = match ctx.checkpoint_dir() {
@@ -248,9 +264,9 @@ async fn run(
     if ctx.is_cancelled() {
         return Err(ExecError::Cancelled);
     }
-    let mut cmd = plan.command(&ctx, checkpoints.as_ref().map(|c| c.dir.as_path()));
+    let mut cmd = plan.command(&ctx, checkpoints.as_ref().map(|c| c.dir.as_path()), &mark);
     let started = Instant::now();
-    let mut child = cmd.spawn().map_err(|e| ExecError::Failed {
+    let mut child = crate::reaper::spawn(&mut cmd).map_err(|e| ExecError::Failed {
         message: match &plan.cwd {
             Some(cwd) => format!("cannot start {} in {}: {e}", plan.program, cwd.display()),
             None => format!("cannot start {}: {e}", plan.program),
@@ -269,12 +285,13 @@ async fn run(
             result: not_started(),
         });
     };
-    let record = ctx.checkpoint_dir().map(super::orphans::group_file);
+    let procs = TaskProcs { pgid, mark };
+    let record = ctx.group_record.clone();
     if let Some(file) = &record {
-        super::orphans::record(file, pgid);
+        super::orphans::record(file, pgid, &procs.mark);
     }
     let mut guard = GroupGuard {
-        pgid: Some(pgid),
+        procs: Some(procs.clone()),
         record: record.map(|file| (file, pgid)),
     };
     tracing::debug!(task_id = %ctx.task_id(), attempt = %ctx.attempt(), pid = pgid.as_raw(), program = %plan.program, "command started");
@@ -288,10 +305,10 @@ async fn run(
     });
     let mut pumps = Box::pin(pumps);
 
-    let mut sup = Supervisor::new(&ctx, pgid, checkpoints, plan.poll, kill_grace);
+    let mut sup = Supervisor::new(&ctx, procs.clone(), checkpoints, plan.poll, kill_grace);
     let end = sup.wait_exit(&mut child, pumps.as_mut()).await;
     let duration = started.elapsed();
-    terminate_draining(&mut child, pgid, kill_grace, pumps.as_mut()).await;
+    terminate_draining(&mut child, &procs, kill_grace, pumps.as_mut()).await;
     guard.disarm();
     let status = match end {
         End::Cancelled => {
@@ -531,7 +548,7 @@ async fn off_thread<T: Send + 'static>(
 /// Watches a running process: cancellation, pause and checkpoint polling.
 struct Supervisor<'a> {
     ctx: &'a TaskCtx,
-    pgid: Pid,
+    procs: TaskProcs,
     checkpoints: Option<Checkpoints>,
     poll: Duration,
     kill_grace: Duration,
@@ -549,14 +566,14 @@ struct Supervisor<'a> {
 impl<'a> Supervisor<'a> {
     fn new(
         ctx: &'a TaskCtx,
-        pgid: Pid,
+        procs: TaskProcs,
         checkpoints: Option<Checkpoints>,
         poll: Duration,
         kill_grace: Duration,
     ) -> Self {
         Self {
             ctx,
-            pgid,
+            procs,
             checkpoints,
             poll,
             kill_grace,
@@ -587,7 +604,7 @@ impl<'a> Supervisor<'a> {
             tokio::select! {
                 biased;
                 () = ctx.cancelled() => {
-                    terminate_draining(child, self.pgid, self.kill_grace, pumps).await;
+                    terminate_draining(child, &self.procs, self.kill_grace, pumps).await;
                     tracing::debug!(task_id = %ctx.task_id(), "command cancelled");
                     return End::Cancelled;
                 }
@@ -669,7 +686,7 @@ impl<'a> Supervisor<'a> {
     /// Stops the group and parks at a pause point (after an in-flight checkpoint, which parks
     /// at its own).
     fn stop(&mut self) {
-        signal_group(self.pgid, Signal::SIGSTOP);
+        signal_group(self.procs.pgid, Signal::SIGSTOP);
         self.stopped = true;
         tracing::debug!(task_id = %self.ctx.task_id(), "command paused");
         if self.shipping.is_some() {
@@ -680,7 +697,7 @@ impl<'a> Supervisor<'a> {
     }
 
     fn resume(&mut self) {
-        signal_group(self.pgid, Signal::SIGCONT);
+        signal_group(self.procs.pgid, Signal::SIGCONT);
         self.stopped = false;
         tracing::debug!(task_id = %self.ctx.task_id(), "command resumed");
     }
@@ -694,18 +711,32 @@ async fn poll_opt<T>(slot: &mut Option<BoxFuture<'_, T>>) -> T {
     }
 }
 
-/// Ends what is left of the process group: SIGTERM (with SIGCONT, in case it is stopped),
-/// SIGKILL once the group is still there after `grace`; then reaps the leader. Returns at once
-/// if the group is already empty.
-async fn terminate_group(child: &mut Child, pgid: Pid, grace: Duration) {
-    if signal_group(pgid, Signal::SIGTERM) {
+/// The processes of one attempt: its group, and the mark of those that left it.
+#[derive(Debug, Clone)]
+struct TaskProcs {
+    pgid: Pid,
+    mark: Arc<str>,
+}
+
+/// Ends what is left of the attempt's processes, the group and those that left it (found by
+/// their mark): SIGTERM (with SIGCONT, in case they are stopped), SIGKILL to those still there
+/// after `grace`; then reaps the leader. Returns at once if none is left.
+async fn terminate_group(child: &mut Child, procs: &TaskProcs, grace: Duration) {
+    let pgid = procs.pgid;
+    let in_group = signal_group(pgid, Signal::SIGTERM);
+    let escaped = marked(&procs.mark, Some(Signal::SIGTERM)).await > 0;
+    if in_group || escaped {
         signal_group(pgid, Signal::SIGCONT);
         let deadline = Instant::now() + grace;
         let _ = tokio::time::timeout_at(deadline, child.wait()).await;
-        while group_alive(pgid) && Instant::now() < deadline {
+        while Instant::now() < deadline
+            && (group_alive(pgid) || marked(&procs.mark, None).await > 0)
+        {
             tokio::time::sleep(GROUP_POLL).await;
         }
         signal_group(pgid, Signal::SIGKILL);
+        let mark = procs.mark.clone();
+        let _ = tokio::task::spawn_blocking(move || super::procs::kill_marked(&mark)).await;
     }
     if matches!(child.try_wait(), Ok(None)) {
         // The leader left its group (setsid); it still ends with the task.
@@ -718,14 +749,25 @@ async fn terminate_group(child: &mut Child, pgid: Pid, grace: Duration) {
 /// must not block on a full pipe until SIGKILL. `pumps` must tolerate being polled when done.
 async fn terminate_draining(
     child: &mut Child,
-    pgid: Pid,
+    procs: &TaskProcs,
     grace: Duration,
     pumps: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) {
-    let term = std::pin::pin!(terminate_group(child, pgid, grace));
+    let term = std::pin::pin!(terminate_group(child, procs, grace));
     if let Either::Right(((), term)) = select(term, pumps).await {
         term.await;
     }
+}
+
+/// Counts the live processes carrying `mark` (a look at `/proc`, off the async threads), and
+/// sends them `sig` (with SIGCONT) when given.
+async fn marked(mark: &Arc<str>, sig: Option<Signal>) -> usize {
+    let mark = mark.clone();
+    let look = move || match sig {
+        Some(sig) => super::procs::signal_marked(&mark, sig),
+        None => super::procs::marked(&mark).len(),
+    };
+    tokio::task::spawn_blocking(look).await.unwrap_or(0)
 }
 
 /// Sends `sig` to the group; false if the group has no members left.
@@ -783,21 +825,23 @@ fn live_member_in_proc(pgid: Pid) -> Option<bool> {
 /// removes the group's record (see [`super::orphans`]) once the group is gone, if the record is
 /// still this group's: a newer attempt of the task may have recorded its own in the same file.
 struct GroupGuard {
-    pgid: Option<Pid>,
+    procs: Option<TaskProcs>,
     record: Option<(PathBuf, Pid)>,
 }
 
 impl GroupGuard {
-    /// The group has ended.
+    /// The group, and the processes that left it, have ended.
     fn disarm(&mut self) {
-        self.pgid = None;
+        self.procs = None;
     }
 }
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        if let Some(pgid) = self.pgid {
-            signal_group(pgid, Signal::SIGKILL);
+        if let Some(procs) = &self.procs {
+            signal_group(procs.pgid, Signal::SIGKILL);
+            // Blocking, but only for an execution dropped before it ended its processes.
+            super::procs::kill_marked(&procs.mark);
         }
         if let Some((file, pgid)) = &self.record {
             super::orphans::forget(file, *pgid);
@@ -950,7 +994,7 @@ mod tests {
         let (ctx, _) = ctx(1);
         let envs = |config| {
             let plan = Plan::parse(config).expect("plan");
-            let cmd = plan.command(&ctx, None);
+            let cmd = plan.command(&ctx, None, "n:t-cmd:1");
             cmd.as_std()
                 .get_envs()
                 .find(|(k, _)| *k == ENV_SECRET)
@@ -1167,6 +1211,86 @@ mod tests {
         control.cancel();
         stopped(run.await.expect("joined"));
         wait_for("the grandchild to die", || is_dead(grandchild)).await;
+    }
+
+    /// A script that starts a process in a session of its own (out of the task's group) and
+    /// waits until it is there, then runs `rest`. The process writes its pid to `$D/child.pid`.
+    fn escaping(rest: &str) -> String {
+        format!(
+            r#"setsid sh -c 'echo $$ > "$D/pid.tmp"; mv "$D/pid.tmp" "$D/child.pid"; exec sleep 300' >/dev/null 2>&1 &
+            while [ ! -e "$D/child.pid" ]; do sleep 0.01; done
+            {rest}"#
+        )
+    }
+
+    /// Whether `pid` runs in a session other than this process's (it left the task's group).
+    fn in_own_session(pid: u32) -> bool {
+        let session = |pid: &str| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let fields: Vec<String> = stat[stat.rfind(')')? + 1..]
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect();
+            fields.get(3).cloned()
+        };
+        let theirs = session(&pid.to_string());
+        theirs.is_some() && theirs != session("self")
+    }
+
+    /// A process that left the task's group is out of reach of the group's signals; the mark
+    /// in its environment finds it, whether the task exits or is cancelled.
+    #[tokio::test]
+    async fn a_process_that_left_the_group_ends_with_the_task() {
+        for cancel in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (ctx, control) = ctx(1);
+            let script = escaping(if cancel { "sleep 30" } else { "echo done" });
+            let config = serde_json::json!({"shell": script, "env": {"D": dir.path()}});
+            let run = tokio::spawn(exec(config, ctx));
+            let escaped = read_pid(&dir.path().join("child.pid")).await;
+            assert!(in_own_session(escaped), "the process left the group");
+            if cancel {
+                control.cancel();
+                stopped(run.await.expect("joined"));
+            } else {
+                let out = run.await.expect("joined").expect("exit 0");
+                assert_eq!(out["stdout_tail"], "done\n");
+            }
+            wait_for("the escaped process to die", || is_dead(escaped)).await;
+        }
+    }
+
+    /// A worker killed outright leaves its tasks' processes running; the next one kills them
+    /// from the record: the group, and the processes that left it, by their mark.
+    #[tokio::test]
+    async fn after_a_crash_the_next_worker_kills_the_processes_that_left_the_group() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let record = state
+            .path()
+            .join(super::super::orphans::GROUPS_DIR)
+            .join("t-cmd");
+        let (ctx, _control) = ctx(1);
+        let ctx = ctx.with_group_record(record.clone());
+        let script =
+            escaping(r#"echo $$ > "$D/leader.tmp"; mv "$D/leader.tmp" "$D/leader.pid"; sleep 300"#);
+        let config = serde_json::json!({"shell": script, "env": {"D": dir.path()}});
+        let mut run = Box::pin(exec(config, ctx));
+        let leader_file = dir.path().join("leader.pid");
+        let leader = tokio::select! {
+            r = &mut run => panic!("the task ended: {r:?}"),
+            pid = read_pid(&leader_file) => pid,
+        };
+        let escaped = read_pid(&dir.path().join("child.pid")).await;
+        assert!(record.exists(), "the group is recorded");
+        // The worker dies: nothing of the execution runs again, no destructor either.
+        std::mem::forget(run);
+        assert!(!is_dead(leader) && !is_dead(escaped));
+
+        assert_eq!(super::super::orphans::kill_orphans(state.path()), 1);
+        wait_for("the leader to die", || is_dead(leader)).await;
+        wait_for("the escaped process to die", || is_dead(escaped)).await;
+        assert!(!record.exists(), "the record is removed");
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@
 pub mod command;
 pub mod orphans;
 pub mod packing;
+pub(crate) mod procs;
 pub mod sleep;
 
 use std::collections::BTreeMap;
@@ -285,6 +286,9 @@ pub struct TaskCtx {
     /// The largest frame a message may take (see `Runner::limit_frames_to`).
     pub(crate) max_frame: Arc<AtomicUsize>,
     pub(crate) checkpoint_dir: Option<PathBuf>,
+    /// Where the `command` executor records the task's process group, for a worker that
+    /// starts after a crash ([`orphans`]).
+    pub(crate) group_record: Option<PathBuf>,
     pub(crate) on_checkpoint: Option<CheckpointSink>,
 }
 
@@ -318,6 +322,7 @@ impl TaskCtx {
             chunk_size: DEFAULT_CHUNK_SIZE,
             max_frame: Arc::new(crate::config::DEFAULT_MAX_FRAME.into()),
             checkpoint_dir: None,
+            group_record: None,
             on_checkpoint: None,
         };
         (ctx, TaskControl { shared })
@@ -326,6 +331,13 @@ impl TaskCtx {
     /// Gives the context a checkpoint directory (for `detached` contexts in tests).
     pub fn with_checkpoint_dir(mut self, dir: PathBuf) -> Self {
         self.checkpoint_dir = Some(dir);
+        self
+    }
+
+    /// Gives the context a file to record its process group in (for `detached` contexts in
+    /// tests; see [`orphans`]).
+    pub fn with_group_record(mut self, file: PathBuf) -> Self {
+        self.group_record = Some(file);
         self
     }
 

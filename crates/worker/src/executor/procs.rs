@@ -1,0 +1,165 @@
+//! Finding a task's processes in `/proc`, also those that left its process group.
+//!
+//! The `command` executor puts a mark in the environment of every process it starts
+//! ([`MARK_ENV`]`=<executor nonce>:<task>:<attempt>`), which their descendants inherit. A
+//! process that left the task's group (`setsid`, a daemon's double fork, `setpgid`) is out of
+//! reach of the group's signals, but still carries the mark: at the end of the attempt (and,
+//! from the recorded mark, after a crash of the worker) every live process of the worker's user
+//! whose environment holds the mark is terminated like the group.
+//!
+//! Best effort: `/proc/<pid>/environ` is the environment a process was started with, which a
+//! process can overwrite (`setproctitle` does) or not pass on (`env -i`, a daemon that clears
+//! its environment); a process that made itself non-dumpable or changed its user cannot be read.
+//! Where there is no `/proc` (not Linux), nothing is found.
+
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The variable that marks a task's processes.
+pub const MARK_ENV: &str = "TETHER_TASK_MARK";
+
+/// Rounds of "find and SIGKILL" before giving up on a process that keeps forking.
+const KILL_ROUNDS: usize = 20;
+/// Pause between two rounds: a killed process leaves `/proc` within it.
+const KILL_ROUND_PAUSE: Duration = Duration::from_millis(10);
+
+/// The numeric entries of `/proc` (empty without a readable `/proc`).
+pub(crate) fn pids() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+}
+
+/// What `/proc/<pid>/stat` says of a process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Stat {
+    pub state: char,
+    pub ppid: u32,
+    /// Start time (clock ticks after boot): with the pid, tells a reused pid apart.
+    pub start: String,
+}
+
+impl Stat {
+    pub(crate) fn read(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // `pid (comm) state ppid pgrp ...`; comm may hold spaces and parentheses.
+        let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+        let state = fields.next()?.chars().next()?;
+        let ppid = fields.next()?.parse().ok()?;
+        let start = fields.nth(17)?.to_owned();
+        Some(Self { state, ppid, start })
+    }
+
+    /// A zombie (or dead) process runs no more; it only waits to be reaped.
+    pub(crate) fn is_dead(&self) -> bool {
+        matches!(self.state, 'Z' | 'X')
+    }
+}
+
+/// The environment entry that marks the processes of `mark`.
+fn entry(mark: &str) -> Vec<u8> {
+    format!("{MARK_ENV}={mark}").into_bytes()
+}
+
+/// Whether process `pid`, owned by `uid`, was started with `entry` in its environment.
+fn carries(pid: u32, uid: u32, entry: &[u8]) -> bool {
+    let dir = format!("/proc/{pid}");
+    // Another user's process is none of ours (and its environment is not readable anyway).
+    if !std::fs::metadata(&dir).is_ok_and(|m| m.uid() == uid) {
+        return false;
+    }
+    // Gone meanwhile, or a zombie (whose environment reads empty): not running.
+    std::fs::read(format!("{dir}/environ"))
+        .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == entry))
+}
+
+/// Live processes of this user, other than this one, whose environment carries `mark`.
+pub(crate) fn marked(mark: &str) -> Vec<u32> {
+    let (entry, uid, me) = (
+        entry(mark),
+        nix::unistd::geteuid().as_raw(),
+        std::process::id(),
+    );
+    pids()
+        .filter(|pid| *pid != me && carries(*pid, uid, &entry))
+        .collect()
+}
+
+/// Sends `sig` (and SIGCONT after it, for a stopped process to act on it) to every process of
+/// `mark`; returns how many there were.
+pub(crate) fn signal_marked(mark: &str, sig: Signal) -> usize {
+    let found = marked(mark);
+    for pid in &found {
+        signal(*pid, sig);
+        if sig != Signal::SIGKILL {
+            signal(*pid, Signal::SIGCONT);
+        }
+    }
+    found.len()
+}
+
+/// SIGKILLs the processes of `mark` until none is found (a process may fork between a look and
+/// the signal), for at most [`KILL_ROUNDS`] rounds. Returns how many were killed. Blocking.
+pub(crate) fn kill_marked(mark: &str) -> usize {
+    let mut killed = std::collections::HashSet::new();
+    for _ in 0..KILL_ROUNDS {
+        let found = marked(mark);
+        if found.is_empty() {
+            break;
+        }
+        for pid in found {
+            signal(pid, Signal::SIGKILL);
+            killed.insert(pid);
+        }
+        std::thread::sleep(KILL_ROUND_PAUSE);
+    }
+    killed.len()
+}
+
+/// Signals one process. A pid looked at a moment ago may have ended since, or, rarely, been
+/// reused: the window is the time between reading its environment and this call.
+fn signal(pid: u32, sig: Signal) {
+    if let Ok(raw) = i32::try_from(pid) {
+        let _ = kill(Pid::from_raw(raw), sig);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::CommandExt;
+
+    use super::*;
+
+    #[test]
+    fn a_marked_process_is_found_by_its_exact_mark_and_killed() {
+        let mark = format!("test-{}:t:1", uuid::Uuid::new_v4().simple());
+        let mut child = std::process::Command::new("sleep")
+            .arg("300")
+            .env(MARK_ENV, &mark)
+            .process_group(0)
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        assert_eq!(marked(&mark), [pid]);
+        assert!(
+            marked(&format!("{mark}0")).is_empty(),
+            "a longer mark differs"
+        );
+        assert!(
+            marked(&mark[..mark.len() - 1]).is_empty(),
+            "a prefix differs"
+        );
+        assert_eq!(kill_marked(&mark), 1);
+        let status = child.wait().expect("reap");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+        assert!(marked(&mark).is_empty());
+    }
+}
