@@ -242,6 +242,9 @@ pub(crate) struct TaskShared {
     /// directory no more (a newer attempt of the task waits for it).
     pub ended: CancellationToken,
     pub state: Mutex<StateJson>,
+    /// Held while a checkpoint is stored and made the latest: stores of one task, which run on
+    /// the blocking pool, land in the order they were asked for.
+    pub storing: tokio::sync::Mutex<()>,
 }
 
 impl TaskShared {
@@ -262,6 +265,7 @@ impl TaskShared {
             reuploading: AtomicBool::new(false),
             ended: CancellationToken::new(),
             state: Mutex::new(StateJson::from(serde_json::Value::Null)),
+            storing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -273,7 +277,8 @@ impl TaskShared {
     }
 }
 
-/// Called when a task stores a checkpoint (the state directory persists it).
+/// Called when a task stores a checkpoint (the state directory persists it). Runs on the
+/// blocking pool: it may write the whole checkpoint to disk.
 pub type CheckpointSink = Arc<dyn Fn(&TaskId, &StoredCheckpoint) + Send + Sync>;
 
 /// What a running task can do: report state, write and read checkpoints, observe cancel and
@@ -409,10 +414,19 @@ impl TaskCtx {
             attempt: self.shared.attempt,
             data: Arc::new(data),
         };
-        if let Some(sink) = &self.on_checkpoint {
-            sink(&self.shared.task_id, &stored);
+        {
+            let _order = self.shared.storing.lock().await;
+            if let Some(sink) = &self.on_checkpoint {
+                // The state directory writes the whole blob (and SQLite may sync): not on a
+                // runtime thread, where it would stall the tasks sharing it, the session's
+                // among them. Awaited: the checkpoint is stored before it counts as written.
+                let (sink, task, cp) = (sink.clone(), self.shared.task_id.clone(), stored.clone());
+                if let Err(e) = tokio::task::spawn_blocking(move || sink(&task, &cp)).await {
+                    tracing::error!(task = %self.shared.task_id, checkpoint = %id, error = %e, "storing a checkpoint failed");
+                }
+            }
+            *self.shared.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored.clone());
         }
-        *self.shared.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored.clone());
         self.shared
             .checkpoint_requested
             .store(false, Ordering::Relaxed);
@@ -785,6 +799,79 @@ mod tests {
         ));
         assert!(piece > 150 * 1024, "{piece}");
         assert_eq!(piece_size(DEFAULT_CHUNK_SIZE, 0), 1);
+    }
+
+    /// Storing a checkpoint (the state directory writes the whole blob) runs off the thread of
+    /// the task that writes it: the other tasks of that thread, the session's among them, run
+    /// meanwhile. The sink here waits until another task of the (one-thread) runtime ran.
+    #[tokio::test]
+    async fn a_checkpoint_is_stored_off_the_runtime_thread() {
+        let (ran, other_ran) = std::sync::mpsc::channel::<()>();
+        let other_ran = Mutex::new(other_ran);
+        let stored_after_other = Arc::new(AtomicBool::new(false));
+        let seen = stored_after_other.clone();
+        let sink: CheckpointSink = Arc::new(move |_, _| {
+            // Bounded, so that the test fails rather than hangs.
+            let rx = other_ran.lock().unwrap_or_else(|p| p.into_inner());
+            let other = rx.recv_timeout(Duration::from_secs(5)).is_ok();
+            seen.store(other, Ordering::SeqCst);
+        });
+        let (mut ctx, control) = TaskCtx::detached(TaskId::parse("t").expect("id"), Attempt(1));
+        ctx.on_checkpoint = Some(sink);
+        let other = tokio::spawn(async move { ran.send(()) });
+        ctx.checkpoint(b"big".to_vec()).await;
+        assert!(
+            stored_after_other.load(Ordering::SeqCst),
+            "the runtime's other task ran while the checkpoint was stored"
+        );
+        assert!(other.await.expect("joined").is_ok());
+        assert_eq!(
+            control.latest_checkpoint().as_deref().map(Vec::as_slice),
+            Some(&b"big"[..]),
+            "stored, then the latest"
+        );
+    }
+
+    /// Stores of one task land in the order they were asked for, though each runs on the
+    /// blocking pool: the state directory keeps only the last it was given.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_checkpoints_of_a_task_are_stored_in_order() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let started = Arc::new(AtomicBool::new(false));
+        let (sink_log, sink_started) = (log.clone(), started.clone());
+        let sink: CheckpointSink = Arc::new(move |_, cp| {
+            // The first store is slow: without the order, the second would land before it.
+            if cp.data.as_slice() == b"1" {
+                sink_started.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            sink_log
+                .lock()
+                .expect("lock")
+                .push(cp.data.as_slice().to_vec());
+        });
+        let (mut ctx, control) = TaskCtx::detached(TaskId::parse("t").expect("id"), Attempt(1));
+        ctx.on_checkpoint = Some(sink);
+        let first = tokio::spawn({
+            let ctx = ctx.clone();
+            async move { ctx.checkpoint(b"1".to_vec()).await }
+        });
+        // The first store is under way before the second is asked for.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !started.load(Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first store never started"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        ctx.checkpoint(b"2".to_vec()).await;
+        first.await.expect("joined");
+        assert_eq!(*log.lock().expect("lock"), [b"1".to_vec(), b"2".to_vec()]);
+        assert_eq!(
+            control.latest_checkpoint().as_deref().map(Vec::as_slice),
+            Some(&b"2"[..])
+        );
     }
 
     #[tokio::test]
