@@ -225,15 +225,20 @@ async fn a_command_left_running_by_a_killed_worker_is_killed_when_the_worker_res
     let c = spawn_coordinator_with(coordinator_config(dir.path().join("coord")), None).await;
     let client = c.client();
     let worker = WorkerProcess::start(c.addr, &state_dir, &log);
+    // The group's leader, and a process that left the group (a session of its own).
+    let pids = dir.path().join("pids");
+    std::fs::create_dir_all(&pids).expect("mkdir");
+    let script = r#"setsid sh -c 'echo $$ > "$D/pid.tmp"; mv "$D/pid.tmp" "$D/escaped"; exec sleep 300' >/dev/null 2>&1 &
+        exec sleep 300"#;
     let ids = client
         .submit(&[tether_proto::TaskSpec::new(
             "command",
-            serde_json::json!({"program": "sleep", "args": ["300"]}),
+            serde_json::json!({"shell": script, "env": {"D": pids}}),
         )])
         .await;
     let id = &ids[0];
     client.wait_status(id, "running").await;
-    let record = state_dir.join("tasks").join(format!("{id}.group"));
+    let record = state_dir.join("groups").join(id.to_string());
     let pgid: u32 = wait_for("the process group to be recorded", LONG, || async {
         std::fs::read_to_string(&record)
             .ok()?
@@ -243,15 +248,23 @@ async fn a_command_left_running_by_a_killed_worker_is_killed_when_the_worker_res
             .ok()
     })
     .await;
+    let escaped: u32 = wait_for("the escaped process to start", LONG, || async {
+        std::fs::read_to_string(pids.join("escaped"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    })
+    .await;
     worker.kill();
     assert!(
-        alive(pgid),
+        alive(pgid) && alive(escaped),
         "SIGKILL of the worker leaves its command running"
     );
 
     let worker = WorkerProcess::start(c.addr, &state_dir, &log);
     wait_for("the orphaned command to be killed", LONG, || async {
-        (!alive(pgid)).then_some(())
+        (!alive(pgid) && !alive(escaped)).then_some(())
     })
     .await;
     let log_text = log_of(&log);
@@ -259,14 +272,24 @@ async fn a_command_left_running_by_a_killed_worker_is_killed_when_the_worker_res
         log_text.contains("outlived the previous worker process"),
         "{log_text}"
     );
-    // The task was reported lost and runs again as attempt 2; end it.
+    // The task was reported lost and runs again as attempt 2; its cancel ends the process it
+    // set out of its group too (before the worker is killed, which would leave it running).
     wait_for("attempt 2 to run", LONG, || async {
         let t = client.task(id).await;
         (t["attempt"] == 2 && t["status"] == "running").then_some(())
     })
     .await;
+    let escaped_again: u32 = wait_for("attempt 2's escaped process", LONG, || async {
+        let pid = std::fs::read_to_string(pids.join("escaped")).ok()?;
+        pid.trim().parse().ok().filter(|pid| *pid != escaped)
+    })
+    .await;
     assert_eq!(client.control(id, "cancel").await.0, 200);
     client.wait_status(id, "cancelled").await;
+    wait_for("the cancel to end the escaped process", LONG, || async {
+        (!alive(escaped_again)).then_some(())
+    })
+    .await;
     worker.kill();
     c.stop().await;
 }
