@@ -89,6 +89,14 @@ pub struct CoordinatorArgs {
     /// Messages per second of one worker session (burst: 2 s worth); excess waits.
     #[arg(long)]
     max_messages_per_sec: Option<f64>,
+    /// Decoded bytes per second of one worker session (inflated, for compressed frames;
+    /// burst: 4 s worth); excess waits.
+    #[arg(long)]
+    max_bytes_per_sec: Option<f64>,
+    /// Bytes shared by the WebSocket connections that read past their own 64 KiB before they
+    /// registered (long registrations of workers back with many unacknowledged results).
+    #[arg(long)]
+    registration_pool: Option<usize>,
     /// Largest HTTP request body, bytes.
     #[arg(long)]
     max_body: Option<usize>,
@@ -266,6 +274,17 @@ fn apply_limits(
         }
         l.messages_per_sec = r;
         l.message_burst = (r * 2.0).ceil().min(f64::from(u32::MAX)) as u32;
+    }
+    if let Some(r) = a.max_bytes_per_sec.or(file.max_bytes_per_sec) {
+        // Below one largest frame a second, a worker could wait seconds for each frame.
+        if !(r.is_finite() && r >= 1024.0) {
+            bail!("max-bytes-per-sec must be a number of at least 1024");
+        }
+        l.bytes_per_sec = r;
+        l.byte_burst = (r * 4.0).ceil().min(f64::from(u32::MAX)) as u32;
+    }
+    if let Some(n) = a.registration_pool.or(file.registration_pool) {
+        l.registration_pool = n;
     }
     if let Some(n) = a.max_body.or(file.max_body) {
         cfg.max_body = n;
@@ -690,7 +709,8 @@ mod tests {
             dir.path(),
             "[coordinator]\nmax_connections = 100\nconnects_per_sec = 3.0\nlimit_loopback = true\n\
              handshake_timeout = \"4s\"\nmax_messages_per_sec = 50.0\nmax_body = 4096\n\
-             max_checkpoint_bytes = 1000000\nmax_frame = 2097152\n",
+             max_checkpoint_bytes = 1000000\nmax_frame = 2097152\nmax_bytes_per_sec = 65536.0\n\
+             registration_pool = 1024\n",
         );
         let parse = |flags: &[&str]| {
             let c = Coord::try_parse_from(["t"].iter().chain(flags)).expect("flags");
@@ -707,6 +727,8 @@ mod tests {
         assert_eq!(cfg.max_body, 4096);
         assert_eq!(cfg.max_checkpoint_bytes, 1_000_000);
         assert_eq!(cfg.max_frame, 2_097_152);
+        assert_eq!((l.bytes_per_sec, l.byte_burst), (65_536.0, 262_144));
+        assert_eq!(l.registration_pool, 1024);
         // A flag wins over the file.
         let cfg = parse(&["--max-connections", "7", "--max-checkpoint-bytes", "99"]).expect("c");
         assert_eq!(cfg.limits.max_connections, 7);
@@ -714,6 +736,8 @@ mod tests {
         // Nonsense is refused with the setting's name.
         let e = parse(&["--max-checkpoint-bytes", "0"]).expect_err("zero");
         assert!(e.to_string().contains("max-checkpoint-bytes"), "{e}");
+        let e = parse(&["--max-bytes-per-sec", "10"]).expect_err("too few");
+        assert!(e.to_string().contains("max-bytes-per-sec"), "{e}");
         let e = parse(&["--max-messages-per-sec=-1"]).expect_err("negative");
         assert!(e.to_string().contains("max-messages-per-sec"), "{e}");
         let e = parse(&["--message-mac"]).expect_err("no secret");
@@ -775,6 +799,8 @@ mod tests {
             ("limit_loopback", "true".into(), String::new()),
             ("handshake_timeout", "\"4s\"".into(), String::new()),
             ("max_messages_per_sec", "50.0".into(), String::new()),
+            ("max_bytes_per_sec", "65536.0".into(), String::new()),
+            ("registration_pool", "1024".into(), String::new()),
             ("max_body", "4096".into(), String::new()),
             ("max_checkpoint_bytes", "1000000".into(), String::new()),
             ("admin_token_file", secret.clone(), String::new()),

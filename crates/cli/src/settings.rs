@@ -39,6 +39,8 @@ pub struct CoordinatorFile {
     pub limit_loopback: Option<bool>,
     pub handshake_timeout: Option<String>,
     pub max_messages_per_sec: Option<f64>,
+    pub max_bytes_per_sec: Option<f64>,
+    pub registration_pool: Option<usize>,
     pub max_body: Option<usize>,
     pub max_checkpoint_bytes: Option<u64>,
     pub admin_token_file: Option<PathBuf>,
