@@ -90,7 +90,8 @@ pub struct CoordinatorArgs {
     #[arg(long)]
     max_messages_per_sec: Option<f64>,
     /// Decoded bytes per second of one worker session (inflated, for compressed frames;
-    /// burst: 4 s worth); excess waits.
+    /// burst: 4 s worth, at least one largest frame); excess waits. The largest frame must pass within a third of the
+    /// heartbeat timeout.
     #[arg(long)]
     max_bytes_per_sec: Option<f64>,
     /// Bytes shared by the WebSocket connections that read past their own 64 KiB before they
@@ -276,12 +277,14 @@ fn apply_limits(
         l.message_burst = (r * 2.0).ceil().min(f64::from(u32::MAX)) as u32;
     }
     if let Some(r) = a.max_bytes_per_sec.or(file.max_bytes_per_sec) {
-        // Below one largest frame a second, a worker could wait seconds for each frame.
-        if !(r.is_finite() && r >= 1024.0) {
-            bail!("max-bytes-per-sec must be a number of at least 1024");
+        // How low it may go depends on the frame size and heartbeat timeout: `validate`.
+        if !(r.is_finite() && r > 0.0) {
+            bail!("max-bytes-per-sec must be a positive number");
         }
         l.bytes_per_sec = r;
-        l.byte_burst = (r * 4.0).ceil().min(f64::from(u32::MAX)) as u32;
+        // At least one largest frame, which must pass whole.
+        let burst = (r * 4.0).max(cfg.max_frame as f64);
+        l.byte_burst = burst.ceil().min(f64::from(u32::MAX)) as u32;
     }
     if let Some(n) = a.registration_pool.or(file.registration_pool) {
         l.registration_pool = n;
@@ -709,7 +712,7 @@ mod tests {
             dir.path(),
             "[coordinator]\nmax_connections = 100\nconnects_per_sec = 3.0\nlimit_loopback = true\n\
              handshake_timeout = \"4s\"\nmax_messages_per_sec = 50.0\nmax_body = 4096\n\
-             max_checkpoint_bytes = 1000000\nmax_frame = 2097152\nmax_bytes_per_sec = 65536.0\n\
+             max_checkpoint_bytes = 1000000\nmax_frame = 2097152\nmax_bytes_per_sec = 4194304.0\n\
              registration_pool = 1024\n",
         );
         let parse = |flags: &[&str]| {
@@ -727,7 +730,7 @@ mod tests {
         assert_eq!(cfg.max_body, 4096);
         assert_eq!(cfg.max_checkpoint_bytes, 1_000_000);
         assert_eq!(cfg.max_frame, 2_097_152);
-        assert_eq!((l.bytes_per_sec, l.byte_burst), (65_536.0, 262_144));
+        assert_eq!((l.bytes_per_sec, l.byte_burst), (4_194_304.0, 16_777_216));
         assert_eq!(l.registration_pool, 1024);
         // A flag wins over the file.
         let cfg = parse(&["--max-connections", "7", "--max-checkpoint-bytes", "99"]).expect("c");
@@ -736,7 +739,10 @@ mod tests {
         // Nonsense is refused with the setting's name.
         let e = parse(&["--max-checkpoint-bytes", "0"]).expect_err("zero");
         assert!(e.to_string().contains("max-checkpoint-bytes"), "{e}");
-        let e = parse(&["--max-bytes-per-sec", "10"]).expect_err("too few");
+        // 2 MiB frames (the file's) at 64 KiB/s would hold a session 32 s.
+        let e = parse(&["--max-bytes-per-sec", "65536"]).expect_err("too few");
+        assert!(e.to_string().contains("--max-bytes-per-sec"), "{e}");
+        let e = parse(&["--max-bytes-per-sec=-1"]).expect_err("negative");
         assert!(e.to_string().contains("max-bytes-per-sec"), "{e}");
         let e = parse(&["--max-messages-per-sec=-1"]).expect_err("negative");
         assert!(e.to_string().contains("max-messages-per-sec"), "{e}");
@@ -799,7 +805,7 @@ mod tests {
             ("limit_loopback", "true".into(), String::new()),
             ("handshake_timeout", "\"4s\"".into(), String::new()),
             ("max_messages_per_sec", "50.0".into(), String::new()),
-            ("max_bytes_per_sec", "65536.0".into(), String::new()),
+            ("max_bytes_per_sec", "33554432.0".into(), String::new()),
             ("registration_pool", "1024".into(), String::new()),
             ("max_body", "4096".into(), String::new()),
             ("max_checkpoint_bytes", "1000000".into(), String::new()),

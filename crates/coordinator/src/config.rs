@@ -196,6 +196,32 @@ impl CoordinatorConfig {
                 "0 refuses every request with a body, every submission among them: at least 1",
             ));
         }
+        // A session over its byte rate reads nothing, heartbeats included, until the rate
+        // allows the next frame: the largest frame must not keep it waiting near its timeout.
+        let l = &self.limits;
+        let frame = self.max_frame as f64;
+        let longest_wait = frame / l.bytes_per_sec;
+        let allowed = self.heartbeat_timeout.as_secs_f64() / 3.0;
+        if !(l.bytes_per_sec.is_finite() && l.bytes_per_sec > 0.0) || longest_wait > allowed {
+            return Err(ConfigError::new(
+                "max_bytes_per_sec",
+                format!(
+                    "{} would hold a session {longest_wait:.1} s for one largest frame ({} bytes),                      past a third of the heartbeat timeout ({allowed:.1} s): at least {:.0}",
+                    l.bytes_per_sec,
+                    self.max_frame,
+                    (frame / allowed).ceil()
+                ),
+            ));
+        }
+        if (l.byte_burst as usize) < self.max_frame {
+            return Err(ConfigError::new(
+                "byte_burst",
+                format!(
+                    "{} is below the largest frame ({} bytes): at least that",
+                    l.byte_burst, self.max_frame
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -273,7 +299,7 @@ mod tests {
         let base = || CoordinatorConfig::new(&data);
         base().validate().expect("the defaults");
         type Spoil = fn(&mut CoordinatorConfig);
-        let cases: [(&str, Spoil); 7] = [
+        let cases: [(&str, Spoil); 10] = [
             ("heartbeat_interval", |c| {
                 c.heartbeat_interval = Duration::ZERO
             }),
@@ -287,6 +313,12 @@ mod tests {
             ("max_checkpoint_bytes", |c| c.max_checkpoint_bytes = 0),
             ("max_connections", |c| c.limits.max_connections = 0),
             ("max_body", |c| c.max_body = 0),
+            // 16 MiB at 1 MiB/s: a session held 16 s, past a third of 15 s.
+            ("max_bytes_per_sec", |c| {
+                c.limits.bytes_per_sec = 1024.0 * 1024.0
+            }),
+            ("max_bytes_per_sec", |c| c.limits.bytes_per_sec = f64::NAN),
+            ("byte_burst", |c| c.limits.byte_burst = 1024),
         ];
         for (field, spoil) in cases {
             let mut c = base();
