@@ -124,8 +124,8 @@ pub struct Admission {
     open: Arc<AtomicUsize>,
     per_addr: HashMap<IpAddr, Bucket>,
     counters: Arc<Counters>,
-    /// Bytes left of `limits.registration_pool`.
-    pool: Arc<AtomicUsize>,
+    /// `limits.registration_pool`, and who drew from it.
+    pool: Arc<Pool>,
 }
 
 impl Admission {
@@ -133,7 +133,7 @@ impl Admission {
         Self {
             inner,
             tls: None,
-            pool: Arc::new(AtomicUsize::new(limits.registration_pool)),
+            pool: Arc::new(Pool::new(limits.registration_pool)),
             limits,
             open: Arc::new(AtomicUsize::new(0)),
             per_addr: HashMap::new(),
@@ -211,7 +211,10 @@ impl axum::serve::Listener for Admission {
                 open: self.open.clone(),
                 first_byte: Some(Box::pin(tokio::time::sleep(self.limits.handshake_timeout))),
                 counters: self.counters.clone(),
-                entry: Arc::new(Entry::new(self.pool.clone())),
+                entry: Arc::new(Entry::new(
+                    self.pool.clone(),
+                    pool_key(addr.ip(), self.limits.limit_loopback),
+                )),
                 entry_read: 0,
             };
             return (io, addr);
@@ -246,7 +249,87 @@ pub struct Entry {
     state: AtomicU8,
     /// Bytes taken from the pool, given back when the session registers or the connection ends.
     drawn: AtomicUsize,
-    pool: Arc<AtomicUsize>,
+    pool: Arc<Pool>,
+    /// Whose share of the pool it draws on; `None`: no share (loopback, unless limited).
+    key: Option<IpAddr>,
+}
+
+/// Bytes shared by the connections reading past their own budget before registration. One
+/// source (an IPv4 address, an IPv6 /64) holds at most an eighth of it at once, so that a
+/// client that never registers cannot keep every honest worker's long registration out.
+pub struct Pool {
+    left: AtomicUsize,
+    share: usize,
+    drawn_by: std::sync::Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// The source whose share of the registration pool a connection from `ip` draws on: an IPv6
+/// address by its /64 (one host's usual allocation); none for loopback unless loopback is
+/// limited too.
+fn pool_key(ip: IpAddr, limit_loopback: bool) -> Option<IpAddr> {
+    let ip = ip.to_canonical();
+    if ip.is_loopback() && !limit_loopback {
+        return None;
+    }
+    Some(match ip {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        v4 => v4,
+    })
+}
+
+/// The part of the pool one source may hold: 1 / this.
+const POOL_SHARES: usize = 8;
+
+impl Pool {
+    pub fn new(bytes: usize) -> Self {
+        Self {
+            left: AtomicUsize::new(bytes),
+            share: bytes / POOL_SHARES,
+            drawn_by: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn drawn_by(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.drawn_by.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes `n` bytes for `key`'s connection, within its share; false if either is short.
+    fn draw(&self, key: Option<IpAddr>, n: usize) -> bool {
+        let mut by = key.map(|_| self.drawn_by());
+        if let (Some(by), Some(k)) = (&mut by, key)
+            && by.get(&k).copied().unwrap_or(0).saturating_add(n) > self.share
+        {
+            return false;
+        }
+        let taken = self
+            .left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(n)
+            })
+            .is_ok();
+        if taken && let (Some(by), Some(k)) = (&mut by, key) {
+            *by.entry(k).or_default() += n;
+        }
+        taken
+    }
+
+    fn give_back(&self, key: Option<IpAddr>, n: usize) {
+        if let Some(k) = key {
+            let mut by = self.drawn_by();
+            if let Some(d) = by.get_mut(&k) {
+                *d = d.saturating_sub(n);
+                if *d == 0 {
+                    by.remove(&k);
+                }
+            }
+        }
+        self.left.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Bytes left.
+    pub fn left(&self) -> usize {
+        self.left.load(Ordering::Relaxed)
+    }
 }
 
 /// Not armed: an HTTP connection (or one whose upgrade is being answered).
@@ -259,11 +342,12 @@ const ENTRY_REGISTERED: u8 = 2;
 const ENTRY_OVER: u8 = 3;
 
 impl Entry {
-    fn new(pool: Arc<AtomicUsize>) -> Self {
+    fn new(pool: Arc<Pool>, key: Option<IpAddr>) -> Self {
         Self {
             state: AtomicU8::new(ENTRY_HTTP),
             drawn: AtomicUsize::new(0),
             pool,
+            key,
         }
     }
 
@@ -297,7 +381,7 @@ impl Entry {
     fn give_back(&self) {
         let drawn = self.drawn.swap(0, Ordering::Relaxed);
         if drawn > 0 {
-            self.pool.fetch_add(drawn, Ordering::Relaxed);
+            self.pool.give_back(self.key, drawn);
         }
     }
 
@@ -317,12 +401,7 @@ impl Entry {
         if want == 0 {
             return Count::Within;
         }
-        let drawn = self
-            .pool
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
-                left.checked_sub(want)
-            });
-        if drawn.is_ok() {
+        if self.pool.draw(self.key, want) {
             self.drawn.fetch_add(want, Ordering::Relaxed);
             return Count::Within;
         }
@@ -536,22 +615,22 @@ mod tests {
     fn a_connection_before_registration_reads_its_budget_then_the_pool_and_gives_back_what_it_drew()
     {
         let own = PRE_REGISTRATION_BYTES;
-        let pool = Arc::new(AtomicUsize::new(100));
-        let left = || pool.load(Ordering::Relaxed);
+        let pool = Arc::new(Pool::new(100));
+        let left = || pool.left();
 
-        let http = Entry::new(pool.clone());
+        let http = Entry::new(pool.clone(), None);
         let mut read = 0;
         assert_eq!(http.count(&mut read, 64 << 20), Count::Within);
         assert_eq!((read, left()), (0, 100));
 
-        let ws = Entry::new(pool.clone());
+        let ws = Entry::new(pool.clone(), None);
         ws.arm();
         let mut read = 0;
         assert_eq!(ws.count(&mut read, own), Count::Within);
         assert_eq!(left(), 100, "its own budget");
         assert_eq!(ws.count(&mut read, 60), Count::Within);
         assert_eq!(left(), 40);
-        let other = Entry::new(pool.clone());
+        let other = Entry::new(pool.clone(), None);
         other.arm();
         let mut other_read = 0;
         assert_eq!(other.count(&mut other_read, own + 50), Count::Overflowed);
@@ -562,12 +641,57 @@ mod tests {
         assert_eq!(ws.count(&mut read, 64 << 20), Count::Within);
         assert_eq!(left(), 100, "nothing counted once registered");
 
-        let dropped = Entry::new(pool.clone());
+        let dropped = Entry::new(pool.clone(), None);
         dropped.arm();
         let mut read = 0;
         assert_eq!(dropped.count(&mut read, own + 30), Count::Within);
         assert_eq!(left(), 70);
         dropped.give_back();
         assert_eq!(left(), 100, "given back when the connection ends");
+    }
+
+    /// One source holds at most an eighth of the pool, however many connections it opens;
+    /// others still draw, and a share comes back as its connections give back.
+    #[test]
+    fn one_source_holds_at_most_an_eighth_of_the_registration_pool() {
+        let own = PRE_REGISTRATION_BYTES;
+        let pool = Arc::new(Pool::new(800));
+        let attacker = Some(IpAddr::from([192, 0, 2, 1]));
+        let honest = Some(IpAddr::from([198, 51, 100, 7]));
+        let armed = |key| {
+            let e = Entry::new(pool.clone(), key);
+            e.arm();
+            e
+        };
+        let (a1, a2) = (armed(attacker), armed(attacker));
+        let (mut r1, mut r2) = (0, 0);
+        assert_eq!(a1.count(&mut r1, own + 60), Count::Within);
+        assert_eq!(
+            a2.count(&mut r2, own + 41),
+            Count::Overflowed,
+            "past its share"
+        );
+        assert_eq!(pool.left(), 740);
+        let h = armed(honest);
+        let mut rh = 0;
+        assert_eq!(h.count(&mut rh, own + 100), Count::Within, "its own share");
+        assert_eq!(pool.left(), 640);
+        a1.give_back();
+        let a3 = armed(attacker);
+        let mut r3 = 0;
+        assert_eq!(
+            a3.count(&mut r3, own + 100),
+            Count::Within,
+            "its share back"
+        );
+        // An IPv6 source is its /64; a mapped IPv4 address is that address; loopback has no
+        // share unless limited.
+        let key = |ip: &str, limited| pool_key(ip.parse().expect("ip"), limited);
+        assert_eq!(key("2001:db8::1", false), key("2001:db8::ffff:1", false));
+        assert_ne!(key("2001:db8::1", false), key("2001:db8:0:1::1", false));
+        assert_eq!(key("::ffff:192.0.2.1", false), attacker);
+        assert_eq!(key("127.0.0.1", false), None);
+        assert_eq!(key("::1", false), None);
+        assert!(key("127.0.0.1", true).is_some());
     }
 }

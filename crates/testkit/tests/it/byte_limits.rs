@@ -130,8 +130,11 @@ async fn http_requests_of_megabytes_are_not_held_to_the_budget_before_registrati
 async fn a_session_inflating_more_than_its_byte_rate_is_paced_and_others_are_not() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    // Frames up to 1.25 MiB, a burst of one of them, and a rate that passes one within a
+    // third of the 2 s heartbeat timeout (the least the configuration accepts).
+    cfg.max_frame = 1280 * 1024;
     cfg.limits.bytes_per_sec = 2.0 * 1024.0 * 1024.0;
-    cfg.limits.byte_burst = 1024 * 1024;
+    cfg.limits.byte_burst = 1280 * 1024;
     let c = spawn_coordinator_with(cfg, None).await;
 
     let mut m = Raw::connect(&c, "inflater").await;
@@ -141,7 +144,7 @@ async fn a_session_inflating_more_than_its_byte_rate_is_paced_and_others_are_not
     let ack = m.next_of("registration_ack").await;
     assert_eq!(ack["compression"], "zstd", "{ack}");
     // Six frames of a few KiB on the wire, 1 MiB each once inflated: 6 MiB to decode against a
-    // burst of 1 MiB and 2 MiB a second. Each past the second waits for the debt of the one
+    // burst of 1.25 MiB and 2 MiB a second. Each past the second waits for the debt of the one
     // before it.
     let frames: Vec<Vec<u8>> = (0..6)
         .map(|i| tether_proto::compress::deflate(&padded_heartbeat(2001 + i, 1 << 20)))
