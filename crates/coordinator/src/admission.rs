@@ -94,6 +94,12 @@ impl Bucket {
         }
     }
 
+    /// Whether the whole burst is saved up by `now`.
+    pub fn is_full(&mut self, now: Instant, rate: Rate) -> bool {
+        self.refill(now, rate);
+        self.tokens >= rate.burst
+    }
+
     /// Whether a token is there, taking none.
     pub fn ready(&mut self, now: Instant, rate: Rate) -> bool {
         self.refill(now, rate);

@@ -745,6 +745,7 @@ mod tests {
             history: Arc::new(crate::dashboard::History::new(Duration::from_secs(1))),
             stop: tokio_util::sync::CancellationToken::new(),
             heavy: Arc::new(tokio::sync::Semaphore::new(HEAVY_AT_ONCE)),
+            paces: crate::ws::Paces::default(),
         };
         (Arc::new(app), asked)
     }

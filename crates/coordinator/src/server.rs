@@ -36,6 +36,8 @@ pub struct AppState {
     pub stop: CancellationToken,
     /// Turns for answers that may run to many megabytes ([`crate::http::HEAVY_AT_ONCE`]).
     pub heavy: Arc<tokio::sync::Semaphore>,
+    /// The message and byte rates of workers between sessions.
+    pub paces: crate::ws::Paces,
 }
 
 /// How long a stopping coordinator waits for its HTTP connections to finish what they send.
@@ -114,6 +116,7 @@ pub async fn run_with(
         history: Arc::new(History::new(cfg.history_interval)),
         stop: stop.clone(),
         heavy: Arc::new(tokio::sync::Semaphore::new(crate::http::HEAVY_AT_ONCE)),
+        paces: crate::ws::Paces::default(),
     });
     let sampler = tokio::spawn(dashboard::sample(
         state.clone(),

@@ -497,6 +497,64 @@ async fn a_frame_flood_is_rate_limited_per_session_and_honest_workers_are_not() 
     c.stop().await;
 }
 
+/// Sends `n` heartbeats at once and waits for the answer to the last.
+async fn heartbeats(raw: &mut Raw, first: u64, n: u64) {
+    for sequence in first..first + n {
+        let hb =
+            json!({"type": "heartbeat", "sequence": sequence, "timestamp": chrono::Utc::now()});
+        raw.ws
+            .feed(Message::text(hb.to_string()))
+            .await
+            .expect("feed");
+    }
+    raw.ws.flush().await.expect("flush");
+    loop {
+        let v = raw.next().await;
+        if v["type"] == "heartbeat" && v["response_to"] == first + n - 1 {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_reconnect_does_not_refill_a_workers_message_rate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    // A burst of 50, refilled at 5 a second: a second session soon after has few to spend.
+    cfg.limits.messages_per_sec = 5.0;
+    cfg.limits.message_burst = 50;
+    let c = spawn_coordinator_with(cfg, None).await;
+    let client = c.client();
+    let mut w = Raw::connect(&c, "rebursting").await;
+    let reg = w.registration(None, &[]);
+    w.send(&reg).await;
+    w.next_of("registration_ack").await;
+    heartbeats(&mut w, 1, 40).await;
+    assert_eq!(
+        counter(&client.overview().await, "rate_limited"),
+        0,
+        "within the burst"
+    );
+    let _ = w.ws.close(None).await;
+    wait_for("the session to end", DEADLINE, || async {
+        let ws: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
+        (ws[0]["state"] == "disconnected").then_some(())
+    })
+    .await;
+    // Back at once: the burst it spent is still spent.
+    let mut w = Raw::connect(&c, "rebursting").await;
+    let reg = w.registration(None, &[]);
+    w.send(&reg).await;
+    w.next_of("registration_ack").await;
+    heartbeats(&mut w, 100, 40).await;
+    let o = client.overview().await;
+    assert!(
+        counter(&o, "rate_limited") >= 1,
+        "a fresh burst after reconnecting: {o}"
+    );
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn slow_loris_upgrades_are_cut_at_the_handshake_deadline_and_honest_workers_connect() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
