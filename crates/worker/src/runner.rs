@@ -480,6 +480,11 @@ impl Runner {
         // that ended on its own (exited 0 just before its deadline while its executor still
         // cleaned up, or finished as the worker began to stop) reports what it returned.
         let stopped = matches!(res, Err(ExecError::Cancelled | ExecError::Stopped { .. }));
+        // A store the executor asked for may still run on the blocking pool though the future
+        // that awaited it was dropped (cancel, timeout): its end waits for it, so the finished
+        // hook's forgetting of the task's checkpoints comes after it, not before. Held until
+        // that hook ran; a store asked for later finds the attempt ended and stores nothing.
+        let _stores = shared.storing.clone().lock_owned().await;
         // A reported attempt's directory is of no more use: its result says how it ended. One
         // stopped without a result keeps it, for the attempt that replaces it or the next
         // start. Removed before `ended`: a newer attempt of the task, which would use it,
@@ -1076,6 +1081,109 @@ mod tests {
             "the newer started {waited:?} after the older was cancelled, which took {stopping:?}"
         );
         runner.shutdown(Duration::from_secs(1)).await;
+    }
+
+    /// Asks for a checkpoint, drops the future that awaits it once its store began (as a
+    /// command task's supervisor does when cancelled), and returns.
+    struct DropsCheckpoint {
+        store_began: Arc<tokio::sync::Notify>,
+        returned: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Executor for DropsCheckpoint {
+        fn execute(
+            &self,
+            _input: TaskInput,
+            ctx: TaskCtx,
+        ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
+            let (began, returned) = (self.store_began.clone(), self.returned.clone());
+            Box::pin(async move {
+                let began = began.notified();
+                tokio::select! {
+                    _ = ctx.checkpoint(b"late".to_vec()) => panic!("the store was held back"),
+                    () = began => {}
+                }
+                returned.store(true, Ordering::SeqCst);
+                Ok(serde_json::json!({}))
+            })
+        }
+    }
+
+    /// A checkpoint store still running on the blocking pool when the future that awaited it
+    /// was dropped lands before the task's end forgets its checkpoints, not after: a finished
+    /// task leaves no checkpoint in the state directory to be restored at the next start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_whose_future_was_dropped_lands_before_the_finished_task_forgets_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (sd, _) = crate::statedir::StateDir::open(
+            dir.path(),
+            &tether_proto::WorkerId::parse("w").expect("id"),
+        )
+        .expect("open");
+        let store_began = Arc::new(tokio::sync::Notify::new());
+        let returned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Mutex::new(released);
+        let landed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (began, store_sd, finish_sd) = (store_began.clone(), sd.clone(), sd.clone());
+        let store_landed = landed.clone();
+        let mut executors = Executors::default();
+        executors.register(
+            "echo",
+            DropsCheckpoint {
+                store_began: store_began.clone(),
+                returned: returned.clone(),
+            },
+        );
+        let runner = Arc::new(
+            Runner::new(
+                executors,
+                Arc::new(Outbox::new(Limits::default())),
+                64 * 1024,
+            )
+            .with_checkpoint_sink(Arc::new(move |task, cp| {
+                // A slow store: it lands once the test lets it (bounded, not to hang).
+                began.notify_one();
+                let rx = released.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = rx.recv_timeout(Duration::from_secs(10));
+                store_sd.store_checkpoint(task, cp).expect("store");
+                store_landed.store(true, Ordering::SeqCst);
+            }))
+            .with_finished_hook(Arc::new(move |task, attempt| {
+                finish_sd.task_finished(task, attempt).expect("finished");
+            })),
+        );
+        runner.assign(assignment("t", 1, None));
+        // The executor returned, its checkpoint's future dropped, the store still under way.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !returned.load(Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the executor never returned"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        release.send(()).expect("release");
+        runner.tracker.close();
+        tokio::time::timeout(Duration::from_secs(10), runner.tracker.wait())
+            .await
+            .expect("the task ended");
+        // The store has landed (the blocking pool runs it to its end whatever the runner does).
+        while !landed.load(Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the store never landed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let stored = sd
+            .latest_checkpoint(&TaskId::parse("t").expect("id"))
+            .expect("read");
+        assert!(
+            stored.is_none(),
+            "the finished task left a checkpoint: {:?}",
+            stored.map(|c| c.id)
+        );
     }
 
     /// The results in `outbox`, unsent, by task.

@@ -243,8 +243,10 @@ pub(crate) struct TaskShared {
     pub ended: CancellationToken,
     pub state: Mutex<StateJson>,
     /// Held while a checkpoint is stored and made the latest: stores of one task, which run on
-    /// the blocking pool, land in the order they were asked for.
-    pub storing: tokio::sync::Mutex<()>,
+    /// the blocking pool, land in the order they were asked for. The store's closure owns the
+    /// guard, so a store whose awaiting future was dropped (cancel, timeout) still holds it
+    /// until it landed; the runner takes it before the attempt's end forgets its checkpoints.
+    pub storing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl TaskShared {
@@ -265,7 +267,7 @@ impl TaskShared {
             reuploading: AtomicBool::new(false),
             ended: CancellationToken::new(),
             state: Mutex::new(StateJson::from(serde_json::Value::Null)),
-            storing: tokio::sync::Mutex::new(()),
+            storing: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -414,18 +416,34 @@ impl TaskCtx {
             attempt: self.shared.attempt,
             data: Arc::new(data),
         };
-        {
-            let _order = self.shared.storing.lock().await;
-            if let Some(sink) = &self.on_checkpoint {
-                // The state directory writes the whole blob (and SQLite may sync): not on a
-                // runtime thread, where it would stall the tasks sharing it, the session's
-                // among them. Awaited: the checkpoint is stored before it counts as written.
-                let (sink, task, cp) = (sink.clone(), self.shared.task_id.clone(), stored.clone());
-                if let Err(e) = tokio::task::spawn_blocking(move || sink(&task, &cp)).await {
+        let order = self.shared.storing.clone().lock_owned().await;
+        let shared = self.shared.clone();
+        let (sink, cp) = (self.on_checkpoint.clone(), stored.clone());
+        // INVARIANT: the guard moves into the store and is dropped only once it landed and
+        // was made the latest, even when this future is dropped meanwhile: a later store, or
+        // the runner forgetting the attempt's checkpoints at its end, waits for it.
+        let store = move || {
+            let _order = order;
+            // The attempt has ended (a store asked for by something the task left running):
+            // its checkpoints are forgotten, and one stored now would outlive the task.
+            if shared.ended.is_cancelled() {
+                return;
+            }
+            if let Some(sink) = &sink {
+                sink(&shared.task_id, &cp);
+            }
+            *shared.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(cp);
+        };
+        match &self.on_checkpoint {
+            // The state directory writes the whole blob (and SQLite may sync): not on a
+            // runtime thread, where it would stall the tasks sharing it, the session's among
+            // them. Awaited: the checkpoint is stored before it counts as written.
+            Some(_) => {
+                if let Err(e) = tokio::task::spawn_blocking(store).await {
                     tracing::error!(task = %self.shared.task_id, checkpoint = %id, error = %e, "storing a checkpoint failed");
                 }
             }
-            *self.shared.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored.clone());
+            None => store(),
         }
         self.shared
             .checkpoint_requested
