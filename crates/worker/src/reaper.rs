@@ -43,15 +43,41 @@ fn tracked() -> std::sync::MutexGuard<'static, Vec<(u32, Option<String>)>> {
 
 /// Makes this process a child subreaper (Linux `PR_SET_CHILD_SUBREAPER`): orphaned
 /// descendants re-parent to it instead of init. The process must reap them: an agent does so
-/// ([`run`]) as long as it runs. Elsewhere than Linux: `Unsupported`.
+/// ([`run`]) as long as it runs. Not done where `/proc/self/stat` cannot be read: the reaper
+/// finds adopted zombies in `/proc`, and without it every adopted process would stay a zombie
+/// (init reaps them when the worker is no subreaper). Elsewhere than Linux: `Unsupported`.
 pub fn become_subreaper() -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     {
-        nix::sys::prctl::set_child_subreaper(true).map_err(std::io::Error::from)
+        if let Some(error) = cannot_reap(std::fs::read_to_string("/proc/self/stat")) {
+            tracing::warn!(%error, "/proc/self/stat cannot be read, so adopted processes could not be found to reap: the worker does not become a subreaper (init reaps the orphans of tasks)");
+            return Err(error);
+        }
+        nix::sys::prctl::set_child_subreaper(true).map_err(std::io::Error::from)?;
+        tracing::info!(
+            "the worker is a subreaper: it adopts and reaps the orphans of tasks (/proc/self/stat is readable)"
+        );
+        Ok(())
     }
     #[cfg(not(target_os = "linux"))]
     {
         Err(std::io::ErrorKind::Unsupported.into())
+    }
+}
+
+/// Why this process could not reap the processes it would adopt, if it could not: `stat` is
+/// what reading its own `/proc/self/stat` gave. [`reap_adopted`] finds zombies in `/proc`.
+fn cannot_reap(stat: std::io::Result<String>) -> Option<std::io::Error> {
+    match stat {
+        Err(e) => Some(std::io::Error::new(
+            e.kind(),
+            format!("reading /proc/self/stat: {e}"),
+        )),
+        Ok(text) if Stat::parse(&text).is_none() => Some(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "/proc/self/stat does not read as a process status",
+        )),
+        Ok(_) => None,
     }
 }
 
@@ -146,6 +172,18 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// Without a readable `/proc`, adopted zombies could not be found: no subreaper then.
+    #[test]
+    fn the_worker_becomes_a_subreaper_only_with_a_readable_proc() {
+        let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+        assert!(cannot_reap(Err(missing)).is_some());
+        assert!(cannot_reap(Ok("not a status".into())).is_some());
+        let real = std::fs::read_to_string("/proc/self/stat");
+        if cfg!(target_os = "linux") {
+            assert!(cannot_reap(real).is_none());
+        }
+    }
 
     /// Set in the process of its own [`as_a_subreaper`] runs in.
     const CHILD_ENV: &str = "TETHER_TEST_SUBREAPER_CHILD";

@@ -46,7 +46,11 @@ pub(crate) struct Stat {
 
 impl Stat {
     pub(crate) fn read(pid: u32) -> Option<Self> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        Self::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+    }
+
+    /// Parses the text of a `/proc/<pid>/stat`.
+    pub(crate) fn parse(stat: &str) -> Option<Self> {
         // `pid (comm) state ppid pgrp ...`; comm may hold spaces and parentheses.
         let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
         let state = fields.next()?.chars().next()?;
