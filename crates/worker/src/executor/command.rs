@@ -724,7 +724,8 @@ struct TaskProcs {
 async fn terminate_group(child: &mut Child, procs: &TaskProcs, grace: Duration) {
     let pgid = procs.pgid;
     let in_group = signal_group(pgid, Signal::SIGTERM);
-    let escaped = marked(&procs.mark, Some(Signal::SIGTERM)).await > 0;
+    // The group's members carry the mark too: only those that left the group are signalled.
+    let escaped = marked(&procs.mark, Some((Signal::SIGTERM, pgid))).await > 0;
     if in_group || escaped {
         signal_group(pgid, Signal::SIGCONT);
         let deadline = Instant::now() + grace;
@@ -759,12 +760,16 @@ async fn terminate_draining(
     }
 }
 
-/// Counts the live processes carrying `mark` (a look at `/proc`, off the async threads), and
-/// sends them `sig` (with SIGCONT) when given.
-async fn marked(mark: &Arc<str>, sig: Option<Signal>) -> usize {
+/// Counts the live processes carrying `mark` (a look at `/proc`, off the async threads), or,
+/// given a signal and the group signalled already, sends it (with SIGCONT) to those outside
+/// that group and counts them.
+async fn marked(mark: &Arc<str>, sig: Option<(Signal, Pid)>) -> usize {
     let mark = mark.clone();
     let look = move || match sig {
-        Some(sig) => super::procs::signal_marked(&mark, sig),
+        Some((sig, pgid)) => {
+            let group = u32::try_from(pgid.as_raw()).ok();
+            super::procs::signal_marked(&mark, sig, group)
+        }
         None => super::procs::marked(&mark).len(),
     };
     tokio::task::spawn_blocking(look).await.unwrap_or(0)
@@ -1221,6 +1226,33 @@ mod tests {
             while [ ! -e "$D/child.pid" ]; do sleep 0.01; done
             {rest}"#
         )
+    }
+
+    /// A process that traps SIGTERM acts on it once when its task is cancelled: a member of
+    /// the task's group, which carries the task's mark too, is not signalled again as one that
+    /// left the group.
+    #[tokio::test]
+    async fn a_cancelled_task_s_process_gets_one_sigterm() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, control) = ctx(1);
+        // Once terminated, it keeps running a while, for a second SIGTERM to be seen, then
+        // exits by itself.
+        let script = r#"trap 'echo term >> "$D/terms"' TERM
+            touch "$D/ready"
+            n=0
+            while [ "$n" -lt 20 ]; do
+                sleep 0.05
+                [ -e "$D/terms" ] && n=$((n + 1))
+            done"#;
+        let config = serde_json::json!({"shell": script, "env": {"D": dir.path()}});
+        let executor = CommandExecutor::default().with_kill_grace(PATIENCE);
+        let run = tokio::spawn(executor.execute(input(config), ctx));
+        wait_for("the script to start", || dir.path().join("ready").exists()).await;
+
+        control.cancel();
+        run.await.expect("joined").ok();
+        let terms = std::fs::read_to_string(dir.path().join("terms")).expect("terms");
+        assert_eq!(terms, "term\n", "SIGTERMs seen");
     }
 
     /// Whether `pid` runs in a session other than this process's (it left the task's group).

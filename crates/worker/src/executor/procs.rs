@@ -40,6 +40,8 @@ pub(crate) fn pids() -> impl Iterator<Item = u32> {
 pub(crate) struct Stat {
     pub state: char,
     pub ppid: u32,
+    /// Process group.
+    pub pgrp: u32,
     /// Start time (clock ticks after boot): with the pid, tells a reused pid apart.
     pub start: String,
 }
@@ -55,8 +57,14 @@ impl Stat {
         let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
         let state = fields.next()?.chars().next()?;
         let ppid = fields.next()?.parse().ok()?;
-        let start = fields.nth(17)?.to_owned();
-        Some(Self { state, ppid, start })
+        let pgrp = fields.next()?.parse().ok()?;
+        let start = fields.nth(16)?.to_owned();
+        Some(Self {
+            state,
+            ppid,
+            pgrp,
+            start,
+        })
     }
 
     /// A zombie (or dead) process runs no more; it only waits to be reaped.
@@ -95,9 +103,13 @@ pub(crate) fn marked(mark: &str) -> Vec<u32> {
 }
 
 /// Sends `sig` (and SIGCONT after it, for a stopped process to act on it) to every process of
-/// `mark`; returns how many there were.
-pub(crate) fn signal_marked(mark: &str, sig: Signal) -> usize {
-    let found = marked(mark);
+/// `mark` outside the process group `signalled`, which the caller signalled already (a process
+/// that traps the signal would otherwise act on it twice); returns how many it signalled.
+pub(crate) fn signal_marked(mark: &str, sig: Signal, signalled: Option<u32>) -> usize {
+    let found: Vec<u32> = marked(mark)
+        .into_iter()
+        .filter(|pid| signalled.is_none() || Stat::read(*pid).map(|s| s.pgrp) != signalled)
+        .collect();
     for pid in &found {
         signal(*pid, sig);
         if sig != Signal::SIGKILL {
@@ -165,5 +177,54 @@ mod tests {
             Some(9)
         );
         assert!(marked(&mark).is_empty());
+    }
+
+    /// Kills `sleep 300` on drop: a failed assertion does not leave it running.
+    struct Sleeper(std::process::Child);
+
+    impl Drop for Sleeper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// The members of the group the caller signalled already get no second signal; a marked
+    /// process outside it does.
+    #[test]
+    fn marked_processes_of_the_signalled_group_are_not_signalled_again() {
+        let mark = format!("test-{}:t:1", uuid::Uuid::new_v4().simple());
+        let sleeper = || {
+            std::process::Command::new("sleep")
+                .arg("300")
+                .env(MARK_ENV, &mark)
+                .process_group(0)
+                .spawn()
+                .map(Sleeper)
+                .expect("spawn sleep")
+        };
+        let (mut member, mut outside) = (sleeper(), sleeper());
+        // Each leads a group of its own: the first's is the one signalled already.
+        assert_eq!(
+            signal_marked(&mark, Signal::SIGTERM, Some(member.0.id())),
+            1
+        );
+        let status = outside.0.wait().expect("reap");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(15)
+        );
+        assert!(
+            matches!(member.0.try_wait(), Ok(None)),
+            "the member of the signalled group was signalled again"
+        );
+    }
+
+    #[test]
+    fn a_stat_reads_its_group() {
+        let stat =
+            Stat::parse("42 (a (b) c) S 1 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 777 0 0")
+                .expect("stat");
+        assert_eq!((stat.ppid, stat.pgrp, stat.start.as_str()), (1, 42, "777"));
     }
 }
