@@ -207,6 +207,18 @@ mod tests {
         assert!(text.contains("1 passed"), "the test did not run: {text}");
     }
 
+    /// SIGKILLs a pid when dropped.
+    struct KillOnDrop(u32);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if let Ok(pid) = i32::try_from(self.0) {
+                let _ =
+                    nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+
     async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
         let deadline = std::time::Instant::now() + PATIENCE;
         while !cond() {
@@ -249,6 +261,8 @@ mod tests {
             pid != 0
         })
         .await;
+        // Killed when dropped: a failed assertion does not leave the `sleep 300` running.
+        let _orphan_guard = KillOnDrop(pid);
         let me = std::process::id();
         wait_for("the orphan to be adopted", || {
             Stat::read(pid).is_some_and(|s| s.ppid == me)

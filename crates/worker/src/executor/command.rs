@@ -1228,6 +1228,18 @@ mod tests {
         )
     }
 
+    /// SIGKILLs a process the test started outside any `Child` (one that left the task's
+    /// group) when dropped: a failed assertion does not leave its `sleep 300` running.
+    struct KillOnDrop(u32);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if let Ok(pid) = i32::try_from(self.0) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+
     /// A process that traps SIGTERM acts on it once when its task is cancelled: a member of
     /// the task's group, which carries the task's mark too, is not signalled again as one that
     /// left the group.
@@ -1280,6 +1292,7 @@ mod tests {
             let config = serde_json::json!({"shell": script, "env": {"D": dir.path()}});
             let run = tokio::spawn(exec(config, ctx));
             let escaped = read_pid(&dir.path().join("child.pid")).await;
+            let _escaped_guard = KillOnDrop(escaped);
             assert!(in_own_session(escaped), "the process left the group");
             if cancel {
                 control.cancel();
@@ -1313,7 +1326,9 @@ mod tests {
             r = &mut run => panic!("the task ended: {r:?}"),
             pid = read_pid(&leader_file) => pid,
         };
+        let _leader_guard = KillOnDrop(leader);
         let escaped = read_pid(&dir.path().join("child.pid")).await;
+        let _escaped_guard = KillOnDrop(escaped);
         assert!(record.exists(), "the group is recorded");
         // The worker dies: nothing of the execution runs again, no destructor either.
         std::mem::forget(run);
