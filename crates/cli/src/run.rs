@@ -404,7 +404,7 @@ fn keep_memory_private() {
 fn adopt_orphans() {
     #[cfg(target_os = "linux")]
     if let Err(e) = tether_worker::reaper::become_subreaper() {
-        tracing::warn!(error = %e, "cannot adopt the orphans of tasks (prctl)");
+        tracing::warn!(error = %e, "cannot adopt the orphans of tasks (the worker is no subreaper)");
     }
 }
 
