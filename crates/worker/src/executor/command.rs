@@ -21,7 +21,8 @@
 //! 3. While it runs: cancellation sends SIGTERM (and SIGCONT) to the group, then SIGKILL after
 //!    [`KILL_GRACE`] ([`CommandExecutor::with_kill_grace`]), and the attempt ends
 //!    [`ExecError::Stopped`] with the result below (what it wrote until then);
-//!    a pause request sends SIGSTOP, parks at [`TaskCtx::pause_point`], then sends SIGCONT;
+//!    a pause request sends SIGSTOP (to the group and to the processes that left it, found
+//!    by their mark), parks at [`TaskCtx::pause_point`], then sends SIGCONT;
 //!    every `checkpoint_poll_ms` the directory is shipped as a checkpoint if its files
 //!    changed (paths, sizes, mtimes).
 //! 4. When the leader exits, the rest of its group is terminated the same way (a task's
@@ -611,11 +612,11 @@ impl<'a> Supervisor<'a> {
                 status = child.wait() => return End::Exited(status),
                 () = poll_opt(&mut self.park) => {
                     self.park = None;
-                    self.resume();
+                    self.resume().await;
                 }
                 changed = pause.changed(), if pause_open && !self.stopped => match changed {
                     Err(_) => pause_open = false,
-                    Ok(()) if *pause.borrow_and_update() => self.stop(),
+                    Ok(()) if *pause.borrow_and_update() => self.stop().await,
                     Ok(()) => {}
                 },
                 shipped = poll_opt(&mut self.shipping) => {
@@ -683,10 +684,11 @@ impl<'a> Supervisor<'a> {
         }
     }
 
-    /// Stops the group and parks at a pause point (after an in-flight checkpoint, which parks
-    /// at its own).
-    fn stop(&mut self) {
+    /// Stops the group and the processes that left it, and parks at a pause point (after an
+    /// in-flight checkpoint, which parks at its own).
+    async fn stop(&mut self) {
         signal_group(self.procs.pgid, Signal::SIGSTOP);
+        marked(&self.procs.mark, Some((Signal::SIGSTOP, self.procs.pgid))).await;
         self.stopped = true;
         tracing::debug!(task_id = %self.ctx.task_id(), "command paused");
         if self.shipping.is_some() {
@@ -696,8 +698,9 @@ impl<'a> Supervisor<'a> {
         }
     }
 
-    fn resume(&mut self) {
+    async fn resume(&mut self) {
         signal_group(self.procs.pgid, Signal::SIGCONT);
+        marked(&self.procs.mark, Some((Signal::SIGCONT, self.procs.pgid))).await;
         self.stopped = false;
         tracing::debug!(task_id = %self.ctx.task_id(), "command resumed");
     }
@@ -761,8 +764,8 @@ async fn terminate_draining(
 }
 
 /// Counts the live processes carrying `mark` (a look at `/proc`, off the async threads), or,
-/// given a signal and the group signalled already, sends it (with SIGCONT) to those outside
-/// that group and counts them.
+/// given a signal and the group signalled already, sends it (SIGTERM with SIGCONT) to those
+/// outside that group and counts them.
 async fn marked(mark: &Arc<str>, sig: Option<(Signal, Pid)>) -> usize {
     let mark = mark.clone();
     let look = move || match sig {
@@ -1303,6 +1306,32 @@ mod tests {
             }
             wait_for("the escaped process to die", || is_dead(escaped)).await;
         }
+    }
+
+    /// A pause stops the processes that left the task's group too, and a resume lets them go.
+    #[tokio::test]
+    async fn a_pause_stops_the_processes_that_left_the_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, control) = ctx(1);
+        let script = escaping(r#"while [ ! -e "$D/go" ]; do sleep 0.02; done; echo done"#);
+        let config = serde_json::json!({"shell": script, "env": {"D": dir.path()}});
+        let run = tokio::spawn(exec(config, ctx));
+        let escaped = read_pid(&dir.path().join("child.pid")).await;
+        let _escaped_guard = KillOnDrop(escaped);
+        control.set_paused(true);
+        wait_for("the escaped process to stop", || {
+            proc_state(escaped) == Some('T')
+        })
+        .await;
+        control.set_paused(false);
+        wait_for("the escaped process to go on", || {
+            proc_state(escaped) != Some('T')
+        })
+        .await;
+        std::fs::write(dir.path().join("go"), "").expect("go");
+        let out = run.await.expect("joined").expect("exit 0");
+        assert_eq!(out["stdout_tail"], "done\n");
+        wait_for("the escaped process to die", || is_dead(escaped)).await;
     }
 
     /// A worker killed outright leaves its tasks' processes running; the next one kills them

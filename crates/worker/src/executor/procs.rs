@@ -102,7 +102,7 @@ pub(crate) fn marked(mark: &str) -> Vec<u32> {
         .collect()
 }
 
-/// Sends `sig` (and SIGCONT after it, for a stopped process to act on it) to every process of
+/// Sends `sig` (SIGTERM with SIGCONT after it, for a stopped process to act on it) to every process of
 /// `mark` outside the process group `signalled`, which the caller signalled already (a process
 /// that traps the signal would otherwise act on it twice); returns how many it signalled.
 pub(crate) fn signal_marked(mark: &str, sig: Signal, signalled: Option<u32>) -> usize {
@@ -112,7 +112,7 @@ pub(crate) fn signal_marked(mark: &str, sig: Signal, signalled: Option<u32>) -> 
         .collect();
     for pid in &found {
         signal(*pid, sig);
-        if sig != Signal::SIGKILL {
+        if sig == Signal::SIGTERM {
             signal(*pid, Signal::SIGCONT);
         }
     }
