@@ -740,7 +740,7 @@ async fn terminate_group(child: &mut Child, procs: &TaskProcs, grace: Duration) 
         }
         signal_group(pgid, Signal::SIGKILL);
         let mark = procs.mark.clone();
-        let _ = tokio::task::spawn_blocking(move || super::procs::kill_marked(&mark)).await;
+        bounded_scan(move || super::procs::kill_marked(&mark)).await;
     }
     if matches!(child.try_wait(), Ok(None)) {
         // The leader left its group (setsid); it still ends with the task.
@@ -775,7 +775,34 @@ async fn marked(mark: &Arc<str>, sig: Option<(Signal, Pid)>) -> usize {
         }
         None => super::procs::marked(&mark).len(),
     };
-    tokio::task::spawn_blocking(look).await.unwrap_or(0)
+    bounded_scan(look).await.unwrap_or(0)
+}
+
+/// Longest a look through `/proc` for marked processes is awaited.
+const SCAN_LIMIT: Duration = Duration::from_secs(5);
+
+/// Runs a look through `/proc` on the blocking pool, awaited at most [`SCAN_LIMIT`]: reading a
+/// process's `environ` waits for its memory map, which a process stuck in the kernel (a hung
+/// network mount) may hold for ever, and the task's end must not wait with it. `None` when
+/// it did not finish in time (it may still, on its own thread).
+async fn bounded_scan<T: Send + 'static>(look: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    bounded_scan_within(SCAN_LIMIT, look).await
+}
+
+async fn bounded_scan_within<T: Send + 'static>(
+    limit: Duration,
+    look: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    match tokio::time::timeout(limit, tokio::task::spawn_blocking(look)).await {
+        Ok(done) => done.ok(),
+        Err(_) => {
+            tracing::warn!(
+                limit_ms = limit.as_millis() as u64,
+                "a look through /proc for a task's processes did not finish in time; going on without it"
+            );
+            None
+        }
+    }
 }
 
 /// Sends `sig` to the group; false if the group has no members left.
@@ -1306,6 +1333,17 @@ mod tests {
             }
             wait_for("the escaped process to die", || is_dead(escaped)).await;
         }
+    }
+
+    /// A look through `/proc` stuck on a process (its `environ` held by the kernel) does not
+    /// hold the task's end: it is given up after the limit.
+    #[tokio::test]
+    async fn a_stuck_look_through_proc_is_given_up() {
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let look = bounded_scan_within(Duration::from_millis(50), move || stuck.recv().is_ok());
+        assert_eq!(look.await, None);
+        release.send(()).expect("the look still waits");
+        assert_eq!(bounded_scan(|| 7).await, Some(7));
     }
 
     /// A pause stops the processes that left the task's group too, and a resume lets them go.
