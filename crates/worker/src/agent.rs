@@ -430,7 +430,7 @@ impl Agent {
             self.state.clone().filter(|_| !self.lost.is_empty()),
             self.shared.state.subscribe(),
         );
-        // Orphans of tasks re-parent to a subreaper (or PID 1): reaped until the tasks are
+        // Orphans of tasks re-parent to a process that chose to adopt them (`reaper`): reaped until the tasks are
         // stopped, after the connection loop.
         let stop_reaping = CancellationToken::new();
         let reaping = crate::reaper::is_reaper()

@@ -2,10 +2,11 @@
 //! ends (a daemon's double fork, `setsid cmd &` in a script that exits) is re-parented to the
 //! worker instead of init, and the worker reaps it once it ends, as init would.
 //!
-//! [`become_subreaper`] is a choice of the program (`tether worker` makes it); an agent whose
-//! process reaps, as a subreaper or as PID 1 of a container, runs [`run`], which reaps
-//! adopted children until shutdown. Without it, a worker that is PID 1 would keep the zombie of
-//! every orphan of its tasks.
+//! [`become_subreaper`] is a choice of the program (`tether worker` makes it, also as PID 1 of
+//! a container); an agent in a process that made it runs [`run`], which reaps adopted children
+//! until shutdown. Without it, a worker that is PID 1 would keep the zombie of every orphan of
+//! its tasks. A program that embeds the library and did not choose it is never reaped for,
+//! PID 1 or not: its own children's statuses stay its own.
 //!
 //! # Reaping without taking another waiter's status
 //!
@@ -54,6 +55,7 @@ pub fn become_subreaper() -> std::io::Result<()> {
             return Err(error);
         }
         nix::sys::prctl::set_child_subreaper(true).map_err(std::io::Error::from)?;
+        CHOSEN.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
             "the worker is a subreaper: it adopts and reaps the orphans of tasks (/proc/self/stat is readable)"
         );
@@ -81,13 +83,14 @@ fn cannot_reap(stat: std::io::Result<String>) -> Option<std::io::Error> {
     }
 }
 
-/// Whether orphans re-parent to this process: it is a subreaper, or PID 1.
+/// Set by [`become_subreaper`]: this process reaps what it adopts.
+static CHOSEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process chose to adopt and reap orphans ([`become_subreaper`]). Being PID 1
+/// or a subreaper made by other code is not enough: a program that did not choose it may
+/// wait for children of its own that the reaper would take for adopted.
 pub fn is_reaper() -> bool {
-    #[cfg(target_os = "linux")]
-    if nix::sys::prctl::get_child_subreaper().unwrap_or(false) {
-        return true;
-    }
-    std::process::id() == 1
+    CHOSEN.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Starts `cmd` as a tracked child, which [`reap_adopted`] leaves to its `Child`.
