@@ -35,6 +35,8 @@ pub mod runner;
 pub mod session;
 pub mod statedir;
 pub mod stats;
+#[cfg(all(test, unix))]
+mod testutil;
 mod woken;
 
 pub use agent::{AckHook, Agent, AgentError, AgentHandle};

@@ -172,9 +172,8 @@ pub async fn run(shutdown: CancellationToken) {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
+    use crate::testutil::{KillOnDrop, PATIENCE, wait_for};
 
     /// Without a readable `/proc`, adopted zombies could not be found: no subreaper then.
     #[test]
@@ -190,7 +189,6 @@ mod tests {
 
     /// Set in the process of its own [`as_a_subreaper`] runs in.
     const CHILD_ENV: &str = "TETHER_TEST_SUBREAPER_CHILD";
-    const PATIENCE: Duration = Duration::from_secs(10);
 
     /// Being a subreaper is a property of the whole process: the test runs in a process of its
     /// own (this test binary, running that test alone), so that the children of the other
@@ -208,29 +206,6 @@ mod tests {
             + &String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{text}");
         assert!(text.contains("1 passed"), "the test did not run: {text}");
-    }
-
-    /// SIGKILLs a pid when dropped.
-    struct KillOnDrop(u32);
-
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            if let Ok(pid) = i32::try_from(self.0) {
-                let _ =
-                    nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-    }
-
-    async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = std::time::Instant::now() + PATIENCE;
-        while !cond() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -989,18 +989,7 @@ mod tests {
                cat "$RECORD" || echo "no record""#,
             Some(checkpoint),
         ));
-        runner.tracker.close();
-        tokio::time::timeout(Duration::from_secs(30), runner.tracker.wait())
-            .await
-            .expect("both attempts ended");
-        let results: Vec<TaskResult> = outbox
-            .take_unsent(100)
-            .into_iter()
-            .filter_map(|(_, m)| match m.as_ref() {
-                WorkerMsg::TaskResult(r) => Some(r.clone()),
-                _ => None,
-            })
-            .collect();
+        let results = results_once_ended(&runner, &outbox).await;
         assert_eq!(results.len(), 1, "the superseded attempt reports nothing");
         assert_eq!(results[0].attempt, Attempt(2));
         let out = results[0].result["stdout_tail"]
@@ -1186,6 +1175,22 @@ mod tests {
         );
     }
 
+    /// The results in `outbox` once every task `runner` was given has ended, in order.
+    async fn results_once_ended(runner: &Runner, outbox: &Outbox) -> Vec<TaskResult> {
+        runner.tracker.close();
+        tokio::time::timeout(Duration::from_secs(30), runner.tracker.wait())
+            .await
+            .expect("every task ended");
+        outbox
+            .take_unsent(usize::MAX)
+            .into_iter()
+            .filter_map(|(_, m)| match m.as_ref() {
+                WorkerMsg::TaskResult(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The results in `outbox`, unsent, by task.
     fn results(outbox: &Outbox) -> HashMap<String, TaskResult> {
         outbox
@@ -1306,18 +1311,7 @@ mod tests {
             wait_for(tasks.join(task).join("ready")).await;
         }
         std::fs::write(root.path().join("go"), "").expect("go");
-        runner.tracker.close();
-        tokio::time::timeout(Duration::from_secs(30), runner.tracker.wait())
-            .await
-            .expect("both ended");
-        let results: Vec<TaskResult> = outbox
-            .take_unsent(100)
-            .into_iter()
-            .filter_map(|(_, m)| match m.as_ref() {
-                WorkerMsg::TaskResult(r) => Some(r.clone()),
-                _ => None,
-            })
-            .collect();
+        let results = results_once_ended(&runner, &outbox).await;
         assert_eq!(results.len(), 2);
         for r in &results {
             assert_eq!(r.outcome, Outcome::Completed, "{r:?}");

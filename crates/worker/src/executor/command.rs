@@ -951,10 +951,8 @@ async fn pump(pipe: Option<impl AsyncRead + Unpin>, tail: &mut Tail) {
 mod tests {
     use super::*;
     use crate::executor::TaskControl;
+    use crate::testutil::{KillOnDrop, PATIENCE, wait_for};
     use tether_proto::{Attempt, TaskId};
-
-    /// Long enough for a loaded 2-core machine; only ever an upper bound on waiting.
-    const PATIENCE: Duration = Duration::from_secs(10);
 
     fn input(config: serde_json::Value) -> TaskInput {
         TaskInput {
@@ -971,18 +969,6 @@ mod tests {
 
     async fn exec(config: serde_json::Value, ctx: TaskCtx) -> Result<serde_json::Value, ExecError> {
         CommandExecutor::default().execute(input(config), ctx).await
-    }
-
-    /// Waits until `cond` holds, failing the test after [`PATIENCE`].
-    async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = std::time::Instant::now() + PATIENCE;
-        while !cond() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 
     /// Waits for a pid the script wrote (atomically, via rename) to `path`.
@@ -1256,18 +1242,6 @@ mod tests {
             while [ ! -e "$D/child.pid" ]; do sleep 0.01; done
             {rest}"#
         )
-    }
-
-    /// SIGKILLs a process the test started outside any `Child` (one that left the task's
-    /// group) when dropped: a failed assertion does not leave its `sleep 300` running.
-    struct KillOnDrop(u32);
-
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            if let Ok(pid) = i32::try_from(self.0) {
-                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-        }
     }
 
     /// A process that traps SIGTERM acts on it once when its task is cancelled: a member of

@@ -1,0 +1,33 @@
+//! What the crate's unit tests that run real processes share.
+
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// How long a test waits for a process to do what it should.
+pub(crate) const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Waits until `cond` holds, failing the test after [`PATIENCE`].
+pub(crate) async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// SIGKILLs a process the test started outside any `Child` (one that left its task's group, an
+/// orphan) when dropped: a failed assertion does not leave it running.
+pub(crate) struct KillOnDrop(pub(crate) u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
