@@ -159,7 +159,9 @@ impl Plan {
             if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
                 return invalid(format!("`env` entry {k:?} is not a valid variable"));
             }
-            if [ENV_TASK_ID, ENV_ATTEMPT, ENV_CHECKPOINT_DIR, ENV_TASK_MARK].contains(&k.as_str()) {
+            if [ENV_TASK_ID, ENV_ATTEMPT, ENV_CHECKPOINT_DIR].contains(&k.as_str())
+                || super::procs::is_mark_var(k.as_bytes())
+            {
                 return invalid(format!("`env` cannot set {k}; the worker sets it"));
             }
         }
@@ -190,6 +192,7 @@ impl Plan {
             cmd.env_remove(credential);
         }
         cmd.envs(&self.env)
+            .envs(super::procs::inherited_marks(std::env::vars()))
             .env(ENV_TASK_ID, ctx.task_id().as_str())
             .env(ENV_ATTEMPT, ctx.attempt().to_string())
             .env(ENV_TASK_MARK, mark)

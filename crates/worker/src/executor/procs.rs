@@ -73,32 +73,58 @@ impl Stat {
     }
 }
 
-/// The environment entry that marks the processes of `mark`.
-fn entry(mark: &str) -> Vec<u8> {
-    format!("{MARK_ENV}={mark}").into_bytes()
+/// The marks a task's processes carry beside their own: those of the worker's own
+/// environment (`TETHER_TASK_MARK` and `TETHER_TASK_MARK_<n>`), when the worker is itself a
+/// task of another worker, renamed `TETHER_TASK_MARK_1`, `_2`, ... so that the outer worker's
+/// cleanup still finds what its task started.
+pub(crate) fn inherited_marks(
+    env: impl Iterator<Item = (String, String)>,
+) -> Vec<(String, String)> {
+    let mut marks: Vec<String> = env
+        .filter(|(k, _)| is_mark_var(k.as_bytes()))
+        .map(|(_, v)| v)
+        .collect();
+    marks.sort();
+    marks.dedup();
+    marks
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| (format!("{MARK_ENV}_{}", i + 1), v))
+        .collect()
+}
+
+/// `TETHER_TASK_MARK` or `TETHER_TASK_MARK_<anything>`.
+pub(crate) fn is_mark_var(name: &[u8]) -> bool {
+    name.strip_prefix(MARK_ENV.as_bytes())
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(b"_"))
+}
+
+/// Whether an environment block (`/proc/<pid>/environ`: `NAME=value` entries separated by NUL)
+/// carries `mark` in a mark variable.
+fn env_carries(env: &[u8], mark: &[u8]) -> bool {
+    env.split(|b| *b == 0).any(|var| {
+        var.iter()
+            .position(|b| *b == b'=')
+            .is_some_and(|eq| is_mark_var(&var[..eq]) && &var[eq + 1..] == mark)
+    })
 }
 
 /// Whether process `pid`, owned by `uid`, was started with `entry` in its environment.
-fn carries(pid: u32, uid: u32, entry: &[u8]) -> bool {
+fn carries(pid: u32, uid: u32, mark: &[u8]) -> bool {
     let dir = format!("/proc/{pid}");
     // Another user's process is none of ours (and its environment is not readable anyway).
     if !std::fs::metadata(&dir).is_ok_and(|m| m.uid() == uid) {
         return false;
     }
     // Gone meanwhile, or a zombie (whose environment reads empty): not running.
-    std::fs::read(format!("{dir}/environ"))
-        .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == entry))
+    std::fs::read(format!("{dir}/environ")).is_ok_and(|env| env_carries(&env, mark))
 }
 
 /// Live processes of this user, other than this one, whose environment carries `mark`.
 pub(crate) fn marked(mark: &str) -> Vec<u32> {
-    let (entry, uid, me) = (
-        entry(mark),
-        nix::unistd::geteuid().as_raw(),
-        std::process::id(),
-    );
+    let (uid, me) = (nix::unistd::geteuid().as_raw(), std::process::id());
     pids()
-        .filter(|pid| *pid != me && carries(*pid, uid, &entry))
+        .filter(|pid| *pid != me && carries(*pid, uid, mark.as_bytes()))
         .collect()
 }
 
@@ -150,6 +176,40 @@ mod tests {
     use std::os::unix::process::CommandExt;
 
     use super::*;
+
+    /// A worker that is itself a task of another worker passes the outer marks on, renamed,
+    /// so the outer worker's cleanup finds its task's grandchildren; the marks are read from
+    /// any mark variable, by exact value.
+    #[test]
+    fn a_nested_workers_tasks_carry_the_outer_marks_too() {
+        let env = [
+            ("PATH", "/bin"),
+            ("TETHER_TASK_MARK", "outer:a:1"),
+            ("TETHER_TASK_MARK_1", "outermost:b:2"),
+            ("TETHER_TASK_MARKER", "not a mark"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let inherited = inherited_marks(env.into_iter());
+        let pairs: Vec<(&str, &str)> = inherited
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("TETHER_TASK_MARK_1", "outer:a:1"),
+                ("TETHER_TASK_MARK_2", "outermost:b:2")
+            ]
+        );
+        let block = b"PATH=/bin\0TETHER_TASK_MARK=inner:c:1\0TETHER_TASK_MARK_1=outer:a:1\0";
+        assert!(env_carries(block, b"inner:c:1"));
+        assert!(env_carries(block, b"outer:a:1"));
+        assert!(!env_carries(block, b"outer:a:10"), "exact values only");
+        assert!(!env_carries(
+            b"TETHER_TASK_MARKER=outer:a:1\0",
+            b"outer:a:1"
+        ));
+    }
 
     #[test]
     fn a_marked_process_is_found_by_its_exact_mark_and_killed() {
