@@ -1001,12 +1001,8 @@ mod tests {
             Some(&"saved"),
             "the checkpoint alone, nothing the older attempt wrote: {out}"
         );
-        let pgid = lines
-            .iter()
-            .find_map(|l| l.strip_prefix("pgid "))
-            .unwrap_or("?");
         assert!(
-            lines.iter().any(|l| l.starts_with(&format!("{pgid} "))),
+            records_its_own_group(out),
             "the newer attempt's record is there: {out}"
         );
     }
@@ -1175,6 +1171,16 @@ mod tests {
         );
     }
 
+    /// Whether a script's output (`pgid $$`, then `cat` of its group record) shows the
+    /// record of its own process group.
+    fn records_its_own_group(out: &str) -> bool {
+        let pgid = out
+            .lines()
+            .find_map(|l| l.strip_prefix("pgid "))
+            .unwrap_or("?");
+        out.lines().any(|l| l.starts_with(&format!("{pgid} ")))
+    }
+
     /// The results in `outbox` once every task `runner` was given has ended, in order.
     async fn results_once_ended(runner: &Runner, outbox: &Outbox) -> Vec<TaskResult> {
         runner.tracker.close();
@@ -1316,12 +1322,8 @@ mod tests {
         for r in &results {
             assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
             let out = r.result["stdout_tail"].as_str().unwrap_or_default();
-            let pgid = out
-                .lines()
-                .find_map(|l| l.strip_prefix("pgid "))
-                .unwrap_or("?");
             assert!(
-                out.lines().any(|l| l.starts_with(&format!("{pgid} "))),
+                records_its_own_group(out),
                 "{}: its own record: {out}",
                 r.task_id
             );
