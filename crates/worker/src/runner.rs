@@ -936,22 +936,18 @@ mod tests {
     async fn a_newer_attempt_starts_once_the_older_one_of_its_task_ended() {
         use crate::executor::command::CommandExecutor;
         let root = tempfile::tempdir().expect("tempdir");
-        let mut executors = Executors::default();
-        executors.register(
-            "command",
-            CommandExecutor::default().with_kill_grace(Duration::from_secs(5)),
-        );
-        let outbox = Arc::new(Outbox::new(Limits::default()));
         let groups = root.path().join("groups");
-        let runner = Arc::new(
-            Runner::new(executors, outbox.clone(), 64 * 1024)
-                .with_checkpoint_root(root.path().to_owned())
-                .with_group_root(groups.clone()),
+        let (runner, outbox) = command_runner(
+            CommandExecutor::default().with_kill_grace(Duration::from_secs(5)),
+            |r| {
+                r.with_checkpoint_root(root.path().to_owned())
+                    .with_group_root(groups.clone())
+            },
         );
         let command = |attempt: u32, shell: &str, checkpoint: Option<Vec<u8>>| {
-            let mut a = assignment("t", attempt, None);
-            a.kind = "command".into();
-            a.config = serde_json::json!({ "shell": shell, "env": { "RECORD": groups.join("t") } });
+            let config =
+                serde_json::json!({ "shell": shell, "env": { "RECORD": groups.join("t") } });
+            let mut a = command_assignment("t", attempt, config);
             a.checkpoint = checkpoint.map(|data| CheckpointBlob {
                 checkpoint_id: CheckpointId::parse("c-1").expect("id"),
                 attempt: Attempt(attempt - 1),
@@ -969,14 +965,7 @@ mod tests {
             None,
         ));
         let ready = root.path().join("t").join("ready");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !ready.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "attempt 1 never started"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        crate::testutil::wait_for("attempt 1 to start", || ready.exists()).await;
         let saved = tempfile::tempdir().expect("tempdir");
         std::fs::write(saved.path().join("saved"), "1").expect("write");
         let checkpoint = crate::executor::packing::pack(saved.path()).expect("pack");
@@ -1171,6 +1160,27 @@ mod tests {
         );
     }
 
+    /// A runner with `executor` as its `command` executor (`build` adds its roots and limits),
+    /// and its outbox.
+    fn command_runner(
+        executor: crate::executor::command::CommandExecutor,
+        build: impl FnOnce(Runner) -> Runner,
+    ) -> (Arc<Runner>, Arc<Outbox>) {
+        let mut executors = Executors::default();
+        executors.register("command", executor);
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner = Arc::new(build(Runner::new(executors, outbox.clone(), 64 * 1024)));
+        (runner, outbox)
+    }
+
+    /// Attempt `attempt` of `command` task `task` with `config`.
+    fn command_assignment(task: &str, attempt: u32, config: serde_json::Value) -> TaskAssignment {
+        let mut a = assignment(task, attempt, None);
+        a.kind = "command".into();
+        a.config = config;
+        a
+    }
+
     /// Whether a script's output (`pgid $$`, then `cat` of its group record) shows the
     /// record of its own process group.
     fn records_its_own_group(out: &str) -> bool {
@@ -1217,15 +1227,9 @@ mod tests {
         timeout_ms: Option<u64>,
         config: serde_json::Value,
     ) -> TaskResult {
-        let mut executors = Executors::default();
-        executors.register("command", executor);
-        let outbox = Arc::new(Outbox::new(Limits::default()));
-        let runner =
-            Arc::new(Runner::new(executors, outbox.clone(), 64 * 1024).with_max_frame(max_frame));
-        let mut a = assignment("t", 1, None);
-        a.kind = "command".into();
+        let (runner, outbox) = command_runner(executor, |r| r.with_max_frame(max_frame));
+        let mut a = command_assignment("t", 1, config);
         a.timeout_ms = timeout_ms;
-        a.config = config;
         runner.assign(a);
         runner.tracker.close();
         tokio::time::timeout(Duration::from_secs(30), runner.tracker.wait())
@@ -1285,36 +1289,24 @@ mod tests {
         use crate::executor::command::CommandExecutor;
         let root = tempfile::tempdir().expect("tempdir");
         let (tasks, groups) = (root.path().join("tasks"), root.path().join("groups"));
-        let mut executors = Executors::default();
-        executors.register("command", CommandExecutor::default());
-        let outbox = Arc::new(Outbox::new(Limits::default()));
-        let runner = Arc::new(
-            Runner::new(executors, outbox.clone(), 64 * 1024)
-                .with_checkpoint_root(tasks.clone())
-                .with_group_root(groups.clone()),
-        );
-        let wait_for = |path: PathBuf| async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while !path.exists() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{} never appeared",
-                    path.display()
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
+        let (runner, outbox) = command_runner(CommandExecutor::default(), |r| {
+            r.with_checkpoint_root(tasks.clone())
+                .with_group_root(groups.clone())
+        });
         for task in ["x", "x.group"] {
-            let mut a = assignment(task, 1, None);
-            a.kind = "command".into();
-            a.config = serde_json::json!({
-                "shell": r#"touch "$TETHER_CHECKPOINT_DIR/ready"
+            let a = command_assignment(
+                task,
+                1,
+                serde_json::json!({
+                    "shell": r#"touch "$TETHER_CHECKPOINT_DIR/ready"
                     while [ ! -e "$D/go" ]; do sleep 0.02; done
                     echo "pgid $$"; cat "$RECORD""#,
-                "env": { "D": root.path(), "RECORD": groups.join(task) },
-            });
+                    "env": { "D": root.path(), "RECORD": groups.join(task) },
+                }),
+            );
             runner.assign(a);
-            wait_for(tasks.join(task).join("ready")).await;
+            let ready = tasks.join(task).join("ready");
+            crate::testutil::wait_for("the task to start", || ready.exists()).await;
         }
         std::fs::write(root.path().join("go"), "").expect("go");
         let results = results_once_ended(&runner, &outbox).await;
@@ -1380,21 +1372,11 @@ mod tests {
     #[tokio::test]
     async fn a_finished_task_leaves_no_checkpoint_dir_and_a_stopped_one_keeps_it() {
         let root = tempfile::tempdir().expect("tempdir");
-        let mut executors = Executors::default();
-        executors.register(
-            "command",
-            crate::executor::command::CommandExecutor::default(),
-        );
-        let outbox = Arc::new(Outbox::new(Limits::default()));
-        let runner = Arc::new(
-            Runner::new(executors, outbox.clone(), 64 * 1024)
-                .with_checkpoint_root(root.path().to_owned()),
-        );
+        let (runner, outbox) = command_runner(Default::default(), |r| {
+            r.with_checkpoint_root(root.path().to_owned())
+        });
         let command = |task: &str, shell: &str| {
-            let mut a = assignment(task, 1, None);
-            a.kind = "command".into();
-            a.config = serde_json::json!({ "shell": shell });
-            a
+            command_assignment(task, 1, serde_json::json!({ "shell": shell }))
         };
         runner.assign(command(
             "finished",
@@ -1409,14 +1391,10 @@ mod tests {
             let pending = outbox.pending_results();
             pending.iter().any(|r| r.task_id.as_str() == "finished")
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !reported() || !stopped.join("f").exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the result of one, and the file of the other"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        crate::testutil::wait_for("the result of one, and the file of the other", || {
+            reported() && stopped.join("f").exists()
+        })
+        .await;
         assert!(!finished.exists(), "removed before the result was queued");
         runner.shutdown(Duration::from_secs(10)).await;
         let results = results(&outbox);
