@@ -618,15 +618,13 @@ impl Pace {
         let limits = &app.cfg.limits;
         let mut counted = [false; 2];
         loop {
-            let (counter, what) = match over {
+            let (counter, per_sec, unit) = match over {
                 Over::Messages => (
                     &app.counters.rate_limited,
-                    format!("more than {} messages per second", limits.messages_per_sec),
+                    limits.messages_per_sec,
+                    "messages",
                 ),
-                Over::Bytes => (
-                    &app.counters.bytes_limited,
-                    format!("more than {} bytes per second", limits.bytes_per_sec),
-                ),
+                Over::Bytes => (&app.counters.bytes_limited, limits.bytes_per_sec, "bytes"),
             };
             // A frame is counted once for each rate it waited for.
             if !std::mem::replace(&mut counted[over as usize], true) {
@@ -640,7 +638,7 @@ impl Pace {
                 tracing::warn!(worker = %worker, session = session_id, rate = ?over, "worker exceeds its rate");
                 let e = CoordMsg::error(
                     ErrorCode::RateLimited,
-                    format!("{what}; slow down"),
+                    format!("more than {per_sec} {unit} per second; slow down"),
                     None,
                     None,
                 );
