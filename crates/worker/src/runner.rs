@@ -1267,18 +1267,11 @@ mod tests {
             .trim()
             .parse()
             .expect("pid");
-        let dead = || {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let state = stat
-                .rfind(')')
-                .and_then(|i| stat[i + 1..].split_whitespace().next());
-            matches!(state, None | Some("Z" | "X"))
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !dead() {
-            assert!(std::time::Instant::now() < deadline, "{pid} still runs");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let _escaped_guard = crate::testutil::KillOnDrop(pid);
+        crate::testutil::wait_for("the escaped process to die", || {
+            crate::testutil::is_dead(pid)
+        })
+        .await;
     }
 
     /// The process-group record of task `x` was the path of the checkpoint directory of task

@@ -31,3 +31,8 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// Gone, or a zombie waiting for a reaper that is not us: either way it runs no more.
+pub(crate) fn is_dead(pid: u32) -> bool {
+    crate::executor::procs::Stat::read(pid).is_none_or(|s| s.is_dead())
+}

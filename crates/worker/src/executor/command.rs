@@ -832,31 +832,14 @@ fn group_alive(pgid: Pid) -> bool {
 
 /// Scans `/proc` for a non-zombie process in group `pgid`; `None` without a readable `/proc`.
 fn live_member_in_proc(pgid: Pid) -> Option<bool> {
-    let entries = std::fs::read_dir("/proc").ok()?;
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        if !name
-            .to_str()
-            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        {
-            continue;
-        }
-        // Processes come and go while we look; a vanished one is simply not a member.
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // `pid (comm) state ppid pgrp ...`; comm may hold spaces and parentheses.
-        let Some(close) = stat.rfind(')') else {
-            continue;
-        };
-        let mut fields = stat[close + 1..].split_whitespace();
-        let (state, pgrp) = (fields.next(), fields.nth(1));
-        let running = !matches!(state, Some("Z" | "X"));
-        if running && pgrp.and_then(|g| g.parse::<i32>().ok()) == Some(pgid.as_raw()) {
-            return Some(true);
-        }
-    }
-    Some(false)
+    std::fs::read_dir("/proc").ok()?;
+    let pgid = u32::try_from(pgid.as_raw()).ok()?;
+    // Processes come and go while we look; a vanished one is simply not a member.
+    Some(
+        super::procs::pids().any(|pid| {
+            super::procs::Stat::read(pid).is_some_and(|s| s.pgrp == pgid && !s.is_dead())
+        }),
+    )
 }
 
 /// Kills the process group if the execution is dropped before it ended the group itself, and
@@ -954,7 +937,7 @@ async fn pump(pipe: Option<impl AsyncRead + Unpin>, tail: &mut Tail) {
 mod tests {
     use super::*;
     use crate::executor::TaskControl;
-    use crate::testutil::{KillOnDrop, PATIENCE, wait_for};
+    use crate::testutil::{KillOnDrop, PATIENCE, is_dead, wait_for};
     use tether_proto::{Attempt, TaskId};
 
     fn input(config: serde_json::Value) -> TaskInput {
@@ -989,14 +972,7 @@ mod tests {
 
     /// The state letter of a process from /proc, `None` once it is gone.
     fn proc_state(pid: u32) -> Option<char> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let after_name = &stat[stat.rfind(')')? + 1..];
-        after_name.trim_start().chars().next()
-    }
-
-    /// Gone, or a zombie waiting for a reaper that is not us: either way it runs no more.
-    fn is_dead(pid: u32) -> bool {
-        matches!(proc_state(pid), None | Some('Z') | Some('X'))
+        super::super::procs::Stat::read(pid).map(|s| s.state)
     }
 
     fn stopped(r: Result<serde_json::Value, ExecError>) -> serde_json::Value {
