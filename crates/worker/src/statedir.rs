@@ -6,8 +6,10 @@
 //! <state_dir>/
 //!   lock           "<pid> <start time>" of the process that owns the directory
 //!   worker.db      SQLite (WAL, synchronous=NORMAL): identity, outbox journal, seq high-water
-//!                  mark, tasks running now, tasks lost with the previous process, checkpoints,
-//!                  journaled entries set aside at a start because they did not decode
+//!                  mark, tasks running now, tasks lost with the previous process, journaled
+//!                  entries set aside at a start because they did not decode
+//!   checkpoints.db SQLite (WAL, synchronous=NORMAL): the latest checkpoint of each task
+//!                  running or lost (`checkpoints`)
 //!   tasks/<task>/  checkpoint directories of command tasks (owned by the executor)
 //!   groups/<task>  the process group and mark of a running command task, for a worker that
 //!                  starts after a crash (`executor::orphans`)
@@ -17,6 +19,23 @@
 //! produced, and a task as running, only once it is on disk. With `synchronous=NORMAL` in WAL
 //! mode a commit survives the death of the process (not of the machine), which is what a
 //! restarted worker needs.
+//!
+//! Checkpoints have a database, a connection and a lock of their own: a checkpoint of many MiB
+//! is written on the blocking pool, while the outbox journal is written on the runtime under
+//! the outbox lock at every push and ack, and tasks are recorded starting and ending there too.
+//! Sharing a lock, or SQLite's one writer of a file, the session would stall for as long as a
+//! checkpoint takes to write. So nothing on the `worker.db` side waits for `checkpoints.db`:
+//! the deletions an ending task or `forget_lost` asks of it are done at once when it is free,
+//! else by the next user of it (at the latest by the sweep at the next open).
+//!
+//! The two files share no transaction, so each change that touches both is ordered to be safe
+//! at a crash between its steps: `worker.db` first (the attempt leaves the running set, the
+//! lost set is forgotten), then the checkpoints. A crash between them leaves only checkpoints
+//! of tasks neither running nor lost, which every open sweeps away; never a lost task without
+//! its checkpoint. A corrupt or emptied `checkpoints.db` is refused at open like `worker.db`,
+//! left untouched. A missing one is made at open: from the `checkpoints` table of a `worker.db`
+//! of schema 1 (which is then dropped, once), empty otherwise, as a missing `worker.db` is, with
+//! a warning if `worker.db` says there was one.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -25,17 +44,22 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tether_proto::msg::WorkerMsg;
-use tether_proto::{Attempt, CheckpointId, Seq, TaskId, TaskRef, WorkerId};
+use tether_proto::{Attempt, Seq, TaskId, TaskRef, WorkerId};
 
 use crate::executor::StoredCheckpoint;
 use crate::outbox::{Class, Journal};
+
+mod checkpoints;
+
+pub use checkpoints::CHECKPOINTS_FILE;
 
 /// File name of the lock.
 pub const LOCK_FILE: &str = "lock";
 /// File name of the database.
 pub const DB_FILE: &str = "worker.db";
-/// Schema version written to `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Schema version of `worker.db` (`PRAGMA user_version`): 2 since its checkpoints live in
+/// `checkpoints.db` (1 kept them in a table of its own; a worker of schema 1 refuses 2).
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
@@ -44,9 +68,6 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE TABLE IF NOT EXISTS running (task_id TEXT PRIMARY KEY, attempt INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS lost (
     task_id TEXT NOT NULL, attempt INTEGER NOT NULL, PRIMARY KEY (task_id, attempt));
-CREATE TABLE IF NOT EXISTS checkpoints (
-    task_id TEXT PRIMARY KEY, checkpoint_id TEXT NOT NULL, attempt INTEGER NOT NULL,
-    data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS discarded (
     seq INTEGER PRIMARY KEY, class INTEGER NOT NULL, msg TEXT NOT NULL, reason TEXT NOT NULL);
 ";
@@ -65,10 +86,12 @@ pub enum StateDirError {
     Locked { dir: PathBuf, pid: u32 },
     #[error("{path} is not a usable worker database ({detail}); move it away to start afresh")]
     Corrupt { path: PathBuf, detail: String },
-    #[error(
-        "{path} has schema version {found}, newer than this worker's {SCHEMA_VERSION}; left untouched"
-    )]
-    Newer { path: PathBuf, found: i64 },
+    #[error("{path} has schema version {found}, newer than this worker's {newest}; left untouched")]
+    Newer {
+        path: PathBuf,
+        found: i64,
+        newest: i64,
+    },
     #[error(
         "{dir} belongs to worker {recorded}, not {given}; use --id {recorded} or another --state-dir"
     )]
@@ -102,7 +125,22 @@ pub struct StateDir {
     dir: PathBuf,
     db_path: PathBuf,
     conn: Mutex<Connection>,
+    cp_path: PathBuf,
+    // INVARIANT: when both are held, `cp_conn` is taken first (a sweep reads the running and
+    // lost sets under it); nothing waits for it while holding `conn`, and nothing on the
+    // journal's or the running set's path waits for it at all (`try_lock` only).
+    cp_conn: Mutex<Connection>,
+    owed: Mutex<Owed>,
     _lock: LockFile,
+}
+
+/// Deletions of checkpoints asked while `checkpoints.db` was busy, for its next user to do.
+#[derive(Debug, Default)]
+struct Owed {
+    /// Attempts that ended: their task's checkpoints up to that attempt go.
+    finished: Vec<(TaskId, Attempt)>,
+    /// The lost set was forgotten: the checkpoints of tasks neither running nor lost go.
+    sweep: bool,
 }
 
 impl std::fmt::Debug for StateDir {
@@ -127,12 +165,13 @@ impl StateDir {
         })?;
         let lock = LockFile::acquire(dir)?;
         let db_path = dir.join(DB_FILE);
-        let mut conn = open_db(&db_path)?;
-        let restored = {
-            let db = |source| StateDirError::Db {
-                path: db_path.clone(),
-                source,
-            };
+        let (mut conn, version) = open_db(&db_path, SCHEMA, SCHEMA_VERSION)?;
+        let (mut cp_conn, cp_path) = checkpoints::open(dir, &mut conn, &db_path, version)?;
+        let db = |source| StateDirError::Db {
+            path: db_path.clone(),
+            source,
+        };
+        let mut restored = {
             let tx = conn.transaction().map_err(db)?;
             check_identity(&tx, worker).map_err(|e| match e {
                 IdentityError::Db(source) => db(source),
@@ -146,12 +185,26 @@ impl StateDir {
             tx.commit().map_err(db)?;
             restored
         };
-        if !restored.lost.is_empty() || !restored.entries.is_empty() {
+        // What a crash between the two steps of `task_finished` or `forget_lost` left.
+        let needed = needed(&conn).map_err(db)?;
+        let swept =
+            checkpoints::sweep(&mut cp_conn, &needed).map_err(|source| StateDirError::Db {
+                path: cp_path.clone(),
+                source,
+            })?;
+        for t in &restored.lost {
+            if let Some(cp) = checkpoints::read(&cp_conn, &t.task_id, &cp_path)? {
+                restored.checkpoints.push((t.task_id.clone(), cp));
+            }
+        }
+        if !restored.lost.is_empty() || !restored.entries.is_empty() || swept > 0 {
             tracing::info!(
                 dir = %dir.display(),
                 lost = restored.lost.len(),
                 outbox = restored.entries.len(),
                 last_seq = restored.last_seq.0,
+                checkpoints = restored.checkpoints.len(),
+                checkpoints_swept = swept,
                 "state restored from the previous process"
             );
         }
@@ -159,6 +212,9 @@ impl StateDir {
             dir: dir.to_owned(),
             db_path,
             conn: Mutex::new(conn),
+            cp_path,
+            cp_conn: Mutex::new(cp_conn),
+            owed: Mutex::default(),
             _lock: lock,
         });
         Ok((sd, restored))
@@ -172,9 +228,21 @@ impl StateDir {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The checkpoint database, locked (for as long as a checkpoint takes to write).
+    fn checkpoints(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.cp_conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn db_err(&self, source: rusqlite::Error) -> StateDirError {
         StateDirError::Db {
             path: self.db_path.clone(),
+            source,
+        }
+    }
+
+    fn cp_err(&self, source: rusqlite::Error) -> StateDirError {
+        StateDirError::Db {
+            path: self.cp_path.clone(),
             source,
         }
     }
@@ -191,22 +259,19 @@ impl StateDir {
     }
 
     /// Records that `attempt` of `task` left the running set; its checkpoint is no longer
-    /// needed here (the coordinator holds it for the next attempt).
+    /// needed here (the coordinator holds it for the next attempt). Waits for no checkpoint
+    /// being written: the checkpoint is forgotten then by the writer, or the next user.
     pub fn task_finished(&self, task: &TaskId, attempt: Attempt) -> Result<(), StateDirError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().map_err(|e| self.db_err(e))?;
-        tx.execute(
-            "DELETE FROM running WHERE task_id = ?1 AND attempt = ?2",
-            params![task.as_str(), attempt.0],
-        )
-        .and_then(|_| {
-            tx.execute(
-                "DELETE FROM checkpoints WHERE task_id = ?1 AND attempt <= ?2",
+        // Step one. A crash before step two leaves a checkpoint of a task neither running nor
+        // lost, which the next open sweeps away.
+        self.conn()
+            .execute(
+                "DELETE FROM running WHERE task_id = ?1 AND attempt = ?2",
                 params![task.as_str(), attempt.0],
             )
-        })
-        .and_then(|_| tx.commit())
-        .map_err(|e| self.db_err(e))
+            .map_err(|e| self.db_err(e))?;
+        self.owe(|o| o.finished.push((task.clone(), attempt)));
+        Ok(())
     }
 
     /// Keeps `cp` as the latest checkpoint of `task`.
@@ -215,19 +280,12 @@ impl StateDir {
         task: &TaskId,
         cp: &StoredCheckpoint,
     ) -> Result<(), StateDirError> {
-        self.conn()
-            .execute(
-                "INSERT OR REPLACE INTO checkpoints (task_id, checkpoint_id, attempt, data)
-                 VALUES (?1, ?2, ?3, ?4)",
-                params![
-                    task.as_str(),
-                    cp.id.as_str(),
-                    cp.attempt.0,
-                    cp.data.as_slice()
-                ],
-            )
-            .map(drop)
-            .map_err(|e| self.db_err(e))
+        let mut conn = self.checkpoints();
+        self.settle(&mut conn);
+        let stored = checkpoints::store(&conn, task, cp).map_err(|e| self.cp_err(e));
+        // What was asked while this one was written, not to wait for the next user.
+        self.settle(&mut conn);
+        stored
     }
 
     /// The latest checkpoint stored for `task`.
@@ -235,22 +293,54 @@ impl StateDir {
         &self,
         task: &TaskId,
     ) -> Result<Option<StoredCheckpoint>, StateDirError> {
-        let conn = self.conn();
-        read_checkpoint(&conn, task, &self.db_path)
+        let mut conn = self.checkpoints();
+        self.settle(&mut conn);
+        checkpoints::read(&conn, task, &self.cp_path)
     }
 
     /// The coordinator has been told about the lost tasks (a registration was acknowledged):
     /// forgets them and their checkpoints.
     pub fn forget_lost(&self) -> Result<(), StateDirError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().map_err(|e| self.db_err(e))?;
-        tx.execute_batch(
-            "DELETE FROM checkpoints WHERE task_id IN (SELECT task_id FROM lost)
-               AND task_id NOT IN (SELECT task_id FROM running);
-             DELETE FROM lost;",
-        )
-        .and_then(|_| tx.commit())
-        .map_err(|e| self.db_err(e))
+        // Step one, the lost set first: a crash after it leaves checkpoints of tasks neither
+        // running nor lost, which the next open sweeps away. The other order could leave a
+        // task reported lost again at the next start without its checkpoint.
+        self.conn()
+            .execute("DELETE FROM lost", [])
+            .map_err(|e| self.db_err(e))?;
+        self.owe(|o| o.sweep = true);
+        Ok(())
+    }
+
+    /// Notes deletions of checkpoints, and does them now unless a checkpoint is being written.
+    fn owe(&self, f: impl FnOnce(&mut Owed)) {
+        f(&mut self.owed.lock().unwrap_or_else(|p| p.into_inner()));
+        match self.cp_conn.try_lock() {
+            Ok(mut conn) => self.settle(&mut conn),
+            Err(std::sync::TryLockError::Poisoned(p)) => self.settle(&mut p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
+    }
+
+    /// Does the deletions owed to the checkpoint database, of which `conn` is the held lock.
+    /// A failure is logged: the sweep at the next open does them.
+    fn settle(&self, conn: &mut Connection) {
+        let owed = std::mem::take(&mut *self.owed.lock().unwrap_or_else(|p| p.into_inner()));
+        let done = owed
+            .finished
+            .iter()
+            .try_for_each(|(task, attempt)| checkpoints::forget(conn, task, *attempt))
+            .and_then(|()| match owed.sweep {
+                // Read under the checkpoint lock: a task that starts now stores its first
+                // checkpoint after this sweep, never before the running set was read.
+                true => {
+                    let needed = needed(&self.conn())?;
+                    checkpoints::sweep(conn, &needed).map(drop)
+                }
+                false => Ok(()),
+            });
+        if let Err(error) = done {
+            tracing::error!(path = %self.cp_path.display(), %error, "could not forget the checkpoints of tasks that ended; the next start does");
+        }
     }
 
     fn write_journal(
@@ -292,7 +382,10 @@ impl Journal for StateDir {
     }
 }
 
-fn open_db(path: &Path) -> Result<Connection, StateDirError> {
+/// Opens the database at `path` after checking that it is one (of schema `newest` at most),
+/// and creates the tables of `schema` it lacks. Returns it with the schema version found; the
+/// caller sets the version once the database is of it.
+fn open_db(path: &Path, schema: &str, newest: i64) -> Result<(Connection, i64), StateDirError> {
     let corrupt = |detail: String| StateDirError::Corrupt {
         path: path.to_owned(),
         detail,
@@ -311,10 +404,11 @@ fn open_db(path: &Path) -> Result<Connection, StateDirError> {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(|e| corrupt(e.to_string()))?;
-    if version > SCHEMA_VERSION {
+    if version > newest {
         return Err(StateDirError::Newer {
             path: path.to_owned(),
             found: version,
+            newest,
         });
     }
     let check: String = conn
@@ -326,10 +420,16 @@ fn open_db(path: &Path) -> Result<Connection, StateDirError> {
     conn.pragma_update(None, "journal_mode", "WAL")
         .and_then(|_| conn.pragma_update(None, "synchronous", "NORMAL"))
         .and_then(|_| conn.busy_timeout(std::time::Duration::from_secs(5)))
-        .and_then(|_| conn.execute_batch(SCHEMA))
-        .and_then(|_| conn.pragma_update(None, "user_version", SCHEMA_VERSION))
+        .and_then(|_| conn.execute_batch(schema))
         .map_err(|e| corrupt(e.to_string()))?;
-    Ok(conn)
+    Ok((conn, version))
+}
+
+/// The tasks whose checkpoints are still needed: those running and those lost.
+fn needed(conn: &Connection) -> rusqlite::Result<BTreeSet<String>> {
+    conn.prepare("SELECT task_id FROM running UNION SELECT task_id FROM lost")?
+        .query_map([], |r| r.get(0))?
+        .collect()
 }
 
 enum IdentityError {
@@ -357,7 +457,8 @@ fn check_identity(conn: &Connection, worker: &WorkerId) -> Result<(), IdentityEr
     }
 }
 
-/// Reads the journal, turns the running set into the lost set and loads lost checkpoints.
+/// Reads the journal and turns the running set into the lost set (their checkpoints are read
+/// by the caller, from the other file).
 fn restore(conn: &Connection, path: &Path) -> Result<Restored, StateDirError> {
     let db = |source| StateDirError::Db {
         path: path.to_owned(),
@@ -459,17 +560,11 @@ fn restore(conn: &Connection, path: &Path) -> Result<Restored, StateDirError> {
             }
         }
     }
-    let mut checkpoints = Vec::new();
-    for t in &lost {
-        if let Some(cp) = read_checkpoint(conn, &t.task_id, path)? {
-            checkpoints.push((t.task_id.clone(), cp));
-        }
-    }
     Ok(Restored {
         entries,
         last_seq,
         lost,
-        checkpoints,
+        checkpoints: Vec::new(),
     })
 }
 
@@ -530,42 +625,6 @@ fn journaled(class: i64, json: &str) -> Journaled {
         }
         _ => Journaled::Discarded(error),
     }
-}
-
-fn read_checkpoint(
-    conn: &Connection,
-    task: &TaskId,
-    path: &Path,
-) -> Result<Option<StoredCheckpoint>, StateDirError> {
-    let row = conn
-        .query_row(
-            "SELECT checkpoint_id, attempt, data FROM checkpoints WHERE task_id = ?1",
-            params![task.as_str()],
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, u32>(1)?,
-                    r.get::<_, Vec<u8>>(2)?,
-                ))
-            },
-        )
-        .optional()
-        .map_err(|source| StateDirError::Db {
-            path: path.to_owned(),
-            source,
-        })?;
-    let Some((id, attempt, data)) = row else {
-        return Ok(None);
-    };
-    let id = CheckpointId::parse(&id).map_err(|e| StateDirError::Corrupt {
-        path: path.to_owned(),
-        detail: format!("checkpoint id {id:?} of task {task}: {e}"),
-    })?;
-    Ok(Some(StoredCheckpoint {
-        id,
-        attempt: Attempt(attempt),
-        data: Arc::new(data),
-    }))
 }
 
 fn class_from(v: i64) -> Option<Class> {
@@ -635,6 +694,8 @@ pub(crate) fn start_time(pid: u32) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+    use tether_proto::CheckpointId;
     use tether_proto::msg::{TaskResult, TaskState, now};
 
     fn wid(s: &str) -> WorkerId {
@@ -668,6 +729,97 @@ mod tests {
             state: serde_json::json!({"step": seq}).into(),
             timestamp: now(),
         })
+    }
+
+    fn checkpoint(attempt: u32, data: &[u8]) -> StoredCheckpoint {
+        StoredCheckpoint {
+            id: CheckpointId::random(),
+            attempt: Attempt(attempt),
+            data: Arc::new(data.to_vec()),
+        }
+    }
+
+    /// The tasks whose checkpoints `checkpoints.db` holds, read from the side.
+    fn checkpoint_rows(dir: &Path) -> Vec<String> {
+        Connection::open(dir.join(CHECKPOINTS_FILE))
+            .expect("open")
+            .prepare("SELECT task_id FROM checkpoints ORDER BY task_id")
+            .expect("prepare")
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    }
+
+    /// The schema version of `worker.db` and whether it has a `checkpoints` table.
+    fn main_schema(conn: &Connection) -> (i64, bool) {
+        let version = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        let table = conn
+            .query_row(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE name = 'checkpoints'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("table");
+        (version, table)
+    }
+
+    /// `worker.db` as a worker of schema 1 left it (checkpoints in a table of its own): worker
+    /// `w1`, `running` tasks at attempt 1, `checkpoints` (task, attempt, data) and `outbox`.
+    fn schema_1_state_dir(
+        dir: &Path,
+        running: &[&str],
+        checkpoints: &[(&str, u32, &[u8])],
+        outbox: &[(Class, &WorkerMsg)],
+    ) {
+        let conn = Connection::open(dir.join(DB_FILE)).expect("open");
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .expect("wal");
+        conn.execute_batch(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value);
+             CREATE TABLE outbox (
+                 seq INTEGER PRIMARY KEY, class INTEGER NOT NULL, msg TEXT NOT NULL);
+             CREATE TABLE running (task_id TEXT PRIMARY KEY, attempt INTEGER NOT NULL);
+             CREATE TABLE lost (
+                 task_id TEXT NOT NULL, attempt INTEGER NOT NULL, PRIMARY KEY (task_id, attempt));
+             CREATE TABLE checkpoints (
+                 task_id TEXT PRIMARY KEY, checkpoint_id TEXT NOT NULL, attempt INTEGER NOT NULL,
+                 data BLOB NOT NULL);
+             CREATE TABLE discarded (
+                 seq INTEGER PRIMARY KEY, class INTEGER NOT NULL, msg TEXT NOT NULL,
+                 reason TEXT NOT NULL);
+             PRAGMA user_version = 1;
+             INSERT INTO meta (key, value) VALUES ('worker_id', 'w1');",
+        )
+        .expect("schema 1");
+        for task in running {
+            conn.execute(
+                "INSERT INTO running (task_id, attempt) VALUES (?1, 1)",
+                [task],
+            )
+            .expect("running");
+        }
+        for (task, attempt, data) in checkpoints {
+            conn.execute(
+                "INSERT INTO checkpoints (task_id, checkpoint_id, attempt, data)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![task, CheckpointId::random().as_str(), attempt, data],
+            )
+            .expect("checkpoint");
+        }
+        for (class, msg) in outbox {
+            conn.execute(
+                "INSERT INTO outbox (seq, class, msg) VALUES (?1, ?2, ?3)",
+                params![
+                    msg.seq().expect("seq").0 as i64,
+                    *class as i64,
+                    serde_json::to_string(msg).expect("json")
+                ],
+            )
+            .expect("outbox");
+        }
     }
 
     #[test]
@@ -880,5 +1032,209 @@ mod tests {
         std::fs::write(&file, b"x").expect("write");
         let err = StateDir::open(&file, &wid("w1")).expect_err("a file");
         assert!(err.to_string().contains("is not a directory"), "{err}");
+    }
+
+    /// A checkpoint being written (many MiB, on the blocking pool) holds nothing that the
+    /// outbox journal (a push, an ack: on the runtime, under the outbox lock) or the running set
+    /// needs: the session does not stall for the length of the write.
+    #[test]
+    fn a_checkpoint_being_written_holds_up_neither_the_journal_nor_tasks_starting_and_ending() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+        sd.task_started(&tid("done"), Attempt(1)).expect("start");
+        sd.store_checkpoint(&tid("done"), &checkpoint(1, b"1"))
+            .expect("checkpoint");
+        let big = checkpoint(1, &vec![7; 8 << 20]);
+        let s2 = state(2, "next");
+        let (began, writing) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (done, finished) = std::sync::mpsc::channel();
+        let in_time = std::thread::scope(|s| {
+            // A large checkpoint half written: its lock held and its write transaction open,
+            // as `store_checkpoint` holds them (bounded, not to hang a failing test).
+            let (sd_, big) = (&sd, &big);
+            let writer = s.spawn(move || {
+                let conn = sd_.checkpoints();
+                conn.execute_batch("BEGIN IMMEDIATE").expect("begin");
+                checkpoints::store(&conn, &tid("big"), big).expect("write");
+                began.send(()).expect("began");
+                let _ = released.recv_timeout(Duration::from_secs(30));
+                conn.execute_batch("COMMIT").expect("commit");
+            });
+            writing
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the write began");
+            let (sd, s2) = (sd.clone(), &s2);
+            s.spawn(move || {
+                sd.write(Some((Class::Result, Seq(1), &result(1, "done"))), &[]);
+                sd.write(Some((Class::State, Seq(2), s2)), &[]);
+                sd.write(None, &[Seq(1)]);
+                sd.task_started(&tid("next"), Attempt(1)).expect("start");
+                sd.task_finished(&tid("done"), Attempt(1)).expect("finish");
+                let _ = done.send(());
+            });
+            let in_time = finished.recv_timeout(Duration::from_secs(5));
+            release.send(()).expect("release");
+            writer.join().expect("writer");
+            in_time
+        });
+        assert!(
+            in_time.is_ok(),
+            "the journal and the running set waited for the checkpoint being written"
+        );
+        // The write landed, and the checkpoint of the attempt that ended meanwhile is gone.
+        let stored = sd.latest_checkpoint(&tid("big")).expect("read");
+        assert_eq!(stored.map(|c| c.data.len()), Some(8 << 20));
+        assert!(sd.latest_checkpoint(&tid("done")).expect("read").is_none());
+        drop(sd);
+        let (_sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+        assert_eq!(restored.entries, vec![(Class::State, s2)]);
+        assert_eq!(restored.lost, vec![TaskRef::new(tid("next"), Attempt(1))]);
+    }
+
+    /// A state directory of schema 1 kept checkpoints in `worker.db`: the first start moves
+    /// them into `checkpoints.db` and drops the table; later starts read the file.
+    #[test]
+    fn an_older_state_directory_has_its_checkpoints_moved_into_their_own_file_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r1 = result(1, "done");
+        schema_1_state_dir(
+            dir.path(),
+            &["long"],
+            &[("long", 1, b"5"), ("ended", 1, b"x")],
+            &[(Class::Result, &r1)],
+        );
+        for _ in 0..2 {
+            let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+            assert_eq!(restored.lost, vec![TaskRef::new(tid("long"), Attempt(1))]);
+            assert_eq!(restored.checkpoints.len(), 1, "{:?}", restored.checkpoints);
+            assert_eq!(restored.checkpoints[0].0, tid("long"));
+            assert_eq!(restored.checkpoints[0].1.data.as_slice(), b"5");
+            assert_eq!(restored.entries, vec![(Class::Result, r1.clone())]);
+            assert_eq!(main_schema(&sd.conn()), (SCHEMA_VERSION, false));
+            drop(sd);
+            // "ended" is neither running nor lost: not kept.
+            assert_eq!(checkpoint_rows(dir.path()), ["long"]);
+        }
+    }
+
+    /// A start that died while moving the checkpoints of schema 1 leaves the move to the next:
+    /// before the new file was in place it is made again; after, the old table is dropped and
+    /// its rows are not copied again over the file's.
+    #[test]
+    fn a_move_of_checkpoints_cut_short_is_finished_at_the_next_start() {
+        // Died before the rename: a half-made file under its temporary name.
+        let dir = tempfile::tempdir().expect("tempdir");
+        schema_1_state_dir(dir.path(), &["long"], &[("long", 1, b"5")], &[]);
+        let half_made = dir.path().join("checkpoints.db.new");
+        std::fs::write(&half_made, b"SQLite format 3\0 and then nothing").expect("write");
+        let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+        assert_eq!(restored.checkpoints.len(), 1);
+        assert_eq!(restored.checkpoints[0].1.data.as_slice(), b"5");
+        assert!(!half_made.exists());
+        drop(sd);
+        // Died after the rename: the file holds the rows (the task's latest, "6", since), the
+        // old table still there with its copy and worker.db still of schema 1.
+        let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+        sd.store_checkpoint(&tid("long"), &checkpoint(1, b"6"))
+            .expect("checkpoint");
+        sd.conn()
+            .execute_batch(&format!(
+                "CREATE TABLE checkpoints (
+                     task_id TEXT PRIMARY KEY, checkpoint_id TEXT NOT NULL,
+                     attempt INTEGER NOT NULL, data BLOB NOT NULL);
+                 INSERT INTO checkpoints VALUES ('long', '{}', 1, X'35');
+                 PRAGMA user_version = 1;",
+                CheckpointId::random()
+            ))
+            .expect("the old table");
+        drop(sd);
+        let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+        assert_eq!(restored.checkpoints.len(), 1);
+        assert_eq!(restored.checkpoints[0].1.data.as_slice(), b"6");
+        assert_eq!(main_schema(&sd.conn()), (SCHEMA_VERSION, false));
+    }
+
+    /// `forget_lost` and `task_finished` change `worker.db` first and `checkpoints.db` second,
+    /// and two files share no transaction. A crash between the steps (here: step two waits
+    /// for a checkpoint being written, and the process dies meanwhile) leaves checkpoints that
+    /// no task needs, and the next start sweeps them away; a task still lost always keeps its
+    /// checkpoint.
+    #[test]
+    fn a_crash_between_forgetting_tasks_and_their_checkpoints_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+            sd.task_started(&tid("long"), Attempt(1)).expect("start");
+            sd.store_checkpoint(&tid("long"), &checkpoint(1, b"5"))
+                .expect("checkpoint");
+        }
+        let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+        assert_eq!(restored.checkpoints.len(), 1);
+        sd.task_started(&tid("next"), Attempt(1)).expect("start");
+        sd.store_checkpoint(&tid("next"), &checkpoint(1, b"n"))
+            .expect("checkpoint");
+        {
+            let _writing = sd.checkpoints();
+            sd.forget_lost().expect("forget");
+            sd.task_finished(&tid("next"), Attempt(1)).expect("finish");
+            // Step one of each is on disk; the process dies before step two.
+            assert_eq!(main_schema(&sd.conn()).0, SCHEMA_VERSION);
+            let lost: i64 = sd
+                .conn()
+                .query_row("SELECT count(*) FROM lost", [], |r| r.get(0))
+                .expect("lost");
+            assert_eq!(lost, 0);
+        }
+        drop(sd);
+        assert_eq!(checkpoint_rows(dir.path()), ["long", "next"]);
+        let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+        assert!(restored.lost.is_empty(), "{:?}", restored.lost);
+        assert!(restored.checkpoints.is_empty());
+        assert!(checkpoint_rows(dir.path()).is_empty());
+        // Without a crash: the lost tasks' checkpoints go, the running tasks' stay.
+        sd.task_started(&tid("run"), Attempt(1)).expect("start");
+        sd.store_checkpoint(&tid("run"), &checkpoint(1, b"r"))
+            .expect("checkpoint");
+        sd.forget_lost().expect("forget");
+        assert!(sd.latest_checkpoint(&tid("run")).expect("read").is_some());
+        drop(sd);
+        // A task running at a crash is lost with its checkpoint: forget_lost left it alone.
+        let (_sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+        assert_eq!(restored.lost, vec![TaskRef::new(tid("run"), Attempt(1))]);
+        assert_eq!(restored.checkpoints.len(), 1);
+    }
+
+    #[test]
+    fn a_corrupt_or_emptied_checkpoint_database_is_refused_and_a_missing_one_made_anew() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+            sd.task_started(&tid("long"), Attempt(1)).expect("start");
+            sd.store_checkpoint(&tid("long"), &checkpoint(1, b"5"))
+                .expect("checkpoint");
+            sd.write(Some((Class::Result, Seq(1), &result(1, "done"))), &[]);
+        }
+        let path = dir.path().join(CHECKPOINTS_FILE);
+        let junk = b"this is not a sqlite database, not at all, not even close....".repeat(100);
+        for (content, says) in [(&junk[..], "checkpoints.db"), (b"", "the file is empty")] {
+            std::fs::write(&path, content).expect("write");
+            let err = StateDir::open(dir.path(), &wid("w1")).expect_err("refused");
+            assert!(matches!(err, StateDirError::Corrupt { .. }), "{err}");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("checkpoints.db") && msg.contains(says),
+                "{msg}"
+            );
+            assert_eq!(std::fs::read(&path).expect("read"), content, "untouched");
+        }
+        // Moved away: the worker starts without the checkpoints, with the rest of its state
+        // (the running task is lost at this start, not at a refused one).
+        std::fs::remove_file(&path).expect("remove");
+        let (_sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("made anew");
+        assert_eq!(restored.lost, vec![TaskRef::new(tid("long"), Attempt(1))]);
+        assert!(restored.checkpoints.is_empty());
+        assert_eq!(restored.entries.len(), 1);
+        assert!(checkpoint_rows(dir.path()).is_empty());
     }
 }

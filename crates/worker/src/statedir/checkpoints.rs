@@ -1,0 +1,223 @@
+//! `checkpoints.db`: the latest checkpoint of each task, in a database of its own so that a
+//! checkpoint being written (many MiB, on the blocking pool) holds neither a lock nor SQLite's
+//! one writer that the outbox journal and the running set in `worker.db` need.
+//!
+//! Made whole before it is there: a missing file is built as `checkpoints.db.new` (rollback
+//! journal, synced at commit) and renamed into place, so a start that dies while making it
+//! leaves no file, never an empty or half-made one. A state directory of schema 1 kept its
+//! checkpoints in `worker.db`: they are copied into the new file, and the old table is dropped
+//! (and `worker.db` marked schema 2) only once the file is in place. A start that dies between
+//! the two finds the file and only drops the table: its rows are never copied twice.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rusqlite::types::Value;
+use rusqlite::{Connection, OptionalExtension, params};
+use tether_proto::{Attempt, CheckpointId, TaskId};
+
+use super::StateDirError;
+use crate::executor::StoredCheckpoint;
+
+/// File name of the checkpoint database.
+pub const CHECKPOINTS_FILE: &str = "checkpoints.db";
+/// Schema version of the checkpoint database (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS checkpoints (
+    task_id TEXT PRIMARY KEY, checkpoint_id TEXT NOT NULL, attempt INTEGER NOT NULL,
+    data BLOB NOT NULL);
+";
+
+/// Opens the checkpoint database of `dir`, making it (from the checkpoints of an older
+/// `worker.db`, if `main` holds any) when it is missing, and marks `main` as keeping its
+/// checkpoints there. `version` is `main`'s schema version as found.
+pub(super) fn open(
+    dir: &Path,
+    main: &mut Connection,
+    main_path: &Path,
+    version: i64,
+) -> Result<(Connection, PathBuf), StateDirError> {
+    let path = dir.join(CHECKPOINTS_FILE);
+    let main_db = |source| StateDirError::Db {
+        path: main_path.to_owned(),
+        source,
+    };
+    let old_table: bool = main
+        .query_row(
+            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'checkpoints'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(main_db)?;
+    match std::fs::metadata(&path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if version >= super::SCHEMA_VERSION {
+                // Removed by hand (a start never leaves it missing once it was made): like a
+                // missing worker.db, it is started afresh. What it held is gone; the tasks lost
+                // with the previous process resume from the coordinator's copy, or afresh.
+                tracing::warn!(path = %path.display(), "the checkpoint database is missing: started without the checkpoints it held");
+            }
+            create(&path, main, main_path, old_table)?;
+        }
+        Err(source) => return Err(StateDirError::Io { path, source }),
+    }
+    let (conn, _) = super::open_db(&path, SCHEMA, SCHEMA_VERSION)?;
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(|source| StateDirError::Db {
+            path: path.clone(),
+            source,
+        })?;
+    if old_table || version < super::SCHEMA_VERSION {
+        let tx = main.transaction().map_err(main_db)?;
+        tx.execute_batch("DROP TABLE IF EXISTS checkpoints")
+            .and_then(|_| tx.pragma_update(None, "user_version", super::SCHEMA_VERSION))
+            .and_then(|_| tx.commit())
+            .map_err(main_db)?;
+    }
+    Ok((conn, path))
+}
+
+/// Makes the checkpoint database at `path`, with the rows of `main`'s `checkpoints` table if
+/// `copy`, under another name first and then renamed into place.
+fn create(
+    path: &Path,
+    main: &Connection,
+    main_path: &Path,
+    copy: bool,
+) -> Result<(), StateDirError> {
+    let new = path.with_extension("db.new");
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StateDirError::Io { path, source }
+    };
+    let db = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StateDirError::Db { path, source }
+    };
+    // Left by a start that died while making it.
+    for stale in [new.clone(), path.with_extension("db.new-journal")] {
+        match std::fs::remove_file(&stale) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&stale)(e)),
+            _ => {}
+        }
+    }
+    {
+        let mut conn = Connection::open(&new).map_err(db(&new))?;
+        let tx = conn.transaction().map_err(db(&new))?;
+        tx.execute_batch(SCHEMA)
+            .and_then(|_| tx.pragma_update(None, "user_version", SCHEMA_VERSION))
+            .map_err(db(&new))?;
+        if copy {
+            let mut stmt = main
+                .prepare("SELECT task_id, checkpoint_id, attempt, data FROM checkpoints")
+                .map_err(db(main_path))?;
+            let mut rows = stmt.query([]).map_err(db(main_path))?;
+            // One row in memory at a time: each may be many MiB.
+            while let Some(r) = rows.next().map_err(db(main_path))? {
+                let row = (0..4)
+                    .map(|i| r.get::<_, Value>(i))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(db(main_path))?;
+                tx.execute(
+                    "INSERT OR REPLACE INTO checkpoints (task_id, checkpoint_id, attempt, data)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    rusqlite::params_from_iter(row),
+                )
+                .map_err(db(&new))?;
+            }
+        }
+        tx.commit().map_err(db(&new))?;
+    }
+    std::fs::File::open(&new)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&new))?;
+    std::fs::rename(&new, path).map_err(io(path))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
+/// Keeps `cp` as the latest checkpoint of `task`.
+pub(super) fn store(
+    conn: &Connection,
+    task: &TaskId,
+    cp: &StoredCheckpoint,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT OR REPLACE INTO checkpoints (task_id, checkpoint_id, attempt, data)
+         VALUES (?1, ?2, ?3, ?4)",
+        params![
+            task.as_str(),
+            cp.id.as_str(),
+            cp.attempt.0,
+            cp.data.as_slice()
+        ],
+    )
+    .map(drop)
+}
+
+/// Forgets the checkpoints of `task` up to `attempt`, which ended.
+pub(super) fn forget(conn: &Connection, task: &TaskId, attempt: Attempt) -> rusqlite::Result<()> {
+    conn.execute(
+        "DELETE FROM checkpoints WHERE task_id = ?1 AND attempt <= ?2",
+        params![task.as_str(), attempt.0],
+    )
+    .map(drop)
+}
+
+/// Forgets the checkpoints of every task not in `needed` (the tasks running or lost).
+pub(super) fn sweep(conn: &mut Connection, needed: &BTreeSet<String>) -> rusqlite::Result<usize> {
+    let tx = conn.transaction()?;
+    let held: Vec<String> = tx
+        .prepare("SELECT task_id FROM checkpoints")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut swept = 0;
+    for task in held.iter().filter(|t| !needed.contains(*t)) {
+        swept += tx.execute("DELETE FROM checkpoints WHERE task_id = ?1", [task])?;
+    }
+    tx.commit()?;
+    Ok(swept)
+}
+
+/// The latest checkpoint stored for `task`.
+pub(super) fn read(
+    conn: &Connection,
+    task: &TaskId,
+    path: &Path,
+) -> Result<Option<StoredCheckpoint>, StateDirError> {
+    let row = conn
+        .query_row(
+            "SELECT checkpoint_id, attempt, data FROM checkpoints WHERE task_id = ?1",
+            params![task.as_str()],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, u32>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(|source| StateDirError::Db {
+            path: path.to_owned(),
+            source,
+        })?;
+    let Some((id, attempt, data)) = row else {
+        return Ok(None);
+    };
+    let id = CheckpointId::parse(&id).map_err(|e| StateDirError::Corrupt {
+        path: path.to_owned(),
+        detail: format!("checkpoint id {id:?} of task {task}: {e}"),
+    })?;
+    Ok(Some(StoredCheckpoint {
+        id,
+        attempt: Attempt(attempt),
+        data: Arc::new(data),
+    }))
+}
