@@ -40,12 +40,14 @@ use wal::Checkpointer;
 
 /// Most batches committed in one transaction by the writer (group commit).
 pub const MAX_GROUP: usize = 256;
-/// The writer's group commit window. Under a flood of 100,000 messages/s it makes a fifth of
-/// the commits, with 120-130 mutations each instead of 23-31: the WAL grows by 0.09 frames a
-/// mutation instead of 0.13-0.25 (each commit rewrites the log's last page and the pages around
-/// it), and the coordinator spent about a tenth less CPU per message in one A/B (inside the
-/// noise in another), for at most this much more latency.
-pub const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
+/// The writer's group commit window. Under a flood of 100,000 messages/s a window of 1 ms made a
+/// fifth of the commits of none, with 120-170 mutations each instead of 23-31 (each commit
+/// rewrites the WAL's last page and the pages around it). 250 µs keeps most of that (909
+/// commits a second of 109 mutations, against 596 of 167 at 1 ms and 3,284 of 30 with none;
+/// no more coordinator CPU a message than 1 ms in nine interleaved runs) and takes a millisecond
+/// or two off the slowest acknowledgements at that rate (p99 10.4-13.7 ms against 12.6-18.6 in
+/// six interleaved pairs; docs/PERFORMANCE.md, twenty-seventh round).
+pub const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_micros(250);
 
 /// Name of the database file in the data directory.
 pub const DB_FILE: &str = "tether.db";
