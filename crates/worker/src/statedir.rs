@@ -7,7 +7,8 @@
 //!   lock           "<pid> <start time>" of the process that owns the directory
 //!   worker.db      SQLite (WAL, synchronous=NORMAL): identity, outbox journal, seq high-water
 //!                  mark, tasks running now, tasks lost with the previous process, journaled
-//!                  entries set aside at a start because they did not decode
+//!                  entries set aside at a start because they did not decode, checkpoint
+//!                  deletions owed to checkpoints.db (`forget`)
 //!   checkpoints.db SQLite (WAL, synchronous=NORMAL): the latest checkpoint of each task
 //!                  running or lost (`checkpoints`)
 //!   tasks/<task>/  checkpoint directories of command tasks (owned by the executor)
@@ -26,21 +27,26 @@
 //! Sharing a lock, or SQLite's one writer of a file, the session would stall for as long as a
 //! checkpoint takes to write. So nothing on the `worker.db` side waits for `checkpoints.db`:
 //! the deletions an ending task or `forget_lost` asks of it are done at once when it is free,
-//! else by the next user of it (at the latest by the sweep at the next open).
+//! else by its holder as it releases it.
 //!
 //! The two files share no transaction, so each change that touches both is ordered to be safe
-//! at a crash between its steps: `worker.db` first (the attempt leaves the running set, the
-//! lost set is forgotten), then the checkpoints. A crash between them leaves only checkpoints
-//! of tasks neither running nor lost, which every open sweeps away; never a lost task without
-//! its checkpoint. A corrupt or emptied `checkpoints.db` is refused at open like `worker.db`,
-//! left untouched. A missing one is made at open: from the `checkpoints` table of a `worker.db`
-//! of schema 1 (which is then dropped, once), empty otherwise, as a missing `worker.db` is, with
-//! a warning if `worker.db` says there was one.
+//! at a crash between its steps: `worker.db` first, in one transaction (the attempt leaves the
+//! running set, or the lost set is forgotten, and the deletion is recorded as owed in
+//! `forget`: each task's checkpoints up to the attempt that ended or was lost), then the
+//! checkpoints, then the `forget` rows go. A crash between them leaves owed deletions on disk,
+//! which the next open applies before it reads any checkpoint: a task lost at that open (even
+//! at a newer attempt that started here since) is never handed an ended attempt's checkpoint,
+//! and a lost task never loses its own. Every open also sweeps away the checkpoints of tasks
+//! neither running nor lost. A corrupt or emptied `checkpoints.db` is refused at open like
+//! `worker.db`, left untouched. A missing one is made at open: from the `checkpoints` table of
+//! a `worker.db` of schema 1 (then dropped), empty otherwise, as a missing `worker.db` is, with a
+//! warning if `worker.db` says there was one; a `-wal` and `-shm` it left are removed first.
 
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tether_proto::msg::WorkerMsg;
@@ -70,6 +76,8 @@ CREATE TABLE IF NOT EXISTS lost (
     task_id TEXT NOT NULL, attempt INTEGER NOT NULL, PRIMARY KEY (task_id, attempt));
 CREATE TABLE IF NOT EXISTS discarded (
     seq INTEGER PRIMARY KEY, class INTEGER NOT NULL, msg TEXT NOT NULL, reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS forget (
+    task_id TEXT NOT NULL, attempt INTEGER NOT NULL, PRIMARY KEY (task_id, attempt));
 ";
 
 /// Why a state directory cannot be used.
@@ -84,7 +92,9 @@ pub enum StateDirError {
         "{dir} is in use by process {pid} (lock file {dir}/{LOCK_FILE}); one worker per state directory"
     )]
     Locked { dir: PathBuf, pid: u32 },
-    #[error("{path} is not a usable worker database ({detail}); move it away to start afresh")]
+    #[error(
+        "{path} is not a usable worker database ({detail}); move it away, with its -wal and -shm files, to start afresh"
+    )]
     Corrupt { path: PathBuf, detail: String },
     #[error("{path} has schema version {found}, newer than this worker's {newest}; left untouched")]
     Newer {
@@ -130,17 +140,37 @@ pub struct StateDir {
     // lost sets under it); nothing waits for it while holding `conn`, and nothing on the
     // journal's or the running set's path waits for it at all (`try_lock` only).
     cp_conn: Mutex<Connection>,
-    owed: Mutex<Owed>,
+    /// `worker.db`'s `forget` table may hold rows not yet applied to `checkpoints.db`. Set
+    /// after the rows are committed, cleared by `settle` before it reads them.
+    owed: AtomicBool,
     _lock: LockFile,
 }
 
-/// Deletions of checkpoints asked while `checkpoints.db` was busy, for its next user to do.
-#[derive(Debug, Default)]
-struct Owed {
-    /// Attempts that ended: their task's checkpoints up to that attempt go.
-    finished: Vec<(TaskId, Attempt)>,
-    /// The lost set was forgotten: the checkpoints of tasks neither running nor lost go.
-    sweep: bool,
+/// The checkpoint connection, locked. Whoever releases it settles what was owed meanwhile
+/// (a deletion asked while it was held found it busy, and left it to the holder).
+struct CheckpointsGuard<'a> {
+    sd: &'a StateDir,
+    conn: Option<MutexGuard<'a, Connection>>,
+}
+
+impl std::ops::Deref for CheckpointsGuard<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn.as_deref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for CheckpointsGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        self.conn.as_deref_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for CheckpointsGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.conn.take());
+        self.sd.settle_if_free();
+    }
 }
 
 impl std::fmt::Debug for StateDir {
@@ -185,7 +215,15 @@ impl StateDir {
             tx.commit().map_err(db)?;
             restored
         };
-        // What a crash between the two steps of `task_finished` or `forget_lost` left.
+        // What a crash between the two steps of `task_finished` or `forget_lost` left: before
+        // the lost tasks' checkpoints are read, or an earlier attempt's would be handed back.
+        let forgot = apply_forget(&mut conn, &mut cp_conn).map_err(|e| match e {
+            Side::Main(source) => db(source),
+            Side::Checkpoints(source) => StateDirError::Db {
+                path: cp_path.clone(),
+                source,
+            },
+        })?;
         let needed = needed(&conn).map_err(db)?;
         let swept =
             checkpoints::sweep(&mut cp_conn, &needed).map_err(|source| StateDirError::Db {
@@ -197,14 +235,14 @@ impl StateDir {
                 restored.checkpoints.push((t.task_id.clone(), cp));
             }
         }
-        if !restored.lost.is_empty() || !restored.entries.is_empty() || swept > 0 {
+        if !restored.lost.is_empty() || !restored.entries.is_empty() || swept + forgot > 0 {
             tracing::info!(
                 dir = %dir.display(),
                 lost = restored.lost.len(),
                 outbox = restored.entries.len(),
                 last_seq = restored.last_seq.0,
                 checkpoints = restored.checkpoints.len(),
-                checkpoints_swept = swept,
+                checkpoints_swept = swept + forgot,
                 "state restored from the previous process"
             );
         }
@@ -214,7 +252,7 @@ impl StateDir {
             conn: Mutex::new(conn),
             cp_path,
             cp_conn: Mutex::new(cp_conn),
-            owed: Mutex::default(),
+            owed: AtomicBool::new(false),
             _lock: lock,
         });
         Ok((sd, restored))
@@ -229,8 +267,11 @@ impl StateDir {
     }
 
     /// The checkpoint database, locked (for as long as a checkpoint takes to write).
-    fn checkpoints(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.cp_conn.lock().unwrap_or_else(|p| p.into_inner())
+    fn checkpoints(&self) -> CheckpointsGuard<'_> {
+        CheckpointsGuard {
+            sd: self,
+            conn: Some(self.cp_conn.lock().unwrap_or_else(|p| p.into_inner())),
+        }
     }
 
     fn db_err(&self, source: rusqlite::Error) -> StateDirError {
@@ -262,15 +303,26 @@ impl StateDir {
     /// needed here (the coordinator holds it for the next attempt). Waits for no checkpoint
     /// being written: the checkpoint is forgotten then by the writer, or the next user.
     pub fn task_finished(&self, task: &TaskId, attempt: Attempt) -> Result<(), StateDirError> {
-        // Step one. A crash before step two leaves a checkpoint of a task neither running nor
-        // lost, which the next open sweeps away.
-        self.conn()
-            .execute(
+        // Step one: the attempt leaves the running set and its checkpoints are owed, in one
+        // transaction. A crash before step two leaves the debt on disk, paid at the next open
+        // before anything is read (the task may by then run again here, at a newer attempt).
+        {
+            let mut conn = self.conn();
+            let tx = conn.transaction().map_err(|e| self.db_err(e))?;
+            tx.execute(
                 "DELETE FROM running WHERE task_id = ?1 AND attempt = ?2",
                 params![task.as_str(), attempt.0],
             )
+            .and_then(|_| {
+                tx.execute(
+                    "INSERT OR IGNORE INTO forget (task_id, attempt) VALUES (?1, ?2)",
+                    params![task.as_str(), attempt.0],
+                )
+            })
+            .and_then(|_| tx.commit())
             .map_err(|e| self.db_err(e))?;
-        self.owe(|o| o.finished.push((task.clone(), attempt)));
+        }
+        self.owe();
         Ok(())
     }
 
@@ -280,12 +332,10 @@ impl StateDir {
         task: &TaskId,
         cp: &StoredCheckpoint,
     ) -> Result<(), StateDirError> {
+        // What was asked while this one was written is settled as the guard is released.
         let mut conn = self.checkpoints();
         self.settle(&mut conn);
-        let stored = checkpoints::store(&conn, task, cp).map_err(|e| self.cp_err(e));
-        // What was asked while this one was written, not to wait for the next user.
-        self.settle(&mut conn);
-        stored
+        checkpoints::store(&conn, task, cp).map_err(|e| self.cp_err(e))
     }
 
     /// The latest checkpoint stored for `task`.
@@ -301,45 +351,56 @@ impl StateDir {
     /// The coordinator has been told about the lost tasks (a registration was acknowledged):
     /// forgets them and their checkpoints.
     pub fn forget_lost(&self) -> Result<(), StateDirError> {
-        // Step one, the lost set first: a crash after it leaves checkpoints of tasks neither
-        // running nor lost, which the next open sweeps away. The other order could leave a
-        // task reported lost again at the next start without its checkpoint.
-        self.conn()
-            .execute("DELETE FROM lost", [])
+        // Step one: the lost set goes and its checkpoints are owed, in one transaction (the
+        // debt is paid as `task_finished`'s is). The lost set never goes without the debt, and
+        // a task still lost at the next start never without its checkpoint.
+        {
+            let mut conn = self.conn();
+            let tx = conn.transaction().map_err(|e| self.db_err(e))?;
+            tx.execute_batch(
+                "INSERT OR IGNORE INTO forget (task_id, attempt) SELECT task_id, attempt FROM lost;
+                 DELETE FROM lost;",
+            )
+            .and_then(|_| tx.commit())
             .map_err(|e| self.db_err(e))?;
-        self.owe(|o| o.sweep = true);
+        }
+        self.owe();
         Ok(())
     }
 
-    /// Notes deletions of checkpoints, and does them now unless a checkpoint is being written.
-    fn owe(&self, f: impl FnOnce(&mut Owed)) {
-        f(&mut self.owed.lock().unwrap_or_else(|p| p.into_inner()));
-        match self.cp_conn.try_lock() {
-            Ok(mut conn) => self.settle(&mut conn),
-            Err(std::sync::TryLockError::Poisoned(p)) => self.settle(&mut p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => {}
+    /// Notes that `forget` holds rows (committed), and applies them now unless a checkpoint is
+    /// being written: then its writer does, as it releases the lock.
+    fn owe(&self) {
+        self.owed.store(true, Ordering::SeqCst);
+        self.settle_if_free();
+    }
+
+    /// Settles what is owed for as long as something is and the checkpoint lock is free. A
+    /// holder found busy settles it as it releases the lock (`CheckpointsGuard`), so no debt
+    /// waits for the next user.
+    fn settle_if_free(&self) {
+        while self.owed.load(Ordering::SeqCst) {
+            match self.cp_conn.try_lock() {
+                Ok(mut conn) => self.settle(&mut conn),
+                Err(std::sync::TryLockError::Poisoned(p)) => self.settle(&mut p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => return,
+            }
         }
     }
 
-    /// Does the deletions owed to the checkpoint database, of which `conn` is the held lock.
-    /// A failure is logged: the sweep at the next open does them.
+    /// Applies the `forget` rows to the checkpoint database, of which `conn` is the held lock.
+    /// A failure is logged: the rows stay, and the next open applies them.
     fn settle(&self, conn: &mut Connection) {
-        let owed = std::mem::take(&mut *self.owed.lock().unwrap_or_else(|p| p.into_inner()));
-        let done = owed
-            .finished
-            .iter()
-            .try_for_each(|(task, attempt)| checkpoints::forget(conn, task, *attempt))
-            .and_then(|()| match owed.sweep {
-                // Read under the checkpoint lock: a task that starts now stores its first
-                // checkpoint after this sweep, never before the running set was read.
-                true => {
-                    let needed = needed(&self.conn())?;
-                    checkpoints::sweep(conn, &needed).map(drop)
-                }
-                false => Ok(()),
-            });
-        if let Err(error) = done {
-            tracing::error!(path = %self.cp_path.display(), %error, "could not forget the checkpoints of tasks that ended; the next start does");
+        // Cleared before the rows are read: a row committed after the read sets it again.
+        if !self.owed.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = apply_forget(&mut self.conn(), conn) {
+            let (path, error) = match e {
+                Side::Main(e) => (&self.db_path, e),
+                Side::Checkpoints(e) => (&self.cp_path, e),
+            };
+            tracing::error!(path = %path.display(), %error, "could not forget the checkpoints of tasks that ended; the next start does");
         }
     }
 
@@ -392,6 +453,7 @@ fn open_db(path: &Path, schema: &str, newest: i64) -> Result<(Connection, i64), 
     };
     // SQLite would take an empty file for a new database and a directory for a disk error.
     match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => remove_stale_wal(path)?,
         Ok(m) if m.is_dir() => return Err(corrupt("it is a directory, not a file".into())),
         Ok(m) if m.len() == 0 => {
             return Err(corrupt(
@@ -423,6 +485,64 @@ fn open_db(path: &Path, schema: &str, newest: i64) -> Result<(Connection, i64), 
         .and_then(|_| conn.execute_batch(schema))
         .map_err(|e| corrupt(e.to_string()))?;
     Ok((conn, version))
+}
+
+/// Removes the `-wal` and `-shm` files of the missing database at `path` (moved away without
+/// them, after a killed process left them): SQLite would replay the old database's pages from
+/// that WAL into the new file made at `path`.
+fn remove_stale_wal(path: &Path) -> Result<(), StateDirError> {
+    for suffix in ["-wal", "-shm"] {
+        let mut stale = path.as_os_str().to_owned();
+        stale.push(suffix);
+        let stale = PathBuf::from(stale);
+        match std::fs::remove_file(&stale) {
+            Ok(()) => {
+                tracing::warn!(path = %stale.display(), "removed, left by a database that is gone");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(StateDirError::Io {
+                    path: stale,
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Which database an error of `apply_forget` came from.
+enum Side {
+    Main(rusqlite::Error),
+    Checkpoints(rusqlite::Error),
+}
+
+/// Applies the checkpoint deletions owed in `main`'s `forget` table to `cp` (each task's
+/// checkpoints up to the attempt given), then deletes those rows. Applying a row twice (a
+/// crash between the two files) deletes nothing more: a newer attempt's checkpoint stays.
+/// Returns how many checkpoints went.
+fn apply_forget(main: &mut Connection, cp: &mut Connection) -> Result<usize, Side> {
+    let rows: Vec<(String, u32)> = main
+        .prepare("SELECT task_id, attempt FROM forget")
+        .and_then(|mut s| {
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()
+        })
+        .map_err(Side::Main)?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let forgot = checkpoints::forget(cp, &rows).map_err(Side::Checkpoints)?;
+    let tx = main.transaction().map_err(Side::Main)?;
+    for (task, attempt) in &rows {
+        tx.execute(
+            "DELETE FROM forget WHERE task_id = ?1 AND attempt = ?2",
+            params![task, attempt],
+        )
+        .map_err(Side::Main)?;
+    }
+    tx.commit().map_err(Side::Main)?;
+    Ok(forgot)
 }
 
 /// The tasks whose checkpoints are still needed: those running and those lost.
@@ -1119,8 +1239,8 @@ mod tests {
     }
 
     /// A start that died while moving the checkpoints of schema 1 leaves the move to the next:
-    /// before the new file was in place it is made again; after, the old table is dropped and
-    /// its rows are not copied again over the file's.
+    /// before the new file was in place it is made again; after, the old table's rows are
+    /// copied again over the file's (the same rows) and the table is dropped.
     #[test]
     fn a_move_of_checkpoints_cut_short_is_finished_at_the_next_start() {
         // Died before the rename: a half-made file under its temporary name.
@@ -1133,26 +1253,235 @@ mod tests {
         assert_eq!(restored.checkpoints[0].1.data.as_slice(), b"5");
         assert!(!half_made.exists());
         drop(sd);
-        // Died after the rename: the file holds the rows (the task's latest, "6", since), the
-        // old table still there with its copy and worker.db still of schema 1.
+        // Died after the rename: the file and the old table hold the same rows, worker.db is
+        // still of schema 1.
         let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
-        sd.store_checkpoint(&tid("long"), &checkpoint(1, b"6"))
-            .expect("checkpoint");
-        sd.conn()
-            .execute_batch(&format!(
-                "CREATE TABLE checkpoints (
-                     task_id TEXT PRIMARY KEY, checkpoint_id TEXT NOT NULL,
-                     attempt INTEGER NOT NULL, data BLOB NOT NULL);
-                 INSERT INTO checkpoints VALUES ('long', '{}', 1, X'35');
-                 PRAGMA user_version = 1;",
-                CheckpointId::random()
-            ))
-            .expect("the old table");
+        restore_old_table(&sd.conn(), &[("long", 1, b"5")]);
         drop(sd);
         let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
         assert_eq!(restored.checkpoints.len(), 1);
-        assert_eq!(restored.checkpoints[0].1.data.as_slice(), b"6");
+        assert_eq!(restored.checkpoints[0].1.data.as_slice(), b"5");
         assert_eq!(main_schema(&sd.conn()), (SCHEMA_VERSION, false));
+        assert_eq!(checkpoint_rows(dir.path()), ["long"]);
+    }
+
+    /// A start that died after the new file was in place and before the old table was dropped
+    /// left `worker.db` at schema 1, which an older worker (after a rollback) opens: it keeps
+    /// writing checkpoints into the old table. The next start of this version keeps them.
+    #[test]
+    fn checkpoints_an_older_worker_wrote_after_a_move_cut_short_are_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        schema_1_state_dir(dir.path(), &["long"], &[("long", 1, b"5")], &[]);
+        let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+        // The older worker ran "long" again (lost at this start, at attempt 1) to "7", and
+        // started "new" with its first checkpoint.
+        restore_old_table(&sd.conn(), &[("long", 1, b"7"), ("new", 1, b"n")]);
+        sd.conn()
+            .execute_batch("INSERT INTO running (task_id, attempt) VALUES ('new', 1)")
+            .expect("running");
+        drop(sd);
+        let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+        let got: Vec<_> = restored
+            .checkpoints
+            .iter()
+            .map(|(t, cp)| (t.as_str().to_owned(), cp.data.to_vec()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("long".to_owned(), b"7".to_vec()),
+                ("new".to_owned(), b"n".to_vec())
+            ]
+        );
+        assert_eq!(main_schema(&sd.conn()), (SCHEMA_VERSION, false));
+    }
+
+    /// `worker.db` as a start that died between the rename and the drop leaves it: the old
+    /// `checkpoints` table with `rows` (task, attempt, data), schema 1.
+    fn restore_old_table(conn: &Connection, rows: &[(&str, u32, &[u8])]) {
+        conn.execute_batch(
+            "CREATE TABLE checkpoints (
+                 task_id TEXT PRIMARY KEY, checkpoint_id TEXT NOT NULL,
+                 attempt INTEGER NOT NULL, data BLOB NOT NULL);
+             PRAGMA user_version = 1;",
+        )
+        .expect("the old table");
+        for (task, attempt, data) in rows {
+            conn.execute(
+                "INSERT INTO checkpoints VALUES (?1, ?2, ?3, ?4)",
+                params![task, CheckpointId::random().as_str(), attempt, data],
+            )
+            .expect("row");
+        }
+    }
+
+    /// An attempt that ended while another task's checkpoint was being written leaves its
+    /// checkpoint's deletion owed; the task runs again here, at a newer attempt, and the
+    /// process is killed. At the next start the newer attempt is lost, and is not handed the
+    /// ended attempt's checkpoint as its own.
+    #[test]
+    fn an_ended_attempts_checkpoint_is_not_restored_for_a_newer_attempt_after_a_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+            sd.task_started(&tid("t"), Attempt(1)).expect("start");
+            sd.store_checkpoint(&tid("t"), &checkpoint(1, b"c1"))
+                .expect("checkpoint");
+            // Another task's checkpoint being written when the process dies.
+            let _writing = sd.cp_conn.lock().expect("lock");
+            sd.task_finished(&tid("t"), Attempt(1)).expect("finish");
+            sd.task_started(&tid("t"), Attempt(2)).expect("start");
+        }
+        assert_eq!(checkpoint_rows(dir.path()), ["t"], "the deletion waited");
+        let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+        assert_eq!(restored.lost, vec![TaskRef::new(tid("t"), Attempt(2))]);
+        assert!(
+            restored.checkpoints.is_empty(),
+            "{:?}",
+            restored.checkpoints
+        );
+        assert!(checkpoint_rows(dir.path()).is_empty());
+        assert_eq!(forget_rows(&sd.conn()), 0, "the debt is paid once");
+    }
+
+    /// The rows of `worker.db`'s `forget` table (deletions owed to `checkpoints.db`).
+    fn forget_rows(conn: &Connection) -> i64 {
+        conn.query_row("SELECT count(*) FROM forget", [], |r| r.get(0))
+            .expect("forget")
+    }
+
+    /// A deletion asked while a checkpoint is being written finds its lock busy and is left to
+    /// the writer, which may have settled what was owed already: it settles again as it
+    /// releases the lock, not at the next use of the lock (which may never come).
+    #[test]
+    fn a_deletion_asked_while_a_checkpoint_is_written_is_done_when_the_write_ends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+        sd.task_started(&tid("t"), Attempt(1)).expect("start");
+        sd.store_checkpoint(&tid("t"), &checkpoint(1, b"c1"))
+            .expect("checkpoint");
+        {
+            // As store_checkpoint holds it after its last settle, before it returns.
+            let mut writing = sd.checkpoints();
+            sd.settle(&mut writing);
+            sd.task_finished(&tid("t"), Attempt(1)).expect("finish");
+            sd.forget_lost().expect("forget");
+            assert_eq!(checkpoint_rows(dir.path()), ["t"], "the lock was busy");
+        }
+        assert!(checkpoint_rows(dir.path()).is_empty());
+        assert_eq!(forget_rows(&sd.conn()), 0);
+        assert!(!sd.owed.load(Ordering::SeqCst));
+        // And through store_checkpoint: another task's write, with a deletion asked during it
+        // (from another thread, while the lock is held).
+        sd.task_started(&tid("u"), Attempt(1)).expect("start");
+        sd.store_checkpoint(&tid("u"), &checkpoint(1, b"u"))
+            .expect("checkpoint");
+        std::thread::scope(|s| {
+            let writing = sd.checkpoints();
+            s.spawn(|| sd.task_finished(&tid("u"), Attempt(1)).expect("finish"))
+                .join()
+                .expect("finisher");
+            assert_eq!(checkpoint_rows(dir.path()), ["u"], "the lock was busy");
+            drop(writing);
+        });
+        assert!(checkpoint_rows(dir.path()).is_empty());
+        assert_eq!(forget_rows(&sd.conn()), 0);
+    }
+
+    /// A `checkpoints.db` moved away without its `-wal` and `-shm` (a killed worker left them):
+    /// the file made anew is empty, not the old one's pages replayed from that WAL.
+    #[test]
+    fn a_checkpoint_database_moved_away_without_its_wal_is_made_anew_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let killed = tempfile::tempdir().expect("tempdir");
+        {
+            let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+            sd.task_started(&tid("long"), Attempt(1)).expect("start");
+            sd.store_checkpoint(&tid("long"), &checkpoint(1, b"5"))
+                .expect("checkpoint");
+            // The directory as a kill -9 leaves it: each database with its WAL not checkpointed.
+            for entry in std::fs::read_dir(dir.path()).expect("read dir") {
+                let entry = entry.expect("entry");
+                if entry.file_type().expect("type").is_file() {
+                    std::fs::copy(entry.path(), killed.path().join(entry.file_name()))
+                        .expect("copy");
+                }
+            }
+        }
+        let wal = killed.path().join("checkpoints.db-wal");
+        assert!(
+            std::fs::metadata(&wal).expect("a WAL left").len() > 0,
+            "the WAL holds frames"
+        );
+        std::fs::remove_file(killed.path().join(CHECKPOINTS_FILE)).expect("move away");
+        let (sd, restored) = StateDir::open(killed.path(), &wid("w1")).expect("made anew");
+        assert_eq!(restored.lost, vec![TaskRef::new(tid("long"), Attempt(1))]);
+        assert!(restored.checkpoints.is_empty());
+        assert!(sd.latest_checkpoint(&tid("long")).expect("read").is_none());
+        sd.store_checkpoint(&tid("long"), &checkpoint(1, b"6"))
+            .expect("usable");
+        drop(sd);
+        let (_sd, restored) = StateDir::open(killed.path(), &wid("w1")).expect("reopen");
+        assert_eq!(restored.checkpoints.len(), 1);
+        assert_eq!(restored.checkpoints[0].1.data.as_slice(), b"6");
+    }
+
+    /// A database of a newer schema (a newer worker ran on the directory) is refused, and
+    /// neither file is changed.
+    #[test]
+    fn a_newer_schema_of_either_database_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+            sd.task_started(&tid("long"), Attempt(1)).expect("start");
+            sd.store_checkpoint(&tid("long"), &checkpoint(1, b"5"))
+                .expect("checkpoint");
+        }
+        let files = |dir: &Path| {
+            [DB_FILE, CHECKPOINTS_FILE].map(|f| std::fs::read(dir.join(f)).expect("read"))
+        };
+        for (file, old) in [
+            (DB_FILE, SCHEMA_VERSION),
+            (CHECKPOINTS_FILE, checkpoints::SCHEMA_VERSION),
+        ] {
+            let newer = old + 1;
+            let side = Connection::open(dir.path().join(file)).expect("open");
+            side.pragma_update(None, "user_version", newer)
+                .expect("version");
+            drop(side);
+            let before = files(dir.path());
+            let err = StateDir::open(dir.path(), &wid("w1")).expect_err("refused");
+            assert!(
+                matches!(&err, StateDirError::Newer { path, found, .. }
+                    if path.ends_with(file) && *found == newer),
+                "{err}"
+            );
+            assert!(files(dir.path()) == before, "{file}: untouched");
+            let side = Connection::open(dir.path().join(file)).expect("open");
+            side.pragma_update(None, "user_version", old)
+                .expect("version");
+        }
+        let (_sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+        assert_eq!(restored.checkpoints.len(), 1);
+    }
+
+    /// A `worker.db` of schema 1 made without a `checkpoints` table (none was ever written):
+    /// opened, with an empty `checkpoints.db`.
+    #[test]
+    fn a_schema_1_worker_db_without_a_checkpoints_table_opens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r1 = result(1, "done");
+        schema_1_state_dir(dir.path(), &["long"], &[], &[(Class::Result, &r1)]);
+        Connection::open(dir.path().join(DB_FILE))
+            .expect("open")
+            .execute_batch("DROP TABLE checkpoints")
+            .expect("drop");
+        let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+        assert_eq!(restored.lost, vec![TaskRef::new(tid("long"), Attempt(1))]);
+        assert!(restored.checkpoints.is_empty());
+        assert_eq!(restored.entries, vec![(Class::Result, r1)]);
+        assert_eq!(main_schema(&sd.conn()), (SCHEMA_VERSION, false));
+        assert!(checkpoint_rows(dir.path()).is_empty());
     }
 
     /// `forget_lost` and `task_finished` change `worker.db` first and `checkpoints.db` second,
@@ -1175,7 +1504,8 @@ mod tests {
         sd.store_checkpoint(&tid("next"), &checkpoint(1, b"n"))
             .expect("checkpoint");
         {
-            let _writing = sd.checkpoints();
+            // Held as by a writer when the process dies: never released, so nothing settles.
+            let _writing = sd.cp_conn.lock().expect("lock");
             sd.forget_lost().expect("forget");
             sd.task_finished(&tid("next"), Attempt(1)).expect("finish");
             // Step one of each is on disk; the process dies before step two.

@@ -6,8 +6,12 @@
 //! journal, synced at commit) and renamed into place, so a start that dies while making it
 //! leaves no file, never an empty or half-made one. A state directory of schema 1 kept its
 //! checkpoints in `worker.db`: they are copied into the new file, and the old table is dropped
-//! (and `worker.db` marked schema 2) only once the file is in place. A start that dies between
-//! the two finds the file and only drops the table: its rows are never copied twice.
+//! (and `worker.db` marked schema 2) only once the file is in place. A start that finds both
+//! the file and the old table (one died between the two) copies the table's rows again, over
+//! the file's, before dropping it: nothing of this version writes the file while the table
+//! exists, and an older worker run since (after a rollback) wrote its newer checkpoints into
+//! the table. A missing file's `-wal` and `-shm`, left by a killed process, are removed before
+//! it is made, or SQLite would replay the old file's pages into the new one.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -52,8 +56,12 @@ pub(super) fn open(
             |r| r.get(0),
         )
         .map_err(main_db)?;
-    match std::fs::metadata(&path) {
-        Ok(_) => {}
+    let db = |source| StateDirError::Db {
+        path: path.clone(),
+        source,
+    };
+    let created = match std::fs::metadata(&path) {
+        Ok(_) => false,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if version >= super::SCHEMA_VERSION {
                 // Removed by hand (a start never leaves it missing once it was made): like a
@@ -61,16 +69,29 @@ pub(super) fn open(
                 // with the previous process resume from the coordinator's copy, or afresh.
                 tracing::warn!(path = %path.display(), "the checkpoint database is missing: started without the checkpoints it held");
             }
+            // Its -wal and -shm, if left behind, are not replayed into the new file.
+            super::remove_stale_wal(&path)?;
             create(&path, main, main_path, old_table)?;
+            true
         }
-        Err(source) => return Err(StateDirError::Io { path, source }),
-    }
-    let (conn, _) = super::open_db(&path, SCHEMA, SCHEMA_VERSION)?;
+        Err(source) => {
+            return Err(StateDirError::Io {
+                path: path.clone(),
+                source,
+            });
+        }
+    };
+    let (mut conn, _) = super::open_db(&path, SCHEMA, SCHEMA_VERSION)?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-        .map_err(|source| StateDirError::Db {
-            path: path.clone(),
-            source,
-        })?;
+        .map_err(db)?;
+    if old_table && !created {
+        // A start died after the rename and before the drop, and an older worker may have run
+        // since, writing newer checkpoints into the old table: they are copied again, over the
+        // file's (which nothing wrote since the rename: this version drops the table first).
+        let tx = conn.transaction().map_err(db)?;
+        copy_old(main, main_path, &tx, &path)?;
+        tx.commit().map_err(db)?;
+    }
     if old_table || version < super::SCHEMA_VERSION {
         let tx = main.transaction().map_err(main_db)?;
         tx.execute_batch("DROP TABLE IF EXISTS checkpoints")
@@ -112,23 +133,7 @@ fn create(
             .and_then(|_| tx.pragma_update(None, "user_version", SCHEMA_VERSION))
             .map_err(db(&new))?;
         if copy {
-            let mut stmt = main
-                .prepare("SELECT task_id, checkpoint_id, attempt, data FROM checkpoints")
-                .map_err(db(main_path))?;
-            let mut rows = stmt.query([]).map_err(db(main_path))?;
-            // One row in memory at a time: each may be many MiB.
-            while let Some(r) = rows.next().map_err(db(main_path))? {
-                let row = (0..4)
-                    .map(|i| r.get::<_, Value>(i))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(db(main_path))?;
-                tx.execute(
-                    "INSERT OR REPLACE INTO checkpoints (task_id, checkpoint_id, attempt, data)
-                     VALUES (?1, ?2, ?3, ?4)",
-                    rusqlite::params_from_iter(row),
-                )
-                .map_err(db(&new))?;
-            }
+            copy_old(main, main_path, &tx, &new)?;
         }
         tx.commit().map_err(db(&new))?;
     }
@@ -140,6 +145,38 @@ fn create(
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io(dir))
+}
+
+/// Copies the rows of `main`'s old `checkpoints` table into `to` (at `to_path`), over the rows
+/// it holds of the same tasks.
+fn copy_old(
+    main: &Connection,
+    main_path: &Path,
+    to: &Connection,
+    to_path: &Path,
+) -> Result<(), StateDirError> {
+    let db = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StateDirError::Db { path, source }
+    };
+    let mut stmt = main
+        .prepare("SELECT task_id, checkpoint_id, attempt, data FROM checkpoints")
+        .map_err(db(main_path))?;
+    let mut rows = stmt.query([]).map_err(db(main_path))?;
+    // One row in memory at a time: each may be many MiB.
+    while let Some(r) = rows.next().map_err(db(main_path))? {
+        let row = (0..4)
+            .map(|i| r.get::<_, Value>(i))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db(main_path))?;
+        to.execute(
+            "INSERT OR REPLACE INTO checkpoints (task_id, checkpoint_id, attempt, data)
+             VALUES (?1, ?2, ?3, ?4)",
+            rusqlite::params_from_iter(row),
+        )
+        .map_err(db(to_path))?;
+    }
+    Ok(())
 }
 
 /// Keeps `cp` as the latest checkpoint of `task`.
@@ -161,13 +198,19 @@ pub(super) fn store(
     .map(drop)
 }
 
-/// Forgets the checkpoints of `task` up to `attempt`, which ended.
-pub(super) fn forget(conn: &Connection, task: &TaskId, attempt: Attempt) -> rusqlite::Result<()> {
-    conn.execute(
-        "DELETE FROM checkpoints WHERE task_id = ?1 AND attempt <= ?2",
-        params![task.as_str(), attempt.0],
-    )
-    .map(drop)
+/// Forgets the checkpoints of each task up to the attempt given (which ended, or was lost and
+/// reported), in one transaction. Returns how many went.
+pub(super) fn forget(conn: &mut Connection, ended: &[(String, u32)]) -> rusqlite::Result<usize> {
+    let tx = conn.transaction()?;
+    let mut forgot = 0;
+    for (task, attempt) in ended {
+        forgot += tx.execute(
+            "DELETE FROM checkpoints WHERE task_id = ?1 AND attempt <= ?2",
+            params![task, attempt],
+        )?;
+    }
+    tx.commit()?;
+    Ok(forgot)
 }
 
 /// Forgets the checkpoints of every task not in `needed` (the tasks running or lost).
