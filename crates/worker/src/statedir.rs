@@ -1388,6 +1388,39 @@ mod tests {
         assert_eq!(forget_rows(&sd.conn()), 0);
     }
 
+    /// Two attempts of a task can both be storing checkpoints (the newer starts when the older
+    /// has not ended within the predecessor grace): the older's never replaces the newer's.
+    #[test]
+    fn an_older_attempts_checkpoint_never_replaces_a_newer_attempts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+        let latest = |sd: &StateDir| {
+            let cp = sd
+                .latest_checkpoint(&tid("t"))
+                .expect("read")
+                .expect("kept");
+            (cp.attempt.0, cp.data.to_vec())
+        };
+        sd.store_checkpoint(&tid("t"), &checkpoint(1, b"a"))
+            .expect("checkpoint");
+        sd.store_checkpoint(&tid("t"), &checkpoint(2, b"b"))
+            .expect("checkpoint");
+        assert_eq!(latest(&sd), (2, b"b".to_vec()));
+        sd.store_checkpoint(&tid("t"), &checkpoint(1, b"late"))
+            .expect("checkpoint");
+        assert_eq!(
+            latest(&sd),
+            (2, b"b".to_vec()),
+            "the older attempt's is dropped"
+        );
+        sd.store_checkpoint(&tid("t"), &checkpoint(2, b"c"))
+            .expect("checkpoint");
+        assert_eq!(latest(&sd), (2, b"c".to_vec()));
+        sd.store_checkpoint(&tid("t"), &checkpoint(3, b"d"))
+            .expect("checkpoint");
+        assert_eq!(latest(&sd), (3, b"d".to_vec()));
+    }
+
     /// A `checkpoints.db` moved away without its `-wal` and `-shm` (a killed worker left them):
     /// the file made anew is empty, not the old one's pages replayed from that WAL.
     #[test]

@@ -179,15 +179,20 @@ fn copy_old(
     Ok(())
 }
 
-/// Keeps `cp` as the latest checkpoint of `task`.
+/// Keeps `cp` as the latest checkpoint of `task`, unless a newer attempt's is kept: two
+/// attempts of a task can both be storing (the newer starts when the older has not ended
+/// within the predecessor grace), and the older's last checkpoint is not the task's latest.
 pub(super) fn store(
     conn: &Connection,
     task: &TaskId,
     cp: &StoredCheckpoint,
 ) -> rusqlite::Result<()> {
     conn.execute(
-        "INSERT OR REPLACE INTO checkpoints (task_id, checkpoint_id, attempt, data)
-         VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO checkpoints (task_id, checkpoint_id, attempt, data) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (task_id) DO UPDATE SET
+             checkpoint_id = excluded.checkpoint_id, attempt = excluded.attempt,
+             data = excluded.data
+         WHERE excluded.attempt >= checkpoints.attempt",
         params![
             task.as_str(),
             cp.id.as_str(),
