@@ -221,6 +221,7 @@ mod tests {
             .spawn()
             .expect("spawn sleep");
         let pid = child.id();
+        await_marked(&mark, 1);
         assert_eq!(marked(&mark), [pid]);
         assert!(
             marked(&format!("{mark}0")).is_empty(),
@@ -237,6 +238,21 @@ mod tests {
             Some(9)
         );
         assert!(marked(&mark).is_empty());
+    }
+
+    /// Waits (at most 10 s) until `n` processes carry `mark`. A spawn returns once the child's
+    /// exec has begun, and for a moment after it the new image's environment reads empty (the
+    /// kernel lets the spawning parent go on when the child's new memory is in place, before its
+    /// environment is laid out there): a look at once missed the child now and then.
+    fn await_marked(mark: &str, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while marked(mark).len() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n} processes marked {mark} not found within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Kills `sleep 300` on drop: a failed assertion does not leave it running.
@@ -264,6 +280,7 @@ mod tests {
                 .expect("spawn sleep")
         };
         let (mut member, mut outside) = (sleeper(), sleeper());
+        await_marked(&mark, 2);
         // Each leads a group of its own: the first's is the one signalled already.
         assert_eq!(
             signal_marked(&mark, Signal::SIGTERM, Some(member.0.id())),
