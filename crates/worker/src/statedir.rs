@@ -217,14 +217,15 @@ impl StateDir {
         };
         // What a crash between the two steps of `task_finished` or `forget_lost` left: before
         // the lost tasks' checkpoints are read, or an earlier attempt's would be handed back.
-        let forgot = apply_forget(&mut conn, &mut cp_conn).map_err(|e| match e {
+        let conn = Mutex::new(conn);
+        let forgot = apply_forget(&conn, &mut cp_conn).map_err(|e| match e {
             Side::Main(source) => db(source),
             Side::Checkpoints(source) => StateDirError::Db {
                 path: cp_path.clone(),
                 source,
             },
         })?;
-        let needed = needed(&conn).map_err(db)?;
+        let needed = needed(&locked(&conn)).map_err(db)?;
         let swept =
             checkpoints::sweep(&mut cp_conn, &needed).map_err(|source| StateDirError::Db {
                 path: cp_path.clone(),
@@ -249,7 +250,7 @@ impl StateDir {
         let sd = Arc::new(Self {
             dir: dir.to_owned(),
             db_path,
-            conn: Mutex::new(conn),
+            conn,
             cp_path,
             cp_conn: Mutex::new(cp_conn),
             owed: AtomicBool::new(false),
@@ -263,7 +264,7 @@ impl StateDir {
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        locked(&self.conn)
     }
 
     /// The checkpoint database, locked (for as long as a checkpoint takes to write).
@@ -395,7 +396,7 @@ impl StateDir {
         if !self.owed.swap(false, Ordering::SeqCst) {
             return;
         }
-        if let Err(e) = apply_forget(&mut self.conn(), conn) {
+        if let Err(e) = apply_forget(&self.conn, conn) {
             let (path, error) = match e {
                 Side::Main(e) => (&self.db_path, e),
                 Side::Checkpoints(e) => (&self.cp_path, e),
@@ -520,9 +521,11 @@ enum Side {
 /// Applies the checkpoint deletions owed in `main`'s `forget` table to `cp` (each task's
 /// checkpoints up to the attempt given), then deletes those rows. Applying a row twice (a
 /// crash between the two files) deletes nothing more: a newer attempt's checkpoint stays.
-/// Returns how many checkpoints went.
-fn apply_forget(main: &mut Connection, cp: &mut Connection) -> Result<usize, Side> {
-    let rows: Vec<(String, u32)> = main
+/// Returns how many checkpoints went. `main` is locked only to read the rows and to delete
+/// them, not while the checkpoints go (deleting a large one reads its every page): the outbox
+/// journal does not wait for that either.
+fn apply_forget(main: &Mutex<Connection>, cp: &mut Connection) -> Result<usize, Side> {
+    let rows: Vec<(String, u32)> = locked(main)
         .prepare("SELECT task_id, attempt FROM forget")
         .and_then(|mut s| {
             s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -533,6 +536,7 @@ fn apply_forget(main: &mut Connection, cp: &mut Connection) -> Result<usize, Sid
         return Ok(0);
     }
     let forgot = checkpoints::forget(cp, &rows).map_err(Side::Checkpoints)?;
+    let mut main = locked(main);
     let tx = main.transaction().map_err(Side::Main)?;
     for (task, attempt) in &rows {
         tx.execute(
@@ -543,6 +547,11 @@ fn apply_forget(main: &mut Connection, cp: &mut Connection) -> Result<usize, Sid
     }
     tx.commit().map_err(Side::Main)?;
     Ok(forgot)
+}
+
+/// `m`, locked: a panic while it was held left a connection that is still usable.
+fn locked(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The tasks whose checkpoints are still needed: those running and those lost.
@@ -1210,6 +1219,53 @@ mod tests {
         let (_sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
         assert_eq!(restored.entries, vec![(Class::State, s2)]);
         assert_eq!(restored.lost, vec![TaskRef::new(tid("next"), Attempt(1))]);
+    }
+
+    /// Paying a debt of deletions (a large checkpoint's deletion reads its every page) holds
+    /// `worker.db`'s lock only to read and to clear the debt, not while the checkpoints go: the
+    /// journal does not wait for it. Here the deletion waits for another writer of
+    /// `checkpoints.db` (a second connection holding its write lock) for as long as the test
+    /// likes.
+    #[test]
+    fn paying_a_debt_of_deletions_holds_up_neither_the_journal_nor_tasks_starting() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+        sd.task_started(&tid("done"), Attempt(1)).expect("start");
+        sd.store_checkpoint(&tid("done"), &checkpoint(1, b"1"))
+            .expect("checkpoint");
+        let other = Connection::open(dir.path().join(CHECKPOINTS_FILE)).expect("other");
+        other.execute_batch("BEGIN IMMEDIATE").expect("begin");
+        let in_time = std::thread::scope(|s| {
+            let sd_ = &sd;
+            let payer = s.spawn(move || sd_.task_finished(&tid("done"), Attempt(1)));
+            // The payer holds the checkpoint lock once its deletion is under way (it waits in
+            // SQLite for `other`, up to the connection's busy timeout).
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while matches!(sd.cp_conn.try_lock(), Ok(_)) && !payer.is_finished() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the debt was not paid"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let (done, finished) = std::sync::mpsc::channel();
+            let (sd_, s2) = (sd.clone(), state(2, "next"));
+            s.spawn(move || {
+                sd_.write(Some((Class::State, Seq(2), &s2)), &[]);
+                sd_.task_started(&tid("next"), Attempt(1)).expect("start");
+                let _ = done.send(());
+            });
+            let in_time = finished.recv_timeout(Duration::from_secs(2));
+            other.execute_batch("COMMIT").expect("commit");
+            payer.join().expect("payer").expect("finish");
+            in_time
+        });
+        assert!(
+            in_time.is_ok(),
+            "the journal waited for checkpoints being deleted"
+        );
+        assert!(sd.latest_checkpoint(&tid("done")).expect("read").is_none());
+        assert_eq!(forget_rows(&sd.conn()), 0, "the debt was cleared");
     }
 
     /// A state directory of schema 1 kept checkpoints in `worker.db`: the first start moves
