@@ -130,14 +130,29 @@ pub struct Restored {
     pub checkpoints: Vec<(TaskId, StoredCheckpoint)>,
 }
 
+impl StateDirError {
+    /// The error of an SQLite call on the database at `path` (for `map_err`, off the hot
+    /// paths: it copies the path when made).
+    fn db(path: &Path) -> impl FnOnce(rusqlite::Error) -> Self + use<> {
+        let path = path.to_owned();
+        move |source| Self::Db { path, source }
+    }
+
+    /// The error of a file operation on `path` (as [`StateDirError::db`]).
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Self + use<> {
+        let path = path.to_owned();
+        move |source| Self::Io { path, source }
+    }
+}
+
 /// An open, locked state directory.
 pub struct StateDir {
     dir: PathBuf,
     db_path: PathBuf,
     conn: Mutex<Connection>,
     cp_path: PathBuf,
-    // INVARIANT: when both are held, `cp_conn` is taken first (a sweep reads the running and
-    // lost sets under it); nothing waits for it while holding `conn`, and nothing on the
+    // INVARIANT: when both are held, `cp_conn` is taken first (`settle` reads and clears the
+    // owed deletions under it); nothing waits for it while holding `conn`, and nothing on the
     // journal's or the running set's path waits for it at all (`try_lock` only).
     cp_conn: Mutex<Connection>,
     /// `worker.db`'s `forget` table may hold rows not yet applied to `checkpoints.db`. Set
@@ -218,19 +233,10 @@ impl StateDir {
         // What a crash between the two steps of `task_finished` or `forget_lost` left: before
         // the lost tasks' checkpoints are read, or an earlier attempt's would be handed back.
         let conn = Mutex::new(conn);
-        let forgot = apply_forget(&conn, &mut cp_conn).map_err(|e| match e {
-            Side::Main(source) => db(source),
-            Side::Checkpoints(source) => StateDirError::Db {
-                path: cp_path.clone(),
-                source,
-            },
-        })?;
+        let forgot = apply_forget(&conn, &db_path, &mut cp_conn, &cp_path)?;
         let needed = needed(&locked(&conn)).map_err(db)?;
         let swept =
-            checkpoints::sweep(&mut cp_conn, &needed).map_err(|source| StateDirError::Db {
-                path: cp_path.clone(),
-                source,
-            })?;
+            checkpoints::sweep(&mut cp_conn, &needed).map_err(StateDirError::db(&cp_path))?;
         for t in &restored.lost {
             if let Some(cp) = checkpoints::read(&cp_conn, &t.task_id, &cp_path)? {
                 restored.checkpoints.push((t.task_id.clone(), cp));
@@ -271,7 +277,7 @@ impl StateDir {
     fn checkpoints(&self) -> CheckpointsGuard<'_> {
         CheckpointsGuard {
             sd: self,
-            conn: Some(self.cp_conn.lock().unwrap_or_else(|p| p.into_inner())),
+            conn: Some(locked(&self.cp_conn)),
         }
     }
 
@@ -302,7 +308,7 @@ impl StateDir {
 
     /// Records that `attempt` of `task` left the running set; its checkpoint is no longer
     /// needed here (the coordinator holds it for the next attempt). Waits for no checkpoint
-    /// being written: the checkpoint is forgotten then by the writer, or the next user.
+    /// being written: the checkpoint is forgotten then by the writer, as it releases its lock.
     pub fn task_finished(&self, task: &TaskId, attempt: Attempt) -> Result<(), StateDirError> {
         // Step one: the attempt leaves the running set and its checkpoints are owed, in one
         // transaction. A crash before step two leaves the debt on disk, paid at the next open
@@ -396,12 +402,8 @@ impl StateDir {
         if !self.owed.swap(false, Ordering::SeqCst) {
             return;
         }
-        if let Err(e) = apply_forget(&self.conn, conn) {
-            let (path, error) = match e {
-                Side::Main(e) => (&self.db_path, e),
-                Side::Checkpoints(e) => (&self.cp_path, e),
-            };
-            tracing::error!(path = %path.display(), %error, "could not forget the checkpoints of tasks that ended; the next start does");
+        if let Err(error) = apply_forget(&self.conn, &self.db_path, conn, &self.cp_path) {
+            tracing::error!(%error, "could not forget the checkpoints of tasks that ended; the next start does");
         }
     }
 
@@ -501,21 +503,10 @@ fn remove_stale_wal(path: &Path) -> Result<(), StateDirError> {
                 tracing::warn!(path = %stale.display(), "removed, left by a database that is gone");
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(StateDirError::Io {
-                    path: stale,
-                    source,
-                });
-            }
+            Err(e) => return Err(StateDirError::io(&stale)(e)),
         }
     }
     Ok(())
-}
-
-/// Which database an error of `apply_forget` came from.
-enum Side {
-    Main(rusqlite::Error),
-    Checkpoints(rusqlite::Error),
 }
 
 /// Applies the checkpoint deletions owed in `main`'s `forget` table to `cp` (each task's
@@ -524,28 +515,33 @@ enum Side {
 /// Returns how many checkpoints went. `main` is locked only to read the rows and to delete
 /// them, not while the checkpoints go (deleting a large one reads its every page): the outbox
 /// journal does not wait for that either.
-fn apply_forget(main: &Mutex<Connection>, cp: &mut Connection) -> Result<usize, Side> {
+fn apply_forget(
+    main: &Mutex<Connection>,
+    main_path: &Path,
+    cp: &mut Connection,
+    cp_path: &Path,
+) -> Result<usize, StateDirError> {
     let rows: Vec<(String, u32)> = locked(main)
         .prepare("SELECT task_id, attempt FROM forget")
         .and_then(|mut s| {
             s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()
         })
-        .map_err(Side::Main)?;
+        .map_err(StateDirError::db(main_path))?;
     if rows.is_empty() {
         return Ok(0);
     }
-    let forgot = checkpoints::forget(cp, &rows).map_err(Side::Checkpoints)?;
+    let forgot = checkpoints::forget(cp, &rows).map_err(StateDirError::db(cp_path))?;
     let mut main = locked(main);
-    let tx = main.transaction().map_err(Side::Main)?;
+    let tx = main.transaction().map_err(StateDirError::db(main_path))?;
     for (task, attempt) in &rows {
         tx.execute(
             "DELETE FROM forget WHERE task_id = ?1 AND attempt = ?2",
             params![task, attempt],
         )
-        .map_err(Side::Main)?;
+        .map_err(StateDirError::db(main_path))?;
     }
-    tx.commit().map_err(Side::Main)?;
+    tx.commit().map_err(StateDirError::db(main_path))?;
     Ok(forgot)
 }
 
@@ -868,6 +864,16 @@ mod tests {
         }
     }
 
+    /// Opens `dir` for worker `w1` with `task` running at attempt 1 and its checkpoint `data`
+    /// stored.
+    fn open_running(dir: &Path, task: &str, data: &[u8]) -> Arc<StateDir> {
+        let (sd, _) = StateDir::open(dir, &wid("w1")).expect("open");
+        sd.task_started(&tid(task), Attempt(1)).expect("start");
+        sd.store_checkpoint(&tid(task), &checkpoint(1, data))
+            .expect("checkpoint");
+        sd
+    }
+
     /// The tasks whose checkpoints `checkpoints.db` holds, read from the side.
     fn checkpoint_rows(dir: &Path) -> Vec<String> {
         Connection::open(dir.join(CHECKPOINTS_FILE))
@@ -1169,10 +1175,7 @@ mod tests {
     #[test]
     fn a_checkpoint_being_written_holds_up_neither_the_journal_nor_tasks_starting_and_ending() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
-        sd.task_started(&tid("done"), Attempt(1)).expect("start");
-        sd.store_checkpoint(&tid("done"), &checkpoint(1, b"1"))
-            .expect("checkpoint");
+        let sd = open_running(dir.path(), "done", b"1");
         let big = checkpoint(1, &vec![7; 8 << 20]);
         let s2 = state(2, "next");
         let (began, writing) = std::sync::mpsc::channel();
@@ -1229,10 +1232,7 @@ mod tests {
     #[test]
     fn paying_a_debt_of_deletions_holds_up_neither_the_journal_nor_tasks_starting() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
-        sd.task_started(&tid("done"), Attempt(1)).expect("start");
-        sd.store_checkpoint(&tid("done"), &checkpoint(1, b"1"))
-            .expect("checkpoint");
+        let sd = open_running(dir.path(), "done", b"1");
         let other = Connection::open(dir.path().join(CHECKPOINTS_FILE)).expect("other");
         other.execute_batch("BEGIN IMMEDIATE").expect("begin");
         let in_time = std::thread::scope(|s| {
@@ -1379,10 +1379,7 @@ mod tests {
     fn an_ended_attempts_checkpoint_is_not_restored_for_a_newer_attempt_after_a_crash() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
-            sd.task_started(&tid("t"), Attempt(1)).expect("start");
-            sd.store_checkpoint(&tid("t"), &checkpoint(1, b"c1"))
-                .expect("checkpoint");
+            let sd = open_running(dir.path(), "t", b"c1");
             // Another task's checkpoint being written when the process dies.
             let _writing = sd.cp_conn.lock().expect("lock");
             sd.task_finished(&tid("t"), Attempt(1)).expect("finish");
@@ -1412,10 +1409,7 @@ mod tests {
     #[test]
     fn a_deletion_asked_while_a_checkpoint_is_written_is_done_when_the_write_ends() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
-        sd.task_started(&tid("t"), Attempt(1)).expect("start");
-        sd.store_checkpoint(&tid("t"), &checkpoint(1, b"c1"))
-            .expect("checkpoint");
+        let sd = open_running(dir.path(), "t", b"c1");
         {
             // As store_checkpoint holds it after its last settle, before it returns.
             let mut writing = sd.checkpoints();
@@ -1484,10 +1478,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let killed = tempfile::tempdir().expect("tempdir");
         {
-            let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
-            sd.task_started(&tid("long"), Attempt(1)).expect("start");
-            sd.store_checkpoint(&tid("long"), &checkpoint(1, b"5"))
-                .expect("checkpoint");
+            let _sd = open_running(dir.path(), "long", b"5");
             // The directory as a kill -9 leaves it: each database with its WAL not checkpointed.
             for entry in std::fs::read_dir(dir.path()).expect("read dir") {
                 let entry = entry.expect("entry");
@@ -1521,10 +1512,7 @@ mod tests {
     fn a_newer_schema_of_either_database_is_refused_and_left_untouched() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
-            sd.task_started(&tid("long"), Attempt(1)).expect("start");
-            sd.store_checkpoint(&tid("long"), &checkpoint(1, b"5"))
-                .expect("checkpoint");
+            let _sd = open_running(dir.path(), "long", b"5");
         }
         let files = |dir: &Path| {
             [DB_FILE, CHECKPOINTS_FILE].map(|f| std::fs::read(dir.join(f)).expect("read"))
@@ -1582,10 +1570,7 @@ mod tests {
     fn a_crash_between_forgetting_tasks_and_their_checkpoints_leaves_nothing_behind() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
-            sd.task_started(&tid("long"), Attempt(1)).expect("start");
-            sd.store_checkpoint(&tid("long"), &checkpoint(1, b"5"))
-                .expect("checkpoint");
+            let _sd = open_running(dir.path(), "long", b"5");
         }
         let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
         assert_eq!(restored.checkpoints.len(), 1);
@@ -1628,10 +1613,7 @@ mod tests {
     fn a_corrupt_or_emptied_checkpoint_database_is_refused_and_a_missing_one_made_anew() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
-            sd.task_started(&tid("long"), Attempt(1)).expect("start");
-            sd.store_checkpoint(&tid("long"), &checkpoint(1, b"5"))
-                .expect("checkpoint");
+            let sd = open_running(dir.path(), "long", b"5");
             sd.write(Some((Class::Result, Seq(1), &result(1, "done"))), &[]);
         }
         let path = dir.path().join(CHECKPOINTS_FILE);

@@ -45,21 +45,13 @@ pub(super) fn open(
     version: i64,
 ) -> Result<(Connection, PathBuf), StateDirError> {
     let path = dir.join(CHECKPOINTS_FILE);
-    let main_db = |source| StateDirError::Db {
-        path: main_path.to_owned(),
-        source,
-    };
     let old_table: bool = main
         .query_row(
             "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'checkpoints'",
             [],
             |r| r.get(0),
         )
-        .map_err(main_db)?;
-    let db = |source| StateDirError::Db {
-        path: path.clone(),
-        source,
-    };
+        .map_err(StateDirError::db(main_path))?;
     let created = match std::fs::metadata(&path) {
         Ok(_) => false,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -74,30 +66,25 @@ pub(super) fn open(
             create(&path, main, main_path, old_table)?;
             true
         }
-        Err(source) => {
-            return Err(StateDirError::Io {
-                path: path.clone(),
-                source,
-            });
-        }
+        Err(e) => return Err(StateDirError::io(&path)(e)),
     };
     let (mut conn, _) = super::open_db(&path, SCHEMA, SCHEMA_VERSION)?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-        .map_err(db)?;
+        .map_err(StateDirError::db(&path))?;
     if old_table && !created {
         // A start died after the rename and before the drop, and an older worker may have run
         // since, writing newer checkpoints into the old table: they are copied again, over the
         // file's (which nothing wrote since the rename: this version drops the table first).
-        let tx = conn.transaction().map_err(db)?;
+        let tx = conn.transaction().map_err(StateDirError::db(&path))?;
         copy_old(main, main_path, &tx, &path)?;
-        tx.commit().map_err(db)?;
+        tx.commit().map_err(StateDirError::db(&path))?;
     }
     if old_table || version < super::SCHEMA_VERSION {
-        let tx = main.transaction().map_err(main_db)?;
+        let tx = main.transaction().map_err(StateDirError::db(main_path))?;
         tx.execute_batch("DROP TABLE IF EXISTS checkpoints")
             .and_then(|_| tx.pragma_update(None, "user_version", super::SCHEMA_VERSION))
             .and_then(|_| tx.commit())
-            .map_err(main_db)?;
+            .map_err(StateDirError::db(main_path))?;
     }
     Ok((conn, path))
 }
@@ -111,14 +98,7 @@ fn create(
     copy: bool,
 ) -> Result<(), StateDirError> {
     let new = path.with_extension("db.new");
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| StateDirError::Io { path, source }
-    };
-    let db = |path: &Path| {
-        let path = path.to_owned();
-        move |source| StateDirError::Db { path, source }
-    };
+    let (io, db) = (StateDirError::io, StateDirError::db);
     // Left by a start that died while making it.
     for stale in [new.clone(), path.with_extension("db.new-journal")] {
         match std::fs::remove_file(&stale) {
@@ -155,10 +135,7 @@ fn copy_old(
     to: &Connection,
     to_path: &Path,
 ) -> Result<(), StateDirError> {
-    let db = |path: &Path| {
-        let path = path.to_owned();
-        move |source| StateDirError::Db { path, source }
-    };
+    let db = StateDirError::db;
     let mut stmt = main
         .prepare("SELECT task_id, checkpoint_id, attempt, data FROM checkpoints")
         .map_err(db(main_path))?;
@@ -252,10 +229,7 @@ pub(super) fn read(
             },
         )
         .optional()
-        .map_err(|source| StateDirError::Db {
-            path: path.to_owned(),
-            source,
-        })?;
+        .map_err(StateDirError::db(path))?;
     let Some((id, attempt, data)) = row else {
         return Ok(None);
     };
