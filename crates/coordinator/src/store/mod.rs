@@ -44,9 +44,10 @@ pub const MAX_GROUP: usize = 256;
 /// fifth of the commits of none, with 120-170 mutations each instead of 23-31 (each commit
 /// rewrites the WAL's last page and the pages around it). 250 µs keeps most of that (909
 /// commits a second of 109 mutations, against 596 of 167 at 1 ms and 3,284 of 30 with none;
-/// no more coordinator CPU a message than 1 ms in nine interleaved runs) and takes a millisecond
-/// or two off the slowest acknowledgements at that rate (p99 10.4-13.7 ms against 12.6-18.6 in
-/// six interleaved pairs; docs/PERFORMANCE.md, twenty-seventh round).
+/// coordinator CPU a message 6.1-7.2 µs against 6.1-7.4 in six interleaved pairs at that rate,
+/// 4.9-6.2 against 5.0-6.0 in four at the top rate) and takes a millisecond or two off the
+/// slowest acknowledgements at that rate (p99 10.4-13.7 ms against 12.6-18.6 in the six pairs;
+/// docs/PERFORMANCE.md, twenty-seventh round).
 pub const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_micros(250);
 
 /// Name of the database file in the data directory.
