@@ -1294,6 +1294,33 @@ mod tests {
         }
     }
 
+    /// The moved checkpoints' space goes back to the file system: `worker.db` does not keep
+    /// the dropped table's pages as free pages for ever.
+    #[test]
+    fn the_space_of_checkpoints_moved_out_of_worker_db_is_given_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = vec![7u8; 4 << 20];
+        schema_1_state_dir(dir.path(), &["long"], &[("long", 1, &big)], &[]);
+        let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+        assert_eq!(restored.checkpoints[0].1.data.len(), big.len());
+        let (pages, free, page_size): (i64, i64, i64) = sd
+            .conn()
+            .query_row(
+                "SELECT page_count, freelist_count, page_size
+                 FROM pragma_page_count, pragma_freelist_count, pragma_page_size",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .expect("pragmas");
+        assert_eq!(free, 0, "free pages left in worker.db");
+        assert!(pages * page_size < 1 << 20, "worker.db holds {pages} pages");
+        drop(sd);
+        let len = std::fs::metadata(dir.path().join(DB_FILE))
+            .expect("len")
+            .len();
+        assert!(len < 1 << 20, "worker.db is {len} bytes on disk");
+    }
+
     /// A start that died while moving the checkpoints of schema 1 leaves the move to the next:
     /// before the new file was in place it is made again; after, the old table's rows are
     /// copied again over the file's (the same rows) and the table is dropped.

@@ -6,11 +6,11 @@
 //! journal, synced at commit) and renamed into place, so a start that dies while making it
 //! leaves no file, never an empty or half-made one. A state directory of schema 1 kept its
 //! checkpoints in `worker.db`: they are copied into the new file, and the old table is dropped
-//! (and `worker.db` marked schema 2) only once the file is in place. A start that finds both
-//! the file and the old table (one died between the two) copies the table's rows again, over
-//! the file's, before dropping it: nothing of this version writes the file while the table
-//! exists, and an older worker run since (after a rollback) wrote its newer checkpoints into
-//! the table. A missing file's `-wal` and `-shm`, left by a killed process, are removed before
+//! (and `worker.db` marked schema 2, its space given back by a `VACUUM`) only once the file
+//! is in place. A start that finds both the file and the old table (one died between the
+//! two) copies the table's rows again, over the file's, before dropping it: nothing of this
+//! version writes the file while the table exists, and an older worker run since (after a
+//! rollback) wrote its newer checkpoints into the table. A missing file's `-wal` and `-shm`, left by a killed process, are removed before
 //! it is made, or SQLite would replay the old file's pages into the new one.
 
 use std::collections::BTreeSet;
@@ -85,6 +85,14 @@ pub(super) fn open(
             .and_then(|_| tx.pragma_update(None, "user_version", super::SCHEMA_VERSION))
             .and_then(|_| tx.commit())
             .map_err(StateDirError::db(main_path))?;
+    }
+    if old_table {
+        // The dropped table's pages stay in worker.db as free pages, up to all the
+        // checkpoints it held: given back to the file system once. Not fatal: the journal
+        // reuses free pages, and the next start of this version finds no table to drop.
+        if let Err(error) = main.execute_batch("VACUUM") {
+            tracing::warn!(path = %main_path.display(), %error, "could not give back the space of the moved checkpoints");
+        }
     }
     Ok((conn, path))
 }
