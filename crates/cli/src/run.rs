@@ -115,6 +115,13 @@ pub struct CoordinatorArgs {
     /// commit).
     #[arg(long)]
     durability: Option<tether_coordinator::store::Durability>,
+    /// Refuse zstd compression when a worker offers it: every frame goes as JSON text.
+    #[arg(long)]
+    no_compression: bool,
+    /// Messages (or batches) of at least this many bytes of JSON go zstd-compressed, once a
+    /// worker agreed to it (default 1024).
+    #[arg(long)]
+    min_compress_size: Option<usize>,
     /// TOML settings file ([coordinator] table).
     #[arg(long, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
@@ -204,6 +211,10 @@ fn coordinator_config(
     }
     if let Some(d) = a.durability.or(file.durability) {
         cfg.durability = d;
+    }
+    cfg.compression = !a.no_compression && file.compression.unwrap_or(true);
+    if let Some(n) = a.min_compress_size.or(file.min_compress_size) {
+        cfg.compress_threshold = n;
     }
     apply_limits(&mut cfg, &a, &file)?;
     // First: the library's own floor is lower.
@@ -497,6 +508,13 @@ pub struct WorkerArgs {
     /// Most bytes the outbox holds while offline; producers (tasks) wait beyond it.
     #[arg(long)]
     max_outbox_bytes: Option<usize>,
+    /// Do not offer zstd compression: every frame goes as JSON text.
+    #[arg(long)]
+    no_compression: bool,
+    /// Messages (or batches) of at least this many bytes of JSON go zstd-compressed, once the
+    /// coordinator agreed to it (default 1024).
+    #[arg(long)]
+    min_compress_size: Option<usize>,
     /// PEM certificates to trust for a wss:// coordinator (default: the system's roots).
     #[arg(long, env = "TETHER_CA_FILE")]
     ca_file: Option<PathBuf>,
@@ -625,6 +643,10 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
             bail!("max-outbox-bytes must be at least 1");
         }
         cfg.outbox.max_bytes = n;
+    }
+    cfg.compression = !a.no_compression && file.compression.unwrap_or(true);
+    if let Some(n) = a.min_compress_size.or(file.min_compress_size) {
+        cfg.compress_threshold = n;
     }
     if cfg.require_message_mac && cfg.secret.is_none() {
         bail!(
@@ -812,6 +834,8 @@ mod tests {
             ("admin_token_file", secret.clone(), String::new()),
             ("read_token_file", secret.clone(), String::new()),
             ("durability", "\"machine\"".into(), String::new()),
+            ("compression", "false".into(), String::new()),
+            ("min_compress_size", "4096".into(), String::new()),
         ];
         let mut covered: Vec<String> = cases.iter().map(|c| c.0.to_owned()).collect();
         covered.extend(at_start.map(str::to_owned));
@@ -866,6 +890,8 @@ mod tests {
             ("message_mac", "true".into(), auth.clone()),
             ("max_outbox_entries", "5".into(), base.into()),
             ("max_outbox_bytes", "6000".into(), base.into()),
+            ("compression", "false".into(), base.into()),
+            ("min_compress_size", "4096".into(), base.into()),
         ];
         let mut covered: Vec<String> = cases.iter().map(|c| c.0.to_owned()).collect();
         covered.sort();
@@ -987,6 +1013,47 @@ mod tests {
         let bad = file(dir.path(), "[coordinator]\ndurability = \"disk\"\n");
         let e = settings::load(Some(&bad)).expect_err("refused in the file");
         assert!(format!("{e:#}").contains("durability"), "{e:#}");
+    }
+
+    #[test]
+    fn compression_settings_come_from_their_flags_else_the_file_else_on_at_1024() {
+        let dir = tempfile::tempdir().expect("dir");
+        let toml = file(
+            dir.path(),
+            "[coordinator]\ncompression = true\nmin_compress_size = 4096\n\
+             [worker]\ncoordinator = \"ws://127.0.0.1:1\"\nid = \"w\"\n\
+             compression = true\nmin_compress_size = 4096\n",
+        );
+        let coord = |flags: &[&str], toml: Option<&std::path::Path>| {
+            let c = Coord::try_parse_from(["t"].iter().chain(flags)).expect("flags");
+            let f = settings::load(toml).expect("file").coordinator;
+            let cfg = coordinator_config(c.a, f).expect("config");
+            (cfg.compression, cfg.compress_threshold)
+        };
+        let work = |flags: &[&str], toml: Option<&std::path::Path>| {
+            let mut args = vec!["t", "--coordinator", "ws://127.0.0.1:1", "--id", "w"];
+            if let Some(t) = toml {
+                args.extend(["--config", t.to_str().expect("utf-8")]);
+            }
+            args.extend_from_slice(flags);
+            let cfg = worker_config(Work::try_parse_from(args).expect("flags").a).expect("config");
+            (cfg.compression, cfg.compress_threshold)
+        };
+        for get in [
+            &coord as &dyn Fn(&[&str], Option<&std::path::Path>) -> (bool, usize),
+            &work,
+        ] {
+            assert_eq!(get(&[], None), (true, 1024), "the defaults");
+            assert_eq!(get(&[], Some(&toml)), (true, 4096), "the file");
+            assert_eq!(
+                get(
+                    &["--no-compression", "--min-compress-size", "100"],
+                    Some(&toml)
+                ),
+                (false, 100),
+                "the flags over the file"
+            );
+        }
     }
 
     #[test]

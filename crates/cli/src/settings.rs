@@ -46,6 +46,8 @@ pub struct CoordinatorFile {
     pub admin_token_file: Option<PathBuf>,
     pub read_token_file: Option<PathBuf>,
     pub durability: Option<tether_coordinator::store::Durability>,
+    pub compression: Option<bool>,
+    pub min_compress_size: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -67,6 +69,8 @@ pub struct WorkerFile {
     pub message_mac: Option<bool>,
     pub max_outbox_entries: Option<usize>,
     pub max_outbox_bytes: Option<usize>,
+    pub compression: Option<bool>,
+    pub min_compress_size: Option<usize>,
 }
 
 pub fn load(path: Option<&Path>) -> anyhow::Result<FileConfig> {

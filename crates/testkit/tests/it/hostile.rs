@@ -756,6 +756,46 @@ async fn compression_is_negotiated_and_a_decompression_bomb_is_refused_with_1009
     c.stop().await;
 }
 
+/// Compression turned off on either side: nothing goes compressed either way, and a large
+/// assignment and a large result still arrive whole; on both, large messages go compressed.
+#[tokio::test]
+async fn compression_refused_by_either_side_sends_everything_as_text() {
+    for (coordinator_zstd, worker_zstd) in [(false, true), (true, false), (true, true)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = fast_coordinator_config(dir.path().to_owned());
+        cfg.compression = coordinator_zstd;
+        let c = spawn_coordinator_with(cfg, None).await;
+        let mut wcfg = fast_worker_config(&c.ws_url(), "plain");
+        wcfg.compression = worker_zstd;
+        let w = spawn_worker(wcfg, Executors::builtin());
+        w.wait_state(|s| s == ConnState::Connected).await;
+        let client = c.client();
+        let spec = TaskSpec::new(
+            "command",
+            json!({"shell": "yes tether | head -c 6000", "tail_bytes": 8192, "env": {"PAD": "p".repeat(4000)}}),
+        );
+        let id = client.submit(&[spec]).await[0].clone();
+        client.wait_status(&id, "completed").await;
+        let results = client.results(&id).await;
+        assert_eq!(results.len(), 1, "{results:?}");
+        let out = results[0]["body"]["result"]["stdout_tail"]
+            .as_str()
+            .unwrap_or_default();
+        assert_eq!(out.len(), 6000, "{results:?}");
+        let o = client.overview().await;
+        let frames = (
+            counter(&o, "compressed_out_frames"),
+            counter(&o, "compressed_in_frames"),
+        );
+        match coordinator_zstd && worker_zstd {
+            false => assert_eq!(frames, (0, 0), "{coordinator_zstd}/{worker_zstd}: {o}"),
+            true => assert!(frames.0 >= 1 && frames.1 >= 1, "{o}"),
+        }
+        w.stop().await.expect("clean stop");
+        c.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn checkpoints_announced_and_never_completed_are_bounded_per_task() {
     let dir = tempfile::tempdir().expect("tempdir");
