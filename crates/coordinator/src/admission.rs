@@ -215,7 +215,11 @@ impl axum::serve::Listener for Admission {
             let io = Guarded {
                 tcp,
                 open: self.open.clone(),
-                first_byte: Some(Box::pin(tokio::time::sleep(self.limits.handshake_timeout))),
+                deadline: Some(Box::pin(tokio::time::sleep(self.limits.handshake_timeout))),
+                awaiting_answer: true,
+                moved: Instant::now(),
+                handshake_timeout: self.limits.handshake_timeout,
+                http_idle: self.limits.http_idle,
                 counters: self.counters.clone(),
                 entry: Arc::new(Entry::new(
                     self.pool.clone(),
@@ -432,12 +436,24 @@ enum Count {
 #[error("more than {PRE_REGISTRATION_BYTES} bytes before registration")]
 pub struct OverEntryBudget;
 
-/// An admitted connection: counted while open, and closed if the server has not written
-/// anything (a response, or the 101 of an upgrade) by the handshake deadline.
+/// An admitted connection: counted while open. While it serves HTTP (until a worker session
+/// takes it over), a request whose answer has not begun within the handshake deadline of its
+/// first byte (of the accept, for the first request) closes it, and so does moving no byte
+/// either way for `http_idle` otherwise (idle between requests, or a reader that stopped
+/// reading its answer): a connection cannot be held open for ever by a client that sent one
+/// request and went quiet, nor hold an answer's turn (`http::HEAVY_AT_ONCE`).
 pub struct Guarded {
     tcp: Stream,
     open: Arc<AtomicUsize>,
-    first_byte: Option<Pin<Box<Sleep>>>,
+    /// The request's deadline while `awaiting_answer`, else the idle one (checked lazily
+    /// against `moved`); `None` once a worker session took the connection over.
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// A request is being read and its answer has not begun.
+    awaiting_answer: bool,
+    /// When the answer last moved a byte (while not `awaiting_answer`).
+    moved: Instant,
+    handshake_timeout: Duration,
+    http_idle: Duration,
     counters: Arc<Counters>,
     entry: Arc<Entry>,
     /// Bytes read since `entry` was armed.
@@ -504,29 +520,78 @@ macro_rules! ready_or_return {
     };
 }
 
+impl Guarded {
+    /// The error that closes the connection when its deadline passed (see [`Guarded`]); polls
+    /// the deadline so that this task wakes when it does.
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        let deadline = self.deadline.as_mut()?;
+        if self.entry.state.load(Ordering::Relaxed) != ENTRY_HTTP {
+            // A worker session's: its own liveness and limits govern it.
+            self.deadline = None;
+            return None;
+        }
+        loop {
+            deadline.as_mut().poll(cx).is_ready().then_some(())?;
+            if self.awaiting_answer {
+                self.counters
+                    .slow_handshakes
+                    .fetch_add(1, Ordering::Relaxed);
+                return Some(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "request not complete by the handshake deadline",
+                ));
+            }
+            let idle_until = self.moved + self.http_idle;
+            if idle_until <= Instant::now() {
+                self.counters
+                    .idle_http_closed
+                    .fetch_add(1, Ordering::Relaxed);
+                return Some(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "HTTP connection idle past its deadline",
+                ));
+            }
+            // Bytes moved since it was set: it moves on, and is polled again to wait.
+            deadline.as_mut().reset(idle_until);
+        }
+    }
+
+    /// `n` bytes of an answer were written: the request's deadline gives way to the idle one.
+    fn wrote(&mut self, n: usize) {
+        if n == 0 || self.deadline.is_none() {
+            return;
+        }
+        self.moved = Instant::now();
+        if self.awaiting_answer {
+            self.awaiting_answer = false;
+            if let Some(d) = self.deadline.as_mut() {
+                d.as_mut().reset(self.moved + self.http_idle);
+            }
+        }
+    }
+}
+
 impl AsyncRead for Guarded {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if let Some(deadline) = self.first_byte.as_mut()
-            && deadline.as_mut().poll(cx).is_ready()
-        {
-            self.first_byte = None;
-            self.counters
-                .slow_handshakes
-                .fetch_add(1, Ordering::Relaxed);
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "request not complete by the handshake deadline",
-            )));
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
         }
         ready_or_return!(self.tcp, cx);
         let before = buf.filled().len();
         let r = self.tcp.io().poll_read(cx, buf);
         let n = buf.filled().len() - before;
         let this = &mut *self;
+        if n > 0 && !this.awaiting_answer && this.deadline.is_some() {
+            // The next request: its answer must begin within the handshake deadline.
+            this.awaiting_answer = true;
+            if let Some(d) = this.deadline.as_mut() {
+                d.as_mut().reset(Instant::now() + this.handshake_timeout);
+            }
+        }
         let count = match n {
             0 => Count::Within,
             n => this.entry.count(&mut this.entry_read, n),
@@ -554,10 +619,13 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
         ready_or_return!(self.tcp, cx);
         let r = self.tcp.io().poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.first_byte = None;
+        if let Poll::Ready(Ok(n)) = r {
+            self.wrote(n);
         }
         r
     }
@@ -577,10 +645,13 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
         ready_or_return!(self.tcp, cx);
         let r = self.tcp.io().poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.first_byte = None;
+        if let Poll::Ready(Ok(n)) = r {
+            self.wrote(n);
         }
         r
     }

@@ -49,6 +49,10 @@ pub const DEFAULT_CONNECT_BURST: u32 = 100;
 /// Default time a new connection has to get the server's first byte (a response, or the 101
 /// of an upgrade) by completing its request.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time an HTTP connection between requests (or one whose reader stopped reading its
+/// answer) may move no byte either way before it is closed. Longer than twice the event
+/// stream's keep-alive, so a dashboard or `tether watch` left open is not cut.
+pub const DEFAULT_HTTP_IDLE: Duration = Duration::from_secs(60);
 /// Default messages per second of one worker session, sustained.
 pub const DEFAULT_MESSAGES_PER_SEC: f64 = 2000.0;
 /// Default burst of messages of one worker session.
@@ -77,7 +81,12 @@ pub struct Limits {
     /// Apply the per-address rate to loopback clients too (off by default: local processes,
     /// tests and `tether stress` open many connections from 127.0.0.1).
     pub limit_loopback: bool,
+    /// Time a request has to get the first byte of its answer, from its first byte read (the
+    /// first request of a connection: from the accept). Slow-loris guard.
     pub handshake_timeout: Duration,
+    /// Time an HTTP connection that is not reading a request may move no byte either way:
+    /// idle between requests, or its reader stopped reading the answer.
+    pub http_idle: Duration,
     pub messages_per_sec: f64,
     pub message_burst: u32,
     /// Decoded bytes per second of one worker session, and their burst; over it the session
@@ -98,6 +107,7 @@ impl Default for Limits {
             connect_burst: DEFAULT_CONNECT_BURST,
             limit_loopback: false,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            http_idle: DEFAULT_HTTP_IDLE,
             messages_per_sec: DEFAULT_MESSAGES_PER_SEC,
             message_burst: DEFAULT_MESSAGE_BURST,
             bytes_per_sec: DEFAULT_BYTES_PER_SEC,

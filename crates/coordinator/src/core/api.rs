@@ -441,6 +441,7 @@ impl Core {
             ("connections_refused", &c.connections_refused),
             ("connections_throttled", &c.connections_throttled),
             ("slow_handshakes", &c.slow_handshakes),
+            ("idle_http_closed", &c.idle_http_closed),
             ("rate_limited", &c.rate_limited),
             ("bytes_limited", &c.bytes_limited),
             ("pre_registration_overflows", &c.pre_registration_overflows),

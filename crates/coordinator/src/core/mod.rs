@@ -202,6 +202,9 @@ pub struct Counters {
     pub connections_throttled: AtomicU64,
     /// Connections closed because their request was not complete by the handshake deadline.
     pub slow_handshakes: AtomicU64,
+    /// HTTP connections closed for moving no byte for `http_idle` between requests or while
+    /// their answer was being written.
+    pub idle_http_closed: AtomicU64,
     /// Worker frames that had to wait for the session's message rate.
     pub rate_limited: AtomicU64,
     /// Worker frames that had to wait for the session's byte rate (decoded bytes a second).

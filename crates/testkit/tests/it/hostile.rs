@@ -606,6 +606,96 @@ async fn slow_loris_upgrades_are_cut_at_the_handshake_deadline_and_honest_worker
     c.stop().await;
 }
 
+/// A connection answered once cannot be held open for ever: one left idle after its answer is
+/// closed after `http_idle`, one that then dribbles the next request without finishing it at
+/// the handshake deadline of that request. A worker session on the same coordinator, quieter
+/// than `http_idle` between heartbeats, is not an HTTP connection and is left alone.
+#[tokio::test]
+async fn an_http_connection_answered_once_is_closed_when_idle_or_dribbling_the_next_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.limits.handshake_timeout = Duration::from_millis(500);
+    // Shorter than the 200 ms between a worker's heartbeats.
+    cfg.limits.http_idle = Duration::from_millis(150);
+    let c = spawn_coordinator_with(cfg, None).await;
+    let honest = connected_honest_worker(&c).await;
+
+    /// Opens a connection and reads the answer to one `GET /healthz` (closed after it).
+    async fn answered_once(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .expect("write");
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tcp.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed before answering");
+            head.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        tcp
+    }
+    /// Whether the server closed `tcp` (EOF or reset) within the deadline, reading past the
+    /// rest of the answer.
+    async fn closed(tcp: &mut tokio::net::TcpStream) -> bool {
+        let mut buf = [0u8; 1024];
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => return true,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    let mut idle = answered_once(c.addr).await;
+    let mut dribbler = answered_once(c.addr).await;
+    dribbler
+        .write_all(b"GET /healthz HTTP/1.1\r\n")
+        .await
+        .expect("write");
+    let (mut rd, mut wr) = dribbler.into_split();
+    let dribble = tokio::spawn(async move {
+        for n in 0..1000 {
+            let line = format!("X-Slow-{n}: 1\r\n");
+            if wr.write_all(line.as_bytes()).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    assert!(
+        closed(&mut idle).await,
+        "the idle connection was not closed"
+    );
+    let mut buf = [0u8; 1024];
+    let cut = tokio::time::timeout(DEADLINE, rd.read(&mut buf)).await;
+    assert!(
+        matches!(cut, Ok(Ok(0) | Err(_))),
+        "the dribbler was not cut: {cut:?}"
+    );
+    dribble.abort();
+
+    // The worker stayed on its one session, and works.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    honest_work_completes(&c.client(), 2).await;
+    let o = c.client().overview().await;
+    assert_eq!(counter(&o, "reconnections"), 0, "{o}");
+    assert!(counter(&o, "idle_http_closed") >= 1, "{o}");
+    assert!(counter(&o, "slow_handshakes") >= 1, "{o}");
+    honest.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn invalid_utf8_deep_nesting_and_stray_binary_frames_are_refused_clearly() {
     use tokio_tungstenite::tungstenite::protocol::frame::Frame;
