@@ -105,6 +105,10 @@ const BUSY_TRIES: u32 = 5;
 /// Longest wait for a whole answer to a request: a coordinator (or a path) that went silent
 /// is an error, not a command that never returns. A large answer may wait a few seconds for its turn.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long an idle pooled connection is kept for another request: well within the
+/// coordinator's closing of idle HTTP connections (`Limits::http_idle`, 60 s), so a request is
+/// not sent on a connection the coordinator is closing.
+const POOL_IDLE: Duration = Duration::from_secs(30);
 
 /// A response body as it arrives, chunk by chunk.
 pub(crate) type Chunks =
@@ -155,6 +159,8 @@ impl Api {
                 .build();
             let client =
                 hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .pool_idle_timeout(POOL_IDLE)
+                    .pool_timer(hyper_util::rt::TokioTimer::new())
                     .build(connector);
             Transport::Tls { client, auth }
         } else {
@@ -174,6 +180,7 @@ impl Api {
             };
             let http = http
                 .default_headers(headers)
+                .pool_idle_timeout(POOL_IDLE)
                 .build()
                 .context("HTTP client")?;
             Transport::Plain(http)
