@@ -316,9 +316,22 @@ impl Api {
     /// GET `path`. A coordinator busy with large answers (`503`, each waited for its
     /// turn) is asked again, up to [`BUSY_TRIES`] times in all.
     pub(crate) async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call_unless_busy(reqwest::Method::GET, path, None)
+            .await
+    }
+
+    /// `call`, asked again while the coordinator answers busy (`503`): it gives that answer
+    /// before doing anything (a control waits for its turn before it acts), so asking again
+    /// never does a thing twice.
+    async fn call_unless_busy(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
         let mut tries = 1;
         loop {
-            match self.call(reqwest::Method::GET, path, None).await {
+            match self.call(method.clone(), path, body).await {
                 Err(e)
                     if tries < BUSY_TRIES
                         && e.downcast_ref::<Refused>().is_some_and(|r| r.status == 503) =>
@@ -364,8 +377,10 @@ impl Api {
         }
     }
 
+    /// POST `path`; a busy answer is asked again as for [`Self::get`].
     pub(crate) async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        self.call(reqwest::Method::POST, path, Some(body)).await
+        self.call_unless_busy(reqwest::Method::POST, path, Some(body))
+            .await
     }
 }
 

@@ -19,8 +19,10 @@
 //! Elsewhere: `/api/v1/events` and `/` (the dashboard), `/metrics`, `/api/v1/openapi.json`.
 //! Every route is listed once, in `server.rs`.
 //!
-//! Answers that may run to many megabytes (task listings, results, checkpoint bytes, the
-//! workers) take turns ([`heavy`]), so that requests at once cannot hold memory without bound.
+//! Answers that may run to many megabytes (task listings, a task, its state or results,
+//! checkpoint bytes, the workers, a control's answer) take turns ([`heavy`]), so that requests
+//! at once cannot hold memory without bound; listings are made piece by piece as the
+//! connection takes them ([`heavy_array`]), never whole.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,11 +120,12 @@ pub(crate) async fn heavy_turn(
     }
 }
 
-/// Makes `answer` in a turn of [`HEAVY_AT_ONCE`], kept until its body is handed over.
-async fn heavy(app: &AppState, answer: impl Future<Output = Response>) -> Response {
-    let turn = match heavy_turn(app).await {
-        Ok(turn) => turn,
-        Err(Some(stopping)) => return stopping.into_response(),
+/// A turn of [`HEAVY_AT_ONCE`], or the answer to give instead: `503 busy` (with Retry-After)
+/// when none came within [`heavy_wait`], or that the coordinator is stopping.
+async fn turn_or_busy(app: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
+    match heavy_turn(app).await {
+        Ok(turn) => Ok(turn),
+        Err(Some(stopping)) => Err(stopping.into_response()),
         Err(None) => {
             let mut busy = error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -136,8 +139,16 @@ async fn heavy(app: &AppState, answer: impl Future<Output = Response>) -> Respon
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from_static("1"),
             );
-            return busy;
+            Err(busy)
         }
+    }
+}
+
+/// Makes `answer` in a turn of [`HEAVY_AT_ONCE`], kept until its body is handed over.
+async fn heavy(app: &AppState, answer: impl Future<Output = Response>) -> Response {
+    let turn = match turn_or_busy(app).await {
+        Ok(turn) => turn,
+        Err(instead) => return instead,
     };
     let (mut parts, body) = answer.await.into_parts();
     // Already whole in memory (JSON or a checkpoint's bytes): this only takes it back.
@@ -157,6 +168,51 @@ async fn heavy(app: &AppState, answer: impl Future<Output = Response>) -> Respon
         Some((Ok::<_, std::convert::Infallible>(piece), (rest, turn)))
     });
     Response::from_parts(parts, Body::from_stream(pieces))
+}
+
+/// Answers a JSON array of `items` in a turn of [`HEAVY_AT_ONCE`], made piece by piece as the
+/// connection takes them: a listing of 100,000 tasks, each with a config of up to a frame, is
+/// never whole in memory (a turn holds the items, whose specs are shared, and one piece).
+async fn heavy_array<T: Serialize + Send + 'static>(
+    app: &AppState,
+    items: impl Future<Output = Result<Vec<T>, ApiError>>,
+) -> Response {
+    let turn = match turn_or_busy(app).await {
+        Ok(turn) => turn,
+        Err(instead) => return instead,
+    };
+    let items = match items.await {
+        Ok(items) => items.into_iter(),
+        Err(e) => return e.into_response(),
+    };
+    // `None` once the closing bracket has gone; the turn ends with the stream.
+    let pieces = futures_util::stream::unfold(Some((items, true, turn)), |state| async move {
+        let (mut rest, first, turn) = state?;
+        let mut piece = Vec::with_capacity(HEAVY_PIECE);
+        piece.push(if first { b'[' } else { b',' });
+        let mut sep = false;
+        loop {
+            let Some(item) = rest.next() else {
+                piece.push(b']');
+                return Some((Ok(Bytes::from(piece)), None));
+            };
+            if std::mem::replace(&mut sep, true) {
+                piece.push(b',');
+            }
+            if let Err(e) = serde_json::to_writer(&mut piece, &item) {
+                // Cut the body short: a client sees a broken answer, never a wrong one.
+                return Some((Err(std::io::Error::other(e)), None));
+            }
+            if piece.len() >= HEAVY_PIECE && !rest.as_slice().is_empty() {
+                return Some((Ok(Bytes::from(piece)), Some((rest, false, turn))));
+            }
+        }
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(pieces),
+    )
+        .into_response()
 }
 
 /// Sends a command to the core and waits for its committed reply.
@@ -374,10 +430,7 @@ pub async fn list_tasks(
         updated_since,
         after_seq: q.after_seq,
     };
-    heavy(&app, async {
-        json(ask(&app, |reply| Api::ListTasks { query, reply }).await)
-    })
-    .await
+    heavy_array(&app, ask(&app, |reply| Api::ListTasks { query, reply })).await
 }
 
 /// An RFC 3339 time of a query.
@@ -401,11 +454,17 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, ApiError> {
         (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
         (status = 422, description = "Not a task id", body = ErrorBody),
+        (status = 503, description = "Busy: every turn for large answers was held for half the handshake deadline (Retry-After)", body = ErrorBody),
     )
 )]
 pub async fn get_task(State(app): State<Arc<AppState>>, ApiPath(id): ApiPath<String>) -> Response {
     match parse_task(&id) {
-        Ok(task) => json(ask(&app, |reply| Api::GetTask { task, reply }).await),
+        Ok(task) => {
+            heavy(&app, async {
+                json(ask(&app, |reply| Api::GetTask { task, reply }).await)
+            })
+            .await
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -446,6 +505,7 @@ pub async fn task_result(
         (status = 200, description = "The latest state the worker reported (attempt, state, updated_at), or null", body = serde_json::Value),
         (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
+        (status = 503, description = "Busy: every turn for large answers was held for half the handshake deadline (Retry-After)", body = ErrorBody),
     )
 )]
 pub async fn task_state(
@@ -453,7 +513,12 @@ pub async fn task_state(
     ApiPath(id): ApiPath<String>,
 ) -> Response {
     match parse_task(&id) {
-        Ok(task) => json(ask(&app, |reply| Api::State { task, reply }).await),
+        Ok(task) => {
+            heavy(&app, async {
+                json(ask(&app, |reply| Api::State { task, reply }).await)
+            })
+            .await
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -532,6 +597,7 @@ pub async fn checkpoint_data(
         (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such task or action", body = ErrorBody),
         (status = 409, description = "Not possible in the task's state", body = ErrorBody),
+        (status = 503, description = "Busy: every turn for large answers was held for half the handshake deadline (Retry-After); nothing was done", body = ErrorBody),
     )
 )]
 pub async fn control(
@@ -552,7 +618,14 @@ pub async fn control(
         }
     };
     match parse_task(&id) {
-        Ok(task) => json(ask(&app, |reply| Api::Control { task, op, reply }).await),
+        // The answer is the task, with its config of up to a frame: a large answer, whose
+        // turn is taken before the control acts, so that a busy answer did nothing.
+        Ok(task) => {
+            heavy(&app, async {
+                json(ask(&app, |reply| Api::Control { task, op, reply }).await)
+            })
+            .await
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -567,10 +640,7 @@ pub async fn control(
     )
 )]
 pub async fn list_workers(State(app): State<Arc<AppState>>) -> Response {
-    heavy(&app, async {
-        json(ask(&app, |reply| Api::ListWorkers { reply }).await)
-    })
-    .await
+    heavy_array(&app, ask(&app, |reply| Api::ListWorkers { reply })).await
 }
 
 #[utoipa::path(
@@ -766,22 +836,31 @@ mod tests {
         assert_eq!(asked.load(SeqCst), HEAVY_AT_ONCE);
         // A body read in part keeps its turn (a slow client holds a turn, not more memory)...
         let first = held.remove(0);
-        let length: usize = first.headers()[axum::http::header::CONTENT_LENGTH]
-            .to_str()
-            .expect("ascii")
-            .parse()
-            .expect("a length");
-        assert!(length > 2 * HEAVY_PIECE, "{length} bytes: several pieces");
+        // A listing is made as it is taken: no length known ahead, a piece of about
+        // HEAVY_PIECE made at a time (it ends with the item that filled it).
+        assert!(
+            !first
+                .headers()
+                .contains_key(axum::http::header::CONTENT_LENGTH)
+        );
         let mut body = first.into_body().into_data_stream();
         let mut read = body.next().await.expect("a piece").expect("data").to_vec();
-        assert_eq!(read.len(), HEAVY_PIECE);
+        assert!(
+            (HEAVY_PIECE..HEAVY_PIECE + 1024).contains(&read.len()),
+            "{} bytes",
+            read.len()
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!waiting.is_finished());
         // ...until it is read whole, which ends it.
         while let Some(piece) = body.next().await {
             read.extend_from_slice(&piece.expect("data"));
         }
-        assert_eq!(read.len(), length);
+        assert!(
+            read.len() > 2 * HEAVY_PIECE,
+            "{} bytes: several pieces",
+            read.len()
+        );
         let workers: Vec<Value> = serde_json::from_slice(&read).expect("JSON");
         assert_eq!(workers.len(), 3_000);
         drop(body);

@@ -1192,6 +1192,8 @@ async fn readers_that_hold_every_turn_for_large_answers_get_others_a_busy_answer
     let c = spawn_coordinator(dir.path().to_owned()).await;
     // 2,000 tasks of 4 KiB: each listing of them is 8 MB, more than sockets' buffers hold.
     c.client().submit_padded("big", 2000, 4096).await;
+    // No worker: it stays queued, and a cancel of it would succeed.
+    let id = c.client().submit(&[sleep_task(50, 2, 1)]).await.remove(0);
     // Readers that ask for the listing and read nothing past its status line hold every turn.
     let mut held = Vec::new();
     for _ in 0..tether_coordinator::http::HEAVY_AT_ONCE {
@@ -1215,6 +1217,19 @@ async fn readers_that_hold_every_turn_for_large_answers_get_others_a_busy_answer
         c.addr
     );
     assert_eq!(raw_status(c.addr, &request).await, 503);
+    // So is every other answer that may carry a task's config or state (up to a frame each):
+    // a task, its state, and a control's answer, whose control is then not done.
+    for (method, path) in [
+        ("GET", format!("/api/v1/tasks/{id}")),
+        ("GET", format!("/api/v1/tasks/{id}/state")),
+        ("POST", format!("/api/v1/tasks/{id}/cancel")),
+    ] {
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            c.addr
+        );
+        assert_eq!(raw_status(c.addr, &request).await, 503, "{method} {path}");
+    }
     // Small answers are not held up.
     let (status, overview) = c.client().get("/api/v1/overview").await;
     assert_eq!(status, 200);
@@ -1222,5 +1237,21 @@ async fn readers_that_hold_every_turn_for_large_answers_get_others_a_busy_answer
     drop(held);
     let (status, _) = c.client().get("/api/v1/workers").await;
     assert_eq!(status, 200, "turns come back when their readers go");
+    assert_eq!(
+        c.client().task(&id).await["status"],
+        "queued",
+        "a busy cancel did nothing"
+    );
+    // The listing, made piece by piece (8 MB in pieces of 64 KiB), is whole and in order.
+    let (status, all) = c.client().get("/api/v1/tasks?limit=100000").await;
+    assert_eq!(status, 200);
+    let seqs: Vec<u64> = all
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|t| t["submit_seq"].as_u64().expect("submit_seq"))
+        .collect();
+    assert_eq!(seqs.len(), 2001);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in submission order");
     c.stop().await;
 }
