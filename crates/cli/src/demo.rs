@@ -105,6 +105,15 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         .flatten()
         .filter_map(|v| v.as_str().map(str::to_owned))
         .collect();
+    // Each id is owed its own result: one given twice would leave a task no check looks at.
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    if distinct.len() != ids.len() {
+        bail!(
+            "the coordinator answered {} tasks with {} distinct ids",
+            ids.len(),
+            distinct.len()
+        );
+    }
     outln!("submitted {} tasks", ids.len())?;
 
     // 1. A reset (RST) on the first worker's connection.
@@ -137,23 +146,19 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     } else {
         "demo-w1"
     };
-    tokio::time::timeout(Duration::from_secs(20), async {
-        let h = fleet
-            .handles
-            .iter()
-            .find(|h| h.shared.worker_id.as_str() == target);
-        if let Some(h) = h {
-            h.wait_state(|s| s == ConnState::Connected).await;
-        }
-    })
-    .await
-    .context("worker did not come back after the outage")?;
-    let before = fleet
+    let stalled_worker = fleet
         .handles
         .iter()
         .find(|h| h.shared.worker_id.as_str() == target)
-        .map(|h| h.registrations())
-        .unwrap_or(0);
+        .with_context(|| format!("no worker {target} in the fleet"))?
+        .clone();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        stalled_worker.wait_state(|s| s == ConnState::Connected),
+    )
+    .await
+    .context("worker did not come back after the outage")?;
+    let before = stalled_worker.registrations();
     let hole = proxy
         .add_fault(
             Fault::new("stall", FaultKind::Blackhole, Direction::Both)
@@ -161,15 +166,10 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         )
         .await?;
     let stalled = tokio::time::Instant::now();
-    let detected = tokio::time::timeout(Duration::from_secs(30), async {
-        if let Some(h) = fleet
-            .handles
-            .iter()
-            .find(|h| h.shared.worker_id.as_str() == target)
-        {
-            h.wait_state(|s| s != ConnState::Connected).await;
-        }
-    })
+    let detected = tokio::time::timeout(
+        Duration::from_secs(30),
+        stalled_worker.wait_state(|s| s != ConnState::Connected),
+    )
     .await
     .is_ok();
     let detect_ms = stalled.elapsed().as_millis();
@@ -195,48 +195,41 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    let mut completed = 0usize;
-    let mut unfinished = 0usize;
-    let mut lost = 0usize;
-    let mut twice = 0usize;
-    let mut stale = 0usize;
-    for id in &ids {
-        let t = tasks.iter().find(|t| t["task_id"] == id.as_str());
-        let results: Value = http
-            .get(format!("{api}/api/v1/tasks/{id}/result"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let rows = results.as_array().cloned().unwrap_or_default();
-        let counted = rows.iter().filter(|r| r["stale"] == false).count();
-        stale += rows.len() - counted;
-        let ended = t.is_some_and(ended);
-        match (t.map(|t| t["status"] == "completed"), counted) {
-            (Some(true), 1) => completed += 1,
-            // Listed and still running when the wait ended: not lost, not done either.
-            (Some(_), 0) if !ended => unfinished += 1,
-            (_, 0) => lost += 1,
-            (_, n) if n > 1 => twice += 1,
-            _ => lost += 1,
+    // Every result the coordinator answered `recorded` or `stale` is one row it stored: a
+    // result recorded twice (answered `recorded` again on a resend) stores no second row but
+    // counts twice. Read between two reads of its counts that agree, so none arrived between.
+    let said_recorded = |o: &Value| {
+        ["results_recorded", "results_stale"]
+            .iter()
+            .map(|c| o["counters"][c].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    let mut settled = None;
+    for _ in 0..20 {
+        let said = said_recorded(&overview(&http, &api).await?);
+        let read = read_results(&http, &api, &ids, &tasks).await?;
+        let overview = overview(&http, &api).await?;
+        if said == said_recorded(&overview) {
+            settled = Some((read, said, overview));
+            break;
         }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let overview: Value = http
-        .get(format!("{api}/api/v1/overview"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let (read, said, overview) =
+        settled.context("results kept arriving for 5 s after every task had ended")?;
+    let Read {
+        completed,
+        unfinished,
+        lost,
+        twice,
+        stale,
+        stored,
+    } = read;
     let reconnections: u64 = fleet.handles.iter().map(|h| h.stats().reconnects).sum();
     let resent = overview["counters"]["results_duplicate"]
         .as_u64()
         .unwrap_or(0);
-    let stall_reconnected = fleet
-        .handles
-        .iter()
-        .find(|h| h.shared.worker_id.as_str() == target)
-        .map(|h| h.registrations() > before)
-        .unwrap_or(false);
+    let stall_reconnected = stalled_worker.registrations() > before;
 
     fleet.stop.cancel();
     for j in fleet.joins {
@@ -260,12 +253,15 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     outln!("  stale results kept   {stale}")?;
     outln!("  lost                 {lost}")?;
     outln!("  recorded twice       {twice}")?;
+    outln!("  results stored       {stored} (answered recorded or stale {said} times)")?;
     let tally = Tally {
         asked: a.tasks as usize,
         submitted: ids.len(),
         completed,
         lost,
         twice,
+        said_recorded: said,
+        stored,
         resets_fired: fired_reset,
         stall_detected: detected,
         stall_reconnected,
@@ -294,6 +290,62 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     }
 }
 
+/// The coordinator's overview: counts and counters.
+async fn overview(http: &reqwest::Client, api: &str) -> anyhow::Result<Value> {
+    Ok(http
+        .get(format!("{api}/api/v1/overview"))
+        .send()
+        .await?
+        .json()
+        .await?)
+}
+
+/// What the results of the submitted tasks say, read from the coordinator's API.
+#[derive(Debug, Default)]
+struct Read {
+    /// Completed with exactly one counted result.
+    completed: usize,
+    /// Listed and still running when the wait ended: not lost, not done either.
+    unfinished: usize,
+    lost: usize,
+    /// With more than one counted result.
+    twice: usize,
+    stale: usize,
+    /// Result rows over all tasks, counted and stale.
+    stored: u64,
+}
+
+async fn read_results(
+    http: &reqwest::Client,
+    api: &str,
+    ids: &[String],
+    tasks: &[Value],
+) -> anyhow::Result<Read> {
+    let mut r = Read::default();
+    for id in ids {
+        let t = tasks.iter().find(|t| t["task_id"] == id.as_str());
+        let results: Value = http
+            .get(format!("{api}/api/v1/tasks/{id}/result"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let rows = results.as_array().cloned().unwrap_or_default();
+        let counted = rows.iter().filter(|r| r["stale"] == false).count();
+        r.stale += rows.len() - counted;
+        r.stored += rows.len() as u64;
+        let ended = t.is_some_and(ended);
+        match (t.map(|t| t["status"] == "completed"), counted) {
+            (Some(true), 1) => r.completed += 1,
+            (Some(_), 0) if !ended => r.unfinished += 1,
+            (_, 0) => r.lost += 1,
+            (_, n) if n > 1 => r.twice += 1,
+            _ => r.lost += 1,
+        }
+    }
+    Ok(r)
+}
+
 /// What the demo counted, for its verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Tally {
@@ -305,6 +357,10 @@ struct Tally {
     completed: usize,
     lost: usize,
     twice: usize,
+    /// Results the coordinator answered `recorded` or `stale`, and the rows it stored: each
+    /// answer stores one, so more answers than rows is a result recorded twice.
+    said_recorded: u64,
+    stored: u64,
     resets_fired: u64,
     stall_detected: bool,
     stall_reconnected: bool,
@@ -323,6 +379,7 @@ impl Tally {
             && self.completed == self.submitted
             && self.lost == 0
             && self.twice == 0
+            && self.said_recorded == self.stored
             && self.resets_fired > 0
             && self.stall_detected
             && self.stall_reconnected
@@ -391,6 +448,8 @@ mod tests {
             completed: 40,
             lost: 0,
             twice: 0,
+            said_recorded: 41,
+            stored: 41,
             resets_fired: 1,
             stall_detected: true,
             stall_reconnected: true,
@@ -424,6 +483,11 @@ mod tests {
             Tally {
                 completed: 39,
                 twice: 1,
+                ..passing()
+            },
+            // A resent result answered `recorded` again: no second row, a second count.
+            Tally {
+                said_recorded: 42,
                 ..passing()
             },
             Tally {

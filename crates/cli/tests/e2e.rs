@@ -381,7 +381,9 @@ fn the_readme_demo_passes_its_ground_truth_on_its_defaults() {
         assert!(text.contains(line), "no {line:?} in:\n{text}");
     }
     assert!(
-        text.contains("silent stall") && text.contains("detected after"),
+        text.contains("silent stall")
+            && text.contains("detected after")
+            && !text.contains("NOT detected"),
         "{text}"
     );
 }

@@ -48,6 +48,10 @@ fn stress(args: &[&str]) -> Value {
     }
     assert!(report["tasks"].as_u64().unwrap_or(0) > 0, "{report:#}");
     assert!(report["coordinator_cpu_s"].as_f64().unwrap_or(0.0) > 0.0);
+    assert!(
+        report["fleet_cpu_s"].as_f64().unwrap_or(0.0) > 0.0,
+        "{report:#}"
+    );
     assert!(report["coordinator_peak_rss_kib"].as_u64().unwrap_or(0) > 0);
     report
 }
@@ -100,7 +104,6 @@ fn thundering_herd_reregisters_every_worker_after_a_coordinator_kill_and_loses_n
     assert_eq!(count(&r["reconnect_after_ready_ms"]), 40);
     // Every worker came back in paced attempts (the verdict bounds them by the backoff).
     assert_eq!(count(&r["reconnect_attempts"]), 40);
-    assert!(r["reconnect_attempts"]["max"].as_f64() >= Some(1.0), "{r}");
     // Each worker waited a backoff delay (500 ms +/- 20 %) before the attempt that succeeded.
     assert_eq!(count(&r["reconnect_beyond_delay_ms"]), 40);
     let max = |k: &str| r[k]["max"].as_f64().expect("max");

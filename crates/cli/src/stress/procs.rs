@@ -81,6 +81,11 @@ pub fn sample(pid: u32) -> Option<Sample> {
     })
 }
 
+/// [`sample`], or why `/proc` could not say.
+fn read_sample(pid: u32) -> anyhow::Result<Sample> {
+    sample(pid).with_context(|| format!("reading /proc/{pid}/stat and /proc/{pid}/status"))
+}
+
 /// The coordinator as a child process.
 pub struct Coordinator {
     exe: PathBuf,
@@ -93,6 +98,8 @@ pub struct Coordinator {
     cpu_before: f64,
     /// Highest VmHWM seen over all coordinator processes.
     pub peak_rss_kib: u64,
+    /// When the running coordinator process was started (a restart sets it again).
+    pub spawned_at: chrono::DateTime<chrono::Utc>,
 }
 
 impl Coordinator {
@@ -110,6 +117,7 @@ impl Coordinator {
             child: None,
             cpu_before: 0.0,
             peak_rss_kib: 0,
+            spawned_at: chrono::Utc::now(),
         };
         c.spawn().await?;
         Ok(c)
@@ -155,6 +163,8 @@ impl Coordinator {
 
     /// Starts the process and waits until it answers `/healthz`.
     pub async fn spawn(&mut self) -> anyhow::Result<()> {
+        // Before the process: everything it records is stamped later.
+        self.spawned_at = chrono::Utc::now();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -227,19 +237,24 @@ impl Coordinator {
         }
     }
 
-    /// CPU seconds over every coordinator process so far, and the current memory.
-    pub fn sample(&mut self) -> Sample {
-        let now = self.pid().and_then(sample).unwrap_or_default();
+    /// CPU seconds over every coordinator process so far, and the current memory (none
+    /// between a kill or stop and a restart). A running process whose `/proc` files cannot
+    /// be read is an error: its figures would read 0, and targets "met".
+    pub fn sample(&mut self) -> anyhow::Result<Sample> {
+        let now = match self.pid() {
+            Some(pid) => read_sample(pid)?,
+            None => Sample::default(),
+        };
         self.peak_rss_kib = self.peak_rss_kib.max(now.hwm_kib);
-        Sample {
+        Ok(Sample {
             cpu_s: self.cpu_before + now.cpu_s,
             ..now
-        }
+        })
     }
 
     /// SIGKILL: nothing is flushed, nothing is said to the workers.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
-        self.cpu_before = self.sample().cpu_s;
+        self.cpu_before = self.sample()?.cpu_s;
         if let Some(mut c) = self.child.take() {
             c.kill().await.context("killing the coordinator")?;
         }
@@ -248,7 +263,7 @@ impl Coordinator {
 
     /// SIGTERM and wait for a clean exit (the store is closed after it).
     pub async fn stop(&mut self) -> anyhow::Result<()> {
-        self.cpu_before = self.sample().cpu_s;
+        self.cpu_before = self.sample()?.cpu_s;
         let Some(mut c) = self.child.take() else {
             return Ok(());
         };
@@ -345,13 +360,13 @@ impl Fleet {
     }
 
     /// CPU seconds the fleet process used so far.
-    pub fn cpu_s(&self) -> f64 {
-        self.sample().map(|s| s.cpu_s).unwrap_or(0.0)
+    pub fn cpu_s(&self) -> anyhow::Result<f64> {
+        Ok(self.sample()?.cpu_s)
     }
 
     /// What `/proc` says of the fleet process.
-    pub fn sample(&self) -> Option<Sample> {
-        self.child.id().and_then(sample)
+    pub fn sample(&self) -> anyhow::Result<Sample> {
+        read_sample(self.child.id().context("the fleet process has exited")?)
     }
 
     pub fn now(&self) -> Status {
@@ -538,7 +553,7 @@ impl FaultProxy {
     }
 
     /// The process's CPU and memory now.
-    pub fn sample(&self) -> Sample {
-        self.child.id().and_then(sample).unwrap_or_default()
+    pub fn sample(&self) -> anyhow::Result<Sample> {
+        read_sample(self.child.id().context("the fault proxy has exited")?)
     }
 }

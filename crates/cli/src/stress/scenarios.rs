@@ -53,6 +53,9 @@ struct Run {
     report: Report,
     submitted: HashSet<String>,
     started: Instant,
+    /// checkpoint_heavy: counted results that must say they resumed from a checkpoint (at
+    /// least the first), after the second crashed workers; judged on the store in `finish`.
+    resumed_wanted: Option<(u64, u64)>,
 }
 
 pub async fn run(a: StressArgs) -> anyhow::Result<Report> {
@@ -270,6 +273,7 @@ impl Run {
             report,
             submitted: HashSet::new(),
             started: Instant::now(),
+            resumed_wanted: None,
         })
     }
 
@@ -409,6 +413,21 @@ impl Run {
         }
     }
 
+    /// The workers the coordinator lists as connected, read until it lists `n` or
+    /// [`SETTLE_LIMIT`] passed: its view, not the fleet's.
+    async fn coordinator_connected(&self, n: u64) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + SETTLE_LIMIT;
+        loop {
+            let connected = self.overview().await?["workers_connected"]
+                .as_u64()
+                .unwrap_or(0);
+            if connected == n || Instant::now() > deadline {
+                return Ok(connected);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn counter(&self, name: &str) -> anyhow::Result<u64> {
         Ok(self.counters([name]).await?[0])
     }
@@ -418,6 +437,21 @@ impl Run {
     async fn counters<const N: usize>(&self, names: [&str; N]) -> anyhow::Result<[u64; N]> {
         let o = self.overview().await?;
         Ok(names.map(|name| o["counters"][name].as_u64().unwrap_or(0)))
+    }
+
+    /// The results the running coordinator answered `recorded` or `stale` (each stores one
+    /// row), read until two reads 250 ms apart agree: the sessions' last frames are taken.
+    async fn settled_results(&self) -> anyhow::Result<u64> {
+        let mut last = None;
+        for _ in 0..40 {
+            let [recorded, stale] = self.counters(["results_recorded", "results_stale"]).await?;
+            if last == Some(recorded + stale) {
+                return Ok(recorded + stale);
+            }
+            last = Some(recorded + stale);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        bail!("the coordinator's count of results recorded did not settle within 10 s")
     }
 
     /// Submits `specs`; every id the API returns is owed a result.
@@ -443,7 +477,12 @@ impl Run {
                     ids.len()
                 );
             }
-            self.submitted.extend(ids.into_iter().map(str::to_owned));
+            // Each id is owed its own result: one given twice would leave a task unjudged.
+            for id in ids {
+                if !self.submitted.insert(id.to_owned()) {
+                    bail!("the coordinator gave task id {id} to two submitted tasks");
+                }
+            }
         }
         self.report.tasks = self.submitted.len() as u64;
         Ok(())
@@ -510,21 +549,32 @@ impl Run {
             }
         );
         let fleet_status = self.fleet.now();
-        let fleet = self.fleet.sample();
-        self.report.fleet_cpu_s = fleet.map(|s| s.cpu_s).unwrap_or(0.0);
-        self.report.fleet_nice = fleet.map(|s| s.nice);
+        let fleet = self.fleet.sample()?;
+        self.report.fleet_cpu_s = fleet.cpu_s;
+        self.report.fleet_nice = Some(fleet.nice);
         if !self.proxies.is_empty() {
-            let samples: Vec<_> = self.proxies.iter().map(FaultProxy::sample).collect();
+            let samples = self
+                .proxies
+                .iter()
+                .map(FaultProxy::sample)
+                .collect::<anyhow::Result<Vec<_>>>()?;
             self.report.proxy_cpu_s = Some(samples.iter().map(|s| s.cpu_s).sum());
             self.report.proxy_peak_rss_kib = Some(samples.iter().map(|s| s.hwm_kib).sum());
         }
+        // What the coordinator running now said it recorded (`recorded` or `stale`), once the
+        // results in flight were taken (every task has ended): each is one row it stored.
+        let said = self.settled_results().await?;
         self.fleet.exit().await?;
-        self.coord.sample();
+        self.coord.sample()?;
         self.coord.stop().await?;
-        let t = truth::read(&self.coord.db_path(), &self.submitted)?;
+        let t = truth::read(
+            &self.coord.db_path(),
+            &self.submitted,
+            self.coord.spawned_at,
+        )?;
         let r = &mut self.report;
         r.elapsed_s = self.started.elapsed().as_secs_f64();
-        r.coordinator_cpu_s = self.coord.sample().cpu_s.max(r.coordinator_cpu_s);
+        r.coordinator_cpu_s = self.coord.sample()?.cpu_s.max(r.coordinator_cpu_s);
         r.coordinator_peak_rss_kib = self.coord.peak_rss_kib;
         r.lost = t.lost;
         r.recorded_twice = t.recorded_twice;
@@ -541,14 +591,30 @@ impl Run {
                 ),
             },
         );
+        // Two counted results for one task, or one result recorded twice: answered `recorded`
+        // again (a resend after a lost ack, or after a restart), which stores no second row
+        // (the store keys results by task and attempt) but counts and reports it twice.
         r.verdict(
             "recorded twice",
-            t.recorded_twice == 0,
+            t.recorded_twice == 0 && said == t.stored_since,
             format!(
-                "{} tasks with more than one counted result",
-                t.recorded_twice
+                "{} tasks with more than one counted result; the coordinator running last said \
+                 {said} results recorded (or stale) and stored {}",
+                t.recorded_twice, t.stored_since
             ),
         );
+        if let Some((want, crash)) = self.resumed_wanted {
+            // The store's word: the counted results whose execution says it resumed.
+            r.resumed_from_checkpoint = Some(t.resumed);
+            r.verdict(
+                "crashed workers' tasks resumed from a checkpoint",
+                t.resumed >= want,
+                format!(
+                    "{} counted results resumed from a checkpoint after {crash} workers crashed (at least {want} wanted)",
+                    t.resumed
+                ),
+            );
+        }
         r.failed = t.failed;
         r.verdict(
             "none failed",
@@ -594,7 +660,7 @@ fn spec(kind: &str, config: Value, priority: u8) -> TaskSpec {
 async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
     let n = run.workers;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let baseline = run.coord.sample();
+    let baseline = run.coord.sample()?;
     let t0 = now_us();
     run.start_workers(n).await?;
     let reg = run.settled_report(|w| !w.sessions.is_empty()).await?;
@@ -630,13 +696,13 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
     run.phase("idle window", run.a.idle.as_secs());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let [f0] = run.counters(["frames_in"]).await?;
-    let before = run.coord.sample();
+    let before = run.coord.sample()?;
     let idle_start = Instant::now();
     while idle_start.elapsed() < run.a.idle {
         tokio::time::sleep(Duration::from_millis(500)).await;
         run.pb.set_position(idle_start.elapsed().as_secs());
     }
-    let after = run.coord.sample();
+    let after = run.coord.sample()?;
     let dt = idle_start.elapsed().as_secs_f64();
     let [f1] = run.counters(["frames_in"]).await?;
     let idle_pct = (after.cpu_s - before.cpu_s) / dt * 100.0;
@@ -693,6 +759,7 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
         move |s| s.registrations >= target && s.connected == n,
     )
     .await?;
+    let listed = run.coordinator_connected(n).await?;
     let rep = run
         .settled_report(|w| w.sessions.iter().any(|s| s.registered_us > cut_us))
         .await?;
@@ -744,9 +811,9 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
     r.reconnect_attempt_ms = Dist::of(attempt);
     r.verdict(
         "every worker re-registered",
-        r.reconnect_after_ready_ms.map(|d| d.count as u64) == Some(n),
+        r.reconnect_after_ready_ms.map(|d| d.count as u64) == Some(n) && listed == n,
         format!(
-            "{} of {n}",
+            "{} of {n}; the coordinator lists {listed} connected",
             r.reconnect_after_ready_ms.map(|d| d.count).unwrap_or(0)
         ),
     );
@@ -793,7 +860,7 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
     let cap = (n * slots * 50).max(1000);
     let chunk = cap.min(SUBMIT_CHUNK as u64);
     run.phase("tasks flowing", duration.as_secs());
-    let c0 = run.coord.sample().cpu_s;
+    let c0 = run.coord.sample()?.cpu_s;
     let t0 = Instant::now();
     let mut churn = tokio::time::interval(Duration::from_secs(1));
     churn.tick().await;
@@ -820,7 +887,7 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
     let submitted_in_window = run.submitted.len();
     run.wait_all_terminal().await?;
     let elapsed = t0.elapsed().as_secs_f64();
-    let c1 = run.coord.sample().cpu_s;
+    let c1 = run.coord.sample()?.cpu_s;
     let (left, joined) = run.churned(n, replaced).await?;
     let r = &mut run.report;
     r.coordinator_us_per_task = Some((c1 - c0) * 1e6 / submitted_in_window.max(1) as f64);
@@ -885,7 +952,7 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
         .counters(["messages_in", "frames_in", "compact_acked"])
         .await?;
     let s0 = run.fleet.now().flood_sent;
-    let (c0, fc0) = (run.coord.sample().cpu_s, run.fleet.cpu_s());
+    let (c0, fc0) = (run.coord.sample()?.cpu_s, run.fleet.cpu_s()?);
     let t0 = Instant::now();
     run.phase("flooding", duration.as_secs());
     let probes = tokio::spawn(probe::run(
@@ -904,7 +971,7 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
         .counters(["messages_in", "frames_in", "compact_acked"])
         .await?;
     let s1 = run.fleet.now().flood_sent;
-    let (c1, fc1) = (run.coord.sample().cpu_s, run.fleet.cpu_s());
+    let (c1, fc1) = (run.coord.sample()?.cpu_s, run.fleet.cpu_s()?);
     let dt = t0.elapsed().as_secs_f64();
     let lat = probes.await.context("probes")??;
     let r = &mut run.report;
@@ -991,21 +1058,14 @@ async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
     let s = run.fleet.now();
     let r = &mut run.report;
     r.checkpoints = Some(s.checkpoints);
-    r.resumed_from_checkpoint = Some(s.resumed);
     r.messages_per_s = Some((f1 - f0) as f64 / dt);
     r.tasks_per_s = Some(tasks as f64 / dt);
     // With a task for every worker and one slot each, each crashed worker held one,
     // checkpointed by then: each must resume (a failed fetch would start it afresh instead).
     let one_each = tasks >= n && run.a.slots.unwrap_or(1) == 1;
     let want = if one_each { crash } else { 1 };
-    r.verdict(
-        "crashed workers' tasks resumed from a checkpoint",
-        s.resumed >= want,
-        format!(
-            "{} executions resumed after {crash} workers crashed (at least {want} wanted)",
-            s.resumed
-        ),
-    );
+    run.resumed_wanted = Some((want, crash));
+    let r = &mut run.report;
     r.verdict(
         "every checkpoint resumed from was what its step wrote",
         s.damaged == 0,

@@ -31,9 +31,16 @@ pub struct Truth {
     /// Results kept but not counted: from an attempt whose lease had ended (its worker was
     /// taken for lost and the task given to another attempt).
     pub stale: u64,
+    /// Results (counted or stale) stored at or after the `since` given to [`read`]: what the
+    /// coordinator started then recorded, one row per (task, attempt).
+    pub stored_since: u64,
+    /// Counted results whose execution resumed from a checkpoint: the `steps` executor's
+    /// result says where it resumed (`resumed_at` above 0).
+    pub resumed: u64,
 }
 
-pub fn read(db: &Path, submitted: &HashSet<String>) -> anyhow::Result<Truth> {
+/// Reads the store file `db`; `since` is when the coordinator that ran last was started.
+pub fn read(db: &Path, submitted: &HashSet<String>, since: DateTime<Utc>) -> anyhow::Result<Truth> {
     let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .with_context(|| format!("opening {}", db.display()))?;
     let mut counted: HashMap<String, u64> = HashMap::new();
@@ -50,6 +57,19 @@ pub fn read(db: &Path, submitted: &HashSet<String>) -> anyhow::Result<Truth> {
         })?,
         ..Truth::default()
     };
+    truth.resumed = conn.query_row(
+        "SELECT count(*) FROM results WHERE stale = 0 \
+         AND json_extract(body, '$.result.resumed_at') > 0",
+        [],
+        |r| r.get(0),
+    )?;
+    let mut q = conn.prepare("SELECT recorded_at FROM results")?;
+    for at in q.query_map([], |r| r.get::<_, String>(0))? {
+        let at = at?;
+        let at = DateTime::parse_from_rfc3339(&at)
+            .with_context(|| format!("a result recorded at {at:?}, not an RFC 3339 time"))?;
+        truth.stored_since += u64::from(at >= since);
+    }
     // Schema 2: the spec in its own column, the changing part of the task in `doc`.
     let mut q = conn.prepare("SELECT id, status, spec, doc FROM tasks")?;
     let rows = q.query_map([], |r| {
@@ -104,7 +124,7 @@ mod tests {
         let c = Connection::open(&path).expect("create");
         c.execute_batch(
             "CREATE TABLE tasks (id TEXT PRIMARY KEY, status TEXT, spec TEXT, doc TEXT);
-             CREATE TABLE results (task_id TEXT, attempt INTEGER, stale INTEGER);",
+             CREATE TABLE results (task_id TEXT, attempt INTEGER, stale INTEGER, recorded_at TEXT, body TEXT);",
         )
         .expect("schema");
         for (id, status) in tasks {
@@ -116,8 +136,15 @@ mod tests {
         }
         for (id, attempt, stale) in results {
             c.execute(
-                "INSERT INTO results VALUES (?1, ?2, ?3)",
-                rusqlite::params![id, attempt, stale],
+                "INSERT INTO results VALUES (?1, ?2, ?3, ?4, ?5)",
+                rusqlite::params![
+                    id,
+                    attempt,
+                    stale,
+                    format!("2026-12-03T10:00:0{attempt}.5Z"),
+                    // A second attempt resumed from its first's checkpoint at step 3.
+                    format!(r#"{{"result": {{"resumed_at": {}}}}}"#, (attempt - 1) * 3)
+                ],
             )
             .expect("result");
         }
@@ -155,7 +182,13 @@ mod tests {
             "only-stale",
             "absent",
         ];
-        let t = read(&db, &acked.iter().map(|s| s.to_string()).collect()).expect("read");
+        let acked = acked.iter().map(|s| s.to_string()).collect();
+        // Attempt 2's result was stored at 10:00:02.5, after a coordinator started at 10:00:02.
+        let since = "2026-12-03T10:00:02Z".parse().expect("time");
+        let t = read(&db, &acked, since).expect("read");
+        assert_eq!(t.stored_since, 1);
+        // Only "twice"'s second attempt resumed; stale results are not counted.
+        assert_eq!(t.resumed, 1);
         assert_eq!(t.recorded_twice, 1);
         assert_eq!(t.failed, 1);
         assert_eq!(t.stale, 1);
