@@ -395,3 +395,26 @@ fn a_failed_run_keeps_its_work_directory_and_says_where() {
     assert!(kept.is_dir(), "{}", kept.display());
     std::fs::remove_dir_all(kept).expect("remove the kept directory");
 }
+
+/// `--no-compression` reaches the coordinator: a flood of 2 KB state updates (each worth
+/// compressing) goes compressed by default and as text without.
+#[test]
+fn message_flood_without_compression_sends_every_frame_as_text() {
+    let flood = |extra: &[&str]| {
+        let mut args = vec![
+            "message_flood",
+            "--workers",
+            "5",
+            "--duration",
+            "1s",
+            "--rate",
+            "20",
+            "--size",
+            "2000",
+        ];
+        args.extend_from_slice(extra);
+        stress(&args)["compressed_frames"].as_u64()
+    };
+    assert!(flood(&[]).is_some_and(|n| n > 0), "compressed by default");
+    assert_eq!(flood(&["--no-compression"]), Some(0));
+}

@@ -189,6 +189,10 @@ pub struct StressArgs {
     /// off by default, as in the coordinator.
     #[arg(long, value_parser = parse_duration_arg)]
     pub idle_coalesce: Option<Duration>,
+    /// The coordinator offers no compression (`tether coordinator --no-compression`): every
+    /// frame of the run goes as text, to compare (the report counts compressed frames).
+    #[arg(long)]
+    pub no_compression: bool,
     /// Workers do not offer batch frames: one message per frame, to compare.
     #[arg(long)]
     pub no_batching: bool,

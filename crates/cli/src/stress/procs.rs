@@ -32,6 +32,8 @@ pub struct CoordOpts {
     pub durability: tether_coordinator::store::Durability,
     /// `--idle-coalesce`, when given.
     pub idle_coalesce: Option<Duration>,
+    /// `--no-compression`.
+    pub no_compression: bool,
 }
 
 /// A coordinator certificate, its key, and the CA that signed it (`tether cert`).
@@ -181,6 +183,9 @@ impl Coordinator {
         }
         flags.push("--durability".into());
         flags.push(self.opts.durability.as_str().into());
+        if self.opts.no_compression {
+            flags.push("--no-compression".into());
+        }
         if let Some(w) = self.opts.idle_coalesce {
             flags.push("--idle-coalesce".into());
             flags.push(format!("{}us", w.as_micros()).into());

@@ -131,6 +131,9 @@ pub struct Report {
     pub fleet_nice: Option<i64>,
     /// The coordinator's `--idle-coalesce`, milliseconds, when given.
     pub idle_coalesce_ms: Option<f64>,
+    /// Frames compressed either way at the coordinator (the one running last).
+    #[serde(default)]
+    pub compressed_frames: Option<u64>,
     /// CPU of the coordinator over the idle window, % of one core.
     pub idle_cpu_pct: Option<f64>,
     /// Worker frames (heartbeats, telemetry) the coordinator read per second in the idle window.
@@ -295,6 +298,9 @@ impl Report {
         }
         if let Some(ms) = self.idle_coalesce_ms {
             row("coordinator idle coalescing, ms", format!("{ms}"));
+        }
+        if let Some(n) = self.compressed_frames {
+            row("frames compressed (coordinator, both ways)", n.to_string());
         }
         if let Some(v) = self.coordinator_us_per_message {
             row(

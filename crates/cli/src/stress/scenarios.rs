@@ -158,6 +158,7 @@ impl Run {
                 tls: tls.clone(),
                 durability: a.durability,
                 idle_coalesce: a.idle_coalesce,
+                no_compression: a.no_compression,
             },
         )
         .await?;
@@ -245,6 +246,12 @@ impl Run {
                  wait that long before parking",
                 w.as_micros()
             ));
+        }
+        if a.no_compression {
+            report.notes.push(
+                "the coordinator offered no compression (--no-compression): every frame went as text"
+                    .into(),
+            );
         }
         if a.fleet_nice > 0 {
             report.notes.push(format!(
@@ -533,8 +540,17 @@ impl Run {
         self.phase("stopping", 1);
         // What the coordinator saw, not what was asked for: registrations that authenticated,
         // sessions whose frames carried tags, and the scheme every connection of the run used.
-        let [authenticated, tagged] = self.counters(["auth_ok", "mac_sessions"]).await?;
+        let [authenticated, tagged, zin, zout] = self
+            .counters([
+                "auth_ok",
+                "mac_sessions",
+                "compressed_in_frames",
+                "compressed_out_frames",
+            ])
+            .await?;
         self.report.mac_sessions = Some(tagged);
+        // Of the coordinator running last: a restart counts afresh.
+        self.report.compressed_frames = Some(zin + zout);
         self.report.security = format!(
             "{}; {}",
             match (authenticated, tagged) {
