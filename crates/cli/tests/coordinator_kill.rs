@@ -262,7 +262,9 @@ async fn a_coordinator_killed_twice_mid_run_loses_no_acknowledged_result_and_no_
             let mut outcomes = HashMap::new();
             for n in BATCHES / 2..BATCHES {
                 outcomes.insert(n, submit(&http, &base, n).await);
-                tokio::time::sleep(Duration::from_millis(30)).await;
+                // Slow enough that the kill, made once the second of these is seen, always
+                // falls among them.
+                tokio::time::sleep(Duration::from_millis(300)).await;
             }
             outcomes
         })
@@ -277,6 +279,10 @@ async fn a_coordinator_killed_twice_mid_run_loses_no_acknowledged_result_and_no_
     coord.kill();
     let outcomes = submitter.await.expect("submitter");
     eprintln!("submissions around the second kill: {outcomes:?}");
+    assert!(
+        outcomes.values().any(|o| *o != Some(true)),
+        "the kill fell after every submission, not among them: {outcomes:?}"
+    );
     let coord = CoordinatorProcess::start(addr, &data_dir, &log);
     wait_ready(&http, &base).await;
     // A fresh client: the old one's pooled connections died with the process.
