@@ -3,7 +3,7 @@
 //! Entries are sent in order of class (results first, then control notices, then state and
 //! checkpoints, then telemetry) and by sequence number within a class. An entry stays until
 //! the coordinator acknowledges its sequence number; on every new session all of them are sent
-//! again. State updates of one task coalesce to the latest, as does telemetry. Heartbeats never
+//! again. State updates of one attempt of a task coalesce to the latest, as does telemetry. Heartbeats never
 //! enter the outbox. The outbox is bounded: producers wait for room ([`Outbox::reserve`]),
 //! telemetry is dropped first, and the first time it fills a warning is logged and counted.
 //! With a [`Journal`] (the state directory) every change is written through before it takes
@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use tether_proto::msg::WorkerMsg;
-use tether_proto::{Seq, TaskId, TaskRef};
+use tether_proto::{Attempt, Seq, TaskId, TaskRef};
 use tokio::sync::Notify;
 
 /// Default bound on entries.
@@ -37,8 +37,17 @@ pub enum Class {
 /// Coalescing key: a newer entry with the same key replaces the older one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Coalesce {
-    TaskState(TaskId),
+    /// The state of one attempt of a task: a newer attempt's state never replaces (nor is
+    /// replaced by) an older attempt's still queued, which the coordinator files apart.
+    TaskState(TaskId, Attempt),
     Telemetry,
+}
+
+impl Coalesce {
+    /// The key of a `task_state` of `attempt` of `task`.
+    pub fn task_state(task: &TaskId, attempt: Attempt) -> Self {
+        Coalesce::TaskState(task.clone(), attempt)
+    }
 }
 
 /// Where the outbox writes itself through (the state directory). Called with the outbox's lock
@@ -510,7 +519,7 @@ impl Outbox {
         let mut inner = self.lock();
         inner.next_seq = inner.next_seq.max(seq.0 + 1);
         let coalesce = match &msg {
-            WorkerMsg::TaskState(s) => Some(Coalesce::TaskState(s.task_id.clone())),
+            WorkerMsg::TaskState(s) => Some(Coalesce::task_state(&s.task_id, s.attempt)),
             WorkerMsg::Telemetry(_) => Some(Coalesce::Telemetry),
             _ => None,
         };
@@ -608,7 +617,6 @@ fn json_len(v: &serde_json::Value) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tether_proto::Attempt;
     use tether_proto::msg::{TaskState, Telemetry, now};
     use tether_proto::task::ConnStats;
 
@@ -617,11 +625,16 @@ mod tests {
     }
 
     fn state(ob: &Outbox, task: &str, v: i64) -> Seq {
-        ob.push(Class::State, Some(Coalesce::TaskState(tid(task))), |seq| {
+        state_of(ob, task, 1, v)
+    }
+
+    fn state_of(ob: &Outbox, task: &str, attempt: u32, v: i64) -> Seq {
+        let key = Coalesce::task_state(&tid(task), Attempt(attempt));
+        ob.push(Class::State, Some(key), |seq| {
             WorkerMsg::TaskState(TaskState {
                 seq,
                 task_id: tid(task),
-                attempt: Attempt(1),
+                attempt: Attempt(attempt),
                 state: serde_json::json!({ "v": v }).into(),
                 timestamp: now(),
             })
@@ -730,6 +743,39 @@ mod tests {
             WorkerMsg::TaskState(s) => assert_eq!(s.state.to_value().expect("json")["v"], 2),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// A task's new attempt (the coordinator moved it here again) reports its state while the
+    /// older attempt's last state still waits: neither replaces the other, as they are filed
+    /// apart by the coordinator; each attempt's own updates still coalesce, after a restart
+    /// too.
+    #[test]
+    fn state_updates_coalesce_per_attempt_not_per_task() {
+        let ob = Outbox::new(Limits::default());
+        let old = state_of(&ob, "a", 1, 1);
+        let newer = state_of(&ob, "a", 2, 1);
+        let latest = state_of(&ob, "a", 2, 2);
+        let held: Vec<Seq> = ob.snapshot().iter().map(|(_, s, _)| *s).collect();
+        assert_eq!(
+            held,
+            [old, latest],
+            "attempt 1's state kept, attempt 2's coalesced"
+        );
+        assert!(ob.held(newer).is_none());
+        let restored = Outbox::new(Limits::default());
+        for (class, _, msg) in ob.snapshot() {
+            restored.restore(class, (*msg).clone());
+        }
+        let after = state_of(&restored, "a", 2, 3);
+        let held: Vec<Seq> = restored.snapshot().iter().map(|(_, s, _)| *s).collect();
+        assert_eq!(held, [old, after], "restored entries keep their keys");
+        let first = state_of(&restored, "a", 1, 9);
+        let held: Vec<Seq> = restored.snapshot().iter().map(|(_, s, _)| *s).collect();
+        assert_eq!(
+            held,
+            [after, first],
+            "a late update of attempt 1 replaces only its own"
+        );
     }
 
     #[test]
