@@ -158,6 +158,28 @@ pub struct Outbox {
     pub full_events: AtomicU64,
     /// Telemetry entries dropped to make room.
     pub dropped: AtomicU64,
+    /// Entries found too large for the coordinator's frames when about to be sent
+    /// ([`Outbox::too_large`]): results made failures of their attempts, the rest dropped.
+    pub oversize: AtomicU64,
+}
+
+/// What became of an entry too large for the coordinator's frames ([`Outbox::too_large`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Oversize {
+    /// A result: replaced, under its sequence number, by the failure of its attempt saying
+    /// why, and queued to be sent.
+    Failed,
+    /// Anything else: dropped unsent (it is not acknowledged: `acked_max` stays).
+    Dropped,
+    /// No longer held (acknowledged meanwhile).
+    NotHeld,
+}
+
+/// Whether a frame of `text_len` bytes of message text fits within the peer's `limit`, with
+/// the integrity tag a keyed session appends (a compressed frame is inflated against the
+/// same limit).
+pub fn frame_fits(text_len: usize, limit: usize) -> bool {
+    text_len.saturating_add(tether_proto::integrity::TEXT_TRAILER) <= limit
 }
 
 impl std::fmt::Debug for Outbox {
@@ -189,6 +211,7 @@ impl Outbox {
             room: Notify::new(),
             full_events: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            oversize: AtomicU64::new(0),
         }
     }
 
@@ -314,6 +337,67 @@ impl Outbox {
             );
         }
         dropped
+    }
+
+    /// The entry `seq`, taken to be sent, turned out `bytes` long as a message, more than the
+    /// coordinator's frames take (`limit`, its `max_frame`: it was lowered since the entry
+    /// was queued or journaled, say by a coordinator restarted with a smaller one). Sent, it
+    /// would end the session (close 1009), and every later one as it was sent again. A result
+    /// becomes the failure of its attempt, saying so, under the same sequence number (the
+    /// attempt still ends with one result) and is queued again; anything else is dropped
+    /// unsent. Logged, counted in [`Outbox::oversize`], and written through the journal.
+    pub fn too_large(&self, seq: Seq, bytes: usize, limit: usize) -> Oversize {
+        let (outcome, ty) = {
+            let mut inner = self.lock();
+            let Some(e) = inner.entries.get(&seq.0) else {
+                return Oversize::NotHeld;
+            };
+            let ty = e.msg.type_name();
+            let failure = match e.msg.as_ref() {
+                WorkerMsg::TaskResult(r) => Some(oversize_failure(r, bytes, limit)),
+                _ => None,
+            }
+            .filter(|f| frame_fits(tether_proto::encode(f).len(), limit));
+            match failure {
+                Some(failure) => {
+                    let class = e.class;
+                    let msg = std::sync::Arc::new(failure);
+                    // INVARIANT: journaled under the lock, as a push is.
+                    self.journal(Some((class, seq, &msg)), &[]);
+                    inner.replace(seq.0, msg);
+                    (Oversize::Failed, ty)
+                }
+                None => {
+                    inner.remove(seq.0);
+                    self.journal(None, &[seq.0]);
+                    (Oversize::Dropped, ty)
+                }
+            }
+        };
+        self.oversize.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::OVERSIZE, "type" => ty).increment(1);
+        match outcome {
+            Oversize::Failed => {
+                tracing::error!(
+                    seq = seq.0,
+                    bytes,
+                    limit,
+                    "a queued result is larger than the coordinator's frames take; its attempt fails saying so instead"
+                );
+                self.ready.notify_one();
+            }
+            _ => {
+                tracing::error!(
+                    seq = seq.0,
+                    r#type = ty,
+                    bytes,
+                    limit,
+                    "a queued message is larger than the coordinator's frames take; it is dropped, not sent"
+                );
+                self.room.notify_waiters();
+            }
+        }
+        outcome
     }
 
     /// The message held under `seq`, if it is still held.
@@ -568,6 +652,24 @@ impl Inner {
         );
     }
 
+    /// Puts `msg` in place of the message of the held entry `seq` (same class, key and
+    /// number), unsent.
+    fn replace(&mut self, seq: u64, msg: std::sync::Arc<WorkerMsg>) {
+        let Some(e) = self.entries.get_mut(&seq) else {
+            return;
+        };
+        let bytes = approx_size(&msg);
+        self.bytes = self.bytes - e.bytes + bytes;
+        e.bytes = bytes;
+        e.msg = msg;
+        if std::mem::replace(&mut e.sent, false) {
+            let unsent = &mut self.unsent[e.class as usize];
+            if let Err(at) = unsent.binary_search(&seq) {
+                unsent.insert(at, seq);
+            }
+        }
+    }
+
     /// Removes an entry; the message if it was held.
     fn remove(&mut self, seq: u64) -> Option<std::sync::Arc<WorkerMsg>> {
         let e = self.entries.remove(&seq)?;
@@ -586,6 +688,35 @@ impl Inner {
         }
         Some(e.msg)
     }
+}
+
+/// The failure of the attempt whose result `r` is `bytes` long as a message, over `limit`:
+/// what it ran and when is kept; an error it reported is kept as the detail, cut to a KiB.
+fn oversize_failure(r: &tether_proto::msg::TaskResult, bytes: usize, limit: usize) -> WorkerMsg {
+    let detail = r.error.as_ref().map(|e| {
+        let mut cut = 1024.min(e.message.len());
+        while !e.message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        e.message[..cut].to_owned()
+    });
+    WorkerMsg::TaskResult(tether_proto::msg::TaskResult {
+        seq: r.seq,
+        task_id: r.task_id.clone(),
+        attempt: r.attempt,
+        outcome: tether_proto::Outcome::Failed,
+        result: serde_json::json!({}),
+        error: Some(tether_proto::task::TaskError {
+            message: format!(
+                "the result ({bytes} bytes as a message) is larger than a message may be ({limit} bytes, the coordinator's limit); it was not sent"
+            ),
+            detail,
+        }),
+        started_at: r.started_at,
+        finished_at: r.finished_at,
+        duration_ms: r.duration_ms,
+        timestamp: tether_proto::msg::now(),
+    })
 }
 
 /// Size estimate without encoding: the payload-carrying fields dominate.
@@ -919,6 +1050,58 @@ mod tests {
         );
         ob.requeue_all();
         assert_eq!(order(&ob), vec![s.0], "the unacked one goes again");
+    }
+
+    /// Entries found too large for the coordinator's frames as they are about to be sent: a
+    /// result becomes its attempt's failure under the same number, queued again and
+    /// journaled; anything else is dropped, not acknowledged; both counted.
+    #[test]
+    fn an_entry_too_large_for_the_peer_fails_its_result_or_is_dropped_and_never_resent() {
+        let rec = std::sync::Arc::new(Recorder::default());
+        let ob = Outbox::new(Limits::default()).with_journal(rec.clone());
+        let r = ob.push(Class::Result, None, |seq| {
+            WorkerMsg::TaskResult(tether_proto::msg::TaskResult {
+                seq,
+                task_id: tid("big"),
+                attempt: Attempt(3),
+                outcome: tether_proto::Outcome::Completed,
+                result: serde_json::json!({ "pad": "r".repeat(100_000) }),
+                error: None,
+                started_at: now(),
+                finished_at: now(),
+                duration_ms: 7,
+                timestamp: now(),
+            })
+        });
+        let s = state(&ob, "a", 1);
+        let acked_before = ob.acked_max();
+        assert_eq!(order(&ob), vec![r.0, s.0], "both taken to be sent");
+        let bytes_before = ob.bytes();
+        assert_eq!(ob.too_large(r, 100_200, 65_536), Oversize::Failed);
+        assert_eq!(ob.too_large(s, 70_000, 65_536), Oversize::Dropped);
+        assert_eq!(ob.too_large(s, 70_000, 65_536), Oversize::NotHeld);
+        assert_eq!(ob.oversize.load(Ordering::Relaxed), 2);
+        assert_eq!(ob.acked_max(), acked_before, "dropped is not acknowledged");
+        assert!(ob.bytes() < bytes_before / 10, "the failure is small");
+        // The failure goes in the result's place, once; the state never again.
+        let again = ob.take_unsent(10);
+        assert_eq!(again.len(), 1);
+        let WorkerMsg::TaskResult(f) = again[0].1.as_ref() else {
+            panic!("{:?}", again[0].1);
+        };
+        assert_eq!((f.seq, &f.task_id, f.attempt), (r, &tid("big"), Attempt(3)));
+        assert_eq!(f.outcome, tether_proto::Outcome::Failed);
+        assert_eq!(f.duration_ms, 7);
+        let message = f.error.as_ref().map_or("", |e| e.message.as_str());
+        assert!(
+            message.contains("larger than a message may be"),
+            "{message}"
+        );
+        assert!(frame_fits(tether_proto::encode(f).len(), 65_536));
+        ob.requeue_all();
+        assert_eq!(order(&ob), vec![r.0]);
+        let log = rec.0.lock().expect("recorder").clone();
+        assert_eq!(&log[2..], [(Some(r.0), vec![]), (None, vec![s.0])]);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tether_proto::msg::{
     Batching, CoordMsg, ErrorCode, ErrorMsg, Heartbeat, HeartbeatAction, Inventory,
     PROTOCOL_VERSION, Registration, Telemetry, WorkerMsg, now,
 };
+use tether_proto::settings::MIN_FRAME;
 use tether_proto::{Batch, DecodeError, decode_coord, encode, is_batch};
 use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_tungstenite::tungstenite::Message;
@@ -30,7 +31,7 @@ use crate::agent::Agent;
 use crate::config::WorkerConfig;
 use crate::connector::WsStream;
 use crate::metrics as m;
-use crate::outbox::{Class, Coalesce};
+use crate::outbox::{Class, Coalesce, frame_fits};
 use crate::stats::ConnState;
 
 /// Close codes with which a coordinator refuses a worker for good.
@@ -252,12 +253,18 @@ pub(crate) struct Session<'a> {
     seal: Option<Box<Sealer>>,
     /// Verifies the frames received, once keyed.
     open: Option<Box<Opener>>,
+    /// The largest frame the coordinator takes (its `registration_ack` says; this worker's own
+    /// limit when it does not): an outbox entry larger is never sent ([`Outbox::too_large`]).
+    ///
+    /// [`Outbox::too_large`]: crate::outbox::Outbox::too_large
+    max_frame_out: usize,
 }
 
 impl<'a> Session<'a> {
     pub(crate) fn new(agent: &'a mut Agent, ws: WsStream, generation: u64) -> Self {
         let timeout = agent.cfg.heartbeat_timeout;
         let heartbeat_every = agent.cfg.heartbeat_interval;
+        let max_frame_out = agent.cfg.max_frame;
         Self {
             agent,
             ws,
@@ -277,6 +284,7 @@ impl<'a> Session<'a> {
             timeout_floor: Duration::ZERO,
             seal: None,
             open: None,
+            max_frame_out,
         }
     }
 
@@ -643,12 +651,11 @@ impl<'a> Session<'a> {
         self.zstd = self.agent.cfg.compression && ack.compression.as_deref() == Some(ZSTD);
         self.batching = ack.batching.filter(|_| self.agent.cfg.batching);
         self.agent.runner.apply_directives(&ack.directives);
-        if let Some(n) = ack.max_frame {
-            let coordinator = usize::try_from(n).unwrap_or(usize::MAX);
-            self.agent
-                .runner
-                .limit_frames_to(coordinator, self.agent.cfg.max_frame);
-        }
+        // Every session: a coordinator restarted with another limit says so in its ack.
+        self.max_frame_out = peer_max_frame(ack.max_frame, self.agent.cfg.max_frame);
+        self.agent
+            .runner
+            .limit_frames_to(self.max_frame_out, self.agent.cfg.max_frame);
         self.agent.lost.clear();
         let outage = self.agent.shared.stats().on_registered();
         if let Some(d) = outage {
@@ -924,11 +931,14 @@ impl<'a> Session<'a> {
         match self.batching {
             Some(limits) if taken.len() > 1 => {
                 let max_messages = (limits.max_messages as usize).max(1);
+                // INVARIANT: a batch of several messages stays under half the coordinator's
+                // frame limit, so only a message alone can be too large for it.
+                let max_bytes = (limits.max_bytes as usize).min(self.max_frame_out / 2);
                 let mut batch = Batch::new();
                 let mut first = 0;
                 for (i, (_, msg, _)) in taken.iter().enumerate() {
                     count_out(msg);
-                    if let Some(text) = batch.push_within(msg.as_ref(), limits.max_bytes as usize) {
+                    if let Some(text) = batch.push_within(msg.as_ref(), max_bytes) {
                         frames.push((text, first..i));
                         first = i;
                     }
@@ -949,6 +959,16 @@ impl<'a> Session<'a> {
             }
         }
         for (text, entries) in frames {
+            if !frame_fits(text.len(), self.max_frame_out) {
+                // Queued or journaled under a larger limit: sent, it would end this session
+                // and every later one. A result fails its attempt instead, the rest is dropped.
+                for (seq, _, _) in &taken[entries] {
+                    self.agent
+                        .outbox
+                        .too_large(*seq, text.len(), self.max_frame_out);
+                }
+                continue;
+            }
             let frame = self.frame_text(text);
             // A feed that did not complete did not take its frame: it waited for room in the
             // write buffer (`poll_ready`) until the deadline, or failed.
@@ -1376,6 +1396,15 @@ impl Window {
     fn oldest(&self) -> Option<(u64, Instant)> {
         self.sent.iter().min_by_key(|e| e.at).map(|e| (e.seq, e.at))
     }
+}
+
+/// The largest frame the coordinator takes: what its `registration_ack` announced, else
+/// `own` (as before any coordinator said), never under [`MIN_FRAME`] (a coordinator refuses
+/// a worker's smaller limit, and every message of the outbox can be made to fit in it).
+fn peer_max_frame(announced: Option<u64>, own: usize) -> usize {
+    announced
+        .map_or(own, |n| usize::try_from(n).unwrap_or(usize::MAX))
+        .max(MIN_FRAME)
 }
 
 /// A write bounded by the liveness deadline: `Err(reason)` when it failed or stalled.

@@ -27,6 +27,10 @@ pub enum Script {
     RegisterThenSilence,
     /// Register, answer heartbeats and acknowledge every message that has a sequence number.
     Healthy,
+    /// Like `Healthy`, with frames of at most [`SMALL_FRAME`] bytes, announced in the
+    /// `registration_ack`: a larger frame ends the connection (as a coordinator's close 1009
+    /// does). Records every `task_result` in `results`.
+    SmallFrames,
     /// Like `Healthy`, but no message is ever acknowledged: what the worker sends is lost on
     /// the way (a middlebox that swallows bytes), while heartbeats still come back.
     Unacknowledging,
@@ -69,6 +73,9 @@ pub enum Script {
     /// `Healthy`, recording every `checkpoint_data` in `pieces`.
     StallReads,
 }
+
+/// The frame limit of [`Script::SmallFrames`].
+pub const SMALL_FRAME: usize = 64 * 1024;
 
 /// How long [`Script::StallReads`] reads nothing: more than twice the worker's liveness
 /// timeout (15 s), so that a write waits until the deadline even after a frame read in between
@@ -127,6 +134,8 @@ pub struct FakeConnector {
     /// Each `checkpoint_data` received, by checkpoint id and chunk
     /// ([`Script::RequestCheckpoint`]).
     pub pieces: Arc<Mutex<Vec<(String, u32)>>>,
+    /// Each `task_result` received ([`Script::SmallFrames`]).
+    pub results: Arc<Mutex<Vec<tether_proto::msg::TaskResult>>>,
 }
 
 impl FakeConnector {
@@ -139,6 +148,7 @@ impl FakeConnector {
             received: Arc::default(),
             outcomes: Arc::default(),
             pieces: Arc::default(),
+            results: Arc::default(),
         }
     }
 
@@ -177,6 +187,7 @@ impl Connector for FakeConnector {
         let received = self.received.clone();
         let outcomes = self.outcomes.clone();
         let pieces = self.pieces.clone();
+        let results = self.results.clone();
         Box::pin(async move {
             match script {
                 Script::Refuse => return Err(ConnectError::Transient("connection refused".into())),
@@ -192,6 +203,7 @@ impl Connector for FakeConnector {
                 received: (conn, received),
                 outcomes,
                 pieces,
+                results,
             };
             tokio::spawn(serve(server, script, seen));
             let io: Pin<Box<dyn Io>> = Box::pin(client);
@@ -206,6 +218,7 @@ struct Seen {
     received: (usize, Received),
     outcomes: Arc<Mutex<Vec<tether_proto::Outcome>>>,
     pieces: Arc<Mutex<Vec<(String, u32)>>>,
+    results: Arc<Mutex<Vec<tether_proto::msg::TaskResult>>>,
 }
 
 async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
@@ -214,8 +227,11 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
         received: (conn, received),
         outcomes,
         pieces,
+        results,
     } = seen;
-    let Ok(mut ws) = tokio_tungstenite::accept_async(io).await else {
+    let limit =
+        (script == Script::SmallFrames).then(|| tether_worker::connector::ws_config(SMALL_FRAME));
+    let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(io, limit).await else {
         return;
     };
     let worker = WorkerId::parse("w").expect("id");
@@ -257,7 +273,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
             session_id: 1,
             directives: vec![],
             compact_acks: false,
-            max_frame: None,
+            max_frame: (script == Script::SmallFrames).then_some(SMALL_FRAME as u64),
             timestamp: now(),
         })))
         .await;
@@ -295,6 +311,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
             }
         }
         Script::Healthy
+        | Script::SmallFrames
         | Script::Unacknowledging
         | Script::WelcomeAfterRegistration
         | Script::Conformance
@@ -319,6 +336,11 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                     && ws.send(heartbeat_reply(seq)).await.is_err()
                 {
                     break;
+                }
+                if let Message::Text(t) = &m
+                    && let Ok(tether_proto::WorkerMsg::TaskResult(r)) = decode_worker(t.as_str())
+                {
+                    results.lock().expect("lock").push(r);
                 }
                 let Some((seq, ack)) = ack_of(&m) else {
                     continue;

@@ -4,5 +4,6 @@
 
 mod conformance;
 mod fake;
+mod frame_limit;
 mod sim;
 mod state_machine;

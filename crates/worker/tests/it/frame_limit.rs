@@ -1,0 +1,117 @@
+//! What the coordinator says of its limits, held to: its frame limit against messages queued
+//! before it said it, and its heartbeat cadence within sane bounds.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tether_proto::msg::{TaskResult, TaskState, WorkerMsg, now};
+use tether_proto::{Attempt, Outcome, Seq, TaskId, WorkerId};
+use tether_worker::backoff::Jitter;
+use tether_worker::outbox::{Class, Journal};
+use tether_worker::statedir::StateDir;
+use tether_worker::{ConnState, WorkerConfig};
+
+use crate::fake::{FakeConnector, Running, SMALL_FRAME, Script};
+
+fn config() -> WorkerConfig {
+    let mut c = WorkerConfig::new(
+        "ws://coordinator.invalid:1",
+        WorkerId::parse("w").expect("id"),
+    );
+    c.backoff.jitter = Jitter::None;
+    c.seed = Some(1);
+    c
+}
+
+/// Polls `cond` every 100 ms until it holds or `limit` passes (virtual time); whether it held.
+async fn held_within(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let polled = async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(limit, polled).await.is_ok()
+}
+
+fn result(seq: u64, task: &str, pad: usize) -> WorkerMsg {
+    WorkerMsg::TaskResult(TaskResult {
+        seq: Seq(seq),
+        task_id: TaskId::parse(task).expect("id"),
+        attempt: Attempt(1),
+        outcome: Outcome::Completed,
+        result: serde_json::json!({ "pad": "r".repeat(pad) }),
+        error: None,
+        started_at: now(),
+        finished_at: now(),
+        duration_ms: 5,
+        timestamp: now(),
+    })
+}
+
+/// A result and a state journaled by a worker whose coordinator took larger frames than the
+/// one it now talks to (restarted with a smaller `--max-frame`): sent as they are, each would
+/// end the session at the coordinator's limit, and every session after it. The result goes as
+/// the failure of its attempt, saying why; the state is dropped; the session lives on, and
+/// the small result journaled behind them arrives too.
+#[tokio::test(start_paused = true)]
+async fn a_journaled_result_too_large_for_the_coordinator_fails_its_attempt_and_the_session_lives_on()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = WorkerId::parse("w").expect("id");
+    let big = 4 * SMALL_FRAME;
+    {
+        let (sd, _) = StateDir::open(dir.path(), &id).expect("open");
+        let state = WorkerMsg::TaskState(TaskState {
+            seq: Seq(2),
+            task_id: TaskId::parse("t-run").expect("id"),
+            attempt: Attempt(1),
+            state: serde_json::json!({ "pad": "s".repeat(big) }).into(),
+            timestamp: now(),
+        });
+        sd.write(Some((Class::Result, Seq(1), &result(1, "t-big", big))), &[]);
+        sd.write(Some((Class::State, Seq(2), &state)), &[]);
+        sd.write(
+            Some((Class::Result, Seq(3), &result(3, "t-small", 10))),
+            &[],
+        );
+    }
+    let fake = FakeConnector::new(Script::SmallFrames);
+    let mut cfg = config();
+    cfg.state_dir = Some(dir.path().to_owned());
+    let running = Running::start(&fake, cfg);
+    running.wait_state(|s| s == ConnState::Connected).await;
+    let outbox = running.handle.outbox.clone();
+    assert!(
+        held_within(Duration::from_secs(60), || outbox.is_empty()).await,
+        "the outbox never drained: {} entries, {} connection attempts",
+        outbox.len(),
+        fake.attempts().len()
+    );
+    // A while later, still the first session.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(fake.attempts().len(), 1, "one connection throughout");
+    assert_eq!(running.handle.state(), ConnState::Connected);
+    let results = fake.results.lock().expect("lock").clone();
+    let by_task = |t: &str| {
+        results
+            .iter()
+            .find(|r| r.task_id.as_str() == t)
+            .unwrap_or_else(|| panic!("no result of {t}: {results:?}"))
+    };
+    let failed = by_task("t-big");
+    assert_eq!((failed.seq, failed.outcome), (Seq(1), Outcome::Failed));
+    let message = failed.error.as_ref().map_or("", |e| e.message.as_str());
+    assert!(
+        message.contains("larger than a message may be"),
+        "{message}"
+    );
+    assert_eq!(by_task("t-small").outcome, Outcome::Completed);
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(!fake.received_on(0).contains(&2), "the state is never sent");
+    assert_eq!(outbox.oversize.load(Ordering::Relaxed), 2);
+    running.stop().await;
+    // The outbox holds the state directory (its journal).
+    drop(outbox);
+    let (_sd, restored) = StateDir::open(dir.path(), &id).expect("reopen");
+    assert!(restored.entries.is_empty(), "{:?}", restored.entries);
+}
