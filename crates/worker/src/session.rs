@@ -105,6 +105,32 @@ fn pings_needed(heartbeat_every: Duration, ping_every: Duration) -> bool {
 
 /// The longest heartbeat interval a coordinator's budget can ask of a worker.
 const MAX_FOLLOWED_INTERVAL: Duration = Duration::from_secs(60);
+/// The shortest heartbeat interval a coordinator can ask of a worker: the least either side
+/// may be configured with (a shorter one would be a busy loop of heartbeats).
+const MIN_FOLLOWED_INTERVAL: Duration = crate::config::MIN_HEARTBEAT_INTERVAL;
+/// The longest liveness timeout a coordinator's budget can make a worker wait out: five of
+/// the longest intervals it follows. A silent link is still noticed within it, whatever the
+/// coordinator says (a timeout of `u64::MAX` ms would put the deadline ages away).
+const MAX_FOLLOWED_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The heartbeat interval a coordinator asked for (`welcome`, heartbeat reply), within
+/// [`MIN_FOLLOWED_INTERVAL`] and [`MAX_FOLLOWED_INTERVAL`]; `None` for 0, which asks nothing.
+fn followed_interval(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| {
+        Duration::from_millis(ms)
+            .max(MIN_FOLLOWED_INTERVAL)
+            .min(MAX_FOLLOWED_INTERVAL)
+    })
+}
+
+/// The least liveness timeout a budget's `timeout_ms` sets at the interval `every`: at least
+/// two intervals (absent, zero or shorter, the session would be declared dead between two
+/// heartbeats), at most [`MAX_FOLLOWED_TIMEOUT`].
+fn followed_timeout(ms: Option<u64>, every: Duration) -> Duration {
+    Duration::from_millis(ms.unwrap_or(0))
+        .max(every.saturating_mul(2))
+        .min(MAX_FOLLOWED_TIMEOUT)
+}
 
 /// The period of a duty that is not done: it comes due only in a session that lives a year.
 const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -579,10 +605,12 @@ impl<'a> Session<'a> {
             )));
         }
         // The coordinator closes a session silent for its own timeout, which it sized for
-        // its heartbeat interval: never beat slower than it asks.
-        let asked = Duration::from_millis(welcome.heartbeat_interval_ms);
-        self.coordinator_every = asked;
-        if !asked.is_zero() && asked < self.heartbeat_every {
+        // its heartbeat interval: never beat slower than it asks (within bounds).
+        let asked = followed_interval(welcome.heartbeat_interval_ms);
+        self.coordinator_every = asked.unwrap_or(Duration::ZERO);
+        if let Some(asked) = asked
+            && asked < self.heartbeat_every
+        {
             tracing::info!(worker = %self.worker(), ours_ms = self.heartbeat_every.as_millis() as u64, coordinator_ms = welcome.heartbeat_interval_ms, "using the coordinator's shorter heartbeat interval");
             self.heartbeat_every = asked;
         }
@@ -1055,14 +1083,13 @@ impl<'a> Session<'a> {
     }
 
     /// The coordinator asked for a new interval (its fleet grew or shrank). Beyond its
-    /// welcome's it is a budget's, followed as asked (up to [`MAX_FOLLOWED_INTERVAL`]), with its
-    /// timeout as this session's least; otherwise, as in the welcome, this worker's own
-    /// interval when that is shorter.
+    /// welcome's it is a budget's, followed as asked (within [`followed_interval`]'s bounds),
+    /// with its timeout as this session's least (within [`followed_timeout`]'s); otherwise, as
+    /// in the welcome, this worker's own interval when that is shorter.
     fn retune(&mut self, interval_ms: u64, timeout_ms: Option<u64>) {
-        let asked = Duration::from_millis(interval_ms).min(MAX_FOLLOWED_INTERVAL);
-        if asked.is_zero() {
+        let Some(asked) = followed_interval(interval_ms) else {
             return;
-        }
+        };
         let budget = asked > self.coordinator_every;
         self.budget = budget;
         self.retuned = true;
@@ -1071,9 +1098,9 @@ impl<'a> Session<'a> {
         } else {
             asked.min(self.agent.cfg.heartbeat_interval)
         };
-        self.timeout_floor = match (budget, timeout_ms) {
-            (true, Some(ms)) => Duration::from_millis(ms),
-            _ => Duration::ZERO,
+        self.timeout_floor = match budget {
+            true => followed_timeout(timeout_ms, every),
+            false => Duration::ZERO,
         };
         if every != self.heartbeat_every {
             tracing::info!(worker = %self.worker(), from_ms = self.heartbeat_every.as_millis() as u64, to_ms = every.as_millis() as u64, "heartbeat interval retuned by the coordinator");
@@ -1571,6 +1598,20 @@ mod tests {
         let budget = periods(s(20), &cfg, Some(4.0));
         assert_eq!(budget[1], NEVER);
         assert_eq!(budget[2], cfg.telemetry_interval * 4);
+    }
+
+    #[test]
+    fn what_a_coordinator_asks_of_the_cadence_is_held_within_bounds() {
+        let (ms, s) = (Duration::from_millis, Duration::from_secs);
+        assert_eq!(followed_interval(0), None, "0 asks nothing");
+        assert_eq!(followed_interval(1), Some(ms(10)));
+        assert_eq!(followed_interval(5_000), Some(s(5)));
+        assert_eq!(followed_interval(u64::MAX), Some(s(60)));
+        assert_eq!(followed_timeout(Some(30_000), s(10)), s(30));
+        for absurd in [None, Some(0), Some(1)] {
+            assert_eq!(followed_timeout(absurd, s(10)), s(20), "{absurd:?}");
+        }
+        assert_eq!(followed_timeout(Some(u64::MAX), s(60)), s(300));
     }
 
     #[test]

@@ -31,6 +31,15 @@ pub enum Script {
     /// `registration_ack`: a larger frame ends the connection (as a coordinator's close 1009
     /// does). Records every `task_result` in `results`.
     SmallFrames,
+    /// Like `Healthy`, but the answer to the first heartbeat asks for the heartbeat interval
+    /// `interval_ms` and timeout `timeout_ms` (as a heartbeat budget does); with `silent`, the
+    /// coordinator then answers and acknowledges nothing more (it still reads). Counts every
+    /// heartbeat in `heartbeats`.
+    Retune {
+        interval_ms: u64,
+        timeout_ms: Option<u64>,
+        silent: bool,
+    },
     /// Like `Healthy`, but no message is ever acknowledged: what the worker sends is lost on
     /// the way (a middlebox that swallows bytes), while heartbeats still come back.
     Unacknowledging,
@@ -136,6 +145,8 @@ pub struct FakeConnector {
     pub pieces: Arc<Mutex<Vec<(String, u32)>>>,
     /// Each `task_result` received ([`Script::SmallFrames`]).
     pub results: Arc<Mutex<Vec<tether_proto::msg::TaskResult>>>,
+    /// Heartbeats received, over all connections ([`Script::Retune`]).
+    pub heartbeats: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FakeConnector {
@@ -149,6 +160,7 @@ impl FakeConnector {
             outcomes: Arc::default(),
             pieces: Arc::default(),
             results: Arc::default(),
+            heartbeats: Arc::default(),
         }
     }
 
@@ -188,6 +200,7 @@ impl Connector for FakeConnector {
         let outcomes = self.outcomes.clone();
         let pieces = self.pieces.clone();
         let results = self.results.clone();
+        let heartbeats = self.heartbeats.clone();
         Box::pin(async move {
             match script {
                 Script::Refuse => return Err(ConnectError::Transient("connection refused".into())),
@@ -204,6 +217,7 @@ impl Connector for FakeConnector {
                 outcomes,
                 pieces,
                 results,
+                heartbeats,
             };
             tokio::spawn(serve(server, script, seen));
             let io: Pin<Box<dyn Io>> = Box::pin(client);
@@ -219,6 +233,7 @@ struct Seen {
     outcomes: Arc<Mutex<Vec<tether_proto::Outcome>>>,
     pieces: Arc<Mutex<Vec<(String, u32)>>>,
     results: Arc<Mutex<Vec<tether_proto::msg::TaskResult>>>,
+    heartbeats: Arc<std::sync::atomic::AtomicU64>,
 }
 
 async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
@@ -228,6 +243,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
         outcomes,
         pieces,
         results,
+        heartbeats,
     } = seen;
     let limit =
         (script == Script::SmallFrames).then(|| tether_worker::connector::ws_config(SMALL_FRAME));
@@ -348,6 +364,37 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                 received.lock().expect("lock").push((conn, seq));
                 if script != Script::Unacknowledging && ws.send(send(ack)).await.is_err() {
                     break;
+                }
+            }
+        }
+        Script::Retune {
+            interval_ms,
+            timeout_ms,
+            silent,
+        } => {
+            let mut told = false;
+            while let Some(Ok(m)) = ws.next().await {
+                let reply = match heartbeat_in(&m) {
+                    Some(seq) => {
+                        heartbeats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let mut reply = tether_proto::msg::HeartbeatReply::answering(seq);
+                        if !told {
+                            reply.heartbeat_interval_ms = Some(interval_ms);
+                            reply.heartbeat_timeout_ms = timeout_ms;
+                        }
+                        Some(CoordMsg::Heartbeat(reply))
+                    }
+                    None => ack_of(&m).map(|(_, ack)| ack),
+                };
+                if told && silent {
+                    continue;
+                }
+                if let Some(reply) = reply {
+                    let retuning = matches!(&reply, CoordMsg::Heartbeat(_));
+                    if ws.send(send(reply)).await.is_err() {
+                        return;
+                    }
+                    told |= retuning;
                 }
             }
         }

@@ -115,3 +115,61 @@ async fn a_journaled_result_too_large_for_the_coordinator_fails_its_attempt_and_
     let (_sd, restored) = StateDir::open(dir.path(), &id).expect("reopen");
     assert!(restored.entries.is_empty(), "{:?}", restored.entries);
 }
+
+/// A coordinator that asks for a heartbeat every millisecond (or every 0 ms, and a timeout of
+/// 0) is followed no faster than the least interval either side may be configured with: no
+/// busy loop of heartbeats, and the session lives on.
+#[tokio::test(start_paused = true)]
+async fn a_heartbeat_interval_asked_absurdly_short_is_followed_at_the_least_one() {
+    for (interval_ms, timeout_ms) in [(1, Some(0)), (0, Some(0)), (1, None)] {
+        let fake = FakeConnector::new(Script::Retune {
+            interval_ms,
+            timeout_ms,
+            silent: false,
+        });
+        let running = Running::start(&fake, config());
+        running.wait_state(|s| s == ConnState::Connected).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let beats = fake.heartbeats.load(Ordering::Relaxed);
+        // 10 s at 10 ms, and the few before the first answer retuned the session.
+        assert!(
+            beats <= 1_010,
+            "{beats} heartbeats in 10 s, asked {interval_ms} ms"
+        );
+        assert_eq!(fake.attempts().len(), 1, "asked {interval_ms} ms");
+        assert!(running.handle.stats().heartbeat_interval_ms >= 10);
+        running.stop().await;
+    }
+}
+
+/// A heartbeat budget's timeout of `u64::MAX` ms (or of 31 years) is capped: the worker does
+/// not set its liveness deadline ages away and wait for ever on a coordinator that fell
+/// silent; it declares the session dead within five minutes and connects again.
+#[tokio::test(start_paused = true)]
+async fn an_absurd_heartbeat_timeout_is_capped_and_a_silent_coordinator_still_noticed() {
+    for (interval_ms, timeout_ms) in [(u64::MAX, u64::MAX), (60_000, 1_000_000_000_000)] {
+        let fake = FakeConnector::new(Script::Retune {
+            interval_ms,
+            timeout_ms: Some(timeout_ms),
+            silent: true,
+        });
+        let running = Running::start(&fake, config());
+        running.wait_state(|s| s == ConnState::Connected).await;
+        let t0 = tokio::time::Instant::now();
+        let again = held_within(Duration::from_secs(600), || fake.attempts().len() >= 2).await;
+        assert!(
+            again,
+            "asked {timeout_ms} ms: no new connection after {:?}; worker {:?}",
+            t0.elapsed(),
+            running.handle.state()
+        );
+        assert!(
+            t0.elapsed() <= Duration::from_secs(300 + 10),
+            "{:?}",
+            t0.elapsed()
+        );
+        let timeout = running.handle.stats().heartbeat_timeout_ms;
+        assert!(timeout <= 300_000, "{timeout} ms");
+        running.stop().await;
+    }
+}
