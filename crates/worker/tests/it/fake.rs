@@ -31,6 +31,10 @@ pub enum Script {
     /// `registration_ack`: a larger frame ends the connection (as a coordinator's close 1009
     /// does). Records every `task_result` in `results`.
     SmallFrames,
+    /// Like `Healthy`, and on the first connection assigns [`REASSIGNED`] at attempt 2, a
+    /// `sleep` task of ten minutes in ten steps, naming no checkpoint (the coordinator has
+    /// none): as a coordinator hands a lost task back to the worker that lost it.
+    Reassign,
     /// Like `Healthy`, but the answer to the first heartbeat asks for the heartbeat interval
     /// `interval_ms` and timeout `timeout_ms` (as a heartbeat budget does); with `silent`, the
     /// coordinator then answers and acknowledges nothing more (it still reads). Counts every
@@ -82,6 +86,9 @@ pub enum Script {
     /// `Healthy`, recording every `checkpoint_data` in `pieces`.
     StallReads,
 }
+
+/// The task [`Script::Reassign`] assigns.
+pub const REASSIGNED: &str = "t-lost";
 
 /// The frame limit of [`Script::SmallFrames`].
 pub const SMALL_FRAME: usize = 64 * 1024;
@@ -328,10 +335,23 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
         }
         Script::Healthy
         | Script::SmallFrames
+        | Script::Reassign
         | Script::Unacknowledging
         | Script::WelcomeAfterRegistration
         | Script::Conformance
         | Script::BatchConformance => {
+            if script == Script::Reassign && conn == 0 {
+                let assignment = CoordMsg::TaskAssignment(tether_proto::msg::TaskAssignment {
+                    task_id: tether_proto::TaskId::parse(REASSIGNED).expect("id"),
+                    attempt: tether_proto::Attempt(2),
+                    kind: "sleep".into(),
+                    config: serde_json::json!({"ms": 600_000, "steps": 10}),
+                    timeout_ms: None,
+                    checkpoint: None,
+                    timestamp: now(),
+                });
+                let _ = ws.send(send(assignment)).await;
+            }
             if script == Script::Conformance {
                 for m in tether_proto::samples::coord_messages() {
                     let _ = ws.send(send(m)).await;

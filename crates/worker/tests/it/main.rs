@@ -5,5 +5,6 @@
 mod conformance;
 mod fake;
 mod frame_limit;
+mod restart;
 mod sim;
 mod state_machine;
