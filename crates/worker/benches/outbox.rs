@@ -58,9 +58,11 @@ fn outbox(c: &mut Criterion) {
         b.iter(|| {
             n += 1;
             let task = &tasks[(n % 8) as usize];
-            let seq = o.push(Class::State, Some(Coalesce::TaskState(task.clone())), |s| {
-                state(s, task, n)
-            });
+            let seq = o.push(
+                Class::State,
+                Some(Coalesce::task_state(task, Attempt(1))),
+                |s| state(s, task, n),
+            );
             let sent = o.take_unsent(64);
             black_box(&sent);
             o.ack(seq)
@@ -71,9 +73,11 @@ fn outbox(c: &mut Criterion) {
         let mut n = 0;
         b.iter(|| {
             n += 1;
-            o.push(Class::State, Some(Coalesce::TaskState(task.clone())), |s| {
-                state(s, &task, n)
-            })
+            o.push(
+                Class::State,
+                Some(Coalesce::task_state(&task, Attempt(1))),
+                |s| state(s, &task, n),
+            )
         })
     });
     g.throughput(Throughput::Elements(1000));

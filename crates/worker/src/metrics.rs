@@ -57,6 +57,9 @@ pub const MESSAGES_OUT: &str = "tether_worker_messages_out_total";
 pub const ERRORS: &str = "tether_worker_errors_total";
 /// Counter: coordinator frames dropped because their integrity tag did not verify.
 pub const MAC_FAILURES: &str = "tether_worker_mac_failures_total";
+/// Counter: outbox entries too large for the coordinator's frames when about to be sent, by
+/// `type` (a result becomes its attempt's failure, anything else is dropped).
+pub const OVERSIZE: &str = "tether_worker_oversize_messages_total";
 /// Gauge: outbox entries waiting for an ack.
 pub const OUTBOX_DEPTH: &str = "tether_worker_outbox_depth";
 /// Gauge: encoded bytes in the outbox.
@@ -152,6 +155,10 @@ fn describe() {
     describe_counter!(
         MAC_FAILURES,
         "coordinator frames dropped because their integrity tag did not verify"
+    );
+    describe_counter!(
+        OVERSIZE,
+        "outbox entries too large for the coordinator's frames: results failed, the rest dropped"
     );
     describe_gauge!(OUTBOX_DEPTH, "outbox entries waiting for an ack");
     describe_gauge!(OUTBOX_BYTES, Unit::Bytes, "encoded bytes in the outbox");

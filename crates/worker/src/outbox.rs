@@ -3,7 +3,7 @@
 //! Entries are sent in order of class (results first, then control notices, then state and
 //! checkpoints, then telemetry) and by sequence number within a class. An entry stays until
 //! the coordinator acknowledges its sequence number; on every new session all of them are sent
-//! again. State updates of one task coalesce to the latest, as does telemetry. Heartbeats never
+//! again. State updates of one attempt of a task coalesce to the latest, as does telemetry. Heartbeats never
 //! enter the outbox. The outbox is bounded: producers wait for room ([`Outbox::reserve`]),
 //! telemetry is dropped first, and the first time it fills a warning is logged and counted.
 //! With a [`Journal`] (the state directory) every change is written through before it takes
@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use tether_proto::msg::WorkerMsg;
-use tether_proto::{Seq, TaskId, TaskRef};
+use tether_proto::{Attempt, Seq, TaskId, TaskRef};
 use tokio::sync::Notify;
 
 /// Default bound on entries.
@@ -37,8 +37,17 @@ pub enum Class {
 /// Coalescing key: a newer entry with the same key replaces the older one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Coalesce {
-    TaskState(TaskId),
+    /// The state of one attempt of a task: a newer attempt's state never replaces (nor is
+    /// replaced by) an older attempt's still queued, which the coordinator files apart.
+    TaskState(TaskId, Attempt),
     Telemetry,
+}
+
+impl Coalesce {
+    /// The key of a `task_state` of `attempt` of `task`.
+    pub fn task_state(task: &TaskId, attempt: Attempt) -> Self {
+        Coalesce::TaskState(task.clone(), attempt)
+    }
 }
 
 /// Where the outbox writes itself through (the state directory). Called with the outbox's lock
@@ -149,6 +158,28 @@ pub struct Outbox {
     pub full_events: AtomicU64,
     /// Telemetry entries dropped to make room.
     pub dropped: AtomicU64,
+    /// Entries found too large for the coordinator's frames when about to be sent
+    /// ([`Outbox::too_large`]): results made failures of their attempts, the rest dropped.
+    pub oversize: AtomicU64,
+}
+
+/// What became of an entry too large for the coordinator's frames ([`Outbox::too_large`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Oversize {
+    /// A result: replaced, under its sequence number, by the failure of its attempt saying
+    /// why, and queued to be sent.
+    Failed,
+    /// Anything else: dropped unsent (it is not acknowledged: `acked_max` stays).
+    Dropped,
+    /// No longer held (acknowledged meanwhile).
+    NotHeld,
+}
+
+/// Whether a frame of `text_len` bytes of message text fits within the peer's `limit`, with
+/// the integrity tag a keyed session appends (a compressed frame is inflated against the
+/// same limit).
+pub fn frame_fits(text_len: usize, limit: usize) -> bool {
+    text_len.saturating_add(tether_proto::integrity::TEXT_TRAILER) <= limit
 }
 
 impl std::fmt::Debug for Outbox {
@@ -180,6 +211,7 @@ impl Outbox {
             room: Notify::new(),
             full_events: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            oversize: AtomicU64::new(0),
         }
     }
 
@@ -305,6 +337,67 @@ impl Outbox {
             );
         }
         dropped
+    }
+
+    /// The entry `seq`, taken to be sent, turned out `bytes` long as a message, more than the
+    /// coordinator's frames take (`limit`, its `max_frame`: it was lowered since the entry
+    /// was queued or journaled, say by a coordinator restarted with a smaller one). Sent, it
+    /// would end the session (close 1009), and every later one as it was sent again. A result
+    /// becomes the failure of its attempt, saying so, under the same sequence number (the
+    /// attempt still ends with one result) and is queued again; anything else is dropped
+    /// unsent. Logged, counted in [`Outbox::oversize`], and written through the journal.
+    pub fn too_large(&self, seq: Seq, bytes: usize, limit: usize) -> Oversize {
+        let (outcome, ty) = {
+            let mut inner = self.lock();
+            let Some(e) = inner.entries.get(&seq.0) else {
+                return Oversize::NotHeld;
+            };
+            let ty = e.msg.type_name();
+            let failure = match e.msg.as_ref() {
+                WorkerMsg::TaskResult(r) => Some(oversize_failure(r, bytes, limit)),
+                _ => None,
+            }
+            .filter(|f| frame_fits(tether_proto::encode(f).len(), limit));
+            match failure {
+                Some(failure) => {
+                    let class = e.class;
+                    let msg = std::sync::Arc::new(failure);
+                    // INVARIANT: journaled under the lock, as a push is.
+                    self.journal(Some((class, seq, &msg)), &[]);
+                    inner.replace(seq.0, msg);
+                    (Oversize::Failed, ty)
+                }
+                None => {
+                    inner.remove(seq.0);
+                    self.journal(None, &[seq.0]);
+                    (Oversize::Dropped, ty)
+                }
+            }
+        };
+        self.oversize.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::OVERSIZE, "type" => ty).increment(1);
+        match outcome {
+            Oversize::Failed => {
+                tracing::error!(
+                    seq = seq.0,
+                    bytes,
+                    limit,
+                    "a queued result is larger than the coordinator's frames take; its attempt fails saying so instead"
+                );
+                self.ready.notify_one();
+            }
+            _ => {
+                tracing::error!(
+                    seq = seq.0,
+                    r#type = ty,
+                    bytes,
+                    limit,
+                    "a queued message is larger than the coordinator's frames take; it is dropped, not sent"
+                );
+                self.room.notify_waiters();
+            }
+        }
+        outcome
     }
 
     /// The message held under `seq`, if it is still held.
@@ -510,7 +603,7 @@ impl Outbox {
         let mut inner = self.lock();
         inner.next_seq = inner.next_seq.max(seq.0 + 1);
         let coalesce = match &msg {
-            WorkerMsg::TaskState(s) => Some(Coalesce::TaskState(s.task_id.clone())),
+            WorkerMsg::TaskState(s) => Some(Coalesce::task_state(&s.task_id, s.attempt)),
             WorkerMsg::Telemetry(_) => Some(Coalesce::Telemetry),
             _ => None,
         };
@@ -559,6 +652,24 @@ impl Inner {
         );
     }
 
+    /// Puts `msg` in place of the message of the held entry `seq` (same class, key and
+    /// number), unsent.
+    fn replace(&mut self, seq: u64, msg: std::sync::Arc<WorkerMsg>) {
+        let Some(e) = self.entries.get_mut(&seq) else {
+            return;
+        };
+        let bytes = approx_size(&msg);
+        self.bytes = self.bytes - e.bytes + bytes;
+        e.bytes = bytes;
+        e.msg = msg;
+        if std::mem::replace(&mut e.sent, false) {
+            let unsent = &mut self.unsent[e.class as usize];
+            if let Err(at) = unsent.binary_search(&seq) {
+                unsent.insert(at, seq);
+            }
+        }
+    }
+
     /// Removes an entry; the message if it was held.
     fn remove(&mut self, seq: u64) -> Option<std::sync::Arc<WorkerMsg>> {
         let e = self.entries.remove(&seq)?;
@@ -577,6 +688,35 @@ impl Inner {
         }
         Some(e.msg)
     }
+}
+
+/// The failure of the attempt whose result `r` is `bytes` long as a message, over `limit`:
+/// what it ran and when is kept; an error it reported is kept as the detail, cut to a KiB.
+fn oversize_failure(r: &tether_proto::msg::TaskResult, bytes: usize, limit: usize) -> WorkerMsg {
+    let detail = r.error.as_ref().map(|e| {
+        let mut cut = 1024.min(e.message.len());
+        while !e.message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        e.message[..cut].to_owned()
+    });
+    WorkerMsg::TaskResult(tether_proto::msg::TaskResult {
+        seq: r.seq,
+        task_id: r.task_id.clone(),
+        attempt: r.attempt,
+        outcome: tether_proto::Outcome::Failed,
+        result: serde_json::json!({}),
+        error: Some(tether_proto::task::TaskError {
+            message: format!(
+                "the result ({bytes} bytes as a message) is larger than a message may be ({limit} bytes, the coordinator's limit); it was not sent"
+            ),
+            detail,
+        }),
+        started_at: r.started_at,
+        finished_at: r.finished_at,
+        duration_ms: r.duration_ms,
+        timestamp: tether_proto::msg::now(),
+    })
 }
 
 /// Size estimate without encoding: the payload-carrying fields dominate.
@@ -608,7 +748,6 @@ fn json_len(v: &serde_json::Value) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tether_proto::Attempt;
     use tether_proto::msg::{TaskState, Telemetry, now};
     use tether_proto::task::ConnStats;
 
@@ -617,11 +756,16 @@ mod tests {
     }
 
     fn state(ob: &Outbox, task: &str, v: i64) -> Seq {
-        ob.push(Class::State, Some(Coalesce::TaskState(tid(task))), |seq| {
+        state_of(ob, task, 1, v)
+    }
+
+    fn state_of(ob: &Outbox, task: &str, attempt: u32, v: i64) -> Seq {
+        let key = Coalesce::task_state(&tid(task), Attempt(attempt));
+        ob.push(Class::State, Some(key), |seq| {
             WorkerMsg::TaskState(TaskState {
                 seq,
                 task_id: tid(task),
-                attempt: Attempt(1),
+                attempt: Attempt(attempt),
                 state: serde_json::json!({ "v": v }).into(),
                 timestamp: now(),
             })
@@ -730,6 +874,39 @@ mod tests {
             WorkerMsg::TaskState(s) => assert_eq!(s.state.to_value().expect("json")["v"], 2),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// A task's new attempt (the coordinator moved it here again) reports its state while the
+    /// older attempt's last state still waits: neither replaces the other, as they are filed
+    /// apart by the coordinator; each attempt's own updates still coalesce, after a restart
+    /// too.
+    #[test]
+    fn state_updates_coalesce_per_attempt_not_per_task() {
+        let ob = Outbox::new(Limits::default());
+        let old = state_of(&ob, "a", 1, 1);
+        let newer = state_of(&ob, "a", 2, 1);
+        let latest = state_of(&ob, "a", 2, 2);
+        let held: Vec<Seq> = ob.snapshot().iter().map(|(_, s, _)| *s).collect();
+        assert_eq!(
+            held,
+            [old, latest],
+            "attempt 1's state kept, attempt 2's coalesced"
+        );
+        assert!(ob.held(newer).is_none());
+        let restored = Outbox::new(Limits::default());
+        for (class, _, msg) in ob.snapshot() {
+            restored.restore(class, (*msg).clone());
+        }
+        let after = state_of(&restored, "a", 2, 3);
+        let held: Vec<Seq> = restored.snapshot().iter().map(|(_, s, _)| *s).collect();
+        assert_eq!(held, [old, after], "restored entries keep their keys");
+        let first = state_of(&restored, "a", 1, 9);
+        let held: Vec<Seq> = restored.snapshot().iter().map(|(_, s, _)| *s).collect();
+        assert_eq!(
+            held,
+            [after, first],
+            "a late update of attempt 1 replaces only its own"
+        );
     }
 
     #[test]
@@ -873,6 +1050,58 @@ mod tests {
         );
         ob.requeue_all();
         assert_eq!(order(&ob), vec![s.0], "the unacked one goes again");
+    }
+
+    /// Entries found too large for the coordinator's frames as they are about to be sent: a
+    /// result becomes its attempt's failure under the same number, queued again and
+    /// journaled; anything else is dropped, not acknowledged; both counted.
+    #[test]
+    fn an_entry_too_large_for_the_peer_fails_its_result_or_is_dropped_and_never_resent() {
+        let rec = std::sync::Arc::new(Recorder::default());
+        let ob = Outbox::new(Limits::default()).with_journal(rec.clone());
+        let r = ob.push(Class::Result, None, |seq| {
+            WorkerMsg::TaskResult(tether_proto::msg::TaskResult {
+                seq,
+                task_id: tid("big"),
+                attempt: Attempt(3),
+                outcome: tether_proto::Outcome::Completed,
+                result: serde_json::json!({ "pad": "r".repeat(100_000) }),
+                error: None,
+                started_at: now(),
+                finished_at: now(),
+                duration_ms: 7,
+                timestamp: now(),
+            })
+        });
+        let s = state(&ob, "a", 1);
+        let acked_before = ob.acked_max();
+        assert_eq!(order(&ob), vec![r.0, s.0], "both taken to be sent");
+        let bytes_before = ob.bytes();
+        assert_eq!(ob.too_large(r, 100_200, 65_536), Oversize::Failed);
+        assert_eq!(ob.too_large(s, 70_000, 65_536), Oversize::Dropped);
+        assert_eq!(ob.too_large(s, 70_000, 65_536), Oversize::NotHeld);
+        assert_eq!(ob.oversize.load(Ordering::Relaxed), 2);
+        assert_eq!(ob.acked_max(), acked_before, "dropped is not acknowledged");
+        assert!(ob.bytes() < bytes_before / 10, "the failure is small");
+        // The failure goes in the result's place, once; the state never again.
+        let again = ob.take_unsent(10);
+        assert_eq!(again.len(), 1);
+        let WorkerMsg::TaskResult(f) = again[0].1.as_ref() else {
+            panic!("{:?}", again[0].1);
+        };
+        assert_eq!((f.seq, &f.task_id, f.attempt), (r, &tid("big"), Attempt(3)));
+        assert_eq!(f.outcome, tether_proto::Outcome::Failed);
+        assert_eq!(f.duration_ms, 7);
+        let message = f.error.as_ref().map_or("", |e| e.message.as_str());
+        assert!(
+            message.contains("larger than a message may be"),
+            "{message}"
+        );
+        assert!(frame_fits(tether_proto::encode(f).len(), 65_536));
+        ob.requeue_all();
+        assert_eq!(order(&ob), vec![r.0]);
+        let log = rec.0.lock().expect("recorder").clone();
+        assert_eq!(&log[2..], [(Some(r.0), vec![]), (None, vec![s.0])]);
     }
 
     #[test]

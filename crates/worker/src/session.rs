@@ -18,6 +18,7 @@ use tether_proto::msg::{
     Batching, CoordMsg, ErrorCode, ErrorMsg, Heartbeat, HeartbeatAction, Inventory,
     PROTOCOL_VERSION, Registration, Telemetry, WorkerMsg, now,
 };
+use tether_proto::settings::MIN_FRAME;
 use tether_proto::{Batch, DecodeError, decode_coord, encode, is_batch};
 use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_tungstenite::tungstenite::Message;
@@ -30,7 +31,7 @@ use crate::agent::Agent;
 use crate::config::WorkerConfig;
 use crate::connector::WsStream;
 use crate::metrics as m;
-use crate::outbox::{Class, Coalesce};
+use crate::outbox::{Class, Coalesce, frame_fits};
 use crate::stats::ConnState;
 
 /// Close codes with which a coordinator refuses a worker for good.
@@ -104,6 +105,32 @@ fn pings_needed(heartbeat_every: Duration, ping_every: Duration) -> bool {
 
 /// The longest heartbeat interval a coordinator's budget can ask of a worker.
 const MAX_FOLLOWED_INTERVAL: Duration = Duration::from_secs(60);
+/// The shortest heartbeat interval a coordinator can ask of a worker: the least either side
+/// may be configured with (a shorter one would be a busy loop of heartbeats).
+const MIN_FOLLOWED_INTERVAL: Duration = crate::config::MIN_HEARTBEAT_INTERVAL;
+/// The longest liveness timeout a coordinator's budget can make a worker wait out: five of
+/// the longest intervals it follows. A silent link is still noticed within it, whatever the
+/// coordinator says (a timeout of `u64::MAX` ms would put the deadline ages away).
+const MAX_FOLLOWED_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The heartbeat interval a coordinator asked for (`welcome`, heartbeat reply), within
+/// [`MIN_FOLLOWED_INTERVAL`] and [`MAX_FOLLOWED_INTERVAL`]; `None` for 0, which asks nothing.
+fn followed_interval(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| {
+        Duration::from_millis(ms)
+            .max(MIN_FOLLOWED_INTERVAL)
+            .min(MAX_FOLLOWED_INTERVAL)
+    })
+}
+
+/// The least liveness timeout a budget's `timeout_ms` sets at the interval `every`: at least
+/// two intervals (absent, zero or shorter, the session would be declared dead between two
+/// heartbeats), at most [`MAX_FOLLOWED_TIMEOUT`].
+fn followed_timeout(ms: Option<u64>, every: Duration) -> Duration {
+    Duration::from_millis(ms.unwrap_or(0))
+        .max(every.saturating_mul(2))
+        .min(MAX_FOLLOWED_TIMEOUT)
+}
 
 /// The period of a duty that is not done: it comes due only in a session that lives a year.
 const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -252,12 +279,18 @@ pub(crate) struct Session<'a> {
     seal: Option<Box<Sealer>>,
     /// Verifies the frames received, once keyed.
     open: Option<Box<Opener>>,
+    /// The largest frame the coordinator takes (its `registration_ack` says; this worker's own
+    /// limit when it does not): an outbox entry larger is never sent ([`Outbox::too_large`]).
+    ///
+    /// [`Outbox::too_large`]: crate::outbox::Outbox::too_large
+    max_frame_out: usize,
 }
 
 impl<'a> Session<'a> {
     pub(crate) fn new(agent: &'a mut Agent, ws: WsStream, generation: u64) -> Self {
         let timeout = agent.cfg.heartbeat_timeout;
         let heartbeat_every = agent.cfg.heartbeat_interval;
+        let max_frame_out = agent.cfg.max_frame;
         Self {
             agent,
             ws,
@@ -277,6 +310,7 @@ impl<'a> Session<'a> {
             timeout_floor: Duration::ZERO,
             seal: None,
             open: None,
+            max_frame_out,
         }
     }
 
@@ -571,10 +605,12 @@ impl<'a> Session<'a> {
             )));
         }
         // The coordinator closes a session silent for its own timeout, which it sized for
-        // its heartbeat interval: never beat slower than it asks.
-        let asked = Duration::from_millis(welcome.heartbeat_interval_ms);
-        self.coordinator_every = asked;
-        if !asked.is_zero() && asked < self.heartbeat_every {
+        // its heartbeat interval: never beat slower than it asks (within bounds).
+        let asked = followed_interval(welcome.heartbeat_interval_ms);
+        self.coordinator_every = asked.unwrap_or(Duration::ZERO);
+        if let Some(asked) = asked
+            && asked < self.heartbeat_every
+        {
             tracing::info!(worker = %self.worker(), ours_ms = self.heartbeat_every.as_millis() as u64, coordinator_ms = welcome.heartbeat_interval_ms, "using the coordinator's shorter heartbeat interval");
             self.heartbeat_every = asked;
         }
@@ -643,12 +679,11 @@ impl<'a> Session<'a> {
         self.zstd = self.agent.cfg.compression && ack.compression.as_deref() == Some(ZSTD);
         self.batching = ack.batching.filter(|_| self.agent.cfg.batching);
         self.agent.runner.apply_directives(&ack.directives);
-        if let Some(n) = ack.max_frame {
-            let coordinator = usize::try_from(n).unwrap_or(usize::MAX);
-            self.agent
-                .runner
-                .limit_frames_to(coordinator, self.agent.cfg.max_frame);
-        }
+        // Every session: a coordinator restarted with another limit says so in its ack.
+        self.max_frame_out = peer_max_frame(ack.max_frame, self.agent.cfg.max_frame);
+        self.agent
+            .runner
+            .limit_frames_to(self.max_frame_out, self.agent.cfg.max_frame);
         self.agent.lost.clear();
         let outage = self.agent.shared.stats().on_registered();
         if let Some(d) = outage {
@@ -924,11 +959,14 @@ impl<'a> Session<'a> {
         match self.batching {
             Some(limits) if taken.len() > 1 => {
                 let max_messages = (limits.max_messages as usize).max(1);
+                // INVARIANT: a batch of several messages stays under half the coordinator's
+                // frame limit, so only a message alone can be too large for it.
+                let max_bytes = (limits.max_bytes as usize).min(self.max_frame_out / 2);
                 let mut batch = Batch::new();
                 let mut first = 0;
                 for (i, (_, msg, _)) in taken.iter().enumerate() {
                     count_out(msg);
-                    if let Some(text) = batch.push_within(msg.as_ref(), limits.max_bytes as usize) {
+                    if let Some(text) = batch.push_within(msg.as_ref(), max_bytes) {
                         frames.push((text, first..i));
                         first = i;
                     }
@@ -949,6 +987,16 @@ impl<'a> Session<'a> {
             }
         }
         for (text, entries) in frames {
+            if !frame_fits(text.len(), self.max_frame_out) {
+                // Queued or journaled under a larger limit: sent, it would end this session
+                // and every later one. A result fails its attempt instead, the rest is dropped.
+                for (seq, _, _) in &taken[entries] {
+                    self.agent
+                        .outbox
+                        .too_large(*seq, text.len(), self.max_frame_out);
+                }
+                continue;
+            }
             let frame = self.frame_text(text);
             // A feed that did not complete did not take its frame: it waited for room in the
             // write buffer (`poll_ready`) until the deadline, or failed.
@@ -1035,14 +1083,13 @@ impl<'a> Session<'a> {
     }
 
     /// The coordinator asked for a new interval (its fleet grew or shrank). Beyond its
-    /// welcome's it is a budget's, followed as asked (up to [`MAX_FOLLOWED_INTERVAL`]), with its
-    /// timeout as this session's least; otherwise, as in the welcome, this worker's own
-    /// interval when that is shorter.
+    /// welcome's it is a budget's, followed as asked (within [`followed_interval`]'s bounds),
+    /// with its timeout as this session's least (within [`followed_timeout`]'s); otherwise, as
+    /// in the welcome, this worker's own interval when that is shorter.
     fn retune(&mut self, interval_ms: u64, timeout_ms: Option<u64>) {
-        let asked = Duration::from_millis(interval_ms).min(MAX_FOLLOWED_INTERVAL);
-        if asked.is_zero() {
+        let Some(asked) = followed_interval(interval_ms) else {
             return;
-        }
+        };
         let budget = asked > self.coordinator_every;
         self.budget = budget;
         self.retuned = true;
@@ -1051,9 +1098,9 @@ impl<'a> Session<'a> {
         } else {
             asked.min(self.agent.cfg.heartbeat_interval)
         };
-        self.timeout_floor = match (budget, timeout_ms) {
-            (true, Some(ms)) => Duration::from_millis(ms),
-            _ => Duration::ZERO,
+        self.timeout_floor = match budget {
+            true => followed_timeout(timeout_ms, every),
+            false => Duration::ZERO,
         };
         if every != self.heartbeat_every {
             tracing::info!(worker = %self.worker(), from_ms = self.heartbeat_every.as_millis() as u64, to_ms = every.as_millis() as u64, "heartbeat interval retuned by the coordinator");
@@ -1378,6 +1425,15 @@ impl Window {
     }
 }
 
+/// The largest frame the coordinator takes: what its `registration_ack` announced, else
+/// `own` (as before any coordinator said), never under [`MIN_FRAME`] (a coordinator refuses
+/// a worker's smaller limit, and every message of the outbox can be made to fit in it).
+fn peer_max_frame(announced: Option<u64>, own: usize) -> usize {
+    announced
+        .map_or(own, |n| usize::try_from(n).unwrap_or(usize::MAX))
+        .max(MIN_FRAME)
+}
+
 /// A write bounded by the liveness deadline: `Err(reason)` when it failed or stalled.
 fn write_result(
     r: Result<Result<(), tokio_tungstenite::tungstenite::Error>, tokio::time::error::Elapsed>,
@@ -1542,6 +1598,20 @@ mod tests {
         let budget = periods(s(20), &cfg, Some(4.0));
         assert_eq!(budget[1], NEVER);
         assert_eq!(budget[2], cfg.telemetry_interval * 4);
+    }
+
+    #[test]
+    fn what_a_coordinator_asks_of_the_cadence_is_held_within_bounds() {
+        let (ms, s) = (Duration::from_millis, Duration::from_secs);
+        assert_eq!(followed_interval(0), None, "0 asks nothing");
+        assert_eq!(followed_interval(1), Some(ms(10)));
+        assert_eq!(followed_interval(5_000), Some(s(5)));
+        assert_eq!(followed_interval(u64::MAX), Some(s(60)));
+        assert_eq!(followed_timeout(Some(30_000), s(10)), s(30));
+        for absurd in [None, Some(0), Some(1)] {
+            assert_eq!(followed_timeout(absurd, s(10)), s(20), "{absurd:?}");
+        }
+        assert_eq!(followed_timeout(Some(u64::MAX), s(60)), s(300));
     }
 
     #[test]

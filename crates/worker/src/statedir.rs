@@ -36,7 +36,9 @@
 //! checkpoints, then the `forget` rows go. A crash between them leaves owed deletions on disk,
 //! which the next open applies before it reads any checkpoint: a task lost at that open (even
 //! at a newer attempt that started here since) is never handed an ended attempt's checkpoint,
-//! and a lost task never loses its own. Every open also sweeps away the checkpoints of tasks
+//! and a lost task never loses its own. A newer attempt that resumes from a lost attempt's
+//! checkpoint kept here stores it again as its own (the runner's adoption: only the attempt it
+//! is kept under changes), before it runs: forgetting the lost attempt then leaves it. Every open also sweeps away the checkpoints of tasks
 //! neither running nor lost. A corrupt or emptied `checkpoints.db` is refused at open like
 //! `worker.db`, left untouched. A missing one is made at open: from the `checkpoints` table of
 //! a `worker.db` of schema 1 (then dropped), empty otherwise, as a missing `worker.db` is, with a
@@ -1011,6 +1013,35 @@ mod tests {
         drop(sd);
         let (_sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
         assert!(restored.lost.is_empty());
+    }
+
+    /// A checkpoint stored again under a newer attempt (which resumed from it) is kept under
+    /// that attempt: forgetting the older attempt leaves it, an older attempt storing it again
+    /// does not take it back, and the newer attempt's end forgets it.
+    #[test]
+    fn a_checkpoint_adopted_by_a_newer_attempt_outlives_the_older_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sd = open_running(dir.path(), "t", b"5");
+        let cp = sd
+            .latest_checkpoint(&tid("t"))
+            .expect("read")
+            .expect("kept");
+        sd.task_started(&tid("t"), Attempt(2)).expect("start");
+        let adopted = StoredCheckpoint {
+            attempt: Attempt(2),
+            ..cp.clone()
+        };
+        sd.store_checkpoint(&tid("t"), &adopted).expect("adopt");
+        sd.store_checkpoint(&tid("t"), &cp).expect("older again");
+        sd.task_finished(&tid("t"), Attempt(1)).expect("older ends");
+        let kept = sd
+            .latest_checkpoint(&tid("t"))
+            .expect("read")
+            .expect("kept");
+        assert_eq!((kept.id, kept.attempt), (cp.id, Attempt(2)));
+        assert_eq!(kept.data.as_slice(), b"5");
+        sd.task_finished(&tid("t"), Attempt(2)).expect("newer ends");
+        assert!(sd.latest_checkpoint(&tid("t")).expect("read").is_none());
     }
 
     /// Entries that do not decode (a result and a state nested too deep, journaled by a

@@ -136,6 +136,73 @@ async fn a_result_or_state_too_large_for_a_message_is_not_sent_and_the_session_l
     c.stop().await;
 }
 
+/// A result made while the coordinator was away, under its old frame limit, is queued as it
+/// is; the coordinator comes back with a smaller `max_frame`. Sent, the result would end every
+/// session at the new limit (close 1009) and the worker would never make progress: it fails
+/// its attempt instead, saying so, and the session lives on.
+#[tokio::test]
+async fn a_result_queued_before_the_coordinator_came_back_with_smaller_frames_fails_its_attempt() {
+    const SMALLER: usize = 1024 * 1024;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let addr = c.addr;
+    let go = tokio_util::sync::CancellationToken::new();
+    let mut executors = Executors::builtin();
+    {
+        let go = go.clone();
+        executors.register(
+            "big",
+            executor(move |_, _| {
+                let go = go.clone();
+                async move {
+                    go.cancelled().await;
+                    Ok(serde_json::json!({ "pad": "r".repeat(2 * SMALLER) }))
+                }
+            }),
+        );
+    }
+    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), executors);
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let id = client
+        .submit(&[TaskSpec::new("big", serde_json::json!({}))])
+        .await
+        .remove(0);
+    client.wait_status(&id, "running").await;
+    c.stop().await;
+    w.wait_state(|s| s != ConnState::Connected).await;
+    // Within the old limit (16 MiB): queued as it is.
+    go.cancel();
+    wait_for("the result to be queued", DEADLINE, || async {
+        (w.handle.outbox.pending_results().len() == 1).then_some(())
+    })
+    .await;
+    let mut ccfg = fast_coordinator_config(dir.path().to_owned());
+    ccfg.max_frame = SMALLER;
+    let c = spawn_coordinator_with(ccfg, Some(addr)).await;
+    let client = c.client();
+    client.wait_status(&id, "failed").await;
+    let results = client.results(&id).await;
+    assert_eq!(results.len(), 1, "{results:?}");
+    let error = results[0]["body"]["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("larger than a message may be"), "{error}");
+    // One session with each coordinator, and the worker still works.
+    let next = client.submit(&[sleep_task(10, 1, 0)]).await;
+    client.wait_status(&next[0], "completed").await;
+    assert_eq!(w.handle.registrations(), 2);
+    assert_eq!(
+        w.handle
+            .outbox
+            .oversize
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn checkpoint_pieces_fit_in_the_frames_the_coordinator_takes() {
     // A coordinator that takes 256 KiB frames, a worker whose pieces are 256 KiB (342 KiB as

@@ -586,12 +586,12 @@ pub(crate) enum Notice {
     Resumed,
 }
 
-/// Queues a task's state; a newer one replaces an unsent older one.
+/// Queues a task's state; a newer one of the same attempt replaces an unsent older one.
 pub(crate) fn push_state(outbox: &Outbox, task_id: &TaskId, attempt: Attempt, state: StateJson) {
     let task_id = task_id.clone();
     outbox.push(
         Class::State,
-        Some(Coalesce::TaskState(task_id.clone())),
+        Some(Coalesce::task_state(&task_id, attempt)),
         |seq| {
             WorkerMsg::TaskState(TaskState {
                 seq,

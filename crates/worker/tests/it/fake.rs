@@ -27,6 +27,23 @@ pub enum Script {
     RegisterThenSilence,
     /// Register, answer heartbeats and acknowledge every message that has a sequence number.
     Healthy,
+    /// Like `Healthy`, with frames of at most [`SMALL_FRAME`] bytes, announced in the
+    /// `registration_ack`: a larger frame ends the connection (as a coordinator's close 1009
+    /// does). Records every `task_result` in `results`.
+    SmallFrames,
+    /// Like `Healthy`, and on the first connection assigns [`REASSIGNED`] at attempt 2, a
+    /// `sleep` task of ten minutes in ten steps, naming no checkpoint (the coordinator has
+    /// none): as a coordinator hands a lost task back to the worker that lost it.
+    Reassign,
+    /// Like `Healthy`, but the answer to the first heartbeat asks for the heartbeat interval
+    /// `interval_ms` and timeout `timeout_ms` (as a heartbeat budget does); with `silent`, the
+    /// coordinator then answers and acknowledges nothing more (it still reads). Counts every
+    /// heartbeat in `heartbeats`.
+    Retune {
+        interval_ms: u64,
+        timeout_ms: Option<u64>,
+        silent: bool,
+    },
     /// Like `Healthy`, but no message is ever acknowledged: what the worker sends is lost on
     /// the way (a middlebox that swallows bytes), while heartbeats still come back.
     Unacknowledging,
@@ -69,6 +86,12 @@ pub enum Script {
     /// `Healthy`, recording every `checkpoint_data` in `pieces`.
     StallReads,
 }
+
+/// The task [`Script::Reassign`] assigns.
+pub const REASSIGNED: &str = "t-lost";
+
+/// The frame limit of [`Script::SmallFrames`].
+pub const SMALL_FRAME: usize = 64 * 1024;
 
 /// How long [`Script::StallReads`] reads nothing: more than twice the worker's liveness
 /// timeout (15 s), so that a write waits until the deadline even after a frame read in between
@@ -127,6 +150,10 @@ pub struct FakeConnector {
     /// Each `checkpoint_data` received, by checkpoint id and chunk
     /// ([`Script::RequestCheckpoint`]).
     pub pieces: Arc<Mutex<Vec<(String, u32)>>>,
+    /// Each `task_result` received ([`Script::SmallFrames`]).
+    pub results: Arc<Mutex<Vec<tether_proto::msg::TaskResult>>>,
+    /// Heartbeats received, over all connections ([`Script::Retune`]).
+    pub heartbeats: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FakeConnector {
@@ -139,6 +166,8 @@ impl FakeConnector {
             received: Arc::default(),
             outcomes: Arc::default(),
             pieces: Arc::default(),
+            results: Arc::default(),
+            heartbeats: Arc::default(),
         }
     }
 
@@ -177,6 +206,8 @@ impl Connector for FakeConnector {
         let received = self.received.clone();
         let outcomes = self.outcomes.clone();
         let pieces = self.pieces.clone();
+        let results = self.results.clone();
+        let heartbeats = self.heartbeats.clone();
         Box::pin(async move {
             match script {
                 Script::Refuse => return Err(ConnectError::Transient("connection refused".into())),
@@ -192,6 +223,8 @@ impl Connector for FakeConnector {
                 received: (conn, received),
                 outcomes,
                 pieces,
+                results,
+                heartbeats,
             };
             tokio::spawn(serve(server, script, seen));
             let io: Pin<Box<dyn Io>> = Box::pin(client);
@@ -206,6 +239,8 @@ struct Seen {
     received: (usize, Received),
     outcomes: Arc<Mutex<Vec<tether_proto::Outcome>>>,
     pieces: Arc<Mutex<Vec<(String, u32)>>>,
+    results: Arc<Mutex<Vec<tether_proto::msg::TaskResult>>>,
+    heartbeats: Arc<std::sync::atomic::AtomicU64>,
 }
 
 async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
@@ -214,8 +249,12 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
         received: (conn, received),
         outcomes,
         pieces,
+        results,
+        heartbeats,
     } = seen;
-    let Ok(mut ws) = tokio_tungstenite::accept_async(io).await else {
+    let limit =
+        (script == Script::SmallFrames).then(|| tether_worker::connector::ws_config(SMALL_FRAME));
+    let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(io, limit).await else {
         return;
     };
     let worker = WorkerId::parse("w").expect("id");
@@ -257,7 +296,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
             session_id: 1,
             directives: vec![],
             compact_acks: false,
-            max_frame: None,
+            max_frame: (script == Script::SmallFrames).then_some(SMALL_FRAME as u64),
             timestamp: now(),
         })))
         .await;
@@ -295,10 +334,24 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
             }
         }
         Script::Healthy
+        | Script::SmallFrames
+        | Script::Reassign
         | Script::Unacknowledging
         | Script::WelcomeAfterRegistration
         | Script::Conformance
         | Script::BatchConformance => {
+            if script == Script::Reassign && conn == 0 {
+                let assignment = CoordMsg::TaskAssignment(tether_proto::msg::TaskAssignment {
+                    task_id: tether_proto::TaskId::parse(REASSIGNED).expect("id"),
+                    attempt: tether_proto::Attempt(2),
+                    kind: "sleep".into(),
+                    config: serde_json::json!({"ms": 600_000, "steps": 10}),
+                    timeout_ms: None,
+                    checkpoint: None,
+                    timestamp: now(),
+                });
+                let _ = ws.send(send(assignment)).await;
+            }
             if script == Script::Conformance {
                 for m in tether_proto::samples::coord_messages() {
                     let _ = ws.send(send(m)).await;
@@ -320,12 +373,48 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                 {
                     break;
                 }
+                if let Message::Text(t) = &m
+                    && let Ok(tether_proto::WorkerMsg::TaskResult(r)) = decode_worker(t.as_str())
+                {
+                    results.lock().expect("lock").push(r);
+                }
                 let Some((seq, ack)) = ack_of(&m) else {
                     continue;
                 };
                 received.lock().expect("lock").push((conn, seq));
                 if script != Script::Unacknowledging && ws.send(send(ack)).await.is_err() {
                     break;
+                }
+            }
+        }
+        Script::Retune {
+            interval_ms,
+            timeout_ms,
+            silent,
+        } => {
+            let mut told = false;
+            while let Some(Ok(m)) = ws.next().await {
+                let reply = match heartbeat_in(&m) {
+                    Some(seq) => {
+                        heartbeats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let mut reply = tether_proto::msg::HeartbeatReply::answering(seq);
+                        if !told {
+                            reply.heartbeat_interval_ms = Some(interval_ms);
+                            reply.heartbeat_timeout_ms = timeout_ms;
+                        }
+                        Some(CoordMsg::Heartbeat(reply))
+                    }
+                    None => ack_of(&m).map(|(_, ack)| ack),
+                };
+                if told && silent {
+                    continue;
+                }
+                if let Some(reply) = reply {
+                    let retuning = matches!(&reply, CoordMsg::Heartbeat(_));
+                    if ws.send(send(reply)).await.is_err() {
+                        return;
+                    }
+                    told |= retuning;
                 }
             }
         }

@@ -4,5 +4,7 @@
 
 mod conformance;
 mod fake;
+mod frame_limit;
+mod restart;
 mod sim;
 mod state_machine;

@@ -1,0 +1,175 @@
+//! What the coordinator says of its limits, held to: its frame limit against messages queued
+//! before it said it, and its heartbeat cadence within sane bounds.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tether_proto::msg::{TaskResult, TaskState, WorkerMsg, now};
+use tether_proto::{Attempt, Outcome, Seq, TaskId, WorkerId};
+use tether_worker::backoff::Jitter;
+use tether_worker::outbox::{Class, Journal};
+use tether_worker::statedir::StateDir;
+use tether_worker::{ConnState, WorkerConfig};
+
+use crate::fake::{FakeConnector, Running, SMALL_FRAME, Script};
+
+fn config() -> WorkerConfig {
+    let mut c = WorkerConfig::new(
+        "ws://coordinator.invalid:1",
+        WorkerId::parse("w").expect("id"),
+    );
+    c.backoff.jitter = Jitter::None;
+    c.seed = Some(1);
+    c
+}
+
+/// Polls `cond` every 100 ms until it holds or `limit` passes (virtual time); whether it held.
+async fn held_within(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let polled = async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(limit, polled).await.is_ok()
+}
+
+fn result(seq: u64, task: &str, pad: usize) -> WorkerMsg {
+    WorkerMsg::TaskResult(TaskResult {
+        seq: Seq(seq),
+        task_id: TaskId::parse(task).expect("id"),
+        attempt: Attempt(1),
+        outcome: Outcome::Completed,
+        result: serde_json::json!({ "pad": "r".repeat(pad) }),
+        error: None,
+        started_at: now(),
+        finished_at: now(),
+        duration_ms: 5,
+        timestamp: now(),
+    })
+}
+
+/// A result and a state journaled by a worker whose coordinator took larger frames than the
+/// one it now talks to (restarted with a smaller `--max-frame`): sent as they are, each would
+/// end the session at the coordinator's limit, and every session after it. The result goes as
+/// the failure of its attempt, saying why; the state is dropped; the session lives on, and
+/// the small result journaled behind them arrives too.
+#[tokio::test(start_paused = true)]
+async fn a_journaled_result_too_large_for_the_coordinator_fails_its_attempt_and_the_session_lives_on()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = WorkerId::parse("w").expect("id");
+    let big = 4 * SMALL_FRAME;
+    {
+        let (sd, _) = StateDir::open(dir.path(), &id).expect("open");
+        let state = WorkerMsg::TaskState(TaskState {
+            seq: Seq(2),
+            task_id: TaskId::parse("t-run").expect("id"),
+            attempt: Attempt(1),
+            state: serde_json::json!({ "pad": "s".repeat(big) }).into(),
+            timestamp: now(),
+        });
+        sd.write(Some((Class::Result, Seq(1), &result(1, "t-big", big))), &[]);
+        sd.write(Some((Class::State, Seq(2), &state)), &[]);
+        sd.write(
+            Some((Class::Result, Seq(3), &result(3, "t-small", 10))),
+            &[],
+        );
+    }
+    let fake = FakeConnector::new(Script::SmallFrames);
+    let mut cfg = config();
+    cfg.state_dir = Some(dir.path().to_owned());
+    let running = Running::start(&fake, cfg);
+    running.wait_state(|s| s == ConnState::Connected).await;
+    let outbox = running.handle.outbox.clone();
+    assert!(
+        held_within(Duration::from_secs(60), || outbox.is_empty()).await,
+        "the outbox never drained: {} entries, {} connection attempts",
+        outbox.len(),
+        fake.attempts().len()
+    );
+    // A while later, still the first session.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(fake.attempts().len(), 1, "one connection throughout");
+    assert_eq!(running.handle.state(), ConnState::Connected);
+    let results = fake.results.lock().expect("lock").clone();
+    let by_task = |t: &str| {
+        results
+            .iter()
+            .find(|r| r.task_id.as_str() == t)
+            .unwrap_or_else(|| panic!("no result of {t}: {results:?}"))
+    };
+    let failed = by_task("t-big");
+    assert_eq!((failed.seq, failed.outcome), (Seq(1), Outcome::Failed));
+    let message = failed.error.as_ref().map_or("", |e| e.message.as_str());
+    assert!(
+        message.contains("larger than a message may be"),
+        "{message}"
+    );
+    assert_eq!(by_task("t-small").outcome, Outcome::Completed);
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(!fake.received_on(0).contains(&2), "the state is never sent");
+    assert_eq!(outbox.oversize.load(Ordering::Relaxed), 2);
+    running.stop().await;
+    // The outbox holds the state directory (its journal).
+    drop(outbox);
+    let (_sd, restored) = StateDir::open(dir.path(), &id).expect("reopen");
+    assert!(restored.entries.is_empty(), "{:?}", restored.entries);
+}
+
+/// A coordinator that asks for a heartbeat every millisecond (or every 0 ms, and a timeout of
+/// 0) is followed no faster than the least interval either side may be configured with: no
+/// busy loop of heartbeats, and the session lives on.
+#[tokio::test(start_paused = true)]
+async fn a_heartbeat_interval_asked_absurdly_short_is_followed_at_the_least_one() {
+    for (interval_ms, timeout_ms) in [(1, Some(0)), (0, Some(0)), (1, None)] {
+        let fake = FakeConnector::new(Script::Retune {
+            interval_ms,
+            timeout_ms,
+            silent: false,
+        });
+        let running = Running::start(&fake, config());
+        running.wait_state(|s| s == ConnState::Connected).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let beats = fake.heartbeats.load(Ordering::Relaxed);
+        // 10 s at 10 ms, and the few before the first answer retuned the session.
+        assert!(
+            beats <= 1_010,
+            "{beats} heartbeats in 10 s, asked {interval_ms} ms"
+        );
+        assert_eq!(fake.attempts().len(), 1, "asked {interval_ms} ms");
+        assert!(running.handle.stats().heartbeat_interval_ms >= 10);
+        running.stop().await;
+    }
+}
+
+/// A heartbeat budget's timeout of `u64::MAX` ms (or of 31 years) is capped: the worker does
+/// not set its liveness deadline ages away and wait for ever on a coordinator that fell
+/// silent; it declares the session dead within five minutes and connects again.
+#[tokio::test(start_paused = true)]
+async fn an_absurd_heartbeat_timeout_is_capped_and_a_silent_coordinator_still_noticed() {
+    for (interval_ms, timeout_ms) in [(u64::MAX, u64::MAX), (60_000, 1_000_000_000_000)] {
+        let fake = FakeConnector::new(Script::Retune {
+            interval_ms,
+            timeout_ms: Some(timeout_ms),
+            silent: true,
+        });
+        let running = Running::start(&fake, config());
+        running.wait_state(|s| s == ConnState::Connected).await;
+        let t0 = tokio::time::Instant::now();
+        let again = held_within(Duration::from_secs(600), || fake.attempts().len() >= 2).await;
+        assert!(
+            again,
+            "asked {timeout_ms} ms: no new connection after {:?}; worker {:?}",
+            t0.elapsed(),
+            running.handle.state()
+        );
+        assert!(
+            t0.elapsed() <= Duration::from_secs(300 + 10),
+            "{:?}",
+            t0.elapsed()
+        );
+        let timeout = running.handle.stats().heartbeat_timeout_ms;
+        assert!(timeout <= 300_000, "{timeout} ms");
+        running.stop().await;
+    }
+}

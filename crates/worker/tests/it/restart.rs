@@ -1,0 +1,103 @@
+//! A worker restarted after a crash, with its state directory: what it keeps for the tasks it
+//! lost. Real time and real SQLite files; the crash is the runtime dropped under the agent (no
+//! shutdown runs: nothing is stopped or recorded as ended).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension};
+use tether_proto::{Attempt, CheckpointId, TaskId, TaskRef, WorkerId};
+use tether_worker::ConnState;
+use tether_worker::executor::StoredCheckpoint;
+use tether_worker::statedir::{CHECKPOINTS_FILE, DB_FILE, StateDir};
+
+use crate::fake::{FakeConnector, REASSIGNED, Running, Script};
+
+/// Real time: how long the test waits for the worker to settle.
+const SETTLE: Duration = Duration::from_secs(20);
+
+fn count(db: &std::path::Path, sql: &str) -> i64 {
+    Connection::open(db)
+        .and_then(|c| c.query_row(sql, [], |r| r.get(0)))
+        .expect("count")
+}
+
+/// The attempt under which `checkpoints.db` keeps the task's checkpoint, if it keeps one.
+fn kept_under(dir: &std::path::Path, task: &str) -> Option<u32> {
+    Connection::open(dir.join(CHECKPOINTS_FILE))
+        .and_then(|c| {
+            c.query_row(
+                "SELECT attempt FROM checkpoints WHERE task_id = ?1",
+                [task],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+        .expect("read")
+}
+
+/// A task running at a crash comes back to the same worker at attempt 2, which resumes from
+/// the checkpoint attempt 1 left on disk. The coordinator then has been told attempt 1 was
+/// lost, and the worker forgets it: not the checkpoint attempt 2 runs on, which a second crash
+/// (before attempt 2 checkpoints itself) hands to the next start.
+#[test]
+fn a_checkpoint_a_newer_attempt_resumed_from_survives_forgetting_the_lost_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = WorkerId::parse("w").expect("id");
+    let task = TaskId::parse(REASSIGNED).expect("id");
+    let cp_id = CheckpointId::parse("c-1").expect("id");
+    // The first process: attempt 1 runs and checkpoints, then the process dies.
+    {
+        let (sd, _) = StateDir::open(dir.path(), &id).expect("open");
+        sd.task_started(&task, Attempt(1)).expect("start");
+        let cp = StoredCheckpoint {
+            id: cp_id.clone(),
+            attempt: Attempt(1),
+            data: Arc::new(b"7".to_vec()),
+        };
+        sd.store_checkpoint(&task, &cp).expect("checkpoint");
+    }
+    // The second: reports attempt 1 lost, is given attempt 2, and dies too.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let fake = FakeConnector::new(Script::Reassign);
+        let mut cfg = tether_worker::WorkerConfig::new("ws://coordinator.invalid:1", id.clone());
+        cfg.state_dir = Some(dir.path().to_owned());
+        let running = Running::start(&fake, cfg);
+        running.wait_state(|s| s == ConnState::Connected).await;
+        let (db, t0) = (dir.path().join(DB_FILE), tokio::time::Instant::now());
+        let settled = || {
+            let active = running.handle.active_tasks();
+            let lost = count(&db, "SELECT count(*) FROM lost");
+            let owed = count(&db, "SELECT count(*) FROM forget");
+            let kept = kept_under(dir.path(), REASSIGNED);
+            let done = active == [TaskRef::new(task.clone(), Attempt(2))]
+                && lost == 0
+                && owed == 0
+                && kept == Some(2);
+            (
+                done,
+                format!("active {active:?}, lost {lost}, owed {owed}, kept under {kept:?}"),
+            )
+        };
+        loop {
+            let (done, what) = settled();
+            if done {
+                break;
+            }
+            assert!(t0.elapsed() < SETTLE, "after {SETTLE:?}: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(running);
+    });
+    drop(rt);
+    let (_sd, restored) = StateDir::open(dir.path(), &id).expect("reopen");
+    assert_eq!(restored.lost, [TaskRef::new(task.clone(), Attempt(2))]);
+    assert_eq!(restored.checkpoints.len(), 1, "{:?}", restored.checkpoints);
+    let (t, cp) = &restored.checkpoints[0];
+    assert_eq!((t, &cp.id, cp.attempt), (&task, &cp_id, Attempt(2)));
+    assert_eq!(cp.data.as_slice(), b"7");
+}
