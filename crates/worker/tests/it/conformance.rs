@@ -154,8 +154,19 @@ async fn a_piece_naming_a_result_does_not_acknowledge_it() {
         1,
         "the result was sent"
     );
-    // The piece came back (a round trip); the result is still held.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The fake sent the piece as it read the result, so the answers to heartbeats it reads
+    // afterwards follow the piece on the socket: two more RTT samples (one answer may have been
+    // on its way before the piece) mean the worker has read the piece.
+    let samples = || running.handle.stats().rtt_samples;
+    let before = samples();
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    while samples() < before + 2 && tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        samples() >= before + 2,
+        "no heartbeat answered after the piece"
+    );
     let held = running.handle.outbox.pending_results();
     assert_eq!(held.len(), 1, "the result is still held: {held:?}");
     running.stop().await;
