@@ -600,8 +600,14 @@ async fn submit_wave(
                 if ids.len() != specs.len() {
                     bail!("submitted {} tasks, got {} ids", specs.len(), ids.len());
                 }
+                // Each id is owed its own result: one given twice would leave a task unjudged.
                 for (id, (spec, _)) in ids.iter().zip(&specs) {
-                    bodies.insert(id.clone(), tasks::expected_body(spec));
+                    if bodies
+                        .insert(id.clone(), tasks::expected_body(spec))
+                        .is_some()
+                    {
+                        bail!("the coordinator gave task id {id} to two submitted tasks");
+                    }
                 }
                 submitted.extend(ids.into_iter().zip(specs.iter().map(|(_, e)| *e)));
                 return Ok(());
