@@ -84,6 +84,24 @@ enum Ev {
     Wake,
     /// The outbox has something new to send.
     Ready,
+    /// The worker is to stop: its tasks are told to, while the session serves on.
+    Stop,
+    /// The tasks stopped (or their grace ran out): what they left is flushed.
+    Stopped,
+    /// What was left could not all be acknowledged in time.
+    FlushTimeout,
+}
+
+/// How long a stopping worker's session waits, once its tasks stopped, for the coordinator to
+/// acknowledge the results they left before it closes.
+pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+
+/// `f` when there is one; never otherwise (a `select!` branch that is not armed).
+async fn while_some<F: Future + Unpin>(f: &mut Option<F>) -> F::Output {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A session's periodic duties, in the order they are done when due together.
@@ -284,6 +302,8 @@ pub(crate) struct Session<'a> {
     ///
     /// [`Outbox::too_large`]: crate::outbox::Outbox::too_large
     max_frame_out: usize,
+    /// The worker is stopping: assignments are no longer taken.
+    draining: bool,
 }
 
 impl<'a> Session<'a> {
@@ -311,6 +331,7 @@ impl<'a> Session<'a> {
             seal: None,
             open: None,
             max_frame_out,
+            draining: false,
         }
     }
 
@@ -839,11 +860,21 @@ impl<'a> Session<'a> {
         let mut armed = duties.next().min(self.deadline);
         let timer = sleep_until(armed);
         tokio::pin!(timer);
+        // A shutdown in two steps, the session serving throughout: the tasks are stopped
+        // (the runner's grace), and what they leave is sent, then acknowledged within
+        // SHUTDOWN_FLUSH; only then does the session close. Results queued, and those of tasks
+        // that end within the grace, reach the coordinator before it sees the close.
+        let mut stopping: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = None;
+        let mut flushing: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             if outbox.has_unsent()
                 && let Err(reason) = self.flush_outbox().await
             {
                 return Ok(reason);
+            }
+            if flushing.is_some() && outbox.pending_results().is_empty() {
+                tracing::info!(worker = %self.worker(), "every result acknowledged; closing");
+                return Err(SessionEnd::Shutdown);
             }
             if self.deadline < armed {
                 armed = self.deadline;
@@ -854,13 +885,32 @@ impl<'a> Session<'a> {
             let more = unsent && self.window.bytes < SEND_WINDOW;
             let ev = tokio::select! {
                 biased;
-                _ = &mut stop => return Err(SessionEnd::Shutdown),
+                _ = &mut stop, if !self.draining => Ev::Stop,
+                _ = while_some(&mut stopping) => Ev::Stopped,
+                _ = while_some(&mut flushing) => Ev::FlushTimeout,
                 f = self.ws.next() => Ev::Frame(f),
                 _ = &mut timer => Ev::Timer,
                 _ = outbox.ready(), if !unsent => Ev::Ready,
                 _ = std::future::ready(()), if more => Ev::Wake,
             };
             match ev {
+                Ev::Stop => {
+                    self.draining = true;
+                    tracing::info!(worker = %self.worker(), "stopping: the tasks are told to stop, the session serves on");
+                    let runner = self.agent.runner.clone();
+                    stopping = Some(Box::pin(async move {
+                        runner.shutdown(crate::agent::SHUTDOWN_GRACE).await;
+                    }));
+                }
+                Ev::Stopped => {
+                    stopping = None;
+                    flushing = Some(Box::pin(tokio::time::sleep(SHUTDOWN_FLUSH)));
+                }
+                Ev::FlushTimeout => {
+                    let left = outbox.pending_results().len();
+                    tracing::warn!(worker = %self.worker(), left, "results not acknowledged within the shutdown flush; closing (they stay journaled when the worker has a state directory)");
+                    return Err(SessionEnd::Shutdown);
+                }
                 Ev::Frame(f) => {
                     match self.on_frame(f).await {
                         Inbound::Msg(m) => {
@@ -1243,6 +1293,9 @@ impl<'a> Session<'a> {
                         HeartbeatAction::ResetConnectionStats => self.agent.shared.stats().reset(),
                     }
                 }
+            }
+            CoordMsg::TaskAssignment(a) if self.draining => {
+                tracing::info!(worker = %self.worker(), task = %a.task_id, attempt = %a.attempt, "stopping: an assignment not taken (the coordinator gives it to another worker once this one is gone)");
             }
             CoordMsg::TaskAssignment(a) => {
                 tracing::info!(worker = %self.worker(), task = %a.task_id, attempt = %a.attempt, kind = %a.kind, resume = a.checkpoint.is_some(), "task assigned");

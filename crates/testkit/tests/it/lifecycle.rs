@@ -568,3 +568,63 @@ async fn bad_query_parameters_get_the_json_error_body() {
     }
     c.stop().await;
 }
+
+/// A worker told to stop while a task runs that ignores cancellation (it finishes 200 ms in,
+/// within the shutdown grace): the result it produces during the grace reaches the
+/// coordinator, acknowledged, before the worker's session closes. Without a state directory
+/// the result had nowhere else to go: it was lost with the process.
+#[tokio::test]
+async fn a_stopping_worker_delivers_the_results_its_tasks_produce_during_the_grace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let started = tokio_util::sync::CancellationToken::new();
+    let mut executors = Executors::builtin();
+    {
+        let started = started.clone();
+        executors.register(
+            "stubborn",
+            executor(move |_, _| {
+                let started = started.clone();
+                async move {
+                    started.cancel();
+                    // Deaf to the cancel: it ends when it ends.
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    Ok(serde_json::json!({ "finished": true }))
+                }
+            }),
+        );
+    }
+    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), executors);
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let id = client
+        .submit(&[TaskSpec::new("stubborn", serde_json::json!({}))])
+        .await
+        .remove(0);
+    started.cancelled().await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    w.stop().await.expect("clean stop");
+    // Nothing to wait for: the stop returned once the result was acknowledged.
+    let task = client.task(&id).await;
+    assert_eq!(task["status"], "completed", "{task}");
+    let results = client.results(&id).await;
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0]["body"]["result"]["finished"], true);
+    c.stop().await;
+}
+
+/// A worker whose coordinator is gone stops within its tasks' grace: it does not wait to
+/// reconnect to deliver anything.
+#[tokio::test]
+async fn a_stopping_worker_with_no_coordinator_stops_without_waiting_for_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
+    w.wait_state(|s| s == ConnState::Connected).await;
+    c.stop().await;
+    w.wait_state(|s| s != ConnState::Connected).await;
+    tokio::time::timeout(std::time::Duration::from_secs(30), w.stop())
+        .await
+        .expect("stopped within its bound")
+        .expect("clean stop");
+}
