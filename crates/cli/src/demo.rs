@@ -182,12 +182,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     // Wait for ground truth.
     let end = tokio::time::Instant::now() + a.deadline;
     let tasks = loop {
-        let list: Value = http
-            .get(format!("{api}/api/v1/tasks?limit=100000"))
-            .send()
-            .await?
-            .json()
-            .await?;
+        let list = get(&http, &api, "/api/v1/tasks?limit=100000").await?;
         let all = list.as_array().cloned().unwrap_or_default();
         let done = all.iter().filter(|t| ended(t)).count();
         if done == ids.len() || tokio::time::Instant::now() >= end {
@@ -290,14 +285,19 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     }
 }
 
-/// The coordinator's overview: counts and counters.
-async fn overview(http: &reqwest::Client, api: &str) -> anyhow::Result<Value> {
+/// The JSON the coordinator's API answers at `path`.
+async fn get(http: &reqwest::Client, api: &str, path: &str) -> anyhow::Result<Value> {
     Ok(http
-        .get(format!("{api}/api/v1/overview"))
+        .get(format!("{api}{path}"))
         .send()
         .await?
         .json()
         .await?)
+}
+
+/// The coordinator's overview: counts and counters.
+async fn overview(http: &reqwest::Client, api: &str) -> anyhow::Result<Value> {
+    get(http, api, "/api/v1/overview").await
 }
 
 /// What the results of the submitted tasks say, read from the coordinator's API.
@@ -324,12 +324,7 @@ async fn read_results(
     let mut r = Read::default();
     for id in ids {
         let t = tasks.iter().find(|t| t["task_id"] == id.as_str());
-        let results: Value = http
-            .get(format!("{api}/api/v1/tasks/{id}/result"))
-            .send()
-            .await?
-            .json()
-            .await?;
+        let results = get(http, api, &format!("/api/v1/tasks/{id}/result")).await?;
         let rows = results.as_array().cloned().unwrap_or_default();
         let counted = rows.iter().filter(|r| r["stale"] == false).count();
         r.stale += rows.len() - counted;
