@@ -115,10 +115,13 @@ impl Bucket {
         }
     }
 
-    /// When the next token is there.
+    /// When the next token is there: a year on at most (a rate so low that its next token is
+    /// further off, or past what an instant can hold, waits that long, and does not panic).
     pub fn next_token_at(&self, rate: Rate) -> Instant {
+        const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
         let missing = (1.0 - self.tokens).max(0.0);
-        self.last + Duration::from_secs_f64(missing / rate.per_sec)
+        let wait = Duration::try_from_secs_f64(missing / rate.per_sec).map_or(FAR, |w| w.min(FAR));
+        self.last + wait
     }
 }
 
@@ -683,6 +686,25 @@ mod tests {
         let now = Instant::now();
         assert!(b.take(now, rate) && b.take(now, rate) && b.take(now, rate));
         assert!(!b.take(now, rate), "never more than the burst saved up");
+    }
+
+    /// A rate too low for its next token to be an instant (validation refuses 0, but any
+    /// positive rate passes) waits a year at most, and never panics.
+    #[tokio::test(start_paused = true)]
+    async fn the_next_token_of_a_vanishing_rate_is_far_off_not_a_panic() {
+        for per_sec in [1e-300, 0.0, -1.0, f64::NAN] {
+            let rate = Rate::new(per_sec, 1);
+            let mut b = Bucket::full(rate);
+            let now = Instant::now();
+            assert!(b.take(now, rate));
+            assert!(!b.take(now, rate));
+            let at = b.next_token_at(rate);
+            assert!(at > now + Duration::from_secs(3600), "{per_sec}");
+            assert!(
+                at <= now + Duration::from_secs(366 * 24 * 3600),
+                "{per_sec}"
+            );
+        }
     }
 
     /// A connection reads within its own budget, then draws from the pool; past what the pool
