@@ -33,7 +33,10 @@ use tokio::time::{Instant, Sleep};
 use crate::config::Limits;
 use crate::core::Counters;
 
-/// Source addresses remembered before idle ones are forgotten.
+/// Sources (IPv4 addresses, IPv6 /64s) whose connection rate is remembered at most. Past it,
+/// those whose bucket is full again are forgotten (a full bucket is as good as a new one), and
+/// if that is not enough the least recently seen eighth: a source connecting now (one over its
+/// rate among them) is never the one forgotten, however many other sources connect.
 const MAX_TRACKED_ADDRS: usize = 4096;
 /// Bytes a WebSocket connection may read of its own before its session registered
 /// (authenticated, with worker authentication on), counted from the upgrade. A signed
@@ -100,6 +103,13 @@ impl Bucket {
         self.tokens >= rate.burst
     }
 
+    /// Whether the whole burst is saved up by `now`, changing nothing (the bucket's last
+    /// sight stays).
+    fn full_by(&self, now: Instant, rate: Rate) -> bool {
+        let earned = now.saturating_duration_since(self.last).as_secs_f64() * rate.per_sec;
+        self.tokens + earned >= rate.burst
+    }
+
     /// Whether a token is there, taking none.
     pub fn ready(&mut self, now: Instant, rate: Rate) -> bool {
         self.refill(now, rate);
@@ -115,10 +125,13 @@ impl Bucket {
         }
     }
 
-    /// When the next token is there.
+    /// When the next token is there: a year on at most (a rate so low that its next token is
+    /// further off, or past what an instant can hold, waits that long, and does not panic).
     pub fn next_token_at(&self, rate: Rate) -> Instant {
+        const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
         let missing = (1.0 - self.tokens).max(0.0);
-        self.last + Duration::from_secs_f64(missing / rate.per_sec)
+        let wait = Duration::try_from_secs_f64(missing / rate.per_sec).map_or(FAR, |w| w.min(FAR));
+        self.last + wait
     }
 }
 
@@ -128,7 +141,7 @@ pub struct Admission {
     tls: Option<tokio_rustls::TlsAcceptor>,
     limits: Limits,
     open: Arc<AtomicUsize>,
-    per_addr: HashMap<IpAddr, Bucket>,
+    per_source: ConnectRates,
     counters: Arc<Counters>,
     /// `limits.registration_pool`, and who drew from it.
     pool: Arc<Pool>,
@@ -142,7 +155,7 @@ impl Admission {
             pool: Arc::new(Pool::new(limits.registration_pool)),
             limits,
             open: Arc::new(AtomicUsize::new(0)),
-            per_addr: HashMap::new(),
+            per_source: ConnectRates::default(),
             counters,
         }
     }
@@ -155,25 +168,51 @@ impl Admission {
     }
 
     fn admit(&mut self, ip: IpAddr) -> bool {
-        if ip.is_loopback() && !self.limits.limit_loopback {
+        let Some(source) = pool_key(ip, self.limits.limit_loopback) else {
             return true;
-        }
-        let now = Instant::now();
-        if self.per_addr.len() >= MAX_TRACKED_ADDRS {
-            // A full bucket is as good as a forgotten one.
-            let (rate, burst) = (self.limits.connects_per_sec, self.limits.connect_burst);
-            let full_after = Duration::from_secs_f64(f64::from(burst) / rate.max(1e-9));
-            self.per_addr
-                .retain(|_, b| now.saturating_duration_since(b.last) < full_after);
-            if self.per_addr.len() >= MAX_TRACKED_ADDRS {
-                self.per_addr.clear();
-            }
-        }
+        };
         let rate = Rate::new(self.limits.connects_per_sec, self.limits.connect_burst);
-        self.per_addr
-            .entry(ip)
+        self.per_source.admit(source, rate, Instant::now())
+    }
+}
+
+/// New connections per source, a token bucket each: an IPv4 address, an IPv6 /64 (one host's
+/// usual allocation: a host holds billions of addresses in it, each would otherwise be a
+/// fresh burst). At most [`MAX_TRACKED_ADDRS`] sources are remembered.
+#[derive(Debug, Default)]
+struct ConnectRates {
+    buckets: HashMap<IpAddr, Bucket>,
+}
+
+impl ConnectRates {
+    /// Takes a token of `source` at `now`, if it has one.
+    fn admit(&mut self, source: IpAddr, rate: Rate, now: Instant) -> bool {
+        if !self.buckets.contains_key(&source) && self.buckets.len() >= MAX_TRACKED_ADDRS {
+            self.make_room(rate, now);
+        }
+        self.buckets
+            .entry(source)
             .or_insert_with(|| Bucket::full(rate))
             .take(now, rate)
+    }
+
+    /// Forgets the sources whose bucket is full again; if fewer than an eighth of the table
+    /// were, also the least recently seen, to an eighth: so a source's turn to be forgotten
+    /// comes after thousands of other sources, and a table filled and emptied costs a pass per
+    /// eighth of it.
+    fn make_room(&mut self, rate: Rate, now: Instant) {
+        self.buckets.retain(|_, b| !b.full_by(now, rate));
+        let room = MAX_TRACKED_ADDRS / 8;
+        let over = (self.buckets.len() + room).saturating_sub(MAX_TRACKED_ADDRS);
+        if over == 0 {
+            return;
+        }
+        let mut seen: Vec<(Instant, IpAddr)> =
+            self.buckets.iter().map(|(ip, b)| (b.last, *ip)).collect();
+        seen.select_nth_unstable_by_key(over - 1, |&(last, _)| last);
+        for (_, ip) in &seen[..over] {
+            self.buckets.remove(ip);
+        }
     }
 }
 
@@ -273,9 +312,9 @@ pub struct Pool {
     drawn_by: std::sync::Mutex<HashMap<IpAddr, usize>>,
 }
 
-/// The source whose share of the registration pool a connection from `ip` draws on: an IPv6
-/// address by its /64 (one host's usual allocation); none for loopback unless loopback is
-/// limited too.
+/// The source a connection from `ip` counts as, for its connection rate and its share of the
+/// registration pool: an IPv4 address (also one mapped into IPv6), an IPv6 address by its /64
+/// (one host's usual allocation); none for loopback unless loopback is limited too.
 fn pool_key(ip: IpAddr, limit_loopback: bool) -> Option<IpAddr> {
     let ip = ip.to_canonical();
     if ip.is_loopback() && !limit_loopback {
@@ -683,6 +722,85 @@ mod tests {
         let now = Instant::now();
         assert!(b.take(now, rate) && b.take(now, rate) && b.take(now, rate));
         assert!(!b.take(now, rate), "never more than the burst saved up");
+    }
+
+    /// A rate too low for its next token to be an instant (validation refuses 0, but any
+    /// positive rate passes) waits a year at most, and never panics.
+    #[tokio::test(start_paused = true)]
+    async fn the_next_token_of_a_vanishing_rate_is_far_off_not_a_panic() {
+        for per_sec in [1e-300, 0.0, -1.0, f64::NAN] {
+            let rate = Rate::new(per_sec, 1);
+            let mut b = Bucket::full(rate);
+            let now = Instant::now();
+            assert!(b.take(now, rate));
+            assert!(!b.take(now, rate));
+            let at = b.next_token_at(rate);
+            assert!(at > now + Duration::from_secs(3600), "{per_sec}");
+            assert!(
+                at <= now + Duration::from_secs(366 * 24 * 3600),
+                "{per_sec}"
+            );
+        }
+    }
+
+    /// The connection rate is per source: the addresses of one IPv6 /64 share one bucket (a
+    /// host holds billions of them), an IPv4 address is its own source whether mapped into
+    /// IPv6 or not, and loopback is not limited unless asked.
+    #[tokio::test(start_paused = true)]
+    async fn the_connection_rate_is_per_ipv4_address_and_per_ipv6_64() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let limits = Limits {
+            connects_per_sec: 0.001,
+            connect_burst: 2,
+            ..Limits::default()
+        };
+        let mut a = Admission::new(listener, limits, Arc::new(Counters::default()));
+        let mut admit = |ip: &str| a.admit(ip.parse().expect("ip"));
+        assert!(admit("2001:db8::1") && admit("2001:db8::2:1"));
+        assert!(!admit("2001:db8::ffff:ffff:ffff:ffff"), "the same /64");
+        assert!(admit("2001:db8:0:1::1"), "another /64");
+        assert!(admit("192.0.2.1") && admit("::ffff:192.0.2.1"));
+        assert!(!admit("192.0.2.1"), "a mapped IPv4 address is that address");
+        assert!(admit("192.0.2.2"), "another IPv4 address");
+        assert!((0..10).all(|_| admit("127.0.0.1") && admit("::1")));
+    }
+
+    /// However many other sources connect, one over its rate stays over it: the table
+    /// forgets sources whose bucket is full again, then the least recently seen, never every
+    /// source at once (which gave a source over its rate a fresh burst). Its size stays bounded.
+    #[test]
+    fn a_source_over_its_rate_stays_limited_while_ten_thousand_others_connect() {
+        let rate = Rate::new(0.001, 2);
+        let mut t = ConnectRates::default();
+        let start = Instant::now();
+        let hot: IpAddr = [192, 0, 2, 1].into();
+        assert!(t.admit(hot, rate, start) && t.admit(hot, rate, start));
+        let mut hot_admitted = 0;
+        for i in 0..10_000u32 {
+            let now = start + Duration::from_millis(u64::from(i) + 1);
+            let other = IpAddr::from((0x0a00_0000_u32 + i).to_be_bytes());
+            assert!(t.admit(other, rate, now), "a new source has its burst");
+            assert!(t.buckets.len() <= MAX_TRACKED_ADDRS);
+            if i % 100 == 0 && t.admit(hot, rate, now) {
+                hot_admitted += 1;
+            }
+        }
+        assert_eq!(
+            hot_admitted, 0,
+            "10 s at 0.001 a second earns no connection"
+        );
+        assert!(t.buckets.contains_key(&hot));
+        // Sources whose bucket is full again go first: at a rate that refills in half a
+        // second, every source seen since is kept.
+        let quick = Rate::new(2.0, 2);
+        let mut t = ConnectRates::default();
+        let source = |i: u32| IpAddr::from((0x0a00_0000_u32 + i).to_be_bytes());
+        for i in 0..10_000u32 {
+            let now = start + Duration::from_millis(u64::from(i));
+            assert!(t.admit(source(i), quick, now));
+            assert!(t.buckets.len() <= MAX_TRACKED_ADDRS);
+        }
+        assert!((9_500..10_000).all(|i| t.buckets.contains_key(&source(i))));
     }
 
     /// A connection reads within its own budget, then draws from the pool; past what the pool

@@ -178,7 +178,8 @@ pub struct Beat {
 impl CoordinatorConfig {
     /// Refuses settings no run can work with (`run` calls it): a heartbeat interval under
     /// [`MIN_HEARTBEAT_INTERVAL`] or a timeout not longer than it, frames too small for a
-    /// message's envelope, a checkpoint bound, connection limit or body limit of 0. The `tether coordinator` command asks more
+    /// message's envelope, a checkpoint bound, connection limit or body limit of 0, a message,
+    /// connection or byte rate that is not a positive number (0 does not mean unlimited). The `tether coordinator` command asks more
     /// of some (frames of 1 MiB at least).
     pub fn validate(&self) -> Result<(), tether_proto::settings::ConfigError> {
         use tether_proto::settings::{ConfigError, check_frame, check_heartbeat};
@@ -206,9 +207,23 @@ impl CoordinatorConfig {
                 "0 refuses every request with a body, every submission among them: at least 1",
             ));
         }
+        let l = &self.limits;
+        // Rates are tokens a second: 0 (or not a number) would never give the next token (a
+        // session over its burst would wait for ever; the wait's length is not even a
+        // duration, and computing it panicked). There is no "unlimited": set a high rate.
+        for (field, rate) in [
+            ("max_messages_per_sec", l.messages_per_sec),
+            ("connects_per_sec", l.connects_per_sec),
+        ] {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{rate} is no rate: a positive number of tokens a second"),
+                ));
+            }
+        }
         // A session over its byte rate reads nothing, heartbeats included, until the rate
         // allows the next frame: the largest frame must not keep it waiting near its timeout.
-        let l = &self.limits;
         let frame = self.max_frame as f64;
         let longest_wait = frame / l.bytes_per_sec;
         let allowed = self.heartbeat_timeout.as_secs_f64() / 3.0;
@@ -309,7 +324,7 @@ mod tests {
         let base = || CoordinatorConfig::new(&data);
         base().validate().expect("the defaults");
         type Spoil = fn(&mut CoordinatorConfig);
-        let cases: [(&str, Spoil); 10] = [
+        let cases: [(&str, Spoil); 15] = [
             ("heartbeat_interval", |c| {
                 c.heartbeat_interval = Duration::ZERO
             }),
@@ -329,6 +344,16 @@ mod tests {
             }),
             ("max_bytes_per_sec", |c| c.limits.bytes_per_sec = f64::NAN),
             ("byte_burst", |c| c.limits.byte_burst = 1024),
+            // 0 messages a second panicked in the first session over its burst.
+            ("max_messages_per_sec", |c| c.limits.messages_per_sec = 0.0),
+            ("max_messages_per_sec", |c| c.limits.messages_per_sec = -1.0),
+            ("max_messages_per_sec", |c| {
+                c.limits.messages_per_sec = f64::NAN
+            }),
+            ("connects_per_sec", |c| c.limits.connects_per_sec = 0.0),
+            ("connects_per_sec", |c| {
+                c.limits.connects_per_sec = f64::INFINITY
+            }),
         ];
         for (field, spoil) in cases {
             let mut c = base();
@@ -352,6 +377,26 @@ mod tests {
             .expect_err("refused");
         assert!(e.to_string().contains("heartbeat_interval"), "{e}");
         assert!(!data.exists(), "nothing made for a refused configuration");
+    }
+
+    /// A message rate of 0 is refused by `run`, naming it, before anything starts: it is not
+    /// "unlimited", and a session over its burst at that rate panicked.
+    #[tokio::test]
+    async fn a_message_rate_of_zero_is_refused_with_its_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = CoordinatorConfig::new(dir.path().join("data"));
+        c.limits.messages_per_sec = 0.0;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let run = crate::server::run(listener, c, shutdown.clone());
+        let ran = tokio::time::timeout(Duration::from_secs(10), run).await;
+        shutdown.cancel();
+        let e = ran
+            .expect("refused at once, not started")
+            .expect_err("refused");
+        assert!(e.to_string().contains("max_messages_per_sec"), "{e}");
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! replaces the worker's session. With worker authentication on, the welcome carries a nonce and
 //! the registration must be signed over it (else `error` `unauthorized` and close 4001). Until it
 //! registers, the connection reads within its budget before registration (`admission`); after,
-//! a session's frames are read at its message and byte rates (`Pace`).
+//! a session's frames are read at its message and byte rates (`Pace`). Once the core knows a
+//! session, it hears of its end however the session's task ends, a panic included
+//! (`Departure`); a wait for room in the core's queue never counts as the worker's silence.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -33,6 +35,7 @@ use tether_proto::msg::{
     Registration, Welcome, WorkerMsg, now,
 };
 use tether_proto::{Batch, DecodeError, Seq, TaskId, WorkerId, decode_worker, encode, is_batch};
+use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Instant, timeout_at};
 
@@ -339,6 +342,8 @@ async fn run(
     else {
         return;
     };
+    // From here on the core knows the session: it hears of its end however the task ends.
+    let departure = Departure::new(&app, &worker, session_id);
     let mut sending = Outbound::default();
     let mut known = KnownIds::default();
     tracing::debug!(worker = %worker, session = session_id, "session open");
@@ -383,6 +388,8 @@ async fn run(
                     }
                     Some(Ok(m)) => m,
                 };
+                #[cfg(test)]
+                tests::panic_if_asked(&worker);
                 // Over the session's message or byte rate: tell it once a second, and read
                 // nothing until both allow this frame, so a flood backs up in its own socket.
                 if let Some(over) = pace.admit(Instant::now(), &app.cfg.limits)
@@ -474,6 +481,10 @@ async fn run(
                 pace.charge_messages(messages.saturating_sub(1), &app.cfg.limits);
                 if let Some(wait) = wait {
                     wait.await;
+                    // The wait was the coordinator's slowness, not the worker's silence: the
+                    // worker has its whole timeout from now (it may have sent nothing, its
+                    // frames unread behind this one).
+                    deadline = deadline.max(Instant::now() + agreed.beat.timeout);
                 }
                 // Boxed (an allocation per reply): inline, the write's state would size every
                 // idle session's future.
@@ -507,8 +518,63 @@ async fn run(
     tracing::info!(worker = %worker, session = session_id, %reason, "session ended");
     metrics::counter!(m::SESSIONS_ENDED, "reason" => kind).increment(1);
     app.paces.keep(&worker, pace, &app.cfg.limits);
-    if let Some(wait) = forward(&app, Event::Disconnected { worker, session_id }) {
-        wait.await;
+    // Boxed: inline, the wait's state would size every idle session's future.
+    Box::pin(departure.leave()).await;
+}
+
+/// Tells the core that a session it knows has ended, however the session's task ends: by
+/// [`Departure::leave`] when it returns, from its drop when it panicked or was dropped
+/// (cancelled) first. Without it a panic in a session left its worker `connected` for ever,
+/// its leases never requeued. One pointer in the session's state (every idle session keeps
+/// it): the queue and the event it will hand over are boxed.
+struct Departure(Option<Box<(mpsc::Sender<Event>, Event)>>);
+
+impl Departure {
+    fn new(app: &AppState, worker: &WorkerId, session_id: u64) -> Self {
+        let ev = Event::Disconnected {
+            worker: worker.clone(),
+            session_id,
+        };
+        Self(Some(Box::new((app.events.clone(), ev))))
+    }
+
+    /// Waits for room in the core's queue and hands it the disconnect. Dropped while waiting,
+    /// the guard still holds it (`reserve` takes nothing until it has the room).
+    async fn leave(mut self) {
+        let Some(events) = self.0.as_ref().map(|b| b.0.clone()) else {
+            return;
+        };
+        // A closed queue: the core has stopped, nobody to tell.
+        if let (Ok(permit), Some(told)) = (events.reserve().await, self.0.take()) {
+            permit.send(told.1);
+        }
+        self.0 = None;
+    }
+}
+
+impl Drop for Departure {
+    fn drop(&mut self) {
+        let Some(told) = self.0.take() else {
+            return;
+        };
+        let (events, ev) = *told;
+        if let Event::Disconnected { worker, session_id } = &ev {
+            tracing::warn!(worker = %worker, session = session_id, "session task ended abruptly; the core is told of its end");
+        }
+        let ev = match events.try_send(ev) {
+            Ok(()) | Err(TrySendError::Closed(_)) => return,
+            Err(TrySendError::Full(ev)) => ev,
+        };
+        // The queue is full and a drop cannot wait: a task of its own waits for room. It ends
+        // once the core takes the event, or at once when the core has stopped.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    let _ = events.send(ev).await;
+                });
+            }
+            Err(_) => tracing::error!("no runtime to tell the core of a session's end"),
+        }
     }
 }
 
@@ -715,13 +781,6 @@ impl<'a> Forward<'a> {
             })
         })
     }
-}
-
-/// Hands `ev` to the core, or returns the wait for room in its queue when that is full.
-fn forward(app: &AppState, ev: Event) -> Option<Wait<'_>> {
-    let mut f = Forward::new(app);
-    f.send(ev);
-    f.wait()
 }
 
 /// A boxed wait of a session.
@@ -1613,5 +1672,210 @@ mod tests {
         }
         assert_eq!(sizes, vec![16, 16, 8]);
         assert_eq!(seqs, (1..=n).collect::<Vec<_>>());
+    }
+
+    /// Workers whose session panics at its next frame (a test's own id: tests run together).
+    static PANIC_ON_FRAME: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+    /// Panics when `worker`'s session was asked to (see [`PANIC_ON_FRAME`]).
+    pub(super) fn panic_if_asked(worker: &WorkerId) {
+        let asked = PANIC_ON_FRAME
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|w| w == worker.as_str());
+        assert!(!asked, "panic asked for the session of {worker}");
+    }
+
+    /// The worker endpoint as the coordinator serves it (the admission listener, the upgrade
+    /// handler, real sessions) on 127.0.0.1:0, with no core: the test is the core, reading
+    /// the events from a queue of `queue`.
+    struct FakeCore {
+        addr: std::net::SocketAddr,
+        events: tokio::sync::mpsc::Receiver<Event>,
+        stop: tokio_util::sync::CancellationToken,
+    }
+
+    impl FakeCore {
+        async fn start(cfg: crate::CoordinatorConfig, queue: usize) -> Self {
+            let (tx, events) = tokio::sync::mpsc::channel(queue);
+            let stop = tokio_util::sync::CancellationToken::new();
+            let counters = Arc::new(Counters::default());
+            let state = Arc::new(AppState {
+                events: tx,
+                counters: counters.clone(),
+                store_stats: Default::default(),
+                changes: tokio::sync::broadcast::channel(16).0,
+                history: Arc::new(crate::dashboard::History::new(cfg.history_interval)),
+                stop: stop.clone(),
+                heavy: Arc::new(tokio::sync::Semaphore::new(1)),
+                paces: Paces::default(),
+                cfg: Arc::new(cfg),
+            });
+            let limits = state.cfg.limits.clone();
+            let router = axum::Router::new()
+                .route("/api/v1/worker/{*rest}", axum::routing::get(upgrade))
+                .with_state(state);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let listener = crate::admission::Admission::new(listener, limits, counters);
+            let serving = axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<Peer>(),
+            )
+            .with_graceful_shutdown(stop.clone().cancelled_owned());
+            tokio::spawn(async move {
+                let _ = serving.await;
+            });
+            Self { addr, events, stop }
+        }
+
+        /// The next event, within 5 s.
+        async fn next(&mut self) -> Event {
+            tokio::time::timeout(Duration::from_secs(5), self.events.recv())
+                .await
+                .expect("an event in time")
+                .expect("the queue open")
+        }
+    }
+
+    impl Drop for FakeCore {
+        fn drop(&mut self) {
+            self.stop.cancel();
+        }
+    }
+
+    type Client = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    /// A worker `id` connected and registered; the core has taken its `Connected`, and holds
+    /// its session (a session whose core dropped it ends).
+    async fn registered(core: &mut FakeCore, id: &str) -> (Client, SessionRef) {
+        let url = format!("ws://{}/api/v1/worker/{id}/ws", core.addr);
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+            .await
+            .expect("connect");
+        let welcome = next_json(&mut ws).await.expect("a welcome");
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        send_json(
+            &mut ws,
+            serde_json::json!({"type": "registration", "worker_id": id,
+                "protocol_version": PROTOCOL_VERSION, "boot_id": "b", "capabilities": [],
+                "slots": 1, "executors": ["sleep"], "timestamp": now()}),
+        )
+        .await;
+        let Event::Connected {
+            worker, session, ..
+        } = core.next().await
+        else {
+            panic!("a connection first");
+        };
+        assert_eq!(worker.as_str(), id);
+        (ws, session)
+    }
+
+    async fn send_json(ws: &mut Client, v: serde_json::Value) {
+        use tokio_tungstenite::tungstenite::Message as M;
+        ws.send(M::text(v.to_string())).await.expect("send");
+    }
+
+    /// The next message, or `None` once the session is closed (within 5 s).
+    async fn next_json(ws: &mut Client) -> Option<serde_json::Value> {
+        use tokio_tungstenite::tungstenite::Message as M;
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .expect("a frame in time");
+            match m {
+                Some(Ok(M::Text(t))) => return Some(serde_json::from_str(&t).expect("json")),
+                Some(Ok(M::Close(_))) | Some(Err(_)) | None => return None,
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    fn describe(ev: &Event) -> String {
+        match ev {
+            Event::Connected { worker, .. } => format!("connected {worker}"),
+            Event::Frame { worker, msgs, .. } => format!("frame {worker} {msgs:?}"),
+            Event::Disconnected { worker, .. } => format!("disconnected {worker}"),
+            Event::Api(_) => "api".into(),
+        }
+    }
+
+    fn task_state(seq: u64) -> serde_json::Value {
+        serde_json::json!({"type": "task_state", "seq": seq, "task_id": "t-1", "attempt": 1,
+            "state": {}, "timestamp": now()})
+    }
+
+    /// A session waiting for room in the core's queue, for longer than its heartbeat timeout,
+    /// is not closed as silent when the room comes: the wait was the coordinator's, and the
+    /// worker has its whole timeout from then on to send its next frame.
+    #[tokio::test]
+    async fn a_session_waiting_on_a_full_core_queue_is_not_timed_out_for_it() {
+        let mut cfg = crate::CoordinatorConfig::new("/unused");
+        cfg.heartbeat_interval = Duration::from_millis(100);
+        cfg.heartbeat_timeout = Duration::from_millis(400);
+        let mut core = FakeCore::start(cfg, 1).await;
+        let (mut ws, _session) = registered(&mut core, "w-slow-core").await;
+        // The first frame's event fills the queue; the second's waits for room.
+        send_json(&mut ws, task_state(1)).await;
+        send_json(&mut ws, task_state(2)).await;
+        // The core stalls for several timeouts, then takes both.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for seq in [1, 2] {
+            let ev = core.next().await;
+            let Event::Frame { msgs, .. } = ev else {
+                panic!("frame {seq}, not {}", describe(&ev));
+            };
+            assert_eq!(msgs[0].seq().map(|s| s.0), Some(seq));
+        }
+        // Within its timeout of the room coming, the worker beats, and is answered.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        send_json(
+            &mut ws,
+            serde_json::json!({"type": "heartbeat", "sequence": 1, "timestamp": now()}),
+        )
+        .await;
+        let reply = next_json(&mut ws).await;
+        assert_eq!(
+            reply.as_ref().map(|r| r["type"].clone()),
+            Some("heartbeat".into()),
+            "the session was closed: {reply:?}"
+        );
+    }
+
+    /// A session whose task panics still tells the core it ended, with the queue free and
+    /// with it full (the event then waits for room): its worker does not stay connected.
+    #[tokio::test]
+    async fn a_panicking_session_still_tells_the_core_it_ended() {
+        let cfg = crate::CoordinatorConfig::new("/unused");
+        let mut core = FakeCore::start(cfg, 1).await;
+        let beat = serde_json::json!({"type": "heartbeat", "sequence": 1, "timestamp": now()});
+        for (id, full) in [("w-panics", false), ("w-panics-full", true)] {
+            let (mut ws, session) = registered(&mut core, id).await;
+            if full {
+                send_json(&mut ws, task_state(1)).await;
+                // Answered after its event is queued: the queue is full from here on.
+                send_json(&mut ws, beat.clone()).await;
+                assert!(next_json(&mut ws).await.is_some());
+            }
+            PANIC_ON_FRAME
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(id.to_owned());
+            send_json(&mut ws, beat.clone()).await;
+            assert_eq!(next_json(&mut ws).await, None, "the connection ends");
+            if full {
+                assert!(matches!(core.next().await, Event::Frame { .. }));
+            }
+            let Event::Disconnected { worker, session_id } = core.next().await else {
+                panic!("a disconnect");
+            };
+            assert_eq!((worker.as_str(), session_id), (id, session.id));
+        }
     }
 }

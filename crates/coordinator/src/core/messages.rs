@@ -3,6 +3,7 @@
 //! lease holder counts, a repeat is a duplicate, one from an older attempt is kept as stale and
 //! never counted, one for a task the sender never held is rejected.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 
 use tether_proto::codec::MAX_CHECKPOINT_CHUNKS;
@@ -11,9 +12,11 @@ use tether_proto::msg::{
     DirectiveAction, Disposition, ErrorCode, PROTOCOL_VERSION, Registration, RegistrationAck,
     TaskNotice, TaskResult, TaskState, Telemetry, WorkerMsg, now,
 };
-use tether_proto::{Attempt, CheckpointId, TaskId, TaskStatus, WorkerId, encode};
+use tether_proto::{Attempt, TaskId, TaskStatus, WorkerId, encode};
 
-use super::{Change, Core, InFlight, Outgoing, Partial, SessionRef, ack};
+use super::{
+    Change, Core, InFlight, Outgoing, Partial, SUPERSEDED_REMEMBERED, SessionRef, Superseded, ack,
+};
 use crate::metrics as m;
 use crate::model::{CheckpointMeta, Desired, WorkerState};
 use crate::store::{self, Batch, Mutation};
@@ -69,6 +72,14 @@ pub(crate) const MAX_FETCHES_IN_FLIGHT: usize = 16;
 /// Incomplete checkpoints of one attempt may declare at most this many times
 /// `max_checkpoint_bytes` together.
 const INCOMPLETE_CHECKPOINTS_PER_TASK: u64 = 2;
+
+/// Unfinished checkpoint uploads (announced, not all pieces in) one attempt may have at once;
+/// past it a new announcement is refused (`rejected` + `error` `bad_frame`). The byte bound
+/// above does not hold back empty or small announcements that are never finished. A worker
+/// uploads its checkpoints one after the other (each announcement follows the previous
+/// checkpoint's pieces in its outbox), so it has one unfinished, a few when a session is lost
+/// mid-upload or a `checkpoint_request` re-upload overlaps.
+pub(crate) const UNFINISHED_CHECKPOINTS_PER_ATTEMPT: usize = 64;
 
 /// A worker's record is saved for its telemetry at most this often. The statistics are kept
 /// (and shown) from every `telemetry`, but they are monitoring data that the next report
@@ -492,14 +503,25 @@ impl Core {
         });
     }
 
-    /// Declared bytes of the checkpoints of `task` at `attempt` whose pieces are still
-    /// arriving (an ended attempt's are dropped when the next one announces).
-    fn incomplete_checkpoint_bytes(&self, task: &TaskId, attempt: Attempt) -> u64 {
-        self.partial
-            .of_task(task)
-            .filter(|p| p.meta.attempt == attempt)
-            .map(|p| p.meta.size)
-            .sum()
+    /// Why a new upload of the lease holder's attempt cannot start while its others are
+    /// unfinished: more than [`UNFINISHED_CHECKPOINTS_PER_ATTEMPT`] of them, or more than
+    /// [`INCOMPLETE_CHECKPOINTS_PER_TASK`] times `max_checkpoint_bytes` declared together.
+    fn unfinished_refusal(&self, c: &Checkpoint) -> Option<String> {
+        let (count, declared) = self.partial.of_attempt(&c.task_id, c.attempt);
+        if count >= UNFINISHED_CHECKPOINTS_PER_ATTEMPT {
+            return Some(format!(
+                "attempt {} of task {} has {count} unfinished checkpoints, the most it may have; \
+                 complete one first",
+                c.attempt, c.task_id
+            ));
+        }
+        let most = INCOMPLETE_CHECKPOINTS_PER_TASK * self.cfg.max_checkpoint_bytes;
+        (declared.saturating_add(c.size) > most).then(|| {
+            format!(
+                "incomplete checkpoints of task {} would exceed {most} bytes; complete one first",
+                c.task_id
+            )
+        })
     }
 
     /// Why the lease holder's announcement of a new checkpoint cannot be taken: its pieces
@@ -538,10 +560,16 @@ impl Core {
         })
     }
 
-    /// Drops the unfinished checkpoints that no lease can complete any more, of every task: at
-    /// start, for uploads a previous run left (an attempt that ended while it uploaded).
+    /// Drops the unfinished checkpoints that no lease can complete any more, and the memory of
+    /// superseded ones that no lease can replay, of every task: at start, for what a previous
+    /// run left (an attempt that ended while it uploaded).
     pub(super) fn drop_unleased_partials(&mut self, b: &mut Batch) {
-        let tasks: Vec<TaskId> = self.partial.tasks().cloned().collect();
+        let tasks: Vec<TaskId> = self
+            .partial
+            .tasks()
+            .chain(self.superseded.keys())
+            .cloned()
+            .collect();
         for task in tasks {
             let live = self
                 .tasks
@@ -552,19 +580,24 @@ impl Core {
         }
     }
 
-    /// Drops the unfinished checkpoints of `task` that no lease can complete any more: those
-    /// of every attempt but `live` (all of them for `None`), from memory and the store.
+    /// Drops what no lease of `task` but `live` can use any more (everything, for `None`): the
+    /// unfinished checkpoints of the other attempts, from memory and the store, and the
+    /// superseded ones another attempt's lease remembered. Costs what it drops.
     pub(super) fn drop_partials(&mut self, task: &TaskId, live: Option<Attempt>, b: &mut Batch) {
-        let ended: Vec<CheckpointId> = self
-            .partial
-            .of_task(task)
-            .filter(|p| Some(p.meta.attempt) != live)
-            .map(|p| p.meta.checkpoint_id.clone())
-            .collect();
-        for id in ended {
-            self.partial.remove(&id);
+        for id in self.partial.remove_ended(task, live) {
             tracing::debug!(task = %task, checkpoint = %id, "unfinished checkpoint of an ended attempt dropped");
             b.muts.push(Mutation::DeleteCheckpoint(id));
+        }
+        if self
+            .superseded
+            .get(task)
+            .is_some_and(|s| Some(s.attempt) != live)
+            && let Some(s) = self.superseded.remove(task)
+        {
+            for id in s.ids {
+                self.checkpoint_owner.remove(&id);
+            }
+            b.muts.push(Mutation::ForgetSuperseded(task.clone()));
         }
     }
 
@@ -591,12 +624,10 @@ impl Core {
                 );
                 Disposition::Rejected
             }
-            Standing::Holder
-                if self
-                    .checkpoint_history
-                    .get(&c.task_id)
-                    .is_some_and(|h| h.contains(&c.checkpoint_id)) =>
-            {
+            // Complete already, kept or superseded: a replay (acknowledgements lost with a
+            // session), or a re-upload for `checkpoint_request`. Taken again, a superseded one
+            // would become the latest and the newer ones would be pruned.
+            Standing::Holder if self.checkpoint_owner.get(&c.checkpoint_id) == Some(&c.task_id) => {
                 Disposition::Duplicate
             }
             Standing::Holder if let Some(error) = self.announce_refusal(worker, &c) => {
@@ -613,20 +644,15 @@ impl Core {
             }
             Standing::Holder
                 if !self.partial.contains_key(&c.checkpoint_id)
-                    && self
-                        .incomplete_checkpoint_bytes(&c.task_id, c.attempt)
-                        .saturating_add(c.size)
-                        > INCOMPLETE_CHECKPOINTS_PER_TASK * self.cfg.max_checkpoint_bytes =>
+                    && let Some(error) = self.unfinished_refusal(&c) =>
             {
-                // Announced but never completed checkpoints would otherwise pile up on disk.
-                b.send(session,
+                // Announced but never completed checkpoints would otherwise pile up on disk
+                // and in memory.
+                b.send(
+                    session,
                     CoordMsg::error(
                         ErrorCode::BadFrame,
-                        format!(
-                            "incomplete checkpoints of task {} would exceed {} bytes; complete one first",
-                            c.task_id,
-                            INCOMPLETE_CHECKPOINTS_PER_TASK * self.cfg.max_checkpoint_bytes
-                        ),
+                        error,
                         Some("checkpoint".into()),
                         Some(c.seq.0),
                     ),
@@ -882,13 +908,31 @@ impl Core {
         self.save_task(&task_id, b);
         self.checkpoint_owner
             .insert(meta.checkpoint_id.clone(), task_id.clone());
-        let ckpts = &mut self.checkpoint_history;
-        let hist = ckpts.entry(task_id).or_default();
+        let hist = self.checkpoint_history.entry(task_id.clone()).or_default();
         hist.push_back(meta.checkpoint_id);
+        // The oldest beyond `keep` lose their pieces; the lease remembers them (and their rows
+        // stay) so that a replay of one is a duplicate, not the task's latest again.
         while hist.len() > keep {
-            if let Some(old) = hist.pop_front() {
-                self.checkpoint_owner.remove(&old);
-                b.muts.push(Mutation::DeleteCheckpoint(old));
+            let Some(old) = hist.pop_front() else { break };
+            b.muts.push(Mutation::SupersedeCheckpoint {
+                checkpoint_id: old.clone(),
+                attempt: meta.attempt,
+            });
+            let s = self
+                .superseded
+                .entry(task_id.clone())
+                .or_insert_with(|| Superseded {
+                    attempt: meta.attempt,
+                    ids: VecDeque::new(),
+                });
+            s.attempt = meta.attempt;
+            s.ids.push_back(old);
+            while s.ids.len() > SUPERSEDED_REMEMBERED {
+                let Some(forgotten) = s.ids.pop_front() else {
+                    break;
+                };
+                self.checkpoint_owner.remove(&forgotten);
+                b.muts.push(Mutation::DeleteCheckpoint(forgotten));
             }
         }
     }

@@ -16,13 +16,13 @@ mod tasks;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use chrono::{DateTime, Utc};
 use tether_proto::msg::{Ack, CoordMsg, Disposition, Registration, WorkerMsg, now};
-use tether_proto::{CheckpointId, Seq, TaskId, WorkerId};
+use tether_proto::{Attempt, CheckpointId, Seq, TaskId, WorkerId};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -245,39 +245,100 @@ struct Partial {
     bytes: u64,
 }
 
-/// The checkpoints whose pieces are arriving, by id and by task: a lease's end looks at its
-/// task's uploads only, not every upload of the fleet.
+/// The checkpoints whose pieces are arriving, by id and by (task, attempt): a lease's end
+/// looks at its task's uploads only, not every upload of the fleet, and an announcement finds
+/// how many uploads its attempt has and how many bytes they declare without walking them.
+/// Every operation costs the uploads it adds or removes, never the ones that stay: an attempt
+/// with thousands of unfinished uploads (announced and never completed) makes no later
+/// operation slower.
 #[derive(Debug, Default)]
 struct Uploads {
     by_id: IdMap<CheckpointId, Partial>,
-    by_task: IdMap<TaskId, Vec<CheckpointId>>,
+    by_task: IdMap<TaskId, TaskUploads>,
+}
+
+/// The uploads of one task, by attempt: one attempt almost always (an ended attempt's are
+/// dropped when the next one announces, or when its lease ends).
+type TaskUploads = BTreeMap<Attempt, AttemptUploads>;
+
+/// The uploads of one attempt of a task.
+#[derive(Debug, Default)]
+struct AttemptUploads {
+    ids: IdSet<CheckpointId>,
+    /// Bytes their announcements declare together.
+    declared: u64,
 }
 
 impl Uploads {
     fn insert(&mut self, p: Partial) {
         let id = p.meta.checkpoint_id.clone();
-        self.by_task
+        self.remove(&id);
+        let at = self
+            .by_task
             .entry(p.meta.task_id.clone())
             .or_default()
-            .push(id.clone());
-        if let Some(old) = self.by_id.insert(id.clone(), p) {
-            self.unindex(&old.meta.task_id, &id);
-        }
+            .entry(p.meta.attempt)
+            .or_default();
+        at.ids.insert(id.clone());
+        at.declared = at.declared.saturating_add(p.meta.size);
+        self.by_id.insert(id, p);
     }
 
     fn remove(&mut self, id: &CheckpointId) -> Option<Partial> {
         let p = self.by_id.remove(id)?;
-        self.unindex(&p.meta.task_id, id);
+        self.unindex(&p.meta.task_id, p.meta.attempt, id, p.meta.size);
         Some(p)
     }
 
-    fn unindex(&mut self, task: &TaskId, id: &CheckpointId) {
-        if let Some(ids) = self.by_task.get_mut(task) {
-            ids.retain(|x| x != id);
-            if ids.is_empty() {
-                self.by_task.remove(task);
+    fn unindex(&mut self, task: &TaskId, attempt: Attempt, id: &CheckpointId, size: u64) {
+        let Some(attempts) = self.by_task.get_mut(task) else {
+            return;
+        };
+        if let Some(at) = attempts.get_mut(&attempt)
+            && at.ids.remove(id)
+        {
+            at.declared = at.declared.saturating_sub(size);
+            if at.ids.is_empty() {
+                attempts.remove(&attempt);
             }
         }
+        if attempts.is_empty() {
+            self.by_task.remove(task);
+        }
+    }
+
+    /// Removes the uploads of `task` of every attempt but `live` (all of them for `None`),
+    /// returning their ids: the cost is the number removed.
+    fn remove_ended(&mut self, task: &TaskId, live: Option<Attempt>) -> Vec<CheckpointId> {
+        let Some(attempts) = self.by_task.get_mut(task) else {
+            return Vec::new();
+        };
+        let ended: Vec<Attempt> = attempts
+            .keys()
+            .copied()
+            .filter(|&a| Some(a) != live)
+            .collect();
+        let mut ids = Vec::new();
+        for a in ended {
+            if let Some(at) = attempts.remove(&a) {
+                ids.extend(at.ids);
+            }
+        }
+        if attempts.is_empty() {
+            self.by_task.remove(task);
+        }
+        for id in &ids {
+            self.by_id.remove(id);
+        }
+        ids
+    }
+
+    /// How many uploads `attempt` of `task` has, and the bytes they declare together.
+    fn of_attempt(&self, task: &TaskId, attempt: Attempt) -> (usize, u64) {
+        self.by_task
+            .get(task)
+            .and_then(|m| m.get(&attempt))
+            .map_or((0, 0), |at| (at.ids.len(), at.declared))
     }
 
     fn get(&self, id: &CheckpointId) -> Option<&Partial> {
@@ -297,17 +358,30 @@ impl Uploads {
         self.by_id.is_empty() && self.by_task.is_empty()
     }
 
-    /// The uploads of `task`.
-    fn of_task(&self, task: &TaskId) -> impl Iterator<Item = &Partial> {
-        let ids = self.by_task.get(task).map_or(&[][..], Vec::as_slice);
-        ids.iter().filter_map(|id| self.by_id.get(id))
-    }
-
     /// The tasks with uploads.
     fn tasks(&self) -> impl Iterator<Item = &TaskId> {
         self.by_task.keys()
     }
 }
+
+/// The complete checkpoints of a task that were pruned (their pieces deleted) while the
+/// current lease ran, oldest first, at most [`SUPERSEDED_REMEMBERED`]: a replay of one of them
+/// by the lease holder is a `duplicate`, never a new upload that would become the latest. Their
+/// store rows stay (`complete = 2`, no pieces) until the lease ends, so a restarted coordinator
+/// remembers them too.
+#[derive(Debug)]
+struct Superseded {
+    /// The attempt whose lease pruned them.
+    attempt: Attempt,
+    ids: VecDeque<CheckpointId>,
+}
+
+/// Pruned checkpoints a lease remembers, at most. A worker replays what it sent and was not
+/// acknowledged: the Rust worker has at most 64 messages (a checkpoint is at least two) in
+/// flight when a session is lost, so a replayed checkpoint is a few completions old, far below
+/// this; the bound keeps a worker that uploads without end from growing the memory and the
+/// store of its lease without end.
+pub(crate) const SUPERSEDED_REMEMBERED: usize = 1024;
 
 /// The core's state.
 pub struct Core {
@@ -320,8 +394,11 @@ pub struct Core {
     partial: Uploads,
     /// Complete checkpoints per task, oldest first, for pruning.
     checkpoint_history: IdMap<TaskId, VecDeque<CheckpointId>>,
-    /// The task of every complete checkpoint kept: an id is one task's (the store keys
-    /// checkpoints and their pieces by id alone).
+    /// Per task, the complete checkpoints its current lease pruned (see [`Superseded`]).
+    superseded: IdMap<TaskId, Superseded>,
+    /// The task of every complete checkpoint kept or remembered as superseded: an id is one
+    /// task's (the store keys checkpoints and their pieces by id alone), and a lease holder's
+    /// announcement of an id its task has complete is a replay.
     checkpoint_owner: IdMap<CheckpointId, TaskId>,
     /// Finished tasks by the time they finished, for retention.
     finished: BTreeSet<(DateTime<Utc>, TaskId)>,
@@ -360,6 +437,7 @@ impl Core {
             free: BTreeSet::new(),
             partial: Uploads::default(),
             checkpoint_history: IdMap::default(),
+            superseded: IdMap::default(),
             checkpoint_owner: IdMap::default(),
             finished: BTreeSet::new(),
             disconnects: VecDeque::new(),
@@ -413,6 +491,17 @@ impl Core {
                 .entry(task)
                 .or_default()
                 .push_back(id);
+        }
+        for (task, id, attempt) in loaded.superseded_checkpoints {
+            core.checkpoint_owner.insert(id.clone(), task.clone());
+            let s = core.superseded.entry(task).or_insert_with(|| Superseded {
+                attempt,
+                ids: VecDeque::new(),
+            });
+            // INVARIANT: a task's superseded rows are all of one attempt (the lease's that
+            // pruned them); they go together when it ends.
+            s.attempt = s.attempt.max(attempt);
+            s.ids.push_back(id);
         }
         for (meta, received, bytes) in loaded.partial_checkpoints {
             core.partial.insert(Partial {

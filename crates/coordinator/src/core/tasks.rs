@@ -363,14 +363,11 @@ impl Core {
             for kept in self.checkpoint_history.remove(&id).into_iter().flatten() {
                 self.checkpoint_owner.remove(&kept);
             }
-            let uploads: Vec<_> = self
-                .partial
-                .of_task(&id)
-                .map(|p| p.meta.checkpoint_id.clone())
-                .collect();
-            for upload in uploads {
-                self.partial.remove(&upload);
+            for gone in self.superseded.remove(&id).into_iter().flat_map(|s| s.ids) {
+                self.checkpoint_owner.remove(&gone);
             }
+            // Its rows go with the task's (`DeleteTask`).
+            self.partial.remove_ended(&id, None);
             let gone = id.clone();
             self.announce(b, || super::Change::TaskRemoved(gone));
             b.muts.push(Mutation::DeleteTask(id));

@@ -16,6 +16,8 @@ struct Harness {
     core: Core,
     conn: rusqlite::Connection,
     next_session: u64,
+    /// What the last step wrote to the store.
+    last_muts: Vec<crate::store::Mutation>,
 }
 
 impl Harness {
@@ -29,6 +31,7 @@ impl Harness {
             core: Core::new(cfg, Loaded::default(), Arc::new(Counters::default())),
             conn: rusqlite::Connection::open_in_memory().expect("sqlite"),
             next_session: 1,
+            last_muts: Vec::new(),
         }
     }
 
@@ -40,6 +43,7 @@ impl Harness {
             self.core.dispatch_needed = false;
             self.core.dispatch(&mut b);
         }
+        self.last_muts = std::mem::take(&mut b.muts);
         for e in b.effects {
             e.run(&self.conn);
         }
@@ -605,6 +609,7 @@ fn submission_numbers_continue_past_the_kept_mark_when_the_stored_tasks_end_belo
         core: Core::new(cfg, loaded, Arc::new(Counters::default())),
         conn: rusqlite::Connection::open_in_memory().expect("sqlite"),
         next_session: 1,
+        last_muts: Vec::new(),
     };
     let t = h.submit();
     assert_eq!(h.core.tasks[&t].submit_seq, 41);
@@ -876,6 +881,143 @@ fn a_checkpoint_with_more_pieces_than_bytes_or_another_uploads_id_is_refused() {
 
 fn data_ack(msgs: &[CoordMsg]) -> Disposition {
     ack_of(msgs, "checkpoint_data_ack")
+}
+
+/// The checkpoints a write pruned (`SupersedeCheckpoint`) or deleted (`DeleteCheckpoint`).
+fn pruned_or_deleted(muts: &[crate::store::Mutation]) -> Vec<String> {
+    use crate::store::Mutation;
+    muts.iter()
+        .filter_map(|m| match m {
+            Mutation::SupersedeCheckpoint { checkpoint_id, .. } => {
+                Some(format!("pruned {checkpoint_id}"))
+            }
+            Mutation::DeleteCheckpoint(id) => Some(format!("deleted {id}")),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A replay of a checkpoint that was complete and has been pruned since (only the last
+/// `checkpoints_kept` are kept) is a duplicate: it neither becomes the latest again nor makes
+/// the coordinator prune the newer ones. The lease remembers it until it ends.
+#[test]
+fn a_replayed_checkpoint_pruned_since_is_a_duplicate_and_the_latest_stays() {
+    let mut h = Harness::new();
+    assert_eq!(h.core.cfg.checkpoints_kept, 3);
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit();
+    drain(&mut rx);
+    for (i, id) in ["c-x1", "c-x2", "c-x3", "c-x4"].into_iter().enumerate() {
+        let seq = 10 + 2 * i as u64;
+        h.frame("a", s, checkpoint(seq, &t, id, 1, 1));
+        h.frame("a", s, piece(seq + 1, &t, id, 0, b"x"));
+        assert_eq!(data_ack(&drain(&mut rx)), Disposition::Recorded, "{id}");
+    }
+    assert_eq!(pruned_or_deleted(&h.last_muts), ["pruned c-x1"]);
+    let latest = |h: &Harness| {
+        let l = h.core.tasks[&t].latest_checkpoint.clone().expect("latest");
+        l.checkpoint_id.as_str().to_owned()
+    };
+    assert_eq!(latest(&h), "c-x4");
+    // The replay after lost acknowledgements: the announcement and its piece again.
+    h.frame("a", s, checkpoint(10, &t, "c-x1", 1, 1));
+    assert_eq!(checkpoint_ack(&drain(&mut rx)), Disposition::Duplicate);
+    assert!(h.last_muts.is_empty(), "{:?}", h.last_muts);
+    h.frame("a", s, piece(11, &t, "c-x1", 0, b"x"));
+    assert_eq!(data_ack(&drain(&mut rx)), Disposition::Duplicate);
+    assert!(h.last_muts.is_empty(), "{:?}", h.last_muts);
+    assert_eq!(latest(&h), "c-x4");
+    let kept: Vec<&str> = h.core.checkpoint_history[&t]
+        .iter()
+        .map(|c| c.as_str())
+        .collect();
+    assert_eq!(kept, ["c-x2", "c-x3", "c-x4"], "nothing deleted");
+    // Its id stays this task's while the lease remembers it.
+    let (sb, mut rxb) = h.connect_registering("b", |r| r.executors = vec!["other".into()]);
+    let other = h.submit_spec(TaskSpec::new("other", serde_json::json!({})));
+    drain(&mut rxb);
+    h.frame("b", sb, checkpoint(1, &other, "c-x1", 1, 1));
+    assert_eq!(checkpoint_ack(&drain(&mut rxb)), Disposition::Rejected);
+    // The lease ends: what it remembered goes, from memory and the store.
+    h.frame("a", s, result(30, &t, 1));
+    assert!(
+        h.last_muts
+            .iter()
+            .any(|m| matches!(m, crate::store::Mutation::ForgetSuperseded(x) if x == &t)),
+        "{:?}",
+        h.last_muts
+    );
+    assert!(h.core.superseded.is_empty());
+    let x1 = tether_proto::CheckpointId::parse("c-x1").expect("id");
+    assert!(!h.core.checkpoint_owner.contains_key(&x1));
+}
+
+/// A lease remembers at most `SUPERSEDED_REMEMBERED` pruned checkpoints: the oldest beyond go
+/// for good (row and all).
+#[test]
+fn a_lease_remembers_a_bounded_number_of_pruned_checkpoints() {
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit();
+    drain(&mut rx);
+    let n = super::SUPERSEDED_REMEMBERED + 3 + 2;
+    for i in 0..n {
+        let id = format!("c-{i}");
+        let seq = 10 + 2 * i as u64;
+        h.frame("a", s, checkpoint(seq, &t, &id, 1, 1));
+        h.frame("a", s, piece(seq + 1, &t, &id, 0, b"x"));
+        drain(&mut rx);
+    }
+    assert_eq!(
+        pruned_or_deleted(&h.last_muts),
+        [format!("pruned c-{}", n - 4), "deleted c-1".to_owned()]
+    );
+    let remembered = &h.core.superseded[&t].ids;
+    assert_eq!(remembered.len(), super::SUPERSEDED_REMEMBERED);
+    assert_eq!(remembered.front().map(|c| c.as_str()), Some("c-2"));
+    assert_eq!(
+        h.core.checkpoint_owner.len(),
+        super::SUPERSEDED_REMEMBERED + 3
+    );
+}
+
+/// An attempt may have at most `UNFINISHED_CHECKPOINTS_PER_ATTEMPT` uploads unfinished at once,
+/// however small they declare themselves: past it an announcement is refused with an error
+/// that says why. Completing one makes room, and the lease's end drops them all.
+#[test]
+fn unfinished_checkpoint_uploads_of_an_attempt_are_capped() {
+    use super::messages::UNFINISHED_CHECKPOINTS_PER_ATTEMPT as CAP;
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit();
+    drain(&mut rx);
+    let mut recorded = 0;
+    for i in 0..CAP + 10 {
+        h.frame(
+            "a",
+            s,
+            checkpoint(10 + i as u64, &t, &format!("c-{i}"), 0, 1),
+        );
+        let msgs = drain(&mut rx);
+        match checkpoint_ack(&msgs) {
+            Disposition::Recorded => recorded += 1,
+            Disposition::Rejected => assert!(
+                msgs.iter().any(|m| matches!(m, CoordMsg::Error(e)
+                    if e.message.contains("unfinished checkpoints"))),
+                "{msgs:?}"
+            ),
+            d => panic!("{d:?}"),
+        }
+    }
+    assert_eq!(recorded, CAP);
+    assert_eq!(h.core.partial.of_attempt(&t, Attempt(1)), (CAP, 0));
+    h.frame("a", s, piece(1000, &t, "c-0", 0, b""));
+    assert_eq!(data_ack(&drain(&mut rx)), Disposition::Recorded);
+    h.frame("a", s, checkpoint(1001, &t, "c-new", 0, 1));
+    assert_eq!(checkpoint_ack(&drain(&mut rx)), Disposition::Recorded);
+    h.frame("a", s, result(1002, &t, 1));
+    assert_eq!(pruned_or_deleted(&h.last_muts).len(), CAP);
+    assert!(h.core.partial.is_empty());
 }
 
 #[test]
@@ -1455,4 +1597,50 @@ fn a_task_whose_config_outgrew_a_lowered_coordinator_frame_limit_fails_at_its_le
         error.contains("worker w") && error.contains("65536"),
         "{error}"
     );
+}
+
+/// The upload bookkeeping of a task with thousands of unfinished uploads: each is indexed and
+/// dropped once, by attempt, with the count and the declared bytes of its attempt kept as it
+/// goes (a list walked per announcement and per removal made such a task cost the core
+/// quadratic time).
+#[test]
+fn the_upload_bookkeeping_keeps_each_attempts_count_and_bytes_through_thousands_of_uploads() {
+    let t = TaskId::parse("t-many").expect("id");
+    let meta = |i: usize, attempt: u32| crate::model::CheckpointMeta {
+        checkpoint_id: tether_proto::CheckpointId::parse(&format!("c-{i}")).expect("id"),
+        task_id: t.clone(),
+        attempt: Attempt(attempt),
+        worker: wid("a"),
+        size: 2,
+        chunks: 1,
+        created_at: now(),
+    };
+    let mut u = super::Uploads::default();
+    for i in 0..20_000 {
+        u.insert(super::Partial {
+            meta: meta(i, 1 + (i % 2) as u32),
+            received: Default::default(),
+            bytes: 0,
+        });
+    }
+    assert_eq!(u.of_attempt(&t, Attempt(1)), (10_000, 20_000));
+    assert_eq!(u.of_attempt(&t, Attempt(2)), (10_000, 20_000));
+    // The same id again replaces its upload: counted once, under its new attempt.
+    u.insert(super::Partial {
+        meta: meta(0, 2),
+        received: Default::default(),
+        bytes: 0,
+    });
+    assert_eq!(u.of_attempt(&t, Attempt(1)), (9_999, 19_998));
+    assert_eq!(u.of_attempt(&t, Attempt(2)), (10_001, 20_002));
+    for i in (1..20_000).step_by(2) {
+        let id = tether_proto::CheckpointId::parse(&format!("c-{i}")).expect("id");
+        assert!(u.remove(&id).is_some());
+    }
+    assert_eq!(u.of_attempt(&t, Attempt(2)), (1, 2));
+    let dropped = u.remove_ended(&t, Some(Attempt(2)));
+    assert_eq!(dropped.len(), 9_999);
+    assert_eq!(u.of_attempt(&t, Attempt(1)), (0, 0));
+    assert_eq!(u.remove_ended(&t, None).len(), 1);
+    assert!(u.is_empty());
 }

@@ -124,6 +124,14 @@ pub enum Mutation {
         data: Vec<u8>,
     },
     DeleteCheckpoint(CheckpointId),
+    /// A complete checkpoint pruned while `attempt`'s lease runs: its pieces go, its row stays
+    /// (`complete = 2`, under that attempt) so that a replay of it is known after a restart.
+    SupersedeCheckpoint {
+        checkpoint_id: CheckpointId,
+        attempt: Attempt,
+    },
+    /// The superseded checkpoints of a task go (its lease ended).
+    ForgetSuperseded(TaskId),
     PutWorker(Box<Worker>),
     /// A worker's record removed (retention of lost workers).
     DeleteWorker(WorkerId),
@@ -280,6 +288,9 @@ pub struct Loaded {
     pub partial_checkpoints: Vec<(CheckpointMeta, Vec<u32>, u64)>,
     /// Complete checkpoints, oldest first.
     pub complete_checkpoints: Vec<(TaskId, CheckpointId)>,
+    /// Complete checkpoints pruned while their task's lease runs (pieces deleted, the row
+    /// kept so that a replay is known), oldest first, with that lease's attempt.
+    pub superseded_checkpoints: Vec<(TaskId, CheckpointId, Attempt)>,
     /// The next submission number kept when tasks were removed (0 if none was).
     pub next_submit_seq: u64,
     /// The task states the writer has journaled and not yet folded into the database (empty
@@ -462,6 +473,24 @@ fn load(conn: &Connection) -> Result<Loaded, LoadError> {
         out.complete_checkpoints.push((
             TaskId::parse(&task).map_err(|_| bad("task id", &task))?,
             CheckpointId::parse(&id).map_err(|_| bad("checkpoint id", &id))?,
+        ));
+    }
+    let mut stmt = conn.prepare(
+        "SELECT task_id, id, attempt FROM checkpoints WHERE complete = 2 ORDER BY created_at, rowid",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, u32>(2)?,
+        ))
+    })?;
+    for row in rows {
+        let (task, id, attempt) = row?;
+        out.superseded_checkpoints.push((
+            TaskId::parse(&task).map_err(|_| bad("task id", &task))?,
+            CheckpointId::parse(&id).map_err(|_| bad("checkpoint id", &id))?,
+            Attempt(attempt),
         ));
     }
     Ok(out)
@@ -784,6 +813,21 @@ fn commit(
                     .execute([id.as_str()])?;
                 tx.prepare_cached("DELETE FROM checkpoints WHERE id = ?1")?
                     .execute([id.as_str()])?;
+            }
+            Mutation::SupersedeCheckpoint {
+                checkpoint_id,
+                attempt,
+            } => {
+                tx.prepare_cached("DELETE FROM checkpoint_chunks WHERE checkpoint_id = ?1")?
+                    .execute([checkpoint_id.as_str()])?;
+                tx.prepare_cached(
+                    "UPDATE checkpoints SET complete = 2, attempt = ?2 WHERE id = ?1",
+                )?
+                .execute(params![checkpoint_id.as_str(), attempt.0])?;
+            }
+            Mutation::ForgetSuperseded(task) => {
+                tx.prepare_cached("DELETE FROM checkpoints WHERE task_id = ?1 AND complete = 2")?
+                    .execute([task.as_str()])?;
             }
             Mutation::PutWorker(w) => {
                 let doc = to_json(&schema::WorkerDoc::from_worker(w))?;

@@ -938,6 +938,107 @@ async fn checkpoints_announced_and_never_completed_are_bounded_per_task() {
     c.stop().await;
 }
 
+/// A session that announces 10,000 checkpoints and never finishes one (empty ones: the byte
+/// bound does not hold them back) has 64 of them taken and the rest refused, each with an
+/// error that says why; an honest worker is served meanwhile and after, and the lease's end
+/// drops what was left unfinished.
+#[tokio::test]
+async fn unfinished_checkpoint_announcements_are_capped_per_attempt_and_the_coordinator_keeps_serving()
+ {
+    const CAP: u64 = 64;
+    const ANNOUNCED: u64 = 10_000;
+    const AT_ONCE: u64 = 500;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    // The flood is of checkpoints, not of messages: the message rate is not what stops it.
+    cfg.limits.messages_per_sec = 1e6;
+    cfg.limits.message_burst = 1_000_000;
+    let c = spawn_coordinator_with(cfg, None).await;
+    let honest = connected_honest_worker(&c).await;
+    let client = c.client();
+    let mut m = Raw::connect(&c, "announcer").await;
+    let reg = m.registration(None, &["announcer-only"]);
+    m.send(&reg).await;
+    m.next_of("registration_ack").await;
+    let mut spec = sleep_task(50, 1, 0);
+    spec.requires = vec!["announcer-only".into()];
+    let own = client.submit(&[spec]).await.remove(0);
+    assert_eq!(m.next_of("task_assignment").await["task_id"], own.as_str());
+    // Honest work submitted before the flood runs through it.
+    let specs: Vec<TaskSpec> = (0..3).map(|_| sleep_task(50, 2, 1)).collect();
+    let before = client.submit(&specs).await;
+    let ts = chrono::Utc::now();
+    let (mut recorded, mut rejected, mut told) = (0u64, 0u64, 0u64);
+    for first in (0..ANNOUNCED).step_by(AT_ONCE as usize) {
+        for i in first..first + AT_ONCE {
+            let msg = json!({"type": "checkpoint", "seq": 1 + i, "task_id": own, "attempt": 1,
+                "checkpoint_id": format!("c-never-{i}"), "size": 0, "chunks": 1,
+                "timestamp": ts});
+            m.ws.feed(Message::text(msg.to_string()))
+                .await
+                .expect("send");
+        }
+        m.ws.flush().await.expect("flush");
+        let mut acks = 0;
+        while acks < AT_ONCE {
+            let v = m.next().await;
+            match v["type"].as_str() {
+                Some("checkpoint_ack") => {
+                    acks += 1;
+                    match v["disposition"].as_str() {
+                        Some("recorded") => recorded += 1,
+                        Some("rejected") => rejected += 1,
+                        other => panic!("{other:?}: {v}"),
+                    }
+                }
+                Some("error") => {
+                    assert_eq!(v["code"], "bad_frame", "{v}");
+                    let says = v["message"].as_str().unwrap_or_default();
+                    assert!(says.contains("unfinished checkpoints"), "{v}");
+                    told += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!((recorded, rejected), (CAP, ANNOUNCED - CAP));
+    assert_eq!(told, rejected, "each refusal says why");
+    for id in &before {
+        client.wait_status(id, "completed").await;
+    }
+    honest_work_completes(&client, 3).await;
+    // The lease's end drops the unfinished ones: the next attempt could announce as many.
+    let ts = chrono::Utc::now();
+    m.send(
+        &json!({"type": "task_result", "seq": ANNOUNCED + 1, "task_id": own, "attempt": 1,
+        "outcome": "completed", "result": {}, "started_at": ts, "finished_at": ts,
+        "duration_ms": 1, "timestamp": ts}),
+    )
+    .await;
+    assert_eq!(
+        m.next_of("task_result_ack").await["disposition"],
+        "recorded"
+    );
+    assert!(
+        checkpoints_listed(&client, &own).await.is_empty(),
+        "none was ever complete"
+    );
+    honest.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+/// The complete checkpoints the API lists for `task`.
+async fn checkpoints_listed(client: &Client, task: &TaskId) -> Vec<serde_json::Value> {
+    let (status, list) = client
+        .get(&format!("/api/v1/tasks/{task}/checkpoints"))
+        .await;
+    assert_eq!(status, 200, "{list}");
+    list.as_array()
+        .or_else(|| list["checkpoints"].as_array())
+        .cloned()
+        .expect("a checkpoint list")
+}
+
 /// Sends one raw HTTP/1.1 request (`Connection: close`) and reads the status, the
 /// `content-type` and the body as JSON (`Null` when it is not JSON).
 async fn raw_request(

@@ -4,6 +4,8 @@ use tether_testkit::*;
 
 use tether_worker::{ConnState, Executors};
 
+use crate::raw::Raw;
+
 #[tokio::test]
 async fn a_result_finished_while_disconnected_is_recorded_once_after_reconnect() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -450,5 +452,95 @@ async fn retention_removes_old_finished_tasks_for_good_and_keeps_the_rest() {
         .collect();
     assert_eq!(listed, [long.as_str()]);
     w.stop().await.expect("stop");
+    c.stop().await;
+}
+
+/// The `checkpoint` announcing `id` (one piece of one byte) of `task` at attempt 1, and that
+/// piece, as messages `seq` and `seq + 1`.
+fn one_byte_checkpoint(seq: u64, task: &tether_proto::TaskId, id: &str) -> [serde_json::Value; 2] {
+    let ts = chrono::Utc::now();
+    [
+        serde_json::json!({"type": "checkpoint", "seq": seq, "task_id": task, "attempt": 1,
+            "checkpoint_id": id, "size": 1, "chunks": 1, "timestamp": ts}),
+        serde_json::json!({"type": "checkpoint_data", "seq": seq + 1, "task_id": task,
+            "attempt": 1, "checkpoint_id": id, "chunk": 0, "data": "eA==", "timestamp": ts}),
+    ]
+}
+
+/// Sends checkpoint `id` and its piece; returns the dispositions of their acks.
+async fn upload(m: &mut Raw, seq: u64, task: &tether_proto::TaskId, id: &str) -> Vec<String> {
+    for msg in one_byte_checkpoint(seq, task, id) {
+        m.send(&msg).await;
+    }
+    let acks = m
+        .next_of_each(&["checkpoint_ack", "checkpoint_data_ack"])
+        .await;
+    acks.into_iter()
+        .map(|a| {
+            assert_eq!(a["checkpoint_id"], id, "{a}");
+            a["disposition"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect()
+}
+
+/// A worker replays a checkpoint the coordinator completed and has pruned since (only the
+/// last 3 are kept): it is a duplicate, before a restart of the coordinator and after, and the
+/// latest checkpoint and the kept ones stay as they were.
+#[tokio::test]
+async fn a_replayed_checkpoint_pruned_since_is_a_duplicate_across_a_coordinator_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = fast_coordinator_config(dir.path().to_owned());
+    assert_eq!(cfg.checkpoints_kept, 3);
+    let c = spawn_coordinator_with(cfg.clone(), None).await;
+    let addr = c.addr;
+    let client = c.client();
+    let mut m = Raw::connect(&c, "replayer").await;
+    let reg = m.registration(None, &["replayer-only"]);
+    m.send(&reg).await;
+    m.next_of("registration_ack").await;
+    let mut spec = sleep_task(50, 1, 0);
+    spec.requires = vec!["replayer-only".into()];
+    let t = client.submit(&[spec]).await.remove(0);
+    assert_eq!(m.next_of("task_assignment").await["task_id"], t.as_str());
+    for (i, id) in ["c-x1", "c-x2", "c-x3", "c-x4"].into_iter().enumerate() {
+        let got = upload(&mut m, 10 + 2 * i as u64, &t, id).await;
+        assert_eq!(got, ["recorded", "recorded"], "{id}");
+    }
+    let kept = ["c-x2", "c-x3", "c-x4"];
+    assert_eq!(checkpoint_ids(&client, &t).await, kept);
+    let latest = |task: serde_json::Value| task["latest_checkpoint"]["checkpoint_id"].clone();
+    assert_eq!(latest(client.task(&t).await), "c-x4");
+
+    assert_eq!(
+        upload(&mut m, 10, &t, "c-x1").await,
+        ["duplicate", "duplicate"]
+    );
+    assert_eq!(latest(client.task(&t).await), "c-x4");
+    assert_eq!(checkpoint_ids(&client, &t).await, kept, "nothing deleted");
+
+    // Restarted, the coordinator still knows c-x1 for a checkpoint of this lease.
+    drop(m);
+    c.stop().await;
+    let c = spawn_coordinator_with(cfg, Some(addr)).await;
+    let client = c.client();
+    let mut m = Raw::connect(&c, "replayer").await;
+    let mut reg = m.registration(None, &["replayer-only"]);
+    reg["inventory"] = serde_json::json!({"running": [{"task_id": t, "attempt": 1}]});
+    m.send(&reg).await;
+    let ack = m.next_of("registration_ack").await;
+    assert_eq!(ack["directives"][0]["action"], "continue", "{ack}");
+    assert_eq!(
+        upload(&mut m, 10, &t, "c-x1").await,
+        ["duplicate", "duplicate"]
+    );
+    assert_eq!(latest(client.task(&t).await), "c-x4");
+    assert_eq!(checkpoint_ids(&client, &t).await, kept, "nothing deleted");
+    // A new one is taken as before, and prunes the oldest kept.
+    assert_eq!(
+        upload(&mut m, 30, &t, "c-x5").await,
+        ["recorded", "recorded"]
+    );
+    assert_eq!(checkpoint_ids(&client, &t).await, ["c-x3", "c-x4", "c-x5"]);
+    assert_eq!(latest(client.task(&t).await), "c-x5");
     c.stop().await;
 }
