@@ -668,7 +668,11 @@ pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
         let st = &w["stats"];
         vec![
             s(&w["worker_id"]),
-            s(&w["state"]),
+            // A worker that said it is stopping takes no new task (`worker_stopping`).
+            match (w["state"].as_str(), w["stopping"].as_bool()) {
+                (Some("connected"), Some(true)) => "stopping".to_owned(),
+                _ => s(&w["state"]),
+            },
             w["slots"].to_string(),
             w["leases"]
                 .as_array()

@@ -45,7 +45,8 @@ pub struct AttemptRecord {
     pub started_at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<DateTime<Utc>>,
-    /// How the attempt ended: an outcome, `lost`, `cancelled`, `superseded`.
+    /// How the attempt ended: an outcome, `lost`, `stopped` (its worker stopped gracefully
+    /// without finishing it), `cancelled`, `superseded`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub end: Option<String>,
     /// A result from this attempt was recorded (counted or stale).
@@ -144,6 +145,10 @@ pub struct Worker {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disconnected_at: Option<DateTime<Utc>>,
     pub sessions: u64,
+    /// The worker said it is stopping (`worker_stopping`): it takes no new tasks. Cleared by
+    /// its next registration (a process that starts again says so anew if it stops again).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopping: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     /// The latest connection statistics the worker reported.
     #[schema(value_type = Option<Object>)]
@@ -199,6 +204,7 @@ impl Worker {
             last_seen: now,
             disconnected_at: Some(now),
             sessions: 0,
+            stopping: false,
             stats: None,
             stats_saved: None,
             disconnected_mono: Some(tokio::time::Instant::now()),
@@ -206,9 +212,9 @@ impl Worker {
         }
     }
 
-    /// Free slots, when the worker may take work now.
+    /// Free slots, when the worker may take work now (never once it said it is stopping).
     pub fn free_slots(&self) -> usize {
-        if self.state != WorkerState::Connected || self.session.is_none() {
+        if self.state != WorkerState::Connected || self.session.is_none() || self.stopping {
             return 0;
         }
         (self.slots as usize).saturating_sub(self.leases.len())

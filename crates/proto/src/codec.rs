@@ -174,6 +174,8 @@ impl Typed for WorkerMsg {
             "task_paused" => Deserialize::deserialize(d).map(WorkerMsg::TaskPaused),
             "task_resumed" => Deserialize::deserialize(d).map(WorkerMsg::TaskResumed),
             "telemetry" => Deserialize::deserialize(d).map(WorkerMsg::Telemetry),
+            "worker_stopping" => Deserialize::deserialize(d).map(WorkerMsg::WorkerStopping),
+            "worker_stopped" => Deserialize::deserialize(d).map(WorkerMsg::WorkerStopped),
             "error" => Deserialize::deserialize(d).map(WorkerMsg::Error),
             _ => return None,
         })

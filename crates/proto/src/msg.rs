@@ -36,6 +36,8 @@ pub enum WorkerMsg {
     TaskPaused(TaskNotice),
     TaskResumed(TaskNotice),
     Telemetry(Telemetry),
+    WorkerStopping(StopNotice),
+    WorkerStopped(StopNotice),
     Error(ErrorMsg),
 }
 
@@ -413,6 +415,18 @@ pub struct StateError {
     pub timestamp: DateTime<Utc>,
 }
 
+/// `worker_stopping`: the worker is stopping and takes no more tasks (its running ones are
+/// being stopped, their results and checkpoints still flow). `worker_stopped`: it stopped
+/// every task and every result it made is acknowledged; the tasks it still holds leases on
+/// will never report, so the coordinator moves them at once instead of after the grace
+/// period. Neither is acknowledged: a notice lost with its connection leaves the grace period
+/// to do its work, as for a worker that never sent one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StopNotice {
+    #[serde(with = "crate::time")]
+    pub timestamp: DateTime<Utc>,
+}
+
 /// `task_cancelled`, `task_paused`, `task_resumed`: the worker applied a control.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskNotice {
@@ -779,6 +793,8 @@ impl WorkerMsg {
             WorkerMsg::TaskPaused(_) => "task_paused",
             WorkerMsg::TaskResumed(_) => "task_resumed",
             WorkerMsg::Telemetry(_) => "telemetry",
+            WorkerMsg::WorkerStopping(_) => "worker_stopping",
+            WorkerMsg::WorkerStopped(_) => "worker_stopped",
             WorkerMsg::Error(_) => "error",
         }
     }
@@ -799,6 +815,8 @@ impl WorkerMsg {
             | WorkerMsg::Heartbeat(_)
             | WorkerMsg::CheckpointError(_)
             | WorkerMsg::StateError(_)
+            | WorkerMsg::WorkerStopping(_)
+            | WorkerMsg::WorkerStopped(_)
             | WorkerMsg::Error(_) => None,
         }
     }
@@ -819,6 +837,8 @@ impl WorkerMsg {
             WorkerMsg::Registration(_)
             | WorkerMsg::Heartbeat(_)
             | WorkerMsg::Telemetry(_)
+            | WorkerMsg::WorkerStopping(_)
+            | WorkerMsg::WorkerStopped(_)
             | WorkerMsg::Error(_) => None,
         }
     }
@@ -899,6 +919,8 @@ pub const WORKER_MSG_TYPES: &[&str] = &[
     "task_paused",
     "task_resumed",
     "telemetry",
+    "worker_stopping",
+    "worker_stopped",
     "error",
 ];
 

@@ -129,6 +129,8 @@ pub fn worker_messages() -> Vec<WorkerMsg> {
             metrics: serde_json::json!({}),
             timestamp: ts,
         }),
+        WorkerMsg::WorkerStopping(StopNotice { timestamp: ts }),
+        WorkerMsg::WorkerStopped(StopNotice { timestamp: ts }),
         WorkerMsg::Error(ErrorMsg {
             code: ErrorCode::UnknownType,
             message: "unknown".into(),

@@ -16,7 +16,7 @@ use tether_proto::integrity::{
 };
 use tether_proto::msg::{
     Batching, CoordMsg, ErrorCode, ErrorMsg, Heartbeat, HeartbeatAction, Inventory,
-    PROTOCOL_VERSION, Registration, Telemetry, WorkerMsg, now,
+    PROTOCOL_VERSION, Registration, StopNotice, Telemetry, WorkerMsg, now,
 };
 use tether_proto::settings::MIN_FRAME;
 use tether_proto::{Batch, DecodeError, decode_coord, encode, is_batch};
@@ -873,7 +873,13 @@ impl<'a> Session<'a> {
                 return Ok(reason);
             }
             if flushing.is_some() && outbox.pending_results().is_empty() {
+                // Every task stopped and every result acknowledged: what the coordinator still
+                // leases to this worker will never report, so it may move it now.
                 tracing::info!(worker = %self.worker(), "every result acknowledged; closing");
+                let stopped = WorkerMsg::WorkerStopped(StopNotice { timestamp: now() });
+                if let Err(reason) = self.send(&stopped).await {
+                    tracing::warn!(worker = %self.worker(), %reason, "worker_stopped not sent; the coordinator's grace period moves the tasks");
+                }
                 return Err(SessionEnd::Shutdown);
             }
             if self.deadline < armed {
@@ -897,6 +903,12 @@ impl<'a> Session<'a> {
                 Ev::Stop => {
                     self.draining = true;
                     tracing::info!(worker = %self.worker(), "stopping: the tasks are told to stop, the session serves on");
+                    // No new task comes once the coordinator reads this.
+                    let notice = WorkerMsg::WorkerStopping(StopNotice { timestamp: now() });
+                    if let Err(reason) = self.send(&notice).await {
+                        // The tasks stop all the same; the session's end shows in its next read.
+                        tracing::warn!(worker = %self.worker(), %reason, "worker_stopping not sent");
+                    }
                     let runner = self.agent.runner.clone();
                     stopping = Some(Box::pin(async move {
                         runner.shutdown(crate::agent::SHUTDOWN_GRACE).await;
@@ -1295,7 +1307,7 @@ impl<'a> Session<'a> {
                 }
             }
             CoordMsg::TaskAssignment(a) if self.draining => {
-                tracing::info!(worker = %self.worker(), task = %a.task_id, attempt = %a.attempt, "stopping: an assignment not taken (the coordinator gives it to another worker once this one is gone)");
+                tracing::info!(worker = %self.worker(), task = %a.task_id, attempt = %a.attempt, "stopping: an assignment not taken (sent before the coordinator read worker_stopping; it moves with worker_stopped)");
             }
             CoordMsg::TaskAssignment(a) => {
                 tracing::info!(worker = %self.worker(), task = %a.task_id, attempt = %a.attempt, kind = %a.kind, resume = a.checkpoint.is_some(), "task assigned");

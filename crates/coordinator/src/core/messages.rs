@@ -211,6 +211,38 @@ impl Core {
             WorkerMsg::TaskPaused(n) => self.on_notice(worker, session, n, NoticeKind::PAUSED, b),
             WorkerMsg::TaskResumed(n) => self.on_notice(worker, session, n, NoticeKind::RESUMED, b),
             WorkerMsg::Telemetry(t) => self.on_telemetry(worker, session, t, b),
+            WorkerMsg::WorkerStopping(_) => self.on_stopping(worker, b),
+            WorkerMsg::WorkerStopped(_) => self.on_stopped(worker, b),
+        }
+    }
+
+    /// `worker_stopping`: no new task goes to the worker; what it holds stays leased to it
+    /// while it stops its tasks and sends what they leave.
+    fn on_stopping(&mut self, worker: &WorkerId, b: &mut Batch) {
+        let Some(w) = self.workers.get_mut(worker) else {
+            return;
+        };
+        if !w.stopping {
+            w.stopping = true;
+            self.free.remove(worker);
+            tracing::info!(worker = %worker, leases = w.leases.len(), "worker stopping: no new tasks go to it");
+            self.save_worker(worker, b);
+        }
+    }
+
+    /// `worker_stopped`: the worker stopped every task and has every result it made
+    /// acknowledged, so no lease it still holds will report: they move now (resuming from
+    /// their latest checkpoints), not after the grace period.
+    fn on_stopped(&mut self, worker: &WorkerId, b: &mut Batch) {
+        self.on_stopping(worker, b);
+        let leases: Vec<TaskId> = self
+            .workers
+            .get(worker)
+            .map(|w| w.leases.iter().cloned().collect())
+            .unwrap_or_default();
+        tracing::info!(worker = %worker, leases = leases.len(), "worker stopped: its leases move now");
+        for task in leases {
+            self.release_and_requeue_as(&task, "worker stopped", "stopped", b);
         }
     }
 
@@ -252,6 +284,7 @@ impl Core {
         w.slots = r.slots;
         w.executors = r.executors.into_iter().collect();
         w.boot_id = r.boot_id;
+        w.stopping = false;
         // From the registration ack on, recorded messages are acknowledged by number.
         if let Some(s) = w.session.as_mut().filter(|s| s.id == session.id) {
             s.compact_acks = r.compact_acks;

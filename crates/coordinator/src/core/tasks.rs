@@ -209,6 +209,17 @@ impl Core {
     /// Ends the current lease and queues the task again, or fails it when its attempts are
     /// used up.
     pub(super) fn release_and_requeue(&mut self, task_id: &TaskId, why: &str, b: &mut Batch) {
+        self.release_and_requeue_as(task_id, why, "lost", b);
+    }
+
+    /// [`Self::release_and_requeue`], the attempt's end recorded as `end`.
+    pub(super) fn release_and_requeue_as(
+        &mut self,
+        task_id: &TaskId,
+        why: &str,
+        end: &str,
+        b: &mut Batch,
+    ) {
         let Some(t) = self.tasks.get_mut(task_id) else {
             return;
         };
@@ -216,7 +227,7 @@ impl Core {
         if let Some(lease) = t.lease.take() {
             if let Some(a) = t.attempts.iter_mut().find(|a| a.attempt == lease.attempt) {
                 a.ended_at.get_or_insert(ts);
-                a.end.get_or_insert_with(|| "lost".to_owned());
+                a.end.get_or_insert_with(|| end.to_owned());
             }
             if let Some(w) = self.workers.get_mut(&lease.worker) {
                 w.leases.remove(task_id);

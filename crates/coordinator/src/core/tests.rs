@@ -1644,3 +1644,65 @@ fn the_upload_bookkeeping_keeps_each_attempts_count_and_bytes_through_thousands_
     assert_eq!(u.remove_ended(&t, None).len(), 1);
     assert!(u.is_empty());
 }
+
+fn stop_notice() -> tether_proto::msg::StopNotice {
+    tether_proto::msg::StopNotice { timestamp: now() }
+}
+
+/// `worker_stopping` takes the worker out of dispatch at once; what it holds stays leased to
+/// it (its results may still come). A registration (the process started again) takes it back.
+#[test]
+fn a_stopping_worker_gets_no_new_task_and_keeps_what_it_holds() {
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect_registering("a", |r| r.slots = 2);
+    let done = h.submit();
+    let held = h.submit();
+    assert_eq!(h.core.tasks[&held].status, TaskStatus::Running);
+    drain(&mut rx);
+    h.frame("a", s, WorkerMsg::WorkerStopping(stop_notice()));
+    assert!(h.core.workers[&wid("a")].stopping);
+    // A result frees a slot: still nothing goes to a stopping worker.
+    h.frame("a", s, result(1, &done, 1));
+    assert_eq!(h.core.tasks[&done].status, TaskStatus::Completed);
+    let next = h.submit();
+    assert_eq!(h.core.tasks[&next].status, TaskStatus::Queued);
+    assert!(
+        !drain(&mut rx)
+            .iter()
+            .any(|m| matches!(m, CoordMsg::TaskAssignment(_))),
+        "no assignment after worker_stopping"
+    );
+    assert!(h.core.tasks[&held].lease.is_some(), "what it holds stays");
+    // The same worker registers again (a new process): it takes work again.
+    let (_s2, _rx2) = h.connect_registering("a", |r| r.slots = 2);
+    assert!(!h.core.workers[&wid("a")].stopping);
+    assert_eq!(h.core.tasks[&next].status, TaskStatus::Running);
+}
+
+/// `worker_stopped` moves every task the worker still holds at once, recorded as `stopped`,
+/// and they go to another worker without waiting for the grace period.
+#[test]
+fn a_stopped_worker_s_leases_move_at_once() {
+    let mut h = Harness::new();
+    let (s, _rx) = h.connect("a");
+    let t = h.submit();
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Running);
+    h.frame("a", s, WorkerMsg::WorkerStopping(stop_notice()));
+    assert!(h.core.tasks[&t].lease.is_some());
+    h.frame("a", s, WorkerMsg::WorkerStopped(stop_notice()));
+    let task = &h.core.tasks[&t];
+    assert_eq!(task.status, TaskStatus::Queued, "moved without the grace");
+    assert!(task.lease.is_none());
+    assert_eq!(task.attempts[0].end.as_deref(), Some("stopped"));
+    assert!(h.core.workers[&wid("a")].leases.is_empty());
+    let (_sb, _rxb) = h.connect("b");
+    let task = &h.core.tasks[&t];
+    assert_eq!(task.status, TaskStatus::Running);
+    assert_eq!(
+        task.lease.as_ref().map(|l| l.worker.clone()),
+        Some(wid("b"))
+    );
+    // a's late result for the moved attempt is stale, never counted.
+    h.frame("a", s, result(1, &t, 1));
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Running);
+}

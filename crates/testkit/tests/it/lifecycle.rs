@@ -628,3 +628,112 @@ async fn a_stopping_worker_with_no_coordinator_stops_without_waiting_for_one() {
         .expect("stopped within its bound")
         .expect("clean stop");
 }
+
+/// A worker stopped gracefully hands back what it still holds as it goes: with a grace period
+/// of an hour, its task resumes at once on another worker from its latest checkpoint
+/// (`worker_stopping`, then `worker_stopped`).
+#[tokio::test]
+async fn a_stopped_worker_s_task_moves_at_once_and_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.lost_after = std::time::Duration::from_secs(3600);
+    let c = spawn_coordinator_with(cfg, None).await;
+    let a = spawn_worker(fast_worker_config(&c.ws_url(), "a"), Executors::builtin());
+    a.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    // 40 steps of 200 ms, a checkpoint every 2 steps.
+    let id = client.submit(&[sleep_task(8_000, 40, 2)]).await.remove(0);
+    wait_for(
+        "a checkpoint to reach the coordinator",
+        DEADLINE,
+        || async {
+            let t = client.task(&id).await;
+            (!t["latest_checkpoint"].is_null()).then_some(())
+        },
+    )
+    .await;
+    a.stop().await.expect("clean stop");
+    let t = client.task(&id).await;
+    assert_eq!(t["status"], "queued", "moved as a stopped: {t}");
+    assert_eq!(t["attempts"][0]["end"], "stopped", "{t}");
+    let (_, listed) = client.get("/api/v1/workers/a").await;
+    assert_eq!(listed["stopping"], true, "{listed}");
+    assert_eq!(listed["leases"], serde_json::json!([]), "{listed}");
+    let b = spawn_worker(fast_worker_config(&c.ws_url(), "b"), Executors::builtin());
+    let t = client.wait_status(&id, "completed").await;
+    assert_eq!(t["attempt"], 2, "{t}");
+    assert_eq!(t["attempts"][1]["worker"], "b", "{t}");
+    let results = client.results(&id).await;
+    assert_eq!(results.len(), 1, "{results:?}");
+    let resumed_at = results[0]["body"]["result"]["resumed_at"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        resumed_at >= 2,
+        "resumed from a checkpoint, at step {resumed_at}"
+    );
+    b.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+/// Nothing goes to a worker once it said it is stopping, though its slots free up; and a
+/// drain that its connection does not survive keeps the worker's lease for the grace period:
+/// its results may come back with it.
+#[tokio::test]
+async fn a_stopping_worker_gets_no_task_and_a_drain_cut_short_keeps_its_lease() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.lost_after = std::time::Duration::from_secs(3600);
+    let c = spawn_coordinator_with(cfg, None).await;
+    let relay = Relay::start(c.addr).await;
+    let started = tokio_util::sync::CancellationToken::new();
+    let mut executors = Executors::builtin();
+    {
+        let started = started.clone();
+        executors.register(
+            "stubborn",
+            executor(move |_, _| {
+                let started = started.clone();
+                async move {
+                    started.cancel();
+                    // Deaf to the cancel: it outlives the drain.
+                    tokio::time::sleep(std::time::Duration::from_secs(20)).await;
+                    Ok(serde_json::json!({ "finished": true }))
+                }
+            }),
+        );
+    }
+    let a = spawn_worker(fast_worker_config(&relay.url(), "a"), executors);
+    a.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let held = client
+        .submit(&[TaskSpec::new("stubborn", serde_json::json!({}))])
+        .await
+        .remove(0);
+    started.cancelled().await;
+    let shutdown = a.shutdown.clone();
+    shutdown.cancel();
+    wait_for("a to say it is stopping", DEADLINE, || async {
+        let (_, w) = client.get("/api/v1/workers/a").await;
+        (w["stopping"] == true).then_some(())
+    })
+    .await;
+    // a has a free slot (fast_worker_config gives 2): it is not used.
+    let next = client.submit(&[sleep_task(10, 1, 0)]).await.remove(0);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let t = client.task(&next).await;
+    assert_eq!(t["status"], "queued", "{t}");
+    assert_eq!(t["attempts"], serde_json::json!([]), "{t}");
+    // The link dies during the drain: no worker_stopped, the lease stays with a.
+    relay.cut();
+    tokio::time::timeout(DEADLINE, a.join)
+        .await
+        .expect("a stops within its bound")
+        .expect("agent task")
+        .expect("clean stop");
+    let t = client.task(&held).await;
+    assert_eq!(t["status"], "running", "{t}");
+    assert_eq!(t["attempts"][0]["worker"], "a", "{t}");
+    assert!(t["attempts"][0]["end"].is_null(), "{t}");
+    c.stop().await;
+}
