@@ -676,7 +676,16 @@ pub async fn worker(mut a: WorkerArgs) -> anyhow::Result<()> {
     let cfg = worker_config(a)?;
     adopt_orphans();
     let agent = Agent::new(cfg, Executors::builtin())?;
-    let shutdown = crate::cancel_on_signal();
+    // The first signal stops the worker gracefully (its tasks stop, what they leave is sent,
+    // up to 10 s); a second one ends it now, its tasks' processes killed, not left behind.
+    let shutdown = crate::cancel_on_signals(Some(Box::new(|| {
+        tracing::error!(
+            "a second stop signal: the tasks' processes are killed and the worker exits now (results not acknowledged stay in its --state-dir, if it has one)"
+        );
+        let killed = tether_worker::executor::command::kill_all_now();
+        tracing::error!(killed, "exiting");
+        std::process::exit(130);
+    })));
     let metrics = match metrics_listen {
         Some(addr) => {
             // Before the agent runs, so nothing it records is missed.

@@ -293,3 +293,65 @@ async fn a_command_left_running_by_a_killed_worker_is_killed_when_the_worker_res
     worker.kill();
     c.stop().await;
 }
+
+/// SIGTERM to the worker process.
+fn terminate(child: &Child) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+}
+
+/// A second stop signal ends a stopping worker at once (exit 130) and kills its task's
+/// processes, which a process that simply exited would leave running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_signal_ends_the_worker_at_once_and_kills_its_task_s_processes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state_dir = dir.path().join("worker-state");
+    let log = dir.path().join("worker.log");
+    let c = spawn_coordinator_with(coordinator_config(dir.path().join("coord")), None).await;
+    let client = c.client();
+    let mut worker = WorkerProcess::start(c.addr, &state_dir, &log);
+    let pids = dir.path().join("pids");
+    std::fs::create_dir_all(&pids).expect("mkdir");
+    // Deaf to SIGTERM: a graceful stop waits the command's kill grace for it.
+    let script =
+        r#"trap '' TERM; echo $$ > "$D/pid.tmp"; mv "$D/pid.tmp" "$D/task"; exec sleep 300"#;
+    let id = client
+        .submit(&[tether_proto::TaskSpec::new(
+            "command",
+            serde_json::json!({"shell": script, "env": {"D": pids}}),
+        )])
+        .await
+        .remove(0);
+    client.wait_status(&id, "running").await;
+    let task: u32 = wait_for("the task's process to start", LONG, || async {
+        std::fs::read_to_string(pids.join("task"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    })
+    .await;
+    terminate(&worker.child);
+    wait_for("the worker to start stopping", LONG, || async {
+        let (_, w) = client.get("/api/v1/workers/w1").await;
+        (w["stopping"] == true).then_some(())
+    })
+    .await;
+    terminate(&worker.child);
+    let end = std::time::Instant::now() + LONG;
+    let status = loop {
+        if let Some(status) = worker.child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(std::time::Instant::now() < end, "the worker did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(130), "{}", log_of(&log));
+    assert!(
+        !alive(task),
+        "the task's process is killed, not left behind"
+    );
+    let log_text = log_of(&log);
+    assert!(log_text.contains("a second stop signal"), "{log_text}");
+    c.stop().await;
+}

@@ -294,10 +294,7 @@ async fn run(
     if let Some(file) = &record {
         super::orphans::record(file, pgid, &procs.mark);
     }
-    let mut guard = GroupGuard {
-        procs: Some(procs.clone()),
-        record: record.map(|file| (file, pgid)),
-    };
+    let mut guard = GroupGuard::arm(procs.clone(), record.map(|file| (file, pgid)));
     tracing::debug!(task_id = %ctx.task_id(), attempt = %ctx.attempt(), pid = pgid.as_raw(), program = %plan.program, "command started");
 
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
@@ -842,6 +839,31 @@ fn live_member_in_proc(pgid: Pid) -> Option<bool> {
     )
 }
 
+/// The processes of every attempt the `command` executors of this process run now, by process
+/// group (with their mark): what [`kill_all_now`] ends.
+static LIVE: std::sync::Mutex<BTreeMap<i32, Arc<str>>> = std::sync::Mutex::new(BTreeMap::new());
+
+fn live() -> std::sync::MutexGuard<'static, BTreeMap<i32, Arc<str>>> {
+    LIVE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Kills (SIGKILL) at once the processes of every attempt that the `command` executors of
+/// this process run: each group, and the processes that left it (by their mark). For a
+/// process about to exit without waiting for its tasks (a second stop signal to `tether
+/// worker`), so that none of them is left running. Blocking: it looks through `/proc`.
+/// Returns the number of attempts whose processes it signalled.
+pub fn kill_all_now() -> usize {
+    let attempts: Vec<(i32, Arc<str>)> = live()
+        .iter()
+        .map(|(pgid, mark)| (*pgid, mark.clone()))
+        .collect();
+    for (pgid, mark) in &attempts {
+        signal_group(Pid::from_raw(*pgid), Signal::SIGKILL);
+        super::procs::kill_marked(mark);
+    }
+    attempts.len()
+}
+
 /// Kills the process group if the execution is dropped before it ended the group itself, and
 /// removes the group's record (see [`super::orphans`]) once the group is gone, if the record is
 /// still this group's: a newer attempt of the task may have recorded its own in the same file.
@@ -851,15 +873,27 @@ struct GroupGuard {
 }
 
 impl GroupGuard {
+    /// Guards the processes of a started attempt (and lists them for [`kill_all_now`]).
+    fn arm(procs: TaskProcs, record: Option<(PathBuf, Pid)>) -> Self {
+        live().insert(procs.pgid.as_raw(), procs.mark.clone());
+        Self {
+            procs: Some(procs),
+            record,
+        }
+    }
+
     /// The group, and the processes that left it, have ended.
     fn disarm(&mut self) {
-        self.procs = None;
+        if let Some(procs) = self.procs.take() {
+            live().remove(&procs.pgid.as_raw());
+        }
     }
 }
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        if let Some(procs) = &self.procs {
+        if let Some(procs) = self.procs.take() {
+            live().remove(&procs.pgid.as_raw());
             signal_group(procs.pgid, Signal::SIGKILL);
             // Blocking, but only for an execution dropped before it ended its processes.
             super::procs::kill_marked(&procs.mark);
