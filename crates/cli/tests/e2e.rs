@@ -85,7 +85,7 @@ fn a_run_that_cannot_start_keeps_the_log_its_error_names() {
     );
 }
 
-const KINDS: [&str; 11] = [
+const KINDS: [&str; 12] = [
     "latency",
     "bandwidth",
     "blackhole",
@@ -96,6 +96,7 @@ const KINDS: [&str; 11] = [
     "corrupt",
     "proxy_down",
     "worker_kill",
+    "worker_stop",
     "coordinator_kill",
 ];
 
@@ -160,6 +161,11 @@ fn a_short_e2e_run_with_every_disruption_passes_on_ground_truth() {
                 assert_eq!(e, "ended by SIGKILL", "{o}");
                 continue;
             }
+            Some("worker_stop") => {
+                let e = o["evidence"].as_str().unwrap_or_default();
+                assert_eq!(e, "exited 0 after SIGTERM", "{o}");
+                continue;
+            }
             Some("proxy_down") => {
                 let e = o["evidence"].as_str().unwrap_or_default();
                 assert!(
@@ -211,9 +217,16 @@ fn a_short_e2e_run_with_every_disruption_passes_on_ground_truth() {
     assert_eq!(r["coordinator_starts"].as_u64(), Some(2));
     let workers = r["workers"].as_array().expect("workers");
     assert_eq!(workers.len(), 3);
-    assert!(
-        workers.iter().any(|w| w["process_starts"] == 2),
-        "one worker was killed and restarted: {workers:?}"
+    // Each kill and each graceful stop restarted one worker.
+    let restarts: u64 = workers
+        .iter()
+        .map(|w| w["process_starts"].as_u64().unwrap_or(0).saturating_sub(1))
+        .sum();
+    let ran = |k: &str| r["by_kind"][k]["count"].as_u64().unwrap_or(0);
+    assert_eq!(
+        restarts,
+        ran("worker_kill") + ran("worker_stop"),
+        "{workers:?}"
     );
     assert!(md.contains("# tether e2e: PASS"), "{md}");
 }

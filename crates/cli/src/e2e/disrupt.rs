@@ -70,6 +70,19 @@ fn killed(status: Option<std::process::ExitStatus>) -> (bool, String) {
     }
 }
 
+/// Whether a worker stopped by SIGTERM stopped gracefully: exit 0 within the grace.
+fn stopped(exit: Option<procs::Exit>) -> (bool, String) {
+    match exit {
+        Some(procs::Exit::Stopped(s)) if s.success() => (true, "exited 0 after SIGTERM".into()),
+        Some(procs::Exit::Stopped(s)) => (false, format!("ended with {s} after SIGTERM")),
+        Some(procs::Exit::OnItsOwn(s)) => (false, format!("had exited on its own: {s}")),
+        Some(procs::Exit::KilledAfterGrace(g)) => {
+            (false, format!("not stopped {g:?} after SIGTERM; SIGKILLed"))
+        }
+        None => (false, "no process to stop".into()),
+    }
+}
+
 /// Waits until `f` holds or `limit` passes; returns whether it held.
 async fn until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = tokio::time::Instant::now() + limit;
@@ -208,6 +221,14 @@ impl System {
                 }
                 None
             }
+            (None, Kind::WorkerStop) => {
+                if let Some(w) = d.target.and_then(|i| self.workers.get_mut(i)) {
+                    evidence = Some(stopped(w.stop().await));
+                    tokio::time::sleep(d.hold).await;
+                    w.start()?;
+                }
+                None
+            }
             (None, Kind::CoordinatorKill) => {
                 evidence = Some(killed(self.coordinator.kill().await));
                 tokio::time::sleep(d.hold).await;
@@ -327,7 +348,7 @@ impl System {
                     .is_some_and(|x| observe::lost_since(&observe::events_now(&x.events), since))
             };
             let noticed = match kind {
-                Kind::WorkerKill => affected
+                Kind::WorkerKill | Kind::WorkerStop => affected
                     .iter()
                     .all(|w| self.watcher.detected(w, since).is_some()),
                 Kind::Corrupt => {

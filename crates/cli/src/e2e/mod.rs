@@ -69,8 +69,8 @@ pub struct E2eArgs {
     seed: Option<u64>,
     /// `all`, `network` (proxy faults only), `crash` (the kills), `kernel` (with --netns),
     /// or a comma-separated list of: latency, bandwidth, blackhole, reset, limit_data,
-    /// slicer, stall, corrupt, proxy_down, worker_kill, coordinator_kill, link_down,
-    /// link_crawl.
+    /// slicer, stall, corrupt, proxy_down, worker_kill, worker_stop, coordinator_kill,
+    /// link_down, link_crawl.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Where to write the report: a path prefix (`PREFIX.json`, `PREFIX.md`) or a directory.

@@ -249,7 +249,8 @@ impl Observation {
                 self.coordinator_detect_ms
                     .insert(worker.clone(), ms(start, at));
             }
-            let killed = self.kind == Kind::WorkerKill && self.target.as_deref() == Some(worker);
+            let killed = matches!(self.kind, Kind::WorkerKill | Kind::WorkerStop)
+                && self.target.as_deref() == Some(worker);
             if first_loss.is_none() && !killed {
                 continue;
             }
@@ -289,7 +290,7 @@ impl Observation {
             |f: &dyn Fn(&String) -> bool| !self.affected.is_empty() && self.affected.iter().all(f);
         let lost = |w: &String| self.worker_detect_ms.contains_key(w);
         self.detected = self.kind.detectable().then(|| match self.kind {
-            Kind::WorkerKill => self
+            Kind::WorkerKill | Kind::WorkerStop => self
                 .target
                 .as_ref()
                 .is_some_and(|t| self.coordinator_detect_ms.contains_key(t)),
@@ -458,6 +459,7 @@ mod tests {
             Kind::Reset,
             Kind::ProxyDown,
             Kind::WorkerKill,
+            Kind::WorkerStop,
             Kind::CoordinatorKill,
         ] {
             let mut o = Observation {

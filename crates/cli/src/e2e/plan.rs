@@ -35,6 +35,9 @@ pub enum Kind {
     ProxyDown,
     /// SIGKILL one worker process; restart it on the same state directory.
     WorkerKill,
+    /// SIGTERM one worker process (a graceful stop: what it could not finish moves at once);
+    /// restart it on the same state directory.
+    WorkerStop,
     /// SIGKILL the coordinator; restart it on the same data directory and port.
     CoordinatorKill,
     /// Kernel-made (`--netns`): one worker's veth link down, TCP left to retransmit into
@@ -46,7 +49,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Latency,
         Kind::Bandwidth,
         Kind::Blackhole,
@@ -57,6 +60,7 @@ impl Kind {
         Kind::Corrupt,
         Kind::ProxyDown,
         Kind::WorkerKill,
+        Kind::WorkerStop,
         Kind::CoordinatorKill,
     ];
 
@@ -80,6 +84,7 @@ impl Kind {
             Kind::Corrupt => "corrupt",
             Kind::ProxyDown => "proxy_down",
             Kind::WorkerKill => "worker_kill",
+            Kind::WorkerStop => "worker_stop",
             Kind::CoordinatorKill => "coordinator_kill",
             Kind::LinkDown => "link_down",
             Kind::LinkCrawl => "link_crawl",
@@ -101,6 +106,7 @@ impl Kind {
                 | Kind::LimitData
                 | Kind::ProxyDown
                 | Kind::WorkerKill
+                | Kind::WorkerStop
                 | Kind::CoordinatorKill
                 | Kind::LinkDown
         )
@@ -142,6 +148,7 @@ impl Kind {
                 | Kind::LimitData
                 | Kind::Corrupt
                 | Kind::WorkerKill
+                | Kind::WorkerStop
                 | Kind::LinkDown
                 | Kind::LinkCrawl
         )
@@ -295,7 +302,7 @@ pub fn plan(
                     MAX_HOLD,
                 ),
                 Kind::ProxyDown => (None, Direction::Both, ms(&mut rng, 800, 1_500)),
-                Kind::WorkerKill | Kind::CoordinatorKill => {
+                Kind::WorkerKill | Kind::WorkerStop | Kind::CoordinatorKill => {
                     (None, Direction::Both, ms(&mut rng, 300, 1_000))
                 }
                 // Until both sides declared the silent link dead, like a blackhole.
