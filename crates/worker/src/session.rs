@@ -1027,7 +1027,6 @@ impl<'a> Session<'a> {
                 let mut batch = Batch::new();
                 let mut first = 0;
                 for (i, (_, msg, _)) in taken.iter().enumerate() {
-                    count_out(msg);
                     if let Some(text) = batch.push_within(msg.as_ref(), max_bytes) {
                         frames.push((text, first..i));
                         first = i;
@@ -1043,7 +1042,6 @@ impl<'a> Session<'a> {
             }
             _ => {
                 for (i, (_, msg, _)) in taken.iter().enumerate() {
-                    count_out(msg);
                     frames.push((encode(msg.as_ref()), i..i + 1));
                 }
             }
@@ -1073,7 +1071,10 @@ impl<'a> Session<'a> {
                     false => Err(reason),
                 };
             }
+            // Counted once its frame is written: not one dropped as too large, nor one whose
+            // write failed (it is counted when a later write takes it).
             for (seq, msg, bytes) in &taken[entries] {
+                count_out(msg);
                 self.window.enter(Sent {
                     seq: seq.0,
                     bytes: *bytes,

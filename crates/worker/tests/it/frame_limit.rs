@@ -1,8 +1,11 @@
 //! What the coordinator says of its limits, held to: its frame limit against messages queued
 //! before it said it, and its heartbeat cadence within sane bounds.
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
 
 use tether_proto::msg::{TaskResult, TaskState, WorkerMsg, now};
 use tether_proto::{Attempt, Outcome, Seq, TaskId, WorkerId};
@@ -33,6 +36,41 @@ async fn held_within(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     tokio::time::timeout(limit, polled).await.is_ok()
 }
 
+/// Counts `tether_worker_messages_out_total` by its `type` label.
+#[derive(Default)]
+struct MessagesOut(std::sync::Mutex<std::collections::HashMap<String, Arc<AtomicU64>>>);
+
+impl MessagesOut {
+    fn of(&self, ty: &str) -> u64 {
+        let counts = self.0.lock().expect("lock");
+        counts.get(ty).map_or(0, |c| c.load(Ordering::SeqCst))
+    }
+}
+
+impl metrics::Recorder for MessagesOut {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        if key.name() != tether_worker::metrics::MESSAGES_OUT {
+            return Counter::noop();
+        }
+        let ty = key
+            .labels()
+            .find(|l| l.key() == "type")
+            .map(|l| l.value().to_owned())
+            .unwrap_or_default();
+        let mut counts = self.0.lock().expect("lock");
+        Counter::from_arc(counts.entry(ty).or_default().clone())
+    }
+    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::noop()
+    }
+    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::noop()
+    }
+}
+
 fn result(seq: u64, task: &str, pad: usize) -> WorkerMsg {
     WorkerMsg::TaskResult(TaskResult {
         seq: Seq(seq),
@@ -52,10 +90,13 @@ fn result(seq: u64, task: &str, pad: usize) -> WorkerMsg {
 /// one it now talks to (restarted with a smaller `--max-frame`): sent as they are, each would
 /// end the session at the coordinator's limit, and every session after it. The result goes as
 /// the failure of its attempt, saying why; the state is dropped; the session lives on, and
-/// the small result journaled behind them arrives too.
+/// the small result journaled behind them arrives too. Only what was sent counts as sent.
 #[tokio::test(start_paused = true)]
 async fn a_journaled_result_too_large_for_the_coordinator_fails_its_attempt_and_the_session_lives_on()
  {
+    // This runtime's one thread runs the session: its counts reach this recorder.
+    let counted = Arc::new(MessagesOut::default());
+    let _recorder = metrics::set_default_local_recorder(&*counted);
     let dir = tempfile::tempdir().expect("tempdir");
     let id = WorkerId::parse("w").expect("id");
     let big = 4 * SMALL_FRAME;
@@ -109,6 +150,9 @@ async fn a_journaled_result_too_large_for_the_coordinator_fails_its_attempt_and_
     assert_eq!(results.len(), 2, "{results:?}");
     assert!(!fake.received_on(0).contains(&2), "the state is never sent");
     assert_eq!(outbox.oversize.load(Ordering::Relaxed), 2);
+    // The failure of t-big and t-small went out; the oversize result and state did not.
+    assert_eq!(counted.of("task_result"), 2);
+    assert_eq!(counted.of("task_state"), 0);
     running.stop().await;
     // The outbox holds the state directory (its journal).
     drop(outbox);
