@@ -561,6 +561,10 @@ pub struct RegistrationAck {
     /// The largest frame the coordinator accepts, bytes: the worker sends nothing larger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_frame: Option<u64>,
+    /// The largest checkpoint the coordinator keeps, bytes: the worker uploads none larger
+    /// (its announcement would be refused after every piece had been sent for nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_checkpoint: Option<u64>,
     #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }

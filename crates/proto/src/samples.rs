@@ -185,6 +185,7 @@ pub fn coord_messages() -> Vec<CoordMsg> {
             }),
             compact_acks: true,
             max_frame: Some(16 * 1024 * 1024),
+            max_checkpoint: Some(64 * 1024 * 1024),
             timestamp: ts,
         }),
         CoordMsg::Heartbeat(HeartbeatReply {

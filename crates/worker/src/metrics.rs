@@ -74,6 +74,8 @@ pub const TASKS_FINISHED: &str = "tether_worker_tasks_finished_total";
 pub const TASK_DURATION: &str = "tether_worker_task_duration_seconds";
 /// Counter: checkpoint bytes queued for upload.
 pub const CHECKPOINT_BYTES: &str = "tether_worker_checkpoint_bytes_total";
+/// Counter: checkpoints not uploaded, larger than the coordinator keeps.
+pub const CHECKPOINTS_TOO_LARGE: &str = "tether_worker_checkpoints_too_large_total";
 
 // Compression.
 /// Counter: payload bytes before compression (fed by the compression layer).
@@ -172,6 +174,10 @@ fn describe() {
         CHECKPOINT_BYTES,
         Unit::Bytes,
         "checkpoint bytes queued for upload"
+    );
+    describe_counter!(
+        CHECKPOINTS_TOO_LARGE,
+        "checkpoints not uploaded, larger than the coordinator keeps"
     );
     describe_counter!(
         COMPRESSION_RAW_BYTES,

@@ -82,6 +82,9 @@ pub struct Runner {
     /// The largest frame a message may take (the smaller of this worker's and the
     /// coordinator's limits, once it said): a bigger result is not sent as it is.
     max_frame: Arc<std::sync::atomic::AtomicUsize>,
+    /// The largest checkpoint the coordinator keeps (its `registration_ack` says it; no limit
+    /// until it did): a larger one is kept here but not uploaded.
+    max_checkpoint: Arc<std::sync::atomic::AtomicU64>,
     checkpoint_root: Option<PathBuf>,
     /// Where command tasks record their process groups ([`crate::executor::orphans`]).
     group_root: Option<PathBuf>,
@@ -176,6 +179,7 @@ impl Runner {
             tracker: TaskTracker::new(),
             chunk_size,
             max_frame: Arc::new(crate::config::DEFAULT_MAX_FRAME.into()),
+            max_checkpoint: Arc::new(u64::MAX.into()),
             checkpoint_root: None,
             group_root: None,
             on_checkpoint: None,
@@ -198,6 +202,13 @@ impl Runner {
     pub fn limit_frames_to(&self, coordinator: usize, own: usize) {
         self.max_frame
             .store(own.min(coordinator), Ordering::Relaxed);
+    }
+
+    /// The largest checkpoint the coordinator keeps, as its `registration_ack` says (`None`:
+    /// it says nothing, no limit).
+    pub fn limit_checkpoints_to(&self, coordinator: Option<u64>) {
+        self.max_checkpoint
+            .store(coordinator.unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// Checkpoints kept locally for tasks lost with the previous process.
@@ -463,6 +474,7 @@ impl Runner {
             outbox: self.outbox.clone(),
             chunk_size: self.chunk_size,
             max_frame: self.max_frame.clone(),
+            max_checkpoint: self.max_checkpoint.clone(),
             checkpoint_dir: checkpoint_dir.clone(),
             group_record: self
                 .group_root
@@ -785,12 +797,13 @@ impl Runner {
                     self.chunk_size,
                     self.max_frame.load(Ordering::Relaxed),
                 );
+                let limit = self.max_checkpoint.load(Ordering::Relaxed);
                 let this = self.clone();
                 self.tracker.spawn(async move {
                     // Not stopped with the attempt: a re-upload cut short would leave the
                     // checkpoint incomplete at the coordinator. Only shutdown gives up.
                     tokio::select! {
-                        () = upload_checkpoint(&this.outbox, &shared.task_id, &cp, piece) => {}
+                        () = upload_checkpoint(&this.outbox, &shared.task_id, &cp, piece, limit) => {}
                         () = this.stopping.cancelled() => {}
                     }
                     shared.reuploading.store(false, Ordering::Release);

@@ -705,6 +705,7 @@ impl<'a> Session<'a> {
         self.agent
             .runner
             .limit_frames_to(self.max_frame_out, self.agent.cfg.max_frame);
+        self.agent.runner.limit_checkpoints_to(ack.max_checkpoint);
         self.agent.lost.clear();
         let outage = self.agent.shared.stats().on_registered();
         if let Some(d) = outage {

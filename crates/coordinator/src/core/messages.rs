@@ -318,6 +318,7 @@ impl Core {
                 batching: self.cfg.batching().filter(|_| r.batching),
                 compact_acks: r.compact_acks,
                 max_frame: Some(self.cfg.max_frame as u64),
+                max_checkpoint: Some(self.cfg.max_checkpoint_bytes),
                 timestamp: now(),
             }),
         );
@@ -897,8 +898,15 @@ impl Core {
                     Disposition::Duplicate
                 }
             }
-            // Complete already, or its announcement was rejected.
-            (Standing::Holder, None) => Disposition::Duplicate,
+            // Complete already (kept, or pruned and remembered): a replay.
+            (Standing::Holder, None)
+                if self.checkpoint_owner.get(&d.checkpoint_id) == Some(&d.task_id) =>
+            {
+                Disposition::Duplicate
+            }
+            // Its announcement was refused (or never came): the piece is not stored, and a
+            // `duplicate` would say it was.
+            (Standing::Holder, None) => Disposition::Rejected,
             // Another upload's id, or a stranger.
             (Standing::Holder | Standing::Stranger, _) => {
                 self.reject(

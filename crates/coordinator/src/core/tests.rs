@@ -1706,3 +1706,27 @@ fn a_stopped_worker_s_leases_move_at_once() {
     h.frame("a", s, result(1, &t, 1));
     assert_eq!(h.core.tasks[&t].status, TaskStatus::Running);
 }
+
+/// The pieces of a checkpoint whose announcement was refused (here: over the size limit) are
+/// answered `rejected`, not `duplicate` (which says "stored already"); a replayed piece of a
+/// checkpoint that completed stays `duplicate`.
+#[test]
+fn pieces_of_a_refused_checkpoint_are_rejected_and_replays_of_a_complete_one_duplicate() {
+    let mut cfg = CoordinatorConfig::new("/nonexistent");
+    cfg.max_checkpoint_bytes = 100;
+    let mut h = Harness::with(cfg);
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit();
+    drain(&mut rx);
+    h.frame("a", s, checkpoint(1, &t, "c-big", 101, 1));
+    assert_eq!(checkpoint_ack(&drain(&mut rx)), Disposition::Rejected);
+    h.frame("a", s, piece(2, &t, "c-big", 0, &[1; 101]));
+    assert_eq!(data_ack(&drain(&mut rx)), Disposition::Rejected);
+    h.frame("a", s, checkpoint(3, &t, "c-ok", 100, 1));
+    assert_eq!(checkpoint_ack(&drain(&mut rx)), Disposition::Recorded);
+    h.frame("a", s, piece(4, &t, "c-ok", 0, &[2; 100]));
+    assert_eq!(data_ack(&drain(&mut rx)), Disposition::Recorded);
+    // Acknowledgements lost with a session: the same piece again.
+    h.frame("a", s, piece(4, &t, "c-ok", 0, &[2; 100]));
+    assert_eq!(data_ack(&drain(&mut rx)), Disposition::Duplicate);
+}

@@ -241,6 +241,50 @@ async fn checkpoint_pieces_fit_in_the_frames_the_coordinator_takes() {
     c.stop().await;
 }
 
+/// A checkpoint larger than the coordinator keeps (its `registration_ack` says how large) is
+/// not uploaded at all: no piece is sent only to see the announcement refused. The next one,
+/// within the limit, is stored.
+#[tokio::test]
+async fn a_checkpoint_larger_than_the_coordinator_keeps_is_not_sent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut ccfg = fast_coordinator_config(dir.path().to_owned());
+    ccfg.max_checkpoint_bytes = 100_000;
+    let c = spawn_coordinator_with(ccfg, None).await;
+    let mut executors = Executors::builtin();
+    executors.register(
+        "checkpoints",
+        executor(|_, ctx| async move {
+            ctx.checkpoint(vec![7u8; 300_000]).await;
+            ctx.checkpoint(vec![8u8; 50_000]).await;
+            ctx.cancelled().await;
+            Err(tether_worker::ExecError::Cancelled)
+        }),
+    );
+    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), executors);
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let id = client
+        .submit(&[TaskSpec::new("checkpoints", serde_json::json!({}))])
+        .await
+        .remove(0);
+    let t = wait_for("the small checkpoint to be stored", DEADLINE, || async {
+        let t = client.task(&id).await;
+        (!t["latest_checkpoint"].is_null()).then_some(t)
+    })
+    .await;
+    assert_eq!(t["latest_checkpoint"]["size"], 50_000, "{t}");
+    let received = w
+        .handle
+        .shared
+        .errors_received
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(received, 0, "no refusal of a checkpoint came back");
+    client.control(&id, "cancel").await;
+    client.wait_status(&id, "cancelled").await;
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn two_workers_with_distinct_ids_stay_distinct_and_share_the_work() {
     let dir = tempfile::tempdir().expect("tempdir");

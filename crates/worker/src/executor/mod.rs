@@ -292,6 +292,8 @@ pub struct TaskCtx {
     pub(crate) chunk_size: usize,
     /// The largest frame a message may take (see `Runner::limit_frames_to`).
     pub(crate) max_frame: Arc<AtomicUsize>,
+    /// The largest checkpoint the coordinator keeps (see `Runner::limit_checkpoints_to`).
+    pub(crate) max_checkpoint: Arc<AtomicU64>,
     pub(crate) checkpoint_dir: Option<PathBuf>,
     /// Where the `command` executor records the task's process group, for a worker that
     /// starts after a crash ([`orphans`]).
@@ -328,6 +330,7 @@ impl TaskCtx {
             outbox: Arc::new(Outbox::new(Default::default())),
             chunk_size: DEFAULT_CHUNK_SIZE,
             max_frame: Arc::new(crate::config::DEFAULT_MAX_FRAME.into()),
+            max_checkpoint: Arc::new(u64::MAX.into()),
             checkpoint_dir: None,
             group_record: None,
             on_checkpoint: None,
@@ -449,7 +452,8 @@ impl TaskCtx {
             .checkpoint_requested
             .store(false, Ordering::Relaxed);
         let piece = piece_size(self.chunk_size, self.max_frame.load(Ordering::Relaxed));
-        upload_checkpoint(&self.outbox, &self.shared.task_id, &stored, piece).await;
+        let limit = self.max_checkpoint.load(Ordering::Relaxed);
+        upload_checkpoint(&self.outbox, &self.shared.task_id, &stored, piece, limit).await;
         self.pause_point().await;
         id
     }
@@ -621,13 +625,23 @@ pub(crate) fn push_notice(outbox: &Outbox, task_id: &TaskId, attempt: Attempt, k
     });
 }
 
-/// Queues a checkpoint as one `checkpoint` message and its `checkpoint_data` pieces.
+/// Queues a checkpoint as one `checkpoint` message and its `checkpoint_data` pieces, unless
+/// it is larger than the coordinator keeps (`max_checkpoint`): then it is kept only here (a
+/// resume on this worker still finds it), logged and counted, and nothing is sent, since the
+/// coordinator would refuse its announcement after every piece had been sent.
 pub(crate) async fn upload_checkpoint(
     outbox: &Outbox,
     task_id: &TaskId,
     cp: &StoredCheckpoint,
     chunk_size: usize,
+    max_checkpoint: u64,
 ) {
+    let size = cp.data.len() as u64;
+    if size > max_checkpoint {
+        metrics::counter!(crate::metrics::CHECKPOINTS_TOO_LARGE).increment(1);
+        tracing::error!(task = %task_id, checkpoint = %cp.id, size, limit = max_checkpoint, "checkpoint larger than the coordinator keeps: not uploaded (a resume elsewhere starts from an earlier one)");
+        return;
+    }
     // Larger pieces rather than more than the coordinator takes (at the default frame limit,
     // a checkpoint would need to pass 1 TiB for such a piece not to fit in a frame).
     let most = usize::try_from(tether_proto::codec::MAX_CHECKPOINT_CHUNKS).unwrap_or(usize::MAX);
@@ -936,7 +950,7 @@ mod tests {
             data: Arc::new(vec![7; 3 * most]),
         };
         // Three pieces' worth at the most pieces, in pieces of 1 byte asked: 3 bytes instead.
-        upload_checkpoint(&outbox, &TaskId::parse("t").expect("id"), &cp, 1).await;
+        upload_checkpoint(&outbox, &TaskId::parse("t").expect("id"), &cp, 1, u64::MAX).await;
         let msgs = outbox.take_unsent(usize::MAX);
         let announced = msgs.iter().find_map(|(_, m)| match m.as_ref() {
             WorkerMsg::Checkpoint(c) => Some(c.chunks),
@@ -944,6 +958,26 @@ mod tests {
         });
         assert_eq!(announced, Some(most as u32));
         assert_eq!(msgs.len(), most + 1);
+    }
+
+    /// A checkpoint larger than the coordinator keeps is not sent (it would be refused once
+    /// every piece had gone); one of the limit's size is.
+    #[tokio::test]
+    async fn a_checkpoint_larger_than_the_coordinator_keeps_is_not_uploaded() {
+        let outbox = Outbox::new(crate::outbox::Limits {
+            max_entries: usize::MAX,
+            max_bytes: usize::MAX,
+        });
+        let task = TaskId::parse("t").expect("id");
+        let cp = |id: &str, n: usize| StoredCheckpoint {
+            id: tether_proto::CheckpointId::parse(id).expect("id"),
+            attempt: Attempt(1),
+            data: Arc::new(vec![7; n]),
+        };
+        upload_checkpoint(&outbox, &task, &cp("c-big", 1001), 100, 1000).await;
+        assert!(outbox.is_empty(), "nothing of it is queued");
+        upload_checkpoint(&outbox, &task, &cp("c-fits", 1000), 100, 1000).await;
+        assert_eq!(outbox.take_unsent(usize::MAX).len(), 1 + 10);
     }
 
     #[tokio::test(start_paused = true)]

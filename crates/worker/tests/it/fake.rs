@@ -297,6 +297,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
             directives: vec![],
             compact_acks: false,
             max_frame: (script == Script::SmallFrames).then_some(SMALL_FRAME as u64),
+            max_checkpoint: None,
             timestamp: now(),
         })))
         .await;

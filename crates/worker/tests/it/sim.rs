@@ -314,6 +314,7 @@ async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>, conn: usize) {
                     directives: vec![],
                     compact_acks: false,
                     max_frame: None,
+                    max_checkpoint: None,
                     timestamp: now(),
                 })];
                 v.extend(assign.into_iter().map(|(task_id, ms)| {
