@@ -15,11 +15,11 @@ use tether_proto::integrity::{
     DEFAULT_MAX_FAILURES, Direction, HMAC_SHA256, MacError, Opener, Sealer, SessionKey,
 };
 use tether_proto::msg::{
-    Batching, CoordMsg, ErrorCode, ErrorMsg, Heartbeat, HeartbeatAction, Inventory,
-    PROTOCOL_VERSION, Registration, StopNotice, Telemetry, WorkerMsg, now,
+    Batching, CheckpointError, CoordMsg, ErrorCode, ErrorMsg, Heartbeat, HeartbeatAction,
+    Inventory, PROTOCOL_VERSION, Registration, StopNotice, Telemetry, WorkerMsg, now,
 };
 use tether_proto::settings::MIN_FRAME;
-use tether_proto::{Batch, DecodeError, decode_coord, encode, is_batch};
+use tether_proto::{Batch, CheckpointId, DecodeError, TaskId, decode_coord, encode, is_batch};
 use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -31,7 +31,7 @@ use crate::agent::Agent;
 use crate::config::WorkerConfig;
 use crate::connector::WsStream;
 use crate::metrics as m;
-use crate::outbox::{Class, Coalesce, frame_fits};
+use crate::outbox::{Class, Coalesce, Oversize, frame_fits};
 use crate::stats::ConnState;
 
 /// Close codes with which a coordinator refuses a worker for good.
@@ -1047,14 +1047,24 @@ impl<'a> Session<'a> {
                 }
             }
         }
+        // Checkpoints one of whose pieces was dropped as too large: the coordinator is told,
+        // so that it drops the upload at once instead of keeping it unfinished.
+        let mut abandoned: Vec<(TaskId, CheckpointId)> = Vec::new();
         for (text, entries) in frames {
             if !frame_fits(text.len(), self.max_frame_out) {
                 // Queued or journaled under a larger limit: sent, it would end this session
                 // and every later one. A result fails its attempt instead, the rest is dropped.
-                for (seq, _, _) in &taken[entries] {
-                    self.agent
+                for (seq, msg, _) in &taken[entries] {
+                    let outcome = self
+                        .agent
                         .outbox
                         .too_large(*seq, text.len(), self.max_frame_out);
+                    if let (Oversize::Dropped, WorkerMsg::CheckpointData(d)) =
+                        (outcome, msg.as_ref())
+                        && !abandoned.iter().any(|(_, id)| id == &d.checkpoint_id)
+                    {
+                        abandoned.push((d.task_id.clone(), d.checkpoint_id.clone()));
+                    }
                 }
                 continue;
             }
@@ -1083,6 +1093,18 @@ impl<'a> Session<'a> {
                     in_order: !matches!(msg.as_ref(), WorkerMsg::CheckpointFetch(_)),
                 });
             }
+        }
+        for (task_id, checkpoint_id) in abandoned {
+            let size = self.max_frame_out;
+            let error = WorkerMsg::CheckpointError(CheckpointError {
+                task_id,
+                checkpoint_id: Some(checkpoint_id),
+                error: format!(
+                    "a piece of this checkpoint is larger than the coordinator's frames ({size} bytes); the upload is abandoned"
+                ),
+                timestamp: now(),
+            });
+            self.send(&error).await?;
         }
         // What was fed is in the window: a flush that stalls until the deadline (a slow link)
         // leaves it to the window's own watch and the liveness deadline.

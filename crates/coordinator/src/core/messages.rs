@@ -8,9 +8,9 @@ use std::sync::atomic::Ordering;
 
 use tether_proto::codec::MAX_CHECKPOINT_CHUNKS;
 use tether_proto::msg::{
-    Checkpoint, CheckpointData, CheckpointFetch, CheckpointPiece, CoordMsg, Directive,
-    DirectiveAction, Disposition, ErrorCode, PROTOCOL_VERSION, Registration, RegistrationAck,
-    TaskNotice, TaskResult, TaskState, Telemetry, WorkerMsg, now,
+    Checkpoint, CheckpointData, CheckpointError, CheckpointFetch, CheckpointPiece, CoordMsg,
+    Directive, DirectiveAction, Disposition, ErrorCode, PROTOCOL_VERSION, Registration,
+    RegistrationAck, TaskNotice, TaskResult, TaskState, Telemetry, WorkerMsg, now,
 };
 use tether_proto::{Attempt, TaskId, TaskStatus, WorkerId, encode};
 
@@ -199,9 +199,7 @@ impl Core {
             WorkerMsg::Checkpoint(c) => self.on_checkpoint(worker, session, c, b),
             WorkerMsg::CheckpointData(d) => self.on_checkpoint_data(worker, session, d, b),
             WorkerMsg::CheckpointFetch(f) => self.on_checkpoint_fetch(worker, session, f, b),
-            WorkerMsg::CheckpointError(e) => {
-                tracing::info!(worker = %worker, task = %e.task_id, error = ?e.error, "worker could not serve a checkpoint request");
-            }
+            WorkerMsg::CheckpointError(e) => self.on_checkpoint_error(worker, e, b),
             WorkerMsg::StateError(e) => {
                 tracing::info!(worker = %worker, task = ?e.task_id, error = ?e.error, "worker could not serve a state request");
             }
@@ -213,6 +211,25 @@ impl Core {
             WorkerMsg::Telemetry(t) => self.on_telemetry(worker, session, t, b),
             WorkerMsg::WorkerStopping(_) => self.on_stopping(worker, b),
             WorkerMsg::WorkerStopped(_) => self.on_stopped(worker, b),
+        }
+    }
+
+    /// `checkpoint_error`: the worker cannot provide a checkpoint (asked for by
+    /// `checkpoint_request`, or one whose upload it abandoned). An unfinished upload of it by
+    /// this worker for that task is dropped at once: its missing pieces will not come.
+    fn on_checkpoint_error(&mut self, worker: &WorkerId, e: CheckpointError, b: &mut Batch) {
+        tracing::info!(worker = %worker, task = %e.task_id, checkpoint = ?e.checkpoint_id, error = ?e.error, "worker cannot provide a checkpoint");
+        let Some(id) = e.checkpoint_id else {
+            return;
+        };
+        let theirs = self
+            .partial
+            .get(&id)
+            .is_some_and(|p| &p.meta.worker == worker && p.meta.task_id == e.task_id);
+        if theirs {
+            self.partial.remove(&id);
+            b.muts.push(Mutation::DeleteCheckpoint(id.clone()));
+            tracing::info!(worker = %worker, task = %e.task_id, checkpoint = %id, "unfinished checkpoint upload dropped: the worker cannot finish it");
         }
     }
 

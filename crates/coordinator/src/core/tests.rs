@@ -1730,3 +1730,45 @@ fn pieces_of_a_refused_checkpoint_are_rejected_and_replays_of_a_complete_one_dup
     h.frame("a", s, piece(4, &t, "c-ok", 0, &[2; 100]));
     assert_eq!(data_ack(&drain(&mut rx)), Disposition::Duplicate);
 }
+
+fn checkpoint_error(task: &TaskId, id: &str) -> WorkerMsg {
+    WorkerMsg::CheckpointError(tether_proto::msg::CheckpointError {
+        task_id: task.clone(),
+        checkpoint_id: Some(tether_proto::CheckpointId::parse(id).expect("id")),
+        error: "abandoned".into(),
+        timestamp: now(),
+    })
+}
+
+/// A `checkpoint_error` naming an unfinished upload drops it at once (its missing pieces will
+/// not come), but only the uploading worker's word counts.
+#[test]
+fn a_checkpoint_the_worker_cannot_finish_is_dropped_at_its_word_only() {
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit();
+    drain(&mut rx);
+    h.frame("a", s, checkpoint(1, &t, "c-1", 10, 2));
+    h.frame("a", s, piece(2, &t, "c-1", 0, b"12345"));
+    let c1 = tether_proto::CheckpointId::parse("c-1").expect("id");
+    assert!(h.core.partial.get(&c1).is_some());
+    let (sb, _rxb) = h.connect("b");
+    h.frame("b", sb, checkpoint_error(&t, "c-1"));
+    assert!(h.core.partial.get(&c1).is_some(), "another worker's word");
+    h.frame("a", s, checkpoint_error(&t, "c-1"));
+    assert!(h.core.partial.get(&c1).is_none());
+    let deleted: Vec<_> = h
+        .last_muts
+        .iter()
+        .filter_map(|m| match m {
+            crate::store::Mutation::DeleteCheckpoint(id) => Some(id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(deleted, ["c-1"]);
+    // A piece still on its way finds nothing to complete.
+    drain(&mut rx);
+    h.frame("a", s, piece(3, &t, "c-1", 1, b"67890"));
+    assert_eq!(data_ack(&drain(&mut rx)), Disposition::Rejected);
+    assert!(h.core.tasks[&t].latest_checkpoint.is_none());
+}

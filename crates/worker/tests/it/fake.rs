@@ -154,6 +154,8 @@ pub struct FakeConnector {
     pub results: Arc<Mutex<Vec<tether_proto::msg::TaskResult>>>,
     /// Heartbeats received, over all connections ([`Script::Retune`]).
     pub heartbeats: Arc<std::sync::atomic::AtomicU64>,
+    /// Each `checkpoint_error` received ([`Script::SmallFrames`]).
+    pub checkpoint_errors: Arc<Mutex<Vec<tether_proto::msg::CheckpointError>>>,
 }
 
 impl FakeConnector {
@@ -168,6 +170,7 @@ impl FakeConnector {
             pieces: Arc::default(),
             results: Arc::default(),
             heartbeats: Arc::default(),
+            checkpoint_errors: Arc::default(),
         }
     }
 
@@ -208,6 +211,7 @@ impl Connector for FakeConnector {
         let pieces = self.pieces.clone();
         let results = self.results.clone();
         let heartbeats = self.heartbeats.clone();
+        let checkpoint_errors = self.checkpoint_errors.clone();
         Box::pin(async move {
             match script {
                 Script::Refuse => return Err(ConnectError::Transient("connection refused".into())),
@@ -225,6 +229,7 @@ impl Connector for FakeConnector {
                 pieces,
                 results,
                 heartbeats,
+                checkpoint_errors,
             };
             tokio::spawn(serve(server, script, seen));
             let io: Pin<Box<dyn Io>> = Box::pin(client);
@@ -241,6 +246,7 @@ struct Seen {
     pieces: Arc<Mutex<Vec<(String, u32)>>>,
     results: Arc<Mutex<Vec<tether_proto::msg::TaskResult>>>,
     heartbeats: Arc<std::sync::atomic::AtomicU64>,
+    checkpoint_errors: Arc<Mutex<Vec<tether_proto::msg::CheckpointError>>>,
 }
 
 async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
@@ -251,6 +257,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
         pieces,
         results,
         heartbeats,
+        checkpoint_errors,
     } = seen;
     let limit =
         (script == Script::SmallFrames).then(|| tether_worker::connector::ws_config(SMALL_FRAME));
@@ -374,10 +381,16 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                 {
                     break;
                 }
-                if let Message::Text(t) = &m
-                    && let Ok(tether_proto::WorkerMsg::TaskResult(r)) = decode_worker(t.as_str())
-                {
-                    results.lock().expect("lock").push(r);
+                if let Message::Text(t) = &m {
+                    match decode_worker(t.as_str()) {
+                        Ok(tether_proto::WorkerMsg::TaskResult(r)) => {
+                            results.lock().expect("lock").push(r);
+                        }
+                        Ok(tether_proto::WorkerMsg::CheckpointError(e)) => {
+                            checkpoint_errors.lock().expect("lock").push(e);
+                        }
+                        _ => {}
+                    }
                 }
                 let Some((seq, ack)) = ack_of(&m) else {
                     continue;

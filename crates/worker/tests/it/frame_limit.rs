@@ -217,3 +217,60 @@ async fn an_absurd_heartbeat_timeout_is_capped_and_a_silent_coordinator_still_no
         running.stop().await;
     }
 }
+
+/// A checkpoint piece journaled under a larger frame limit than the coordinator now takes is
+/// dropped, not sent; the coordinator is told the upload is abandoned (`checkpoint_error`
+/// naming it), so that it does not keep the unfinished checkpoint waiting for that piece.
+#[tokio::test(start_paused = true)]
+async fn a_checkpoint_piece_too_large_for_the_coordinator_abandons_its_upload_saying_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = WorkerId::parse("w").expect("id");
+    let big = 4 * SMALL_FRAME;
+    let task = TaskId::parse("t-run").expect("id");
+    let checkpoint = tether_proto::CheckpointId::parse("c-big").expect("id");
+    {
+        let (sd, _) = StateDir::open(dir.path(), &id).expect("open");
+        let announce = WorkerMsg::Checkpoint(tether_proto::msg::Checkpoint {
+            seq: Seq(1),
+            task_id: task.clone(),
+            attempt: Attempt(1),
+            checkpoint_id: checkpoint.clone(),
+            size: big as u64,
+            chunks: 1,
+            timestamp: now(),
+        });
+        let piece = WorkerMsg::CheckpointData(tether_proto::msg::CheckpointData {
+            seq: Seq(2),
+            task_id: task.clone(),
+            attempt: Attempt(1),
+            checkpoint_id: checkpoint.clone(),
+            chunk: 0,
+            data: tether_proto::task::Blob(vec![7; big]),
+            timestamp: now(),
+        });
+        sd.write(Some((Class::State, Seq(1), &announce)), &[]);
+        sd.write(Some((Class::State, Seq(2), &piece)), &[]);
+    }
+    let fake = FakeConnector::new(Script::SmallFrames);
+    let mut cfg = config();
+    cfg.state_dir = Some(dir.path().to_owned());
+    let running = Running::start(&fake, cfg);
+    running.wait_state(|s| s == ConnState::Connected).await;
+    let outbox = running.handle.outbox.clone();
+    let errors = fake.checkpoint_errors.clone();
+    assert!(
+        held_within(Duration::from_secs(60), || outbox.is_empty()
+            && !errors.lock().expect("lock").is_empty())
+        .await,
+        "outbox {} entries, {} checkpoint errors",
+        outbox.len(),
+        errors.lock().expect("lock").len()
+    );
+    let errors = errors.lock().expect("lock").clone();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].task_id, task);
+    assert_eq!(errors[0].checkpoint_id.as_ref(), Some(&checkpoint));
+    assert!(!fake.received_on(0).contains(&2), "the piece is never sent");
+    assert_eq!(fake.attempts().len(), 1, "one connection throughout");
+    running.stop().await;
+}
