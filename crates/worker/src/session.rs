@@ -40,6 +40,8 @@ pub const CLOSE_INCOMPATIBLE: u16 = 4002;
 pub const CLOSE_CONFLICT: u16 = 4003;
 /// Close code of a session replaced by a newer connection of the same worker.
 pub const CLOSE_REPLACED: u16 = 4009;
+/// Close code (message too big) of a frame larger than the coordinator takes.
+const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code (policy violation) with which this worker ends a session whose frames failed
 /// their integrity tag too often.
 const CLOSE_POLICY: u16 = 1008;
@@ -582,6 +584,21 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// A close before the registration was acknowledged. A registration too large for the
+    /// coordinator's frames (close 1009: its tags, capabilities or inventory) is refused the
+    /// same way at every attempt: a refusal, which stops the worker once repeated, not a
+    /// failure to retry for ever.
+    fn registration_closed(reason: String, code: Option<u16>, sent: usize) -> SessionEnd {
+        match code {
+            Some(CLOSE_TOO_BIG) if sent > 0 => SessionEnd::Refused(format!(
+                "{reason}: this worker's registration ({sent} bytes) is larger than the \
+                 coordinator takes (its --max-frame); make its tags, capabilities or inventory \
+                 smaller, or raise the coordinator's limit"
+            )),
+            _ => Self::closed_end(reason, code),
+        }
+    }
+
     async fn register(&mut self, shutdown: &CancellationToken) -> Result<(), SessionEnd> {
         // 1. welcome. A worker without a secret puts nothing of the welcome in its
         // registration (no signature over its nonce, no session key), so it sends the
@@ -591,8 +608,11 @@ impl<'a> Session<'a> {
         // the welcome with the acknowledgement. The welcome is still read and checked before
         // the acknowledgement is taken.
         let sent_first = crate::agent::registers_first(&self.agent.cfg);
+        // The size of the registration sent, for the refusal of one too large.
+        let mut sent = 0;
         if sent_first {
             let reg = self.registration(now(), None, None);
+            sent = encode(&reg).len();
             self.send(&reg).await.map_err(SessionEnd::NotRegistered)?;
         }
         let welcome = loop {
@@ -606,7 +626,7 @@ impl<'a> Session<'a> {
                     )));
                 }
                 Inbound::Other | Inbound::Msgs(_) => continue,
-                Inbound::Closed(r, code) => return Err(Self::closed_end(r, code)),
+                Inbound::Closed(r, code) => return Err(Self::registration_closed(r, code, sent)),
             }
         };
         // The welcome carries no tag (there is no key yet), so a frame damaged on the wire
@@ -672,6 +692,7 @@ impl<'a> Session<'a> {
         let client_nonce = self.key_session(&welcome)?;
         if !sent_first {
             let reg = self.registration(timestamp, signature, client_nonce);
+            sent = encode(&reg).len();
             self.send(&reg).await.map_err(SessionEnd::NotRegistered)?;
         }
         // 3. the coordinator's decisions; anything else that arrives first is kept for after.
@@ -694,7 +715,7 @@ impl<'a> Session<'a> {
                         other.type_name()
                     )));
                 }
-                Inbound::Closed(r, code) => return Err(Self::closed_end(r, code)),
+                Inbound::Closed(r, code) => return Err(Self::registration_closed(r, code, sent)),
             }
         };
         self.zstd = self.agent.cfg.compression && ack.compression.as_deref() == Some(ZSTD);
