@@ -320,7 +320,10 @@ async fn handshake(
 /// The session: handshake, then its loop until either side ends it. Not an `async fn`: one
 /// keeps each argument twice in its future (the argument, and the local it is moved into), 96
 /// bytes every idle session carried for nothing; an `async move` block keeps them once.
-#[expect(clippy::manual_async_fn, reason = "an async fn keeps its arguments twice")]
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
 fn run(
     app: Arc<AppState>,
     worker: WorkerId,
