@@ -40,11 +40,11 @@ pub const CLOSE_INCOMPATIBLE: u16 = 4002;
 pub const CLOSE_CONFLICT: u16 = 4003;
 /// Close code of a session replaced by a newer connection of the same worker.
 pub const CLOSE_REPLACED: u16 = 4009;
-/// Close code (message too big) of a frame larger than the coordinator takes.
-const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code (policy violation) with which this worker ends a session whose frames failed
 /// their integrity tag too often.
 const CLOSE_POLICY: u16 = 1008;
+/// Close code of a frame larger than the peer takes.
+const CLOSE_TOO_BIG: u16 = 1009;
 
 /// Outbox entries sent per batch before the loop looks at inbound frames again.
 const SEND_BATCH: usize = 64;
@@ -304,6 +304,14 @@ pub(crate) struct Session<'a> {
     ///
     /// [`Outbox::too_large`]: crate::outbox::Outbox::too_large
     max_frame_out: usize,
+    /// The coordinator's `registration_ack` came: `max_frame_out` is its limit, and every
+    /// message sent directly (not through the outbox) is held to it.
+    limit_known: bool,
+    /// Bytes of the registration sent, for the refusal of one too large for the coordinator.
+    registration_bytes: usize,
+    /// A heartbeat's `active_tasks` had to be cut to fit the coordinator's frames (logged once
+    /// a session).
+    trimmed_heartbeat: bool,
     /// The worker is stopping: assignments are no longer taken.
     draining: bool,
 }
@@ -333,6 +341,9 @@ impl<'a> Session<'a> {
             seal: None,
             open: None,
             max_frame_out,
+            limit_known: false,
+            registration_bytes: 0,
+            trimmed_heartbeat: false,
             draining: false,
         }
     }
@@ -546,13 +557,8 @@ impl<'a> Session<'a> {
         let _ = self.send(&reply).await;
     }
 
-    /// A message's frame: text, or zstd in a binary frame when agreed and large enough.
-    /// Tagged once the session is keyed.
-    fn frame(&mut self, msg: &WorkerMsg) -> Message {
-        self.frame_text(encode(msg))
-    }
-
-    /// The frame of `text` (one message or a batch).
+    /// The frame of `text` (one message or a batch): text, or zstd in a binary frame when
+    /// agreed and large enough. Tagged once the session is keyed.
     fn frame_text(&mut self, text: String) -> Message {
         if self.zstd && text.len() >= self.agent.cfg.compress_threshold {
             let packed = deflate(&text);
@@ -569,34 +575,47 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Sends a message directly (not through the outbox). Once the coordinator has said its
+    /// frame limit, a message larger is not sent (it would end the session, close 1009): it
+    /// is dropped, logged and counted in `tether_worker_oversize_messages_total`. Counted as
+    /// sent once its frame is written.
     async fn send(&mut self, msg: &WorkerMsg) -> Result<(), String> {
+        let text = encode(msg);
+        if self.limit_known && !frame_fits(text.len(), self.max_frame_out) {
+            let ty = msg.type_name();
+            metrics::counter!(m::OVERSIZE, "type" => ty).increment(1);
+            tracing::error!(worker = %self.worker(), r#type = ty, bytes = text.len(), limit = self.max_frame_out, "a message is larger than the coordinator's frames take; it is dropped, not sent");
+            return Ok(());
+        }
+        let frame = self.frame_text(text);
+        write_result(timeout_at(self.deadline, self.ws.send(frame)).await)?;
         count_out(msg);
-        let frame = self.frame(msg);
-        write_result(timeout_at(self.deadline, self.ws.send(frame)).await)
+        Ok(())
     }
 
-    fn closed_end(reason: String, code: Option<u16>) -> SessionEnd {
+    /// The end of a session closed by the coordinator before it registered. A close 1009
+    /// after the registration went out says the registration is larger than the coordinator
+    /// takes: sent again it would be closed again, for ever, so it is a refusal (the worker
+    /// stops, saying why, after `refusals_before_stop` of them), not a reconnect.
+    fn closed_end(&self, reason: String, code: Option<u16>) -> SessionEnd {
         match code {
             Some(CLOSE_UNAUTHORIZED | CLOSE_INCOMPATIBLE | CLOSE_CONFLICT) => {
                 SessionEnd::Refused(reason)
             }
+            Some(CLOSE_TOO_BIG) if self.registration_bytes > 0 => SessionEnd::Refused(format!(
+                "the coordinator closed the connection at this worker's registration of {} \
+                 bytes as larger than its frames take (1009: {reason}); shorten the worker's \
+                 tags or capabilities, or raise the coordinator's --max-frame",
+                self.registration_bytes
+            )),
             _ => SessionEnd::NotRegistered(reason),
         }
     }
 
-    /// A close before the registration was acknowledged. A registration too large for the
-    /// coordinator's frames (close 1009: its tags, capabilities or inventory) is refused the
-    /// same way at every attempt: a refusal, which stops the worker once repeated, not a
-    /// failure to retry for ever.
-    fn registration_closed(reason: String, code: Option<u16>, sent: usize) -> SessionEnd {
-        match code {
-            Some(CLOSE_TOO_BIG) if sent > 0 => SessionEnd::Refused(format!(
-                "{reason}: this worker's registration ({sent} bytes) is larger than the \
-                 coordinator takes (its --max-frame); make its tags, capabilities or inventory \
-                 smaller, or raise the coordinator's limit"
-            )),
-            _ => Self::closed_end(reason, code),
-        }
+    /// Sends the registration, remembering its size.
+    async fn send_registration(&mut self, reg: &WorkerMsg) -> Result<(), SessionEnd> {
+        self.registration_bytes = encode(reg).len();
+        self.send(reg).await.map_err(SessionEnd::NotRegistered)
     }
 
     async fn register(&mut self, shutdown: &CancellationToken) -> Result<(), SessionEnd> {
@@ -608,12 +627,9 @@ impl<'a> Session<'a> {
         // the welcome with the acknowledgement. The welcome is still read and checked before
         // the acknowledgement is taken.
         let sent_first = crate::agent::registers_first(&self.agent.cfg);
-        // The size of the registration sent, for the refusal of one too large.
-        let mut sent = 0;
         if sent_first {
             let reg = self.registration(now(), None, None);
-            sent = encode(&reg).len();
-            self.send(&reg).await.map_err(SessionEnd::NotRegistered)?;
+            self.send_registration(&reg).await?;
         }
         let welcome = loop {
             match self.recv(shutdown).await? {
@@ -626,7 +642,7 @@ impl<'a> Session<'a> {
                     )));
                 }
                 Inbound::Other | Inbound::Msgs(_) => continue,
-                Inbound::Closed(r, code) => return Err(Self::registration_closed(r, code, sent)),
+                Inbound::Closed(r, code) => return Err(self.closed_end(r, code)),
             }
         };
         // The welcome carries no tag (there is no key yet), so a frame damaged on the wire
@@ -692,8 +708,7 @@ impl<'a> Session<'a> {
         let client_nonce = self.key_session(&welcome)?;
         if !sent_first {
             let reg = self.registration(timestamp, signature, client_nonce);
-            sent = encode(&reg).len();
-            self.send(&reg).await.map_err(SessionEnd::NotRegistered)?;
+            self.send_registration(&reg).await?;
         }
         // 3. the coordinator's decisions; anything else that arrives first is kept for after.
         let mut early = Vec::new();
@@ -715,7 +730,7 @@ impl<'a> Session<'a> {
                         other.type_name()
                     )));
                 }
-                Inbound::Closed(r, code) => return Err(Self::registration_closed(r, code, sent)),
+                Inbound::Closed(r, code) => return Err(self.closed_end(r, code)),
             }
         };
         self.zstd = self.agent.cfg.compression && ack.compression.as_deref() == Some(ZSTD);
@@ -723,6 +738,8 @@ impl<'a> Session<'a> {
         self.agent.runner.apply_directives(&ack.directives);
         // Every session: a coordinator restarted with another limit says so in its ack.
         self.max_frame_out = peer_max_frame(ack.max_frame, self.agent.cfg.max_frame);
+        self.limit_known = true;
+        self.registration_bytes = 0;
         self.agent
             .runner
             .limit_frames_to(self.max_frame_out, self.agent.cfg.max_frame);
@@ -961,7 +978,7 @@ impl<'a> Session<'a> {
                         }
                         Inbound::Other => {}
                         Inbound::Closed(reason, code) => {
-                            return match Self::closed_end(reason, code) {
+                            return match self.closed_end(reason, code) {
                                 SessionEnd::NotRegistered(r) => Ok(r),
                                 end => Err(end),
                             };
@@ -1142,9 +1159,15 @@ impl<'a> Session<'a> {
             self.pending_heartbeats.pop_front();
         }
         self.pending_heartbeats.push_back((seq, Instant::now()));
+        let mut active_tasks = self.agent.runner.active();
+        let all = active_tasks.len();
+        if fit_active_tasks(&mut active_tasks, self.max_frame_out) && !self.trimmed_heartbeat {
+            self.trimmed_heartbeat = true;
+            tracing::warn!(worker = %self.worker(), listed = active_tasks.len(), active = all, limit = self.max_frame_out, "heartbeats list only the attempts that fit the coordinator's frames");
+        }
         let hb = WorkerMsg::Heartbeat(Heartbeat {
             sequence: seq,
-            active_tasks: self.agent.runner.active(),
+            active_tasks,
             timestamp: now(),
         });
         self.send(&hb).await
@@ -1535,6 +1558,33 @@ impl Window {
     }
 }
 
+/// Cuts a heartbeat's `active_tasks` to what fits a frame of `limit` bytes; whether it cut.
+/// The coordinator does not read the list (docs/PROTOCOL.md, section 4): a heartbeat that
+/// lists fewer attempts still keeps the session alive, where one too large would end it (close
+/// 1009) at every beat.
+fn fit_active_tasks(tasks: &mut Vec<tether_proto::task::TaskRef>, limit: usize) -> bool {
+    // The heartbeat around the list, generously (its sequence and timestamp).
+    const REST: usize = 128;
+    // A task ref's JSON at most: an id of `MAX_ID_LEN` (no character needs escaping), an
+    // attempt, the keys and a comma.
+    const MOST_PER_TASK: usize = tether_proto::ids::MAX_ID_LEN + 64;
+    let room = limit.saturating_sub(tether_proto::integrity::TEXT_TRAILER + REST);
+    if tasks.len().saturating_mul(MOST_PER_TASK) <= room {
+        return false;
+    }
+    let mut used = 0;
+    let fit = tasks
+        .iter()
+        .take_while(|t| {
+            used += serde_json::to_string(t).map_or(usize::MAX / 2, |j| j.len() + 1);
+            used <= room
+        })
+        .count();
+    let cut = fit < tasks.len();
+    tasks.truncate(fit);
+    cut
+}
+
 /// The largest frame the coordinator takes: what its `registration_ack` announced, else
 /// `own` (as before any coordinator said), never under [`MIN_FRAME`] (a coordinator refuses
 /// a worker's smaller limit, and every message of the outbox can be made to fit in it).
@@ -1722,6 +1772,36 @@ mod tests {
             assert_eq!(followed_timeout(absurd, s(10)), s(20), "{absurd:?}");
         }
         assert_eq!(followed_timeout(Some(u64::MAX), s(60)), s(300));
+    }
+
+    /// A heartbeat of more running attempts than the coordinator's frames hold lists those
+    /// that fit, and fits; one of a few is left whole.
+    #[test]
+    fn a_heartbeat_lists_only_the_attempts_that_fit_the_coordinators_frames() {
+        use tether_proto::task::TaskRef;
+        let limit = tether_proto::settings::MIN_FRAME;
+        let long = "t".repeat(tether_proto::ids::MAX_ID_LEN - 8);
+        let refs = |n: usize| -> Vec<TaskRef> {
+            (0..n)
+                .map(|i| TaskRef {
+                    task_id: TaskId::parse(&format!("{long}{i:08}")).expect("id"),
+                    attempt: tether_proto::Attempt(u32::MAX),
+                    paused: true,
+                })
+                .collect()
+        };
+        let mut many = refs(1000);
+        assert!(fit_active_tasks(&mut many, limit));
+        assert!(!many.is_empty() && many.len() < 1000, "{}", many.len());
+        let hb = WorkerMsg::Heartbeat(Heartbeat {
+            sequence: u64::MAX,
+            active_tasks: many,
+            timestamp: now(),
+        });
+        assert!(frame_fits(encode(&hb).len(), limit));
+        let mut few = refs(10);
+        assert!(!fit_active_tasks(&mut few, limit));
+        assert_eq!(few.len(), 10);
     }
 
     #[test]

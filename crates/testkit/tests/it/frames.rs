@@ -274,3 +274,39 @@ async fn a_worker_that_registers_first_gets_its_welcome_with_the_acknowledgement
     assert!(welcome["nonce"].is_string(), "{welcome}");
     c.stop().await;
 }
+
+/// A worker whose registration is larger than the coordinator's frames take (long tags, a
+/// coordinator at the smallest `max_frame`) is closed with 1009 at every registration: it stops
+/// with an error that says so, instead of reconnecting for ever.
+#[tokio::test]
+async fn a_registration_too_large_for_the_coordinator_stops_the_worker_saying_why() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.max_frame = tether_proto::settings::MIN_FRAME;
+    let c = spawn_coordinator_with(cfg, None).await;
+    let mut wcfg = fast_worker_config(&c.ws_url(), "w-tags");
+    wcfg.tags
+        .insert("note".into(), "x".repeat(tether_proto::settings::MIN_FRAME));
+    let w = spawn_worker(wcfg, tether_worker::Executors::builtin());
+    let ended = tokio::time::timeout(DEADLINE, w.join)
+        .await
+        .expect("the worker stops instead of reconnecting for ever")
+        .expect("agent task");
+    match ended {
+        Err(tether_worker::AgentError::Refused(why)) => {
+            assert!(
+                why.contains("registration") && why.contains("1009"),
+                "{why}"
+            )
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(
+        c.handles
+            .counters
+            .oversize_frames
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    c.stop().await;
+}

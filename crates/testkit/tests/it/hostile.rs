@@ -1356,30 +1356,3 @@ async fn readers_that_hold_every_turn_for_large_answers_get_others_a_busy_answer
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in submission order");
     c.stop().await;
 }
-
-/// A registration larger than the coordinator's frames (tags far past its `max_frame`) is not
-/// retried for ever: the worker stops with an error that says why.
-#[tokio::test]
-async fn a_registration_too_large_for_the_coordinator_stops_the_worker_saying_why() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut ccfg = fast_coordinator_config(dir.path().to_owned());
-    ccfg.max_frame = 64 * 1024;
-    let c = spawn_coordinator_with(ccfg, None).await;
-    let mut cfg = fast_worker_config(&c.ws_url(), "w-big");
-    cfg.tags.insert("blob".into(), "x".repeat(256 * 1024));
-    let w = spawn_worker(cfg, Executors::builtin());
-    let end = tokio::time::timeout(DEADLINE, w.join)
-        .await
-        .expect("the worker stops")
-        .expect("agent task");
-    match end {
-        Err(AgentError::Refused(msg)) => {
-            assert!(
-                msg.contains("registration") && msg.contains("larger"),
-                "{msg}"
-            )
-        }
-        other => panic!("expected a refusal of the registration, got {other:?}"),
-    }
-    c.stop().await;
-}
