@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use tether_proto::msg::WorkerMsg;
-use tether_proto::{Attempt, Seq, TaskId, TaskRef};
+use tether_proto::{Attempt, CheckpointId, Seq, TaskId, TaskRef};
 use tokio::sync::Notify;
 
 /// Default bound on entries.
@@ -447,6 +447,40 @@ impl Outbox {
         taken
     }
 
+    /// Drops every held piece (`checkpoint_data`) of checkpoint `id` of `task`, sent or not:
+    /// its announcement was rejected, so none of them would be stored (each would only come
+    /// back `rejected`). Returns how many were dropped.
+    pub fn drop_checkpoint_pieces(&self, task: &TaskId, id: &CheckpointId) -> usize {
+        let dropped = {
+            let mut inner = self.lock();
+            let seqs: Vec<u64> = inner
+                .entries
+                .iter()
+                .filter(|(_, e)| {
+                    matches!(e.msg.as_ref(), WorkerMsg::CheckpointData(d)
+                        if &d.task_id == task && &d.checkpoint_id == id)
+                })
+                .map(|(seq, _)| *seq)
+                .collect();
+            for seq in &seqs {
+                inner.remove(*seq);
+            }
+            if !seqs.is_empty() {
+                // INVARIANT: journaled under the lock, as an ack is.
+                self.journal(None, &seqs);
+            }
+            if inner.full && !inner.over(&self.limits) {
+                inner.full = false;
+                tracing::info!("outbox has room again");
+            }
+            seqs.len()
+        };
+        if dropped > 0 {
+            self.room.notify_waiters();
+        }
+        dropped
+    }
+
     /// Starts a new session: everything held becomes unsent again, in order.
     pub fn requeue_all(&self) {
         let mut inner = self.lock();
@@ -805,6 +839,39 @@ mod tests {
             .into_iter()
             .map(|(s, _)| s.0)
             .collect()
+    }
+
+    fn piece(ob: &Outbox, task: &str, checkpoint: &str, chunk: u32) -> Seq {
+        ob.push(Class::State, None, |seq| {
+            WorkerMsg::CheckpointData(tether_proto::msg::CheckpointData {
+                seq,
+                task_id: tid(task),
+                attempt: Attempt(1),
+                checkpoint_id: CheckpointId::parse(checkpoint).expect("id"),
+                chunk,
+                data: tether_proto::task::Blob(vec![chunk as u8; 8]),
+                timestamp: now(),
+            })
+        })
+    }
+
+    /// The pieces of a refused checkpoint leave, sent or not; another checkpoint's, another
+    /// task's and everything else stay.
+    #[test]
+    fn the_pieces_of_a_refused_checkpoint_are_dropped_and_nothing_else() {
+        let ob = Outbox::new(Limits::default());
+        let sent = piece(&ob, "a", "c-1", 0);
+        assert_eq!(order(&ob), vec![sent.0]);
+        let unsent = piece(&ob, "a", "c-1", 1);
+        let other = piece(&ob, "a", "c-2", 0);
+        let other_task = piece(&ob, "b", "c-1", 0);
+        let r = result(&ob, "a");
+        let dropped =
+            ob.drop_checkpoint_pieces(&tid("a"), &CheckpointId::parse("c-1").expect("id"));
+        assert_eq!(dropped, 2);
+        assert_eq!(ob.len(), 3);
+        assert!(ob.take_acked(sent).is_none() && ob.take_acked(unsent).is_none());
+        assert_eq!(order(&ob), vec![r.0, other.0, other_task.0]);
     }
 
     #[test]

@@ -1291,6 +1291,16 @@ impl<'a> Session<'a> {
             tracing::warn!(worker = %self.worker(), seq = %ack.ack_seq, task = ?ack.task_id, "coordinator rejected a message; it will not be resent");
         }
         let acked = self.agent.outbox.take_acked(ack.ack_seq);
+        // A checkpoint whose announcement was refused: its pieces would be refused one by one.
+        if ack.disposition == tether_proto::msg::Disposition::Rejected
+            && let Some(WorkerMsg::Checkpoint(c)) = acked.as_deref()
+        {
+            let dropped = self
+                .agent
+                .outbox
+                .drop_checkpoint_pieces(&c.task_id, &c.checkpoint_id);
+            tracing::warn!(worker = %self.worker(), task = %c.task_id, checkpoint = %c.checkpoint_id, dropped, "checkpoint refused by the coordinator; its pieces are not sent");
+        }
         self.acked(ack, acked.as_deref(), result);
     }
 
