@@ -417,7 +417,8 @@ pub struct StateError {
 
 /// `worker_stopping`: the worker is stopping and takes no more tasks (its running ones are
 /// being stopped, their results and checkpoints still flow). `worker_stopped`: it stopped
-/// every task and every result it made is acknowledged; the tasks it still holds leases on
+/// every task and what they left is acknowledged (every result; states and checkpoints too,
+/// unless its flush ran out first); the tasks it still holds leases on
 /// will never report, so the coordinator moves them at once instead of after the grace
 /// period. Neither is acknowledged: a notice lost with its connection leaves the grace period
 /// to do its work, as for a worker that never sent one.

@@ -602,6 +602,15 @@ impl Outbox {
         Seq(self.lock().next_seq - 1)
     }
 
+    /// Whether nothing is held but telemetry: every result, state, notice and checkpoint
+    /// piece is acknowledged (a stopping worker's last step, see the session).
+    pub fn holds_only_telemetry(&self) -> bool {
+        self.lock()
+            .entries
+            .values()
+            .all(|e| e.class == Class::Telemetry)
+    }
+
     /// Tasks whose result waits for an ack, for the inventory.
     pub fn pending_results(&self) -> Vec<TaskRef> {
         let inner = self.lock();

@@ -593,6 +593,14 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// `worker_stopped`: the coordinator may move what it still leases to this worker now.
+    async fn say_stopped(&mut self) {
+        let stopped = WorkerMsg::WorkerStopped(StopNotice { timestamp: now() });
+        if let Err(reason) = self.send(&stopped).await {
+            tracing::warn!(worker = %self.worker(), %reason, "worker_stopped not sent; the coordinator's grace period moves the tasks");
+        }
+    }
+
     /// The end of a session closed by the coordinator before it registered. A close 1009
     /// after the registration went out says the registration is larger than the coordinator
     /// takes: sent again it would be closed again, for ever, so it is a refusal (the worker
@@ -911,14 +919,12 @@ impl<'a> Session<'a> {
             {
                 return Ok(reason);
             }
-            if flushing.is_some() && outbox.pending_results().is_empty() {
-                // Every task stopped and every result acknowledged: what the coordinator still
-                // leases to this worker will never report, so it may move it now.
-                tracing::info!(worker = %self.worker(), "every result acknowledged; closing");
-                let stopped = WorkerMsg::WorkerStopped(StopNotice { timestamp: now() });
-                if let Err(reason) = self.send(&stopped).await {
-                    tracing::warn!(worker = %self.worker(), %reason, "worker_stopped not sent; the coordinator's grace period moves the tasks");
-                }
+            if flushing.is_some() && outbox.holds_only_telemetry() {
+                // Every task stopped and all they left acknowledged (results, and the last
+                // checkpoints they may have written as they stopped): what the coordinator
+                // still leases to this worker will never report, so it may move it now.
+                tracing::info!(worker = %self.worker(), "everything the tasks left is acknowledged; closing");
+                self.say_stopped().await;
                 return Err(SessionEnd::Shutdown);
             }
             if self.deadline < armed {
@@ -959,7 +965,15 @@ impl<'a> Session<'a> {
                 }
                 Ev::FlushTimeout => {
                     let left = outbox.pending_results().len();
-                    tracing::warn!(worker = %self.worker(), left, "results not acknowledged within the shutdown flush; closing (they stay journaled when the worker has a state directory)");
+                    if left == 0 {
+                        // Every result is in: what did not make it (a state, a checkpoint) is
+                        // progress, not a result; the tasks move now, from the checkpoints
+                        // the coordinator has.
+                        tracing::warn!(worker = %self.worker(), held = outbox.len(), "states or checkpoints not acknowledged within the shutdown flush, every result was; closing");
+                        self.say_stopped().await;
+                    } else {
+                        tracing::warn!(worker = %self.worker(), left, "results not acknowledged within the shutdown flush; closing (they stay journaled when the worker has a state directory)");
+                    }
                     return Err(SessionEnd::Shutdown);
                 }
                 Ev::Frame(f) => {

@@ -781,3 +781,42 @@ async fn a_stopping_worker_gets_no_task_and_a_drain_cut_short_keeps_its_lease() 
     assert!(t["attempts"][0]["end"].is_null(), "{t}");
     c.stop().await;
 }
+
+/// A task that writes a last checkpoint as it is stopped: its worker says `worker_stopped`
+/// only once that checkpoint is in (not as soon as every result is), so the task's next
+/// attempt resumes from it.
+#[tokio::test]
+async fn a_stopping_worker_says_it_stopped_only_once_the_last_checkpoint_is_in() {
+    const LAST: usize = 4 * 1024 * 1024;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.lost_after = std::time::Duration::from_secs(3600);
+    let c = spawn_coordinator_with(cfg, None).await;
+    let mut executors = Executors::builtin();
+    executors.register(
+        "last-words",
+        executor(|_, ctx| async move {
+            ctx.checkpoint(vec![1u8; 10]).await;
+            ctx.cancelled().await;
+            ctx.checkpoint(vec![2u8; LAST]).await;
+            Err(tether_worker::ExecError::Cancelled)
+        }),
+    );
+    let a = spawn_worker(fast_worker_config(&c.ws_url(), "a"), executors);
+    a.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let id = client
+        .submit(&[TaskSpec::new("last-words", serde_json::json!({}))])
+        .await
+        .remove(0);
+    wait_for("the first checkpoint", DEADLINE, || async {
+        let t = client.task(&id).await;
+        (!t["latest_checkpoint"].is_null()).then_some(())
+    })
+    .await;
+    a.stop().await.expect("clean stop");
+    let t = client.task(&id).await;
+    assert_eq!(t["status"], "queued", "{t}");
+    assert_eq!(t["latest_checkpoint"]["size"], LAST, "{t}");
+    c.stop().await;
+}
