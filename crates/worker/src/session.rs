@@ -580,17 +580,23 @@ impl<'a> Session<'a> {
     /// is dropped, logged and counted in `tether_worker_oversize_messages_total`. Counted as
     /// sent once its frame is written.
     async fn send(&mut self, msg: &WorkerMsg) -> Result<(), String> {
+        self.send_sized(msg).await.map(|_| ())
+    }
+
+    /// [`Self::send`], saying how many bytes of JSON the message was.
+    async fn send_sized(&mut self, msg: &WorkerMsg) -> Result<usize, String> {
         let text = encode(msg);
-        if self.limit_known && !frame_fits(text.len(), self.max_frame_out) {
+        let bytes = text.len();
+        if self.limit_known && !frame_fits(bytes, self.max_frame_out) {
             let ty = msg.type_name();
             metrics::counter!(m::OVERSIZE, "type" => ty).increment(1);
-            tracing::error!(worker = %self.worker(), r#type = ty, bytes = text.len(), limit = self.max_frame_out, "a message is larger than the coordinator's frames take; it is dropped, not sent");
-            return Ok(());
+            tracing::error!(worker = %self.worker(), r#type = ty, bytes, limit = self.max_frame_out, "a message is larger than the coordinator's frames take; it is dropped, not sent");
+            return Ok(bytes);
         }
         let frame = self.frame_text(text);
         write_result(timeout_at(self.deadline, self.ws.send(frame)).await)?;
         count_out(msg);
-        Ok(())
+        Ok(bytes)
     }
 
     /// `worker_stopped`: the coordinator may move what it still leases to this worker now.
@@ -622,8 +628,11 @@ impl<'a> Session<'a> {
 
     /// Sends the registration, remembering its size.
     async fn send_registration(&mut self, reg: &WorkerMsg) -> Result<(), SessionEnd> {
-        self.registration_bytes = encode(reg).len();
-        self.send(reg).await.map_err(SessionEnd::NotRegistered)
+        self.registration_bytes = self
+            .send_sized(reg)
+            .await
+            .map_err(SessionEnd::NotRegistered)?;
+        Ok(())
     }
 
     async fn register(&mut self, shutdown: &CancellationToken) -> Result<(), SessionEnd> {

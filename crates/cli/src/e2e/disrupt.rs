@@ -213,17 +213,12 @@ impl System {
                 shape_stats = Some(net.uncrawl(i).await?);
                 None
             }
-            (None, Kind::WorkerKill) => {
+            (None, kind @ (Kind::WorkerKill | Kind::WorkerStop)) => {
                 if let Some(w) = d.target.and_then(|i| self.workers.get_mut(i)) {
-                    evidence = Some(killed(w.kill().await));
-                    tokio::time::sleep(d.hold).await;
-                    w.start()?;
-                }
-                None
-            }
-            (None, Kind::WorkerStop) => {
-                if let Some(w) = d.target.and_then(|i| self.workers.get_mut(i)) {
-                    evidence = Some(stopped(w.stop().await));
+                    evidence = Some(match kind {
+                        Kind::WorkerKill => killed(w.kill().await),
+                        _ => stopped(w.stop().await),
+                    });
                     tokio::time::sleep(d.hold).await;
                     w.start()?;
                 }

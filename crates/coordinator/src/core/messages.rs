@@ -240,8 +240,8 @@ impl Core {
             return;
         };
         if !w.stopping {
+            // Its free slots read 0 from now on: the dispatcher passes it by.
             w.stopping = true;
-            self.free.remove(worker);
             tracing::info!(worker = %worker, leases = w.leases.len(), "worker stopping: no new tasks go to it");
             self.save_worker(worker, b);
         }

@@ -735,9 +735,8 @@ fn checkpoint_ack(msgs: &[CoordMsg]) -> Disposition {
     ack_of(msgs, "checkpoint_ack")
 }
 
-fn deleted_checkpoints(b: &Batch) -> Vec<&str> {
-    b.muts
-        .iter()
+fn deleted_checkpoints(muts: &[crate::store::Mutation]) -> Vec<&str> {
+    muts.iter()
         .filter_map(|m| match m {
             crate::store::Mutation::DeleteCheckpoint(id) => Some(id.as_str()),
             _ => None,
@@ -758,7 +757,7 @@ fn an_ended_attempts_unfinished_checkpoint_is_dropped_and_its_late_pieces_never_
     let b = h.lose("a", sa, &t);
     assert!(h.core.partial.is_empty(), "no lease can complete it");
     assert_eq!(
-        deleted_checkpoints(&b),
+        deleted_checkpoints(&b.muts),
         ["c-old"],
         "nor does the store keep it"
     );
@@ -799,7 +798,7 @@ fn an_ended_attempts_unfinished_checkpoint_is_dropped_and_its_late_pieces_never_
     // At start, such leftovers go.
     let mut b = Batch::default();
     h.core.drop_unleased_partials(&mut b);
-    assert_eq!(deleted_checkpoints(&b), ["c-old"]);
+    assert_eq!(deleted_checkpoints(&b.muts), ["c-old"]);
     assert!(h.core.partial.is_empty());
 }
 
@@ -1757,15 +1756,7 @@ fn a_checkpoint_the_worker_cannot_finish_is_dropped_at_its_word_only() {
     assert!(h.core.partial.get(&c1).is_some(), "another worker's word");
     h.frame("a", s, checkpoint_error(&t, "c-1"));
     assert!(h.core.partial.get(&c1).is_none());
-    let deleted: Vec<_> = h
-        .last_muts
-        .iter()
-        .filter_map(|m| match m {
-            crate::store::Mutation::DeleteCheckpoint(id) => Some(id.as_str()),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(deleted, ["c-1"]);
+    assert_eq!(deleted_checkpoints(&h.last_muts), ["c-1"]);
     // A piece still on its way finds nothing to complete.
     drain(&mut rx);
     h.frame("a", s, piece(3, &t, "c-1", 1, b"67890"));

@@ -622,22 +622,7 @@ async fn a_stopping_worker_delivers_the_results_its_tasks_produce_during_the_gra
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
     let started = tokio_util::sync::CancellationToken::new();
-    let mut executors = Executors::builtin();
-    {
-        let started = started.clone();
-        executors.register(
-            "stubborn",
-            executor(move |_, _| {
-                let started = started.clone();
-                async move {
-                    started.cancel();
-                    // Deaf to the cancel: it ends when it ends.
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                    Ok(serde_json::json!({ "finished": true }))
-                }
-            }),
-        );
-    }
+    let executors = stubborn(&started, std::time::Duration::from_millis(200));
     let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), executors);
     w.wait_state(|s| s == ConnState::Connected).await;
     let client = c.client();
@@ -655,6 +640,25 @@ async fn a_stopping_worker_delivers_the_results_its_tasks_produce_during_the_gra
     assert_eq!(results.len(), 1, "{results:?}");
     assert_eq!(results[0]["body"]["result"]["finished"], true);
     c.stop().await;
+}
+
+/// The built-in executors and `stubborn`: cancels `started` when it starts, then is deaf to
+/// its own cancel for `runs`, and ends with a result.
+fn stubborn(started: &tokio_util::sync::CancellationToken, runs: std::time::Duration) -> Executors {
+    let mut executors = Executors::builtin();
+    let started = started.clone();
+    executors.register(
+        "stubborn",
+        executor(move |_, _| {
+            let started = started.clone();
+            async move {
+                started.cancel();
+                tokio::time::sleep(runs).await;
+                Ok(serde_json::json!({ "finished": true }))
+            }
+        }),
+    );
+    executors
 }
 
 /// A worker whose coordinator is gone stops within its tasks' grace: it does not wait to
@@ -731,22 +735,8 @@ async fn a_stopping_worker_gets_no_task_and_a_drain_cut_short_keeps_its_lease() 
     let c = spawn_coordinator_with(cfg, None).await;
     let relay = Relay::start(c.addr).await;
     let started = tokio_util::sync::CancellationToken::new();
-    let mut executors = Executors::builtin();
-    {
-        let started = started.clone();
-        executors.register(
-            "stubborn",
-            executor(move |_, _| {
-                let started = started.clone();
-                async move {
-                    started.cancel();
-                    // Deaf to the cancel: it outlives the drain.
-                    tokio::time::sleep(std::time::Duration::from_secs(20)).await;
-                    Ok(serde_json::json!({ "finished": true }))
-                }
-            }),
-        );
-    }
+    // It outlives the drain.
+    let executors = stubborn(&started, std::time::Duration::from_secs(20));
     let a = spawn_worker(fast_worker_config(&relay.url(), "a"), executors);
     a.wait_state(|s| s == ConnState::Connected).await;
     let client = c.client();
