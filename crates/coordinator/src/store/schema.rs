@@ -13,7 +13,7 @@ use super::StoreError;
 use crate::model::{AttemptRecord, CheckpointMeta, Lease, Task, Worker, WorkerState};
 
 /// The schema version this coordinator writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// The version from which every state journal file in the data directory was created whole
 /// (`store::states`): one shorter than its header is damage, not a crash. A coordinator of an
@@ -117,6 +117,11 @@ CREATE TABLE IF NOT EXISTS meta (
     value INTEGER NOT NULL
 );
 "#,
+    // Version 7: no change to the tables. A checkpoint pruned while a lease runs keeps its row
+    // as `complete = 2` (no pieces), so that a replay of it is known after a restart. A
+    // coordinator of version 6 reads only 0 and 1: it would neither recognise such a replay nor
+    // ever delete those rows, so it refuses this database (`StoreError::TooNew`).
+    "",
 ];
 
 /// The writer connection's page cache: the task tables, `task_state` among them (a fold round

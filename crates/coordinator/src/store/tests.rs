@@ -405,6 +405,32 @@ fn a_version_1_database_is_migrated_and_its_tasks_load_and_update() {
 }
 
 #[test]
+fn a_version_6_database_s_checkpoints_load_after_the_migration_that_brings_pruned_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // What a version-6 coordinator left: a complete checkpoint (it knew only 0 and 1).
+    old_database(
+        dir.path(),
+        6,
+        "INSERT INTO checkpoints (id, task_id, attempt, worker, size, chunks, complete, created_at)
+         VALUES (?1, 't', 1, 'w', 0, 0, 1, '2026-12-01T00:00:00Z')",
+        "ck-old",
+    );
+    let (conn, loaded) = open(dir.path()).expect("open migrates");
+    let v: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .expect("version");
+    assert_eq!(v, 7, "the database now says it may hold pruned rows");
+    assert_eq!(
+        loaded.complete_checkpoints,
+        vec![(
+            TaskId::parse("t").expect("id"),
+            CheckpointId::parse("ck-old").expect("id")
+        )]
+    );
+    assert!(loaded.superseded_checkpoints.is_empty());
+}
+
+#[test]
 fn a_task_round_trips_through_its_spec_and_doc_columns() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut conn, _) = open(dir.path()).expect("open");
