@@ -304,6 +304,30 @@ fn mixed_priority_never_lets_high_priority_wait_behind_low() {
 
 /// Values no run can use are refused by name before any process starts; nothing is left in
 /// the temporary directory.
+/// Connections reset mid-stream on purpose: results sent and not yet acknowledged are sent
+/// again in the next session, and the coordinator must know them. The common verdicts (checked
+/// by `stress`) then judge real duplicates: a replay recorded again fails "recorded twice",
+/// one dropped fails "lost". Without a duplicate the run proved nothing, so one is required.
+#[test]
+fn steady_load_with_connections_reset_records_every_result_sent_again_once() {
+    let r = stress(&[
+        "steady_load",
+        "--workers",
+        "10",
+        "--duration",
+        "3s",
+        "--churn",
+        "0",
+        "--reset-every",
+        "200ms",
+    ]);
+    assert!(r["connections_reset"].as_u64() > Some(0), "{r:#}");
+    assert!(
+        r["results_duplicate"].as_u64() > Some(0),
+        "no result was sent again: the run did not face a duplicate\n{r:#}"
+    );
+}
+
 #[test]
 fn arguments_no_run_can_use_are_refused_by_name_before_anything_starts() {
     for (args, name) in [
@@ -324,6 +348,8 @@ fn arguments_no_run_can_use_are_refused_by_name_before_anything_starts() {
             "--heartbeat-interval",
         ),
         (&["thundering_herd", "--outage", "0s"], "--outage"),
+        (&["steady_load", "--reset-every", "10ms"], "--reset-every"),
+        (&["thundering_herd", "--reset-every", "1s"], "--reset-every"),
         (&["steady_load", "--workers", "0"], "--workers"),
         (&["steady_load", "--slots", "0"], "--slots"),
         (&["thundering_herd", "--tasks", "0"], "--tasks"),

@@ -7,6 +7,7 @@
 //! The orchestrator drives the fleet with JSON lines on stdin ([`Command`]) and reads JSON
 //! lines on stdout ([`Event`]): a status every [`STATUS_EVERY`], a full report on request.
 
+use std::future::Future;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::pin::Pin;
@@ -87,6 +88,12 @@ pub struct FleetArgs {
     /// tasks make in one round leaves in one frame, and no task is woken across threads.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Reset each worker's connection on purpose about this often (a time drawn anew for each
+    /// connection, between half and one and a half of it): its reads and writes fail from then
+    /// on and its socket closes with a TCP reset, whatever the session was sending, so that
+    /// results go unacknowledged and are sent again in the next session.
+    #[arg(long, value_parser = parse_duration_arg)]
+    pub reset_every: Option<Duration>,
 }
 
 /// Orchestrator -> fleet.
@@ -118,6 +125,9 @@ pub struct Status {
     pub live: u64,
     pub connected: u64,
     pub failed: u64,
+    /// Live workers that registered at least once.
+    #[serde(default)]
+    pub registered: u64,
     /// Sessions registered, over all workers and their reconnects.
     pub registrations: u64,
     pub executions: u64,
@@ -128,6 +138,9 @@ pub struct Status {
     #[serde(default)]
     pub damaged: u64,
     pub flood_sent: u64,
+    /// Connections the fleet reset on purpose (`--reset-every`).
+    #[serde(default)]
+    pub resets: u64,
 }
 
 /// One worker's timeline, in microseconds since the Unix epoch.
@@ -220,6 +233,8 @@ struct Shared {
     /// Checkpoints resumed from that were not what their step wrote.
     damaged: AtomicU64,
     flood_sent: Striped,
+    /// Connections reset on purpose (`--reset-every`).
+    resets: AtomicU64,
     /// The origin of the flood clock (`in_step`).
     epoch: tokio::time::Instant,
 }
@@ -230,6 +245,7 @@ impl Shared {
             checkpoints: AtomicU64::new(0),
             damaged: AtomicU64::new(0),
             flood_sent: Striped::default(),
+            resets: AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
         }
     }
@@ -370,6 +386,7 @@ fn status(members: &[Member], shared: &Shared) -> Status {
         checkpoints: shared.checkpoints.load(Ordering::Relaxed),
         damaged: shared.damaged.load(Ordering::Relaxed),
         flood_sent: shared.flood_sent.sum(),
+        resets: shared.resets.load(Ordering::Relaxed),
         ..Status::default()
     };
     for m in members {
@@ -377,7 +394,9 @@ fn status(members: &[Member], shared: &Shared) -> Status {
         s.live += u64::from(m.live);
         s.connected += u64::from(m.live && state == ConnState::Connected);
         s.failed += u64::from(state == ConnState::Failed);
-        s.registrations += m.handle.registrations();
+        let registrations = m.handle.registrations();
+        s.registered += u64::from(m.live && registrations > 0);
+        s.registrations += registrations;
         for metrics in &m.metrics {
             s.executions += metrics.executions.load(Ordering::Relaxed);
             s.completed += metrics.completed.load(Ordering::Relaxed);
@@ -450,6 +469,10 @@ fn start(
             BoundConnector {
                 source,
                 tls: tls.clone(),
+                reset: a.reset_every.map(|every| Reset {
+                    every,
+                    shared: shared.clone(),
+                }),
             },
         )?;
         ready.push((id, agent));
@@ -546,6 +569,14 @@ async fn watch(handle: AgentHandle, record: Arc<Mutex<WorkerRecord>>) {
 struct BoundConnector {
     source: Ipv4Addr,
     tls: Option<tokio_rustls::TlsConnector>,
+    reset: Option<Reset>,
+}
+
+/// `--reset-every`: how often a worker's connection is reset, and where resets are counted.
+#[derive(Clone)]
+struct Reset {
+    every: Duration,
+    shared: Arc<Shared>,
 }
 
 impl Connector for BoundConnector {
@@ -554,7 +585,7 @@ impl Connector for BoundConnector {
         url: String,
         config: WebSocketConfig,
     ) -> BoxFuture<'static, Result<WsStream, ConnectError>> {
-        let (source, tls) = (self.source, self.tls.clone());
+        let (source, tls, reset) = (self.source, self.tls.clone(), self.reset.clone());
         Box::pin(async move {
             let parsed = url::Url::parse(&url)
                 .map_err(|e| ConnectError::Refused(format!("bad url {url}: {e}")))?;
@@ -573,12 +604,108 @@ impl Connector for BoundConnector {
                 .await
                 .map_err(transient)?;
             let _ = tcp.set_nodelay(true);
+            if reset.is_some() {
+                // Closed without a word: the coordinator sees a reset, not a FIN.
+                tcp.set_zero_linger().map_err(transient)?;
+            }
             let io: Pin<Box<dyn Io>> = match tls {
                 None => Box::pin(tcp),
                 Some(tls) => tls_handshake(&tls, &host.to_string(), port, tcp).await?,
             };
+            let io: Pin<Box<dyn Io>> = match reset {
+                None => io,
+                Some(r) => Box::pin(Resetting::new(io, r)),
+            };
             handshake(url, io, config.read_buffer_size(FLEET_READ_BUFFER)).await
         })
+    }
+}
+
+/// A connection that fails from a moment drawn when it was made (`--reset-every`): every
+/// read and write after it returns `ConnectionReset`, as a connection reset by the network
+/// would, so the session ends wherever it was (a result sent and its acknowledgement not yet
+/// read, say) and the worker reconnects and sends again what was not acknowledged. Its socket
+/// has a zero linger, so dropping it sends a TCP reset.
+struct Resetting {
+    inner: Pin<Box<dyn Io>>,
+    /// Polled by reads: wakes a session idle on its read at the moment.
+    at: Pin<Box<tokio::time::Sleep>>,
+    reset: Reset,
+    fired: bool,
+}
+
+impl Resetting {
+    fn new(inner: Pin<Box<dyn Io>>, reset: Reset) -> Self {
+        let share = 0.5 + rand::random::<f64>();
+        let at = tokio::time::Instant::now() + reset.every.mul_f64(share);
+        Self {
+            inner,
+            at: Box::pin(tokio::time::sleep_until(at)),
+            reset,
+            fired: false,
+        }
+    }
+
+    /// Whether the moment has come (the first time, counted); registers `cx` for it.
+    fn due(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        if !self.fired && self.at.as_mut().poll(cx).is_ready() {
+            self.fired = true;
+            self.reset.shared.resets.fetch_add(1, Ordering::Relaxed);
+        }
+        self.fired
+    }
+}
+
+fn reset_error() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "reset by the fleet (--reset-every)",
+    )
+}
+
+impl tokio::io::AsyncRead for Resetting {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.due(cx) {
+            return std::task::Poll::Ready(Err(reset_error()));
+        }
+        this.inner.as_mut().poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Resetting {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.due(cx) {
+            return std::task::Poll::Ready(Err(reset_error()));
+        }
+        this.inner.as_mut().poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.due(cx) {
+            return std::task::Poll::Ready(Err(reset_error()));
+        }
+        this.inner.as_mut().poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.get_mut().inner.as_mut().poll_shutdown(cx)
     }
 }
 

@@ -167,6 +167,13 @@ pub struct StressArgs {
     /// Source addresses 127.0.0.1 .. 127.0.0.N the workers connect from.
     #[arg(long, default_value_t = 16)]
     pub source_addrs: u8,
+    /// Reset each simulated worker's connection about this often (a TCP reset mid-stream, at
+    /// a moment drawn for each connection between half and one and a half of it), so that
+    /// results and checkpoints go unacknowledged and are sent again: the "recorded twice"
+    /// verdict then faces real duplicates, counted in the report. Not in thundering_herd,
+    /// whose fault is `--cut`.
+    #[arg(long, value_parser = parse_duration_arg)]
+    pub reset_every: Option<Duration>,
     /// Workers' heartbeat interval.
     #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
     pub heartbeat_interval: Duration,
@@ -219,6 +226,8 @@ pub struct StressArgs {
     pub keep: bool,
 }
 
+/// The shortest `--reset-every`.
+pub const MIN_RESET_EVERY: Duration = Duration::from_millis(50);
 /// The largest `--size` of a state update: a message must fit in a frame with room to spare.
 pub const MAX_UPDATE_SIZE: usize = 1024 * 1024;
 /// The largest `--checkpoint-size`: a quarter of the coordinator's default checkpoint bound
@@ -294,6 +303,20 @@ impl StressArgs {
                 "--heartbeat-interval must be at least {:?}",
                 tether_coordinator::config::MIN_HEARTBEAT_INTERVAL
             );
+        }
+        if let Some(every) = self.reset_every {
+            if self.scenario == Scenario::ThunderingHerd {
+                bail!(
+                    "--reset-every does not apply to thundering_herd: its fault is --cut, and \
+                     resets would blur its registration and reconnect figures"
+                );
+            }
+            if every < MIN_RESET_EVERY {
+                bail!(
+                    "--reset-every must be at least {MIN_RESET_EVERY:?}: a connection must live \
+                     long enough to register and carry work"
+                );
+            }
         }
         if self.outage.is_zero() {
             bail!("--outage must be longer than 0");

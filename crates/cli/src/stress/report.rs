@@ -149,6 +149,13 @@ pub struct Report {
     /// Results the store kept but did not count (from an attempt whose lease had ended).
     pub stale_results: u64,
     pub recorded_twice: u64,
+    /// Connections the fleet reset on purpose (`--reset-every`).
+    #[serde(default)]
+    pub connections_reset: Option<u64>,
+    /// Results the coordinator running last answered `duplicate`: sent again after their
+    /// acknowledgement was lost (a reset, a restart), known, and not recorded again.
+    #[serde(default)]
+    pub results_duplicate: Option<u64>,
     /// The machine's speed before the run and after both processes stopped.
     pub machine_before: Option<super::machine::Probe>,
     pub machine_after: Option<super::machine::Probe>,
@@ -365,6 +372,18 @@ impl Report {
         }
         row("lost", self.lost.to_string());
         row("recorded twice", self.recorded_twice.to_string());
+        if let Some(n) = self.results_duplicate {
+            row(
+                "results sent again and answered duplicate (not recorded twice)",
+                n.to_string(),
+            );
+        }
+        if let Some(n) = self.connections_reset {
+            row(
+                "connections reset by the fleet (--reset-every)",
+                n.to_string(),
+            );
+        }
         row("ended failed", self.failed.to_string());
         row(
             "results kept as stale (an attempt whose lease had ended)",

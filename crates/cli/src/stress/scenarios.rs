@@ -214,6 +214,10 @@ impl Run {
         if a.message_mac {
             fleet_args.push("--message-mac".into());
         }
+        if let Some(every) = a.reset_every {
+            fleet_args.push("--reset-every".into());
+            fleet_args.push(d(every));
+        }
         if let Some(t) = &tls {
             fleet_args.push("--ca-file".into());
             fleet_args.push(t.ca.display().to_string());
@@ -525,11 +529,20 @@ impl Run {
     async fn start_workers(&mut self, n: u64) -> anyhow::Result<()> {
         self.fleet.send(&Command::Start { count: n as u32 }).await?;
         let target = self.fleet.now().live + n;
+        // Connections reset on purpose are never all up at once: each registered once will do.
+        let resetting = self.a.reset_every.is_some();
         self.wait_fleet(
             "workers registering",
             target,
-            |s| s.connected,
-            move |s| s.live == target && s.connected == target,
+            move |s| if resetting { s.registered } else { s.connected },
+            move |s| {
+                s.live == target
+                    && if resetting {
+                        s.registered == target
+                    } else {
+                        s.connected == target
+                    }
+            },
         )
         .await?;
         Ok(())
@@ -580,6 +593,17 @@ impl Run {
         // What the coordinator running now said it recorded (`recorded` or `stale`), once the
         // results in flight were taken (every task has ended): each is one row it stored.
         let said = self.settled_results().await?;
+        let duplicate = self.counter("results_duplicate").await?;
+        self.report.results_duplicate = Some(duplicate);
+        if self.a.reset_every.is_some() {
+            let resets = fleet_status.resets;
+            self.report.connections_reset = Some(resets);
+            self.report.verdict(
+                "connections reset as --reset-every asked",
+                resets > 0,
+                format!("the fleet reset {resets} connections; the coordinator answered {duplicate} results sent again duplicate"),
+            );
+        }
         self.fleet.exit().await?;
         self.coord.sample()?;
         self.coord.stop().await?;
@@ -615,7 +639,8 @@ impl Run {
             t.recorded_twice == 0 && said == t.stored_since,
             format!(
                 "{} tasks with more than one counted result; the coordinator running last said \
-                 {said} results recorded (or stale) and stored {}",
+                 {said} results recorded (or stale) and stored {}, and answered {duplicate} sent \
+                 again duplicate",
                 t.recorded_twice, t.stored_since
             ),
         );
