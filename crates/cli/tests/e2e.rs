@@ -164,6 +164,10 @@ fn a_short_e2e_run_with_every_disruption_passes_on_ground_truth() {
             Some("worker_stop") => {
                 let e = o["evidence"].as_str().unwrap_or_default();
                 assert_eq!(e, "exited 0 after SIGTERM", "{o}");
+                // What became of its leases was read from the coordinator's attempts (none
+                // left to the grace period: the verdict's check).
+                assert!(o["handback"]["handed_back"].is_u64(), "{o}");
+                assert_eq!(o["handback"]["left"], serde_json::json!([]), "{o}");
                 continue;
             }
             Some("proxy_down") => {

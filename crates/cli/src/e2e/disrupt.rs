@@ -273,6 +273,7 @@ impl System {
             detected: None,
             recovered: false,
             fleet_recovered,
+            handback: None,
             note,
         })
     }

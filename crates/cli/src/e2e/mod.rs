@@ -335,6 +335,7 @@ fn judge(
     for (i, o) in observations.iter_mut().enumerate() {
         let end = starts.get(i + 1).copied().unwrap_or(extra.over_at);
         o.analyse(logs, &samples, end);
+        o.handback_from(&truth.tasks);
     }
     truth.acks = acks(logs);
     truth.disruptions = observations
@@ -642,6 +643,12 @@ async fn drain(
                 id: t["task_id"].as_str().unwrap_or_default().to_owned(),
                 status: t["status"].as_str().unwrap_or_default().to_owned(),
                 attempt: t["attempt"].as_u64().unwrap_or(0) as u32,
+                attempts: t["attempts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(attempt_view)
+                    .collect(),
             })
             .collect();
         let open = tasks
@@ -658,6 +665,20 @@ async fn drain(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// One entry of a task's `attempts`; `None` when it does not read as one.
+fn attempt_view(a: &Value) -> Option<verdict::AttemptView> {
+    let at = |v: &Value| {
+        v.as_str()
+            .and_then(|s| s.parse::<chrono::DateTime<Utc>>().ok())
+    };
+    Some(verdict::AttemptView {
+        worker: a["worker"].as_str()?.to_owned(),
+        started_at: at(&a["started_at"])?,
+        ended_at: at(&a["ended_at"]),
+        end: a["end"].as_str().map(str::to_owned),
+    })
 }
 
 /// Every worker's event log, as ground truth: any that cannot be read whole fails the run.

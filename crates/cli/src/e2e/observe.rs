@@ -193,6 +193,9 @@ pub struct Observation {
     pub recovered: bool,
     /// Recovery of the whole fleet was seen before the next disruption.
     pub fleet_recovered: bool,
+    /// `worker_stop`: what became of the leases the stopped worker held ([`Observation::handback_from`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handback: Option<super::verdict::Handback>,
     pub note: String,
 }
 
@@ -213,6 +216,20 @@ impl Observation {
                     (w.clone(), dead)
                 })
                 .collect(),
+            handback: self.handback.clone(),
+        }
+    }
+
+    /// `worker_stop`: from the tasks' attempts as the coordinator lists them at the end, what
+    /// became of the leases the stopped worker held when it was told to stop.
+    pub fn handback_from(&mut self, tasks: &[super::verdict::TaskView]) {
+        if let (Kind::WorkerStop, Some(worker)) = (self.kind, &self.target) {
+            self.handback = Some(super::verdict::Handback::of(
+                tasks,
+                worker,
+                self.started_at,
+                self.removed_at,
+            ));
         }
     }
 
@@ -352,6 +369,7 @@ mod tests {
             detected: None,
             recovered: false,
             fleet_recovered: true,
+            handback: None,
             note: String::new(),
         }
     }

@@ -265,7 +265,16 @@ impl Report {
                         )
                     })
                 })
-                .or_else(|| o.evidence.clone())
+                .or_else(|| {
+                    o.evidence.as_ref().map(|e| match &o.handback {
+                        Some(h) => format!(
+                            "{e}; {} leases handed on, {} kept for it",
+                            h.handed_back,
+                            h.left.len()
+                        ),
+                        None => e.clone(),
+                    })
+                })
                 .unwrap_or_else(|| "-".into());
             let _ = writeln!(
                 s,

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::plan::Kind;
@@ -49,6 +50,51 @@ pub struct TaskView {
     pub id: String,
     pub status: String,
     pub attempt: u32,
+    /// Its attempts, oldest first.
+    pub attempts: Vec<AttemptView>,
+}
+
+/// One attempt of a task, as the coordinator lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AttemptView {
+    pub worker: String,
+    pub started_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+    /// How it ended: an outcome, `lost`, `stopped`, `cancelled`, `superseded`.
+    pub end: Option<String>,
+}
+
+/// What became of the leases a worker held when it was told to stop (`worker_stop`): the
+/// attempts of `worker` open at `at` (the stop), by how they ended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Handback {
+    /// Ended before `until` (the worker started again, after it exited): handed back
+    /// (`stopped`) or finished while the worker stopped (an outcome).
+    pub handed_back: usize,
+    /// Kept for the worker instead: ended `lost` (the grace period ran out), ended after the
+    /// worker started again (given back to it), or never ended. As `task#attempt`.
+    pub left: Vec<String>,
+}
+
+impl Handback {
+    pub fn of(tasks: &[TaskView], worker: &str, at: DateTime<Utc>, until: DateTime<Utc>) -> Self {
+        let mut h = Handback::default();
+        for t in tasks {
+            for (i, a) in t.attempts.iter().enumerate() {
+                let open =
+                    a.worker == worker && a.started_at <= at && a.ended_at.is_none_or(|e| e >= at);
+                if !open {
+                    continue;
+                }
+                let in_time = a.ended_at.is_some_and(|e| e <= until);
+                match a.end.as_deref() {
+                    Some(end) if end != "lost" && in_time => h.handed_back += 1,
+                    _ => h.left.push(format!("{}#{}", t.id, i + 1)),
+                }
+            }
+        }
+        h
+    }
 }
 
 /// One recorded result (`GET /api/v1/tasks/{id}/result`).
@@ -83,6 +129,8 @@ pub struct DisruptionView {
     /// Workers that lost a session between its start and the next disruption's, each with
     /// whether the loss was the liveness timeout (the link declared dead).
     pub sessions_lost: Vec<(String, bool)>,
+    /// `worker_stop`: what became of the leases the stopped worker held.
+    pub handback: Option<Handback>,
 }
 
 /// Everything the verdict looks at.
@@ -328,6 +376,28 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
         "disruptions every session must live through (latency, bandwidth, slicer)",
         bad,
     ));
+    // A worker stopped gracefully says `worker_stopped` once every result is acknowledged:
+    // the coordinator hands its leases on at once (`stopped`), not after the grace period.
+    let stops: Vec<&DisruptionView> = d.iter().filter(|x| x.kind == Kind::WorkerStop).collect();
+    let bad = stops
+        .iter()
+        .filter_map(|x| {
+            let left = &x.handback.as_ref()?.left;
+            (!left.is_empty()).then(|| {
+                format!(
+                    "#{} worker_stop: attempts {} kept for the stopped worker, not handed on",
+                    x.index,
+                    left.join(", ")
+                )
+            })
+        })
+        .collect();
+    checks.push(check(
+        "stopped_workers_handed_back_their_leases",
+        stops.len(),
+        "graceful worker stops",
+        bad,
+    ));
     let ran: BTreeSet<Kind> = d.iter().map(|x| x.kind).collect();
     let missing: Vec<String> = g
         .kinds
@@ -359,6 +429,7 @@ mod tests {
             id: id.into(),
             status: status.into(),
             attempt: 1,
+            attempts: vec![],
         }
     }
 
@@ -411,6 +482,7 @@ mod tests {
                 detected: Some(true),
                 recovered: true,
                 sessions_lost: vec![("w1".into(), false)],
+                handback: None,
             }],
             kinds: vec![Kind::Reset],
             unexpected_exits: vec![],
@@ -430,7 +502,7 @@ mod tests {
     fn a_healthy_run_passes_every_check() {
         let v = verdict(&healthy());
         assert!(v.pass, "{v:?}");
-        assert_eq!(v.checks.len(), 12);
+        assert_eq!(v.checks.len(), 13);
     }
 
     #[test]
@@ -541,6 +613,80 @@ mod tests {
         assert_eq!(failing(&g), ["every_kind_ran"]);
     }
 
+    /// A gracefully stopped worker's leases: an attempt open at the stop that ended `lost`,
+    /// ended only after the worker started again (its lease kept for it), or never ended, was
+    /// not handed on and fails; one `stopped`, or finished during the stop, was handed back;
+    /// attempts of other workers, or closed before the stop, are not its leases.
+    #[test]
+    fn a_stopped_worker_s_lease_left_to_the_grace_period_fails() {
+        let t = |secs: i64| DateTime::<Utc>::from_timestamp(1_800_000_000 + secs, 0).expect("time");
+        let attempt = |worker: &str, from: i64, to: Option<i64>, end: Option<&str>| AttemptView {
+            worker: worker.into(),
+            started_at: t(from),
+            ended_at: to.map(t),
+            end: end.map(str::to_owned),
+        };
+        let tasks = vec![
+            TaskView {
+                attempts: vec![
+                    attempt("w1", 0, Some(10), Some("stopped")),
+                    attempt("w2", 10, Some(20), Some("completed")),
+                ],
+                ..task("a", "completed")
+            },
+            TaskView {
+                attempts: vec![attempt("w1", 2, Some(12), Some("lost"))],
+                ..task("b", "completed")
+            },
+            TaskView {
+                attempts: vec![attempt("w1", 3, Some(9), Some("completed"))],
+                ..task("c", "completed")
+            },
+            TaskView {
+                attempts: vec![attempt("w1", 4, Some(30), Some("completed"))],
+                ..task("e", "completed")
+            },
+            TaskView {
+                attempts: vec![
+                    attempt("w1", 0, Some(4), Some("failed")),
+                    attempt("w1", 6, Some(9), Some("completed")),
+                    attempt("w2", 1, None, None),
+                ],
+                ..task("d", "running")
+            },
+        ];
+        let h = Handback::of(&tasks, "w1", t(5), t(20));
+        assert_eq!(h.handed_back, 2, "{h:?}");
+        assert_eq!(h.left, ["b#1", "e#1"]);
+        let stop = |handback: Handback| {
+            let mut g = healthy();
+            g.kinds = vec![Kind::WorkerStop];
+            g.disruptions = vec![DisruptionView {
+                index: 3,
+                kind: Kind::WorkerStop,
+                fired: true,
+                detected: Some(true),
+                recovered: true,
+                sessions_lost: vec![],
+                handback: Some(handback),
+            }];
+            g
+        };
+        let bad = stop(h);
+        assert_eq!(failing(&bad), ["stopped_workers_handed_back_their_leases"]);
+        let detail = verdict(&bad)
+            .checks
+            .into_iter()
+            .find(|c| c.name == "stopped_workers_handed_back_their_leases")
+            .map(|c| c.detail)
+            .unwrap_or_default();
+        assert!(
+            detail.contains("#3 worker_stop: attempts b#1, e#1 kept"),
+            "{detail}"
+        );
+        assert!(failing(&stop(Handback::of(&tasks, "w1", t(1), t(20)))).is_empty());
+    }
+
     /// Latency every session must live through: a worker whose link was declared dead in its
     /// window fails the run though it came back, and so does a closed session; the same loss
     /// under a stall (which can end a live session by design) does not.
@@ -556,6 +702,7 @@ mod tests {
                 detected: None,
                 recovered: true,
                 sessions_lost: lost,
+                handback: None,
             }];
             g
         };
