@@ -85,6 +85,10 @@ pub enum Script {
     /// writes fill the pipe and wait, its reads go on); then, and on later connections, like
     /// `Healthy`, recording every `checkpoint_data` in `pieces`.
     StallReads,
+    /// Answers every `checkpoint` announcement `rejected` (as a coordinator refuses one past
+    /// its limits or from a stranger) and never acknowledges a `checkpoint_data`, recording
+    /// each in `pieces`; acknowledges the rest like `Healthy`.
+    RejectCheckpoint,
 }
 
 /// The task [`Script::Reassign`] assigns.
@@ -486,6 +490,44 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                             }
                         }
                     }
+                }
+            }
+        }
+        Script::RejectCheckpoint => {
+            while let Some(Ok(m)) = ws.next().await {
+                if let Some(seq) = heartbeat_in(&m) {
+                    if ws.send(heartbeat_reply(seq)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                let reply = match &m {
+                    Message::Text(t) => match decode_worker(t.as_str()) {
+                        Ok(tether_proto::WorkerMsg::CheckpointData(d)) => {
+                            pieces
+                                .lock()
+                                .expect("lock")
+                                .push((d.checkpoint_id.to_string(), d.chunk));
+                            None
+                        }
+                        Ok(tether_proto::WorkerMsg::Checkpoint(c)) => {
+                            Some(CoordMsg::CheckpointAck(tether_proto::msg::Ack {
+                                ack_seq: c.seq,
+                                task_id: Some(c.task_id),
+                                checkpoint_id: Some(c.checkpoint_id),
+                                chunk: None,
+                                disposition: tether_proto::msg::Disposition::Rejected,
+                                timestamp: now(),
+                            }))
+                        }
+                        _ => ack_of(&m).map(|(_, ack)| ack),
+                    },
+                    _ => None,
+                };
+                if let Some(r) = reply
+                    && ws.send(send(r)).await.is_err()
+                {
+                    return;
                 }
             }
         }

@@ -274,3 +274,59 @@ async fn a_checkpoint_piece_too_large_for_the_coordinator_abandons_its_upload_sa
     assert_eq!(fake.attempts().len(), 1, "one connection throughout");
     running.stop().await;
 }
+
+/// A checkpoint announcement answered `rejected`: the coordinator will take none of its pieces,
+/// so the worker drops every piece of it still held, sent and waiting for an acknowledgement
+/// that will never come, or not sent yet. The outbox empties though no piece is ever
+/// acknowledged (kept, they would wait for acknowledgements for ever and be sent again at
+/// every reconnect).
+#[tokio::test]
+async fn a_checkpoint_answered_rejected_has_its_pieces_dropped_sent_or_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = WorkerId::parse("w").expect("id");
+    let task = TaskId::parse("t-run").expect("id");
+    let checkpoint = tether_proto::CheckpointId::parse("c-refused").expect("id");
+    const PIECES: u32 = 32;
+    {
+        let (sd, _) = StateDir::open(dir.path(), &id).expect("open");
+        let announce = WorkerMsg::Checkpoint(tether_proto::msg::Checkpoint {
+            seq: Seq(1),
+            task_id: task.clone(),
+            attempt: Attempt(1),
+            checkpoint_id: checkpoint.clone(),
+            size: u64::from(PIECES) * 16,
+            chunks: PIECES,
+            timestamp: now(),
+        });
+        sd.write(Some((Class::State, Seq(1), &announce)), &[]);
+        for chunk in 0..PIECES {
+            let piece = WorkerMsg::CheckpointData(tether_proto::msg::CheckpointData {
+                seq: Seq(2 + u64::from(chunk)),
+                task_id: task.clone(),
+                attempt: Attempt(1),
+                checkpoint_id: checkpoint.clone(),
+                chunk,
+                data: tether_proto::task::Blob(vec![7; 16]),
+                timestamp: now(),
+            });
+            sd.write(Some((Class::State, Seq(2 + u64::from(chunk)), &piece)), &[]);
+        }
+    }
+    let fake = FakeConnector::new(Script::RejectCheckpoint);
+    let mut cfg = config();
+    cfg.state_dir = Some(dir.path().to_owned());
+    let running = Running::start(&fake, cfg);
+    running.wait_state(|s| s == ConnState::Connected).await;
+    let outbox = running.handle.outbox.clone();
+    assert!(
+        held_within(Duration::from_secs(30), || outbox.is_empty()).await,
+        "outbox still holds {} entries",
+        outbox.len()
+    );
+    assert!(
+        !fake.pieces.lock().expect("lock").is_empty(),
+        "pieces were sent, unacknowledged: dropped from the outbox by the rejection alone"
+    );
+    assert_eq!(fake.attempts().len(), 1, "one connection throughout");
+    running.stop().await;
+}
