@@ -113,6 +113,9 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+    if matches!(cli.cmd, Cmd::Coordinator(_)) {
+        no_huge_pages();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .on_thread_park(coalesce::before_park)
         .enable_all()
@@ -227,5 +230,17 @@ impl Signals {
         {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// The coordinator's memory in 4 KiB pages only. The allocator asks the kernel for
+/// transparent huge pages; each first touch of one zeroes 2 MiB on the thread that touched it,
+/// and under a message flood these came in bursts of 35-40 ms on a runtime thread (`perf`:
+/// `clear_page_erms` half the coordinator's samples during each stall of every probe), with
+/// 20-30 % more resident memory (docs/PERFORMANCE.md, thirty-first round).
+fn no_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        tracing::debug!(error = %e, "transparent huge pages stay allowed");
     }
 }
