@@ -1,6 +1,6 @@
-//! `tether coordinator --idle-coalesce`: applied when given within its limit, refused with the
-//! limit named past it (the stress report only echoes what it passed; this checks the
-//! coordinator itself).
+//! The coordinator process's own settings. `tether coordinator --idle-coalesce`: applied when
+//! given within its limit, refused with the limit named past it (the stress report only echoes
+//! what it passed; this checks the coordinator itself). Transparent huge pages: off.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -55,4 +55,36 @@ async fn the_coordinator_applies_idle_coalescing_within_its_limit_and_refuses_it
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("25 ms") && err.contains("20 ms"), "{err}");
+}
+
+/// The coordinator runs without transparent huge pages (their zeroing stalled its runtime
+/// threads for tens of milliseconds under a flood: docs/PERFORMANCE.md, thirty-first round),
+/// as the kernel says of the running process.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_coordinator_process_runs_without_transparent_huge_pages() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = coordinator(dir.path(), "2ms").spawn().expect("start");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    // Up: it logged its settings.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("idle coalescing on") {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the coordinator logs within 30 s");
+    let pid = child.id().expect("pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let _ = child.kill().await;
+    let thp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    // Kernels before 6.0 do not say; the flag is set all the same.
+    if let Some(thp) = thp {
+        assert_eq!(thp, "0", "{status}");
+    }
 }
