@@ -498,6 +498,16 @@ mod tests {
             .collect()
     }
 
+    /// What check `name` says of `g`.
+    fn detail(g: &GroundTruth, name: &str) -> String {
+        verdict(g)
+            .checks
+            .into_iter()
+            .find(|c| c.name == name)
+            .map(|c| c.detail)
+            .unwrap_or_default()
+    }
+
     #[test]
     fn a_healthy_run_passes_every_check() {
         let v = verdict(&healthy());
@@ -674,12 +684,7 @@ mod tests {
         };
         let bad = stop(h);
         assert_eq!(failing(&bad), ["stopped_workers_handed_back_their_leases"]);
-        let detail = verdict(&bad)
-            .checks
-            .into_iter()
-            .find(|c| c.name == "stopped_workers_handed_back_their_leases")
-            .map(|c| c.detail)
-            .unwrap_or_default();
+        let detail = detail(&bad, "stopped_workers_handed_back_their_leases");
         assert!(
             detail.contains("#3 worker_stop: attempts b#1, e#1 kept"),
             "{detail}"
@@ -709,12 +714,7 @@ mod tests {
         assert!(failing(&slow(Kind::Latency, vec![])).is_empty());
         let dead = slow(Kind::Latency, vec![("w2".into(), true)]);
         assert_eq!(failing(&dead), ["slow_links_ridden_through"]);
-        let detail = verdict(&dead)
-            .checks
-            .into_iter()
-            .find(|c| c.name == "slow_links_ridden_through")
-            .map(|c| c.detail)
-            .unwrap_or_default();
+        let detail = detail(&dead, "slow_links_ridden_through");
         assert!(
             detail.contains("#0 latency: w2 lost its session (declared dead)"),
             "{detail}"

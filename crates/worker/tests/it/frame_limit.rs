@@ -26,6 +26,17 @@ fn config() -> WorkerConfig {
     c
 }
 
+/// A worker on the state directory `dir`, its connections going to a fake coordinator that
+/// follows `script`, once its first session is up.
+async fn connected_on(dir: &std::path::Path, script: Script) -> (FakeConnector, Running) {
+    let fake = FakeConnector::new(script);
+    let mut cfg = config();
+    cfg.state_dir = Some(dir.to_owned());
+    let running = Running::start(&fake, cfg);
+    running.wait_state(|s| s == ConnState::Connected).await;
+    (fake, running)
+}
+
 /// Polls `cond` every 100 ms until it holds or `limit` passes (virtual time); whether it held.
 async fn held_within(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let polled = async {
@@ -116,11 +127,7 @@ async fn a_journaled_result_too_large_for_the_coordinator_fails_its_attempt_and_
             &[],
         );
     }
-    let fake = FakeConnector::new(Script::SmallFrames);
-    let mut cfg = config();
-    cfg.state_dir = Some(dir.path().to_owned());
-    let running = Running::start(&fake, cfg);
-    running.wait_state(|s| s == ConnState::Connected).await;
+    let (fake, running) = connected_on(dir.path(), Script::SmallFrames).await;
     let outbox = running.handle.outbox.clone();
     assert!(
         held_within(Duration::from_secs(60), || outbox.is_empty()).await,
@@ -251,11 +258,7 @@ async fn a_checkpoint_piece_too_large_for_the_coordinator_abandons_its_upload_sa
         sd.write(Some((Class::State, Seq(1), &announce)), &[]);
         sd.write(Some((Class::State, Seq(2), &piece)), &[]);
     }
-    let fake = FakeConnector::new(Script::SmallFrames);
-    let mut cfg = config();
-    cfg.state_dir = Some(dir.path().to_owned());
-    let running = Running::start(&fake, cfg);
-    running.wait_state(|s| s == ConnState::Connected).await;
+    let (fake, running) = connected_on(dir.path(), Script::SmallFrames).await;
     let outbox = running.handle.outbox.clone();
     let errors = fake.checkpoint_errors.clone();
     assert!(
@@ -312,11 +315,7 @@ async fn a_checkpoint_answered_rejected_has_its_pieces_dropped_sent_or_not() {
             sd.write(Some((Class::State, Seq(2 + u64::from(chunk)), &piece)), &[]);
         }
     }
-    let fake = FakeConnector::new(Script::RejectCheckpoint);
-    let mut cfg = config();
-    cfg.state_dir = Some(dir.path().to_owned());
-    let running = Running::start(&fake, cfg);
-    running.wait_state(|s| s == ConnState::Connected).await;
+    let (fake, running) = connected_on(dir.path(), Script::RejectCheckpoint).await;
     let outbox = running.handle.outbox.clone();
     assert!(
         held_within(Duration::from_secs(30), || outbox.is_empty()).await,
