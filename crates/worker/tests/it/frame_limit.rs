@@ -26,6 +26,42 @@ fn config() -> WorkerConfig {
     c
 }
 
+/// Journals in the state directory `dir` (worker `w`) the upload of a checkpoint of `task`,
+/// attempt 1, as a worker that had not sent it yet left it: its announcement (seq 1) and
+/// `pieces` pieces of `bytes` bytes each (seq 2 on).
+fn journal_checkpoint(
+    dir: &std::path::Path,
+    task: &TaskId,
+    checkpoint: &tether_proto::CheckpointId,
+    pieces: u32,
+    bytes: usize,
+) {
+    let (sd, _) = StateDir::open(dir, &WorkerId::parse("w").expect("id")).expect("open");
+    let announce = WorkerMsg::Checkpoint(tether_proto::msg::Checkpoint {
+        seq: Seq(1),
+        task_id: task.clone(),
+        attempt: Attempt(1),
+        checkpoint_id: checkpoint.clone(),
+        size: u64::from(pieces) * bytes as u64,
+        chunks: pieces,
+        timestamp: now(),
+    });
+    sd.write(Some((Class::State, Seq(1), &announce)), &[]);
+    for chunk in 0..pieces {
+        let seq = Seq(2 + u64::from(chunk));
+        let piece = WorkerMsg::CheckpointData(tether_proto::msg::CheckpointData {
+            seq,
+            task_id: task.clone(),
+            attempt: Attempt(1),
+            checkpoint_id: checkpoint.clone(),
+            chunk,
+            data: tether_proto::task::Blob(vec![7; bytes]),
+            timestamp: now(),
+        });
+        sd.write(Some((Class::State, seq, &piece)), &[]);
+    }
+}
+
 /// A worker on the state directory `dir`, its connections going to a fake coordinator that
 /// follows `script`, once its first session is up.
 async fn connected_on(dir: &std::path::Path, script: Script) -> (FakeConnector, Running) {
@@ -231,33 +267,10 @@ async fn an_absurd_heartbeat_timeout_is_capped_and_a_silent_coordinator_still_no
 #[tokio::test(start_paused = true)]
 async fn a_checkpoint_piece_too_large_for_the_coordinator_abandons_its_upload_saying_so() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let id = WorkerId::parse("w").expect("id");
     let big = 4 * SMALL_FRAME;
     let task = TaskId::parse("t-run").expect("id");
     let checkpoint = tether_proto::CheckpointId::parse("c-big").expect("id");
-    {
-        let (sd, _) = StateDir::open(dir.path(), &id).expect("open");
-        let announce = WorkerMsg::Checkpoint(tether_proto::msg::Checkpoint {
-            seq: Seq(1),
-            task_id: task.clone(),
-            attempt: Attempt(1),
-            checkpoint_id: checkpoint.clone(),
-            size: big as u64,
-            chunks: 1,
-            timestamp: now(),
-        });
-        let piece = WorkerMsg::CheckpointData(tether_proto::msg::CheckpointData {
-            seq: Seq(2),
-            task_id: task.clone(),
-            attempt: Attempt(1),
-            checkpoint_id: checkpoint.clone(),
-            chunk: 0,
-            data: tether_proto::task::Blob(vec![7; big]),
-            timestamp: now(),
-        });
-        sd.write(Some((Class::State, Seq(1), &announce)), &[]);
-        sd.write(Some((Class::State, Seq(2), &piece)), &[]);
-    }
+    journal_checkpoint(dir.path(), &task, &checkpoint, 1, big);
     let (fake, running) = connected_on(dir.path(), Script::SmallFrames).await;
     let outbox = running.handle.outbox.clone();
     let errors = fake.checkpoint_errors.clone();
@@ -286,35 +299,9 @@ async fn a_checkpoint_piece_too_large_for_the_coordinator_abandons_its_upload_sa
 #[tokio::test]
 async fn a_checkpoint_answered_rejected_has_its_pieces_dropped_sent_or_not() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let id = WorkerId::parse("w").expect("id");
     let task = TaskId::parse("t-run").expect("id");
     let checkpoint = tether_proto::CheckpointId::parse("c-refused").expect("id");
-    const PIECES: u32 = 32;
-    {
-        let (sd, _) = StateDir::open(dir.path(), &id).expect("open");
-        let announce = WorkerMsg::Checkpoint(tether_proto::msg::Checkpoint {
-            seq: Seq(1),
-            task_id: task.clone(),
-            attempt: Attempt(1),
-            checkpoint_id: checkpoint.clone(),
-            size: u64::from(PIECES) * 16,
-            chunks: PIECES,
-            timestamp: now(),
-        });
-        sd.write(Some((Class::State, Seq(1), &announce)), &[]);
-        for chunk in 0..PIECES {
-            let piece = WorkerMsg::CheckpointData(tether_proto::msg::CheckpointData {
-                seq: Seq(2 + u64::from(chunk)),
-                task_id: task.clone(),
-                attempt: Attempt(1),
-                checkpoint_id: checkpoint.clone(),
-                chunk,
-                data: tether_proto::task::Blob(vec![7; 16]),
-                timestamp: now(),
-            });
-            sd.write(Some((Class::State, Seq(2 + u64::from(chunk)), &piece)), &[]);
-        }
-    }
+    journal_checkpoint(dir.path(), &task, &checkpoint, 32, 16);
     let (fake, running) = connected_on(dir.path(), Script::RejectCheckpoint).await;
     let outbox = running.handle.outbox.clone();
     assert!(
