@@ -31,14 +31,15 @@
 //!
 //! The two files share no transaction, so each change that touches both is ordered to be safe
 //! at a crash between its steps: `worker.db` first, in one transaction (the attempt leaves the
-//! running set, or the lost set is forgotten, and the deletion is recorded as owed in
-//! `forget`: each task's checkpoints up to the attempt that ended or was lost), then the
-//! checkpoints, then the `forget` rows go. A crash between them leaves owed deletions on disk,
-//! which the next open applies before it reads any checkpoint: a task lost at that open (even
-//! at a newer attempt that started here since) is never handed an ended attempt's checkpoint,
-//! and a lost task never loses its own. A newer attempt that resumes from a lost attempt's
-//! checkpoint kept here stores it again as its own (the runner's adoption: only the attempt it
-//! is kept under changes), before it runs: forgetting the lost attempt then leaves it. Every open also sweeps away the checkpoints of tasks
+//! running set, and the deletion is recorded as owed in `forget`: the task's checkpoints up to
+//! the attempt that ended), then the checkpoints, then the `forget` rows go. A crash between
+//! them leaves owed deletions on disk, which the next open applies before it reads any
+//! checkpoint: a task lost at that open (even at a newer attempt that started here since) is
+//! never handed an ended attempt's checkpoint, and a lost task never loses its own. Forgetting
+//! the lost set (`forget_lost`) leaves their checkpoints: a newer attempt that resumes from a
+//! lost attempt's checkpoint kept here stores it again as its own (the runner's adoption: only
+//! the attempt it is kept under changes) after it is recorded as running, and a crash between
+//! the two still finds the checkpoint at the next start. Every open also sweeps away the checkpoints of tasks
 //! neither running nor lost. A corrupt or emptied `checkpoints.db` is refused at open like
 //! `worker.db`, left untouched. A missing one is made at open: from the `checkpoints` table of
 //! a `worker.db` of schema 1 (then dropped), empty otherwise, as a missing `worker.db` is, with a
@@ -358,22 +359,18 @@ impl StateDir {
     }
 
     /// The coordinator has been told about the lost tasks (a registration was acknowledged):
-    /// forgets them and their checkpoints.
+    /// forgets them, not their checkpoints. The coordinator may hand such a task back to this
+    /// worker, whose new attempt then resumes from the checkpoint and stores it again as its own
+    /// (the runner's adoption) once it has been recorded as running: deleted here, a crash
+    /// between the two would leave the new attempt, lost at the next start, without it. So a
+    /// lost task's checkpoints go with the end of a newer attempt here (`task_finished` forgets
+    /// every attempt up to its own), or at the next start, which sweeps away the checkpoints of
+    /// tasks neither running nor lost. Until then they take the disk they took before; the
+    /// runner holds them in memory for as long anyway.
     pub fn forget_lost(&self) -> Result<(), StateDirError> {
-        // Step one: the lost set goes and its checkpoints are owed, in one transaction (the
-        // debt is paid as `task_finished`'s is). The lost set never goes without the debt, and
-        // a task still lost at the next start never without its checkpoint.
-        {
-            let mut conn = self.conn();
-            let tx = conn.transaction().map_err(|e| self.db_err(e))?;
-            tx.execute_batch(
-                "INSERT OR IGNORE INTO forget (task_id, attempt) SELECT task_id, attempt FROM lost;
-                 DELETE FROM lost;",
-            )
-            .and_then(|_| tx.commit())
+        self.conn()
+            .execute("DELETE FROM lost", [])
             .map_err(|e| self.db_err(e))?;
-        }
-        self.owe();
         Ok(())
     }
 
@@ -1009,10 +1006,39 @@ mod tests {
         let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
         assert_eq!(restored.lost.len(), 1);
         sd.forget_lost().expect("forget");
-        assert!(sd.latest_checkpoint(&tid("long")).expect("read").is_none());
+        // Kept until the task's next attempt here ends, or the next start.
+        assert!(sd.latest_checkpoint(&tid("long")).expect("read").is_some());
         drop(sd);
-        let (_sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+        let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
         assert!(restored.lost.is_empty());
+        assert!(restored.checkpoints.is_empty());
+        assert!(sd.latest_checkpoint(&tid("long")).expect("read").is_none());
+    }
+
+    /// The coordinator hands a lost task back: its new attempt is recorded as running, then
+    /// stores the lost attempt's checkpoint again as its own. A crash between the two, after
+    /// the lost set was forgotten, still finds the checkpoint at the next start, for the new
+    /// attempt lost in its turn. Its end, later, forgets it.
+    #[test]
+    fn a_crash_before_a_reassigned_task_adopts_its_checkpoint_keeps_the_checkpoint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(open_running(dir.path(), "t", b"5"));
+        let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+        assert_eq!(restored.lost, vec![TaskRef::new(tid("t"), Attempt(1))]);
+        // Registered (the lost set forgotten), then the task comes back at attempt 2: recorded
+        // as running, and the process dies before the adoption's write.
+        sd.forget_lost().expect("forget");
+        sd.task_started(&tid("t"), Attempt(2)).expect("start");
+        drop(sd);
+        let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+        assert_eq!(restored.lost, vec![TaskRef::new(tid("t"), Attempt(2))]);
+        assert_eq!(restored.checkpoints.len(), 1, "the checkpoint survived");
+        assert_eq!(restored.checkpoints[0].1.data.as_slice(), b"5");
+        // Handed back once more, run to its end here: every attempt's checkpoints go.
+        sd.forget_lost().expect("forget");
+        sd.task_started(&tid("t"), Attempt(3)).expect("start");
+        sd.task_finished(&tid("t"), Attempt(3)).expect("finish");
+        assert!(checkpoint_rows(dir.path()).is_empty());
     }
 
     /// A checkpoint stored again under a newer attempt (which resumed from it) is kept under
