@@ -326,6 +326,7 @@ fn steady_load_with_connections_reset_records_every_result_sent_again_once() {
         r["results_duplicate"].as_u64() > Some(0),
         "no result was sent again: the run did not face a duplicate\n{r:#}"
     );
+    assert!(r["checkpoint_messages_duplicate"].is_u64(), "{r:#}");
 }
 
 #[test]

@@ -156,6 +156,10 @@ pub struct Report {
     /// acknowledgement was lost (a reset, a restart), known, and not recorded again.
     #[serde(default)]
     pub results_duplicate: Option<u64>,
+    /// Checkpoint announcements and pieces the coordinator running last answered `duplicate`:
+    /// sent again, already stored, not stored twice.
+    #[serde(default)]
+    pub checkpoint_messages_duplicate: Option<u64>,
     /// The machine's speed before the run and after both processes stopped.
     pub machine_before: Option<super::machine::Probe>,
     pub machine_after: Option<super::machine::Probe>,
@@ -375,6 +379,12 @@ impl Report {
         if let Some(n) = self.results_duplicate {
             row(
                 "results sent again and answered duplicate (not recorded twice)",
+                n.to_string(),
+            );
+        }
+        if let Some(n) = self.checkpoint_messages_duplicate {
+            row(
+                "checkpoint messages sent again and answered duplicate",
                 n.to_string(),
             );
         }

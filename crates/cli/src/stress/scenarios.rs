@@ -593,8 +593,11 @@ impl Run {
         // What the coordinator running now said it recorded (`recorded` or `stale`), once the
         // results in flight were taken (every task has ended): each is one row it stored.
         let said = self.settled_results().await?;
-        let duplicate = self.counter("results_duplicate").await?;
+        let [duplicate, checkpoint_duplicate] = self
+            .counters(["results_duplicate", "checkpoint_messages_duplicate"])
+            .await?;
         self.report.results_duplicate = Some(duplicate);
+        self.report.checkpoint_messages_duplicate = Some(checkpoint_duplicate);
         if self.a.reset_every.is_some() {
             let resets = fleet_status.resets;
             self.report.connections_reset = Some(resets);

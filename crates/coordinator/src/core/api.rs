@@ -417,6 +417,10 @@ impl Core {
             ("results_recorded", &c.results_recorded),
             ("results_duplicate", &c.results_duplicate),
             ("results_stale", &c.results_stale),
+            (
+                "checkpoint_messages_duplicate",
+                &c.checkpoint_messages_duplicate,
+            ),
             ("checkpoint_bytes_served", &c.checkpoint_bytes_served),
             ("rejected", &c.rejected),
             ("assignments", &c.assignments),

@@ -679,6 +679,9 @@ impl Core {
             // session), or a re-upload for `checkpoint_request`. Taken again, a superseded one
             // would become the latest and the newer ones would be pruned.
             Standing::Holder if self.checkpoint_owner.get(&c.checkpoint_id) == Some(&c.task_id) => {
+                self.counters
+                    .checkpoint_messages_duplicate
+                    .fetch_add(1, Ordering::Relaxed);
                 Disposition::Duplicate
             }
             Standing::Holder if let Some(error) = self.announce_refusal(worker, &c) => {
@@ -912,6 +915,9 @@ impl Core {
                         Disposition::Rejected
                     }
                 } else {
+                    self.counters
+                        .checkpoint_messages_duplicate
+                        .fetch_add(1, Ordering::Relaxed);
                     Disposition::Duplicate
                 }
             }
@@ -919,6 +925,9 @@ impl Core {
             (Standing::Holder, None)
                 if self.checkpoint_owner.get(&d.checkpoint_id) == Some(&d.task_id) =>
             {
+                self.counters
+                    .checkpoint_messages_duplicate
+                    .fetch_add(1, Ordering::Relaxed);
                 Disposition::Duplicate
             }
             // Its announcement was refused (or never came): the piece is not stored, and a

@@ -162,6 +162,9 @@ pub struct Counters {
     pub results_recorded: AtomicU64,
     pub results_duplicate: AtomicU64,
     pub results_stale: AtomicU64,
+    /// `checkpoint` and `checkpoint_data` messages answered `duplicate`: replays of what was
+    /// stored already.
+    pub checkpoint_messages_duplicate: AtomicU64,
     pub rejected: AtomicU64,
     pub assignments: AtomicU64,
     pub requeued: AtomicU64,

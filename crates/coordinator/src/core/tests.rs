@@ -925,6 +925,11 @@ fn a_replayed_checkpoint_pruned_since_is_a_duplicate_and_the_latest_stays() {
     h.frame("a", s, piece(11, &t, "c-x1", 0, b"x"));
     assert_eq!(data_ack(&drain(&mut rx)), Disposition::Duplicate);
     assert!(h.last_muts.is_empty(), "{:?}", h.last_muts);
+    assert_eq!(
+        Counters::get(&h.core.counters.checkpoint_messages_duplicate),
+        2,
+        "the announcement and its piece, counted"
+    );
     assert_eq!(latest(&h), "c-x4");
     let kept: Vec<&str> = h.core.checkpoint_history[&t]
         .iter()
