@@ -236,8 +236,9 @@ impl Signals {
 /// The coordinator's memory in 4 KiB pages only. The allocator asks the kernel for
 /// transparent huge pages; each first touch of one zeroes 2 MiB on the thread that touched it,
 /// and under a message flood these came in bursts of 35-40 ms on a runtime thread (`perf`:
-/// `clear_page_erms` half the coordinator's samples during each stall of every probe), with
-/// 20-30 % more resident memory (docs/PERFORMANCE.md, thirty-first round).
+/// `clear_page_erms` half the coordinator's samples during each stall of every probe); without
+/// them its peak resident memory under the flood was 74-76 MB instead of 99-121
+/// (docs/PERFORMANCE.md, thirty-first round).
 fn no_huge_pages() {
     #[cfg(target_os = "linux")]
     if let Err(e) = nix::sys::prctl::set_thp_disable(true) {

@@ -302,8 +302,6 @@ fn mixed_priority_never_lets_high_priority_wait_behind_low() {
     assert!(count(&r["low_priority_wait_ms"]) > 0);
 }
 
-/// Values no run can use are refused by name before any process starts; nothing is left in
-/// the temporary directory.
 /// Connections reset mid-stream on purpose: results sent and not yet acknowledged are sent
 /// again in the next session, and the coordinator must know them. The common verdicts (checked
 /// by `stress`) then judge real duplicates: a replay recorded again fails "recorded twice",
@@ -329,6 +327,8 @@ fn steady_load_with_connections_reset_records_every_result_sent_again_once() {
     assert!(r["checkpoint_messages_duplicate"].is_u64(), "{r:#}");
 }
 
+/// Values no run can use are refused by name before any process starts; nothing is left in
+/// the temporary directory.
 #[test]
 fn arguments_no_run_can_use_are_refused_by_name_before_anything_starts() {
     for (args, name) in [
