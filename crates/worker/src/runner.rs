@@ -155,10 +155,11 @@ async fn remove_checkpoint_dir(dir: PathBuf) {
 #[derive(Debug)]
 enum Resume {
     Afresh,
+    /// A checkpoint at hand: the coordinator's, sent with the assignment, or this worker's own,
+    /// kept on disk from an earlier attempt lost with the previous process. That one stays
+    /// kept under the lost attempt until this task's next attempt here ends (or the next start
+    /// finds the task neither running nor lost), so a second crash finds it again.
     From(StoredCheckpoint),
-    /// This worker's own, kept from an earlier attempt lost with the previous process: the
-    /// attempt adopts it (`Runner::adopt_checkpoint`).
-    Local(StoredCheckpoint),
     /// The coordinator's checkpoint, named without its bytes: fetched before the attempt runs
     /// (with an older one of this worker's to fall back on, if it has one).
     Fetch(Wanted, Option<StoredCheckpoint>),
@@ -240,19 +241,19 @@ impl Runner {
         match (local, remote) {
             (Some(l), None) => {
                 tracing::info!(task = %a.task_id, checkpoint = %l.id, "resuming from the local checkpoint: the coordinator sent none");
-                Resume::Local(l)
+                Resume::From(l)
             }
             (Some(l), Some(r))
                 if l.attempt > r.attempt || (l.attempt == r.attempt && l.id != r.checkpoint_id) =>
             {
                 tracing::info!(task = %a.task_id, local = %l.id, remote = %r.checkpoint_id, "resuming from the local checkpoint: newer than the coordinator's");
-                Resume::Local(l)
+                Resume::From(l)
             }
             (_, None) => Resume::Afresh,
             // The very checkpoint the coordinator would have this worker fetch: no need.
             (Some(l), Some(r)) if l.id == r.checkpoint_id && r.data.is_none() => {
                 tracing::info!(task = %a.task_id, checkpoint = %l.id, "resuming from the local copy of the coordinator's checkpoint");
-                Resume::Local(l)
+                Resume::From(l)
             }
             (local, Some(r)) => match (&r.data, r.size) {
                 (Some(data), _) => Resume::From(StoredCheckpoint {
@@ -339,7 +340,7 @@ impl Runner {
     /// Starts an assignment, unless this attempt already runs or finished here.
     pub fn assign(self: &Arc<Self>, a: TaskAssignment) {
         let key = (a.task_id.clone(), a.attempt);
-        let (shared, fetch, adopt, predecessor) = {
+        let (shared, fetch, predecessor) = {
             let mut t = self.table();
             if t.done.contains(&key) {
                 tracing::debug!(task = %a.task_id, attempt = %a.attempt, "assignment of a finished attempt ignored");
@@ -357,11 +358,10 @@ impl Runner {
                 r.shared.cancel.cancel();
                 predecessor = Some(r.shared.clone());
             }
-            let (latest, fetch, adopt) = match self.resume_point(&a) {
-                Resume::Afresh => (None, None, None),
-                Resume::From(cp) => (Some(cp), None, None),
-                Resume::Local(cp) => (Some(cp.clone()), None, Some(cp)),
-                Resume::Fetch(wanted, fallback) => (fallback, Some(wanted), None),
+            let (latest, fetch) = match self.resume_point(&a) {
+                Resume::Afresh => (None, None),
+                Resume::From(cp) => (Some(cp), None),
+                Resume::Fetch(wanted, fallback) => (fallback, Some(wanted)),
             };
             let shared = TaskShared::new(a.task_id.clone(), a.attempt, latest);
             // Under the table lock, so `active()` never shows a task not yet recorded.
@@ -375,7 +375,7 @@ impl Runner {
                     stop: None,
                 },
             );
-            (shared, fetch, adopt, predecessor)
+            (shared, fetch, predecessor)
         };
         let this = self.clone();
         let grace = self
@@ -386,37 +386,8 @@ impl Runner {
             if let Some(older) = predecessor {
                 wait_for_predecessor(&older, &shared, grace).await;
             }
-            if let Some(cp) = adopt {
-                this.adopt_checkpoint(&shared, cp).await;
-            }
             this.execute(a, shared, fetch).await
         });
-    }
-
-    /// Stores `cp`, this worker's checkpoint of an earlier attempt that `shared`'s attempt
-    /// resumes from, again as the new attempt's, before the attempt runs (and so before any
-    /// checkpoint of its own, which would replace it). Kept under the earlier attempt only,
-    /// it would go when that attempt is forgotten (`StateDir::forget_lost`, once the
-    /// coordinator has been told it was lost), while the new one still runs on it, and a
-    /// second crash would find nothing to resume from. Cheap when the row is still kept: only
-    /// the attempt it is kept under changes.
-    async fn adopt_checkpoint(&self, shared: &Arc<TaskShared>, cp: StoredCheckpoint) {
-        let Some(sink) = self.on_checkpoint.clone() else {
-            return;
-        };
-        let order = shared.storing.clone().lock_owned().await;
-        let (task, id) = (shared.task_id.clone(), cp.id.clone());
-        let adopted = StoredCheckpoint {
-            attempt: shared.attempt,
-            ..cp
-        };
-        let store = move || {
-            let _order = order;
-            sink(&task, &adopted);
-        };
-        if let Err(error) = tokio::task::spawn_blocking(store).await {
-            tracing::error!(task = %shared.task_id, attempt = %shared.attempt, checkpoint = %id, %error, "storing the checkpoint resumed from as the attempt's failed");
-        }
     }
 
     /// A piece of a checkpoint being fetched (`checkpoint_piece`).

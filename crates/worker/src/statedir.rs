@@ -36,11 +36,10 @@
 //! them leaves owed deletions on disk, which the next open applies before it reads any
 //! checkpoint: a task lost at that open (even at a newer attempt that started here since) is
 //! never handed an ended attempt's checkpoint, and a lost task never loses its own. Forgetting
-//! the lost set (`forget_lost`) leaves their checkpoints: a newer attempt that resumes from a
-//! lost attempt's checkpoint kept here stores it again as its own (the runner's adoption: only
-//! the attempt it is kept under changes) after it is recorded as running, and a crash between
-//! the two still finds the checkpoint at the next start. Every open also sweeps away the checkpoints of tasks
-//! neither running nor lost. A corrupt or emptied `checkpoints.db` is refused at open like
+//! the lost set (`forget_lost`) leaves their checkpoints: a newer attempt here may resume from
+//! one, and nothing forgets a task's checkpoints but the end of an attempt here (up to that
+//! attempt), so a crash while it runs still finds the checkpoint at the next start. Every open
+//! also sweeps away the checkpoints of tasks neither running nor lost. A corrupt or emptied `checkpoints.db` is refused at open like
 //! `worker.db`, left untouched. A missing one is made at open: from the `checkpoints` table of
 //! a `worker.db` of schema 1 (then dropped), empty otherwise, as a missing `worker.db` is, with a
 //! warning if `worker.db` says there was one; a `-wal` and `-shm` it left are removed first.
@@ -360,13 +359,13 @@ impl StateDir {
 
     /// The coordinator has been told about the lost tasks (a registration was acknowledged):
     /// forgets them, not their checkpoints. The coordinator may hand such a task back to this
-    /// worker, whose new attempt then resumes from the checkpoint and stores it again as its own
-    /// (the runner's adoption) once it has been recorded as running: deleted here, a crash
-    /// between the two would leave the new attempt, lost at the next start, without it. So a
-    /// lost task's checkpoints go with the end of a newer attempt here (`task_finished` forgets
-    /// every attempt up to its own), or at the next start, which sweeps away the checkpoints of
-    /// tasks neither running nor lost. Until then they take the disk they took before; the
-    /// runner holds them in memory for as long anyway.
+    /// worker, whose new attempt then resumes from the checkpoint, kept under the lost attempt:
+    /// deleted here, a crash while the new attempt runs (before it checkpoints itself) would
+    /// leave it, lost at the next start, without one. So a lost task's checkpoints go with the
+    /// end of a newer attempt here (`task_finished` forgets every attempt up to its own), or at
+    /// the next start, which sweeps away the checkpoints of tasks neither running nor lost.
+    /// Until then they take the disk they took before; the runner holds them in memory for as
+    /// long anyway.
     pub fn forget_lost(&self) -> Result<(), StateDirError> {
         self.conn()
             .execute("DELETE FROM lost", [])
@@ -1015,18 +1014,19 @@ mod tests {
         assert!(sd.latest_checkpoint(&tid("long")).expect("read").is_none());
     }
 
-    /// The coordinator hands a lost task back: its new attempt is recorded as running, then
-    /// stores the lost attempt's checkpoint again as its own. A crash between the two, after
-    /// the lost set was forgotten, still finds the checkpoint at the next start, for the new
-    /// attempt lost in its turn. Its end, later, forgets it.
+    /// The coordinator hands a lost task back: its new attempt is recorded as running and
+    /// resumes from the lost attempt's checkpoint, kept under the lost attempt. A crash while
+    /// it runs, after the lost set was forgotten, still finds the checkpoint at the next start,
+    /// for the new attempt lost in its turn. The end of a later attempt forgets it.
     #[test]
-    fn a_crash_before_a_reassigned_task_adopts_its_checkpoint_keeps_the_checkpoint() {
+    fn a_crash_while_a_reassigned_task_runs_on_its_lost_attempts_checkpoint_keeps_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         drop(open_running(dir.path(), "t", b"5"));
         let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
         assert_eq!(restored.lost, vec![TaskRef::new(tid("t"), Attempt(1))]);
-        // Registered (the lost set forgotten), then the task comes back at attempt 2: recorded
-        // as running, and the process dies before the adoption's write.
+        // Registered (the lost set forgotten), then the task comes back at attempt 2, which
+        // resumes from attempt 1's checkpoint: recorded as running, and the process dies before
+        // attempt 2 checkpoints itself.
         sd.forget_lost().expect("forget");
         sd.task_started(&tid("t"), Attempt(2)).expect("start");
         drop(sd);
@@ -1039,35 +1039,6 @@ mod tests {
         sd.task_started(&tid("t"), Attempt(3)).expect("start");
         sd.task_finished(&tid("t"), Attempt(3)).expect("finish");
         assert!(checkpoint_rows(dir.path()).is_empty());
-    }
-
-    /// A checkpoint stored again under a newer attempt (which resumed from it) is kept under
-    /// that attempt: forgetting the older attempt leaves it, an older attempt storing it again
-    /// does not take it back, and the newer attempt's end forgets it.
-    #[test]
-    fn a_checkpoint_adopted_by_a_newer_attempt_outlives_the_older_one() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sd = open_running(dir.path(), "t", b"5");
-        let cp = sd
-            .latest_checkpoint(&tid("t"))
-            .expect("read")
-            .expect("kept");
-        sd.task_started(&tid("t"), Attempt(2)).expect("start");
-        let adopted = StoredCheckpoint {
-            attempt: Attempt(2),
-            ..cp.clone()
-        };
-        sd.store_checkpoint(&tid("t"), &adopted).expect("adopt");
-        sd.store_checkpoint(&tid("t"), &cp).expect("older again");
-        sd.task_finished(&tid("t"), Attempt(1)).expect("older ends");
-        let kept = sd
-            .latest_checkpoint(&tid("t"))
-            .expect("read")
-            .expect("kept");
-        assert_eq!((kept.id, kept.attempt), (cp.id, Attempt(2)));
-        assert_eq!(kept.data.as_slice(), b"5");
-        sd.task_finished(&tid("t"), Attempt(2)).expect("newer ends");
-        assert!(sd.latest_checkpoint(&tid("t")).expect("read").is_none());
     }
 
     /// Entries that do not decode (a result and a state nested too deep, journaled by a

@@ -167,23 +167,11 @@ fn copy_old(
 /// Keeps `cp` as the latest checkpoint of `task`, unless a newer attempt's is kept: two
 /// attempts of a task can both be storing (the newer starts when the older has not ended
 /// within the predecessor grace), and the older's last checkpoint is not the task's latest.
-///
-/// The same checkpoint stored again under a newer attempt (one that resumed from it: the
-/// runner's adoption) only changes the attempt it is kept under, when it is still kept: its
-/// bytes are the same, and are not written again.
 pub(super) fn store(
     conn: &Connection,
     task: &TaskId,
     cp: &StoredCheckpoint,
 ) -> rusqlite::Result<()> {
-    let moved = conn.execute(
-        "UPDATE checkpoints SET attempt = ?3
-         WHERE task_id = ?1 AND checkpoint_id = ?2 AND attempt <= ?3",
-        params![task.as_str(), cp.id.as_str(), cp.attempt.0],
-    )?;
-    if moved > 0 {
-        return Ok(());
-    }
     conn.execute(
         "INSERT INTO checkpoints (task_id, checkpoint_id, attempt, data) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (task_id) DO UPDATE SET
@@ -200,8 +188,8 @@ pub(super) fn store(
     .map(drop)
 }
 
-/// Forgets the checkpoints of each task up to the attempt given (which ended, or was lost and
-/// reported), in one transaction. Returns how many went.
+/// Forgets the checkpoints of each task up to the attempt given (which ended here), in one
+/// transaction. Returns how many went.
 pub(super) fn forget(conn: &mut Connection, ended: &[(String, u32)]) -> rusqlite::Result<usize> {
     let tx = conn.transaction()?;
     let mut forgot = 0;
