@@ -306,6 +306,8 @@ fn mixed_priority_never_lets_high_priority_wait_behind_low() {
 /// again in the next session, and the coordinator must know them. The common verdicts (checked
 /// by `stress`) then judge real duplicates: a replay recorded again fails "recorded twice",
 /// one dropped fails "lost". Without a duplicate the run proved nothing, so one is required.
+/// Workers leave and join meanwhile: the churn verdict counts as gone only those disconnected
+/// for longer than a reconnect takes, not those whose connection was just reset.
 #[test]
 fn steady_load_with_connections_reset_records_every_result_sent_again_once() {
     let r = stress(&[
@@ -315,7 +317,7 @@ fn steady_load_with_connections_reset_records_every_result_sent_again_once() {
         "--duration",
         "3s",
         "--churn",
-        "0",
+        "0.1",
         "--reset-every",
         "200ms",
     ]);
@@ -325,6 +327,12 @@ fn steady_load_with_connections_reset_records_every_result_sent_again_once() {
         "no result was sent again: the run did not face a duplicate\n{r:#}"
     );
     assert!(r["checkpoint_messages_duplicate"].is_u64(), "{r:#}");
+    let churn = r["verdicts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|v| v["name"] == "workers left and joined as --churn asked");
+    assert!(churn, "no churn verdict: {r:#}");
 }
 
 /// Values no run can use are refused by name before any process starts; nothing is left in

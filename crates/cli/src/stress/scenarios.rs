@@ -407,21 +407,37 @@ impl Run {
     /// coordinator's count: known and not connected, known beyond the first `initial`. Waits
     /// up to [`SETTLE_LIMIT`] for `asked` of each (the last round's may still be closing or
     /// registering), then says what there is.
+    ///
+    /// With `--reset-every`, a worker whose connection was just reset is not connected either
+    /// until it reconnects: there a worker has left when the coordinator's list shows it
+    /// disconnected for longer than any reconnect takes ([`Run::reconnects_within`]), which
+    /// one the fleet still runs never is.
     async fn churned(&self, initial: u64, asked: u64) -> anyhow::Result<(u64, u64)> {
-        let deadline = Instant::now() + SETTLE_LIMIT;
+        let hold = self.a.reset_every.map(|_| self.reconnects_within());
+        let deadline = Instant::now() + SETTLE_LIMIT + hold.unwrap_or_default();
         loop {
             let o = self.overview().await?;
             let count = |k: &str| o[k].as_u64().unwrap_or(0);
             let known = count("workers_known");
-            let (left, joined) = (
-                known.saturating_sub(count("workers_connected")),
-                known.saturating_sub(initial),
-            );
+            let joined = known.saturating_sub(initial);
+            let left = match hold {
+                None => known.saturating_sub(count("workers_connected")),
+                Some(hold) => {
+                    let workers = self.api.get("/api/v1/workers").await.context("workers")?;
+                    gone_for(&workers, hold, chrono::Utc::now())
+                }
+            };
             if (left >= asked && joined >= asked) || Instant::now() > deadline {
                 return Ok((left, joined));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Longer than any reconnect of a worker the fleet runs takes: its largest backoff delay
+    /// with the jitter's 20 %, and a second for the attempt itself.
+    fn reconnects_within(&self) -> Duration {
+        self.a.max_reconnect_delay.mul_f64(1.2) + Duration::from_secs(1)
     }
 
     /// The workers the coordinator lists as connected, read until it lists `n` or
@@ -892,6 +908,22 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
         );
     }
     run.wait_all_terminal().await
+}
+
+/// How many workers of a `/api/v1/workers` list are not connected and were last disconnected
+/// at least `hold` before `now`.
+fn gone_for(workers: &Value, hold: Duration, now: chrono::DateTime<chrono::Utc>) -> u64 {
+    let hold = chrono::Duration::from_std(hold).unwrap_or(chrono::Duration::MAX);
+    let gone = |w: &&Value| {
+        let since = w["disconnected_at"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        w["state"].as_str() != Some("connected")
+            && since.is_some_and(|t| now.signed_duration_since(t) >= hold)
+    };
+    workers
+        .as_array()
+        .map_or(0, |ws| ws.iter().filter(gone).count() as u64)
 }
 
 /// Trivial tasks flow for `--duration` while workers leave (half crash) and join.
@@ -1385,6 +1417,24 @@ mod tests {
             (19_500, 20_510, 800, 10_010),
         );
         assert_eq!(comeback(&w).beyond_delay_ms, 510.0 - 800.0);
+    }
+
+    /// With connections reset, a worker counts as gone only when it has been disconnected
+    /// longer than a reconnect takes: one reset a moment ago is not, nor one connected.
+    #[test]
+    fn only_workers_disconnected_longer_than_a_reconnect_count_as_gone() {
+        let now = chrono::DateTime::UNIX_EPOCH + chrono::Duration::seconds(100);
+        let at = |s: i64| (now - chrono::Duration::milliseconds(s)).to_rfc3339();
+        let workers = json!([
+            {"worker_id": "left", "state": "disconnected", "disconnected_at": at(3_000)},
+            {"worker_id": "lost", "state": "lost", "disconnected_at": at(60_000)},
+            {"worker_id": "reset", "state": "disconnected", "disconnected_at": at(400)},
+            {"worker_id": "back", "state": "connected"},
+            {"worker_id": "odd", "state": "disconnected"},
+        ]);
+        assert_eq!(gone_for(&workers, Duration::from_millis(2_200), now), 2);
+        assert_eq!(gone_for(&workers, Duration::from_millis(300), now), 3);
+        assert_eq!(gone_for(&json!({"error": "busy"}), Duration::ZERO, now), 0);
     }
 
     #[test]
