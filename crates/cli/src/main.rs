@@ -118,7 +118,18 @@ fn main() -> std::process::ExitCode {
     {
         no_huge_pages();
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    let mut builder = match &cli.cmd {
+        Cmd::Proxy(p) if !p.is_client() && p.run.threads == 1 => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        Cmd::Proxy(p) if !p.is_client() && p.run.threads > 1 => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(p.run.threads.into());
+            b
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let rt = match builder
         .on_thread_park(coalesce::before_park)
         .enable_all()
         .build()

@@ -1,7 +1,7 @@
 //! The coordinator process's own settings. `tether coordinator --idle-coalesce`: applied when
 //! given within its limit, refused with the limit named past it (the stress report only echoes
 //! what it passed; this checks the coordinator itself). Transparent huge pages: off, in the
-//! coordinator and in a fault proxy.
+//! coordinator and in a fault proxy, which runs on the threads `--threads` asks (one by default).
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -82,29 +82,43 @@ async fn the_coordinator_process_runs_without_transparent_huge_pages() {
 
 /// A fault proxy runs without transparent huge pages too: with them, the kernel zeroing fresh
 /// 2 MiB pages took 5.8 % of the proxies' CPU in a thundering herd through them, and the
-/// proxies used 16-25 % more CPU (docs/PERFORMANCE.md, thirty-second round).
+/// proxies used 16-25 % more CPU (docs/PERFORMANCE.md, thirty-second round). It runs on one
+/// thread unless `--threads` asks for more.
 #[cfg(target_os = "linux")]
 #[tokio::test]
-async fn a_fault_proxy_process_runs_without_transparent_huge_pages() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["--log", "warn", "proxy", "--listen", "127.0.0.1:0"])
-        .args(["--upstream", "127.0.0.1:9", "--control", "127.0.0.1:0"])
-        .arg("--json")
-        .env_remove("TETHER_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    // Up: it printed where it listens.
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("the proxy prints within 30 s")
-        .expect("read");
-    assert!(line.is_some_and(|l| l.contains("listen")), "no listen line");
-    assert_no_huge_pages(&mut child).await;
+async fn a_fault_proxy_runs_on_the_threads_asked_without_transparent_huge_pages() {
+    for (threads, expected) in [(None, 1), (Some("3"), 4)] {
+        let mut proxy = Command::new(env!("CARGO_BIN_EXE_tether"));
+        proxy
+            .args(["--log", "warn", "proxy", "--listen", "127.0.0.1:0"])
+            .args(["--upstream", "127.0.0.1:9", "--control", "127.0.0.1:0"])
+            .arg("--json")
+            .env_remove("TETHER_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(n) = threads {
+            proxy.args(["--threads", n]);
+        }
+        let mut child = proxy.spawn().expect("start");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        // Up: it printed where it listens.
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the proxy prints within 30 s")
+            .expect("read");
+        assert!(line.is_some_and(|l| l.contains("listen")), "no listen line");
+        let pid = child.id().expect("pid");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let running: Option<usize> = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|n| n.trim().parse().ok());
+        // The main thread, and the runtime's workers when there are several.
+        assert_eq!(running, Some(expected), "--threads {threads:?}: {status}");
+        assert_no_huge_pages(&mut child).await;
+    }
 }
 
 /// What the kernel says of `child`'s transparent huge pages must be off; then `child` goes.

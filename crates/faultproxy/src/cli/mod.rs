@@ -70,6 +70,13 @@ pub struct RunArgs {
     /// Print the addresses and seed as one JSON line.
     #[arg(long)]
     pub json: bool,
+    /// Runtime threads: 1 (the default) runs every link and the control API on one thread, 0
+    /// one thread per core. One measured best with thousands of links made at once (each
+    /// chunk passes between a link's reader and writer without waking another thread;
+    /// docs/PERFORMANCE.md, thirty-second round); more helps only a proxy whose links move
+    /// more bytes than one core can copy.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub threads: u16,
 }
 
 /// Client subcommands of `tether proxy`.
