@@ -254,9 +254,14 @@ impl Signals {
 /// (docs/PERFORMANCE.md, thirty-first round). A fault proxy, which makes thousands of links
 /// at once in a thundering herd, runs without them too: their zeroing took 5.8 % of its CPU
 /// there, and without them the proxies used 16-25 % less (thirty-second round).
+///
+/// Says so at info, as read back from the kernel: kernels before 6.0 do not show the flag in
+/// `/proc/<pid>/status`, and the tests read this line there instead.
 fn no_huge_pages() {
     #[cfg(target_os = "linux")]
-    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
-        tracing::debug!(error = %e, "transparent huge pages stay allowed");
+    match nix::sys::prctl::set_thp_disable(true).and_then(|()| nix::sys::prctl::get_thp_disable()) {
+        Ok(true) => tracing::info!("transparent huge pages off for this process"),
+        Ok(false) => tracing::info!("transparent huge pages stay allowed: the kernel kept them on"),
+        Err(error) => tracing::info!(%error, "transparent huge pages stay allowed"),
     }
 }

@@ -67,9 +67,11 @@ async fn the_coordinator_process_runs_without_transparent_huge_pages() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut child = coordinator(dir.path(), "2ms").spawn().expect("start");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    // Up: it logged its settings.
+    // Up: it logged its settings (after what it did about huge pages).
+    let mut said = false;
     tokio::time::timeout(Duration::from_secs(30), async {
         while let Ok(Some(line)) = lines.next_line().await {
+            said |= line.contains(THP_OFF);
             if line.contains("idle coalescing on") {
                 return;
             }
@@ -77,7 +79,7 @@ async fn the_coordinator_process_runs_without_transparent_huge_pages() {
     })
     .await
     .expect("the coordinator logs within 30 s");
-    assert_no_huge_pages(&mut child).await;
+    assert_no_huge_pages(&mut child, said).await;
 }
 
 /// A fault proxy runs without transparent huge pages too: with them, the kernel zeroing fresh
@@ -90,13 +92,13 @@ async fn a_fault_proxy_runs_on_the_threads_asked_without_transparent_huge_pages(
     for (threads, expected) in [(None, 1), (Some("3"), 4)] {
         let mut proxy = Command::new(env!("CARGO_BIN_EXE_tether"));
         proxy
-            .args(["--log", "warn", "proxy", "--listen", "127.0.0.1:0"])
+            .args(["--log", "info", "proxy", "--listen", "127.0.0.1:0"])
             .args(["--upstream", "127.0.0.1:9", "--control", "127.0.0.1:0"])
             .arg("--json")
             .env_remove("TETHER_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true);
         if let Some(n) = threads {
             proxy.args(["--threads", n]);
@@ -109,6 +111,13 @@ async fn a_fault_proxy_runs_on_the_threads_asked_without_transparent_huge_pages(
             .expect("the proxy prints within 30 s")
             .expect("read");
         assert!(line.is_some_and(|l| l.contains("listen")), "no listen line");
+        // Its first log line, written before the runtime started.
+        let mut log = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let first = tokio::time::timeout(Duration::from_secs(30), log.next_line())
+            .await
+            .expect("the proxy logs within 30 s")
+            .expect("read");
+        let said = first.is_some_and(|l| l.contains(THP_OFF));
         let pid = child.id().expect("pid");
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
         let running: Option<usize> = status
@@ -117,13 +126,19 @@ async fn a_fault_proxy_runs_on_the_threads_asked_without_transparent_huge_pages(
             .and_then(|n| n.trim().parse().ok());
         // The main thread, and the runtime's workers when there are several.
         assert_eq!(running, Some(expected), "--threads {threads:?}: {status}");
-        assert_no_huge_pages(&mut child).await;
+        assert_no_huge_pages(&mut child, said).await;
     }
 }
 
-/// What the kernel says of `child`'s transparent huge pages must be off; then `child` goes.
+/// What the process logs once the kernel confirmed its huge pages off.
 #[cfg(target_os = "linux")]
-async fn assert_no_huge_pages(child: &mut tokio::process::Child) {
+const THP_OFF: &str = "transparent huge pages off for this process";
+
+/// What the kernel says of `child`'s transparent huge pages must be off, and the process must
+/// have logged that the kernel confirmed it (`said`), which is the only check on kernels before
+/// 6.0 (they do not say in `/proc/<pid>/status`); then `child` goes.
+#[cfg(target_os = "linux")]
+async fn assert_no_huge_pages(child: &mut tokio::process::Child, said: bool) {
     let pid = child.id().expect("pid");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     let _ = child.kill().await;
@@ -131,8 +146,9 @@ async fn assert_no_huge_pages(child: &mut tokio::process::Child) {
         .lines()
         .find_map(|l| l.strip_prefix("THP_enabled:"))
         .map(str::trim);
-    // Kernels before 6.0 do not say; the flag is set all the same.
     if let Some(thp) = thp {
         assert_eq!(thp, "0", "{status}");
     }
+    // Where the kernel does not say, this is the check: what the process read back from it.
+    assert!(said, "the process did not log that huge pages are off");
 }
