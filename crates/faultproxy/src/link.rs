@@ -295,12 +295,16 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
     let mut halves = Vec::with_capacity(4);
     // INVARIANT: the queue is empty here, so these sends cannot wait (and at most a chunk is
     // sent, which an empty queue always takes, whatever its bytes limit).
-    if !first.bytes.is_empty() {
+    // The first bytes leave as a chunk of their own size; the sniffing buffer (1 KiB at least)
+    // goes now, not with the link.
+    let sniffed = std::mem::take(&mut first.bytes);
+    if !sniffed.is_empty() {
         up_tx.try_send(Chunk::data(
-            BytesMut::from(first.bytes.as_slice()),
+            BytesMut::from(sniffed.as_slice()),
             first.arrived,
         ));
     }
+    drop(sniffed);
     if first.eof {
         up_tx.try_send(Chunk::eof(first.arrived));
         halves.push(Half::Read(client_rd));
