@@ -226,10 +226,13 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
         tracing::debug!(error = %e, "set_nodelay failed");
     }
     let (mut client_rd, client_wr) = client.into_split();
+    // The steps before the link is open are boxed, each for its own time: inline, the largest
+    // (sniffing's read buffer, the blackhole's timers) sized this future, which lives as long
+    // as the link.
     let mut first = tokio::select! {
         biased;
         () = ctx.cancel.cancelled() => return,
-        s = sniff(&mut client_rd) => s,
+        s = Box::pin(sniff(&mut client_rd)) => s,
     };
     if let Some(w) = &first.worker {
         tracing::Span::current().record("worker", tracing::field::display(w));
@@ -254,21 +257,21 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
     };
     let mut up_stages = stages(Stream::Upstream);
     let mut down_stages = stages(Stream::Downstream);
-    let passage = withhold(
+    let passage = Box::pin(withhold(
         &ctx,
         &link,
         [&mut up_stages, &mut down_stages],
         &mut first,
         &mut client_rd,
         accepted,
-    )
+    ))
     .await;
     if !passage {
         let halves = vec![Half::Read(client_rd), Half::Write(client_wr)];
         return close(halves, link.outcome(), &ctx.counters, registered);
     }
 
-    let Some(server) = dial(&ctx, &link).await else {
+    let Some(server) = Box::pin(dial(&ctx, &link)).await else {
         return;
     };
     registered.set(|info| info.connected = true);
