@@ -84,7 +84,7 @@ async fn the_coordinator_process_runs_without_transparent_huge_pages() {
 
 /// A fault proxy runs without transparent huge pages too: with them, the kernel zeroing fresh
 /// 2 MiB pages took 5.8 % of the proxies' CPU in a thundering herd through them, and the
-/// proxies used 16-25 % more CPU (docs/PERFORMANCE.md, thirty-second round). It runs on one
+/// proxies used 19-34 % more CPU (docs/PERFORMANCE.md, thirty-second round). It runs on one
 /// thread unless `--threads` asks for more.
 #[cfg(target_os = "linux")]
 #[tokio::test]
