@@ -1041,6 +1041,32 @@ mod tests {
         assert!(checkpoint_rows(dir.path()).is_empty());
     }
 
+    /// A newer attempt's checkpoint is kept under that attempt: the older attempt storing
+    /// again does not take it back, the older attempt's end (a superseded one ending late)
+    /// leaves it, and the newer attempt's end forgets it.
+    #[test]
+    fn a_newer_attempts_checkpoint_outlives_the_older_attempts_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sd = open_running(dir.path(), "t", b"5");
+        let older = sd
+            .latest_checkpoint(&tid("t"))
+            .expect("read")
+            .expect("kept");
+        sd.task_started(&tid("t"), Attempt(2)).expect("start");
+        let newer = checkpoint(2, b"6");
+        sd.store_checkpoint(&tid("t"), &newer).expect("newer");
+        sd.store_checkpoint(&tid("t"), &older).expect("older again");
+        sd.task_finished(&tid("t"), Attempt(1)).expect("older ends");
+        let kept = sd
+            .latest_checkpoint(&tid("t"))
+            .expect("read")
+            .expect("kept");
+        assert_eq!((kept.id, kept.attempt), (newer.id, Attempt(2)));
+        assert_eq!(kept.data.as_slice(), b"6");
+        sd.task_finished(&tid("t"), Attempt(2)).expect("newer ends");
+        assert!(sd.latest_checkpoint(&tid("t")).expect("read").is_none());
+    }
+
     /// Entries that do not decode (a result and a state nested too deep, journaled by a
     /// worker that still sent them; a damaged row) do not stop the worker from starting: the
     /// result becomes its attempt's failure, in the journal too, and the rest is set aside.

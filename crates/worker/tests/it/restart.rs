@@ -74,7 +74,10 @@ fn a_checkpoint_a_newer_attempt_resumed_from_survives_forgetting_the_lost_one() 
             let lost = count(&db, "SELECT count(*) FROM lost");
             let owed = count(&db, "SELECT count(*) FROM forget");
             let kept = kept_under(dir.path(), REASSIGNED);
-            let done = active == [TaskRef::new(task.clone(), Attempt(2))] && lost == 0 && owed == 0;
+            let done = active == [TaskRef::new(task.clone(), Attempt(2))]
+                && lost == 0
+                && owed == 0
+                && kept == Some(1);
             (
                 done,
                 format!("active {active:?}, lost {lost}, owed {owed}, kept under {kept:?}"),
