@@ -382,7 +382,8 @@ async fn withhold(
     sent: Instant,
 ) -> bool {
     let mut chain = ctx.chain.clone();
-    let mut buf = vec![0u8; FIRST_READ];
+    // Made only once a blackhole holds the link: most links pass at once.
+    let mut buf = Vec::new();
     let mut due: Option<Instant> = None;
     loop {
         let now = Instant::now();
@@ -409,6 +410,9 @@ async fn withhold(
         }
         if first.eof {
             return false;
+        }
+        if buf.is_empty() {
+            buf = vec![0u8; FIRST_READ];
         }
         let reset = stages
             .iter()
