@@ -121,7 +121,7 @@ pub struct StressArgs {
     /// default one per worker; mixed_priority: low-priority backlog, default 20,000).
     #[arg(long)]
     pub tasks: Option<u64>,
-    /// Slots per worker (default 4 in steady_load, 1 otherwise).
+    /// Slots per worker (default 4 in steady_load, 8 in message_flood, 1 otherwise).
     #[arg(long)]
     pub slots: Option<u32>,
     /// message_flood: state updates per second per worker.
