@@ -210,7 +210,18 @@ impl System {
                 };
                 net.crawl(i, &format!("{rate}bit")).await?;
                 tokio::time::sleep(d.hold).await;
+                // A quiet moment of the worker's can pass within the bucket's first burst:
+                // the filter stays on until it has held a packet back or dropped one (the
+                // worker's heartbeats alone outpace it), at most MAX_HOLD in all.
+                let end = tokio::time::Instant::now() + MAX_HOLD.saturating_sub(d.hold);
+                // (Each look runs `tc` twice: a slower tick.)
+                while tokio::time::Instant::now() < end && !net.crawl_stats(i).await?.fired() {
+                    tokio::time::sleep(TICK * 10).await;
+                }
                 shape_stats = Some(net.uncrawl(i).await?);
+                if shape_stats.is_some_and(|s| !s.fired()) {
+                    note = format!("not seen to take effect within {MAX_HOLD:?}");
+                }
                 None
             }
             (None, kind @ (Kind::WorkerKill | Kind::WorkerStop)) => {

@@ -338,15 +338,20 @@ impl NetFleet {
         .await
     }
 
+    /// What the filters of worker `i`'s link did so far, both ends summed.
+    pub async fn crawl_stats(&self, i: usize) -> anyhow::Result<ShapeStats> {
+        let l = self.link(i)?.clone();
+        blocking(move || shape_stats(&l)).await
+    }
+
     /// Removes the filters of worker `i`'s link; what they did while in place.
     pub async fn uncrawl(&self, i: usize) -> anyhow::Result<ShapeStats> {
         let l = self.link(i)?.clone();
         blocking(move || {
-            let host = run("tc", &["-s", "qdisc", "show", "dev", &l.host_if])?;
-            let peer = tc_in(&l.ns, &["-s", "qdisc", "show", "dev", &l.peer_if])?;
+            let stats = shape_stats(&l)?;
             run("tc", &["qdisc", "del", "dev", &l.host_if, "root"])?;
             tc_in(&l.ns, &["qdisc", "del", "dev", &l.peer_if, "root"])?;
-            Ok(ShapeStats::parse(&host) + ShapeStats::parse(&peer))
+            Ok(stats)
         })
         .await
     }
@@ -356,6 +361,13 @@ impl NetFleet {
             .get(i)
             .with_context(|| format!("no namespace for worker {i}"))
     }
+}
+
+/// The counters of the filters on both ends of `l` (`tc -s qdisc show`), summed.
+fn shape_stats(l: &Link) -> anyhow::Result<ShapeStats> {
+    let host = run("tc", &["-s", "qdisc", "show", "dev", &l.host_if])?;
+    let peer = tc_in(&l.ns, &["-s", "qdisc", "show", "dev", &l.peer_if])?;
+    Ok(ShapeStats::parse(&host) + ShapeStats::parse(&peer))
 }
 
 fn strs(v: &[String]) -> Vec<&str> {

@@ -226,6 +226,13 @@ pub const CORRUPT_RATE: f64 = 0.2;
 /// damaged frames still parse, and only the tags tell them from genuine ones.
 pub const CORRUPT_RATE_TAGGED: f64 = 0.002;
 
+/// The paces of `link_crawl`, bits per second each way: below what a worker's heartbeats
+/// alone put on its link (every 250 ms, about 5.4 kbit/s; with its tasks' messages 8 to 14
+/// kbit/s were seen), so that the filter holds its packets back. At 8 to 24 kbit/s, as
+/// before, two `--netns` runs of three passed a 2.5 s crawl within the bucket's first burst
+/// and never met the filter.
+pub const CRAWL_RATES: std::ops::RangeInclusive<u32> = 1_500..=4_000;
+
 /// Longest a disruption that waits to fire or be detected stays in place.
 pub const MAX_HOLD: Duration = Duration::from_secs(20);
 
@@ -249,7 +256,7 @@ pub fn plan(
             let ms = |rng: &mut SmallRng, lo: u64, hi: u64| {
                 Duration::from_millis(rng.random_range(lo..=hi))
             };
-            let rate_bps = (kind == Kind::LinkCrawl).then(|| rng.random_range(8_000..=24_000));
+            let rate_bps = (kind == Kind::LinkCrawl).then(|| rng.random_range(CRAWL_RATES));
             let (fault, direction, hold) = match kind {
                 Kind::Latency => (
                     Some(FaultKind::Latency {
@@ -335,6 +342,40 @@ mod humantime_ms {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The crawl's fastest pace is below what a worker's heartbeats alone put on its link at
+    /// the run's heartbeat interval (the frame, its WebSocket, TCP/IP and Ethernet headers),
+    /// so the filter always has packets to hold back, however quiet the worker's tasks are.
+    #[test]
+    fn a_crawl_is_slower_than_the_heartbeats_it_carries() {
+        use tether_proto::msg::{Heartbeat, WorkerMsg, now};
+        let beat = tether_proto::encode(&WorkerMsg::Heartbeat(Heartbeat {
+            sequence: 1,
+            active_tasks: Vec::new(),
+            timestamp: now(),
+        }));
+        // A masked client frame's header, TCP/IP with timestamps, Ethernet.
+        let wire = (beat.len() + 6 + 52 + 14) as f64;
+        let every: Duration = super::super::procs::TIMINGS
+            .worker_heartbeat_interval
+            .parse::<humantime::Duration>()
+            .expect("interval")
+            .into();
+        let heartbeat_bps = wire * 8.0 / every.as_secs_f64();
+        assert!(
+            f64::from(*CRAWL_RATES.end()) < heartbeat_bps,
+            "{CRAWL_RATES:?} against {heartbeat_bps:.0} bit/s of heartbeats"
+        );
+        let kinds = [Kind::LinkCrawl];
+        for seed in 0..50 {
+            for d in plan(&kinds, 2, 4, Duration::from_secs(5), seed, CORRUPT_RATE) {
+                assert!(
+                    d.rate_bps.is_some_and(|r| CRAWL_RATES.contains(&r)),
+                    "{d:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn the_same_seed_gives_the_same_plan_and_every_round_has_every_kind() {
