@@ -141,6 +141,7 @@ pub struct Worker {
     #[schema(value_type = Vec<String>)]
     pub leases: BTreeSet<TaskId>,
     pub first_seen: DateTime<Utc>,
+    /// The last frame from the worker: heartbeats too while it is connected.
     pub last_seen: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disconnected_at: Option<DateTime<Utc>>,
@@ -210,6 +211,21 @@ impl Worker {
             disconnected_mono: Some(tokio::time::Instant::now()),
             session: None,
         }
+    }
+
+    /// Takes the session's last frame into `last_seen`: the core sees no heartbeat, so its
+    /// own `last_seen` is the last message it handled.
+    pub fn fold_seen(&mut self) {
+        if let Some(t) = self.session.as_ref().and_then(|s| s.seen.get()) {
+            self.last_seen = self.last_seen.max(t);
+        }
+    }
+
+    /// A copy as the API shows it: `last_seen` up to the session's last frame.
+    pub fn seen_now(&self) -> Self {
+        let mut w = self.clone();
+        w.fold_seen();
+        w
     }
 
     /// Free slots, when the worker may take work now (never once it said it is stopping).

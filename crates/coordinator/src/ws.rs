@@ -151,6 +151,8 @@ struct Opened {
     rx: crate::core::mailbox::Receiver<Outgoing>,
     open: Option<Box<Opener>>,
     agreed: Inbound,
+    /// Stamped at every frame taken as the worker's (the core's view of `last_seen`).
+    seen: Arc<crate::core::Seen>,
 }
 
 /// What the session accepts from its worker, as agreed by the worker's registration.
@@ -306,6 +308,7 @@ async fn handshake(
     agreed.agree(app, &registration);
     let (tx, rx) = crate::core::mailbox::channel();
     let session = SessionRef::new(session_id, tx);
+    let seen = session.seen.clone();
     app.events
         .send(Event::Connected {
             worker: worker.clone(),
@@ -314,7 +317,12 @@ async fn handshake(
         })
         .await
         .ok()?;
-    Some(Opened { rx, open, agreed })
+    Some(Opened {
+        rx,
+        open,
+        agreed,
+        seen,
+    })
 }
 
 /// The session: handshake, then its loop until either side ends it. Not an `async fn`: one
@@ -338,6 +346,7 @@ fn run(
             mut rx,
             mut open,
             mut agreed,
+            seen,
         }) = Box::pin(handshake(
             &app,
             &worker,
@@ -412,6 +421,7 @@ fn run(
                             // a dead worker's session (and its leases) alive with them.
                             if open.is_none() || matches!(f, Data::Text(_) | Data::Binary(_)) {
                                 deadline = Instant::now() + agreed.beat.timeout;
+                                seen.mark();
                             }
                             f
                         }

@@ -162,7 +162,7 @@ impl Core {
                 reply_after_commit(b, reply, Ok(v));
             }
             Api::ListWorkers { reply } => {
-                let mut v: Vec<Worker> = self.workers.values().cloned().collect();
+                let mut v: Vec<Worker> = self.workers.values().map(Worker::seen_now).collect();
                 v.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
                 reply_after_commit(b, reply, Ok(v));
             }
@@ -170,7 +170,7 @@ impl Core {
                 let r = self
                     .workers
                     .get(&worker)
-                    .cloned()
+                    .map(Worker::seen_now)
                     .ok_or_else(|| ApiError::NotFound(format!("no worker {worker}")));
                 reply_after_commit(b, reply, r);
             }

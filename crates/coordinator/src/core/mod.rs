@@ -85,11 +85,36 @@ impl Outgoing {
     }
 }
 
+/// When a session last heard from its worker: the time of the last frame it took as the
+/// worker's (with integrity on, a frame that verified), heartbeats included, which the session
+/// answers itself and never shows the core. Written by the session, read for the API's
+/// `last_seen`.
+#[derive(Debug, Default)]
+pub struct Seen(std::sync::atomic::AtomicI64);
+
+impl Seen {
+    /// A frame came now.
+    pub fn mark(&self) {
+        self.0
+            .store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+    }
+
+    /// The last frame's time, if any came since the session opened.
+    pub fn get(&self) -> Option<DateTime<Utc>> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            ms => DateTime::from_timestamp_millis(ms),
+        }
+    }
+}
+
 /// The core's handle on a live session.
 #[derive(Debug, Clone)]
 pub struct SessionRef {
     pub id: u64,
     pub tx: mailbox::Sender<Outgoing>,
+    /// Its last frame's time ([`Seen`]).
+    pub seen: Arc<Seen>,
     /// Agreed at registration: recorded messages are acknowledged by sequence number
     /// ([`Outgoing::Recorded`]).
     pub compact_acks: bool,
@@ -106,6 +131,7 @@ impl SessionRef {
         Self {
             id,
             tx,
+            seen: Arc::default(),
             compact_acks: false,
             max_frame: tether_proto::codec::DEFAULT_MAX_FRAME,
             checkpoint_fetch: false,
@@ -685,6 +711,7 @@ impl Core {
         if w.session.as_ref().map(|s| s.id) != Some(session_id) {
             return;
         }
+        w.fold_seen();
         w.session = None;
         w.state = WorkerState::Disconnected;
         w.disconnected_at = Some(now());

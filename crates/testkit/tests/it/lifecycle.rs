@@ -810,3 +810,53 @@ async fn a_stopping_worker_says_it_stopped_only_once_the_last_checkpoint_is_in()
     assert_eq!(t["latest_checkpoint"]["size"], LAST, "{t}");
     c.stop().await;
 }
+
+/// A connected worker's `last_seen` moves with its heartbeats, which its session answers
+/// without the core: a worker that sends nothing else is seen all the same, in the list and on
+/// its own, and the time of its last frame stays once it is gone.
+#[tokio::test]
+async fn a_workers_last_seen_moves_with_its_heartbeats_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let mut raw = Raw::connect(&c, "beats").await;
+    let reg = raw.registration(None, &[]);
+    raw.send(&reg).await;
+    raw.next_of("registration_ack").await;
+    let client = c.client();
+    let seen = |w: &serde_json::Value| {
+        chrono::DateTime::parse_from_rfc3339(w["last_seen"].as_str().expect("last_seen"))
+            .expect("a time")
+    };
+    let (status, w) = client.get("/api/v1/workers/beats").await;
+    assert_eq!(status, 200, "{w}");
+    let registered = seen(&w);
+    let mut sent = registered;
+    for sequence in 1..=3 {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        sent = chrono::Utc::now().into();
+        raw.send(
+            &serde_json::json!({"type": "heartbeat", "sequence": sequence, "timestamp": sent}),
+        )
+        .await;
+        raw.next_of("heartbeat").await;
+    }
+    let (_, w) = client.get("/api/v1/workers/beats").await;
+    assert!(
+        seen(&w) >= sent,
+        "{w}: the last heartbeat was sent at {sent}"
+    );
+    assert!(
+        seen(&w) - registered >= chrono::Duration::milliseconds(900),
+        "{w}"
+    );
+    let list: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
+    assert_eq!(seen(&list[0]), seen(&w), "{list:?}");
+    let _ = raw.ws.close(None).await;
+    let gone = wait_for("the worker to be seen disconnected", DEADLINE, || async {
+        let (_, w) = client.get("/api/v1/workers/beats").await;
+        (w["state"] != "connected").then_some(w)
+    })
+    .await;
+    assert!(seen(&gone) >= sent, "{gone}");
+    c.stop().await;
+}
