@@ -600,10 +600,32 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
         )?;
         return Ok(());
     }
+    let spec = &t["spec"];
     outln!("task      {}", s(&t["task_id"]))?;
+    if let Some(name) = spec["name"].as_str() {
+        outln!("name      {name}")?;
+    }
     outln!("status    {}", s(&t["status"]))?;
-    outln!("kind      {}", s(&t["spec"]["kind"]))?;
-    outln!("priority  {}", t["spec"]["priority"])?;
+    outln!("kind      {}", s(&spec["kind"]))?;
+    outln!(
+        "config    {}",
+        cut_line(&spec["config"].to_string(), CONFIG_SHOWN)
+    )?;
+    outln!("priority  {}", spec["priority"])?;
+    if let Some(r) = spec["requires"].as_array().filter(|r| !r.is_empty()) {
+        let r: Vec<String> = r.iter().map(s).collect();
+        outln!("requires  {}", r.join(", "))?;
+    }
+    if let Some(tags) = spec["tags"].as_object().filter(|t| !t.is_empty()) {
+        let tags: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={}", s(v))).collect();
+        outln!("tags      {}", tags.join(", "))?;
+    }
+    if let Some(ms) = spec["timeout_ms"].as_u64() {
+        outln!("timeout   {ms} ms")?;
+    }
+    if let Some(n) = spec["max_attempts"].as_u64() {
+        outln!("attempts  at most {n}")?;
+    }
     outln!("submitted {}", s(&t["submitted_at"]))?;
     if !t["error"].is_null() {
         outln!("error     {}", s(&t["error"]))?;
@@ -731,6 +753,17 @@ pub async fn control(a: ControlArgs, action: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Characters of a task's config `tether task` shows (`--json` has all of it).
+const CONFIG_SHOWN: usize = 200;
+
+/// `text` up to `max` characters, ending in `…` when it was longer.
+fn cut_line(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
 fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
@@ -795,6 +828,14 @@ mod tests {
         }
         let argv = std::iter::once("submit").chain(args.iter().copied());
         <Cli as clap::Parser>::try_parse_from(argv).map(|c| c.submit)
+    }
+
+    #[test]
+    fn a_long_config_is_cut_on_a_character_boundary_and_says_so() {
+        assert_eq!(cut_line("abc", 3), "abc");
+        assert_eq!(cut_line("abcd", 3), "abc…");
+        assert_eq!(cut_line("ééé", 2), "éé…");
+        assert_eq!(cut_line("", 0), "");
     }
 
     #[test]

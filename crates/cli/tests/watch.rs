@@ -500,6 +500,12 @@ async fn checkpoint_asks_a_running_task_for_one_and_task_shows_its_state_and_che
         out.contains("CHECKPOINT") && out.contains("state "),
         "{out}"
     );
+    // What it runs, besides where it is.
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("config ") && l.contains(r#""steps":30"#)),
+        "{out}"
+    );
     let (ok, _, err) = run(&["checkpoint", "nope"]);
     assert!(!ok);
     assert!(err.contains("HTTP 404"), "{err}");
