@@ -85,10 +85,10 @@ impl Outgoing {
     }
 }
 
-/// When a session last heard from its worker: the time of the last frame it took as the
-/// worker's (with integrity on, a frame that verified), heartbeats included, which the session
-/// answers itself and never shows the core. Written by the session, read for the API's
-/// `last_seen`.
+/// When a session last heard from its worker: the time, to the millisecond, of the last
+/// frame it took as the worker's (with integrity on, a frame that verified), heartbeats
+/// included, which the session answers itself and never shows the core. Written by the
+/// session, read for the API's `last_seen`.
 #[derive(Debug, Default)]
 pub struct Seen(std::sync::atomic::AtomicI64);
 
