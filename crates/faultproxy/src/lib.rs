@@ -50,6 +50,7 @@
 pub mod cli;
 pub mod control;
 pub mod fault;
+mod gate;
 mod guard;
 mod link;
 pub mod proxy;

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::fault::Stream;
+use crate::gate::LogGate;
 use crate::pump::{CHUNK_SIZE, FIRST_READ, Writer, outcome_of, queue, read_loop, sleep_opt};
 use crate::sniff::{Sniffed, sniff};
 use crate::stage::{Chain, Chunk, Draws, FaultEntry, Stages, mix};
@@ -154,6 +155,8 @@ pub(crate) struct LinkCtx {
     pub upstream: SocketAddr,
     pub chain: watch::Receiver<Chain>,
     pub counters: Arc<ProxyCounters>,
+    /// Gates the proxy's "cannot reach upstream" warnings (one a second at most).
+    pub upstream_warnings: Arc<LogGate>,
     pub registry: Registry,
     /// Cancelled when the proxy goes down.
     pub cancel: CancellationToken,
@@ -505,7 +508,17 @@ async fn dial(ctx: &LinkCtx, link: &LinkCtl) -> Option<TcpStream> {
     let connect = tokio::time::timeout(CONNECT_TIMEOUT, connect_upstream(ctx.upstream, ctx.id));
     let failed = |reason: String| {
         add(&ctx.counters.upstream_failures, 1);
-        tracing::warn!(upstream = %ctx.upstream, %reason, "cannot reach upstream; closing client");
+        match ctx.upstream_warnings.pass(Instant::now()) {
+            Some(0) => {
+                tracing::warn!(proxy = %ctx.proxy, upstream = %ctx.upstream, %reason, "cannot reach upstream; closing client")
+            }
+            Some(held) => {
+                tracing::warn!(proxy = %ctx.proxy, upstream = %ctx.upstream, %reason, more = held, "cannot reach upstream; closing client (and `more` clients since the last such warning, counted in upstream_failures)")
+            }
+            None => {
+                tracing::debug!(upstream = %ctx.upstream, %reason, "cannot reach upstream; closing client")
+            }
+        }
         None
     };
     let server = tokio::select! {

@@ -18,6 +18,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use crate::fault::{Fault, FaultError, FaultPatch, validate_name};
+use crate::gate::{LogGate, WARN_EVERY};
 use crate::guard::FaultGuard;
 use crate::link::{self, LinkCtx, LinkInfo, Registry};
 use crate::stage::{Chain, FaultEntry, FaultId};
@@ -109,6 +110,7 @@ struct Shared {
     link_seq: AtomicU64,
     links: Registry,
     counters: Arc<ProxyCounters>,
+    upstream_warnings: Arc<LogGate>,
     enabled: AtomicBool,
     /// Cancelled when the last handle is dropped.
     root: CancellationToken,
@@ -153,6 +155,7 @@ impl Proxy {
             link_seq: AtomicU64::new(0),
             links: Registry::default(),
             counters: Arc::default(),
+            upstream_warnings: Arc::new(LogGate::new(WARN_EVERY)),
             enabled: AtomicBool::new(false),
             root: root.clone(),
             run: tokio::sync::Mutex::new(None),
@@ -453,6 +456,7 @@ async fn accept_loop(
                     upstream: shared.upstream,
                     chain: shared.faults.subscribe(),
                     counters: Arc::clone(&shared.counters),
+                    upstream_warnings: Arc::clone(&shared.upstream_warnings),
                     registry: Arc::clone(&shared.links),
                     cancel: cancel.child_token(),
                 };
