@@ -178,53 +178,73 @@ pub struct TaskState {
     pub timestamp: DateTime<Utc>,
 }
 
-/// Deepest nesting of arrays and objects accepted in a task's state: serde_json's own limit
-/// for a tree, which refused deeper states before they were kept as text.
-pub const MAX_STATE_DEPTH: usize = 128;
+/// Deepest nesting of arrays and objects accepted in JSON kept as text ([`JsonText`]: a task's
+/// state, a task's config): serde_json's own limit for a tree, which refused deeper ones before
+/// they were kept as text.
+pub const MAX_JSON_DEPTH: usize = 128;
+/// Deepest nesting of arrays and objects accepted in a task's state ([`MAX_JSON_DEPTH`]).
+pub const MAX_STATE_DEPTH: usize = MAX_JSON_DEPTH;
 
-/// A task's state as JSON text, kept as it was made or received: the coordinator stores it
-/// without building a tree and serialising it again, and a worker keeps its latest one (to
-/// answer `state_request`) as the same shared text the message carries. Decoding checks that
-/// it is nested at most [`MAX_STATE_DEPTH`] deep.
+/// JSON kept as text, as it was made or received, and shared: a task's state and a task's
+/// config, which the coordinator stores, holds and passes on without building a tree and
+/// serialising it again (a config of one key held as a tree took about 650 bytes of the
+/// coordinator's memory for as long as the task was kept; as text, its length). A worker keeps
+/// a task's latest state (to answer `state_request`) as the same shared text the message
+/// carries. Decoding checks that it is nested at most [`MAX_JSON_DEPTH`] deep.
 #[derive(Debug, Clone)]
-pub struct StateJson(std::sync::Arc<serde_json::value::RawValue>);
+pub struct JsonText(std::sync::Arc<serde_json::value::RawValue>);
 
-impl StateJson {
+/// A task's state as JSON text ([`JsonText`]).
+pub type StateJson = JsonText;
+
+impl Default for JsonText {
+    /// `null`.
+    fn default() -> Self {
+        JsonText::from(&serde_json::Value::Null)
+    }
+}
+
+impl JsonText {
     /// The JSON text.
     pub fn get(&self) -> &str {
         self.0.get()
     }
 
-    /// The state as a tree.
+    /// The JSON as a tree.
     pub fn to_value(&self) -> serde_json::Result<serde_json::Value> {
         serde_json::from_str(self.get())
     }
 
-    /// A state already made as JSON text (by a program's output, or by a format string): the
-    /// text is checked, as when decoded, and kept as it is.
-    pub fn from_text(text: String) -> Result<Self, StateTextError> {
+    /// JSON already made as text (by a program's output, or by a format string): the text is
+    /// checked, as when decoded, and kept as it is.
+    pub fn from_text(text: String) -> Result<Self, JsonTextError> {
         let raw = serde_json::value::RawValue::from_string(text)
-            .map_err(|e| StateTextError::NotJson(e.to_string()))?;
+            .map_err(|e| JsonTextError::NotJson(e.to_string()))?;
         Self::checked(raw)
     }
 
-    /// JSON text nested at most [`MAX_STATE_DEPTH`] deep, made or decoded.
-    fn checked(raw: Box<serde_json::value::RawValue>) -> Result<Self, StateTextError> {
-        let state = StateJson(raw.into());
-        state.check_depth()?;
-        Ok(state)
+    /// JSON text nested at most [`MAX_JSON_DEPTH`] deep, made or decoded.
+    fn checked(raw: Box<serde_json::value::RawValue>) -> Result<Self, JsonTextError> {
+        let text = JsonText(raw.into());
+        text.check_depth()?;
+        Ok(text)
     }
 
-    /// Whether this state is nested at most [`MAX_STATE_DEPTH`] deep, as decoding it asks. A
-    /// state made from a tree (`From<serde_json::Value>`) is not checked when made: a sender
-    /// asks this before it sends one, since a deeper state would never be decoded, nor
-    /// acknowledged, at the other end.
-    pub fn check_depth(&self) -> Result<(), StateTextError> {
+    /// Whether this is JSON's `null` (an absent config is).
+    pub fn is_null(&self) -> bool {
+        self.get() == "null"
+    }
+
+    /// Whether this is nested at most [`MAX_JSON_DEPTH`] deep, as decoding it asks. JSON made
+    /// from a tree (`From<serde_json::Value>`) is not checked when made: a sender asks this
+    /// before it sends a state, since a deeper one would never be decoded, nor acknowledged, at
+    /// the other end.
+    pub fn check_depth(&self) -> Result<(), JsonTextError> {
         // Each level of nesting takes an opening and a closing bracket: a text this short
         // cannot be too deep, and is not scanned (most states are).
         let text = self.get();
-        if text.len() > 2 * MAX_STATE_DEPTH && nesting(text) > MAX_STATE_DEPTH {
-            return Err(StateTextError::TooDeep);
+        if text.len() > 2 * MAX_JSON_DEPTH && nesting(text) > MAX_JSON_DEPTH {
+            return Err(JsonTextError::TooDeep);
         }
         Ok(())
     }
@@ -258,49 +278,59 @@ pub fn value_depth(v: &serde_json::Value, limit: usize) -> usize {
     deepest
 }
 
-/// Why a text is not a task state.
+/// Why a text is not [`JsonText`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StateTextError {
-    #[error("state is not JSON: {0}")]
+pub enum JsonTextError {
+    #[error("not JSON: {0}")]
     NotJson(String),
-    #[error("state nested deeper than {MAX_STATE_DEPTH}")]
+    #[error("nested deeper than {MAX_JSON_DEPTH}")]
     TooDeep,
 }
 
-impl From<&serde_json::Value> for StateJson {
+/// Why a text is not a task state ([`JsonTextError`]).
+pub type StateTextError = JsonTextError;
+
+impl From<&serde_json::Value> for JsonText {
     fn from(v: &serde_json::Value) -> Self {
         // A `Value` always serialises (its map keys are strings).
         let raw = serde_json::value::to_raw_value(v).unwrap_or_else(|_| {
             serde_json::value::RawValue::from_string("null".into()).expect("null is JSON")
         });
-        StateJson(raw.into())
+        JsonText(raw.into())
     }
 }
 
-impl From<serde_json::Value> for StateJson {
+impl From<serde_json::Value> for JsonText {
     fn from(v: serde_json::Value) -> Self {
-        StateJson::from(&v)
+        JsonText::from(&v)
     }
 }
 
 /// Equal as JSON: the same text, or texts that differ only in spacing or key order.
-impl PartialEq for StateJson {
+impl PartialEq for JsonText {
     fn eq(&self, other: &Self) -> bool {
         self.get() == other.get()
             || matches!((self.to_value(), other.to_value()), (Ok(a), Ok(b)) if a == b)
     }
 }
 
-impl Serialize for StateJson {
+/// Equal as JSON to the tree.
+impl PartialEq<serde_json::Value> for JsonText {
+    fn eq(&self, other: &serde_json::Value) -> bool {
+        self.to_value().is_ok_and(|v| &v == other)
+    }
+}
+
+impl Serialize for JsonText {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.0.serialize(s)
     }
 }
 
-impl<'de> Deserialize<'de> for StateJson {
+impl<'de> Deserialize<'de> for JsonText {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
-        StateJson::checked(raw).map_err(serde::de::Error::custom)
+        JsonText::checked(raw).map_err(serde::de::Error::custom)
     }
 }
 
@@ -647,8 +677,9 @@ pub struct TaskAssignment {
     pub attempt: Attempt,
     /// Executor kind: `command`, `sleep`, or one an embedding program registered.
     pub kind: String,
+    /// The spec's config, as the coordinator holds it: text, passed on as it is.
     #[serde(default)]
-    pub config: serde_json::Value,
+    pub config: JsonText,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
     /// Latest checkpoint of an earlier attempt, to resume from.

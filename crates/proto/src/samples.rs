@@ -199,7 +199,7 @@ pub fn coord_messages() -> Vec<CoordMsg> {
             task_id: task(),
             attempt: Attempt(2),
             kind: "sleep".into(),
-            config: serde_json::json!({"ms": 10}),
+            config: serde_json::json!({"ms": 10}).into(),
             timeout_ms: Some(1000),
             checkpoint: Some(CheckpointBlob {
                 checkpoint_id: ckpt(),

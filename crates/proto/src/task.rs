@@ -6,6 +6,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::ids::{Attempt, TaskId};
+use crate::msg::JsonText;
 
 /// One attempt of one task.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -119,8 +120,10 @@ pub struct TaskSpec {
     pub task_id: Option<TaskId>,
     /// Executor kind: `command`, `sleep`, or one an embedding program registered.
     pub kind: String,
+    /// What the executor is given, as JSON (`null` when absent). Kept as the text it came in
+    /// ([`JsonText`]): the coordinator never looks inside it.
     #[serde(default)]
-    pub config: serde_json::Value,
+    pub config: JsonText,
     /// Lower runs first; 0..=9, default 5.
     #[serde(default = "default_priority")]
     pub priority: u8,
@@ -154,6 +157,7 @@ fn default_priority() -> u8 {
 impl TaskSpec {
     /// A spec of the given kind and config with every other field at its default.
     pub fn new(kind: impl Into<String>, config: serde_json::Value) -> Self {
+        let config = JsonText::from(&config);
         Self {
             task_id: None,
             kind: kind.into(),
@@ -246,4 +250,51 @@ pub struct ConnStats {
     pub heartbeat_interval_ms: u64,
     pub backoff_factor: f64,
     pub next_backoff_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::msg::{JsonText, MAX_JSON_DEPTH};
+
+    #[test]
+    fn a_specs_config_is_kept_as_the_text_it_came_in_and_passed_on_as_it_is() {
+        let text = r#"{"kind":"sleep","config":{"steps":3,"ms":20,"note":"b\u00e9"}}"#;
+        let spec: TaskSpec = serde_json::from_str(text).expect("spec");
+        // Not a tree made again: key order and escapes as sent.
+        assert_eq!(spec.config.get(), r#"{"steps":3,"ms":20,"note":"b\u00e9"}"#);
+        assert_eq!(
+            spec.config,
+            serde_json::json!({"ms": 20, "steps": 3, "note": "bé"})
+        );
+        let out = serde_json::to_string(&spec).expect("encode");
+        assert!(
+            out.contains(r#""config":{"steps":3,"ms":20,"note":"b\u00e9"}"#),
+            "{out}"
+        );
+        // From a tree (the API's body is one), the text is the tree's.
+        let v = serde_json::json!({"kind": "sleep", "config": {"ms": 1}});
+        let from_tree: TaskSpec = serde_json::from_value(v).expect("from a tree");
+        assert_eq!(from_tree.config.get(), r#"{"ms":1}"#);
+    }
+
+    #[test]
+    fn an_absent_config_is_null_and_one_nested_too_deep_is_refused() {
+        let spec: TaskSpec = serde_json::from_str(r#"{"kind":"sleep"}"#).expect("spec");
+        assert!(spec.config.is_null());
+        assert_eq!(
+            TaskSpec::new("sleep", serde_json::Value::Null).config,
+            spec.config
+        );
+        assert_eq!(JsonText::default().get(), "null");
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let ok = format!(r#"{{"kind":"sleep","config":{}}}"#, deep(MAX_JSON_DEPTH));
+        assert!(serde_json::from_str::<TaskSpec>(&ok).is_ok());
+        let too = format!(
+            r#"{{"kind":"sleep","config":{}}}"#,
+            deep(MAX_JSON_DEPTH + 1)
+        );
+        let e = serde_json::from_str::<TaskSpec>(&too).expect_err("too deep");
+        assert!(e.to_string().contains("nested deeper than 128"), "{e}");
+    }
 }

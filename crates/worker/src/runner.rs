@@ -469,15 +469,19 @@ impl Runner {
                     a.kind,
                     self.executors.kinds().join(", ")
                 ))),
-                Some(exec) => {
-                    let input = TaskInput {
-                        task_id: task_id.clone(),
-                        attempt,
-                        config: a.config,
-                        timeout,
-                    };
-                    exec.run(input, ctx).await
-                }
+                // The config travels as text; the executor gets it as a tree.
+                Some(exec) => match a.config.to_value() {
+                    Ok(config) => {
+                        let input = TaskInput {
+                            task_id: task_id.clone(),
+                            attempt,
+                            config,
+                            timeout,
+                        };
+                        exec.run(input, ctx).await
+                    }
+                    Err(e) => Err(ExecError::InvalidConfig(format!("config: {e}"))),
+                },
             }
         };
         tokio::pin!(run);
@@ -919,7 +923,7 @@ mod tests {
         for (task, depth, fail) in tasks {
             let mut a = assignment(task, 1, None);
             a.kind = "deep".into();
-            a.config = serde_json::json!({ "depth": depth, "fail": fail });
+            a.config = serde_json::json!({ "depth": depth, "fail": fail }).into();
             runner.assign(a);
         }
         runner.tracker.close();
@@ -1194,7 +1198,7 @@ mod tests {
     fn command_assignment(task: &str, attempt: u32, config: serde_json::Value) -> TaskAssignment {
         let mut a = assignment(task, attempt, None);
         a.kind = "command".into();
-        a.config = config;
+        a.config = config.into();
         a
     }
 
@@ -1534,7 +1538,7 @@ mod tests {
             task_id: TaskId::parse(task).expect("id"),
             attempt: Attempt(attempt),
             kind: "echo".into(),
-            config: serde_json::json!({}),
+            config: serde_json::json!({}).into(),
             timeout_ms: None,
             checkpoint: cp.map(|(id, attempt, data)| CheckpointBlob {
                 checkpoint_id: CheckpointId::parse(id).expect("id"),

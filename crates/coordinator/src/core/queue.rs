@@ -60,9 +60,11 @@ impl Requirement {
 }
 
 /// The frame limit an assignment of `config` needs, or 0 when every peer's frames carry it.
-fn frame_needed(config: &serde_json::Value) -> usize {
-    let needed =
-        tether_proto::codec::json_len(config).saturating_add(tether_proto::codec::ENVELOPE_BYTES);
+fn frame_needed(config: &tether_proto::msg::JsonText) -> usize {
+    let needed = config
+        .get()
+        .len()
+        .saturating_add(tether_proto::codec::ENVELOPE_BYTES);
     if needed <= tether_proto::settings::MIN_FRAME {
         0
     } else {

@@ -95,7 +95,7 @@ impl Core {
             return;
         };
         let limit = self.cfg.max_frame.min(session.max_frame);
-        let config = tether_proto::codec::json_len(&t.spec.config);
+        let config = t.spec.config.get().len();
         if tether_proto::codec::fits(config, limit) {
             return self.send_assignment(task_id, session, b);
         }

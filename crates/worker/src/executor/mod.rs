@@ -802,7 +802,7 @@ mod tests {
         assert_eq!(e, StateTextError::TooDeep);
         assert_eq!(
             *ctx.shared.state.lock().expect("lock"),
-            serde_json::json!({"n": 1}).into()
+            serde_json::json!({"n": 1})
         );
         let sent = ctx.outbox.take_unsent(100);
         assert_eq!(sent.len(), 1, "{sent:?}");

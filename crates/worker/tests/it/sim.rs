@@ -322,7 +322,7 @@ async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>, conn: usize) {
                         task_id,
                         attempt: Attempt(1),
                         kind: "sleep".into(),
-                        config: serde_json::json!({"ms": ms, "steps": 4}),
+                        config: serde_json::json!({"ms": ms, "steps": 4}).into(),
                         timeout_ms: None,
                         checkpoint: None,
                         timestamp: now(),
