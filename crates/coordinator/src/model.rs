@@ -99,7 +99,7 @@ pub struct Task {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub latest_checkpoint: Option<CheckpointMeta>,
+    pub latest_checkpoint: Option<Box<CheckpointMeta>>,
     #[serde(default)]
     pub attempts: Vec<AttemptRecord>,
     /// Monotonic start of the current lease (reset at coordinator start), for the timeout

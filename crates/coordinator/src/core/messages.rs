@@ -969,7 +969,7 @@ impl Core {
             return;
         };
         tracing::debug!(task = %meta.task_id, checkpoint = %meta.checkpoint_id, size = meta.size, "checkpoint complete");
-        t.latest_checkpoint = Some(meta.clone());
+        t.latest_checkpoint = Some(Box::new(meta.clone()));
         t.updated_at = now();
         let task_id = meta.task_id.clone();
         self.save_task(&task_id, b);

@@ -315,7 +315,7 @@ impl<'a> TaskDoc<'a> {
             finished_at: t.finished_at,
             outcome: t.outcome,
             error: t.error.as_deref(),
-            latest_checkpoint: t.latest_checkpoint.as_ref(),
+            latest_checkpoint: t.latest_checkpoint.as_deref(),
             attempts: &t.attempts,
         }
     }
@@ -353,7 +353,7 @@ impl LoadedTaskDoc {
             finished_at: self.finished_at,
             outcome: self.outcome,
             error: self.error,
-            latest_checkpoint: self.latest_checkpoint,
+            latest_checkpoint: self.latest_checkpoint.map(Box::new),
             attempts: self.attempts,
             lease_started: None,
         }
