@@ -596,8 +596,21 @@ pub struct RegistrationAck {
     /// (its announcement would be refused after every piece had been sent for nothing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_checkpoint: Option<u64>,
+    /// The messages a second this worker's sessions may send, which the coordinator enforces
+    /// by reading a session that exceeds it only as fast as it allows. The worker paces what
+    /// it sends below it, so that a well-behaved worker is never the one held back (its
+    /// state updates coalesce while they wait). Absent: no limit said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_rate: Option<MessageRate>,
     #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
+}
+
+/// A sustained rate of messages and the burst allowed above it (a token bucket's).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MessageRate {
+    pub per_sec: f64,
+    pub burst: u32,
 }
 
 /// Bounds of the batch frames a coordinator accepts.

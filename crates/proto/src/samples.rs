@@ -186,6 +186,10 @@ pub fn coord_messages() -> Vec<CoordMsg> {
             compact_acks: true,
             max_frame: Some(16 * 1024 * 1024),
             max_checkpoint: Some(64 * 1024 * 1024),
+            message_rate: Some(MessageRate {
+                per_sec: 2000.0,
+                burst: 4000,
+            }),
             timestamp: ts,
         }),
         CoordMsg::Heartbeat(HeartbeatReply {

@@ -245,6 +245,9 @@ pub struct Agent {
     pub(crate) events: Option<EventLog>,
     /// Whether "the coordinator does not ask to authenticate" was logged already.
     pub(crate) warned_unauthenticated: bool,
+    /// The pace of what the outbox sends, below the coordinator's message rate; kept across
+    /// sessions, as the coordinator keeps its count ([`crate::pace`]).
+    pub(crate) pace: Option<crate::pace::Pace>,
 }
 
 /// Observes every acknowledgement with the message it acknowledged, when the outbox still held
@@ -383,6 +386,7 @@ impl Agent {
             ack_hook: None,
             events,
             warned_unauthenticated: false,
+            pace: None,
             cfg,
         })
     }

@@ -30,6 +30,7 @@ pub mod executor;
 mod fetch;
 pub mod metrics;
 pub mod outbox;
+mod pace;
 pub mod reaper;
 pub mod runner;
 pub mod session;

@@ -761,6 +761,13 @@ impl<'a> Session<'a> {
             .runner
             .limit_frames_to(self.max_frame_out, self.agent.cfg.max_frame);
         self.agent.runner.limit_checkpoints_to(ack.max_checkpoint);
+        // The coordinator's message rate: paced below it, the level kept across sessions.
+        let now = Instant::now();
+        self.agent.pace = match (self.agent.pace.take(), ack.message_rate) {
+            (Some(p), Some(rate)) => p.retuned(rate, now),
+            (None, Some(rate)) => crate::pace::Pace::new(rate, now),
+            (_, None) => None,
+        };
         self.agent.lost.clear();
         let outage = self.agent.shared.stats().on_registered();
         if let Some(d) = outage {
@@ -941,8 +948,16 @@ impl<'a> Session<'a> {
                 timer.as_mut().reset(armed);
             }
             // More to send and room in the window: come straight back after any ready event.
+            // Held back by the pace: the timer wakes the loop when a gathering may go.
             let unsent = outbox.has_unsent();
-            let more = unsent && self.window.bytes < SEND_WINDOW;
+            let paced = unsent.then(|| self.paced_until()).flatten();
+            if let Some(at) = paced
+                && at < armed
+            {
+                armed = at;
+                timer.as_mut().reset(armed);
+            }
+            let more = unsent && paced.is_none() && self.window.bytes < SEND_WINDOW;
             let ev = tokio::select! {
                 biased;
                 _ = &mut stop, if !self.draining => Ev::Stop,
@@ -1062,6 +1077,12 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// When the pace lets the outbox send again, if it holds it back now.
+    fn paced_until(&mut self) -> Option<Instant> {
+        let p = self.agent.pace.as_mut()?;
+        (p.allowed(Instant::now()) == 0).then(|| p.resume_at(SEND_BATCH))
+    }
+
     /// Sends what the window has room for. The entries taken are marked sent for this session;
     /// those whose frame a write did not take (it failed, or stalled until the liveness
     /// deadline) are put back as unsent, since this session may go on (a frame read after the
@@ -1076,7 +1097,17 @@ impl<'a> Session<'a> {
         if budget == 0 {
             return Ok(());
         }
-        let taken = self.agent.outbox.take_unsent_within(SEND_BATCH, budget);
+        let most = match &mut self.agent.pace {
+            Some(p) => p.allowed(Instant::now()).min(SEND_BATCH),
+            None => SEND_BATCH,
+        };
+        if most == 0 {
+            return Ok(());
+        }
+        let taken = self.agent.outbox.take_unsent_within(most, budget);
+        if let Some(p) = &mut self.agent.pace {
+            p.spend(taken.len());
+        }
         let sent_at = Instant::now();
         // Frames to feed: their text and the entries they carry.
         let mut frames: Vec<(String, std::ops::Range<usize>)> = Vec::new();

@@ -336,6 +336,10 @@ impl Core {
                 compact_acks: r.compact_acks,
                 max_frame: Some(self.cfg.max_frame as u64),
                 max_checkpoint: Some(self.cfg.max_checkpoint_bytes),
+                message_rate: Some(tether_proto::msg::MessageRate {
+                    per_sec: self.cfg.limits.messages_per_sec,
+                    burst: self.cfg.limits.message_burst,
+                }),
                 timestamp: now(),
             }),
         );

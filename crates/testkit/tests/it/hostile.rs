@@ -497,6 +497,35 @@ async fn a_frame_flood_is_rate_limited_per_session_and_honest_workers_are_not() 
     c.stop().await;
 }
 
+/// A worker paces itself below the message rate the registration ack gives it: a busy worker
+/// of the built-in executors, whose tasks make states far faster than the rate, is never the
+/// one the coordinator's limiter holds back, and every task completes.
+#[tokio::test]
+async fn a_busy_honest_worker_paces_itself_under_the_coordinators_message_rate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.limits.messages_per_sec = 100.0;
+    cfg.limits.message_burst = 100;
+    let c = spawn_coordinator_with(cfg, None).await;
+    let mut wcfg = fast_worker_config(&c.ws_url(), "busy");
+    wcfg.slots = 4;
+    let w = spawn_worker(wcfg, Executors::builtin());
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    // Each task reports a state every millisecond for 1.5 s: 6,000 states offered in all,
+    // against 100 messages a second.
+    let specs: Vec<TaskSpec> = (0..4).map(|_| sleep_task(1_500, 1_500, 0)).collect();
+    let ids = client.submit(&specs).await;
+    for id in &ids {
+        client.wait_status(id, "completed").await;
+        assert_eq!(client.results(id).await.len(), 1, "task {id}");
+    }
+    let o = client.overview().await;
+    assert_eq!(counter(&o, "rate_limited"), 0, "{o}");
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
 /// Sends `n` heartbeats at once and waits for the answer to the last.
 async fn heartbeats(raw: &mut Raw, first: u64, n: u64) {
     for sequence in first..first + n {
