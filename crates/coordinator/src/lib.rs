@@ -18,6 +18,7 @@ pub mod auth;
 pub mod config;
 pub mod core;
 pub mod dashboard;
+pub mod disk;
 pub mod http;
 pub mod metrics;
 pub mod model;

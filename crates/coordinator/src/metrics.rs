@@ -109,6 +109,8 @@ pub const STORE_DIRECT: &str = "tether_store_direct_deliveries_total";
 pub const STORE_UNFOLDED_STATES: &str = "tether_store_unfolded_states";
 /// Gauge (bytes): the state journal's files on disk.
 pub const STORE_JOURNAL_BYTES: &str = "tether_store_journal_bytes";
+/// Gauge: bytes free for the coordinator in the data directory's file system.
+pub const DATA_DIR_AVAILABLE: &str = "tether_data_dir_available_bytes";
 /// Counter: fold rounds completed (their journal files deleted).
 pub const STORE_FOLD_ROUNDS: &str = "tether_store_fold_rounds_total";
 
@@ -329,5 +331,10 @@ fn describe() {
     describe_counter!(
         STORE_FOLD_ROUNDS,
         "state fold rounds completed (their journal files deleted)"
+    );
+    describe_gauge!(
+        DATA_DIR_AVAILABLE,
+        Unit::Bytes,
+        "free space for the coordinator in the data directory's file system (looked at every 10 s)"
     );
 }

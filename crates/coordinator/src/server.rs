@@ -118,6 +118,7 @@ pub async fn run_with(
         heavy: Arc::new(tokio::sync::Semaphore::new(crate::http::HEAVY_AT_ONCE)),
         paces: crate::ws::Paces::default(),
     });
+    let disk = tokio::spawn(crate::disk::watch(cfg.data_dir.clone(), stop.clone()));
     let sampler = tokio::spawn(dashboard::sample(
         state.clone(),
         cfg.history_interval,
@@ -180,6 +181,7 @@ pub async fn run_with(
     };
     stop.cancel();
     let _ = sampler.await;
+    let _ = disk.await;
     let _ = core_task.await;
     // The core dropped its writer sender: the writer commits what is left and exits.
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;

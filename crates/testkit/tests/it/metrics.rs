@@ -55,6 +55,8 @@ async fn metrics_families_are_served_and_move_with_a_run_with_a_reconnection() {
     };
     let count = |name: &str| format!("{name}_count");
     grew(m::CONNECTIONS, &[]);
+    // The data directory's free space, looked at from the start.
+    assert!(v(&after, m::DATA_DIR_AVAILABLE, &[]) > 0.0, "{after}");
     grew(m::RECONNECTIONS, &[]);
     grew(&count(m::RECONNECT_DURATION), &[]);
     grew(m::SESSIONS_ENDED, &[]);
