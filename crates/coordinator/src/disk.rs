@@ -71,6 +71,8 @@ pub async fn watch(dir: PathBuf, stop: CancellationToken) {
     loop {
         match available(&dir) {
             Ok(bytes) => {
+                // A later failure is said again.
+                failed = false;
                 metrics::gauge!(crate::metrics::DATA_DIR_AVAILABLE).set(bytes as f64);
                 match w.look(bytes, Instant::now()) {
                     Some(Say::Low) => tracing::warn!(

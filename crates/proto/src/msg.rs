@@ -230,11 +230,6 @@ impl JsonText {
         Ok(text)
     }
 
-    /// Whether this is JSON's `null` (an absent config is).
-    pub fn is_null(&self) -> bool {
-        self.get() == "null"
-    }
-
     /// Whether this is nested at most [`MAX_JSON_DEPTH`] deep, as decoding it asks. JSON made
     /// from a tree (`From<serde_json::Value>`) is not checked when made: a sender asks this
     /// before it sends a state, since a deeper one would never be decoded, nor acknowledged, at

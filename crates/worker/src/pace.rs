@@ -101,6 +101,14 @@ mod tests {
         MessageRate { per_sec, burst }
     }
 
+    /// A pace for `per_sec` and `burst` whose bucket was emptied at `t0`.
+    fn emptied(per_sec: f64, burst: u32, t0: Instant) -> Pace {
+        let mut p = Pace::new(rate(per_sec, burst), t0).expect("a pace");
+        let n = p.allowed(t0);
+        p.spend(n);
+        p
+    }
+
     /// Within a microsecond (the rates are scaled in floating point).
     fn near(a: Instant, b: Instant) -> bool {
         let (lo, hi) = if a < b { (a, b) } else { (b, a) };
@@ -122,27 +130,19 @@ mod tests {
     #[test]
     fn held_back_it_resumes_when_a_gathering_is_in_and_not_before() {
         let t0 = Instant::now();
-        let mut p = Pace::new(rate(1000.0, 100), t0).expect("a pace");
-        let n = p.allowed(t0);
-        p.spend(n);
+        let mut p = emptied(1000.0, 100, t0);
         // 900 a second, gathered for 10 ms: 9 messages, in 10 ms.
         let at = p.resume_at(64);
         assert!(near(at, t0 + Duration::from_millis(10)), "{:?}", at - t0);
         assert_eq!(p.allowed(at - Duration::from_millis(1)), 8);
         assert_eq!(p.allowed(at), 9);
         // A slow rate gathers one at a time; a batch bounds a fast one.
-        let mut slow = Pace::new(rate(2.0, 2), t0).expect("a pace");
-        let n = slow.allowed(t0);
-        slow.spend(n);
         assert!(near(
-            slow.resume_at(64),
+            emptied(2.0, 2, t0).resume_at(64),
             t0 + Duration::from_secs_f64(1.0 / 1.8)
         ));
-        let mut fast = Pace::new(rate(1e6, 1_000_000), t0).expect("a pace");
-        let n = fast.allowed(t0);
-        fast.spend(n);
         assert!(near(
-            fast.resume_at(64),
+            emptied(1e6, 1_000_000, t0).resume_at(64),
             t0 + Duration::from_secs_f64(64.0 / 9e5)
         ));
     }
