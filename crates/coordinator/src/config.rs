@@ -231,7 +231,7 @@ impl CoordinatorConfig {
             return Err(ConfigError::new(
                 "max_bytes_per_sec",
                 format!(
-                    "{} would hold a session {longest_wait:.1} s for one largest frame ({} bytes),                      past a third of the heartbeat timeout ({allowed:.1} s): at least {:.0}",
+                    "{} would hold a session {longest_wait:.1} s for one largest frame ({} bytes), past a third of the heartbeat timeout ({allowed:.1} s): at least {:.0}",
                     l.bytes_per_sec,
                     self.max_frame,
                     (frame / allowed).ceil()

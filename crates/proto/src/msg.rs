@@ -596,14 +596,19 @@ pub struct RegistrationAck {
     /// it sends below it, so that a well-behaved worker is never the one held back (its
     /// state updates coalesce while they wait). Absent: no limit said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message_rate: Option<MessageRate>,
+    pub message_rate: Option<Rate>,
+    /// The bytes a second of frame text (as decoded, after inflating) this worker's sessions
+    /// may send, enforced and paced as the message rate is. Absent: no limit said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub byte_rate: Option<Rate>,
     #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
 
-/// A sustained rate of messages and the burst allowed above it (a token bucket's).
+/// A sustained rate, of messages or of bytes, and the burst allowed above it (a token
+/// bucket's).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct MessageRate {
+pub struct Rate {
     pub per_sec: f64,
     pub burst: u32,
 }

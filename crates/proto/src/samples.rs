@@ -186,9 +186,13 @@ pub fn coord_messages() -> Vec<CoordMsg> {
             compact_acks: true,
             max_frame: Some(16 * 1024 * 1024),
             max_checkpoint: Some(64 * 1024 * 1024),
-            message_rate: Some(MessageRate {
+            message_rate: Some(Rate {
                 per_sec: 2000.0,
                 burst: 4000,
+            }),
+            byte_rate: Some(Rate {
+                per_sec: 67_108_864.0,
+                burst: 268_435_456,
             }),
             timestamp: ts,
         }),

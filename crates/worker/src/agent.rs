@@ -245,8 +245,8 @@ pub struct Agent {
     pub(crate) events: Option<EventLog>,
     /// Whether "the coordinator does not ask to authenticate" was logged already.
     pub(crate) warned_unauthenticated: bool,
-    /// The pace of what the outbox sends, below the coordinator's message rate; kept across
-    /// sessions, as the coordinator keeps its count ([`crate::pace`]).
+    /// The pace of what the outbox sends, below the coordinator's message and byte rates; kept
+    /// across sessions, as the coordinator keeps its counts ([`crate::pace`]).
     pub(crate) pace: Option<crate::pace::Pace>,
 }
 

@@ -761,13 +761,13 @@ impl<'a> Session<'a> {
             .runner
             .limit_frames_to(self.max_frame_out, self.agent.cfg.max_frame);
         self.agent.runner.limit_checkpoints_to(ack.max_checkpoint);
-        // The coordinator's message rate: paced below it, the level kept across sessions.
-        let now = Instant::now();
-        self.agent.pace = match (self.agent.pace.take(), ack.message_rate) {
-            (Some(p), Some(rate)) => p.retuned(rate, now),
-            (None, Some(rate)) => crate::pace::Pace::new(rate, now),
-            (_, None) => None,
-        };
+        // The coordinator's rates: paced below them, the levels kept across sessions.
+        self.agent.pace = crate::pace::Pace::follow(
+            self.agent.pace.take(),
+            ack.message_rate,
+            ack.byte_rate,
+            Instant::now(),
+        );
         self.agent.lost.clear();
         let outage = self.agent.shared.stats().on_registered();
         if let Some(d) = outage {
@@ -1080,7 +1080,9 @@ impl<'a> Session<'a> {
     /// When the pace lets the outbox send again, if it holds it back now.
     fn paced_until(&mut self) -> Option<Instant> {
         let p = self.agent.pace.as_mut()?;
-        (p.allowed(Instant::now()) == 0).then(|| p.resume_at(SEND_BATCH))
+        p.allowed(Instant::now())
+            .is_none()
+            .then(|| p.resume_at(SEND_BATCH))
     }
 
     /// Sends what the window has room for. The entries taken are marked sent for this session;
@@ -1093,20 +1095,23 @@ impl<'a> Session<'a> {
         // A window that a coordinator never acknowledges stays closed only until the message
         // waiting longest has waited the liveness timeout: that ends the session
         // (`unacknowledged`), and the next one sends it again.
-        let budget = SEND_WINDOW.saturating_sub(self.window.bytes);
+        let mut budget = SEND_WINDOW.saturating_sub(self.window.bytes);
         if budget == 0 {
             return Ok(());
         }
-        let most = match &mut self.agent.pace {
-            Some(p) => p.allowed(Instant::now()).min(SEND_BATCH),
-            None => SEND_BATCH,
-        };
-        if most == 0 {
-            return Ok(());
+        let mut most = SEND_BATCH;
+        if let Some(p) = &mut self.agent.pace {
+            let Some(a) = p.allowed(Instant::now()) else {
+                return Ok(());
+            };
+            most = most.min(a.messages);
+            budget = budget.min(a.bytes);
         }
         let taken = self.agent.outbox.take_unsent_within(most, budget);
+        // Messages are counted as taken, bytes as written (a frame's text as the coordinator
+        // decodes it, envelope and all).
         if let Some(p) = &mut self.agent.pace {
-            p.spend(taken.len());
+            p.spend(taken.len(), 0);
         }
         let sent_at = Instant::now();
         // Frames to feed: their text and the entries they carry.
@@ -1160,6 +1165,7 @@ impl<'a> Session<'a> {
                 }
                 continue;
             }
+            let text_len = text.len();
             let frame = self.frame_text(text);
             // A feed that did not complete did not take its frame: it waited for room in the
             // write buffer (`poll_ready`) until the deadline, or failed.
@@ -1173,6 +1179,9 @@ impl<'a> Session<'a> {
                     true => Ok(()),
                     false => Err(reason),
                 };
+            }
+            if let Some(p) = &mut self.agent.pace {
+                p.spend(0, text_len);
             }
             // Counted once its frame is written: not one dropped as too large, nor one whose
             // write failed (it is counted when a later write takes it).

@@ -336,9 +336,13 @@ impl Core {
                 compact_acks: r.compact_acks,
                 max_frame: Some(self.cfg.max_frame as u64),
                 max_checkpoint: Some(self.cfg.max_checkpoint_bytes),
-                message_rate: Some(tether_proto::msg::MessageRate {
+                message_rate: Some(tether_proto::msg::Rate {
                     per_sec: self.cfg.limits.messages_per_sec,
                     burst: self.cfg.limits.message_burst,
+                }),
+                byte_rate: Some(tether_proto::msg::Rate {
+                    per_sec: self.cfg.limits.bytes_per_sec,
+                    burst: self.cfg.limits.byte_burst,
                 }),
                 timestamp: now(),
             }),

@@ -195,3 +195,57 @@ async fn a_session_inflating_more_than_its_byte_rate_is_paced_and_others_are_not
     let _ = tokio::time::timeout(Duration::from_secs(1), m.ws.close(None)).await;
     c.stop().await;
 }
+
+/// A worker writing checkpoints faster than the coordinator's byte rate paces its pieces below
+/// it (`registration_ack.byte_rate`): the coordinator never has to hold its session back, and
+/// every checkpoint arrives. Without the worker's pace, the pieces run past the coordinator's
+/// burst at once and `bytes_limited` counts each frame held back.
+#[tokio::test]
+async fn a_worker_paces_its_checkpoint_pieces_under_the_coordinators_byte_rate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    // 1 MiB frames, so that 2 MiB a second passes the largest within a third of the 2 s
+    // heartbeat timeout; a burst of one frame.
+    cfg.max_frame = 1024 * 1024;
+    cfg.limits.bytes_per_sec = 2.0 * 1024.0 * 1024.0;
+    cfg.limits.byte_burst = 1024 * 1024;
+    let c = spawn_coordinator_with(cfg, None).await;
+    let mut executors = Executors::builtin();
+    // Four checkpoints of 1 MiB at once, each filled with its number: about 5.6 MB of text in
+    // 256 KiB pieces, against a burst of 1 MiB and 2 MiB a second. Then it runs on, so that
+    // the checkpoints stay those of a running attempt.
+    executors.register(
+        "heavy",
+        executor(|_, ctx| async move {
+            for i in 1..=4u8 {
+                ctx.checkpoint(vec![i; 1 << 20]).await;
+            }
+            ctx.cancelled().await;
+            Err(tether_worker::ExecError::Cancelled)
+        }),
+    );
+    let w = spawn_worker(fast_worker_config(&c.ws_url(), "heavy"), executors);
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let id = client
+        .submit(&[tether_proto::TaskSpec::new("heavy", json!({}))])
+        .await
+        .remove(0);
+    let http = loopback_client(reqwest::Client::builder());
+    wait_for("the fourth checkpoint to be stored", DEADLINE, || async {
+        let t = client.task(&id).await;
+        let cid = t["latest_checkpoint"]["checkpoint_id"].as_str()?.to_owned();
+        let url = format!("http://{}/api/v1/tasks/{id}/checkpoints/{cid}", c.addr);
+        let bytes = http.get(url).send().await.ok()?.bytes().await.ok()?;
+        (bytes.len() == 1 << 20 && bytes[0] == 4).then_some(())
+    })
+    .await;
+    let o = client.overview().await;
+    assert_eq!(counter(&o, "bytes_limited"), 0, "{o}");
+    assert_eq!(counter(&o, "rate_limited"), 0, "{o}");
+    assert_eq!(w.handle.registrations(), 1, "one session throughout");
+    client.control(&id, "cancel").await;
+    client.wait_status(&id, "cancelled").await;
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}

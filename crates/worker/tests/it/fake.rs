@@ -310,6 +310,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
             max_frame: (script == Script::SmallFrames).then_some(SMALL_FRAME as u64),
             max_checkpoint: None,
             message_rate: None,
+            byte_rate: None,
             timestamp: now(),
         })))
         .await;

@@ -316,6 +316,7 @@ async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>, conn: usize) {
                     max_frame: None,
                     max_checkpoint: None,
                     message_rate: None,
+                    byte_rate: None,
                     timestamp: now(),
                 })];
                 v.extend(assign.into_iter().map(|(task_id, ms)| {
