@@ -13,10 +13,11 @@
 //!
 //! Each bucket keeps its level across sessions, as the coordinator's do (a reconnect does not
 //! refill them), and runs at [`SHARE`] of the coordinator's rate with half its burst, which
-//! leaves room for the messages sent outside the outbox (heartbeats, answers to state
-//! requests), for a batch frame's few bytes of its own, and for the two clocks' difference. As
-//! the coordinator's, the byte bucket lets a frame go whenever it is not in debt, and is
-//! charged the frame's whole size, into debt if need be.
+//! leaves room for the two clocks' difference. The messages sent outside the outbox
+//! (heartbeats, answers to state requests, notices) go at once whatever the pace, and are
+//! charged to it: the outbox yields them their share. As the coordinator's, the byte bucket
+//! lets a frame go whenever it is not in debt, and is charged the frame's whole text, into
+//! debt if need be.
 
 use std::time::Duration;
 

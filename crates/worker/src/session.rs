@@ -596,6 +596,11 @@ impl<'a> Session<'a> {
         let frame = self.frame_text(text);
         write_result(timeout_at(self.deadline, self.ws.send(frame)).await)?;
         count_out(msg);
+        // Sent at once whatever the pace (a heartbeat must not wait), and counted in it: the
+        // outbox yields what it took.
+        if let Some(p) = &mut self.agent.pace {
+            p.spend(1, bytes);
+        }
         Ok(bytes)
     }
 

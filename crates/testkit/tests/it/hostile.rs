@@ -526,6 +526,33 @@ async fn a_busy_honest_worker_paces_itself_under_the_coordinators_message_rate()
     c.stop().await;
 }
 
+/// What the worker sends outside its outbox (heartbeats, here five a second) counts in its
+/// pace: at a coordinator's 10 messages a second, the outbox yields them their share, and
+/// the coordinator never holds the session back. Counted apart, the outbox's 9 a second and
+/// the heartbeats' 5 overran the rate within about three seconds.
+#[tokio::test]
+async fn a_workers_heartbeats_count_in_its_pace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.limits.messages_per_sec = 10.0;
+    cfg.limits.message_burst = 10;
+    let c = spawn_coordinator_with(cfg, None).await;
+    // Heartbeats every 200 ms; telemetry (through the outbox) rarely.
+    let mut wcfg = fast_worker_config(&c.ws_url(), "beating");
+    wcfg.telemetry_interval = Duration::from_secs(60);
+    let w = spawn_worker(wcfg, Executors::builtin());
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    // One task reporting a state every 10 ms for 5 s: the outbox always has one to send.
+    let id = client.submit(&[sleep_task(5_000, 500, 0)]).await.remove(0);
+    client.wait_status(&id, "completed").await;
+    assert_eq!(client.results(&id).await.len(), 1);
+    let o = client.overview().await;
+    assert_eq!(counter(&o, "rate_limited"), 0, "{o}");
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
 /// Sends `n` heartbeats at once and waits for the answer to the last.
 async fn heartbeats(raw: &mut Raw, first: u64, n: u64) {
     for sequence in first..first + n {
