@@ -32,6 +32,14 @@ pub const SHARE: f64 = 0.9;
 /// time.
 const GATHER: Duration = Duration::from_millis(10);
 
+/// The longest the message bucket holds the outbox back while it has something to send,
+/// whatever the messages sent outside it have spent: a worker whose heartbeats alone run past
+/// the coordinator's message rate (a misconfiguration, which the coordinator's limiter then
+/// meets) still delivers its results, a message a second, instead of none for ever. (Bytes
+/// sent outside the outbox are a heartbeat's hundred, against a byte rate that passes a
+/// largest frame within a third of the heartbeat timeout: they cannot starve it.)
+const STARVED: Duration = Duration::from_secs(1);
+
 /// A token bucket at [`SHARE`] of one of the coordinator's rates, with half its burst.
 #[derive(Debug, Clone)]
 struct Bucket {
@@ -113,6 +121,8 @@ pub(crate) struct Allowance {
 pub(crate) struct Pace {
     messages: Option<Bucket>,
     bytes: Option<Bucket>,
+    /// When the outbox last took messages (or the pace began).
+    took: Instant,
 }
 
 impl Pace {
@@ -131,38 +141,61 @@ impl Pace {
         bytes: Option<Rate>,
         now: Instant,
     ) -> Option<Self> {
-        let (m, b) = old.map_or((None, None), |p| (p.messages, p.bytes));
+        let (m, b, took) = old.map_or((None, None, now), |p| (p.messages, p.bytes, p.took));
         let pace = Pace {
             messages: Bucket::follow(m, messages, now),
             bytes: Bucket::follow(b, bytes, now),
+            took,
         };
         (pace.messages.is_some() || pace.bytes.is_some()).then_some(pace)
     }
 
-    /// What may go now; `None` when held back (no whole message token, or bytes in debt).
+    /// What the outbox may send now; `None` when held back (no whole message token, or bytes
+    /// in debt). Held back by messages alone for [`STARVED`] since it last took any, it may
+    /// send one.
     pub(crate) fn allowed(&mut self, now: Instant) -> Option<Allowance> {
-        let messages = self.messages.as_mut().map_or(usize::MAX, |b| b.whole(now));
+        let mut messages = self.messages.as_mut().map_or(usize::MAX, |b| b.whole(now));
         let bytes = self.bytes.as_mut().map_or(usize::MAX, |b| b.whole(now));
+        if messages == 0 && now >= self.took + STARVED {
+            messages = 1;
+        }
         (messages > 0 && bytes > 0).then_some(Allowance { messages, bytes })
     }
 
-    /// Counts `n` messages of `bytes` bytes sent.
-    pub(crate) fn spend(&mut self, n: usize, bytes: usize) {
+    /// Counts `n` messages the outbox took, at `now`; their bytes are counted as written.
+    pub(crate) fn took(&mut self, n: usize, now: Instant) {
+        if n > 0 {
+            self.took = now;
+        }
         if let Some(b) = &mut self.messages {
             b.tokens -= n as f64;
         }
+    }
+
+    /// Counts `bytes` of frame text written.
+    pub(crate) fn wrote(&mut self, bytes: usize) {
         if let Some(b) = &mut self.bytes {
             b.tokens -= bytes as f64;
         }
     }
 
+    /// Counts a message of `bytes` sent outside the outbox.
+    pub(crate) fn sent_aside(&mut self, bytes: usize) {
+        if let Some(b) = &mut self.messages {
+            b.tokens -= 1.0;
+        }
+        self.wrote(bytes);
+    }
+
     /// When, held back now, the pace lets a gathering go: a gathering of messages (at most
-    /// `most`) and of bytes, each of a rate said.
+    /// `most`; or the outbox held back for [`STARVED`], if that is sooner) and of bytes, each
+    /// of a rate said.
     pub(crate) fn resume_at(&self, most: usize) -> Instant {
         let messages = self
             .messages
             .as_ref()
             .map(|b| b.holds_at(b.gathering().min(most.max(1) as f64)));
+        let messages = messages.map(|at| at.min(self.took + STARVED));
         let bytes = self.bytes.as_ref().map(|b| b.holds_at(b.gathering()));
         // INVARIANT: a pace has at least one bucket (`follow`).
         messages.max(bytes).unwrap_or_else(Instant::now)
@@ -191,7 +224,7 @@ mod tests {
     fn emptied(per_sec: f64, burst: u32, t0: Instant) -> Pace {
         let mut p = of_messages(per_sec, burst, t0);
         let n = messages(&mut p, t0);
-        p.spend(n, 0);
+        p.took(n, t0);
         p
     }
 
@@ -212,7 +245,8 @@ mod tests {
                 bytes: usize::MAX
             })
         );
-        p.spend(20, 1 << 30);
+        p.took(20, t0);
+        p.wrote(1 << 30);
         assert_eq!(
             p.allowed(t0),
             None,
@@ -247,7 +281,7 @@ mod tests {
     fn a_new_sessions_rate_keeps_the_buckets_level_and_no_rate_is_no_pace() {
         let t0 = Instant::now();
         let mut p = of_messages(100.0, 40, t0);
-        p.spend(18, 0);
+        p.took(18, t0);
         let mut p = Pace::follow(Some(p), Some(rate(100.0, 40)), None, t0).expect("a pace");
         assert_eq!(messages(&mut p, t0), 2, "a reconnect does not refill it");
         let t1 = t0 + Duration::from_secs(1);
@@ -268,7 +302,8 @@ mod tests {
         assert_eq!((a.messages, a.bytes), (usize::MAX, 5_000));
         // A 20,000-byte piece goes whole, and the debt holds the next back for 15,000 bytes'
         // time and a gathering (90 bytes): 1.6767 s.
-        p.spend(1, 20_000);
+        p.took(1, t0);
+        p.wrote(20_000);
         assert_eq!(p.allowed(t0 + Duration::from_secs(1)), None);
         let at = p.resume_at(64);
         assert!(
@@ -295,7 +330,8 @@ mod tests {
         );
         // Two messages of 1,450 bytes: messages are left, bytes are 1,900 in debt (2.11 s at
         // 900 a second, and a gathering of 9 more).
-        p.spend(2, 2_900);
+        p.took(2, t0);
+        p.wrote(2_900);
         assert_eq!(p.allowed(t0), None);
         let at = p.resume_at(64);
         assert!(
@@ -306,7 +342,8 @@ mod tests {
         // Bytes to spare, messages spent: the message bucket says when (one at 90 a second).
         let mut q =
             Pace::new(Some(rate(100.0, 2)), Some(rate(1e6, 2_000_000)), t0).expect("a pace");
-        q.spend(1, 10);
+        q.took(1, t0);
+        q.wrote(10);
         assert_eq!(q.allowed(t0), None);
         assert!(near(
             q.resume_at(64),
@@ -319,5 +356,51 @@ mod tests {
             Pace::follow(Some(joined.clone()), Some(rate(100.0, 2)), None, t0).expect("a pace");
         assert!(joined.bytes.is_some() && left.bytes.is_none());
         assert_eq!(left.allowed(t0), None, "the message bucket kept its level");
+    }
+
+    #[test]
+    fn what_is_sent_aside_counts_and_cannot_starve_the_outbox() {
+        let t0 = Instant::now();
+        // 10 a second: 9 paced, a bucket of 5.
+        let mut p = of_messages(10.0, 10, t0);
+        for _ in 0..5 {
+            p.sent_aside(100);
+        }
+        assert_eq!(p.allowed(t0), None, "heartbeats spent the bucket");
+        // Heartbeats at 20 a second, past the rate: the outbox is let send one a second.
+        let mut t = t0;
+        let mut sent = Vec::new();
+        while t < t0 + Duration::from_millis(3_500) {
+            t += Duration::from_millis(50);
+            p.sent_aside(100);
+            if let Some(a) = p.allowed(t) {
+                assert_eq!(a.messages, 1);
+                p.took(1, t);
+                sent.push(t - t0);
+            }
+        }
+        assert_eq!(
+            sent,
+            [1_000, 2_000, 3_000].map(Duration::from_millis),
+            "one a second"
+        );
+        assert_eq!(
+            p.resume_at(64),
+            t0 + Duration::from_millis(4_000),
+            "the timer wakes the outbox for it"
+        );
+    }
+
+    #[test]
+    fn a_byte_debt_is_honoured_however_long_the_outbox_waits() {
+        let t0 = Instant::now();
+        let mut p =
+            Pace::new(Some(rate(100.0, 10)), Some(rate(1_000.0, 1_000)), t0).expect("a pace");
+        p.took(1, t0);
+        p.wrote(10_000);
+        // 9,500 bytes in debt at 900 a second: 10.56 s, and a gathering, whatever STARVED is.
+        let at = p.resume_at(64);
+        assert!(at > t0 + Duration::from_secs(10), "{:?}", at - t0);
+        assert_eq!(p.allowed(t0 + Duration::from_secs(5)), None);
     }
 }

@@ -599,7 +599,7 @@ impl<'a> Session<'a> {
         // Sent at once whatever the pace (a heartbeat must not wait), and counted in it: the
         // outbox yields what it took.
         if let Some(p) = &mut self.agent.pace {
-            p.spend(1, bytes);
+            p.sent_aside(bytes);
         }
         Ok(bytes)
     }
@@ -1116,7 +1116,7 @@ impl<'a> Session<'a> {
         // Messages are counted as taken, bytes as written (a frame's text as the coordinator
         // decodes it, envelope and all).
         if let Some(p) = &mut self.agent.pace {
-            p.spend(taken.len(), 0);
+            p.took(taken.len(), Instant::now());
         }
         let sent_at = Instant::now();
         // Frames to feed: their text and the entries they carry.
@@ -1186,7 +1186,7 @@ impl<'a> Session<'a> {
                 };
             }
             if let Some(p) = &mut self.agent.pace {
-                p.spend(0, text_len);
+                p.wrote(text_len);
             }
             // Counted once its frame is written: not one dropped as too large, nor one whose
             // write failed (it is counted when a later write takes it).
