@@ -41,6 +41,7 @@ struct Fleet {
 pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("cannot create a temporary data directory")?;
     let mut cfg = tether_coordinator::CoordinatorConfig::new(dir.path());
+    cfg.config_check = Some(crate::run::builtin_config_check());
     cfg.heartbeat_interval = Duration::from_millis(500);
     cfg.heartbeat_timeout = Duration::from_secs(3);
     cfg.lost_after = Duration::from_secs(8);

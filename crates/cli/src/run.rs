@@ -168,6 +168,15 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
 }
 
 /// The coordinator's settings: each from its flag, else the file, else the library default.
+/// The built-in executors' checks of task configs (`sleep`, `command`): a coordinator refuses
+/// at submission a task that their executor would refuse at every attempt.
+pub(crate) fn builtin_config_check() -> tether_coordinator::config::ConfigCheck {
+    let builtin = tether_worker::Executors::builtin();
+    tether_coordinator::config::ConfigCheck(std::sync::Arc::new(move |kind, config| {
+        builtin.check_config(kind, config)
+    }))
+}
+
 fn coordinator_config(
     a: CoordinatorArgs,
     file: settings::CoordinatorFile,
@@ -178,6 +187,7 @@ fn coordinator_config(
         .or(file.data_dir.clone())
         .unwrap_or_else(|| tether_coordinator::config::DEFAULT_DATA_DIR.into());
     let mut cfg = CoordinatorConfig::new(data_dir);
+    cfg.config_check = Some(builtin_config_check());
     if let Some(d) = settings::pick_duration(
         a.heartbeat_interval,
         file.heartbeat_interval.as_deref(),

@@ -165,6 +165,24 @@ pub struct CoordinatorConfig {
     pub batching: bool,
     /// What an acknowledged commit survives.
     pub durability: crate::store::Durability,
+    /// Checks each submitted task's config for its kind; a task it refuses is refused at
+    /// submission (`tether coordinator` gives the built-in executors' checks). `None`: any.
+    pub config_check: Option<ConfigCheck>,
+}
+
+/// A check of task configs by kind: given a task's kind and its config's JSON text, `None`
+/// for a kind it knows nothing of, else whether that kind's executor would take the config
+/// (`Err` says why not).
+#[derive(Clone)]
+pub struct ConfigCheck(pub std::sync::Arc<CheckConfig>);
+
+/// The function of a [`ConfigCheck`].
+pub type CheckConfig = dyn Fn(&str, &str) -> Option<Result<(), String>> + Send + Sync;
+
+impl std::fmt::Debug for ConfigCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConfigCheck")
+    }
 }
 
 /// A session's heartbeat cadence: how often its worker beats, and the silence after which the
@@ -297,6 +315,7 @@ impl CoordinatorConfig {
             compress_threshold: tether_proto::compress::DEFAULT_THRESHOLD,
             batching: true,
             durability: crate::store::Durability::Process,
+            config_check: None,
         }
     }
 

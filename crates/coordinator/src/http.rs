@@ -344,7 +344,7 @@ fn specs_of(body: Value) -> Result<Vec<TaskSpec>, SubmitError> {
         (status = 409, description = "A task id already exists", body = ErrorBody),
         (status = 413, description = "Larger than the body limit", body = ErrorBody),
         (status = 415, description = "Not sent as `application/json`", body = ErrorBody),
-        (status = 422, description = "Not a spec (`bad_request`; the message starts with the field at fault, e.g. `tasks[2].kind: invalid type: ...`), an invalid spec, or too many in one request (`invalid`)", body = ErrorBody),
+        (status = 422, description = "Not a spec (`bad_request`; the message starts with the field at fault, e.g. `tasks[2].kind: invalid type: ...`), an invalid spec (a config its built-in executor would refuse among them), or too many in one request (`invalid`)", body = ErrorBody),
     )
 )]
 pub async fn submit(
@@ -358,6 +358,18 @@ pub async fn submit(
         Ok(specs) => specs,
         Err(e) => return e.into_response(),
     };
+    // Here, on the request's thread, not in the core: a kind's check parses the config.
+    if let Some(check) = &app.cfg.config_check {
+        for (i, spec) in specs.iter().enumerate() {
+            if let Some(Err(why)) = (check.0)(&spec.kind, spec.config.get()) {
+                let kind = &spec.kind;
+                return ApiError::Invalid(format!(
+                    "task {i}: the `{kind}` executor refuses its config: {why}"
+                ))
+                .into_response();
+            }
+        }
+    }
     match ask(&app, |reply| Api::Submit { specs, reply }).await {
         Ok(task_ids) => (StatusCode::CREATED, Json(Submitted { task_ids })).into_response(),
         Err(e) => e.into_response(),

@@ -80,6 +80,11 @@ pub fn fast_coordinator_config(dir: PathBuf) -> CoordinatorConfig {
     c.heartbeat_timeout = Duration::from_secs(2);
     c.lost_after = Duration::from_secs(3);
     c.sweep_interval = Duration::from_millis(100);
+    // As `tether coordinator`: the built-in executors' configs are checked at submission.
+    let builtin = Executors::builtin();
+    c.config_check = Some(tether_coordinator::config::ConfigCheck(
+        std::sync::Arc::new(move |kind, config| builtin.check_config(kind, config)),
+    ));
     c
 }
 

@@ -1226,6 +1226,28 @@ async fn a_submission_with_a_bad_field_gets_a_json_error_naming_the_field_and_el
         e["error"]["message"], "task 0: priority must be 0..=9",
         "{e}"
     );
+    // A config its built-in executor would refuse at every attempt is refused now, the whole
+    // batch with it; a kind of no built-in executor is any executor's business.
+    for (body, says) in [
+        (
+            json!({"tasks": [ok, {"kind": "sleep", "config": {"ms": "abc"}}]}),
+            "task 1: the `sleep` executor refuses its config: invalid type: string \"abc\", expected u64",
+        ),
+        (
+            json!({"kind": "command", "config": {"program": "true", "shell": "true"}}),
+            "task 0: the `command` executor refuses its config: give `program` or `shell`, not both",
+        ),
+        (
+            json!({"kind": "command"}),
+            "task 0: the `command` executor refuses its config: missing `program` (or `shell`)",
+        ),
+    ] {
+        let (status, e) = client.post("/api/v1/tasks", &body).await;
+        assert_eq!(status, 422, "{body}: {e}");
+        assert_eq!(e["error"]["code"], "invalid", "{body}: {e}");
+        let message = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with(says), "{body}: {message}");
+    }
     // Not JSON, too large, or not JSON by its content type keep their statuses, as JSON.
     let http = loopback_client(reqwest::Client::builder());
     let url = format!("http://{}/api/v1/tasks", c.addr);
@@ -1251,7 +1273,10 @@ async fn a_submission_with_a_bad_field_gets_a_json_error_naming_the_field_and_el
     let (status, listed) = client.get("/api/v1/tasks").await;
     assert_eq!(status, 200, "{listed}");
     assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
-    let (status, v) = client.post("/api/v1/tasks", &json!({"tasks": [ok]})).await;
+    let custom = json!({"kind": "mine", "config": {"ms": "abc"}});
+    let (status, v) = client
+        .post("/api/v1/tasks", &json!({"tasks": [ok, custom]}))
+        .await;
     assert_eq!(status, 201, "{v}");
     honest_work_completes(&client, 2).await;
     honest.stop().await.expect("clean stop");

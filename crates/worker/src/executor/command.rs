@@ -142,9 +142,22 @@ impl Plan {
         } else {
             config
         };
-        let invalid = |m: String| Err(ExecError::InvalidConfig(m));
         let c: Config =
             serde_json::from_value(config).map_err(|e| ExecError::InvalidConfig(e.to_string()))?;
+        Self::of(c)
+    }
+
+    /// [`Plan::parse`] of a config's JSON text.
+    fn parse_text(config: &str) -> Result<Self, ExecError> {
+        match serde_json::from_str::<Option<Config>>(config) {
+            Ok(Some(c)) => Self::of(c),
+            Ok(None) => Self::parse(serde_json::Value::Null),
+            Err(e) => Err(ExecError::InvalidConfig(e.to_string())),
+        }
+    }
+
+    fn of(c: Config) -> Result<Self, ExecError> {
+        let invalid = |m: String| Err(ExecError::InvalidConfig(m));
         let (program, args) = match (c.program, c.shell, c.args) {
             (Some(_), Some(_), _) => return invalid("give `program` or `shell`, not both".into()),
             (None, None, _) => return invalid("missing `program` (or `shell`)".into()),
@@ -251,6 +264,14 @@ impl Executor for CommandExecutor {
     /// Its kill grace, the reading of the output meanwhile, and a second to spare.
     fn stop_grace(&self) -> Duration {
         self.kill_grace + PIPE_DRAIN_GRACE + Duration::from_secs(1)
+    }
+
+    fn check_config(&self, config: &str) -> Result<(), String> {
+        match Plan::parse_text(config) {
+            Ok(_) => Ok(()),
+            Err(ExecError::InvalidConfig(m)) => Err(m),
+            Err(e) => Err(e.to_string()),
+        }
     }
 }
 
@@ -1177,7 +1198,17 @@ mod tests {
                 }
                 other => panic!("{config}: expected InvalidConfig, got {other:?}"),
             }
+            // The check a coordinator makes at submission says the same, from the text.
+            let checked = CommandExecutor::default().check_config(&config.to_string());
+            assert!(
+                checked.as_ref().is_err_and(|m| m.contains(expected)),
+                "{config}: {checked:?}"
+            );
         }
+        let check = |text: &str| CommandExecutor::default().check_config(text);
+        assert_eq!(check(r#"{"program": "true", "args": ["-x"]}"#), Ok(()));
+        assert_eq!(check(r#"{"shell": "exit 0"}"#), Ok(()));
+        assert!(check("null").is_err_and(|m| m.contains("missing `program`")));
     }
 
     #[tokio::test]

@@ -94,6 +94,15 @@ pub trait Executor: Send + Sync + 'static {
     fn stop_grace(&self) -> Duration {
         crate::runner::PREDECESSOR_GRACE
     }
+
+    /// Checks a task's config (its JSON text) as [`Executor::execute`] would read it, without
+    /// running anything: `Err` says what is wrong. A coordinator given this check refuses such
+    /// a task at submission, instead of assigning it only to see every attempt fail. The
+    /// default takes any config.
+    fn check_config(&self, config: &str) -> Result<(), String> {
+        let _ = config;
+        Ok(())
+    }
 }
 
 /// Counters of one executor kind.
@@ -195,6 +204,11 @@ impl Executors {
 
     pub fn get(&self, kind: &str) -> Option<Arc<Metered>> {
         self.by_kind.get(kind).cloned()
+    }
+
+    /// Checks a config for `kind` ([`Executor::check_config`]); `None` for a kind not here.
+    pub fn check_config(&self, kind: &str, config: &str) -> Option<Result<(), String>> {
+        self.by_kind.get(kind).map(|m| m.inner.check_config(config))
     }
 
     pub fn kinds(&self) -> Vec<String> {

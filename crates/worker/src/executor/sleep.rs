@@ -47,6 +47,13 @@ impl Executor for SleepExecutor {
     ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
         Box::pin(run(input, ctx))
     }
+
+    fn check_config(&self, config: &str) -> Result<(), String> {
+        // `null` (no config) is every default.
+        serde_json::from_str::<Option<Config>>(config)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
 }
 
 async fn run(input: TaskInput, ctx: TaskCtx) -> Result<serde_json::Value, ExecError> {
@@ -107,6 +114,27 @@ mod tests {
             attempt: Attempt(1),
             config,
             timeout: None,
+        }
+    }
+
+    #[test]
+    fn the_check_takes_what_a_run_takes_and_refuses_what_it_refuses() {
+        let check = |text: &str| SleepExecutor.check_config(text);
+        for ok in [
+            "null",
+            "{}",
+            r#"{"ms": 5, "steps": 2, "checkpoint_every": 1, "fail": true}"#,
+        ] {
+            assert_eq!(check(ok), Ok(()), "{ok}");
+        }
+        for (bad, says) in [
+            (r#"{"ms": "abc"}"#, "invalid type: string"),
+            (r#"{"ms": -1}"#, "invalid value"),
+            (r#"{"colour": 1}"#, "unknown field `colour`"),
+            ("\"fast\"", "invalid type: string"),
+        ] {
+            let m = check(bad).expect_err(bad);
+            assert!(m.contains(says), "{bad}: {m}");
         }
     }
 
