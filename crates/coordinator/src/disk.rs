@@ -1,7 +1,7 @@
 //! Free space in the data directory: a gauge, and a warning before the store runs out.
 //!
-//! A commit that fails for want of space stops the coordinator without acknowledging what it
-//! held (nothing acknowledged is lost, but nothing is served either). The WAL alone may grow
+//! A commit that fails for want of space waits for it (`store::space`): nothing is
+//! acknowledged or taken meanwhile. The WAL alone may grow
 //! to [`crate::store::WAL_RESTART_FRAMES`] pages before it starts over, so the warning comes
 //! while there is still room for that and more.
 
@@ -79,7 +79,7 @@ pub async fn watch(dir: PathBuf, stop: CancellationToken) {
                         data_dir = %dir.display(),
                         available_mib = bytes >> 20,
                         low_mib = LOW_SPACE >> 20,
-                        "the data directory is running out of space: a commit that fails for want of it stops the coordinator"
+                        "the data directory is running out of space: once it is out, commits wait for room and nothing new is taken"
                     ),
                     Some(Say::Recovered) => tracing::info!(
                         data_dir = %dir.display(),

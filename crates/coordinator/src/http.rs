@@ -344,6 +344,7 @@ fn specs_of(body: Value) -> Result<Vec<TaskSpec>, SubmitError> {
         (status = 409, description = "A task id already exists", body = ErrorBody),
         (status = 413, description = "Larger than the body limit", body = ErrorBody),
         (status = 415, description = "Not sent as `application/json`", body = ErrorBody),
+        (status = 503, description = "The data directory is out of space (`out_of_space`, with Retry-After): nothing new is taken until there is room", body = ErrorBody),
         (status = 422, description = "Not a spec (`bad_request`; the message starts with the field at fault, e.g. `tasks[2].kind: invalid type: ...`), an invalid spec (a config its built-in executor would refuse among them), or too many in one request (`invalid`)", body = ErrorBody),
     )
 )]
@@ -358,6 +359,24 @@ pub async fn submit(
         Ok(specs) => specs,
         Err(e) => return e.into_response(),
     };
+    // Nothing new is taken while commits wait for space: the answer comes at once, rather
+    // than after the core, which waits on the writer.
+    if app
+        .store_stats
+        .out_of_space
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        let mut full = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "out_of_space",
+            "the coordinator's data directory is out of space: nothing new is taken until there is room again (see the coordinator's log); try again later",
+        );
+        full.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("5"),
+        );
+        return full;
+    }
     // Here, on the request's thread, not in the core: a kind's check parses the config.
     if let Some(check) = &app.cfg.config_check {
         for (i, spec) in specs.iter().enumerate() {

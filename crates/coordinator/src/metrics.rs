@@ -113,6 +113,8 @@ pub const STORE_JOURNAL_BYTES: &str = "tether_store_journal_bytes";
 pub const DATA_DIR_AVAILABLE: &str = "tether_data_dir_available_bytes";
 /// Counter: fold rounds completed (their journal files deleted).
 pub const STORE_FOLD_ROUNDS: &str = "tether_store_fold_rounds_total";
+/// Gauge: 1 while a commit waits for space in the data directory (`store::space`), else 0.
+pub const STORE_OUT_OF_SPACE: &str = "tether_store_out_of_space";
 
 /// Histogram buckets for durations, in seconds: 0.5 ms to one hour.
 pub const SECONDS_BUCKETS: &[f64] = &[
@@ -331,6 +333,10 @@ fn describe() {
     describe_counter!(
         STORE_FOLD_ROUNDS,
         "state fold rounds completed (their journal files deleted)"
+    );
+    describe_gauge!(
+        STORE_OUT_OF_SPACE,
+        "1 while a commit waits for space in the data directory (nothing is acknowledged, submissions are refused), else 0"
     );
     describe_gauge!(
         DATA_DIR_AVAILABLE,

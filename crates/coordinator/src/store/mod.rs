@@ -14,6 +14,7 @@
 
 mod read;
 mod schema;
+pub mod space;
 mod states;
 mod wal;
 
@@ -232,6 +233,10 @@ pub struct StoreStats {
     /// Batches of messages only, delivered by the core itself while the writer had nothing
     /// unfinished ([`Handoff`]).
     pub delivered_directly: AtomicU64,
+    /// A commit waits for space in the data directory ([`space`]).
+    pub out_of_space: std::sync::atomic::AtomicBool,
+    /// Times commits began to wait for space.
+    pub stalls: AtomicU64,
 }
 
 /// The core's end of the writer's queue.
@@ -596,10 +601,28 @@ pub fn spawn_writer(
                 let started = Instant::now();
                 let n_muts: usize = batches.iter().map(|b| b.muts.len()).sum();
                 if n_muts > 0 {
-                    if let Err(e) = commit(&mut conn, &mut batches, &mut states) {
-                        tracing::error!(db = %path.display(), error = %e, "commit failed; stopping the coordinator without acknowledging");
-                        fatal.cancel();
-                        return;
+                    // Out of space, the same group is tried again until it commits.
+                    let mut stall: Option<space::Stall<'_>> = None;
+                    loop {
+                        match commit(&mut conn, &mut batches, &mut states) {
+                            Ok(()) => break,
+                            Err(e) if e.out_of_space() => match &mut stall {
+                                Some(s) => s.pause(&path, &e),
+                                None => {
+                                    let mut s = space::Stall::begin(&stats, &path, &e);
+                                    s.pause(&path, &e);
+                                    stall = Some(s);
+                                }
+                            },
+                            Err(e) => {
+                                tracing::error!(db = %path.display(), error = %e, "commit failed; stopping the coordinator without acknowledging");
+                                fatal.cancel();
+                                return;
+                            }
+                        }
+                    }
+                    if let Some(s) = stall {
+                        s.end(&path);
                     }
                     stats.commits.fetch_add(1, Ordering::Relaxed);
                     crate::metrics::observe(crate::metrics::STORE_COMMIT, started.elapsed());
@@ -633,6 +656,11 @@ pub fn spawn_writer(
                 if states.due() {
                     match states.piece(&conn) {
                         Ok(p) => tracing::trace!(states = p.states_written, files = p.files_deleted, "states folded a piece"),
+                        // Nothing of the piece was kept: it is done again when next due (the
+                        // journal keeps the states meanwhile), as the commits wait for space.
+                        Err(e) if e.out_of_space() => {
+                            tracing::debug!(db = %path.display(), error = %e, "folding the task states waits for space");
+                        }
                         Err(e) => {
                             tracing::error!(db = %path.display(), error = %e, "folding the task states failed; stopping the coordinator");
                             fatal.cancel();

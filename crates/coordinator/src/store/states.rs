@@ -33,7 +33,7 @@
 //! `schema::WHOLE_JOURNALS`.)
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -595,6 +595,22 @@ struct Journal {
 }
 
 impl Journal {
+    /// Writes a group's frames, synced if the journal syncs.
+    fn write_group(&mut self, now: &str, ops: &[Op<'_>]) -> std::io::Result<()> {
+        // Each frame is replayed on its own: a group cut in two by a crash leaves states that
+        // were never acknowledged, which a state's resend replaces anyway.
+        for ops in frames_of(ops, self.split_at) {
+            encode_frame(&mut self.buf, now, ops);
+            self.file.write_all(&self.buf)?;
+            self.grown += self.buf.len() as u64;
+        }
+        if self.sync {
+            self.file.sync_data()?;
+            self.synced += 1;
+        }
+        Ok(())
+    }
+
     /// Creates the journal file of `generation` whole: its header is written and synced under
     /// a temporary name, which is then renamed into place, and the rename synced. A crash at
     /// any point leaves no file under the journal's name, or one with its header; so an empty
@@ -686,24 +702,32 @@ impl States {
         })
     }
 
-    /// Appends a group's changes to the journal: call before the group's commit.
+    /// Appends a group's changes to the journal: call before the group's commit. On an error
+    /// nothing of the group stays: the file is cut back to where it was, so that the group may
+    /// be appended again (a frame cut short with whole ones after it would read as damage).
     pub fn append(&mut self, now: &str, ops: &[Op<'_>]) -> std::io::Result<()> {
         if ops.is_empty() {
             return Ok(());
         }
         let j = &mut self.journal;
-        // Each frame is replayed on its own: a group cut in two by a crash leaves states that
-        // were never acknowledged, which a state's resend replaces anyway.
-        for ops in frames_of(ops, j.split_at) {
-            encode_frame(&mut j.buf, now, ops);
-            j.file.write_all(&j.buf)?;
-            j.grown += j.buf.len() as u64;
+        let (at, grown) = (j.file.stream_position()?, j.grown);
+        match j.write_group(now, ops) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                j.grown = grown;
+                let cut = j
+                    .file
+                    .set_len(at)
+                    .and_then(|()| j.file.seek(SeekFrom::Start(at)));
+                match cut {
+                    Ok(_) => Err(e),
+                    // Not out of space any more, whatever `e` was: the writer stops.
+                    Err(cut) => Err(std::io::Error::other(format!(
+                        "{e}; and the journal could not be cut back to before the group: {cut}"
+                    ))),
+                }
+            }
         }
-        if j.sync {
-            j.file.sync_data()?;
-            j.synced += 1;
-        }
-        Ok(())
     }
 
     /// The group of `ops` committed: its states are the newest.

@@ -11,6 +11,8 @@ pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_mill
 /// ...and how often once the WAL is long, so that the writer soon finds a pass just finished
 /// and has little left to copy itself.
 pub const CATCH_UP_EVERY: std::time::Duration = std::time::Duration::from_millis(5);
+/// How often a checkpoint pass that keeps failing is said again.
+const WARN_AGAIN: std::time::Duration = std::time::Duration::from_secs(60);
 /// Frames in the WAL past which the writer finishes a checkpoint itself, right after a pass of
 /// the checkpointer, so that the WAL starts over (65,536 frames of 4 KiB pages: 256 MiB; twice
 /// that, it does not wait for a pass). Each start-over holds the commits up for 3-15 ms on the
@@ -81,6 +83,8 @@ impl Checkpointer {
             .name("tether-checkpoint".into())
             .spawn(move || {
                 let mut every = CHECKPOINT_EVERY;
+                // A pass fails ten times a second while the disk is full: said once a minute.
+                let mut failed: Option<(std::time::Instant, u64)> = None;
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(every)
                 {
@@ -89,10 +93,20 @@ impl Checkpointer {
                             let is_long = u64::try_from(log).unwrap_or(0) >= long;
                             every = if is_long { CATCH_UP_EVERY } else { CHECKPOINT_EVERY };
                             says.store(is_long, std::sync::atomic::Ordering::Release);
+                            if let Some((_, n)) = failed.take() {
+                                tracing::info!(db = %path.display(), failed = n, "WAL checkpoints pass again");
+                            }
                         }
                         Err(e) => {
                             every = CHECKPOINT_EVERY;
-                            tracing::warn!(db = %path.display(), error = %e, "WAL checkpoint failed");
+                            match &mut failed {
+                                Some((said, n)) if said.elapsed() < WARN_AGAIN => *n += 1,
+                                _ => {
+                                    let n = failed.map_or(0, |(_, n)| n);
+                                    tracing::warn!(db = %path.display(), error = %e, failed_since_last_said = n, "WAL checkpoint failed");
+                                    failed = Some((std::time::Instant::now(), n + 1));
+                                }
+                            }
                         }
                     }
                 }
