@@ -84,6 +84,8 @@ pub async fn run_with(
     cfg.validate()?;
     let cfg = Arc::new(cfg);
     crate::metrics::install();
+    // Held until the writer has finished, at the end of this function.
+    let _lock = store::lock_dir(&cfg.data_dir)?;
     let (conn, loaded) = store::open(&cfg.data_dir)?;
     let counters = Arc::new(Counters::default());
     let store_stats = Arc::new(StoreStats::default());

@@ -12,6 +12,7 @@
 //! database ([`states`]); a thread with a connection of its own copies the WAL into the
 //! database ([`wal`]).
 
+mod lock;
 mod read;
 mod schema;
 pub mod space;
@@ -35,6 +36,7 @@ pub use schema::SCHEMA_VERSION;
 pub use states::{FOLD_BYTES, FOLD_EVERY, PIECE_STATES, Unfolded, WriteError};
 pub use wal::{CATCH_UP_EVERY, CHECKPOINT_EVERY, WAL_RESTART_FRAMES};
 
+pub use lock::{DirLock, LOCK_FILE, lock_dir};
 use read::Reader;
 use states::{Op, States};
 use wal::Checkpointer;
@@ -90,6 +92,11 @@ pub enum StoreError {
     },
     #[error("database {path} holds a record that cannot be read: {detail}")]
     BadRecord { path: PathBuf, detail: String },
+    #[error(
+        "data directory {path} is in use by another coordinator{}; two on one directory would take each other's workers for lost and number tasks twice (stop it, or give another --data-dir)",
+        holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    Locked { path: PathBuf, holder: Option<u32> },
 }
 
 /// One durable change.
@@ -345,11 +352,10 @@ pub fn set_durability(conn: &Connection, d: Durability) -> rusqlite::Result<()> 
     })
 }
 
-/// Opens (creating if needed) the database in `dir`, checks and migrates it, and loads it.
-pub fn open(dir: &Path) -> Result<(Connection, Loaded), StoreError> {
-    // Made for the coordinator's user alone: the store holds task specs (their `env` often
-    // carries credentials), output tails and checkpoints.
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+/// Creates the data directory if need be, for the coordinator's user alone: the store holds
+/// task specs (their `env` often carries credentials), output tails and checkpoints.
+fn make_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt;
     let made = match dir.exists() && !dir.is_dir() {
         true => Err(std::io::Error::other("it exists and is not a directory")),
         false => std::fs::DirBuilder::new()
@@ -360,7 +366,14 @@ pub fn open(dir: &Path) -> Result<(Connection, Loaded), StoreError> {
     made.map_err(|source| StoreError::DataDir {
         path: dir.to_owned(),
         source,
-    })?;
+    })
+}
+
+/// Opens (creating if needed) the database in `dir`, checks and migrates it, and loads it.
+/// A coordinator locks the directory first ([`lock_dir`]).
+pub fn open(dir: &Path) -> Result<(Connection, Loaded), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    make_dir(dir)?;
     if let Ok(meta) = std::fs::metadata(dir)
         && meta.permissions().mode() & 0o077 != 0
     {

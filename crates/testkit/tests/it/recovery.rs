@@ -544,3 +544,45 @@ async fn a_replayed_checkpoint_pruned_since_is_a_duplicate_across_a_coordinator_
     assert_eq!(latest(client.task(&t).await), "c-x5");
     c.stop().await;
 }
+
+/// A second coordinator on a data directory in use is refused at start, naming the first, and
+/// the first serves on untouched; once the first has stopped, the directory is free again.
+#[tokio::test]
+async fn a_second_coordinator_on_a_data_directory_in_use_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let second = tokio::time::timeout(
+        DEADLINE,
+        tether_coordinator::run_with(
+            listener,
+            fast_coordinator_config(dir.path().to_owned()),
+            tokio_util::sync::CancellationToken::new(),
+            |_| panic!("a second coordinator started on a directory in use"),
+        ),
+    )
+    .await
+    .expect("refused at once");
+    let said = second.expect_err("refused").to_string();
+    assert!(
+        said.contains("in use by another coordinator")
+            && said.contains(&format!("pid {}", std::process::id())),
+        "{said}"
+    );
+    // The first serves on: its worker still connected, its tasks run.
+    let client = c.client();
+    let id = client.submit(&[sleep_task(20, 2, 0)]).await.remove(0);
+    client.wait_status(&id, "completed").await;
+    let workers: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
+    assert_eq!(workers[0]["state"], "connected", "{workers:?}");
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+    // Stopped, it leaves the directory free.
+    let again = spawn_coordinator(dir.path().to_owned()).await;
+    assert_eq!(again.client().task(&id).await["status"], "completed");
+    again.stop().await;
+}
