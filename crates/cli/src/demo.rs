@@ -191,6 +191,15 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
+    // The workers stop (gracefully: what their tasks left is delivered first), so that no
+    // result arrives while the ground truth is read, even of tasks still running when the
+    // deadline passed.
+    let reconnections: u64 = fleet.handles.iter().map(|h| h.stats().reconnects).sum();
+    let stall_reconnected = stalled_worker.registrations() > before;
+    fleet.stop.cancel();
+    for j in fleet.joins {
+        let _ = j.await;
+    }
     // Every result the coordinator answered `recorded` or `stale` is one row it stored: a
     // result recorded twice (answered `recorded` again on a resend) stores no second row but
     // counts twice. Read between two reads of its counts that agree, so none arrived between.
@@ -212,25 +221,19 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let (read, said, overview) =
-        settled.context("results kept arriving for 5 s after every task had ended")?;
+        settled.context("results kept arriving for 5 s after every worker had stopped")?;
     let Read {
         completed,
         unfinished,
+        failed,
         lost,
         twice,
         stale,
         stored,
     } = read;
-    let reconnections: u64 = fleet.handles.iter().map(|h| h.stats().reconnects).sum();
     let resent = overview["counters"]["results_duplicate"]
         .as_u64()
         .unwrap_or(0);
-    let stall_reconnected = stalled_worker.registrations() > before;
-
-    fleet.stop.cancel();
-    for j in fleet.joins {
-        let _ = j.await;
-    }
     stop_coordinator.cancel();
     let _ = coordinator.await;
 
@@ -243,6 +246,9 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             "  unfinished           {unfinished} (still running when --deadline {} s passed)",
             a.deadline.as_secs()
         )?;
+    }
+    if failed > 0 {
+        outln!("  failed               {failed} (ended with their one result, not completed)")?;
     }
     outln!("  reconnections        {reconnections}")?;
     outln!("  results resent       {resent} (acknowledged again, recorded once)")?;
@@ -308,6 +314,8 @@ struct Read {
     completed: usize,
     /// Listed and still running when the wait ended: not lost, not done either.
     unfinished: usize,
+    /// Ended other than completed, with exactly one counted result.
+    failed: usize,
     lost: usize,
     /// With more than one counted result.
     twice: usize,
@@ -330,16 +338,40 @@ async fn read_results(
         let counted = rows.iter().filter(|r| r["stale"] == false).count();
         r.stale += rows.len() - counted;
         r.stored += rows.len() as u64;
-        let ended = t.is_some_and(ended);
-        match (t.map(|t| t["status"] == "completed"), counted) {
-            (Some(true), 1) => r.completed += 1,
-            (Some(_), 0) if !ended => r.unfinished += 1,
-            (_, 0) => r.lost += 1,
-            (_, n) if n > 1 => r.twice += 1,
-            _ => r.lost += 1,
+        match verdict(t, counted) {
+            Verdict::Completed => r.completed += 1,
+            Verdict::Unfinished => r.unfinished += 1,
+            Verdict::Failed => r.failed += 1,
+            Verdict::Lost => r.lost += 1,
+            Verdict::Twice => r.twice += 1,
         }
     }
     Ok(r)
+}
+
+/// What became of one submitted task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Completed,
+    Unfinished,
+    Failed,
+    Lost,
+    Twice,
+}
+
+/// The verdict on a task from its listing (`None`: the coordinator does not list it) and its
+/// counted results, read after the listing. A task listed as ended has its result stored
+/// already (both commit together); one listed as running may have ended since, its result
+/// read with the others: it is unfinished as of the listing, never lost.
+fn verdict(listed: Option<&Value>, counted: usize) -> Verdict {
+    match (listed, counted) {
+        (None, _) => Verdict::Lost,
+        (_, n) if n > 1 => Verdict::Twice,
+        (Some(t), _) if !ended(t) => Verdict::Unfinished,
+        (Some(_), 0) => Verdict::Lost,
+        (Some(t), _) if t["status"] == "completed" => Verdict::Completed,
+        (Some(_), _) => Verdict::Failed,
+    }
 }
 
 /// What the demo counted, for its verdict.
@@ -451,6 +483,28 @@ mod tests {
             stall_reconnected: true,
             reconnections: 5,
             workers: 4,
+        }
+    }
+
+    #[test]
+    fn a_task_ended_after_its_listing_is_unfinished_not_lost() {
+        let listed = |status: &str| serde_json::json!({"task_id": "t-1", "status": status});
+        let cases = [
+            (Some(listed("completed")), 1, Verdict::Completed),
+            // Ended after the listing, its result read after: what the demo miscounted as
+            // lost when --deadline passed with tasks running.
+            (Some(listed("running")), 1, Verdict::Unfinished),
+            (Some(listed("queued")), 0, Verdict::Unfinished),
+            (Some(listed("failed")), 1, Verdict::Failed),
+            (Some(listed("completed")), 0, Verdict::Lost),
+            (Some(listed("failed")), 0, Verdict::Lost),
+            (None, 0, Verdict::Lost),
+            (None, 1, Verdict::Lost),
+            (Some(listed("completed")), 2, Verdict::Twice),
+            (Some(listed("running")), 2, Verdict::Twice),
+        ];
+        for (t, counted, want) in cases {
+            assert_eq!(verdict(t.as_ref(), counted), want, "{t:?} {counted}");
         }
     }
 
