@@ -135,8 +135,9 @@ pub struct Worker {
     pub slots: u32,
     pub executors: BTreeSet<String>,
     pub boot_id: String,
-    /// `connected` (registered session), `disconnected` (within grace) or `lost`. A worker is
-    /// listed once registered: a connection that has not registered is not a worker yet.
+    /// `connected` (registered session), `disconnected` (within grace), `lost`, or `stopped`
+    /// (gracefully, holding nothing). A worker is listed once registered: a connection that has
+    /// not registered is not a worker yet.
     pub state: WorkerState,
     #[schema(value_type = Vec<String>)]
     pub leases: BTreeSet<TaskId>,
@@ -172,13 +173,17 @@ pub enum WorkerState {
     Connected,
     Disconnected,
     Lost,
+    /// Stopped gracefully: it said it was stopping, and its session ended holding no lease.
+    /// Not lost (not counted in `workers_lost`); a registration makes it connected again.
+    Stopped,
 }
 
 impl WorkerState {
-    pub const ALL: [WorkerState; 3] = [
+    pub const ALL: [WorkerState; 4] = [
         WorkerState::Connected,
         WorkerState::Disconnected,
         WorkerState::Lost,
+        WorkerState::Stopped,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -186,6 +191,7 @@ impl WorkerState {
             WorkerState::Connected => "connected",
             WorkerState::Disconnected => "disconnected",
             WorkerState::Lost => "lost",
+            WorkerState::Stopped => "stopped",
         }
     }
 }

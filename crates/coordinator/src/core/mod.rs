@@ -713,12 +713,18 @@ impl Core {
         }
         w.fold_seen();
         w.session = None;
-        w.state = WorkerState::Disconnected;
         w.disconnected_at = Some(now());
         let at = tokio::time::Instant::now();
         w.disconnected_mono = Some(at);
-        tracing::info!(worker = %worker, leases = w.leases.len(), "worker disconnected; its leases wait for the grace period");
-        self.disconnects.push_back((at, worker.clone()));
+        if w.stopping && w.leases.is_empty() {
+            // A graceful stop, done: nothing waits for a grace period, nothing was lost.
+            w.state = WorkerState::Stopped;
+            tracing::info!(worker = %worker, "worker stopped");
+        } else {
+            w.state = WorkerState::Disconnected;
+            tracing::info!(worker = %worker, leases = w.leases.len(), "worker disconnected; its leases wait for the grace period");
+            self.disconnects.push_back((at, worker.clone()));
+        }
         self.save_worker(worker, b);
     }
 

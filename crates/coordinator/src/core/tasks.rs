@@ -403,7 +403,7 @@ impl Core {
             .workers
             .values()
             .filter(|w| {
-                w.state == WorkerState::Lost
+                matches!(w.state, WorkerState::Lost | WorkerState::Stopped)
                     && w.session.is_none()
                     && w.leases.is_empty()
                     && w.last_seen < cutoff

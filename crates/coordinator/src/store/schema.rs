@@ -244,6 +244,10 @@ pub(super) struct WorkerDoc {
     last_seen: DateTime<Utc>,
     sessions: u64,
     stats: Option<ConnStats>,
+    /// `lost` or `stopped`, which a restart keeps; absent for the others (and in records of
+    /// older coordinators), which a restart makes `disconnected`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ended: Option<WorkerState>,
 }
 
 impl WorkerDoc {
@@ -259,10 +263,12 @@ impl WorkerDoc {
             last_seen: w.last_seen,
             sessions: w.sessions,
             stats: w.stats.as_deref().cloned(),
+            ended: matches!(w.state, WorkerState::Lost | WorkerState::Stopped).then_some(w.state),
         }
     }
 
-    /// A worker loaded at start is disconnected: its grace period starts now.
+    /// A worker loaded at start is disconnected, its grace period starting now, unless it
+    /// was lost or stopped: a restart does not bring those back to lose them again.
     pub(super) fn into_worker(self) -> Worker {
         let mut w = Worker::new(self.worker_id, Utc::now());
         w.capabilities = self.capabilities;
@@ -274,7 +280,7 @@ impl WorkerDoc {
         w.last_seen = self.last_seen;
         w.sessions = self.sessions;
         w.stats = self.stats.map(Box::new);
-        w.state = WorkerState::Disconnected;
+        w.state = self.ended.unwrap_or(WorkerState::Disconnected);
         w
     }
 }

@@ -407,7 +407,11 @@ async fn a_connection_that_never_registers_is_not_listed_or_saved_once_it_ends()
     assert_eq!(o["workers_known"], 1, "{o}");
     assert_eq!(o["workers"]["disconnected"], 1, "{o}");
     let states: Vec<_> = o["workers"].as_object().expect("workers").keys().collect();
-    assert_eq!(states, ["connected", "disconnected", "lost"], "{o}");
+    assert_eq!(
+        states,
+        ["connected", "disconnected", "lost", "stopped"],
+        "{o}"
+    );
 
     // Nor was either saved: a restarted coordinator knows the registered worker only.
     c.stop().await;

@@ -586,3 +586,67 @@ async fn a_second_coordinator_on_a_data_directory_in_use_is_refused() {
     assert_eq!(again.client().task(&id).await["status"], "completed");
     again.stop().await;
 }
+
+/// The state of `id` in the worker list.
+async fn worker_state(client: &Client, id: &str) -> String {
+    let ws: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
+    ws.iter()
+        .find(|w| w["worker_id"] == id)
+        .and_then(|w| w["state"].as_str())
+        .unwrap_or("unlisted")
+        .to_owned()
+}
+
+/// A worker stopped gracefully is `stopped` at once, not lost after the grace period; one cut
+/// off is lost once. A restart keeps both as they were: neither comes back `disconnected` to
+/// be lost (and counted) again.
+#[tokio::test]
+async fn stopped_and_lost_workers_stay_so_and_are_not_lost_again_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let addr = c.addr;
+    let client = c.client();
+    let stopper = spawn_worker(
+        fast_worker_config(&c.ws_url(), "stopper"),
+        Executors::builtin(),
+    );
+    let gone = spawn_worker(
+        fast_worker_config(&c.ws_url(), "gone"),
+        Executors::builtin(),
+    );
+    stopper.wait_state(|s| s == ConnState::Connected).await;
+    gone.wait_state(|s| s == ConnState::Connected).await;
+    stopper.stop().await.expect("clean stop");
+    assert_eq!(worker_state(&client, "stopper").await, "stopped");
+    // Cut off without a word: lost after the grace period (3 s).
+    gone.join.abort();
+    wait_for("the cut-off worker to be lost", DEADLINE, || async {
+        (worker_state(&client, "gone").await == "lost").then_some(())
+    })
+    .await;
+    let o = client.overview().await;
+    assert_eq!(o["counters"]["workers_lost"], 1, "{o}");
+    assert_eq!(o["workers"]["stopped"], 1, "{o}");
+    assert_eq!(worker_state(&client, "stopper").await, "stopped");
+
+    c.stop().await;
+    let c =
+        spawn_coordinator_with(fast_coordinator_config(dir.path().to_owned()), Some(addr)).await;
+    let client = c.client();
+    assert_eq!(worker_state(&client, "stopper").await, "stopped");
+    assert_eq!(worker_state(&client, "gone").await, "lost");
+    // Past the grace period and a few sweeps: nothing lost again.
+    tokio::time::sleep(std::time::Duration::from_millis(3_600)).await;
+    let o = client.overview().await;
+    assert_eq!(o["counters"]["workers_lost"], 0, "{o}");
+    assert_eq!(worker_state(&client, "gone").await, "lost");
+    // A stopped worker started again is connected, as any.
+    let again = spawn_worker(
+        fast_worker_config(&c.ws_url(), "stopper"),
+        Executors::builtin(),
+    );
+    again.wait_state(|s| s == ConnState::Connected).await;
+    assert_eq!(worker_state(&client, "stopper").await, "connected");
+    again.stop().await.expect("clean stop");
+    c.stop().await;
+}
