@@ -570,6 +570,13 @@ pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
         ],
         &rows,
     )?;
+    // A full page may not be all: said on stderr, so the table stays the table.
+    if !a.all && rows.len() as u64 >= a.limit {
+        eprintln!(
+            "(the oldest {} tasks; there may be more: --all lists every one, --limit N more or fewer)",
+            a.limit
+        );
+    }
     Ok(())
 }
 
@@ -603,7 +610,7 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
     let spec = &t["spec"];
     outln!("task      {}", s(&t["task_id"]))?;
     if let Some(name) = spec["name"].as_str() {
-        outln!("name      {name}")?;
+        outln!("name      {}", shown(name))?;
     }
     outln!("status    {}", s(&t["status"]))?;
     outln!("kind      {}", s(&spec["kind"]))?;
@@ -617,7 +624,10 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
         outln!("requires  {}", r.join(", "))?;
     }
     if let Some(tags) = spec["tags"].as_object().filter(|t| !t.is_empty()) {
-        let tags: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={}", s(v))).collect();
+        let tags: Vec<String> = tags
+            .iter()
+            .map(|(k, v)| format!("{}={}", shown(k), s(v)))
+            .collect();
         outln!("tags      {}", tags.join(", "))?;
     }
     if let Some(ms) = spec["timeout_ms"].as_u64() {
@@ -764,12 +774,28 @@ fn cut_line(text: &str, max: usize) -> String {
     }
 }
 
+/// A value as a table or a listing shows it: a string bare, with its control characters
+/// escaped (a task name is anyone's text: a newline would break the table, an escape sequence
+/// would reach the terminal); anything else as JSON.
 fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => shown(s),
         other => other.to_string(),
     }
+}
+
+/// `text` with its control characters escaped (`\n`, `\u{1b}`).
+fn shown(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
+    }
+    text.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
 }
 
 fn fmt_f(v: &Value, digits: usize) -> String {
@@ -819,6 +845,15 @@ pub(crate) async fn serve_for_test(app: axum::Router) -> std::net::SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shown_text_escapes_control_characters_and_nothing_else() {
+        assert_eq!(shown("nightly run 42 ü"), "nightly run 42 ü");
+        assert_eq!(shown("a\nb"), "a\\nb");
+        assert_eq!(shown("\u{1b}[31mred"), "\\u{1b}[31mred");
+        assert_eq!(s(&json!("tab\there")), "tab\\there");
+        assert_eq!(s(&Value::Null), "-");
+    }
 
     fn submit_args(args: &[&str]) -> Result<SubmitArgs, clap::Error> {
         #[derive(clap::Parser)]

@@ -51,8 +51,11 @@ pub struct WatchArgs {
 }
 
 pub async fn run(a: WatchArgs) -> anyhow::Result<()> {
+    // An id no task can have cannot be followed: exit status 2, not the 1 of a task that
+    // failed.
     for id in &a.ids {
-        tether_proto::TaskId::parse(id).map_err(|e| anyhow::anyhow!("task id {id:?}: {e}"))?;
+        tether_proto::TaskId::parse(id)
+            .map_err(|e| anyhow::anyhow!("task id {id:?}: {e}").context(Unfollowed))?;
     }
     let api = Api::new(&a.common)?;
     let ids = (!a.ids.is_empty()).then(|| a.ids.iter().cloned().collect());

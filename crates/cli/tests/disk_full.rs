@@ -276,6 +276,8 @@ async fn a_full_data_directory_holds_the_commits_until_space_is_freed_and_loses_
         "no word of the recovery:\n{}",
         logged()
     );
+    // Written to a file, the log is plain text (no colour codes).
+    assert!(!logged().contains('\u{1b}'), "colour codes in a log file");
     // What the coordinator said of it, for the reader of a run (`--nocapture`).
     for line in logged().lines().filter(|l| l.contains("space")) {
         eprintln!("{line}");

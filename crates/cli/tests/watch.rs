@@ -459,6 +459,15 @@ async fn watch_refuses_an_unknown_task_and_an_unreachable_coordinator_at_once() 
         "{}",
         unknown.stderr_text()
     );
+    // An id no task can have: refused before asking, and as a watch that could not follow.
+    let mut invalid = Watcher::start(&["watch", "--coordinator", &site.base, "bad id!"]);
+    let (code, _) = invalid.wait_exit();
+    assert_eq!(code, Some(2), "{}", invalid.stderr_text());
+    assert!(
+        invalid.stderr_text().contains("task id \"bad id!\""),
+        "{}",
+        invalid.stderr_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
