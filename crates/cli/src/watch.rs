@@ -55,7 +55,7 @@ pub async fn run(a: WatchArgs) -> anyhow::Result<()> {
     // failed.
     for id in &a.ids {
         tether_proto::TaskId::parse(id)
-            .map_err(|e| anyhow::anyhow!("task id {id:?}: {e}").context(Unfollowed))?;
+            .map_err(|e| anyhow::Error::new(Unfollowed).context(format!("task id {id:?}: {e}")))?;
     }
     let api = Api::new(&a.common)?;
     let ids = (!a.ids.is_empty()).then(|| a.ids.iter().cloned().collect());
@@ -66,6 +66,8 @@ pub async fn run(a: WatchArgs) -> anyhow::Result<()> {
 /// status 2, where tasks that ended but not all completed are 1.
 #[derive(Debug)]
 pub(crate) struct Unfollowed;
+
+impl std::error::Error for Unfollowed {}
 
 impl std::fmt::Display for Unfollowed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
