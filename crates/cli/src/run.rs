@@ -49,8 +49,8 @@ pub struct CoordinatorArgs {
     #[arg(long)]
     max_frame: Option<usize>,
     /// Remove finished tasks, their results, state and checkpoints this long after they
-    /// finished (e.g. `7d`), and lost workers this long after they were last seen; kept
-    /// forever when unset.
+    /// finished (e.g. `7d`; at least `1m`), and lost or stopped workers this long after they
+    /// were last seen; kept forever when unset.
     #[arg(long, value_parser = parse_duration_arg)]
     retention: Option<Duration>,
     /// File holding the fleet secret workers authenticate with (turns authentication on).
@@ -177,6 +177,9 @@ pub(crate) fn builtin_config_check() -> tether_coordinator::config::ConfigCheck 
     }))
 }
 
+/// The shortest `--retention` the command takes.
+const MIN_RETENTION: Duration = Duration::from_secs(60);
+
 fn coordinator_config(
     a: CoordinatorArgs,
     file: settings::CoordinatorFile,
@@ -211,6 +214,12 @@ fn coordinator_config(
         cfg.lost_after = d;
     }
     if let Some(d) = settings::pick_duration(a.retention, file.retention.as_deref(), "retention")? {
+        // Shorter, results would go before anyone reads them (`0s`: within a second).
+        anyhow::ensure!(
+            d >= MIN_RETENTION,
+            "retention {d:?} would remove a finished task and its results before most readers see them: at least {}s (or leave it unset to keep them)",
+            MIN_RETENTION.as_secs()
+        );
         cfg.retention = Some(d);
     }
     if let Some(n) = a.max_frame.or(file.max_frame) {
@@ -950,11 +959,15 @@ mod tests {
             (&["--max-frame", "0"], "--max-frame"),
             (&["--max-frame", "65536"], "at least 1048576"),
             (&["--max-frame", "1024"], "at least 1048576"),
+            // `0s` removed results within a second of their task's end.
+            (&["--retention", "0s"], "retention 0ns would remove"),
+            (&["--retention", "59s"], "at least 60s"),
         ] {
             let e = coord(flags).expect_err("refused");
             assert!(e.to_string().contains(name), "{flags:?}: {e}");
         }
         coord(&["--heartbeat-interval", "10ms", "--max-frame", "1048576"]).expect("the least");
+        coord(&["--retention", "1m"]).expect("the least retention");
         let work = |flags: &[&str]| {
             let base = ["t", "--coordinator", "ws://127.0.0.1:1", "--id", "w"];
             worker_config(
@@ -974,6 +987,7 @@ mod tests {
                 &["--max-reconnect-attempts", "0"],
                 "--max-reconnect-attempts",
             ),
+            (&["--capability", ""], "capabilit"),
         ] {
             let e = work(flags).expect_err("refused");
             assert!(e.to_string().contains(name), "{flags:?}: {e}");

@@ -131,6 +131,12 @@ impl WorkerConfig {
                 "0 gives up before the first attempt: at least 1, or none to retry for ever",
             ));
         }
+        if self.capabilities.iter().any(|c| c.trim().is_empty()) {
+            return Err(ConfigError::new(
+                "capabilities",
+                "an empty capability names nothing a task could require",
+            ));
+        }
         if self.slots == 0 {
             return Err(ConfigError::new("slots", "0 runs nothing: at least 1"));
         }
@@ -183,7 +189,7 @@ mod tests {
         let base = || WorkerConfig::new("ws://127.0.0.1:1", WorkerId::parse("w").expect("id"));
         base().validate().expect("the defaults");
         type Spoil = fn(&mut WorkerConfig);
-        let cases: [(&str, Spoil); 7] = [
+        let cases: [(&str, Spoil); 9] = [
             ("heartbeat_interval", |c| {
                 c.heartbeat_interval = Duration::ZERO
             }),
@@ -195,6 +201,10 @@ mod tests {
             ("backoff.max", |c| c.backoff.max = c.backoff.initial / 2),
             ("backoff.max_attempts", |c| c.backoff.max_attempts = Some(0)),
             ("slots", |c| c.slots = 0),
+            ("capabilities", |c| {
+                c.capabilities = vec!["cpu".into(), String::new()]
+            }),
+            ("capabilities", |c| c.capabilities = vec![" ".into()]),
         ];
         for (field, spoil) in cases {
             let mut c = base();
