@@ -730,6 +730,19 @@ pub async fn not_found() -> Response {
     error_response(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
 
+/// A route asked with a method it does not serve: a JSON error like every other (axum adds
+/// the `Allow` header listing the methods it does serve).
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!(
+            "{method} is not served at {}; the Allow header says what is",
+            uri.path()
+        ),
+    )
+}
+
 fn json<T: serde::Serialize>(r: Result<T, ApiError>) -> Response {
     match r {
         Ok(v) => Json(v).into_response(),

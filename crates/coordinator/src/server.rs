@@ -291,6 +291,7 @@ fn router(state: Arc<AppState>) -> Router {
     let max_body = state.cfg.max_body;
     table()
         .router
+        .method_not_allowed_fallback(crate::http::method_not_allowed)
         .fallback(crate::http::not_found)
         // Bearer tokens (when configured) for everything but the public paths.
         .layer(axum::middleware::from_fn_with_state(

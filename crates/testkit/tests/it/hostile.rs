@@ -1168,6 +1168,16 @@ async fn path_parameters_that_are_not_utf8_get_the_json_error_body_and_the_api_k
     let (status, _, body) = raw_request(c.addr, "GET", "/api/v1/tasks/bad%20id").await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"]["code"], "invalid", "{body}");
+    // A method a route does not serve: a JSON error too (it was an empty body).
+    for (method, target) in [
+        ("DELETE", "/api/v1/tasks"),
+        ("POST", "/api/v1/worker/honest/ws"),
+    ] {
+        let (status, content_type, body) = raw_request(c.addr, method, target).await;
+        assert_eq!(status, 405, "{method} {target}: {body}");
+        assert_eq!(content_type, "application/json", "{method} {target}");
+        assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+    }
     let (status, _, body) = raw_request(c.addr, "GET", "/api/v1/workers/honest").await;
     assert_eq!(status, 200, "{body}");
     honest_work_completes(&c.client(), 2).await;
