@@ -558,7 +558,14 @@ pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
             s(&t["task_id"]),
             s(&t["status"]),
             t["attempt"].to_string(),
-            s(&t["lease"]["worker"]),
+            // The lease's worker; once it ended, the last attempt's.
+            match &t["lease"]["worker"] {
+                Value::Null => s(t["attempts"]
+                    .as_array()
+                    .and_then(|a| a.last())
+                    .map_or(&Value::Null, |a| &a["worker"])),
+                w => s(w),
+            },
             s(&t["spec"]["kind"]),
             t["spec"]["priority"].to_string(),
             s(&t["spec"]["name"]),

@@ -18,13 +18,19 @@ pub fn describe(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
-        if out.ends_with(&text) {
+        // Said already, by a context that quotes its cause (`no task x at this coordinator`
+        // over `no task x`).
+        if out.contains(&text) {
             continue;
         }
         if !out.is_empty() {
             out.push_str(": ");
         }
         out.push_str(&text);
+    }
+    // What a plain-HTTP client reads from a TLS server says nothing of TLS.
+    if out.contains("invalid HTTP version parsed") {
+        out.push_str(" (is the coordinator serving TLS? then give an https:// URL)");
     }
     out
 }
@@ -63,6 +69,14 @@ mod tests {
         );
         let e = anyhow::Error::new(std::io::Error::other("denied")).context("reading x");
         assert_eq!(describe(&e), "reading x: denied");
+        let e = anyhow::anyhow!("no task x").context("no task x at this coordinator");
+        assert_eq!(describe(&e), "no task x at this coordinator");
+        let e = anyhow::anyhow!("invalid HTTP version parsed").context("GET http://h/api");
+        assert!(
+            describe(&e).ends_with("then give an https:// URL)"),
+            "{}",
+            describe(&e)
+        );
     }
 
     #[test]

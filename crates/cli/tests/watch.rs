@@ -279,6 +279,14 @@ async fn watch_reports_each_change_and_exits_non_zero_when_a_named_task_failed()
         "{}",
         watch.stderr_text()
     );
+    // The listing names the worker that ran an ended task (its lease is gone).
+    let (ok, out, err) = client(&site.base, &["tasks"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("good ") && l.contains("completed") && l.contains(" w1 ")),
+        "{out}"
+    );
 
     // `submit --watch` follows what it submitted and exits 0 when all completed; the script
     // succeeds only if the flags' environment and directory reached it.
