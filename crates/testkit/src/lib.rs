@@ -96,6 +96,7 @@ pub fn fast_worker_config(coordinator: &str, id: &str) -> WorkerConfig {
     c.ws_ping_interval = Duration::from_millis(500);
     c.connect_timeout = Duration::from_secs(2);
     c.healthy_after = Duration::from_millis(500);
+    c.stop_reconnect = Duration::from_secs(2);
     c.telemetry_interval = Duration::from_millis(500);
     c.backoff = BackoffConfig {
         initial: Duration::from_millis(50),

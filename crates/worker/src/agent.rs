@@ -439,9 +439,28 @@ impl Agent {
         let stop_reaping = CancellationToken::new();
         let reaping = crate::reaper::is_reaper()
             .then(|| tokio::spawn(crate::reaper::run(stop_reaping.clone())));
+        // Told to stop while not connected, a worker holding something to hand back keeps
+        // trying to reach the coordinator for `stop_reconnect` (a session then stops
+        // properly, handing its tasks on at once); one holding nothing stops at once.
+        // Polled beside the loop, not spawned: an agent aborted (a crash) leaves no task behind.
+        let give_up = CancellationToken::new();
+        let watch_stop = {
+            let (stop, give_up) = (shutdown.clone(), give_up.clone());
+            let (outbox, runner) = (self.outbox.clone(), self.runner.clone());
+            let window = self.cfg.stop_reconnect;
+            async move {
+                stop.cancelled().await;
+                if holds_work(&outbox, &runner) {
+                    tokio::time::sleep(window).await;
+                }
+                give_up.cancel();
+                std::future::pending::<std::convert::Infallible>().await
+            }
+        };
         let result = tokio::select! {
-            r = self.connect_loop(&shutdown) => r,
+            r = self.connect_loop(&shutdown, &give_up) => r,
             never = forget => match never {},
+            never = watch_stop => match never {},
         };
         self.runner.shutdown(SHUTDOWN_GRACE).await;
         stop_reaping.cancel();
@@ -466,7 +485,13 @@ impl Agent {
         result
     }
 
-    async fn connect_loop(&mut self, shutdown: &CancellationToken) -> Result<(), AgentError> {
+    /// Connects, runs sessions and reconnects until `shutdown` (then, while it holds work and
+    /// is not connected, until `give_up`: see [`Agent::run`]).
+    async fn connect_loop(
+        &mut self,
+        shutdown: &CancellationToken,
+        give_up: &CancellationToken,
+    ) -> Result<(), AgentError> {
         let mut backoff = Backoff::new(self.cfg.backoff);
         // Refusals by the coordinator since the last registration, at the upgrade (401, 403,
         // an untrusted certificate: counted in `dial`) or in the session (close 4001-4003,
@@ -478,12 +503,19 @@ impl Agent {
         // Whether the path swallowed what was sent: the last registered session ended by the
         // liveness timeout (attempts then get a twin when unanswered for a delay, see `dial`).
         let mut silent = false;
+        // A stop cuts short the backoff delay it finds under way, once.
+        let mut hurried = false;
         loop {
             if shutdown.is_cancelled() {
-                return Ok(());
+                if give_up.is_cancelled() || !holds_work(&self.outbox, &self.runner) {
+                    return Ok(());
+                }
+                if !std::mem::replace(&mut hurried, true) {
+                    tracing::info!(worker = %self.cfg.worker_id, window_ms = self.cfg.stop_reconnect.as_millis() as u64, running = self.runner.running_count(), "stopping while not connected: trying to reach the coordinator to hand back what this worker holds");
+                }
             }
             let dialed = self
-                .dial(&mut backoff, waited, silent, &mut refusals, shutdown)
+                .dial(&mut backoff, waited, silent, &mut refusals, give_up)
                 .await;
             let (ws, generation) = match dialed {
                 Dialed::Open(ws, generation) => (ws, generation),
@@ -493,7 +525,9 @@ impl Agent {
             };
             let end = {
                 let _live = LiveGuard::new(self.shared.clone());
-                Session::new(self, *ws, generation).run(shutdown).await
+                Session::new(self, *ws, generation)
+                    .run(shutdown, give_up)
+                    .await
             };
             // Only a registered session's silence: a registration answered late may be a
             // coordinator busy with a herd, whose handshakes a twin each would only add to.
@@ -533,13 +567,27 @@ impl Agent {
                 });
             };
             self.shared.set_state(ConnState::Disconnected);
+            let stop_now = async {
+                match hurried {
+                    true => std::future::pending().await,
+                    false => shutdown.cancelled().await,
+                }
+            };
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = give_up.cancelled() => return Ok(()),
+                // Back to the loop's top, which decides whether to try again at once.
+                _ = stop_now => {}
             }
             waited = delay;
         }
     }
+}
+
+/// Whether the worker holds something a coordinator should be told of before it stops: a
+/// running task, or a result, state, notice or checkpoint not yet acknowledged.
+fn holds_work(outbox: &Outbox, runner: &Runner) -> bool {
+    runner.running_count() > 0 || !outbox.holds_only_telemetry()
 }
 
 /// Records starts, checkpoints and ends of tasks in the state directory. A failed write is

@@ -25,6 +25,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time a registered session must last before the backoff resets.
 pub const DEFAULT_HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// Default telemetry period.
+/// How long a worker told to stop while disconnected tries to reach the coordinator to hand
+/// back what it holds ([`WorkerConfig::stop_reconnect`]).
+pub const DEFAULT_STOP_RECONNECT: Duration = Duration::from_secs(10);
 pub const DEFAULT_TELEMETRY_INTERVAL: Duration = Duration::from_secs(30);
 /// Default statistics log period.
 pub const DEFAULT_STATS_LOG_INTERVAL: Duration = Duration::from_secs(60);
@@ -77,6 +80,11 @@ pub struct WorkerConfig {
     /// registration between them, stop the worker for good; fewer are retried with backoff,
     /// since a frame damaged on the wire, a proxy's hiccup or a forgery can read as a refusal.
     pub refusals_before_stop: u32,
+    /// Told to stop while not connected, and holding something to hand back (a running task,
+    /// a result not acknowledged), the worker keeps trying to reach the coordinator this long
+    /// to stop properly (its tasks handed on at once, not after the coordinator's grace
+    /// period); then it stops all the same.
+    pub stop_reconnect: Duration,
     /// Certificates (PEM) to trust for `wss://`; the system's roots when `None`.
     pub ca_file: Option<PathBuf>,
     /// Offer zstd compression at registration.
@@ -169,6 +177,7 @@ impl WorkerConfig {
             secret: None,
             require_message_mac: false,
             refusals_before_stop: DEFAULT_REFUSALS_BEFORE_STOP,
+            stop_reconnect: DEFAULT_STOP_RECONNECT,
             ca_file: None,
             compression: true,
             compress_threshold: tether_proto::compress::DEFAULT_THRESHOLD,

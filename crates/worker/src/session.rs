@@ -348,8 +348,16 @@ impl<'a> Session<'a> {
         }
     }
 
-    pub(crate) async fn run(mut self, shutdown: &CancellationToken) -> SessionEnd {
-        let end = match self.register(shutdown).await {
+    /// Registers, then serves until the session ends. `shutdown` stops a registered session
+    /// properly (its tasks handed back); the registration is given up at `give_up` only (a
+    /// stop wants the registration of a worker with something to hand back: see
+    /// `Agent::run`).
+    pub(crate) async fn run(
+        mut self,
+        shutdown: &CancellationToken,
+        give_up: &CancellationToken,
+    ) -> SessionEnd {
+        let end = match self.register(give_up).await {
             Ok(()) => {
                 let registered_at = Instant::now();
                 let reason = self.main_loop(shutdown).await;

@@ -866,3 +866,44 @@ async fn a_workers_last_seen_moves_with_its_heartbeats_alone() {
     assert!(seen(&gone) >= sent, "{gone}");
     c.stop().await;
 }
+
+/// Told to stop while its link is down, a worker running a task keeps trying to reach the
+/// coordinator (`stop_reconnect`) instead of exiting at once: when the link is back within that
+/// window it stops properly, and its task is handed on at once, `stopped`, not left for the
+/// grace period (here an hour) and then `lost`.
+#[tokio::test]
+async fn a_worker_stopped_while_cut_off_hands_its_task_back_once_it_reaches_the_coordinator() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.lost_after = std::time::Duration::from_secs(3600);
+    let c = spawn_coordinator_with(cfg, None).await;
+    let relay = Relay::start(c.addr).await;
+    let mut wcfg = fast_worker_config(&relay.url(), "a");
+    wcfg.stop_reconnect = std::time::Duration::from_secs(20);
+    let a = spawn_worker(wcfg, Executors::builtin());
+    a.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let id = client.submit(&[sleep_task(60_000, 60, 0)]).await.remove(0);
+    client.wait_status(&id, "running").await;
+    relay.cut();
+    a.wait_state(|s| s != ConnState::Connected).await;
+    a.shutdown.cancel();
+    // Still cut off: the worker waits for the coordinator rather than exiting.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    assert!(
+        !a.join.is_finished(),
+        "it exited without handing its task back"
+    );
+    relay.restore();
+    tokio::time::timeout(DEADLINE, a.join)
+        .await
+        .expect("stopped once it reached the coordinator")
+        .expect("agent task")
+        .expect("a clean stop");
+    let t = client.task(&id).await;
+    assert_eq!(t["status"], "queued", "{t}");
+    assert_eq!(t["attempts"][0]["end"], "stopped", "{t}");
+    let (_, w) = client.get("/api/v1/workers/a").await;
+    assert_eq!(w["state"], "stopped", "{w}");
+    c.stop().await;
+}
