@@ -507,6 +507,11 @@ pub struct WorkerArgs {
     /// Limit on one TCP connect plus WebSocket handshake.
     #[arg(long, value_parser = parse_duration_arg)]
     connect_timeout: Option<Duration>,
+    /// Stopped (SIGTERM, ctrl-c) while it cannot reach the coordinator, with tasks running or
+    /// results unacknowledged: how long to keep trying to reconnect to hand them back
+    /// (default 10s; 0s stops at once, leaving them to the coordinator's grace period).
+    #[arg(long, value_parser = parse_duration_arg)]
+    stop_reconnect: Option<Duration>,
     /// Seed of the reconnect jitter (default: random; the seed in use is logged).
     #[arg(long)]
     seed: Option<u64>,
@@ -629,6 +634,13 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     cfg.backoff.max_attempts = a.max_reconnect_attempts.or(file.max_reconnect_attempts);
     if let Some(d) = a.connect_timeout {
         cfg.connect_timeout = d;
+    }
+    if let Some(d) = settings::pick_duration(
+        a.stop_reconnect,
+        file.stop_reconnect.as_deref(),
+        "stop_reconnect",
+    )? {
+        cfg.stop_reconnect = d;
     }
     cfg.seed = a.seed;
     cfg.event_log = a.event_log;
@@ -914,6 +926,7 @@ mod tests {
             ("max_reconnect_delay", "\"90s\"".into(), base.into()),
             ("reconnect_jitter", "\"full\"".into(), base.into()),
             ("max_reconnect_attempts", "5".into(), base.into()),
+            ("stop_reconnect", "\"30s\"".into(), base.into()),
             ("secret_file", secret.clone(), base.into()),
             ("message_mac", "true".into(), auth.clone()),
             ("max_outbox_entries", "5".into(), base.into()),

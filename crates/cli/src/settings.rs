@@ -65,6 +65,7 @@ pub struct WorkerFile {
     pub max_reconnect_delay: Option<String>,
     pub reconnect_jitter: Option<String>,
     pub max_reconnect_attempts: Option<u32>,
+    pub stop_reconnect: Option<String>,
     pub secret_file: Option<PathBuf>,
     pub message_mac: Option<bool>,
     pub max_outbox_entries: Option<usize>,
