@@ -452,11 +452,15 @@ async fn bytes_corrupted_on_the_wire_are_caught_by_the_tags_and_nothing_corrupte
     for id in &ids {
         client.wait_status(id, "completed").await;
         let results = client.results(id).await;
-        assert_eq!(results.len(), 1, "task {id}: {results:?}");
-        assert_eq!(
-            results[0]["body"]["result"]["steps"], 10,
-            "task {id}: {results:?}"
-        );
+        // One counted. (A worker whose reconnects kept failing their tags past the grace
+        // period loses its lease, and its late result is kept as stale: seen once in CI, on a
+        // loaded machine. It must be intact all the same.)
+        let counted = results.iter().filter(|r| r["stale"] == false).count();
+        assert_eq!(counted, 1, "task {id}: {results:?}");
+        for r in &results {
+            assert_eq!(r["body"]["result"]["steps"], 10, "task {id}: {results:?}");
+            assert_eq!(r["body"]["attempt"], r["attempt"], "task {id}: {results:?}");
+        }
     }
     // The damaged sessions were replaced by fresh ones, and work goes on.
     assert!(
