@@ -76,6 +76,16 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response
     (status, Json(body)).into_response()
 }
 
+/// `503` with `code` and `message`, and `Retry-After: retry_after` (seconds).
+fn unavailable(code: &str, message: &str, retry_after: &'static str) -> Response {
+    let mut r = error_response(StatusCode::SERVICE_UNAVAILABLE, code, message);
+    r.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from_static(retry_after),
+    );
+    r
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = match &self {
@@ -126,21 +136,14 @@ async fn turn_or_busy(app: &AppState) -> Result<tokio::sync::OwnedSemaphorePermi
     match heavy_turn(app).await {
         Ok(turn) => Ok(turn),
         Err(Some(stopping)) => Err(stopping.into_response()),
-        Err(None) => {
-            let mut busy = error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "busy",
-                &format!(
-                    "{HEAVY_AT_ONCE} large answers are being made or sent, and this one waited {} s for its turn; try again",
-                    heavy_wait(app).as_secs_f64()
-                ),
-            );
-            busy.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
-            );
-            Err(busy)
-        }
+        Err(None) => Err(unavailable(
+            "busy",
+            &format!(
+                "{HEAVY_AT_ONCE} large answers are being made or sent, and this one waited {} s for its turn; try again",
+                heavy_wait(app).as_secs_f64()
+            ),
+            "1",
+        )),
     }
 }
 
@@ -366,16 +369,11 @@ pub async fn submit(
         .out_of_space
         .load(std::sync::atomic::Ordering::Acquire)
     {
-        let mut full = error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
+        return unavailable(
             "out_of_space",
             "the coordinator's data directory is out of space: nothing new is taken until there is room again (see the coordinator's log); try again later",
+            "5",
         );
-        full.headers_mut().insert(
-            axum::http::header::RETRY_AFTER,
-            axum::http::HeaderValue::from_static("5"),
-        );
-        return full;
     }
     // Here, on the request's thread, not in the core: a kind's check parses the config.
     if let Some(check) = &app.cfg.config_check {

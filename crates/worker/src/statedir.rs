@@ -759,7 +759,8 @@ fn class_from(v: i64) -> Option<Class> {
 /// The lock: an exclusive `flock` on the lock file, which the kernel releases when the process
 /// dies, so a lock is never stale and two processes can never both take it. The file holds
 /// "<pid> <start time>" of the holder, for the error message; it is never removed (removing it
-/// would let a second process lock a new file while the first still holds the old one).
+/// would let a second process lock a new file while the first still holds the old one). The
+/// coordinator locks its data directory the same way (`tether_coordinator::store::lock`).
 #[derive(Debug)]
 struct LockFile {
     _flock: nix::fcntl::Flock<std::fs::File>,

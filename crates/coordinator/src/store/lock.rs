@@ -7,6 +7,10 @@
 //! stale, and a second coordinator is refused at start, naming the first. The file holds the
 //! holder's pid, for that message; it is never removed (removing it would let another process
 //! lock a new file while the first still holds the old one).
+//!
+//! The worker's state directory is locked the same way (`tether_worker::statedir`'s
+//! `LockFile`, which also records the holder's start time); the two share no crate below
+//! them but the wire types', so each keeps its own few lines. Change one, look at the other.
 
 use std::io::Write;
 use std::path::Path;

@@ -619,14 +619,9 @@ pub fn spawn_writer(
                     loop {
                         match commit(&mut conn, &mut batches, &mut states) {
                             Ok(()) => break,
-                            Err(e) if e.out_of_space() => match &mut stall {
-                                Some(s) => s.pause(&path, &e),
-                                None => {
-                                    let mut s = space::Stall::begin(&stats, &path, &e);
-                                    s.pause(&path, &e);
-                                    stall = Some(s);
-                                }
-                            },
+                            Err(e) if e.out_of_space() => stall
+                                .get_or_insert_with(|| space::Stall::begin(&stats, &path, &e))
+                                .pause(&path, &e),
                             Err(e) => {
                                 tracing::error!(db = %path.display(), error = %e, "commit failed; stopping the coordinator without acknowledging");
                                 fatal.cancel();
