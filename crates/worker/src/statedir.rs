@@ -213,21 +213,23 @@ impl StateDir {
         let lock = LockFile::acquire(dir)?;
         let db_path = dir.join(DB_FILE);
         let (mut conn, version) = open_db(&db_path, SCHEMA, SCHEMA_VERSION)?;
-        let (mut cp_conn, cp_path) = checkpoints::open(dir, &mut conn, &db_path, version)?;
         let db = |source| StateDirError::Db {
             path: db_path.clone(),
             source,
         };
+        // The directory's owner first: a start with another worker's id is refused before it
+        // changes anything there (such as making a missing checkpoint database anew).
+        check_identity(&conn, worker).map_err(|e| match e {
+            IdentityError::Db(source) => db(source),
+            IdentityError::Mismatch(recorded) => StateDirError::Identity {
+                dir: dir.to_owned(),
+                recorded,
+                given: worker.clone(),
+            },
+        })?;
+        let (mut cp_conn, cp_path) = checkpoints::open(dir, &mut conn, &db_path, version)?;
         let mut restored = {
             let tx = conn.transaction().map_err(db)?;
-            check_identity(&tx, worker).map_err(|e| match e {
-                IdentityError::Db(source) => db(source),
-                IdentityError::Mismatch(recorded) => StateDirError::Identity {
-                    dir: dir.to_owned(),
-                    recorded,
-                    given: worker.clone(),
-                },
-            })?;
             let restored = restore(&tx, &db_path)?;
             tx.commit().map_err(db)?;
             restored
@@ -1139,6 +1141,10 @@ mod tests {
         assert!(matches!(err, StateDirError::Identity { .. }), "{err}");
         let msg = err.to_string();
         assert!(msg.contains("w1") && msg.contains("w2"), "{msg}");
+        // Refused before it changes anything: a missing checkpoint database is not made anew.
+        std::fs::remove_file(dir.path().join(CHECKPOINTS_FILE)).expect("remove");
+        StateDir::open(dir.path(), &wid("w2")).expect_err("refused");
+        assert!(!dir.path().join(CHECKPOINTS_FILE).exists());
     }
 
     #[test]
