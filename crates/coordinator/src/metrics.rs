@@ -30,6 +30,8 @@ pub const RECONNECTIONS: &str = "tether_reconnections_total";
 pub const SESSIONS_ENDED: &str = "tether_sessions_ended_total";
 /// Counter: sessions closed because a newer connection of the same worker arrived.
 pub const SESSIONS_REPLACED: &str = "tether_sessions_replaced_total";
+/// Counter: registrations refused as a replaced process's: two live processes share an id.
+pub const ID_CONFLICTS: &str = "tether_worker_id_conflicts_total";
 /// Counter: workers past the grace period whose leases were released.
 pub const WORKERS_LOST: &str = "tether_workers_lost_total";
 /// Gauge: known workers by `state` (connected, disconnected, lost).
@@ -247,6 +249,10 @@ fn describe() {
     );
     describe_counter!(SESSIONS_ENDED, "sessions ended, by reason");
     describe_counter!(SESSIONS_REPLACED, "sessions replaced by a newer connection");
+    describe_counter!(
+        ID_CONFLICTS,
+        "registrations refused as those of a process a newer one of the same worker id replaced"
+    );
     describe_counter!(WORKERS_LOST, "workers lost after the grace period");
     describe_gauge!(WORKERS, "known workers by connection state");
     describe_histogram!(

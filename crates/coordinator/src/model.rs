@@ -165,6 +165,11 @@ pub struct Worker {
     pub disconnected_mono: Option<tokio::time::Instant>,
     #[serde(skip)]
     pub session: Option<crate::core::SessionRef>,
+    /// The `boot_id`s of processes a newer process of this worker id replaced (the latest
+    /// few, since the coordinator started): one of them registering again means two live
+    /// processes share the id, and it is refused (core::messages::superseded_refusal).
+    #[serde(skip)]
+    pub superseded: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -216,6 +221,7 @@ impl Worker {
             stats_saved: None,
             disconnected_mono: Some(tokio::time::Instant::now()),
             session: None,
+            superseded: Vec::new(),
         }
     }
 

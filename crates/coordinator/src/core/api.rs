@@ -427,6 +427,7 @@ impl Core {
             ("requeued", &c.requeued),
             ("workers_lost", &c.workers_lost),
             ("sessions_replaced", &c.sessions_replaced),
+            ("id_conflicts", &c.id_conflicts),
             ("messages_in", &c.messages_in),
             ("frames_in", &c.frames_in),
             ("batch_frames_in", &c.batch_frames_in),

@@ -263,6 +263,30 @@ impl Core {
         }
     }
 
+    /// Refuses the registration of a process a newer process of `worker` replaced: two live
+    /// processes share the id. Without it they replace each other's sessions in turn for ever,
+    /// both running what the worker leases. The newer one keeps the id: it may be a restart
+    /// that found the old session not yet closed, while the old process coming back proves
+    /// it alive. Refused with 4003, it stops after its third refusal.
+    pub(super) fn superseded_refusal(&self, worker: &WorkerId, boot_id: &str) -> Option<Refusal> {
+        let w = self.workers.get(worker)?;
+        if !w.superseded.iter().any(|b| b == boot_id) {
+            return None;
+        }
+        self.counters.id_conflicts.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::ID_CONFLICTS).increment(1);
+        tracing::warn!(worker = %worker, boot = %boot_id, holder = %w.boot_id, "a process this worker's newer process replaced registered again: two processes share this worker id; refused (give each its own id)");
+        // A close reason is at most 123 bytes: a boot id the worker made is 34.
+        let holder: String = w.boot_id.chars().take(40).collect();
+        Some(Refusal {
+            code: 4003,
+            reason: format!(
+                "worker id taken by a newer process (boot {holder}); give each its own id"
+            ),
+            error: None,
+        })
+    }
+
     /// Tells `session` why its registration is refused, and closes it.
     pub(super) fn refuse_registration(
         worker: &WorkerId,
@@ -300,6 +324,15 @@ impl Core {
         w.tags = r.tags;
         w.slots = r.slots;
         w.executors = r.executors.into_iter().collect();
+        if !w.boot_id.is_empty() && w.boot_id != r.boot_id {
+            // A new process of this worker: the one it replaces, should it be alive and come
+            // back, shares the id with it (superseded_refusal).
+            tracing::info!(worker = %worker, boot = %r.boot_id, previous = %w.boot_id, "a new process of this worker registered");
+            if w.superseded.len() == SUPERSEDED_KEPT {
+                w.superseded.remove(0);
+            }
+            w.superseded.push(std::mem::take(&mut w.boot_id));
+        }
         w.boot_id = r.boot_id;
         w.stopping = false;
         // From the registration ack on, recorded messages are acknowledged by number.
@@ -1085,6 +1118,9 @@ impl Core {
         });
     }
 }
+
+/// Processes replaced by a newer one remembered a worker (`Worker::superseded`).
+const SUPERSEDED_KEPT: usize = 4;
 
 /// Why a registration cannot be taken on a worker's endpoint, whoever sent it.
 pub(crate) struct Refusal {

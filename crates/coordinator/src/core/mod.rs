@@ -196,6 +196,9 @@ pub struct Counters {
     pub requeued: AtomicU64,
     pub workers_lost: AtomicU64,
     pub sessions_replaced: AtomicU64,
+    /// Registrations refused as those of a process a newer process of the same worker id
+    /// replaced: two live processes sharing an id.
+    pub id_conflicts: AtomicU64,
     /// Worker messages the core handled (from current sessions; a batch frame counts its
     /// messages).
     pub messages_in: AtomicU64,
@@ -629,9 +632,11 @@ impl Core {
                 registration,
             } => {
                 // Refused before it touches the worker: its live session, if any, stays. (The
-                // session refuses such a registration before the core; this is the core's own
-                // guard.)
-                if let Some(refusal) = registration_refusal(&worker, &registration) {
+                // session refuses one of another worker or protocol before the core, and this is
+                // the core's own guard; only the core knows the processes a newer one replaced.)
+                let refusal = registration_refusal(&worker, &registration)
+                    .or_else(|| self.superseded_refusal(&worker, &registration.boot_id));
+                if let Some(refusal) = refusal {
                     return Self::refuse_registration(&worker, &session, refusal, b);
                 }
                 let session_id = session.id;

@@ -366,6 +366,48 @@ fn a_refused_registration_does_not_replace_the_workers_live_session() {
     assert_eq!(replaced.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
 
+/// Two live processes under one worker id: the newer keeps it, and the process it replaced is
+/// refused (4003) when it comes back, instead of the two replacing each other for ever. A
+/// process that reconnects (the same boot) is never refused, nor is the first registration of
+/// a new one.
+#[test]
+fn a_process_a_newer_one_of_its_worker_replaced_is_refused_when_it_comes_back() {
+    let mut h = Harness::new();
+    let boot = |b: &'static str| move |r: &mut Registration| r.boot_id = b.into();
+    let (_, mut first_rx) = h.connect_registering("a", boot("b-first"));
+    drain(&mut first_rx);
+    // A reconnect of the same process replaces its own session.
+    let (_, mut again_rx) = h.connect_registering("a", boot("b-first"));
+    assert_eq!(close_code(&mut first_rx), Some(4009));
+    let (newer, mut newer_rx) = h.connect_registering("a", boot("b-second"));
+    assert_eq!(close_code(&mut again_rx), Some(4009));
+    drain(&mut newer_rx);
+    let (_, mut back_rx) = h.connect_registering("a", boot("b-first"));
+    let conflicts = &h.core.counters.id_conflicts;
+    assert_eq!(conflicts.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let closed = std::iter::from_fn(|| back_rx.try_recv().ok())
+        .find_map(|o| match o {
+            Outgoing::Close(c) => Some(*c),
+            _ => None,
+        })
+        .expect("refused");
+    assert_eq!(closed.0, 4003);
+    assert!(closed.1.contains("b-second"), "{}", closed.1);
+    assert!(closed.1.len() <= 123, "a close reason's limit");
+    assert_eq!(
+        close_code(&mut newer_rx),
+        None,
+        "the newer process keeps its session"
+    );
+    let w = &h.core.workers[&wid("a")];
+    assert_eq!(
+        (w.session.as_ref().map(|s| s.id), w.boot_id.as_str()),
+        (Some(newer), "b-second")
+    );
+    let replaced = &h.core.counters.sessions_replaced;
+    assert_eq!(replaced.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
 #[test]
 fn a_connection_whose_registration_is_refused_leaves_no_worker_record_and_saves_none() {
     let mut h = Harness::new();

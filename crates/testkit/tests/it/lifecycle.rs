@@ -1,3 +1,5 @@
+use std::sync::atomic::Ordering;
+
 use tether_proto::TaskSpec;
 use tether_testkit::*;
 use tether_worker::{ConnState, Executors};
@@ -322,38 +324,79 @@ async fn two_workers_with_distinct_ids_stay_distinct_and_share_the_work() {
     c.stop().await;
 }
 
+/// A connection of the same worker (the same process reconnecting) replaces its session
+/// cleanly: the old one is closed with 4009, and the late close of each replaced session never
+/// unregisters the live one.
 #[tokio::test]
 async fn a_second_connection_with_the_same_id_replaces_the_first_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
+    // Two connections of one raw process (one boot id): the second replaces the first.
+    let mut first = Raw::connect(&c, "dup").await;
+    first.send(&first.registration(None, &[])).await;
+    let mut second = Raw::connect(&c, "dup").await;
+    second.send(&second.registration(None, &[])).await;
+    assert_eq!(first.close_code().await, Some(4009));
+    drop(first);
+    let client = c.client();
+    let o = client.overview().await;
+    assert_eq!(o["counters"]["sessions_replaced"], 1, "{o}");
+    assert_eq!(o["counters"]["id_conflicts"], 0, "{o}");
+    let workers: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
+    assert_eq!(workers.len(), 1);
+    assert_eq!(workers[0]["state"], "connected", "{workers:?}");
+    drop(second);
+    c.stop().await;
+}
+
+/// Two live processes started with the same worker id (a misconfiguration) used to replace
+/// each other's sessions for ever, both running the worker's tasks. The newer one keeps the
+/// id; the one it replaced is refused when it comes back and stops, saying why; the task it was
+/// running is finished by the newer one and counted once.
+#[tokio::test]
+async fn a_second_process_with_the_same_id_takes_it_over_and_the_first_stops_saying_why() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let client = c.client();
     let first = spawn_worker(fast_worker_config(&c.ws_url(), "dup"), Executors::builtin());
     first.wait_state(|s| s == ConnState::Connected).await;
-    // A stand-in for the same worker: a raw session that registers under the same id.
-    let mut stand_in = Raw::connect(&c, "dup").await;
-    let reg = stand_in.registration(None, &[]);
-    stand_in.send(&reg).await;
-    // The first worker's session is closed with 4009 and it reconnects, replacing ours; the
-    // late close of each replaced session never unregisters the live one.
-    first.wait_state(|s| s != ConnState::Connected).await;
-    first.wait_state(|s| s == ConnState::Connected).await;
-    assert_eq!(stand_in.close_code().await, Some(4009));
-    let client = c.client();
-    let ids = client.submit(&[sleep_task(50, 1, 0)]).await;
-    client.wait_status(&ids[0], "completed").await;
-    let o = client.overview().await;
+    let ids = client.submit(&[sleep_task(1_500, 3, 0)]).await;
+    wait_for("the task to run on the first", DEADLINE, || async {
+        (client.status(&ids[0]).await == "running").then_some(())
+    })
+    .await;
+    let second = spawn_worker(fast_worker_config(&c.ws_url(), "dup"), Executors::builtin());
+    second.wait_state(|s| s == ConnState::Connected).await;
+    let workers: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
+    let second_boot = workers[0]["boot_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let refused = tokio::time::timeout(2 * DEADLINE, first.join)
+        .await
+        .expect("the replaced process stops")
+        .expect("agent task")
+        .expect_err("refused");
     assert!(
-        o["counters"]["sessions_replaced"].as_u64() >= Some(2),
-        "{o}"
+        matches!(&refused, tether_worker::AgentError::Refused(r) if r.contains(&second_boot)),
+        "{refused}"
     );
+    client.wait_status(&ids[0], "completed").await;
+    let results = client.results(&ids[0]).await;
+    let counted = results.iter().filter(|r| r["stale"] == false);
+    assert_eq!(counted.count(), 1, "{results:?}");
+    let o = client.overview().await;
+    assert_eq!(o["counters"]["sessions_replaced"], 1, "{o}");
+    assert!(o["counters"]["id_conflicts"].as_u64() >= Some(1), "{o}");
+    // The newer process kept its one session throughout.
+    assert_eq!(second.handle.state(), ConnState::Connected);
     assert_eq!(
-        first
-            .handle
-            .shared
-            .max_live_connections
-            .load(std::sync::atomic::Ordering::SeqCst),
+        second.handle.shared.registrations.load(Ordering::Relaxed),
         1
     );
-    first.stop().await.expect("stop");
+    let workers: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
+    assert_eq!(workers[0]["boot_id"], second_boot.as_str(), "{workers:?}");
+    second.stop().await.expect("stop");
     c.stop().await;
 }
 
