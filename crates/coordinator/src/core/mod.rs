@@ -449,6 +449,8 @@ pub struct Core {
     /// Sweeps so far: the free-worker index is checked against the model every
     /// [`tasks::FREE_INDEX_CHECK_EVERY`]th.
     sweeps: u64,
+    /// When the sweep last wrote [`Mutation::AliveAt`].
+    alive_saved: Option<tokio::time::Instant>,
     next_submit_seq: u64,
     dispatch_needed: bool,
     counters: Arc<Counters>,
@@ -476,6 +478,7 @@ impl Core {
             fetching: Default::default(),
             timed_leases: IdSet::default(),
             sweeps: 0,
+            alive_saved: None,
             next_submit_seq: 0,
             dispatch_needed: true,
             counters,
@@ -614,6 +617,13 @@ impl Core {
                 tracing::error!("store writer is gone; core stops");
                 break;
             }
+        }
+        // A clean stop: its workers' sessions were open until now (the writer commits what it
+        // is handed before it exits).
+        if self.any_connected() {
+            let mut last = Batch::default();
+            last.muts.push(Mutation::AliveAt(now()));
+            let _ = writer.pass(last).await;
         }
         // Sessions end when their senders drop with the model.
         for w in self.workers.values() {

@@ -25,6 +25,10 @@ pub const INLINE_CHECKPOINT_BYTES: u64 = tether_proto::codec::CHECKPOINT_PIECE a
 /// The free-worker index is checked against the model on the first sweep and every this many
 /// after it (a minute at the default sweep interval): a backstop, walking every worker.
 pub(super) const FREE_INDEX_CHECK_EVERY: u64 = 60;
+/// How often, while a worker is connected, the sweep writes that the coordinator is alive
+/// (`Mutation::AliveAt`): after a crash, the workers it had connected show as last seen at most
+/// this long before it died.
+pub(super) const ALIVE_EVERY: Duration = Duration::from_secs(5);
 
 impl Core {
     /// Leases queued tasks to workers with free slots, by the plan of [`queue::plan`]: only
@@ -267,8 +271,24 @@ impl Core {
     /// their timeout are timed out (the worker enforces timeouts; this is the backstop). Its
     /// cost is the workers that went and the tasks leased with a timeout, not the fleet: a
     /// walk of 10,000 idle workers every second was 3.5 % of an idle coordinator's samples.
+    /// Whether any worker has a registered session.
+    pub(super) fn any_connected(&self) -> bool {
+        self.workers
+            .values()
+            .any(|w| w.state == WorkerState::Connected)
+    }
+
     pub(super) fn sweep(&mut self, b: &mut Batch) {
         self.sweeps += 1;
+        if self
+            .alive_saved
+            .is_none_or(|at| at.elapsed() >= ALIVE_EVERY)
+            && self.any_connected()
+        {
+            // After a crash, when the workers connected then were last known to be there.
+            b.muts.push(Mutation::AliveAt(now()));
+            self.alive_saved = Some(tokio::time::Instant::now());
+        }
         if self.sweeps % FREE_INDEX_CHECK_EVERY == 1 {
             self.check_free_index();
         }

@@ -1810,3 +1810,29 @@ fn a_checkpoint_the_worker_cannot_finish_is_dropped_at_its_word_only() {
     assert_eq!(data_ack(&drain(&mut rx)), Disposition::Rejected);
     assert!(h.core.tasks[&t].latest_checkpoint.is_none());
 }
+
+/// While a worker is connected, the sweep writes that the coordinator is alive every
+/// `ALIVE_EVERY` (after a crash, the connected workers were last seen then); with none
+/// connected it writes nothing.
+#[tokio::test(start_paused = true)]
+async fn the_sweep_says_the_coordinator_is_alive_every_few_seconds_while_a_worker_is_connected() {
+    let mut h = Harness::new();
+    let alive = |h: &mut Harness| {
+        let mut b = Batch::default();
+        h.core.sweep(&mut b);
+        let alive = |m: &&crate::store::Mutation| matches!(m, crate::store::Mutation::AliveAt(_));
+        b.muts.iter().filter(alive).count()
+    };
+    assert_eq!(alive(&mut h), 0, "no worker connected");
+    let (s, _rx) = h.connect("a");
+    assert_eq!(alive(&mut h), 1);
+    assert_eq!(alive(&mut h), 0);
+    tokio::time::advance(super::tasks::ALIVE_EVERY).await;
+    assert_eq!(alive(&mut h), 1);
+    tokio::time::advance(super::tasks::ALIVE_EVERY).await;
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: s,
+    });
+    assert_eq!(alive(&mut h), 0, "its disconnect saved it");
+}

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use tether_proto::msg::CoordMsg;
 use tether_proto::{Attempt, CheckpointId, Outcome, Seq, TaskId, WorkerId};
@@ -146,6 +147,10 @@ pub enum Mutation {
     /// The next submission number is at least this (written when tasks are removed: the
     /// stored tasks then may not show the highest number given).
     NextSubmitSeq(u64),
+    /// The coordinator was running, with its workers' sessions open, at this time (written
+    /// every few seconds while a worker is connected, and at a clean stop): after a crash
+    /// it is when the workers it had connected were last known to be there.
+    AliveAt(DateTime<Utc>),
 }
 
 /// Runs after its batch is committed, on the writer's connection (an effect) or the reader's
@@ -305,6 +310,8 @@ pub struct Loaded {
     pub superseded_checkpoints: Vec<(TaskId, CheckpointId, Attempt)>,
     /// The next submission number kept when tasks were removed (0 if none was).
     pub next_submit_seq: u64,
+    /// The last [`Mutation::AliveAt`] the previous run wrote.
+    pub alive_at: Option<DateTime<Utc>>,
     /// The task states the writer has journaled and not yet folded into the database (empty
     /// at open: the journal was replayed); the writer fills it, the API's reads look in it.
     pub unfolded: Arc<Unfolded>,
@@ -439,11 +446,19 @@ fn load(conn: &Connection) -> Result<Loaded, LoadError> {
         )
         .optional()?
         .map_or(0, |v| v.max(0).unsigned_abs());
+    out.alive_at = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'alive_at_ms'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .and_then(DateTime::<Utc>::from_timestamp_millis);
     let mut stmt = conn.prepare("SELECT doc FROM workers")?;
     let docs = stmt.query_map([], |r| r.get::<_, String>(0))?;
     for doc in docs {
         let w: schema::WorkerDoc = from_json("worker", &doc?)?;
-        out.workers.push(w.into_worker());
+        out.workers.push(w.into_worker(out.alive_at));
     }
     let mut stmt = conn.prepare(
         "SELECT id, task_id, attempt, worker, size, chunks, created_at FROM checkpoints WHERE complete = 0",
@@ -785,6 +800,13 @@ fn commit(
                      ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
                 )?
                 .execute([i64::try_from(*next).unwrap_or(i64::MAX)])?;
+            }
+            Mutation::AliveAt(at) => {
+                tx.prepare_cached(
+                    "INSERT INTO meta (key, value) VALUES ('alive_at_ms', ?1)
+                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                )?
+                .execute([at.timestamp_millis()])?;
             }
             Mutation::PutResult {
                 task_id,

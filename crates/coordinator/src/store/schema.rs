@@ -248,6 +248,12 @@ pub(super) struct WorkerDoc {
     /// older coordinators), which a restart makes `disconnected`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ended: Option<WorkerState>,
+    /// Saved while a session was open (absent in records of older coordinators): a restart
+    /// takes it to have been there until the previous run was last known alive.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    connected: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    disconnected_at: Option<DateTime<Utc>>,
 }
 
 impl WorkerDoc {
@@ -264,12 +270,16 @@ impl WorkerDoc {
             sessions: w.sessions,
             stats: w.stats.as_deref().cloned(),
             ended: matches!(w.state, WorkerState::Lost | WorkerState::Stopped).then_some(w.state),
+            connected: w.state == WorkerState::Connected,
+            disconnected_at: w.disconnected_at,
         }
     }
 
     /// A worker loaded at start is disconnected, its grace period starting now, unless it
-    /// was lost or stopped: a restart does not bring those back to lose them again.
-    pub(super) fn into_worker(self) -> Worker {
+    /// was lost or stopped: a restart does not bring those back to lose them again. One
+    /// connected when last saved was seen until `alive_at`, when the previous run last said it
+    /// was alive with its sessions open: its session ended with that run.
+    pub(super) fn into_worker(self, alive_at: Option<DateTime<Utc>>) -> Worker {
         let mut w = Worker::new(self.worker_id, Utc::now());
         w.capabilities = self.capabilities;
         w.tags = self.tags;
@@ -281,6 +291,13 @@ impl WorkerDoc {
         w.sessions = self.sessions;
         w.stats = self.stats.map(Box::new);
         w.state = self.ended.unwrap_or(WorkerState::Disconnected);
+        match alive_at.filter(|_| self.connected) {
+            Some(alive) => {
+                w.last_seen = w.last_seen.max(alive);
+                w.disconnected_at = Some(w.last_seen);
+            }
+            None => w.disconnected_at = self.disconnected_at.or(w.disconnected_at),
+        }
         w
     }
 }

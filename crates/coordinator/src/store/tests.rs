@@ -531,6 +531,59 @@ fn a_deleted_worker_is_gone_unless_written_again_later_in_the_same_group() {
     assert_eq!(ids, ["back", "kept"]);
 }
 
+/// After a crash, a worker that had a session was there until the previous run last wrote
+/// that it was alive, not only until its record was last saved (its registration, or a
+/// telemetry report minutes ago). A worker that had disconnected keeps its own times, and so
+/// does a record of an older coordinator, which does not say whether it was connected.
+#[test]
+fn a_worker_connected_at_a_crash_is_last_seen_when_the_coordinator_was_last_alive() {
+    use crate::model::WorkerState;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, loaded) = open(dir.path()).expect("open");
+    assert_eq!(loaded.alive_at, None);
+    let t = |s: i64| Utc::now() - chrono::Duration::seconds(s);
+    let worker = |id: &str, state: WorkerState, seen: i64| {
+        let mut w = Worker::new(WorkerId::parse(id).expect("id"), t(600));
+        w.state = state;
+        w.last_seen = t(seen);
+        w.disconnected_at = (state != WorkerState::Connected).then(|| t(seen));
+        Box::new(w)
+    };
+    let alive = DateTime::from_timestamp_millis(t(5).timestamp_millis()).expect("ms");
+    commit_muts(
+        &mut conn,
+        vec![
+            Mutation::PutWorker(worker("on", WorkerState::Connected, 300)),
+            Mutation::PutWorker(worker("off", WorkerState::Disconnected, 200)),
+            Mutation::AliveAt(t(60)),
+            Mutation::AliveAt(alive),
+        ],
+    );
+    // A record as an older coordinator wrote it: no word of a session.
+    conn.execute(
+        "INSERT INTO workers (id, doc) SELECT 'old', \
+         json_set(json_remove(doc, '$.connected'), '$.worker_id', 'old') FROM workers WHERE id = 'on'",
+        [],
+    )
+    .expect("old record");
+    drop(conn);
+    let (_conn, loaded) = open(dir.path()).expect("reopen");
+    assert_eq!(loaded.alive_at, Some(alive));
+    let of = |id: &str| {
+        let w = loaded.workers.iter().find(|w| w.worker_id.as_str() == id);
+        let w = w.expect("loaded");
+        (w.state, w.last_seen, w.disconnected_at)
+    };
+    let disconnected = WorkerState::Disconnected;
+    assert_eq!(of("on"), (disconnected, alive, Some(alive)));
+    let near = |a: DateTime<Utc>, b: DateTime<Utc>| (a - b).num_seconds().abs() <= 1;
+    let (state, seen, at) = of("off");
+    assert_eq!(state, disconnected);
+    assert!(near(seen, t(200)) && at.is_some_and(|at| near(at, t(200))));
+    let (_, seen, _) = of("old");
+    assert!(near(seen, t(300)), "an older record keeps its own time");
+}
+
 fn state_mut(task: &str, n: u32) -> Mutation {
     Mutation::PutState {
         task_id: TaskId::parse(task).expect("id"),

@@ -650,3 +650,41 @@ async fn stopped_and_lost_workers_stay_so_and_are_not_lost_again_after_a_restart
     again.stop().await.expect("clean stop");
     c.stop().await;
 }
+
+/// A worker connected when the coordinator stops was there until it stopped: after the
+/// restart its `last_seen` is the stop, not its registration, which was its record's last save.
+#[tokio::test]
+async fn a_worker_connected_at_a_stop_is_last_seen_at_the_stop_after_the_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    // A raw worker: it registers, then says nothing, and does not come back after the stop.
+    let mut raw = Raw::connect(&c, "quiet").await;
+    raw.send(&raw.registration(None, &[])).await;
+    let client = c.client();
+    let registered = wait_for("the registration", DEADLINE, || async {
+        let workers: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
+        workers
+            .first()
+            .map(|w| w["last_seen"].as_str().unwrap_or("").to_owned())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let stopped = chrono::Utc::now();
+    let addr = c.addr;
+    c.stop().await;
+    drop(raw);
+    let c =
+        spawn_coordinator_with(fast_coordinator_config(dir.path().to_owned()), Some(addr)).await;
+    let workers: Vec<serde_json::Value> = c.client().get_as("/api/v1/workers").await;
+    let at = |v: &serde_json::Value| {
+        chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap_or_default()).expect("a time")
+    };
+    let seen = at(&workers[0]["last_seen"]);
+    assert_eq!(workers[0]["state"], "disconnected", "{workers:?}");
+    assert!(
+        seen >= stopped - chrono::Duration::milliseconds(500),
+        "last seen {seen}, registered {registered}, stopped {stopped}"
+    );
+    assert_eq!(workers[0]["disconnected_at"], workers[0]["last_seen"]);
+    c.stop().await;
+}
