@@ -658,15 +658,23 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
     });
     print_table(&["ATTEMPT", "WORKER", "STARTED", "END"], &rows)?;
     outln!()?;
+    // Why a result is not counted: how its attempt ended (`lost`, `cancelled`, ...).
+    let end_of = |attempt: &Value| {
+        t["attempts"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| &a["attempt"] == attempt))
+            .and_then(|a| a["end"].as_str())
+            .map(shown)
+    };
     let rows = rows_of(&results, |r| {
         vec![
             r["attempt"].to_string(),
             s(&r["worker"]),
             s(&r["outcome"]),
-            if r["stale"] == true {
-                "stale".into()
-            } else {
-                "counted".into()
+            match (r["stale"] == true, end_of(&r["attempt"])) {
+                (false, _) => "counted".into(),
+                (true, Some(end)) => format!("stale (attempt {end})"),
+                (true, None) => "stale".into(),
             },
             r["body"]["result"].to_string(),
         ]

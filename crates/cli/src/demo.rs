@@ -200,11 +200,12 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     for j in fleet.joins {
         let _ = j.await;
     }
-    // Every result the coordinator answered `recorded` or `stale` is one row it stored: a
+    // Every result the coordinator answered `recorded` or `stale` (of a lost lease, or of a
+    // cancelled attempt, counted apart) is one row it stored: a
     // result recorded twice (answered `recorded` again on a resend) stores no second row but
     // counts twice. Read between two reads of its counts that agree, so none arrived between.
     let said_recorded = |o: &Value| {
-        ["results_recorded", "results_stale"]
+        ["results_recorded", "results_stale", "results_cancelled"]
             .iter()
             .map(|c| o["counters"][c].as_u64().unwrap_or(0))
             .sum::<u64>()

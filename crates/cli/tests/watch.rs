@@ -528,6 +528,43 @@ async fn checkpoint_asks_a_running_task_for_one_and_task_shows_its_state_and_che
     assert!(err.contains("HTTP 404"), "{err}");
 }
 
+/// The result a cancelled running task sends is kept, not counted: `tether task` says why
+/// (its attempt was cancelled), and the coordinator counts it apart from the stale results of
+/// lost leases, which are a sign of a fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_tasks_late_result_is_shown_and_counted_as_a_cancel_not_a_lost_lease() {
+    let site = Site::new();
+    let _coord = site.coordinator().await;
+    site.submit("cx", json!({"ms": 20000, "steps": 20})).await;
+    let _w = worker(site.addr, "w1");
+    let run = |args: &[&str]| client(&site.base, args);
+    tether_testkit::wait_for("the task to run", LONG, || async {
+        let (_, out, _) = run(&["task", "cx", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        (v["task"]["status"] == "running").then_some(())
+    })
+    .await;
+    let (ok, out, err) = run(&["cancel", "cx"]);
+    assert!(ok, "{out} {err}");
+    let shown = tether_testkit::wait_for("the cancelled attempt's result", LONG, || async {
+        let (_, out, _) = run(&["task", "cx"]);
+        out.contains("stale (attempt cancelled)").then_some(out)
+    })
+    .await;
+    assert!(shown.contains("cancelled"), "{shown}");
+    let o: serde_json::Value = site
+        .http
+        .get(format!("{}/api/v1/overview", site.base))
+        .send()
+        .await
+        .expect("overview")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(o["counters"]["results_cancelled"], 1, "{o}");
+    assert_eq!(o["counters"]["results_stale"], 0, "{o}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_all_reads_every_task_page_by_page_and_refuses_an_unknown_status() {
     let site = Site::new();

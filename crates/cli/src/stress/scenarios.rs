@@ -467,15 +467,19 @@ impl Run {
     }
 
     /// The results the running coordinator answered `recorded` or `stale` (each stores one
-    /// row), read until two reads 250 ms apart agree: the sessions' last frames are taken.
+    /// row; those of cancelled attempts are counted apart), read until two reads 250 ms apart agree: the sessions' last frames are taken.
     async fn settled_results(&self) -> anyhow::Result<u64> {
         let mut last = None;
         for _ in 0..40 {
-            let [recorded, stale] = self.counters(["results_recorded", "results_stale"]).await?;
-            if last == Some(recorded + stale) {
-                return Ok(recorded + stale);
+            let said = self
+                .counters(["results_recorded", "results_stale", "results_cancelled"])
+                .await?
+                .iter()
+                .sum::<u64>();
+            if last == Some(said) {
+                return Ok(said);
             }
-            last = Some(recorded + stale);
+            last = Some(said);
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         bail!("the coordinator's count of results recorded did not settle within 10 s")

@@ -417,6 +417,7 @@ impl Core {
             ("results_recorded", &c.results_recorded),
             ("results_duplicate", &c.results_duplicate),
             ("results_stale", &c.results_stale),
+            ("results_cancelled", &c.results_cancelled),
             (
                 "checkpoint_messages_duplicate",
                 &c.checkpoint_messages_duplicate,

@@ -470,10 +470,11 @@ impl Core {
     fn on_result(&mut self, worker: &WorkerId, session: &SessionRef, r: TaskResult, b: &mut Batch) {
         let seq = r.seq;
         let task_id = r.task_id.clone();
-        let disposition = match self.standing(worker, &task_id, r.attempt) {
+        // The answer, and the `disposition` label it is counted under.
+        let (disposition, label) = match self.standing(worker, &task_id, r.attempt) {
             Standing::Stranger => {
                 self.reject(worker, session, "task_result", Some(seq), &task_id, b);
-                Disposition::Rejected
+                (Disposition::Rejected, m::disposition(Disposition::Rejected))
             }
             standing => {
                 let already = self
@@ -485,23 +486,34 @@ impl Core {
                     self.counters
                         .results_duplicate
                         .fetch_add(1, Ordering::Relaxed);
-                    Disposition::Duplicate
+                    (
+                        Disposition::Duplicate,
+                        m::disposition(Disposition::Duplicate),
+                    )
                 } else {
                     let stale = standing == Standing::Stale;
+                    let cancelled = stale && self.attempt_cancelled(&task_id, r.attempt);
                     self.record_result(worker, &r, stale, b);
-                    if stale {
+                    if cancelled {
+                        // Kept and answered like a stale result, counted apart: a stale result
+                        // is a sign of a fault (a lease lost), this one of a user's cancel.
+                        self.counters
+                            .results_cancelled
+                            .fetch_add(1, Ordering::Relaxed);
+                        (Disposition::Stale, "cancelled")
+                    } else if stale {
                         self.counters.results_stale.fetch_add(1, Ordering::Relaxed);
-                        Disposition::Stale
+                        (Disposition::Stale, m::disposition(Disposition::Stale))
                     } else {
                         self.counters
                             .results_recorded
                             .fetch_add(1, Ordering::Relaxed);
-                        Disposition::Recorded
+                        (Disposition::Recorded, m::disposition(Disposition::Recorded))
                     }
                 }
             }
         };
-        metrics::counter!(m::RESULTS, "disposition" => m::disposition(disposition)).increment(1);
+        metrics::counter!(m::RESULTS, "disposition" => label).increment(1);
         b.send(
             session,
             ack(
@@ -513,6 +525,15 @@ impl Core {
                 disposition,
             ),
         );
+    }
+
+    /// Whether `attempt` of `task` ended by a cancel (its record's end is `cancelled`).
+    fn attempt_cancelled(&self, task: &TaskId, attempt: Attempt) -> bool {
+        self.tasks.get(task).is_some_and(|t| {
+            t.attempts
+                .iter()
+                .any(|a| a.attempt == attempt && a.end.as_deref() == Some("cancelled"))
+        })
     }
 
     fn record_result(&mut self, worker: &WorkerId, r: &TaskResult, stale: bool, b: &mut Batch) {

@@ -188,6 +188,9 @@ pub struct Counters {
     pub results_recorded: AtomicU64,
     pub results_duplicate: AtomicU64,
     pub results_stale: AtomicU64,
+    /// Results of attempts a cancel ended: kept and answered `stale`, but counted apart, as
+    /// they are no sign of a fault.
+    pub results_cancelled: AtomicU64,
     /// `checkpoint` and `checkpoint_data` messages answered `duplicate`: replays of what was
     /// stored already.
     pub checkpoint_messages_duplicate: AtomicU64,

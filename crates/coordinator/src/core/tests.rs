@@ -281,6 +281,9 @@ fn a_task_cancelled_while_running_stays_cancelled_when_its_completed_result_arri
     assert_eq!(h.core.tasks[&t].status, TaskStatus::Cancelled);
     assert_eq!(h.core.tasks[&t].outcome, None);
     assert_eq!(Counters::get(&h.core.counters.results_recorded), 0);
+    // Counted apart from the stale results of lost leases.
+    assert_eq!(Counters::get(&h.core.counters.results_cancelled), 1);
+    assert_eq!(Counters::get(&h.core.counters.results_stale), 0);
     // The worker is free for the next task.
     let next = h.submit();
     assert!(
