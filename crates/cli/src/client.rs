@@ -754,6 +754,18 @@ pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
         ],
         &rows,
     )?;
+    // A worker's statistics come with its telemetry: a "-" is not a fault. Said on stderr, so
+    // the table stays the table.
+    let new = v.as_array().map_or(0, |ws| {
+        let new = |w: &&Value| w["state"] == "connected" && w["stats"].is_null();
+        ws.iter().filter(new).count()
+    });
+    if new > 0 {
+        eprintln!(
+            "{new} connected worker(s) without statistics yet: a worker reports them with its \
+             telemetry, the first within a telemetry interval (30 s by default) of connecting"
+        );
+    }
     Ok(())
 }
 

@@ -174,6 +174,11 @@ async fn tether_cert_files_make_a_working_tls_authenticated_tagged_deployment() 
         table.contains("HEARTBEAT_S") && table.contains("secure-w"),
         "{table}"
     );
+    // Its statistics come with its first telemetry (15 to 30 s in): until then the "-" in
+    // their columns is explained on stderr.
+    let fresh = v[0]["stats"].is_null();
+    let note = text(&run(&mut client(&["workers"])).await.stderr);
+    assert_eq!(fresh, note.contains("without statistics yet"), "{v} {note}");
     // A client that does not trust the CA gets nowhere.
     let untrusted = run(tether()
         .args(["tasks", "--coordinator", &https, "--token-file"])
