@@ -1055,6 +1055,61 @@ mod tests {
         assert_eq!((read.frames, map["a"].1.as_str()), (1, "1"));
     }
 
+    /// A group whose append fails part way (as on a full disk) leaves nothing of itself: the
+    /// file is cut back to where it was, so the group appended again, and those after it, read
+    /// back whole. (Left in, the part would be damage with whole frames after it: the next
+    /// start would refuse the journal as corrupt.) The failure is real: a file size limit
+    /// (RLIMIT_FSIZE, with SIGXFSZ ignored) in a child process of this test binary, where the
+    /// limit touches no other test.
+    #[test]
+    fn a_group_whose_append_fails_part_way_leaves_nothing_and_is_appended_again() {
+        const CHILD: &str = "TETHER_TEST_FSIZE_CHILD";
+        const DONE: &str = "cut back, then appended again";
+        if std::env::var_os(CHILD).is_none() {
+            let me = std::env::current_exe().expect("the test binary");
+            let name = "store::states::tests::a_group_whose_append_fails_part_way_leaves_nothing_and_is_appended_again";
+            let out = std::process::Command::new(me)
+                .args([name, "--exact", "--nocapture", "--test-threads=1"])
+                .env(CHILD, "1")
+                .output()
+                .expect("run the child");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() && text.contains(DONE), "{text}");
+            return;
+        }
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        use nix::sys::signal::{SigHandler, Signal, signal};
+        // SAFETY: ignoring a signal installs no handler; this process runs this test alone.
+        unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) }.expect("ignore SIGXFSZ");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = States::start(dir.path(), Arc::default(), false, FOLD_BYTES).expect("start");
+        let path = journal_path(dir.path(), s.journal.generation);
+        let (a, b) = (id("a"), id("b"));
+        let (one, big) = (json("1"), json(&format!("\"{}\"", "x".repeat(4096))));
+        s.append("t1", &[st(&a, &one)]).expect("first group");
+        let before = std::fs::metadata(&path).expect("journal").len();
+        let (_, hard) = getrlimit(Resource::RLIMIT_FSIZE).expect("getrlimit");
+        setrlimit(Resource::RLIMIT_FSIZE, before + 10, hard).expect("limit");
+        let e = s.append("t2", &[st(&a, &big)]).expect_err("past the limit");
+        assert_eq!(e.raw_os_error(), Some(nix::libc::EFBIG), "{e}");
+        assert_eq!(std::fs::metadata(&path).expect("journal").len(), before);
+        setrlimit(Resource::RLIMIT_FSIZE, hard, hard).expect("no limit");
+        s.append("t2", &[st(&a, &big)]).expect("the group again");
+        s.append("t3", &[st(&b, &one)]).expect("the next group");
+        let mut map = IdMap::default();
+        let read = read_file(&path, &mut map, true).expect("whole");
+        assert_eq!(
+            read,
+            FileRead {
+                frames: 3,
+                torn_bytes: 0
+            }
+        );
+        assert_eq!((map["a"].1.len(), map["b"].1.as_str()), (4098, "1"));
+        println!("{DONE}");
+    }
+
     #[test]
     fn a_file_shorter_than_its_header_is_corrupt_unless_an_older_coordinator_made_it() {
         for len in [0, 3, MAGIC.len() - 1] {
