@@ -53,9 +53,10 @@ enum Cmd {
     Workers(client::CommonArgs),
     /// Cancel a task.
     Cancel(client::ControlArgs),
-    /// Pause a running task (it stops at its next checkpoint).
+    /// Pause a task: a running one stops at its next pause point; a queued one is held. It stays
+    /// paused, wherever it is, until resumed.
     Pause(client::ControlArgs),
-    /// Resume a paused task.
+    /// Resume a paused task (a held one is queued again).
     Resume(client::ControlArgs),
     /// Ask a running task for a checkpoint now (an executor that checkpoints makes one at its
     /// next chance).

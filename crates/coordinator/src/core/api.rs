@@ -326,6 +326,30 @@ impl Core {
         Ok(ids)
     }
 
+    /// Pauses (`want` paused) or resumes a task that no worker holds: a paused one waits out
+    /// of the queue until it is resumed.
+    fn hold_or_release(&mut self, id: &TaskId, want: Desired, b: &mut Batch) {
+        if let Some(t) = self.tasks.get_mut(id) {
+            let key = (t.spec.priority, t.submit_seq, id.clone());
+            match (want, t.status) {
+                (Desired::Paused, TaskStatus::Queued) => {
+                    self.queue.remove(&t.spec, &key);
+                    t.status = TaskStatus::Paused;
+                }
+                (Desired::Running, TaskStatus::Paused) => {
+                    self.queue.insert(&t.spec, key);
+                    t.status = TaskStatus::Queued;
+                    self.dispatch_needed = true;
+                }
+                // Already as asked.
+                _ => return,
+            }
+            t.updated_at = now();
+            tracing::info!(task = %id, status = t.status.as_str(), "task held or released");
+        }
+        self.save_task(id, b);
+    }
+
     fn control(&mut self, id: &TaskId, op: ControlOp, b: &mut Batch) -> Result<Task, ApiError> {
         let t = self.task(id)?;
         let status = t.status;
@@ -358,10 +382,10 @@ impl Core {
                     _ => (Desired::Running, CoordMsg::ResumeTask),
                 };
                 let Some(c) = control("") else {
-                    return Err(ApiError::Conflict(format!(
-                        "task {id} is {}; only a running or paused task can be paused or resumed",
-                        status.as_str()
-                    )));
+                    // Not on a worker: a queued task is held out of the queue (paused), a
+                    // paused one goes back into it (queued).
+                    self.hold_or_release(id, want, b);
+                    return self.task(id).cloned();
                 };
                 if let Some(t) = self.tasks.get_mut(id) {
                     if let Some(l) = t.lease.as_mut() {

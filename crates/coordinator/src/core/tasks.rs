@@ -228,6 +228,9 @@ impl Core {
             return;
         };
         let ts = now();
+        // A task paused by request stays paused when it moves: it waits, out of the queue,
+        // for a resume (a pause may free a shared resource; its next attempt must not take it).
+        let paused = t.status == TaskStatus::Paused;
         if let Some(lease) = t.lease.take() {
             if let Some(a) = t.attempts.iter_mut().find(|a| a.attempt == lease.attempt) {
                 a.ended_at.get_or_insert(ts);
@@ -255,6 +258,10 @@ impl Core {
                 t.max_attempts()
             ));
             tracing::warn!(task = %task_id, attempts = t.attempt.0, "task failed: attempts exhausted");
+        } else if paused {
+            self.counters.requeued.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(m::REQUEUED).increment(1);
+            tracing::info!(task = %task_id, next_attempt = t.attempt.0 + 1, resume = t.latest_checkpoint.is_some(), %why, "paused task released; it waits for a resume");
         } else {
             t.status = TaskStatus::Queued;
             self.queue
@@ -267,10 +274,6 @@ impl Core {
         self.save_task(task_id, b);
     }
 
-    /// Periodic: workers gone past the grace period lose their leases; leased tasks far past
-    /// their timeout are timed out (the worker enforces timeouts; this is the backstop). Its
-    /// cost is the workers that went and the tasks leased with a timeout, not the fleet: a
-    /// walk of 10,000 idle workers every second was 3.5 % of an idle coordinator's samples.
     /// Whether any worker has a registered session.
     pub(super) fn any_connected(&self) -> bool {
         self.workers
@@ -278,6 +281,10 @@ impl Core {
             .any(|w| w.state == WorkerState::Connected)
     }
 
+    /// Periodic: workers gone past the grace period lose their leases; leased tasks far past
+    /// their timeout are timed out (the worker enforces timeouts; this is the backstop). Its
+    /// cost is the workers that went and the tasks leased with a timeout, not the fleet: a
+    /// walk of 10,000 idle workers every second was 3.5 % of an idle coordinator's samples.
     pub(super) fn sweep(&mut self, b: &mut Batch) {
         self.sweeps += 1;
         if self

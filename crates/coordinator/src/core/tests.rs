@@ -1839,3 +1839,91 @@ async fn the_sweep_says_the_coordinator_is_alive_every_few_seconds_while_a_worke
     });
     assert_eq!(alive(&mut h), 0, "its disconnect saved it");
 }
+
+fn control(
+    h: &mut Harness,
+    t: &TaskId,
+    op: super::ControlOp,
+) -> Result<crate::model::Task, super::ApiError> {
+    let (tx, mut reply) = tokio::sync::oneshot::channel();
+    h.step(Event::Api(Api::Control {
+        task: t.clone(),
+        op,
+        reply: tx,
+    }));
+    reply.try_recv().expect("reply")
+}
+
+fn assigned(msgs: &[CoordMsg], t: &TaskId) -> bool {
+    msgs.iter()
+        .any(|m| matches!(m, CoordMsg::TaskAssignment(a) if &a.task_id == t))
+}
+
+/// A pause is the user's, not the attempt's: a paused task whose worker is lost (or stops,
+/// or dies) stays paused, out of the queue, and no other worker takes it until it is
+/// resumed; a queued task can be paused (held) and resumed the same way.
+#[test]
+fn a_paused_task_stays_paused_when_its_lease_ends_and_runs_again_only_once_resumed() {
+    use super::ControlOp::{Pause, Resume};
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit();
+    assert!(assigned(&drain(&mut rx), &t));
+    assert_eq!(
+        control(&mut h, &t, Pause).expect("paused").status,
+        TaskStatus::Paused
+    );
+    let (_, mut other) = h.connect("b");
+    drain(&mut other);
+    h.lose("a", s, &t);
+    let task = &h.core.tasks[&t];
+    assert_eq!(
+        (task.status, task.lease.is_none()),
+        (TaskStatus::Paused, true)
+    );
+    assert!(h.core.queue.is_empty(), "held out of the queue");
+    let mut b = Batch::default();
+    h.core.dispatch(&mut b);
+    for e in b.effects {
+        e.run(&h.conn);
+    }
+    assert!(
+        !assigned(&drain(&mut other), &t),
+        "no worker takes a paused task"
+    );
+    // Resumed: queued, and taken by the worker that is there.
+    assert_eq!(
+        control(&mut h, &t, Resume).expect("resumed").status,
+        TaskStatus::Queued
+    );
+    assert!(assigned(&drain(&mut other), &t));
+    assert_eq!(h.core.tasks[&t].attempt, Attempt(2));
+    // A queued task: held, then released.
+    let (_, mut busy) = h.connect("c");
+    drain(&mut busy);
+    let q = h.submit();
+    let later = h.submit();
+    let got: Vec<CoordMsg> = drain(&mut busy);
+    assert!(
+        assigned(&got, &q) && !assigned(&got, &later),
+        "c's one slot took q"
+    );
+    assert_eq!(
+        control(&mut h, &later, Pause).expect("held").status,
+        TaskStatus::Paused
+    );
+    assert!(h.core.queue.is_empty());
+    assert_eq!(
+        control(&mut h, &later, Resume).expect("released").status,
+        TaskStatus::Queued
+    );
+    assert!(!h.core.queue.is_empty());
+    // Cancelled while held: ended, nothing left queued.
+    assert_eq!(
+        control(&mut h, &later, Pause).expect("held").status,
+        TaskStatus::Paused
+    );
+    let cancelled = control(&mut h, &later, super::ControlOp::Cancel).expect("cancelled");
+    assert_eq!(cancelled.status, TaskStatus::Cancelled);
+    assert!(h.core.queue.is_empty());
+}

@@ -688,3 +688,59 @@ async fn a_worker_connected_at_a_stop_is_last_seen_at_the_stop_after_the_restart
     assert_eq!(workers[0]["disconnected_at"], workers[0]["last_seen"]);
     c.stop().await;
 }
+
+/// A pause holds across the lease's end and a restart: a paused task whose worker stops is
+/// not taken by the other worker there, nor after a coordinator restart, until it is resumed;
+/// then it runs its next attempt to completion.
+#[tokio::test]
+async fn a_paused_task_whose_worker_stops_waits_paused_through_a_restart_until_resumed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let client = c.client();
+    let mut one = fast_worker_config(&c.ws_url(), "one");
+    one.capabilities = vec!["special".into()];
+    let first = spawn_worker(one, Executors::builtin());
+    first.wait_state(|s| s == ConnState::Connected).await;
+    let mut spec = sleep_task(2_000, 20, 0);
+    spec.requires = vec!["special".into()];
+    let ids = client.submit(&[spec]).await;
+    wait_for("the task to run", DEADLINE, || async {
+        (client.status(&ids[0]).await == "running").then_some(())
+    })
+    .await;
+    let (status, _) = client.control(&ids[0], "pause").await;
+    assert_eq!(status, 200);
+    client.wait_status(&ids[0], "paused").await;
+    // Another worker that could run it is there; the paused task's worker stops.
+    let mut two = fast_worker_config(&c.ws_url(), "two");
+    two.capabilities = vec!["special".into()];
+    let second = spawn_worker(two, Executors::builtin());
+    second.wait_state(|s| s == ConnState::Connected).await;
+    first.stop().await.expect("stop");
+    let t = client.task(&ids[0]).await;
+    assert_eq!(t["attempts"][0]["end"], "stopped", "{t}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(client.status(&ids[0]).await, "paused");
+    assert_eq!(second.handle.executions(), 0, "a paused task is not run");
+    // Held through a restart.
+    let addr = c.addr;
+    c.stop().await;
+    let c =
+        spawn_coordinator_with(fast_coordinator_config(dir.path().to_owned()), Some(addr)).await;
+    let client = c.client();
+    second.wait_state(|s| s == ConnState::Connected).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(client.status(&ids[0]).await, "paused");
+    assert_eq!(second.handle.executions(), 0, "a paused task is not run");
+    let (status, t) = client.control(&ids[0], "resume").await;
+    assert_eq!((status, t["status"].as_str()), (200, Some("queued")), "{t}");
+    let t = client.wait_status(&ids[0], "completed").await;
+    assert_eq!(
+        (t["attempt"].as_u64(), t["attempts"][1]["worker"].as_str()),
+        (Some(2), Some("two")),
+        "{t}"
+    );
+    assert_eq!(second.handle.executions(), 1);
+    second.stop().await.expect("stop");
+    c.stop().await;
+}
