@@ -572,6 +572,38 @@ fn parse_jitter(s: &str) -> anyhow::Result<Jitter> {
     }
 }
 
+/// Where a worker's secret comes from.
+#[derive(Debug, PartialEq)]
+enum SecretSource {
+    File(PathBuf),
+    Env(std::ffi::OsString),
+}
+
+/// The worker's secret, by the order of every setting: `--secret-file` (or its environment
+/// variable, `TETHER_SECRET_FILE`), then `TETHER_SECRET`, then the config file's `secret_file`.
+/// A source passed over is said in the log: two secrets given, one is ignored.
+fn secret_source(
+    flag: Option<PathBuf>,
+    env: Option<std::ffi::OsString>,
+    in_file: Option<PathBuf>,
+) -> Option<SecretSource> {
+    match (flag, env, in_file) {
+        (Some(f), env, in_file) => {
+            if env.is_some() || in_file.is_some() {
+                tracing::warn!(file = %f.display(), "the worker secret comes from --secret-file (or TETHER_SECRET_FILE); {SECRET_ENV} and the config file's secret_file, if set, are ignored");
+            }
+            Some(SecretSource::File(f))
+        }
+        (None, Some(v), in_file) => {
+            if let Some(f) = in_file {
+                tracing::warn!(ignored = %f.display(), "the worker secret comes from {SECRET_ENV}; the config file's secret_file is ignored");
+            }
+            Some(SecretSource::Env(v))
+        }
+        (None, None, in_file) => in_file.map(SecretSource::File),
+    }
+}
+
 pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     let file = settings::load(a.config.as_deref())?.worker;
     let coordinator = a.coordinator.or(file.coordinator).context(
@@ -645,19 +677,20 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     cfg.seed = a.seed;
     cfg.event_log = a.event_log;
     cfg.ca_file = a.ca_file;
-    cfg.secret = match (
-        a.secret_file.or(file.secret_file),
+    cfg.secret = match secret_source(
+        a.secret_file,
         std::env::var_os(SECRET_ENV),
+        file.secret_file,
     ) {
-        (Some(f), _) => {
+        Some(SecretSource::File(f)) => {
             warn_if_open(&f, "the worker secret file");
             Some(Secret::from_file(&f).context("worker secret")?)
         }
-        (None, Some(v)) => Some(
+        Some(SecretSource::Env(v)) => Some(
             Secret::new(v.as_encoded_bytes())
                 .with_context(|| format!("worker secret in {SECRET_ENV}"))?,
         ),
-        (None, None) => None,
+        None => None,
     };
     if cfg.secret.is_some() {
         keep_memory_private();
@@ -897,6 +930,34 @@ mod tests {
             let with = config(&format!("{base}\n{key} = {value}"));
             assert_ne!(with, config(base), "{key} = {value} changed nothing");
         }
+    }
+
+    /// The worker's secret follows the order of every setting: flag (or its variable), then
+    /// `TETHER_SECRET`, then the file; a secret in the environment was once passed over for
+    /// the file's.
+    #[test]
+    fn the_worker_secret_comes_from_the_flag_then_the_environment_then_the_file() {
+        let (flag, in_file) = (PathBuf::from("/flag"), PathBuf::from("/file"));
+        let env = std::ffi::OsString::from("s3cret");
+        let pick = |f: bool, e: bool, c: bool| {
+            secret_source(
+                f.then(|| flag.clone()),
+                e.then(|| env.clone()),
+                c.then(|| in_file.clone()),
+            )
+        };
+        let from_flag = Some(SecretSource::File(flag.clone()));
+        assert_eq!(pick(true, true, true), from_flag);
+        assert_eq!(pick(true, false, true), from_flag);
+        assert_eq!(
+            pick(false, true, true),
+            Some(SecretSource::Env(env.clone()))
+        );
+        assert_eq!(
+            pick(false, false, true),
+            Some(SecretSource::File(in_file.clone()))
+        );
+        assert_eq!(pick(false, false, false), None);
     }
 
     #[test]
