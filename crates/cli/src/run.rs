@@ -428,6 +428,30 @@ fn keep_memory_private() {
     }
 }
 
+/// Makes the process `cmd` starts die with this one (Linux: `PR_SET_PDEATHSIG`, SIGKILL): a
+/// run (`stress`, `e2e`) killed with SIGKILL, which can clean nothing up, leaves no
+/// coordinator, worker, fleet or proxy of its own behind. The signal comes when the thread that
+/// started the child ends: these runs start theirs from their runtime's threads, which live as
+/// long as the run. Elsewhere nothing changes.
+pub fn die_with_parent(cmd: &mut tokio::process::Command) {
+    #[cfg(target_os = "linux")]
+    {
+        let parent = nix::unistd::getpid();
+        // SAFETY: between fork and exec the closure makes only async-signal-safe calls
+        // (prctl, getppid) and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+                // The parent died before the call: no signal will come.
+                if nix::unistd::getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
 /// Makes the worker a child subreaper (Linux): a process its tasks leave behind when its
 /// parent ends (a daemon, `setsid cmd &`) re-parents to the worker, which reaps it
 /// (`tether_worker::reaper`), instead of to init. Elsewhere nothing changes.

@@ -453,3 +453,81 @@ fn message_flood_without_compression_sends_every_frame_as_text() {
     assert!(flood(&[]).is_some_and(|n| n > 0), "compressed by default");
     assert_eq!(flood(&["--no-compression"]), Some(0));
 }
+
+/// The processes a run started, by their parent's pid (read from `/proc`).
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(") ")?
+                        .1
+                        .split(' ')
+                        .nth(1)?
+                        .parse::<u32>()
+                        .ok()
+                })
+                == Some(parent)
+        })
+        .collect()
+}
+
+/// Whether `pid` still runs (not gone, not a zombie).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(!s.rsplit_once(") ")?.1.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// A run killed with SIGKILL can clean nothing up: its coordinator and fleet processes die
+/// with it (Linux), instead of staying up, listening, re-parented to init.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_run_killed_with_sigkill_leaves_no_process_of_its_own_behind() {
+    use std::time::{Duration, Instant};
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut run = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "stress",
+            "steady_load",
+            "--workers",
+            "10",
+            "--duration",
+            "60s",
+        ])
+        .env_remove("TETHER_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run tether stress");
+    // Both its processes, the coordinator and the fleet, started.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let children = loop {
+        let children = children_of(run.id());
+        if children.len() >= 2 {
+            break children;
+        }
+        assert!(Instant::now() < deadline, "the run started {children:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    run.kill().expect("SIGKILL");
+    run.wait().expect("reaped");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while children.iter().any(|&c| running(c)) {
+        if Instant::now() > deadline {
+            for &c in &children {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(c as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            panic!("the run's processes {children:?} outlived it");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -49,8 +49,9 @@ fn spawn(exe: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
         .append(true)
         .open(log)
         .with_context(|| format!("cannot open {}", log.display()))?;
-    Command::new(exe)
-        .args(args)
+    let mut cmd = Command::new(exe);
+    crate::run::die_with_parent(&mut cmd);
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file)

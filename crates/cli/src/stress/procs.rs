@@ -196,7 +196,9 @@ impl Coordinator {
             flags.push("--tls-key".into());
             flags.push(t.key.clone().into_os_string());
         }
-        let child = Proc::new(&self.exe)
+        let mut cmd = Proc::new(&self.exe);
+        crate::run::die_with_parent(&mut cmd);
+        let child = cmd
             .arg("--log")
             .arg("warn")
             .arg("coordinator")
@@ -314,6 +316,7 @@ impl Fleet {
                 c
             }
         };
+        crate::run::die_with_parent(&mut cmd);
         let mut child = cmd
             .arg("--log")
             .arg("error")
@@ -453,7 +456,9 @@ impl FaultProxy {
         upstream: std::net::SocketAddr,
     ) -> anyhow::Result<Self> {
         let log = std::fs::File::create(log).context("creating the proxy log")?;
-        let mut child = Proc::new(exe)
+        let mut cmd = Proc::new(exe);
+        crate::run::die_with_parent(&mut cmd);
+        let mut child = cmd
             .args(["--log", "warn", "proxy", "--listen", "127.0.0.1:0"])
             .arg("--upstream")
             .arg(upstream.to_string())
