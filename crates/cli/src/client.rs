@@ -657,6 +657,16 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
         ]
     });
     print_table(&["ATTEMPT", "WORKER", "STARTED", "END"], &rows)?;
+    // A checkpoint the coordinator refused: a resume starts from an earlier one.
+    for a in t["attempts"].as_array().into_iter().flatten() {
+        if let Some(why) = a["checkpoint_refused"].as_str() {
+            outln!(
+                "attempt {}: checkpoint refused: {}",
+                a["attempt"],
+                shown(why)
+            )?;
+        }
+    }
     outln!()?;
     // Why a result is not counted: how its attempt ended (`lost`, `cancelled`, ...).
     let end_of = |attempt: &Value| {

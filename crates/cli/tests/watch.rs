@@ -565,6 +565,50 @@ async fn a_cancelled_tasks_late_result_is_shown_and_counted_as_a_cancel_not_a_lo
     assert_eq!(o["counters"]["results_stale"], 0, "{o}");
 }
 
+/// A command task's checkpoint directory larger than the coordinator keeps: the coordinator
+/// refuses it and `tether task` says so on the attempt (a resume would start from an earlier
+/// checkpoint), instead of a line in the worker's log alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_too_large_for_the_coordinator_is_shown_on_the_task() {
+    let site = Site::new();
+    let mut cmd = tether();
+    cmd.args(["--log", "warn", "coordinator", "--listen"])
+        .arg(site.addr.to_string())
+        .arg("--data-dir")
+        .arg(site.dir.path())
+        .args(["--max-checkpoint-bytes", "100000"]);
+    let _coord = quiet(&mut cmd, "coordinator");
+    wait_ready(&site.http, &site.base).await;
+    // A checkpoint directory comes with a state directory.
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut cmd = tether();
+    cmd.args(["--log", "warn", "worker", "--coordinator"])
+        .arg(&site.base)
+        .args(["--id", "w1", "--state-dir"])
+        .arg(state.path());
+    let _w = quiet(&mut cmd, "worker");
+    let run = |args: &[&str]| client(&site.base, args);
+    let script = r#"head -c 200000 /dev/zero > "${TETHER_CHECKPOINT_DIR:?}/blob"; sleep 30"#;
+    let config = json!({"shell": script, "checkpoint_poll_ms": 50});
+    let spec = json!({"task_id": "big", "kind": "command", "config": config});
+    let r = site
+        .http
+        .post(format!("{}/api/v1/tasks", site.base))
+        .json(&json!({ "tasks": [spec] }))
+        .send()
+        .await
+        .expect("submit");
+    assert!(r.status().is_success(), "{}", r.status());
+    let shown = tether_testkit::wait_for("the refusal on the task", LONG, || async {
+        let (_, out, _) = run(&["task", "big"]);
+        out.contains("checkpoint refused").then_some(out)
+    })
+    .await;
+    assert!(shown.contains("exceeds the limit of 100000"), "{shown}");
+    let (ok, _, err) = run(&["cancel", "big"]);
+    assert!(ok, "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_all_reads_every_task_page_by_page_and_refuses_an_unknown_status() {
     let site = Site::new();

@@ -32,6 +32,8 @@ pub const SESSIONS_ENDED: &str = "tether_sessions_ended_total";
 pub const SESSIONS_REPLACED: &str = "tether_sessions_replaced_total";
 /// Counter: registrations refused as a replaced process's: two live processes share an id.
 pub const ID_CONFLICTS: &str = "tether_worker_id_conflicts_total";
+/// Counter: checkpoints refused as larger than `max_checkpoint_bytes`.
+pub const CHECKPOINTS_TOO_LARGE: &str = "tether_checkpoints_too_large_total";
 /// Counter: workers past the grace period whose leases were released.
 pub const WORKERS_LOST: &str = "tether_workers_lost_total";
 /// Gauge: known workers by `state` (connected, disconnected, lost).
@@ -252,6 +254,10 @@ fn describe() {
     describe_counter!(
         ID_CONFLICTS,
         "registrations refused as those of a process a newer one of the same worker id replaced"
+    );
+    describe_counter!(
+        CHECKPOINTS_TOO_LARGE,
+        "checkpoints refused as larger than the coordinator keeps"
     );
     describe_counter!(WORKERS_LOST, "workers lost after the grace period");
     describe_gauge!(WORKERS, "known workers by connection state");

@@ -52,6 +52,10 @@ pub struct AttemptRecord {
     /// A result from this attempt was recorded (counted or stale).
     #[serde(default)]
     pub result_recorded: bool,
+    /// Why this attempt's latest refused checkpoint was refused (larger than the coordinator
+    /// keeps): a resume starts from an earlier checkpoint, or afresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_refused: Option<String>,
 }
 
 /// Metadata of a stored checkpoint.

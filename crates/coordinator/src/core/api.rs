@@ -447,6 +447,7 @@ impl Core {
                 &c.checkpoint_messages_duplicate,
             ),
             ("checkpoint_bytes_served", &c.checkpoint_bytes_served),
+            ("checkpoints_too_large", &c.checkpoints_too_large),
             ("rejected", &c.rejected),
             ("assignments", &c.assignments),
             ("requeued", &c.requeued),

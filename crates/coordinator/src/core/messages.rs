@@ -723,14 +723,29 @@ impl Core {
     ) {
         let disposition = match self.standing(worker, &c.task_id, c.attempt) {
             Standing::Holder if c.size > self.cfg.max_checkpoint_bytes => {
+                let error = format!(
+                    "checkpoint {} of {} bytes exceeds the limit of {}; a resume starts from an \
+                     earlier checkpoint",
+                    c.checkpoint_id, c.size, self.cfg.max_checkpoint_bytes
+                );
+                tracing::warn!(worker = %worker, task = %c.task_id, attempt = %c.attempt, %error, "checkpoint refused");
+                self.counters
+                    .checkpoints_too_large
+                    .fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::CHECKPOINTS_TOO_LARGE).increment(1);
+                if let Some(a) = self
+                    .tasks
+                    .get_mut(&c.task_id)
+                    .and_then(|t| t.attempt_record(c.attempt))
+                {
+                    a.checkpoint_refused = Some(error.clone());
+                }
+                self.save_task(&c.task_id, b);
                 b.send(
                     session,
                     CoordMsg::error(
                         ErrorCode::BadFrame,
-                        format!(
-                            "checkpoint of {} bytes exceeds the limit of {}",
-                            c.size, self.cfg.max_checkpoint_bytes
-                        ),
+                        error,
                         Some("checkpoint".into()),
                         Some(c.seq.0),
                     ),

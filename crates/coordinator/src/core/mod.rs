@@ -194,6 +194,9 @@ pub struct Counters {
     /// `checkpoint` and `checkpoint_data` messages answered `duplicate`: replays of what was
     /// stored already.
     pub checkpoint_messages_duplicate: AtomicU64,
+    /// Checkpoints refused as larger than `max_checkpoint_bytes` (announced alone: their
+    /// pieces are never sent).
+    pub checkpoints_too_large: AtomicU64,
     pub rejected: AtomicU64,
     pub assignments: AtomicU64,
     pub requeued: AtomicU64,

@@ -73,6 +73,7 @@ impl Core {
             ended_at: None,
             end: None,
             result_recorded: false,
+            checkpoint_refused: None,
         });
         let Some(w) = self.workers.get_mut(worker) else {
             return;

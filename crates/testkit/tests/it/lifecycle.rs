@@ -244,10 +244,12 @@ async fn checkpoint_pieces_fit_in_the_frames_the_coordinator_takes() {
 }
 
 /// A checkpoint larger than the coordinator keeps (its `registration_ack` says how large) is
-/// not uploaded at all: no piece is sent only to see the announcement refused. The next one,
-/// within the limit, is stored.
+/// announced alone (`executor::tests`: no piece is sent only to see the announcement
+/// refused). The coordinator
+/// refuses it, counts it and says so on the task's attempt (a resume would start from an
+/// earlier checkpoint). The next one, within the limit, is stored.
 #[tokio::test]
-async fn a_checkpoint_larger_than_the_coordinator_keeps_is_not_sent() {
+async fn a_checkpoint_larger_than_the_coordinator_keeps_is_announced_alone_and_refused_visibly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut ccfg = fast_coordinator_config(dir.path().to_owned());
     ccfg.max_checkpoint_bytes = 100_000;
@@ -275,12 +277,15 @@ async fn a_checkpoint_larger_than_the_coordinator_keeps_is_not_sent() {
     })
     .await;
     assert_eq!(t["latest_checkpoint"]["size"], 50_000, "{t}");
-    let received = w
-        .handle
-        .shared
-        .errors_received
-        .load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(received, 0, "no refusal of a checkpoint came back");
+    let refused = t["attempts"][0]["checkpoint_refused"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        refused.contains("300000 bytes exceeds the limit of 100000"),
+        "{t}"
+    );
+    let o = client.overview().await;
+    assert_eq!(o["counters"]["checkpoints_too_large"], 1, "{o}");
     client.control(&id, "cancel").await;
     client.wait_status(&id, "cancelled").await;
     w.stop().await.expect("clean stop");

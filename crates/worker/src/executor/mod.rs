@@ -641,8 +641,9 @@ pub(crate) fn push_notice(outbox: &Outbox, task_id: &TaskId, attempt: Attempt, k
 
 /// Queues a checkpoint as one `checkpoint` message and its `checkpoint_data` pieces, unless
 /// it is larger than the coordinator keeps (`max_checkpoint`): then it is kept only here (a
-/// resume on this worker still finds it), logged and counted, and nothing is sent, since the
-/// coordinator would refuse its announcement after every piece had been sent.
+/// resume on this worker still finds it), logged and counted, and only its announcement is
+/// sent, which the coordinator refuses, saying so on the task's attempt: its pieces would be
+/// refused after every one had been sent.
 pub(crate) async fn upload_checkpoint(
     outbox: &Outbox,
     task_id: &TaskId,
@@ -650,12 +651,6 @@ pub(crate) async fn upload_checkpoint(
     chunk_size: usize,
     max_checkpoint: u64,
 ) {
-    let size = cp.data.len() as u64;
-    if size > max_checkpoint {
-        metrics::counter!(crate::metrics::CHECKPOINTS_TOO_LARGE).increment(1);
-        tracing::error!(task = %task_id, checkpoint = %cp.id, size, limit = max_checkpoint, "checkpoint larger than the coordinator keeps: not uploaded (a resume elsewhere starts from an earlier one)");
-        return;
-    }
     // Larger pieces rather than more than the coordinator takes (at the default frame limit,
     // a checkpoint would need to pass 1 TiB for such a piece not to fit in a frame).
     let most = usize::try_from(tether_proto::codec::MAX_CHECKPOINT_CHUNKS).unwrap_or(usize::MAX);
@@ -665,7 +660,14 @@ pub(crate) async fn upload_checkpoint(
     } else {
         cp.data.chunks(chunk_size).collect()
     };
-    metrics::counter!(crate::metrics::CHECKPOINT_BYTES).increment(cp.data.len() as u64);
+    let size = cp.data.len() as u64;
+    let too_large = size > max_checkpoint;
+    if too_large {
+        metrics::counter!(crate::metrics::CHECKPOINTS_TOO_LARGE).increment(1);
+        tracing::error!(task = %task_id, checkpoint = %cp.id, size, limit = max_checkpoint, "checkpoint larger than the coordinator keeps: not uploaded (a resume elsewhere starts from an earlier one)");
+    } else {
+        metrics::counter!(crate::metrics::CHECKPOINT_BYTES).increment(size);
+    }
     outbox.reserve().await;
     outbox.push(Class::State, None, |seq| {
         WorkerMsg::Checkpoint(Checkpoint {
@@ -678,6 +680,9 @@ pub(crate) async fn upload_checkpoint(
             timestamp: now(),
         })
     });
+    if too_large {
+        return;
+    }
     for (i, piece) in pieces.into_iter().enumerate() {
         outbox.reserve().await;
         outbox.push(Class::State, None, |seq| {
@@ -974,8 +979,9 @@ mod tests {
         assert_eq!(msgs.len(), most + 1);
     }
 
-    /// A checkpoint larger than the coordinator keeps is not sent (it would be refused once
-    /// every piece had gone); one of the limit's size is.
+    /// A checkpoint larger than the coordinator keeps is announced alone (the coordinator
+    /// refuses it, saying so on the task; its pieces would be refused once every one had
+    /// gone); one of the limit's size is sent whole.
     #[tokio::test]
     async fn a_checkpoint_larger_than_the_coordinator_keeps_is_not_uploaded() {
         let outbox = Outbox::new(crate::outbox::Limits {
@@ -989,7 +995,14 @@ mod tests {
             data: Arc::new(vec![7; n]),
         };
         upload_checkpoint(&outbox, &task, &cp("c-big", 1001), 100, 1000).await;
-        assert!(outbox.is_empty(), "nothing of it is queued");
+        let queued = outbox.take_unsent(usize::MAX);
+        assert!(
+            matches!(&queued[..], [(_, m)] if matches!(m.as_ref(), WorkerMsg::Checkpoint(c) if c.size == 1001)),
+            "its announcement alone"
+        );
+        for (seq, _) in queued {
+            outbox.ack(seq);
+        }
         upload_checkpoint(&outbox, &task, &cp("c-fits", 1000), 100, 1000).await;
         assert_eq!(outbox.take_unsent(usize::MAX).len(), 1 + 10);
     }

@@ -3,7 +3,10 @@
 //! A command task writes its state as files in a directory; the worker ships that directory
 //! as one checkpoint blob and restores it before a later attempt starts.
 //!
-//! Format `tether-dir-v1` is one JSON object:
+//! Format `tether-dir-v2` (written) is binary: the line `tether-dir-v2\n`, then for each file
+//! a little-endian `u32` path length, the path, a little-endian `u64` content length and the
+//! content, in path order. Format `tether-dir-v1` (read, for checkpoints packed by older
+//! workers) is one JSON object whose contents are base64, a third larger:
 //!
 //! ```json
 //! {"format": "tether-dir-v1", "files": {"rel/path": "<base64 of the content>"}}
@@ -14,8 +17,9 @@
 //! - Paths are relative, `/`-separated and UTF-8; on unpack every component must be a plain
 //!   name (no empty, `.` or `..` component, no leading `/`), so a pack cannot write outside
 //!   its directory.
-//! - A pack holds at most [`MAX_FILES`] files and [`MAX_TOTAL_BYTES`] bytes of content; both
-//!   ends refuse more with an error instead of growing without bound.
+//! - A pack is at most [`MAX_PACK_BYTES`] long (the coordinator's default checkpoint limit:
+//!   files and their 12 bytes and path each) and holds at most [`MAX_FILES`] files; both ends
+//!   refuse more with an error instead of growing without bound.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -27,10 +31,14 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
-/// The `format` tag of a pack.
-pub const FORMAT: &str = "tether-dir-v1";
-/// Most bytes of file content one pack may hold.
-pub const MAX_TOTAL_BYTES: u64 = 64 * 1024 * 1024;
+/// The format written.
+pub const FORMAT: &str = "tether-dir-v2";
+/// The first bytes of a pack of [`FORMAT`].
+const MAGIC: &[u8] = b"tether-dir-v2\n";
+/// The JSON format of older workers, still read.
+const FORMAT_V1: &str = "tether-dir-v1";
+/// Most bytes one pack may be: the coordinator's default `max_checkpoint_bytes`.
+pub const MAX_PACK_BYTES: u64 = 64 * 1024 * 1024;
 /// Most files one pack may hold.
 pub const MAX_FILES: usize = 10_000;
 
@@ -44,13 +52,13 @@ pub enum PackError {
         #[source]
         source: io::Error,
     },
-    #[error("checkpoint holds more than {limit} bytes of files")]
+    #[error("checkpoint directory packs to more than {limit} bytes")]
     TooLarge { limit: u64 },
     #[error("checkpoint holds more than {MAX_FILES} files")]
     TooManyFiles,
     #[error("file name {} is not UTF-8", .0.display())]
     NonUtf8Name(PathBuf),
-    #[error("not a {FORMAT} pack: {0}")]
+    #[error("not a checkpoint pack: {0}")]
     BadFormat(String),
     #[error("unsafe path {0:?} in checkpoint (must be relative, without `.` or `..`)")]
     UnsafePath(String),
@@ -64,9 +72,10 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PackError 
     }
 }
 
+/// A pack of format `tether-dir-v1`.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Pack {
+struct PackV1 {
     format: String,
     files: BTreeMap<String, String>,
 }
@@ -89,48 +98,111 @@ pub fn signature(dir: &Path) -> Result<Signature, PackError> {
 
 /// Packs the regular files under `dir`.
 pub fn pack(dir: &Path) -> Result<Vec<u8>, PackError> {
-    pack_limited(dir, MAX_TOTAL_BYTES)
+    pack_limited(dir, MAX_PACK_BYTES)
+}
+
+/// The bytes a file's entry takes besides its content: its two lengths and its path.
+fn entry_overhead(rel: &str) -> u64 {
+    4 + rel.len() as u64 + 8
 }
 
 fn pack_limited(dir: &Path, limit: u64) -> Result<Vec<u8>, PackError> {
-    let mut files = BTreeMap::new();
-    let mut total: u64 = 0;
-    for (rel, f) in walk(dir)? {
-        if total.saturating_add(f.len) > limit {
-            return Err(PackError::TooLarge { limit });
-        }
-        let mut content = Vec::new();
-        let read = fs::File::open(&f.path).and_then(|file| {
-            // A file may grow while we read it; never read past the limit.
-            file.take(limit - total + 1).read_to_end(&mut content)
-        });
-        match read {
-            Ok(n) => total += n as u64,
+    let files = walk(dir)?;
+    let too_large = PackError::TooLarge { limit };
+    let listed = files.iter().fold(MAGIC.len() as u64, |n, (rel, f)| {
+        n.saturating_add(entry_overhead(rel)).saturating_add(f.len)
+    });
+    if listed > limit {
+        return Err(too_large);
+    }
+    let mut out = Vec::with_capacity(usize::try_from(listed).unwrap_or(0));
+    out.extend_from_slice(MAGIC);
+    for (rel, f) in files {
+        let mut file = match fs::File::open(&f.path) {
+            Ok(file) => file,
             // The task deleted it between listing and reading: it is simply not in this pack.
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io_err("read", &f.path)(e)),
+        };
+        let path_len = u32::try_from(rel.len()).map_err(|_| PackError::UnsafePath(rel.clone()))?;
+        out.extend_from_slice(&path_len.to_le_bytes());
+        out.extend_from_slice(rel.as_bytes());
+        let len_at = out.len();
+        out.extend_from_slice(&0u64.to_le_bytes());
+        // A file may grow while we read it; never read past the limit.
+        let room = limit.saturating_sub(out.len() as u64);
+        let n = (&mut file)
+            .take(room + 1)
+            .read_to_end(&mut out)
+            .map_err(io_err("read", &f.path))?;
+        if n as u64 > room {
+            return Err(too_large);
         }
-        if total > limit {
-            return Err(PackError::TooLarge { limit });
-        }
-        files.insert(rel, BASE64.encode(&content));
+        out[len_at..len_at + 8].copy_from_slice(&(n as u64).to_le_bytes());
     }
-    let pack = Pack {
-        format: FORMAT.to_owned(),
-        files,
-    };
-    serde_json::to_vec(&pack).map_err(|e| PackError::BadFormat(e.to_string()))
+    Ok(out)
 }
 
 /// Decodes a pack into relative paths and contents, checking format, paths and limits.
 pub fn decode(data: &[u8]) -> Result<BTreeMap<String, Vec<u8>>, PackError> {
-    decode_limited(data, MAX_TOTAL_BYTES)
+    decode_limited(data, MAX_PACK_BYTES)
 }
 
 fn decode_limited(data: &[u8], limit: u64) -> Result<BTreeMap<String, Vec<u8>>, PackError> {
-    let pack: Pack =
+    let files = match data.strip_prefix(MAGIC) {
+        Some(entries) => {
+            if data.len() as u64 > limit {
+                return Err(PackError::TooLarge { limit });
+            }
+            decode_entries(entries)?
+        }
+        None => decode_v1(data, limit)?,
+    };
+    if files.len() > MAX_FILES {
+        return Err(PackError::TooManyFiles);
+    }
+    if let Some(rel) = files.keys().find(|rel| !is_safe_relative(rel)) {
+        return Err(PackError::UnsafePath(rel.clone()));
+    }
+    Ok(files)
+}
+
+/// The entries of a `tether-dir-v2` pack, after its magic.
+fn decode_entries(mut rest: &[u8]) -> Result<BTreeMap<String, Vec<u8>>, PackError> {
+    let bad = |what: &str| PackError::BadFormat(format!("{FORMAT}: {what}"));
+    let take = |n: u64, rest: &mut &[u8]| -> Result<Vec<u8>, PackError> {
+        let n = usize::try_from(n).map_err(|_| bad("a length past the end"))?;
+        if rest.len() < n {
+            return Err(bad("a length past the end"));
+        }
+        let (head, tail) = rest.split_at(n);
+        *rest = tail;
+        Ok(head.to_vec())
+    };
+    let mut files = BTreeMap::new();
+    while !rest.is_empty() {
+        if files.len() == MAX_FILES {
+            return Err(PackError::TooManyFiles);
+        }
+        let path_len = take(4, &mut rest)?;
+        let path_len = u32::from_le_bytes(path_len.try_into().map_err(|_| bad("a short entry"))?);
+        let path = String::from_utf8(take(u64::from(path_len), &mut rest)?)
+            .map_err(|_| bad("a path that is not UTF-8"))?;
+        let len = take(8, &mut rest)?;
+        let len = u64::from_le_bytes(len.try_into().map_err(|_| bad("a short entry"))?);
+        let content = take(len, &mut rest)?;
+        if files.insert(path.clone(), content).is_some() {
+            return Err(bad(&format!("{path:?} twice")));
+        }
+    }
+    Ok(files)
+}
+
+/// The files of a `tether-dir-v1` pack, with at most `limit` bytes of content.
+fn decode_v1(data: &[u8], limit: u64) -> Result<BTreeMap<String, Vec<u8>>, PackError> {
+    let pack: PackV1 =
         serde_json::from_slice(data).map_err(|e| PackError::BadFormat(e.to_string()))?;
-    if pack.format != FORMAT {
+    if pack.format != FORMAT_V1 {
         return Err(PackError::BadFormat(format!("format is {:?}", pack.format)));
     }
     if pack.files.len() > MAX_FILES {
@@ -139,9 +211,6 @@ fn decode_limited(data: &[u8], limit: u64) -> Result<BTreeMap<String, Vec<u8>>, 
     let mut out = BTreeMap::new();
     let mut total: u64 = 0;
     for (rel, b64) in pack.files {
-        if !is_safe_relative(&rel) {
-            return Err(PackError::UnsafePath(rel));
-        }
         let content = BASE64
             .decode(b64.as_bytes())
             .map_err(|e| PackError::BadFormat(format!("{rel}: {e}")))?;
@@ -255,16 +324,29 @@ mod tests {
         fs::write(path, content).expect("write");
     }
 
-    fn pack_of(files: &[(&str, &str)]) -> Vec<u8> {
+    /// A `tether-dir-v1` pack of `files`, as older workers wrote.
+    fn pack_v1(files: &[(&str, &str)]) -> Vec<u8> {
         let files = files
             .iter()
             .map(|(p, c)| ((*p).to_owned(), BASE64.encode(c)))
             .collect();
-        serde_json::to_vec(&Pack {
-            format: FORMAT.to_owned(),
+        serde_json::to_vec(&PackV1 {
+            format: FORMAT_V1.to_owned(),
             files,
         })
         .expect("json")
+    }
+
+    /// A `tether-dir-v2` pack of `files`, in the order given.
+    fn pack_v2(files: &[(&str, &str)]) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        for (p, c) in files {
+            out.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            out.extend_from_slice(p.as_bytes());
+            out.extend_from_slice(&(c.len() as u64).to_le_bytes());
+            out.extend_from_slice(c.as_bytes());
+        }
+        out
     }
 
     #[test]
@@ -303,11 +385,13 @@ mod tests {
         let target = dir.path().join("target");
         write(&target, "keep.txt", b"keep");
         for bad in ["../x", "/etc/x", "a/../../x", "a//b", "./x", "a/.", ""] {
-            let r = unpack(&pack_of(&[("ok.txt", "fine"), (bad, "evil")]), &target);
-            assert!(
-                matches!(&r, Err(PackError::UnsafePath(p)) if p == bad),
-                "{bad:?}: {r:?}"
-            );
+            for pack in [pack_v1, pack_v2] {
+                let r = unpack(&pack(&[("ok.txt", "fine"), (bad, "evil")]), &target);
+                assert!(
+                    matches!(&r, Err(PackError::UnsafePath(p)) if p == bad),
+                    "{bad:?}: {r:?}"
+                );
+            }
         }
         assert!(!dir.path().join("x").exists());
         assert_eq!(fs::read(target.join("keep.txt")).expect("read"), b"keep");
@@ -331,6 +415,43 @@ mod tests {
             unpack(bad_b64, dir.path()),
             Err(PackError::BadFormat(_))
         ));
+        // A binary pack cut anywhere inside an entry, or naming a file twice.
+        let whole = pack_v2(&[("a", "one"), ("b", "two")]);
+        for cut in MAGIC.len() + 1..whole.len() {
+            if cut == MAGIC.len() + 4 + 1 + 8 + 3 {
+                continue; // between the two entries: a whole pack of "a"
+            }
+            let r = decode(&whole[..cut]);
+            assert!(
+                matches!(r, Err(PackError::BadFormat(_))),
+                "cut at {cut}: {r:?}"
+            );
+        }
+        let twice = pack_v2(&[("a", "one"), ("a", "two")]);
+        assert!(matches!(decode(&twice), Err(PackError::BadFormat(_))));
+    }
+
+    /// A pack is its files and 12 bytes and a path each, not a third more (base64, as the
+    /// first format was); and a pack an older worker wrote still restores.
+    #[test]
+    fn a_pack_is_about_as_large_as_its_files_and_an_older_workers_pack_still_unpacks() {
+        let src = tempfile::tempdir().expect("tempdir");
+        let content: Vec<u8> = (0..3 * 1024 * 1024u32)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        write(src.path(), "blob", &content);
+        write(src.path(), "n", b"13\n");
+        let packed = pack(src.path()).expect("pack");
+        let files = 3 * 1024 * 1024 + 3;
+        assert_eq!(
+            packed.len(),
+            MAGIC.len() + files + 2 * 12 + "blob".len() + "n".len()
+        );
+        assert_eq!(decode(&packed).expect("decode")["blob"], content);
+        let dst = tempfile::tempdir().expect("tempdir");
+        unpack(&pack_v1(&[("n", "12\n"), ("d/e", "x")]), dst.path()).expect("a v1 pack");
+        assert_eq!(fs::read(dst.path().join("n")).expect("read"), b"12\n");
+        assert_eq!(fs::read(dst.path().join("d/e")).expect("read"), b"x");
     }
 
     #[test]
@@ -338,10 +459,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         write(dir.path(), "a", &[7; 600]);
         write(dir.path(), "b", &[7; 600]);
-        assert!(pack_limited(dir.path(), 1200).is_ok());
+        // The magic, and 12 bytes, a one-letter path and 600 bytes a file.
+        let whole = (MAGIC.len() + 2 * (12 + 1 + 600)) as u64;
+        assert_eq!(
+            pack_limited(dir.path(), whole).expect("fits").len() as u64,
+            whole
+        );
         assert!(matches!(
-            pack_limited(dir.path(), 1000),
-            Err(PackError::TooLarge { limit: 1000 })
+            pack_limited(dir.path(), whole - 1),
+            Err(PackError::TooLarge { .. })
         ));
         let packed = pack(dir.path()).expect("pack");
         assert!(matches!(
