@@ -248,6 +248,23 @@ pub struct Agent {
     /// The pace of what the outbox sends, below the coordinator's message and byte rates; kept
     /// across sessions, as the coordinator keeps its counts ([`crate::pace`]).
     pub(crate) pace: Option<crate::pace::Pace>,
+    /// The root of the tasks' checkpoint directories of an agent without a state directory.
+    pub(crate) _scratch: Option<ScratchDir>,
+}
+
+/// A directory of the agent's own, removed (with what is in it) when the agent is dropped.
+#[derive(Debug)]
+pub(crate) struct ScratchDir(pub(crate) std::path::PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        match std::fs::remove_dir_all(&self.0) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(dir = %self.0.display(), error = %e, "could not remove the tasks' checkpoint directories");
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Observes every acknowledgement with the message it acknowledged, when the outbox still held
@@ -321,11 +338,25 @@ impl Agent {
         let mut runner = Runner::new(executors, outbox.clone(), cfg.checkpoint_chunk_size)
             .with_max_frame(cfg.max_frame)
             .with_local_checkpoints(restored.checkpoints);
-        if let Some(dir) = &cfg.state_dir {
-            runner = runner
-                .with_checkpoint_root(dir.join("tasks"))
-                .with_group_root(dir.join(crate::executor::orphans::GROUPS_DIR));
-        }
+        let boot_id = format!("b-{}", uuid::Uuid::new_v4().simple());
+        // A task's checkpoint directory (`$TETHER_CHECKPOINT_DIR` of a `command` task) lives in
+        // the state directory, or without one in a directory of this agent's own under the
+        // system's temporary directory: a task checkpoints and resumes either way; only a
+        // restart of the worker process loses what the state directory would have kept. Made
+        // by the first task that needs it, removed with the agent.
+        let scratch = match &cfg.state_dir {
+            Some(dir) => {
+                runner = runner
+                    .with_checkpoint_root(dir.join("tasks"))
+                    .with_group_root(dir.join(crate::executor::orphans::GROUPS_DIR));
+                None
+            }
+            None => {
+                let dir = std::env::temp_dir().join(format!("tether-worker-{boot_id}"));
+                runner = runner.with_checkpoint_root(dir.join("tasks"));
+                Some(ScratchDir(dir))
+            }
+        };
         if let Some(sd) = &state {
             runner = persist_runner(runner, sd);
         }
@@ -378,7 +409,8 @@ impl Agent {
             outbox,
             shared,
             connector,
-            boot_id: format!("b-{}", uuid::Uuid::new_v4().simple()),
+            boot_id,
+            _scratch: scratch,
             rng: StdRng::seed_from_u64(seed),
             lost: restored.lost,
             heartbeat_seq: 0,

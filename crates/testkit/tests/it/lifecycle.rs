@@ -955,3 +955,61 @@ async fn a_worker_stopped_while_cut_off_hands_its_task_back_once_it_reaches_the_
     assert_eq!(w["state"], "stopped", "{w}");
     c.stop().await;
 }
+
+/// A worker without a state directory gives a `command` task a checkpoint directory all the
+/// same (it once gave none: a script's `$TETHER_CHECKPOINT_DIR/n` was `/n`, and a resume
+/// started afresh): its checkpoints ship, a resume on another such worker starts from the
+/// latest, and the directory goes with the worker.
+#[tokio::test]
+async fn a_command_task_checkpoints_and_resumes_on_workers_without_a_state_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let client = c.client();
+    let first = spawn_worker(
+        fast_worker_config(&c.ws_url(), "first"),
+        Executors::builtin(),
+    );
+    first.wait_state(|s| s == ConnState::Connected).await;
+    let script = r#"d=${TETHER_CHECKPOINT_DIR:?}; n=$(cat "$d/n" 2>/dev/null || echo 0); echo "start $n"
+while [ "$n" -lt 40 ]; do n=$((n+1)); echo "$n" > "$d/n"; sleep 0.1; done; echo "end $n""#;
+    let spec = TaskSpec::new(
+        "command",
+        serde_json::json!({"shell": script, "checkpoint_poll_ms": 50}),
+    );
+    let ids = client.submit(&[spec]).await;
+    wait_for("a checkpoint of the first attempt", DEADLINE, || async {
+        let t = client.task(&ids[0]).await;
+        (t["latest_checkpoint"]["attempt"] == 1).then_some(())
+    })
+    .await;
+    let workers: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
+    let boot = workers[0]["boot_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let scratch = std::env::temp_dir().join(format!("tether-worker-{boot}"));
+    assert!(scratch.join("tasks").join(ids[0].as_str()).is_dir());
+    first.stop().await.expect("stop");
+    assert!(!scratch.exists(), "the directory goes with the worker");
+    let second = spawn_worker(
+        fast_worker_config(&c.ws_url(), "second"),
+        Executors::builtin(),
+    );
+    let t = client.wait_status(&ids[0], "completed").await;
+    assert_eq!(t["attempts"][1]["worker"], "second", "{t}");
+    let results = client.results(&ids[0]).await;
+    let out = results[0]["body"]["result"]["stdout_tail"]
+        .as_str()
+        .unwrap_or_default();
+    let from: u32 = out
+        .strip_prefix("start ")
+        .and_then(|s| s.lines().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out:?}"));
+    assert!(
+        from > 0 && out.ends_with("end 40\n"),
+        "resumed from {from}: {out:?}"
+    );
+    second.stop().await.expect("stop");
+    c.stop().await;
+}
