@@ -465,7 +465,14 @@ fn command_spec(a: &SubmitArgs) -> anyhow::Result<TaskSpec> {
     spec.priority = a.priority;
     spec.requires = a.requires.clone();
     spec.tags = a.tags.iter().cloned().collect();
-    spec.timeout_ms = a.timeout.map(|d| d.as_millis() as u64);
+    spec.timeout_ms = a
+        .timeout
+        .map(|d| {
+            u64::try_from(d.as_millis()).map_err(|_| {
+                anyhow::anyhow!("--timeout {d:?} is longer than a task's timeout can be")
+            })
+        })
+        .transpose()?;
     spec.max_attempts = a.max_attempts;
     spec.name = a.name.clone();
     Ok(spec)
@@ -955,6 +962,10 @@ mod tests {
             .expect("refused");
         assert!(e.to_string().contains("use KEY=VALUE"), "{e}");
         assert!(submit_args(&["--tag", "=v", "--", "true"]).is_err());
+        // A timeout past what its milliseconds hold is refused, not wrapped around to seconds.
+        let huge = submit_args(&["--timeout", "213503982334d 51956616ms", "--", "true"]);
+        let e = command_spec(&huge.expect("parsed")).expect_err("refused");
+        assert!(e.to_string().contains("--timeout"), "{e}");
         assert!(
             submit_args(&["--shell", "true", "--", "true"]).is_err(),
             "one or the other"

@@ -19,8 +19,8 @@ pub fn describe(e: &anyhow::Error) -> String {
     for cause in e.chain() {
         let text = cause.to_string();
         // Said already, by a context that quotes its cause (`no task x at this coordinator`
-        // over `no task x`).
-        if out.contains(&text) {
+        // over `no task x`, or over the coordinator's `no task x (HTTP 404)`).
+        if out.contains(&text) || out.contains(without_status(&text)) {
             continue;
         }
         if !out.is_empty() {
@@ -33,6 +33,13 @@ pub fn describe(e: &anyhow::Error) -> String {
         out.push_str(" (is the coordinator serving TLS? then give an https:// URL)");
     }
     out
+}
+
+/// `text` without the ` (HTTP nnn)` an answer of the coordinator ends with.
+fn without_status(text: &str) -> &str {
+    text.rsplit_once(" (HTTP ")
+        .filter(|(_, code)| code.len() == 4 && code.ends_with(')'))
+        .map_or(text, |(said, _)| said)
 }
 
 /// `println!` for a command's output: `outln!(...)?` ends the command on a closed pipe instead
@@ -70,6 +77,8 @@ mod tests {
         let e = anyhow::Error::new(std::io::Error::other("denied")).context("reading x");
         assert_eq!(describe(&e), "reading x: denied");
         let e = anyhow::anyhow!("no task x").context("no task x at this coordinator");
+        assert_eq!(describe(&e), "no task x at this coordinator");
+        let e = anyhow::anyhow!("no task x (HTTP 404)").context("no task x at this coordinator");
         assert_eq!(describe(&e), "no task x at this coordinator");
         let e = anyhow::anyhow!("invalid HTTP version parsed").context("GET http://h/api");
         assert!(

@@ -217,7 +217,8 @@ fn coordinator_config(
         // Shorter, results would go before anyone reads them (`0s`: within a second).
         anyhow::ensure!(
             d >= MIN_RETENTION,
-            "retention {d:?} would remove a finished task and its results before most readers see them: at least {}s (or leave it unset to keep them)",
+            "retention {} would remove a finished task and its results before most readers see them: at least {}s (or leave it unset to keep them)",
+            humantime::format_duration(d),
             MIN_RETENTION.as_secs()
         );
         cfg.retention = Some(d);
@@ -752,6 +753,9 @@ fn as_flag(e: tether_proto::settings::ConfigError) -> anyhow::Error {
         "backoff.initial" => "--initial-reconnect-delay".to_owned(),
         "backoff.max" => "--max-reconnect-delay".to_owned(),
         "backoff.max_attempts" => "--max-reconnect-attempts".to_owned(),
+        // Repeatable flags, named as one is given.
+        "capabilities" => "--capability".to_owned(),
+        "tags" => "--tag".to_owned(),
         field => format!("--{}", field.replace('_', "-")),
     };
     // The reason may name another setting (a cap below the first delay).
@@ -1058,7 +1062,7 @@ mod tests {
             (&["--max-frame", "65536"], "at least 1048576"),
             (&["--max-frame", "1024"], "at least 1048576"),
             // `0s` removed results within a second of their task's end.
-            (&["--retention", "0s"], "retention 0ns would remove"),
+            (&["--retention", "0s"], "retention 0s would remove"),
             (&["--retention", "59s"], "at least 60s"),
         ] {
             let e = coord(flags).expect_err("refused");

@@ -185,6 +185,13 @@ impl TaskSpec {
         if self.timeout_ms == Some(0) {
             return Err("timeout_ms must be positive".into());
         }
+        // What no worker could match: the task would wait in the queue for ever.
+        if self.requires.iter().any(|c| c.trim().is_empty()) {
+            return Err("requires: an empty capability is one no worker offers".into());
+        }
+        if self.tags.keys().any(|k| k.trim().is_empty()) {
+            return Err("tags: an empty key is one no worker carries".into());
+        }
         Ok(())
     }
 }
@@ -256,6 +263,21 @@ pub struct ConnStats {
 mod tests {
     use super::*;
     use crate::msg::{JsonText, MAX_JSON_DEPTH};
+
+    /// A spec no worker could ever match is refused, not left queued for ever.
+    #[test]
+    fn a_spec_requiring_an_empty_capability_or_tag_key_is_refused() {
+        let mut spec = TaskSpec::new("sleep", serde_json::json!({}));
+        spec.requires = vec!["cpu".into()];
+        spec.tags.insert("rack".into(), "r1".into());
+        spec.validate().expect("valid");
+        let mut empty = spec.clone();
+        empty.requires.push(" ".into());
+        assert!(empty.validate().expect_err("refused").contains("requires"));
+        let mut keyless = spec.clone();
+        keyless.tags.insert(String::new(), "x".into());
+        assert!(keyless.validate().expect_err("refused").contains("tags"));
+    }
 
     #[test]
     fn a_specs_config_is_kept_as_the_text_it_came_in_and_passed_on_as_it_is() {

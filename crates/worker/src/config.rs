@@ -148,6 +148,17 @@ impl WorkerConfig {
         if self.slots == 0 {
             return Err(ConfigError::new("slots", "0 runs nothing: at least 1"));
         }
+        // As a submission's: a key a task could not name (`tether submit --tag KEY=VALUE`).
+        if self
+            .tags
+            .keys()
+            .any(|k| k.trim().is_empty() || k.contains('='))
+        {
+            return Err(ConfigError::new(
+                "tags",
+                "a tag's key must not be empty nor hold `=`: no task could require it",
+            ));
+        }
         Ok(())
     }
 
@@ -198,7 +209,7 @@ mod tests {
         let base = || WorkerConfig::new("ws://127.0.0.1:1", WorkerId::parse("w").expect("id"));
         base().validate().expect("the defaults");
         type Spoil = fn(&mut WorkerConfig);
-        let cases: [(&str, Spoil); 9] = [
+        let cases: [(&str, Spoil); 11] = [
             ("heartbeat_interval", |c| {
                 c.heartbeat_interval = Duration::ZERO
             }),
@@ -214,6 +225,12 @@ mod tests {
                 c.capabilities = vec!["cpu".into(), String::new()]
             }),
             ("capabilities", |c| c.capabilities = vec![" ".into()]),
+            ("tags", |c| {
+                c.tags.insert(String::new(), "x".into());
+            }),
+            ("tags", |c| {
+                c.tags.insert("a=b".into(), "c".into());
+            }),
         ];
         for (field, spoil) in cases {
             let mut c = base();
