@@ -624,10 +624,23 @@ impl Core {
                 break;
             }
         }
-        // A clean stop: its workers' sessions were open until now (the writer commits what it
-        // is handed before it exits).
-        if self.any_connected() {
+        // A clean stop: its workers' sessions were open until now, and each one's latest
+        // statistics are saved (telemetry saves them at most every `STATS_SAVE_EVERY`: a restart
+        // would show older ones). The writer commits what it is handed before it exits.
+        let connected: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| w.state == WorkerState::Connected)
+            .map(|w| w.worker_id.clone())
+            .collect();
+        if !connected.is_empty() {
             let mut last = Batch::default();
+            for id in &connected {
+                if let Some(w) = self.workers.get_mut(id) {
+                    w.fold_seen();
+                }
+                self.save_worker(id, &mut last);
+            }
             last.muts.push(Mutation::AliveAt(now()));
             let _ = writer.pass(last).await;
         }

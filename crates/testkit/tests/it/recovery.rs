@@ -652,14 +652,29 @@ async fn stopped_and_lost_workers_stay_so_and_are_not_lost_again_after_a_restart
 }
 
 /// A worker connected when the coordinator stops was there until it stopped: after the
-/// restart its `last_seen` is the stop, not its registration, which was its record's last save.
+/// restart its `last_seen` is the stop, not its registration, which was its record's last save;
+/// and its statistics are its latest report's, which telemetry alone saves only every 5 min.
 #[tokio::test]
 async fn a_worker_connected_at_a_stop_is_last_seen_at_the_stop_after_the_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
-    // A raw worker: it registers, then says nothing, and does not come back after the stop.
+    // A raw worker: it registers, reports once, then says nothing, and does not come back
+    // after the stop.
     let mut raw = Raw::connect(&c, "quiet").await;
     raw.send(&raw.registration(None, &[])).await;
+    raw.next_of("registration_ack").await;
+    let stats = tether_proto::task::ConnStats {
+        reconnects: 7,
+        ..Default::default()
+    };
+    let report = tether_proto::msg::WorkerMsg::Telemetry(tether_proto::msg::Telemetry {
+        seq: tether_proto::Seq(1),
+        connection_stats: stats,
+        metrics: serde_json::Value::Null,
+        timestamp: chrono::Utc::now(),
+    });
+    raw.send(&serde_json::to_value(report).expect("json")).await;
+    raw.next_of("telemetry_ack").await;
     let client = c.client();
     let registered = wait_for("the registration", DEADLINE, || async {
         let workers: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
@@ -686,6 +701,7 @@ async fn a_worker_connected_at_a_stop_is_last_seen_at_the_stop_after_the_restart
         "last seen {seen}, registered {registered}, stopped {stopped}"
     );
     assert_eq!(workers[0]["disconnected_at"], workers[0]["last_seen"]);
+    assert_eq!(workers[0]["stats"]["reconnects"], 7, "{workers:?}");
     c.stop().await;
 }
 
