@@ -28,6 +28,7 @@ fn stress(args: &[&str]) -> Value {
     );
     let report: Value = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("report is not JSON ({e}):\n{stdout}\n{stderr}"));
+    assert_eq!(report["passed"], true, "{report:#}");
     for v in report["verdicts"].as_array().expect("verdicts") {
         assert_eq!(v["pass"], true, "verdict failed: {v}");
     }
@@ -360,6 +361,17 @@ fn arguments_no_run_can_use_are_refused_by_name_before_anything_starts() {
         (&["steady_load", "--reset-every", "10ms"], "--reset-every"),
         (&["thundering_herd", "--reset-every", "1s"], "--reset-every"),
         (&["steady_load", "--workers", "0"], "--workers"),
+        // Another scenario's option: refused, not echoed in the report as if it was used.
+        (&["steady_load", "--cut", "reset"], "--cut does not apply"),
+        (&["steady_load", "--rate=5"], "--rate does not apply"),
+        (
+            &["thundering_herd", "--probes", "2"],
+            "--probes does not apply",
+        ),
+        (
+            &["message_flood", "--churn", "0.1"],
+            "--churn does not apply",
+        ),
         (&["steady_load", "--slots", "0"], "--slots"),
         (&["thundering_herd", "--tasks", "0"], "--tasks"),
         (
@@ -415,12 +427,22 @@ fn a_failed_run_keeps_its_work_directory_and_says_where() {
             "--duration",
             "1s",
         ])
-        .args(["--deadline", "1ms"])
+        .args(["--deadline", "1ms", "--json"])
         .output()
         .expect("run tether stress");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("--deadline"), "{err}");
+    // `--json` still gets a document, which says the run failed and why.
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("a JSON document on stdout");
+    assert_eq!(doc["passed"], false, "{doc}");
+    assert!(
+        doc["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--deadline"),
+        "{doc}"
+    );
     let kept = err
         .lines()
         .find_map(|l| l.strip_prefix("kept the work directory "))

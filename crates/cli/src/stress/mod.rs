@@ -158,10 +158,10 @@ pub struct StressArgs {
     /// steady_load: fraction of the workers replaced every second (half of them crash).
     #[arg(long, default_value_t = 0.05)]
     pub churn: f64,
-    /// Latency probes (message_flood, steady_load).
+    /// message_flood: latency probes.
     #[arg(long, default_value_t = 4)]
     pub probes: u32,
-    /// Messages per second of each probe.
+    /// message_flood: messages per second of each probe.
     #[arg(long, default_value_t = 50)]
     pub probe_rate: u32,
     /// Source addresses 127.0.0.1 .. 127.0.0.N the workers connect from.
@@ -244,6 +244,35 @@ impl StressArgs {
             Scenario::CheckpointHeavy => 200,
             _ => 100,
         })
+    }
+
+    /// Refuses a scenario's option given to another scenario, which would be echoed in the
+    /// report as though it shaped the run. `given` says whether a flag was on the command line
+    /// (these have defaults, so their values cannot tell).
+    pub fn check_applicable(&self, given: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+        use Scenario::*;
+        let only: [(&str, Scenario); 10] = [
+            ("--rate", MessageFlood),
+            ("--size", MessageFlood),
+            ("--in-step", MessageFlood),
+            ("--probes", MessageFlood),
+            ("--probe-rate", MessageFlood),
+            ("--checkpoint-size", CheckpointHeavy),
+            ("--outage", ThunderingHerd),
+            ("--cut", ThunderingHerd),
+            ("--idle", ThunderingHerd),
+            ("--churn", SteadyLoad),
+        ];
+        for (flag, scenario) in only {
+            if scenario != self.scenario && given(flag) {
+                bail!(
+                    "{flag} does not apply to {}: only {} uses it",
+                    self.scenario.name(),
+                    scenario.name()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Refuses, by flag name, values no run can use, before anything starts.
@@ -347,11 +376,33 @@ impl StressArgs {
 }
 
 pub async fn run(a: StressArgs) -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    a.check_applicable(|flag| {
+        args.iter()
+            .any(|x| x == flag || x.strip_prefix(flag).is_some_and(|v| v.starts_with('=')))
+    })?;
     a.check()?;
     raise_open_files();
-    let report = scenarios::run(a.clone()).await?;
+    let report = match scenarios::run(a.clone()).await {
+        Ok(report) => report,
+        // A run that ended without a report (its deadline, a scenario's error) still gives
+        // `--json` a document, which says it failed and why: a reader of stdout parses that,
+        // not nothing.
+        Err(e) if a.json => {
+            let failed = serde_json::json!({
+                "scenario": a.scenario.name(),
+                "passed": false,
+                "error": crate::output::describe(&e),
+            });
+            outln!("{}", serde_json::to_string_pretty(&failed)?)?;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     if a.json {
-        outln!("{}", serde_json::to_string_pretty(&report)?)?;
+        let mut v = serde_json::to_value(&report)?;
+        v["passed"] = report.passed().into();
+        outln!("{}", serde_json::to_string_pretty(&v)?)?;
     } else {
         outln!("{}", report.markdown())?;
     }
