@@ -61,6 +61,20 @@ pub(crate) fn inspect(buf: &[u8]) -> Sniff {
     Sniff::Done(worker)
 }
 
+/// Whether a stream opens with a TLS handshake record (a `wss://` worker): its request line,
+/// and so its worker, cannot be read.
+fn worker_hidden_by_tls(first: &[u8]) -> bool {
+    matches!(first, [0x16, 0x03, ..])
+}
+
+/// Says once a process that links carry TLS, so faults limited to workers never apply to them.
+fn warn_tls_once() {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!("a link carries TLS (wss://): its worker is unknown to the proxy, so a fault limited with --worker never applies to it (faults for every link do)");
+    });
+}
+
 /// The first bytes of a link's upstream stream and what they told.
 #[derive(Debug)]
 pub(crate) struct Sniffed {
@@ -96,6 +110,9 @@ pub(crate) async fn sniff(src: &mut OwnedReadHalf) -> Sniffed {
                 out.bytes.extend_from_slice(&buf[..n]);
                 if let Sniff::Done(worker) = inspect(&out.bytes) {
                     out.worker = worker;
+                    if worker_hidden_by_tls(&out.bytes) {
+                        warn_tls_once();
+                    }
                     break;
                 }
             }
@@ -108,6 +125,13 @@ pub(crate) async fn sniff(src: &mut OwnedReadHalf) -> Sniffed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tls_handshake_is_told_from_a_request_line() {
+        assert!(worker_hidden_by_tls(&[0x16, 0x03, 0x01, 0x02, 0x00]));
+        assert_eq!(inspect(&[0x16, 0x03, 0x01]), Sniff::Done(None));
+        assert!(!worker_hidden_by_tls(b"GET /api/v1/worker/w/ws HTTP/1.1\r\n"));
+    }
 
     fn w(s: &str) -> Option<WorkerId> {
         Some(WorkerId::parse(s).expect("id"))

@@ -156,7 +156,9 @@ pub struct FaultAddArgs {
     /// Attribute of the kind as key=value, e.g. latency_ms=200; repeatable.
     #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse_attr)]
     pub attrs: Vec<(String, serde_json::Value)>,
-    /// Apply only to links of this worker; repeatable. Default: every link.
+    /// Apply only to links of this worker; repeatable. Default: every link. A link's worker is
+    /// read from its plaintext upgrade request: a TLS (wss://) link's is unknown, so a fault
+    /// limited to workers never applies to it (the proxy warns once when it sees one).
     #[arg(long = "worker", value_name = "ID")]
     pub workers: Vec<tether_proto::WorkerId>,
 }
