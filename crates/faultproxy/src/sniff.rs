@@ -130,7 +130,9 @@ mod tests {
     fn a_tls_handshake_is_told_from_a_request_line() {
         assert!(worker_hidden_by_tls(&[0x16, 0x03, 0x01, 0x02, 0x00]));
         assert_eq!(inspect(&[0x16, 0x03, 0x01]), Sniff::Done(None));
-        assert!(!worker_hidden_by_tls(b"GET /api/v1/worker/w/ws HTTP/1.1\r\n"));
+        assert!(!worker_hidden_by_tls(
+            b"GET /api/v1/worker/w/ws HTTP/1.1\r\n"
+        ));
     }
 
     fn w(s: &str) -> Option<WorkerId> {

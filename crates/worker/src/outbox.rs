@@ -85,7 +85,15 @@ struct Inner {
     bytes: usize,
     acked_max: u64,
     full: bool,
+    /// When "outbox is full" was last logged as a warning, and whether it was for the
+    /// current episode: said at most every [`FULL_SAID_EVERY`], as an entry larger than the
+    /// whole bound (a checkpoint's piece) fills it each time it is queued.
+    full_said: Option<std::time::Instant>,
+    full_loud: bool,
 }
+
+/// The least time between two "outbox is full" warnings (the others are debug lines).
+const FULL_SAID_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Bounds of an outbox.
 #[derive(Debug, Clone, Copy)]
@@ -328,13 +336,26 @@ impl Outbox {
         if inner.over(&self.limits) && !inner.full {
             inner.full = true;
             self.full_events.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                entries = inner.entries.len(),
-                bytes = inner.bytes,
-                max_entries = self.limits.max_entries,
-                max_bytes = self.limits.max_bytes,
-                "outbox is full; tasks wait until the coordinator acknowledges what is queued"
-            );
+            let loud = inner.full_loud_at(std::time::Instant::now());
+            let (entries, bytes) = (inner.entries.len(), inner.bytes);
+            let (max_entries, max_bytes) = (self.limits.max_entries, self.limits.max_bytes);
+            if !loud {
+                tracing::debug!(
+                    entries,
+                    bytes,
+                    max_entries,
+                    max_bytes,
+                    "outbox is full again"
+                );
+            } else {
+                tracing::warn!(
+                    entries,
+                    bytes,
+                    max_entries,
+                    max_bytes,
+                    "outbox is full; tasks wait until the coordinator acknowledges what is queued (said at most once a minute)"
+                );
+            }
         }
         dropped
     }
@@ -436,8 +457,7 @@ impl Outbox {
                 self.journal(None, &removed);
             }
             if inner.full && !inner.over(&self.limits) {
-                inner.full = false;
-                tracing::info!("outbox has room again");
+                inner.room_again();
             }
             taken
         };
@@ -470,8 +490,7 @@ impl Outbox {
                 self.journal(None, &seqs);
             }
             if inner.full && !inner.over(&self.limits) {
-                inner.full = false;
-                tracing::info!("outbox has room again");
+                inner.room_again();
             }
             seqs.len()
         };
@@ -658,6 +677,29 @@ impl Outbox {
 }
 
 impl Inner {
+    /// Whether a full episode entered at `now` is said as a warning: not when one was within
+    /// [`FULL_SAID_EVERY`].
+    fn full_loud_at(&mut self, now: std::time::Instant) -> bool {
+        let quiet = self
+            .full_said
+            .is_some_and(|at| now.saturating_duration_since(at) < FULL_SAID_EVERY);
+        if !quiet {
+            self.full_said = Some(now);
+        }
+        self.full_loud = !quiet;
+        self.full_loud
+    }
+
+    /// Leaves a full episode, saying so as loudly as it was entered.
+    fn room_again(&mut self) {
+        self.full = false;
+        if std::mem::take(&mut self.full_loud) {
+            tracing::info!("outbox has room again");
+        } else {
+            tracing::debug!("outbox has room again");
+        }
+    }
+
     fn over(&self, limits: &Limits) -> bool {
         self.entries.len() > limits.max_entries || self.bytes > limits.max_bytes
     }
@@ -791,6 +833,18 @@ fn json_len(v: &serde_json::Value) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An outbox filled again and again (each piece of a checkpoint larger than its whole
+    /// bound) warns once a minute, not once a piece.
+    #[test]
+    fn a_full_outbox_is_said_at_most_once_a_minute() {
+        let mut inner = Inner::default();
+        let t0 = std::time::Instant::now();
+        assert!(inner.full_loud_at(t0));
+        assert!(!inner.full_loud_at(t0 + std::time::Duration::from_secs(1)));
+        assert!(!inner.full_loud_at(t0 + std::time::Duration::from_secs(59)));
+        assert!(inner.full_loud_at(t0 + FULL_SAID_EVERY));
+    }
     use tether_proto::msg::{TaskState, Telemetry, now};
     use tether_proto::task::ConnStats;
 
