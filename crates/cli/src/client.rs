@@ -407,8 +407,9 @@ pub struct SubmitArgs {
     /// A label shown in listings.
     #[arg(long, conflicts_with = "file")]
     name: Option<String>,
-    /// The task's id (default: one the coordinator makes); the same id twice is refused, so a
-    /// submission whose reply was lost can be sent again safely.
+    /// The task's id (default: one the coordinator makes); the same id twice is refused while
+    /// the coordinator keeps the task (a `--retention` removes ended ones), so a submission
+    /// whose reply was lost can be sent again safely.
     #[arg(long, conflicts_with = "file")]
     id: Option<String>,
     /// A tag the worker must carry, KEY=VALUE (repeatable).
@@ -536,20 +537,27 @@ pub struct TasksArgs {
         "queued", "running", "paused", "completed", "failed", "cancelled", "timed_out",
     ])]
     status: Option<String>,
-    /// At most this many (the oldest first); with --all, the tasks read a request.
+    /// At most this many (the oldest first, or the newest with --newest); with --all, the
+    /// tasks read a request.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     limit: u64,
     /// Every task, read page by page, however many there are.
     #[arg(long)]
     all: bool,
+    /// The newest first (by default the oldest first): on a busy coordinator, what came last.
+    #[arg(long, conflicts_with = "all")]
+    newest: bool,
 }
 
 pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
     let api = Api::new(&a.common)?;
-    let query = match &a.status {
+    let mut query = match &a.status {
         Some(s) => format!("status={s}"),
         None => String::new(),
     };
+    if a.newest {
+        query.push_str("&order=newest");
+    }
     let v = if a.all {
         Value::Array(api.list_tasks(&query, a.limit as usize).await?)
     } else {
@@ -587,8 +595,14 @@ pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
     // A full page may not be all: said on stderr, so the table stays the table.
     if !a.all && rows.len() as u64 >= a.limit {
         eprintln!(
-            "(the oldest {} tasks; there may be more: --all lists every one, --limit N more or fewer)",
-            a.limit
+            "(the {} {} tasks; there may be more: --all lists every one, --limit N more or fewer{})",
+            if a.newest { "newest" } else { "oldest" },
+            a.limit,
+            if a.newest {
+                ""
+            } else {
+                ", --newest the last ones"
+            }
         );
     }
     Ok(())

@@ -634,6 +634,12 @@ async fn tasks_all_reads_every_task_page_by_page_and_refuses_an_unknown_status()
     let (ok, out, err) = run(&["tasks", "--limit", "3", "--json"]);
     assert!(ok, "{err}");
     assert_eq!(listed(&out), ids[..3]);
+    // --newest: the last three, the newest first.
+    let (ok, out, err) = run(&["tasks", "--limit", "3", "--newest", "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(listed(&out), ["t-6", "t-5", "t-4"]);
+    let (_, _, err) = run(&["tasks", "--limit", "3", "--newest"]);
+    assert!(err.contains("the newest 3 tasks"), "{err}");
     let (ok, out, err) = run(&["tasks", "--all", "--limit", "2", "--status", "queued"]);
     assert!(ok, "{err}");
     assert_eq!(
