@@ -255,6 +255,10 @@ fn with_integrity_tags_a_low_rate_of_bit_flips_is_caught_and_every_result_is_int
         ],
     );
     assert_eq!(r["config"]["message_mac"], true);
+    // The Markdown says so too: the same faults mean something else with tags.
+    assert!(md.contains("`--message-mac`"), "{md}");
+    // Given with --work-dir, the directory stays and the report names it.
+    assert!(md.contains("Logs and state: `"), "{md}");
     // At this rate most damaged frames still parse: the tags must catch them, and no counted
     // result may differ from what its executor produced.
     assert!(r["config"]["corrupt_rate"].as_f64() < Some(0.01), "{md}");

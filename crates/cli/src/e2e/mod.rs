@@ -138,24 +138,29 @@ async fn run_to_end(a: E2eArgs) -> anyhow::Result<()> {
         corrupt_rate,
     );
     let (temp, work) = work_dir(a.work_dir.as_deref())?;
-    let result = run_in(&a, &work, seed, kinds, plan, corrupt_rate).await;
+    let temporary = temp.is_some();
+    let result = run_in(&a, &work, temporary, seed, kinds, plan, corrupt_rate).await;
     kept_on_error(temp, result)
 }
 
 /// The run itself, in `work`; on any error (a process that would not start, a report that
 /// could not be written, failed checks) the caller keeps the directory.
+#[allow(clippy::too_many_arguments)]
 async fn run_in(
     a: &E2eArgs,
     work: &Path,
+    temporary: bool,
     seed: u64,
     kinds: Vec<Kind>,
     plan: Vec<plan::Disruption>,
     corrupt_rate: f64,
 ) -> anyhow::Result<()> {
     outln!(
-        "tether e2e: seed {seed}, scenario {}, {} workers, work directory {}",
+        "tether e2e: seed {seed}, scenario {}, {} workers{}{}, work directory {}",
         a.scenario,
         a.workers,
+        if a.message_mac { ", --message-mac" } else { "" },
+        if a.netns { ", --netns" } else { "" },
         work.display()
     )?;
     let run_started = tokio::time::Instant::now();
@@ -184,6 +189,7 @@ async fn run_in(
         kinds,
         timings: TIMINGS,
         work_dir: work.to_owned(),
+        temporary,
         netns: a.netns,
         message_mac: a.message_mac,
         corrupt_rate,

@@ -101,6 +101,8 @@ pub struct Config {
     pub kinds: Vec<Kind>,
     pub timings: Timings,
     pub work_dir: PathBuf,
+    /// The work directory is a temporary one, removed when the run passes.
+    pub temporary: bool,
     /// Workers in network namespaces (kernel-made faults).
     pub netns: bool,
     /// Worker authentication and integrity tags on every frame.
@@ -198,6 +200,24 @@ impl Report {
             s,
             "Seed {}, scenario `{}`, {} workers, duration {} ms, disruption interval {} ms; wall time {} ms.\n",
             c.seed, c.scenario, c.workers, c.duration_ms, c.disruption_interval_ms, self.wall_ms
+        );
+        // What changes the faults' meaning: integrity tags turn `corrupt` into caught frames,
+        // namespaces make the kernel's faults.
+        let _ = writeln!(
+            s,
+            "Security: {}; network: {}.\n",
+            match c.message_mac {
+                true => format!(
+                    "worker authentication and integrity tags on every frame (`--message-mac`), corrupt rate {}",
+                    c.corrupt_rate
+                ),
+                false => format!("none, corrupt rate {}", c.corrupt_rate),
+            },
+            if c.netns {
+                "network namespaces (`--netns`)"
+            } else {
+                "loopback through the fault proxy"
+            }
         );
         let _ = writeln!(
             s,
@@ -340,7 +360,18 @@ impl Report {
                 let _ = writeln!(s, "- {e}");
             }
         }
-        let _ = writeln!(s, "\nLogs and state: `{}`", c.work_dir.display());
+        match (c.temporary, self.verdict.pass) {
+            (true, true) => {
+                let _ = writeln!(
+                    s,
+                    "\nLogs and state: removed with the run's temporary directory, as the run passed \
+                     (`--work-dir DIR` keeps them)."
+                );
+            }
+            _ => {
+                let _ = writeln!(s, "\nLogs and state: `{}`", c.work_dir.display());
+            }
+        }
         s
     }
 }
