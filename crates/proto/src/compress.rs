@@ -17,6 +17,13 @@ pub const DEFAULT_THRESHOLD: usize = 1024;
 /// as levels 1-3 and inflated it 5.8-6 times as fast, for 5.2 times smaller instead of 6.3-6.4
 /// (`zstd -b`; docs/PERFORMANCE.md, seventh round).
 const LEVEL: i32 = -1;
+/// zstd level of a frame of at least [`LARGE`] bytes (a checkpoint's piece, an assignment
+/// carrying one): level -1 codes no literals, so base64 (6 bits a byte) went through whole,
+/// where level 1 takes a quarter off it, at about 500 MB/s (a 256 KiB piece in half a
+/// millisecond) on this machine (docs/PERFORMANCE.md, thirty-sixth round).
+const LEVEL_LARGE: i32 = 1;
+/// The size from which a frame is compressed at [`LEVEL_LARGE`].
+pub const LARGE: usize = 64 * 1024;
 
 /// Why a binary frame could not be inflated.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,14 +41,19 @@ thread_local! {
     // small frame: 11 % of the samples of both sides in a batched flood. Each thread keeps one
     // of each and reuses it.
     static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    static COMPRESSOR_LARGE: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<DCtx<'static>> = RefCell::new(DCtx::create());
 }
 
-/// Compresses frame text.
+/// Compresses frame text (at [`LEVEL_LARGE`] from [`LARGE`] bytes).
 pub fn deflate(text: &str) -> Vec<u8> {
-    let packed = COMPRESSOR.with_borrow_mut(|c| {
+    let (compressor, level) = match text.len() >= LARGE {
+        true => (&COMPRESSOR_LARGE, LEVEL_LARGE),
+        false => (&COMPRESSOR, LEVEL),
+    };
+    let packed = compressor.with_borrow_mut(|c| {
         if c.is_none() {
-            *c = zstd::bulk::Compressor::new(LEVEL).ok();
+            *c = zstd::bulk::Compressor::new(level).ok();
         }
         c.as_mut()?.compress(text.as_bytes()).ok()
     });
@@ -111,6 +123,34 @@ mod tests {
         );
         assert_eq!(inflate(&packed, 1 << 20), Ok(text.clone()));
         assert_eq!(inflate(&packed, text.len()), Ok(text));
+    }
+
+    /// A checkpoint's piece is base64 of whatever the task wrote, random bytes at worst: a large
+    /// frame is compressed with its literals coded, a quarter smaller (level -1 sent it whole).
+    #[test]
+    fn a_large_frame_of_base64_shrinks_by_a_quarter() {
+        use base64::Engine as _;
+        // Bytes no coder can shrink: a 64-bit xorshift's output.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let noise: Vec<u8> = (0..3 * LARGE / 4 + 3)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&noise);
+        let text = format!(r#"{{"type":"checkpoint_data","data":"{b64}"}}"#);
+        assert!(text.len() >= LARGE);
+        let packed = deflate(&text);
+        assert!(
+            packed.len() * 100 < text.len() * 80,
+            "{} -> {}",
+            text.len(),
+            packed.len()
+        );
+        assert_eq!(inflate(&packed, 1 << 20), Ok(text));
     }
 
     #[test]
