@@ -28,7 +28,7 @@ pub struct CoordinatorArgs {
     /// Heartbeat interval announced to workers (at least 10ms; default 5s).
     #[arg(long, value_parser = parse_duration_arg)]
     heartbeat_interval: Option<Duration>,
-    /// Silence after which a session is closed.
+    /// Silence after which a session is closed (default 15s; longer than the interval).
     #[arg(long, value_parser = parse_duration_arg)]
     heartbeat_timeout: Option<Duration>,
     /// Heartbeats a second the whole fleet may send (default 1000; 0: no limit). A fleet
@@ -42,7 +42,7 @@ pub struct CoordinatorArgs {
     /// this much longer.
     #[arg(long, env = "TETHER_IDLE_COALESCE", value_parser = parse_duration_arg)]
     idle_coalesce: Option<Duration>,
-    /// Time a disconnected worker keeps its tasks before they move elsewhere.
+    /// Time a disconnected worker keeps its tasks before they move elsewhere (default 60s).
     #[arg(long, value_parser = parse_duration_arg)]
     lost_after: Option<Duration>,
     /// Largest frame accepted, bytes (at least 1048576; default 16 MiB).
@@ -60,7 +60,7 @@ pub struct CoordinatorArgs {
     /// a worker's own file wins over the fleet secret).
     #[arg(long, env = "TETHER_SECRETS_DIR")]
     secrets_dir: Option<PathBuf>,
-    /// Largest clock difference accepted in a worker's signed registration.
+    /// Largest clock difference accepted in a worker's signed registration (default 120s).
     #[arg(long, value_parser = parse_duration_arg)]
     auth_max_skew: Option<Duration>,
     /// Require an integrity tag (HMAC-SHA256, per-session key) on every frame both ways after
@@ -74,34 +74,38 @@ pub struct CoordinatorArgs {
     /// File of read-only API tokens, one per line.
     #[arg(long, env = "TETHER_READ_TOKEN_FILE")]
     read_token_file: Option<PathBuf>,
-    /// Most connections open at once; more are closed at accept.
+    /// Most connections open at once; more are closed at accept (default 16384).
     #[arg(long)]
     max_connections: Option<usize>,
-    /// New connections per second accepted from one source address (burst: 5 s worth).
+    /// New connections per second accepted from one source address (default 20; burst: 5 s
+    /// worth).
     #[arg(long)]
     connects_per_sec: Option<f64>,
     /// Apply --connects-per-sec to loopback clients too.
     #[arg(long)]
     limit_loopback: bool,
-    /// Time a new connection has to complete its request (slow-loris guard).
+    /// Time a new connection has to complete its request (slow-loris guard; default 10s).
     #[arg(long, value_parser = parse_duration_arg)]
     handshake_timeout: Option<Duration>,
-    /// Messages per second of one worker session (burst: 2 s worth); excess waits.
+    /// Messages per second of one worker session (default 2000; burst: 2 s worth); excess
+    /// waits.
     #[arg(long)]
     max_messages_per_sec: Option<f64>,
-    /// Decoded bytes per second of one worker session (inflated, for compressed frames;
-    /// burst: 4 s worth, at least one largest frame); excess waits. The largest frame must pass within a third of the
+    /// Decoded bytes per second of one worker session (default 67108864, 64 MiB; inflated, for
+    /// compressed frames; burst: 4 s worth, at least one largest frame); excess waits. The largest frame must pass within a third of the
     /// heartbeat timeout.
     #[arg(long)]
     max_bytes_per_sec: Option<f64>,
     /// Bytes shared by the WebSocket connections that read past their own 64 KiB before they
-    /// registered (long registrations of workers back with many unacknowledged results).
+    /// registered (long registrations of workers back with many unacknowledged results;
+    /// default 67108864, 64 MiB).
     #[arg(long)]
     registration_pool: Option<usize>,
-    /// Largest HTTP request body, bytes.
+    /// Largest HTTP request body, bytes (default 16777216, 16 MiB).
     #[arg(long)]
     max_body: Option<usize>,
-    /// Largest checkpoint of a task, bytes (incomplete ones together: twice this).
+    /// Largest checkpoint of a task, bytes (default 67108864, 64 MiB; incomplete ones
+    /// together: twice this).
     #[arg(long)]
     max_checkpoint_bytes: Option<u64>,
     /// PEM certificate chain: serve TLS (wss://, https://); needs --tls-key.
@@ -505,7 +509,7 @@ pub struct WorkerArgs {
     /// A key=value tag tasks may require (repeatable).
     #[arg(long = "tag", value_parser = parse_tag)]
     tags: Vec<(String, String)>,
-    /// Tasks run at once.
+    /// Tasks run at once (default 1).
     #[arg(long)]
     slots: Option<u32>,
     /// Directory where the outbox, identity, running tasks and checkpoints survive restarts.
@@ -514,7 +518,8 @@ pub struct WorkerArgs {
     /// Heartbeat interval (at least 10ms; default 5s).
     #[arg(long, value_parser = parse_duration_arg)]
     heartbeat_interval: Option<Duration>,
-    /// Silence after which the session is declared dead and reconnected.
+    /// Silence after which the session is declared dead and reconnected (default 15s, or what
+    /// the coordinator announces).
     #[arg(long, value_parser = parse_duration_arg)]
     heartbeat_timeout: Option<Duration>,
     /// First reconnect delay (at least 10ms; default 1s), doubled up to the maximum.
@@ -529,7 +534,7 @@ pub struct WorkerArgs {
     /// Consecutive failed attempts before giving up (at least 1; default: never give up).
     #[arg(long)]
     max_reconnect_attempts: Option<u32>,
-    /// Limit on one TCP connect plus WebSocket handshake.
+    /// Limit on one TCP connect plus WebSocket handshake (default 10s).
     #[arg(long, value_parser = parse_duration_arg)]
     connect_timeout: Option<Duration>,
     /// Stopped (SIGTERM, ctrl-c) while it cannot reach the coordinator, with tasks running or
@@ -551,10 +556,12 @@ pub struct WorkerArgs {
     /// otherwise be used whenever the coordinator asks); needs a secret.
     #[arg(long)]
     message_mac: bool,
-    /// Most messages the outbox holds while offline; producers (tasks) wait beyond it.
+    /// Most messages the outbox holds while offline; producers (tasks) wait beyond it (default
+    /// 10000).
     #[arg(long)]
     max_outbox_entries: Option<usize>,
-    /// Most bytes the outbox holds while offline; producers (tasks) wait beyond it.
+    /// Most bytes the outbox holds while offline; producers (tasks) wait beyond it (default
+    /// 67108864, 64 MiB).
     #[arg(long)]
     max_outbox_bytes: Option<usize>,
     /// Do not offer zstd compression: every frame goes as JSON text.
@@ -957,6 +964,82 @@ mod tests {
         for (key, value, base) in &cases {
             let with = config(&format!("{base}\n{key} = {value}"));
             assert_ne!(with, config(base), "{key} = {value} changed nothing");
+        }
+    }
+
+    /// The defaults a flag's help states are the ones in force (a help text cannot name the
+    /// constant it describes).
+    #[test]
+    fn the_defaults_the_help_states_are_the_ones_in_force() {
+        use clap::CommandFactory;
+        use tether_coordinator::config as cc;
+        let secs = |d: Duration| format!("default {}s", d.as_secs());
+        let coord: Vec<(&str, String)> = vec![
+            ("heartbeat-timeout", secs(cc::DEFAULT_HEARTBEAT_TIMEOUT)),
+            ("lost-after", secs(cc::DEFAULT_LOST_AFTER)),
+            ("auth-max-skew", secs(tether_proto::auth::DEFAULT_MAX_SKEW)),
+            (
+                "max-connections",
+                format!("default {}", cc::DEFAULT_MAX_CONNECTIONS),
+            ),
+            (
+                "connects-per-sec",
+                format!("default {}", cc::DEFAULT_CONNECTS_PER_SEC),
+            ),
+            ("handshake-timeout", secs(cc::DEFAULT_HANDSHAKE_TIMEOUT)),
+            (
+                "max-messages-per-sec",
+                format!("default {}", cc::DEFAULT_MESSAGES_PER_SEC),
+            ),
+            (
+                "max-bytes-per-sec",
+                format!("default {}", cc::DEFAULT_BYTES_PER_SEC),
+            ),
+            (
+                "registration-pool",
+                format!("default {}", cc::DEFAULT_REGISTRATION_POOL),
+            ),
+            ("max-body", format!("default {}", cc::DEFAULT_MAX_BODY)),
+            (
+                "max-checkpoint-bytes",
+                format!("default {}", cc::DEFAULT_MAX_CHECKPOINT_BYTES),
+            ),
+        ];
+        let worker: Vec<(&str, String)> = vec![
+            (
+                "slots",
+                format!("default {}", tether_worker::config::DEFAULT_SLOTS),
+            ),
+            (
+                "heartbeat-timeout",
+                secs(tether_worker::config::DEFAULT_HEARTBEAT_TIMEOUT),
+            ),
+            (
+                "connect-timeout",
+                secs(tether_worker::config::DEFAULT_CONNECT_TIMEOUT),
+            ),
+            (
+                "max-outbox-entries",
+                format!("default {}", tether_worker::outbox::DEFAULT_MAX_ENTRIES),
+            ),
+            (
+                "max-outbox-bytes",
+                format!("default {}", tether_worker::outbox::DEFAULT_MAX_BYTES),
+            ),
+        ];
+        for (cmd, cases) in [(Coord::command(), coord), (Work::command(), worker)] {
+            for (flag, default) in cases {
+                let arg = cmd
+                    .get_arguments()
+                    .find(|a| a.get_long() == Some(flag))
+                    .unwrap_or_else(|| panic!("--{flag}"));
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+                assert!(
+                    help.contains(&default),
+                    "--{flag}: {help:?} lacks {default:?}"
+                );
+            }
         }
     }
 
