@@ -252,6 +252,45 @@ pub struct Agent {
     pub(crate) _scratch: Option<ScratchDir>,
 }
 
+/// The start of the name of an agent's scratch directory in the temporary directory, before
+/// its process id and boot id.
+const SCRATCH_PREFIX: &str = "tether-worker-";
+
+/// Removes the scratch directories that processes now gone left in `temp` (killed, they could
+/// not remove their own). A directory of a live process, or one whose name says no process, is
+/// left alone.
+fn remove_dead_scratch(temp: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(temp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let gone = matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        );
+        if gone {
+            let path = entry.path();
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => {
+                    tracing::info!(dir = %path.display(), pid, "removed the checkpoint directories of a worker process gone")
+                }
+                Err(e) => {
+                    tracing::debug!(dir = %path.display(), error = %e, "could not remove a gone worker's checkpoint directories")
+                }
+            }
+        }
+    }
+}
+
 /// A directory of the agent's own, removed (with what is in it) when the agent is dropped.
 #[derive(Debug)]
 pub(crate) struct ScratchDir(pub(crate) std::path::PathBuf);
@@ -352,7 +391,12 @@ impl Agent {
                 None
             }
             None => {
-                let dir = std::env::temp_dir().join(format!("tether-worker-{boot_id}"));
+                let temp = std::env::temp_dir();
+                // Once a process: a load test's process builds thousands of agents.
+                static SWEPT: std::sync::Once = std::sync::Once::new();
+                SWEPT.call_once(|| remove_dead_scratch(&temp));
+                let pid = std::process::id();
+                let dir = temp.join(format!("{SCRATCH_PREFIX}{pid}-{boot_id}"));
                 runner = runner.with_checkpoint_root(dir.join("tasks"));
                 Some(ScratchDir(dir))
             }
@@ -683,6 +727,25 @@ mod tests {
     use crate::statedir::StateDir;
     use tether_proto::msg::{CheckpointFetch, TaskState, now};
     use tether_proto::{Attempt, CheckpointId, Seq, TaskId};
+
+    /// Scratch directories of processes gone are removed; a live process's, and other names,
+    /// are left alone.
+    #[test]
+    fn the_scratch_directories_of_processes_gone_are_removed() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        // A pid past the kernel's largest (4194304): no process has it.
+        let gone = temp.path().join(format!("{SCRATCH_PREFIX}4194305-b-x"));
+        let live = temp
+            .path()
+            .join(format!("{SCRATCH_PREFIX}{}-b-y", std::process::id()));
+        let other = temp.path().join(format!("{SCRATCH_PREFIX}notapid-b-z"));
+        for d in [&gone, &live, &other] {
+            std::fs::create_dir_all(d.join("tasks")).expect("mkdir");
+        }
+        remove_dead_scratch(temp.path());
+        assert!(!gone.exists());
+        assert!(live.exists() && other.exists());
+    }
 
     /// A fetch journaled by a process that died answers to no attempt of the next one: it is
     /// neither sent again nor kept in the journal; the rest of the outbox is.

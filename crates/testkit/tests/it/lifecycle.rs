@@ -987,10 +987,13 @@ while [ "$n" -lt 40 ]; do n=$((n+1)); echo "$n" > "$d/n"; sleep 0.1; done; echo 
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    let scratch = std::env::temp_dir().join(format!("tether-worker-{boot}"));
+    let pid = std::process::id();
+    let scratch = std::env::temp_dir().join(format!("tether-worker-{pid}-{boot}"));
     assert!(scratch.join("tasks").join(ids[0].as_str()).is_dir());
     first.stop().await.expect("stop");
     assert!(!scratch.exists(), "the directory goes with the worker");
+    // One left by a process gone (killed, it could not remove it) goes at the next start of a
+    // worker process; unit-tested in the worker (`agent::tests`).
     let second = spawn_worker(
         fast_worker_config(&c.ws_url(), "second"),
         Executors::builtin(),
