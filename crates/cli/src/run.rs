@@ -138,6 +138,10 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         .clone()
         .or(file.listen.clone())
         .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+    // An error names a setting the config file gave by its key there, not by its flag.
+    let keys = settings::keys(a.config.as_deref(), "coordinator");
+    let path = a.config.clone();
+    let named = |e| settings::named_by_source(e, path.as_deref(), &keys, settings::on_command_line);
     let coalesce = settings::pick_duration(
         a.idle_coalesce,
         file.idle_coalesce.as_deref(),
@@ -145,8 +149,9 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     )?
     .map(crate::coalesce::check)
     .transpose()
-    .context("--idle-coalesce")?;
-    let cfg = coordinator_config(a, file)?;
+    .context("--idle-coalesce")
+    .map_err(named)?;
+    let cfg = coordinator_config(a, file).map_err(named)?;
     if let Some(wait) = coalesce {
         crate::coalesce::set(wait);
         tracing::info!(wait_us = wait.as_micros() as u64, "idle coalescing on");
@@ -291,7 +296,7 @@ fn apply_limits(
     }
     if let Some(r) = a.connects_per_sec.or(file.connects_per_sec) {
         if !(r.is_finite() && r > 0.0) {
-            bail!("connects-per-sec must be a positive number");
+            bail!("--connects-per-sec must be a positive number");
         }
         l.connects_per_sec = r;
         l.connect_burst = (r * 5.0).ceil().min(f64::from(u32::MAX)) as u32;
@@ -306,7 +311,7 @@ fn apply_limits(
     }
     if let Some(r) = a.max_messages_per_sec.or(file.max_messages_per_sec) {
         if !(r.is_finite() && r > 0.0) {
-            bail!("max-messages-per-sec must be a positive number");
+            bail!("--max-messages-per-sec must be a positive number");
         }
         l.messages_per_sec = r;
         l.message_burst = (r * 2.0).ceil().min(f64::from(u32::MAX)) as u32;
@@ -314,7 +319,7 @@ fn apply_limits(
     if let Some(r) = a.max_bytes_per_sec.or(file.max_bytes_per_sec) {
         // How low it may go depends on the frame size and heartbeat timeout: `validate`.
         if !(r.is_finite() && r > 0.0) {
-            bail!("max-bytes-per-sec must be a positive number");
+            bail!("--max-bytes-per-sec must be a positive number");
         }
         l.bytes_per_sec = r;
         // At least one largest frame, which must pass whole.
@@ -329,7 +334,7 @@ fn apply_limits(
     }
     if let Some(n) = a.max_checkpoint_bytes.or(file.max_checkpoint_bytes) {
         if n == 0 {
-            bail!("max-checkpoint-bytes must be at least 1");
+            bail!("--max-checkpoint-bytes must be at least 1");
         }
         cfg.max_checkpoint_bytes = n;
     }
@@ -730,13 +735,13 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     cfg.require_message_mac = a.message_mac || file.message_mac.unwrap_or(false);
     if let Some(n) = a.max_outbox_entries.or(file.max_outbox_entries) {
         if n == 0 {
-            bail!("max-outbox-entries must be at least 1");
+            bail!("--max-outbox-entries must be at least 1");
         }
         cfg.outbox.max_entries = n;
     }
     if let Some(n) = a.max_outbox_bytes.or(file.max_outbox_bytes) {
         if n == 0 {
-            bail!("max-outbox-bytes must be at least 1");
+            bail!("--max-outbox-bytes must be at least 1");
         }
         cfg.outbox.max_bytes = n;
     }
@@ -772,7 +777,11 @@ fn as_flag(e: tether_proto::settings::ConfigError) -> anyhow::Error {
 
 pub async fn worker(mut a: WorkerArgs) -> anyhow::Result<()> {
     let metrics_listen = a.metrics_listen.take();
-    let cfg = worker_config(a)?;
+    let keys = settings::keys(a.config.as_deref(), "worker");
+    let path = a.config.clone();
+    let cfg = worker_config(a).map_err(|e| {
+        settings::named_by_source(e, path.as_deref(), &keys, settings::on_command_line)
+    })?;
     adopt_orphans();
     let agent = Agent::new(cfg, Executors::builtin())?;
     // The first signal stops the worker gracefully (its tasks stop, what they leave is sent,

@@ -83,6 +83,58 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<FileConfig> {
     toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
 }
 
+/// The keys of table `section` of the config file at `path` (none without a file, or when it
+/// does not parse: `load` says why).
+pub fn keys(path: Option<&Path>, section: &str) -> std::collections::BTreeSet<String> {
+    let table = path
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|text| text.parse::<toml::Table>().ok());
+    table
+        .as_ref()
+        .and_then(|t| t.get(section))
+        .and_then(|s| s.as_table())
+        .map(|s| s.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// An error about settings, its flags named as the user gave them: a `--flag` the command
+/// line (`given`) did not have but the config file's `keys` did is named by its key in `file`.
+pub fn named_by_source(
+    e: anyhow::Error,
+    file: Option<&Path>,
+    keys: &std::collections::BTreeSet<String>,
+    given: impl Fn(&str) -> bool,
+) -> anyhow::Error {
+    let Some(file) = file.filter(|_| !keys.is_empty()) else {
+        return e;
+    };
+    let text = crate::output::describe(&e);
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("--") {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at + 2..];
+        let len = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '-'))
+            .unwrap_or(tail.len());
+        let flag = &rest[at..at + 2 + len];
+        let key = tail[..len].replace('-', "_");
+        if len > 0 && keys.contains(&key) && !given(flag) {
+            out.push_str(&format!("{key} (in {})", file.display()));
+        } else {
+            out.push_str(flag);
+        }
+        rest = &tail[len..];
+    }
+    out.push_str(rest);
+    anyhow::anyhow!(out)
+}
+
+/// Whether the command line of this process has `flag` (alone, or as `flag=value`).
+pub fn on_command_line(flag: &str) -> bool {
+    std::env::args().any(|a| a == flag || a.strip_prefix(flag).is_some_and(|v| v.starts_with('=')))
+}
+
 /// Parses a duration with a unit (`5s`, `250ms`, `1m`).
 pub fn duration(s: &str) -> anyhow::Result<std::time::Duration> {
     humantime::parse_duration(s)
@@ -112,6 +164,38 @@ pub fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A setting the config file gave is named by its key there, in an error that names flags:
+    /// the user gave no `--max-frame`. One the command line gave keeps its flag's name.
+    #[test]
+    fn an_error_names_a_setting_by_where_it_came_from() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[coordinator]\nmax_frame = 1000\nlost_after = \"1s\"\n",
+        )
+        .expect("write");
+        let keys = keys(Some(&path), "coordinator");
+        assert_eq!(
+            keys.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["lost_after", "max_frame"]
+        );
+        let e = || anyhow::anyhow!("--max-frame 1000 is too small; see --heartbeat-timeout");
+        let shown = named_by_source(e(), Some(&path), &keys, |_| false).to_string();
+        assert_eq!(
+            shown,
+            format!(
+                "max_frame (in {}) 1000 is too small; see --heartbeat-timeout",
+                path.display()
+            )
+        );
+        let given = named_by_source(e(), Some(&path), &keys, |f| f == "--max-frame").to_string();
+        assert_eq!(given, e().to_string());
+        let no_file = named_by_source(e(), None, &keys, |_| false).to_string();
+        assert_eq!(no_file, e().to_string());
+        assert!(super::keys(None, "coordinator").is_empty());
+    }
 
     #[test]
     fn a_config_file_with_an_unknown_key_is_refused_clearly() {
