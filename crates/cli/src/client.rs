@@ -664,7 +664,7 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
     if let Some(n) = spec["max_attempts"].as_u64() {
         outln!("attempts  at most {n}")?;
     }
-    outln!("submitted {}", s(&t["submitted_at"]))?;
+    outln!("submitted {}", when(&t["submitted_at"]))?;
     if !t["error"].is_null() {
         outln!("error     {}", s(&t["error"]))?;
     }
@@ -673,7 +673,7 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
         vec![
             a["attempt"].to_string(),
             s(&a["worker"]),
-            s(&a["started_at"]),
+            when(&a["started_at"]),
             s(&a["end"]),
         ]
     });
@@ -717,7 +717,7 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
             "state     {} (attempt {}, {})",
             state["state"],
             state["attempt"],
-            s(&state["updated_at"])
+            when(&state["updated_at"])
         )?;
     }
     if checkpoints.as_array().is_some_and(|c| !c.is_empty()) {
@@ -727,7 +727,7 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
                 s(&c["checkpoint_id"]),
                 c["attempt"].to_string(),
                 c["size"].to_string(),
-                s(&c["created_at"]),
+                when(&c["created_at"]),
             ]
         });
         print_table(&["CHECKPOINT", "ATTEMPT", "BYTES", "CREATED"], &rows)?;
@@ -768,7 +768,7 @@ pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
                 .as_u64()
                 .map(|n| n.to_string())
                 .unwrap_or_else(|| "-".into()),
-            s(&w["last_seen"]),
+            when(&w["last_seen"]),
         ]
     });
     print_table(
@@ -844,6 +844,21 @@ fn s(v: &Value) -> String {
 }
 
 /// `text` with its control characters escaped (`\n`, `\u{1b}`).
+/// A time of the API as tables show it: UTC to the millisecond, one format for every column
+/// (the API gives some to the nanosecond, some with `+00:00`); anything else as it is.
+fn when(v: &Value) -> String {
+    match v
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    {
+        Some(t) => t
+            .with_timezone(&chrono::Utc)
+            .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+            .to_string(),
+        None => s(v),
+    }
+}
+
 fn shown(text: &str) -> String {
     if !text.chars().any(char::is_control) {
         return text.to_owned();
@@ -903,6 +918,19 @@ pub(crate) async fn serve_for_test(app: axum::Router) -> std::net::SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every time column in one format, whatever precision or offset the API gave.
+    #[test]
+    fn times_are_shown_in_one_format() {
+        for t in [
+            "2026-12-04T20:52:28.680Z",
+            "2026-12-04T20:52:28.680993046Z",
+            "2026-12-04T20:52:28.680+00:00",
+        ] {
+            assert_eq!(when(&json!(t)), "2026-12-04T20:52:28.680Z", "{t}");
+        }
+        assert_eq!(when(&Value::Null), s(&Value::Null));
+    }
 
     #[test]
     fn shown_text_escapes_control_characters_and_nothing_else() {
