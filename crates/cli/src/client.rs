@@ -815,8 +815,21 @@ pub async fn control(a: ControlArgs, action: &str) -> anyhow::Result<()> {
         .await?;
     if a.common.json {
         outln!("{v}")?;
-    } else {
-        outln!("{} {}", s(&v["task_id"]), s(&v["status"]))?;
+        return Ok(());
+    }
+    outln!("{} {}", s(&v["task_id"]), s(&v["status"]))?;
+    // A control of a task whose worker is away is kept for it (the lease's desired state):
+    // said, so that `paused` is not read as done. A worker that cannot be read says nothing.
+    if let (Some(worker), "pause" | "resume") = (v["lease"]["worker"].as_str(), action)
+        && let Ok(w) = api.get(&format!("/api/v1/workers/{worker}")).await
+        && w["state"] != "connected"
+    {
+        eprintln!(
+            "(its worker {} is {}: it is told when it reconnects, and the task stays as asked if \
+             it moves to another)",
+            shown(worker),
+            s(&w["state"])
+        );
     }
     Ok(())
 }

@@ -609,6 +609,33 @@ async fn a_checkpoint_too_large_for_the_coordinator_is_shown_on_the_task() {
     assert!(ok, "{err}");
 }
 
+/// A pause of a task whose worker is away is kept for it, not done: `tether pause` says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pausing_a_task_whose_worker_is_away_says_it_is_kept_for_the_worker() {
+    let site = Site::new();
+    let _coord = site.coordinator().await;
+    site.submit("away", json!({"ms": 30000, "steps": 30})).await;
+    let w = worker(site.addr, "w1");
+    let run = |args: &[&str]| client(&site.base, args);
+    tether_testkit::wait_for("the task to run", LONG, || async {
+        let (_, out, _) = run(&["task", "away", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        (v["task"]["status"] == "running").then_some(())
+    })
+    .await;
+    drop(w); // SIGKILL: the coordinator sees its worker go
+    tether_testkit::wait_for("the worker to be away", LONG, || async {
+        let (_, out, _) = run(&["workers", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        (v[0]["state"] == "disconnected").then_some(())
+    })
+    .await;
+    let (ok, out, err) = run(&["pause", "away"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "away paused");
+    assert!(err.contains("its worker w1 is disconnected"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_all_reads_every_task_page_by_page_and_refuses_an_unknown_status() {
     let site = Site::new();
