@@ -245,6 +245,16 @@ impl Site {
     async fn submit(&self, id: &str, config: serde_json::Value) {
         submit(&self.http, &self.base, id, config).await;
     }
+
+    /// Waits until `tether task id` says the task runs.
+    async fn wait_running(&self, id: &str) {
+        tether_testkit::wait_for("the task to run", LONG, || async {
+            let (_, out, _) = client(&self.base, &["task", id, "--json"]);
+            let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+            (v["task"]["status"] == "running").then_some(())
+        })
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -538,12 +548,7 @@ async fn a_cancelled_tasks_late_result_is_shown_and_counted_as_a_cancel_not_a_lo
     site.submit("cx", json!({"ms": 20000, "steps": 20})).await;
     let _w = worker(site.addr, "w1");
     let run = |args: &[&str]| client(&site.base, args);
-    tether_testkit::wait_for("the task to run", LONG, || async {
-        let (_, out, _) = run(&["task", "cx", "--json"]);
-        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
-        (v["task"]["status"] == "running").then_some(())
-    })
-    .await;
+    site.wait_running("cx").await;
     let (ok, out, err) = run(&["cancel", "cx"]);
     assert!(ok, "{out} {err}");
     let shown = tether_testkit::wait_for("the cancelled attempt's result", LONG, || async {
@@ -617,12 +622,7 @@ async fn pausing_a_task_whose_worker_is_away_says_it_is_kept_for_the_worker() {
     site.submit("away", json!({"ms": 30000, "steps": 30})).await;
     let w = worker(site.addr, "w1");
     let run = |args: &[&str]| client(&site.base, args);
-    tether_testkit::wait_for("the task to run", LONG, || async {
-        let (_, out, _) = run(&["task", "away", "--json"]);
-        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
-        (v["task"]["status"] == "running").then_some(())
-    })
-    .await;
+    site.wait_running("away").await;
     drop(w); // SIGKILL: the coordinator sees its worker go
     tether_testkit::wait_for("the worker to be away", LONG, || async {
         let (_, out, _) = run(&["workers", "--json"]);

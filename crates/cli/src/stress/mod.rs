@@ -376,11 +376,7 @@ impl StressArgs {
 }
 
 pub async fn run(a: StressArgs) -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    a.check_applicable(|flag| {
-        args.iter()
-            .any(|x| x == flag || x.strip_prefix(flag).is_some_and(|v| v.starts_with('=')))
-    })?;
+    a.check_applicable(crate::settings::on_command_line)?;
     a.check()?;
     raise_open_files();
     let report = match scenarios::run(a.clone()).await {
