@@ -742,6 +742,8 @@ pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
         outln!("{v}")?;
         return Ok(());
     }
+    // The statistics are the worker's last report's: how old it is, beside them.
+    let now = chrono::Utc::now();
     let rows = rows_of(&v, |w| {
         let st = &w["stats"];
         vec![
@@ -768,6 +770,7 @@ pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
                 .as_u64()
                 .map(|n| n.to_string())
                 .unwrap_or_else(|| "-".into()),
+            age(&st["reported_at"], now),
             when(&w["last_seen"]),
         ]
     });
@@ -781,6 +784,7 @@ pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
             "HEARTBEAT_S",
             "STABILITY",
             "RECONNECTS",
+            "REPORTED",
             "LAST_SEEN",
         ],
         &rows,
@@ -857,6 +861,17 @@ fn s(v: &Value) -> String {
 }
 
 /// `text` with its control characters escaped (`\n`, `\u{1b}`).
+/// How long before `now` the time `v` was, in whole seconds (`12s ago`), or `-`.
+fn age(v: &Value, now: chrono::DateTime<chrono::Utc>) -> String {
+    v.as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| {
+            let secs = (now - t.with_timezone(&chrono::Utc)).num_seconds().max(0);
+            format!("{secs}s ago")
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
 /// A time of the API as tables show it: UTC to the millisecond, one format for every column
 /// (the API gives some to the nanosecond, some with `+00:00`); anything else as it is.
 fn when(v: &Value) -> String {
@@ -931,6 +946,20 @@ pub(crate) async fn serve_for_test(app: axum::Router) -> std::net::SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_age_is_whole_seconds_before_now() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-04T20:52:40.100Z")
+            .expect("time")
+            .with_timezone(&chrono::Utc);
+        assert_eq!(age(&json!("2026-12-04T20:52:28.680Z"), now), "11s ago");
+        assert_eq!(
+            age(&json!("2026-12-04T20:52:50Z"), now),
+            "0s ago",
+            "a clock ahead"
+        );
+        assert_eq!(age(&Value::Null, now), "-");
+    }
 
     /// Every time column in one format, whatever precision or offset the API gave.
     #[test]

@@ -156,10 +156,10 @@ pub struct Worker {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopping: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    /// The latest connection statistics the worker reported.
+    /// The latest connection statistics the worker reported, and when (`reported_at`).
     #[schema(value_type = Option<Object>)]
     /// Boxed: most of the time nobody reads it, and inline it would size every worker's entry.
-    pub stats: Option<Box<ConnStats>>,
+    pub stats: Option<Box<Reported>>,
     /// When the record was last saved with its statistics, by a registration or a telemetry
     /// report (telemetry saves it at most every `STATS_SAVE_EVERY`; core::messages).
     #[serde(skip)]
@@ -174,6 +174,23 @@ pub struct Worker {
     /// processes share the id, and it is refused (core::messages::superseded_refusal).
     #[serde(skip)]
     pub superseded: Vec<String>,
+}
+
+/// A worker's latest connection statistics, and when the coordinator received them: they are
+/// as old as the report (telemetry comes every 30 s by default).
+#[derive(Debug, Clone, Serialize)]
+pub struct Reported {
+    #[serde(flatten)]
+    pub stats: ConnStats,
+    pub reported_at: DateTime<Utc>,
+}
+
+impl std::ops::Deref for Reported {
+    type Target = ConnStats;
+
+    fn deref(&self) -> &ConnStats {
+        &self.stats
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -1128,7 +1128,10 @@ impl Core {
             metrics::histogram!(m::HEARTBEAT_RTT).record(t.connection_stats.rtt_p50_ms / 1e3);
         }
         let save = self.workers.get_mut(worker).is_some_and(|w| {
-            w.stats = Some(Box::new(t.connection_stats));
+            w.stats = Some(Box::new(crate::model::Reported {
+                stats: t.connection_stats,
+                reported_at: now(),
+            }));
             let due = w
                 .stats_saved
                 .is_none_or(|at| at.elapsed() >= STATS_SAVE_EVERY);

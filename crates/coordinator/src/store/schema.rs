@@ -244,6 +244,9 @@ pub(super) struct WorkerDoc {
     last_seen: DateTime<Utc>,
     sessions: u64,
     stats: Option<ConnStats>,
+    /// When `stats` was reported (absent in records of older coordinators: then `last_seen`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stats_at: Option<DateTime<Utc>>,
     /// `lost` or `stopped`, which a restart keeps; absent for the others (and in records of
     /// older coordinators), which a restart makes `disconnected`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -268,7 +271,8 @@ impl WorkerDoc {
             first_seen: w.first_seen,
             last_seen: w.last_seen,
             sessions: w.sessions,
-            stats: w.stats.as_deref().cloned(),
+            stats: w.stats.as_ref().map(|r| r.stats.clone()),
+            stats_at: w.stats.as_ref().map(|r| r.reported_at),
             ended: matches!(w.state, WorkerState::Lost | WorkerState::Stopped).then_some(w.state),
             connected: w.state == WorkerState::Connected,
             disconnected_at: w.disconnected_at,
@@ -289,7 +293,10 @@ impl WorkerDoc {
         w.first_seen = self.first_seen;
         w.last_seen = self.last_seen;
         w.sessions = self.sessions;
-        w.stats = self.stats.map(Box::new);
+        let reported_at = self.stats_at.unwrap_or(self.last_seen);
+        w.stats = self
+            .stats
+            .map(|stats| Box::new(crate::model::Reported { stats, reported_at }));
         w.state = self.ended.unwrap_or(WorkerState::Disconnected);
         match alive_at.filter(|_| self.connected) {
             Some(alive) => {

@@ -675,6 +675,9 @@ async fn a_worker_connected_at_a_stop_is_last_seen_at_the_stop_after_the_restart
     });
     raw.send(&serde_json::to_value(report).expect("json")).await;
     raw.next_of("telemetry_ack").await;
+    let before: Vec<serde_json::Value> = c.client().get_as("/api/v1/workers").await;
+    let reported = before[0]["stats"]["reported_at"].clone();
+    assert!(reported.is_string(), "{before:?}");
     let client = c.client();
     let registered = wait_for("the registration", DEADLINE, || async {
         let workers: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
@@ -702,6 +705,8 @@ async fn a_worker_connected_at_a_stop_is_last_seen_at_the_stop_after_the_restart
     );
     assert_eq!(workers[0]["disconnected_at"], workers[0]["last_seen"]);
     assert_eq!(workers[0]["stats"]["reconnects"], 7, "{workers:?}");
+    // When it was reported, too: the table shows how old the statistics are.
+    assert_eq!(workers[0]["stats"]["reported_at"], reported, "{workers:?}");
     c.stop().await;
 }
 
