@@ -257,8 +257,9 @@ pub struct Agent {
 const SCRATCH_PREFIX: &str = "tether-worker-";
 
 /// Removes the scratch directories that processes now gone left in `temp` (killed, they could
-/// not remove their own). A directory of a live process, or one whose name says no process, is
-/// left alone.
+/// not remove their own), after killing the task processes recorded there, which outlived
+/// them (as a state directory's next start does). A directory of a live process, or one whose
+/// name says no process, is left alone.
 fn remove_dead_scratch(temp: &std::path::Path) {
     let Ok(entries) = std::fs::read_dir(temp) else {
         return;
@@ -279,6 +280,10 @@ fn remove_dead_scratch(temp: &std::path::Path) {
         );
         if gone {
             let path = entry.path();
+            let killed = crate::executor::orphans::kill_orphans(&path);
+            if killed > 0 {
+                tracing::warn!(dir = %path.display(), pid, groups = killed, "killed the task processes a worker process gone left running");
+            }
             match std::fs::remove_dir_all(&path) {
                 Ok(()) => {
                     tracing::info!(dir = %path.display(), pid, "removed the checkpoint directories of a worker process gone")
@@ -397,7 +402,11 @@ impl Agent {
                 SWEPT.call_once(|| remove_dead_scratch(&temp));
                 let pid = std::process::id();
                 let dir = temp.join(format!("{SCRATCH_PREFIX}{pid}-{boot_id}"));
-                runner = runner.with_checkpoint_root(dir.join("tasks"));
+                // The tasks' process groups are recorded there too: a process killed before it
+                // could stop them leaves their records for the next one (`remove_dead_scratch`).
+                runner = runner
+                    .with_checkpoint_root(dir.join("tasks"))
+                    .with_group_root(dir.join(crate::executor::orphans::GROUPS_DIR));
                 Some(ScratchDir(dir))
             }
         };
@@ -728,8 +737,8 @@ mod tests {
     use tether_proto::msg::{CheckpointFetch, TaskState, now};
     use tether_proto::{Attempt, CheckpointId, Seq, TaskId};
 
-    /// Scratch directories of processes gone are removed; a live process's, and other names,
-    /// are left alone.
+    /// Scratch directories of processes gone are removed, and the task processes recorded there
+    /// killed; a live process's, and other names, are left alone.
     #[test]
     fn the_scratch_directories_of_processes_gone_are_removed() {
         let temp = tempfile::tempdir().expect("tempdir");
@@ -742,9 +751,23 @@ mod tests {
         for d in [&gone, &live, &other] {
             std::fs::create_dir_all(d.join("tasks")).expect("mkdir");
         }
+        // A task process the gone worker left running, recorded in its directory.
+        let mut orphan = std::process::Command::new("sleep");
+        std::os::unix::process::CommandExt::process_group(orphan.arg("300"), 0);
+        let mut orphan = orphan.spawn().expect("spawn sleep");
+        let pgid = nix::unistd::Pid::from_raw(orphan.id() as i32);
+        let groups = gone.join(crate::executor::orphans::GROUPS_DIR);
+        let record =
+            crate::executor::orphans::record_file(&groups, &TaskId::parse("t").expect("id"));
+        crate::executor::orphans::record(&record, pgid, "nonce:t:1");
         remove_dead_scratch(temp.path());
         assert!(!gone.exists());
         assert!(live.exists() && other.exists());
+        let status = orphan.wait().expect("reap");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
     }
 
     /// A fetch journaled by a process that died answers to no attempt of the next one: it is

@@ -1,7 +1,9 @@
 //! Processes of `command` tasks that outlive a killed worker.
 //!
-//! A worker killed with SIGKILL cannot stop its tasks' processes. With a state directory, the
-//! `command` executor records each process group it starts in `groups/<task_id>`
+//! A worker killed with SIGKILL cannot stop its tasks' processes. The `command` executor
+//! records each process group it starts in `groups/<task_id>` of the state directory (without
+//! one, of the agent's scratch directory, whose records the next worker process on the machine
+//! reads: `agent::remove_dead_scratch`)
 //! ("<pgid> <start time> <mark>", the mark its processes carry in their environment, see
 //! [`super::procs`]) and removes the record once the attempt's processes have ended. At the
 //! next start every record left over names the processes of the previous worker process: the
