@@ -141,7 +141,8 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     // An error names a setting the config file gave by its key there, not by its flag.
     let keys = settings::keys(a.config.as_deref(), "coordinator");
     let path = a.config.clone();
-    let named = |e| settings::named_by_source(e, path.as_deref(), &keys, settings::on_command_line);
+    let named =
+        |e| settings::named_by_source(e, path.as_deref(), &keys, settings::given_outside_the_file);
     let coalesce = settings::pick_duration(
         a.idle_coalesce,
         file.idle_coalesce.as_deref(),
@@ -780,7 +781,7 @@ pub async fn worker(mut a: WorkerArgs) -> anyhow::Result<()> {
     let keys = settings::keys(a.config.as_deref(), "worker");
     let path = a.config.clone();
     let cfg = worker_config(a).map_err(|e| {
-        settings::named_by_source(e, path.as_deref(), &keys, settings::on_command_line)
+        settings::named_by_source(e, path.as_deref(), &keys, settings::given_outside_the_file)
     })?;
     adopt_orphans();
     let agent = Agent::new(cfg, Executors::builtin())?;

@@ -135,6 +135,18 @@ pub fn on_command_line(flag: &str) -> bool {
     std::env::args().any(|a| a == flag || a.strip_prefix(flag).is_some_and(|v| v.starts_with('=')))
 }
 
+/// Whether `flag` was given by the command line or by its environment variable
+/// (`TETHER_<KEY>`, as `--idle-coalesce` has `TETHER_IDLE_COALESCE`): either beats the file.
+pub fn given_outside_the_file(flag: &str) -> bool {
+    let var = format!(
+        "TETHER_{}",
+        flag.trim_start_matches('-')
+            .replace('-', "_")
+            .to_uppercase()
+    );
+    on_command_line(flag) || std::env::var_os(var).is_some()
+}
+
 /// Parses a duration with a unit (`5s`, `250ms`, `1m`).
 pub fn duration(s: &str) -> anyhow::Result<std::time::Duration> {
     humantime::parse_duration(s)
