@@ -636,6 +636,39 @@ async fn pausing_a_task_whose_worker_is_away_says_it_is_kept_for_the_worker() {
     assert!(err.contains("its worker w1 is disconnected"), "{err}");
 }
 
+/// A worker without a state directory whose temporary directory is unusable (here a file)
+/// runs command tasks without a checkpoint directory, instead of failing each at its making.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_temporary_directory_is_unusable_still_runs_command_tasks() {
+    let site = Site::new();
+    let _coord = site.coordinator().await;
+    let not_a_dir = site.dir.path().join("tmp-file");
+    std::fs::write(&not_a_dir, "").expect("write");
+    let mut cmd = tether();
+    cmd.args(["--log", "warn", "worker", "--coordinator"])
+        .arg(&site.base)
+        .args(["--id", "wt"])
+        .env("TMPDIR", &not_a_dir);
+    let _w = quiet(&mut cmd, "worker");
+    let spec = json!({"task_id": "echo", "kind": "command", "config": {"shell": "echo hi"}});
+    let r = site
+        .http
+        .post(format!("{}/api/v1/tasks", site.base))
+        .json(&json!({ "tasks": [spec] }))
+        .send()
+        .await
+        .expect("submit");
+    assert!(r.status().is_success(), "{}", r.status());
+    let out = tether_testkit::wait_for("the task to end", LONG, || async {
+        let (_, out, _) = client(&site.base, &["task", "echo", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        let status = v["task"]["status"].as_str()?.to_owned();
+        (status != "queued" && status != "running").then_some(v)
+    })
+    .await;
+    assert_eq!(out["task"]["status"], "completed", "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_all_reads_every_task_page_by_page_and_refuses_an_unknown_status() {
     let site = Site::new();

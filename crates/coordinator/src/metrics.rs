@@ -158,6 +158,12 @@ pub fn install() -> PrometheusHandle {
                 );
             }
             describe();
+            // The counters alerts watch with `increase()`, shown at 0 from the start: a series
+            // that first appears at its value (an id conflict comes as three refusals) has
+            // no increase to Prometheus, and the first episode of a process would not alert.
+            for name in [WORKERS_LOST, ID_CONFLICTS, CHECKPOINTS_TOO_LARGE, RECONNECTIONS] {
+                metrics::counter!(name).increment(0);
+            }
             MESSAGES_IN_BY_TYPE.register();
             MESSAGES_OUT_BY_TYPE.register();
             handle

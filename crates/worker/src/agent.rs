@@ -256,6 +256,25 @@ pub struct Agent {
 /// its process id and boot id.
 const SCRATCH_PREFIX: &str = "tether-worker-";
 
+/// Whether this process can make its agents' scratch directories in the temporary directory
+/// (tried once a process: a load test's builds thousands of agents), after removing those of
+/// processes gone. When it cannot (a `TMPDIR` that is a file, a read-only or full `/tmp`),
+/// says so once: tasks then run without a checkpoint directory, as they would fail to make one.
+fn scratch_usable() -> bool {
+    static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *USABLE.get_or_init(|| {
+        let temp = std::env::temp_dir();
+        remove_dead_scratch(&temp);
+        let probe = temp.join(format!("{SCRATCH_PREFIX}{}-probe", std::process::id()));
+        let made = std::fs::create_dir_all(&probe);
+        let _ = std::fs::remove_dir(&probe);
+        if let Err(e) = &made {
+            tracing::warn!(dir = %temp.display(), error = %e, "cannot make checkpoint directories under the temporary directory: command tasks run without $TETHER_CHECKPOINT_DIR (give --state-dir, or a usable TMPDIR)");
+        }
+        made.is_ok()
+    })
+}
+
 /// Removes the scratch directories that processes now gone left in `temp` (killed, they could
 /// not remove their own), after killing the task processes recorded there, which outlived
 /// them (as a state directory's next start does). A directory of a live process, or one whose
@@ -395,11 +414,8 @@ impl Agent {
                     .with_group_root(dir.join(crate::executor::orphans::GROUPS_DIR));
                 None
             }
-            None => {
+            None if scratch_usable() => {
                 let temp = std::env::temp_dir();
-                // Once a process: a load test's process builds thousands of agents.
-                static SWEPT: std::sync::Once = std::sync::Once::new();
-                SWEPT.call_once(|| remove_dead_scratch(&temp));
                 let pid = std::process::id();
                 let dir = temp.join(format!("{SCRATCH_PREFIX}{pid}-{boot_id}"));
                 // The tasks' process groups are recorded there too: a process killed before it
@@ -409,6 +425,8 @@ impl Agent {
                     .with_group_root(dir.join(crate::executor::orphans::GROUPS_DIR));
                 Some(ScratchDir(dir))
             }
+            // Tasks run without a checkpoint directory rather than fail, each, at its making.
+            None => None,
         };
         if let Some(sd) = &state {
             runner = persist_runner(runner, sd);

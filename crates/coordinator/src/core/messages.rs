@@ -270,7 +270,8 @@ impl Core {
     /// it alive. Refused with 4003, it stops after its third refusal.
     pub(super) fn superseded_refusal(&self, worker: &WorkerId, boot_id: &str) -> Option<Refusal> {
         let w = self.workers.get(worker)?;
-        if !w.superseded.iter().any(|b| b == boot_id) {
+        // A newer process that stopped gracefully gave the id up: an older one may have it back.
+        if w.state == WorkerState::Stopped || !w.superseded.iter().any(|b| b == boot_id) {
             return None;
         }
         self.counters.id_conflicts.fetch_add(1, Ordering::Relaxed);

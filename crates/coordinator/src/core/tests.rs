@@ -409,6 +409,19 @@ fn a_process_a_newer_one_of_its_worker_replaced_is_refused_when_it_comes_back() 
     );
     let replaced = &h.core.counters.sessions_replaced;
     assert_eq!(replaced.load(std::sync::atomic::Ordering::Relaxed), 2);
+    // Once the newer one stopped gracefully, it gave the id up: the older may have it back.
+    h.frame("a", newer, WorkerMsg::WorkerStopping(stop_notice()));
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: newer,
+    });
+    assert_eq!(h.core.workers[&wid("a")].state, WorkerState::Stopped);
+    let (back, mut back_rx) = h.connect_registering("a", boot("b-first"));
+    assert_eq!(close_code(&mut back_rx), None, "taken back");
+    assert_eq!(
+        h.core.workers[&wid("a")].session.as_ref().map(|s| s.id),
+        Some(back)
+    );
 }
 
 #[test]

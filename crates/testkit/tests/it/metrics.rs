@@ -18,6 +18,19 @@ async fn metrics_families_are_served_and_move_with_a_run_with_a_reconnection() {
     let c = spawn_coordinator(dir.path().to_owned()).await;
     let url = format!("http://{}/metrics", c.addr);
     let before = scrape(&url).await;
+    // The counters alerts watch with `increase()` are there from the start, so that their
+    // first rise is an increase (a series born at 3 is none).
+    for name in [
+        m::WORKERS_LOST,
+        m::ID_CONFLICTS,
+        m::CHECKPOINTS_TOO_LARGE,
+        m::RECONNECTIONS,
+    ] {
+        assert!(
+            metric_value(&before, name, &[]).is_some(),
+            "{name} missing:\n{before}"
+        );
+    }
     let relay = Relay::start(c.addr).await;
     let w = spawn_worker(
         fast_worker_config(&relay.url(), "metrics-w1"),
