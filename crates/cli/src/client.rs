@@ -711,6 +711,12 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
         ]
     });
     print_table(&["ATTEMPT", "WORKER", "OUTCOME", "RECORD", "RESULT"], &rows)?;
+    // Why an attempt failed, which its result's table cell does not say.
+    for r in results.as_array().into_iter().flatten() {
+        if let Some(why) = r["body"]["error"]["message"].as_str() {
+            outln!("attempt {} error: {}", r["attempt"], shown(why))?;
+        }
+    }
     if !state.is_null() {
         outln!()?;
         outln!(

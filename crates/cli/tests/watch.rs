@@ -667,6 +667,21 @@ async fn a_worker_whose_temporary_directory_is_unusable_still_runs_command_tasks
     })
     .await;
     assert_eq!(out["task"]["status"], "completed", "{out}");
+    // A failed attempt's error is shown in the table, not only in --json.
+    let spec =
+        json!({"task_id": "nope", "kind": "command", "config": {"program": "/nonexistent/cmd"}});
+    site.http
+        .post(format!("{}/api/v1/tasks", site.base))
+        .json(&json!({ "tasks": [spec] }))
+        .send()
+        .await
+        .expect("submit");
+    let shown = tether_testkit::wait_for("the failure", LONG, || async {
+        let (_, out, _) = client(&site.base, &["task", "nope"]);
+        out.contains("attempt 1 error:").then_some(out)
+    })
+    .await;
+    assert!(shown.contains("/nonexistent/cmd"), "{shown}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -252,27 +252,47 @@ pub struct Agent {
     pub(crate) _scratch: Option<ScratchDir>,
 }
 
-/// The start of the name of an agent's scratch directory in the temporary directory, before
-/// its process id and boot id.
+/// The start of the name of a worker process's scratch directory in the temporary directory,
+/// before its process id: `tether-worker-<pid>/<boot_id>/` is an agent's.
 const SCRATCH_PREFIX: &str = "tether-worker-";
 
-/// Whether this process can make its agents' scratch directories in the temporary directory
-/// (tried once a process: a load test's builds thousands of agents), after removing those of
-/// processes gone. When it cannot (a `TMPDIR` that is a file, a read-only or full `/tmp`),
-/// says so once: tasks then run without a checkpoint directory, as they would fail to make one.
-fn scratch_usable() -> bool {
-    static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *USABLE.get_or_init(|| {
+/// This process's scratch directory (made once a process, readable by its user only: the
+/// tasks' checkpoints may hold secrets), after removing those of processes gone; `None`, said
+/// once, when it cannot be made (a `TMPDIR` that is a file, a read-only or full `/tmp`): tasks
+/// then run without a checkpoint directory, as they would fail to make one.
+fn scratch_root() -> Option<&'static std::path::Path> {
+    static ROOT: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        use std::os::unix::fs::DirBuilderExt;
         let temp = std::env::temp_dir();
         remove_dead_scratch(&temp);
-        let probe = temp.join(format!("{SCRATCH_PREFIX}{}-probe", std::process::id()));
-        let made = std::fs::create_dir_all(&probe);
-        let _ = std::fs::remove_dir(&probe);
-        if let Err(e) = &made {
-            tracing::warn!(dir = %temp.display(), error = %e, "cannot make checkpoint directories under the temporary directory: command tasks run without $TETHER_CHECKPOINT_DIR (give --state-dir, or a usable TMPDIR)");
+        let root = temp.join(format!("{SCRATCH_PREFIX}{}", std::process::id()));
+        let made = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root);
+        match made {
+            Ok(()) => Some(root),
+            Err(e) => {
+                tracing::warn!(dir = %temp.display(), error = %e, "cannot make checkpoint directories under the temporary directory: command tasks run without $TETHER_CHECKPOINT_DIR (give --state-dir, or a usable TMPDIR)");
+                None
+            }
         }
-        made.is_ok()
     })
+    .as_deref()
+}
+
+/// Whether process `pid` is gone (or a zombie: killed, not yet reaped by its parent).
+fn process_gone(pid: i32) -> bool {
+    let missing = matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(nix::errno::Errno::ESRCH)
+    );
+    missing
+        || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| Some(s.rsplit_once(") ")?.1.starts_with('Z')))
+            .unwrap_or(false)
 }
 
 /// Removes the scratch directories that processes now gone left in `temp` (killed, they could
@@ -288,28 +308,28 @@ fn remove_dead_scratch(temp: &std::path::Path) {
         let Some(pid) = name
             .to_str()
             .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
-            .and_then(|rest| rest.split_once('-'))
-            .and_then(|(pid, _)| pid.parse::<i32>().ok())
+            .and_then(|pid| pid.parse::<i32>().ok())
         else {
             continue;
         };
-        let gone = matches!(
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-            Err(nix::errno::Errno::ESRCH)
-        );
-        if gone {
-            let path = entry.path();
-            let killed = crate::executor::orphans::kill_orphans(&path);
-            if killed > 0 {
-                tracing::warn!(dir = %path.display(), pid, groups = killed, "killed the task processes a worker process gone left running");
+        if !process_gone(pid) {
+            continue;
+        }
+        let path = entry.path();
+        // Each agent of the process recorded its tasks' groups in a directory of its own.
+        let agents = std::fs::read_dir(&path).into_iter().flatten().flatten();
+        let killed: usize = agents
+            .map(|a| crate::executor::orphans::kill_orphans(&a.path()))
+            .sum();
+        if killed > 0 {
+            tracing::warn!(dir = %path.display(), pid, groups = killed, "killed the task processes a worker process gone left running");
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => {
+                tracing::info!(dir = %path.display(), pid, "removed the checkpoint directories of a worker process gone")
             }
-            match std::fs::remove_dir_all(&path) {
-                Ok(()) => {
-                    tracing::info!(dir = %path.display(), pid, "removed the checkpoint directories of a worker process gone")
-                }
-                Err(e) => {
-                    tracing::debug!(dir = %path.display(), error = %e, "could not remove a gone worker's checkpoint directories")
-                }
+            Err(e) => {
+                tracing::debug!(dir = %path.display(), error = %e, "could not remove a gone worker's checkpoint directories")
             }
         }
     }
@@ -414,10 +434,8 @@ impl Agent {
                     .with_group_root(dir.join(crate::executor::orphans::GROUPS_DIR));
                 None
             }
-            None if scratch_usable() => {
-                let temp = std::env::temp_dir();
-                let pid = std::process::id();
-                let dir = temp.join(format!("{SCRATCH_PREFIX}{pid}-{boot_id}"));
+            None if let Some(root) = scratch_root() => {
+                let dir = root.join(&boot_id);
                 // The tasks' process groups are recorded there too: a process killed before it
                 // could stop them leaves their records for the next one (`remove_dead_scratch`).
                 runner = runner
@@ -761,20 +779,20 @@ mod tests {
     fn the_scratch_directories_of_processes_gone_are_removed() {
         let temp = tempfile::tempdir().expect("tempdir");
         // A pid past the kernel's largest (4194304): no process has it.
-        let gone = temp.path().join(format!("{SCRATCH_PREFIX}4194305-b-x"));
+        let gone = temp.path().join(format!("{SCRATCH_PREFIX}4194305"));
         let live = temp
             .path()
-            .join(format!("{SCRATCH_PREFIX}{}-b-y", std::process::id()));
-        let other = temp.path().join(format!("{SCRATCH_PREFIX}notapid-b-z"));
+            .join(format!("{SCRATCH_PREFIX}{}", std::process::id()));
+        let other = temp.path().join(format!("{SCRATCH_PREFIX}notapid"));
         for d in [&gone, &live, &other] {
-            std::fs::create_dir_all(d.join("tasks")).expect("mkdir");
+            std::fs::create_dir_all(d.join("b-x").join("tasks")).expect("mkdir");
         }
         // A task process the gone worker left running, recorded in its directory.
         let mut orphan = std::process::Command::new("sleep");
         std::os::unix::process::CommandExt::process_group(orphan.arg("300"), 0);
         let mut orphan = orphan.spawn().expect("spawn sleep");
         let pgid = nix::unistd::Pid::from_raw(orphan.id() as i32);
-        let groups = gone.join(crate::executor::orphans::GROUPS_DIR);
+        let groups = gone.join("b-x").join(crate::executor::orphans::GROUPS_DIR);
         let record =
             crate::executor::orphans::record_file(&groups, &TaskId::parse("t").expect("id"));
         crate::executor::orphans::record(&record, pgid, "nonce:t:1");
@@ -786,6 +804,21 @@ mod tests {
             std::os::unix::process::ExitStatusExt::signal(&status),
             Some(9)
         );
+    }
+
+    /// A process killed and not yet reaped (a zombie) is gone: a worker restarted at once
+    /// after a `kill -9` cleans up after it.
+    #[test]
+    fn a_zombie_process_is_gone_and_a_running_one_is_not() {
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let pid = child.id() as i32;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !process_gone(pid) {
+            assert!(std::time::Instant::now() < deadline, "never a zombie");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child.wait().expect("reap");
+        assert!(!process_gone(std::process::id() as i32));
     }
 
     /// A fetch journaled by a process that died answers to no attempt of the next one: it is

@@ -202,9 +202,17 @@ impl StateDir {
     /// Opens (creating if needed) and locks `dir` for `worker`, and reads what the previous
     /// process left. Tasks it recorded as running are moved to the lost set now.
     pub fn open(dir: &Path, worker: &WorkerId) -> Result<(Arc<Self>, Restored), StateDirError> {
+        // Made for its user alone (a directory that exists is left as it is): it holds
+        // checkpoints and results, which may hold secrets.
         let made = match dir.exists() && !dir.is_dir() {
             true => Err(std::io::Error::other("it exists and is not a directory")),
-            false => std::fs::create_dir_all(dir),
+            false => {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+            }
         };
         made.map_err(|source| StateDirError::Io {
             path: dir.to_owned(),
@@ -1131,6 +1139,17 @@ mod tests {
                 .expect("rows");
             assert_eq!(set_aside, [2, 3]);
         }
+    }
+
+    /// A state directory the worker makes is its user's alone.
+    #[test]
+    fn a_state_directory_made_by_the_worker_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let made = dir.path().join("new").join("state");
+        drop(StateDir::open(&made, &wid("w1")).expect("open"));
+        let mode = std::fs::metadata(&made).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
     }
 
     #[test]

@@ -988,8 +988,16 @@ while [ "$n" -lt 40 ]; do n=$((n+1)); echo "$n" > "$d/n"; sleep 0.1; done; echo 
         .unwrap_or_default()
         .to_owned();
     let pid = std::process::id();
-    let scratch = std::env::temp_dir().join(format!("tether-worker-{pid}-{boot}"));
+    let scratch = std::env::temp_dir()
+        .join(format!("tether-worker-{pid}"))
+        .join(&boot);
     assert!(scratch.join("tasks").join(ids[0].as_str()).is_dir());
+    // Its user's alone: a task's checkpoint may hold secrets.
+    let root = scratch.parent().expect("the process's directory");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(root).expect("meta").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700);
     first.stop().await.expect("stop");
     assert!(!scratch.exists(), "the directory goes with the worker");
     // One left by a process gone (killed, it could not remove it) goes at the next start of a

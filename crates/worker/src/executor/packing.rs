@@ -4,7 +4,8 @@
 //! as one checkpoint blob and restores it before a later attempt starts.
 //!
 //! Format `tether-dir-v2` (written) is binary: the line `tether-dir-v2\n`, then for each file
-//! a little-endian `u32` path length, the path, a little-endian `u64` content length and the
+//! a little-endian `u32` path length, the path, a little-endian `u32` of its permission bits
+//! (`0o755` for a script: restored on unpack), a little-endian `u64` content length and the
 //! content, in path order. Format `tether-dir-v1` (read, for checkpoints packed by older
 //! workers) is one JSON object whose contents are base64, a third larger:
 //!
@@ -12,18 +13,20 @@
 //! {"format": "tether-dir-v1", "files": {"rel/path": "<base64 of the content>"}}
 //! ```
 //!
-//! - Only regular files travel. Symlinks, sockets and the like are skipped, never followed, so
-//!   a pack holds only bytes that live inside the directory. Empty directories are not kept.
+//! - Only regular files travel, with their permission bits. Symlinks, sockets and the like are
+//!   skipped, never followed, so a pack holds only bytes that live inside the directory. Empty
+//!   directories are not kept, nor files whose names are not UTF-8 (skipped, said in the log).
 //! - Paths are relative, `/`-separated and UTF-8; on unpack every component must be a plain
 //!   name (no empty, `.` or `..` component, no leading `/`), so a pack cannot write outside
 //!   its directory.
 //! - A pack is at most [`MAX_PACK_BYTES`] long (the coordinator's default checkpoint limit:
-//!   files and their 12 bytes and path each) and holds at most [`MAX_FILES`] files; both ends
+//!   files and their 16 bytes and path each) and holds at most [`MAX_FILES`] files; both ends
 //!   refuse more with an error instead of growing without bound.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -80,19 +83,27 @@ struct PackV1 {
     files: BTreeMap<String, String>,
 }
 
-/// What a directory's files look like from outside: relative path, size and mtime of every
-/// regular file. Two equal signatures mean "nothing to ship".
+/// What a directory's files look like from outside: relative path, size, mtime, ctime and
+/// inode of every regular file. Two equal signatures mean "nothing to ship". The ctime and
+/// inode catch what size and mtime miss: a tool that keeps mtimes (`cp -p`, `tar x`, `touch
+/// -d`), or two writes of one size within a timestamp's tick (ctime cannot be set back).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Signature(BTreeMap<String, (u64, Option<SystemTime>)>);
+pub struct Signature(BTreeMap<String, Stamp>);
+
+/// One file's part of a [`Signature`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    changed: (i64, i64),
+    inode: u64,
+}
 
 /// The signature of `dir`; a missing directory has the empty signature.
 pub fn signature(dir: &Path) -> Result<Signature, PackError> {
     let files = walk(dir)?;
     Ok(Signature(
-        files
-            .into_iter()
-            .map(|(rel, f)| (rel, (f.len, f.modified)))
-            .collect(),
+        files.into_iter().map(|(rel, f)| (rel, f.stamp)).collect(),
     ))
 }
 
@@ -101,13 +112,23 @@ pub fn pack(dir: &Path) -> Result<Vec<u8>, PackError> {
     pack_limited(dir, MAX_PACK_BYTES)
 }
 
-/// The bytes a file's entry takes besides its content: its two lengths and its path.
+/// The bytes a file's entry takes besides its content: its lengths, its mode and its path.
 fn entry_overhead(rel: &str) -> u64 {
-    4 + rel.len() as u64 + 8
+    4 + rel.len() as u64 + 4 + 8
+}
+
+/// One file of a pack: its permission bits (none in a `tether-dir-v1` pack) and its content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packed {
+    pub mode: Option<u32>,
+    pub content: Vec<u8>,
 }
 
 fn pack_limited(dir: &Path, limit: u64) -> Result<Vec<u8>, PackError> {
-    let files = walk(dir)?;
+    let (files, unnamed) = walk_counting(dir)?;
+    if unnamed > 0 {
+        tracing::warn!(dir = %dir.display(), files = unnamed, "files whose names are not UTF-8 are left out of the checkpoint");
+    }
     let too_large = PackError::TooLarge { limit };
     let listed = files.iter().fold(MAGIC.len() as u64, |n, (rel, f)| {
         n.saturating_add(entry_overhead(rel)).saturating_add(f.len)
@@ -127,6 +148,7 @@ fn pack_limited(dir: &Path, limit: u64) -> Result<Vec<u8>, PackError> {
         let path_len = u32::try_from(rel.len()).map_err(|_| PackError::UnsafePath(rel.clone()))?;
         out.extend_from_slice(&path_len.to_le_bytes());
         out.extend_from_slice(rel.as_bytes());
+        out.extend_from_slice(&f.mode.to_le_bytes());
         let len_at = out.len();
         out.extend_from_slice(&0u64.to_le_bytes());
         // A file may grow while we read it; never read past the limit.
@@ -145,10 +167,18 @@ fn pack_limited(dir: &Path, limit: u64) -> Result<Vec<u8>, PackError> {
 
 /// Decodes a pack into relative paths and contents, checking format, paths and limits.
 pub fn decode(data: &[u8]) -> Result<BTreeMap<String, Vec<u8>>, PackError> {
+    Ok(decode_files(data)?
+        .into_iter()
+        .map(|(rel, f)| (rel, f.content))
+        .collect())
+}
+
+/// Decodes a pack into relative paths and files (modes and contents).
+pub fn decode_files(data: &[u8]) -> Result<BTreeMap<String, Packed>, PackError> {
     decode_limited(data, MAX_PACK_BYTES)
 }
 
-fn decode_limited(data: &[u8], limit: u64) -> Result<BTreeMap<String, Vec<u8>>, PackError> {
+fn decode_limited(data: &[u8], limit: u64) -> Result<BTreeMap<String, Packed>, PackError> {
     let files = match data.strip_prefix(MAGIC) {
         Some(entries) => {
             if data.len() as u64 > limit {
@@ -168,7 +198,7 @@ fn decode_limited(data: &[u8], limit: u64) -> Result<BTreeMap<String, Vec<u8>>, 
 }
 
 /// The entries of a `tether-dir-v2` pack, after its magic.
-fn decode_entries(mut rest: &[u8]) -> Result<BTreeMap<String, Vec<u8>>, PackError> {
+fn decode_entries(mut rest: &[u8]) -> Result<BTreeMap<String, Packed>, PackError> {
     let bad = |what: &str| PackError::BadFormat(format!("{FORMAT}: {what}"));
     let take = |n: u64, rest: &mut &[u8]| -> Result<Vec<u8>, PackError> {
         let n = usize::try_from(n).map_err(|_| bad("a length past the end"))?;
@@ -188,10 +218,16 @@ fn decode_entries(mut rest: &[u8]) -> Result<BTreeMap<String, Vec<u8>>, PackErro
         let path_len = u32::from_le_bytes(path_len.try_into().map_err(|_| bad("a short entry"))?);
         let path = String::from_utf8(take(u64::from(path_len), &mut rest)?)
             .map_err(|_| bad("a path that is not UTF-8"))?;
+        let mode = take(4, &mut rest)?;
+        let mode = u32::from_le_bytes(mode.try_into().map_err(|_| bad("a short entry"))?);
         let len = take(8, &mut rest)?;
         let len = u64::from_le_bytes(len.try_into().map_err(|_| bad("a short entry"))?);
         let content = take(len, &mut rest)?;
-        if files.insert(path.clone(), content).is_some() {
+        let file = Packed {
+            mode: Some(mode),
+            content,
+        };
+        if files.insert(path.clone(), file).is_some() {
             return Err(bad(&format!("{path:?} twice")));
         }
     }
@@ -199,7 +235,7 @@ fn decode_entries(mut rest: &[u8]) -> Result<BTreeMap<String, Vec<u8>>, PackErro
 }
 
 /// The files of a `tether-dir-v1` pack, with at most `limit` bytes of content.
-fn decode_v1(data: &[u8], limit: u64) -> Result<BTreeMap<String, Vec<u8>>, PackError> {
+fn decode_v1(data: &[u8], limit: u64) -> Result<BTreeMap<String, Packed>, PackError> {
     let pack: PackV1 =
         serde_json::from_slice(data).map_err(|e| PackError::BadFormat(e.to_string()))?;
     if pack.format != FORMAT_V1 {
@@ -218,7 +254,13 @@ fn decode_v1(data: &[u8], limit: u64) -> Result<BTreeMap<String, Vec<u8>>, PackE
         if total > limit {
             return Err(PackError::TooLarge { limit });
         }
-        out.insert(rel, content);
+        out.insert(
+            rel,
+            Packed {
+                mode: None,
+                content,
+            },
+        );
     }
     Ok(out)
 }
@@ -226,14 +268,19 @@ fn decode_v1(data: &[u8], limit: u64) -> Result<BTreeMap<String, Vec<u8>>, PackE
 /// Replaces the contents of `dir` (created if missing) with the files of a pack. The whole pack
 /// is checked before anything in `dir` is touched, so a refused pack leaves `dir` as it was.
 pub fn unpack(data: &[u8], dir: &Path) -> Result<(), PackError> {
-    let files = decode(data)?;
+    use std::os::unix::fs::PermissionsExt;
+    let files = decode_files(data)?;
     clear_dir(dir)?;
-    for (rel, content) in files {
+    for (rel, file) in files {
         let path = dir.join(&rel);
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).map_err(io_err("create", parent))?;
         }
-        fs::write(&path, content).map_err(io_err("write", &path))?;
+        fs::write(&path, file.content).map_err(io_err("write", &path))?;
+        if let Some(mode) = file.mode {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777))
+                .map_err(io_err("set the mode of", &path))?;
+        }
     }
     Ok(())
 }
@@ -268,13 +315,21 @@ pub(crate) fn clear_dir(dir: &Path) -> Result<(), PackError> {
 struct FileInfo {
     path: PathBuf,
     len: u64,
-    modified: Option<SystemTime>,
+    /// Permission bits.
+    mode: u32,
+    stamp: Stamp,
 }
 
 /// The regular files under `dir` by relative path. Entries that vanish while we look are
 /// skipped: the task may be rewriting its files right now.
 fn walk(dir: &Path) -> Result<BTreeMap<String, FileInfo>, PackError> {
+    walk_counting(dir).map(|(files, _)| files)
+}
+
+/// [`walk`], and how many files it left out for names that are not UTF-8.
+fn walk_counting(dir: &Path) -> Result<(BTreeMap<String, FileInfo>, usize), PackError> {
     let mut files = BTreeMap::new();
+    let mut unnamed = 0;
     let mut pending = vec![(dir.to_path_buf(), String::new())];
     while let Some((path, prefix)) = pending.pop() {
         let entries = match fs::read_dir(&path) {
@@ -286,9 +341,11 @@ fn walk(dir: &Path) -> Result<BTreeMap<String, FileInfo>, PackError> {
             let entry = entry.map_err(io_err("list", &path))?;
             let child = entry.path();
             let name = entry.file_name();
-            let name = name
-                .to_str()
-                .ok_or_else(|| PackError::NonUtf8Name(child.clone()))?;
+            // Left out, not the whole checkpoint lost: a pack names its files in UTF-8.
+            let Some(name) = name.to_str() else {
+                unnamed += 1;
+                continue;
+            };
             let rel = format!("{prefix}{name}");
             // symlink_metadata: a symlink is reported as itself, never followed.
             let meta = match fs::symlink_metadata(&child) {
@@ -305,13 +362,19 @@ fn walk(dir: &Path) -> Result<BTreeMap<String, FileInfo>, PackError> {
                 let info = FileInfo {
                     path: child,
                     len: meta.len(),
-                    modified: meta.modified().ok(),
+                    mode: meta.mode() & 0o7777,
+                    stamp: Stamp {
+                        len: meta.len(),
+                        modified: meta.modified().ok(),
+                        changed: (meta.ctime(), meta.ctime_nsec()),
+                        inode: meta.ino(),
+                    },
                 };
                 files.insert(rel, info);
             }
         }
     }
-    Ok(files)
+    Ok((files, unnamed))
 }
 
 #[cfg(test)]
@@ -343,6 +406,7 @@ mod tests {
         for (p, c) in files {
             out.extend_from_slice(&(p.len() as u32).to_le_bytes());
             out.extend_from_slice(p.as_bytes());
+            out.extend_from_slice(&0o644u32.to_le_bytes());
             out.extend_from_slice(&(c.len() as u64).to_le_bytes());
             out.extend_from_slice(c.as_bytes());
         }
@@ -418,7 +482,7 @@ mod tests {
         // A binary pack cut anywhere inside an entry, or naming a file twice.
         let whole = pack_v2(&[("a", "one"), ("b", "two")]);
         for cut in MAGIC.len() + 1..whole.len() {
-            if cut == MAGIC.len() + 4 + 1 + 8 + 3 {
+            if cut == MAGIC.len() + 4 + 1 + 4 + 8 + 3 {
                 continue; // between the two entries: a whole pack of "a"
             }
             let r = decode(&whole[..cut]);
@@ -445,7 +509,7 @@ mod tests {
         let files = 3 * 1024 * 1024 + 3;
         assert_eq!(
             packed.len(),
-            MAGIC.len() + files + 2 * 12 + "blob".len() + "n".len()
+            MAGIC.len() + files + 2 * 16 + "blob".len() + "n".len()
         );
         assert_eq!(decode(&packed).expect("decode")["blob"], content);
         let dst = tempfile::tempdir().expect("tempdir");
@@ -459,8 +523,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         write(dir.path(), "a", &[7; 600]);
         write(dir.path(), "b", &[7; 600]);
-        // The magic, and 12 bytes, a one-letter path and 600 bytes a file.
-        let whole = (MAGIC.len() + 2 * (12 + 1 + 600)) as u64;
+        // The magic, and 16 bytes, a one-letter path and 600 bytes a file.
+        let whole = (MAGIC.len() + 2 * (16 + 1 + 600)) as u64;
         assert_eq!(
             pack_limited(dir.path(), whole).expect("fits").len() as u64,
             whole
@@ -476,6 +540,39 @@ mod tests {
         ));
     }
 
+    /// A file's permission bits travel (a script stays executable, a secret stays private);
+    /// a file whose name is not UTF-8 is left out, the others packed.
+    #[test]
+    fn modes_travel_and_a_name_that_is_not_utf8_is_left_out_alone() {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::PermissionsExt;
+        let src = tempfile::tempdir().expect("tempdir");
+        write(src.path(), "run.sh", b"#!/bin/sh\necho hi\n");
+        write(src.path(), "secret", b"s");
+        fs::set_permissions(src.path().join("run.sh"), fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        fs::set_permissions(src.path().join("secret"), fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+        let odd = std::ffi::OsStr::from_bytes(b"bad\xffname");
+        fs::write(src.path().join(odd), b"x").expect("write");
+        let packed = pack(src.path()).expect("pack");
+        let dst = tempfile::tempdir().expect("tempdir");
+        unpack(&packed, dst.path()).expect("unpack");
+        let mode = |name: &str| {
+            fs::metadata(dst.path().join(name))
+                .expect("meta")
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!((mode("run.sh"), mode("secret")), (0o755, 0o600));
+        let names: Vec<String> = fs::read_dir(dst.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
     #[test]
     fn the_signature_changes_when_a_file_does() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -488,5 +585,25 @@ mod tests {
         assert_eq!(signature(dir.path()).expect("sig"), first);
         write(dir.path(), "a", b"12");
         assert_ne!(signature(dir.path()).expect("sig"), first);
+        // The same size and the mtime set back (`cp -p`, `touch -d`): the ctime tells. (The
+        // kernel's clock for it ticks every few ms: the rewrite comes after a tick.)
+        let path = dir.path().join("a");
+        let before = signature(dir.path()).expect("sig");
+        let mtime = fs::metadata(&path)
+            .expect("meta")
+            .modified()
+            .expect("mtime");
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        write(dir.path(), "a", b"34");
+        let file = fs::File::options().write(true).open(&path).expect("open");
+        file.set_modified(mtime).expect("set mtime");
+        assert_eq!(
+            fs::metadata(&path)
+                .expect("meta")
+                .modified()
+                .expect("mtime"),
+            mtime
+        );
+        assert_ne!(signature(dir.path()).expect("sig"), before);
     }
 }
