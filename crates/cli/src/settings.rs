@@ -98,16 +98,15 @@ pub fn keys(path: Option<&Path>, section: &str) -> std::collections::BTreeSet<St
 }
 
 /// An error about settings, its flags named as the user gave them: a `--flag` the command
-/// line (`given`) did not have but the config file's `keys` did is named by its key in `file`.
+/// line (`given`) did not have but the config file's `keys` did is named by its key in `file`
+/// (`--capability` and `--tag` by `capabilities` and `tags`); the setting an error is about
+/// (the flag it starts with) that neither gave is the default, and said so.
 pub fn named_by_source(
     e: anyhow::Error,
     file: Option<&Path>,
     keys: &std::collections::BTreeSet<String>,
     given: impl Fn(&str) -> bool,
 ) -> anyhow::Error {
-    let Some(file) = file.filter(|_| !keys.is_empty()) else {
-        return e;
-    };
     let text = crate::output::describe(&e);
     let mut out = String::with_capacity(text.len());
     let mut rest = text.as_str();
@@ -119,10 +118,20 @@ pub fn named_by_source(
             .unwrap_or(tail.len());
         let flag = &rest[at..at + 2 + len];
         let key = tail[..len].replace('-', "_");
-        if len > 0 && keys.contains(&key) && !given(flag) {
-            out.push_str(&format!("{key} (in {})", file.display()));
-        } else {
-            out.push_str(flag);
+        // A repeatable flag (`--tag`, `--capability`) is a list in the file (`tags`,
+        // `capabilities`).
+        let plural = match key.strip_suffix('y') {
+            Some(stem) => format!("{stem}ies"),
+            None => format!("{key}s"),
+        };
+        let in_file = [key.clone(), plural].into_iter().find(|k| keys.contains(k));
+        match (len > 0 && !given(flag), in_file, file) {
+            (true, Some(key), Some(file)) => {
+                out.push_str(&format!("{key} (in {})", file.display()));
+            }
+            // The subject of the error, from nowhere the user wrote: the default.
+            (true, None, _) if out.is_empty() => out.push_str(&format!("the default {flag}")),
+            _ => out.push_str(flag),
         }
         rest = &tail[len..];
     }
@@ -204,8 +213,18 @@ mod tests {
         );
         let given = named_by_source(e(), Some(&path), &keys, |f| f == "--max-frame").to_string();
         assert_eq!(given, e().to_string());
-        let no_file = named_by_source(e(), None, &keys, |_| false).to_string();
-        assert_eq!(no_file, e().to_string());
+        // Without the file, a subject no one gave is the default.
+        let none = Default::default();
+        let no_file = named_by_source(e(), None, &none, |_| false).to_string();
+        assert_eq!(no_file, format!("the default {}", e()));
+        let given_no_file = named_by_source(e(), None, &none, |_| true).to_string();
+        assert_eq!(given_no_file, e().to_string());
+        // A repeatable flag's key is its plural; advice later in the text is left alone.
+        std::fs::write(&path, "[worker]\ncapabilities = [\"\"]\n").expect("write");
+        let worker_keys = super::keys(Some(&path), "worker");
+        let e = anyhow::anyhow!("--capability an empty capability; give --capability");
+        let shown = named_by_source(e, Some(&path), &worker_keys, |_| false).to_string();
+        assert!(shown.starts_with("capabilities (in "), "{shown}");
         assert!(super::keys(None, "coordinator").is_empty());
     }
 
