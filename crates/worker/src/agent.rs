@@ -256,8 +256,15 @@ pub struct Agent {
 /// before its process id: `tether-worker-<pid>/<boot_id>/` is an agent's.
 const SCRATCH_PREFIX: &str = "tether-worker-";
 
+/// Once a process, whatever its agents' state directories: removes the scratch directories of
+/// worker processes gone, killing the task processes they left running.
+fn sweep_dead_scratch_once() {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| remove_dead_scratch(&std::env::temp_dir()));
+}
+
 /// This process's scratch directory (made once a process, readable by its user only: the
-/// tasks' checkpoints may hold secrets), after removing those of processes gone; `None`, said
+/// tasks' checkpoints may hold secrets); `None`, said
 /// once, when it cannot be made (a `TMPDIR` that is a file, a read-only or full `/tmp`): tasks
 /// then run without a checkpoint directory, as they would fail to make one.
 fn scratch_root() -> Option<&'static std::path::Path> {
@@ -265,7 +272,6 @@ fn scratch_root() -> Option<&'static std::path::Path> {
     ROOT.get_or_init(|| {
         use std::os::unix::fs::DirBuilderExt;
         let temp = std::env::temp_dir();
-        remove_dead_scratch(&temp);
         let root = temp.join(format!("{SCRATCH_PREFIX}{}", std::process::id()));
         let made = std::fs::DirBuilder::new()
             .recursive(true)
@@ -427,6 +433,7 @@ impl Agent {
         // system's temporary directory: a task checkpoints and resumes either way; only a
         // restart of the worker process loses what the state directory would have kept. Made
         // by the first task that needs it, removed with the agent.
+        sweep_dead_scratch_once();
         let scratch = match &cfg.state_dir {
             Some(dir) => {
                 runner = runner
