@@ -207,13 +207,18 @@ fn http() -> reqwest::Client {
 
 async fn submit(http: &reqwest::Client, base: &str, id: &str, config: serde_json::Value) {
     let spec = json!({ "task_id": id, "kind": "sleep", "config": config });
+    submit_spec(http, base, spec).await;
+}
+
+/// Submits one task `spec` (JSON), which must be taken.
+async fn submit_spec(http: &reqwest::Client, base: &str, spec: serde_json::Value) {
     let r = http
         .post(format!("{base}/api/v1/tasks"))
-        .json(&json!({ "tasks": [spec] }))
+        .json(&json!({ "tasks": [&spec] }))
         .send()
         .await
         .expect("submit");
-    assert!(r.status().is_success(), "submit {id}: {}", r.status());
+    assert!(r.status().is_success(), "submit {spec}: {}", r.status());
 }
 
 /// One coordinator's place: its data directory, address, API base URL and an HTTP client.
@@ -596,14 +601,7 @@ async fn a_checkpoint_too_large_for_the_coordinator_is_shown_on_the_task() {
     let script = r#"head -c 200000 /dev/zero > "${TETHER_CHECKPOINT_DIR:?}/blob"; sleep 30"#;
     let config = json!({"shell": script, "checkpoint_poll_ms": 50});
     let spec = json!({"task_id": "big", "kind": "command", "config": config});
-    let r = site
-        .http
-        .post(format!("{}/api/v1/tasks", site.base))
-        .json(&json!({ "tasks": [spec] }))
-        .send()
-        .await
-        .expect("submit");
-    assert!(r.status().is_success(), "{}", r.status());
+    submit_spec(&site.http, &site.base, spec).await;
     let shown = tether_testkit::wait_for("the refusal on the task", LONG, || async {
         let (_, out, _) = run(&["task", "big"]);
         out.contains("checkpoint refused").then_some(out)
@@ -651,14 +649,7 @@ async fn a_worker_whose_temporary_directory_is_unusable_still_runs_command_tasks
         .env("TMPDIR", &not_a_dir);
     let _w = quiet(&mut cmd, "worker");
     let spec = json!({"task_id": "echo", "kind": "command", "config": {"shell": "echo hi"}});
-    let r = site
-        .http
-        .post(format!("{}/api/v1/tasks", site.base))
-        .json(&json!({ "tasks": [spec] }))
-        .send()
-        .await
-        .expect("submit");
-    assert!(r.status().is_success(), "{}", r.status());
+    submit_spec(&site.http, &site.base, spec).await;
     let out = tether_testkit::wait_for("the task to end", LONG, || async {
         let (_, out, _) = client(&site.base, &["task", "echo", "--json"]);
         let v: serde_json::Value = serde_json::from_str(&out).ok()?;
@@ -670,12 +661,7 @@ async fn a_worker_whose_temporary_directory_is_unusable_still_runs_command_tasks
     // A failed attempt's error is shown in the table, not only in --json.
     let spec =
         json!({"task_id": "nope", "kind": "command", "config": {"program": "/nonexistent/cmd"}});
-    site.http
-        .post(format!("{}/api/v1/tasks", site.base))
-        .json(&json!({ "tasks": [spec] }))
-        .send()
-        .await
-        .expect("submit");
+    submit_spec(&site.http, &site.base, spec).await;
     let shown = tether_testkit::wait_for("the failure", LONG, || async {
         let (_, out, _) = client(&site.base, &["task", "nope"]);
         out.contains("attempt 1 error:").then_some(out)
