@@ -495,7 +495,7 @@ mod tests {
         assert!(matches!(decode(&twice), Err(PackError::BadFormat(_))));
     }
 
-    /// A pack is its files and 12 bytes and a path each, not a third more (base64, as the
+    /// A pack is its files and 16 bytes and a path each, not a third more (base64, as the
     /// first format was); and a pack an older worker wrote still restores.
     #[test]
     fn a_pack_is_about_as_large_as_its_files_and_an_older_workers_pack_still_unpacks() {
