@@ -32,7 +32,7 @@ use crate::metrics as m;
 use crate::outbox::Outbox;
 use crate::runner::Runner;
 use crate::session::{Session, SessionEnd};
-use crate::statedir::{Restored, StateDir};
+use crate::statedir::{LockFile, Restored, StateDir};
 use crate::stats::{ConnState, StatsTracker};
 
 /// How long running tasks get to stop at shutdown.
@@ -264,75 +264,80 @@ fn sweep_dead_scratch_once() {
 }
 
 /// This process's scratch directory (made once a process, readable by its user only: the
-/// tasks' checkpoints may hold secrets); `None`, said
-/// once, when it cannot be made (a `TMPDIR` that is a file, a read-only or full `/tmp`): tasks
-/// then run without a checkpoint directory, as they would fail to make one.
+/// tasks' checkpoints may hold secrets), locked for the process's life as a state directory is
+/// (`statedir::LockFile`): the lock, not a process id, tells the next worker process that it is
+/// in use. `None`, said once, when it cannot be made (a `TMPDIR` that is a file, a read-only or
+/// full `/tmp`): tasks then run without a checkpoint directory, as they would fail to make one.
 fn scratch_root() -> Option<&'static std::path::Path> {
-    static ROOT: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    static ROOT: std::sync::OnceLock<Option<(std::path::PathBuf, LockFile)>> =
+        std::sync::OnceLock::new();
     ROOT.get_or_init(|| {
-        use std::os::unix::fs::DirBuilderExt;
         let temp = std::env::temp_dir();
         let root = temp.join(format!("{SCRATCH_PREFIX}{}", std::process::id()));
-        let made = std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&root);
-        match made {
-            Ok(()) => Some(root),
+        match make_scratch_root(&temp, &root) {
+            Ok(lock) => Some((root, lock)),
             Err(e) => {
                 tracing::warn!(dir = %temp.display(), error = %e, "cannot make checkpoint directories under the temporary directory: command tasks run without $TETHER_CHECKPOINT_DIR (give --state-dir, or a usable TMPDIR)");
                 None
             }
         }
     })
-    .as_deref()
+    .as_ref()
+    .map(|(root, _)| root.as_path())
 }
 
-/// Whether process `pid` is gone (or a zombie: killed, not yet reaped by its parent).
-fn process_gone(pid: i32) -> bool {
-    let missing = matches!(
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-        Err(nix::errno::Errno::ESRCH)
-    );
-    missing
-        || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| Some(s.rsplit_once(") ")?.1.starts_with('Z')))
-            .unwrap_or(false)
+/// Makes `root` under another name, locks it and only then names it: a sweep by another
+/// process never finds it unlocked.
+fn make_scratch_root(temp: &std::path::Path, root: &std::path::Path) -> Result<LockFile, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let young = temp.join(format!("{SCRATCH_PREFIX}{}{YOUNG}", std::process::id()));
+    // Left by an earlier process of this pid, gone then: nothing of it is in use.
+    let _ = std::fs::remove_dir_all(&young);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&young)
+        .map_err(|e| e.to_string())?;
+    let lock = LockFile::acquire(&young).map_err(|e| e.to_string())?;
+    std::fs::rename(&young, root).map_err(|e| e.to_string())?;
+    Ok(lock)
 }
+
+/// The suffix of a scratch directory being made (`make_scratch_root`), which sweeps leave alone.
+const YOUNG: &str = ".new";
 
 /// Removes the scratch directories that processes now gone left in `temp` (killed, they could
 /// not remove their own), after killing the task processes recorded there, which outlived
-/// them (as a state directory's next start does). A directory of a live process, or one whose
-/// name says no process, is left alone.
+/// them (as a state directory's next start does). A directory whose lock its process still
+/// holds is left alone, as is anything else in `temp`. The lock is free once the process is
+/// gone, killed and not yet reaped included.
 fn remove_dead_scratch(temp: &std::path::Path) {
     let Ok(entries) = std::fs::read_dir(temp) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name
+        let ours = name
             .to_str()
             .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
-            .and_then(|pid| pid.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if !process_gone(pid) {
+            .is_some_and(|pid| pid.parse::<u32>().is_ok());
+        let path = entry.path();
+        if !ours {
             continue;
         }
-        let path = entry.path();
+        let Ok(_gone) = LockFile::acquire(&path) else {
+            continue;
+        };
         // Each agent of the process recorded its tasks' groups in a directory of its own.
         let agents = std::fs::read_dir(&path).into_iter().flatten().flatten();
         let killed: usize = agents
             .map(|a| crate::executor::orphans::kill_orphans(&a.path()))
             .sum();
         if killed > 0 {
-            tracing::warn!(dir = %path.display(), pid, groups = killed, "killed the task processes a worker process gone left running");
+            tracing::warn!(dir = %path.display(), groups = killed, "killed the task processes a worker process gone left running");
         }
         match std::fs::remove_dir_all(&path) {
             Ok(()) => {
-                tracing::info!(dir = %path.display(), pid, "removed the checkpoint directories of a worker process gone")
+                tracing::info!(dir = %path.display(), "removed the checkpoint directories of a worker process gone")
             }
             Err(e) => {
                 tracing::debug!(dir = %path.display(), error = %e, "could not remove a gone worker's checkpoint directories")
@@ -803,6 +808,8 @@ mod tests {
         let record =
             crate::executor::orphans::record_file(&groups, &TaskId::parse("t").expect("id"));
         crate::executor::orphans::record(&record, pgid, "nonce:t:1");
+        // The live one's lock is held (here by this process), as its process holds it.
+        let _held = LockFile::acquire(&live).expect("lock");
         remove_dead_scratch(temp.path());
         assert!(!gone.exists());
         assert!(live.exists() && other.exists());
@@ -813,19 +820,41 @@ mod tests {
         );
     }
 
-    /// A process killed and not yet reaped (a zombie) is gone: a worker restarted at once
-    /// after a `kill -9` cleans up after it.
+    /// A directory is kept while the process that locked it runs, and is the next one's once
+    /// that process is killed, even before its parent reaps it (a zombie holds no lock): a
+    /// worker restarted at once after a `kill -9` cleans up after it.
     #[test]
-    fn a_zombie_process_is_gone_and_a_running_one_is_not() {
-        let mut child = std::process::Command::new("true").spawn().expect("spawn");
-        let pid = child.id() as i32;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !process_gone(pid) {
-            assert!(std::time::Instant::now() < deadline, "never a zombie");
-            std::thread::sleep(std::time::Duration::from_millis(10));
+    fn a_scratch_directory_is_kept_while_its_process_runs_and_freed_by_its_kill() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let dir = temp.path().join(format!("{SCRATCH_PREFIX}77"));
+        std::fs::create_dir(&dir).expect("mkdir");
+        // A child holds the lock: it opens and locks the file itself, between its fork and
+        // its exec (no descriptor of this process, which other tests' children could inherit).
+        let lock = dir.join(crate::statedir::LOCK_FILE);
+        std::fs::File::create(&lock).expect("lock file");
+        let path = std::ffi::CString::new(lock.as_os_str().as_encoded_bytes()).expect("path");
+        let mut sleep = std::process::Command::new("sleep");
+        sleep.arg("300");
+        // SAFETY: between fork and exec the closure makes only open and flock calls, which are
+        // async-signal-safe, and allocates nothing.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut sleep, move || {
+                let fd = nix::libc::open(path.as_ptr(), nix::libc::O_RDWR);
+                if fd < 0 || nix::libc::flock(fd, nix::libc::LOCK_EX | nix::libc::LOCK_NB) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
+        let mut child = sleep.spawn().expect("spawn");
+        remove_dead_scratch(temp.path());
+        assert!(dir.exists(), "kept while its process runs");
+        child.kill().expect("kill");
+        // Not reaped: a zombie, whose descriptors are closed.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        remove_dead_scratch(temp.path());
+        assert!(!dir.exists(), "freed by the kill");
         child.wait().expect("reap");
-        assert!(!process_gone(std::process::id() as i32));
     }
 
     /// A fetch journaled by a process that died answers to no attempt of the next one: it is

@@ -772,12 +772,14 @@ fn class_from(v: i64) -> Option<Class> {
 /// would let a second process lock a new file while the first still holds the old one). The
 /// coordinator locks its data directory the same way (`tether_coordinator::store::lock`).
 #[derive(Debug)]
-struct LockFile {
+pub(crate) struct LockFile {
     _flock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl LockFile {
-    fn acquire(dir: &Path) -> Result<Self, StateDirError> {
+    /// Locks `dir` for this process; refused ([`StateDirError::Locked`]) while a live process
+    /// holds it. The agent's scratch directories are locked the same way.
+    pub(crate) fn acquire(dir: &Path) -> Result<Self, StateDirError> {
         use nix::fcntl::{Flock, FlockArg};
         let path = dir.join(LOCK_FILE);
         let io = |source| StateDirError::Io {
