@@ -206,10 +206,10 @@ static RAW_BYTES: AtomicU64 = AtomicU64::new(0);
 static WIRE_BYTES: AtomicU64 = AtomicU64::new(0);
 
 /// Records one compressed (or decompressed) payload: `raw` bytes before compression, `wire`
-/// bytes on the wire. The compression layer calls this; the ratio gauge follows the totals.
+/// bytes on the wire. The compression layer calls this once a frame, so it only adds to two
+/// atomics; [`render`] sets the counters and the ratio gauge from them (a `counter!` here
+/// built its key each frame: 1.4 % of a flooding fleet's CPU).
 pub fn record_compression(raw: u64, wire: u64) {
-    metrics::counter!(COMPRESSION_RAW_BYTES).increment(raw);
-    metrics::counter!(COMPRESSION_WIRE_BYTES).increment(wire);
     RAW_BYTES.fetch_add(raw, Ordering::Relaxed);
     WIRE_BYTES.fetch_add(wire, Ordering::Relaxed);
 }
@@ -240,6 +240,8 @@ pub fn render(agent: &AgentHandle) -> String {
         RAW_BYTES.load(Ordering::Relaxed),
         WIRE_BYTES.load(Ordering::Relaxed),
     );
+    metrics::counter!(COMPRESSION_RAW_BYTES).absolute(raw);
+    metrics::counter!(COMPRESSION_WIRE_BYTES).absolute(wire);
     metrics::gauge!(COMPRESSION_RATIO).set(if wire == 0 {
         1.0
     } else {

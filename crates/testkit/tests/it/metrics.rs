@@ -133,12 +133,20 @@ async fn metrics_families_are_served_and_move_with_a_run_with_a_reconnection() {
     assert!(ratio > 1.0, "repetitive JSON compresses: ratio {ratio}");
     // The worker in this process records into the same recorder, shared with every test of
     // this binary: each family must have moved while this test ran, not merely be above 0.
-    grew(wm::COMPRESSION_RAW_BYTES, &[]);
-    grew(&count(wm::HEARTBEAT_RTT), &[]);
-    grew(&count(wm::RECONNECT_DURATION), &[]);
-    grew(wm::SESSIONS_LOST, &[]);
-    grew(wm::MESSAGES_OUT, &[("type", "heartbeat")]);
-    grew(wm::TASKS_FINISHED, &[("outcome", "completed")]);
+    // The worker sets its compression totals when its `/metrics` is rendered.
+    wm::render(&w.handle);
+    let worker = scrape(&url).await;
+    let worker_grew = |name: &str, labels: &[(&str, &str)]| {
+        let (b, a) = (v(&before, name, labels), v(&worker, name, labels));
+        assert!(a > b, "{name}{labels:?} moved: before {b}, after {a}");
+    };
+    worker_grew(wm::COMPRESSION_RAW_BYTES, &[]);
+    worker_grew(wm::COMPRESSION_WIRE_BYTES, &[]);
+    worker_grew(&count(wm::HEARTBEAT_RTT), &[]);
+    worker_grew(&count(wm::RECONNECT_DURATION), &[]);
+    worker_grew(wm::SESSIONS_LOST, &[]);
+    worker_grew(wm::MESSAGES_OUT, &[("type", "heartbeat")]);
+    worker_grew(wm::TASKS_FINISHED, &[("outcome", "completed")]);
     // Every family of the coordinator has its help text.
     for line in after.lines() {
         if let Some(name) = line
