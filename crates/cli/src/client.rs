@@ -678,7 +678,8 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
         ]
     });
     print_table(&["ATTEMPT", "WORKER", "STARTED", "END"], &rows)?;
-    // A checkpoint the coordinator refused: a resume starts from an earlier one.
+    // A checkpoint the coordinator refused (the table of kept ones below says where a resume
+    // would start).
     for a in t["attempts"].as_array().into_iter().flatten() {
         if let Some(why) = a["checkpoint_refused"].as_str() {
             outln!(
@@ -704,6 +705,8 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
             s(&r["outcome"]),
             match (r["stale"] == true, end_of(&r["attempt"])) {
                 (false, _) => "counted".into(),
+                // The result of an attempt a cancel stopped is not late, merely not counted.
+                (true, Some(end)) if end == "cancelled" => "not counted (task cancelled)".into(),
                 (true, Some(end)) => format!("stale (attempt {end})"),
                 (true, None) => "stale".into(),
             },

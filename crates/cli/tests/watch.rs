@@ -558,7 +558,7 @@ async fn a_cancelled_tasks_late_result_is_shown_and_counted_as_a_cancel_not_a_lo
     assert!(ok, "{out} {err}");
     let shown = tether_testkit::wait_for("the cancelled attempt's result", LONG, || async {
         let (_, out, _) = run(&["task", "cx"]);
-        out.contains("stale (attempt cancelled)").then_some(out)
+        out.contains("not counted (task cancelled)").then_some(out)
     })
     .await;
     assert!(shown.contains("cancelled"), "{shown}");

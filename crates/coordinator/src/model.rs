@@ -53,7 +53,8 @@ pub struct AttemptRecord {
     #[serde(default)]
     pub result_recorded: bool,
     /// Why this attempt's latest refused checkpoint was refused (larger than the coordinator
-    /// keeps): a resume starts from an earlier checkpoint, or afresh.
+    /// keeps). A resume starts from the task's latest kept checkpoint, which may be earlier
+    /// or later than this one, or afresh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_refused: Option<String>,
 }

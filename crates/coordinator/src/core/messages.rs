@@ -399,7 +399,12 @@ impl Core {
     /// - A running task this worker holds at that attempt: continue (or pause, if paused).
     /// - A running task it does not hold (moved on, finished, cancelled, unknown): cancel it.
     /// - A task it holds but reports lost with a previous process: requeue it now.
-    /// - A task it holds but does not mention at all: it never got the assignment; send again.
+    /// - A task it holds but does not mention at all, registering from the process the lease
+    ///   went to: it never got the assignment; send again.
+    /// - The same from a new process (another boot id): the attempt ran, if at all, in the
+    ///   process that is gone, so it ends lost and the task is requeued; the next attempt gets
+    ///   its own number (resuming from the checkpoint), so the history shows the restart and
+    ///   no two processes ever run one attempt.
     /// - Finished results it still holds need nothing here: they follow in the outbox replay,
     ///   and a result already recorded is acknowledged again without being recorded twice.
     fn reconcile(&mut self, worker: &WorkerId, r: &Registration, b: &mut Batch) -> Reconciled {
@@ -440,6 +445,10 @@ impl Core {
             .map(|w| w.leases.iter().cloned().collect())
             .unwrap_or_default();
         let mut resend = Vec::new();
+        let new_process = self
+            .workers
+            .get(worker)
+            .is_some_and(|w| !w.boot_id.is_empty() && w.boot_id != r.boot_id);
         let mentions = |t: &TaskId, a: Attempt| {
             inv.running
                 .iter()
@@ -460,6 +469,9 @@ impl Core {
             if lost {
                 tracing::info!(worker = %worker, task = %task_id, attempt = %lease.attempt, "task died with the worker's previous process; requeued");
                 self.release_and_requeue(&task_id, "died with the worker process", b);
+            } else if new_process {
+                tracing::info!(worker = %worker, task = %task_id, attempt = %lease.attempt, "a new process of the worker does not know its lease; requeued");
+                self.release_and_requeue(&task_id, "the worker's process was replaced", b);
             } else {
                 tracing::info!(worker = %worker, task = %task_id, attempt = %lease.attempt, "worker does not know its lease; assignment sent again");
                 resend.push(task_id);
@@ -724,11 +736,13 @@ impl Core {
     ) {
         let disposition = match self.standing(worker, &c.task_id, c.attempt) {
             Standing::Holder if c.size > self.cfg.max_checkpoint_bytes => {
-                let error = format!(
-                    "checkpoint {} of {} bytes exceeds the limit of {}; a resume starts from an \
-                     earlier checkpoint",
+                // The attempt's record keeps the fact; what it means for a resume depends on
+                // the checkpoints after it (`tether task` shows the latest kept).
+                let refused = format!(
+                    "checkpoint {} of {} bytes exceeds the limit of {}",
                     c.checkpoint_id, c.size, self.cfg.max_checkpoint_bytes
                 );
+                let error = format!("{refused}; a resume starts from an earlier checkpoint");
                 tracing::warn!(worker = %worker, task = %c.task_id, attempt = %c.attempt, %error, "checkpoint refused");
                 self.counters
                     .checkpoints_too_large
@@ -739,7 +753,7 @@ impl Core {
                     .get_mut(&c.task_id)
                     .and_then(|t| t.attempt_record(c.attempt))
                 {
-                    a.checkpoint_refused = Some(error.clone());
+                    a.checkpoint_refused = Some(refused);
                 }
                 self.save_task(&c.task_id, b);
                 b.send(

@@ -569,6 +569,36 @@ fn an_assignment_the_worker_never_received_is_sent_again_after_the_registration_
     );
 }
 
+/// A new process of the worker (another boot id, no state directory to report what died
+/// with the old one) that does not mention its lease: the attempt ran, if at all, in the
+/// process that is gone. It ends lost and the next attempt has its own number, so the history
+/// shows the restart and the two processes never run one attempt.
+#[test]
+fn a_lease_a_new_process_of_the_worker_does_not_know_ends_lost_and_the_next_attempt_is_new() {
+    let mut h = Harness::new();
+    let boot = |b: &'static str| move |r: &mut Registration| r.boot_id = b.into();
+    let (s, mut rx) = h.connect_registering("a", boot("b-old"));
+    let t = h.submit();
+    drain(&mut rx);
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: s,
+    });
+    let (_s2, mut rx2) = h.connect_registering("a", boot("b-new"));
+    let msgs = drain(&mut rx2);
+    assert!(
+        matches!(&msgs[1], CoordMsg::TaskAssignment(a) if a.task_id == t && a.attempt == Attempt(2)),
+        "{msgs:?}"
+    );
+    let task = &h.core.tasks[&t];
+    let ends: Vec<(Attempt, Option<&str>)> = task
+        .attempts
+        .iter()
+        .map(|a| (a.attempt, a.end.as_deref()))
+        .collect();
+    assert_eq!(ends, [(Attempt(1), Some("lost")), (Attempt(2), None)]);
+}
+
 #[test]
 fn what_was_answered_to_an_ended_session_is_never_replayed_to_the_next() {
     let mut h = Harness::new();
