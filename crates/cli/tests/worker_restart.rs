@@ -1,6 +1,7 @@
 //! A real `tether worker` process killed with SIGKILL and started again on the same
 //! `--state-dir`: tasks that died with it are reported lost and resume from their checkpoint,
-//! and results it had not delivered are delivered exactly once.
+//! and results it had not delivered are delivered exactly once. Started again without one,
+//! its task runs again as a new attempt from its checkpoint.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,16 +20,24 @@ struct WorkerProcess {
 
 impl WorkerProcess {
     fn start(addr: SocketAddr, state_dir: &Path, log: &Path) -> Self {
+        Self::start_with(addr, Some(state_dir), log)
+    }
+
+    /// Without a state directory (`None`): each process a stranger to the one before.
+    fn start_with(addr: SocketAddr, state_dir: Option<&Path>, log: &Path) -> Self {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .expect("worker log");
-        let child = Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(["--log", "info", "worker", "--coordinator"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
+        cmd.args(["--log", "info", "worker", "--coordinator"])
             .arg(format!("ws://{addr}"))
-            .args(["--id", "w1", "--slots", "2", "--state-dir"])
-            .arg(state_dir)
+            .args(["--id", "w1", "--slots", "2"]);
+        if let Some(dir) = state_dir {
+            cmd.arg("--state-dir").arg(dir);
+        }
+        let child = cmd
             .args([
                 "--heartbeat-interval",
                 "200ms",
@@ -152,6 +161,49 @@ async fn a_killed_worker_reports_its_running_task_lost_on_restart_and_it_resumes
     );
     let short_results = client.results(short).await;
     assert_eq!(counted(&short_results).len(), 1, "{short_results:?}");
+    worker.kill();
+    c.stop().await;
+}
+
+/// Without a state directory the restarted process cannot say what died with the old one;
+/// the coordinator tells them apart by their boot ids. The lease of the process that is gone
+/// ends lost and the task runs again as attempt 2 from its checkpoint: the history shows the
+/// restart (before, the new process was handed attempt 1 again, as if nothing had happened).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_restarted_without_a_state_dir_runs_its_lost_task_as_a_new_attempt_from_its_checkpoint()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("worker.log");
+    let c = spawn_coordinator_with(coordinator_config(dir.path().join("coord")), None).await;
+    let client = c.client();
+    let worker = WorkerProcess::start_with(c.addr, None, &log);
+    let id = client.submit(&[sleep_task(10_000, 50, 5)]).await.remove(0);
+    wait_for("the task to checkpoint", LONG, || async {
+        (!client.task(&id).await["latest_checkpoint"].is_null()).then_some(())
+    })
+    .await;
+    worker.kill();
+    let worker = WorkerProcess::start_with(c.addr, None, &log);
+    let t = wait_for("the task to complete", LONG, || async {
+        let t = client.task(&id).await;
+        (t["status"] == "completed").then_some(t)
+    })
+    .await;
+    assert_eq!(t["attempt"], 2, "{t}");
+    assert_eq!(t["attempts"][0]["end"], "lost", "{t}");
+    let o = client.overview().await;
+    assert_eq!(o["counters"]["workers_lost"], 0, "not the sweeper: {o}");
+    let results = client.results(&id).await;
+    let counted = counted(&results);
+    assert_eq!(counted.len(), 1, "{results:?}");
+    assert_eq!(counted[0]["attempt"], 2);
+    let resumed_at = counted[0]["body"]["result"]["resumed_at"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        resumed_at >= 5,
+        "resumed from a checkpoint, at step {resumed_at}"
+    );
     worker.kill();
     c.stop().await;
 }
