@@ -612,8 +612,9 @@ pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
 pub struct TaskArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// Task id.
-    id: String,
+    /// Task id. Checked against the id rules before any request: an id such as
+    /// `x/../other` would otherwise be resolved by the URL into another task's.
+    id: tether_proto::TaskId,
 }
 
 pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
@@ -817,8 +818,9 @@ pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
 pub struct ControlArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// Task id.
-    id: String,
+    /// Task id. Checked against the id rules before any request: an id such as
+    /// `x/../other` would otherwise be resolved by the URL into another task's.
+    id: tether_proto::TaskId,
 }
 
 pub async fn control(a: ControlArgs, action: &str) -> anyhow::Result<()> {

@@ -541,6 +541,26 @@ async fn checkpoint_asks_a_running_task_for_one_and_task_shows_its_state_and_che
     let (ok, _, err) = run(&["checkpoint", "nope"]);
     assert!(!ok);
     assert!(err.contains("HTTP 404"), "{err}");
+    // An id the rules refuse is refused before any request: a URL would resolve `x/../long`
+    // into `long` (and cut `long#x` at the `#`), acting on a task the user never named.
+    for args in [
+        ["cancel", "x/../long"],
+        ["pause", "../tasks/long"],
+        ["task", "long#x"],
+        ["checkpoint", ".."],
+    ] {
+        let out = tether()
+            .args(args)
+            .args(["--coordinator", &site.base])
+            .output()
+            .expect("run tether");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("invalid value"), "{args:?}: {err}");
+    }
+    let (_, out, _) = run(&["task", "long", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["task"]["status"], "running", "untouched: {v}");
 }
 
 /// The result a cancelled running task sends is kept, not counted: `tether task` says why
