@@ -38,7 +38,6 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tether_proto::{CheckpointId, TaskId, TaskSpec, TaskStatus, WorkerId};
 use tokio::sync::oneshot;
 
@@ -300,39 +299,144 @@ pub enum SubmitError {
     /// message starts with where, e.g. `tasks[2].kind: invalid type: ...`.
     #[error("{0}")]
     Spec(#[from] serde_path_to_error::Error<serde_json::Error>),
+    /// More specs than one request may carry: the read stopped at the first one too many.
+    #[error("more than {max} tasks in one request; at most {max} are accepted")]
+    TooMany { max: usize },
 }
 
 impl IntoResponse for SubmitError {
     fn into_response(self) -> Response {
-        let status = match &self {
-            SubmitError::Body(e) => e.status(),
-            SubmitError::Shape(_) | SubmitError::Spec(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        let (status, code) = match &self {
+            SubmitError::Body(e) => (e.status(), "bad_request"),
+            SubmitError::Shape(_) | SubmitError::Spec(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "bad_request")
+            }
+            // As the core answers a count over its limit.
+            SubmitError::TooMany { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
         };
-        error_response(status, "bad_request", &self.to_string())
+        error_response(status, code, &self.to_string())
     }
 }
 
-/// `{"tasks": [specs]}`; other keys beside `tasks` are ignored, as they always were.
+/// Whether an object body has a `tasks` key (any value), read without keeping anything.
 #[derive(Deserialize)]
-struct Batch {
-    tasks: Vec<TaskSpec>,
+struct Probe {
+    #[serde(default, deserialize_with = "present")]
+    tasks: bool,
 }
 
-/// The specs of a submission body: `{"tasks": [specs]}` when the object has a `tasks` key, else
-/// one spec. The shape is decided first and then deserialized, so serde's error says which
-/// field of which element is wrong (an untagged enum could only say that no variant matched).
-fn specs_of(body: Value) -> Result<Vec<TaskSpec>, SubmitError> {
-    match body {
-        Value::Object(m) if m.contains_key("tasks") => {
-            let batch: Batch = serde_path_to_error::deserialize(Value::Object(m))?;
-            Ok(batch.tasks)
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
+}
+
+/// `{"tasks": [specs]}`, read straight into at most `max` specs: other keys beside `tasks` are
+/// ignored, as they always were, and the read stops at the spec past `max` (`over` says so).
+/// Parsed into a JSON tree first, a 16 MiB body of 1.3 million tiny specs cost the coordinator
+/// 1.1 GB before the count was looked at.
+struct BatchSeed<'a> {
+    max: usize,
+    over: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for BatchSeed<'_> {
+    type Value = Vec<TaskSpec>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for BatchSeed<'_> {
+    type Value = Vec<TaskSpec>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object with a `tasks` array")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut tasks = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "tasks" {
+                let specs = map.next_value_seed(SpecsSeed {
+                    max: self.max,
+                    over: self.over,
+                })?;
+                tasks = Some(specs);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
         }
-        Value::Object(m) => Ok(vec![serde_path_to_error::deserialize(Value::Object(m))?]),
-        Value::Array(_) => Err(SubmitError::Shape("a JSON array")),
-        Value::String(_) => Err(SubmitError::Shape("a string")),
-        Value::Number(_) => Err(SubmitError::Shape("a number")),
-        Value::Bool(_) => Err(SubmitError::Shape("a boolean")),
-        Value::Null => Err(SubmitError::Shape("null")),
+        tasks.ok_or_else(|| serde::de::Error::missing_field("tasks"))
+    }
+}
+
+/// The `tasks` array of [`BatchSeed`].
+struct SpecsSeed<'a> {
+    max: usize,
+    over: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for SpecsSeed<'_> {
+    type Value = Vec<TaskSpec>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for SpecsSeed<'_> {
+    type Value = Vec<TaskSpec>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a sequence")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut specs = Vec::new();
+        while let Some(spec) = seq.next_element::<TaskSpec>()? {
+            if specs.len() == self.max {
+                self.over.set(true);
+                return Err(serde::de::Error::custom("too many tasks"));
+            }
+            specs.push(spec);
+        }
+        Ok(specs)
+    }
+}
+
+/// The specs of a submission body: `{"tasks": [specs]}` (at most `max`) when the object has a
+/// `tasks` key, else one spec. The shape is decided first and then deserialized, so serde's
+/// error says which field of which element is wrong (an untagged enum could only say that no
+/// variant matched). Nothing is built but the specs.
+fn specs_of(body: &serde_json::value::RawValue, max: usize) -> Result<Vec<TaskSpec>, SubmitError> {
+    let text = body.get();
+    match text.trim_start().bytes().next() {
+        Some(b'{') => {}
+        Some(b'[') => return Err(SubmitError::Shape("a JSON array")),
+        Some(b'"') => return Err(SubmitError::Shape("a string")),
+        Some(b't' | b'f') => return Err(SubmitError::Shape("a boolean")),
+        Some(b'n') => return Err(SubmitError::Shape("null")),
+        _ => return Err(SubmitError::Shape("a number")),
+    }
+    let probe: Probe =
+        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))?;
+    let mut de = serde_json::Deserializer::from_str(text);
+    if !probe.tasks {
+        return Ok(vec![serde_path_to_error::deserialize(&mut de)?]);
+    }
+    let over = std::cell::Cell::new(false);
+    let mut track = serde_path_to_error::Track::new();
+    let read = serde::de::DeserializeSeed::deserialize(
+        BatchSeed { max, over: &over },
+        serde_path_to_error::Deserializer::new(&mut de, &mut track),
+    );
+    match read {
+        Ok(specs) => Ok(specs),
+        Err(_) if over.get() => Err(SubmitError::TooMany { max }),
+        Err(e) => Err(SubmitError::Spec(serde_path_to_error::Error::new(
+            track.path(),
+            e,
+        ))),
     }
 }
 
@@ -353,11 +457,11 @@ fn specs_of(body: Value) -> Result<Vec<TaskSpec>, SubmitError> {
 )]
 pub async fn submit(
     State(app): State<Arc<AppState>>,
-    body: Result<Json<Value>, JsonRejection>,
+    body: Result<Json<Box<serde_json::value::RawValue>>, JsonRejection>,
 ) -> Response {
     let specs = match body
         .map_err(SubmitError::from)
-        .and_then(|Json(v)| specs_of(v))
+        .and_then(|Json(raw)| specs_of(&raw, app.cfg.max_submit_batch))
     {
         Ok(specs) => specs,
         Err(e) => return e.into_response(),
@@ -750,12 +854,18 @@ fn json<T: serde::Serialize>(r: Result<T, ApiError>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
 
+    /// [`specs_of`] of `body` as a client would send it, at the default limit.
+    fn read(body: Value) -> Result<Vec<TaskSpec>, SubmitError> {
+        let raw = serde_json::value::to_raw_value(&body).expect("raw");
+        specs_of(&raw, crate::config::DEFAULT_MAX_SUBMIT_BATCH)
+    }
+
     fn refusal(body: Value) -> String {
-        match specs_of(body) {
+        match read(body) {
             Ok(specs) => panic!("accepted {specs:?}"),
             Err(e) => e.to_string(),
         }
@@ -763,13 +873,14 @@ mod tests {
 
     #[test]
     fn one_spec_or_a_batch_is_read_as_before() {
-        let one = specs_of(json!({"kind": "sleep", "priority": 2})).expect("one spec");
+        let one = read(json!({"kind": "sleep", "priority": 2})).expect("one spec");
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].priority, 2);
-        let many = specs_of(json!({"tasks": [{"kind": "a"}, {"kind": "b"}]})).expect("a batch");
+        let many =
+            read(json!({"tasks": [{"kind": "a"}, {"kind": "b"}], "note": 1})).expect("a batch");
         let kinds: Vec<&str> = many.iter().map(|s| s.kind.as_str()).collect();
         assert_eq!(kinds, ["a", "b"]);
-        let empty = specs_of(json!({"tasks": []})).expect("an empty batch, refused by the core");
+        let empty = read(json!({"tasks": []})).expect("an empty batch, refused by the core");
         assert!(empty.is_empty());
     }
 
@@ -781,12 +892,19 @@ mod tests {
             "{m}"
         );
         assert!(m.contains("`config`"), "{m}");
+        // Read from the text, not a tree: where in it, too (a body may be megabytes).
         let m = refusal(json!({"kind": 5}));
-        assert_eq!(m, "kind: invalid type: integer `5`, expected a string");
+        assert_eq!(
+            m,
+            "kind: invalid type: integer `5`, expected a string at line 1 column 9"
+        );
         let m = refusal(json!({"kind": "sleep", "priority": 300}));
-        assert_eq!(m, "priority: invalid value: integer `300`, expected u8");
+        assert!(
+            m.starts_with("priority: invalid value: integer `300`, expected u8 at line 1"),
+            "{m}"
+        );
         let m = refusal(json!({"config": {}}));
-        assert_eq!(m, "missing field `kind`");
+        assert!(m.starts_with("missing field `kind`"), "{m}");
     }
 
     #[test]
@@ -798,15 +916,43 @@ mod tests {
             "{m}"
         );
         let m = refusal(json!({"tasks": [{"kind": "a"}, {"kind": "b", "tags": {"os": 1}}]}));
-        assert_eq!(
-            m,
-            "tasks[1].tags.os: invalid type: integer `1`, expected a string"
+        assert!(
+            m.starts_with("tasks[1].tags.os: invalid type: integer `1`, expected a string"),
+            "{m}"
         );
         let m = refusal(json!({"tasks": {"kind": "a"}}));
         assert!(
             m.starts_with("tasks: invalid type: map, expected a sequence"),
             "{m}"
         );
+    }
+
+    /// The read stops at the first spec past the limit: a body of a million tiny specs costs
+    /// no more than the limit's worth (a JSON tree of it cost the coordinator 1.1 GB).
+    #[test]
+    fn a_batch_over_the_limit_is_refused_at_the_first_spec_too_many() {
+        let raw = |n: usize| {
+            let specs = vec![r#"{"kind":"s"}"#; n].join(",");
+            serde_json::value::RawValue::from_string(format!(r#"{{"tasks":[{specs}]}}"#))
+                .expect("raw")
+        };
+        assert_eq!(specs_of(&raw(3), 3).expect("at the limit").len(), 3);
+        match specs_of(&raw(4), 3) {
+            Err(e @ SubmitError::TooMany { max: 3 }) => assert_eq!(
+                e.to_string(),
+                "more than 3 tasks in one request; at most 3 are accepted"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Counted before the specs past it are read: a bad one there is never reached.
+        let body = serde_json::value::RawValue::from_string(
+            r#"{"tasks":[{"kind":"a"},{"kind":"b"},{"bad":1}]}"#.into(),
+        )
+        .expect("raw");
+        assert!(matches!(
+            specs_of(&body, 1),
+            Err(SubmitError::TooMany { max: 1 })
+        ));
     }
 
     #[test]
