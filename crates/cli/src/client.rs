@@ -921,24 +921,37 @@ fn rows_of(v: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
     v.as_array().into_iter().flatten().map(row).collect()
 }
 
+/// Characters of a table's cell shown (`--json` has all of it): a task's name or result is
+/// anyone's text, and one of 70,000 characters would make every row of the listing that wide
+/// (and is past what the formatter pads: it panicked).
+const CELL_SHOWN: usize = 200;
+
 fn print_table(head: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| cut_line(c, CELL_SHOWN)).collect())
+        .collect();
     let mut widths: Vec<usize> = head.iter().map(|h| h.len()).collect();
-    for r in rows {
+    for r in &rows {
         for (i, c) in r.iter().enumerate() {
             widths[i] = widths[i].max(c.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
+    let line = |cells: &[String]| {
         let parts: Vec<String> = cells
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .map(|(i, c)| {
+                let pad = widths[i].saturating_sub(c.chars().count());
+                format!("{c}{}", " ".repeat(pad))
+            })
             .collect();
         outln!("{}", parts.join("  ").trim_end())
     };
-    line(head.iter().map(|h| h.to_string()).collect())?;
-    for r in rows {
-        line(r.clone())?;
+    let head: Vec<String> = head.iter().map(|h| h.to_string()).collect();
+    line(&head)?;
+    for r in &rows {
+        line(r)?;
     }
     Ok(())
 }
@@ -957,6 +970,22 @@ pub(crate) async fn serve_for_test(app: axum::Router) -> std::net::SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cell of 70,000 characters (a task's name is anyone's text) is cut, not padded to:
+    /// the formatter refuses widths past 65,535 and panicked.
+    #[test]
+    fn a_very_long_cell_is_cut_and_the_table_printed() {
+        let long = "n".repeat(70_000);
+        let rows = vec![
+            vec!["t1".to_owned(), long],
+            vec!["t2".to_owned(), "short".into()],
+        ];
+        print_table(&["ID", "NAME"], &rows).expect("printed");
+        assert_eq!(
+            cut_line(&rows[0][1], CELL_SHOWN).chars().count(),
+            CELL_SHOWN + 1
+        );
+    }
 
     #[test]
     fn an_age_is_whole_seconds_before_now() {

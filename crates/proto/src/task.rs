@@ -149,6 +149,12 @@ pub const DEFAULT_PRIORITY: u8 = 5;
 pub const MAX_PRIORITY: u8 = 9;
 /// Default number of attempts.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Longest task name accepted, in bytes.
+pub const MAX_NAME_BYTES: usize = 1024;
+/// Most capabilities a task may require, and most tags it may ask for.
+pub const MAX_LABELS: usize = 64;
+/// Longest capability, tag key or tag value a task may name, in bytes.
+pub const MAX_LABEL_BYTES: usize = 256;
 
 fn default_priority() -> u8 {
     DEFAULT_PRIORITY
@@ -191,6 +197,28 @@ impl TaskSpec {
         }
         if self.tags.keys().any(|k| k.trim().is_empty()) {
             return Err("tags: an empty key is one no worker carries".into());
+        }
+        // Labels are shown in every listing and matched at every dispatch: bounded.
+        if let Some(name) = self.name.as_ref().filter(|n| n.len() > MAX_NAME_BYTES) {
+            return Err(format!(
+                "name of {} bytes; at most {MAX_NAME_BYTES}",
+                name.len()
+            ));
+        }
+        if self.requires.len() > MAX_LABELS || self.tags.len() > MAX_LABELS {
+            return Err(format!(
+                "at most {MAX_LABELS} requires and {MAX_LABELS} tags"
+            ));
+        }
+        let labels = self
+            .requires
+            .iter()
+            .chain(self.tags.iter().flat_map(|(k, v)| [k, v]));
+        if let Some(l) = labels.into_iter().find(|l| l.len() > MAX_LABEL_BYTES) {
+            return Err(format!(
+                "a capability or tag of {} bytes; at most {MAX_LABEL_BYTES}",
+                l.len()
+            ));
         }
         Ok(())
     }
@@ -277,6 +305,34 @@ mod tests {
         let mut keyless = spec.clone();
         keyless.tags.insert(String::new(), "x".into());
         assert!(keyless.validate().expect_err("refused").contains("tags"));
+        let mut named = TaskSpec::new("sleep", serde_json::json!({}));
+        named.name = Some("n".repeat(MAX_NAME_BYTES));
+        named.validate().expect("a name at the limit");
+        named.name = Some("n".repeat(MAX_NAME_BYTES + 1));
+        assert!(
+            named
+                .validate()
+                .expect_err("refused")
+                .contains("name of 1025 bytes")
+        );
+        let mut labelled = TaskSpec::new("sleep", serde_json::json!({}));
+        labelled
+            .tags
+            .insert("pool".into(), "v".repeat(MAX_LABEL_BYTES + 1));
+        assert!(
+            labelled
+                .validate()
+                .expect_err("refused")
+                .contains("257 bytes")
+        );
+        labelled.tags.clear();
+        labelled.requires = (0..=MAX_LABELS).map(|i| format!("c{i}")).collect();
+        assert!(
+            labelled
+                .validate()
+                .expect_err("refused")
+                .contains("at most 64")
+        );
     }
 
     #[test]
