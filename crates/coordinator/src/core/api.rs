@@ -516,5 +516,11 @@ impl Core {
 }
 
 fn internal(e: rusqlite::Error) -> ApiError {
-    ApiError::Internal(format!("store: {e}"))
+    match e {
+        // A record that cannot be read says which (store::stored_json).
+        rusqlite::Error::FromSqlConversionFailure(_, _, why) => {
+            ApiError::Internal(format!("store: {why}"))
+        }
+        e => ApiError::Internal(format!("store: {e}")),
+    }
 }

@@ -426,16 +426,25 @@ fn from_json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T, L
 
 fn load(conn: &Connection) -> Result<Loaded, LoadError> {
     let mut out = Loaded::default();
-    let mut stmt = conn.prepare("SELECT doc, spec FROM tasks ORDER BY submit_seq")?;
+    // Each record that cannot be read is named by its row's id, for the operator to find.
+    let mut stmt = conn.prepare("SELECT id, doc, spec FROM tasks ORDER BY submit_seq")?;
     let rows = stmt.query_map([], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<String>>(2)?,
+        ))
     })?;
     for row in rows {
-        let (doc, spec) = row?;
-        let spec = spec.ok_or_else(|| LoadError::Json("task without a spec".into()))?;
+        let (id, doc, spec) = row?;
+        let spec =
+            spec.ok_or_else(|| LoadError::Json(format!("task {id:?} has no spec (table tasks)")))?;
         out.tasks.push(
-            from_json::<schema::LoadedTaskDoc>("task", &doc)?
-                .with_spec(from_json("task spec", &spec)?),
+            from_json::<schema::LoadedTaskDoc>(&format!("task {id:?} (table tasks, doc)"), &doc)?
+                .with_spec(from_json(
+                    &format!("task {id:?} (table tasks, spec)"),
+                    &spec,
+                )?),
         );
     }
     out.next_submit_seq = conn
@@ -454,10 +463,11 @@ fn load(conn: &Connection) -> Result<Loaded, LoadError> {
         )
         .optional()?
         .and_then(DateTime::<Utc>::from_timestamp_millis);
-    let mut stmt = conn.prepare("SELECT doc FROM workers")?;
-    let docs = stmt.query_map([], |r| r.get::<_, String>(0))?;
-    for doc in docs {
-        let w: schema::WorkerDoc = from_json("worker", &doc?)?;
+    let mut stmt = conn.prepare("SELECT id, doc FROM workers")?;
+    let docs = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    for row in docs {
+        let (id, doc) = row?;
+        let w: schema::WorkerDoc = from_json(&format!("worker {id:?} (table workers, doc)"), &doc)?;
         out.workers.push(w.into_worker(out.alive_at));
     }
     let mut stmt = conn.prepare(
@@ -940,6 +950,22 @@ pub struct ResultRow {
     pub body: serde_json::Value,
 }
 
+/// A record's JSON, as the API serves it. Text that is not JSON (the file damaged outside
+/// tether: it only ever writes JSON there) is an error naming the record, logged, never a
+/// `null` that would pass for what the worker sent.
+fn stored_json(
+    table: &str,
+    col: usize,
+    task: &str,
+    text: &str,
+) -> rusqlite::Result<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| {
+        let why = format!("the {table} record of task {task:?} is damaged (not JSON: {e})");
+        tracing::warn!(table, task, error = %e, "a stored record cannot be read");
+        rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, why.into())
+    })
+}
+
 /// Every result recorded for a task, counted first.
 pub fn read_results(conn: &Connection, task: &TaskId) -> rusqlite::Result<Vec<ResultRow>> {
     let mut stmt = conn.prepare_cached(
@@ -953,7 +979,7 @@ pub fn read_results(conn: &Connection, task: &TaskId) -> rusqlite::Result<Vec<Re
             worker: r.get(2)?,
             outcome: r.get(3)?,
             stale: r.get(4)?,
-            body: serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+            body: stored_json("results", 5, task.as_str(), &body)?,
             recorded_at: r.get(6)?,
         })
     })?;
@@ -968,13 +994,20 @@ pub fn read_state(
     unfolded: &Unfolded,
     task: &TaskId,
 ) -> rusqlite::Result<Option<(u32, serde_json::Value, String)>> {
-    let json = |s: &str| serde_json::from_str(s).unwrap_or(serde_json::Value::Null);
     if let Some((attempt, state, at)) = unfolded.get(task) {
-        return Ok(Some((attempt, json(&state), at)));
+        return Ok(Some((
+            attempt,
+            stored_json("task_state", 1, task.as_str(), &state)?,
+            at,
+        )));
     }
     let row = |r: &rusqlite::Row<'_>| {
         let s: String = r.get(1)?;
-        Ok((r.get(0)?, json(&s), r.get(2)?))
+        Ok((
+            r.get(0)?,
+            stored_json("task_state", 1, task.as_str(), &s)?,
+            r.get(2)?,
+        ))
     };
     conn.prepare_cached("SELECT attempt, state, updated_at FROM task_state WHERE task_id = ?1")?
         .query_row([task.as_str()], row)

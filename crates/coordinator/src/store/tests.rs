@@ -260,6 +260,51 @@ fn a_database_with_damaged_pages_is_refused_and_left_untouched() {
     assert_eq!(file_bytes(dir.path()), bytes, "the file must not change");
 }
 
+/// A record whose JSON was damaged outside tether is named by its row's id: refused at start
+/// for a task or a worker (among thousands, which one), an error naming the task when its
+/// state or a result is read (served as `null` before, as if the worker had sent that).
+#[test]
+fn a_damaged_record_is_named_at_start_and_at_a_read_never_served_as_null() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (mut conn, _) = open(dir.path()).expect("open");
+        let mut muts: Vec<Mutation> = (0..3)
+            .map(|i| Mutation::PutTask(Box::new(task(&format!("t{i}"), i, TaskStatus::Queued))))
+            .collect();
+        muts.push(result_mut("t1", 1));
+        muts.push(Mutation::PutState {
+            task_id: TaskId::parse("t1").expect("id"),
+            attempt: Attempt(1),
+            state: StateJson::from_text("{\"n\":1}".into()).expect("json"),
+        });
+        commit_muts(&mut conn, muts);
+        conn.execute_batch(
+            "UPDATE task_state SET state = '{bad' WHERE task_id = 't1';
+             UPDATE results SET body = 'not json' WHERE task_id = 't1';",
+        )
+        .expect("damage");
+        let t1 = TaskId::parse("t1").expect("id");
+        let said = read_state(&conn, &Unfolded::default(), &t1)
+            .expect_err("a damaged state")
+            .to_string();
+        assert!(
+            said.contains("task_state record of task \"t1\" is damaged"),
+            "{said}"
+        );
+        let said = read_results(&conn, &t1)
+            .expect_err("a damaged result")
+            .to_string();
+        assert!(
+            said.contains("results record of task \"t1\" is damaged"),
+            "{said}"
+        );
+        conn.execute("UPDATE tasks SET doc = '{garbage' WHERE id = 't2'", [])
+            .expect("damage");
+    }
+    let said = open(dir.path()).expect_err("refused").to_string();
+    assert!(said.contains("task \"t2\" (table tasks, doc)"), "{said}");
+}
+
 #[test]
 fn a_result_is_stored_once_per_attempt_even_when_committed_again() {
     let dir = tempfile::tempdir().expect("tempdir");
