@@ -268,10 +268,17 @@ impl Core {
     /// both running what the worker leases. The newer one keeps the id: it may be a restart
     /// that found the old session not yet closed, while the old process coming back proves
     /// it alive. Refused with 4003, it stops after its third refusal.
+    ///
+    /// Only while the newer one holds a live session: a newer process that is gone (stopped
+    /// gracefully, crashed, or a client that registered under the id once and left) gave the
+    /// id up, and the older one, alive, may have it back. Refused for good instead, one short
+    /// connection under a worker's id made the genuine worker exit.
     pub(super) fn superseded_refusal(&self, worker: &WorkerId, boot_id: &str) -> Option<Refusal> {
         let w = self.workers.get(worker)?;
-        // A newer process that stopped gracefully gave the id up: an older one may have it back.
-        if w.state == WorkerState::Stopped || !w.superseded.iter().any(|b| b == boot_id) {
+        if w.state != WorkerState::Connected
+            || w.boot_id == boot_id
+            || !w.superseded.iter().any(|b| b == boot_id)
+        {
             return None;
         }
         self.counters.id_conflicts.fetch_add(1, Ordering::Relaxed);
@@ -334,6 +341,8 @@ impl Core {
             }
             w.superseded.push(std::mem::take(&mut w.boot_id));
         }
+        // A process that took the id back is no longer one that was replaced.
+        w.superseded.retain(|b| *b != r.boot_id);
         w.boot_id = r.boot_id;
         w.stopping = false;
         // From the registration ack on, recorded messages are acknowledged by number.

@@ -424,6 +424,47 @@ fn a_process_a_newer_one_of_its_worker_replaced_is_refused_when_it_comes_back() 
     );
 }
 
+/// The refusal holds only while the newer process holds a live session: once it is gone
+/// (crashed, or a client that registered under the id once and left), the older process,
+/// alive, takes the id back, and is then no replaced process itself (a reconnect of it that
+/// replaces its own half-open session is never refused). The one it replaced is, while the
+/// older one is connected.
+#[test]
+fn a_replaced_process_takes_its_id_back_once_the_newer_one_is_gone() {
+    let mut h = Harness::new();
+    let boot = |b: &'static str| move |r: &mut Registration| r.boot_id = b.into();
+    let (_, mut old_rx) = h.connect_registering("a", boot("b-old"));
+    drain(&mut old_rx);
+    let (impostor, mut imp_rx) = h.connect_registering("a", boot("b-brief"));
+    drain(&mut imp_rx);
+    let (_, mut refused_rx) = h.connect_registering("a", boot("b-old"));
+    assert_eq!(
+        close_code(&mut refused_rx),
+        Some(4003),
+        "while it is connected"
+    );
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: impostor,
+    });
+    let (back, mut back_rx) = h.connect_registering("a", boot("b-old"));
+    assert_eq!(close_code(&mut back_rx), None, "the newer one is gone");
+    let (again, mut again_rx) = h.connect_registering("a", boot("b-old"));
+    assert_eq!(
+        close_code(&mut back_rx),
+        Some(4009),
+        "its own session replaced"
+    );
+    assert_eq!(close_code(&mut again_rx), None, "not refused: {back}");
+    let (_, mut brief_rx) = h.connect_registering("a", boot("b-brief"));
+    assert_eq!(close_code(&mut brief_rx), Some(4003), "the one it replaced");
+    let w = &h.core.workers[&wid("a")];
+    assert_eq!(
+        (w.session.as_ref().map(|s| s.id), w.boot_id.as_str()),
+        (Some(again), "b-old")
+    );
+}
+
 #[test]
 fn a_connection_whose_registration_is_refused_leaves_no_worker_record_and_saves_none() {
     let mut h = Harness::new();
