@@ -278,7 +278,7 @@ fn decode_batch<T: Typed>(
     let malformed = |reason: String| DecodeError::Malformed {
         ty: None,
         seq: None,
-        reason,
+        reason: echoed(reason, 2 * ECHOED_CHARS),
     };
     let parts: Vec<&serde_json::value::RawValue> =
         serde_json::from_str(text).map_err(|e| malformed(format!("not a batch: {e}")))?;
@@ -437,6 +437,19 @@ fn decode<T: DeserializeOwned>(text: &str, known: &[&str]) -> Result<T, DecodeEr
 }
 
 /// Slow path: find out what the bad frame claimed to be.
+/// Characters of a peer's text (an unknown `type`, a serde error quoting a value) a
+/// [`DecodeError`] keeps: what it becomes (an `error` reply, a log line) stays small however
+/// large the frame was. Every known type is far shorter.
+pub const ECHOED_CHARS: usize = 128;
+
+/// `text` cut to `max` characters, marked with `…` when it was longer.
+pub fn echoed(text: String, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text,
+    }
+}
+
 fn classify(text: &str, known: &[&str], err: serde_json::Error) -> DecodeError {
     #[derive(Deserialize)]
     struct Probe {
@@ -449,12 +462,15 @@ fn classify(text: &str, known: &[&str], err: serde_json::Error) -> DecodeError {
             let seq = p.seq.as_ref().and_then(serde_json::Value::as_u64);
             match p.ty {
                 Some(serde_json::Value::String(ty)) if !known.contains(&ty.as_str()) => {
-                    DecodeError::UnknownType { ty, seq }
+                    DecodeError::UnknownType {
+                        ty: echoed(ty, ECHOED_CHARS),
+                        seq,
+                    }
                 }
                 Some(serde_json::Value::String(ty)) => DecodeError::Malformed {
                     ty: Some(ty),
                     seq,
-                    reason: err.to_string(),
+                    reason: echoed(err.to_string(), 2 * ECHOED_CHARS),
                 },
                 Some(_) => DecodeError::Malformed {
                     ty: None,
@@ -471,7 +487,7 @@ fn classify(text: &str, known: &[&str], err: serde_json::Error) -> DecodeError {
         Err(e) => DecodeError::Malformed {
             ty: None,
             seq: None,
-            reason: format!("not a JSON object: {e}"),
+            reason: echoed(format!("not a JSON object: {e}"), 2 * ECHOED_CHARS),
         },
     }
 }
@@ -479,6 +495,33 @@ fn classify(text: &str, known: &[&str], err: serde_json::Error) -> DecodeError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A frame's own text comes back in an `error` reply and a log line: bounded, however
+    /// large the frame (9 MiB of `type` came back twice, an 18.9 MB reply).
+    #[test]
+    fn what_a_decode_error_quotes_of_the_frame_is_bounded() {
+        let huge = "z".repeat(1 << 20);
+        let e = decode_worker(&format!(r#"{{"type":"{huge}","seq":4}}"#)).expect_err("unknown");
+        assert!(
+            e.to_string().len() < 4 * ECHOED_CHARS,
+            "{}",
+            e.to_string().len()
+        );
+        assert!(
+            e.offending_type()
+                .is_some_and(|t| t.chars().count() == ECHOED_CHARS + 1)
+        );
+        let e = decode_worker(&format!(
+            r#"{{"type":"task_result","seq":3,"task_id":"t","attempt":1,"outcome":"{huge}","result":null,"started_at":"2026-01-01T00:00:00Z","finished_at":"2026-01-01T00:00:00Z","duration_ms":1}}"#
+        ))
+        .expect_err("malformed");
+        assert!(
+            e.to_string().len() < 4 * ECHOED_CHARS,
+            "{}",
+            e.to_string().len()
+        );
+        assert_eq!(e.offending_type().as_deref(), Some("task_result"));
+    }
     use crate::samples;
 
     #[test]

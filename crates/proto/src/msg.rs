@@ -936,17 +936,19 @@ impl CoordMsg {
         }
     }
 
-    /// An `error` message.
+    /// An `error` message; its texts bounded, whatever they quote of the peer's frame (an
+    /// error reply is never larger than the frame limit the peer announced).
     pub fn error(
         code: ErrorCode,
         message: impl Into<String>,
         offending_type: Option<String>,
         ref_seq: Option<u64>,
     ) -> CoordMsg {
+        use crate::codec::{ECHOED_CHARS, echoed};
         CoordMsg::Error(ErrorMsg {
             code,
-            message: message.into(),
-            offending_type,
+            message: echoed(message.into(), 8 * ECHOED_CHARS),
+            offending_type: offending_type.map(|t| echoed(t, ECHOED_CHARS)),
             ref_seq,
             timestamp: now(),
         })
