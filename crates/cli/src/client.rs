@@ -718,14 +718,16 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
     // Why an attempt failed, which its result's table cell does not say.
     for r in results.as_array().into_iter().flatten() {
         if let Some(why) = r["body"]["error"]["message"].as_str() {
-            outln!("attempt {} error: {}", r["attempt"], shown(why))?;
+            // The worker's text: a command's stderr tail may be long.
+            let why = cut_line(&shown(why), 5 * CONFIG_SHOWN);
+            outln!("attempt {} error: {why}", r["attempt"])?;
         }
     }
     if !state.is_null() {
         outln!()?;
         outln!(
             "state     {} (attempt {}, {})",
-            state["state"],
+            cut_line(&state["state"].to_string(), CONFIG_SHOWN),
             state["attempt"],
             when(&state["updated_at"])
         )?;
@@ -849,7 +851,8 @@ pub async fn control(a: ControlArgs, action: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Characters of a task's config `tether task` shows (`--json` has all of it).
+/// Characters of a task's config and of its state `tether task` shows (`--json` has all of
+/// them): an executor's state may be megabytes.
 const CONFIG_SHOWN: usize = 200;
 
 /// `text` up to `max` characters, ending in `…` when it was longer.
