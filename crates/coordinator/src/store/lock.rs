@@ -31,8 +31,8 @@ pub fn lock_dir(dir: &Path) -> Result<DirLock, StoreError> {
     use nix::fcntl::{Flock, FlockArg};
     super::make_dir(dir)?;
     let path = dir.join(LOCK_FILE);
-    let io = |source| StoreError::DataDir {
-        path: dir.to_owned(),
+    let io = |source| StoreError::Access {
+        path: path.clone(),
         source,
     };
     let file = std::fs::OpenOptions::new()

@@ -60,8 +60,15 @@ pub const DB_FILE: &str = "tether.db";
 /// Why the store cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot create data directory {path}: {source}")]
+    #[error("data directory {path}: {source}{}", access_hint(path, source))]
     DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A file of the data directory that could not be opened or read: not corrupt, and not to
+    /// be moved away for it (a file made by another user, a mode changed).
+    #[error("cannot open {path}: {source}{}", access_hint(path, source))]
+    Access {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -98,6 +105,28 @@ pub enum StoreError {
         holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
     )]
     Locked { path: PathBuf, holder: Option<u32> },
+}
+
+/// What to look at when `source` is a permission refused on `path`: its owner and mode, and
+/// who this process runs as (a coordinator started once as root leaves files only root can
+/// open). The file itself may well be intact.
+fn access_hint(path: &Path, source: &std::io::Error) -> String {
+    use std::os::unix::fs::MetadataExt;
+    if source.kind() != std::io::ErrorKind::PermissionDenied {
+        return String::new();
+    }
+    // The owner of /proc/self is the process's effective user.
+    let me = std::fs::metadata("/proc/self").map_or_else(|_| "?".into(), |m| m.uid().to_string());
+    match std::fs::metadata(path) {
+        Ok(m) => format!(
+            " (owner uid {}, mode {:o}; this process runs as uid {me}: fix the owner or the mode, the file is not said to be damaged)",
+            m.uid(),
+            m.mode() & 0o7777
+        ),
+        Err(_) => format!(
+            " (this process runs as uid {me}: check the owner and mode of it and of the directories above it)"
+        ),
+    }
 }
 
 /// One durable change.

@@ -142,6 +142,22 @@ pub(super) fn check(path: &Path) -> Result<i64, StoreError> {
     if !path.exists() {
         return Ok(0);
     }
+    // The coordinator writes them all: one it cannot open is named as such, not taken for a
+    // corrupt database (SQLite says "unable to open database file" of a WAL it cannot open).
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        let file = std::path::PathBuf::from(file);
+        if let Err(source) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&file)
+            && source.kind() != std::io::ErrorKind::NotFound
+            && !file.is_dir()
+        {
+            return Err(StoreError::Access { path: file, source });
+        }
+    }
     // SQLite would take an empty file for a new database and a directory for a disk error.
     match std::fs::metadata(path) {
         Ok(m) if m.is_dir() => return Err(corrupt("it is a directory, not a file".into())),

@@ -399,7 +399,10 @@ fn read_file(
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(|e| corrupt(format!("cannot read the state journal: {e}")))?;
+        .map_err(|source| StoreError::Access {
+            path: path.to_owned(),
+            source,
+        })?;
     let mut read = FileRead::default();
     if bytes.len() < MAGIC.len() {
         if whole {

@@ -305,6 +305,63 @@ fn a_damaged_record_is_named_at_start_and_at_a_read_never_served_as_null() {
     assert!(said.contains("task \"t2\" (table tasks, doc)"), "{said}");
 }
 
+/// A file of the data directory that cannot be opened is named as such, not called corrupt
+/// with advice to move it away (which would throw good data away). Tests run as root, whom
+/// modes do not stop, so a symlink loop stands in for a file that cannot be opened; the
+/// permission hint is checked on its own.
+#[test]
+fn a_file_that_cannot_be_opened_is_named_not_called_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (mut conn, _) = open(dir.path()).expect("open");
+        commit_muts(
+            &mut conn,
+            vec![Mutation::PutTask(Box::new(task(
+                "t",
+                0,
+                TaskStatus::Queued,
+            )))],
+        );
+    }
+    let loop_at = |name: &str| {
+        let p = dir.path().join(name);
+        std::os::unix::fs::symlink(&p, &p).expect("symlink");
+        p
+    };
+    let wal = loop_at("tether.db-wal");
+    let err = open(dir.path()).expect_err("refused");
+    assert!(
+        matches!(&err, StoreError::Access { path, .. } if *path == wal),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("corrupt"), "{err}");
+    std::fs::remove_file(&wal).expect("rm");
+    let journal = loop_at("states-99.journal");
+    let err = open(dir.path()).expect_err("refused");
+    assert!(
+        matches!(&err, StoreError::Access { path, .. } if *path == journal),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("move it away"), "{err}");
+    std::fs::remove_file(&journal).expect("rm");
+    open(dir.path()).expect("opens again, nothing lost");
+
+    // What a permission refused says: the file's owner and mode, and who this process is.
+    use std::os::unix::fs::PermissionsExt;
+    let f = dir.path().join("tether.db");
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o000)).expect("chmod");
+    let said = StoreError::Access {
+        path: f.clone(),
+        source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+    }
+    .to_string();
+    assert!(
+        said.contains("mode 0;") && said.contains("runs as uid"),
+        "{said}"
+    );
+    assert!(said.contains("not said to be damaged"), "{said}");
+}
+
 #[test]
 fn a_result_is_stored_once_per_attempt_even_when_committed_again() {
     let dir = tempfile::tempdir().expect("tempdir");
