@@ -142,12 +142,23 @@ pub(super) fn check(path: &Path) -> Result<i64, StoreError> {
     if !path.exists() {
         return Ok(0);
     }
+    // A clean close removes both; a crash leaves both. The shared-memory file without the log
+    // means the log was removed by hand (they look like temporary files), and with it the
+    // latest commits: SQLite would open the database without them, silently.
+    let sibling = |suffix: &str| {
+        let mut f = path.as_os_str().to_owned();
+        f.push(suffix);
+        std::path::PathBuf::from(f)
+    };
+    if sibling("-shm").exists() && !sibling("-wal").exists() {
+        return Err(StoreError::WalMissing {
+            path: path.to_owned(),
+        });
+    }
     // The coordinator writes them all: one it cannot open is named as such, not taken for a
     // corrupt database (SQLite says "unable to open database file" of a WAL it cannot open).
     for suffix in ["", "-wal", "-shm"] {
-        let mut file = path.as_os_str().to_owned();
-        file.push(suffix);
-        let file = std::path::PathBuf::from(file);
+        let file = sibling(suffix);
         if let Err(source) = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

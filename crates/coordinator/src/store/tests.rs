@@ -305,6 +305,38 @@ fn a_damaged_record_is_named_at_start_and_at_a_read_never_served_as_null() {
     assert!(said.contains("task \"t2\" (table tasks, doc)"), "{said}");
 }
 
+/// The write-ahead log removed after a crash (its `-shm` left: a clean close removes both) is
+/// refused, not opened without the commits it held; without the `-shm` too, nothing tells.
+#[test]
+fn a_database_whose_write_ahead_log_was_removed_after_a_crash_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (mut conn, _) = open(dir.path()).expect("open");
+        commit_muts(
+            &mut conn,
+            vec![Mutation::PutTask(Box::new(task(
+                "t",
+                0,
+                TaskStatus::Queued,
+            )))],
+        );
+    }
+    let shm = dir.path().join("tether.db-shm");
+    std::fs::write(&shm, b"").expect("shm");
+    let before = file_bytes(dir.path());
+    let err = open(dir.path()).expect_err("refused");
+    assert!(matches!(err, StoreError::WalMissing { .. }), "{err}");
+    let said = err.to_string();
+    assert!(
+        said.contains("tether.db-wal is missing beside") && said.contains("remove"),
+        "{said}"
+    );
+    assert_eq!(file_bytes(dir.path()), before, "the database untouched");
+    std::fs::remove_file(&shm).expect("rm");
+    let (_, loaded) = open(dir.path()).expect("opens once told");
+    assert_eq!(loaded.tasks.len(), 1);
+}
+
 /// A file of the data directory that cannot be opened is named as such, not called corrupt
 /// with advice to move it away (which would throw good data away). Tests run as root, whom
 /// modes do not stop, so a symlink loop stands in for a file that cannot be opened; the
