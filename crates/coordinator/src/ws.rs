@@ -1122,6 +1122,12 @@ impl Conn<'_> {
             Some(_) => "too many frames before authentication",
             None => "too many frames before registration",
         };
+        // As an overflow of the bytes before registration: the same rule, broken by count.
+        self.app
+            .counters
+            .pre_registration_overflows
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(worker = %self.worker, reason, "connection closed (1008) before its registration");
         self.close(deadline, CLOSE_POLICY, reason).await;
         None
     }

@@ -79,7 +79,14 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::
             f.write_str("an RFC 3339 timestamp")
         }
         fn visit_str<E: Error>(self, s: &str) -> Result<DateTime<Utc>, E> {
-            parse(s).map_err(E::custom)
+            // chrono's own words ("premature end of input") name neither the field's kind nor
+            // the form; the value is quoted, cut short (it is the peer's).
+            parse(s).map_err(|e| {
+                let shown: String = s.chars().take(40).collect();
+                E::custom(format_args!(
+                    "timestamp {shown:?} is not an RFC 3339 time with an offset, e.g. 2026-12-01T12:00:00Z ({e})"
+                ))
+            })
         }
     }
     d.deserialize_str(Rfc3339)
@@ -187,6 +194,18 @@ mod tests {
             r#"{"sequence":1,"active_tasks":[],"timestamp":"2026-13-30T13:03:43Z"}"#,
         );
         assert!(bad.is_err());
+        // Without an offset: the error says what a timestamp must be.
+        let said = serde_json::from_str::<crate::msg::Heartbeat>(
+            r#"{"sequence":1,"active_tasks":[],"timestamp":"2026-01-01T00:00:00"}"#,
+        )
+        .expect_err("no offset")
+        .to_string();
+        assert!(
+            said.contains(
+                r#"timestamp "2026-01-01T00:00:00" is not an RFC 3339 time with an offset"#
+            ),
+            "{said}"
+        );
     }
 
     #[test]
