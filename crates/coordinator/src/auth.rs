@@ -319,7 +319,7 @@ pub async fn require_token(State(app): State<Arc<AppState>>, req: Request, next:
         ),
         Some(None) => refuse(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token"),
         Some(Some(scope)) if scope < needed => {
-            tracing::warn!(method = %req.method(), path = %req.uri().path(), "a read-only token tried an admin request");
+            tracing::warn!(method = %req.method(), path = ?tether_proto::msg::logged(req.uri().path()), "a read-only token tried an admin request");
             refuse(
                 StatusCode::FORBIDDEN,
                 "forbidden",

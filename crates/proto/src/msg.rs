@@ -493,16 +493,21 @@ pub struct ErrorMsg {
 pub const LOGGED_MESSAGE_CHARS: usize = 256;
 
 impl ErrorMsg {
-    /// The peer's text as a log line may show it: its first [`LOGGED_MESSAGE_CHARS`]
-    /// characters, quoted and escaped by `Debug` (a newline in it cannot forge another line).
+    /// The peer's text as a log line may show it: see [`logged`].
     pub fn logged(&self) -> impl std::fmt::Debug + '_ {
-        let end = self
-            .message
-            .char_indices()
-            .nth(LOGGED_MESSAGE_CHARS)
-            .map_or(self.message.len(), |(i, _)| i);
-        &self.message[..end]
+        logged(&self.message)
     }
+}
+
+/// A peer's text as a log line may show it: its first [`LOGGED_MESSAGE_CHARS`] characters,
+/// quoted and escaped by `Debug` (a newline in it cannot forge another line), so that a
+/// megabyte of it makes no megabyte of log.
+pub fn logged(text: &str) -> impl std::fmt::Debug + '_ {
+    let end = text
+        .char_indices()
+        .nth(LOGGED_MESSAGE_CHARS)
+        .map_or(text.len(), |(i, _)| i);
+    &text[..end]
 }
 
 /// Machine-readable error codes.

@@ -178,7 +178,10 @@ impl Core {
             WorkerMsg::Error(e) => {
                 metrics::counter!(m::ERRORS, "code" => e.code.as_str(), "direction" => "received")
                     .increment(1);
-                tracing::warn!(worker = %worker, code = e.code.as_str(), message = ?e.logged(), offending = ?e.offending_type, "worker reported an error");
+                if self.peer_logs.admit() {
+                    let offending = e.offending_type.as_deref().map(tether_proto::msg::logged);
+                    tracing::warn!(worker = %worker, code = e.code.as_str(), message = ?e.logged(), ?offending, "worker reported an error");
+                }
             }
             other if !registered => {
                 b.send(
@@ -201,7 +204,10 @@ impl Core {
             WorkerMsg::CheckpointFetch(f) => self.on_checkpoint_fetch(worker, session, f, b),
             WorkerMsg::CheckpointError(e) => self.on_checkpoint_error(worker, e, b),
             WorkerMsg::StateError(e) => {
-                tracing::info!(worker = %worker, task = ?e.task_id, error = ?e.error, "worker could not serve a state request");
+                if self.peer_logs.admit() {
+                    let error = tether_proto::msg::logged(&e.error);
+                    tracing::info!(worker = %worker, task = ?e.task_id, ?error, "worker could not serve a state request");
+                }
             }
             WorkerMsg::TaskCancelled(n) => {
                 self.on_notice(worker, session, n, NoticeKind::CANCELLED, b)
@@ -218,7 +224,10 @@ impl Core {
     /// `checkpoint_request`, or one whose upload it abandoned). An unfinished upload of it by
     /// this worker for that task is dropped at once: its missing pieces will not come.
     fn on_checkpoint_error(&mut self, worker: &WorkerId, e: CheckpointError, b: &mut Batch) {
-        tracing::info!(worker = %worker, task = %e.task_id, checkpoint = ?e.checkpoint_id, error = ?e.error, "worker cannot provide a checkpoint");
+        if self.peer_logs.admit() {
+            let error = tether_proto::msg::logged(&e.error);
+            tracing::info!(worker = %worker, task = %e.task_id, checkpoint = ?e.checkpoint_id, ?error, "worker cannot provide a checkpoint");
+        }
         let Some(id) = e.checkpoint_id else {
             return;
         };

@@ -464,6 +464,51 @@ pub struct Core {
     changes: Option<broadcast::Sender<Change>>,
     /// Task states the store's writer has not folded into the database yet (for reads).
     unfolded: Arc<crate::store::Unfolded>,
+    /// Lines of what workers report (their errors, why they cannot serve a state or a
+    /// checkpoint) logged this second.
+    peer_logs: PeerLogs,
+}
+
+/// Lines of worker-supplied text the core logs in a second, across all workers: a worker
+/// may send thousands of `error` frames a second within its message rate, and each would be a
+/// line (megabytes, before its text was cut). Past it, lines are counted and one line says
+/// how many went unlogged; the metrics count every report.
+const PEER_LOGS_PER_SEC: u32 = 20;
+
+#[derive(Debug, Default)]
+struct PeerLogs {
+    second: Option<tokio::time::Instant>,
+    used: u32,
+    dropped: u64,
+}
+
+impl PeerLogs {
+    /// Whether one more line fits this second's budget.
+    fn admit(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        if self
+            .second
+            .is_none_or(|s| now.duration_since(s) >= std::time::Duration::from_secs(1))
+        {
+            if self.dropped > 0 {
+                tracing::warn!(
+                    unlogged = self.dropped,
+                    per_sec = PEER_LOGS_PER_SEC,
+                    "reports from workers not logged: over the log's budget (tether_errors_total counts them)"
+                );
+            }
+            *self = PeerLogs {
+                second: Some(now),
+                ..PeerLogs::default()
+            };
+        }
+        let admitted = self.used < PEER_LOGS_PER_SEC;
+        match admitted {
+            true => self.used += 1,
+            false => self.dropped += 1,
+        }
+        admitted
+    }
 }
 
 impl Core {
@@ -490,6 +535,7 @@ impl Core {
             counters,
             changes: None,
             unfolded: loaded.unfolded,
+            peer_logs: PeerLogs::default(),
         };
         core.next_submit_seq = loaded.next_submit_seq;
         for w in loaded.workers {

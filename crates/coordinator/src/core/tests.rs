@@ -2011,3 +2011,20 @@ fn a_paused_task_stays_paused_when_its_lease_ends_and_runs_again_only_once_resum
     assert_eq!(cancelled.status, TaskStatus::Cancelled);
     assert!(h.core.queue.is_empty());
 }
+
+/// What workers report is logged within a budget a second across all of them (a worker may
+/// send thousands of `error` frames a second within its message rate); the rest is counted.
+#[tokio::test(start_paused = true)]
+async fn reports_from_workers_are_logged_within_a_budget_a_second() {
+    let mut logs = super::PeerLogs::default();
+    let admitted = (0..100).filter(|_| logs.admit()).count();
+    assert_eq!(admitted, super::PEER_LOGS_PER_SEC as usize);
+    assert_eq!(logs.dropped, 100 - u64::from(super::PEER_LOGS_PER_SEC));
+    tokio::time::advance(std::time::Duration::from_secs(1)).await;
+    assert!(logs.admit(), "a new second, a new budget");
+    assert_eq!(logs.dropped, 0);
+    // And a line shows a bounded part of the peer's text.
+    let text = "S".repeat(1 << 20);
+    let shown = format!("{:?}", tether_proto::msg::logged(&text));
+    assert_eq!(shown.len(), tether_proto::msg::LOGGED_MESSAGE_CHARS + 2);
+}
