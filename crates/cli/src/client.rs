@@ -901,12 +901,19 @@ fn when(v: &Value) -> String {
     }
 }
 
-fn shown(text: &str) -> String {
-    if !text.chars().any(char::is_control) {
+/// Anyone's text (a task's name, a worker's error) as a terminal line may show it: control
+/// characters escaped (a newline would forge a line, an escape sequence would reach the
+/// terminal), and the bidirectional overrides and isolates, which would reorder what follows.
+pub(crate) fn shown(text: &str) -> String {
+    let escaped = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(escaped) {
         return text.to_owned();
     }
     text.chars()
-        .map(|c| match c.is_control() {
+        .map(|c| match escaped(c) {
             true => c.escape_default().to_string(),
             false => c.to_string(),
         })
@@ -1022,6 +1029,7 @@ mod tests {
         assert_eq!(shown("nightly run 42 ü"), "nightly run 42 ü");
         assert_eq!(shown("a\nb"), "a\\nb");
         assert_eq!(shown("\u{1b}[31mred"), "\\u{1b}[31mred");
+        assert_eq!(shown("a\u{202e}evil"), "a\\u{202e}evil");
         assert_eq!(s(&json!("tab\there")), "tab\\there");
         assert_eq!(s(&Value::Null), "-");
     }

@@ -590,11 +590,12 @@ fn task_line(t: &Value, seen: &Seen) -> String {
     if let Some(c) = &seen.checkpoint {
         line.push_str(&format!("  checkpoint {c}"));
     }
+    // Anyone's text: escaped as `tether task` and `tether tasks` show it.
     if let Some(n) = t["spec"]["name"].as_str() {
-        line.push_str(&format!("  {n}"));
+        line.push_str(&format!("  {}", crate::client::shown(n)));
     }
     if let Some(e) = t["error"].as_str() {
-        line.push_str(&format!("  ({e})"));
+        line.push_str(&format!("  ({})", crate::client::shown(e)));
     }
     line
 }
@@ -669,6 +670,28 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    /// A task's name and error are anyone's text: a watcher's terminal gets them escaped, as
+    /// `tether task` shows them, never an escape sequence, a forged line or a reordering.
+    #[test]
+    fn a_task_line_escapes_the_name_and_the_error() {
+        let t = serde_json::json!({
+            "task_id": "esc1", "status": "failed", "attempt": 1,
+            "updated_at": "2026-12-04T23:40:00Z",
+            "spec": {"name": "A\u{1b}[31mRED\u{1b}]0;pwned\u{7}\u{202e}evil\r\n23:40:00  x  completed"},
+            "error": "boom\nforged"
+        });
+        let line = task_line(&t, &Seen::of(&t));
+        assert!(
+            !line.chars().any(|c| c.is_control() || c == '\u{202e}'),
+            "{line:?}"
+        );
+        assert!(
+            line.contains("\\u{1b}[31mRED") && line.contains("\\r\\n"),
+            "{line}"
+        );
+        assert!(line.ends_with("(boom\\nforged)"), "{line}");
+    }
 
     fn ev(event: &str, data: &str) -> SseEvent {
         SseEvent {
