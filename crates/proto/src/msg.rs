@@ -154,8 +154,11 @@ pub struct TaskResult {
     pub task_id: TaskId,
     pub attempt: Attempt,
     pub outcome: Outcome,
+    /// Kept as the text it came in ([`JsonText`]): the coordinator stores it without building
+    /// a tree (16 MiB of `[{},{},...]` as a tree took 477 MB of its memory, even from a
+    /// worker that did not hold the task).
     #[serde(default)]
-    pub result: serde_json::Value,
+    pub result: JsonText,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TaskError>,
     #[serde(with = "crate::time")]
@@ -245,11 +248,10 @@ impl JsonText {
     }
 }
 
-/// Deepest nesting of arrays and objects in a task's result that a `task_result` can carry.
-/// The result is decoded as a tree, within serde_json's recursion limit (a tree at most 127
-/// deep), and the message around it takes one level: a result nested deeper is never decoded,
-/// so never acknowledged, by the other end.
-pub const MAX_RESULT_DEPTH: usize = 126;
+/// Deepest nesting of arrays and objects in a task's result that a `task_result` can carry
+/// ([`MAX_JSON_DEPTH`], as a state): a result nested deeper is never decoded, so never
+/// acknowledged, by the other end.
+pub const MAX_RESULT_DEPTH: usize = MAX_JSON_DEPTH;
 
 /// The deepest nesting of arrays and objects in `v` (0 for a scalar, 1 for `[]` or `{}`),
 /// counted without recursion (a tree made by a program may be deeper than any stack) and
@@ -1079,7 +1081,7 @@ mod tests {
                 !decodes
             );
             let mut r = sample.clone();
-            r.result = v;
+            r.result = JsonText::from(&v);
             let text = encode(&WorkerMsg::TaskResult(r));
             assert_eq!(decode_worker(&text).is_ok(), decodes, "depth {depth}");
             let batch = decode_worker_batch(&format!("[{text},{text}]"), 8).expect("batch");

@@ -60,7 +60,7 @@ pub fn worker_messages() -> Vec<WorkerMsg> {
             task_id: task(),
             attempt: Attempt(2),
             outcome: Outcome::Failed,
-            result: serde_json::json!({"exit_code": 1}),
+            result: serde_json::json!({"exit_code": 1}).into(),
             error: Some(TaskError {
                 message: "exit status 1".into(),
                 detail: None,

@@ -15,7 +15,7 @@ fn result(seq: Seq, task: &TaskId) -> WorkerMsg {
         task_id: task.clone(),
         attempt: Attempt(1),
         outcome: Outcome::Completed,
-        result: serde_json::json!({"steps": 10}),
+        result: serde_json::json!({"steps": 10}).into(),
         error: None,
         started_at: ts,
         finished_at: ts,

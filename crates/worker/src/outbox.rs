@@ -790,7 +790,7 @@ fn oversize_failure(r: &tether_proto::msg::TaskResult, bytes: usize, limit: usiz
         task_id: r.task_id.clone(),
         attempt: r.attempt,
         outcome: tether_proto::Outcome::Failed,
-        result: serde_json::json!({}),
+        result: serde_json::json!({}).into(),
         error: Some(tether_proto::task::TaskError {
             message: format!(
                 "the result ({bytes} bytes as a message) is larger than a message may be ({limit} bytes, the coordinator's limit); it was not sent"
@@ -809,7 +809,7 @@ fn approx_size(msg: &WorkerMsg) -> usize {
     const BASE: usize = 160;
     match msg {
         WorkerMsg::CheckpointData(d) => BASE + d.data.0.len() * 4 / 3,
-        WorkerMsg::TaskResult(r) => BASE + json_len(&r.result),
+        WorkerMsg::TaskResult(r) => BASE + r.result.get().len(),
         WorkerMsg::TaskState(s) => BASE + s.state.get().len(),
         WorkerMsg::Telemetry(t) => BASE + 600 + json_len(&t.metrics),
         _ => BASE,
@@ -876,7 +876,7 @@ mod tests {
                 task_id: tid(task),
                 attempt: Attempt(1),
                 outcome: tether_proto::Outcome::Completed,
-                result: serde_json::json!({}),
+                result: serde_json::json!({}).into(),
                 error: None,
                 started_at: now(),
                 finished_at: now(),
@@ -1195,7 +1195,7 @@ mod tests {
                 task_id: tid("big"),
                 attempt: Attempt(3),
                 outcome: tether_proto::Outcome::Completed,
-                result: serde_json::json!({ "pad": "r".repeat(100_000) }),
+                result: serde_json::json!({ "pad": "r".repeat(100_000) }).into(),
                 error: None,
                 started_at: now(),
                 finished_at: now(),

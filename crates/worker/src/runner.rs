@@ -623,7 +623,7 @@ impl Runner {
                     task_id: task_id.clone(),
                     attempt,
                     outcome,
-                    result,
+                    result: (&result).into(),
                     error,
                     started_at,
                     finished_at: now(),
@@ -1002,9 +1002,8 @@ mod tests {
         let results = results_once_ended(&runner, &outbox).await;
         assert_eq!(results.len(), 1, "the superseded attempt reports nothing");
         assert_eq!(results[0].attempt, Attempt(2));
-        let out = results[0].result["stdout_tail"]
-            .as_str()
-            .unwrap_or_default();
+        let value = results[0].result.to_value().expect("JSON");
+        let out = value["stdout_tail"].as_str().unwrap_or_default();
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(
             lines.first(),
@@ -1327,7 +1326,8 @@ mod tests {
         assert_eq!(results.len(), 2);
         for r in &results {
             assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
-            let out = r.result["stdout_tail"].as_str().unwrap_or_default();
+            let value = r.result.to_value().expect("JSON");
+            let out = value["stdout_tail"].as_str().unwrap_or_default();
             assert!(
                 records_its_own_group(out),
                 "{}: its own record: {out}",
@@ -1356,7 +1356,7 @@ mod tests {
         )
         .await;
         assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
-        assert_eq!(r.result["exit_code"], 0);
+        assert_eq!(r.result.to_value().expect("JSON")["exit_code"], 0);
         assert!(r.error.is_none(), "{r:?}");
     }
 
@@ -1372,8 +1372,11 @@ mod tests {
         )
         .await;
         assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
-        assert_eq!(r.result["stdout_tail"], "started\n");
-        assert_eq!(r.result["signal"], 15);
+        assert_eq!(
+            r.result.to_value().expect("JSON")["stdout_tail"],
+            "started\n"
+        );
+        assert_eq!(r.result.to_value().expect("JSON")["signal"], 15);
         assert_eq!(
             r.error.as_ref().map(|e| e.message.as_str()),
             Some("task timed out")
@@ -1436,9 +1439,10 @@ mod tests {
         )
         .await;
         assert_eq!(r.outcome, Outcome::Completed, "{:?}", r.error);
-        assert_eq!(r.result["exit_code"], 0);
-        assert_eq!(r.result["stdout_truncated"], true);
-        let tail = r.result["stdout_tail"].as_str().unwrap_or_default();
+        assert_eq!(r.result.to_value().expect("JSON")["exit_code"], 0);
+        assert_eq!(r.result.to_value().expect("JSON")["stdout_truncated"], true);
+        let value = r.result.to_value().expect("JSON");
+        let tail = value["stdout_tail"].as_str().unwrap_or_default();
         assert!(tail.ends_with("\0\0end\n"), "the end is kept");
         assert!(
             tail.len() > 200 * 1024,
@@ -1511,7 +1515,7 @@ mod tests {
         let results = results(&outbox);
         assert_eq!(results.len(), 1, "{results:?}");
         assert_eq!(results["finished"].outcome, Outcome::Completed);
-        assert_eq!(results["finished"].result, "finished");
+        assert_eq!(results["finished"].result, serde_json::json!("finished"));
         drop((runner, outbox, sd));
         let (_sd, restored) = StateDir::open(dir.path(), &worker).expect("reopened");
         let journaled: Vec<String> = restored
@@ -1570,7 +1574,9 @@ mod tests {
             .take_unsent(100)
             .into_iter()
             .filter_map(|(_, m)| match m.as_ref() {
-                WorkerMsg::TaskResult(r) => Some((r.task_id.to_string(), r.result.clone())),
+                WorkerMsg::TaskResult(r) => {
+                    Some((r.task_id.to_string(), r.result.to_value().expect("JSON")))
+                }
                 _ => None,
             })
             .collect()
@@ -1648,7 +1654,9 @@ mod tests {
         let results: HashMap<String, serde_json::Value> = sent
             .iter()
             .filter_map(|m| match m.as_ref() {
-                WorkerMsg::TaskResult(r) => Some((r.task_id.to_string(), r.result.clone())),
+                WorkerMsg::TaskResult(r) => {
+                    Some((r.task_id.to_string(), r.result.to_value().expect("JSON")))
+                }
                 _ => None,
             })
             .collect();

@@ -744,7 +744,7 @@ fn journaled(class: i64, json: &str) -> Journaled {
                 task_id: h.task_id,
                 attempt: h.attempt,
                 outcome: tether_proto::Outcome::Failed,
-                result: serde_json::json!({}),
+                result: serde_json::json!({}).into(),
                 error: Some(tether_proto::task::TaskError {
                     message: format!("the result could not be sent ({error})"),
                     detail: None,
@@ -848,7 +848,7 @@ mod tests {
             task_id: tid(task),
             attempt: Attempt(1),
             outcome: tether_proto::Outcome::Completed,
-            result: serde_json::json!({"n": seq}),
+            result: serde_json::json!({"n": seq}).into(),
             error: None,
             started_at: now(),
             finished_at: now(),
@@ -1090,7 +1090,7 @@ mod tests {
         let WorkerMsg::TaskResult(mut deep) = result(1, "a") else {
             unreachable!()
         };
-        deep.result = nested(tether_proto::msg::MAX_RESULT_DEPTH + 1);
+        deep.result = (&nested(tether_proto::msg::MAX_RESULT_DEPTH + 1)).into();
         let WorkerMsg::TaskState(mut deep_state) = state(2, "b") else {
             unreachable!()
         };

@@ -181,7 +181,7 @@ fn result(seq: u64, task: &TaskId, attempt: u32) -> WorkerMsg {
         task_id: task.clone(),
         attempt: Attempt(attempt),
         outcome: Outcome::Completed,
-        result: serde_json::json!({}),
+        result: serde_json::json!({}).into(),
         error: None,
         started_at: now(),
         finished_at: now(),

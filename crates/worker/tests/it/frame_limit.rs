@@ -124,7 +124,7 @@ fn result(seq: u64, task: &str, pad: usize) -> WorkerMsg {
         task_id: TaskId::parse(task).expect("id"),
         attempt: Attempt(1),
         outcome: Outcome::Completed,
-        result: serde_json::json!({ "pad": "r".repeat(pad) }),
+        result: serde_json::json!({ "pad": "r".repeat(pad) }).into(),
         error: None,
         started_at: now(),
         finished_at: now(),
