@@ -114,6 +114,20 @@ const POOL_IDLE: Duration = Duration::from_secs(30);
 pub(crate) type Chunks =
     std::pin::Pin<Box<dyn futures_util::Stream<Item = anyhow::Result<bytes::Bytes>> + Send>>;
 
+/// A TLS request that reached no coordinator: said so, with a hint when what answered is no
+/// TLS server (rustls reads a plain HTTP answer as "corrupt message of type
+/// InvalidContentType"): a coordinator serving plain HTTP, asked through an https:// URL.
+fn unreachable_tls(base: &str, e: impl Into<anyhow::Error>) -> anyhow::Error {
+    let e = e.into();
+    let hint = match format!("{e:#}").contains("InvalidContentType") {
+        true => {
+            " (what answered speaks no TLS: if the coordinator serves plain HTTP, use an http:// URL)"
+        }
+        false => "",
+    };
+    e.context(format!("cannot reach the coordinator at {base}{hint}"))
+}
+
 impl Api {
     pub(crate) fn new(c: &CommonArgs) -> anyhow::Result<Self> {
         let token = api_token(c.token_file.as_deref())?;
@@ -224,7 +238,10 @@ impl Api {
                     let req = req
                         .body(http_body_util::Full::new(payload))
                         .context("request")?;
-                    let resp = client.request(req).await.with_context(unreachable)?;
+                    let resp = client
+                        .request(req)
+                        .await
+                        .map_err(|e| unreachable_tls(&self.base, e))?;
                     let status = resp.status();
                     let bytes = resp
                         .into_body()
@@ -294,7 +311,10 @@ impl Api {
                 let req = req
                     .body(http_body_util::Full::new(bytes::Bytes::new()))
                     .context("request")?;
-                let resp = client.request(req).await.with_context(unreachable)?;
+                let resp = client
+                    .request(req)
+                    .await
+                    .map_err(|e| unreachable_tls(&self.base, e))?;
                 let status = resp.status();
                 if !status.is_success() {
                     let body = resp
@@ -995,6 +1015,16 @@ mod tests {
             cut_line(&rows[0][1], CELL_SHOWN).chars().count(),
             CELL_SHOWN + 1
         );
+    }
+
+    /// An https:// URL to a coordinator that serves plain HTTP: the error says what to try.
+    #[tokio::test]
+    async fn tls_to_a_plain_http_coordinator_says_to_use_http() {
+        let addr = serve_for_test(axum::Router::new()).await;
+        let api = Api::build(&format!("https://{addr}"), None, None).expect("client");
+        let e = api.get("/api/v1/tasks").await.expect_err("no TLS there");
+        let said = format!("{e:#}");
+        assert!(said.contains("use an http:// URL"), "{said}");
     }
 
     #[test]

@@ -42,7 +42,8 @@ pub struct CoordinatorArgs {
     /// this much longer.
     #[arg(long, env = "TETHER_IDLE_COALESCE", value_parser = parse_duration_arg)]
     idle_coalesce: Option<Duration>,
-    /// Time a disconnected worker keeps its tasks before they move elsewhere (default 60s).
+    /// Time a disconnected worker keeps its tasks before they move elsewhere (default 60s, at
+    /// least 1s).
     #[arg(long, value_parser = parse_duration_arg)]
     lost_after: Option<Duration>,
     /// Largest frame accepted, bytes (at least 1048576; default 16 MiB).

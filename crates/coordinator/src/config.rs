@@ -12,6 +12,9 @@ pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Shortest heartbeat interval a coordinator may announce: below it the fleet's heartbeats are
 /// all the coordinator does (a worker answered a 0 s interval with about 600 beats a second).
 pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
+/// Shortest grace period (`lost_after`) accepted: a worker's sessions end on any network blip,
+/// and under it every blip would move every task of the worker.
+pub const MIN_LOST_AFTER: Duration = Duration::from_secs(1);
 /// Smallest frame limit: a worker's checkpoint piece (256 KiB, about 342 KiB as base64 in its
 /// JSON) and a batch frame must fit, or the session that carries one ends each time it is sent.
 pub const MIN_MAX_FRAME: usize = 1024 * 1024;
@@ -207,6 +210,16 @@ impl CoordinatorConfig {
             MIN_HEARTBEAT_INTERVAL,
         )?;
         check_frame(self.max_frame)?;
+        if self.lost_after < MIN_LOST_AFTER {
+            return Err(ConfigError::new(
+                "lost_after",
+                format!(
+                    "{} ms would move every task of a worker at its first blip: at least {} s",
+                    self.lost_after.as_millis(),
+                    MIN_LOST_AFTER.as_secs()
+                ),
+            ));
+        }
         if self.max_checkpoint_bytes == 0 {
             return Err(ConfigError::new(
                 "max_checkpoint_bytes",
@@ -343,7 +356,8 @@ mod tests {
         let base = || CoordinatorConfig::new(&data);
         base().validate().expect("the defaults");
         type Spoil = fn(&mut CoordinatorConfig);
-        let cases: [(&str, Spoil); 15] = [
+        let cases: [(&str, Spoil); 16] = [
+            ("lost_after", |c| c.lost_after = Duration::ZERO),
             ("heartbeat_interval", |c| {
                 c.heartbeat_interval = Duration::ZERO
             }),
@@ -384,6 +398,7 @@ mod tests {
         least.heartbeat_timeout = MIN_HEARTBEAT_INTERVAL * 2;
         least.max_frame = tether_proto::settings::MIN_FRAME;
         least.max_checkpoint_bytes = 1;
+        least.lost_after = MIN_LOST_AFTER;
         least.validate().expect("the least of each");
         let mut c = base();
         c.heartbeat_interval = Duration::ZERO;

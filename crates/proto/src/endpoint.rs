@@ -210,11 +210,22 @@ pub fn derive_http_base(configured: &str) -> Result<String, EndpointError> {
     let base = format!("{scheme}://{rest}");
     // A host an HTTP client cannot use (a space in it, a bad port) is said here, in the terms
     // of the URL given, not as the client's "builder error" later.
-    if let Err(e) = url::Url::parse(&base) {
-        return Err(EndpointError::Invalid {
-            url: raw.to_owned(),
-            reason: e.to_string(),
-        });
+    match url::Url::parse(&base) {
+        Err(e) => {
+            return Err(EndpointError::Invalid {
+                url: raw.to_owned(),
+                reason: e.to_string(),
+            });
+        }
+        // Every request appends its path to the base: a query or fragment in it would end up
+        // in the middle of the request's URL (a client then read the dashboard for the API).
+        Ok(u) if u.query().is_some() || u.fragment().is_some() => {
+            return Err(EndpointError::Invalid {
+                url: raw.to_owned(),
+                reason: "a query or fragment has no place in the coordinator's URL".into(),
+            });
+        }
+        Ok(_) => {}
     }
     Ok(base)
 }
@@ -443,6 +454,15 @@ mod tests {
             "{e}"
         );
         assert!(derive_http_base("h:99999").is_err(), "a port out of range");
+        for url in ["http://h:1?x=1", "h:1/#top", "http://h:1/prefix?a"] {
+            let e = derive_http_base(url).expect_err("a query or fragment");
+            assert!(e.to_string().contains("query or fragment"), "{url}: {e}");
+        }
+        assert_eq!(
+            derive_http_base("http://h:1/prefix/").as_deref(),
+            Ok("http://h:1/prefix"),
+            "a path prefix (a reverse proxy's) is kept"
+        );
     }
 
     #[test]
