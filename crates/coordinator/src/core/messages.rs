@@ -224,7 +224,14 @@ impl Core {
     /// `checkpoint_request`, or one whose upload it abandoned). An unfinished upload of it by
     /// this worker for that task is dropped at once: its missing pieces will not come.
     fn on_checkpoint_error(&mut self, worker: &WorkerId, e: CheckpointError, b: &mut Batch) {
-        if self.peer_logs.admit() {
+        let holder = self
+            .tasks
+            .get(&e.task_id)
+            .and_then(|t| t.lease.as_ref())
+            .is_some_and(|l| &l.worker == worker);
+        if !holder {
+            tracing::debug!(worker = %worker, task = %e.task_id, "checkpoint_error about a task this worker does not hold; ignored");
+        } else if self.peer_logs.admit() {
             let error = tether_proto::msg::logged(&e.error);
             tracing::info!(worker = %worker, task = %e.task_id, checkpoint = ?e.checkpoint_id, ?error, "worker cannot provide a checkpoint");
         }
@@ -983,10 +990,38 @@ impl Core {
                 if &p.meta.worker == worker && p.meta.task_id == d.task_id =>
             {
                 let len = d.data.0.len() as u64;
-                if d.chunk >= p.meta.chunks
-                    || d.attempt != p.meta.attempt
-                    || p.bytes + len > p.meta.size
-                {
+                let unfit = if d.chunk >= p.meta.chunks {
+                    Some(format!(
+                        "piece {} of checkpoint {}, announced in {} pieces",
+                        d.chunk, d.checkpoint_id, p.meta.chunks
+                    ))
+                } else if d.attempt != p.meta.attempt {
+                    Some(format!(
+                        "piece of checkpoint {} from attempt {}, announced by attempt {}",
+                        d.checkpoint_id, d.attempt, p.meta.attempt
+                    ))
+                } else if p.bytes + len > p.meta.size {
+                    Some(format!(
+                        "piece {} of checkpoint {} takes it to {} bytes, past the {} announced",
+                        d.chunk,
+                        d.checkpoint_id,
+                        p.bytes + len,
+                        p.meta.size
+                    ))
+                } else {
+                    None
+                };
+                if let Some(why) = unfit {
+                    // Said, as the announcement's refusals are: the piece is not stored.
+                    b.send(
+                        session,
+                        CoordMsg::error(
+                            ErrorCode::BadFrame,
+                            format!("{why}; not stored"),
+                            Some("checkpoint_data".into()),
+                            Some(d.seq.0),
+                        ),
+                    );
                     Disposition::Rejected
                 } else if p.received.insert(d.chunk) {
                     p.bytes += len;
@@ -1042,7 +1077,21 @@ impl Core {
             }
             // Its announcement was refused (or never came): the piece is not stored, and a
             // `duplicate` would say it was.
-            (Standing::Holder, None) => Disposition::Rejected,
+            (Standing::Holder, None) => {
+                b.send(
+                    session,
+                    CoordMsg::error(
+                        ErrorCode::BadFrame,
+                        format!(
+                            "piece of checkpoint {}, which has no accepted announcement (refused, or never sent); not stored",
+                            d.checkpoint_id
+                        ),
+                        Some("checkpoint_data".into()),
+                        Some(d.seq.0),
+                    ),
+                );
+                Disposition::Rejected
+            }
             // Another upload's id, or a stranger.
             (Standing::Holder | Standing::Stranger, _) => {
                 self.reject(

@@ -1153,6 +1153,38 @@ fn unfinished_checkpoint_uploads_of_an_attempt_are_capped() {
     assert!(h.core.partial.is_empty());
 }
 
+/// A piece refused for what it holds is refused with an `error` saying why, as the
+/// announcement's refusals are (before, a bare `rejected`).
+#[test]
+fn a_piece_refused_for_its_content_says_why() {
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit();
+    drain(&mut rx);
+    h.frame("a", s, checkpoint(1, &t, "c-1", 4, 2));
+    drain(&mut rx);
+    let said = |h: &mut Harness, rx: &mut _, msg: WorkerMsg| {
+        h.frame("a", s, msg);
+        let msgs = drain(rx);
+        assert_eq!(data_ack(&msgs), Disposition::Rejected, "{msgs:?}");
+        msgs.iter()
+            .find_map(|m| match m {
+                CoordMsg::Error(e) => Some(e.message.clone()),
+                _ => None,
+            })
+            .expect("an error")
+    };
+    let m = said(&mut h, &mut rx, piece(2, &t, "c-1", 2, b"ab"));
+    assert!(
+        m.contains("piece 2 of checkpoint c-1, announced in 2 pieces"),
+        "{m}"
+    );
+    let m = said(&mut h, &mut rx, piece(3, &t, "c-1", 0, b"abcde"));
+    assert!(m.contains("past the 4 announced"), "{m}");
+    let m = said(&mut h, &mut rx, piece(4, &t, "c-never", 0, b"ab"));
+    assert!(m.contains("no accepted announcement"), "{m}");
+}
+
 #[test]
 fn a_checkpoint_whose_pieces_fall_short_of_its_declared_size_is_dropped_not_resumed_from() {
     let mut h = Harness::new();
