@@ -77,6 +77,12 @@ pub fn tls_client_config(
                     path: path.to_owned(),
                     reason: e.to_string(),
                 })?;
+            if certs.is_empty() {
+                return Err(TlsSetupError::CaFile {
+                    path: path.to_owned(),
+                    reason: "no certificate in it (a PEM file of CERTIFICATE blocks)".into(),
+                });
+            }
             for c in certs {
                 roots.add(c).map_err(|e| TlsSetupError::CaFile {
                     path: path.to_owned(),
@@ -227,6 +233,20 @@ pub fn ws_config(max_frame: usize) -> WebSocketConfig {
 #[cfg(test)]
 mod tests {
     use super::is_refusal;
+
+    /// A CA file with no certificate in it is named, not taken for "no CA file given".
+    #[test]
+    fn a_ca_file_without_a_certificate_is_said_to_hold_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("hostname");
+        std::fs::write(&f, "build-host\n").expect("write");
+        let e = super::tls_client_config(Some(&f)).expect_err("no certificate");
+        let said = e.to_string();
+        assert!(
+            said.contains("hostname") && said.contains("no certificate in it"),
+            "{said}"
+        );
+    }
 
     #[test]
     fn only_auth_statuses_stop_the_worker_and_the_rest_is_retried() {

@@ -56,7 +56,7 @@ pub struct E2eArgs {
     #[arg(long, default_value_t = 4)]
     workers: usize,
     /// How long disruptions keep starting (the first round, one of each kind of the
-    /// scenario, always runs to its end).
+    /// scenario, always runs to its end: `0s` runs that round alone).
     #[arg(long, default_value = "120s", value_parser = parse_duration_arg)]
     duration: Duration,
     /// Time between the starts of two disruptions (a disruption that takes longer delays

@@ -137,6 +137,14 @@ fn journal_files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
             .and_then(|n| n.strip_suffix(".journal"))
             .and_then(|n| n.parse::<u64>().ok())
         else {
+            // A journal's name the coordinator never makes (one renamed by hand, a copy): not
+            // replayed, and said, since its states would otherwise be dropped without a word.
+            let looks_like = name
+                .to_str()
+                .is_some_and(|n| n.starts_with("states-") && n.ends_with(".journal"));
+            if looks_like {
+                tracing::warn!(file = %entry.path().display(), "a file named like a state journal but not states-<number>.journal: not replayed (rename it to be read)");
+            }
             continue;
         };
         files.push((generation, entry.path()));
