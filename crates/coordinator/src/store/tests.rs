@@ -305,22 +305,20 @@ fn a_damaged_record_is_named_at_start_and_at_a_read_never_served_as_null() {
     assert!(said.contains("task \"t2\" (table tasks, doc)"), "{said}");
 }
 
+/// A data directory whose database holds one queued task `t`, closed cleanly.
+fn one_task_store() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, _) = open(dir.path()).expect("open");
+    let t = task("t", 0, TaskStatus::Queued);
+    commit_muts(&mut conn, vec![Mutation::PutTask(Box::new(t))]);
+    dir
+}
+
 /// The write-ahead log removed after a crash (its `-shm` left: a clean close removes both) is
 /// refused, not opened without the commits it held; without the `-shm` too, nothing tells.
 #[test]
 fn a_database_whose_write_ahead_log_was_removed_after_a_crash_is_refused() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    {
-        let (mut conn, _) = open(dir.path()).expect("open");
-        commit_muts(
-            &mut conn,
-            vec![Mutation::PutTask(Box::new(task(
-                "t",
-                0,
-                TaskStatus::Queued,
-            )))],
-        );
-    }
+    let dir = one_task_store();
     let shm = dir.path().join("tether.db-shm");
     std::fs::write(&shm, b"").expect("shm");
     let before = file_bytes(dir.path());
@@ -343,18 +341,7 @@ fn a_database_whose_write_ahead_log_was_removed_after_a_crash_is_refused() {
 /// permission hint is checked on its own.
 #[test]
 fn a_file_that_cannot_be_opened_is_named_not_called_corrupt() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    {
-        let (mut conn, _) = open(dir.path()).expect("open");
-        commit_muts(
-            &mut conn,
-            vec![Mutation::PutTask(Box::new(task(
-                "t",
-                0,
-                TaskStatus::Queued,
-            )))],
-        );
-    }
+    let dir = one_task_store();
     let loop_at = |name: &str| {
         let p = dir.path().join(name);
         std::os::unix::fs::symlink(&p, &p).expect("symlink");
@@ -1600,9 +1587,12 @@ fn under_steady_states_the_writer_folds_and_the_journal_stays_bounded() {
         longest = longest.max(bytes);
         folded = folded.max(table);
         // The covered file (up to `fold_bytes` and a group) until the round ends, and the
-        // groups the round took in the next one.
+        // groups the round took in the next one; a finished round's file is removed by
+        // another thread, which a loaded machine delays by a dozen groups or more (2 x
+        // `fold_bytes` was once passed by 419 bytes beside a CI run). Unbounded, the 200
+        // groups would hold a megabyte.
         assert!(
-            bytes < 2 * fold_bytes,
+            bytes < 3 * fold_bytes,
             "group {g}: {bytes} bytes of journal"
         );
     }
