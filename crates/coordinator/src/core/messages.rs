@@ -981,6 +981,19 @@ impl Core {
         b: &mut Batch,
     ) {
         let standing = self.standing(worker, &d.task_id, d.attempt);
+        // Why a piece is not stored, said as the announcement's refusals are.
+        let refuse = |b: &mut Batch, why: String| {
+            b.send(
+                session,
+                CoordMsg::error(
+                    ErrorCode::BadFrame,
+                    why,
+                    Some("checkpoint_data".into()),
+                    Some(d.seq.0),
+                ),
+            );
+            Disposition::Rejected
+        };
         let disposition = match (standing, self.partial.get_mut(&d.checkpoint_id)) {
             // Only the lease holder completes a checkpoint: an ended attempt's pieces (a
             // worker back after its task moved on, replaying its outbox) must not make its
@@ -1012,17 +1025,7 @@ impl Core {
                     None
                 };
                 if let Some(why) = unfit {
-                    // Said, as the announcement's refusals are: the piece is not stored.
-                    b.send(
-                        session,
-                        CoordMsg::error(
-                            ErrorCode::BadFrame,
-                            format!("{why}; not stored"),
-                            Some("checkpoint_data".into()),
-                            Some(d.seq.0),
-                        ),
-                    );
-                    Disposition::Rejected
+                    refuse(b, format!("{why}; not stored"))
                 } else if p.received.insert(d.chunk) {
                     p.bytes += len;
                     metrics::counter!(m::CHECKPOINT_BYTES).increment(len);
@@ -1046,18 +1049,13 @@ impl Core {
                         b.muts
                             .push(Mutation::DeleteCheckpoint(d.checkpoint_id.clone()));
                         tracing::warn!(worker = %worker, task = %d.task_id, checkpoint = %d.checkpoint_id, got, want, "checkpoint pieces do not add up to its declared size; dropped");
-                        b.send(session,
-                            CoordMsg::error(
-                                ErrorCode::BadFrame,
-                                format!(
-                                    "checkpoint {} has {got} bytes in its pieces, not the {want} declared; dropped",
-                                    d.checkpoint_id
-                                ),
-                                Some("checkpoint_data".into()),
-                                Some(d.seq.0),
+                        refuse(
+                            b,
+                            format!(
+                                "checkpoint {} has {got} bytes in its pieces, not the {want} declared; dropped",
+                                d.checkpoint_id
                             ),
-                        );
-                        Disposition::Rejected
+                        )
                     }
                 } else {
                     self.counters
@@ -1077,21 +1075,13 @@ impl Core {
             }
             // Its announcement was refused (or never came): the piece is not stored, and a
             // `duplicate` would say it was.
-            (Standing::Holder, None) => {
-                b.send(
-                    session,
-                    CoordMsg::error(
-                        ErrorCode::BadFrame,
-                        format!(
-                            "piece of checkpoint {}, which has no accepted announcement (refused, or never sent); not stored",
-                            d.checkpoint_id
-                        ),
-                        Some("checkpoint_data".into()),
-                        Some(d.seq.0),
-                    ),
-                );
-                Disposition::Rejected
-            }
+            (Standing::Holder, None) => refuse(
+                b,
+                format!(
+                    "piece of checkpoint {}, which has no accepted announcement (refused, or never sent); not stored",
+                    d.checkpoint_id
+                ),
+            ),
             // Another upload's id, or a stranger.
             (Standing::Holder | Standing::Stranger, _) => {
                 self.reject(

@@ -66,11 +66,12 @@ pub enum StoreError {
         source: std::io::Error,
     },
     #[error(
-        "{wal} is missing beside {shm}: the database was not closed cleanly, and its write-ahead log, which holds its latest commits (acknowledged tasks and results among them), was removed; refusing to start without them (put the -wal file back; to start without those commits, remove {shm})",
-        wal = path.with_extension("db-wal").display(),
-        shm = path.with_extension("db-shm").display()
+        "{} is missing beside {}: the database was not closed cleanly, and its write-ahead log, which holds its latest commits (acknowledged tasks and results among them), was removed; refusing to start without them (put the -wal file back; to start without those commits, remove {})",
+        wal.display(),
+        shm.display(),
+        shm.display()
     )]
-    WalMissing { path: PathBuf },
+    WalMissing { wal: PathBuf, shm: PathBuf },
     /// A file of the data directory that could not be opened or read: not corrupt, and not to
     /// be moved away for it (a file made by another user, a mode changed).
     #[error("cannot open {path}: {source}{}", access_hint(path, source))]

@@ -150,10 +150,9 @@ pub(super) fn check(path: &Path) -> Result<i64, StoreError> {
         f.push(suffix);
         std::path::PathBuf::from(f)
     };
-    if sibling("-shm").exists() && !sibling("-wal").exists() {
-        return Err(StoreError::WalMissing {
-            path: path.to_owned(),
-        });
+    let (wal, shm) = (sibling("-wal"), sibling("-shm"));
+    if shm.exists() && !wal.exists() {
+        return Err(StoreError::WalMissing { wal, shm });
     }
     // The coordinator writes them all: one it cannot open is named as such, not taken for a
     // corrupt database (SQLite says "unable to open database file" of a WAL it cannot open).
