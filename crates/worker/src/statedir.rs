@@ -98,6 +98,13 @@ pub enum StateDirError {
         "{path} is not a usable worker database ({detail}); move it away, with its -wal and -shm files, to start afresh"
     )]
     Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "{} is missing beside {}: the worker was not stopped cleanly, and the write-ahead log that held its latest writes (results not yet delivered among them) was removed; refusing to start without them (put it back; to start without them, remove {})",
+        wal.display(),
+        shm.display(),
+        shm.display()
+    )]
+    WalMissing { wal: PathBuf, shm: PathBuf },
     #[error("{path} has schema version {found}, newer than this worker's {newest}; left untouched")]
     Newer {
         path: PathBuf,
@@ -471,7 +478,20 @@ fn open_db(path: &Path, schema: &str, newest: i64) -> Result<(Connection, i64), 
                 "the file is empty: every worker database holds at least its header".into(),
             ));
         }
-        _ => {}
+        _ => {
+            // A clean close removes both; a crash leaves both. The shared-memory file alone
+            // means the log was removed by hand, and with it the latest writes, which SQLite
+            // would silently open without.
+            let sibling = |suffix: &str| {
+                let mut f = path.as_os_str().to_owned();
+                f.push(suffix);
+                PathBuf::from(f)
+            };
+            let (wal, shm) = (sibling("-wal"), sibling("-shm"));
+            if shm.exists() && !wal.exists() {
+                return Err(StateDirError::WalMissing { wal, shm });
+            }
+        }
     }
     let conn = Connection::open(path).map_err(|e| corrupt(e.to_string()))?;
     let version: i64 = conn
@@ -1233,6 +1253,27 @@ mod tests {
         // The lock was released with the refusal.
         std::fs::remove_file(dir.path().join(DB_FILE)).expect("remove");
         drop(StateDir::open(dir.path(), &wid("w1")).expect("lock released"));
+    }
+
+    /// A `-wal` removed after a crash (its `-shm` left; a clean close removes both) is refused,
+    /// naming both, not opened without the writes it held (results not yet delivered).
+    #[test]
+    fn a_database_whose_write_ahead_log_was_removed_after_a_crash_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(StateDir::open(dir.path(), &wid("w1")).expect("open"));
+        assert!(
+            !dir.path().join("worker.db-wal").exists(),
+            "a clean close removes it"
+        );
+        std::fs::write(dir.path().join("worker.db-shm"), b"").expect("shm");
+        let err = StateDir::open(dir.path(), &wid("w1")).expect_err("refused");
+        assert!(matches!(err, StateDirError::WalMissing { .. }), "{err}");
+        assert!(
+            err.to_string().contains("worker.db-wal is missing beside"),
+            "{err}"
+        );
+        std::fs::remove_file(dir.path().join("worker.db-shm")).expect("rm");
+        drop(StateDir::open(dir.path(), &wid("w1")).expect("opens once told"));
     }
 
     #[test]
