@@ -115,12 +115,20 @@ fn heavy_wait(app: &AppState) -> Duration {
 /// room, so a turn lasts until the last piece is taken, however slowly the client reads.
 const HEAVY_PIECE: usize = 64 * 1024;
 
-/// A turn of [`HEAVY_AT_ONCE`], waited for up to [`heavy_wait`]: `Err(None)` when the wait
-/// ran out, `Err(Some(_))` when the coordinator is stopping.
-pub(crate) async fn heavy_turn(
+/// How many submissions are read and parsed at once. Each may hold a body of up to
+/// `max_body` (16 MiB by default) and the specs parsed from it until the core took them:
+/// unbounded, a few hundred clients posting at once (of up to `max_connections`) held
+/// gigabytes. Parsing runs on the request's thread and the core takes one batch at a time, so
+/// more at once would not go faster on a few cores; the stress scenarios submit one at a time.
+pub const SUBMITS_AT_ONCE: usize = 4;
+
+/// A turn of `turns`, waited for up to [`heavy_wait`]: `Err(None)` when the wait ran out,
+/// `Err(Some(_))` when the coordinator is stopping.
+async fn turn_of(
     app: &AppState,
+    turns: &Arc<tokio::sync::Semaphore>,
 ) -> Result<tokio::sync::OwnedSemaphorePermit, Option<ApiError>> {
-    match tokio::time::timeout(heavy_wait(app), app.heavy.clone().acquire_owned()).await {
+    match tokio::time::timeout(heavy_wait(app), turns.clone().acquire_owned()).await {
         Ok(Ok(turn)) => Ok(turn),
         Ok(Err(_)) => Err(Some(ApiError::Internal(
             "coordinator is shutting down".into(),
@@ -129,16 +137,29 @@ pub(crate) async fn heavy_turn(
     }
 }
 
-/// A turn of [`HEAVY_AT_ONCE`], or the answer to give instead: `503 busy` (with Retry-After)
-/// when none came within [`heavy_wait`], or that the coordinator is stopping.
-async fn turn_or_busy(app: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
-    match heavy_turn(app).await {
+/// A turn of [`HEAVY_AT_ONCE`], as [`turn_of`].
+pub(crate) async fn heavy_turn(
+    app: &AppState,
+) -> Result<tokio::sync::OwnedSemaphorePermit, Option<ApiError>> {
+    turn_of(app, &app.heavy).await
+}
+
+/// A turn of `turns` (`at_once` of them, for `what`), or the answer to give instead: `503
+/// busy` (with Retry-After) when none came within [`heavy_wait`], or that the coordinator is
+/// stopping.
+async fn turn_or_busy(
+    app: &AppState,
+    turns: &Arc<tokio::sync::Semaphore>,
+    at_once: usize,
+    what: &str,
+) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
+    match turn_of(app, turns).await {
         Ok(turn) => Ok(turn),
         Err(Some(stopping)) => Err(stopping.into_response()),
         Err(None) => Err(unavailable(
             "busy",
             &format!(
-                "{HEAVY_AT_ONCE} large answers are being made or sent, and this one waited {} s for its turn; try again",
+                "{at_once} {what} at once, and this one waited {} s for its turn; try again",
                 heavy_wait(app).as_secs_f64()
             ),
             "1",
@@ -146,9 +167,20 @@ async fn turn_or_busy(app: &AppState) -> Result<tokio::sync::OwnedSemaphorePermi
     }
 }
 
+/// A turn of [`HEAVY_AT_ONCE`], as [`turn_or_busy`].
+async fn heavy_or_busy(app: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
+    turn_or_busy(
+        app,
+        &app.heavy,
+        HEAVY_AT_ONCE,
+        "large answers are being made or sent",
+    )
+    .await
+}
+
 /// Makes `answer` in a turn of [`HEAVY_AT_ONCE`], kept until its body is handed over.
 async fn heavy(app: &AppState, answer: impl Future<Output = Response>) -> Response {
-    let turn = match turn_or_busy(app).await {
+    let turn = match heavy_or_busy(app).await {
         Ok(turn) => turn,
         Err(instead) => return instead,
     };
@@ -179,7 +211,7 @@ async fn heavy_array<T: Serialize + Send + 'static>(
     app: &AppState,
     items: impl Future<Output = Result<Vec<T>, ApiError>>,
 ) -> Response {
-    let turn = match turn_or_busy(app).await {
+    let turn = match heavy_or_busy(app).await {
         Ok(turn) => turn,
         Err(instead) => return instead,
     };
@@ -451,14 +483,29 @@ fn specs_of(body: &serde_json::value::RawValue, max: usize) -> Result<Vec<TaskSp
         (status = 409, description = "A task id already exists", body = ErrorBody),
         (status = 413, description = "Larger than the body limit", body = ErrorBody),
         (status = 415, description = "Not sent as `application/json`", body = ErrorBody),
-        (status = 503, description = "The data directory is out of space (`out_of_space`, with Retry-After): nothing new is taken until there is room", body = ErrorBody),
+        (status = 503, description = "The data directory is out of space (`out_of_space`, with Retry-After): nothing new is taken until there is room; or busy (`busy`, with Retry-After): every turn for submissions (4 at once) was held for half the handshake deadline", body = ErrorBody),
         (status = 422, description = "Not a spec (`bad_request`; the message starts with the field at fault, e.g. `tasks[2].kind: invalid type: ...`), an invalid spec (a config its built-in executor would refuse among them), or too many in one request (`invalid`)", body = ErrorBody),
     )
 )]
-pub async fn submit(
-    State(app): State<Arc<AppState>>,
-    body: Result<Json<Box<serde_json::value::RawValue>>, JsonRejection>,
-) -> Response {
+pub async fn submit(State(app): State<Arc<AppState>>, request: axum::extract::Request) -> Response {
+    // The turn is taken before the body is read: one waiting holds its connection, not memory.
+    let _turn = match turn_or_busy(
+        &app,
+        &app.submits,
+        SUBMITS_AT_ONCE,
+        "submissions are being read",
+    )
+    .await
+    {
+        Ok(turn) => turn,
+        Err(instead) => return instead,
+    };
+    let body =
+        <Json<Box<serde_json::value::RawValue>> as axum::extract::FromRequest<()>>::from_request(
+            request,
+            &(),
+        )
+        .await;
     let specs = match body
         .map_err(SubmitError::from)
         .and_then(|Json(raw)| specs_of(&raw, app.cfg.max_submit_batch))
@@ -1003,6 +1050,7 @@ mod tests {
             history: Arc::new(crate::dashboard::History::new(Duration::from_secs(1))),
             stop: tokio_util::sync::CancellationToken::new(),
             heavy: Arc::new(tokio::sync::Semaphore::new(HEAVY_AT_ONCE)),
+            submits: Arc::new(tokio::sync::Semaphore::new(SUBMITS_AT_ONCE)),
             paces: crate::ws::Paces::default(),
         };
         (Arc::new(app), asked)

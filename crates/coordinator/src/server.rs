@@ -36,6 +36,8 @@ pub struct AppState {
     pub stop: CancellationToken,
     /// Turns for answers that may run to many megabytes ([`crate::http::HEAVY_AT_ONCE`]).
     pub heavy: Arc<tokio::sync::Semaphore>,
+    /// Turns for reading and parsing submissions ([`crate::http::SUBMITS_AT_ONCE`]).
+    pub submits: Arc<tokio::sync::Semaphore>,
     /// The message and byte rates of workers between sessions.
     pub paces: crate::ws::Paces,
 }
@@ -118,6 +120,7 @@ pub async fn run_with(
         history: Arc::new(History::new(cfg.history_interval)),
         stop: stop.clone(),
         heavy: Arc::new(tokio::sync::Semaphore::new(crate::http::HEAVY_AT_ONCE)),
+        submits: Arc::new(tokio::sync::Semaphore::new(crate::http::SUBMITS_AT_ONCE)),
         paces: crate::ws::Paces::default(),
     });
     let disk = tokio::spawn(crate::disk::watch(cfg.data_dir.clone(), stop.clone()));
