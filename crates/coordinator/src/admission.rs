@@ -256,6 +256,7 @@ impl axum::serve::Listener for Admission {
                 open: self.open.clone(),
                 deadline: Some(Box::pin(tokio::time::sleep(self.limits.handshake_timeout))),
                 awaiting_answer: true,
+                head: Head::Waiting,
                 moved: Instant::now(),
                 handshake_timeout: self.limits.handshake_timeout,
                 http_idle: self.limits.http_idle,
@@ -489,6 +490,8 @@ pub struct Guarded {
     deadline: Option<Pin<Box<Sleep>>>,
     /// A request is being read and its answer has not begun.
     awaiting_answer: bool,
+    /// How far that request has come (see [`Head`]).
+    head: Head,
     /// When the answer last moved a byte (while not `awaiting_answer`).
     moved: Instant,
     handshake_timeout: Duration,
@@ -559,7 +562,73 @@ macro_rules! ready_or_return {
     };
 }
 
+/// How far the request being read has come, read off its bytes as they pass: nothing yet, its
+/// head (up to the blank line that ends it) begun, or its head whole. A request cut at its
+/// deadline with its head unfinished was the client's to finish: it is answered `408` before
+/// the connection closes. Past the head the coordinator cannot tell a slow body from a slow
+/// answer, and a connection on which nothing was sent may be a browser's preconnection, which
+/// would take a `408` written into it for the answer to its next request: those are closed
+/// without a word, as every deadline's connection was before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Head {
+    Waiting,
+    /// Line feeds seen in a row at the end of what was read, carriage returns aside.
+    Reading(u8),
+    Whole,
+}
+
+impl Head {
+    /// The state once `bytes` more of the request were read.
+    fn after(self, bytes: &[u8]) -> Head {
+        let mut feeds = match self {
+            Head::Whole => return Head::Whole,
+            Head::Waiting => 0,
+            Head::Reading(feeds) => feeds,
+        };
+        for &b in bytes {
+            match b {
+                b'\n' if feeds == 1 => return Head::Whole,
+                b'\n' => feeds = 1,
+                b'\r' => {}
+                _ => feeds = 0,
+            }
+        }
+        Head::Reading(feeds)
+    }
+}
+
+/// The answer to a request whose head was not whole by its deadline, closing the connection.
+fn request_timeout_answer(deadline: Duration) -> Vec<u8> {
+    let body = format!(
+        "{{\"error\":{{\"code\":\"request_timeout\",\"message\":\"the request's head was not complete within {} s (the handshake deadline)\"}}}}",
+        deadline.as_secs_f64()
+    );
+    format!(
+        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
 impl Guarded {
+    /// Writes [`request_timeout_answer`] as far as the socket takes it now (a connection that
+    /// has written nothing has room for it), over TLS when the connection has it.
+    fn answer_request_timeout(&mut self, cx: &mut Context<'_>) {
+        // Once: the error that follows ends the connection, however often it is polled.
+        self.head = Head::Whole;
+        if !matches!(self.tcp, Stream::Plain(_) | Stream::Tls(_)) {
+            return;
+        }
+        let answer = request_timeout_answer(self.handshake_timeout);
+        let mut io = self.tcp.io();
+        if let Poll::Ready(Ok(n)) = io.as_mut().poll_write(cx, &answer) {
+            if n < answer.len() {
+                tracing::debug!(written = n, "a 408 answer was cut short");
+            }
+            let _ = io.as_mut().poll_flush(cx);
+        }
+    }
+
     /// The error that closes the connection when its deadline passed (see [`Guarded`]); polls
     /// the deadline so that this task wakes when it does.
     fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
@@ -575,6 +644,9 @@ impl Guarded {
                 self.counters
                     .slow_handshakes
                     .fetch_add(1, Ordering::Relaxed);
+                if matches!(self.head, Head::Reading(_)) {
+                    self.answer_request_timeout(cx);
+                }
                 return Some(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "request not complete by the handshake deadline",
@@ -627,9 +699,13 @@ impl AsyncRead for Guarded {
         if n > 0 && !this.awaiting_answer && this.deadline.is_some() {
             // The next request: its answer must begin within the handshake deadline.
             this.awaiting_answer = true;
+            this.head = Head::Waiting;
             if let Some(d) = this.deadline.as_mut() {
                 d.as_mut().reset(Instant::now() + this.handshake_timeout);
             }
+        }
+        if n > 0 && this.awaiting_answer && this.head != Head::Whole && this.deadline.is_some() {
+            this.head = this.head.after(&buf.filled()[before..]);
         }
         let count = match n {
             0 => Count::Within,
@@ -706,6 +782,70 @@ impl AsyncWrite for Guarded {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_head_is_whole_at_its_blank_line_however_the_bytes_are_cut() {
+        let head = b"POST /api/v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n{\"a\": 1}";
+        let end = head.windows(4).position(|w| w == b"\r\n\r\n").expect("end") + 4;
+        // Read in pieces of every size, the head is whole exactly when its last byte is read.
+        for piece in 1..=head.len() {
+            let mut state = Head::Waiting;
+            let mut read = 0;
+            for chunk in head.chunks(piece) {
+                let was_whole = state == Head::Whole;
+                state = state.after(chunk);
+                read += chunk.len();
+                if !was_whole {
+                    assert_eq!(
+                        state == Head::Whole,
+                        read >= end,
+                        "pieces of {piece}, {read} read"
+                    );
+                }
+            }
+        }
+        // Bare line feeds end it too (as the parser allows); a lone return or a dribble of
+        // header lines does not.
+        assert_eq!(
+            Head::Waiting.after(b"GET / HTTP/1.1\nHost: x\n\n"),
+            Head::Whole
+        );
+        assert_eq!(
+            Head::Waiting.after(b"GET / HTTP/1.1\r\n\r"),
+            Head::Reading(1)
+        );
+        let mut dribble = Head::Waiting.after(b"GET / HTTP/1.1\r\n");
+        for n in 0..100 {
+            dribble = dribble.after(format!("X-Slow-{n}: 1\r\n").as_bytes());
+            assert_eq!(dribble, Head::Reading(1));
+        }
+        assert_eq!(Head::Waiting.after(b""), Head::Reading(0));
+    }
+
+    #[test]
+    fn the_408_answer_is_one_whole_http_response_that_closes() {
+        let answer =
+            String::from_utf8(request_timeout_answer(Duration::from_millis(2500))).expect("utf-8");
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a head");
+        assert!(
+            head.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("connection: close"), "{head}");
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        let v: serde_json::Value = serde_json::from_str(body).expect("JSON");
+        assert_eq!(v["error"]["code"], "request_timeout");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .expect("text")
+                .contains("2.5 s"),
+            "{v}"
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_bucket_allows_its_burst_then_its_rate() {
