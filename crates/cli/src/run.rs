@@ -159,12 +159,24 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         tracing::info!(wait_us = wait.as_micros() as u64, "idle coalescing on");
     }
     match &cfg.auth {
-        Some(auth) => tracing::info!(
-            fleet_secret = auth.fleet.is_some(),
-            secrets_dir = ?auth.dir,
-            message_mac = auth.message_mac,
-            "workers must authenticate"
-        ),
+        Some(auth) => {
+            tracing::info!(
+                fleet_secret = auth.fleet.is_some(),
+                secrets_dir = ?auth.dir,
+                message_mac = auth.message_mac,
+                "workers must authenticate"
+            );
+            match auth.unread_secret_files() {
+                Ok(unread) => {
+                    for u in unread {
+                        tracing::warn!(file = ?u.name, why = %u.why, "a file in the secrets directory that no worker's registration reads");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(dir = ?auth.dir, error = %e, "the secrets directory cannot be listed; each registration reads its worker's file there")
+                }
+            }
+        }
         None => tracing::warn!(
             "worker authentication is off: any client can register under any worker id \
              (give --secret-file or --secrets-dir)"

@@ -77,6 +77,57 @@ impl WorkerAuth {
     }
 }
 
+/// An entry of the secrets directory that no registration will ever read, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreadSecret {
+    pub name: String,
+    pub why: String,
+}
+
+impl WorkerAuth {
+    /// The entries of the secrets directory that no worker's registration will read: names
+    /// that are not worker ids (`worker 1`, `worker-1#`, a name that is not UTF-8), and entries that are
+    /// not files. Hidden files (a leading `.`) are never read either, by design, and are not
+    /// listed. A snapshot: the directory is read again at each registration, so a file added
+    /// later is found then.
+    pub fn unread_secret_files(&self) -> std::io::Result<Vec<UnreadSecret>> {
+        let Some(dir) = &self.dir else {
+            return Ok(Vec::new());
+        };
+        let mut unread = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(text) = name.to_str() else {
+                unread.push(UnreadSecret {
+                    name: name.to_string_lossy().into_owned(),
+                    why: "the name is not UTF-8, so it names no worker id".into(),
+                });
+                continue;
+            };
+            if text.starts_with('.') {
+                continue;
+            }
+            if let Err(e) = WorkerId::parse(text) {
+                unread.push(UnreadSecret {
+                    name: text.to_owned(),
+                    why: format!("the name is not a worker id ({e})"),
+                });
+                continue;
+            }
+            // Followed, as the read at registration follows it.
+            if !std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
+                unread.push(UnreadSecret {
+                    name: text.to_owned(),
+                    why: "not a file (or a link to none): the worker named so is refused".into(),
+                });
+            }
+        }
+        unread.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(unread)
+    }
+}
+
 /// What an API token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Scope {
@@ -343,6 +394,45 @@ fn bearer_token(value: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn secret_files_no_registration_reads_are_listed_and_read_ones_are_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = b"a-secret-of-enough-length-0123456789";
+        for name in ["w1", "worker 2", "w3#", "w5~", ".gitkeep"] {
+            std::fs::write(dir.path().join(name), secret).expect("write");
+        }
+        std::fs::create_dir(dir.path().join("w4")).expect("mkdir");
+        let auth = WorkerAuth {
+            fleet: None,
+            dir: Some(dir.path().to_owned()),
+            max_skew: tether_proto::auth::DEFAULT_MAX_SKEW,
+            message_mac: false,
+        };
+        let unread = auth.unread_secret_files().expect("listed");
+        let names: Vec<&str> = unread.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["w3#", "w4", "worker 2"], "{unread:?}");
+        assert!(unread[0].why.contains("not a worker id"), "{unread:?}");
+        assert!(unread[1].why.contains("not a file"), "{unread:?}");
+        // What is listed is what a registration cannot use, and the rest it can.
+        let id = |s: &str| WorkerId::parse(s).expect("id");
+        assert!(auth.secret_for(&id("w1")).await.expect("read").is_some());
+        assert!(auth.secret_for(&id("w5~")).await.expect("read").is_some());
+        assert!(auth.secret_for(&id("w4")).await.is_err());
+        assert!(WorkerId::parse("worker 2").is_err());
+        // No directory, nothing to list; a directory that cannot be read is an error.
+        assert!(
+            WorkerAuth::fleet(Secret::new(secret).expect("secret"))
+                .unread_secret_files()
+                .expect("none")
+                .is_empty()
+        );
+        let gone = WorkerAuth {
+            dir: Some(dir.path().join("missing")),
+            ..auth
+        };
+        assert!(gone.unread_secret_files().is_err());
+    }
 
     #[test]
     fn the_bearer_scheme_is_read_in_any_case_and_nothing_else_is_a_token() {
