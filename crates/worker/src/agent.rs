@@ -245,6 +245,9 @@ pub struct Agent {
     pub(crate) events: Option<EventLog>,
     /// Whether "the coordinator does not ask to authenticate" was logged already.
     pub(crate) warned_unauthenticated: bool,
+    /// The odd values of a `registration_ack` last warned about ([`crate::session`]): the
+    /// same again, from every session of a coordinator so set up, is not warned again.
+    pub(crate) warned_ack: Vec<String>,
     /// The pace of what the outbox sends, below the coordinator's message and byte rates; kept
     /// across sessions, as the coordinator keeps its counts ([`crate::pace`]).
     pub(crate) pace: Option<crate::pace::Pace>,
@@ -519,6 +522,7 @@ impl Agent {
             ack_hook: None,
             events,
             warned_unauthenticated: false,
+            warned_ack: Vec::new(),
             pace: None,
             cfg,
         })

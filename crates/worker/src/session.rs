@@ -16,7 +16,8 @@ use tether_proto::integrity::{
 };
 use tether_proto::msg::{
     Batching, CheckpointError, CoordMsg, ErrorCode, ErrorMsg, Heartbeat, HeartbeatAction,
-    Inventory, PROTOCOL_VERSION, Registration, StopNotice, Telemetry, WorkerMsg, now,
+    Inventory, PROTOCOL_VERSION, Registration, RegistrationAck, StopNotice, Telemetry, WorkerMsg,
+    now,
 };
 use tether_proto::settings::MIN_FRAME;
 use tether_proto::{Batch, CheckpointId, DecodeError, TaskId, decode_coord, encode, is_batch};
@@ -763,6 +764,13 @@ impl<'a> Session<'a> {
                 Inbound::Closed(r, code) => return Err(self.closed_end(r, code)),
             }
         };
+        let odd = odd_in_ack(&ack);
+        if odd != self.agent.warned_ack {
+            for what in &odd {
+                tracing::warn!(worker = %self.worker(), "the coordinator's registration_ack: {what}");
+            }
+            self.agent.warned_ack = odd;
+        }
         self.zstd = self.agent.cfg.compression && ack.compression.as_deref() == Some(ZSTD);
         self.batching = ack.batching.filter(|_| self.agent.cfg.batching);
         self.agent.runner.apply_directives(&ack.directives);
@@ -1671,6 +1679,61 @@ fn fit_active_tasks(tasks: &mut Vec<tether_proto::task::TaskRef>, limit: usize) 
     cut
 }
 
+/// Below this many messages a second a coordinator's rate holds back a worker's heartbeats
+/// and results, not only its floods: warned about, then followed.
+const SLOW_MESSAGE_RATE: f64 = 1.0;
+/// Below this many bytes a second, likewise (a registration alone is about 1 KiB).
+const SLOW_BYTE_RATE: f64 = 1024.0;
+
+/// What is odd in a coordinator's `registration_ack`, each said as what the worker does with
+/// it: a limit it cannot follow as given (raised, or ignored), or one that will starve it. A
+/// coordinator's values are never refused (they are its own limits, which it enforces); these
+/// are warned about once, so that a misconfigured coordinator is found from the worker's log.
+fn odd_in_ack(ack: &RegistrationAck) -> Vec<String> {
+    let mut odd = Vec::new();
+    if let Some(n) = ack.max_frame.filter(|&n| n < MIN_FRAME as u64) {
+        odd.push(format!(
+            "max_frame {n} bytes is under the least any frame needs ({MIN_FRAME}); frames of up to {MIN_FRAME} bytes are sent, which it may refuse"
+        ));
+    }
+    if ack.max_checkpoint == Some(0) {
+        odd.push(
+            "max_checkpoint 0: it keeps no checkpoint, so none is uploaded and a task moved to another worker restarts from the beginning".into(),
+        );
+    }
+    for (name, rate, slow, unit) in [
+        (
+            "message_rate",
+            ack.message_rate,
+            SLOW_MESSAGE_RATE,
+            "messages",
+        ),
+        ("byte_rate", ack.byte_rate, SLOW_BYTE_RATE, "bytes"),
+    ] {
+        let Some(r) = rate else { continue };
+        if !(r.per_sec.is_finite() && r.per_sec > 0.0) {
+            odd.push(format!(
+                "{name} of {} {unit} a second is no rate; it is ignored (this worker is not paced by it)",
+                r.per_sec
+            ));
+        } else if r.per_sec < slow {
+            odd.push(format!(
+                "{name} of {} {unit} a second is under {slow}: heartbeats and results wait for it, and the coordinator may take this worker for lost",
+                r.per_sec
+            ));
+        }
+    }
+    if let Some(b) = ack.batching
+        && (b.max_messages < 2 || b.max_bytes < MIN_FRAME as u64)
+    {
+        odd.push(format!(
+            "batching of at most {} messages in {} bytes leaves little to batch; frames go one message at a time",
+            b.max_messages, b.max_bytes
+        ));
+    }
+    odd
+}
+
 /// The largest frame the coordinator takes: what its `registration_ack` announced, else
 /// `own` (as before any coordinator said), never under [`MIN_FRAME`] (a coordinator refuses
 /// a worker's smaller limit, and every message of the outbox can be made to fit in it).
@@ -1702,6 +1765,110 @@ fn count_out(msg: &WorkerMsg) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn odd_values_of_a_registration_ack_are_each_named_and_usual_ones_are_not() {
+        use tether_proto::msg::Rate;
+        let usual = RegistrationAck {
+            worker_id: tether_proto::WorkerId::parse("w").expect("id"),
+            session_id: 1,
+            directives: Vec::new(),
+            compression: None,
+            batching: Some(Batching {
+                max_messages: 64,
+                max_bytes: 256 * 1024,
+            }),
+            compact_acks: true,
+            max_frame: Some(1 << 20),
+            max_checkpoint: Some(64 << 20),
+            message_rate: Some(Rate {
+                per_sec: 500.0,
+                burst: 1000,
+            }),
+            byte_rate: Some(Rate {
+                per_sec: 4e6,
+                burst: 8_000_000,
+            }),
+            timestamp: now(),
+        };
+        assert!(odd_in_ack(&usual).is_empty(), "{:?}", odd_in_ack(&usual));
+        // Absent limits are not odd: the coordinator says none.
+        let silent = RegistrationAck {
+            batching: None,
+            max_frame: None,
+            max_checkpoint: None,
+            message_rate: None,
+            byte_rate: None,
+            ..usual.clone()
+        };
+        assert!(odd_in_ack(&silent).is_empty());
+        let rate = |per_sec| Some(Rate { per_sec, burst: 1 });
+        for (ack, said) in [
+            (
+                RegistrationAck {
+                    max_frame: Some(10),
+                    ..usual.clone()
+                },
+                "max_frame 10 bytes",
+            ),
+            (
+                RegistrationAck {
+                    max_checkpoint: Some(0),
+                    ..usual.clone()
+                },
+                "max_checkpoint 0",
+            ),
+            (
+                RegistrationAck {
+                    message_rate: rate(f64::NAN),
+                    ..usual.clone()
+                },
+                "message_rate of NaN messages a second is no rate",
+            ),
+            (
+                RegistrationAck {
+                    message_rate: rate(-3.0),
+                    ..usual.clone()
+                },
+                "is ignored",
+            ),
+            (
+                RegistrationAck {
+                    message_rate: rate(0.1),
+                    ..usual.clone()
+                },
+                "message_rate of 0.1 messages a second is under 1",
+            ),
+            (
+                RegistrationAck {
+                    byte_rate: rate(0.0),
+                    ..usual.clone()
+                },
+                "byte_rate of 0 bytes a second is no rate",
+            ),
+            (
+                RegistrationAck {
+                    byte_rate: rate(100.0),
+                    ..usual.clone()
+                },
+                "byte_rate of 100 bytes a second is under 1024",
+            ),
+            (
+                RegistrationAck {
+                    batching: Some(Batching {
+                        max_messages: 1,
+                        max_bytes: 1 << 20,
+                    }),
+                    ..usual.clone()
+                },
+                "batching of at most 1 messages",
+            ),
+        ] {
+            let odd = odd_in_ack(&ack);
+            assert_eq!(odd.len(), 1, "{odd:?}");
+            assert!(odd[0].contains(said), "{odd:?} should say {said:?}");
+        }
+    }
 
     #[test]
     fn duties_fall_due_each_on_its_own_period_and_a_late_one_is_not_repeated() {
