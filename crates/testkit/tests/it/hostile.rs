@@ -640,12 +640,19 @@ async fn slow_loris_upgrades_are_cut_at_the_handshake_deadline_and_honest_worker
             }
         });
         let cut = tokio::spawn(async move {
-            let mut buf = [0u8; 64];
-            // EOF or reset, with no response byte.
-            matches!(
-                tokio::time::timeout(DEADLINE, rd.read(&mut buf)).await,
-                Ok(Ok(0) | Err(_))
-            )
+            // A 408 for the head it never finished, then EOF (or a reset).
+            let mut answer = Vec::new();
+            let mut buf = [0u8; 512];
+            tokio::time::timeout(DEADLINE, async {
+                loop {
+                    match rd.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => answer.extend_from_slice(&buf[..n]),
+                    }
+                }
+            })
+            .await
+            .map(|()| String::from_utf8_lossy(&answer).into_owned())
         });
         loris.push((dribble, cut));
     }
@@ -653,9 +660,30 @@ async fn slow_loris_upgrades_are_cut_at_the_handshake_deadline_and_honest_worker
     let honest = connected_honest_worker(&c).await;
     honest_work_completes(&c.client(), 2).await;
     for (dribble, cut) in loris {
-        assert!(cut.await.expect("reader"), "a slow connection was not cut");
+        let answer = cut
+            .await
+            .expect("reader")
+            .expect("a slow connection was not cut");
+        assert!(
+            answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "{answer:?}"
+        );
+        assert!(
+            answer.contains("\"code\":\"request_timeout\""),
+            "{answer:?}"
+        );
         dribble.abort();
     }
+    // A connection that sent nothing (a browser's preconnection, say) is closed without a word:
+    // a 408 written into it would be read as the answer to its next request.
+    let mut silent = tokio::net::TcpStream::connect(c.addr)
+        .await
+        .expect("connect");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(DEADLINE, silent.read(&mut buf))
+        .await
+        .expect("closed at the deadline");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     let o = c.client().overview().await;
     assert!(counter(&o, "slow_handshakes") >= 10, "{o}");
     honest.stop().await.expect("clean stop");
@@ -733,12 +761,21 @@ async fn an_http_connection_answered_once_is_closed_when_idle_or_dribbling_the_n
         closed(&mut idle).await,
         "the idle connection was not closed"
     );
+    // The dribbler is told its request's head was not whole in time, then cut.
+    let mut answer = Vec::new();
     let mut buf = [0u8; 1024];
-    let cut = tokio::time::timeout(DEADLINE, rd.read(&mut buf)).await;
-    assert!(
-        matches!(cut, Ok(Ok(0) | Err(_))),
-        "the dribbler was not cut: {cut:?}"
-    );
+    let cut = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(cut.is_ok(), "the dribbler was not cut");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer:?}");
     dribble.abort();
 
     // The worker stayed on its one session, and works.
@@ -1375,6 +1412,82 @@ async fn another_sites_page_cannot_command_a_tokenless_coordinator_and_its_own_o
     assert_eq!(raw_status(c.addr, &cancel(&own)).await, 200);
     assert_eq!(client.task(&id).await["status"], "cancelled");
     c.stop().await;
+}
+
+/// Submissions are read and parsed a few at a time: clients posting at once hold turns, not
+/// each up to `max_body` of memory; one that finds every turn held past half the handshake
+/// deadline is told the coordinator is busy, and turns come back when their holders go (here,
+/// cut at the handshake deadline with a body never finished).
+#[tokio::test]
+async fn submissions_take_turns_and_one_past_them_is_told_busy_not_held_or_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.limits.handshake_timeout = Duration::from_secs(2);
+    let c = spawn_coordinator_with(cfg, None).await;
+    let host = c.addr.to_string();
+    // Each sends its head and the start of a 1 MB body, then nothing more.
+    let mut held = Vec::new();
+    for _ in 0..tether_coordinator::http::SUBMITS_AT_ONCE {
+        let mut s = tokio::net::TcpStream::connect(c.addr)
+            .await
+            .expect("connect");
+        let start = format!(
+            "POST /api/v1/tasks HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+             Content-Length: 1000000\r\n\r\n{{\"tasks\": ["
+        );
+        s.write_all(start.as_bytes()).await.expect("write");
+        held.push(s);
+    }
+    // Their handlers have taken their turns (a request is read as soon as it arrives).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let spec = serde_json::to_string(&sleep_task(10, 1, 0)).expect("spec");
+    let submit = format!(
+        "POST /api/v1/tasks HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{spec}",
+        spec.len()
+    );
+    let waited = std::time::Instant::now();
+    let busy = raw_answer(c.addr, &submit).await;
+    assert!(busy.starts_with("HTTP/1.1 503"), "{busy}");
+    assert!(
+        busy.to_ascii_lowercase().contains("retry-after: 1"),
+        "{busy}"
+    );
+    assert!(busy.contains("\"code\":\"busy\""), "{busy}");
+    assert!(
+        waited.elapsed() >= Duration::from_millis(900),
+        "it waited half the handshake deadline for a turn: {:?}",
+        waited.elapsed()
+    );
+    // Reads are not held up, and nothing was taken.
+    let o = c.client().overview().await;
+    assert_eq!(o["tasks"]["queued"], 0, "{o}");
+    // The holders are cut at their deadline (their heads were whole: no 408, a plain close)...
+    for mut s in held {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "a holder was not cut");
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    }
+    // ...and their turns come back.
+    let accepted = raw_answer(c.addr, &submit).await;
+    assert!(accepted.starts_with("HTTP/1.1 201"), "{accepted}");
+    assert_eq!(c.client().overview().await["tasks"]["queued"], 1);
+    c.stop().await;
+}
+
+/// The whole answer to `request` on a connection of its own (closed after it).
+async fn raw_answer(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut answer))
+        .await
+        .expect("answered within the deadline")
+        .expect("read");
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 #[tokio::test]
