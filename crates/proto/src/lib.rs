@@ -20,6 +20,8 @@ pub mod counters;
 pub mod endpoint;
 pub mod ids;
 pub mod integrity;
+#[cfg(feature = "lockfile")]
+pub mod lockfile;
 pub mod msg;
 pub mod samples;
 pub mod settings;

@@ -45,7 +45,6 @@
 //! warning if `worker.db` says there was one; a `-wal` and `-shm` it left are removed first.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -786,51 +785,29 @@ fn class_from(v: i64) -> Option<Class> {
         .find(|c| *c as i64 == v)
 }
 
-/// The lock: an exclusive `flock` on the lock file, which the kernel releases when the process
-/// dies, so a lock is never stale and two processes can never both take it. The file holds
-/// "<pid> <start time>" of the holder, for the error message; it is never removed (removing it
-/// would let a second process lock a new file while the first still holds the old one). The
-/// coordinator locks its data directory the same way (`tether_coordinator::store::lock`).
+/// The lock ([`tether_proto::lockfile`], as the coordinator locks its data directory): the file
+/// holds "<pid> <start time>" of the holder, for the error message.
 #[derive(Debug)]
 pub(crate) struct LockFile {
-    _flock: nix::fcntl::Flock<std::fs::File>,
+    _lock: tether_proto::lockfile::FileLock,
 }
 
 impl LockFile {
     /// Locks `dir` for this process; refused ([`StateDirError::Locked`]) while a live process
     /// holds it. The agent's scratch directories are locked the same way.
     pub(crate) fn acquire(dir: &Path) -> Result<Self, StateDirError> {
-        use nix::fcntl::{Flock, FlockArg};
+        use tether_proto::lockfile::LockError;
         let path = dir.join(LOCK_FILE);
-        let io = |source| StateDirError::Io {
-            path: path.clone(),
-            source,
-        };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io)?;
-        let mut flock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => l,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                let held = std::fs::read_to_string(&path).unwrap_or_default();
-                return Err(StateDirError::Locked {
-                    dir: dir.to_owned(),
-                    pid: held_by(&held).unwrap_or(0),
-                });
-            }
-            Err((_, errno)) => return Err(io(std::io::Error::from(errno))),
-        };
         let pid = std::process::id();
         let stamp = format!("{pid} {}", start_time(pid).unwrap_or_default());
-        flock
-            .set_len(0)
-            .and_then(|_| flock.write_all(stamp.as_bytes()))
-            .map_err(io)?;
-        Ok(Self { _flock: flock })
+        match tether_proto::lockfile::lock(&path, &stamp) {
+            Ok(lock) => Ok(Self { _lock: lock }),
+            Err(LockError::Held { stamp }) => Err(StateDirError::Locked {
+                dir: dir.to_owned(),
+                pid: held_by(&stamp).unwrap_or(0),
+            }),
+            Err(LockError::Io(source)) => Err(StateDirError::Io { path, source }),
+        }
     }
 }
 
