@@ -360,25 +360,43 @@ impl Report {
                 let _ = writeln!(s, "- {e}");
             }
         }
-        match (c.temporary, self.verdict.pass) {
-            (true, true) => {
-                let _ = writeln!(
-                    s,
-                    "\nLogs and state: removed with the run's temporary directory, as the run passed \
-                     (`--work-dir DIR` keeps them)."
-                );
-            }
-            _ => {
-                let _ = writeln!(s, "\nLogs and state: `{}`", c.work_dir.display());
-            }
-        }
+        let _ = writeln!(
+            s,
+            "\n{}",
+            where_logs_are(c.temporary, self.verdict.pass, &c.work_dir)
+        );
         s
+    }
+}
+
+/// The report's last line: where the run's logs and state are, which is nowhere once a
+/// passing run's temporary directory was removed (`e2e::run` keeps it when the run fails).
+fn where_logs_are(temporary: bool, passed: bool, work_dir: &std::path::Path) -> String {
+    if temporary && passed {
+        "Logs and state: removed with the run's temporary directory, as the run passed \
+         (`--work-dir DIR` keeps them)."
+            .to_owned()
+    } else {
+        format!("Logs and state: `{}`", work_dir.display())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_report_names_the_work_directory_unless_a_passing_run_removed_it() {
+        let dir = std::path::Path::new("/tmp/e2e-x");
+        assert!(where_logs_are(true, true, dir).contains("removed"));
+        // A failed run keeps its temporary directory, and a directory given is never removed.
+        for (temporary, passed) in [(true, false), (false, true), (false, false)] {
+            assert_eq!(
+                where_logs_are(temporary, passed, dir),
+                "Logs and state: `/tmp/e2e-x`"
+            );
+        }
+    }
 
     #[test]
     fn figures_use_the_nearest_rank() {
