@@ -341,8 +341,8 @@ impl Api {
     }
 
     /// `call`, asked again while the coordinator answers busy (`503`): it gives that answer
-    /// before doing anything (a control waits for its turn before it acts), so asking again
-    /// never does a thing twice.
+    /// before doing anything (a control waits for its turn before it acts, a submission for
+    /// its turn before its body is read), so asking again never does a thing twice.
     async fn call_unless_busy(
         &self,
         method: reqwest::Method,
