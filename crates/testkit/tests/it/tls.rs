@@ -54,6 +54,10 @@ struct TlsCoordinator {
 
 impl TlsCoordinator {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(tune: impl FnOnce(&mut tether_coordinator::CoordinatorConfig)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = tempfile::tempdir().expect("certs");
         let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
@@ -63,6 +67,7 @@ impl TlsCoordinator {
         std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
         let mut cfg = fast_coordinator_config(dir.path().to_owned());
         cfg.tls = Some(tether_coordinator::tls::server_config(&cert, &key).expect("server TLS"));
+        tune(&mut cfg);
         let c = spawn_coordinator_with(cfg, None).await;
         Self {
             c,
@@ -70,6 +75,39 @@ impl TlsCoordinator {
             _dirs: (dir, certs),
         }
     }
+}
+
+/// A request whose head is not whole by the handshake deadline is answered 408 over TLS too:
+/// the answer goes through the connection's TLS session, not around it.
+#[tokio::test]
+async fn a_request_head_left_unfinished_over_tls_is_answered_408_in_the_tls_session() {
+    let TlsCoordinator { c, cert, _dirs } = TlsCoordinator::start_with(|cfg| {
+        cfg.limits.handshake_timeout = std::time::Duration::from_millis(500);
+    })
+    .await;
+    let tls = tether_worker::connector::tls_client_config(Some(&cert)).expect("client config");
+    let tcp = tokio::net::TcpStream::connect(c.addr)
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut s = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .expect("write");
+    s.flush().await.expect("flush");
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, s.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "not cut at the deadline");
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{text:?}"
+    );
+    assert!(text.contains("\"code\":\"request_timeout\""), "{text:?}");
+    c.stop().await;
 }
 
 #[tokio::test]
