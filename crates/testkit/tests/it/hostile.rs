@@ -1439,16 +1439,25 @@ async fn submissions_take_turns_and_one_past_them_is_told_busy_not_held_or_cut()
         s.write_all(start.as_bytes()).await.expect("write");
         held.push(s);
     }
-    // Their handlers have taken their turns (a request is read as soon as it arrives).
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let spec = serde_json::to_string(&sleep_task(10, 1, 0)).expect("spec");
-    let submit = format!(
+    // Until their handlers have all taken their turns, a submission that is no spec gets one
+    // and is answered 422 at once (storing nothing); then it waits half the handshake
+    // deadline for a turn, and is told the coordinator is busy: whatever its body, none is
+    // read without a turn.
+    let not_a_spec = format!(
         "POST /api/v1/tasks HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{spec}",
-        spec.len()
+         Content-Length: 12\r\nConnection: close\r\n\r\n{{\"tasks\": 5}}"
     );
-    let waited = std::time::Instant::now();
-    let busy = raw_answer(c.addr, &submit).await;
+    let mut tries = 0;
+    let (busy, waited) = loop {
+        let asked = std::time::Instant::now();
+        let answer = raw_answer(c.addr, &not_a_spec).await;
+        if !answer.starts_with("HTTP/1.1 422") {
+            break (answer, asked.elapsed());
+        }
+        tries += 1;
+        assert!(tries < 50, "the holders never held every turn");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(busy.starts_with("HTTP/1.1 503"), "{busy}");
     assert!(
         busy.to_ascii_lowercase().contains("retry-after: 1"),
@@ -1456,9 +1465,8 @@ async fn submissions_take_turns_and_one_past_them_is_told_busy_not_held_or_cut()
     );
     assert!(busy.contains("\"code\":\"busy\""), "{busy}");
     assert!(
-        waited.elapsed() >= Duration::from_millis(900),
-        "it waited half the handshake deadline for a turn: {:?}",
-        waited.elapsed()
+        waited >= Duration::from_millis(900),
+        "it waited half the handshake deadline for a turn: {waited:?}"
     );
     // Reads are not held up, and nothing was taken.
     let o = c.client().overview().await;
@@ -1471,6 +1479,12 @@ async fn submissions_take_turns_and_one_past_them_is_told_busy_not_held_or_cut()
         assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
     }
     // ...and their turns come back.
+    let spec = serde_json::to_string(&sleep_task(10, 1, 0)).expect("spec");
+    let submit = format!(
+        "POST /api/v1/tasks HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{spec}",
+        spec.len()
+    );
     let accepted = raw_answer(c.addr, &submit).await;
     assert!(accepted.starts_with("HTTP/1.1 201"), "{accepted}");
     assert_eq!(c.client().overview().await["tasks"]["queued"], 1);
