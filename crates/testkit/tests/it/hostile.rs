@@ -639,21 +639,8 @@ async fn slow_loris_upgrades_are_cut_at_the_handshake_deadline_and_honest_worker
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
-        let cut = tokio::spawn(async move {
-            // A 408 for the head it never finished, then EOF (or a reset).
-            let mut answer = Vec::new();
-            let mut buf = [0u8; 512];
-            tokio::time::timeout(DEADLINE, async {
-                loop {
-                    match rd.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => answer.extend_from_slice(&buf[..n]),
-                    }
-                }
-            })
-            .await
-            .map(|()| String::from_utf8_lossy(&answer).into_owned())
-        });
+        // A 408 for the head it never finished, then EOF (or a reset).
+        let cut = tokio::spawn(async move { read_until_closed(&mut rd).await });
         loris.push((dribble, cut));
     }
     // Honest workers connect and work while the slow connections hang on.
@@ -762,19 +749,9 @@ async fn an_http_connection_answered_once_is_closed_when_idle_or_dribbling_the_n
         "the idle connection was not closed"
     );
     // The dribbler is told its request's head was not whole in time, then cut.
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 1024];
-    let cut = tokio::time::timeout(DEADLINE, async {
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(cut.is_ok(), "the dribbler was not cut");
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = read_until_closed(&mut rd)
+        .await
+        .expect("the dribbler was not cut");
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer:?}");
     dribble.abort();
 
@@ -1139,18 +1116,10 @@ async fn raw_request(
     method: &str,
     target: &str,
 ) -> (u16, String, serde_json::Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let head = format!(
+    let request = format!(
         "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
-    tcp.write_all(head.as_bytes()).await.expect("write");
-    let mut reply = Vec::new();
-    tokio::time::timeout(DEADLINE, tcp.read_to_end(&mut reply))
-        .await
-        .expect("a reply in time")
-        .expect("read");
-    let reply = String::from_utf8_lossy(&reply);
+    let reply = raw_answer(addr, &request).await;
     let (head, body) = reply.split_once("\r\n\r\n").expect("a head and a body");
     let status = head
         .split(' ')
@@ -1493,15 +1462,31 @@ async fn submissions_take_turns_and_one_past_them_is_told_busy_not_held_or_cut()
 
 /// The whole answer to `request` on a connection of its own (closed after it).
 async fn raw_answer(addr: std::net::SocketAddr, request: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     s.write_all(request.as_bytes()).await.expect("write");
-    let mut answer = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut answer))
+    read_until_closed(&mut s)
         .await
-        .expect("answered within the deadline")
-        .expect("read");
-    String::from_utf8_lossy(&answer).into_owned()
+        .expect("answered and closed within the deadline")
+}
+
+/// What `reader` receives until its peer closes it (EOF, or a reset), as text; `None` when it
+/// is still open after [`DEADLINE`].
+async fn read_until_closed(reader: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()?;
+    Some(String::from_utf8_lossy(&got).into_owned())
 }
 
 #[tokio::test]
