@@ -56,6 +56,27 @@ impl WorkerProcess {
         Self { child }
     }
 
+    /// The wardens of its tasks' processes (`tether-warden` shells, its children).
+    fn wardens(&self) -> Vec<u32> {
+        let me = self.child.id().to_string();
+        std::fs::read_dir("/proc")
+            .expect("/proc")
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let ppid = stat
+                    .rfind(')')
+                    .and_then(|i| stat[i + 1..].split_whitespace().nth(1));
+                ppid == Some(me.as_str())
+                    && cmdline
+                        .split(|b| *b == 0)
+                        .any(|arg| arg == b"tether-warden")
+            })
+            .collect()
+    }
+
     /// SIGKILL, and reap it.
     fn kill(mut self) {
         self.child.kill().expect("kill worker");
@@ -308,10 +329,20 @@ async fn a_command_left_running_by_a_killed_worker_is_killed_when_the_worker_res
             .ok()
     })
     .await;
+    // The warden would end them as soon as the worker dies: killed first (as the OOM killer or
+    // a kill of the whole tree would), the records are what is left.
+    let wardens = wait_for("the attempt's warden to start", LONG, || async {
+        Some(worker.wardens()).filter(|w| w.len() == 1)
+    })
+    .await;
+    for warden in wardens {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(warden).expect("pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill the warden");
+    }
     worker.kill();
     assert!(
         alive(pgid) && alive(escaped),
-        "SIGKILL of the worker leaves its command running"
+        "SIGKILL of the worker and its warden leaves its command running"
     );
 
     let worker = WorkerProcess::start(c.addr, &state_dir, &log);
@@ -343,6 +374,56 @@ async fn a_command_left_running_by_a_killed_worker_is_killed_when_the_worker_res
     })
     .await;
     worker.kill();
+    c.stop().await;
+}
+
+/// Without a state directory there is no record a next worker would read from the same place,
+/// and no next worker may come: the attempt's warden ends the group, and the process that left
+/// it, as soon as the worker is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_left_running_by_a_killed_worker_is_killed_by_its_warden_with_no_worker_started_again()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("worker.log");
+    let c = spawn_coordinator_with(coordinator_config(dir.path().join("coord")), None).await;
+    let client = c.client();
+    let worker = WorkerProcess::start_with(c.addr, None, &log);
+    let pids = dir.path().join("pids");
+    std::fs::create_dir_all(&pids).expect("mkdir");
+    // Deaf to SIGTERM, both: only the SIGKILL after the grace ends them.
+    let script = r#"trap '' TERM
+        setsid sh -c 'trap "" TERM; echo $$ > "$D/e.tmp"; mv "$D/e.tmp" "$D/escaped"; while :; do sleep 1; done' >/dev/null 2>&1 &
+        echo $$ > "$D/l.tmp"; mv "$D/l.tmp" "$D/leader"
+        while :; do sleep 1; done"#;
+    let id = client
+        .submit(&[tether_proto::TaskSpec::new(
+            "command",
+            serde_json::json!({"shell": script, "env": {"D": pids}}),
+        )])
+        .await
+        .remove(0);
+    client.wait_status(&id, "running").await;
+    let read_pid = |name: &'static str| {
+        let file = pids.join(name);
+        async move {
+            std::fs::read_to_string(&file)
+                .ok()?
+                .trim()
+                .parse::<u32>()
+                .ok()
+        }
+    };
+    let leader = wait_for("the leader to start", LONG, || read_pid("leader")).await;
+    let escaped = wait_for("the escaped process to start", LONG, || read_pid("escaped")).await;
+    wait_for("the attempt's warden to start", LONG, || async {
+        (worker.wardens().len() == 1).then_some(())
+    })
+    .await;
+    worker.kill();
+    wait_for("the warden to kill the command", LONG, || async {
+        (!alive(leader) && !alive(escaped)).then_some(())
+    })
+    .await;
     c.stop().await;
 }
 

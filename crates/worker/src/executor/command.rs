@@ -315,7 +315,8 @@ async fn run(
     if let Some(file) = &record {
         super::orphans::record(file, pgid, &procs.mark);
     }
-    let mut guard = GroupGuard::arm(procs.clone(), record.map(|file| (file, pgid)));
+    let warden = super::warden::Warden::watch(pgid, &procs.mark, kill_grace);
+    let mut guard = GroupGuard::arm(procs.clone(), record.map(|file| (file, pgid)), warden);
     tracing::debug!(task_id = %ctx.task_id(), attempt = %ctx.attempt(), pid = pgid.as_raw(), program = %plan.program, "command started");
 
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
@@ -888,18 +889,26 @@ pub fn kill_all_now() -> usize {
 /// Kills the process group if the execution is dropped before it ended the group itself, and
 /// removes the group's record (see [`super::orphans`]) once the group is gone, if the record is
 /// still this group's: a newer attempt of the task may have recorded its own in the same file.
+/// Either way it then releases the attempt's warden ([`super::warden`]), which only acts when
+/// the worker process dies before either happens.
 struct GroupGuard {
     procs: Option<TaskProcs>,
     record: Option<(PathBuf, Pid)>,
+    warden: Option<super::warden::Warden>,
 }
 
 impl GroupGuard {
     /// Guards the processes of a started attempt (and lists them for [`kill_all_now`]).
-    fn arm(procs: TaskProcs, record: Option<(PathBuf, Pid)>) -> Self {
+    fn arm(
+        procs: TaskProcs,
+        record: Option<(PathBuf, Pid)>,
+        warden: Option<super::warden::Warden>,
+    ) -> Self {
         live().insert(procs.pgid.as_raw(), procs.mark.clone());
         Self {
             procs: Some(procs),
             record,
+            warden,
         }
     }
 
@@ -907,6 +916,9 @@ impl GroupGuard {
     fn disarm(&mut self) {
         if let Some(procs) = self.procs.take() {
             live().remove(&procs.pgid.as_raw());
+        }
+        if let Some(warden) = self.warden.take() {
+            warden.release();
         }
     }
 }
@@ -921,6 +933,9 @@ impl Drop for GroupGuard {
         }
         if let Some((file, pgid)) = &self.record {
             super::orphans::forget(file, *pgid);
+        }
+        if let Some(warden) = self.warden.take() {
+            warden.release();
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod orphans;
 pub mod packing;
 pub(crate) mod procs;
 pub mod sleep;
+pub(crate) mod warden;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
