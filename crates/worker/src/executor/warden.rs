@@ -18,8 +18,9 @@
 //! terminal's Ctrl-C, do not reach it) and ignores SIGHUP, SIGINT and SIGQUIT; its environment
 //! is only `PATH` (it carries no mark, so no sweep of marks ends it). It is started through
 //! [`crate::reaper::spawn`], and `tokio` reaps it once it exits. It costs one small shell
-//! process per running `command` attempt; the sweep after a death costs one `tr` per process on
-//! the machine.
+//! process per running `command` attempt; the sweep after a death costs a `tr` per process on
+//! the machine whose environment the worker's user may read (measured: 0.64 s with 569
+//! processes, 500 of them the user's, while the test suite ran).
 //!
 //! A pid-reuse window remains: a worker killed after its group ended but before it wrote
 //! `done` leaves a warden that signals the group's id; that only reaches a process if a new
@@ -48,7 +49,7 @@ IFS= read -r said
 [ "$said" = done ] && exit 0
 pgid=$1 grace=$2 mark=$3
 carries() {
-  tr '\000' '\n' < "$1" 2>/dev/null | {
+  tr '\000' '\n' 2>/dev/null < "$1" | {
     while IFS= read -r v; do
       case $v in
         TETHER_TASK_MARK=*|TETHER_TASK_MARK_*=*) [ "${v#*=}" = "$mark" ] && exit 0 ;;
@@ -62,6 +63,7 @@ sweep() {
   kill -"$1" -"$pgid" 2>/dev/null && hit=0
   [ "$1" = TERM ] && kill -CONT -"$pgid" 2>/dev/null
   for e in /proc/[0-9]*/environ; do
+    [ -r "$e" ] || continue
     p=${e#/proc/}
     p=${p%/environ}
     if carries "$e" && kill -"$1" "$p" 2>/dev/null; then
