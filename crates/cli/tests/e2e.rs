@@ -159,6 +159,11 @@ fn a_short_e2e_run_with_every_disruption_passes_on_ground_truth() {
             Some("worker_kill" | "coordinator_kill") => {
                 let e = o["evidence"].as_str().unwrap_or_default();
                 assert_eq!(e, "ended by SIGKILL", "{o}");
+                if o["kind"] == "worker_kill" {
+                    // The task processes it ran were looked for and none outlived it.
+                    assert!(o["outlived"]["ran"].is_u64(), "{o}");
+                    assert_eq!(o["outlived"]["left"], serde_json::json!([]), "{o}");
+                }
                 continue;
             }
             Some("worker_stop") => {

@@ -12,6 +12,7 @@ use super::netns::NetFleet;
 use super::observe::{self, Observation, Watcher};
 use super::plan::{Disruption, Kind, MAX_HOLD};
 use super::procs::{self, Coordinator, Worker};
+use super::verdict::Outlived;
 
 /// How long the fleet gets to be whole again after a disruption.
 pub const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -70,6 +71,21 @@ fn killed(status: Option<std::process::ExitStatus>) -> (bool, String) {
     }
 }
 
+/// The least time a killed worker's task processes get to end before they count as outliving
+/// it (they get the worker's planned time down if longer; it starts again after that). Its
+/// wardens SIGTERM them at once, and no task of the run ignores SIGTERM; without wardens they
+/// would run on (a counter has up to 3.6 s to go) until the next start's records end them.
+pub const TASKS_END_LIMIT: Duration = Duration::from_secs(1);
+
+/// Of the task processes a killed worker ran, those still running `limit` after its death.
+async fn outlived_by(ran: Vec<u32>, limit: Duration) -> Outlived {
+    until(limit, || !ran.iter().any(|p| procs::running(*p))).await;
+    Outlived {
+        left: ran.iter().copied().filter(|p| procs::running(*p)).collect(),
+        ran: ran.len(),
+    }
+}
+
 /// Whether a worker stopped by SIGTERM stopped gracefully: exit 0 within the grace.
 fn stopped(exit: Option<procs::Exit>) -> (bool, String) {
     match exit {
@@ -116,8 +132,35 @@ impl System {
         self.workers.iter().map(|w| w.id.clone()).collect()
     }
 
+    /// A `worker_kill`'s worker: the planned one if it runs a `command` task's processes,
+    /// else the next (in the fleet's order) that does, else the planned one. Killed in the
+    /// middle of a command, a worker leaves processes its wardens must end.
+    fn mid_command(&self, planned: Option<usize>) -> Option<usize> {
+        let start = planned?;
+        let n = self.workers.len();
+        (0..n)
+            .map(|k| (start + k) % n)
+            .find(|i| {
+                self.workers[*i]
+                    .pid()
+                    .is_some_and(|pid| !procs::task_processes(pid).is_empty())
+            })
+            .or(planned)
+    }
+
     /// Applies `d`, holds it, removes it, and waits for the fleet to be whole again.
     pub async fn apply(&mut self, d: &Disruption) -> anyhow::Result<Observation> {
+        let retargeted;
+        let d = match d.kind {
+            Kind::WorkerKill => {
+                retargeted = Disruption {
+                    target: self.mid_command(d.target),
+                    ..d.clone()
+                };
+                &retargeted
+            }
+            _ => d,
+        };
         let target = d
             .target
             .and_then(|i| self.workers.get(i))
@@ -135,6 +178,7 @@ impl System {
         // What shows that a disruption without counters of its own took effect, and whether
         // it does.
         let mut evidence = None;
+        let mut outlived = None;
         let fault_stats = match (&d.fault, d.kind) {
             (Some(kind), _) => {
                 let mut fault = Fault::new(
@@ -226,11 +270,17 @@ impl System {
             }
             (None, kind @ (Kind::WorkerKill | Kind::WorkerStop)) => {
                 if let Some(w) = d.target.and_then(|i| self.workers.get_mut(i)) {
+                    let down = tokio::time::Instant::now();
                     evidence = Some(match kind {
-                        Kind::WorkerKill => killed(w.kill().await),
+                        Kind::WorkerKill => {
+                            let tasks = w.pid().map(procs::task_processes).unwrap_or_default();
+                            let status = w.kill().await;
+                            outlived = Some(outlived_by(tasks, d.hold.max(TASKS_END_LIMIT)).await);
+                            killed(status)
+                        }
                         _ => stopped(w.stop().await),
                     });
-                    tokio::time::sleep(d.hold).await;
+                    tokio::time::sleep_until(down + d.hold).await;
                     w.start()?;
                 }
                 None
@@ -285,6 +335,7 @@ impl System {
             recovered: false,
             fleet_recovered,
             handback: None,
+            outlived,
             note,
         })
     }

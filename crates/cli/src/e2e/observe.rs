@@ -196,6 +196,9 @@ pub struct Observation {
     /// `worker_stop`: what became of the leases the stopped worker held ([`Observation::handback_from`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handback: Option<super::verdict::Handback>,
+    /// `worker_kill`: the killed worker's task processes, and those that outlived it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outlived: Option<super::verdict::Outlived>,
     pub note: String,
 }
 
@@ -217,6 +220,7 @@ impl Observation {
                 })
                 .collect(),
             handback: self.handback.clone(),
+            outlived: self.outlived.clone(),
         }
     }
 
@@ -370,6 +374,7 @@ mod tests {
             recovered: false,
             fleet_recovered: true,
             handback: None,
+            outlived: None,
             note: String::new(),
         }
     }

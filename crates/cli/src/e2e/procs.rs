@@ -68,6 +68,55 @@ async fn kill(slot: &mut Option<Child>) -> Option<ExitStatus> {
     child.wait().await.ok()
 }
 
+/// The task processes of process `root`: its descendants whose environment carries a task's
+/// mark (`TETHER_TASK_MARK`: the processes of its `command` tasks, not the wardens beside
+/// them, which carry none). Processes that come and go while it looks are missed or kept.
+pub fn task_processes(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            Some((pid, stat(pid)?.1))
+        })
+        .collect();
+    let mut tree = vec![root];
+    let mut grew = true;
+    while grew {
+        let before = tree.len();
+        for (pid, ppid) in &parents {
+            if tree.contains(ppid) && !tree.contains(pid) {
+                tree.push(*pid);
+            }
+        }
+        grew = tree.len() > before;
+    }
+    tree.into_iter()
+        .filter(|pid| *pid != root && carries_a_mark(*pid))
+        .collect()
+}
+
+/// State and parent of a process, from `/proc/<pid>/stat`.
+fn stat(pid: u32) -> Option<(char, u32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = text[text.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    Some((state, fields.next()?.parse().ok()?))
+}
+
+fn carries_a_mark(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+        env.split(|b| *b == 0)
+            .any(|var| var.starts_with(b"TETHER_TASK_MARK="))
+    })
+}
+
+/// Whether a process runs (a zombie, which waits for a reaper, does not).
+pub fn running(pid: u32) -> bool {
+    stat(pid).is_some_and(|(state, _)| !matches!(state, 'Z' | 'X'))
+}
+
 /// Whether `status` says the process was ended by SIGKILL (not one that had exited already).
 pub fn killed_by_sigkill(status: Option<ExitStatus>) -> bool {
     use std::os::unix::process::ExitStatusExt as _;
@@ -327,6 +376,11 @@ impl Worker {
         kill(&mut self.child).await
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref()?.id()
+    }
+
     /// SIGTERM, SIGKILL after [`STOP_GRACE`]; how the process ended (`None`: none was running).
     pub async fn stop(&mut self) -> Option<Exit> {
         terminate(&mut self.child, STOP_GRACE).await
@@ -391,6 +445,37 @@ impl Api {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A marked grandchild is a task process, found through the unmarked shell between;
+    /// unmarked descendants and the root itself are not.
+    #[tokio::test]
+    async fn the_task_processes_of_a_process_are_its_marked_descendants() {
+        let mut shell = Command::new("/bin/sh")
+            .args(["-c", "TETHER_TASK_MARK=n:t:1 sleep 30 & sleep 30 & wait"])
+            .env_remove("TETHER_TASK_MARK")
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn");
+        let shell_pid = shell.id().expect("pid");
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        let found = loop {
+            let found = task_processes(shell_pid);
+            if !found.is_empty() || std::time::Instant::now() > end {
+                break found;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(running(found[0]));
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", found[0])).expect("cmdline");
+        assert!(cmdline.starts_with(b"sleep\0"), "{cmdline:?}");
+        // Other tests of this binary may run task processes of their own beside these.
+        assert!(task_processes(std::process::id()).contains(&found[0]));
+        let group = nix::unistd::Pid::from_raw(i32::try_from(shell_pid).expect("pid"));
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = shell.wait().await;
+    }
 
     #[tokio::test]
     async fn only_a_process_ended_by_sigkill_counts_as_killed() {

@@ -286,14 +286,21 @@ impl Report {
                     })
                 })
                 .or_else(|| {
-                    o.evidence.as_ref().map(|e| match &o.handback {
-                        Some(h) => format!(
-                            "{e}; {} leases handed on, {} kept for it",
-                            h.handed_back,
-                            h.left.len()
-                        ),
-                        None => e.clone(),
-                    })
+                    o.evidence
+                        .as_ref()
+                        .map(|e| match (&o.handback, &o.outlived) {
+                            (Some(h), _) => format!(
+                                "{e}; {} leases handed on, {} kept for it",
+                                h.handed_back,
+                                h.left.len()
+                            ),
+                            (None, Some(t)) => format!(
+                                "{e}; {} task processes, {} outlived it",
+                                t.ran,
+                                t.left.len()
+                            ),
+                            (None, None) => e.clone(),
+                        })
                 })
                 .unwrap_or_else(|| "-".into());
             let _ = writeln!(

@@ -15,7 +15,8 @@ use super::verdict::{Body, Expect};
 /// tests.
 pub const MAX_ATTEMPTS: u32 = 10;
 
-/// A command that counts to 12 in steps of 150 ms, keeping its count in the checkpoint
+/// A command that counts to 12 in steps of 300 ms (long enough to be running at the next
+/// disruption, often: a `worker_kill` hits it mid-way), keeping its count in the checkpoint
 /// directory, so an attempt that resumes starts where the last shipped checkpoint was. The
 /// directory also holds 300 KB of noise (twice), written once and compared on every resume:
 /// its checkpoints are larger than an assignment carries, so an attempt that resumes from the
@@ -24,7 +25,7 @@ pub const MAX_ATTEMPTS: u32 = 10;
 const COUNTER: &str = r#"d="$TETHER_CHECKPOINT_DIR"; i=$(cat "$d/count" 2>/dev/null || echo 0); start=$i
 if [ -f "$d/noise" ]; then cmp -s "$d/noise" "$d/noise.copy" || { echo "damaged checkpoint" >&2; exit 9; }
 else head -c 300000 /dev/urandom > "$d/noise.tmp" && cp "$d/noise.tmp" "$d/noise.copy" && mv "$d/noise.tmp" "$d/noise"; fi
-while [ "$i" -lt 12 ]; do i=$((i+1)); echo "$i" > "$d/count.tmp" && mv "$d/count.tmp" "$d/count"; sleep 0.15; done
+while [ "$i" -lt 12 ]; do i=$((i+1)); echo "$i" > "$d/count.tmp" && mv "$d/count.tmp" "$d/count"; sleep 0.3; done
 echo "counted from $start to $i""#;
 
 /// What the counted result of `spec` must say when it completes.

@@ -131,6 +131,19 @@ pub struct DisruptionView {
     pub sessions_lost: Vec<(String, bool)>,
     /// `worker_stop`: what became of the leases the stopped worker held.
     pub handback: Option<Handback>,
+    /// `worker_kill`: the task processes the killed worker ran, and which outlived it.
+    pub outlived: Option<Outlived>,
+}
+
+/// `worker_kill`: the processes of the killed worker's `command` tasks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Outlived {
+    /// Running when it was killed.
+    pub ran: usize,
+    /// Still running when it was to start again (its planned time down, at least
+    /// [`super::disrupt::TASKS_END_LIMIT`], after it was killed): its start would end them
+    /// from its state directory's records, which hides nothing this way.
+    pub left: Vec<u32>,
 }
 
 /// Everything the verdict looks at.
@@ -398,6 +411,34 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
         "graceful worker stops",
         bad,
     ));
+    // A killed worker cannot end its tasks' processes; its wardens do, before any worker
+    // starts again.
+    let kills: Vec<&DisruptionView> = d.iter().filter(|x| x.kind == Kind::WorkerKill).collect();
+    let bad = kills
+        .iter()
+        .filter_map(|x| {
+            let o = x.outlived.as_ref()?;
+            (!o.left.is_empty()).then(|| {
+                format!(
+                    "#{} worker_kill: {} of its {} task processes still ran (pids {})",
+                    x.index,
+                    o.left.len(),
+                    o.ran,
+                    o.left
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+        })
+        .collect();
+    checks.push(check(
+        "no_task_process_outlived_its_worker",
+        kills.len(),
+        "worker kills",
+        bad,
+    ));
     let ran: BTreeSet<Kind> = d.iter().map(|x| x.kind).collect();
     let missing: Vec<String> = g
         .kinds
@@ -483,6 +524,7 @@ mod tests {
                 recovered: true,
                 sessions_lost: vec![("w1".into(), false)],
                 handback: None,
+                outlived: None,
             }],
             kinds: vec![Kind::Reset],
             unexpected_exits: vec![],
@@ -512,7 +554,7 @@ mod tests {
     fn a_healthy_run_passes_every_check() {
         let v = verdict(&healthy());
         assert!(v.pass, "{v:?}");
-        assert_eq!(v.checks.len(), 13);
+        assert_eq!(v.checks.len(), 14);
     }
 
     #[test]
@@ -679,6 +721,7 @@ mod tests {
                 recovered: true,
                 sessions_lost: vec![],
                 handback: Some(handback),
+                outlived: None,
             }];
             g
         };
@@ -690,6 +733,43 @@ mod tests {
             "{detail}"
         );
         assert!(failing(&stop(Handback::of(&tasks, "w1", t(1), t(20)))).is_empty());
+    }
+
+    /// A killed worker's task processes that still ran when it was to start again fail the
+    /// run; ended ones, or none, do not.
+    #[test]
+    fn a_task_process_that_outlived_its_killed_worker_fails() {
+        let kill = |outlived: Outlived| {
+            let mut g = healthy();
+            g.kinds = vec![Kind::WorkerKill];
+            g.disruptions = vec![DisruptionView {
+                index: 2,
+                kind: Kind::WorkerKill,
+                fired: true,
+                detected: Some(true),
+                recovered: true,
+                sessions_lost: vec![],
+                handback: None,
+                outlived: Some(outlived),
+            }];
+            g
+        };
+        let bad = kill(Outlived {
+            ran: 3,
+            left: vec![41, 42],
+        });
+        assert_eq!(failing(&bad), ["no_task_process_outlived_its_worker"]);
+        let detail = detail(&bad, "no_task_process_outlived_its_worker");
+        assert!(
+            detail.contains("#2 worker_kill: 2 of its 3 task processes still ran (pids 41, 42)"),
+            "{detail}"
+        );
+        let ended = Outlived {
+            ran: 3,
+            left: vec![],
+        };
+        assert!(failing(&kill(ended)).is_empty());
+        assert!(failing(&kill(Outlived::default())).is_empty());
     }
 
     /// Latency every session must live through: a worker whose link was declared dead in its
@@ -708,6 +788,7 @@ mod tests {
                 recovered: true,
                 sessions_lost: lost,
                 handback: None,
+                outlived: None,
             }];
             g
         };
