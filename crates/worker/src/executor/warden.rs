@@ -22,10 +22,17 @@
 //! the machine whose environment the worker's user may read (measured: 0.64 s with 569
 //! processes, 500 of them the user's, while the test suite ran).
 //!
-//! A pid-reuse window remains: a worker killed after its group ended but before it wrote
-//! `done` leaves a warden that signals the group's id; that only reaches a process if a new
-//! process got that id and made itself a group leader in between. The records of
-//! [`super::orphans`] stay as the backstop for a warden that was killed with its worker.
+//! The group's id is a pid, which the kernel may give again once the group is gone (a worker
+//! killed after its group ended but before it wrote `done`): the warden signals the group only
+//! while its leader is the process the worker started (the start time the worker read when it
+//! started the warden) or is gone (a group outlives its leader, and no new group can take the
+//! id of one that still has members; a new process that took the id and made a group of its own
+//! is there to be seen). What is left is the moment between that look and the signal. The
+//! records of [`super::orphans`] stay as the backstop for a warden that was killed with its
+//! worker.
+//!
+//! The script travels in the warden's environment ([`SCRIPT_ENV`]), not its arguments, so that
+//! `ps` shows `tether-warden <pgid> <start> <grace> <mark>`, not the script.
 
 use std::io::Write;
 use std::os::fd::OwnedFd;
@@ -38,7 +45,9 @@ use nix::unistd::Pid;
 /// What the worker writes when it ended the attempt's processes itself.
 const DONE: &[u8] = b"done\n";
 
-/// The warden, run as `sh -c SCRIPT tether-warden <pgid> <grace seconds> <mark>`.
+/// The warden, run as `sh -c 'eval "$TETHER_WARDEN_SCRIPT"' tether-warden <pgid> <start>
+/// <grace seconds> <mark>`, `<start>` the leader's start time (`/proc/<pid>/stat`'s 22nd field,
+/// `-` when it could not be read).
 ///
 /// `kill -SIG -<pgid>` signals a group in every POSIX shell (dash's `kill` takes no `--`).
 /// A process carries the mark when a line of its environment (NUL-separated, so `tr` first) is
@@ -47,7 +56,13 @@ const DONE: &[u8] = b"done\n";
 pub(crate) const SCRIPT: &str = r#"trap '' HUP INT QUIT
 IFS= read -r said
 [ "$said" = done ] && exit 0
-pgid=$1 grace=$2 mark=$3
+pgid=$1 start=$2 grace=$3 mark=$4
+ours() {
+  s=$(cat "/proc/$pgid/stat" 2>/dev/null) || return 0
+  s=${s##*") "}
+  set -- $s
+  [ "${20}" = "$start" ]
+}
 carries() {
   tr '\000' '\n' 2>/dev/null < "$1" | {
     while IFS= read -r v; do
@@ -60,8 +75,10 @@ carries() {
 }
 sweep() {
   hit=1
-  kill -"$1" -"$pgid" 2>/dev/null && hit=0
-  [ "$1" = TERM ] && kill -CONT -"$pgid" 2>/dev/null
+  if ours; then
+    kill -"$1" -"$pgid" 2>/dev/null && hit=0
+    [ "$1" = TERM ] && kill -CONT -"$pgid" 2>/dev/null
+  fi
   for e in /proc/[0-9]*/environ; do
     [ -r "$e" ] || continue
     p=${e#/proc/}
@@ -78,6 +95,13 @@ sleep "$grace"
 sweep KILL
 exit 0
 "#;
+
+/// The variable that carries [`SCRIPT`] (no mark variable's name, see
+/// [`super::procs::is_mark_var`]).
+const SCRIPT_ENV: &str = "TETHER_WARDEN_SCRIPT";
+
+/// What `sh -c` runs: the script from [`SCRIPT_ENV`].
+const RUN_SCRIPT: &str = r#"eval "$TETHER_WARDEN_SCRIPT""#;
 
 /// The name the warden runs under (`$0`), which `ps` shows.
 const NAME: &str = "tether-warden";
@@ -103,7 +127,13 @@ impl Warden {
     /// carry `mark`. `None` when it cannot be started (no `/bin/sh`, no processes left): a
     /// warning, once a process, and the attempt runs without one.
     pub(crate) fn watch(pgid: Pid, mark: &str, grace: Duration) -> Option<Self> {
-        match Self::start(pgid, mark, grace) {
+        // Read while the leader cannot have been reaped: the worker, its parent, has not
+        // waited for it yet.
+        let start = u32::try_from(pgid.as_raw())
+            .ok()
+            .and_then(super::procs::Stat::read)
+            .map(|s| s.start);
+        match Self::start(pgid, start.as_deref(), mark, grace) {
             Ok(warden) => Some(warden),
             Err(error) => {
                 if !WARNED.swap(true, Ordering::Relaxed) {
@@ -114,16 +144,20 @@ impl Warden {
         }
     }
 
-    fn start(pgid: Pid, mark: &str, grace: Duration) -> std::io::Result<Self> {
+    /// Starts the warden of group `pgid` whose leader started at `start` (clock ticks after
+    /// boot; `None`: not known, so the group is signalled only once its leader is gone).
+    fn start(pgid: Pid, start: Option<&str>, mark: &str, grace: Duration) -> std::io::Result<Self> {
         let grace_secs = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
         let mut cmd = tokio::process::Command::new(SHELL);
         cmd.arg("-c")
-            .arg(SCRIPT)
+            .arg(RUN_SCRIPT)
             .arg(NAME)
             .arg(pgid.as_raw().to_string())
+            .arg(start.unwrap_or("-"))
             .arg(grace_secs.to_string())
             .arg(mark)
             .env_clear()
+            .env(SCRIPT_ENV, SCRIPT)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -172,12 +206,14 @@ mod tests {
         }
     }
 
-    /// A group leader, and a process that left its group (a session of its own) but carries
-    /// the mark under an outer worker's name; both deaf to SIGTERM, so only the SIGKILL after
-    /// the grace ends them.
+    /// A group leader; a process that left its group (a session of its own) but carries the
+    /// mark under an outer worker's name; and one that stayed in the group but cleared its
+    /// environment (no mark: only the group's signal reaches it). All deaf to SIGTERM, so only
+    /// the SIGKILL after the grace ends them.
     struct Attempt {
         leader: std::process::Child,
         escaped: u32,
+        unmarked: u32,
         mark: String,
         _dir: tempfile::TempDir,
     }
@@ -188,6 +224,7 @@ mod tests {
             let mark = format!("{}:t.1:1", uuid::Uuid::new_v4().simple());
             let script = r#"trap '' TERM
 setsid sh -c 'trap "" TERM; echo $$ > "$D/p.tmp"; mv "$D/p.tmp" "$D/escaped"; while :; do sleep 1; done' >/dev/null 2>&1 &
+env -i D="$D" PATH="$PATH" /bin/sh -c 'trap "" TERM; echo $$ > "$D/u.tmp"; mv "$D/u.tmp" "$D/unmarked"; while :; do sleep 1; done' &
 while :; do sleep 1; done"#;
             let leader = std::process::Command::new("/bin/sh")
                 .arg("-c")
@@ -197,24 +234,28 @@ while :; do sleep 1; done"#;
                 .process_group(0)
                 .spawn()
                 .expect("spawn");
-            let file = dir.path().join("escaped");
-            let end = std::time::Instant::now() + Duration::from_secs(20);
-            let escaped = loop {
-                if let Some(pid) = std::fs::read_to_string(&file)
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok())
-                {
-                    break pid;
+            let pid_in = |name: &str| {
+                let file = dir.path().join(name);
+                let end = std::time::Instant::now() + Duration::from_secs(20);
+                loop {
+                    if let Some(pid) = std::fs::read_to_string(&file)
+                        .ok()
+                        .and_then(|s| s.trim().parse().ok())
+                    {
+                        break pid;
+                    }
+                    assert!(
+                        std::time::Instant::now() < end,
+                        "the {name} process did not start"
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
                 }
-                assert!(
-                    std::time::Instant::now() < end,
-                    "the escaped process did not start"
-                );
-                std::thread::sleep(Duration::from_millis(10));
             };
+            let (escaped, unmarked) = (pid_in("escaped"), pid_in("unmarked"));
             Self {
                 leader,
                 escaped,
+                unmarked,
                 mark,
                 _dir: dir,
             }
@@ -255,8 +296,8 @@ while :; do sleep 1; done"#;
             Some(9),
             "deaf to SIGTERM, the leader {leader} is killed after the grace"
         );
-        wait_until("the escaped process to be killed", || {
-            !alive(attempt.escaped)
+        wait_until("the escaped and the unmarked process to be killed", || {
+            !alive(attempt.escaped) && !alive(attempt.unmarked)
         })
         .await;
     }
@@ -273,6 +314,116 @@ while :; do sleep 1; done"#;
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(alive(attempt.leader.id()), "the leader runs on");
         assert!(alive(attempt.escaped), "the escaped process runs on");
+        assert!(alive(attempt.unmarked), "the unmarked process runs on");
+    }
+
+    /// A group whose leader is not the process the warden was started for (its id given
+    /// again, as after the attempt's group ended) is left alone; the attempt's marked
+    /// processes are still ended.
+    #[tokio::test]
+    async fn a_warden_leaves_alone_a_group_whose_leader_is_not_the_one_it_watched() {
+        let attempt = Attempt::start();
+        let mut other = std::process::Command::new("/bin/sh")
+            .args(["-c", "while :; do sleep 1; done"])
+            .env_remove(super::super::procs::MARK_ENV)
+            .process_group(0)
+            .spawn()
+            .expect("spawn");
+        let other_pgid = Pid::from_raw(i32::try_from(other.id()).expect("pid"));
+        let real = super::super::procs::Stat::read(other.id())
+            .expect("stat")
+            .start;
+        let warden = Warden::start(
+            other_pgid,
+            Some(&format!("{real}0")),
+            &attempt.mark,
+            Duration::from_millis(300),
+        )
+        .expect("a warden");
+        drop(warden);
+        wait_until("the marked processes to be killed", || {
+            !alive(attempt.escaped) && !alive(attempt.leader.id())
+        })
+        .await;
+        // Past the grace, when a second signal would have come.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let running = other.try_wait().expect("try_wait").is_none();
+        let _ = nix::sys::signal::killpg(other_pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = other.wait();
+        assert!(running, "a group the warden did not watch was signalled");
+    }
+
+    /// A group outlives its leader: with the leader gone (exited and reaped), the group's
+    /// remaining processes are still the attempt's and are ended.
+    #[tokio::test]
+    async fn a_warden_ends_a_group_whose_leader_is_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = r#"env -i D="$D" PATH="$PATH" /bin/sh -c 'trap "" TERM; echo $$ > "$D/u.tmp"; mv "$D/u.tmp" "$D/unmarked"; while :; do sleep 1; done' &
+exit 0"#;
+        let mut leader = std::process::Command::new("/bin/sh")
+            .args(["-c", script])
+            .env("D", dir.path())
+            .process_group(0)
+            .spawn()
+            .expect("spawn");
+        let pgid = Pid::from_raw(i32::try_from(leader.id()).expect("pid"));
+        let start = super::super::procs::Stat::read(leader.id())
+            .expect("stat")
+            .start;
+        let file = dir.path().join("unmarked");
+        wait_until("the group's process to start", || file.exists()).await;
+        let member: u32 = std::fs::read_to_string(&file)
+            .expect("pid")
+            .trim()
+            .parse()
+            .expect("pid");
+        leader.wait().expect("the leader exits");
+        let warden = Warden::start(
+            pgid,
+            Some(&start),
+            "no-such-mark",
+            Duration::from_millis(300),
+        )
+        .expect("a warden");
+        drop(warden);
+        let end = std::time::Instant::now() + Duration::from_secs(20);
+        while alive(member) && std::time::Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ended = !alive(member);
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        assert!(ended, "the group's process outlived its warden's sweep");
+    }
+
+    /// What `ps` shows of a warden: its name and arguments, not its script.
+    #[tokio::test]
+    async fn a_warden_shows_its_name_and_arguments_not_its_script() {
+        let attempt = Attempt::start();
+        let warden = Warden::watch(attempt.pgid(), &attempt.mark, Duration::from_millis(300))
+            .expect("a warden");
+        let pid = warden._child.id().expect("warden pid");
+        // Read empty for a moment while the exec that `spawn` returned from sets it up.
+        let read = || std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+        wait_until("the warden's command line", || !read().is_empty()).await;
+        let cmdline = read();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let start = super::super::procs::Stat::read(attempt.leader.id())
+            .expect("stat")
+            .start;
+        let pgid = attempt.pgid().as_raw().to_string();
+        let expected: Vec<&[u8]> = vec![
+            SHELL.as_bytes(),
+            b"-c",
+            RUN_SCRIPT.as_bytes(),
+            NAME.as_bytes(),
+            pgid.as_bytes(),
+            start.as_bytes(),
+            b"1",
+            attempt.mark.as_bytes(),
+            b"",
+        ];
+        assert_eq!(args, expected);
+        warden.release();
     }
 
     #[test]
