@@ -657,12 +657,12 @@ fn secret_source(
 
 pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     let file = settings::load(a.config.as_deref())?.worker;
-    let coordinator = a.coordinator.or(file.coordinator).context(
+    let coordinator = a.coordinator.or(file.coordinator).ok_or(settings::Missing(
         "--coordinator is required (or TETHER_COORDINATOR, or coordinator in the config file)",
-    )?;
-    let id =
-        a.id.or(file.id)
-            .context("--id is required (or TETHER_WORKER_ID, or id in the config file)")?;
+    ))?;
+    let id = a.id.or(file.id).ok_or(settings::Missing(
+        "--id is required (or TETHER_WORKER_ID, or id in the config file)",
+    ))?;
     let id = WorkerId::parse(&id).with_context(|| format!("invalid worker id {id:?}"))?;
     let mut cfg = WorkerConfig::new(coordinator, id);
     let caps = if a.capabilities.is_empty() {
@@ -1151,6 +1151,26 @@ mod tests {
             let with = config(&format!("{other}\n{key} = {value}"));
             assert_ne!(with, without, "{key} = {value} changed nothing");
             assert!(!with.starts_with("Err"), "{key} = {value}: {with}");
+        }
+    }
+
+    /// A required setting nothing gave is said to be required, not called a default's.
+    #[test]
+    fn a_missing_required_setting_is_named_as_required() {
+        for (flags, shown) in [
+            (
+                &["t", "--id", "w"][..],
+                "--coordinator is required (or TETHER_COORDINATOR, or coordinator in the config file)",
+            ),
+            (
+                &["t", "--coordinator", "ws://127.0.0.1:1"],
+                "--id is required (or TETHER_WORKER_ID, or id in the config file)",
+            ),
+        ] {
+            let e =
+                worker_config(Work::try_parse_from(flags).expect("flags").a).expect_err("refused");
+            let named = settings::named_by_source(e, None, &Default::default(), |_| false);
+            assert_eq!(named.to_string(), shown);
         }
     }
 

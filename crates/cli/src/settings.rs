@@ -101,12 +101,21 @@ pub fn keys(path: Option<&Path>, section: &str) -> std::collections::BTreeSet<St
 /// line (`given`) did not have but the config file's `keys` did is named by its key in `file`
 /// (`--capability` and `--tag` by `capabilities` and `tags`); the setting an error is about
 /// (the flag it starts with) that neither gave is the default, and said so.
+/// A setting that nothing gave and that has no default: its error is shown as written (it
+/// names the flag, the variable and the key), never as a default's.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Missing(pub &'static str);
+
 pub fn named_by_source(
     e: anyhow::Error,
     file: Option<&Path>,
     keys: &std::collections::BTreeSet<String>,
     given: impl Fn(&str) -> bool,
 ) -> anyhow::Error {
+    if e.downcast_ref::<Missing>().is_some() {
+        return e;
+    }
     let text = crate::output::describe(&e);
     let mut out = String::with_capacity(text.len());
     let mut rest = text.as_str();
