@@ -56,7 +56,7 @@ impl WorkerProcess {
         Self { child }
     }
 
-    /// The wardens of its tasks' processes (`tether-warden` shells, its children).
+    /// The warden of its tasks' processes (a `tether-warden` shell, its child), in a list.
     fn wardens(&self) -> Vec<u32> {
         let me = self.child.id().to_string();
         std::fs::read_dir("/proc")
@@ -331,7 +331,7 @@ async fn a_command_left_running_by_a_killed_worker_is_killed_when_the_worker_res
     .await;
     // The warden would end them as soon as the worker dies: killed first (as the OOM killer or
     // a kill of the whole tree would), the records are what is left.
-    let wardens = wait_for("the attempt's warden to start", LONG, || async {
+    let wardens = wait_for("the worker's warden to start", LONG, || async {
         Some(worker.wardens()).filter(|w| w.len() == 1)
     })
     .await;
@@ -378,8 +378,8 @@ async fn a_command_left_running_by_a_killed_worker_is_killed_when_the_worker_res
 }
 
 /// Without a state directory there is no record a next worker would read from the same place,
-/// and no next worker may come: the attempt's warden ends the group, and the process that left
-/// it, as soon as the worker is killed.
+/// and no next worker may come: the worker's warden ends the attempt's group, and the process
+/// that left it, as soon as the worker is killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_left_running_by_a_killed_worker_is_killed_by_its_warden_with_no_worker_started_again()
  {
@@ -415,7 +415,7 @@ async fn a_command_left_running_by_a_killed_worker_is_killed_by_its_warden_with_
     };
     let leader = wait_for("the leader to start", LONG, || read_pid("leader")).await;
     let escaped = wait_for("the escaped process to start", LONG, || read_pid("escaped")).await;
-    wait_for("the attempt's warden to start", LONG, || async {
+    wait_for("the worker's warden to start", LONG, || async {
         (worker.wardens().len() == 1).then_some(())
     })
     .await;

@@ -290,6 +290,9 @@ async fn run(
         return Err(ExecError::Cancelled);
     }
     let mut cmd = plan.command(&ctx, checkpoints.as_ref().map(|c| c.dir.as_path()), &mark);
+    // Told before the spawn: a worker killed a moment after it leaves processes that carry the
+    // mark already.
+    let mut watch = super::warden::Watch::start(&mark, kill_grace);
     let started = Instant::now();
     let mut child = crate::reaper::spawn(&mut cmd).map_err(|e| ExecError::Failed {
         message: match &plan.cwd {
@@ -315,8 +318,8 @@ async fn run(
     if let Some(file) = &record {
         super::orphans::record(file, pgid, &procs.mark);
     }
-    let warden = super::warden::Warden::watch(pgid, &procs.mark, kill_grace);
-    let mut guard = GroupGuard::arm(procs.clone(), record.map(|file| (file, pgid)), warden);
+    watch.group(pgid);
+    let mut guard = GroupGuard::arm(procs.clone(), record.map(|file| (file, pgid)), Some(watch));
     tracing::debug!(task_id = %ctx.task_id(), attempt = %ctx.attempt(), pid = pgid.as_raw(), program = %plan.program, "command started");
 
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
@@ -889,12 +892,12 @@ pub fn kill_all_now() -> usize {
 /// Kills the process group if the execution is dropped before it ended the group itself, and
 /// removes the group's record (see [`super::orphans`]) once the group is gone, if the record is
 /// still this group's: a newer attempt of the task may have recorded its own in the same file.
-/// Either way it then releases the attempt's warden ([`super::warden`]), which only acts when
-/// the worker process dies before either happens.
+/// Either way it then tells the process's warden ([`super::warden`]) the attempt is over: the
+/// warden acts only on attempts it was not told were over, when the worker process dies.
 struct GroupGuard {
     procs: Option<TaskProcs>,
     record: Option<(PathBuf, Pid)>,
-    warden: Option<super::warden::Warden>,
+    warden: Option<super::warden::Watch>,
 }
 
 impl GroupGuard {
@@ -902,7 +905,7 @@ impl GroupGuard {
     fn arm(
         procs: TaskProcs,
         record: Option<(PathBuf, Pid)>,
-        warden: Option<super::warden::Warden>,
+        warden: Option<super::warden::Watch>,
     ) -> Self {
         live().insert(procs.pgid.as_raw(), procs.mark.clone());
         Self {
