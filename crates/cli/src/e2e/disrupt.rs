@@ -73,7 +73,7 @@ fn killed(status: Option<std::process::ExitStatus>) -> (bool, String) {
 
 /// The least time a killed worker's task processes get to end before they count as outliving
 /// it (they get the worker's planned time down if longer; it starts again after that). Its
-/// wardens SIGTERM them at once, and no task of the run ignores SIGTERM; without wardens they
+/// warden SIGTERMs them at once, and no task of the run ignores SIGTERM; without a warden they
 /// would run on (a counter has up to 3.6 s to go) until the next start's records end them.
 pub const TASKS_END_LIMIT: Duration = Duration::from_secs(1);
 
@@ -134,7 +134,7 @@ impl System {
 
     /// A `worker_kill`'s worker: the planned one if it runs a `command` task's processes,
     /// else the next (in the fleet's order) that does, else the planned one. Killed in the
-    /// middle of a command, a worker leaves processes its wardens must end.
+    /// middle of a command, a worker leaves processes its warden must end.
     fn mid_command(&self, planned: Option<usize>) -> Option<usize> {
         let start = planned?;
         let n = self.workers.len();

@@ -69,8 +69,8 @@ async fn kill(slot: &mut Option<Child>) -> Option<ExitStatus> {
 }
 
 /// The task processes of process `root`: its descendants whose environment carries a task's
-/// mark (`TETHER_TASK_MARK`: the processes of its `command` tasks, not the wardens beside
-/// them, which carry none). Processes that come and go while it looks are missed or kept.
+/// mark (`TETHER_TASK_MARK`: the processes of its `command` tasks, not the warden beside
+/// them, which carries none). Processes that come and go while it looks are missed or kept.
 pub fn task_processes(root: u32) -> Vec<u32> {
     let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
         .into_iter()

@@ -411,7 +411,7 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
         "graceful worker stops",
         bad,
     ));
-    // A killed worker cannot end its tasks' processes; its wardens do, before any worker
+    // A killed worker cannot end its tasks' processes; its warden does, before any worker
     // starts again.
     let kills: Vec<&DisruptionView> = d.iter().filter(|x| x.kind == Kind::WorkerKill).collect();
     let bad = kills
