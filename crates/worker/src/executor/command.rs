@@ -920,9 +920,8 @@ impl GroupGuard {
         if let Some(procs) = self.procs.take() {
             live().remove(&procs.pgid.as_raw());
         }
-        if let Some(warden) = self.warden.take() {
-            warden.release();
-        }
+        // Dropped, it tells the warden the attempt is over.
+        self.warden = None;
     }
 }
 
@@ -937,9 +936,8 @@ impl Drop for GroupGuard {
         if let Some((file, pgid)) = &self.record {
             super::orphans::forget(file, *pgid);
         }
-        if let Some(warden) = self.warden.take() {
-            warden.release();
-        }
+        // `warden` is dropped after this, once the processes are killed: the warden is told
+        // the attempt is over.
     }
 }
 
