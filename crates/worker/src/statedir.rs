@@ -818,10 +818,7 @@ fn held_by(content: &str) -> Option<u32> {
 
 /// Start time of a process (field 22 of `/proc/<pid>/stat`), to tell a reused pid apart.
 pub(crate) fn start_time(pid: u32) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces; fields after its closing paren are plain.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19).map(str::to_owned)
+    crate::executor::procs::Stat::read(pid).map(|s| s.start)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::Value;
+use tether_worker::executor::procs::{self, Stat};
 use tokio::process::{Child, Command};
 
 /// How long a started process gets to become ready.
@@ -72,14 +73,8 @@ async fn kill(slot: &mut Option<Child>) -> Option<ExitStatus> {
 /// mark (`TETHER_TASK_MARK`: the processes of its `command` tasks, not the warden beside
 /// them, which carries none). Processes that come and go while it looks are missed or kept.
 pub fn task_processes(root: u32) -> Vec<u32> {
-    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            Some((pid, stat(pid)?.1))
-        })
+    let parents: Vec<(u32, u32)> = procs::pids()
+        .filter_map(|pid| Some((pid, Stat::read(pid)?.ppid)))
         .collect();
     let mut tree = vec![root];
     let mut grew = true;
@@ -97,24 +92,18 @@ pub fn task_processes(root: u32) -> Vec<u32> {
         .collect()
 }
 
-/// State and parent of a process, from `/proc/<pid>/stat`.
-fn stat(pid: u32) -> Option<(char, u32)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let mut fields = text[text.rfind(')')? + 1..].split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    Some((state, fields.next()?.parse().ok()?))
-}
-
 fn carries_a_mark(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
-        env.split(|b| *b == 0)
-            .any(|var| var.starts_with(b"TETHER_TASK_MARK="))
+        env.split(|b| *b == 0).any(|var| {
+            var.strip_prefix(procs::MARK_ENV.as_bytes())
+                .is_some_and(|v| v.starts_with(b"="))
+        })
     })
 }
 
 /// Whether a process runs (a zombie, which waits for a reaper, does not).
 pub fn running(pid: u32) -> bool {
-    stat(pid).is_some_and(|(state, _)| !matches!(state, 'Z' | 'X'))
+    Stat::read(pid).is_some_and(|s| !s.is_dead())
 }
 
 /// Whether `status` says the process was ended by SIGKILL (not one that had exited already).

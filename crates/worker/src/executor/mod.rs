@@ -8,7 +8,7 @@
 pub mod command;
 pub mod orphans;
 pub mod packing;
-pub(crate) mod procs;
+pub mod procs;
 pub mod sleep;
 pub(crate) mod warden;
 

@@ -27,7 +27,7 @@ const KILL_ROUNDS: usize = 20;
 const KILL_ROUND_PAUSE: Duration = Duration::from_millis(10);
 
 /// The numeric entries of `/proc` (empty without a readable `/proc`).
-pub(crate) fn pids() -> impl Iterator<Item = u32> {
+pub fn pids() -> impl Iterator<Item = u32> {
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -37,7 +37,7 @@ pub(crate) fn pids() -> impl Iterator<Item = u32> {
 
 /// What `/proc/<pid>/stat` says of a process.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Stat {
+pub struct Stat {
     pub state: char,
     pub ppid: u32,
     /// Process group.
@@ -47,12 +47,12 @@ pub(crate) struct Stat {
 }
 
 impl Stat {
-    pub(crate) fn read(pid: u32) -> Option<Self> {
+    pub fn read(pid: u32) -> Option<Self> {
         Self::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
     }
 
     /// Parses the text of a `/proc/<pid>/stat`.
-    pub(crate) fn parse(stat: &str) -> Option<Self> {
+    pub fn parse(stat: &str) -> Option<Self> {
         // `pid (comm) state ppid pgrp ...`; comm may hold spaces and parentheses.
         let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
         let state = fields.next()?.chars().next()?;
@@ -68,7 +68,7 @@ impl Stat {
     }
 
     /// A zombie (or dead) process runs no more; it only waits to be reaped.
-    pub(crate) fn is_dead(&self) -> bool {
+    pub fn is_dead(&self) -> bool {
         matches!(self.state, 'Z' | 'X')
     }
 }
