@@ -22,7 +22,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -302,6 +302,9 @@ pub struct Entry {
     pool: Arc<Pool>,
     /// Whose share of the pool it draws on; `None`: no share (loopback, unless limited).
     key: Option<IpAddr>,
+    /// Bytes read from the connection so far (after TLS), all along its life: the session
+    /// tells a frame still arriving from a silent link by it.
+    read: AtomicU64,
 }
 
 /// Bytes shared by the connections reading past their own budget before registration. One
@@ -398,7 +401,13 @@ impl Entry {
             drawn: AtomicUsize::new(0),
             pool,
             key,
+            read: AtomicU64::new(0),
         }
+    }
+
+    /// Bytes read from the connection so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
     }
 
     /// From now on the connection's reads count against its budget (the worker endpoint, as it
@@ -696,6 +705,9 @@ impl AsyncRead for Guarded {
         let r = self.tcp.io().poll_read(cx, buf);
         let n = buf.filled().len() - before;
         let this = &mut *self;
+        if n > 0 {
+            this.entry.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
         if n > 0 && !this.awaiting_answer && this.deadline.is_some() {
             // The next request: its answer must begin within the handshake deadline.
             this.awaiting_answer = true;

@@ -153,6 +153,8 @@ struct Opened {
     agreed: Inbound,
     /// Stamped at every frame taken as the worker's (the core's view of `last_seen`).
     seen: Arc<crate::core::Seen>,
+    /// The connection's count of bytes read: a frame still arriving shows in it.
+    entry: Arc<Entry>,
 }
 
 /// What the session accepts from its worker, as agreed by the worker's registration.
@@ -322,6 +324,7 @@ async fn handshake(
         open,
         agreed,
         seen,
+        entry,
     })
 }
 
@@ -347,6 +350,7 @@ fn run(
             mut open,
             mut agreed,
             seen,
+            entry,
         }) = Box::pin(handshake(
             &app,
             &worker,
@@ -374,8 +378,24 @@ fn run(
         // made per frame was registered and cancelled in the timer wheel twice a frame).
         let liveness = tokio::time::sleep_until(deadline);
         tokio::pin!(liveness);
+        // The connection's bytes read at the last frame taken as the worker's, or the last
+        // keepalive (see `frame_arriving`).
+        let mut read_seen = entry.bytes_read();
         let (kind, reason): (&'static str, String) = loop {
             tokio::select! {
+                read = frame_arriving(&entry, read_seen, deadline, agreed.beat) => {
+                    // A frame longer than the link carries in a heartbeat interval is arriving
+                    // (a checkpoint's piece on a slow link): the worker is alive, and its
+                    // heartbeats wait behind that frame, so it hears nothing to answer them.
+                    // A ping tells it that its frame is being read, and keeps its session.
+                    read_seen = read;
+                    deadline = Instant::now() + agreed.beat.timeout;
+                    seen.mark();
+                    app.counters.keepalive_pings.fetch_add(1, Ordering::Relaxed);
+                    if !out.ping(deadline).await {
+                        break ("error", "write failed".into());
+                    }
+                }
                 () = &mut liveness => {
                     if Instant::now() < deadline {
                         liveness.as_mut().reset(deadline);
@@ -405,6 +425,9 @@ fn run(
                         }
                         Some(Ok(m)) => m,
                     };
+                    // Whatever it is (a ping, a frame that fails its tag), the bytes read so far
+                    // are whole frames: only a frame still arriving shows in the count now.
+                    read_seen = entry.bytes_read();
                     #[cfg(test)]
                     tests::panic_if_asked(&worker);
                     // Over the session's message or byte rate: tell it once a second, and read
@@ -539,6 +562,33 @@ fn run(
         // Boxed: inline, the wait's state would size every idle session's future.
         Box::pin(departure.leave()).await;
     }
+}
+
+/// Ready with the connection's count of bytes read once bytes came since `read_seen` (the
+/// count at the worker's last frame, or at the last keepalive) and no frame has completed for
+/// a heartbeat interval (`deadline` is the last one's time plus the timeout): a frame is
+/// arriving slower than the worker's heartbeats would. Never wakes the task itself: it is
+/// polled whenever the session wakes, and a frame arriving wakes it with each read, so an idle
+/// session pays nothing for it and a busy one an atomic load a wake.
+///
+/// Bytes of whole frames do not count (`read_seen` moves at every frame read, whatever it is):
+/// with integrity tags, pings, pongs and frames that fail their tags keep no session alive.
+/// A frame that keeps arriving and never completes does, bounded only by the frame size limit
+/// (docs/SECURITY.md).
+fn frame_arriving(
+    entry: &Entry,
+    read_seen: u64,
+    deadline: Instant,
+    beat: Beat,
+) -> impl Future<Output = u64> + '_ {
+    let due = deadline - beat.timeout.saturating_sub(beat.interval);
+    std::future::poll_fn(move |_| {
+        let read = entry.bytes_read();
+        match read != read_seen && Instant::now() >= due {
+            true => std::task::Poll::Ready(read),
+            false => std::task::Poll::Pending,
+        }
+    })
 }
 
 /// Tells the core that a session it knows has ended, however the session's task ends: by
@@ -1461,6 +1511,14 @@ impl Tx {
         let frame = self.frame(json, threshold, counters);
         matches!(
             timeout_at(deadline, self.sink.feed(frame)).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Sends a ping (a control frame: no tag); false when the write failed or stalled.
+    async fn ping(&mut self, deadline: Instant) -> bool {
+        matches!(
+            timeout_at(deadline, self.sink.send(Message::Ping(Default::default()))).await,
             Ok(Ok(()))
         )
     }

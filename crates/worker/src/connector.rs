@@ -15,7 +15,76 @@ pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
 /// The WebSocket a session owns.
-pub type WsStream = WebSocketStream<Pin<Box<dyn Io>>>;
+pub type WsStream = WebSocketStream<Metered>;
+
+/// A connection's byte stream, counting the bytes read from it: a frame still arriving (a long
+/// one on a slow link) shows in the count before it completes, which is how a session tells a
+/// slow coordinator from a silent one.
+pub struct Metered {
+    io: Pin<Box<dyn Io>>,
+    read: u64,
+}
+
+impl Metered {
+    pub fn new(io: Pin<Box<dyn Io>>) -> Self {
+        Self { io, read: 0 }
+    }
+
+    /// Bytes read from the connection so far (after TLS).
+    pub fn bytes_read(&self) -> u64 {
+        self.read
+    }
+}
+
+impl AsyncRead for Metered {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = this.io.as_mut().poll_read(cx, buf);
+        this.read += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl AsyncWrite for Metered {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.get_mut().io.as_mut().poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.get_mut().io.as_mut().poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.get_mut().io.as_mut().poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.get_mut().io.as_mut().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
 
 /// Why a connection attempt failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -194,6 +263,7 @@ pub async fn handshake(
     config: WebSocketConfig,
 ) -> Result<WsStream, ConnectError> {
     use tokio_tungstenite::tungstenite::Error as WsError;
+    let io = Metered::new(io);
     match tokio_tungstenite::client_async_with_config(url.as_str(), io, Some(config)).await {
         Ok((ws, _resp)) => Ok(ws),
         Err(WsError::Http(resp)) => {

@@ -274,6 +274,9 @@ pub(crate) struct Session<'a> {
     deadline: Instant,
     /// When the last inbound frame arrived (the session's start before any).
     last_frame: Instant,
+    /// The connection's count of bytes read at the last frame, or at the last look that found
+    /// it had grown (a frame arriving, see [`Self::frame_arriving`]).
+    read_seen: u64,
     timeout: Duration,
     pending_heartbeats: VecDeque<(u64, Instant)>,
     warned_types: std::collections::HashSet<String>,
@@ -328,6 +331,7 @@ impl<'a> Session<'a> {
             generation,
             deadline: Instant::now() + timeout,
             last_frame: Instant::now(),
+            read_seen: 0,
             timeout,
             pending_heartbeats: VecDeque::new(),
             warned_types: Default::default(),
@@ -416,6 +420,21 @@ impl<'a> Session<'a> {
         ))
     }
 
+    /// Whether bytes were read since the last frame or the last look (the timer's, at least
+    /// every heartbeat interval): a frame from the coordinator is arriving, slower than the
+    /// heartbeats (a checkpoint's piece on a slow link). The coordinator is then alive, and
+    /// its answers to this worker's messages wait behind that frame: the liveness deadline and
+    /// the acknowledgement window's watch count from now.
+    fn frame_arriving(&mut self) {
+        let read = self.ws.get_ref().bytes_read();
+        if read != self.read_seen {
+            self.read_seen = read;
+            let now = Instant::now();
+            self.deadline = self.deadline.max(now + self.timeout);
+            self.window.heard(now);
+        }
+    }
+
     fn dead_reason(&self) -> String {
         m::observe(m::DEAD_DETECT, self.last_frame.elapsed());
         format!("no frame for {} ms: {DEAD}", self.timeout.as_millis())
@@ -433,6 +452,13 @@ impl<'a> Session<'a> {
         };
         self.last_frame = Instant::now();
         self.deadline = self.last_frame + self.timeout;
+        self.read_seen = self.ws.get_ref().bytes_read();
+        if matches!(frame, Message::Ping(_)) {
+            // The coordinator pings only while a frame of this worker's is still arriving
+            // (a long one on a slow link), behind which this worker's later messages wait:
+            // what was sent is being read, not lost.
+            self.window.heard(self.last_frame);
+        }
         // The frame's data, its tag checked and dropped when the session is keyed.
         let data = match (&frame, self.open.as_deref_mut()) {
             (Message::Text(t), Some(o)) => o.open_text(t.as_str()).map(Data::Text),
@@ -1051,6 +1077,7 @@ impl<'a> Session<'a> {
                     }
                 }
                 Ev::Timer => {
+                    self.frame_arriving();
                     if Instant::now() >= self.deadline {
                         return Ok(self.dead_reason());
                     }
@@ -1576,6 +1603,9 @@ struct Window {
     last_ack: Option<Instant>,
     /// The latest send time among the in-order entries acknowledged.
     newest_acked: Option<Instant>,
+    /// When the coordinator last showed that it reads what was sent (its ping while a frame of
+    /// ours arrives) or that its answers wait behind a frame of its own (one arriving).
+    heard: Option<Instant>,
 }
 
 /// An entry of the [`Window`].
@@ -1629,9 +1659,11 @@ impl Window {
     /// answered in order) a message sent after it was (the coordinator handles a session's
     /// messages in order). A slow link whose acknowledgements still trickle in, in order,
     /// loses nothing by this reading, nor does a fetch whose piece takes longer than the
-    /// acknowledgements of what was sent after it.
+    /// acknowledgements of what was sent after it, nor a link so slow that nothing is
+    /// acknowledged for a while but the coordinator was [`Window::heard`] within `timeout`.
     fn lost(&self, timeout: Duration) -> Option<(u64, Instant)> {
-        let silent = self.last_ack.is_none_or(|t| t.elapsed() >= timeout);
+        let quiet = |t: Option<Instant>| t.is_none_or(|t| t.elapsed() >= timeout);
+        let silent = quiet(self.last_ack) && quiet(self.heard);
         let waited = |e: &&Sent| e.at.elapsed() >= timeout;
         let lost = match silent {
             true => self.sent.iter().filter(waited).min_by_key(|e| e.at),
@@ -1643,6 +1675,12 @@ impl Window {
                 .min_by_key(|e| e.at),
         };
         lost.map(|e| (e.seq, e.at))
+    }
+
+    /// The coordinator showed at `at` that the link carries what was sent, or that its answers
+    /// wait behind a frame arriving: nothing is taken as lost for a timeout from then.
+    fn heard(&mut self, at: Instant) {
+        self.heard = self.heard.max(Some(at));
     }
 
     /// The message waiting longest for its acknowledgement: its sequence number and send time.
@@ -2131,6 +2169,44 @@ mod tests {
         tick().await;
         w.leave(5);
         assert_eq!(w.lost(timeout).map(|l| l.0), Some(4));
+    }
+
+    /// Nothing acknowledged for longer than the timeout, but the coordinator heard from within
+    /// it (its ping while our frame arrives, or a frame of its own arriving): not lost, until
+    /// the timeout passed since it was last heard. A later message acknowledged still tells a
+    /// message lost, heard or not.
+    #[tokio::test(start_paused = true)]
+    async fn a_message_is_not_lost_while_the_coordinator_is_heard_reading_or_sending() {
+        let timeout = Duration::from_secs(15);
+        let mut w = Window::default();
+        w.enter(sent(1, 10, Instant::now()));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        w.heard(Instant::now());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(w.lost(timeout), None, "heard 10 s ago");
+        w.heard(Instant::now());
+        tokio::time::sleep(Duration::from_secs(14)).await;
+        assert_eq!(w.lost(timeout), None, "heard 14 s ago");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            w.lost(timeout).map(|l| l.0),
+            Some(1),
+            "not heard for the timeout"
+        );
+        // An older hearing does not move a later one back.
+        let mut w = Window::default();
+        w.enter(sent(1, 10, Instant::now()));
+        let early = Instant::now();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        w.heard(Instant::now());
+        w.heard(early);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(w.lost(timeout), None);
+        // Heard or not, a message sent after it and acknowledged tells it lost.
+        w.enter(sent(2, 10, Instant::now()));
+        w.leave(2);
+        w.heard(Instant::now());
+        assert_eq!(w.lost(timeout).map(|l| l.0), Some(1));
     }
 
     /// A fetch's piece is read from the store apart from the commits that acknowledge the rest:

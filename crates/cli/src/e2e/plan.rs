@@ -127,9 +127,11 @@ impl Kind {
     /// Whether every session must live through it: the slow links that slow a link without
     /// ever leaving it silent for long. Latency of at most 450 ms each way is well inside the
     /// worker's 1.5 s liveness timeout (which grows with the measured round trip); the slicer
-    /// passes tens of kilobytes a second; a bandwidth of 2 to 8 KB/s is well above what one
-    /// worker of the run's task mix exchanges (heartbeats and small task messages, a few
-    /// hundred bytes a second). Not among them, since they can end a live session by design:
+    /// passes tens of kilobytes a second and a bandwidth fault 2 to 8 KB/s, well above what
+    /// heartbeats and small task messages need, and far below the counter task's checkpoints
+    /// (600 KB of noise, a piece of it taking longer than the timeout): their sessions live
+    /// because a frame still arriving counts as life on both sides (docs/PROTOCOL.md section
+    /// 4; before that, they were lost in most runs). Not among them, since they can end a live session by design:
     /// `stall`, whose holds stack (the proxy reads ahead and draws for every queued chunk, so
     /// four or five holds of 400 ms in a row, about one draw in a hundred, are a silence past
     /// the timeout before it has grown), and `link_crawl`, whose filter drops packets and so

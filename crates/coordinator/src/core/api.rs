@@ -485,6 +485,7 @@ impl Core {
             ("decompression_refused", &c.decompression_refused),
             ("mac_sessions", &c.mac_sessions),
             ("mac_failures", &c.mac_failures),
+            ("keepalive_pings", &c.keepalive_pings),
         ]
         .into_iter()
         .map(|(k, v)| (k, v.load(Ordering::Relaxed)))

@@ -264,6 +264,9 @@ pub struct Counters {
     pub mac_sessions: AtomicU64,
     /// Worker frames dropped because their integrity tag did not verify.
     pub mac_failures: AtomicU64,
+    /// Pings sent to workers whose frame was still arriving a heartbeat interval after their
+    /// last one (a long frame on a slow link): their sessions kept, not timed out.
+    pub keepalive_pings: AtomicU64,
     /// Sessions open now (past their welcome): the fleet the heartbeat budget is shared by.
     pub sessions_open: AtomicU64,
 }
