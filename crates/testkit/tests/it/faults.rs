@@ -140,6 +140,22 @@ async fn cancel_and_pause_reach_a_running_command_through_resets() {
     c.stop().await;
 }
 
+/// A bandwidth limit on every link of `proxy`, one way.
+async fn slow_link(
+    proxy: &Proxy,
+    bytes_per_sec: u64,
+    direction: Direction,
+) -> tether_faultproxy::FaultGuard {
+    proxy
+        .add_fault(Fault::new(
+            "slow",
+            FaultKind::Bandwidth { bytes_per_sec },
+            direction,
+        ))
+        .await
+        .expect("fault")
+}
+
 /// Writes one large checkpoint, then runs until cancelled.
 struct BigCheckpoint(usize);
 
@@ -185,16 +201,7 @@ async fn a_large_checkpoint_over_a_slow_link_does_not_starve_the_session() {
     // About 1 MB upstream at 400 kB/s (base64 of noise, which zstd takes back to about its
     // size): two and a half seconds of upload, more than the liveness timeout of both sides,
     // and twice the window.
-    let slow = proxy
-        .add_fault(Fault::new(
-            "slow",
-            FaultKind::Bandwidth {
-                bytes_per_sec: 400_000,
-            },
-            Direction::Upstream,
-        ))
-        .await
-        .expect("fault");
+    let slow = slow_link(&proxy, 400_000, Direction::Upstream).await;
     let client = c.client();
     let ids = client
         .submit(&[TaskSpec::new("big_checkpoint", serde_json::json!({}))])
@@ -277,16 +284,7 @@ async fn a_slow_frame_keeps_the_session(secret: Option<tether_proto::auth::Secre
     executors.register("big_checkpoint", BigCheckpoint(SIZE));
     let w = spawn_worker(cfg, executors);
     w.wait_state(|s| s == ConnState::Connected).await;
-    let slow = proxy
-        .add_fault(Fault::new(
-            "slow",
-            FaultKind::Bandwidth {
-                bytes_per_sec: 64_000,
-            },
-            Direction::Upstream,
-        ))
-        .await
-        .expect("fault");
+    let slow = slow_link(&proxy, 64_000, Direction::Upstream).await;
     let client = c.client();
     let started = std::time::Instant::now();
     let ids = client
@@ -354,16 +352,7 @@ async fn a_checkpoint_fetched_slower_than_the_liveness_timeout_keeps_the_session
     })
     .await;
     let proxy = proxy_in_front(&c, 7).await;
-    let slow = proxy
-        .add_fault(Fault::new(
-            "slow",
-            FaultKind::Bandwidth {
-                bytes_per_sec: 96_000,
-            },
-            Direction::Downstream,
-        ))
-        .await
-        .expect("fault");
+    let slow = slow_link(&proxy, 96_000, Direction::Downstream).await;
     let cfg = fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w2");
     let timeout = cfg.heartbeat_timeout;
     let w2 = spawn_worker(cfg, big());
