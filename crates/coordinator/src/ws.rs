@@ -564,10 +564,15 @@ fn run(
     }
 }
 
+/// How often, at most, a worker whose frame is still arriving is pinged: every heartbeat
+/// interval of the session, but no less often than this. A worker may beat faster than the coordinator and
+/// time out sooner (its timeout is its own), and never says by how much.
+const KEEPALIVE_EVERY: Duration = Duration::from_millis(250);
+
 /// Ready with the connection's count of bytes read once bytes came since `read_seen` (the
 /// count at the worker's last frame, or at the last keepalive) and no frame has completed for
-/// a heartbeat interval (`deadline` is the last one's time plus the timeout): a frame is
-/// arriving slower than the worker's heartbeats would. Never wakes the task itself: it is
+/// a heartbeat interval, at most [`KEEPALIVE_EVERY`] (`deadline` is the last one's time plus
+/// the timeout): a frame is arriving slower than the worker's heartbeats would. Never wakes the task itself: it is
 /// polled whenever the session wakes, and a frame arriving wakes it with each read, so an idle
 /// session pays nothing for it and a busy one an atomic load a wake.
 ///
@@ -581,7 +586,8 @@ fn frame_arriving(
     deadline: Instant,
     beat: Beat,
 ) -> impl Future<Output = u64> + '_ {
-    let due = deadline - beat.timeout.saturating_sub(beat.interval);
+    let every = beat.interval.min(KEEPALIVE_EVERY);
+    let due = deadline - beat.timeout.saturating_sub(every);
     std::future::poll_fn(move |_| {
         let read = entry.bytes_read();
         match read != read_seen && Instant::now() >= due {

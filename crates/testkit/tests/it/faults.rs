@@ -254,7 +254,14 @@ async fn a_large_checkpoint_over_a_slow_link_does_not_starve_the_session() {
 /// what it sent is being read, not lost.
 #[tokio::test]
 async fn a_frame_slower_than_the_liveness_timeout_keeps_the_session() {
-    a_slow_frame_keeps_the_session(None).await;
+    a_slow_frame_keeps_the_session(None, None).await;
+}
+
+/// A coordinator that beats far slower than the worker (5 s against 200 ms, its timeout 15 s
+/// against the worker's 2 s) still pings in time: the worker's timeout is its own.
+#[tokio::test]
+async fn a_slow_frame_keeps_a_worker_that_beats_faster_than_its_coordinator() {
+    a_slow_frame_keeps_the_session(None, Some(std::time::Duration::from_secs(5))).await;
 }
 
 /// The same with integrity tags, where pings and pongs (untagged) keep no session alive: the
@@ -263,13 +270,22 @@ async fn a_frame_slower_than_the_liveness_timeout_keeps_the_session() {
 async fn with_message_mac_a_frame_slower_than_the_liveness_timeout_keeps_the_session() {
     let secret =
         tether_proto::auth::Secret::new(b"fleet secret of the slow link test").expect("secret");
-    a_slow_frame_keeps_the_session(Some(secret)).await;
+    a_slow_frame_keeps_the_session(Some(secret), None).await;
 }
 
-async fn a_slow_frame_keeps_the_session(secret: Option<tether_proto::auth::Secret>) {
+/// `interval`: the coordinator's heartbeat interval (its timeout three times that), when not
+/// the tests' 200 ms.
+async fn a_slow_frame_keeps_the_session(
+    secret: Option<tether_proto::auth::Secret>,
+    interval: Option<std::time::Duration>,
+) {
     const SIZE: usize = 256 * 1024;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut coordinator = fast_coordinator_config(dir.path().to_owned());
+    if let Some(interval) = interval {
+        coordinator.heartbeat_interval = interval;
+        coordinator.heartbeat_timeout = 3 * interval;
+    }
     if let Some(secret) = &secret {
         let mut auth = tether_coordinator::auth::WorkerAuth::fleet(secret.clone());
         auth.message_mac = true;
