@@ -378,7 +378,7 @@ fn run(
         // made per frame was registered and cancelled in the timer wheel twice a frame).
         let liveness = tokio::time::sleep_until(deadline);
         tokio::pin!(liveness);
-        // The connection's bytes read at the last frame taken as the worker's, or the last
+        // The connection's bytes read at the last frame read (of any kind), or at the last
         // keepalive (see `frame_arriving`).
         let mut read_seen = entry.bytes_read();
         let (kind, reason): (&'static str, String) = loop {
@@ -565,16 +565,17 @@ fn run(
 }
 
 /// How often, at most, a worker whose frame is still arriving is pinged: every heartbeat
-/// interval of the session, but no less often than this. A worker may beat faster than the coordinator and
-/// time out sooner (its timeout is its own), and never says by how much.
+/// interval of the session, but no less often than this. A worker may beat faster than the
+/// coordinator and time out sooner (its timeout is its own), and never says by how much.
 const KEEPALIVE_EVERY: Duration = Duration::from_millis(250);
 
 /// Ready with the connection's count of bytes read once bytes came since `read_seen` (the
 /// count at the worker's last frame, or at the last keepalive) and no frame has completed for
 /// a heartbeat interval, at most [`KEEPALIVE_EVERY`] (`deadline` is the last one's time plus
-/// the timeout): a frame is arriving slower than the worker's heartbeats would. Never wakes the task itself: it is
-/// polled whenever the session wakes, and a frame arriving wakes it with each read, so an idle
-/// session pays nothing for it and a busy one an atomic load a wake.
+/// the timeout): a frame is arriving slower than the worker's heartbeats would. Never wakes
+/// the task itself: it is polled whenever the session wakes, and a frame arriving wakes it
+/// with each read, so an idle session pays nothing for it and a busy one an atomic load a
+/// wake.
 ///
 /// Bytes of whole frames do not count (`read_seen` moves at every frame read, whatever it is):
 /// with integrity tags, pings, pongs and frames that fail their tags keep no session alive.

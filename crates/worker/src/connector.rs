@@ -17,22 +17,41 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 /// The WebSocket a session owns.
 pub type WsStream = WebSocketStream<Metered>;
 
-/// A connection's byte stream, counting the bytes read from it: a frame still arriving (a long
-/// one on a slow link) shows in the count before it completes, which is how a session tells a
-/// slow coordinator from a silent one.
+/// A connection's byte stream, counting the bytes read from it and written to it: a frame
+/// still arriving (a long one on a slow link) shows in the count read before it completes, and
+/// a long frame still being written in the count written, which is how a session tells a slow
+/// link from a silent one.
 pub struct Metered {
     io: Pin<Box<dyn Io>>,
     read: u64,
+    /// Shared: a session waiting in a write (which borrows the stream) reads it meanwhile.
+    written: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Metered {
     pub fn new(io: Pin<Box<dyn Io>>) -> Self {
-        Self { io, read: 0 }
+        Self {
+            io,
+            read: 0,
+            written: Default::default(),
+        }
     }
 
     /// Bytes read from the connection so far (after TLS).
     pub fn bytes_read(&self) -> u64 {
         self.read
+    }
+
+    /// The count of bytes the connection took so far (before TLS), as it grows.
+    pub fn written(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.written.clone()
+    }
+
+    fn wrote(&self, r: &std::task::Poll<std::io::Result<usize>>) {
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            self.written
+                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 
@@ -56,7 +75,10 @@ impl AsyncWrite for Metered {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        self.get_mut().io.as_mut().poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = this.io.as_mut().poll_write(cx, buf);
+        this.wrote(&r);
+        r
     }
 
     fn poll_flush(
@@ -78,7 +100,10 @@ impl AsyncWrite for Metered {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        self.get_mut().io.as_mut().poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = this.io.as_mut().poll_write_vectored(cx, bufs);
+        this.wrote(&r);
+        r
     }
 
     fn is_write_vectored(&self) -> bool {

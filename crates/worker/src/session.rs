@@ -277,6 +277,8 @@ pub(crate) struct Session<'a> {
     /// The connection's count of bytes read at the last frame, or at the last look that found
     /// it had grown (a frame arriving, see [`Self::frame_arriving`]).
     read_seen: u64,
+    /// The connection's count of bytes written, read while a write waits ([`while_draining`]).
+    written: std::sync::Arc<std::sync::atomic::AtomicU64>,
     timeout: Duration,
     pending_heartbeats: VecDeque<(u64, Instant)>,
     warned_types: std::collections::HashSet<String>,
@@ -325,13 +327,16 @@ impl<'a> Session<'a> {
         let timeout = agent.cfg.heartbeat_timeout;
         let heartbeat_every = agent.cfg.heartbeat_interval;
         let max_frame_out = agent.cfg.max_frame;
+        let read_seen = ws.get_ref().bytes_read();
+        let written = ws.get_ref().written();
         Self {
             agent,
             ws,
             generation,
             deadline: Instant::now() + timeout,
             last_frame: Instant::now(),
-            read_seen: 0,
+            read_seen,
+            written,
             timeout,
             pending_heartbeats: VecDeque::new(),
             warned_types: Default::default(),
@@ -420,11 +425,11 @@ impl<'a> Session<'a> {
         ))
     }
 
-    /// Whether bytes were read since the last frame or the last look (the timer's, at least
-    /// every heartbeat interval): a frame from the coordinator is arriving, slower than the
-    /// heartbeats (a checkpoint's piece on a slow link). The coordinator is then alive, and
-    /// its answers to this worker's messages wait behind that frame: the liveness deadline and
-    /// the acknowledgement window's watch count from now.
+    /// Looks whether bytes were read since the last frame or the last look (the timer's, at
+    /// least every heartbeat interval): if so, a frame from the coordinator is arriving, slower
+    /// than the heartbeats (a checkpoint's piece on a slow link). The coordinator is then
+    /// alive, and its answers to this worker's messages wait behind that frame: the liveness
+    /// deadline and the acknowledgement window's watch count from now.
     fn frame_arriving(&mut self) {
         let read = self.ws.get_ref().bytes_read();
         if read != self.read_seen {
@@ -629,7 +634,8 @@ impl<'a> Session<'a> {
             return Ok(bytes);
         }
         let frame = self.frame_text(text);
-        write_result(timeout_at(self.deadline, self.ws.send(frame)).await)?;
+        let send = self.ws.send(frame);
+        write_result(while_draining(send, &mut self.deadline, self.timeout, &self.written).await)?;
         count_out(msg);
         // Sent at once whatever the pace (a heartbeat must not wait), and counted in it: the
         // outbox yields what it took.
@@ -1107,7 +1113,7 @@ impl<'a> Session<'a> {
             Duty::Heartbeat => self.heartbeat().await,
             Duty::Ping => {
                 let ping = self.ws.send(Message::Ping(Default::default()));
-                match timeout_at(self.deadline, ping).await {
+                match while_draining(ping, &mut self.deadline, self.timeout, &self.written).await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(format!("ping: {e}")),
                     Err(_) => Err(self.dead_reason()),
@@ -1217,7 +1223,8 @@ impl<'a> Session<'a> {
             let frame = self.frame_text(text);
             // A feed that did not complete did not take its frame: it waited for room in the
             // write buffer (`poll_ready`) until the deadline, or failed.
-            let fed = timeout_at(self.deadline, self.ws.feed(frame)).await;
+            let feed = self.ws.feed(frame);
+            let fed = while_draining(feed, &mut self.deadline, self.timeout, &self.written).await;
             if let Err(reason) = write_result(fed) {
                 let unsent = taken[entries.start..].iter().map(|(seq, _, _)| *seq);
                 self.agent.outbox.unsend(unsent);
@@ -1257,7 +1264,8 @@ impl<'a> Session<'a> {
         }
         // What was fed is in the window: a flush that stalls until the deadline (a slow link)
         // leaves it to the window's own watch and the liveness deadline.
-        match timeout_at(self.deadline, self.ws.flush()).await {
+        let flush = self.ws.flush();
+        match while_draining(flush, &mut self.deadline, self.timeout, &self.written).await {
             Ok(Err(e)) => Err(format!("write: {e}")),
             _ => Ok(()),
         }
@@ -1782,6 +1790,34 @@ fn peer_max_frame(announced: Option<u64>, own: usize) -> usize {
 }
 
 /// A write bounded by the liveness deadline: `Err(reason)` when it failed or stalled.
+/// Waits for `write` until the liveness `deadline`, and on while the connection takes bytes:
+/// a long frame written into a slow link (a socket buffer that a slow path drains, as on a
+/// real one) is no stalled link, and while the session waits here it reads nothing, not even
+/// the coordinator's pings. At each deadline that passes with bytes taken since the last, the
+/// deadline moves a `timeout` on; one that passes with none taken ends the wait.
+async fn while_draining<T>(
+    write: impl Future<Output = T>,
+    deadline: &mut Instant,
+    timeout: Duration,
+    written: &std::sync::atomic::AtomicU64,
+) -> Result<T, tokio::time::error::Elapsed> {
+    tokio::pin!(write);
+    let mut seen = written.load(Ordering::Relaxed);
+    loop {
+        match timeout_at(*deadline, &mut write).await {
+            Ok(done) => return Ok(done),
+            Err(elapsed) => {
+                let now = written.load(Ordering::Relaxed);
+                if now == seen {
+                    return Err(elapsed);
+                }
+                seen = now;
+                *deadline = Instant::now() + timeout;
+            }
+        }
+    }
+}
+
 fn write_result(
     r: Result<Result<(), tokio_tungstenite::tungstenite::Error>, tokio::time::error::Elapsed>,
 ) -> Result<(), String> {

@@ -341,6 +341,85 @@ async fn a_slow_frame_keeps_the_session(
     c.stop().await;
 }
 
+/// Connects over TCP with a small, fixed send buffer (no autotuning): what a slow link does to
+/// a sender's socket, a write of a long frame waits for the link, as over a real slow path
+/// (loopback's buffers of megabytes would take a whole window at once).
+struct SmallSendBuffer;
+
+impl tether_worker::connector::Connector for SmallSendBuffer {
+    fn connect(
+        &self,
+        url: String,
+        config: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
+    ) -> futures_util::future::BoxFuture<
+        'static,
+        Result<tether_worker::connector::WsStream, tether_worker::connector::ConnectError>,
+    > {
+        Box::pin(async move {
+            let transient = |e: std::io::Error| {
+                tether_worker::connector::ConnectError::Transient(e.to_string())
+            };
+            let host = url
+                .trim_start_matches("ws://")
+                .split('/')
+                .next()
+                .unwrap_or_default();
+            let addr: std::net::SocketAddr = host.parse().expect("a loopback address");
+            let socket = tokio::net::TcpSocket::new_v4().map_err(transient)?;
+            socket.set_send_buffer_size(8 * 1024).map_err(transient)?;
+            let tcp = socket.connect(addr).await.map_err(transient)?;
+            tether_worker::connector::handshake(url, Box::pin(tcp), config).await
+        })
+    }
+}
+
+/// A frame slower than the timeout through a sender's small socket buffer: the worker's writes
+/// wait for the link, longer than the timeout, and reading nothing meanwhile it sees none of
+/// the coordinator's pings; the bytes its socket keeps taking are its sign that the link lives
+/// (without it, every session ended "write stalled" within 4 s and the checkpoint never came).
+#[tokio::test]
+async fn a_frame_written_slower_than_the_liveness_timeout_keeps_the_session() {
+    const SIZE: usize = 256 * 1024;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let proxy = proxy_in_front(&c, 8).await;
+    let cfg = fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w1");
+    let timeout = cfg.heartbeat_timeout;
+    let mut executors = Executors::builtin();
+    executors.register("big_checkpoint", BigCheckpoint(SIZE));
+    let agent =
+        tether_worker::Agent::with_transport(cfg, executors, SmallSendBuffer).expect("agent");
+    let w = spawn_agent(agent);
+    w.wait_state(|s| s == ConnState::Connected).await;
+    // About 260 kB of piece against some 200 kB of buffers (the socket's, the proxy's queue,
+    // its socket's): a write waits several seconds, past the 2 s timeout.
+    let slow = slow_link(&proxy, 20_000, Direction::Upstream).await;
+    let client = c.client();
+    let started = std::time::Instant::now();
+    let ids = client
+        .submit(&[TaskSpec::new("big_checkpoint", serde_json::json!({}))])
+        .await;
+    let t = wait_for("the checkpoint to arrive whole", 4 * DEADLINE, || async {
+        let t = client.task(&ids[0]).await;
+        (!t["latest_checkpoint"].is_null()).then_some(t)
+    })
+    .await;
+    let took = started.elapsed();
+    let stats = slow.remove();
+    assert!(took > 2 * timeout, "{took:?}");
+    assert!(stats.bytes_delayed as usize > SIZE / 2, "{stats:?}");
+    assert_eq!(t["latest_checkpoint"]["size"], SIZE as u64, "{t}");
+    assert_eq!(
+        w.handle.registrations(),
+        1,
+        "one session through the upload"
+    );
+    assert_eq!(client.control(&ids[0], "cancel").await.0, 200);
+    client.wait_status(&ids[0], "cancelled").await;
+    w.stop().await.expect("stop");
+    c.stop().await;
+}
+
 /// The other way: a checkpoint piece that the coordinator sends to a resuming worker slower
 /// than the worker's liveness timeout keeps the session. The worker reads the piece's bytes as
 /// the coordinator's life, and as the reason its acknowledgements are late: they wait behind
