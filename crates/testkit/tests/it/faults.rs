@@ -254,14 +254,18 @@ async fn a_large_checkpoint_over_a_slow_link_does_not_starve_the_session() {
 /// what it sent is being read, not lost.
 #[tokio::test]
 async fn a_frame_slower_than_the_liveness_timeout_keeps_the_session() {
-    a_slow_frame_keeps_the_session(None, None).await;
+    a_slow_frame_keeps_the_session(SlowFrame::default()).await;
 }
 
 /// A coordinator that beats far slower than the worker (5 s against 200 ms, its timeout 15 s
 /// against the worker's 2 s) still pings in time: the worker's timeout is its own.
 #[tokio::test]
 async fn a_slow_frame_keeps_a_worker_that_beats_faster_than_its_coordinator() {
-    a_slow_frame_keeps_the_session(None, Some(std::time::Duration::from_secs(5))).await;
+    a_slow_frame_keeps_the_session(SlowFrame {
+        interval: Some(std::time::Duration::from_secs(5)),
+        ..SlowFrame::default()
+    })
+    .await;
 }
 
 /// The same with integrity tags, where pings and pongs (untagged) keep no session alive: the
@@ -270,15 +274,33 @@ async fn a_slow_frame_keeps_a_worker_that_beats_faster_than_its_coordinator() {
 async fn with_message_mac_a_frame_slower_than_the_liveness_timeout_keeps_the_session() {
     let secret =
         tether_proto::auth::Secret::new(b"fleet secret of the slow link test").expect("secret");
-    a_slow_frame_keeps_the_session(Some(secret), None).await;
+    a_slow_frame_keeps_the_session(SlowFrame {
+        secret: Some(secret),
+        ..SlowFrame::default()
+    })
+    .await;
 }
 
-/// `interval`: the coordinator's heartbeat interval (its timeout three times that), when not
-/// the tests' 200 ms.
-async fn a_slow_frame_keeps_the_session(
+/// How [`a_slow_frame_keeps_the_session`] sets up its link.
+#[derive(Default)]
+struct SlowFrame {
+    /// With integrity tags, under this fleet secret.
     secret: Option<tether_proto::auth::Secret>,
+    /// The coordinator's heartbeat interval (its timeout three times that), when not the
+    /// tests' 200 ms.
     interval: Option<std::time::Duration>,
-) {
+    /// The worker connects through [`SmallSendBuffer`], at 20 kB/s instead of 64.
+    small_send_buffer: bool,
+}
+
+/// A worker uploads a 256 KiB checkpoint through an upstream slower than both sides'
+/// liveness timeouts: the checkpoint arrives whole in one session, the coordinator pinging.
+async fn a_slow_frame_keeps_the_session(how: SlowFrame) {
+    let SlowFrame {
+        secret,
+        interval,
+        small_send_buffer,
+    } = how;
     const SIZE: usize = 256 * 1024;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut coordinator = fast_coordinator_config(dir.path().to_owned());
@@ -298,9 +320,18 @@ async fn a_slow_frame_keeps_the_session(
     let timeout = cfg.heartbeat_timeout;
     let mut executors = Executors::builtin();
     executors.register("big_checkpoint", BigCheckpoint(SIZE));
-    let w = spawn_worker(cfg, executors);
+    let w = match small_send_buffer {
+        true => spawn_agent(
+            tether_worker::Agent::with_transport(cfg, executors, SmallSendBuffer).expect("agent"),
+        ),
+        false => spawn_worker(cfg, executors),
+    };
     w.wait_state(|s| s == ConnState::Connected).await;
-    let slow = slow_link(&proxy, 64_000, Direction::Upstream).await;
+    // Through the small buffer, about 260 kB of piece against some 200 kB of buffers (the
+    // socket's, the proxy's queue, its socket's): a write waits several seconds, past the 2 s
+    // timeout.
+    let rate = if small_send_buffer { 20_000 } else { 64_000 };
+    let slow = slow_link(&proxy, rate, Direction::Upstream).await;
     let client = c.client();
     let started = std::time::Instant::now();
     let ids = client
@@ -379,45 +410,11 @@ impl tether_worker::connector::Connector for SmallSendBuffer {
 /// (without it, every session ended "write stalled" within 4 s and the checkpoint never came).
 #[tokio::test]
 async fn a_frame_written_slower_than_the_liveness_timeout_keeps_the_session() {
-    const SIZE: usize = 256 * 1024;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
-    let proxy = proxy_in_front(&c, 8).await;
-    let cfg = fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w1");
-    let timeout = cfg.heartbeat_timeout;
-    let mut executors = Executors::builtin();
-    executors.register("big_checkpoint", BigCheckpoint(SIZE));
-    let agent =
-        tether_worker::Agent::with_transport(cfg, executors, SmallSendBuffer).expect("agent");
-    let w = spawn_agent(agent);
-    w.wait_state(|s| s == ConnState::Connected).await;
-    // About 260 kB of piece against some 200 kB of buffers (the socket's, the proxy's queue,
-    // its socket's): a write waits several seconds, past the 2 s timeout.
-    let slow = slow_link(&proxy, 20_000, Direction::Upstream).await;
-    let client = c.client();
-    let started = std::time::Instant::now();
-    let ids = client
-        .submit(&[TaskSpec::new("big_checkpoint", serde_json::json!({}))])
-        .await;
-    let t = wait_for("the checkpoint to arrive whole", 4 * DEADLINE, || async {
-        let t = client.task(&ids[0]).await;
-        (!t["latest_checkpoint"].is_null()).then_some(t)
+    a_slow_frame_keeps_the_session(SlowFrame {
+        small_send_buffer: true,
+        ..SlowFrame::default()
     })
     .await;
-    let took = started.elapsed();
-    let stats = slow.remove();
-    assert!(took > 2 * timeout, "{took:?}");
-    assert!(stats.bytes_delayed as usize > SIZE / 2, "{stats:?}");
-    assert_eq!(t["latest_checkpoint"]["size"], SIZE as u64, "{t}");
-    assert_eq!(
-        w.handle.registrations(),
-        1,
-        "one session through the upload"
-    );
-    assert_eq!(client.control(&ids[0], "cancel").await.0, 200);
-    client.wait_status(&ids[0], "cancelled").await;
-    w.stop().await.expect("stop");
-    c.stop().await;
 }
 
 /// The other way: a checkpoint piece that the coordinator sends to a resuming worker slower
