@@ -305,6 +305,9 @@ pub struct Entry {
     /// Bytes read from the connection so far (after TLS), all along its life: the session
     /// tells a frame still arriving from a silent link by it.
     read: AtomicU64,
+    /// Bytes written to the connection so far (after TLS, as `read`): the session tells a write
+    /// into a slow link, taking bytes, from a stalled one by it.
+    written: AtomicU64,
 }
 
 /// Bytes shared by the connections reading past their own budget before registration. One
@@ -402,12 +405,18 @@ impl Entry {
             pool,
             key,
             read: AtomicU64::new(0),
+            written: AtomicU64::new(0),
         }
     }
 
     /// Bytes read from the connection so far.
     pub fn bytes_read(&self) -> u64 {
         self.read.load(Ordering::Relaxed)
+    }
+
+    /// The count of bytes written to the connection so far, as it moves.
+    pub fn written(&self) -> &AtomicU64 {
+        &self.written
     }
 
     /// From now on the connection's reads count against its budget (the worker endpoint, as it
@@ -676,8 +685,10 @@ impl Guarded {
         }
     }
 
-    /// `n` bytes of an answer were written: the request's deadline gives way to the idle one.
+    /// `n` bytes were written: counted, and of an answer, the request's deadline gives way to
+    /// the idle one.
     fn wrote(&mut self, n: usize) {
+        self.entry.written.fetch_add(n as u64, Ordering::Relaxed);
         if n == 0 || self.deadline.is_none() {
             return;
         }

@@ -26,6 +26,7 @@ use futures_util::{SinkExt, StreamExt};
 use tether_proto::auth::{AuthError, Challenge, NONCE_BYTES, to_hex};
 use tether_proto::codec::{MAX_BATCH_MESSAGES, decode_worker_batch};
 use tether_proto::compress::{InflateError, ZSTD, deflate, inflate};
+use tether_proto::drain::while_draining;
 use tether_proto::endpoint::{PathError, is_pipelined, parse_endpoint_path};
 use tether_proto::integrity::{
     self, DEFAULT_MAX_FAILURES, Direction, HMAC_SHA256, MacError, Opener, Sealer, SessionKey,
@@ -143,7 +144,13 @@ fn session(
     opening: Opening,
 ) -> impl Future<Output = ()> + Send {
     let (sink, stream) = socket.split();
-    run(app, worker, Tx { sink, seal: None }, stream, opening)
+    let out = Tx {
+        sink,
+        seal: None,
+        entry: opening.entry.clone(),
+        stall: app.cfg.heartbeat_timeout,
+    };
+    run(app, worker, out, stream, opening)
 }
 
 /// What the handshake leaves to the session loop.
@@ -153,8 +160,6 @@ struct Opened {
     agreed: Inbound,
     /// Stamped at every frame taken as the worker's (the core's view of `last_seen`).
     seen: Arc<crate::core::Seen>,
-    /// The connection's count of bytes read: a frame still arriving shows in it.
-    entry: Arc<Entry>,
 }
 
 /// What the session accepts from its worker, as agreed by the worker's registration.
@@ -272,10 +277,10 @@ async fn handshake(
     });
     let sent = match hold_welcome {
         true => {
-            out.feed_framed(Instant::now() + timeout, &welcome, None, None)
+            out.feed_framed(&mut (Instant::now() + timeout), &welcome, None, None)
                 .await
         }
-        false => out.send(Instant::now() + timeout, &welcome).await,
+        false => out.send(&mut (Instant::now() + timeout), &welcome).await,
     };
     if !sent {
         return None;
@@ -319,12 +324,12 @@ async fn handshake(
         })
         .await
         .ok()?;
+    out.stall = agreed.beat.timeout;
     Some(Opened {
         rx,
         open,
         agreed,
         seen,
-        entry,
     })
 }
 
@@ -350,7 +355,6 @@ fn run(
             mut open,
             mut agreed,
             seen,
-            entry,
         }) = Box::pin(handshake(
             &app,
             &worker,
@@ -380,10 +384,10 @@ fn run(
         tokio::pin!(liveness);
         // The connection's bytes read at the last frame read (of any kind), or at the last
         // keepalive (see `frame_arriving`).
-        let mut read_seen = entry.bytes_read();
+        let mut read_seen = out.entry.bytes_read();
         let (kind, reason): (&'static str, String) = loop {
             tokio::select! {
-                read = frame_arriving(&entry, read_seen, deadline, agreed.beat) => {
+                read = frame_arriving(&out.entry, read_seen, deadline, agreed.beat) => {
                     // A frame longer than the link carries in a heartbeat interval is arriving
                     // (a checkpoint's piece on a slow link): the worker is alive, and its
                     // heartbeats wait behind that frame, so it hears nothing to answer them.
@@ -392,7 +396,14 @@ fn run(
                     deadline = Instant::now() + agreed.beat.timeout;
                     seen.mark();
                     app.counters.keepalive_pings.fetch_add(1, Ordering::Relaxed);
-                    if !out.ping(deadline).await {
+                    // Boxed: a rare path, whose write state inline would size every idle session.
+                    let sent = Box::pin(async {
+                        let before = deadline;
+                        let sent = out.ping(&mut deadline).await;
+                        count_slow_write(&app.counters, before, deadline);
+                        sent
+                    });
+                    if !sent.await {
                         break ("error", "write failed".into());
                     }
                 }
@@ -427,7 +438,7 @@ fn run(
                     };
                     // Whatever it is (a ping, a frame that fails its tag), the bytes read so far
                     // are whole frames: only a frame still arriving shows in the count now.
-                    read_seen = entry.bytes_read();
+                    read_seen = out.entry.bytes_read();
                     #[cfg(test)]
                     tests::panic_if_asked(&worker);
                     // Over the session's message or byte rate: tell it once a second, and read
@@ -450,7 +461,7 @@ fn run(
                         }
                         Err(e) => {
                             // Writes get their own time: the deadline did not move for this frame.
-                            let deadline = Instant::now() + agreed.beat.timeout;
+                            let mut deadline = Instant::now() + agreed.beat.timeout;
                             let failures = open.as_ref().map_or(0, |o| o.failures());
                             app.counters.mac_failures.fetch_add(1, Ordering::Relaxed);
                             metrics::counter!(m::MAC_FAILURES).increment(1);
@@ -460,7 +471,7 @@ fn run(
                                 break ("integrity", format!("{failures} frames failed their integrity tag"));
                             }
                             let e = CoordMsg::error(ErrorCode::BadMac, format!("{e}; the frame was dropped"), None, None);
-                            if !out.send_rare(deadline, e).await {
+                            if !out.send_rare(&mut deadline, e).await {
                                 break ("error", "write failed".into());
                             }
                             continue;
@@ -516,6 +527,7 @@ fn run(
                     // A heartbeat's reply may have retuned the session's cadence: a longer timeout
                     // counts from this frame too (a shorter one from the next).
                     deadline += agreed.beat.timeout.saturating_sub(told);
+                    out.stall = agreed.beat.timeout;
                     let Handled { replies, wait, messages } = handled;
                     // A batch counts against the message rate by its messages: what it saves is
                     // per frame, not a licence to send more.
@@ -529,7 +541,13 @@ fn run(
                     }
                     // Boxed (an allocation per reply): inline, the write's state would size every
                     // idle session's future.
-                    if !replies.is_empty() && !Box::pin(out.send_all(deadline, &replies)).await {
+                    let sent = (!replies.is_empty()).then(|| Box::pin(async {
+                        let before = deadline;
+                        let sent = out.send_all(&mut deadline, &replies).await;
+                        count_slow_write(&app.counters, before, deadline);
+                        sent
+                    }));
+                    if let Some(sent) = sent && !sent.await {
                         break ("error", "write failed".into());
                     }
                 }
@@ -542,7 +560,7 @@ fn run(
                     Some(first) => {
                         // Boxed: its state (the batch, the frames being fed) is the largest of the
                         // session's awaits, and inline it would size every idle session.
-                        let send = Box::pin(send_queued(&mut out, &mut rx, first, deadline, &mut sending, &mut known, &app));
+                        let send = Box::pin(send_queued(&mut out, &mut rx, first, &mut deadline, &mut sending, &mut known, &app));
                         match send.await {
                             Ok(None) => {}
                             Ok(Some((code, reason))) => {
@@ -561,6 +579,14 @@ fn run(
         app.paces.keep(&worker, pace, &app.cfg.limits);
         // Boxed: inline, the wait's state would size every idle session's future.
         Box::pin(departure.leave()).await;
+    }
+}
+
+/// Counts a write that outlasted the session's liveness deadline, `before` it, because the
+/// connection kept taking bytes: [`while_draining`] moved the deadline to `after`.
+fn count_slow_write(c: &Counters, before: Instant, after: Instant) {
+    if after != before {
+        c.slow_writes.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -784,7 +810,7 @@ impl Pace {
                     None,
                     None,
                 );
-                if !out.send(Instant::now() + timeout, &e).await {
+                if !out.send(&mut (Instant::now() + timeout), &e).await {
                     return false;
                 }
             }
@@ -1087,7 +1113,7 @@ impl Conn<'_> {
         &mut self,
         auth: Option<(&WorkerAuth, &str)>,
     ) -> Option<Registered> {
-        let deadline = Instant::now() + self.app.cfg.heartbeat_timeout;
+        let mut deadline = Instant::now() + self.app.cfg.heartbeat_timeout;
         let counters = &self.app.counters;
         for _ in 0..PRE_AUTH_FRAMES {
             let frame = match timeout_at(deadline, self.stream.next()).await {
@@ -1171,7 +1197,7 @@ impl Conn<'_> {
                 Message::Close(_) => return None,
                 Message::Ping(_) | Message::Pong(_) => continue,
             };
-            if !self.tx.send(deadline, &reply).await {
+            if !self.tx.send(&mut deadline, &reply).await {
                 return None;
             }
         }
@@ -1196,7 +1222,7 @@ impl Conn<'_> {
     async fn admit(
         &mut self,
         auth: Option<(&WorkerAuth, &str)>,
-        deadline: Instant,
+        mut deadline: Instant,
         r: Registration,
         text: &str,
     ) -> Option<Registered> {
@@ -1218,7 +1244,7 @@ impl Conn<'_> {
                 self.tx.seal = Some(Box::new(Sealer::new(key.clone(), Direction::ToWorker)));
             }
             if let Some(e) = &refusal.error
-                && !self.tx.send(deadline, e).await
+                && !self.tx.send(&mut deadline, e).await
             {
                 return None;
             }
@@ -1272,7 +1298,7 @@ impl Conn<'_> {
         }
     }
 
-    async fn refuse(&mut self, deadline: Instant, e: &AuthError) {
+    async fn refuse(&mut self, mut deadline: Instant, e: &AuthError) {
         self.app
             .counters
             .auth_failures
@@ -1289,7 +1315,7 @@ impl Conn<'_> {
             Some("registration".into()),
             None,
         );
-        if self.tx.send(deadline, &reply).await {
+        if self.tx.send(&mut deadline, &reply).await {
             self.close(deadline, CLOSE_UNAUTHORIZED, "authentication failed")
                 .await;
         }
@@ -1308,7 +1334,23 @@ async fn send_queued(
     out: &mut Tx,
     rx: &mut crate::core::mailbox::Receiver<Outgoing>,
     first: Outgoing,
-    deadline: Instant,
+    deadline: &mut Instant,
+    agreed: &mut Outbound,
+    known: &mut KnownIds,
+    app: &AppState,
+) -> Result<Option<(u16, String)>, ()> {
+    let before = *deadline;
+    let sent = write_queued(out, rx, first, deadline, agreed, known, app).await;
+    count_slow_write(&app.counters, before, *deadline);
+    sent
+}
+
+/// The writes of [`send_queued`].
+async fn write_queued(
+    out: &mut Tx,
+    rx: &mut crate::core::mailbox::Receiver<Outgoing>,
+    first: Outgoing,
+    deadline: &mut Instant,
     agreed: &mut Outbound,
     known: &mut KnownIds,
     app: &AppState,
@@ -1412,7 +1454,7 @@ async fn feed_one(
     batch: &mut Batch,
     m: &CoordMsg,
     agreed: &Outbound,
-    deadline: Instant,
+    deadline: &mut Instant,
     app: &AppState,
 ) -> bool {
     let threshold = agreed.zstd.then_some(app.cfg.compress_threshold);
@@ -1460,26 +1502,33 @@ fn count_out(m: &CoordMsg) {
 struct Tx {
     sink: SplitSink<WebSocket, Message>,
     seal: Option<Box<Sealer>>,
+    /// The connection's counts of bytes read and written: a write that keeps taking bytes
+    /// waits past its deadline (`while_draining`), and a frame still arriving shows in the
+    /// count read (`frame_arriving`).
+    entry: Arc<Entry>,
+    /// How long a write may take no byte before it has stalled: the session's liveness
+    /// timeout, as last agreed.
+    stall: Duration,
 }
 
 impl Tx {
     /// Sends with a deadline, uncompressed; false when the write failed or stalled.
-    async fn send(&mut self, deadline: Instant, m: &CoordMsg) -> bool {
+    async fn send(&mut self, deadline: &mut Instant, m: &CoordMsg) -> bool {
         self.send_all(deadline, std::slice::from_ref(m)).await
     }
 
     /// [`Tx::send`] for a rare path (a refusal, an integrity error), boxed: inline, the message
     /// and the write's state would size every idle session's future.
-    fn send_rare(
-        &mut self,
-        deadline: Instant,
+    fn send_rare<'a>(
+        &'a mut self,
+        deadline: &'a mut Instant,
         m: CoordMsg,
-    ) -> Pin<Box<impl Future<Output = bool> + Send + '_>> {
+    ) -> Pin<Box<impl Future<Output = bool> + Send + 'a>> {
         Box::pin(async move { self.send(deadline, &m).await })
     }
 
     /// Sends messages, a frame each, with one flush; false when a write failed or stalled.
-    async fn send_all(&mut self, deadline: Instant, ms: &[CoordMsg]) -> bool {
+    async fn send_all(&mut self, deadline: &mut Instant, ms: &[CoordMsg]) -> bool {
         for m in ms {
             if !self.feed_framed(deadline, m, None, None).await {
                 return false;
@@ -1492,7 +1541,7 @@ impl Tx {
     /// frame may wait in the write buffer (`WS_WRITE_BUFFER`) for [`Tx::flush`].
     async fn feed_framed(
         &mut self,
-        deadline: Instant,
+        deadline: &mut Instant,
         m: &CoordMsg,
         threshold: Option<usize>,
         counters: Option<&Counters>,
@@ -1505,7 +1554,7 @@ impl Tx {
     /// Feeds a frame of `json` (one message or a batch), compressed at `threshold`.
     async fn feed_text(
         &mut self,
-        deadline: Instant,
+        deadline: &mut Instant,
         json: String,
         threshold: Option<usize>,
         counters: Option<&Counters>,
@@ -1516,23 +1565,23 @@ impl Tx {
             c.batch_frames_out.fetch_add(1, Ordering::Relaxed);
         }
         let frame = self.frame(json, threshold, counters);
-        matches!(
-            timeout_at(deadline, self.sink.feed(frame)).await,
-            Ok(Ok(()))
-        )
+        let feed = self.sink.feed(frame);
+        let fed = while_draining(feed, deadline, self.stall, self.entry.written()).await;
+        matches!(fed, Ok(Ok(())))
     }
 
     /// Sends a ping (a control frame: no tag); false when the write failed or stalled.
-    async fn ping(&mut self, deadline: Instant) -> bool {
-        matches!(
-            timeout_at(deadline, self.sink.send(Message::Ping(Default::default()))).await,
-            Ok(Ok(()))
-        )
+    async fn ping(&mut self, deadline: &mut Instant) -> bool {
+        let send = self.sink.send(Message::Ping(Default::default()));
+        let sent = while_draining(send, deadline, self.stall, self.entry.written()).await;
+        matches!(sent, Ok(Ok(())))
     }
 
     /// Writes what the write buffer holds; false when the write failed or stalled.
-    async fn flush(&mut self, deadline: Instant) -> bool {
-        matches!(timeout_at(deadline, self.sink.flush()).await, Ok(Ok(())))
+    async fn flush(&mut self, deadline: &mut Instant) -> bool {
+        let flush = self.sink.flush();
+        let flushed = while_draining(flush, deadline, self.stall, self.entry.written()).await;
+        matches!(flushed, Ok(Ok(())))
     }
 
     /// The frame of `json`: compressed at `threshold`, tagged when the session is keyed.

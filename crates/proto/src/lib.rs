@@ -11,12 +11,17 @@
 //! - [`samples`]: one sample of every variant, for conformance tests.
 //!
 //! No async runtime here: this crate is what a worker in another language would re-implement.
+//! Behind features, helpers the coordinator and worker share: `counters` (metrics by message
+//! type), `lockfile` (one process to a directory), `drain` (a write bounded by a liveness
+//! deadline that moves while bytes are taken).
 
 pub mod auth;
 pub mod codec;
 pub mod compress;
 #[cfg(feature = "metrics")]
 pub mod counters;
+#[cfg(feature = "drain")]
+pub mod drain;
 pub mod endpoint;
 pub mod ids;
 pub mod integrity;

@@ -161,6 +161,15 @@ pub async fn spawn_coordinator_with(
         }
         None => TcpListener::bind("127.0.0.1:0").await.expect("bind"),
     };
+    spawn_coordinator_on(cfg, listener).await
+}
+
+/// Starts a coordinator with `cfg` on `listener` (one whose sockets the test set up itself).
+pub async fn spawn_coordinator_on(
+    cfg: CoordinatorConfig,
+    listener: TcpListener,
+) -> TestCoordinator {
+    init_tracing();
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();

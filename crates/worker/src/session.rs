@@ -11,6 +11,7 @@ use futures_util::{SinkExt, StreamExt};
 use tether_proto::auth::Challenge;
 use tether_proto::codec::decode_coord_batch;
 use tether_proto::compress::{InflateError, ZSTD, deflate, inflate};
+use tether_proto::drain::while_draining;
 use tether_proto::integrity::{
     DEFAULT_MAX_FAILURES, Direction, HMAC_SHA256, MacError, Opener, Sealer, SessionKey,
 };
@@ -1787,35 +1788,6 @@ fn peer_max_frame(announced: Option<u64>, own: usize) -> usize {
     announced
         .map_or(own, |n| usize::try_from(n).unwrap_or(usize::MAX))
         .max(MIN_FRAME)
-}
-
-/// A write bounded by the liveness deadline: `Err(reason)` when it failed or stalled.
-/// Waits for `write` until the liveness `deadline`, and on while the connection takes bytes:
-/// a long frame written into a slow link (a socket buffer that a slow path drains, as on a
-/// real one) is no stalled link, and while the session waits here it reads nothing, not even
-/// the coordinator's pings. At each deadline that passes with bytes taken since the last, the
-/// deadline moves a `timeout` on; one that passes with none taken ends the wait.
-async fn while_draining<T>(
-    write: impl Future<Output = T>,
-    deadline: &mut Instant,
-    timeout: Duration,
-    written: &std::sync::atomic::AtomicU64,
-) -> Result<T, tokio::time::error::Elapsed> {
-    tokio::pin!(write);
-    let mut seen = written.load(Ordering::Relaxed);
-    loop {
-        match timeout_at(*deadline, &mut write).await {
-            Ok(done) => return Ok(done),
-            Err(elapsed) => {
-                let now = written.load(Ordering::Relaxed);
-                if now == seen {
-                    return Err(elapsed);
-                }
-                seen = now;
-                *deadline = Instant::now() + timeout;
-            }
-        }
-    }
 }
 
 fn write_result(

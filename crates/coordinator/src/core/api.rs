@@ -486,6 +486,7 @@ impl Core {
             ("mac_sessions", &c.mac_sessions),
             ("mac_failures", &c.mac_failures),
             ("keepalive_pings", &c.keepalive_pings),
+            ("slow_writes", &c.slow_writes),
         ]
         .into_iter()
         .map(|(k, v)| (k, v.load(Ordering::Relaxed)))

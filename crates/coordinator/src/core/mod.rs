@@ -267,6 +267,10 @@ pub struct Counters {
     /// Pings sent to workers whose frame was still arriving a heartbeat interval after their
     /// last one (a long frame on a slow link): their sessions kept, not timed out.
     pub keepalive_pings: AtomicU64,
+    /// Writes to workers that outlasted their session's liveness deadline while the connection
+    /// kept taking bytes (a long frame into a slow link): their sessions kept, not ended
+    /// "write failed".
+    pub slow_writes: AtomicU64,
     /// Sessions open now (past their welcome): the fleet the heartbeat budget is shared by.
     pub sessions_open: AtomicU64,
 }

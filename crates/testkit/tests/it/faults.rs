@@ -289,7 +289,7 @@ struct SlowFrame {
     /// The coordinator's heartbeat interval (its timeout three times that), when not the
     /// tests' 200 ms.
     interval: Option<std::time::Duration>,
-    /// The worker connects through [`SmallSendBuffer`], at 20 kB/s instead of 64.
+    /// The worker connects with [`SMALL_SEND_BUFFER`], at 20 kB/s instead of 64.
     small_send_buffer: bool,
 }
 
@@ -322,7 +322,7 @@ async fn a_slow_frame_keeps_the_session(how: SlowFrame) {
     executors.register("big_checkpoint", BigCheckpoint(SIZE));
     let w = match small_send_buffer {
         true => spawn_agent(
-            tether_worker::Agent::with_transport(cfg, executors, SmallSendBuffer).expect("agent"),
+            tether_worker::Agent::with_transport(cfg, executors, SMALL_SEND_BUFFER).expect("agent"),
         ),
         false => spawn_worker(cfg, executors),
     };
@@ -372,12 +372,26 @@ async fn a_slow_frame_keeps_the_session(how: SlowFrame) {
     c.stop().await;
 }
 
-/// Connects over TCP with a small, fixed send buffer (no autotuning): what a slow link does to
-/// a sender's socket, a write of a long frame waits for the link, as over a real slow path
-/// (loopback's buffers of megabytes would take a whole window at once).
-struct SmallSendBuffer;
+/// Connects over TCP with small, fixed socket buffers (no autotuning), what a slow link does
+/// to its ends' sockets: a write of a long frame waits for the link, as over a real slow path
+/// (loopback's buffers of megabytes, or a proxy reading ahead, would take a whole window at
+/// once).
+#[derive(Clone, Copy, Default)]
+struct Narrow {
+    /// The send buffer's size: the worker's writes wait for the link.
+    send_buffer: Option<usize>,
+    /// Bytes a second the worker reads, through a receive buffer of 8 KiB: the coordinator's
+    /// writes wait for the link.
+    read_rate: Option<u64>,
+}
 
-impl tether_worker::connector::Connector for SmallSendBuffer {
+/// The send buffer [`SlowFrame::small_send_buffer`] connects with.
+const SMALL_SEND_BUFFER: Narrow = Narrow {
+    send_buffer: Some(8 * 1024),
+    read_rate: None,
+};
+
+impl tether_worker::connector::Connector for Narrow {
     fn connect(
         &self,
         url: String,
@@ -386,6 +400,7 @@ impl tether_worker::connector::Connector for SmallSendBuffer {
         'static,
         Result<tether_worker::connector::WsStream, tether_worker::connector::ConnectError>,
     > {
+        let how = *self;
         Box::pin(async move {
             let transient = |e: std::io::Error| {
                 tether_worker::connector::ConnectError::Transient(e.to_string())
@@ -397,10 +412,97 @@ impl tether_worker::connector::Connector for SmallSendBuffer {
                 .unwrap_or_default();
             let addr: std::net::SocketAddr = host.parse().expect("a loopback address");
             let socket = tokio::net::TcpSocket::new_v4().map_err(transient)?;
-            socket.set_send_buffer_size(8 * 1024).map_err(transient)?;
+            if let Some(size) = how.send_buffer {
+                socket
+                    .set_send_buffer_size(size as u32)
+                    .map_err(transient)?;
+            }
+            if how.read_rate.is_some() {
+                socket.set_recv_buffer_size(8 * 1024).map_err(transient)?;
+            }
             let tcp = socket.connect(addr).await.map_err(transient)?;
-            tether_worker::connector::handshake(url, Box::pin(tcp), config).await
+            let io: std::pin::Pin<Box<dyn tether_worker::connector::Io>> = match how.read_rate {
+                Some(rate) => Box::pin(SlowReader::new(tcp, rate)),
+                None => Box::pin(tcp),
+            };
+            tether_worker::connector::handshake(url, io, config).await
         })
+    }
+}
+
+/// A TCP stream read at most `rate` bytes a second: the reader of a slow downstream path.
+struct SlowReader {
+    tcp: tokio::net::TcpStream,
+    rate: u64,
+    started: tokio::time::Instant,
+    taken: u64,
+    wait: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl SlowReader {
+    fn new(tcp: tokio::net::TcpStream, rate: u64) -> Self {
+        let started = tokio::time::Instant::now();
+        Self {
+            tcp,
+            rate,
+            started,
+            taken: 0,
+            wait: Box::pin(tokio::time::sleep_until(started)),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for SlowReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            let due = (this.started.elapsed().as_secs_f64() * this.rate as f64) as u64;
+            // At most a 1 KiB burst ahead of the rate: an idle time earns no more.
+            this.taken = this.taken.max(due.saturating_sub(1024));
+            let allowed = (due + 1024).saturating_sub(this.taken) as usize;
+            if allowed == 0 {
+                let at = (this.taken + 1 - 1024) as f64 / this.rate as f64;
+                let at = this.started + std::time::Duration::from_secs_f64(at);
+                this.wait.as_mut().reset(at);
+                std::task::ready!(this.wait.as_mut().poll(cx));
+                continue;
+            }
+            let mut chunk = vec![0; allowed.min(buf.remaining())];
+            let mut limited = tokio::io::ReadBuf::new(&mut chunk);
+            std::task::ready!(std::pin::Pin::new(&mut this.tcp).poll_read(cx, &mut limited))?;
+            this.taken += limited.filled().len() as u64;
+            buf.put_slice(limited.filled());
+            return Poll::Ready(Ok(()));
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for SlowReader {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
 
@@ -423,10 +525,42 @@ async fn a_frame_written_slower_than_the_liveness_timeout_keeps_the_session() {
 /// the piece.
 #[tokio::test]
 async fn a_checkpoint_fetched_slower_than_the_liveness_timeout_keeps_the_session() {
+    a_slow_fetch_keeps_the_session(false).await;
+}
+
+/// The same where the worker reads slowly through a small receive buffer, with no proxy
+/// reading ahead: the coordinator's write of a piece waits for the link, longer than the
+/// timeout, and reading nothing meanwhile it sees none of the worker's heartbeats; the bytes
+/// its socket keeps taking are its sign that the link lives (without it, every session ended
+/// "write failed" within the timeout and the fetch never finished).
+#[tokio::test]
+async fn a_checkpoint_written_to_a_worker_slower_than_the_liveness_timeout_keeps_the_session() {
+    a_slow_fetch_keeps_the_session(true).await;
+}
+
+/// A resuming worker fetches a 384 KiB checkpoint through a downstream slower than both
+/// sides' liveness timeouts: through a fault proxy at 96 kB/s, or (`narrow`) read at 64 kB/s
+/// through small socket buffers both ends. Its session lives through the fetch.
+async fn a_slow_fetch_keeps_the_session(narrow: bool) {
     // Above what an assignment carries inline (256 KiB): the resuming worker fetches it.
     const SIZE: usize = 384 * 1024;
+    let rate = if narrow { 64_000 } else { 96_000 };
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let cfg = fast_coordinator_config(dir.path().to_owned());
+    let c = match narrow {
+        // The coordinator's sockets take a small send buffer from their listener: on loopback
+        // the kernel grows it past half a megabyte, two pieces at once, and a write of one
+        // would hardly wait for the link.
+        true => {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.set_send_buffer_size(16 * 1024).expect("send buffer");
+            socket
+                .bind("127.0.0.1:0".parse().expect("addr"))
+                .expect("bind");
+            spawn_coordinator_on(cfg, socket.listen(64).expect("listen")).await
+        }
+        false => spawn_coordinator_with(cfg, None).await,
+    };
     let big = || {
         let mut executors = Executors::builtin();
         executors.register("big_checkpoint", BigCheckpoint(SIZE));
@@ -443,11 +577,25 @@ async fn a_checkpoint_fetched_slower_than_the_liveness_timeout_keeps_the_session
         (t["latest_checkpoint"]["attempt"] == 1).then_some(())
     })
     .await;
-    let proxy = proxy_in_front(&c, 7).await;
-    let slow = slow_link(&proxy, 96_000, Direction::Downstream).await;
-    let cfg = fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w2");
-    let timeout = cfg.heartbeat_timeout;
-    let w2 = spawn_worker(cfg, big());
+    let (w2, timeout, slow) = match narrow {
+        true => {
+            let cfg = fast_worker_config(&c.ws_url(), "w2");
+            let timeout = cfg.heartbeat_timeout;
+            let narrow = Narrow {
+                read_rate: Some(rate),
+                ..Narrow::default()
+            };
+            let agent = tether_worker::Agent::with_transport(cfg, big(), narrow).expect("agent");
+            (spawn_agent(agent), timeout, None)
+        }
+        false => {
+            let proxy = proxy_in_front(&c, 7).await;
+            let slow = slow_link(&proxy, rate, Direction::Downstream).await;
+            let cfg = fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w2");
+            let timeout = cfg.heartbeat_timeout;
+            (spawn_worker(cfg, big()), timeout, Some((proxy, slow)))
+        }
+    };
     w2.wait_state(|s| s == ConnState::Connected).await;
     // Stopped, w1 hands the task back at once; w2 resumes it after fetching the checkpoint
     // through the slow link, then writes its own.
@@ -459,12 +607,23 @@ async fn a_checkpoint_fetched_slower_than_the_liveness_timeout_keeps_the_session
     })
     .await;
     let took = started.elapsed();
-    let stats = slow.remove();
     assert!(
         took > 2 * timeout,
         "the fetch must outlast the liveness timeout for this test to mean anything: {took:?}"
     );
-    assert!(stats.bytes_delayed as usize > SIZE / 2, "{stats:?}");
+    match slow {
+        Some((_proxy, slow)) => {
+            let stats = slow.remove();
+            assert!(stats.bytes_delayed as usize > SIZE / 2, "{stats:?}");
+        }
+        None => {
+            let o = client.overview().await;
+            assert!(
+                o["counters"]["slow_writes"].as_u64() > Some(0),
+                "the coordinator's writes must outlast its timeout for this test to mean anything: {o}"
+            );
+        }
+    }
     assert_eq!(
         w2.handle.registrations(),
         1,
