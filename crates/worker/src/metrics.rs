@@ -39,6 +39,9 @@ pub const RECONNECTIONS: &str = "tether_worker_reconnections_total";
 pub const CONNECTION_STATE: &str = "tether_worker_connection_state";
 /// Histogram (s): heartbeat round trip.
 pub const HEARTBEAT_RTT: &str = "tether_worker_heartbeat_rtt_seconds";
+/// Counter: heartbeat round trips left out of the RTT statistics and the adaptive timeout,
+/// measured behind 16 KiB or more queued on the link.
+pub const HEARTBEAT_RTT_LOADED: &str = "tether_worker_heartbeat_rtt_loaded_total";
 /// Histogram (s): silence from the last inbound frame until the session was declared dead.
 pub const DEAD_DETECT: &str = "tether_worker_dead_connection_detect_seconds";
 /// Histogram (s): from losing a session to the next registration.
@@ -135,6 +138,10 @@ fn describe() {
     describe_counter!(RECONNECTIONS, "registrations after a lost session");
     describe_gauge!(CONNECTION_STATE, "1 for the current connection state");
     describe_histogram!(HEARTBEAT_RTT, Unit::Seconds, "heartbeat round trip");
+    describe_counter!(
+        HEARTBEAT_RTT_LOADED,
+        "heartbeat round trips left out of the RTT statistics: measured behind 16 KiB or more queued on the link"
+    );
     describe_histogram!(
         DEAD_DETECT,
         Unit::Seconds,
