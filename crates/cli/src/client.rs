@@ -797,6 +797,12 @@ pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
                 .as_f64()
                 .map(|ms| format!("{:.1}", ms / 1000.0))
                 .unwrap_or_else(|| "-".into()),
+            // The link's delivery rate as the worker measures it ("-": not measured yet).
+            st["send_bytes_per_sec"]
+                .as_f64()
+                .filter(|r| *r > 0.0)
+                .map(|r| format!("{:.1}", r / 1000.0))
+                .unwrap_or_else(|| "-".into()),
             fmt_f(&st["stability"], 3),
             st["reconnects"]
                 .as_u64()
@@ -814,6 +820,7 @@ pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
             "TASKS",
             "RTT_P50_MS",
             "HEARTBEAT_S",
+            "SEND_KB_S",
             "STABILITY",
             "RECONNECTS",
             "REPORTED",

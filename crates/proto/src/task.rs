@@ -283,6 +283,10 @@ pub struct ConnStats {
     /// keep its fleet within its heartbeat budget).
     #[serde(default)]
     pub heartbeat_interval_ms: u64,
+    /// The link's delivery rate to the coordinator, bytes a second, as last measured from
+    /// acknowledgements (0 before a measure): it sizes the send window and checkpoint pieces.
+    #[serde(default)]
+    pub send_bytes_per_sec: u64,
     pub backoff_factor: f64,
     pub next_backoff_ms: u64,
 }

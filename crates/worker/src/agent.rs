@@ -84,10 +84,16 @@ pub struct AgentShared {
     pub bad_frames: AtomicU64,
     /// Frames from the coordinator dropped because their integrity tag did not verify.
     pub mac_failures: AtomicU64,
+    /// Heartbeats answered by the coordinator, every one (also those whose round trip
+    /// measured a loaded link, left out of the RTT statistics).
+    pub heartbeats_answered: AtomicU64,
     /// Current adaptive heartbeat timeout, ms.
     pub heartbeat_timeout_ms: AtomicU64,
     /// Current heartbeat interval, ms.
     pub heartbeat_interval_ms: AtomicU64,
+    /// The link's delivery rate to the coordinator, bytes a second, as last measured; 0
+    /// before a measure.
+    pub send_bytes_per_sec: AtomicU64,
     /// Current backoff factor x 1000.
     pub backoff_factor_milli: AtomicU64,
     /// Next backoff delay before jitter, ms.
@@ -209,6 +215,7 @@ impl AgentHandle {
         let mut s = self.shared.stats().snapshot();
         s.heartbeat_timeout_ms = self.shared.heartbeat_timeout_ms.load(Ordering::Relaxed);
         s.heartbeat_interval_ms = self.shared.heartbeat_interval_ms.load(Ordering::Relaxed);
+        s.send_bytes_per_sec = self.shared.send_bytes_per_sec.load(Ordering::Relaxed);
         s.backoff_factor = self.shared.backoff_factor_milli.load(Ordering::Relaxed) as f64 / 1000.0;
         s.next_backoff_ms = self.shared.next_backoff_ms.load(Ordering::Relaxed);
         s
@@ -496,8 +503,10 @@ impl Agent {
             errors_received: AtomicU64::new(0),
             bad_frames: AtomicU64::new(0),
             mac_failures: AtomicU64::new(0),
+            heartbeats_answered: AtomicU64::new(0),
             heartbeat_timeout_ms: AtomicU64::new(cfg.heartbeat_timeout.as_millis() as u64),
             heartbeat_interval_ms: AtomicU64::new(cfg.heartbeat_interval.as_millis() as u64),
+            send_bytes_per_sec: AtomicU64::new(0),
             backoff_factor_milli: AtomicU64::new((cfg.backoff.factor * 1000.0) as u64),
             next_backoff_ms: AtomicU64::new(cfg.backoff.initial.as_millis() as u64),
             backoff_delay_us: AtomicU64::new(0),

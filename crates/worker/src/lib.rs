@@ -8,6 +8,8 @@
 //! - `dial`: connection attempts; on a path that went silent, one left unanswered for a
 //!   backoff delay gets a newer one beside it.
 //! - [`backoff`], [`adaptive`]: reconnect delays and adaptive parameters.
+//! - [`link`]: the link's delivery rate, measured from acknowledgements, and the send window
+//!   and checkpoint pieces it sizes.
 //! - [`stats`]: connection statistics.
 //! - [`metrics`]: Prometheus metric names and the optional `/metrics` endpoint.
 //! - [`outbox`]: what must be delivered, bounded, ordered and coalesced.
@@ -28,6 +30,7 @@ mod dial;
 pub mod eventlog;
 pub mod executor;
 mod fetch;
+pub mod link;
 pub mod metrics;
 pub mod outbox;
 mod pace;

@@ -48,6 +48,8 @@ pub const DEAD_DETECT: &str = "tether_worker_dead_connection_detect_seconds";
 pub const RECONNECT_DURATION: &str = "tether_worker_reconnect_duration_seconds";
 /// Gauge: the current (adaptive) heartbeat timeout, seconds.
 pub const HEARTBEAT_TIMEOUT: &str = "tether_worker_heartbeat_timeout_seconds";
+/// Gauge (bytes/s): the link's delivery rate to the coordinator, as last measured.
+pub const SEND_RATE: &str = "tether_worker_send_bytes_per_second";
 /// Gauge: connected time / total time.
 pub const STABILITY: &str = "tether_worker_connection_stability";
 
@@ -157,6 +159,10 @@ fn describe() {
         Unit::Seconds,
         "current adaptive liveness timeout"
     );
+    describe_gauge!(
+        SEND_RATE,
+        "bytes a second: the link's delivery rate to the coordinator, measured from acknowledgements (0 before a measure)"
+    );
     describe_gauge!(STABILITY, "connected time / total time");
     describe_counter!(MESSAGES_IN, "messages from the coordinator, by type");
     describe_counter!(MESSAGES_OUT, "messages to the coordinator, by type");
@@ -237,6 +243,7 @@ pub fn render(agent: &AgentHandle) -> String {
     let stats = agent.stats();
     metrics::gauge!(STABILITY).set(stats.stability);
     metrics::gauge!(HEARTBEAT_TIMEOUT).set(stats.heartbeat_timeout_ms as f64 / 1e3);
+    metrics::gauge!(SEND_RATE).set(stats.send_bytes_per_sec as f64);
     metrics::gauge!(OUTBOX_DEPTH).set(agent.outbox.len() as f64);
     metrics::gauge!(OUTBOX_BYTES).set(agent.outbox.bytes() as f64);
     let active = agent.active_tasks();

@@ -82,6 +82,9 @@ pub struct Runner {
     /// The largest frame a message may take (the smaller of this worker's and the
     /// coordinator's limits, once it said): a bigger result is not sent as it is.
     max_frame: Arc<std::sync::atomic::AtomicUsize>,
+    /// The largest checkpoint piece for the link's measured rate (`usize::MAX` until
+    /// measured): on a slow link, pieces of about a second of it ([`crate::link::piece_for`]).
+    link_piece: Arc<std::sync::atomic::AtomicUsize>,
     /// The largest checkpoint the coordinator keeps (its `registration_ack` says it; no limit
     /// until it did): a larger one is kept here but not uploaded.
     max_checkpoint: Arc<std::sync::atomic::AtomicU64>,
@@ -180,6 +183,7 @@ impl Runner {
             tracker: TaskTracker::new(),
             chunk_size,
             max_frame: Arc::new(crate::config::DEFAULT_MAX_FRAME.into()),
+            link_piece: Arc::new(usize::MAX.into()),
             max_checkpoint: Arc::new(u64::MAX.into()),
             checkpoint_root: None,
             group_root: None,
@@ -203,6 +207,21 @@ impl Runner {
     pub fn limit_frames_to(&self, coordinator: usize, own: usize) {
         self.max_frame
             .store(own.min(coordinator), Ordering::Relaxed);
+    }
+
+    /// Cuts the checkpoints written from now on into pieces of about a second of a link of
+    /// `rate` bytes a second (or `chunk_size`, when smaller).
+    pub fn size_pieces_for(&self, rate: f64) {
+        self.link_piece
+            .store(crate::link::piece_for(Some(rate)), Ordering::Relaxed);
+    }
+
+    /// The checkpoint piece size now: `chunk_size`, or less for the link or the frame limit.
+    fn piece_size(&self) -> usize {
+        crate::executor::piece_size(
+            self.chunk_size.min(self.link_piece.load(Ordering::Relaxed)),
+            self.max_frame.load(Ordering::Relaxed),
+        )
     }
 
     /// The largest checkpoint the coordinator keeps, as its `registration_ack` says (`None`:
@@ -444,6 +463,7 @@ impl Runner {
             shared: shared.clone(),
             outbox: self.outbox.clone(),
             chunk_size: self.chunk_size,
+            link_piece: self.link_piece.clone(),
             max_frame: self.max_frame.clone(),
             max_checkpoint: self.max_checkpoint.clone(),
             checkpoint_dir: checkpoint_dir.clone(),
@@ -768,10 +788,7 @@ impl Runner {
                     tracing::debug!(task = %req.task_id, checkpoint = %cp.id, "a re-upload of the checkpoint is under way already");
                     return None;
                 }
-                let piece = crate::executor::piece_size(
-                    self.chunk_size,
-                    self.max_frame.load(Ordering::Relaxed),
-                );
+                let piece = self.piece_size();
                 let limit = self.max_checkpoint.load(Ordering::Relaxed);
                 let this = self.clone();
                 self.tracker.spawn(async move {

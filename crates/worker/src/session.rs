@@ -32,6 +32,7 @@ use crate::adaptive;
 use crate::agent::Agent;
 use crate::config::WorkerConfig;
 use crate::connector::WsStream;
+use crate::link;
 use crate::metrics as m;
 use crate::outbox::{Class, Coalesce, Oversize, frame_fits};
 use crate::stats::ConnState;
@@ -50,10 +51,6 @@ const CLOSE_TOO_BIG: u16 = 1009;
 
 /// Outbox entries sent per batch before the loop looks at inbound frames again.
 const SEND_BATCH: usize = 64;
-/// Estimated bytes sent and not yet acknowledged, at most. Bounds how long a heartbeat can sit
-/// behind a large upload on a slow link (about this much divided by the link's speed), so that
-/// a big checkpoint never starves the session of liveness.
-const SEND_WINDOW: usize = 512 * 1024;
 /// Heartbeats remembered for RTT matching.
 const PENDING_HEARTBEATS: usize = 16;
 /// Bytes queued on the link from which a heartbeat's round trip measures the queue rather
@@ -337,6 +334,8 @@ impl<'a> Session<'a> {
         let max_frame_out = agent.cfg.max_frame;
         let read_seen = ws.get_ref().bytes_read();
         let written = ws.get_ref().written();
+        let measured = agent.shared.send_bytes_per_sec.load(Ordering::Relaxed);
+        let measured = (measured > 0).then_some(measured as f64);
         Self {
             agent,
             ws,
@@ -350,7 +349,7 @@ impl<'a> Session<'a> {
             warned_types: Default::default(),
             zstd: false,
             batching: None,
-            window: Window::default(),
+            window: Window::measured(measured),
             heartbeat_every,
             coordinator_every: Duration::ZERO,
             budget: false,
@@ -1018,7 +1017,7 @@ impl<'a> Session<'a> {
                 armed = at;
                 timer.as_mut().reset(armed);
             }
-            let more = unsent && paced.is_none() && self.window.bytes < SEND_WINDOW;
+            let more = unsent && paced.is_none() && self.window.bytes < self.window.limit;
             let ev = tokio::select! {
                 biased;
                 _ = &mut stop, if !self.draining => Ev::Stop,
@@ -1157,7 +1156,7 @@ impl<'a> Session<'a> {
         // A window that a coordinator never acknowledges stays closed only until the message
         // waiting longest has waited the liveness timeout: that ends the session
         // (`unacknowledged`), and the next one sends it again.
-        let mut budget = SEND_WINDOW.saturating_sub(self.window.bytes);
+        let mut budget = self.window.limit.saturating_sub(self.window.bytes);
         if budget == 0 {
             return Ok(());
         }
@@ -1254,6 +1253,7 @@ impl<'a> Session<'a> {
                     seq: seq.0,
                     bytes: *bytes,
                     at: sent_at,
+                    delivered: 0,
                     in_order: !matches!(msg.as_ref(), WorkerMsg::CheckpointFetch(_)),
                 });
             }
@@ -1376,6 +1376,19 @@ impl<'a> Session<'a> {
         self.retime(p95);
     }
 
+    /// Publishes the link's delivery rate when an acknowledgement moved it: the stats show it,
+    /// and checkpoints written from now on are cut into pieces of about a second of it.
+    fn publish_rate(&mut self) {
+        let Some(rate) = self.window.rate_moved() else {
+            return;
+        };
+        self.agent
+            .shared
+            .send_bytes_per_sec
+            .store(rate as u64, Ordering::Relaxed);
+        self.agent.runner.size_pieces_for(rate);
+    }
+
     fn on_rtt(&mut self, response_to: Option<u64>) {
         let Some(seq) = response_to else { return };
         let Some(pos) = self.pending_heartbeats.iter().position(|b| b.seq == seq) else {
@@ -1386,6 +1399,10 @@ impl<'a> Session<'a> {
         };
         let rtt = beat.at.elapsed();
         m::observe(m::HEARTBEAT_RTT, rtt);
+        self.agent
+            .shared
+            .heartbeats_answered
+            .fetch_add(1, Ordering::Relaxed);
         let arrived = self.ws.get_ref().bytes_read().saturating_sub(beat.read);
         if beat.loaded || arrived > LOADED as u64 {
             metrics::counter!(m::HEARTBEAT_RTT_LOADED).increment(1);
@@ -1423,6 +1440,7 @@ impl<'a> Session<'a> {
     /// the ack hook sees it with the message it acknowledged.
     fn on_ack(&mut self, ack: &tether_proto::msg::Ack, result: bool) {
         self.window.leave(ack.ack_seq.0);
+        self.publish_rate();
         if ack.disposition == tether_proto::msg::Disposition::Rejected {
             tracing::warn!(worker = %self.worker(), seq = %ack.ack_seq, task = ?ack.task_id, "coordinator rejected a message; it will not be resent");
         }
@@ -1477,6 +1495,7 @@ impl<'a> Session<'a> {
         for seq in &seqs {
             self.window.leave(seq.0);
         }
+        self.publish_rate();
         // All of them leave the outbox together (one lock, one journal write).
         let mut held = self
             .agent
@@ -1620,10 +1639,20 @@ impl<'a> Session<'a> {
 /// order, and their bytes. A sorted queue rather than a map: entries are mostly sent and
 /// acknowledged in sequence order, so the work is at its ends (a map's insert and remove, cold
 /// in a fleet of a thousand sessions, were 2.5 % of the stress fleet's CPU).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Window {
     sent: VecDeque<Sent>,
     bytes: usize,
+    /// Bytes acknowledged in this session.
+    delivered: u64,
+    /// The link's rate, from the acknowledgements.
+    rate: link::DeliveryRate,
+    /// The most estimated bytes sent and not yet acknowledged: about a second of the link
+    /// ([`link::window_for`]). Bounds how long a result or a heartbeat sits behind a large
+    /// upload on a slow link, so that a big checkpoint never starves the session.
+    limit: usize,
+    /// The rate last published ([`Window::rate_moved`]).
+    published: Option<f64>,
     /// When an acknowledgement last took an entry out.
     last_ack: Option<Instant>,
     /// The latest send time among the in-order entries acknowledged.
@@ -1650,16 +1679,41 @@ struct Sent {
     seq: u64,
     bytes: usize,
     at: Instant,
+    /// [`Window::delivered`] when it was sent.
+    delivered: u64,
     /// Answered in the order the coordinator handles the session's messages: everything but a
     /// `checkpoint_fetch`, whose `checkpoint_piece` is read from the store apart from the
     /// commits that acknowledge the rest, and may come before or after them.
     in_order: bool,
 }
 
+impl Default for Window {
+    fn default() -> Self {
+        Self::measured(None)
+    }
+}
+
 impl Window {
+    /// A window for a link last measured at `rate` bytes a second (the last session's
+    /// measure: a reconnect over a slow link does not start with a whole window at once).
+    fn measured(rate: Option<f64>) -> Self {
+        Self {
+            sent: VecDeque::new(),
+            bytes: 0,
+            delivered: 0,
+            rate: link::DeliveryRate::default(),
+            limit: link::window_for(rate),
+            published: None,
+            last_ack: None,
+            newest_acked: None,
+            heard: None,
+        }
+    }
+
     /// A sent message takes room until acknowledged. Sent again in the same session (a
     /// `sync_state` directive resends the outbox), it counts once.
-    fn enter(&mut self, e: Sent) {
+    fn enter(&mut self, mut e: Sent) {
+        e.delivered = self.delivered;
         let w = &mut self.sent;
         match w.back() {
             Some(last) if last.seq >= e.seq => {
@@ -1682,12 +1736,28 @@ impl Window {
         if let Ok(i) = self.sent.binary_search_by_key(&seq, |s| s.seq)
             && let Some(e) = self.sent.remove(i)
         {
+            let now = Instant::now();
             self.bytes -= e.bytes;
-            self.last_ack = Some(Instant::now());
+            self.last_ack = Some(now);
             if e.in_order {
                 self.newest_acked = self.newest_acked.max(Some(e.at));
             }
+            // What the link delivered while this message was on its way.
+            self.delivered += e.bytes as u64;
+            let delivered = self.delivered - e.delivered;
+            self.rate.sample(delivered, now - e.at, now);
+            self.limit = link::window_for(self.rate.estimate(now));
         }
+    }
+
+    /// The link's rate when it moved since last asked (and was published).
+    fn rate_moved(&mut self) -> Option<f64> {
+        let rate = self.rate.estimate(Instant::now());
+        if rate == self.published {
+            return None;
+        }
+        self.published = rate;
+        rate
     }
 
     /// The message the link lost, if one is known lost: waiting `timeout` for its
@@ -2144,8 +2214,29 @@ mod tests {
             seq,
             bytes,
             at,
+            delivered: 0,
             in_order: true,
         }
+    }
+
+    /// Messages sent together and acknowledged one a second: each sample is what the link
+    /// delivered while that message was on its way (50 kB a second), not its own bytes over
+    /// its wait (which would read the fourth at 12.5 kB/s).
+    #[tokio::test(start_paused = true)]
+    async fn the_window_holds_about_a_second_of_what_the_link_delivers() {
+        let mut w = Window::default();
+        assert_eq!(w.limit, link::MAX_WINDOW, "before a sample");
+        let t0 = Instant::now();
+        for seq in 1..=4 {
+            w.enter(sent(seq, 50_000, t0));
+        }
+        for seq in 1..=4 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            w.leave(seq);
+        }
+        assert_eq!(w.rate_moved(), Some(50_000.0));
+        assert_eq!(w.limit, 50_000);
+        assert_eq!(w.rate_moved(), None, "published once");
     }
 
     #[test]

@@ -170,6 +170,7 @@ impl StatsTracker {
             reconnect_max_ms: self.reconnect_max_ms,
             heartbeat_timeout_ms: 0,
             heartbeat_interval_ms: 0,
+            send_bytes_per_sec: 0,
             backoff_factor: 0.0,
             next_backoff_ms: 0,
         }

@@ -305,6 +305,8 @@ pub struct TaskCtx {
     pub(crate) shared: Arc<TaskShared>,
     pub(crate) outbox: Arc<Outbox>,
     pub(crate) chunk_size: usize,
+    /// The largest piece for the link's rate (see `Runner::size_pieces_for`).
+    pub(crate) link_piece: Arc<std::sync::atomic::AtomicUsize>,
     /// The largest frame a message may take (see `Runner::limit_frames_to`).
     pub(crate) max_frame: Arc<AtomicUsize>,
     /// The largest checkpoint the coordinator keeps (see `Runner::limit_checkpoints_to`).
@@ -344,6 +346,7 @@ impl TaskCtx {
             shared: shared.clone(),
             outbox: Arc::new(Outbox::new(Default::default())),
             chunk_size: DEFAULT_CHUNK_SIZE,
+            link_piece: Arc::new(usize::MAX.into()),
             max_frame: Arc::new(crate::config::DEFAULT_MAX_FRAME.into()),
             max_checkpoint: Arc::new(u64::MAX.into()),
             checkpoint_dir: None,
@@ -466,7 +469,8 @@ impl TaskCtx {
         self.shared
             .checkpoint_requested
             .store(false, Ordering::Relaxed);
-        let piece = piece_size(self.chunk_size, self.max_frame.load(Ordering::Relaxed));
+        let chunk_size = self.chunk_size.min(self.link_piece.load(Ordering::Relaxed));
+        let piece = piece_size(chunk_size, self.max_frame.load(Ordering::Relaxed));
         let limit = self.max_checkpoint.load(Ordering::Relaxed);
         upload_checkpoint(&self.outbox, &self.shared.task_id, &stored, piece, limit).await;
         self.pause_point().await;
