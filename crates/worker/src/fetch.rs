@@ -19,8 +19,14 @@ use crate::outbox::{Class, Outbox};
 /// back longer than one of the upload.
 pub const FETCH_PIECE: usize = tether_proto::codec::CHECKPOINT_PIECE;
 
-/// Pieces asked for and not yet answered, per checkpoint.
+/// Pieces asked for and not yet answered, per checkpoint, once the link's rate to this worker
+/// is measured (before, one of [`FIRST_PIECE`] at a time).
 pub const FETCH_WINDOW: usize = 4;
+
+/// The piece asked for alone while the link's rate to this worker is not measured: its answer
+/// measures it. On a slow link what the coordinator sends besides waits behind it (at 16 kB/s,
+/// four seconds), not behind a window of four whole pieces (a megabyte: a minute).
+pub const FIRST_PIECE: usize = 64 * 1024;
 
 /// Pieces asked for and not yet answered, over all the worker's fetches: half the coordinator's
 /// bound of a session's fetches in flight, so that a `sync_state` resend of them all fits.
@@ -116,13 +122,15 @@ impl Drop for Registered<'_> {
     }
 }
 
-/// Fetches `wanted` for the attempt of `shared`, `piece` bytes at most a request.
+/// Fetches `wanted` for the attempt of `shared`. `piece()` says the most bytes a request asks
+/// for and whether the link's rate was measured (asked at each request: the rate sizes it, see
+/// `Runner::size_fetches_for`); unmeasured, one request waits alone for its answer.
 pub(crate) async fn fetch(
     outbox: &Outbox,
     fetches: &Fetches,
     shared: &TaskShared,
     wanted: &Wanted,
-    piece: usize,
+    piece: impl Fn() -> (usize, bool),
 ) -> Result<StoredCheckpoint, FetchError> {
     let size = wanted.size;
     if size > MAX_FETCH_SIZE {
@@ -139,7 +147,6 @@ pub(crate) async fn fetch(
         task_id: shared.task_id.clone(),
         tx,
     };
-    let piece = piece.max(1) as u64;
     let ask = |offset: u64, len: u64| async move {
         outbox.reserve().await;
         outbox.push(Class::Notice, None, |seq| {
@@ -158,7 +165,9 @@ pub(crate) async fn fetch(
     let mut asked = HashMap::new();
     let (mut next, mut filled, mut retries) = (0u64, 0u64, 0u32);
     while filled < size {
-        while asked.len() < FETCH_WINDOW && next < size {
+        let (most, measured) = piece();
+        let window = if measured { FETCH_WINDOW } else { 1 };
+        while asked.len() < window && next < size {
             // A fetch waits for a permit only while it holds none: one that holds some takes
             // its answers first (two fetches each waiting, holding what the other wants, would
             // wait for ever).
@@ -170,7 +179,7 @@ pub(crate) async fn fetch(
                     _ = shared.cancel.cancelled() => return Err(FetchError::Stopped),
                 },
             };
-            let len = piece.min(size - next);
+            let len = (most.max(1) as u64).min(size - next);
             asked.insert(ask(next, len).await, (next, len, permit));
             next += len;
         }
@@ -282,7 +291,7 @@ mod tests {
         let runs = futures_util::future::join_all(
             shared
                 .iter()
-                .map(|sh| fetch(&s.outbox, &s.fetches, sh, &s.wanted, 3)),
+                .map(|sh| fetch(&s.outbox, &s.fetches, sh, &s.wanted, || (3, true))),
         );
         tokio::pin!(runs);
         let mut most = 0;
@@ -318,7 +327,7 @@ mod tests {
         for (refusals, fetched) in [(MAX_RETRIES, true), (MAX_RETRIES + 1, false)] {
             let s = setup(10);
             let data: Vec<u8> = (0..10).collect();
-            let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, 100);
+            let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, || (100, true));
             tokio::pin!(run);
             let mut refused = 0;
             let r = loop {
@@ -387,7 +396,7 @@ mod tests {
     async fn pieces_are_asked_a_window_at_a_time_and_put_together_in_any_order() {
         let s = setup(20);
         let data: Vec<u8> = (0..20).collect();
-        let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, 3);
+        let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, || (3, true));
         tokio::pin!(run);
         let mut answered = 0;
         loop {
@@ -426,7 +435,7 @@ mod tests {
     async fn a_refused_or_wrong_piece_fails_the_fetch_and_a_stopped_attempt_stops_it() {
         for case in ["refused", "short", "moved"] {
             let s = setup(10);
-            let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, 100);
+            let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, || (100, true));
             tokio::pin!(run);
             until_waiting(run.as_mut()).await;
             let (seq, offset, _) = asked(&s.outbox)[0];
@@ -447,7 +456,7 @@ mod tests {
         }
         // Told the attempt holds no lease: it is to stop, not to start afresh.
         let s = setup(10);
-        let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, 100);
+        let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, || (100, true));
         tokio::pin!(run);
         until_waiting(run.as_mut()).await;
         let (seq, offset, _) = asked(&s.outbox)[0];
@@ -456,11 +465,11 @@ mod tests {
         assert!(matches!(run.await, Err(FetchError::NotLeased(_))));
         let mut s = setup(10);
         s.wanted.size = MAX_FETCH_SIZE + 1;
-        let r = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, 100).await;
+        let r = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, || (100, true)).await;
         assert!(matches!(r, Err(FetchError::Failed(_))), "too large: {r:?}");
         assert!(s.outbox.is_empty(), "nothing asked for");
         let s = setup(10);
-        let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, 100);
+        let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, || (100, true));
         tokio::pin!(run);
         until_waiting(run.as_mut()).await;
         s.shared.cancel.cancel();

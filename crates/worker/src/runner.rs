@@ -85,6 +85,9 @@ pub struct Runner {
     /// The largest checkpoint piece for the link's measured rate (`usize::MAX` until
     /// measured): on a slow link, pieces of about a second of it ([`crate::link::piece_for`]).
     link_piece: Arc<std::sync::atomic::AtomicUsize>,
+    /// The most a checkpoint fetch asks for at once, for the rate the link delivers to this
+    /// worker ([`Runner::size_fetches_for`]; [`FETCH_PIECE`] at most); 0 until measured.
+    fetch_piece: std::sync::atomic::AtomicUsize,
     /// The largest checkpoint the coordinator keeps (its `registration_ack` says it; no limit
     /// until it did): a larger one is kept here but not uploaded.
     max_checkpoint: Arc<std::sync::atomic::AtomicU64>,
@@ -184,6 +187,7 @@ impl Runner {
             chunk_size,
             max_frame: Arc::new(crate::config::DEFAULT_MAX_FRAME.into()),
             link_piece: Arc::new(usize::MAX.into()),
+            fetch_piece: 0.into(),
             max_checkpoint: Arc::new(u64::MAX.into()),
             checkpoint_root: None,
             group_root: None,
@@ -214,6 +218,16 @@ impl Runner {
     pub fn size_pieces_for(&self, rate: f64) {
         self.link_piece
             .store(crate::link::piece_for(Some(rate)), Ordering::Relaxed);
+    }
+
+    /// Checkpoint fetches from now on ask for pieces such that the window of them in flight
+    /// ([`crate::fetch::FETCH_WINDOW`]) holds about a second of a link delivering `rate` bytes
+    /// a second to this worker: what the coordinator sends besides (assignments, cancels,
+    /// acknowledgements) waits behind that, not behind a megabyte.
+    pub fn size_fetches_for(&self, rate: f64) {
+        let window = crate::fetch::FETCH_WINDOW as f64;
+        let piece = crate::link::piece_for(Some(rate / window)).min(FETCH_PIECE);
+        self.fetch_piece.store(piece, Ordering::Relaxed);
     }
 
     /// The checkpoint piece size now: `chunk_size`, or less for the link or the frame limit.
@@ -419,9 +433,13 @@ impl Runner {
     /// stopped meanwhile, or the coordinator says it holds no lease (it ends without a result).
     /// One the coordinator cannot serve resumes from what `latest` holds, or afresh.
     async fn fetch_checkpoint(&self, shared: &TaskShared, wanted: &Wanted) -> bool {
-        let piece = FETCH_PIECE.min(tether_proto::codec::largest_blob(
-            self.max_frame.load(Ordering::Relaxed),
-        ));
+        let piece = || {
+            let most = tether_proto::codec::largest_blob(self.max_frame.load(Ordering::Relaxed));
+            match self.fetch_piece.load(Ordering::Relaxed) {
+                0 => (most.min(crate::fetch::FIRST_PIECE), false),
+                p => (most.min(p), true),
+            }
+        };
         let t0 = tokio::time::Instant::now();
         match fetch(&self.outbox, &self.fetches, shared, wanted, piece).await {
             Ok(cp) => {

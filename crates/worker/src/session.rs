@@ -1175,6 +1175,7 @@ impl<'a> Session<'a> {
             p.took(taken.len(), Instant::now());
         }
         let sent_at = Instant::now();
+        let read_at = self.ws.get_ref().bytes_read();
         // Frames to feed: their text and the entries they carry.
         let mut frames: Vec<(String, std::ops::Range<usize>)> = Vec::new();
         match self.batching {
@@ -1254,6 +1255,7 @@ impl<'a> Session<'a> {
                     bytes: *bytes,
                     at: sent_at,
                     delivered: 0,
+                    read: read_at,
                     in_order: !matches!(msg.as_ref(), WorkerMsg::CheckpointFetch(_)),
                 });
             }
@@ -1566,7 +1568,10 @@ impl<'a> Session<'a> {
                 // (a result would be dropped undelivered).
                 match outbox.held(piece.ack_seq).as_deref() {
                     Some(WorkerMsg::CheckpointFetch(f)) if f.task_id == piece.task_id => {
-                        self.window.leave(piece.ack_seq.0);
+                        let read = self.ws.get_ref().bytes_read();
+                        if let Some(rate) = self.window.fetched(piece.ack_seq.0, read) {
+                            runner.size_fetches_for(rate);
+                        }
                         outbox.ack(piece.ack_seq);
                     }
                     Some(other) => {
@@ -1653,6 +1658,9 @@ struct Window {
     limit: usize,
     /// The rate last published ([`Window::rate_moved`]).
     published: Option<f64>,
+    /// The rate the link delivers to this worker, from the checkpoint pieces that answer its
+    /// fetches: the bytes read while a fetch was on its way.
+    down: link::DeliveryRate,
     /// When an acknowledgement last took an entry out.
     last_ack: Option<Instant>,
     /// The latest send time among the in-order entries acknowledged.
@@ -1681,6 +1689,8 @@ struct Sent {
     at: Instant,
     /// [`Window::delivered`] when it was sent.
     delivered: u64,
+    /// The connection's count of bytes read when it was sent.
+    read: u64,
     /// Answered in the order the coordinator handles the session's messages: everything but a
     /// `checkpoint_fetch`, whose `checkpoint_piece` is read from the store apart from the
     /// commits that acknowledge the rest, and may come before or after them.
@@ -1704,6 +1714,7 @@ impl Window {
             rate: link::DeliveryRate::default(),
             limit: link::window_for(rate),
             published: None,
+            down: link::DeliveryRate::default(),
             last_ack: None,
             newest_acked: None,
             heard: None,
@@ -1748,6 +1759,20 @@ impl Window {
             self.rate.sample(delivered, now - e.at, now);
             self.limit = link::window_for(self.rate.estimate(now));
         }
+    }
+
+    /// The piece answering fetch `seq` arrived, the connection's count of bytes read at `read`:
+    /// a sample of the rate the link delivers to this worker, which is returned; then the fetch
+    /// leaves the window.
+    fn fetched(&mut self, seq: u64, read: u64) -> Option<f64> {
+        let now = Instant::now();
+        if let Ok(i) = self.sent.binary_search_by_key(&seq, |s| s.seq) {
+            let e = self.sent[i];
+            self.down
+                .sample(read.saturating_sub(e.read), now - e.at, now);
+        }
+        self.leave(seq);
+        self.down.estimate(now)
     }
 
     /// The link's rate when it moved since last asked (and was published).
@@ -2215,6 +2240,7 @@ mod tests {
             bytes,
             at,
             delivered: 0,
+            read: 0,
             in_order: true,
         }
     }
@@ -2237,6 +2263,19 @@ mod tests {
         assert_eq!(w.rate_moved(), Some(50_000.0));
         assert_eq!(w.limit, 50_000);
         assert_eq!(w.rate_moved(), None, "published once");
+    }
+
+    /// A fetch answered two seconds after it was sent, 32 kB read meanwhile: the link
+    /// delivers 16 kB a second to this worker; the fetch leaves the window.
+    #[tokio::test(start_paused = true)]
+    async fn a_fetch_answered_measures_what_the_link_delivers_to_the_worker() {
+        let mut w = Window::default();
+        let mut fetch = sent(1, 200, Instant::now());
+        fetch.read = 1_000;
+        w.enter(fetch);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(w.fetched(1, 33_000), Some(16_000.0));
+        assert_eq!(w.bytes, 0);
     }
 
     #[test]

@@ -615,46 +615,37 @@ async fn a_frame_written_slower_than_the_liveness_timeout_keeps_the_session() {
     .await;
 }
 
-/// The other way: a checkpoint piece that the coordinator sends to a resuming worker slower
-/// than the worker's liveness timeout keeps the session. The worker reads the piece's bytes as
-/// the coordinator's life, and as the reason its acknowledgements are late: they wait behind
-/// the piece.
+/// The other way: a checkpoint that the coordinator hands to a resuming worker in its
+/// assignment, slower than the worker's liveness timeout, keeps the session. The worker reads
+/// the frame's bytes as the coordinator's life, and as the reason its acknowledgements are
+/// late: they wait behind the frame.
 #[tokio::test]
-async fn a_checkpoint_fetched_slower_than_the_liveness_timeout_keeps_the_session() {
-    a_slow_fetch_keeps_the_session(false).await;
+async fn a_checkpoint_handed_over_slower_than_the_liveness_timeout_keeps_the_session() {
+    a_slow_handover_keeps_the_session(false).await;
 }
 
 /// The same where the worker reads slowly through a small receive buffer, with no proxy
-/// reading ahead: the coordinator's write of a piece waits for the link, longer than the
+/// reading ahead: the coordinator's write of the frame waits for the link, longer than the
 /// timeout, and reading nothing meanwhile it sees none of the worker's heartbeats; the bytes
 /// its socket keeps taking are its sign that the link lives (without it, every session ended
-/// "write failed" within the timeout and the fetch never finished).
+/// "write failed" within the timeout and the checkpoint never arrived).
 #[tokio::test]
 async fn a_checkpoint_written_to_a_worker_slower_than_the_liveness_timeout_keeps_the_session() {
-    a_slow_fetch_keeps_the_session(true).await;
+    a_slow_handover_keeps_the_session(true).await;
 }
 
-/// A resuming worker fetches a 384 KiB checkpoint through a downstream slower than both
-/// sides' liveness timeouts: through a fault proxy at 96 kB/s, or (`narrow`) read at 64 kB/s
-/// through small socket buffers both ends. Its session lives through the fetch.
-async fn a_slow_fetch_keeps_the_session(narrow: bool) {
-    // Above what an assignment carries inline (256 KiB): the resuming worker fetches it.
-    const SIZE: usize = 384 * 1024;
-    let rate = if narrow { 64_000 } else { 96_000 };
+/// A resuming worker is handed a 250 KiB checkpoint in its assignment through a downstream
+/// slower than both sides' liveness timeouts (48 kB/s): through a fault proxy, or (`narrow`)
+/// read through small socket buffers both ends. Its session lives through the frame.
+async fn a_slow_handover_keeps_the_session(narrow: bool) {
+    // Within what an assignment carries inline (256 KiB): one frame of five seconds. (A larger
+    // one is fetched in pieces sized for the link, none slower than the timeout.)
+    const SIZE: usize = 250 * 1024;
+    let rate = 48_000;
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = fast_coordinator_config(dir.path().to_owned());
     let c = match narrow {
-        // The coordinator's sockets take a small send buffer from their listener: on loopback
-        // the kernel grows it past half a megabyte, two pieces at once, and a write of one
-        // would hardly wait for the link.
-        true => {
-            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-            socket.set_send_buffer_size(16 * 1024).expect("send buffer");
-            socket
-                .bind("127.0.0.1:0".parse().expect("addr"))
-                .expect("bind");
-            spawn_coordinator_on(cfg, socket.listen(64).expect("listen")).await
-        }
+        true => coordinator_with_small_send_buffers(cfg).await,
         false => spawn_coordinator_with(cfg, None).await,
     };
     let big = || {
@@ -698,15 +689,19 @@ async fn a_slow_fetch_keeps_the_session(narrow: bool) {
     // through the slow link, then writes its own.
     let started = std::time::Instant::now();
     w1.stop().await.expect("stop w1");
-    wait_for("w2's checkpoint after the fetch", 4 * DEADLINE, || async {
-        let t = client.task(&ids[0]).await;
-        (t["latest_checkpoint"]["attempt"] == 2).then_some(())
-    })
+    wait_for(
+        "w2's checkpoint after the handover",
+        4 * DEADLINE,
+        || async {
+            let t = client.task(&ids[0]).await;
+            (t["latest_checkpoint"]["attempt"] == 2).then_some(())
+        },
+    )
     .await;
     let took = started.elapsed();
     assert!(
         took > 2 * timeout,
-        "the fetch must outlast the liveness timeout for this test to mean anything: {took:?}"
+        "the handover must outlast the liveness timeout for this test to mean anything: {took:?}"
     );
     match slow {
         Some(slow) => {
@@ -724,7 +719,7 @@ async fn a_slow_fetch_keeps_the_session(narrow: bool) {
     assert_eq!(
         w2.handle.registrations(),
         1,
-        "w2 kept its session through a piece slower than its timeout"
+        "w2 kept its session through a frame slower than its timeout"
     );
     assert_rtt_is_the_paths(&w2).await;
     let ws: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
@@ -735,6 +730,92 @@ async fn a_slow_fetch_keeps_the_session(narrow: bool) {
     assert_eq!(w2_seen["sessions"], 1, "{w2_seen}");
     assert_eq!(client.control(&ids[0], "cancel").await.0, 200);
     client.wait_status(&ids[0], "cancelled").await;
+    w2.stop().await.expect("stop w2");
+    c.stop().await;
+}
+
+/// A coordinator whose worker connections take a send buffer of 16 KiB from their listener:
+/// on loopback the kernel grows it past half a megabyte, and a write into a slow reader would
+/// hardly wait for the link.
+async fn coordinator_with_small_send_buffers(
+    cfg: tether_coordinator::CoordinatorConfig,
+) -> TestCoordinator {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_send_buffer_size(16 * 1024).expect("send buffer");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    spawn_coordinator_on(cfg, socket.listen(64).expect("listen")).await
+}
+
+/// While a resuming worker fetches a large checkpoint over a slow link, what else the
+/// coordinator sends it (here a second task's assignment) does not wait for the whole fetch:
+/// the first piece is asked for alone and small, and its answer measures the link, which sizes
+/// the pieces after it, so a window of them holds about a second of the link. Before, the
+/// window asked for four pieces of 256 KiB at a time, and the assignment waited behind a
+/// megabyte (a minute at 16 kB/s).
+#[tokio::test]
+async fn an_assignment_is_not_held_behind_a_checkpoint_fetch_on_a_slow_link() {
+    const SIZE: usize = 1024 * 1024;
+    const RATE: u64 = 16_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = fast_coordinator_config(dir.path().to_owned());
+    let c = coordinator_with_small_send_buffers(cfg).await;
+    let big = || {
+        let mut executors = Executors::builtin();
+        executors.register("big_checkpoint", BigCheckpoint(SIZE));
+        executors
+    };
+    let w1 = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), big());
+    w1.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let big_task = client
+        .submit(&[TaskSpec::new("big_checkpoint", serde_json::json!({}))])
+        .await;
+    wait_for("w1's checkpoint", DEADLINE, || async {
+        let t = client.task(&big_task[0]).await;
+        (t["latest_checkpoint"]["attempt"] == 1).then_some(())
+    })
+    .await;
+    let narrow = Narrow {
+        read_rate: Some(RATE),
+        ..Narrow::default()
+    };
+    let cfg = fast_worker_config(&c.ws_url(), "w2");
+    let agent = tether_worker::Agent::with_transport(cfg, big(), narrow).expect("agent");
+    let w2 = spawn_agent(agent);
+    w2.wait_state(|s| s == ConnState::Connected).await;
+    w1.stop().await.expect("stop w1");
+    wait_for("w2 resuming the big task", DEADLINE, || async {
+        let t = client.task(&big_task[0]).await;
+        (t["attempt"] == 2).then_some(())
+    })
+    .await;
+    // Past the first piece (asked for alone): the pieces after it are the measured ones.
+    wait_for("a piece after the first", DEADLINE, || async {
+        let o = client.overview().await;
+        let served = o["counters"]["checkpoint_bytes_served"].as_u64();
+        (served > Some(64 * 1024)).then_some(())
+    })
+    .await;
+    // w2's other slot takes a task of no time, whose assignment the coordinator sends behind
+    // the pieces it is writing.
+    let quick = client
+        .submit(&[TaskSpec::new("sleep", serde_json::json!({ "ms": 0 }))])
+        .await;
+    wait_for("the quick task's result", DEADLINE, || async {
+        let t = client.task(&quick[0]).await;
+        (t["status"] == "completed").then_some(())
+    })
+    .await;
+    let t = client.task(&big_task[0]).await;
+    assert_eq!(
+        t["latest_checkpoint"]["attempt"], 1,
+        "the fetch is still under way: the assignment did not wait for it: {t}"
+    );
+    assert_eq!(w2.handle.registrations(), 1);
+    assert_eq!(client.control(&big_task[0], "cancel").await.0, 200);
+    client.wait_status(&big_task[0], "cancelled").await;
     w2.stop().await.expect("stop w2");
     c.stop().await;
 }
