@@ -44,6 +44,14 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    /// A write's progress: a byte taken a second, `n` times.
+    async fn taking(n: u32, written: Arc<AtomicU64>) {
+        for _ in 0..n {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            written.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_write_that_keeps_taking_bytes_outlasts_its_deadline_and_moves_it() {
         let written = Arc::new(AtomicU64::new(0));
@@ -51,12 +59,8 @@ mod tests {
         let timeout = Duration::from_secs(2);
         let mut deadline = start + timeout;
         // Takes a byte every second for five seconds: never a whole timeout without one.
-        let w = written.clone();
-        let write = async move {
-            for _ in 0..5 {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                w.fetch_add(1, Ordering::Relaxed);
-            }
+        let write = async {
+            taking(5, written.clone()).await;
             "done"
         };
         let r = while_draining(write, &mut deadline, timeout, &written).await;
@@ -93,12 +97,8 @@ mod tests {
         let timeout = Duration::from_secs(2);
         let mut deadline = start + timeout;
         // Three bytes, a second apart, then nothing.
-        let w = written.clone();
-        let write = async move {
-            for _ in 0..3 {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                w.fetch_add(1, Ordering::Relaxed);
-            }
+        let write = async {
+            taking(3, written.clone()).await;
             std::future::pending::<()>().await
         };
         let r = while_draining(write, &mut deadline, timeout, &written).await;

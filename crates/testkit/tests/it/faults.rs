@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use tether_faultproxy::{Direction, Fault, FaultKind, Proxy, ProxyConfig, Target};
-use tether_proto::{TaskSpec, WorkerId};
+use tether_proto::{TaskId, TaskSpec, WorkerId};
 use tether_testkit::*;
 use tether_worker::agent::unix_us;
 use tether_worker::{ConnState, Executors};
@@ -170,39 +170,26 @@ fn noise(size: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Writes one large checkpoint, then runs until cancelled.
+/// Writes one large checkpoint, then runs until cancelled (with `{"finish": true}` in its
+/// config, finishes at once).
 struct BigCheckpoint(usize);
 
 impl tether_worker::Executor for BigCheckpoint {
     fn execute(
         &self,
-        _input: tether_worker::TaskInput,
+        input: tether_worker::TaskInput,
         ctx: tether_worker::TaskCtx,
     ) -> futures_util::future::BoxFuture<'static, Result<serde_json::Value, tether_worker::ExecError>>
     {
         let size = self.0;
+        let finish = input.config["finish"] == true;
         Box::pin(async move {
             ctx.checkpoint(noise(size)).await;
+            if finish {
+                return Ok(serde_json::json!({ "finished": true }));
+            }
             ctx.cancelled().await;
             Err(tether_worker::ExecError::Cancelled)
-        })
-    }
-}
-
-/// Writes one large checkpoint, then finishes at once.
-struct CheckpointThenFinish(usize);
-
-impl tether_worker::Executor for CheckpointThenFinish {
-    fn execute(
-        &self,
-        _input: tether_worker::TaskInput,
-        ctx: tether_worker::TaskCtx,
-    ) -> futures_util::future::BoxFuture<'static, Result<serde_json::Value, tether_worker::ExecError>>
-    {
-        let size = self.0;
-        Box::pin(async move {
-            ctx.checkpoint(noise(size)).await;
-            Ok(serde_json::json!({ "finished": true }))
         })
     }
 }
@@ -221,11 +208,9 @@ async fn a_result_is_not_held_behind_a_checkpoint_on_a_slow_link() {
     let proxy = proxy_in_front(&c, 8).await;
     // Slow from the start: the worker's measure holds a rate for some seconds.
     let slow = slow_link(&proxy, RATE, Direction::Upstream).await;
-    let mut executors = Executors::builtin();
-    executors.register("checkpoint_then_finish", CheckpointThenFinish(SIZE));
     let w = spawn_worker(
         fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w1"),
-        executors,
+        big_checkpoints(SIZE),
     );
     w.wait_state(|s| s == ConnState::Connected).await;
     let measured = wait_for("the link measured", DEADLINE, || async {
@@ -240,8 +225,8 @@ async fn a_result_is_not_held_behind_a_checkpoint_on_a_slow_link() {
     let client = c.client();
     let ids = client
         .submit(&[TaskSpec::new(
-            "checkpoint_then_finish",
-            serde_json::json!({}),
+            "big_checkpoint",
+            serde_json::json!({ "finish": true }),
         )])
         .await;
     let t = wait_for("the result", DEADLINE, || async {
@@ -648,22 +633,8 @@ async fn a_slow_handover_keeps_the_session(narrow: bool) {
         true => coordinator_with_small_send_buffers(cfg).await,
         false => spawn_coordinator_with(cfg, None).await,
     };
-    let big = || {
-        let mut executors = Executors::builtin();
-        executors.register("big_checkpoint", BigCheckpoint(SIZE));
-        executors
-    };
-    let w1 = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), big());
-    w1.wait_state(|s| s == ConnState::Connected).await;
+    let (w1, ids) = checkpointed_by_w1(&c, SIZE).await;
     let client = c.client();
-    let ids = client
-        .submit(&[TaskSpec::new("big_checkpoint", serde_json::json!({}))])
-        .await;
-    wait_for("w1's checkpoint", DEADLINE, || async {
-        let t = client.task(&ids[0]).await;
-        (t["latest_checkpoint"]["attempt"] == 1).then_some(())
-    })
-    .await;
     // The proxy, when there is one, lives to the end: w2 connects through it.
     let (w2, timeout, _proxy, slow) = match narrow {
         true => {
@@ -673,7 +644,8 @@ async fn a_slow_handover_keeps_the_session(narrow: bool) {
                 read_rate: Some(rate),
                 ..Narrow::default()
             };
-            let agent = tether_worker::Agent::with_transport(cfg, big(), narrow).expect("agent");
+            let agent = tether_worker::Agent::with_transport(cfg, big_checkpoints(SIZE), narrow)
+                .expect("agent");
             (spawn_agent(agent), timeout, None, None)
         }
         false => {
@@ -681,7 +653,12 @@ async fn a_slow_handover_keeps_the_session(narrow: bool) {
             let slow = slow_link(&proxy, rate, Direction::Downstream).await;
             let cfg = fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w2");
             let timeout = cfg.heartbeat_timeout;
-            (spawn_worker(cfg, big()), timeout, Some(proxy), Some(slow))
+            (
+                spawn_worker(cfg, big_checkpoints(SIZE)),
+                timeout,
+                Some(proxy),
+                Some(slow),
+            )
         }
     };
     w2.wait_state(|s| s == ConnState::Connected).await;
@@ -734,6 +711,30 @@ async fn a_slow_handover_keeps_the_session(narrow: bool) {
     c.stop().await;
 }
 
+/// The built-in executors and `big_checkpoint`, writing `size` bytes.
+fn big_checkpoints(size: usize) -> Executors {
+    let mut executors = Executors::builtin();
+    executors.register("big_checkpoint", BigCheckpoint(size));
+    executors
+}
+
+/// Worker `w1` runs a `big_checkpoint` task of `size` bytes on `c` until its checkpoint is in:
+/// `w1`, and the task (in a list of one) for another worker to resume.
+async fn checkpointed_by_w1(c: &TestCoordinator, size: usize) -> (TestWorker, Vec<TaskId>) {
+    let w1 = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), big_checkpoints(size));
+    w1.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let ids = client
+        .submit(&[TaskSpec::new("big_checkpoint", serde_json::json!({}))])
+        .await;
+    wait_for("w1's checkpoint", DEADLINE, || async {
+        let t = client.task(&ids[0]).await;
+        (t["latest_checkpoint"]["attempt"] == 1).then_some(())
+    })
+    .await;
+    (w1, ids)
+}
+
 /// A coordinator whose worker connections take a send buffer of 16 KiB from their listener:
 /// on loopback the kernel grows it past half a megabyte, and a write into a slow reader would
 /// hardly wait for the link.
@@ -761,29 +762,15 @@ async fn an_assignment_is_not_held_behind_a_checkpoint_fetch_on_a_slow_link() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = fast_coordinator_config(dir.path().to_owned());
     let c = coordinator_with_small_send_buffers(cfg).await;
-    let big = || {
-        let mut executors = Executors::builtin();
-        executors.register("big_checkpoint", BigCheckpoint(SIZE));
-        executors
-    };
-    let w1 = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), big());
-    w1.wait_state(|s| s == ConnState::Connected).await;
+    let (w1, big_task) = checkpointed_by_w1(&c, SIZE).await;
     let client = c.client();
-    let big_task = client
-        .submit(&[TaskSpec::new("big_checkpoint", serde_json::json!({}))])
-        .await;
-    wait_for("w1's checkpoint", DEADLINE, || async {
-        let t = client.task(&big_task[0]).await;
-        (t["latest_checkpoint"]["attempt"] == 1).then_some(())
-    })
-    .await;
     let narrow = Narrow {
         read_rate: Some(RATE),
         ..Narrow::default()
     };
     let cfg = fast_worker_config(&c.ws_url(), "w2");
-    let agent = tether_worker::Agent::with_transport(cfg, big(), narrow).expect("agent");
-    let w2 = spawn_agent(agent);
+    let agent = tether_worker::Agent::with_transport(cfg, big_checkpoints(SIZE), narrow);
+    let w2 = spawn_agent(agent.expect("agent"));
     w2.wait_state(|s| s == ConnState::Connected).await;
     w1.stop().await.expect("stop w1");
     wait_for("w2 resuming the big task", DEADLINE, || async {
