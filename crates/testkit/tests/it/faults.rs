@@ -415,22 +415,25 @@ async fn a_slow_frame_keeps_the_session(how: SlowFrame) {
         o["counters"]["keepalive_pings"].as_u64() > Some(0),
         "the coordinator pinged while the piece arrived: {o}"
     );
-    assert_eq!(
-        w.handle.registrations(),
-        1,
-        "the worker kept its session through a frame slower than its timeout"
-    );
-    assert_rtt_is_the_paths(&w).await;
-    let ws: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
-    assert_eq!(
-        ws[0]["sessions"], 1,
-        "the coordinator kept it too: {}",
-        ws[0]
-    );
+    assert_kept_its_session(&client, &w, "w1").await;
     assert_eq!(client.control(&ids[0], "cancel").await.0, 200);
     client.wait_status(&ids[0], "cancelled").await;
     w.stop().await.expect("stop");
     c.stop().await;
+}
+
+/// Worker `w` (`id`) kept its one session through a frame slower than its timeout, and so did
+/// the coordinator; its RTT is the path's.
+async fn assert_kept_its_session(client: &Client, w: &TestWorker, id: &str) {
+    assert_eq!(
+        w.handle.registrations(),
+        1,
+        "{id} kept its session through a frame slower than its timeout"
+    );
+    let ws: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
+    let seen = ws.iter().find(|w| w["worker_id"] == id).expect("listed");
+    assert_eq!(seen["sessions"], 1, "the coordinator kept it too: {seen}");
+    assert_rtt_is_the_paths(w).await;
 }
 
 /// Heartbeats sent behind a slow transfer (or answered behind one) waited seconds in the
@@ -693,18 +696,7 @@ async fn a_slow_handover_keeps_the_session(narrow: bool) {
             );
         }
     }
-    assert_eq!(
-        w2.handle.registrations(),
-        1,
-        "w2 kept its session through a frame slower than its timeout"
-    );
-    assert_rtt_is_the_paths(&w2).await;
-    let ws: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
-    let w2_seen = ws
-        .iter()
-        .find(|w| w["worker_id"] == "w2")
-        .expect("w2 listed");
-    assert_eq!(w2_seen["sessions"], 1, "{w2_seen}");
+    assert_kept_its_session(&client, &w2, "w2").await;
     assert_eq!(client.control(&ids[0], "cancel").await.0, 200);
     client.wait_status(&ids[0], "cancelled").await;
     w2.stop().await.expect("stop w2");
