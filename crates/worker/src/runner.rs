@@ -230,14 +230,6 @@ impl Runner {
         self.fetch_piece.store(piece, Ordering::Relaxed);
     }
 
-    /// The checkpoint piece size now: `chunk_size`, or less for the link or the frame limit.
-    fn piece_size(&self) -> usize {
-        crate::executor::piece_size(
-            self.chunk_size.min(self.link_piece.load(Ordering::Relaxed)),
-            self.max_frame.load(Ordering::Relaxed),
-        )
-    }
-
     /// The largest checkpoint the coordinator keeps, as its `registration_ack` says (`None`:
     /// it says nothing, no limit).
     pub fn limit_checkpoints_to(&self, coordinator: Option<u64>) {
@@ -806,7 +798,11 @@ impl Runner {
                     tracing::debug!(task = %req.task_id, checkpoint = %cp.id, "a re-upload of the checkpoint is under way already");
                     return None;
                 }
-                let piece = self.piece_size();
+                let piece = crate::executor::piece_size(
+                    self.chunk_size,
+                    self.link_piece.load(Ordering::Relaxed),
+                    self.max_frame.load(Ordering::Relaxed),
+                );
                 let limit = self.max_checkpoint.load(Ordering::Relaxed);
                 let this = self.clone();
                 self.tracker.spawn(async move {

@@ -1687,7 +1687,7 @@ struct Sent {
     seq: u64,
     bytes: usize,
     at: Instant,
-    /// [`Window::delivered`] when it was sent.
+    /// [`Window::delivered`] when it was sent (set by [`Window::enter`]).
     delivered: u64,
     /// The connection's count of bytes read when it was sent.
     read: u64,

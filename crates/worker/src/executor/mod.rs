@@ -330,10 +330,12 @@ impl std::fmt::Debug for TaskCtx {
 /// Default size of one checkpoint piece on the wire.
 pub const DEFAULT_CHUNK_SIZE: usize = tether_proto::codec::CHECKPOINT_PIECE;
 
-/// The checkpoint piece size to use under a frame limit: `chunk_size`, or less when a piece
-/// (base64 in its message) would not fit in a frame of `max_frame`.
-pub(crate) fn piece_size(chunk_size: usize, max_frame: usize) -> usize {
+/// The checkpoint piece size to use: `chunk_size`, or less for the link (`link_piece`, about a
+/// second of its measured rate: `Runner::size_pieces_for`) or when a piece (base64 in its
+/// message) would not fit in a frame of `max_frame`.
+pub(crate) fn piece_size(chunk_size: usize, link_piece: usize, max_frame: usize) -> usize {
     chunk_size
+        .min(link_piece)
         .min(tether_proto::codec::largest_blob(max_frame))
         .max(1)
 }
@@ -469,8 +471,11 @@ impl TaskCtx {
         self.shared
             .checkpoint_requested
             .store(false, Ordering::Relaxed);
-        let chunk_size = self.chunk_size.min(self.link_piece.load(Ordering::Relaxed));
-        let piece = piece_size(chunk_size, self.max_frame.load(Ordering::Relaxed));
+        let piece = piece_size(
+            self.chunk_size,
+            self.link_piece.load(Ordering::Relaxed),
+            self.max_frame.load(Ordering::Relaxed),
+        );
         let limit = self.max_checkpoint.load(Ordering::Relaxed);
         upload_checkpoint(&self.outbox, &self.shared.task_id, &stored, piece, limit).await;
         self.pause_point().await;
@@ -845,16 +850,29 @@ mod tests {
 
     #[test]
     fn a_checkpoint_piece_fits_in_the_frames_the_coordinator_takes() {
-        assert_eq!(piece_size(DEFAULT_CHUNK_SIZE, 16 << 20), DEFAULT_CHUNK_SIZE);
+        let unbound = usize::MAX;
+        assert_eq!(
+            piece_size(DEFAULT_CHUNK_SIZE, unbound, 16 << 20),
+            DEFAULT_CHUNK_SIZE
+        );
         // A coordinator taking 256 KiB frames: pieces whose base64 fits with room to spare.
-        let piece = piece_size(DEFAULT_CHUNK_SIZE, 256 * 1024);
+        let piece = piece_size(DEFAULT_CHUNK_SIZE, unbound, 256 * 1024);
         let frame = 256 * 1024;
         assert!(tether_proto::codec::fits(
             tether_proto::codec::base64_len(piece),
             frame
         ));
         assert!(piece > 150 * 1024, "{piece}");
-        assert_eq!(piece_size(DEFAULT_CHUNK_SIZE, 0), 1);
+        assert_eq!(piece_size(DEFAULT_CHUNK_SIZE, unbound, 0), 1);
+        // A slow link's measure cuts them smaller still; a fast one never past the chunk size.
+        assert_eq!(
+            piece_size(DEFAULT_CHUNK_SIZE, 16 * 1024, 16 << 20),
+            16 * 1024
+        );
+        assert_eq!(
+            piece_size(DEFAULT_CHUNK_SIZE, 1 << 30, 16 << 20),
+            DEFAULT_CHUNK_SIZE
+        );
     }
 
     /// Storing a checkpoint (the state directory writes the whole blob) runs off the thread of
