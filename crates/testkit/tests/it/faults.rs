@@ -236,10 +236,70 @@ async fn a_result_is_not_held_behind_a_checkpoint_on_a_slow_link() {
     .await;
     assert!(
         t["latest_checkpoint"].is_null(),
-        "the result overtook the checkpoint still uploading: {t}"
+        "the result waited for the checkpoint (recorded first): {t}"
     );
     let stats = slow.remove();
     assert!(stats.bytes_delayed > 0, "{stats:?}");
+    assert_eq!(w.handle.registrations(), 1);
+    w.stop().await.expect("stop");
+    c.stop().await;
+}
+
+/// A link measured fast by a checkpoint's transfer, which then slows down while idle: the
+/// worker's measure follows it from heartbeats within two buckets of samples (10 s), so the
+/// next checkpoint is cut for the slow link and a result does not wait behind it. Keeping the
+/// fast measure through the idle time (as BBR keeps its estimate through application-limited
+/// samples) would cut it into pieces of 256 KiB: half a minute each at 8 kB/s.
+#[tokio::test]
+async fn a_link_that_slowed_while_idle_is_measured_again_before_the_next_checkpoint() {
+    const FIRST: usize = 1024 * 1024;
+    const SIZE: usize = 256 * 1024;
+    const RATE: u64 = 8_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let proxy = proxy_in_front(&c, 9).await;
+    let mut executors = big_checkpoints(FIRST);
+    executors.register("small_checkpoint", BigCheckpoint(SIZE));
+    let w = spawn_worker(
+        fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w1"),
+        executors,
+    );
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let ids = client
+        .submit(&[TaskSpec::new("big_checkpoint", serde_json::json!({}))])
+        .await;
+    wait_for("the first checkpoint", DEADLINE, || async {
+        let t = client.task(&ids[0]).await;
+        (!t["latest_checkpoint"].is_null()).then_some(())
+    })
+    .await;
+    assert_eq!(client.control(&ids[0], "cancel").await.0, 200);
+    client.wait_status(&ids[0], "cancelled").await;
+    let measured = w.handle.stats().send_bytes_per_sec;
+    assert!(
+        measured >= SIZE as u64,
+        "the transfer measured {measured} B/s: the next checkpoint would go in one piece"
+    );
+    let slow = slow_link(&proxy, RATE, Direction::Upstream).await;
+    // Idle but for heartbeats, past the two buckets a measure is kept for.
+    tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+    let ids = client
+        .submit(&[TaskSpec::new(
+            "small_checkpoint",
+            serde_json::json!({ "finish": true }),
+        )])
+        .await;
+    let t = wait_for("the result", 2 * DEADLINE, || async {
+        let t = client.task(&ids[0]).await;
+        (t["status"] == "completed").then_some(t)
+    })
+    .await;
+    assert!(
+        t["latest_checkpoint"].is_null(),
+        "the result waited for the checkpoint (recorded first): {t}"
+    );
+    assert!(slow.remove().bytes_delayed > 0);
     assert_eq!(w.handle.registrations(), 1);
     w.stop().await.expect("stop");
     c.stop().await;
