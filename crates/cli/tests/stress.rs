@@ -260,6 +260,9 @@ fn message_flood_measures_message_rate_and_latency() {
     );
     // The probes' round trips, through the same TLS, authentication and tags as the workers.
     assert!(count(&r["message_latency_ms"]) > 0);
+    // Every worker measured its link; whether its window held it back is counted.
+    assert_eq!(count(&r["send_rate_kb_s"]), 20, "{r}");
+    assert!(r["send_window_waits"].is_u64(), "{r}");
     assert_eq!(r["mac_sessions"], 22, "20 workers and 2 probes: {r}");
     // Over TLS (the coordinator serves nothing else when given a certificate).
     assert!(r["security"].as_str().is_some_and(|s| s.ends_with("; TLS")));

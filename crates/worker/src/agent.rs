@@ -94,6 +94,9 @@ pub struct AgentShared {
     /// The link's delivery rate to the coordinator, bytes a second, as last measured; 0
     /// before a measure.
     pub send_bytes_per_sec: AtomicU64,
+    /// Times entries started to wait for the send window to open (a window held back what
+    /// was ready to send): on a link sized right, rare outside large uploads.
+    pub send_window_full: AtomicU64,
     /// Current backoff factor x 1000.
     pub backoff_factor_milli: AtomicU64,
     /// Next backoff delay before jitter, ms.
@@ -507,6 +510,7 @@ impl Agent {
             heartbeat_timeout_ms: AtomicU64::new(cfg.heartbeat_timeout.as_millis() as u64),
             heartbeat_interval_ms: AtomicU64::new(cfg.heartbeat_interval.as_millis() as u64),
             send_bytes_per_sec: AtomicU64::new(0),
+            send_window_full: AtomicU64::new(0),
             backoff_factor_milli: AtomicU64::new((cfg.backoff.factor * 1000.0) as u64),
             next_backoff_ms: AtomicU64::new(cfg.backoff.initial.as_millis() as u64),
             backoff_delay_us: AtomicU64::new(0),

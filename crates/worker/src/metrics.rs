@@ -50,6 +50,8 @@ pub const RECONNECT_DURATION: &str = "tether_worker_reconnect_duration_seconds";
 pub const HEARTBEAT_TIMEOUT: &str = "tether_worker_heartbeat_timeout_seconds";
 /// Gauge (bytes/s): the link's delivery rate to the coordinator, as last measured.
 pub const SEND_RATE: &str = "tether_worker_send_bytes_per_second";
+/// Counter: times outbox entries started to wait for the send window to open.
+pub const SEND_WINDOW_FULL: &str = "tether_worker_send_window_full_total";
 /// Gauge: connected time / total time.
 pub const STABILITY: &str = "tether_worker_connection_stability";
 
@@ -143,6 +145,10 @@ fn describe() {
     describe_counter!(
         HEARTBEAT_RTT_LOADED,
         "heartbeat round trips left out of the RTT statistics: measured behind 16 KiB or more queued on the link"
+    );
+    describe_counter!(
+        SEND_WINDOW_FULL,
+        "times outbox entries started to wait for the send window (about a second of the link) to open"
     );
     describe_histogram!(
         DEAD_DETECT,

@@ -1018,6 +1018,13 @@ impl<'a> Session<'a> {
                 timer.as_mut().reset(armed);
             }
             let more = unsent && paced.is_none() && self.window.bytes < self.window.limit;
+            if self.window.held_back(unsent && paced.is_none() && !more) {
+                self.agent
+                    .shared
+                    .send_window_full
+                    .fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::SEND_WINDOW_FULL).increment(1);
+            }
             let ev = tokio::select! {
                 biased;
                 _ = &mut stop, if !self.draining => Ev::Stop,
@@ -1661,6 +1668,8 @@ struct Window {
     /// The rate the link delivers to this worker, from the checkpoint pieces that answer its
     /// fetches: the bytes read while a fetch was on its way.
     down: link::DeliveryRate,
+    /// Entries wait for the window to open ([`Window::held_back`]).
+    full: bool,
     /// When an acknowledgement last took an entry out.
     last_ack: Option<Instant>,
     /// The latest send time among the in-order entries acknowledged.
@@ -1715,6 +1724,7 @@ impl Window {
             limit: link::window_for(rate),
             published: None,
             down: link::DeliveryRate::default(),
+            full: false,
             last_ack: None,
             newest_acked: None,
             heard: None,
@@ -1740,6 +1750,14 @@ impl Window {
             _ => w.push_back(e),
         }
         self.bytes += e.bytes;
+    }
+
+    /// Whether entries wait for the window now (`waiting`: more to send, not held by the pace,
+    /// and the window full) when they did not before: the start of a wait, counted once.
+    fn held_back(&mut self, waiting: bool) -> bool {
+        let started = waiting && !self.full;
+        self.full = waiting;
+        started
     }
 
     /// The acknowledged message no longer takes room.
@@ -2263,6 +2281,16 @@ mod tests {
         assert_eq!(w.rate_moved(), Some(50_000.0));
         assert_eq!(w.limit, 50_000);
         assert_eq!(w.rate_moved(), None, "published once");
+    }
+
+    #[test]
+    fn a_wait_for_the_window_counts_once_however_long_it_lasts() {
+        let mut w = Window::default();
+        let waits: Vec<bool> = [false, true, true, true, false, true, false]
+            .into_iter()
+            .map(|waiting| w.held_back(waiting))
+            .collect();
+        assert_eq!(waits, [false, true, false, false, false, true, false]);
     }
 
     /// A fetch answered two seconds after it was sent, 32 kB read meanwhile: the link

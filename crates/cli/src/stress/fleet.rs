@@ -158,6 +158,13 @@ pub struct WorkerRecord {
     pub attempts: Vec<AttemptRecord>,
     /// Backoff delay the worker announced last, ms.
     pub next_backoff_ms: u64,
+    /// Times the worker's outbox entries started to wait for its send window, as of the
+    /// report.
+    #[serde(default)]
+    pub send_window_full: u64,
+    /// The worker's measure of its link, bytes a second, as of the report (0: none yet).
+    #[serde(default)]
+    pub send_bytes_per_sec: u64,
     pub failure: Option<String>,
 }
 
@@ -349,7 +356,10 @@ pub async fn run(a: FleetArgs) -> anyhow::Result<()> {
                             status: status(&members, &shared),
                             workers: members.iter().map(|m| {
                                 let mut r = m.record.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                                r.next_backoff_ms = m.handle.stats().next_backoff_ms;
+                                let stats = m.handle.stats();
+                                r.next_backoff_ms = stats.next_backoff_ms;
+                                r.send_bytes_per_sec = stats.send_bytes_per_sec;
+                                r.send_window_full = m.handle.shared.send_window_full.load(Ordering::Relaxed);
                                 r
                             }).collect(),
                         };

@@ -97,6 +97,13 @@ pub struct Report {
     /// Share of the handled messages acknowledged inside an `acks` (compact acknowledgements)
     /// rather than by an ack of their own.
     pub compact_acked_share: Option<f64>,
+    /// message_flood: times, over the measured window, that a worker's outbox entries started
+    /// to wait for its send window (about a second of its measured link), summed over the
+    /// fleet; and how many workers waited so at least once.
+    pub send_window_waits: Option<u64>,
+    pub workers_window_waited: Option<u64>,
+    /// message_flood: each worker's measure of its link at the window's end, kB a second.
+    pub send_rate_kb_s: Option<Dist>,
     /// Round trip of an acknowledged message (telemetry -> the commits before it -> ack) under load.
     pub message_latency_ms: Option<Dist>,
     /// Tasks submitted, dispatched, executed and durably recorded per second.
@@ -255,6 +262,15 @@ impl Report {
                 "worker messages acknowledged in `acks`, %",
                 format!("{:.1}", v * 100.0),
             );
+        }
+        if let (Some(waits), Some(workers)) = (self.send_window_waits, self.workers_window_waited) {
+            row(
+                "waits for a worker's send window (workers that waited)",
+                format!("{waits} ({workers})"),
+            );
+        }
+        if let Some(d) = &self.send_rate_kb_s {
+            row("workers' measured link, kB/s", dist(d));
         }
         if let Some(d) = &self.message_latency_ms {
             row(

@@ -2,7 +2,7 @@
 //! a [`Report`]; [`Run::finish`] stops both and judges lost and recorded-twice from the
 //! database.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -1042,6 +1042,7 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
         .counters(["messages_in", "frames_in", "compact_acked"])
         .await?;
     let s0 = run.fleet.now().flood_sent;
+    let before = run.fleet.report().await?;
     let (c0, fc0) = (run.coord.sample()?.cpu_s, run.fleet.cpu_s()?);
     let t0 = Instant::now();
     run.phase("flooding", duration.as_secs());
@@ -1063,6 +1064,7 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
     let s1 = run.fleet.now().flood_sent;
     let (c1, fc1) = (run.coord.sample()?.cpu_s, run.fleet.cpu_s()?);
     let dt = t0.elapsed().as_secs_f64();
+    let after = run.fleet.report().await?;
     let lat = probes.await.context("probes")??;
     let r = &mut run.report;
     let mps = (f1 - f0) as f64 / dt;
@@ -1074,6 +1076,16 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
     r.messages_per_frame = Some((f1 - f0) as f64 / (w1 - w0).max(1) as f64);
     r.compact_acked_share = Some((a1 - a0) as f64 / handled);
     r.message_latency_ms = Dist::of(lat);
+    let waits = window_waits(&before, &after);
+    r.send_window_waits = Some(waits.iter().sum());
+    r.workers_window_waited = Some(waits.iter().filter(|w| **w > 0).count() as u64);
+    r.send_rate_kb_s = Dist::of(
+        after
+            .workers
+            .iter()
+            .map(|w| w.send_bytes_per_sec as f64 / 1e3)
+            .collect(),
+    );
     // At a rate asked of the fleet below the target's, the target is out of reach by design.
     let asked = n as f64 * run.a.rate as f64;
     r.target(
@@ -1103,6 +1115,24 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
         run.a.probes, run.a.probe_rate
     ));
     run.wait_all_terminal().await
+}
+
+/// Each worker's waits for its send window between two fleet reports (by worker id: a
+/// worker started between them counts from 0).
+fn window_waits(before: &FleetReport, after: &FleetReport) -> Vec<u64> {
+    let earlier: HashMap<&str, u64> = before
+        .workers
+        .iter()
+        .map(|w| (w.id.as_str(), w.send_window_full))
+        .collect();
+    after
+        .workers
+        .iter()
+        .map(|w| {
+            let from = earlier.get(w.id.as_str()).copied().unwrap_or(0);
+            w.send_window_full.saturating_sub(from)
+        })
+        .collect()
 }
 
 /// Long tasks checkpoint every step; halfway, a quarter of the workers crash; their tasks are
@@ -1339,6 +1369,22 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn window_waits_are_each_workers_between_two_reports() {
+        let worker = |id: &str, full| WorkerRecord {
+            id: id.into(),
+            send_window_full: full,
+            ..WorkerRecord::default()
+        };
+        let report = |workers| FleetReport {
+            status: Status::default(),
+            workers,
+        };
+        let before = report(vec![worker("a", 3), worker("b", 7)]);
+        let after = report(vec![worker("a", 5), worker("b", 7), worker("c", 2)]);
+        assert_eq!(window_waits(&before, &after), [2, 0, 2]);
+    }
 
     #[test]
     fn the_attempts_a_backoff_allows_follow_its_doubling_delays_to_the_cap() {

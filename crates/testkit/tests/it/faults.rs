@@ -241,6 +241,9 @@ async fn a_result_is_not_held_behind_a_checkpoint_on_a_slow_link() {
     let stats = slow.remove();
     assert!(stats.bytes_delayed > 0, "{stats:?}");
     assert_eq!(w.handle.registrations(), 1);
+    // The window (about a second of the link) held the rest of the checkpoint back.
+    let full = w.handle.shared.send_window_full.load(Ordering::Relaxed);
+    assert!(full > 0, "the send window never filled");
     w.stop().await.expect("stop");
     c.stop().await;
 }
