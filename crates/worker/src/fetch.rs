@@ -228,6 +228,7 @@ pub(crate) async fn fetch(
         id: wanted.id.clone(),
         attempt: wanted.attempt,
         data: Arc::new(data),
+        piece: 0,
     })
 }
 

@@ -467,18 +467,38 @@ impl Outbox {
         taken
     }
 
-    /// Drops every held piece (`checkpoint_data`) of checkpoint `id` of `task`, sent or not:
-    /// its announcement was rejected, so none of them would be stored (each would only come
-    /// back `rejected`). Returns how many were dropped.
-    pub fn drop_checkpoint_pieces(&self, task: &TaskId, id: &CheckpointId) -> usize {
+    /// Drops the held pieces (`checkpoint_data`) of the upload of checkpoint `id` of `task`
+    /// announced at `announced`, sent or not: that announcement was rejected, so none of them
+    /// would be stored (each would only come back `rejected`). The upload's pieces are those
+    /// queued after its announcement and before the next announcement of the same checkpoint
+    /// (a re-upload, whose pieces stay: an earlier upload still under way is not one of those
+    /// either, its pieces come before `announced`). Returns how many were dropped.
+    pub fn drop_checkpoint_pieces(
+        &self,
+        task: &TaskId,
+        id: &CheckpointId,
+        announced: Seq,
+    ) -> usize {
         let dropped = {
             let mut inner = self.lock();
+            let next = inner
+                .entries
+                .iter()
+                .filter(|(seq, e)| {
+                    **seq > announced.0
+                        && matches!(e.msg.as_ref(), WorkerMsg::Checkpoint(c)
+                            if &c.task_id == task && &c.checkpoint_id == id)
+                })
+                .map(|(seq, _)| *seq)
+                .min()
+                .unwrap_or(u64::MAX);
             let seqs: Vec<u64> = inner
                 .entries
                 .iter()
-                .filter(|(_, e)| {
-                    matches!(e.msg.as_ref(), WorkerMsg::CheckpointData(d)
-                        if &d.task_id == task && &d.checkpoint_id == id)
+                .filter(|(seq, e)| {
+                    (announced.0 + 1..next).contains(*seq)
+                        && matches!(e.msg.as_ref(), WorkerMsg::CheckpointData(d)
+                            if &d.task_id == task && &d.checkpoint_id == id)
                 })
                 .map(|(seq, _)| *seq)
                 .collect();
@@ -918,23 +938,60 @@ mod tests {
         })
     }
 
+    fn announcement(ob: &Outbox, task: &str, checkpoint: &str) -> Seq {
+        ob.push(Class::State, None, |seq| {
+            WorkerMsg::Checkpoint(tether_proto::msg::Checkpoint {
+                seq,
+                task_id: tid(task),
+                attempt: Attempt(1),
+                checkpoint_id: CheckpointId::parse(checkpoint).expect("id"),
+                size: 16,
+                chunks: 2,
+                timestamp: now(),
+            })
+        })
+    }
+
     /// The pieces of a refused checkpoint leave, sent or not; another checkpoint's, another
     /// task's and everything else stay.
     #[test]
     fn the_pieces_of_a_refused_checkpoint_are_dropped_and_nothing_else() {
         let ob = Outbox::new(Limits::default());
+        let announced = announcement(&ob, "a", "c-1");
+        assert!(ob.take_acked(announced).is_some(), "acknowledged: rejected");
         let sent = piece(&ob, "a", "c-1", 0);
         assert_eq!(order(&ob), vec![sent.0]);
         let unsent = piece(&ob, "a", "c-1", 1);
         let other = piece(&ob, "a", "c-2", 0);
         let other_task = piece(&ob, "b", "c-1", 0);
         let r = result(&ob, "a");
-        let dropped =
-            ob.drop_checkpoint_pieces(&tid("a"), &CheckpointId::parse("c-1").expect("id"));
+        let c1 = CheckpointId::parse("c-1").expect("id");
+        let dropped = ob.drop_checkpoint_pieces(&tid("a"), &c1, announced);
         assert_eq!(dropped, 2);
         assert_eq!(ob.len(), 3);
         assert!(ob.take_acked(sent).is_none() && ob.take_acked(unsent).is_none());
         assert_eq!(order(&ob), vec![r.0, other.0, other_task.0]);
+    }
+
+    /// A re-upload of a checkpoint whose first upload is still under way, refused (by a
+    /// coordinator that saw another count of pieces for it): the first upload's pieces, queued
+    /// before the refused announcement, stay; so do those of a later re-upload.
+    #[test]
+    fn a_refused_re_upload_drops_its_own_pieces_not_another_uploads_of_the_checkpoint() {
+        let ob = Outbox::new(Limits::default());
+        let first = announcement(&ob, "a", "c-1");
+        let kept = [piece(&ob, "a", "c-1", 0), piece(&ob, "a", "c-1", 1)];
+        let again = announcement(&ob, "a", "c-1");
+        let dropped = [piece(&ob, "a", "c-1", 0), piece(&ob, "a", "c-1", 1)];
+        let later = announcement(&ob, "a", "c-1");
+        let kept_later = piece(&ob, "a", "c-1", 0);
+        assert!(ob.take_acked(first).is_some());
+        assert!(ob.take_acked(again).is_some(), "acknowledged: rejected");
+        let c1 = CheckpointId::parse("c-1").expect("id");
+        assert_eq!(ob.drop_checkpoint_pieces(&tid("a"), &c1, again), 2);
+        let left = order(&ob);
+        assert_eq!(left, vec![kept[0].0, kept[1].0, later.0, kept_later.0]);
+        assert!(dropped.iter().all(|s| !left.contains(&s.0)));
     }
 
     #[test]

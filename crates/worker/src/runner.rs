@@ -285,6 +285,7 @@ impl Runner {
                     id: r.checkpoint_id.clone(),
                     attempt: r.attempt,
                     data: Arc::new(data.0.clone()),
+                    piece: 0,
                 }),
                 (None, Some(size)) => Resume::Fetch(
                     Wanted {
@@ -798,11 +799,13 @@ impl Runner {
                     tracing::debug!(task = %req.task_id, checkpoint = %cp.id, "a re-upload of the checkpoint is under way already");
                     return None;
                 }
-                let piece = crate::executor::piece_size(
+                let max_frame = self.max_frame.load(Ordering::Relaxed);
+                let now = crate::executor::piece_size(
                     self.chunk_size,
                     self.link_piece.load(Ordering::Relaxed),
-                    self.max_frame.load(Ordering::Relaxed),
+                    max_frame,
                 );
+                let piece = crate::executor::reupload_piece(&cp, now, max_frame);
                 let limit = self.max_checkpoint.load(Ordering::Relaxed);
                 let this = self.clone();
                 self.tracker.spawn(async move {
@@ -934,6 +937,75 @@ mod tests {
                 }
             })
         }
+    }
+
+    /// Writes a checkpoint of `config.size` bytes, then waits to be cancelled.
+    struct Checkpoints;
+
+    impl Executor for Checkpoints {
+        fn execute(
+            &self,
+            input: TaskInput,
+            ctx: TaskCtx,
+        ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
+            Box::pin(async move {
+                let size = input.config["size"].as_u64().unwrap_or(0) as usize;
+                ctx.checkpoint(vec![7; size]).await;
+                ctx.cancelled().await;
+                Err(ExecError::Cancelled)
+            })
+        }
+    }
+
+    /// The announcements of checkpoints in the outbox: each one's id and count of pieces.
+    fn announced(outbox: &Outbox) -> Vec<(CheckpointId, u32)> {
+        outbox
+            .snapshot()
+            .into_iter()
+            .filter_map(|(_, _, m)| match m.as_ref() {
+                WorkerMsg::Checkpoint(c) => Some((c.checkpoint_id.clone(), c.chunks)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A checkpoint cut for a slow link, then asked for again by an operator once the link was
+    /// measured faster: the re-upload announces the same pieces. The coordinator refuses an
+    /// announcement of a checkpoint it is receiving with another count of pieces, and the
+    /// refusal used to drop the first upload's pieces with the re-upload's: the checkpoint
+    /// never completed.
+    #[tokio::test]
+    async fn a_re_upload_repeats_the_first_uploads_pieces_though_the_link_was_measured_since() {
+        let mut executors = Executors::default();
+        executors.register("cp", Checkpoints);
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner = Arc::new(Runner::new(executors, outbox.clone(), 256 * 1024));
+        runner.size_pieces_for(20_000.0);
+        let mut a = assignment("t", 1, None);
+        a.kind = "cp".into();
+        a.config = serde_json::json!({ "size": 100_000 }).into();
+        runner.assign(a);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while announced(&outbox).is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "no checkpoint");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let first = announced(&outbox);
+        assert_eq!(first[0].1, 5, "cut in pieces of 20 kB");
+        runner.size_pieces_for(10e6);
+        let req = CheckpointRequest {
+            task_id: TaskId::parse("t").expect("id"),
+            attempt: Attempt(1),
+            checkpoint_id: None,
+            timestamp: now(),
+        };
+        assert!(runner.checkpoint_request(&req).is_none(), "re-uploaded");
+        while announced(&outbox).len() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "no re-upload");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(announced(&outbox), [first[0].clone(), first[0].clone()]);
+        runner.shutdown(Duration::from_secs(5)).await;
     }
 
     /// A result nested deeper than the other end decodes would never be acknowledged and
@@ -1565,6 +1637,7 @@ mod tests {
             id: CheckpointId::parse(id).expect("id"),
             attempt: Attempt(attempt),
             data: Arc::new(data.as_bytes().to_vec()),
+            piece: 0,
         }
     }
 

@@ -1458,10 +1458,10 @@ impl<'a> Session<'a> {
         if ack.disposition == tether_proto::msg::Disposition::Rejected
             && let Some(WorkerMsg::Checkpoint(c)) = acked.as_deref()
         {
-            let dropped = self
-                .agent
-                .outbox
-                .drop_checkpoint_pieces(&c.task_id, &c.checkpoint_id);
+            let dropped =
+                self.agent
+                    .outbox
+                    .drop_checkpoint_pieces(&c.task_id, &c.checkpoint_id, ack.ack_seq);
             tracing::warn!(worker = %self.worker(), task = %c.task_id, checkpoint = %c.checkpoint_id, dropped, "checkpoint refused by the coordinator; its pieces are not sent");
         }
         self.acked(ack, acked.as_deref(), result);

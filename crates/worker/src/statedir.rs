@@ -866,6 +866,7 @@ mod tests {
             id: CheckpointId::random(),
             attempt: Attempt(attempt),
             data: Arc::new(data.to_vec()),
+            piece: 0,
         }
     }
 
@@ -996,6 +997,7 @@ mod tests {
                 id: CheckpointId::random(),
                 attempt: Attempt(1),
                 data: Arc::new(b"5".to_vec()),
+                piece: 0,
             };
             sd.store_checkpoint(&tid("long"), &cp).expect("checkpoint");
             sd.task_finished(&tid("short"), Attempt(1)).expect("finish");

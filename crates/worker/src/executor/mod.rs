@@ -238,6 +238,10 @@ pub struct StoredCheckpoint {
     pub id: CheckpointId,
     pub attempt: Attempt,
     pub data: Arc<Vec<u8>>,
+    /// The size of the pieces this worker cut it into to upload it (0: not uploaded from
+    /// here). A re-upload repeats them: the coordinator refuses an announcement of the same
+    /// checkpoint with another count of pieces, and the worker then drops the pieces queued.
+    pub piece: usize,
 }
 
 /// Shared between a running task's context and the runner.
@@ -330,6 +334,17 @@ impl std::fmt::Debug for TaskCtx {
 /// Default size of one checkpoint piece on the wire.
 pub const DEFAULT_CHUNK_SIZE: usize = tether_proto::codec::CHECKPOINT_PIECE;
 
+/// The piece size for a re-upload of `cp`: the pieces it was first cut into, so that the
+/// coordinator sees the same announcement again, unless they no longer fit in a frame of
+/// `max_frame` (the worker then registered with a coordinator taking smaller frames, and the
+/// first upload's pieces cannot go either); `now` otherwise.
+pub(crate) fn reupload_piece(cp: &StoredCheckpoint, now: usize, max_frame: usize) -> usize {
+    match cp.piece {
+        p if p > 0 && p <= tether_proto::codec::largest_blob(max_frame) => p,
+        _ => now,
+    }
+}
+
 /// The checkpoint piece size to use: `chunk_size`, or less for the link (`link_piece`, about a
 /// second of its measured rate: `Runner::size_pieces_for`) or when a piece (base64 in its
 /// message) would not fit in a frame of `max_frame`.
@@ -377,6 +392,7 @@ impl TaskCtx {
             id: CheckpointId::random(),
             attempt: self.shared.attempt,
             data: Arc::new(data),
+            piece: 0,
         });
         self
     }
@@ -434,10 +450,16 @@ impl TaskCtx {
     /// to pause, parks here until resumed: a paused task stops at its next checkpoint.
     pub async fn checkpoint(&self, data: Vec<u8>) -> CheckpointId {
         let id = CheckpointId::random();
+        let piece = piece_size(
+            self.chunk_size,
+            self.link_piece.load(Ordering::Relaxed),
+            self.max_frame.load(Ordering::Relaxed),
+        );
         let stored = StoredCheckpoint {
             id: id.clone(),
             attempt: self.shared.attempt,
             data: Arc::new(data),
+            piece,
         };
         let order = self.shared.storing.clone().lock_owned().await;
         let shared = self.shared.clone();
@@ -471,11 +493,6 @@ impl TaskCtx {
         self.shared
             .checkpoint_requested
             .store(false, Ordering::Relaxed);
-        let piece = piece_size(
-            self.chunk_size,
-            self.link_piece.load(Ordering::Relaxed),
-            self.max_frame.load(Ordering::Relaxed),
-        );
         let limit = self.max_checkpoint.load(Ordering::Relaxed);
         upload_checkpoint(&self.outbox, &self.shared.task_id, &stored, piece, limit).await;
         self.pause_point().await;
@@ -875,6 +892,26 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_re_upload_is_cut_as_the_first_upload_while_those_pieces_fit_a_frame() {
+        let cp = |piece| StoredCheckpoint {
+            id: CheckpointId::random(),
+            attempt: Attempt(1),
+            data: Arc::new(vec![0; 100_000]),
+            piece,
+        };
+        assert_eq!(reupload_piece(&cp(20_000), 256 * 1024, 16 << 20), 20_000);
+        // Not cut here (handed over, fetched, read back from the state directory).
+        assert_eq!(reupload_piece(&cp(0), 64 * 1024, 16 << 20), 64 * 1024);
+        // Too large for the frames of the coordinator registered with since.
+        let small_frames = 64 * 1024;
+        let now = piece_size(DEFAULT_CHUNK_SIZE, usize::MAX, small_frames);
+        assert_eq!(
+            reupload_piece(&cp(DEFAULT_CHUNK_SIZE), now, small_frames),
+            now
+        );
+    }
+
     /// Storing a checkpoint (the state directory writes the whole blob) runs off the thread of
     /// the task that writes it: the other tasks of that thread, the session's among them, run
     /// meanwhile. The sink here waits until another task of the (one-thread) runtime ran.
@@ -990,6 +1027,7 @@ mod tests {
             id: tether_proto::CheckpointId::parse("c-many").expect("id"),
             attempt: Attempt(1),
             data: Arc::new(vec![7; 3 * most]),
+            piece: 0,
         };
         // Three pieces' worth at the most pieces, in pieces of 1 byte asked: 3 bytes instead.
         upload_checkpoint(&outbox, &TaskId::parse("t").expect("id"), &cp, 1, u64::MAX).await;
@@ -1016,6 +1054,7 @@ mod tests {
             id: tether_proto::CheckpointId::parse(id).expect("id"),
             attempt: Attempt(1),
             data: Arc::new(vec![7; n]),
+            piece: 0,
         };
         upload_checkpoint(&outbox, &task, &cp("c-big", 1001), 100, 1000).await;
         let queued = outbox.take_unsent(usize::MAX);

@@ -249,5 +249,6 @@ pub(super) fn read(
         id,
         attempt: Attempt(attempt),
         data: Arc::new(data),
+        piece: 0,
     }))
 }

@@ -54,6 +54,7 @@ fn a_checkpoint_a_newer_attempt_resumed_from_survives_forgetting_the_lost_one() 
             id: cp_id.clone(),
             attempt: Attempt(1),
             data: Arc::new(b"7".to_vec()),
+            piece: 0,
         };
         sd.store_checkpoint(&task, &cp).expect("checkpoint");
     }
