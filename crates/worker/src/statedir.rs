@@ -428,10 +428,8 @@ impl StateDir {
     ) -> Result<(), String> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| e.to_string())?;
-        for seq in removed {
-            tx.execute("DELETE FROM outbox WHERE seq = ?1", params![seq.0 as i64])
-                .map_err(|e| e.to_string())?;
-        }
+        // The entry put first: it can be among those removed (telemetry the push that made it
+        // dropped at once, to keep the outbox within its bounds), and then must not stay.
         if let Some((class, seq, msg)) = put {
             let json = serde_json::to_string(msg).map_err(|e| e.to_string())?;
             tx.execute(
@@ -446,6 +444,10 @@ impl StateDir {
                 )
             })
             .map_err(|e| e.to_string())?;
+        }
+        for seq in removed {
+            tx.execute("DELETE FROM outbox WHERE seq = ?1", params![seq.0 as i64])
+                .map_err(|e| e.to_string())?;
         }
         tx.commit().map_err(|e| e.to_string())
     }
@@ -983,6 +985,23 @@ mod tests {
             vec![(Class::Result, r1), (Class::State, s2)]
         );
         assert_eq!(restored.last_seq, Seq(3), "the acked seq 3 is still used");
+    }
+
+    /// An entry that the write that put it also removes (telemetry dropped by the push that
+    /// made it, the outbox being past its bounds) is not left in the journal, to be replayed
+    /// after a restart and never deleted.
+    #[test]
+    fn an_entry_put_and_removed_in_one_write_is_not_journaled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r1 = result(1, "a");
+        {
+            let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+            sd.write(Some((Class::Result, Seq(1), &r1)), &[]);
+            sd.write(Some((Class::State, Seq(2), &state(2, "b"))), &[Seq(2)]);
+        }
+        let (_sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+        assert_eq!(restored.entries, vec![(Class::Result, r1)]);
+        assert_eq!(restored.last_seq, Seq(2), "its seq is not used again");
     }
 
     #[test]
