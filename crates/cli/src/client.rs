@@ -728,6 +728,7 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
                 (false, _) => "counted".into(),
                 // The result of an attempt a cancel stopped is not late, merely not counted.
                 (true, Some(end)) if end == "cancelled" => "not counted (task cancelled)".into(),
+                (true, Some(end)) if end == "timed_out" => "not counted (task timed out)".into(),
                 (true, Some(end)) => format!("stale (attempt {end})"),
                 (true, None) => "stale".into(),
             },

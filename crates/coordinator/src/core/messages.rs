@@ -565,12 +565,13 @@ impl Core {
         );
     }
 
-    /// Whether `attempt` of `task` ended by a cancel (its record's end is `cancelled`).
+    /// Whether the coordinator ended `attempt` of `task` itself, sending `cancel_task`: a
+    /// user's cancel (its record's end is `cancelled`) or the timeout backstop (`timed_out`).
     fn attempt_cancelled(&self, task: &TaskId, attempt: Attempt) -> bool {
         self.tasks.get(task).is_some_and(|t| {
-            t.attempts
-                .iter()
-                .any(|a| a.attempt == attempt && a.end.as_deref() == Some("cancelled"))
+            t.attempts.iter().any(|a| {
+                a.attempt == attempt && matches!(a.end.as_deref(), Some("cancelled" | "timed_out"))
+            })
         })
     }
 
@@ -1168,9 +1169,18 @@ impl Core {
         } = kind;
         let disposition = match self.standing(worker, &n.task_id, n.attempt) {
             Standing::Holder => {
+                // A notice that contradicts the user's last pause or resume is a late one (a
+                // `task_resumed` answering a resume that a pause has since followed, or one
+                // replayed after a reconnect): the holder hears the desired state again, and
+                // its next notice follows it.
+                let wanted = |t: &crate::model::Task| {
+                    let paused = t.lease.as_ref().map(|l| l.desired == Desired::Paused);
+                    paused.is_none_or(|paused| paused == (status == Some(TaskStatus::Paused)))
+                };
                 if let (Some(status), Some(t)) = (status, self.tasks.get_mut(&n.task_id))
                     && !t.status.is_terminal()
                     && t.status != status
+                    && wanted(t)
                 {
                     t.status = status;
                     t.updated_at = now();

@@ -231,7 +231,12 @@ impl Core {
         let ts = now();
         // A task paused by request stays paused when it moves: it waits, out of the queue,
         // for a resume (a pause may free a shared resource; its next attempt must not take it).
-        let paused = t.status == TaskStatus::Paused;
+        // The user's last word is the lease's desired state; the status follows the holder's
+        // notices, and one late notice could say otherwise.
+        let paused = match &t.lease {
+            Some(lease) => lease.desired == Desired::Paused,
+            None => t.status == TaskStatus::Paused,
+        };
         if let Some(lease) = t.lease.take() {
             if let Some(a) = t.attempts.iter_mut().find(|a| a.attempt == lease.attempt) {
                 a.ended_at.get_or_insert(ts);

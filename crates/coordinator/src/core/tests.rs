@@ -571,7 +571,7 @@ async fn a_task_far_past_its_timeout_is_timed_out_by_the_sweep() {
     let mut cfg = CoordinatorConfig::new("/nonexistent");
     cfg.lost_after = Duration::from_secs(10);
     let mut h = Harness::with(cfg);
-    let (_s, _rx) = h.connect("a");
+    let (s, mut rx) = h.connect("a");
     let mut spec = TaskSpec::new("sleep", serde_json::json!({}));
     spec.timeout_ms = Some(1_000);
     let timed = h.submit_spec(spec);
@@ -583,6 +583,13 @@ async fn a_task_far_past_its_timeout_is_timed_out_by_the_sweep() {
     tokio::time::advance(Duration::from_millis(200)).await;
     sweep(&mut h);
     assert_eq!(h.core.tasks[&timed].status, TaskStatus::TimedOut);
+    // The worker's result after the backstop's `cancel_task`: kept, not counted, and counted
+    // apart from the stale results of lost leases, as after a user's cancel.
+    h.frame("a", s, result(1, &timed, 1));
+    assert_eq!(result_ack(&drain(&mut rx)), Disposition::Stale);
+    assert_eq!(h.core.tasks[&timed].status, TaskStatus::TimedOut);
+    assert_eq!(Counters::get(&h.core.counters.results_cancelled), 1);
+    assert_eq!(Counters::get(&h.core.counters.results_stale), 0);
 }
 
 #[test]
@@ -2042,6 +2049,59 @@ fn a_paused_task_stays_paused_when_its_lease_ends_and_runs_again_only_once_resum
     let cancelled = control(&mut h, &later, super::ControlOp::Cancel).expect("cancelled");
     assert_eq!(cancelled.status, TaskStatus::Cancelled);
     assert!(h.core.queue.is_empty());
+}
+
+/// The holder's notices follow the user's pause and resume, never lead them: a late
+/// `task_resumed` (answering a resume that a pause has since followed) neither shows the task
+/// running nor lets it move to another worker when its own is lost; a late `task_paused` after a
+/// resume does not hold it out of the queue.
+#[test]
+fn a_late_pause_or_resume_notice_does_not_overrule_the_users_last_word() {
+    use super::ControlOp::{Pause, Resume};
+    let notice = |t: &TaskId| tether_proto::msg::TaskNotice {
+        seq: Seq(1),
+        task_id: t.clone(),
+        attempt: Attempt(1),
+        timestamp: now(),
+    };
+    // Paused, resumed, paused again; then the notice of the resume comes.
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit();
+    assert!(assigned(&drain(&mut rx), &t));
+    for op in [Pause, Resume, Pause] {
+        control(&mut h, &t, op).expect("control");
+    }
+    h.frame("a", s, WorkerMsg::TaskResumed(notice(&t)));
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Paused);
+    h.lose("a", s, &t);
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Paused, "held");
+    assert!(h.core.queue.is_empty(), "held out of the queue");
+    // Paused, then resumed; then the notice of the pause comes.
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit();
+    assert!(assigned(&drain(&mut rx), &t));
+    control(&mut h, &t, Pause).expect("paused");
+    control(&mut h, &t, Resume).expect("resumed");
+    h.frame("a", s, WorkerMsg::TaskPaused(notice(&t)));
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Running);
+    h.lose("a", s, &t);
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Queued, "queued again");
+    // A notice that agrees is taken: the status shows the holder parked.
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit();
+    assert!(assigned(&drain(&mut rx), &t));
+    h.frame("a", s, WorkerMsg::TaskPaused(notice(&t)));
+    assert_eq!(
+        h.core.tasks[&t].status,
+        TaskStatus::Running,
+        "no pause was asked"
+    );
+    control(&mut h, &t, Pause).expect("paused");
+    h.frame("a", s, WorkerMsg::TaskPaused(notice(&t)));
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Paused);
 }
 
 /// What workers report is logged within a budget a second across all of them (a worker may
