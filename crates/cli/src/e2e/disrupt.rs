@@ -18,6 +18,11 @@ use super::verdict::Outlived;
 pub const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Poll period of every wait here.
 const TICK: Duration = Duration::from_millis(20);
+/// How long a `worker_kill` waits for a worker running a `command` task, and a `worker_stop`
+/// for one holding a lease, before it takes the planned worker as it is: the verdict needs at
+/// least one of each to have hit work (a wave of tasks, a command among them, goes in after
+/// every disruption, so it rarely waits).
+pub const TARGET_WAIT: Duration = Duration::from_secs(10);
 
 /// The live system a disruption acts on.
 pub struct System {
@@ -133,19 +138,55 @@ impl System {
     }
 
     /// A `worker_kill`'s worker: the planned one if it runs a `command` task's processes,
-    /// else the next (in the fleet's order) that does, else the planned one. Killed in the
-    /// middle of a command, a worker leaves processes its warden must end.
-    fn mid_command(&self, planned: Option<usize>) -> Option<usize> {
+    /// else the next (in the fleet's order) that does; waited for up to [`TARGET_WAIT`], else
+    /// the planned one. Killed in the middle of a command, a worker leaves processes its warden
+    /// must end.
+    async fn mid_command(&self, planned: Option<usize>) -> Option<usize> {
         let start = planned?;
         let n = self.workers.len();
-        (0..n)
-            .map(|k| (start + k) % n)
-            .find(|i| {
+        let find = || {
+            (0..n).map(|k| (start + k) % n).find(|i| {
                 self.workers[*i]
                     .pid()
                     .is_some_and(|pid| !procs::task_processes(pid).is_empty())
             })
-            .or(planned)
+        };
+        let mut found = None;
+        until(TARGET_WAIT, || {
+            found = find();
+            found.is_some()
+        })
+        .await;
+        found.or(planned)
+    }
+
+    /// A `worker_stop`'s worker: the planned one if the coordinator has it holding a lease,
+    /// else the next that does; waited for up to [`TARGET_WAIT`], else the planned one. A stop
+    /// of a worker holding nothing would show nothing of the handing back.
+    async fn holding_a_lease(&self, planned: Option<usize>) -> Option<usize> {
+        let start = planned?;
+        let n = self.workers.len();
+        let end = tokio::time::Instant::now() + TARGET_WAIT;
+        loop {
+            if let Ok(ws) = self.coordinator.api.get("/api/v1/workers").await {
+                let holding = |id: &str| {
+                    ws.as_array().into_iter().flatten().any(|w| {
+                        w["worker_id"] == id
+                            && w["leases"].as_array().is_some_and(|l| !l.is_empty())
+                    })
+                };
+                let found = (0..n)
+                    .map(|k| (start + k) % n)
+                    .find(|i| holding(&self.workers[*i].id));
+                if found.is_some() {
+                    return found;
+                }
+            }
+            if tokio::time::Instant::now() >= end {
+                return planned;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Applies `d`, holds it, removes it, and waits for the fleet to be whole again.
@@ -154,7 +195,14 @@ impl System {
         let d = match d.kind {
             Kind::WorkerKill => {
                 retargeted = Disruption {
-                    target: self.mid_command(d.target),
+                    target: self.mid_command(d.target).await,
+                    ..d.clone()
+                };
+                &retargeted
+            }
+            Kind::WorkerStop => {
+                retargeted = Disruption {
+                    target: self.holding_a_lease(d.target).await,
                     ..d.clone()
                 };
                 &retargeted

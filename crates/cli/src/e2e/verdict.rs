@@ -392,7 +392,7 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
     // A worker stopped gracefully says `worker_stopped` once every result is acknowledged:
     // the coordinator hands its leases on at once (`stopped`), not after the grace period.
     let stops: Vec<&DisruptionView> = d.iter().filter(|x| x.kind == Kind::WorkerStop).collect();
-    let bad = stops
+    let mut bad: Vec<String> = stops
         .iter()
         .filter_map(|x| {
             let left = &x.handback.as_ref()?.left;
@@ -405,6 +405,18 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
             })
         })
         .collect();
+    // Stops of workers that held nothing would pass without showing anything.
+    let held = |x: &&DisruptionView| {
+        x.handback
+            .as_ref()
+            .is_some_and(|h| h.handed_back + h.left.len() > 0)
+    };
+    if !stops.is_empty() && !stops.iter().any(held) {
+        bad.push(format!(
+            "none of the {} worker stops hit a worker holding a lease: nothing was handed back",
+            stops.len()
+        ));
+    }
     checks.push(check(
         "stopped_workers_handed_back_their_leases",
         stops.len(),
@@ -414,7 +426,7 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
     // A killed worker cannot end its tasks' processes; its warden does, before any worker
     // starts again.
     let kills: Vec<&DisruptionView> = d.iter().filter(|x| x.kind == Kind::WorkerKill).collect();
-    let bad = kills
+    let mut bad: Vec<String> = kills
         .iter()
         .filter_map(|x| {
             let o = x.outlived.as_ref()?;
@@ -433,6 +445,14 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
             })
         })
         .collect();
+    // Kills of workers that ran no task process would pass without testing the warden.
+    let ran = |x: &&DisruptionView| x.outlived.as_ref().is_some_and(|o| o.ran > 0);
+    if !kills.is_empty() && !kills.iter().any(ran) {
+        bad.push(format!(
+            "none of the {} worker kills hit a worker running a task process: the sweep of what it left was not exercised",
+            kills.len()
+        ));
+    }
     checks.push(check(
         "no_task_process_outlived_its_worker",
         kills.len(),
@@ -733,6 +753,14 @@ mod tests {
             "{detail}"
         );
         assert!(failing(&stop(Handback::of(&tasks, "w1", t(1), t(20)))).is_empty());
+        // A stop of a worker that held nothing shows nothing: the check fails.
+        let idle = stop(Handback::default());
+        assert_eq!(failing(&idle), ["stopped_workers_handed_back_their_leases"]);
+        let said = super::tests::detail(&idle, "stopped_workers_handed_back_their_leases");
+        assert!(
+            said.contains("none of the 1 worker stops hit a worker holding a lease"),
+            "{said}"
+        );
     }
 
     /// A killed worker's task processes that still ran when it was to start again fail the
@@ -769,7 +797,14 @@ mod tests {
             left: vec![],
         };
         assert!(failing(&kill(ended)).is_empty());
-        assert!(failing(&kill(Outlived::default())).is_empty());
+        // A kill of a worker that ran no task process tests nothing: the check fails.
+        let idle = kill(Outlived::default());
+        assert_eq!(failing(&idle), ["no_task_process_outlived_its_worker"]);
+        let said = super::tests::detail(&idle, "no_task_process_outlived_its_worker");
+        assert!(
+            said.contains("none of the 1 worker kills hit a worker running a task process"),
+            "{said}"
+        );
     }
 
     /// Latency every session must live through: a worker whose link was declared dead in its
