@@ -918,12 +918,18 @@ impl States {
         }
     }
 
-    /// Folds everything unfolded and deletes every journal file (the writer stops).
+    /// Folds everything unfolded and deletes every journal file (the writer stops). A round
+    /// under way is finished first; states that came during it (in the journal file it left for
+    /// the appends) are folded by another: a round just begun is not due again for a second,
+    /// and the files deleted below would otherwise take the only copy of them.
     pub fn fold_all(&mut self, conn: &Connection) -> Result<(), WriteError> {
-        if self.round.is_none() {
-            self.begin_now();
-        }
-        while self.due() {
+        loop {
+            if self.round.is_none() {
+                if self.unfolded.lock().is_empty() {
+                    break;
+                }
+                self.begin_now();
+            }
             self.piece(conn)?;
         }
         // The last files go here, after the reaper's: none is left behind for the next start.

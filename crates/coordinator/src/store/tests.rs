@@ -842,6 +842,32 @@ impl Journaled {
     }
 }
 
+/// A writer that stops while a fold round is under way, with states acknowledged since the
+/// round began (in the journal file it left for the appends): they are folded too before the
+/// journal files go, and read after a restart. The round used to be finished alone, the next
+/// one not yet due, and the file holding them deleted.
+#[test]
+fn a_stop_during_a_fold_round_keeps_the_states_acknowledged_during_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = |i: usize| format!("t{i:04}");
+    let tasks = PIECE_STATES + 10;
+    {
+        let mut j = Journaled::open(dir.path());
+        j.commit((0..tasks).map(|i| state_mut(&name(i), 1)).collect());
+        j.states.begin_now();
+        assert_eq!(j.piece().states_written, PIECE_STATES);
+        // Acknowledged during the round: one for a task it wrote, one for a task it never saw.
+        j.commit(vec![state_mut(&name(0), 2), state_mut("late", 1)]);
+        j.states.fold_all(&j.conn).expect("fold");
+        assert!(j.unfolded.is_empty(), "everything folded");
+        assert_eq!(j.journal().0, 0, "no journal file left");
+    }
+    let j = Journaled::open(dir.path());
+    assert_eq!(j.state_n(&name(0)), Some(2));
+    assert_eq!(j.state_n("late"), Some(1));
+    assert_eq!(j.state_n(&name(tasks - 1)), Some(1));
+}
+
 #[test]
 fn states_are_journaled_then_folded_and_the_latest_is_read_either_way() {
     let dir = tempfile::tempdir().expect("tempdir");
