@@ -544,6 +544,11 @@ pub(super) fn replay(
         path: db.clone(),
         source,
     };
+    // The journal files go once these rows are in: their commit must be on disk by then, at
+    // any durability (a synchronous NORMAL commit in WAL mode is not synced, and a power loss
+    // would take both copies). The writer sets its own level afterwards.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(sql)?;
     let tx = conn.unchecked_transaction().map_err(sql)?;
     let mut written = 0;
     {
@@ -561,6 +566,8 @@ pub(super) fn replay(
         }
     }
     tx.commit().map_err(sql)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(sql)?;
     for path in files.iter().chain(&temporary) {
         std::fs::remove_file(path).map_err(io)?;
     }
