@@ -302,6 +302,38 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
             ));
         }
     }
+    // The other way: the worker that ran the attempt of each counted result logged its
+    // acknowledgement (as recorded, or as a duplicate of a result it sent again), so that the
+    // check does not rest on the coordinator agreeing with itself.
+    for (id, rows) in &g.results {
+        let attempts = listed
+            .get(id.as_str())
+            .and_then(|v| v.first())
+            .map(|t| t.attempts.as_slice())
+            .unwrap_or_default();
+        for r in rows.iter().filter(|r| !r.stale) {
+            let Some(worker) = (r.attempt as usize)
+                .checked_sub(1)
+                .and_then(|i| attempts.get(i))
+                .map(|a| a.worker.as_str())
+            else {
+                bad.push(format!(
+                    "{id} attempt {}: counted, but the coordinator lists no such attempt",
+                    r.attempt
+                ));
+                continue;
+            };
+            let seen = acked.iter().any(|a| {
+                a.worker == worker && a.task == *id && a.attempt.is_none_or(|at| at == r.attempt)
+            });
+            if !seen {
+                bad.push(format!(
+                    "{id} attempt {}: counted, but {worker} never logged its acknowledgement",
+                    r.attempt
+                ));
+            }
+        }
+    }
     checks.push(check(
         "no_result_lost",
         n + acked.len(),
@@ -494,6 +526,16 @@ mod tests {
         }
     }
 
+    /// An attempt run by `worker` (its times and end do not matter to the checks that use it).
+    fn ran(worker: &str) -> AttemptView {
+        AttemptView {
+            worker: worker.into(),
+            started_at: DateTime::<Utc>::default(),
+            ended_at: None,
+            end: None,
+        }
+    }
+
     fn result(attempt: u32, stale: bool, outcome: &str) -> ResultView {
         ResultView {
             attempt,
@@ -522,7 +564,17 @@ mod tests {
                 ("b".to_owned(), Body::Any),
             ]
             .into(),
-            tasks: vec![task("a", "completed"), task("b", "failed")],
+            tasks: vec![
+                TaskView {
+                    attempt: 2,
+                    attempts: vec![ran("w2"), ran("w1")],
+                    ..task("a", "completed")
+                },
+                TaskView {
+                    attempts: vec![ran("w2")],
+                    ..task("b", "failed")
+                },
+            ],
             results: BTreeMap::from([
                 (
                     "a".into(),
@@ -603,9 +655,36 @@ mod tests {
         assert_eq!(failing(&g), ["no_result_lost"]);
     }
 
+    /// A counted result whose worker never logged its acknowledgement fails: the check would
+    /// otherwise rest on the coordinator alone. A repeated ack that names no attempt (the
+    /// worker held the result no more) counts.
+    #[test]
+    fn a_counted_result_its_worker_never_saw_acknowledged_fails_no_result_lost() {
+        let mut g = healthy();
+        g.acks.retain(|a| a.task != "b");
+        assert_eq!(failing(&g), ["no_result_lost"]);
+        let said = detail(&g, "no_result_lost");
+        assert!(
+            said.contains("b attempt 1: counted, but w2 never logged its acknowledgement"),
+            "{said}"
+        );
+        g.acks.push(AckView {
+            attempt: None,
+            ..ack("w2", "b", 1, "duplicate")
+        });
+        assert!(failing(&g).is_empty());
+        // Acknowledged to another worker than the attempt's: not the same thing.
+        let mut g = healthy();
+        g.acks.retain(|a| a.task != "b");
+        g.acks.push(ack("w1", "b", 1, "recorded"));
+        assert_eq!(failing(&g), ["no_result_lost"]);
+    }
+
     #[test]
     fn a_result_counted_twice_fails_no_result_recorded_twice() {
         let mut g = healthy();
+        g.tasks[0].attempts.push(ran("w1"));
+        g.acks.push(ack("w1", "a", 3, "recorded"));
         g.results
             .get_mut("a")
             .expect("a")
