@@ -995,7 +995,7 @@ impl<'a> Session<'a> {
             {
                 return Ok(reason);
             }
-            if flushing.is_some() && outbox.holds_only_telemetry() {
+            if flushing.is_some() && outbox.holds_only_telemetry() && self.tasks_stopped() {
                 // Every task stopped and all they left acknowledged (results, and the last
                 // checkpoints they may have written as they stopped): what the coordinator
                 // still leases to this worker will never report, so it may move it now.
@@ -1056,7 +1056,13 @@ impl<'a> Session<'a> {
                 }
                 Ev::FlushTimeout => {
                     let left = outbox.pending_results().len();
-                    if left == 0 {
+                    let running = self.agent.runner.live_tasks();
+                    if running > 0 {
+                        // A task deaf to its stop past the grace still runs here: said stopped,
+                        // the coordinator would hand it to another worker while it runs on.
+                        // Its lease stays for the grace period, as after a crash.
+                        tracing::warn!(worker = %self.worker(), running, "tasks still run past the shutdown grace; closing without saying stopped (their leases stay for the coordinator's grace period)");
+                    } else if left == 0 {
                         // Every result is in: what did not make it (a state, a checkpoint) is
                         // progress, not a result; the tasks move now, from the checkpoints
                         // the coordinator has.
@@ -1383,6 +1389,12 @@ impl<'a> Session<'a> {
             .store(every.as_millis() as u64, Ordering::Relaxed);
         let p95 = self.agent.shared.stats().rtt_percentile(95.0);
         self.retime(p95);
+    }
+
+    /// Whether every task of the runner has ended (a task deaf to its stop may outlive the
+    /// shutdown grace).
+    fn tasks_stopped(&self) -> bool {
+        self.agent.runner.live_tasks() == 0
     }
 
     /// Publishes the link's delivery rate when an acknowledgement moved it: the stats show it,

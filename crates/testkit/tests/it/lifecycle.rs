@@ -824,6 +824,42 @@ async fn a_stopping_worker_gets_no_task_and_a_drain_cut_short_keeps_its_lease() 
     c.stop().await;
 }
 
+/// A task deaf to its stop past the shutdown grace still runs on its worker: the worker does
+/// not say `worker_stopped` (the coordinator would hand the task to another worker while it
+/// runs here), so the lease stays, for the grace period, as after a crash.
+#[tokio::test]
+async fn a_worker_whose_task_outlives_the_shutdown_grace_does_not_say_it_stopped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.lost_after = std::time::Duration::from_secs(3600);
+    let c = spawn_coordinator_with(cfg, None).await;
+    let started = tokio_util::sync::CancellationToken::new();
+    let executors = stubborn(&started, std::time::Duration::from_secs(30));
+    let a = spawn_worker(fast_worker_config(&c.ws_url(), "a"), executors);
+    a.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let held = client
+        .submit(&[TaskSpec::new("stubborn", serde_json::json!({}))])
+        .await
+        .remove(0);
+    started.cancelled().await;
+    let handle = a.handle.clone();
+    a.shutdown.cancel();
+    tokio::time::timeout(std::time::Duration::from_secs(20), a.join)
+        .await
+        .expect("a stops within its bound")
+        .expect("agent task")
+        .expect("clean stop");
+    assert_eq!(handle.runner.live_tasks(), 1, "the task outlived the stop");
+    let (_, w) = client.get("/api/v1/workers/a").await;
+    assert_eq!(w["stopping"], true, "it said it was stopping: {w}");
+    let t = client.task(&held).await;
+    assert_eq!(t["status"], "running", "{t}");
+    assert_eq!(t["attempts"][0]["worker"], "a", "{t}");
+    assert!(t["attempts"][0]["end"].is_null(), "not handed on: {t}");
+    c.stop().await;
+}
+
 /// A task that writes a last checkpoint as it is stopped: its worker says `worker_stopped`
 /// only once that checkpoint is in (not as soon as every result is), so the task's next
 /// attempt resumes from it.
