@@ -336,6 +336,11 @@ impl<'a> Session<'a> {
         let written = ws.get_ref().written();
         let measured = agent.shared.send_bytes_per_sec.load(Ordering::Relaxed);
         let measured = (measured > 0).then_some(measured as f64);
+        // The statistics show the timeout this session starts with, not the last one's.
+        agent
+            .shared
+            .heartbeat_timeout_ms
+            .store(timeout.as_millis() as u64, Ordering::Relaxed);
         Self {
             agent,
             ws,

@@ -261,6 +261,38 @@ async fn an_absurd_heartbeat_timeout_is_capped_and_a_silent_coordinator_still_no
     }
 }
 
+/// A session whose coordinator asked for a long timeout (a heartbeat budget's), then fell
+/// silent: the next session starts from the configured timeout, and the statistics say so
+/// before any heartbeat of it is answered (they showed the last session's for as long).
+#[tokio::test(start_paused = true)]
+async fn a_new_session_shows_the_configured_timeout_not_the_last_sessions() {
+    let fake = FakeConnector::new(Script::Retune {
+        interval_ms: 20_000,
+        timeout_ms: Some(60_000),
+        silent: true,
+    });
+    let cfg = config();
+    let configured = cfg.heartbeat_timeout.as_millis() as u64;
+    let running = Running::start(&fake, cfg);
+    running.wait_state(|s| s == ConnState::Connected).await;
+    let stats = || running.handle.stats();
+    assert!(
+        held_within(Duration::from_secs(30), || stats().heartbeat_timeout_ms
+            == 60_000)
+        .await,
+        "retuned: {:?}",
+        stats()
+    );
+    *fake.script.lock().expect("lock") = Script::RegisterThenSilence;
+    assert!(
+        held_within(Duration::from_secs(120), || running.handle.registrations()
+            == 2)
+        .await
+    );
+    assert_eq!(stats().heartbeat_timeout_ms, configured);
+    running.stop().await;
+}
+
 /// A checkpoint piece journaled under a larger frame limit than the coordinator now takes is
 /// dropped, not sent; the coordinator is told the upload is abandoned (`checkpoint_error`
 /// naming it), so that it does not keep the unfinished checkpoint waiting for that piece.
