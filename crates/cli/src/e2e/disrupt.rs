@@ -18,6 +18,9 @@ use super::verdict::Outlived;
 pub const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Poll period of every wait here.
 const TICK: Duration = Duration::from_millis(20);
+/// How long a `worker_kill`'s command has run at least: the counter has shipped checkpoints
+/// (one every change of its count, 300 ms apart) by then.
+const MID_COMMAND: Duration = Duration::from_secs(1);
 /// How long a `worker_kill` waits for a worker running a `command` task, and a `worker_stop`
 /// for one holding a lease, before it takes the planned worker as it is: the verdict needs at
 /// least one of each to have hit work (a wave of tasks, a command among them, goes in after
@@ -137,27 +140,30 @@ impl System {
         self.workers.iter().map(|w| w.id.clone()).collect()
     }
 
-    /// A `worker_kill`'s worker: the planned one if it runs a `command` task's processes,
-    /// else the next (in the fleet's order) that does; waited for up to [`TARGET_WAIT`], else
-    /// the planned one. Killed in the middle of a command, a worker leaves processes its warden
-    /// must end.
+    /// A `worker_kill`'s worker: the planned one if it runs a `command` task's processes that
+    /// have run [`MID_COMMAND`] or longer, else the next (in the fleet's order) that does;
+    /// waited for up to [`TARGET_WAIT`], else one running any, else the planned one. Killed in
+    /// the middle of a command, a worker leaves processes its warden must end, and an attempt
+    /// whose next one resumes from the checkpoints it shipped.
     async fn mid_command(&self, planned: Option<usize>) -> Option<usize> {
         let start = planned?;
         let n = self.workers.len();
-        let find = || {
+        let find = |least: Duration| {
             (0..n).map(|k| (start + k) % n).find(|i| {
-                self.workers[*i]
-                    .pid()
-                    .is_some_and(|pid| !procs::task_processes(pid).is_empty())
+                self.workers[*i].pid().is_some_and(|pid| {
+                    procs::task_processes(pid)
+                        .into_iter()
+                        .any(|p| procs::age(p).is_some_and(|a| a >= least))
+                })
             })
         };
         let mut found = None;
         until(TARGET_WAIT, || {
-            found = find();
+            found = find(MID_COMMAND);
             found.is_some()
         })
         .await;
-        found.or(planned)
+        found.or_else(|| find(Duration::ZERO)).or(planned)
     }
 
     /// A `worker_stop`'s worker: the planned one if the coordinator has it holding a lease,

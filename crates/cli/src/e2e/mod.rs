@@ -528,7 +528,7 @@ async fn drive(
             let stale = r["stale"].as_bool().unwrap_or(false);
             if stale {
                 outcomes.stale_results += 1;
-            } else if resumed(&r["body"]["result"]) {
+            } else if verdict::resumed(&r["body"]["result"]) {
                 outcomes.resumed_from_checkpoint += 1;
             }
             v.push(ResultView {
@@ -570,19 +570,6 @@ async fn drive(
             workers_view,
         },
     ))
-}
-
-/// Whether a counted result says its attempt started from a checkpoint.
-fn resumed(result: &Value) -> bool {
-    if result["resumed_at"].as_u64().is_some_and(|n| n > 0) {
-        return true;
-    }
-    result["stdout_tail"]
-        .as_str()
-        .and_then(|s| s.split("counted from ").nth(1))
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|n| n.parse::<u32>().ok())
-        .is_some_and(|n| n > 0)
 }
 
 async fn submit_wave(

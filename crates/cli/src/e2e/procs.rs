@@ -101,6 +101,17 @@ fn carries_a_mark(pid: u32) -> bool {
     })
 }
 
+/// How long process `pid` has run (`None`: it is gone, or `/proc` does not say).
+pub fn age(pid: u32) -> Option<std::time::Duration> {
+    let start: f64 = Stat::read(pid)?.start.parse().ok()?;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()?? as f64;
+    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+    let up: f64 = uptime.split_whitespace().next()?.parse().ok()?;
+    Some(std::time::Duration::from_secs_f64(
+        (up - start / ticks).max(0.0),
+    ))
+}
+
 /// Whether a process runs (a zombie, which waits for a reaper, does not).
 pub fn running(pid: u32) -> bool {
     Stat::read(pid).is_some_and(|s| !s.is_dead())

@@ -162,6 +162,20 @@ pub struct GroundTruth {
     pub unexpected_exits: Vec<String>,
 }
 
+/// Whether a counted result says its attempt started from a checkpoint: a sleep's
+/// `resumed_at`, the counter command's "counted from N" with N above 0.
+pub fn resumed(result: &serde_json::Value) -> bool {
+    if result["resumed_at"].as_u64().is_some_and(|n| n > 0) {
+        return true;
+    }
+    result["stdout_tail"]
+        .as_str()
+        .and_then(|s| s.split("counted from ").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse::<u32>().ok())
+        .is_some_and(|n| n > 0)
+}
+
 /// One named check.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Check {
@@ -491,6 +505,32 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
         "worker kills",
         bad,
     ));
+    // A kill in the middle of a command (running a second or more: it has shipped checkpoints)
+    // loses its attempt; the next attempt resumes from the checkpoint, so some counted result
+    // of the run says it resumed.
+    let hit: Vec<&&DisruptionView> = kills
+        .iter()
+        .filter(|x| x.outlived.as_ref().is_some_and(|o| o.ran > 0))
+        .collect();
+    let resumed_results = g
+        .results
+        .values()
+        .flatten()
+        .filter(|r| !r.stale && resumed(&r.result))
+        .count();
+    let mut bad = Vec::new();
+    if !hit.is_empty() && resumed_results == 0 {
+        bad.push(format!(
+            "{} worker kills hit running tasks, yet no counted result resumed from a checkpoint",
+            hit.len()
+        ));
+    }
+    checks.push(check(
+        "killed_work_resumed_from_checkpoints",
+        hit.len(),
+        "worker kills that hit running tasks",
+        bad,
+    ));
     let ran: BTreeSet<Kind> = d.iter().map(|x| x.kind).collect();
     let missing: Vec<String> = g
         .kinds
@@ -626,7 +666,7 @@ mod tests {
     fn a_healthy_run_passes_every_check() {
         let v = verdict(&healthy());
         assert!(v.pass, "{v:?}");
-        assert_eq!(v.checks.len(), 14);
+        assert_eq!(v.checks.len(), 15);
     }
 
     #[test]
@@ -848,6 +888,9 @@ mod tests {
     fn a_task_process_that_outlived_its_killed_worker_fails() {
         let kill = |outlived: Outlived| {
             let mut g = healthy();
+            // What the kill's attempt left resumed elsewhere (the next check's concern).
+            g.results.get_mut("a").expect("a")[0].result =
+                serde_json::json!({"steps": 4, "resumed_at": 2});
             g.kinds = vec![Kind::WorkerKill];
             g.disruptions = vec![DisruptionView {
                 index: 2,
@@ -883,6 +926,42 @@ mod tests {
         assert!(
             said.contains("none of the 1 worker kills hit a worker running a task process"),
             "{said}"
+        );
+    }
+
+    /// A kill that hit running tasks, in a run where no counted result resumed from a
+    /// checkpoint, fails: checkpoints were not taken up. A kill of an idle worker asks nothing.
+    #[test]
+    fn a_kill_of_running_tasks_without_any_resume_fails() {
+        let kill = |ran: usize, resumed_at: u64| {
+            let mut g = healthy();
+            g.kinds = vec![Kind::WorkerKill];
+            g.results.get_mut("a").expect("a")[0].result =
+                serde_json::json!({"steps": 4, "resumed_at": resumed_at});
+            g.disruptions = vec![DisruptionView {
+                index: 4,
+                kind: Kind::WorkerKill,
+                fired: true,
+                detected: Some(true),
+                recovered: true,
+                sessions_lost: vec![],
+                handback: None,
+                outlived: Some(Outlived { ran, left: vec![] }),
+            }];
+            g
+        };
+        assert!(failing(&kill(2, 3)).is_empty());
+        let none = kill(2, 0);
+        assert!(
+            failing(&none).contains(&"killed_work_resumed_from_checkpoints"),
+            "{:?}",
+            failing(&none)
+        );
+        let said = detail(&none, "killed_work_resumed_from_checkpoints");
+        assert!(said.contains("1 worker kills hit running tasks"), "{said}");
+        assert!(
+            !failing(&kill(0, 0)).contains(&"killed_work_resumed_from_checkpoints"),
+            "an idle worker's kill"
         );
     }
 
