@@ -105,8 +105,8 @@ pub struct CoordinatorArgs {
     /// Largest HTTP request body, bytes (default 16777216, 16 MiB).
     #[arg(long)]
     max_body: Option<usize>,
-    /// Largest checkpoint of a task, bytes (default 67108864, 64 MiB; incomplete ones
-    /// together: twice this).
+    /// Largest checkpoint of a task, bytes (default 67108864, 64 MiB; at most 1 GiB, the most
+    /// a worker fetches; incomplete ones together: twice this).
     #[arg(long)]
     max_checkpoint_bytes: Option<u64>,
     /// PEM certificate chain: serve TLS (wss://, https://); needs --tls-key.

@@ -226,6 +226,16 @@ impl CoordinatorConfig {
                 "0 refuses every checkpoint: at least 1",
             ));
         }
+        let most = tether_proto::codec::MAX_CHECKPOINT_BYTES;
+        if self.max_checkpoint_bytes > most {
+            return Err(ConfigError::new(
+                "max_checkpoint_bytes",
+                format!(
+                    "{} bytes: workers fetch checkpoints of at most {most} bytes (1 GiB), so a larger one kept here would never be resumed from",
+                    self.max_checkpoint_bytes
+                ),
+            ));
+        }
         if self.limits.max_connections == 0 {
             return Err(ConfigError::new(
                 "max_connections",
@@ -356,7 +366,7 @@ mod tests {
         let base = || CoordinatorConfig::new(&data);
         base().validate().expect("the defaults");
         type Spoil = fn(&mut CoordinatorConfig);
-        let cases: [(&str, Spoil); 16] = [
+        let cases: [(&str, Spoil); 17] = [
             ("lost_after", |c| c.lost_after = Duration::ZERO),
             ("heartbeat_interval", |c| {
                 c.heartbeat_interval = Duration::ZERO
@@ -369,6 +379,9 @@ mod tests {
                 c.max_frame = tether_proto::settings::MAX_FRAME + 1
             }),
             ("max_checkpoint_bytes", |c| c.max_checkpoint_bytes = 0),
+            ("max_checkpoint_bytes", |c| {
+                c.max_checkpoint_bytes = tether_proto::codec::MAX_CHECKPOINT_BYTES + 1
+            }),
             ("max_connections", |c| c.limits.max_connections = 0),
             ("max_body", |c| c.max_body = 0),
             // 16 MiB at 1 MiB/s: a session held 16 s, past a third of 15 s.

@@ -53,6 +53,11 @@ pub const CHECKPOINT_PIECE: usize = 256 * 1024;
 /// The most bytes one `checkpoint_fetch` may ask for (and what a frame both ends take holds).
 pub const MAX_FETCH_LEN: u64 = 1024 * 1024;
 
+/// The largest checkpoint a coordinator may be set to keep (`max_checkpoint_bytes`), and the
+/// largest a Rust worker fetches (it holds the whole checkpoint in memory): a coordinator that
+/// kept larger ones would name checkpoints to new attempts that no worker takes up.
+pub const MAX_CHECKPOINT_BYTES: u64 = 1 << 30;
+
 /// The most pieces (`checkpoint_data`) one checkpoint may come in; the coordinator refuses a
 /// `checkpoint` announcing more (each piece is a row, and its index is remembered until the
 /// checkpoint completes).

@@ -41,7 +41,7 @@ pub const RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The largest checkpoint this worker fetches: the size comes from the coordinator, and the
 /// whole checkpoint is held in memory.
-pub const MAX_FETCH_SIZE: u64 = 1 << 30;
+pub const MAX_FETCH_SIZE: u64 = tether_proto::codec::MAX_CHECKPOINT_BYTES;
 
 /// The checkpoint to fetch: what the assignment said of it.
 #[derive(Debug, Clone)]
