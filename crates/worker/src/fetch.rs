@@ -147,9 +147,14 @@ pub(crate) async fn fetch(
         task_id: shared.task_id.clone(),
         tx,
     };
+    // A full outbox (a backlog after an outage) holds a request until acknowledgements make
+    // room; a stop of the attempt does not wait for that.
     let ask = |offset: u64, len: u64| async move {
-        outbox.reserve().await;
-        outbox.push(Class::Notice, None, |seq| {
+        tokio::select! {
+            () = outbox.reserve() => {}
+            _ = shared.cancel.cancelled() => return Err(FetchError::Stopped),
+        }
+        Ok(outbox.push(Class::Notice, None, |seq| {
             WorkerMsg::CheckpointFetch(CheckpointFetch {
                 seq,
                 task_id: shared.task_id.clone(),
@@ -159,7 +164,7 @@ pub(crate) async fn fetch(
                 len,
                 timestamp: now(),
             })
-        })
+        }))
     };
     // Requests not yet answered: sequence number to (offset, length, the worker's permit).
     let mut asked = HashMap::new();
@@ -180,7 +185,7 @@ pub(crate) async fn fetch(
                 },
             };
             let len = (most.max(1) as u64).min(size - next);
-            asked.insert(ask(next, len).await, (next, len, permit));
+            asked.insert(ask(next, len).await?, (next, len, permit));
             next += len;
         }
         let p = tokio::select! {
@@ -204,7 +209,7 @@ pub(crate) async fn fetch(
                     _ = tokio::time::sleep(RETRY_DELAY) => {}
                     _ = shared.cancel.cancelled() => return Err(FetchError::Stopped),
                 }
-                asked.insert(ask(offset, len).await, (offset, len, permit));
+                asked.insert(ask(offset, len).await?, (offset, len, permit));
                 continue;
             }
             (Some(error), _) => return Err(FetchError::Failed(error)),
@@ -475,5 +480,32 @@ mod tests {
         until_waiting(run.as_mut()).await;
         s.shared.cancel.cancel();
         assert_eq!(run.await.err(), Some(FetchError::Stopped));
+        // Stopped while its request waits for room in a full outbox (a backlog after an
+        // outage): it stops then, not once acknowledgements make room.
+        let mut s = setup(10);
+        s.outbox = Outbox::new(Limits {
+            max_entries: 1,
+            ..Limits::default()
+        });
+        for _ in 0..2 {
+            s.outbox.push(Class::Notice, None, |seq| {
+                WorkerMsg::TaskPaused(tether_proto::msg::TaskNotice {
+                    seq,
+                    task_id: TaskId::parse("other").expect("id"),
+                    attempt: Attempt(1),
+                    timestamp: now(),
+                })
+            });
+        }
+        let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, || (100, true));
+        tokio::pin!(run);
+        until_waiting(run.as_mut()).await;
+        assert_eq!(s.outbox.len(), 2, "the request held by the full outbox");
+        s.shared.cancel.cancel();
+        let stopped = tokio::time::timeout(std::time::Duration::from_secs(5), run).await;
+        assert_eq!(
+            stopped.expect("stopped at once").err(),
+            Some(FetchError::Stopped)
+        );
     }
 }
