@@ -391,12 +391,19 @@ impl Stages {
                     size_variation,
                     delay_us,
                 } if !chunk.eof => {
+                    // A tail cut off before waits the delay; only the piece it lets go now
+                    // counts as delayed (the rest waits again, and would count each time).
+                    let was_held = delay_us > 0 && chunk.plan.iter().any(|(i, _)| *i == id);
                     let until = chunk.planned(id, || now);
                     if until > now {
                         return Next::Wait { until, fault: id };
                     }
                     let v = size_variation;
                     let size = (average_size - v) + rng.random_range(0..=2 * v);
+                    if was_held {
+                        add(&entry.counters.bytes_delayed, len.min(size));
+                        add(&proxy.faults.bytes_delayed, len.min(size));
+                    }
                     if len > size {
                         chunk.done.push(id);
                         count_passed(entry, proxy, size);
@@ -433,9 +440,14 @@ impl Stages {
         Next::Deliver
     }
 
-    /// Records that `chunk` was held back by `fault` until its deadline.
+    /// Records that `chunk` was held back by `fault` until its deadline (a slicer counts the
+    /// piece it lets go, as it does).
     pub fn waited(&self, chunk: &Chunk, fault: FaultId) {
-        if let Some(e) = self.active.iter().find(|e| e.id == fault) {
+        if let Some(e) = self
+            .active
+            .iter()
+            .find(|e| e.id == fault && !matches!(e.fault.kind, FaultKind::Slicer { .. }))
+        {
             add(&e.counters.bytes_delayed, chunk.data.len());
             add(&self.proxy.faults.bytes_delayed, chunk.data.len());
         }
