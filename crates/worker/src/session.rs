@@ -1000,7 +1000,11 @@ impl<'a> Session<'a> {
             {
                 return Ok(reason);
             }
-            if flushing.is_some() && outbox.holds_only_telemetry() && self.tasks_stopped() {
+            // A task deaf to its stop may outlive the shutdown grace: see `Ev::FlushTimeout`.
+            if flushing.is_some()
+                && outbox.holds_only_telemetry()
+                && self.agent.runner.live_tasks() == 0
+            {
                 // Every task stopped and all they left acknowledged (results, and the last
                 // checkpoints they may have written as they stopped): what the coordinator
                 // still leases to this worker will never report, so it may move it now.
@@ -1394,12 +1398,6 @@ impl<'a> Session<'a> {
             .store(every.as_millis() as u64, Ordering::Relaxed);
         let p95 = self.agent.shared.stats().rtt_percentile(95.0);
         self.retime(p95);
-    }
-
-    /// Whether every task of the runner has ended (a task deaf to its stop may outlive the
-    /// shutdown grace).
-    fn tasks_stopped(&self) -> bool {
-        self.agent.runner.live_tasks() == 0
     }
 
     /// Publishes the link's delivery rate when an acknowledgement moved it: the stats show it,

@@ -866,53 +866,57 @@ mod tests {
         };
         let bad = stop(h);
         assert_eq!(failing(&bad), ["stopped_workers_handed_back_their_leases"]);
-        let detail = detail(&bad, "stopped_workers_handed_back_their_leases");
+        let said = detail(&bad, "stopped_workers_handed_back_their_leases");
         assert!(
-            detail.contains("#3 worker_stop: attempts b#1, e#1 kept"),
-            "{detail}"
+            said.contains("#3 worker_stop: attempts b#1, e#1 kept"),
+            "{said}"
         );
         assert!(failing(&stop(Handback::of(&tasks, "w1", t(1), t(20)))).is_empty());
         // A stop of a worker that held nothing shows nothing: the check fails.
         let idle = stop(Handback::default());
         assert_eq!(failing(&idle), ["stopped_workers_handed_back_their_leases"]);
-        let said = super::tests::detail(&idle, "stopped_workers_handed_back_their_leases");
+        let said = detail(&idle, "stopped_workers_handed_back_their_leases");
         assert!(
             said.contains("none of the 1 worker stops hit a worker holding a lease"),
             "{said}"
         );
     }
 
+    /// A run with one `worker_kill` (#2) whose worker's task processes were `outlived`, and
+    /// whose counted result of task `a` resumed at step `resumed_at` (0: from the start).
+    fn killed(outlived: Outlived, resumed_at: u64) -> GroundTruth {
+        let mut g = healthy();
+        g.results.get_mut("a").expect("a")[0].result =
+            serde_json::json!({"steps": 4, "resumed_at": resumed_at});
+        g.kinds = vec![Kind::WorkerKill];
+        g.disruptions = vec![DisruptionView {
+            index: 2,
+            kind: Kind::WorkerKill,
+            fired: true,
+            detected: Some(true),
+            recovered: true,
+            sessions_lost: vec![],
+            handback: None,
+            outlived: Some(outlived),
+        }];
+        g
+    }
+
     /// A killed worker's task processes that still ran when it was to start again fail the
     /// run; ended ones, or none, do not.
     #[test]
     fn a_task_process_that_outlived_its_killed_worker_fails() {
-        let kill = |outlived: Outlived| {
-            let mut g = healthy();
-            // What the kill's attempt left resumed elsewhere (the next check's concern).
-            g.results.get_mut("a").expect("a")[0].result =
-                serde_json::json!({"steps": 4, "resumed_at": 2});
-            g.kinds = vec![Kind::WorkerKill];
-            g.disruptions = vec![DisruptionView {
-                index: 2,
-                kind: Kind::WorkerKill,
-                fired: true,
-                detected: Some(true),
-                recovered: true,
-                sessions_lost: vec![],
-                handback: None,
-                outlived: Some(outlived),
-            }];
-            g
-        };
+        // What the kill's attempt left resumed elsewhere (the next check's concern).
+        let kill = |outlived: Outlived| killed(outlived, 2);
         let bad = kill(Outlived {
             ran: 3,
             left: vec![41, 42],
         });
         assert_eq!(failing(&bad), ["no_task_process_outlived_its_worker"]);
-        let detail = detail(&bad, "no_task_process_outlived_its_worker");
+        let said = detail(&bad, "no_task_process_outlived_its_worker");
         assert!(
-            detail.contains("#2 worker_kill: 2 of its 3 task processes still ran (pids 41, 42)"),
-            "{detail}"
+            said.contains("#2 worker_kill: 2 of its 3 task processes still ran (pids 41, 42)"),
+            "{said}"
         );
         let ended = Outlived {
             ran: 3,
@@ -922,7 +926,7 @@ mod tests {
         // A kill of a worker that ran no task process tests nothing: the check fails.
         let idle = kill(Outlived::default());
         assert_eq!(failing(&idle), ["no_task_process_outlived_its_worker"]);
-        let said = super::tests::detail(&idle, "no_task_process_outlived_its_worker");
+        let said = detail(&idle, "no_task_process_outlived_its_worker");
         assert!(
             said.contains("none of the 1 worker kills hit a worker running a task process"),
             "{said}"
@@ -933,23 +937,7 @@ mod tests {
     /// checkpoint, fails: checkpoints were not taken up. A kill of an idle worker asks nothing.
     #[test]
     fn a_kill_of_running_tasks_without_any_resume_fails() {
-        let kill = |ran: usize, resumed_at: u64| {
-            let mut g = healthy();
-            g.kinds = vec![Kind::WorkerKill];
-            g.results.get_mut("a").expect("a")[0].result =
-                serde_json::json!({"steps": 4, "resumed_at": resumed_at});
-            g.disruptions = vec![DisruptionView {
-                index: 4,
-                kind: Kind::WorkerKill,
-                fired: true,
-                detected: Some(true),
-                recovered: true,
-                sessions_lost: vec![],
-                handback: None,
-                outlived: Some(Outlived { ran, left: vec![] }),
-            }];
-            g
-        };
+        let kill = |ran: usize, resumed_at: u64| killed(Outlived { ran, left: vec![] }, resumed_at);
         assert!(failing(&kill(2, 3)).is_empty());
         let none = kill(2, 0);
         assert!(

@@ -269,14 +269,7 @@ async fn a_link_that_slowed_while_idle_is_measured_again_before_the_next_checkpo
     );
     w.wait_state(|s| s == ConnState::Connected).await;
     let client = c.client();
-    let ids = client
-        .submit(&[TaskSpec::new("big_checkpoint", serde_json::json!({}))])
-        .await;
-    wait_for("the first checkpoint", DEADLINE, || async {
-        let t = client.task(&ids[0]).await;
-        (!t["latest_checkpoint"].is_null()).then_some(())
-    })
-    .await;
+    let ids = big_checkpoint_in(&client).await;
     assert_eq!(client.control(&ids[0], "cancel").await.0, 200);
     client.wait_status(&ids[0], "cancelled").await;
     let measured = w.handle.stats().send_bytes_per_sec;
@@ -778,16 +771,21 @@ fn big_checkpoints(size: usize) -> Executors {
 async fn checkpointed_by_w1(c: &TestCoordinator, size: usize) -> (TestWorker, Vec<TaskId>) {
     let w1 = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), big_checkpoints(size));
     w1.wait_state(|s| s == ConnState::Connected).await;
-    let client = c.client();
+    (w1, big_checkpoint_in(&c.client()).await)
+}
+
+/// Submits a `big_checkpoint` task and waits until its first attempt's checkpoint is in:
+/// the task, in a list of one.
+async fn big_checkpoint_in(client: &Client) -> Vec<TaskId> {
     let ids = client
         .submit(&[TaskSpec::new("big_checkpoint", serde_json::json!({}))])
         .await;
-    wait_for("w1's checkpoint", DEADLINE, || async {
+    wait_for("the first attempt's checkpoint", DEADLINE, || async {
         let t = client.task(&ids[0]).await;
         (t["latest_checkpoint"]["attempt"] == 1).then_some(())
     })
     .await;
-    (w1, ids)
+    ids
 }
 
 /// A coordinator whose worker connections take a send buffer of 16 KiB from their listener:

@@ -1,6 +1,6 @@
 use std::sync::atomic::Ordering;
 
-use tether_proto::TaskSpec;
+use tether_proto::{TaskId, TaskSpec};
 use tether_testkit::*;
 use tether_worker::{ConnState, Executors};
 
@@ -713,6 +713,40 @@ fn stubborn(started: &tokio_util::sync::CancellationToken, runs: std::time::Dura
     executors
 }
 
+/// Worker `a`, connected to `url`, running a `stubborn` task deaf to its stop for `runs`:
+/// `a`, and the task.
+async fn stubborn_on_a(
+    c: &TestCoordinator,
+    url: &str,
+    runs: std::time::Duration,
+) -> (TestWorker, TaskId) {
+    let started = tokio_util::sync::CancellationToken::new();
+    let a = spawn_worker(fast_worker_config(url, "a"), stubborn(&started, runs));
+    a.wait_state(|s| s == ConnState::Connected).await;
+    let held = c
+        .client()
+        .submit(&[TaskSpec::new("stubborn", serde_json::json!({}))])
+        .await
+        .remove(0);
+    started.cancelled().await;
+    (a, held)
+}
+
+/// A coordinator that keeps a disconnected worker's leases for an hour.
+async fn keeping_leases(dir: &tempfile::TempDir) -> TestCoordinator {
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.lost_after = std::time::Duration::from_secs(3600);
+    spawn_coordinator_with(cfg, None).await
+}
+
+/// `held`'s first attempt, on `a`, still holds its lease: not handed on.
+async fn assert_still_leased_to_a(client: &Client, held: &TaskId) {
+    let t = client.task(held).await;
+    assert_eq!(t["status"], "running", "{t}");
+    assert_eq!(t["attempts"][0]["worker"], "a", "{t}");
+    assert!(t["attempts"][0]["end"].is_null(), "not handed on: {t}");
+}
+
 /// A worker whose coordinator is gone stops within its tasks' grace: it does not wait to
 /// reconnect to deliver anything.
 #[tokio::test]
@@ -735,9 +769,7 @@ async fn a_stopping_worker_with_no_coordinator_stops_without_waiting_for_one() {
 #[tokio::test]
 async fn a_stopped_worker_s_task_moves_at_once_and_resumes_from_its_checkpoint() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.lost_after = std::time::Duration::from_secs(3600);
-    let c = spawn_coordinator_with(cfg, None).await;
+    let c = keeping_leases(&dir).await;
     let a = spawn_worker(fast_worker_config(&c.ws_url(), "a"), Executors::builtin());
     a.wait_state(|s| s == ConnState::Connected).await;
     let client = c.client();
@@ -782,21 +814,11 @@ async fn a_stopped_worker_s_task_moves_at_once_and_resumes_from_its_checkpoint()
 #[tokio::test]
 async fn a_stopping_worker_gets_no_task_and_a_drain_cut_short_keeps_its_lease() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.lost_after = std::time::Duration::from_secs(3600);
-    let c = spawn_coordinator_with(cfg, None).await;
+    let c = keeping_leases(&dir).await;
     let relay = Relay::start(c.addr).await;
-    let started = tokio_util::sync::CancellationToken::new();
     // It outlives the drain.
-    let executors = stubborn(&started, std::time::Duration::from_secs(20));
-    let a = spawn_worker(fast_worker_config(&relay.url(), "a"), executors);
-    a.wait_state(|s| s == ConnState::Connected).await;
+    let (a, held) = stubborn_on_a(&c, &relay.url(), std::time::Duration::from_secs(20)).await;
     let client = c.client();
-    let held = client
-        .submit(&[TaskSpec::new("stubborn", serde_json::json!({}))])
-        .await
-        .remove(0);
-    started.cancelled().await;
     let shutdown = a.shutdown.clone();
     shutdown.cancel();
     wait_for("a to say it is stopping", DEADLINE, || async {
@@ -817,10 +839,7 @@ async fn a_stopping_worker_gets_no_task_and_a_drain_cut_short_keeps_its_lease() 
         .expect("a stops within its bound")
         .expect("agent task")
         .expect("clean stop");
-    let t = client.task(&held).await;
-    assert_eq!(t["status"], "running", "{t}");
-    assert_eq!(t["attempts"][0]["worker"], "a", "{t}");
-    assert!(t["attempts"][0]["end"].is_null(), "{t}");
+    assert_still_leased_to_a(&client, &held).await;
     c.stop().await;
 }
 
@@ -830,19 +849,9 @@ async fn a_stopping_worker_gets_no_task_and_a_drain_cut_short_keeps_its_lease() 
 #[tokio::test]
 async fn a_worker_whose_task_outlives_the_shutdown_grace_does_not_say_it_stopped() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.lost_after = std::time::Duration::from_secs(3600);
-    let c = spawn_coordinator_with(cfg, None).await;
-    let started = tokio_util::sync::CancellationToken::new();
-    let executors = stubborn(&started, std::time::Duration::from_secs(30));
-    let a = spawn_worker(fast_worker_config(&c.ws_url(), "a"), executors);
-    a.wait_state(|s| s == ConnState::Connected).await;
+    let c = keeping_leases(&dir).await;
+    let (a, held) = stubborn_on_a(&c, &c.ws_url(), std::time::Duration::from_secs(30)).await;
     let client = c.client();
-    let held = client
-        .submit(&[TaskSpec::new("stubborn", serde_json::json!({}))])
-        .await
-        .remove(0);
-    started.cancelled().await;
     let handle = a.handle.clone();
     a.shutdown.cancel();
     tokio::time::timeout(std::time::Duration::from_secs(20), a.join)
@@ -853,10 +862,7 @@ async fn a_worker_whose_task_outlives_the_shutdown_grace_does_not_say_it_stopped
     assert_eq!(handle.runner.live_tasks(), 1, "the task outlived the stop");
     let (_, w) = client.get("/api/v1/workers/a").await;
     assert_eq!(w["stopping"], true, "it said it was stopping: {w}");
-    let t = client.task(&held).await;
-    assert_eq!(t["status"], "running", "{t}");
-    assert_eq!(t["attempts"][0]["worker"], "a", "{t}");
-    assert!(t["attempts"][0]["end"].is_null(), "not handed on: {t}");
+    assert_still_leased_to_a(&client, &held).await;
     c.stop().await;
 }
 
@@ -867,9 +873,7 @@ async fn a_worker_whose_task_outlives_the_shutdown_grace_does_not_say_it_stopped
 async fn a_stopping_worker_says_it_stopped_only_once_the_last_checkpoint_is_in() {
     const LAST: usize = 4 * 1024 * 1024;
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.lost_after = std::time::Duration::from_secs(3600);
-    let c = spawn_coordinator_with(cfg, None).await;
+    let c = keeping_leases(&dir).await;
     let mut executors = Executors::builtin();
     executors.register(
         "last-words",
@@ -958,9 +962,7 @@ async fn a_workers_last_seen_moves_with_its_heartbeats_alone() {
 #[tokio::test]
 async fn a_worker_stopped_while_cut_off_hands_its_task_back_once_it_reaches_the_coordinator() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.lost_after = std::time::Duration::from_secs(3600);
-    let c = spawn_coordinator_with(cfg, None).await;
+    let c = keeping_leases(&dir).await;
     let relay = Relay::start(c.addr).await;
     let mut wcfg = fast_worker_config(&relay.url(), "a");
     wcfg.stop_reconnect = std::time::Duration::from_secs(20);
