@@ -223,21 +223,7 @@ async fn a_result_is_not_held_behind_a_checkpoint_on_a_slow_link() {
         "measured {measured} B/s on a link of {RATE}"
     );
     let client = c.client();
-    let ids = client
-        .submit(&[TaskSpec::new(
-            "big_checkpoint",
-            serde_json::json!({ "finish": true }),
-        )])
-        .await;
-    let t = wait_for("the result", DEADLINE, || async {
-        let t = client.task(&ids[0]).await;
-        (t["status"] == "completed").then_some(t)
-    })
-    .await;
-    assert!(
-        t["latest_checkpoint"].is_null(),
-        "the result waited for the checkpoint (recorded first): {t}"
-    );
+    assert_result_overtakes_its_checkpoint(&client, "big_checkpoint", DEADLINE).await;
     let stats = slow.remove();
     assert!(stats.bytes_delayed > 0, "{stats:?}");
     assert_eq!(w.handle.registrations(), 1);
@@ -280,21 +266,7 @@ async fn a_link_that_slowed_while_idle_is_measured_again_before_the_next_checkpo
     let slow = slow_link(&proxy, RATE, Direction::Upstream).await;
     // Idle but for heartbeats, past the two buckets a measure is kept for.
     tokio::time::sleep(std::time::Duration::from_secs(11)).await;
-    let ids = client
-        .submit(&[TaskSpec::new(
-            "small_checkpoint",
-            serde_json::json!({ "finish": true }),
-        )])
-        .await;
-    let t = wait_for("the result", 2 * DEADLINE, || async {
-        let t = client.task(&ids[0]).await;
-        (t["status"] == "completed").then_some(t)
-    })
-    .await;
-    assert!(
-        t["latest_checkpoint"].is_null(),
-        "the result waited for the checkpoint (recorded first): {t}"
-    );
+    assert_result_overtakes_its_checkpoint(&client, "small_checkpoint", 2 * DEADLINE).await;
     assert!(slow.remove().bytes_delayed > 0);
     assert_eq!(w.handle.registrations(), 1);
     w.stop().await.expect("stop");
@@ -772,6 +744,27 @@ async fn checkpointed_by_w1(c: &TestCoordinator, size: usize) -> (TestWorker, Ve
     let w1 = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), big_checkpoints(size));
     w1.wait_state(|s| s == ConnState::Connected).await;
     (w1, big_checkpoint_in(&c.client()).await)
+}
+
+/// Submits a task of `kind` (a [`BigCheckpoint`] that finishes once its checkpoint is written)
+/// and waits `within` for its result: recorded while the checkpoint still uploads, none is in.
+async fn assert_result_overtakes_its_checkpoint(
+    client: &Client,
+    kind: &str,
+    within: std::time::Duration,
+) {
+    let ids = client
+        .submit(&[TaskSpec::new(kind, serde_json::json!({ "finish": true }))])
+        .await;
+    let t = wait_for("the result", within, || async {
+        let t = client.task(&ids[0]).await;
+        (t["status"] == "completed").then_some(t)
+    })
+    .await;
+    assert!(
+        t["latest_checkpoint"].is_null(),
+        "the result waited for the checkpoint (recorded first): {t}"
+    );
 }
 
 /// Submits a `big_checkpoint` task and waits until its first attempt's checkpoint is in:
