@@ -36,8 +36,11 @@ pub const TOKEN_ENV: &str = "TETHER_TOKEN";
 /// The API token from `--token-file`, else from `TETHER_TOKEN`, else none.
 fn api_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
     let raw = match file {
-        Some(f) => std::fs::read_to_string(f)
-            .with_context(|| format!("cannot read token file {}", f.display()))?,
+        Some(f) => {
+            crate::run::warn_if_open(f, "the API token file");
+            std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read token file {}", f.display()))?
+        }
         None => match std::env::var(TOKEN_ENV) {
             Ok(t) => t,
             Err(_) => return Ok(None),

@@ -379,7 +379,7 @@ fn api_tokens(admin: Option<PathBuf>, read: Option<PathBuf>) -> anyhow::Result<O
 
 /// Says so when `path` (a secret, or a directory of them) is open to other users: anyone who
 /// reads a worker secret can register as that worker, an API token acts with its scope.
-fn warn_if_open(path: &std::path::Path, what: &str) {
+pub(crate) fn warn_if_open(path: &std::path::Path, what: &str) {
     use std::os::unix::fs::PermissionsExt;
     let Ok(meta) = std::fs::metadata(path) else {
         return;

@@ -34,6 +34,7 @@ async fn worker_secrets_and_api_tokens_are_read_from_files_by_the_binary() {
     // Whatever the umask: the wrong secret is open to others, and the process says so.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let mut cfg = fast_coordinator_config(dir.path().to_owned());
     let mut auth = WorkerAuth::fleet(Secret::from_file(&secret).expect("secret"));
     auth.message_mac = true;
@@ -97,11 +98,22 @@ async fn worker_secrets_and_api_tokens_are_read_from_files_by_the_binary() {
         .output()
         .await
         .expect("run tether submit");
-    assert!(
-        submitted.status.success(),
-        "{}",
-        String::from_utf8_lossy(&submitted.stderr)
-    );
+    let said = String::from_utf8_lossy(&submitted.stderr);
+    assert!(submitted.status.success(), "{said}");
+    assert!(!said.contains("readable by other users"), "{said}");
+    // The same token in a file open to others: it still works, and the client says so.
+    let open = files.path().join("open.token");
+    std::fs::copy(&token, &open).expect("copy");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let listed = tether()
+        .args(["tasks", "--coordinator", &http, "--token-file"])
+        .arg(&open)
+        .output()
+        .await
+        .expect("run tether tasks");
+    let said = String::from_utf8_lossy(&listed.stderr);
+    assert!(listed.status.success(), "{said}");
+    assert!(said.contains("readable by other users"), "{said}");
     let admin = Client::with_token(&http, "admin-token-of-the-cli-test");
     wait_for("the submitted task to complete", LONG, || async {
         let (_, v) = admin.get("/api/v1/tasks").await;

@@ -1570,9 +1570,13 @@ impl Tx {
         matches!(fed, Ok(Ok(())))
     }
 
-    /// Sends a ping (a control frame: no tag); false when the write failed or stalled.
+    /// Sends a ping, its payload the ping's tag when the session is keyed (the worker takes
+    /// no other ping as this coordinator's); false when the write failed or stalled.
     async fn ping(&mut self, deadline: &mut Instant) -> bool {
-        let send = self.sink.send(Message::Ping(Default::default()));
+        let payload = self.seal.as_mut().map(|s| s.seal_ping().to_vec());
+        let send = self
+            .sink
+            .send(Message::Ping(payload.unwrap_or_default().into()));
         let sent = while_draining(send, deadline, self.stall, self.entry.written()).await;
         matches!(sent, Ok(Ok(())))
     }

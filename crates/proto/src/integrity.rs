@@ -16,8 +16,15 @@
 //! as serialised never holds a raw newline), a binary frame with the 32 raw bytes. Frame
 //! numbers count from 0 in each direction and are implicit: a frame that is forged, altered,
 //! replayed, reordered or taken from another session fails, and the receiver does not advance
-//! its count, so the next genuine frame still verifies. Control frames (ping, pong, close) are
-//! not tagged; they carry no message.
+//! its count, so the next genuine frame still verifies. Pongs and closes are not tagged; they
+//! carry no message, and with tags on neither keeps a session alive nor ends one for good.
+//!
+//! A keyed session's pings carry a tag as their payload (32 bytes, [`Sealer::seal_ping`]), over
+//! the same prefix with opcode `p`, an empty body and a count of its own (pings numbered from 0
+//! in each direction, apart from data frames): a coordinator pings a worker whose long frame it
+//! is still reading, and the worker, whose heartbeats wait behind that frame, takes the ping as
+//! the coordinator alive. Untagged, anyone on the path could keep a black-holed session alive
+//! with pings; tagged, a ping that does not verify is ignored ([`Opener::open_ping`]).
 //!
 //! Because the key needs the secret and the worker's fresh nonce, the coordinator's first
 //! tagged frame also proves to the worker that it talks to a coordinator that holds its
@@ -65,6 +72,7 @@ impl Direction {
 pub enum Opcode {
     Text,
     Binary,
+    Ping,
 }
 
 impl Opcode {
@@ -72,6 +80,7 @@ impl Opcode {
         match self {
             Opcode::Text => b't',
             Opcode::Binary => b'b',
+            Opcode::Ping => b'p',
         }
     }
 }
@@ -126,11 +135,25 @@ pub struct Sealer {
     key: SessionKey,
     dir: Direction,
     next: u64,
+    /// The number of the next ping.
+    pings: u64,
 }
 
 impl Sealer {
     pub fn new(key: SessionKey, dir: Direction) -> Self {
-        Self { key, dir, next: 0 }
+        Self {
+            key,
+            dir,
+            next: 0,
+            pings: 0,
+        }
+    }
+
+    /// The payload of the next ping: its tag.
+    pub fn seal_ping(&mut self) -> [u8; TAG_BYTES] {
+        let tag = self.key.tag(self.dir, self.pings, Opcode::Ping, &[]);
+        self.pings += 1;
+        tag.finalize().into_bytes().into()
     }
 
     /// Appends the tag to a text frame.
@@ -167,6 +190,8 @@ pub struct Opener {
     dir: Direction,
     next: u64,
     failures: u32,
+    /// The number of the next ping.
+    pings: u64,
 }
 
 impl Opener {
@@ -176,7 +201,21 @@ impl Opener {
             dir,
             next: 0,
             failures: 0,
+            pings: 0,
         }
+    }
+
+    /// Whether a ping's `payload` is the tag of the next ping. One that is not (untagged,
+    /// forged, replayed) is not counted as a failure: a ping carries no message, and is only
+    /// ignored.
+    pub fn open_ping(&mut self, payload: &[u8]) -> bool {
+        let genuine = self
+            .key
+            .tag(self.dir, self.pings, Opcode::Ping, &[])
+            .verify_slice(payload)
+            .is_ok();
+        self.pings += u64::from(genuine);
+        genuine
     }
 
     /// The frame text without its tag, when the tag verifies as the next frame.
@@ -329,6 +368,25 @@ mod tests {
         assert_eq!(open.open_text(&first), Ok(r#"{"n":1}"#));
         assert_eq!(open.open_text(&second), Ok(r#"{"n":2}"#));
         assert_eq!(open.open_text(&first), Err(MacError::Mismatch));
+    }
+
+    #[test]
+    fn pings_verify_in_their_own_order_and_a_forged_or_replayed_one_is_ignored() {
+        let (mut seal, mut open) = pair();
+        let first = seal.seal_ping();
+        // A data frame between two pings does not move the pings' count.
+        let frame = seal.seal_text(r#"{"n":1}"#.to_owned());
+        let second = seal.seal_ping();
+        assert!(!open.open_ping(&[]), "untagged");
+        assert!(!open.open_ping(&second), "out of order");
+        assert!(open.open_ping(&first));
+        assert!(!open.open_ping(&first), "replayed");
+        // Reflected: a ping of the other direction.
+        let mut back = Sealer::new(key("cd"), Direction::ToWorker);
+        assert!(!open.open_ping(&back.seal_ping()));
+        assert!(open.open_ping(&second));
+        assert_eq!(open.open_text(&frame), Ok(r#"{"n":1}"#));
+        assert_eq!(open.failures(), 0, "a ping is ignored, not counted");
     }
 
     #[test]

@@ -452,12 +452,21 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// A frame from the coordinator came: the liveness deadline counts from now.
+    fn alive(&mut self) {
+        self.last_frame = Instant::now();
+        self.deadline = self.last_frame + self.timeout;
+    }
+
     fn dead_reason(&self) -> String {
         m::observe(m::DEAD_DETECT, self.last_frame.elapsed());
         format!("no frame for {} ms: {DEAD}", self.timeout.as_millis())
     }
 
-    /// Classifies one frame; every frame moves the liveness deadline.
+    /// Classifies one frame. Every frame moves the liveness deadline, but in a keyed session
+    /// only one that verified: a data frame or a ping with its tag. Pongs, untagged pings and
+    /// frames that fail their tags are not the coordinator (whoever holds the path could keep
+    /// a black-holed session alive with them, and its tasks would run here and elsewhere).
     async fn on_frame(
         &mut self,
         frame: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
@@ -467,10 +476,18 @@ impl<'a> Session<'a> {
             Some(Err(e)) => return Inbound::Closed(format!("read: {e}"), None),
             Some(Ok(m)) => m,
         };
-        self.last_frame = Instant::now();
-        self.deadline = self.last_frame + self.timeout;
+        // Whatever it is, the bytes read so far are whole frames: only a frame still arriving
+        // shows in the count from now (see `frame_arriving`).
         self.read_seen = self.ws.get_ref().bytes_read();
-        if matches!(frame, Message::Ping(_)) {
+        let ping = match (&frame, self.open.as_deref_mut()) {
+            (Message::Ping(payload), Some(o)) => Some(o.open_ping(payload)),
+            (Message::Ping(_), None) => Some(true),
+            _ => None,
+        };
+        if self.open.is_none() || ping == Some(true) {
+            self.alive();
+        }
+        if ping == Some(true) {
             // The coordinator pings only while a frame of this worker's is still arriving
             // (a long one on a slow link), behind which this worker's later messages wait:
             // what was sent is being read, not lost.
@@ -484,6 +501,9 @@ impl<'a> Session<'a> {
             (Message::Binary(b), None) => Ok(Data::Binary(b)),
             _ => Ok(Data::Control),
         };
+        if self.open.is_some() && matches!(data, Ok(Data::Text(_) | Data::Binary(_))) {
+            self.alive();
+        }
         match data {
             Err(e) => self.on_bad_tag(&frame, e).await,
             Ok(Data::Text(text)) => self.on_text(text).await,
@@ -1097,12 +1117,12 @@ impl<'a> Session<'a> {
                             }
                         }
                         Inbound::Other => {}
-                        Inbound::Closed(reason, code) => {
-                            return match self.closed_end(reason, code) {
-                                SessionEnd::NotRegistered(r) => Ok(r),
-                                end => Err(end),
-                            };
-                        }
+                        // Registered, a close is no refusal, whatever its code: the next
+                        // registration gets the coordinator's answer. A close carries no tag,
+                        // and forged ones (4001-4003) would otherwise stop a worker for good.
+                        // A process replaced by a newer one under its id (closed 4003) is
+                        // refused at that registration.
+                        Inbound::Closed(reason, _) => return Ok(reason),
                     }
                     if std::mem::take(&mut self.retuned) {
                         let every = periods(self.heartbeat_every, &cfg, self.stretch());

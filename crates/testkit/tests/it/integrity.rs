@@ -498,3 +498,148 @@ async fn with_message_mac_only_verified_frames_keep_a_session_alive() {
     }
     c.stop().await;
 }
+
+/// A coordinator driven by hand that keys its sessions as a real one does: it welcomes a
+/// worker with a nonce and asks for tags, reads the registration and acknowledges it, tagged.
+/// What comes next (pings, closes) is the test's.
+struct KeyedCoordinator {
+    listener: tokio::net::TcpListener,
+}
+
+type ServerWs = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+impl KeyedCoordinator {
+    async fn bind() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        Self { listener }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}", self.listener.local_addr().expect("addr"))
+    }
+
+    /// Accepts the worker's next connection and registers it; the session's sealer.
+    async fn register_next(&self, id: &str) -> (ServerWs, Sealer) {
+        let (tcp, _) = tokio::time::timeout(DEADLINE, self.listener.accept())
+            .await
+            .expect("the worker connects again in time")
+            .expect("accept");
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.expect("upgrade");
+        let nonce = to_hex(&rand::random::<[u8; NONCE_BYTES]>());
+        let welcome = json!({
+            "type": "welcome", "worker_id": id, "protocol_version": tether_proto::PROTOCOL_VERSION,
+            "session_id": 1, "heartbeat_interval_ms": 200, "heartbeat_timeout_ms": 2000,
+            "nonce": nonce, "integrity": HMAC_SHA256, "timestamp": chrono::Utc::now(),
+        });
+        ws.send(Message::text(welcome.to_string()))
+            .await
+            .expect("welcome");
+        let reg = loop {
+            match ws.next().await.expect("registration").expect("frame") {
+                Message::Text(t) => {
+                    let body = tether_proto::integrity::peek_text(t.as_str());
+                    break serde_json::from_str::<Value>(body).expect("json");
+                }
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected the registration, got {other:?}"),
+            }
+        };
+        assert_eq!(reg["type"], "registration", "{reg}");
+        let client_nonce = reg["client_nonce"].as_str().expect("client nonce");
+        let worker = WorkerId::parse(id).expect("id");
+        let key = SessionKey::derive(&secret(), &worker, &nonce, client_nonce);
+        let mut seal = Sealer::new(key, Direction::ToWorker);
+        let ack = json!({
+            "type": "registration_ack", "worker_id": id, "session_id": 1, "directives": [],
+            "timestamp": chrono::Utc::now(),
+        });
+        let ack = seal.seal_text(ack.to_string());
+        ws.send(Message::text(ack)).await.expect("ack");
+        (ws, seal)
+    }
+}
+
+/// A worker with the fleet secret, against `c`.
+fn keyed_worker(c: &KeyedCoordinator, id: &str) -> TestWorker {
+    let mut cfg = fast_worker_config(&c.url(), id);
+    cfg.secret = Some(secret());
+    spawn_worker(cfg, Executors::builtin())
+}
+
+/// Sends a ping every 300 ms (`tagged` by `seal`, or empty) and reads what the worker sends,
+/// for `how_long` or until the worker ends the session; whether it ended it.
+async fn ping(ws: &mut ServerWs, seal: Option<&mut Sealer>, how_long: Duration) -> bool {
+    let mut seal = seal;
+    let end = tokio::time::Instant::now() + how_long;
+    while tokio::time::Instant::now() < end {
+        let payload = seal.as_mut().map(|s| s.seal_ping().to_vec());
+        if ws
+            .send(Message::Ping(payload.unwrap_or_default().into()))
+            .await
+            .is_err()
+        {
+            return true;
+        }
+        let until = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(frame) = tokio::time::timeout_at(until, ws.next()).await {
+            if let None | Some(Err(_)) | Some(Ok(Message::Close(_))) = frame {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// The coordinator pings a worker whose long frame it is still reading. In a keyed session a
+/// tagged ping is the coordinator alive; an untagged one could be anyone on the path, and
+/// keeping a black-holed session alive on those, the worker would go on holding tasks the
+/// coordinator has moved to another worker.
+#[tokio::test]
+async fn with_message_mac_a_worker_takes_only_tagged_pings_as_its_coordinator_alive() {
+    let c = KeyedCoordinator::bind().await;
+    let w = keyed_worker(&c, "pinged");
+    let (mut ws, mut seal) = c.register_next("pinged").await;
+    w.wait_state(|s| s == ConnState::Connected).await;
+    // Three of the worker's timeouts (2 s) with nothing but tagged pings: the session lives.
+    let ended = ping(&mut ws, Some(&mut seal), Duration::from_secs(6)).await;
+    assert!(
+        !ended,
+        "the worker ended a session its coordinator kept pinging"
+    );
+    assert_eq!(w.handle.registrations(), 1);
+    // Untagged pings: the worker ends the session at its timeout, and connects again.
+    let started = tokio::time::Instant::now();
+    assert!(
+        ping(&mut ws, None, DEADLINE).await,
+        "the session outlived its timeout on untagged pings"
+    );
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1_500), "ended after {took:?}");
+    let _again = c.register_next("pinged").await;
+    w.wait_state(|s| s == ConnState::Connected).await;
+    w.stop().await.expect("clean stop");
+}
+
+/// A close carries no tag. Once registered, a close 4001-4003 is no refusal (anyone on the path
+/// could send one): the worker connects again, and only a refusal of its registration counts
+/// towards `refusals_before_stop` (3). Four forged closes do not stop it.
+#[tokio::test]
+async fn with_message_mac_closes_after_the_registration_do_not_stop_a_worker() {
+    let c = KeyedCoordinator::bind().await;
+    let w = keyed_worker(&c, "closed");
+    for code in [4001u16, 4002, 4003, 4001] {
+        let (mut ws, _) = c.register_next("closed").await;
+        let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: code.into(),
+            reason: "authentication failed".into(),
+        };
+        ws.close(Some(frame)).await.expect("close");
+        assert!(!w.join.is_finished(), "the worker stopped at close {code}");
+    }
+    let _last = c.register_next("closed").await;
+    w.wait_state(|s| s == ConnState::Connected).await;
+    assert_eq!(w.handle.registrations(), 5);
+    w.stop().await.expect("clean stop");
+}
