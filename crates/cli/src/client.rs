@@ -367,43 +367,71 @@ impl Api {
         }
     }
 
-    /// Every task `/api/v1/tasks?{query}` lists, read `page` at a time: each page after the
-    /// first asks for the tasks after the previous page's last `submit_seq`, so a listing of
-    /// any size is read whole, once each, however many tasks arrive meanwhile. A page is at
-    /// most the API's 100,000: a shorter page must mean the last one, not the API's cap.
+    /// Every task `/api/v1/tasks?{query}` lists, read `page` at a time (see [`TaskPages`]).
     pub(crate) async fn list_tasks(&self, query: &str, page: usize) -> anyhow::Result<Vec<Value>> {
-        let page = page.clamp(1, 100_000);
+        let mut pages = TaskPages::new(self, query, page);
         let mut all = Vec::new();
-        let mut after = None;
-        loop {
-            let mut path = format!("/api/v1/tasks?limit={page}");
-            if !query.is_empty() {
-                path.push('&');
-                path.push_str(query);
-            }
-            if let Some(seq) = after {
-                path.push_str(&format!("&after_seq={seq}"));
-            }
-            let Value::Array(got) = self.get(&path).await? else {
-                bail!("the coordinator's task list is not a list");
-            };
-            let full = got.len() >= page;
-            let last = got.last().map(|t| t["submit_seq"].as_u64());
+        while let Some(got) = pages.next().await? {
             all.extend(got);
-            match last {
-                Some(Some(seq)) if full => after = Some(seq),
-                Some(None) if full => {
-                    bail!("the coordinator's tasks carry no submit_seq to page by")
-                }
-                _ => return Ok(all),
-            }
         }
+        Ok(all)
     }
 
     /// POST `path`; a busy answer is asked again as for [`Self::get`].
     pub(crate) async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         self.call_unless_busy(reqwest::Method::POST, path, Some(body))
             .await
+    }
+}
+
+/// The tasks `/api/v1/tasks?{query}` lists, a page at a time: each page after the first asks
+/// for the tasks after the previous page's last `submit_seq`, so a listing of any size is read
+/// whole, once each, however many tasks arrive meanwhile, and a reader that takes each page as
+/// it comes holds one page, not the coordinator's whole table. A page is at most the API's
+/// 100,000: a shorter page must mean the last one, not the API's cap.
+pub(crate) struct TaskPages<'a> {
+    api: &'a Api,
+    query: &'a str,
+    page: usize,
+    /// The `submit_seq` the next page starts after; `None` before the first page.
+    after: Option<u64>,
+    done: bool,
+}
+
+impl<'a> TaskPages<'a> {
+    pub(crate) fn new(api: &'a Api, query: &'a str, page: usize) -> Self {
+        TaskPages {
+            api,
+            query,
+            page: page.clamp(1, 100_000),
+            after: None,
+            done: false,
+        }
+    }
+
+    /// The next page, `None` once the listing was read whole.
+    pub(crate) async fn next(&mut self) -> anyhow::Result<Option<Vec<Value>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let mut path = format!("/api/v1/tasks?limit={}", self.page);
+        if !self.query.is_empty() {
+            path.push('&');
+            path.push_str(self.query);
+        }
+        if let Some(seq) = self.after {
+            path.push_str(&format!("&after_seq={seq}"));
+        }
+        let Value::Array(got) = self.api.get(&path).await? else {
+            bail!("the coordinator's task list is not a list");
+        };
+        let full = got.len() >= self.page;
+        match got.last().map(|t| t["submit_seq"].as_u64()) {
+            Some(Some(seq)) if full => self.after = Some(seq),
+            Some(None) if full => bail!("the coordinator's tasks carry no submit_seq to page by"),
+            _ => self.done = true,
+        }
+        Ok(Some(got))
     }
 }
 

@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use tether_proto::TaskStatus;
 
-use crate::client::{Api, CommonArgs, Refused};
+use crate::client::{Api, CommonArgs, Refused, TaskPages};
 use crate::output::outln;
 
 /// First delay before the stream is opened again; doubled per failure up to [`RETRY_MAX`].
@@ -29,6 +29,11 @@ const CATCH_UP_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
 const SILENCE: Duration = Duration::from_secs(45);
 /// Named tasks read one request each after a gap; more are read from the task listing.
 const ONE_BY_ONE: usize = 64;
+/// A gap at least this long may have hidden a named task that ended and was removed by the
+/// coordinator's retention (at least a minute, `MIN_RETENTION`): the many named tasks are then
+/// read from the whole listing, where a task missing was removed, not from the tasks changed
+/// in the gap, where it would be missing just the same as one that did not change.
+const REMOVAL_GAP: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
 /// Tasks a watch of every task keeps (to tell a change from a copy already reported) before
 /// it forgets those that ended long enough ago.
 const SEEN_MAX: usize = 100_000;
@@ -112,13 +117,18 @@ async fn follow_with(api: &Api, watch: &mut Watch) -> anyhow::Result<()> {
         match outcome {
             Ok(Turn::Done) => return Ok(()),
             Err(Fatal(e)) => return Err(e),
-            Ok(Turn::Lost { opened, why }) => {
+            Ok(Turn::Lost {
+                opened,
+                reached,
+                why,
+            }) => {
                 if opened {
                     opened_once = true;
                     delay = RETRY_FIRST;
-                } else if !opened_once {
+                } else if !opened_once && !reached {
                     // Never reached: a wrong address or a coordinator that is not up; say so
-                    // rather than wait for it.
+                    // rather than wait for it. One that answered and ended the stream before
+                    // its snapshot (busy with large answers) is asked again.
                     return Err(why);
                 }
                 eprintln!(
@@ -139,8 +149,13 @@ async fn follow_with(api: &Api, watch: &mut Watch) -> anyhow::Result<()> {
 enum Turn {
     /// Every named task has ended.
     Done,
-    /// The stream ended or failed; `opened` if it had delivered its snapshot.
-    Lost { opened: bool, why: anyhow::Error },
+    /// The stream ended or failed; `opened` if it had delivered its snapshot, `reached` if the
+    /// coordinator answered the request for it.
+    Lost {
+        opened: bool,
+        reached: bool,
+        why: anyhow::Error,
+    },
 }
 
 /// An error that retrying will not mend (a task that does not exist, a refused token).
@@ -240,17 +255,28 @@ impl Watch {
         let mut chunks = match api.stream("/api/v1/events").await {
             Ok(c) => c,
             Err(e) if is_refusal(&e) => return Err(Fatal(e)),
-            Err(why) => return Ok(Turn::Lost { opened: false, why }),
+            Err(why) => {
+                return Ok(Turn::Lost {
+                    opened: false,
+                    reached: false,
+                    why,
+                });
+            }
+        };
+        let lost = |opened, why| Turn::Lost {
+            opened,
+            reached: true,
+            why,
         };
         let mut parser = SseParser::default();
         let mut opened = false;
         loop {
             let chunk = match tokio::time::timeout(self.silence, chunks.next()).await {
                 Ok(Some(Ok(c))) => c,
-                Ok(Some(Err(why))) => return Ok(Turn::Lost { opened, why }),
+                Ok(Some(Err(why))) => return Ok(lost(opened, why)),
                 Ok(None) => {
                     let why = anyhow::anyhow!("the coordinator closed the event stream");
-                    return Ok(Turn::Lost { opened, why });
+                    return Ok(lost(opened, why));
                 }
                 Err(_) => {
                     let why = anyhow::anyhow!(
@@ -258,7 +284,7 @@ impl Watch {
                          keep-alive every 15 s)",
                         self.silence.as_millis()
                     );
-                    return Ok(Turn::Lost { opened, why });
+                    return Ok(lost(opened, why));
                 }
             };
             for ev in parser.push(&chunk) {
@@ -271,7 +297,7 @@ impl Watch {
                             if is_refusal(&why) || crate::output::is_closed(&why) {
                                 return Err(Fatal(why));
                             }
-                            return Ok(Turn::Lost { opened, why });
+                            return Ok(lost(opened, why));
                         }
                         opened = true;
                     }
@@ -289,9 +315,11 @@ impl Watch {
                         // Retention removed an ended task: nothing to follow any more.
                         if let Ok(t) = serde_json::from_str::<Value>(&ev.data)
                             && let Some(id) = t["task_id"].as_str()
-                            && self.ids.is_none()
                         {
-                            self.seen.remove(id);
+                            match self.ids {
+                                None => _ = self.seen.remove(id),
+                                Some(_) => self.on_removed(id).map_err(Fatal)?,
+                            }
                         }
                     }
                     // `resync` is followed by a fresh snapshot; `sample` is for the dashboard.
@@ -339,19 +367,25 @@ impl Watch {
                     .filter(|id| !self.ended.contains_key(id))
                     .collect();
                 if open.len() > ONE_BY_ONE {
-                    self.read_named_listed(api, &open, before).await?;
+                    // Long enough for retention to have removed a task unseen: read them all.
+                    let gap = before.zip(time(&snap["at"])).map(|(b, at)| at - b);
+                    let since = before.filter(|_| gap.is_some_and(|g| g < REMOVAL_GAP));
+                    self.read_named_listed(api, &open, before.is_some(), since)
+                        .await?;
                 } else {
                     for id in open {
-                        let t =
-                            api.get(&format!("/api/v1/tasks/{id}")).await.map_err(|e| {
-                                match e.downcast_ref::<Refused>().map(|r| r.status) {
-                                    Some(404) => {
-                                        e.context(format!("no task {id} at this coordinator"))
-                                    }
-                                    _ => e,
-                                }
-                            })?;
-                        self.on_task(&t)?;
+                        match api.get(&format!("/api/v1/tasks/{id}")).await {
+                            Ok(t) => self.on_task(&t)?,
+                            // Found at an earlier catch-up, gone now: it ended while no stream
+                            // was open, and retention removed it.
+                            Err(e) if before.is_some() && status(&e) == Some(404) => {
+                                self.on_removed(&id)?;
+                            }
+                            Err(e) if status(&e) == Some(404) => {
+                                return Err(e.context(format!("no task {id} at this coordinator")));
+                            }
+                            Err(e) => return Err(e),
+                        }
                     }
                 }
             }
@@ -366,24 +400,9 @@ impl Watch {
                 // The snapshot holds the newest tasks only; an older one may have changed too.
                 // Page by page: a gap may have changed any number of tasks.
                 let query = changed_since(before);
-                let changed = api.list_tasks(&query, self.page).await?;
-                for t in &changed {
-                    let id = t["task_id"].as_str().unwrap_or_default();
-                    // Never seen and last changed before the watch started, or well before
-                    // the gap: as it was when the watch started (the first snapshot holds the
-                    // newest tasks only), not a change. Just before the gap it may be a
-                    // change stamped by a clock set back.
-                    let at = time(&t["updated_at"]);
-                    let unchanged = !self.seen.contains_key(id)
-                        && at.is_some_and(|at| {
-                            self.started.is_some_and(|s| at <= s)
-                                || before.is_some_and(|b| at <= b - CATCH_UP_MARGIN)
-                        });
-                    if unchanged {
-                        self.know(t);
-                    } else {
-                        self.on_task(t)?;
-                    }
+                let mut pages = TaskPages::new(api, &query, self.page);
+                while let Some(page) = pages.next().await? {
+                    self.read_changed(&page, before)?;
                 }
             }
         }
@@ -395,34 +414,89 @@ impl Watch {
         Ok(())
     }
 
-    /// Many named tasks: read from the listing, page by page (every task the first time, then
-    /// those changed since just before the gap), not with a request each: a watch of thousands
-    /// of tasks whose stream lags would read them all again at every snapshot. A name the
-    /// first reading does not find is refused, as a request for it would be.
+    /// Following every task, one page of the tasks changed in a gap that began after `before`.
+    fn read_changed(
+        &mut self,
+        changed: &[Value],
+        before: Option<DateTime<Utc>>,
+    ) -> anyhow::Result<()> {
+        for t in changed {
+            let id = t["task_id"].as_str().unwrap_or_default();
+            // Never seen and last changed before the watch started, or well before the gap: as
+            // it was when the watch started (the first snapshot holds the newest tasks only),
+            // not a change. Just before the gap it may be a change stamped by a clock set back.
+            let at = time(&t["updated_at"]);
+            let unchanged = !self.seen.contains_key(id)
+                && at.is_some_and(|at| {
+                    self.started.is_some_and(|s| at <= s)
+                        || before.is_some_and(|b| at <= b - CATCH_UP_MARGIN)
+                });
+            if unchanged {
+                self.know(t);
+            } else {
+                self.on_task(t)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Many named tasks: read from the listing, page by page (every task the first time and
+    /// after a long gap, else those changed since `since`, just before the gap), not with a
+    /// request each: a watch of thousands of tasks whose stream lags would read them all again
+    /// at every snapshot. A name missing from a whole listing is refused at the first reading
+    /// (`found_before` false), as a request for it would be; later, it was removed by retention.
     async fn read_named_listed(
         &mut self,
         api: &Api,
         open: &[String],
-        before: Option<DateTime<Utc>>,
+        found_before: bool,
+        since: Option<DateTime<Utc>>,
     ) -> anyhow::Result<()> {
-        let query = changed_since(before);
+        let query = changed_since(since);
         let wanted: std::collections::HashSet<&str> = open.iter().map(String::as_str).collect();
         let mut found = std::collections::HashSet::new();
-        for t in api.list_tasks(&query, self.page).await? {
-            if let Some(id) = t["task_id"].as_str().filter(|id| wanted.contains(id)) {
-                found.insert(id.to_owned());
-                self.on_task(&t)?;
+        let mut pages = TaskPages::new(api, &query, self.page);
+        while let Some(page) = pages.next().await? {
+            for t in &page {
+                if let Some(id) = t["task_id"].as_str().filter(|id| wanted.contains(id)) {
+                    found.insert(id.to_owned());
+                    self.on_task(t)?;
+                }
             }
         }
-        if before.is_none()
-            && let Some(missing) = open.iter().find(|id| !found.contains(*id))
-        {
+        if since.is_some() {
+            return Ok(());
+        }
+        for missing in open.iter().filter(|id| !found.contains(*id)) {
+            if found_before {
+                self.on_removed(missing)?;
+                continue;
+            }
             let body = serde_json::json!({"error": {"message": format!("no task {missing}")}});
             return Err(
                 anyhow::Error::from(Refused::of(http::StatusCode::NOT_FOUND, &body))
                     .context(format!("no task {missing} at this coordinator")),
             );
         }
+        Ok(())
+    }
+
+    /// A named task removed by the coordinator's retention before the watch saw it end (it
+    /// ended, and was removed, while no stream was open; or its removal came first on a
+    /// stream): its outcome is unknown, and it counts as not completed.
+    fn on_removed(&mut self, id: &str) -> anyhow::Result<()> {
+        let named = self.ids.as_ref().is_some_and(|ids| ids.contains(id));
+        if !named || self.ended.contains_key(id) {
+            return Ok(());
+        }
+        if self.json {
+            outln!("{}", serde_json::json!({"task_id": id, "removed": true}))?;
+        } else {
+            outln!(
+                "{id} removed by the coordinator's retention before its end was seen (outcome unknown)"
+            )?;
+        }
+        self.ended.insert(id.to_owned(), "removed".into());
         Ok(())
     }
 
@@ -544,6 +618,11 @@ impl Watch {
             bail!("not completed: {}", unsuccessful.join(", "))
         }
     }
+}
+
+/// The HTTP status of a refusal, if `e` is one.
+fn status(e: &anyhow::Error) -> Option<u16> {
+    e.downcast_ref::<Refused>().map(|r| r.status)
 }
 
 /// A refusal that another try would get again: a bad token, a missing task.
@@ -886,7 +965,7 @@ mod tests {
         // The first snapshot sets the baseline (no read); then the stream says nothing.
         let started = std::time::Instant::now();
         match w.stream(&api).await {
-            Ok(Turn::Lost { opened, why }) => {
+            Ok(Turn::Lost { opened, why, .. }) => {
                 assert!(opened);
                 assert!(format!("{why:#}").contains("silent"), "{why:#}");
             }
@@ -989,5 +1068,142 @@ mod tests {
         let e = w.catch_up(&api, &snap).await.expect_err("no such task");
         assert!(is_refusal(&e), "{e:#}");
         assert!(format!("{e:#}").contains("no task nope"), "{e:#}");
+    }
+
+    /// A coordinator for the catch-up tests: its listing and its reads of one task give the
+    /// tasks in `tasks` (a task missing from it is 404), so a test changes what a later
+    /// catch-up finds; its event stream sends the body `events` gives for each opening (the
+    /// openings counted from 0), then holds the stream open.
+    async fn scripted(
+        tasks: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+        events: fn(usize) -> String,
+    ) -> Api {
+        use axum::extract::{Path, State};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        type Tasks = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
+        let opened = std::sync::Arc::new(AtomicUsize::new(0));
+        let stream = move || {
+            use futures_util::{StreamExt, stream};
+            let text = events(opened.fetch_add(1, Ordering::SeqCst));
+            // An empty body ends at once; any other is held open after it.
+            let held = match text.is_empty() {
+                true => stream::empty().boxed(),
+                false => stream::once(async { Ok::<_, std::convert::Infallible>(text) })
+                    .chain(stream::pending())
+                    .boxed(),
+            };
+            async move {
+                (
+                    [(http::header::CONTENT_TYPE, "text/event-stream")],
+                    axum::body::Body::from_stream(held),
+                )
+            }
+        };
+        let list = |State(t): State<Tasks>| async move {
+            axum::Json(Value::from(t.lock().expect("tasks").clone()))
+        };
+        let one = |State(t): State<Tasks>, Path(id): Path<String>| async move {
+            let t = t.lock().expect("tasks");
+            match t.iter().find(|t| t["task_id"] == id.as_str()) {
+                Some(t) => Ok(axum::Json(t.clone())),
+                None => Err(http::StatusCode::NOT_FOUND),
+            }
+        };
+        let app = axum::Router::new()
+            .route("/api/v1/events", axum::routing::get(stream))
+            .route("/api/v1/tasks", axum::routing::get(list))
+            .route("/api/v1/tasks/{id}", axum::routing::get(one))
+            .with_state(tasks);
+        let addr = crate::client::serve_for_test(app).await;
+        Api::build(&format!("http://{addr}"), None, None).expect("client")
+    }
+
+    /// `n` tasks `t0`.. in `status`, with the `submit_seq` the listing pages by.
+    fn numbered(n: usize, status: &str) -> Vec<Value> {
+        (0..n)
+            .map(|i| {
+                let mut t = task(&format!("t{i}"), status, 1, None);
+                t["submit_seq"] = json!(i);
+                t
+            })
+            .collect()
+    }
+
+    fn snapshot_at(at: &str) -> Value {
+        json!({"at": at, "tasks": []})
+    }
+
+    /// A named task that ended and was removed by retention while the watch had no stream is
+    /// gone from every listing: the watch used to wait for its end for ever. It ends the watch
+    /// as removed (outcome unknown, so not completed), whether the names are read one by one or
+    /// from the listing; a short gap's listing (the tasks changed in it) cannot tell a removed
+    /// task from an unchanged one, and retention removes none that ended so recently.
+    #[tokio::test]
+    async fn a_named_task_removed_while_the_watch_had_no_stream_ends_it_as_removed() {
+        for n in [2, ONE_BY_ONE + 6] {
+            let tasks = std::sync::Arc::new(std::sync::Mutex::new(numbered(n, "running")));
+            let api = scripted(tasks.clone(), |_| String::new()).await;
+            let names: BTreeSet<String> = (0..n).map(|i| format!("t{i}")).collect();
+            let mut w = Watch::new(Some(names), true, false);
+            w.catch_up(&api, &snapshot_at("2026-12-01T10:40:00Z"))
+                .await
+                .expect("every name found");
+            assert!(w.ended.is_empty());
+            tasks.lock().expect("tasks").remove(0);
+            if n > ONE_BY_ONE {
+                w.catch_up(&api, &snapshot_at("2026-12-01T10:40:10Z"))
+                    .await
+                    .expect("a short gap");
+                assert!(w.ended.is_empty(), "n {n}: {:?}", w.ended);
+            }
+            w.catch_up(&api, &snapshot_at("2026-12-01T10:42:00Z"))
+                .await
+                .expect("a removed task is no error");
+            assert_eq!(
+                w.ended.get("t0").map(String::as_str),
+                Some("removed"),
+                "n {n}"
+            );
+            assert_eq!(w.ended.len(), 1, "n {n}: {:?}", w.ended);
+            let e = w.verdict().expect_err("not completed");
+            assert!(format!("{e:#}").contains("t0 removed"), "{e:#}");
+        }
+    }
+
+    /// A removal on the stream of a named task whose end the watch missed (its stream lagged)
+    /// ends it too.
+    #[tokio::test]
+    async fn a_named_tasks_removal_on_the_stream_ends_the_watch() {
+        let tasks = std::sync::Arc::new(std::sync::Mutex::new(numbered(1, "running")));
+        let api = scripted(tasks, |_| {
+            "event: snapshot\ndata: {\"at\": \"2026-12-01T10:40:00Z\", \"tasks\": []}\n\n\
+             event: task_removed\ndata: {\"task_id\": \"t0\"}\n\n"
+                .to_owned()
+        })
+        .await;
+        let mut w = Watch::new(Some(["t0".to_owned()].into()), true, false);
+        let turn = tokio::time::timeout(Duration::from_secs(10), w.stream(&api)).await;
+        assert!(matches!(turn, Ok(Ok(Turn::Done))), "the watch ended");
+        assert_eq!(w.ended.get("t0").map(String::as_str), Some("removed"));
+    }
+
+    /// A coordinator that answers the event stream but ends it before its snapshot (busy with
+    /// large answers) is up: the watch opens the stream again rather than exit as if it were
+    /// unreachable.
+    #[tokio::test]
+    async fn a_stream_ended_before_its_first_snapshot_is_opened_again() {
+        let tasks = std::sync::Arc::new(std::sync::Mutex::new(numbered(1, "completed")));
+        let api = scripted(tasks, |opening| match opening {
+            0 => String::new(),
+            _ => "event: snapshot\ndata: {\"at\": \"2026-12-01T10:40:00Z\", \"tasks\": []}\n\n"
+                .to_owned(),
+        })
+        .await;
+        let mut w = Watch::new(Some(["t0".to_owned()].into()), true, false);
+        let followed = tokio::time::timeout(Duration::from_secs(10), follow_with(&api, &mut w))
+            .await
+            .expect("in time");
+        assert!(followed.is_ok(), "{followed:?}");
+        assert!(w.verdict().is_ok());
     }
 }

@@ -569,7 +569,7 @@ pub struct ListQuery {
     ),
     responses(
         (status = 200, description = "Tasks in submission order (or the reverse)", body = Vec<crate::model::Task>),
-        (status = 422, description = "Unknown status or order, or a time that is not RFC 3339", body = ErrorBody),
+        (status = 422, description = "Unknown status or order, a time that is not RFC 3339, or a `limit` above 100000", body = ErrorBody),
         (status = 503, description = "Busy: every turn for large answers was held for half the handshake deadline (Retry-After)", body = ErrorBody),
     )
 )]
@@ -603,9 +603,18 @@ pub async fn list_tasks(
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
+    // A limit the listing cannot honour is refused, not cut: a client paging by it would take
+    // the cut page for the last one.
+    let limit = match q.limit.unwrap_or(1000) {
+        l @ 0..=LIST_MAX => l,
+        l => {
+            return ApiError::Invalid(format!("limit {l} is out of range; use 0 to {LIST_MAX}"))
+                .into_response();
+        }
+    };
     let query = TaskQuery {
         status,
-        limit: q.limit.unwrap_or(1000).min(LIST_MAX),
+        limit,
         newest_first,
         updated_since,
         after_seq: q.after_seq,

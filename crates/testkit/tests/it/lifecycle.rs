@@ -651,6 +651,9 @@ async fn bad_query_parameters_get_the_json_error_body() {
         ("limit=-1", 400, "bad_request"),
         ("order=sideways", 422, "invalid"),
         ("status=bogus", 422, "invalid"),
+        // Refused, not cut to the largest page: a client paging by it would take the cut page
+        // for the last one.
+        ("limit=100001", 422, "invalid"),
     ] {
         let (status, body) = client.get(&format!("/api/v1/tasks?{query}")).await;
         assert_eq!(status, want, "{query}: {body}");
