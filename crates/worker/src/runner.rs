@@ -855,9 +855,10 @@ impl Runner {
         None
     }
 
-    /// Stops every task (shutdown) and waits for them, up to `grace`. A task stopped this way
-    /// reports nothing; one that ended on its own meanwhile has its result queued as usual.
-    pub async fn shutdown(&self, grace: Duration) {
+    /// Tells every running task to stop, for the worker stops; no task starts from now on.
+    /// [`Runner::shutdown`] does this first; done earlier (a stop noticed while a write
+    /// waited on a slow link), it is not done twice.
+    pub fn stop_tasks(&self) {
         self.stopping.cancel();
         {
             let mut t = self.table();
@@ -867,6 +868,12 @@ impl Runner {
             }
         }
         self.tracker.close();
+    }
+
+    /// Stops every task (shutdown) and waits for them, up to `grace`. A task stopped this way
+    /// reports nothing; one that ended on its own meanwhile has its result queued as usual.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stop_tasks();
         if tokio::time::timeout(grace, self.tracker.wait())
             .await
             .is_err()

@@ -158,6 +158,30 @@ fn followed_timeout(ms: Option<u64>, every: Duration) -> Duration {
         .min(MAX_FOLLOWED_TIMEOUT)
 }
 
+/// Drives `write` to its end. A stop that comes meanwhile, unless `told` (the tasks were told
+/// already), tells the tasks to stop at once and sets `told`: the write goes on (a frame half
+/// written cannot be taken back, and a tagged one never written would leave a gap in the tags'
+/// count).
+async fn through_stop<F: Future>(
+    write: F,
+    shutdown: &CancellationToken,
+    runner: &crate::runner::Runner,
+    told: &mut bool,
+) -> F::Output {
+    tokio::pin!(write);
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut write => return done,
+            () = shutdown.cancelled(), if !*told => {
+                *told = true;
+                tracing::info!("stopping while a write waits on the link: the tasks are told to stop now");
+                runner.stop_tasks();
+            }
+        }
+    }
+}
+
 /// The period of a duty that is not done: it comes due only in a session that lives a year.
 const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -325,6 +349,10 @@ pub(crate) struct Session<'a> {
     trimmed_heartbeat: bool,
     /// The worker is stopping: assignments are no longer taken.
     draining: bool,
+    /// The worker's stop, once the session is registered (never cancelled before).
+    stop: CancellationToken,
+    /// The tasks were told to stop: at the stop, or by a write it found waiting on the link.
+    tasks_told: bool,
 }
 
 impl<'a> Session<'a> {
@@ -367,6 +395,8 @@ impl<'a> Session<'a> {
             registration_bytes: 0,
             trimmed_heartbeat: false,
             draining: false,
+            stop: CancellationToken::new(),
+            tasks_told: false,
         }
     }
 
@@ -667,7 +697,10 @@ impl<'a> Session<'a> {
         }
         let frame = self.frame_text(text);
         let send = self.ws.send(frame);
-        write_result(while_draining(send, &mut self.deadline, self.timeout, &self.written).await)?;
+        let write = while_draining(send, &mut self.deadline, self.timeout, &self.written);
+        write_result(
+            through_stop(write, &self.stop, &self.agent.runner, &mut self.tasks_told).await,
+        )?;
         count_out(msg);
         // Sent at once whatever the pace (a heartbeat must not wait), and counted in it: the
         // outbox yields what it took.
@@ -1005,6 +1038,7 @@ impl<'a> Session<'a> {
         // set again (at once when a shorter timeout brings the deadline forward).
         let stop = crate::woken::when_woken(shutdown.cancelled());
         tokio::pin!(stop);
+        self.stop = shutdown.clone();
         let mut armed = duties.next().min(self.deadline);
         let timer = sleep_until(armed);
         tokio::pin!(timer);
@@ -1074,6 +1108,7 @@ impl<'a> Session<'a> {
                         // The tasks stop all the same; the session's end shows in its next read.
                         tracing::warn!(worker = %self.worker(), %reason, "worker_stopping not sent");
                     }
+                    self.tasks_told = true;
                     let runner = self.agent.runner.clone();
                     stopping = Some(Box::pin(async move {
                         runner.shutdown(crate::agent::SHUTDOWN_GRACE).await;
@@ -1194,6 +1229,9 @@ impl<'a> Session<'a> {
     /// stall moves the deadline), and they would otherwise wait for the next one, outside the
     /// window that notices a message never acknowledged. `Err(reason)` when a write failed
     /// (the connection is broken) or a tagged frame was not written: the session ends.
+    /// A stop that comes while a write waits (a slow link can hold one for many seconds) tells
+    /// the tasks to stop at once (see [`through_stop`]); the frames not yet written then go
+    /// back to the outbox, for the main loop to take the stop in (`worker_stopping`) first.
     async fn flush_outbox(&mut self) -> Result<(), String> {
         // A window that a coordinator never acknowledges stays closed only until the message
         // waiting longest has waited the liveness timeout: that ends the session
@@ -1252,6 +1290,11 @@ impl<'a> Session<'a> {
         // so that it drops the upload at once instead of keeping it unfinished.
         let mut abandoned: Vec<(TaskId, CheckpointId)> = Vec::new();
         for (text, entries) in frames {
+            if self.tasks_told && !self.draining {
+                let unsent = taken[entries.start..].iter().map(|(seq, _, _)| *seq);
+                self.agent.outbox.unsend(unsent);
+                break;
+            }
             if !frame_fits(text.len(), self.max_frame_out) {
                 // Queued or journaled under a larger limit: sent, it would end this session
                 // and every later one. A result fails its attempt instead, the rest is dropped.
@@ -1274,7 +1317,9 @@ impl<'a> Session<'a> {
             // A feed that did not complete did not take its frame: it waited for room in the
             // write buffer (`poll_ready`) until the deadline, or failed.
             let feed = self.ws.feed(frame);
-            let fed = while_draining(feed, &mut self.deadline, self.timeout, &self.written).await;
+            let write = while_draining(feed, &mut self.deadline, self.timeout, &self.written);
+            let fed =
+                through_stop(write, &self.stop, &self.agent.runner, &mut self.tasks_told).await;
             if let Err(reason) = write_result(fed) {
                 let unsent = taken[entries.start..].iter().map(|(seq, _, _)| *seq);
                 self.agent.outbox.unsend(unsent);
@@ -1317,7 +1362,8 @@ impl<'a> Session<'a> {
         // What was fed is in the window: a flush that stalls until the deadline (a slow link)
         // leaves it to the window's own watch and the liveness deadline.
         let flush = self.ws.flush();
-        match while_draining(flush, &mut self.deadline, self.timeout, &self.written).await {
+        let write = while_draining(flush, &mut self.deadline, self.timeout, &self.written);
+        match through_stop(write, &self.stop, &self.agent.runner, &mut self.tasks_told).await {
             Ok(Err(e)) => Err(format!("write: {e}")),
             _ => Ok(()),
         }

@@ -351,7 +351,10 @@ impl StateDir {
         Ok(())
     }
 
-    /// Keeps `cp` as the latest checkpoint of `task`.
+    /// Keeps `cp` as the latest checkpoint of `task`. When it cannot be kept (the disk is full),
+    /// the one kept before it of the same attempt or an older one goes: kept, it would be taken
+    /// after a crash for a checkpoint newer than the coordinator's (it differs from it), and the
+    /// task would resume from further back than its last checkpoint.
     pub fn store_checkpoint(
         &self,
         task: &TaskId,
@@ -360,7 +363,14 @@ impl StateDir {
         // What was asked while this one was written is settled as the guard is released.
         let mut conn = self.checkpoints();
         self.settle(&mut conn);
-        checkpoints::store(&conn, task, cp).map_err(|e| self.cp_err(e))
+        let stored = checkpoints::store(&conn, task, cp).map_err(|e| self.cp_err(e));
+        if stored.is_err() {
+            let ended = [(task.as_str().to_owned(), cp.attempt.0)];
+            if let Err(error) = checkpoints::forget(&mut conn, &ended) {
+                tracing::error!(task = %task, %error, "could not forget the checkpoint before the one that failed to store: after a crash the task may resume from it");
+            }
+        }
+        stored
     }
 
     /// The latest checkpoint stored for `task`.
@@ -1614,6 +1624,36 @@ mod tests {
         sd.store_checkpoint(&tid("t"), &checkpoint(3, b"d"))
             .expect("checkpoint");
         assert_eq!(latest(&sd), (3, b"d".to_vec()));
+    }
+
+    /// A checkpoint that cannot be stored (the disk is full: here the database may not grow)
+    /// takes the task's older one with it; kept, it would be the resume point after a crash,
+    /// taken for newer than the coordinator's since it differs from it. Another task's stays.
+    #[test]
+    fn a_checkpoint_that_cannot_be_stored_takes_the_older_one_with_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+        sd.store_checkpoint(&tid("t"), &checkpoint(1, b"first"))
+            .expect("checkpoint");
+        sd.store_checkpoint(&tid("u"), &checkpoint(2, b"another task's"))
+            .expect("checkpoint");
+        {
+            let conn = locked(&sd.cp_conn);
+            let pages: i64 = conn
+                .query_row("PRAGMA page_count", [], |r| r.get(0))
+                .expect("pages");
+            conn.pragma_update(None, "max_page_count", pages)
+                .expect("full");
+        }
+        let big = vec![7u8; 1 << 20];
+        let full = sd.store_checkpoint(&tid("t"), &checkpoint(1, &big));
+        assert!(full.is_err(), "the disk is full");
+        assert!(sd.latest_checkpoint(&tid("t")).expect("read").is_none());
+        let kept = sd
+            .latest_checkpoint(&tid("u"))
+            .expect("read")
+            .expect("kept");
+        assert_eq!(kept.data.as_slice(), b"another task's");
     }
 
     /// A `checkpoints.db` moved away without its `-wal` and `-shm` (a killed worker left them):

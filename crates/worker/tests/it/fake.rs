@@ -794,6 +794,11 @@ impl Running {
     }
 
     /// Shuts the agent down and expects a clean stop.
+    /// Tells the agent to stop, without waiting for it.
+    pub fn begin_stop(&self) {
+        self.stop.cancel();
+    }
+
     pub async fn stop(self) {
         self.stop.cancel();
         self.run.await.expect("join").expect("clean stop");

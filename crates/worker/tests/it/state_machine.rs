@@ -514,3 +514,29 @@ async fn entries_a_stalled_write_did_not_take_are_sent_when_the_link_reads_again
     assert_eq!(fake.attempts().len(), 1);
     running.stop().await;
 }
+
+/// A stop while a write waits on a link that reads nothing (it waits until the liveness
+/// deadline, 15 s): the tasks are told to stop at once, not once the write gave up, and the
+/// running task has ended within a second.
+#[tokio::test(start_paused = true)]
+async fn a_stop_while_a_write_waits_on_the_link_stops_the_tasks_at_once() {
+    let fake = FakeConnector::new(Script::StallReads);
+    let cfg = config();
+    let timeout = cfg.heartbeat_timeout;
+    let running = Running::start_with_big(&fake, cfg);
+    let handle = running.handle.clone();
+    running.wait_state(|s| s == ConnState::Connected).await;
+    // The checkpoint's pieces fill the pipe the coordinator does not read: a write waits.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(handle.active_tasks().len(), 1, "the task runs");
+    let stopped = tokio::time::Instant::now();
+    running.begin_stop();
+    let ended = || handle.active_tasks().is_empty();
+    let told = held_within(Duration::from_secs(1), Duration::from_millis(20), ended).await;
+    assert!(
+        told,
+        "the task still runs {:?} after the stop (the write waits up to {timeout:?})",
+        stopped.elapsed()
+    );
+    running.stop().await;
+}
