@@ -475,13 +475,21 @@ fn load(conn: &Connection) -> Result<Loaded, LoadError> {
         let (id, doc, spec) = row?;
         let spec =
             spec.ok_or_else(|| LoadError::Json(format!("task {id:?} has no spec (table tasks)")))?;
-        out.tasks.push(
+        let t =
             from_json::<schema::LoadedTaskDoc>(&format!("task {id:?} (table tasks, doc)"), &doc)?
                 .with_spec(from_json(
                     &format!("task {id:?} (table tasks, spec)"),
                     &spec,
-                )?),
-        );
+                )?);
+        // The column holds an i64, and the next task's number is one more: a larger one was
+        // written outside tether.
+        if t.submit_seq >= i64::MAX as u64 {
+            return Err(LoadError::Json(format!(
+                "task {id:?} (table tasks, doc): submit_seq {} is out of range",
+                t.submit_seq
+            )));
+        }
+        out.tasks.push(t);
     }
     out.next_submit_seq = conn
         .query_row(
@@ -828,7 +836,11 @@ fn commit(
                 }
             }
             Mutation::DeleteTask(id) => {
-                // Its journaled states go too (and are not replayed, even under its id).
+                // Its journaled states go too (and are not replayed, even under its id). The
+                // forget is journaled before the commit, as every op is: a crash between them
+                // leaves the task (finished: only those are removed) without its journaled
+                // state, and its removal is done again; the other order could replay a removed
+                // task's state under a new task of its id.
                 ops.push(Op::Forget(id));
                 for sql in [
                     "DELETE FROM checkpoint_chunks WHERE checkpoint_id IN (SELECT id FROM checkpoints WHERE task_id = ?1)",

@@ -303,6 +303,27 @@ fn a_damaged_record_is_named_at_start_and_at_a_read_never_served_as_null() {
     }
     let said = open(dir.path()).expect_err("refused").to_string();
     assert!(said.contains("task \"t2\" (table tasks, doc)"), "{said}");
+    // A task number no next one can follow (the core counts from the largest plus one).
+    {
+        let conn = Connection::open(dir.path().join("tether.db")).expect("open");
+        let doc: String = conn
+            .query_row("SELECT doc FROM tasks WHERE id = 't0'", [], |r| r.get(0))
+            .expect("doc");
+        let mut doc: serde_json::Value = serde_json::from_str(&doc).expect("json");
+        doc["submit_seq"] = serde_json::json!(u64::MAX);
+        conn.execute(
+            "UPDATE tasks SET doc = ?1 WHERE id = 't0'",
+            [doc.to_string()],
+        )
+        .expect("damage");
+    }
+    let said = open(dir.path()).expect_err("refused").to_string();
+    assert!(
+        said.contains(
+            "task \"t0\" (table tasks, doc): submit_seq 18446744073709551615 is out of range"
+        ),
+        "{said}"
+    );
 }
 
 /// A data directory whose database holds one queued task `t`, closed cleanly.
