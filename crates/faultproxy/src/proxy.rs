@@ -216,6 +216,7 @@ impl Proxy {
         let id = self.shared.fault_seq.fetch_add(1, Ordering::Relaxed) + 1;
         let entry = Arc::new(FaultEntry {
             id,
+            revision: 0,
             fault,
             counters: Arc::default(),
         });
@@ -253,6 +254,7 @@ impl Proxy {
                 Ok(fault) => {
                     let entry = Arc::new(FaultEntry {
                         id: old.id,
+                        revision: old.revision + 1,
                         fault,
                         counters: Arc::clone(&old.counters),
                     });

@@ -303,16 +303,11 @@ impl Writer {
     }
 
     fn refresh(&mut self) {
-        let chain = Arc::clone(&self.chain.borrow_and_update());
-        self.stages.rebuild(&chain, Instant::now());
-        self.queue.set_limit(self.stages.queue_limit());
+        refresh(&mut self.chain, &mut self.stages, &self.queue);
     }
 
     fn fire_reset(&self) {
-        if let Some((_, by)) = self.stages.reset_due() {
-            tracing::debug!(link = self.link.id, fault = %by.fault.name, "reset fault fired");
-            self.link.close(Outcome::Reset, Some(&by));
-        }
+        fire_reset(&self.stages, &self.link);
     }
 
     /// Takes one chunk through the stages, waiting where they say, and delivers it.
@@ -367,16 +362,37 @@ impl Writer {
         }
     }
 
+    /// Writes a chunk out. A write can wait for as long as the peer reads nothing; a reset
+    /// added or changed meanwhile still fires on time (the chain is watched throughout).
     async fn deliver(&mut self, chunk: Chunk) -> Flow {
-        let reset = self.stages.reset_due().map(|(t, _)| t);
-        let written = tokio::select! {
-            biased;
-            () = self.link.cancelled() => return Flow::Stop,
-            () = sleep_opt(reset) => {
-                self.fire_reset();
-                return Flow::Stop;
+        let Writer {
+            sink,
+            chain,
+            stages,
+            queue,
+            link,
+            ..
+        } = self;
+        // Never dropped half done: the bytes it wrote would be written again.
+        let write = write_chunk(sink, &chunk);
+        tokio::pin!(write);
+        let written = loop {
+            let reset = stages.reset_due().map(|(t, _)| t);
+            tokio::select! {
+                biased;
+                () = link.cancelled() => return Flow::Stop,
+                () = sleep_opt(reset) => {
+                    fire_reset(stages, link);
+                    return Flow::Stop;
+                }
+                r = chain.changed() => {
+                    if r.is_err() {
+                        return Flow::Stop;
+                    }
+                    refresh(chain, stages, queue);
+                }
+                r = &mut write => break r,
             }
-            r = write_chunk(&mut self.sink, &chunk) => r,
         };
         if let Err(e) = written {
             tracing::debug!(link = self.link.id, stream = ?self.stream, error = %e, "write failed");
@@ -393,6 +409,21 @@ impl Writer {
         } else {
             Flow::Continue
         }
+    }
+}
+
+/// Takes the chain's latest faults into `stages`, and the queue's bound with them.
+fn refresh(chain: &mut watch::Receiver<Chain>, stages: &mut Stages, queue: &QueueRx) {
+    let current = Arc::clone(&chain.borrow_and_update());
+    stages.rebuild(&current, Instant::now());
+    queue.set_limit(stages.queue_limit());
+}
+
+/// Closes the link with a reset, if a reset fault of `stages` is due.
+fn fire_reset(stages: &Stages, link: &LinkCtl) {
+    if let Some((_, by)) = stages.reset_due() {
+        tracing::debug!(link = link.id, fault = %by.fault.name, "reset fault fired");
+        link.close(Outcome::Reset, Some(&by));
     }
 }
 

@@ -27,6 +27,9 @@ pub(crate) type FaultId = u64;
 #[derive(Debug)]
 pub(crate) struct FaultEntry {
     pub id: FaultId,
+    /// How many times the fault was changed: a deadline planned under older terms is planned
+    /// again (a chunk waiting a latency of 5 s that was changed to 0 goes at once).
+    pub revision: u64,
     pub fault: Fault,
     pub counters: Arc<FaultCounters>,
 }
@@ -43,7 +46,8 @@ pub(crate) struct Chunk {
     pub eof: bool,
     pub arrived: Instant,
     done: Vec<FaultId>,
-    plan: Vec<(FaultId, Instant)>,
+    /// Deadlines planned: fault, its revision then, deadline.
+    plan: Vec<(FaultId, u64, Instant)>,
     /// Set by `limit_data`: close the link once this chunk is delivered.
     pub close_after: Option<Arc<FaultEntry>>,
 }
@@ -68,16 +72,22 @@ impl Chunk {
     }
 
     /// Splits off the bytes from `at` on into a chunk of their own that has not passed `stage`
-    /// yet, optionally with `stage`'s deadline planned already. A close asked for by
-    /// `limit_data` goes with the tail: it is due after the last byte, not the first piece.
-    pub fn split_off(&mut self, at: usize, stage: FaultId, tail_plan: Option<Instant>) -> Chunk {
+    /// yet, optionally with `stage`'s deadline planned already (under its revision then). A
+    /// close asked for by `limit_data` goes with the tail: it is due after the last byte, not
+    /// the first piece.
+    pub fn split_off(
+        &mut self,
+        at: usize,
+        stage: FaultId,
+        tail_plan: Option<(u64, Instant)>,
+    ) -> Chunk {
         let mut plan: Vec<_> = self
             .plan
             .iter()
             .copied()
-            .filter(|(id, _)| *id != stage)
+            .filter(|(id, _, _)| *id != stage)
             .collect();
-        plan.extend(tail_plan.map(|t| (stage, t)));
+        plan.extend(tail_plan.map(|(revision, t)| (stage, revision, t)));
         Chunk {
             data: self.data.split_off(at),
             eof: false,
@@ -93,13 +103,24 @@ impl Chunk {
         }
     }
 
-    fn planned(&mut self, id: FaultId, make: impl FnOnce() -> Instant) -> Instant {
-        if let Some((_, t)) = self.plan.iter().find(|(i, _)| *i == id) {
-            return *t;
+    /// The deadline planned for `entry`, made now if none was or it was planned under an
+    /// older revision of the fault.
+    fn planned(&mut self, entry: &FaultEntry, make: impl FnOnce() -> Instant) -> Instant {
+        if let Some(at) = self.plan_of(entry) {
+            return at;
         }
+        self.plan.retain(|(i, _, _)| *i != entry.id);
         let t = make();
-        self.plan.push((id, t));
+        self.plan.push((entry.id, entry.revision, t));
         t
+    }
+
+    /// The deadline planned for `entry` under its current revision.
+    fn plan_of(&self, entry: &FaultEntry) -> Option<Instant> {
+        self.plan
+            .iter()
+            .find(|(i, r, _)| *i == entry.id && *r == entry.revision)
+            .map(|(_, _, t)| *t)
     }
 }
 
@@ -116,7 +137,8 @@ pub(crate) enum Next {
     Split {
         at: usize,
         fault: FaultId,
-        tail_plan: Option<Instant>,
+        /// The tail's deadline for `fault`, under the fault's revision.
+        tail_plan: Option<(u64, Instant)>,
     },
     /// Write the chunk out (an `eof` chunk: shut down the write side).
     Deliver,
@@ -141,6 +163,15 @@ impl Draws {
             link,
             proxy,
             drawn: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Forgets the draws of faults no longer in `chain` (removed: their ids never come back),
+    /// so that a link open while faults come and go keeps no draw of each.
+    pub fn keep_only(&self, chain: &[Arc<FaultEntry>]) {
+        let mut drawn = self.drawn.lock().unwrap_or_else(PoisonError::into_inner);
+        if drawn.len() > chain.len() {
+            drawn.retain(|id, _| chain.iter().any(|e| e.id == *id));
         }
     }
 
@@ -177,9 +208,18 @@ pub(crate) fn mix(seed: u64, a: u64, b: u64) -> u64 {
 /// Per-link state a fault keeps across chunks; survives chain changes that keep the fault.
 #[derive(Debug, Clone, Copy)]
 enum State {
-    Bandwidth { next_free: Instant },
-    Limit { passed: u64 },
-    Reset { since: Instant },
+    /// When the link is free again at the rate of the fault's `revision` (another rate starts
+    /// afresh).
+    Bandwidth {
+        next_free: Instant,
+        revision: u64,
+    },
+    Limit {
+        passed: u64,
+    },
+    Reset {
+        since: Instant,
+    },
 }
 
 /// The active faults of one stream of one link and their state.
@@ -216,6 +256,7 @@ impl Stages {
     /// Re-reads the chain: keeps the faults that sit on this stream, target this link and hit
     /// their toxicity draw. State of faults that stay (same id and kind) is kept.
     pub fn rebuild(&mut self, chain: &[Arc<FaultEntry>], now: Instant) {
+        self.draws.keep_only(chain);
         let worker = self.worker.as_ref();
         self.active = chain
             .iter()
@@ -227,12 +268,14 @@ impl Stages {
         self.states.retain(|id, st| {
             active.iter().any(|e| {
                 e.id == *id
-                    && matches!(
-                        (&e.fault.kind, &*st),
-                        (FaultKind::Bandwidth { .. }, State::Bandwidth { .. })
-                            | (FaultKind::LimitData { .. }, State::Limit { .. })
-                            | (FaultKind::Reset { .. }, State::Reset { .. })
-                    )
+                    && match (&e.fault.kind, &*st) {
+                        (FaultKind::Bandwidth { .. }, State::Bandwidth { revision, .. }) => {
+                            *revision == e.revision
+                        }
+                        (FaultKind::LimitData { .. }, State::Limit { .. })
+                        | (FaultKind::Reset { .. }, State::Reset { .. }) => true,
+                        _ => false,
+                    }
             })
         });
         for e in &self.active {
@@ -303,7 +346,7 @@ impl Stages {
                     jitter_ms,
                 } => {
                     let arrived = chunk.arrived;
-                    let until = chunk.planned(id, || {
+                    let until = chunk.planned(entry, || {
                         let j = i64::try_from(jitter_ms).unwrap_or(i64::MAX);
                         let offset = if j > 0 { rng.random_range(-j..=j) } else { 0 };
                         let ms = i64::try_from(latency_ms)
@@ -320,7 +363,7 @@ impl Stages {
                     loss_rate,
                     stall_ms,
                 } if !chunk.eof => {
-                    let until = chunk.planned(id, || {
+                    let until = chunk.planned(entry, || {
                         if rng.random::<f64>() < loss_rate {
                             now + Duration::from_millis(stall_ms)
                         } else {
@@ -335,22 +378,29 @@ impl Stages {
                     let piece = usize::try_from(bytes_per_sec / 10)
                         .unwrap_or(usize::MAX)
                         .max(1);
-                    if len > piece && !chunk.plan.iter().any(|(i, _)| *i == id) {
+                    if len > piece && chunk.plan_of(entry).is_none() {
                         return Next::Split {
                             at: piece,
                             fault: id,
                             tail_plan: None,
                         };
                     }
-                    let until = chunk.planned(id, || {
+                    let until = chunk.planned(entry, || {
                         let next_free = match states.get(&id) {
-                            Some(State::Bandwidth { next_free }) => *next_free,
+                            Some(State::Bandwidth { next_free, .. }) => *next_free,
                             _ => now,
                         };
                         let nanos = (len as u128 * 1_000_000_000) / u128::from(bytes_per_sec);
                         let end = next_free.max(now)
                             + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
-                        states.insert(id, State::Bandwidth { next_free: end });
+                        let revision = entry.revision;
+                        states.insert(
+                            id,
+                            State::Bandwidth {
+                                next_free: end,
+                                revision,
+                            },
+                        );
                         end
                     });
                     if until > now {
@@ -393,8 +443,8 @@ impl Stages {
                 } if !chunk.eof => {
                     // A tail cut off before waits the delay; only the piece it lets go now
                     // counts as delayed (the rest waits again, and would count each time).
-                    let was_held = delay_us > 0 && chunk.plan.iter().any(|(i, _)| *i == id);
-                    let until = chunk.planned(id, || now);
+                    let was_held = delay_us > 0 && chunk.plan_of(entry).is_some();
+                    let until = chunk.planned(entry, || now);
                     if until > now {
                         return Next::Wait { until, fault: id };
                     }
@@ -410,7 +460,10 @@ impl Stages {
                         return Next::Split {
                             at: size,
                             fault: id,
-                            tail_plan: Some(now + Duration::from_micros(delay_us)),
+                            tail_plan: Some((
+                                entry.revision,
+                                now + Duration::from_micros(delay_us),
+                            )),
                         };
                     }
                 }
@@ -427,7 +480,7 @@ impl Stages {
                 }
                 FaultKind::SlowClose { delay_ms } if chunk.eof => {
                     let arrived = chunk.arrived;
-                    let until = chunk.planned(id, || arrived + Duration::from_millis(delay_ms));
+                    let until = chunk.planned(entry, || arrived + Duration::from_millis(delay_ms));
                     if until > now {
                         return Next::Wait { until, fault: id };
                     }

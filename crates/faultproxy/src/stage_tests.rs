@@ -7,16 +7,19 @@ use crate::stats::FaultStats;
 fn entry(id: FaultId, kind: FaultKind, direction: Direction) -> Arc<FaultEntry> {
     Arc::new(FaultEntry {
         id,
+        revision: 0,
         fault: Fault::new(format!("f{id}"), kind, direction),
         counters: Arc::default(),
     })
 }
 
+/// `e` changed by `f`, as a patch changes a fault: its next revision.
 fn with(e: &Arc<FaultEntry>, f: impl FnOnce(&mut Fault)) -> Arc<FaultEntry> {
     let mut fault = e.fault.clone();
     f(&mut fault);
     Arc::new(FaultEntry {
         id: e.id,
+        revision: e.revision + 1,
         fault,
         counters: Arc::clone(&e.counters),
     })
@@ -310,6 +313,7 @@ fn toxicity_is_drawn_once_per_link_and_counted_once_for_both_streams() {
         assert_eq!(a, draws.applies(&half), "a second ask draws again");
         let twin = Arc::new(FaultEntry {
             id: half.id,
+            revision: half.revision,
             fault: half.fault.clone(),
             counters: Arc::default(),
         });
@@ -406,4 +410,63 @@ impl ConcatBytes for Vec<(Vec<u8>, Instant)> {
     fn concat_bytes(&self) -> Vec<u8> {
         self.iter().flat_map(|(p, _)| p.iter().copied()).collect()
     }
+}
+
+/// A fault changed while a chunk waits on it applies its new terms to that chunk: a latency
+/// cut from 5 s to 100 ms lets it go 100 ms after its arrival, and a bandwidth raised from
+/// 100 B/s to 1 MB/s lets it go at the new rate, not at the end the old one planned. A chain
+/// change that keeps the fault as it was keeps the deadline.
+#[test]
+fn a_fault_changed_while_a_chunk_waits_applies_its_new_terms_to_it() {
+    let t0 = Instant::now();
+    let at = |ms| t0 + Duration::from_millis(ms);
+    let latency = |latency_ms| FaultKind::Latency {
+        latency_ms,
+        jitter_ms: 0,
+    };
+    let slow = entry(1, latency(5_000), Direction::Downstream);
+    let other = entry(2, FaultKind::Corrupt { rate: 0.0 }, Direction::Downstream);
+    let mut s = stages_for(Stream::Downstream, None, 1);
+    s.rebuild(&[Arc::clone(&slow)], t0);
+    let mut chunk = data_chunk(vec![1; 4], t0);
+    let waits = |until| Next::Wait { until, fault: 1 };
+    assert_eq!(s.next(&mut chunk, at(0)), waits(at(5_000)));
+    s.rebuild(&[Arc::clone(&slow), Arc::clone(&other)], at(5));
+    assert_eq!(s.next(&mut chunk, at(5)), waits(at(5_000)), "unchanged");
+    let fast = with(&slow, |f| f.kind = latency(100));
+    s.rebuild(&[fast], at(10));
+    assert_eq!(s.next(&mut chunk, at(10)), waits(at(100)));
+
+    let rate = |bytes_per_sec| FaultKind::Bandwidth { bytes_per_sec };
+    let narrow = entry(3, rate(100), Direction::Downstream);
+    let mut s = stages_for(Stream::Downstream, None, 2);
+    s.rebuild(&[Arc::clone(&narrow)], t0);
+    let mut chunk = data_chunk(vec![1; 10], t0);
+    assert_eq!(
+        s.next(&mut chunk, at(0)),
+        Next::Wait {
+            until: at(100),
+            fault: 3
+        }
+    );
+    s.rebuild(&[with(&narrow, |f| f.kind = rate(1_000_000))], at(10));
+    match s.next(&mut chunk, at(10)) {
+        Next::Wait { until, fault: 3 } => assert!(until < at(11), "{:?}", until - t0),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A link keeps a toxicity draw only for the faults still in the chain: one open while
+/// thousands of faults come and go (a test harness adding and removing them) does not keep
+/// a draw of each.
+#[test]
+fn a_link_forgets_the_draws_of_faults_removed_from_the_chain() {
+    let mut s = stages_for(Stream::Downstream, None, 1);
+    let t0 = Instant::now();
+    for id in 1..=1000 {
+        let e = entry(id, FaultKind::Corrupt { rate: 0.0 }, Direction::Both);
+        s.rebuild(&[e], t0);
+    }
+    let drawn = s.draws.drawn.lock().expect("draws").len();
+    assert!(drawn <= 2, "{drawn} draws kept for 1 fault");
 }

@@ -608,3 +608,44 @@ async fn a_fault_changed_live_takes_effect_on_the_open_link() {
     assert_ne!(round_trip(&mut c, b"same").await, b"same");
     assert_eq!(guard.stats().bytes_corrupted, 4);
 }
+
+/// A reset added while the proxy's write to the upstream waits (the upstream reads nothing, so
+/// its socket and the proxy's are full) fires on time: the write used to be waited out first,
+/// for as long as the upstream read nothing (here, for ever).
+#[tokio::test]
+async fn a_reset_added_while_a_write_waits_on_a_peer_that_reads_nothing_fires() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // Accepts and holds each connection, reading nothing.
+    let deaf = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let proxy = proxy_to(addr).await;
+    let mut c = connect(proxy.listen_addr()).await;
+    // Writes until the client's own writes wait too: every buffer on the way is full.
+    let chunk = vec![7u8; 64 * 1024];
+    let mut written = 0usize;
+    while let Ok(Ok(())) =
+        tokio::time::timeout(Duration::from_millis(500), c.write_all(&chunk)).await
+    {
+        written += chunk.len();
+        assert!(written < 1 << 30, "the upstream took a gigabyte unread");
+    }
+    let guard = proxy
+        .add_fault(Fault::new(
+            "rst",
+            FaultKind::Reset { timeout_ms: 20 },
+            Direction::Upstream,
+        ))
+        .await
+        .expect("add");
+    let (_, err) = within("the reset", read_to_end(&mut c)).await;
+    assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::ConnectionReset));
+    assert_eq!(guard.stats().connections_reset, 1);
+    deaf.abort();
+}
