@@ -76,7 +76,22 @@ fn herd(outage: &str, max_delay: &str, extra: &[&str]) -> Value {
         max_delay,
     ];
     args.extend_from_slice(extra);
-    stress(&args)
+    let r = stress(&args);
+    // Half the tasks (5) finish before the cut, and the store after it must hold each
+    // completed once, from its one attempt (`stress` has checked that every verdict passed).
+    let kept = r["verdicts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| {
+            v["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("results acknowledged before the cut kept"))
+        })
+        .unwrap_or_else(|| panic!("no verdict on the results done before the cut: {r:#}"));
+    assert_eq!(kept["detail"], "5 tasks done before the cut", "{kept}");
+    assert_eq!(r["tasks"], 15, "{r:#}");
+    r
 }
 
 fn count(d: &Value) -> u64 {

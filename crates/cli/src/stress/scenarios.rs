@@ -52,6 +52,9 @@ struct Run {
     pb: ProgressBar,
     report: Report,
     submitted: HashSet<String>,
+    /// thundering_herd: tasks whose results were acknowledged before the cut; judged on the
+    /// store in `finish` (each completed once, from its one attempt).
+    done_before_cut: HashSet<String>,
     started: Instant,
     /// checkpoint_heavy: counted results that must say they resumed from a checkpoint (at
     /// least the first), after the second crashed workers; judged on the store in `finish`.
@@ -283,6 +286,7 @@ impl Run {
             pb,
             report,
             submitted: HashSet::new(),
+            done_before_cut: HashSet::new(),
             started: Instant::now(),
             resumed_wanted: None,
         })
@@ -485,8 +489,9 @@ impl Run {
         bail!("the coordinator's count of results recorded did not settle within 10 s")
     }
 
-    /// Submits `specs`; every id the API returns is owed a result.
-    async fn submit(&mut self, specs: Vec<TaskSpec>) -> anyhow::Result<()> {
+    /// Submits `specs`; every id the API returns is owed a result. Returns the ids.
+    async fn submit(&mut self, specs: Vec<TaskSpec>) -> anyhow::Result<Vec<String>> {
+        let mut all = Vec::with_capacity(specs.len());
         for chunk in specs.chunks(SUBMIT_CHUNK) {
             let v = self
                 .api
@@ -513,10 +518,32 @@ impl Run {
                 if !self.submitted.insert(id.to_owned()) {
                     bail!("the coordinator gave task id {id} to two submitted tasks");
                 }
+                all.push(id.to_owned());
             }
         }
         self.report.tasks = self.submitted.len() as u64;
-        Ok(())
+        Ok(all)
+    }
+
+    /// Waits until the coordinator counts `n` tasks completed.
+    async fn wait_completed(&mut self, n: u64, what: &'static str) -> anyhow::Result<()> {
+        self.phase(what, n);
+        let deadline = Instant::now() + PHASE_LIMIT;
+        loop {
+            let o = self.overview().await?;
+            let done = o["tasks"]["completed"].as_u64().unwrap_or(0);
+            self.pb.set_position(done);
+            if done >= n {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "only {done} of {n} tasks completed within {} s",
+                    PHASE_LIMIT.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// Waits until every submitted task is terminal in the coordinator.
@@ -683,6 +710,21 @@ impl Run {
                 ),
             );
         }
+        if !self.done_before_cut.is_empty() {
+            let unsettled = t.unsettled(&self.done_before_cut);
+            r.verdict(
+                "results acknowledged before the cut kept: each of those tasks completed once, from its one attempt",
+                unsettled.is_empty(),
+                match unsettled.first() {
+                    None => format!("{} tasks done before the cut", self.done_before_cut.len()),
+                    Some(first) => format!(
+                        "{} of {} not: first {first}",
+                        unsettled.len(),
+                        self.done_before_cut.len()
+                    ),
+                },
+            );
+        }
         r.failed = t.failed;
         r.verdict(
             "none failed",
@@ -810,17 +852,27 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
             baseline.rss_kib, after.rss_kib
         ),
     );
-    // Tasks in flight across the outage.
+    // Tasks done before the outage: their results acknowledged, each must survive it.
     let tasks = run.a.tasks.unwrap_or((n / 10).max(1));
+    let early = (tasks / 2).max(1);
+    let specs = (0..early)
+        .map(|_| spec("steps", json!({"steps": 1, "step_ms": 10, "size": 16}), 5))
+        .collect();
+    let done = run.submit(specs).await?;
+    run.wait_completed(early, "tasks done before the cut")
+        .await?;
+    run.done_before_cut = done.into_iter().collect();
+    // Tasks in flight across the outage.
     let specs = (0..tasks)
         .map(|_| spec("steps", json!({"steps": 6, "step_ms": 500, "size": 16}), 5))
         .collect();
+    let ran = run.fleet.now().executions;
     run.submit(specs).await?;
     run.wait_fleet(
         "tasks starting",
         tasks,
-        |s| s.executions,
-        move |s| s.executions >= tasks,
+        move |s| s.executions.saturating_sub(ran),
+        move |s| s.executions >= ran + tasks,
     )
     .await?;
     let registrations_before = run.fleet.now().registrations;
@@ -1530,6 +1582,7 @@ mod tests {
                     submitted_at: Some(at(sub)),
                     started_at: Some(at(start)),
                     counted: 1,
+                    attempts: 1,
                 };
                 (format!("t{i}"), row)
             });

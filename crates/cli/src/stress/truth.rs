@@ -18,6 +18,8 @@ pub struct TaskRow {
     pub started_at: Option<DateTime<Utc>>,
     /// Counted (non-stale) results.
     pub counted: u64,
+    /// Attempts made (leases given): more than one when the task ran again.
+    pub attempts: u64,
 }
 
 #[derive(Debug, Default)]
@@ -95,6 +97,7 @@ pub fn read(db: &Path, submitted: &HashSet<String>, since: DateTime<Utc>) -> any
             priority: spec["priority"].as_u64().unwrap_or(5) as u8,
             submitted_at: time(&doc["submitted_at"]),
             started_at: time(&doc["attempts"][0]["started_at"]),
+            attempts: doc["attempts"].as_array().map_or(0, |a| a.len() as u64),
         };
         truth.tasks.insert(id, row);
     }
@@ -108,6 +111,28 @@ pub fn read(db: &Path, submitted: &HashSet<String>, since: DateTime<Utc>) -> any
         }
     }
     Ok(truth)
+}
+
+impl Truth {
+    /// Of `ids` (tasks whose result was acknowledged to its worker before a cut), those the
+    /// store does not hold completed with one counted result from their one attempt, each with
+    /// what it holds: a result lost in the cut sends its task to run again (its worker, told
+    /// it was recorded, no longer has it), which the plain count of results does not show.
+    pub fn unsettled(&self, ids: &HashSet<String>) -> Vec<String> {
+        let mut out: Vec<String> = ids
+            .iter()
+            .filter_map(|id| match self.tasks.get(id) {
+                None => Some(format!("{id} absent")),
+                Some(t) if t.status == "completed" && t.counted == 1 && t.attempts == 1 => None,
+                Some(t) => Some(format!(
+                    "{id} {} with {} counted results after {} attempts",
+                    t.status, t.counted, t.attempts
+                )),
+            })
+            .collect();
+        out.sort();
+        out
+    }
 }
 
 #[cfg(test)]
@@ -128,9 +153,14 @@ mod tests {
         )
         .expect("schema");
         for (id, status) in tasks {
+            // A task run again has two attempts.
+            let attempts = match *id {
+                "again" => r#"{"attempts": [{}, {}]}"#,
+                _ => r#"{"attempts": [{}]}"#,
+            };
             c.execute(
-                "INSERT INTO tasks VALUES (?1, ?2, '{\"priority\": 3}', '{}')",
-                [id, status],
+                "INSERT INTO tasks VALUES (?1, ?2, '{\"priority\": 3}', ?3)",
+                [id, status, &attempts],
             )
             .expect("task");
         }
@@ -195,5 +225,36 @@ mod tests {
         // No result, not terminal, only a stale result, not in the file at all.
         assert_eq!(t.lost, 4);
         assert_eq!(t.tasks["done"].priority, 3);
+    }
+
+    /// Tasks acknowledged done before a cut: only one completed once, from its one attempt,
+    /// is settled; one that ran again (its result lost in the cut) is not, though it holds
+    /// one counted result.
+    #[test]
+    fn a_task_done_before_a_cut_must_hold_its_one_result_from_its_one_attempt() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = store(
+            dir.path(),
+            &[
+                ("done", "completed"),
+                ("again", "completed"),
+                ("running", "running"),
+            ],
+            &[("done", 1, false), ("again", 2, false)],
+        );
+        let ids: HashSet<String> = ["done", "again", "running", "absent"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let since = "2026-12-03T10:00:00Z".parse().expect("time");
+        let t = read(&db, &ids, since).expect("read");
+        assert_eq!(
+            t.unsettled(&ids),
+            [
+                "absent absent",
+                "again completed with 1 counted results after 2 attempts",
+                "running running with 0 counted results after 1 attempts",
+            ]
+        );
     }
 }
