@@ -755,14 +755,7 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
             r["attempt"].to_string(),
             s(&r["worker"]),
             s(&r["outcome"]),
-            match (r["stale"] == true, end_of(&r["attempt"])) {
-                (false, _) => "counted".into(),
-                // The result of an attempt a cancel stopped is not late, merely not counted.
-                (true, Some(end)) if end == "cancelled" => "not counted (task cancelled)".into(),
-                (true, Some(end)) if end == "timed_out" => "not counted (task timed out)".into(),
-                (true, Some(end)) => format!("stale (attempt {end})"),
-                (true, None) => "stale".into(),
-            },
+            record_label(r["stale"] == true, end_of(&r["attempt"]).as_deref()),
             r["body"]["result"].to_string(),
         ]
     });
@@ -1036,9 +1029,39 @@ pub(crate) async fn serve_for_test(app: axum::Router) -> std::net::SocketAddr {
     addr
 }
 
+/// The RECORD cell of a result: counted, or why not from how its attempt ended (`end`).
+fn record_label(stale: bool, end: Option<&str>) -> String {
+    match (stale, end) {
+        (false, _) => "counted".into(),
+        // The result of an attempt a cancel or the task's timeout stopped is not late, merely
+        // not counted.
+        (true, Some("cancelled")) => "not counted (task cancelled)".into(),
+        (true, Some("timed_out")) => "not counted (task timed out)".into(),
+        (true, Some(end)) => format!("stale (attempt {end})"),
+        (true, None) => "stale".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A result's RECORD cell says why it is not counted from how its attempt ended: stopped
+    /// by a cancel or by the task's timeout it is not late; after a lost lease it is stale.
+    #[test]
+    fn a_results_record_says_why_it_is_not_counted() {
+        assert_eq!(record_label(false, Some("lost")), "counted");
+        assert_eq!(
+            record_label(true, Some("cancelled")),
+            "not counted (task cancelled)"
+        );
+        assert_eq!(
+            record_label(true, Some("timed_out")),
+            "not counted (task timed out)"
+        );
+        assert_eq!(record_label(true, Some("lost")), "stale (attempt lost)");
+        assert_eq!(record_label(true, None), "stale");
+    }
 
     /// A cell of 70,000 characters (a task's name is anyone's text) is cut, not padded to:
     /// the formatter refuses widths past 65,535 and panicked.
