@@ -205,7 +205,7 @@ impl Plan {
             cmd.env_remove(credential);
         }
         cmd.envs(&self.env)
-            .envs(super::procs::inherited_marks(std::env::vars()))
+            .envs(super::procs::inherited_marks(std::env::vars_os()))
             .env(ENV_TASK_ID, ctx.task_id().as_str())
             .env(ENV_ATTEMPT, ctx.attempt().to_string())
             .env(ENV_TASK_MARK, mark)
@@ -1075,6 +1075,62 @@ mod tests {
         assert_eq!(envs(serde_json::json!({"program": "env"})), Some(None));
         let own = serde_json::json!({"program": "env", "env": {ENV_SECRET: "the task's"}});
         assert_eq!(envs(own), Some(Some("the task's".into())));
+    }
+
+    /// Set in the process [`made_with_a_non_utf8_environment`] runs in.
+    const NON_UTF8_CHILD: &str = "TETHER_TEST_NON_UTF8_ENV";
+
+    /// A worker whose environment holds a variable that is not UTF-8 (a Latin-1 path) makes
+    /// its command tasks all the same, passing an outer mark on byte for byte: reading the
+    /// environment as strings panicked every command task. The environment is a property of
+    /// the whole process: the test runs in a process of its own.
+    #[test]
+    fn a_command_is_made_in_a_worker_whose_environment_is_not_all_utf8() {
+        use std::os::unix::ffi::OsStrExt;
+        let exe = std::env::current_exe().expect("test binary");
+        let test = "executor::command::tests::made_with_a_non_utf8_environment";
+        let out = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                test,
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(NON_UTF8_CHILD, "1")
+            .env(
+                "TETHER_TEST_LATIN1",
+                std::ffi::OsStr::from_bytes(b"caf\xe9"),
+            )
+            .env(
+                "TETHER_TASK_MARK",
+                std::ffi::OsStr::from_bytes(b"outer:\xe9:1"),
+            )
+            .output()
+            .expect("run the test binary");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "the test did not run: {text}");
+    }
+
+    #[test]
+    #[ignore = "run by a_command_is_made_in_a_worker_whose_environment_is_not_all_utf8"]
+    fn made_with_a_non_utf8_environment() {
+        use std::os::unix::ffi::OsStrExt;
+        if std::env::var_os(NON_UTF8_CHILD).is_none() {
+            return;
+        }
+        let (ctx, _) = ctx(1);
+        let plan = Plan::parse(serde_json::json!({"program": "true"})).expect("plan");
+        let cmd = plan.command(&ctx, None, "n:t-cmd:1");
+        let passed = cmd
+            .as_std()
+            .get_envs()
+            .find(|(k, _)| *k == "TETHER_TASK_MARK_1")
+            .and_then(|(_, v)| v)
+            .map(|v| v.as_bytes().to_vec());
+        assert_eq!(passed.as_deref(), Some(&b"outer:\xe9:1"[..]));
     }
 
     #[tokio::test]

@@ -78,9 +78,12 @@ impl Stat {
 /// task of another worker, renamed `TETHER_TASK_MARK_1`, `_2`, ... so that the outer worker's
 /// cleanup still finds what its task started.
 pub(crate) fn inherited_marks(
-    env: impl Iterator<Item = (String, String)>,
-) -> Vec<(String, String)> {
-    let mut marks: Vec<String> = env
+    env: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Vec<(String, std::ffi::OsString)> {
+    use std::os::unix::ffi::OsStrExt;
+    // Bytes, not strings: a worker may inherit variables that are not UTF-8 (a Latin-1 path),
+    // and reading the environment as strings panicked every command task.
+    let mut marks: Vec<std::ffi::OsString> = env
         .filter(|(k, _)| is_mark_var(k.as_bytes()))
         .map(|(_, v)| v)
         .collect();
@@ -188,11 +191,11 @@ mod tests {
             ("TETHER_TASK_MARK_1", "outermost:b:2"),
             ("TETHER_TASK_MARKER", "not a mark"),
         ]
-        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        .map(|(k, v)| (k.into(), v.into()));
         let inherited = inherited_marks(env.into_iter());
         let pairs: Vec<(&str, &str)> = inherited
             .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .map(|(k, v)| (k.as_str(), v.to_str().expect("utf-8")))
             .collect();
         assert_eq!(
             pairs,
