@@ -76,7 +76,7 @@ fn dispatch(c: &mut Criterion) {
                 )
             },
             |(mut q, mut free)| {
-                let p = plan(&mut q, &mut free, &workers);
+                let p = plan(&mut q, &mut free, &workers, None);
                 assert_eq!(p.len(), 10_000);
             },
             BatchSize::LargeInput,
@@ -89,7 +89,7 @@ fn dispatch(c: &mut Criterion) {
         b.iter_batched(
             || free.clone(),
             |mut f| {
-                let p = plan(&mut q, &mut f, &workers);
+                let p = plan(&mut q, &mut f, &workers, None);
                 assert!(p.is_empty());
             },
             BatchSize::LargeInput,

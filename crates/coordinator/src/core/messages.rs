@@ -348,6 +348,10 @@ impl Core {
         w.tags = r.tags;
         w.slots = r.slots;
         w.executors = r.executors.into_iter().collect();
+        // A process that said it is stopping and registers again has come back only to hand
+        // back what it holds (it takes no assignment): it stays stopping. A new process of the
+        // worker takes work.
+        let same_process = w.boot_id == r.boot_id;
         if !w.boot_id.is_empty() && w.boot_id != r.boot_id {
             // A new process of this worker: the one it replaces, should it be alive and come
             // back, shares the id with it (superseded_refusal).
@@ -360,7 +364,7 @@ impl Core {
         // A process that took the id back is no longer one that was replaced.
         w.superseded.retain(|b| *b != r.boot_id);
         w.boot_id = r.boot_id;
-        w.stopping = false;
+        w.stopping &= same_process;
         // From the registration ack on, recorded messages are acknowledged by number.
         if let Some(s) = w.session.as_mut().filter(|s| s.id == session.id) {
             s.compact_acks = r.compact_acks;

@@ -436,6 +436,8 @@ pub struct Core {
     workers: IdMap<WorkerId, Worker>,
     /// Workers that may have a free slot (see [`queue::plan`]).
     free: BTreeSet<WorkerId>,
+    /// The worker the last dispatch leased to: the next starts after it.
+    last_leased_to: Option<WorkerId>,
     partial: Uploads,
     /// Complete checkpoints per task, oldest first, for pruning.
     checkpoint_history: IdMap<TaskId, VecDeque<CheckpointId>>,
@@ -527,6 +529,7 @@ impl Core {
             queue: queue::Queue::default(),
             workers: IdMap::default(),
             free: BTreeSet::new(),
+            last_leased_to: None,
             partial: Uploads::default(),
             checkpoint_history: IdMap::default(),
             superseded: IdMap::default(),

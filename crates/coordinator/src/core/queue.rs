@@ -132,19 +132,30 @@ impl Queue {
     }
 }
 
-/// One dispatch: in rounds, each worker of `free` (in id order) with a free slot takes the
-/// first queued task it can run, one per round, so work spreads. Returns the leases to make,
-/// in order. Workers found without a free slot leave `free`; whoever frees a slot must put
-/// the worker back.
+/// One dispatch: in rounds, each worker of `free` with a free slot takes the first queued task
+/// it can run, one per round, so work spreads. The rounds go in id order from the worker after
+/// `after` (the last one a dispatch leased to), round the end and back: each dispatch starting
+/// at the lowest id, tasks that trickle in (a dispatch each) all went to one worker while the
+/// others idled. Returns the leases to make, in order. Workers found without a free slot leave
+/// `free`; whoever frees a slot must put the worker back.
 pub fn plan(
     queue: &mut Queue,
     free: &mut BTreeSet<WorkerId>,
     workers: &IdMap<WorkerId, Worker>,
+    after: Option<&WorkerId>,
 ) -> Vec<(QueueKey, WorkerId)> {
+    use std::ops::Bound::{Excluded, Included, Unbounded};
     let mut out = Vec::new();
     let mut full = Vec::new();
     let mut open: Vec<(&Worker, usize)> = Vec::new();
-    for id in free.iter() {
+    let ids: Box<dyn Iterator<Item = &WorkerId>> = match after {
+        Some(a) => Box::new(
+            free.range((Excluded(a), Unbounded))
+                .chain(free.range((Unbounded, Included(a)))),
+        ),
+        None => Box::new(free.iter()),
+    };
+    for id in ids {
         match workers.get(id).map(|w| (w, w.free_slots())) {
             Some((w, n)) if n > 0 => open.push((w, n)),
             _ => full.push(id.clone()),
@@ -234,7 +245,7 @@ mod tests {
                 .map(|w| (w.worker_id.clone(), w))
                 .collect();
         let mut free: BTreeSet<WorkerId> = workers.keys().cloned().collect();
-        let plan = plan(&mut q, &mut free, &workers);
+        let plan = plan(&mut q, &mut free, &workers, None);
         let order: Vec<(u64, &str)> = plan.iter().map(|(k, w)| (k.1, w.as_str())).collect();
         assert_eq!(order, vec![(0, "a"), (1, "b"), (2, "a"), (3, "b")]);
         assert!(free.is_empty(), "both workers are full");

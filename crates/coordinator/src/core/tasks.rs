@@ -38,7 +38,14 @@ impl Core {
         if self.queue.is_empty() || self.free.is_empty() {
             return;
         }
-        let plan = queue::plan(&mut self.queue, &mut self.free, &self.workers);
+        let after = self.last_leased_to.take();
+        let plan = queue::plan(
+            &mut self.queue,
+            &mut self.free,
+            &self.workers,
+            after.as_ref(),
+        );
+        self.last_leased_to = plan.last().map(|(_, w)| w.clone()).or(after);
         for ((_, _, task), worker) in plan {
             self.lease(&task, &worker, b);
         }

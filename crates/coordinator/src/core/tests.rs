@@ -1845,10 +1845,49 @@ fn a_stopping_worker_gets_no_new_task_and_keeps_what_it_holds() {
         "no assignment after worker_stopping"
     );
     assert!(h.core.tasks[&held].lease.is_some(), "what it holds stays");
-    // The same worker registers again (a new process): it takes work again.
-    let (_s2, _rx2) = h.connect_registering("a", |r| r.slots = 2);
+    // The same process registers again (its link dropped while it stopped, and it came back
+    // to hand back what it holds): still stopping, it gets nothing. A task leased to it would
+    // never run, and would use up an attempt when the worker says it stopped.
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: s,
+    });
+    let (_s2, mut rx2) = h.connect_registering("a", |r| r.slots = 2);
+    assert!(h.core.workers[&wid("a")].stopping);
+    assert_eq!(h.core.tasks[&next].status, TaskStatus::Queued);
+    assert!(
+        !drain(&mut rx2)
+            .iter()
+            .any(|m| matches!(m, CoordMsg::TaskAssignment(a) if a.task_id == next)),
+        "no new task for the stopping process come back"
+    );
+    // A new process of the worker takes work again.
+    let (_s3, _rx3) = h.connect_registering("a", |r| {
+        r.slots = 2;
+        r.boot_id = "b-new".into();
+    });
     assert!(!h.core.workers[&wid("a")].stopping);
     assert_eq!(h.core.tasks[&next].status, TaskStatus::Running);
+}
+
+/// Tasks that arrive one at a time (a dispatch each) spread over the idle workers: each
+/// dispatch starts after the worker the last one leased to, not at the lowest id (which took
+/// every task while the others idled).
+#[test]
+fn tasks_submitted_one_at_a_time_spread_over_idle_workers() {
+    let mut h = Harness::new();
+    let mut rxs = Vec::new();
+    for w in ["a", "b", "c"] {
+        rxs.push(h.connect_registering(w, |r| r.slots = 4).1);
+    }
+    let holders: Vec<String> = (0..6)
+        .map(|_| {
+            let t = h.submit();
+            let lease = h.core.tasks[&t].lease.as_ref().expect("leased");
+            lease.worker.to_string()
+        })
+        .collect();
+    assert_eq!(holders, ["a", "b", "c", "a", "b", "c"]);
 }
 
 /// `worker_stopped` moves every task the worker still holds at once, recorded as `stopped`,
