@@ -863,7 +863,9 @@ impl Runner {
         {
             let mut t = self.table();
             for r in t.running.values_mut() {
-                r.stop.get_or_insert(StopReason::Shutdown);
+                if *r.stop.get_or_insert(StopReason::Shutdown) == StopReason::Shutdown {
+                    r.shared.worker_stopping.store(true, Ordering::Relaxed);
+                }
                 r.shared.cancel.cancel();
             }
         }
@@ -1185,6 +1187,51 @@ mod tests {
             "the newer started {waited:?} after the older was cancelled, which took {stopping:?}"
         );
         runner.shutdown(Duration::from_secs(1)).await;
+    }
+
+    /// Waits until stopped, and records whether the stop was its worker's.
+    struct SaysHowStopped(Arc<Mutex<Vec<bool>>>);
+
+    impl Executor for SaysHowStopped {
+        fn execute(
+            &self,
+            _input: TaskInput,
+            ctx: TaskCtx,
+        ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
+            let seen = self.0.clone();
+            Box::pin(async move {
+                ctx.cancelled().await;
+                seen.lock().expect("lock").push(ctx.worker_stopping());
+                Err(ExecError::Cancelled)
+            })
+        }
+    }
+
+    /// A task stopped by its worker's stop is told so (it may ship a last checkpoint for its
+    /// next attempt elsewhere); one cancelled by the coordinator, even during the stop, is not.
+    #[tokio::test]
+    async fn a_task_knows_whether_its_worker_stopped_it() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut executors = Executors::default();
+        executors.register("echo", SaysHowStopped(seen.clone()));
+        let runner = Arc::new(Runner::new(
+            executors,
+            Arc::new(Outbox::new(Limits::default())),
+            64 * 1024,
+        ));
+        runner.assign(assignment("cancelled", 1, None));
+        runner.assign(assignment("stopped", 1, None));
+        tokio::task::yield_now().await;
+        runner.cancel(&TaskControl {
+            task_id: TaskId::parse("cancelled").expect("id"),
+            attempt: Attempt(1),
+            reason: String::new(),
+            timestamp: now(),
+        });
+        runner.shutdown(Duration::from_secs(5)).await;
+        let mut seen = seen.lock().expect("lock").clone();
+        seen.sort();
+        assert_eq!(seen, [false, true]);
     }
 
     /// Asks for a checkpoint, drops the future that awaits it once its store began (as a

@@ -73,6 +73,9 @@ pub const KILL_GRACE: Duration = Duration::from_secs(2);
 /// How long output is still read once the process group is gone; a process that left the
 /// group may hold the pipes open forever.
 pub const PIPE_DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// How long a task stopped for its worker's stop gets to ship the checkpoint it wrote as it
+/// stopped (it is stored locally at once; this bounds the wait for room to queue its pieces).
+pub const STOP_SHIP_LIMIT: Duration = Duration::from_secs(1);
 /// The interpreter of `shell`.
 pub const SHELL: &str = "/bin/sh";
 
@@ -261,9 +264,10 @@ impl Executor for CommandExecutor {
         Box::pin(run(input, ctx, self.kill_grace, mark.into()))
     }
 
-    /// Its kill grace, the reading of the output meanwhile, and a second to spare.
+    /// Its kill grace, the reading of the output meanwhile, the last checkpoint of a worker's
+    /// stop, and a second to spare.
     fn stop_grace(&self) -> Duration {
-        self.kill_grace + PIPE_DRAIN_GRACE + Duration::from_secs(1)
+        self.kill_grace + PIPE_DRAIN_GRACE + STOP_SHIP_LIMIT + Duration::from_secs(1)
     }
 
     fn check_config(&self, config: &str) -> Result<(), String> {
@@ -341,6 +345,12 @@ async fn run(
             // What it wrote until it was stopped is what a hung task leaves to debug it by.
             let _ = tokio::time::timeout(PIPE_DRAIN_GRACE, pumps.as_mut()).await;
             drop(pumps);
+            // The worker stops: the task's next attempt, elsewhere, resumes from the checkpoint
+            // this one leaves, the one it wrote as it stopped (a TERM trap) included.
+            if ctx.worker_stopping() {
+                sup.finish_checkpoints(tokio::time::sleep(STOP_SHIP_LIMIT))
+                    .await;
+            }
             // The group was ended and the leader reaped: its status is known.
             let status = child.try_wait().ok().flatten();
             let result = result(status, duration, &out_tail, &err_tail, ctx.max_frame());
@@ -356,7 +366,7 @@ async fn run(
     };
     let _ = tokio::time::timeout(PIPE_DRAIN_GRACE, pumps.as_mut()).await;
     drop(pumps);
-    sup.finish_checkpoints().await;
+    sup.finish_checkpoints(ctx.cancelled()).await;
     drop(sup);
     tracing::debug!(task_id = %ctx.task_id(), %status, "command exited");
     outcome(status, duration, &out_tail, &err_tail, ctx.max_frame())
@@ -658,8 +668,9 @@ impl<'a> Supervisor<'a> {
     }
 
     /// After the process exited: lets an in-flight checkpoint finish and ships the directory
-    /// once more if it changed. Gives up (the process already ended) if cancelled meanwhile.
-    async fn finish_checkpoints(&mut self) {
+    /// once more if it changed. Gives up (the process already ended) once `until` is ready
+    /// (the attempt cancelled meanwhile; a stopping worker's limit).
+    async fn finish_checkpoints(&mut self, until: impl Future<Output = ()>) {
         if self.checkpoints.is_none() {
             return;
         }
@@ -677,8 +688,8 @@ impl<'a> Supervisor<'a> {
         };
         tokio::select! {
             () = finish => {}
-            () = ctx.cancelled() => {
-                tracing::debug!(task_id = %ctx.task_id(), "cancelled before the last checkpoint");
+            () = until => {
+                tracing::debug!(task_id = %ctx.task_id(), "the last checkpoint given up");
             }
         }
     }
@@ -1594,6 +1605,41 @@ mod tests {
             .map(|(_, m)| m.type_name())
             .collect();
         assert!(kinds.contains(&"checkpoint") && kinds.contains(&"checkpoint_data"));
+    }
+
+    /// A task stopped because its worker stops ships the checkpoint it wrote as it stopped (a
+    /// TERM trap): its next attempt, on another worker, resumes from it. One cancelled ships
+    /// nothing more (nothing resumes from it).
+    #[tokio::test]
+    async fn a_checkpoint_written_as_the_worker_stops_the_task_is_shipped() {
+        for worker_stops in [true, false] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (ctx, control) = ctx(1);
+            let ctx = ctx.with_checkpoint_dir(dir.path().join("cp"));
+            let script = r#"trap 'echo 7 > "$TETHER_CHECKPOINT_DIR/n"; exit 0' TERM
+                touch "$D/ready"
+                while :; do sleep 0.05; done"#;
+            let config = serde_json::json!({
+                "shell": script,
+                "env": {"D": dir.path()},
+                "checkpoint_poll_ms": 60_000,
+            });
+            let run = tokio::spawn(exec(config, ctx));
+            wait_for("the trap set", || dir.path().join("ready").exists()).await;
+            match worker_stops {
+                true => control.stop_worker(),
+                false => control.cancel(),
+            }
+            stopped(run.await.expect("joined"));
+            let n = control
+                .latest_checkpoint()
+                .map(|data| packing::decode(&data).expect("a valid pack"))
+                .and_then(|files| files.get("n").cloned());
+            match worker_stops {
+                true => assert_eq!(n.as_deref(), Some(&b"7\n"[..])),
+                false => assert_eq!(n, None, "a cancelled task ships nothing more"),
+            }
+        }
     }
 
     #[tokio::test]

@@ -250,6 +250,9 @@ pub(crate) struct TaskShared {
     pub task_id: TaskId,
     pub attempt: Attempt,
     pub cancel: CancellationToken,
+    /// Set before `cancel` when the stop is the worker's: the next attempt runs elsewhere,
+    /// from the checkpoint this one leaves.
+    pub worker_stopping: AtomicBool,
     pub pause: watch::Sender<bool>,
     pub parked: AtomicBool,
     pub latest: Mutex<Option<StoredCheckpoint>>,
@@ -278,6 +281,7 @@ impl TaskShared {
             task_id,
             attempt,
             cancel: CancellationToken::new(),
+            worker_stopping: AtomicBool::new(false),
             pause: watch::channel(false).0,
             parked: AtomicBool::new(false),
             latest: Mutex::new(latest),
@@ -532,6 +536,13 @@ impl TaskCtx {
         crate::woken::when_woken(self.shared.cancel.cancelled())
     }
 
+    /// Whether the task was stopped because the worker stops (not cancelled, timed out or
+    /// moved): its next attempt runs on another worker, from the checkpoint this one leaves,
+    /// so a checkpoint the task writes as it stops is worth shipping.
+    pub fn worker_stopping(&self) -> bool {
+        self.shared.worker_stopping.load(Ordering::Relaxed)
+    }
+
     pub fn cancellation_token(&self) -> CancellationToken {
         self.shared.cancel.clone()
     }
@@ -599,6 +610,12 @@ pub struct TaskControl {
 }
 
 impl TaskControl {
+    /// Stops the task as a stopping worker does (tests).
+    pub fn stop_worker(&self) {
+        self.shared.worker_stopping.store(true, Ordering::Relaxed);
+        self.shared.cancel.cancel();
+    }
+
     pub fn cancel(&self) {
         self.shared.cancel.cancel();
     }
