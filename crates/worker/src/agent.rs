@@ -342,9 +342,16 @@ fn remove_dead_scratch(temp: &std::path::Path) {
         };
         // Each agent of the process recorded its tasks' groups in a directory of its own.
         let agents = std::fs::read_dir(&path).into_iter().flatten().flatten();
-        let killed: usize = agents
-            .map(|a| crate::executor::orphans::kill_orphans(&a.path()))
-            .sum();
+        let dirs: Vec<_> = agents.map(|a| a.path()).collect();
+        let killed: usize = crate::executor::procs::blocking_within(
+            crate::executor::procs::BLOCKING_SCAN_LIMIT,
+            move || {
+                dirs.iter()
+                    .map(|d| crate::executor::orphans::kill_orphans(d))
+                    .sum()
+            },
+        )
+        .unwrap_or(0);
         if killed > 0 {
             tracing::warn!(dir = %path.display(), groups = killed, "killed the task processes a worker process gone left running");
         }
@@ -421,7 +428,11 @@ impl Agent {
                 let (sd, restored) = StateDir::open(dir, &cfg.worker_id)
                     .map_err(|e| AgentError::StateDir(e.to_string()))?;
                 // Only after the lock is ours: the groups recorded belong to a dead process.
-                crate::executor::orphans::kill_orphans(dir);
+                let dir = dir.clone();
+                crate::executor::procs::blocking_within(
+                    crate::executor::procs::BLOCKING_SCAN_LIMIT,
+                    move || crate::executor::orphans::kill_orphans(&dir),
+                );
                 (Some(sd), restored)
             }
             None => (None, Restored::default()),

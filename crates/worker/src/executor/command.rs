@@ -886,18 +886,24 @@ fn live() -> std::sync::MutexGuard<'static, BTreeMap<i32, Arc<str>>> {
 /// Kills (SIGKILL) at once the processes of every attempt that the `command` executors of
 /// this process run: each group, and the processes that left it (by their mark). For a
 /// process about to exit without waiting for its tasks (a second stop signal to `tether
-/// worker`), so that none of them is left running. Blocking: it looks through `/proc`.
-/// Returns the number of attempts whose processes it signalled.
+/// worker`), so that none of them is left running. Blocking: it looks through `/proc`, for at
+/// most [`super::procs::BLOCKING_SCAN_LIMIT`] (the process exits all the same). Returns the
+/// number of attempts whose processes it signalled.
 pub fn kill_all_now() -> usize {
     let attempts: Vec<(i32, Arc<str>)> = live()
         .iter()
         .map(|(pgid, mark)| (*pgid, mark.clone()))
         .collect();
-    for (pgid, mark) in &attempts {
+    for (pgid, _) in &attempts {
         signal_group(Pid::from_raw(*pgid), Signal::SIGKILL);
-        super::procs::kill_marked(mark);
     }
-    attempts.len()
+    let n = attempts.len();
+    super::procs::blocking_within(super::procs::BLOCKING_SCAN_LIMIT, move || {
+        for (_, mark) in &attempts {
+            super::procs::kill_marked(mark);
+        }
+    });
+    n
 }
 
 /// Kills the process group if the execution is dropped before it ended the group itself, and
@@ -938,17 +944,34 @@ impl GroupGuard {
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        if let Some(procs) = self.procs.take() {
-            live().remove(&procs.pgid.as_raw());
-            signal_group(procs.pgid, Signal::SIGKILL);
-            // Blocking, but only for an execution dropped before it ended its processes.
+        let record = self.record.take();
+        let warden = self.warden.take();
+        let forget = move || {
+            if let Some((file, pgid)) = &record {
+                super::orphans::forget(file, *pgid);
+            }
+            // Once the processes are killed: the warden is told the attempt is over.
+            drop(warden);
+        };
+        let Some(procs) = self.procs.take() else {
+            forget();
+            return;
+        };
+        live().remove(&procs.pgid.as_raw());
+        signal_group(procs.pgid, Signal::SIGKILL);
+        // An execution dropped before it ended its processes (on a runtime thread): those that
+        // left the group are looked for on a thread of its own, which a look stuck on a
+        // process in the kernel holds instead of the runtime's.
+        let sweep = move || {
             super::procs::kill_marked(&procs.mark);
+            forget();
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("tether-group-sweep".into())
+            .spawn(sweep)
+        {
+            tracing::warn!(error = %e, "cannot start a thread to end an attempt's processes; the warden ends them when the worker exits");
         }
-        if let Some((file, pgid)) = &self.record {
-            super::orphans::forget(file, *pgid);
-        }
-        // `warden` is dropped after this, once the processes are killed: the warden is told
-        // the attempt is over.
     }
 }
 
@@ -1369,6 +1392,30 @@ mod tests {
             while [ ! -e "$D/child.pid" ]; do sleep 0.01; done
             {rest}"#
         )
+    }
+
+    /// An execution dropped before it ended its processes (its future aborted) kills them: its
+    /// group at once, and one that left the group on a thread of its own (a look through
+    /// `/proc` stuck on a process in the kernel holds that thread, not the runtime's).
+    #[tokio::test]
+    async fn an_execution_dropped_midway_kills_its_processes_those_that_left_its_group_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, _control) = ctx(1);
+        let script = escaping(
+            r#"echo $$ > "$D/me.tmp"; mv "$D/me.tmp" "$D/me.pid"
+            while :; do sleep 0.05; done"#,
+        );
+        let config = serde_json::json!({"shell": script, "env": {"D": dir.path()}});
+        let run = tokio::spawn(exec(config, ctx));
+        let escaped = read_pid(&dir.path().join("child.pid")).await;
+        let leader = read_pid(&dir.path().join("me.pid")).await;
+        run.abort();
+        assert!(run.await.is_err_and(|e| e.is_cancelled()));
+        wait_for("the group's leader to die", || is_dead(leader)).await;
+        wait_for("the process that left the group to die", || {
+            is_dead(escaped)
+        })
+        .await;
     }
 
     /// A process that traps SIGTERM acts on it once when its task is cancelled: a member of

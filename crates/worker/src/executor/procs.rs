@@ -148,6 +148,40 @@ pub(crate) fn signal_marked(mark: &str, sig: Signal, signalled: Option<u32>) -> 
     found.len()
 }
 
+/// Longest a blocking look through `/proc` outside an attempt is awaited: at the worker's
+/// start ([`super::orphans::kill_orphans`]) and its immediate exit
+/// ([`super::command::kill_all_now`]).
+pub(crate) const BLOCKING_SCAN_LIMIT: Duration = Duration::from_secs(5);
+
+/// Runs `f` on a thread of its own and waits for it at most `limit`. A look through `/proc`
+/// reads processes' `environ`, which waits for their memory map, and a process stuck in the
+/// kernel (a hung network mount) may hold that for ever: the worker's start or exit must not
+/// wait with it. `None` when it did not end in time (it goes on, detached) or no thread could
+/// be made.
+pub(crate) fn blocking_within<T: Send + 'static>(
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let spawned = std::thread::Builder::new()
+        .name("tether-proc-scan".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start a thread to look through /proc");
+        return None;
+    }
+    let done = rx.recv_timeout(limit).ok();
+    if done.is_none() {
+        tracing::warn!(
+            limit_ms = limit.as_millis() as u64,
+            "a look through /proc for task processes did not finish in time; going on without it"
+        );
+    }
+    done
+}
+
 /// SIGKILLs the processes of `mark` until none is found (a process may fork between a look and
 /// the signal), for at most [`KILL_ROUNDS`] rounds. Returns how many were killed. Blocking.
 pub(crate) fn kill_marked(mark: &str) -> usize {
@@ -212,6 +246,23 @@ mod tests {
             b"TETHER_TASK_MARKER=outer:a:1\0",
             b"outer:a:1"
         ));
+    }
+
+    /// A look that does not end is given up at its limit (the worker's start and exit go on);
+    /// one that ends is waited for.
+    #[test]
+    fn a_blocking_look_is_waited_for_only_up_to_its_limit() {
+        let started = std::time::Instant::now();
+        let stuck = blocking_within(Duration::from_millis(200), || {
+            std::thread::sleep(Duration::from_secs(30));
+        });
+        assert!(stuck.is_none());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(blocking_within(Duration::from_secs(10), || 7), Some(7));
     }
 
     #[test]
