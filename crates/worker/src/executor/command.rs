@@ -338,7 +338,11 @@ async fn run(
     let mut sup = Supervisor::new(&ctx, procs.clone(), checkpoints, plan.poll, kill_grace);
     let end = sup.wait_exit(&mut child, pumps.as_mut()).await;
     let duration = started.elapsed();
-    terminate_draining(&mut child, &procs, kill_grace, pumps.as_mut()).await;
+    // A cancel ended the processes already and reaped the leader: its group id may be
+    // another process's by now, and is not signalled again.
+    if !matches!(end, End::Cancelled) {
+        terminate_draining(&mut child, &procs, kill_grace, pumps.as_mut()).await;
+    }
     guard.disarm();
     let status = match end {
         End::Cancelled => {
