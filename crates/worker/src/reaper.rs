@@ -195,17 +195,10 @@ mod tests {
     /// tests are never taken for adopted.
     #[test]
     fn adopted_processes_are_reaped_and_the_executors_own_children_are_not() {
-        let exe = std::env::current_exe().expect("test binary");
-        let out = std::process::Command::new(exe)
-            .args(["--exact", "reaper::tests::as_a_subreaper"])
-            .args(["--ignored", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, "1")
-            .output()
-            .expect("run the test binary");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{text}");
-        assert!(text.contains("1 passed"), "the test did not run: {text}");
+        crate::testutil::pass_alone(
+            "reaper::tests::as_a_subreaper",
+            &[(CHILD_ENV, std::ffi::OsStr::new("1"))],
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

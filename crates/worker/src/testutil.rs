@@ -36,3 +36,25 @@ impl Drop for KillOnDrop {
 pub(crate) fn is_dead(pid: u32) -> bool {
     crate::executor::procs::Stat::read(pid).is_none_or(|s| s.is_dead())
 }
+
+/// Runs the ignored test `test` of this test binary alone, in a process of its own with `env`
+/// added (a property of the whole process: its environment, being a subreaper), and asserts
+/// it ran and passed.
+pub(crate) fn pass_alone(test: &str, env: &[(&str, &std::ffi::OsStr)]) {
+    let exe = std::env::current_exe().expect("test binary");
+    let out = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            test,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .envs(env.iter().copied())
+        .output()
+        .expect("run the test binary");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "the test did not run: {text}");
+}

@@ -525,46 +525,41 @@ impl Run {
         Ok(all)
     }
 
+    /// Waits until every submitted task is terminal in the coordinator.
+    async fn wait_all_terminal(&mut self) -> anyhow::Result<()> {
+        let total = self.submitted.len() as u64;
+        let ended = ["completed", "failed", "cancelled", "timed_out"];
+        self.wait_tasks(total, "tasks finishing", &ended, "ended")
+            .await
+    }
+
     /// Waits until the coordinator counts `n` tasks completed.
     async fn wait_completed(&mut self, n: u64, what: &'static str) -> anyhow::Result<()> {
+        self.wait_tasks(n, what, &["completed"], "completed").await
+    }
+
+    /// Waits, showing `what`, until the coordinator's overview counts `n` tasks in `statuses`
+    /// (`done_as` says what they did, in the error of a wait past [`PHASE_LIMIT`]).
+    async fn wait_tasks(
+        &mut self,
+        n: u64,
+        what: &'static str,
+        statuses: &[&str],
+        done_as: &str,
+    ) -> anyhow::Result<()> {
         self.phase(what, n);
         let deadline = Instant::now() + PHASE_LIMIT;
         loop {
             let o = self.overview().await?;
-            let done = o["tasks"]["completed"].as_u64().unwrap_or(0);
+            let t = &o["tasks"];
+            let done: u64 = statuses.iter().map(|k| t[*k].as_u64().unwrap_or(0)).sum();
             self.pb.set_position(done);
             if done >= n {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "only {done} of {n} tasks completed within {} s",
-                    PHASE_LIMIT.as_secs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-
-    /// Waits until every submitted task is terminal in the coordinator.
-    async fn wait_all_terminal(&mut self) -> anyhow::Result<()> {
-        let total = self.submitted.len() as u64;
-        self.phase("tasks finishing", total);
-        let deadline = Instant::now() + PHASE_LIMIT;
-        loop {
-            let o = self.overview().await?;
-            let t = &o["tasks"];
-            let done: u64 = ["completed", "failed", "cancelled", "timed_out"]
-                .iter()
-                .map(|k| t[*k].as_u64().unwrap_or(0))
-                .sum();
-            self.pb.set_position(done);
-            if done >= total {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "only {done} of {total} tasks ended within {} s",
+                    "only {done} of {n} tasks {done_as} within {} s",
                     PHASE_LIMIT.as_secs()
                 );
             }

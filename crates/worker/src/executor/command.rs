@@ -1124,32 +1124,16 @@ mod tests {
     /// the whole process: the test runs in a process of its own.
     #[test]
     fn a_command_is_made_in_a_worker_whose_environment_is_not_all_utf8() {
+        use std::ffi::OsStr;
         use std::os::unix::ffi::OsStrExt;
-        let exe = std::env::current_exe().expect("test binary");
-        let test = "executor::command::tests::made_with_a_non_utf8_environment";
-        let out = std::process::Command::new(exe)
-            .args([
-                "--exact",
-                test,
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(NON_UTF8_CHILD, "1")
-            .env(
-                "TETHER_TEST_LATIN1",
-                std::ffi::OsStr::from_bytes(b"caf\xe9"),
-            )
-            .env(
-                "TETHER_TASK_MARK",
-                std::ffi::OsStr::from_bytes(b"outer:\xe9:1"),
-            )
-            .output()
-            .expect("run the test binary");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{text}");
-        assert!(text.contains("1 passed"), "the test did not run: {text}");
+        crate::testutil::pass_alone(
+            "executor::command::tests::made_with_a_non_utf8_environment",
+            &[
+                (NON_UTF8_CHILD, OsStr::new("1")),
+                ("TETHER_TEST_LATIN1", OsStr::from_bytes(b"caf\xe9")),
+                ("TETHER_TASK_MARK", OsStr::from_bytes(b"outer:\xe9:1")),
+            ],
+        );
     }
 
     #[test]
