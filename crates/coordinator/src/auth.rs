@@ -273,6 +273,38 @@ pub fn is_public(path: &str) -> bool {
         || path.starts_with("/dashboard/")
 }
 
+/// Refusals of [`browser_guard`] logged in a second; past it they are counted, and the next
+/// second's first line says how many went unlogged.
+const REFUSALS_LOGGED_PER_SEC: u32 = 20;
+
+/// The second under way, the refusals logged in it and those not logged.
+static REFUSALS_LOGGED: std::sync::Mutex<(Option<std::time::Instant>, u32, u64)> =
+    std::sync::Mutex::new((None, 0, 0));
+
+/// Whether one more refusal may be logged this second.
+fn refusal_logged() -> bool {
+    let mut budget = REFUSALS_LOGGED.lock().unwrap_or_else(|p| p.into_inner());
+    let now = std::time::Instant::now();
+    let (second, _, unlogged) = *budget;
+    if second.is_none_or(|s| now.duration_since(s) >= std::time::Duration::from_secs(1)) {
+        if unlogged > 0 {
+            tracing::warn!(
+                unlogged,
+                per_sec = REFUSALS_LOGGED_PER_SEC,
+                "requests refused by the browser guard not logged: over the log's budget"
+            );
+        }
+        *budget = (Some(now), 0, 0);
+    }
+    let (_, used, unlogged) = &mut *budget;
+    let admitted = *used < REFUSALS_LOGGED_PER_SEC;
+    match admitted {
+        true => *used += 1,
+        false => *unlogged += 1,
+    }
+    admitted
+}
+
 /// Middleware against browsers turned on the coordinator. A web page may not open the worker
 /// endpoint (a browser always sends `Origin` on a WebSocket upgrade; workers do not); without
 /// API tokens a request to the API or the dashboard must name a loopback host (a page that
@@ -283,7 +315,19 @@ pub fn is_public(path: &str) -> bool {
 /// `Sec-Fetch-Site`). The dashboard's own commands come from its origin; the CLI sends neither.
 pub async fn browser_guard(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let refuse = |message: &str| {
-        tracing::warn!(path = %req.uri().path(), host = ?req.headers().get(header::HOST), origin = ?req.headers().get(header::ORIGIN), "{message}");
+        // Before any token is asked for: anyone who reaches the port chooses the path and the
+        // headers, and how often. Each line shows a bounded part of them, and the lines a
+        // second are bounded.
+        if refusal_logged() {
+            let shown = |name| {
+                let v = req
+                    .headers()
+                    .get(name)
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()));
+                v.map(|v| format!("{:?}", tether_proto::msg::logged(&v)))
+            };
+            tracing::warn!(path = ?tether_proto::msg::logged(req.uri().path()), host = ?shown(header::HOST), origin = ?shown(header::ORIGIN), "{message}");
+        }
         crate::http::error_response(StatusCode::FORBIDDEN, "forbidden", message)
     };
     if req.uri().path().starts_with("/api/v1/worker/") {
@@ -394,6 +438,17 @@ fn bearer_token(value: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Refusals before any token check are logged within a budget a second (anyone who
+    /// reaches the port sends them as fast as they like); the rest are counted.
+    #[test]
+    fn browser_guard_refusals_are_logged_within_a_budget_a_second() {
+        let admitted = (0..200).filter(|_| refusal_logged()).count();
+        assert!(
+            admitted <= 2 * REFUSALS_LOGGED_PER_SEC as usize,
+            "{admitted} of 200 logged (a second may have turned meanwhile)"
+        );
+    }
 
     #[tokio::test]
     async fn secret_files_no_registration_reads_are_listed_and_read_ones_are_not() {

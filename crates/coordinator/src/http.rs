@@ -1050,7 +1050,12 @@ mod tests {
                 }
             }
         });
-        let app = AppState {
+        (app_of(events), asked)
+    }
+
+    /// An app whose core events go to `events`.
+    fn app_of(events: tokio::sync::mpsc::Sender<Event>) -> Arc<AppState> {
+        Arc::new(AppState {
             cfg: Arc::new(crate::config::CoordinatorConfig::new("/nonexistent")),
             events,
             counters: Arc::default(),
@@ -1061,8 +1066,80 @@ mod tests {
             heavy: Arc::new(tokio::sync::Semaphore::new(HEAVY_AT_ONCE)),
             submits: Arc::new(tokio::sync::Semaphore::new(SUBMITS_AT_ONCE)),
             paces: crate::ws::Paces::default(),
-        };
-        (Arc::new(app), asked)
+        })
+    }
+
+    /// An app whose core answers what an event stream's snapshot asks: an empty overview, `n`
+    /// workers, no task.
+    fn app_snapshotting(n: usize) -> Arc<AppState> {
+        let (events, mut rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    Event::Api(Api::Overview { reply }) => {
+                        let _ = reply.send(Ok(crate::core::Overview {
+                            tasks: Default::default(),
+                            queued: 0,
+                            workers: Default::default(),
+                            workers_connected: n,
+                            workers_known: n,
+                            rtt_p50_ms_mean: None,
+                            counters: Default::default(),
+                        }));
+                    }
+                    Event::Api(Api::ListWorkers { reply }) => {
+                        let workers = (0..n)
+                            .map(|i| {
+                                let id = WorkerId::parse(&format!("w{i}")).expect("id");
+                                crate::model::Worker::new(id, Utc::now())
+                            })
+                            .collect();
+                        let _ = reply.send(Ok(workers));
+                    }
+                    Event::Api(Api::ListTasks { reply, .. }) => {
+                        let _ = reply.send(Ok(Vec::new()));
+                    }
+                    _ => {}
+                }
+            }
+        });
+        app_of(events)
+    }
+
+    /// An event stream's snapshot (every worker, the newest tasks: megabytes) keeps its turn
+    /// of large answers until the stream is read on: the connection asks for the next event
+    /// only once it wrote most of that one, so clients that do not read hold turns, at most
+    /// [`HEAVY_AT_ONCE`] snapshots, not one each.
+    #[tokio::test(start_paused = true)]
+    async fn an_event_streams_snapshot_keeps_its_turn_until_the_stream_is_read_on() {
+        use futures_util::StreamExt;
+        let app = app_snapshotting(3_000);
+        let mut streams = Vec::new();
+        for _ in 0..HEAVY_AT_ONCE {
+            let stream = crate::dashboard::events::events(State(app.clone())).await;
+            let mut frames = stream.into_body().into_data_stream();
+            let first = tokio::time::timeout(Duration::from_secs(2), frames.next())
+                .await
+                .expect("a snapshot")
+                .expect("a frame")
+                .expect("data");
+            assert!(first.starts_with(b"event: snapshot"), "{first:?}");
+            streams.push(frames);
+        }
+        assert_eq!(
+            app.heavy.available_permits(),
+            0,
+            "each snapshot holds its turn"
+        );
+        // A listing waits for a turn, and is told to come back.
+        let busy = list_workers(State(app.clone())).await;
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // A stream read on gives its turn back (it then waits for changes).
+        let next = tokio::time::timeout(Duration::from_millis(100), streams[0].next()).await;
+        assert!(next.is_err(), "no change to send");
+        assert_eq!(app.heavy.available_permits(), 1);
+        drop(streams);
+        assert_eq!(app.heavy.available_permits(), HEAVY_AT_ONCE);
     }
 
     #[tokio::test(start_paused = true)]

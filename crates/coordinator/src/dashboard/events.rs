@@ -35,6 +35,7 @@ pub async fn events(State(app): State<Arc<AppState>>) -> Response {
         app,
         snapshot_due: true,
         first: true,
+        turn: None,
     }
     .into_stream();
     Sse::new(stream)
@@ -50,6 +51,10 @@ struct Feed {
     snapshot_due: bool,
     /// No snapshot sent yet.
     first: bool,
+    /// The turn of large answers the last snapshot was made in, held until the stream is
+    /// read on: the connection asks for the next event only once it wrote most of that one,
+    /// so a client that does not read holds a turn, not a snapshot outside the turns' bound.
+    turn: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Feed {
@@ -62,6 +67,7 @@ impl Feed {
 
     /// The next event, or `None` when the coordinator stops.
     async fn next(&mut self) -> Option<Event> {
+        self.turn = None;
         if self.snapshot_due {
             if !self.first {
                 // A client that keeps lagging gets at most one snapshot per pause.
@@ -76,7 +82,9 @@ impl Feed {
             // in its history and after it: the page draws a sample no older than its last once).
             self.changes = self.changes.resubscribe();
             self.samples = self.samples.resubscribe();
-            return self.snapshot().await.ok();
+            let (snapshot, turn) = self.snapshot().await.ok()?;
+            self.turn = Some(turn);
+            return Some(snapshot);
         }
         let stop = self.app.stop.clone();
         tokio::select! {
@@ -106,11 +114,11 @@ impl Feed {
     }
 
     /// The snapshot, made in a turn for large answers (it holds every worker and the newest
-    /// tasks); a client that waited [`crate::http::HEAVY_WAIT`] for one has its stream ended,
-    /// to open it again.
-    async fn snapshot(&self) -> Result<Event, ApiError> {
+    /// tasks), with that turn; a client that waited [`crate::http::HEAVY_WAIT`] for one has its
+    /// stream ended, to open it again.
+    async fn snapshot(&self) -> Result<(Event, tokio::sync::OwnedSemaphorePermit), ApiError> {
         let app = &self.app;
-        let _turn = crate::http::heavy_turn(app).await.map_err(|e| {
+        let turn = crate::http::heavy_turn(app).await.map_err(|e| {
             e.unwrap_or_else(|| ApiError::Internal("busy with large answers".into()))
         })?;
         // Read before the core is asked: a change at or before it is in the snapshot or, made
@@ -124,7 +132,7 @@ impl Feed {
             ..TaskQuery::default()
         };
         let newest = ask(app, |reply| Api::ListTasks { query, reply }).await?;
-        Ok(json_event(
+        let snapshot = json_event(
             "snapshot",
             &serde_json::json!({
                 "at": at,
@@ -134,7 +142,8 @@ impl Feed {
                 "history": app.history.all(),
                 "history_interval_ms": app.cfg.history_interval.as_millis() as u64,
             }),
-        ))
+        );
+        Ok((snapshot, turn))
     }
 }
 

@@ -15,7 +15,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::Path;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -58,10 +57,11 @@ pub async fn index() -> Response {
     params(("file" = String, Path, description = "app.js or style.css")),
     responses(
         (status = 200, description = "A static asset of the dashboard", body = String),
+        (status = 400, description = "A path that is not UTF-8 (`bad_path`)", body = crate::http::ErrorBody),
         (status = 404, description = "No such file", body = crate::http::ErrorBody),
     )
 )]
-pub async fn file(Path(name): Path<String>) -> Response {
+pub async fn file(crate::http::ApiPath(name): crate::http::ApiPath<String>) -> Response {
     match name.as_str() {
         "app.js" => asset("text/javascript; charset=utf-8", APP_JS),
         "style.css" => asset("text/css; charset=utf-8", STYLE_CSS),

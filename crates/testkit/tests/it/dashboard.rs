@@ -333,6 +333,10 @@ async fn the_dashboard_assets_and_the_api_description_are_served_from_the_binary
     }
     let (status, _) = c.client().get("/dashboard/nope.js").await;
     assert_eq!(status, 404);
+    // A file name that is not UTF-8 gets the JSON error every route answers with.
+    let (status, body) = c.client().get("/dashboard/%FF").await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "bad_path", "{body}");
     let (status, doc) = c.client().get("/api/v1/openapi.json").await;
     assert_eq!(status, 200);
     assert!(
