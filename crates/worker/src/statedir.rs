@@ -708,6 +708,7 @@ fn restore(conn: &Connection, path: &Path) -> Result<Restored, StateDirError> {
     )
     .map_err(db)?;
     let mut lost = Vec::new();
+    let mut ended = Vec::new();
     {
         let mut stmt = conn
             .prepare("SELECT task_id, attempt FROM lost ORDER BY task_id, attempt")
@@ -719,10 +720,28 @@ fn restore(conn: &Connection, path: &Path) -> Result<Restored, StateDirError> {
             let (task, attempt) = row.map_err(db)?;
             let task =
                 TaskId::parse(&task).map_err(|e| corrupt(format!("lost task id {task:?}: {e}")))?;
-            if !finished.contains(&(task.clone(), Attempt(attempt))) {
-                lost.push(TaskRef::new(task, Attempt(attempt)));
+            match finished.contains(&(task.clone(), Attempt(attempt))) {
+                false => lost.push(TaskRef::new(task, Attempt(attempt))),
+                true => ended.push((task, attempt)),
             }
         }
+    }
+    // An attempt whose result is journaled ended (the process died before it recorded the
+    // end): it leaves the lost set, and its checkpoints are owed, as `task_finished` does.
+    // Kept there, it was reported lost at a later start, once its result had been sent and
+    // left the journal, and its checkpoint was kept for it.
+    for (task, attempt) in ended {
+        conn.execute(
+            "DELETE FROM lost WHERE task_id = ?1 AND attempt = ?2",
+            params![task.as_str(), attempt],
+        )
+        .and_then(|_| {
+            conn.execute(
+                "INSERT OR IGNORE INTO forget (task_id, attempt) VALUES (?1, ?2)",
+                params![task.as_str(), attempt],
+            )
+        })
+        .map_err(db)?;
     }
     Ok(Restored {
         entries,
@@ -1050,6 +1069,30 @@ mod tests {
         assert!(restored.lost.is_empty());
         assert!(restored.checkpoints.is_empty());
         assert!(sd.latest_checkpoint(&tid("long")).expect("read").is_none());
+    }
+
+    /// An attempt whose result is journaled but whose end was never recorded (the process died
+    /// between the two) is not lost at the next start, nor at a later one once its result was
+    /// acknowledged and left the journal; its checkpoint goes with it.
+    #[test]
+    fn an_attempt_that_died_with_its_result_journaled_is_never_reported_lost() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let sd = open_running(dir.path(), "done", b"5");
+            sd.write(Some((Class::Result, Seq(1), &result(1, "done"))), &[]);
+        }
+        let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+        assert!(restored.lost.is_empty());
+        assert_eq!(restored.entries.len(), 1, "the result is sent again");
+        assert!(sd.latest_checkpoint(&tid("done")).expect("read").is_none());
+        // The result is acknowledged: it leaves the journal.
+        sd.write(None, &[Seq(1)]);
+        drop(sd);
+        let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+        assert!(restored.lost.is_empty(), "{:?}", restored.lost);
+        assert!(restored.entries.is_empty());
+        assert!(checkpoint_rows(dir.path()).is_empty());
+        drop(sd);
     }
 
     /// The coordinator hands a lost task back: its new attempt is recorded as running and
