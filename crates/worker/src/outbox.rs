@@ -284,9 +284,14 @@ impl Outbox {
             }
             // INVARIANT: journaled under the lock, before the entry can be acked or returned.
             self.journal(Some((class, Seq(seq), &msg)), &removed);
-            Seq(seq)
+            (Seq(seq), !removed.is_empty())
         };
+        let (seq, replaced) = seq;
         self.ready.notify_one();
+        if replaced {
+            // A state replaced by a smaller one, or telemetry dropped: room a producer waits for.
+            self.room.notify_waiters();
+        }
         seq
     }
 
@@ -406,6 +411,8 @@ impl Outbox {
                     "a queued result is larger than the coordinator's frames take; its attempt fails saying so instead"
                 );
                 self.ready.notify_one();
+                // The failure is a fraction of the result's bytes.
+                self.room.notify_waiters();
             }
             _ => {
                 tracing::error!(
@@ -1144,6 +1151,41 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_secs(5)).await;
         assert!(!waiter.is_finished(), "no room yet");
         ob.ack(a);
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+            .await
+            .expect("woken")
+            .expect("joined");
+    }
+
+    /// A result too large for the coordinator's frames becomes its small failure: the bytes it
+    /// gave back wake a producer waiting for room (it slept until the next acknowledgement).
+    #[tokio::test(start_paused = true)]
+    async fn a_result_made_its_small_failure_wakes_a_producer_waiting_for_room() {
+        let ob = std::sync::Arc::new(Outbox::new(Limits {
+            max_entries: usize::MAX,
+            max_bytes: 64 * 1024,
+        }));
+        let big = ob.push(Class::Result, None, |seq| {
+            WorkerMsg::TaskResult(tether_proto::msg::TaskResult {
+                seq,
+                task_id: tid("big"),
+                attempt: Attempt(1),
+                outcome: tether_proto::Outcome::Completed,
+                result: serde_json::json!({"blob": "x".repeat(100 * 1024)}).into(),
+                error: None,
+                started_at: now(),
+                finished_at: now(),
+                duration_ms: 0,
+                timestamp: now(),
+            })
+        });
+        let waiter = {
+            let ob = ob.clone();
+            tokio::spawn(async move { ob.reserve().await })
+        };
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert!(!waiter.is_finished(), "no room yet");
+        assert_eq!(ob.too_large(big, 100 * 1024, 32 * 1024), Oversize::Failed);
         tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
             .await
             .expect("woken")
