@@ -450,11 +450,24 @@ impl Outbox {
         &self,
         seqs: impl IntoIterator<Item = Seq>,
     ) -> Vec<(Seq, std::sync::Arc<WorkerMsg>)> {
+        self.take_acked_but(seqs, |_| false)
+    }
+
+    /// [`Outbox::take_acked_all`], leaving held each message `kept` says (a result named in
+    /// `acks`, which never acknowledges one: only a confused or forged frame would).
+    pub fn take_acked_but(
+        &self,
+        seqs: impl IntoIterator<Item = Seq>,
+        kept: impl Fn(&WorkerMsg) -> bool,
+    ) -> Vec<(Seq, std::sync::Arc<WorkerMsg>)> {
         let taken = {
             let mut inner = self.lock();
             let taken: Vec<(Seq, std::sync::Arc<WorkerMsg>)> = seqs
                 .into_iter()
                 .filter_map(|seq| {
+                    if inner.entries.get(&seq.0).is_some_and(|e| kept(&e.msg)) {
+                        return None;
+                    }
                     inner.acked_max = inner.acked_max.max(seq.0);
                     inner.remove(seq.0).map(|msg| (seq, msg))
                 })
@@ -1190,6 +1203,19 @@ mod tests {
             .await
             .expect("woken")
             .expect("joined");
+    }
+
+    /// What `acks` acknowledges leaves the outbox, but a result named there stays held (`acks`
+    /// never acknowledges one: a confused or forged frame would have it dropped undelivered).
+    #[test]
+    fn a_result_named_where_results_are_never_acknowledged_stays_held() {
+        let ob = Outbox::new(Limits::default());
+        let r = result(&ob, "r");
+        let st = state(&ob, "s", 1);
+        let results = |m: &WorkerMsg| matches!(m, WorkerMsg::TaskResult(_));
+        let taken = ob.take_acked_but([r, st], results);
+        assert_eq!(taken.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [st]);
+        assert_eq!(ob.pending_results().len(), 1, "the result is still held");
     }
 
     #[test]

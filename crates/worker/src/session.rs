@@ -1554,7 +1554,7 @@ impl<'a> Session<'a> {
             Some(WorkerMsg::TaskResult(r)) => Some((&r.task_id, r.attempt)),
             _ => None,
         };
-        // A result's ack names its task; one acknowledged in `acks` is known by what was held.
+        // A result's ack names its task (the message held says its attempt).
         let task_id = ack
             .task_id
             .as_ref()
@@ -1586,11 +1586,14 @@ impl<'a> Session<'a> {
             self.window.leave(seq.0);
         }
         self.publish_rate();
-        // All of them leave the outbox together (one lock, one journal write).
+        // All of them leave the outbox together (one lock, one journal write). A result never
+        // does: `acks` acknowledges none (its ack says how it was recorded), and one named here
+        // stays held, to be sent again, rather than be dropped undelivered.
+        let result = |m: &WorkerMsg| matches!(m, WorkerMsg::TaskResult(_));
         let mut held = self
             .agent
             .outbox
-            .take_acked_all(seqs.iter().copied())
+            .take_acked_but(seqs.iter().copied(), result)
             .into_iter()
             .peekable();
         for seq in seqs {

@@ -172,6 +172,33 @@ async fn a_piece_naming_a_result_does_not_acknowledge_it() {
     running.stop().await;
 }
 
+/// `acks` acknowledges recorded messages other than results: one that names a result's `seq`
+/// (a confused coordinator, or a frame forged on a session without tags) leaves the result
+/// held, to be sent again, not dropped undelivered.
+#[tokio::test(start_paused = true)]
+async fn acks_naming_a_result_do_not_acknowledge_it() {
+    let (fake, running) = until_a_result(Script::AcksForResult).await;
+    assert_eq!(
+        fake.outcomes.lock().expect("lock").len(),
+        1,
+        "the result was sent"
+    );
+    // As for the piece above: two more answered heartbeats mean the `acks` was read.
+    let samples = || running.handle.stats().rtt_samples;
+    let before = samples();
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    while samples() < before + 2 && tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        samples() >= before + 2,
+        "no heartbeat answered after the acks"
+    );
+    let held = running.handle.outbox.pending_results();
+    assert_eq!(held.len(), 1, "the result is still held: {held:?}");
+    running.stop().await;
+}
+
 /// An `error` that names a `checkpoint_fetch` it could not read ends that fetch, and nothing
 /// else its `ref_seq` might name: one naming a result's `seq` (a confused coordinator, or an
 /// error forged on the wire) leaves the result held, to be sent again.

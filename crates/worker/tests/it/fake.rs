@@ -75,6 +75,9 @@ pub enum Script {
     /// Like `PieceForResult`, with an `error` `bad_frame` that names the result's `seq` as
     /// `ref_seq` of a `checkpoint_fetch` (a confused or forged error) instead of the piece.
     ErrorForResult,
+    /// Like `PieceForResult`, with an `acks` that covers the result's `seq` (`acks` never
+    /// acknowledges a result: a confused or forged frame) instead of the piece.
+    AcksForResult,
     /// Assigns one task of kind [`BIG_KIND`] ([`BigCheckpoint`]), acknowledges everything like
     /// `Healthy`, and once all the pieces of its checkpoint are in, asks for the checkpoint
     /// again (`checkpoint_request`, as `POST /tasks/{id}/checkpoint` does); records every
@@ -533,7 +536,10 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                 }
             }
         }
-        Script::UnknownFetch | Script::PieceForResult | Script::ErrorForResult => {
+        Script::UnknownFetch
+        | Script::PieceForResult
+        | Script::ErrorForResult
+        | Script::AcksForResult => {
             let named =
                 (script == Script::UnknownFetch).then(|| tether_proto::msg::CheckpointBlob {
                     checkpoint_id: tether_proto::CheckpointId::parse("c-1").expect("id"),
@@ -571,6 +577,11 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                                     Some("checkpoint_fetch".into()),
                                     Some(r.seq.0),
                                 ))
+                            } else if script == Script::AcksForResult {
+                                Some(CoordMsg::Acks(tether_proto::msg::Acks {
+                                    recorded: vec![(r.seq, r.seq)],
+                                    timestamp: now(),
+                                }))
                             } else if script == Script::PieceForResult {
                                 Some(CoordMsg::CheckpointPiece(
                                     tether_proto::msg::CheckpointPiece {
