@@ -704,6 +704,8 @@ impl Outbox {
         let Some(seq) = msg.seq() else { return };
         let mut inner = self.lock();
         inner.next_seq = inner.next_seq.max(seq.0 + 1);
+        // Not acknowledged: what the registration reports as acknowledged stays below it.
+        inner.acked_max = inner.acked_max.min(seq.0.saturating_sub(1));
         let coalesce = match &msg {
             WorkerMsg::TaskState(s) => Some(Coalesce::task_state(&s.task_id, s.attempt)),
             WorkerMsg::Telemetry(_) => Some(Coalesce::Telemetry),
@@ -1203,6 +1205,19 @@ mod tests {
             .await
             .expect("woken")
             .expect("joined");
+    }
+
+    /// Entries restored from a state directory were not acknowledged: the highest sequence
+    /// number the registration reports as acknowledged stays below the oldest of them.
+    #[test]
+    fn restored_entries_are_not_reported_acknowledged() {
+        let restored = Outbox::new(Limits::default());
+        let held = result(&restored, "t");
+        let ob = Outbox::starting_at(Limits::default(), Seq(7));
+        let msg = restored.take_acked(held).expect("held");
+        ob.restore(Class::Result, (*msg).clone());
+        assert!(ob.acked_max() < held, "{:?}", ob.acked_max());
+        assert_eq!(ob.pending_results().len(), 1);
     }
 
     /// What `acks` acknowledges leaves the outbox, but a result named there stays held (`acks`
