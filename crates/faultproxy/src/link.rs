@@ -106,6 +106,8 @@ pub(crate) struct LinkCtl {
     outcome: Mutex<Option<Outcome>>,
     /// The proxy's counters: a fault's close counts in its proxy's fault totals too.
     counters: Arc<ProxyCounters>,
+    /// Streams whose end (the sender's FIN) was passed on.
+    ended: std::sync::atomic::AtomicUsize,
 }
 
 impl LinkCtl {
@@ -132,6 +134,17 @@ impl LinkCtl {
         }
         drop(slot);
         self.cancel.cancel();
+    }
+
+    /// One stream's end was passed on: once both were, the link ends (closed, no fault's);
+    /// until then the stream's writer stays, for a reset fault on that stream still fires on
+    /// a half-closed link. Whether the link ends now.
+    pub fn stream_ended(&self) -> bool {
+        let both = self.ended.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1 >= 2;
+        if both {
+            self.close(Outcome::Close, None);
+        }
+        both
     }
 
     /// Resolves once the link is closing.
@@ -247,6 +260,7 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
         cancel: ctx.cancel.child_token(),
         outcome: Mutex::new(None),
         counters: Arc::clone(&ctx.counters),
+        ended: std::sync::atomic::AtomicUsize::new(0),
     });
     let draws = Arc::new(Draws::new(ctx.seed, ctx.id, Arc::clone(&ctx.counters)));
     let stages = |stream: Stream| {

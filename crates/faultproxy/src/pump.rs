@@ -215,6 +215,8 @@ pub(crate) fn outcome_of(e: &io::Error) -> Outcome {
 enum Flow {
     Continue,
     Stop,
+    /// The sender's FIN was passed on: the stream is over, the link may not be.
+    Ended,
 }
 
 /// Sleeps until `t`, or forever when there is none. A deadline already reached is met at once:
@@ -295,11 +297,42 @@ impl Writer {
                     }
                 }
             };
-            if let Flow::Stop = self.forward(chunk).await {
-                break;
+            match self.forward(chunk).await {
+                Flow::Continue => {}
+                Flow::Stop => break,
+                Flow::Ended => {
+                    self.after_the_end().await;
+                    break;
+                }
             }
         }
         self.sink
+    }
+
+    /// The stream's end was passed on while the other stream goes on (a half-closed link): a
+    /// reset fault on this stream, already there or added now, still fires on time, until the
+    /// link ends.
+    async fn after_the_end(&mut self) {
+        if self.link.stream_ended() {
+            return;
+        }
+        loop {
+            let reset = self.stages.reset_due().map(|(t, _)| t);
+            tokio::select! {
+                biased;
+                () = self.link.cancelled() => return,
+                () = sleep_opt(reset) => {
+                    self.fire_reset();
+                    return;
+                }
+                r = self.chain.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    self.refresh();
+                }
+            }
+        }
     }
 
     fn refresh(&mut self) {
@@ -405,7 +438,7 @@ impl Writer {
             return Flow::Stop;
         }
         if chunk.eof {
-            Flow::Stop
+            Flow::Ended
         } else {
             Flow::Continue
         }

@@ -649,3 +649,42 @@ async fn a_reset_added_while_a_write_waits_on_a_peer_that_reads_nothing_fires() 
     assert_eq!(guard.stats().connections_reset, 1);
     deaf.abort();
 }
+
+/// A reset on a stream whose sender has finished (a half-closed link: the client shut its
+/// sending side, the server still holds its own) still resets the link: the stream's end used
+/// to end its watch of the faults, and the reset never fired.
+#[tokio::test]
+async fn a_reset_on_a_stream_already_ended_still_resets_a_half_closed_link() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // Reads to the client's end, then holds its side open, sending nothing.
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut sink = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut sink).await;
+            held.push(s);
+        }
+    });
+    let proxy = proxy_to(addr).await;
+    let mut c = connect(proxy.listen_addr()).await;
+    c.write_all(b"last words").await.expect("write");
+    c.shutdown().await.expect("shut the sending side");
+    // The end has passed the proxy: the server's read ended.
+    wait_for("the end to pass", || proxy.stats().bytes_upstream >= 10).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let guard = proxy
+        .add_fault(Fault::new(
+            "rst",
+            FaultKind::Reset { timeout_ms: 20 },
+            Direction::Upstream,
+        ))
+        .await
+        .expect("add");
+    let (_, err) = within("the reset", read_to_end(&mut c)).await;
+    assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::ConnectionReset));
+    assert_eq!(guard.stats().connections_reset, 1);
+    holder.abort();
+}
