@@ -696,7 +696,7 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
     outln!("kind      {}", s(&spec["kind"]))?;
     outln!(
         "config    {}",
-        cut_line(&spec["config"].to_string(), CONFIG_SHOWN)
+        cut_line(&shown(&spec["config"].to_string()), CONFIG_SHOWN)
     )?;
     outln!("priority  {}", spec["priority"])?;
     if let Some(r) = spec["requires"].as_array().filter(|r| !r.is_empty()) {
@@ -772,7 +772,7 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
         outln!()?;
         outln!(
             "state     {} (attempt {}, {})",
-            cut_line(&state["state"].to_string(), CONFIG_SHOWN),
+            cut_line(&shown(&state["state"].to_string()), CONFIG_SHOWN),
             state["attempt"],
             when(&state["updated_at"])
         )?;
@@ -989,9 +989,19 @@ fn rows_of(v: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
 const CELL_SHOWN: usize = 200;
 
 fn print_table(head: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
+    for line in table_lines(head, rows) {
+        outln!("{line}")?;
+    }
+    Ok(())
+}
+
+/// The lines of a table: a head, then a line a row, columns padded to their widest cell.
+fn table_lines(head: &[&str], rows: &[Vec<String>]) -> Vec<String> {
     let rows: Vec<Vec<String>> = rows
         .iter()
-        .map(|r| r.iter().map(|c| cut_line(c, CELL_SHOWN)).collect())
+        // Every cell escaped: a task's output (a result's `stdout_tail`) is anyone's bytes, and
+        // JSON leaves C1 controls and bidirectional overrides as they are.
+        .map(|r| r.iter().map(|c| cut_line(&shown(c), CELL_SHOWN)).collect())
         .collect();
     let mut widths: Vec<usize> = head.iter().map(|h| h.len()).collect();
     for r in &rows {
@@ -1008,14 +1018,12 @@ fn print_table(head: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
                 format!("{c}{}", " ".repeat(pad))
             })
             .collect();
-        outln!("{}", parts.join("  ").trim_end())
+        parts.join("  ").trim_end().to_owned()
     };
     let head: Vec<String> = head.iter().map(|h| h.to_string()).collect();
-    line(&head)?;
-    for r in &rows {
-        line(r)?;
-    }
-    Ok(())
+    std::iter::once(line(&head))
+        .chain(rows.iter().map(|r| line(r)))
+        .collect()
 }
 
 /// Serves `app` on a loopback port for a test; its address.
@@ -1114,6 +1122,19 @@ mod tests {
             assert_eq!(when(&json!(t)), "2026-12-04T20:52:28.680Z", "{t}");
         }
         assert_eq!(when(&Value::Null), s(&Value::Null));
+    }
+
+    #[test]
+    fn a_tables_cells_are_escaped_a_results_output_too() {
+        // A command's stdout tail in a result: JSON keeps C1 controls and bidi overrides raw.
+        let result = json!({"stdout_tail": "\u{9b}2J\u{202e}evil"}).to_string();
+        let lines = table_lines(&["ATTEMPT", "RESULT"], &[vec!["1".into(), result]]);
+        assert!(
+            lines[1].contains("\\u{9b}2J\\u{202e}evil"),
+            "{:?}",
+            lines[1]
+        );
+        assert!(!lines[1].contains('\u{9b}') && !lines[1].contains('\u{202e}'));
     }
 
     #[test]

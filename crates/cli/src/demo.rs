@@ -194,6 +194,17 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     // The workers stop (gracefully: what their tasks left is delivered first), so that no
     // result arrives while the ground truth is read, even of tasks still running when the
     // deadline passed.
+    // The stalled worker comes back after its reconnect delay: with few tasks, all may have
+    // ended before it did, and the check would see a stall it has yet to recover from.
+    let _ = tokio::time::timeout_at(
+        end.max(tokio::time::Instant::now() + Duration::from_secs(10)),
+        async {
+            while stalled_worker.registrations() <= before {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        },
+    )
+    .await;
     let reconnections: u64 = fleet.handles.iter().map(|h| h.stats().reconnects).sum();
     let stall_reconnected = stalled_worker.registrations() > before;
     fleet.stop.cancel();
@@ -252,6 +263,10 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         outln!("  failed               {failed} (ended with their one result, not completed)")?;
     }
     outln!("  reconnections        {reconnections}")?;
+    outln!(
+        "  stalled worker back  {}",
+        if stall_reconnected { "yes" } else { "NO" }
+    )?;
     outln!("  results resent       {resent} (acknowledged again, recorded once)")?;
     outln!("  stale results kept   {stale}")?;
     outln!("  lost                 {lost}")?;

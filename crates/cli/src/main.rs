@@ -108,8 +108,16 @@ fn main() -> std::process::ExitCode {
     } else {
         cli.log.as_str()
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = match tracing_subscriber::EnvFilter::try_new(level) {
+        Ok(f) => f,
+        // Said, not replaced by `info` in silence: the user asked for something else.
+        Err(e) => {
+            eprintln!(
+                "error: --log {level:?} is not a log filter ({e}); use e.g. info, debug or tether_worker=debug"
+            );
+            std::process::exit(2);
+        }
+    };
     // Colour for a terminal only: a log sent to a file or a journal stays plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());

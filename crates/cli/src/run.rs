@@ -200,6 +200,9 @@ pub(crate) fn builtin_config_check() -> tether_coordinator::config::ConfigCheck 
     }))
 }
 
+/// The shortest `--connect-timeout` the worker takes.
+const MIN_CONNECT_TIMEOUT: Duration = Duration::from_millis(100);
+
 /// The shortest `--retention` the command takes.
 const MIN_RETENTION: Duration = Duration::from_secs(60);
 
@@ -716,6 +719,14 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     }
     cfg.backoff.max_attempts = a.max_reconnect_attempts.or(file.max_reconnect_attempts);
     if let Some(d) = a.connect_timeout {
+        // Shorter, no connect could finish: the worker would retry for ever, failing each.
+        if d < MIN_CONNECT_TIMEOUT {
+            bail!(
+                "--connect-timeout {} is too short: at least {} ms",
+                humantime::format_duration(d),
+                MIN_CONNECT_TIMEOUT.as_millis()
+            );
+        }
         cfg.connect_timeout = d;
     }
     if let Some(d) = settings::pick_duration(
@@ -1216,10 +1227,16 @@ mod tests {
                 "--max-reconnect-attempts",
             ),
             (&["--capability", ""], "capabilit"),
+            // Every connect would time out before it could finish, for ever.
+            (&["--connect-timeout", "0s"], "--connect-timeout"),
         ] {
             let e = work(flags).expect_err("refused");
             assert!(e.to_string().contains(name), "{flags:?}: {e}");
         }
+        // Too long to add to a clock: refused by the parser, not a panic at the deadline.
+        let base = ["t", "--coordinator", "ws://127.0.0.1:1", "--id", "w"];
+        let long = ["--heartbeat-timeout", "300000000000y"];
+        assert!(Work::try_parse_from(base.iter().chain(&long)).is_err());
         work(&[
             "--initial-reconnect-delay",
             "10ms",

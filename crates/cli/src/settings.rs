@@ -150,7 +150,13 @@ pub fn named_by_source(
 
 /// Whether the command line of this process has `flag` (alone, or as `flag=value`).
 pub fn on_command_line(flag: &str) -> bool {
-    std::env::args().any(|a| a == flag || a.strip_prefix(flag).is_some_and(|v| v.starts_with('=')))
+    // As bytes: an argument that is not UTF-8 (a Latin-1 path) made `args()` panic.
+    use std::os::unix::ffi::OsStrExt;
+    let flag = flag.as_bytes();
+    std::env::args_os().any(|a| {
+        let a = a.as_bytes();
+        a == flag || a.strip_prefix(flag).is_some_and(|v| v.starts_with(b"="))
+    })
 }
 
 /// Whether `flag` was given by the command line or by its environment variable
@@ -167,8 +173,7 @@ pub fn given_outside_the_file(flag: &str) -> bool {
 
 /// Parses a duration with a unit (`5s`, `250ms`, `1m`).
 pub fn duration(s: &str) -> anyhow::Result<std::time::Duration> {
-    humantime::parse_duration(s)
-        .with_context(|| format!("invalid duration {s:?} (use e.g. 5s, 250ms)"))
+    parse_duration_arg(s).map_err(|e| anyhow::anyhow!("invalid duration {s:?}: {e}"))
 }
 
 /// A duration from a flag, else from the file's `key`, else none (the library default
@@ -188,8 +193,20 @@ pub fn pick_duration(
 }
 
 pub fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 5s, 250ms)"))
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 5s, 250ms)"))?;
+    // A clock's instant plus a duration past this overflows: a deadline so far is no deadline
+    // the user meant, and was a panic where it was added.
+    if d > MAX_DURATION_ARG {
+        return Err(format!(
+            "{s} is longer than {} days",
+            MAX_DURATION_ARG.as_secs() / 86_400
+        ));
+    }
+    Ok(d)
 }
+
+/// Longest duration any flag takes: ten years.
+pub const MAX_DURATION_ARG: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 86_400);
 
 #[cfg(test)]
 mod tests {
@@ -197,6 +214,19 @@ mod tests {
 
     /// A setting the config file gave is named by its key there, in an error that names flags:
     /// the user gave no `--max-frame`. One the command line gave keeps its flag's name.
+    /// A duration too long to add to a clock is refused with a clear error (it was a panic
+    /// where a deadline was made of it).
+    #[test]
+    fn a_duration_past_ten_years_is_refused() {
+        assert_eq!(
+            parse_duration_arg("250ms"),
+            Ok(std::time::Duration::from_millis(250))
+        );
+        let e = parse_duration_arg("18446744073709551615s").expect_err("too long");
+        assert!(e.contains("longer than 3650 days"), "{e}");
+        assert!(parse_duration_arg("11y").is_err());
+    }
+
     #[test]
     fn an_error_names_a_setting_by_where_it_came_from() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -424,3 +424,25 @@ fn the_readme_demo_passes_its_ground_truth_on_its_defaults() {
         "{text}"
     );
 }
+
+/// With a single task the demo's tasks may all end before the stalled worker is back from its
+/// reconnect delay: the demo waits for it rather than judge a recovery still under way (it
+/// failed its own verdict with nothing lost).
+#[test]
+fn the_demo_with_one_task_waits_for_the_stalled_worker_and_passes() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["demo", "--tasks", "1"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tether demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{text}\n{err}", out.status);
+    for line in [
+        "tasks completed      1",
+        "stalled worker back  yes",
+        "verdict: PASS",
+    ] {
+        assert!(text.contains(line), "no {line:?} in:\n{text}");
+    }
+}

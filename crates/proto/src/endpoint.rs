@@ -207,6 +207,12 @@ pub fn derive_http_base(configured: &str) -> Result<String, EndpointError> {
             url: raw.to_owned(),
         });
     }
+    // A worker's endpoint URL (the form `tether worker` takes too, and `TETHER_COORDINATOR`
+    // may hold for both): the API lives at what comes before its `/api/v1/worker/...`.
+    let rest = match rest.find("/api/v1/worker/") {
+        Some(at) if rest.ends_with("/ws") => &rest[..at],
+        _ => rest,
+    };
     let base = format!("{scheme}://{rest}");
     // A host an HTTP client cannot use (a space in it, a bad port) is said here, in the terms
     // of the URL given, not as the client's "builder error" later.
@@ -442,6 +448,18 @@ mod tests {
         );
         assert_eq!(derive_http_base("ws://h:1/").as_deref(), Ok("http://h:1"));
         assert_eq!(derive_http_base("wss://h:1").as_deref(), Ok("https://h:1"));
+        // A worker's endpoint URL, with or without a prefix before it.
+        for (endpoint, base) in [
+            ("ws://h:1/api/v1/worker/w1/ws", "http://h:1"),
+            ("wss://h:1/api/v1/worker/{worker_id}/ws/", "https://h:1"),
+            ("ws://h:1/tether/api/v1/worker/w1/ws", "http://h:1/tether"),
+        ] {
+            assert_eq!(
+                derive_http_base(endpoint).as_deref(),
+                Ok(base),
+                "{endpoint}"
+            );
+        }
         assert!(derive_http_base("gopher://h").is_err());
         assert!(matches!(
             derive_http_base("http://"),
