@@ -261,7 +261,11 @@ impl Runner {
             .local_checkpoints
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&a.task_id);
+            .remove(&a.task_id)
+            // One of a later attempt than this assignment's is not this task's past: a task
+            // submitted again under the same id after the first was removed counts its
+            // attempts from 1 again.
+            .filter(|l| l.attempt <= a.attempt);
         let remote = a.checkpoint.as_ref();
         match (local, remote) {
             (Some(l), None) => {
@@ -1835,6 +1839,7 @@ mod tests {
             (id("same"), stored("s-1-3", 1, "local")),
             (id("later"), stored("l-1-3", 1, "local")),
             (id("equal"), stored("e-1-3", 1, "local")),
+            (id("reused"), stored("r-3-1", 3, "local")),
         ];
         let got = resumed_from(
             local,
@@ -1845,6 +1850,7 @@ mod tests {
                 assignment("later", 3, Some(("l-2-1", 2, "remote"))),
                 assignment("equal", 2, Some(("e-1-3", 1, "remote"))),
                 assignment("fresh", 1, Some(("f-1-1", 1, "remote"))),
+                assignment("reused", 1, None),
             ],
         )
         .await;
@@ -1859,5 +1865,8 @@ mod tests {
         for (task, from) in want {
             assert_eq!(got[task], serde_json::json!(from), "task {task}: {got:?}");
         }
+        // A local checkpoint of a later attempt than the assignment's is another task's of
+        // the same id (submitted again after retention removed the first): none is taken.
+        assert_eq!(got["reused"], serde_json::Value::Null, "{got:?}");
     }
 }

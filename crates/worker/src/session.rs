@@ -1534,7 +1534,20 @@ impl<'a> Session<'a> {
         if ack.disposition == tether_proto::msg::Disposition::Rejected {
             tracing::warn!(worker = %self.worker(), seq = %ack.ack_seq, task = ?ack.task_id, "coordinator rejected a message; it will not be resent");
         }
-        let acked = self.agent.outbox.take_acked(ack.ack_seq);
+        // A result leaves only on its own ack, a fetch only on its piece or an error: an ack of
+        // another kind naming one (a confused coordinator, a forged frame on a session without
+        // tags) would drop a result undelivered, or leave a fetch waiting for ever.
+        let misnamed = |m: &WorkerMsg| match m {
+            WorkerMsg::TaskResult(_) => !result,
+            WorkerMsg::CheckpointFetch(_) => true,
+            _ => false,
+        };
+        let acked = self
+            .agent
+            .outbox
+            .take_acked_but([ack.ack_seq], misnamed)
+            .pop()
+            .map(|(_, m)| m);
         // A checkpoint whose announcement was refused: its pieces would be refused one by one.
         if ack.disposition == tether_proto::msg::Disposition::Rejected
             && let Some(WorkerMsg::Checkpoint(c)) = acked.as_deref()
@@ -1586,10 +1599,12 @@ impl<'a> Session<'a> {
             self.window.leave(seq.0);
         }
         self.publish_rate();
-        // All of them leave the outbox together (one lock, one journal write). A result never
-        // does: `acks` acknowledges none (its ack says how it was recorded), and one named here
-        // stays held, to be sent again, rather than be dropped undelivered.
-        let result = |m: &WorkerMsg| matches!(m, WorkerMsg::TaskResult(_));
+        // All of them leave the outbox together (one lock, one journal write). A result or a
+        // fetch never does: `acks` acknowledges neither (a result's ack says how it was
+        // recorded, a fetch is answered by its piece), and one named here stays held, to be
+        // sent again, rather than be dropped undelivered or left waiting for ever.
+        let result =
+            |m: &WorkerMsg| matches!(m, WorkerMsg::TaskResult(_) | WorkerMsg::CheckpointFetch(_));
         let mut held = self
             .agent
             .outbox

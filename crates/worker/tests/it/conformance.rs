@@ -172,9 +172,9 @@ async fn a_piece_naming_a_result_does_not_acknowledge_it() {
     running.stop().await;
 }
 
-/// `acks` acknowledges recorded messages other than results: one that names a result's `seq`
-/// (a confused coordinator, or a frame forged on a session without tags) leaves the result
-/// held, to be sent again, not dropped undelivered.
+/// Only a `task_result_ack` acknowledges a result: a `task_state_ack` or an `acks` that names
+/// a result's `seq` (a confused coordinator, or a frame forged on a session without tags)
+/// leaves the result held, to be sent again, not dropped undelivered.
 #[tokio::test(start_paused = true)]
 async fn acks_naming_a_result_do_not_acknowledge_it() {
     let (fake, running) = until_a_result(Script::AcksForResult).await;
@@ -196,6 +196,47 @@ async fn acks_naming_a_result_do_not_acknowledge_it() {
     );
     let held = running.handle.outbox.pending_results();
     assert_eq!(held.len(), 1, "the result is still held: {held:?}");
+    running.stop().await;
+}
+
+/// A fetch is answered by its piece (or an error): an `acks` that covers its `seq` leaves it
+/// held, to be sent again, instead of leaving the attempt waiting for ever on a piece that
+/// will never come.
+#[tokio::test(start_paused = true)]
+async fn acks_naming_a_fetch_do_not_end_it() {
+    let fake = FakeConnector::new(Script::AcksForFetch);
+    let cfg = WorkerConfig::new(
+        "ws://coordinator.invalid:1",
+        WorkerId::parse("w").expect("id"),
+    );
+    let running = Running::start(&fake, cfg);
+    let fetch_held = || {
+        running
+            .handle
+            .outbox
+            .snapshot()
+            .iter()
+            .any(|(_, _, m)| m.type_name() == "checkpoint_fetch")
+    };
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !fetch_held() && tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        fetch_held(),
+        "the fetch is held (made, and not ended by the acks)"
+    );
+    // Two more answered heartbeats: the `acks` that followed the fetch was read.
+    let samples = || running.handle.stats().rtt_samples;
+    let before = samples();
+    while samples() < before + 2 && tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        samples() >= before + 2,
+        "no heartbeat answered after the acks"
+    );
+    assert!(fetch_held(), "the fetch is still held");
     running.stop().await;
 }
 

@@ -75,9 +75,13 @@ pub enum Script {
     /// Like `PieceForResult`, with an `error` `bad_frame` that names the result's `seq` as
     /// `ref_seq` of a `checkpoint_fetch` (a confused or forged error) instead of the piece.
     ErrorForResult,
-    /// Like `PieceForResult`, with an `acks` that covers the result's `seq` (`acks` never
-    /// acknowledges a result: a confused or forged frame) instead of the piece.
+    /// Like `PieceForResult`, with a `task_state_ack` naming the result's `seq`, then an
+    /// `acks` that covers it (only a `task_result_ack` acknowledges a result: a confused or
+    /// forged frame) instead of the piece.
     AcksForResult,
+    /// Like `UnknownFetch`, but answers the `checkpoint_fetch` with an `acks` that covers its
+    /// `seq` (a confused or forged frame: a fetch is answered by its piece) and nothing more.
+    AcksForFetch,
     /// Assigns one task of kind [`BIG_KIND`] ([`BigCheckpoint`]), acknowledges everything like
     /// `Healthy`, and once all the pieces of its checkpoint are in, asks for the checkpoint
     /// again (`checkpoint_request`, as `POST /tasks/{id}/checkpoint` does); records every
@@ -539,14 +543,15 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
         Script::UnknownFetch
         | Script::PieceForResult
         | Script::ErrorForResult
-        | Script::AcksForResult => {
-            let named =
-                (script == Script::UnknownFetch).then(|| tether_proto::msg::CheckpointBlob {
-                    checkpoint_id: tether_proto::CheckpointId::parse("c-1").expect("id"),
-                    attempt: tether_proto::Attempt(1),
-                    data: None,
-                    size: Some(1_000_000),
-                });
+        | Script::AcksForResult
+        | Script::AcksForFetch => {
+            let fetching = matches!(script, Script::UnknownFetch | Script::AcksForFetch);
+            let named = fetching.then(|| tether_proto::msg::CheckpointBlob {
+                checkpoint_id: tether_proto::CheckpointId::parse("c-1").expect("id"),
+                attempt: tether_proto::Attempt(1),
+                data: None,
+                size: Some(1_000_000),
+            });
             let assignment = CoordMsg::TaskAssignment(tether_proto::msg::TaskAssignment {
                 task_id: tether_proto::TaskId::parse("t-1").expect("id"),
                 attempt: tether_proto::Attempt(2),
@@ -562,6 +567,14 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
             while let Some(Ok(m)) = ws.next().await {
                 let reply = match &m {
                     Message::Text(t) => match decode_worker(t.as_str()) {
+                        Ok(tether_proto::WorkerMsg::CheckpointFetch(f))
+                            if script == Script::AcksForFetch =>
+                        {
+                            Some(CoordMsg::Acks(tether_proto::msg::Acks {
+                                recorded: vec![(f.seq, f.seq)],
+                                timestamp: now(),
+                            }))
+                        }
                         Ok(tether_proto::WorkerMsg::CheckpointFetch(f)) => Some(CoordMsg::error(
                             tether_proto::msg::ErrorCode::UnknownType,
                             "frame has unknown message type \"checkpoint_fetch\"",
@@ -578,6 +591,18 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                                     Some(r.seq.0),
                                 ))
                             } else if script == Script::AcksForResult {
+                                // An ack of another kind naming it first, then an `acks`.
+                                let state_ack = CoordMsg::TaskStateAck(tether_proto::msg::Ack {
+                                    ack_seq: r.seq,
+                                    task_id: Some(r.task_id.clone()),
+                                    checkpoint_id: None,
+                                    chunk: None,
+                                    disposition: tether_proto::msg::Disposition::Recorded,
+                                    timestamp: now(),
+                                });
+                                if ws.send(send(state_ack)).await.is_err() {
+                                    return;
+                                }
                                 Some(CoordMsg::Acks(tether_proto::msg::Acks {
                                     recorded: vec![(r.seq, r.seq)],
                                     timestamp: now(),
