@@ -400,14 +400,7 @@ fn workers_in_network_namespaces_survive_a_kernel_link_down_and_a_kernel_paced_l
 /// recovered from) and exits 0.
 #[test]
 fn the_readme_demo_passes_its_ground_truth_on_its_defaults() {
-    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .arg("demo")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run tether demo");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}\n{text}\n{err}", out.status);
+    let text = demo_passes(&[]);
     for line in [
         "tasks submitted      40",
         "tasks completed      40",
@@ -430,14 +423,7 @@ fn the_readme_demo_passes_its_ground_truth_on_its_defaults() {
 /// failed its own verdict with nothing lost).
 #[test]
 fn the_demo_with_one_task_waits_for_the_stalled_worker_and_passes() {
-    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["demo", "--tasks", "1"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run tether demo");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}\n{text}\n{err}", out.status);
+    let text = demo_passes(&["--tasks", "1"]);
     for line in [
         "tasks completed      1",
         "stalled worker back  yes",
@@ -445,4 +431,18 @@ fn the_demo_with_one_task_waits_for_the_stalled_worker_and_passes() {
     ] {
         assert!(text.contains(line), "no {line:?} in:\n{text}");
     }
+}
+
+/// Runs `tether demo` with `args`, asserts it exited 0, and returns what it printed.
+fn demo_passes(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .arg("demo")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tether demo");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{text}\n{err}", out.status);
+    text
 }

@@ -1040,17 +1040,21 @@ mod tests {
                     counted.fetch_add(1000, std::sync::atomic::Ordering::SeqCst);
                 } else if let Event::Api(Api::ListWorkers { reply }) = ev {
                     counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    let workers = (0..n)
-                        .map(|i| {
-                            let id = WorkerId::parse(&format!("w{i}")).expect("id");
-                            crate::model::Worker::new(id, Utc::now())
-                        })
-                        .collect();
-                    let _ = reply.send(Ok(workers));
+                    let _ = reply.send(Ok(workers(n)));
                 }
             }
         });
         (app_of(events), asked)
+    }
+
+    /// `n` workers, `w0`...
+    fn workers(n: usize) -> Vec<crate::model::Worker> {
+        (0..n)
+            .map(|i| {
+                let id = WorkerId::parse(&format!("w{i}")).expect("id");
+                crate::model::Worker::new(id, Utc::now())
+            })
+            .collect()
     }
 
     /// An app whose core events go to `events`.
@@ -1088,13 +1092,7 @@ mod tests {
                         }));
                     }
                     Event::Api(Api::ListWorkers { reply }) => {
-                        let workers = (0..n)
-                            .map(|i| {
-                                let id = WorkerId::parse(&format!("w{i}")).expect("id");
-                                crate::model::Worker::new(id, Utc::now())
-                            })
-                            .collect();
-                        let _ = reply.send(Ok(workers));
+                        let _ = reply.send(Ok(workers(n)));
                     }
                     Event::Api(Api::ListTasks { reply, .. }) => {
                         let _ = reply.send(Ok(Vec::new()));

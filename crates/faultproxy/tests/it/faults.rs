@@ -636,6 +636,13 @@ async fn a_reset_added_while_a_write_waits_on_a_peer_that_reads_nothing_fires() 
         written += chunk.len();
         assert!(written < 1 << 30, "the upstream took a gigabyte unread");
     }
+    assert_an_upstream_reset_resets(&proxy, &mut c).await;
+    deaf.abort();
+}
+
+/// Adds a reset of 20 ms on `proxy`'s upstream streams: client `c` sees its connection
+/// reset, and the fault counts the one link.
+async fn assert_an_upstream_reset_resets(proxy: &Proxy, c: &mut tokio::net::TcpStream) {
     let guard = proxy
         .add_fault(Fault::new(
             "rst",
@@ -644,10 +651,9 @@ async fn a_reset_added_while_a_write_waits_on_a_peer_that_reads_nothing_fires() 
         ))
         .await
         .expect("add");
-    let (_, err) = within("the reset", read_to_end(&mut c)).await;
+    let (_, err) = within("the reset", read_to_end(c)).await;
     assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::ConnectionReset));
     assert_eq!(guard.stats().connections_reset, 1);
-    deaf.abort();
 }
 
 /// A reset on a stream whose sender has finished (a half-closed link: the client shut its
@@ -675,16 +681,6 @@ async fn a_reset_on_a_stream_already_ended_still_resets_a_half_closed_link() {
     // The end has passed the proxy: the server's read ended.
     wait_for("the end to pass", || proxy.stats().bytes_upstream >= 10).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let guard = proxy
-        .add_fault(Fault::new(
-            "rst",
-            FaultKind::Reset { timeout_ms: 20 },
-            Direction::Upstream,
-        ))
-        .await
-        .expect("add");
-    let (_, err) = within("the reset", read_to_end(&mut c)).await;
-    assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::ConnectionReset));
-    assert_eq!(guard.stats().connections_reset, 1);
+    assert_an_upstream_reset_resets(&proxy, &mut c).await;
     holder.abort();
 }

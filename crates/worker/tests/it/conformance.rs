@@ -144,19 +144,10 @@ async fn a_fetch_the_coordinator_cannot_read_ends_and_its_task_runs_afresh() {
     running.stop().await;
 }
 
-/// A `checkpoint_piece` acknowledges its fetch and nothing else: one whose `ack_seq` names a
-/// result (a confused coordinator) leaves the result held, to be sent again.
-#[tokio::test(start_paused = true)]
-async fn a_piece_naming_a_result_does_not_acknowledge_it() {
-    let (fake, running) = until_a_result(Script::PieceForResult).await;
-    assert_eq!(
-        fake.outcomes.lock().expect("lock").len(),
-        1,
-        "the result was sent"
-    );
-    // The fake sent the piece as it read the result, so the answers to heartbeats it reads
-    // afterwards follow the piece on the socket: two more RTT samples (one answer may have been
-    // on its way before the piece) mean the worker has read the piece.
+/// Waits until two more heartbeats were answered. The fake answers what it read at once, so
+/// the answers to heartbeats it reads afterwards follow that answer on the socket: two more RTT
+/// samples (one answer may have been on its way before) mean the worker has read `what`.
+async fn read_past(running: &Running, what: &str) {
     let samples = || running.handle.stats().rtt_samples;
     let before = samples();
     let end = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -165,11 +156,30 @@ async fn a_piece_naming_a_result_does_not_acknowledge_it() {
     }
     assert!(
         samples() >= before + 2,
-        "no heartbeat answered after the piece"
+        "no heartbeat answered after the {what}"
     );
+}
+
+/// The result a scripted coordinator answered with something other than its ack was sent
+/// once, and is still held after the worker read that answer.
+async fn result_still_held(script: Script, answer: &str) {
+    let (fake, running) = until_a_result(script).await;
+    assert_eq!(
+        fake.outcomes.lock().expect("lock").len(),
+        1,
+        "the result was sent"
+    );
+    read_past(&running, answer).await;
     let held = running.handle.outbox.pending_results();
     assert_eq!(held.len(), 1, "the result is still held: {held:?}");
     running.stop().await;
+}
+
+/// A `checkpoint_piece` acknowledges its fetch and nothing else: one whose `ack_seq` names a
+/// result (a confused coordinator) leaves the result held, to be sent again.
+#[tokio::test(start_paused = true)]
+async fn a_piece_naming_a_result_does_not_acknowledge_it() {
+    result_still_held(Script::PieceForResult, "piece").await;
 }
 
 /// Only a `task_result_ack` acknowledges a result: a `task_state_ack` or an `acks` that names
@@ -177,26 +187,7 @@ async fn a_piece_naming_a_result_does_not_acknowledge_it() {
 /// leaves the result held, to be sent again, not dropped undelivered.
 #[tokio::test(start_paused = true)]
 async fn acks_naming_a_result_do_not_acknowledge_it() {
-    let (fake, running) = until_a_result(Script::AcksForResult).await;
-    assert_eq!(
-        fake.outcomes.lock().expect("lock").len(),
-        1,
-        "the result was sent"
-    );
-    // As for the piece above: two more answered heartbeats mean the `acks` was read.
-    let samples = || running.handle.stats().rtt_samples;
-    let before = samples();
-    let end = tokio::time::Instant::now() + Duration::from_secs(60);
-    while samples() < before + 2 && tokio::time::Instant::now() < end {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        samples() >= before + 2,
-        "no heartbeat answered after the acks"
-    );
-    let held = running.handle.outbox.pending_results();
-    assert_eq!(held.len(), 1, "the result is still held: {held:?}");
-    running.stop().await;
+    result_still_held(Script::AcksForResult, "acks").await;
 }
 
 /// A fetch is answered by its piece (or an error): an `acks` that covers its `seq` leaves it
@@ -226,16 +217,7 @@ async fn acks_naming_a_fetch_do_not_end_it() {
         fetch_held(),
         "the fetch is held (made, and not ended by the acks)"
     );
-    // Two more answered heartbeats: the `acks` that followed the fetch was read.
-    let samples = || running.handle.stats().rtt_samples;
-    let before = samples();
-    while samples() < before + 2 && tokio::time::Instant::now() < end {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        samples() >= before + 2,
-        "no heartbeat answered after the acks"
-    );
+    read_past(&running, "acks").await;
     assert!(fetch_held(), "the fetch is still held");
     running.stop().await;
 }
