@@ -80,7 +80,39 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PackError 
 #[serde(deny_unknown_fields)]
 struct PackV1 {
     format: String,
+    #[serde(deserialize_with = "at_most_max_files")]
     files: BTreeMap<String, String>,
+}
+
+/// A v1 pack's files, refused as soon as there are more than [`MAX_FILES`]: a pack from the
+/// coordinator is another worker's, and millions of tiny entries would otherwise all be read
+/// into the map before they were counted.
+fn at_most_max_files<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    struct Files;
+    impl<'de> serde::de::Visitor<'de> for Files {
+        type Value = BTreeMap<String, String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "a map of at most {MAX_FILES} files")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut files = BTreeMap::new();
+            while let Some((k, v)) = map.next_entry::<String, String>()? {
+                if files.len() == MAX_FILES {
+                    return Err(serde::de::Error::custom(format!(
+                        "checkpoint holds more than {MAX_FILES} files"
+                    )));
+                }
+                files.insert(k, v);
+            }
+            Ok(files)
+        }
+    }
+    d.deserialize_map(Files)
 }
 
 /// What a directory's files look like from outside: relative path, size, mtime, ctime and
@@ -236,6 +268,11 @@ fn decode_entries(mut rest: &[u8]) -> Result<BTreeMap<String, Packed>, PackError
 
 /// The files of a `tether-dir-v1` pack, with at most `limit` bytes of content.
 fn decode_v1(data: &[u8], limit: u64) -> Result<BTreeMap<String, Packed>, PackError> {
+    // Base64 is 4 bytes for 3, and the JSON around it far less than the files' content: a
+    // larger pack holds more than `limit` bytes of content, and is not read.
+    if data.len() as u64 > limit.saturating_mul(2).saturating_add(1 << 20) {
+        return Err(PackError::TooLarge { limit });
+    }
     let pack: PackV1 =
         serde_json::from_slice(data).map_err(|e| PackError::BadFormat(e.to_string()))?;
     if pack.format != FORMAT_V1 {
@@ -278,7 +315,8 @@ pub fn unpack(data: &[u8], dir: &Path) -> Result<(), PackError> {
         }
         fs::write(&path, file.content).map_err(io_err("write", &path))?;
         if let Some(mode) = file.mode {
-            fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777))
+            // Permission bits only: no setuid, setgid or sticky bit comes from another worker.
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o777))
                 .map_err(io_err("set the mode of", &path))?;
         }
     }
@@ -441,6 +479,47 @@ mod tests {
             !dst.path().join("stale").exists(),
             "unpack clears the dir first"
         );
+    }
+
+    /// A pack comes from another worker: an old-format one with more than [`MAX_FILES`] files
+    /// is refused (counted as it is read: the map is never built whole), and one larger than
+    /// twice its content limit is not read at all, whatever its content: megabytes of names
+    /// around empty files were parsed into memory before anything was counted.
+    #[test]
+    fn an_old_format_pack_past_the_bounds_is_refused() {
+        let names: Vec<String> = (0..=MAX_FILES).map(|i| format!("f{i}")).collect();
+        let files: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "")).collect();
+        let e = decode(&pack_v1(&files)).expect_err("too many files");
+        assert!(e.to_string().contains("more than 10000 files"), "{e}");
+        let long: Vec<String> = (0..100)
+            .map(|i| format!("{i}{}", "n".repeat(12_000)))
+            .collect();
+        let files: Vec<(&str, &str)> = long.iter().map(|n| (n.as_str(), "")).collect();
+        assert!(matches!(
+            decode_limited(&pack_v1(&files), 1),
+            Err(PackError::TooLarge { .. })
+        ));
+    }
+
+    /// The bits a file keeps from a pack are its permissions: no setuid, setgid or sticky bit
+    /// comes from another worker.
+    #[test]
+    fn unpacked_files_keep_their_permissions_and_no_set_id_bit() {
+        use std::os::unix::fs::PermissionsExt;
+        let mut pack = MAGIC.to_vec();
+        let (path, content) = ("run.sh", "true");
+        pack.extend_from_slice(&(path.len() as u32).to_le_bytes());
+        pack.extend_from_slice(path.as_bytes());
+        pack.extend_from_slice(&0o6755u32.to_le_bytes());
+        pack.extend_from_slice(&(content.len() as u64).to_le_bytes());
+        pack.extend_from_slice(content.as_bytes());
+        let dir = tempfile::tempdir().expect("tempdir");
+        unpack(&pack, dir.path()).expect("unpack");
+        let mode = fs::metadata(dir.path().join(path))
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o755);
     }
 
     #[test]
