@@ -8,12 +8,7 @@ use crate::fake::{FakeConnector, Running, Script, TOGETHER};
 
 #[tokio::test(start_paused = true)]
 async fn the_worker_decodes_and_handles_every_coordinator_message() {
-    let fake = FakeConnector::new(Script::Conformance);
-    let cfg = WorkerConfig::new(
-        "ws://coordinator.invalid:1",
-        WorkerId::parse("w").expect("id"),
-    );
-    let running = Running::start(&fake, cfg);
+    let (fake, running) = started(Script::Conformance);
     let handle = running.handle.clone();
     running.wait_state(|s| s == ConnState::Connected).await;
     // The sample task_assignment (a 10 ms sleep) runs once.
@@ -115,15 +110,21 @@ async fn updates_made_in_the_same_round_share_a_frame() {
     running.stop().await;
 }
 
-/// A worker against a fake coordinator playing `script`, run until the coordinator has a
-/// task result (or two minutes of virtual time went by).
-async fn until_a_result(script: Script) -> (FakeConnector, Running) {
+/// A worker against a fake coordinator playing `script`.
+fn started(script: Script) -> (FakeConnector, Running) {
     let fake = FakeConnector::new(script);
     let cfg = WorkerConfig::new(
         "ws://coordinator.invalid:1",
         WorkerId::parse("w").expect("id"),
     );
     let running = Running::start(&fake, cfg);
+    (fake, running)
+}
+
+/// A worker against a fake coordinator playing `script`, run until the coordinator has a
+/// task result (or two minutes of virtual time went by).
+async fn until_a_result(script: Script) -> (FakeConnector, Running) {
+    let (fake, running) = started(script);
     let end = tokio::time::Instant::now() + Duration::from_secs(120);
     while fake.outcomes.lock().expect("lock").is_empty() && tokio::time::Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -195,12 +196,7 @@ async fn acks_naming_a_result_do_not_acknowledge_it() {
 /// will never come.
 #[tokio::test(start_paused = true)]
 async fn acks_naming_a_fetch_do_not_end_it() {
-    let fake = FakeConnector::new(Script::AcksForFetch);
-    let cfg = WorkerConfig::new(
-        "ws://coordinator.invalid:1",
-        WorkerId::parse("w").expect("id"),
-    );
-    let running = Running::start(&fake, cfg);
+    let (_fake, running) = started(Script::AcksForFetch);
     let fetch_held = || {
         running
             .handle
