@@ -912,13 +912,18 @@ mod tests {
     }
 
     fn result(ob: &Outbox, task: &str) -> Seq {
+        result_of(ob, task, 1, serde_json::json!({}))
+    }
+
+    /// Pushes the completed result `body` of `task` at `attempt`.
+    fn result_of(ob: &Outbox, task: &str, attempt: u32, body: serde_json::Value) -> Seq {
         ob.push(Class::Result, None, |seq| {
             WorkerMsg::TaskResult(tether_proto::msg::TaskResult {
                 seq,
                 task_id: tid(task),
-                attempt: Attempt(1),
+                attempt: Attempt(attempt),
                 outcome: tether_proto::Outcome::Completed,
-                result: serde_json::json!({}).into(),
+                result: body.into(),
                 error: None,
                 started_at: now(),
                 finished_at: now(),
@@ -1180,20 +1185,8 @@ mod tests {
             max_entries: usize::MAX,
             max_bytes: 64 * 1024,
         }));
-        let big = ob.push(Class::Result, None, |seq| {
-            WorkerMsg::TaskResult(tether_proto::msg::TaskResult {
-                seq,
-                task_id: tid("big"),
-                attempt: Attempt(1),
-                outcome: tether_proto::Outcome::Completed,
-                result: serde_json::json!({"blob": "x".repeat(100 * 1024)}).into(),
-                error: None,
-                started_at: now(),
-                finished_at: now(),
-                duration_ms: 0,
-                timestamp: now(),
-            })
-        });
+        let blob = serde_json::json!({"blob": "x".repeat(100 * 1024)});
+        let big = result_of(&ob, "big", 1, blob);
         let waiter = {
             let ob = ob.clone();
             tokio::spawn(async move { ob.reserve().await })
