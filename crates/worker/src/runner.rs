@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::executor::{
     CheckpointSink, ExecError, Executors, Notice, StoredCheckpoint, TaskCtx, TaskInput, TaskShared,
-    push_notice, push_state, upload_checkpoint,
+    push_notice, push_state,
 };
 use crate::fetch::{FETCH_PIECE, FetchError, Fetches, Wanted, fetch};
 use crate::outbox::{Class, Outbox};
@@ -816,7 +816,7 @@ impl Runner {
                     // Not stopped with the attempt: a re-upload cut short would leave the
                     // checkpoint incomplete at the coordinator. Only shutdown gives up.
                     tokio::select! {
-                        () = upload_checkpoint(&this.outbox, &shared.task_id, &cp, piece, limit) => {}
+                        () = shared.reupload(&this.outbox, &cp, piece, limit) => {}
                         () = this.stopping.cancelled() => {}
                     }
                     shared.reuploading.store(false, Ordering::Release);

@@ -269,6 +269,14 @@ pub(crate) struct TaskShared {
     /// guard, so a store whose awaiting future was dropped (cancel, timeout) still holds it
     /// until it landed; the runner takes it before the attempt's end forgets its checkpoints.
     pub storing: Arc<tokio::sync::Mutex<()>>,
+    /// The order of the last checkpoint stored (counted under `storing`), so that uploads
+    /// can follow the order of the stores.
+    pub stored: AtomicU64,
+    /// Held while a checkpoint's announcement and pieces are queued; holds the order of the
+    /// newest checkpoint queued. The coordinator makes the checkpoint completed last the
+    /// task's latest: an older one queued after a newer one would replace it there, so it is
+    /// not queued at all (see [`TaskShared::upload_in_order`]).
+    pub uploading: tokio::sync::Mutex<u64>,
 }
 
 impl TaskShared {
@@ -291,7 +299,48 @@ impl TaskShared {
             ended: CancellationToken::new(),
             state: Mutex::new(StateJson::from(serde_json::Value::Null)),
             storing: Arc::new(tokio::sync::Mutex::new(())),
+            stored: AtomicU64::new(0),
+            uploading: tokio::sync::Mutex::new(0),
         })
+    }
+
+    /// Queues the upload of checkpoint `cp`, stored `order`th, unless a newer one of the task
+    /// was queued already (the coordinator would take this one, completed after it, as the
+    /// task's latest). Uploads of one task are queued one at a time, whole: two running at
+    /// once would interleave their pieces, and the one with more pieces would complete last.
+    pub(crate) async fn upload_in_order(
+        &self,
+        outbox: &Outbox,
+        cp: &StoredCheckpoint,
+        order: u64,
+        piece: usize,
+        max_checkpoint: u64,
+    ) {
+        let mut queued = self.uploading.lock().await;
+        if *queued > order {
+            tracing::debug!(task = %self.task_id, checkpoint = %cp.id, "a newer checkpoint of the task is queued for upload already: this one is not");
+            return;
+        }
+        *queued = order;
+        upload_checkpoint(outbox, &self.task_id, cp, piece, max_checkpoint).await;
+    }
+
+    /// Queues a re-upload of checkpoint `cp` (asked for by the coordinator), in turn with the
+    /// task's own uploads, unless it is no longer the task's latest: the newer one is, or
+    /// will be, queued after it was stored.
+    pub(crate) async fn reupload(
+        &self,
+        outbox: &Outbox,
+        cp: &StoredCheckpoint,
+        piece: usize,
+        max_checkpoint: u64,
+    ) {
+        let _turn = self.uploading.lock().await;
+        if self.latest().is_none_or(|l| l.id != cp.id) {
+            tracing::debug!(task = %self.task_id, checkpoint = %cp.id, "a newer checkpoint of the task was stored: it is uploaded instead");
+            return;
+        }
+        upload_checkpoint(outbox, &self.task_id, cp, piece, max_checkpoint).await;
     }
 
     pub(crate) fn latest(&self) -> Option<StoredCheckpoint> {
@@ -466,6 +515,8 @@ impl TaskCtx {
             piece,
         };
         let order = self.shared.storing.clone().lock_owned().await;
+        // Counted under the lock: the stores' order.
+        let position = self.shared.stored.fetch_add(1, Ordering::Relaxed) + 1;
         let shared = self.shared.clone();
         let (sink, cp) = (self.on_checkpoint.clone(), stored.clone());
         // INVARIANT: the guard moves into the store and is dropped only once it landed and
@@ -498,7 +549,9 @@ impl TaskCtx {
             .checkpoint_requested
             .store(false, Ordering::Relaxed);
         let limit = self.max_checkpoint.load(Ordering::Relaxed);
-        upload_checkpoint(&self.outbox, &self.shared.task_id, &stored, piece, limit).await;
+        self.shared
+            .upload_in_order(&self.outbox, &stored, position, piece, limit)
+            .await;
         self.pause_point().await;
         id
     }
@@ -1084,6 +1137,109 @@ mod tests {
         }
         upload_checkpoint(&outbox, &task, &cp("c-fits", 1000), 100, 1000).await;
         assert_eq!(outbox.take_unsent(usize::MAX).len(), 1 + 10);
+    }
+
+    /// Two checkpoints written at once by one task (its context is shared by the parts of
+    /// it): the coordinator takes the one completed last as the task's latest, so the newer
+    /// one must complete last. Their uploads used to interleave, waiting for room in a full
+    /// outbox, and the older one, in more pieces, completed after the newer.
+    #[tokio::test]
+    async fn checkpoints_written_at_once_complete_in_the_order_they_were_stored() {
+        let (ctx, _control) = TaskCtx::detached(TaskId::parse("t").expect("id"), Attempt(1));
+        let outbox = Arc::new(Outbox::new(crate::outbox::Limits {
+            max_entries: 1,
+            max_bytes: usize::MAX,
+        }));
+        let ctx = TaskCtx {
+            outbox: outbox.clone(),
+            chunk_size: 1,
+            ..ctx
+        };
+        // Full: every message queued waits for one acknowledged.
+        for _ in 0..2 {
+            push_notice(&outbox, ctx.task_id(), Attempt(1), Notice::Paused);
+        }
+        let older = tokio::spawn({
+            let ctx = ctx.clone();
+            async move { ctx.checkpoint(b"old".to_vec()).await }
+        });
+        while ctx.latest_checkpoint().is_none() {
+            tokio::task::yield_now().await;
+        }
+        let newer = tokio::spawn({
+            let ctx = ctx.clone();
+            async move { ctx.checkpoint(b"n".to_vec()).await }
+        });
+        let mut sent = Vec::new();
+        for _ in 0..1000 {
+            if older.is_finished() && newer.is_finished() && outbox.is_empty() {
+                break;
+            }
+            match outbox.take_unsent(1).pop() {
+                Some((seq, msg)) => {
+                    sent.push(msg);
+                    outbox.ack(seq);
+                }
+                None => tokio::task::yield_now().await,
+            }
+        }
+        let (older, newer) = (older.await.expect("older"), newer.await.expect("newer"));
+        let mut announced = BTreeMap::new();
+        let mut completed = Vec::new();
+        for msg in &sent {
+            match msg.as_ref() {
+                WorkerMsg::Checkpoint(c) => {
+                    announced.insert(c.checkpoint_id.clone(), c.chunks);
+                }
+                WorkerMsg::CheckpointData(d)
+                    if announced.get(&d.checkpoint_id) == Some(&(d.chunk + 1)) =>
+                {
+                    completed.push(d.checkpoint_id.clone());
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(completed, [older, newer], "completed in the order stored");
+    }
+
+    /// An upload queued after a newer checkpoint's of the same task is not queued at all (it
+    /// would become the task's latest at the coordinator); neither is a re-upload of a
+    /// checkpoint no longer the latest.
+    #[tokio::test]
+    async fn an_older_checkpoint_is_not_uploaded_after_a_newer_one() {
+        let (ctx, _control) = TaskCtx::detached(TaskId::parse("t").expect("id"), Attempt(1));
+        let cp = |id: &str| StoredCheckpoint {
+            id: tether_proto::CheckpointId::parse(id).expect("id"),
+            attempt: Attempt(1),
+            data: Arc::new(b"x".to_vec()),
+            piece: 0,
+        };
+        let shared = &ctx.shared;
+        shared
+            .upload_in_order(&ctx.outbox, &cp("c-2"), 2, 1, u64::MAX)
+            .await;
+        shared
+            .upload_in_order(&ctx.outbox, &cp("c-1"), 1, 1, u64::MAX)
+            .await;
+        *shared.latest.lock().expect("latest") = Some(cp("c-2"));
+        shared.reupload(&ctx.outbox, &cp("c-1"), 1, u64::MAX).await;
+        let queued: Vec<_> = ctx
+            .outbox
+            .take_unsent(usize::MAX)
+            .into_iter()
+            .map(|(_, m)| match m.as_ref() {
+                WorkerMsg::Checkpoint(c) => c.checkpoint_id.to_string(),
+                WorkerMsg::CheckpointData(d) => d.checkpoint_id.to_string(),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(queued, ["c-2", "c-2"]);
+        shared.reupload(&ctx.outbox, &cp("c-2"), 1, u64::MAX).await;
+        assert_eq!(
+            ctx.outbox.take_unsent(usize::MAX).len(),
+            2,
+            "the latest re-uploaded"
+        );
     }
 
     #[tokio::test(start_paused = true)]
