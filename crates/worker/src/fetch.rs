@@ -215,18 +215,26 @@ pub(crate) async fn fetch(
             (Some(error), _) => return Err(FetchError::Failed(error)),
         }
         let bytes = p.data.map(|b| b.0).unwrap_or_default();
-        if p.checkpoint_id != wanted.id || p.offset != offset || bytes.len() as u64 != len {
+        let got = bytes.len() as u64;
+        if p.checkpoint_id != wanted.id || p.offset != offset || got == 0 || got > len {
             return Err(FetchError::Failed(format!(
-                "asked for {len} bytes at {offset} of checkpoint {}, got {} bytes at {} of {}",
-                wanted.id,
-                bytes.len(),
-                p.offset,
-                p.checkpoint_id
+                "asked for {len} bytes at {offset} of checkpoint {}, got {got} bytes at {} of {}",
+                wanted.id, p.offset, p.checkpoint_id
             )));
         }
         data[offset as usize..][..bytes.len()].copy_from_slice(&bytes);
-        filled += len;
+        filled += got;
         retries = 0;
+        if got < len {
+            // Served shorter: the request was queued under a larger frame limit than the
+            // coordinator's now (it restarted with a lower one). The rest, asked for again.
+            tracing::debug!(task = %shared.task_id, checkpoint = %wanted.id, offset, len, got, "checkpoint piece served shorter than asked; asking for the rest");
+            asked.insert(
+                ask(offset + got, len - got).await?,
+                (offset + got, len - got, permit),
+            );
+            continue;
+        }
         drop(permit);
     }
     Ok(StoredCheckpoint {
@@ -437,9 +445,38 @@ mod tests {
         );
     }
 
+    /// A piece served shorter than asked (the request was queued under a larger frame limit
+    /// than the restarted coordinator's): what came is kept and the rest asked for, until the
+    /// whole checkpoint is in.
+    #[tokio::test]
+    async fn a_piece_served_shorter_than_asked_is_kept_and_the_rest_asked_for() {
+        let s = setup(10);
+        let data: Vec<u8> = (0..10).collect();
+        let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, || (100, true));
+        tokio::pin!(run);
+        let mut asks = Vec::new();
+        let cp = loop {
+            tokio::select! {
+                r = &mut run => break r.expect("fetched"),
+                () = settle() => {
+                    let batch = asked(&s.outbox);
+                    assert!(!batch.is_empty(), "the fetch waits for nothing");
+                    for (seq, offset, len) in batch {
+                        asks.push((offset, len));
+                        // At most 4 bytes a piece.
+                        let end = (offset + len.min(4)) as usize;
+                        s.fetches.deliver(answer(seq, offset, &data[offset as usize..end]));
+                    }
+                }
+            }
+        };
+        assert_eq!(*cp.data, data);
+        assert_eq!(asks, [(0, 10), (4, 6), (8, 2)]);
+    }
+
     #[tokio::test]
     async fn a_refused_or_wrong_piece_fails_the_fetch_and_a_stopped_attempt_stops_it() {
-        for case in ["refused", "short", "moved"] {
+        for case in ["refused", "empty", "long", "moved"] {
             let s = setup(10);
             let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, || (100, true));
             tokio::pin!(run);
@@ -451,7 +488,8 @@ mod tests {
                     p.data = None;
                     p.error = Some("task t is not leased".into());
                 }
-                "short" => p.data = Some(Blob(vec![0; 9])),
+                "empty" => p.data = Some(Blob(Vec::new())),
+                "long" => p.data = Some(Blob(vec![0; 11])),
                 _ => p.offset = 1,
             }
             s.fetches.deliver(p);

@@ -91,6 +91,13 @@ pub(crate) const UNFINISHED_CHECKPOINTS_PER_ATTEMPT: usize = 64;
 pub(crate) const STATS_SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// The answer to fetch `f`: its bytes, or why not.
+/// The most bytes one `checkpoint_piece` to a session carries: what a frame both ends take
+/// holds once base64, and at most what a fetch may ask for.
+fn fetch_largest(own_max_frame: usize, session_max_frame: usize) -> u64 {
+    let limit = own_max_frame.min(session_max_frame);
+    (tether_proto::codec::largest_blob(limit) as u64).min(tether_proto::codec::MAX_FETCH_LEN)
+}
+
 fn checkpoint_piece(f: CheckpointFetch, found: Result<Vec<u8>, (ErrorCode, String)>) -> CoordMsg {
     let (data, refusal) = match found {
         Ok(data) => (Some(tether_proto::task::Blob(data)), None),
@@ -888,7 +895,7 @@ impl Core {
         f: CheckpointFetch,
         b: &mut Batch,
     ) {
-        let admitted = self.fetch_refusal(worker, session, &f).and_then(|()| {
+        let admitted = self.fetch_refusal(worker, &f).and_then(|()| {
             let count = self.fetching.entry(session.id).or_default();
             InFlight::enter(count, MAX_FETCHES_IN_FLIGHT).ok_or_else(|| {
                 let error = format!(
@@ -908,9 +915,14 @@ impl Core {
         };
         let s = session.clone();
         let counters = self.counters.clone();
+        // A fetch queued under a larger frame limit (a restart lowered it since) is served the
+        // first bytes of its range that a frame carries now; the worker asks for the rest.
+        let len = f
+            .len
+            .min(fetch_largest(self.cfg.max_frame, session.max_frame));
         b.reads.push(Box::new(move |conn| {
             let range =
-                store::read_checkpoint_range(conn, &f.task_id, &f.checkpoint_id, f.offset, f.len);
+                store::read_checkpoint_range(conn, &f.task_id, &f.checkpoint_id, f.offset, len);
             let found = match range {
                 Ok(Some(data)) => {
                     let n = data.len() as u64;
@@ -938,11 +950,10 @@ impl Core {
 
     /// Why a `checkpoint_fetch` cannot be served, with its code: `not_leased` when its sender
     /// does not hold the lease at its attempt, `bad_frame` when it asks for what is not there
-    /// or too much at once.
+    /// or more than a fetch may (what a frame does not carry is served shorter).
     fn fetch_refusal(
         &self,
         worker: &WorkerId,
-        session: &SessionRef,
         f: &CheckpointFetch,
     ) -> Result<(), (ErrorCode, String)> {
         if self.standing(worker, &f.task_id, f.attempt) != Standing::Holder {
@@ -952,9 +963,6 @@ impl Core {
             );
             return Err((ErrorCode::NotLeased, error));
         }
-        let limit = self.cfg.max_frame.min(session.max_frame);
-        let largest = (tether_proto::codec::largest_blob(limit) as u64)
-            .min(tether_proto::codec::MAX_FETCH_LEN);
         let latest = self
             .tasks
             .get(&f.task_id)
@@ -965,9 +973,10 @@ impl Core {
                 f.checkpoint_id, f.task_id
             )),
             None => Some(format!("task {} has no checkpoint", f.task_id)),
-            Some(_) if f.len == 0 || f.len > largest => Some(format!(
-                "a piece of {} bytes was asked for; a message to this worker carries 1 to {largest}",
-                f.len
+            Some(_) if f.len == 0 || f.len > tether_proto::codec::MAX_FETCH_LEN => Some(format!(
+                "a piece of {} bytes was asked for; a fetch asks for 1 to {}",
+                f.len,
+                tether_proto::codec::MAX_FETCH_LEN
             )),
             Some(m) if f.offset >= m.size => Some(format!(
                 "offset {} is past the end of checkpoint {} ({} bytes)",

@@ -1246,7 +1246,7 @@ fn piece_error(msgs: &[CoordMsg], seq: u64) -> (tether_proto::msg::ErrorCode, St
 }
 
 #[test]
-fn a_checkpoint_fetch_is_served_only_to_the_lease_holder_within_the_checkpoint_and_a_frame() {
+fn a_checkpoint_fetch_is_served_only_to_the_lease_holder_within_the_checkpoint_and_bounds() {
     let mut h = Harness::new();
     let (a, mut rx_a) = h.connect("a");
     let t = h.submit();
@@ -1255,8 +1255,8 @@ fn a_checkpoint_fetch_is_served_only_to_the_lease_holder_within_the_checkpoint_a
     drain(&mut rx_a);
     let (b, mut rx_b) = h.connect("b");
     drain(&mut rx_b);
-    // Another worker, another attempt, another checkpoint, a piece no frame carries, a range
-    // past the end: each answered with why (which acknowledges the fetch).
+    // Another worker, another attempt, another checkpoint, a piece past a fetch's bound, a
+    // range past the end: each answered with why (which acknowledges the fetch).
     use tether_proto::msg::ErrorCode::{BadFrame, NotLeased, RateLimited};
     let refused = |(c, e): (_, String), code, why: &str| c == code && e.contains(why);
     h.frame("b", b, fetch(1, &t, "c-1", 1, 0, 10));

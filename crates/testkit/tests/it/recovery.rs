@@ -276,6 +276,19 @@ async fn a_checkpoint_larger_than_a_message_follows_its_task_in_pieces_through_a
 
 #[tokio::test]
 async fn a_fetch_under_way_when_the_coordinator_restarts_goes_on_from_where_it_was() {
+    fetch_through_a_restart(1024 * 1024).await;
+}
+
+/// The coordinator comes back taking frames of 128 KiB: the pieces b asked for before (256
+/// KiB, queued in its outbox and asked again) no longer fit in one. They are served shorter
+/// and b asks for the rest; they used to be refused, and the task started afresh.
+#[tokio::test]
+async fn a_fetch_under_way_when_the_coordinator_restarts_with_smaller_frames_goes_on() {
+    fetch_through_a_restart(128 * 1024).await;
+}
+
+/// A fetch under way on b when its coordinator restarts, taking frames of `max_frame` after.
+async fn fetch_through_a_restart(max_frame: usize) {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator_with(small_frames(dir.path()), None).await;
     let addr = c.addr;
@@ -284,7 +297,9 @@ async fn a_fetch_under_way_when_the_coordinator_restarts_goes_on_from_where_it_w
     wait_first_pieces_taken(&c).await;
     c.stop().await;
     b.wait_state(|s| s != ConnState::Connected).await;
-    let c = spawn_coordinator_with(small_frames(dir.path()), Some(addr)).await;
+    let mut cfg = small_frames(dir.path());
+    cfg.max_frame = max_frame;
+    let c = spawn_coordinator_with(cfg, Some(addr)).await;
     // The restarted coordinator kept b's lease (attempt 2) and its checkpoint, and served b
     // what it still lacked.
     assert_resumed_on_b_from_the_whole_checkpoint(&c.client(), &id).await;
