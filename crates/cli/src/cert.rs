@@ -137,12 +137,14 @@ pub fn write(a: &CertArgs) -> anyhow::Result<Written> {
             }
         }
     }
-    // From yesterday, so a worker whose clock is a little behind still accepts it.
+    // From yesterday, so a worker whose clock is a little behind still accepts it; until the
+    // midnight (UTC) after `--days` full days from now (a date's certificate time is its
+    // midnight: `today + days` would leave one made at 23:59 a minute of its last day).
     use chrono::Datelike;
     let ymd = |d: chrono::NaiveDate| rcgen::date_time_ymd(d.year(), d.month() as u8, d.day() as u8);
     let today = chrono::Utc::now().date_naive();
     let from = ymd(today - chrono::Days::new(1));
-    let until = ymd(today + chrono::Days::new(u64::from(a.days)));
+    let until = ymd(today + chrono::Days::new(u64::from(a.days) + 1));
 
     let ca_key = KeyPair::generate().context("generate the CA key")?;
     let mut ca = CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
@@ -223,6 +225,21 @@ fn write_file(path: &Path, bytes: &[u8], private: bool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::check_name;
+
+    /// A certificate made for `--days 1` is valid a whole day from now at any time of day:
+    /// it is served for at least that long (it used to expire at the next midnight).
+    #[test]
+    fn a_certificate_lasts_at_least_the_days_asked_for() {
+        let dir = tempfile::tempdir().expect("dir");
+        let w = super::write(&super::CertArgs::local(dir.path().to_owned())).expect("write");
+        let pem = std::fs::read(&w.cert).expect("cert");
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).expect("pem");
+        let cert = pem.parse_x509().expect("x509");
+        let day_from_now = chrono::Utc::now().timestamp() + 86_400;
+        let until = cert.validity().not_after.timestamp();
+        assert!(until >= day_from_now, "{until} < {day_from_now}");
+        assert!(until <= day_from_now + 86_400, "no more than a day over");
+    }
 
     #[test]
     fn names_are_dns_names_or_ip_addresses() {

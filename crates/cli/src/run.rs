@@ -274,6 +274,7 @@ fn coordinator_config(
     }
     cfg.validate().map_err(as_flag)?;
     if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
+        warn_if_open(key, "the TLS private key");
         cfg.tls = Some(
             tether_coordinator::tls::server_config(cert, key).with_context(|| {
                 format!(
@@ -411,6 +412,16 @@ fn worker_auth(
             );
         }
         return Ok(None);
+    }
+    if let Some(skew) = max_skew
+        && skew < tether_proto::auth::MIN_MAX_SKEW
+    {
+        bail!(
+            "--auth-max-skew {} is too small: at least {} (a registration takes that long on \
+             its way, and every worker would be refused)",
+            humantime::format_duration(skew),
+            humantime::format_duration(tether_proto::auth::MIN_MAX_SKEW)
+        );
     }
     let fleet = secret_file
         .inspect(|f| warn_if_open(f, "the fleet secret file"))
@@ -1263,6 +1274,25 @@ mod tests {
             let e = coordinator_config(c.a, Default::default()).expect_err("refused");
             let name = flag.split('=').next().unwrap_or(flag);
             assert!(e.to_string().contains(name), "{e}");
+        }
+    }
+
+    /// A skew so small that a registration ages past it on its way would refuse every
+    /// worker (each stops after three refusals): refused at start, naming the least.
+    #[test]
+    fn an_authentication_skew_below_a_second_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (secret, _) = secret_files(dir.path());
+        let secret = secret.trim_matches('"').to_owned();
+        for (skew, ok) in [("0s", false), ("999ms", false), ("1s", true)] {
+            let c = Coord::try_parse_from(["t", "--secret-file", &secret, "--auth-max-skew", skew])
+                .expect("flags");
+            let r = coordinator_config(c.a, Default::default());
+            match (r, ok) {
+                (Ok(_), true) => {}
+                (Err(e), false) => assert!(format!("{e:#}").contains("at least 1s"), "{e:#}"),
+                (r, _) => panic!("{skew}: {:?}", r.map(|_| ())),
+            }
         }
     }
 

@@ -47,3 +47,55 @@ fn a_log_filter_that_does_not_parse_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("is not a log filter"), "{err}");
 }
+
+/// A TLS private key readable by other users is said so at start (whoever reads it can pose
+/// as the coordinator), as a secret file is; an expired certificate is refused, naming when
+/// it expired, rather than served to workers that would each refuse it.
+#[test]
+fn an_open_tls_key_is_warned_of_and_an_expired_certificate_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let made = tether(&["cert".as_ref(), "--out".as_ref(), dir.path().as_os_str()]);
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    // --message-mac without a secret: refused once the TLS files were read.
+    let data = dir.path().join("data");
+    let coordinator = |cert: &std::path::Path, key: &std::path::Path| {
+        tether(&[
+            "coordinator".as_ref(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+            "--tls-cert".as_ref(),
+            cert.as_os_str(),
+            "--tls-key".as_ref(),
+            key.as_os_str(),
+            "--message-mac".as_ref(),
+        ])
+    };
+    let out = coordinator(&cert, &key);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("the TLS private key is readable by other users"),
+        "{err}"
+    );
+    // Expired yesterday.
+    let old = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).expect("params");
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let expired = params.self_signed(&old).expect("sign");
+    std::fs::write(&cert, expired.pem()).expect("cert");
+    std::fs::write(&key, old.serialize_pem()).expect("key");
+    let out = coordinator(&cert, &key);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("expired on"), "{err}");
+}

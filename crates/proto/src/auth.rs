@@ -32,6 +32,10 @@ pub const MAX_SECRET_LEN: usize = 4096;
 pub const NONCE_BYTES: usize = 32;
 /// Default largest difference between the registration timestamp and the coordinator's clock.
 pub const DEFAULT_MAX_SKEW: Duration = Duration::from_secs(120);
+/// The smallest largest difference a coordinator may be set to take: below it, a worker's
+/// registration ages past it on its way (a round trip over a slow link, a TLS handshake) and
+/// a fleet whose clocks agree is refused.
+pub const MIN_MAX_SKEW: Duration = Duration::from_secs(1);
 
 type HmacSha256 = Hmac<Sha256>;
 
