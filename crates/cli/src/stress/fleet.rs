@@ -845,18 +845,37 @@ fn flood_state(n: u64, pad: &str) -> String {
 struct StepsConfig {
     steps: u32,
     step_ms: u64,
-    /// Bytes of each checkpoint (at least 4: the step number).
+    /// Bytes of each checkpoint (at least [`MIN_STEP_CHECKPOINT`]).
     #[serde(default)]
     size: usize,
 }
 
-/// The checkpoint step `step` writes: the step number, then `size - 4` bytes drawn from it
-/// (xorshift64*: they do not compress, as a real checkpoint's often do not), so that a resumed
-/// attempt can tell whether what it got is exactly what was written.
-fn step_checkpoint(step: u32, size: usize) -> Vec<u8> {
-    let mut data = Vec::with_capacity(size.max(4));
+/// The smallest step checkpoint: the step number and one word drawn from the task and the
+/// step. With the step number alone, every task's checkpoint of a step would be the same bytes,
+/// and one handed to the wrong task would pass for its own.
+pub const MIN_STEP_CHECKPOINT: usize = 12;
+
+/// The checkpoint step `step` of task `task` writes: the step number, then `size - 4` bytes
+/// drawn from the task id and the step (xorshift64*: they do not compress, as a real
+/// checkpoint's often do not), so that a resumed attempt can tell whether what it got is
+/// exactly what its own task wrote at that step: a checkpoint of another task, or pieces of two
+/// tasks mixed, differ from the first drawn word on.
+fn step_checkpoint(task: &str, step: u32, size: usize) -> Vec<u8> {
+    let size = size.max(MIN_STEP_CHECKPOINT);
+    let mut data = Vec::with_capacity(size);
     data.extend_from_slice(&step.to_le_bytes());
-    let mut x = 0x9E37_79B9_7F4A_7C15 ^ u64::from(step);
+    // FNV-1a over the task id, then the step mixed in (splitmix64's finaliser), so that
+    // neighbouring ids and steps start far apart; xorshift must not start at 0.
+    let mut x = task.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3)
+    });
+    x ^= u64::from(step).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    if x == 0 {
+        x = 0x9E37_79B9_7F4A_7C15;
+    }
     while data.len() < size {
         x ^= x >> 12;
         x ^= x << 25;
@@ -870,7 +889,8 @@ fn step_checkpoint(step: u32, size: usize) -> Vec<u8> {
 
 /// `steps`: a long task that checkpoints after every step and resumes from its latest
 /// checkpoint; the result says where it resumed. A checkpoint that is not exactly what its
-/// step wrote is counted as damaged (and the task starts over).
+/// task wrote at its step is counted as damaged (and the task starts over): pieces lost,
+/// changed or reordered, or another task's checkpoint served in its place.
 struct Steps(Arc<Shared>);
 
 impl Executor for Steps {
@@ -882,13 +902,14 @@ impl Executor for Steps {
         let shared = self.0.clone();
         Box::pin(async move {
             let cfg: StepsConfig = config(input.config)?;
+            let task = ctx.task_id().as_str().to_owned();
             let resumed_at = match ctx.latest_checkpoint() {
                 Some(d) => {
                     let step = d
                         .get(..4)
                         .and_then(|b| b.try_into().ok())
                         .map_or(0, u32::from_le_bytes);
-                    if *d == step_checkpoint(step, cfg.size.max(4)) {
+                    if *d == step_checkpoint(&task, step, cfg.size) {
                         step
                     } else {
                         shared.damaged.fetch_add(1, Ordering::Relaxed);
@@ -906,7 +927,7 @@ impl Executor for Steps {
                     _ = tokio::time::sleep(Duration::from_millis(cfg.step_ms)) => {}
                     _ = &mut cancelled => return Err(ExecError::Cancelled),
                 }
-                ctx.checkpoint(step_checkpoint(i + 1, cfg.size.max(4)))
+                ctx.checkpoint(step_checkpoint(&task, i + 1, cfg.size))
                     .await;
                 shared.checkpoints.fetch_add(1, Ordering::Relaxed);
             }
@@ -921,20 +942,70 @@ mod tests {
     use tether_proto::{Attempt, TaskId};
 
     #[test]
-    fn a_step_checkpoint_is_its_step_then_bytes_drawn_from_it() {
-        for size in [4, 5, 13, 300_000] {
-            let a = step_checkpoint(7, size);
+    fn a_step_checkpoint_is_its_step_then_bytes_drawn_from_its_task_and_step() {
+        for size in [MIN_STEP_CHECKPOINT, 13, 300_000] {
+            let a = step_checkpoint("t-1", 7, size);
             assert_eq!(a.len(), size);
             assert_eq!(a[..4], 7u32.to_le_bytes());
-            assert_eq!(a, step_checkpoint(7, size), "the same step, the same bytes");
-            if size > 4 {
-                assert_ne!(
-                    a[4..],
-                    step_checkpoint(8, size)[4..],
-                    "another step's differ"
-                );
-            }
+            assert_eq!(
+                a,
+                step_checkpoint("t-1", 7, size),
+                "the same task and step, the same bytes"
+            );
+            assert_ne!(
+                a[4..12],
+                step_checkpoint("t-1", 8, size)[4..12],
+                "another step's differ from the first word"
+            );
+            assert_ne!(
+                a[4..12],
+                step_checkpoint("t-2", 7, size)[4..12],
+                "another task's differ from the first word"
+            );
         }
+        assert_eq!(step_checkpoint("t-1", 7, 4).len(), MIN_STEP_CHECKPOINT);
+    }
+
+    /// Runs the `steps` executor for task `task`, resuming from `checkpoint`; the fleet's
+    /// count of damaged checkpoints and where the task said it resumed.
+    async fn resume_steps(task: &TaskId, checkpoint: Vec<u8>) -> (u64, serde_json::Value) {
+        let shared = Arc::new(Shared::new());
+        let (ctx, _control) = TaskCtx::detached(task.clone(), Attempt(2));
+        let ctx = ctx.with_checkpoint(checkpoint);
+        let input = TaskInput {
+            task_id: task.clone(),
+            attempt: Attempt(2),
+            config: serde_json::json!({"steps": 3, "step_ms": 1, "size": 64}),
+            timeout: None,
+        };
+        let run = Steps(shared.clone()).execute(input, ctx);
+        let out = tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("the steps ended within 10 s")
+            .expect("the steps succeeded");
+        (
+            shared.damaged.load(Ordering::Relaxed),
+            out["resumed_at"].clone(),
+        )
+    }
+
+    /// A coordinator that serves one task the checkpoint of another (or mixes their pieces)
+    /// must fail the damaged verdict: every task's checkpoint of a step is its own bytes.
+    #[tokio::test]
+    async fn a_checkpoint_of_another_task_resumed_from_counts_as_damaged() {
+        let (mine, other) = (TaskId::fresh(), TaskId::fresh());
+        let own = step_checkpoint(mine.as_str(), 3, 64);
+        assert_eq!(
+            resume_steps(&mine, own).await,
+            (0, serde_json::json!(3)),
+            "its own checkpoint: resumed at its step"
+        );
+        let foreign = step_checkpoint(other.as_str(), 3, 64);
+        assert_eq!(
+            resume_steps(&mine, foreign).await,
+            (1, serde_json::json!(0)),
+            "another task's checkpoint: damaged, started over"
+        );
     }
 
     #[test]

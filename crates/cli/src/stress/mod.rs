@@ -132,8 +132,8 @@ pub struct StressArgs {
     /// message_flood: bytes of padding per state update.
     #[arg(long, default_value_t = 64)]
     pub size: usize,
-    /// checkpoint_heavy: bytes of each checkpoint (over 256 KiB, a resumed task fetches its
-    /// checkpoint in pieces).
+    /// checkpoint_heavy: bytes of each checkpoint, at least 12 (over 256 KiB, a resumed task
+    /// fetches its checkpoint in pieces).
     #[arg(long, default_value_t = 1024)]
     pub checkpoint_size: usize,
     /// message_flood: the tasks of each worker report in step (each worker on its own phase of
@@ -317,8 +317,13 @@ impl StressArgs {
         if self.size > MAX_UPDATE_SIZE {
             bail!("--size must be at most {MAX_UPDATE_SIZE} bytes");
         }
-        if !(4..=MAX_CHECKPOINT_SIZE).contains(&self.checkpoint_size) {
-            bail!("--checkpoint-size must be 4 to {MAX_CHECKPOINT_SIZE} bytes");
+        let least = fleet::MIN_STEP_CHECKPOINT;
+        if !(least..=MAX_CHECKPOINT_SIZE).contains(&self.checkpoint_size) {
+            bail!(
+                "--checkpoint-size must be {least} to {MAX_CHECKPOINT_SIZE} bytes: a checkpoint \
+                 holds its step and at least a word drawn from its task, by which a checkpoint \
+                 of another task is told apart"
+            );
         }
         if !(0.0..=1.0).contains(&self.churn) {
             bail!("--churn must be a share of the workers, 0 to 1");
@@ -439,4 +444,43 @@ pub fn open_file_limit() -> u64 {
     nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map(|(soft, _)| soft)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stress arguments as the command line would give them.
+    fn args(line: &[&str]) -> StressArgs {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            a: StressArgs,
+        }
+        let line = std::iter::once("stress").chain(line.iter().copied());
+        <Flags as clap::Parser>::try_parse_from(line)
+            .expect("flags")
+            .a
+    }
+
+    /// What `check` says of `line`: `None` when it takes it.
+    fn refusal(line: &[&str]) -> Option<String> {
+        args(line).check().err().map(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_checkpoint_too_small_to_hold_a_word_drawn_from_its_task_is_refused() {
+        let least = fleet::MIN_STEP_CHECKPOINT.to_string();
+        let under = (fleet::MIN_STEP_CHECKPOINT - 1).to_string();
+        let said = refusal(&["checkpoint_heavy", "--checkpoint-size", &under]);
+        assert!(
+            said.as_deref()
+                .is_some_and(|s| s.starts_with("--checkpoint-size")),
+            "{said:?}"
+        );
+        assert_eq!(
+            refusal(&["checkpoint_heavy", "--checkpoint-size", &least]),
+            None
+        );
+    }
 }
