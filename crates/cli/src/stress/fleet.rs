@@ -165,6 +165,13 @@ pub struct WorkerRecord {
     /// The worker's measure of its link, bytes a second, as of the report (0: none yet).
     #[serde(default)]
     pub send_bytes_per_sec: u64,
+    /// Connections of this worker the fleet reset on purpose (`--reset-every`), as of the
+    /// report.
+    #[serde(default)]
+    pub resets: u64,
+    /// When the fleet stopped the worker (0: live as of the report).
+    #[serde(default)]
+    pub stopped_us: u64,
     pub failure: Option<String>,
 }
 
@@ -200,6 +207,9 @@ pub struct AttemptRecord {
 pub struct FleetReport {
     pub status: Status,
     pub workers: Vec<WorkerRecord>,
+    /// When the fleet made the report: the end of what its records cover.
+    #[serde(default)]
+    pub at_us: u64,
 }
 
 /// Microseconds since the Unix epoch: both processes read the same clock, the one the agents
@@ -265,6 +275,8 @@ struct Member {
     stop: CancellationToken,
     abort: AbortHandle,
     record: Arc<Mutex<WorkerRecord>>,
+    /// Its connections reset on purpose (`--reset-every`).
+    resets: Arc<AtomicU64>,
     live: bool,
 }
 
@@ -342,8 +354,10 @@ pub async fn run(a: FleetArgs) -> anyhow::Result<()> {
                         start(&a, &shared, &shards, &mut members, &mut set, count)?
                     }
                     Command::Stop { count, abrupt } => {
+                        let at = now_us();
                         for m in members.iter_mut().filter(|m| m.live).take(count as usize) {
                             m.live = false;
+                            m.record.lock().unwrap_or_else(|p| p.into_inner()).stopped_us = at;
                             if abrupt {
                                 m.abort.abort();
                             } else {
@@ -360,8 +374,10 @@ pub async fn run(a: FleetArgs) -> anyhow::Result<()> {
                                 r.next_backoff_ms = stats.next_backoff_ms;
                                 r.send_bytes_per_sec = stats.send_bytes_per_sec;
                                 r.send_window_full = m.handle.shared.send_window_full.load(Ordering::Relaxed);
+                                r.resets = m.resets.load(Ordering::Relaxed);
                                 r
                             }).collect(),
+                            at_us: now_us(),
                         };
                         emit(&Event::Report(report))?;
                     }
@@ -473,6 +489,7 @@ fn start(
         );
         executors.register("steps", Steps(shared.clone()));
         let source = Ipv4Addr::new(127, 0, 0, 1 + (i % u64::from(a.source_addrs.max(1))) as u8);
+        let resets = Arc::new(AtomicU64::new(0));
         let agent = Agent::with_transport(
             cfg,
             executors,
@@ -482,13 +499,14 @@ fn start(
                 reset: a.reset_every.map(|every| Reset {
                     every,
                     shared: shared.clone(),
+                    worker: resets.clone(),
                 }),
             },
         )?;
-        ready.push((id, agent));
+        ready.push((id, agent, resets));
     }
     let started_us = now_us();
-    for (id, agent) in ready {
+    for (id, agent, resets) in ready {
         // Worker `i`, as numbered when its agent was built.
         let i = members.len() as u64;
         let handle = agent.handle();
@@ -523,6 +541,7 @@ fn start(
             stop,
             abort,
             record,
+            resets,
             live: true,
         });
     }
@@ -582,11 +601,14 @@ struct BoundConnector {
     reset: Option<Reset>,
 }
 
-/// `--reset-every`: how often a worker's connection is reset, and where resets are counted.
+/// `--reset-every`: how often a worker's connection is reset, and where resets are counted:
+/// over the fleet, and for the worker (a fleet-wide count cannot tell that every worker was
+/// reset).
 #[derive(Clone)]
 struct Reset {
     every: Duration,
     shared: Arc<Shared>,
+    worker: Arc<AtomicU64>,
 }
 
 impl Connector for BoundConnector {
@@ -661,6 +683,7 @@ impl Resetting {
         if !self.fired && self.at.as_mut().poll(cx).is_ready() {
             self.fired = true;
             self.reset.shared.resets.fetch_add(1, Ordering::Relaxed);
+            self.reset.worker.fetch_add(1, Ordering::Relaxed);
         }
         self.fired
     }

@@ -641,17 +641,9 @@ impl Run {
         self.report.results_duplicate = Some(duplicate);
         self.report.checkpoint_messages_duplicate = Some(checkpoint_duplicate);
         if let Some(every) = self.a.reset_every {
-            let resets = fleet_status.resets;
-            self.report.connections_reset = Some(resets);
-            // A connection is reset 0.5 to 1.5 times `every` after it is made, and the next
-            // one waits out its worker's reconnect delay: how many come depends on the delays,
-            // but a run where some workers were never reset did not do what it was asked.
-            let per_worker = resets as f64 / self.workers.max(1) as f64;
-            self.report.verdict(
-                "connections reset: at least one a worker",
-                resets >= self.workers,
-                format!("the fleet reset {resets} connections, {per_worker:.1} a worker (each connection 0.5 to 1.5 x {} ms after it was made); the coordinator answered {duplicate} results sent again duplicate", every.as_millis()),
-            );
+            let rep = self.fleet.report().await?;
+            self.report.connections_reset = Some(rep.status.resets);
+            reset_verdict(&mut self.report, &rep, every, duplicate);
         }
         self.fleet.exit().await?;
         self.coord.sample()?;
@@ -746,6 +738,59 @@ impl Run {
         self.pb.finish_and_clear();
         Ok(self.report)
     }
+}
+
+/// Slack on a reset's latest moment: its session is woken then, but on a busy shard may run a
+/// little later, and the reset is counted when it runs.
+const RESET_SLACK: Duration = Duration::from_millis(500);
+
+/// `--reset-every`: every worker that lived long enough to be reset was, by its own count in
+/// the fleet's report. A connection is reset at a moment drawn between 0.5 and 1.5 times
+/// `every` after it was made, so a worker still live 1.5 x `every` (and [`RESET_SLACK`]) after
+/// its first registration (later than its connection was made) has seen its first connection
+/// reset, unless that connection ended sooner for another reason, which these scenarios do not
+/// cause. A worker stopped (churn, a crash) or registered too late for that is not judged: a
+/// fleet-wide total compared with the number of workers passed when some workers were reset
+/// twice and others never.
+fn reset_verdict(r: &mut Report, rep: &FleetReport, every: Duration, duplicate: u64) {
+    let long_enough = every.mul_f64(1.5) + RESET_SLACK;
+    let long_enough_us = long_enough.as_micros() as u64;
+    let judged: Vec<&WorkerRecord> = rep
+        .workers
+        .iter()
+        .filter(|w| {
+            let end = match w.stopped_us {
+                0 => rep.at_us,
+                stopped => stopped,
+            };
+            w.sessions
+                .first()
+                .is_some_and(|s| end.saturating_sub(s.registered_us) >= long_enough_us)
+        })
+        .collect();
+    let missed: Vec<&str> = judged
+        .iter()
+        .filter(|w| w.resets == 0)
+        .map(|w| w.id.as_str())
+        .collect();
+    let resets = rep.status.resets;
+    let per_worker = resets as f64 / rep.workers.len().max(1) as f64;
+    r.verdict(
+        "connections reset: every worker that lived long enough was",
+        !judged.is_empty() && missed.is_empty(),
+        format!(
+            "{} of {} workers live at least {} ms after registering (each connection is reset 0.5 to 1.5 x {} ms after it was made) saw a reset{}; the fleet reset {resets} connections, {per_worker:.1} a worker of {}; the coordinator answered {duplicate} results sent again duplicate",
+            judged.len() - missed.len(),
+            judged.len(),
+            long_enough.as_millis(),
+            every.as_millis(),
+            match missed.first() {
+                Some(first) => format!(", first not {first}"),
+                None => String::new(),
+            },
+            rep.workers.len(),
+        ),
+    );
 }
 
 fn ms(us: u64, from_us: u64) -> f64 {
@@ -1427,10 +1472,75 @@ mod tests {
         let report = |workers| FleetReport {
             status: Status::default(),
             workers,
+            at_us: 0,
         };
         let before = report(vec![worker("a", 3), worker("b", 7)]);
         let after = report(vec![worker("a", 5), worker("b", 7), worker("c", 2)]);
         assert_eq!(window_waits(&before, &after), [2, 0, 2]);
+    }
+
+    /// Workers as the fleet would report them with `--reset-every 200ms` at 10 s: (id,
+    /// registered, stopped (0: live), resets), times in ms.
+    fn reset_report(workers: &[(&str, u64, u64, u64)]) -> FleetReport {
+        use super::super::fleet::SessionRecord;
+        let workers = workers
+            .iter()
+            .map(|&(id, registered, stopped, resets)| WorkerRecord {
+                id: id.into(),
+                sessions: vec![SessionRecord {
+                    registered_us: registered * 1000,
+                    ..SessionRecord::default()
+                }],
+                stopped_us: stopped * 1000,
+                resets,
+                ..WorkerRecord::default()
+            })
+            .collect::<Vec<_>>();
+        FleetReport {
+            status: Status {
+                resets: workers.iter().map(|w| w.resets).sum(),
+                ..Status::default()
+            },
+            workers,
+            at_us: 10_000_000,
+        }
+    }
+
+    fn reset_judged(workers: &[(&str, u64, u64, u64)]) -> report::Verdict {
+        let mut r = Report::default();
+        let every = Duration::from_millis(200);
+        reset_verdict(&mut r, &reset_report(workers), every, 0);
+        r.verdicts.pop().expect("a verdict")
+    }
+
+    #[test]
+    fn the_reset_verdict_wants_a_reset_of_every_worker_that_lived_long_enough_for_one() {
+        // Every worker reset: passes.
+        let all = reset_judged(&[("a", 1_000, 0, 3), ("b", 1_000, 0, 1)]);
+        assert!(all.pass, "{}", all.detail);
+        // As many resets as workers, all of one worker's: fails, naming the other.
+        let one = reset_judged(&[("a", 1_000, 0, 2), ("b", 1_000, 0, 0)]);
+        assert!(!one.pass, "{}", one.detail);
+        assert!(one.detail.contains("first not b"), "{}", one.detail);
+        // Registered 700 ms before the report (under 1.5 x 200 + 500 ms), or stopped 400 ms
+        // after registering: not judged.
+        let young = reset_judged(&[
+            ("a", 1_000, 0, 1),
+            ("b", 9_300, 0, 0),
+            ("c", 2_000, 2_400, 0),
+        ]);
+        assert!(young.pass, "{}", young.detail);
+        assert!(
+            young.detail.starts_with("1 of 1 workers"),
+            "{}",
+            young.detail
+        );
+        // Stopped after living long enough, never reset: fails.
+        let stopped = reset_judged(&[("a", 1_000, 0, 1), ("c", 2_000, 3_000, 0)]);
+        assert!(!stopped.pass, "{}", stopped.detail);
+        // No worker lived long enough: nothing shows the resets happened.
+        let none = reset_judged(&[("b", 9_800, 0, 0)]);
+        assert!(!none.pass, "{}", none.detail);
     }
 
     #[test]
