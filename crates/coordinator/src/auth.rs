@@ -75,6 +75,24 @@ impl WorkerAuth {
         }
         Ok(self.fleet.clone())
     }
+
+    /// The secret `worker` must prove it holds and whether it has one: a worker without one
+    /// gets a decoy (random, this process's), so that its registration costs what a known
+    /// worker's does (a signature computed and compared) and the time of the refusal does not
+    /// tell which ids exist. The decoy never verifies: its refusal is `bad_signature`.
+    pub async fn secret_or_decoy(&self, worker: &WorkerId) -> Result<(Secret, bool), AuthError> {
+        static DECOY: std::sync::OnceLock<Secret> = std::sync::OnceLock::new();
+        Ok(match self.secret_for(worker).await? {
+            Some(secret) => (secret, true),
+            None => {
+                let decoy = DECOY.get_or_init(|| {
+                    let random = tether_proto::auth::to_hex(&rand::random::<[u8; 32]>());
+                    Secret::new(random.as_bytes()).expect("64 hex digits are a secret")
+                });
+                (decoy.clone(), false)
+            }
+        })
+    }
 }
 
 /// An entry of the secrets directory that no registration will ever read, and why.
@@ -448,6 +466,45 @@ mod tests {
             admitted <= 2 * REFUSALS_LOGGED_PER_SEC as usize,
             "{admitted} of 200 logged (a second may have turned meanwhile)"
         );
+    }
+
+    /// A worker without a secret is checked against a decoy, as a known one is against its
+    /// own: the same work (a signature computed and compared), so the time of a refusal does
+    /// not tell which ids exist. (The timing itself is not asserted: on a shared machine it
+    /// could not fail reliably; what is asserted is that the unknown id's path computes a
+    /// signature under a real secret and is told it is not known.)
+    #[tokio::test]
+    async fn an_unknown_worker_is_checked_against_a_decoy_secret() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("known"),
+            b"a-secret-of-enough-length-0123456789",
+        )
+        .expect("write");
+        let auth = WorkerAuth {
+            fleet: None,
+            dir: Some(dir.path().to_owned()),
+            max_skew: tether_proto::auth::DEFAULT_MAX_SKEW,
+            message_mac: false,
+        };
+        let id = |s: &str| WorkerId::parse(s).expect("id");
+        let (_, known) = auth.secret_or_decoy(&id("known")).await.expect("read");
+        assert!(known);
+        let (decoy, known) = auth.secret_or_decoy(&id("stranger")).await.expect("read");
+        assert!(!known);
+        let at = tether_proto::msg::now();
+        let challenge = |w: &WorkerId, secret: &Secret| {
+            tether_proto::auth::Challenge {
+                worker: w,
+                nonce: "n",
+                timestamp: at,
+                boot_id: "b",
+            }
+            .sign(secret)
+        };
+        let (again, _) = auth.secret_or_decoy(&id("other")).await.expect("read");
+        let w = id("stranger");
+        assert_eq!(challenge(&w, &decoy), challenge(&w, &again), "one decoy");
     }
 
     #[tokio::test]

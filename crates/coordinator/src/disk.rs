@@ -69,34 +69,45 @@ pub async fn watch(dir: PathBuf, stop: CancellationToken) {
     let mut w = Watch::default();
     let mut failed = false;
     loop {
-        match available(&dir) {
-            Ok(bytes) => {
-                // A later failure is said again.
-                failed = false;
-                metrics::gauge!(crate::metrics::DATA_DIR_AVAILABLE).set(bytes as f64);
-                match w.look(bytes, Instant::now()) {
-                    Some(Say::Low) => tracing::warn!(
-                        data_dir = %dir.display(),
-                        available_mib = bytes >> 20,
-                        low_mib = LOW_SPACE >> 20,
-                        "the data directory is running out of space: once it is out, commits wait for room and nothing new is taken"
-                    ),
-                    Some(Say::Recovered) => tracing::info!(
-                        data_dir = %dir.display(),
-                        available_mib = bytes >> 20,
-                        "the data directory has space again"
-                    ),
-                    None => {}
-                }
-            }
-            Err(e) if !std::mem::replace(&mut failed, true) => {
-                tracing::warn!(data_dir = %dir.display(), error = %e, "cannot read the data directory's free space");
-            }
-            Err(_) => {}
-        }
+        look(&dir, &mut w, &mut failed);
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(CHECK_EVERY) => {}
+        }
+    }
+}
+
+/// One look at the free space: sets the gauge and says what `w` asks to. A failed read (the
+/// directory removed, its file system gone) sets the gauge to NaN, not to the last value
+/// read, which would keep an alert on it quiet while nothing is known; it is said once
+/// until a read succeeds again (`failed`).
+fn look(dir: &Path, w: &mut Watch, failed: &mut bool) {
+    let gauge = metrics::gauge!(crate::metrics::DATA_DIR_AVAILABLE);
+    match available(dir) {
+        Ok(bytes) => {
+            // A later failure is said again.
+            *failed = false;
+            gauge.set(bytes as f64);
+            match w.look(bytes, Instant::now()) {
+                Some(Say::Low) => tracing::warn!(
+                    data_dir = %dir.display(),
+                    available_mib = bytes >> 20,
+                    low_mib = LOW_SPACE >> 20,
+                    "the data directory is running out of space: once it is out, commits wait for room and nothing new is taken"
+                ),
+                Some(Say::Recovered) => tracing::info!(
+                    data_dir = %dir.display(),
+                    available_mib = bytes >> 20,
+                    "the data directory has space again"
+                ),
+                None => {}
+            }
+        }
+        Err(e) => {
+            gauge.set(f64::NAN);
+            if !std::mem::replace(failed, true) {
+                tracing::warn!(data_dir = %dir.display(), error = %e, "cannot read the data directory's free space");
+            }
         }
     }
 }
@@ -122,6 +133,37 @@ mod tests {
             Some(Say::Low),
             "low again: said at once"
         );
+    }
+
+    /// The gauge follows each look; one that fails makes it NaN (unknown), not the last
+    /// value read.
+    #[test]
+    fn the_gauge_is_unknown_while_the_free_space_cannot_be_read() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).expect("mkdir");
+        let gauge = || {
+            let text = handle.render();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(crate::metrics::DATA_DIR_AVAILABLE))
+                .map(str::to_owned);
+            line.expect("the gauge")
+                .rsplit(' ')
+                .next()
+                .expect("a value")
+                .to_owned()
+        };
+        let (mut w, mut failed) = (Watch::default(), false);
+        metrics::with_local_recorder(&recorder, || look(&data, &mut w, &mut failed));
+        let read: f64 = gauge().parse().expect("a number");
+        assert!(read > 0.0, "{read}");
+        std::fs::remove_dir(&data).expect("rmdir");
+        metrics::with_local_recorder(&recorder, || look(&data, &mut w, &mut failed));
+        assert_eq!(gauge(), "NaN");
+        assert!(failed);
     }
 
     #[test]

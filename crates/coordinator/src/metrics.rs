@@ -26,7 +26,8 @@ use crate::server::AppState;
 pub const CONNECTIONS: &str = "tether_connections_total";
 /// Counter: registrations of a worker that had registered before (a reconnection).
 pub const RECONNECTIONS: &str = "tether_reconnections_total";
-/// Counter: sessions ended, by `reason` (closed, timeout, error, oversize, coordinator).
+/// Counter: sessions ended, by `reason` (closed, timeout, error, oversize, invalid_utf8,
+/// integrity, coordinator).
 pub const SESSIONS_ENDED: &str = "tether_sessions_ended_total";
 /// Counter: sessions closed because a newer connection of the same worker arrived.
 pub const SESSIONS_REPLACED: &str = "tether_sessions_replaced_total";

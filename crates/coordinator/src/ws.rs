@@ -1270,17 +1270,18 @@ impl Conn<'_> {
         // A worker without a secret fails exactly like a wrong secret: ids are not enumerable.
         // So the signature's form is judged before the secret is looked up.
         tether_proto::auth::signature_bytes(r.signature.as_deref())?;
-        let secret = auth
-            .secret_for(self.worker)
-            .await?
-            .ok_or(AuthError::BadSignature)?;
-        Challenge {
+        let (secret, known) = auth.secret_or_decoy(self.worker).await?;
+        let verified = Challenge {
             worker: self.worker,
             nonce,
             timestamp: r.timestamp,
             boot_id: &r.boot_id,
         }
-        .verify(&secret, r.signature.as_deref(), now(), auth.max_skew)?;
+        .verify(&secret, r.signature.as_deref(), now(), auth.max_skew);
+        if !known {
+            return Err(AuthError::BadSignature);
+        }
+        verified?;
         if !auth.message_mac {
             return Ok(None);
         }

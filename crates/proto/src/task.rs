@@ -291,10 +291,77 @@ pub struct ConnStats {
     pub next_backoff_ms: u64,
 }
 
+/// The longest `state` of [`ConnStats`] kept, bytes (the states are short words).
+pub const MAX_CONN_STATE_BYTES: usize = 32;
+
+impl ConnStats {
+    /// Makes what a worker reported fit to be kept, summed and shown: a figure that is not a
+    /// finite number of at least 0 becomes 0 (the coordinator sums round-trip times into a
+    /// histogram, where one `1.7e308` or `-1e300` would spoil the fleet's figure until a
+    /// restart), a ratio is held within 0 to 1, and the state is cut to
+    /// [`MAX_CONN_STATE_BYTES`].
+    pub fn sanitize(&mut self) {
+        /// Figures past this (ms: more than a year; s: more than 30,000 years) are no
+        /// measure.
+        const MOST: f64 = 1e12;
+        for v in [
+            &mut self.connected_secs,
+            &mut self.total_secs,
+            &mut self.rtt_avg_ms,
+            &mut self.rtt_p50_ms,
+            &mut self.rtt_p95_ms,
+            &mut self.rtt_p99_ms,
+            &mut self.reconnect_avg_ms,
+            &mut self.reconnect_max_ms,
+            &mut self.backoff_factor,
+        ] {
+            if !(v.is_finite() && (0.0..=MOST).contains(v)) {
+                *v = 0.0;
+            }
+        }
+        for v in [&mut self.stability, &mut self.success_rate] {
+            *v = if v.is_finite() {
+                v.clamp(0.0, 1.0)
+            } else {
+                0.0
+            };
+        }
+        if self.state.len() > MAX_CONN_STATE_BYTES {
+            let mut end = MAX_CONN_STATE_BYTES;
+            while !self.state.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.state.truncate(end);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::msg::{JsonText, MAX_JSON_DEPTH};
+
+    #[test]
+    fn reported_connection_figures_out_of_range_are_made_zero_and_ratios_held_to_one() {
+        let mut s = ConnStats {
+            state: "é".repeat(40),
+            rtt_samples: 3,
+            rtt_p50_ms: 1.7e308,
+            rtt_p95_ms: -1e300,
+            rtt_p99_ms: 12.5,
+            stability: 7.0,
+            success_rate: -1.0,
+            connected_secs: f64::NAN,
+            total_secs: f64::INFINITY,
+            ..ConnStats::default()
+        };
+        s.sanitize();
+        assert_eq!((s.rtt_p50_ms, s.rtt_p95_ms, s.rtt_p99_ms), (0.0, 0.0, 12.5));
+        assert_eq!((s.stability, s.success_rate), (1.0, 0.0));
+        assert_eq!((s.connected_secs, s.total_secs), (0.0, 0.0));
+        assert_eq!(s.state, "é".repeat(16));
+        assert_eq!(s.rtt_samples, 3);
+    }
 
     /// A spec no worker could ever match is refused, not left queued for ever.
     #[test]

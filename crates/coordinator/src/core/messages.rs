@@ -1216,9 +1216,10 @@ impl Core {
         &mut self,
         worker: &WorkerId,
         session: &SessionRef,
-        t: Telemetry,
+        mut t: Telemetry,
         b: &mut Batch,
     ) {
+        t.connection_stats.sanitize();
         if t.connection_stats.rtt_samples > 0 {
             metrics::histogram!(m::HEARTBEAT_RTT).record(t.connection_stats.rtt_p50_ms / 1e3);
         }

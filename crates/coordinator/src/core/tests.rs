@@ -1515,6 +1515,42 @@ fn a_session_that_agreed_to_compact_acks_gets_recorded_messages_acknowledged_by_
     );
 }
 
+/// A worker's report with figures out of range (a round-trip time of 1.7e308 ms, negative,
+/// a ratio of 7) is kept made sane: it would spoil the fleet's figures (the round-trip
+/// histogram's sum, the overview's mean) until a restart.
+#[test]
+fn reported_connection_figures_are_kept_only_within_range() {
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    drain(&mut rx);
+    let stats = tether_proto::task::ConnStats {
+        rtt_samples: 1,
+        rtt_p50_ms: 1.7e308,
+        rtt_p95_ms: -5.0,
+        stability: 7.0,
+        ..Default::default()
+    };
+    h.frame(
+        "a",
+        s,
+        WorkerMsg::Telemetry(tether_proto::msg::Telemetry {
+            seq: Seq(1),
+            connection_stats: stats,
+            metrics: serde_json::Value::Null,
+            timestamp: now(),
+        }),
+    );
+    let kept = h.core.workers[&wid("a")].stats.clone().expect("kept");
+    assert_eq!(
+        (
+            kept.stats.rtt_p50_ms,
+            kept.stats.rtt_p95_ms,
+            kept.stats.stability
+        ),
+        (0.0, 0.0, 1.0)
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn telemetry_updates_the_statistics_every_time_and_saves_the_record_at_most_every_period() {
     use crate::store::Mutation;
