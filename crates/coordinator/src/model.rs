@@ -165,6 +165,10 @@ pub struct Worker {
     /// report (telemetry saves it at most every `STATS_SAVE_EVERY`; core::messages).
     #[serde(skip)]
     pub stats_saved: Option<tokio::time::Instant>,
+    /// When the record was last announced to event streams for its statistics alone (at most
+    /// every `STATS_ANNOUNCE_EVERY`; core::messages).
+    #[serde(skip)]
+    pub stats_announced: Option<tokio::time::Instant>,
     /// Monotonic instant of the disconnect, for the grace period.
     #[serde(skip)]
     pub disconnected_mono: Option<tokio::time::Instant>,
@@ -241,6 +245,7 @@ impl Worker {
             stopping: false,
             stats: None,
             stats_saved: None,
+            stats_announced: None,
             disconnected_mono: Some(tokio::time::Instant::now()),
             session: None,
             superseded: Vec::new(),

@@ -1628,12 +1628,26 @@ impl Tx {
     ) -> Pin<Box<impl Future<Output = ()> + Send + 'a>> {
         let frame = Message::Close(Some(CloseFrame {
             code,
-            reason: reason.into(),
+            reason: close_reason(reason).into(),
         }));
         Box::pin(async move {
             let _ = timeout_at(deadline, self.sink.send(frame)).await;
         })
     }
+}
+
+/// The most bytes of a close frame's reason: a control frame carries 125 bytes, two of them
+/// the code (RFC 6455 5.5). A longer one is refused by the peer as a protocol error, and the
+/// code it carried (a refusal the worker must heed) is lost with it.
+pub const MAX_CLOSE_REASON: usize = 123;
+
+/// `reason` cut to [`MAX_CLOSE_REASON`] bytes, at a character's boundary.
+fn close_reason(reason: &str) -> &str {
+    let mut end = reason.len().min(MAX_CLOSE_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
 }
 
 /// A received frame's data, its tag verified and removed when the session is keyed.

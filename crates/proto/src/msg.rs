@@ -120,6 +120,52 @@ pub struct Registration {
     pub timestamp: DateTime<Utc>,
 }
 
+/// The most capabilities, and the most executors, a registration names.
+pub const MAX_WORKER_LABELS: usize = 256;
+/// The longest `boot_id`, bytes (the Rust worker's are 34).
+pub const MAX_BOOT_ID_BYTES: usize = 128;
+
+impl Registration {
+    /// Why what the registration says of the worker is out of bounds, if it is: at most
+    /// [`MAX_WORKER_LABELS`] capabilities and executors, [`crate::task::MAX_LABELS`] tags
+    /// (as a task may require), each name, key and value of at most
+    /// [`crate::task::MAX_LABEL_BYTES`], a `boot_id` of at most [`MAX_BOOT_ID_BYTES`]. The
+    /// coordinator keeps, shows and streams all of it: unbounded, one worker's registration
+    /// would weigh on every reader of the fleet's events.
+    pub fn label_problem(&self) -> Option<String> {
+        use crate::task::{MAX_LABEL_BYTES, MAX_LABELS};
+        if self.boot_id.len() > MAX_BOOT_ID_BYTES {
+            return Some(format!(
+                "a boot_id of {} bytes; at most {MAX_BOOT_ID_BYTES}",
+                self.boot_id.len()
+            ));
+        }
+        for (what, n, most) in [
+            ("capabilities", self.capabilities.len(), MAX_WORKER_LABELS),
+            ("executors", self.executors.len(), MAX_WORKER_LABELS),
+            ("tags", self.tags.len(), MAX_LABELS),
+        ] {
+            if n > most {
+                return Some(format!("{n} {what}; at most {most}"));
+            }
+        }
+        let labels = self
+            .capabilities
+            .iter()
+            .chain(&self.executors)
+            .chain(self.tags.iter().flat_map(|(k, v)| [k, v]));
+        labels
+            .into_iter()
+            .find(|l| l.len() > MAX_LABEL_BYTES)
+            .map(|l| {
+                format!(
+                    "a capability, executor or tag of {} bytes; at most {MAX_LABEL_BYTES}",
+                    l.len()
+                )
+            })
+    }
+}
+
 /// A worker's account of its tasks, sent at registration.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Inventory {

@@ -148,6 +148,31 @@ impl WorkerConfig {
         if self.slots == 0 {
             return Err(ConfigError::new("slots", "0 runs nothing: at least 1"));
         }
+        // The coordinator refuses a registration past these (`Registration::label_problem`).
+        use tether_proto::msg::MAX_WORKER_LABELS;
+        use tether_proto::task::{MAX_LABEL_BYTES, MAX_LABELS};
+        if self.capabilities.len() > MAX_WORKER_LABELS {
+            return Err(ConfigError::new(
+                "capabilities",
+                format!("at most {MAX_WORKER_LABELS}"),
+            ));
+        }
+        if self.tags.len() > MAX_LABELS {
+            return Err(ConfigError::new("tags", format!("at most {MAX_LABELS}")));
+        }
+        let labels = self
+            .capabilities
+            .iter()
+            .chain(self.tags.iter().flat_map(|(k, v)| [k, v]));
+        if let Some(l) = labels.into_iter().find(|l| l.len() > MAX_LABEL_BYTES) {
+            return Err(ConfigError::new(
+                "capabilities",
+                format!(
+                    "a capability or tag of {} bytes: at most {MAX_LABEL_BYTES}",
+                    l.len()
+                ),
+            ));
+        }
         // As a submission's: a key a task could not name (`tether submit --tag KEY=VALUE`).
         if self
             .tags
@@ -209,7 +234,7 @@ mod tests {
         let base = || WorkerConfig::new("ws://127.0.0.1:1", WorkerId::parse("w").expect("id"));
         base().validate().expect("the defaults");
         type Spoil = fn(&mut WorkerConfig);
-        let cases: [(&str, Spoil); 11] = [
+        let cases: [(&str, Spoil); 14] = [
             ("heartbeat_interval", |c| {
                 c.heartbeat_interval = Duration::ZERO
             }),
@@ -225,6 +250,15 @@ mod tests {
                 c.capabilities = vec!["cpu".into(), String::new()]
             }),
             ("capabilities", |c| c.capabilities = vec![" ".into()]),
+            ("capabilities", |c| {
+                c.capabilities = (0..=tether_proto::msg::MAX_WORKER_LABELS)
+                    .map(|i| format!("c{i}"))
+                    .collect()
+            }),
+            ("capabilities", |c| c.capabilities = vec!["c".repeat(257)]),
+            ("tags", |c| {
+                c.tags = (0..=64).map(|i| (format!("k{i}"), "v".into())).collect()
+            }),
             ("tags", |c| {
                 c.tags.insert(String::new(), "x".into());
             }),

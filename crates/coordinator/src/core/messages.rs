@@ -90,6 +90,11 @@ pub(crate) const UNFINISHED_CHECKPOINTS_PER_ATTEMPT: usize = 64;
 /// record, carries the latest.
 pub(crate) const STATS_SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// A worker's record is announced to event streams for new statistics at most this often: a
+/// worker may report a thousand times a second, and each announcement is a copy of its
+/// record for every stream to serialize.
+pub(crate) const STATS_ANNOUNCE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The answer to fetch `f`: its bytes, or why not.
 /// The most bytes one `checkpoint_piece` to a session carries: what a frame both ends take
 /// holds once base64, and at most what a fetch may ask for.
@@ -485,24 +490,24 @@ impl Core {
             .workers
             .get(worker)
             .is_some_and(|w| !w.boot_id.is_empty() && w.boot_id != r.boot_id);
-        let mentions = |t: &TaskId, a: Attempt| {
-            inv.running
-                .iter()
-                .chain(inv.finished.iter())
-                .any(|x| &x.task_id == t && x.attempt == a)
-        };
+        // Sets, not scans: a registration may name many tasks, and a worker hold many leases
+        // (a scan of one for each of the other is their product, on the core's thread).
+        let known: crate::model::IdSet<(&TaskId, Attempt)> = inv
+            .running
+            .iter()
+            .chain(inv.finished.iter())
+            .map(|x| (&x.task_id, x.attempt))
+            .collect();
+        let died: crate::model::IdSet<(&TaskId, Attempt)> =
+            inv.lost.iter().map(|x| (&x.task_id, x.attempt)).collect();
         for task_id in held {
             let Some(lease) = self.tasks.get(&task_id).and_then(|t| t.lease.clone()) else {
                 continue;
             };
-            if mentions(&task_id, lease.attempt) {
+            if known.contains(&(&task_id, lease.attempt)) {
                 continue;
             }
-            let lost = inv
-                .lost
-                .iter()
-                .any(|x| x.task_id == task_id && x.attempt == lease.attempt);
-            if lost {
+            if died.contains(&(&task_id, lease.attempt)) {
                 tracing::info!(worker = %worker, task = %task_id, attempt = %lease.attempt, "task died with the worker's previous process; requeued");
                 self.release_and_requeue(&task_id, "died with the worker process", b);
             } else if new_process {
@@ -1238,7 +1243,13 @@ impl Core {
         });
         if save {
             self.save_worker(worker, b);
-        } else if let Some(w) = self.workers.get(worker) {
+        } else if let Some(w) = self.workers.get_mut(worker)
+            && w
+                .stats_announced
+                .is_none_or(|at| at.elapsed() >= STATS_ANNOUNCE_EVERY)
+        {
+            w.stats_announced = Some(tokio::time::Instant::now());
+            let w = &self.workers[worker];
             self.announce(b, || Change::Worker(Box::new(w.clone())));
         }
         Core::send_ack(b, session, t.seq, Disposition::Recorded, || {
@@ -1290,6 +1301,19 @@ pub(crate) fn registration_refusal(worker: &WorkerId, r: &Registration) -> Optio
                     "coordinator speaks protocol {PROTOCOL_VERSION}, worker {}",
                     r.protocol_version
                 ),
+                Some("registration".into()),
+                None,
+            )),
+        });
+    }
+    // What it says of itself is kept, shown and sent to every event stream: within bounds.
+    if let Some(problem) = r.label_problem() {
+        return Some(Refusal {
+            code: 4002,
+            reason: "registration out of bounds".into(),
+            error: Some(CoordMsg::error(
+                ErrorCode::BadFrame,
+                problem,
                 Some("registration".into()),
                 None,
             )),

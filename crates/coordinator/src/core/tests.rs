@@ -1515,6 +1515,43 @@ fn a_session_that_agreed_to_compact_acks_gets_recorded_messages_acknowledged_by_
     );
 }
 
+/// A worker reporting its statistics many times a second has its record announced to event
+/// streams at most once a second for them: each announcement is a copy of the record that
+/// every stream serializes.
+#[tokio::test(start_paused = true)]
+async fn telemetry_announces_the_worker_at_most_once_a_second() {
+    let mut h = Harness::new();
+    let (tx, mut changes) = tokio::sync::broadcast::channel(64);
+    h.core.changes = Some(tx);
+    let (s, mut rx) = h.connect("a");
+    drain(&mut rx);
+    let mut announced = |h: &mut Harness, from: u64| {
+        while changes.try_recv().is_ok() {}
+        for seq in from..from + 10 {
+            h.frame(
+                "a",
+                s,
+                WorkerMsg::Telemetry(tether_proto::msg::Telemetry {
+                    seq: Seq(seq),
+                    connection_stats: Default::default(),
+                    metrics: serde_json::Value::Null,
+                    timestamp: now(),
+                }),
+            );
+        }
+        let mut n = 0;
+        while let Ok(c) = changes.try_recv() {
+            n += usize::from(matches!(c, super::Change::Worker(_)));
+        }
+        n
+    };
+    assert_eq!(announced(&mut h, 1), 1, "ten reports at once: one announcement");
+    tokio::time::advance(std::time::Duration::from_millis(999)).await;
+    assert_eq!(announced(&mut h, 11), 0);
+    tokio::time::advance(std::time::Duration::from_millis(1)).await;
+    assert_eq!(announced(&mut h, 21), 1, "a second on");
+}
+
 /// A worker's report with figures out of range (a round-trip time of 1.7e308 ms, negative,
 /// a ratio of 7) is kept made sane: it would spoil the fleet's figures (the round-trip
 /// histogram's sum, the overview's mean) until a restart.

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use serde_json::json;
+use serde_json::{Value, json};
 use tether_coordinator::auth::WorkerAuth;
 use tether_proto::auth::Secret;
 use tether_proto::{TaskId, TaskSpec};
@@ -211,6 +211,56 @@ async fn a_worker_id_without_a_secret_answers_exactly_like_one_with_so_ids_canno
         told.push(answers);
     }
     assert_eq!(told[0], told[1], "the answers tell the ids apart");
+    c.stop().await;
+}
+
+/// Ids long enough that the refusal's reason, naming both, passes what a close frame
+/// carries: the reason is cut, and the code still reaches the peer (a close frame over 125
+/// bytes is a protocol error to it, and the 4003 it carried was lost).
+#[tokio::test]
+async fn a_refusal_naming_long_ids_still_closes_with_its_code() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let mut impostor = Raw::connect(&c, &"m".repeat(60)).await;
+    let mut reg = impostor.registration(None, &[]);
+    reg["worker_id"] = json!("h".repeat(60));
+    impostor.send(&reg).await;
+    assert_eq!(impostor.close_code().await, Some(4003));
+    c.stop().await;
+}
+
+/// A registration saying more of the worker than it may (too many tags, a name too long, a
+/// boot id of a kilobyte) is refused with why, and closed with 4002 (fix the worker's
+/// configuration): what it says is kept, shown and sent to every event stream.
+#[tokio::test]
+async fn a_registration_out_of_bounds_is_refused_with_why() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let tags: serde_json::Map<String, Value> =
+        (0..65).map(|i| (format!("k{i}"), json!("v"))).collect();
+    let cases: [(&str, Value, &str); 3] = [
+        ("tags", Value::Object(tags), "65 tags; at most 64"),
+        ("capabilities", json!(["c".repeat(257)]), "257 bytes"),
+        ("boot_id", json!("b".repeat(1024)), "boot_id of 1024 bytes"),
+    ];
+    for (field, value, why) in cases {
+        let mut raw = Raw::connect(&c, "bounded").await;
+        let mut reg = raw.registration(None, &[]);
+        reg[field] = value;
+        raw.send(&reg).await;
+        let e = raw.next_of("error").await;
+        assert!(
+            e["message"].as_str().is_some_and(|m| m.contains(why)),
+            "{field}: {e}"
+        );
+        assert_eq!(raw.close_code().await, Some(4002), "{field}");
+    }
+    // Within bounds, the same worker registers.
+    let mut raw = Raw::connect(&c, "bounded").await;
+    let mut reg = raw.registration(None, &[]);
+    reg["capabilities"] = json!(["c".repeat(256)]);
+    raw.send(&reg).await;
+    raw.next_of("registration_ack").await;
     c.stop().await;
 }
 
