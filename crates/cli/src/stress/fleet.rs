@@ -116,6 +116,10 @@ pub enum Command {
 pub enum Event {
     Status(Status),
     Report(FleetReport),
+    /// The last line, after [`Command::Exit`] once every worker stopped: the counts with what
+    /// the workers did while stopping (a worker that reconnects to hand back a result not yet
+    /// acknowledged).
+    Exited(Status),
 }
 
 /// Counts, printed every [`STATUS_EVERY`].
@@ -394,6 +398,7 @@ pub async fn run(a: FleetArgs) -> anyhow::Result<()> {
     let drain = async { while set.join_next().await.is_some() {} };
     let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
     set.abort_all();
+    emit(&Event::Exited(status(&members, &shared)))?;
     tokio::task::spawn_blocking(move || shards.join()).await?;
     Ok(())
 }

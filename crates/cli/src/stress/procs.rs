@@ -301,7 +301,17 @@ pub struct Fleet {
     stdin: ChildStdin,
     pub status: watch::Receiver<Status>,
     reports: mpsc::Receiver<FleetReport>,
+    /// The fleet's last status, sent once every worker stopped.
+    exited: tokio::sync::oneshot::Receiver<Status>,
     reader: tokio::task::JoinHandle<()>,
+}
+
+/// What [`Fleet::exit`] gives: the fleet's last status. What the coordinator counts of the
+/// workers' results is read with it in hand, so after the workers stopped: a worker may still
+/// reconnect while stopping to hand back a result not yet acknowledged.
+#[derive(Debug)]
+pub struct Exited {
+    pub status: Status,
 }
 
 impl Fleet {
@@ -333,6 +343,8 @@ impl Fleet {
         let stdout = child.stdout.take().context("fleet stdout")?;
         let (status_tx, status) = watch::channel(Status::default());
         let (report_tx, reports) = mpsc::channel(4);
+        let (exited_tx, exited) = tokio::sync::oneshot::channel();
+        let mut exited_tx = Some(exited_tx);
         let reader = tokio::spawn(async move {
             let mut lines = tokio::io::BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
@@ -343,6 +355,12 @@ impl Fleet {
                     Ok(Event::Report(r)) => {
                         let _ = report_tx.send(r).await;
                     }
+                    Ok(Event::Exited(s)) => {
+                        let _ = status_tx.send(s.clone());
+                        if let Some(tx) = exited_tx.take() {
+                            let _ = tx.send(s);
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "unreadable fleet output"),
                 }
             }
@@ -352,6 +370,7 @@ impl Fleet {
             stdin,
             status,
             reports,
+            exited,
             reader,
         })
     }
@@ -416,8 +435,9 @@ impl Fleet {
             .context("the fleet process ended before reporting")
     }
 
-    /// Stops every worker and waits for the process.
-    pub async fn exit(mut self) -> anyhow::Result<()> {
+    /// Stops every worker, waits for the process and gives its last status, the one it
+    /// printed once its workers stopped.
+    pub async fn exit(&mut self) -> anyhow::Result<Exited> {
         let _ = self.send(&Command::Exit).await;
         match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
             Ok(Ok(s)) if s.success() => {}
@@ -428,8 +448,13 @@ impl Fleet {
                 bail!("the fleet process did not exit within 30 s");
             }
         }
+        // Its output is read to the end (the process is gone: it comes at once).
+        let last = tokio::time::timeout(Duration::from_secs(5), &mut self.exited).await;
         self.reader.abort();
-        Ok(())
+        match last {
+            Ok(Ok(status)) => Ok(Exited { status }),
+            _ => bail!("the fleet process exited without its last status"),
+        }
     }
 }
 
@@ -565,5 +590,62 @@ impl FaultProxy {
     /// The process's CPU and memory now.
     pub fn sample(&self) -> anyhow::Result<Sample> {
         read_sample(self.child.id().context("the fault proxy has exited")?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stress::fleet::Event;
+
+    /// A fleet process played by a shell script: it prints `status`, reads the exit command,
+    /// then prints what `on_exit` holds (lines of JSON) and ends.
+    fn scripted_fleet(dir: &Path, status: &Status, on_exit: &[Event]) -> Fleet {
+        let line = |e: &Event| serde_json::to_string(e).expect("JSON");
+        let mut script = format!(
+            "#!/bin/sh\necho '{}'\nread cmd\n",
+            line(&Event::Status(status.clone()))
+        );
+        for e in on_exit {
+            script.push_str(&format!("echo '{}'\n", line(e)));
+        }
+        let exe = dir.join("fleet.sh");
+        std::fs::write(&exe, script).expect("script");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Fleet::spawn(&exe, &dir.join("fleet.log"), &[], 0).expect("spawn")
+    }
+
+    /// The counts a run ends on are the fleet's last, printed once its workers stopped, not
+    /// the status before the exit: a worker stopping may still hand back a result.
+    #[tokio::test]
+    async fn a_fleet_exit_gives_the_status_printed_after_its_workers_stopped() {
+        let dir = tempfile::tempdir().expect("dir");
+        let running = Status {
+            completed: 1,
+            ..Status::default()
+        };
+        let stopped = Status {
+            completed: 2,
+            ..Status::default()
+        };
+        let last = [
+            Event::Status(running.clone()),
+            Event::Exited(stopped.clone()),
+        ];
+        let mut fleet = scripted_fleet(dir.path(), &running, &last);
+        fleet
+            .wait("the first status", Duration::from_secs(10), |s| {
+                s.completed == 1
+            })
+            .await
+            .expect("status");
+        let exited = fleet.exit().await.expect("exit");
+        assert_eq!(exited.status.completed, 2, "{:?}", exited.status);
+        // A fleet that ends without its last status (it crashed while stopping) is an error,
+        // not a count read too early.
+        let mut fleet = scripted_fleet(dir.path(), &running, &[Event::Status(stopped)]);
+        let said = fleet.exit().await.expect_err("no last status").to_string();
+        assert!(said.contains("without its last status"), "{said}");
     }
 }

@@ -15,7 +15,7 @@ use tether_proto::auth::Secret;
 use tokio::time::Instant;
 
 use super::fleet::{Command, FleetReport, Status, WorkerRecord, now_us};
-use super::procs::{CoordOpts, Coordinator, FaultProxy, Fleet, TlsFiles};
+use super::procs::{CoordOpts, Coordinator, Exited, FaultProxy, Fleet, TlsFiles};
 use super::report::{self, Dist, Report};
 use super::{Cut, Scenario, StressArgs, probe, truth};
 
@@ -471,8 +471,10 @@ impl Run {
     }
 
     /// The results the running coordinator answered `recorded` or `stale` (each stores one
-    /// row; those of cancelled attempts are counted apart), read until two reads 250 ms apart agree: the sessions' last frames are taken.
-    async fn settled_results(&self) -> anyhow::Result<u64> {
+    /// row; those of cancelled attempts are counted apart), read until two reads 250 ms apart
+    /// agree: the sessions' last frames are taken. Only once the fleet exited (`_fleet`), so
+    /// that no worker sends one more.
+    async fn settled_results(&self, _fleet: &Exited) -> anyhow::Result<u64> {
         let mut last = None;
         for _ in 0..40 {
             let said = self
@@ -591,8 +593,32 @@ impl Run {
     }
 
     /// Stops both processes, reads the ground truth and adds the common verdicts.
+    ///
+    /// The fleet goes first, and what the coordinator counted of the workers' results is read
+    /// after it exited, with its last status: results still arrive while the workers stop (a
+    /// worker reconnecting to hand back work not yet acknowledged), and counts read before
+    /// would miss them, so that the stored rows could outnumber what the coordinator said.
+    /// What only a live fleet can give (its CPU, its workers' records) is read before.
     async fn finish(mut self) -> anyhow::Result<Report> {
         self.phase("stopping", 1);
+        let fleet = self.fleet.sample()?;
+        self.report.fleet_cpu_s = fleet.cpu_s;
+        self.report.fleet_nice = Some(fleet.nice);
+        if !self.proxies.is_empty() {
+            let samples = self
+                .proxies
+                .iter()
+                .map(FaultProxy::sample)
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            self.report.proxy_cpu_s = Some(samples.iter().map(|s| s.cpu_s).sum());
+            self.report.proxy_peak_rss_kib = Some(samples.iter().map(|s| s.hwm_kib).sum());
+        }
+        let resets = match self.a.reset_every {
+            Some(every) => Some((every, self.fleet.report().await?)),
+            None => None,
+        };
+        let exited = self.fleet.exit().await?;
+        let fleet_status = &exited.status;
         // What the coordinator saw, not what was asked for: registrations that authenticated,
         // sessions whose frames carried tags, and the scheme every connection of the run used.
         let [authenticated, tagged, zin, zout] = self
@@ -619,33 +645,19 @@ impl Run {
                 "no TLS"
             }
         );
-        let fleet_status = self.fleet.now();
-        let fleet = self.fleet.sample()?;
-        self.report.fleet_cpu_s = fleet.cpu_s;
-        self.report.fleet_nice = Some(fleet.nice);
-        if !self.proxies.is_empty() {
-            let samples = self
-                .proxies
-                .iter()
-                .map(FaultProxy::sample)
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            self.report.proxy_cpu_s = Some(samples.iter().map(|s| s.cpu_s).sum());
-            self.report.proxy_peak_rss_kib = Some(samples.iter().map(|s| s.hwm_kib).sum());
-        }
         // What the coordinator running now said it recorded (`recorded` or `stale`), once the
-        // results in flight were taken (every task has ended): each is one row it stored.
-        let said = self.settled_results().await?;
+        // results in flight were taken (every task has ended, every worker stopped): each is
+        // one row it stored.
+        let said = self.settled_results(&exited).await?;
         let [duplicate, checkpoint_duplicate] = self
             .counters(["results_duplicate", "checkpoint_messages_duplicate"])
             .await?;
         self.report.results_duplicate = Some(duplicate);
         self.report.checkpoint_messages_duplicate = Some(checkpoint_duplicate);
-        if let Some(every) = self.a.reset_every {
-            let rep = self.fleet.report().await?;
-            self.report.connections_reset = Some(rep.status.resets);
+        if let Some((every, rep)) = resets {
+            self.report.connections_reset = Some(fleet_status.resets);
             reset_verdict(&mut self.report, &rep, every, duplicate);
         }
-        self.fleet.exit().await?;
         self.coord.sample()?;
         self.coord.stop().await?;
         let t = truth::read(
