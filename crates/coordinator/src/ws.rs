@@ -680,51 +680,80 @@ impl Drop for Departure {
     }
 }
 
-/// The rates of workers whose sessions ended with less than a full burst saved up, until they
-/// are full again: a worker that reconnects carries on where it was instead of starting with a
-/// whole burst (a reconnect was worth a burst of 4,000 messages and 256 MiB).
+/// The rates of each worker: shared by its sessions while any is open (a worker that
+/// reconnects while its previous session is still open, which is the usual reconnect, takes
+/// the same buckets, not a fresh burst), and kept after its last session ended with less than
+/// a full burst saved up, until they are full again: a worker that reconnects carries on where
+/// it was (a reconnect was worth a burst of 4,000 messages and 256 MiB).
 #[derive(Default)]
-pub struct Paces(std::sync::Mutex<HashMap<WorkerId, Pace>>);
+pub struct Paces(std::sync::Mutex<PaceMap>);
+
+#[derive(Default)]
+struct PaceMap {
+    by_worker: HashMap<WorkerId, Arc<std::sync::Mutex<Pace>>>,
+    /// The size at which the next sweep of full, unused paces runs: at least
+    /// [`PACES_SWEPT_AT`], and twice what the last sweep kept (so a fleet of many workers,
+    /// each with an open session, does not sweep the whole map at every session's end).
+    sweep_at: usize,
+}
 
 /// Paces kept before the full ones are swept out.
 const PACES_SWEPT_AT: usize = 4096;
 
 impl Paces {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<WorkerId, Pace>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, PaceMap> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn resume(&self, worker: &WorkerId, limits: &Limits) -> Pace {
-        self.map()
-            .remove(worker)
-            .unwrap_or_else(|| Pace::new(limits))
+    fn resume(&self, worker: &WorkerId, limits: &Limits) -> SessionPace {
+        let shared = self
+            .map()
+            .by_worker
+            .entry(worker.clone())
+            .or_insert_with(|| Arc::new(std::sync::Mutex::new(Pace::new(limits))))
+            .clone();
+        SessionPace { shared, told: None }
     }
 
-    fn keep(&self, worker: &WorkerId, mut pace: Pace, limits: &Limits) {
+    /// The session's end: its worker's rates are forgotten once no session uses them and
+    /// they are full (the next session would start full all the same).
+    fn keep(&self, worker: &WorkerId, pace: SessionPace, limits: &Limits) {
+        drop(pace);
         let now = Instant::now();
-        if pace.full(now, limits) {
-            return;
-        }
-        pace.told = None;
+        let unused_and_full = |p: &Arc<std::sync::Mutex<Pace>>| {
+            Arc::strong_count(p) == 1 && lock(p).full(now, limits)
+        };
         let mut map = self.map();
-        if map.len() >= PACES_SWEPT_AT {
-            map.retain(|_, p| !p.full(now, limits));
+        if map.by_worker.get(worker).is_some_and(unused_and_full) {
+            map.by_worker.remove(worker);
         }
-        map.insert(worker.clone(), pace);
+        if map.by_worker.len() >= map.sweep_at.max(PACES_SWEPT_AT) {
+            map.by_worker.retain(|_, p| !unused_and_full(p));
+            map.sweep_at = 2 * map.by_worker.len();
+        }
     }
 }
 
-/// A session's rates: messages a second, and bytes a second of its frames' text as decoded
+fn lock(p: &std::sync::Mutex<Pace>) -> std::sync::MutexGuard<'_, Pace> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A session's hold on its worker's rates, and when the session last told the worker it is
+/// over one.
+struct SessionPace {
+    shared: Arc<std::sync::Mutex<Pace>>,
+    told: Option<Instant>,
+}
+
+/// A worker's rates: messages a second, and bytes a second of its frames' text as decoded
 /// (after inflating, for a compressed frame), each a token bucket. A frame is read and then
 /// handled once both have room; the bytes are charged after decoding, into debt if need be (at
 /// most one frame's, `max_frame`), and the next frame waits until the debt is paid. So a
-/// session never costs more inflating and parsing than the byte rate allows, over any span,
+/// worker never costs more inflating and parsing than the byte rate allows, over any span,
 /// by more than its burst and one frame.
 struct Pace {
     messages: Bucket,
     bytes: Bucket,
-    /// When the worker was last told it is over a rate.
-    told: Option<Instant>,
 }
 
 /// The rate a frame has to wait for.
@@ -739,7 +768,6 @@ impl Pace {
         Self {
             messages: Bucket::full(limits.message_rate()),
             bytes: Bucket::full(limits.byte_rate()),
-            told: None,
         }
     }
 
@@ -755,20 +783,32 @@ impl Pace {
         None
     }
 
-    /// Charges a frame's decoded bytes.
-    fn charge_bytes(&mut self, n: usize, limits: &Limits) {
-        self.bytes.charge(n as u64, limits.byte_rate());
-    }
-
     /// Whether both buckets are full by `now`: nothing to remember.
     fn full(&mut self, now: Instant, limits: &Limits) -> bool {
         self.messages.is_full(now, limits.message_rate())
             && self.bytes.is_full(now, limits.byte_rate())
     }
+}
+
+impl SessionPace {
+    fn admit(&mut self, now: Instant, limits: &Limits) -> Option<Over> {
+        lock(&self.shared).admit(now, limits)
+    }
+
+    /// Charges a frame's decoded bytes.
+    fn charge_bytes(&mut self, n: usize, limits: &Limits) {
+        lock(&self.shared)
+            .bytes
+            .charge(n as u64, limits.byte_rate());
+    }
 
     /// Charges a frame's messages past its first (taken by [`Pace::admit`]).
     fn charge_messages(&mut self, n: u32, limits: &Limits) {
-        self.messages.charge(u64::from(n), limits.message_rate());
+        if n > 0 {
+            lock(&self.shared)
+                .messages
+                .charge(u64::from(n), limits.message_rate());
+        }
     }
 
     /// Waits, counted and telling the worker at most once a second, until both rates have
@@ -814,9 +854,12 @@ impl Pace {
                     return false;
                 }
             }
-            let ready_at = match over {
-                Over::Messages => self.messages.next_token_at(limits.message_rate()),
-                Over::Bytes => self.bytes.next_token_at(limits.byte_rate()),
+            let ready_at = {
+                let pace = lock(&self.shared);
+                match over {
+                    Over::Messages => pace.messages.next_token_at(limits.message_rate()),
+                    Over::Bytes => pace.bytes.next_token_at(limits.byte_rate()),
+                }
             };
             tokio::time::sleep_until(ready_at).await;
             match self.admit(Instant::now(), limits) {
@@ -1713,6 +1756,50 @@ mod tests {
     /// The size of the future an async fn of five arguments returns, without making one.
     fn future_size<F: Future, A, B, C, D, E>(_: fn(A, B, C, D, E) -> F) -> usize {
         std::mem::size_of::<F>()
+    }
+
+    /// A worker's rates are kept while a session uses them or they are not full, and the
+    /// sweep of a large map drops only the full ones no session uses.
+    #[tokio::test(start_paused = true)]
+    async fn a_workers_rates_are_forgotten_only_when_unused_and_full() {
+        let limits = Limits {
+            messages_per_sec: 10.0,
+            message_burst: 10,
+            ..Limits::default()
+        };
+        let paces = Paces::default();
+        let w = |i: usize| WorkerId::parse(&format!("w{i}")).expect("id");
+        let held = |paces: &Paces| paces.map().by_worker.len();
+        // Full, no session: forgotten at its session's end.
+        let p = paces.resume(&w(0), &limits);
+        paces.keep(&w(0), p, &limits);
+        assert_eq!(held(&paces), 0);
+        // Spent, or still used by another session: kept.
+        let mut a = paces.resume(&w(1), &limits);
+        let b = paces.resume(&w(1), &limits);
+        for _ in 0..10 {
+            assert_eq!(a.admit(Instant::now(), &limits), None);
+        }
+        assert_eq!(
+            b.shared
+                .lock()
+                .expect("pace")
+                .admit(Instant::now(), &limits),
+            Some(Over::Messages),
+            "one bucket"
+        );
+        paces.keep(&w(1), a, &limits);
+        assert_eq!(held(&paces), 1);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // Full again, but b still uses it.
+        let open: Vec<SessionPace> = (2..PACES_SWEPT_AT + 1)
+            .map(|i| paces.resume(&w(i), &limits))
+            .collect();
+        paces.keep(&w(2), paces.resume(&w(2), &limits), &limits);
+        assert_eq!(held(&paces), PACES_SWEPT_AT, "the sweep drops none in use");
+        paces.keep(&w(1), b, &limits);
+        assert_eq!(held(&paces), PACES_SWEPT_AT - 1);
+        drop(open);
     }
 
     /// Every idle connection keeps its session's future, whose size is that of its largest

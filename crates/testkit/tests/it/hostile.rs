@@ -624,6 +624,18 @@ async fn heartbeats(raw: &mut Raw, first: u64, n: u64) {
 
 #[tokio::test]
 async fn a_reconnect_does_not_refill_a_workers_message_rate() {
+    reconnect_spends_the_same_burst(true).await;
+}
+
+/// The usual reconnect: the worker is back before its previous session ended (it noticed the
+/// loss first). The new session shares the rates of the one still open; it used to start
+/// with a fresh burst, which a worker could have taken as often as it opened a connection.
+#[tokio::test]
+async fn a_reconnect_while_the_previous_session_is_open_does_not_refill_the_rate() {
+    reconnect_spends_the_same_burst(false).await;
+}
+
+async fn reconnect_spends_the_same_burst(first_ended: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = fast_coordinator_config(dir.path().to_owned());
     // A burst of 50, refilled at 5 a second: a second session soon after has few to spend.
@@ -641,13 +653,16 @@ async fn a_reconnect_does_not_refill_a_workers_message_rate() {
         0,
         "within the burst"
     );
-    let _ = w.ws.close(None).await;
-    wait_for("the session to end", DEADLINE, || async {
-        let ws: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
-        (ws[0]["state"] == "disconnected").then_some(())
-    })
-    .await;
+    if first_ended {
+        let _ = w.ws.close(None).await;
+        wait_for("the session to end", DEADLINE, || async {
+            let ws: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
+            (ws[0]["state"] == "disconnected").then_some(())
+        })
+        .await;
+    }
     // Back at once: the burst it spent is still spent.
+    let _first = w;
     let mut w = Raw::connect(&c, "rebursting").await;
     let reg = w.registration(None, &[]);
     w.send(&reg).await;
