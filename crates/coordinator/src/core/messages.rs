@@ -1244,8 +1244,7 @@ impl Core {
         if save {
             self.save_worker(worker, b);
         } else if let Some(w) = self.workers.get_mut(worker)
-            && w
-                .stats_announced
+            && w.stats_announced
                 .is_none_or(|at| at.elapsed() >= STATS_ANNOUNCE_EVERY)
         {
             w.stats_announced = Some(tokio::time::Instant::now());

@@ -1545,7 +1545,11 @@ async fn telemetry_announces_the_worker_at_most_once_a_second() {
         }
         n
     };
-    assert_eq!(announced(&mut h, 1), 1, "ten reports at once: one announcement");
+    assert_eq!(
+        announced(&mut h, 1),
+        1,
+        "ten reports at once: one announcement"
+    );
     tokio::time::advance(std::time::Duration::from_millis(999)).await;
     assert_eq!(announced(&mut h, 11), 0);
     tokio::time::advance(std::time::Duration::from_millis(1)).await;
