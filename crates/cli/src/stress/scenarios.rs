@@ -1142,13 +1142,9 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
         move |s| s.executions >= tasks,
     )
     .await?;
-    let [f0, w0, a0] = run
-        .counters(["messages_in", "frames_in", "compact_acked"])
-        .await?;
-    let s0 = run.fleet.now().flood_sent;
     let before = run.fleet.report().await?;
-    let (c0, fc0) = (run.coord.sample()?.cpu_s, run.fleet.cpu_s()?);
-    let t0 = Instant::now();
+    let m0 = run.flood_mark().await?;
+    let t0 = m0.at;
     run.phase("flooding", duration.as_secs());
     let probes = tokio::spawn(probe::run(
         run.coord.url(),
@@ -1162,23 +1158,18 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(250)).await;
         run.pb.set_position(t0.elapsed().as_secs());
     }
-    let [f1, w1, a1] = run
-        .counters(["messages_in", "frames_in", "compact_acked"])
-        .await?;
-    let s1 = run.fleet.now().flood_sent;
-    let (c1, fc1) = (run.coord.sample()?.cpu_s, run.fleet.cpu_s()?);
-    let dt = t0.elapsed().as_secs_f64();
+    let m1 = run.flood_mark().await?;
     let after = run.fleet.report().await?;
     let lat = probes.await.context("probes")??;
+    let w = FloodWindow::between(&m0, &m1);
     let r = &mut run.report;
-    let mps = (f1 - f0) as f64 / dt;
-    let handled = (f1 - f0).max(1) as f64;
-    r.coordinator_us_per_message = Some((c1 - c0) * 1e6 / handled);
-    r.fleet_us_per_message = Some((fc1 - fc0) * 1e6 / handled);
+    let mps = w.messages_per_s;
+    r.coordinator_us_per_message = Some(w.coordinator_us_per_message);
+    r.fleet_us_per_message = Some(w.fleet_us_per_message);
     r.messages_per_s = Some(mps);
-    r.offered_per_s = Some((s1 - s0) as f64 / dt);
-    r.messages_per_frame = Some((f1 - f0) as f64 / (w1 - w0).max(1) as f64);
-    r.compact_acked_share = Some((a1 - a0) as f64 / handled);
+    r.offered_per_s = Some(w.offered_per_s);
+    r.messages_per_frame = Some(w.messages_per_frame);
+    r.compact_acked_share = Some(w.compact_acked_share);
     r.message_latency_ms = Dist::of(lat);
     let waits = window_waits(&before, &after);
     r.send_window_waits = Some(waits.iter().sum());
@@ -1237,6 +1228,89 @@ fn window_waits(before: &FleetReport, after: &FleetReport) -> Vec<u64> {
             w.send_window_full.saturating_sub(from)
         })
         .collect()
+}
+
+/// One end of message_flood's measured window: the coordinator's counters, the fleet's count
+/// of updates offered and both processes' CPU, with the instant they were read. The figures
+/// are counts over time, so each end's counts and instant must be taken together: counters
+/// read before a slow step (a report of every worker) and the instant after it covered more
+/// than the time they were divided by.
+#[derive(Debug, Clone, Copy)]
+struct FloodMark {
+    /// The middle of the counters' request: they were read at some moment within it.
+    at: Instant,
+    messages: u64,
+    frames: u64,
+    compact_acked: u64,
+    offered: u64,
+    coordinator_cpu_s: f64,
+    fleet_cpu_s: f64,
+}
+
+impl Run {
+    /// Reads a [`FloodMark`]. The fleet prints its status every
+    /// [`super::fleet::STATUS_EVERY`]: the mark waits for a fresh one, so that its count of
+    /// updates offered is of the same moment as the coordinator's counters, not up to a
+    /// status period older.
+    async fn flood_mark(&mut self) -> anyhow::Result<FloodMark> {
+        self.fleet.status.borrow_and_update();
+        tokio::time::timeout(Duration::from_secs(5), self.fleet.status.changed())
+            .await
+            .context("the fleet printed no status within 5 s")?
+            .context("the fleet process ended")?;
+        let offered = self.fleet.now().flood_sent;
+        let asked = Instant::now();
+        let [messages, frames, compact_acked] = self
+            .counters(["messages_in", "frames_in", "compact_acked"])
+            .await?;
+        let answered = Instant::now();
+        let coordinator_cpu_s = self.coord.sample()?.cpu_s;
+        let fleet_cpu_s = self.fleet.cpu_s()?;
+        Ok(FloodMark {
+            at: asked + (answered - asked) / 2,
+            messages,
+            frames,
+            compact_acked,
+            offered,
+            coordinator_cpu_s,
+            fleet_cpu_s,
+        })
+    }
+}
+
+/// message_flood's figures over the window between two [`FloodMark`]s.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct FloodWindow {
+    seconds: f64,
+    messages_per_s: f64,
+    offered_per_s: f64,
+    messages_per_frame: f64,
+    compact_acked_share: f64,
+    coordinator_us_per_message: f64,
+    fleet_us_per_message: f64,
+}
+
+impl FloodWindow {
+    fn between(m0: &FloodMark, m1: &FloodMark) -> Self {
+        let seconds = m1
+            .at
+            .saturating_duration_since(m0.at)
+            .as_secs_f64()
+            .max(1e-6);
+        let messages = m1.messages.saturating_sub(m0.messages);
+        let per_message = messages.max(1) as f64;
+        Self {
+            seconds,
+            messages_per_s: messages as f64 / seconds,
+            offered_per_s: m1.offered.saturating_sub(m0.offered) as f64 / seconds,
+            messages_per_frame: messages as f64 / m1.frames.saturating_sub(m0.frames).max(1) as f64,
+            compact_acked_share: m1.compact_acked.saturating_sub(m0.compact_acked) as f64
+                / per_message,
+            coordinator_us_per_message: (m1.coordinator_cpu_s - m0.coordinator_cpu_s) * 1e6
+                / per_message,
+            fleet_us_per_message: (m1.fleet_cpu_s - m0.fleet_cpu_s) * 1e6 / per_message,
+        }
+    }
 }
 
 /// Long tasks checkpoint every step; halfway, a quarter of the workers crash; their tasks are
@@ -1553,6 +1627,50 @@ mod tests {
         // No worker lived long enough: nothing shows the resets happened.
         let none = reset_judged(&[("b", 9_800, 0, 0)]);
         assert!(!none.pass, "{}", none.detail);
+    }
+
+    #[test]
+    fn flood_figures_are_the_counts_between_two_marks_over_the_time_between_them() {
+        let t = Instant::now();
+        let m0 = FloodMark {
+            at: t,
+            messages: 1_000,
+            frames: 100,
+            compact_acked: 500,
+            offered: 2_000,
+            coordinator_cpu_s: 10.0,
+            fleet_cpu_s: 20.0,
+        };
+        let m1 = FloodMark {
+            at: t + Duration::from_secs(2),
+            messages: 401_000,
+            frames: 100_100,
+            compact_acked: 300_500,
+            offered: 502_000,
+            coordinator_cpu_s: 11.6,
+            fleet_cpu_s: 22.0,
+        };
+        let w = FloodWindow::between(&m0, &m1);
+        let near = |a: f64, b: f64| (a - b).abs() < 1e-6 * b.abs().max(1.0);
+        assert!(near(w.seconds, 2.0), "{w:?}");
+        assert!(near(w.messages_per_s, 200_000.0), "{w:?}");
+        assert!(near(w.offered_per_s, 250_000.0), "{w:?}");
+        assert!(near(w.messages_per_frame, 4.0), "{w:?}");
+        assert!(near(w.compact_acked_share, 0.75), "{w:?}");
+        assert!(near(w.coordinator_us_per_message, 4.0), "{w:?}");
+        assert!(near(w.fleet_us_per_message, 5.0), "{w:?}");
+        // A mark taken later covers more: the same counts over 4 s are half the rate.
+        let later = FloodMark {
+            at: t + Duration::from_secs(4),
+            ..m1
+        };
+        assert!(near(
+            FloodWindow::between(&m0, &later).messages_per_s,
+            100_000.0
+        ));
+        // Nothing handled: no division by zero.
+        let idle = FloodWindow::between(&m0, &FloodMark { at: m1.at, ..m0 });
+        assert_eq!((idle.messages_per_s, idle.messages_per_frame), (0.0, 0.0));
     }
 
     #[test]
