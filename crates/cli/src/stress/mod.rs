@@ -228,6 +228,11 @@ pub struct StressArgs {
     pub keep: bool,
 }
 
+/// The shortest `--idle`. The coordinator's CPU time is read from `/proc` in clock ticks of
+/// 10 ms; over a window of W the idle figure moves in steps of 10 ms / W of a core. Under a
+/// second one tick is more than a point of a core, a fifth of the 5 % target, and the figure
+/// cannot tell a met target from a missed one (at 0 s it divides by nothing at all).
+pub const MIN_IDLE: Duration = Duration::from_secs(1);
 /// The shortest `--reset-every`.
 pub const MIN_RESET_EVERY: Duration = Duration::from_millis(50);
 /// The largest `--size` of a state update: a message must fit in a frame with room to spare.
@@ -354,6 +359,12 @@ impl StressArgs {
                 );
             }
         }
+        if self.idle < MIN_IDLE {
+            bail!(
+                "--idle must be at least {MIN_IDLE:?}: the coordinator's CPU is read in clock \
+                 ticks of 10 ms, too coarse to measure idle CPU over a shorter window"
+            );
+        }
         if self.outage.is_zero() {
             bail!("--outage must be longer than 0");
         }
@@ -466,6 +477,18 @@ mod tests {
     /// What `check` says of `line`: `None` when it takes it.
     fn refusal(line: &[&str]) -> Option<String> {
         args(line).check().err().map(|e| e.to_string())
+    }
+
+    #[test]
+    fn an_idle_window_too_short_to_measure_cpu_in_is_refused() {
+        for idle in ["0s", "999ms"] {
+            let said = refusal(&["thundering_herd", "--idle", idle]);
+            assert!(
+                said.as_deref().is_some_and(|s| s.starts_with("--idle")),
+                "{idle}: {said:?}"
+            );
+        }
+        assert_eq!(refusal(&["thundering_herd", "--idle", "1s"]), None);
     }
 
     #[test]
