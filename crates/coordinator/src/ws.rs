@@ -1132,6 +1132,10 @@ fn decode_error(app: &AppState, worker: &WorkerId, e: &DecodeError) -> CoordMsg 
     CoordMsg::error(code, e.to_string(), e.offending_type(), e.seq())
 }
 
+/// The longest a connection may take to deliver its registration while its bytes keep
+/// coming (a large inventory over a crawling link); without bytes, the heartbeat timeout.
+pub const PRE_REGISTRATION_MOST: Duration = Duration::from_secs(120);
+
 /// A connection before it is handed to the core.
 struct Conn<'a> {
     app: &'a AppState,
@@ -1156,19 +1160,40 @@ impl Conn<'_> {
         &mut self,
         auth: Option<(&WorkerAuth, &str)>,
     ) -> Option<Registered> {
-        let mut deadline = Instant::now() + self.app.cfg.heartbeat_timeout;
+        let timeout = self.app.cfg.heartbeat_timeout;
+        let mut deadline = Instant::now() + timeout;
+        // A frame still arriving when the deadline comes (a registration larger than the link
+        // carries in a timeout) is waited for, a timeout at a time while its bytes come, up
+        // to `PRE_REGISTRATION_MOST` in all: past registration a slow frame keeps its session,
+        // and a registration cut short was sent again, and cut again, for ever.
+        let most = Instant::now() + PRE_REGISTRATION_MOST.max(timeout);
+        let mut read_seen = self.tx.entry.bytes_read();
         let counters = &self.app.counters;
         for _ in 0..PRE_AUTH_FRAMES {
-            let frame = match timeout_at(deadline, self.stream.next()).await {
-                Ok(Some(Ok(m))) => m,
-                Ok(Some(Err(e))) if is_too_big(&e) => {
+            let next = loop {
+                match timeout_at(deadline, self.stream.next()).await {
+                    Ok(next) => break next,
+                    Err(_) => {
+                        let read = self.tx.entry.bytes_read();
+                        if read == read_seen || Instant::now() >= most {
+                            return None;
+                        }
+                        read_seen = read;
+                        deadline = (Instant::now() + timeout).min(most);
+                    }
+                }
+            };
+            read_seen = self.tx.entry.bytes_read();
+            let frame = match next {
+                Some(Ok(m)) => m,
+                Some(Err(e)) if is_too_big(&e) => {
                     counters.oversize_frames.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(m::OVERSIZE_FRAMES).increment(1);
                     self.close(deadline, CLOSE_TOO_BIG, "frame exceeds the size limit")
                         .await;
                     return None;
                 }
-                Ok(Some(Err(e))) if is_bad_utf8(&e) => {
+                Some(Err(e)) if is_bad_utf8(&e) => {
                     counters.malformed_frames.fetch_add(1, Ordering::Relaxed);
                     self.close(deadline, CLOSE_BAD_DATA, "text frame is not valid UTF-8")
                         .await;
@@ -1176,7 +1201,7 @@ impl Conn<'_> {
                 }
                 // Counted where it was read (`pre_registration_overflows`); what was read of
                 // the frame is dropped, and the socket is closed, so this close may not arrive.
-                Ok(Some(Err(e))) if is_over_entry_budget(&e) => {
+                Some(Err(e)) if is_over_entry_budget(&e) => {
                     tracing::debug!(worker = %self.worker, session = self.session_id, "connection read too much before its registration");
                     self.close(deadline, CLOSE_POLICY, "too many bytes before registration")
                         .await;

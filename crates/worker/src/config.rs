@@ -160,18 +160,18 @@ impl WorkerConfig {
         if self.tags.len() > MAX_LABELS {
             return Err(ConfigError::new("tags", format!("at most {MAX_LABELS}")));
         }
-        let labels = self
-            .capabilities
-            .iter()
-            .chain(self.tags.iter().flat_map(|(k, v)| [k, v]));
-        if let Some(l) = labels.into_iter().find(|l| l.len() > MAX_LABEL_BYTES) {
-            return Err(ConfigError::new(
-                "capabilities",
-                format!(
-                    "a capability or tag of {} bytes: at most {MAX_LABEL_BYTES}",
-                    l.len()
-                ),
-            ));
+        let long = |field: &'static str, mut labels: std::slice::Iter<'_, &String>| {
+            labels.find(|l| l.len() > MAX_LABEL_BYTES).map(|l| {
+                ConfigError::new(
+                    field,
+                    format!("one of {} bytes: at most {MAX_LABEL_BYTES}", l.len()),
+                )
+            })
+        };
+        let capabilities: Vec<&String> = self.capabilities.iter().collect();
+        let tags: Vec<&String> = self.tags.iter().flat_map(|(k, v)| [k, v]).collect();
+        if let Some(e) = long("capabilities", capabilities.iter()).or(long("tags", tags.iter())) {
+            return Err(e);
         }
         // As a submission's: a key a task could not name (`tether submit --tag KEY=VALUE`).
         if self
@@ -234,7 +234,7 @@ mod tests {
         let base = || WorkerConfig::new("ws://127.0.0.1:1", WorkerId::parse("w").expect("id"));
         base().validate().expect("the defaults");
         type Spoil = fn(&mut WorkerConfig);
-        let cases: [(&str, Spoil); 14] = [
+        let cases: [(&str, Spoil); 15] = [
             ("heartbeat_interval", |c| {
                 c.heartbeat_interval = Duration::ZERO
             }),
@@ -258,6 +258,9 @@ mod tests {
             ("capabilities", |c| c.capabilities = vec!["c".repeat(257)]),
             ("tags", |c| {
                 c.tags = (0..=64).map(|i| (format!("k{i}"), "v".into())).collect()
+            }),
+            ("tags", |c| {
+                c.tags.insert("k".into(), "v".repeat(257));
             }),
             ("tags", |c| {
                 c.tags.insert(String::new(), "x".into());

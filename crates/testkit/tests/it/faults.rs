@@ -381,6 +381,40 @@ struct SlowFrame {
     small_send_buffer: bool,
 }
 
+/// A registration larger than the link carries in a heartbeat timeout (a long inventory over
+/// a slow upstream) is waited for while its bytes come, as a slow frame after registration
+/// is: it used to be cut at the timeout, and sent again, and cut again, for ever.
+#[tokio::test]
+async fn a_registration_slower_than_the_heartbeat_timeout_is_waited_for() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.heartbeat_interval = std::time::Duration::from_millis(500);
+    cfg.heartbeat_timeout = std::time::Duration::from_millis(1500);
+    let c = spawn_coordinator_with(cfg, None).await;
+    let proxy = proxy_in_front(&c, 7).await;
+    let mut raw = crate::raw::Raw::connect_at(proxy.listen_addr(), "slow-registration").await;
+    let _slow = slow_link(&proxy, 20_000, Direction::Upstream).await;
+    let mut reg = raw.registration(None, &[]);
+    let finished: Vec<serde_json::Value> = (0..1500)
+        .map(|i| serde_json::json!({ "task_id": format!("t-{i:032x}"), "attempt": 1 }))
+        .collect();
+    reg["inventory"] = serde_json::json!({ "finished": finished });
+    let size = reg.to_string().len();
+    assert!(
+        size > 60_000,
+        "{size} bytes: more than the link carries in 3 timeouts"
+    );
+    let started = std::time::Instant::now();
+    raw.send(&reg).await;
+    raw.next_of("registration_ack").await;
+    assert!(
+        started.elapsed() > std::time::Duration::from_secs(3),
+        "the registration must outlast the timeout for this test to mean anything: {:?}",
+        started.elapsed()
+    );
+    c.stop().await;
+}
+
 /// A worker uploads a 256 KiB checkpoint through an upstream slower than both sides'
 /// liveness timeouts: the checkpoint arrives whole in one session, the coordinator pinging.
 async fn a_slow_frame_keeps_the_session(how: SlowFrame) {

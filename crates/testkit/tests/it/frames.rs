@@ -285,8 +285,8 @@ async fn a_registration_too_large_for_the_coordinator_stops_the_worker_saying_wh
     cfg.max_frame = tether_proto::settings::MIN_FRAME;
     let c = spawn_coordinator_with(cfg, None).await;
     let mut wcfg = fast_worker_config(&c.ws_url(), "w-tags");
-    wcfg.tags
-        .insert("note".into(), "x".repeat(tether_proto::settings::MIN_FRAME));
+    // Within the bounds of a registration's labels (200 of 200 bytes), past the frame.
+    wcfg.capabilities = (0..200).map(|i| format!("{i:0200}")).collect();
     let w = spawn_worker(wcfg, tether_worker::Executors::builtin());
     let ended = tokio::time::timeout(DEADLINE, w.join)
         .await

@@ -24,7 +24,12 @@ pub(crate) struct Raw {
 
 impl Raw {
     pub(crate) async fn connect(c: &TestCoordinator, id: &str) -> Raw {
-        let url = format!("ws://{}/api/v1/worker/{id}/ws", c.addr);
+        Self::connect_at(c.addr, id).await
+    }
+
+    /// Connects to whatever listens at `addr` (a coordinator, or a proxy in front of one).
+    pub(crate) async fn connect_at(addr: std::net::SocketAddr, id: &str) -> Raw {
+        let url = format!("ws://{addr}/api/v1/worker/{id}/ws");
         let (ws, _) = tokio_tungstenite::connect_async(&url)
             .await
             .expect("connect");
