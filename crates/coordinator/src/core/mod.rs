@@ -759,8 +759,24 @@ impl Core {
                     if let Some(w) = self.workers.get_mut(&worker) {
                         w.last_seen = now();
                     }
+                    let mut session = session;
                     for msg in msgs {
+                        let registration = matches!(msg, WorkerMsg::Registration(_));
                         self.on_message(&worker, &session, msg, b);
+                        // A registration changes what the session agreed (acknowledgements by
+                        // number, its frame limit): the frame's later messages follow it.
+                        if registration {
+                            let now = self
+                                .workers
+                                .get(&worker)
+                                .and_then(|w| w.session.as_ref())
+                                .filter(|s| s.id == session_id)
+                                .cloned();
+                            match now {
+                                Some(now) => session = now,
+                                None => break,
+                            }
+                        }
                     }
                 }
             }

@@ -1465,6 +1465,36 @@ fn state(seq: u64, task: &TaskId, attempt: u32) -> WorkerMsg {
     })
 }
 
+/// A registration again in the session, in one frame with more messages: those after it
+/// follow what it agreed (here, whole acknowledgements), not what the session had agreed.
+#[test]
+fn messages_after_a_registration_in_the_same_frame_follow_what_it_agreed() {
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect_with("a", true);
+    let t = h.submit();
+    drain(&mut rx);
+    let again = Registration {
+        compact_acks: false,
+        ..registration("a")
+    };
+    h.step(Event::Frame {
+        worker: wid("a"),
+        session_id: s,
+        msgs: vec![WorkerMsg::Registration(again), state(1, &t, 1)],
+    });
+    let mut got = Vec::new();
+    while let Ok(o) = rx.try_recv() {
+        got.push(match o {
+            Outgoing::Recorded(seq) => format!("recorded {}", seq.0),
+            Outgoing::Msg(m) => m.type_name().to_string(),
+            Outgoing::Close(_) => "close".into(),
+            Outgoing::Piece(p) => p.0.type_name().to_string(),
+        });
+    }
+    assert!(got.contains(&"task_state_ack".to_owned()), "{got:?}");
+    assert!(!got.iter().any(|g| g.starts_with("recorded")), "{got:?}");
+}
+
 #[test]
 fn a_session_that_agreed_to_compact_acks_gets_recorded_messages_acknowledged_by_number() {
     let mut h = Harness::new();
