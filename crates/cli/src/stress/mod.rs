@@ -228,6 +228,17 @@ pub struct StressArgs {
     pub keep: bool,
 }
 
+/// The most simulated workers (`--workers`): each is a socket in the fleet process and one
+/// in the coordinator's, far past any machine's open-file limit, and the fleet is driven with
+/// counts of 32 bits.
+pub const MAX_WORKERS: u64 = 1_000_000;
+/// The most tasks a run holds at once: `--tasks`, and `--workers` x `--slots` (message_flood
+/// submits a task for every slot). Every task's spec is built before it is submitted and its id
+/// kept to judge it, so the run's memory grows with them.
+pub const MAX_TASKS: u64 = 1_000_000;
+/// The most messages a second a probe sends (`--probe-rate`): its period must be at least the
+/// timer's millisecond (a shorter one is not kept; a period of 0 ns stops the run).
+pub const MAX_PROBE_RATE: u32 = 1_000;
 /// The shortest `--idle`. The coordinator's CPU time is read from `/proc` in clock ticks of
 /// 10 ms; over a window of W the idle figure moves in steps of 10 ms / W of a core. Under a
 /// second one tick is more than a point of a core, a fifth of the 5 % target, and the figure
@@ -258,6 +269,29 @@ impl StressArgs {
     /// (these have defaults, so their values cannot tell).
     pub fn check_applicable(&self, given: impl Fn(&str) -> bool) -> anyhow::Result<()> {
         use Scenario::*;
+        // Options with no default, which no flag name is needed to see.
+        let unused: [(&str, bool, &[Scenario]); 2] = [
+            (
+                "--duration",
+                self.duration.is_some(),
+                &[SteadyLoad, MessageFlood, CheckpointHeavy],
+            ),
+            (
+                "--tasks",
+                self.tasks.is_some(),
+                &[ThunderingHerd, CheckpointHeavy, MixedPriority],
+            ),
+        ];
+        for (flag, given, uses) in unused {
+            if given && !uses.contains(&self.scenario) {
+                let users: Vec<&str> = uses.iter().map(|s| s.name()).collect();
+                bail!(
+                    "{flag} does not apply to {}: only {} use it",
+                    self.scenario.name(),
+                    users.join(", ")
+                );
+            }
+        }
         let only: [(&str, Scenario); 10] = [
             ("--rate", MessageFlood),
             ("--size", MessageFlood),
@@ -287,6 +321,18 @@ impl StressArgs {
         if self.workers == Some(0) {
             bail!("--workers must be at least 1");
         }
+        if self.fleet_size() > MAX_WORKERS {
+            bail!(
+                "--workers must be at most {MAX_WORKERS}: each simulated worker holds a socket in \
+                 the fleet and one in the coordinator"
+            );
+        }
+        if self.tasks.is_some_and(|t| t > MAX_TASKS) {
+            bail!(
+                "--tasks must be at most {MAX_TASKS}: every task's spec is built and its id kept \
+                 to judge it"
+            );
+        }
         if self.duration.is_some_and(|d| d.is_zero()) {
             bail!("--duration must be longer than 0");
         }
@@ -295,6 +341,14 @@ impl StressArgs {
         }
         if self.slots == Some(0) {
             bail!("--slots must be at least 1: a worker without slots runs nothing");
+        }
+        // Both at most their bounds above: the product fits in a u64.
+        let slots_in_all = self.fleet_size() * u64::from(scenarios::flood_slots(self));
+        if slots_in_all > MAX_TASKS {
+            bail!(
+                "--slots x --workers ({slots_in_all}) must be at most {MAX_TASKS}: a task can run \
+                 in every slot, and message_flood submits one for each at once"
+            );
         }
         if self.scenario == Scenario::MixedPriority {
             let (low, slots) = (self.tasks.unwrap_or(20_000), self.slots.unwrap_or(1));
@@ -333,8 +387,11 @@ impl StressArgs {
         if !(0.0..=1.0).contains(&self.churn) {
             bail!("--churn must be a share of the workers, 0 to 1");
         }
-        if self.probe_rate == 0 {
-            bail!("--probe-rate must be at least 1");
+        if !(1..=MAX_PROBE_RATE).contains(&self.probe_rate) {
+            bail!(
+                "--probe-rate must be 1 to {MAX_PROBE_RATE} messages a second: a probe's period \
+                 must be at least the timer's millisecond"
+            );
         }
         if self.source_addrs == 0 {
             bail!("--source-addrs must be at least 1");
@@ -394,8 +451,13 @@ impl StressArgs {
 }
 
 pub async fn run(a: StressArgs) -> anyhow::Result<()> {
-    a.check_applicable(crate::settings::on_command_line)?;
-    a.check()?;
+    if let Err(e) = a
+        .check_applicable(crate::settings::on_command_line)
+        .and_then(|()| a.check())
+    {
+        // A bad argument, as the parser's own refusals: said, and exit code 2.
+        clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{e:#}\n")).exit();
+    }
     raise_open_files();
     let report = match scenarios::run(a.clone()).await {
         Ok(report) => report,
@@ -477,6 +539,103 @@ mod tests {
     /// What `check` says of `line`: `None` when it takes it.
     fn refusal(line: &[&str]) -> Option<String> {
         args(line).check().err().map(|e| e.to_string())
+    }
+
+    /// Asserts `check` refuses `line` naming `flag` first.
+    fn refused(line: &[&str], flag: &str) {
+        let said = refusal(line);
+        assert!(
+            said.as_deref().is_some_and(|s| s.starts_with(flag)),
+            "{line:?}: {said:?}"
+        );
+    }
+
+    #[test]
+    fn more_workers_than_a_run_can_hold_are_refused_not_cut_to_32_bits() {
+        let most = MAX_WORKERS.to_string();
+        assert_eq!(refusal(&["thundering_herd", "--workers", &most]), None);
+        let over = (MAX_WORKERS + 1).to_string();
+        refused(&["thundering_herd", "--workers", &over], "--workers");
+        // 2^32 + 1 workers were started as 1.
+        let wraps = (u64::from(u32::MAX) + 2).to_string();
+        refused(&["steady_load", "--workers", &wraps], "--workers");
+    }
+
+    #[test]
+    fn more_tasks_than_a_run_can_hold_at_once_are_refused() {
+        let most = MAX_TASKS.to_string();
+        assert_eq!(refusal(&["checkpoint_heavy", "--tasks", &most]), None);
+        refused(
+            &["checkpoint_heavy", "--tasks", &u64::MAX.to_string()],
+            "--tasks",
+        );
+        refused(
+            &["mixed_priority", "--tasks", &(MAX_TASKS + 1).to_string()],
+            "--tasks",
+        );
+    }
+
+    #[test]
+    fn more_slots_in_all_than_tasks_a_run_can_hold_are_refused_without_overflow() {
+        // 1,000 workers x 1,000 slots: a million flood tasks, the most.
+        let fits = ["message_flood", "--workers", "1000", "--slots", "1000"];
+        assert_eq!(refusal(&fits), None);
+        refused(
+            &["message_flood", "--workers", "1000", "--slots", "1001"],
+            "--slots",
+        );
+        // The largest of each: their product was past a u64 in mixed_priority's check.
+        let (workers, slots) = (MAX_WORKERS.to_string(), u32::MAX.to_string());
+        refused(
+            &["mixed_priority", "--workers", &workers, "--slots", &slots],
+            "--slots",
+        );
+        // The default slots count: 8 in message_flood.
+        refused(&["message_flood", "--workers", "125001"], "--slots");
+    }
+
+    #[test]
+    fn a_probe_rate_whose_period_is_under_a_millisecond_is_refused() {
+        let most = MAX_PROBE_RATE.to_string();
+        assert_eq!(refusal(&["message_flood", "--probe-rate", &most]), None);
+        for rate in ["0", "1001", &u32::MAX.to_string()] {
+            refused(&["message_flood", "--probe-rate", rate], "--probe-rate");
+        }
+    }
+
+    /// `--duration` and `--tasks` have no default, so their value tells whether they were
+    /// given: a scenario that ignores them refuses them, as it does another's flags.
+    #[test]
+    fn duration_and_tasks_are_refused_by_the_scenarios_that_ignore_them() {
+        let applicable = |line: &[&str]| {
+            args(line)
+                .check_applicable(|_| false)
+                .err()
+                .map(|e| e.to_string())
+        };
+        for line in [
+            &["thundering_herd", "--duration", "5s"][..],
+            &["mixed_priority", "--duration", "5s"],
+            &["steady_load", "--tasks", "10"],
+            &["message_flood", "--tasks", "10"],
+        ] {
+            let said = applicable(line);
+            let flag = line[1];
+            assert!(
+                said.as_deref()
+                    .is_some_and(|s| s.starts_with(&format!("{flag} does not apply"))),
+                "{line:?}: {said:?}"
+            );
+        }
+        for line in [
+            &["steady_load", "--duration", "5s"][..],
+            &["message_flood", "--duration", "5s"],
+            &["checkpoint_heavy", "--duration", "5s", "--tasks", "10"],
+            &["thundering_herd", "--tasks", "10"],
+            &["mixed_priority", "--tasks", "1000"],
+        ] {
+            assert_eq!(applicable(line), None, "{line:?}");
+        }
     }
 
     #[test]

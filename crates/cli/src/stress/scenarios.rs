@@ -571,7 +571,9 @@ impl Run {
 
     /// Starts `n` workers and waits until all live workers are registered.
     async fn start_workers(&mut self, n: u64) -> anyhow::Result<()> {
-        self.fleet.send(&Command::Start { count: n as u32 }).await?;
+        self.fleet
+            .send(&Command::Start { count: count(n)? })
+            .await?;
         let target = self.fleet.now().live + n;
         // Connections reset on purpose are never all up at once: each registered once will do.
         let resetting = self.a.reset_every.is_some();
@@ -803,6 +805,12 @@ fn reset_verdict(r: &mut Report, rep: &FleetReport, every: Duration, duplicate: 
             rep.workers.len(),
         ),
     );
+}
+
+/// Workers in a fleet command, which counts them in 32 bits: `check` bounds `--workers` well
+/// within, so more is a bug, said rather than cut to its low bits.
+fn count(n: u64) -> anyhow::Result<u32> {
+    u32::try_from(n).with_context(|| format!("{n} workers do not fit in a fleet command"))
 }
 
 fn ms(us: u64, from_us: u64) -> f64 {
@@ -1099,8 +1107,8 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
         }
         tokio::select! {
             _ = churn.tick(), if per_churn > 0 => {
-                run.fleet.send(&Command::Stop { count: per_churn as u32, abrupt }).await?;
-                run.fleet.send(&Command::Start { count: per_churn as u32 }).await?;
+                run.fleet.send(&Command::Stop { count: count(per_churn)?, abrupt }).await?;
+                run.fleet.send(&Command::Start { count: count(per_churn)? }).await?;
                 abrupt = !abrupt;
                 replaced += per_churn;
             }
@@ -1142,7 +1150,7 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
 }
 
 /// Slots per worker: `--slots`, else 4 in steady_load, 8 in message_flood, 1 otherwise.
-fn flood_slots(a: &StressArgs) -> u32 {
+pub(super) fn flood_slots(a: &StressArgs) -> u32 {
     a.slots.unwrap_or(match a.scenario {
         Scenario::SteadyLoad => 4,
         Scenario::MessageFlood => 8,
@@ -1371,13 +1379,13 @@ async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
     run.phase("workers crashing", 1);
     run.fleet
         .send(&Command::Stop {
-            count: crash as u32,
+            count: count(crash)?,
             abrupt: true,
         })
         .await?;
     run.fleet
         .send(&Command::Start {
-            count: crash as u32,
+            count: count(crash)?,
         })
         .await?;
     run.wait_all_terminal().await?;
@@ -1765,6 +1773,12 @@ mod tests {
         registration_figures(&mut r, &reg, 3, 1_000_000);
         assert!(r.verdicts[0].pass, "{}", r.verdicts[0].detail);
         assert_eq!(r.connects_per_s, Some(3.0 / 1.9));
+    }
+
+    #[test]
+    fn a_fleet_command_count_past_32_bits_is_an_error_not_its_low_bits() {
+        assert_eq!(count(u64::from(u32::MAX)).ok(), Some(u32::MAX));
+        assert!(count(u64::from(u32::MAX) + 2).is_err(), "started as 1");
     }
 
     #[test]
