@@ -613,7 +613,18 @@ mod tests {
         std::fs::write(&exe, script).expect("script");
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        Fleet::spawn(&exe, &dir.join("fleet.log"), &[], 0).expect("spawn")
+        // A process another test thread forks while the script is open for writing holds it
+        // open until it execs: the script is then "busy" (ETXTBSY) for a moment.
+        for _ in 0..50 {
+            match Fleet::spawn(&exe, &dir.join("fleet.log"), &[], 0) {
+                Ok(fleet) => return fleet,
+                Err(e) if format!("{e:#}").contains("busy") => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("spawn: {e:#}"),
+            }
+        }
+        panic!("the script stayed busy for a second")
     }
 
     /// The counts a run ends on are the fleet's last, printed once its workers stopped, not
