@@ -571,10 +571,9 @@ impl Run {
 
     /// Starts `n` workers and waits until all live workers are registered.
     async fn start_workers(&mut self, n: u64) -> anyhow::Result<()> {
-        self.fleet
-            .send(&Command::Start { count: count(n)? })
-            .await?;
-        let target = self.fleet.now().live + n;
+        let status = self.fleet.status.clone();
+        let start = Command::Start { count: count(n)? };
+        let target = live_after_start(&status, n, self.fleet.send(&start)).await?;
         // Connections reset on purpose are never all up at once: each registered once will do.
         let resetting = self.a.reset_every.is_some();
         self.wait_fleet(
@@ -805,6 +804,20 @@ fn reset_verdict(r: &mut Report, rep: &FleetReport, every: Duration, duplicate: 
             rep.workers.len(),
         ),
     );
+}
+
+/// The live workers a start of `n` is done at: those live before `send` (the start command)
+/// is sent, and `n`. Read after it, a status already counting the new workers (the fleet
+/// prints one every 200 ms, and may have started them by then) would count them twice, and
+/// the wait for a number of live workers the fleet never reaches would run out.
+async fn live_after_start(
+    status: &tokio::sync::watch::Receiver<Status>,
+    n: u64,
+    send: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<u64> {
+    let live = status.borrow().live;
+    send.await?;
+    Ok(live + n)
 }
 
 /// Workers in a fleet command, which counts them in 32 bits: `check` bounds `--workers` well
@@ -1773,6 +1786,25 @@ mod tests {
         registration_figures(&mut r, &reg, 3, 1_000_000);
         assert!(r.verdicts[0].pass, "{}", r.verdicts[0].detail);
         assert_eq!(r.connects_per_s, Some(3.0 / 1.9));
+    }
+
+    /// A status counting the new workers may come in as soon as the start is sent: the target
+    /// is the live count from before it, not that status's count plus the new ones again.
+    #[tokio::test]
+    async fn a_start_waits_for_the_workers_live_before_it_and_the_new_ones_counted_once() {
+        let (tx, rx) = tokio::sync::watch::channel(Status {
+            live: 3,
+            ..Status::default()
+        });
+        // The fleet started the two and said so before the sender looked again.
+        let send = async {
+            tx.send_modify(|s| s.live += 2);
+            Ok(())
+        };
+        assert_eq!(live_after_start(&rx, 2, send).await.expect("sent"), 5);
+        // A start that could not be sent is an error, not a target.
+        let failed = async { Err(anyhow::anyhow!("the fleet process is gone")) };
+        assert!(live_after_start(&rx, 2, failed).await.is_err());
     }
 
     #[test]
