@@ -114,7 +114,8 @@ pub struct StressArgs {
     /// checkpoint_heavy, 100 otherwise).
     #[arg(long)]
     pub workers: Option<u64>,
-    /// Length of the measured phase (default 10s; checkpoint_heavy: the length of a task).
+    /// Length of the measured phase (default 10s; checkpoint_heavy: the length of a task;
+    /// steady_load ends it sooner once it submitted 1,000,000 tasks, the most a run holds).
     #[arg(long, value_parser = parse_duration_arg)]
     pub duration: Option<Duration>,
     /// Tasks (thundering_herd: running during the outage, default workers/10; checkpoint_heavy:

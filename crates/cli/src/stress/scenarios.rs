@@ -1112,10 +1112,13 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
     let mut abrupt = false;
     let mut replaced = 0u64;
     let per_churn = ((n as f64 * run.a.churn).ceil() as u64).min(n);
-    while t0.elapsed() < duration {
+    // Bounded by time and by count: at 20,000 tasks a second the bound on the tasks a run holds
+    // comes after 50 s, and --duration may ask for years.
+    while t0.elapsed() < duration && (run.submitted.len() as u64) < super::MAX_TASKS {
         let done = run.fleet.now().completed;
-        if (run.submitted.len() as u64).saturating_sub(done) < cap {
-            let specs = (0..chunk).map(|_| spec("noop", Value::Null, 5)).collect();
+        let more = steady_chunk(run.submitted.len() as u64, done, cap, chunk);
+        if more > 0 {
+            let specs = (0..more).map(|_| spec("noop", Value::Null, 5)).collect();
             run.submit(specs).await?;
         }
         tokio::select! {
@@ -1130,6 +1133,14 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
         run.pb.set_position(t0.elapsed().as_secs());
     }
     let submitted_in_window = run.submitted.len();
+    let window = t0.elapsed();
+    if window < duration {
+        run.report.notes.push(format!(
+            "the submissions ended after {:.1} s of the {} s --duration asked, at {submitted_in_window} tasks: the most a run holds",
+            window.as_secs_f64(),
+            duration.as_secs()
+        ));
+    }
     run.wait_all_terminal().await?;
     let elapsed = t0.elapsed().as_secs_f64();
     let c1 = run.coord.sample()?.cpu_s;
@@ -1160,6 +1171,18 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
         format!("{tps:.0} tasks/s with {n} workers"),
     );
     Ok(())
+}
+
+/// How many tasks steady_load submits next, `submitted` so far and `done` of them: a `chunk`
+/// while fewer than `cap` wait or run (enough queued that no worker waits for a submission,
+/// no more), never past [`super::MAX_TASKS`] in all. Every task's spec is built and its id
+/// kept to judge it, so a long `--duration` bounded by time alone would grow the run's memory
+/// without end.
+fn steady_chunk(submitted: u64, done: u64, cap: u64, chunk: u64) -> u64 {
+    if submitted.saturating_sub(done) >= cap {
+        return 0;
+    }
+    chunk.min(super::MAX_TASKS.saturating_sub(submitted))
 }
 
 /// Slots per worker: `--slots`, else 4 in steady_load, 8 in message_flood, 1 otherwise.
@@ -1786,6 +1809,24 @@ mod tests {
         registration_figures(&mut r, &reg, 3, 1_000_000);
         assert!(r.verdicts[0].pass, "{}", r.verdicts[0].detail);
         assert_eq!(r.connects_per_s, Some(3.0 / 1.9));
+    }
+
+    #[test]
+    fn steady_load_submits_no_more_tasks_in_all_than_a_run_holds() {
+        let most = crate::stress::MAX_TASKS;
+        // A backlog of `cap` unfinished: nothing more now.
+        assert_eq!(steady_chunk(20_000, 10_000, 10_000, 5_000), 0);
+        assert_eq!(steady_chunk(20_000, 12_000, 10_000, 5_000), 5_000);
+        // The last chunk is cut to the bound, and none follows it.
+        assert_eq!(steady_chunk(most - 10, most - 10, 10_000, 5_000), 10);
+        assert_eq!(steady_chunk(most, most, 10_000, 5_000), 0);
+        // Every task done at once, the loop's sole other bound (time) never reached: the
+        // submissions stop at the bound.
+        let mut submitted = 0u64;
+        for _ in 0..1_000 {
+            submitted += steady_chunk(submitted, submitted, 10_000, 5_000);
+        }
+        assert_eq!(submitted, most);
     }
 
     /// A status counting the new workers may come in as soon as the start is sent: the target
