@@ -459,10 +459,6 @@ impl Run {
         }
     }
 
-    async fn counter(&self, name: &str) -> anyhow::Result<u64> {
-        Ok(self.counters([name]).await?[0])
-    }
-
     /// Several of the coordinator's counters, read together from one overview (so that their
     /// ratios are not skewed by what arrives between two reads).
     async fn counters<const N: usize>(&self, names: [&str; N]) -> anyhow::Result<[u64; N]> {
@@ -851,30 +847,29 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
     // Idle: heartbeats (and, in a window longer than the telemetry's first period, telemetry).
     run.phase("idle window", run.a.idle.as_secs());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let [f0] = run.counters(["frames_in"]).await?;
-    let before = run.coord.sample()?;
-    let idle_start = Instant::now();
-    while idle_start.elapsed() < run.a.idle {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        run.pb.set_position(idle_start.elapsed().as_secs());
+    // Each end of the window is one mark: the frames counted and the CPU used are of the same
+    // span, the one they are divided by.
+    let m0 = run.mark().await?;
+    while m0.at.elapsed() < run.a.idle {
+        let left = run.a.idle.saturating_sub(m0.at.elapsed());
+        tokio::time::sleep(left.min(Duration::from_millis(500))).await;
+        run.pb.set_position(m0.at.elapsed().as_secs());
     }
+    let m1 = run.mark().await?;
     let after = run.coord.sample()?;
-    let dt = idle_start.elapsed().as_secs_f64();
-    let [f1] = run.counters(["frames_in"]).await?;
-    let idle_pct = (after.cpu_s - before.cpu_s) / dt * 100.0;
+    let w = Window::between(&m0, &m1);
+    let idle_pct = w.coordinator_cpu_pct;
     let per_worker = after.rss_kib.saturating_sub(baseline.rss_kib) as f64 / n as f64;
     // What the idle figure is made of: the frames of the window, so that it can be read
     // against the transport's floor at the same rate (docs/PERFORMANCE.md, fifteenth round).
-    // The counter reads bracket the CPU samples: the rate may count a few ms more.
-    let frames = f1.saturating_sub(f0);
-    let per_frame = (after.cpu_s - before.cpu_s) * 1e6 / frames.max(1) as f64;
+    let per_frame = w.coordinator_us_per_frame;
     let r = &mut run.report;
     r.idle_cpu_pct = Some(idle_pct);
     r.memory_per_worker_kib = Some(per_worker);
-    r.idle_frames_per_s = Some(frames as f64 / dt);
+    r.idle_frames_per_s = Some(w.frames_per_s);
     r.idle_us_per_frame = Some(per_frame);
     // CPU time is read from /proc in clock ticks of 10 ms: a few ticks measure nothing.
-    let ticks = ((after.cpu_s - before.cpu_s) * 100.0).round() as u64;
+    let ticks = (w.coordinator_cpu_s * 100.0).round() as u64;
     let coarse = match ticks {
         0..10 => format!("; only {ticks} clock ticks of 10 ms: too few to measure"),
         _ => String::new(),
@@ -886,7 +881,7 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
         format!(
             "{idle_pct:.2} % with {n} workers, heartbeat every {} ms ({:.0} frames/s, {per_frame:.1} µs of CPU each{coarse})",
             run.a.heartbeat_interval.as_millis(),
-            frames as f64 / dt,
+            w.frames_per_s,
         ),
     );
     r.target(
@@ -1217,7 +1212,7 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
     )
     .await?;
     let before = run.fleet.report().await?;
-    let m0 = run.flood_mark().await?;
+    let m0 = run.mark().await?;
     let t0 = m0.at;
     run.phase("flooding", duration.as_secs());
     let probes = tokio::spawn(probe::run(
@@ -1232,10 +1227,10 @@ async fn message_flood(run: &mut Run) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(250)).await;
         run.pb.set_position(t0.elapsed().as_secs());
     }
-    let m1 = run.flood_mark().await?;
+    let m1 = run.mark().await?;
     let after = run.fleet.report().await?;
     let lat = probes.await.context("probes")??;
-    let w = FloodWindow::between(&m0, &m1);
+    let w = Window::between(&m0, &m1);
     let r = &mut run.report;
     let mps = w.messages_per_s;
     r.coordinator_us_per_message = Some(w.coordinator_us_per_message);
@@ -1304,13 +1299,15 @@ fn window_waits(before: &FleetReport, after: &FleetReport) -> Vec<u64> {
         .collect()
 }
 
-/// One end of message_flood's measured window: the coordinator's counters, the fleet's count
-/// of updates offered and both processes' CPU, with the instant they were read. The figures
-/// are counts over time, so each end's counts and instant must be taken together: counters
-/// read before a slow step (a report of every worker) and the instant after it covered more
-/// than the time they were divided by.
+/// One end of a measured window (message_flood's flood, thundering_herd's idle window,
+/// checkpoint_heavy's run): the coordinator's counters, the fleet's count of updates offered
+/// and both processes' CPU, with the instant they were read. The figures are counts over
+/// time, so each end's counts, CPU and instant must be taken together: counters read before a
+/// slow step (a report of every worker) and the instant after it covered more than the time
+/// they were divided by, and counters read on either side of the CPU samples divided the CPU
+/// of one span by the frames of another.
 #[derive(Debug, Clone, Copy)]
-struct FloodMark {
+struct Mark {
     /// The middle of the counters' request: they were read at some moment within it.
     at: Instant,
     messages: u64,
@@ -1322,11 +1319,11 @@ struct FloodMark {
 }
 
 impl Run {
-    /// Reads a [`FloodMark`]. The fleet prints its status every
+    /// Reads a [`Mark`]. The fleet prints its status every
     /// [`super::fleet::STATUS_EVERY`]: the mark waits for a fresh one, so that its count of
     /// updates offered is of the same moment as the coordinator's counters, not up to a
     /// status period older.
-    async fn flood_mark(&mut self) -> anyhow::Result<FloodMark> {
+    async fn mark(&mut self) -> anyhow::Result<Mark> {
         self.fleet.status.borrow_and_update();
         tokio::time::timeout(Duration::from_secs(5), self.fleet.status.changed())
             .await
@@ -1340,7 +1337,7 @@ impl Run {
         let answered = Instant::now();
         let coordinator_cpu_s = self.coord.sample()?.cpu_s;
         let fleet_cpu_s = self.fleet.cpu_s()?;
-        Ok(FloodMark {
+        Ok(Mark {
             at: asked + (answered - asked) / 2,
             messages,
             frames,
@@ -1352,36 +1349,48 @@ impl Run {
     }
 }
 
-/// message_flood's figures over the window between two [`FloodMark`]s.
+/// The figures over the window between two [`Mark`]s: each a count (or CPU time) between
+/// them over the time between them.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct FloodWindow {
+struct Window {
     seconds: f64,
     messages_per_s: f64,
+    frames_per_s: f64,
     offered_per_s: f64,
     messages_per_frame: f64,
     compact_acked_share: f64,
+    /// The coordinator's CPU time in the window.
+    coordinator_cpu_s: f64,
+    /// Of one core.
+    coordinator_cpu_pct: f64,
     coordinator_us_per_message: f64,
+    coordinator_us_per_frame: f64,
     fleet_us_per_message: f64,
 }
 
-impl FloodWindow {
-    fn between(m0: &FloodMark, m1: &FloodMark) -> Self {
+impl Window {
+    fn between(m0: &Mark, m1: &Mark) -> Self {
         let seconds = m1
             .at
             .saturating_duration_since(m0.at)
             .as_secs_f64()
             .max(1e-6);
         let messages = m1.messages.saturating_sub(m0.messages);
+        let frames = m1.frames.saturating_sub(m0.frames);
         let per_message = messages.max(1) as f64;
+        let coordinator_cpu_s = m1.coordinator_cpu_s - m0.coordinator_cpu_s;
         Self {
             seconds,
             messages_per_s: messages as f64 / seconds,
+            frames_per_s: frames as f64 / seconds,
             offered_per_s: m1.offered.saturating_sub(m0.offered) as f64 / seconds,
-            messages_per_frame: messages as f64 / m1.frames.saturating_sub(m0.frames).max(1) as f64,
+            messages_per_frame: messages as f64 / frames.max(1) as f64,
             compact_acked_share: m1.compact_acked.saturating_sub(m0.compact_acked) as f64
                 / per_message,
-            coordinator_us_per_message: (m1.coordinator_cpu_s - m0.coordinator_cpu_s) * 1e6
-                / per_message,
+            coordinator_cpu_s,
+            coordinator_cpu_pct: coordinator_cpu_s / seconds * 100.0,
+            coordinator_us_per_message: coordinator_cpu_s * 1e6 / per_message,
+            coordinator_us_per_frame: coordinator_cpu_s * 1e6 / frames.max(1) as f64,
             fleet_us_per_message: (m1.fleet_cpu_s - m0.fleet_cpu_s) * 1e6 / per_message,
         }
     }
@@ -1398,8 +1407,9 @@ async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
     let steps = (duration.as_millis() as u64 / step_ms).max(2);
     let size = run.a.checkpoint_size;
     let cfg = json!({"steps": steps, "step_ms": step_ms, "size": size});
-    let f0 = run.counter("messages_in").await?;
-    let t0 = Instant::now();
+    // Each end of the window is one mark: the messages counted are of the span they are
+    // divided by.
+    let m0 = run.mark().await?;
     run.submit((0..tasks).map(|_| spec("steps", cfg.clone(), 5)).collect())
         .await?;
     let first = tasks.min(n);
@@ -1425,13 +1435,13 @@ async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
         })
         .await?;
     run.wait_all_terminal().await?;
-    let dt = t0.elapsed().as_secs_f64();
-    let f1 = run.counter("messages_in").await?;
+    let m1 = run.mark().await?;
+    let w = Window::between(&m0, &m1);
     let s = run.fleet.now();
     let r = &mut run.report;
     r.checkpoints = Some(s.checkpoints);
-    r.messages_per_s = Some((f1 - f0) as f64 / dt);
-    r.tasks_per_s = Some(tasks as f64 / dt);
+    r.messages_per_s = Some(w.messages_per_s);
+    r.tasks_per_s = Some(tasks as f64 / w.seconds);
     // With a task for every worker and one slot each, each crashed worker held one,
     // checkpointed by then: each must resume (a failed fetch would start it afresh instead).
     let one_each = tasks >= n && run.a.slots.unwrap_or(1) == 1;
@@ -1706,7 +1716,7 @@ mod tests {
     #[test]
     fn flood_figures_are_the_counts_between_two_marks_over_the_time_between_them() {
         let t = Instant::now();
-        let m0 = FloodMark {
+        let m0 = Mark {
             at: t,
             messages: 1_000,
             frames: 100,
@@ -1715,7 +1725,7 @@ mod tests {
             coordinator_cpu_s: 10.0,
             fleet_cpu_s: 20.0,
         };
-        let m1 = FloodMark {
+        let m1 = Mark {
             at: t + Duration::from_secs(2),
             messages: 401_000,
             frames: 100_100,
@@ -1724,7 +1734,7 @@ mod tests {
             coordinator_cpu_s: 11.6,
             fleet_cpu_s: 22.0,
         };
-        let w = FloodWindow::between(&m0, &m1);
+        let w = Window::between(&m0, &m1);
         let near = |a: f64, b: f64| (a - b).abs() < 1e-6 * b.abs().max(1.0);
         assert!(near(w.seconds, 2.0), "{w:?}");
         assert!(near(w.messages_per_s, 200_000.0), "{w:?}");
@@ -1734,17 +1744,63 @@ mod tests {
         assert!(near(w.coordinator_us_per_message, 4.0), "{w:?}");
         assert!(near(w.fleet_us_per_message, 5.0), "{w:?}");
         // A mark taken later covers more: the same counts over 4 s are half the rate.
-        let later = FloodMark {
+        let later = Mark {
             at: t + Duration::from_secs(4),
             ..m1
         };
-        assert!(near(
-            FloodWindow::between(&m0, &later).messages_per_s,
-            100_000.0
-        ));
+        assert!(near(Window::between(&m0, &later).messages_per_s, 100_000.0));
         // Nothing handled: no division by zero.
-        let idle = FloodWindow::between(&m0, &FloodMark { at: m1.at, ..m0 });
+        let idle = Window::between(&m0, &Mark { at: m1.at, ..m0 });
         assert_eq!((idle.messages_per_s, idle.messages_per_frame), (0.0, 0.0));
+    }
+
+    /// thundering_herd's idle figures and checkpoint_heavy's rates come from the same two marks
+    /// as message_flood's: the frames, the CPU and the time of one span.
+    #[test]
+    fn idle_figures_are_the_frames_and_cpu_between_two_marks_over_the_time_between_them() {
+        let t = Instant::now();
+        let m0 = Mark {
+            at: t,
+            messages: 0,
+            frames: 1_000,
+            compact_acked: 0,
+            offered: 0,
+            coordinator_cpu_s: 3.0,
+            fleet_cpu_s: 0.0,
+        };
+        let m1 = Mark {
+            at: t + Duration::from_secs(10),
+            frames: 21_000,
+            coordinator_cpu_s: 3.2,
+            ..m0
+        };
+        let w = Window::between(&m0, &m1);
+        let near = |a: f64, b: f64| (a - b).abs() < 1e-6 * b.abs().max(1.0);
+        // 20,000 frames and 0.2 s of CPU in 10 s: 2,000 frames/s, 2 % of a core, 10 µs each.
+        assert!(near(w.frames_per_s, 2_000.0), "{w:?}");
+        assert!(near(w.coordinator_cpu_s, 0.2), "{w:?}");
+        assert!(near(w.coordinator_cpu_pct, 2.0), "{w:?}");
+        assert!(near(w.coordinator_us_per_frame, 10.0), "{w:?}");
+        // Over twice the time, the same counts are half the rates.
+        let later = Window::between(
+            &m0,
+            &Mark {
+                at: t + Duration::from_secs(20),
+                ..m1
+            },
+        );
+        assert!(near(later.frames_per_s, 1_000.0), "{later:?}");
+        assert!(near(later.coordinator_cpu_pct, 1.0), "{later:?}");
+        // No frame: no division by zero.
+        let none = Window::between(
+            &m0,
+            &Mark {
+                frames: 1_000,
+                ..m1
+            },
+        );
+        assert_eq!(none.frames_per_s, 0.0);
+        assert!(none.coordinator_us_per_frame.is_finite(), "{none:?}");
     }
 
     /// A fleet report of workers started at 1 s: each one's registration, in ms, if recorded.
