@@ -230,7 +230,13 @@ impl Connector for TcpConnector {
                     )));
                 }
             };
-            let host = parsed.host_str().unwrap_or_default().to_owned();
+            // An IPv6 address without its URL brackets: with them it is looked up as a name,
+            // which fails at every attempt (and reads as a passing DNS failure).
+            let host = match parsed.host() {
+                Some(url::Host::Ipv6(addr)) => addr.to_string(),
+                Some(host) => host.to_string(),
+                None => String::new(),
+            };
             let port = parsed.port_or_known_default().unwrap_or(80);
             let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
                 .await
@@ -341,6 +347,28 @@ mod tests {
             said.contains("hostname") && said.contains("no certificate in it"),
             "{said}"
         );
+    }
+
+    /// A coordinator at an IPv6 address (`ws://[::1]:port`) is connected to: the address
+    /// went to the resolver with its brackets, and every attempt failed as a lookup.
+    #[tokio::test]
+    async fn a_coordinator_at_an_ipv6_address_is_reached() {
+        use super::Connector;
+        let Ok(listener) = tokio::net::TcpListener::bind("[::1]:0").await else {
+            eprintln!("no IPv6 loopback here; nothing to test");
+            return;
+        };
+        let port = listener.local_addr().expect("addr").port();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            tokio_tungstenite::accept_async(tcp).await.map(|_| ())
+        });
+        let url = format!("ws://[::1]:{port}/api/v1/worker/w/ws");
+        let connected = super::TcpConnector::default()
+            .connect(url, super::ws_config(1 << 20))
+            .await;
+        assert!(connected.is_ok(), "{:?}", connected.err());
+        server.await.expect("server").expect("handshake");
     }
 
     #[test]
