@@ -80,6 +80,9 @@ pub enum SessionEnd {
     NotRegistered(String),
     /// A registered session was lost.
     Lost {
+        /// How long the session was alive: from its registration to the last frame the
+        /// coordinator sent (not to its end, which a silent link puts a liveness timeout
+        /// later: a session dead from its start would count as healthy for that long).
         registered_for: Duration,
         reason: String,
     },
@@ -416,7 +419,7 @@ impl<'a> Session<'a> {
                 match reason {
                     Err(end) => end,
                     Ok(reason) => SessionEnd::Lost {
-                        registered_for: registered_at.elapsed(),
+                        registered_for: self.last_frame.saturating_duration_since(registered_at),
                         reason,
                     },
                 }

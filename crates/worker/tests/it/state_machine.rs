@@ -243,6 +243,31 @@ async fn a_silent_link_is_declared_dead_after_the_heartbeat_timeout_and_timers_r
     running.stop().await;
 }
 
+/// A coordinator that registers the worker and then falls silent, again and again: each
+/// session is dead from its start, so the delays before the next attempt grow as after any
+/// failure. The session used to count as healthy for the liveness timeout it took to find it
+/// dead (15 s, past the 10 s that make one healthy) and reset the backoff: a reconnect a
+/// second after each detection, for ever, across the fleet.
+#[tokio::test(start_paused = true)]
+async fn sessions_that_fall_silent_at_once_let_the_backoff_grow() {
+    let fake = FakeConnector::new(Script::RegisterThenSilence);
+    let running = Running::start(&fake, config());
+    assert!(
+        held_within(Duration::from_secs(600), Duration::from_secs(1), || {
+            fake.attempts().len() >= 5
+        })
+        .await,
+        "five attempts"
+    );
+    let gaps = gaps(&fake.attempts());
+    // Each gap: the 15 s to find the session dead, then the backoff delay.
+    assert!(
+        gaps.windows(2).all(|w| w[1] > w[0]),
+        "the delays grow: {gaps:?}"
+    );
+    running.stop().await;
+}
+
 /// A coordinator whose heartbeats come back but which never acknowledges what the worker sent
 /// (a middlebox swallowed it): the session ends once a message has waited the liveness timeout
 /// for its acknowledgement, and the next session sends it again. Without this the message
