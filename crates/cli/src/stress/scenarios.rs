@@ -56,9 +56,19 @@ struct Run {
     /// store in `finish` (each completed once, from its one attempt).
     done_before_cut: HashSet<String>,
     started: Instant,
-    /// checkpoint_heavy: counted results that must say they resumed from a checkpoint (at
-    /// least the first), after the second crashed workers; judged on the store in `finish`.
-    resumed_wanted: Option<(u64, u64)>,
+    /// checkpoint_heavy: the crash, whose tasks must resume from their checkpoints; judged on
+    /// the store in `finish`.
+    crash: Option<Crash>,
+}
+
+/// checkpoint_heavy's crash: what the coordinator held before it and whom it stopped.
+struct Crash {
+    /// The attempts running before the crash of tasks with a complete checkpoint.
+    held: Vec<truth::Checkpointed>,
+    /// The ids of the workers crashed.
+    workers: HashSet<String>,
+    /// Taken after `held` was read and before the crash was sent.
+    at: chrono::DateTime<chrono::Utc>,
 }
 
 pub async fn run(a: StressArgs) -> anyhow::Result<Report> {
@@ -288,7 +298,7 @@ impl Run {
             submitted: HashSet::new(),
             done_before_cut: HashSet::new(),
             started: Instant::now(),
-            resumed_wanted: None,
+            crash: None,
         })
     }
 
@@ -485,6 +495,45 @@ impl Run {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         bail!("the coordinator's count of results recorded did not settle within 10 s")
+    }
+
+    /// The attempts the coordinator lists running, each of a task it holds a complete
+    /// checkpoint of (`latest_checkpoint`, of this attempt or an earlier one): read before a
+    /// crash, the tasks that must resume from a checkpoint if their worker is crashed. Paged
+    /// by submission number, at most as many pages as the submitted tasks fill.
+    async fn checkpointed_running(&self) -> anyhow::Result<Vec<truth::Checkpointed>> {
+        const PAGE: u64 = 100_000;
+        let pages = (self.submitted.len() as u64).div_ceil(PAGE) + 1;
+        let mut out = Vec::new();
+        let mut path = format!("/api/v1/tasks?status=running&limit={PAGE}");
+        for _ in 0..pages {
+            let page = self.api.get(&path).await.context("listing running tasks")?;
+            let tasks = page
+                .as_array()
+                .with_context(|| format!("the running tasks are not a list: {page}"))?;
+            for t in tasks.iter().filter(|t| !t["latest_checkpoint"].is_null()) {
+                let lease = &t["lease"];
+                if let (Some(task), Some(attempt), Some(worker)) = (
+                    t["task_id"].as_str(),
+                    lease["attempt"].as_u64(),
+                    lease["worker"].as_str(),
+                ) {
+                    out.push(truth::Checkpointed {
+                        task: task.to_owned(),
+                        attempt,
+                        worker: worker.to_owned(),
+                    });
+                }
+            }
+            let last = tasks.last().and_then(|t| t["submit_seq"].as_u64());
+            match last {
+                Some(seq) if tasks.len() as u64 == PAGE => {
+                    path = format!("/api/v1/tasks?status=running&limit={PAGE}&after_seq={seq}");
+                }
+                _ => return Ok(out),
+            }
+        }
+        bail!("the running tasks filled more than {pages} pages of {PAGE}")
     }
 
     /// Submits `specs`; every id the API returns is owed a result. Returns the ids.
@@ -694,17 +743,10 @@ impl Run {
                 t.recorded_twice, t.stored_since
             ),
         );
-        if let Some((want, crash)) = self.resumed_wanted {
+        if let Some(crash) = &self.crash {
             // The store's word: the counted results whose execution says it resumed.
             r.resumed_from_checkpoint = Some(t.resumed);
-            r.verdict(
-                "crashed workers' tasks resumed from a checkpoint",
-                t.resumed >= want,
-                format!(
-                    "{} counted results resumed from a checkpoint after {crash} workers crashed (at least {want} wanted)",
-                    t.resumed
-                ),
-            );
+            crash_verdict(r, &t, crash);
         }
         if !self.done_before_cut.is_empty() {
             let unsettled = t.unsettled(&self.done_before_cut);
@@ -747,6 +789,31 @@ impl Run {
         self.pb.finish_and_clear();
         Ok(self.report)
     }
+}
+
+/// checkpoint_heavy's verdict on the store: every task whose attempt was running on a
+/// crashed worker at the crash, with a complete checkpoint the coordinator held before it,
+/// resumed from a checkpoint (see [`truth::Truth::crash_resumes`]). With no such task there
+/// is nothing to judge, and the verdict fails rather than pass on nothing.
+fn crash_verdict(r: &mut Report, t: &truth::Truth, crash: &Crash) {
+    let c = t.crash_resumes(&crash.held, &crash.workers, crash.at);
+    let crashed = crash.workers.len();
+    r.verdict(
+        "crashed workers' tasks resumed from a checkpoint",
+        c.judged > 0 && c.not_resumed.is_empty(),
+        match (c.judged, c.not_resumed.first()) {
+            (0, _) => format!(
+                "nothing to judge: none of the {crashed} crashed workers was running a task with a checkpoint held before the crash (with fewer tasks than workers the crashed ones may have held none)"
+            ),
+            (n, None) => format!(
+                "{n} tasks running on the {crashed} crashed workers with a checkpoint held before the crash each resumed from one"
+            ),
+            (n, Some(first)) => format!(
+                "{} of {n} tasks running on the {crashed} crashed workers with a checkpoint held before the crash did not resume from one: first {first}",
+                c.not_resumed.len()
+            ),
+        },
+    );
 }
 
 /// Slack on a reset's latest moment: its session is woken then, but on a busy shard may run a
@@ -1423,12 +1490,28 @@ async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
     tokio::time::sleep(duration / 2).await;
     let crash = (n / 4).max(1);
     run.phase("workers crashing", 1);
+    // What the crashed workers' tasks must resume from, read before the crash: a checkpoint
+    // the coordinator holds now it still holds then (it keeps the latest).
+    let held = run.checkpointed_running().await?;
+    let at = chrono::Utc::now();
+    let at_us = now_us();
     run.fleet
         .send(&Command::Stop {
             count: count(crash)?,
             abrupt: true,
         })
         .await?;
+    // The fleet takes its commands in order: the report follows the stop.
+    let workers = run
+        .fleet
+        .report()
+        .await?
+        .workers
+        .into_iter()
+        .filter(|w| w.stopped_us >= at_us)
+        .map(|w| w.id)
+        .collect();
+    run.crash = Some(Crash { held, workers, at });
     run.fleet
         .send(&Command::Start {
             count: count(crash)?,
@@ -1442,12 +1525,6 @@ async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
     r.checkpoints = Some(s.checkpoints);
     r.messages_per_s = Some(w.messages_per_s);
     r.tasks_per_s = Some(tasks as f64 / w.seconds);
-    // With a task for every worker and one slot each, each crashed worker held one,
-    // checkpointed by then: each must resume (a failed fetch would start it afresh instead).
-    let one_each = tasks >= n && run.a.slots.unwrap_or(1) == 1;
-    let want = if one_each { crash } else { 1 };
-    run.resumed_wanted = Some((want, crash));
-    let r = &mut run.report;
     r.verdict(
         "every checkpoint resumed from was what its step wrote",
         s.damaged == 0,
@@ -2055,6 +2132,7 @@ mod tests {
                     started_at: Some(at(start)),
                     counted: 1,
                     attempts: 1,
+                    ..truth::TaskRow::default()
                 };
                 (format!("t{i}"), row)
             });
@@ -2062,6 +2140,79 @@ mod tests {
             tasks: tasks.collect(),
             ..truth::Truth::default()
         }
+    }
+
+    /// A crash at 10 s of workers w-0 and w-1, each running a task with a checkpoint: (task,
+    /// its crashed worker, where its next attempt resumed).
+    fn crash_of(tasks: &[(&str, &str, u64)], held: &[&str]) -> report::Verdict {
+        let at = |s| chrono::DateTime::UNIX_EPOCH + chrono::Duration::seconds(s);
+        let rows = tasks.iter().map(|&(id, worker, resumed_at)| {
+            let runs = vec![
+                truth::AttemptRow {
+                    attempt: 1,
+                    worker: worker.into(),
+                    ended_at: Some(at(11)),
+                    ..truth::AttemptRow::default()
+                },
+                truth::AttemptRow {
+                    attempt: 2,
+                    worker: "w-9".into(),
+                    ended_at: Some(at(20)),
+                    result_recorded: true,
+                    resumed_at: Some(resumed_at),
+                },
+            ];
+            let row = truth::TaskRow {
+                status: "completed".into(),
+                counted: 1,
+                attempts: 2,
+                runs,
+                ..truth::TaskRow::default()
+            };
+            (id.to_owned(), row)
+        });
+        let t = truth::Truth {
+            tasks: rows.collect(),
+            // Counted results that resumed, as a count of them alone would see.
+            resumed: tasks.iter().filter(|t| t.2 > 0).count() as u64,
+            ..truth::Truth::default()
+        };
+        let crash = Crash {
+            held: held
+                .iter()
+                .map(|id| truth::Checkpointed {
+                    task: id.to_string(),
+                    attempt: 1,
+                    worker: tasks
+                        .iter()
+                        .find(|t| t.0 == *id)
+                        .map_or("w-0", |t| t.1)
+                        .into(),
+                })
+                .collect(),
+            workers: ["w-0", "w-1"].iter().map(|w| w.to_string()).collect(),
+            at: at(10),
+        };
+        let mut r = Report::default();
+        crash_verdict(&mut r, &t, &crash);
+        r.verdicts.pop().expect("a verdict")
+    }
+
+    #[test]
+    fn the_crash_verdict_fails_on_a_task_started_afresh_and_on_nothing_to_judge() {
+        let tasks = [("a", "w-0", 20), ("b", "w-1", 0)];
+        // One resumed, one started afresh: fails, naming it.
+        let v = crash_of(&tasks, &["a", "b"]);
+        assert!(!v.pass, "{}", v.detail);
+        assert!(v.detail.starts_with("1 of 2"), "{}", v.detail);
+        assert!(v.detail.contains("first b attempt 2"), "{}", v.detail);
+        // Every task that had a checkpoint resumed: passes.
+        let v = crash_of(&tasks, &["a"]);
+        assert!(v.pass, "{}", v.detail);
+        // No crashed worker held a checkpointed task: fails, saying there was nothing to judge.
+        let v = crash_of(&tasks, &[]);
+        assert!(!v.pass, "{}", v.detail);
+        assert!(v.detail.starts_with("nothing to judge"), "{}", v.detail);
     }
 
     fn priority_verdict(tasks: &[(u8, i64, i64)]) -> report::Verdict {

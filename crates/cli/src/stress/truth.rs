@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags};
 
 /// One task as the store has it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct TaskRow {
     pub status: String,
     pub priority: u8,
@@ -20,6 +20,42 @@ pub struct TaskRow {
     pub counted: u64,
     /// Attempts made (leases given): more than one when the task ran again.
     pub attempts: u64,
+    /// Each attempt, in the store's order (by attempt number).
+    pub runs: Vec<AttemptRow>,
+}
+
+/// One attempt of a task as the store has it: its record in the task, and its result's word
+/// on where it resumed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AttemptRow {
+    pub attempt: u64,
+    /// The worker the attempt was leased to.
+    pub worker: String,
+    pub ended_at: Option<DateTime<Utc>>,
+    /// A result of this attempt was recorded (counted or stale).
+    pub result_recorded: bool,
+    /// Where the attempt's stored result (counted or stale) says its execution resumed (0:
+    /// from the start); `None` without a stored result.
+    pub resumed_at: Option<u64>,
+}
+
+/// An attempt the coordinator listed as running on `worker`, read before a crash, of a task
+/// it then held a complete checkpoint of (acknowledged to the worker that wrote it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Checkpointed {
+    pub task: String,
+    pub attempt: u64,
+    pub worker: String,
+}
+
+/// What [`Truth::crash_resumes`] found.
+#[derive(Debug, Default, PartialEq)]
+pub struct CrashResumes {
+    /// Tasks whose attempt was running on a crashed worker at the crash, with a checkpoint
+    /// held before it.
+    pub judged: u64,
+    /// Those that did not resume from a checkpoint, each with what the store holds.
+    pub not_resumed: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -65,6 +101,25 @@ pub fn read(db: &Path, submitted: &HashSet<String>, since: DateTime<Utc>) -> any
         [],
         |r| r.get(0),
     )?;
+    // Where each stored result (counted or stale) says its execution resumed, by task and
+    // attempt.
+    let mut resumed_at: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
+    let mut q = conn.prepare(
+        "SELECT task_id, attempt, \
+         CAST(coalesce(json_extract(body, '$.result.resumed_at'), 0) AS INTEGER) FROM results",
+    )?;
+    let rows = q.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, u64>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })?;
+    for row in rows {
+        let (id, attempt, at) = row?;
+        let at = u64::try_from(at).unwrap_or(0);
+        resumed_at.entry(id).or_default().push((attempt, at));
+    }
     let mut q = conn.prepare("SELECT recorded_at FROM results")?;
     for at in q.query_map([], |r| r.get::<_, String>(0))? {
         let at = at?;
@@ -91,6 +146,25 @@ pub fn read(db: &Path, submitted: &HashSet<String>, since: DateTime<Utc>) -> any
                 .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
                 .map(|t| t.with_timezone(&Utc))
         };
+        let results = resumed_at.remove(&id).unwrap_or_default();
+        let runs = doc["attempts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| {
+                let attempt = a["attempt"].as_u64().unwrap_or(0);
+                AttemptRow {
+                    attempt,
+                    worker: a["worker"].as_str().unwrap_or_default().to_owned(),
+                    ended_at: time(&a["ended_at"]),
+                    result_recorded: a["result_recorded"].as_bool().unwrap_or(false),
+                    resumed_at: results
+                        .iter()
+                        .find(|(n, _)| *n == attempt)
+                        .map(|(_, at)| *at),
+                }
+            })
+            .collect();
         let row = TaskRow {
             counted: counted.get(&id).copied().unwrap_or(0),
             status,
@@ -98,6 +172,7 @@ pub fn read(db: &Path, submitted: &HashSet<String>, since: DateTime<Utc>) -> any
             submitted_at: time(&doc["submitted_at"]),
             started_at: time(&doc["attempts"][0]["started_at"]),
             attempts: doc["attempts"].as_array().map_or(0, |a| a.len() as u64),
+            runs,
         };
         truth.tasks.insert(id, row);
     }
@@ -114,6 +189,62 @@ pub fn read(db: &Path, submitted: &HashSet<String>, since: DateTime<Utc>) -> any
 }
 
 impl Truth {
+    /// Whether the tasks crashed workers were running resumed from a checkpoint. `held`: the
+    /// attempts the coordinator listed running, each of a task it held a complete checkpoint
+    /// of, read before the crash at `crash_at`; `crashed`: the ids of the workers crashed
+    /// then. Judged: each of those attempts on a crashed worker that was still running at the
+    /// crash by the store (no result recorded, not ended before it). Each such task had a
+    /// checkpoint before the crash, so the next of its attempts that ran to a result must say
+    /// it resumed from one (`resumed_at` above 0); started afresh, it lost the work its
+    /// checkpoint kept (a failed fetch, a checkpoint dropped).
+    ///
+    /// Counting every resumed result instead passed with one resume when several were owed
+    /// (more than a task per worker, or fewer tasks than workers), and counted resumes that
+    /// other causes (connections reset) brought about.
+    pub fn crash_resumes(
+        &self,
+        held: &[Checkpointed],
+        crashed: &HashSet<String>,
+        crash_at: DateTime<Utc>,
+    ) -> CrashResumes {
+        let mut out = CrashResumes::default();
+        for h in held.iter().filter(|h| crashed.contains(&h.worker)) {
+            let Some(task) = self.tasks.get(&h.task) else {
+                out.judged += 1;
+                out.not_resumed.push(format!("{} absent", h.task));
+                continue;
+            };
+            let running_at_crash = task.runs.iter().any(|a| {
+                a.attempt == h.attempt
+                    && a.worker == h.worker
+                    && !a.result_recorded
+                    && a.ended_at.is_none_or(|e| e >= crash_at)
+            });
+            if !running_at_crash {
+                continue;
+            }
+            out.judged += 1;
+            let next = task
+                .runs
+                .iter()
+                .filter(|a| a.attempt > h.attempt)
+                .find_map(|a| a.resumed_at.map(|at| (a.attempt, at)));
+            match next {
+                Some((_, at)) if at > 0 => {}
+                Some((n, _)) => out.not_resumed.push(format!(
+                    "{} attempt {n} started afresh after attempt {} on crashed {}",
+                    h.task, h.attempt, h.worker
+                )),
+                None => out.not_resumed.push(format!(
+                    "{} {}: no attempt after attempt {} on crashed {} ran to a result",
+                    h.task, task.status, h.attempt, h.worker
+                )),
+            }
+        }
+        out.not_resumed.sort();
+        out
+    }
+
     /// Of `ids` (tasks whose result was acknowledged to its worker before a cut), those the
     /// store does not hold completed with one counted result from their one attempt, each with
     /// what it holds: a result lost in the cut sends its task to run again (its worker, told
@@ -256,5 +387,164 @@ mod tests {
                 "running running with 0 counted results after 1 attempts",
             ]
         );
+    }
+
+    /// A task's attempts in [`crash_store`]: (attempt, worker, ended at second, recorded).
+    type Attempts<'a> = &'a [(u32, &'a str, u32, bool)];
+
+    /// A store of tasks with their attempts (attempt, worker, ended at second of 10:00,
+    /// result recorded) and results (task, attempt, where it resumed), as the coordinator
+    /// lays them out.
+    fn crash_store(
+        dir: &Path,
+        tasks: &[(&str, &str, Attempts)],
+        results: &[(&str, u32, u64)],
+    ) -> std::path::PathBuf {
+        let path = dir.join("crash.db");
+        let c = Connection::open(&path).expect("create");
+        c.execute_batch(
+            "CREATE TABLE tasks (id TEXT PRIMARY KEY, status TEXT, spec TEXT, doc TEXT);
+             CREATE TABLE results (task_id TEXT, attempt INTEGER, stale INTEGER, recorded_at TEXT, body TEXT);",
+        )
+        .expect("schema");
+        for (id, status, attempts) in tasks {
+            let attempts: Vec<serde_json::Value> = attempts
+                .iter()
+                .map(|&(attempt, worker, ended, recorded)| {
+                    serde_json::json!({
+                        "attempt": attempt,
+                        "worker": worker,
+                        "started_at": "2026-12-03T10:00:00Z",
+                        "ended_at": format!("2026-12-03T10:00:{ended:02}Z"),
+                        "result_recorded": recorded,
+                    })
+                })
+                .collect();
+            let doc = serde_json::json!({ "attempts": attempts }).to_string();
+            c.execute(
+                "INSERT INTO tasks VALUES (?1, ?2, '{}', ?3)",
+                [id, status, &doc.as_str()],
+            )
+            .expect("task");
+        }
+        for (id, attempt, resumed_at) in results {
+            c.execute(
+                "INSERT INTO results VALUES (?1, ?2, 0, '2026-12-03T10:00:30Z', ?3)",
+                rusqlite::params![
+                    id,
+                    attempt,
+                    format!(r#"{{"result": {{"resumed_at": {resumed_at}}}}}"#)
+                ],
+            )
+            .expect("result");
+        }
+        path
+    }
+
+    /// Workers w-0 and w-1 crashed at 10:00:05; each task was running (by the coordinator's
+    /// list before the crash) on the worker of its attempt 1, with a checkpoint.
+    fn crash_judged(held: &[&str]) -> CrashResumes {
+        let dir = tempfile::tempdir().expect("dir");
+        let ran = |worker, ended, recorded| [(1, worker, ended, recorded)];
+        let db = crash_store(
+            dir.path(),
+            &[
+                // Resumed at step 20 on another worker.
+                (
+                    "resumed",
+                    "completed",
+                    &[(1, "w-0", 6, false), (2, "w-5", 9, true)],
+                ),
+                // Started afresh on another worker: its checkpoint was not used.
+                (
+                    "afresh",
+                    "completed",
+                    &[(1, "w-1", 6, false), (2, "w-6", 9, true)],
+                ),
+                // Finished (its result recorded) before the crash: nothing to resume.
+                ("finished", "completed", &ran("w-0", 4, true)),
+                // On a worker not crashed.
+                ("healthy", "completed", &ran("w-7", 9, true)),
+                // Its attempt on w-1 had ended (lost) before the crash, and not by it.
+                (
+                    "ended",
+                    "completed",
+                    &[(1, "w-1", 3, false), (2, "w-0", 4, true)],
+                ),
+                // Lost again before a result, then resumed at step 40 by its third attempt.
+                (
+                    "twice",
+                    "completed",
+                    &[
+                        (1, "w-0", 6, false),
+                        (2, "w-8", 7, false),
+                        (3, "w-9", 9, true),
+                    ],
+                ),
+                // Never ran again.
+                ("stuck", "queued", &ran("w-1", 6, false)),
+            ],
+            &[
+                ("resumed", 2, 20),
+                ("afresh", 2, 0),
+                ("finished", 1, 0),
+                ("healthy", 1, 0),
+                ("ended", 2, 0),
+                ("twice", 3, 40),
+            ],
+        );
+        let t = read(
+            &db,
+            &HashSet::new(),
+            "2026-12-03T10:00:00Z".parse().expect("time"),
+        )
+        .expect("read");
+        let worker = |id: &str| match id {
+            "healthy" => "w-7",
+            "finished" | "resumed" | "twice" => "w-0",
+            _ => "w-1",
+        };
+        let held: Vec<Checkpointed> = held
+            .iter()
+            .map(|id| Checkpointed {
+                task: id.to_string(),
+                attempt: 1,
+                worker: worker(id).to_owned(),
+            })
+            .collect();
+        let crashed = ["w-0", "w-1"].iter().map(|w| w.to_string()).collect();
+        t.crash_resumes(
+            &held,
+            &crashed,
+            "2026-12-03T10:00:05Z".parse().expect("time"),
+        )
+    }
+
+    #[test]
+    fn each_task_running_with_a_checkpoint_on_a_crashed_worker_must_resume_from_one() {
+        let all = [
+            "resumed", "afresh", "finished", "healthy", "ended", "twice", "stuck",
+        ];
+        let c = crash_judged(&all);
+        // One resume among several owed does not pass: each task is judged.
+        assert_eq!(c.judged, 4, "{c:?}");
+        assert_eq!(
+            c.not_resumed,
+            [
+                "afresh attempt 2 started afresh after attempt 1 on crashed w-1",
+                "stuck queued: no attempt after attempt 1 on crashed w-1 ran to a result",
+            ]
+        );
+        // Those that resumed (the second one through a third attempt) are all it judges.
+        let c = crash_judged(&["resumed", "twice", "healthy"]);
+        assert_eq!((c.judged, c.not_resumed.len()), (2, 0), "{c:?}");
+        // Resumes brought about by other causes count for nothing: with no task running on a
+        // crashed worker at the crash, nothing is judged (the verdict then fails).
+        let c = crash_judged(&["finished", "healthy", "ended"]);
+        assert_eq!(c, CrashResumes::default());
+        // A task running on a crashed worker without a checkpoint held before the crash (not
+        // in the list, as "afresh" here) may start afresh.
+        let c = crash_judged(&["resumed"]);
+        assert_eq!((c.judged, c.not_resumed.len()), (1, 0), "{c:?}");
     }
 }
