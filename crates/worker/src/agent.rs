@@ -676,7 +676,14 @@ impl Agent {
                 }
             }
             let dialed = self
-                .dial(&mut backoff, waited, silent, &mut refusals, give_up)
+                .dial(
+                    &mut backoff,
+                    waited,
+                    silent,
+                    &mut refusals,
+                    (shutdown, &mut hurried),
+                    give_up,
+                )
                 .await;
             let (ws, generation) = match dialed {
                 Dialed::Open(ws, generation) => (ws, generation),

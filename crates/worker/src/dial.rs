@@ -110,12 +110,18 @@ impl Agent {
     /// registration): one may be an answer damaged on the wire, a proxy's hiccup or forged by
     /// someone on the path, so it is retried like a failure until the refusals reach
     /// `refusals_before_stop`.
+    ///
+    /// A `stop` (the worker told to stop while it holds work to hand back; `shutdown` ends
+    /// the dialing for good) cuts short the delay it finds under way, once (`hurried`): the
+    /// worker has a few seconds to reach the coordinator, and a delay of a long outage would
+    /// outlast them.
     pub(crate) async fn dial(
         &mut self,
         backoff: &mut Backoff,
         waited: Duration,
         mut silent: bool,
         refusals: &mut u32,
+        (stop, hurried): (&CancellationToken, &mut bool),
         shutdown: &CancellationToken,
     ) -> Dialed {
         let mut under_way: VecDeque<Dialing> = VecDeque::with_capacity(MAX_UNDER_WAY);
@@ -126,6 +132,13 @@ impl Agent {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Dialed::Shutdown,
+                _ = stop.cancelled(), if !*hurried => {
+                    *hurried = true;
+                    if let Some((at, _)) = next.as_mut() {
+                        tracing::info!(worker = %self.cfg.worker_id, "stopping while not connected: the next attempt starts now, to hand back what this worker holds");
+                        *at = Instant::now();
+                    }
+                }
                 (i, r) = FirstEnded(&mut under_way), if !under_way.is_empty() => {
                     let Some(a) = under_way.remove(i) else { continue };
                     match r {

@@ -540,6 +540,48 @@ async fn entries_a_stalled_write_did_not_take_are_sent_when_the_link_reads_again
     running.stop().await;
 }
 
+/// Told to stop during a long outage while it holds something to hand back, the worker tries
+/// at once (it has `stop_reconnect` to reach the coordinator), not after the backoff delay it
+/// was waiting out (16 s here, past the 10 s it has): a coordinator back in the meantime is
+/// reached, and the worker stops after handing back what it holds.
+#[tokio::test(start_paused = true)]
+async fn a_stop_during_an_outage_cuts_the_delay_under_way_short() {
+    let fake = FakeConnector::new(Script::Refuse);
+    let cfg = config();
+    let window = cfg.stop_reconnect;
+    let running = Running::start(&fake, cfg);
+    // Something to hand back: a notice not acknowledged.
+    running
+        .handle
+        .outbox
+        .push(tether_worker::outbox::Class::Notice, None, |seq| {
+            tether_proto::msg::WorkerMsg::TaskPaused(tether_proto::msg::TaskNotice {
+                seq,
+                task_id: tether_proto::TaskId::parse("t").expect("id"),
+                attempt: tether_proto::Attempt(1),
+                timestamp: tether_proto::msg::now(),
+            })
+        });
+    // Five attempts: 1 + 2 + 4 + 8 s of delays; the next is 16 s away.
+    assert!(
+        held_within(Duration::from_secs(60), Duration::from_millis(100), || {
+            fake.attempts().len() >= 5
+        })
+        .await
+    );
+    fake.set(Script::Healthy);
+    running.begin_stop();
+    let tried = held_within(window, Duration::from_millis(100), || {
+        fake.attempts().len() > 5
+    })
+    .await;
+    assert!(
+        tried,
+        "no attempt within the {window:?} a stopping worker has"
+    );
+    running.stop().await;
+}
+
 /// A stop while a write waits on a link that reads nothing (it waits until the liveness
 /// deadline, 15 s): the tasks are told to stop at once, not once the write gave up, and the
 /// running task has ended within a second.
