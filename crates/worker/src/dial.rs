@@ -287,8 +287,8 @@ impl Agent {
     /// Sets the backoff's adaptive boost from the link's record so far.
     fn tune(&self, backoff: &mut Backoff) {
         let (stability, sessions) = {
-            let s = self.shared.stats().snapshot();
-            (s.stability, s.successful_connections)
+            let s = self.shared.stats();
+            (s.link_stability().unwrap_or(1.0), s.sessions())
         };
         backoff.set_boost(adaptive::backoff_boost(
             &self.cfg.adaptive,

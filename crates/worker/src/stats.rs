@@ -43,6 +43,9 @@ pub struct StatsTracker {
     disconnections: u64,
     connected_total: Duration,
     connected_since: Option<Instant>,
+    /// When the first session registered: the link's record starts there (time before it is
+    /// a coordinator not there yet, not a link that does not stay up).
+    first_registered: Option<Instant>,
     lost_at: Option<Instant>,
     rtt_count: u64,
     rtts: VecDeque<f64>,
@@ -62,6 +65,7 @@ impl StatsTracker {
             disconnections: 0,
             connected_total: Duration::ZERO,
             connected_since: None,
+            first_registered: None,
             lost_at: None,
             rtt_count: 0,
             rtts: VecDeque::with_capacity(WINDOW),
@@ -87,6 +91,7 @@ impl StatsTracker {
         let now = Instant::now();
         self.successes += 1;
         self.connected_since = Some(now);
+        self.first_registered.get_or_insert(now);
         self.state = ConnState::Connected;
         let outage = self.lost_at.take().map(|t| now - t);
         if let Some(d) = outage {
@@ -126,7 +131,24 @@ impl StatsTracker {
         self.state = state;
         if connected {
             self.connected_since = Some(self.started);
+            self.first_registered = Some(self.started);
         }
+    }
+
+    /// Sessions registered so far.
+    pub fn sessions(&self) -> u64 {
+        self.successes
+    }
+
+    /// The share of time connected since the first session registered (`None` before one):
+    /// how well the link stays up, for the backoff's boost. The lifetime `stability` also
+    /// counts the wait for a coordinator not there yet, which says nothing of the link.
+    pub fn link_stability(&self) -> Option<f64> {
+        let since = self.first_registered?.elapsed().as_secs_f64();
+        Some(match since > 0.0 {
+            true => (self.connected_time().as_secs_f64() / since).clamp(0.0, 1.0),
+            false => 1.0,
+        })
     }
 
     /// Connected time including the current session.
@@ -235,6 +257,33 @@ mod tests {
         assert!((snap.success_rate - 2.0 / 3.0).abs() < 1e-9);
         assert_eq!(snap.reconnects, 1);
         assert!((snap.reconnect_avg_ms - 2000.0).abs() < 1e-6);
+    }
+
+    /// Half an hour waiting for a coordinator, then three long sessions a second apart: the
+    /// link stays up (its stability since the first session is nearly 1), whatever the
+    /// lifetime figure says.
+    #[tokio::test(start_paused = true)]
+    async fn the_links_stability_starts_at_its_first_session() {
+        let mut s = StatsTracker::new();
+        assert_eq!(s.link_stability(), None);
+        tokio::time::sleep(Duration::from_secs(1800)).await;
+        for _ in 0..3 {
+            s.on_attempt();
+            s.on_registered();
+            tokio::time::sleep(Duration::from_secs(400)).await;
+            s.on_session_end();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let link = s.link_stability().expect("a session");
+        assert!(link > 0.99, "{link}");
+        let lifetime = s.snapshot().stability;
+        assert!(lifetime < 0.5, "{lifetime}");
+        // What the backoff's boost is taken from: no boost for this link.
+        let cfg = crate::adaptive::AdaptiveConfig::default();
+        assert_eq!(
+            crate::adaptive::backoff_boost(&cfg, link, s.sessions()),
+            1.0
+        );
     }
 
     #[test]
