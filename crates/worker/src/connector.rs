@@ -238,7 +238,7 @@ impl Connector for TcpConnector {
                 None => String::new(),
             };
             let port = parsed.port_or_known_default().unwrap_or(80);
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            let tcp = connect_tcp(&host, port)
                 .await
                 .map_err(|e| ConnectError::Transient(format!("connect {host}:{port}: {e}")))?;
             let _ = tcp.set_nodelay(true);
@@ -248,6 +248,58 @@ impl Connector for TcpConnector {
             };
             handshake(url, io, config).await
         })
+    }
+}
+
+/// How long a connection attempt to one of a host's addresses goes unanswered before the next
+/// address is tried beside it (RFC 8305's connection attempt delay).
+pub const NEXT_ADDRESS_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Connects to `host`: each of its addresses in turn, the next one started once the one
+/// before it failed or went [`NEXT_ADDRESS_AFTER`] unanswered, the first to connect taken.
+/// Tried strictly one after another, an address whose packets are dropped (an IPv6 route
+/// that swallows them) took the whole attempt's time and the working one was never reached.
+async fn connect_tcp(host: &str, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+    connect_any(addrs, NEXT_ADDRESS_AFTER).await
+}
+
+async fn connect_any(
+    addrs: Vec<std::net::SocketAddr>,
+    stagger: std::time::Duration,
+) -> std::io::Result<tokio::net::TcpStream> {
+    use futures_util::StreamExt;
+    let mut rest = addrs.into_iter();
+    let mut racing = futures_util::stream::FuturesUnordered::new();
+    let mut failed = None;
+    loop {
+        if racing.is_empty() {
+            match rest.next() {
+                Some(addr) => racing.push(tokio::net::TcpStream::connect(addr)),
+                None => {
+                    return Err(failed.unwrap_or_else(|| {
+                        std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
+                    }));
+                }
+            }
+        }
+        tokio::select! {
+            Some(connected) = racing.next() => match connected {
+                Ok(tcp) => return Ok(tcp),
+                // The next address at once (or, with none left, the others racing).
+                Err(e) => {
+                    failed = Some(e);
+                    if let Some(addr) = rest.next() {
+                        racing.push(tokio::net::TcpStream::connect(addr));
+                    }
+                }
+            },
+            () = tokio::time::sleep(stagger), if rest.len() > 0 => {
+                if let Some(addr) = rest.next() {
+                    racing.push(tokio::net::TcpStream::connect(addr));
+                }
+            }
+        }
     }
 }
 
@@ -369,6 +421,53 @@ mod tests {
             .await;
         assert!(connected.is_ok(), "{:?}", connected.err());
         server.await.expect("server").expect("handshake");
+    }
+
+    /// A host with an address that swallows connection attempts (a full listen queue on
+    /// loopback drops SYNs, as a broken route does) before one that answers: the answering
+    /// one is reached within a moment, not after the attempt's whole time.
+    #[tokio::test]
+    async fn an_address_that_does_not_answer_does_not_keep_the_next_one_from_being_tried() {
+        let silent = tokio::net::TcpSocket::new_v4().expect("socket");
+        silent
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let silent = silent.listen(1).expect("listen");
+        let silent_addr = silent.local_addr().expect("addr");
+        // Fill its queue (never accepted): further SYNs are dropped.
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            match tokio::time::timeout(
+                std::time::Duration::from_millis(200),
+                tokio::net::TcpStream::connect(silent_addr),
+            )
+            .await
+            {
+                Ok(Ok(s)) => held.push(s),
+                _ => break,
+            }
+        }
+        let answering = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let good = answering.local_addr().expect("addr");
+        let started = std::time::Instant::now();
+        let tcp = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            super::connect_any(vec![silent_addr, good], super::NEXT_ADDRESS_AFTER),
+        )
+        .await
+        .expect("reached within 5 s")
+        .expect("connected");
+        assert_eq!(tcp.peer_addr().expect("peer"), good);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // Addresses that all refuse: the last refusal is said.
+        drop(answering);
+        let e = super::connect_any(vec![good], super::NEXT_ADDRESS_AFTER)
+            .await
+            .expect_err("refused");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+        drop((held, silent));
     }
 
     #[test]
