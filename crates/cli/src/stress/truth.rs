@@ -270,6 +270,18 @@ impl Truth {
 mod tests {
     use super::*;
 
+    /// A new store file at `path` with the two tables the truth reads, as the coordinator lays
+    /// them out.
+    fn with_tables(path: &Path) -> Connection {
+        let c = Connection::open(path).expect("create");
+        c.execute_batch(
+            "CREATE TABLE tasks (id TEXT PRIMARY KEY, status TEXT, spec TEXT, doc TEXT);
+             CREATE TABLE results (task_id TEXT, attempt INTEGER, stale INTEGER, recorded_at TEXT, body TEXT);",
+        )
+        .expect("schema");
+        c
+    }
+
     /// A store file with the two tables the truth reads, as the coordinator lays them out.
     fn store(
         dir: &Path,
@@ -277,12 +289,7 @@ mod tests {
         results: &[(&str, u32, bool)],
     ) -> std::path::PathBuf {
         let path = dir.join("tether.db");
-        let c = Connection::open(&path).expect("create");
-        c.execute_batch(
-            "CREATE TABLE tasks (id TEXT PRIMARY KEY, status TEXT, spec TEXT, doc TEXT);
-             CREATE TABLE results (task_id TEXT, attempt INTEGER, stale INTEGER, recorded_at TEXT, body TEXT);",
-        )
-        .expect("schema");
+        let c = with_tables(&path);
         for (id, status) in tasks {
             // A task run again has two attempts.
             let attempts = match *id {
@@ -401,12 +408,7 @@ mod tests {
         results: &[(&str, u32, u64)],
     ) -> std::path::PathBuf {
         let path = dir.join("crash.db");
-        let c = Connection::open(&path).expect("create");
-        c.execute_batch(
-            "CREATE TABLE tasks (id TEXT PRIMARY KEY, status TEXT, spec TEXT, doc TEXT);
-             CREATE TABLE results (task_id TEXT, attempt INTEGER, stale INTEGER, recorded_at TEXT, body TEXT);",
-        )
-        .expect("schema");
+        let c = with_tables(&path);
         for (id, status, attempts) in tasks {
             let attempts: Vec<serde_json::Value> = attempts
                 .iter()

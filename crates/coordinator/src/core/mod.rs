@@ -745,12 +745,7 @@ impl Core {
                 session_id,
                 msgs,
             } => {
-                let current = self
-                    .workers
-                    .get(&worker)
-                    .and_then(|w| w.session.as_ref())
-                    .filter(|s| s.id == session_id)
-                    .cloned();
+                let current = self.current_session(&worker, session_id);
                 // A frame of a replaced session is ignored: the newer session owns the worker.
                 if let Some(session) = current {
                     self.counters
@@ -766,13 +761,7 @@ impl Core {
                         // A registration changes what the session agreed (acknowledgements by
                         // number, its frame limit): the frame's later messages follow it.
                         if registration {
-                            let now = self
-                                .workers
-                                .get(&worker)
-                                .and_then(|w| w.session.as_ref())
-                                .filter(|s| s.id == session_id)
-                                .cloned();
-                            match now {
+                            match self.current_session(&worker, session_id) {
                                 Some(now) => session = now,
                                 None => break,
                             }
@@ -782,6 +771,15 @@ impl Core {
             }
             Event::Api(api) => self.on_api(api, b),
         }
+    }
+
+    /// The session `session_id` of `worker`, if it is the worker's current one.
+    fn current_session(&self, worker: &WorkerId, session_id: u64) -> Option<SessionRef> {
+        self.workers
+            .get(worker)
+            .and_then(|w| w.session.as_ref())
+            .filter(|s| s.id == session_id)
+            .cloned()
     }
 
     fn on_connected(&mut self, worker: WorkerId, session: SessionRef) {

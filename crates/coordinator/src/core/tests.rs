@@ -165,6 +165,21 @@ fn drain(rx: &mut super::mailbox::Receiver<Outgoing>) -> Vec<CoordMsg> {
     v
 }
 
+/// What the mailbox holds, in order: messages by type name, acknowledgements by number as
+/// `recorded <seq>`, closes as `close`.
+fn sent_names(rx: &mut super::mailbox::Receiver<Outgoing>) -> Vec<String> {
+    let mut got = Vec::new();
+    while let Ok(o) = rx.try_recv() {
+        got.push(match o {
+            Outgoing::Recorded(seq) => format!("recorded {}", seq.0),
+            Outgoing::Msg(m) => m.type_name().to_string(),
+            Outgoing::Close(_) => "close".into(),
+            Outgoing::Piece(p) => p.0.type_name().to_string(),
+        });
+    }
+    got
+}
+
 /// The code of the first close in the mailbox, if any.
 fn close_code(rx: &mut super::mailbox::Receiver<Outgoing>) -> Option<u16> {
     while let Ok(out) = rx.try_recv() {
@@ -1482,15 +1497,7 @@ fn messages_after_a_registration_in_the_same_frame_follow_what_it_agreed() {
         session_id: s,
         msgs: vec![WorkerMsg::Registration(again), state(1, &t, 1)],
     });
-    let mut got = Vec::new();
-    while let Ok(o) = rx.try_recv() {
-        got.push(match o {
-            Outgoing::Recorded(seq) => format!("recorded {}", seq.0),
-            Outgoing::Msg(m) => m.type_name().to_string(),
-            Outgoing::Close(_) => "close".into(),
-            Outgoing::Piece(p) => p.0.type_name().to_string(),
-        });
-    }
+    let got = sent_names(&mut rx);
     assert!(got.contains(&"task_state_ack".to_owned()), "{got:?}");
     assert!(!got.iter().any(|g| g.starts_with("recorded")), "{got:?}");
 }
@@ -1513,15 +1520,7 @@ fn a_session_that_agreed_to_compact_acks_gets_recorded_messages_acknowledged_by_
             state(4, &t, 7),
         ],
     });
-    let mut got = Vec::new();
-    while let Ok(o) = rx.try_recv() {
-        got.push(match o {
-            Outgoing::Recorded(seq) => format!("recorded {}", seq.0),
-            Outgoing::Msg(m) => m.type_name().to_string(),
-            Outgoing::Close(_) => "close".into(),
-            Outgoing::Piece(p) => p.0.type_name().to_string(),
-        });
-    }
+    let got = sent_names(&mut rx);
     assert_eq!(
         got,
         vec![
