@@ -92,6 +92,10 @@ impl IntoResponse for ApiError {
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            // Nothing was done: a client may send it again (the CLI retries a 503).
+            ApiError::ShuttingDown => {
+                return unavailable("shutting_down", &self.to_string(), "5");
+            }
         };
         error_response(status, code, &self.to_string())
     }
@@ -130,9 +134,7 @@ async fn turn_of(
 ) -> Result<tokio::sync::OwnedSemaphorePermit, Option<ApiError>> {
     match tokio::time::timeout(heavy_wait(app), turns.clone().acquire_owned()).await {
         Ok(Ok(turn)) => Ok(turn),
-        Ok(Err(_)) => Err(Some(ApiError::Internal(
-            "coordinator is shutting down".into(),
-        ))),
+        Ok(Err(_)) => Err(Some(ApiError::ShuttingDown)),
         Err(_) => Err(None),
     }
 }
@@ -258,9 +260,8 @@ pub(crate) async fn ask<T>(
     app.events
         .send(Event::Api(make(tx)))
         .await
-        .map_err(|_| ApiError::Internal("coordinator is shutting down".into()))?;
-    rx.await
-        .map_err(|_| ApiError::Internal("coordinator is shutting down".into()))?
+        .map_err(|_| ApiError::ShuttingDown)?;
+    rx.await.map_err(|_| ApiError::ShuttingDown)?
 }
 
 fn parse_task(id: &str) -> Result<TaskId, ApiError> {
@@ -1055,6 +1056,37 @@ mod tests {
                 crate::model::Worker::new(id, Utc::now())
             })
             .collect()
+    }
+
+    /// A request that finds the coordinator stopping (its core gone) did nothing: it is told
+    /// 503 with Retry-After, which a client retries, not 500 `internal`.
+    #[tokio::test]
+    async fn a_request_during_shutdown_is_unavailable_not_an_internal_error() {
+        let (events, rx) = tokio::sync::mpsc::channel(1);
+        drop(rx);
+        let r = overview(State(app_of(events))).await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.headers().contains_key(axum::http::header::RETRY_AFTER));
+        let body = axum::body::to_bytes(r.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["error"]["code"], "shutting_down", "{v}");
+    }
+
+    /// A core that does not answer (its replies held behind a commit waiting for space): the
+    /// metrics are served all the same, the store's gauges among them, and say the model's
+    /// are stale. The scrape used to wait for the core for as long as the space ran out.
+    #[tokio::test(start_paused = true)]
+    async fn metrics_are_served_while_the_core_does_not_answer() {
+        let (events, _rx) = tokio::sync::mpsc::channel(16);
+        let r = crate::metrics::scrape(State(app_of(events))).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(r.into_body(), 1 << 24)
+            .await
+            .expect("body");
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains("tether_model_stale 1"), "{text}");
     }
 
     /// An app whose core events go to `events`.

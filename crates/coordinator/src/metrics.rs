@@ -26,6 +26,9 @@ use crate::server::AppState;
 pub const CONNECTIONS: &str = "tether_connections_total";
 /// Counter: registrations of a worker that had registered before (a reconnection).
 pub const RECONNECTIONS: &str = "tether_reconnections_total";
+/// Gauge: 1 when the last scrape got no overview from the core in time (its task, worker and
+/// queue gauges are then from an earlier scrape), else 0.
+pub const MODEL_STALE: &str = "tether_model_stale";
 /// Counter: sessions ended, by `reason` (closed, timeout, error, oversize, invalid_utf8,
 /// integrity, coordinator).
 pub const SESSIONS_ENDED: &str = "tether_sessions_ended_total";
@@ -219,19 +222,31 @@ fn ratio(raw: u64, wire: u64) -> f64 {
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
 )]
 pub async fn scrape(State(app): State<Arc<AppState>>) -> Response {
-    let overview = match crate::http::ask(&app, |reply| Api::Overview { reply }).await {
-        Ok(o) => o,
-        Err(e) => return e.into_response(),
-    };
-    for (state, n) in &overview.tasks {
-        metrics::gauge!(TASKS, "state" => *state).set(*n as f64);
-    }
-    for (state, n) in &overview.workers {
-        metrics::gauge!(WORKERS, "state" => *state).set(*n as f64);
-    }
-    metrics::gauge!(QUEUE_DEPTH).set(overview.queued as f64);
-    for (name, n) in &overview.counters {
-        metrics::counter!(CORE_COUNTERS, "name" => *name).absolute(*n);
+    // First: what is set below goes to the recorder this installs, when none was yet.
+    let recorder = install();
+    let asked = crate::http::ask(&app, |reply| Api::Overview { reply });
+    match tokio::time::timeout(OVERVIEW_WAIT, asked).await {
+        Ok(Ok(overview)) => {
+            for (state, n) in &overview.tasks {
+                metrics::gauge!(TASKS, "state" => *state).set(*n as f64);
+            }
+            for (state, n) in &overview.workers {
+                metrics::gauge!(WORKERS, "state" => *state).set(*n as f64);
+            }
+            metrics::gauge!(QUEUE_DEPTH).set(overview.queued as f64);
+            for (name, n) in &overview.counters {
+                metrics::counter!(CORE_COUNTERS, "name" => *name).absolute(*n);
+            }
+            metrics::gauge!(MODEL_STALE).set(0.0);
+        }
+        Ok(Err(e)) => return e.into_response(),
+        // The core did not answer in time (a commit waiting for space holds its replies, and
+        // then the core itself): the rest is served, the store's gauges among them, which say
+        // why; the model's gauges keep their last values, and say so.
+        Err(_) => {
+            tracing::debug!("the core's overview did not come in time; metrics served without it");
+            metrics::gauge!(MODEL_STALE).set(1.0);
+        }
     }
     // From the core's counters of compressed frames, both ways, which every compressed frame
     // adds to: three lookups in the recorder's registry a frame were 1.3 % of the
@@ -243,8 +258,11 @@ pub async fn scrape(State(app): State<Arc<AppState>>) -> Response {
     metrics::counter!(COMPRESSION_RAW_BYTES).absolute(raw);
     metrics::counter!(COMPRESSION_WIRE_BYTES).absolute(wire);
     metrics::gauge!(COMPRESSION_RATIO).set(ratio(raw, wire));
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], install().render()).into_response()
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], recorder.render()).into_response()
 }
+
+/// How long a scrape waits for the core's overview before it serves what it has without it.
+pub const OVERVIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The Prometheus text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -293,6 +311,10 @@ fn describe() {
     );
     describe_gauge!(TASKS, "tasks by state");
     describe_gauge!(QUEUE_DEPTH, "tasks waiting for a worker");
+    describe_gauge!(
+        MODEL_STALE,
+        "1 when the last scrape got no overview from the core in time (task, worker and queue gauges from an earlier one)"
+    );
     describe_counter!(
         TASKS_FINISHED,
         "tasks that reached a terminal state, by status"

@@ -52,7 +52,7 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
-    #[error("the store failed; see the log")]
+    #[error("the store failed, or the coordinator's core stopped unexpectedly; see the log")]
     StoreFailed,
     #[error(transparent)]
     Exposed(#[from] crate::auth::Exposed),
@@ -110,7 +110,11 @@ pub async fn run_with(
     let core = Core::new(cfg.clone(), loaded, counters.clone()).with_changes(changes.clone());
     let stop = CancellationToken::new();
     let handoff = store::Handoff::new(writer_tx, store_stats.clone());
-    let core_task = tokio::spawn(core.run(events_rx, handoff, stop.clone()));
+    let core_task = tokio::spawn(watch_core(
+        tokio::spawn(core.run(events_rx, handoff, stop.clone())),
+        stop.clone(),
+        fatal.clone(),
+    ));
     let state = Arc::new(AppState {
         cfg: cfg.clone(),
         events: events_tx,
@@ -307,4 +311,47 @@ fn router(state: Arc<AppState>) -> Router {
         ))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
+}
+
+/// Waits for the core's task; one that ends before the stop (it panicked, or found the store
+/// writer gone) stops the coordinator as a store failure does (`fatal`). Without this the
+/// process went on answering `/healthz` and accepting connections with no core: every API call
+/// failed and every registration hung, and nothing restarted it.
+async fn watch_core(
+    core: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+    fatal: CancellationToken,
+) {
+    let ended = core.await;
+    if !stop.is_cancelled() {
+        match ended {
+            Err(e) => tracing::error!(error = %e, "the coordinator's core failed; stopping"),
+            Ok(()) => tracing::error!("the coordinator's core stopped on its own; stopping"),
+        }
+        fatal.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A core that panics, or ends on its own before the stop, stops the coordinator (the
+    /// server's `fatal`); one that ends after the stop does not count as a failure.
+    #[tokio::test]
+    async fn a_core_that_ends_before_the_stop_stops_the_coordinator() {
+        use tokio_util::sync::CancellationToken;
+        for panics in [true, false] {
+            let (stop, fatal) = (CancellationToken::new(), CancellationToken::new());
+            let core = tokio::spawn(async move {
+                if panics {
+                    panic!("a bug in the core");
+                }
+            });
+            super::watch_core(core, stop, fatal.clone()).await;
+            assert!(fatal.is_cancelled(), "panics: {panics}");
+        }
+        let (stop, fatal) = (CancellationToken::new(), CancellationToken::new());
+        stop.cancel();
+        super::watch_core(tokio::spawn(async {}), stop, fatal.clone()).await;
+        assert!(!fatal.is_cancelled());
+    }
 }

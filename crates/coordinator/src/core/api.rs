@@ -25,6 +25,10 @@ pub enum ApiError {
     Invalid(String),
     #[error("{0}")]
     Internal(String),
+    /// The coordinator is stopping (or its core has gone): nothing was done, and the same
+    /// request is safe to send again, to this coordinator once restarted or to another.
+    #[error("coordinator is shutting down")]
+    ShuttingDown,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
