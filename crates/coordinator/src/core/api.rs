@@ -124,7 +124,7 @@ pub enum Api {
     },
     State {
         task: TaskId,
-        reply: Reply<Option<serde_json::Value>>,
+        reply: Reply<Option<store::StateRow>>,
     },
     Checkpoints {
         task: TaskId,
@@ -193,11 +193,7 @@ impl Core {
                 }
                 let unfolded = self.unfolded.clone();
                 b.reads.push(Box::new(move |conn| {
-                    let r = store::read_state(conn, &unfolded, &task).map_err(internal).map(|o| {
-                        o.map(|(attempt, state, updated_at)| {
-                            serde_json::json!({"attempt": attempt, "state": state, "updated_at": updated_at})
-                        })
-                    });
+                    let r = store::read_state(conn, &unfolded, &task).map_err(internal);
                     let _ = reply.send(r);
                 }));
             }

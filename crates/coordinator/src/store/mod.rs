@@ -995,19 +995,32 @@ pub struct ResultRow {
     /// From an attempt that no longer held the lease: kept, never counted.
     pub stale: bool,
     pub recorded_at: String,
-    pub body: serde_json::Value,
+    /// The result as the worker sent it, served byte for byte: kept as text, it is never made
+    /// a tree (16 MiB of JSON as a tree take hundreds of megabytes), which would also sort its
+    /// keys, merge duplicate keys and round its numbers.
+    pub body: Box<serde_json::value::RawValue>,
 }
 
-/// A record's JSON, as the API serves it. Text that is not JSON (the file damaged outside
-/// tether: it only ever writes JSON there) is an error naming the record, logged, never a
-/// `null` that would pass for what the worker sent.
+/// A task's latest state, as the API serves it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StateRow {
+    pub attempt: u32,
+    /// As the worker sent it, byte for byte (as [`ResultRow::body`]).
+    pub state: Box<serde_json::value::RawValue>,
+    pub updated_at: String,
+}
+
+/// A record's JSON, as the API serves it: its text, checked to be JSON but not made a tree.
+/// Text that is not JSON (the file damaged outside tether: it only ever writes JSON there) is
+/// an error naming the record, logged, never a `null` that would pass for what the worker
+/// sent.
 fn stored_json(
     table: &str,
     col: usize,
     task: &str,
-    text: &str,
-) -> rusqlite::Result<serde_json::Value> {
-    serde_json::from_str(text).map_err(|e| {
+    text: String,
+) -> rusqlite::Result<Box<serde_json::value::RawValue>> {
+    serde_json::value::RawValue::from_string(text).map_err(|e| {
         let why = format!("the {table} record of task {task:?} is damaged (not JSON: {e})");
         tracing::warn!(table, task, error = %e, "a stored record cannot be read");
         rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, why.into())
@@ -1027,7 +1040,7 @@ pub fn read_results(conn: &Connection, task: &TaskId) -> rusqlite::Result<Vec<Re
             worker: r.get(2)?,
             outcome: r.get(3)?,
             stale: r.get(4)?,
-            body: stored_json("results", 5, task.as_str(), &body)?,
+            body: stored_json("results", 5, task.as_str(), body)?,
             recorded_at: r.get(6)?,
         })
     })?;
@@ -1041,21 +1054,21 @@ pub fn read_state(
     conn: &Connection,
     unfolded: &Unfolded,
     task: &TaskId,
-) -> rusqlite::Result<Option<(u32, serde_json::Value, String)>> {
+) -> rusqlite::Result<Option<StateRow>> {
     if let Some((attempt, state, at)) = unfolded.get(task) {
-        return Ok(Some((
+        return Ok(Some(StateRow {
             attempt,
-            stored_json("task_state", 1, task.as_str(), &state)?,
-            at,
-        )));
+            state: stored_json("task_state", 1, task.as_str(), state.to_string())?,
+            updated_at: at,
+        }));
     }
     let row = |r: &rusqlite::Row<'_>| {
         let s: String = r.get(1)?;
-        Ok((
-            r.get(0)?,
-            stored_json("task_state", 1, task.as_str(), &s)?,
-            r.get(2)?,
-        ))
+        Ok(StateRow {
+            attempt: r.get(0)?,
+            state: stored_json("task_state", 1, task.as_str(), s)?,
+            updated_at: r.get(2)?,
+        })
     };
     conn.prepare_cached("SELECT attempt, state, updated_at FROM task_state WHERE task_id = ?1")?
         .query_row([task.as_str()], row)

@@ -402,6 +402,44 @@ fn a_file_that_cannot_be_opened_is_named_not_called_corrupt() {
     assert!(said.contains("not said to be damaged"), "{said}");
 }
 
+/// A result and a state are served as the worker sent them, byte for byte: keys in their
+/// order, a duplicate key, a number past 64 bits and a trailing zero kept. Read as trees they
+/// came back with sorted keys, one of the duplicates, and rounded numbers.
+#[test]
+fn a_result_and_a_state_are_served_byte_for_byte() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, _) = open(dir.path()).expect("open");
+    let text = r#"{"b":1,"a":18446744073709551616,"f":1.10,"b":2}"#;
+    let t = TaskId::parse("t").expect("id");
+    commit_muts(
+        &mut conn,
+        vec![
+            Mutation::PutTask(Box::new(task("t", 0, TaskStatus::Running))),
+            Mutation::PutResult {
+                task_id: t.clone(),
+                attempt: Attempt(1),
+                worker: WorkerId::parse("w").expect("id"),
+                outcome: Outcome::Completed,
+                stale: false,
+                body: text.into(),
+            },
+            Mutation::PutState {
+                task_id: t.clone(),
+                attempt: Attempt(1),
+                state: StateJson::from_text(text.into()).expect("json"),
+            },
+        ],
+    );
+    let rows = read_results(&conn, &t).expect("read");
+    assert_eq!(rows[0].body.get(), text);
+    let served = serde_json::to_string(&rows[0]).expect("serialize");
+    assert!(served.contains(text), "{served}");
+    let state = read_state(&conn, &Unfolded::default(), &t)
+        .expect("read")
+        .expect("a state");
+    assert_eq!(state.state.get(), text);
+}
+
 #[test]
 fn a_result_is_stored_once_per_attempt_even_when_committed_again() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -735,8 +773,13 @@ fn state_mut(task: &str, n: u32) -> Mutation {
     }
 }
 
-fn n_of(state: Option<(u32, serde_json::Value, String)>) -> Option<u64> {
-    state.and_then(|(_, s, _)| s["n"].as_u64())
+fn n_of(state: Option<StateRow>) -> Option<u64> {
+    state.and_then(|s| as_value(&s.state)["n"].as_u64())
+}
+
+/// A stored record's JSON as a tree, to look into.
+fn as_value(raw: &serde_json::value::RawValue) -> serde_json::Value {
+    serde_json::from_str(raw.get()).expect("JSON")
 }
 
 /// The state of `task` in the database, with nothing unfolded in memory (a reopened store).
@@ -1042,11 +1085,10 @@ fn of_several_states_of_a_task_in_one_group_the_last_is_stored() {
     ];
     commit(&mut j.conn, &mut batches, &mut j.states).expect("commit");
     let read = |j: &Journaled| {
-        let (attempt, state, _) =
-            read_state(&j.conn, &j.unfolded, &TaskId::parse("a").expect("id"))
-                .expect("read")
-                .expect("a state");
-        (attempt, state)
+        let s = read_state(&j.conn, &j.unfolded, &TaskId::parse("a").expect("id"))
+            .expect("read")
+            .expect("a state");
+        (s.attempt, as_value(&s.state))
     };
     assert_eq!(read(&j), (2, serde_json::json!({"n": 3})));
     j.fold_round();
