@@ -51,7 +51,7 @@ fn run(max_group: usize, round: usize) -> Duration {
         dir.path().join(store::DB_FILE),
         rx,
         Arc::new(StoreStats::default()),
-        CancellationToken::new(),
+        (CancellationToken::new(), CancellationToken::new()),
         store::WriterOptions {
             max_group,
             ..Default::default()

@@ -92,13 +92,14 @@ pub async fn run_with(
     let counters = Arc::new(Counters::default());
     let store_stats = Arc::new(StoreStats::default());
     let fatal = CancellationToken::new();
+    let stop = CancellationToken::new();
     let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE);
     let writer = store::spawn_writer(
         conn,
         cfg.data_dir.join(store::DB_FILE),
         writer_rx,
         store_stats.clone(),
-        fatal.clone(),
+        (fatal.clone(), stop.clone()),
         store::WriterOptions {
             durability: cfg.durability,
             ..Default::default()
@@ -108,7 +109,6 @@ pub async fn run_with(
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let (changes, _) = broadcast::channel(dashboard::CHANGES_BUFFER);
     let core = Core::new(cfg.clone(), loaded, counters.clone()).with_changes(changes.clone());
-    let stop = CancellationToken::new();
     let handoff = store::Handoff::new(writer_tx, store_stats.clone());
     let core_task = tokio::spawn(watch_core(
         tokio::spawn(core.run(events_rx, handoff, stop.clone())),

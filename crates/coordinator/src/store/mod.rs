@@ -623,7 +623,7 @@ pub fn spawn_writer(
     path: PathBuf,
     mut rx: tokio::sync::mpsc::Receiver<Batch>,
     stats: Arc<StoreStats>,
-    fatal: CancellationToken,
+    (fatal, stopping): (CancellationToken, CancellationToken),
     opts: WriterOptions,
     unfolded: Arc<Unfolded>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -688,6 +688,14 @@ pub fn spawn_writer(
                     loop {
                         match commit(&mut conn, &mut batches, &mut states) {
                             Ok(()) => break,
+                            // A stop gives the waiting group up: nothing of it was
+                            // acknowledged (its senders send it again), and nothing of it
+                            // stays (rolled back, its journaled states cut back). Waited for,
+                            // the stop lasted until there was space, signals or not.
+                            Err(e) if e.out_of_space() && stopping.is_cancelled() => {
+                                tracing::warn!(db = %path.display(), "stopping while out of space: the waiting group, never acknowledged, is given up");
+                                return;
+                            }
                             Err(e) if e.out_of_space() => stall
                                 .get_or_insert_with(|| space::Stall::begin(&stats, &path, &e))
                                 .pause(&path, &e),
@@ -958,10 +966,38 @@ fn commit(
             }
         }
     }
-    states.append(&now, &ops)?;
-    tx.commit()?;
+    let appended = states.append(&now, &ops)?;
+    if let Err(e) = commit_tx(tx) {
+        // Nothing of the group stays: not its rows (rolled back), nor its journaled states.
+        return match states.unappend(appended) {
+            Ok(()) => Err(e.into()),
+            // Not out of space any more, whatever `e` was: the writer stops.
+            Err(cut) => Err(WriteError::Journal(std::io::Error::other(format!(
+                "{e}; and the journal could not be cut back to before the group: {cut}"
+            )))),
+        };
+    }
     states.committed(&now, &ops);
     Ok(())
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: the next commit on this thread fails as a full disk does at the commit itself (a
+    /// WAL write needing a block that is not there), after the group was journaled.
+    pub(crate) static FAIL_NEXT_COMMIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn commit_tx(tx: rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    #[cfg(test)]
+    if FAIL_NEXT_COMMIT.with(|f| f.replace(false)) {
+        drop(tx);
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        ));
+    }
+    tx.commit()
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> rusqlite::Result<String> {

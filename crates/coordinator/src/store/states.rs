@@ -656,6 +656,13 @@ impl Journal {
     }
 }
 
+/// Where the journal was before a group's frames were appended.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Appended {
+    at: u64,
+    grown: u64,
+}
+
 /// What one piece of folding did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Piece {
@@ -723,29 +730,41 @@ impl States {
     /// Appends a group's changes to the journal: call before the group's commit. On an error
     /// nothing of the group stays: the file is cut back to where it was, so that the group may
     /// be appended again (a frame cut short with whole ones after it would read as damage).
-    pub fn append(&mut self, now: &str, ops: &[Op<'_>]) -> std::io::Result<()> {
-        if ops.is_empty() {
-            return Ok(());
-        }
+    pub fn append(&mut self, now: &str, ops: &[Op<'_>]) -> std::io::Result<Appended> {
         let j = &mut self.journal;
-        let (at, grown) = (j.file.stream_position()?, j.grown);
-        match j.write_group(now, ops) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                j.grown = grown;
-                let cut = j
-                    .file
-                    .set_len(at)
-                    .and_then(|()| j.file.seek(SeekFrom::Start(at)));
-                match cut {
-                    Ok(_) => Err(e),
-                    // Not out of space any more, whatever `e` was: the writer stops.
-                    Err(cut) => Err(std::io::Error::other(format!(
-                        "{e}; and the journal could not be cut back to before the group: {cut}"
-                    ))),
-                }
-            }
+        let before = Appended {
+            at: j.file.stream_position()?,
+            grown: j.grown,
+        };
+        if ops.is_empty() {
+            return Ok(before);
         }
+        match j.write_group(now, ops) {
+            Ok(()) => Ok(before),
+            Err(e) => match self.unappend(before) {
+                Ok(()) => Err(e),
+                // Not out of space any more, whatever `e` was: the writer stops.
+                Err(cut) => Err(std::io::Error::other(format!(
+                    "{e}; and the journal could not be cut back to before the group: {cut}"
+                ))),
+            },
+        }
+    }
+
+    /// Takes a group's frames out of the journal again (`before` is what [`States::append`]
+    /// returned for it): its commit failed. Left there, they would be replayed at the next
+    /// start though never committed, a deletion's among them (which would drop the task's
+    /// acknowledged states while its rows stay), and each retry of the group would append
+    /// it again.
+    pub fn unappend(&mut self, before: Appended) -> std::io::Result<()> {
+        let j = &mut self.journal;
+        j.grown = before.grown;
+        j.file.set_len(before.at)?;
+        j.file.seek(SeekFrom::Start(before.at))?;
+        if j.sync {
+            j.file.sync_data()?;
+        }
+        Ok(())
     }
 
     /// The group of `ops` committed: its states are the newest.

@@ -906,6 +906,39 @@ impl Journaled {
     }
 }
 
+/// A group whose commit fails for space after its states were journaled takes them out of
+/// the journal again: a crash then replays none of it (it was never committed nor
+/// acknowledged), and its retry journals it once. They stayed, and were replayed.
+#[test]
+fn a_group_whose_commit_fails_leaves_nothing_in_the_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let mut j = Journaled::open(dir.path());
+        j.commit(vec![
+            Mutation::PutTask(Box::new(task("a", 0, TaskStatus::Running))),
+            state_mut("a", 1),
+        ]);
+        let before = j.journal();
+        let mut batches = vec![Batch {
+            muts: vec![state_mut("a", 2)],
+            effects: vec![],
+            reads: vec![],
+        }];
+        FAIL_NEXT_COMMIT.with(|f| f.set(true));
+        let failed = commit(&mut j.conn, &mut batches, &mut j.states).expect_err("full");
+        assert!(failed.out_of_space(), "{failed}");
+        assert_eq!(
+            j.journal(),
+            before,
+            "nothing of the group stays in the journal"
+        );
+        assert_eq!(j.state_n("a"), Some(1), "nor in memory");
+    }
+    // A crash now: the state of the failed group is not replayed.
+    let j = Journaled::open(dir.path());
+    assert_eq!(j.state_n("a"), Some(1));
+}
+
 /// A writer that stops while a fold round is under way, with states acknowledged since the
 /// round began (in the journal file it left for the appends): they are folded too before the
 /// journal files go, and read after a restart. The round used to be finished alone, the next
@@ -1434,7 +1467,7 @@ impl Writer {
             dir.join(DB_FILE),
             rx,
             Arc::default(),
-            tokio_util::sync::CancellationToken::new(),
+            Default::default(),
             opts,
             loaded.unfolded.clone(),
         )
@@ -1513,6 +1546,54 @@ fn timed(task: &str, n: u32, done: std::sync::mpsc::Sender<std::time::Instant>) 
     }
 }
 
+/// A stop while a commit waits for space ends the writer: the waiting group, never
+/// acknowledged, is given up (its senders send it again). The writer used to try it again for
+/// as long as the space ran out, and the coordinator's stop waited with it, signals or not.
+#[test]
+fn a_stop_while_a_commit_waits_for_space_ends_the_writer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (conn, _) = open(dir.path()).expect("open");
+    // No page more than it has: the next commit that grows the file finds no room.
+    let pages: i64 = conn
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .expect("pages");
+    conn.execute_batch(&format!("PRAGMA max_page_count = {pages}"))
+        .expect("max pages");
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let stats = Arc::new(StoreStats::default());
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let thread = spawn_writer(
+        conn,
+        dir.path().join(DB_FILE),
+        rx,
+        stats.clone(),
+        (Default::default(), stopping.clone()),
+        WriterOptions::default(),
+        Arc::default(),
+    )
+    .expect("writer");
+    tx.blocking_send(Batch {
+        muts: (0..2000).map(|i| new_task(&format!("t{i}"))).collect(),
+        effects: vec![],
+        reads: vec![],
+    })
+    .expect("send");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !stats.out_of_space.load(Ordering::Acquire) {
+        assert!(std::time::Instant::now() < deadline, "never out of space");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    stopping.cancel();
+    // The sender is kept (a core blocked handing the writer more): the stop alone ends it.
+    let (ended, waited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = ended.send(thread.join().is_ok());
+    });
+    let joined = waited.recv_timeout(std::time::Duration::from_secs(15));
+    assert_eq!(joined, Ok(true), "the writer ended after the stop");
+    drop(tx);
+}
+
 /// Within the group commit window, batches wait for one commit together; after a quiet spell
 /// a batch commits at once.
 #[test]
@@ -1527,7 +1608,7 @@ fn batches_within_the_commit_window_commit_together_and_a_quiet_writer_commits_a
         dir.path().join(DB_FILE),
         rx,
         stats.clone(),
-        tokio_util::sync::CancellationToken::new(),
+        Default::default(),
         WriterOptions {
             commit_interval: window,
             ..Default::default()
