@@ -14,6 +14,11 @@ pub const MAX_NAME_LEN: usize = 64;
 /// Longest delay any attribute may ask for (one hour), so deadlines never overflow.
 pub const MAX_DELAY_MS: u64 = 3_600_000;
 
+/// Largest slicer piece (`average_size + size_variation`) accepted: 1 GiB, far above any chunk
+/// (32 KiB), so every useful slicer fits. Unbounded, `average_size` near `usize::MAX` passed
+/// validation and overflowed the size draw in the link's writer.
+pub const MAX_SLICE: usize = 1 << 30;
+
 /// Default `direction` of a fault given as JSON without one (as in Toxiproxy).
 pub const DEFAULT_DIRECTION: Direction = Direction::Downstream;
 
@@ -253,6 +258,15 @@ impl FaultKind {
                 }
                 if size_variation >= average_size {
                     return bad("size_variation", "must be less than average_size".into());
+                }
+                if average_size.saturating_add(size_variation) > MAX_SLICE {
+                    return bad(
+                        "average_size",
+                        format!(
+                            "{average_size} + size_variation {size_variation} is more than \
+                             {MAX_SLICE} bytes"
+                        ),
+                    );
                 }
                 delay("delay_us", delay_us / 1000)
             }

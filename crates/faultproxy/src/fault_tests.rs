@@ -60,6 +60,14 @@ fn bad_faults_are_refused_with_the_reason() {
             "size_variation",
         ),
         (
+            r#"{"name":"x","kind":"slicer","attributes":{"average_size":18446744073709551615,"size_variation":8}}"#,
+            "1073741824 bytes",
+        ),
+        (
+            r#"{"name":"x","kind":"slicer","attributes":{"average_size":1073741824,"size_variation":1}}"#,
+            "average_size",
+        ),
+        (
             r#"{"name":"x","kind":"bandwidth","attributes":{"bytes_per_sec":0}}"#,
             "bytes_per_sec",
         ),
@@ -75,6 +83,16 @@ fn bad_faults_are_refused_with_the_reason() {
         let err = serde_json::from_str::<Fault>(json).expect_err(json);
         assert!(err.to_string().contains(what), "{json}: {err}");
     }
+}
+
+/// The largest slicer accepted: its piece size is exactly [`MAX_SLICE`].
+#[test]
+fn a_slicer_up_to_the_largest_piece_is_accepted() {
+    let json = format!(
+        r#"{{"name":"x","kind":"slicer","attributes":{{"average_size":{},"size_variation":1}}}}"#,
+        MAX_SLICE - 1
+    );
+    serde_json::from_str::<Fault>(&json).expect(&json);
 }
 
 #[test]

@@ -339,13 +339,27 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
         .spawn(async move { Half::Read(read_loop(server_rd, down_tx, l).await) }.in_current_span());
     tasks.spawn(async move { Half::Write(up.run().await) }.in_current_span());
     tasks.spawn(async move { Half::Write(down.run().await) }.in_current_span());
+    halves.extend(join_all(tasks, &link).await);
+    close(halves, link.outcome(), &ctx.counters, registered);
+}
+
+/// Waits for every task of a link and collects what they hand back. A task that fails (a
+/// panic) resets the link: its stream is broken, bytes of it may be lost, and the link's other
+/// tasks would otherwise go on without it (its reader feeding a queue no one empties, the
+/// other stream open), so the link stayed in `links()` and `connections_active` for good.
+/// Reset, not closed: a FIN would tell the peers the stream ended whole.
+async fn join_all<T: 'static>(mut tasks: JoinSet<T>, link: &LinkCtl) -> Vec<T> {
+    let mut out = Vec::with_capacity(tasks.len());
     while let Some(done) = tasks.join_next().await {
         match done {
-            Ok(h) => halves.push(h),
-            Err(e) => tracing::warn!(error = %e, "link task failed"),
+            Ok(h) => out.push(h),
+            Err(e) => {
+                tracing::warn!(link = link.id, error = %e, "link task failed; resetting the link");
+                link.close(Outcome::Reset, None);
+            }
         }
     }
-    close(halves, link.outcome(), &ctx.counters, registered);
+    out
 }
 
 /// First wait for the answer to a SYN, as Linux's: each retransmission waits twice as long.
@@ -553,6 +567,35 @@ async fn dial(ctx: &LinkCtx, link: &LinkCtl) -> Option<TcpStream> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn link_ctl() -> Arc<LinkCtl> {
+        Arc::new(LinkCtl {
+            id: 1,
+            cancel: CancellationToken::new(),
+            outcome: Mutex::new(None),
+            counters: Arc::default(),
+            ended: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_link_task_that_panics_resets_the_link_so_its_other_tasks_end() {
+        let link = link_ctl();
+        let mut tasks = JoinSet::new();
+        for _ in 0..3 {
+            let l = Arc::clone(&link);
+            tasks.spawn(async move {
+                l.cancelled().await;
+                "ended"
+            });
+        }
+        tasks.spawn(async { panic!("a link task fails") });
+        let out = tokio::time::timeout(Duration::from_secs(10), join_all(tasks, &link))
+            .await
+            .expect("the other tasks end once the link is closed");
+        assert_eq!(out, ["ended"; 3]);
+        assert_eq!(link.outcome(), Outcome::Reset);
+    }
 
     #[test]
     fn an_unanswered_syn_is_sent_again_as_linux_does_then_the_connect_fails() {

@@ -448,8 +448,11 @@ impl Stages {
                     if until > now {
                         return Next::Wait { until, fault: id };
                     }
-                    let v = size_variation;
-                    let size = (average_size - v) + rng.random_range(0..=2 * v);
+                    // Saturating: validation bounds the sizes, but a piece size must never
+                    // overflow (and so panic the writer), whatever the fault says.
+                    let low = average_size.saturating_sub(size_variation).max(1);
+                    let high = average_size.saturating_add(size_variation).max(low);
+                    let size = rng.random_range(low..=high);
                     if was_held {
                         add(&entry.counters.bytes_delayed, len.min(size));
                         add(&proxy.faults.bytes_delayed, len.min(size));

@@ -214,6 +214,26 @@ fn slicer_cuts_pieces_within_bounds_and_keeps_every_byte() {
     assert_eq!(stats(&e).bytes_passed, 1000);
 }
 
+/// Validation bounds a slicer's sizes, but the stages never trust it: sizes at the top of
+/// `usize` pass a chunk whole instead of overflowing the size draw (a panic in the writer).
+#[test]
+fn a_slicer_of_sizes_near_usize_max_passes_chunks_whole_without_overflowing() {
+    for (average_size, size_variation) in [(usize::MAX, 8), (usize::MAX / 2 + 1, usize::MAX / 2)] {
+        let kind = FaultKind::Slicer {
+            average_size,
+            size_variation,
+            delay_us: 0,
+        };
+        let e = entry(1, kind, Direction::Downstream);
+        let mut s = stages_for(Stream::Downstream, None, 1);
+        let t0 = Instant::now();
+        s.rebuild(&[Arc::clone(&e)], t0);
+        let (out, _) = drive(&mut s, vec![data_chunk(vec![7u8; 100], t0)], t0);
+        assert_eq!(out.len(), 1, "{average_size} ± {size_variation}");
+        assert_eq!(out.concat_bytes(), vec![7u8; 100]);
+    }
+}
+
 /// A slicer cuts a 32 KiB chunk into hundreds of pieces: each cut must not copy the rest.
 #[test]
 fn splitting_a_chunk_shares_its_buffer_instead_of_copying_the_rest() {
