@@ -702,7 +702,12 @@ impl Agent {
             let dead = |reason: &str| crate::session::is_liveness_timeout(reason);
             silent = matches!(&end, SessionEnd::Lost { reason, .. } if dead(reason));
             match end {
-                SessionEnd::Shutdown => return Ok(()),
+                SessionEnd::Shutdown => {
+                    // A registered session's time connected ends here too (the figures of a
+                    // stopped worker are read after it stopped).
+                    self.shared.stats().on_session_end();
+                    return Ok(());
+                }
                 SessionEnd::Refused(reason) if refusals + 1 < self.cfg.refusals_before_stop => {
                     refusals += 1;
                     self.attempt_failed(generation, &reason);

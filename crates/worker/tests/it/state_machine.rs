@@ -243,6 +243,22 @@ async fn a_silent_link_is_declared_dead_after_the_heartbeat_timeout_and_timers_r
     running.stop().await;
 }
 
+/// A worker stopped while connected stops counting time connected: its figures, read after
+/// the stop, do not grow.
+#[tokio::test(start_paused = true)]
+async fn a_stopped_worker_stops_counting_time_connected() {
+    let fake = FakeConnector::new(Script::Healthy);
+    let running = Running::start(&fake, config());
+    let handle = running.handle.clone();
+    running.wait_state(|s| s == ConnState::Connected).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    running.stop().await;
+    let at_stop = handle.stats().connected_secs;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(handle.stats().connected_secs, at_stop);
+    assert!(at_stop >= 10.0, "{at_stop}");
+}
+
 /// A coordinator that registers the worker and then falls silent, again and again: each
 /// session is dead from its start, so the delays before the next attempt grow as after any
 /// failure. The session used to count as healthy for the liveness timeout it took to find it
