@@ -15,7 +15,8 @@
 //! | `DELETE /proxies/{name}/faults/{fault}`|                | 200 `FaultInfo` at removal     |
 //! | `POST /reset`                         |                 | 204: all up, no faults         |
 //!
-//! Errors are `{"error": "<message>", "code": "<code>"}` with 400 (bad body or name), 403 (a
+//! Errors are `{"error": "<message>", "code": "<code>"}` with 400 (bad body or name, or an
+//! upstream that is the proxy's own listen address), 403 (a
 //! `Host` that is not a loopback name: see [`router`]), 404 (no such proxy or fault), 409 (name
 //! or address taken), 415 (not JSON) or 500.
 
@@ -213,6 +214,9 @@ impl From<ProxyError> for ApiError {
                 }
                 _ => ApiError::new(S::INTERNAL_SERVER_ERROR, "bind_failed", e),
             },
+            ProxyError::UpstreamIsListen { .. } => {
+                ApiError::new(S::BAD_REQUEST, "upstream_is_listen", e)
+            }
             ProxyError::InvalidFault { .. } => ApiError::new(S::BAD_REQUEST, "invalid_fault", e),
             ProxyError::FaultExists { .. } => ApiError::new(S::CONFLICT, "fault_exists", e),
             ProxyError::NoSuchFault { .. } => ApiError::new(S::NOT_FOUND, "no_such_fault", e),

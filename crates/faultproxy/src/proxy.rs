@@ -6,7 +6,7 @@
 //! address again and starts a new generation.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -57,6 +57,15 @@ pub enum ProxyError {
         addr: SocketAddr,
         #[source]
         source: io::Error,
+    },
+    #[error(
+        "proxy {proxy}: upstream {upstream} is the proxy's own listen address ({listen}); \
+         every link would connect to the proxy again, without end"
+    )]
+    UpstreamIsListen {
+        proxy: String,
+        listen: SocketAddr,
+        upstream: SocketAddr,
     },
     #[error("proxy {proxy}: fault {fault:?} is invalid: {source}")]
     InvalidFault {
@@ -138,12 +147,24 @@ impl Proxy {
     /// Binds `config.listen` and starts accepting. Logs the seed.
     pub async fn start(config: ProxyConfig) -> Result<Proxy, ProxyError> {
         validate_name(&config.name).map_err(ProxyError::Name)?;
+        let looped = |listen| ProxyError::UpstreamIsListen {
+            proxy: config.name.clone(),
+            listen,
+            upstream: config.upstream,
+        };
+        // Checked before binding (a port asked for), and again on the port bound (port 0).
+        if config.listen.port() != 0 && reaches_itself(config.listen, config.upstream) {
+            return Err(looped(config.listen));
+        }
         let listener = bind(&config.name, config.listen)?;
         let listen = listener.local_addr().map_err(|source| ProxyError::Bind {
             proxy: config.name.clone(),
             addr: config.listen,
             source,
         })?;
+        if reaches_itself(listen, config.upstream) {
+            return Err(looped(listen));
+        }
         let root = CancellationToken::new();
         let shared = Arc::new(Shared {
             name: Arc::from(config.name.as_str()),
@@ -403,6 +424,38 @@ fn info_of(e: &FaultEntry) -> FaultInfo {
     }
 }
 
+/// Whether a proxy listening on `listen` would, dialling `upstream`, connect to itself: each
+/// link would make another, without end, until the proxy ran out of ports and descriptors.
+/// Same port and: the same address; or a wildcard `listen` (`0.0.0.0`, or `[::]`, which takes
+/// IPv4 too) and an `upstream` that is an address of this host (loopback, wildcard, or one a
+/// socket can bind); or a wildcard `upstream` (the kernel dials the host itself) and a
+/// loopback or wildcard `listen`. IPv4-mapped IPv6 addresses count as IPv4.
+pub(crate) fn reaches_itself(listen: SocketAddr, upstream: SocketAddr) -> bool {
+    if listen.port() != upstream.port() {
+        return false;
+    }
+    let (l, u) = (listen.ip().to_canonical(), upstream.ip().to_canonical());
+    if l == u {
+        return true;
+    }
+    // Whether a wildcard listener takes connections to `ip`: `0.0.0.0` IPv4 only, `[::]` both.
+    let wildcard_takes = |ip: IpAddr| l.is_unspecified() && (l.is_ipv6() || ip.is_ipv4());
+    if u.is_unspecified() {
+        // The kernel dials the loopback address of the upstream's family.
+        let lo: IpAddr = match u {
+            IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        };
+        return l == lo || wildcard_takes(lo);
+    }
+    wildcard_takes(u) && (u.is_loopback() || is_local_address(u))
+}
+
+/// Whether `ip` is an address of this host: only then can a socket be bound to it.
+fn is_local_address(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
 /// Binds with `SO_REUSEADDR`, so going up again works while old links sit in TIME_WAIT.
 fn bind(proxy: &str, addr: SocketAddr) -> Result<TcpListener, ProxyError> {
     let err = |source| ProxyError::Bind {
@@ -471,6 +524,38 @@ async fn accept_loop(
                     () = tokio::time::sleep(ACCEPT_RETRY) => {}
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upstream_that_is_the_proxys_own_listen_address_is_told_apart() {
+        let a = |s: &str| s.parse::<SocketAddr>().expect(s);
+        for (listen, upstream, loops) in [
+            ("127.0.0.1:4000", "127.0.0.1:4000", true),
+            ("127.0.0.1:4000", "127.0.0.1:4001", false),
+            ("127.0.0.1:4000", "127.0.0.2:4000", false),
+            ("0.0.0.0:4000", "127.0.0.1:4000", true),
+            ("0.0.0.0:4000", "127.0.0.9:4000", true),
+            ("0.0.0.0:4000", "0.0.0.0:4000", true),
+            ("0.0.0.0:4000", "[::1]:4000", false),
+            ("0.0.0.0:4000", "192.0.2.1:4000", false),
+            ("[::]:4000", "127.0.0.1:4000", true),
+            ("[::]:4000", "[::1]:4000", true),
+            ("127.0.0.1:4000", "0.0.0.0:4000", true),
+            ("[::1]:4000", "0.0.0.0:4000", false),
+            ("[::1]:4000", "[::]:4000", true),
+            ("[::ffff:127.0.0.1]:4000", "127.0.0.1:4000", true),
+        ] {
+            assert_eq!(
+                reaches_itself(a(listen), a(upstream)),
+                loops,
+                "{listen} -> {upstream}"
+            );
         }
     }
 }

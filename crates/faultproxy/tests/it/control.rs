@@ -176,6 +176,40 @@ async fn control_api_round_trip_creates_faults_lists_deletes_and_resets() {
     ctl.stop().await;
 }
 
+/// A proxy whose upstream is its own listen address would dial itself on every link, without
+/// end: it is refused (400) before it listens, also behind a wildcard listen address.
+#[tokio::test]
+async fn a_proxy_whose_upstream_is_its_own_listen_address_is_refused() {
+    let ctl = Control::start().await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    for (listen, upstream) in [
+        (format!("127.0.0.1:{port}"), format!("127.0.0.1:{port}")),
+        (format!("0.0.0.0:{port}"), format!("127.0.0.1:{port}")),
+        (format!("[::]:{port}"), format!("127.0.0.1:{port}")),
+        (format!("127.0.0.1:{port}"), format!("0.0.0.0:{port}")),
+    ] {
+        let create = json!({"name": "self", "listen": listen, "upstream": upstream});
+        let (st, err) = ctl.call(M::POST, "/proxies", Some(create)).await;
+        assert_eq!(
+            (st, err["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("upstream_is_listen")),
+            "{listen} -> {upstream}: {err}"
+        );
+        assert!(
+            err["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("own listen address")),
+            "{err}"
+        );
+    }
+    let (_, list) = ctl.call(M::GET, "/proxies", None).await;
+    assert_eq!(list, json!([]));
+    ctl.stop().await;
+}
+
 #[tokio::test]
 async fn bodies_that_are_not_json_or_have_unknown_fields_get_400_or_415() {
     let ctl = Control::start().await;
