@@ -306,6 +306,9 @@ pub(crate) struct Session<'a> {
     deadline: Instant,
     /// When the last inbound frame arrived (the session's start before any).
     last_frame: Instant,
+    /// When the session ended because what it sent went unacknowledged: the send time of that
+    /// message, after which the link was not whole (the coordinator's frames kept coming).
+    whole_until: Option<Instant>,
     /// The connection's count of bytes read at the last frame, or at the last look that found
     /// it had grown (a frame arriving, see [`Self::frame_arriving`]).
     read_seen: u64,
@@ -378,6 +381,7 @@ impl<'a> Session<'a> {
             generation,
             deadline: Instant::now() + timeout,
             last_frame: Instant::now(),
+            whole_until: None,
             read_seen,
             written,
             timeout,
@@ -418,10 +422,15 @@ impl<'a> Session<'a> {
                 let reason = self.main_loop(shutdown).await;
                 match reason {
                     Err(end) => end,
-                    Ok(reason) => SessionEnd::Lost {
-                        registered_for: self.last_frame.saturating_duration_since(registered_at),
-                        reason,
-                    },
+                    Ok(reason) => {
+                        let alive = self
+                            .whole_until
+                            .map_or(self.last_frame, |w| w.min(self.last_frame));
+                        SessionEnd::Lost {
+                            registered_for: alive.saturating_duration_since(registered_at),
+                            reason,
+                        }
+                    }
                 }
             }
             Err(end) => end,
@@ -462,12 +471,14 @@ impl<'a> Session<'a> {
     /// coordinator's heartbeats still arrive, and the message would wait in the outbox for as
     /// long as the session lasts. A new session sends it again (the coordinator keeps one of
     /// each).
-    fn unacknowledged(&self) -> Option<String> {
+    /// With the reason, when the message was sent: the link was not whole since.
+    fn unacknowledged(&self) -> Option<(String, Instant)> {
         let (seq, at) = self.window.lost(self.timeout)?;
-        Some(format!(
+        let reason = format!(
             "message {seq} sent {} ms ago is not acknowledged: the connection lost what was sent",
             at.elapsed().as_millis()
-        ))
+        );
+        Some((reason, at))
     }
 
     /// Looks whether bytes were read since the last frame or the last look (the timer's, at
@@ -1174,7 +1185,8 @@ impl<'a> Session<'a> {
                     if Instant::now() >= self.deadline {
                         return Ok(self.dead_reason());
                     }
-                    if let Some(reason) = self.unacknowledged() {
+                    if let Some((reason, sent)) = self.unacknowledged() {
+                        self.whole_until = Some(sent);
                         return Ok(reason);
                     }
                     for duty in duties.take_due(Instant::now()) {

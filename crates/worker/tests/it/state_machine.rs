@@ -284,6 +284,31 @@ async fn sessions_that_fall_silent_at_once_let_the_backoff_grow() {
     running.stop().await;
 }
 
+/// A coordinator whose heartbeats come back but which never acknowledges anything, again and
+/// again: each session's link was not whole from its first message on, so the delays grow as
+/// after any failure (the session counted as healthy for the heartbeats that kept coming, and
+/// the backoff was reset at each).
+#[tokio::test(start_paused = true)]
+async fn sessions_whose_messages_go_unacknowledged_let_the_backoff_grow() {
+    let fake = FakeConnector::new(Script::Unacknowledging);
+    let mut cfg = config();
+    cfg.telemetry_interval = Duration::from_secs(3);
+    let running = Running::start(&fake, cfg);
+    assert!(
+        held_within(Duration::from_secs(900), Duration::from_secs(1), || {
+            fake.attempts().len() >= 5
+        })
+        .await,
+        "five attempts"
+    );
+    let gaps = gaps(&fake.attempts());
+    assert!(
+        gaps.windows(2).all(|w| w[1] > w[0]),
+        "the delays grow: {gaps:?}"
+    );
+    running.stop().await;
+}
+
 /// A coordinator whose heartbeats come back but which never acknowledges what the worker sent
 /// (a middlebox swallowed it): the session ends once a message has waited the liveness timeout
 /// for its acknowledgement, and the next session sends it again. Without this the message
