@@ -108,6 +108,8 @@ pub(crate) struct LinkCtl {
     counters: Arc<ProxyCounters>,
     /// Streams whose end (the sender's FIN) was passed on.
     ended: std::sync::atomic::AtomicUsize,
+    /// Per stream (upstream, downstream): whether its source's peer reset the connection.
+    reset_by_peer: [std::sync::atomic::AtomicBool; 2],
 }
 
 impl LinkCtl {
@@ -145,6 +147,17 @@ impl LinkCtl {
             self.close(Outcome::Close, None);
         }
         both
+    }
+
+    /// The source of `stream` was reset by its peer; the reset is on its way through the
+    /// stream's queue (see [`crate::pump::read_loop`]).
+    pub fn source_reset(&self, stream: Stream) {
+        self.reset_by_peer[stream as usize].store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the source of `stream` was reset by its peer.
+    pub fn was_reset(&self, stream: Stream) -> bool {
+        self.reset_by_peer[stream as usize].load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Resolves once the link is closing.
@@ -261,6 +274,7 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
         outcome: Mutex::new(None),
         counters: Arc::clone(&ctx.counters),
         ended: std::sync::atomic::AtomicUsize::new(0),
+        reset_by_peer: Default::default(),
     });
     let draws = Arc::new(Draws::new(ctx.seed, ctx.id, Arc::clone(&ctx.counters)));
     let stages = |stream: Stream| {
@@ -331,12 +345,15 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
     } else {
         let l = Arc::clone(&link);
         tasks.spawn(
-            async move { Half::Read(read_loop(client_rd, up_tx, l).await) }.in_current_span(),
+            async move { Half::Read(read_loop(client_rd, Stream::Upstream, up_tx, l).await) }
+                .in_current_span(),
         );
     }
     let l = Arc::clone(&link);
-    tasks
-        .spawn(async move { Half::Read(read_loop(server_rd, down_tx, l).await) }.in_current_span());
+    tasks.spawn(
+        async move { Half::Read(read_loop(server_rd, Stream::Downstream, down_tx, l).await) }
+            .in_current_span(),
+    );
     tasks.spawn(async move { Half::Write(up.run().await) }.in_current_span());
     tasks.spawn(async move { Half::Write(down.run().await) }.in_current_span());
     halves.extend(join_all(tasks, &link).await);
@@ -575,6 +592,7 @@ mod tests {
             outcome: Mutex::new(None),
             counters: Arc::default(),
             ended: std::sync::atomic::AtomicUsize::new(0),
+            reset_by_peer: Default::default(),
         })
     }
 

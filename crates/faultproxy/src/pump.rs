@@ -146,10 +146,15 @@ fn grown(len: usize, n: usize) -> usize {
     }
 }
 
-/// Reads `src` into `tx` until EOF (sent on as an `eof` chunk), an error or the link closes.
-/// Returns the read half so the link can choose how the socket closes.
+/// Reads `src`, the source of `stream`, into `tx` until EOF (sent on as an `eof` chunk), an
+/// error or the link closes. A reset by the peer is sent on too, as a [`Chunk::reset`]: the
+/// bytes read before it are delivered first (a direct connection's reader gets them before
+/// the reset; closing the link at once threw away what waited in the queue, a split tail or
+/// a latency). Another error closes the link at once. Returns the read half so the link can
+/// choose how the socket closes.
 pub(crate) async fn read_loop(
     mut src: OwnedReadHalf,
+    stream: Stream,
     tx: QueueTx,
     link: Arc<LinkCtl>,
 ) -> OwnedReadHalf {
@@ -184,6 +189,11 @@ pub(crate) async fn read_loop(
                 };
                 want = grown(want, n);
                 Chunk::data(data, Instant::now())
+            }
+            Err(e) if outcome_of(&e) == Outcome::Reset => {
+                tracing::debug!(link = link.id, error = %e, "peer reset; passing the reset on");
+                link.source_reset(stream);
+                Chunk::reset(Instant::now())
             }
             Err(e) => {
                 tracing::debug!(link = link.id, error = %e, "read failed");
@@ -398,6 +408,11 @@ impl Writer {
     /// Writes a chunk out. A write can wait for as long as the peer reads nothing; a reset
     /// added or changed meanwhile still fires on time (the chain is watched throughout).
     async fn deliver(&mut self, chunk: Chunk) -> Flow {
+        if chunk.reset {
+            // Every chunk before it is out: now the reset the sender sent.
+            self.link.close(Outcome::Reset, None);
+            return Flow::Stop;
+        }
         let Writer {
             sink,
             chain,
@@ -429,7 +444,12 @@ impl Writer {
         };
         if let Err(e) = written {
             tracing::debug!(link = self.link.id, stream = ?self.stream, error = %e, "write failed");
-            self.link.close(outcome_of(&e), None);
+            // The sink is the socket whose peer reset it (the source of the other stream): that
+            // stream's writer ends the link, with a reset, once the bytes before it are out.
+            // Closing now would throw them away and end the link with a FIN.
+            if !self.link.was_reset(opposite(self.stream)) {
+                self.link.close(outcome_of(&e), None);
+            }
             return Flow::Stop;
         }
         self.proxy.delivered(self.stream, chunk.data.len());
@@ -442,6 +462,14 @@ impl Writer {
         } else {
             Flow::Continue
         }
+    }
+}
+
+/// The other stream of a link: the one whose source is this stream's sink.
+fn opposite(stream: Stream) -> Stream {
+    match stream {
+        Stream::Upstream => Stream::Downstream,
+        Stream::Downstream => Stream::Upstream,
     }
 }
 

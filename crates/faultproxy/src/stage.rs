@@ -37,13 +37,17 @@ pub(crate) struct FaultEntry {
 /// Every fault of a proxy in the order they were added; links filter it.
 pub(crate) type Chain = Arc<Vec<Arc<FaultEntry>>>;
 
-/// A piece of one stream on its way through the chain. An `eof` chunk carries the sender's FIN.
+/// A piece of one stream on its way through the chain. An `eof` chunk carries the sender's FIN,
+/// or with `reset` its RST.
 #[derive(Debug)]
 pub(crate) struct Chunk {
     /// The bytes; pieces split off share the buffer, so a slicer cutting a chunk into many
     /// small pieces copies nothing (a `Vec` copied the rest at every cut).
     pub data: BytesMut,
     pub eof: bool,
+    /// The sender reset its connection: the link is reset once the chunks before this one are
+    /// delivered, as a direct connection's reader gets the bytes sent before an RST first.
+    pub reset: bool,
     pub arrived: Instant,
     done: Vec<FaultId>,
     /// Deadlines planned: fault, its revision then, deadline.
@@ -57,6 +61,7 @@ impl Chunk {
         Chunk {
             data,
             eof: false,
+            reset: false,
             arrived,
             done: Vec::new(),
             plan: Vec::new(),
@@ -68,6 +73,17 @@ impl Chunk {
         Chunk {
             eof: true,
             ..Chunk::data(BytesMut::new(), arrived)
+        }
+    }
+
+    /// The end of a stream whose sender reset its connection. It goes through the stages as an
+    /// `eof` chunk does (a latency delays it as it delayed the bytes before it), except that a
+    /// blackhole does not hold it and a slow close does not delay it: both are about a FIN,
+    /// and the sender's socket is gone.
+    pub fn reset(arrived: Instant) -> Self {
+        Chunk {
+            reset: true,
+            ..Chunk::eof(arrived)
         }
     }
 
@@ -91,6 +107,7 @@ impl Chunk {
         Chunk {
             data: self.data.split_off(at),
             eof: false,
+            reset: false,
             arrived: self.arrived,
             done: self
                 .done
@@ -407,6 +424,7 @@ impl Stages {
                         return Next::Wait { until, fault: id };
                     }
                 }
+                FaultKind::Blackhole if chunk.reset => {}
                 FaultKind::Blackhole => {
                     if chunk.eof {
                         return Next::Hold;
@@ -481,7 +499,7 @@ impl Stages {
                     add(&entry.counters.bytes_corrupted, changed);
                     add(&proxy.faults.bytes_corrupted, changed);
                 }
-                FaultKind::SlowClose { delay_ms } if chunk.eof => {
+                FaultKind::SlowClose { delay_ms } if chunk.eof && !chunk.reset => {
                     let arrived = chunk.arrived;
                     let until = chunk.planned(entry, || arrived + Duration::from_millis(delay_ms));
                     if until > now {

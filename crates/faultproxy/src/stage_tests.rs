@@ -156,6 +156,28 @@ fn blackhole_drops_data_and_holds_the_fin() {
     assert_eq!((out.len(), held), (2, 0));
 }
 
+/// A peer's reset waits behind a latency, as the bytes before it did, but neither a blackhole
+/// nor a slow close (both about a FIN) holds it: the sender's socket is gone.
+#[test]
+fn a_peers_reset_waits_out_a_latency_but_no_blackhole_or_slow_close() {
+    let lat = entry(
+        1,
+        FaultKind::Latency {
+            latency_ms: 100,
+            jitter_ms: 0,
+        },
+        Direction::Both,
+    );
+    let hole = entry(2, FaultKind::Blackhole, Direction::Both);
+    let slow = entry(3, FaultKind::SlowClose { delay_ms: 5_000 }, Direction::Both);
+    let mut s = stages_for(Stream::Upstream, None, 1);
+    let t0 = Instant::now();
+    s.rebuild(&[lat, hole, slow], t0);
+    let (out, held) = drive(&mut s, vec![Chunk::reset(t0)], t0);
+    assert_eq!(held, 0, "the reset was held");
+    assert_eq!(out, [(Vec::new(), t0 + Duration::from_millis(100))]);
+}
+
 #[test]
 fn limit_data_passes_exactly_the_limit_then_asks_to_close() {
     let e = entry(1, FaultKind::LimitData { bytes: 7 }, Direction::Downstream);

@@ -234,6 +234,60 @@ async fn a_link_held_past_its_last_syn_is_reset_though_the_blackhole_then_goes()
     assert_eq!(echo.accepted(), 0, "the link never reached the upstream");
 }
 
+/// A client that resets its connection right after its last bytes: the upstream gets those
+/// bytes, then the reset, as over a direct connection, though a latency still holds them when
+/// the reset reaches the proxy (the reset used to close the link at once, and the bytes were
+/// lost). `echo_back_ms`: the upstream sends bytes back that reach the proxy's write to the
+/// reset client (`None`: it sends nothing); that failed write must not end the link first.
+async fn assert_the_last_words_before_a_reset_reach_the_upstream(echo_back_ms: Option<u64>) {
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let proxy = proxy_to(upstream.local_addr().expect("addr")).await;
+    let lat = |ms| FaultKind::Latency {
+        latency_ms: ms,
+        jitter_ms: 0,
+    };
+    let _up = proxy
+        .add_fault(Fault::new("up", lat(200), Direction::Upstream))
+        .await
+        .expect("add");
+    let _down = match echo_back_ms {
+        Some(ms) => Some(
+            proxy
+                .add_fault(Fault::new("down", lat(ms), Direction::Downstream))
+                .await
+                .expect("add"),
+        ),
+        None => None,
+    };
+    let mut c = connect(proxy.listen_addr()).await;
+    c.write_all(b"last words").await.expect("write");
+    c.set_zero_linger().expect("linger");
+    drop(c);
+    let (mut server, _) = within("the link connects", upstream.accept())
+        .await
+        .expect("accept");
+    if echo_back_ms.is_some() {
+        server.write_all(b"reply").await.expect("write back");
+    }
+    let (bytes, err) = read_to_end(&mut server).await;
+    assert_eq!(bytes, b"last words");
+    assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::ConnectionReset));
+    wait_for("link reset", || proxy.stats().connections_reset == 1).await;
+    wait_for("link gone", || proxy.links().is_empty()).await;
+}
+
+#[tokio::test]
+async fn a_peers_reset_reaches_the_other_side_after_the_bytes_it_sent_before_it() {
+    assert_the_last_words_before_a_reset_reach_the_upstream(None).await;
+}
+
+#[tokio::test]
+async fn a_failed_write_to_a_peer_that_reset_does_not_cut_its_last_bytes_short() {
+    assert_the_last_words_before_a_reset_reach_the_upstream(Some(50)).await;
+}
+
 /// A reset fault gives the client a connection reset, also on a link that a blackhole holds
 /// back from its upstream (its timer runs from the connect all the same).
 #[tokio::test]
