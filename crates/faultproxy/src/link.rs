@@ -301,6 +301,13 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
         let halves = vec![Half::Read(client_rd), Half::Write(client_wr)];
         return close(halves, link.outcome(), &ctx.counters, registered);
     }
+    if first.reset && first.bytes.is_empty() {
+        // Reset before a byte: nothing to pass on, so the upstream is never dialled.
+        tracing::debug!("client reset before sending anything");
+        link.close(Outcome::Reset, None);
+        let halves = vec![Half::Read(client_rd), Half::Write(client_wr)];
+        return close(halves, link.outcome(), &ctx.counters, registered);
+    }
 
     let Some(server) = Box::pin(dial(&ctx, &link)).await else {
         return;
@@ -339,7 +346,12 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
         ));
     }
     drop(sniffed);
-    if first.eof {
+    if first.reset {
+        // After the bytes sniffed, the reset that ended sniffing (see `read_loop`).
+        link.source_reset(Stream::Upstream);
+        up_tx.try_send(Chunk::reset(first.arrived));
+        halves.push(Half::Read(client_rd));
+    } else if first.eof {
         up_tx.try_send(Chunk::eof(first.arrived));
         halves.push(Half::Read(client_rd));
     } else {
@@ -455,6 +467,11 @@ async fn withhold(
                 tracing::debug!(fault = %hole.fault.name, "upstream held back by a blackhole");
             }
             due = Some(next_syn(sent, now));
+        }
+        if first.reset {
+            // The client reset while held: the upstream never sees it, as with a FIN.
+            link.close(Outcome::Reset, None);
+            return false;
         }
         if first.eof {
             return false;

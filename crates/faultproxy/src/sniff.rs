@@ -13,6 +13,9 @@ use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::Instant;
 
+use crate::link::Outcome;
+use crate::pump::outcome_of;
+
 /// Most bytes buffered while looking for the request line.
 pub const SNIFF_LIMIT: usize = 8 * 1024;
 
@@ -81,16 +84,22 @@ pub(crate) struct Sniffed {
     pub bytes: Vec<u8>,
     pub arrived: Instant,
     pub eof: bool,
+    /// The client reset its connection while sniffing. Linux reports the reset once, to one
+    /// read, and the next read answers 0 as at a FIN: unrecorded, the reset reached the
+    /// upstream as a clean close.
+    pub reset: bool,
     pub worker: Option<WorkerId>,
 }
 
 /// Reads from `src` until [`inspect`] decides, the client closes, [`SNIFF_LIMIT`] bytes are
-/// buffered or [`SNIFF_TIMEOUT`] passes. A read error ends sniffing too; the pump will see it.
+/// buffered or [`SNIFF_TIMEOUT`] passes. A read error ends sniffing too; a reset is recorded,
+/// since it is reported only once, to this read (another error: the pump will see it).
 pub(crate) async fn sniff(src: &mut OwnedReadHalf) -> Sniffed {
     let mut out = Sniffed {
         bytes: Vec::with_capacity(1024),
         arrived: Instant::now(),
         eof: false,
+        reset: false,
         worker: None,
     };
     let deadline = Instant::now() + SNIFF_TIMEOUT;
@@ -116,7 +125,11 @@ pub(crate) async fn sniff(src: &mut OwnedReadHalf) -> Sniffed {
                     break;
                 }
             }
-            Ok(Err(_)) | Err(_) => break,
+            Ok(Err(e)) => {
+                out.reset = outcome_of(&e) == Outcome::Reset;
+                break;
+            }
+            Err(_) => break,
         }
     }
     out

@@ -288,6 +288,61 @@ async fn a_failed_write_to_a_peer_that_reset_does_not_cut_its_last_bytes_short()
     assert_the_last_words_before_a_reset_reach_the_upstream(Some(50)).await;
 }
 
+/// A client that resets while the proxy still reads its first bytes (the request line is not
+/// complete): the upstream gets those bytes, then the reset, not a clean FIN (Linux reports a
+/// reset to one read only; sniffing swallowed it, and the next read saw an end of stream).
+#[tokio::test]
+async fn a_reset_while_the_first_bytes_are_sniffed_reaches_the_upstream_as_a_reset() {
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let proxy = proxy_to(upstream.local_addr().expect("addr")).await;
+    let mut c = connect(proxy.listen_addr()).await;
+    wait_for("link accepted", || proxy.links().len() == 1).await;
+    c.write_all(b"GET /api/v1/wor").await.expect("write");
+    c.set_zero_linger().expect("linger");
+    drop(c);
+    let (mut server, _) = within("the link connects", upstream.accept())
+        .await
+        .expect("accept");
+    let (bytes, err) = read_to_end(&mut server).await;
+    assert_eq!(bytes, b"GET /api/v1/wor");
+    assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::ConnectionReset));
+    wait_for("link reset", || proxy.stats().connections_reset == 1).await;
+    wait_for("link gone", || proxy.links().is_empty()).await;
+}
+
+/// A client that resets before sending a byte: the link ends reset (and is counted so) without
+/// dialling the upstream, which has nothing to be told.
+#[tokio::test]
+async fn a_reset_before_the_first_byte_ends_the_link_reset_without_dialling() {
+    let echo = echo().await;
+    let proxy = proxy_to(echo.addr).await;
+    let c = connect(proxy.listen_addr()).await;
+    wait_for("link accepted", || proxy.links().len() == 1).await;
+    c.set_zero_linger().expect("linger");
+    drop(c);
+    wait_for("link reset", || proxy.stats().connections_reset == 1).await;
+    wait_for("link gone", || proxy.links().is_empty()).await;
+    assert_eq!(proxy.stats().upstream_failures, 0);
+    assert_eq!(echo.accepted(), 0, "the upstream was dialled");
+}
+
+/// A client that resets mid request line while a blackhole holds its link back: the link ends
+/// reset at once, and the upstream never sees it.
+#[tokio::test]
+async fn a_reset_while_sniffing_a_held_link_ends_it_reset_without_dialling() {
+    let (echo, proxy, _cut) = blackholed().await;
+    let mut c = connect(proxy.listen_addr()).await;
+    wait_for("link accepted", || proxy.links().len() == 1).await;
+    c.write_all(b"GET /api/v1/wor").await.expect("write");
+    c.set_zero_linger().expect("linger");
+    drop(c);
+    wait_for("link reset", || proxy.stats().connections_reset == 1).await;
+    wait_for("link gone", || proxy.links().is_empty()).await;
+    assert_eq!(echo.accepted(), 0, "the upstream was dialled");
+}
+
 /// A reset fault gives the client a connection reset, also on a link that a blackhole holds
 /// back from its upstream (its timer runs from the connect all the same).
 #[tokio::test]
