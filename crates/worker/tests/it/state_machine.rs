@@ -266,33 +266,14 @@ async fn a_stopped_worker_stops_counting_time_connected() {
 /// second after each detection, for ever, across the fleet.
 #[tokio::test(start_paused = true)]
 async fn sessions_that_fall_silent_at_once_let_the_backoff_grow() {
-    let fake = FakeConnector::new(Script::RegisterThenSilence);
-    let running = Running::start(&fake, config());
-    assert!(
-        held_within(Duration::from_secs(600), Duration::from_secs(1), || {
-            fake.attempts().len() >= 5
-        })
-        .await,
-        "five attempts"
-    );
-    let gaps = gaps(&fake.attempts());
     // Each gap: the 15 s to find the session dead, then the backoff delay.
-    assert!(
-        gaps.windows(2).all(|w| w[1] > w[0]),
-        "the delays grow: {gaps:?}"
-    );
-    running.stop().await;
+    assert_delays_grow(Script::RegisterThenSilence, config()).await;
 }
 
-/// A coordinator whose heartbeats come back but which never acknowledges anything, again and
-/// again: each session's link was not whole from its first message on, so the delays grow as
-/// after any failure (the session counted as healthy for the heartbeats that kept coming, and
-/// the backoff was reset at each).
-#[tokio::test(start_paused = true)]
-async fn sessions_whose_messages_go_unacknowledged_let_the_backoff_grow() {
-    let fake = FakeConnector::new(Script::Unacknowledging);
-    let mut cfg = config();
-    cfg.telemetry_interval = Duration::from_secs(3);
+/// Runs a worker against `script` until it made five attempts, and asserts each gap between
+/// them is longer than the one before: the backoff grew after each session.
+async fn assert_delays_grow(script: Script, cfg: tether_worker::WorkerConfig) {
+    let fake = FakeConnector::new(script);
     let running = Running::start(&fake, cfg);
     assert!(
         held_within(Duration::from_secs(900), Duration::from_secs(1), || {
@@ -307,6 +288,17 @@ async fn sessions_whose_messages_go_unacknowledged_let_the_backoff_grow() {
         "the delays grow: {gaps:?}"
     );
     running.stop().await;
+}
+
+/// A coordinator whose heartbeats come back but which never acknowledges anything, again and
+/// again: each session's link was not whole from its first message on, so the delays grow as
+/// after any failure (the session counted as healthy for the heartbeats that kept coming, and
+/// the backoff was reset at each).
+#[tokio::test(start_paused = true)]
+async fn sessions_whose_messages_go_unacknowledged_let_the_backoff_grow() {
+    let mut cfg = config();
+    cfg.telemetry_interval = Duration::from_secs(3);
+    assert_delays_grow(Script::Unacknowledging, cfg).await;
 }
 
 /// A coordinator whose heartbeats come back but which never acknowledges what the worker sent
