@@ -273,9 +273,13 @@ impl Proxy {
             let old = &chain[pos];
             match old.fault.patched(patch) {
                 Ok(fault) => {
+                    // A new revision only when what the fault does changed: chunks waiting in
+                    // it keep their timers through a change of who it applies to.
+                    let same =
+                        fault.kind == old.fault.kind && fault.direction == old.fault.direction;
                     let entry = Arc::new(FaultEntry {
                         id: old.id,
-                        revision: old.revision + 1,
+                        revision: old.revision + u64::from(!same),
                         fault,
                         counters: Arc::clone(&old.counters),
                     });
@@ -531,6 +535,42 @@ async fn accept_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A change of a fault's share of connections or its target keeps its revision (chunks
+    /// waiting in it keep their deadlines: a stall 4.9 s into 5 s used to start its 5 s over);
+    /// a change of what it does makes a new one.
+    #[tokio::test]
+    async fn only_a_change_of_what_a_fault_does_makes_a_new_revision() {
+        let proxy = Proxy::start(ProxyConfig {
+            name: "p".into(),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            upstream: "127.0.0.1:9".parse().expect("addr"),
+            seed: 1,
+        })
+        .await
+        .expect("proxy");
+        let fault = Fault::new(
+            "s",
+            crate::fault::FaultKind::Latency {
+                latency_ms: 100,
+                jitter_ms: 0,
+            },
+            crate::fault::Direction::Upstream,
+        );
+        let _guard = proxy.add_fault(fault).await.expect("fault");
+        let revision = || proxy.shared.faults.borrow()[0].revision;
+        let patch = |json: &str| {
+            let p: FaultPatch = serde_json::from_str(json).expect("patch");
+            proxy.update_fault("s", &p).expect("update");
+        };
+        patch(r#"{"toxicity": 0.5}"#);
+        patch("{}");
+        assert_eq!(revision(), 0);
+        patch(r#"{"attributes": {"latency_ms": 200}}"#);
+        assert_eq!(revision(), 1);
+        patch(r#"{"direction": "downstream"}"#);
+        assert_eq!(revision(), 2);
+    }
 
     #[test]
     fn an_upstream_that_is_the_proxys_own_listen_address_is_told_apart() {
