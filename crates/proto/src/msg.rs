@@ -133,37 +133,47 @@ impl Registration {
     /// coordinator keeps, shows and streams all of it: unbounded, one worker's registration
     /// would weigh on every reader of the fleet's events.
     pub fn label_problem(&self) -> Option<String> {
-        use crate::task::{MAX_LABEL_BYTES, MAX_LABELS};
         if self.boot_id.len() > MAX_BOOT_ID_BYTES {
             return Some(format!(
                 "a boot_id of {} bytes; at most {MAX_BOOT_ID_BYTES}",
                 self.boot_id.len()
             ));
         }
-        for (what, n, most) in [
-            ("capabilities", self.capabilities.len(), MAX_WORKER_LABELS),
-            ("executors", self.executors.len(), MAX_WORKER_LABELS),
-            ("tags", self.tags.len(), MAX_LABELS),
-        ] {
-            if n > most {
-                return Some(format!("{n} {what}; at most {most}"));
-            }
-        }
-        let labels = self
-            .capabilities
-            .iter()
-            .chain(&self.executors)
-            .chain(self.tags.iter().flat_map(|(k, v)| [k, v]));
-        labels
-            .into_iter()
-            .find(|l| l.len() > MAX_LABEL_BYTES)
-            .map(|l| {
-                format!(
-                    "a capability, executor or tag of {} bytes; at most {MAX_LABEL_BYTES}",
-                    l.len()
-                )
-            })
+        worker_labels_problem(&self.capabilities, &self.tags, &self.executors).map(|(_, why)| why)
     }
+}
+
+/// Why a worker's capabilities, tags or executors are past the bounds a registration is held
+/// to ([`Registration::label_problem`]), with the field that is: the coordinator refuses
+/// such a registration, and the worker refuses such a configuration at start.
+pub fn worker_labels_problem(
+    capabilities: &[String],
+    tags: &BTreeMap<String, String>,
+    executors: &[String],
+) -> Option<(&'static str, String)> {
+    use crate::task::{MAX_LABEL_BYTES, MAX_LABELS};
+    let counts = [
+        ("capabilities", capabilities.len(), MAX_WORKER_LABELS),
+        ("executors", executors.len(), MAX_WORKER_LABELS),
+        ("tags", tags.len(), MAX_LABELS),
+    ];
+    if let Some((field, n, most)) = counts.into_iter().find(|(_, n, most)| n > most) {
+        return Some((field, format!("{n} {field}; at most {most}")));
+    }
+    let tag_words = tags.iter().flat_map(|(k, v)| [k, v]);
+    let labels = (capabilities.iter().map(|l| ("capabilities", l)))
+        .chain(executors.iter().map(|l| ("executors", l)))
+        .chain(tag_words.map(|l| ("tags", l)));
+    let (field, long) = labels
+        .into_iter()
+        .find(|(_, l)| l.len() > MAX_LABEL_BYTES)?;
+    Some((
+        field,
+        format!(
+            "a capability, executor or tag of {} bytes; at most {MAX_LABEL_BYTES}",
+            long.len()
+        ),
+    ))
 }
 
 /// A worker's account of its tasks, sent at registration.

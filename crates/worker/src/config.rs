@@ -149,29 +149,9 @@ impl WorkerConfig {
             return Err(ConfigError::new("slots", "0 runs nothing: at least 1"));
         }
         // The coordinator refuses a registration past these (`Registration::label_problem`).
-        use tether_proto::msg::MAX_WORKER_LABELS;
-        use tether_proto::task::{MAX_LABEL_BYTES, MAX_LABELS};
-        if self.capabilities.len() > MAX_WORKER_LABELS {
-            return Err(ConfigError::new(
-                "capabilities",
-                format!("at most {MAX_WORKER_LABELS}"),
-            ));
-        }
-        if self.tags.len() > MAX_LABELS {
-            return Err(ConfigError::new("tags", format!("at most {MAX_LABELS}")));
-        }
-        let long = |field: &'static str, mut labels: std::slice::Iter<'_, &String>| {
-            labels.find(|l| l.len() > MAX_LABEL_BYTES).map(|l| {
-                ConfigError::new(
-                    field,
-                    format!("one of {} bytes: at most {MAX_LABEL_BYTES}", l.len()),
-                )
-            })
-        };
-        let capabilities: Vec<&String> = self.capabilities.iter().collect();
-        let tags: Vec<&String> = self.tags.iter().flat_map(|(k, v)| [k, v]).collect();
-        if let Some(e) = long("capabilities", capabilities.iter()).or(long("tags", tags.iter())) {
-            return Err(e);
+        let labels = tether_proto::msg::worker_labels_problem(&self.capabilities, &self.tags, &[]);
+        if let Some((field, why)) = labels {
+            return Err(ConfigError::new(field, why));
         }
         // As a submission's: a key a task could not name (`tether submit --tag KEY=VALUE`).
         if self
