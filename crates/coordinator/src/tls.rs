@@ -64,10 +64,34 @@ struct CertFiles {
     looked: Mutex<(Instant, Stamp)>,
 }
 
-/// What tells the files changed: a digest of each one's contents (a modification time is
-/// only as fine as the kernel's clock tick, and a renewed certificate often has the size of
-/// the old one).
-type Stamp = [Option<[u8; 32]>; 2];
+/// What tells the files changed: a digest of their contents (a modification time is only as
+/// fine as the kernel's clock tick, and a renewed certificate often has the size of the old
+/// one); `None` while either cannot be read.
+type Stamp = Option<[u8; 32]>;
+
+/// The certificate file's and the key file's contents, read together.
+struct Contents {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+impl Contents {
+    fn read(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let read = |path: &Path| std::fs::read(path).map_err(|e| (path.to_owned(), e.to_string()));
+        let cert = read(cert).map_err(|(path, reason)| TlsError::Cert { path, reason })?;
+        let key = read(key).map_err(|(path, reason)| TlsError::Key { path, reason })?;
+        Ok(Self { cert, key })
+    }
+
+    fn stamp(&self) -> [u8; 32] {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update((self.cert.len() as u64).to_le_bytes());
+        h.update(&self.cert);
+        h.update(&self.key);
+        h.finalize().into()
+    }
+}
 
 impl CertFiles {
     fn load(
@@ -76,35 +100,41 @@ impl CertFiles {
         provider: Arc<CryptoProvider>,
         check_every: Duration,
     ) -> Result<Self, TlsError> {
-        let stamp = stamp(cert, key);
-        let served = certified_key(cert, key, &provider, SystemTime::now())?;
+        let contents = Contents::read(cert, key)?;
+        let served = certified_key((cert, key), &contents, &provider, SystemTime::now())?;
         Ok(Self {
             cert: cert.to_owned(),
             key: key.to_owned(),
             provider,
             check_every,
             served: RwLock::new(Arc::new(served)),
-            looked: Mutex::new((Instant::now(), stamp)),
+            looked: Mutex::new((Instant::now(), Some(contents.stamp()))),
         })
     }
 
     /// Reads the files again if they changed since they were last looked at (at most every
     /// `check_every`). A change that does not load (a half-written file, a key that does not
-    /// match, a certificate expired) is logged and the certificate served stays.
+    /// match, a certificate expired, a file gone) is logged once and the certificate served
+    /// stays.
     fn reload_if_changed(&self) {
-        {
+        let contents = {
             let mut looked = self.looked.lock().unwrap_or_else(|p| p.into_inner());
             if looked.0.elapsed() < self.check_every {
                 return;
             }
             looked.0 = Instant::now();
-            let now = stamp(&self.cert, &self.key);
+            let contents = Contents::read(&self.cert, &self.key);
+            let now = contents.as_ref().ok().map(Contents::stamp);
             if now == looked.1 {
                 return;
             }
             looked.1 = now;
-        }
-        match certified_key(&self.cert, &self.key, &self.provider, SystemTime::now()) {
+            contents
+        };
+        let paths = (self.cert.as_path(), self.key.as_path());
+        let loaded =
+            contents.and_then(|c| certified_key(paths, &c, &self.provider, SystemTime::now()));
+        match loaded {
             Ok(new) => {
                 *self.served.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
                 tracing::info!(cert = %self.cert.display(), key = %self.key.display(), "TLS certificate changed on disk: serving the new one");
@@ -128,16 +158,11 @@ impl ResolvesServerCert for CertFiles {
     }
 }
 
-fn stamp(cert: &Path, key: &Path) -> Stamp {
-    use sha2::Digest;
-    [cert, key].map(|p| Some(sha2::Sha256::digest(std::fs::read(p).ok()?).into()))
-}
-
-/// Reads the chain and the key, checks that they match and that the certificate is valid at
-/// `now`.
+/// The chain and the key of `contents` (read from the files `cert` and `key`), checked to
+/// match and the certificate to be valid at `now`.
 fn certified_key(
-    cert: &Path,
-    key: &Path,
+    (cert, key): (&Path, &Path),
+    contents: &Contents,
     provider: &CryptoProvider,
     now: SystemTime,
 ) -> Result<CertifiedKey, TlsError> {
@@ -149,14 +174,14 @@ fn certified_key(
         path: key.to_owned(),
         reason,
     };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&contents.cert)
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| cert_error(e.to_string()))?;
     let Some(leaf) = certs.first() else {
         return Err(cert_error("no certificate in it".into()));
     };
     check_validity(leaf, now).map_err(cert_error)?;
-    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| match e {
+    let der = PrivateKeyDer::from_pem_slice(&contents.key).map_err(|e| match e {
         rustls::pki_types::pem::Error::NoItemsFound => key_error(
             "no private key in it (PEM \"PRIVATE KEY\", \"RSA PRIVATE KEY\" or \"EC PRIVATE \
              KEY\", unencrypted)"
