@@ -1228,27 +1228,30 @@ impl Core {
         if t.connection_stats.rtt_samples > 0 {
             metrics::histogram!(m::HEARTBEAT_RTT).record(t.connection_stats.rtt_p50_ms / 1e3);
         }
-        let save = self.workers.get_mut(worker).is_some_and(|w| {
+        // Saved (which announces it) at most every STATS_SAVE_EVERY, else announced at most
+        // every STATS_ANNOUNCE_EVERY.
+        let (save, announce) = self.workers.get_mut(worker).map_or((false, false), |w| {
             w.stats = Some(Box::new(crate::model::Reported {
                 stats: t.connection_stats,
                 reported_at: now(),
             }));
-            let due = w
-                .stats_saved
-                .is_none_or(|at| at.elapsed() >= STATS_SAVE_EVERY);
-            if due {
-                w.stats_saved = Some(tokio::time::Instant::now());
+            let at = tokio::time::Instant::now();
+            let due = |last: Option<tokio::time::Instant>, every| {
+                last.is_none_or(|last| at.duration_since(last) >= every)
+            };
+            if due(w.stats_saved, STATS_SAVE_EVERY) {
+                w.stats_saved = Some(at);
+                (true, false)
+            } else if due(w.stats_announced, STATS_ANNOUNCE_EVERY) {
+                w.stats_announced = Some(at);
+                (false, true)
+            } else {
+                (false, false)
             }
-            due
         });
         if save {
             self.save_worker(worker, b);
-        } else if let Some(w) = self.workers.get_mut(worker)
-            && w.stats_announced
-                .is_none_or(|at| at.elapsed() >= STATS_ANNOUNCE_EVERY)
-        {
-            w.stats_announced = Some(tokio::time::Instant::now());
-            let w = &self.workers[worker];
+        } else if announce && let Some(w) = self.workers.get(worker) {
             self.announce(b, || Change::Worker(Box::new(w.clone())));
         }
         Core::send_ack(b, session, t.seq, Disposition::Recorded, || {
