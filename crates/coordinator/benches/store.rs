@@ -27,6 +27,7 @@ fn task(i: usize) -> Task {
         spec: Arc::new(TaskSpec::new("sleep", serde_json::json!({"ms": 0}))),
         status: TaskStatus::Completed,
         attempt: Attempt(1),
+        attempt_base: Attempt::default(),
         lease: None,
         submit_seq: i as u64,
         submitted_at: Utc::now(),

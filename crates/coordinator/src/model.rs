@@ -86,9 +86,16 @@ pub struct Task {
     /// queued, running, paused, completed, failed, cancelled or timed_out.
     #[schema(value_type = String)]
     pub status: TaskStatus,
-    /// Number of the latest lease (0 before the first).
+    /// Number of the latest lease (`attempt_base` before the first).
     #[schema(value_type = u32)]
     pub attempt: Attempt,
+    /// The last attempt number of earlier tasks of this id, removed by retention (0 when there
+    /// were none): this task's attempts are numbered after them, so that a worker still holding
+    /// one of theirs (a result in its outbox, an attempt it remembers finishing) can never
+    /// mistake it for one of this task's, nor the coordinator count it.
+    #[serde(default, skip_serializing_if = "Attempt::is_zero")]
+    #[schema(value_type = u32)]
+    pub attempt_base: Attempt,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease: Option<Lease>,
     pub submit_seq: u64,
@@ -118,6 +125,11 @@ impl Task {
         self.spec
             .max_attempts
             .unwrap_or(tether_proto::task::DEFAULT_MAX_ATTEMPTS)
+    }
+
+    /// Attempts this task has started (leases given), not counting earlier tasks of its id.
+    pub fn attempts_started(&self) -> u32 {
+        self.attempt.0.saturating_sub(self.attempt_base.0)
     }
 
     pub fn attempt_record(&mut self, attempt: Attempt) -> Option<&mut AttemptRecord> {

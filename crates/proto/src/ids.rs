@@ -164,6 +164,8 @@ fn random_hex() -> String {
 }
 
 /// The attempt number of a task: 1 for the first lease, +1 each time the task is leased again.
+/// A task submitted under the id of one removed by retention numbers its attempts after that
+/// one's (its first lease may be attempt 4), so `(task_id, attempt)` names one lease for ever.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
 #[serde(transparent)]
 pub struct Attempt(pub u32);
@@ -173,6 +175,10 @@ impl Attempt {
 
     pub fn next(self) -> Attempt {
         Attempt(self.0.saturating_add(1))
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.0 == 0
     }
 }
 

@@ -297,6 +297,7 @@ impl Core {
         for (spec, id) in specs.into_iter().zip(&ids) {
             let seq = self.next_submit_seq;
             self.next_submit_seq += 1;
+            let base = self.removed.last_attempt(id.as_str());
             let t = Task {
                 task_id: id.clone(),
                 spec: Arc::new(TaskSpec {
@@ -304,7 +305,8 @@ impl Core {
                     ..spec
                 }),
                 status: TaskStatus::Queued,
-                attempt: tether_proto::Attempt(0),
+                attempt: base,
+                attempt_base: base,
                 lease: None,
                 submit_seq: seq,
                 submitted_at: ts,

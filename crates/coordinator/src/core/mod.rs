@@ -449,6 +449,8 @@ pub struct Core {
     checkpoint_owner: IdMap<CheckpointId, TaskId>,
     /// Finished tasks by the time they finished, for retention.
     finished: BTreeSet<(DateTime<Utc>, TaskId)>,
+    /// Ids of tasks removed by retention, with their last attempt.
+    removed: tasks::Removed,
     /// Workers without a registered session, in the order they lost it (since the start, for
     /// one known only by the leases the store held), with that instant: the sweep looks at
     /// those past the grace period only, instead of at every worker every second. An entry is
@@ -535,6 +537,7 @@ impl Core {
             superseded: IdMap::default(),
             checkpoint_owner: IdMap::default(),
             finished: BTreeSet::new(),
+            removed: tasks::Removed::default(),
             disconnects: VecDeque::new(),
             fetching: Default::default(),
             timed_leases: IdSet::default(),
@@ -548,6 +551,9 @@ impl Core {
             peer_logs: PeerLogs::default(),
         };
         core.next_submit_seq = loaded.next_submit_seq;
+        for (id, last) in &loaded.removed {
+            core.removed.note(id, *last);
+        }
         for w in loaded.workers {
             core.workers.insert(w.worker_id.clone(), w);
         }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tether_proto::msg::{CheckpointBlob, CoordMsg, TaskAssignment, TaskControl, now};
 use tether_proto::task::Blob;
-use tether_proto::{TaskId, TaskStatus, WorkerId};
+use tether_proto::{Attempt, TaskId, TaskStatus, WorkerId};
 
 use super::{Core, Outgoing, SessionRef, queue};
 use crate::metrics as m;
@@ -29,6 +29,42 @@ pub(super) const FREE_INDEX_CHECK_EVERY: u64 = 60;
 /// (`Mutation::AliveAt`): after a crash, the workers it had connected show as last seen at most
 /// this long before it died.
 pub(super) const ALIVE_EVERY: Duration = Duration::from_secs(5);
+
+/// The ids of tasks removed by retention, each with its last attempt, so that a task submitted
+/// later under one of them numbers its attempts after it ([`crate::model::Task::attempt_base`]):
+/// a worker may still hold an attempt of the removed task (a result in its outbox, an attempt it
+/// remembers finishing and so ignores if assigned again), and the same `(task, attempt)` would
+/// make it run nothing, or count its old result for the new task.
+///
+/// An entry is a hash of the id, 16 bytes and no copy of the id (the store keeps the ids, in
+/// `removed_tasks`): two ids of one hash only make the later task's attempts start higher than
+/// they had to.
+#[derive(Default)]
+pub(super) struct Removed {
+    hasher: foldhash::quality::RandomState,
+    last: std::collections::HashMap<u64, Attempt, foldhash::quality::RandomState>,
+}
+
+impl Removed {
+    fn key(&self, id: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, id)
+    }
+
+    /// Remembers that a task of `id` was removed after `last` attempts.
+    pub(super) fn note(&mut self, id: &str, last: Attempt) {
+        let key = self.key(id);
+        let kept = self.last.entry(key).or_default();
+        *kept = (*kept).max(last);
+    }
+
+    /// The last attempt of tasks of `id` removed so far (0 when none was).
+    pub(super) fn last_attempt(&self, id: &str) -> Attempt {
+        if self.last.is_empty() {
+            return Attempt::default();
+        }
+        self.last.get(&self.key(id)).copied().unwrap_or_default()
+    }
+}
 
 impl Core {
     /// Leases queued tasks to workers with free slots, by the plan of [`queue::plan`]: only
@@ -256,7 +292,7 @@ impl Core {
         }
         t.lease_started = None;
         t.updated_at = ts;
-        let exhausted = t.attempt.0 >= t.max_attempts();
+        let exhausted = t.attempts_started() >= t.max_attempts();
         self.drop_partials(task_id, None, b);
         let Some(t) = self.tasks.get_mut(task_id) else {
             return;
@@ -267,10 +303,10 @@ impl Core {
             t.finished_at = Some(ts);
             t.error = Some(format!(
                 "{why}; no attempts left ({} of {})",
-                t.attempt.0,
+                t.attempts_started(),
                 t.max_attempts()
             ));
-            tracing::warn!(task = %task_id, attempts = t.attempt.0, "task failed: attempts exhausted");
+            tracing::warn!(task = %task_id, attempts = t.attempts_started(), "task failed: attempts exhausted");
         } else if paused {
             self.counters.requeued.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(m::REQUEUED).increment(1);
@@ -410,7 +446,13 @@ impl Core {
             if !finished_then {
                 continue;
             }
-            self.tasks.remove(&id);
+            if let Some(t) = self.tasks.remove(&id) {
+                self.removed.note(id.as_str(), t.attempt);
+                b.muts.push(Mutation::DeleteTask {
+                    id: id.clone(),
+                    last_attempt: t.attempt,
+                });
+            }
             for kept in self.checkpoint_history.remove(&id).into_iter().flatten() {
                 self.checkpoint_owner.remove(&kept);
             }
@@ -421,7 +463,6 @@ impl Core {
             self.partial.remove_ended(&id, None);
             let gone = id.clone();
             self.announce(b, || super::Change::TaskRemoved(gone));
-            b.muts.push(Mutation::DeleteTask(id));
             removed += 1;
         }
         if removed > 0 {

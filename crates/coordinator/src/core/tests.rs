@@ -710,7 +710,7 @@ fn retention_removes_only_tasks_that_finished_before_the_cutoff() {
     assert!(
         !b.muts
             .iter()
-            .any(|m| matches!(m, crate::store::Mutation::DeleteTask(_)))
+            .any(|m| matches!(m, crate::store::Mutation::DeleteTask { .. }))
     );
 
     // A cutoff after it finished removes it, from the model and (by mutation) from the store.
@@ -725,7 +725,7 @@ fn retention_removes_only_tasks_that_finished_before_the_cutoff() {
         .muts
         .iter()
         .filter_map(|m| match m {
-            crate::store::Mutation::DeleteTask(id) => Some(id),
+            crate::store::Mutation::DeleteTask { id, .. } => Some(id),
             _ => None,
         })
         .collect();
@@ -747,6 +747,83 @@ fn retention_removes_only_tasks_that_finished_before_the_cutoff() {
         .expire_finished_before(now() + chrono::Duration::days(365), &mut b);
     assert!(h.core.tasks.contains_key(&queued));
     assert!(b.muts.is_empty());
+}
+
+#[test]
+fn a_task_submitted_under_a_removed_tasks_id_numbers_its_attempts_after_it() {
+    let mut cfg = CoordinatorConfig::new("/nonexistent");
+    cfg.retention = Some(std::time::Duration::from_secs(3600));
+    let mut h = Harness::with(cfg);
+    let (s, mut rx) = h.connect("a");
+    let spec = TaskSpec {
+        task_id: Some(TaskId::parse("nightly").expect("id")),
+        max_attempts: Some(1),
+        ..TaskSpec::new("sleep", serde_json::json!({}))
+    };
+    let t = h.submit_spec(spec.clone());
+    drain(&mut rx);
+    h.frame("a", s, result(1, &t, 1));
+    drain(&mut rx);
+    h.core
+        .expire_finished_before(now() + chrono::Duration::seconds(1), &mut Batch::default());
+    assert!(!h.core.tasks.contains_key(&t), "removed by retention");
+
+    // The same worker, free, takes the new task of that id: as attempt 2, not as the attempt 1
+    // it remembers finishing (a worker ignores an assignment of an attempt it finished).
+    assert_eq!(h.submit_spec(spec), t);
+    let msgs = drain(&mut rx);
+    let attempt = msgs.iter().find_map(|m| match m {
+        CoordMsg::TaskAssignment(a) if a.task_id == t => Some(a.attempt),
+        _ => None,
+    });
+    assert_eq!(attempt, Some(Attempt(2)), "{msgs:?}");
+    assert_eq!(h.core.tasks[&t].attempt_base, Attempt(1));
+
+    // The old attempt's result, sent again (its acknowledgement was lost), does not count for
+    // the new task.
+    h.frame("a", s, result(2, &t, 1));
+    assert_ne!(result_ack(&drain(&mut rx)), Disposition::Recorded);
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Running);
+    assert_eq!(Counters::get(&h.core.counters.results_recorded), 1);
+
+    // Its `max_attempts` counts its own attempts: one lost, it has none left.
+    h.lose("a", s, &t);
+    let t = &h.core.tasks[&t];
+    assert_eq!(t.status, TaskStatus::Failed);
+    assert!(
+        t.error.as_deref().is_some_and(|e| e.ends_with("(1 of 1)")),
+        "{:?}",
+        t.error
+    );
+}
+
+#[test]
+fn the_removed_ids_loaded_at_start_number_the_attempts_of_their_new_tasks() {
+    let loaded = Loaded {
+        removed: vec![("nightly".to_owned(), Attempt(4))],
+        ..Loaded::default()
+    };
+    let cfg = Arc::new(CoordinatorConfig::new("/nonexistent"));
+    let mut h = Harness {
+        core: Core::new(cfg, loaded, Arc::new(Counters::default())),
+        conn: rusqlite::Connection::open_in_memory().expect("sqlite"),
+        next_session: 1,
+        last_muts: Vec::new(),
+    };
+    let (_s, mut rx) = h.connect("a");
+    let t = h.submit_spec(TaskSpec {
+        task_id: Some(TaskId::parse("nightly").expect("id")),
+        ..TaskSpec::new("sleep", serde_json::json!({}))
+    });
+    assert!(drain(&mut rx).iter().any(
+        |m| matches!(m, CoordMsg::TaskAssignment(a) if a.task_id == t && a.attempt == Attempt(5))
+    ));
+    // Another id starts at 1.
+    let (_s, mut rx) = h.connect("b");
+    let other = h.submit();
+    assert!(drain(&mut rx).iter().any(
+        |m| matches!(m, CoordMsg::TaskAssignment(a) if a.task_id == other && a.attempt == Attempt(1))
+    ));
 }
 
 #[test]

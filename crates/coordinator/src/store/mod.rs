@@ -144,7 +144,12 @@ pub enum Mutation {
     /// A change of a stored task: only its changing part is written (inserted whole when it
     /// is not there, e.g. when its `InsertTask` was superseded in the same group).
     PutTask(Box<Task>),
-    DeleteTask(TaskId),
+    /// Removes a finished task and everything of it, and remembers its id with its last
+    /// attempt (`removed_tasks`), so that a later task of the id numbers its attempts after.
+    DeleteTask {
+        id: TaskId,
+        last_attempt: Attempt,
+    },
     PutResult {
         task_id: TaskId,
         attempt: Attempt,
@@ -346,6 +351,8 @@ pub struct Loaded {
     pub superseded_checkpoints: Vec<(TaskId, CheckpointId, Attempt)>,
     /// The next submission number kept when tasks were removed (0 if none was).
     pub next_submit_seq: u64,
+    /// Ids of tasks removed by retention, with their last attempt.
+    pub removed: Vec<(String, Attempt)>,
     /// The last [`Mutation::AliveAt`] the previous run wrote.
     pub alive_at: Option<DateTime<Utc>>,
     /// The task states the writer has journaled and not yet folded into the database (empty
@@ -499,6 +506,9 @@ fn load(conn: &Connection) -> Result<Loaded, LoadError> {
         )
         .optional()?
         .map_or(0, |v| v.max(0).unsigned_abs());
+    let mut stmt = conn.prepare("SELECT id, last_attempt FROM removed_tasks")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, Attempt(r.get(1)?))))?;
+    out.removed = rows.collect::<Result<_, _>>()?;
     out.alive_at = conn
         .query_row(
             "SELECT value FROM meta WHERE key = 'alive_at_ms'",
@@ -843,7 +853,7 @@ fn commit(
                     insert_task(&tx, t)?;
                 }
             }
-            Mutation::DeleteTask(id) => {
+            Mutation::DeleteTask { id, last_attempt } => {
                 // Its journaled states go too (and are not replayed, even under its id). The
                 // forget is journaled before the commit, as every op is: a crash between them
                 // leaves the task (finished: only those are removed) without its journaled
@@ -859,6 +869,11 @@ fn commit(
                 ] {
                     tx.prepare_cached(sql)?.execute([id.as_str()])?;
                 }
+                tx.prepare_cached(
+                    "INSERT INTO removed_tasks (id, last_attempt) VALUES (?1, ?2)
+                     ON CONFLICT(id) DO UPDATE SET last_attempt = max(last_attempt, excluded.last_attempt)",
+                )?
+                .execute(rusqlite::params![id.as_str(), last_attempt.0])?;
             }
             Mutation::NextSubmitSeq(next) => {
                 tx.prepare_cached(

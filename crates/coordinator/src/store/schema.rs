@@ -13,7 +13,7 @@ use super::StoreError;
 use crate::model::{AttemptRecord, CheckpointMeta, Lease, Task, Worker, WorkerState};
 
 /// The schema version this coordinator writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 /// The version from which every state journal file in the data directory was created whole
 /// (`store::states`): one shorter than its header is damage, not a crash. A coordinator of an
@@ -122,6 +122,15 @@ CREATE TABLE IF NOT EXISTS meta (
     // coordinator of version 6 reads only 0 and 1: it would neither recognise such a replay nor
     // ever delete those rows, so it refuses this database (`StoreError::TooNew`).
     "",
+    // Version 8: the ids of tasks removed by retention, with their last attempt: a task
+    // submitted later under one of them numbers its attempts after it (`Task::attempt_base`).
+    // A coordinator of version 7 would number them from 1 again, so it refuses this database.
+    r#"
+CREATE TABLE IF NOT EXISTS removed_tasks (
+    id TEXT PRIMARY KEY,
+    last_attempt INTEGER NOT NULL
+);
+"#,
 ];
 
 /// The writer connection's page cache: the task tables, `task_state` among them (a fold round
@@ -342,6 +351,8 @@ pub(super) struct TaskDoc<'a> {
     task_id: &'a TaskId,
     status: TaskStatus,
     attempt: Attempt,
+    #[serde(skip_serializing_if = "Attempt::is_zero")]
+    attempt_base: Attempt,
     #[serde(skip_serializing_if = "Option::is_none")]
     lease: Option<&'a Lease>,
     submit_seq: u64,
@@ -364,6 +375,7 @@ impl<'a> TaskDoc<'a> {
             task_id: &t.task_id,
             status: t.status,
             attempt: t.attempt,
+            attempt_base: t.attempt_base,
             lease: t.lease.as_ref(),
             submit_seq: t.submit_seq,
             submitted_at: t.submitted_at,
@@ -383,6 +395,8 @@ pub(super) struct LoadedTaskDoc {
     task_id: TaskId,
     status: TaskStatus,
     attempt: Attempt,
+    #[serde(default)]
+    attempt_base: Attempt,
     lease: Option<Lease>,
     submit_seq: u64,
     submitted_at: DateTime<Utc>,
@@ -402,6 +416,7 @@ impl LoadedTaskDoc {
             spec: std::sync::Arc::new(spec),
             status: self.status,
             attempt: self.attempt,
+            attempt_base: self.attempt_base,
             lease: self.lease,
             submit_seq: self.submit_seq,
             submitted_at: self.submitted_at,

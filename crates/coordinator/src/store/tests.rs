@@ -15,6 +15,7 @@ fn task(id: &str, seq: u64, status: TaskStatus) -> Task {
         spec: Arc::new(TaskSpec::new("sleep", serde_json::json!({}))),
         status,
         attempt: Attempt(1),
+        attempt_base: Attempt::default(),
         lease: None,
         submit_seq: seq,
         submitted_at: Utc::now(),
@@ -25,6 +26,14 @@ fn task(id: &str, seq: u64, status: TaskStatus) -> Task {
         latest_checkpoint: None,
         attempts: vec![],
         lease_started: None,
+    }
+}
+
+/// Retention's removal of a task whose last attempt was 1.
+fn removal(id: TaskId) -> Mutation {
+    Mutation::DeleteTask {
+        id,
+        last_attempt: Attempt(1),
     }
 }
 
@@ -133,10 +142,7 @@ fn the_next_submission_number_outlives_the_tasks_that_held_it() {
     );
     // Retention removes the newest; a lower mark later never lowers it.
     let b = TaskId::parse("b").expect("id");
-    commit_muts(
-        &mut conn,
-        vec![Mutation::DeleteTask(b), Mutation::NextSubmitSeq(8)],
-    );
+    commit_muts(&mut conn, vec![removal(b), Mutation::NextSubmitSeq(8)]);
     commit_muts(&mut conn, vec![Mutation::NextSubmitSeq(3)]);
     drop(conn);
     let (_conn, loaded) = open(dir.path()).expect("reopen");
@@ -490,10 +496,7 @@ fn deleting_a_task_removes_its_results_state_and_checkpoints() {
         });
     }
     commit_muts(&mut conn, muts);
-    commit_muts(
-        &mut conn,
-        vec![Mutation::DeleteTask(TaskId::parse("gone").expect("id"))],
-    );
+    commit_muts(&mut conn, vec![removal(TaskId::parse("gone").expect("id"))]);
     for table in [
         "tasks",
         "results",
@@ -509,6 +512,36 @@ fn deleting_a_task_removes_its_results_state_and_checkpoints() {
     }
     let kept = TaskId::parse("kept").expect("id");
     assert_eq!(read_results(&conn, &kept).expect("read").len(), 1);
+}
+
+#[test]
+fn a_removed_task_leaves_its_id_with_its_highest_last_attempt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (mut conn, _) = open(dir.path()).expect("open");
+        let gone = TaskId::parse("nightly").expect("id");
+        let removed = |last| Mutation::DeleteTask {
+            id: gone.clone(),
+            last_attempt: Attempt(last),
+        };
+        // Removed after 3 attempts, submitted again, removed again after fewer: 3 stays (a
+        // later task of the id had numbered its attempts after it anyway).
+        commit_muts(&mut conn, vec![removed(3)]);
+        commit_muts(&mut conn, vec![removed(1)]);
+        commit_muts(
+            &mut conn,
+            vec![removal(TaskId::parse("other").expect("id"))],
+        );
+    }
+    let (_, mut loaded) = open(dir.path()).expect("reopen");
+    loaded.removed.sort();
+    assert_eq!(
+        loaded.removed,
+        [
+            ("nightly".to_owned(), Attempt(3)),
+            ("other".to_owned(), Attempt(1))
+        ]
+    );
 }
 
 #[test]
@@ -1141,9 +1174,7 @@ fn a_deleted_task_keeps_no_state_after_a_replay_or_under_the_same_id() {
         ]);
         j.fold_round();
         j.commit(vec![state_mut("gone", 2), state_mut("kept", 2)]);
-        j.commit(vec![Mutation::DeleteTask(
-            TaskId::parse("gone").expect("id"),
-        )]);
+        j.commit(vec![removal(TaskId::parse("gone").expect("id"))]);
         assert_eq!(
             j.state_n("gone"),
             None,
@@ -1177,9 +1208,7 @@ fn a_deleted_task_keeps_no_state_after_a_replay_or_under_the_same_id() {
     j.states.begin_now();
     j.piece();
     let last = name(tasks - 1);
-    j.commit(vec![Mutation::DeleteTask(
-        TaskId::parse(&last).expect("id"),
-    )]);
+    j.commit(vec![removal(TaskId::parse(&last).expect("id"))]);
     while j.states.due() {
         j.piece();
     }

@@ -470,6 +470,50 @@ async fn retention_removes_old_finished_tasks_for_good_and_keeps_the_rest() {
     c.stop().await;
 }
 
+#[tokio::test]
+async fn a_task_submitted_again_under_a_removed_id_runs_on_the_worker_that_ran_the_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.retention = Some(Duration::from_millis(300));
+    let c = spawn_coordinator_with(cfg.clone(), None).await;
+    let addr = c.addr;
+    // One worker: it runs both tasks of the id, and remembers finishing the first's attempt.
+    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
+    let spec = tether_proto::TaskSpec {
+        task_id: Some(tether_proto::TaskId::parse("nightly").expect("id")),
+        ..sleep_task(20, 1, 0)
+    };
+    let client = c.client();
+    let id = client.submit(std::slice::from_ref(&spec)).await.remove(0);
+    client.wait_status(&id, "completed").await;
+    wait_for(
+        "the finished task to expire",
+        Duration::from_secs(20),
+        || async { (client.get(&format!("/api/v1/tasks/{id}")).await.0 == 404).then_some(()) },
+    )
+    .await;
+    // What retention removed is remembered across a restart.
+    c.stop().await;
+    let mut cfg = cfg;
+    cfg.retention = None;
+    let c = spawn_coordinator_with(cfg, Some(addr)).await;
+    let client = c.client();
+    assert_eq!(client.submit(&[spec]).await, [id.clone()]);
+    let t = client.wait_status(&id, "completed").await;
+    assert_eq!(t["attempt"], 2, "{t}");
+    let (_, results) = client.get(&format!("/api/v1/tasks/{id}/result")).await;
+    let attempts: Vec<&serde_json::Value> = results
+        .as_array()
+        .or_else(|| results["results"].as_array())
+        .expect("results")
+        .iter()
+        .map(|r| &r["attempt"])
+        .collect();
+    assert_eq!(attempts, [2], "{results}");
+    w.stop().await.expect("stop");
+    c.stop().await;
+}
+
 /// The `checkpoint` announcing `id` (one piece of one byte) of `task` at attempt 1, and that
 /// piece, as messages `seq` and `seq + 1`.
 fn one_byte_checkpoint(seq: u64, task: &tether_proto::TaskId, id: &str) -> [serde_json::Value; 2] {
