@@ -313,6 +313,35 @@ fn checkpoint_heavy_resumes_crashed_workers_tasks_from_checkpoints() {
     assert_eq!(whole["pass"], true, "{whole}");
 }
 
+/// Fewer tasks than workers: the coordinator leases in id order (w-0, w-1, w-10, ...), not
+/// age, so the five oldest workers ran two of the three tasks, and crashing them left one
+/// task unjudged (none at all in other shapes: "nothing to judge"). The crash falls on the
+/// workers running tasks: all three are interrupted and each resumes from its checkpoint.
+#[test]
+fn checkpoint_heavy_with_fewer_tasks_than_workers_crashes_the_workers_running_them() {
+    let r = stress(&[
+        "checkpoint_heavy",
+        "--workers",
+        "20",
+        "--tasks",
+        "3",
+        "--duration",
+        "2s",
+    ]);
+    let crash = r["verdicts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == "crashed workers' tasks resumed from a checkpoint")
+        .expect("the verdict");
+    let detail = crash["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.starts_with("3 tasks running on the 5 crashed"),
+        "{crash}"
+    );
+    assert_eq!(r["resumed_from_checkpoint"], 3, "{r:#}");
+}
+
 #[test]
 fn mixed_priority_never_lets_high_priority_wait_behind_low() {
     // A backlog of about 2.5 s: the high-priority tasks go in while it still waits.

@@ -7,6 +7,7 @@
 //! The orchestrator drives the fleet with JSON lines on stdin ([`Command`]) and reads JSON
 //! lines on stdout ([`Event`]): a status every [`STATUS_EVERY`], a full report on request.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -104,6 +105,8 @@ pub enum Command {
     Start { count: u32 },
     /// Stop the `count` oldest live workers: gracefully, or by dropping them (a crash).
     Stop { count: u32, abrupt: bool },
+    /// Crash (drop) the live workers of these ids: those whose tasks a crash must interrupt.
+    Crash { ids: Vec<String> },
     /// Print a [`Event::Report`].
     Report,
     /// Stop every worker and exit.
@@ -366,6 +369,18 @@ pub async fn run(a: FleetArgs) -> anyhow::Result<()> {
                                 m.abort.abort();
                             } else {
                                 m.stop.cancel();
+                            }
+                        }
+                    }
+                    Command::Crash { ids } => {
+                        let at = now_us();
+                        let ids: HashSet<&str> = ids.iter().map(String::as_str).collect();
+                        for m in members.iter_mut().filter(|m| m.live) {
+                            let mut record = m.record.lock().unwrap_or_else(|p| p.into_inner());
+                            if ids.contains(record.id.as_str()) {
+                                record.stopped_us = at;
+                                m.live = false;
+                                m.abort.abort();
                             }
                         }
                     }

@@ -61,14 +61,91 @@ struct Run {
     crash: Option<Crash>,
 }
 
-/// checkpoint_heavy's crash: what the coordinator held before it and whom it stopped.
+/// checkpoint_heavy's crash: what the coordinator held when it came and whom it stopped.
 struct Crash {
-    /// The attempts running before the crash of tasks with a complete checkpoint.
+    /// The attempts running on the crashed workers, each of a task with a complete checkpoint
+    /// the coordinator held while that attempt ran: listed before the crash, or after it (the
+    /// crashed workers seen disconnected) while still leased to the same attempt. The worker
+    /// was dead by then, so a checkpoint held then was written before it died.
     held: Vec<truth::Checkpointed>,
+    /// Tasks running on the crashed workers before the crash.
+    interrupted: u64,
+    /// Of those, the ones without a checkpoint before the crash that the listing after it no
+    /// longer found on their crashed attempt (requeued before it came): not judged, as
+    /// whether their first checkpoint came between the two listings is not known.
+    unseen: u64,
     /// The ids of the workers crashed.
     workers: HashSet<String>,
-    /// Taken after `held` was read and before the crash was sent.
+    /// Taken after the listing before the crash and before the crash was sent.
     at: chrono::DateTime<chrono::Utc>,
+}
+
+impl Crash {
+    /// The crash of `workers` at `at`, from the coordinator's running tasks listed `before`
+    /// it and `after` it.
+    fn of(
+        before: &[Running],
+        after: &[Running],
+        workers: HashSet<String>,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Self {
+        let on_crashed = |r: &&Running| workers.contains(&r.lease.worker);
+        let still: HashSet<&truth::Checkpointed> =
+            after.iter().filter(on_crashed).map(|r| &r.lease).collect();
+        let mut held: Vec<truth::Checkpointed> = before
+            .iter()
+            .chain(after)
+            .filter(on_crashed)
+            .filter(|r| r.checkpoint)
+            .map(|r| r.lease.clone())
+            .collect();
+        held.sort_by(|a, b| (&a.task, a.attempt).cmp(&(&b.task, b.attempt)));
+        held.dedup();
+        let unseen = before
+            .iter()
+            .filter(on_crashed)
+            .filter(|r| !r.checkpoint && !still.contains(&r.lease))
+            .count() as u64;
+        Self {
+            interrupted: before.iter().filter(on_crashed).count() as u64,
+            held,
+            unseen,
+            workers,
+            at,
+        }
+    }
+}
+
+/// An attempt the coordinator lists running, and whether it holds a complete checkpoint of
+/// its task (`latest_checkpoint`, of this attempt or an earlier one).
+#[derive(Debug, Clone)]
+struct Running {
+    lease: truth::Checkpointed,
+    checkpoint: bool,
+}
+
+/// The `k` workers checkpoint_heavy crashes, of the `live` ones (oldest first): those running
+/// a task with a checkpoint, then those running one without, then idle ones, each oldest
+/// first. Crashing the oldest alone could crash only idle workers when there are fewer tasks
+/// than workers (the coordinator leases in id order, not age), leaving nothing to resume.
+fn crash_targets(running: &[Running], live: &[String], k: u64) -> Vec<String> {
+    let mut rank: HashMap<&str, u8> = HashMap::new();
+    for r in running {
+        let of = if r.checkpoint { 0 } else { 1 };
+        let at = rank.entry(r.lease.worker.as_str()).or_insert(of);
+        *at = (*at).min(of);
+    }
+    let mut order: Vec<(u8, usize, &String)> = live
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (rank.get(w.as_str()).copied().unwrap_or(2), i, w))
+        .collect();
+    order.sort();
+    order
+        .into_iter()
+        .take(usize::try_from(k).unwrap_or(usize::MAX))
+        .map(|(_, _, w)| w.clone())
+        .collect()
 }
 
 pub async fn run(a: StressArgs) -> anyhow::Result<Report> {
@@ -497,11 +574,10 @@ impl Run {
         bail!("the coordinator's count of results recorded did not settle within 10 s")
     }
 
-    /// The attempts the coordinator lists running, each of a task it holds a complete
-    /// checkpoint of (`latest_checkpoint`, of this attempt or an earlier one): read before a
-    /// crash, the tasks that must resume from a checkpoint if their worker is crashed. Paged
-    /// by submission number, at most as many pages as the submitted tasks fill.
-    async fn checkpointed_running(&self) -> anyhow::Result<Vec<truth::Checkpointed>> {
+    /// The attempts the coordinator lists running, with whether it holds a complete
+    /// checkpoint of each one's task. Paged by submission number, at most as many pages as
+    /// the submitted tasks fill.
+    async fn running(&self) -> anyhow::Result<Vec<Running>> {
         const PAGE: u64 = 100_000;
         let pages = (self.submitted.len() as u64).div_ceil(PAGE) + 1;
         let mut out = Vec::new();
@@ -511,17 +587,20 @@ impl Run {
             let tasks = page
                 .as_array()
                 .with_context(|| format!("the running tasks are not a list: {page}"))?;
-            for t in tasks.iter().filter(|t| !t["latest_checkpoint"].is_null()) {
+            for t in tasks {
                 let lease = &t["lease"];
                 if let (Some(task), Some(attempt), Some(worker)) = (
                     t["task_id"].as_str(),
                     lease["attempt"].as_u64(),
                     lease["worker"].as_str(),
                 ) {
-                    out.push(truth::Checkpointed {
-                        task: task.to_owned(),
-                        attempt,
-                        worker: worker.to_owned(),
+                    out.push(Running {
+                        lease: truth::Checkpointed {
+                            task: task.to_owned(),
+                            attempt,
+                            worker: worker.to_owned(),
+                        },
+                        checkpoint: !t["latest_checkpoint"].is_null(),
                     });
                 }
             }
@@ -534,6 +613,25 @@ impl Run {
             }
         }
         bail!("the running tasks filled more than {pages} pages of {PAGE}")
+    }
+
+    /// Waits until the coordinator lists none of `workers` connected, or [`SETTLE_LIMIT`]
+    /// passed: once it saw their sessions end, it has taken every frame they sent.
+    async fn disconnected(&self, workers: &HashSet<String>) -> anyhow::Result<()> {
+        let deadline = Instant::now() + SETTLE_LIMIT;
+        loop {
+            let listed = self.api.get("/api/v1/workers").await.context("workers")?;
+            let connected = listed.as_array().into_iter().flatten().any(|w| {
+                w["state"].as_str() == Some("connected")
+                    && w["worker_id"]
+                        .as_str()
+                        .is_some_and(|id| workers.contains(id))
+            });
+            if !connected || Instant::now() > deadline {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Submits `specs`; every id the API returns is owed a result. Returns the ids.
@@ -792,24 +890,31 @@ impl Run {
 }
 
 /// checkpoint_heavy's verdict on the store: every task whose attempt was running on a
-/// crashed worker at the crash, with a complete checkpoint the coordinator held before it,
-/// resumed from a checkpoint (see [`truth::Truth::crash_resumes`]). With no such task there
+/// crashed worker at the crash, with a complete checkpoint the coordinator held while it ran
+/// (listed before the crash or after it), resumed from a checkpoint (see [`truth::Truth::crash_resumes`]). With no such task there
 /// is nothing to judge, and the verdict fails rather than pass on nothing.
 fn crash_verdict(r: &mut Report, t: &truth::Truth, crash: &Crash) {
     let c = t.crash_resumes(&crash.held, &crash.workers, crash.at);
     let crashed = crash.workers.len();
+    let interrupted = crash.interrupted;
+    let unseen = match crash.unseen {
+        0 => String::new(),
+        n => format!(
+            "; {n} of the {interrupted} tasks they ran, without a checkpoint before the crash, were requeued before the listing after it: not judged"
+        ),
+    };
     r.verdict(
         "crashed workers' tasks resumed from a checkpoint",
         c.judged > 0 && c.not_resumed.is_empty(),
         match (c.judged, c.not_resumed.first()) {
             (0, _) => format!(
-                "nothing to judge: none of the {crashed} crashed workers was running a task with a checkpoint held before the crash (with fewer tasks than workers the crashed ones may have held none)"
+                "nothing to judge: none of the {interrupted} tasks the {crashed} crashed workers ran had a checkpoint the coordinator held{unseen}"
             ),
             (n, None) => format!(
-                "{n} tasks running on the {crashed} crashed workers with a checkpoint held before the crash each resumed from one"
+                "{n} tasks running on the {crashed} crashed workers with a checkpoint the coordinator held each resumed from one (of {interrupted} they ran){unseen}"
             ),
             (n, Some(first)) => format!(
-                "{} of {n} tasks running on the {crashed} crashed workers with a checkpoint held before the crash did not resume from one: first {first}",
+                "{} of {n} tasks running on the {crashed} crashed workers with a checkpoint the coordinator held did not resume from one: first {first}{unseen}",
                 c.not_resumed.len()
             ),
         },
@@ -1463,8 +1568,9 @@ impl Window {
     }
 }
 
-/// Long tasks checkpoint every step; halfway, a quarter of the workers crash; their tasks are
-/// requeued after the grace period and resumed from the latest checkpoint elsewhere.
+/// Long tasks checkpoint every step; halfway, a quarter of the workers crash (those running
+/// tasks first); their tasks are requeued after the grace period and resumed from the latest
+/// checkpoint elsewhere.
 async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
     let n = run.workers;
     run.start_workers(n).await?;
@@ -1490,19 +1596,24 @@ async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
     tokio::time::sleep(duration / 2).await;
     let crash = (n / 4).max(1);
     run.phase("workers crashing", 1);
-    // What the crashed workers' tasks must resume from, read before the crash: a checkpoint
-    // the coordinator holds now it still holds then (it keeps the latest).
-    let held = run.checkpointed_running().await?;
+    // The crash falls on workers running tasks first: with fewer tasks than workers, the
+    // oldest may run none.
+    let live: Vec<String> = run
+        .fleet
+        .report()
+        .await?
+        .workers
+        .into_iter()
+        .filter(|w| w.stopped_us == 0)
+        .map(|w| w.id)
+        .collect();
+    let before = run.running().await?;
+    let targets = crash_targets(&before, &live, crash);
     let at = chrono::Utc::now();
     let at_us = now_us();
-    run.fleet
-        .send(&Command::Stop {
-            count: count(crash)?,
-            abrupt: true,
-        })
-        .await?;
-    // The fleet takes its commands in order: the report follows the stop.
-    let workers = run
+    run.fleet.send(&Command::Crash { ids: targets }).await?;
+    // The fleet takes its commands in order: the report follows the crash.
+    let workers: HashSet<String> = run
         .fleet
         .report()
         .await?
@@ -1511,7 +1622,12 @@ async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
         .filter(|w| w.stopped_us >= at_us)
         .map(|w| w.id)
         .collect();
-    run.crash = Some(Crash { held, workers, at });
+    // Listed again once the coordinator saw the crashed workers go (and so took all they
+    // sent): a task whose first checkpoint came after the listing before the crash, and
+    // before it, is judged too. The crashed attempts stay leased until `--lost-after`.
+    run.disconnected(&workers).await?;
+    let after = run.running().await?;
+    run.crash = Some(Crash::of(&before, &after, workers, at));
     run.fleet
         .send(&Command::Start {
             count: count(crash)?,
@@ -2190,6 +2306,8 @@ mod tests {
                         .into(),
                 })
                 .collect(),
+            interrupted: tasks.len() as u64,
+            unseen: 0,
             workers: ["w-0", "w-1"].iter().map(|w| w.to_string()).collect(),
             at: at(10),
         };
@@ -2213,6 +2331,61 @@ mod tests {
         let v = crash_of(&tasks, &[]);
         assert!(!v.pass, "{}", v.detail);
         assert!(v.detail.starts_with("nothing to judge"), "{}", v.detail);
+    }
+
+    /// A task the coordinator lists running on `worker`, attempt 1.
+    fn running(task: &str, worker: &str, checkpoint: bool) -> Running {
+        Running {
+            lease: truth::Checkpointed {
+                task: task.into(),
+                attempt: 1,
+                worker: worker.into(),
+            },
+            checkpoint,
+        }
+    }
+
+    #[test]
+    fn the_crash_falls_on_workers_running_tasks_before_idle_ones_oldest_first() {
+        let live: Vec<String> = (0..8).map(|i| format!("w-{i}")).collect();
+        // Fewer tasks than workers, leased in id order, not age: the oldest run none.
+        let tasks = [
+            running("a", "w-6", false),
+            running("b", "w-5", true),
+            running("c", "w-7", true),
+        ];
+        assert_eq!(crash_targets(&tasks, &live, 2), ["w-5", "w-7"]);
+        assert_eq!(
+            crash_targets(&tasks, &live, 4),
+            ["w-5", "w-7", "w-6", "w-0"]
+        );
+        // A worker of two tasks ranks by its best; more asked than live: every one.
+        let two = [running("a", "w-3", false), running("b", "w-3", true)];
+        assert_eq!(crash_targets(&two, &live, 1), ["w-3"]);
+        assert_eq!(crash_targets(&two, &live, 20).len(), 8);
+    }
+
+    #[test]
+    fn a_checkpoint_first_held_after_the_listing_before_the_crash_is_judged_from_the_one_after() {
+        let at = chrono::DateTime::UNIX_EPOCH;
+        let crashed: HashSet<String> = ["w-0", "w-1"].iter().map(|w| w.to_string()).collect();
+        let before = [
+            running("early", "w-0", true),
+            // Its first checkpoint came between the listing and the crash.
+            running("late", "w-1", false),
+            // Requeued before the listing after the crash, with no checkpoint before it.
+            running("gone", "w-1", false),
+            running("elsewhere", "w-4", true),
+        ];
+        let after = [
+            running("early", "w-0", true),
+            running("late", "w-1", true),
+            running("elsewhere", "w-4", true),
+        ];
+        let c = Crash::of(&before, &after, crashed, at);
+        let held: Vec<&str> = c.held.iter().map(|h| h.task.as_str()).collect();
+        assert_eq!(held, ["early", "late"]);
+        assert_eq!((c.interrupted, c.unseen), (3, 1));
     }
 
     fn priority_verdict(tasks: &[(u8, i64, i64)]) -> report::Verdict {

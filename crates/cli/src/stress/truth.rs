@@ -39,8 +39,8 @@ pub struct AttemptRow {
     pub resumed_at: Option<u64>,
 }
 
-/// An attempt the coordinator listed as running on `worker`, read before a crash, of a task
-/// it then held a complete checkpoint of (acknowledged to the worker that wrote it).
+/// An attempt the coordinator listed as running on `worker`: around a crash, of a task it
+/// then held a complete checkpoint of (acknowledged to the worker that wrote it).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Checkpointed {
     pub task: String,
@@ -52,7 +52,7 @@ pub struct Checkpointed {
 #[derive(Debug, Default, PartialEq)]
 pub struct CrashResumes {
     /// Tasks whose attempt was running on a crashed worker at the crash, with a checkpoint
-    /// held before it.
+    /// held while it ran.
     pub judged: u64,
     /// Those that did not resume from a checkpoint, each with what the store holds.
     pub not_resumed: Vec<String>,
@@ -191,10 +191,11 @@ pub fn read(db: &Path, submitted: &HashSet<String>, since: DateTime<Utc>) -> any
 impl Truth {
     /// Whether the tasks crashed workers were running resumed from a checkpoint. `held`: the
     /// attempts the coordinator listed running, each of a task it held a complete checkpoint
-    /// of, read before the crash at `crash_at`; `crashed`: the ids of the workers crashed
-    /// then. Judged: each of those attempts on a crashed worker that was still running at the
-    /// crash by the store (no result recorded, not ended before it). Each such task had a
-    /// checkpoint before the crash, so the next of its attempts that ran to a result must say
+    /// of, read before the crash at `crash_at` or after it (the attempt still leased, its
+    /// worker dead); `crashed`: the ids of the workers crashed then. Judged: each of those
+    /// attempts on a crashed worker that was still running at the crash by the store (no
+    /// result recorded, not ended before it). Each such task had a checkpoint written before
+    /// its worker died, so the next of its attempts that ran to a result must say
     /// it resumed from one (`resumed_at` above 0); started afresh, it lost the work its
     /// checkpoint kept (a failed fetch, a checkpoint dropped).
     ///
