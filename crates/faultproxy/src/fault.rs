@@ -106,7 +106,8 @@ pub enum FaultKind {
     },
     /// Pace the stream to `bytes_per_sec`, in pieces of at most a tenth of a second's worth.
     /// About a second's worth (at least 64 KiB) waits in the proxy; beyond that the sender's
-    /// writes stall, as on a slow link.
+    /// writes stall, as on a slow link. Of several on one stream the slowest paces it, as on a
+    /// path of slow hops: their pacing does not add up (the others pass its pieces as they come).
     Bandwidth { bytes_per_sec: u64 },
     /// Drop every byte silently and keep the connection open. Unlike a network partition,
     /// the bytes are gone for good, not resent: a link that outlives the fault carries on with

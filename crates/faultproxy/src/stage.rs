@@ -248,6 +248,8 @@ pub(crate) struct Stages {
     proxy: Arc<ProxyCounters>,
     rng: SmallRng,
     active: Vec<Arc<FaultEntry>>,
+    /// The one bandwidth fault that paces the stream: the slowest (the first of equals).
+    pacer: Option<FaultId>,
     states: HashMap<FaultId, State>,
 }
 
@@ -266,6 +268,7 @@ impl Stages {
             proxy,
             rng: SmallRng::seed_from_u64(seed),
             active: Vec::new(),
+            pacer: None,
             states: HashMap::new(),
         }
     }
@@ -281,6 +284,18 @@ impl Stages {
             .filter(|e| self.draws.applies(e))
             .cloned()
             .collect();
+        // Stacked limits give the rate of the slowest, as on a path of slow hops. Each paced in
+        // turn, a chunk waited its transmission time at every one (two limits of r gave r/2):
+        // one writer takes a chunk through the whole chain, so the stages are not a pipeline.
+        self.pacer = self
+            .active
+            .iter()
+            .filter_map(|e| match e.fault.kind {
+                FaultKind::Bandwidth { bytes_per_sec } => Some((bytes_per_sec, e.id)),
+                _ => None,
+            })
+            .min_by_key(|(rate, _)| *rate)
+            .map(|(_, id)| id);
         let active = &self.active;
         self.states.retain(|id, st| {
             active.iter().any(|e| {
@@ -346,6 +361,7 @@ impl Stages {
     pub fn next(&mut self, chunk: &mut Chunk, now: Instant) -> Next {
         let Stages {
             active,
+            pacer,
             states,
             rng,
             proxy,
@@ -391,7 +407,8 @@ impl Stages {
                         return Next::Wait { until, fault: id };
                     }
                 }
-                FaultKind::Bandwidth { bytes_per_sec } if !chunk.eof => {
+                // A faster limit on the same stream passes what the slowest lets through.
+                FaultKind::Bandwidth { bytes_per_sec } if !chunk.eof && *pacer == Some(id) => {
                     let piece = usize::try_from(bytes_per_sec / 10)
                         .unwrap_or(usize::MAX)
                         .max(1);

@@ -294,6 +294,35 @@ fn bandwidth_paces_the_stream_to_its_rate() {
     assert_eq!(out.concat_bytes(), original);
 }
 
+/// Stacked limits on one stream give the rate of the slowest, wherever it sits in the chain:
+/// each used to pace the chunk in turn, so 2000, 1000 and 2000 B/s gave 500.
+#[test]
+fn stacked_bandwidth_faults_pace_the_stream_to_the_slowest_not_the_sum_of_their_times() {
+    let bw = |id, bytes_per_sec| {
+        entry(
+            id,
+            FaultKind::Bandwidth { bytes_per_sec },
+            Direction::Upstream,
+        )
+    };
+    let chain = [bw(1, 2000), bw(2, 1000), bw(3, 2000)];
+    let mut s = stages_for(Stream::Upstream, None, 1);
+    let t0 = Instant::now();
+    s.rebuild(&chain, t0);
+    let original = vec![9u8; 1000];
+    let (out, _) = drive(&mut s, vec![data_chunk(original.clone(), t0)], t0);
+    assert_eq!(
+        out.last().map(|(_, t)| *t - t0),
+        Some(Duration::from_secs(1))
+    );
+    assert_eq!(out.concat_bytes(), original);
+    for e in &chain {
+        assert_eq!(stats(e).bytes_passed, 1000, "{}", e.fault.name);
+    }
+    assert_eq!(stats(&chain[0]).bytes_delayed, 0);
+    assert_eq!(stats(&chain[1]).bytes_delayed, 1000);
+}
+
 #[test]
 fn the_queue_holds_a_second_of_the_slowest_bandwidth_within_its_floor_and_default() {
     use crate::pump::{QUEUE_BYTES, QUEUE_FLOOR};

@@ -663,6 +663,33 @@ async fn stall_bandwidth_and_slow_close_hold_data_at_least_as_long_as_asked() {
     assert_eq!(guard.stats().connections_affected, 1);
 }
 
+/// Bandwidth faults stacked on one stream give it the rate of the slowest (20 kB/s here, in the
+/// middle of the chain), as chained limits would; each used to add its own transmission time,
+/// and 40, 20 and 40 kB/s gave 10. The bounds are loose: the rate must be nearer 20 kB/s than
+/// half of it, and not above it.
+#[tokio::test]
+async fn stacked_bandwidth_faults_give_the_rate_of_the_slowest() {
+    let echo = echo().await;
+    let proxy = proxy_to(echo.addr).await;
+    let mut guards = Vec::new();
+    for (name, bytes_per_sec) in [("bw1", 40_000), ("bw2", 20_000), ("bw3", 40_000)] {
+        let kind = FaultKind::Bandwidth { bytes_per_sec };
+        let bw = Fault::new(name, kind, Direction::Upstream);
+        guards.push(proxy.add_fault(bw).await.expect("add"));
+    }
+    let mut c = connect(proxy.listen_addr()).await;
+    let data = pattern(30_000);
+    let start = Instant::now();
+    assert!(round_trip(&mut c, &data).await == data);
+    let took = start.elapsed();
+    // 1.5 s at 20 kB/s; 2 s is 15 kB/s, 3 s the old 10 kB/s.
+    assert!(
+        (Duration::from_millis(1400)..Duration::from_secs(2)).contains(&took),
+        "30 kB took {took:?}"
+    );
+    assert!(guards.iter().all(|g| g.stats().bytes_passed == 30_000));
+}
+
 /// A bandwidth fault lets about a second of its rate queue in the proxy (at least 64 KiB), so a
 /// sender on a slow link has its writes stall as on a real one; without the fault the same
 /// write goes through at once. The client's send buffer is fixed small: Linux grows an
