@@ -498,7 +498,7 @@ async fn a_task_submitted_again_under_a_removed_id_runs_on_the_worker_that_ran_t
     cfg.retention = None;
     let c = spawn_coordinator_with(cfg, Some(addr)).await;
     let client = c.client();
-    assert_eq!(client.submit(&[spec]).await, [id.clone()]);
+    assert_eq!(client.submit(&[spec]).await, std::slice::from_ref(&id));
     let t = client.wait_status(&id, "completed").await;
     assert_eq!(t["attempt"], 2, "{t}");
     let (_, results) = client.get(&format!("/api/v1/tasks/{id}/result")).await;
