@@ -123,12 +123,14 @@ pub enum FaultKind {
     /// is reset.
     Blackhole,
     /// Close the whole link with TCP RST (`SO_LINGER` 0) on both sockets, `timeout_ms` after
-    /// the fault became active on the link.
+    /// the fault became active on the link. What the link held then, on either stream, counts
+    /// as dropped by the fault.
     Reset {
         #[serde(default)]
         timeout_ms: u64,
     },
-    /// Pass `bytes` bytes on this stream, then close the whole link; the rest is dropped.
+    /// Pass `bytes` bytes on this stream, then close the whole link; the rest is dropped. Every
+    /// byte the link read and did not deliver, on either stream, counts as dropped by the fault.
     LimitData { bytes: u64 },
     /// Split chunks into pieces of `average_size` ± `size_variation` bytes, `delay_us` apart.
     Slicer {

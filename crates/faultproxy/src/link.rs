@@ -103,7 +103,11 @@ pub(crate) enum Outcome {
 pub(crate) struct LinkCtl {
     pub id: u64,
     cancel: CancellationToken,
-    outcome: Mutex<Option<Outcome>>,
+    /// How the link ended, and the fault that ended it, if one did.
+    outcome: Mutex<Option<(Outcome, Option<Arc<FaultEntry>>)>>,
+    /// Bytes read from either side that were not delivered to the other: counted, once the
+    /// link's tasks are done, as dropped by the fault that ended it ([`LinkCtl::settle`]).
+    undelivered: std::sync::atomic::AtomicUsize,
     /// The proxy's counters: a fault's close counts in its proxy's fault totals too.
     counters: Arc<ProxyCounters>,
     /// Streams whose end (the sender's FIN) was passed on.
@@ -115,10 +119,10 @@ pub(crate) struct LinkCtl {
 impl LinkCtl {
     /// Ends the link. The first caller decides the outcome; `by` is the fault that asked, and
     /// the close counts for it and in its proxy's fault totals.
-    pub fn close(&self, outcome: Outcome, by: Option<&FaultEntry>) {
+    pub fn close(&self, outcome: Outcome, by: Option<&Arc<FaultEntry>>) {
         let mut slot = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
         if slot.is_none() {
-            *slot = Some(outcome);
+            *slot = Some((outcome, by.cloned()));
             if let Some(e) = by {
                 let (fault, proxy) = match outcome {
                     Outcome::Close => (
@@ -165,11 +169,34 @@ impl LinkCtl {
         self.cancel.cancelled().await;
     }
 
+    /// `n` bytes read from one side will not reach the other (the link is ending, or their
+    /// sink is gone).
+    pub fn undelivered(&self, n: usize) {
+        self.undelivered
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts the bytes left undelivered as dropped by the fault that ended the link (a
+    /// `limit_data` or a reset): the tails of its split chunks, the chunks still queued on
+    /// either stream, a chunk a reader held. Called once every task of the link is done, so
+    /// nothing more can be left.
+    fn settle(&self) {
+        let n = self
+            .undelivered
+            .swap(0, std::sync::atomic::Ordering::Relaxed);
+        let slot = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, Some(by))) = &*slot {
+            add(&by.counters.bytes_dropped, n);
+            add(&self.counters.faults.bytes_dropped, n);
+        }
+    }
+
     fn outcome(&self) -> Outcome {
         self.outcome
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .unwrap_or(Outcome::Close)
+            .as_ref()
+            .map_or(Outcome::Close, |(o, _)| *o)
     }
 }
 
@@ -272,6 +299,7 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
         id: ctx.id,
         cancel: ctx.cancel.child_token(),
         outcome: Mutex::new(None),
+        undelivered: Default::default(),
         counters: Arc::clone(&ctx.counters),
         ended: std::sync::atomic::AtomicUsize::new(0),
         reset_by_peer: Default::default(),
@@ -298,6 +326,9 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
     ))
     .await;
     if !passage {
+        // What the client sent while held (a reset fault may have ended the hold).
+        link.undelivered(first.bytes.len());
+        link.settle();
         let halves = vec![Half::Read(client_rd), Half::Write(client_wr)];
         return close(halves, link.outcome(), &ctx.counters, registered);
     }
@@ -369,6 +400,7 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
     tasks.spawn(async move { Half::Write(up.run().await) }.in_current_span());
     tasks.spawn(async move { Half::Write(down.run().await) }.in_current_span());
     halves.extend(join_all(tasks, &link).await);
+    link.settle();
     close(halves, link.outcome(), &ctx.counters, registered);
 }
 
@@ -607,6 +639,7 @@ mod tests {
             id: 1,
             cancel: CancellationToken::new(),
             outcome: Mutex::new(None),
+            undelivered: Default::default(),
             counters: Arc::default(),
             ended: std::sync::atomic::AtomicUsize::new(0),
             reset_by_peer: Default::default(),

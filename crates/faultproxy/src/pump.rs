@@ -124,6 +124,17 @@ impl QueueRx {
         Some(chunk)
     }
 
+    /// Closes the queue and empties it; how many bytes were in it. Senders waiting for a slot
+    /// fail from now on; one that had a slot already is waited for.
+    async fn drain(&mut self) -> usize {
+        self.rx.close();
+        let mut n = 0;
+        while let Some(chunk) = self.rx.recv().await {
+            n += chunk.data.len();
+        }
+        n
+    }
+
     fn set_limit(&self, limit: usize) {
         if self.budget.limit.swap(limit, Ordering::AcqRel) != limit {
             self.budget.room.notify_one();
@@ -201,13 +212,17 @@ pub(crate) async fn read_loop(
                 break;
             }
         };
-        let eof = chunk.eof;
+        let (eof, n) = (chunk.eof, chunk.data.len());
         let sent = tokio::select! {
             biased;
             () = link.cancelled() => false,
             sent = tx.send(chunk) => sent,
         };
-        if !sent || eof {
+        if !sent {
+            link.undelivered(n);
+            break;
+        }
+        if eof {
             break;
         }
     }
@@ -316,6 +331,8 @@ impl Writer {
                 }
             }
         }
+        let left: usize = self.pending.drain(..).map(|c| c.data.len()).sum();
+        self.link.undelivered(left + self.queue.drain().await);
         self.sink
     }
 
@@ -383,24 +400,29 @@ impl Writer {
                 Next::Hold => None,
             };
             let reset = self.stages.reset_due().map(|(t, _)| t);
-            tokio::select! {
+            let stop = tokio::select! {
                 biased;
-                () = self.link.cancelled() => return Flow::Stop,
+                () = self.link.cancelled() => true,
                 () = sleep_opt(reset) => {
                     self.fire_reset();
-                    return Flow::Stop;
+                    true
                 }
                 () = sleep_opt(wait.map(|(t, _)| t)) => {
                     if let Some((_, fault)) = wait {
                         self.stages.waited(&chunk, fault);
                     }
+                    false
                 }
                 r = self.chain.changed() => {
-                    if r.is_err() {
-                        return Flow::Stop;
+                    if r.is_ok() {
+                        self.refresh();
                     }
-                    self.refresh();
+                    r.is_err()
                 }
+            };
+            if stop {
+                self.link.undelivered(chunk.data.len());
+                return Flow::Stop;
             }
         }
     }
@@ -421,28 +443,37 @@ impl Writer {
             link,
             ..
         } = self;
-        // Never dropped half done: the bytes it wrote would be written again.
-        let write = write_chunk(sink, &chunk);
-        tokio::pin!(write);
-        let written = loop {
-            let reset = stages.reset_due().map(|(t, _)| t);
-            tokio::select! {
-                biased;
-                () = link.cancelled() => return Flow::Stop,
-                () = sleep_opt(reset) => {
-                    fire_reset(stages, link);
-                    return Flow::Stop;
-                }
-                r = chain.changed() => {
-                    if r.is_err() {
-                        return Flow::Stop;
+        let mut written = 0;
+        let result = 'write: {
+            // Never dropped half done but when the link ends: the bytes it wrote would be
+            // written again.
+            let write = write_chunk(sink, &chunk, &mut written);
+            tokio::pin!(write);
+            loop {
+                let reset = stages.reset_due().map(|(t, _)| t);
+                tokio::select! {
+                    biased;
+                    () = link.cancelled() => break 'write None,
+                    () = sleep_opt(reset) => {
+                        fire_reset(stages, link);
+                        break 'write None;
                     }
-                    refresh(chain, stages, queue);
+                    r = chain.changed() => {
+                        if r.is_err() {
+                            break 'write None;
+                        }
+                        refresh(chain, stages, queue);
+                    }
+                    r = &mut write => break 'write Some(r),
                 }
-                r = &mut write => break r,
             }
         };
-        if let Err(e) = written {
+        let Some(result) = result else {
+            self.link.undelivered(chunk.data.len() - written);
+            return Flow::Stop;
+        };
+        if let Err(e) = result {
+            self.link.undelivered(chunk.data.len() - written);
             tracing::debug!(link = self.link.id, stream = ?self.stream, error = %e, "write failed");
             // The sink is the socket whose peer reset it (the source of the other stream): that
             // stream's writer ends the link, with a reset, once the bytes before it are out.
@@ -488,13 +519,23 @@ fn fire_reset(stages: &Stages, link: &LinkCtl) {
     }
 }
 
-/// Writes a data chunk, or passes the FIN on for an `eof` chunk.
-async fn write_chunk(sink: &mut OwnedWriteHalf, chunk: &Chunk) -> io::Result<()> {
+/// Writes a data chunk, or passes the FIN on for an `eof` chunk. `written` counts the bytes
+/// written so far, so a write cut short still tells how many reached the socket.
+async fn write_chunk(
+    sink: &mut OwnedWriteHalf,
+    chunk: &Chunk,
+    written: &mut usize,
+) -> io::Result<()> {
     if chunk.eof {
-        sink.shutdown().await
-    } else {
-        sink.write_all(&chunk.data).await
+        return sink.shutdown().await;
     }
+    while *written < chunk.data.len() {
+        match sink.write(&chunk.data[*written..]).await? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => *written += n,
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -13,7 +13,8 @@ pub struct FaultStats {
     pub bytes_passed: u64,
     /// Bytes the fault held back before passing them on.
     pub bytes_delayed: u64,
-    /// Bytes the fault discarded.
+    /// Bytes the fault discarded, with those a link it closed or reset had read and not yet
+    /// delivered (on either stream).
     pub bytes_dropped: u64,
     /// Bytes the fault changed.
     pub bytes_corrupted: u64,

@@ -454,6 +454,65 @@ async fn limit_data_closes_the_link_after_exactly_n_bytes() {
     assert_eq!((s.connections_closed, s.bytes_passed), (1, 10));
 }
 
+/// Every byte the proxy took from either side and did not deliver when `limit_data` ended the
+/// link counts as dropped by it: here the rest of a chunk a slicer cut (before the limit), a
+/// chunk queued behind it, and a reply from the server held by a latency on the way back. Only
+/// the part of a chunk past the limit used to count (none here: the limit falls between two
+/// slices).
+#[tokio::test]
+async fn limit_data_counts_every_byte_it_left_undelivered_as_dropped() {
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let proxy = proxy_to(upstream.local_addr().expect("addr")).await;
+    let lat = |latency_ms| FaultKind::Latency {
+        latency_ms,
+        jitter_ms: 0,
+    };
+    let slicer = FaultKind::Slicer {
+        average_size: 100,
+        size_variation: 0,
+        delay_us: 0,
+    };
+    let limit = FaultKind::LimitData { bytes: 1000 };
+    let faults = [
+        ("hold", lat(300), Direction::Upstream),
+        ("back", lat(5_000), Direction::Downstream),
+        ("slice", slicer, Direction::Upstream),
+        ("lim", limit, Direction::Upstream),
+    ];
+    let mut guards = Vec::new();
+    for (name, kind, direction) in faults {
+        let f = Fault::new(name, kind, direction);
+        guards.push(proxy.add_fault(f).await.expect("add"));
+    }
+    let data = pattern(3500);
+    let mut c = connect(proxy.listen_addr()).await;
+    c.write_all(&data[..1500]).await.expect("write");
+    let (mut server, _) = within("the link connects", upstream.accept())
+        .await
+        .expect("accept");
+    server.write_all(&[1; 700]).await.expect("reply");
+    c.write_all(&data[1500..]).await.expect("write");
+    let (got, err) = read_to_end(&mut server).await;
+    assert!(err.is_none(), "{err:?}");
+    assert!(got == data[..1000], "{} bytes, or changed", got.len());
+    let lim = &guards[3];
+    wait_for("the link gone", || proxy.links().is_empty()).await;
+    let s = lim.stats();
+    assert_eq!(
+        (s.bytes_passed, s.bytes_dropped, s.connections_closed),
+        (1000, 2500 + 700, 1),
+        "{s:?}"
+    );
+    let p = proxy.stats();
+    assert_eq!(
+        (p.bytes_upstream, p.bytes_downstream, p.faults.bytes_dropped),
+        (1000, 0, 3200),
+        "{p:?}"
+    );
+}
+
 /// The proxy's fault totals are the sum of its faults' counters, the links they closed or
 /// reset included (`GET /proxies/{name}/stats` and reports read them there).
 #[tokio::test]
