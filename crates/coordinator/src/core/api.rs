@@ -74,21 +74,13 @@ pub struct TaskQuery {
 }
 
 impl TaskQuery {
-    fn admits(&self, t: &Task) -> bool {
+    pub(super) fn admits(&self, t: &Task) -> bool {
         self.status.is_none_or(|s| t.status == s)
             && self.updated_since.is_none_or(|since| t.updated_at >= since)
             && self.after_seq.is_none_or(|a| match self.newest_first {
                 false => t.submit_seq > a,
                 true => t.submit_seq < a,
             })
-    }
-
-    /// The position of `t` in the order asked.
-    fn rank(&self, t: &Task) -> u64 {
-        match self.newest_first {
-            false => t.submit_seq,
-            true => u64::MAX - t.submit_seq,
-        }
     }
 }
 
@@ -240,19 +232,15 @@ impl Core {
         }
     }
 
-    /// The tasks `q` asks for, in its order. One pass over the tasks and a partial selection:
-    /// a page of a large table costs the core no sort of all of it.
+    /// The tasks `q` asks for, in its order, found by the listing's indexes: a page costs the
+    /// core the tasks it returns, not a pass over the table.
     pub(super) fn list_tasks(&self, q: &TaskQuery) -> Vec<Task> {
-        if q.limit == 0 {
-            return Vec::new();
-        }
-        let mut v: Vec<&Task> = self.tasks.values().filter(|t| q.admits(t)).collect();
-        if v.len() > q.limit {
-            v.select_nth_unstable_by_key(q.limit - 1, |t| q.rank(t));
-            v.truncate(q.limit);
-        }
-        v.sort_unstable_by_key(|t| q.rank(t));
-        v.into_iter().cloned().collect()
+        let admits = |id: &TaskId| self.tasks.get(id).is_some_and(|t| q.admits(t));
+        self.listing
+            .query(q, admits)
+            .iter()
+            .filter_map(|id| self.tasks.get(id).cloned())
+            .collect()
     }
 
     fn task(&self, id: &TaskId) -> Result<&Task, ApiError> {
@@ -322,6 +310,7 @@ impl Core {
                 .insert(&t.spec, (t.spec.priority, seq, id.clone()));
             b.muts.push(Mutation::InsertTask(Box::new(t.clone())));
             self.announce(b, || super::Change::Task(Box::new(t.clone())));
+            self.listing.put(&t);
             self.tasks.insert(id.clone(), t);
         }
         self.dispatch_needed = true;
@@ -426,11 +415,10 @@ impl Core {
     }
 
     fn overview(&self) -> Overview {
-        let mut tasks: BTreeMap<&'static str, u64> =
-            TaskStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect();
-        for t in self.tasks.values() {
-            *tasks.entry(t.status.as_str()).or_default() += 1;
-        }
+        let tasks: BTreeMap<&'static str, u64> = TaskStatus::ALL
+            .iter()
+            .map(|s| (s.as_str(), self.listing.count(*s)))
+            .collect();
         let mut workers: BTreeMap<&'static str, u64> = crate::model::WorkerState::ALL
             .iter()
             .map(|s| (s.as_str(), 0))

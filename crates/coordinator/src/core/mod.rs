@@ -9,6 +9,7 @@
 //! - [`api`]: the commands behind the HTTP API.
 
 mod api;
+mod listing;
 pub mod mailbox;
 mod messages;
 pub mod queue;
@@ -451,6 +452,8 @@ pub struct Core {
     finished: BTreeSet<(DateTime<Utc>, TaskId)>,
     /// Ids of tasks removed by retention, with their last attempt.
     removed: tasks::Removed,
+    /// The tasks by submission number, status and last change, for listings and counts.
+    listing: listing::Listing,
     /// Workers without a registered session, in the order they lost it (since the start, for
     /// one known only by the leases the store held), with that instant: the sweep looks at
     /// those past the grace period only, instead of at every worker every second. An entry is
@@ -538,6 +541,7 @@ impl Core {
             checkpoint_owner: IdMap::default(),
             finished: BTreeSet::new(),
             removed: tasks::Removed::default(),
+            listing: listing::Listing::default(),
             disconnects: VecDeque::new(),
             fetching: Default::default(),
             timed_leases: IdSet::default(),
@@ -586,6 +590,7 @@ impl Core {
                     }
                 }
             }
+            core.listing.put(&t);
             core.tasks.insert(t.task_id.clone(), t);
         }
         for (task, id) in loaded.complete_checkpoints {
@@ -860,6 +865,7 @@ impl Core {
             if let (true, Some(at)) = (t.status.is_terminal(), t.finished_at) {
                 self.finished.insert((at, id.clone()));
             }
+            self.listing.put(t);
             b.muts.push(Mutation::PutTask(Box::new(t.clone())));
             self.announce(b, || Change::Task(Box::new(t.clone())));
         }

@@ -447,6 +447,7 @@ impl Core {
                 continue;
             }
             if let Some(t) = self.tasks.remove(&id) {
+                self.listing.remove(&t);
                 self.removed.note(id.as_str(), t.attempt);
                 b.muts.push(Mutation::DeleteTask {
                     id: id.clone(),

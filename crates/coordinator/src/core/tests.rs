@@ -47,6 +47,10 @@ impl Harness {
         for e in b.effects {
             e.run(&self.conn);
         }
+        assert!(
+            self.core.listing.matches(self.core.tasks.values()),
+            "the listing's indexes hold every task as it is"
+        );
     }
 
     fn connect(&mut self, worker: &str) -> (u64, super::mailbox::Receiver<Outgoing>) {
@@ -889,7 +893,8 @@ fn a_listing_read_page_by_page_returns_every_task_once_in_order_even_past_a_remo
     // and a task submitted meanwhile comes on a later page, not a second time.
     let first = h.core.list_tasks(&q(5, false));
     let cursor = first.last().expect("a page").submit_seq;
-    h.core.tasks.remove(&ids[4]);
+    let gone = h.core.tasks.remove(&ids[4]).expect("a task");
+    h.core.listing.remove(&gone);
     let late = h.submit();
     let rest = h.core.list_tasks(&super::TaskQuery {
         after_seq: Some(cursor),
