@@ -88,7 +88,8 @@ pub struct Report {
     pub reconnect_attempts: Option<Dist>,
     /// The workers' largest reconnect delay with jitter: the jitter window.
     pub reconnect_window_ms: Option<f64>,
-    /// Worker messages handled by the coordinator per second (its `messages_in` counter).
+    /// Worker messages handled by the coordinator per second (its `messages_in` counter):
+    /// between two marks, or in checkpoint_heavy until its last result (see the notes).
     pub messages_per_s: Option<f64>,
     /// State updates offered by the simulated tasks per second (before coalescing).
     pub offered_per_s: Option<f64>,
@@ -106,7 +107,10 @@ pub struct Report {
     pub send_rate_kb_s: Option<Dist>,
     /// Round trip of an acknowledged message (telemetry -> the commits before it -> ack) under load.
     pub message_latency_ms: Option<Dist>,
-    /// Tasks submitted, dispatched, executed and durably recorded per second.
+    /// Tasks submitted, dispatched, executed and durably recorded per second. steady_load:
+    /// results recorded while it submitted, over that time; checkpoint_heavy: its tasks over
+    /// the time from their submission to the last result recorded; mixed_priority: its tasks
+    /// over the time from the submission until a poll saw all ended. The notes say which.
     pub tasks_per_s: Option<f64>,
     pub tasks: u64,
     pub checkpoints: Option<u64>,

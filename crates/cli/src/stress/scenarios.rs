@@ -59,6 +59,56 @@ struct Run {
     /// checkpoint_heavy: the crash, whose tasks must resume from their checkpoints; judged on
     /// the store in `finish`.
     crash: Option<Crash>,
+    /// checkpoint_heavy: the span its rates are over, ended in `finish` by the store's last
+    /// result.
+    span: Option<Span>,
+}
+
+/// checkpoint_heavy's measured span: from just before the submission until the last result
+/// the coordinator recorded (read from the store in [`Run::finish`]). The end mark follows
+/// the poll that saw every task end (up to 250 ms later) and waits for a fresh fleet status:
+/// over the time between the marks, the rates took in that slack.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    from: chrono::DateTime<chrono::Utc>,
+    /// When the end mark, to which the messages are counted, was read.
+    marked: chrono::DateTime<chrono::Utc>,
+    tasks: u64,
+    /// Worker messages the coordinator handled from the first mark to the end mark.
+    messages: u64,
+}
+
+impl Span {
+    /// Seconds, tasks and worker messages per second from `from` until `last`, when the
+    /// coordinator recorded the last result.
+    fn rates(&self, last: chrono::DateTime<chrono::Utc>) -> (f64, f64, f64) {
+        let seconds = (last - self.from)
+            .to_std()
+            .unwrap_or_default()
+            .as_secs_f64()
+            .max(1e-6);
+        let per_s = |n: u64| n as f64 / seconds;
+        (seconds, per_s(self.tasks), per_s(self.messages))
+    }
+}
+
+/// A count of the coordinator's read with the moment it was read (the middle of the request).
+#[derive(Debug, Clone, Copy)]
+struct Count {
+    at: Instant,
+    n: u64,
+}
+
+impl Count {
+    /// The count's growth from `earlier` per second between the two reads.
+    fn per_s_since(&self, earlier: &Count) -> f64 {
+        let seconds = self
+            .at
+            .saturating_duration_since(earlier.at)
+            .as_secs_f64()
+            .max(1e-6);
+        self.n.saturating_sub(earlier.n) as f64 / seconds
+    }
 }
 
 /// checkpoint_heavy's crash: what the coordinator held when it came and whom it stopped.
@@ -376,6 +426,7 @@ impl Run {
             done_before_cut: HashSet::new(),
             started: Instant::now(),
             crash: None,
+            span: None,
         })
     }
 
@@ -551,6 +602,17 @@ impl Run {
     async fn counters<const N: usize>(&self, names: [&str; N]) -> anyhow::Result<[u64; N]> {
         let o = self.overview().await?;
         Ok(names.map(|name| o["counters"][name].as_u64().unwrap_or(0)))
+    }
+
+    /// The coordinator's counter `name`, with the moment it was read.
+    async fn count(&self, name: &str) -> anyhow::Result<Count> {
+        let asked = Instant::now();
+        let [n] = self.counters([name]).await?;
+        let answered = Instant::now();
+        Ok(Count {
+            at: asked + (answered - asked) / 2,
+            n,
+        })
     }
 
     /// The results the running coordinator answered `recorded` or `stale` (each stores one
@@ -841,6 +903,9 @@ impl Run {
                 t.recorded_twice, t.stored_since
             ),
         );
+        if let Some(span) = &self.span {
+            span_rates(r, span, t.last_result_at);
+        }
         if let Some(crash) = &self.crash {
             // The store's word: the counted results whose execution says it resumed.
             r.resumed_from_checkpoint = Some(t.resumed);
@@ -887,6 +952,23 @@ impl Run {
         self.pb.finish_and_clear();
         Ok(self.report)
     }
+}
+
+/// checkpoint_heavy's rates over `span`, ended by `last`: when the coordinator recorded the
+/// last counted result (none: no rates).
+fn span_rates(r: &mut Report, span: &Span, last: Option<chrono::DateTime<chrono::Utc>>) {
+    let Some(last) = last else {
+        r.notes.push("no result recorded: no rates".to_owned());
+        return;
+    };
+    let (seconds, tasks_per_s, messages_per_s) = span.rates(last);
+    r.tasks_per_s = Some(tasks_per_s);
+    r.messages_per_s = Some(messages_per_s);
+    let tail = (span.marked - last).to_std().unwrap_or_default();
+    r.notes.push(format!(
+        "tasks and worker messages per second: over the {seconds:.2} s from just before the submission to the last result the coordinator recorded; the messages are counted until the end mark, {:.2} s after that result (after it only heartbeats flow)",
+        tail.as_secs_f64()
+    ));
 }
 
 /// checkpoint_heavy's verdict on the store: every task whose attempt was running on a
@@ -1273,6 +1355,10 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
     let chunk = cap.min(SUBMIT_CHUNK as u64);
     run.phase("tasks flowing", duration.as_secs());
     let c0 = run.coord.sample()?.cpu_s;
+    // The tasks done are the coordinator's counted results, counted while the load is steady:
+    // the backlog still queued when the submissions end drains at a falling rate (the last
+    // tasks leave workers idle), and the wait for it ends on a poll.
+    let done0 = run.count("results_recorded").await?;
     let t0 = Instant::now();
     let mut churn = tokio::time::interval(Duration::from_secs(1));
     churn.tick().await;
@@ -1299,6 +1385,7 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
         }
         run.pb.set_position(t0.elapsed().as_secs());
     }
+    let done1 = run.count("results_recorded").await?;
     let submitted_in_window = run.submitted.len();
     let window = t0.elapsed();
     if window < duration {
@@ -1309,13 +1396,18 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
         ));
     }
     run.wait_all_terminal().await?;
-    let elapsed = t0.elapsed().as_secs_f64();
     let c1 = run.coord.sample()?.cpu_s;
     let (left, joined) = run.churned(n, replaced).await?;
     let r = &mut run.report;
     r.coordinator_us_per_task = Some((c1 - c0) * 1e6 / submitted_in_window.max(1) as f64);
-    let tps = submitted_in_window as f64 / elapsed;
+    let tps = done1.per_s_since(&done0);
     r.tasks_per_s = Some(tps);
+    let done = done1.n.saturating_sub(done0.n);
+    r.notes.push(format!(
+        "tasks per second: the {done} results the coordinator recorded during the {:.1} s of submissions, over that time; the {} tasks still queued or running at its end drained after it, uncounted. Coordinator µs per task: its CPU from the first submission until every task ended, over all {submitted_in_window} tasks",
+        done1.at.saturating_duration_since(done0.at).as_secs_f64(),
+        (submitted_in_window as u64).saturating_sub(done),
+    ));
     // Replaced: a worker gone from the coordinator, and a new one registered in its place.
     r.workers_replaced = Some(left.min(joined));
     if per_churn > 0 {
@@ -1583,6 +1675,7 @@ async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
     // Each end of the window is one mark: the messages counted are of the span they are
     // divided by.
     let m0 = run.mark().await?;
+    let from = chrono::Utc::now();
     run.submit((0..tasks).map(|_| spec("steps", cfg.clone(), 5)).collect())
         .await?;
     let first = tasks.min(n);
@@ -1635,12 +1728,16 @@ async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
         .await?;
     run.wait_all_terminal().await?;
     let m1 = run.mark().await?;
-    let w = Window::between(&m0, &m1);
+    // The rates are set in `finish`, over the span to the last result the store records.
+    run.span = Some(Span {
+        from,
+        marked: chrono::Utc::now(),
+        tasks,
+        messages: m1.messages.saturating_sub(m0.messages),
+    });
     let s = run.fleet.now();
     let r = &mut run.report;
     r.checkpoints = Some(s.checkpoints);
-    r.messages_per_s = Some(w.messages_per_s);
-    r.tasks_per_s = Some(tasks as f64 / w.seconds);
     r.verdict(
         "every checkpoint resumed from was what its step wrote",
         s.damaged == 0,
@@ -1947,8 +2044,8 @@ mod tests {
         assert_eq!((idle.messages_per_s, idle.messages_per_frame), (0.0, 0.0));
     }
 
-    /// thundering_herd's idle figures and checkpoint_heavy's rates come from the same two marks
-    /// as message_flood's: the frames, the CPU and the time of one span.
+    /// thundering_herd's idle figures come from the same two marks as message_flood's: the
+    /// frames, the CPU and the time of one span.
     #[test]
     fn idle_figures_are_the_frames_and_cpu_between_two_marks_over_the_time_between_them() {
         let t = Instant::now();
@@ -2331,6 +2428,41 @@ mod tests {
         let v = crash_of(&tasks, &[]);
         assert!(!v.pass, "{}", v.detail);
         assert!(v.detail.starts_with("nothing to judge"), "{}", v.detail);
+    }
+
+    #[test]
+    fn steady_load_counts_the_results_recorded_between_two_reads_over_the_time_between_them() {
+        let t = Instant::now();
+        let done0 = Count { at: t, n: 30 };
+        let done1 = Count {
+            at: t + Duration::from_millis(2_500),
+            n: 50_030,
+        };
+        assert!((done1.per_s_since(&done0) - 20_000.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn checkpoint_heavy_rates_end_at_the_last_result_recorded_not_at_the_mark_after_the_poll() {
+        let at = |ms| chrono::DateTime::UNIX_EPOCH + chrono::Duration::milliseconds(ms);
+        let span = Span {
+            from: at(0),
+            // The end mark, after the poll that saw every task end: 400 ms late.
+            marked: at(6_400),
+            tasks: 200,
+            messages: 12_000,
+        };
+        let mut r = Report::default();
+        span_rates(&mut r, &span, Some(at(6_000)));
+        let near = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-6);
+        assert!(near(r.tasks_per_s, 200.0 / 6.0), "{:?}", r.tasks_per_s);
+        assert!(near(r.messages_per_s, 2_000.0), "{:?}", r.messages_per_s);
+        let note = r.notes.last().expect("a note");
+        assert!(note.contains("over the 6.00 s"), "{note}");
+        assert!(note.contains("0.40 s after"), "{note}");
+        // No result recorded: no rate, rather than one over a made-up span.
+        let mut r = Report::default();
+        span_rates(&mut r, &span, None);
+        assert_eq!((r.tasks_per_s, r.messages_per_s), (None, None));
     }
 
     /// A task the coordinator lists running on `worker`, attempt 1.

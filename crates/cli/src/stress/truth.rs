@@ -72,6 +72,8 @@ pub struct Truth {
     /// Results (counted or stale) stored at or after the `since` given to [`read`]: what the
     /// coordinator started then recorded, one row per (task, attempt).
     pub stored_since: u64,
+    /// When the coordinator recorded the last counted result: the end of the run's work.
+    pub last_result_at: Option<DateTime<Utc>>,
     /// Counted results whose execution resumed from a checkpoint: the `steps` executor's
     /// result says where it resumed (`resumed_at` above 0).
     pub resumed: u64,
@@ -120,12 +122,17 @@ pub fn read(db: &Path, submitted: &HashSet<String>, since: DateTime<Utc>) -> any
         let at = u64::try_from(at).unwrap_or(0);
         resumed_at.entry(id).or_default().push((attempt, at));
     }
-    let mut q = conn.prepare("SELECT recorded_at FROM results")?;
-    for at in q.query_map([], |r| r.get::<_, String>(0))? {
-        let at = at?;
+    let mut q = conn.prepare("SELECT recorded_at, stale FROM results")?;
+    let rows = q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)))?;
+    for row in rows {
+        let (at, stale) = row?;
         let at = DateTime::parse_from_rfc3339(&at)
-            .with_context(|| format!("a result recorded at {at:?}, not an RFC 3339 time"))?;
+            .with_context(|| format!("a result recorded at {at:?}, not an RFC 3339 time"))?
+            .with_timezone(&Utc);
         truth.stored_since += u64::from(at >= since);
+        if !stale {
+            truth.last_result_at = truth.last_result_at.max(Some(at));
+        }
     }
     // Schema 2: the spec in its own column, the changing part of the task in `doc`.
     let mut q = conn.prepare("SELECT id, status, spec, doc FROM tasks")?;
@@ -364,6 +371,28 @@ mod tests {
         // No result, not terminal, only a stale result, not in the file at all.
         assert_eq!(t.lost, 4);
         assert_eq!(t.tasks["done"].priority, 3);
+    }
+
+    #[test]
+    fn the_last_result_is_the_latest_counted_one_recorded() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("last.db");
+        let c = with_tables(&path);
+        for (attempt, stale, at) in [
+            (1, false, "2026-12-03T10:00:01.25Z"),
+            (2, false, "2026-12-03T10:00:04.75Z"),
+            // A stale result later: no task ended with it.
+            (3, true, "2026-12-03T10:00:09Z"),
+        ] {
+            c.execute(
+                "INSERT INTO results VALUES ('t', ?1, ?2, ?3, '{}')",
+                rusqlite::params![attempt, stale, at],
+            )
+            .expect("result");
+        }
+        let t = read(&path, &HashSet::new(), DateTime::UNIX_EPOCH).expect("read");
+        let last = "2026-12-03T10:00:04.75Z".parse().expect("time");
+        assert_eq!(t.last_result_at, Some(last));
     }
 
     /// Tasks acknowledged done before a cut: only one completed once, from its one attempt,
