@@ -279,8 +279,27 @@ impl Api {
     }
 
     /// GET `path` and its body as it comes (an event stream). An error status is an error,
-    /// with the API's message.
-    pub(crate) async fn stream(&self, path: &str) -> anyhow::Result<Chunks> {
+    /// with the API's message; so is no answer (its status and headers) within `answer_within`:
+    /// a coordinator (or a path) that took the connection and went silent would otherwise hold
+    /// the caller for ever, since the silence of a stream is only watched once it has begun.
+    pub(crate) async fn stream(
+        &self,
+        path: &str,
+        answer_within: Duration,
+    ) -> anyhow::Result<Chunks> {
+        tokio::time::timeout(answer_within, self.open_stream(path))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the coordinator at {} did not answer GET {path} within {} ms",
+                    self.base,
+                    answer_within.as_millis()
+                )
+            })?
+    }
+
+    /// [`Self::stream`] without its deadline.
+    async fn open_stream(&self, path: &str) -> anyhow::Result<Chunks> {
         use futures_util::StreamExt;
         let url = format!("{}{}", self.base, path);
         let unreachable = || format!("cannot reach the coordinator at {}", self.base);

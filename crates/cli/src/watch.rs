@@ -252,7 +252,9 @@ impl Watch {
 
     /// Opens the stream once and follows it until every named task ended or it is lost.
     async fn stream(&mut self, api: &Api) -> Result<Turn, Fatal> {
-        let mut chunks = match api.stream("/api/v1/events").await {
+        // A coordinator that took the connection and never answered is as lost as one that
+        // went silent later: the same deadline.
+        let mut chunks = match api.stream("/api/v1/events", self.silence).await {
             Ok(c) => c,
             Err(e) if is_refusal(&e) => return Err(Fatal(e)),
             Err(why) => {
@@ -979,6 +981,43 @@ mod tests {
         let snap = json!({"at": "2026-12-01T10:40:00Z", "tasks": []});
         assert!(w.catch_up(&api, &snap).await.is_err());
         assert_eq!(w.high_water, mark);
+    }
+
+    /// A listener that takes connections and never answers (a coordinator hung, or a path
+    /// that went dead after the handshake): the opening of the stream is lost after the
+    /// watch's silence, not waited on for ever.
+    #[tokio::test]
+    async fn an_event_stream_that_never_answers_is_taken_for_lost() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (taken_tx, mut taken) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+                let _ = taken_tx.send(());
+            }
+        });
+        let api = Api::build(&format!("http://{addr}"), None, None).expect("client");
+        let mut w = Watch::new(Some(["t0".to_owned()].into()), true, false);
+        w.silence = Duration::from_millis(300);
+        let turn = tokio::time::timeout(Duration::from_secs(10), w.stream(&api))
+            .await
+            .expect("the opening must not hang");
+        match turn {
+            Ok(Turn::Lost {
+                opened,
+                reached,
+                why,
+            }) => {
+                assert!(!opened && !reached);
+                assert!(format!("{why:#}").contains("did not answer"), "{why:#}");
+            }
+            _ => panic!("a stream that never answers must be lost"),
+        }
+        assert!(taken.try_recv().is_ok(), "the listener took the connection");
     }
 
     #[tokio::test]
