@@ -249,6 +249,20 @@ impl CoordinatorConfig {
             ));
         }
         let l = &self.limits;
+        // A worker paces its messages, heartbeats among them, by the rate it is told: below a
+        // heartbeat per heartbeat interval its sessions would time out (and a rate near zero
+        // made the wait for the next token overflow in workers).
+        let least = 1.0 / self.heartbeat_interval.as_secs_f64();
+        if l.messages_per_sec.is_finite() && l.messages_per_sec < least {
+            return Err(ConfigError::new(
+                "max_messages_per_sec",
+                format!(
+                    "{} would not let a worker send a heartbeat per heartbeat interval ({:.1} s): at least {least}",
+                    l.messages_per_sec,
+                    self.heartbeat_interval.as_secs_f64()
+                ),
+            ));
+        }
         // Rates are tokens a second: 0 (or not a number) would never give the next token (a
         // session over its burst would wait for ever; the wait's length is not even a
         // duration, and computing it panicked). There is no "unlimited": set a high rate.
@@ -366,7 +380,7 @@ mod tests {
         let base = || CoordinatorConfig::new(&data);
         base().validate().expect("the defaults");
         type Spoil = fn(&mut CoordinatorConfig);
-        let cases: [(&str, Spoil); 17] = [
+        let cases: [(&str, Spoil); 19] = [
             ("lost_after", |c| c.lost_after = Duration::ZERO),
             ("heartbeat_interval", |c| {
                 c.heartbeat_interval = Duration::ZERO
@@ -395,6 +409,14 @@ mod tests {
             ("max_messages_per_sec", |c| c.limits.messages_per_sec = -1.0),
             ("max_messages_per_sec", |c| {
                 c.limits.messages_per_sec = f64::NAN
+            }),
+            // Told to its workers, 1e-20 made their wait for the next token overflow.
+            ("max_messages_per_sec", |c| {
+                c.limits.messages_per_sec = 1e-20
+            }),
+            ("max_messages_per_sec", |c| {
+                c.heartbeat_interval = Duration::from_secs(4);
+                c.limits.messages_per_sec = 0.2;
             }),
             ("connects_per_sec", |c| c.limits.connects_per_sec = 0.0),
             ("connects_per_sec", |c| {
