@@ -40,6 +40,10 @@ const GATHER: Duration = Duration::from_millis(10);
 /// largest frame within a third of the heartbeat timeout: they cannot starve it.)
 const STARVED: Duration = Duration::from_secs(1);
 
+/// The longest a bucket says it holds the outbox back: about 30 years, as tokio's own far
+/// future, so that adding it to an `Instant` cannot overflow.
+const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+
 /// A token bucket at [`SHARE`] of one of the coordinator's rates, with half its burst.
 #[derive(Debug, Clone)]
 struct Bucket {
@@ -94,10 +98,13 @@ impl Bucket {
         self.tokens.max(0.0).floor() as usize
     }
 
-    /// When the bucket holds `want` tokens (at most its burst; now or earlier if it does).
+    /// When the bucket holds `want` tokens (at most its burst; now or earlier if it does). A
+    /// wait too long to say (a rate so small that it overflows a `Duration` or an `Instant`) is
+    /// [`FAR`]: the rate is the coordinator's to choose, and no value of it may panic here.
     fn holds_at(&self, want: f64) -> Instant {
         let missing = (want.min(self.burst) - self.tokens).max(0.0);
-        self.at + Duration::from_secs_f64(missing / self.per_sec)
+        let wait = Duration::try_from_secs_f64(missing / self.per_sec).map_or(FAR, |d| d.min(FAR));
+        self.at.checked_add(wait).unwrap_or(self.at)
     }
 
     /// What the bucket gathers in [`GATHER`], at least one token.
@@ -389,6 +396,23 @@ mod tests {
             t0 + Duration::from_millis(4_000),
             "the timer wakes the outbox for it"
         );
+    }
+
+    #[test]
+    fn a_tiny_rate_holds_the_outbox_back_far_and_does_not_panic() {
+        let t0 = Instant::now();
+        for per_sec in [1e-30, 1e-20, f64::MIN_POSITIVE, 5e-324] {
+            // Messages: the outbox is let send one a second all the same (STARVED).
+            let p = emptied(per_sec, 1, t0);
+            assert_eq!(p.resume_at(64), t0 + STARVED, "{per_sec:e}");
+            // Bytes: in debt, the bucket holds the outbox back for a far future.
+            let mut q = Pace::new(None, Some(rate(per_sec, 10)), t0).expect("a pace");
+            q.took(1, t0);
+            q.wrote(1000);
+            assert_eq!(q.allowed(t0 + Duration::from_secs(3600)), None);
+            let at = q.resume_at(64);
+            assert!(at >= t0 + FAR, "{per_sec:e}: {:?}", at - t0);
+        }
     }
 
     #[test]
