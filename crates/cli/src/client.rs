@@ -1,6 +1,7 @@
 //! Client commands: talk to the coordinator's HTTP API; human tables by default, `--json` for
 //! machines.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -480,8 +481,9 @@ pub struct SubmitArgs {
     /// The task's id (default: one the coordinator makes); the same id twice is refused while
     /// the coordinator keeps the task (a `--retention` removes ended ones), so a submission
     /// whose reply was lost can be sent again safely.
+    /// Checked against the id rules as the arguments are read: a bad one is a usage error.
     #[arg(long, conflicts_with = "file")]
-    id: Option<String>,
+    id: Option<tether_proto::TaskId>,
     /// A tag the worker must carry, KEY=VALUE (repeatable).
     #[arg(long = "tag", value_parser = parse_key_value, conflicts_with = "file")]
     tags: Vec<(String, String)>,
@@ -527,12 +529,7 @@ fn command_spec(a: &SubmitArgs) -> anyhow::Result<TaskSpec> {
         config["cwd"] = json!(dir);
     }
     let mut spec = TaskSpec::new("command", config);
-    spec.task_id = match &a.id {
-        Some(id) => {
-            Some(tether_proto::TaskId::parse(id).map_err(|e| anyhow::anyhow!("--id {id:?}: {e}"))?)
-        }
-        None => None,
-    };
+    spec.task_id = a.id.clone();
     spec.priority = a.priority;
     spec.requires = a.requires.clone();
     spec.tags = a.tags.iter().cloned().collect();
@@ -562,6 +559,19 @@ fn parse_priority(s: &str) -> Result<u8, String> {
 }
 
 pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
+    let submitted = send(&a).await;
+    if !a.watch {
+        return submitted.map(|_| ());
+    }
+    // With --watch the exit status says how the tasks ended: a submission that failed (or a
+    // client that could not be made) left none to follow, which is 2, not the 1 of a task
+    // that ended but did not complete.
+    let (api, ids) = submitted.map_err(|e| e.context(crate::watch::Unfollowed))?;
+    crate::watch::follow(&api, Some(ids), a.common.json, false, crate::watch::PAGE).await
+}
+
+/// Submits the tasks `a` describes and prints their ids; the client and the ids.
+async fn send(a: &SubmitArgs) -> anyhow::Result<(Api, BTreeSet<String>)> {
     let api = Api::new(&a.common)?;
     let body = match &a.file {
         Some(f) => {
@@ -575,7 +585,7 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
                 json!({ "tasks": [v] })
             }
         }
-        None => json!({ "tasks": [command_spec(&a)?] }),
+        None => json!({ "tasks": [command_spec(a)?] }),
     };
     let v = api.post("/api/v1/tasks", &body).await?;
     if a.common.json {
@@ -585,17 +595,13 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
             outln!("{}", id.as_str().unwrap_or_default())?;
         }
     }
-    if a.watch {
-        let ids = v["task_ids"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|id| id.as_str().map(str::to_owned))
-            .collect();
-        return crate::watch::follow(&api, Some(ids), a.common.json, false, crate::watch::PAGE)
-            .await;
-    }
-    Ok(())
+    let ids = v["task_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|id| id.as_str().map(str::to_owned))
+        .collect();
+    Ok((api, ids))
 }
 
 #[derive(Args)]
@@ -1269,8 +1275,10 @@ mod tests {
         let a = submit_args(&[]).expect("parsed");
         let e = command_spec(&a).expect_err("nothing to run");
         assert!(e.to_string().contains("give a command"), "{e}");
-        let a = submit_args(&["--id", "bad id!", "--", "true"]).expect("parsed");
-        assert!(command_spec(&a).is_err());
+        let e = submit_args(&["--id", "bad id!", "--", "true"])
+            .err()
+            .expect("a bad id is refused as it is read");
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{e}");
     }
 
     #[test]

@@ -62,7 +62,9 @@ pub async fn run(a: WatchArgs) -> anyhow::Result<()> {
         tether_proto::TaskId::parse(id)
             .map_err(|e| anyhow::Error::new(Unfollowed).context(format!("task id {id:?}: {e}")))?;
     }
-    let api = Api::new(&a.common)?;
+    // Nor can any task be followed without a client (a token file missing, a URL that is no
+    // coordinator's, a CA file that does not load): 2 as well.
+    let api = Api::new(&a.common).map_err(|e| e.context(Unfollowed))?;
     let ids = (!a.ids.is_empty()).then(|| a.ids.iter().cloned().collect());
     follow(&api, ids, a.common.json, a.workers, a.page_size as usize).await
 }

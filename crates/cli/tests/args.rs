@@ -99,3 +99,92 @@ fn an_open_tls_key_is_warned_of_and_an_expired_certificate_refused() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("expired on"), "{err}");
 }
+
+/// A loopback port with nothing listening: connections to it are refused.
+fn closed_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    drop(l);
+    format!("http://{addr}")
+}
+
+/// A watch that cannot start (no client can be made, or the submission it would follow
+/// failed) could not follow its tasks: exit 2, not the 1 that says a task ended but did not
+/// complete. A submitted id that breaks the id rules is a usage error, 2 as well.
+#[test]
+fn a_watch_that_cannot_start_exits_2_not_the_1_of_a_task_that_failed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing");
+    let closed = closed_port();
+    let cases: [(&str, Vec<&std::ffi::OsStr>); 6] = [
+        (
+            "a URL that is no coordinator's",
+            vec![
+                "watch".as_ref(),
+                "--coordinator".as_ref(),
+                "ftp://x".as_ref(),
+                "t1".as_ref(),
+            ],
+        ),
+        (
+            "a missing token file",
+            vec![
+                "watch".as_ref(),
+                "--token-file".as_ref(),
+                missing.as_os_str(),
+                "t1".as_ref(),
+            ],
+        ),
+        (
+            "a missing CA file",
+            vec![
+                "watch".as_ref(),
+                "--coordinator".as_ref(),
+                "https://127.0.0.1:9".as_ref(),
+                "--ca-file".as_ref(),
+                missing.as_os_str(),
+                "t1".as_ref(),
+            ],
+        ),
+        (
+            "submit --watch with a URL that is no coordinator's",
+            vec![
+                "submit".as_ref(),
+                "--watch".as_ref(),
+                "--coordinator".as_ref(),
+                "ftp://x".as_ref(),
+                "--".as_ref(),
+                "true".as_ref(),
+            ],
+        ),
+        (
+            "submit --watch whose submission is refused a connection",
+            vec![
+                "submit".as_ref(),
+                "--watch".as_ref(),
+                "--coordinator".as_ref(),
+                closed.as_ref(),
+                "--".as_ref(),
+                "true".as_ref(),
+            ],
+        ),
+        (
+            "submit --id with a bad id",
+            vec![
+                "submit".as_ref(),
+                "--coordinator".as_ref(),
+                closed.as_ref(),
+                "--id".as_ref(),
+                "bad id!".as_ref(),
+                "--".as_ref(),
+                "true".as_ref(),
+            ],
+        ),
+    ];
+    for (what, args) in cases {
+        let out = tether(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+        assert!(err.starts_with("error"), "{what}: {err}");
+    }
+}
