@@ -5,11 +5,12 @@
 //!
 //! One line per event, written with a single `write` call and no user-space buffer, so a line
 //! survives a SIGKILL of the process the moment the call returns (it is not fsynced: a machine
-//! crash may lose the tail). Lines carry wall-clock times (RFC 3339, UTC) so that records of
-//! several processes on one machine can be compared.
+//! crash may lose the tail). A line cut short that way is cut off when the log is opened
+//! again, so the next process's first line starts a line of its own. Lines carry wall-clock
+//! times (RFC 3339, UTC) so that records of several processes on one machine can be compared.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Read as _, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -74,16 +75,29 @@ pub struct EventLog {
 }
 
 impl EventLog {
-    /// Opens `path` for appending, creating it.
+    /// Opens `path` for appending, creating it. A last line without its newline (a write the
+    /// previous process was killed during) is cut off first: appended to, it would glue this
+    /// process's first record onto the fragment and damage both. The log is one process's:
+    /// another writing it meanwhile could lose a line being written.
     pub fn open(path: &Path, worker: &str) -> Result<Self, EventLogError> {
-        let file = OpenOptions::new()
+        let err = |source| EventLogError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(path)
-            .map_err(|source| EventLogError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
+            .map_err(err)?;
+        let len = file.metadata().map_err(err)?.len();
+        let whole = whole_lines_len(&mut file, len).map_err(err)?;
+        if whole < len {
+            tracing::warn!(path = %path.display(), bytes = len - whole, "cutting off the event log's torn last line");
+            file.set_len(whole).map_err(err)?;
+            // The cut is made durable before anything is appended after it.
+            file.sync_data().map_err(err)?;
+        }
         Ok(Self {
             worker: worker.to_owned(),
             file: Mutex::new(file),
@@ -112,6 +126,25 @@ impl EventLog {
             tracing::error!(path = %self.path.display(), %error, "cannot write the event log");
         }
     }
+}
+
+/// The length of `file` (of `len` bytes) up to and with its last newline: 0 when it has none.
+fn whole_lines_len(file: &mut File, len: u64) -> std::io::Result<u64> {
+    const CHUNK: u64 = 4096;
+    let mut end = len;
+    let mut buf = vec![0u8; CHUNK as usize];
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        // Both are within one chunk: the cast cannot truncate.
+        let chunk = &mut buf[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(chunk)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 /// A log as read.
@@ -186,5 +219,63 @@ mod tests {
         let text = std::fs::read_to_string(&path).expect("text");
         assert!(text.starts_with("{\"at\":"), "{text}");
         assert!(text.contains("\"event\":\"result_ack\""), "{text}");
+    }
+
+    #[test]
+    fn a_restart_cuts_off_a_torn_last_line_before_it_appends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        let log = EventLog::open(&path, "w1").expect("open");
+        log.record(Event::Registered {
+            generation: 1,
+            session_id: 7,
+        });
+        drop(log);
+        let mut f = OpenOptions::new().append(true).open(&path).expect("reopen");
+        f.write_all(b"{\"at\":\"20").expect("torn line");
+        drop(f);
+        let log = EventLog::open(&path, "w1").expect("open again");
+        log.record(Event::Started {
+            boot_id: "b2".into(),
+        });
+        let read = read(&path).expect("read");
+        assert!(!read.torn && read.damaged.is_empty(), "{read:?}");
+        let events: Vec<_> = read.records.into_iter().map(|r| r.event).collect();
+        assert!(
+            matches!(
+                events[..],
+                [Event::Registered { .. }, Event::Started { .. }]
+            ),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn a_log_that_is_only_a_fragment_is_cut_to_nothing_and_a_whole_one_is_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        // Longer than a chunk of the backwards search, and no newline at all.
+        std::fs::write(&path, vec![b'x'; 10_000]).expect("fragment");
+        let log = EventLog::open(&path, "w1").expect("open");
+        log.record(Event::Started {
+            boot_id: "b1".into(),
+        });
+        let text = std::fs::read_to_string(&path).expect("text");
+        assert!(
+            text.starts_with("{\"at\":") && text.ends_with('\n'),
+            "{text}"
+        );
+        // Whole lines are kept as they are; a fragment longer than a chunk of the backwards
+        // search is cut back to the newline before it.
+        let mut whole = vec![b'y'; 4095];
+        whole.push(b'\n');
+        std::fs::write(&path, &whole).expect("whole lines");
+        drop(EventLog::open(&path, "w1").expect("open"));
+        assert_eq!(std::fs::read(&path).expect("bytes"), whole);
+        let mut torn = whole.clone();
+        torn.extend(vec![b'z'; 8191]);
+        std::fs::write(&path, &torn).expect("torn");
+        drop(EventLog::open(&path, "w1").expect("open"));
+        assert_eq!(std::fs::read(&path).expect("bytes"), whole);
     }
 }
