@@ -114,6 +114,23 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// not sent on a connection the coordinator is closing.
 const POOL_IDLE: Duration = Duration::from_secs(30);
 
+/// Longest wait for a connection to the coordinator: well within [`REQUEST_TIMEOUT`], so a
+/// request that timed out was sent on a connection, and one never sent fails as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A request that may have reached the coordinator and been carried out, to which no answer
+/// came (the connection failed or went silent once it was sent). Said apart from "cannot
+/// reach", which means nothing was sent: a submission sent again after this may be a second.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no answer from the coordinator at {base} to {request} once it was sent: whether it was \
+     carried out is unknown"
+)]
+pub(crate) struct NoAnswer {
+    base: String,
+    request: String,
+}
+
 /// A response body as it arrives, chunk by chunk.
 pub(crate) type Chunks =
     std::pin::Pin<Box<dyn futures_util::Stream<Item = anyhow::Result<bytes::Bytes>> + Send>>;
@@ -170,11 +187,14 @@ impl Api {
         let transport = if base.starts_with("https://") {
             let tls = tether_worker::connector::tls_client_config(ca_file)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+            tcp.enforce_http(false);
+            tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
             let connector = hyper_rustls::HttpsConnectorBuilder::new()
                 .with_tls_config((*tls).clone())
                 .https_only()
                 .enable_http1()
-                .build();
+                .wrap_connector(tcp);
             let client =
                 hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                     .pool_idle_timeout(POOL_IDLE)
@@ -198,6 +218,7 @@ impl Api {
             };
             let http = http
                 .default_headers(headers)
+                .connect_timeout(CONNECT_TIMEOUT)
                 .pool_idle_timeout(POOL_IDLE)
                 .build()
                 .context("HTTP client")?;
@@ -213,22 +234,38 @@ impl Api {
         body: Option<&Value>,
     ) -> anyhow::Result<Value> {
         let url = format!("{}{}", self.base, path);
-        let unreachable = || format!("cannot reach the coordinator at {}", self.base);
+        // A request that may change something (a submission, a control), failed once it could
+        // have been sent: its outcome is unknown, which "cannot reach" would hide. One that
+        // failed connecting was not sent; a read is the same whenever it failed.
+        let once_sent = !method.is_idempotent();
+        let no_answer = || NoAnswer {
+            base: self.base.clone(),
+            request: format!("{method} {path}"),
+        };
+        let lost = |e: anyhow::Error, connecting: bool| match once_sent && !connecting {
+            true => e.context(no_answer()),
+            false => e.context(format!("cannot reach the coordinator at {}", self.base)),
+        };
         let exchange = async {
             match &self.transport {
                 Transport::Plain(http) => {
-                    let mut req = http.request(method, &url);
+                    let mut req = http.request(method.clone(), &url);
                     if let Some(b) = body {
                         req = req.json(b);
                     }
-                    let resp = req.send().await.with_context(unreachable)?;
+                    let resp = req.send().await.map_err(|e| {
+                        let connecting = e.is_connect();
+                        lost(e.into(), connecting)
+                    })?;
                     let status = resp.status();
-                    let bytes = resp.bytes().await.with_context(unreachable)?;
+                    let bytes = resp.bytes().await.map_err(|e| lost(e.into(), false))?;
                     anyhow::Ok((status, bytes))
                 }
                 Transport::Tls { client, auth } => {
                     use http_body_util::BodyExt;
-                    let mut req = http::Request::builder().method(method).uri(url.as_str());
+                    let mut req = http::Request::builder()
+                        .method(method.clone())
+                        .uri(url.as_str());
                     if let Some(v) = auth {
                         req = req.header(http::header::AUTHORIZATION, v);
                     }
@@ -242,16 +279,18 @@ impl Api {
                     let req = req
                         .body(http_body_util::Full::new(payload))
                         .context("request")?;
-                    let resp = client
-                        .request(req)
-                        .await
-                        .map_err(|e| unreachable_tls(&self.base, e))?;
+                    let resp = client.request(req).await.map_err(|e| {
+                        match once_sent && !e.is_connect() {
+                            true => anyhow::Error::new(e).context(no_answer()),
+                            false => unreachable_tls(&self.base, e),
+                        }
+                    })?;
                     let status = resp.status();
                     let bytes = resp
                         .into_body()
                         .collect()
                         .await
-                        .with_context(unreachable)?
+                        .map_err(|e| lost(e.into(), false))?
                         .to_bytes();
                     Ok((status, bytes))
                 }
@@ -260,11 +299,16 @@ impl Api {
         let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
             .map_err(|_| {
-                anyhow::anyhow!(
+                let e = anyhow::anyhow!(
                     "the coordinator at {} did not answer {path} within {} s",
                     self.base,
                     REQUEST_TIMEOUT.as_secs()
-                )
+                );
+                // Past CONNECT_TIMEOUT: the request was sent on a connection.
+                match once_sent {
+                    true => e.context(no_answer()),
+                    false => e,
+                }
             })??;
         if !status.is_success() {
             // An error's body is the API's `{"error": ...}`, or whatever a proxy in between said.
@@ -587,7 +631,23 @@ async fn send(a: &SubmitArgs) -> anyhow::Result<(Api, BTreeSet<String>)> {
         }
         None => json!({ "tasks": [command_spec(a)?] }),
     };
-    let v = api.post("/api/v1/tasks", &body).await?;
+    let v = api.post("/api/v1/tasks", &body).await.map_err(|e| {
+        if e.downcast_ref::<NoAnswer>().is_none() {
+            return e;
+        }
+        // Sending it again blindly may submit it twice.
+        e.context(match &a.id {
+            Some(id) => format!(
+                "the submission's outcome is unknown: task {id} may have been submitted; check \
+                 with `tether task {id}`, or submit it again with the same --id, which is refused \
+                 as a duplicate (HTTP 409) if it was"
+            ),
+            None => "the submission's outcome is unknown: the task may have been submitted; \
+                     check with `tether tasks`, or submit with --id so that a retry is refused \
+                     as a duplicate (HTTP 409)"
+                .to_owned(),
+        })
+    })?;
     if a.common.json {
         outln!("{v}")?;
     } else {
@@ -1365,6 +1425,74 @@ mod tests {
         assert!(format!("{e:#}").contains("cannot reach"), "{e:#}");
         let e = api.get("/text").await.expect_err("not JSON");
         assert!(format!("{e:#}").contains("is not JSON"), "{e:#}");
+    }
+
+    /// A coordinator that read a whole submission and closed without a word may have
+    /// committed it: the error says the outcome is unknown and how to check, not "cannot reach"
+    /// (which invites sending it again, a second task). One refused a connection was sent
+    /// nothing: "cannot reach" it stays.
+    #[tokio::test]
+    async fn a_submission_read_whole_and_never_answered_has_an_unknown_outcome() {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (read_tx, mut read) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let mut s = tokio::io::BufReader::new(s);
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if s.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                    if line == "\r\n" {
+                        let mut body = vec![0u8; length];
+                        if s.read_exact(&mut body).await.is_ok() {
+                            let _ = read_tx.send(body);
+                        }
+                        break;
+                    }
+                }
+                // Closed here, the submission read and unanswered.
+            }
+        });
+        let url = format!("http://{addr}");
+        for id in [None, Some("nightly-1")] {
+            let mut args = vec!["--coordinator", url.as_str()];
+            args.extend(id.map(|id| ["--id", id]).into_iter().flatten());
+            args.extend(["--", "true"]);
+            let e = submit(submit_args(&args).expect("parsed"))
+                .await
+                .expect_err("no answer");
+            let said = crate::output::describe(&e);
+            assert!(said.contains("outcome is unknown"), "{said}");
+            assert!(said.contains("409"), "{said}");
+            assert!(!said.contains("cannot reach"), "{said}");
+            let body = read
+                .try_recv()
+                .expect("the server read the whole submission");
+            let body: Value = serde_json::from_slice(&body).expect("JSON");
+            assert_eq!(body["tasks"][0]["config"]["program"], "true");
+        }
+        // Nothing listening: nothing was sent.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", closed.local_addr().expect("addr"));
+        drop(closed);
+        let args = ["--coordinator", url.as_str(), "--", "true"];
+        let e = submit(submit_args(&args).expect("parsed"))
+            .await
+            .expect_err("refused");
+        let said = crate::output::describe(&e);
+        assert!(said.contains("cannot reach"), "{said}");
+        assert!(!said.contains("unknown"), "{said}");
     }
 
     /// A proxy from the environment (here given to the builder, as reqwest would take it from
