@@ -63,6 +63,10 @@ enum StopReason {
 struct Running {
     shared: Arc<TaskShared>,
     stop: Option<StopReason>,
+    /// Its executor returned and whether it reports is decided: it is no longer running for
+    /// the coordinator nor for controls, only held until its checkpoint directory is dealt
+    /// with.
+    ending: bool,
 }
 
 #[derive(Debug, Default)]
@@ -352,7 +356,7 @@ impl Runner {
         let mut v: Vec<TaskRef> = t
             .running
             .values()
-            .filter(|r| r.stop.is_none())
+            .filter(|r| r.stop.is_none() && !r.ending)
             .map(|r| TaskRef {
                 task_id: r.shared.task_id.clone(),
                 attempt: r.shared.attempt,
@@ -403,6 +407,7 @@ impl Runner {
                 Running {
                     shared: shared.clone(),
                     stop: None,
+                    ending: false,
                 },
             );
             (shared, fetch, predecessor)
@@ -540,25 +545,16 @@ impl Runner {
         // hook's forgetting of the task's checkpoints comes after it, not before. Held until
         // that hook ran; a store asked for later finds the attempt ended and stores nothing.
         let _stores = shared.storing.clone().lock_owned().await;
-        // A reported attempt's directory is of no more use: its result says how it ended. One
-        // stopped without a result keeps it, for the attempt that replaces it or the next
-        // start. Removed before `ended`: a newer attempt of the task, which would use it,
-        // waits for that.
-        let finished = self
-            .with_stop(&task_id, &shared, |stop| reports(stop, stopped))
-            .unwrap_or(false);
-        if let Some(dir) = checkpoint_dir.filter(|_| finished) {
-            remove_checkpoint_dir(dir).await;
-        }
-        // The executor returned: it touches the task's directory no more.
-        shared.ended.cancel();
+        // Whether the attempt reports is decided once, here. Its entry stays in the table,
+        // `ending`, until its directory was dealt with: a newer attempt of the task, which would
+        // use that directory, still finds it and waits for `ended`, and controls no longer act
+        // on it.
         let (stop, report) = {
             let mut t = self.table();
-            let stop = match t.running.get(&task_id) {
+            let stop = match t.running.get_mut(&task_id) {
                 Some(r) if Arc::ptr_eq(&r.shared, &shared) => {
-                    let stop = r.stop;
-                    t.running.remove(&task_id);
-                    stop
+                    r.ending = true;
+                    r.stop
                 }
                 // A newer attempt replaced this one in the table.
                 _ => Some(StopReason::Superseded),
@@ -678,6 +674,33 @@ impl Runner {
             };
             tracing::info!(task = %task_id, attempt = %attempt, reason, "task stopped without a result");
         }
+        // A reported attempt's directory is of no more use: its result says how it ended. Only
+        // removed once that result is journaled: a crash between the two then leaves a
+        // directory behind, where the other order lost a finished result with it (the attempt
+        // reported lost, and run again). One stopped without a result keeps it, for the attempt
+        // that replaces it or the next start, and so does one a newer attempt superseded
+        // meanwhile: the newer may have started with it (it waited for `ended` no longer than
+        // its grace). Removed before `ended`: a newer attempt of the task waits for that.
+        let remove = report
+            && self
+                .with_stop(&task_id, &shared, |stop| {
+                    stop != Some(StopReason::Superseded)
+                })
+                .unwrap_or(false);
+        if let Some(dir) = checkpoint_dir.filter(|_| remove) {
+            remove_checkpoint_dir(dir).await;
+        }
+        // The executor returned: it touches the task's directory no more.
+        shared.ended.cancel();
+        {
+            let mut t = self.table();
+            if t.running
+                .get(&task_id)
+                .is_some_and(|r| Arc::ptr_eq(&r.shared, &shared))
+            {
+                t.running.remove(&task_id);
+            }
+        }
         if let Some(hook) = &self.on_finished {
             hook(&task_id, attempt);
         }
@@ -706,7 +729,7 @@ impl Runner {
     ) -> Option<R> {
         let mut t = self.table();
         match t.running.get_mut(task) {
-            Some(r) if r.shared.attempt == attempt && r.stop.is_none() => Some(f(r)),
+            Some(r) if r.shared.attempt == attempt && r.stop.is_none() && !r.ending => Some(f(r)),
             _ => None,
         }
     }
@@ -902,7 +925,7 @@ mod tests {
     use futures_util::future::BoxFuture;
     use tether_proto::msg::{CheckpointBlob, now};
     use tether_proto::task::Blob;
-    use tether_proto::{CheckpointId, TaskId};
+    use tether_proto::{CheckpointId, Seq, TaskId};
 
     use super::*;
     use crate::executor::{ExecError, Executor, TaskCtx, TaskInput};
@@ -1569,16 +1592,73 @@ mod tests {
             let pending = outbox.pending_results();
             pending.iter().any(|r| r.task_id.as_str() == "finished")
         };
-        crate::testutil::wait_for("the result of one, and the file of the other", || {
-            reported() && stopped.join("f").exists()
-        })
+        crate::testutil::wait_for(
+            "the result of one and its directory gone, and the file of the other",
+            || reported() && !finished.exists() && stopped.join("f").exists(),
+        )
         .await;
-        assert!(!finished.exists(), "removed before the result was queued");
         runner.shutdown(Duration::from_secs(10)).await;
         let results = results(&outbox);
         assert_eq!(results["finished"].outcome, Outcome::Completed);
         assert!(!results.contains_key("stopped"), "{results:?}");
         assert!(stopped.join("f").exists(), "kept for the next start");
+    }
+
+    /// Sees, as each result is journaled, whether its task's checkpoint directory is there.
+    struct DirWitness {
+        root: PathBuf,
+        seen: Mutex<Vec<(String, bool)>>,
+    }
+
+    impl crate::outbox::Journal for DirWitness {
+        fn write(&self, put: Option<(Class, Seq, &WorkerMsg)>, _removed: &[Seq]) {
+            if let Some((_, _, WorkerMsg::TaskResult(r))) = put {
+                let there = self.root.join(r.task_id.as_str()).exists();
+                let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+                seen.push((r.task_id.to_string(), there));
+            }
+        }
+    }
+
+    /// A finished task's result is journaled before its checkpoint directory is removed: the
+    /// other way round, a crash between the two lost the result (the attempt, reported lost,
+    /// ran again: a command with side effects twice), where now it leaves only a directory.
+    #[tokio::test]
+    async fn a_finished_tasks_result_is_journaled_before_its_checkpoint_dir_is_removed() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let witness = Arc::new(DirWitness {
+            root: root.path().to_owned(),
+            seen: Mutex::new(Vec::new()),
+        });
+        let mut executors = Executors::default();
+        executors.register(
+            "command",
+            crate::executor::command::CommandExecutor::default(),
+        );
+        let outbox = Arc::new(Outbox::new(Limits::default()).with_journal(witness.clone()));
+        let runner = Arc::new(
+            Runner::new(executors, outbox.clone(), 64 * 1024)
+                .with_checkpoint_root(root.path().to_owned()),
+        );
+        runner.assign(command_assignment(
+            "t",
+            1,
+            serde_json::json!({ "shell": r#"echo x > "$TETHER_CHECKPOINT_DIR/f""# }),
+        ));
+        let results = results_once_ended(&runner, &outbox).await;
+        assert_eq!(results.len(), 1, "{results:?}");
+        assert_eq!(results[0].outcome, Outcome::Completed);
+        let seen = witness
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        assert_eq!(
+            seen,
+            [("t".to_owned(), true)],
+            "the directory as the result was journaled"
+        );
+        assert!(!root.path().join("t").exists(), "removed once it was");
     }
 
     /// Binary output grows up to six times as JSON: a tail of 1 MiB of zero bytes (6 MiB
