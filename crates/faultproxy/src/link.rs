@@ -13,7 +13,7 @@ use tether_proto::WorkerId;
 use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -110,10 +110,21 @@ pub(crate) struct LinkCtl {
     undelivered: std::sync::atomic::AtomicUsize,
     /// The proxy's counters: a fault's close counts in its proxy's fault totals too.
     counters: Arc<ProxyCounters>,
-    /// Streams whose end (the sender's FIN) was passed on.
-    ended: std::sync::atomic::AtomicUsize,
-    /// Per stream (upstream, downstream): whether its source's peer reset the connection.
-    reset_by_peer: [std::sync::atomic::AtomicBool; 2],
+    /// How far each stream got towards its end; one lock, so that a reset found after the
+    /// stream's FIN was passed on is never missed by both sides.
+    ends: Mutex<Ends>,
+    /// Per stream: signalled when its source turns out to have been reset, so that its writer
+    /// stops holding or delaying a FIN that is now a reset.
+    reset_found: [Notify; 2],
+}
+
+/// Per stream (upstream, downstream) of a link.
+#[derive(Debug, Default)]
+struct Ends {
+    /// The sender's FIN was passed on.
+    passed: [bool; 2],
+    /// The source's peer reset its connection.
+    reset: [bool; 2],
 }
 
 impl LinkCtl {
@@ -144,24 +155,51 @@ impl LinkCtl {
 
     /// One stream's end was passed on: once both were, the link ends (closed, no fault's);
     /// until then the stream's writer stays, for a reset fault on that stream still fires on
-    /// a half-closed link. Whether the link ends now.
-    pub fn stream_ended(&self) -> bool {
-        let both = self.ended.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1 >= 2;
-        if both {
-            self.close(Outcome::Close, None);
+    /// a half-closed link. If the source of `stream` was found reset meanwhile (by a write to
+    /// it), the link ends now, reset. Whether the link ends now.
+    pub fn stream_ended(&self, stream: Stream) -> bool {
+        let mut ends = self.ends.lock().unwrap_or_else(PoisonError::into_inner);
+        ends.passed[stream as usize] = true;
+        let outcome = if ends.reset[stream as usize] {
+            Some(Outcome::Reset)
+        } else {
+            ends.passed.iter().all(|p| *p).then_some(Outcome::Close)
+        };
+        drop(ends);
+        if let Some(o) = outcome {
+            self.close(o, None);
         }
-        both
+        outcome.is_some()
     }
 
-    /// The source of `stream` was reset by its peer; the reset is on its way through the
-    /// stream's queue (see [`crate::pump::read_loop`]).
+    /// The source of `stream` was reset by its peer, as its reader found (the reset is then on
+    /// its way through the stream's queue) or a write to that socket did. The kernel reports a
+    /// reset once, so in the second case the reader sees only the end of the stream, and the
+    /// stream's writer turns that FIN, after the bytes read before it, into the reset (also a
+    /// FIN it holds or delays already). A FIN already passed on is followed by the reset at
+    /// once: the link ends.
     pub fn source_reset(&self, stream: Stream) {
-        self.reset_by_peer[stream as usize].store(true, std::sync::atomic::Ordering::Release);
+        let mut ends = self.ends.lock().unwrap_or_else(PoisonError::into_inner);
+        ends.reset[stream as usize] = true;
+        let passed = ends.passed[stream as usize];
+        drop(ends);
+        self.reset_found[stream as usize].notify_one();
+        if passed {
+            self.close(Outcome::Reset, None);
+        }
     }
 
     /// Whether the source of `stream` was reset by its peer.
     pub fn was_reset(&self, stream: Stream) -> bool {
-        self.reset_by_peer[stream as usize].load(std::sync::atomic::Ordering::Acquire)
+        self.ends
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .reset[stream as usize]
+    }
+
+    /// Resolves once the source of `stream` is found reset (or was, since the last call).
+    pub async fn reset_found(&self, stream: Stream) {
+        self.reset_found[stream as usize].notified().await;
     }
 
     /// Resolves once the link is closing.
@@ -301,8 +339,8 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
         outcome: Mutex::new(None),
         undelivered: Default::default(),
         counters: Arc::clone(&ctx.counters),
-        ended: std::sync::atomic::AtomicUsize::new(0),
-        reset_by_peer: Default::default(),
+        ends: Mutex::default(),
+        reset_found: Default::default(),
     });
     let draws = Arc::new(Draws::new(ctx.seed, ctx.id, Arc::clone(&ctx.counters)));
     let stages = |stream: Stream| {
@@ -641,8 +679,8 @@ mod tests {
             outcome: Mutex::new(None),
             undelivered: Default::default(),
             counters: Arc::default(),
-            ended: std::sync::atomic::AtomicUsize::new(0),
-            reset_by_peer: Default::default(),
+            ends: Mutex::default(),
+            reset_found: Default::default(),
         })
     }
 

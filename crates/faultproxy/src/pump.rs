@@ -161,8 +161,10 @@ fn grown(len: usize, n: usize) -> usize {
 /// error or the link closes. A reset by the peer is sent on too, as a [`Chunk::reset`]: the
 /// bytes read before it are delivered first (a direct connection's reader gets them before
 /// the reset; closing the link at once threw away what waited in the queue, a split tail or
-/// a latency). Another error closes the link at once. Returns the read half so the link can
-/// choose how the socket closes.
+/// a latency). An end of stream after a write to this socket found it reset (the kernel tells
+/// one of them only) is sent on as a FIN, which the writer turns into that reset (see
+/// [`LinkCtl::source_reset`]). Another error closes the link at once. Returns the read half so
+/// the link can choose how the socket closes.
 pub(crate) async fn read_loop(
     mut src: OwnedReadHalf,
     stream: Stream,
@@ -340,7 +342,7 @@ impl Writer {
     /// reset fault on this stream, already there or added now, still fires on time, until the
     /// link ends.
     async fn after_the_end(&mut self) {
-        if self.link.stream_ended() {
+        if self.link.stream_ended(self.stream) {
             return;
         }
         loop {
@@ -377,6 +379,12 @@ impl Writer {
             // the change is visible here before the chunk is looked at.
             if self.chain.has_changed().unwrap_or(false) {
                 self.refresh();
+            }
+            // A FIN from a source since found reset (by a write to it) is that reset.
+            let fin = chunk.eof && !chunk.reset;
+            if fin && self.link.was_reset(self.stream) {
+                chunk.reset = true;
+                continue;
             }
             let wait = match self.stages.next(&mut chunk, Instant::now()) {
                 Next::Deliver => return self.deliver(chunk).await,
@@ -419,6 +427,7 @@ impl Writer {
                     }
                     r.is_err()
                 }
+                () = self.link.reset_found(self.stream), if fin => false,
             };
             if stop {
                 self.link.undelivered(chunk.data.len());
@@ -475,10 +484,15 @@ impl Writer {
         if let Err(e) = result {
             self.link.undelivered(chunk.data.len() - written);
             tracing::debug!(link = self.link.id, stream = ?self.stream, error = %e, "write failed");
-            // The sink is the socket whose peer reset it (the source of the other stream): that
-            // stream's writer ends the link, with a reset, once the bytes before it are out.
-            // Closing now would throw them away and end the link with a FIN.
-            if !self.link.was_reset(opposite(self.stream)) {
+            // The sink's peer reset it: the sink is the source of the other stream, whose writer
+            // ends the link, with a reset, once the bytes read before it are out, whether this
+            // write or that stream's reader found the reset first. Closing now would throw them
+            // away. (Broken pipe: the reader took the reset from the socket just before.)
+            let source = opposite(self.stream);
+            let reset = outcome_of(&e) == Outcome::Reset || e.kind() == io::ErrorKind::BrokenPipe;
+            if reset || self.link.was_reset(source) {
+                self.link.source_reset(source);
+            } else {
                 self.link.close(outcome_of(&e), None);
             }
             return Flow::Stop;

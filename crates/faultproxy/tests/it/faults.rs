@@ -288,6 +288,72 @@ async fn a_failed_write_to_a_peer_that_reset_does_not_cut_its_last_bytes_short()
     assert_the_last_words_before_a_reset_reach_the_upstream(Some(50)).await;
 }
 
+/// A client resets while the proxy is behind reading it (a bandwidth fault: its queue is full
+/// and bytes wait unread in the socket), and the server's reply then reaches the proxy: the
+/// proxy's write to the client finds the reset before its reader does, and takes the error
+/// from the socket, so the reader then sees the stream end as if by a FIN. The server must
+/// still get every byte the proxy took from the client, then the reset: the failed write used
+/// to reset the link at once, throwing away what was queued and unread.
+#[tokio::test]
+async fn a_reset_found_by_a_write_first_still_passes_on_the_bytes_sent_before_it() {
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let proxy = proxy_to(upstream.local_addr().expect("addr")).await;
+    let rate: usize = 500_000;
+    let kind = FaultKind::Bandwidth {
+        bytes_per_sec: rate as u64,
+    };
+    let _bw = proxy
+        .add_fault(Fault::new("bw", kind, Direction::Upstream))
+        .await
+        .expect("add");
+    // A small send buffer: what the client's kernel still holds at its reset is lost (it
+    // never reached the proxy), and a large one would take long to fill.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_send_buffer_size(16 * 1024).expect("send buffer");
+    let mut c = within("connect", socket.connect(proxy.listen_addr()))
+        .await
+        .expect("connect");
+    let data = pattern(16 << 20);
+    c.write_all(&data[..1000]).await.expect("write");
+    let (mut server, _) = within("the link connects", upstream.accept())
+        .await
+        .expect("accept");
+    // Writes until the client's writes wait: the proxy's queue is full and its socket holds
+    // bytes it has not read (128 KiB take a quarter of a second to make room for then).
+    let mut sent = 1000;
+    loop {
+        let piece = &data[sent..sent + 128 * 1024];
+        let r = tokio::time::timeout(Duration::from_millis(100), c.write_all(piece)).await;
+        if r.is_err() {
+            break;
+        }
+        sent += piece.len();
+        assert!(
+            sent + rate < data.len(),
+            "the proxy took 16 MiB at {rate} B/s"
+        );
+    }
+    c.set_zero_linger().expect("linger");
+    drop(c);
+    server.write_all(b"reply").await.expect("write back");
+    let (got, err) = read_to_end(&mut server).await;
+    assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::ConnectionReset));
+    // Every byte the client's finished writes handed over came through, unchanged, but for
+    // what its send buffer (32 KiB) still held at the reset, which a reset throws away. More
+    // than the proxy's queue holds was sent: the proxy was behind.
+    assert!(sent > rate, "only {sent} bytes sent");
+    assert!(
+        got.len() + 64 * 1024 >= sent,
+        "{} bytes of {sent} came through",
+        got.len()
+    );
+    assert!(got == data[..got.len()], "bytes changed on the way");
+    wait_for("link reset", || proxy.stats().connections_reset == 1).await;
+    assert_eq!(proxy.stats().bytes_upstream, got.len() as u64);
+}
+
 /// A client that resets while the proxy still reads its first bytes (the request line is not
 /// complete): the upstream gets those bytes, then the reset, not a clean FIN (Linux reports a
 /// reset to one read only; sniffing swallowed it, and the next read saw an end of stream).
