@@ -431,16 +431,6 @@ impl Api {
         }
     }
 
-    /// Every task `/api/v1/tasks?{query}` lists, read `page` at a time (see [`TaskPages`]).
-    pub(crate) async fn list_tasks(&self, query: &str, page: usize) -> anyhow::Result<Vec<Value>> {
-        let mut pages = TaskPages::new(self, query, page);
-        let mut all = Vec::new();
-        while let Some(got) = pages.next().await? {
-            all.extend(got);
-        }
-        Ok(all)
-    }
-
     /// POST `path`; a busy answer is asked again as for [`Self::get`].
     pub(crate) async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         self.call_unless_busy(reqwest::Method::POST, path, Some(body))
@@ -694,42 +684,26 @@ pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
     if a.newest {
         query.push_str("&order=newest");
     }
-    let v = if a.all {
-        Value::Array(api.list_tasks(&query, a.limit as usize).await?)
-    } else {
-        api.get(&format!("/api/v1/tasks?limit={}&{query}", a.limit))
-            .await?
-    };
+    if a.all {
+        // Printed a page at a time as each comes: the listing may be larger than memory.
+        let mut listing = Listing::new(a.common.json);
+        let mut pages = TaskPages::new(&api, &query, a.limit as usize);
+        while let Some(page) = pages.next().await? {
+            listing.page(&page)?;
+        }
+        return listing.end();
+    }
+    let v = api
+        .get(&format!("/api/v1/tasks?limit={}&{query}", a.limit))
+        .await?;
     if a.common.json {
         outln!("{v}")?;
         return Ok(());
     }
-    let rows = rows_of(&v, |t| {
-        vec![
-            s(&t["task_id"]),
-            s(&t["status"]),
-            t["attempt"].to_string(),
-            // The lease's worker; once it ended, the last attempt's.
-            match &t["lease"]["worker"] {
-                Value::Null => s(t["attempts"]
-                    .as_array()
-                    .and_then(|a| a.last())
-                    .map_or(&Value::Null, |a| &a["worker"])),
-                w => s(w),
-            },
-            s(&t["spec"]["kind"]),
-            t["spec"]["priority"].to_string(),
-            s(&t["spec"]["name"]),
-        ]
-    });
-    print_table(
-        &[
-            "TASK", "STATUS", "ATTEMPT", "WORKER", "KIND", "PRIO", "NAME",
-        ],
-        &rows,
-    )?;
+    let rows = rows_of(&v, task_row);
+    Table::new(&TASK_HEAD).print(&rows)?;
     // A full page may not be all: said on stderr, so the table stays the table.
-    if !a.all && rows.len() as u64 >= a.limit {
+    if rows.len() as u64 >= a.limit {
         eprintln!(
             "(the {} {} tasks; there may be more: --all lists every one, --limit N more or fewer{})",
             if a.newest { "newest" } else { "oldest" },
@@ -742,6 +716,74 @@ pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+const TASK_HEAD: [&str; 7] = [
+    "TASK", "STATUS", "ATTEMPT", "WORKER", "KIND", "PRIO", "NAME",
+];
+
+/// A task's row in `tether tasks`.
+fn task_row(t: &Value) -> Vec<String> {
+    vec![
+        s(&t["task_id"]),
+        s(&t["status"]),
+        t["attempt"].to_string(),
+        // The lease's worker; once it ended, the last attempt's.
+        match &t["lease"]["worker"] {
+            Value::Null => s(t["attempts"]
+                .as_array()
+                .and_then(|a| a.last())
+                .map_or(&Value::Null, |a| &a["worker"])),
+            w => s(w),
+        },
+        s(&t["spec"]["kind"]),
+        t["spec"]["priority"].to_string(),
+        s(&t["spec"]["name"]),
+    ]
+}
+
+/// `tether tasks --all` printed page by page, each page as it is read, so the listing is never
+/// held whole: with `--json` one JSON array (the same line as a listing of one page), element
+/// by element; else one table whose columns widen where a later page needs it.
+struct Listing {
+    json: bool,
+    /// Tasks printed so far.
+    printed: usize,
+    table: Table,
+}
+
+impl Listing {
+    fn new(json: bool) -> Self {
+        Listing {
+            json,
+            printed: 0,
+            table: Table::new(&TASK_HEAD),
+        }
+    }
+
+    fn page(&mut self, tasks: &[Value]) -> anyhow::Result<()> {
+        if !self.json {
+            let rows: Vec<Vec<String>> = tasks.iter().map(task_row).collect();
+            self.printed += rows.len();
+            return self.table.print(&rows);
+        }
+        let mut text = String::new();
+        for t in tasks {
+            text.push(if self.printed == 0 { '[' } else { ',' });
+            text.push_str(&t.to_string());
+            self.printed += 1;
+        }
+        crate::output::part(&text)
+    }
+
+    fn end(mut self) -> anyhow::Result<()> {
+        match (self.json, self.printed) {
+            (true, 0) => outln!("[]"),
+            (true, _) => outln!("]"),
+            // The head, if no page had a row to print it with.
+            (false, _) => self.table.print(&[]),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -1074,41 +1116,73 @@ fn rows_of(v: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
 const CELL_SHOWN: usize = 200;
 
 fn print_table(head: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
-    for line in table_lines(head, rows) {
-        outln!("{line}")?;
-    }
-    Ok(())
+    Table::new(head).print(rows)
 }
 
 /// The lines of a table: a head, then a line a row, columns padded to their widest cell.
+#[cfg(test)]
 fn table_lines(head: &[&str], rows: &[Vec<String>]) -> Vec<String> {
-    let rows: Vec<Vec<String>> = rows
-        .iter()
-        // Every cell escaped: a task's output (a result's `stdout_tail`) is anyone's bytes, and
-        // JSON leaves C1 controls and bidirectional overrides as they are.
-        .map(|r| r.iter().map(|c| cut_line(&shown(c), CELL_SHOWN)).collect())
-        .collect();
-    let mut widths: Vec<usize> = head.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count());
+    Table::new(head).lines(rows)
+}
+
+/// A table printed in parts (a listing page by page): its head before the first part, each
+/// column padded to its widest cell so far. A later part with a wider cell widens the column
+/// from there on; the lines printed before stay as they were.
+struct Table {
+    head: Vec<String>,
+    widths: Vec<usize>,
+    /// The head is printed.
+    started: bool,
+}
+
+impl Table {
+    fn new(head: &[&str]) -> Self {
+        Table {
+            head: head.iter().map(|h| h.to_string()).collect(),
+            widths: head.iter().map(|h| h.chars().count()).collect(),
+            started: false,
         }
     }
-    let line = |cells: &[String]| {
-        let parts: Vec<String> = cells
+
+    /// Prints `rows` (and the head, the first time).
+    fn print(&mut self, rows: &[Vec<String>]) -> anyhow::Result<()> {
+        for line in self.lines(rows) {
+            outln!("{line}")?;
+        }
+        Ok(())
+    }
+
+    /// The lines [`Table::print`] prints.
+    fn lines(&mut self, rows: &[Vec<String>]) -> Vec<String> {
+        let rows: Vec<Vec<String>> = rows
             .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let pad = widths[i].saturating_sub(c.chars().count());
-                format!("{c}{}", " ".repeat(pad))
-            })
+            // Every cell escaped: a task's output (a result's `stdout_tail`) is anyone's bytes,
+            // and JSON leaves C1 controls and bidirectional overrides as they are.
+            .map(|r| r.iter().map(|c| cut_line(&shown(c), CELL_SHOWN)).collect())
             .collect();
-        parts.join("  ").trim_end().to_owned()
-    };
-    let head: Vec<String> = head.iter().map(|h| h.to_string()).collect();
-    std::iter::once(line(&head))
-        .chain(rows.iter().map(|r| line(r)))
-        .collect()
+        for r in &rows {
+            for (i, c) in r.iter().enumerate() {
+                self.widths[i] = self.widths[i].max(c.chars().count());
+            }
+        }
+        let widths = &self.widths;
+        let line = |cells: &[String]| {
+            let parts: Vec<String> = cells
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let pad = widths[i].saturating_sub(c.chars().count());
+                    format!("{c}{}", " ".repeat(pad))
+                })
+                .collect();
+            parts.join("  ").trim_end().to_owned()
+        };
+        let head = (!self.started).then(|| line(&self.head));
+        self.started = true;
+        head.into_iter()
+            .chain(rows.iter().map(|r| line(r)))
+            .collect()
+    }
 }
 
 /// Serves `app` on a loopback port for a test; its address.

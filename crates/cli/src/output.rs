@@ -7,6 +7,19 @@
 /// and says so. Shared with `tether proxy`'s commands, which live in the fault proxy's crate.
 pub use tether_faultproxy::cli::{StdoutClosed as Closed, out_line as line};
 
+/// Writes `text`, part of a line of a command's output, and sends it on its way at once (a
+/// listing printed page by page reaches its reader a page at a time); as [`line`] does, says
+/// [`Closed`] when the reader has gone.
+pub fn part(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Closed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot write to standard output")),
+    }
+}
+
 /// Whether `e` is standard output's reader having gone (see [`Closed`]).
 pub fn is_closed(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.is::<Closed>())

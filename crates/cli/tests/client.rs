@@ -1,0 +1,118 @@
+//! The `tether` binary's client commands against a fake coordinator on a loopback port: what
+//! they print, and when.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// A task as the listing gives it.
+fn task(seq: u64) -> Value {
+    json!({
+        "task_id": format!("t-{seq}"),
+        "status": "queued",
+        "attempt": 0,
+        "submit_seq": seq,
+        "spec": {"kind": "command", "priority": 5},
+    })
+}
+
+/// A coordinator whose listing has three tasks, in pages of two: it answers the second page
+/// once `printed` is set, or after 10 s; whether it was set by then is sent on `seen`.
+async fn paged_coordinator(
+    printed: Arc<AtomicBool>,
+    seen: tokio::sync::mpsc::UnboundedSender<bool>,
+) -> String {
+    let list = move |axum::extract::Query(q): axum::extract::Query<
+        std::collections::HashMap<String, String>,
+    >| {
+        let (printed, seen) = (printed.clone(), seen.clone());
+        async move {
+            if q.get("after_seq").map(String::as_str) != Some("2") {
+                return axum::Json(json!([task(1), task(2)]));
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !printed.load(Ordering::SeqCst) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = seen.send(printed.load(Ordering::SeqCst));
+            axum::Json(json!([task(3)]))
+        }
+    };
+    let app = axum::Router::new().route("/api/v1/tasks", axum::routing::get(list));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+/// `tether tasks --all` prints each page as it comes, not the whole listing once read (which
+/// it held in memory): the first page's tasks are on its output before the second is asked
+/// for, and the JSON is one array still.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_all_prints_each_page_before_asking_for_the_next() {
+    for json in [true, false] {
+        let printed = Arc::new(AtomicBool::new(false));
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let base = paged_coordinator(printed.clone(), seen_tx).await;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
+        cmd.args(["tasks", "--all", "--limit", "2", "--coordinator", &base])
+            .env_remove("TETHER_LOG")
+            .env_remove("TETHER_TOKEN")
+            .env_remove("TETHER_TOKEN_FILE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if json {
+            cmd.arg("--json");
+        }
+        let mut child = cmd.spawn().expect("run tether tasks");
+        let mut stdout = child.stdout.take().expect("stdout");
+        // Reads the output as it comes; says when the first page's last task is on it.
+        let reader = std::thread::spawn(move || {
+            let (mut out, mut buf) = (Vec::new(), [0u8; 4096]);
+            loop {
+                match stdout.read(&mut buf) {
+                    Ok(0) | Err(_) => return out,
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                }
+                if String::from_utf8_lossy(&out).contains("t-2") {
+                    printed.store(true, Ordering::SeqCst);
+                }
+            }
+        });
+        let status = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .expect("joined")
+            .expect("tether tasks ends");
+        let out = String::from_utf8(reader.join().expect("reader")).expect("UTF-8");
+        let err = String::from_utf8_lossy(&status.stderr);
+        assert!(status.status.success(), "json {json}: {err}");
+        assert_eq!(
+            seen.recv().await,
+            Some(true),
+            "json {json}: the first page was printed before the second was asked for: {out}"
+        );
+        if json {
+            let v: Value = serde_json::from_str(&out).expect("one JSON array");
+            let ids: Vec<&str> = v
+                .as_array()
+                .expect("an array")
+                .iter()
+                .filter_map(|t| t["task_id"].as_str())
+                .collect();
+            assert_eq!(ids, ["t-1", "t-2", "t-3"]);
+            assert_eq!(out.lines().count(), 1, "{out}");
+        } else {
+            let lines: Vec<&str> = out.lines().collect();
+            assert_eq!(lines.len(), 4, "a head and three rows: {out}");
+            assert!(lines[0].starts_with("TASK"), "{out}");
+            assert!(lines[3].starts_with("t-3"), "{out}");
+        }
+    }
+}
