@@ -638,20 +638,34 @@ async fn send(a: &SubmitArgs) -> anyhow::Result<(Api, BTreeSet<String>)> {
                 .to_owned(),
         })
     })?;
+    let ids = submitted_ids(&v, body["tasks"].as_array().map_or(0, Vec::len))?;
     if a.common.json {
         outln!("{v}")?;
     } else {
-        for id in v["task_ids"].as_array().into_iter().flatten() {
-            outln!("{}", id.as_str().unwrap_or_default())?;
+        for id in &ids {
+            outln!("{}", shown(id))?;
         }
     }
-    let ids = v["task_ids"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|id| id.as_str().map(str::to_owned))
-        .collect();
-    Ok((api, ids))
+    Ok((api, ids.into_iter().collect()))
+}
+
+/// The ids of the `sent` tasks from the answer `v` to their submission: an id each, or an
+/// error that shows what came instead (a success without them, from a proxy or another
+/// server, submitted nothing that can be named, watched or checked).
+fn submitted_ids(v: &Value, sent: usize) -> anyhow::Result<Vec<String>> {
+    let ids: Option<Vec<String>> = v["task_ids"].as_array().and_then(|ids| {
+        ids.iter()
+            .map(|id| id.as_str().map(str::to_owned))
+            .collect()
+    });
+    match ids {
+        Some(ids) if ids.len() == sent => Ok(ids),
+        _ => bail!(
+            "the coordinator's answer to the submission of {sent} task(s) does not name one task \
+             id each (task_ids): it answered {}",
+            cut_line(&shown(&v.to_string()), CONFIG_SHOWN)
+        ),
+    }
 }
 
 #[derive(Args)]
@@ -1567,6 +1581,35 @@ mod tests {
         let said = crate::output::describe(&e);
         assert!(said.contains("cannot reach"), "{said}");
         assert!(!said.contains("unknown"), "{said}");
+    }
+
+    /// A success that names no task (`200 {}`, say from a proxy or another server) is no
+    /// submission to report: an error showing what came, not an empty success.
+    #[tokio::test]
+    async fn a_submission_answered_without_task_ids_is_an_error() {
+        let answer = |v: Value| {
+            let app = axum::Router::new().route(
+                "/api/v1/tasks",
+                axum::routing::post(move || async move { axum::Json(v) }),
+            );
+            serve_for_test(app)
+        };
+        for v in [json!({}), json!({"task_ids": []}), json!({"task_ids": [1]})] {
+            let shows = format!("it answered {v}");
+            let url = format!("http://{}", answer(v).await);
+            let args = ["--coordinator", url.as_str(), "--", "true"];
+            let e = submit(submit_args(&args).expect("parsed"))
+                .await
+                .expect_err("no task named");
+            let said = format!("{e:#}");
+            assert!(said.contains("task_ids"), "{said}");
+            assert!(said.contains(&shows), "{said}");
+        }
+        let url = format!("http://{}", answer(json!({"task_ids": ["t-1"]})).await);
+        let args = ["--coordinator", url.as_str(), "--", "true"];
+        submit(submit_args(&args).expect("parsed"))
+            .await
+            .expect("one task, one id");
     }
 
     /// A proxy from the environment (here given to the builder, as reqwest would take it from
