@@ -36,22 +36,32 @@ pub const TOKEN_ENV: &str = "TETHER_TOKEN";
 
 /// The API token from `--token-file`, else from `TETHER_TOKEN`, else none.
 fn api_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
-    let raw = match file {
+    let (raw, source) = match file {
         Some(f) => {
             crate::run::warn_if_open(f, "the API token file");
-            std::fs::read_to_string(f)
-                .with_context(|| format!("cannot read token file {}", f.display()))?
+            let raw = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read token file {}", f.display()))?;
+            (raw, format!("the token file {}", f.display()))
         }
         None => match std::env::var(TOKEN_ENV) {
-            Ok(t) => t,
+            Ok(t) => (t, TOKEN_ENV.to_owned()),
             Err(_) => return Ok(None),
         },
     };
+    token_of(&raw, &source).map(Some)
+}
+
+/// The token `raw` holds (read from `source`), or why it holds none: an empty one is said to
+/// be empty (an exported `TETHER_TOKEN=`), not to hold spaces.
+fn token_of(raw: &str, source: &str) -> anyhow::Result<String> {
     let token = raw.trim();
-    if token.is_empty() || token.contains(char::is_whitespace) {
-        bail!("the API token must be one line without spaces");
+    if token.is_empty() {
+        bail!("{source} is empty: give the API token there, or unset it to send none");
     }
-    Ok(Some(token.to_owned()))
+    if token.contains(char::is_whitespace) {
+        bail!("the API token in {source} must be one line without spaces");
+    }
+    Ok(token.to_owned())
 }
 
 pub(crate) struct Api {
@@ -1610,6 +1620,17 @@ mod tests {
         submit(submit_args(&args).expect("parsed"))
             .await
             .expect("one task, one id");
+    }
+
+    #[test]
+    fn an_empty_token_is_said_to_be_empty_not_to_hold_spaces() {
+        for raw in ["", " \n"] {
+            let e = token_of(raw, TOKEN_ENV).expect_err("empty");
+            assert!(e.to_string().starts_with("TETHER_TOKEN is empty"), "{e}");
+        }
+        let e = token_of("a b", TOKEN_ENV).expect_err("two words");
+        assert!(e.to_string().contains("one line without spaces"), "{e}");
+        assert_eq!(token_of(" s3cret\n", TOKEN_ENV).expect("a token"), "s3cret");
     }
 
     /// A proxy from the environment (here given to the builder, as reqwest would take it from

@@ -26,9 +26,11 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Distributed test and benchmark runs that survive bad networks"
 )]
 struct Cli {
-    /// Log filter (e.g. info, debug, tether_worker=debug).
-    #[arg(long, global = true, env = "TETHER_LOG", default_value = "info")]
-    log: String,
+    /// Log filter (e.g. info, debug, tether_worker=debug). Default: info; warn for the client
+    /// commands (they print their own output), error for demo, e2e and stress (their own
+    /// narrative).
+    #[arg(long, global = true, env = "TETHER_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -99,14 +101,13 @@ fn main() -> std::process::ExitCode {
         || matches!(&cli.cmd, Cmd::Submit(s) if !s.watch)
         || matches!(&cli.cmd, Cmd::Proxy(p) if p.is_client());
     // Client commands print their own output and log only warnings; the demo prints its own
-    // narrative and logs only errors unless a level was asked for.
+    // narrative and logs only errors. A level asked for (--log, TETHER_LOG) is what it says.
     let quiet = client || matches!(cli.cmd, Cmd::Submit(_) | Cmd::Watch(_));
-    let level = if quiet {
-        "warn"
-    } else if matches!(cli.cmd, Cmd::Demo(_) | Cmd::E2e(_) | Cmd::Stress(_)) && cli.log == "info" {
-        "error"
-    } else {
-        cli.log.as_str()
+    let level = match cli.log.as_deref().filter(|l| !l.is_empty()) {
+        Some(asked) => asked,
+        None if quiet => "warn",
+        None if matches!(cli.cmd, Cmd::Demo(_) | Cmd::E2e(_) | Cmd::Stress(_)) => "error",
+        None => "info",
     };
     let filter = match tracing_subscriber::EnvFilter::try_new(level) {
         Ok(f) => f,

@@ -188,3 +188,50 @@ fn a_watch_that_cannot_start_exits_2_not_the_1_of_a_task_that_failed() {
         assert!(err.starts_with("error"), "{what}: {err}");
     }
 }
+
+/// A log filter asked for (`--log`, `TETHER_LOG`) is used by the client commands too, whose
+/// default stays warnings only; it was replaced by `warn` in silence. An exported but empty
+/// `TETHER_TOKEN` is said to be empty, not to hold spaces.
+#[test]
+fn a_client_command_logs_at_the_level_asked_and_says_an_empty_token_is_empty() {
+    let closed = closed_port();
+    let tasks = ["tasks".as_ref(), "--coordinator".as_ref(), closed.as_ref()];
+    let debug_lines = |out: &Output| {
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| l.contains(" DEBUG "))
+            .count()
+    };
+    let quiet = tether(&tasks);
+    assert_eq!(quiet.status.code(), Some(1));
+    assert_eq!(debug_lines(&quiet), 0, "warnings only by default");
+    let flag = tether(&[&["--log".as_ref(), "debug".as_ref()][..], &tasks].concat());
+    assert!(
+        debug_lines(&flag) > 0,
+        "--log debug: {}",
+        String::from_utf8_lossy(&flag.stderr)
+    );
+    let env = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(tasks)
+        .env("TETHER_LOG", "debug")
+        .env_remove("TETHER_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tether");
+    assert!(
+        debug_lines(&env) > 0,
+        "TETHER_LOG=debug: {}",
+        String::from_utf8_lossy(&env.stderr)
+    );
+    let empty = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(tasks)
+        .env_remove("TETHER_LOG")
+        .env("TETHER_TOKEN", "")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tether");
+    let err = String::from_utf8_lossy(&empty.stderr);
+    assert_eq!(empty.status.code(), Some(1), "{err}");
+    assert!(err.contains("TETHER_TOKEN is empty"), "{err}");
+    assert!(!err.contains("without spaces"), "{err}");
+}
