@@ -454,8 +454,15 @@ impl Agent {
         }
         let outbox = Arc::new(outbox);
         let mut runner = Runner::new(executors, outbox.clone(), cfg.checkpoint_chunk_size)
-            .with_max_frame(cfg.max_frame)
-            .with_local_checkpoints(restored.checkpoints);
+            .with_max_frame(cfg.max_frame);
+        if let Some(sd) = &state {
+            // The lost tasks' checkpoints stay on disk: read when one comes back here.
+            let sd = sd.clone();
+            runner = runner.with_local_checkpoints(
+                restored.checkpoints,
+                Arc::new(move |task| sd.latest_checkpoint(task).map_err(|e| e.to_string())),
+            );
+        }
         let boot_id = format!("b-{}", uuid::Uuid::new_v4().simple());
         // A task's checkpoint directory (`$TETHER_CHECKPOINT_DIR` of a `command` task) lives in
         // the state directory, or without one in a directory of this agent's own under the

@@ -26,6 +26,7 @@ use crate::executor::{
 };
 use crate::fetch::{FETCH_PIECE, FetchError, Fetches, Wanted, fetch};
 use crate::outbox::{Class, Outbox};
+use crate::statedir::LocalCheckpoint;
 
 /// Finished attempts remembered to ignore a duplicated assignment.
 const DONE_MEMORY: usize = 4096;
@@ -46,6 +47,11 @@ pub type FinishedHook = Arc<dyn Fn(&TaskId, Attempt) + Send + Sync>;
 
 /// Called when a task enters the running set, before anything can report it running.
 pub type StartHook = Arc<dyn Fn(&TaskId, Attempt) + Send + Sync>;
+
+/// Reads the latest checkpoint kept locally for a task (the state directory's). Called on the
+/// blocking pool, when an attempt resumes from it.
+pub type CheckpointLoader =
+    Arc<dyn Fn(&TaskId) -> Result<Option<StoredCheckpoint>, String> + Send + Sync>;
 
 /// Why a running task was stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,9 +107,12 @@ pub struct Runner {
     on_checkpoint: Option<CheckpointSink>,
     on_finished: Option<FinishedHook>,
     on_started: Option<StartHook>,
-    /// Checkpoints of tasks lost with the previous process, from the state directory: a
-    /// fallback when the same task comes back with an older checkpoint or none.
-    local_checkpoints: Mutex<HashMap<TaskId, StoredCheckpoint>>,
+    /// Checkpoints of tasks lost with the previous process, kept in the state directory: a
+    /// fallback when the same task comes back with an older checkpoint or none. Known here by
+    /// id only: most such tasks go to other workers, and their bytes are read
+    /// (`load_local`) only when one comes back.
+    local_checkpoints: Mutex<HashMap<TaskId, LocalCheckpoint>>,
+    load_local: Option<CheckpointLoader>,
     /// Checkpoints being fetched for resumed attempts.
     fetches: Fetches,
     /// Cancelled at shutdown: a re-upload waiting for room in the outbox gives up.
@@ -161,18 +170,34 @@ async fn remove_checkpoint_dir(dir: PathBuf) {
     }
 }
 
+/// The checkpoint an assignment carries with its bytes.
+fn inline(
+    r: &tether_proto::msg::CheckpointBlob,
+    data: &tether_proto::task::Blob,
+) -> StoredCheckpoint {
+    StoredCheckpoint {
+        id: r.checkpoint_id.clone(),
+        attempt: r.attempt,
+        data: Arc::new(data.0.clone()),
+        piece: 0,
+    }
+}
+
 /// Where an attempt resumes from.
 #[derive(Debug)]
 enum Resume {
     Afresh,
-    /// A checkpoint at hand: the coordinator's, sent with the assignment, or this worker's own,
-    /// kept on disk from an earlier attempt lost with the previous process. That one stays
-    /// kept under the lost attempt until this task's next attempt here ends (or the next start
-    /// finds the task neither running nor lost), so a second crash finds it again.
+    /// The coordinator's checkpoint, sent with the assignment.
     From(StoredCheckpoint),
+    /// This worker's own, kept on disk from an earlier attempt lost with the previous process:
+    /// read before the attempt runs. It stays kept under the lost attempt until this task's
+    /// next attempt here ends (or the next start finds the task neither running nor lost), so
+    /// a second crash finds it again. With the coordinator's older one, if it sent its bytes:
+    /// resumed from should the local one not read.
+    Local(LocalCheckpoint, Option<StoredCheckpoint>),
     /// The coordinator's checkpoint, named without its bytes: fetched before the attempt runs
-    /// (with an older one of this worker's to fall back on, if it has one).
-    Fetch(Wanted, Option<StoredCheckpoint>),
+    /// (with an older one of this worker's to fall back on, if it has one, read first).
+    Fetch(Wanted, Option<LocalCheckpoint>),
 }
 
 impl std::fmt::Debug for Runner {
@@ -199,6 +224,7 @@ impl Runner {
             on_finished: None,
             on_started: None,
             local_checkpoints: Mutex::default(),
+            load_local: None,
             fetches: Fetches::default(),
             stopping: CancellationToken::new(),
         }
@@ -241,16 +267,44 @@ impl Runner {
             .store(coordinator.unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
-    /// Checkpoints kept locally for tasks lost with the previous process.
+    /// Checkpoints kept locally for tasks lost with the previous process, described; `load`
+    /// reads one's bytes when its task comes back.
     pub fn with_local_checkpoints(
-        self,
-        cps: impl IntoIterator<Item = (TaskId, StoredCheckpoint)>,
+        mut self,
+        cps: impl IntoIterator<Item = (TaskId, LocalCheckpoint)>,
+        load: CheckpointLoader,
     ) -> Self {
         *self
             .local_checkpoints
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = cps.into_iter().collect();
+        self.load_local = Some(load);
         self
+    }
+
+    /// Reads the local checkpoint `local` of `shared`'s task into its `latest`, on the
+    /// blocking pool. One that cannot be read, or was replaced meanwhile, is logged and left:
+    /// the attempt resumes from what `latest` holds, or afresh.
+    async fn load_local(&self, shared: &TaskShared, local: &LocalCheckpoint) {
+        let Some(load) = self.load_local.clone() else {
+            return;
+        };
+        let task = shared.task_id.clone();
+        let read = tokio::task::spawn_blocking(move || load(&task))
+            .await
+            .unwrap_or_else(|e| Err(format!("the read panicked: {e}")));
+        match read {
+            Ok(Some(cp)) if cp.id == local.id => {
+                tracing::info!(task = %shared.task_id, attempt = %shared.attempt, checkpoint = %cp.id, bytes = cp.data.len(), "local checkpoint read");
+                *shared.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(cp);
+            }
+            Ok(other) => {
+                tracing::error!(task = %shared.task_id, attempt = %shared.attempt, checkpoint = %local.id, found = ?other.map(|c| c.id), "the local checkpoint is no longer kept; the task resumes without it");
+            }
+            Err(error) => {
+                tracing::error!(task = %shared.task_id, attempt = %shared.attempt, checkpoint = %local.id, %error, "cannot read the local checkpoint; the task resumes without it");
+            }
+        }
     }
 
     /// The checkpoint an assignment resumes from: the coordinator's, unless this worker holds a
@@ -274,27 +328,22 @@ impl Runner {
         match (local, remote) {
             (Some(l), None) => {
                 tracing::info!(task = %a.task_id, checkpoint = %l.id, "resuming from the local checkpoint: the coordinator sent none");
-                Resume::From(l)
+                Resume::Local(l, None)
             }
             (Some(l), Some(r))
                 if l.attempt > r.attempt || (l.attempt == r.attempt && l.id != r.checkpoint_id) =>
             {
                 tracing::info!(task = %a.task_id, local = %l.id, remote = %r.checkpoint_id, "resuming from the local checkpoint: newer than the coordinator's");
-                Resume::From(l)
+                Resume::Local(l, r.data.as_ref().map(|data| inline(r, data)))
             }
             (_, None) => Resume::Afresh,
             // The very checkpoint the coordinator would have this worker fetch: no need.
             (Some(l), Some(r)) if l.id == r.checkpoint_id && r.data.is_none() => {
                 tracing::info!(task = %a.task_id, checkpoint = %l.id, "resuming from the local copy of the coordinator's checkpoint");
-                Resume::From(l)
+                Resume::Local(l, None)
             }
             (local, Some(r)) => match (&r.data, r.size) {
-                (Some(data), _) => Resume::From(StoredCheckpoint {
-                    id: r.checkpoint_id.clone(),
-                    attempt: r.attempt,
-                    data: Arc::new(data.0.clone()),
-                    piece: 0,
-                }),
+                (Some(data), _) => Resume::From(inline(r, data)),
                 (None, Some(size)) => Resume::Fetch(
                     Wanted {
                         id: r.checkpoint_id.clone(),
@@ -374,7 +423,7 @@ impl Runner {
     /// Starts an assignment, unless this attempt already runs or finished here.
     pub fn assign(self: &Arc<Self>, a: TaskAssignment) {
         let key = (a.task_id.clone(), a.attempt);
-        let (shared, fetch, predecessor) = {
+        let (shared, local, fetch, predecessor) = {
             let mut t = self.table();
             if t.done.contains(&key) {
                 tracing::debug!(task = %a.task_id, attempt = %a.attempt, "assignment of a finished attempt ignored");
@@ -392,10 +441,11 @@ impl Runner {
                 r.shared.cancel.cancel();
                 predecessor = Some(r.shared.clone());
             }
-            let (latest, fetch) = match self.resume_point(&a) {
-                Resume::Afresh => (None, None),
-                Resume::From(cp) => (Some(cp), None),
-                Resume::Fetch(wanted, fallback) => (fallback, Some(wanted)),
+            let (latest, local, fetch) = match self.resume_point(&a) {
+                Resume::Afresh => (None, None, None),
+                Resume::From(cp) => (Some(cp), None, None),
+                Resume::Local(local, fallback) => (fallback, Some(local), None),
+                Resume::Fetch(wanted, fallback) => (None, fallback, Some(wanted)),
             };
             let shared = TaskShared::new(a.task_id.clone(), a.attempt, latest);
             // Under the table lock, so `active()` never shows a task not yet recorded.
@@ -410,7 +460,7 @@ impl Runner {
                     ending: false,
                 },
             );
-            (shared, fetch, predecessor)
+            (shared, local, fetch, predecessor)
         };
         let this = self.clone();
         let grace = self
@@ -421,7 +471,7 @@ impl Runner {
             if let Some(older) = predecessor {
                 wait_for_predecessor(&older, &shared, grace).await;
             }
-            this.execute(a, shared, fetch).await
+            this.execute(a, shared, local, fetch).await
         });
     }
 
@@ -469,6 +519,7 @@ impl Runner {
         self: Arc<Self>,
         a: TaskAssignment,
         shared: Arc<TaskShared>,
+        local: Option<LocalCheckpoint>,
         fetch: Option<Wanted>,
     ) {
         let task_id = a.task_id.clone();
@@ -498,6 +549,9 @@ impl Runner {
         // The attempt's timeout covers the fetch of its checkpoint: the coordinator's
         // backstop counts from the lease.
         let run = async {
+            if let Some(local) = &local {
+                self.load_local(&shared, local).await;
+            }
             if let Some(wanted) = &fetch
                 && !self.fetch_checkpoint(&shared, wanted).await
             {
@@ -930,6 +984,7 @@ mod tests {
     use super::*;
     use crate::executor::{ExecError, Executor, TaskCtx, TaskInput};
     use crate::outbox::Limits;
+    use crate::statedir::StateDir;
 
     /// Returns the checkpoint it was started with.
     struct Echo;
@@ -1717,7 +1772,6 @@ mod tests {
     /// stopped reports nothing.
     #[tokio::test(start_paused = true)]
     async fn a_result_finished_while_the_worker_shuts_down_is_queued_and_journaled() {
-        use crate::statedir::StateDir;
         let dir = tempfile::tempdir().expect("tempdir");
         let worker = tether_proto::WorkerId::parse("w").expect("id");
         let (sd, _) = StateDir::open(dir.path(), &worker).expect("state dir");
@@ -1770,6 +1824,23 @@ mod tests {
         assert_eq!(journaled, ["finished"]);
     }
 
+    impl Runner {
+        /// With `local` as the checkpoints kept for lost tasks, read from memory.
+        fn with_kept(self, local: Vec<(TaskId, StoredCheckpoint)>) -> Self {
+            let described = local.iter().map(|(t, c)| {
+                let l = LocalCheckpoint {
+                    id: c.id.clone(),
+                    attempt: c.attempt,
+                    bytes: c.data.len() as u64,
+                };
+                (t.clone(), l)
+            });
+            let described: Vec<_> = described.collect();
+            let kept: HashMap<TaskId, StoredCheckpoint> = local.into_iter().collect();
+            self.with_local_checkpoints(described, Arc::new(move |t| Ok(kept.get(t).cloned())))
+        }
+    }
+
     fn stored(id: &str, attempt: u32, data: &str) -> StoredCheckpoint {
         StoredCheckpoint {
             id: CheckpointId::parse(id).expect("id"),
@@ -1804,9 +1875,7 @@ mod tests {
         let mut executors = Executors::default();
         executors.register("echo", Echo);
         let outbox = Arc::new(Outbox::new(Limits::default()));
-        let runner = Arc::new(
-            Runner::new(executors, outbox.clone(), 64 * 1024).with_local_checkpoints(local),
-        );
+        let runner = Arc::new(Runner::new(executors, outbox.clone(), 64 * 1024).with_kept(local));
         for a in assignments {
             runner.assign(a);
         }
@@ -1837,9 +1906,7 @@ mod tests {
             (id("fallback"), stored("f-old", 1, "local")),
             (id("same"), stored("s-2", 2, "mine")),
         ];
-        let runner = Arc::new(
-            Runner::new(executors, outbox.clone(), 64 * 1024).with_local_checkpoints(local),
-        );
+        let runner = Arc::new(Runner::new(executors, outbox.clone(), 64 * 1024).with_kept(local));
         let named = [
             ("fetched", "x-2"),
             ("gone", "g-2"),
@@ -1858,11 +1925,10 @@ mod tests {
         }
         // What the tasks sent: the fetches to answer, and a result already (the one that
         // resumed from its own copy).
+        // (The local fallback is read on the blocking pool first: a wait with a deadline.)
         let (mut fetches, mut sent) = (Vec::new(), Vec::new());
-        for _ in 0..1000 {
-            if fetches.len() >= 3 {
-                break;
-            }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while fetches.len() < 3 && std::time::Instant::now() < deadline {
             tokio::task::yield_now().await;
             for (_, m) in outbox.take_unsent(10) {
                 match m.as_ref() {
@@ -1907,6 +1973,55 @@ mod tests {
         assert_eq!(results["same"], "mine", "not fetched: held here already");
         assert_eq!(results["fallback"], "local");
         assert_eq!(runner.running_count(), 0);
+    }
+
+    /// The checkpoints of tasks lost with the previous process stay on disk: the state
+    /// directory describes them, the runner knows them by id, and reads one (once) only when
+    /// its task comes back here, resuming from it. Most never come back: holding their bytes
+    /// from the start on, for the life of the process, cost the memory of them all.
+    #[tokio::test]
+    async fn a_lost_tasks_checkpoint_is_read_from_the_state_dir_only_when_the_task_comes_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let worker = tether_proto::WorkerId::parse("w").expect("id");
+        let id = |s: &str| TaskId::parse(s).expect("id");
+        {
+            let (sd, _) = StateDir::open(dir.path(), &worker).expect("open");
+            for (task, data) in [("back", "5"), ("elsewhere", "big")] {
+                sd.task_started(&id(task), Attempt(1)).expect("start");
+                let cp = stored(&format!("c-{task}"), 1, data);
+                sd.store_checkpoint(&id(task), &cp).expect("checkpoint");
+            }
+        }
+        let (sd, restored) = StateDir::open(dir.path(), &worker).expect("reopen");
+        let described: HashMap<_, _> = restored.checkpoints.iter().cloned().collect();
+        assert_eq!(described.len(), 2, "{described:?}");
+        assert_eq!(described[&id("elsewhere")].bytes, 3);
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let load: CheckpointLoader = {
+            let (sd, reads) = (sd.clone(), reads.clone());
+            Arc::new(move |task| {
+                reads.fetch_add(1, Ordering::SeqCst);
+                sd.latest_checkpoint(task).map_err(|e| e.to_string())
+            })
+        };
+        let mut executors = Executors::default();
+        executors.register("echo", Echo);
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner = Arc::new(
+            Runner::new(executors, outbox.clone(), 64 * 1024)
+                .with_local_checkpoints(restored.checkpoints, load),
+        );
+        assert_eq!(reads.load(Ordering::SeqCst), 0, "nothing read at start");
+        runner.assign(assignment("back", 2, None));
+        let results = results_once_ended(&runner, &outbox).await;
+        assert_eq!(results.len(), 1, "{results:?}");
+        let resumed = results[0].result.to_value().expect("JSON");
+        assert_eq!(resumed, "5", "resumed from the local checkpoint");
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            1,
+            "read once, for the task back"
+        );
     }
 
     #[tokio::test]

@@ -134,8 +134,19 @@ pub struct Restored {
     pub last_seq: Seq,
     /// Attempts that were running when a previous process died (reported as `lost`).
     pub lost: Vec<TaskRef>,
-    /// The latest checkpoint of each lost task (already uploaded by the process that wrote it).
-    pub checkpoints: Vec<(TaskId, StoredCheckpoint)>,
+    /// The latest checkpoint of each lost task (already uploaded by the process that wrote it),
+    /// described: its bytes stay on disk until a resume reads them
+    /// ([`StateDir::latest_checkpoint`]), since most lost tasks never come back to this worker.
+    pub checkpoints: Vec<(TaskId, LocalCheckpoint)>,
+}
+
+/// A checkpoint kept in the state directory, without its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalCheckpoint {
+    pub id: tether_proto::CheckpointId,
+    pub attempt: Attempt,
+    /// Its size.
+    pub bytes: u64,
 }
 
 impl StateDirError {
@@ -256,7 +267,7 @@ impl StateDir {
         let swept =
             checkpoints::sweep(&mut cp_conn, &needed).map_err(StateDirError::db(&cp_path))?;
         for t in &restored.lost {
-            if let Some(cp) = checkpoints::read(&cp_conn, &t.task_id, &cp_path)? {
+            if let Some(cp) = checkpoints::describe(&cp_conn, &t.task_id, &cp_path)? {
                 restored.checkpoints.push((t.task_id.clone(), cp));
             }
         }
@@ -390,8 +401,8 @@ impl StateDir {
     /// leave it, lost at the next start, without one. So a lost task's checkpoints go with the
     /// end of a newer attempt here (`task_finished` forgets every attempt up to its own), or at
     /// the next start, which sweeps away the checkpoints of tasks neither running nor lost.
-    /// Until then they take the disk they took before; the runner holds them in memory for as
-    /// long anyway.
+    /// Until then they take the disk they took before (and only the disk: the runner knows
+    /// them by id, and reads one when its task comes back).
     pub fn forget_lost(&self) -> Result<(), StateDirError> {
         self.conn()
             .execute("DELETE FROM lost", [])
@@ -892,6 +903,15 @@ mod tests {
         })
     }
 
+    /// The bytes of the `i`th lost task's checkpoint `restored` describes, read from `sd`.
+    fn kept(sd: &StateDir, restored: &Restored, i: usize) -> Vec<u8> {
+        let (task, local) = &restored.checkpoints[i];
+        let cp = sd.latest_checkpoint(task).expect("read").expect("kept");
+        assert_eq!((&cp.id, cp.attempt), (&local.id, local.attempt));
+        assert_eq!(cp.data.len() as u64, local.bytes);
+        cp.data.to_vec()
+    }
+
     fn checkpoint(attempt: u32, data: &[u8]) -> StoredCheckpoint {
         StoredCheckpoint {
             id: CheckpointId::random(),
@@ -1056,7 +1076,7 @@ mod tests {
         let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
         assert_eq!(restored.lost, vec![TaskRef::new(tid("long"), Attempt(1))]);
         assert_eq!(restored.checkpoints.len(), 1);
-        assert_eq!(restored.checkpoints[0].1.data.as_slice(), b"5");
+        assert_eq!(kept(&sd, &restored, 0), b"5");
         drop(sd);
         // Not yet told to a coordinator: still lost on the next start.
         let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
@@ -1114,7 +1134,7 @@ mod tests {
         let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
         assert_eq!(restored.lost, vec![TaskRef::new(tid("t"), Attempt(2))]);
         assert_eq!(restored.checkpoints.len(), 1, "the checkpoint survived");
-        assert_eq!(restored.checkpoints[0].1.data.as_slice(), b"5");
+        assert_eq!(kept(&sd, &restored, 0), b"5");
         // Handed back once more, run to its end here: every attempt's checkpoints go.
         sd.forget_lost().expect("forget");
         sd.task_started(&tid("t"), Attempt(3)).expect("start");
@@ -1456,7 +1476,7 @@ mod tests {
             assert_eq!(restored.lost, vec![TaskRef::new(tid("long"), Attempt(1))]);
             assert_eq!(restored.checkpoints.len(), 1, "{:?}", restored.checkpoints);
             assert_eq!(restored.checkpoints[0].0, tid("long"));
-            assert_eq!(restored.checkpoints[0].1.data.as_slice(), b"5");
+            assert_eq!(kept(&sd, &restored, 0), b"5");
             assert_eq!(restored.entries, vec![(Class::Result, r1.clone())]);
             assert_eq!(main_schema(&sd.conn()), (SCHEMA_VERSION, false));
             drop(sd);
@@ -1473,7 +1493,8 @@ mod tests {
         let big = vec![7u8; 4 << 20];
         schema_1_state_dir(dir.path(), &["long"], &[("long", 1, &big)], &[]);
         let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("open");
-        assert_eq!(restored.checkpoints[0].1.data.len(), big.len());
+        assert_eq!(restored.checkpoints[0].1.bytes, big.len() as u64);
+        assert_eq!(kept(&sd, &restored, 0), big);
         let (pages, free, page_size): (i64, i64, i64) = sd
             .conn()
             .query_row(
@@ -1504,7 +1525,7 @@ mod tests {
         std::fs::write(&half_made, b"SQLite format 3\0 and then nothing").expect("write");
         let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("open");
         assert_eq!(restored.checkpoints.len(), 1);
-        assert_eq!(restored.checkpoints[0].1.data.as_slice(), b"5");
+        assert_eq!(kept(&sd, &restored, 0), b"5");
         assert!(!half_made.exists());
         drop(sd);
         // Died after the rename: the file and the old table hold the same rows, worker.db is
@@ -1514,7 +1535,7 @@ mod tests {
         drop(sd);
         let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
         assert_eq!(restored.checkpoints.len(), 1);
-        assert_eq!(restored.checkpoints[0].1.data.as_slice(), b"5");
+        assert_eq!(kept(&sd, &restored, 0), b"5");
         assert_eq!(main_schema(&sd.conn()), (SCHEMA_VERSION, false));
         assert_eq!(checkpoint_rows(dir.path()), ["long"]);
     }
@@ -1538,7 +1559,8 @@ mod tests {
         let got: Vec<_> = restored
             .checkpoints
             .iter()
-            .map(|(t, cp)| (t.as_str().to_owned(), cp.data.to_vec()))
+            .enumerate()
+            .map(|(i, (t, _))| (t.as_str().to_owned(), kept(&sd, &restored, i)))
             .collect();
         assert_eq!(
             got,
@@ -1729,9 +1751,9 @@ mod tests {
         sd.store_checkpoint(&tid("long"), &checkpoint(1, b"6"))
             .expect("usable");
         drop(sd);
-        let (_sd, restored) = StateDir::open(killed.path(), &wid("w1")).expect("reopen");
+        let (sd, restored) = StateDir::open(killed.path(), &wid("w1")).expect("reopen");
         assert_eq!(restored.checkpoints.len(), 1);
-        assert_eq!(restored.checkpoints[0].1.data.as_slice(), b"6");
+        assert_eq!(kept(&sd, &restored, 0), b"6");
     }
 
     /// A database of a newer schema (a newer worker ran on the directory) is refused, and

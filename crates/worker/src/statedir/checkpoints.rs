@@ -218,6 +218,40 @@ pub(super) fn sweep(conn: &mut Connection, needed: &BTreeSet<String>) -> rusqlit
     Ok(swept)
 }
 
+/// What is kept of `task`'s latest checkpoint, without its bytes.
+pub(super) fn describe(
+    conn: &Connection,
+    task: &TaskId,
+    path: &Path,
+) -> Result<Option<super::LocalCheckpoint>, StateDirError> {
+    let row = conn
+        .query_row(
+            "SELECT checkpoint_id, attempt, length(data) FROM checkpoints WHERE task_id = ?1",
+            params![task.as_str()],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, u32>(1)?,
+                    r.get::<_, u64>(2)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(StateDirError::db(path))?;
+    let Some((id, attempt, bytes)) = row else {
+        return Ok(None);
+    };
+    let id = CheckpointId::parse(&id).map_err(|e| StateDirError::Corrupt {
+        path: path.to_owned(),
+        detail: format!("checkpoint id {id:?} of task {task}: {e}"),
+    })?;
+    Ok(Some(super::LocalCheckpoint {
+        id,
+        attempt: Attempt(attempt),
+        bytes,
+    }))
+}
+
 /// The latest checkpoint stored for `task`.
 pub(super) fn read(
     conn: &Connection,

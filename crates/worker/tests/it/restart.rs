@@ -95,10 +95,14 @@ fn a_checkpoint_a_newer_attempt_resumed_from_survives_forgetting_the_lost_one() 
         drop(running);
     });
     drop(rt);
-    let (_sd, restored) = StateDir::open(dir.path(), &id).expect("reopen");
+    let (sd, restored) = StateDir::open(dir.path(), &id).expect("reopen");
     assert_eq!(restored.lost, [TaskRef::new(task.clone(), Attempt(2))]);
     assert_eq!(restored.checkpoints.len(), 1, "{:?}", restored.checkpoints);
     let (t, cp) = &restored.checkpoints[0];
-    assert_eq!((t, &cp.id, cp.attempt), (&task, &cp_id, Attempt(1)));
-    assert_eq!(cp.data.as_slice(), b"7");
+    assert_eq!(
+        (t, &cp.id, cp.attempt, cp.bytes),
+        (&task, &cp_id, Attempt(1), 1)
+    );
+    let kept = sd.latest_checkpoint(&task).expect("read").expect("kept");
+    assert_eq!(kept.data.as_slice(), b"7");
 }
