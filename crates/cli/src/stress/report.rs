@@ -108,9 +108,9 @@ pub struct Report {
     /// Round trip of an acknowledged message (telemetry -> the commits before it -> ack) under load.
     pub message_latency_ms: Option<Dist>,
     /// Tasks submitted, dispatched, executed and durably recorded per second. steady_load:
-    /// results recorded while it submitted, over that time; checkpoint_heavy: its tasks over
-    /// the time from their submission to the last result recorded; mixed_priority: its tasks
-    /// over the time from the submission until a poll saw all ended. The notes say which.
+    /// results recorded while it submitted, over that time; checkpoint_heavy and
+    /// mixed_priority: their tasks over the time from their submission to the last result
+    /// recorded. The notes say which.
     pub tasks_per_s: Option<f64>,
     pub tasks: u64,
     pub checkpoints: Option<u64>,

@@ -59,36 +59,39 @@ struct Run {
     /// checkpoint_heavy: the crash, whose tasks must resume from their checkpoints; judged on
     /// the store in `finish`.
     crash: Option<Crash>,
-    /// checkpoint_heavy: the span its rates are over, ended in `finish` by the store's last
-    /// result.
+    /// checkpoint_heavy and mixed_priority: the span their rates are over, ended in `finish`
+    /// by the store's last result.
     span: Option<Span>,
 }
 
-/// checkpoint_heavy's measured span: from just before the submission until the last result
-/// the coordinator recorded (read from the store in [`Run::finish`]). The end mark follows
-/// the poll that saw every task end (up to 250 ms later) and waits for a fresh fleet status:
-/// over the time between the marks, the rates took in that slack.
+/// A scenario's measured span: from just before the submission until the last result the
+/// coordinator recorded (read from the store in [`Run::finish`]). The run saw that end later:
+/// at the poll that saw every task end (up to 250 ms after it), and in checkpoint_heavy at
+/// the end mark, after a fresh fleet status; rates over the time until then took in that
+/// slack.
 #[derive(Debug, Clone, Copy)]
 struct Span {
     from: chrono::DateTime<chrono::Utc>,
-    /// When the end mark, to which the messages are counted, was read.
+    /// When the run saw every task end: checkpoint_heavy's end mark, to which the messages
+    /// are counted; mixed_priority's poll that saw it.
     marked: chrono::DateTime<chrono::Utc>,
     tasks: u64,
-    /// Worker messages the coordinator handled from the first mark to the end mark.
-    messages: u64,
+    /// checkpoint_heavy: worker messages the coordinator handled from the first mark to the
+    /// end mark.
+    messages: Option<u64>,
 }
 
 impl Span {
     /// Seconds, tasks and worker messages per second from `from` until `last`, when the
     /// coordinator recorded the last result.
-    fn rates(&self, last: chrono::DateTime<chrono::Utc>) -> (f64, f64, f64) {
+    fn rates(&self, last: chrono::DateTime<chrono::Utc>) -> (f64, f64, Option<f64>) {
         let seconds = (last - self.from)
             .to_std()
             .unwrap_or_default()
             .as_secs_f64()
             .max(1e-6);
         let per_s = |n: u64| n as f64 / seconds;
-        (seconds, per_s(self.tasks), per_s(self.messages))
+        (seconds, per_s(self.tasks), self.messages.map(per_s))
     }
 }
 
@@ -954,8 +957,8 @@ impl Run {
     }
 }
 
-/// checkpoint_heavy's rates over `span`, ended by `last`: when the coordinator recorded the
-/// last counted result (none: no rates).
+/// checkpoint_heavy's and mixed_priority's rates over `span`, ended by `last`: when the
+/// coordinator recorded the last counted result (none: no rates).
 fn span_rates(r: &mut Report, span: &Span, last: Option<chrono::DateTime<chrono::Utc>>) {
     let Some(last) = last else {
         r.notes.push("no result recorded: no rates".to_owned());
@@ -963,12 +966,20 @@ fn span_rates(r: &mut Report, span: &Span, last: Option<chrono::DateTime<chrono:
     };
     let (seconds, tasks_per_s, messages_per_s) = span.rates(last);
     r.tasks_per_s = Some(tasks_per_s);
-    r.messages_per_s = Some(messages_per_s);
-    let tail = (span.marked - last).to_std().unwrap_or_default();
-    r.notes.push(format!(
-        "tasks and worker messages per second: over the {seconds:.2} s from just before the submission to the last result the coordinator recorded; the messages are counted until the end mark, {:.2} s after that result (after it only heartbeats flow)",
-        tail.as_secs_f64()
-    ));
+    r.messages_per_s = messages_per_s;
+    let tail = (span.marked - last)
+        .to_std()
+        .unwrap_or_default()
+        .as_secs_f64();
+    let tasks = span.tasks;
+    r.notes.push(match messages_per_s {
+        Some(_) => format!(
+            "tasks and worker messages per second: over the {seconds:.2} s from just before the submission to the last result the coordinator recorded; the messages are counted until the end mark, {tail:.2} s after that result (after it only heartbeats flow)"
+        ),
+        None => format!(
+            "tasks per second: the {tasks} tasks over the {seconds:.2} s from just before the submission to the last result the coordinator recorded; the poll that saw every task ended came {tail:.2} s after it"
+        ),
+    });
 }
 
 /// checkpoint_heavy's verdict on the store: every task whose attempt was running on a
@@ -1733,7 +1744,7 @@ async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
         from,
         marked: chrono::Utc::now(),
         tasks,
-        messages: m1.messages.saturating_sub(m0.messages),
+        messages: Some(m1.messages.saturating_sub(m0.messages)),
     });
     let s = run.fleet.now();
     let r = &mut run.report;
@@ -1756,7 +1767,7 @@ async fn mixed_priority(run: &mut Run) -> anyhow::Result<()> {
     let low = run.a.tasks.unwrap_or(20_000);
     let high = (low / 100).max(1);
     let cfg = json!({"ms": 20, "steps": 1, "report": false});
-    let t0 = Instant::now();
+    let from = chrono::Utc::now();
     run.submit((0..low).map(|_| spec("sleep", cfg.clone(), 9)).collect())
         .await?;
     let started = n.min(low);
@@ -1770,7 +1781,14 @@ async fn mixed_priority(run: &mut Run) -> anyhow::Result<()> {
     run.submit((0..high).map(|_| spec("sleep", cfg.clone(), 0)).collect())
         .await?;
     run.wait_all_terminal().await?;
-    run.report.tasks_per_s = Some((low + high) as f64 / t0.elapsed().as_secs_f64());
+    // The rate is set in `finish`, over the span to the last result the store records: the
+    // poll that saw every task end came up to 250 ms after it.
+    run.span = Some(Span {
+        from,
+        marked: chrono::Utc::now(),
+        tasks: low + high,
+        messages: None,
+    });
     run.report.notes.push(format!(
         "{low} tasks at priority 9, then {high} at priority 0; 20 ms each"
     ));
@@ -2449,7 +2467,7 @@ mod tests {
             // The end mark, after the poll that saw every task end: 400 ms late.
             marked: at(6_400),
             tasks: 200,
-            messages: 12_000,
+            messages: Some(12_000),
         };
         let mut r = Report::default();
         span_rates(&mut r, &span, Some(at(6_000)));
@@ -2463,6 +2481,33 @@ mod tests {
         let mut r = Report::default();
         span_rates(&mut r, &span, None);
         assert_eq!((r.tasks_per_s, r.messages_per_s), (None, None));
+    }
+
+    #[test]
+    fn mixed_priority_tasks_per_second_ends_at_the_last_result_recorded_not_at_the_poll() {
+        let at = |ms| chrono::DateTime::UNIX_EPOCH + chrono::Duration::milliseconds(ms);
+        let span = Span {
+            from: at(0),
+            // The poll that saw every task ended: 250 ms after the last result.
+            marked: at(2_750),
+            tasks: 1_010,
+            messages: None,
+        };
+        let mut r = Report::default();
+        span_rates(&mut r, &span, Some(at(2_500)));
+        assert!(
+            r.tasks_per_s.is_some_and(|v| (v - 404.0).abs() < 1e-6),
+            "{:?}",
+            r.tasks_per_s
+        );
+        // No messages were counted: no message rate.
+        assert_eq!(r.messages_per_s, None);
+        let note = r.notes.last().expect("a note");
+        assert!(
+            note.starts_with("tasks per second: the 1010 tasks over the 2.50 s"),
+            "{note}"
+        );
+        assert!(note.contains("came 0.25 s after"), "{note}");
     }
 
     /// A task the coordinator lists running on `worker`, attempt 1.
