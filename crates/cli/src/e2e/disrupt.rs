@@ -121,18 +121,45 @@ async fn until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-async fn malformed(sys: &System) -> u64 {
-    match sys.coordinator.api.get("/api/v1/overview").await {
-        Ok(o) => {
-            let c = &o["counters"];
-            // With integrity tags, a damaged frame fails its tag before it is decoded.
-            ["malformed_frames", "unknown_frames", "mac_failures"]
-                .iter()
-                .map(|k| c[k].as_u64().unwrap_or(0))
-                .sum()
-        }
-        Err(_) => 0,
+/// The coordinator's counters of frames it could not take: undecodable (malformed, unknown)
+/// and, with integrity tags, failing their tag.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FrameCounters {
+    pub undecodable: u64,
+    pub mac_failures: u64,
+}
+
+impl FrameCounters {
+    /// From `GET /api/v1/overview`; `None` when a counter is missing.
+    fn of(overview: &serde_json::Value) -> Option<Self> {
+        let c = &overview["counters"];
+        let n = |k: &str| c[k].as_u64();
+        Some(Self {
+            undecodable: n("malformed_frames")? + n("unknown_frames")?,
+            mac_failures: n("mac_failures")?,
+        })
     }
+
+    /// How much each rose from `before` to `after`; `None` when either is unknown (the
+    /// coordinator did not answer): an unknown baseline shows nothing, it is not a zero.
+    pub fn rose(before: Option<Self>, after: Option<Self>) -> Option<Self> {
+        let (b, a) = (before?, after?);
+        Some(Self {
+            undecodable: a.undecodable.saturating_sub(b.undecodable),
+            mac_failures: a.mac_failures.saturating_sub(b.mac_failures),
+        })
+    }
+
+    /// Frames not taken, of either sort.
+    pub fn total(self) -> u64 {
+        self.undecodable + self.mac_failures
+    }
+}
+
+/// The coordinator's frame counters now; `None` when it does not answer.
+async fn frame_counters(sys: &System) -> Option<FrameCounters> {
+    let o = sys.coordinator.api.get("/api/v1/overview").await.ok()?;
+    FrameCounters::of(&o)
 }
 
 impl System {
@@ -225,7 +252,7 @@ impl System {
             (false, _) if d.kind.cuts() => self.worker_ids(),
             (false, _) => vec![],
         };
-        let malformed_before = malformed(self).await;
+        let frames_before = frame_counters(self).await;
         let started_at = Utc::now();
         let mut note = String::new();
         let mut shape_stats = None;
@@ -353,14 +380,14 @@ impl System {
         // before the disruption has been noticed.
         if d.kind.cuts() || d.kind == Kind::Corrupt {
             let noticed = self
-                .wait_noticed(d.kind, &affected, started_at, malformed_before)
+                .wait_noticed(d.kind, &affected, started_at, frames_before)
                 .await;
             if !noticed && note.is_empty() {
                 note = format!("not noticed within {MAX_HOLD:?}");
             }
         }
         let fleet_recovered = self.wait_whole().await;
-        let malformed_frames = malformed(self).await.saturating_sub(malformed_before);
+        let frames = FrameCounters::rose(frames_before, frame_counters(self).await);
         let fired = match (&fault_stats, &shape_stats, &evidence) {
             (Some(s), _, _) => fired(s),
             // The kernel's filter held packets back or dropped them.
@@ -380,7 +407,7 @@ impl System {
             shape_stats,
             fired,
             evidence: evidence.map(|(_, e)| e),
-            malformed_frames,
+            frames,
             worker_detect_ms: BTreeMap::new(),
             worker_detect_dead: BTreeMap::new(),
             coordinator_detect_ms: BTreeMap::new(),
@@ -449,7 +476,7 @@ impl System {
         kind: Kind,
         affected: &[String],
         since: chrono::DateTime<Utc>,
-        malformed_before: u64,
+        frames_before: Option<FrameCounters>,
     ) -> bool {
         let end = tokio::time::Instant::now() + MAX_HOLD;
         loop {
@@ -464,7 +491,9 @@ impl System {
                     .iter()
                     .all(|w| self.watcher.detected(w, since).is_some()),
                 Kind::Corrupt => {
-                    affected.iter().any(lost) || malformed(self).await > malformed_before
+                    affected.iter().any(lost)
+                        || FrameCounters::rose(frames_before, frame_counters(self).await)
+                            .is_some_and(|r| r.total() > 0)
                 }
                 _ => affected.iter().all(lost),
             };
@@ -533,6 +562,34 @@ mod tests {
         assert!(!proxies_went_down(&links(3, 5), &links(1, 7), true));
         assert!(!proxies_went_down(&links(3, 5), &links(0, 7), true));
         assert!(!proxies_went_down(&links(0, 5), &links(0, 5), true));
+    }
+
+    /// A coordinator that did not answer before the fault gives no baseline: its counters
+    /// afterwards (k > 0) do not make a detection, as a baseline of 0 would.
+    #[test]
+    fn an_unknown_baseline_of_frame_counters_shows_nothing() {
+        let overview = |malformed: u64, macs: u64| {
+            serde_json::json!({"counters": {
+                "malformed_frames": malformed, "unknown_frames": 1, "mac_failures": macs
+            }})
+        };
+        let after = FrameCounters::of(&overview(2, 5));
+        assert_eq!(
+            after,
+            Some(FrameCounters {
+                undecodable: 3,
+                mac_failures: 5
+            })
+        );
+        assert_eq!(FrameCounters::rose(None, after), None);
+        assert_eq!(FrameCounters::rose(after, None), None);
+        let rose = FrameCounters::rose(FrameCounters::of(&overview(2, 1)), after);
+        assert_eq!(rose.map(FrameCounters::total), Some(4));
+        // An answer without the counters (another server, an error body) is no baseline.
+        assert_eq!(
+            FrameCounters::of(&serde_json::json!({"error": "busy"})),
+            None
+        );
     }
 
     #[tokio::test]

@@ -175,9 +175,10 @@ pub struct Observation {
     /// status, the proxies' links and listeners after going down, the link's state.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evidence: Option<String>,
-    /// Frames the coordinator could not decode, or (with integrity tags) verify, during the
-    /// disruption.
-    pub malformed_frames: u64,
+    /// How much the coordinator's counters of frames it could not decode, or (with integrity
+    /// tags) verify, rose during the disruption; `None` when it did not answer before or
+    /// after, which shows nothing.
+    pub frames: Option<super::disrupt::FrameCounters>,
     /// Fault to the worker declaring its session lost, per worker.
     pub worker_detect_ms: BTreeMap<String, f64>,
     /// Whether that loss was the liveness timeout (a silent link), per worker.
@@ -319,7 +320,7 @@ impl Observation {
                 self.worker_detect_dead.get(w) == Some(&true)
                     && self.coordinator_detect_ms.contains_key(w)
             }),
-            Kind::Corrupt => self.malformed_frames > 0 || every(&lost),
+            Kind::Corrupt => self.frames.is_some_and(|f| f.total() > 0) || every(&lost),
             _ => every(&lost),
         });
         // Workers the disruption had to cut, and any other that lost its session meanwhile.
@@ -365,7 +366,7 @@ mod tests {
             shape_stats: None,
             fired: true,
             evidence: None,
-            malformed_frames: 0,
+            frames: None,
             worker_detect_ms: BTreeMap::new(),
             worker_detect_dead: BTreeMap::new(),
             coordinator_detect_ms: BTreeMap::new(),
