@@ -62,6 +62,9 @@ struct Run {
     /// checkpoint_heavy and mixed_priority: the span their rates are over, ended in `finish`
     /// by the store's last result.
     span: Option<Span>,
+    /// mixed_priority: the ids of the tasks it submitted at priority 0; judged on the store in
+    /// `finish`.
+    high_priority: HashSet<String>,
 }
 
 /// A scenario's measured span: from just before the submission until the last result the
@@ -430,6 +433,7 @@ impl Run {
             started: Instant::now(),
             crash: None,
             span: None,
+            high_priority: HashSet::new(),
         })
     }
 
@@ -945,7 +949,7 @@ impl Run {
             format!("{} workers failed", fleet_status.failed),
         );
         if self.a.scenario == Scenario::MixedPriority {
-            mixed_priority_verdicts(r, &t);
+            mixed_priority_verdicts(r, &t, &self.submitted, &self.high_priority);
         }
         r.notes.push(format!(
             "open-file limit {}; workers connect from {} source addresses",
@@ -1778,8 +1782,10 @@ async fn mixed_priority(run: &mut Run) -> anyhow::Result<()> {
         move |s| s.executions >= started,
     )
     .await?;
-    run.submit((0..high).map(|_| spec("sleep", cfg.clone(), 0)).collect())
+    let ids = run
+        .submit((0..high).map(|_| spec("sleep", cfg.clone(), 0)).collect())
         .await?;
+    run.high_priority = ids.into_iter().collect();
     run.wait_all_terminal().await?;
     // The rate is set in `finish`, over the span to the last result the store records: the
     // poll that saw every task end came up to 250 ms after it.
@@ -1796,17 +1802,32 @@ async fn mixed_priority(run: &mut Run) -> anyhow::Result<()> {
 }
 
 /// Waits by priority and inversions: a low-priority task that started after a high-priority
-/// task was submitted and before that task started.
-fn mixed_priority_verdicts(r: &mut Report, t: &truth::Truth) {
+/// task was submitted and before that task started. Of the `submitted` tasks, the `high` ones
+/// are those the run submitted at priority 0, not those the store holds at it: a priority the
+/// coordinator lost would make a task that waited behind low ones one of them. Each must have
+/// started by the store; one that never did (absent, or ended unstarted) fails the verdict
+/// rather than go unjudged.
+fn mixed_priority_verdicts(
+    r: &mut Report,
+    t: &truth::Truth,
+    submitted: &HashSet<String>,
+    high: &HashSet<String>,
+) {
     let mut low_starts = Vec::new();
     let (mut high_wait, mut low_wait) = (Vec::new(), Vec::new());
     let mut highs = Vec::new();
-    for row in t.tasks.values() {
-        let (Some(sub), Some(start)) = (row.submitted_at, row.started_at) else {
+    let (mut unstarted, mut misfiled) = (0, 0);
+    for id in submitted {
+        let row = t.tasks.get(id);
+        let times = row.and_then(|row| Some((row.submitted_at?, row.started_at?)));
+        let is_high = high.contains(id);
+        misfiled += usize::from(is_high && row.is_some_and(|row| row.priority != 0));
+        let Some((sub, start)) = times else {
+            unstarted += usize::from(is_high);
             continue;
         };
         let wait = (start - sub).num_microseconds().unwrap_or(0) as f64 / 1000.0;
-        if row.priority == 0 {
+        if is_high {
             high_wait.push(wait);
             highs.push((sub, start));
         } else {
@@ -1830,11 +1851,21 @@ fn mixed_priority_verdicts(r: &mut Report, t: &truth::Truth) {
         .count();
     r.high_priority_wait_ms = Dist::of(high_wait);
     r.low_priority_wait_ms = Dist::of(low_wait);
+    let mut more = match unstarted {
+        0 => String::new(),
+        n => format!(
+            "; {n} of the {} submitted at priority 0 never started by the store",
+            high.len()
+        ),
+    };
+    if misfiled > 0 {
+        more += &format!("; the store holds {misfiled} of them at another priority");
+    }
     r.verdict(
         "high priority never waits behind low",
-        inversions == 0 && contended > 0,
+        inversions == 0 && unstarted == 0 && contended > 0,
         format!(
-            "{inversions} of {} high-priority tasks saw a low-priority task start after their submission and before them; {contended} were submitted while low-priority ones still waited",
+            "{inversions} of {} high-priority tasks saw a low-priority task start after their submission and before them{more}; {contended} were submitted while low-priority ones still waited",
             highs.len()
         ),
     );
@@ -2566,9 +2597,57 @@ mod tests {
     }
 
     fn priority_verdict(tasks: &[(u8, i64, i64)]) -> report::Verdict {
+        judge_priority(&store_of(tasks), tasks)
+    }
+
+    /// The priority verdict on `t`, of the `tasks` of [`store_of`] as the run submitted them
+    /// (those at priority 0 high).
+    fn judge_priority(t: &truth::Truth, tasks: &[(u8, i64, i64)]) -> report::Verdict {
+        let id = |i| format!("t{i}");
+        let submitted = (0..tasks.len()).map(id).collect();
+        let high = (0..tasks.len())
+            .filter(|&i| tasks[i].0 == 0)
+            .map(id)
+            .collect();
         let mut r = Report::default();
-        mixed_priority_verdicts(&mut r, &store_of(tasks));
+        mixed_priority_verdicts(&mut r, t, &submitted, &high);
         r.verdicts.pop().expect("a verdict")
+    }
+
+    #[test]
+    fn the_priority_verdict_judges_the_tasks_submitted_high_not_those_the_store_holds_high() {
+        // Two high-priority tasks submitted at 100 ms, while low ones waited.
+        let tasks = [(9, 0, 10), (9, 0, 150), (0, 100, 120), (0, 100, 160)];
+        let v = judge_priority(&store_of(&tasks), &tasks);
+        assert!(!v.pass, "t3 waited behind t1: {}", v.detail);
+        // The coordinator lost t3's priority: by the store's word a low task, and t1 no
+        // longer started ahead of a high one. It is judged as submitted.
+        let mut t = store_of(&tasks);
+        t.tasks.get_mut("t3").expect("t3").priority = 9;
+        let v = judge_priority(&t, &tasks);
+        assert!(!v.pass, "{}", v.detail);
+        assert!(v.detail.starts_with("1 of 2"), "{}", v.detail);
+        assert!(
+            v.detail
+                .contains("the store holds 1 of them at another priority"),
+            "{}",
+            v.detail
+        );
+        // A high-priority task that never started (here t3) is not left out of the count.
+        let mut t = store_of(&tasks);
+        t.tasks.get_mut("t3").expect("t3").started_at = None;
+        let v = judge_priority(&t, &tasks);
+        assert!(!v.pass, "{}", v.detail);
+        assert!(
+            v.detail
+                .contains("1 of the 2 submitted at priority 0 never started"),
+            "{}",
+            v.detail
+        );
+        // Absent from the store altogether: the same.
+        let mut t = store_of(&tasks);
+        t.tasks.remove("t3");
+        assert!(!judge_priority(&t, &tasks).pass);
     }
 
     #[test]
