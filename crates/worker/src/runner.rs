@@ -117,6 +117,12 @@ pub struct Runner {
     fetches: Fetches,
     /// Cancelled at shutdown: a re-upload waiting for room in the outbox gives up.
     stopping: CancellationToken,
+    /// Attempts the worker's shutdown stopped without a result, not yet recorded as ended
+    /// (`on_finished`): only once the coordinator was told the worker stopped
+    /// ([`Runner::handed_back`]). Until then it leases them here, and ends their leases only at
+    /// the next process's registration, answering what that process replays of them stale:
+    /// still recorded as running, they are reported lost then, with their checkpoints kept.
+    unhanded: Mutex<Vec<(TaskId, Attempt)>>,
 }
 
 /// Waits, up to `grace`, until the older attempt a newer one superseded has ended:
@@ -227,6 +233,7 @@ impl Runner {
             load_local: None,
             fetches: Fetches::default(),
             stopping: CancellationToken::new(),
+            unhanded: Mutex::default(),
         }
     }
 
@@ -755,8 +762,28 @@ impl Runner {
                 t.running.remove(&task_id);
             }
         }
+        match &self.on_finished {
+            // The coordinator still leases it here: see `unhanded`.
+            Some(_) if stop == Some(StopReason::Shutdown) && !report => {
+                let mut unhanded = self.unhanded.lock().unwrap_or_else(|p| p.into_inner());
+                unhanded.push((task_id.clone(), attempt));
+            }
+            Some(hook) => hook(&task_id, attempt),
+            None => {}
+        }
+    }
+
+    /// The coordinator was told the worker stopped (`worker_stopped` went out once every task
+    /// had ended): it moves what it still leases here at once, from the checkpoints it holds.
+    /// The attempts the shutdown stopped are recorded as ended now; without this call they
+    /// stay recorded as running, and the next start reports them lost.
+    pub fn handed_back(&self) {
+        let unhanded =
+            std::mem::take(&mut *self.unhanded.lock().unwrap_or_else(|p| p.into_inner()));
         if let Some(hook) = &self.on_finished {
-            hook(&task_id, attempt);
+            for (task, attempt) in unhanded {
+                hook(&task, attempt);
+            }
         }
     }
 

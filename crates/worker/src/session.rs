@@ -727,8 +727,11 @@ impl<'a> Session<'a> {
     /// `worker_stopped`: the coordinator may move what it still leases to this worker now.
     async fn say_stopped(&mut self) {
         let stopped = WorkerMsg::WorkerStopped(StopNotice { timestamp: now() });
-        if let Err(reason) = self.send(&stopped).await {
-            tracing::warn!(worker = %self.worker(), %reason, "worker_stopped not sent; the coordinator's grace period moves the tasks");
+        match self.send(&stopped).await {
+            Ok(()) => self.agent.runner.handed_back(),
+            Err(reason) => {
+                tracing::warn!(worker = %self.worker(), %reason, "worker_stopped not sent; the coordinator's grace period moves the tasks (the next start reports the tasks it stopped lost)");
+            }
         }
     }
 

@@ -96,6 +96,39 @@ pub enum Script {
     /// its limits or from a stranger) and never acknowledges a `checkpoint_data`, recording
     /// each in `pieces`; acknowledges the rest like `Healthy`.
     RejectCheckpoint,
+    /// On the first connection registers the worker, assigns [`STOPPING`] at attempt 1 (a
+    /// [`LAST_KIND`] task) and closes; every later connection is refused: a coordinator that
+    /// hands out a task and goes away.
+    AssignThenGone,
+    /// Like `Healthy`, and on the first connection assigns [`STOPPING`] at attempt 1 (a
+    /// [`LAST_KIND`] task).
+    AssignAndStay,
+}
+
+/// The task [`Script::AssignThenGone`] assigns.
+pub const STOPPING: &str = "t-stopping";
+
+/// The kind of [`LastCheckpoint`] tasks.
+pub const LAST_KIND: &str = "last_checkpoint";
+
+/// Waits until cancelled; told its worker stops, writes the checkpoint `b"last"` first (as a
+/// `command` task's TERM trap does).
+pub struct LastCheckpoint;
+
+impl tether_worker::Executor for LastCheckpoint {
+    fn execute(
+        &self,
+        _input: tether_worker::TaskInput,
+        ctx: tether_worker::TaskCtx,
+    ) -> BoxFuture<'static, Result<serde_json::Value, tether_worker::ExecError>> {
+        Box::pin(async move {
+            ctx.cancelled().await;
+            if ctx.worker_stopping() {
+                ctx.checkpoint(b"last".to_vec()).await;
+            }
+            Err(tether_worker::ExecError::Cancelled)
+        })
+    }
 }
 
 /// The task [`Script::Reassign`] assigns.
@@ -226,6 +259,9 @@ impl Connector for FakeConnector {
         Box::pin(async move {
             match script {
                 Script::Refuse => return Err(ConnectError::Transient("connection refused".into())),
+                Script::AssignThenGone if conn > 0 => {
+                    return Err(ConnectError::Transient("connection refused".into()));
+                }
                 Script::Unauthorized => {
                     return Err(ConnectError::Refused("HTTP 401 at upgrade".into()));
                 }
@@ -325,6 +361,10 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
         Script::RegisterThenClose => {
             let _ = ws.close(None).await;
         }
+        Script::AssignThenGone => {
+            let _ = ws.send(send(last_assignment())).await;
+            let _ = ws.close(None).await;
+        }
         Script::RegisterThenSilence => {
             // Hold the connection open and never read or write again.
             std::future::pending::<()>().await;
@@ -357,6 +397,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
         Script::Healthy
         | Script::SmallFrames
         | Script::Reassign
+        | Script::AssignAndStay
         | Script::Unacknowledging
         | Script::WelcomeAfterRegistration
         | Script::Conformance
@@ -372,6 +413,9 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                     timestamp: now(),
                 });
                 let _ = ws.send(send(assignment)).await;
+            }
+            if script == Script::AssignAndStay && conn == 0 {
+                let _ = ws.send(send(last_assignment())).await;
             }
             if script == Script::Conformance {
                 for m in tether_proto::samples::coord_messages() {
@@ -717,6 +761,19 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
     }
 }
 
+/// The assignment of [`STOPPING`] at attempt 1, a [`LAST_KIND`] task.
+fn last_assignment() -> CoordMsg {
+    CoordMsg::TaskAssignment(tether_proto::msg::TaskAssignment {
+        task_id: tether_proto::TaskId::parse(STOPPING).expect("id"),
+        attempt: tether_proto::Attempt(1),
+        kind: LAST_KIND.into(),
+        config: serde_json::json!({}).into(),
+        timeout_ms: None,
+        checkpoint: None,
+        timestamp: now(),
+    })
+}
+
 /// Bytes of the checkpoint a [`Script::RequestCheckpoint`] task writes.
 pub const BIG_CHECKPOINT: usize = 16 * 1024;
 
@@ -808,6 +865,13 @@ impl Running {
     pub fn start_with_big(fake: &FakeConnector, cfg: tether_worker::WorkerConfig) -> Self {
         let mut executors = tether_worker::Executors::builtin();
         executors.register(BIG_KIND, BigCheckpoint);
+        Self::start_running(fake.clone(), cfg, executors)
+    }
+
+    /// An agent with the built-in executors and [`LastCheckpoint`] as [`LAST_KIND`].
+    pub fn start_with_last(fake: &FakeConnector, cfg: tether_worker::WorkerConfig) -> Self {
+        let mut executors = tether_worker::Executors::builtin();
+        executors.register(LAST_KIND, LastCheckpoint);
         Self::start_running(fake.clone(), cfg, executors)
     }
 

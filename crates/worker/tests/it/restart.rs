@@ -11,7 +11,7 @@ use tether_worker::ConnState;
 use tether_worker::executor::StoredCheckpoint;
 use tether_worker::statedir::{CHECKPOINTS_FILE, DB_FILE, StateDir};
 
-use crate::fake::{FakeConnector, REASSIGNED, Running, Script};
+use crate::fake::{FakeConnector, REASSIGNED, Running, STOPPING, Script};
 
 /// Real time: how long the test waits for the worker to settle.
 const SETTLE: Duration = Duration::from_secs(20);
@@ -105,4 +105,82 @@ fn a_checkpoint_a_newer_attempt_resumed_from_survives_forgetting_the_lost_one() 
     );
     let kept = sd.latest_checkpoint(&task).expect("read").expect("kept");
     assert_eq!(kept.data.as_slice(), b"7");
+}
+
+/// A worker told to stop while its coordinator is gone stops its task, which writes a last
+/// checkpoint as it stops. No `worker_stopped` reached the coordinator, which ends the lease
+/// only at the next process's registration: the attempt stays recorded as running, with that
+/// checkpoint, so the next start reports it lost and a resume here may start from it.
+/// Recorded as ended, it was neither reported lost nor kept: the next start swept the
+/// checkpoint, and the coordinator answered its upload, replayed from the journal, stale.
+#[test]
+fn a_task_stopped_while_disconnected_is_lost_at_the_next_start_with_its_last_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = WorkerId::parse("w").expect("id");
+    let task = TaskId::parse(STOPPING).expect("id");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let fake = FakeConnector::new(Script::AssignThenGone);
+        let mut cfg = tether_worker::WorkerConfig::new("ws://coordinator.invalid:1", id.clone());
+        cfg.state_dir = Some(dir.path().to_owned());
+        cfg.stop_reconnect = Duration::from_millis(200);
+        let running = Running::start_with_last(&fake, cfg);
+        let t0 = tokio::time::Instant::now();
+        loop {
+            let (active, state) = (running.handle.active_tasks(), running.handle.state());
+            let gone = fake.attempts().len() >= 2 && state != ConnState::Connected;
+            if active == [TaskRef::new(task.clone(), Attempt(1))] && gone {
+                break;
+            }
+            assert!(
+                t0.elapsed() < SETTLE,
+                "after {SETTLE:?}: active {active:?}, {state:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        running.stop().await;
+    });
+    drop(rt);
+    let (sd, restored) = StateDir::open(dir.path(), &id).expect("reopen");
+    assert_eq!(restored.lost, [TaskRef::new(task.clone(), Attempt(1))]);
+    assert_eq!(restored.checkpoints.len(), 1, "{:?}", restored.checkpoints);
+    let (t, cp) = &restored.checkpoints[0];
+    assert_eq!((t, cp.attempt, cp.bytes), (&task, Attempt(1), 4));
+    let kept = sd.latest_checkpoint(&task).expect("read").expect("kept");
+    assert_eq!(kept.data.as_slice(), b"last");
+}
+
+/// The same stop with the coordinator there: the task's last checkpoint is acknowledged and
+/// `worker_stopped` sent, so the coordinator moves the task at once, from that checkpoint. The
+/// attempt is recorded as ended: the next start reports nothing lost and keeps no checkpoint.
+#[test]
+fn a_task_stopped_once_the_coordinator_was_told_is_not_lost_at_the_next_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = WorkerId::parse("w").expect("id");
+    let task = TaskId::parse(STOPPING).expect("id");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let fake = FakeConnector::new(Script::AssignAndStay);
+        let mut cfg = tether_worker::WorkerConfig::new("ws://coordinator.invalid:1", id.clone());
+        cfg.state_dir = Some(dir.path().to_owned());
+        let running = Running::start_with_last(&fake, cfg);
+        let t0 = tokio::time::Instant::now();
+        while running.handle.active_tasks() != [TaskRef::new(task.clone(), Attempt(1))] {
+            assert!(t0.elapsed() < SETTLE, "the task never ran");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        running.stop().await;
+        assert_eq!(fake.attempts().len(), 1, "one session, stopped in it");
+    });
+    drop(rt);
+    let (_sd, restored) = StateDir::open(dir.path(), &id).expect("reopen");
+    assert_eq!(restored.lost, []);
+    assert_eq!(restored.entries.len(), 0, "everything acknowledged");
+    assert_eq!(kept_under(dir.path(), STOPPING), None);
 }
