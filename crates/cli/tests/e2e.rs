@@ -276,6 +276,25 @@ fn with_integrity_tags_a_low_rate_of_bit_flips_is_caught_and_every_result_is_int
     assert_eq!(intact["pass"], true, "{intact}");
     let corrupt = &r["by_kind"]["corrupt"];
     assert!(corrupt["count"].as_u64() >= Some(1), "{md}");
+    // The corruption stayed on for more than a frame or two (it used to be removed at its
+    // first flipped byte, a heartbeat's, and almost never met a result), and the coordinator's
+    // integrity tags caught damaged frames in it.
+    let corrupted: Vec<&Value> = r["disruptions"]
+        .as_array()
+        .expect("disruptions")
+        .iter()
+        .filter(|o| o["kind"] == "corrupt")
+        .collect();
+    let sum = |f: &dyn Fn(&Value) -> Option<u64>| -> u64 {
+        corrupted.iter().map(|o| f(o).unwrap_or(0)).sum()
+    };
+    let flipped = sum(&|o| o["fault_stats"]["bytes_corrupted"].as_u64());
+    // At this rate the first flip ends the session (a frame dropped for its tag ends it on
+    // the worker's side) and garbles the next handshakes, about a byte a second: the fault
+    // stays 3 s and until 24 bytes changed (20 s at most); 16 are the least it takes that.
+    assert!(flipped >= 16, "{flipped} bytes corrupted: {md}");
+    let caught = sum(&|o| o["frames"]["mac_failures"].as_u64());
+    assert!(caught > 0, "no frame failed its tag: {md}");
     assert_eq!(corrupt["fired"], corrupt["count"], "{md}");
     assert_eq!(corrupt["detected"], corrupt["count"], "{md}");
     // Restarted processes authenticated again with the secret file.

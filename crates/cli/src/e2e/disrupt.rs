@@ -18,6 +18,13 @@ use super::verdict::Outlived;
 pub const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Poll period of every wait here.
 const TICK: Duration = Duration::from_millis(20);
+/// The least time a `corrupt` fault stays on (it stays, up to its hold, until it changed
+/// [`CORRUPT_ENOUGH`] bytes too). Removed at its first flipped byte, as it was, it damaged about
+/// one frame, a heartbeat (at the tagged rate the first flip comes after some 500 bytes), and
+/// almost never a result.
+pub const CORRUPT_WINDOW: Duration = Duration::from_secs(3);
+/// Bytes a `corrupt` fault changes before it is removed, unless its hold runs out first.
+pub const CORRUPT_ENOUGH: u64 = 24;
 /// How long a `worker_kill`'s command has run at least: the counter has shipped checkpoints
 /// (one every change of its count, 300 ms apart) by then.
 const MID_COMMAND: Duration = Duration::from_secs(1);
@@ -193,9 +200,10 @@ impl System {
         found.or_else(|| find(Duration::ZERO)).or(planned)
     }
 
-    /// A `worker_stop`'s worker: the planned one if the coordinator has it holding a lease,
-    /// else the next that does; waited for up to [`TARGET_WAIT`], else the planned one. A stop
-    /// of a worker holding nothing would show nothing of the handing back.
+    /// A `worker_stop`'s (or a `corrupt`'s) worker: the planned one if the coordinator has it
+    /// holding a lease, else the next that does; waited for up to [`TARGET_WAIT`], else the
+    /// planned one. A stop of a worker holding nothing would show nothing of the handing back;
+    /// corruption of its link would meet heartbeats only, no result.
     async fn holding_a_lease(&self, planned: Option<usize>) -> Option<usize> {
         let start = planned?;
         let n = self.workers.len();
@@ -233,7 +241,8 @@ impl System {
                 };
                 &retargeted
             }
-            Kind::WorkerStop => {
+            // Corruption goes where tasks run, so that their results meet it.
+            Kind::WorkerStop | Kind::Corrupt => {
                 retargeted = Disruption {
                     target: self.holding_a_lease(d.target).await,
                     ..d.clone()
@@ -422,7 +431,8 @@ impl System {
     }
 
     /// Keeps a proxy fault in place: timed ones for their hold, the others until they fired
-    /// (a blackhole: until both the worker and the coordinator declared the link dead).
+    /// (a blackhole: until both the worker and the coordinator declared the link dead;
+    /// corruption: for [`CORRUPT_WINDOW`] and until [`CORRUPT_ENOUGH`] bytes changed).
     async fn hold(
         &self,
         d: &Disruption,
@@ -434,7 +444,16 @@ impl System {
         match d.kind {
             Kind::Reset => until(d.hold, || stats().connections_reset > 0).await,
             Kind::LimitData => until(d.hold, || stats().connections_closed > 0).await,
-            Kind::Corrupt => until(d.hold, || stats().bytes_corrupted > 0).await,
+            // On for a window that carries more than a heartbeat or two: results and checkpoints
+            // go through it too, or `results_intact` would judge results nothing touched.
+            Kind::Corrupt => {
+                let begun = tokio::time::Instant::now();
+                until(d.hold, || {
+                    begun.elapsed() >= CORRUPT_WINDOW && stats().bytes_corrupted >= CORRUPT_ENOUGH
+                })
+                .await;
+                stats().bytes_corrupted > 0
+            }
             Kind::Blackhole => match target {
                 Some(t) => self.silence_detected(t, since, d.hold).await,
                 None => false,

@@ -464,10 +464,11 @@ async fn drive(
         }
         let at = t0 + a.disruption_interval * u32::try_from(d.index).unwrap_or(u32::MAX);
         tokio::time::sleep_until(at).await;
-        // A kill waits for a worker in the middle of a command task, a stop for one holding a
-        // lease: the next wave goes first, its command task with it. After the wave, one that
-        // finished just before the wait began left nothing for the wait to find for 10 s.
-        let wave_first = matches!(d.kind, Kind::WorkerKill | Kind::WorkerStop);
+        // A kill waits for a worker in the middle of a command task, a stop (and corruption)
+        // for one holding a lease: the next wave goes first, its command task with it. After
+        // the wave, one that finished just before the wait began left nothing for the wait to
+        // find for 10 s; corruption would meet few results.
+        let wave_first = matches!(d.kind, Kind::WorkerKill | Kind::WorkerStop | Kind::Corrupt);
         if wave_first {
             submit_wave(sys, d.index + 1, &mut rng, &mut submitted, &mut bodies).await?;
         }
