@@ -140,6 +140,14 @@ impl Kind {
         matches!(self, Kind::Latency | Kind::Bandwidth | Kind::Slicer)
     }
 
+    /// Whether it ends a process (a kill, or a worker's graceful stop): none of `network`.
+    pub fn ends_a_process(self) -> bool {
+        matches!(
+            self,
+            Kind::WorkerKill | Kind::WorkerStop | Kind::CoordinatorKill
+        )
+    }
+
     /// Whether it aims at one worker (the others aim at every worker).
     pub fn targeted(self) -> bool {
         matches!(
@@ -167,7 +175,7 @@ pub fn scenario_kinds(scenario: &str, netns: bool) -> anyhow::Result<Vec<Kind>> 
         "kernel" => Kind::KERNEL.to_vec(),
         "network" => Kind::ALL
             .into_iter()
-            .filter(|k| !matches!(k, Kind::WorkerKill | Kind::CoordinatorKill))
+            .filter(|k| !k.ends_a_process())
             .collect(),
         "crash" => vec![Kind::WorkerKill, Kind::CoordinatorKill],
         list => {
@@ -403,11 +411,16 @@ mod tests {
             scenario_kinds("crash", false).expect("crash"),
             [Kind::WorkerKill, Kind::CoordinatorKill]
         );
-        assert!(
-            !scenario_kinds("network", false)
-                .expect("network")
-                .contains(&Kind::WorkerKill)
-        );
+        // `network` is proxy faults only: no process is killed or stopped, every disruption
+        // is a fault of the proxy's or the proxy down.
+        let network = scenario_kinds("network", false).expect("network");
+        for k in [Kind::WorkerKill, Kind::WorkerStop, Kind::CoordinatorKill] {
+            assert!(!network.contains(&k), "{k:?} in {network:?}");
+        }
+        for d in plan(&network, 1, 4, Duration::from_secs(4), 5, CORRUPT_RATE) {
+            assert!(d.fault.is_some() || d.kind == Kind::ProxyDown, "{d:?}");
+        }
+        assert_eq!(network.len(), Kind::ALL.len() - 3);
         assert_eq!(
             scenario_kinds("reset, blackhole,reset", false).expect("list"),
             [Kind::Reset, Kind::Blackhole]
