@@ -32,7 +32,11 @@
 //! Whenever the group is terminated (cancel, timeout, the leader's exit), so are the processes
 //! that left it (`setsid`, a daemon's double fork) but still carry the attempt's mark in their
 //! environment: SIGTERM with the group, SIGKILL after the same grace. With a group record
-//! ([`super::orphans`]) the mark is recorded too, for a worker that starts after a crash.
+//! ([`super::orphans`]) the mark is recorded too, for a worker that starts after a crash. The
+//! leader is reaped only once the group was signalled for the last time: its zombie holds its
+//! pid, the group's id, so no signal meant for the group reaches a process that took a reused
+//! id. A last look for the marked processes that did not finish leaves them guarded until a
+//! look on a thread of its own killed them (`GroupGuard`).
 //!
 //! Result, also inside [`ExecError::Failed`] for a non-zero exit or a signal, and inside
 //! [`ExecError::Stopped`] for a cancelled (or timed-out) process:
@@ -235,6 +239,18 @@ pub struct CommandExecutor {
     /// Random, in the mark of every process it starts: another executor's (another worker's,
     /// in the same process or not) processes never carry it.
     nonce: Arc<str>,
+    scans: Scans,
+}
+
+/// How an attempt's looks through `/proc` for its marked processes are bounded.
+#[derive(Debug, Clone)]
+struct Scans {
+    /// Longest one is awaited ([`SCAN_LIMIT`]).
+    limit: Duration,
+    /// Tests: the last look of a termination (the one that kills) first waits until this
+    /// receives or its sender is gone, as a look stuck on a process in the kernel waits.
+    #[cfg(test)]
+    stall: Option<Arc<std::sync::Mutex<std::sync::mpsc::Receiver<()>>>>,
 }
 
 impl Default for CommandExecutor {
@@ -242,6 +258,11 @@ impl Default for CommandExecutor {
         Self {
             kill_grace: KILL_GRACE,
             nonce: uuid::Uuid::new_v4().simple().to_string().into(),
+            scans: Scans {
+                limit: SCAN_LIMIT,
+                #[cfg(test)]
+                stall: None,
+            },
         }
     }
 }
@@ -261,7 +282,8 @@ impl Executor for CommandExecutor {
         ctx: TaskCtx,
     ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
         let mark = format!("{}:{}:{}", self.nonce, input.task_id, input.attempt);
-        Box::pin(run(input, ctx, self.kill_grace, mark.into()))
+        let procs = (mark.into(), self.scans.clone());
+        Box::pin(run(input, ctx, self.kill_grace, procs))
     }
 
     /// Its kill grace, the reading of the output meanwhile, the last checkpoint of a worker's
@@ -283,7 +305,7 @@ async fn run(
     input: TaskInput,
     ctx: TaskCtx,
     kill_grace: Duration,
-    mark: Arc<str>,
+    (mark, scans): (Arc<str>, Scans),
 ) -> Result<serde_json::Value, ExecError> {
     let plan = Plan::parse(input.config)?;
     let checkpoints = match ctx.checkpoint_dir() {
@@ -317,7 +339,7 @@ async fn run(
             result: not_started(),
         });
     };
-    let procs = TaskProcs { pgid, mark };
+    let procs = TaskProcs { pgid, mark, scans };
     let record = ctx.group_record.clone();
     if let Some(file) = &record {
         super::orphans::record(file, pgid, &procs.mark);
@@ -338,14 +360,24 @@ async fn run(
     let mut sup = Supervisor::new(&ctx, procs.clone(), checkpoints, plan.poll, kill_grace);
     let end = sup.wait_exit(&mut child, pumps.as_mut()).await;
     let duration = started.elapsed();
-    // A cancel ended the processes already and reaped the leader: its group id may be
-    // another process's by now, and is not signalled again.
-    if !matches!(end, End::Cancelled) {
-        terminate_draining(&mut child, &procs, kill_grace, pumps.as_mut()).await;
+    // The leader has exited but is not reaped (a cancel ended the processes already): what is
+    // left of its group goes now, while its id is still the leader's and no other process's.
+    let swept = match end {
+        End::Cancelled(swept) => swept,
+        End::Exited => terminate_draining(&mut child, &procs, kill_grace, pumps.as_mut()).await,
+    };
+    // The group is signalled no more: its leader is reaped next, and its id may then be
+    // another process's.
+    match swept {
+        true => guard.disarm(),
+        false => {
+            tracing::warn!(task_id = %ctx.task_id(), attempt = %ctx.attempt(), mark = %procs.mark, "the last look for the task's processes that left its group did not finish in time; they are looked for again on a thread of their own, and the warden and the group record keep them until then");
+            guard.group_ended();
+        }
     }
-    guard.disarm();
+    let waited = child.wait().await;
     let status = match end {
-        End::Cancelled => {
+        End::Cancelled(_) => {
             // What it wrote until it was stopped is what a hung task leaves to debug it by.
             let _ = tokio::time::timeout(PIPE_DRAIN_GRACE, pumps.as_mut()).await;
             drop(pumps);
@@ -355,18 +387,18 @@ async fn run(
                 sup.finish_checkpoints(tokio::time::sleep(STOP_SHIP_LIMIT))
                     .await;
             }
-            // The group was ended and the leader reaped: its status is known.
-            let status = child.try_wait().ok().flatten();
-            let result = result(status, duration, &out_tail, &err_tail, ctx.max_frame());
+            let result = result(waited.ok(), duration, &out_tail, &err_tail, ctx.max_frame());
             return Err(ExecError::Stopped { result });
         }
-        End::Exited(Ok(status)) => status,
-        End::Exited(Err(e)) => {
-            return Err(ExecError::Failed {
-                message: format!("cannot wait for {}: {e}", plan.program),
-                result: not_started(),
-            });
-        }
+        End::Exited => match waited {
+            Ok(status) => status,
+            Err(e) => {
+                return Err(ExecError::Failed {
+                    message: format!("cannot wait for {}: {e}", plan.program),
+                    result: not_started(),
+                });
+            }
+        },
     };
     let _ = tokio::time::timeout(PIPE_DRAIN_GRACE, pumps.as_mut()).await;
     drop(pumps);
@@ -492,8 +524,11 @@ fn not_started() -> serde_json::Value {
 
 /// How the process ended, as far as the supervisor is concerned.
 enum End {
-    Exited(std::io::Result<ExitStatus>),
-    Cancelled,
+    /// The leader exited; it is not reaped yet ([`leader_exited`]).
+    Exited,
+    /// Cancelled: the processes were ended (all of them known to be gone, or not: see
+    /// [`terminate_group`]); the leader is not reaped yet.
+    Cancelled(bool),
 }
 
 /// Checkpoint directory state of a running task.
@@ -625,7 +660,7 @@ impl<'a> Supervisor<'a> {
     }
 
     /// Waits until the process exits or the task is cancelled; a cancelled process group has
-    /// been killed and the leader reaped when this returns.
+    /// been killed when this returns. The leader is not reaped either way.
     async fn wait_exit(
         &mut self,
         child: &mut Child,
@@ -644,11 +679,11 @@ impl<'a> Supervisor<'a> {
             tokio::select! {
                 biased;
                 () = ctx.cancelled() => {
-                    terminate_draining(child, &self.procs, self.kill_grace, pumps).await;
+                    let swept = terminate_draining(child, &self.procs, self.kill_grace, pumps).await;
                     tracing::debug!(task_id = %ctx.task_id(), "command cancelled");
-                    return End::Cancelled;
+                    return End::Cancelled(swept);
                 }
-                status = child.wait() => return End::Exited(status),
+                () = leader_exited(child) => return End::Exited,
                 () = poll_opt(&mut self.park) => {
                     self.park = None;
                     self.resume().await;
@@ -728,7 +763,7 @@ impl<'a> Supervisor<'a> {
     /// in-flight checkpoint, which parks at its own).
     async fn stop(&mut self) {
         signal_group(self.procs.pgid, Signal::SIGSTOP);
-        marked(&self.procs.mark, Some((Signal::SIGSTOP, self.procs.pgid))).await;
+        marked(&self.procs, Some(Signal::SIGSTOP)).await;
         self.stopped = true;
         tracing::debug!(task_id = %self.ctx.task_id(), "command paused");
         if self.shipping.is_some() {
@@ -740,7 +775,7 @@ impl<'a> Supervisor<'a> {
 
     async fn resume(&mut self) {
         signal_group(self.procs.pgid, Signal::SIGCONT);
-        marked(&self.procs.mark, Some((Signal::SIGCONT, self.procs.pgid))).await;
+        marked(&self.procs, Some(Signal::SIGCONT)).await;
         self.stopped = false;
         tracing::debug!(task_id = %self.ctx.task_id(), "command resumed");
     }
@@ -759,34 +794,51 @@ async fn poll_opt<T>(slot: &mut Option<BoxFuture<'_, T>>) -> T {
 struct TaskProcs {
     pgid: Pid,
     mark: Arc<str>,
+    scans: Scans,
 }
 
 /// Ends what is left of the attempt's processes, the group and those that left it (found by
 /// their mark): SIGTERM (with SIGCONT, in case they are stopped), SIGKILL to those still there
-/// after `grace`; then reaps the leader. Returns at once if none is left.
-async fn terminate_group(child: &mut Child, procs: &TaskProcs, grace: Duration) {
+/// after `grace`; a leader that left its group is killed too. Returns at once if none is left.
+/// The leader is not reaped here: until it is, its pid, the group's id, is no other process's,
+/// so every signal sent to the group reaches this attempt's processes only. Returns whether
+/// the processes that left the group are known to be gone: not when the last look for them
+/// (the one that kills) did not finish in time.
+async fn terminate_group(child: &mut Child, procs: &TaskProcs, grace: Duration) -> bool {
     let pgid = procs.pgid;
-    let in_group = signal_group(pgid, Signal::SIGTERM);
-    // The group's members carry the mark too: only those that left the group are signalled.
-    let escaped = marked(&procs.mark, Some((Signal::SIGTERM, pgid))).await > 0;
+    // The leader's zombie takes a signal too: only a live member counts.
+    let in_group = signal_group(pgid, Signal::SIGTERM) && group_alive(pgid);
+    // The group's members carry the mark too: only those that left the group are signalled. A
+    // look that did not finish counts as one that found some.
+    let escaped = marked(procs, Some(Signal::SIGTERM)).await != Some(0);
+    let mut swept = true;
     if in_group || escaped {
         signal_group(pgid, Signal::SIGCONT);
         let deadline = Instant::now() + grace;
-        let _ = tokio::time::timeout_at(deadline, child.wait()).await;
+        let _ = tokio::time::timeout_at(deadline, leader_exited(child)).await;
         while Instant::now() < deadline
-            && (group_alive(pgid) || marked(&procs.mark, None).await > 0)
+            && (group_alive(pgid) || marked(procs, None).await.unwrap_or(0) > 0)
         {
             tokio::time::sleep(GROUP_POLL).await;
         }
         signal_group(pgid, Signal::SIGKILL);
         let mark = procs.mark.clone();
-        bounded_scan(move || super::procs::kill_marked(&mark)).await;
+        #[cfg(test)]
+        let stall = procs.scans.stall.clone();
+        let kill = move || {
+            #[cfg(test)]
+            if let Some(stall) = &stall {
+                let _ = stall.lock().map(|r| r.recv());
+            }
+            super::procs::kill_marked(&mark)
+        };
+        swept = bounded_scan_within(procs.scans.limit, kill).await.is_some();
     }
-    if matches!(child.try_wait(), Ok(None)) {
+    if !leader_has_exited(child) {
         // The leader left its group (setsid); it still ends with the task.
         let _ = child.start_kill();
     }
-    let _ = child.wait().await;
+    swept
 }
 
 /// [`terminate_group`], reading output meanwhile: a process that writes while it shuts down
@@ -796,39 +848,88 @@ async fn terminate_draining(
     procs: &TaskProcs,
     grace: Duration,
     pumps: std::pin::Pin<&mut impl Future<Output = ()>>,
-) {
+) -> bool {
     let term = std::pin::pin!(terminate_group(child, procs, grace));
-    if let Either::Right(((), term)) = select(term, pumps).await {
-        term.await;
+    match select(term, pumps).await {
+        Either::Left((swept, _)) => swept,
+        Either::Right(((), term)) => term.await,
     }
 }
 
-/// Counts the live processes carrying `mark` (a look at `/proc`, off the async threads), or,
-/// given a signal and the group signalled already, sends it (SIGTERM with SIGCONT) to those
-/// outside that group and counts them.
-async fn marked(mark: &Arc<str>, sig: Option<(Signal, Pid)>) -> usize {
-    let mark = mark.clone();
+/// Resolves once the leader has exited, without reaping it: until its `Child` is waited for,
+/// its zombie holds its pid, the group's id, which no other process can take meanwhile. Woken
+/// by SIGCHLD (every [`GROUP_POLL`] where that cannot be listened for). Where the kernel cannot
+/// be asked without reaping, the leader is reaped here, as before.
+async fn leader_exited(child: &mut Child) {
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Listened for before the first look: an exit between the look and the wait wakes it.
+        let mut sigchld = signal(SignalKind::child()).ok();
+        while !leader_has_exited(child) {
+            match &mut sigchld {
+                Some(s) => {
+                    if s.recv().await.is_none() {
+                        sigchld = None;
+                    }
+                }
+                None => tokio::time::sleep(GROUP_POLL).await,
+            }
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+    {
+        let _ = child.wait().await;
+    }
+}
+
+/// Whether the leader has exited, asked without reaping it (`waitid` with `WNOWAIT`).
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+fn leader_has_exited(child: &mut Child) -> bool {
+    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+    // No id: it was reaped already.
+    let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) else {
+        return true;
+    };
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    loop {
+        match waitid(Id::Pid(Pid::from_raw(pid)), flags) {
+            Ok(WaitStatus::StillAlive) => return false,
+            Ok(_) => return true,
+            Err(nix::errno::Errno::EINTR) => {}
+            // Not a child of this process (any more): nothing is left to wait for.
+            Err(_) => return true,
+        }
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+fn leader_has_exited(child: &mut Child) -> bool {
+    !matches!(child.try_wait(), Ok(None))
+}
+
+/// Counts the live processes carrying the attempt's mark (a look at `/proc`, off the async
+/// threads), or, given a signal (its group signalled already), sends it (SIGTERM with SIGCONT)
+/// to those outside that group and counts them. `None` when the look did not finish in time.
+async fn marked(procs: &TaskProcs, sig: Option<Signal>) -> Option<usize> {
+    let (mark, pgid) = (procs.mark.clone(), procs.pgid);
     let look = move || match sig {
-        Some((sig, pgid)) => {
+        Some(sig) => {
             let group = u32::try_from(pgid.as_raw()).ok();
             super::procs::signal_marked(&mark, sig, group)
         }
         None => super::procs::marked(&mark).len(),
     };
-    bounded_scan(look).await.unwrap_or(0)
+    bounded_scan_within(procs.scans.limit, look).await
 }
 
 /// Longest a look through `/proc` for marked processes is awaited.
 const SCAN_LIMIT: Duration = Duration::from_secs(5);
 
-/// Runs a look through `/proc` on the blocking pool, awaited at most [`SCAN_LIMIT`]: reading a
+/// Runs a look through `/proc` on the blocking pool, awaited at most `limit` ([`SCAN_LIMIT`]): reading a
 /// process's `environ` waits for its memory map, which a process stuck in the kernel (a hung
 /// network mount) may hold for ever, and the task's end must not wait with it. `None` when
 /// it did not finish in time (it may still, on its own thread).
-async fn bounded_scan<T: Send + 'static>(look: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    bounded_scan_within(SCAN_LIMIT, look).await
-}
-
 async fn bounded_scan_within<T: Send + 'static>(
     limit: Duration,
     look: impl FnOnce() -> T + Send + 'static,
@@ -879,11 +980,13 @@ fn live_member_in_proc(pgid: Pid) -> Option<bool> {
     )
 }
 
-/// The processes of every attempt the `command` executors of this process run now, by process
-/// group (with their mark): what [`kill_all_now`] ends.
-static LIVE: std::sync::Mutex<BTreeMap<i32, Arc<str>>> = std::sync::Mutex::new(BTreeMap::new());
+/// The processes of every attempt the `command` executors of this process run now, by mark,
+/// with their process group while it may still be signalled (its leader not reaped): what
+/// [`kill_all_now`] ends.
+static LIVE: std::sync::Mutex<BTreeMap<Arc<str>, Option<Pid>>> =
+    std::sync::Mutex::new(BTreeMap::new());
 
-fn live() -> std::sync::MutexGuard<'static, BTreeMap<i32, Arc<str>>> {
+fn live() -> std::sync::MutexGuard<'static, BTreeMap<Arc<str>, Option<Pid>>> {
     LIVE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -894,16 +997,16 @@ fn live() -> std::sync::MutexGuard<'static, BTreeMap<i32, Arc<str>>> {
 /// most [`super::procs::BLOCKING_SCAN_LIMIT`] (the process exits all the same). Returns the
 /// number of attempts whose processes it signalled.
 pub fn kill_all_now() -> usize {
-    let attempts: Vec<(i32, Arc<str>)> = live()
+    let attempts: Vec<(Arc<str>, Option<Pid>)> = live()
         .iter()
-        .map(|(pgid, mark)| (*pgid, mark.clone()))
+        .map(|(mark, pgid)| (mark.clone(), *pgid))
         .collect();
-    for (pgid, _) in &attempts {
-        signal_group(Pid::from_raw(*pgid), Signal::SIGKILL);
+    for pgid in attempts.iter().filter_map(|(_, pgid)| *pgid) {
+        signal_group(pgid, Signal::SIGKILL);
     }
     let n = attempts.len();
     super::procs::blocking_within(super::procs::BLOCKING_SCAN_LIMIT, move || {
-        for (_, mark) in &attempts {
+        for (mark, _) in &attempts {
             super::procs::kill_marked(mark);
         }
     });
@@ -911,12 +1014,16 @@ pub fn kill_all_now() -> usize {
 }
 
 /// Kills the process group if the execution is dropped before it ended the group itself, and
-/// removes the group's record (see [`super::orphans`]) once the group is gone, if the record is
-/// still this group's: a newer attempt of the task may have recorded its own in the same file.
-/// Either way it then tells the process's warden ([`super::warden`]) the attempt is over: the
-/// warden acts only on attempts it was not told were over, when the worker process dies.
+/// the processes that left the group unless they are known to be gone; then removes the
+/// group's record (see [`super::orphans`]), if the record is still this group's: a newer
+/// attempt of the task may have recorded its own in the same file. Either way it then tells
+/// the process's warden ([`super::warden`]) the attempt is over: the warden acts only on
+/// attempts it was not told were over, when the worker process dies.
 struct GroupGuard {
     procs: Option<TaskProcs>,
+    /// The group may still be signalled: its leader is not reaped, so its id is no other
+    /// process's.
+    group: bool,
     record: Option<(PathBuf, Pid)>,
     warden: Option<super::warden::Watch>,
 }
@@ -928,9 +1035,10 @@ impl GroupGuard {
         record: Option<(PathBuf, Pid)>,
         warden: Option<super::warden::Watch>,
     ) -> Self {
-        live().insert(procs.pgid.as_raw(), procs.mark.clone());
+        live().insert(procs.mark.clone(), Some(procs.pgid));
         Self {
             procs: Some(procs),
+            group: true,
             record,
             warden,
         }
@@ -939,10 +1047,22 @@ impl GroupGuard {
     /// The group, and the processes that left it, have ended.
     fn disarm(&mut self) {
         if let Some(procs) = self.procs.take() {
-            live().remove(&procs.pgid.as_raw());
+            live().remove(&procs.mark);
         }
         // Dropped, it tells the warden the attempt is over.
         self.warden = None;
+    }
+
+    /// The group has ended, and its leader is about to be reaped (its id may then be another
+    /// process's: it is signalled no more), but processes that left it may not have (the last
+    /// look for them did not finish): they are looked for again as the guard drops, on a thread
+    /// of its own; until that look ends, [`kill_all_now`], the warden and the group record
+    /// still reach them.
+    fn group_ended(&mut self) {
+        if let Some(procs) = &self.procs {
+            live().insert(procs.mark.clone(), None);
+        }
+        self.group = false;
     }
 }
 
@@ -961,13 +1081,18 @@ impl Drop for GroupGuard {
             forget();
             return;
         };
-        live().remove(&procs.pgid.as_raw());
-        signal_group(procs.pgid, Signal::SIGKILL);
-        // An execution dropped before it ended its processes (on a runtime thread): those that
-        // left the group are looked for on a thread of its own, which a look stuck on a
-        // process in the kernel holds instead of the runtime's.
+        if std::mem::take(&mut self.group) {
+            signal_group(procs.pgid, Signal::SIGKILL);
+            // Its leader, dropped unreaped, is reaped by tokio from now on.
+            live().insert(procs.mark.clone(), None);
+        }
+        // An execution dropped before it ended its processes (on a runtime thread), or one
+        // whose last look for them did not finish: those that left the group are looked for
+        // on a thread of its own, which a look stuck on a process in the kernel holds instead
+        // of the runtime's.
         let sweep = move || {
             super::procs::kill_marked(&procs.mark);
+            live().remove(&procs.mark);
             forget();
         };
         if let Err(e) = std::thread::Builder::new()
@@ -1471,6 +1596,90 @@ mod tests {
         }
     }
 
+    /// A script whose process starts a process that ignores SIGTERM, writes its pid to
+    /// `$D/<name>.pid` and sleeps; `setsid`, in a session of its own (out of the task's group),
+    /// else in the task's group. The script waits until it is there, then runs `rest`.
+    fn deaf_to_term(name: &str, setsid: bool, rest: &str) -> String {
+        let setsid = if setsid { "setsid " } else { "" };
+        format!(
+            r#"{setsid}sh -c 'trap "" TERM; echo $$ > "$D/{name}.tmp"; mv "$D/{name}.tmp" "$D/{name}.pid"; exec sleep 300' >/dev/null 2>&1 &
+            while [ ! -e "$D/{name}.pid" ]; do sleep 0.01; done
+            {rest}"#
+        )
+    }
+
+    /// The last look for the processes that left a task's group (the one that kills them) may
+    /// not finish: a process stuck in the kernel holds its `environ`. The attempt ends all the
+    /// same, but what it could not kill stays guarded: listed for `kill_all_now` (and kept by
+    /// the warden and the group record) until a look on a thread of its own killed it. Before,
+    /// the guard was disarmed as if every process had ended.
+    #[tokio::test]
+    async fn a_last_look_for_escaped_processes_that_did_not_finish_keeps_them_guarded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, _control) = ctx(1);
+        let (release, stall) = std::sync::mpsc::channel::<()>();
+        let mut executor = CommandExecutor::default().with_kill_grace(Duration::from_millis(200));
+        executor.scans = Scans {
+            limit: Duration::from_secs(1),
+            stall: Some(Arc::new(std::sync::Mutex::new(stall))),
+        };
+        let mark: Arc<str> = format!("{}:t-cmd:1", executor.nonce).into();
+        let script = deaf_to_term("child", true, "echo done");
+        let config = serde_json::json!({"shell": script, "env": {"D": dir.path()}});
+        let run = tokio::spawn(executor.execute(input(config), ctx));
+        let escaped = read_pid(&dir.path().join("child.pid")).await;
+        let _escaped_guard = KillOnDrop(escaped);
+        let out = run.await.expect("joined").expect("exit 0");
+        assert_eq!(out["stdout_tail"], "done\n");
+        assert!(
+            !is_dead(escaped),
+            "it ignores SIGTERM, and SIGKILL never came"
+        );
+        assert_eq!(
+            live().get(&mark),
+            Some(&None),
+            "still guarded, its group not"
+        );
+        drop(release);
+        wait_for("the escaped process to be killed", || is_dead(escaped)).await;
+        wait_for("the guard to let go", || !live().contains_key(&mark)).await;
+    }
+
+    /// A leader that exits while its group lives on is reaped only once the group was ended:
+    /// until then its zombie holds its pid, the group's id, which no other process can take
+    /// while the group is signalled (a signal to an id reused as another group's would reach a
+    /// stranger's processes). Before, it was reaped as it exited and its group signalled after.
+    #[tokio::test]
+    async fn a_leader_that_exits_is_reaped_only_once_its_group_was_ended() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, _control) = ctx(1);
+        let executor = CommandExecutor::default().with_kill_grace(Duration::from_secs(3));
+        let script = deaf_to_term(
+            "member",
+            false,
+            r#"echo $$ > "$D/leader.tmp"; mv "$D/leader.tmp" "$D/leader.pid""#,
+        );
+        let config = serde_json::json!({"shell": script, "env": {"D": dir.path()}});
+        let run = tokio::spawn(executor.execute(input(config), ctx));
+        let member = read_pid(&dir.path().join("member.pid")).await;
+        let _member_guard = KillOnDrop(member);
+        let leader = read_pid(&dir.path().join("leader.pid")).await;
+        wait_for("the leader to exit", || {
+            proc_state(leader).is_none_or(|s| s == 'Z')
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!is_dead(member), "the member ignores SIGTERM for the grace");
+        assert_eq!(
+            proc_state(leader),
+            Some('Z'),
+            "the leader is not reaped yet"
+        );
+        run.await.expect("joined").expect("exit 0");
+        assert!(is_dead(member), "killed after the grace");
+        assert_eq!(proc_state(leader), None, "reaped");
+    }
+
     /// A look through `/proc` stuck on a process (its `environ` held by the kernel) does not
     /// hold the task's end: it is given up after the limit.
     #[tokio::test]
@@ -1479,7 +1688,7 @@ mod tests {
         let look = bounded_scan_within(Duration::from_millis(50), move || stuck.recv().is_ok());
         assert_eq!(look.await, None);
         release.send(()).expect("the look still waits");
-        assert_eq!(bounded_scan(|| 7).await, Some(7));
+        assert_eq!(bounded_scan_within(SCAN_LIMIT, || 7).await, Some(7));
     }
 
     /// A pause stops the processes that left the task's group too, and a resume lets them go.
