@@ -12,7 +12,7 @@ use super::netns::NetFleet;
 use super::observe::{self, Observation, Watcher};
 use super::plan::{Disruption, Kind, MAX_HOLD};
 use super::procs::{self, Coordinator, Worker};
-use super::verdict::Outlived;
+use super::verdict::{KilledTask, Outlived};
 
 /// How long the fleet gets to be whole again after a disruption.
 pub const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -25,9 +25,13 @@ const TICK: Duration = Duration::from_millis(20);
 pub const CORRUPT_WINDOW: Duration = Duration::from_secs(3);
 /// Bytes a `corrupt` fault changes before it is removed, unless its hold runs out first.
 pub const CORRUPT_ENOUGH: u64 = 24;
-/// How long a `worker_kill`'s command has run at least: the counter has shipped checkpoints
-/// (one every change of its count, 300 ms apart) by then.
-const MID_COMMAND: Duration = Duration::from_secs(1);
+/// What a `worker_kill`'s counter has counted to at least: it has shipped checkpoints (one
+/// every change of its count, 300 ms apart), so its next attempt must resume from one.
+const SHIPPED_COUNT: u32 = 3;
+/// How much longer than the time its task processes get to end (the worker's time down, at
+/// least [`TASKS_END_LIMIT`]) a killed counter must have had left to run for its end to show
+/// the warden at work: one nearly done ends on its own in time, warden or not.
+pub const KILL_MARGIN: Duration = Duration::from_millis(500);
 /// How long a `worker_kill` waits for a worker running a `command` task, and a `worker_stop`
 /// for one holding a lease, before it takes the planned worker as it is: the verdict needs at
 /// least one of each to have hit work (a wave of tasks, a command among them, goes in after
@@ -92,12 +96,37 @@ fn killed(status: Option<std::process::ExitStatus>) -> (bool, String) {
 /// would run on (a counter has up to 3.6 s to go) until the next start's records end them.
 pub const TASKS_END_LIMIT: Duration = Duration::from_secs(1);
 
-/// Of the task processes a killed worker ran, those still running `limit` after its death.
-async fn outlived_by(ran: Vec<u32>, limit: Duration) -> Outlived {
-    until(limit, || !ran.iter().any(|p| procs::running(*p))).await;
+/// Whether task process `p`, killed with its worker and given `limit` to end, would still run
+/// after it without a warden: a counter's command (not a child) that has shipped checkpoints
+/// and has more than `limit` plus [`KILL_MARGIN`] to go by its count.
+fn lasting(p: &procs::TaskProc, limit: Duration) -> bool {
+    p.top
+        && p.count.is_some_and(|c| {
+            c >= SHIPPED_COUNT && super::tasks::counter_left(c) > limit + KILL_MARGIN
+        })
+}
+
+/// Of the task processes a killed worker ran, those still running `limit` after its death,
+/// and the commands among them that would have run past it ([`lasting`]).
+async fn outlived_by(ran: Vec<procs::TaskProc>, limit: Duration) -> Outlived {
+    until(limit, || !ran.iter().any(|p| procs::running(p.pid))).await;
     Outlived {
-        left: ran.iter().copied().filter(|p| procs::running(*p)).collect(),
+        left: ran
+            .iter()
+            .map(|p| p.pid)
+            .filter(|p| procs::running(*p))
+            .collect(),
         ran: ran.len(),
+        lasting: ran
+            .iter()
+            .filter(|p| lasting(p, limit))
+            .map(|p| KilledTask {
+                task: p.task.clone(),
+                attempt: p.attempt,
+                pid: p.pid,
+                count: p.count.unwrap_or(0),
+            })
+            .collect(),
     }
 }
 
@@ -174,30 +203,29 @@ impl System {
         self.workers.iter().map(|w| w.id.clone()).collect()
     }
 
-    /// A `worker_kill`'s worker: the planned one if it runs a `command` task's processes that
-    /// have run [`MID_COMMAND`] or longer, else the next (in the fleet's order) that does;
-    /// waited for up to [`TARGET_WAIT`], else one running any, else the planned one. Killed in
-    /// the middle of a command, a worker leaves processes its warden must end, and an attempt
-    /// whose next one resumes from the checkpoints it shipped.
-    async fn mid_command(&self, planned: Option<usize>) -> Option<usize> {
+    /// A `worker_kill`'s worker: the planned one if it runs a counter's command that would
+    /// outlive it without a warden ([`lasting`], given `limit` to end), else the next (in the
+    /// fleet's order) that does; waited for up to [`TARGET_WAIT`], else one running any task
+    /// process, else the planned one. Killed in the middle of a command, a worker leaves
+    /// processes its warden must end, and an attempt whose next one resumes from the
+    /// checkpoints it shipped.
+    async fn mid_command(&self, planned: Option<usize>, limit: Duration) -> Option<usize> {
         let start = planned?;
         let n = self.workers.len();
-        let find = |least: Duration| {
+        let find = |enough: &dyn Fn(&procs::TaskProc) -> bool| {
             (0..n).map(|k| (start + k) % n).find(|i| {
-                self.workers[*i].pid().is_some_and(|pid| {
-                    procs::task_processes(pid)
-                        .into_iter()
-                        .any(|p| procs::age(p).is_some_and(|a| a >= least))
-                })
+                self.workers[*i]
+                    .pid()
+                    .is_some_and(|pid| procs::task_procs(pid).iter().any(enough))
             })
         };
         let mut found = None;
         until(TARGET_WAIT, || {
-            found = find(MID_COMMAND);
+            found = find(&|p| lasting(p, limit));
             found.is_some()
         })
         .await;
-        found.or_else(|| find(Duration::ZERO)).or(planned)
+        found.or_else(|| find(&|_| true)).or(planned)
     }
 
     /// A `worker_stop`'s (or a `corrupt`'s) worker: the planned one if the coordinator has it
@@ -236,7 +264,9 @@ impl System {
         let d = match d.kind {
             Kind::WorkerKill => {
                 retargeted = Disruption {
-                    target: self.mid_command(d.target).await,
+                    target: self
+                        .mid_command(d.target, d.hold.max(TASKS_END_LIMIT))
+                        .await,
                     ..d.clone()
                 };
                 &retargeted
@@ -363,7 +393,7 @@ impl System {
                     let down = tokio::time::Instant::now();
                     evidence = Some(match kind {
                         Kind::WorkerKill => {
-                            let tasks = w.pid().map(procs::task_processes).unwrap_or_default();
+                            let tasks = w.pid().map(procs::task_procs).unwrap_or_default();
                             let status = w.kill().await;
                             outlived = Some(outlived_by(tasks, d.hold.max(TASKS_END_LIMIT)).await);
                             killed(status)

@@ -93,23 +93,63 @@ pub fn task_processes(root: u32) -> Vec<u32> {
 }
 
 fn carries_a_mark(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
-        env.split(|b| *b == 0).any(|var| {
-            var.strip_prefix(procs::MARK_ENV.as_bytes())
-                .is_some_and(|v| v.starts_with(b"="))
-        })
+    env_var(pid, procs::MARK_ENV).is_some()
+}
+
+/// The value of `name` in process `pid`'s environment (as it was started).
+fn env_var(pid: u32, name: &str) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|b| *b == 0).find_map(|var| {
+        let v = var.strip_prefix(name.as_bytes())?.strip_prefix(b"=")?;
+        Some(String::from_utf8_lossy(v).into_owned())
     })
 }
 
-/// How long process `pid` has run (`None`: it is gone, or `/proc` does not say).
-pub fn age(pid: u32) -> Option<std::time::Duration> {
-    let start: f64 = Stat::read(pid)?.start.parse().ok()?;
-    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()?? as f64;
-    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
-    let up: f64 = uptime.split_whitespace().next()?.parse().ok()?;
-    Some(std::time::Duration::from_secs_f64(
-        (up - start / ticks).max(0.0),
-    ))
+/// A task process, as `/proc` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskProc {
+    pub pid: u32,
+    /// From its mark (`<nonce>:<task>:<attempt>`).
+    pub task: String,
+    pub attempt: u32,
+    /// Its parent carries no mark: the task's command itself, not one of its children (a
+    /// counter's `sleep 0.3` ends on its own, warden or not).
+    pub top: bool,
+    /// What the counter task had counted to, by the `count` file in its checkpoint directory
+    /// (`None`: no such file, not a counter or not started counting).
+    pub count: Option<u32>,
+}
+
+/// `<nonce>:<task>:<attempt>` as the task and the attempt.
+fn parse_mark(mark: &str) -> Option<(String, u32)> {
+    let (_nonce, rest) = mark.split_once(':')?;
+    let (task, attempt) = rest.rsplit_once(':')?;
+    Some((task.to_owned(), attempt.parse().ok()?))
+}
+
+/// The task processes of process `root` ([`task_processes`]) with their marks and counts.
+pub fn task_procs(root: u32) -> Vec<TaskProc> {
+    let pids = task_processes(root);
+    pids.iter()
+        .filter_map(|pid| {
+            let (task, attempt) = parse_mark(&env_var(*pid, procs::MARK_ENV)?)?;
+            let top = Stat::read(*pid).is_some_and(|s| !pids.contains(&s.ppid));
+            let count = env_var(*pid, "TETHER_CHECKPOINT_DIR").and_then(|d| {
+                std::fs::read_to_string(Path::new(&d).join("count"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            });
+            Some(TaskProc {
+                pid: *pid,
+                task,
+                attempt,
+                top,
+                count,
+            })
+        })
+        .collect()
 }
 
 /// Whether a process runs (a zombie, which waits for a reaper, does not).
@@ -450,8 +490,11 @@ mod tests {
     /// unmarked descendants and the root itself are not.
     #[tokio::test]
     async fn the_task_processes_of_a_process_are_its_marked_descendants() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("count"), "4\n").expect("count");
         let mut shell = Command::new("/bin/sh")
             .args(["-c", "TETHER_TASK_MARK=n:t:1 sleep 30 & sleep 30 & wait"])
+            .env("TETHER_CHECKPOINT_DIR", dir.path())
             .env_remove("TETHER_TASK_MARK")
             .process_group(0)
             .kill_on_drop(true)
@@ -472,9 +515,31 @@ mod tests {
         assert!(cmdline.starts_with(b"sleep\0"), "{cmdline:?}");
         // Other tests of this binary may run task processes of their own beside these.
         assert!(task_processes(std::process::id()).contains(&found[0]));
+        // Its mark and its checkpoint directory's count; its parent, the shell, has no mark.
+        assert_eq!(
+            task_procs(shell_pid),
+            [TaskProc {
+                pid: found[0],
+                task: "t".into(),
+                attempt: 1,
+                top: true,
+                count: Some(4),
+            }]
+        );
         let group = nix::unistd::Pid::from_raw(i32::try_from(shell_pid).expect("pid"));
         let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
         let _ = shell.wait().await;
+    }
+
+    #[test]
+    fn a_mark_names_its_task_and_attempt() {
+        assert_eq!(parse_mark("n1:t-01ab:3"), Some(("t-01ab".into(), 3)));
+        assert_eq!(
+            parse_mark("n1:t:with:colons:2"),
+            Some(("t:with:colons".into(), 2))
+        );
+        assert_eq!(parse_mark("n1:t"), None);
+        assert_eq!(parse_mark("n1:t:x"), None);
     }
 
     #[tokio::test]

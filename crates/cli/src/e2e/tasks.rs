@@ -28,6 +28,15 @@ else head -c 300000 /dev/urandom > "$d/noise.tmp" && cp "$d/noise.tmp" "$d/noise
 while [ "$i" -lt 12 ]; do i=$((i+1)); echo "$i" > "$d/count.tmp" && mv "$d/count.tmp" "$d/count"; sleep 0.3; done
 echo "counted from $start to $i""#;
 
+/// What [`COUNTER`] counts to, and how long each step takes.
+pub const COUNTER_TO: u32 = 12;
+pub const COUNTER_STEP: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// How long a counter that has counted to `count` runs on, at least.
+pub fn counter_left(count: u32) -> std::time::Duration {
+    COUNTER_STEP * COUNTER_TO.saturating_sub(count)
+}
+
 /// What the counted result of `spec` must say when it completes.
 pub fn expected_body(spec: &TaskSpec) -> Body {
     let config = spec.config.to_value().unwrap_or_default();
@@ -91,6 +100,18 @@ pub fn wave(wave: usize, rng: &mut SmallRng) -> Vec<(TaskSpec, Expect)> {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    /// The counter's script counts as [`counter_left`] says.
+    #[test]
+    fn the_counter_counts_to_its_constants() {
+        assert!(
+            COUNTER.contains(&format!("-lt {COUNTER_TO} ]")),
+            "{COUNTER}"
+        );
+        let step = format!("sleep {}", COUNTER_STEP.as_secs_f64());
+        assert!(COUNTER.contains(&step), "{step} in {COUNTER}");
+        assert_eq!(counter_left(9), std::time::Duration::from_millis(900));
+    }
 
     #[test]
     fn a_wave_mixes_every_kind_of_task_and_valid_specs() {
