@@ -520,30 +520,37 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
         "worker kills",
         bad,
     ));
-    // A kill in the middle of a command (running a second or more: it has shipped checkpoints)
-    // loses its attempt; the next attempt resumes from the checkpoint, so some counted result
-    // of the run says it resumed.
-    let hit: Vec<&&DisruptionView> = kills
+    // A kill in the middle of a counter (checkpoints shipped) loses its attempt; the task's
+    // counted result must come from a later attempt that resumed from a checkpoint. Judged by
+    // the killed tasks themselves: a resume elsewhere in the run (after a graceful stop, a
+    // cut) says nothing of them.
+    let killed: Vec<&KilledTask> = kills
         .iter()
-        .filter(|x| x.outlived.as_ref().is_some_and(|o| o.ran > 0))
+        .filter_map(|x| x.outlived.as_ref())
+        .flat_map(|o| &o.lasting)
         .collect();
-    let resumed_results = g
-        .results
-        .values()
-        .flatten()
-        .filter(|r| !r.stale && resumed(&r.result))
-        .count();
     let mut bad = Vec::new();
-    if !hit.is_empty() && resumed_results == 0 {
-        bad.push(format!(
-            "{} worker kills hit running tasks, yet no counted result resumed from a checkpoint",
-            hit.len()
-        ));
+    for k in &killed {
+        let rows = counted(&k.task);
+        match rows.as_slice() {
+            [r] if r.attempt > k.attempt && resumed(&r.result) => {}
+            [r] => bad.push(format!(
+                "{} (attempt {} killed at count {}): its counted result, attempt {}, did not resume from a checkpoint",
+                k.task, k.attempt, k.count, r.attempt
+            )),
+            _ => bad.push(format!(
+                "{} (attempt {} killed at count {}): {} counted results",
+                k.task,
+                k.attempt,
+                k.count,
+                rows.len()
+            )),
+        }
     }
     checks.push(check(
         "killed_work_resumed_from_checkpoints",
-        hit.len(),
-        "worker kills that hit running tasks",
+        killed.len(),
+        "tasks killed mid-way with checkpoints shipped",
         bad,
     ));
     let ran: BTreeSet<Kind> = d.iter().map(|x| x.kind).collect();
@@ -976,36 +983,65 @@ mod tests {
         );
     }
 
-    /// A kill that hit running tasks, in a run where no counted result resumed from a
-    /// checkpoint, fails: checkpoints were not taken up. A kill of an idle worker asks nothing.
+    /// A kill that hit a counter mid-way: that task's counted result must resume from a
+    /// checkpoint. Another task resumed (after a graceful stop) does not make up for it; a
+    /// kill of an idle worker asks nothing here.
     #[test]
-    fn a_kill_of_running_tasks_without_any_resume_fails() {
-        let kill = |ran: usize, resumed_at: u64| {
-            let lasting = if ran > 0 {
-                vec![counting("a", 1)]
-            } else {
-                vec![]
-            };
+    fn a_killed_task_not_resumed_fails_though_another_task_resumed() {
+        let kill = |lasting: Vec<KilledTask>, resumed_at: u64| {
             killed(
                 Outlived {
-                    ran,
+                    ran: 2,
                     left: vec![],
                     lasting,
                 },
                 resumed_at,
             )
         };
-        assert!(failing(&kill(2, 3)).is_empty());
-        let none = kill(2, 0);
-        assert!(
-            failing(&none).contains(&"killed_work_resumed_from_checkpoints"),
-            "{:?}",
-            failing(&none)
-        );
+        assert!(failing(&kill(vec![counting("a", 1)], 3)).is_empty());
+        let none = kill(vec![counting("a", 1)], 0);
+        assert_eq!(failing(&none), ["killed_work_resumed_from_checkpoints"]);
         let said = detail(&none, "killed_work_resumed_from_checkpoints");
-        assert!(said.contains("1 worker kills hit running tasks"), "{said}");
         assert!(
-            !failing(&kill(0, 0)).contains(&"killed_work_resumed_from_checkpoints"),
+            said.contains(
+                "a (attempt 1 killed at count 4): its counted result, attempt 2, did not resume"
+            ),
+            "{said}"
+        );
+        // Task b was killed (its attempt 1 is the counted one: nothing resumed); task a resumed
+        // after a worker_stop, which says nothing of b.
+        let mut other = kill(vec![counting("a", 1), counting("b", 1)], 3);
+        other.bodies.insert("b".into(), Body::Any);
+        assert_eq!(failing(&other), ["killed_work_resumed_from_checkpoints"]);
+        let said = detail(&other, "killed_work_resumed_from_checkpoints");
+        assert!(said.contains("1 of 2 tasks killed"), "{said}");
+        assert!(
+            said.starts_with("1 of 2") && said.contains("b (attempt 1"),
+            "{said}"
+        );
+        other.disruptions[0].outlived = Some(Outlived {
+            ran: 2,
+            left: vec![],
+            lasting: vec![counting("b", 1)],
+        });
+        other.disruptions.push(DisruptionView {
+            index: 3,
+            kind: Kind::WorkerStop,
+            fired: true,
+            detected: Some(true),
+            recovered: true,
+            sessions_lost: vec![],
+            handback: Some(Handback {
+                handed_back: 1,
+                left: vec![],
+            }),
+            outlived: None,
+        });
+        other.kinds.push(Kind::WorkerStop);
+        assert_eq!(failing(&other), ["killed_work_resumed_from_checkpoints"]);
+        // Nothing killed mid-way: nothing asked.
+        assert!(
+            !failing(&kill(vec![], 0)).contains(&"killed_work_resumed_from_checkpoints"),
             "an idle worker's kill"
         );
     }
