@@ -25,6 +25,9 @@ fn log_tails(work: &std::path::Path) -> String {
     out
 }
 
+/// Longest a `tether e2e` run of this suite may take (they take under a minute or two).
+const E2E_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Runs `tether e2e` with `args` in `dir` (report in `dir/report/`, processes' files in
 /// `dir/work`), asserts that it passed (with the report and the logs' tails if not), and
 /// returns the JSON report, the Markdown report and the process id of the run.
@@ -42,7 +45,24 @@ fn run_e2e(dir: &std::path::Path, args: &[&str]) -> (Value, String, u32) {
         .spawn()
         .expect("run tether e2e");
     let pid = child.id();
-    let out = child.wait_with_output().expect("wait for tether e2e");
+    // A run that hangs must not hold the suite: past the limit it is killed (its processes
+    // die with it) and the test fails.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(E2E_LIMIT) {
+        Ok(out) => out.expect("wait for tether e2e"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!(
+                "tether e2e did not end within {E2E_LIMIT:?}\nlogs:\n{}",
+                log_tails(&dir.join("work"))
+            );
+        }
+    };
     let md = std::fs::read_to_string(report_dir.join("e2e-report.md")).unwrap_or_default();
     assert!(
         out.status.success(),

@@ -382,7 +382,7 @@ impl Worker {
             "--reconnect-jitter".into(),
             "0.2".into(),
             "--seed".into(),
-            (self.seed + u64::from(self.starts)).to_string(),
+            self.seed.wrapping_add(u64::from(self.starts)).to_string(),
         ];
         if let Some(secret) = &self.secret {
             args.extend(["--secret-file".into(), secret.display().to_string()]);
