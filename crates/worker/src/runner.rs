@@ -156,6 +156,25 @@ fn reports(stop: Option<StopReason>, stopped: bool) -> bool {
     }
 }
 
+/// Records the ends of attempts (`on_finished`) on the blocking pool, and waits for it: the
+/// state directory writes SQLite there, and deletes the attempts' checkpoints (which reads a
+/// large one's every page), which would stall the tasks sharing a runtime thread, the
+/// session's among them. A checkpoint of a newer attempt of the task is never among those
+/// deleted, whenever it is stored.
+async fn finish_off_thread(hook: FinishedHook, ended: Vec<(TaskId, Attempt)>) {
+    if ended.is_empty() {
+        return;
+    }
+    let record = move || {
+        for (task, attempt) in &ended {
+            hook(task, *attempt);
+        }
+    };
+    if let Err(error) = tokio::task::spawn_blocking(record).await {
+        tracing::error!(%error, "recording the end of a task failed");
+    }
+}
+
 /// Removes a finished task's checkpoint directory, off the async threads. A failure is logged:
 /// only disk space is at stake.
 async fn remove_checkpoint_dir(dir: PathBuf) {
@@ -768,7 +787,7 @@ impl Runner {
                 let mut unhanded = self.unhanded.lock().unwrap_or_else(|p| p.into_inner());
                 unhanded.push((task_id.clone(), attempt));
             }
-            Some(hook) => hook(&task_id, attempt),
+            Some(hook) => finish_off_thread(hook.clone(), vec![(task_id.clone(), attempt)]).await,
             None => {}
         }
     }
@@ -777,13 +796,11 @@ impl Runner {
     /// had ended): it moves what it still leases here at once, from the checkpoints it holds.
     /// The attempts the shutdown stopped are recorded as ended now; without this call they
     /// stay recorded as running, and the next start reports them lost.
-    pub fn handed_back(&self) {
+    pub async fn handed_back(&self) {
         let unhanded =
             std::mem::take(&mut *self.unhanded.lock().unwrap_or_else(|p| p.into_inner()));
         if let Some(hook) = &self.on_finished {
-            for (task, attempt) in unhanded {
-                hook(&task, attempt);
-            }
+            finish_off_thread(hook.clone(), unhanded).await;
         }
     }
 
@@ -1849,6 +1866,55 @@ mod tests {
             })
             .collect();
         assert_eq!(journaled, ["finished"]);
+    }
+
+    /// The end of an attempt is recorded in the state directory, and its checkpoints deleted
+    /// there (a large one's every page read), on the blocking pool: not on the runtime thread
+    /// the attempt ran on (here the test's own thread, its runtime's only one).
+    #[tokio::test]
+    async fn an_attempts_end_and_the_deletion_of_its_checkpoints_run_off_the_runtime_threads() {
+        let on_this_thread = || {
+            let me = std::thread::current().id();
+            let threads = crate::statedir::FORGOT_ON.lock().expect("lock");
+            threads.iter().filter(|t| **t == me).count()
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let worker = tether_proto::WorkerId::parse("w").expect("id");
+        let (sd, _) = StateDir::open(dir.path(), &worker).expect("state dir");
+        let mut executors = Executors::default();
+        executors.register("echo", Echo);
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let (started, finished) = (sd.clone(), sd.clone());
+        let runner = Runner::new(executors, outbox, 64 * 1024)
+            .with_start_hook(Arc::new(move |t, a| {
+                started.task_started(t, a).expect("recorded");
+            }))
+            .with_finished_hook(Arc::new(move |t, a| {
+                finished.task_finished(t, a).expect("recorded");
+            }));
+        let runner = Arc::new(runner);
+        let before = on_this_thread();
+        runner.assign(assignment("t", 1, Some(("c-1", 1, "cp"))));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let owed = || {
+            rusqlite::Connection::open(dir.path().join(crate::statedir::DB_FILE))
+                .and_then(|c| {
+                    c.query_row("SELECT count(*) FROM forget", [], |r| r.get::<_, i64>(0))
+                })
+                .expect("count")
+        };
+        while runner.live_tasks() > 0 || owed() != 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the end not recorded"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            on_this_thread(),
+            before,
+            "checkpoints deleted on the runtime's thread"
+        );
     }
 
     impl Runner {

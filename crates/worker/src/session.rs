@@ -728,7 +728,7 @@ impl<'a> Session<'a> {
     async fn say_stopped(&mut self) {
         let stopped = WorkerMsg::WorkerStopped(StopNotice { timestamp: now() });
         match self.send(&stopped).await {
-            Ok(()) => self.agent.runner.handed_back(),
+            Ok(()) => self.agent.runner.handed_back().await,
             Err(reason) => {
                 tracing::warn!(worker = %self.worker(), %reason, "worker_stopped not sent; the coordinator's grace period moves the tasks (the next start reports the tasks it stopped lost)");
             }

@@ -571,6 +571,11 @@ fn apply_forget(
     cp: &mut Connection,
     cp_path: &Path,
 ) -> Result<usize, StateDirError> {
+    #[cfg(test)]
+    FORGOT_ON
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(std::thread::current().id());
     let rows: Vec<(String, u32)> = locked(main)
         .prepare("SELECT task_id, attempt FROM forget")
         .and_then(|mut s| {
@@ -594,6 +599,10 @@ fn apply_forget(
     tx.commit().map_err(StateDirError::db(main_path))?;
     Ok(forgot)
 }
+
+/// Tests: the threads `apply_forget` ran on.
+#[cfg(test)]
+pub(crate) static FORGOT_ON: Mutex<Vec<std::thread::ThreadId>> = Mutex::new(Vec::new());
 
 /// `m`, locked: a panic while it was held left a connection that is still usable.
 fn locked(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
