@@ -49,18 +49,28 @@ impl Listing {
     /// Indexes `t` as it is now, in place of what it was indexed under.
     pub(super) fn put(&mut self, t: &Task) {
         let seq = t.submit_seq;
-        let entry = Entry::of(t);
-        if let Some(old) = self.by_seq.get(&seq) {
-            if *old == entry {
-                return;
-            }
-            let old = old.clone();
-            self.unindex(seq, &old);
+        // In place: a save changes the status now and then and the time of the last change
+        // always, and each index moved is two walks of its tree (this runs on every save).
+        let Some(e) = self.by_seq.get_mut(&seq) else {
+            self.by_status.insert((t.status, seq));
+            self.by_update.insert((t.updated_at, seq));
+            self.counts[slot(t.status)] += 1;
+            self.by_seq.insert(seq, Entry::of(t));
+            return;
+        };
+        if e.status != t.status {
+            self.by_status.remove(&(e.status, seq));
+            self.by_status.insert((t.status, seq));
+            let n = &mut self.counts[slot(e.status)];
+            *n = n.saturating_sub(1);
+            self.counts[slot(t.status)] += 1;
+            e.status = t.status;
         }
-        self.by_status.insert((entry.status, seq));
-        self.by_update.insert((entry.updated_at, seq));
-        self.counts[slot(entry.status)] += 1;
-        self.by_seq.insert(seq, entry);
+        if e.updated_at != t.updated_at {
+            self.by_update.remove(&(e.updated_at, seq));
+            self.by_update.insert((t.updated_at, seq));
+            e.updated_at = t.updated_at;
+        }
     }
 
     /// Forgets `t`.
