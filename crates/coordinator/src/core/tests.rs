@@ -26,9 +26,13 @@ impl Harness {
     }
 
     fn with(cfg: CoordinatorConfig) -> Self {
-        let cfg = Arc::new(cfg);
+        Self::from_store(cfg, Loaded::default())
+    }
+
+    /// A core rebuilt from what a store held.
+    fn from_store(cfg: CoordinatorConfig, loaded: Loaded) -> Self {
         Self {
-            core: Core::new(cfg, Loaded::default(), Arc::new(Counters::default())),
+            core: Core::new(Arc::new(cfg), loaded, Arc::new(Counters::default())),
             conn: rusqlite::Connection::open_in_memory().expect("sqlite"),
             next_session: 1,
             last_muts: Vec::new(),
@@ -807,13 +811,7 @@ fn the_removed_ids_loaded_at_start_number_the_attempts_of_their_new_tasks() {
         removed: vec![("nightly".to_owned(), Attempt(4))],
         ..Loaded::default()
     };
-    let cfg = Arc::new(CoordinatorConfig::new("/nonexistent"));
-    let mut h = Harness {
-        core: Core::new(cfg, loaded, Arc::new(Counters::default())),
-        conn: rusqlite::Connection::open_in_memory().expect("sqlite"),
-        next_session: 1,
-        last_muts: Vec::new(),
-    };
+    let mut h = Harness::from_store(CoordinatorConfig::new("/nonexistent"), loaded);
     let (_s, mut rx) = h.connect("a");
     let t = h.submit_spec(TaskSpec {
         task_id: Some(TaskId::parse("nightly").expect("id")),
@@ -836,13 +834,7 @@ fn submission_numbers_continue_past_the_kept_mark_when_the_stored_tasks_end_belo
         next_submit_seq: 41,
         ..Loaded::default()
     };
-    let cfg = Arc::new(CoordinatorConfig::new("/nonexistent"));
-    let mut h = Harness {
-        core: Core::new(cfg, loaded, Arc::new(Counters::default())),
-        conn: rusqlite::Connection::open_in_memory().expect("sqlite"),
-        next_session: 1,
-        last_muts: Vec::new(),
-    };
+    let mut h = Harness::from_store(CoordinatorConfig::new("/nonexistent"), loaded);
     let t = h.submit();
     assert_eq!(h.core.tasks[&t].submit_seq, 41);
 }
