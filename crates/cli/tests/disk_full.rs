@@ -229,6 +229,42 @@ async fn a_full_data_directory_holds_the_commits_until_space_is_freed_and_loses_
         })
         .await;
     assert_eq!(refused["error"]["code"], "out_of_space", "{refused}");
+    // Reads and controls are answered at once too, saying why: their answers would wait for
+    // the commits ahead of them (they waited until space came back, past any client's
+    // patience).
+    let done = before[0].task_id.as_ref().expect("id");
+    for (method, path) in [
+        (reqwest::Method::GET, format!("/api/v1/tasks/{done}")),
+        (reqwest::Method::GET, "/api/v1/tasks".to_owned()),
+        (reqwest::Method::GET, "/api/v1/overview".to_owned()),
+        (
+            reqwest::Method::POST,
+            format!("/api/v1/tasks/{done}/cancel"),
+        ),
+    ] {
+        let r = http
+            .request(method.clone(), format!("{base}{path}"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path} not answered: {e}"));
+        assert_eq!(r.status().as_u16(), 503, "{method} {path}");
+        assert!(r.headers().contains_key("retry-after"), "{method} {path}");
+        let body: Value = r.json().await.expect("a JSON error");
+        assert_eq!(
+            body["error"]["code"], "out_of_space",
+            "{method} {path}: {body}"
+        );
+    }
+    // The metrics are served, saying why.
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics answered")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("tether_store_out_of_space 1"), "{metrics}");
     // It waits, and does not stop.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(c.alive(), "the coordinator stopped:\n{}", logged());

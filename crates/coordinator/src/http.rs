@@ -96,6 +96,9 @@ impl IntoResponse for ApiError {
             ApiError::ShuttingDown => {
                 return unavailable("shutting_down", &self.to_string(), "5");
             }
+            ApiError::OutOfSpace => {
+                return unavailable("out_of_space", &self.to_string(), "5");
+            }
         };
         error_response(status, code, &self.to_string())
     }
@@ -256,13 +259,35 @@ pub(crate) async fn ask<T>(
     app: &AppState,
     make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> Api,
 ) -> Result<T, ApiError> {
-    let (tx, rx) = oneshot::channel();
+    // Every answer comes after the commits queued before it: while those wait for space, the
+    // asker is told so at once instead of waiting with them.
+    let out_of_space = || app.store_stats.out_of_space.load(std::sync::atomic::Ordering::Acquire);
+    if out_of_space() {
+        return Err(ApiError::OutOfSpace);
+    }
+    let (tx, mut rx) = oneshot::channel();
+    let api = make(tx);
+    let read = api.is_read();
     app.events
-        .send(Event::Api(make(tx)))
+        .send(Event::Api(api))
         .await
         .map_err(|_| ApiError::ShuttingDown)?;
-    rx.await.map_err(|_| ApiError::ShuttingDown)?
+    if !read {
+        // Asked, it will be done: its asker waits for the answer.
+        return rx.await.map_err(|_| ApiError::ShuttingDown)?;
+    }
+    // A read is given up once the commits ahead of it wait for space: it changes nothing.
+    loop {
+        match tokio::time::timeout(SPACE_LOOK, &mut rx).await {
+            Ok(answer) => return answer.map_err(|_| ApiError::ShuttingDown)?,
+            Err(_) if out_of_space() => return Err(ApiError::OutOfSpace),
+            Err(_) => {}
+        }
+    }
 }
+
+/// How often a read waiting for its answer looks whether the store waits for space.
+const SPACE_LOOK: Duration = Duration::from_millis(250);
 
 fn parse_task(id: &str) -> Result<TaskId, ApiError> {
     TaskId::parse(id).map_err(|e| ApiError::Invalid(format!("task id {id:?}: {e}")))

@@ -18,7 +18,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tether_proto::counters::ByType;
 use tether_proto::msg::{COORD_MSG_TYPES, WORKER_MSG_TYPES};
 
-use crate::core::Api;
+use crate::core::{Api, ApiError};
 use crate::server::AppState;
 
 // Connections.
@@ -239,11 +239,11 @@ pub async fn scrape(State(app): State<Arc<AppState>>) -> Response {
             }
             metrics::gauge!(MODEL_STALE).set(0.0);
         }
-        Ok(Err(e)) => return e.into_response(),
-        // The core did not answer in time (a commit waiting for space holds its replies, and
-        // then the core itself): the rest is served, the store's gauges among them, which say
-        // why; the model's gauges keep their last values, and say so.
-        Err(_) => {
+        Ok(Err(e)) if !matches!(e, ApiError::OutOfSpace) => return e.into_response(),
+        // The core did not answer in time, or its answer waits for commits that wait for space
+        // (and then the core itself): the rest is served, the store's gauges among them, which
+        // say why; the model's gauges keep their last values, and say so.
+        Ok(Err(_)) | Err(_) => {
             tracing::debug!("the core's overview did not come in time; metrics served without it");
             metrics::gauge!(MODEL_STALE).set(1.0);
         }

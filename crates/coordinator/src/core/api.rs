@@ -29,6 +29,12 @@ pub enum ApiError {
     /// request is safe to send again, to this coordinator once restarted or to another.
     #[error("coordinator is shutting down")]
     ShuttingDown,
+    /// The store's commits wait for space in the data directory: the request was not asked
+    /// of the core (or, a read, was given up), and may be sent again once there is room.
+    #[error(
+        "the coordinator's data directory is out of space: its answers wait for the commits ahead of them, which wait for room (see the coordinator's log); try again later"
+    )]
+    OutOfSpace,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
@@ -130,6 +136,13 @@ pub enum Api {
     Overview {
         reply: Reply<Overview>,
     },
+}
+
+impl Api {
+    /// Whether the command only reads: given up by its asker, it changes nothing.
+    pub fn is_read(&self) -> bool {
+        !matches!(self, Api::Submit { .. } | Api::Control { .. })
+    }
 }
 
 fn reply_after_commit<T: Send + 'static>(b: &mut Batch, reply: Reply<T>, v: Result<T, ApiError>) {

@@ -167,6 +167,8 @@ pub async fn sample(app: Arc<AppState>, interval: Duration, stop: CancellationTo
         }
         match crate::http::ask(&app, |reply| Api::Overview { reply }).await {
             Ok(o) => app.history.push(Sample::from_overview(&o)),
+            // The charts skip the samples of a store waiting for space.
+            Err(crate::core::ApiError::OutOfSpace) => {}
             Err(_) => return,
         }
     }
