@@ -261,7 +261,11 @@ pub(crate) async fn ask<T>(
 ) -> Result<T, ApiError> {
     // Every answer comes after the commits queued before it: while those wait for space, the
     // asker is told so at once instead of waiting with them.
-    let out_of_space = || app.store_stats.out_of_space.load(std::sync::atomic::Ordering::Acquire);
+    let out_of_space = || {
+        app.store_stats
+            .out_of_space
+            .load(std::sync::atomic::Ordering::Acquire)
+    };
     if out_of_space() {
         return Err(ApiError::OutOfSpace);
     }
