@@ -43,7 +43,7 @@ use self::observe::Watcher;
 use self::plan::Kind;
 use self::procs::{Coordinator, Exit, TIMINGS, Worker};
 use self::report::{BlackholeFigures, Figures, Report, TaskOutcomes, WorkerFigures};
-use self::verdict::{AckView, Expect, GroundTruth, ResultView, TaskView};
+use self::verdict::{AckView, Expect, GroundTruth, ResultView, StoredView, TaskView};
 use crate::output::outln;
 use crate::settings::parse_duration_arg;
 
@@ -561,6 +561,9 @@ async fn drive(
     if let Some(exit) = sys.coordinator.stop().await {
         exits.push(("coordinator".into(), exit));
     }
+    // What the API said came from the coordinator's memory; its file is read now that it
+    // stopped, and the verdict holds the two together.
+    let stored = stored_view(&sys.coordinator.db_path(), &submitted)?;
     let truth = GroundTruth {
         submitted,
         bodies,
@@ -570,6 +573,7 @@ async fn drive(
         disruptions: Vec::new(),
         kinds: kinds.to_vec(),
         unexpected_exits: procs::unexpected_exits(&exits),
+        stored: Some(stored),
     };
     Ok((
         truth,
@@ -668,6 +672,39 @@ async fn drain(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// The submitted tasks and their results as the coordinator's SQLite file `db` holds them,
+/// read-only (with [`crate::stress::truth`]); a file that cannot be read fails the run.
+fn stored_view(db: &Path, submitted: &[(String, Expect)]) -> anyhow::Result<StoredView> {
+    use crate::stress::truth;
+    let ids: std::collections::HashSet<String> =
+        submitted.iter().map(|(id, _)| id.clone()).collect();
+    let read = || -> anyhow::Result<StoredView> {
+        let tasks = truth::read(db, &ids, chrono::DateTime::UNIX_EPOCH)?
+            .tasks
+            .into_iter()
+            .filter(|(id, _)| ids.contains(id))
+            .map(|(id, t)| {
+                let workers = t.runs.into_iter().map(|a| a.worker).collect();
+                (id, (t.status, workers))
+            })
+            .collect();
+        let mut results: BTreeMap<String, Vec<ResultView>> = BTreeMap::new();
+        for r in truth::results(db)?
+            .into_iter()
+            .filter(|r| ids.contains(&r.task))
+        {
+            results.entry(r.task).or_default().push(ResultView {
+                attempt: u32::try_from(r.attempt).unwrap_or(u32::MAX),
+                stale: r.stale,
+                outcome: r.outcome,
+                result: r.result,
+            });
+        }
+        Ok(StoredView { tasks, results })
+    };
+    read().with_context(|| format!("cannot read the coordinator's database {}", db.display()))
 }
 
 /// One entry of a task's `attempts`; `None` when it does not read as one.

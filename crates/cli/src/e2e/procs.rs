@@ -309,6 +309,11 @@ impl Coordinator {
     pub async fn stop(&mut self) -> Option<Exit> {
         terminate(&mut self.child, STOP_GRACE).await
     }
+
+    /// Its SQLite store file, to be read once it stopped.
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join(tether_coordinator::store::DB_FILE)
+    }
 }
 
 /// One worker process, restartable on the same state directory and event log.

@@ -160,6 +160,17 @@ pub struct KilledTask {
     pub count: u32,
 }
 
+/// The coordinator's SQLite file, read after the coordinator stopped: the statuses, attempts
+/// and results its API gave the verdict must be what it stored, or the verdict would trust
+/// the system's in-memory model over its record.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoredView {
+    /// Each task's status and the workers of its attempts, oldest first.
+    pub tasks: BTreeMap<String, (String, Vec<String>)>,
+    /// Each task's stored results (counted and stale), in attempt order.
+    pub results: BTreeMap<String, Vec<ResultView>>,
+}
+
 /// Everything the verdict looks at.
 #[derive(Debug, Clone, Default)]
 pub struct GroundTruth {
@@ -174,6 +185,8 @@ pub struct GroundTruth {
     pub kinds: Vec<Kind>,
     /// Processes that exited without being told to.
     pub unexpected_exits: Vec<String>,
+    /// The coordinator's database (`None`: not read, which fails `api_matches_database`).
+    pub stored: Option<StoredView>,
 }
 
 /// Whether a counted result says its attempt started from a checkpoint: a sleep's
@@ -401,6 +414,13 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
         bad,
     ));
 
+    checks.push(check(
+        "api_matches_database",
+        n,
+        "tasks",
+        database_disagreements(g, &listed),
+    ));
+
     let d = &g.disruptions;
     let named = |f: fn(&DisruptionView) -> bool, what: &str| -> Vec<String> {
         d.iter()
@@ -575,6 +595,76 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
     }
 }
 
+/// Where the coordinator's database differs from what its API said of the submitted tasks
+/// (the views the other checks judged): status, attempts' workers, result rows.
+fn database_disagreements(g: &GroundTruth, listed: &BTreeMap<&str, Vec<&TaskView>>) -> Vec<String> {
+    let Some(stored) = &g.stored else {
+        return vec!["the coordinator's database was not read".to_owned()];
+    };
+    let mut bad = Vec::new();
+    for (id, _) in &g.submitted {
+        let api = listed.get(id.as_str()).and_then(|v| v.first());
+        match (api, stored.tasks.get(id)) {
+            (None, None) => {}
+            (Some(t), None) => bad.push(format!(
+                "{id}: {} by the API, absent from the database",
+                t.status
+            )),
+            (None, Some((status, _))) => bad.push(format!(
+                "{id}: {status} in the database, unknown to the API"
+            )),
+            (Some(t), Some((status, workers))) => {
+                if t.status != *status {
+                    bad.push(format!(
+                        "{id}: {} by the API, {status} in the database",
+                        t.status
+                    ));
+                }
+                let api_workers: Vec<&str> = t.attempts.iter().map(|a| a.worker.as_str()).collect();
+                if api_workers != *workers {
+                    bad.push(format!(
+                        "{id}: attempts on [{}] by the API, on [{}] in the database",
+                        api_workers.join(", "),
+                        workers.join(", ")
+                    ));
+                }
+            }
+        }
+        let by_attempt = |rows: Option<&Vec<ResultView>>| {
+            let mut v = rows.cloned().unwrap_or_default();
+            v.sort_by_key(|r| r.attempt);
+            v
+        };
+        let (api, db) = (
+            by_attempt(g.results.get(id)),
+            by_attempt(stored.results.get(id)),
+        );
+        if api == db {
+            continue;
+        }
+        let said = |rows: &[ResultView]| {
+            let v: Vec<String> = rows
+                .iter()
+                .map(|r| {
+                    let kind = if r.stale { "stale" } else { "counted" };
+                    format!("#{} {kind} {}", r.attempt, r.outcome)
+                })
+                .collect();
+            format!("[{}]", v.join(", "))
+        };
+        let (a, d) = (said(&api), said(&db));
+        if a != d {
+            bad.push(format!("{id}: results {a} by the API, {d} in the database"));
+        } else if let Some((x, y)) = api.iter().zip(&db).find(|(x, y)| x.result != y.result) {
+            bad.push(format!(
+                "{id} attempt {}: result {} by the API, {} in the database",
+                x.attempt, x.result, y.result
+            ));
+        }
+    }
+    bad
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -662,11 +752,37 @@ mod tests {
             }],
             kinds: vec![Kind::Reset],
             unexpected_exits: vec![],
+            stored: None,
         }
     }
 
+    /// What the database of `g` holds when it agrees with its API view.
+    fn stored_as_listed(g: &GroundTruth) -> StoredView {
+        StoredView {
+            tasks: g
+                .tasks
+                .iter()
+                .map(|t| {
+                    let workers = t.attempts.iter().map(|a| a.worker.clone()).collect();
+                    (t.id.clone(), (t.status.clone(), workers))
+                })
+                .collect(),
+            results: g.results.clone(),
+        }
+    }
+
+    /// The verdict of `g`; a fixture whose database the test did not set has one that agrees
+    /// with its API view, so each test changes only what it is about.
+    fn judged(g: &GroundTruth) -> Verdict {
+        let mut g = g.clone();
+        if g.stored.is_none() {
+            g.stored = Some(stored_as_listed(&g));
+        }
+        verdict(&g)
+    }
+
     fn failing(g: &GroundTruth) -> Vec<&'static str> {
-        verdict(g)
+        judged(g)
             .checks
             .into_iter()
             .filter(|c| !c.pass)
@@ -676,7 +792,7 @@ mod tests {
 
     /// What check `name` says of `g`.
     fn detail(g: &GroundTruth, name: &str) -> String {
-        verdict(g)
+        judged(g)
             .checks
             .into_iter()
             .find(|c| c.name == name)
@@ -686,9 +802,58 @@ mod tests {
 
     #[test]
     fn a_healthy_run_passes_every_check() {
-        let v = verdict(&healthy());
+        let v = judged(&healthy());
         assert!(v.pass, "{v:?}");
-        assert_eq!(v.checks.len(), 15);
+        assert_eq!(v.checks.len(), 16);
+    }
+
+    /// The API's view (the coordinator's memory) is what the other checks judge; the database
+    /// file must hold the same, and a verdict that disagrees with it, or never read it, fails.
+    #[test]
+    fn an_api_view_the_database_disagrees_with_fails_api_matches_database() {
+        let g = healthy();
+        let db = stored_as_listed(&g);
+        let with = |db: StoredView| GroundTruth {
+            stored: Some(db),
+            ..g.clone()
+        };
+        assert!(failing(&with(db.clone())).is_empty());
+        // A status only the coordinator's memory had.
+        let mut other = db.clone();
+        other.tasks.get_mut("a").expect("a").0 = "running".into();
+        let said = detail(&with(other.clone()), "api_matches_database");
+        assert_eq!(failing(&with(other)), ["api_matches_database"]);
+        assert!(
+            said.contains("a: completed by the API, running in the database"),
+            "{said}"
+        );
+        // A counted result the database holds as stale, and one it does not hold at all.
+        let mut other = db.clone();
+        other.results.get_mut("a").expect("a")[0].stale = true;
+        let said = detail(&with(other.clone()), "api_matches_database");
+        assert_eq!(failing(&with(other)), ["api_matches_database"]);
+        assert!(
+            said.contains("a: results [#1 stale completed, #2 counted completed] by the API, [#1 stale completed, #2 stale completed] in the database"),
+            "{said}"
+        );
+        let mut other = db.clone();
+        other.results.remove("b");
+        assert_eq!(failing(&with(other)), ["api_matches_database"]);
+        // A payload that differs, an attempt on another worker, a task absent.
+        let mut other = db.clone();
+        other.results.get_mut("a").expect("a")[0].result = serde_json::json!({"steps": 5});
+        let said = detail(&with(other.clone()), "api_matches_database");
+        assert!(said.contains("a attempt 2: result"), "{said}");
+        let mut other = db.clone();
+        other.tasks.get_mut("b").expect("b").1 = vec!["w1".into()];
+        assert_eq!(failing(&with(other)), ["api_matches_database"]);
+        let mut other = db.clone();
+        other.tasks.remove("b");
+        assert_eq!(failing(&with(other)), ["api_matches_database"]);
+        // Not read at all.
+        let v = verdict(&g);
+        let c = v.checks.iter().find(|c| c.name == "api_matches_database");
+        assert!(!v.pass && c.is_some_and(|c| !c.pass), "{v:?}");
     }
 
     #[test]
@@ -702,9 +867,10 @@ mod tests {
             disruptions: vec![],
             kinds: vec![],
             unexpected_exits: vec![],
+            stored: None,
         };
         assert_eq!(failing(&g), ["tasks_submitted"]);
-        assert!(!verdict(&g).pass);
+        assert!(!judged(&g).pass);
     }
 
     #[test]

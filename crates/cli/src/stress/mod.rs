@@ -16,7 +16,7 @@ mod probe;
 mod procs;
 mod report;
 mod scenarios;
-mod truth;
+pub(crate) mod truth;
 
 use std::time::Duration;
 

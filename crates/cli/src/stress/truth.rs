@@ -195,6 +195,51 @@ pub fn read(db: &Path, submitted: &HashSet<String>, since: DateTime<Utc>) -> any
     Ok(truth)
 }
 
+/// One stored result row, as `tether e2e` holds it against what the API said.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResultRow {
+    pub task: String,
+    pub attempt: u64,
+    pub stale: bool,
+    /// The outcome it recorded (`completed`, `failed`, ...).
+    pub outcome: String,
+    /// The executor's payload (`body.result`), `null` when the body has none.
+    pub result: serde_json::Value,
+}
+
+/// Every result row of the store file `db`, by task and attempt.
+pub fn results(db: &Path) -> anyhow::Result<Vec<ResultRow>> {
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .with_context(|| format!("opening {}", db.display()))?;
+    let mut q = conn.prepare(
+        "SELECT task_id, attempt, stale, outcome, body FROM results ORDER BY task_id, attempt",
+    )?;
+    let rows = q.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, u64>(1)?,
+            r.get::<_, bool>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, String>(4)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (task, attempt, stale, outcome, body) = row?;
+        let body: serde_json::Value = serde_json::from_str(&body).with_context(|| {
+            format!("the stored result of {task} attempt {attempt} is not JSON")
+        })?;
+        out.push(ResultRow {
+            task,
+            attempt,
+            stale,
+            outcome,
+            result: body["result"].clone(),
+        });
+    }
+    Ok(out)
+}
+
 impl Truth {
     /// Whether the tasks crashed workers were running resumed from a checkpoint. `held`: the
     /// attempts the coordinator listed running, each of a task it held a complete checkpoint
@@ -424,6 +469,36 @@ mod tests {
                 "running running with 0 counted results after 1 attempts",
             ]
         );
+    }
+
+    #[test]
+    fn every_result_row_is_read_with_its_stale_flag_outcome_and_payload() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("rows.db");
+        let c = Connection::open(&path).expect("create");
+        c.execute_batch(
+            "CREATE TABLE results (task_id TEXT, attempt INTEGER, worker TEXT, outcome TEXT,
+               stale INTEGER, body TEXT, recorded_at TEXT);
+             INSERT INTO results VALUES ('b', 2, 'w1', 'completed', 0, '{\"result\": {\"steps\": 4}}', '');
+             INSERT INTO results VALUES ('b', 1, 'w2', 'completed', 1, '{\"result\": {\"steps\": 3}}', '');
+             INSERT INTO results VALUES ('a', 1, 'w2', 'failed', 0, '{}', '');",
+        )
+        .expect("rows");
+        let rows = results(&path).expect("read");
+        let seen: Vec<_> = rows
+            .iter()
+            .map(|r| (r.task.as_str(), r.attempt, r.stale, r.outcome.as_str()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("a", 1, false, "failed"),
+                ("b", 1, true, "completed"),
+                ("b", 2, false, "completed"),
+            ]
+        );
+        assert_eq!(rows[2].result, serde_json::json!({"steps": 4}));
+        assert!(rows[0].result.is_null());
     }
 
     /// A task's attempts in [`crash_store`]: (attempt, worker, ended at second, recorded).
