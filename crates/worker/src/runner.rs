@@ -45,7 +45,8 @@ pub const PREDECESSOR_GRACE: Duration = Duration::from_secs(
 /// Called when a task leaves the running set.
 pub type FinishedHook = Arc<dyn Fn(&TaskId, Attempt) + Send + Sync>;
 
-/// Called when a task enters the running set, before anything can report it running.
+/// Called when a task enters the running set, before anything can report it running and
+/// before its executor starts; on the blocking pool.
 pub type StartHook = Arc<dyn Fn(&TaskId, Attempt) + Send + Sync>;
 
 /// Reads the latest checkpoint kept locally for a task (the state directory's). Called on the
@@ -431,7 +432,9 @@ impl Runner {
         let mut v: Vec<TaskRef> = t
             .running
             .values()
-            .filter(|r| r.stop.is_none() && !r.ending)
+            // One not yet recorded as running in the state directory is not reported running:
+            // a crash before the record would not report it lost.
+            .filter(|r| r.stop.is_none() && !r.ending && r.shared.recorded.is_cancelled())
             .map(|r| TaskRef {
                 task_id: r.shared.task_id.clone(),
                 attempt: r.shared.attempt,
@@ -474,9 +477,11 @@ impl Runner {
                 Resume::Fetch(wanted, fallback) => (None, fallback, Some(wanted)),
             };
             let shared = TaskShared::new(a.task_id.clone(), a.attempt, latest);
-            // Under the table lock, so `active()` never shows a task not yet recorded.
-            if let Some(hook) = &self.on_started {
-                hook(&a.task_id, a.attempt);
+            // With nothing to record it in, it is recorded as it enters the table; otherwise
+            // on the blocking pool, by its own task (`record_start`), and `active()` leaves it
+            // out until then.
+            if self.on_started.is_none() {
+                shared.recorded.cancel();
             }
             t.running.insert(
                 a.task_id.clone(),
@@ -494,11 +499,33 @@ impl Runner {
             .get(&a.kind)
             .map_or(PREDECESSOR_GRACE, |e| e.stop_grace());
         self.tracker.spawn(async move {
+            this.record_start(&shared, predecessor.as_deref()).await;
             if let Some(older) = predecessor {
                 wait_for_predecessor(&older, &shared, grace).await;
             }
             this.execute(a, shared, local, fetch).await
         });
+    }
+
+    /// Records the attempt `shared` as running (`on_started`) on the blocking pool, and waits
+    /// for it: the state directory writes SQLite there, which would stall the tasks sharing a
+    /// runtime thread, the session's among them (it was written under the table lock, on the
+    /// thread that called `assign`). Awaited before its executor starts, so a crash from then
+    /// on reports the attempt lost; and only once the start of the `older` attempt it
+    /// superseded was recorded, whose record would otherwise replace this one's (the running
+    /// set holds one attempt a task). A failed record is logged: the task still runs.
+    async fn record_start(&self, shared: &TaskShared, older: Option<&TaskShared>) {
+        let Some(hook) = self.on_started.clone() else {
+            return;
+        };
+        if let Some(older) = older {
+            older.recorded.cancelled().await;
+        }
+        let (task, attempt) = (shared.task_id.clone(), shared.attempt);
+        if let Err(error) = tokio::task::spawn_blocking(move || hook(&task, attempt)).await {
+            tracing::error!(task = %shared.task_id, attempt = %shared.attempt, %error, "recording the start of a task failed");
+        }
+        shared.recorded.cancel();
     }
 
     /// A piece of a checkpoint being fetched (`checkpoint_piece`).
@@ -1024,6 +1051,8 @@ mod tests {
     use tether_proto::msg::{CheckpointBlob, now};
     use tether_proto::task::Blob;
     use tether_proto::{CheckpointId, Seq, TaskId};
+
+    use std::sync::atomic::AtomicBool;
 
     use super::*;
     use crate::executor::{ExecError, Executor, TaskCtx, TaskInput};
@@ -1915,6 +1944,171 @@ mod tests {
             before,
             "checkpoints deleted on the runtime's thread"
         );
+    }
+
+    /// A start hook that notes what it was called with and on which thread, and records an
+    /// attempt only once the test lets it go, if it holds it (`hold`, `release`).
+    #[derive(Default)]
+    struct Recorder {
+        calls: Arc<Mutex<Vec<(Attempt, std::thread::ThreadId)>>>,
+        recorded: Arc<Mutex<Vec<Attempt>>>,
+        held: Arc<(Mutex<HashSet<Attempt>>, std::sync::Condvar)>,
+    }
+
+    impl Recorder {
+        fn hook(&self) -> StartHook {
+            let (calls, recorded, held) =
+                (self.calls.clone(), self.recorded.clone(), self.held.clone());
+            Arc::new(move |_, attempt| {
+                let call = (attempt, std::thread::current().id());
+                calls.lock().expect("lock").push(call);
+                let (held, cv) = &*held;
+                let mut h = held.lock().expect("lock");
+                while h.contains(&attempt) {
+                    h = cv.wait(h).expect("wait");
+                }
+                recorded.lock().expect("lock").push(attempt);
+            })
+        }
+
+        fn hold(&self, attempt: u32) {
+            self.held.0.lock().expect("lock").insert(Attempt(attempt));
+        }
+
+        fn release(&self, attempt: u32) {
+            self.held.0.lock().expect("lock").remove(&Attempt(attempt));
+            self.held.1.notify_all();
+        }
+
+        fn called(&self) -> usize {
+            self.calls.lock().expect("lock").len()
+        }
+
+        fn recorded(&self) -> Vec<Attempt> {
+            self.recorded.lock().expect("lock").clone()
+        }
+    }
+
+    /// A test that fails lets go of what it held: the runtime waits for the blocking pool.
+    impl Drop for Recorder {
+        fn drop(&mut self) {
+            self.held
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            self.held.1.notify_all();
+        }
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// The start of an attempt is recorded on the blocking pool: not on the thread that calls
+    /// `assign` (here the test's own, its runtime's only one), the session's.
+    #[tokio::test]
+    async fn an_attempts_start_is_recorded_off_the_runtime_threads() {
+        let mut executors = Executors::default();
+        executors.register("echo", Echo);
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let recorder = Recorder::default();
+        let runner = Runner::new(executors, outbox.clone(), 64 * 1024);
+        let runner = runner.with_start_hook(recorder.hook());
+        let runner = Arc::new(runner);
+        runner.assign(assignment("t", 1, None));
+        assert_eq!(results_once_ended(&runner, &outbox).await.len(), 1);
+        let calls = recorder.calls.lock().expect("lock").clone();
+        assert_eq!(calls.len(), 1, "recorded once");
+        assert_ne!(
+            calls[0].1,
+            std::thread::current().id(),
+            "the start was recorded on the runtime's thread"
+        );
+    }
+
+    /// Sets `started` as it starts, and returns whether its attempt was recorded then.
+    struct SeesRecord {
+        started: Arc<AtomicBool>,
+        recorded: Arc<Mutex<Vec<Attempt>>>,
+    }
+
+    impl Executor for SeesRecord {
+        fn execute(
+            &self,
+            input: TaskInput,
+            _ctx: TaskCtx,
+        ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
+            self.started.store(true, Ordering::SeqCst);
+            let recorded = self.recorded.lock().expect("lock").contains(&input.attempt);
+            Box::pin(async move { Ok(serde_json::json!(recorded)) })
+        }
+    }
+
+    /// An attempt's executor starts only once its start is recorded (a crash from then on
+    /// reports it lost), and the attempt is not reported running before either.
+    #[tokio::test]
+    async fn an_executor_starts_only_once_its_attempt_is_recorded_as_running() {
+        let recorder = Recorder::default();
+        recorder.hold(1);
+        let started = Arc::new(AtomicBool::new(false));
+        let mut executors = Executors::default();
+        let sees = SeesRecord {
+            started: started.clone(),
+            recorded: recorder.recorded.clone(),
+        };
+        executors.register("sees", sees);
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner = Runner::new(executors, outbox.clone(), 64 * 1024);
+        let runner = Arc::new(runner.with_start_hook(recorder.hook()));
+        let mut a = assignment("t", 1, None);
+        a.kind = "sees".into();
+        runner.assign(a);
+        until("the start is not being recorded", || recorder.called() == 1).await;
+        // The record is held: whatever the runtime runs meanwhile, the executor is not it.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !started.load(Ordering::SeqCst),
+            "the executor started before the record"
+        );
+        assert!(
+            runner.active().is_empty(),
+            "reported running before the record"
+        );
+        recorder.release(1);
+        let results = results_once_ended(&runner, &outbox).await;
+        assert_eq!(results.len(), 1);
+        assert_eq!(
+            results[0].result.to_value().expect("json"),
+            serde_json::json!(true),
+            "the executor started before its attempt was recorded"
+        );
+    }
+
+    /// A newer attempt's start is recorded after the start of the older attempt it
+    /// superseded, however long that takes: the running set holds one attempt a task, and the
+    /// older's record landing last would leave the newer unrecorded once the older ended.
+    #[tokio::test]
+    async fn a_newer_attempts_start_is_recorded_after_the_older_ones() {
+        let mut executors = Executors::default();
+        executors.register("echo", Echo);
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let recorder = Recorder::default();
+        recorder.hold(1);
+        let runner = Runner::new(executors, outbox.clone(), 64 * 1024);
+        let runner = Arc::new(runner.with_start_hook(recorder.hook()));
+        runner.assign(assignment("t", 1, None));
+        until("attempt 1 is not being recorded", || recorder.called() == 1).await;
+        runner.assign(assignment("t", 2, None));
+        // Had attempt 2 not waited for attempt 1's record, its own would land now.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        recorder.release(1);
+        results_once_ended(&runner, &outbox).await;
+        assert_eq!(recorder.recorded(), vec![Attempt(1), Attempt(2)]);
     }
 
     impl Runner {

@@ -263,6 +263,9 @@ pub(crate) struct TaskShared {
     /// Cancelled once the executor's run has returned: the attempt touches its checkpoint
     /// directory no more (a newer attempt of the task waits for it).
     pub ended: CancellationToken,
+    /// Cancelled once the attempt is recorded as running in the state directory (at once
+    /// without one): before that it is not reported running, nor does its executor start.
+    pub recorded: CancellationToken,
     pub state: Mutex<StateJson>,
     /// Held while a checkpoint is stored and made the latest: stores of one task, which run on
     /// the blocking pool, land in the order they were asked for. The store's closure owns the
@@ -297,6 +300,7 @@ impl TaskShared {
             checkpoint_wanted: Notify::new(),
             reuploading: AtomicBool::new(false),
             ended: CancellationToken::new(),
+            recorded: CancellationToken::new(),
             state: Mutex::new(StateJson::from(serde_json::Value::Null)),
             storing: Arc::new(tokio::sync::Mutex::new(())),
             stored: AtomicU64::new(0),
