@@ -1751,7 +1751,12 @@ impl<'a> Session<'a> {
                     });
                 }
                 // A frame of ours failed its tag there: it is lost, and so is every later one
-                // (tags count frames). A new session replays the outbox under a fresh key.
+                // (tags count frames, and the coordinator's count stays at the lost frame's
+                // number). Not kept: no resend in this session can verify (the lost frame's
+                // number is spent here and `bad_mac` does not say which it was), the heartbeats
+                // would fail too until the third failure closes the session (1008), and a
+                // coordinator that counts only verified frames as the worker alive would
+                // meanwhile see it silent. A new session replays the outbox under a fresh key.
                 if e.code == ErrorCode::BadMac {
                     return Err(format!("coordinator dropped a frame: {}", e.message));
                 }
