@@ -8,6 +8,12 @@
 //! crash may lose the tail). A line cut short that way is cut off when the log is opened
 //! again, so the next process's first line starts a line of its own. Lines carry wall-clock
 //! times (RFC 3339, UTC) so that records of several processes on one machine can be compared.
+//!
+//! A write that fails is logged and the worker goes on, so a reader could not tell a lost line
+//! from an event that never happened. Each record therefore carries its number in its process's
+//! log (`n`, from 1 at each open: a gap is a lost line), and when the log is dropped (the agent
+//! that owns it ended: a graceful stop, not a kill) it writes a last record, `stopped`, with
+//! how many writes failed. Logs written before the numbers have records without `n`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Seek, SeekFrom, Write};
@@ -55,6 +61,9 @@ pub enum Event {
         seq: Seq,
         disposition: Disposition,
     },
+    /// The log's last record of this process, written when it is dropped (the agent ended):
+    /// how many of its records could not be written. A killed process writes none.
+    Stopped { write_failures: u64 },
 }
 
 /// One line of the log.
@@ -62,6 +71,9 @@ pub enum Event {
 pub struct Record {
     pub at: DateTime<Utc>,
     pub worker: String,
+    /// Its number in its process's log, from 1 (`None` in logs older than the numbers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u64>,
     #[serde(flatten)]
     pub event: Event,
 }
@@ -70,8 +82,19 @@ pub struct Record {
 #[derive(Debug)]
 pub struct EventLog {
     worker: String,
-    file: Mutex<File>,
+    file: Mutex<Appender>,
     path: PathBuf,
+}
+
+/// The file and what was written to it, under one lock so that numbers follow the lines'
+/// order.
+#[derive(Debug)]
+struct Appender {
+    file: File,
+    /// The number of the last record made (written or not).
+    last: u64,
+    /// Records that could not be encoded or written.
+    failures: u64,
 }
 
 impl EventLog {
@@ -100,31 +123,54 @@ impl EventLog {
         }
         Ok(Self {
             worker: worker.to_owned(),
-            file: Mutex::new(file),
+            file: Mutex::new(Appender {
+                file,
+                last: 0,
+                failures: 0,
+            }),
             path: path.to_owned(),
         })
     }
 
-    /// Appends one event. A failed write is logged, never fatal: the log is a witness, and the
-    /// worker's job is to keep running.
+    /// Appends one event. A failed write is logged and counted (the `stopped` record says how
+    /// many), never fatal: the log is a witness, and the worker's job is to keep running. Its
+    /// number is used up either way, so the line missing leaves a gap.
     pub fn record(&self, event: Event) {
+        let mut out = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        out.last += 1;
         let rec = Record {
             at: Utc::now(),
             worker: self.worker.clone(),
+            n: Some(out.last),
             event,
         };
         let mut line = match serde_json::to_vec(&rec) {
             Ok(l) => l,
             Err(error) => {
+                out.failures += 1;
                 tracing::error!(%error, "cannot encode an event log record");
                 return;
             }
         };
         line.push(b'\n');
-        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(error) = file.write_all(&line) {
+        if let Err(error) = out.file.write_all(&line) {
+            out.failures += 1;
             tracing::error!(path = %self.path.display(), %error, "cannot write the event log");
         }
+    }
+
+    /// Records that could not be written so far.
+    pub fn write_failures(&self) -> u64 {
+        self.file.lock().unwrap_or_else(|p| p.into_inner()).failures
+    }
+}
+
+impl Drop for EventLog {
+    /// The owner ended without being killed: the last record says how many writes failed, so
+    /// that a reader can tell a whole log from one that lost lines.
+    fn drop(&mut self) {
+        let write_failures = self.write_failures();
+        self.record(Event::Stopped { write_failures });
     }
 }
 
@@ -206,7 +252,8 @@ mod tests {
         let read = read(&path).expect("read");
         assert!(read.torn && read.damaged.is_empty(), "{read:?}");
         let records = read.records;
-        assert_eq!(records.len(), 2);
+        // The two, and the log's own last record.
+        assert_eq!(records.len(), 3);
         assert_eq!(records[0].worker, "w1");
         assert!(matches!(
             records[1].event,
@@ -244,10 +291,86 @@ mod tests {
         assert!(
             matches!(
                 events[..],
-                [Event::Registered { .. }, Event::Started { .. }]
+                [
+                    Event::Registered { .. },
+                    Event::Stopped { .. },
+                    Event::Started { .. }
+                ]
             ),
             "{events:?}"
         );
+    }
+
+    fn numbered(path: &Path) -> Vec<(Option<u64>, Event)> {
+        let read = read(path).expect("read");
+        assert!(!read.torn && read.damaged.is_empty(), "{read:?}");
+        read.records.into_iter().map(|r| (r.n, r.event)).collect()
+    }
+
+    /// Numbers count from 1 in each process's log (each open), and a log dropped (its agent
+    /// ended, not killed) ends with how many writes failed: none here.
+    #[test]
+    fn records_are_numbered_from_one_at_each_open_and_a_dropped_log_says_it_lost_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        let started = |b: &str| Event::Started { boot_id: b.into() };
+        let log = EventLog::open(&path, "w1").expect("open");
+        log.record(started("b1"));
+        log.record(Event::Registered {
+            generation: 1,
+            session_id: 7,
+        });
+        drop(log);
+        // A killed process's log is never dropped: no last record.
+        let log = EventLog::open(&path, "w1").expect("open again");
+        log.record(started("b2"));
+        std::mem::forget(log);
+        let stopped = |write_failures| Event::Stopped { write_failures };
+        let got = numbered(&path);
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert_eq!(got[0], (Some(1), started("b1")));
+        assert_eq!(got[1].0, Some(2));
+        assert_eq!(got[2], (Some(3), stopped(0)));
+        assert_eq!(got[3], (Some(1), started("b2")));
+    }
+
+    /// A write that fails uses up its number (the line missing leaves a gap) and is counted in
+    /// the last record.
+    #[test]
+    fn a_failed_write_leaves_a_gap_in_the_numbers_and_is_counted_in_the_last_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        let log = EventLog::open(&path, "w1").expect("open");
+        log.record(Event::Started {
+            boot_id: "b1".into(),
+        });
+        // A handle that cannot write, for one record.
+        let writable = {
+            let mut out = log.file.lock().expect("lock");
+            let read_only = File::open(&path).expect("read-only");
+            std::mem::replace(&mut out.file, read_only)
+        };
+        log.record(Event::Registered {
+            generation: 1,
+            session_id: 7,
+        });
+        assert_eq!(log.write_failures(), 1);
+        log.file.lock().expect("lock").file = writable;
+        drop(log);
+        let got = numbered(&path);
+        let n: Vec<_> = got.iter().map(|(n, _)| *n).collect();
+        assert_eq!(n, [Some(1), Some(3)], "{got:?}");
+        assert_eq!(got[1].1, Event::Stopped { write_failures: 1 });
+    }
+
+    /// A log written before records were numbered still reads.
+    #[test]
+    fn a_record_without_a_number_still_reads() {
+        let old = r#"{"at":"2026-01-02T03:04:05Z","worker":"w1","event":"started","boot_id":"b1"}"#;
+        let read = parse(&format!("{old}\n"));
+        assert!(read.damaged.is_empty(), "{read:?}");
+        assert_eq!(read.records[0].n, None);
+        assert!(matches!(read.records[0].event, Event::Started { .. }));
     }
 
     #[test]
@@ -266,16 +389,17 @@ mod tests {
             "{text}"
         );
         // Whole lines are kept as they are; a fragment longer than a chunk of the backwards
-        // search is cut back to the newline before it.
+        // search is cut back to the newline before it. (The logs are forgotten, not dropped:
+        // a dropped one appends its `stopped` record.)
         let mut whole = vec![b'y'; 4095];
         whole.push(b'\n');
         std::fs::write(&path, &whole).expect("whole lines");
-        drop(EventLog::open(&path, "w1").expect("open"));
+        std::mem::forget(EventLog::open(&path, "w1").expect("open"));
         assert_eq!(std::fs::read(&path).expect("bytes"), whole);
         let mut torn = whole.clone();
         torn.extend(vec![b'z'; 8191]);
         std::fs::write(&path, &torn).expect("torn");
-        drop(EventLog::open(&path, "w1").expect("open"));
+        std::mem::forget(EventLog::open(&path, "w1").expect("open"));
         assert_eq!(std::fs::read(&path).expect("bytes"), whole);
     }
 }

@@ -344,6 +344,14 @@ fn judge(
         o.handback_from(&truth.tasks);
     }
     truth.acks = acks(logs);
+    truth.event_logs = sys
+        .workers
+        .iter()
+        .map(|w| {
+            let records = logs.get(&w.id).map(Vec::as_slice).unwrap_or_default();
+            (w.id.clone(), observe::log_gaps(records, &w.lives))
+        })
+        .collect();
     truth.disruptions = observations
         .iter()
         .map(observe::Observation::view)
@@ -574,6 +582,7 @@ async fn drive(
         kinds: kinds.to_vec(),
         unexpected_exits: procs::unexpected_exits(&exits),
         stored: Some(stored),
+        event_logs: Vec::new(),
     };
     Ok((
         truth,

@@ -128,6 +128,64 @@ fn whole(read: tether_worker::eventlog::Read) -> anyhow::Result<Vec<Record>> {
     }
 }
 
+/// Where a worker's event log shows lines lost (ground truth with holes in it would pass
+/// `no_result_lost` on acks it never kept). `starts`: when each of the worker's processes was
+/// started (the run waited for the one before to end), with whether it then stopped
+/// gracefully (exit 0 after SIGTERM). A process's records are those from its start to the
+/// next; their numbers must run from 1 without a gap, a `stopped` record must be the last and
+/// say no write failed, and a process that stopped gracefully must have written it. Records
+/// without a number (a worker older than the numbers) are not judged.
+pub fn log_gaps(records: &[Record], starts: &[(DateTime<Utc>, bool)]) -> Vec<String> {
+    let mut bad = Vec::new();
+    let stamp = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let before = records
+        .iter()
+        .filter(|r| r.n.is_some() && starts.first().is_some_and(|(s, _)| r.at < *s))
+        .count();
+    if before > 0 {
+        bad.push(format!("{before} records from before its first start"));
+    }
+    for (i, (from, graceful)) in starts.iter().enumerate() {
+        let until = starts.get(i + 1).map(|(t, _)| *t);
+        let own: Vec<(u64, &Record)> = records
+            .iter()
+            .filter(|r| r.at >= *from && until.is_none_or(|u| r.at < u))
+            .filter_map(|r| Some((r.n?, r)))
+            .collect();
+        let process = format!("the process started at {}", stamp(*from));
+        let mut expect = 1;
+        for (j, (n, r)) in own.iter().enumerate() {
+            if *n != expect {
+                bad.push(match n.checked_sub(1).filter(|last| *last >= expect) {
+                    Some(last) => format!("{process} lost records {expect} to {last}"),
+                    None => format!("{process} numbered record {n} after {}", expect - 1),
+                });
+            }
+            expect = n + 1;
+            if let Event::Stopped { write_failures } = r.event {
+                if write_failures > 0 {
+                    bad.push(format!("{process} failed {write_failures} writes"));
+                }
+                if j + 1 < own.len() {
+                    bad.push(format!("{process} logged after its stopped record"));
+                }
+            }
+        }
+        let stopped = own
+            .last()
+            .is_some_and(|(_, r)| matches!(r.event, Event::Stopped { .. }));
+        if *graceful && !stopped {
+            bad.push(match own.last() {
+                None => format!("{process} stopped gracefully but logged nothing"),
+                Some((n, _)) => format!(
+                    "{process} stopped gracefully but its log ends at record {n}, without its stopped record"
+                ),
+            });
+        }
+    }
+    bad
+}
+
 /// Whether the worker's latest session event says it is registered.
 pub fn registered_now(events: &[Record]) -> bool {
     events
@@ -135,7 +193,9 @@ pub fn registered_now(events: &[Record]) -> bool {
         .rev()
         .find_map(|r| match r.event {
             Event::Registered { .. } => Some(true),
-            Event::SessionLost { .. } | Event::Started { .. } => Some(false),
+            Event::SessionLost { .. } | Event::Started { .. } | Event::Stopped { .. } => {
+                Some(false)
+            }
             _ => None,
         })
         .unwrap_or(false)
@@ -350,6 +410,7 @@ mod tests {
         Record {
             at: at(ms),
             worker: "w1".into(),
+            n: None,
             event,
         }
     }
@@ -584,5 +645,63 @@ mod tests {
         o.analyse(&logs, &[sample(3_000)], at(10_000));
         assert!(o.recovered, "{o:?}");
         assert_eq!(o.recover_ms["w1"], 0.0);
+    }
+
+    /// A process's numbered records, one a second from `ms`, ending with a `stopped` record
+    /// saying `failures` when given.
+    fn boot(ms: i64, numbers: &[u64], stopped: Option<u64>) -> Vec<Record> {
+        let mut out: Vec<Record> = numbers
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Record {
+                n: Some(*n),
+                ..registered(ms + 1_000 * i as i64)
+            })
+            .collect();
+        if let Some(write_failures) = stopped {
+            let n = numbers.last().map_or(1, |n| n + 1);
+            out.push(Record {
+                n: Some(n),
+                ..rec(
+                    ms + 1_000 * numbers.len() as i64,
+                    Event::Stopped { write_failures },
+                )
+            });
+        }
+        out
+    }
+
+    /// Lines lost from a worker's log show as a gap in a process's numbers, a failed count in
+    /// its last record, or a graceful stop without that record; a killed process needs no last
+    /// record, and records without numbers (an older worker) are not judged.
+    #[test]
+    fn a_log_with_a_gap_a_failed_write_or_a_graceful_stop_unrecorded_is_incomplete() {
+        // Killed at record 3, then started again and stopped gracefully.
+        let mut whole = boot(0, &[1, 2, 3], None);
+        whole.extend(boot(10_000, &[1, 2], Some(0)));
+        let starts = [(at(-1), false), (at(9_000), true)];
+        assert!(log_gaps(&whole, &starts).is_empty());
+        let one = [(at(-1), true)];
+        let said = log_gaps(&boot(0, &[1, 2, 4, 5], Some(0)), &one);
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(said[0].contains("lost records 3 to 3"), "{said:?}");
+        // The second process's first records are gone, though its numbers run on from the
+        // first's last.
+        let mut late = boot(0, &[1, 2], None);
+        late.extend(boot(10_000, &[3, 4], Some(0)));
+        let said = log_gaps(&late, &starts);
+        assert!(
+            said.len() == 1 && said[0].contains("lost records 1 to 2"),
+            "{said:?}"
+        );
+        let said = log_gaps(&boot(0, &[1, 2], Some(2)), &one);
+        assert!(said[0].contains("failed 2 writes"), "{said:?}");
+        // Stopped gracefully, but its stopped record never came, or nothing did.
+        let said = log_gaps(&boot(0, &[1, 2], None), &one);
+        assert!(said[0].contains("without its stopped record"), "{said:?}");
+        let said = log_gaps(&boot(0, &[1], None), &[(at(-1), false), (at(5_000), true)]);
+        assert!(said[0].contains("logged nothing"), "{said:?}");
+        // Unnumbered records: nothing to judge by.
+        assert!(log_gaps(&[registered(0), lost(10, true)], &[(at(-1), false)]).is_empty());
     }
 }

@@ -8,6 +8,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tether_worker::executor::procs::{self, Stat};
 use tokio::process::{Child, Command};
@@ -329,6 +330,9 @@ pub struct Worker {
     netns: Option<String>,
     child: Option<Child>,
     pub starts: u32,
+    /// Each start's time (taken before the spawn), with whether that process then stopped
+    /// gracefully (exit 0 after the run's SIGTERM): its event log must end with `stopped`.
+    pub lives: Vec<(DateTime<Utc>, bool)>,
     /// The fleet secret file; the worker then insists on integrity tags (`--message-mac`).
     secret: Option<PathBuf>,
 }
@@ -354,6 +358,7 @@ impl Worker {
             seed,
             child: None,
             starts: 0,
+            lives: Vec::new(),
             secret,
         }
     }
@@ -393,6 +398,8 @@ impl Worker {
             args.extend(["--secret-file".into(), secret.display().to_string()]);
             args.push("--message-mac".into());
         }
+        // Before the spawn: every record of this process comes after it.
+        let started_at = Utc::now();
         self.child = Some(match &self.netns {
             // `ip netns exec` enters the namespace and execs the worker: same process.
             Some(ns) => {
@@ -408,6 +415,7 @@ impl Worker {
             None => spawn(&self.exe, &args, &self.log)?,
         });
         self.starts += 1;
+        self.lives.push((started_at, false));
         Ok(())
     }
 
@@ -428,7 +436,11 @@ impl Worker {
 
     /// SIGTERM, SIGKILL after [`STOP_GRACE`]; how the process ended (`None`: none was running).
     pub async fn stop(&mut self) -> Option<Exit> {
-        terminate(&mut self.child, STOP_GRACE).await
+        let exit = terminate(&mut self.child, STOP_GRACE).await;
+        if let (Some(Exit::Stopped(status)), Some(life)) = (exit, self.lives.last_mut()) {
+            life.1 = status.success();
+        }
+        exit
     }
 }
 

@@ -187,6 +187,8 @@ pub struct GroundTruth {
     pub unexpected_exits: Vec<String>,
     /// The coordinator's database (`None`: not read, which fails `api_matches_database`).
     pub stored: Option<StoredView>,
+    /// Each worker's event log, with where it shows lines lost ([`super::observe::log_gaps`]).
+    pub event_logs: Vec<(String, Vec<String>)>,
 }
 
 /// Whether a counted result says its attempt started from a checkpoint: a sleep's
@@ -419,6 +421,20 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
         n,
         "tasks",
         database_disagreements(g, &listed),
+    ));
+
+    // The acks above come from the workers' logs: a log that lost lines would pass them on
+    // what it no longer says.
+    let bad = g
+        .event_logs
+        .iter()
+        .flat_map(|(worker, gaps)| gaps.iter().map(move |x| format!("{worker}: {x}")))
+        .collect();
+    checks.push(check(
+        "event_logs_complete",
+        g.event_logs.len(),
+        "workers' event logs",
+        bad,
     ));
 
     let d = &g.disruptions;
@@ -753,6 +769,7 @@ mod tests {
             kinds: vec![Kind::Reset],
             unexpected_exits: vec![],
             stored: None,
+            event_logs: vec![("w1".into(), vec![]), ("w2".into(), vec![])],
         }
     }
 
@@ -804,7 +821,25 @@ mod tests {
     fn a_healthy_run_passes_every_check() {
         let v = judged(&healthy());
         assert!(v.pass, "{v:?}");
-        assert_eq!(v.checks.len(), 16);
+        assert_eq!(v.checks.len(), 17);
+    }
+
+    #[test]
+    fn a_worker_s_event_log_that_lost_lines_fails_event_logs_complete() {
+        let mut g = healthy();
+        g.event_logs = vec![
+            ("w1".into(), vec![]),
+            (
+                "w2".into(),
+                vec!["the process started at X lost records 3 to 4".into()],
+            ),
+        ];
+        assert_eq!(failing(&g), ["event_logs_complete"]);
+        let said = detail(&g, "event_logs_complete");
+        assert!(
+            said.contains("w2: the process started at X lost records 3 to 4"),
+            "{said}"
+        );
     }
 
     /// The API's view (the coordinator's memory) is what the other checks judge; the database
@@ -868,6 +903,7 @@ mod tests {
             kinds: vec![],
             unexpected_exits: vec![],
             stored: None,
+            event_logs: vec![("w1".into(), vec![]), ("w2".into(), vec![])],
         };
         assert_eq!(failing(&g), ["tasks_submitted"]);
         assert!(!judged(&g).pass);
