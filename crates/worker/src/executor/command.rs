@@ -1069,13 +1069,18 @@ impl GroupGuard {
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         let record = self.record.take();
-        let warden = self.warden.take();
-        let forget = move || {
-            if let Some((file, pgid)) = &record {
-                super::orphans::forget(file, *pgid);
+        // Held apart from the sweep: a sweep that cannot start leaves the attempt to the
+        // warden, which must then not be told it is over.
+        let warden = Arc::new(std::sync::Mutex::new(self.warden.take()));
+        let forget = {
+            let warden = warden.clone();
+            move || {
+                if let Some((file, pgid)) = &record {
+                    super::orphans::forget(file, *pgid);
+                }
+                // Once the processes are killed: the warden is told the attempt is over.
+                drop(warden.lock().unwrap_or_else(|p| p.into_inner()).take());
             }
-            // Once the processes are killed: the warden is told the attempt is over.
-            drop(warden);
         };
         let Some(procs) = self.procs.take() else {
             forget();
@@ -1095,13 +1100,29 @@ impl Drop for GroupGuard {
             live().remove(&procs.mark);
             forget();
         };
-        if let Err(e) = std::thread::Builder::new()
-            .name("tether-group-sweep".into())
-            .spawn(sweep)
-        {
-            tracing::warn!(error = %e, "cannot start a thread to end an attempt's processes; the warden ends them when the worker exits");
+        if let Err(e) = spawn_sweep(sweep) {
+            // What is left stays guarded: listed for `kill_all_now`, in the group record for
+            // the next start, and under the warden, which ends it when the worker exits.
+            let kept = warden.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let wardened = kept.is_some();
+            if let Some(watch) = kept {
+                watch.keep();
+            }
+            tracing::warn!(error = %e, wardened, "cannot start a thread to end an attempt's processes; they stay listed for a second signal's kill, the warden ends them when the worker exits, and the next start from the group record");
         }
     }
+}
+
+/// Starts the sweep of a dropped [`GroupGuard`] on a thread of its own.
+fn spawn_sweep(sweep: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    #[cfg(test)]
+    if tests::SWEEP_CANNOT_START.get() {
+        return Err(std::io::Error::other("no thread (test)"));
+    }
+    std::thread::Builder::new()
+        .name("tether-group-sweep".into())
+        .spawn(sweep)
+        .map(drop)
 }
 
 /// The last `cap` bytes of a stream.
@@ -1173,6 +1194,41 @@ mod tests {
     use crate::executor::TaskControl;
     use crate::testutil::{KillOnDrop, PATIENCE, is_dead, wait_for};
     use tether_proto::{Attempt, TaskId};
+
+    thread_local! {
+        /// A [`GroupGuard`] dropped on this thread cannot start its sweep's thread.
+        pub(super) static SWEEP_CANNOT_START: std::cell::Cell<bool> =
+            const { std::cell::Cell::new(false) };
+    }
+
+    /// A dropped guard that cannot start the thread that ends what is left of its attempt's
+    /// processes leaves them guarded: still listed for `kill_all_now`, and still under the
+    /// warden, which ends them when the worker exits (as the log says). Before, the warden's
+    /// watch went with the sweep that could not start, telling it the attempt was over.
+    #[tokio::test]
+    async fn a_guard_whose_sweep_cannot_start_leaves_what_is_left_to_the_warden() {
+        let mark: Arc<str> = format!("{}:t-unswept:1", uuid::Uuid::new_v4().simple()).into();
+        let grace = Duration::from_secs(1);
+        let procs = TaskProcs {
+            pgid: Pid::from_raw(i32::MAX),
+            mark: mark.clone(),
+            scans: CommandExecutor::default().scans,
+        };
+        let watch = super::super::warden::Watch::start(&mark, grace);
+        let mut guard = GroupGuard::arm(procs, None, Some(watch));
+        // Its group ended (no such group here): only the processes that left it are left.
+        guard.group = false;
+        SWEEP_CANNOT_START.set(true);
+        drop(guard);
+        SWEEP_CANNOT_START.set(false);
+        let listed = live().contains_key(&mark);
+        let wardened = super::super::warden::watched(&mark);
+        // Let go of both, for the other tests of the process.
+        live().remove(&mark);
+        drop(super::super::warden::Watch::start(&mark, grace));
+        assert!(listed, "no longer listed for kill_all_now");
+        assert!(wardened, "the warden was told the attempt is over");
+    }
 
     fn input(config: serde_json::Value) -> TaskInput {
         TaskInput {

@@ -396,6 +396,20 @@ impl Watch {
     }
 }
 
+impl Watch {
+    /// The worker cannot end the attempt's processes itself: the warden goes on watching
+    /// them, for the life of the process, and ends them when the worker exits.
+    pub(crate) fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+/// Whether the warden watches the attempt of `mark`.
+#[cfg(test)]
+pub(crate) fn watched(mark: &str) -> bool {
+    wardened().attempts.contains_key(mark)
+}
+
 impl Drop for Watch {
     fn drop(&mut self) {
         wardened().release(&self.mark);
