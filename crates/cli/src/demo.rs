@@ -1,7 +1,9 @@
 //! `tether demo`: in one process, a coordinator, a fault proxy, several workers behind it, a
 //! batch of tasks, forced disconnects (a reset, the proxy going down) and a silent stall (a
 //! black hole), then a summary computed from ground truth. Exit code 0 only if every task
-//! completed with exactly one counted result.
+//! completed with exactly one counted result and each fault is shown to have done its part:
+//! the reset by its counter, the proxy going down by its own links and listener, the stall by
+//! the bytes its blackhole dropped and a detection no sooner than silence allows.
 
 use std::time::Duration;
 
@@ -31,6 +33,14 @@ pub struct DemoArgs {
     #[arg(long, default_value = "180s", value_parser = crate::settings::parse_duration_arg)]
     deadline: Duration,
 }
+
+/// The workers' heartbeat interval.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+/// The workers' liveness timeout: a session with no frame for this long is dead.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The least time a silent stall takes to detect: the last frame before it may have come up
+/// to an interval earlier. Sooner, the session ended by a close or a reset, not by silence.
+const SILENT_DETECTION_MIN: Duration = HEARTBEAT_TIMEOUT.saturating_sub(HEARTBEAT_INTERVAL);
 
 struct Fleet {
     handles: Vec<AgentHandle>,
@@ -133,10 +143,25 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let fired_reset = reset.remove().connections_reset;
     outln!("fault: reset demo-w1's connection ({fired_reset} reset)")?;
 
-    // 2. The proxy goes down for 1.5 s: every link is cut and reconnects are refused.
+    // 2. The proxy goes down for 1.5 s: every link is cut and reconnects are refused, by the
+    // proxy's own counters and a connection tried (reconnections alone could come from the
+    // reset and the stall).
     tokio::time::sleep(Duration::from_millis(700)).await;
+    let links_before = proxy.stats();
     proxy.down().await;
-    outln!("fault: proxy down")?;
+    let links_after = proxy.stats();
+    let refused = crate::e2e::all_refuse([proxy.listen_addr()]).await;
+    let proxy_went_down = crate::e2e::proxies_went_down(&links_before, &links_after, refused);
+    outln!(
+        "fault: proxy down ({} links open before, {} after; listener {})",
+        links_before.connections_active,
+        links_after.connections_active,
+        if refused {
+            "refused a connection"
+        } else {
+            "still accepted a connection"
+        }
+    )?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     proxy.up().await?;
     outln!("fault: proxy up")?;
@@ -173,11 +198,12 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     )
     .await
     .is_ok();
-    let detect_ms = stalled.elapsed().as_millis();
+    let detect_ms = stalled.elapsed().as_millis() as u64;
     let dropped = hole.remove().bytes_dropped;
     outln!(
-        "fault: silent stall of {target}: {} after {detect_ms} ms ({dropped} bytes dropped)",
-        if detected { "detected" } else { "NOT detected" }
+        "fault: silent stall of {target}: {} after {detect_ms} ms ({dropped} bytes dropped; silence takes {} ms at least)",
+        if detected { "detected" } else { "NOT detected" },
+        SILENT_DETECTION_MIN.as_millis()
     )?;
 
     // Wait for ground truth.
@@ -249,6 +275,23 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     stop_coordinator.cancel();
     let _ = coordinator.await;
 
+    let tally = Tally {
+        asked: a.tasks as usize,
+        submitted: ids.len(),
+        completed,
+        lost,
+        twice,
+        said_recorded: said,
+        stored,
+        resets_fired: fired_reset,
+        proxy_went_down,
+        stall_detected: detected,
+        stall_detect_ms: detect_ms,
+        stall_bytes_dropped: dropped,
+        stall_reconnected,
+        reconnections,
+        workers: fleet.handles.len(),
+    };
     outln!()?;
     outln!("summary")?;
     outln!("  tasks submitted      {}", ids.len())?;
@@ -263,29 +306,22 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         outln!("  failed               {failed} (ended with their one result, not completed)")?;
     }
     outln!("  reconnections        {reconnections}")?;
+    let yes = |b: bool| if b { "yes" } else { "NO" };
     outln!(
-        "  stalled worker back  {}",
-        if stall_reconnected { "yes" } else { "NO" }
+        "  proxy went down      {} (by its links and its listener)",
+        yes(tally.proxy_went_down)
     )?;
+    outln!(
+        "  stall was silent     {} (bytes dropped, detected no sooner than {} ms)",
+        yes(tally.stall_was_silent()),
+        SILENT_DETECTION_MIN.as_millis()
+    )?;
+    outln!("  stalled worker back  {}", yes(stall_reconnected))?;
     outln!("  results resent       {resent} (acknowledged again, recorded once)")?;
     outln!("  stale results kept   {stale}")?;
     outln!("  lost                 {lost}")?;
     outln!("  recorded twice       {twice}")?;
     outln!("  results stored       {stored} (answered recorded or stale {said} times)")?;
-    let tally = Tally {
-        asked: a.tasks as usize,
-        submitted: ids.len(),
-        completed,
-        lost,
-        twice,
-        said_recorded: said,
-        stored,
-        resets_fired: fired_reset,
-        stall_detected: detected,
-        stall_reconnected,
-        reconnections,
-        workers: fleet.handles.len(),
-    };
     if tally.passed() {
         outln!("verdict: PASS")?;
         Ok(())
@@ -406,7 +442,14 @@ struct Tally {
     said_recorded: u64,
     stored: u64,
     resets_fired: u64,
+    /// The proxy's own evidence of going down: links open before, all closed, its listener
+    /// refusing.
+    proxy_went_down: bool,
     stall_detected: bool,
+    /// Stall to the worker's session ending.
+    stall_detect_ms: u64,
+    /// What the blackhole swallowed: nothing, and there was no stall to notice.
+    stall_bytes_dropped: u64,
     stall_reconnected: bool,
     /// Reconnections over the fleet (the proxy going down cuts every worker once at least).
     reconnections: u64,
@@ -425,9 +468,18 @@ impl Tally {
             && self.twice == 0
             && self.said_recorded == self.stored
             && self.resets_fired > 0
-            && self.stall_detected
+            && self.proxy_went_down
+            && self.stall_was_silent()
             && self.stall_reconnected
             && self.reconnections >= self.workers as u64
+    }
+
+    /// The stall ended the session by silence: the blackhole dropped bytes, and the session
+    /// ended no sooner than the liveness timeout allows (a close or reset ends it at once).
+    fn stall_was_silent(&self) -> bool {
+        self.stall_detected
+            && self.stall_bytes_dropped > 0
+            && self.stall_detect_ms >= SILENT_DETECTION_MIN.as_millis() as u64
     }
 }
 
@@ -438,8 +490,8 @@ fn start_fleet(a: &DemoArgs, url: &str) -> anyhow::Result<Fleet> {
     for i in 1..=a.workers {
         let mut c = WorkerConfig::new(url, WorkerId::parse(&format!("demo-w{i}"))?);
         c.slots = 3;
-        c.heartbeat_interval = Duration::from_millis(500);
-        c.heartbeat_timeout = Duration::from_secs(2);
+        c.heartbeat_interval = HEARTBEAT_INTERVAL;
+        c.heartbeat_timeout = HEARTBEAT_TIMEOUT;
         c.ws_ping_interval = Duration::from_secs(1);
         c.healthy_after = Duration::from_secs(2);
         c.telemetry_interval = Duration::from_secs(1);
@@ -495,7 +547,10 @@ mod tests {
             said_recorded: 41,
             stored: 41,
             resets_fired: 1,
+            proxy_went_down: true,
             stall_detected: true,
+            stall_detect_ms: 1_900,
+            stall_bytes_dropped: 300,
             stall_reconnected: true,
             reconnections: 5,
             workers: 4,
@@ -575,5 +630,39 @@ mod tests {
         ] {
             assert!(!broken.passed(), "{broken:?}");
         }
+    }
+
+    /// With one or two workers, the reset and the stall alone make as many reconnections as
+    /// workers: only the proxy's own counters and a refused connection show it went down.
+    #[test]
+    fn a_proxy_down_without_the_proxy_s_evidence_fails_though_every_worker_reconnected() {
+        let few = Tally {
+            workers: 1,
+            reconnections: 2,
+            ..passing()
+        };
+        assert!(few.passed());
+        let unproven = Tally {
+            proxy_went_down: false,
+            ..few
+        };
+        assert!(!unproven.passed());
+    }
+
+    /// A stall ended by something other than silence: at once (a close, a reset) or with
+    /// nothing swallowed by the blackhole.
+    #[test]
+    fn a_stall_detected_sooner_than_silence_allows_or_with_nothing_dropped_fails() {
+        let min = SILENT_DETECTION_MIN.as_millis() as u64;
+        assert_eq!(min, 1_500);
+        let at = |stall_detect_ms, stall_bytes_dropped| Tally {
+            stall_detect_ms,
+            stall_bytes_dropped,
+            ..passing()
+        };
+        assert!(at(min, 1).passed());
+        assert!(!at(min - 1, 300).passed());
+        assert!(!at(40, 300).passed());
+        assert!(!at(1_900, 0).passed());
     }
 }

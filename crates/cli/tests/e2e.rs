@@ -445,6 +445,8 @@ fn the_readme_demo_passes_its_ground_truth_on_its_defaults() {
         "tasks completed      40",
         "lost                 0",
         "recorded twice       0",
+        "proxy went down      yes",
+        "stall was silent     yes",
         "verdict: PASS",
     ] {
         assert!(text.contains(line), "no {line:?} in:\n{text}");

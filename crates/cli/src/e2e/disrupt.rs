@@ -60,7 +60,7 @@ fn fired(s: &FaultStats) -> bool {
 /// Whether taking the proxies down did what it says: every link that was open before is
 /// closed (`before` and `after`: the proxies' counters summed, around going down), there
 /// were links to close, and the listeners refuse connections (`refused`).
-fn proxies_went_down(before: &ProxyStats, after: &ProxyStats, refused: bool) -> bool {
+pub(crate) fn proxies_went_down(before: &ProxyStats, after: &ProxyStats, refused: bool) -> bool {
     before.connections_active > 0
         && after.connections_active == 0
         && after
@@ -71,7 +71,7 @@ fn proxies_went_down(before: &ProxyStats, after: &ProxyStats, refused: bool) -> 
 }
 
 /// Whether a connection to every address in `addrs` is refused now.
-async fn all_refuse(addrs: impl IntoIterator<Item = std::net::SocketAddr>) -> bool {
+pub(crate) async fn all_refuse(addrs: impl IntoIterator<Item = std::net::SocketAddr>) -> bool {
     for a in addrs {
         match tokio::net::TcpStream::connect(a).await {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}

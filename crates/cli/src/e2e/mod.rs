@@ -39,6 +39,7 @@ use tether_worker::eventlog::{Event, Record};
 use tokio_util::sync::CancellationToken;
 
 use self::disrupt::System;
+pub(crate) use self::disrupt::{all_refuse, proxies_went_down};
 use self::observe::Watcher;
 use self::plan::Kind;
 use self::procs::{Coordinator, Exit, TIMINGS, Worker};
