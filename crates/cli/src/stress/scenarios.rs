@@ -1801,12 +1801,17 @@ async fn mixed_priority(run: &mut Run) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits by priority and inversions: a low-priority task that started after a high-priority
-/// task was submitted and before that task started. Of the `submitted` tasks, the `high` ones
-/// are those the run submitted at priority 0, not those the store holds at it: a priority the
-/// coordinator lost would make a task that waited behind low ones one of them. Each must have
-/// started by the store; one that never did (absent, or ended unstarted) fails the verdict
-/// rather than go unjudged.
+/// Waits by priority and inversions: a low-priority attempt (a first one or one requeued)
+/// that started while a high-priority task waited in the queue, from its submission to its
+/// first attempt or from an attempt's end (its lease lost, the task requeued) to the next. Of
+/// the `submitted` tasks, the `high` ones are those the run submitted at priority 0, not those
+/// the store holds at it: a priority the coordinator lost would make a task that waited behind
+/// low ones one of them. Each must have started by the store; one that never did (absent, or
+/// ended unstarted) fails the verdict rather than go unjudged.
+///
+/// Judged on every attempt, not only each task's first: a requeued low-priority attempt
+/// leased ahead of a waiting high-priority task is the same inversion. No tolerance: the
+/// coordinator leases in priority order within one step, so any such start is one.
 fn mixed_priority_verdicts(
     r: &mut Report,
     t: &truth::Truth,
@@ -1815,38 +1820,48 @@ fn mixed_priority_verdicts(
 ) {
     let mut low_starts = Vec::new();
     let (mut high_wait, mut low_wait) = (Vec::new(), Vec::new());
-    let mut highs = Vec::new();
+    // Each high-priority task's spells in the queue, the first from its submission.
+    let mut highs: Vec<Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>> =
+        Vec::new();
     let (mut unstarted, mut misfiled) = (0, 0);
     for id in submitted {
         let row = t.tasks.get(id);
-        let times = row.and_then(|row| Some((row.submitted_at?, row.started_at?)));
         let is_high = high.contains(id);
         misfiled += usize::from(is_high && row.is_some_and(|row| row.priority != 0));
-        let Some((sub, start)) = times else {
+        let Some((row, sub, start)) =
+            row.and_then(|row| Some((row, row.submitted_at?, row.started_at?)))
+        else {
             unstarted += usize::from(is_high);
             continue;
         };
         let wait = (start - sub).num_microseconds().unwrap_or(0) as f64 / 1000.0;
         if is_high {
             high_wait.push(wait);
-            highs.push((sub, start));
+            highs.push(queued_spells(row, sub, start));
         } else {
             low_wait.push(wait);
             low_starts.push(start);
+            low_starts.extend(row.runs.iter().filter_map(|a| a.started_at));
         }
     }
     low_starts.sort();
+    low_starts.dedup();
     // Over a backlog already drained, "never waits behind low" would hold for any queue: the
     // verdict needs high-priority tasks submitted while low-priority ones still waited.
     let contended = highs
         .iter()
-        .filter(|(sub, _)| low_starts.last().is_some_and(|s| s > sub))
+        .filter(|spells| {
+            let sub = spells[0].0;
+            low_starts.last().is_some_and(|s| *s > sub)
+        })
         .count();
     let inversions = highs
         .iter()
-        .filter(|(sub, start)| {
-            let i = low_starts.partition_point(|s| s <= sub);
-            low_starts.get(i).is_some_and(|s| s < start)
+        .filter(|spells| {
+            spells.iter().any(|(from, to)| {
+                let i = low_starts.partition_point(|s| s <= from);
+                low_starts.get(i).is_some_and(|s| s < to)
+            })
         })
         .count();
     r.high_priority_wait_ms = Dist::of(high_wait);
@@ -1865,10 +1880,26 @@ fn mixed_priority_verdicts(
         "high priority never waits behind low",
         inversions == 0 && unstarted == 0 && contended > 0,
         format!(
-            "{inversions} of {} high-priority tasks saw a low-priority task start after their submission and before them{more}; {contended} were submitted while low-priority ones still waited",
+            "{inversions} of {} high-priority tasks saw a low-priority attempt (first or requeued) start while they waited in the queue{more}; {contended} were submitted while low-priority ones still waited",
             highs.len()
         ),
     );
+}
+
+/// The spells `row` (submitted at `sub`, first started at `start`) spent queued, by the store:
+/// from its submission to its first attempt, then from each attempt's end (its lease lost, the
+/// task requeued) to the next attempt's start.
+fn queued_spells(
+    row: &truth::TaskRow,
+    sub: chrono::DateTime<chrono::Utc>,
+    start: chrono::DateTime<chrono::Utc>,
+) -> Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> {
+    let mut spells = vec![(sub, start)];
+    spells.extend(row.runs.windows(2).filter_map(|w| {
+        let (ended, next) = (w[0].ended_at?, w[1].started_at?);
+        (ended < next).then_some((ended, next))
+    }));
+    spells
 }
 
 /// One worker's way back after a cut, as the reconnect figures read it.
@@ -2394,7 +2425,11 @@ mod tests {
                     started_at: Some(at(start)),
                     counted: 1,
                     attempts: 1,
-                    ..truth::TaskRow::default()
+                    runs: vec![truth::AttemptRow {
+                        attempt: 1,
+                        started_at: Some(at(start)),
+                        ..truth::AttemptRow::default()
+                    }],
                 };
                 (format!("t{i}"), row)
             });
@@ -2422,6 +2457,7 @@ mod tests {
                     ended_at: Some(at(20)),
                     result_recorded: true,
                     resumed_at: Some(resumed_at),
+                    ..truth::AttemptRow::default()
                 },
             ];
             let row = truth::TaskRow {
@@ -2671,5 +2707,54 @@ mod tests {
             !priority_verdict(&[(9, 0, 10)]).pass,
             "no high-priority task at all"
         );
+    }
+
+    /// Task `id` of `t` ran again: its attempts (started, ended) in ms from the epoch of
+    /// [`store_of`], the first as the store already has it.
+    fn ran_again(t: &mut truth::Truth, id: &str, attempts: &[(i64, i64)]) {
+        let at = |ms| chrono::DateTime::UNIX_EPOCH + chrono::Duration::milliseconds(ms);
+        let row = t.tasks.get_mut(id).expect("task");
+        row.runs = (1..)
+            .zip(attempts)
+            .map(|(n, &(start, end))| truth::AttemptRow {
+                attempt: n,
+                started_at: Some(at(start)),
+                ended_at: Some(at(end)),
+                ..truth::AttemptRow::default()
+            })
+            .collect();
+        row.started_at = row.runs[0].started_at;
+        row.attempts = row.runs.len() as u64;
+    }
+
+    /// Every attempt is judged, not only each task's first: a low-priority task requeued and
+    /// leased again while a high-priority one waited, or a low one leased while a high one
+    /// requeued waited for its next attempt, is an inversion the first starts do not show.
+    #[test]
+    fn a_requeued_low_priority_attempt_started_ahead_of_a_waiting_high_one_fails() {
+        // By first starts alone, the high task t3 (submitted at 100, started at 120) saw no
+        // low one start while it waited: the backlog t1 and t2 started at 150 and 200.
+        let tasks = [(9, 0, 10), (9, 0, 150), (9, 0, 200), (0, 100, 120)];
+        assert!(priority_verdict(&tasks).pass);
+        // t0's first attempt was lost at 50; its second started at 110, ahead of t3.
+        let mut t = store_of(&tasks);
+        ran_again(&mut t, "t0", &[(10, 50), (110, 130)]);
+        let v = judge_priority(&t, &tasks);
+        assert!(!v.pass, "{}", v.detail);
+        assert!(v.detail.starts_with("1 of 1"), "{}", v.detail);
+        // Requeued at 80, before t3 came: it waited ahead of t3, as it should.
+        let mut t = store_of(&tasks);
+        ran_again(&mut t, "t0", &[(10, 50), (80, 130)]);
+        assert!(judge_priority(&t, &tasks).pass);
+        // t3's first attempt was lost at 140 and its second started at 210: t1 (150) and t2
+        // (200) started while it waited in the queue again.
+        let mut t = store_of(&tasks);
+        ran_again(&mut t, "t3", &[(120, 140), (210, 230)]);
+        let v = judge_priority(&t, &tasks);
+        assert!(!v.pass, "{}", v.detail);
+        // Requeued at 140 and leased again at once, at 145: no low one started meanwhile.
+        let mut t = store_of(&tasks);
+        ran_again(&mut t, "t3", &[(120, 140), (145, 230)]);
+        assert!(judge_priority(&t, &tasks).pass);
     }
 }

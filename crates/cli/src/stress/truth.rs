@@ -31,6 +31,8 @@ pub struct AttemptRow {
     pub attempt: u64,
     /// The worker the attempt was leased to.
     pub worker: String,
+    /// When the coordinator leased it (the task left the queue for this attempt).
+    pub started_at: Option<DateTime<Utc>>,
     pub ended_at: Option<DateTime<Utc>>,
     /// A result of this attempt was recorded (counted or stale).
     pub result_recorded: bool,
@@ -163,6 +165,7 @@ pub fn read(db: &Path, submitted: &HashSet<String>, since: DateTime<Utc>) -> any
                 AttemptRow {
                     attempt,
                     worker: a["worker"].as_str().unwrap_or_default().to_owned(),
+                    started_at: time(&a["started_at"]),
                     ended_at: time(&a["ended_at"]),
                     result_recorded: a["result_recorded"].as_bool().unwrap_or(false),
                     resumed_at: results
@@ -499,6 +502,45 @@ mod tests {
         );
         assert_eq!(rows[2].result, serde_json::json!({"steps": 4}));
         assert!(rows[0].result.is_null());
+    }
+
+    /// A task run again is judged attempt by attempt (a requeued attempt may start where its
+    /// first did not): each attempt is read with its own start and end, not only the first's.
+    #[test]
+    fn each_attempt_is_read_with_its_own_start_and_end() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("attempts.db");
+        let c = with_tables(&path);
+        let doc = serde_json::json!({
+            "submitted_at": "2026-12-03T10:00:00Z",
+            "attempts": [
+                {"attempt": 1, "worker": "w-0", "started_at": "2026-12-03T10:00:01Z",
+                 "ended_at": "2026-12-03T10:00:02Z", "end": "lost"},
+                {"attempt": 2, "worker": "w-1", "started_at": "2026-12-03T10:00:05Z",
+                 "ended_at": "2026-12-03T10:00:06Z", "end": "completed", "result_recorded": true},
+            ],
+        });
+        c.execute(
+            "INSERT INTO tasks VALUES ('t', 'completed', '{\"priority\": 9}', ?1)",
+            [doc.to_string()],
+        )
+        .expect("task");
+        let t = read(&path, &HashSet::new(), DateTime::UNIX_EPOCH).expect("read");
+        let at = |s: &str| Some(s.parse::<DateTime<Utc>>().expect("time"));
+        let row = &t.tasks["t"];
+        assert_eq!(row.started_at, at("2026-12-03T10:00:01Z"));
+        let runs: Vec<_> = row
+            .runs
+            .iter()
+            .map(|a| (a.attempt, a.started_at, a.ended_at))
+            .collect();
+        assert_eq!(
+            runs,
+            [
+                (1, at("2026-12-03T10:00:01Z"), at("2026-12-03T10:00:02Z")),
+                (2, at("2026-12-03T10:00:05Z"), at("2026-12-03T10:00:06Z")),
+            ]
+        );
     }
 
     /// A task's attempts in [`crash_store`]: (attempt, worker, ended at second, recorded).
