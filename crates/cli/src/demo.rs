@@ -4,7 +4,15 @@
 //! completed with exactly one counted result and each fault is shown to have done its part:
 //! the reset by its counter, the proxy going down by its own links and listener, the stall by
 //! the bytes its blackhole dropped and a detection no sooner than silence allows.
+//!
+//! Ground truth is the coordinator's SQLite file, read read-only once the coordinator stopped
+//! ([`crate::stress::truth`]), not its API (its in-memory model): every task must be there,
+//! terminal, with one counted result; the API must have said the same of each task, and every
+//! result the workers were told was recorded must be stored so, none told twice.
 
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::output::outln;
@@ -12,6 +20,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::Value;
 use tether_faultproxy::{Direction, Fault, FaultKind, Proxy, ProxyConfig, Target};
+use tether_proto::msg::{Disposition, WorkerMsg};
 use tether_proto::{TaskSpec, WorkerId};
 use tether_worker::backoff::{BackoffConfig, Jitter};
 use tether_worker::{Agent, AgentHandle, ConnState, Executors, WorkerConfig};
@@ -46,6 +55,17 @@ struct Fleet {
     handles: Vec<AgentHandle>,
     stop: CancellationToken,
     joins: Vec<tokio::task::JoinHandle<Result<(), tether_worker::AgentError>>>,
+    /// Every result acknowledgement the workers received.
+    acks: Arc<Mutex<Vec<AckSeen>>>,
+}
+
+/// A result acknowledgement a worker received: the task and attempt of the result its outbox
+/// held, and what the coordinator said it did with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AckSeen {
+    task: String,
+    attempt: u32,
+    disposition: Disposition,
 }
 
 pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
@@ -206,17 +226,21 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         SILENT_DETECTION_MIN.as_millis()
     )?;
 
-    // Wait for ground truth.
+    // Wait for every task to end (by the API: only a wait; ground truth is read after).
     let end = tokio::time::Instant::now() + a.deadline;
-    let tasks = loop {
+    loop {
         let list = get(&http, &api, "/api/v1/tasks?limit=100000").await?;
-        let all = list.as_array().cloned().unwrap_or_default();
-        let done = all.iter().filter(|t| ended(t)).count();
+        let done = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| ended(t))
+            .count();
         if done == ids.len() || tokio::time::Instant::now() >= end {
-            break all;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    }
     // The workers stop (gracefully: what their tasks left is delivered first), so that no
     // result arrives while the ground truth is read, even of tasks still running when the
     // deadline passed.
@@ -238,9 +262,10 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         let _ = j.await;
     }
     // Every result the coordinator answered `recorded` or `stale` (of a lost lease, or of a
-    // cancelled attempt, counted apart) is one row it stored: a
-    // result recorded twice (answered `recorded` again on a resend) stores no second row but
-    // counts twice. Read between two reads of its counts that agree, so none arrived between.
+    // cancelled attempt, counted apart) is one row it stored: a result recorded twice
+    // (answered `recorded` again on a resend) stores no second row but counts twice. Its
+    // counters and what its API says of each task are read between two reads of the counters
+    // that agree, so none arrived between.
     let said_recorded = |o: &Value| {
         ["results_recorded", "results_stale", "results_cancelled"]
             .iter()
@@ -250,17 +275,28 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let mut settled = None;
     for _ in 0..20 {
         let said = said_recorded(&overview(&http, &api).await?);
-        let read = read_results(&http, &api, &ids, &tasks).await?;
+        let listed = api_view(&http, &api, &ids).await?;
         let overview = overview(&http, &api).await?;
         if said == said_recorded(&overview) {
-            settled = Some((read, said, overview));
+            settled = Some((listed, said, overview));
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let (read, said, overview) =
+    let (listed, said, overview) =
         settled.context("results kept arriving for 5 s after every worker had stopped")?;
-    let Read {
+    let resent = overview["counters"]["results_duplicate"]
+        .as_u64()
+        .unwrap_or(0);
+    stop_coordinator.cancel();
+    let _ = coordinator.await;
+    // What the API said came from the coordinator's memory; its file is the ground truth.
+    let db = dir.path().join(tether_coordinator::store::DB_FILE);
+    let stored = stored_view(&db, &ids)
+        .with_context(|| format!("cannot read the coordinator's database {}", db.display()))?;
+    let acks = std::mem::take(&mut *fleet.acks.lock().unwrap_or_else(PoisonError::into_inner));
+    let judged = judge(&ids, &listed, &stored, &acks);
+    let Judged {
         completed,
         unfinished,
         failed,
@@ -268,12 +304,10 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         twice,
         stale,
         stored,
-    } = read;
-    let resent = overview["counters"]["results_duplicate"]
-        .as_u64()
-        .unwrap_or(0);
-    stop_coordinator.cancel();
-    let _ = coordinator.await;
+        ref disagreements,
+        ref acks_belied,
+        acks_judged,
+    } = judged;
 
     let tally = Tally {
         asked: a.tasks as usize,
@@ -283,6 +317,8 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         twice,
         said_recorded: said,
         stored,
+        disagreements: disagreements.len(),
+        acks_belied: acks_belied.len(),
         resets_fired: fired_reset,
         proxy_went_down,
         stall_detected: detected,
@@ -294,11 +330,14 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     };
     outln!()?;
     outln!("summary")?;
+    outln!(
+        "  judged from          the coordinator's database, read after it stopped; held against its API and the {acks_judged} result acknowledgements the workers received"
+    )?;
     outln!("  tasks submitted      {}", ids.len())?;
     outln!("  tasks completed      {completed}")?;
     if unfinished > 0 {
         outln!(
-            "  unfinished           {unfinished} (still running when --deadline {} s passed)",
+            "  unfinished           {unfinished} (not ended in the database: still queued or running when --deadline {} s passed)",
             a.deadline.as_secs()
         )?;
     }
@@ -321,7 +360,20 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     outln!("  stale results kept   {stale}")?;
     outln!("  lost                 {lost}")?;
     outln!("  recorded twice       {twice}")?;
-    outln!("  results stored       {stored} (answered recorded or stale {said} times)")?;
+    outln!(
+        "  results stored       {stored} (in the database; answered recorded or stale {said} times by the coordinator's counters)"
+    )?;
+    outln!(
+        "  API agrees           {} (each task's status and results as the database holds them)",
+        yes(disagreements.is_empty())
+    )?;
+    outln!(
+        "  acks hold            {} (each result a worker was told recorded is stored so, none told twice)",
+        yes(acks_belied.is_empty())
+    )?;
+    for line in disagreements.iter().chain(acks_belied).take(20) {
+        outln!("    {line}")?;
+    }
     if tally.passed() {
         outln!("verdict: PASS")?;
         Ok(())
@@ -359,46 +411,206 @@ async fn overview(http: &reqwest::Client, api: &str) -> anyhow::Result<Value> {
     get(http, api, "/api/v1/overview").await
 }
 
-/// What the results of the submitted tasks say, read from the coordinator's API.
-#[derive(Debug, Default)]
-struct Read {
-    /// Completed with exactly one counted result.
+/// One submitted task as one source (the API, the database) holds it.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct TaskView {
+    /// `None`: the source does not know the task.
+    status: Option<String>,
+    /// Its result rows, counted and stale: (attempt, stale), by attempt.
+    results: Vec<(u32, bool)>,
+}
+
+impl TaskView {
+    fn counted(&self) -> usize {
+        self.results.iter().filter(|(_, stale)| !stale).count()
+    }
+
+    /// How it reads in a disagreement.
+    fn said(&self) -> String {
+        let rows: Vec<String> = self
+            .results
+            .iter()
+            .map(|(n, stale)| format!("#{n} {}", if *stale { "stale" } else { "counted" }))
+            .collect();
+        format!(
+            "{} with results [{}]",
+            self.status.as_deref().unwrap_or("unknown"),
+            rows.join(", ")
+        )
+    }
+}
+
+/// What the coordinator's API says of each of `ids`: its listing's status and its result rows.
+async fn api_view(
+    http: &reqwest::Client,
+    api: &str,
+    ids: &[String],
+) -> anyhow::Result<HashMap<String, TaskView>> {
+    let list = get(http, api, "/api/v1/tasks?limit=100000").await?;
+    let statuses: HashMap<&str, &str> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| Some((t["task_id"].as_str()?, t["status"].as_str().unwrap_or("?"))))
+        .collect();
+    let mut out = HashMap::new();
+    for id in ids {
+        let status = statuses.get(id.as_str()).map(|s| (*s).to_owned());
+        let rows = get(http, api, &format!("/api/v1/tasks/{id}/result")).await?;
+        let mut results: Vec<(u32, bool)> = rows
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let attempt = r["attempt"].as_u64().unwrap_or(0);
+                let stale = r["stale"].as_bool().unwrap_or(false);
+                (u32::try_from(attempt).unwrap_or(u32::MAX), stale)
+            })
+            .collect();
+        results.sort();
+        out.insert(id.clone(), TaskView { status, results });
+    }
+    Ok(out)
+}
+
+/// Each of `ids` as the coordinator's store file `db` holds it, read read-only.
+fn stored_view(db: &Path, ids: &[String]) -> anyhow::Result<HashMap<String, TaskView>> {
+    use crate::stress::truth;
+    let submitted: HashSet<String> = ids.iter().cloned().collect();
+    let mut out: HashMap<String, TaskView> =
+        truth::read(db, &submitted, chrono::DateTime::UNIX_EPOCH)?
+            .tasks
+            .into_iter()
+            .filter(|(id, _)| submitted.contains(id))
+            .map(|(id, t)| {
+                let view = TaskView {
+                    status: Some(t.status),
+                    results: Vec::new(),
+                };
+                (id, view)
+            })
+            .collect();
+    for r in truth::results(db)? {
+        if !submitted.contains(&r.task) {
+            continue;
+        }
+        let attempt = u32::try_from(r.attempt).unwrap_or(u32::MAX);
+        // A result row of a task the tasks table lacks is kept: the task is unknown there.
+        out.entry(r.task)
+            .or_default()
+            .results
+            .push((attempt, r.stale));
+    }
+    for v in out.values_mut() {
+        v.results.sort();
+    }
+    Ok(out)
+}
+
+/// The demo's ground truth on the submitted tasks.
+#[derive(Debug, Default, PartialEq)]
+struct Judged {
+    /// Completed with exactly one counted result, by the database.
     completed: usize,
-    /// Listed and still running when the wait ended: not lost, not done either.
+    /// Stored, not terminal: still queued or running when the workers stopped.
     unfinished: usize,
     /// Ended other than completed, with exactly one counted result.
     failed: usize,
+    /// Absent from the database, or ended without a counted result.
     lost: usize,
     /// With more than one counted result.
     twice: usize,
     stale: usize,
-    /// Result rows over all tasks, counted and stale.
+    /// Result rows of the submitted tasks, counted and stale.
     stored: u64,
+    /// Where the API said otherwise than the database, one line a task.
+    disagreements: Vec<String>,
+    /// Result acknowledgements the database belies: a task acknowledged `recorded` more than
+    /// once, or a result acknowledged as stored that is not stored so.
+    acks_belied: Vec<String>,
+    /// Result acknowledgements of the submitted tasks, judged.
+    acks_judged: usize,
 }
 
-async fn read_results(
-    http: &reqwest::Client,
-    api: &str,
+/// Judges each of `ids` by the database's view `stored` (read after the coordinator stopped),
+/// holds the API's view `api` of it against that, and each result acknowledgement the workers
+/// received (`acks`) against the result rows stored.
+fn judge(
     ids: &[String],
-    tasks: &[Value],
-) -> anyhow::Result<Read> {
-    let mut r = Read::default();
+    api: &HashMap<String, TaskView>,
+    stored: &HashMap<String, TaskView>,
+    acks: &[AckSeen],
+) -> Judged {
+    let mut j = Judged::default();
+    let unknown = TaskView::default();
     for id in ids {
-        let t = tasks.iter().find(|t| t["task_id"] == id.as_str());
-        let results = get(http, api, &format!("/api/v1/tasks/{id}/result")).await?;
-        let rows = results.as_array().cloned().unwrap_or_default();
-        let counted = rows.iter().filter(|r| r["stale"] == false).count();
-        r.stale += rows.len() - counted;
-        r.stored += rows.len() as u64;
-        match verdict(t, counted) {
-            Verdict::Completed => r.completed += 1,
-            Verdict::Unfinished => r.unfinished += 1,
-            Verdict::Failed => r.failed += 1,
-            Verdict::Lost => r.lost += 1,
-            Verdict::Twice => r.twice += 1,
+        let db = stored.get(id).unwrap_or(&unknown);
+        match verdict(db.status.as_deref(), db.counted()) {
+            Verdict::Completed => j.completed += 1,
+            Verdict::Unfinished => j.unfinished += 1,
+            Verdict::Failed => j.failed += 1,
+            Verdict::Lost => j.lost += 1,
+            Verdict::Twice => j.twice += 1,
+        }
+        j.stale += db.results.len() - db.counted();
+        j.stored += db.results.len() as u64;
+        let said = api.get(id).unwrap_or(&unknown);
+        if said != db {
+            j.disagreements.push(format!(
+                "{id}: {} by the API, {} in the database",
+                said.said(),
+                db.said()
+            ));
         }
     }
-    Ok(r)
+    let submitted: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let mut recorded: HashMap<&str, Vec<u32>> = HashMap::new();
+    for a in acks.iter().filter(|a| submitted.contains(a.task.as_str())) {
+        j.acks_judged += 1;
+        let rows = stored.get(&a.task).map_or(&[][..], |t| &t.results[..]);
+        let held = match a.disposition {
+            Disposition::Recorded => {
+                recorded.entry(&a.task).or_default().push(a.attempt);
+                rows.contains(&(a.attempt, false))
+            }
+            Disposition::Stale => rows.contains(&(a.attempt, true)),
+            Disposition::Duplicate => rows.iter().any(|(n, _)| *n == a.attempt),
+            // Not stored, by the coordinator's own word.
+            Disposition::Rejected => true,
+        };
+        if !held {
+            let db = stored.get(&a.task).unwrap_or(&unknown);
+            j.acks_belied.push(format!(
+                "{} attempt {}: acknowledged {} to its worker, {} in the database",
+                a.task,
+                a.attempt,
+                disposition_word(a.disposition),
+                db.said()
+            ));
+        }
+    }
+    let mut twice: Vec<_> = recorded.into_iter().filter(|(_, v)| v.len() > 1).collect();
+    twice.sort();
+    for (task, attempts) in twice {
+        let attempts: Vec<String> = attempts.iter().map(|n| format!("#{n}")).collect();
+        j.acks_belied.push(format!(
+            "{task}: acknowledged recorded {} times (attempts {})",
+            attempts.len(),
+            attempts.join(", ")
+        ));
+    }
+    j.disagreements.sort();
+    j
+}
+
+/// A disposition as the protocol spells it.
+fn disposition_word(d: Disposition) -> &'static str {
+    match d {
+        Disposition::Recorded => "recorded",
+        Disposition::Duplicate => "duplicate",
+        Disposition::Stale => "stale",
+        Disposition::Rejected => "rejected",
+    }
 }
 
 /// What became of one submitted task.
@@ -411,17 +623,19 @@ enum Verdict {
     Twice,
 }
 
-/// The verdict on a task from its listing (`None`: the coordinator does not list it) and its
-/// counted results, read after the listing. A task listed as ended has its result stored
-/// already (both commit together); one listed as running may have ended since, its result
-/// read with the others: it is unfinished as of the listing, never lost.
-fn verdict(listed: Option<&Value>, counted: usize) -> Verdict {
-    match (listed, counted) {
+/// The verdict on a task from its stored status (`None`: the database does not hold it) and
+/// its counted results. One not ended (queued or running when the workers stopped) is
+/// unfinished, not lost: it is stored and would run on.
+fn verdict(status: Option<&str>, counted: usize) -> Verdict {
+    let ended = |s: &str| {
+        tether_proto::TaskStatus::parse(s).is_some_and(tether_proto::TaskStatus::is_terminal)
+    };
+    match (status, counted) {
         (None, _) => Verdict::Lost,
         (_, n) if n > 1 => Verdict::Twice,
-        (Some(t), _) if !ended(t) => Verdict::Unfinished,
+        (Some(s), _) if !ended(s) => Verdict::Unfinished,
         (Some(_), 0) => Verdict::Lost,
-        (Some(t), _) if t["status"] == "completed" => Verdict::Completed,
+        (Some("completed"), _) => Verdict::Completed,
         (Some(_), _) => Verdict::Failed,
     }
 }
@@ -433,14 +647,19 @@ struct Tally {
     asked: usize,
     /// Task ids the coordinator answered the submission with.
     submitted: usize,
-    /// Tasks completed with exactly one counted result.
+    /// Tasks completed with exactly one counted result, by the database.
     completed: usize,
     lost: usize,
     twice: usize,
-    /// Results the coordinator answered `recorded` or `stale`, and the rows it stored: each
-    /// answer stores one, so more answers than rows is a result recorded twice.
+    /// Results the coordinator's counters say it answered `recorded` or `stale`, and the rows
+    /// its database holds: each answer stores one, so more answers than rows is a result
+    /// recorded twice.
     said_recorded: u64,
     stored: u64,
+    /// Tasks the API said otherwise of than the database.
+    disagreements: usize,
+    /// Result acknowledgements the database belies.
+    acks_belied: usize,
     resets_fired: u64,
     /// The proxy's own evidence of going down: links open before, all closed, its listener
     /// refusing.
@@ -467,6 +686,8 @@ impl Tally {
             && self.lost == 0
             && self.twice == 0
             && self.said_recorded == self.stored
+            && self.disagreements == 0
+            && self.acks_belied == 0
             && self.resets_fired > 0
             && self.proxy_went_down
             && self.stall_was_silent()
@@ -487,6 +708,7 @@ fn start_fleet(a: &DemoArgs, url: &str) -> anyhow::Result<Fleet> {
     let stop = CancellationToken::new();
     let mut handles = Vec::new();
     let mut joins = Vec::new();
+    let acks = Arc::new(Mutex::new(Vec::new()));
     for i in 1..=a.workers {
         let mut c = WorkerConfig::new(url, WorkerId::parse(&format!("demo-w{i}"))?);
         c.slots = 3;
@@ -503,7 +725,18 @@ fn start_fleet(a: &DemoArgs, url: &str) -> anyhow::Result<Fleet> {
             max_attempts: None,
         };
         c.seed = Some(a.seed + u64::from(i));
-        let agent = Agent::new(c, Executors::builtin())?;
+        let seen = acks.clone();
+        let agent = Agent::new(c, Executors::builtin())?.on_ack(move |ack, held| {
+            if let Some(WorkerMsg::TaskResult(r)) = held {
+                seen.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(AckSeen {
+                        task: r.task_id.as_str().to_owned(),
+                        attempt: r.attempt.0,
+                        disposition: ack.disposition,
+                    });
+            }
+        });
         handles.push(agent.handle());
         joins.push(tokio::spawn(agent.run(stop.clone())));
     }
@@ -511,6 +744,7 @@ fn start_fleet(a: &DemoArgs, url: &str) -> anyhow::Result<Fleet> {
         handles,
         stop,
         joins,
+        acks,
     })
 }
 
@@ -546,6 +780,8 @@ mod tests {
             twice: 0,
             said_recorded: 41,
             stored: 41,
+            disagreements: 0,
+            acks_belied: 0,
             resets_fired: 1,
             proxy_went_down: true,
             stall_detected: true,
@@ -558,25 +794,143 @@ mod tests {
     }
 
     #[test]
-    fn a_task_ended_after_its_listing_is_unfinished_not_lost() {
-        let listed = |status: &str| serde_json::json!({"task_id": "t-1", "status": status});
+    fn a_task_still_running_is_unfinished_not_lost() {
         let cases = [
-            (Some(listed("completed")), 1, Verdict::Completed),
-            // Ended after the listing, its result read after: what the demo miscounted as
-            // lost when --deadline passed with tasks running.
-            (Some(listed("running")), 1, Verdict::Unfinished),
-            (Some(listed("queued")), 0, Verdict::Unfinished),
-            (Some(listed("failed")), 1, Verdict::Failed),
-            (Some(listed("completed")), 0, Verdict::Lost),
-            (Some(listed("failed")), 0, Verdict::Lost),
+            (Some("completed"), 1, Verdict::Completed),
+            // Not ended when --deadline passed: what the demo once miscounted as lost.
+            (Some("running"), 1, Verdict::Unfinished),
+            (Some("queued"), 0, Verdict::Unfinished),
+            (Some("failed"), 1, Verdict::Failed),
+            (Some("completed"), 0, Verdict::Lost),
+            (Some("failed"), 0, Verdict::Lost),
             (None, 0, Verdict::Lost),
             (None, 1, Verdict::Lost),
-            (Some(listed("completed")), 2, Verdict::Twice),
-            (Some(listed("running")), 2, Verdict::Twice),
+            (Some("completed"), 2, Verdict::Twice),
+            (Some("running"), 2, Verdict::Twice),
         ];
-        for (t, counted, want) in cases {
-            assert_eq!(verdict(t.as_ref(), counted), want, "{t:?} {counted}");
+        for (status, counted, want) in cases {
+            assert_eq!(verdict(status, counted), want, "{status:?} {counted}");
         }
+    }
+
+    /// Tasks `a` to `d` completed by their first attempt; `b`'s second after its first was
+    /// taken for lost, whose late result was kept stale.
+    fn all_done() -> HashMap<String, TaskView> {
+        let done = |results: &[(u32, bool)]| TaskView {
+            status: Some("completed".into()),
+            results: results.to_vec(),
+        };
+        [
+            ("a", done(&[(1, false)])),
+            ("b", done(&[(1, true), (2, false)])),
+            ("c", done(&[(1, false)])),
+            ("d", done(&[(1, false)])),
+        ]
+        .into_iter()
+        .map(|(id, v)| (id.to_owned(), v))
+        .collect()
+    }
+
+    fn ids() -> Vec<String> {
+        ["a", "b", "c", "d"].map(String::from).to_vec()
+    }
+
+    fn ack(task: &str, attempt: u32, disposition: Disposition) -> AckSeen {
+        AckSeen {
+            task: task.into(),
+            attempt,
+            disposition,
+        }
+    }
+
+    /// The acks of [`all_done`] as its workers would see them: each result acknowledged once.
+    fn acks_of_all_done() -> Vec<AckSeen> {
+        vec![
+            ack("a", 1, Disposition::Recorded),
+            ack("b", 1, Disposition::Stale),
+            ack("b", 2, Disposition::Recorded),
+            // Its first ack lost in a reset, the result sent again.
+            ack("c", 1, Disposition::Duplicate),
+            ack("d", 1, Disposition::Recorded),
+        ]
+    }
+
+    /// The API (the coordinator's memory) says every task completed once; the database says
+    /// otherwise, and the database is what the demo counts from: each task it lacks, holds
+    /// unended or holds with two counted results fails, and each disagreement is named.
+    #[test]
+    fn the_demo_counts_from_the_database_and_names_where_the_api_disagrees() {
+        let api = all_done();
+        let j = judge(&ids(), &api, &api, &acks_of_all_done());
+        assert_eq!((j.completed, j.stale, j.stored), (4, 1, 5), "{j:?}");
+        assert!(
+            j.disagreements.is_empty() && j.acks_belied.is_empty(),
+            "{j:?}"
+        );
+        assert_eq!(j.acks_judged, 5);
+
+        let mut db = all_done();
+        db.remove("a");
+        db.get_mut("b").expect("b").results = vec![(1, false), (2, false)];
+        db.get_mut("d").expect("d").status = Some("running".into());
+        let j = judge(&ids(), &api, &db, &[]);
+        assert_eq!(
+            (j.completed, j.lost, j.twice, j.unfinished),
+            (1, 1, 1, 1),
+            "{j:?}"
+        );
+        assert_eq!(
+            j.disagreements,
+            [
+                "a: completed with results [#1 counted] by the API, unknown with results [] in the database",
+                "b: completed with results [#1 stale, #2 counted] by the API, completed with results [#1 counted, #2 counted] in the database",
+                "d: completed with results [#1 counted] by the API, running with results [#1 counted] in the database",
+            ]
+        );
+        // The API alone disagreeing (a row only its memory had) fails the demo too.
+        let mut said = all_done();
+        said.get_mut("c").expect("c").results.push((2, true));
+        let j = judge(&ids(), &said, &all_done(), &[]);
+        assert_eq!(j.completed, 4);
+        assert_eq!(j.disagreements.len(), 1, "{j:?}");
+    }
+
+    /// What the workers were told is held against the database: a task acknowledged recorded
+    /// twice, or a result acknowledged as stored that the database does not hold so.
+    #[test]
+    fn an_acknowledgement_the_database_belies_fails_the_demo() {
+        let db = all_done();
+        let judged = |acks: &[AckSeen]| judge(&ids(), &db, &db, acks).acks_belied;
+        // Recorded twice: a resend answered `recorded` again.
+        let mut acks = acks_of_all_done();
+        acks.push(ack("a", 1, Disposition::Recorded));
+        assert_eq!(
+            judged(&acks),
+            ["a: acknowledged recorded 2 times (attempts #1, #1)"]
+        );
+        // A stale result acknowledged recorded: the database does not count it.
+        let mut acks = acks_of_all_done();
+        acks[1] = ack("b", 1, Disposition::Recorded);
+        assert_eq!(
+            judged(&acks),
+            [
+                "b attempt 1: acknowledged recorded to its worker, completed with results [#1 stale, #2 counted] in the database",
+                "b: acknowledged recorded 2 times (attempts #1, #2)",
+            ]
+        );
+        // A result acknowledged and not stored at all; a duplicate of nothing stored.
+        for a in [
+            ack("c", 2, Disposition::Stale),
+            ack("d", 3, Disposition::Duplicate),
+        ] {
+            let mut acks = acks_of_all_done();
+            acks.push(a.clone());
+            assert_eq!(judged(&acks).len(), 1, "{a:?}");
+        }
+        // Acks of tasks the demo did not submit are not its to judge.
+        let mut acks = acks_of_all_done();
+        acks.push(ack("other", 1, Disposition::Recorded));
+        assert!(judged(&acks).is_empty());
     }
 
     #[test]
@@ -609,6 +963,15 @@ mod tests {
             // A resent result answered `recorded` again: no second row, a second count.
             Tally {
                 said_recorded: 42,
+                ..passing()
+            },
+            // The API said otherwise than the database, or a worker was told otherwise.
+            Tally {
+                disagreements: 1,
+                ..passing()
+            },
+            Tally {
+                acks_belied: 1,
                 ..passing()
             },
             Tally {
