@@ -447,6 +447,9 @@ fn the_readme_demo_passes_its_ground_truth_on_its_defaults() {
         "recorded twice       0",
         "proxy went down      yes",
         "stall was silent     yes",
+        "API agrees           yes",
+        "acks hold            yes",
+        "judged from          the coordinator's database",
         "verdict: PASS",
     ] {
         assert!(text.contains(line), "no {line:?} in:\n{text}");
