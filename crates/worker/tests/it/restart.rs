@@ -116,35 +116,19 @@ fn a_checkpoint_a_newer_attempt_resumed_from_survives_forgetting_the_lost_one() 
 #[test]
 fn a_task_stopped_while_disconnected_is_lost_at_the_next_start_with_its_last_checkpoint() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let id = WorkerId::parse("w").expect("id");
     let task = TaskId::parse(STOPPING).expect("id");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let fake = FakeConnector::new(Script::AssignThenGone);
-        let mut cfg = tether_worker::WorkerConfig::new("ws://coordinator.invalid:1", id.clone());
-        cfg.state_dir = Some(dir.path().to_owned());
-        cfg.stop_reconnect = Duration::from_millis(200);
-        let running = Running::start_with_last(&fake, cfg);
-        let t0 = tokio::time::Instant::now();
-        loop {
-            let (active, state) = (running.handle.active_tasks(), running.handle.state());
-            let gone = fake.attempts().len() >= 2 && state != ConnState::Connected;
-            if active == [TaskRef::new(task.clone(), Attempt(1))] && gone {
-                break;
-            }
-            assert!(
-                t0.elapsed() < SETTLE,
-                "after {SETTLE:?}: active {active:?}, {state:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        running.stop().await;
-    });
-    drop(rt);
-    let (sd, restored) = StateDir::open(dir.path(), &id).expect("reopen");
+    let running_here = [TaskRef::new(task.clone(), Attempt(1))];
+    let (sd, restored) = stop_running(
+        dir.path(),
+        Script::AssignThenGone,
+        |cfg| cfg.stop_reconnect = Duration::from_millis(200),
+        |running, fake| {
+            running.handle.active_tasks() == running_here
+                && fake.attempts().len() >= 2
+                && running.handle.state() != ConnState::Connected
+        },
+        |_| {},
+    );
     assert_eq!(restored.lost, [TaskRef::new(task.clone(), Attempt(1))]);
     assert_eq!(restored.checkpoints.len(), 1, "{:?}", restored.checkpoints);
     let (t, cp) = &restored.checkpoints[0];
@@ -159,28 +143,54 @@ fn a_task_stopped_while_disconnected_is_lost_at_the_next_start_with_its_last_che
 #[test]
 fn a_task_stopped_once_the_coordinator_was_told_is_not_lost_at_the_next_start() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let id = WorkerId::parse("w").expect("id");
     let task = TaskId::parse(STOPPING).expect("id");
+    let running_here = [TaskRef::new(task, Attempt(1))];
+    let (_sd, restored) = stop_running(
+        dir.path(),
+        Script::AssignAndStay,
+        |_| {},
+        |running, _| running.handle.active_tasks() == running_here,
+        |fake| assert_eq!(fake.attempts().len(), 1, "one session, stopped in it"),
+    );
+    assert_eq!(restored.lost, []);
+    assert_eq!(restored.entries.len(), 0, "everything acknowledged");
+    assert_eq!(kept_under(dir.path(), STOPPING), None);
+}
+
+/// Runs worker `w` with its state in `dir` against a fake coordinator playing `script` (its
+/// configuration as `edit` makes it) until `settled`, stops it, checks the fake with `after`,
+/// and opens the state directory again as the next start would.
+fn stop_running(
+    dir: &std::path::Path,
+    script: Script,
+    edit: impl FnOnce(&mut tether_worker::WorkerConfig),
+    settled: impl Fn(&Running, &FakeConnector) -> bool,
+    after: impl FnOnce(&FakeConnector),
+) -> (Arc<StateDir>, tether_worker::statedir::Restored) {
+    let id = WorkerId::parse("w").expect("id");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let fake = FakeConnector::new(Script::AssignAndStay);
+        let fake = FakeConnector::new(script);
         let mut cfg = tether_worker::WorkerConfig::new("ws://coordinator.invalid:1", id.clone());
-        cfg.state_dir = Some(dir.path().to_owned());
+        cfg.state_dir = Some(dir.to_owned());
+        edit(&mut cfg);
         let running = Running::start_with_last(&fake, cfg);
         let t0 = tokio::time::Instant::now();
-        while running.handle.active_tasks() != [TaskRef::new(task.clone(), Attempt(1))] {
-            assert!(t0.elapsed() < SETTLE, "the task never ran");
+        while !settled(&running, &fake) {
+            assert!(
+                t0.elapsed() < SETTLE,
+                "after {SETTLE:?}: active {:?}, {:?}",
+                running.handle.active_tasks(),
+                running.handle.state()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         running.stop().await;
-        assert_eq!(fake.attempts().len(), 1, "one session, stopped in it");
+        after(&fake);
     });
     drop(rt);
-    let (_sd, restored) = StateDir::open(dir.path(), &id).expect("reopen");
-    assert_eq!(restored.lost, []);
-    assert_eq!(restored.entries.len(), 0, "everything acknowledged");
-    assert_eq!(kept_under(dir.path(), STOPPING), None);
+    StateDir::open(dir, &id).expect("reopen")
 }
