@@ -817,6 +817,13 @@ mod tests {
             .unwrap_or_default()
     }
 
+    /// Asserts that `name` is the only check `g` fails and that its detail says `text`.
+    fn fails_only_saying(g: &GroundTruth, name: &str, text: &str) {
+        assert_eq!(failing(g), [name]);
+        let said = detail(g, name);
+        assert!(said.contains(text), "{said}");
+    }
+
     #[test]
     fn a_healthy_run_passes_every_check() {
         let v = judged(&healthy());
@@ -834,11 +841,10 @@ mod tests {
                 vec!["the process started at X lost records 3 to 4".into()],
             ),
         ];
-        assert_eq!(failing(&g), ["event_logs_complete"]);
-        let said = detail(&g, "event_logs_complete");
-        assert!(
-            said.contains("w2: the process started at X lost records 3 to 4"),
-            "{said}"
+        fails_only_saying(
+            &g,
+            "event_logs_complete",
+            "w2: the process started at X lost records 3 to 4",
         );
     }
 
@@ -856,20 +862,18 @@ mod tests {
         // A status only the coordinator's memory had.
         let mut other = db.clone();
         other.tasks.get_mut("a").expect("a").0 = "running".into();
-        let said = detail(&with(other.clone()), "api_matches_database");
-        assert_eq!(failing(&with(other)), ["api_matches_database"]);
-        assert!(
-            said.contains("a: completed by the API, running in the database"),
-            "{said}"
+        fails_only_saying(
+            &with(other),
+            "api_matches_database",
+            "a: completed by the API, running in the database",
         );
         // A counted result the database holds as stale, and one it does not hold at all.
         let mut other = db.clone();
         other.results.get_mut("a").expect("a")[0].stale = true;
-        let said = detail(&with(other.clone()), "api_matches_database");
-        assert_eq!(failing(&with(other)), ["api_matches_database"]);
-        assert!(
-            said.contains("a: results [#1 stale completed, #2 counted completed] by the API, [#1 stale completed, #2 stale completed] in the database"),
-            "{said}"
+        fails_only_saying(
+            &with(other),
+            "api_matches_database",
+            "a: results [#1 stale completed, #2 counted completed] by the API, [#1 stale completed, #2 stale completed] in the database",
         );
         let mut other = db.clone();
         other.results.remove("b");
@@ -926,11 +930,10 @@ mod tests {
     fn a_counted_result_its_worker_never_saw_acknowledged_fails_no_result_lost() {
         let mut g = healthy();
         g.acks.retain(|a| a.task != "b");
-        assert_eq!(failing(&g), ["no_result_lost"]);
-        let said = detail(&g, "no_result_lost");
-        assert!(
-            said.contains("b attempt 1: counted, but w2 never logged its acknowledgement"),
-            "{said}"
+        fails_only_saying(
+            &g,
+            "no_result_lost",
+            "b attempt 1: counted, but w2 never logged its acknowledgement",
         );
         g.acks.push(AckView {
             attempt: None,
@@ -1089,20 +1092,18 @@ mod tests {
             g
         };
         let bad = stop(h);
-        assert_eq!(failing(&bad), ["stopped_workers_handed_back_their_leases"]);
-        let said = detail(&bad, "stopped_workers_handed_back_their_leases");
-        assert!(
-            said.contains("#3 worker_stop: attempts b#1, e#1 kept"),
-            "{said}"
+        fails_only_saying(
+            &bad,
+            "stopped_workers_handed_back_their_leases",
+            "#3 worker_stop: attempts b#1, e#1 kept",
         );
         assert!(failing(&stop(Handback::of(&tasks, "w1", t(1), t(20)))).is_empty());
         // A stop of a worker that held nothing shows nothing: the check fails.
         let idle = stop(Handback::default());
-        assert_eq!(failing(&idle), ["stopped_workers_handed_back_their_leases"]);
-        let said = detail(&idle, "stopped_workers_handed_back_their_leases");
-        assert!(
-            said.contains("none of the 1 worker stops hit a worker holding a lease"),
-            "{said}"
+        fails_only_saying(
+            &idle,
+            "stopped_workers_handed_back_their_leases",
+            "none of the 1 worker stops hit a worker holding a lease",
         );
     }
 
@@ -1147,11 +1148,10 @@ mod tests {
             left: vec![41, 42],
             lasting: vec![counting("a", 1)],
         });
-        assert_eq!(failing(&bad), ["no_task_process_outlived_its_worker"]);
-        let said = detail(&bad, "no_task_process_outlived_its_worker");
-        assert!(
-            said.contains("#2 worker_kill: 2 of its 3 task processes still ran (pids 41, 42)"),
-            "{said}"
+        fails_only_saying(
+            &bad,
+            "no_task_process_outlived_its_worker",
+            "#2 worker_kill: 2 of its 3 task processes still ran (pids 41, 42)",
         );
         let ended = Outlived {
             ran: 3,
@@ -1166,22 +1166,17 @@ mod tests {
             left: vec![],
             lasting: vec![],
         });
-        assert_eq!(
-            failing(&nearly_done),
-            ["no_task_process_outlived_its_worker"]
-        );
-        let said = detail(&nearly_done, "no_task_process_outlived_its_worker");
-        assert!(
-            said.contains("none of the 1 worker kills hit a task process with time left"),
-            "{said}"
+        fails_only_saying(
+            &nearly_done,
+            "no_task_process_outlived_its_worker",
+            "none of the 1 worker kills hit a task process with time left",
         );
         // A kill of a worker that ran no task process tests nothing: the check fails.
         let idle = kill(Outlived::default());
-        assert_eq!(failing(&idle), ["no_task_process_outlived_its_worker"]);
-        let said = detail(&idle, "no_task_process_outlived_its_worker");
-        assert!(
-            said.contains("none of the 1 worker kills hit a task process with time left"),
-            "{said}"
+        fails_only_saying(
+            &idle,
+            "no_task_process_outlived_its_worker",
+            "none of the 1 worker kills hit a task process with time left",
         );
     }
 
