@@ -1910,7 +1910,7 @@ mod tests {
             WorkerMsg::Telemetry(Telemetry {
                 seq: Seq(n),
                 connection_stats: Default::default(),
-                metrics: serde_json::Value::Null,
+                metrics: serde_json::Value::Null.into(),
                 timestamp: now(),
             })
         };

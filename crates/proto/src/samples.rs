@@ -126,7 +126,7 @@ pub fn worker_messages() -> Vec<WorkerMsg> {
                 success_rate: 1.0,
                 ..ConnStats::default()
             },
-            metrics: serde_json::json!({}),
+            metrics: serde_json::json!({}).into(),
             timestamp: ts,
         }),
         WorkerMsg::WorkerStopping(StopNotice { timestamp: ts }),

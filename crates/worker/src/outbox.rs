@@ -853,22 +853,8 @@ fn approx_size(msg: &WorkerMsg) -> usize {
         WorkerMsg::CheckpointData(d) => BASE + d.data.0.len() * 4 / 3,
         WorkerMsg::TaskResult(r) => BASE + r.result.get().len(),
         WorkerMsg::TaskState(s) => BASE + s.state.get().len(),
-        WorkerMsg::Telemetry(t) => BASE + 600 + json_len(&t.metrics),
+        WorkerMsg::Telemetry(t) => BASE + 600 + t.metrics.get().len(),
         _ => BASE,
-    }
-}
-
-fn json_len(v: &serde_json::Value) -> usize {
-    match v {
-        serde_json::Value::Null | serde_json::Value::Bool(_) | serde_json::Value::Number(_) => 8,
-        serde_json::Value::String(s) => s.len() + 2,
-        serde_json::Value::Array(a) => a.iter().map(json_len).sum::<usize>() + 2,
-        serde_json::Value::Object(o) => {
-            o.iter()
-                .map(|(k, v)| k.len() + 3 + json_len(v))
-                .sum::<usize>()
-                + 2
-        }
     }
 }
 
@@ -938,7 +924,7 @@ mod tests {
             WorkerMsg::Telemetry(Telemetry {
                 seq,
                 connection_stats: ConnStats::default(),
-                metrics: serde_json::json!({}),
+                metrics: serde_json::json!({}).into(),
                 timestamp: now(),
             })
         })

@@ -1440,7 +1440,8 @@ impl<'a> Session<'a> {
                 WorkerMsg::Telemetry(Telemetry {
                     seq,
                     connection_stats: stats,
-                    metrics: serde_json::json!({ "executors": metrics, "outbox": outbox_len }),
+                    metrics: serde_json::json!({ "executors": metrics, "outbox": outbox_len })
+                        .into(),
                     timestamp: now(),
                 })
             });

@@ -199,7 +199,7 @@ async fn probe(
             let msg = WorkerMsg::Telemetry(Telemetry {
                 seq: Seq(seq),
                 connection_stats: ConnStats::default(),
-                metrics: serde_json::Value::Null,
+                metrics: serde_json::Value::Null.into(),
                 timestamp: now(),
             });
             link.send(&msg).await?;

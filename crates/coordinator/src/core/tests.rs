@@ -1637,7 +1637,7 @@ async fn telemetry_announces_the_worker_at_most_once_a_second() {
                 WorkerMsg::Telemetry(tether_proto::msg::Telemetry {
                     seq: Seq(seq),
                     connection_stats: Default::default(),
-                    metrics: serde_json::Value::Null,
+                    metrics: serde_json::Value::Null.into(),
                     timestamp: now(),
                 }),
             );
@@ -1680,7 +1680,7 @@ fn reported_connection_figures_are_kept_only_within_range() {
         WorkerMsg::Telemetry(tether_proto::msg::Telemetry {
             seq: Seq(1),
             connection_stats: stats,
-            metrics: serde_json::Value::Null,
+            metrics: serde_json::Value::Null.into(),
             timestamp: now(),
         }),
     );
@@ -1712,7 +1712,7 @@ async fn telemetry_updates_the_statistics_every_time_and_saves_the_record_at_mos
             msgs: vec![WorkerMsg::Telemetry(tether_proto::msg::Telemetry {
                 seq: Seq(seq),
                 connection_stats: stats,
-                metrics: serde_json::Value::Null,
+                metrics: serde_json::Value::Null.into(),
                 timestamp: now(),
             })],
         }
@@ -1791,7 +1791,7 @@ async fn a_batch_of_messages_only_skips_an_idle_writer_and_never_overtakes_an_un
         frame(WorkerMsg::Telemetry(tether_proto::msg::Telemetry {
             seq: Seq(seq),
             connection_stats: Default::default(),
-            metrics: serde_json::Value::Null,
+            metrics: serde_json::Value::Null.into(),
             timestamp: now(),
         }))
     };

@@ -22,7 +22,7 @@ fn telemetry(seq: u64) -> Value {
     serde_json::to_value(WorkerMsg::Telemetry(Telemetry {
         seq: Seq(seq),
         connection_stats: ConnStats::default(),
-        metrics: Value::Null,
+        metrics: Value::Null.into(),
         timestamp: now(),
     }))
     .expect("json")

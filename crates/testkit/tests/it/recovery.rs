@@ -729,7 +729,7 @@ async fn a_worker_connected_at_a_stop_is_last_seen_at_the_stop_after_the_restart
     let report = tether_proto::msg::WorkerMsg::Telemetry(tether_proto::msg::Telemetry {
         seq: tether_proto::Seq(1),
         connection_stats: stats,
-        metrics: serde_json::Value::Null,
+        metrics: serde_json::Value::Null.into(),
         timestamp: chrono::Utc::now(),
     });
     raw.send(&serde_json::to_value(report).expect("json")).await;

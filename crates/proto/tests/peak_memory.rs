@@ -1,0 +1,114 @@
+//! What decoding a peer's frame costs in memory: at most a small multiple of the frame's
+//! length, whatever the frame holds. A counting global allocator records the peak of bytes
+//! allocated during one call; the tests take turns (one lock), since the count is
+//! process-wide.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tether_proto::msg::WorkerMsg;
+use tether_proto::{decode_worker, encode, samples};
+
+struct Counting;
+
+static NOW: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is passed to `System` unchanged; the counters only observe sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as `System::alloc`, with the caller's layout.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = NOW.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as `System::dealloc`, with the caller's pointer and layout.
+        unsafe { System.dealloc(ptr, layout) };
+        NOW.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as `System::realloc`, with the caller's arguments.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            // Counted as the new block taken before the old one is given back: the peak a
+            // moving realloc reaches.
+            let now = NOW.fetch_add(new_size, Ordering::Relaxed) + new_size;
+            PEAK.fetch_max(now, Ordering::Relaxed);
+            NOW.fetch_sub(layout.size(), Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// One measurement at a time: the counters are the whole process's.
+static TURN: Mutex<()> = Mutex::new(());
+
+/// Bytes allocated at the peak of `f`, beyond what was allocated before it, and its value.
+fn peak_of<T>(f: impl FnOnce() -> T) -> (usize, T) {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let before = NOW.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    let out = f();
+    (PEAK.load(Ordering::Relaxed).saturating_sub(before), out)
+}
+
+/// Bytes of a peer's frame in these tests: large enough that a tree built of it stands out
+/// (an empty object as a `serde_json::Value` takes tens of bytes for its 3 of text).
+const FRAME: usize = 1 << 20;
+
+/// `n` bytes or a little more of `[x,x,...]`.
+fn array_of(x: &str, n: usize) -> String {
+    let mut s = String::with_capacity(n + x.len() + 2);
+    s.push('[');
+    while s.len() < n {
+        s.push_str(x);
+        s.push(',');
+    }
+    s.pop();
+    s.push(']');
+    s
+}
+
+/// A frame's decode may take this many times its length at its peak.
+const MOST: usize = 4;
+
+fn assert_bounded(what: &str, peak: usize, len: usize) {
+    assert!(
+        peak < MOST * len,
+        "{what}: a frame of {len} bytes took {peak} bytes at the peak of its decode"
+    );
+}
+
+/// The sample message of type `ty`, as frame text with `field` set to `value` (JSON text).
+fn sample_with(ty: &str, field: &str, value: &str) -> String {
+    let m = samples::worker_messages()
+        .into_iter()
+        .find(|m| m.type_name() == ty)
+        .expect("a sample of every type");
+    let mut v: serde_json::Value = serde_json::from_str(&encode(&m)).expect("json");
+    v[field] = serde_json::Value::String("\u{1}".into());
+    let text = v.to_string();
+    text.replacen(r#""\u0001""#, value, 1)
+}
+
+#[test]
+fn telemetry_metrics_are_kept_as_text_not_built_into_a_tree() {
+    let text = sample_with("telemetry", "metrics", &array_of("{}", FRAME));
+    let (peak, decoded) = peak_of(|| decode_worker(&text));
+    assert!(
+        matches!(decoded, Ok(WorkerMsg::Telemetry(_))),
+        "{:?}",
+        decoded.map(|m| m.type_name())
+    );
+    assert_bounded("telemetry", peak, text.len());
+}
