@@ -113,12 +113,14 @@ pub fn decode_coord(text: &str) -> Result<CoordMsg, DecodeError> {
 }
 
 /// Decodes straight into the variant named by the message's `type` (see [`type_of`]); a
-/// message without a known type takes the slow path, which tells what is wrong with it.
+/// message without a known type is never one, and is only told what is wrong with it.
 fn decode_typed<T: Typed>(text: &str) -> Result<T, DecodeError> {
     match type_of(text).and_then(|ty| T::from_text(&ty, text)) {
         Some(Ok(m)) => Ok(m),
-        Some(Err(e)) => Err(classify(text, T::TYPES, e)),
-        None => decode(text, T::TYPES),
+        Some(Err(e)) => Err(classify(text, T::TYPES, Some(e))),
+        // Not decoded as the `type`-tagged enum, which would only fail, and would first copy
+        // every field before the `type` into a tree (a peer's megabytes, many times over).
+        None => Err(classify(text, T::TYPES, None)),
     }
 }
 
@@ -434,14 +436,6 @@ impl Batch {
     }
 }
 
-fn decode<T: DeserializeOwned>(text: &str, known: &[&str]) -> Result<T, DecodeError> {
-    match serde_json::from_str::<T>(text) {
-        Ok(m) => Ok(m),
-        Err(e) => Err(classify(text, known, e)),
-    }
-}
-
-/// Slow path: find out what the bad frame claimed to be.
 /// Characters of a peer's text (an unknown `type`, a serde error quoting a value) a
 /// [`DecodeError`] keeps: what it becomes (an `error` reply, a log line) stays small however
 /// large the frame was. Every known type is far shorter.
@@ -455,29 +449,38 @@ pub fn echoed(text: String, max: usize) -> String {
     }
 }
 
-fn classify(text: &str, known: &[&str], err: serde_json::Error) -> DecodeError {
+/// What is wrong with a frame that is not a message: its `type` unknown (or missing, or not a
+/// string), or, for a known type, `err` (or, without one, that it is not a JSON object). Only
+/// the `type` and `seq` are read, as text spans of the frame: nothing the size of the frame is
+/// built, whatever it holds.
+fn classify(text: &str, known: &[&str], err: Option<serde_json::Error>) -> DecodeError {
+    use serde_json::value::RawValue;
     #[derive(Deserialize)]
-    struct Probe {
-        #[serde(rename = "type")]
-        ty: Option<serde_json::Value>,
-        seq: Option<serde_json::Value>,
+    struct Probe<'a> {
+        #[serde(rename = "type", borrow)]
+        ty: Option<&'a RawValue>,
+        #[serde(borrow)]
+        seq: Option<&'a RawValue>,
     }
-    match serde_json::from_str::<Probe>(text) {
+    match serde_json::from_str::<Probe<'_>>(text) {
         Ok(p) => {
-            let seq = p.seq.as_ref().and_then(serde_json::Value::as_u64);
-            match p.ty {
-                Some(serde_json::Value::String(ty)) if !known.contains(&ty.as_str()) => {
-                    DecodeError::UnknownType {
-                        ty: echoed(ty, ECHOED_CHARS),
-                        seq,
-                    }
-                }
-                Some(serde_json::Value::String(ty)) => DecodeError::Malformed {
+            let seq = p
+                .seq
+                .and_then(|s| serde_json::from_str::<u64>(s.get()).ok());
+            match p.ty.map(|t| serde_json::from_str::<String>(t.get())) {
+                Some(Ok(ty)) if !known.contains(&ty.as_str()) => DecodeError::UnknownType {
+                    ty: echoed(ty, ECHOED_CHARS),
+                    seq,
+                },
+                Some(Ok(ty)) => DecodeError::Malformed {
                     ty: Some(ty),
                     seq,
-                    reason: echoed(err.to_string(), 2 * ECHOED_CHARS),
+                    reason: match err {
+                        Some(e) => echoed(e.to_string(), 2 * ECHOED_CHARS),
+                        None => "not a JSON object".into(),
+                    },
                 },
-                Some(_) => DecodeError::Malformed {
+                Some(Err(_)) => DecodeError::Malformed {
                     ty: None,
                     seq,
                     reason: "field `type` is not a string".into(),

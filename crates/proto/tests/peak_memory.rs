@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tether_proto::msg::WorkerMsg;
-use tether_proto::{decode_worker, encode, samples};
+use tether_proto::{DecodeError, decode_worker, encode, samples};
 
 struct Counting;
 
@@ -111,4 +111,42 @@ fn telemetry_metrics_are_kept_as_text_not_built_into_a_tree() {
         decoded.map(|m| m.type_name())
     );
     assert_bounded("telemetry", peak, text.len());
+}
+
+/// A frame with no type this side knows is only told what is wrong with it; what it holds
+/// besides its `type` and `seq` (here a megabyte of zeros) is never built into a tree, and the
+/// error says what it said before.
+#[test]
+fn a_frame_without_a_known_type_is_refused_without_building_its_fields() {
+    let zeros = array_of("0", FRAME);
+    let unknown = format!(r#"{{"type":"zzz","seq":{zeros}}}"#);
+    let (peak, e) = peak_of(|| decode_worker(&unknown));
+    assert_eq!(
+        e,
+        Err(DecodeError::UnknownType {
+            ty: "zzz".into(),
+            seq: None
+        })
+    );
+    assert_bounded("unknown type", peak, unknown.len());
+
+    let known = format!(r#"{{"type":"heartbeat","seq":{zeros}}}"#);
+    let (peak, e) = peak_of(|| decode_worker(&known));
+    assert!(
+        matches!(&e, Err(DecodeError::Malformed { ty: Some(t), seq: None, .. }) if t == "heartbeat"),
+        "{e:?}"
+    );
+    assert_bounded("known type", peak, known.len());
+
+    let untyped = format!(r#"{{"pad":{zeros}}}"#);
+    let (peak, e) = peak_of(|| decode_worker(&untyped));
+    assert_eq!(
+        e,
+        Err(DecodeError::Malformed {
+            ty: None,
+            seq: None,
+            reason: "missing field `type`".into()
+        })
+    );
+    assert_bounded("no type", peak, untyped.len());
 }
