@@ -1,0 +1,776 @@
+//! The client commands: submit, tasks, task, workers and the controls.
+
+use super::table::*;
+use super::*;
+
+#[derive(Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// A JSON file with one spec or {"tasks": [specs]}: the spec comes from the file alone, so
+    /// every flag that would shape it is refused beside this one, rather than ignored.
+    #[arg(long, conflicts_with = "command")]
+    file: Option<PathBuf>,
+    /// Priority: high, normal, low, or 0 (most urgent) to 9.
+    #[arg(long, default_value = "normal", value_parser = parse_priority, conflicts_with = "file")]
+    priority: u8,
+    /// A capability the worker must have (repeatable).
+    #[arg(long = "require", conflicts_with = "file")]
+    requires: Vec<String>,
+    /// Timeout, e.g. 10m.
+    #[arg(long, value_parser = crate::settings::parse_duration_arg, conflicts_with = "file")]
+    timeout: Option<std::time::Duration>,
+    /// Attempts before a task lost again and again fails.
+    #[arg(long, conflicts_with = "file")]
+    max_attempts: Option<u32>,
+    /// A label shown in listings.
+    #[arg(long, conflicts_with = "file")]
+    name: Option<String>,
+    /// The task's id (default: one the coordinator makes); the same id twice is refused while
+    /// the coordinator keeps the task (a `--retention` removes ended ones), so a submission
+    /// whose reply was lost can be sent again safely.
+    /// Checked against the id rules as the arguments are read: a bad one is a usage error.
+    #[arg(long, conflicts_with = "file")]
+    id: Option<tether_proto::TaskId>,
+    /// A tag the worker must carry, KEY=VALUE (repeatable).
+    #[arg(long = "tag", value_parser = parse_key_value, conflicts_with = "file")]
+    tags: Vec<(String, String)>,
+    /// An environment variable for the command, KEY=VALUE (repeatable).
+    #[arg(long = "env", value_parser = parse_key_value, conflicts_with = "file")]
+    env: Vec<(String, String)>,
+    /// The command's working directory on the worker.
+    #[arg(long, conflicts_with = "file")]
+    cwd: Option<String>,
+    /// A script run with `/bin/sh -c` on the worker, instead of a command line after `--`.
+    #[arg(long, conflicts_with_all = ["command", "file"])]
+    shell: Option<String>,
+    /// Then follow the submitted tasks until each has ended, as `tether watch` does (exit 0
+    /// only if all completed).
+    #[arg(long)]
+    pub(crate) watch: bool,
+    /// The command line to run, after `--`.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?}: use KEY=VALUE")),
+    }
+}
+
+/// The spec of a `command` task from the flags: a command line after `--` or a `--shell`
+/// script, with its environment, directory and the worker it needs.
+fn command_spec(a: &SubmitArgs) -> anyhow::Result<TaskSpec> {
+    let mut config = match (&a.shell, a.command.split_first()) {
+        (Some(script), _) => json!({ "shell": script }),
+        (None, Some((program, args))) => json!({ "program": program, "args": args }),
+        (None, None) => bail!("give a command after `--`, --shell SCRIPT or --file FILE"),
+    };
+    if !a.env.is_empty() {
+        let env: serde_json::Map<String, Value> =
+            a.env.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        config["env"] = Value::Object(env);
+    }
+    if let Some(dir) = &a.cwd {
+        config["cwd"] = json!(dir);
+    }
+    let mut spec = TaskSpec::new("command", config);
+    spec.task_id = a.id.clone();
+    spec.priority = a.priority;
+    spec.requires = a.requires.clone();
+    spec.tags = a.tags.iter().cloned().collect();
+    spec.timeout_ms = a
+        .timeout
+        .map(|d| {
+            u64::try_from(d.as_millis()).map_err(|_| {
+                anyhow::anyhow!("--timeout {d:?} is longer than a task's timeout can be")
+            })
+        })
+        .transpose()?;
+    spec.max_attempts = a.max_attempts;
+    spec.name = a.name.clone();
+    Ok(spec)
+}
+
+fn parse_priority(s: &str) -> Result<u8, String> {
+    match s {
+        "high" => Ok(1),
+        "normal" => Ok(tether_proto::task::DEFAULT_PRIORITY),
+        "low" => Ok(9),
+        n => match n.parse::<u8>() {
+            Ok(p) if p <= tether_proto::task::MAX_PRIORITY => Ok(p),
+            _ => Err(format!("priority {n:?}: use high, normal, low or 0..=9")),
+        },
+    }
+}
+
+pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
+    let submitted = send(&a).await;
+    if !a.watch {
+        return submitted.map(|_| ());
+    }
+    // With --watch the exit status says how the tasks ended: a submission that failed (or a
+    // client that could not be made) left none to follow, which is 2, not the 1 of a task
+    // that ended but did not complete.
+    let (api, ids) = submitted.map_err(|e| e.context(crate::watch::Unfollowed))?;
+    crate::watch::follow(&api, Some(ids), a.common.json, false, crate::watch::PAGE).await
+}
+
+/// Submits the tasks `a` describes and prints their ids; the client and the ids.
+async fn send(a: &SubmitArgs) -> anyhow::Result<(Api, BTreeSet<String>)> {
+    let api = Api::new(&a.common)?;
+    let body = match &a.file {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read {}", f.display()))?;
+            let v: Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", f.display()))?;
+            if v.get("tasks").is_some() {
+                v
+            } else {
+                json!({ "tasks": [v] })
+            }
+        }
+        None => json!({ "tasks": [command_spec(a)?] }),
+    };
+    let v = api.post("/api/v1/tasks", &body).await.map_err(|e| {
+        if e.downcast_ref::<NoAnswer>().is_none() {
+            return e;
+        }
+        // Sending it again blindly may submit it twice.
+        e.context(match &a.id {
+            Some(id) => format!(
+                "the submission's outcome is unknown: task {id} may have been submitted; check \
+                 with `tether task {id}`, or submit it again with the same --id, which is refused \
+                 as a duplicate (HTTP 409) if it was"
+            ),
+            None => "the submission's outcome is unknown: the task may have been submitted; \
+                     check with `tether tasks`, or submit with --id so that a retry is refused \
+                     as a duplicate (HTTP 409)"
+                .to_owned(),
+        })
+    })?;
+    let ids = submitted_ids(&v, body["tasks"].as_array().map_or(0, Vec::len))?;
+    if a.common.json {
+        outln!("{v}")?;
+    } else {
+        for id in &ids {
+            outln!("{}", shown(id))?;
+        }
+    }
+    Ok((api, ids.into_iter().collect()))
+}
+
+/// The ids of the `sent` tasks from the answer `v` to their submission: an id each, or an
+/// error that shows what came instead (a success without them, from a proxy or another
+/// server, submitted nothing that can be named, watched or checked).
+fn submitted_ids(v: &Value, sent: usize) -> anyhow::Result<Vec<String>> {
+    let ids: Option<Vec<String>> = v["task_ids"].as_array().and_then(|ids| {
+        ids.iter()
+            .map(|id| id.as_str().map(str::to_owned))
+            .collect()
+    });
+    match ids {
+        Some(ids) if ids.len() == sent => Ok(ids),
+        _ => bail!(
+            "the coordinator's answer to the submission of {sent} task(s) does not name one task \
+             id each (task_ids): it answered {}",
+            cut_line(&shown(&v.to_string()), CONFIG_SHOWN)
+        ),
+    }
+}
+
+#[derive(Args)]
+pub struct TasksArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Only tasks in this status.
+    #[arg(long, value_parser = [
+        "queued", "running", "paused", "completed", "failed", "cancelled", "timed_out",
+    ])]
+    status: Option<String>,
+    /// At most this many (the oldest first, or the newest with --newest); with --all, the
+    /// tasks read a request.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    limit: u64,
+    /// Every task, read page by page, however many there are.
+    #[arg(long)]
+    all: bool,
+    /// The newest first (by default the oldest first): on a busy coordinator, what came last.
+    #[arg(long, conflicts_with = "all")]
+    newest: bool,
+}
+
+pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
+    let api = Api::new(&a.common)?;
+    let mut query = match &a.status {
+        Some(s) => format!("status={s}"),
+        None => String::new(),
+    };
+    if a.newest {
+        query.push_str("&order=newest");
+    }
+    if a.all {
+        // Printed a page at a time as each comes: the listing may be larger than memory.
+        let mut listing = Listing::new(a.common.json);
+        let mut pages = TaskPages::new(&api, &query, a.limit as usize);
+        while let Some(page) = pages.next().await? {
+            listing.page(&page)?;
+        }
+        return listing.end();
+    }
+    let v = api
+        .get(&format!("/api/v1/tasks?limit={}&{query}", a.limit))
+        .await?;
+    if a.common.json {
+        outln!("{v}")?;
+        return Ok(());
+    }
+    let rows = rows_of(&v, task_row);
+    Table::new(&TASK_HEAD).print(&rows)?;
+    // A full page may not be all: said on stderr, so the table stays the table.
+    if rows.len() as u64 >= a.limit {
+        eprintln!(
+            "(the {} {} tasks; there may be more: --all lists every one, --limit N more or fewer{})",
+            if a.newest { "newest" } else { "oldest" },
+            a.limit,
+            if a.newest {
+                ""
+            } else {
+                ", --newest the last ones"
+            }
+        );
+    }
+    Ok(())
+}
+
+const TASK_HEAD: [&str; 7] = [
+    "TASK", "STATUS", "ATTEMPT", "WORKER", "KIND", "PRIO", "NAME",
+];
+
+/// A task's row in `tether tasks`.
+fn task_row(t: &Value) -> Vec<String> {
+    vec![
+        s(&t["task_id"]),
+        s(&t["status"]),
+        t["attempt"].to_string(),
+        // The lease's worker; once it ended, the last attempt's.
+        match &t["lease"]["worker"] {
+            Value::Null => s(t["attempts"]
+                .as_array()
+                .and_then(|a| a.last())
+                .map_or(&Value::Null, |a| &a["worker"])),
+            w => s(w),
+        },
+        s(&t["spec"]["kind"]),
+        t["spec"]["priority"].to_string(),
+        s(&t["spec"]["name"]),
+    ]
+}
+
+/// `tether tasks --all` printed page by page, each page as it is read, so the listing is never
+/// held whole: with `--json` one JSON array (the same line as a listing of one page), element
+/// by element; else one table whose columns widen where a later page needs it.
+struct Listing {
+    json: bool,
+    /// Tasks printed so far.
+    printed: usize,
+    table: Table,
+}
+
+impl Listing {
+    fn new(json: bool) -> Self {
+        Listing {
+            json,
+            printed: 0,
+            table: Table::new(&TASK_HEAD),
+        }
+    }
+
+    fn page(&mut self, tasks: &[Value]) -> anyhow::Result<()> {
+        if !self.json {
+            let rows: Vec<Vec<String>> = tasks.iter().map(task_row).collect();
+            self.printed += rows.len();
+            return self.table.print(&rows);
+        }
+        let mut text = String::new();
+        for t in tasks {
+            text.push(if self.printed == 0 { '[' } else { ',' });
+            text.push_str(&t.to_string());
+            self.printed += 1;
+        }
+        crate::output::part(&text)
+    }
+
+    fn end(mut self) -> anyhow::Result<()> {
+        match (self.json, self.printed) {
+            (true, 0) => outln!("[]"),
+            (true, _) => outln!("]"),
+            // The head, if no page had a row to print it with.
+            (false, _) => self.table.print(&[]),
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct TaskArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Task id. Checked against the id rules before any request: an id such as
+    /// `x/../other` would otherwise be resolved by the URL into another task's.
+    id: tether_proto::TaskId,
+}
+
+pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
+    let api = Api::new(&a.common)?;
+    // Four independent reads: sent together, not one after another.
+    let path = format!("/api/v1/tasks/{}", a.id);
+    let [of_result, of_state, of_checkpoints] =
+        ["result", "state", "checkpoints"].map(|sub| format!("{path}/{sub}"));
+    let (t, results, state, checkpoints) = tokio::try_join!(
+        api.get(&path),
+        api.get(&of_result),
+        api.get(&of_state),
+        api.get(&of_checkpoints),
+    )?;
+    if a.common.json {
+        outln!(
+            "{}",
+            json!({ "task": t, "results": results, "state": state, "checkpoints": checkpoints })
+        )?;
+        return Ok(());
+    }
+    let spec = &t["spec"];
+    outln!("task      {}", s(&t["task_id"]))?;
+    if let Some(name) = spec["name"].as_str() {
+        outln!("name      {}", shown(name))?;
+    }
+    outln!("status    {}", s(&t["status"]))?;
+    outln!("kind      {}", s(&spec["kind"]))?;
+    outln!(
+        "config    {}",
+        cut_line(&shown(&spec["config"].to_string()), CONFIG_SHOWN)
+    )?;
+    outln!("priority  {}", spec["priority"])?;
+    if let Some(r) = spec["requires"].as_array().filter(|r| !r.is_empty()) {
+        let r: Vec<String> = r.iter().map(s).collect();
+        outln!("requires  {}", r.join(", "))?;
+    }
+    if let Some(tags) = spec["tags"].as_object().filter(|t| !t.is_empty()) {
+        let tags: Vec<String> = tags
+            .iter()
+            .map(|(k, v)| format!("{}={}", shown(k), s(v)))
+            .collect();
+        outln!("tags      {}", tags.join(", "))?;
+    }
+    if let Some(ms) = spec["timeout_ms"].as_u64() {
+        outln!("timeout   {ms} ms")?;
+    }
+    if let Some(n) = spec["max_attempts"].as_u64() {
+        outln!("attempts  at most {n}")?;
+    }
+    outln!("submitted {}", when(&t["submitted_at"]))?;
+    if !t["error"].is_null() {
+        outln!("error     {}", s(&t["error"]))?;
+    }
+    outln!()?;
+    let rows = rows_of(&t["attempts"], |a| {
+        vec![
+            a["attempt"].to_string(),
+            s(&a["worker"]),
+            when(&a["started_at"]),
+            s(&a["end"]),
+        ]
+    });
+    print_table(&["ATTEMPT", "WORKER", "STARTED", "END"], &rows)?;
+    // A checkpoint the coordinator refused (the table of kept ones below says where a resume
+    // would start).
+    for a in t["attempts"].as_array().into_iter().flatten() {
+        if let Some(why) = a["checkpoint_refused"].as_str() {
+            outln!(
+                "attempt {}: checkpoint refused: {}",
+                a["attempt"],
+                shown(why)
+            )?;
+        }
+    }
+    outln!()?;
+    // Why a result is not counted: how its attempt ended (`lost`, `cancelled`, ...).
+    let end_of = |attempt: &Value| {
+        t["attempts"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| &a["attempt"] == attempt))
+            .and_then(|a| a["end"].as_str())
+            .map(shown)
+    };
+    let rows = rows_of(&results, |r| {
+        vec![
+            r["attempt"].to_string(),
+            s(&r["worker"]),
+            s(&r["outcome"]),
+            record_label(r["stale"] == true, end_of(&r["attempt"]).as_deref()),
+            r["body"]["result"].to_string(),
+        ]
+    });
+    print_table(&["ATTEMPT", "WORKER", "OUTCOME", "RECORD", "RESULT"], &rows)?;
+    // Why an attempt failed, which its result's table cell does not say.
+    for r in results.as_array().into_iter().flatten() {
+        if let Some(why) = r["body"]["error"]["message"].as_str() {
+            // The worker's text: a command's stderr tail may be long.
+            let why = cut_line(&shown(why), 5 * CONFIG_SHOWN);
+            outln!("attempt {} error: {why}", r["attempt"])?;
+        }
+    }
+    if !state.is_null() {
+        outln!()?;
+        outln!(
+            "state     {} (attempt {}, {})",
+            cut_line(&shown(&state["state"].to_string()), CONFIG_SHOWN),
+            state["attempt"],
+            when(&state["updated_at"])
+        )?;
+    }
+    if checkpoints.as_array().is_some_and(|c| !c.is_empty()) {
+        outln!()?;
+        let rows = rows_of(&checkpoints, |c| {
+            vec![
+                s(&c["checkpoint_id"]),
+                c["attempt"].to_string(),
+                c["size"].to_string(),
+                when(&c["created_at"]),
+            ]
+        });
+        print_table(&["CHECKPOINT", "ATTEMPT", "BYTES", "CREATED"], &rows)?;
+    }
+    Ok(())
+}
+
+pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
+    let api = Api::new(&a)?;
+    let v = api.get("/api/v1/workers").await?;
+    if a.json {
+        outln!("{v}")?;
+        return Ok(());
+    }
+    // The statistics are the worker's last report's: how old it is, beside them.
+    let now = chrono::Utc::now();
+    let rows = rows_of(&v, |w| {
+        let st = &w["stats"];
+        vec![
+            s(&w["worker_id"]),
+            // A worker that said it is stopping takes no new task (`worker_stopping`).
+            match (w["state"].as_str(), w["stopping"].as_bool()) {
+                (Some("connected"), Some(true)) => "stopping".to_owned(),
+                _ => s(&w["state"]),
+            },
+            w["slots"].to_string(),
+            w["leases"]
+                .as_array()
+                .map(|l| l.len())
+                .unwrap_or(0)
+                .to_string(),
+            fmt_f(&st["rtt_p50_ms"], 1),
+            // The cadence the worker beats at (a large fleet's budget stretches it).
+            st["heartbeat_interval_ms"]
+                .as_f64()
+                .map(|ms| format!("{:.1}", ms / 1000.0))
+                .unwrap_or_else(|| "-".into()),
+            // The link's delivery rate as the worker measures it ("-": not measured yet).
+            st["send_bytes_per_sec"]
+                .as_f64()
+                .filter(|r| *r > 0.0)
+                .map(|r| format!("{:.1}", r / 1000.0))
+                .unwrap_or_else(|| "-".into()),
+            fmt_f(&st["stability"], 3),
+            st["reconnects"]
+                .as_u64()
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "-".into()),
+            age(&st["reported_at"], now),
+            when(&w["last_seen"]),
+        ]
+    });
+    print_table(
+        &[
+            "WORKER",
+            "STATE",
+            "SLOTS",
+            "TASKS",
+            "RTT_P50_MS",
+            "HEARTBEAT_S",
+            "SEND_KB_S",
+            "STABILITY",
+            "RECONNECTS",
+            "REPORTED",
+            "LAST_SEEN",
+        ],
+        &rows,
+    )?;
+    // A worker's statistics come with its telemetry: a "-" is not a fault. Said on stderr, so
+    // the table stays the table.
+    let new = v.as_array().map_or(0, |ws| {
+        let new = |w: &&Value| w["state"] == "connected" && w["stats"].is_null();
+        ws.iter().filter(new).count()
+    });
+    if new > 0 {
+        eprintln!(
+            "{new} connected worker(s) without statistics yet: a worker reports them with its \
+             telemetry, the first within a telemetry interval (30 s by default) of connecting"
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ControlArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Task id. Checked against the id rules before any request: an id such as
+    /// `x/../other` would otherwise be resolved by the URL into another task's.
+    id: tether_proto::TaskId,
+}
+
+pub async fn control(a: ControlArgs, action: &str) -> anyhow::Result<()> {
+    let api = Api::new(&a.common)?;
+    let v = api
+        .post(&format!("/api/v1/tasks/{}/{action}", a.id), &json!({}))
+        .await?;
+    if a.common.json {
+        outln!("{v}")?;
+        return Ok(());
+    }
+    outln!("{} {}", s(&v["task_id"]), s(&v["status"]))?;
+    // A control of a task whose worker is away is kept for it (the lease's desired state):
+    // said, so that `paused` is not read as done. A worker that cannot be read says nothing.
+    if let (Some(worker), "pause" | "resume") = (v["lease"]["worker"].as_str(), action)
+        && let Ok(w) = api.get(&format!("/api/v1/workers/{worker}")).await
+        && w["state"] != "connected"
+    {
+        eprintln!(
+            "(its worker {} is {}: it is told when it reconnects, and the task stays as asked if \
+             it moves to another)",
+            shown(worker),
+            s(&w["state"])
+        );
+    }
+    Ok(())
+}
+
+/// Characters of a task's config and of its state `tether task` shows (`--json` has all of
+/// them): an executor's state may be megabytes.
+const CONFIG_SHOWN: usize = 200;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn submit_args(args: &[&str]) -> Result<SubmitArgs, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            submit: SubmitArgs,
+        }
+        let argv = std::iter::once("submit").chain(args.iter().copied());
+        <Cli as clap::Parser>::try_parse_from(argv).map(|c| c.submit)
+    }
+
+    #[test]
+    fn a_command_spec_carries_its_environment_directory_tags_and_id() {
+        let a = submit_args(&[
+            "--id",
+            "nightly-1",
+            "--env",
+            "A=1",
+            "--env",
+            "B=x=y",
+            "--cwd",
+            "/srv",
+            "--tag",
+            "os=linux",
+            "--priority",
+            "high",
+            "--",
+            "make",
+            "bench",
+        ])
+        .expect("parsed");
+        let spec = command_spec(&a).expect("spec");
+        assert_eq!(
+            spec.task_id.map(|t| t.to_string()).as_deref(),
+            Some("nightly-1")
+        );
+        assert_eq!(
+            spec.config,
+            json!({"program": "make", "args": ["bench"], "env": {"A": "1", "B": "x=y"}, "cwd": "/srv"})
+        );
+        assert_eq!(spec.tags.get("os").map(String::as_str), Some("linux"));
+        assert_eq!(spec.priority, 1);
+        let a = submit_args(&["--shell", "echo $A | wc -c"]).expect("parsed");
+        assert_eq!(
+            command_spec(&a).expect("spec").config,
+            json!({"shell": "echo $A | wc -c"})
+        );
+    }
+
+    #[test]
+    fn bad_submit_flags_are_refused_with_a_clear_error() {
+        let e = submit_args(&["--env", "NOEQUALS", "--", "true"])
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("use KEY=VALUE"), "{e}");
+        assert!(submit_args(&["--tag", "=v", "--", "true"]).is_err());
+        // A timeout past what its milliseconds hold is refused, not wrapped around to seconds:
+        // by the parser, as every duration past ten years is.
+        let huge = submit_args(&["--timeout", "213503982334d 51956616ms", "--", "true"]);
+        let e = huge.err().expect("refused");
+        assert!(e.to_string().contains("--timeout"), "{e}");
+        assert!(e.to_string().contains("longer than 3650 days"), "{e}");
+        assert!(
+            submit_args(&["--shell", "true", "--", "true"]).is_err(),
+            "one or the other"
+        );
+        // The spec comes from the file alone: each flag that would shape it is refused beside
+        // --file, by name, rather than accepted and ignored.
+        for flag in [
+            &["--priority", "high"][..],
+            &["--require", "cuda"],
+            &["--timeout", "10m"],
+            &["--max-attempts", "3"],
+            &["--name", "bench"],
+            &["--id", "nightly-1"],
+            &["--tag", "os=linux"],
+            &["--env", "A=1"],
+            &["--cwd", "/srv"],
+            &["--shell", "true"],
+        ] {
+            let e = submit_args(&[&["--file", "t.json"][..], flag].concat())
+                .err()
+                .unwrap_or_else(|| panic!("--file with {flag:?} is refused"));
+            assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{e}");
+            assert!(e.to_string().contains(flag[0]), "{flag:?}: {e}");
+        }
+        let e = submit_args(&["--file", "t.json", "--", "true"])
+            .err()
+            .expect("--file with a command is refused");
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{e}");
+        // What does go with a file: the defaults, --watch and the client's own flags.
+        let a = submit_args(&["--file", "t.json", "--watch", "--json"]).expect("parsed");
+        assert!(a.watch && a.file.is_some());
+        let a = submit_args(&[]).expect("parsed");
+        let e = command_spec(&a).expect_err("nothing to run");
+        assert!(e.to_string().contains("give a command"), "{e}");
+        let e = submit_args(&["--id", "bad id!", "--", "true"])
+            .err()
+            .expect("a bad id is refused as it is read");
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{e}");
+    }
+
+    #[test]
+    fn priorities_take_names_and_numbers() {
+        assert_eq!(parse_priority("high"), Ok(1));
+        assert_eq!(parse_priority("normal"), Ok(5));
+        assert_eq!(parse_priority("low"), Ok(9));
+        assert_eq!(parse_priority("0"), Ok(0));
+        assert!(parse_priority("10").is_err());
+        assert!(parse_priority("urgent").is_err());
+    }
+
+    /// A coordinator that read a whole submission and closed without a word may have
+    /// committed it: the error says the outcome is unknown and how to check, not "cannot reach"
+    /// (which invites sending it again, a second task). One refused a connection was sent
+    /// nothing: "cannot reach" it stays.
+    #[tokio::test]
+    async fn a_submission_read_whole_and_never_answered_has_an_unknown_outcome() {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (read_tx, mut read) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let mut s = tokio::io::BufReader::new(s);
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if s.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                    if line == "\r\n" {
+                        let mut body = vec![0u8; length];
+                        if s.read_exact(&mut body).await.is_ok() {
+                            let _ = read_tx.send(body);
+                        }
+                        break;
+                    }
+                }
+                // Closed here, the submission read and unanswered.
+            }
+        });
+        let url = format!("http://{addr}");
+        for id in [None, Some("nightly-1")] {
+            let mut args = vec!["--coordinator", url.as_str()];
+            args.extend(id.map(|id| ["--id", id]).into_iter().flatten());
+            args.extend(["--", "true"]);
+            let e = submit(submit_args(&args).expect("parsed"))
+                .await
+                .expect_err("no answer");
+            let said = crate::output::describe(&e);
+            assert!(said.contains("outcome is unknown"), "{said}");
+            assert!(said.contains("409"), "{said}");
+            assert!(!said.contains("cannot reach"), "{said}");
+            let body = read
+                .try_recv()
+                .expect("the server read the whole submission");
+            let body: Value = serde_json::from_slice(&body).expect("JSON");
+            assert_eq!(body["tasks"][0]["config"]["program"], "true");
+        }
+        // Nothing listening: nothing was sent.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", closed.local_addr().expect("addr"));
+        drop(closed);
+        let args = ["--coordinator", url.as_str(), "--", "true"];
+        let e = submit(submit_args(&args).expect("parsed"))
+            .await
+            .expect_err("refused");
+        let said = crate::output::describe(&e);
+        assert!(said.contains("cannot reach"), "{said}");
+        assert!(!said.contains("unknown"), "{said}");
+    }
+
+    /// A success that names no task (`200 {}`, say from a proxy or another server) is no
+    /// submission to report: an error showing what came, not an empty success.
+    #[tokio::test]
+    async fn a_submission_answered_without_task_ids_is_an_error() {
+        let answer = |v: Value| {
+            let app = axum::Router::new().route(
+                "/api/v1/tasks",
+                axum::routing::post(move || async move { axum::Json(v) }),
+            );
+            serve_for_test(app)
+        };
+        for v in [json!({}), json!({"task_ids": []}), json!({"task_ids": [1]})] {
+            let shows = format!("it answered {v}");
+            let url = format!("http://{}", answer(v).await);
+            let args = ["--coordinator", url.as_str(), "--", "true"];
+            let e = submit(submit_args(&args).expect("parsed"))
+                .await
+                .expect_err("no task named");
+            let said = format!("{e:#}");
+            assert!(said.contains("task_ids"), "{said}");
+            assert!(said.contains(&shows), "{said}");
+        }
+        let url = format!("http://{}", answer(json!({"task_ids": ["t-1"]})).await);
+        let args = ["--coordinator", url.as_str(), "--", "true"];
+        submit(submit_args(&args).expect("parsed"))
+            .await
+            .expect("one task, one id");
+    }
+}

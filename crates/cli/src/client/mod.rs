@@ -1,0 +1,666 @@
+//! Client commands: talk to the coordinator's HTTP API; human tables by default, `--json` for
+//! machines.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::output::outln;
+use anyhow::{Context, bail};
+use clap::Args;
+use serde_json::{Value, json};
+use tether_proto::TaskSpec;
+
+mod commands;
+mod table;
+
+pub use commands::{
+    ControlArgs, SubmitArgs, TaskArgs, TasksArgs, control, submit, task, tasks, workers,
+};
+pub(crate) use table::shown;
+
+/// Default coordinator address for client commands.
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:8765";
+
+#[derive(Args, Clone)]
+pub struct CommonArgs {
+    /// Coordinator URL.
+    #[arg(long, env = "TETHER_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
+    coordinator: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// File holding the API bearer token (TETHER_TOKEN may hold the token itself).
+    #[arg(long, env = "TETHER_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM file of the CA that signed an `https://` coordinator's certificate (default: the
+    /// system's roots).
+    #[arg(long, env = "TETHER_CA_FILE")]
+    ca_file: Option<PathBuf>,
+}
+
+/// Environment variable holding the API token itself (prefer a file).
+pub const TOKEN_ENV: &str = "TETHER_TOKEN";
+
+/// The API token from `--token-file`, else from `TETHER_TOKEN`, else none.
+fn api_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let (raw, source) = match file {
+        Some(f) => {
+            crate::run::warn_if_open(f, "the API token file");
+            let raw = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read token file {}", f.display()))?;
+            (raw, format!("the token file {}", f.display()))
+        }
+        None => match std::env::var(TOKEN_ENV) {
+            Ok(t) => (t, TOKEN_ENV.to_owned()),
+            Err(_) => return Ok(None),
+        },
+    };
+    token_of(&raw, &source).map(Some)
+}
+
+/// The token `raw` holds (read from `source`), or why it holds none: an empty one is said to
+/// be empty (an exported `TETHER_TOKEN=`), not to hold spaces.
+fn token_of(raw: &str, source: &str) -> anyhow::Result<String> {
+    let token = raw.trim();
+    if token.is_empty() {
+        bail!("{source} is empty: give the API token there, or unset it to send none");
+    }
+    if token.contains(char::is_whitespace) {
+        bail!("the API token in {source} must be one line without spaces");
+    }
+    Ok(token.to_owned())
+}
+
+pub(crate) struct Api {
+    base: String,
+    transport: Transport,
+}
+
+/// Plain HTTP through reqwest (built without TLS); `https://` through hyper with the same rustls
+/// verification as the worker's (the CA of `--ca-file`, or the system's roots).
+enum Transport {
+    Plain(reqwest::Client),
+    Tls {
+        client: HttpsClient,
+        auth: Option<reqwest::header::HeaderValue>,
+    },
+}
+
+type HttpsClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+/// An error status from the API, with its message.
+#[derive(Debug, thiserror::Error)]
+#[error("{message} (HTTP {status})")]
+pub(crate) struct Refused {
+    pub(crate) status: u16,
+    message: String,
+}
+
+impl Refused {
+    pub(crate) fn of(status: http::StatusCode, body: &Value) -> Self {
+        Refused {
+            status: status.as_u16(),
+            message: body["error"]["message"]
+                .as_str()
+                .unwrap_or("request failed")
+                .to_owned(),
+        }
+    }
+}
+
+/// Whether the host of `url` is this machine: `localhost`, `127.0.0.0/8` or `::1`.
+fn is_loopback(url: &str) -> bool {
+    match url::Url::parse(url).ok().as_ref().and_then(url::Url::host) {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// Times a GET is sent to a coordinator that answers it is busy.
+const BUSY_TRIES: u32 = 5;
+/// Longest wait for a whole answer to a request: a coordinator (or a path) that went silent
+/// is an error, not a command that never returns. A large answer may wait a few seconds for its turn.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long an idle pooled connection is kept for another request: well within the
+/// coordinator's closing of idle HTTP connections (`Limits::http_idle`, 60 s), so a request is
+/// not sent on a connection the coordinator is closing.
+const POOL_IDLE: Duration = Duration::from_secs(30);
+
+/// Longest wait for a connection to the coordinator: well within [`REQUEST_TIMEOUT`], so a
+/// request that timed out was sent on a connection, and one never sent fails as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A request that may have reached the coordinator and been carried out, to which no answer
+/// came (the connection failed or went silent once it was sent). Said apart from "cannot
+/// reach", which means nothing was sent: a submission sent again after this may be a second.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no answer from the coordinator at {base} to {request} once it was sent: whether it was \
+     carried out is unknown"
+)]
+pub(crate) struct NoAnswer {
+    base: String,
+    request: String,
+}
+
+/// A response body as it arrives, chunk by chunk.
+pub(crate) type Chunks =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = anyhow::Result<bytes::Bytes>> + Send>>;
+
+/// A TLS request that reached no coordinator: said so, with a hint when what answered is no
+/// TLS server (rustls reads a plain HTTP answer as "corrupt message of type
+/// InvalidContentType"): a coordinator serving plain HTTP, asked through an https:// URL.
+fn unreachable_tls(base: &str, e: impl Into<anyhow::Error>) -> anyhow::Error {
+    let e = e.into();
+    let hint = match format!("{e:#}").contains("InvalidContentType") {
+        true => {
+            " (what answered speaks no TLS: if the coordinator serves plain HTTP, use an http:// URL)"
+        }
+        false => "",
+    };
+    e.context(format!("cannot reach the coordinator at {base}{hint}"))
+}
+
+impl Api {
+    pub(crate) fn new(c: &CommonArgs) -> anyhow::Result<Self> {
+        let token = api_token(c.token_file.as_deref())?;
+        Self::build(&c.coordinator, token, c.ca_file.as_deref())
+    }
+
+    /// A client of the coordinator at `coordinator` (any of its URLs), with an API token and,
+    /// for `https://`, the CA that signed its certificate.
+    pub(crate) fn build(
+        coordinator: &str,
+        token: Option<String>,
+        ca_file: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        Self::build_with(coordinator, token, ca_file, reqwest::Client::builder())
+    }
+
+    /// [`Api::build`], its plain HTTP client made from `http` (in which a test can set a
+    /// proxy as the environment would).
+    fn build_with(
+        coordinator: &str,
+        token: Option<String>,
+        ca_file: Option<&std::path::Path>,
+        http: reqwest::ClientBuilder,
+    ) -> anyhow::Result<Self> {
+        let base = tether_proto::endpoint::derive_http_base(coordinator)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let auth = match token {
+            Some(token) => {
+                let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                    .context("the API token holds characters a header cannot carry")?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        let transport = if base.starts_with("https://") {
+            let tls = tether_worker::connector::tls_client_config(ca_file)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+            tcp.enforce_http(false);
+            tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config((*tls).clone())
+                .https_only()
+                .enable_http1()
+                .wrap_connector(tcp);
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .pool_idle_timeout(POOL_IDLE)
+                    .pool_timer(hyper_util::rt::TokioTimer::new())
+                    .build(connector);
+            Transport::Tls { client, auth }
+        } else {
+            if ca_file.is_some() {
+                bail!("--ca-file is for an https:// coordinator; {base} is plain HTTP");
+            }
+            let mut headers = reqwest::header::HeaderMap::new();
+            if let Some(v) = auth {
+                headers.insert(reqwest::header::AUTHORIZATION, v);
+            }
+            // reqwest takes a proxy from HTTP_PROXY and the like, loopback included unless
+            // NO_PROXY names it; a proxy cannot reach this machine's coordinator for us. One
+            // elsewhere may need the proxy.
+            let http = match is_loopback(&base) {
+                true => http.no_proxy(),
+                false => http,
+            };
+            let http = http
+                .default_headers(headers)
+                .connect_timeout(CONNECT_TIMEOUT)
+                .pool_idle_timeout(POOL_IDLE)
+                .build()
+                .context("HTTP client")?;
+            Transport::Plain(http)
+        };
+        Ok(Self { base, transport })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
+        let url = format!("{}{}", self.base, path);
+        // A request that may change something (a submission, a control), failed once it could
+        // have been sent: its outcome is unknown, which "cannot reach" would hide. One that
+        // failed connecting was not sent; a read is the same whenever it failed.
+        let once_sent = !method.is_idempotent();
+        let no_answer = || NoAnswer {
+            base: self.base.clone(),
+            request: format!("{method} {path}"),
+        };
+        let lost = |e: anyhow::Error, connecting: bool| match once_sent && !connecting {
+            true => e.context(no_answer()),
+            false => e.context(format!("cannot reach the coordinator at {}", self.base)),
+        };
+        let exchange = async {
+            match &self.transport {
+                Transport::Plain(http) => {
+                    let mut req = http.request(method.clone(), &url);
+                    if let Some(b) = body {
+                        req = req.json(b);
+                    }
+                    let resp = req.send().await.map_err(|e| {
+                        let connecting = e.is_connect();
+                        lost(e.into(), connecting)
+                    })?;
+                    let status = resp.status();
+                    let bytes = resp.bytes().await.map_err(|e| lost(e.into(), false))?;
+                    anyhow::Ok((status, bytes))
+                }
+                Transport::Tls { client, auth } => {
+                    use http_body_util::BodyExt;
+                    let mut req = http::Request::builder()
+                        .method(method.clone())
+                        .uri(url.as_str());
+                    if let Some(v) = auth {
+                        req = req.header(http::header::AUTHORIZATION, v);
+                    }
+                    let payload = match body {
+                        Some(b) => {
+                            req = req.header(http::header::CONTENT_TYPE, "application/json");
+                            bytes::Bytes::from(serde_json::to_vec(b)?)
+                        }
+                        None => bytes::Bytes::new(),
+                    };
+                    let req = req
+                        .body(http_body_util::Full::new(payload))
+                        .context("request")?;
+                    let resp = client.request(req).await.map_err(|e| {
+                        match once_sent && !e.is_connect() {
+                            true => anyhow::Error::new(e).context(no_answer()),
+                            false => unreachable_tls(&self.base, e),
+                        }
+                    })?;
+                    let status = resp.status();
+                    let bytes = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map_err(|e| lost(e.into(), false))?
+                        .to_bytes();
+                    Ok((status, bytes))
+                }
+            }
+        };
+        let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| {
+                let e = anyhow::anyhow!(
+                    "the coordinator at {} did not answer {path} within {} s",
+                    self.base,
+                    REQUEST_TIMEOUT.as_secs()
+                );
+                // Past CONNECT_TIMEOUT: the request was sent on a connection.
+                match once_sent {
+                    true => e.context(no_answer()),
+                    false => e,
+                }
+            })??;
+        if !status.is_success() {
+            // An error's body is the API's `{"error": ...}`, or whatever a proxy in between said.
+            let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            return Err(Refused::of(status, &v).into());
+        }
+        serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "the coordinator's answer to {path} is not JSON ({} bytes)",
+                bytes.len()
+            )
+        })
+    }
+
+    /// GET `path` and its body as it comes (an event stream). An error status is an error,
+    /// with the API's message; so is no answer (its status and headers) within `answer_within`:
+    /// a coordinator (or a path) that took the connection and went silent would otherwise hold
+    /// the caller for ever, since the silence of a stream is only watched once it has begun.
+    pub(crate) async fn stream(
+        &self,
+        path: &str,
+        answer_within: Duration,
+    ) -> anyhow::Result<Chunks> {
+        tokio::time::timeout(answer_within, self.open_stream(path))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the coordinator at {} did not answer GET {path} within {} ms",
+                    self.base,
+                    answer_within.as_millis()
+                )
+            })?
+    }
+
+    /// [`Self::stream`] without its deadline.
+    async fn open_stream(&self, path: &str) -> anyhow::Result<Chunks> {
+        use futures_util::StreamExt;
+        let url = format!("{}{}", self.base, path);
+        let unreachable = || format!("cannot reach the coordinator at {}", self.base);
+        let refused = |status: http::StatusCode, body: &[u8]| {
+            let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            anyhow::Error::from(Refused::of(status, &v))
+        };
+        match &self.transport {
+            Transport::Plain(http) => {
+                let resp = http.get(&url).send().await.with_context(unreachable)?;
+                let status = resp.status();
+                if !status.is_success() {
+                    let body = resp.bytes().await.unwrap_or_default();
+                    return Err(refused(status, &body));
+                }
+                Ok(futures_util::stream::unfold(resp, |mut r| async move {
+                    match r.chunk().await {
+                        Ok(Some(b)) => Some((Ok(b), r)),
+                        Ok(None) => None,
+                        Err(e) => Some((Err(anyhow::Error::new(e).context("reading")), r)),
+                    }
+                })
+                .boxed())
+            }
+            Transport::Tls { client, auth } => {
+                use http_body_util::BodyExt;
+                let mut req = http::Request::builder().uri(url.as_str());
+                if let Some(v) = auth {
+                    req = req.header(http::header::AUTHORIZATION, v);
+                }
+                let req = req
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .context("request")?;
+                let resp = client
+                    .request(req)
+                    .await
+                    .map_err(|e| unreachable_tls(&self.base, e))?;
+                let status = resp.status();
+                if !status.is_success() {
+                    let body = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    return Err(refused(status, &body));
+                }
+                let body = http_body_util::BodyDataStream::new(resp.into_body());
+                Ok(body
+                    .map(|r| r.map_err(|e| anyhow::Error::new(e).context("reading")))
+                    .boxed())
+            }
+        }
+    }
+
+    /// GET `path`. A coordinator busy with large answers (`503`, each waited for its
+    /// turn) is asked again, up to [`BUSY_TRIES`] times in all.
+    pub(crate) async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call_unless_busy(reqwest::Method::GET, path, None)
+            .await
+    }
+
+    /// `call`, asked again while the coordinator answers busy (`503`): it gives that answer
+    /// before doing anything (a control waits for its turn before it acts, a submission for
+    /// its turn before its body is read), so asking again never does a thing twice.
+    async fn call_unless_busy(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
+        let mut tries = 1;
+        loop {
+            match self.call(method.clone(), path, body).await {
+                Err(e)
+                    if tries < BUSY_TRIES
+                        && e.downcast_ref::<Refused>().is_some_and(|r| r.status == 503) =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    /// POST `path`; a busy answer is asked again as for [`Self::get`].
+    pub(crate) async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.call_unless_busy(reqwest::Method::POST, path, Some(body))
+            .await
+    }
+}
+
+/// The tasks `/api/v1/tasks?{query}` lists, a page at a time: each page after the first asks
+/// for the tasks after the previous page's last `submit_seq`, so a listing of any size is read
+/// whole, once each, however many tasks arrive meanwhile, and a reader that takes each page as
+/// it comes holds one page, not the coordinator's whole table. A page is at most the API's
+/// 100,000: a shorter page must mean the last one, not the API's cap.
+pub(crate) struct TaskPages<'a> {
+    api: &'a Api,
+    query: &'a str,
+    page: usize,
+    /// The `submit_seq` the next page starts after; `None` before the first page.
+    after: Option<u64>,
+    done: bool,
+}
+
+impl<'a> TaskPages<'a> {
+    pub(crate) fn new(api: &'a Api, query: &'a str, page: usize) -> Self {
+        TaskPages {
+            api,
+            query,
+            page: page.clamp(1, 100_000),
+            after: None,
+            done: false,
+        }
+    }
+
+    /// The next page, `None` once the listing was read whole.
+    pub(crate) async fn next(&mut self) -> anyhow::Result<Option<Vec<Value>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let mut path = format!("/api/v1/tasks?limit={}", self.page);
+        if !self.query.is_empty() {
+            path.push('&');
+            path.push_str(self.query);
+        }
+        if let Some(seq) = self.after {
+            path.push_str(&format!("&after_seq={seq}"));
+        }
+        let Value::Array(got) = self.api.get(&path).await? else {
+            bail!("the coordinator's task list is not a list");
+        };
+        let full = got.len() >= self.page;
+        match got.last().map(|t| t["submit_seq"].as_u64()) {
+            Some(Some(seq)) if full => self.after = Some(seq),
+            Some(None) if full => bail!("the coordinator's tasks carry no submit_seq to page by"),
+            _ => self.done = true,
+        }
+        Ok(Some(got))
+    }
+}
+
+/// Serves `app` on a loopback port for a test; its address.
+#[cfg(test)]
+pub(crate) async fn serve_for_test(app: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An https:// URL to a coordinator that serves plain HTTP: the error says what to try.
+    #[tokio::test]
+    async fn tls_to_a_plain_http_coordinator_says_to_use_http() {
+        let addr = serve_for_test(axum::Router::new()).await;
+        let api = Api::build(&format!("https://{addr}"), None, None).expect("client");
+        let e = api.get("/api/v1/tasks").await.expect_err("no TLS there");
+        let said = format!("{e:#}");
+        assert!(said.contains("use an http:// URL"), "{said}");
+    }
+
+    /// Six seconds: a second between tries.
+    #[tokio::test]
+    async fn a_get_answered_busy_is_asked_again_and_other_refusals_are_not() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+        let asked = Arc::new(AtomicU32::new(0));
+        let busy_for = Arc::new(AtomicU32::new(2));
+        let (counted, busy) = (asked.clone(), busy_for.clone());
+        let refusal = |status: http::StatusCode, code: &str| {
+            let body = serde_json::json!({"error": {"code": code, "message": code}});
+            (status, axum::Json(body))
+        };
+        let app = axum::Router::new()
+            .route(
+                "/busy",
+                axum::routing::get(move || {
+                    let n = counted.fetch_add(1, SeqCst) + 1;
+                    let busy = n <= busy.load(SeqCst);
+                    async move {
+                        if busy {
+                            refusal(http::StatusCode::SERVICE_UNAVAILABLE, "busy")
+                        } else {
+                            (http::StatusCode::OK, axum::Json(serde_json::json!([1])))
+                        }
+                    }
+                }),
+            )
+            .route(
+                "/missing",
+                axum::routing::get(move || async move {
+                    refusal(http::StatusCode::NOT_FOUND, "not_found")
+                }),
+            );
+        let addr = serve_for_test(app).await;
+        let api = Api::build(&format!("http://{addr}"), None, None).expect("client");
+        let got = api.get("/busy").await.expect("answered");
+        assert_eq!(got, serde_json::json!([1]));
+        assert_eq!(asked.load(SeqCst), 3, "two busy answers, then the list");
+        // Busy for good: given up after BUSY_TRIES, with the coordinator's word.
+        asked.store(0, SeqCst);
+        busy_for.store(u32::MAX, SeqCst);
+        let e = api.get("/busy").await.expect_err("busy");
+        assert_eq!(e.downcast_ref::<Refused>().map(|r| r.status), Some(503));
+        assert_eq!(asked.load(SeqCst), BUSY_TRIES);
+        // Any other refusal is final at once.
+        let e = api.get("/missing").await.expect_err("refused");
+        assert_eq!(e.downcast_ref::<Refused>().map(|r| r.status), Some(404));
+    }
+
+    #[tokio::test]
+    async fn an_answer_cut_short_or_not_json_is_an_error_not_null() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut head = [0u8; 1024];
+                let n = s.read(&mut head).await.unwrap_or(0);
+                let reply: &[u8] = if head[..n].starts_with(b"GET /cut") {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n[1, 2, 3,"
+                } else {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nnot json!"
+                };
+                let _ = s.write_all(reply).await;
+                // Closed here: the cut answer ends 91 bytes short.
+            }
+        });
+        let api = Api::build(&format!("http://{addr}"), None, None).expect("client");
+        let e = api.get("/cut").await.expect_err("cut short");
+        assert!(format!("{e:#}").contains("cannot reach"), "{e:#}");
+        let e = api.get("/text").await.expect_err("not JSON");
+        assert!(format!("{e:#}").contains("is not JSON"), "{e:#}");
+    }
+
+    #[test]
+    fn an_empty_token_is_said_to_be_empty_not_to_hold_spaces() {
+        for raw in ["", " \n"] {
+            let e = token_of(raw, TOKEN_ENV).expect_err("empty");
+            assert!(e.to_string().starts_with("TETHER_TOKEN is empty"), "{e}");
+        }
+        let e = token_of("a b", TOKEN_ENV).expect_err("two words");
+        assert!(e.to_string().contains("one line without spaces"), "{e}");
+        assert_eq!(token_of(" s3cret\n", TOKEN_ENV).expect("a token"), "s3cret");
+    }
+
+    /// A proxy from the environment (here given to the builder, as reqwest would take it from
+    /// HTTP_PROXY) is not used for a coordinator on this machine, and is for one elsewhere.
+    #[tokio::test]
+    async fn a_coordinator_on_loopback_is_reached_directly_whatever_the_proxy() {
+        let serve = serve_for_test;
+        let coordinator = serve(axum::Router::new().route(
+            "/up",
+            axum::routing::get(|| async { axum::Json(serde_json::json!({"from": "coordinator"})) }),
+        ))
+        .await;
+        // A proxy that answers every request itself.
+        let proxy = serve(
+            axum::Router::new()
+                .fallback(|| async { axum::Json(serde_json::json!({"from": "proxy"})) }),
+        )
+        .await;
+        let proxied = || {
+            let p = reqwest::Proxy::all(format!("http://{proxy}")).expect("proxy");
+            reqwest::Client::builder().proxy(p)
+        };
+        for url in [
+            format!("http://{coordinator}"),
+            format!("http://localhost:{}", coordinator.port()),
+        ] {
+            let api = Api::build_with(&url, None, None, proxied()).expect("client");
+            let got = api.get("/up").await.expect("answered");
+            assert_eq!(got, serde_json::json!({"from": "coordinator"}), "{url}");
+        }
+        let far = Api::build_with("http://coordinator.invalid:8765", None, None, proxied())
+            .expect("client");
+        let got = far.get("/up").await.expect("answered by the proxy");
+        assert_eq!(got, serde_json::json!({"from": "proxy"}));
+        for (url, local) in [
+            ("http://localhost:8765", true),
+            ("http://LOCALHOST:8765", true),
+            ("http://127.0.0.2:8765", true),
+            ("http://[::1]:8765", true),
+            ("http://10.0.0.1:8765", false),
+            ("http://localhost.example.com:8765", false),
+            ("http://[::2]:8765", false),
+        ] {
+            assert_eq!(is_loopback(url), local, "{url}");
+        }
+    }
+}
