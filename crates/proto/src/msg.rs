@@ -74,16 +74,18 @@ pub struct Registration {
     pub protocol_version: u32,
     /// Random id of this worker process; a new one means the worker restarted.
     pub boot_id: String,
-    /// Capabilities a task may require, e.g. `cpu`, `cuda`.
-    #[serde(default)]
+    /// Capabilities a task may require, e.g. `cpu`, `cuda`. Decoded up to one past
+    /// [`MAX_WORKER_LABELS`] (see [`Registration::label_problem`]).
+    #[serde(default, deserialize_with = "bounded::worker_labels")]
     pub capabilities: Vec<String>,
-    /// Key/value tags a task may require, e.g. `os=linux`.
-    #[serde(default)]
+    /// Key/value tags a task may require, e.g. `os=linux`. Decoded up to one past
+    /// [`crate::task::MAX_LABELS`].
+    #[serde(default, deserialize_with = "bounded::tags")]
     pub tags: BTreeMap<String, String>,
     /// How many tasks the worker runs at once.
     pub slots: u32,
-    /// Executor kinds this worker can run.
-    #[serde(default)]
+    /// Executor kinds this worker can run. Decoded up to one past [`MAX_WORKER_LABELS`].
+    #[serde(default, deserialize_with = "bounded::worker_labels")]
     pub executors: Vec<String>,
     /// What the worker holds, for reconciliation.
     #[serde(default)]
@@ -132,6 +134,10 @@ impl Registration {
     /// [`crate::task::MAX_LABEL_BYTES`], a `boot_id` of at most [`MAX_BOOT_ID_BYTES`]. The
     /// coordinator keeps, shows and streams all of it: unbounded, one worker's registration
     /// would weigh on every reader of the fleet's events.
+    ///
+    /// A decoded registration holds at most one capability, executor or tag past its bound
+    /// (what follows is read, not kept: a peer's megabyte of them, before it authenticated,
+    /// is never held), so a count past the bound is told as "at least".
     pub fn label_problem(&self) -> Option<String> {
         if self.boot_id.len() > MAX_BOOT_ID_BYTES {
             return Some(format!(
@@ -139,7 +145,87 @@ impl Registration {
                 self.boot_id.len()
             ));
         }
-        worker_labels_problem(&self.capabilities, &self.tags, &self.executors).map(|(_, why)| why)
+        labels_problem(&self.capabilities, &self.tags, &self.executors, "at least ")
+            .map(|(_, why)| why)
+    }
+}
+
+/// Deserializers of a registration's lists that keep at most one element past their bound:
+/// enough for [`Registration::label_problem`] to refuse it, saying why.
+mod bounded {
+    use std::collections::BTreeMap;
+    use std::marker::PhantomData;
+
+    use serde::Deserializer;
+    use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    /// Capabilities or executors: up to [`super::MAX_WORKER_LABELS`] + 1 kept.
+    pub(super) fn worker_labels<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        d.deserialize_seq(Bounded::<Vec<String>>::new(super::MAX_WORKER_LABELS))
+    }
+
+    /// Tags: up to [`crate::task::MAX_LABELS`] + 1 kept.
+    pub(super) fn tags<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, String>, D::Error> {
+        d.deserialize_map(Bounded::<BTreeMap<String, String>>::new(
+            crate::task::MAX_LABELS,
+        ))
+    }
+
+    struct Bounded<T> {
+        most: usize,
+        of: PhantomData<T>,
+    }
+
+    impl<T> Bounded<T> {
+        fn new(most: usize) -> Self {
+            Bounded {
+                most,
+                of: PhantomData,
+            }
+        }
+    }
+
+    impl<'de> Visitor<'de> for Bounded<Vec<String>> {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an array of strings")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while out.len() <= self.most {
+                match seq.next_element()? {
+                    Some(s) => out.push(s),
+                    None => return Ok(out),
+                }
+            }
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(out)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Bounded<BTreeMap<String, String>> {
+        type Value = BTreeMap<String, String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object of strings")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            // Counted as kept: a key given twice is one tag (the last value), as before.
+            while out.len() <= self.most {
+                match map.next_entry()? {
+                    Some((k, v)) => drop(out.insert(k, v)),
+                    None => return Ok(out),
+                }
+            }
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(out)
+        }
     }
 }
 
@@ -151,6 +237,17 @@ pub fn worker_labels_problem(
     tags: &BTreeMap<String, String>,
     executors: &[String],
 ) -> Option<(&'static str, String)> {
+    labels_problem(capabilities, tags, executors, "")
+}
+
+/// [`worker_labels_problem`], a count past its bound told after `counted` ("at least " when
+/// the lists were cut one past their bound).
+fn labels_problem(
+    capabilities: &[String],
+    tags: &BTreeMap<String, String>,
+    executors: &[String],
+    counted: &str,
+) -> Option<(&'static str, String)> {
     use crate::task::{MAX_LABEL_BYTES, MAX_LABELS};
     let counts = [
         ("capabilities", capabilities.len(), MAX_WORKER_LABELS),
@@ -158,7 +255,7 @@ pub fn worker_labels_problem(
         ("tags", tags.len(), MAX_LABELS),
     ];
     if let Some((field, n, most)) = counts.into_iter().find(|(_, n, most)| n > most) {
-        return Some((field, format!("{n} {field}; at most {most}")));
+        return Some((field, format!("{counted}{n} {field}; at most {most}")));
     }
     let tag_words = tags.iter().flat_map(|(k, v)| [k, v]);
     let labels = (capabilities.iter().map(|l| ("capabilities", l)))
@@ -1086,6 +1183,59 @@ mod tests {
             LOGGED_MESSAGE_CHARS + 2,
             "quotes around"
         );
+    }
+
+    /// A registration's lists are decoded up to one past their bound, and a registration past
+    /// it is refused saying so; within it, every element is kept.
+    #[test]
+    fn registration_lists_are_kept_to_one_past_their_bound_and_refused_saying_so() {
+        let reg = |field: &str, value: serde_json::Value| {
+            let m = crate::samples::worker_messages().remove(0);
+            let mut v = serde_json::to_value(&m).expect("json");
+            v[field] = value;
+            match crate::decode_worker(&v.to_string()) {
+                Ok(WorkerMsg::Registration(r)) => r,
+                other => panic!("{field}: {other:?}"),
+            }
+        };
+        let names =
+            |n: usize| serde_json::json!((0..n).map(|i| format!("c{i}")).collect::<Vec<_>>());
+        let tags = |n: usize| {
+            serde_json::Value::Object((0..n).map(|i| (format!("k{i}"), "v".into())).collect())
+        };
+        for field in ["capabilities", "executors"] {
+            let r = reg(field, names(MAX_WORKER_LABELS));
+            assert_eq!(r.label_problem(), None, "{field}");
+            let r = reg(field, names(10_000));
+            let kept = if field == "capabilities" {
+                &r.capabilities
+            } else {
+                &r.executors
+            };
+            assert_eq!(kept.len(), MAX_WORKER_LABELS + 1, "{field}");
+            assert_eq!(
+                r.label_problem(),
+                Some(format!("at least 257 {field}; at most 256"))
+            );
+        }
+        let r = reg("tags", tags(crate::task::MAX_LABELS));
+        assert_eq!((r.tags.len(), r.label_problem()), (64, None));
+        for n in [65, 10_000] {
+            let r = reg("tags", tags(n));
+            assert_eq!(r.tags.len(), 65);
+            assert_eq!(
+                r.label_problem().as_deref(),
+                Some("at least 65 tags; at most 64")
+            );
+        }
+        // A tag named twice is one tag, as before; elements are still checked for their type.
+        let twice = r#"{"k":"a","k":"b"}"#;
+        let r = reg("tags", serde_json::from_str(twice).expect("json"));
+        assert_eq!(r.tags.get("k").map(String::as_str), Some("b"));
+        let m = crate::samples::worker_messages().remove(0);
+        let mut v = serde_json::to_value(&m).expect("json");
+        v["capabilities"] = serde_json::json!(["cpu", 5]);
+        assert!(crate::decode_worker(&v.to_string()).is_err());
     }
 
     /// Every `*_ack` but a result's is a message ack; nothing else is.

@@ -4,8 +4,8 @@
 //! process-wide.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use tether_proto::msg::WorkerMsg;
 use tether_proto::{DecodeError, decode_worker, encode, samples};
@@ -50,12 +50,17 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
-/// One measurement at a time: the counters are the whole process's.
+/// One test at a time: the counters are the whole process's, and a test making its input
+/// while another measures would count in the other's peak.
 static TURN: Mutex<()> = Mutex::new(());
 
+fn my_turn() -> MutexGuard<'static, ()> {
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Bytes allocated at the peak of `f`, beyond what was allocated before it, and its value.
+/// The caller holds [`my_turn`].
 fn peak_of<T>(f: impl FnOnce() -> T) -> (usize, T) {
-    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let before = NOW.load(Ordering::Relaxed);
     PEAK.store(before, Ordering::Relaxed);
     let out = f();
@@ -103,6 +108,7 @@ fn sample_with(ty: &str, field: &str, value: &str) -> String {
 
 #[test]
 fn telemetry_metrics_are_kept_as_text_not_built_into_a_tree() {
+    let _turn = my_turn();
     let text = sample_with("telemetry", "metrics", &array_of("{}", FRAME));
     let (peak, decoded) = peak_of(|| decode_worker(&text));
     assert!(
@@ -118,6 +124,7 @@ fn telemetry_metrics_are_kept_as_text_not_built_into_a_tree() {
 /// error says what it said before.
 #[test]
 fn a_frame_without_a_known_type_is_refused_without_building_its_fields() {
+    let _turn = my_turn();
     let zeros = array_of("0", FRAME);
     let unknown = format!(r#"{{"type":"zzz","seq":{zeros}}}"#);
     let (peak, e) = peak_of(|| decode_worker(&unknown));
@@ -149,4 +156,29 @@ fn a_frame_without_a_known_type_is_refused_without_building_its_fields() {
         })
     );
     assert_bounded("no type", peak, untyped.len());
+}
+
+/// A registration's lists are held to one past their bound while decoded, before anything in
+/// it is checked or authenticated: a megabyte of capabilities or tags is read, not kept.
+#[test]
+fn a_registration_past_its_bounds_is_not_held_in_full() {
+    let _turn = my_turn();
+    let caps = sample_with("registration", "capabilities", &array_of(r#""a""#, FRAME));
+    let (peak, r) = peak_of(|| decode_worker(&caps));
+    assert!(matches!(r, Ok(WorkerMsg::Registration(_))), "{r:?}");
+    assert_bounded("capabilities", peak, caps.len());
+
+    let mut tags = String::from("{");
+    for i in 0.. {
+        if tags.len() > FRAME {
+            break;
+        }
+        tags.push_str(&format!(r#""{i}":"","#));
+    }
+    tags.pop();
+    tags.push('}');
+    let tags = sample_with("registration", "tags", &tags);
+    let (peak, r) = peak_of(|| decode_worker(&tags));
+    assert!(matches!(r, Ok(WorkerMsg::Registration(_))), "{r:?}");
+    assert_bounded("tags", peak, tags.len());
 }
