@@ -335,9 +335,10 @@ pub struct TaskState {
 }
 
 /// Deepest nesting of arrays and objects accepted in JSON kept as text ([`JsonText`]: a task's
-/// state, a task's config): serde_json's own limit for a tree, which refused deeper ones before
-/// they were kept as text.
-pub const MAX_JSON_DEPTH: usize = 128;
+/// state, a task's config): serde_json's own limit for a tree (it refuses the 128th opening
+/// bracket), so that any text accepted can be made a tree ([`JsonText::to_value`]) where it is
+/// used: a config accepted one level deeper would fail on the worker, and the task never run.
+pub const MAX_JSON_DEPTH: usize = 127;
 /// Deepest nesting of arrays and objects accepted in a task's state ([`MAX_JSON_DEPTH`]).
 pub const MAX_STATE_DEPTH: usize = MAX_JSON_DEPTH;
 
@@ -1236,6 +1237,27 @@ mod tests {
         let mut v = serde_json::to_value(&m).expect("json");
         v["capabilities"] = serde_json::json!(["cpu", 5]);
         assert!(crate::decode_worker(&v.to_string()).is_err());
+    }
+
+    /// The depth bound is serde_json's own: a text accepted at the bound can be made a tree
+    /// (a task's config is, on the worker), one level deeper is refused.
+    #[test]
+    fn json_text_accepted_at_the_depth_bound_converts_to_a_tree() {
+        let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        let at = JsonText::from_text(deep(MAX_JSON_DEPTH)).expect("at the bound");
+        assert!(at.to_value().is_ok(), "{:?}", at.to_value());
+        let objects = format!(
+            "{}1{}",
+            r#"{"k":"#.repeat(MAX_JSON_DEPTH),
+            "}".repeat(MAX_JSON_DEPTH)
+        );
+        let at = JsonText::from_text(objects).expect("at the bound");
+        assert!(at.to_value().is_ok(), "{:?}", at.to_value());
+        assert_eq!(
+            JsonText::from_text(deep(MAX_JSON_DEPTH + 1)).map(|_| ()),
+            Err(JsonTextError::TooDeep)
+        );
+        assert!(serde_json::from_str::<serde_json::Value>(&deep(MAX_JSON_DEPTH + 1)).is_err());
     }
 
     /// Every `*_ack` but a result's is a message ack; nothing else is.
