@@ -12,8 +12,11 @@
 //! "tether-mac-v1" | direction (1 byte) | frame number (u64, big-endian) | opcode (1 byte) | frame bytes
 //! ```
 //!
-//! appended to the frame: a text frame ends with `\n` and the 64 hex digits of the tag (JSON
-//! as serialised never holds a raw newline), a binary frame with the 32 raw bytes. Frame
+//! appended to the frame: a text frame ends with `\n` and the 64 hex digits of the tag, a
+//! binary frame with the 32 raw bytes. The tag of a text frame is its last 65 bytes, and the
+//! frame is split there (at its last newline), never at its first: the JSON before it may hold
+//! raw newlines, since JSON kept as text (a config submitted pretty-printed, a result, a state)
+//! is passed on byte for byte. Frame
 //! numbers count from 0 in each direction and are implicit: a frame that is forged, altered,
 //! replayed, reordered or taken from another session fails, and the receiver does not advance
 //! its count, so the next genuine frame still verifies. Pongs and closes are not tagged; they
@@ -333,6 +336,34 @@ mod tests {
         assert_eq!(open.open_text(&a), Ok(r#"{"type":"heartbeat"}"#));
         assert_eq!(open.open_binary(&b), Ok(&[1u8, 2, 3][..]));
         assert_eq!((open.verified(), open.failures()), (2, 0));
+    }
+
+    /// JSON kept as text goes byte for byte, raw newlines and all (a config submitted
+    /// pretty-printed): the frame opens at its last newline, to the very message sent.
+    #[test]
+    fn a_text_frame_whose_json_holds_raw_newlines_opens_at_its_last_newline() {
+        use crate::msg::{CoordMsg, JsonText};
+        let mut assignment = crate::samples::coord_messages()
+            .into_iter()
+            .find(|m| matches!(m, CoordMsg::TaskAssignment(_)))
+            .expect("a sample assignment");
+        let pretty = "{\n  \"ms\": 1,\n  \"note\": \"a\\nb\"\n}";
+        if let CoordMsg::TaskAssignment(a) = &mut assignment {
+            a.config = JsonText::from_text(pretty.to_owned()).expect("json");
+        }
+        let body = crate::codec::encode(&assignment);
+        assert!(body.contains(pretty), "passed on byte for byte: {body}");
+        let k = key("cd");
+        let mut seal = Sealer::new(k.clone(), Direction::ToWorker);
+        let mut open = Opener::new(k, Direction::ToWorker);
+        let frame = seal.seal_text(body.clone());
+        // The tag is the last 65 bytes: a newline and 64 hex digits. The first newline is
+        // inside the JSON.
+        assert_eq!(frame.rsplit_once('\n').map(|(b, _)| b), Some(body.as_str()));
+        assert_ne!(frame.split_once('\n').map(|(b, _)| b), Some(body.as_str()));
+        assert_eq!(peek_text(&frame), body);
+        assert_eq!(open.open_text(&frame), Ok(body.as_str()));
+        assert_eq!(crate::codec::decode_coord(&body), Ok(assignment));
     }
 
     #[test]

@@ -152,3 +152,22 @@ fn the_block_extractor_finds_only_json_wire_blocks() {
     assert_eq!(texts, ["{\"a\": 1}\n", "{\"b\": 2}\n"]);
     assert_eq!(blocks[0].line, 6);
 }
+
+/// A tagged text frame's JSON may hold raw newlines (JSON kept as text is passed on byte for
+/// byte): the document must tell a worker written from it to split the frame at its last
+/// newline, not claim there is only one.
+#[test]
+fn the_protocol_doc_splits_a_tagged_text_frame_at_its_last_newline() {
+    let doc = protocol_doc()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        !doc.contains("never holds a raw newline"),
+        "the doc claims frame JSON has no raw newline"
+    );
+    assert!(
+        doc.contains("split a text frame at its last newline"),
+        "the doc does not say where a tagged text frame splits"
+    );
+}
