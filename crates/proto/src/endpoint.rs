@@ -172,7 +172,10 @@ pub fn derive_endpoint(configured: &str, worker: &WorkerId) -> Result<String, En
         return Err(EndpointError::NoHost { url: url() });
     }
     // INVARIANT: what we connect to is what we built (no normalisation moved the endpoint).
-    if !out.ends_with(parsed.path()) {
+    // Compared whole: dot segments (`/./`, `/a/../`, `/%2e/`) are removed by the url crate
+    // but sent as they are by the WebSocket client, and the server would answer 404 for ever.
+    let built = &out[scheme.len() + "://".len() + authority.len()..];
+    if built != parsed.path() {
         return Err(EndpointError::Invalid {
             url: url(),
             reason: format!("it would be read as path {}", parsed.path()),
@@ -369,6 +372,16 @@ mod tests {
                 matches!(e, EndpointError::WorkerIdMismatch { .. })
             }),
             ("ws://h:99999", |e| {
+                matches!(e, EndpointError::Invalid { .. })
+            }),
+            // Dot segments: read away by URL parsers, sent as they are by the client.
+            ("ws://h:1/./", |e| {
+                matches!(e, EndpointError::Invalid { .. })
+            }),
+            ("ws://h:1/a/../", |e| {
+                matches!(e, EndpointError::Invalid { .. })
+            }),
+            ("ws://h:1/pre/%2e%2e/api/v1/worker/w1/ws", |e| {
                 matches!(e, EndpointError::Invalid { .. })
             }),
         ];
