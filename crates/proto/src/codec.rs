@@ -287,18 +287,54 @@ fn decode_batch<T: Typed>(
         seq: None,
         reason: echoed(reason, 2 * ECHOED_CHARS),
     };
-    let parts: Vec<&serde_json::value::RawValue> =
-        serde_json::from_str(text).map_err(|e| malformed(format!("not a batch: {e}")))?;
-    if parts.is_empty() {
-        return Err(malformed("empty batch".into()));
-    }
-    if parts.len() > max_messages as usize {
-        return Err(malformed(format!(
-            "batch of {} messages exceeds the limit of {max_messages}",
-            parts.len()
-        )));
-    }
+    let too_many = std::cell::Cell::new(false);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let parts = serde::Deserializer::deserialize_seq(
+        &mut de,
+        Parts {
+            max: max_messages as usize,
+            too_many: &too_many,
+        },
+    )
+    .and_then(|parts| de.end().map(|()| parts));
+    let parts = match parts {
+        Err(_) if too_many.get() => {
+            return Err(malformed(format!(
+                "batch of more than {max_messages} messages exceeds the limit of {max_messages}"
+            )));
+        }
+        Err(e) => return Err(malformed(format!("not a batch: {e}"))),
+        Ok(parts) if parts.is_empty() => return Err(malformed("empty batch".into())),
+        Ok(parts) => parts,
+    };
     Ok(parts.into_iter().map(|p| decode_typed(p.get())).collect())
+}
+
+/// The elements of a batch as their text, not decoded: at most `max`, failing at the one past
+/// it (and saying so in `too_many`), so that a batch of a million elements is never held.
+struct Parts<'a> {
+    max: usize,
+    too_many: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> Visitor<'de> for Parts<'_> {
+    type Value = Vec<&'de serde_json::value::RawValue>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of messages")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(part) = seq.next_element()? {
+            if out.len() == self.max {
+                self.too_many.set(true);
+                return Err(serde::de::Error::custom("too many messages"));
+            }
+            out.push(part);
+        }
+        Ok(out)
+    }
 }
 
 /// The one pass of [`decode_batch`]: up to `max` elements, each decoded straight into the

@@ -7,6 +7,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use tether_proto::codec::{MAX_BATCH_MESSAGES, decode_worker_batch};
 use tether_proto::msg::WorkerMsg;
 use tether_proto::{DecodeError, decode_worker, encode, samples};
 
@@ -181,4 +182,21 @@ fn a_registration_past_its_bounds_is_not_held_in_full() {
     let (peak, r) = peak_of(|| decode_worker(&tags));
     assert!(matches!(r, Ok(WorkerMsg::Registration(_))), "{r:?}");
     assert_bounded("tags", peak, tags.len());
+}
+
+/// A batch past its bound of messages is refused at the first element past it, in either
+/// decoder path: its elements (here a megabyte of zeros, which the one pass refuses at the
+/// first) are never all held.
+#[test]
+fn a_batch_past_its_bound_is_refused_without_holding_its_elements() {
+    let _turn = my_turn();
+    let zeros = array_of("0", FRAME);
+    let (peak, e) = peak_of(|| decode_worker_batch(&zeros, MAX_BATCH_MESSAGES));
+    let e = e.expect_err("past the bound");
+    assert!(
+        e.to_string()
+            .contains(&format!("exceeds the limit of {MAX_BATCH_MESSAGES}")),
+        "{e}"
+    );
+    assert_bounded("batch", peak, zeros.len());
 }
