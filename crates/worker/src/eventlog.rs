@@ -231,15 +231,26 @@ pub fn parse(text: &str) -> Read {
 mod tests {
     use super::*;
 
+    /// Appends a line cut short, as a process killed during its write leaves it.
+    fn tear(path: &Path) {
+        let mut f = OpenOptions::new().append(true).open(path).expect("reopen");
+        f.write_all(b"{\"at\":\"20").expect("torn line");
+    }
+
+    /// A session's registration, the record these tests write first.
+    fn registered() -> Event {
+        Event::Registered {
+            generation: 1,
+            session_id: 7,
+        }
+    }
+
     #[test]
     fn records_round_trip_through_the_file_and_a_torn_line_is_skipped() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("events.jsonl");
         let log = EventLog::open(&path, "w1").expect("open");
-        log.record(Event::Registered {
-            generation: 1,
-            session_id: 7,
-        });
+        log.record(registered());
         log.record(Event::ResultAck {
             task_id: TaskId::parse("t1").expect("id"),
             attempt: Some(Attempt(2)),
@@ -247,8 +258,7 @@ mod tests {
             disposition: Disposition::Recorded,
         });
         drop(log);
-        let mut f = OpenOptions::new().append(true).open(&path).expect("reopen");
-        f.write_all(b"{\"at\":\"20").expect("torn line");
+        tear(&path);
         let read = read(&path).expect("read");
         assert!(read.torn && read.damaged.is_empty(), "{read:?}");
         let records = read.records;
@@ -273,14 +283,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("events.jsonl");
         let log = EventLog::open(&path, "w1").expect("open");
-        log.record(Event::Registered {
-            generation: 1,
-            session_id: 7,
-        });
+        log.record(registered());
         drop(log);
-        let mut f = OpenOptions::new().append(true).open(&path).expect("reopen");
-        f.write_all(b"{\"at\":\"20").expect("torn line");
-        drop(f);
+        tear(&path);
         let log = EventLog::open(&path, "w1").expect("open again");
         log.record(Event::Started {
             boot_id: "b2".into(),
@@ -316,10 +321,7 @@ mod tests {
         let started = |b: &str| Event::Started { boot_id: b.into() };
         let log = EventLog::open(&path, "w1").expect("open");
         log.record(started("b1"));
-        log.record(Event::Registered {
-            generation: 1,
-            session_id: 7,
-        });
+        log.record(registered());
         drop(log);
         // A killed process's log is never dropped: no last record.
         let log = EventLog::open(&path, "w1").expect("open again");
@@ -350,10 +352,7 @@ mod tests {
             let read_only = File::open(&path).expect("read-only");
             std::mem::replace(&mut out.file, read_only)
         };
-        log.record(Event::Registered {
-            generation: 1,
-            session_id: 7,
-        });
+        log.record(registered());
         assert_eq!(log.write_failures(), 1);
         log.file.lock().expect("lock").file = writable;
         drop(log);
