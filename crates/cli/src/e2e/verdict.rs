@@ -685,6 +685,20 @@ fn database_disagreements(g: &GroundTruth, listed: &BTreeMap<&str, Vec<&TaskView
 mod tests {
     use super::*;
 
+    /// Disruption `index` of `kind`: fired, detected, recovered, with nothing else to say.
+    fn fired(index: usize, kind: Kind) -> DisruptionView {
+        DisruptionView {
+            index,
+            kind,
+            fired: true,
+            detected: Some(true),
+            recovered: true,
+            sessions_lost: vec![],
+            handback: None,
+            outlived: None,
+        }
+    }
+
     fn task(id: &str, status: &str) -> TaskView {
         TaskView {
             id: id.into(),
@@ -757,14 +771,8 @@ mod tests {
                 ack("w2", "b", 1, "recorded"),
             ],
             disruptions: vec![DisruptionView {
-                index: 0,
-                kind: Kind::Reset,
-                fired: true,
-                detected: Some(true),
-                recovered: true,
                 sessions_lost: vec![("w1".into(), false)],
-                handback: None,
-                outlived: None,
+                ..fired(0, Kind::Reset)
             }],
             kinds: vec![Kind::Reset],
             unexpected_exits: vec![],
@@ -1080,14 +1088,8 @@ mod tests {
             let mut g = healthy();
             g.kinds = vec![Kind::WorkerStop];
             g.disruptions = vec![DisruptionView {
-                index: 3,
-                kind: Kind::WorkerStop,
-                fired: true,
-                detected: Some(true),
-                recovered: true,
-                sessions_lost: vec![],
                 handback: Some(handback),
-                outlived: None,
+                ..fired(3, Kind::WorkerStop)
             }];
             g
         };
@@ -1125,14 +1127,8 @@ mod tests {
             serde_json::json!({"steps": 4, "resumed_at": resumed_at});
         g.kinds = vec![Kind::WorkerKill];
         g.disruptions = vec![DisruptionView {
-            index: 2,
-            kind: Kind::WorkerKill,
-            fired: true,
-            detected: Some(true),
-            recovered: true,
-            sessions_lost: vec![],
-            handback: None,
             outlived: Some(outlived),
+            ..fired(2, Kind::WorkerKill)
         }];
         g
     }
@@ -1222,17 +1218,11 @@ mod tests {
             lasting: vec![counting("b", 1)],
         });
         other.disruptions.push(DisruptionView {
-            index: 3,
-            kind: Kind::WorkerStop,
-            fired: true,
-            detected: Some(true),
-            recovered: true,
-            sessions_lost: vec![],
             handback: Some(Handback {
                 handed_back: 1,
                 left: vec![],
             }),
-            outlived: None,
+            ..fired(3, Kind::WorkerStop)
         });
         other.kinds.push(Kind::WorkerStop);
         assert_eq!(failing(&other), ["killed_work_resumed_from_checkpoints"]);
@@ -1252,14 +1242,9 @@ mod tests {
             let mut g = healthy();
             g.kinds = vec![kind];
             g.disruptions = vec![DisruptionView {
-                index: 0,
-                kind,
-                fired: true,
                 detected: None,
-                recovered: true,
                 sessions_lost: lost,
-                handback: None,
-                outlived: None,
+                ..fired(0, kind)
             }];
             g
         };
