@@ -533,7 +533,9 @@ fn run(
                     // per frame, not a licence to send more.
                     pace.charge_messages(messages.saturating_sub(1), &app.cfg.limits);
                     if let Some(wait) = wait {
-                        wait.await;
+                        if !Box::pin(core_wait(wait, &mut out, agreed.beat, &app.counters)).await {
+                            break ("error", "write failed".into());
+                        }
                         // The wait was the coordinator's slowness, not the worker's silence: the
                         // worker has its whole timeout from now (it may have sent nothing, its
                         // frames unread behind this one).
@@ -594,6 +596,31 @@ fn count_slow_write(c: &Counters, before: Instant, after: Instant) {
 /// interval of the session, but no less often than this. A worker may beat faster than the
 /// coordinator and time out sooner (its timeout is its own), and never says by how much.
 const KEEPALIVE_EVERY: Duration = Duration::from_millis(250);
+
+/// Waits for the core to take a session's events (`wait`: its queue was full), pinging the
+/// worker every heartbeat interval of the session, at most [`KEEPALIVE_EVERY`], meanwhile. The
+/// session reads nothing while it waits, so the worker's heartbeats go unanswered; without the
+/// pings a core held up for longer than the worker's timeout (a store out of space, its queue
+/// backed up to every session) had every worker take its coordinator for dead, reconnect, and
+/// wait again at registration. False when a ping could not be written: the session is over,
+/// once the core has taken what was read (the events are the worker's, and whole).
+async fn core_wait(wait: Wait<'_>, out: &mut Tx, beat: Beat, counters: &Counters) -> bool {
+    let every = beat.interval.min(KEEPALIVE_EVERY);
+    let mut wait = wait;
+    let mut pinging = true;
+    let mut next = Instant::now() + every;
+    loop {
+        tokio::select! {
+            () = &mut wait => return pinging,
+            () = tokio::time::sleep_until(next), if pinging => {
+                let mut deadline = Instant::now() + beat.timeout;
+                pinging = out.ping(&mut deadline).await;
+                counters.keepalive_pings.fetch_add(1, Ordering::Relaxed);
+                next = Instant::now() + every;
+            }
+        }
+    }
+}
 
 /// Ready with the connection's count of bytes read once bytes came since `read_seen` (the
 /// count at the worker's last frame, or at the last keepalive) and no frame has completed for
@@ -2096,8 +2123,22 @@ mod tests {
         // The first frame's event fills the queue; the second's waits for room.
         send_json(&mut ws, task_state(1)).await;
         send_json(&mut ws, task_state(2)).await;
-        // The core stalls for several timeouts, then takes both.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // The core stalls for several timeouts, then takes both. Meanwhile the session pings
+        // the worker, which would otherwise take its silent coordinator for dead.
+        let mut pings = 0;
+        let stall = tokio::time::sleep(Duration::from_millis(1500));
+        tokio::pin!(stall);
+        loop {
+            use tokio_tungstenite::tungstenite::Message as M;
+            tokio::select! {
+                () = &mut stall => break,
+                m = ws.next() => match m {
+                    Some(Ok(M::Ping(_))) => pings += 1,
+                    other => panic!("a ping while the core stalls, not {other:?}"),
+                },
+            }
+        }
+        assert!(pings >= 5, "{pings} pings in 1.5 s, every 100 ms due");
         for seq in [1, 2] {
             let ev = core.next().await;
             let Event::Frame { msgs, .. } = ev else {
