@@ -114,8 +114,8 @@ pub struct Task {
     pub latest_checkpoint: Option<Box<CheckpointMeta>>,
     #[serde(default)]
     pub attempts: Vec<AttemptRecord>,
-    /// Monotonic start of the current lease (reset at coordinator start), for the timeout
-    /// backstop.
+    /// Monotonic start of the current lease, for the timeout backstop (at coordinator start,
+    /// the lease's `since` taken back from now).
     #[serde(skip)]
     pub lease_started: Option<tokio::time::Instant>,
 }

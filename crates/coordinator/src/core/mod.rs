@@ -573,7 +573,11 @@ impl Core {
                 s if !s.is_terminal() => {
                     if let Some(lease) = &t.lease {
                         leased += 1;
-                        t.lease_started = Some(tokio::time::Instant::now());
+                        // The lease began at `since`, in an earlier run: the timeout backstop
+                        // counts from there, or every restart would put it off a whole timeout.
+                        let ran = (now() - lease.since).to_std().unwrap_or_default();
+                        let started = tokio::time::Instant::now();
+                        t.lease_started = Some(started.checked_sub(ran).unwrap_or(started));
                         if t.spec.timeout_ms.is_some() {
                             core.timed_leases.insert(t.task_id.clone());
                         }

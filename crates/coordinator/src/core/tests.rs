@@ -615,6 +615,42 @@ async fn a_task_far_past_its_timeout_is_timed_out_by_the_sweep() {
     assert_eq!(Counters::get(&h.core.counters.results_stale), 0);
 }
 
+/// A coordinator restarted while a task runs counts the backstop from the lease's start in
+/// the run before, not from its own start: restarts more often than a timeout would put the
+/// backstop off for ever.
+#[tokio::test(start_paused = true)]
+async fn the_timeout_backstop_counts_from_the_lease_not_from_the_restart() {
+    use std::time::Duration;
+    let mut cfg = CoordinatorConfig::new("/nonexistent");
+    cfg.lost_after = Duration::from_secs(10);
+    let mut h = Harness::with(cfg.clone());
+    let (_s, _rx) = h.connect_registering("a", |r| r.slots = 2);
+    let mut spec = TaskSpec::new("sleep", serde_json::json!({}));
+    spec.timeout_ms = Some(1_000);
+    let timed = h.submit_spec(spec);
+    let waiting = h.submit();
+    // What the store held: the lease began 8 s ago; the other task began one 30 s ago.
+    let mut loaded = Loaded::default();
+    for (id, ago) in [(&timed, 8), (&waiting, 30)] {
+        let mut t = h.core.tasks[id].clone();
+        t.lease.as_mut().expect("leased").since = now() - chrono::Duration::seconds(ago);
+        loaded.tasks.push(t);
+    }
+    let mut w = crate::model::Worker::new(wid("a"), now());
+    w.state = WorkerState::Disconnected;
+    loaded.workers.push(w);
+    let mut h = Harness::from_store(cfg, loaded);
+    // Its timeout and the grace period (11 s) less 8 s, less a moment: it may still report.
+    tokio::time::advance(Duration::from_millis(2_900)).await;
+    sweep(&mut h);
+    assert_eq!(h.core.tasks[&timed].status, TaskStatus::Running);
+    tokio::time::advance(Duration::from_millis(200)).await;
+    sweep(&mut h);
+    assert_eq!(h.core.tasks[&timed].status, TaskStatus::TimedOut);
+    // Without a timeout there is no backstop, however old the lease.
+    assert_eq!(h.core.tasks[&waiting].status, TaskStatus::Running);
+}
+
 #[test]
 fn an_assignment_the_worker_never_received_is_sent_again_after_the_registration_ack() {
     let mut h = Harness::new();
