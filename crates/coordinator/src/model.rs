@@ -187,7 +187,7 @@ pub struct Worker {
     #[serde(skip)]
     pub session: Option<crate::core::SessionRef>,
     /// The `boot_id`s of processes a newer process of this worker id replaced (the latest
-    /// few, since the coordinator started): one of them registering again means two live
+    /// few, kept across restarts): one of them registering again means two live
     /// processes share the id, and it is refused (core::messages::superseded_refusal).
     #[serde(skip)]
     pub superseded: Vec<String>,

@@ -2086,6 +2086,35 @@ fn a_stopping_worker_gets_no_new_task_and_keeps_what_it_holds() {
     assert_eq!(h.core.tasks[&next].status, TaskStatus::Running);
 }
 
+/// Loaded from the store after a restart, a stopping process that comes back still takes
+/// nothing new, and a process a newer one replaced is refused while the newer one is connected.
+#[test]
+fn a_restart_keeps_a_stopping_process_stopping_and_a_replaced_one_refused() {
+    let mut loaded = Loaded::default();
+    for (id, stopping) in [("a", true), ("b", false)] {
+        let mut w = crate::model::Worker::new(wid(id), now());
+        w.state = WorkerState::Disconnected;
+        w.boot_id = "b".into();
+        w.stopping = stopping;
+        w.superseded = vec!["b-old".into()];
+        loaded.workers.push(w);
+    }
+    let mut h = Harness::from_store(CoordinatorConfig::new("/nonexistent"), loaded);
+    let t = h.submit();
+    let (_s, mut rx) = h.connect_registering("a", |r| r.slots = 2);
+    assert!(h.core.workers[&wid("a")].stopping);
+    assert!(
+        !drain(&mut rx)
+            .iter()
+            .any(|m| matches!(m, CoordMsg::TaskAssignment(_))),
+        "no new task for the stopping process come back"
+    );
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Queued);
+    let (_s, _rx) = h.connect("b");
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Running);
+    assert!(h.core.superseded_refusal(&wid("b"), "b-old").is_some());
+}
+
 /// Tasks that arrive one at a time (a dispatch each) spread over the idle workers: each
 /// dispatch starts after the worker the last one leased to, not at the lowest id (which took
 /// every task while the others idled).

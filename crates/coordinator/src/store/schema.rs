@@ -292,6 +292,16 @@ pub(super) struct WorkerDoc {
     connected: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     disconnected_at: Option<DateTime<Utc>>,
+    /// The process said it is stopping (absent in records of older coordinators, which lost
+    /// it at a restart: the process, come back to hand back what it holds, was leased tasks it
+    /// never ran, each using up an attempt).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    stopping: bool,
+    /// Processes a newer one replaced (absent in records of older coordinators, which forgot
+    /// them at a restart: the older process, registering again first, took the id back and
+    /// the newer one was refused).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    superseded: Vec<String>,
 }
 
 impl WorkerDoc {
@@ -311,6 +321,8 @@ impl WorkerDoc {
             ended: matches!(w.state, WorkerState::Lost | WorkerState::Stopped).then_some(w.state),
             connected: w.state == WorkerState::Connected,
             disconnected_at: w.disconnected_at,
+            stopping: w.stopping,
+            superseded: w.superseded.clone(),
         }
     }
 
@@ -328,6 +340,8 @@ impl WorkerDoc {
         w.first_seen = self.first_seen;
         w.last_seen = self.last_seen;
         w.sessions = self.sessions;
+        w.stopping = self.stopping;
+        w.superseded = self.superseded;
         let reported_at = self.stats_at.unwrap_or(self.last_seen);
         w.stats = self
             .stats

@@ -798,6 +798,37 @@ fn a_worker_connected_at_a_crash_is_last_seen_when_the_coordinator_was_last_aliv
     assert!(near(seen, t(300)), "an older record keeps its own time");
 }
 
+/// What a worker's process said of itself survives a restart: that it is stopping (it comes
+/// back only to hand back what it holds, and takes nothing new), and the processes a newer one
+/// replaced (one of them coming back is refused while the newer one is connected). Lost, the
+/// stopping process was leased tasks it never ran, and the older process took the id back.
+#[test]
+fn a_workers_stopping_and_replaced_processes_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, _) = open(dir.path()).expect("open");
+    let mut w = Worker::new(WorkerId::parse("w-1").expect("id"), Utc::now());
+    w.boot_id = "b-new".into();
+    w.stopping = true;
+    w.superseded = vec!["b-old".into()];
+    let plain = Worker::new(WorkerId::parse("w-2").expect("id"), Utc::now());
+    commit_muts(
+        &mut conn,
+        vec![
+            Mutation::PutWorker(Box::new(w)),
+            Mutation::PutWorker(Box::new(plain)),
+        ],
+    );
+    drop(conn);
+    let (_conn, loaded) = open(dir.path()).expect("reopen");
+    let of = |id: &str| {
+        let w = loaded.workers.iter().find(|w| w.worker_id.as_str() == id);
+        let w = w.expect("loaded");
+        (w.stopping, w.superseded.clone())
+    };
+    assert_eq!(of("w-1"), (true, vec!["b-old".to_owned()]));
+    assert_eq!(of("w-2"), (false, vec![]));
+}
+
 fn state_mut(task: &str, n: u32) -> Mutation {
     Mutation::PutState {
         task_id: TaskId::parse(task).expect("id"),
