@@ -5,7 +5,10 @@
 //! [`RELOAD_CHECK`] at a handshake), so a renewed certificate is served without a restart
 //! that would drop every worker's session. A certificate that is expired or not valid yet is
 //! refused at start (every worker would refuse it, and stop after three refusals) and never
-//! replaces the one served; one that expires within [`EXPIRY_WARNING`] is warned of.
+//! replaces the one served; one not valid yet is tried again at each look, and served once it
+//! is valid (a renewal placed ahead of its start). The certificate served is warned of when it
+//! expires within [`EXPIRY_WARNING`], and again every [`EXPIRY_REMINDER`] (every
+//! [`EXPIRED_REMINDER`] once it has expired).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -20,14 +23,25 @@ use rustls::sign::CertifiedKey;
 /// How often, at most, a handshake looks whether the certificate or key file changed.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(10);
 
-/// A certificate that expires sooner than this is warned of, at start and at each reload.
+/// A certificate that expires sooner than this is warned of, at start, at each reload, and
+/// while it is served every [`EXPIRY_REMINDER`].
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// How often, at most, the certificate served is warned of again while it expires soon.
+pub const EXPIRY_REMINDER: Duration = Duration::from_secs(24 * 3600);
+
+/// How often, at most, the certificate served is warned of again once it has expired (every
+/// worker refuses it).
+pub const EXPIRED_REMINDER: Duration = Duration::from_secs(3600);
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("TLS certificate file {path}: {reason}")]
     Cert { path: PathBuf, reason: String },
+    /// Refused for now: it will be valid from `from`.
+    #[error("TLS certificate file {path}: the certificate is not valid before {from}")]
+    NotYetValid { path: PathBuf, from: String },
     #[error("TLS key file {path}: {reason}")]
     Key { path: PathBuf, reason: String },
     #[error("TLS setup: {0}")]
@@ -59,9 +73,97 @@ struct CertFiles {
     provider: Arc<CryptoProvider>,
     check_every: Duration,
     served: RwLock<Arc<CertifiedKey>>,
-    /// When the files were last looked at, and what they held then: a change is read once,
-    /// whether it loads or not.
-    looked: Mutex<(Instant, Stamp)>,
+    looked: Mutex<Looked>,
+}
+
+/// What the last look at the files found, and what is known of the certificate served.
+#[derive(Debug)]
+struct Looked {
+    /// When the files were last looked at.
+    at: Instant,
+    /// What they held then: a change is read once, whether it loads or not, unless `retry`.
+    stamp: Stamp,
+    /// Those contents were refused only because their certificate is not valid yet: they are
+    /// tried again at each look until they load or are refused for good.
+    retry: bool,
+    /// The end of the served certificate's validity, in Unix seconds.
+    served_until: i64,
+    /// When the served certificate's end was last warned of, and how near it was then.
+    expiry_warned: Option<(Instant, Expiry)>,
+}
+
+/// What a look at the files did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Look {
+    /// Too soon after the last look, or the files are as they were.
+    Unchanged,
+    /// Their new contents are served.
+    Served,
+    /// Their new contents cannot be served (logged once, not tried again).
+    Refused,
+    /// Their certificate is not valid yet: tried again at the next look.
+    NotYetValid,
+}
+
+/// How near the end of its validity a certificate is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    /// Further than [`EXPIRY_WARNING`].
+    Far,
+    /// Within [`EXPIRY_WARNING`].
+    Soon,
+    Expired,
+}
+
+impl Expiry {
+    fn of(until: i64, now: SystemTime) -> Self {
+        let left = until - unix_secs(now);
+        if left < 0 {
+            Expiry::Expired
+        } else if (left as u64) < EXPIRY_WARNING.as_secs() {
+            Expiry::Soon
+        } else {
+            Expiry::Far
+        }
+    }
+
+    /// Warns of a certificate valid `until` (Unix seconds) that expires soon or has expired.
+    fn warn(self, until: i64, now: SystemTime) {
+        let expires = chrono::DateTime::from_timestamp(until, 0)
+            .map_or_else(|| until.to_string(), |t| t.to_rfc3339());
+        match self {
+            Expiry::Far => {}
+            Expiry::Soon => {
+                let days_left = (until - unix_secs(now)) / 86_400;
+                tracing::warn!(%expires, days_left, "the TLS certificate expires soon: replace its file (the coordinator serves the new one without a restart)");
+            }
+            Expiry::Expired => {
+                tracing::error!(%expires, "the TLS certificate served has expired: workers refuse it; replace its file (the coordinator serves the new one without a restart)");
+            }
+        }
+    }
+}
+
+impl Looked {
+    /// How near its end the served certificate is at `now`, when that is to be warned of
+    /// (at `at`): the first time it is near, when it comes nearer, and then every
+    /// [`EXPIRY_REMINDER`] ([`EXPIRED_REMINDER`] once expired).
+    fn expiry_due(&mut self, now: SystemTime, at: Instant) -> Option<Expiry> {
+        let expiry = Expiry::of(self.served_until, now);
+        let every = match expiry {
+            Expiry::Far => return None,
+            Expiry::Soon => EXPIRY_REMINDER,
+            Expiry::Expired => EXPIRED_REMINDER,
+        };
+        let due = self
+            .expiry_warned
+            .is_none_or(|(last, was)| was != expiry || at.saturating_duration_since(last) >= every);
+        if !due {
+            return None;
+        }
+        self.expiry_warned = Some((at, expiry));
+        Some(expiry)
+    }
 }
 
 /// What tells the files changed: a digest of their contents (a modification time is only as
@@ -101,46 +203,76 @@ impl CertFiles {
         check_every: Duration,
     ) -> Result<Self, TlsError> {
         let contents = Contents::read(cert, key)?;
-        let served = certified_key((cert, key), &contents, &provider, SystemTime::now())?;
+        let now = SystemTime::now();
+        let (served, until) = certified_key((cert, key), &contents, &provider, now)?;
+        let mut looked = Looked {
+            at: Instant::now(),
+            stamp: Some(contents.stamp()),
+            retry: false,
+            served_until: until,
+            expiry_warned: None,
+        };
+        if let Some(expiry) = looked.expiry_due(now, Instant::now()) {
+            expiry.warn(until, now);
+        }
         Ok(Self {
             cert: cert.to_owned(),
             key: key.to_owned(),
             provider,
             check_every,
             served: RwLock::new(Arc::new(served)),
-            looked: Mutex::new((Instant::now(), Some(contents.stamp()))),
+            looked: Mutex::new(looked),
         })
     }
 
     /// Reads the files again if they changed since they were last looked at (at most every
     /// `check_every`). A change that does not load (a half-written file, a key that does not
     /// match, a certificate expired, a file gone) is logged once and the certificate served
-    /// stays.
-    fn reload_if_changed(&self) {
-        let contents = {
-            let mut looked = self.looked.lock().unwrap_or_else(|p| p.into_inner());
-            if looked.0.elapsed() < self.check_every {
-                return;
+    /// stays; one whose certificate is not valid yet is logged once and tried again at each
+    /// look, until it loads or is refused for good. Warns of the served certificate's
+    /// expiry, as often as [`Looked::expiry_due`] says.
+    fn reload_if_changed(&self) -> Look {
+        // Under the lock throughout: one handshake at a time looks, and a load (a parse, a
+        // key check) only follows a change.
+        let mut looked = self.looked.lock().unwrap_or_else(|p| p.into_inner());
+        if looked.at.elapsed() < self.check_every {
+            return Look::Unchanged;
+        }
+        looked.at = Instant::now();
+        let now = SystemTime::now();
+        let contents = Contents::read(&self.cert, &self.key);
+        let stamp = contents.as_ref().ok().map(Contents::stamp);
+        let retrying = stamp == looked.stamp;
+        if retrying && !looked.retry {
+            if let Some(expiry) = looked.expiry_due(now, Instant::now()) {
+                expiry.warn(looked.served_until, now);
             }
-            looked.0 = Instant::now();
-            let contents = Contents::read(&self.cert, &self.key);
-            let now = contents.as_ref().ok().map(Contents::stamp);
-            if now == looked.1 {
-                return;
-            }
-            looked.1 = now;
-            contents
-        };
+            return Look::Unchanged;
+        }
+        looked.stamp = stamp;
+        looked.retry = false;
         let paths = (self.cert.as_path(), self.key.as_path());
-        let loaded =
-            contents.and_then(|c| certified_key(paths, &c, &self.provider, SystemTime::now()));
-        match loaded {
-            Ok(new) => {
+        match contents.and_then(|c| certified_key(paths, &c, &self.provider, now)) {
+            Ok((new, until)) => {
                 *self.served.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
                 tracing::info!(cert = %self.cert.display(), key = %self.key.display(), "TLS certificate changed on disk: serving the new one");
+                looked.served_until = until;
+                looked.expiry_warned = None;
+                if let Some(expiry) = looked.expiry_due(now, Instant::now()) {
+                    expiry.warn(until, now);
+                }
+                Look::Served
+            }
+            Err(e @ TlsError::NotYetValid { .. }) => {
+                looked.retry = true;
+                if !retrying {
+                    tracing::warn!(error = %e, "TLS certificate changed on disk but is not valid yet: it will be served once it is; the previous certificate is served until then");
+                }
+                Look::NotYetValid
             }
             Err(e) => {
                 tracing::error!(error = %e, "TLS certificate or key changed on disk but cannot be served; the previous certificate is served still");
+                Look::Refused
             }
         }
     }
@@ -148,7 +280,7 @@ impl CertFiles {
 
 impl ResolvesServerCert for CertFiles {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.reload_if_changed();
+        let _ = self.reload_if_changed();
         Some(
             self.served
                 .read()
@@ -159,13 +291,14 @@ impl ResolvesServerCert for CertFiles {
 }
 
 /// The chain and the key of `contents` (read from the files `cert` and `key`), checked to
-/// match and the certificate to be valid at `now`.
+/// match and the certificate to be valid at `now`, with the end of its validity (Unix
+/// seconds).
 fn certified_key(
     (cert, key): (&Path, &Path),
     contents: &Contents,
     provider: &CryptoProvider,
     now: SystemTime,
-) -> Result<CertifiedKey, TlsError> {
+) -> Result<(CertifiedKey, i64), TlsError> {
     let cert_error = |reason: String| TlsError::Cert {
         path: cert.to_owned(),
         reason,
@@ -180,7 +313,13 @@ fn certified_key(
     let Some(leaf) = certs.first() else {
         return Err(cert_error("no certificate in it".into()));
     };
-    check_validity(leaf, now).map_err(cert_error)?;
+    let until = check_validity(leaf, now).map_err(|e| match e {
+        Invalid::NotYet(from) => TlsError::NotYetValid {
+            path: cert.to_owned(),
+            from,
+        },
+        Invalid::Other(reason) => cert_error(reason),
+    })?;
     let der = PrivateKeyDer::from_pem_slice(&contents.key).map_err(|e| match e {
         rustls::pki_types::pem::Error::NoItemsFound => key_error(
             "no private key in it (PEM \"PRIVATE KEY\", \"RSA PRIVATE KEY\" or \"EC PRIVATE \
@@ -189,38 +328,47 @@ fn certified_key(
         ),
         e => key_error(e.to_string()),
     })?;
-    CertifiedKey::from_der(certs, der, provider).map_err(|e| match e {
+    let served = CertifiedKey::from_der(certs, der, provider).map_err(|e| match e {
         rustls::Error::InconsistentKeys(_) => key_error(format!(
             "not the key of the certificate in {}",
             cert.display()
         )),
         e => key_error(e.to_string()),
-    })
+    })?;
+    Ok((served, until))
 }
 
-/// Whether the end-entity certificate is valid at `now`: workers refuse one that is not,
-/// and one refused three times in a row stops a worker. Warns of one expiring soon.
-fn check_validity(leaf: &CertificateDer<'_>, now: SystemTime) -> Result<(), String> {
+/// Why a certificate is not valid now.
+enum Invalid {
+    /// Not yet: valid from this time on.
+    NotYet(String),
+    /// Expired, or unreadable.
+    Other(String),
+}
+
+/// The end of the end-entity certificate's validity (Unix seconds), if it is valid at `now`:
+/// workers refuse one that is not, and one refused three times in a row stops a worker.
+fn check_validity(leaf: &CertificateDer<'_>, now: SystemTime) -> Result<i64, Invalid> {
     let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref())
-        .map_err(|e| format!("the certificate cannot be read: {e}"))?;
+        .map_err(|e| Invalid::Other(format!("the certificate cannot be read: {e}")))?;
     let validity = parsed.validity();
-    let now_s = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now_s = unix_secs(now);
     let (from, until) = (validity.not_before, validity.not_after);
     if now_s < from.timestamp() {
-        return Err(format!("the certificate is not valid before {from}"));
+        return Err(Invalid::NotYet(from.to_string()));
     }
     if now_s > until.timestamp() {
-        return Err(format!(
+        return Err(Invalid::Other(format!(
             "the certificate expired on {until}: workers would refuse it"
-        ));
+        )));
     }
-    let left = (until.timestamp() - now_s) as u64;
-    if left < EXPIRY_WARNING.as_secs() {
-        tracing::warn!(expires = %until, days_left = left / 86_400, "the TLS certificate expires soon: replace its file (the coordinator serves the new one without a restart)");
-    }
-    Ok(())
+    Ok(until.timestamp())
+}
+
+/// `t` in whole seconds since the Unix epoch (0 before it).
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 #[cfg(test)]
@@ -311,5 +459,110 @@ mod tests {
         assert_eq!(served(), second);
         std::fs::copy(&k4, &k).expect("copy");
         assert_eq!(served(), CertificateDer::from_pem_file(&c4).expect("pem"));
+    }
+
+    /// A renewed certificate placed ahead of its start of validity is refused while it is not
+    /// valid yet and served once it is: it is tried again at later looks, where a change
+    /// refused for good (another key, an expired certificate) is not.
+    #[test]
+    fn a_renewed_certificate_not_valid_yet_is_served_once_it_is() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (c, k) = write_cert(dir.path(), -1, 30);
+        let files = CertFiles::load(&c, &k, provider(), Duration::ZERO).expect("load");
+        let served = || {
+            files.reload_if_changed();
+            files.served.read().expect("served").cert[0].clone()
+        };
+        let first = served();
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(vec!["localhost".into()]).expect("params");
+        let valid_from = SystemTime::now() + Duration::from_secs(2);
+        params.not_before = valid_from.into();
+        params.not_after = (SystemTime::now() + Duration::from_secs(30 * 86_400)).into();
+        let cert = params.self_signed(&key).expect("sign");
+        std::fs::write(&c, cert.pem()).expect("write cert");
+        std::fs::write(&k, key.serialize_pem()).expect("write key");
+        assert_eq!(served(), first, "not valid yet: the previous one is served");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let now_served = loop {
+            let now_served = served();
+            if now_served != first {
+                break now_served;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the renewed certificate is never served"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(now_served, cert.der().clone());
+        // X.509 times are whole seconds: valid from the second `valid_from` falls in.
+        let second = valid_from
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("time")
+            .as_secs();
+        assert!(
+            SystemTime::now() >= SystemTime::UNIX_EPOCH + Duration::from_secs(second),
+            "served before its start of validity"
+        );
+    }
+
+    /// A change refused for good is tried (and logged) once; one refused only because its
+    /// certificate is not valid yet is tried at every look.
+    #[test]
+    fn a_change_refused_for_good_is_tried_once_and_one_not_valid_yet_at_every_look() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (c, k) = write_cert(dir.path(), -1, 30);
+        let files = CertFiles::load(&c, &k, provider(), Duration::ZERO).expect("load");
+        assert_eq!(files.reload_if_changed(), Look::Unchanged);
+        write_cert(dir.path(), -30, -2);
+        assert_eq!(files.reload_if_changed(), Look::Refused, "expired");
+        assert_eq!(
+            files.reload_if_changed(),
+            Look::Unchanged,
+            "not tried again"
+        );
+        write_cert(dir.path(), 2, 30);
+        assert_eq!(files.reload_if_changed(), Look::NotYetValid);
+        assert_eq!(files.reload_if_changed(), Look::NotYetValid, "tried again");
+        let (c2, _) = write_cert(dir.path(), -1, 60);
+        assert_eq!(files.reload_if_changed(), Look::Served);
+        assert_eq!(files.reload_if_changed(), Look::Unchanged);
+        let served = files.served.read().expect("served").cert[0].clone();
+        assert_eq!(served, CertificateDer::from_pem_file(&c2).expect("pem"));
+    }
+
+    /// The certificate served is warned of when it nears its end and again once a day, and at
+    /// once when it expires, then every hour: never at every look.
+    #[test]
+    fn the_certificate_served_is_warned_of_as_it_nears_its_end_at_bounded_intervals() {
+        let now = SystemTime::now();
+        let t0 = Instant::now();
+        let day = Duration::from_secs(86_400);
+        let mut looked = Looked {
+            at: t0,
+            stamp: None,
+            retry: false,
+            served_until: unix_secs(now + 60 * day),
+            expiry_warned: None,
+        };
+        assert_eq!(looked.expiry_due(now, t0), None, "far from its end");
+        looked.served_until = unix_secs(now + 5 * day);
+        assert_eq!(looked.expiry_due(now, t0), Some(Expiry::Soon));
+        let hour = Duration::from_secs(3600);
+        assert_eq!(looked.expiry_due(now + hour, t0 + hour), None);
+        assert_eq!(looked.expiry_due(now + day, t0 + day), Some(Expiry::Soon));
+        let later = 6 * day;
+        assert_eq!(
+            looked.expiry_due(now + later, t0 + day + Duration::from_secs(1)),
+            Some(Expiry::Expired),
+            "at once when it expires"
+        );
+        let t1 = t0 + day + Duration::from_secs(1);
+        assert_eq!(looked.expiry_due(now + later, t1 + hour / 2), None);
+        assert_eq!(
+            looked.expiry_due(now + later, t1 + hour),
+            Some(Expiry::Expired)
+        );
     }
 }
