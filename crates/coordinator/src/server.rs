@@ -76,7 +76,9 @@ pub async fn run(
     run_with(listener, cfg, shutdown, |_| {}).await
 }
 
-/// Like [`run`], handing out counters once started.
+/// Like [`run`], handing out counters once started. A start refused (an invalid
+/// configuration, a public address without tokens, a data directory locked or unreadable)
+/// returns before anything is started and never calls `on_start`.
 pub async fn run_with(
     listener: TcpListener,
     cfg: CoordinatorConfig,
@@ -84,6 +86,12 @@ pub async fn run_with(
     on_start: impl FnOnce(Handles),
 ) -> Result<(), ServerError> {
     cfg.validate()?;
+    // Every check that can refuse the start comes before anything is started: past the lock,
+    // the store is open and the core, the writer and the watchers run, and returning early
+    // would leave them running with the lock released (an embedder's retry on another address
+    // would run a second core on the same database).
+    let addr = listener.local_addr()?;
+    crate::auth::check_exposure(addr, cfg.api_tokens.as_ref())?;
     let cfg = Arc::new(cfg);
     crate::metrics::install();
     // Held until the writer has finished, at the end of this function.
@@ -139,8 +147,7 @@ pub async fn run_with(
     });
     let state_counters = state.counters.clone();
     let app = router(state);
-    let addr = listener.local_addr()?;
-    crate::auth::check_exposure(addr, cfg.api_tokens.as_ref())?;
+    // INVARIANT: nothing below returns before the tasks above are stopped and joined.
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "coordinator listening");
     match &cfg.api_tokens {
         Some(t) if !t.is_empty() => tracing::info!(tokens = ?t, "the HTTP API needs bearer tokens"),
@@ -353,5 +360,44 @@ mod tests {
         stop.cancel();
         super::watch_core(tokio::spawn(async {}), stop, fatal.clone()).await;
         assert!(!fatal.is_cancelled());
+    }
+
+    /// A start refused for serving a public address without tokens starts nothing: no
+    /// `on_start`, no task of the attempt left running (its core would go on with the store
+    /// open), and the data directory free for the next attempt at once.
+    #[tokio::test]
+    async fn a_start_refused_for_an_exposed_address_leaves_nothing_running() {
+        use super::{ServerError, run, run_with};
+        use tokio_util::sync::CancellationToken;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let tasks = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        let before = tasks();
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
+            .await
+            .expect("bind");
+        let cfg = crate::config::CoordinatorConfig::new(&data);
+        let mut started = false;
+        let r = run_with(listener, cfg, CancellationToken::new(), |_| started = true).await;
+        assert!(matches!(r, Err(ServerError::Exposed(_))), "{r:?}");
+        assert!(!started, "on_start was called for a start that failed");
+        assert_eq!(tasks(), before, "tasks of the refused start still run");
+        drop(crate::store::lock_dir(&data).expect("the data directory is free"));
+        // The next attempt, on loopback, starts and stops.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let shutdown = CancellationToken::new();
+        let again = tokio::spawn(run(
+            listener,
+            crate::config::CoordinatorConfig::new(&data),
+            shutdown.clone(),
+        ));
+        shutdown.cancel();
+        again.await.expect("task").expect("a clean start and stop");
     }
 }
