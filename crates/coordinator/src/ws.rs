@@ -163,7 +163,7 @@ struct Opened {
 }
 
 /// What the session accepts from its worker, as agreed by the worker's registration.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 struct Inbound {
     /// zstd-compressed binary frames.
     zstd: bool,
@@ -171,12 +171,27 @@ struct Inbound {
     batch: bool,
     /// The heartbeat cadence the worker was told last (in the welcome or a heartbeat reply).
     beat: Beat,
+    /// The largest frame the worker takes, as its registration said (the protocol's default
+    /// when none did; as the core keeps it in [`SessionRef::max_frame`]).
+    max_frame: usize,
 }
 
 impl Inbound {
+    fn new(beat: Beat) -> Self {
+        Self {
+            zstd: false,
+            batch: false,
+            beat,
+            max_frame: tether_proto::codec::DEFAULT_MAX_FRAME,
+        }
+    }
+
     fn agree(&mut self, app: &AppState, r: &Registration) {
         self.zstd = app.cfg.compression && r.compression.iter().any(|c| c == ZSTD);
         self.batch = app.cfg.batching && r.batching;
+        if let Some(n) = r.max_frame {
+            self.max_frame = usize::try_from(n).unwrap_or(usize::MAX);
+        }
     }
 
     /// The cadence to tell the worker in the reply to a heartbeat, if the fleet's has moved far
@@ -225,12 +240,39 @@ const OVER_BUDGET_RATIO: f64 = 1.05;
 const RELAX_RATIO: f64 = 1.25;
 
 /// What the session sends to its worker, as agreed by the `registration_ack`.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 struct Outbound {
     zstd: bool,
     batch: Option<Batching>,
     /// Recorded messages may be acknowledged together in `acks`.
     compact_acks: bool,
+    /// The largest frame the worker takes ([`Inbound::max_frame`], as of the registration
+    /// read last): a batch holds at most half of it.
+    worker_frame: usize,
+}
+
+impl Outbound {
+    fn new(worker_frame: usize) -> Self {
+        Self {
+            zstd: false,
+            batch: None,
+            compact_acks: false,
+            worker_frame,
+        }
+    }
+
+    /// The most bytes of JSON in a batch frame to the worker, as the worker bounds its own
+    /// batches: the agreed bound (the coordinator's, half its own `max_frame`: what it reads),
+    /// and half the frame limit the worker announced, which may be smaller. The other half (16
+    /// KiB at least) holds the integrity tag (65 bytes) and what zstd adds to text it cannot
+    /// shrink (under 300 bytes for 64 KiB); the worker inflates the batch within its limit
+    /// too. Only a message alone goes larger, and the core sends none larger than the worker's
+    /// frames take (`Core::assign`, `fetch_largest`).
+    fn batch_bytes(&self, agreed: &Batching) -> usize {
+        usize::try_from(agreed.max_bytes)
+            .unwrap_or(usize::MAX)
+            .min(self.worker_frame / 2)
+    }
 }
 
 /// Welcome, the wait for the registration (authenticated, when authentication is on), then the
@@ -308,10 +350,7 @@ async fn handshake(
         out.seal = Some(Box::new(Sealer::new(key, Direction::ToWorker)));
         Box::new(opener)
     });
-    let mut agreed = Inbound {
-        beat,
-        ..Inbound::default()
-    };
+    let mut agreed = Inbound::new(beat);
     agreed.agree(app, &registration);
     let (tx, rx) = crate::core::mailbox::channel();
     let session = SessionRef::new(session_id, tx);
@@ -369,7 +408,7 @@ fn run(
         };
         // From here on the core knows the session: it hears of its end however the task ends.
         let departure = Departure::new(&app, &worker, session_id);
-        let mut sending = Outbound::default();
+        let mut sending = Outbound::new(agreed.max_frame);
         let mut known = KnownIds::default();
         tracing::debug!(worker = %worker, session = session_id, "session open");
         metrics::counter!(m::CONNECTIONS).increment(1);
@@ -560,6 +599,9 @@ fn run(
                         break ("coordinator", format!("closed by coordinator: {reason}"));
                     }
                     Some(first) => {
+                        // A registration read since the last write may have announced
+                        // another frame limit.
+                        sending.worker_frame = agreed.max_frame;
                         // Boxed: its state (the batch, the frames being fed) is the largest of the
                         // session's awaits, and inline it would size every idle session.
                         let send = Box::pin(send_queued(&mut out, &mut rx, first, &mut deadline, &mut sending, &mut known, &app));
@@ -1559,7 +1601,7 @@ async fn feed_one(
         // The ack itself goes alone: the worker learns from it what may follow.
         Some(limits) if !matches!(m, CoordMsg::RegistrationAck(_)) => {
             count_out(m);
-            let full = batch.push_within(m, limits.max_bytes as usize);
+            let full = batch.push_within(m, agreed.batch_bytes(&limits));
             let full = full
                 .or_else(|| (batch.len() >= limits.max_messages as usize).then(|| batch.take()));
             match full {

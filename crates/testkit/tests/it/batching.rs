@@ -322,3 +322,204 @@ async fn workers_that_batch_lose_nothing_with_integrity_tags_and_compression() {
     }
     c.stop().await;
 }
+
+/// The frame limit a worker announces in the tests below: the least a registration may say.
+const SMALL_FRAME: usize = 32 * 1024;
+
+/// A task of kind `padded` for a worker with capability `only`, its config padded to about
+/// 12 KiB: alone it fits a frame of [`SMALL_FRAME`] (with the 16 KiB the message around a
+/// config may take), while three together do not.
+fn padded_task(only: &str) -> tether_proto::TaskSpec {
+    let mut s = tether_proto::TaskSpec::new("padded", json!({ "pad": "x".repeat(12 * 1024) }));
+    s.requires = vec![only.to_owned()];
+    s
+}
+
+/// A hand-driven worker with capability `id` that batches, runs four `padded` tasks at once
+/// and announces a `max_frame` of [`SMALL_FRAME`], with or without compression, fetching
+/// checkpoints; and its `registration_ack`.
+async fn registered_small(c: &TestCoordinator, id: &str, compression: bool) -> (Raw, Value) {
+    let mut r = Raw::connect(c, id).await;
+    let mut reg = r.registration(None, &[id]);
+    reg["batching"] = true.into();
+    reg["max_frame"] = SMALL_FRAME.into();
+    reg["slots"] = 4.into();
+    reg["executors"] = json!(["padded"]);
+    reg["checkpoint_fetch"] = true.into();
+    if compression {
+        reg["compression"] = json!(["zstd"]);
+    }
+    r.send(&reg).await;
+    let ack = r.next_of("registration_ack").await;
+    (r, ack)
+}
+
+/// Reads frames until `done` says the messages seen so far are complete, asserting that each
+/// frame (its wire bytes, and its text once inflated) stays within [`SMALL_FRAME`]. Returns
+/// the messages.
+async fn read_small_frames(r: &mut Raw, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    use futures_util::StreamExt;
+    let end = tokio::time::Instant::now() + DEADLINE;
+    let mut seen = Vec::new();
+    while !done(&seen) {
+        let frame = tokio::time::timeout_at(end, r.ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("messages so far: {seen:?}"))
+            .expect("open")
+            .expect("frame");
+        let text = match frame {
+            Message::Text(t) => {
+                assert!(t.len() <= SMALL_FRAME, "a text frame of {} bytes", t.len());
+                t.as_str().to_owned()
+            }
+            Message::Binary(b) => {
+                assert!(
+                    b.len() <= SMALL_FRAME,
+                    "a binary frame of {} bytes",
+                    b.len()
+                );
+                tether_proto::compress::inflate(&b, SMALL_FRAME)
+                    .unwrap_or_else(|e| panic!("a compressed frame of {} bytes: {e}", b.len()))
+            }
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        };
+        seen.extend(messages_of(serde_json::from_str(&text).expect("json")));
+    }
+    seen
+}
+
+fn of_type<'a>(seen: &'a [Value], ty: &str) -> Vec<&'a Value> {
+    seen.iter().filter(|v| v["type"] == ty).collect()
+}
+
+/// Assignments of one commit go to a batching worker together, but never in a frame larger
+/// than the `max_frame` it announced: four configs of 12 KiB went in one batch of 49 KiB
+/// (and, compressed, in a small frame that inflates to 49 KiB), which a worker of 32 KiB
+/// frames refuses, reconnects, and is sent again, for ever.
+#[tokio::test]
+async fn batch_frames_to_a_worker_stay_within_the_max_frame_it_announced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let client = c.client();
+    for (id, compression) in [("small", false), ("small-zstd", true)] {
+        let (mut r, ack) = registered_small(&c, id, compression).await;
+        assert_eq!(
+            ack["compression"],
+            if compression {
+                json!("zstd")
+            } else {
+                Value::Null
+            },
+            "{ack}"
+        );
+        let specs: Vec<_> = (0..4).map(|_| padded_task(id)).collect();
+        let mut ids: Vec<String> = client
+            .submit(&specs)
+            .await
+            .iter()
+            .map(|t| t.as_str().to_owned())
+            .collect();
+        let seen =
+            read_small_frames(&mut r, |seen| of_type(seen, "task_assignment").len() == 4).await;
+        let mut assigned: Vec<String> = of_type(&seen, "task_assignment")
+            .iter()
+            .map(|a| a["task_id"].as_str().expect("task_id").to_owned())
+            .collect();
+        assigned.sort();
+        ids.sort();
+        assert_eq!(assigned, ids, "{id}");
+    }
+    c.stop().await;
+}
+
+/// Checkpoint pieces answering fetches asked together are batched within the worker's
+/// `max_frame` as well: each piece carries what a frame of 32 KiB takes (12 KiB as 16 KiB of
+/// base64), so two in one batch were already too large.
+#[tokio::test]
+async fn checkpoint_pieces_to_a_worker_stay_within_the_max_frame_it_announced() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (mut r, _) = registered_small(&c, "fetcher", false).await;
+    let task = c.client().submit(&[padded_task("fetcher")]).await.remove(0);
+    let a = r.next_of("task_assignment").await;
+    assert_eq!(a["task_id"], task.as_str());
+    // Its own checkpoint of 48 KiB, in one piece (the coordinator's frames take it).
+    const SIZE: usize = 48 * 1024;
+    const PIECE: usize = 12 * 1024;
+    let ts = now();
+    let data = base64::engine::general_purpose::STANDARD.encode(vec![7u8; SIZE]);
+    r.send(
+        &json!({"type": "checkpoint", "seq": 1, "task_id": task, "attempt": 1,
+                "checkpoint_id": "c-small-frames", "size": SIZE, "chunks": 1, "timestamp": ts}),
+    )
+    .await;
+    r.send(
+        &json!({"type": "checkpoint_data", "seq": 2, "task_id": task, "attempt": 1,
+                "checkpoint_id": "c-small-frames", "chunk": 0, "data": data, "timestamp": ts}),
+    )
+    .await;
+    let acks = r
+        .next_of_each(&["checkpoint_ack", "checkpoint_data_ack"])
+        .await;
+    for ack in &acks {
+        assert_eq!(ack["disposition"], "recorded", "{ack}");
+    }
+    // Four pieces asked for in one frame: their answers are queued together.
+    let fetches: Vec<Value> = (0..SIZE / PIECE)
+        .map(|i| {
+            json!({"type": "checkpoint_fetch", "seq": 3 + i, "task_id": task, "attempt": 1,
+                   "checkpoint_id": "c-small-frames", "offset": i * PIECE, "len": PIECE,
+                   "timestamp": ts})
+        })
+        .collect();
+    r.ws.send(batch(&fetches)).await.expect("send");
+    let seen = read_small_frames(&mut r, |seen| {
+        of_type(seen, "checkpoint_piece").len() == fetches.len()
+    })
+    .await;
+    let mut bytes = 0;
+    for p in of_type(&seen, "checkpoint_piece") {
+        assert_eq!(p["error"], Value::Null, "{p}");
+        let piece = base64::engine::general_purpose::STANDARD
+            .decode(p["data"].as_str().expect("data"))
+            .expect("base64");
+        bytes += piece.len();
+    }
+    assert_eq!(bytes, SIZE, "every byte served");
+    c.stop().await;
+}
+
+/// A real worker whose frames carry 32 KiB runs four tasks of 12 KiB configs at once, in one
+/// session: batched together they ended its session at every registration.
+#[tokio::test]
+async fn a_worker_with_small_frames_runs_tasks_that_batch_past_them_in_one_session() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let mut wc = fast_worker_config(&c.ws_url(), "small-worker");
+    wc.max_frame = SMALL_FRAME;
+    wc.slots = 4;
+    wc.batching = true;
+    wc.capabilities = vec!["small-worker".into()];
+    let mut executors = Executors::builtin();
+    executors.register(
+        "padded",
+        executor(|input, _| async move {
+            Ok(json!({ "pad_bytes": input.config["pad"].as_str().map_or(0, str::len) }))
+        }),
+    );
+    let w = spawn_worker(wc, executors);
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let specs: Vec<_> = (0..4).map(|_| padded_task("small-worker")).collect();
+    let ids = client.submit(&specs).await;
+    for id in &ids {
+        client.wait_status(id, "completed").await;
+        let results = client.results(id).await;
+        assert_eq!(results.len(), 1, "task {id}: {results:?}");
+    }
+    assert_eq!(w.handle.registrations(), 1, "one session throughout");
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}
