@@ -72,7 +72,8 @@ pub const CLOSE_UNAUTHORIZED: u16 = 4001;
 /// reconnects and starts a fresh session.
 const CLOSE_INTEGRITY: u16 = CLOSE_POLICY;
 /// Frames a connection may send before its registration (authenticated, when authentication is
-/// on).
+/// on), the registration aside: a frame past them that is not the registration closes the
+/// connection (1008).
 const PRE_AUTH_FRAMES: usize = 16;
 
 /// `GET /api/v1/worker/{worker_id}/ws`
@@ -1238,7 +1239,8 @@ impl Conn<'_> {
         let most = Instant::now() + PRE_REGISTRATION_MOST.max(timeout);
         let mut read_seen = self.tx.entry.bytes_read();
         let counters = &self.app.counters;
-        for _ in 0..PRE_AUTH_FRAMES {
+        // The frames allowed, and the registration after them.
+        for read in 0..=PRE_AUTH_FRAMES {
             let next = loop {
                 match timeout_at(deadline, self.stream.next()).await {
                     Ok(next) => break next,
@@ -1334,6 +1336,10 @@ impl Conn<'_> {
                 Message::Close(_) => return None,
                 Message::Ping(_) | Message::Pong(_) => continue,
             };
+            // A frame past those allowed, and not the registration: refused, not answered.
+            if read == PRE_AUTH_FRAMES {
+                break;
+            }
             if !self.tx.send(&mut deadline, &reply).await {
                 return None;
             }

@@ -310,3 +310,69 @@ async fn a_registration_too_large_for_the_coordinator_stops_the_worker_saying_wh
     );
     c.stop().await;
 }
+
+/// What answers a registration sent after `beats` heartbeats, each answered and its reply read
+/// here as it comes (nothing else is sent): the registration's ack, or the close code.
+async fn registration_after_heartbeats(c: &TestCoordinator, id: &str, beats: u64) -> String {
+    let url = format!("ws://{}/api/v1/worker/{id}/ws", c.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connect");
+    assert_eq!(next_json(&mut ws).await["type"], "welcome");
+    for sequence in 1..=beats {
+        let hb = serde_json::json!({"type": "heartbeat", "sequence": sequence,
+            "timestamp": chrono::Utc::now()});
+        if ws.send(Message::text(hb.to_string())).await.is_err() {
+            break;
+        }
+        // The 17th frame is refused, not answered.
+        if sequence <= 16 {
+            let reply = next_json(&mut ws).await;
+            assert_eq!(reply["response_to"], sequence, "{reply}");
+        }
+    }
+    let _ = ws
+        .send(Message::text(bare_registration(id).to_string()))
+        .await;
+    loop {
+        let m = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("an answer in time");
+        match m {
+            Some(Ok(Message::Text(t))) => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).expect("json");
+                if v["type"] == "registration_ack" {
+                    return "registration_ack".into();
+                }
+                panic!("{beats} heartbeats: {v}");
+            }
+            Some(Ok(Message::Close(f))) => {
+                return format!("close {:?}", f.map(|f| u16::from(f.code)));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return format!("error {e}"),
+            None => return "ended".into(),
+        }
+    }
+}
+
+/// Before its registration a connection may send 16 other frames (section 3 and the close
+/// codes' table): the registration after them is taken, while a 17th other frame ends the
+/// connection with 1008. The coordinator read 16 frames in all, so a registration as the
+/// 17th frame was refused.
+#[tokio::test]
+async fn sixteen_frames_before_a_registration_are_allowed_and_a_seventeenth_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    assert_eq!(
+        registration_after_heartbeats(&c, "beats-16", 16).await,
+        "registration_ack"
+    );
+    assert_eq!(
+        registration_after_heartbeats(&c, "beats-17", 17).await,
+        "close Some(1008)"
+    );
+    let o = c.client().overview().await;
+    assert_eq!(o["counters"]["pre_registration_overflows"], 1, "{o}");
+    c.stop().await;
+}
