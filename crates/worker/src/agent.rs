@@ -708,7 +708,7 @@ impl Agent {
             // coordinator busy with a herd, whose handshakes a twin each would only add to.
             let dead = |reason: &str| crate::session::is_liveness_timeout(reason);
             silent = matches!(&end, SessionEnd::Lost { reason, .. } if dead(reason));
-            match end {
+            let delay = match end {
                 SessionEnd::Shutdown => {
                     // A registered session's time connected ends here too (the figures of a
                     // stopped worker are read after it stopped).
@@ -719,9 +719,13 @@ impl Agent {
                     refusals += 1;
                     self.attempt_failed(generation, &reason);
                     tracing::warn!(worker = %self.cfg.worker_id, generation, %reason, refusals, stop_after = self.cfg.refusals_before_stop, "coordinator refused this worker; trying again in case the exchange was damaged");
+                    self.failed(&mut backoff)
                 }
                 SessionEnd::Refused(reason) => return Err(AgentError::Refused(reason)),
-                SessionEnd::NotRegistered(reason) => self.attempt_failed(generation, &reason),
+                SessionEnd::NotRegistered(reason) => {
+                    self.attempt_failed(generation, &reason);
+                    self.failed(&mut backoff)
+                }
                 SessionEnd::Lost {
                     registered_for,
                     reason,
@@ -735,15 +739,15 @@ impl Agent {
                     });
                     metrics::counter!(m::SESSIONS_LOST).increment(1);
                     refusals = 0;
-                    if registered_for >= self.cfg.healthy_after {
-                        backoff.reset();
-                    }
                     tracing::warn!(worker = %self.cfg.worker_id, generation, %reason, registered_ms = registered_for.as_millis() as u64, "session lost");
+                    // Its attempt succeeded: `max_attempts` counts the attempts from here on.
+                    let healthy = registered_for >= self.cfg.healthy_after;
+                    Some(self.session_lost(&mut backoff, healthy))
                 }
-            }
-            let Some(delay) = self.failed(&mut backoff) else {
+            };
+            let Some(delay) = delay else {
                 return Err(AgentError::GaveUp {
-                    attempts: backoff.failures(),
+                    attempts: backoff.failed_attempts(),
                 });
             };
             self.shared.set_state(ConnState::Disconnected);

@@ -55,7 +55,12 @@ impl Default for BackoffConfig {
 #[derive(Debug, Clone)]
 pub struct Backoff {
     cfg: BackoffConfig,
+    /// Failures (attempts and sessions lost) since the last healthy session: the delays grow
+    /// with them.
     failures: u32,
+    /// Connection attempts failed in a row: what `max_attempts` counts. A lost session is no
+    /// failed attempt (its attempt opened one), and ends the run.
+    failed_attempts: u32,
     boost: f64,
 }
 
@@ -64,6 +69,7 @@ impl Backoff {
         Self {
             cfg,
             failures: 0,
+            failed_attempts: 0,
             boost: 1.0,
         }
     }
@@ -73,9 +79,16 @@ impl Backoff {
         self.failures
     }
 
-    /// Whether `max_attempts` consecutive failures have happened.
+    /// Connection attempts failed in a row, since the last one that opened a session.
+    pub fn failed_attempts(&self) -> u32 {
+        self.failed_attempts
+    }
+
+    /// Whether `max_attempts` connection attempts failed in a row.
     pub fn exhausted(&self) -> bool {
-        self.cfg.max_attempts.is_some_and(|m| self.failures >= m)
+        self.cfg
+            .max_attempts
+            .is_some_and(|m| self.failed_attempts >= m)
     }
 
     /// Sets the adaptive multiplier of the factor (1.0 = as configured).
@@ -100,7 +113,7 @@ impl Backoff {
         })
     }
 
-    /// Records a failure and returns how long to wait before the next attempt.
+    /// Records a failed attempt and returns how long to wait before the next attempt.
     pub fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
         let d = self.upcoming(rng);
         self.record_failure();
@@ -121,9 +134,25 @@ impl Backoff {
         }
     }
 
-    /// Records a failure whose delay was drawn by [`Backoff::upcoming`].
+    /// Records a failed attempt whose delay was drawn by [`Backoff::upcoming`].
     pub fn record_failure(&mut self) {
         self.failures = self.failures.saturating_add(1);
+        self.failed_attempts = self.failed_attempts.saturating_add(1);
+    }
+
+    /// A session was lost, `healthy` or not: returns how long to wait before the first
+    /// attempt to reconnect. Its attempt succeeded, so no failed attempt is counted and the
+    /// run of them starts over (with `max_attempts` 1, one attempt follows); the delays start
+    /// over after a healthy session only, and go on growing after one lost early (a link that
+    /// drops each session soon after it opens is paced like one that fails).
+    pub fn session_lost(&mut self, healthy: bool, rng: &mut impl Rng) -> Duration {
+        if healthy {
+            self.reset();
+        }
+        self.failed_attempts = 0;
+        let d = self.upcoming(rng);
+        self.failures = self.failures.saturating_add(1);
+        d
     }
 
     /// The delay the next failure would wait, before jitter (for statistics).
@@ -134,6 +163,7 @@ impl Backoff {
     /// A healthy session: start again from the initial delay.
     pub fn reset(&mut self) {
         self.failures = 0;
+        self.failed_attempts = 0;
     }
 }
 
@@ -207,6 +237,31 @@ mod tests {
         b.reset();
         assert!(!b.exhausted());
         assert_eq!(b.next_delay(&mut rng), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_lost_session_is_no_failed_attempt_and_the_delays_start_over_only_after_a_healthy_one() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut b = Backoff::new(BackoffConfig {
+            max_attempts: Some(1),
+            jitter: Jitter::None,
+            ..BackoffConfig::default()
+        });
+        assert_eq!(
+            b.session_lost(true, &mut rng),
+            Duration::from_secs(1),
+            "the delays start over"
+        );
+        assert!(!b.exhausted(), "no attempt failed yet");
+        assert_eq!(b.failed_attempts(), 0);
+        assert_eq!(b.next_delay(&mut rng), Duration::from_secs(2));
+        assert!(b.exhausted(), "the one attempt allowed failed");
+        assert_eq!(b.failed_attempts(), 1);
+        // A session lost early: the run of failed attempts ends, the delays go on growing.
+        assert_eq!(b.session_lost(false, &mut rng), Duration::from_secs(4));
+        assert!(!b.exhausted());
+        assert_eq!(b.next_delay(&mut rng), Duration::from_secs(8));
+        assert!(b.exhausted());
     }
 
     #[test]

@@ -185,7 +185,7 @@ impl Agent {
                             }
                             if under_way.is_empty() {
                                 if next.is_none() {
-                                    return Dialed::GaveUp(backoff.failures());
+                                    return Dialed::GaveUp(backoff.failed_attempts());
                                 }
                                 self.shared.set_state(ConnState::Disconnected);
                             } else {
@@ -271,8 +271,8 @@ impl Agent {
         tracing::debug!(worker = %self.cfg.worker_id, generation, "connection attempt dropped for its twin");
     }
 
-    /// Records a failed attempt or session in the backoff: the delay before the next attempt,
-    /// or `None` once `max_attempts` failed in a row.
+    /// Records a failed attempt in the backoff: the delay before the next attempt, or `None`
+    /// once `max_attempts` failed in a row.
     pub(crate) fn failed(&mut self, backoff: &mut Backoff) -> Option<Duration> {
         self.tune(backoff);
         let delay = backoff.next_delay(&mut self.rng);
@@ -282,6 +282,16 @@ impl Agent {
         }
         tracing::info!(worker = %self.cfg.worker_id, delay_ms = delay.as_millis() as u64, failures = backoff.failures(), "reconnecting after backoff");
         Some(delay)
+    }
+
+    /// Records a lost session in the backoff (no failed attempt: see
+    /// [`Backoff::session_lost`]): the delay before the first attempt to reconnect.
+    pub(crate) fn session_lost(&mut self, backoff: &mut Backoff, healthy: bool) -> Duration {
+        self.tune(backoff);
+        let delay = backoff.session_lost(healthy, &mut self.rng);
+        self.publish(backoff);
+        tracing::info!(worker = %self.cfg.worker_id, delay_ms = delay.as_millis() as u64, failures = backoff.failures(), "reconnecting after backoff");
+        delay
     }
 
     /// Sets the backoff's adaptive boost from the link's record so far.

@@ -684,3 +684,41 @@ async fn seeded_partitions_and_holds_deliver_every_result_once_over_one_live_ses
         "{exposed} results acknowledged before a later session"
     );
 }
+
+/// `max_attempts` counts failed connection attempts, not the session that was lost: with one
+/// allowed, a worker whose healthy session was cut makes one attempt to reconnect, and gives
+/// up only once that one failed.
+#[tokio::test(start_paused = true)]
+async fn a_lost_session_is_not_a_failed_attempt_and_max_attempts_one_still_reconnects_once() {
+    let net = SimNet::new(vec![]);
+    let mut cfg = config();
+    cfg.backoff.max_attempts = Some(1);
+    let agent =
+        tether_worker::Agent::with_transport(cfg, tether_worker::Executors::builtin(), net.clone())
+            .expect("valid config");
+    let h = agent.handle();
+    let run = tokio::spawn(agent.run(tokio_util::sync::CancellationToken::new()));
+    h.wait_state(|s| s == ConnState::Connected).await;
+    // Healthy: connected longer than `healthy_after` (5 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    net.set(Mode::Partition);
+    let r = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the worker gives up")
+        .expect("join");
+    assert!(
+        net.dropped.load(Ordering::Relaxed) > 0,
+        "the partition dropped bytes"
+    );
+    assert!(
+        matches!(r, Err(tether_worker::AgentError::GaveUp { attempts: 1 })),
+        "{r:?}"
+    );
+    assert_eq!(
+        net.attempts().len(),
+        2,
+        "the session's connection, then one reconnect attempt: {:?}",
+        net.attempts()
+    );
+    assert_eq!(h.state(), ConnState::Failed);
+}
