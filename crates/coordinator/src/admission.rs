@@ -4,7 +4,9 @@
 //! Refused connections are closed at once and counted; nothing is parsed for them.
 //!
 //! With TLS configured, every admitted connection is wrapped in a TLS handshake that runs on the
-//! connection's own task.
+//! connection's own task. The bytes a connection reads and writes are counted on its socket,
+//! under TLS: a worker session tells a slow frame still arriving, or a slow write still
+//! draining, by them, and TLS alone would show them a whole record (up to 16 KiB) at a time.
 //!
 //! A connection that the worker endpoint upgrades to a WebSocket may then read only
 //! [`PRE_REGISTRATION_BYTES`] (and what it can draw from a pool shared by all, for a
@@ -247,6 +249,14 @@ impl axum::serve::Listener for Admission {
             }
             let _ = tcp.set_nodelay(true);
             self.open.fetch_add(1, Ordering::Relaxed);
+            let entry = Arc::new(Entry::new(
+                self.pool.clone(),
+                pool_key(addr.ip(), self.limits.limit_loopback),
+            ));
+            let tcp = Counted {
+                tcp,
+                entry: entry.clone(),
+            };
             let tcp = match &self.tls {
                 None => Stream::Plain(tcp),
                 Some(acceptor) => Stream::Handshaking(Box::pin(acceptor.accept(tcp))),
@@ -261,10 +271,7 @@ impl axum::serve::Listener for Admission {
                 handshake_timeout: self.limits.handshake_timeout,
                 http_idle: self.limits.http_idle,
                 counters: self.counters.clone(),
-                entry: Arc::new(Entry::new(
-                    self.pool.clone(),
-                    pool_key(addr.ip(), self.limits.limit_loopback),
-                )),
+                entry,
                 entry_read: 0,
             };
             return (io, addr);
@@ -302,11 +309,11 @@ pub struct Entry {
     pool: Arc<Pool>,
     /// Whose share of the pool it draws on; `None`: no share (loopback, unless limited).
     key: Option<IpAddr>,
-    /// Bytes read from the connection so far (after TLS), all along its life: the session
-    /// tells a frame still arriving from a silent link by it.
+    /// Bytes read from the connection's socket so far (under TLS: ciphertext, as it comes),
+    /// all along its life: the session tells a frame still arriving from a silent link by it.
     read: AtomicU64,
-    /// Bytes written to the connection so far (after TLS, as `read`): the session tells a write
-    /// into a slow link, taking bytes, from a stalled one by it.
+    /// Bytes written to the connection's socket so far (under TLS, as `read`): the session
+    /// tells a write into a slow link, taking bytes, from a stalled one by it.
     written: AtomicU64,
 }
 
@@ -529,10 +536,71 @@ impl Drop for Guarded {
 
 /// The byte stream under a connection: plain, or TLS once its handshake is done.
 enum Stream {
-    Plain(TcpStream),
-    Handshaking(Pin<Box<tokio_rustls::Accept<TcpStream>>>),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Plain(Counted),
+    Handshaking(Pin<Box<tokio_rustls::Accept<Counted>>>),
+    Tls(Box<tokio_rustls::server::TlsStream<Counted>>),
     Failed,
+}
+
+/// A connection's socket, counting the bytes read and written on it into its [`Entry`]:
+/// under TLS, as they come and go, not a record at a time.
+struct Counted {
+    tcp: TcpStream,
+    entry: Arc<Entry>,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.entry.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.tcp).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.entry.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            self.entry.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
 }
 
 impl Stream {
@@ -685,10 +753,9 @@ impl Guarded {
         }
     }
 
-    /// `n` bytes were written: counted, and of an answer, the request's deadline gives way to
-    /// the idle one.
+    /// `n` bytes were written: of an answer, the request's deadline gives way to the idle
+    /// one (the socket's [`Counted`] counts them).
     fn wrote(&mut self, n: usize) {
-        self.entry.written.fetch_add(n as u64, Ordering::Relaxed);
         if n == 0 || self.deadline.is_none() {
             return;
         }
@@ -716,9 +783,6 @@ impl AsyncRead for Guarded {
         let r = self.tcp.io().poll_read(cx, buf);
         let n = buf.filled().len() - before;
         let this = &mut *self;
-        if n > 0 {
-            this.entry.read.fetch_add(n as u64, Ordering::Relaxed);
-        }
         if n > 0 && !this.awaiting_answer && this.deadline.is_some() {
             // The next request: its answer must begin within the handshake deadline.
             this.awaiting_answer = true;
@@ -805,6 +869,83 @@ impl AsyncWrite for Guarded {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Under TLS, a connection counts the bytes on its socket (ciphertext, the handshake's
+    /// too), as they come and go: each side's count read is the other's count written, and
+    /// more than the plaintext carried.
+    #[tokio::test]
+    async fn under_tls_the_bytes_counted_are_those_on_the_socket() {
+        use rustls::pki_types::{PrivatePkcs8KeyDer, ServerName};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = PrivatePkcs8KeyDer::from(made.signing_key.serialize_der());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![made.cert.der().clone()], key.into())
+            .expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(made.cert.der().clone()).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (dialed, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let counted = |tcp| Counted {
+            tcp,
+            entry: Arc::new(Entry::new(Arc::new(Pool::new(0)), None)),
+        };
+        let server_side = counted(accepted.expect("accept").0);
+        let client_side = counted(dialed.expect("connect"));
+        let (s_entry, c_entry) = (server_side.entry.clone(), client_side.entry.clone());
+        let name = ServerName::try_from("localhost").expect("name");
+        let (s, c) = tokio::join!(
+            tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(server_side),
+            tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, client_side),
+        );
+        let (mut s, mut c) = (s.expect("server handshake"), c.expect("client handshake"));
+        const SENT: usize = 100 * 1024;
+        let (echoed, back) = tokio::join!(
+            async {
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).await.expect("server read");
+                s.write_all(&got).await.expect("server write");
+                s.shutdown().await.expect("server shutdown");
+                got.len()
+            },
+            async {
+                c.write_all(&[7; SENT]).await.expect("client write");
+                c.shutdown().await.expect("client shutdown");
+                let mut back = Vec::new();
+                c.read_to_end(&mut back).await.expect("client read");
+                back.len()
+            },
+        );
+        assert_eq!((echoed, back), (SENT, SENT));
+        assert_eq!(
+            s_entry.bytes_read(),
+            c_entry.written().load(Ordering::Relaxed)
+        );
+        assert_eq!(
+            c_entry.bytes_read(),
+            s_entry.written().load(Ordering::Relaxed)
+        );
+        assert!(
+            s_entry.bytes_read() > SENT as u64,
+            "{}",
+            s_entry.bytes_read()
+        );
+        assert!(
+            c_entry.bytes_read() > SENT as u64,
+            "{}",
+            c_entry.bytes_read()
+        );
+    }
 
     #[test]
     fn a_request_head_is_whole_at_its_blank_line_however_the_bytes_are_cut() {

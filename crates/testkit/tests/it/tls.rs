@@ -220,3 +220,126 @@ async fn workers_reconnecting_over_tls_resume_their_sessions_however_many_they_a
     );
     c.stop().await;
 }
+
+/// A frame arriving over `wss://` slower than the heartbeat timeout keeps its session: the
+/// coordinator counts the bytes that come on the connection, ciphertext, as the worker's life
+/// (PROTOCOL §4). Counted after TLS, nothing showed until a whole record (up to 16 KiB) was
+/// decrypted: at 4 KiB/s the first record of a 48 KiB heartbeat took 4 s against a 2 s
+/// timeout, and the session was dropped while its bytes kept coming.
+#[tokio::test]
+async fn a_frame_arriving_over_tls_slower_than_the_heartbeat_timeout_keeps_the_session() {
+    use futures_util::{SinkExt, StreamExt};
+    use tether_faultproxy::{Direction, Fault, FaultKind};
+    use tokio_tungstenite::tungstenite::Message;
+    const PADDED: usize = 48 * 1024;
+    let TlsCoordinator { c, cert, _dirs } = TlsCoordinator::start_with(|cfg| {
+        cfg.heartbeat_interval = std::time::Duration::from_millis(500);
+        cfg.heartbeat_timeout = std::time::Duration::from_secs(2);
+    })
+    .await;
+    let proxy = crate::faults::proxy_in_front(&c, 9).await;
+    let tls = tether_worker::connector::tls_client_config(Some(&cert)).expect("client config");
+    let tcp = tokio::net::TcpStream::connect(proxy.listen_addr())
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let s = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let url = format!(
+        "wss://127.0.0.1:{}/api/v1/worker/slow-tls/ws",
+        proxy.listen_addr().port()
+    );
+    let (mut ws, _) = tokio_tungstenite::client_async(url, s)
+        .await
+        .expect("upgrade");
+    // The next message of `ty`, skipping pings and others; `None` if the session ends.
+    async fn next_of<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, ty: &str) -> Option<Value>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        loop {
+            let m = tokio::time::timeout(DEADLINE, ws.next())
+                .await
+                .expect("a frame in time");
+            match m? {
+                Ok(Message::Text(t)) => {
+                    for v in messages_of(serde_json::from_str(t.as_str()).expect("json")) {
+                        if v["type"] == ty {
+                            return Some(v);
+                        }
+                    }
+                }
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+    next_of(&mut ws, "welcome").await.expect("a welcome");
+    let registration = json!({
+        "type": "registration",
+        "worker_id": "slow-tls",
+        "protocol_version": tether_proto::PROTOCOL_VERSION,
+        "boot_id": "b-slow-tls",
+        "capabilities": [],
+        "slots": 1,
+        "executors": ["sleep"],
+        "timestamp": chrono::Utc::now(),
+    });
+    ws.send(Message::text(registration.to_string()))
+        .await
+        .expect("send");
+    next_of(&mut ws, "registration_ack")
+        .await
+        .expect("registered");
+    let slow = proxy
+        .add_fault(Fault::new(
+            "slow",
+            FaultKind::Bandwidth {
+                bytes_per_sec: 4 * 1024,
+            },
+            Direction::Upstream,
+        ))
+        .await
+        .expect("fault");
+    let heartbeat = json!({
+        "type": "heartbeat",
+        "sequence": 1,
+        "timestamp": chrono::Utc::now(),
+        "pad": "x".repeat(PADDED),
+    });
+    let started = std::time::Instant::now();
+    ws.send(Message::text(heartbeat.to_string()))
+        .await
+        .expect("send");
+    let reply = next_of(&mut ws, "heartbeat").await;
+    let took = started.elapsed();
+    let stats = slow.remove();
+    assert!(
+        reply.is_some(),
+        "the session was dropped after {took:?} while its frame was arriving"
+    );
+    assert_eq!(reply.expect("a reply")["response_to"], 1);
+    assert!(
+        took > std::time::Duration::from_secs(6),
+        "the frame must take several timeouts for this test to mean anything: {took:?}"
+    );
+    assert!(stats.bytes_delayed as usize > PADDED, "{stats:?}");
+    let (_, o) = https(c.addr, &cert, "GET", "/api/v1/overview", &Value::Null).await;
+    assert!(
+        o["counters"]["keepalive_pings"].as_u64() > Some(0),
+        "the coordinator pinged while the frame arrived: {o}"
+    );
+    let (_, seen) = https(
+        c.addr,
+        &cert,
+        "GET",
+        "/api/v1/workers/slow-tls",
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(seen["sessions"], 1, "one session all along: {seen}");
+    drop(ws);
+    c.stop().await;
+}
