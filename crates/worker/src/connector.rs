@@ -304,8 +304,9 @@ async fn connect_any(
 }
 
 /// Runs the TLS client handshake over `tcp` with `host` (a DNS name or an IP address), and
-/// classifies a failure: a certificate this client does not trust is refused for good,
-/// anything else (a reset, a timeout, a record damaged on the wire) may pass on a retry.
+/// classifies a failure: a certificate this client does not trust is refused for good; one
+/// outside its validity period (see [`out_of_date`]) and anything else (a reset, a timeout, a
+/// record damaged on the wire) may pass on a retry.
 pub async fn tls_handshake(
     tls: &tokio_rustls::TlsConnector,
     host: &str,
@@ -319,17 +320,20 @@ pub async fn tls_handshake(
     )
     .map_err(|e| ConnectError::Refused(format!("TLS server name {host}: {e}")))?;
     let stream = tls.connect(name, tcp).await.map_err(|e| {
-        let untrusted = e
+        let cause = e
             .get_ref()
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            .is_some_and(|e| {
-                matches!(
-                    e,
-                    rustls::Error::InvalidCertificate(_)
-                        | rustls::Error::NoCertificatesPresented
-                        | rustls::Error::UnsupportedNameType
-                )
-            });
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        if let Some(dated) = cause.and_then(out_of_date) {
+            return ConnectError::Transient(format!("TLS with {host}:{port}: {dated}"));
+        }
+        let untrusted = cause.is_some_and(|e| {
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::UnsupportedNameType
+            )
+        });
         if untrusted {
             ConnectError::Refused(format!("TLS with {host}:{port}: {e}"))
         } else {
@@ -337,6 +341,47 @@ pub async fn tls_handshake(
         }
     })?;
     Ok(Box::pin(stream))
+}
+
+/// What to say of a certificate refused for its dates alone: expired, or not valid yet. That
+/// is no verdict on whom the coordinator is, and passes without a change here: the
+/// coordinator's renewed certificate (it takes one up without a restart), or this machine's
+/// clock set right (a worker booted before its clock was synchronised). Refused for good, a
+/// lapsed renewal stopped the whole fleet within seconds.
+fn out_of_date(e: &rustls::Error) -> Option<String> {
+    use rustls::CertificateError as C;
+    let rustls::Error::InvalidCertificate(c) = e else {
+        return None;
+    };
+    let check = "check the coordinator's certificate renewal and the clocks of both machines; \
+                 retrying";
+    match c {
+        C::Expired => Some(format!(
+            "the coordinator's certificate has expired: {check}"
+        )),
+        C::ExpiredContext { time, not_after } => Some(format!(
+            "the coordinator's certificate expired at {}, and it is {} here: {check}",
+            unix_time(not_after),
+            unix_time(time)
+        )),
+        C::NotValidYet => Some(format!(
+            "the coordinator's certificate is not valid yet: {check}"
+        )),
+        C::NotValidYetContext { time, not_before } => Some(format!(
+            "the coordinator's certificate is not valid before {}, and it is {} here: {check}",
+            unix_time(not_before),
+            unix_time(time)
+        )),
+        _ => None,
+    }
+}
+
+/// A certificate time, as RFC 3339.
+fn unix_time(t: &rustls::pki_types::UnixTime) -> String {
+    i64::try_from(t.as_secs())
+        .ok()
+        .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+        .map_or_else(|| format!("{}s", t.as_secs()), |d| d.to_rfc3339())
 }
 
 /// Runs the WebSocket client handshake over any byte stream and classifies failures.
@@ -385,6 +430,8 @@ pub fn ws_config(max_frame: usize) -> WebSocketConfig {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::is_refusal;
 
     /// A CA file with no certificate in it is named, not taken for "no CA file given".
@@ -468,6 +515,114 @@ mod tests {
             .expect_err("refused");
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
         drop((held, silent));
+    }
+
+    /// A certificate authority named `ca`, and a certificate for localhost it signed, valid
+    /// from `not_before` to `not_after` (year, month, day).
+    struct Signed {
+        ca: rustls::pki_types::CertificateDer<'static>,
+        chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+    }
+
+    fn signed(ca: &str, not_before: (i32, u8, u8), not_after: (i32, u8, u8)) -> Signed {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, date_time_ymd,
+        };
+        let name = ca;
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.distinguished_name.push(DnType::CommonName, name);
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).expect("sign");
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().expect("key");
+        let mut leaf = CertificateParams::new(vec!["localhost".into()]).expect("params");
+        leaf.not_before = date_time_ymd(not_before.0, not_before.1, not_before.2);
+        leaf.not_after = date_time_ymd(not_after.0, not_after.1, not_after.2);
+        let cert = leaf.signed_by(&key, &issuer).expect("sign");
+        Signed {
+            ca: ca_cert.der().clone(),
+            chain: vec![cert.der().clone(), ca_cert.der().clone()],
+            key: rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        }
+    }
+
+    /// The TLS handshake of a client trusting `trusted` with a server presenting `served`.
+    async fn handshake_with(
+        served: Signed,
+        trusted: rustls::pki_types::CertificateDer<'static>,
+    ) -> Result<(), super::ConnectError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(served.chain, served.key)
+            .expect("server config");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let serving = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            // Fails once the client gives up on the certificate.
+            let _ = acceptor.accept(tcp).await;
+        });
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(trusted).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let r = super::tls_handshake(&connector, "localhost", port, tcp)
+            .await
+            .map(|_| ());
+        serving.await.expect("server");
+        r
+    }
+
+    /// A certificate refused for its dates (expired: a renewal that lapsed; not valid yet: a
+    /// worker booted before its clock was set) is retried, saying what to check: the
+    /// coordinator takes up a renewed certificate without a restart. One from an authority
+    /// the worker does not trust is still refused for good.
+    #[tokio::test]
+    async fn a_certificate_out_of_date_is_retried_and_an_untrusted_one_refused() {
+        use super::ConnectError;
+        let expired = signed("ca", (2020, 1, 1), (2021, 1, 1));
+        let ca = expired.ca.clone();
+        match handshake_with(expired, ca).await {
+            Err(ConnectError::Transient(said)) => assert!(
+                said.contains("expired at 2021-01-01") && said.contains("clocks"),
+                "{said}"
+            ),
+            other => panic!("an expired certificate: {other:?}"),
+        }
+        let early = signed("ca", (2090, 1, 1), (2091, 1, 1));
+        let ca = early.ca.clone();
+        match handshake_with(early, ca).await {
+            Err(ConnectError::Transient(said)) => assert!(
+                said.contains("not valid before 2090-01-01") && said.contains("renewal"),
+                "{said}"
+            ),
+            other => panic!("a certificate not valid yet: {other:?}"),
+        }
+        let stranger = signed("stranger", (2020, 1, 1), (4000, 1, 1));
+        let other_ca = signed("ca", (2020, 1, 1), (4000, 1, 1)).ca;
+        match handshake_with(stranger, other_ca).await {
+            Err(ConnectError::Refused(said)) => assert!(said.contains("UnknownIssuer"), "{said}"),
+            other => panic!("a certificate of an unknown authority: {other:?}"),
+        }
+        // And one in date from the authority trusted passes: the test's setup is sound.
+        let good = signed("ca", (2020, 1, 1), (4000, 1, 1));
+        let ca = good.ca.clone();
+        handshake_with(good, ca).await.expect("a valid certificate");
     }
 
     #[test]
