@@ -207,6 +207,7 @@ async fn a_full_data_directory_holds_the_commits_until_space_is_freed_and_loses_
 
     // The disk fills. The next submission's commit finds no room and waits; its request may
     // time out unanswered meanwhile.
+    let registrations = w.handle.registrations();
     let filled = fill(&c.inside("filler"));
     assert!(filled > 0, "nothing could be written");
     let during = specs("during", 20);
@@ -265,8 +266,9 @@ async fn a_full_data_directory_holds_the_commits_until_space_is_freed_and_loses_
         .await
         .expect("text");
     assert!(metrics.contains("tether_store_out_of_space 1"), "{metrics}");
-    // It waits, and does not stop.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // It waits, and does not stop: for longer than the heartbeat timeout (5 s), through which
+    // the worker's telemetry waits for its acknowledgements.
+    tokio::time::sleep(Duration::from_secs(6)).await;
     assert!(c.alive(), "the coordinator stopped:\n{}", logged());
     assert!(
         logged().contains("out of space"),
@@ -304,6 +306,13 @@ async fn a_full_data_directory_holds_the_commits_until_space_is_freed_and_loses_
         let counted = results.iter().filter(|r| r["stale"] != true).count();
         assert_eq!(counted, 1, "task {id}: {results:?}");
     }
+    // The worker kept its session throughout: the coordinator told it that it had what the
+    // worker sent, waiting for space (it reconnected, taking the silence for lost frames).
+    assert_eq!(
+        w.handle.registrations(),
+        registrations,
+        "the worker reconnected while the store waited for space"
+    );
     let (status, refused_task) = client.get(&format!("/api/v1/tasks/{refused_id}")).await;
     assert_eq!(status, 404, "a refused submission was kept: {refused_task}");
     assert!(c.alive(), "the coordinator stopped:\n{}", logged());

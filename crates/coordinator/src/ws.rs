@@ -583,9 +583,20 @@ fn run(
                     }
                     // Boxed (an allocation per reply): inline, the write's state would size every
                     // idle session's future.
+                    // A heartbeat is answered here, but what the worker sent before it waits for
+                    // its acknowledgement behind a commit that is held up (out of space, a disk
+                    // that does not answer): a ping with the reply tells the worker that the
+                    // coordinator has it, or it would take the silence for a link that lost its
+                    // frames and reconnect, to wait again at registration.
+                    let held = replies.iter().any(|r| matches!(r, CoordMsg::Heartbeat(_)))
+                        && app.store_stats.held_for().is_some_and(|h| h >= agreed.beat.interval);
                     let sent = (!replies.is_empty()).then(|| Box::pin(async {
                         let before = deadline;
-                        let sent = out.send_all(&mut deadline, &replies).await;
+                        let mut sent = out.send_all(&mut deadline, &replies).await;
+                        if sent && held {
+                            app.counters.keepalive_pings.fetch_add(1, Ordering::Relaxed);
+                            sent = out.ping(&mut deadline).await;
+                        }
                         count_slow_write(&app.counters, before, deadline);
                         sent
                     }));
@@ -2040,6 +2051,7 @@ mod tests {
         addr: std::net::SocketAddr,
         events: tokio::sync::mpsc::Receiver<Event>,
         stop: tokio_util::sync::CancellationToken,
+        store_stats: Arc<crate::store::StoreStats>,
     }
 
     impl FakeCore {
@@ -2047,10 +2059,11 @@ mod tests {
             let (tx, events) = tokio::sync::mpsc::channel(queue);
             let stop = tokio_util::sync::CancellationToken::new();
             let counters = Arc::new(Counters::default());
+            let store_stats = Arc::new(crate::store::StoreStats::default());
             let state = Arc::new(AppState {
                 events: tx,
                 counters: counters.clone(),
-                store_stats: Default::default(),
+                store_stats: store_stats.clone(),
                 changes: tokio::sync::broadcast::channel(16).0,
                 history: Arc::new(crate::dashboard::History::new(cfg.history_interval)),
                 stop: stop.clone(),
@@ -2076,7 +2089,12 @@ mod tests {
             tokio::spawn(async move {
                 let _ = serving.await;
             });
-            Self { addr, events, stop }
+            Self {
+                addr,
+                events,
+                stop,
+                store_stats,
+            }
         }
 
         /// The next event, within 5 s.
@@ -2207,6 +2225,53 @@ mod tests {
             Some("heartbeat".into()),
             "the session was closed: {reply:?}"
         );
+    }
+
+    /// While the store is held on a commit for a heartbeat interval or more, a heartbeat's
+    /// reply comes with a ping: what the worker sent before waits for its acknowledgement
+    /// behind that commit, and without a sign that the coordinator has it the worker would
+    /// take the silence for a link that lost its frames. Otherwise the reply comes alone.
+    #[tokio::test]
+    async fn a_heartbeat_answered_while_the_store_is_held_comes_with_a_ping() {
+        use tokio_tungstenite::tungstenite::Message as M;
+        let mut cfg = crate::CoordinatorConfig::new("/unused");
+        cfg.heartbeat_interval = Duration::from_millis(100);
+        cfg.heartbeat_timeout = Duration::from_millis(1000);
+        let mut core = FakeCore::start(cfg, 16).await;
+        let (mut ws, _session) = registered(&mut core, "w-held").await;
+        let beat =
+            |n: u64| serde_json::json!({"type": "heartbeat", "sequence": n, "timestamp": now()});
+        // The frames that follow a heartbeat, until a marker frame is answered: an unknown
+        // type, refused with an `error` by the session itself.
+        async fn after(ws: &mut Client, beat: serde_json::Value) -> Vec<&'static str> {
+            send_json(ws, beat).await;
+            send_json(ws, serde_json::json!({"type": "no_such_type"})).await;
+            let mut seen = Vec::new();
+            loop {
+                let m = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+                match m.expect("a frame in time") {
+                    Some(Ok(M::Text(t))) => {
+                        let v: serde_json::Value = serde_json::from_str(&t).expect("json");
+                        if v["type"] == "error" {
+                            return seen;
+                        }
+                        seen.push(if v["type"] == "heartbeat" {
+                            "reply"
+                        } else {
+                            "other"
+                        });
+                    }
+                    Some(Ok(M::Ping(_))) => seen.push("ping"),
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        assert_eq!(after(&mut ws, beat(1)).await, ["reply"], "not held");
+        core.store_stats.group_begins();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(after(&mut ws, beat(2)).await, ["reply", "ping"], "held");
+        core.store_stats.group_ends();
+        assert_eq!(after(&mut ws, beat(3)).await, ["reply"], "no longer held");
     }
 
     /// A session whose task panics still tells the core it ended, with the queue free and

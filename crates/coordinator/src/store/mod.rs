@@ -22,7 +22,7 @@ mod wal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -290,6 +290,37 @@ pub struct StoreStats {
     pub out_of_space: std::sync::atomic::AtomicBool,
     /// Times commits began to wait for space.
     pub stalls: AtomicU64,
+    /// When the writer took the group it is working on, in microseconds since [`epoch`] plus
+    /// one; 0 while it waits for work. Read by sessions ([`StoreStats::held_for`]).
+    group_began: AtomicU64,
+}
+
+/// The instant the writer's group times count from.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl StoreStats {
+    /// How long the writer has been on its current group (its commit, and the acknowledgements
+    /// after it), if it is on one: a commit held up (out of space, a disk that does not answer)
+    /// holds every acknowledgement behind it, and a session then tells its worker that the
+    /// coordinator is alive and has what was sent (`ws`), or the worker would take the missing
+    /// acknowledgements for a link that lost its frames and reconnect. One atomic load.
+    pub fn held_for(&self) -> Option<Duration> {
+        let began = self.group_began.load(Ordering::Relaxed).checked_sub(1)?;
+        let now = epoch().elapsed().as_micros() as u64;
+        Some(Duration::from_micros(now.saturating_sub(began)))
+    }
+
+    pub(crate) fn group_begins(&self) {
+        let began = epoch().elapsed().as_micros() as u64;
+        self.group_began.store(began + 1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn group_ends(&self) {
+        self.group_began.store(0, Ordering::Relaxed);
+    }
 }
 
 /// The core's end of the writer's queue.
@@ -682,6 +713,7 @@ pub fn spawn_writer(
                     std::thread::sleep(wait);
                 }
                 last_began = Some(Instant::now());
+                stats.group_begins();
                 let mut batches = vec![first];
                 while batches.len() < opts.max_group {
                     match rx.try_recv() {
@@ -747,6 +779,7 @@ pub fn spawn_writer(
                 // After the effects, so that the core's `Handoff` may deliver a batch of
                 // messages itself only once every message queued before is out.
                 stats.batches.fetch_add(n_batches, Ordering::Release);
+                stats.group_ends();
                 // After the effects: the acks of this group do not wait for a fold.
                 if states.due() {
                     match states.piece(&conn) {

@@ -1606,6 +1606,49 @@ fn timed(task: &str, n: u32, done: std::sync::mpsc::Sender<std::time::Instant>) 
     }
 }
 
+/// The writer says how long it has been on its group while a group holds it (here an effect
+/// that does not return; out of space, the commit), and nothing once it is done: sessions
+/// ping their workers while the acknowledgements wait (`ws`).
+#[test]
+fn the_writer_says_how_long_a_group_has_held_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (conn, _) = open(dir.path()).expect("open");
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let stats = Arc::new(StoreStats::default());
+    let thread = spawn_writer(
+        conn,
+        dir.path().join(DB_FILE),
+        rx,
+        stats.clone(),
+        Default::default(),
+        WriterOptions::default(),
+        Arc::default(),
+    )
+    .expect("writer");
+    assert_eq!(stats.held_for(), None, "idle");
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let (entered, inside) = std::sync::mpsc::channel();
+    let mut b = Batch::default();
+    b.muts.push(state_mut("t-held", 1));
+    b.effect(move |_| {
+        let _ = entered.send(());
+        let _ = held.recv();
+    });
+    tx.blocking_send(b).expect("send");
+    inside.recv().expect("the effect ran");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let for_ = stats.held_for().expect("held");
+    assert!(for_ >= std::time::Duration::from_millis(100), "{for_:?}");
+    release.send(()).expect("release");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while stats.held_for().is_some() {
+        assert!(std::time::Instant::now() < deadline, "still held");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    drop(tx);
+    thread.join().expect("writer ends");
+}
+
 /// A stop while a commit waits for space ends the writer: the waiting group, never
 /// acknowledged, is given up (its senders send it again). The writer used to try it again for
 /// as long as the space ran out, and the coordinator's stop waited with it, signals or not.
