@@ -40,7 +40,8 @@ pub const CONNECTION_STATE: &str = "tether_worker_connection_state";
 /// Histogram (s): heartbeat round trip.
 pub const HEARTBEAT_RTT: &str = "tether_worker_heartbeat_rtt_seconds";
 /// Counter: heartbeat round trips left out of the RTT statistics and the adaptive timeout,
-/// measured behind 16 KiB or more queued on the link.
+/// measured behind 16 KiB or more queued on the link, or unanswered when the coordinator
+/// pinged (its session not reading).
 pub const HEARTBEAT_RTT_LOADED: &str = "tether_worker_heartbeat_rtt_loaded_total";
 /// Histogram (s): silence from the last inbound frame until the session was declared dead.
 pub const DEAD_DETECT: &str = "tether_worker_dead_connection_detect_seconds";

@@ -536,6 +536,13 @@ impl<'a> Session<'a> {
             // (a long one on a slow link), behind which this worker's later messages wait:
             // what was sent is being read, not lost.
             self.window.heard(self.last_frame);
+            // Or while its session does not read (its core held up), or a commit is: the
+            // heartbeats unanswered now wait in a queue, and their round trips, answered in a
+            // burst once it reads again, would measure it (seconds, a minute) rather than the
+            // path, and raise the timeout to its cap for as long as they stayed in the window.
+            for beat in &mut self.pending_heartbeats {
+                beat.queued = true;
+            }
         }
         // The frame's data, its tag checked and dropped when the session is keyed.
         let data = match (&frame, self.open.as_deref_mut()) {
@@ -1397,7 +1404,7 @@ impl<'a> Session<'a> {
             seq,
             at: Instant::now(),
             read: self.ws.get_ref().bytes_read(),
-            loaded: self.window.bytes >= LOADED,
+            queued: self.window.bytes >= LOADED,
         });
         let mut active_tasks = self.agent.runner.active();
         let all = active_tasks.len();
@@ -1513,7 +1520,7 @@ impl<'a> Session<'a> {
             .heartbeats_answered
             .fetch_add(1, Ordering::Relaxed);
         let arrived = self.ws.get_ref().bytes_read().saturating_sub(beat.read);
-        if beat.loaded || arrived > LOADED as u64 {
+        if beat.queued || arrived > LOADED as u64 {
             metrics::counter!(m::HEARTBEAT_RTT_LOADED).increment(1);
             return;
         }
@@ -1809,8 +1816,10 @@ struct PendingBeat {
     at: Instant,
     /// The connection's count of bytes read when it was sent.
     read: u64,
-    /// Sent while [`LOADED`] bytes or more of ours waited for acknowledgement.
-    loaded: bool,
+    /// Its round trip measures a queue, not the path: sent while [`LOADED`] bytes or more of
+    /// ours waited for acknowledgement, or still unanswered when the coordinator pinged (it
+    /// pings while its answers wait: its core held up, a frame of ours still arriving).
+    queued: bool,
 }
 
 /// An entry of the [`Window`].

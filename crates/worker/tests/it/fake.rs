@@ -53,6 +53,11 @@ pub enum Script {
     /// Register, answer the first `slow` heartbeats [`SLOW_REPLY`] late and the next `prompt` at
     /// once, then fall silent like [`Script::RegisterThenSilence`].
     Recovering { slow: u32, prompt: u32 },
+    /// Register and answer the first `prompt` heartbeats at once; then, for `stall_ms`, answer
+    /// and acknowledge nothing while pinging the worker every [`KEEPALIVE`] (as a coordinator
+    /// whose core is held up does), counting the heartbeats held in `heartbeats`; then send
+    /// every answer held, in a burst, and answer at once from then on.
+    Stall { prompt: u32, stall_ms: u64 },
     /// Register, acknowledge at once, and answer each heartbeat [`LATE_REPLY`] after it came:
     /// later than the next heartbeat, so each answer is to one before the latest.
     LateReplies,
@@ -175,6 +180,10 @@ pub const SLOW_REPLY: std::time::Duration = std::time::Duration::from_secs(4);
 
 /// How late [`Script::LateReplies`] answers every heartbeat.
 pub const LATE_REPLY: std::time::Duration = std::time::Duration::from_millis(7_300);
+
+/// How often [`Script::Stall`] pings while it answers nothing (the coordinator's
+/// `KEEPALIVE_EVERY`).
+pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Tasks assigned at once by [`Script::AssignTogether`].
 pub const TOGETHER: usize = 8;
@@ -513,6 +522,56 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                 answered += 1;
             }
             std::future::pending::<()>().await;
+        }
+        Script::Stall { prompt, stall_ms } => {
+            // What a coordinator sends in answer to a frame: a heartbeat's reply or an ack.
+            let answer = |m: &Message| match heartbeat_in(m) {
+                Some(seq) => Some(heartbeat_reply(seq)),
+                None => ack_of(m).map(|(_, ack)| send(ack)),
+            };
+            let mut answered = 0;
+            while answered < prompt
+                && let Some(Ok(m)) = ws.next().await
+            {
+                answered += u32::from(heartbeat_in(&m).is_some());
+                if let Some(a) = answer(&m)
+                    && ws.send(a).await.is_err()
+                {
+                    return;
+                }
+            }
+            let until = Instant::now() + std::time::Duration::from_millis(stall_ms);
+            let mut ping = tokio::time::interval_at(Instant::now() + KEEPALIVE, KEEPALIVE);
+            let mut held = Vec::new();
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(until) => break,
+                    _ = ping.tick() => {
+                        if ws.send(Message::Ping(Default::default())).await.is_err() {
+                            return;
+                        }
+                    }
+                    m = ws.next() => {
+                        let Some(Ok(m)) = m else { return };
+                        if heartbeat_in(&m).is_some() {
+                            heartbeats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        held.extend(answer(&m));
+                    }
+                }
+            }
+            for a in held {
+                if ws.send(a).await.is_err() {
+                    return;
+                }
+            }
+            while let Some(Ok(m)) = ws.next().await {
+                if let Some(a) = answer(&m)
+                    && ws.send(a).await.is_err()
+                {
+                    return;
+                }
+            }
         }
         Script::LateReplies => {
             let mut due: std::collections::VecDeque<(u64, tokio::time::Instant)> =

@@ -410,6 +410,50 @@ async fn an_answer_to_an_older_heartbeat_is_timed_from_that_heartbeat() {
     running.stop().await;
 }
 
+/// A coordinator whose session stops reading for a while (its core held up) pings the worker
+/// meanwhile, then answers every heartbeat held in a burst: those round trips measured its
+/// queue, not the path, and are left out. Counted, they put seconds in the p95 and the
+/// timeout at its cap for as long as they stayed in the window, and a dead link would then
+/// be noticed after a minute instead of the configured timeout.
+#[tokio::test(start_paused = true)]
+async fn heartbeats_answered_in_a_burst_after_a_coordinator_stall_leave_the_timeout_alone() {
+    const PROMPT: u32 = 4;
+    let fake = FakeConnector::new(Script::Stall {
+        prompt: PROMPT,
+        stall_ms: 6_000,
+    });
+    let mut cfg = config();
+    cfg.heartbeat_interval = Duration::from_millis(500);
+    cfg.heartbeat_timeout = Duration::from_secs(3);
+    let running = Running::start(&fake, cfg);
+    let handle = running.handle.clone();
+    running.wait_state(|s| s == ConnState::Connected).await;
+    let step = Duration::from_millis(10);
+    assert_eq!(handle.stats().heartbeat_timeout_ms, 3_000);
+    // The stall, then the burst of its answers, then prompt answers again.
+    let answered = handle.shared.heartbeats_answered.load(Ordering::Relaxed);
+    let after = held_within(Duration::from_secs(60), step, || {
+        handle.stats().rtt_samples >= u64::from(PROMPT) + 4
+    });
+    assert!(after.await, "heartbeats answered at once after the stall");
+    let held = fake.heartbeats.load(Ordering::Relaxed);
+    assert!(held >= 10, "the stall held {held} heartbeats");
+    assert!(
+        handle.shared.heartbeats_answered.load(Ordering::Relaxed) >= answered + held,
+        "the heartbeats held were answered"
+    );
+    let s = handle.stats();
+    assert_eq!(s.heartbeat_timeout_ms, 3_000, "{s:?}");
+    assert!(s.rtt_p99_ms < 100.0, "{s:?}");
+    assert_eq!(
+        handle.state(),
+        ConnState::Connected,
+        "the pings kept the session"
+    );
+    assert_eq!(fake.attempts().len(), 1);
+    running.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_worker_beats_at_the_coordinator_s_interval_when_it_is_shorter_than_its_own() {
     // The fake coordinator's welcome asks for a heartbeat every 5 s.
