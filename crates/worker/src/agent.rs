@@ -433,6 +433,9 @@ impl Agent {
                     crate::executor::procs::BLOCKING_SCAN_LIMIT,
                     move || crate::executor::orphans::kill_orphans(&dir),
                 );
+                // After the orphans (none writes into a directory as it goes), before any task
+                // runs: only the lost tasks' directories may still be wanted.
+                sd.sweep_task_dirs();
                 (Some(sd), restored)
             }
             None => (None, Restored::default()),
@@ -473,7 +476,7 @@ impl Agent {
         let scratch = match &cfg.state_dir {
             Some(dir) => {
                 runner = runner
-                    .with_checkpoint_root(dir.join("tasks"))
+                    .with_checkpoint_root(dir.join(crate::statedir::TASKS_DIR))
                     .with_group_root(dir.join(crate::executor::orphans::GROUPS_DIR));
                 None
             }

@@ -11,7 +11,8 @@
 //!                  deletions owed to checkpoints.db (`forget`)
 //!   checkpoints.db SQLite (WAL, synchronous=NORMAL): the latest checkpoint of each task
 //!                  running or lost (`checkpoints`)
-//!   tasks/<task>/  checkpoint directories of command tasks (owned by the executor)
+//!   tasks/<task>/  checkpoint directories of command tasks (owned by the executor; those of
+//!                  tasks neither running nor lost are swept at start: `sweep_task_dirs`)
 //!   groups/<task>  the process group and mark of a running command task, for a worker that
 //!                  starts after a crash (`executor::orphans`)
 //! ```
@@ -62,6 +63,8 @@ pub use checkpoints::CHECKPOINTS_FILE;
 
 /// File name of the lock.
 pub const LOCK_FILE: &str = "lock";
+/// Directory of the command tasks' checkpoint directories (`tasks/<task>/`).
+pub const TASKS_DIR: &str = "tasks";
 /// File name of the database.
 pub const DB_FILE: &str = "worker.db";
 /// Schema version of `worker.db` (`PRAGMA user_version`): 2 since its checkpoints live in
@@ -296,6 +299,55 @@ impl StateDir {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Removes the checkpoint directories (`tasks/<task>/`) of tasks neither running nor lost,
+    /// by the rule of the checkpoints swept at open: a crash between journaling a task's result
+    /// and removing its directory left one, which nothing else would ever remove. Called at
+    /// start, before any task runs here (the executor owns the directory of a task it runs);
+    /// those of lost tasks stay, for an attempt that may come back here. What is not a
+    /// directory (the records of an older worker's process groups, `tasks/<task>.group`) is
+    /// left alone. Returns how many were removed; a failure is logged (only disk space is at
+    /// stake).
+    pub fn sweep_task_dirs(&self) -> usize {
+        let root = self.dir.join(TASKS_DIR);
+        let entries = match std::fs::read_dir(&root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
+            Err(error) => {
+                tracing::warn!(dir = %root.display(), %error, "cannot look through the tasks' checkpoint directories");
+                return 0;
+            }
+        };
+        let needed = match needed(&self.conn()) {
+            Ok(needed) => needed,
+            Err(error) => {
+                tracing::warn!(path = %self.db_path.display(), %error, "cannot read the tasks running or lost; their checkpoint directories are not swept");
+                return 0;
+            }
+        };
+        let mut swept = Vec::new();
+        for entry in entries.flatten() {
+            // Not followed: a link is no directory of the executor's.
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            let name = entry.file_name();
+            let Some(task) = name.to_str().filter(|_| is_dir) else {
+                continue;
+            };
+            if needed.contains(task) {
+                continue;
+            }
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => swept.push(task.to_owned()),
+                Err(error) => {
+                    tracing::warn!(dir = %entry.path().display(), %error, "could not remove the checkpoint directory of a task that ended");
+                }
+            }
+        }
+        if !swept.is_empty() {
+            tracing::info!(dir = %root.display(), swept = swept.len(), tasks = ?swept, "removed the checkpoint directories of tasks that ended before the previous process could");
+        }
+        swept.len()
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {

@@ -194,3 +194,44 @@ fn stop_running(
     drop(rt);
     StateDir::open(dir, &id).expect("reopen")
 }
+
+/// A crash between journaling a task's result and removing its checkpoint directory left
+/// `tasks/<task>/` behind, for ever: the next start removes the directories of tasks neither
+/// running nor lost, and keeps those of tasks lost with the previous process (an attempt that
+/// comes back here may own it) and what is not a directory.
+#[tokio::test]
+async fn a_start_sweeps_the_checkpoint_directories_of_tasks_neither_running_nor_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = WorkerId::parse("w").expect("id");
+    let tasks = dir.path().join("tasks");
+    // The previous process: `lost` runs when it dies; `gone` ended, its directory left.
+    {
+        let (sd, _) = StateDir::open(dir.path(), &id).expect("open");
+        sd.task_started(&TaskId::parse("lost").expect("id"), Attempt(1))
+            .expect("start");
+        for t in ["lost", "gone"] {
+            std::fs::create_dir_all(tasks.join(t).join("sub")).expect("mkdir");
+            std::fs::write(tasks.join(t).join("sub").join("f"), b"x").expect("write");
+        }
+        std::fs::write(tasks.join("not-a-dir"), b"x").expect("write");
+    }
+    let mut cfg = tether_worker::WorkerConfig::new("ws://coordinator.invalid:1", id);
+    cfg.state_dir = Some(dir.path().to_owned());
+    let agent = crate::fake::agent(&FakeConnector::new(Script::Refuse), cfg);
+    assert_eq!(
+        agent.lost(),
+        [TaskRef::new(TaskId::parse("lost").expect("id"), Attempt(1))]
+    );
+    assert!(
+        !tasks.join("gone").exists(),
+        "the ended task's directory is swept"
+    );
+    assert!(
+        tasks.join("lost").join("sub").join("f").exists(),
+        "the lost task's directory is kept"
+    );
+    assert!(
+        tasks.join("not-a-dir").exists(),
+        "only directories are swept"
+    );
+}
