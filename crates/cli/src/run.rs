@@ -565,7 +565,8 @@ pub struct WorkerArgs {
     /// `0.2` for +/-20 %, `full` for full jitter, `0` for none.
     #[arg(long)]
     reconnect_jitter: Option<String>,
-    /// Consecutive failed attempts before giving up (at least 1; default: never give up).
+    /// Consecutive failed connection attempts before giving up (at least 1; a lost session is not
+    /// one; default: never give up).
     #[arg(long)]
     max_reconnect_attempts: Option<u32>,
     /// Limit on one TCP connect plus WebSocket handshake (default 10s).
