@@ -52,7 +52,8 @@ pub struct CoordinatorArgs {
     /// Remove finished tasks, their results, state and checkpoints this long after they
     /// finished (e.g. `7d`; at least `1m`), and lost or stopped workers this long after they
     /// were last seen; kept forever when unset. A removed task's id may be submitted again:
-    /// the new task numbers its attempts after the removed one's.
+    /// the new task numbers its attempts after the removed one's (for as long again: then
+    /// the id is forgotten).
     #[arg(long, value_parser = parse_duration_arg)]
     retention: Option<Duration>,
     /// File holding the fleet secret workers authenticate with (turns authentication on).

@@ -555,8 +555,8 @@ impl Core {
             peer_logs: PeerLogs::default(),
         };
         core.next_submit_seq = loaded.next_submit_seq;
-        for (id, last) in &loaded.removed {
-            core.removed.note(id, *last);
+        for (id, last, at) in &loaded.removed {
+            core.removed.note(id, *last, *at);
         }
         for w in loaded.workers {
             core.workers.insert(w.worker_id.clone(), w);

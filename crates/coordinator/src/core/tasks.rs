@@ -36,13 +36,24 @@ pub(super) const ALIVE_EVERY: Duration = Duration::from_secs(5);
 /// remembers finishing and so ignores if assigned again), and the same `(task, attempt)` would
 /// make it run nothing, or count its old result for the new task.
 ///
-/// An entry is a hash of the id, 16 bytes and no copy of the id (the store keeps the ids, in
-/// `removed_tasks`): two ids of one hash only make the later task's attempts start higher than
-/// they had to.
+/// An entry is a hash of the id and its removal time, no copy of the id (the store keeps the
+/// ids, in `removed_tasks`): two ids of one hash only make the later task's attempts start
+/// higher than they had to. About 56 bytes an id, in the map and in the removal order.
+///
+/// An id removed longer than the retention ago is forgotten ([`Removed::forget_before`]), or
+/// the entries would grow with every task ever removed (at 20,000 tasks a second, 70 MB an
+/// hour). By then no worker holds an attempt of it: the task had finished a retention before
+/// its removal, and a worker that held an attempt and has not been back since (to send what
+/// its outbox held, acknowledged `duplicate` or `stale`) was lost and unseen for longer than
+/// the retention, and so is forgotten too: if it comes back, it registers as new.
 #[derive(Default)]
 pub(super) struct Removed {
     hasher: foldhash::quality::RandomState,
-    last: std::collections::HashMap<u64, Attempt, foldhash::quality::RandomState>,
+    /// The last attempt of each id's tasks removed, and the latest removal of it.
+    last: std::collections::HashMap<u64, (Attempt, DateTime<Utc>), foldhash::quality::RandomState>,
+    /// Removals in time order; one whose time no longer matches its id's entry was followed by
+    /// a later removal of the id (or of another id of its hash).
+    order: std::collections::VecDeque<(DateTime<Utc>, u64)>,
 }
 
 impl Removed {
@@ -50,11 +61,13 @@ impl Removed {
         std::hash::BuildHasher::hash_one(&self.hasher, id)
     }
 
-    /// Remembers that a task of `id` was removed after `last` attempts.
-    pub(super) fn note(&mut self, id: &str, last: Attempt) {
+    /// Remembers that a task of `id` was removed `at` after `last` attempts (`at` no earlier
+    /// than the removals noted before).
+    pub(super) fn note(&mut self, id: &str, last: Attempt, at: DateTime<Utc>) {
         let key = self.key(id);
-        let kept = self.last.entry(key).or_default();
-        *kept = (*kept).max(last);
+        let kept = self.last.entry(key).or_insert((last, at));
+        *kept = (kept.0.max(last), kept.1.max(at));
+        self.order.push_back((at, key));
     }
 
     /// The last attempt of tasks of `id` removed so far (0 when none was).
@@ -62,7 +75,29 @@ impl Removed {
         if self.last.is_empty() {
             return Attempt::default();
         }
-        self.last.get(&self.key(id)).copied().unwrap_or_default()
+        self.last
+            .get(&self.key(id))
+            .map(|e| e.0)
+            .unwrap_or_default()
+    }
+
+    /// Forgets the ids removed before `cutoff`, last removed then; how many.
+    pub(super) fn forget_before(&mut self, cutoff: DateTime<Utc>) -> usize {
+        let mut forgot = 0;
+        while let Some(&(at, key)) = self.order.front()
+            && at < cutoff
+        {
+            self.order.pop_front();
+            if self.last.get(&key).is_some_and(|e| e.1 == at) {
+                self.last.remove(&key);
+                forgot += 1;
+            }
+        }
+        if forgot > 0 && self.last.capacity() > 4 * self.last.len().max(64) {
+            self.last.shrink_to_fit();
+            self.order.shrink_to_fit();
+        }
+        forgot
     }
 }
 
@@ -411,6 +446,9 @@ impl Core {
             if let Some(cutoff) = now().checked_sub_signed(age) {
                 self.expire_finished_before(cutoff, b);
                 self.expire_workers_lost_before(cutoff, b);
+                if self.removed.forget_before(cutoff) > 0 {
+                    b.muts.push(Mutation::ForgetRemoved { before: cutoff });
+                }
             }
         }
     }
@@ -448,10 +486,12 @@ impl Core {
             }
             if let Some(t) = self.tasks.remove(&id) {
                 self.listing.remove(&t);
-                self.removed.note(id.as_str(), t.attempt);
+                let at = now();
+                self.removed.note(id.as_str(), t.attempt, at);
                 b.muts.push(Mutation::DeleteTask {
                     id: id.clone(),
                     last_attempt: t.attempt,
+                    at,
                 });
             }
             for kept in self.checkpoint_history.remove(&id).into_iter().flatten() {

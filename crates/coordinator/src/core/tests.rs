@@ -844,7 +844,7 @@ fn a_task_submitted_under_a_removed_tasks_id_numbers_its_attempts_after_it() {
 #[test]
 fn the_removed_ids_loaded_at_start_number_the_attempts_of_their_new_tasks() {
     let loaded = Loaded {
-        removed: vec![("nightly".to_owned(), Attempt(4))],
+        removed: vec![("nightly".to_owned(), Attempt(4), now())],
         ..Loaded::default()
     };
     let mut h = Harness::from_store(CoordinatorConfig::new("/nonexistent"), loaded);
@@ -862,6 +862,49 @@ fn the_removed_ids_loaded_at_start_number_the_attempts_of_their_new_tasks() {
     assert!(drain(&mut rx).iter().any(
         |m| matches!(m, CoordMsg::TaskAssignment(a) if a.task_id == other && a.attempt == Attempt(1))
     ));
+}
+
+/// An id removed longer than the retention ago is forgotten by the sweep, in the model and
+/// (by mutation) in the store: a task of it numbers its attempts from 1 again. One removed
+/// since is kept. Kept for ever, the ids grew with every task ever removed.
+#[test]
+fn the_sweep_forgets_ids_removed_longer_than_the_retention_ago() {
+    let mut cfg = CoordinatorConfig::new("/nonexistent");
+    cfg.retention = Some(std::time::Duration::from_secs(3600));
+    let ago = |mins: i64| now() - chrono::Duration::minutes(mins);
+    let loaded = Loaded {
+        removed: vec![
+            ("old".to_owned(), Attempt(4), ago(120)),
+            ("recent".to_owned(), Attempt(4), ago(10)),
+        ],
+        ..Loaded::default()
+    };
+    let mut h = Harness::from_store(cfg, loaded);
+    let forgets = |b: &Batch| {
+        b.muts
+            .iter()
+            .filter(|m| matches!(m, crate::store::Mutation::ForgetRemoved { .. }))
+            .count()
+    };
+    let mut b = Batch::default();
+    h.core.sweep(&mut b);
+    assert_eq!(forgets(&b), 1, "{:?}", b.muts);
+    let mut b = Batch::default();
+    h.core.sweep(&mut b);
+    assert_eq!(forgets(&b), 0, "nothing more to forget");
+    let (_s, mut rx) = h.connect_registering("a", |r| r.slots = 2);
+    for (id, first) in [("old", Attempt(1)), ("recent", Attempt(5))] {
+        let t = h.submit_spec(TaskSpec {
+            task_id: Some(TaskId::parse(id).expect("id")),
+            ..TaskSpec::new("sleep", serde_json::json!({}))
+        });
+        assert!(
+            drain(&mut rx).iter().any(
+                |m| matches!(m, CoordMsg::TaskAssignment(a) if a.task_id == t && a.attempt == first)
+            ),
+            "{id}: attempt {first:?}"
+        );
+    }
 }
 
 #[test]

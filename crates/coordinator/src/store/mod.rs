@@ -145,10 +145,16 @@ pub enum Mutation {
     /// is not there, e.g. when its `InsertTask` was superseded in the same group).
     PutTask(Box<Task>),
     /// Removes a finished task and everything of it, and remembers its id with its last
-    /// attempt (`removed_tasks`), so that a later task of the id numbers its attempts after.
+    /// attempt and the time (`removed_tasks`), so that a later task of the id numbers its
+    /// attempts after.
     DeleteTask {
         id: TaskId,
         last_attempt: Attempt,
+        at: DateTime<Utc>,
+    },
+    /// Forgets the ids of tasks removed before `before` (`removed_tasks`).
+    ForgetRemoved {
+        before: DateTime<Utc>,
     },
     PutResult {
         task_id: TaskId,
@@ -382,8 +388,8 @@ pub struct Loaded {
     pub superseded_checkpoints: Vec<(TaskId, CheckpointId, Attempt)>,
     /// The next submission number kept when tasks were removed (0 if none was).
     pub next_submit_seq: u64,
-    /// Ids of tasks removed by retention, with their last attempt.
-    pub removed: Vec<(String, Attempt)>,
+    /// Ids of tasks removed by retention, with their last attempt and when, oldest first.
+    pub removed: Vec<(String, Attempt, DateTime<Utc>)>,
     /// The last [`Mutation::AliveAt`] the previous run wrote.
     pub alive_at: Option<DateTime<Utc>>,
     /// The task states the writer has journaled and not yet folded into the database (empty
@@ -537,8 +543,14 @@ fn load(conn: &Connection) -> Result<Loaded, LoadError> {
         )
         .optional()?
         .map_or(0, |v| v.max(0).unsigned_abs());
-    let mut stmt = conn.prepare("SELECT id, last_attempt FROM removed_tasks")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, Attempt(r.get(1)?))))?;
+    let mut stmt = conn.prepare(
+        "SELECT id, last_attempt, removed_at_ms FROM removed_tasks ORDER BY removed_at_ms",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let at = r.get::<_, i64>(2)?;
+        let at = DateTime::<Utc>::from_timestamp_millis(at).unwrap_or_else(Utc::now);
+        Ok((r.get::<_, String>(0)?, Attempt(r.get(1)?), at))
+    })?;
     out.removed = rows.collect::<Result<_, _>>()?;
     out.alive_at = conn
         .query_row(
@@ -886,7 +898,11 @@ fn commit(
                     insert_task(&tx, t)?;
                 }
             }
-            Mutation::DeleteTask { id, last_attempt } => {
+            Mutation::DeleteTask {
+                id,
+                last_attempt,
+                at,
+            } => {
                 // Its journaled states go too (and are not replayed, even under its id). The
                 // forget is journaled before the commit, as every op is: a crash between them
                 // leaves the task (finished: only those are removed) without its journaled
@@ -903,10 +919,19 @@ fn commit(
                     tx.prepare_cached(sql)?.execute([id.as_str()])?;
                 }
                 tx.prepare_cached(
-                    "INSERT INTO removed_tasks (id, last_attempt) VALUES (?1, ?2)
-                     ON CONFLICT(id) DO UPDATE SET last_attempt = max(last_attempt, excluded.last_attempt)",
+                    "INSERT INTO removed_tasks (id, last_attempt, removed_at_ms) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(id) DO UPDATE SET last_attempt = max(last_attempt, excluded.last_attempt),
+                     removed_at_ms = max(removed_at_ms, excluded.removed_at_ms)",
                 )?
-                .execute(rusqlite::params![id.as_str(), last_attempt.0])?;
+                .execute(rusqlite::params![
+                    id.as_str(),
+                    last_attempt.0,
+                    at.timestamp_millis()
+                ])?;
+            }
+            Mutation::ForgetRemoved { before } => {
+                tx.prepare_cached("DELETE FROM removed_tasks WHERE removed_at_ms < ?1")?
+                    .execute([before.timestamp_millis()])?;
             }
             Mutation::NextSubmitSeq(next) => {
                 tx.prepare_cached(

@@ -13,7 +13,7 @@ use super::StoreError;
 use crate::model::{AttemptRecord, CheckpointMeta, Lease, Task, Worker, WorkerState};
 
 /// The schema version this coordinator writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 
 /// The version from which every state journal file in the data directory was created whole
 /// (`store::states`): one shorter than its header is damage, not a crash. A coordinator of an
@@ -130,6 +130,24 @@ CREATE TABLE IF NOT EXISTS removed_tasks (
     id TEXT PRIMARY KEY,
     last_attempt INTEGER NOT NULL
 );
+"#,
+    // Version 9: when each id was removed (Unix milliseconds; rows of version 8 take the
+    // migration's time), so that ids removed longer than the retention ago are forgotten
+    // (`Mutation::ForgetRemoved`). A coordinator of version 8 would never forget them, nor
+    // write the time of its own removals, so it refuses this database.
+    // Made anew rather than altered, so that it runs again without failing, as the others.
+    r#"
+DROP TABLE IF EXISTS removed_tasks_9;
+CREATE TABLE removed_tasks_9 (
+    id TEXT PRIMARY KEY,
+    last_attempt INTEGER NOT NULL,
+    removed_at_ms INTEGER NOT NULL
+);
+INSERT INTO removed_tasks_9 (id, last_attempt, removed_at_ms)
+    SELECT id, last_attempt, CAST(strftime('%s', 'now') AS INTEGER) * 1000 FROM removed_tasks;
+DROP TABLE removed_tasks;
+ALTER TABLE removed_tasks_9 RENAME TO removed_tasks;
+CREATE INDEX removed_tasks_at ON removed_tasks (removed_at_ms);
 "#,
 ];
 

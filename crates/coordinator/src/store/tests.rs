@@ -34,6 +34,7 @@ fn removal(id: TaskId) -> Mutation {
     Mutation::DeleteTask {
         id,
         last_attempt: Attempt(1),
+        at: Utc::now(),
     }
 }
 
@@ -523,6 +524,7 @@ fn a_removed_task_leaves_its_id_with_its_highest_last_attempt() {
         let removed = |last| Mutation::DeleteTask {
             id: gone.clone(),
             last_attempt: Attempt(last),
+            at: Utc::now(),
         };
         // Removed after 3 attempts, submitted again, removed again after fewer: 3 stays (a
         // later task of the id had numbered its attempts after it anyway).
@@ -533,15 +535,74 @@ fn a_removed_task_leaves_its_id_with_its_highest_last_attempt() {
             vec![removal(TaskId::parse("other").expect("id"))],
         );
     }
-    let (_, mut loaded) = open(dir.path()).expect("reopen");
-    loaded.removed.sort();
+    let (_, loaded) = open(dir.path()).expect("reopen");
+    let mut removed: Vec<_> = loaded
+        .removed
+        .iter()
+        .map(|(id, n, _)| (id.clone(), *n))
+        .collect();
+    removed.sort();
     assert_eq!(
-        loaded.removed,
+        removed,
         [
             ("nightly".to_owned(), Attempt(3)),
             ("other".to_owned(), Attempt(1))
         ]
     );
+}
+
+/// The ids removed before a time are forgotten, the later ones kept with their times (oldest
+/// first at load), and an id removed again counts from its latest removal.
+#[test]
+fn removed_ids_are_forgotten_by_the_time_they_were_last_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).expect("ms");
+    let t = |s: i64| base - chrono::Duration::seconds(s);
+    let removed = |id: &str, at| Mutation::DeleteTask {
+        id: TaskId::parse(id).expect("id"),
+        last_attempt: Attempt(2),
+        at,
+    };
+    {
+        let (mut conn, _) = open(dir.path()).expect("open");
+        commit_muts(
+            &mut conn,
+            vec![
+                removed("old", t(300)),
+                removed("again", t(290)),
+                removed("new", t(100)),
+            ],
+        );
+        commit_muts(&mut conn, vec![removed("again", t(50))]);
+        commit_muts(&mut conn, vec![Mutation::ForgetRemoved { before: t(200) }]);
+    }
+    let (_, loaded) = open(dir.path()).expect("reopen");
+    let kept: Vec<_> = loaded
+        .removed
+        .iter()
+        .map(|(id, _, at)| (id.as_str(), *at))
+        .collect();
+    assert_eq!(kept, [("new", t(100)), ("again", t(50))]);
+}
+
+/// Ids removed under schema 8 (no time) take the migration's time: forgotten a retention
+/// after it, not at once.
+#[test]
+fn removed_ids_of_schema_8_are_taken_as_removed_at_the_migration() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    old_database(
+        dir.path(),
+        8,
+        "INSERT INTO removed_tasks (id, last_attempt) VALUES (?1, 3)",
+        "nightly",
+    );
+    let before = Utc::now() - chrono::Duration::seconds(2);
+    let (_, loaded) = open(dir.path()).expect("migrated");
+    let [(id, last, at)] = &loaded.removed[..] else {
+        panic!("{:?}", loaded.removed);
+    };
+    assert_eq!((id.as_str(), *last), ("nightly", Attempt(3)));
+    assert!(*at >= before && *at <= Utc::now(), "{at}");
 }
 
 #[test]
