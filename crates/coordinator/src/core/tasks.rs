@@ -41,8 +41,8 @@ pub(super) const ALIVE_EVERY: Duration = Duration::from_secs(5);
 /// higher than they had to. About 56 bytes an id, in the map and in the removal order.
 ///
 /// An id removed longer than the retention ago is forgotten ([`Removed::forget_before`]), or
-/// the entries would grow with every task ever removed (at 20,000 tasks a second, 70 MB an
-/// hour). By then no worker holds an attempt of it: the task had finished a retention before
+/// the entries would grow with every task ever removed (at 20,000 tasks a second, over a
+/// gigabyte an hour); kept for a retention, they are a small part of what the retention keeps. By then no worker holds an attempt of it: the task had finished a retention before
 /// its removal, and a worker that held an attempt and has not been back since (to send what
 /// its outbox held, acknowledged `duplicate` or `stale`) was lost and unseen for longer than
 /// the retention, and so is forgotten too: if it comes back, it registers as new.
