@@ -1215,12 +1215,15 @@ mod tests {
             // `0s` removed results within a second of their task's end.
             (&["--retention", "0s"], "retention 0s would remove"),
             (&["--retention", "59s"], "at least 60s"),
+            // Every connection was closed unanswered, its deadline passed at the accept.
+            (&["--handshake-timeout", "0s"], "--handshake-timeout"),
         ] {
             let e = coord(flags).expect_err("refused");
             assert!(e.to_string().contains(name), "{flags:?}: {e}");
         }
         coord(&["--heartbeat-interval", "10ms", "--max-frame", "1048576"]).expect("the least");
         coord(&["--retention", "1m"]).expect("the least retention");
+        coord(&["--handshake-timeout", "100ms"]).expect("the least handshake timeout");
         let work = |flags: &[&str]| {
             let base = ["t", "--coordinator", "ws://127.0.0.1:1", "--id", "w"];
             worker_config(

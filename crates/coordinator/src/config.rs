@@ -18,6 +18,19 @@ pub const MIN_LOST_AFTER: Duration = Duration::from_secs(1);
 /// Smallest frame limit: a worker's checkpoint piece (256 KiB, about 342 KiB as base64 in its
 /// JSON) and a batch frame must fit, or the session that carries one ends each time it is sent.
 pub const MIN_MAX_FRAME: usize = 1024 * 1024;
+/// Shortest handshake deadline accepted: a connection's request must be read and its answer
+/// begun within it, over TLS its handshake too, and a large answer waits up to half of it for
+/// its turn; at 0 every connection (health checks, API, worker upgrades) was closed unanswered.
+pub const MIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(100);
+/// Shortest idle time of an HTTP connection accepted: at 0 every answer was cut after its
+/// first write, event streams among them.
+pub const MIN_HTTP_IDLE: Duration = Duration::from_millis(100);
+/// Shortest sweeper period accepted: a sweep goes over the leases and the lost workers, and
+/// 0 is no period (the core's timer panicked at the start).
+pub const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(10);
+/// Shortest period of the dashboard's samples accepted: each asks the core for its overview,
+/// and 0 is no period (the sampler's timer panicked, and the charts stayed empty).
+pub const MIN_HISTORY_INTERVAL: Duration = Duration::from_millis(10);
 /// Default heartbeat budget: the fleet's heartbeats a second the coordinator plans for. Up to
 /// 5,000 workers beat at the configured interval; a larger fleet is told a longer one (10 s at
 /// 10,000 workers), as HashiCorp Nomad sizes its clients' heartbeat TTL to its fleet.
@@ -200,8 +213,11 @@ impl CoordinatorConfig {
     /// Refuses settings no run can work with (`run` calls it): a heartbeat interval under
     /// [`MIN_HEARTBEAT_INTERVAL`] or a timeout not longer than it, frames too small for a
     /// message's envelope, a checkpoint bound, connection limit or body limit of 0, a message,
-    /// connection or byte rate that is not a positive number (0 does not mean unlimited). The `tether coordinator` command asks more
-    /// of some (frames of 1 MiB at least).
+    /// connection or byte rate that is not a positive number (0 does not mean unlimited), a
+    /// handshake deadline or HTTP idle time under 100 ms ([`MIN_HANDSHAKE_TIMEOUT`],
+    /// [`MIN_HTTP_IDLE`]), a sweep or sample period under 10 ms ([`MIN_SWEEP_INTERVAL`],
+    /// [`MIN_HISTORY_INTERVAL`]). The `tether coordinator` command asks more of some (frames
+    /// of 1 MiB at least).
     pub fn validate(&self) -> Result<(), tether_proto::settings::ConfigError> {
         use tether_proto::settings::{ConfigError, check_frame, check_heartbeat};
         check_heartbeat(
@@ -249,6 +265,43 @@ impl CoordinatorConfig {
             ));
         }
         let l = &self.limits;
+        for (field, value, least, why) in [
+            (
+                "handshake_timeout",
+                l.handshake_timeout,
+                MIN_HANDSHAKE_TIMEOUT,
+                "would close connections before their request could be read and answered",
+            ),
+            (
+                "http_idle",
+                l.http_idle,
+                MIN_HTTP_IDLE,
+                "would cut answers and event streams as soon as they pause",
+            ),
+            (
+                "sweep_interval",
+                self.sweep_interval,
+                MIN_SWEEP_INTERVAL,
+                "would keep the core sweeping leases and lost workers (0 stopped it at the start)",
+            ),
+            (
+                "history_interval",
+                self.history_interval,
+                MIN_HISTORY_INTERVAL,
+                "would keep the core making the dashboard's samples (0 stopped them at the start)",
+            ),
+        ] {
+            if value < least {
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "{} ms {why}: at least {} ms",
+                        value.as_millis(),
+                        least.as_millis()
+                    ),
+                ));
+            }
+        }
         // A worker paces its messages, heartbeats among them, by the rate it is told: below a
         // heartbeat per heartbeat interval its sessions would time out (and a rate near zero
         // made the wait for the next token overflow in workers).
@@ -380,7 +433,7 @@ mod tests {
         let base = || CoordinatorConfig::new(&data);
         base().validate().expect("the defaults");
         type Spoil = fn(&mut CoordinatorConfig);
-        let cases: [(&str, Spoil); 19] = [
+        let cases: [(&str, Spoil); 23] = [
             ("lost_after", |c| c.lost_after = Duration::ZERO),
             ("heartbeat_interval", |c| {
                 c.heartbeat_interval = Duration::ZERO
@@ -422,6 +475,16 @@ mod tests {
             ("connects_per_sec", |c| {
                 c.limits.connects_per_sec = f64::INFINITY
             }),
+            // Every connection was closed unanswered, its deadline passed at the accept.
+            ("handshake_timeout", |c| {
+                c.limits.handshake_timeout = Duration::ZERO
+            }),
+            // The core's sweep timer panicked, and `run` reported a store failure.
+            ("sweep_interval", |c| c.sweep_interval = Duration::ZERO),
+            // The dashboard's sampler panicked, and the charts stopped.
+            ("history_interval", |c| c.history_interval = Duration::ZERO),
+            // Every event stream was cut after its first write.
+            ("http_idle", |c| c.limits.http_idle = Duration::ZERO),
         ];
         for (field, spoil) in cases {
             let mut c = base();
@@ -434,6 +497,10 @@ mod tests {
         least.max_frame = tether_proto::settings::MIN_FRAME;
         least.max_checkpoint_bytes = 1;
         least.lost_after = MIN_LOST_AFTER;
+        least.limits.handshake_timeout = MIN_HANDSHAKE_TIMEOUT;
+        least.limits.http_idle = MIN_HTTP_IDLE;
+        least.sweep_interval = MIN_SWEEP_INTERVAL;
+        least.history_interval = MIN_HISTORY_INTERVAL;
         least.validate().expect("the least of each");
         let mut c = base();
         c.heartbeat_interval = Duration::ZERO;
