@@ -577,7 +577,11 @@ pub async fn submit(State(app): State<Arc<AppState>>, request: axum::extract::Re
 /// Most tasks one listing returns; more are read page by page (`after_seq`).
 const LIST_MAX: usize = 100_000;
 
+/// The query of a task listing. A parameter it does not know is refused (`400 bad_request`,
+/// as one whose value cannot be read): ignored, a typo (`state=failed`) listed every status,
+/// and a paging scheme it does not have (`offset`, `page`) gave the first page for ever.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListQuery {
     status: Option<String>,
     limit: Option<usize>,
@@ -599,6 +603,7 @@ pub struct ListQuery {
     ),
     responses(
         (status = 200, description = "Tasks in submission order (or the reverse)", body = Vec<crate::model::Task>),
+        (status = 400, description = "A query that cannot be read (`bad_request`): a parameter other than status, limit, order, updated_since and after_seq (named, with those), one given twice, or a `limit` or `after_seq` that is not a whole number", body = ErrorBody),
         (status = 422, description = "Unknown status or order, a time that is not RFC 3339, or a `limit` above 100000", body = ErrorBody),
         (status = 503, description = "Busy: every turn for large answers was held for half the handshake deadline (Retry-After)", body = ErrorBody),
     )

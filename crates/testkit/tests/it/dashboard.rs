@@ -555,6 +555,20 @@ async fn tasks_can_be_listed_newest_first() {
     let (status, e) = client.get("/api/v1/tasks?order=sideways").await;
     assert_eq!(status, 422, "{e}");
     assert_eq!(e["error"]["code"], "invalid");
+    // A parameter the listing does not know is refused like one it cannot read (`limit=abc`),
+    // naming it and the ones it knows: ignored, a typo of `status` listed every status, and
+    // `offset` or `page` gave the first page again for ever.
+    for query in ["state=failed", "offset=1000", "page=2"] {
+        let (status, e) = client.get(&format!("/api/v1/tasks?{query}")).await;
+        assert_eq!(status, 400, "{query}: {e}");
+        assert_eq!(e["error"]["code"], "bad_request", "{query}: {e}");
+        let message = e["error"]["message"].as_str().unwrap_or_default();
+        let name = query.split('=').next().unwrap_or_default();
+        assert!(message.contains(&format!("`{name}`")), "{query}: {e}");
+        for known in ["status", "limit", "order", "updated_since", "after_seq"] {
+            assert!(message.contains(known), "{query}: {e}");
+        }
+    }
     c.stop().await;
 }
 
