@@ -513,7 +513,7 @@ fn specs_of(body: &serde_json::value::RawValue, max: usize) -> Result<Vec<TaskSp
         (status = 409, description = "A task id already exists", body = ErrorBody),
         (status = 413, description = "Larger than the body limit", body = ErrorBody),
         (status = 415, description = "Not sent as `application/json`", body = ErrorBody),
-        (status = 503, description = "The data directory is out of space (`out_of_space`, with Retry-After): nothing new is taken until there is room; or busy (`busy`, with Retry-After): every turn for submissions (4 at once) was held for half the handshake deadline", body = ErrorBody),
+        (status = 503, description = "`out_of_space`: the data directory is out of space, nothing new is taken until there is room (Retry-After: 5); `busy`: every turn for submissions (4 at once) was held for half the handshake deadline (Retry-After: 1); neither took anything. `shutting_down`: the coordinator is stopping (Retry-After: 5)", body = ErrorBody),
         (status = 422, description = "Not a spec (`bad_request`; the message starts with the field at fault, e.g. `tasks[2].kind: invalid type: ...`), an invalid spec (a config its built-in executor would refuse among them), or too many in one request (`invalid`)", body = ErrorBody),
     )
 )]
@@ -605,7 +605,7 @@ pub struct ListQuery {
         (status = 200, description = "Tasks in submission order (or the reverse)", body = Vec<crate::model::Task>),
         (status = 400, description = "A query that cannot be read (`bad_request`): a parameter other than status, limit, order, updated_since and after_seq (named, with those), one given twice, or a `limit` or `after_seq` that is not a whole number", body = ErrorBody),
         (status = 422, description = "Unknown status or order, a time that is not RFC 3339, or a `limit` above 100000", body = ErrorBody),
-        (status = 503, description = "Busy: every turn for large answers was held for half the handshake deadline (Retry-After)", body = ErrorBody),
+        (status = 503, description = "`busy`: every turn for large answers was held for half the handshake deadline (Retry-After: 1); `shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
     )
 )]
 pub async fn list_tasks(
@@ -677,8 +677,8 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, ApiError> {
         (status = 200, description = "The task with its spec, status, lease, attempts and latest checkpoint", body = crate::model::Task),
         (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
-        (status = 422, description = "Not a task id", body = ErrorBody),
-        (status = 503, description = "Busy: every turn for large answers was held for half the handshake deadline (Retry-After)", body = ErrorBody),
+        (status = 422, description = "Not a task id (`invalid`)", body = ErrorBody),
+        (status = 503, description = "`busy`: every turn for large answers was held for half the handshake deadline (Retry-After: 1); `shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
     )
 )]
 pub async fn get_task(State(app): State<Arc<AppState>>, ApiPath(id): ApiPath<String>) -> Response {
@@ -702,7 +702,9 @@ pub async fn get_task(State(app): State<Arc<AppState>>, ApiPath(id): ApiPath<Str
         (status = 200, description = "Recorded results: the counted one first, stale ones after", body = serde_json::Value),
         (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
-        (status = 503, description = "Busy: every turn for large answers was held for half the handshake deadline (Retry-After)", body = ErrorBody),
+        (status = 422, description = "Not a task id (`invalid`)", body = ErrorBody),
+        (status = 500, description = "The store could not be read (`internal`)", body = ErrorBody),
+        (status = 503, description = "`busy`: every turn for large answers was held for half the handshake deadline (Retry-After: 1); `shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
     )
 )]
 pub async fn task_result(
@@ -729,7 +731,9 @@ pub async fn task_result(
         (status = 200, description = "The latest state the worker reported (attempt, state, updated_at), or null", body = serde_json::Value),
         (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
-        (status = 503, description = "Busy: every turn for large answers was held for half the handshake deadline (Retry-After)", body = ErrorBody),
+        (status = 422, description = "Not a task id (`invalid`)", body = ErrorBody),
+        (status = 500, description = "The store could not be read (`internal`)", body = ErrorBody),
+        (status = 503, description = "`busy`: every turn for large answers was held for half the handshake deadline (Retry-After: 1); `shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
     )
 )]
 pub async fn task_state(
@@ -756,6 +760,9 @@ pub async fn task_state(
         (status = 200, description = "Complete checkpoints: checkpoint_id, attempt, size, created_at", body = serde_json::Value),
         (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
+        (status = 422, description = "Not a task id (`invalid`)", body = ErrorBody),
+        (status = 500, description = "The store could not be read (`internal`)", body = ErrorBody),
+        (status = 503, description = "`shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
     )
 )]
 pub async fn task_checkpoints(
@@ -777,7 +784,9 @@ pub async fn task_checkpoints(
         (status = 200, description = "The bytes of a complete checkpoint of this task", content_type = "application/octet-stream", body = Vec<u8>),
         (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such task, or no complete checkpoint of that id of this task", body = ErrorBody),
-        (status = 503, description = "Busy: every turn for large answers was held for half the handshake deadline (Retry-After)", body = ErrorBody),
+        (status = 422, description = "Not a task id, or not a checkpoint id (`invalid`)", body = ErrorBody),
+        (status = 500, description = "The store could not be read (`internal`)", body = ErrorBody),
+        (status = 503, description = "`busy`: every turn for large answers was held for half the handshake deadline (Retry-After: 1); `shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
     )
 )]
 pub async fn checkpoint_data(
@@ -821,7 +830,8 @@ pub async fn checkpoint_data(
         (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such task or action", body = ErrorBody),
         (status = 409, description = "Not possible in the task's state", body = ErrorBody),
-        (status = 503, description = "Busy: every turn for large answers was held for half the handshake deadline (Retry-After); nothing was done", body = ErrorBody),
+        (status = 422, description = "Not a task id (`invalid`)", body = ErrorBody),
+        (status = 503, description = "`busy`: every turn for large answers was held for half the handshake deadline, and nothing was done (Retry-After: 1); `shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
     )
 )]
 pub async fn control(
@@ -860,7 +870,7 @@ pub async fn control(
     tag = "workers",
     responses(
         (status = 200, description = "Known workers: state, capabilities, tags, slots, leases, last_seen, connection statistics", body = Vec<crate::model::Worker>),
-        (status = 503, description = "Busy: every turn for large answers was held for half the handshake deadline (Retry-After)", body = ErrorBody),
+        (status = 503, description = "`busy`: every turn for large answers was held for half the handshake deadline (Retry-After: 1); `shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
     )
 )]
 pub async fn list_workers(State(app): State<Arc<AppState>>) -> Response {
@@ -876,6 +886,8 @@ pub async fn list_workers(State(app): State<Arc<AppState>>) -> Response {
         (status = 200, description = "One worker", body = crate::model::Worker),
         (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
         (status = 404, description = "No such worker", body = ErrorBody),
+        (status = 422, description = "Not a worker id (`invalid`)", body = ErrorBody),
+        (status = 503, description = "`shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
     )
 )]
 pub async fn get_worker(
@@ -892,7 +904,10 @@ pub async fn get_worker(
     get,
     path = "/api/v1/overview",
     tag = "observe",
-    responses((status = 200, description = "Tasks by state, queue depth, workers by state, counters", body = crate::core::Overview))
+    responses(
+        (status = 200, description = "Tasks by state, queue depth, workers by state, counters", body = crate::core::Overview),
+        (status = 503, description = "`shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
+    )
 )]
 pub async fn overview(State(app): State<Arc<AppState>>) -> Response {
     json(ask(&app, |reply| Api::Overview { reply }).await)

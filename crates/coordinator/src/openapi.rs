@@ -174,6 +174,50 @@ mod tests {
         }
     }
 
+    /// What the handlers answer besides their success is listed: a path id that is not an id
+    /// is a 422 (`parse_task`, a checkpoint or worker id), and everything that asks the core
+    /// may be told it is stopping or out of space (503), as the dashboard's listing is.
+    #[test]
+    fn operations_list_the_422_of_their_ids_and_the_503_of_the_core() {
+        let doc = openapi_json();
+        let mut with_ids = 0;
+        let mut of_the_core = 0;
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for (method, op) in item.as_object().expect("item") {
+                let responses = &op["responses"];
+                if path.contains("{id}") || path.contains("{cid}") {
+                    with_ids += 1;
+                    assert!(
+                        responses["422"].is_object(),
+                        "{method} {path} lists the 422 of an id that is not one: {responses}"
+                    );
+                }
+                // Every operation under these asks the core (a submission, when it has specs).
+                let asks = ["/api/v1/tasks", "/api/v1/workers", "/api/v1/overview"]
+                    .iter()
+                    .any(|p| path.starts_with(p));
+                if asks {
+                    of_the_core += 1;
+                    let why = responses["503"]["description"].as_str().unwrap_or_default();
+                    for code in ["shutting_down", "out_of_space"] {
+                        assert!(
+                            why.contains(code),
+                            "{method} {path} lists the 503 {code}: {responses}"
+                        );
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            with_ids, 7,
+            "every operation of a task, a checkpoint or a worker"
+        );
+        assert_eq!(
+            of_the_core, 11,
+            "every operation of tasks, workers and the overview"
+        );
+    }
+
     #[test]
     fn the_main_bodies_have_schemas_from_the_model() {
         let doc = openapi_json();
