@@ -332,7 +332,7 @@ fn checkpoint_heavy_with_fewer_tasks_than_workers_crashes_the_workers_running_th
         .as_array()
         .into_iter()
         .flatten()
-        .find(|v| v["name"] == "crashed workers' tasks resumed from a checkpoint")
+        .find(|v| v["name"] == "crashed workers' tasks resumed from the latest checkpoint held")
         .expect("the verdict");
     let detail = crash["detail"].as_str().unwrap_or_default();
     assert!(

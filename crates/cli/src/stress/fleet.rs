@@ -903,7 +903,7 @@ pub const MIN_STEP_CHECKPOINT: usize = 12;
 /// checkpoint's often do not), so that a resumed attempt can tell whether what it got is
 /// exactly what its own task wrote at that step: a checkpoint of another task, or pieces of two
 /// tasks mixed, differ from the first drawn word on.
-fn step_checkpoint(task: &str, step: u32, size: usize) -> Vec<u8> {
+pub(super) fn step_checkpoint(task: &str, step: u32, size: usize) -> Vec<u8> {
     let size = size.max(MIN_STEP_CHECKPOINT);
     let mut data = Vec::with_capacity(size);
     data.extend_from_slice(&step.to_le_bytes());

@@ -122,8 +122,15 @@ struct Crash {
     /// The attempts running on the crashed workers, each of a task with a complete checkpoint
     /// the coordinator held while that attempt ran: listed before the crash, or after it (the
     /// crashed workers seen disconnected) while still leased to the same attempt. The worker
-    /// was dead by then, so a checkpoint held then was written before it died.
+    /// was dead by then, so a checkpoint held then was written before it died. Each with the
+    /// step of the latest such checkpoint listed (after the crash if it was listed then), set
+    /// by [`Crash::read_steps`].
     held: Vec<truth::Checkpointed>,
+    /// The id of the latest checkpoint listed for each of `held`, in its order.
+    checkpoints: Vec<String>,
+    /// Checkpoints of `held` whose bytes read back were not what their task wrote at any
+    /// step: the coordinator holds them damaged.
+    foreign: Vec<String>,
     /// Tasks running on the crashed workers before the crash.
     interrupted: u64,
     /// Of those, the ones without a checkpoint before the crash that the listing after it no
@@ -146,38 +153,123 @@ impl Crash {
         at: chrono::DateTime<chrono::Utc>,
     ) -> Self {
         let on_crashed = |r: &&Running| workers.contains(&r.lease.worker);
-        let still: HashSet<&truth::Checkpointed> =
-            after.iter().filter(on_crashed).map(|r| &r.lease).collect();
-        let mut held: Vec<truth::Checkpointed> = before
+        let still: HashSet<&Lease> = after.iter().filter(on_crashed).map(|r| &r.lease).collect();
+        // The latest checkpoint of each lease: as listed after the crash, else before it.
+        let mut latest: HashMap<&Lease, &str> = HashMap::new();
+        for r in after.iter().chain(before).filter(on_crashed) {
+            if let Some(c) = &r.checkpoint {
+                latest.entry(&r.lease).or_insert(c);
+            }
+        }
+        let mut latest: Vec<(&Lease, &str)> = latest.into_iter().collect();
+        latest.sort_by(|a, b| (&a.0.task, a.0.attempt).cmp(&(&b.0.task, b.0.attempt)));
+        let held = latest
             .iter()
-            .chain(after)
-            .filter(on_crashed)
-            .filter(|r| r.checkpoint)
-            .map(|r| r.lease.clone())
+            .map(|(l, _)| truth::Checkpointed {
+                task: l.task.clone(),
+                attempt: l.attempt,
+                worker: l.worker.clone(),
+                step: None,
+            })
             .collect();
-        held.sort_by(|a, b| (&a.task, a.attempt).cmp(&(&b.task, b.attempt)));
-        held.dedup();
         let unseen = before
             .iter()
             .filter(on_crashed)
-            .filter(|r| !r.checkpoint && !still.contains(&r.lease))
+            .filter(|r| r.checkpoint.is_none() && !still.contains(&r.lease))
             .count() as u64;
         Self {
             interrupted: before.iter().filter(on_crashed).count() as u64,
             held,
+            checkpoints: latest.iter().map(|(_, c)| c.to_string()).collect(),
+            foreign: Vec::new(),
             unseen,
             workers,
             at,
         }
     }
+
+    /// Reads the step of each held checkpoint from the first bytes the coordinator serves of
+    /// it (the `steps` executor's: its step, then a word drawn from its task and step). One
+    /// no longer there (superseded by a later attempt's, or the task ended) keeps no step; one
+    /// whose bytes are not what its task wrote at that step is `foreign`.
+    async fn read_steps(&mut self, api: &crate::client::Api) -> anyhow::Result<()> {
+        use futures_util::StreamExt;
+        let head = super::fleet::MIN_STEP_CHECKPOINT;
+        let reads = self
+            .held
+            .iter()
+            .zip(&self.checkpoints)
+            .map(|(h, c)| async move {
+                let path = format!("/api/v1/tasks/{}/checkpoints/{c}", h.task);
+                let mut body = match api.stream(&path, READ_STEP_WITHIN).await {
+                    Ok(body) => body,
+                    Err(e)
+                        if e.downcast_ref::<crate::client::Refused>()
+                            .is_some_and(|r| r.status == 404) =>
+                    {
+                        return Ok(None);
+                    }
+                    Err(e) => {
+                        return Err(e.context(format!("reading checkpoint {c} of {}", h.task)));
+                    }
+                };
+                let mut bytes = Vec::with_capacity(head);
+                while bytes.len() < head {
+                    match tokio::time::timeout(READ_STEP_WITHIN, body.next()).await {
+                        Ok(Some(chunk)) => bytes
+                            .extend_from_slice(&chunk.with_context(|| {
+                                format!("reading checkpoint {c} of {}", h.task)
+                            })?),
+                        Ok(None) => break,
+                        Err(_) => bail!("checkpoint {c} of {} stalled while read", h.task),
+                    }
+                }
+                anyhow::Ok(Some(bytes))
+            });
+        let read: Vec<anyhow::Result<Option<Vec<u8>>>> = futures_util::stream::iter(reads)
+            .buffered(READS_AT_ONCE)
+            .collect()
+            .await;
+        for ((h, c), bytes) in self.held.iter_mut().zip(&self.checkpoints).zip(read) {
+            let Some(bytes) = bytes? else { continue };
+            match step_of(&h.task, &bytes) {
+                Some(step) => h.step = Some(step),
+                None => self.foreign.push(format!("{c} of {}", h.task)),
+            }
+        }
+        Ok(())
+    }
 }
 
-/// An attempt the coordinator lists running, and whether it holds a complete checkpoint of
-/// its task (`latest_checkpoint`, of this attempt or an earlier one).
+/// Longest wait for the coordinator to answer a read of a checkpoint, and for each piece of
+/// its first bytes.
+const READ_STEP_WITHIN: Duration = Duration::from_secs(30);
+/// Checkpoints read at once after a crash.
+const READS_AT_ONCE: usize = 16;
+
+/// The step of a `steps` checkpoint of `task` that starts with `head`: its first four bytes,
+/// if the word after them is the one its task drew at that step; `None` if not.
+fn step_of(task: &str, head: &[u8]) -> Option<u32> {
+    let n = super::fleet::MIN_STEP_CHECKPOINT;
+    let step = u32::from_le_bytes(head.get(..4)?.try_into().ok()?);
+    let own = super::fleet::step_checkpoint(task, step, n);
+    (head.get(..n)? == own.as_slice()).then_some(step)
+}
+
+/// An attempt the coordinator lists running.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Lease {
+    task: String,
+    attempt: u64,
+    worker: String,
+}
+
+/// An attempt the coordinator lists running, and the id of the latest complete checkpoint of
+/// its task it holds (`latest_checkpoint`, of this attempt or an earlier one).
 #[derive(Debug, Clone)]
 struct Running {
-    lease: truth::Checkpointed,
-    checkpoint: bool,
+    lease: Lease,
+    checkpoint: Option<String>,
 }
 
 /// The `k` workers checkpoint_heavy crashes, of the `live` ones (oldest first): those running
@@ -187,7 +279,7 @@ struct Running {
 fn crash_targets(running: &[Running], live: &[String], k: u64) -> Vec<String> {
     let mut rank: HashMap<&str, u8> = HashMap::new();
     for r in running {
-        let of = if r.checkpoint { 0 } else { 1 };
+        let of = if r.checkpoint.is_some() { 0 } else { 1 };
         let at = rank.entry(r.lease.worker.as_str()).or_insert(of);
         *at = (*at).min(of);
     }
@@ -664,12 +756,14 @@ impl Run {
                     lease["worker"].as_str(),
                 ) {
                     out.push(Running {
-                        lease: truth::Checkpointed {
+                        lease: Lease {
                             task: task.to_owned(),
                             attempt,
                             worker: worker.to_owned(),
                         },
-                        checkpoint: !t["latest_checkpoint"].is_null(),
+                        checkpoint: t["latest_checkpoint"]["checkpoint_id"]
+                            .as_str()
+                            .map(str::to_owned),
                     });
                 }
             }
@@ -988,30 +1082,45 @@ fn span_rates(r: &mut Report, span: &Span, last: Option<chrono::DateTime<chrono:
 
 /// checkpoint_heavy's verdict on the store: every task whose attempt was running on a
 /// crashed worker at the crash, with a complete checkpoint the coordinator held while it ran
-/// (listed before the crash or after it), resumed from a checkpoint (see [`truth::Truth::crash_resumes`]). With no such task there
-/// is nothing to judge, and the verdict fails rather than pass on nothing.
+/// (listed before the crash or after it), resumed from the latest of them or a later one (see
+/// [`truth::Truth::crash_resumes`]). With no such task there is nothing to judge, and the
+/// verdict fails rather than pass on nothing; so it does if a checkpoint held read back as
+/// not what its task wrote.
 fn crash_verdict(r: &mut Report, t: &truth::Truth, crash: &Crash) {
     let c = t.crash_resumes(&crash.held, &crash.workers, crash.at);
     let crashed = crash.workers.len();
     let interrupted = crash.interrupted;
-    let unseen = match crash.unseen {
+    let mut unseen = match crash.unseen {
         0 => String::new(),
         n => format!(
             "; {n} of the {interrupted} tasks they ran, without a checkpoint before the crash, were requeued before the listing after it: not judged"
         ),
     };
+    // A foreign checkpoint keeps no step either.
+    let unread = crash.held.iter().filter(|h| h.step.is_none()).count() - crash.foreign.len();
+    if unread > 0 {
+        unseen.push_str(&format!(
+            "; {unread} whose latest checkpoint was gone before its step was read: judged on resuming from any"
+        ));
+    }
+    if let Some(first) = crash.foreign.first() {
+        unseen.push_str(&format!(
+            "; {} checkpoints held read back as not what their task wrote, first {first}",
+            crash.foreign.len()
+        ));
+    }
     r.verdict(
-        "crashed workers' tasks resumed from a checkpoint",
-        c.judged > 0 && c.not_resumed.is_empty(),
+        "crashed workers' tasks resumed from the latest checkpoint held",
+        c.judged > 0 && c.not_resumed.is_empty() && crash.foreign.is_empty(),
         match (c.judged, c.not_resumed.first()) {
             (0, _) => format!(
                 "nothing to judge: none of the {interrupted} tasks the {crashed} crashed workers ran had a checkpoint the coordinator held{unseen}"
             ),
             (n, None) => format!(
-                "{n} tasks running on the {crashed} crashed workers with a checkpoint the coordinator held each resumed from one (of {interrupted} they ran){unseen}"
+                "{n} tasks running on the {crashed} crashed workers with a checkpoint the coordinator held each resumed from the latest or a later one (of {interrupted} they ran){unseen}"
             ),
             (n, Some(first)) => format!(
-                "{} of {n} tasks running on the {crashed} crashed workers with a checkpoint the coordinator held did not resume from one: first {first}{unseen}",
+                "{} of {n} tasks running on the {crashed} crashed workers with a checkpoint the coordinator held did not resume from the latest: first {first}{unseen}",
                 c.not_resumed.len()
             ),
         },
@@ -1735,7 +1844,11 @@ async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
     // before it, is judged too. The crashed attempts stay leased until `--lost-after`.
     run.disconnected(&workers).await?;
     let after = run.running().await?;
-    run.crash = Some(Crash::of(&before, &after, workers, at));
+    let mut crashed = Crash::of(&before, &after, workers, at);
+    // At once: the crashed attempts' tasks are requeued `--lost-after` after they went, and
+    // a checkpoint is superseded once its task's next attempt wrote a few more.
+    crashed.read_steps(&run.api).await?;
+    run.crash = Some(crashed);
     run.fleet
         .send(&Command::Start {
             count: count(crash)?,
@@ -2442,6 +2555,11 @@ mod tests {
     /// A crash at 10 s of workers w-0 and w-1, each running a task with a checkpoint: (task,
     /// its crashed worker, where its next attempt resumed).
     fn crash_of(tasks: &[(&str, &str, u64)], held: &[&str]) -> report::Verdict {
+        crash_read(tasks, held, &[])
+    }
+
+    /// [`crash_of`], the checkpoints of `foreign` read back as not what their task wrote.
+    fn crash_read(tasks: &[(&str, &str, u64)], held: &[&str], foreign: &[&str]) -> report::Verdict {
         let at = |s| chrono::DateTime::UNIX_EPOCH + chrono::Duration::seconds(s);
         let rows = tasks.iter().map(|&(id, worker, resumed_at)| {
             let runs = vec![
@@ -2486,8 +2604,11 @@ mod tests {
                         .find(|t| t.0 == *id)
                         .map_or("w-0", |t| t.1)
                         .into(),
+                    step: (!foreign.contains(id)).then_some(20),
                 })
                 .collect(),
+            checkpoints: held.iter().map(|id| format!("c-{id}")).collect(),
+            foreign: foreign.iter().map(|id| format!("c-{id} of {id}")).collect(),
             interrupted: tasks.len() as u64,
             unseen: 0,
             workers: ["w-0", "w-1"].iter().map(|w| w.to_string()).collect(),
@@ -2513,6 +2634,21 @@ mod tests {
         let v = crash_of(&tasks, &[]);
         assert!(!v.pass, "{}", v.detail);
         assert!(v.detail.starts_with("nothing to judge"), "{}", v.detail);
+    }
+
+    #[test]
+    fn the_crash_verdict_fails_on_a_checkpoint_held_that_is_not_what_its_task_wrote() {
+        let tasks = [("a", "w-0", 20), ("b", "w-1", 20)];
+        let v = crash_read(&tasks, &["a", "b"], &["b"]);
+        assert!(!v.pass, "{}", v.detail);
+        assert!(
+            v.detail.contains(
+                "1 checkpoints held read back as not what their task wrote, first c-b of b"
+            ),
+            "{}",
+            v.detail
+        );
+        assert!(!v.detail.contains("gone before"), "{}", v.detail);
     }
 
     #[test]
@@ -2577,15 +2713,16 @@ mod tests {
         assert!(note.contains("came 0.25 s after"), "{note}");
     }
 
-    /// A task the coordinator lists running on `worker`, attempt 1.
-    fn running(task: &str, worker: &str, checkpoint: bool) -> Running {
+    /// A task the coordinator lists running on `worker`, attempt 1, with the id of its latest
+    /// checkpoint.
+    fn running(task: &str, worker: &str, checkpoint: Option<&str>) -> Running {
         Running {
-            lease: truth::Checkpointed {
+            lease: Lease {
                 task: task.into(),
                 attempt: 1,
                 worker: worker.into(),
             },
-            checkpoint,
+            checkpoint: checkpoint.map(str::to_owned),
         }
     }
 
@@ -2594,9 +2731,9 @@ mod tests {
         let live: Vec<String> = (0..8).map(|i| format!("w-{i}")).collect();
         // Fewer tasks than workers, leased in id order, not age: the oldest run none.
         let tasks = [
-            running("a", "w-6", false),
-            running("b", "w-5", true),
-            running("c", "w-7", true),
+            running("a", "w-6", None),
+            running("b", "w-5", Some("c-1")),
+            running("c", "w-7", Some("c-2")),
         ];
         assert_eq!(crash_targets(&tasks, &live, 2), ["w-5", "w-7"]);
         assert_eq!(
@@ -2604,7 +2741,7 @@ mod tests {
             ["w-5", "w-7", "w-6", "w-0"]
         );
         // A worker of two tasks ranks by its best; more asked than live: every one.
-        let two = [running("a", "w-3", false), running("b", "w-3", true)];
+        let two = [running("a", "w-3", None), running("b", "w-3", Some("c-1"))];
         assert_eq!(crash_targets(&two, &live, 1), ["w-3"]);
         assert_eq!(crash_targets(&two, &live, 20).len(), 8);
     }
@@ -2614,22 +2751,40 @@ mod tests {
         let at = chrono::DateTime::UNIX_EPOCH;
         let crashed: HashSet<String> = ["w-0", "w-1"].iter().map(|w| w.to_string()).collect();
         let before = [
-            running("early", "w-0", true),
+            running("early", "w-0", Some("c-e1")),
             // Its first checkpoint came between the listing and the crash.
-            running("late", "w-1", false),
+            running("late", "w-1", None),
             // Requeued before the listing after the crash, with no checkpoint before it.
-            running("gone", "w-1", false),
-            running("elsewhere", "w-4", true),
+            running("gone", "w-1", None),
+            // Requeued before the listing after the crash, with a checkpoint before it.
+            running("left", "w-1", Some("c-l1")),
+            running("elsewhere", "w-4", Some("c-x1")),
         ];
         let after = [
-            running("early", "w-0", true),
-            running("late", "w-1", true),
-            running("elsewhere", "w-4", true),
+            // A later checkpoint came between the listing and the crash.
+            running("early", "w-0", Some("c-e2")),
+            running("late", "w-1", Some("c-t1")),
+            running("elsewhere", "w-4", Some("c-x2")),
         ];
         let c = Crash::of(&before, &after, crashed, at);
         let held: Vec<&str> = c.held.iter().map(|h| h.task.as_str()).collect();
-        assert_eq!(held, ["early", "late"]);
-        assert_eq!((c.interrupted, c.unseen), (3, 1));
+        assert_eq!(held, ["early", "late", "left"]);
+        assert_eq!((c.interrupted, c.unseen), (4, 1));
+        // The latest listed of each: after the crash if listed then.
+        assert_eq!(c.checkpoints, ["c-e2", "c-t1", "c-l1"]);
+    }
+
+    #[test]
+    fn a_checkpoints_step_is_read_from_its_head_only_if_its_task_wrote_it_at_that_step() {
+        let own = super::super::fleet::step_checkpoint("t-1", 20, 1024);
+        assert_eq!(step_of("t-1", &own[..12]), Some(20));
+        assert_eq!(step_of("t-1", &own), Some(20));
+        // Another task's, a step's number changed, or too short to tell: no step.
+        assert_eq!(step_of("t-2", &own[..12]), None);
+        let mut changed = own.clone();
+        changed[..4].copy_from_slice(&21u32.to_le_bytes());
+        assert_eq!(step_of("t-1", &changed), None);
+        assert_eq!(step_of("t-1", &own[..11]), None);
     }
 
     fn priority_verdict(tasks: &[(u8, i64, i64)]) -> report::Verdict {

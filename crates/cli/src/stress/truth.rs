@@ -48,6 +48,11 @@ pub struct Checkpointed {
     pub task: String,
     pub attempt: u64,
     pub worker: String,
+    /// The step of the latest of those checkpoints the run saw the coordinator hold (read
+    /// from its bytes): the task must resume from it or a later one. `None`: its bytes were
+    /// gone before they could be read (superseded or removed), and the task is judged only on
+    /// resuming from some checkpoint.
+    pub step: Option<u32>,
 }
 
 /// What [`Truth::crash_resumes`] found.
@@ -250,9 +255,11 @@ impl Truth {
     /// worker dead); `crashed`: the ids of the workers crashed then. Judged: each of those
     /// attempts on a crashed worker that was still running at the crash by the store (no
     /// result recorded, not ended before it). Each such task had a checkpoint written before
-    /// its worker died, so the next of its attempts that ran to a result must say
-    /// it resumed from one (`resumed_at` above 0); started afresh, it lost the work its
-    /// checkpoint kept (a failed fetch, a checkpoint dropped).
+    /// its worker died, so the next of its attempts that ran to a result must say it resumed
+    /// from the latest one held (`resumed_at` at least its step, [`Checkpointed::step`]; a
+    /// later one, recorded after the run looked, will do); started afresh, or from an older
+    /// checkpoint, it lost the work the latest kept (a failed fetch, a checkpoint dropped, an
+    /// old one served).
     ///
     /// Counting every resumed result instead passed with one resume when several were owed
     /// (more than a task per worker, or fewer tasks than workers), and counted resumes that
@@ -285,10 +292,16 @@ impl Truth {
                 .iter()
                 .filter(|a| a.attempt > h.attempt)
                 .find_map(|a| a.resumed_at.map(|at| (a.attempt, at)));
+            // Any checkpoint's step is at least 1: one unread still asks for a resume.
+            let held = u64::from(h.step.unwrap_or(1).max(1));
             match next {
-                Some((_, at)) if at > 0 => {}
-                Some((n, _)) => out.not_resumed.push(format!(
+                Some((_, at)) if at >= held => {}
+                Some((n, 0)) => out.not_resumed.push(format!(
                     "{} attempt {n} started afresh after attempt {} on crashed {}",
+                    h.task, h.attempt, h.worker
+                )),
+                Some((n, at)) => out.not_resumed.push(format!(
+                    "{} attempt {n} resumed at step {at}, before step {held} held at the crash of attempt {} on crashed {}",
                     h.task, h.attempt, h.worker
                 )),
                 None => out.not_resumed.push(format!(
@@ -632,6 +645,18 @@ mod tests {
                 ),
                 // Never ran again.
                 ("stuck", "queued", &ran("w-1", 6, false)),
+                // Resumed on another worker, but at step 1 of the 20 its checkpoints reached.
+                (
+                    "older",
+                    "completed",
+                    &[(1, "w-0", 6, false), (2, "w-5", 9, true)],
+                ),
+                // The same, its checkpoint's step unread (its bytes gone before they were).
+                (
+                    "unread",
+                    "completed",
+                    &[(1, "w-0", 6, false), (2, "w-5", 9, true)],
+                ),
             ],
             &[
                 ("resumed", 2, 20),
@@ -640,6 +665,8 @@ mod tests {
                 ("healthy", 1, 0),
                 ("ended", 2, 0),
                 ("twice", 3, 40),
+                ("older", 2, 1),
+                ("unread", 2, 1),
             ],
         );
         let t = read(
@@ -650,8 +677,17 @@ mod tests {
         .expect("read");
         let worker = |id: &str| match id {
             "healthy" => "w-7",
-            "finished" | "resumed" | "twice" => "w-0",
+            "finished" | "resumed" | "twice" | "older" | "unread" => "w-0",
             _ => "w-1",
+        };
+        // The step of the latest checkpoint held: "resumed" came back at 20 from one recorded
+        // after the run looked (at 18), "twice" at 40 through another attempt.
+        let step = |id: &str| match id {
+            "resumed" => Some(18),
+            "twice" => Some(30),
+            "older" => Some(20),
+            "unread" => None,
+            _ => Some(5),
         };
         let held: Vec<Checkpointed> = held
             .iter()
@@ -659,6 +695,7 @@ mod tests {
                 task: id.to_string(),
                 attempt: 1,
                 worker: worker(id).to_owned(),
+                step: step(id),
             })
             .collect();
         let crashed = ["w-0", "w-1"].iter().map(|w| w.to_string()).collect();
@@ -695,5 +732,23 @@ mod tests {
         // in the list, as "afresh" here) may start afresh.
         let c = crash_judged(&["resumed"]);
         assert_eq!((c.judged, c.not_resumed.len()), (1, 0), "{c:?}");
+    }
+
+    /// A coordinator that kept serving an old checkpoint lost the steps after it: resuming
+    /// from one before the latest held at the crash is not resuming from the latest.
+    #[test]
+    fn a_task_resumed_from_a_checkpoint_older_than_the_latest_held_did_not_resume() {
+        let c = crash_judged(&["older"]);
+        assert_eq!(c.judged, 1, "{c:?}");
+        assert_eq!(
+            c.not_resumed,
+            [
+                "older attempt 2 resumed at step 1, before step 20 held at the crash of attempt 1 on crashed w-0"
+            ]
+        );
+        // A later one than the run saw held is fine ("resumed" at 20 of 18 held); one whose
+        // step could not be read is judged on resuming at all.
+        let c = crash_judged(&["resumed", "unread"]);
+        assert_eq!((c.judged, c.not_resumed.len()), (2, 0), "{c:?}");
     }
 }
