@@ -4,67 +4,108 @@
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 use futures_util::future::BoxFuture;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// A byte stream a WebSocket can run over.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// The stream itself, as [`Any`](std::any::Any): a [`Metered`] over a stream that
+    /// [`tls_handshake`] made finds the counts of the socket under its TLS by it.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
 
 /// The WebSocket a session owns.
 pub type WsStream = WebSocketStream<Metered>;
 
-/// A connection's byte stream, counting the bytes read from it and written to it: a frame
-/// still arriving (a long one on a slow link) shows in the count read before it completes, and
-/// a long frame still being written in the count written, which is how a session tells a slow
-/// link from a silent one.
+/// The bytes read from a connection's socket and written to it so far. Shared: under TLS they
+/// are counted on the socket, beneath the stream a session reads, and a session waiting in a
+/// write (which borrows the stream) reads the count written meanwhile.
+#[derive(Clone, Default)]
+struct Counts {
+    read: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+}
+
+impl Counts {
+    fn read(&self, n: usize) {
+        if n > 0 {
+            self.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn wrote(&self, r: &Poll<std::io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = r {
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A connection's byte stream, counting the bytes read from its socket and written to it: a
+/// frame still arriving (a long one on a slow link) shows in the count read before it
+/// completes, and a long frame still being written in the count written, which is how a
+/// session tells a slow link from a silent one.
+///
+/// Over TLS (a stream [`tls_handshake`] made) the counts are those of the socket under it,
+/// ciphertext as it comes and goes: TLS hands out plaintext only once a whole record (up to
+/// 16 KiB) has come, so that below about 1.1 KB/s the first record of a long frame took longer
+/// than a 15 s timeout to show, and a flush of what TLS holds moved nothing above it. Over any
+/// other stream (plain TCP, a test's pipe) it counts what passes through it.
 pub struct Metered {
     io: Pin<Box<dyn Io>>,
-    read: u64,
-    /// Shared: a session waiting in a write (which borrows the stream) reads it meanwhile.
-    written: Arc<std::sync::atomic::AtomicU64>,
+    counts: Counts,
+    /// This stream counts (no socket under its TLS does).
+    counting: bool,
 }
 
 impl Metered {
     pub fn new(io: Pin<Box<dyn Io>>) -> Self {
+        let under_tls = io
+            .as_ref()
+            .get_ref()
+            .as_any()
+            .downcast_ref::<Tls>()
+            .map(|tls| tls.get_ref().0.counts.clone());
         Self {
             io,
-            read: 0,
-            written: Default::default(),
+            counting: under_tls.is_none(),
+            counts: under_tls.unwrap_or_default(),
         }
     }
 
-    /// Bytes read from the connection so far (after TLS).
+    /// Bytes read from the connection's socket so far (under TLS: ciphertext, as it comes).
     pub fn bytes_read(&self) -> u64 {
-        self.read
+        self.counts.read.load(Ordering::Relaxed)
     }
 
-    /// The count of bytes the connection took so far (before TLS), as it grows.
-    pub fn written(&self) -> Arc<std::sync::atomic::AtomicU64> {
-        self.written.clone()
-    }
-
-    fn wrote(&self, r: &std::task::Poll<std::io::Result<usize>>) {
-        if let std::task::Poll::Ready(Ok(n)) = r {
-            self.written
-                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
-        }
+    /// The count of bytes written to the connection's socket so far (under TLS: ciphertext,
+    /// as it goes), as it grows.
+    pub fn written(&self) -> Arc<AtomicU64> {
+        self.counts.written.clone()
     }
 }
 
 impl AsyncRead for Metered {
     fn poll_read(
         self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = this.io.as_mut().poll_read(cx, buf);
-        this.read += (buf.filled().len() - before) as u64;
+        if this.counting {
+            this.counts.read(buf.filled().len() - before);
+        }
         r
     }
 }
@@ -72,42 +113,97 @@ impl AsyncRead for Metered {
 impl AsyncWrite for Metered {
     fn poll_write(
         self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        cx: &mut Context<'_>,
         buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
+    ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let r = this.io.as_mut().poll_write(cx, buf);
-        this.wrote(&r);
+        if this.counting {
+            this.counts.wrote(&r);
+        }
         r
     }
 
-    fn poll_flush(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         self.get_mut().io.as_mut().poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         self.get_mut().io.as_mut().poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
         self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
+    ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let r = this.io.as_mut().poll_write_vectored(cx, bufs);
-        this.wrote(&r);
+        if this.counting {
+            this.counts.wrote(&r);
+        }
         r
     }
 
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
+    }
+}
+
+/// The TLS stream [`tls_handshake`] makes: over a socket that counts its bytes.
+type Tls = tokio_rustls::client::TlsStream<Counted>;
+
+/// A socket under TLS, counting the bytes read from it and written to it as they come and go
+/// (for the [`Metered`] over its TLS stream).
+struct Counted {
+    tcp: tokio::net::TcpStream,
+    counts: Counts,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        self.counts.read(buf.filled().len() - before);
+        r
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.tcp).poll_write(cx, buf);
+        self.counts.wrote(&r);
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        self.counts.wrote(&r);
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
 
@@ -307,6 +403,9 @@ async fn connect_any(
 /// classifies a failure: a certificate this client does not trust is refused for good; one
 /// outside its validity period (see [`out_of_date`]) and anything else (a reset, a timeout, a
 /// record damaged on the wire) may pass on a retry.
+///
+/// The stream counts the bytes on `tcp`, ciphertext, for the [`Metered`] that [`handshake`]
+/// puts over it; a wrapper between the two hides that count, and the plaintext is counted.
 pub async fn tls_handshake(
     tls: &tokio_rustls::TlsConnector,
     host: &str,
@@ -319,7 +418,11 @@ pub async fn tls_handshake(
             .to_owned(),
     )
     .map_err(|e| ConnectError::Refused(format!("TLS server name {host}: {e}")))?;
-    let stream = tls.connect(name, tcp).await.map_err(|e| {
+    let tcp = Counted {
+        tcp,
+        counts: Counts::default(),
+    };
+    let stream: Tls = tls.connect(name, tcp).await.map_err(|e| {
         let cause = e
             .get_ref()
             .and_then(|inner| inner.downcast_ref::<rustls::Error>());
@@ -431,6 +534,7 @@ pub fn ws_config(max_frame: usize) -> WebSocketConfig {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::sync::atomic::Ordering;
 
     use super::is_refusal;
 
@@ -548,11 +652,11 @@ mod tests {
         }
     }
 
-    /// The TLS handshake of a client trusting `trusted` with a server presenting `served`.
-    async fn handshake_with(
+    /// A server presenting `served`, and a client trusting `trusted`.
+    fn tls_configs(
         served: Signed,
         trusted: rustls::pki_types::CertificateDer<'static>,
-    ) -> Result<(), super::ConnectError> {
+    ) -> (rustls::ServerConfig, tokio_rustls::TlsConnector) {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -560,6 +664,22 @@ mod tests {
             .with_no_client_auth()
             .with_single_cert(served.chain, served.key)
             .expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(trusted).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (server, tokio_rustls::TlsConnector::from(Arc::new(client)))
+    }
+
+    /// The TLS handshake of a client trusting `trusted` with a server presenting `served`.
+    async fn handshake_with(
+        served: Signed,
+        trusted: rustls::pki_types::CertificateDer<'static>,
+    ) -> Result<(), super::ConnectError> {
+        let (server, connector) = tls_configs(served, trusted);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -570,14 +690,6 @@ mod tests {
             // Fails once the client gives up on the certificate.
             let _ = acceptor.accept(tcp).await;
         });
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(trusted).expect("root");
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .expect("connect");
@@ -586,6 +698,103 @@ mod tests {
             .map(|_| ());
         serving.await.expect("server");
         r
+    }
+
+    /// A client's stream as [`super::tls_handshake`] makes it, under the [`super::Metered`]
+    /// a session reads, and the server's end, over a socket that counts its bytes too. The
+    /// server sends no session ticket: after the handshake, only what a test writes comes.
+    async fn tls_pair() -> (
+        super::Metered,
+        tokio_rustls::server::TlsStream<super::Counted>,
+    ) {
+        let served = signed("ca", (2020, 1, 1), (4000, 1, 1));
+        let ca = served.ca.clone();
+        let (mut server, connector) = tls_configs(served, ca);
+        server.send_tls13_tickets = 0;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (dialed, accepted) = tokio::join!(
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+            listener.accept()
+        );
+        let accepted = super::Counted {
+            tcp: accepted.expect("accept").0,
+            counts: Default::default(),
+        };
+        let (c, s) = tokio::join!(
+            super::tls_handshake(&connector, "localhost", port, dialed.expect("connect")),
+            tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(accepted),
+        );
+        let c = c.expect("client handshake");
+        (super::Metered::new(c), s.expect("server handshake"))
+    }
+
+    /// Over TLS, a session's counts are those of its socket (ciphertext, the handshake's
+    /// too): the count read is what the peer's socket wrote, the count written what it read,
+    /// both more than the plaintext carried.
+    #[tokio::test]
+    async fn under_tls_the_bytes_counted_are_those_on_the_socket() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const SENT: usize = 100 * 1024;
+        let (mut c, mut s) = tls_pair().await;
+        let server = s.get_ref().0.counts.clone();
+        let (echoed, back) = tokio::join!(
+            async {
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).await.expect("server read");
+                s.write_all(&got).await.expect("server write");
+                s.shutdown().await.expect("server shutdown");
+                got.len()
+            },
+            async {
+                c.write_all(&[7; SENT]).await.expect("client write");
+                c.shutdown().await.expect("client shutdown");
+                let mut back = Vec::new();
+                c.read_to_end(&mut back).await.expect("client read");
+                back.len()
+            },
+        );
+        assert_eq!((echoed, back), (SENT, SENT));
+        let written = c.written().load(Ordering::Relaxed);
+        assert_eq!(c.bytes_read(), server.written.load(Ordering::Relaxed));
+        assert_eq!(written, server.read.load(Ordering::Relaxed));
+        assert!(c.bytes_read() > SENT as u64, "{}", c.bytes_read());
+        assert!(written > SENT as u64, "{written}");
+    }
+
+    /// A TLS record still arriving shows in the count read as its bytes come, before any of
+    /// it can be decrypted: the frame it carries is arriving. Counted after TLS, nothing moved
+    /// until the record was whole (16 KiB: 15 s at 1.1 KB/s, a whole heartbeat timeout).
+    #[tokio::test]
+    async fn a_tls_record_still_arriving_shows_in_the_count_read() {
+        use std::io::Write;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const RECORD: usize = 12 * 1024;
+        const PART: usize = 1000;
+        let (mut c, s) = tls_pair().await;
+        let (mut tcp, mut tls) = s.into_inner();
+        tls.writer().write_all(&[7; RECORD]).expect("plaintext");
+        let mut wire = Vec::new();
+        while tls.wants_write() {
+            tls.write_tls(&mut wire).expect("ciphertext");
+        }
+        assert!(wire.len() > RECORD, "one record: {}", wire.len());
+        let before = c.bytes_read();
+        tcp.write_all(&wire[..PART]).await.expect("write");
+        let mut buf = vec![0; RECORD];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while c.bytes_read() - before < PART as u64 && std::time::Instant::now() < deadline {
+            let read =
+                tokio::time::timeout(std::time::Duration::from_millis(50), c.read(&mut buf)).await;
+            assert!(read.is_err(), "plaintext of a record not whole: {read:?}");
+        }
+        assert_eq!(c.bytes_read() - before, PART as u64, "counted as it came");
+        tcp.write_all(&wire[PART..]).await.expect("write");
+        c.read_exact(&mut buf).await.expect("the record");
+        assert_eq!(buf, [7; RECORD]);
+        assert_eq!(c.bytes_read() - before, wire.len() as u64);
     }
 
     /// A certificate refused for its dates (expired: a renewal that lapsed; not valid yet: a

@@ -343,3 +343,128 @@ async fn a_frame_arriving_over_tls_slower_than_the_heartbeat_timeout_keeps_the_s
     drop(ws);
     c.stop().await;
 }
+
+/// Answers the length of its config's `pad`: a task whose assignment is as long as wanted.
+struct PadLength;
+
+impl tether_worker::Executor for PadLength {
+    fn execute(
+        &self,
+        input: tether_worker::TaskInput,
+        _ctx: tether_worker::TaskCtx,
+    ) -> futures_util::future::BoxFuture<'static, Result<Value, tether_worker::ExecError>> {
+        let len = input.config["pad"].as_str().map_or(0, str::len);
+        Box::pin(async move { Ok(json!({ "len": len })) })
+    }
+}
+
+/// A frame to the worker arriving over `wss://` slower than the worker's heartbeat timeout
+/// keeps its session, as the other way round: the worker counts the bytes that come on its
+/// socket, ciphertext, as the coordinator's life (PROTOCOL §4). Counted after TLS, nothing
+/// showed until a whole record (up to 16 KiB) was decrypted: at 4 KiB/s the first record of a
+/// 48 KiB assignment took 4 s against a 2 s timeout, and the worker dropped its session while
+/// the bytes kept coming (its reconnections then timed out as well).
+#[tokio::test]
+async fn a_frame_to_the_worker_arriving_over_tls_slower_than_its_heartbeat_timeout_keeps_the_session()
+ {
+    use tether_faultproxy::{Direction, Fault, FaultKind};
+    const PADDED: usize = 48 * 1024;
+    let TlsCoordinator { c, cert, _dirs } = TlsCoordinator::start().await;
+    let proxy = crate::faults::proxy_in_front(&c, 10).await;
+    let mut wcfg = fast_worker_config(&format!("wss://{}", proxy.listen_addr()), "slow-tls-w");
+    wcfg.ca_file = Some(cert.clone());
+    // Uncompressed, so that the assignment's frame is as long as its config.
+    wcfg.compression = false;
+    let mut executors = Executors::builtin();
+    executors.register("pad_length", PadLength);
+    let w = spawn_worker(wcfg, executors);
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let timeout = w.handle.stats().heartbeat_timeout_ms;
+    let slow = proxy
+        .add_fault(Fault::new(
+            "slow",
+            FaultKind::Bandwidth {
+                bytes_per_sec: 4 * 1024,
+            },
+            Direction::Downstream,
+        ))
+        .await
+        .expect("fault");
+    // Pseudorandom hex: nothing between the two ends shrinks it.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let pad: String = (0..PADDED)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from_digit((x >> 60) as u32, 16).expect("a hex digit")
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let (s, v) = https(
+        c.addr,
+        &cert,
+        "POST",
+        "/api/v1/tasks",
+        &json!({"tasks": [tether_proto::TaskSpec::new("pad_length", json!({ "pad": pad }))]}),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["task_ids"][0].as_str().expect("an id").to_owned();
+    // Completed, or the worker's session lost (it would be lost again in each session after).
+    let done = wait_for(
+        "the task to complete or the session lost",
+        DEADLINE,
+        || async {
+            if w.handle.stats().disconnections > 0 {
+                return Some(Value::Null);
+            }
+            let (_, t) = https(
+                c.addr,
+                &cert,
+                "GET",
+                &format!("/api/v1/tasks/{id}"),
+                &Value::Null,
+            )
+            .await;
+            (t["status"] == "completed").then_some(t)
+        },
+    )
+    .await;
+    let took = started.elapsed();
+    let stats = slow.remove();
+    assert_eq!(
+        w.handle.stats().disconnections,
+        0,
+        "the worker dropped its session after {took:?} while the assignment was arriving"
+    );
+    assert_eq!(w.handle.registrations(), 1);
+    assert!(stats.bytes_delayed as usize > PADDED, "{stats:?}");
+    assert!(
+        took > std::time::Duration::from_millis(3 * timeout),
+        "the frame must take several timeouts ({timeout} ms) for this test to mean anything: \
+         {took:?}"
+    );
+    assert_eq!(done["attempt"], 1, "{done}");
+    let (_, results) = https(
+        c.addr,
+        &cert,
+        "GET",
+        &format!("/api/v1/tasks/{id}/result"),
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(results[0]["body"]["result"]["len"], PADDED, "{results}");
+    assert_eq!(w.handle.executions(), 1);
+    let (_, seen) = https(
+        c.addr,
+        &cert,
+        "GET",
+        "/api/v1/workers/slow-tls-w",
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(seen["sessions"], 1, "one session all along: {seen}");
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}
