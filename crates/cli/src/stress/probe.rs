@@ -213,10 +213,12 @@ async fn probe(
     Ok(out)
 }
 
-/// Runs `round_trip` once a tick of `tick` until `until`, one at a time, and times each from
-/// when its tick was due, not from when it could be sent: a round trip held up a second holds
-/// up the ticks behind it, and their waits count too (at 50 a second, a stall of a second is
-/// 50 slow samples, not one), as a probe that sent on time would have seen them.
+/// Runs `round_trip` once for each tick of `tick` due before `until`, one at a time, and times
+/// each from when its tick was due, not from when it could be sent: a round trip held up a
+/// second holds up the ticks behind it, and their waits count too (at 50 a second, a stall of
+/// a second is 50 slow samples, not one), as a probe that sent on time would have seen them.
+/// So do those of a stall that began before `until` and ended after it: the ticks it held up
+/// were due in the window, and are sent and timed once it ends.
 async fn timed<L>(
     mut tick: tokio::time::Interval,
     until: Instant,
@@ -230,8 +232,11 @@ async fn timed<L>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut out = Vec::new();
     let mut seq = 0u64;
-    while Instant::now() < until {
+    loop {
         let due = tick.tick().await;
+        if due >= until {
+            break;
+        }
         seq += 1;
         round_trip(link, seq).await?;
         out.push(due.elapsed().as_secs_f64() * 1000.0);
@@ -268,6 +273,34 @@ mod tests {
             sorted[sorted.len() / 2] < 5.0,
             "p50 {} ms",
             sorted[sorted.len() / 2]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_across_the_end_of_the_window_counts_for_every_tick_it_held_up_in_it() {
+        // 50 round trips a second for 10 s, each taking 1 ms but for the one due at 9.78 s,
+        // held up a second: to 10.78 s, past the end.
+        let start = Instant::now();
+        let tick = tokio::time::interval_at(start, Duration::from_millis(20));
+        let out = timed(tick, start + Duration::from_secs(10), &mut (), |_, seq| {
+            Box::pin(async move {
+                let pause = if seq == 490 { 1_000 } else { 1 };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                Ok(())
+            })
+        })
+        .await
+        .expect("timed");
+        // Every tick due in the window is timed, none due after it.
+        assert_eq!(out.len(), 500);
+        // The stalled one and the ten due from 9.80 s to 9.98 s behind it: 800 ms and more.
+        let slow = out.iter().filter(|&&ms| ms > 100.0).count();
+        assert!(slow >= 10, "{slow} slow samples");
+        assert_eq!(slow, 11);
+        assert!(
+            out[490..].iter().all(|&ms| ms >= 800.0),
+            "{:?}",
+            &out[490..]
         );
     }
 
