@@ -154,6 +154,10 @@ pub struct Status {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct WorkerRecord {
     pub id: String,
+    /// Which of the fleet's `--coordinator` URLs the worker connects to (its index): the
+    /// fault proxy it goes through, when there are several.
+    #[serde(default)]
+    pub coordinator: usize,
     pub started_us: u64,
     /// Each registered session.
     pub sessions: Vec<SessionRecord>,
@@ -479,7 +483,8 @@ fn start(
         let i = members.len() as u64 + k;
         let id = format!("{}-{i}", a.prefix);
         let worker_id = WorkerId::parse(&id).with_context(|| format!("worker id {id}"))?;
-        let url = &a.coordinator[(i % a.coordinator.len() as u64) as usize];
+        let coordinator = (i % a.coordinator.len() as u64) as usize;
+        let url = &a.coordinator[coordinator];
         let mut cfg = WorkerConfig::new(url.clone(), worker_id);
         cfg.slots = a.slots;
         cfg.heartbeat_interval = a.heartbeat_interval;
@@ -523,16 +528,17 @@ fn start(
                 }),
             },
         )?;
-        ready.push((id, agent, resets));
+        ready.push((id, coordinator, agent, resets));
     }
     let started_us = now_us();
-    for (id, agent, resets) in ready {
+    for (id, coordinator, agent, resets) in ready {
         // Worker `i`, as numbered when its agent was built.
         let i = members.len() as u64;
         let handle = agent.handle();
         let metrics = handle.runner.executors().metrics().into_values().collect();
         let record = Arc::new(Mutex::new(WorkerRecord {
             id,
+            coordinator,
             started_us,
             ..WorkerRecord::default()
         }));

@@ -235,11 +235,14 @@ impl Report {
             row("cut", v.clone());
         }
         if let Some(d) = &self.reconnect_after_ready_ms {
-            row("re-registered after the cut cleared, ms", dist(d));
+            row(
+                "re-registered after the cut cleared on its path, ms",
+                dist(d),
+            );
         }
         if let Some(d) = &self.reconnect_beyond_delay_ms {
             row(
-                "re-registered after the cut cleared, less the backoff delay current then, ms",
+                "re-registered after the cut cleared on its path, less the backoff delay current then, ms",
                 dist(d),
             );
         }
