@@ -1928,7 +1928,8 @@ async fn mixed_priority(run: &mut Run) -> anyhow::Result<()> {
 /// the `submitted` tasks, the `high` ones are those the run submitted at priority 0, not those
 /// the store holds at it: a priority the coordinator lost would make a task that waited behind
 /// low ones one of them. Each must have started by the store; one that never did (absent, or
-/// ended unstarted) fails the verdict rather than go unjudged.
+/// ended unstarted) fails the verdict rather than go unjudged; so does one the store holds at
+/// another priority (the coordinator lost what was submitted, whether or not it waited).
 ///
 /// Judged on every attempt, not only each task's first: a requeued low-priority attempt
 /// leased ahead of a waiting high-priority task is the same inversion. No tolerance: the
@@ -1999,7 +2000,7 @@ fn mixed_priority_verdicts(
     }
     r.verdict(
         "high priority never waits behind low",
-        inversions == 0 && unstarted == 0 && contended > 0,
+        inversions == 0 && unstarted == 0 && misfiled == 0 && contended > 0,
         format!(
             "{inversions} of {} high-priority tasks saw a low-priority attempt (first or requeued) start while they waited in the queue{more}; {contended} were submitted while low-priority ones still waited",
             highs.len()
@@ -2838,6 +2839,26 @@ mod tests {
         let mut r = Report::default();
         mixed_priority_verdicts(&mut r, t, &submitted, &high);
         r.verdicts.pop().expect("a verdict")
+    }
+
+    #[test]
+    fn a_high_priority_task_the_store_holds_at_another_priority_fails_the_verdict() {
+        // t3, submitted high at 100 ms, started at 120 ms ahead of the low ones still waiting:
+        // no inversion, and it passes.
+        let tasks = [(9, 0, 10), (9, 0, 150), (9, 0, 200), (0, 100, 120)];
+        let v = judge_priority(&store_of(&tasks), &tasks);
+        assert!(v.pass, "{}", v.detail);
+        // The store lost its priority: the coordinator no longer holds what was submitted.
+        let mut t = store_of(&tasks);
+        t.tasks.get_mut("t3").expect("t3").priority = 9;
+        let v = judge_priority(&t, &tasks);
+        assert!(!v.pass, "{}", v.detail);
+        assert!(
+            v.detail
+                .contains("the store holds 1 of them at another priority"),
+            "{}",
+            v.detail
+        );
     }
 
     #[test]
