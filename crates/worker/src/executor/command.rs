@@ -23,8 +23,12 @@
 //!    [`ExecError::Stopped`] with the result below (what it wrote until then);
 //!    a pause request sends SIGSTOP (to the group and to the processes that left it, found
 //!    by their mark), parks at [`TaskCtx::pause_point`], then sends SIGCONT;
-//!    every `checkpoint_poll_ms` the directory is shipped as a checkpoint if its files
-//!    changed (paths, sizes, mtimes).
+//!    every `checkpoint_poll_ms` the directory is looked at, and shipped as a checkpoint if
+//!    its files changed (paths, sizes, mtimes) and then stayed the same until the next look
+//!    (a poll interval), and did not change while packed: a file still being written is not
+//!    shipped half written. A directory that never stays the same for a poll interval is
+//!    shipped only at the end; a state of several files is best written aside and renamed
+//!    into place.
 //! 4. When the leader exits, the rest of its group is terminated the same way (a task's
 //!    processes end with it), the output pipes are drained, and the directory is shipped one
 //!    last time if it changed.
@@ -537,6 +541,10 @@ struct Checkpoints {
     dir: PathBuf,
     /// The signature last shipped (or found at start).
     last: Signature,
+    /// Another signature the last look saw, not shipped then: the directory is shipped once
+    /// the next look sees it again (it stayed the same for a poll interval), not while a file
+    /// in it is still being written.
+    seen: Option<Signature>,
     /// The last error looking at the directory, to log each distinct one once.
     last_error: Option<String>,
 }
@@ -565,46 +573,91 @@ async fn prepare_dir(dir: &Path, latest: Option<Arc<Vec<u8>>>) -> Result<Checkpo
     Ok(Checkpoints {
         dir,
         last,
+        seen: None,
         last_error: None,
     })
 }
 
 /// What one look at the checkpoint directory found.
 enum Snapshot {
+    /// As last shipped.
     Unchanged,
+    /// Changed since the look before: looked at again at the next poll.
+    Unsettled(Signature),
+    /// Packed, as `Signature` says (it did not change while it was packed).
     Changed(Signature, Result<Vec<u8>, PackError>),
     Unreadable(String),
 }
 
-/// Looks at `dir` and packs it if its signature differs from `last`. Blocking work runs off the
-/// async threads.
-async fn snapshot(dir: PathBuf, last: Signature) -> Snapshot {
-    let looked = off_thread(move || match packing::signature(&dir) {
-        Err(e) => Snapshot::Unreadable(e.to_string()),
-        Ok(sig) if sig == last => Snapshot::Unchanged,
-        Ok(sig) => {
-            let packed = packing::pack(&dir);
-            Snapshot::Changed(sig, packed)
+/// How a look at the checkpoint directory takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Look {
+    /// While the task runs: the directory is packed only once it stayed the same since the
+    /// look before (a file still being written is not shipped half written).
+    Running,
+    /// Once the task's processes are gone: whatever it holds now is the last state.
+    Final,
+}
+
+/// Looks at `dir` and packs it if its signature differs from `last` (while running, only if
+/// it is also the signature the look before saw, `seen`, and it did not change while packed).
+/// Blocking work runs off the async threads.
+async fn snapshot(dir: PathBuf, last: Signature, seen: Option<Signature>, look: Look) -> Snapshot {
+    let looked = off_thread(move || {
+        let sig = match packing::signature(&dir) {
+            Err(e) => return Snapshot::Unreadable(e.to_string()),
+            Ok(sig) if sig == last => return Snapshot::Unchanged,
+            Ok(sig) => sig,
+        };
+        if look == Look::Running && seen.as_ref() != Some(&sig) {
+            return Snapshot::Unsettled(sig);
+        }
+        let packed = packing::pack(&dir);
+        match packing::signature(&dir) {
+            Ok(after) if after == sig => Snapshot::Changed(sig, packed),
+            // Written while it was packed: the pack may hold a file half written.
+            Ok(after) if look == Look::Running => Snapshot::Unsettled(after),
+            // The task's processes are gone (those still writing are ones it could not end):
+            // what was packed is the last state there is.
+            Ok(_) => Snapshot::Changed(sig, packed),
+            Err(e) => Snapshot::Unreadable(e.to_string()),
         }
     })
     .await;
     looked.unwrap_or_else(Snapshot::Unreadable)
 }
 
-/// Ships the directory if it changed; returns what to remember of this look.
-async fn ship(ctx: &TaskCtx, dir: PathBuf, last: Signature) -> Result<Option<Signature>, String> {
-    match snapshot(dir, last).await {
-        Snapshot::Unchanged => Ok(None),
+/// What a look at the checkpoint directory leaves to remember.
+#[derive(Debug)]
+enum Looked {
+    Unchanged,
+    /// Changed since the look before; not shipped (yet).
+    Unsettled(Signature),
+    /// Shipped (or known not to pack: the same files would fail the same way).
+    Shipped(Signature),
+}
+
+/// Ships the directory if it changed (and, while running, settled); returns what to remember
+/// of this look.
+async fn ship(
+    ctx: &TaskCtx,
+    dir: PathBuf,
+    (last, seen): (Signature, Option<Signature>),
+    look: Look,
+) -> Result<Looked, String> {
+    match snapshot(dir, last, seen, look).await {
+        Snapshot::Unchanged => Ok(Looked::Unchanged),
+        Snapshot::Unsettled(sig) => Ok(Looked::Unsettled(sig)),
         Snapshot::Changed(sig, Ok(data)) => {
             let size = data.len();
             let id = ctx.checkpoint(data).await;
             tracing::debug!(task_id = %ctx.task_id(), checkpoint_id = %id, size, "checkpoint shipped");
-            Ok(Some(sig))
+            Ok(Looked::Shipped(sig))
         }
         Snapshot::Changed(sig, Err(e)) => {
             // Remember the signature anyway: the same files would fail the same way.
             tracing::warn!(task_id = %ctx.task_id(), error = %e, "checkpoint dir not shipped");
-            Ok(Some(sig))
+            Ok(Looked::Shipped(sig))
         }
         Snapshot::Unreadable(e) => Err(e),
     }
@@ -635,7 +688,7 @@ struct Supervisor<'a> {
     /// Stopped while a checkpoint was in flight: that checkpoint parks first, then we do.
     park_pending: bool,
     /// A checkpoint being looked at, packed or shipped (shipping may park while paused).
-    shipping: Option<BoxFuture<'a, Result<Option<Signature>, String>>>,
+    shipping: Option<BoxFuture<'a, Result<Looked, String>>>,
 }
 
 impl<'a> Supervisor<'a> {
@@ -700,7 +753,7 @@ impl<'a> Supervisor<'a> {
                         self.park = Some(Box::pin(ctx.pause_point()));
                     }
                 }
-                _ = tick.tick(), if can_poll => self.start_shipping(),
+                _ = tick.tick(), if can_poll => self.start_shipping(Look::Running),
                 () = &mut pumps, if !pumps_done => pumps_done = true,
             }
         }
@@ -719,7 +772,7 @@ impl<'a> Supervisor<'a> {
                 let shipped = inflight.await;
                 self.shipped(shipped);
             }
-            self.start_shipping();
+            self.start_shipping(Look::Final);
             if let Some(last) = self.shipping.take() {
                 let shipped = last.await;
                 self.shipped(shipped);
@@ -733,23 +786,29 @@ impl<'a> Supervisor<'a> {
         }
     }
 
-    fn start_shipping(&mut self) {
+    fn start_shipping(&mut self, look: Look) {
         if let Some(cp) = &self.checkpoints {
-            let fut = ship(self.ctx, cp.dir.clone(), cp.last.clone());
+            let seen = (cp.last.clone(), cp.seen.clone());
+            let fut = ship(self.ctx, cp.dir.clone(), seen, look);
             self.shipping = Some(Box::pin(fut));
         }
     }
 
-    fn shipped(&mut self, shipped: Result<Option<Signature>, String>) {
+    fn shipped(&mut self, shipped: Result<Looked, String>) {
         let Some(cp) = &mut self.checkpoints else {
             return;
         };
+        cp.seen = None;
         match shipped {
-            Ok(Some(sig)) => {
+            Ok(Looked::Shipped(sig)) => {
                 cp.last = sig;
                 cp.last_error = None;
             }
-            Ok(None) => cp.last_error = None,
+            Ok(Looked::Unsettled(sig)) => {
+                cp.seen = Some(sig);
+                cp.last_error = None;
+            }
+            Ok(Looked::Unchanged) => cp.last_error = None,
             Err(e) => {
                 if cp.last_error.as_ref() != Some(&e) {
                     tracing::warn!(task_id = %self.ctx.task_id(), dir = %cp.dir.display(), error = %e, "cannot read checkpoint dir");
@@ -1905,6 +1964,53 @@ mod tests {
             .map(|(_, m)| m.type_name())
             .collect();
         assert!(kinds.contains(&"checkpoint") && kinds.contains(&"checkpoint_data"));
+    }
+
+    /// The packs queued for upload in `outbox`, by checkpoint, their pieces put together.
+    fn queued_packs(outbox: &crate::outbox::Outbox) -> Vec<BTreeMap<String, Vec<u8>>> {
+        let mut pieces: BTreeMap<String, BTreeMap<u32, Vec<u8>>> = BTreeMap::new();
+        for (_, msg) in outbox.take_unsent(10_000) {
+            if let tether_proto::msg::WorkerMsg::CheckpointData(d) = &*msg {
+                let of = pieces.entry(d.checkpoint_id.to_string()).or_default();
+                of.insert(d.chunk, d.data.0.clone());
+            }
+        }
+        pieces
+            .into_values()
+            .map(|of| {
+                let data: Vec<u8> = of.into_values().flatten().collect();
+                packing::decode(&data).expect("a valid pack")
+            })
+            .collect()
+    }
+
+    /// A file still being written is not shipped: only a directory that stayed the same for a
+    /// poll interval is, and the last look at the task's end. The file here grows by 125
+    /// bytes every 20 ms or so for about a second, well within the 500 ms poll; before, the
+    /// looks during the writing shipped it half written (and made that the latest checkpoint).
+    #[tokio::test]
+    async fn a_file_still_being_written_is_not_shipped_half_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, control) = ctx(1);
+        let ctx = ctx.with_checkpoint_dir(dir.path().join("cp"));
+        let outbox = ctx.outbox().clone();
+        let script = r#"i=0; while [ $i -lt 40 ]; do
+                head -c 125 /dev/zero >> "$TETHER_CHECKPOINT_DIR/big"; sleep 0.02; i=$((i+1))
+            done"#;
+        let config = serde_json::json!({"shell": script, "checkpoint_poll_ms": 500});
+        exec(config, ctx).await.expect("exit 0");
+        let packs = queued_packs(&outbox);
+        assert!(!packs.is_empty(), "shipped at exit");
+        for files in &packs {
+            let big = files.get("big").map(Vec::len);
+            assert!(
+                big.is_none_or(|n| n == 5000),
+                "shipped half written: {big:?} bytes"
+            );
+        }
+        let latest = control.latest_checkpoint().expect("a checkpoint");
+        let files = packing::decode(&latest).expect("a valid pack");
+        assert_eq!(files.get("big").map(Vec::len), Some(5000));
     }
 
     /// A task stopped because its worker stops ships the checkpoint it wrote as it stopped (a
