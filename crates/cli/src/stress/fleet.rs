@@ -833,7 +833,10 @@ impl Executor for Flood {
             // the fleet more than the worker library's own work on it.
             let pad = "x".repeat(cfg.size);
             let end = tokio::time::Instant::now() + Duration::from_millis(cfg.ms);
-            let every = Duration::from_secs_f64(1.0 / cfg.rate).max(Duration::from_millis(1));
+            // `tether stress` refuses a rate above it; asked of the fleet directly, it is
+            // capped here.
+            let every = Duration::from_secs_f64(1.0 / cfg.rate)
+                .max(Duration::from_secs(1) / MAX_FLOOD_TASK_RATE);
             let first = match cfg.in_step {
                 // The next instant at this worker's phase of the fleet's clock.
                 true => {
@@ -903,6 +906,10 @@ struct StepsConfig {
 /// step. With the step number alone, every task's checkpoint of a step would be the same bytes,
 /// and one handed to the wrong task would pass for its own.
 pub const MIN_STEP_CHECKPOINT: usize = 12;
+
+/// A flood task's state updates a second at most: its ticks are at least the timer's
+/// millisecond apart.
+pub const MAX_FLOOD_TASK_RATE: u32 = 1_000;
 
 /// The checkpoint step `step` of task `task` writes: the step number, then `size - 4` bytes
 /// drawn from the task id and the step (xorshift64*: they do not compress, as a real

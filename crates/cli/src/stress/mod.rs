@@ -125,7 +125,8 @@ pub struct StressArgs {
     /// Slots per worker (default 4 in steady_load, 8 in message_flood, 1 otherwise).
     #[arg(long)]
     pub slots: Option<u32>,
-    /// message_flood: state updates per second per worker. The default offers a quarter more
+    /// message_flood: state updates per second per worker, at most 1,000 per slot (each slot's
+    /// task reports at most once a millisecond). The default offers a quarter more
     /// than the 200,000 a second the coordinator is to handle from 1,000 workers, so that what
     /// it handles measures it, not the offer; `--rate 100` is the half rate of the latency target.
     #[arg(long, default_value_t = 250)]
@@ -368,6 +369,17 @@ impl StressArgs {
         if self.rate == 0 {
             bail!("--rate must be at least 1 (updates a second per worker)");
         }
+        // Each of a worker's flood tasks (one a slot) reports at its share of the rate, at
+        // most as often as its timer ticks: more would be asked and not offered, and the
+        // report would print the rate asked.
+        let slots = u64::from(scenarios::flood_slots(self).max(1));
+        let most = u64::from(fleet::MAX_FLOOD_TASK_RATE) * slots;
+        if self.scenario == Scenario::MessageFlood && self.rate > most {
+            bail!(
+                "--rate must be at most {most} updates a second per worker with {slots} slots:                  each slot's flood task reports at most {} times a second",
+                fleet::MAX_FLOOD_TASK_RATE
+            );
+        }
         let first = scenarios::FLEET_BACKOFF_INITIAL;
         if self.max_reconnect_delay < first {
             bail!(
@@ -593,6 +605,17 @@ mod tests {
         );
         // The default slots count: 8 in message_flood.
         refused(&["message_flood", "--workers", "125001"], "--slots");
+    }
+
+    #[test]
+    fn a_flood_rate_above_what_a_slots_task_can_report_is_refused() {
+        // 8 slots by default, each task at most 1,000 updates a second.
+        assert_eq!(refusal(&["message_flood", "--rate", "8000"]), None);
+        refused(&["message_flood", "--rate", "8001"], "--rate");
+        let one = ["message_flood", "--slots", "1", "--rate"];
+        assert_eq!(refusal(&[&one[..], &["1000"]].concat()), None);
+        refused(&[&one[..], &["1001"]].concat(), "--rate");
+        refused(&[&one[..], &[&*u64::MAX.to_string()]].concat(), "--rate");
     }
 
     #[test]
