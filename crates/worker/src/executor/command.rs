@@ -81,8 +81,9 @@ pub const KILL_GRACE: Duration = Duration::from_secs(2);
 /// How long output is still read once the process group is gone; a process that left the
 /// group may hold the pipes open forever.
 pub const PIPE_DRAIN_GRACE: Duration = Duration::from_secs(2);
-/// How long a task stopped for its worker's stop gets to ship the checkpoint it wrote as it
-/// stopped (it is stored locally at once; this bounds the wait for room to queue its pieces).
+/// How long a task stopped for its worker's stop waits for room to queue the checkpoint it
+/// wrote as it stopped, once packed and stored locally (neither is cut short: they take what
+/// the directory's size and the disk make them take).
 pub const STOP_SHIP_LIMIT: Duration = Duration::from_secs(1);
 /// The interpreter of `shell`.
 pub const SHELL: &str = "/bin/sh";
@@ -290,8 +291,10 @@ impl Executor for CommandExecutor {
         Box::pin(run(input, ctx, self.kill_grace, procs))
     }
 
-    /// Its kill grace, the reading of the output meanwhile, the last checkpoint of a worker's
-    /// stop, and a second to spare.
+    /// Its kill grace, the reading of the output meanwhile, the wait to queue the last
+    /// checkpoint of a worker's stop ([`STOP_SHIP_LIMIT`]; its pack and local store are not
+    /// bounded, but a stopping worker starts no newer attempt to wait), and a second to spare:
+    /// 6 s by default.
     fn stop_grace(&self) -> Duration {
         self.kill_grace + PIPE_DRAIN_GRACE + STOP_SHIP_LIMIT + Duration::from_secs(1)
     }
@@ -388,8 +391,7 @@ async fn run(
             // The worker stops: the task's next attempt, elsewhere, resumes from the checkpoint
             // this one leaves, the one it wrote as it stopped (a TERM trap) included.
             if ctx.worker_stopping() {
-                sup.finish_checkpoints(tokio::time::sleep(STOP_SHIP_LIMIT))
-                    .await;
+                sup.finish_on_stop().await;
             }
             let result = result(waited.ok(), duration, &out_tail, &err_tail, ctx.max_frame());
             return Err(ExecError::Stopped { result });
@@ -406,7 +408,7 @@ async fn run(
     };
     let _ = tokio::time::timeout(PIPE_DRAIN_GRACE, pumps.as_mut()).await;
     drop(pumps);
-    sup.finish_checkpoints(ctx.cancelled()).await;
+    sup.finish_checkpoints().await;
     drop(sup);
     tracing::debug!(task_id = %ctx.task_id(), %status, "command exited");
     outcome(status, duration, &out_tail, &err_tail, ctx.max_frame())
@@ -760,9 +762,9 @@ impl<'a> Supervisor<'a> {
     }
 
     /// After the process exited: lets an in-flight checkpoint finish and ships the directory
-    /// once more if it changed. Gives up (the process already ended) once `until` is ready
-    /// (the attempt cancelled meanwhile; a stopping worker's limit).
-    async fn finish_checkpoints(&mut self, until: impl Future<Output = ()>) {
+    /// once more if it changed. Gives up (the process already ended) if the attempt is
+    /// cancelled meanwhile: nothing resumes from it.
+    async fn finish_checkpoints(&mut self) {
         if self.checkpoints.is_none() {
             return;
         }
@@ -780,8 +782,56 @@ impl<'a> Supervisor<'a> {
         };
         tokio::select! {
             () = finish => {}
-            () = until => {
-                tracing::debug!(task_id = %ctx.task_id(), "the last checkpoint given up");
+            () = ctx.cancelled() => {
+                tracing::debug!(task_id = %ctx.task_id(), "the last checkpoint given up: the attempt is cancelled");
+            }
+        }
+    }
+
+    /// The worker stops, and the task's processes are gone: ships the directory once more if
+    /// it changed (a TERM trap's last state, which the next attempt elsewhere resumes from).
+    /// Its pack and its local store are not cut short: they are bounded by the directory's
+    /// size and the disk, and the stored copy is what a resume here finds. Only the wait for
+    /// room to queue its announcement and pieces is, after [`STOP_SHIP_LIMIT`]: the worker's
+    /// stop must not wait for ever on a session that takes nothing.
+    async fn finish_on_stop(&mut self) {
+        let Some(cp) = &self.checkpoints else {
+            return;
+        };
+        let ctx = self.ctx;
+        // A look in flight is taken again here. Its store, if it started, lands all the same
+        // (on the blocking pool), before this one's; its pieces are not queued, this one's are.
+        self.shipping = None;
+        let (dir, last) = (cp.dir.clone(), cp.last.clone());
+        let data = match snapshot(dir.clone(), last, None, Look::Final).await {
+            Snapshot::Unchanged | Snapshot::Unsettled(_) => return,
+            Snapshot::Changed(_, Ok(data)) => data,
+            Snapshot::Changed(_, Err(e)) => {
+                tracing::warn!(task_id = %ctx.task_id(), error = %e, "the checkpoint dir written as the worker stops is not shipped");
+                return;
+            }
+            Snapshot::Unreadable(e) => {
+                tracing::warn!(task_id = %ctx.task_id(), dir = %dir.display(), error = %e, "cannot read the checkpoint dir as the worker stops; its last state is not shipped");
+                return;
+            }
+        };
+        let size = data.len();
+        let mut ship = std::pin::pin!(ctx.checkpoint(data));
+        // The limit counts from the store's end. A task's stores hold `storing` until they
+        // landed, and its lock is fair: asked for after the store `ship` starts at its first
+        // poll (the `biased` select polls it first), it is had once that store landed.
+        let storing = ctx.shared.storing.clone();
+        let queue_limit = async move {
+            drop(storing.lock().await);
+            tokio::time::sleep(STOP_SHIP_LIMIT).await;
+        };
+        tokio::select! {
+            biased;
+            id = &mut ship => {
+                tracing::debug!(task_id = %ctx.task_id(), checkpoint_id = %id, size, "the checkpoint written as the worker stops is queued");
+            }
+            () = queue_limit => {
+                tracing::warn!(task_id = %ctx.task_id(), size, limit_ms = STOP_SHIP_LIMIT.as_millis() as u64, "the checkpoint written as the worker stops is stored here, but its pieces found no room in the outbox within the limit: not all of it is queued, and the next attempt elsewhere resumes from an earlier checkpoint");
             }
         }
     }
@@ -2046,6 +2096,139 @@ mod tests {
                 false => assert_eq!(n, None, "a cancelled task ships nothing more"),
             }
         }
+    }
+
+    /// The checkpoint a task writes as its worker stops is packed and stored whatever they
+    /// take (here a store of 1.5 s, past the 1 s limit); only the wait for room to queue its
+    /// pieces is cut short. Before, the limit covered the pack and the store too: the run
+    /// returned with the checkpoint neither stored nor queued, logged at debug.
+    #[tokio::test]
+    async fn a_checkpoint_written_as_the_worker_stops_is_stored_and_queued_however_long_the_store()
+    {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, control) = ctx(1);
+        let mut ctx = ctx.with_checkpoint_dir(dir.path().join("cp"));
+        let stores = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = stores.clone();
+        let sink: crate::executor::CheckpointSink = Arc::new(move |_, _| {
+            std::thread::sleep(STOP_SHIP_LIMIT + Duration::from_millis(500));
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        ctx.on_checkpoint = Some(sink);
+        let outbox = ctx.outbox().clone();
+        let script = r#"trap 'echo 7 > "$TETHER_CHECKPOINT_DIR/n"; exit 0' TERM
+            touch "$D/ready"
+            while :; do sleep 0.05; done"#;
+        let config = serde_json::json!({
+            "shell": script,
+            "env": {"D": dir.path()},
+            "checkpoint_poll_ms": 60_000,
+        });
+        let run = tokio::spawn(exec(config, ctx));
+        wait_for("the trap set", || dir.path().join("ready").exists()).await;
+        control.stop_worker();
+        stopped(run.await.expect("joined"));
+        assert_eq!(
+            stores.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "stored"
+        );
+        let n = control
+            .latest_checkpoint()
+            .map(|data| packing::decode(&data).expect("a valid pack"))
+            .and_then(|files| files.get("n").cloned());
+        assert_eq!(n.as_deref(), Some(&b"7\n"[..]), "the latest");
+        let packs = queued_packs(&outbox);
+        let queued: Vec<_> = packs.iter().map(|files| files.get("n").cloned()).collect();
+        assert_eq!(queued, [Some(b"7\n".to_vec())], "queued, every piece");
+    }
+
+    /// Warnings logged on this thread, as `message field=value ..` lines.
+    #[derive(Clone, Default)]
+    struct Warnings(Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl Warnings {
+        fn lines(&self) -> Vec<String> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        }
+    }
+
+    impl tracing::Subscriber for Warnings {
+        fn enabled(&self, meta: &tracing::Metadata<'_>) -> bool {
+            *meta.level() <= tracing::Level::WARN
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            struct Line(String);
+            impl tracing::field::Visit for Line {
+                fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                    self.0.push_str(&format!(" {}={v:?}", f.name()));
+                }
+            }
+            let mut line = Line(String::new());
+            event.record(&mut line);
+            let mut lines = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            lines.push(line.0);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// A checkpoint written as the worker stops whose pieces find no room in the outbox (a
+    /// session that takes nothing) does not hold the stop: it is stored here, its pieces are
+    /// given up after the limit, and a warning says so with its size.
+    #[tokio::test]
+    async fn a_checkpoint_written_as_the_worker_stops_is_stored_when_its_pieces_find_no_room() {
+        let warnings = Warnings::default();
+        let _log = tracing::subscriber::set_default(warnings.clone());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, control) = ctx(1);
+        let mut ctx = ctx.with_checkpoint_dir(dir.path().join("cp"));
+        // Room for the announcement alone.
+        let limits = crate::outbox::Limits {
+            max_entries: 0,
+            max_bytes: usize::MAX,
+        };
+        ctx.outbox = Arc::new(crate::outbox::Outbox::new(limits));
+        let outbox = ctx.outbox().clone();
+        let script = r#"trap 'echo 7 > "$TETHER_CHECKPOINT_DIR/n"; exit 0' TERM
+            touch "$D/ready"
+            while :; do sleep 0.05; done"#;
+        let config = serde_json::json!({
+            "shell": script,
+            "env": {"D": dir.path()},
+            "checkpoint_poll_ms": 60_000,
+        });
+        let mut run = std::pin::pin!(exec(config, ctx));
+        let ready = dir.path().join("ready");
+        tokio::select! {
+            r = &mut run => panic!("the task ended: {r:?}"),
+            () = wait_for("the trap set", || ready.exists()) => {}
+        }
+        control.stop_worker();
+        let r = tokio::time::timeout(PATIENCE, run).await;
+        stopped(r.expect("the stop is not held by the outbox"));
+        let n = control
+            .latest_checkpoint()
+            .map(|data| packing::decode(&data).expect("a valid pack"))
+            .and_then(|files| files.get("n").cloned());
+        assert_eq!(n.as_deref(), Some(&b"7\n"[..]), "stored");
+        let kinds: Vec<&str> = outbox
+            .take_unsent(100)
+            .iter()
+            .map(|(_, m)| m.type_name())
+            .collect();
+        assert_eq!(kinds, ["checkpoint"], "announced; its piece found no room");
+        let said = warnings.lines();
+        assert!(
+            said.iter()
+                .any(|w| w.contains("is stored here") && w.contains("size=")),
+            "{said:?}"
+        );
     }
 
     #[tokio::test]
