@@ -349,7 +349,10 @@ impl Report {
             );
         }
         if let Some(v) = self.coordinator_us_per_task {
-            row("coordinator CPU per task (window), µs", format!("{v:.1}"));
+            row(
+                "coordinator CPU per task (first submission until every task ended), µs",
+                format!("{v:.1}"),
+            );
         }
         if let Some(v) = self.idle_cpu_pct {
             row("coordinator idle CPU, % of one core", format!("{v:.2}"));
@@ -483,6 +486,22 @@ mod tests {
         let d = Dist::of((1..=100).map(f64::from).collect()).expect("non-empty");
         assert_eq!((d.p50, d.p95, d.p99, d.max), (50.0, 95.0, 99.0, 100.0));
         assert!(Dist::of(Vec::new()).is_none());
+    }
+
+    /// steady_load's CPU per task is over the whole run, from the first submission until
+    /// every task ended (the drain and the churn in it), not its window of submissions.
+    #[test]
+    fn the_cpu_per_task_row_says_the_span_it_is_over() {
+        let r = Report {
+            coordinator_us_per_task: Some(39.2),
+            ..Report::default()
+        };
+        let text = r.markdown();
+        assert!(
+            text.contains("coordinator CPU per task (first submission until every task ended), µs"),
+            "{text}"
+        );
+        assert!(!text.contains("per task (window)"), "{text}");
     }
 
     #[test]
