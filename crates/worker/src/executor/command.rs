@@ -347,12 +347,25 @@ async fn run(
         });
     };
     let procs = TaskProcs { pgid, mark, scans };
-    let record = ctx.group_record.clone();
-    if let Some(file) = &record {
-        super::orphans::record(file, pgid, &procs.mark);
-    }
     watch.group(pgid);
-    let mut guard = GroupGuard::arm(procs.clone(), record.map(|file| (file, pgid)), Some(watch));
+    let record = ctx.group_record.clone();
+    let mut guard = GroupGuard::arm(
+        procs.clone(),
+        record.clone().map(|f| (f, pgid)),
+        Some(watch),
+    );
+    if let Some(file) = record {
+        let mark = procs.mark.clone();
+        // A file written, a process's stat read: not on a runtime thread.
+        let write = move || {
+            #[cfg(test)]
+            tests::blocking_work(format!("record {}", file.display()));
+            super::orphans::record(&file, pgid, &mark);
+        };
+        if let Err(e) = tokio::task::spawn_blocking(write).await {
+            tracing::warn!(task_id = %ctx.task_id(), error = %e, "cannot record a task's process group");
+        }
+    }
     tracing::debug!(task_id = %ctx.task_id(), attempt = %ctx.attempt(), pid = pgid.as_raw(), program = %plan.program, "command started");
 
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
@@ -376,7 +389,7 @@ async fn run(
     // The group is signalled no more: its leader is reaped next, and its id may then be
     // another process's.
     match swept {
-        true => guard.disarm(),
+        true => guard.disarm().await,
         false => {
             tracing::warn!(task_id = %ctx.task_id(), attempt = %ctx.attempt(), mark = %procs.mark, "the last look for the task's processes that left its group did not finish in time; they are looked for again on a thread of their own, and the warden and the group record keep them until then");
             guard.group_ended();
@@ -916,7 +929,7 @@ struct TaskProcs {
 async fn terminate_group(child: &mut Child, procs: &TaskProcs, grace: Duration) -> bool {
     let pgid = procs.pgid;
     // The leader's zombie takes a signal too: only a live member counts.
-    let in_group = signal_group(pgid, Signal::SIGTERM) && group_alive(pgid);
+    let in_group = signal_group(pgid, Signal::SIGTERM) && group_alive(procs).await;
     // The group's members carry the mark too: only those that left the group are signalled. A
     // look that did not finish counts as one that found some.
     let escaped = marked(procs, Some(Signal::SIGTERM)).await != Some(0);
@@ -925,9 +938,7 @@ async fn terminate_group(child: &mut Child, procs: &TaskProcs, grace: Duration) 
         signal_group(pgid, Signal::SIGCONT);
         let deadline = Instant::now() + grace;
         let _ = tokio::time::timeout_at(deadline, leader_exited(child)).await;
-        while Instant::now() < deadline
-            && (group_alive(pgid) || marked(procs, None).await.unwrap_or(0) > 0)
-        {
+        while Instant::now() < deadline && any_left(procs).await {
             tokio::time::sleep(GROUP_POLL).await;
         }
         signal_group(pgid, Signal::SIGKILL);
@@ -1069,16 +1080,42 @@ fn signal_group(pgid: Pid, sig: Signal) -> bool {
 
 /// Whether a process of the group still runs. Zombies do not count: an orphan's zombie waits
 /// for a reaper (init, or nobody in some containers) and runs no more. Uses `/proc` where it
-/// exists; elsewhere asks the kernel, which counts zombies.
-fn group_alive(pgid: Pid) -> bool {
+/// exists, on the blocking pool: the look reads the stat of every process on the machine, and
+/// asking the kernel first spares it only once the group is gone for good (the leader's zombie,
+/// not reaped yet, is a member). Elsewhere asks the kernel, which counts zombies. A look that
+/// did not finish in time ([`bounded_scan_within`]) counts as one that found a member.
+async fn group_alive(procs: &TaskProcs) -> bool {
+    let pgid = procs.pgid;
     if matches!(killpg(pgid, None), Err(nix::errno::Errno::ESRCH)) {
         return false;
     }
-    live_member_in_proc(pgid).unwrap_or(true)
+    let look = move || live_member_in_proc(pgid).unwrap_or(true);
+    bounded_scan_within(procs.scans.limit, look)
+        .await
+        .unwrap_or(true)
+}
+
+/// Whether a process of the attempt is known to be left: a live member of its group, or one
+/// that left the group but carries its mark. One look through `/proc`, on the blocking pool;
+/// one that did not finish in time knows of none (the grace is waited no longer: SIGKILL
+/// follows).
+async fn any_left(procs: &TaskProcs) -> bool {
+    let (pgid, mark) = (procs.pgid, procs.mark.clone());
+    if matches!(killpg(pgid, None), Err(nix::errno::Errno::ESRCH)) {
+        return marked(procs, None).await.unwrap_or(0) > 0;
+    }
+    let look = move || {
+        live_member_in_proc(pgid).unwrap_or(true) || !super::procs::marked(&mark).is_empty()
+    };
+    bounded_scan_within(procs.scans.limit, look)
+        .await
+        .unwrap_or(false)
 }
 
 /// Scans `/proc` for a non-zombie process in group `pgid`; `None` without a readable `/proc`.
 fn live_member_in_proc(pgid: Pid) -> Option<bool> {
+    #[cfg(test)]
+    tests::blocking_work(format!("group {pgid}"));
     std::fs::read_dir("/proc").ok()?;
     let pgid = u32::try_from(pgid.as_raw()).ok()?;
     // Processes come and go while we look; a vanished one is simply not a member.
@@ -1153,10 +1190,21 @@ impl GroupGuard {
         }
     }
 
-    /// The group, and the processes that left it, have ended.
-    fn disarm(&mut self) {
+    /// The group, and the processes that left it, have ended: the group's record is removed
+    /// (on the blocking pool: small file work, but not on a runtime thread).
+    async fn disarm(&mut self) {
         if let Some(procs) = self.procs.take() {
             live().remove(&procs.mark);
+        }
+        if let Some((file, pgid)) = self.record.take() {
+            let forget = move || {
+                #[cfg(test)]
+                tests::blocking_work(format!("forget {}", file.display()));
+                super::orphans::forget(&file, pgid);
+            };
+            if let Err(e) = tokio::task::spawn_blocking(forget).await {
+                tracing::warn!(error = %e, "cannot remove the record of a task's process group");
+            }
         }
         // Dropped, it tells the warden the attempt is over.
         self.warden = None;
@@ -1185,6 +1233,8 @@ impl Drop for GroupGuard {
             let warden = warden.clone();
             move || {
                 if let Some((file, pgid)) = &record {
+                    #[cfg(test)]
+                    tests::blocking_work(format!("forget {}", file.display()));
                     super::orphans::forget(file, *pgid);
                 }
                 // Once the processes are killed: the warden is told the attempt is over.
@@ -1303,6 +1353,71 @@ mod tests {
     use crate::executor::TaskControl;
     use crate::testutil::{KillOnDrop, PATIENCE, is_dead, wait_for};
     use tether_proto::{Attempt, TaskId};
+
+    /// Blocking work done (looks through `/proc`, a group record written or removed), with
+    /// the thread that did it.
+    static BLOCKING_WORK: std::sync::Mutex<Vec<(String, std::thread::ThreadId)>> =
+        std::sync::Mutex::new(Vec::new());
+
+    pub(super) fn blocking_work(what: String) {
+        let mut work = BLOCKING_WORK.lock().unwrap_or_else(|p| p.into_inner());
+        work.push((what, std::thread::current().id()));
+    }
+
+    /// The blocking work done that `what` describes, and whether each was on this thread.
+    fn blocking_work_of(what: &str) -> Vec<(String, bool)> {
+        let me = std::thread::current().id();
+        let work = BLOCKING_WORK.lock().unwrap_or_else(|p| p.into_inner());
+        work.iter()
+            .filter(|(w, _)| w == what)
+            .map(|(w, on)| (w.clone(), *on == me))
+            .collect()
+    }
+
+    /// A task's end, and each look of a kill grace, read the stat of every process on the
+    /// machine (the group's leader is a zombie not reaped yet then, so asking the kernel about
+    /// the group never spares it), and its group record is a file written and removed: all of
+    /// it on the blocking pool, not on the runtime's threads, which it held for tens of ms per
+    /// look on a machine of thousands of processes. Here the runtime is the test's own thread
+    /// (`current_thread`): nothing of that is done on it.
+    #[tokio::test]
+    async fn the_scans_and_group_record_of_a_kill_grace_run_off_the_runtime_threads() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let record = state
+            .path()
+            .join(super::super::orphans::GROUPS_DIR)
+            .join("t-cmd");
+        let (ctx, control) = ctx(1);
+        let ctx = ctx.with_group_record(record.clone());
+        let executor = CommandExecutor::default().with_kill_grace(Duration::from_millis(300));
+        let script = r#"trap '' TERM; echo $$ > "$D/pid.tmp"; mv "$D/pid.tmp" "$D/pid"; sleep 30"#;
+        let config = serde_json::json!({"shell": script, "env": {"D": dir.path()}});
+        let run = tokio::spawn(executor.execute(input(config), ctx));
+        let leader = read_pid(&dir.path().join("pid")).await;
+        let _leader_guard = KillOnDrop(leader);
+        control.cancel();
+        stopped(run.await.expect("joined"));
+        assert!(!record.exists(), "the record is removed");
+        let looks = blocking_work_of(&format!("group {leader}"));
+        assert!(!looks.is_empty(), "the group was looked for");
+        let record = record.display().to_string();
+        let kept = blocking_work_of(&format!("record {record}"));
+        let forgot = blocking_work_of(&format!("forget {record}"));
+        assert!(
+            !kept.is_empty() && !forgot.is_empty(),
+            "recorded, forgotten"
+        );
+        let on_runtime: Vec<_> = [looks, kept, forgot]
+            .concat()
+            .into_iter()
+            .filter(|(_, on)| *on)
+            .collect();
+        assert!(
+            on_runtime.is_empty(),
+            "on the runtime's thread: {on_runtime:?}"
+        );
+    }
 
     thread_local! {
         /// A [`GroupGuard`] dropped on this thread cannot start its sweep's thread.
