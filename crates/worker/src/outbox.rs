@@ -7,7 +7,9 @@
 //! enter the outbox. The outbox is bounded: producers wait for room ([`Outbox::reserve`]),
 //! telemetry is dropped first, and the first time it fills a warning is logged and counted.
 //! With a [`Journal`] (the state directory) every change is written through before it takes
-//! effect, so a restarted worker finds what was not yet acknowledged.
+//! effect, so a restarted worker finds what was not yet acknowledged. A checkpoint's pieces are
+//! journaled by where they lie in the checkpoint ([`Outbox::push_piece`]), whose bytes the
+//! state directory keeps in a file of its own: the journal write under the lock stays small.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -57,6 +59,16 @@ pub trait Journal: Send + Sync {
     /// `put` entered the outbox and the entries `removed` left it (acked, coalesced away or
     /// dropped), as one write.
     fn write(&self, put: Option<(Class, Seq, &WorkerMsg)>, removed: &[Seq]);
+
+    /// As [`Journal::write`], for `put` a checkpoint piece (`checkpoint_data`) whose bytes lie
+    /// at `offset` of its checkpoint ([`Outbox::push_piece`]). The state directory keeps the
+    /// checkpoint's bytes already, in a file of its own: it records the piece by reference, a
+    /// few hundred bytes, not its bytes again (base64 under the outbox's lock, which the
+    /// session needs for every send and ack), and rebuilds it when the journal is read.
+    fn write_piece(&self, put: (Class, Seq, &WorkerMsg), offset: u64, removed: &[Seq]) {
+        let _ = offset;
+        self.write(Some(put), removed);
+    }
 }
 
 #[derive(Debug)]
@@ -230,12 +242,25 @@ impl Outbox {
     }
 
     fn journal(&self, put: Option<(Class, Seq, &WorkerMsg)>, removed: &[u64]) {
+        self.journal_at(put, None, removed);
+    }
+
+    /// [`Outbox::journal`], with where `put` lies in its checkpoint if it is a piece of one.
+    fn journal_at(
+        &self,
+        put: Option<(Class, Seq, &WorkerMsg)>,
+        offset: Option<u64>,
+        removed: &[u64],
+    ) {
         if put.is_none() && removed.is_empty() {
             return;
         }
         if let Some(j) = &self.journal {
             let removed: Vec<Seq> = removed.iter().copied().map(Seq).collect();
-            j.write(put, &removed);
+            match (put, offset) {
+                (Some(put), Some(offset)) => j.write_piece(put, offset, &removed),
+                _ => j.write(put, &removed),
+            }
         }
     }
 
@@ -255,6 +280,23 @@ impl Outbox {
         &self,
         class: Class,
         coalesce: Option<Coalesce>,
+        make: impl FnOnce(Seq) -> WorkerMsg,
+    ) -> Seq {
+        self.push_at(class, coalesce, None, make)
+    }
+
+    /// [`Outbox::push`] of a checkpoint piece (`checkpoint_data`, class state) whose bytes lie
+    /// at `offset` of its checkpoint, which the journal keeps already: it journals the piece
+    /// by reference ([`Journal::write_piece`]). Held here with its bytes, as any entry.
+    pub fn push_piece(&self, offset: u64, make: impl FnOnce(Seq) -> WorkerMsg) -> Seq {
+        self.push_at(Class::State, None, Some(offset), make)
+    }
+
+    fn push_at(
+        &self,
+        class: Class,
+        coalesce: Option<Coalesce>,
+        offset: Option<u64>,
         make: impl FnOnce(Seq) -> WorkerMsg,
     ) -> Seq {
         let seq = {
@@ -283,7 +325,7 @@ impl Outbox {
                 removed.extend(self.make_room(&mut inner));
             }
             // INVARIANT: journaled under the lock, before the entry can be acked or returned.
-            self.journal(Some((class, Seq(seq), &msg)), &removed);
+            self.journal_at(Some((class, Seq(seq), &msg)), offset, &removed);
             (Seq(seq), !removed.is_empty())
         };
         let (seq, replaced) = seq;

@@ -28,7 +28,9 @@
 //! Sharing a lock, or SQLite's one writer of a file, the session would stall for as long as a
 //! checkpoint takes to write. So nothing on the `worker.db` side waits for `checkpoints.db`:
 //! the deletions an ending task or `forget_lost` asks of it are done at once when it is free,
-//! else by its holder as it releases it.
+//! else by its holder as it releases it. Nor does the journal write a checkpoint's bytes again:
+//! it records a checkpoint's pieces by where they lie in it, and a start rebuilds them from
+//! `checkpoints.db` (module `pieces`).
 //!
 //! The two files share no transaction, so each change that touches both is ordered to be safe
 //! at a crash between its steps: `worker.db` first, in one transaction (the attempt leaves the
@@ -58,6 +60,7 @@ use crate::executor::StoredCheckpoint;
 use crate::outbox::{Class, Journal};
 
 mod checkpoints;
+mod pieces;
 
 pub use checkpoints::CHECKPOINTS_FILE;
 
@@ -256,7 +259,7 @@ impl StateDir {
             },
         })?;
         let (mut cp_conn, cp_path) = checkpoints::open(dir, &mut conn, &db_path, version)?;
-        let mut restored = {
+        let (mut restored, pieces) = {
             let tx = conn.transaction().map_err(db)?;
             let restored = restore(&tx, &db_path)?;
             tx.commit().map_err(db)?;
@@ -273,6 +276,19 @@ impl StateDir {
             if let Some(cp) = checkpoints::describe(&cp_conn, &t.task_id, &cp_path)? {
                 restored.checkpoints.push((t.task_id.clone(), cp));
             }
+        }
+        // Pieces journaled by reference, from the checkpoints kept now (after the deletions
+        // owed and the sweep): those of a checkpoint gone leave the journal, with their
+        // upload's announcement.
+        let dropped = pieces::rebuild(&cp_conn, &cp_path, pieces, &mut restored.entries)?;
+        if !dropped.is_empty() {
+            let mut conn = locked(&conn);
+            let tx = conn.transaction().map_err(db)?;
+            for seq in &dropped {
+                tx.execute("DELETE FROM outbox WHERE seq = ?1", params![seq.0 as i64])
+                    .map_err(db)?;
+            }
+            tx.commit().map_err(db)?;
         }
         if !restored.lost.is_empty() || !restored.entries.is_empty() || swept + forgot > 0 {
             tracing::info!(
@@ -494,17 +510,30 @@ impl StateDir {
         }
     }
 
+    /// Writes the journal: `put` entered the outbox (a checkpoint piece at `offset` of its
+    /// checkpoint, if given: journaled by reference, see [`pieces`]) and `removed` left it.
     fn write_journal(
         &self,
         put: Option<(Class, Seq, &WorkerMsg)>,
+        offset: Option<u64>,
         removed: &[Seq],
     ) -> Result<(), String> {
+        // Encoded before the lock is taken.
+        let put = match put {
+            Some((class, seq, msg)) => {
+                let json = offset
+                    .and_then(|offset| pieces::encode(msg, offset))
+                    .unwrap_or_else(|| serde_json::to_string(msg))
+                    .map_err(|e| e.to_string())?;
+                Some((class, seq, json))
+            }
+            None => None,
+        };
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| e.to_string())?;
         // The entry put first: it can be among those removed (telemetry the push that made it
         // dropped at once, to keep the outbox within its bounds), and then must not stay.
-        if let Some((class, seq, msg)) = put {
-            let json = serde_json::to_string(msg).map_err(|e| e.to_string())?;
+        if let Some((class, seq, json)) = put {
             tx.execute(
                 "INSERT OR REPLACE INTO outbox (seq, class, msg) VALUES (?1, ?2, ?3)",
                 params![seq.0 as i64, class as i64, json],
@@ -528,9 +557,15 @@ impl StateDir {
 
 impl Journal for StateDir {
     fn write(&self, put: Option<(Class, Seq, &WorkerMsg)>, removed: &[Seq]) {
-        if let Err(error) = self.write_journal(put, removed) {
+        if let Err(error) = self.write_journal(put, None, removed) {
             // The entry stays in memory and is delivered; only its survival of a crash is lost.
             tracing::error!(dir = %self.dir.display(), %error, seq = put.map(|p| p.1.0), "outbox journal write failed");
+        }
+    }
+
+    fn write_piece(&self, put: (Class, Seq, &WorkerMsg), offset: u64, removed: &[Seq]) {
+        if let Err(error) = self.write_journal(Some(put), Some(offset), removed) {
+            tracing::error!(dir = %self.dir.display(), %error, seq = put.1.0, "outbox journal write failed");
         }
     }
 }
@@ -694,8 +729,12 @@ fn check_identity(conn: &Connection, worker: &WorkerId) -> Result<(), IdentityEr
 }
 
 /// Reads the journal and turns the running set into the lost set (their checkpoints are read
-/// by the caller, from the other file).
-fn restore(conn: &Connection, path: &Path) -> Result<Restored, StateDirError> {
+/// by the caller, from the other file), with the pieces journaled by reference apart: the
+/// caller rebuilds them from the other file too.
+fn restore(
+    conn: &Connection,
+    path: &Path,
+) -> Result<(Restored, Vec<(Class, pieces::PieceRef)>), StateDirError> {
     let db = |source| StateDirError::Db {
         path: path.to_owned(),
         source,
@@ -705,6 +744,7 @@ fn restore(conn: &Connection, path: &Path) -> Result<Restored, StateDirError> {
         detail,
     };
     let (mut entries, mut salvaged, mut discarded) = (Vec::new(), Vec::new(), Vec::new());
+    let mut by_ref = Vec::new();
     {
         let mut stmt = conn
             .prepare("SELECT seq, class, msg FROM outbox ORDER BY seq")
@@ -722,6 +762,7 @@ fn restore(conn: &Connection, path: &Path) -> Result<Restored, StateDirError> {
             let (seq, class, json) = row.map_err(db)?;
             match journaled(class, &json) {
                 Journaled::Entry(class, msg) => entries.push((class, msg)),
+                Journaled::Piece(class, piece) => by_ref.push((class, piece)),
                 Journaled::Salvaged(class, msg, why) => {
                     tracing::error!(seq, %why, "a journaled result does not decode; it is sent as the failure of its attempt");
                     salvaged.push((seq, serde_json::to_string(&msg).unwrap_or_default()));
@@ -762,6 +803,7 @@ fn restore(conn: &Connection, path: &Path) -> Result<Restored, StateDirError> {
     let journal_high = entries
         .iter()
         .filter_map(|(_, m)| m.seq())
+        .chain(by_ref.iter().map(|(_, p)| p.seq))
         .map(|s| s.0)
         .max()
         .unwrap_or(0);
@@ -815,17 +857,20 @@ fn restore(conn: &Connection, path: &Path) -> Result<Restored, StateDirError> {
         })
         .map_err(db)?;
     }
-    Ok(Restored {
+    let restored = Restored {
         entries,
         last_seq,
         lost,
         checkpoints: Vec::new(),
-    })
+    };
+    Ok((restored, by_ref))
 }
 
 /// What a journaled outbox entry is at a start.
 enum Journaled {
     Entry(Class, WorkerMsg),
+    /// A checkpoint piece journaled by reference, its bytes to be read from the checkpoint.
+    Piece(Class, pieces::PieceRef),
     /// A result that does not decode, made the failure of its attempt, with why.
     Salvaged(Class, WorkerMsg, String),
     /// Anything else that does not decode, with why.
@@ -840,6 +885,9 @@ fn journaled(class: i64, json: &str) -> Journaled {
     let Some(class) = class_from(class) else {
         return Journaled::Discarded(format!("unknown class {class}"));
     };
+    if let Some(piece) = pieces::decode(json) {
+        return Journaled::Piece(class, piece);
+    }
     let error = match tether_proto::decode_worker(json) {
         Ok(msg) => return Journaled::Entry(class, msg),
         Err(e) => e.to_string(),

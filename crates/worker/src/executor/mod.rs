@@ -786,7 +786,10 @@ pub(crate) async fn upload_checkpoint(
     }
     for (i, piece) in pieces.into_iter().enumerate() {
         outbox.reserve().await;
-        outbox.push(Class::State, None, |seq| {
+        // Journaled by where it lies in the checkpoint, which the state directory holds
+        // already: its bytes are not written again, under the outbox's lock.
+        let offset = (i * chunk_size) as u64;
+        outbox.push_piece(offset, |seq| {
             WorkerMsg::CheckpointData(CheckpointData {
                 seq,
                 task_id: task_id.clone(),
