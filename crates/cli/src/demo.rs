@@ -368,7 +368,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         yes(disagreements.is_empty())
     )?;
     outln!(
-        "  acks hold            {} (each result a worker was told recorded is stored so, none told twice)",
+        "  acks hold            {} (each result a worker was told recorded is stored so, none told twice, each stored one told)",
         yes(acks_belied.is_empty())
     )?;
     for line in disagreements.iter().chain(acks_belied).take(20) {
@@ -587,6 +587,24 @@ fn judge(
                 disposition_word(a.disposition),
                 db.said()
             ));
+        }
+    }
+    // The other way: each result the database holds was acknowledged to the worker that sent
+    // it (recorded, stale, or a duplicate of a resend), or the worker holds it still, and its
+    // result is produced and not known delivered. Workers stop once what they hold is
+    // acknowledged, so a row no worker heard of is an acknowledgement lost for good.
+    let told: HashSet<(&str, u32)> = acks
+        .iter()
+        .filter(|a| a.disposition != Disposition::Rejected)
+        .map(|a| (a.task.as_str(), a.attempt))
+        .collect();
+    for id in ids {
+        for (attempt, _) in stored.get(id).map_or(&[][..], |t| &t.results[..]) {
+            if !told.contains(&(id.as_str(), *attempt)) {
+                j.acks_belied.push(format!(
+                    "{id} attempt {attempt}: stored, and its worker was never told so"
+                ));
+            }
         }
     }
     let mut twice: Vec<_> = recorded.into_iter().filter(|(_, v)| v.len() > 1).collect();
@@ -931,6 +949,21 @@ mod tests {
         let mut acks = acks_of_all_done();
         acks.push(ack("other", 1, Disposition::Recorded));
         assert!(judged(&acks).is_empty());
+        // A result stored whose worker heard nothing of it (its acknowledgement lost for good,
+        // the worker stopped holding it), or heard only a refusal.
+        for untold in [
+            ack("c", 1, Disposition::Rejected),
+            ack("c", 9, Disposition::Duplicate),
+        ] {
+            let mut acks = acks_of_all_done();
+            acks[3] = untold;
+            let belied = judged(&acks);
+            assert!(
+                belied
+                    .contains(&"c attempt 1: stored, and its worker was never told so".to_owned()),
+                "{belied:?}"
+            );
+        }
     }
 
     #[test]
