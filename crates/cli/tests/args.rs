@@ -100,6 +100,49 @@ fn an_open_tls_key_is_warned_of_and_an_expired_certificate_refused() {
     assert!(err.contains("expired on"), "{err}");
 }
 
+/// An API token that no `Authorization` header can carry as text (`ö`) is refused at start,
+/// naming its file and line, before anything is made: taken, it could never authenticate,
+/// and each request that sent it was told to send a token.
+#[test]
+fn an_api_token_no_header_can_carry_is_refused_at_start_with_its_file_and_line() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens = dir.path().join("admin.tokens");
+    std::fs::write(&tokens, "good-token-0123456789\nprod-tökén-0123456789\n").expect("write");
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let data = dir.path().join("data");
+    // Taken, the coordinator would serve until stopped: it is given a while to refuse.
+    let mut run = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .arg("--admin-token-file")
+        .arg(&tokens)
+        .env_remove("TETHER_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tether");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while run.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = run.kill();
+            let _ = run.wait();
+            panic!("the coordinator started with a token no header can carry");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = run.wait_with_output().expect("output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&tokens.display().to_string()), "{err}");
+    assert!(
+        err.contains("line 2") && err.contains("visible ASCII"),
+        "{err}"
+    );
+    assert!(!data.exists(), "nothing made for a refused configuration");
+}
+
 /// A loopback port with nothing listening: connections to it are refused.
 fn closed_port() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -208,7 +208,9 @@ impl ApiTokens {
     }
 
     /// Reads a token file: one token per line (several allow rotation); blank lines and lines
-    /// that start with `#` are skipped.
+    /// that start with `#` are skipped. A token is visible ASCII (spaces and tabs inside it
+    /// too), what an `Authorization` header carries as text: a line with another byte (`ö`, a
+    /// control character) is refused by its number.
     pub fn add_file(
         &mut self,
         path: &std::path::Path,
@@ -220,6 +222,16 @@ impl ApiTokens {
             let line = line.trim_ascii();
             if line.is_empty() || line.starts_with(b"#") {
                 continue;
+            }
+            // A header carries a token as text: one with any other byte could never be
+            // presented, and every request with it would be told to send a token.
+            if let Some(why) = not_header_text(line) {
+                return Err(TokenFileError::Token {
+                    line: i + 1,
+                    reason: format!(
+                        "{why}: an Authorization header carries only visible ASCII, so no request could present it"
+                    ),
+                });
             }
             let token = Secret::new(line).map_err(|e| TokenFileError::Token {
                 line: i + 1,
@@ -410,11 +422,7 @@ pub async fn require_token(State(app): State<Arc<AppState>>, req: Request, next:
         return next.run(req).await;
     }
     let needed = Scope::needed_for(req.method());
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer_token);
+    let presented = presented(req.headers().get(header::AUTHORIZATION));
     let refuse = |status, code, message: &str| {
         app.counters
             .api_auth_failures
@@ -423,6 +431,10 @@ pub async fn require_token(State(app): State<Arc<AppState>>, req: Request, next:
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         r
+    };
+    let presented = match presented {
+        Ok(p) => p,
+        Err(why) => return refuse(StatusCode::UNAUTHORIZED, "unauthorized", &why),
     };
     match presented.map(|p| tokens.scope_of(p)) {
         None => refuse(
@@ -441,6 +453,33 @@ pub async fn require_token(State(app): State<Arc<AppState>>, req: Request, next:
         }
         Some(Some(_)) => next.run(req).await,
     }
+}
+
+/// The bearer token of an `Authorization` header, `None` without one (no header, another
+/// scheme); `Err` says why a header that is there cannot be read as text (a byte that is not
+/// visible ASCII: no token has one, [`ApiTokens::add_file`] refuses them).
+fn presented(value: Option<&HeaderValue>) -> Result<Option<&str>, String> {
+    let Some(value) = value else { return Ok(None) };
+    match value.to_str() {
+        Ok(text) => Ok(bearer_token(text)),
+        Err(_) => Err(format!(
+            "malformed Authorization header: {}; send Authorization: Bearer <token>, a token being visible ASCII",
+            not_header_text(value.as_bytes()).unwrap_or_else(|| "it is not text".into())
+        )),
+    }
+}
+
+/// Where `bytes` have one an HTTP header value cannot carry as text (HeaderValue::to_str takes
+/// visible ASCII, spaces and tabs), said as `byte 0x.. at column n`.
+fn not_header_text(bytes: &[u8]) -> Option<String> {
+    let at = bytes
+        .iter()
+        .position(|&b| !(b == b'\t' || (b' '..=b'~').contains(&b)))?;
+    Some(format!(
+        "byte {:#04x} at column {} is not visible ASCII",
+        bytes[at],
+        at + 1
+    ))
 }
 
 /// The token of an `Authorization: Bearer <token>` value; the scheme's name in any case
@@ -619,5 +658,52 @@ mod tests {
             .expect_err("empty");
         assert!(matches!(e, TokenFileError::Empty), "{e}");
         assert!(e.to_string().contains("holds no token"), "{e}");
+    }
+
+    /// A token line with a byte an `Authorization` header cannot carry as text (not visible
+    /// ASCII: `ö`, a control character) is refused at load, by its line: taken, it could never
+    /// be presented, and every request with it was told to send a token.
+    #[test]
+    fn a_token_that_no_header_can_carry_is_refused_by_its_line() {
+        let dir = tempfile::tempdir().expect("dir");
+        let p = dir.path().join("admin");
+        for (line, reason) in [
+            ("prod-tökén-0123456789", "byte 0xc3 at column 7"),
+            ("prod-token\x7f-0123456789", "byte 0x7f at column 11"),
+            ("prod-token\x01-0123456789", "byte 0x01 at column 11"),
+        ] {
+            std::fs::write(&p, format!("good-token-0123456789\n{line}\n")).expect("w");
+            let e = ApiTokens::default()
+                .add_file(&p, Scope::Admin)
+                .expect_err("refused")
+                .to_string();
+            assert!(e.starts_with("the token on line 2 is not usable: "), "{e}");
+            assert!(e.contains(reason) && e.contains("visible ASCII"), "{e}");
+        }
+        // What a header carries as text is taken: punctuation, a space or tab inside.
+        std::fs::write(&p, "prod token!\t~0123456789\r\n").expect("w");
+        let mut t = ApiTokens::default();
+        assert_eq!(t.add_file(&p, Scope::Admin).expect("taken"), 1);
+        let header = HeaderValue::from_static("Bearer prod token!\t~0123456789");
+        assert_eq!(
+            presented(Some(&header)).map(|p| p.map(|p| t.scope_of(p))),
+            Ok(Some(Some(Scope::Admin)))
+        );
+    }
+
+    /// An `Authorization` header that is there but not text is called malformed, not missing:
+    /// the client sent something, and is told what is wrong with it.
+    #[test]
+    fn an_authorization_header_that_is_not_text_is_malformed_not_missing() {
+        assert_eq!(presented(None), Ok(None));
+        let not_text =
+            HeaderValue::from_bytes("Bearer prod-tökén-0123456789".as_bytes()).expect("obs-text");
+        let e = presented(Some(&not_text)).expect_err("malformed");
+        assert!(e.starts_with("malformed Authorization header"), "{e}");
+        assert!(e.contains("visible ASCII"), "{e}");
+        let basic = HeaderValue::from_static("Basic abc");
+        assert_eq!(presented(Some(&basic)), Ok(None));
+        let bearer = HeaderValue::from_static("Bearer abc");
+        assert_eq!(presented(Some(&bearer)), Ok(Some("abc")));
     }
 }

@@ -90,7 +90,7 @@ impl Modify for BearerTokens {
                 op.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
                 let r = &mut op.responses.responses;
                 r.entry("401".into())
-                    .or_insert_with(|| error("No token, or an unknown one").into());
+                    .or_insert_with(|| error("No token, an unknown one, or an Authorization header that is not text (malformed)").into());
                 if write {
                     r.entry("403".into())
                         .or_insert_with(|| error("A read token on an admin request").into());
