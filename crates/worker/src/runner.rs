@@ -16,7 +16,7 @@ use tether_proto::msg::{
     now,
 };
 use tether_proto::task::TaskError;
-use tether_proto::{Attempt, Outcome, TaskId, TaskRef};
+use tether_proto::{Attempt, CheckpointId, Outcome, TaskId, TaskRef};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -209,6 +209,18 @@ fn inline(
     }
 }
 
+/// Whether `earlier`, a checkpoint of the same attempt as `later`, which this worker keeps,
+/// was stored before it here: unless their ids say the other order (they are the same, or
+/// `earlier` was stored after).
+fn stored_before(earlier: &CheckpointId, later: &CheckpointId) -> bool {
+    use crate::executor::stored_order;
+    earlier != later
+        && match (stored_order(earlier), stored_order(later)) {
+            (Some(e), Some(l)) => e < l,
+            _ => true,
+        }
+}
+
 /// Where an attempt resumes from.
 #[derive(Debug)]
 enum Resume {
@@ -338,9 +350,13 @@ impl Runner {
     /// newer one of the same task (written before it died and never uploaded in full).
     ///
     /// The local copy is newer when the coordinator has none, has one of an earlier attempt,
-    /// or has a different one of the same attempt (this worker wrote both, and keeps only its
-    /// latest). One of a later attempt was written elsewhere after this one: the coordinator's
-    /// wins.
+    /// or has one of the same attempt that this worker stored before it. One of a later
+    /// attempt was written elsewhere after this one: the coordinator's wins. Of one attempt,
+    /// this worker wrote both, each id saying its place among the attempt's stores
+    /// ([`crate::executor::stored_order`]): the coordinator's may be the later, though this
+    /// worker keeps only its latest, after a machine crash took the last commits of
+    /// `checkpoints.db` and not the upload the coordinator acknowledged. Ids that say no place
+    /// (made by a worker before this one) leave the local copy the newer, as it was taken.
     fn resume_point(&self, a: &TaskAssignment) -> Resume {
         let local = self
             .local_checkpoints
@@ -358,7 +374,8 @@ impl Runner {
                 Resume::Local(l, None)
             }
             (Some(l), Some(r))
-                if l.attempt > r.attempt || (l.attempt == r.attempt && l.id != r.checkpoint_id) =>
+                if l.attempt > r.attempt
+                    || (l.attempt == r.attempt && stored_before(&r.checkpoint_id, &l.id)) =>
             {
                 tracing::info!(task = %a.task_id, local = %l.id, remote = %r.checkpoint_id, "resuming from the local checkpoint: newer than the coordinator's");
                 Resume::Local(l, r.data.as_ref().map(|data| inline(r, data)))
@@ -2350,5 +2367,30 @@ mod tests {
         // A local checkpoint of a later attempt than the assignment's is another task's of
         // the same id (submitted again after retention removed the first): none is taken.
         assert_eq!(got["reused"], serde_json::Value::Null, "{got:?}");
+    }
+
+    /// Of two checkpoints of one attempt, both written here, the one stored later wins, though
+    /// it is the coordinator's: a machine crash took the last commits of `checkpoints.db`
+    /// (`synchronous=NORMAL`), the newer checkpoint's among them, after the coordinator had
+    /// acknowledged its upload. Their ids say their order; ids that do not (an earlier
+    /// worker's, as `same` above) leave the local one the newer.
+    #[tokio::test]
+    async fn of_one_attempts_checkpoints_the_one_stored_later_wins_though_the_coordinators() {
+        let id = |s: &str| TaskId::parse(s).expect("id");
+        let [first, second, third] = [1, 2, 3].map(crate::executor::checkpoint_id);
+        let local = vec![
+            (id("t"), stored(first.as_str(), 1, "older")),
+            (id("ahead"), stored(third.as_str(), 1, "local")),
+        ];
+        let got = resumed_from(
+            local,
+            vec![
+                assignment("t", 2, Some((second.as_str(), 1, "newer"))),
+                assignment("ahead", 2, Some((second.as_str(), 1, "remote"))),
+            ],
+        )
+        .await;
+        assert_eq!(got["t"], "newer", "{got:?}");
+        assert_eq!(got["ahead"], "local", "{got:?}");
     }
 }

@@ -273,7 +273,8 @@ pub(crate) struct TaskShared {
     /// until it landed; the runner takes it before the attempt's end forgets its checkpoints.
     pub storing: Arc<tokio::sync::Mutex<()>>,
     /// The order of the last checkpoint stored (counted under `storing`), so that uploads
-    /// can follow the order of the stores.
+    /// can follow the order of the stores; each checkpoint's id carries its own
+    /// ([`checkpoint_id`]).
     pub stored: AtomicU64,
     /// Held while a checkpoint's announcement and pieces are queued; holds the order of the
     /// newest checkpoint queued. The coordinator makes the checkpoint completed last the
@@ -353,6 +354,25 @@ impl TaskShared {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+}
+
+/// A fresh id for the checkpoint an attempt stores `n`th here: `c-<32 random hex digits>-<n>`.
+/// Its place among the attempt's stores travels with it, to the coordinator too: after a
+/// machine crash `checkpoints.db` may hold an older checkpoint of the attempt than the one the
+/// coordinator acknowledged (its last commits are lost, `synchronous=NORMAL`), and only the
+/// coordinator's copy of the newer one is left to say that it is newer ([`stored_order`]).
+pub(crate) fn checkpoint_id(n: u64) -> CheckpointId {
+    let id = format!("c-{}-{n}", uuid::Uuid::new_v4().simple());
+    CheckpointId::parse(&id).expect("hex digits, dashes and a number make an id")
+}
+
+/// The place among its attempt's stores that `id` carries, if [`checkpoint_id`] made it (a
+/// worker before this one made ids without it: `c-<32 hex digits>`).
+pub(crate) fn stored_order(id: &CheckpointId) -> Option<u64> {
+    let (random, n) = id.as_str().strip_prefix("c-")?.split_once('-')?;
+    let random = random.len() == 32 && random.bytes().all(|b| b.is_ascii_hexdigit());
+    let digits = !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
+    n.parse().ok().filter(|_| random && digits)
 }
 
 /// Called when a task stores a checkpoint (the state directory persists it). Runs on the
@@ -506,21 +526,21 @@ impl TaskCtx {
     /// Stores a checkpoint, queues its upload in bounded pieces, and then, if the task was asked
     /// to pause, parks here until resumed: a paused task stops at its next checkpoint.
     pub async fn checkpoint(&self, data: Vec<u8>) -> CheckpointId {
-        let id = CheckpointId::random();
         let piece = piece_size(
             self.chunk_size,
             self.link_piece.load(Ordering::Relaxed),
             self.max_frame.load(Ordering::Relaxed),
         );
+        let order = self.shared.storing.clone().lock_owned().await;
+        // Counted under the lock: the stores' order, which the id carries.
+        let position = self.shared.stored.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = checkpoint_id(position);
         let stored = StoredCheckpoint {
             id: id.clone(),
             attempt: self.shared.attempt,
             data: Arc::new(data),
             piece,
         };
-        let order = self.shared.storing.clone().lock_owned().await;
-        // Counted under the lock: the stores' order.
-        let position = self.shared.stored.fetch_add(1, Ordering::Relaxed) + 1;
         let shared = self.shared.clone();
         let (sink, cp) = (self.on_checkpoint.clone(), stored.clone());
         // INVARIANT: the guard moves into the store and is dropped only once it landed and
@@ -1091,6 +1111,29 @@ mod tests {
             control.latest_checkpoint().as_deref().map(Vec::as_slice),
             Some(&b"0123456789"[..])
         );
+    }
+
+    /// A checkpoint's id says its place among its attempt's stores (the coordinator's copy too),
+    /// and an id made otherwise says none.
+    #[tokio::test]
+    async fn a_checkpoints_id_says_its_place_among_its_attempts_stores() {
+        let (ctx, _control) = TaskCtx::detached(TaskId::parse("t").expect("id"), Attempt(1));
+        let ids = [
+            ctx.checkpoint(b"a".to_vec()).await,
+            ctx.checkpoint(b"b".to_vec()).await,
+        ];
+        assert_eq!(ids.each_ref().map(stored_order), [Some(1), Some(2)]);
+        assert_ne!(ids[0], checkpoint_id(1), "unique");
+        for other in [
+            "c-0123456789abcdef0123456789abcdef",
+            "c-1-2",
+            "s-1-3",
+            "c-x-1",
+        ] {
+            let other = CheckpointId::parse(other).expect("id");
+            assert_eq!(stored_order(&other), None, "{other}");
+        }
+        assert_eq!(stored_order(&CheckpointId::random()), None);
     }
 
     #[tokio::test]
