@@ -87,7 +87,8 @@ pub struct CoordinatorArgs {
     /// Apply --connects-per-sec to loopback clients too.
     #[arg(long)]
     limit_loopback: bool,
-    /// Time a new connection has to complete its request (slow-loris guard; default 10s).
+    /// Time a new connection has to complete its request (slow-loris guard; default 10s, at
+    /// least 100ms).
     #[arg(long, value_parser = parse_duration_arg)]
     handshake_timeout: Option<Duration>,
     /// Messages per second of one worker session (default 2000; burst: 2 s worth); excess
