@@ -8,10 +8,8 @@
 //! lines on stdout ([`Event`]): a status every [`STATUS_EVERY`], a full report on request.
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::pin::Pin;
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,15 +22,16 @@ use tether_proto::WorkerId;
 use tether_proto::auth::Secret;
 use tether_proto::msg::StateJson;
 use tether_worker::backoff::{BackoffConfig, Jitter};
-use tether_worker::connector::{ConnectError, Connector, Io, WsStream, handshake, tls_handshake};
 use tether_worker::executor::{ExecError, ExecMetrics, Executor, Executors, TaskCtx, TaskInput};
 use tether_worker::{Agent, AgentHandle, ConnState, WorkerConfig};
 use tokio::io::AsyncBufReadExt;
 use tokio::task::{AbortHandle, JoinSet};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::parse_duration_arg;
+
+mod transport;
+use transport::{BoundConnector, Reset};
 
 /// How often the fleet prints its status.
 pub const STATUS_EVERY: Duration = Duration::from_millis(200);
@@ -90,9 +89,10 @@ pub struct FleetArgs {
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Reset each worker's connection on purpose about this often (a time drawn anew for each
-    /// connection, between half and one and a half of it): its reads and writes fail from then
-    /// on and its socket closes with a TCP reset, whatever the session was sending, so that
-    /// results go unacknowledged and are sent again in the next session.
+    /// connection, between half and one and a half of it): its socket is shut for reading
+    /// beneath TLS, so that the session ends at its next read whatever it was sending, and
+    /// closes with a TCP reset, so that results go unacknowledged and are sent again in the
+    /// next session.
     #[arg(long, value_parser = parse_duration_arg)]
     pub reset_every: Option<Duration>,
 }
@@ -518,15 +518,15 @@ fn start(
         let agent = Agent::with_transport(
             cfg,
             executors,
-            BoundConnector {
+            BoundConnector::new(
                 source,
-                tls: tls.clone(),
-                reset: a.reset_every.map(|every| Reset {
+                tls.clone(),
+                a.reset_every.map(|every| Reset {
                     every,
                     shared: shared.clone(),
                     worker: resets.clone(),
                 }),
-            },
+            ),
         )?;
         ready.push((id, coordinator, agent, resets));
     }
@@ -616,155 +616,6 @@ async fn watch(handle: AgentHandle, record: Arc<Mutex<WorkerRecord>>) {
         if rx.changed().await.is_err() {
             return;
         }
-    }
-}
-
-/// TCP from a chosen source address in 127.0.0.0/8, TLS when set up, then the library's
-/// handshake.
-struct BoundConnector {
-    source: Ipv4Addr,
-    tls: Option<tokio_rustls::TlsConnector>,
-    reset: Option<Reset>,
-}
-
-/// `--reset-every`: how often a worker's connection is reset, and where resets are counted:
-/// over the fleet, and for the worker (a fleet-wide count cannot tell that every worker was
-/// reset).
-#[derive(Clone)]
-struct Reset {
-    every: Duration,
-    shared: Arc<Shared>,
-    worker: Arc<AtomicU64>,
-}
-
-impl Connector for BoundConnector {
-    fn connect(
-        &self,
-        url: String,
-        config: WebSocketConfig,
-    ) -> BoxFuture<'static, Result<WsStream, ConnectError>> {
-        let (source, tls, reset) = (self.source, self.tls.clone(), self.reset.clone());
-        Box::pin(async move {
-            let parsed = url::Url::parse(&url)
-                .map_err(|e| ConnectError::Refused(format!("bad url {url}: {e}")))?;
-            let host: Ipv4Addr = parsed
-                .host_str()
-                .and_then(|h| h.parse().ok())
-                .ok_or_else(|| ConnectError::Refused(format!("{url}: not an IPv4 loopback")))?;
-            let port = parsed.port_or_known_default().unwrap_or(80);
-            let transient = |e: std::io::Error| ConnectError::Transient(format!("connect: {e}"));
-            let socket = tokio::net::TcpSocket::new_v4().map_err(transient)?;
-            socket
-                .bind(SocketAddr::V4(SocketAddrV4::new(source, 0)))
-                .map_err(transient)?;
-            let tcp = socket
-                .connect(SocketAddr::V4(SocketAddrV4::new(host, port)))
-                .await
-                .map_err(transient)?;
-            let _ = tcp.set_nodelay(true);
-            if reset.is_some() {
-                // Closed without a word: the coordinator sees a reset, not a FIN.
-                tcp.set_zero_linger().map_err(transient)?;
-            }
-            let io: Pin<Box<dyn Io>> = match tls {
-                None => Box::pin(tcp),
-                Some(tls) => tls_handshake(&tls, &host.to_string(), port, tcp).await?,
-            };
-            let io: Pin<Box<dyn Io>> = match reset {
-                None => io,
-                Some(r) => Box::pin(Resetting::new(io, r)),
-            };
-            handshake(url, io, config.read_buffer_size(FLEET_READ_BUFFER)).await
-        })
-    }
-}
-
-/// A connection that fails from a moment drawn when it was made (`--reset-every`): every
-/// read and write after it returns `ConnectionReset`, as a connection reset by the network
-/// would, so the session ends wherever it was (a result sent and its acknowledgement not yet
-/// read, say) and the worker reconnects and sends again what was not acknowledged. Its socket
-/// has a zero linger, so dropping it sends a TCP reset.
-struct Resetting {
-    inner: Pin<Box<dyn Io>>,
-    /// Polled by reads: wakes a session idle on its read at the moment.
-    at: Pin<Box<tokio::time::Sleep>>,
-    reset: Reset,
-    fired: bool,
-}
-
-impl Resetting {
-    fn new(inner: Pin<Box<dyn Io>>, reset: Reset) -> Self {
-        let share = 0.5 + rand::random::<f64>();
-        let at = tokio::time::Instant::now() + reset.every.mul_f64(share);
-        Self {
-            inner,
-            at: Box::pin(tokio::time::sleep_until(at)),
-            reset,
-            fired: false,
-        }
-    }
-
-    /// Whether the moment has come (the first time, counted); registers `cx` for it.
-    fn due(&mut self, cx: &mut std::task::Context<'_>) -> bool {
-        if !self.fired && self.at.as_mut().poll(cx).is_ready() {
-            self.fired = true;
-            self.reset.shared.resets.fetch_add(1, Ordering::Relaxed);
-            self.reset.worker.fetch_add(1, Ordering::Relaxed);
-        }
-        self.fired
-    }
-}
-
-fn reset_error() -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::ConnectionReset,
-        "reset by the fleet (--reset-every)",
-    )
-}
-
-impl tokio::io::AsyncRead for Resetting {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if this.due(cx) {
-            return std::task::Poll::Ready(Err(reset_error()));
-        }
-        this.inner.as_mut().poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Resetting {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        if this.due(cx) {
-            return std::task::Poll::Ready(Err(reset_error()));
-        }
-        this.inner.as_mut().poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if this.due(cx) {
-            return std::task::Poll::Ready(Err(reset_error()));
-        }
-        this.inner.as_mut().poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.get_mut().inner.as_mut().poll_shutdown(cx)
     }
 }
 
