@@ -20,6 +20,9 @@ pub(crate) struct Raw {
     pub welcome: Value,
     /// Messages of a batch frame not read yet.
     pending: VecDeque<Value>,
+    /// Heartbeats [`Raw::next`] sent while it waited: frames the coordinator counts in
+    /// `frames_in` like any other.
+    pub beats: u64,
 }
 
 impl Raw {
@@ -38,6 +41,7 @@ impl Raw {
             id: id.to_owned(),
             welcome: Value::Null,
             pending: VecDeque::new(),
+            beats: 0,
         };
         raw.welcome = raw.next().await;
         assert_eq!(raw.welcome["type"], "welcome", "{}", raw.welcome);
@@ -58,6 +62,7 @@ impl Raw {
                 Err(_) => {
                     assert!(tokio::time::Instant::now() < end, "no frame in time");
                     beat += 1;
+                    self.beats += 1;
                     let hb = json!({"type": "heartbeat", "sequence": beat, "timestamp": chrono::Utc::now()});
                     self.send(&hb).await;
                     continue;
