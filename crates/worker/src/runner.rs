@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tether_proto::msg::{
-    CheckpointError, CheckpointPiece, CheckpointRequest, Directive, DirectiveAction,
+    CheckpointError, CheckpointPiece, CheckpointRequest, Directive, DirectiveAction, Disposition,
     MAX_RESULT_DEPTH, StateError, StateRequest, TaskAssignment, TaskControl, TaskResult, WorkerMsg,
     now,
 };
@@ -76,6 +76,104 @@ struct Running {
     ending: bool,
 }
 
+/// What the coordinator acknowledged of the upload of one checkpoint: whether it holds the
+/// checkpoint complete, its announcement and every piece stored (acknowledged `recorded` or
+/// `duplicate`).
+#[derive(Debug)]
+struct Upload {
+    id: CheckpointId,
+    /// Its count of pieces, once its announcement was acknowledged as stored.
+    chunks: Option<u32>,
+    /// The pieces acknowledged as stored, a bit an index.
+    pieces: Vec<u64>,
+    /// Its announcement or a piece was acknowledged `rejected` or `stale`: the coordinator
+    /// never completes it from this upload.
+    refused: bool,
+}
+
+impl Upload {
+    fn new(id: CheckpointId) -> Self {
+        Self {
+            id,
+            chunks: None,
+            pieces: Vec::new(),
+            refused: false,
+        }
+    }
+
+    fn piece_stored(&mut self, chunk: u32) {
+        // A piece's index is below its announcement's count, which the coordinator bounds.
+        if u64::from(chunk) >= tether_proto::codec::MAX_CHECKPOINT_CHUNKS {
+            return;
+        }
+        let (word, bit) = (chunk as usize / 64, chunk % 64);
+        if self.pieces.len() <= word {
+            self.pieces.resize(word + 1, 0);
+        }
+        self.pieces[word] |= 1 << bit;
+    }
+
+    fn has_piece(&self, chunk: u32) -> bool {
+        self.pieces
+            .get(chunk as usize / 64)
+            .is_some_and(|w| w & (1 << (chunk % 64)) != 0)
+    }
+
+    /// `Ok` when the coordinator holds it complete; else what it holds of it.
+    fn complete(&self) -> Result<(), String> {
+        let Some(n) = self.chunks else {
+            return Err("its announcement was not acknowledged".into());
+        };
+        let stored = (0..n).filter(|&i| self.has_piece(i)).count();
+        match (self.refused, stored == n as usize) {
+            (false, true) => Ok(()),
+            (true, _) => Err(format!(
+                "refused by the coordinator ({stored} of {n} pieces stored)"
+            )),
+            (false, false) => Err(format!("{stored} of its {n} pieces acknowledged")),
+        }
+    }
+}
+
+/// What the coordinator holds of one attempt's checkpoints, as this worker knows it: kept for
+/// an attempt while it runs here, and after the worker's stop stopped it until it is handed
+/// back ([`Runner::handed_back`]), which forgets its latest checkpoint here only if the
+/// coordinator holds it.
+#[derive(Debug)]
+struct Held {
+    attempt: Attempt,
+    /// The checkpoint its assignment named: the coordinator's latest of the task then.
+    handed: Option<CheckpointId>,
+    /// The newest checkpoint of the attempt whose upload was acknowledged in part or whole.
+    upload: Option<Upload>,
+}
+
+impl Held {
+    /// `Ok` when the coordinator holds checkpoint `id`, written by attempt `written`,
+    /// complete; else why not.
+    fn holds(&self, id: &CheckpointId, written: Attempt) -> Result<(), String> {
+        if self.handed.as_ref() == Some(id) {
+            return Ok(());
+        }
+        match &self.upload {
+            _ if written != self.attempt => Err(format!(
+                "it is the one attempt {written} left here, which this attempt resumed from, not the coordinator's"
+            )),
+            Some(u) if &u.id == id => u.complete(),
+            _ => Err("none of its upload was acknowledged".into()),
+        }
+    }
+}
+
+/// An attempt the worker's stop ended without a result, not yet handed back.
+#[derive(Debug)]
+struct Unhanded {
+    task: TaskId,
+    attempt: Attempt,
+    /// Its latest checkpoint, and the attempt that wrote it.
+    latest: Option<(CheckpointId, Attempt)>,
+}
+
 #[derive(Debug, Default)]
 struct Table {
     running: HashMap<TaskId, Running>,
@@ -119,11 +217,16 @@ pub struct Runner {
     /// Cancelled at shutdown: a re-upload waiting for room in the outbox gives up.
     stopping: CancellationToken,
     /// Attempts the worker's shutdown stopped without a result, not yet recorded as ended
-    /// (`on_finished`): only once the coordinator was told the worker stopped
-    /// ([`Runner::handed_back`]). Until then it leases them here, and ends their leases only at
+    /// (`on_finished`), each with its latest checkpoint: only once the coordinator
+    /// was told the worker stopped ([`Runner::handed_back`]), and only if the coordinator
+    /// holds that checkpoint. Until then it leases them here, and ends their leases only at
     /// the next process's registration, answering what that process replays of them stale:
     /// still recorded as running, they are reported lost then, with their checkpoints kept.
-    unhanded: Mutex<Vec<(TaskId, Attempt)>>,
+    unhanded: Mutex<Vec<Unhanded>>,
+    /// What the coordinator acknowledged of the checkpoints of each task's attempt running
+    /// here or stopped and not yet handed back; kept only when the ends of attempts are
+    /// recorded (`on_finished`: a state directory).
+    held: Mutex<HashMap<TaskId, Held>>,
 }
 
 /// Waits, up to `grace`, until the older attempt a newer one superseded has ended:
@@ -221,6 +324,13 @@ fn stored_before(earlier: &CheckpointId, later: &CheckpointId) -> bool {
         }
 }
 
+/// Whether checkpoint `a` is known to have been stored before `b` of the same attempt: both
+/// ids say their place, and `a`'s comes first.
+fn known_older(a: &CheckpointId, b: &CheckpointId) -> bool {
+    use crate::executor::stored_order;
+    matches!((stored_order(a), stored_order(b)), (Some(a), Some(b)) if a < b)
+}
+
 /// Where an attempt resumes from.
 #[derive(Debug)]
 enum Resume {
@@ -266,6 +376,7 @@ impl Runner {
             fetches: Fetches::default(),
             stopping: CancellationToken::new(),
             unhanded: Mutex::default(),
+            held: Mutex::default(),
         }
     }
 
@@ -439,6 +550,56 @@ impl Runner {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Held>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The coordinator acknowledged `msg`, which the outbox held, with `disposition`: of a
+    /// checkpoint's announcement or piece, it says what the coordinator holds of that
+    /// checkpoint, which decides whether a stopped attempt's checkpoint may be forgotten here
+    /// ([`Runner::handed_back`]). Acks of other messages, and of attempts no longer running
+    /// nor waiting to be handed back, change nothing.
+    pub fn acknowledged(&self, msg: &WorkerMsg, disposition: Disposition) {
+        let (task, attempt, id, chunks, chunk) = match msg {
+            WorkerMsg::Checkpoint(c) => (
+                &c.task_id,
+                c.attempt,
+                &c.checkpoint_id,
+                Some(c.chunks),
+                None,
+            ),
+            WorkerMsg::CheckpointData(d) => {
+                (&d.task_id, d.attempt, &d.checkpoint_id, None, Some(d.chunk))
+            }
+            _ => return,
+        };
+        let stored = matches!(disposition, Disposition::Recorded | Disposition::Duplicate);
+        let mut held = self.held();
+        let Some(h) = held.get_mut(task).filter(|h| h.attempt == attempt) else {
+            return;
+        };
+        let upload = match &mut h.upload {
+            Some(u) if &u.id == id => u,
+            // An ack of a checkpoint stored before the one followed: not the attempt's latest.
+            Some(u) if known_older(id, &u.id) => return,
+            slot => slot.insert(Upload::new(id.clone())),
+        };
+        match (stored, chunks, chunk) {
+            (false, _, _) => upload.refused = true,
+            (true, Some(n), _) => upload.chunks = Some(n),
+            (true, None, Some(i)) => upload.piece_stored(i),
+            (true, None, None) => {}
+        }
+    }
+
+    /// Forgets what the coordinator holds of `attempt` of `task` (its end is recorded).
+    fn forget_held(&self, task: &TaskId, attempt: Attempt) {
+        let mut held = self.held();
+        if held.get(task).is_some_and(|h| h.attempt == attempt) {
+            held.remove(task);
+        }
+    }
+
     pub fn executors(&self) -> &Executors {
         &self.executors
     }
@@ -510,6 +671,14 @@ impl Runner {
             );
             (shared, local, fetch, predecessor)
         };
+        if self.on_finished.is_some() {
+            let held = Held {
+                attempt: a.attempt,
+                handed: a.checkpoint.as_ref().map(|c| c.checkpoint_id.clone()),
+                upload: None,
+            };
+            self.held().insert(a.task_id.clone(), held);
+        }
         let this = self.clone();
         let grace = self
             .executors
@@ -826,26 +995,75 @@ impl Runner {
             }
         }
         match &self.on_finished {
-            // The coordinator still leases it here: see `unhanded`.
+            // The coordinator still leases it here: see `unhanded`. Its latest checkpoint is
+            // final: every store asked for landed (`_stores`), and none lands after `ended`.
             Some(_) if stop == Some(StopReason::Shutdown) && !report => {
+                let latest = shared.latest().map(|c| (c.id, c.attempt));
                 let mut unhanded = self.unhanded.lock().unwrap_or_else(|p| p.into_inner());
-                unhanded.push((task_id.clone(), attempt));
+                unhanded.push(Unhanded {
+                    task: task_id.clone(),
+                    attempt,
+                    latest,
+                });
             }
-            Some(hook) => finish_off_thread(hook.clone(), vec![(task_id.clone(), attempt)]).await,
+            Some(hook) => {
+                self.forget_held(&task_id, attempt);
+                finish_off_thread(hook.clone(), vec![(task_id.clone(), attempt)]).await;
+            }
             None => {}
         }
     }
 
     /// The coordinator was told the worker stopped (`worker_stopped` went out once every task
     /// had ended): it moves what it still leases here at once, from the checkpoints it holds.
-    /// The attempts the shutdown stopped are recorded as ended now; without this call they
-    /// stay recorded as running, and the next start reports them lost.
+    /// The attempts the shutdown stopped are recorded as ended now, which forgets their
+    /// checkpoints here, unless the coordinator does not hold an attempt's latest checkpoint
+    /// complete (its upload not all acknowledged: pieces given up as the task stopped, or
+    /// still unacknowledged when the flush ended; refused; or a local checkpoint resumed from
+    /// and never uploaded). Such an attempt stays recorded as running with that checkpoint,
+    /// as every stopped attempt does without this call: the next start reports it lost, and
+    /// should the task come back to this worker it resumes from the local copy
+    /// ([`Runner::resume_point`]), not from the coordinator's older one.
+    ///
+    /// Why `worker_stopped` still goes out for it: it moves every lease of the worker, and a
+    /// checkpoint that did not reach the coordinator within the flush does not reach it from a
+    /// later process either (the lease ends at that process's registration, before its replay,
+    /// and the coordinator deletes the attempt's unfinished uploads then), so withholding it
+    /// would only hold every task of the worker for the coordinator's `lost_after` (or until
+    /// this worker starts again), to resume from the same older checkpoint unless the task
+    /// happens to come back here. Moved at once, the task loses what it did since the
+    /// checkpoint the coordinator holds, as it would have anyway elsewhere, and this worker
+    /// keeps its newer copy for the case it comes back.
     pub async fn handed_back(&self) {
         let unhanded =
             std::mem::take(&mut *self.unhanded.lock().unwrap_or_else(|p| p.into_inner()));
-        if let Some(hook) = &self.on_finished {
-            finish_off_thread(hook.clone(), unhanded).await;
+        let Some(hook) = &self.on_finished else {
+            return;
+        };
+        let mut ended = Vec::with_capacity(unhanded.len());
+        for Unhanded {
+            task,
+            attempt,
+            latest,
+        } in unhanded
+        {
+            let missing = latest.and_then(|(id, written)| {
+                let held = self.held();
+                let why = match held.get(&task).filter(|h| h.attempt == attempt) {
+                    Some(h) => h.holds(&id, written).err(),
+                    None => Some("nothing of it was acknowledged".into()),
+                };
+                why.map(|why| (id, why))
+            });
+            self.forget_held(&task, attempt);
+            match missing {
+                None => ended.push((task, attempt)),
+                Some((checkpoint, why)) => {
+                    tracing::warn!(task = %task, %attempt, %checkpoint, %why, "the coordinator does not hold the stopped attempt's latest checkpoint: it is kept here, and the attempt stays recorded as running (the next start reports it lost; should the task come back here, it resumes from this checkpoint)");
+                }
+            }
         }
+        finish_off_thread(hook.clone(), ended).await;
     }
 
     /// Calls `f` with why the attempt `shared` was stopped, if it still is the one in the
@@ -1043,15 +1261,38 @@ impl Runner {
 
     /// Stops every task (shutdown) and waits for them, up to `grace`. A task stopped this way
     /// reports nothing; one that ended on its own meanwhile has its result queued as usual.
+    ///
+    /// One still stopping past the grace (a `command` task's kill grace, the reading of its
+    /// output, and the pack and store of the checkpoint it wrote as it stopped, which are not
+    /// bounded, can take longer) is not waited for here, and not given up either: the
+    /// session's flush goes on while it runs, and says `worker_stopped` only once it ended
+    /// (then [`Runner::handed_back`] judges its checkpoint as any other's). Still running when
+    /// the session closes, it is never handed back: it stays recorded as running, with the
+    /// latest checkpoint it stored, and the next start reports it lost. Only a checkpoint not
+    /// yet being stored when the process exits (its pack still running, say) is lost: a store
+    /// under way runs on the blocking pool, which the runtime waits for as it ends. The next
+    /// attempt then resumes from the one stored before (here, or the coordinator's).
     pub async fn shutdown(&self, grace: Duration) {
         self.stop_tasks();
         if tokio::time::timeout(grace, self.tracker.wait())
             .await
             .is_err()
         {
+            let tasks: Vec<String> = {
+                let t = self.table();
+                let mut v: Vec<String> = t
+                    .running
+                    .values()
+                    .map(|r| format!("{}@{}", r.shared.task_id, r.shared.attempt))
+                    .collect();
+                v.sort();
+                v
+            };
             tracing::warn!(
                 remaining = self.tracker.len(),
-                "tasks did not stop within the shutdown grace"
+                ?tasks,
+                grace_ms = grace.as_millis() as u64,
+                "tasks did not stop within the shutdown grace: each stays recorded as running with the latest checkpoint it stored (the next start reports it lost) unless it ends before the session closes; a checkpoint it has not begun to store when the process exits is not kept"
             );
         }
     }
@@ -2392,5 +2633,176 @@ mod tests {
         .await;
         assert_eq!(got["t"], "newer", "{got:?}");
         assert_eq!(got["ahead"], "local", "{got:?}");
+    }
+
+    /// A graceful stop records a stopped attempt as ended, forgetting its checkpoints here,
+    /// once `worker_stopped` went out, and only if the coordinator holds the attempt's latest
+    /// checkpoint complete: every piece acknowledged (`whole`), or the checkpoint its
+    /// assignment named (`handed`), or none at all (`quiet`). One whose pieces were not all
+    /// acknowledged (`part`: given up as its task stopped, or still unacknowledged when the
+    /// flush ended) or whose announcement was refused (`refused`) stays recorded as running
+    /// with its checkpoint: the next start reports it lost and holds the checkpoint for it.
+    /// Recorded as ended, they were deleted, and the task resumed elsewhere from an older one.
+    #[tokio::test]
+    async fn a_stopped_attempts_checkpoint_the_coordinator_does_not_hold_is_kept_when_handed_back()
+    {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let worker = tether_proto::WorkerId::parse("w").expect("id");
+        let (sd, _) = StateDir::open(dir.path(), &worker).expect("state dir");
+        let mut executors = Executors::default();
+        executors.register("cp", Checkpoints);
+        executors.register(
+            "echo",
+            SlowToStop {
+                stopping: Duration::ZERO,
+                started: Arc::default(),
+            },
+        );
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let (started, storing, finished) = (sd.clone(), sd.clone(), sd.clone());
+        // Pieces of 4 bytes: a checkpoint of 10 goes in 3.
+        let runner = Runner::new(executors, outbox.clone(), 4)
+            .with_start_hook(Arc::new(move |t, a| {
+                started.task_started(t, a).expect("recorded");
+            }))
+            .with_checkpoint_sink(Arc::new(move |t, cp| {
+                storing.store_checkpoint(t, cp).expect("stored");
+            }))
+            .with_finished_hook(Arc::new(move |t, a| {
+                finished.task_finished(t, a).expect("recorded");
+            }));
+        let runner = Arc::new(runner);
+        for task in ["whole", "part", "refused"] {
+            let mut a = assignment(task, 1, None);
+            a.kind = "cp".into();
+            a.config = serde_json::json!({ "size": 10 }).into();
+            runner.assign(a);
+        }
+        runner.assign(assignment("handed", 2, Some(("c-1", 1, "theirs"))));
+        runner.assign(assignment("quiet", 1, None));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while outbox.len() < 3 * 4 || runner.active().len() < 5 {
+            assert!(tokio::time::Instant::now() < deadline, "not all uploaded");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The coordinator's acknowledgements, as the session hands them on.
+        for (_, seq, msg) in outbox.snapshot() {
+            let (task, piece) = match msg.as_ref() {
+                WorkerMsg::Checkpoint(c) => (c.task_id.to_string(), None),
+                WorkerMsg::CheckpointData(d) => (d.task_id.to_string(), Some(d.chunk)),
+                _ => continue,
+            };
+            let disposition = match (task.as_str(), piece) {
+                ("whole", _) | ("part", None | Some(0)) => Disposition::Recorded,
+                ("refused", None) => Disposition::Rejected,
+                _ => continue,
+            };
+            let acked = outbox.take_acked(seq).expect("held");
+            runner.acknowledged(&acked, disposition);
+        }
+        runner.shutdown(Duration::from_secs(5)).await;
+        assert_eq!(runner.live_tasks(), 0);
+        runner.handed_back().await;
+        drop((runner, outbox, sd));
+
+        let (sd, restored) = StateDir::open(dir.path(), &worker).expect("reopened");
+        let mut lost: Vec<(String, u32)> = restored
+            .lost
+            .iter()
+            .map(|t| (t.task_id.to_string(), t.attempt.0))
+            .collect();
+        lost.sort();
+        assert_eq!(lost, [("part".to_string(), 1), ("refused".to_string(), 1)]);
+        let mut kept: Vec<(String, u32, u64)> = restored
+            .checkpoints
+            .iter()
+            .map(|(t, cp)| (t.to_string(), cp.attempt.0, cp.bytes))
+            .collect();
+        kept.sort();
+        assert_eq!(
+            kept,
+            [("part".to_string(), 1, 10), ("refused".to_string(), 1, 10)]
+        );
+        let part = sd
+            .latest_checkpoint(&TaskId::parse("part").expect("id"))
+            .expect("read")
+            .expect("kept");
+        assert_eq!(part.data.as_slice(), [7; 10]);
+    }
+
+    /// Told its worker stops, writes the checkpoint `b"late"` after `delay` (a large
+    /// directory's pack), then returns.
+    struct LateCheckpoint {
+        delay: Duration,
+    }
+
+    impl Executor for LateCheckpoint {
+        fn execute(
+            &self,
+            _input: TaskInput,
+            ctx: TaskCtx,
+        ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
+            let delay = self.delay;
+            Box::pin(async move {
+                ctx.cancelled().await;
+                tokio::time::sleep(delay).await;
+                ctx.checkpoint(b"late".to_vec()).await;
+                Err(ExecError::Cancelled)
+            })
+        }
+    }
+
+    /// A task whose stop outlasts the shutdown grace is not given up: it stores the checkpoint
+    /// it wrote as it stopped after the grace, and once it ended (within the session's flush,
+    /// which says `worker_stopped` only then) that checkpoint, not uploaded in full, is kept
+    /// with the attempt recorded as running, as any stopped attempt's is.
+    #[tokio::test]
+    async fn a_checkpoint_stored_after_the_shutdown_grace_is_kept_when_handed_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let worker = tether_proto::WorkerId::parse("w").expect("id");
+        let (sd, _) = StateDir::open(dir.path(), &worker).expect("state dir");
+        let mut executors = Executors::default();
+        executors.register(
+            "late",
+            LateCheckpoint {
+                delay: Duration::from_millis(300),
+            },
+        );
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let (started, storing, finished) = (sd.clone(), sd.clone(), sd.clone());
+        let runner = Runner::new(executors, outbox.clone(), 64 * 1024)
+            .with_start_hook(Arc::new(move |t, a| {
+                started.task_started(t, a).expect("recorded");
+            }))
+            .with_checkpoint_sink(Arc::new(move |t, cp| {
+                storing.store_checkpoint(t, cp).expect("stored");
+            }))
+            .with_finished_hook(Arc::new(move |t, a| {
+                finished.task_finished(t, a).expect("recorded");
+            }));
+        let runner = Arc::new(runner);
+        let mut a = assignment("late", 1, None);
+        a.kind = "late".into();
+        runner.assign(a);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while runner.active().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "not started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        runner.shutdown(Duration::from_millis(20)).await;
+        assert_eq!(runner.live_tasks(), 1, "the stop outlasts the grace");
+        while runner.live_tasks() > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "never ended");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(announced(&outbox).len(), 1, "its checkpoint queued");
+        runner.handed_back().await;
+        drop((runner, outbox, sd));
+
+        let (sd, restored) = StateDir::open(dir.path(), &worker).expect("reopened");
+        let task = TaskId::parse("late").expect("id");
+        assert_eq!(restored.lost, [TaskRef::new(task.clone(), Attempt(1))]);
+        let kept = sd.latest_checkpoint(&task).expect("read").expect("kept");
+        assert_eq!(kept.data.as_slice(), b"late");
     }
 }

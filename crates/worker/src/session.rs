@@ -1085,7 +1085,9 @@ impl<'a> Session<'a> {
             {
                 // Every task stopped and all they left acknowledged (results, and the last
                 // checkpoints they may have written as they stopped): what the coordinator
-                // still leases to this worker will never report, so it may move it now.
+                // still leases to this worker will never report, so it may move it now. A
+                // checkpoint whose pieces were given up as its task stopped never entered the
+                // outbox: `handed_back` keeps it here, the coordinator not holding it.
                 tracing::info!(worker = %self.worker(), "everything the tasks left is acknowledged; closing");
                 self.say_stopped().await;
                 return Err(SessionEnd::Shutdown);
@@ -1153,7 +1155,9 @@ impl<'a> Session<'a> {
                     } else if left == 0 {
                         // Every result is in: what did not make it (a state, a checkpoint) is
                         // progress, not a result; the tasks move now, from the checkpoints
-                        // the coordinator has.
+                        // the coordinator has. A stopped attempt's checkpoint it does not hold
+                        // complete stays here (`handed_back`), for the task to resume from
+                        // should it come back to this worker.
                         tracing::warn!(worker = %self.worker(), held = outbox.len(), "states or checkpoints not acknowledged within the shutdown flush, every result was; closing");
                         self.say_stopped().await;
                     } else {
@@ -1606,6 +1610,10 @@ impl<'a> Session<'a> {
                 seq: ack.ack_seq,
                 disposition: ack.disposition,
             });
+        }
+        // What the coordinator holds of a checkpoint decides whether a stop may forget it.
+        if let Some(msg) = held {
+            self.agent.runner.acknowledged(msg, ack.disposition);
         }
         if let Some(hook) = &self.agent.ack_hook {
             hook(ack, held);

@@ -108,6 +108,14 @@ pub enum Script {
     /// Like `Healthy`, and on the first connection assigns [`STOPPING`] at attempt 1 (a
     /// [`LAST_KIND`] task).
     AssignAndStay,
+    /// Like `AssignAndStay`, but never acknowledges a `checkpoint_data` (recorded in
+    /// `pieces`): a checkpoint's announcement is stored, its pieces never are (a link that
+    /// carries them slower than the worker's stop lasts).
+    AssignAndHoldPieces,
+    /// Like `Healthy`, and on the first connection assigns [`STOPPING`] at attempt 2, a
+    /// [`RESUMES_KIND`] task, naming no checkpoint (the coordinator completed none): as a
+    /// coordinator hands a task back to the worker that stopped it.
+    ReassignStopping,
 }
 
 /// The task [`Script::AssignThenGone`] assigns.
@@ -132,6 +140,27 @@ impl tether_worker::Executor for LastCheckpoint {
                 ctx.checkpoint(b"last".to_vec()).await;
             }
             Err(tether_worker::ExecError::Cancelled)
+        })
+    }
+}
+
+/// The kind of [`Resumes`] tasks.
+pub const RESUMES_KIND: &str = "resumes";
+
+/// Returns at once the checkpoint it was started with, as text (`null` without one).
+pub struct Resumes;
+
+impl tether_worker::Executor for Resumes {
+    fn execute(
+        &self,
+        _input: tether_worker::TaskInput,
+        ctx: tether_worker::TaskCtx,
+    ) -> BoxFuture<'static, Result<serde_json::Value, tether_worker::ExecError>> {
+        Box::pin(async move {
+            let cp = ctx.latest_checkpoint();
+            Ok(serde_json::json!(
+                cp.map(|d| String::from_utf8_lossy(&d).into_owned())
+            ))
         })
     }
 }
@@ -209,6 +238,8 @@ pub struct FakeConnector {
     pub heartbeats: Arc<std::sync::atomic::AtomicU64>,
     /// Each `checkpoint_error` received ([`Script::SmallFrames`]).
     pub checkpoint_errors: Arc<Mutex<Vec<tether_proto::msg::CheckpointError>>>,
+    /// `worker_stopped` notices received, over all connections (the scripts like `Healthy`).
+    pub stopped: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FakeConnector {
@@ -224,7 +255,13 @@ impl FakeConnector {
             results: Arc::default(),
             heartbeats: Arc::default(),
             checkpoint_errors: Arc::default(),
+            stopped: Arc::default(),
         }
+    }
+
+    /// How many `worker_stopped` notices came.
+    pub fn stopped(&self) -> usize {
+        self.stopped.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The sequence numbers received on connection `conn` (the attempt's index).
@@ -265,6 +302,7 @@ impl Connector for FakeConnector {
         let results = self.results.clone();
         let heartbeats = self.heartbeats.clone();
         let checkpoint_errors = self.checkpoint_errors.clone();
+        let stopped = self.stopped.clone();
         Box::pin(async move {
             match script {
                 Script::Refuse => return Err(ConnectError::Transient("connection refused".into())),
@@ -286,6 +324,7 @@ impl Connector for FakeConnector {
                 results,
                 heartbeats,
                 checkpoint_errors,
+                stopped,
             };
             tokio::spawn(serve(server, script, seen));
             let io: Pin<Box<dyn Io>> = Box::pin(client);
@@ -303,6 +342,7 @@ struct Seen {
     results: Arc<Mutex<Vec<tether_proto::msg::TaskResult>>>,
     heartbeats: Arc<std::sync::atomic::AtomicU64>,
     checkpoint_errors: Arc<Mutex<Vec<tether_proto::msg::CheckpointError>>>,
+    stopped: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
@@ -314,6 +354,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
         results,
         heartbeats,
         checkpoint_errors,
+        stopped,
     } = seen;
     let limit =
         (script == Script::SmallFrames).then(|| tether_worker::connector::ws_config(SMALL_FRAME));
@@ -407,6 +448,8 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
         | Script::SmallFrames
         | Script::Reassign
         | Script::AssignAndStay
+        | Script::AssignAndHoldPieces
+        | Script::ReassignStopping
         | Script::Unacknowledging
         | Script::WelcomeAfterRegistration
         | Script::Conformance
@@ -423,8 +466,20 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                 });
                 let _ = ws.send(send(assignment)).await;
             }
-            if script == Script::AssignAndStay && conn == 0 {
+            if matches!(script, Script::AssignAndStay | Script::AssignAndHoldPieces) && conn == 0 {
                 let _ = ws.send(send(last_assignment())).await;
+            }
+            if script == Script::ReassignStopping && conn == 0 {
+                let assignment = CoordMsg::TaskAssignment(tether_proto::msg::TaskAssignment {
+                    task_id: tether_proto::TaskId::parse(STOPPING).expect("id"),
+                    attempt: tether_proto::Attempt(2),
+                    kind: RESUMES_KIND.into(),
+                    config: serde_json::json!({}).into(),
+                    timeout_ms: None,
+                    checkpoint: None,
+                    timestamp: now(),
+                });
+                let _ = ws.send(send(assignment)).await;
             }
             if script == Script::Conformance {
                 for m in tether_proto::samples::coord_messages() {
@@ -454,6 +509,18 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                         }
                         Ok(tether_proto::WorkerMsg::CheckpointError(e)) => {
                             checkpoint_errors.lock().expect("lock").push(e);
+                        }
+                        Ok(tether_proto::WorkerMsg::WorkerStopped(_)) => {
+                            stopped.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Ok(tether_proto::WorkerMsg::CheckpointData(d))
+                            if script == Script::AssignAndHoldPieces =>
+                        {
+                            pieces
+                                .lock()
+                                .expect("lock")
+                                .push((d.checkpoint_id.to_string(), d.chunk));
+                            continue;
                         }
                         _ => {}
                     }
@@ -927,10 +994,12 @@ impl Running {
         Self::start_running(fake.clone(), cfg, executors)
     }
 
-    /// An agent with the built-in executors and [`LastCheckpoint`] as [`LAST_KIND`].
+    /// An agent with the built-in executors, [`LastCheckpoint`] as [`LAST_KIND`] and
+    /// [`Resumes`] as [`RESUMES_KIND`].
     pub fn start_with_last(fake: &FakeConnector, cfg: tether_worker::WorkerConfig) -> Self {
         let mut executors = tether_worker::Executors::builtin();
         executors.register(LAST_KIND, LastCheckpoint);
+        executors.register(RESUMES_KIND, Resumes);
         Self::start_running(fake.clone(), cfg, executors)
     }
 

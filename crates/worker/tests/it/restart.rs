@@ -157,6 +157,74 @@ fn a_task_stopped_once_the_coordinator_was_told_is_not_lost_at_the_next_start() 
     assert_eq!(kept_under(dir.path(), STOPPING), None);
 }
 
+/// The same stop with the coordinator there, but its link never carries the last
+/// checkpoint's piece in time: the announcement is acknowledged, the piece never is, so the
+/// coordinator holds the checkpoint incomplete (and deletes it as the lease ends). The flush
+/// ends with every result in: `worker_stopped` goes out and the task moves at once, but the
+/// attempt stays recorded as running with that checkpoint: the next start reports it lost and
+/// keeps it, and given the task back it resumes from it. Recorded as ended, as before, the
+/// checkpoint was deleted and the task resumed from nothing.
+#[test]
+fn a_stopped_tasks_checkpoint_the_coordinator_never_completed_is_kept_and_resumed_from() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let task = TaskId::parse(STOPPING).expect("id");
+    let running_here = [TaskRef::new(task.clone(), Attempt(1))];
+    let (sd, restored) = stop_running(
+        dir.path(),
+        Script::AssignAndHoldPieces,
+        |_| {},
+        |running, _| running.handle.active_tasks() == running_here,
+        |fake| {
+            assert_eq!(fake.attempts().len(), 1, "one session, stopped in it");
+            assert_eq!(fake.stopped(), 1, "worker_stopped went out");
+            let pieces = fake.pieces.lock().expect("lock").clone();
+            assert_eq!(
+                pieces.len(),
+                1,
+                "the piece sent, never acknowledged: {pieces:?}"
+            );
+        },
+    );
+    assert_eq!(restored.lost, [TaskRef::new(task.clone(), Attempt(1))]);
+    assert_eq!(restored.checkpoints.len(), 1, "{:?}", restored.checkpoints);
+    let (t, cp) = &restored.checkpoints[0];
+    assert_eq!((t, cp.attempt, cp.bytes), (&task, Attempt(1), 4));
+    let kept = sd.latest_checkpoint(&task).expect("read").expect("kept");
+    assert_eq!(kept.data.as_slice(), b"last");
+    drop((sd, restored));
+
+    // The next start: the task comes back at attempt 2, the coordinator naming no checkpoint.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let resumed = rt.block_on(async {
+        let fake = FakeConnector::new(Script::ReassignStopping);
+        let id = WorkerId::parse("w").expect("id");
+        let mut cfg = tether_worker::WorkerConfig::new("ws://coordinator.invalid:1", id);
+        cfg.state_dir = Some(dir.path().to_owned());
+        let running = Running::start_with_last(&fake, cfg);
+        let t0 = tokio::time::Instant::now();
+        let result = loop {
+            let results = fake.results.lock().expect("lock").clone();
+            if let Some(r) = results.into_iter().find(|r| r.task_id == task) {
+                break r;
+            }
+            assert!(t0.elapsed() < SETTLE, "no result after {SETTLE:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        running.stop().await;
+        result
+    });
+    assert_eq!(resumed.attempt, Attempt(2));
+    assert_eq!(resumed.outcome, tether_proto::Outcome::Completed);
+    assert_eq!(
+        resumed.result.to_value().expect("JSON"),
+        "last",
+        "resumed from the checkpoint kept"
+    );
+}
+
 /// Runs worker `w` with its state in `dir` against a fake coordinator playing `script` (its
 /// configuration as `edit` makes it) until `settled`, stops it, checks the fake with `after`,
 /// and opens the state directory again as the next start would.
