@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tether_faultproxy::{Fault, FaultGuard, FaultStats, Proxy, ProxyStats, Target};
 use tether_proto::WorkerId;
+use tether_worker::eventlog::{Event, Record};
 
 use super::netns::NetFleet;
 use super::observe::{self, Observation, Watcher};
@@ -158,11 +159,15 @@ async fn until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 }
 
 /// The coordinator's counters of frames it could not take: undecodable (malformed, unknown)
-/// and, with integrity tags, failing their tag.
+/// and, with integrity tags, failing their tag; and registrations it refused.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct FrameCounters {
     pub undecodable: u64,
     pub mac_failures: u64,
+    /// Registrations refused for their signature or (with integrity tags) their tag: with the
+    /// run's own secret on every worker, damage to the handshake (the registration, or the
+    /// welcome's nonce it signs).
+    pub auth_failures: u64,
 }
 
 impl FrameCounters {
@@ -173,6 +178,7 @@ impl FrameCounters {
         Some(Self {
             undecodable: n("malformed_frames")? + n("unknown_frames")?,
             mac_failures: n("mac_failures")?,
+            auth_failures: n("auth_failures")?,
         })
     }
 
@@ -183,12 +189,102 @@ impl FrameCounters {
         Some(Self {
             undecodable: a.undecodable.saturating_sub(b.undecodable),
             mac_failures: a.mac_failures.saturating_sub(b.mac_failures),
+            auth_failures: a.auth_failures.saturating_sub(b.auth_failures),
         })
     }
 
-    /// Frames not taken, of either sort.
+    /// Frames of registered sessions not taken, of either sort (refused registrations are
+    /// not among them).
     pub fn total(self) -> u64 {
         self.undecodable + self.mac_failures
+    }
+}
+
+/// How a worker's session (or connection attempt) ends when frames from the coordinator
+/// failed their integrity tag there: `"{n} frames from the coordinator failed their integrity
+/// tag"` (the worker's `Session::on_bad_tag`).
+const WORKER_TAG_FAILURES: &str = " frames from the coordinator failed their integrity tag";
+
+/// The frames a worker's end reason says failed their tag there; `None` for any other end.
+fn worker_tag_failures(reason: &str) -> Option<u64> {
+    reason.strip_suffix(WORKER_TAG_FAILURES)?.parse().ok()
+}
+
+/// What the integrity checks caught during a disruption, at each end. Each figure counts a
+/// damaged frame that an end refused for its tag (or, for a registration, its signature)
+/// rather than took: a run without tags, or damage that no check met, counts nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Caught {
+    /// The coordinator: frames from workers that failed their tag (its `mac_failures`, as
+    /// they rose); `None` when it did not answer before or after.
+    pub coordinator_frames: Option<u64>,
+    /// The coordinator: registrations it refused for their tag or signature (its
+    /// `auth_failures`, as they rose); `None` as above.
+    pub coordinator_registrations: Option<u64>,
+    /// Each worker that caught any: frames from the coordinator that failed their tag there,
+    /// as the ends of its sessions and attempts in its event log say. A lower bound: the
+    /// worker ends a session at its third such frame, and one or two that ended nothing leave
+    /// no record (a lost registration_ack shows only as the wait for it timing out).
+    pub workers: BTreeMap<String, u64>,
+    /// All of the above that is known.
+    pub total: u64,
+}
+
+impl Caught {
+    /// From the coordinator's counters as they rose during the disruption (`frames`) and the
+    /// workers' event logs, of the records at or after `from` and before `until`.
+    pub fn of(
+        frames: Option<FrameCounters>,
+        logs: &BTreeMap<String, Vec<Record>>,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Self {
+        let workers: BTreeMap<String, u64> =
+            logs.iter()
+                .map(|(w, records)| {
+                    let n = records
+                        .iter()
+                        .filter(|r| r.at >= from && r.at < until)
+                        .filter_map(|r| match &r.event {
+                            Event::SessionLost { reason, .. }
+                            | Event::AttemptFailed { reason, .. } => worker_tag_failures(reason),
+                            _ => None,
+                        })
+                        .sum();
+                    (w.clone(), n)
+                })
+                .filter(|(_, n)| *n > 0)
+                .collect();
+        let coordinator_frames = frames.map(|f| f.mac_failures);
+        let coordinator_registrations = frames.map(|f| f.auth_failures);
+        let total = coordinator_frames.unwrap_or(0)
+            + coordinator_registrations.unwrap_or(0)
+            + workers.values().sum::<u64>();
+        Self {
+            coordinator_frames,
+            coordinator_registrations,
+            workers,
+            total,
+        }
+    }
+}
+
+impl std::fmt::Display for Caught {
+    /// `tags caught 4: coordinator frames 1, registrations 0; e2e-w2 frames 3` (`?` for
+    /// the coordinator's when it did not answer).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = |v: Option<u64>| v.map_or_else(|| "?".to_owned(), |v| v.to_string());
+        write!(
+            f,
+            "tags caught {}: coordinator frames {}, registrations {}",
+            self.total,
+            n(self.coordinator_frames),
+            n(self.coordinator_registrations)
+        )?;
+        for (w, k) in &self.workers {
+            write!(f, "; {w} frames {k}")?;
+        }
+        Ok(())
     }
 }
 
@@ -447,6 +543,7 @@ impl System {
             fired,
             evidence: evidence.map(|(_, e)| e),
             frames,
+            caught: Caught::default(),
             worker_detect_ms: BTreeMap::new(),
             worker_detect_dead: BTreeMap::new(),
             coordinator_detect_ms: BTreeMap::new(),
@@ -619,7 +716,8 @@ mod tests {
     fn an_unknown_baseline_of_frame_counters_shows_nothing() {
         let overview = |malformed: u64, macs: u64| {
             serde_json::json!({"counters": {
-                "malformed_frames": malformed, "unknown_frames": 1, "mac_failures": macs
+                "malformed_frames": malformed, "unknown_frames": 1, "mac_failures": macs,
+                "auth_failures": 7
             }})
         };
         let after = FrameCounters::of(&overview(2, 5));
@@ -627,7 +725,8 @@ mod tests {
             after,
             Some(FrameCounters {
                 undecodable: 3,
-                mac_failures: 5
+                mac_failures: 5,
+                auth_failures: 7
             })
         );
         assert_eq!(FrameCounters::rose(None, after), None);
@@ -637,6 +736,109 @@ mod tests {
         // An answer without the counters (another server, an error body) is no baseline.
         assert_eq!(
             FrameCounters::of(&serde_json::json!({"error": "busy"})),
+            None
+        );
+    }
+
+    fn at(ms: i64) -> DateTime<Utc> {
+        DateTime::<Utc>::from_timestamp_millis(1_800_000_000_000 + ms).expect("time")
+    }
+
+    fn ended(ms: i64, reason: &str, registered: bool) -> Record {
+        let reason = reason.to_owned();
+        Record {
+            at: at(ms),
+            worker: "w".into(),
+            n: None,
+            event: match registered {
+                true => Event::SessionLost {
+                    generation: 1,
+                    reason,
+                    dead: false,
+                },
+                false => Event::AttemptFailed {
+                    generation: 1,
+                    reason,
+                },
+            },
+        }
+    }
+
+    /// The failing end-to-end run: the coordinator's tag check met no damaged frame (the first
+    /// flip ended the session at the worker, the rest fell on handshakes), while the worker's
+    /// caught three; each end's catches count, the worker's from its event log in the window.
+    #[test]
+    fn tags_caught_at_either_end_count_and_only_the_tags_catches_do() {
+        let frames = |mac_failures, auth_failures| {
+            Some(FrameCounters {
+                undecodable: 5,
+                mac_failures,
+                auth_failures,
+            })
+        };
+        let tagged = "3 frames from the coordinator failed their integrity tag";
+        let logs = BTreeMap::from([
+            (
+                "w2".to_owned(),
+                vec![
+                    // Before the window: another disruption's.
+                    ended(-10, tagged, true),
+                    ended(400, tagged, true),
+                    ended(
+                        500,
+                        "closed by coordinator: 1007 text frame is not valid UTF-8",
+                        false,
+                    ),
+                    ended(900, "no frame for 1500 ms: declared dead", false),
+                    // The coordinator's catch as the worker heard of it: counted there.
+                    ended(950, "coordinator dropped a frame: bad integrity tag", true),
+                    ended(1_000, tagged, false),
+                    // After the window: the next disruption's.
+                    ended(5_000, tagged, true),
+                ],
+            ),
+            ("w1".to_owned(), vec![ended(700, "connection closed", true)]),
+        ]);
+        let c = Caught::of(frames(0, 0), &logs, at(0), at(5_000));
+        assert_eq!(c.coordinator_frames, Some(0));
+        assert_eq!(c.coordinator_registrations, Some(0));
+        assert_eq!(c.workers, BTreeMap::from([("w2".to_owned(), 6)]));
+        assert_eq!(c.total, 6);
+        assert_eq!(
+            c.to_string(),
+            "tags caught 6: coordinator frames 0, registrations 0; w2 frames 6"
+        );
+        // At the coordinator only: a worker frame, a registration; undecodable frames are no
+        // tag's catch.
+        let quiet =
+            BTreeMap::from([("w1".to_owned(), vec![ended(700, "connection closed", true)])]);
+        let c = Caught::of(frames(1, 2), &quiet, at(0), at(5_000));
+        assert!(c.workers.is_empty() && c.total == 3, "{c:?}");
+        // Nothing caught anywhere (tags off, or nothing flipped): nothing to count, and a
+        // coordinator that did not answer adds nothing either.
+        assert_eq!(Caught::of(frames(0, 0), &quiet, at(0), at(5_000)).total, 0);
+        let c = Caught::of(None, &quiet, at(0), at(5_000));
+        assert_eq!((c.coordinator_frames, c.total), (None, 0));
+        assert_eq!(
+            c.to_string(),
+            "tags caught 0: coordinator frames ?, registrations ?"
+        );
+    }
+
+    #[test]
+    fn only_the_workers_own_tag_failures_are_read_from_its_end_reasons() {
+        let n = worker_tag_failures;
+        assert_eq!(
+            n("3 frames from the coordinator failed their integrity tag"),
+            Some(3)
+        );
+        assert_eq!(
+            n("coordinator dropped a frame: frame's integrity tag does not verify"),
+            None
+        );
+        assert_eq!(n("too many frames failed their integrity tag"), None);
+        assert_eq!(
+            n(" frames from the coordinator failed their integrity tag"),
             None
         );
     }

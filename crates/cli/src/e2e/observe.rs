@@ -236,9 +236,12 @@ pub struct Observation {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evidence: Option<String>,
     /// How much the coordinator's counters of frames it could not decode, or (with integrity
-    /// tags) verify, rose during the disruption; `None` when it did not answer before or
-    /// after, which shows nothing.
+    /// tags) verify, and of registrations it refused, rose during the disruption; `None` when
+    /// it did not answer before or after, which shows nothing.
     pub frames: Option<super::disrupt::FrameCounters>,
+    /// What the integrity checks caught at each end: the coordinator's counters in `frames`
+    /// and the workers' event logs (see [`Observation::analyse`]).
+    pub caught: super::disrupt::Caught,
     /// Fault to the worker declaring its session lost, per worker.
     pub worker_detect_ms: BTreeMap<String, f64>,
     /// Whether that loss was the liveness timeout (a silent link), per worker.
@@ -301,7 +304,7 @@ impl Observation {
     /// Fills detection and recovery from the event logs (by worker id) and the coordinator's
     /// samples: losses and detections from events before `window_end` (the next disruption's
     /// start, or the end of the disruptions), the registration that ends a loss from any
-    /// time after it.
+    /// time after it. And what the integrity checks caught, from the same window of the logs.
     pub fn analyse(
         &mut self,
         logs: &BTreeMap<String, Vec<Record>>,
@@ -309,6 +312,7 @@ impl Observation {
         window_end: DateTime<Utc>,
     ) {
         let (start, removed) = (self.started_at, self.removed_at);
+        self.caught = super::disrupt::Caught::of(self.frames, logs, start, window_end);
         for (worker, events) in logs {
             let window: Vec<&Record> = events
                 .iter()
@@ -428,6 +432,7 @@ mod tests {
             fired: true,
             evidence: None,
             frames: None,
+            caught: Default::default(),
             worker_detect_ms: BTreeMap::new(),
             worker_detect_dead: BTreeMap::new(),
             coordinator_detect_ms: BTreeMap::new(),
@@ -627,6 +632,40 @@ mod tests {
         assert!(events_now(&missing).is_empty());
         std::fs::write(&missing, torn).expect("write");
         assert_eq!(read_events(&missing).expect("read").len(), 2);
+    }
+
+    /// What the tags caught during a corruption comes from both ends: the coordinator's
+    /// counters as they rose, and the worker's event log in the disruption's window only.
+    #[test]
+    fn a_corruptions_catches_are_read_at_both_ends_in_its_window() {
+        let mut o = Observation {
+            kind: Kind::Corrupt,
+            frames: Some(super::super::disrupt::FrameCounters {
+                undecodable: 5,
+                mac_failures: 0,
+                auth_failures: 1,
+            }),
+            ..blackhole()
+        };
+        let tagged = rec(
+            400,
+            Event::SessionLost {
+                generation: 1,
+                reason: "3 frames from the coordinator failed their integrity tag".into(),
+                dead: false,
+            },
+        );
+        let next = Record {
+            at: at(10_500),
+            ..tagged.clone()
+        };
+        let logs = BTreeMap::from([("w1".to_owned(), vec![tagged, registered(900), next])]);
+        o.analyse(&logs, &[], at(10_000));
+        assert_eq!(o.caught.coordinator_registrations, Some(1));
+        assert_eq!(o.caught.workers, BTreeMap::from([("w1".to_owned(), 3)]));
+        assert_eq!(o.caught.total, 4);
+        let json = serde_json::to_value(&o).expect("json");
+        assert_eq!(json["caught"]["total"], 4, "{json}");
     }
 
     /// A worker back before the removal recovered at once, whatever later disruptions do to it.

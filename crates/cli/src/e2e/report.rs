@@ -303,6 +303,12 @@ impl Report {
                         })
                 })
                 .unwrap_or_else(|| "-".into());
+            // Which end's integrity checks caught damage: what corruption is judged by, and
+            // worth a word after any other disruption too.
+            let counters = match o.kind == Kind::Corrupt || o.caught.total > 0 {
+                true => format!("{counters}; {}", o.caught),
+                false => counters,
+            };
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {held} | {counters} | {} | {} | {} | {} |",
