@@ -227,11 +227,16 @@ async fn served(c: &TestCoordinator) -> u64 {
         .expect("a count")
 }
 
-/// Waits until `c` served more than the worker's first window of pieces (4 of 256 KiB): the
+/// The most checkpoint bytes a worker has asked for and not received at any moment: its window
+/// of `FETCH_WINDOW` (4) pieces of `FETCH_PIECE` (the upload's piece) at most, one fetch
+/// running (crates/worker/src/fetch.rs, private to the worker).
+const IN_FLIGHT: u64 = 4 * tether_proto::codec::CHECKPOINT_PIECE as u64;
+
+/// Waits until `c` served more than the worker's first window of pieces ([`IN_FLIGHT`]): the
 /// worker has taken one at least, and asked for the next.
 async fn wait_first_pieces_taken(c: &TestCoordinator) {
     wait_for("the first pieces to be taken", DEADLINE, || async {
-        (served(c).await > 4 * 256 * 1024).then_some(())
+        (served(c).await > IN_FLIGHT).then_some(())
     })
     .await;
 }
@@ -259,16 +264,28 @@ async fn a_checkpoint_larger_than_a_message_follows_its_task_in_pieces_through_a
     let id = a_task_checkpointed_and_left(&c).await;
     let (proxy, b) = worker_b_on_a_slow_link(&c).await;
     wait_first_pieces_taken(&c).await;
+    let at_cut = served(&c).await;
     proxy.down().await;
     b.wait_state(|s| s != ConnState::Connected).await;
     proxy.up().await.expect("up");
     assert_resumed_on_b_from_the_whole_checkpoint(&c.client(), &id).await;
-    // The pieces lost in the cut were asked for again in the next session.
-    assert!(b.handle.registrations() >= 2);
+    let sessions = b.handle.registrations();
+    assert!(sessions >= 2, "{sessions} sessions: b never came back");
     let served = served(&c).await;
+    // The pieces lost in the cut were asked for again in the next session...
     assert!(
         served > BYTES,
         "{served} bytes served: none was served again after the cut"
+    );
+    // ...and only they: the fetch went on from where it was. Served twice is at most what b
+    // had asked for and not received when a session ended, its window ([`IN_FLIGHT`]) per cut:
+    // less than the more than `IN_FLIGHT` served before the cut (`wait_first_pieces_taken`),
+    // all of which a fetch started over would ask for again.
+    let (again, cuts) = (served - BYTES, sessions - 1);
+    assert!(
+        again <= cuts * IN_FLIGHT,
+        "{again} bytes served twice, more than the {IN_FLIGHT} in flight at each of {cuts} \
+         cuts ({at_cut} served before the cut): the fetch started over"
     );
     b.stop().await.expect("stop");
     c.stop().await;
