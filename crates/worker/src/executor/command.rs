@@ -61,6 +61,7 @@ use futures_util::future::{BoxFuture, Either, maybe_done, select};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::Deserialize;
+use tether_proto::{CheckpointId, TaskId};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -83,8 +84,16 @@ pub const KILL_GRACE: Duration = Duration::from_secs(2);
 pub const PIPE_DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// How long a task stopped for its worker's stop waits for room to queue the checkpoint it
 /// wrote as it stopped, once packed and stored locally (neither is cut short: they take what
-/// the directory's size and the disk make them take).
+/// the directory's size and the disk make them take). What is not queued by then is queued
+/// on without holding the stop, until [`STOP_QUEUE_UNTIL`].
 pub const STOP_SHIP_LIMIT: Duration = Duration::from_secs(1);
+/// How long after a worker's stop reached a task the checkpoint it wrote as it stopped is
+/// still queued, piece by piece as the outbox makes room, once [`STOP_SHIP_LIMIT`] is past:
+/// the longest the stop's session may still take it, the runner's grace for the tasks to stop
+/// ([`crate::agent::SHUTDOWN_GRACE`]) and then the flush ([`crate::session::SHUTDOWN_FLUSH`]),
+/// 10 s.
+pub const STOP_QUEUE_UNTIL: Duration =
+    crate::agent::SHUTDOWN_GRACE.saturating_add(crate::session::SHUTDOWN_FLUSH);
 /// The interpreter of `shell`.
 pub const SHELL: &str = "/bin/sh";
 
@@ -293,8 +302,8 @@ impl Executor for CommandExecutor {
 
     /// Its kill grace, the reading of the output meanwhile, the wait to queue the last
     /// checkpoint of a worker's stop ([`STOP_SHIP_LIMIT`]; its pack and local store are not
-    /// bounded, but a stopping worker starts no newer attempt to wait), and a second to spare:
-    /// 6 s by default.
+    /// bounded, but a stopping worker starts no newer attempt to wait; what is left to queue
+    /// then is queued on without the attempt), and a second to spare: 6 s by default.
     fn stop_grace(&self) -> Duration {
         self.kill_grace + PIPE_DRAIN_GRACE + STOP_SHIP_LIMIT + Duration::from_secs(1)
     }
@@ -704,6 +713,9 @@ struct Supervisor<'a> {
     park_pending: bool,
     /// A checkpoint being looked at, packed or shipped (shipping may park while paused).
     shipping: Option<BoxFuture<'a, Result<Looked, String>>>,
+    /// When the cancellation was seen: a worker's stop, for the last checkpoint's queueing
+    /// ([`STOP_QUEUE_UNTIL`]).
+    cancelled_at: Option<Instant>,
 }
 
 impl<'a> Supervisor<'a> {
@@ -724,6 +736,7 @@ impl<'a> Supervisor<'a> {
             park: None,
             park_pending: false,
             shipping: None,
+            cancelled_at: None,
         }
     }
 
@@ -747,6 +760,7 @@ impl<'a> Supervisor<'a> {
             tokio::select! {
                 biased;
                 () = ctx.cancelled() => {
+                    self.cancelled_at = Some(Instant::now());
                     let swept = terminate_draining(child, &self.procs, self.kill_grace, pumps).await;
                     tracing::debug!(task_id = %ctx.task_id(), "command cancelled");
                     return End::Cancelled(swept);
@@ -804,9 +818,10 @@ impl<'a> Supervisor<'a> {
     /// The worker stops, and the task's processes are gone: ships the directory once more if
     /// it changed (a TERM trap's last state, which the next attempt elsewhere resumes from).
     /// Its pack and its local store are not cut short: they are bounded by the directory's
-    /// size and the disk, and the stored copy is what a resume here finds. Only the wait for
-    /// room to queue its announcement and pieces is, after [`STOP_SHIP_LIMIT`]: the worker's
-    /// stop must not wait for ever on a session that takes nothing.
+    /// size and the disk, and the stored copy is what a resume here finds. Its announcement and
+    /// pieces are queued in order, each once the outbox has room for it; the stop waits for
+    /// that up to [`STOP_SHIP_LIMIT`] (it must not wait for ever on a session that takes
+    /// nothing), and what is left then is queued on without it ([`queue_after_stop`]).
     async fn finish_on_stop(&mut self) {
         let Some(cp) = &self.checkpoints else {
             return;
@@ -828,25 +843,19 @@ impl<'a> Supervisor<'a> {
                 return;
             }
         };
-        let size = data.len();
-        let mut ship = std::pin::pin!(ctx.checkpoint(data));
-        // The limit counts from the store's end. A task's stores hold `storing` until they
-        // landed, and its lock is fair: asked for after the store `ship` starts at its first
-        // poll (the `biased` select polls it first), it is had once that store landed.
-        let storing = ctx.shared.storing.clone();
-        let queue_limit = async move {
-            drop(storing.lock().await);
-            tokio::time::sleep(STOP_SHIP_LIMIT).await;
-        };
-        tokio::select! {
-            biased;
-            id = &mut ship => {
-                tracing::debug!(task_id = %ctx.task_id(), checkpoint_id = %id, size, "the checkpoint written as the worker stops is queued");
-            }
-            () = queue_limit => {
-                tracing::warn!(task_id = %ctx.task_id(), size, limit_ms = STOP_SHIP_LIMIT.as_millis() as u64, "the checkpoint written as the worker stops is stored here, but its pieces found no room in the outbox within the limit: not all of it is queued, and the next attempt elsewhere resumes from an earlier checkpoint");
-            }
+        // The limit counts from the store's end: a store in flight lands first, then this one.
+        let stored = ctx.store_checkpoint(data).await;
+        let (id, size) = (stored.id().clone(), stored.size());
+        let mut upload = Box::pin(ctx.upload(stored));
+        if tokio::time::timeout(STOP_SHIP_LIMIT, upload.as_mut())
+            .await
+            .is_ok()
+        {
+            tracing::debug!(task_id = %ctx.task_id(), checkpoint_id = %id, size, "the checkpoint written as the worker stops is queued");
+            return;
         }
+        let until = self.cancelled_at.unwrap_or_else(Instant::now) + STOP_QUEUE_UNTIL;
+        queue_after_stop((ctx.task_id().clone(), id, size), upload, until);
     }
 
     fn start_shipping(&mut self, look: Look) {
@@ -901,6 +910,40 @@ impl<'a> Supervisor<'a> {
         self.stopped = false;
         tracing::debug!(task_id = %self.ctx.task_id(), "command resumed");
     }
+}
+
+/// Queues what is left of `upload`, the announcement and pieces of the checkpoint `id` (of
+/// `size` bytes) that task `task_id` wrote as its worker stops and that found no room in the
+/// outbox within [`STOP_SHIP_LIMIT`]: each once the outbox has room for it (the stop's flush
+/// makes it as the coordinator acknowledges what was sent), in order, until `until`, the
+/// longest the stop's flush may last ([`STOP_QUEUE_UNTIL`]). All queued and acknowledged
+/// within the flush, the coordinator holds the checkpoint, and the task's next attempt
+/// elsewhere resumes from it; otherwise it stays stored here (`Runner::handed_back` keeps a
+/// checkpoint the coordinator does not hold). A stop with no session has nothing to make
+/// room: this then waits in vain, until `until` or the runtime's end, holding up nothing.
+///
+/// On a task of its own, not the runner's: the runner's tasks are what the stop waits for
+/// (`SHUTDOWN_GRACE`), and the flush begins only once they ended. Not tracked either (no one
+/// would wait for it): bounded by `until`, it ends with the runtime, and it holds only the
+/// task's turn to queue uploads, which nothing waits for once the attempt ended.
+fn queue_after_stop(
+    (task_id, id, size): (TaskId, CheckpointId, usize),
+    upload: impl Future<Output = ()> + Send + 'static,
+    until: Instant,
+) {
+    let limit_ms = STOP_SHIP_LIMIT.as_millis() as u64;
+    tracing::warn!(%task_id, checkpoint_id = %id, size, limit_ms, "the checkpoint written as the worker stops is stored here, but its pieces found no room in the outbox within the limit: the stop goes on, and the rest is queued as room is made while the worker's stop flush lasts");
+    let queue = async move {
+        match tokio::time::timeout_at(until, upload).await {
+            Ok(()) => {
+                tracing::info!(%task_id, checkpoint_id = %id, size, "the checkpoint written as the worker stops is queued, every piece, after its task stopped");
+            }
+            Err(_) => {
+                tracing::warn!(%task_id, checkpoint_id = %id, size, "the checkpoint written as the worker stops is stored here, but not all of it was queued while the worker's stop could still send it (its flush has ended by now): the next attempt elsewhere resumes from an earlier checkpoint, a resume here from this one");
+            }
+        }
+    };
+    drop(tokio::spawn(queue));
 }
 
 /// Awaits the future in `slot`, or never if there is none.
@@ -2294,8 +2337,8 @@ mod tests {
     }
 
     /// A checkpoint written as the worker stops whose pieces find no room in the outbox (a
-    /// session that takes nothing) does not hold the stop: it is stored here, its pieces are
-    /// given up after the limit, and a warning says so with its size.
+    /// session that takes nothing) does not hold the stop: it is stored here, its pieces wait
+    /// for room past the limit without the task, and a warning says so with its size.
     #[tokio::test]
     async fn a_checkpoint_written_as_the_worker_stops_is_stored_when_its_pieces_find_no_room() {
         let warnings = Warnings::default();
@@ -2344,6 +2387,173 @@ mod tests {
                 .any(|w| w.contains("is stored here") && w.contains("size=")),
             "{said:?}"
         );
+    }
+
+    /// The messages `outbox` holds unsent, taken as the session takes them and acknowledged at
+    /// once, as the coordinator acknowledges them: room is made for what waits.
+    fn take_and_ack(
+        outbox: &crate::outbox::Outbox,
+    ) -> Vec<(tether_proto::Seq, Arc<tether_proto::msg::WorkerMsg>)> {
+        let taken = outbox.take_unsent(100);
+        for (seq, _) in &taken {
+            assert!(outbox.ack(*seq), "held until acknowledged");
+        }
+        taken
+    }
+
+    /// The pieces found past the limit are queued on, after the task stopped, as room is made
+    /// while the worker's stop flush may last: here the outbox has room for the announcement
+    /// alone until, 2 s after the stop, the session (this test) acknowledges what it holds,
+    /// and then takes and acknowledges each piece as it comes. Every piece ends up queued, in
+    /// order after the announcement, and they make the checkpoint stored here. Before, only
+    /// the announcement was: the pieces were given up at the limit and never queued later,
+    /// though the flush had seconds left.
+    #[tokio::test]
+    async fn a_checkpoint_written_as_the_worker_stops_is_queued_whole_as_room_comes_after_the_limit()
+     {
+        let warnings = Warnings::default();
+        let _log = tracing::subscriber::set_default(warnings.clone());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, control) = ctx(1);
+        let mut ctx = ctx.with_checkpoint_dir(dir.path().join("cp"));
+        // Small pieces: several of them, each waiting for the one before to be acknowledged.
+        ctx.chunk_size = 16;
+        // Room for the announcement alone.
+        let limits = crate::outbox::Limits {
+            max_entries: 0,
+            max_bytes: usize::MAX,
+        };
+        ctx.outbox = Arc::new(crate::outbox::Outbox::new(limits));
+        let outbox = ctx.outbox().clone();
+        let script = r#"trap 'echo 7 > "$TETHER_CHECKPOINT_DIR/n"; exit 0' TERM
+            touch "$D/ready"
+            while :; do sleep 0.05; done"#;
+        let config = serde_json::json!({
+            "shell": script,
+            "env": {"D": dir.path()},
+            "checkpoint_poll_ms": 60_000,
+        });
+        let mut run = std::pin::pin!(exec(config, ctx));
+        let ready = dir.path().join("ready");
+        tokio::select! {
+            r = &mut run => panic!("the task ended: {r:?}"),
+            () = wait_for("the trap set", || ready.exists()) => {}
+        }
+        control.stop_worker();
+        let room_at = tokio::time::Instant::now() + Duration::from_secs(2);
+        let r = tokio::time::timeout(PATIENCE, run).await;
+        stopped(r.expect("the stop is not held by the outbox"));
+        let latest = control.latest_checkpoint().expect("stored");
+        let kinds = |msgs: &[(tether_proto::Seq, Arc<tether_proto::msg::WorkerMsg>)]| {
+            msgs.iter().map(|(_, m)| m.type_name()).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            kinds(&outbox.take_unsent(100)),
+            ["checkpoint"],
+            "as the task stopped: announced, its pieces waiting for room"
+        );
+        outbox.requeue_all();
+
+        // The session makes room 2 s after the stop, past the limit: the task stopped already.
+        tokio::time::sleep_until(room_at).await;
+        let mut taken = take_and_ack(&outbox);
+        let chunks = match taken.first().map(|(_, m)| &**m) {
+            Some(tether_proto::msg::WorkerMsg::Checkpoint(c)) => c.chunks,
+            other => panic!("not the announcement: {other:?}"),
+        };
+        assert!(chunks > 1, "{chunks} pieces");
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while taken.len() < 1 + chunks as usize {
+            let more = take_and_ack(&outbox);
+            if more.is_empty() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "of {chunks} pieces, queued: {:?}",
+                    kinds(&taken)
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            taken.extend(more);
+        }
+        let mut data = Vec::new();
+        let mut order = Vec::new();
+        for (_, msg) in &taken[1..] {
+            match &**msg {
+                tether_proto::msg::WorkerMsg::CheckpointData(d) => {
+                    order.push(d.chunk);
+                    data.extend_from_slice(&d.data.0);
+                }
+                other => panic!("not a piece: {}", other.type_name()),
+            }
+        }
+        assert_eq!(order, (0..chunks).collect::<Vec<_>>(), "in order");
+        assert_eq!(data, *latest, "every piece of the checkpoint stored here");
+        let files = packing::decode(&data).expect("a valid pack");
+        assert_eq!(files.get("n").map(Vec::as_slice), Some(&b"7\n"[..]));
+        let said = warnings.lines();
+        assert!(
+            said.iter().all(|w| !w.contains("not all of it was queued")),
+            "{said:?}"
+        );
+    }
+
+    /// What is left to queue of a worker's stop's last checkpoint is queued on as room is made
+    /// until the stop's flush may have ended (`until`), and given up then, with a warning: the
+    /// session is gone by then, and nothing it would send is acknowledged.
+    #[tokio::test(start_paused = true)]
+    async fn a_stops_last_checkpoint_is_queued_on_until_the_flush_may_have_ended_not_after() {
+        let warnings = Warnings::default();
+        let _log = tracing::subscriber::set_default(warnings.clone());
+        let (mut ctx, _control) = ctx(1);
+        ctx.chunk_size = 1;
+        let limits = crate::outbox::Limits {
+            max_entries: 0,
+            max_bytes: usize::MAX,
+        };
+        ctx.outbox = Arc::new(crate::outbox::Outbox::new(limits));
+        let outbox = ctx.outbox().clone();
+        let stored = ctx.store_checkpoint(b"abc".to_vec()).await;
+        let (id, size) = (stored.id().clone(), stored.size());
+        let until = tokio::time::Instant::now() + STOP_QUEUE_UNTIL;
+        queue_after_stop((ctx.task_id().clone(), id, size), ctx.upload(stored), until);
+        let settle = || async {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        };
+        let pieces = |msgs: &[(tether_proto::Seq, Arc<tether_proto::msg::WorkerMsg>)]| {
+            let chunk = |(_, m): &(_, Arc<tether_proto::msg::WorkerMsg>)| match &**m {
+                tether_proto::msg::WorkerMsg::CheckpointData(d) => Some(d.chunk),
+                _ => None,
+            };
+            msgs.iter().map(chunk).collect::<Vec<_>>()
+        };
+        settle().await;
+        assert_eq!(pieces(&take_and_ack(&outbox)), [None], "the announcement");
+        settle().await;
+        tokio::time::sleep(STOP_QUEUE_UNTIL / 2).await;
+        assert_eq!(
+            pieces(&take_and_ack(&outbox)),
+            [Some(0)],
+            "room made: a piece"
+        );
+        settle().await;
+        // Piece 1 is queued, piece 2 waits for room, which comes only after the end.
+        tokio::time::sleep_until(until + Duration::from_millis(1)).await;
+        settle().await;
+        let said = warnings.lines();
+        assert!(
+            said.iter()
+                .any(|w| w.contains("not all of it was queued") && w.contains("size=3")),
+            "{said:?}"
+        );
+        assert_eq!(
+            pieces(&take_and_ack(&outbox)),
+            [Some(1)],
+            "queued before the end"
+        );
+        settle().await;
+        assert!(outbox.is_empty(), "room, but nothing queued after the end");
     }
 
     #[tokio::test]

@@ -244,6 +244,25 @@ pub struct StoredCheckpoint {
     pub piece: usize,
 }
 
+/// A checkpoint [`TaskCtx::store_checkpoint`] stored, its upload not queued yet.
+#[derive(Debug)]
+pub(crate) struct Stored {
+    cp: StoredCheckpoint,
+    /// Its place among the attempt's stores, which orders the uploads.
+    order: u64,
+}
+
+impl Stored {
+    pub(crate) fn id(&self) -> &CheckpointId {
+        &self.cp.id
+    }
+
+    /// Its size in bytes.
+    pub(crate) fn size(&self) -> usize {
+        self.cp.data.len()
+    }
+}
+
 /// Shared between a running task's context and the runner.
 #[derive(Debug)]
 pub(crate) struct TaskShared {
@@ -526,6 +545,16 @@ impl TaskCtx {
     /// Stores a checkpoint, queues its upload in bounded pieces, and then, if the task was asked
     /// to pause, parks here until resumed: a paused task stops at its next checkpoint.
     pub async fn checkpoint(&self, data: Vec<u8>) -> CheckpointId {
+        let stored = self.store_checkpoint(data).await;
+        let id = stored.id().clone();
+        self.upload(stored).await;
+        self.pause_point().await;
+        id
+    }
+
+    /// The first half of [`TaskCtx::checkpoint`]: stores a checkpoint and makes it the task's
+    /// latest; its upload is queued by [`TaskCtx::upload`].
+    pub(crate) async fn store_checkpoint(&self, data: Vec<u8>) -> Stored {
         let piece = piece_size(
             self.chunk_size,
             self.link_piece.load(Ordering::Relaxed),
@@ -572,12 +601,26 @@ impl TaskCtx {
         self.shared
             .checkpoint_requested
             .store(false, Ordering::Relaxed);
+        Stored {
+            cp: stored,
+            order: position,
+        }
+    }
+
+    /// The second half of [`TaskCtx::checkpoint`]: queues the upload of a checkpoint
+    /// [`TaskCtx::store_checkpoint`] stored, in order with the task's other uploads, each
+    /// piece as the outbox has room for it. Owns what it needs, so it may run on once the
+    /// attempt has ended (the last checkpoint of a worker's stop: see
+    /// [`command::STOP_SHIP_LIMIT`]).
+    pub(crate) fn upload(&self, stored: Stored) -> impl Future<Output = ()> + Send + 'static {
+        let (shared, outbox) = (self.shared.clone(), self.outbox.clone());
         let limit = self.max_checkpoint.load(Ordering::Relaxed);
-        self.shared
-            .upload_in_order(&self.outbox, &stored, position, piece, limit)
-            .await;
-        self.pause_point().await;
-        id
+        async move {
+            let Stored { cp, order } = stored;
+            shared
+                .upload_in_order(&outbox, &cp, order, cp.piece, limit)
+                .await;
+        }
     }
 
     /// The latest checkpoint of this task: one written by this attempt, or the one an earlier
