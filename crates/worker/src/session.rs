@@ -1086,8 +1086,10 @@ impl<'a> Session<'a> {
                 // Every task stopped and all they left acknowledged (results, and the last
                 // checkpoints they may have written as they stopped): what the coordinator
                 // still leases to this worker will never report, so it may move it now. A
-                // checkpoint whose pieces were given up as its task stopped never entered the
-                // outbox: `handed_back` keeps it here, the coordinator not holding it.
+                // last checkpoint whose pieces are still waiting for room (queued on after the
+                // stop, `command::queue_after_stop`) is not in the outbox yet: with the
+                // default bounds room is there by now; otherwise `handed_back` keeps it here,
+                // the coordinator not holding it whole.
                 tracing::info!(worker = %self.worker(), "everything the tasks left is acknowledged; closing");
                 self.say_stopped().await;
                 return Err(SessionEnd::Shutdown);
