@@ -74,20 +74,51 @@ async fn a_black_holed_worker_is_detected_by_both_sides_and_its_task_completes_o
     c.stop().await;
 }
 
+/// The state letter of process `pid` (`T`: stopped), from `/proc/<pid>/stat`.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// The number in the file at `path`, once there.
+fn number_in(path: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Pause and resume are checked on the worker and on the command's process, not by the task's
+/// status (which the coordinator sets itself when asked): paused, the worker shows it paused
+/// and the process is stopped (`T`) and counts no further; resumed, the worker shows it
+/// running, the process is no longer stopped and counts on.
 #[tokio::test]
 async fn cancel_and_pause_reach_a_running_command_through_resets() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (c, proxy, w) = worker_behind_proxy(&dir).await;
     let client = c.client();
-    let cmd = |secs: &str| {
-        TaskSpec::new(
-            "command",
-            serde_json::json!({"program": "sleep", "args": [secs]}),
-        )
+    let out = dir.path().join("commands");
+    std::fs::create_dir(&out).expect("dir");
+    // Writes the shell's pid (its group's leader, which the worker signals with the group),
+    // then counts, 20 a second for a minute, each count written whole (by a rename).
+    let cmd = |name: &str| {
+        let (pid, n) = (
+            out.join(format!("{name}.pid")),
+            out.join(format!("{name}.n")),
+        );
+        let (pid, n) = (pid.display(), n.display());
+        let shell = format!(
+            "echo $$ > '{pid}.tmp' && mv '{pid}.tmp' '{pid}'; i=0; while [ $i -lt 1200 ]; do \
+             i=$((i+1)); echo $i > '{n}.tmp' && mv '{n}.tmp' '{n}'; sleep 0.05; done"
+        );
+        TaskSpec::new("command", serde_json::json!({ "shell": shell }))
     };
-    let ids = client.submit(&[cmd("60"), cmd("60")]).await;
+    let ids = client.submit(&[cmd("a"), cmd("b")]).await;
     wait_for("both commands to run", DEADLINE, || async {
         (w.handle.active_tasks().len() == 2).then_some(())
+    })
+    .await;
+    let count = out.join("a.n");
+    let pid = wait_for("the first command to count", DEADLINE, || async {
+        number_in(&count)?;
+        u32::try_from(number_in(&out.join("a.pid"))?).ok()
     })
     .await;
     // A reset between the worker and the coordinator first: controls still arrive after it.
@@ -115,6 +146,12 @@ async fn cancel_and_pause_reach_a_running_command_through_resets() {
             .then_some(())
     })
     .await;
+    wait_for("the command's process to be stopped", DEADLINE, || async {
+        (proc_state(pid) == Some('T')).then_some(())
+    })
+    .await;
+    // Stopped with its group: at most a rename under way when the signal came ends after it.
+    let stopped_at = number_in(&count).expect("a count");
     client.wait_status(&ids[0], "paused").await;
     let (s, _) = client.control(&ids[1], "cancel").await;
     assert_eq!(s, 200);
@@ -122,9 +159,33 @@ async fn cancel_and_pause_reach_a_running_command_through_resets() {
         (!w.handle.active_tasks().iter().any(|t| t.task_id == ids[1])).then_some(())
     })
     .await;
+    // Still stopped while the other was killed.
+    assert_eq!(proc_state(pid), Some('T'));
+    let held = number_in(&count).expect("a count");
+    assert!(
+        held <= stopped_at + 1,
+        "stopped at {stopped_at}, counted on to {held}"
+    );
     let (s, _) = client.control(&ids[0], "resume").await;
     assert_eq!(s, 200);
     client.wait_status(&ids[0], "running").await;
+    wait_for(
+        "the worker to run the command unpaused",
+        DEADLINE,
+        || async {
+            w.handle
+                .active_tasks()
+                .iter()
+                .any(|t| t.task_id == ids[0] && !t.paused)
+                .then_some(())
+        },
+    )
+    .await;
+    wait_for("the command's process to count on", DEADLINE, || async {
+        let running = proc_state(pid).is_some_and(|s| s != 'T');
+        (running && number_in(&count)? >= held + 2).then_some(())
+    })
+    .await;
     let (s, _) = client.control(&ids[0], "cancel").await;
     assert_eq!(s, 200);
     wait_for("the worker to be idle", DEADLINE, || async {

@@ -568,6 +568,38 @@ async fn a_connection_that_never_registers_does_not_replace_the_workers_session(
     c.stop().await;
 }
 
+/// The `current_iteration` a `sleep` task last reported, as the coordinator holds it (0 before
+/// its first report).
+async fn iteration(client: &Client, id: &TaskId) -> u64 {
+    let (status, v) = client.get(&format!("/api/v1/tasks/{id}/state")).await;
+    assert_eq!(status, 200, "state of {id}: {v}");
+    v["state"]["current_iteration"].as_u64().unwrap_or(0)
+}
+
+/// [`iteration`], read once the worker holds no report of the task's state unacknowledged:
+/// then it is at least the latest step the worker reported. (A report is acknowledged once
+/// the coordinator stored it.)
+async fn settled_iteration(w: &TestWorker, client: &Client, id: &TaskId) -> u64 {
+    wait_for(
+        "the task's state reports acknowledged",
+        DEADLINE,
+        || async {
+            let pending = w.handle.outbox.snapshot().into_iter().any(|(_, _, m)| {
+            matches!(m.as_ref(), tether_proto::msg::WorkerMsg::TaskState(s) if &s.task_id == id)
+        });
+            match pending {
+                true => None,
+                false => Some(iteration(client, id).await),
+            }
+        },
+    )
+    .await
+}
+
+/// Pause and resume are checked on the worker, not by the task's status (which the
+/// coordinator sets itself when asked): the worker shows the task paused, and the task stops
+/// (a step under way when the pause came may still end: at most one more), while the other
+/// task, of the same steps, moves on; resumed, the worker shows it running and it moves again.
 #[tokio::test]
 async fn cancel_and_pause_reach_a_running_task() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -591,9 +623,34 @@ async fn cancel_and_pause_reach_a_running_task() {
             .then_some(())
     })
     .await;
+    let paused_at = settled_iteration(&w, &client, pausing).await;
+    let other = settled_iteration(&w, &client, cancelling).await;
+    wait_for("the other task to go 5 steps on", DEADLINE, || async {
+        (iteration(&client, cancelling).await >= other + 5).then_some(())
+    })
+    .await;
+    let held = settled_iteration(&w, &client, pausing).await;
+    assert!(
+        held <= paused_at + 1,
+        "paused at step {paused_at}, the task went on to {held} while the other went 5 steps"
+    );
     let (s, _) = client.control(pausing, "resume").await;
     assert_eq!(s, 200);
     client.wait_status(pausing, "running").await;
+    wait_for("the worker to run the task unpaused", DEADLINE, || async {
+        w.handle
+            .active_tasks()
+            .iter()
+            .any(|t| &t.task_id == pausing && !t.paused)
+            .then_some(())
+    })
+    .await;
+    // Parked, it reported at most one step past `held`: two past it is a step taken after the
+    // resume.
+    wait_for("the resumed task to move again", DEADLINE, || async {
+        (iteration(&client, pausing).await >= held + 2).then_some(())
+    })
+    .await;
     let (s, v) = client.control(cancelling, "cancel").await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["status"], "cancelled");
