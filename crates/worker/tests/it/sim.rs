@@ -64,6 +64,8 @@ pub struct Truth {
     pub duplicates: u64,
     /// Tasks to hand out at the first registration.
     pub to_assign: Vec<(TaskId, u64)>,
+    /// The tasks handed out (or to be), each at attempt 1: the results to be recorded.
+    pub assigned: Vec<TaskId>,
 }
 
 #[derive(Clone)]
@@ -78,6 +80,13 @@ pub struct SimNet {
     /// The worker's side: for each result, the connection whose session first handed its
     /// acknowledgement to the worker (from the agent's ack hook).
     pub acked_on: Arc<Mutex<HashMap<Key, usize>>>,
+    /// The worker's side: each copy of a result the worker wrote to a connection after it had
+    /// the acknowledgement of that result (read from the bytes it writes), with the connection.
+    /// Must stay empty: an acknowledged result has left the outbox.
+    pub sent_after_ack: Arc<Mutex<Vec<(Key, usize)>>>,
+    /// Copies of results the worker wrote, over all connections (the tap's own check: every
+    /// copy the coordinator received was written, and read as such).
+    pub results_written: Arc<AtomicU64>,
 }
 
 impl SimNet {
@@ -85,6 +94,7 @@ impl SimNet {
         Self {
             mode: Arc::new(watch::channel(Mode::Up).0),
             truth: Arc::new(Mutex::new(Truth {
+                assigned: tasks.iter().map(|(id, _)| id.clone()).collect(),
                 to_assign: tasks,
                 ..Truth::default()
             })),
@@ -92,6 +102,8 @@ impl SimNet {
             dropped: Arc::default(),
             open: Arc::default(),
             acked_on: Arc::default(),
+            sent_after_ack: Arc::default(),
+            results_written: Arc::default(),
         }
     }
 
@@ -161,23 +173,142 @@ impl Connector for SimNet {
                 net.dropped.clone(),
             ));
             tokio::spawn(serve(server, net.truth.clone(), conn));
-            let io: Pin<Box<dyn Io>> = Box::pin(Counted::new(client, net.open.clone()));
+            let tap = Tap {
+                conn,
+                frames: ClientFrames::default(),
+                acked_on: net.acked_on.clone(),
+                sent_after_ack: net.sent_after_ack.clone(),
+                results_written: net.results_written.clone(),
+            };
+            let io: Pin<Box<dyn Io>> = Box::pin(Counted::new(client, net.open.clone(), tap));
             handshake(url, io, config).await
         })
     }
 }
 
-/// The worker's end of a connection, counted in [`SimNet::open`] while it exists.
+/// The worker's end of a connection, counted in [`SimNet::open`] while it exists, its
+/// writes read by a [`Tap`].
 struct Counted {
     io: DuplexStream,
     open: Arc<(AtomicU64, AtomicU64)>,
+    tap: Tap,
 }
 
 impl Counted {
-    fn new(io: DuplexStream, open: Arc<(AtomicU64, AtomicU64)>) -> Self {
+    fn new(io: DuplexStream, open: Arc<(AtomicU64, AtomicU64)>, tap: Tap) -> Self {
         let now = open.0.fetch_add(1, Ordering::SeqCst) + 1;
         open.1.fetch_max(now, Ordering::SeqCst);
-        Self { io, open }
+        Self { io, open, tap }
+    }
+}
+
+/// Reads what the worker writes to connection `conn`, as it writes it: each result in a frame
+/// whose last byte is written after the worker had that result's acknowledgement (the ack hook
+/// noted it in `acked_on`) goes to `sent_after_ack`. (Its ack cannot answer this copy: the
+/// coordinator acknowledges what it read whole.)
+struct Tap {
+    conn: usize,
+    frames: ClientFrames,
+    acked_on: Arc<Mutex<HashMap<Key, usize>>>,
+    sent_after_ack: Arc<Mutex<Vec<(Key, usize)>>>,
+    results_written: Arc<AtomicU64>,
+}
+
+impl Tap {
+    fn wrote(&mut self, bytes: &[u8]) {
+        for text in self.frames.feed(bytes) {
+            let msgs = match text.trim_start().starts_with('[') {
+                true => serde_json::from_str::<Vec<serde_json::Value>>(&text)
+                    .expect("a batch frame")
+                    .into_iter()
+                    .map(|v| serde_json::from_value::<WorkerMsg>(v).expect("a message"))
+                    .collect(),
+                false => vec![decode_worker(&text).expect("a message")],
+            };
+            for msg in msgs {
+                let WorkerMsg::TaskResult(r) = msg else {
+                    continue;
+                };
+                self.results_written.fetch_add(1, Ordering::SeqCst);
+                let key = (r.task_id, r.attempt);
+                if self.acked_on.lock().expect("lock").contains_key(&key) {
+                    let mut late = self.sent_after_ack.lock().expect("lock");
+                    late.push((key, self.conn));
+                }
+            }
+        }
+    }
+}
+
+/// The text frames a WebSocket client writes, from its bytes: the upgrade request is skipped,
+/// masks are undone, fragments joined.
+#[derive(Default)]
+struct ClientFrames {
+    buf: Vec<u8>,
+    upgraded: bool,
+    /// A text message whose last fragment has not come yet.
+    partial: Option<Vec<u8>>,
+}
+
+impl ClientFrames {
+    fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
+        self.buf.extend_from_slice(bytes);
+        let mut texts = Vec::new();
+        if !self.upgraded {
+            let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                return texts;
+            };
+            self.buf.drain(..end + 4);
+            self.upgraded = true;
+        }
+        while let Some((fin, opcode, payload)) = self.frame() {
+            match opcode {
+                1 => self.partial = Some(payload),
+                0 => match self.partial.as_mut() {
+                    Some(p) => p.extend_from_slice(&payload),
+                    None => continue,
+                },
+                _ => continue,
+            }
+            if fin && let Some(p) = self.partial.take() {
+                texts.push(String::from_utf8(p).expect("a text frame is UTF-8"));
+            }
+        }
+        texts
+    }
+
+    /// The next whole frame (FIN, opcode, unmasked payload), taken from the buffer.
+    fn frame(&mut self) -> Option<(bool, u8, Vec<u8>)> {
+        let b = &self.buf;
+        let head = |n: usize| b.get(..n);
+        let (fin, opcode, masked) = (b.first()? & 0x80 != 0, b[0] & 0x0f, b.get(1)? & 0x80 != 0);
+        let (len, mut at) = match b[1] & 0x7f {
+            126 => (
+                u16::from_be_bytes(head(4)?[2..4].try_into().ok()?) as usize,
+                4,
+            ),
+            127 => (
+                u64::from_be_bytes(head(10)?[2..10].try_into().ok()?) as usize,
+                10,
+            ),
+            n => (usize::from(n), 2),
+        };
+        let mask: Option<[u8; 4]> = match masked {
+            true => {
+                let m = head(at + 4)?[at..at + 4].try_into().ok()?;
+                at += 4;
+                Some(m)
+            }
+            false => None,
+        };
+        let mut payload = head(at + len)?[at..].to_vec();
+        if let Some(m) = mask {
+            for (i, x) in payload.iter_mut().enumerate() {
+                *x ^= m[i % 4];
+            }
+        }
+        self.buf.drain(..at + len);
+        Some((fin, opcode, payload))
     }
 }
 
@@ -203,7 +334,11 @@ impl tokio::io::AsyncWrite for Counted {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = written {
+            self.tap.wrote(&buf[..n]);
+        }
+        written
     }
 
     fn poll_flush(
@@ -416,8 +551,10 @@ fn tasks(rng: &mut SmallRng, n: usize) -> Vec<(TaskId, u64)> {
 /// answers `duplicate`, docs/PROTOCOL.md section 8), but only while the worker could not know
 /// it arrived: its acknowledgement was lost, or held back, with a session. Once a session
 /// handed the worker the acknowledgement, the result has left its outbox, and no later
-/// connection may carry it: a worker that sent acknowledged results again at each reconnect
-/// would cost the coordinator a duplicate per result per reconnect, for ever.
+/// write may carry it, on that connection or a later one: a worker that sent acknowledged
+/// results again at each reconnect would cost the coordinator a duplicate per result per
+/// reconnect, for ever. A connection carries a result once, so the copies of a result are at
+/// most the connections from its first to the one that acknowledged it.
 async fn assert_each_result_recorded_once(net: &SimNet, run: &Running, n: usize) {
     let end = Instant::now() + Duration::from_secs(600);
     while net.truth(|t| t.recorded.len()) < n || !run.handle.outbox.pending_results().is_empty() {
@@ -425,11 +562,32 @@ async fn assert_each_result_recorded_once(net: &SimNet, run: &Running, n: usize)
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let acked_on = net.acked_on.lock().expect("lock").clone();
+    let sent_after_ack = net.sent_after_ack.lock().expect("lock").clone();
+    assert!(
+        sent_after_ack.is_empty(),
+        "results the worker wrote again after it had their acknowledgement (with the \
+         connection): {sent_after_ack:?}; acknowledged on: {acked_on:?}"
+    );
     net.truth(|t| {
+        let received: usize = t.copies.values().map(Vec::len).sum();
+        let written = net.results_written.load(Ordering::SeqCst);
+        assert!(
+            written >= received as u64,
+            "the tap read {written} results written, the coordinator received {received}"
+        );
         assert_eq!(t.recorded.len(), n, "{:?}", t.recorded);
-        assert!(t.recorded.values().all(|c| *c == 1), "{:?}", t.recorded);
-        let copies: usize = t.copies.values().map(Vec::len).sum();
-        assert_eq!(copies as u64, n as u64 + t.duplicates, "{:?}", t.copies);
+        let mut recorded: Vec<&Key> = t.recorded.keys().collect();
+        recorded.sort();
+        let mut assigned: Vec<Key> = t
+            .assigned
+            .iter()
+            .map(|id| (id.clone(), Attempt(1)))
+            .collect();
+        assigned.sort();
+        assert!(
+            recorded.iter().copied().eq(assigned.iter()),
+            "recorded {recorded:?}, assigned {assigned:?}"
+        );
         for (key, conns) in &t.copies {
             let acked = acked_on.get(key);
             assert!(acked.is_some(), "{key:?}: the worker never had its ack");
@@ -442,6 +600,14 @@ async fn assert_each_result_recorded_once(net: &SimNet, run: &Running, n: usize)
                 resent.is_empty(),
                 "{key:?} was acknowledged to the worker on connection {acked:?}, and sent again \
                  on {resent:?} (every copy: {conns:?})"
+            );
+            let mut distinct = conns.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert_eq!(
+                distinct.len(),
+                conns.len(),
+                "{key:?}: sent twice on one connection (every copy: {conns:?})"
             );
         }
     });
