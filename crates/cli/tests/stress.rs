@@ -1,6 +1,8 @@
 //! Smoke runs of every `tether stress` scenario: small numbers, real processes (a coordinator
 //! and a fleet of simulated workers), verdicts read from the JSON report. They keep the
-//! scenarios from rotting; the full sizes are in docs/PERFORMANCE.md. No timing is asserted.
+//! scenarios from rotting; the full sizes are in docs/PERFORMANCE.md. No timing is asserted:
+//! a figure measured in time is checked for being there (one per worker) and consistent with
+//! the others, never against a bound that a slow or loaded machine could cross.
 
 use std::process::Command;
 use std::sync::Mutex;
@@ -91,7 +93,35 @@ fn herd(outage: &str, max_delay: &str, extra: &[&str]) -> Value {
         .unwrap_or_else(|| panic!("no verdict on the results done before the cut: {r:#}"));
     assert_eq!(kept["detail"], "5 tasks done before the cut", "{kept}");
     assert_eq!(r["tasks"], 15, "{r:#}");
+    assert_reconnect_figures_consistent(&r);
     r
+}
+
+/// The shortest backoff delay a simulated worker waits before an attempt after a lost session,
+/// ms: the fleet's first delay (200 ms, `FLEET_BACKOFF_INITIAL` in crates/cli/src/stress, or
+/// `--max-reconnect-delay` if shorter; 300 and 500 ms here) less its 20 % jitter. The delays
+/// after it only grow.
+const LEAST_DELAY_MS: f64 = 160.0;
+
+/// A herd's reconnect figures agree: each worker's time back beyond its backoff delay is its
+/// time back after the cut cleared less that delay, which is at least [`LEAST_DELAY_MS`]
+/// (the delay drawn, not a time measured: this holds on any machine). So every rank of the
+/// one distribution lies that much below the same rank of the other.
+fn assert_reconnect_figures_consistent(r: &Value) {
+    let (after, beyond) = (
+        &r["reconnect_after_ready_ms"],
+        &r["reconnect_beyond_delay_ms"],
+    );
+    assert_eq!(count(beyond), count(after), "{r}");
+    for rank in ["p50", "p95", "p99", "max"] {
+        let (a, b) = (after[rank].as_f64(), beyond[rank].as_f64());
+        assert!(
+            // Less a µs, for the rounding of the two divisions into ms.
+            a.zip(b)
+                .is_some_and(|(a, b)| a - b >= LEAST_DELAY_MS - 0.001),
+            "{rank}: {b:?} ms beyond the delay, {a:?} ms after the cut cleared: {r}"
+        );
+    }
 }
 
 fn count(d: &Value) -> u64 {
@@ -120,13 +150,8 @@ fn thundering_herd_reregisters_every_worker_after_a_coordinator_kill_and_loses_n
     assert_eq!(count(&r["reconnect_after_ready_ms"]), 40);
     // Every worker came back in paced attempts (the verdict bounds them by the backoff).
     assert_eq!(count(&r["reconnect_attempts"]), 40);
-    // Each worker waited a backoff delay (500 ms +/- 20 %) before the attempt that succeeded.
+    // Each worker's time back less its backoff delay, consistent with its time back (`herd`).
     assert_eq!(count(&r["reconnect_beyond_delay_ms"]), 40);
-    let max = |k: &str| r[k]["max"].as_f64().expect("max");
-    assert!(
-        max("reconnect_beyond_delay_ms") <= max("reconnect_after_ready_ms") - 400.0,
-        "{r}"
-    );
     assert!(r["connects_per_s"].as_f64().is_some());
     assert!(r["memory_per_worker_kib"].as_f64().is_some());
     assert!(r["idle_cpu_pct"].as_f64().is_some());
@@ -192,13 +217,13 @@ fn thundering_herd_reconnects_every_worker_after_a_proxy_cut_and_loses_nothing()
             "blackhole" => {
                 assert!(fault("connections_affected") >= 40, "{r}");
                 assert!(fault("bytes_dropped") > 0, "{r}");
-                // An attempt made into the silence is not waited out: with the workers' 10 s
-                // connect timeout, one that was would keep its worker away for 9 s or more
-                // after the blackhole is removed; the attempts beside it come every 300 ms.
-                let back = r["reconnect_after_ready_ms"]["max"]
-                    .as_f64()
-                    .unwrap_or(f64::MAX);
-                assert!(back < 5_000.0, "{r}");
+                // An attempt made into the silence is not waited out: the next starts beside
+                // it after the backoff delay (300 ms) while it is still unanswered, so workers
+                // made several (5 a worker, 7 at most, on an idle machine). Without those, each
+                // worker makes one attempt, held until the blackhole goes and a retransmission
+                // of its SYN (1 or 3 s after it) gets through: back within 2 s, under any bound
+                // in time that a loaded machine could keep to.
+                assert!(r["reconnect_attempts"]["max"].as_f64() >= Some(2.0), "{r}");
             }
             _ => assert!(r["cut_fault"].is_null(), "{r}"),
         }
