@@ -10,7 +10,7 @@ use tether_coordinator::auth::WorkerAuth;
 use tether_faultproxy::{Direction as ProxyDirection, Fault, FaultKind};
 use tether_proto::auth::{Challenge, NONCE_BYTES, Secret, to_hex};
 use tether_proto::integrity::{Direction, HMAC_SHA256, Opener, Sealer, SessionKey};
-use tether_proto::{TaskId, WorkerId};
+use tether_proto::{TaskId, TaskSpec, WorkerId};
 use tether_testkit::*;
 use tether_worker::{AgentError, ConnState, Executors};
 use tokio_tungstenite::tungstenite::Message;
@@ -413,54 +413,110 @@ async fn a_worker_that_requires_integrity_refuses_a_coordinator_that_does_not_as
     c.stop().await;
 }
 
+/// `bytes` lowercase letters drawn from `seed` (xorshift): a result whose every byte a flip
+/// could change into another that still reads as JSON.
+fn letters(seed: u64, bytes: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..bytes)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
+
+/// Bytes flipped on the wire, both ways, for as long as the work takes: every result crosses
+/// the corrupting link (a session ends at its first failed tag, by design, and the next one
+/// carries what is left), and each is recorded once, whole, as the task produced it.
 #[tokio::test]
 async fn bytes_corrupted_on_the_wire_are_caught_by_the_tags_and_nothing_corrupted_is_recorded() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = mac_coordinator(dir.path()).await;
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    let mut auth = WorkerAuth::fleet(secret());
+    auth.message_mac = true;
+    cfg.auth = Some(auth);
+    // The worker keeps its leases however long its sessions keep dying: every result is of
+    // the first attempt, so the whole of it is known.
+    cfg.lost_after = Duration::from_secs(600);
+    let c = spawn_coordinator_with(cfg, None).await;
     let proxy = proxy_in_front(&c, 29).await;
-    let w = honest_worker(&format!("ws://{}", proxy.listen_addr()), "w1").await;
+    // `text` returns a kilobyte and a half of letters: most of what a result frame carries is
+    // bytes a flip leaves readable, so a flip that got past the tags would show in a record.
+    let mut executors = Executors::builtin();
+    executors.register(
+        "text",
+        executor(|input, _ctx| async move {
+            let seed = input.config["seed"].as_u64().unwrap_or(0);
+            Ok(json!({ "text": letters(seed, 1500) }))
+        }),
+    );
+    let mut wcfg = fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w1");
+    wcfg.secret = Some(secret());
+    let w = spawn_worker(wcfg, executors);
+    w.wait_state(|s| s == ConnState::Connected).await;
     let client = c.client();
-    // Tasks whose every step is a tagged state update and a checkpoint, so frames flow both
-    // ways while the link flips bits.
-    let specs: Vec<_> = (0..8).map(|_| sleep_task(60, 10, 1)).collect();
-    let ids = client.submit(&specs).await;
+    // A flip every 5 kB or so, both ways: a session lives long enough to carry some messages
+    // (at 0.0005, a session rarely outlived its registration: the eight `sleep` tasks alone
+    // took 15 s and 10 sessions; here the sixteen take about 8 s and 10).
     let flips = proxy
         .add_fault(Fault::new(
             "flips",
-            FaultKind::Corrupt { rate: 0.0005 },
+            FaultKind::Corrupt { rate: 0.0002 },
             ProxyDirection::Both,
         ))
         .await
         .expect("fault");
-    let caught = || async {
-        let o = client.overview().await;
-        let worker = w
-            .handle
+    let recorded = || async { counter(&client.overview().await, "results_recorded") };
+    let before = recorded().await;
+    // Tasks whose every step is a tagged state update and a checkpoint, so frames flow both
+    // ways while the link flips bits; and tasks whose results are mostly letters.
+    let mut specs: Vec<_> = (0..8).map(|_| sleep_task(60, 10, 1)).collect();
+    specs.extend((0..8u64).map(|seed| TaskSpec::new("text", json!({ "seed": seed }))));
+    let ids = client.submit(&specs).await;
+    let worker_failures = || {
+        w.handle
             .shared
             .mac_failures
-            .load(std::sync::atomic::Ordering::SeqCst);
-        (counter(&o, "mac_failures") > 0 && worker > 0).then_some(())
+            .load(std::sync::atomic::Ordering::SeqCst)
     };
-    wait_for(
-        "corrupted frames to fail their tags on both sides",
-        DEADLINE,
-        caught,
-    )
+    // The fault stays on until every task completed and corrupted frames failed their tags on
+    // both sides.
+    let what = "every task completed, and tags failed on both sides, over the corrupting link";
+    wait_for(what, 4 * DEADLINE, || async {
+        for id in &ids {
+            if client.status(id).await != "completed" {
+                return None;
+            }
+        }
+        let o = client.overview().await;
+        (counter(&o, "mac_failures") > 0 && worker_failures() > 0).then_some(())
+    })
     .await;
+    assert_eq!(
+        recorded().await - before,
+        ids.len() as u64,
+        "every result was recorded while the link corrupted"
+    );
     let stats = flips.remove();
     assert!(stats.bytes_corrupted > 0, "the fault fired: {stats:?}");
-    for id in &ids {
-        client.wait_status(id, "completed").await;
+    for (i, id) in ids.iter().enumerate() {
         let results = client.results(id).await;
-        // One counted. (A worker whose reconnects kept failing their tags past the grace
-        // period loses its lease, and its late result is kept as stale: seen once in CI, on a
-        // loaded machine. It must be intact all the same.)
-        let counted = results.iter().filter(|r| r["stale"] == false).count();
-        assert_eq!(counted, 1, "task {id}: {results:?}");
-        for r in &results {
-            assert_eq!(r["body"]["result"]["steps"], 10, "task {id}: {results:?}");
-            assert_eq!(r["body"]["attempt"], r["attempt"], "task {id}: {results:?}");
-        }
+        assert_eq!(results.len(), 1, "task {id}: {results:?}");
+        let r = &results[0];
+        assert_eq!(r["stale"], false, "task {id}: {r}");
+        assert_eq!(r["attempt"], 1, "task {id}: {r}");
+        assert_eq!(r["body"]["attempt"], r["attempt"], "task {id}: {r}");
+        assert_eq!(r["body"]["task_id"], json!(id), "task {id}: {r}");
+        assert_eq!(r["body"]["outcome"], "completed", "task {id}: {r}");
+        // All of what the task returns: a `sleep` task's ten steps, from the start, in
+        // attempt 1; a `text` task's letters.
+        let expected = match i {
+            0..8 => json!({"steps": 10, "resumed_at": 0, "attempt": 1}),
+            _ => json!({ "text": letters(i as u64 - 8, 1500) }),
+        };
+        assert!(r["body"]["result"] == expected, "task {id}: {r}");
     }
     // The damaged sessions were replaced by fresh ones, and work goes on.
     assert!(
