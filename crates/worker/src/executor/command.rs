@@ -2343,10 +2343,43 @@ mod tests {
     async fn a_checkpoint_written_as_the_worker_stops_is_stored_when_its_pieces_find_no_room() {
         let warnings = Warnings::default();
         let _log = tracing::subscriber::set_default(warnings.clone());
+        let (outbox, control, _) = stopped_with_room_for_one(None).await;
+        let n = control
+            .latest_checkpoint()
+            .map(|data| packing::decode(&data).expect("a valid pack"))
+            .and_then(|files| files.get("n").cloned());
+        assert_eq!(n.as_deref(), Some(&b"7\n"[..]), "stored");
+        let kinds: Vec<&str> = outbox
+            .take_unsent(100)
+            .iter()
+            .map(|(_, m)| m.type_name())
+            .collect();
+        assert_eq!(kinds, ["checkpoint"], "announced; its piece found no room");
+        let said = warnings.lines();
+        assert!(
+            said.iter()
+                .any(|w| w.contains("is stored here") && w.contains("size=")),
+            "{said:?}"
+        );
+    }
+
+    /// A task whose TERM trap writes a checkpoint (`n`, `7`), its outbox with room for the
+    /// announcement alone, its pieces `chunk_size` bytes if given: stopped with its worker, and
+    /// returned once its stop did (not held by the outbox). Its outbox, its control, and when
+    /// the stop was asked.
+    async fn stopped_with_room_for_one(
+        chunk_size: Option<usize>,
+    ) -> (
+        Arc<crate::outbox::Outbox>,
+        TaskControl,
+        tokio::time::Instant,
+    ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let (ctx, control) = ctx(1);
         let mut ctx = ctx.with_checkpoint_dir(dir.path().join("cp"));
-        // Room for the announcement alone.
+        if let Some(size) = chunk_size {
+            ctx.chunk_size = size;
+        }
         let limits = crate::outbox::Limits {
             max_entries: 0,
             max_bytes: usize::MAX,
@@ -2368,25 +2401,10 @@ mod tests {
             () = wait_for("the trap set", || ready.exists()) => {}
         }
         control.stop_worker();
+        let stop_at = tokio::time::Instant::now();
         let r = tokio::time::timeout(PATIENCE, run).await;
         stopped(r.expect("the stop is not held by the outbox"));
-        let n = control
-            .latest_checkpoint()
-            .map(|data| packing::decode(&data).expect("a valid pack"))
-            .and_then(|files| files.get("n").cloned());
-        assert_eq!(n.as_deref(), Some(&b"7\n"[..]), "stored");
-        let kinds: Vec<&str> = outbox
-            .take_unsent(100)
-            .iter()
-            .map(|(_, m)| m.type_name())
-            .collect();
-        assert_eq!(kinds, ["checkpoint"], "announced; its piece found no room");
-        let said = warnings.lines();
-        assert!(
-            said.iter()
-                .any(|w| w.contains("is stored here") && w.contains("size=")),
-            "{said:?}"
-        );
+        (outbox, control, stop_at)
     }
 
     /// The messages `outbox` holds unsent, taken as the session takes them and acknowledged at
@@ -2413,36 +2431,9 @@ mod tests {
      {
         let warnings = Warnings::default();
         let _log = tracing::subscriber::set_default(warnings.clone());
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (ctx, control) = ctx(1);
-        let mut ctx = ctx.with_checkpoint_dir(dir.path().join("cp"));
         // Small pieces: several of them, each waiting for the one before to be acknowledged.
-        ctx.chunk_size = 16;
-        // Room for the announcement alone.
-        let limits = crate::outbox::Limits {
-            max_entries: 0,
-            max_bytes: usize::MAX,
-        };
-        ctx.outbox = Arc::new(crate::outbox::Outbox::new(limits));
-        let outbox = ctx.outbox().clone();
-        let script = r#"trap 'echo 7 > "$TETHER_CHECKPOINT_DIR/n"; exit 0' TERM
-            touch "$D/ready"
-            while :; do sleep 0.05; done"#;
-        let config = serde_json::json!({
-            "shell": script,
-            "env": {"D": dir.path()},
-            "checkpoint_poll_ms": 60_000,
-        });
-        let mut run = std::pin::pin!(exec(config, ctx));
-        let ready = dir.path().join("ready");
-        tokio::select! {
-            r = &mut run => panic!("the task ended: {r:?}"),
-            () = wait_for("the trap set", || ready.exists()) => {}
-        }
-        control.stop_worker();
-        let room_at = tokio::time::Instant::now() + Duration::from_secs(2);
-        let r = tokio::time::timeout(PATIENCE, run).await;
-        stopped(r.expect("the stop is not held by the outbox"));
+        let (outbox, control, stop_at) = stopped_with_room_for_one(Some(16)).await;
+        let room_at = stop_at + Duration::from_secs(2);
         let latest = control.latest_checkpoint().expect("stored");
         let kinds = |msgs: &[(tether_proto::Seq, Arc<tether_proto::msg::WorkerMsg>)]| {
             msgs.iter().map(|(_, m)| m.type_name()).collect::<Vec<_>>()
