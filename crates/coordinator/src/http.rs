@@ -31,7 +31,7 @@ use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::path::ErrorKind;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, RawQuery, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
@@ -876,10 +876,28 @@ pub async fn control(
     tag = "workers",
     responses(
         (status = 200, description = "Known workers: state, capabilities, tags, slots, leases, last_seen, connection statistics", body = Vec<crate::model::Worker>),
+        (status = 400, description = "A query parameter (`bad_request`): the list takes none, and lists every worker", body = ErrorBody),
         (status = 503, description = "`busy`: every turn for large answers was held for half the handshake deadline (Retry-After: 1); `shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
     )
 )]
-pub async fn list_workers(State(app): State<Arc<AppState>>) -> Response {
+pub async fn list_workers(State(app): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
+    // Refused rather than ignored, as the task listing refuses a parameter it does not know:
+    // `?status=connected` answered with every worker, which a client took for the filtered list.
+    if let Some(query) = query.filter(|q| !q.is_empty()) {
+        let names: Vec<&str> = query
+            .split('&')
+            .filter_map(|p| p.split('=').next())
+            .filter(|n| !n.is_empty())
+            .collect();
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!(
+                "the worker list takes no query parameters (got `{}`): it lists every worker; filter it on the client",
+                names.join("`, `")
+            ),
+        );
+    }
     heavy_array(&app, ask(&app, |reply| Api::ListWorkers { reply })).await
 }
 
@@ -1223,7 +1241,7 @@ mod tests {
             "each snapshot holds its turn"
         );
         // A listing waits for a turn, and is told to come back.
-        let busy = list_workers(State(app.clone())).await;
+        let busy = list_workers(State(app.clone()), RawQuery(None)).await;
         assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
         // A stream read on gives its turn back (it then waits for changes).
         let next = tokio::time::timeout(Duration::from_millis(100), streams[0].next()).await;
@@ -1240,11 +1258,11 @@ mod tests {
         let (app, asked) = app_listing(3_000);
         let mut held = Vec::new();
         for _ in 0..HEAVY_AT_ONCE {
-            held.push(list_workers(State(app.clone())).await);
+            held.push(list_workers(State(app.clone()), RawQuery(None)).await);
         }
         assert_eq!(asked.load(SeqCst), HEAVY_AT_ONCE);
         // One more waits for a turn: the core is not even asked to make it.
-        let waiting = tokio::spawn(list_workers(State(app.clone())));
+        let waiting = tokio::spawn(list_workers(State(app.clone()), RawQuery(None)));
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(asked.load(SeqCst), HEAVY_AT_ONCE);
         // A body read in part keeps its turn (a slow client holds a turn, not more memory)...
@@ -1282,10 +1300,10 @@ mod tests {
         assert_eq!(asked.load(SeqCst), HEAVY_AT_ONCE + 1);
         // A body dropped unread (the client went) ends its turn too.
         drop(held.remove(0));
-        let again = list_workers(State(app.clone())).await;
+        let again = list_workers(State(app.clone()), RawQuery(None)).await;
         assert_eq!(again.status(), StatusCode::OK);
         // Every turn held: one more waits HEAVY_WAIT and is told to come back.
-        let busy = list_workers(State(app.clone())).await;
+        let busy = list_workers(State(app.clone()), RawQuery(None)).await;
         assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(busy.headers()[axum::http::header::RETRY_AFTER], "1");
         assert_eq!(asked.load(SeqCst), HEAVY_AT_ONCE + 2);

@@ -569,6 +569,15 @@ async fn tasks_can_be_listed_newest_first() {
             assert!(message.contains(known), "{query}: {e}");
         }
     }
+    // The worker list takes no parameter: `status` is refused, not ignored (it answered every
+    // worker, which a client took for the filtered list).
+    let (status, e) = client.get("/api/v1/workers?status=connected").await;
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(e["error"]["code"], "bad_request", "{e}");
+    let message = e["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("`status`"), "{e}");
+    let (status, e) = client.get("/api/v1/workers").await;
+    assert_eq!(status, 200, "{e}");
     c.stop().await;
 }
 
