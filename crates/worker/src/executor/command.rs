@@ -1823,11 +1823,7 @@ mod tests {
     /// A script that starts a process in a session of its own (out of the task's group) and
     /// waits until it is there, then runs `rest`. The process writes its pid to `$D/child.pid`.
     fn escaping(rest: &str) -> String {
-        format!(
-            r#"setsid sh -c 'echo $$ > "$D/pid.tmp"; mv "$D/pid.tmp" "$D/child.pid"; exec sleep 300' >/dev/null 2>&1 &
-            while [ ! -e "$D/child.pid" ]; do sleep 0.01; done
-            {rest}"#
-        )
+        sleeper("child", true, false, rest)
     }
 
     /// An execution dropped before it ended its processes (its future aborted) kills them: its
@@ -1923,9 +1919,17 @@ mod tests {
     /// `$D/<name>.pid` and sleeps; `setsid`, in a session of its own (out of the task's group),
     /// else in the task's group. The script waits until it is there, then runs `rest`.
     fn deaf_to_term(name: &str, setsid: bool, rest: &str) -> String {
+        sleeper(name, setsid, true, rest)
+    }
+
+    /// A script whose process starts a sleeping process that writes its pid to
+    /// `$D/<name>.pid` (in a session of its own with `setsid`, ignoring SIGTERM with `deaf`),
+    /// waits until it is there, then runs `rest`.
+    fn sleeper(name: &str, setsid: bool, deaf: bool, rest: &str) -> String {
         let setsid = if setsid { "setsid " } else { "" };
+        let trap = if deaf { r#"trap "" TERM; "# } else { "" };
         format!(
-            r#"{setsid}sh -c 'trap "" TERM; echo $$ > "$D/{name}.tmp"; mv "$D/{name}.tmp" "$D/{name}.pid"; exec sleep 300' >/dev/null 2>&1 &
+            r#"{setsid}sh -c '{trap}echo $$ > "$D/{name}.tmp"; mv "$D/{name}.tmp" "$D/{name}.pid"; exec sleep 300' >/dev/null 2>&1 &
             while [ ! -e "$D/{name}.pid" ]; do sleep 0.01; done
             {rest}"#
         )
