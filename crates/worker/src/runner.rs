@@ -2386,6 +2386,22 @@ mod tests {
         }
     }
 
+    /// `runner` recording its tasks' starts, checkpoints and ends in `sd`, each write asserted
+    /// (the agent's `persist_runner` logs a failed one).
+    fn recording(runner: Runner, sd: &Arc<StateDir>) -> Runner {
+        let (started, storing, finished) = (sd.clone(), sd.clone(), sd.clone());
+        runner
+            .with_start_hook(Arc::new(move |t, a| {
+                started.task_started(t, a).expect("recorded");
+            }))
+            .with_checkpoint_sink(Arc::new(move |t, cp| {
+                storing.store_checkpoint(t, cp).expect("stored");
+            }))
+            .with_finished_hook(Arc::new(move |t, a| {
+                finished.task_finished(t, a).expect("recorded");
+            }))
+    }
+
     fn stored(id: &str, attempt: u32, data: &str) -> StoredCheckpoint {
         StoredCheckpoint {
             id: CheckpointId::parse(id).expect("id"),
@@ -2659,19 +2675,8 @@ mod tests {
             },
         );
         let outbox = Arc::new(Outbox::new(Limits::default()));
-        let (started, storing, finished) = (sd.clone(), sd.clone(), sd.clone());
         // Pieces of 4 bytes: a checkpoint of 10 goes in 3.
-        let runner = Runner::new(executors, outbox.clone(), 4)
-            .with_start_hook(Arc::new(move |t, a| {
-                started.task_started(t, a).expect("recorded");
-            }))
-            .with_checkpoint_sink(Arc::new(move |t, cp| {
-                storing.store_checkpoint(t, cp).expect("stored");
-            }))
-            .with_finished_hook(Arc::new(move |t, a| {
-                finished.task_finished(t, a).expect("recorded");
-            }));
-        let runner = Arc::new(runner);
+        let runner = Arc::new(recording(Runner::new(executors, outbox.clone(), 4), &sd));
         for task in ["whole", "part", "refused"] {
             let mut a = assignment(task, 1, None);
             a.kind = "cp".into();
@@ -2769,18 +2774,10 @@ mod tests {
             },
         );
         let outbox = Arc::new(Outbox::new(Limits::default()));
-        let (started, storing, finished) = (sd.clone(), sd.clone(), sd.clone());
-        let runner = Runner::new(executors, outbox.clone(), 64 * 1024)
-            .with_start_hook(Arc::new(move |t, a| {
-                started.task_started(t, a).expect("recorded");
-            }))
-            .with_checkpoint_sink(Arc::new(move |t, cp| {
-                storing.store_checkpoint(t, cp).expect("stored");
-            }))
-            .with_finished_hook(Arc::new(move |t, a| {
-                finished.task_finished(t, a).expect("recorded");
-            }));
-        let runner = Arc::new(runner);
+        let runner = Arc::new(recording(
+            Runner::new(executors, outbox.clone(), 64 * 1024),
+            &sd,
+        ));
         let mut a = assignment("late", 1, None);
         a.kind = "late".into();
         runner.assign(a);
