@@ -427,6 +427,12 @@ mod tests {
         assert!(e.contains("not the key of the certificate"), "{e}");
     }
 
+    /// The certificate `files` serve after a look at them.
+    fn served_by(files: &CertFiles) -> CertificateDer<'static> {
+        files.reload_if_changed();
+        files.served.read().expect("served").cert[0].clone()
+    }
+
     /// A renewed certificate is served once its files change; a change that cannot be served
     /// (expired, or a key of another certificate) leaves the previous one served.
     #[test]
@@ -434,10 +440,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (c, k) = write_cert(dir.path(), -1, 30);
         let files = CertFiles::load(&c, &k, provider(), Duration::ZERO).expect("load");
-        let served = || {
-            files.reload_if_changed();
-            files.served.read().expect("served").cert[0].clone()
-        };
+        let served = || served_by(&files);
         let first = served();
         assert_eq!(served(), first, "unchanged files: the same certificate");
         let renewed = dir.path().join("renewed");
@@ -469,10 +472,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (c, k) = write_cert(dir.path(), -1, 30);
         let files = CertFiles::load(&c, &k, provider(), Duration::ZERO).expect("load");
-        let served = || {
-            files.reload_if_changed();
-            files.served.read().expect("served").cert[0].clone()
-        };
+        let served = || served_by(&files);
         let first = served();
         let key = KeyPair::generate().expect("key");
         let mut params = CertificateParams::new(vec!["localhost".into()]).expect("params");

@@ -250,6 +250,19 @@ mod tests {
 
     /// A worker's connection to the listener, and the server's end of it with the counts of
     /// its socket (read, written).
+    /// The server's next read ends with a TCP reset (within 5 s).
+    async fn sees_a_reset(server: &mut ServerWs) {
+        let seen = tokio::time::timeout(Duration::from_secs(5), server.next())
+            .await
+            .expect("the server's read ends within 5 s");
+        match seen {
+            Some(Err(tokio_tungstenite::tungstenite::Error::Io(e))) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}")
+            }
+            other => panic!("the server saw no TCP reset: {other:?}"),
+        }
+    }
+
     async fn connect(
         listener: &tokio::net::TcpListener,
         acceptor: &tokio_rustls::TlsAcceptor,
@@ -336,15 +349,7 @@ mod tests {
         assert_eq!(reset.shared.resets.load(Ordering::Relaxed), 1);
         assert_eq!(reset.worker.load(Ordering::Relaxed), 1);
         drop(client);
-        let seen = tokio::time::timeout(Duration::from_secs(5), server.next())
-            .await
-            .expect("the server's read ends within 5 s");
-        match seen {
-            Some(Err(tokio_tungstenite::tungstenite::Error::Io(e))) => {
-                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}")
-            }
-            other => panic!("the server saw no TCP reset: {other:?}"),
-        }
+        sees_a_reset(&mut server).await;
     }
 
     /// A connection whose session ends before its reset (the worker lets go of it: a
@@ -361,15 +366,7 @@ mod tests {
             .connect(nowhere, tether_worker::connector::ws_config(1 << 20))
             .await;
         assert!(refused.is_err(), "nothing listens on port 1");
-        let seen = tokio::time::timeout(Duration::from_secs(5), server.next())
-            .await
-            .expect("the server's read ends within 5 s");
-        match seen {
-            Some(Err(tokio_tungstenite::tungstenite::Error::Io(e))) => {
-                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}")
-            }
-            other => panic!("the server saw no TCP reset: {other:?}"),
-        }
+        sees_a_reset(&mut server).await;
         assert_eq!(reset.shared.resets.load(Ordering::Relaxed), 0);
     }
 }
