@@ -51,6 +51,14 @@ pub enum Event {
     },
     /// A connection attempt ended before registration.
     AttemptFailed { generation: u64, reason: String },
+    /// A frame from the coordinator failed its integrity tag and was dropped: one record a
+    /// frame, so that damage on the path can be counted exactly (a session ends at the
+    /// third, so a session writes at most that many).
+    TagFailed {
+        generation: u64,
+        /// The session's failures so far, this one included.
+        failures: u32,
+    },
     /// The coordinator acknowledged a result.
     ResultAck {
         task_id: TaskId,

@@ -611,6 +611,10 @@ impl<'a> Session<'a> {
             .fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::MAC_FAILURES).increment(1);
         tracing::warn!(worker = %self.worker(), error = %e, failures, "frame from coordinator dropped: integrity tag");
+        self.agent.event(crate::eventlog::Event::TagFailed {
+            generation: self.generation,
+            failures,
+        });
         if failures < DEFAULT_MAX_FAILURES {
             return Inbound::Other;
         }

@@ -200,16 +200,6 @@ impl FrameCounters {
     }
 }
 
-/// How a worker's session (or connection attempt) ends when frames from the coordinator
-/// failed their integrity tag there: `"{n} frames from the coordinator failed their integrity
-/// tag"` (the worker's `Session::on_bad_tag`).
-const WORKER_TAG_FAILURES: &str = " frames from the coordinator failed their integrity tag";
-
-/// The frames a worker's end reason says failed their tag there; `None` for any other end.
-fn worker_tag_failures(reason: &str) -> Option<u64> {
-    reason.strip_suffix(WORKER_TAG_FAILURES)?.parse().ok()
-}
-
 /// What the integrity checks caught during a disruption, at each end. Each figure counts a
 /// damaged frame that an end refused for its tag (or, for a registration, its signature)
 /// rather than took: a run without tags, or damage that no check met, counts nothing.
@@ -222,9 +212,7 @@ pub struct Caught {
     /// `auth_failures`, as they rose); `None` as above.
     pub coordinator_registrations: Option<u64>,
     /// Each worker that caught any: frames from the coordinator that failed their tag there,
-    /// as the ends of its sessions and attempts in its event log say. A lower bound: the
-    /// worker ends a session at its third such frame, and one or two that ended nothing leave
-    /// no record (a lost registration_ack shows only as the wait for it timing out).
+    /// one `tag_failed` record each in its event log.
     pub workers: BTreeMap<String, u64>,
     /// All of the above that is known.
     pub total: u64,
@@ -239,22 +227,18 @@ impl Caught {
         from: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Self {
-        let workers: BTreeMap<String, u64> =
-            logs.iter()
-                .map(|(w, records)| {
-                    let n = records
-                        .iter()
-                        .filter(|r| r.at >= from && r.at < until)
-                        .filter_map(|r| match &r.event {
-                            Event::SessionLost { reason, .. }
-                            | Event::AttemptFailed { reason, .. } => worker_tag_failures(reason),
-                            _ => None,
-                        })
-                        .sum();
-                    (w.clone(), n)
-                })
-                .filter(|(_, n)| *n > 0)
-                .collect();
+        let workers: BTreeMap<String, u64> = logs
+            .iter()
+            .map(|(w, records)| {
+                let n = records
+                    .iter()
+                    .filter(|r| r.at >= from && r.at < until)
+                    .filter(|r| matches!(r.event, Event::TagFailed { .. }))
+                    .count() as u64;
+                (w.clone(), n)
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
         let coordinator_frames = frames.map(|f| f.mac_failures);
         let coordinator_registrations = frames.map(|f| f.auth_failures);
         let total = coordinator_frames.unwrap_or(0)
@@ -764,9 +748,22 @@ mod tests {
         }
     }
 
+    fn tag_failed(ms: i64, failures: u32) -> Record {
+        Record {
+            at: at(ms),
+            worker: "w".into(),
+            n: None,
+            event: Event::TagFailed {
+                generation: 1,
+                failures,
+            },
+        }
+    }
+
     /// The failing end-to-end run: the coordinator's tag check met no damaged frame (the first
     /// flip ended the session at the worker, the rest fell on handshakes), while the worker's
-    /// caught three; each end's catches count, the worker's from its event log in the window.
+    /// caught some; each end's catches count, the worker's one record a frame in the window,
+    /// whether or not it ended a session.
     #[test]
     fn tags_caught_at_either_end_count_and_only_the_tags_catches_do() {
         let frames = |mac_failures, auth_failures| {
@@ -782,7 +779,11 @@ mod tests {
                 "w2".to_owned(),
                 vec![
                     // Before the window: another disruption's.
-                    ended(-10, tagged, true),
+                    tag_failed(-10, 1),
+                    // Three that ended a session, and the session's end (no catch of its own).
+                    tag_failed(390, 1),
+                    tag_failed(395, 2),
+                    tag_failed(399, 3),
                     ended(400, tagged, true),
                     ended(
                         500,
@@ -792,9 +793,10 @@ mod tests {
                     ended(900, "no frame for 1500 ms: declared dead", false),
                     // The coordinator's catch as the worker heard of it: counted there.
                     ended(950, "coordinator dropped a frame: bad integrity tag", true),
-                    ended(1_000, tagged, false),
+                    // One that ended nothing.
+                    tag_failed(1_000, 1),
                     // After the window: the next disruption's.
-                    ended(5_000, tagged, true),
+                    tag_failed(5_000, 1),
                 ],
             ),
             ("w1".to_owned(), vec![ended(700, "connection closed", true)]),
@@ -802,11 +804,11 @@ mod tests {
         let c = Caught::of(frames(0, 0), &logs, at(0), at(5_000));
         assert_eq!(c.coordinator_frames, Some(0));
         assert_eq!(c.coordinator_registrations, Some(0));
-        assert_eq!(c.workers, BTreeMap::from([("w2".to_owned(), 6)]));
-        assert_eq!(c.total, 6);
+        assert_eq!(c.workers, BTreeMap::from([("w2".to_owned(), 4)]));
+        assert_eq!(c.total, 4);
         assert_eq!(
             c.to_string(),
-            "tags caught 6: coordinator frames 0, registrations 0; w2 frames 6"
+            "tags caught 4: coordinator frames 0, registrations 0; w2 frames 4"
         );
         // At the coordinator only: a worker frame, a registration; undecodable frames are no
         // tag's catch.
@@ -822,24 +824,6 @@ mod tests {
         assert_eq!(
             c.to_string(),
             "tags caught 0: coordinator frames ?, registrations ?"
-        );
-    }
-
-    #[test]
-    fn only_the_workers_own_tag_failures_are_read_from_its_end_reasons() {
-        let n = worker_tag_failures;
-        assert_eq!(
-            n("3 frames from the coordinator failed their integrity tag"),
-            Some(3)
-        );
-        assert_eq!(
-            n("coordinator dropped a frame: frame's integrity tag does not verify"),
-            None
-        );
-        assert_eq!(n("too many frames failed their integrity tag"), None);
-        assert_eq!(
-            n(" frames from the coordinator failed their integrity tag"),
-            None
         );
     }
 

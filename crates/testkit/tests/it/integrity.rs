@@ -699,3 +699,59 @@ async fn with_message_mac_closes_after_the_registration_do_not_stop_a_worker() {
     assert_eq!(w.handle.registrations(), 5);
     w.stop().await.expect("clean stop");
 }
+
+/// Each frame from the coordinator that fails its tag leaves one `tag_failed` record in the
+/// worker's event log, whether or not it ends the session: the end-to-end run counts the
+/// worker's catches from these (the end of a session said only its third).
+#[tokio::test]
+async fn each_frame_failing_its_tag_at_the_worker_is_one_record_in_its_event_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("events.jsonl");
+    let c = KeyedCoordinator::bind().await;
+    let mut cfg = fast_worker_config(&c.url(), "logged");
+    cfg.secret = Some(secret());
+    cfg.event_log = Some(log.clone());
+    let w = spawn_worker(cfg, Executors::builtin());
+    let (mut ws, mut seal) = c.register_next("logged").await;
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let tag_failures = || {
+        tether_worker::eventlog::read(&log)
+            .expect("event log")
+            .records
+            .into_iter()
+            .filter_map(|r| match r.event {
+                tether_worker::eventlog::Event::TagFailed { failures, .. } => Some(failures),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    // A frame altered in flight: its tag no longer verifies. One failure ends nothing.
+    let heartbeat = |n: u64| {
+        json!({"type": "heartbeat_ack", "sequence": n, "timestamp": chrono::Utc::now()}).to_string()
+    };
+    let altered = seal
+        .seal_text(heartbeat(1))
+        .replacen("heartbeat_ack", "heartbeat_acc", 1);
+    ws.send(Message::text(altered)).await.expect("send");
+    wait_for("one tag_failed record", DEADLINE, || async {
+        (tag_failures() == [1]).then_some(())
+    })
+    .await;
+    assert!(
+        !ping(&mut ws, Some(&mut seal), Duration::from_millis(600)).await,
+        "one failed tag ended the session"
+    );
+    assert_eq!(w.handle.registrations(), 1);
+    // Two untagged frames more: the third failure ends the session, each one recorded.
+    for n in 2..=3 {
+        ws.send(Message::text(heartbeat(n))).await.expect("send");
+    }
+    wait_for("three tag_failed records", DEADLINE, || async {
+        (tag_failures() == [1, 2, 3]).then_some(())
+    })
+    .await;
+    let _again = c.register_next("logged").await;
+    w.wait_state(|s| s == ConnState::Connected).await;
+    assert_eq!(tag_failures(), [1, 2, 3], "nothing more was recorded");
+    w.stop().await.expect("clean stop");
+}
