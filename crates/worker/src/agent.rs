@@ -730,7 +730,7 @@ impl Agent {
                     self.failed(&mut backoff)
                 }
                 SessionEnd::Lost {
-                    registered_for,
+                    alive_for,
                     reason,
                 } => {
                     self.shared.lost_unix_us.store(unix_us(), Ordering::Relaxed);
@@ -742,9 +742,9 @@ impl Agent {
                     });
                     metrics::counter!(m::SESSIONS_LOST).increment(1);
                     refusals = 0;
-                    tracing::warn!(worker = %self.cfg.worker_id, generation, %reason, registered_ms = registered_for.as_millis() as u64, "session lost");
+                    tracing::warn!(worker = %self.cfg.worker_id, generation, %reason, alive_ms = alive_for.as_millis() as u64, "session lost");
                     // Its attempt succeeded: `max_attempts` counts the attempts from here on.
-                    let healthy = registered_for >= self.cfg.healthy_after;
+                    let healthy = alive_for >= self.cfg.healthy_after;
                     Some(self.session_lost(&mut backoff, healthy))
                 }
             };

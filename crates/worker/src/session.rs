@@ -83,7 +83,7 @@ pub enum SessionEnd {
         /// How long the session was alive: from its registration to the last frame the
         /// coordinator sent (not to its end, which a silent link puts a liveness timeout
         /// later: a session dead from its start would count as healthy for that long).
-        registered_for: Duration,
+        alive_for: Duration,
         reason: String,
     },
 }
@@ -427,7 +427,7 @@ impl<'a> Session<'a> {
                             .whole_until
                             .map_or(self.last_frame, |w| w.min(self.last_frame));
                         SessionEnd::Lost {
-                            registered_for: alive.saturating_duration_since(registered_at),
+                            alive_for: alive.saturating_duration_since(registered_at),
                             reason,
                         }
                     }
@@ -946,7 +946,7 @@ impl<'a> Session<'a> {
         for m in early {
             if let Err(reason) = self.handle(m).await {
                 return Err(SessionEnd::Lost {
-                    registered_for: Duration::ZERO,
+                    alive_for: Duration::ZERO,
                     reason,
                 });
             }
