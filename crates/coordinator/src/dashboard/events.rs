@@ -18,8 +18,14 @@ use crate::server::AppState;
 
 /// Least time between two snapshots for a client that lags.
 const RESYNC_PAUSE: Duration = Duration::from_secs(1);
-/// Keep-alive comments keep proxies from closing an idle stream.
+/// Keep-alive comments keep proxies from closing an idle stream; more often when the
+/// coordinator's own `http_idle` is shorter (a third of it), or it would cut the stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The keep-alive interval under an `http_idle` of `idle`.
+fn keep_alive(idle: Duration) -> Duration {
+    KEEP_ALIVE.min(idle / 3)
+}
 
 /// `GET /api/v1/events`
 #[utoipa::path(
@@ -29,6 +35,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
     responses((status = 200, description = "Server-sent events: `snapshot` first, then `task`, `worker`, `sample`, `task_removed` and `worker_removed` (retention); `resync` before a fresh snapshot", content_type = "text/event-stream", body = String))
 )]
 pub async fn events(State(app): State<Arc<AppState>>) -> Response {
+    let app_idle = app.cfg.limits.http_idle;
     let stream = Feed {
         changes: app.changes.subscribe(),
         samples: app.history.tx.subscribe(),
@@ -38,8 +45,9 @@ pub async fn events(State(app): State<Arc<AppState>>) -> Response {
         turn: None,
     }
     .into_stream();
+    let every = keep_alive(app_idle);
     Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .keep_alive(KeepAlive::new().interval(every))
         .into_response()
 }
 

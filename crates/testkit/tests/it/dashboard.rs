@@ -682,3 +682,40 @@ async fn what_retention_removes_is_announced_on_the_event_stream() {
     assert_eq!(c.client().get(&format!("/api/v1/tasks/{id}")).await.0, 404);
     c.stop().await;
 }
+
+/// A coordinator whose `http_idle` is shorter than the event stream's 15 s keep-alive keeps a
+/// quiet stream alive all the same: the keep-alive comes at a third of `http_idle` (the
+/// stream was cut at `http_idle`, and a dashboard or `tether watch` reconnected for ever).
+#[tokio::test]
+async fn a_quiet_event_stream_outlives_a_short_http_idle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.limits.http_idle = Duration::from_millis(600);
+    // No chart sample within the test but the first: keep-alives alone move on the stream.
+    cfg.history_interval = Duration::from_secs(3600);
+    let c = spawn_coordinator_with(cfg, None).await;
+    let (mut resp, _, _) = open_events(&c).await;
+    // Five idle periods: every read ends in a chunk (a keep-alive comment), none in the end
+    // of the stream.
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut chunks = 0;
+    let mut samples = 0;
+    while tokio::time::Instant::now() < until {
+        let chunk = tokio::time::timeout(DEADLINE, resp.chunk())
+            .await
+            .expect("a keep-alive in time");
+        match chunk {
+            Ok(Some(c)) if c.starts_with(b"event: sample") && samples == 0 => samples += 1,
+            Ok(Some(c)) => {
+                assert!(
+                    c.starts_with(b":"),
+                    "only keep-alives on a quiet stream: {c:?}"
+                );
+                chunks += 1;
+            }
+            other => panic!("the stream ended after {chunks} keep-alives: {other:?}"),
+        }
+    }
+    assert!(chunks >= 3, "{chunks} keep-alives in 3 s");
+    c.stop().await;
+}
