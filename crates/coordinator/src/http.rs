@@ -20,9 +20,9 @@
 //! Every route is listed once, in `server.rs`.
 //!
 //! Answers that may run to many megabytes (task listings, a task, its state or results,
-//! checkpoint bytes, the workers, a control's answer) take turns ([`heavy`]), so that requests
+//! checkpoint bytes, the workers, a control's answer) take turns (`heavy`), so that requests
 //! at once cannot hold memory without bound; listings are made piece by piece as the
-//! connection takes them ([`heavy_array`]), never whole.
+//! connection takes them (`heavy_array`), never whole.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,6 +75,37 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response
     (status, Json(body)).into_response()
 }
 
+/// `400 bad_request` for a query given to `what`, which takes none, naming its parameters
+/// (then `hint`); `None` without a query.
+fn refuse_query(query: Option<&str>, what: &str, hint: &str) -> Option<Response> {
+    let query = query.filter(|q| !q.is_empty())?;
+    let names: Vec<&str> = query
+        .split('&')
+        .filter_map(|p| p.split('=').next())
+        .filter(|n| !n.is_empty())
+        .collect();
+    Some(error_response(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        &format!(
+            "{what} takes no query parameters (got `{}`){hint}",
+            names.join("`, `")
+        ),
+    ))
+}
+
+/// Layered on the API's endpoints that take no query: one given is refused (`400
+/// bad_request`, naming it) rather than ignored, where a client would take the answer for
+/// what it asked (`/api/v1/tasks/{id}/result?attempt=1` answered with the latest attempt's).
+pub async fn no_query(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let uri = request.uri();
+    let what = format!("`{}`", uri.path());
+    if let Some(refused) = refuse_query(uri.query(), &what, "") {
+        return refused;
+    }
+    next.run(request).await
+}
+
 /// `503` with `code` and `message`, and `Retry-After: retry_after` (seconds).
 fn unavailable(code: &str, message: &str, retry_after: &'static str) -> Response {
     let mut r = error_response(StatusCode::SERVICE_UNAVAILABLE, code, message);
@@ -104,7 +135,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// How many answers that may run to many megabytes (a listing of up to [`LIST_MAX`] tasks, a
+/// How many answers that may run to many megabytes (a listing of up to `LIST_MAX` tasks, a
 /// task's results, a checkpoint of up to `max_checkpoint_bytes`, the workers, an event
 /// stream's snapshot) are made at once. Each holds its turn until its body is handed to the connection: unbounded, a few
 /// hundred such requests (of up to `max_connections`) held gigabytes.
@@ -515,7 +546,7 @@ fn specs_of(body: &serde_json::value::RawValue, max: usize) -> Result<Vec<TaskSp
     request_body(content = serde_json::Value, description = "One task spec, or `{\"tasks\": [specs]}`: kind, config, requires, tags, priority, timeout_ms, max_attempts, task_id (optional)"),
     responses(
         (status = 201, description = "Accepted", body = Submitted),
-        (status = 400, description = "Not JSON", body = ErrorBody),
+        (status = 400, description = "Not JSON, or a query parameter (`bad_request`, naming it): submission takes none", body = ErrorBody),
         (status = 409, description = "A task id already exists", body = ErrorBody),
         (status = 413, description = "Larger than the body limit", body = ErrorBody),
         (status = 415, description = "Not sent as `application/json`", body = ErrorBody),
@@ -681,7 +712,7 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, ApiError> {
     params(("id" = String, Path, description = "task id")),
     responses(
         (status = 200, description = "The task with its spec, status, lease, attempts and latest checkpoint", body = crate::model::Task),
-        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
+        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8, or a query parameter (`bad_request`, naming it): the endpoint takes none", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
         (status = 422, description = "Not a task id (`invalid`)", body = ErrorBody),
         (status = 503, description = "`busy`: every turn for large answers was held for half the handshake deadline (Retry-After: 1); `shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
@@ -706,7 +737,7 @@ pub async fn get_task(State(app): State<Arc<AppState>>, ApiPath(id): ApiPath<Str
     params(("id" = String, Path, description = "task id")),
     responses(
         (status = 200, description = "Recorded results: the counted one first, stale ones after", body = serde_json::Value),
-        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
+        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8, or a query parameter (`bad_request`, naming it): the endpoint takes none", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
         (status = 422, description = "Not a task id (`invalid`)", body = ErrorBody),
         (status = 500, description = "The store could not be read (`internal`)", body = ErrorBody),
@@ -735,7 +766,7 @@ pub async fn task_result(
     params(("id" = String, Path, description = "task id")),
     responses(
         (status = 200, description = "The latest state the worker reported (attempt, state, updated_at), or null", body = serde_json::Value),
-        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
+        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8, or a query parameter (`bad_request`, naming it): the endpoint takes none", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
         (status = 422, description = "Not a task id (`invalid`)", body = ErrorBody),
         (status = 500, description = "The store could not be read (`internal`)", body = ErrorBody),
@@ -764,7 +795,7 @@ pub async fn task_state(
     params(("id" = String, Path, description = "task id")),
     responses(
         (status = 200, description = "Complete checkpoints: checkpoint_id, attempt, size, created_at", body = serde_json::Value),
-        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
+        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8, or a query parameter (`bad_request`, naming it): the endpoint takes none", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
         (status = 422, description = "Not a task id (`invalid`)", body = ErrorBody),
         (status = 500, description = "The store could not be read (`internal`)", body = ErrorBody),
@@ -788,7 +819,7 @@ pub async fn task_checkpoints(
     params(("id" = String, Path, description = "task id"), ("cid" = String, Path, description = "checkpoint id")),
     responses(
         (status = 200, description = "The bytes of a complete checkpoint of this task", content_type = "application/octet-stream", body = Vec<u8>),
-        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
+        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8, or a query parameter (`bad_request`, naming it): the endpoint takes none", body = ErrorBody),
         (status = 404, description = "No such task, or no complete checkpoint of that id of this task", body = ErrorBody),
         (status = 422, description = "Not a task id, or not a checkpoint id (`invalid`)", body = ErrorBody),
         (status = 500, description = "The store could not be read (`internal`)", body = ErrorBody),
@@ -833,7 +864,7 @@ pub async fn checkpoint_data(
     params(("id" = String, Path, description = "task id"), ("action" = String, Path, description = "cancel, pause, resume or checkpoint")),
     responses(
         (status = 200, description = "The task after the command", body = crate::model::Task),
-        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
+        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8, or a query parameter (`bad_request`, naming it): the endpoint takes none", body = ErrorBody),
         (status = 404, description = "No such task or action", body = ErrorBody),
         (status = 409, description = "Not possible in the task's state", body = ErrorBody),
         (status = 422, description = "Not a task id (`invalid`)", body = ErrorBody),
@@ -883,20 +914,12 @@ pub async fn control(
 pub async fn list_workers(State(app): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
     // Refused rather than ignored, as the task listing refuses a parameter it does not know:
     // `?status=connected` answered with every worker, which a client took for the filtered list.
-    if let Some(query) = query.filter(|q| !q.is_empty()) {
-        let names: Vec<&str> = query
-            .split('&')
-            .filter_map(|p| p.split('=').next())
-            .filter(|n| !n.is_empty())
-            .collect();
-        return error_response(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            &format!(
-                "the worker list takes no query parameters (got `{}`): it lists every worker; filter it on the client",
-                names.join("`, `")
-            ),
-        );
+    if let Some(refused) = refuse_query(
+        query.as_deref(),
+        "the worker list",
+        ": it lists every worker; filter it on the client",
+    ) {
+        return refused;
     }
     heavy_array(&app, ask(&app, |reply| Api::ListWorkers { reply })).await
 }
@@ -908,7 +931,7 @@ pub async fn list_workers(State(app): State<Arc<AppState>>, RawQuery(query): Raw
     params(("id" = String, Path, description = "worker id")),
     responses(
         (status = 200, description = "One worker", body = crate::model::Worker),
-        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8", body = ErrorBody),
+        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8, or a query parameter (`bad_request`, naming it): the endpoint takes none", body = ErrorBody),
         (status = 404, description = "No such worker", body = ErrorBody),
         (status = 422, description = "Not a worker id (`invalid`)", body = ErrorBody),
         (status = 503, description = "`shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
@@ -930,6 +953,7 @@ pub async fn get_worker(
     tag = "observe",
     responses(
         (status = 200, description = "Tasks by state, queue depth, workers by state, counters", body = crate::core::Overview),
+        (status = 400, description = "A query parameter (`bad_request`, naming it): the endpoint takes none", body = ErrorBody),
         (status = 503, description = "`shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
     )
 )]
@@ -942,7 +966,10 @@ pub async fn overview(State(app): State<Arc<AppState>>) -> Response {
     get,
     path = "/api/v1/history",
     tag = "observe",
-    responses((status = 200, description = "The last hour of samples (tasks, workers, reconnections, results, RTT), oldest first", body = Vec<crate::dashboard::Sample>))
+    responses(
+        (status = 200, description = "The last hour of samples (tasks, workers, reconnections, results, RTT), oldest first", body = Vec<crate::dashboard::Sample>),
+        (status = 400, description = "A query parameter (`bad_request`, naming it): the endpoint takes none", body = ErrorBody),
+    )
 )]
 pub async fn history(State(app): State<Arc<AppState>>) -> Response {
     Json(app.history.all()).into_response()

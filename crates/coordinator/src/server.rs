@@ -255,6 +255,8 @@ fn table() -> Table {
     use crate::{dashboard, http, metrics, openapi, ws};
     const GET: &[&str] = &["get"];
     const POST: &[&str] = &["post"];
+    // The API's endpoints that take no query refuse one (`http::no_query`).
+    let no_query = || axum::middleware::from_fn(http::no_query);
     Table {
         router: Router::new(),
         routes: Vec::new(),
@@ -268,27 +270,61 @@ fn table() -> Table {
     .add(
         &["get", "post"],
         "/api/v1/tasks",
-        post(http::submit).get(http::list_tasks),
+        post(http::submit)
+            .route_layer(no_query())
+            .get(http::list_tasks),
     )
-    .add(GET, "/api/v1/tasks/{id}", get(http::get_task))
-    .add(GET, "/api/v1/tasks/{id}/result", get(http::task_result))
-    .add(GET, "/api/v1/tasks/{id}/state", get(http::task_state))
+    .add(
+        GET,
+        "/api/v1/tasks/{id}",
+        get(http::get_task).route_layer(no_query()),
+    )
+    .add(
+        GET,
+        "/api/v1/tasks/{id}/result",
+        get(http::task_result).route_layer(no_query()),
+    )
+    .add(
+        GET,
+        "/api/v1/tasks/{id}/state",
+        get(http::task_state).route_layer(no_query()),
+    )
     .add(
         GET,
         "/api/v1/tasks/{id}/checkpoints",
-        get(http::task_checkpoints),
+        get(http::task_checkpoints).route_layer(no_query()),
     )
     .add(
         GET,
         "/api/v1/tasks/{id}/checkpoints/{cid}",
-        get(http::checkpoint_data),
+        get(http::checkpoint_data).route_layer(no_query()),
     )
-    .add(POST, "/api/v1/tasks/{id}/{action}", post(http::control))
+    .add(
+        POST,
+        "/api/v1/tasks/{id}/{action}",
+        post(http::control).route_layer(no_query()),
+    )
     .add(GET, "/api/v1/workers", get(http::list_workers))
-    .add(GET, "/api/v1/workers/{id}", get(http::get_worker))
-    .add(GET, "/api/v1/overview", get(http::overview))
-    .add(GET, "/api/v1/history", get(http::history))
-    .add(GET, "/api/v1/events", get(dashboard::events))
+    .add(
+        GET,
+        "/api/v1/workers/{id}",
+        get(http::get_worker).route_layer(no_query()),
+    )
+    .add(
+        GET,
+        "/api/v1/overview",
+        get(http::overview).route_layer(no_query()),
+    )
+    .add(
+        GET,
+        "/api/v1/history",
+        get(http::history).route_layer(no_query()),
+    )
+    .add(
+        GET,
+        "/api/v1/events",
+        get(dashboard::events).route_layer(no_query()),
+    )
     .add(GET, "/api/v1/openapi.json", get(openapi::document))
     .add(GET, "/healthz", get(http::healthz))
     .add(GET, "/metrics", get(metrics::scrape))

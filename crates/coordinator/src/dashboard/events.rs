@@ -32,7 +32,10 @@ fn keep_alive(idle: Duration) -> Duration {
     get,
     path = "/api/v1/events",
     tag = "observe",
-    responses((status = 200, description = "Server-sent events: `snapshot` first, then `task`, `worker`, `sample`, `task_removed` and `worker_removed` (retention); `resync` before a fresh snapshot", content_type = "text/event-stream", body = String))
+    responses(
+        (status = 200, description = "Server-sent events: `snapshot` first, then `task`, `worker`, `sample`, `task_removed` and `worker_removed` (retention); `resync` before a fresh snapshot", content_type = "text/event-stream", body = String),
+        (status = 400, description = "A query parameter (`bad_request`, naming it): the stream takes none", body = crate::http::ErrorBody),
+    )
 )]
 pub async fn events(State(app): State<Arc<AppState>>) -> Response {
     let app_idle = app.cfg.limits.http_idle;

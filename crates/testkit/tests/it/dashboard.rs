@@ -578,6 +578,43 @@ async fn tasks_can_be_listed_newest_first() {
     assert!(message.contains("`status`"), "{e}");
     let (status, e) = client.get("/api/v1/workers").await;
     assert_eq!(status, 200, "{e}");
+    // Nor do the other endpoints take one: a query is refused, naming it, not ignored
+    // (`/result?attempt=1` answered with the latest attempt's result).
+    let id = ids[0].as_str();
+    for path in [
+        format!("/api/v1/tasks/{id}"),
+        format!("/api/v1/tasks/{id}/result"),
+        format!("/api/v1/tasks/{id}/state"),
+        format!("/api/v1/tasks/{id}/checkpoints"),
+        format!("/api/v1/tasks/{id}/checkpoints/c-1"),
+        "/api/v1/workers/w-1".to_owned(),
+        "/api/v1/overview".to_owned(),
+        "/api/v1/history".to_owned(),
+        "/api/v1/events".to_owned(),
+    ] {
+        let (status, e) = client.get(&format!("{path}?attempt=1&x")).await;
+        assert_eq!(status, 400, "{path}: {e}");
+        assert_eq!(e["error"]["code"], "bad_request", "{path}: {e}");
+        let message = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("`attempt`, `x`"), "{path}: {e}");
+        assert!(message.contains(&format!("`{path}`")), "{path}: {e}");
+    }
+    for (path, body) in [
+        (format!("/api/v1/tasks/{id}/pause?force=true"), json!({})),
+        (
+            "/api/v1/tasks?priority=high".to_owned(),
+            json!({"kind": "sleep"}),
+        ),
+    ] {
+        let (status, e) = client.post(&path, &body).await;
+        assert_eq!(status, 400, "{path}: {e}");
+        assert_eq!(e["error"]["code"], "bad_request", "{path}: {e}");
+    }
+    // Without one, they answer as ever (the events stream is read elsewhere).
+    for path in [format!("/api/v1/tasks/{id}"), "/api/v1/overview".to_owned()] {
+        let (status, e) = client.get(&path).await;
+        assert_eq!(status, 200, "{path}: {e}");
+    }
     c.stop().await;
 }
 
