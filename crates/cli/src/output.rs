@@ -3,12 +3,12 @@
 //! write; with success for a command whose output is all it does, with failure for one that
 //! exists to report an outcome (a run's verdict, a watch), which went unread (`main`).
 
-/// Standard output was closed by its reader; [`line`] writes one line of a command's output
+/// Standard output was closed by its reader; [`fn@line`] writes one line of a command's output
 /// and says so. Shared with `tether proxy`'s commands, which live in the fault proxy's crate.
 pub use tether_faultproxy::cli::{StdoutClosed as Closed, out_line as line};
 
 /// Writes `text`, part of a line of a command's output, and sends it on its way at once (a
-/// listing printed page by page reaches its reader a page at a time); as [`line`] does, says
+/// listing printed page by page reaches its reader a page at a time); as [`fn@line`] does, says
 /// [`Closed`] when the reader has gone.
 pub fn part(text: &str) -> anyhow::Result<()> {
     use std::io::Write;

@@ -96,7 +96,7 @@ pub enum ControlError {
 }
 
 /// The routes, for embedding or for tests. The API has no authentication and serves loopback
-/// only, so a request must name a loopback host (see [`host_guard`]).
+/// only, so a request must name a loopback host (see `host_guard`).
 pub fn router(server: Server) -> Router {
     Router::new()
         .route("/proxies", get(list_proxies).post(create_proxy))

@@ -22,7 +22,7 @@ const LEVEL: i32 = -1;
 /// where level 1 takes a quarter off it, at about 500 MB/s (a 256 KiB piece in half a
 /// millisecond) on this machine (docs/PERFORMANCE.md, thirty-sixth round).
 const LEVEL_LARGE: i32 = 1;
-/// The size from which a frame is compressed at [`LEVEL_LARGE`].
+/// The size from which a frame is compressed at `LEVEL_LARGE`.
 pub const LARGE: usize = 64 * 1024;
 
 /// Why a binary frame could not be inflated.
@@ -45,7 +45,7 @@ thread_local! {
     static DECOMPRESSOR: RefCell<DCtx<'static>> = RefCell::new(DCtx::create());
 }
 
-/// Compresses frame text (at [`LEVEL_LARGE`] from [`LARGE`] bytes).
+/// Compresses frame text (at `LEVEL_LARGE` from [`LARGE`] bytes).
 pub fn deflate(text: &str) -> Vec<u8> {
     let (compressor, level) = match text.len() >= LARGE {
         true => (&COMPRESSOR_LARGE, LEVEL_LARGE),

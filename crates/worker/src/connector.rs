@@ -401,7 +401,7 @@ async fn connect_any(
 
 /// Runs the TLS client handshake over `tcp` with `host` (a DNS name or an IP address), and
 /// classifies a failure: a certificate this client does not trust is refused for good; one
-/// outside its validity period (see [`out_of_date`]) and anything else (a reset, a timeout, a
+/// outside its validity period (see `out_of_date`) and anything else (a reset, a timeout, a
 /// record damaged on the wire) may pass on a retry.
 ///
 /// The stream counts the bytes on `tcp`, ciphertext, for the [`Metered`] that [`handshake`]

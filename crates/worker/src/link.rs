@@ -27,7 +27,7 @@ pub const MIN_PIECE: usize = 16 * 1024;
 /// next fills, so a sample counts for between one and two of these.
 const BUCKET: Duration = Duration::from_secs(5);
 
-/// The delivery rate: the most of the samples of the last one or two [`BUCKET`]s.
+/// The delivery rate: the most of the samples of the last one or two `BUCKET`s.
 #[derive(Debug, Default)]
 pub struct DeliveryRate {
     /// The most of the bucket filling, and of the one before (bytes a second).

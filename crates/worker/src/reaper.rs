@@ -15,7 +15,7 @@
 //! reaper calling `waitpid(-1)` would take some of those statuses: the task would end with
 //! "cannot wait", or tokio would wait on a pid already reused. So the reaper never waits for
 //! "any child": it looks in `/proc` for zombies whose parent is this process, and waits for each
-//! by its pid, unless it is a tracked child: one started through [`spawn`], which records
+//! by its pid, unless it is a tracked child: one started through `spawn`, which records
 //! (pid, start time) under the same lock the reaper holds while it decides and waits. A child
 //! cannot appear between a look and the wait (spawning waits for the lock), and the start time
 //! tells a tracked child from an adopted one that got a reused pid. (`waitid` with `WNOWAIT`
@@ -23,7 +23,7 @@
 //! collected, would hide every adopted zombie behind it.)
 //!
 //! Every other child of the process is taken for adopted: a program that makes itself a
-//! subreaper runs no child of its own outside [`spawn`] (`tether worker` runs none).
+//! subreaper runs no child of its own outside `spawn` (`tether worker` runs none).
 
 use std::sync::Mutex;
 

@@ -401,7 +401,7 @@ impl Runner {
     }
 
     /// Checkpoint fetches from now on ask for pieces such that the window of them in flight
-    /// ([`crate::fetch::FETCH_WINDOW`]) holds about a second of a link delivering `rate` bytes
+    /// (`crate::fetch::FETCH_WINDOW`) holds about a second of a link delivering `rate` bytes
     /// a second to this worker: what the coordinator sends besides (assignments, cancels,
     /// acknowledgements) waits behind that, not behind a megabyte.
     pub fn size_fetches_for(&self, rate: f64) {
@@ -1023,7 +1023,7 @@ impl Runner {
     /// and never uploaded). Such an attempt stays recorded as running with that checkpoint,
     /// as every stopped attempt does without this call: the next start reports it lost, and
     /// should the task come back to this worker it resumes from the local copy
-    /// ([`Runner::resume_point`]), not from the coordinator's older one.
+    /// (`Runner::resume_point`), not from the coordinator's older one.
     ///
     /// Why `worker_stopped` still goes out for it: it moves every lease of the worker, and a
     /// checkpoint that did not reach the coordinator within the flush does not reach it from a

@@ -7,7 +7,7 @@ use super::*;
 pub struct SubmitArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// A JSON file with one spec or {"tasks": [specs]}: the spec comes from the file alone, so
+    /// A JSON file with one spec or `{"tasks": [specs]}`: the spec comes from the file alone, so
     /// every flag that would shape it is refused beside this one, rather than ignored.
     #[arg(long, conflicts_with = "command")]
     file: Option<PathBuf>,

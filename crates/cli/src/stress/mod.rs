@@ -2,7 +2,7 @@
 //! workers in another process so that their resources are measured apart.
 //!
 //! - [`procs`]: the coordinator and fleet child processes; CPU and memory from `/proc`.
-//! - [`fleet`]: the hidden `tether stress-fleet` subcommand: many [`tether_worker::Agent`]s in
+//! - [`mod@fleet`]: the hidden `tether stress-fleet` subcommand: many [`tether_worker::Agent`]s in
 //!   one process, driven by JSON lines.
 //! - [`scenarios`]: thundering_herd, steady_load, message_flood, checkpoint_heavy,
 //!   mixed_priority.

@@ -4,9 +4,9 @@
 //! the mutations in groups and only then runs the effects, so nothing is acknowledged before it
 //! is durable.
 //!
-//! - [`messages`]: handlers of worker messages, with reconciliation at registration.
-//! - [`tasks`]: dispatch, leases, requeue and the sweeper.
-//! - [`api`]: the commands behind the HTTP API.
+//! - `messages`: handlers of worker messages, with reconciliation at registration.
+//! - `tasks`: dispatch, leases, requeue and the sweeper.
+//! - `api`: the commands behind the HTTP API.
 
 mod api;
 mod listing;

@@ -6,11 +6,11 @@
 //! (group commit), then runs their effects in order. Reads that must be ordered with later
 //! commits (a checkpoint handed out with an assignment) run as effects on the same connection;
 //! the API's reads of committed data go to a reader thread with a connection of its own
-//! ([`read`]) once their group committed, so that they see what was acknowledged without
+//! (`read`) once their group committed, so that they see what was acknowledged without
 //! holding up the commits behind them. Task states go to a journal file of their own before
 //! the group's commit, and between groups the writer folds a bounded piece of them into the
-//! database ([`states`]); a thread with a connection of its own copies the WAL into the
-//! database ([`wal`]).
+//! database (`states`); a thread with a connection of its own copies the WAL into the
+//! database (`wal`).
 
 mod lock;
 mod read;

@@ -2,7 +2,7 @@
 //!
 //! A full file system (or a quota reached) fails a group's commit as a whole: SQLite rolls its
 //! transaction back (`SQLITE_FULL`), and the state journal cuts back what it had appended of
-//! the group ([`super::states::States::append`]). Nothing of the group is kept and nothing of
+//! the group (`super::states::States::append`). Nothing of the group is kept and nothing of
 //! it was acknowledged, so the writer may try the same group again, and does, with a growing
 //! pause, until it commits: the coordinator waits for space instead of stopping (which a
 //! supervisor's restart would only repeat). Meanwhile the writer's queue fills, the core waits

@@ -1183,7 +1183,7 @@ fn live() -> std::sync::MutexGuard<'static, BTreeMap<Arc<str>, Option<Pid>>> {
 /// this process run: each group, and the processes that left it (by their mark). For a
 /// process about to exit without waiting for its tasks (a second stop signal to `tether
 /// worker`), so that none of them is left running. Blocking: it looks through `/proc`, for at
-/// most [`super::procs::BLOCKING_SCAN_LIMIT`] (the process exits all the same). Returns the
+/// most `super::procs::BLOCKING_SCAN_LIMIT` (the process exits all the same). Returns the
 /// number of attempts whose processes it signalled.
 pub fn kill_all_now() -> usize {
     let attempts: Vec<(Arc<str>, Option<Pid>)> = live()

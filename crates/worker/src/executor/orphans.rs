@@ -4,7 +4,7 @@
 //! records each process group it starts in `groups/<task_id>` of the state directory (without
 //! one, of the agent's scratch directory, whose records the next worker process on the machine
 //! reads: `agent::remove_dead_scratch`)
-//! ("<pgid> <start time> <mark>", the mark its processes carry in their environment, see
+//! (`"<pgid> <start time> <mark>"`, the mark its processes carry in their environment, see
 //! [`super::procs`]) and removes the record once the attempt's processes have ended. At the
 //! next start every record left over names the processes of the previous worker process: the
 //! group is killed (when its leader is still the process recorded, not a reused pid), and so is
