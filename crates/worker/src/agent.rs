@@ -729,10 +729,7 @@ impl Agent {
                     self.attempt_failed(generation, &reason);
                     self.failed(&mut backoff)
                 }
-                SessionEnd::Lost {
-                    alive_for,
-                    reason,
-                } => {
+                SessionEnd::Lost { alive_for, reason } => {
                     self.shared.lost_unix_us.store(unix_us(), Ordering::Relaxed);
                     self.shared.stats().on_session_end();
                     self.event(Event::SessionLost {
