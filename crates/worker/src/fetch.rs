@@ -32,12 +32,25 @@ pub const FIRST_PIECE: usize = 64 * 1024;
 /// bound of a session's fetches in flight, so that a `sync_state` resend of them all fits.
 pub const WORKER_FETCHES: usize = 8;
 
-/// Pieces refused for now (`rate_limited`, `internal`) in a row asked for again, at most, each
-/// after [`RETRY_DELAY`]; a piece that comes starts the count over.
-pub const MAX_RETRIES: u32 = 5;
-
-/// How long a refused-for-now piece waits before it is asked for again.
+/// How long a piece refused for now (`rate_limited`, `internal`) waits before it is asked for
+/// again the first time; each refusal in a row doubles the wait, up to [`MAX_RETRY_DELAY`], and
+/// a piece that comes starts over.
 pub const RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The longest a refused-for-now piece waits before it is asked for again. There is no bound on
+/// how often: a busy coordinator still holds the checkpoint, and giving up would run the
+/// attempt from an older one or from nothing, whose first checkpoints then push the real
+/// progress out of the coordinator's few kept. The attempt's stop (cancel, timeout, the
+/// worker's stop) or a `not_leased` ends the wait.
+pub const MAX_RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The wait before asking again after the `refusals`-th refusal in a row (from 1).
+fn retry_delay(refusals: u32) -> std::time::Duration {
+    let doublings = refusals.saturating_sub(1).min(16);
+    RETRY_DELAY
+        .saturating_mul(1 << doublings)
+        .min(MAX_RETRY_DELAY)
+}
 
 /// The largest checkpoint this worker fetches: the size comes from the coordinator, and the
 /// whole checkpoint is held in memory.
@@ -59,7 +72,10 @@ pub(crate) enum FetchError {
     Stopped,
     /// The coordinator says the attempt holds no lease: it is to stop, without a result.
     NotLeased(String),
-    /// The coordinator could not serve it, or served something else.
+    /// The coordinator cannot serve it (not found, not its latest, a range out of bounds: it
+    /// will not come however often asked), it is larger than this worker fetches, or the
+    /// coordinator served something else. A refusal for now (`rate_limited`, `internal`) is
+    /// no failure: the piece is asked for again.
     Failed(String),
 }
 
@@ -199,14 +215,15 @@ pub(crate) async fn fetch(
         match (p.error, p.code) {
             (None, _) => {}
             (Some(error), Some(ErrorCode::NotLeased)) => return Err(FetchError::NotLeased(error)),
-            // Busy, or a read that failed: the same range again, a moment later.
-            (Some(error), Some(ErrorCode::RateLimited | ErrorCode::Internal))
-                if retries < MAX_RETRIES =>
-            {
-                retries += 1;
-                tracing::warn!(task = %shared.task_id, checkpoint = %wanted.id, offset, %error, retries, "checkpoint piece refused for now; asking again");
+            // Busy, or a read that failed: the same range again, a moment later, for as long as
+            // it takes (see `MAX_RETRY_DELAY`). Both come only to the lease holder: the
+            // coordinator answers `not_leased` first.
+            (Some(error), Some(ErrorCode::RateLimited | ErrorCode::Internal)) => {
+                retries = retries.saturating_add(1);
+                let delay = retry_delay(retries);
+                tracing::warn!(task = %shared.task_id, checkpoint = %wanted.id, offset, %error, retries, delay_ms = delay.as_millis() as u64, "checkpoint piece refused for now; asking again");
                 tokio::select! {
-                    _ = tokio::time::sleep(RETRY_DELAY) => {}
+                    _ = tokio::time::sleep(delay) => {}
                     _ = shared.cancel.cancelled() => return Err(FetchError::Stopped),
                 }
                 asked.insert(ask(offset, len).await?, (offset, len, permit));
@@ -334,41 +351,71 @@ mod tests {
         assert!(most > FETCH_WINDOW, "the fetches ran side by side: {most}");
     }
 
-    /// Refused for now (busy, a failed read), a piece is asked for again a moment later, up to
-    /// [`MAX_RETRIES`] times in all.
+    /// Refused for now (busy, a failed read), a piece is asked for again, each time a little
+    /// later up to [`MAX_RETRY_DELAY`], for as long as it takes: a fetch that gave up after
+    /// five refusals ran its attempt from nothing, whose checkpoints then pushed the one it
+    /// was to resume from out at the coordinator. A stop of the attempt ends the wait.
     #[tokio::test(start_paused = true)]
-    async fn a_piece_refused_for_now_is_asked_again_a_bounded_number_of_times() {
-        for (refusals, fetched) in [(MAX_RETRIES, true), (MAX_RETRIES + 1, false)] {
-            let s = setup(10);
-            let data: Vec<u8> = (0..10).collect();
-            let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, || (100, true));
-            tokio::pin!(run);
-            let mut refused = 0;
-            let r = loop {
-                tokio::select! {
-                    r = &mut run => break r,
-                    () = settle() => {
-                        for (seq, offset, _) in asked(&s.outbox) {
-                            if refused < refusals {
-                                refused += 1;
-                                let code = [ErrorCode::Internal, ErrorCode::RateLimited][refused as usize % 2];
-                                s.fetches.deliver(refusal(seq, offset, code));
-                            } else {
-                                s.fetches.deliver(answer(seq, offset, &data));
-                            }
+    async fn a_piece_refused_for_now_is_asked_again_until_it_comes_waiting_longer_each_time() {
+        let refusals = 12;
+        let s = setup(10);
+        let data: Vec<u8> = (0..10).collect();
+        let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, || (100, true));
+        tokio::pin!(run);
+        let (mut refused, mut asks) = (0, Vec::new());
+        let r = loop {
+            tokio::select! {
+                r = &mut run => break r,
+                () = settle() => {
+                    for (seq, offset, _) in asked(&s.outbox) {
+                        asks.push(tokio::time::Instant::now());
+                        if refused < refusals {
+                            refused += 1;
+                            let code = [ErrorCode::Internal, ErrorCode::RateLimited][refused % 2];
+                            s.fetches.deliver(refusal(seq, offset, code));
+                        } else {
+                            s.fetches.deliver(answer(seq, offset, &data));
                         }
-                        tokio::time::sleep(RETRY_DELAY / 2).await;
                     }
+                    tokio::time::sleep(RETRY_DELAY / 4).await;
                 }
-            };
-            match r {
-                Ok(cp) => assert!(fetched && *cp.data == data, "{refusals}"),
-                Err(e) => assert!(
-                    !fetched && matches!(e, FetchError::Failed(_)),
-                    "{refusals}: {e:?}"
-                ),
             }
+        };
+        assert_eq!(*r.expect("fetched").data, data);
+        assert_eq!(asks.len(), refusals + 1);
+        // Measured in quarters of the first delay: when the test looked, not to the instant.
+        let waits: Vec<_> = asks.windows(2).map(|w| w[1] - w[0]).collect();
+        let slack = RETRY_DELAY / 4;
+        for (i, w) in waits.iter().enumerate() {
+            let want = retry_delay(i as u32 + 1);
+            assert!(
+                *w >= want && *w <= want + slack,
+                "wait {i}: {w:?}, not {want:?}: {waits:?}"
+            );
         }
+        assert_eq!(retry_delay(1), RETRY_DELAY);
+        assert_eq!(retry_delay(refusals as u32), MAX_RETRY_DELAY);
+
+        // Refused for ever: the attempt's stop ends the wait.
+        let s = setup(10);
+        let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, || (100, true));
+        tokio::pin!(run);
+        let t0 = tokio::time::Instant::now();
+        let r = loop {
+            tokio::select! {
+                r = &mut run => break r,
+                () = settle() => {
+                    for (seq, offset, _) in asked(&s.outbox) {
+                        s.fetches.deliver(refusal(seq, offset, ErrorCode::RateLimited));
+                    }
+                    if t0.elapsed() > MAX_RETRY_DELAY * 20 {
+                        s.shared.cancel.cancel();
+                    }
+                    tokio::time::sleep(RETRY_DELAY / 4).await;
+                }
+            }
+        };
+        assert_eq!(r.err(), Some(FetchError::Stopped));
     }
 
     struct Setup {

@@ -722,7 +722,9 @@ impl Runner {
     /// Fetches the checkpoint an attempt resumes from into its `latest` (which holds until then
     /// an older one of this worker's, or nothing). `false` when the attempt is to stop: it was
     /// stopped meanwhile, or the coordinator says it holds no lease (it ends without a result).
-    /// One the coordinator cannot serve resumes from what `latest` holds, or afresh.
+    /// One the coordinator cannot serve at all (not found, too large: [`FetchError::Failed`])
+    /// resumes from what `latest` holds, or afresh; one it is only too busy to serve now is
+    /// asked for again until it comes ([`crate::fetch::MAX_RETRY_DELAY`]).
     async fn fetch_checkpoint(&self, shared: &TaskShared, wanted: &Wanted) -> bool {
         let piece = || {
             let most = tether_proto::codec::largest_blob(self.max_frame.load(Ordering::Relaxed));
@@ -2534,6 +2536,65 @@ mod tests {
         assert_eq!(results["same"], "mine", "not fetched: held here already");
         assert_eq!(results["fallback"], "local");
         assert_eq!(runner.running_count(), 0);
+    }
+
+    /// A coordinator too busy to serve a named checkpoint for longer than a few seconds
+    /// (`rate_limited` six times in a row, over 20 s) delays the attempt, never has it start
+    /// afresh: it resumes from that checkpoint once served. Started afresh (after five
+    /// refusals, as it did), its first checkpoints pushed the one it should have resumed from
+    /// out of the few the coordinator keeps.
+    #[tokio::test(start_paused = true)]
+    async fn a_named_checkpoint_refused_for_now_many_times_is_still_resumed_from() {
+        let mut executors = Executors::default();
+        executors.register("echo", Echo);
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner = Arc::new(Runner::new(executors, outbox.clone(), 64 * 1024));
+        let mut a = assignment("t", 3, None);
+        a.checkpoint = Some(CheckpointBlob {
+            checkpoint_id: CheckpointId::parse("c-2").expect("id"),
+            attempt: Attempt(2),
+            data: None,
+            size: Some(3),
+        });
+        runner.assign(a);
+        let (mut refused, mut sent) = (0, Vec::new());
+        let t0 = tokio::time::Instant::now();
+        while runner.running_count() > 0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(600),
+                "the attempt never ended"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            for (_, m) in outbox.take_unsent(10) {
+                let WorkerMsg::CheckpointFetch(f) = m.as_ref() else {
+                    sent.push(m);
+                    continue;
+                };
+                outbox.ack(f.seq);
+                let busy = refused < 6;
+                refused += usize::from(busy);
+                runner.checkpoint_piece(tether_proto::msg::CheckpointPiece {
+                    ack_seq: f.seq,
+                    task_id: f.task_id.clone(),
+                    checkpoint_id: f.checkpoint_id.clone(),
+                    offset: f.offset,
+                    error: busy.then(|| "busy".to_owned()),
+                    data: (!busy).then(|| Blob(b"abc".to_vec())),
+                    code: busy.then_some(tether_proto::msg::ErrorCode::RateLimited),
+                    timestamp: now(),
+                });
+            }
+        }
+        assert_eq!(refused, 6);
+        sent.extend(outbox.take_unsent(100).into_iter().map(|(_, m)| m));
+        let results: Vec<_> = sent
+            .iter()
+            .filter_map(|m| match m.as_ref() {
+                WorkerMsg::TaskResult(r) => Some(r.result.to_value().expect("JSON")),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(results, ["abc"], "resumed from the fetched checkpoint");
     }
 
     /// The checkpoints of tasks lost with the previous process stay on disk: the state
