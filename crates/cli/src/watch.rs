@@ -168,6 +168,9 @@ struct Fatal(anyhow::Error);
 struct Seen {
     status: String,
     attempt: u64,
+    /// The task's place in the order of submission: a task submitted again under the id of
+    /// one that retention removed has a higher one, and is newer than any copy of the old.
+    submit_seq: u64,
     worker: Option<String>,
     checkpoint: Option<String>,
 }
@@ -177,6 +180,7 @@ impl Seen {
         Seen {
             status: t["status"].as_str().unwrap_or("?").to_owned(),
             attempt: t["attempt"].as_u64().unwrap_or(0),
+            submit_seq: t["submit_seq"].as_u64().unwrap_or(0),
             worker: t["lease"]["worker"].as_str().map(str::to_owned),
             checkpoint: t["latest_checkpoint"]["checkpoint_id"]
                 .as_str()
@@ -559,7 +563,9 @@ impl Watch {
     }
 
     /// `t` as the watch would know it, unless a later copy of it was seen already; its time
-    /// moves the high-water mark. Later means further along first (an ended task does not run
+    /// moves the high-water mark. Later means submitted later first (retention removed a task
+    /// and its id was submitted again, the removal unseen in a gap: the new task's copies are
+    /// not older than the old one's end), then further along (an ended task does not run
     /// again; a later attempt follows an earlier one), then changed later by the coordinator's
     /// clock: a clock set back must not hide a task's end, after which nothing comes.
     fn fresh(&mut self, id: &str, t: &Value) -> Option<Known> {
@@ -568,7 +574,7 @@ impl Watch {
         let known = self.seen.get(id);
         let seen_at = known.and_then(|k| k.at);
         if let Some(k) = known {
-            let along = |s: &Seen| (s.ended(), s.attempt);
+            let along = |s: &Seen| (s.submit_seq, s.ended(), s.attempt);
             let older = match along(&shown).cmp(&along(&k.shown)) {
                 std::cmp::Ordering::Less => true,
                 std::cmp::Ordering::Greater => false,
@@ -898,6 +904,30 @@ mod tests {
             .expect("written");
         let latest = DateTime::parse_from_rfc3339("2026-12-01T10:31:05Z").expect("time");
         assert_eq!(w.high_water, Some(latest.with_timezone(&Utc)));
+    }
+
+    /// Retention removed task `a` and its id was submitted again while the watch missed the
+    /// removal (a gap, or a resync after lag): the new task's copies, running when the old one
+    /// had ended, are newer (a higher `submit_seq`), not older copies of the old task's end.
+    #[test]
+    fn a_task_submitted_again_under_a_removed_tasks_id_is_reported() {
+        let copy = |status: &str, attempt: u64, seq: u64, time: &str| {
+            let mut t = task("a", status, attempt, None);
+            t["submit_seq"] = json!(seq);
+            t["updated_at"] = json!(time);
+            t
+        };
+        let mut w = Watch::new(None, true, false);
+        w.know(&copy("completed", 1, 1, "2026-12-01T10:31:02Z"));
+        let again = copy("running", 2, 9, "2026-12-01T10:40:00Z");
+        w.read_changed(&[again], None).expect("written");
+        assert_eq!(w.seen["a"].shown.status, "running");
+        // Queued, before its first attempt (numbered after the old task's), too.
+        let mut w = Watch::new(None, true, false);
+        w.know(&copy("completed", 1, 1, "2026-12-01T10:31:02Z"));
+        w.on_task(&copy("queued", 1, 9, "2026-12-01T10:40:00Z"))
+            .expect("written");
+        assert_eq!(w.seen["a"].shown.status, "queued");
     }
 
     #[test]
