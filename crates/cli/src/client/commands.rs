@@ -256,18 +256,26 @@ fn task_row(t: &Value) -> Vec<String> {
         s(&t["task_id"]),
         s(&t["status"]),
         t["attempt"].to_string(),
-        // The lease's worker; once it ended, the last attempt's.
-        match &t["lease"]["worker"] {
-            Value::Null => s(t["attempts"]
-                .as_array()
-                .and_then(|a| a.last())
-                .map_or(&Value::Null, |a| &a["worker"])),
-            w => s(w),
-        },
+        task_worker(t),
         s(&t["spec"]["kind"]),
         t["spec"]["priority"].to_string(),
         s(&t["spec"]["name"]),
     ]
+}
+
+/// The worker a task's row names: the lease's; once the task ended, the last attempt's (the
+/// worker that ran it). A task waiting for a worker (queued again after its worker went, or
+/// paused without a lease) has none: the last attempt's would read as where it runs.
+fn task_worker(t: &Value) -> String {
+    let ended = serde_json::from_value::<tether_proto::TaskStatus>(t["status"].clone())
+        .is_ok_and(tether_proto::TaskStatus::is_terminal);
+    match &t["lease"]["worker"] {
+        Value::Null if ended => s(t["attempts"]
+            .as_array()
+            .and_then(|a| a.last())
+            .map_or(&Value::Null, |a| &a["worker"])),
+        w => s(w),
+    }
 }
 
 /// `tether tasks --all` printed page by page, each page as it is read, so the listing is never
@@ -665,6 +673,28 @@ mod tests {
             .err()
             .expect("a bad id is refused as it is read");
         assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{e}");
+    }
+
+    /// The WORKER column names where a task runs or, once it ended, where it ran: a task
+    /// queued again after its worker went, or paused without a lease, runs nowhere, and showed
+    /// its last attempt's worker as if it ran there.
+    #[test]
+    fn a_tasks_worker_is_its_leases_or_once_ended_its_last_attempts() {
+        let worker_of = |status: &str, lease: Option<&str>| {
+            let t = json!({
+                "task_id": "t", "status": status, "attempt": 1,
+                "lease": lease.map(|w| json!({"worker": w})),
+                "attempts": [{"attempt": 1, "worker": "w1"}],
+                "spec": {"kind": "command", "priority": 5},
+            });
+            task_row(&t)[3].clone()
+        };
+        assert_eq!(worker_of("running", Some("w2")), "w2");
+        assert_eq!(worker_of("paused", Some("w2")), "w2");
+        assert_eq!(worker_of("completed", None), "w1");
+        assert_eq!(worker_of("failed", None), "w1");
+        assert_eq!(worker_of("queued", None), "-");
+        assert_eq!(worker_of("paused", None), "-");
     }
 
     #[test]
