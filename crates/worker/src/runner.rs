@@ -972,16 +972,20 @@ impl Runner {
         // A reported attempt's directory is of no more use: its result says how it ended. Only
         // removed once that result is journaled: a crash between the two then leaves a
         // directory behind, where the other order lost a finished result with it (the attempt
-        // reported lost, and run again). One stopped without a result keeps it, for the attempt
-        // that replaces it or the next start, and so does one a newer attempt superseded
-        // meanwhile: the newer may have started with it (it waited for `ended` no longer than
-        // its grace). Removed before `ended`: a newer attempt of the task waits for that.
-        let remove = report
-            && self
-                .with_stop(&task_id, &shared, |stop| {
-                    stop != Some(StopReason::Superseded)
-                })
-                .unwrap_or(false);
+        // reported lost, and run again). Nor is the directory of one that ended without a
+        // result of use, when the coordinator ended it (a `cancel` directive at registration,
+        // a fetch answered `not_leased`): its checkpoints are forgotten with its end, and an
+        // attempt that comes later unpacks its own checkpoint into a fresh one. Kept, they
+        // stayed until the next start, each as large as the task made it.
+        // Kept are the directory of one the worker's stop stopped, for the next start, and
+        // the one a newer attempt of the task took over (no longer this attempt's in the
+        // table): the newer may have started in it (it waited for `ended` no longer than its
+        // grace). Removed before `ended`: a newer attempt of the task waits for that.
+        let remove = self
+            .with_stop(&task_id, &shared, |stop| {
+                report || stop == Some(StopReason::Superseded)
+            })
+            .unwrap_or(false);
         if let Some(dir) = checkpoint_dir.filter(|_| remove) {
             remove_checkpoint_dir(dir).await;
         }
@@ -1990,6 +1994,92 @@ mod tests {
         assert_eq!(results["finished"].outcome, Outcome::Completed);
         assert!(!results.contains_key("stopped"), "{results:?}");
         assert!(stopped.join("f").exists(), "kept for the next start");
+    }
+
+    /// Writes `attempt-<n>` into its checkpoint directory, waits to be stopped, then takes
+    /// `config.linger_ms` to return (longer than its grace: a newer attempt of its task starts
+    /// meanwhile); says which attempts returned.
+    struct Lingers(Arc<Mutex<Vec<u32>>>);
+
+    impl Executor for Lingers {
+        fn execute(
+            &self,
+            input: TaskInput,
+            ctx: TaskCtx,
+        ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
+            let returned = self.0.clone();
+            Box::pin(async move {
+                let dir = ctx.checkpoint_dir().expect("a checkpoint dir").to_owned();
+                std::fs::create_dir_all(&dir).expect("dir");
+                let mine = dir.join(format!("attempt-{}", input.attempt.0));
+                std::fs::write(mine, "x").expect("write");
+                ctx.cancelled().await;
+                let linger = input.config["linger_ms"].as_u64().unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(linger)).await;
+                returned.lock().expect("lock").push(input.attempt.0);
+                Err(ExecError::Cancelled)
+            })
+        }
+
+        fn stop_grace(&self) -> Duration {
+            Duration::from_millis(50)
+        }
+    }
+
+    /// An attempt the coordinator cancelled at registration (a `cancel` directive: it moved
+    /// the task on while this worker was away) leaves no checkpoint directory behind: it
+    /// kept `tasks/<task>/` until the next start, however large. The directory a newer attempt
+    /// of the task took over is not the older one's to remove, though the older ends after the
+    /// newer started in it.
+    #[tokio::test]
+    async fn an_attempt_cancelled_by_a_directive_leaves_no_checkpoint_dir_but_not_its_successors() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let returned = Arc::new(Mutex::new(Vec::new()));
+        let mut executors = Executors::default();
+        executors.register("echo", Lingers(returned.clone()));
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner = Arc::new(
+            Runner::new(executors, outbox.clone(), 64 * 1024)
+                .with_checkpoint_root(root.path().to_owned()),
+        );
+        let cancel = |task: &str, attempt: u32| Directive {
+            task_id: TaskId::parse(task).expect("id"),
+            attempt: Attempt(attempt),
+            action: DirectiveAction::Cancel,
+            reason: "the task moved on".into(),
+        };
+        runner.assign(assignment("cancelled", 1, None));
+        let cancelled = root.path().join("cancelled");
+        crate::testutil::wait_for("the attempt to write", || {
+            cancelled.join("attempt-1").exists()
+        })
+        .await;
+        runner.apply_directives(&[cancel("cancelled", 1)]);
+        crate::testutil::wait_for("the attempt to end", || runner.running_count() == 0).await;
+        assert!(!cancelled.exists(), "its directory is removed");
+        returned.lock().expect("lock").clear();
+
+        let mut older = assignment("t", 1, None);
+        older.config = serde_json::json!({ "linger_ms": 1000 }).into();
+        runner.assign(older);
+        let t = root.path().join("t");
+        crate::testutil::wait_for("attempt 1 to write", || t.join("attempt-1").exists()).await;
+        runner.assign(assignment("t", 2, None));
+        crate::testutil::wait_for("attempt 2 to write", || t.join("attempt-2").exists()).await;
+        assert!(
+            returned.lock().expect("lock").is_empty(),
+            "the older lingers"
+        );
+        crate::testutil::wait_for("attempt 1 to end", || runner.live_tasks() == 1).await;
+        assert_eq!(*returned.lock().expect("lock"), [1]);
+        assert!(
+            t.join("attempt-2").exists(),
+            "the older's end leaves the newer's directory"
+        );
+        runner.apply_directives(&[cancel("t", 2)]);
+        crate::testutil::wait_for("attempt 2 to end", || runner.running_count() == 0).await;
+        assert!(!t.exists(), "the newer's own end removes it");
+        assert!(outbox.pending_results().is_empty(), "none reported");
     }
 
     /// Sees, as each result is journaled, whether its task's checkpoint directory is there.
