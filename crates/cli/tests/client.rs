@@ -1,5 +1,5 @@
-//! The `tether` binary's client commands against a fake coordinator on a loopback port: what
-//! they print, and when.
+//! The `tether` binary's client commands against a coordinator on a loopback port (a fake one,
+//! or a real one in this process): what they print, and when.
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -115,4 +115,79 @@ async fn tasks_all_prints_each_page_before_asking_for_the_next() {
             assert!(lines[3].starts_with("t-3"), "{out}");
         }
     }
+}
+
+/// Runs `tether` with `args` and no token from the environment: exit code and stderr.
+async fn run_tether(args: Vec<std::ffi::OsString>) -> (Option<i32>, String) {
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(args)
+            .env_remove("TETHER_LOG")
+            .env_remove("TETHER_TOKEN")
+            .env_remove("TETHER_TOKEN_FILE")
+            .stdin(Stdio::null())
+            .output()
+    })
+    .await
+    .expect("joined")
+    .expect("run tether");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `submit --file` sends the file as it is written, so the coordinator's refusal is about the
+/// file: an array is said to be one (made over into `{"tasks": [...]}`, it became an array in
+/// the list, refused as `tasks[0][0]: invalid type`), and a fault is placed at the file's own
+/// line, not at a column of the one line the client had made of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_file_sends_the_file_as_written_so_errors_are_about_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord = tether_testkit::spawn_coordinator(dir.path().join("data")).await;
+    let base = format!("http://{}", coord.addr);
+    let submit = |file: &std::path::Path| {
+        let args = ["submit", "--coordinator", &base, "--file"];
+        let mut args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+        args.push(file.into());
+        run_tether(args)
+    };
+    let array = dir.path().join("array.json");
+    std::fs::write(&array, r#"[{"kind": "sleep", "config": {}}]"#).expect("write");
+    let (code, err) = submit(&array).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("array"), "{err}");
+    assert!(!err.contains("tasks[0][0]"), "{err}");
+    let bad_field = dir.path().join("bad.json");
+    std::fs::write(
+        &bad_field,
+        "{\n  \"kind\": \"sleep\",\n  \"priority\": \"urgent\",\n  \"config\": {}\n}\n",
+    )
+    .expect("write");
+    let (code, err) = submit(&bad_field).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("priority") && err.contains("line 3"), "{err}");
+    // A file that is no JSON is refused before it is sent, at its own line.
+    let broken = dir.path().join("broken.json");
+    std::fs::write(&broken, "{\n  \"kind\": \"sleep\",\n  \"config\": {\n}\n").expect("write");
+    let (code, err) = submit(&broken).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("is not JSON") && err.contains("line 5"),
+        "{err}"
+    );
+    // One spec and a list of them are taken as before.
+    let one = dir.path().join("one.json");
+    std::fs::write(&one, "{\"kind\": \"sleep\", \"config\": {}}").expect("write");
+    let (code, err) = submit(&one).await;
+    assert_eq!(code, Some(0), "{err}");
+    let list = dir.path().join("list.json");
+    std::fs::write(
+        &list,
+        r#"{"tasks": [{"kind": "sleep", "config": {}}, {"kind": "sleep", "config": {}}]}"#,
+    )
+    .expect("write");
+    let (code, err) = submit(&list).await;
+    assert_eq!(code, Some(0), "{err}");
+    coord.stop().await;
 }

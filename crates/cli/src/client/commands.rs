@@ -121,21 +121,28 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
 /// Submits the tasks `a` describes and prints their ids; the client and the ids.
 async fn send(a: &SubmitArgs) -> anyhow::Result<(Api, BTreeSet<String>)> {
     let api = Api::new(&a.common)?;
-    let body = match &a.file {
+    // A file is sent as it is (the API takes one spec or {"tasks": [specs]}), so that the
+    // coordinator's refusal is about the file: at its own lines and columns, and an array
+    // said to be one. Made over into {"tasks": [...]}, the array was refused as the list's
+    // first spec, on the one line the client had made.
+    let (body, sent) = match &a.file {
         Some(f) => {
             let text = std::fs::read_to_string(f)
                 .with_context(|| format!("cannot read {}", f.display()))?;
             let v: Value = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not JSON", f.display()))?;
-            if v.get("tasks").is_some() {
-                v
-            } else {
-                json!({ "tasks": [v] })
-            }
+            let sent = match v.get("tasks") {
+                Some(tasks) => tasks.as_array().map_or(0, Vec::len),
+                None => 1,
+            };
+            (bytes::Bytes::from(text), sent)
         }
-        None => json!({ "tasks": [command_spec(a)?] }),
+        None => {
+            let body = json!({ "tasks": [command_spec(a)?] });
+            (bytes::Bytes::from(serde_json::to_vec(&body)?), 1)
+        }
     };
-    let v = api.post("/api/v1/tasks", &body).await.map_err(|e| {
+    let v = api.post_text("/api/v1/tasks", body).await.map_err(|e| {
         if e.downcast_ref::<NoAnswer>().is_none() {
             return e;
         }
@@ -152,7 +159,7 @@ async fn send(a: &SubmitArgs) -> anyhow::Result<(Api, BTreeSet<String>)> {
                 .to_owned(),
         })
     })?;
-    let ids = submitted_ids(&v, body["tasks"].as_array().map_or(0, Vec::len))?;
+    let ids = submitted_ids(&v, sent)?;
     if a.common.json {
         outln!("{v}")?;
     } else {

@@ -245,11 +245,12 @@ impl Api {
         Ok(Self { base, transport })
     }
 
+    /// `method` on `path`, with `body` (JSON text) when given.
     async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
-        body: Option<&Value>,
+        body: Option<&bytes::Bytes>,
     ) -> anyhow::Result<Value> {
         let url = format!("{}{}", self.base, path);
         // A request that may change something (a submission, a control), failed once it could
@@ -269,7 +270,9 @@ impl Api {
                 Transport::Plain(http) => {
                     let mut req = http.request(method.clone(), &url);
                     if let Some(b) = body {
-                        req = req.json(b);
+                        req = req
+                            .header(http::header::CONTENT_TYPE, "application/json")
+                            .body(b.clone());
                     }
                     let resp = req.send().await.map_err(|e| {
                         let connecting = e.is_connect();
@@ -290,7 +293,7 @@ impl Api {
                     let payload = match body {
                         Some(b) => {
                             req = req.header(http::header::CONTENT_TYPE, "application/json");
-                            bytes::Bytes::from(serde_json::to_vec(b)?)
+                            b.clone()
                         }
                         None => bytes::Bytes::new(),
                     };
@@ -432,7 +435,7 @@ impl Api {
         &self,
         method: reqwest::Method,
         path: &str,
-        body: Option<&Value>,
+        body: Option<&bytes::Bytes>,
     ) -> anyhow::Result<Value> {
         let mut tries = 1;
         loop {
@@ -451,7 +454,14 @@ impl Api {
 
     /// POST `path`; a busy answer is asked again as for [`Self::get`].
     pub(crate) async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        self.call_unless_busy(reqwest::Method::POST, path, Some(body))
+        let body = bytes::Bytes::from(serde_json::to_vec(body)?);
+        self.post_text(path, body).await
+    }
+
+    /// [`Self::post`] of a body that is JSON text already (a user's file, sent as written, so
+    /// that the coordinator's errors name its lines and columns).
+    pub(crate) async fn post_text(&self, path: &str, body: bytes::Bytes) -> anyhow::Result<Value> {
+        self.call_unless_busy(reqwest::Method::POST, path, Some(&body))
             .await
     }
 }
