@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tether_proto::msg::{CheckpointFetch, CheckpointPiece, ErrorCode, WorkerMsg, now};
-use tether_proto::{Attempt, CheckpointId, TaskId};
-use tokio::sync::{Semaphore, mpsc};
+use tether_proto::{Attempt, CheckpointId, Seq, TaskId};
+use tokio::sync::{Semaphore, SemaphorePermit, mpsc};
 
 use crate::executor::{StoredCheckpoint, TaskShared};
 use crate::outbox::{Class, Outbox};
@@ -138,6 +138,24 @@ impl Drop for Registered<'_> {
     }
 }
 
+/// A fetch's requests not yet answered, by sequence number: each one's offset, length and
+/// the worker's permit it holds. Withdrawn from the outbox when the fetch ends, however it
+/// ends (stopped, failed, not leased): sent, they would only bring pieces no fetch waits for,
+/// count towards the coordinator's bound of a session's fetches in flight, and hold up the
+/// shutdown's flush.
+struct Asked<'a> {
+    outbox: &'a Outbox,
+    pending: HashMap<Seq, (u64, u64, SemaphorePermit<'a>)>,
+}
+
+impl Drop for Asked<'_> {
+    fn drop(&mut self) {
+        if !self.pending.is_empty() {
+            self.outbox.withdraw(self.pending.keys().copied());
+        }
+    }
+}
+
 /// Fetches `wanted` for the attempt of `shared`. `piece()` says the most bytes a request asks
 /// for and whether the link's rate was measured (asked at each request: the rate sizes it, see
 /// `Runner::size_fetches_for`); unmeasured, one request waits alone for its answer.
@@ -182,26 +200,30 @@ pub(crate) async fn fetch(
             })
         }))
     };
-    // Requests not yet answered: sequence number to (offset, length, the worker's permit).
-    let mut asked = HashMap::new();
+    let mut asked = Asked {
+        outbox,
+        pending: HashMap::new(),
+    };
     let (mut next, mut filled, mut retries) = (0u64, 0u64, 0u32);
     while filled < size {
         let (most, measured) = piece();
         let window = if measured { FETCH_WINDOW } else { 1 };
-        while asked.len() < window && next < size {
+        while asked.pending.len() < window && next < size {
             // A fetch waits for a permit only while it holds none: one that holds some takes
             // its answers first (two fetches each waiting, holding what the other wants, would
             // wait for ever).
             let permit = match fetches.permits.try_acquire() {
                 Ok(permit) => permit,
-                Err(_) if !asked.is_empty() => break,
+                Err(_) if !asked.pending.is_empty() => break,
                 Err(_) => tokio::select! {
                     p = fetches.permits.acquire() => p.map_err(|_| FetchError::Stopped)?,
                     _ = shared.cancel.cancelled() => return Err(FetchError::Stopped),
                 },
             };
             let len = (most.max(1) as u64).min(size - next);
-            asked.insert(ask(next, len).await?, (next, len, permit));
+            asked
+                .pending
+                .insert(ask(next, len).await?, (next, len, permit));
             next += len;
         }
         let p = tokio::select! {
@@ -209,7 +231,7 @@ pub(crate) async fn fetch(
             _ = shared.cancel.cancelled() => return Err(FetchError::Stopped),
         };
         // An answer to a request sent twice (a `sync_state` resends the outbox) comes twice.
-        let Some((offset, len, permit)) = asked.remove(&p.ack_seq) else {
+        let Some((offset, len, permit)) = asked.pending.remove(&p.ack_seq) else {
             continue;
         };
         match (p.error, p.code) {
@@ -226,7 +248,9 @@ pub(crate) async fn fetch(
                     _ = tokio::time::sleep(delay) => {}
                     _ = shared.cancel.cancelled() => return Err(FetchError::Stopped),
                 }
-                asked.insert(ask(offset, len).await?, (offset, len, permit));
+                asked
+                    .pending
+                    .insert(ask(offset, len).await?, (offset, len, permit));
                 continue;
             }
             (Some(error), _) => return Err(FetchError::Failed(error)),
@@ -246,7 +270,7 @@ pub(crate) async fn fetch(
             // Served shorter: the request was queued under a larger frame limit than the
             // coordinator's now (it restarted with a lower one). The rest, asked for again.
             tracing::debug!(task = %shared.task_id, checkpoint = %wanted.id, offset, len, got, "checkpoint piece served shorter than asked; asking for the rest");
-            asked.insert(
+            asked.pending.insert(
                 ask(offset + got, len - got).await?,
                 (offset + got, len - got, permit),
             );
@@ -416,6 +440,45 @@ mod tests {
             }
         };
         assert_eq!(r.err(), Some(FetchError::Stopped));
+    }
+
+    /// A fetch that ends early takes back what it asked and was not answered: the requests
+    /// not yet sent leave the outbox at once, and a sent one is not sent again in the next
+    /// session. Left there, they were sent all the same, counted towards the coordinator's
+    /// bound of a session's fetches in flight, and held up the shutdown's flush.
+    #[tokio::test]
+    async fn a_fetch_that_ends_early_takes_back_the_requests_not_answered() {
+        // Stopped with every request still unsent.
+        let s = setup(40);
+        let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, || (3, true));
+        tokio::pin!(run);
+        until_waiting(run.as_mut()).await;
+        assert_eq!(s.outbox.len(), FETCH_WINDOW, "a window asked for");
+        s.shared.cancel.cancel();
+        assert_eq!(run.await.err(), Some(FetchError::Stopped));
+        assert!(s.outbox.take_unsent(100).is_empty(), "none left to send");
+        assert!(s.outbox.is_empty());
+
+        // Told it holds no lease with two requests sent: the unsent leave, the other sent one
+        // waits for its answer in this session and is not sent in the next.
+        let s = setup(40);
+        let run = fetch(&s.outbox, &s.fetches, &s.shared, &s.wanted, || (3, true));
+        tokio::pin!(run);
+        until_waiting(run.as_mut()).await;
+        let sent = s.outbox.take_unsent(2);
+        let (seq, offset) = match sent[0].1.as_ref() {
+            WorkerMsg::CheckpointFetch(f) => (f.seq, f.offset),
+            other => panic!("not a fetch: {other:?}"),
+        };
+        s.outbox.ack(seq);
+        s.fetches
+            .deliver(refusal(seq, offset, ErrorCode::NotLeased));
+        assert!(matches!(run.await, Err(FetchError::NotLeased(_))));
+        assert!(s.outbox.take_unsent(100).is_empty(), "none left to send");
+        assert_eq!(s.outbox.len(), 1, "the sent one, for its answer");
+        s.outbox.requeue_all();
+        assert!(s.outbox.take_unsent(100).is_empty(), "not sent again");
+        assert!(s.outbox.is_empty());
     }
 
     struct Setup {

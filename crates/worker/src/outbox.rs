@@ -2,8 +2,8 @@
 //!
 //! Entries are sent in order of class (results first, then control notices, then state and
 //! checkpoints, then telemetry) and by sequence number within a class. An entry stays until
-//! the coordinator acknowledges its sequence number; on every new session all of them are sent
-//! again. State updates of one attempt of a task coalesce to the latest, as does telemetry. Heartbeats never
+//! the coordinator acknowledges its sequence number (or its sender withdraws it: a fetch that
+//! ended); on every new session all of them are sent again. State updates of one attempt of a task coalesce to the latest, as does telemetry. Heartbeats never
 //! enter the outbox. The outbox is bounded: producers wait for room ([`Outbox::reserve`]),
 //! telemetry is dropped first, and the first time it fills a warning is logged and counted.
 //! With a [`Journal`] (the state directory) every change is written through before it takes
@@ -78,6 +78,9 @@ struct Entry {
     class: Class,
     /// Sent in this session (not in `unsent`).
     sent: bool,
+    /// Its sender no longer wants it ([`Outbox::withdraw`]), but it was sent: held until the
+    /// answer acknowledges it, never sent again.
+    withdrawn: bool,
     coalesce: Option<Coalesce>,
 }
 
@@ -582,9 +585,55 @@ impl Outbox {
         dropped
     }
 
-    /// Starts a new session: everything held becomes unsent again, in order.
+    /// Takes back the held entries of `seqs` that their sender no longer wants (the requests
+    /// of a checkpoint fetch that ended): an unsent one leaves at once; a sent one stays until
+    /// its answer acknowledges it (the session counts it in flight until then) but is not sent
+    /// again, leaving at the next [`Outbox::requeue_all`] instead. Neither survives a restart:
+    /// their removal is journaled now. Returns how many were held.
+    pub fn withdraw(&self, seqs: impl IntoIterator<Item = Seq>) -> usize {
+        let (held, removed) = {
+            let mut inner = self.lock();
+            let mut held = Vec::new();
+            let mut removed = false;
+            for seq in seqs {
+                let Some(e) = inner.entries.get_mut(&seq.0) else {
+                    continue;
+                };
+                held.push(seq.0);
+                if e.sent {
+                    e.withdrawn = true;
+                } else {
+                    inner.remove(seq.0);
+                    removed = true;
+                }
+            }
+            // INVARIANT: journaled under the lock, as an ack is.
+            self.journal(None, &held);
+            if inner.full && !inner.over(&self.limits) {
+                inner.room_again();
+            }
+            (held.len(), removed)
+        };
+        if removed {
+            self.room.notify_waiters();
+        }
+        held
+    }
+
+    /// Starts a new session: everything held becomes unsent again, in order; what was
+    /// withdrawn ([`Outbox::withdraw`]) leaves instead, unanswered: its answer would have come
+    /// in the session that ended.
     pub fn requeue_all(&self) {
         let mut inner = self.lock();
+        let withdrawn: Vec<u64> = inner
+            .entries
+            .iter()
+            .filter(|(_, e)| e.withdrawn)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in &withdrawn {
+            inner.remove(*seq);
+        }
         let Inner {
             entries, unsent, ..
         } = &mut *inner;
@@ -598,8 +647,14 @@ impl Outbox {
             seqs.sort_unstable();
             *unsent = seqs.into();
         }
+        if !withdrawn.is_empty() && inner.full && !inner.over(&self.limits) {
+            inner.room_again();
+        }
         drop(inner);
         self.ready.notify_one();
+        if !withdrawn.is_empty() {
+            self.room.notify_waiters();
+        }
     }
 
     /// Takes up to `max` unsent entries, in send order.
@@ -647,17 +702,24 @@ impl Outbox {
 
     /// Puts entries taken by [`Outbox::take_unsent_within`] and then not written back as
     /// unsent, in their place in send order. Entries no longer held (acknowledged meanwhile)
-    /// or not marked sent are left alone.
+    /// or not marked sent are left alone; one withdrawn meanwhile ([`Outbox::withdraw`])
+    /// leaves.
     pub fn unsend(&self, seqs: impl IntoIterator<Item = Seq>) {
         let mut inner = self.lock();
         let Inner {
             entries, unsent, ..
         } = &mut *inner;
         let mut any = false;
+        let mut withdrawn = Vec::new();
         for seq in seqs {
             let Some(e) = entries.get_mut(&seq.0).filter(|e| e.sent) else {
                 continue;
             };
+            // Withdrawn after it was taken: never written, so nothing answers it.
+            if e.withdrawn {
+                withdrawn.push(seq.0);
+                continue;
+            }
             e.sent = false;
             let queue = &mut unsent[e.class as usize];
             if let Err(at) = queue.binary_search(&seq.0) {
@@ -665,9 +727,18 @@ impl Outbox {
             }
             any = true;
         }
+        for seq in &withdrawn {
+            inner.remove(*seq);
+        }
+        if !withdrawn.is_empty() && inner.full && !inner.over(&self.limits) {
+            inner.room_again();
+        }
         drop(inner);
         if any {
             self.ready.notify_one();
+        }
+        if !withdrawn.is_empty() {
+            self.room.notify_waiters();
         }
     }
 
@@ -816,6 +887,7 @@ impl Inner {
                 bytes,
                 class,
                 sent: false,
+                withdrawn: false,
                 coalesce,
             },
         );
@@ -1047,6 +1119,36 @@ mod tests {
         let left = order(&ob);
         assert_eq!(left, vec![kept[0].0, kept[1].0, later.0, kept_later.0]);
         assert!(dropped.iter().all(|s| !left.contains(&s.0)));
+    }
+
+    /// Entries their sender withdrew (the requests of a fetch that ended): the unsent leave at
+    /// once, journaled; a sent one stays for its answer to acknowledge, but leaves rather than
+    /// go again in a new session; one taken to be sent and then not written leaves as it is
+    /// put back. Nothing else is touched.
+    #[test]
+    fn withdrawn_entries_are_never_sent_again_and_a_sent_one_waits_for_its_answer() {
+        let rec = std::sync::Arc::new(Recorder::default());
+        let ob = Outbox::new(Limits::default()).with_journal(rec.clone());
+        let r = result(&ob, "r");
+        let [sent, taken, unsent] = ["a", "b", "c"].map(|task| state(&ob, task, 1));
+        assert_eq!(order(&ob), vec![r.0, sent.0, taken.0, unsent.0]);
+        ob.requeue_all();
+        assert_eq!(ob.take_unsent(3).len(), 3, "r, sent and taken");
+        let before = rec.0.lock().expect("recorder").len();
+        assert_eq!(ob.withdraw([sent, taken, unsent, Seq(999)]), 3);
+        assert_eq!(
+            rec.0.lock().expect("recorder")[before..],
+            [(None, vec![sent.0, taken.0, unsent.0])],
+            "journaled as they are withdrawn"
+        );
+        assert!(ob.take_unsent(10).is_empty(), "the unsent one left");
+        assert_eq!(ob.len(), 3, "r and the two sent wait for answers");
+        ob.unsend([taken]);
+        assert_eq!(ob.len(), 2, "the one not written left");
+        assert!(ob.take_unsent(10).is_empty());
+        ob.requeue_all();
+        assert_eq!(order(&ob), vec![r.0], "the sent one is not sent again");
+        assert_eq!(ob.len(), 1);
     }
 
     #[test]
