@@ -94,6 +94,25 @@ pub(crate) async fn follow(
 ) -> anyhow::Result<()> {
     let mut watch = Watch::new(ids, json, workers);
     watch.page = page;
+    judge(api, watch).await
+}
+
+/// [`follow`] of the tasks `ids` that the coordinator at `api` has just taken (`submit
+/// --watch`): it was up, so an event stream it does not answer at first is asked again as
+/// through any restart (one between the submission and the stream's opening), not taken for
+/// a wrong address.
+pub(crate) async fn follow_submitted(
+    api: &Api,
+    ids: BTreeSet<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut watch = Watch::new(Some(ids), json, false);
+    watch.answered_before = true;
+    judge(api, watch).await
+}
+
+/// Follows as `watch` is set up, and says how its tasks ended.
+async fn judge(api: &Api, mut watch: Watch) -> anyhow::Result<()> {
     match follow_with(api, &mut watch).await {
         // Every task, until interrupted: nothing to judge.
         Ok(()) if watch.ids.is_none() => Ok(()),
@@ -127,10 +146,11 @@ async fn follow_with(api: &Api, watch: &mut Watch) -> anyhow::Result<()> {
                 if opened {
                     opened_once = true;
                     delay = RETRY_FIRST;
-                } else if !opened_once && !reached {
+                } else if !opened_once && !reached && !watch.answered_before {
                     // Never reached: a wrong address or a coordinator that is not up; say so
                     // rather than wait for it. One that answered and ended the stream before
-                    // its snapshot (busy with large answers) is asked again.
+                    // its snapshot (busy with large answers) is asked again, and so is one
+                    // that took the tasks followed.
                     return Err(why);
                 }
                 eprintln!(
@@ -230,6 +250,9 @@ struct Watch {
     started: Option<DateTime<Utc>>,
     /// Tasks known when ended ones are next forgotten ([`SEEN_MAX`]).
     forget_at: usize,
+    /// The coordinator answered before the watch began (it took the tasks followed): one
+    /// not reached at the first opening is restarting, not a wrong address.
+    answered_before: bool,
 }
 
 impl Watch {
@@ -247,6 +270,7 @@ impl Watch {
             silence: SILENCE,
             started: None,
             forget_at: SEEN_MAX,
+            answered_before: false,
         }
     }
 

@@ -771,3 +771,103 @@ async fn tasks_all_reads_every_task_page_by_page_and_refuses_an_unknown_status()
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("standard output was closed"), "{err}");
 }
+
+/// Reads one HTTP request from `s` (its head, then a body of its `content-length`): the body.
+async fn request_body(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut s = tokio::io::BufReader::new(s);
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        assert!(s.read_line(&mut line).await.expect("read") > 0, "cut off");
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().expect("a length");
+        }
+        if line == "\r\n" {
+            let mut body = vec![0u8; length];
+            s.read_exact(&mut body).await.expect("body");
+            return body;
+        }
+    }
+}
+
+/// `submit --watch` whose coordinator goes away between taking the submission and the opening
+/// of the event stream (a restart) keeps trying to follow the tasks, as a watch does through
+/// restarts: they were taken, and the coordinator that took them is coming back. It gave up at
+/// once (exit 2, "could not follow"), as it rightly does at an address that never answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_watch_follows_tasks_taken_just_before_the_coordinator_went_away() {
+    use tokio::io::AsyncWriteExt;
+    let site = Site::new();
+    let _coord = site.coordinator().await;
+    // The submission goes to a stand-in at `front`, which passes it on to the coordinator and
+    // closes its listener before it answers: the event stream is then refused there.
+    let front = free_addr();
+    let listener = tokio::net::TcpListener::bind(front).await.expect("bind");
+    let (http, base) = (site.http.clone(), site.base.clone());
+    let stand_in = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        drop(listener);
+        let body = request_body(&mut s).await;
+        let r = http
+            .post(format!("{base}/api/v1/tasks"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("passed on");
+        let status = r.status();
+        let answer = r.bytes().await.expect("answer");
+        let head = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+             connection: close\r\n\r\n",
+            answer.len()
+        );
+        s.write_all(head.as_bytes()).await.expect("head");
+        s.write_all(&answer).await.expect("answer");
+        status
+    });
+    let mut submit = Watcher::start(&[
+        "submit",
+        "--coordinator",
+        &format!("http://{front}"),
+        "--watch",
+        "--id",
+        "taken",
+        "--shell",
+        "true",
+    ]);
+    let status = stand_in.await.expect("the stand-in answered");
+    assert_eq!(status.as_u16(), 201);
+    // Refused at `front` now: the watch must not give up, but try again.
+    let deadline = Instant::now() + LONG;
+    while !submit
+        .stderr_text()
+        .contains("opening the event stream again")
+    {
+        if let Some(exit) = submit.proc.0.try_wait().expect("wait") {
+            panic!("gave up: {exit}; stderr: {}", submit.stderr_text());
+        }
+        assert!(Instant::now() < deadline, "{}", submit.stderr_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The coordinator is back at `front`.
+    let _back = tether_faultproxy::Proxy::start(tether_faultproxy::ProxyConfig {
+        name: "back".into(),
+        listen: front,
+        upstream: site.addr,
+        seed: 1,
+    })
+    .await
+    .expect("proxy");
+    let _w = worker(site.addr, "w1");
+    let (code, lines) = submit.wait_exit();
+    assert_eq!(code, Some(0), "{lines:?}; stderr: {}", submit.stderr_text());
+    assert_eq!(lines.first().map(String::as_str), Some("taken"));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("taken") && l.contains("completed")),
+        "{lines:?}"
+    );
+}

@@ -115,7 +115,7 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     // client that could not be made) left none to follow, which is 2, not the 1 of a task
     // that ended but did not complete.
     let (api, ids) = submitted.map_err(|e| e.context(crate::watch::Unfollowed))?;
-    crate::watch::follow(&api, Some(ids), a.common.json, false, crate::watch::PAGE).await
+    crate::watch::follow_submitted(&api, ids, a.common.json).await
 }
 
 /// Submits the tasks `a` describes and prints their ids; the client and the ids.
