@@ -4,9 +4,15 @@
 //! (its pid, and whatever else the caller adds), for the refusal's message; it is never removed
 //! (removing it would let another process lock a new file while the first still holds the old
 //! one). The coordinator locks its data directory with it, the worker its state directory.
+//!
+//! The lock file itself is never followed when it is a symbolic link: the worker locks
+//! directories under a shared `/tmp` (its scratch directories, and those of dead workers it
+//! sweeps), where another user could link `lock` to a file of the worker's user, which the
+//! stamp's write would truncate.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use nix::fcntl::{Flock, FlockArg};
@@ -29,18 +35,24 @@ pub enum LockError {
     Io(#[from] std::io::Error),
 }
 
-/// Locks `path` (created if need be) for this process, writing `stamp` into it.
+/// Locks `path` (created if need be) for this process, writing `stamp` into it. A `path`
+/// that is a symbolic link is refused (`Io`, `ELOOP`), its target untouched.
 pub fn lock(path: &Path, stamp: &str) -> Result<FileLock, LockError> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)?;
     let mut flock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(l) => l,
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-            let stamp = std::fs::read_to_string(path).unwrap_or_default();
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            // From the file opened, not the path again: that could be a link by now.
+            let mut stamp = String::new();
+            if file.read_to_string(&mut stamp).is_err() {
+                stamp.clear();
+            }
             return Err(LockError::Held { stamp });
         }
         Err((_, errno)) => return Err(std::io::Error::from(errno).into()),
@@ -69,5 +81,25 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).expect("read"), "9");
         let missing = dir.path().join("no-such-dir").join("x.lock");
         assert!(matches!(lock(&missing, "1"), Err(LockError::Io(_))));
+    }
+
+    /// A lock file that is a symbolic link (planted in a shared directory by another user) is
+    /// refused, and the file it names keeps its bytes: following it, the stamp's write
+    /// truncated whatever file of this user it named.
+    #[test]
+    fn a_lock_file_that_is_a_symlink_is_refused_and_its_target_left_intact() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("bashrc");
+        std::fs::write(&target, "export PATH=/usr/bin\n").expect("target");
+        let link = dir.path().join("lock");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        match lock(&link, "123 456") {
+            Err(LockError::Io(e)) => assert_eq!(e.raw_os_error(), Some(nix::libc::ELOOP), "{e}"),
+            other => panic!("a symlinked lock file: {other:?}"),
+        }
+        assert_eq!(
+            std::fs::read_to_string(&target).expect("read"),
+            "export PATH=/usr/bin\n"
+        );
     }
 }

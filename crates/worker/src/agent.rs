@@ -323,6 +323,11 @@ const YOUNG: &str = ".new";
 /// them (as a state directory's next start does). A directory whose lock its process still
 /// holds is left alone, as is anything else in `temp`. The lock is free once the process is
 /// gone, killed and not yet reaped included.
+///
+/// `temp` is shared with every user of the machine: anyone can make a directory of that name
+/// there, and the records in it would name the process groups this sweep kills. Only a real
+/// directory of this process's user that no one else can write is taken ([`unsafe_scratch`]);
+/// its lock file is never followed if it is a link (`tether_proto::lockfile`).
 fn remove_dead_scratch(temp: &std::path::Path) {
     let Ok(entries) = std::fs::read_dir(temp) else {
         return;
@@ -337,8 +342,17 @@ fn remove_dead_scratch(temp: &std::path::Path) {
         if !ours {
             continue;
         }
-        let Ok(_gone) = LockFile::acquire(&path) else {
+        if let Some(why) = unsafe_scratch(&path) {
+            tracing::warn!(dir = %path.display(), why, "leaving alone a directory named like a worker's scratch directory that is not one of this user's");
             continue;
+        }
+        let _gone = match LockFile::acquire(&path) {
+            Ok(lock) => lock,
+            Err(crate::statedir::StateDirError::Locked { .. }) => continue,
+            Err(e) => {
+                tracing::warn!(dir = %path.display(), error = %e, "leaving alone a scratch directory whose lock cannot be taken");
+                continue;
+            }
         };
         // Each agent of the process recorded its tasks' groups in a directory of its own.
         let agents = std::fs::read_dir(&path).into_iter().flatten().flatten();
@@ -363,6 +377,28 @@ fn remove_dead_scratch(temp: &std::path::Path) {
                 tracing::debug!(dir = %path.display(), error = %e, "could not remove a gone worker's checkpoint directories")
             }
         }
+    }
+}
+
+/// Why the entry at `path` of the temporary directory is not a scratch directory this process
+/// may sweep, if it is not: a symbolic link (to anything), not a directory, another user's, or
+/// one that others may write into (they could plant records there). A worker's own are made
+/// `0700` by its user (`make_scratch_root`).
+fn unsafe_scratch(path: &std::path::Path) -> Option<&'static str> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Some("cannot be read");
+    };
+    if meta.file_type().is_symlink() {
+        Some("a symbolic link")
+    } else if !meta.is_dir() {
+        Some("not a directory")
+    } else if meta.uid() != nix::unistd::geteuid().as_raw() {
+        Some("owned by another user")
+    } else if meta.mode() & 0o022 != 0 {
+        Some("writable by its group or others")
+    } else {
+        None
     }
 }
 
@@ -849,6 +885,9 @@ mod tests {
         let other = temp.path().join(format!("{SCRATCH_PREFIX}notapid"));
         for d in [&gone, &live, &other] {
             std::fs::create_dir_all(d.join("b-x").join("tasks")).expect("mkdir");
+            // As a worker makes its own, whatever the umask here.
+            std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .expect("chmod");
         }
         // A task process the gone worker left running, recorded in its directory.
         let mut orphan = std::process::Command::new("sleep");
@@ -869,6 +908,77 @@ mod tests {
             std::os::unix::process::ExitStatusExt::signal(&status),
             Some(9)
         );
+    }
+
+    /// A process group of its own running `sleep 300`, and its id.
+    fn sleeper() -> (std::process::Child, nix::unistd::Pid) {
+        let mut cmd = std::process::Command::new("sleep");
+        std::os::unix::process::CommandExt::process_group(cmd.arg("300"), 0);
+        let child = cmd.spawn().expect("spawn sleep");
+        let pgid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+        (child, pgid)
+    }
+
+    /// A directory named like a gone worker's scratch directory, holding a record of `pgid`'s
+    /// group as a worker writes one.
+    fn planted(dir: &std::path::Path, pgid: nix::unistd::Pid) {
+        let groups = dir.join("b-x").join(crate::executor::orphans::GROUPS_DIR);
+        std::fs::create_dir_all(&groups).expect("mkdir");
+        let record =
+            crate::executor::orphans::record_file(&groups, &TaskId::parse("x").expect("id"));
+        crate::executor::orphans::record(&record, pgid, "nonce:x:1");
+    }
+
+    /// The temporary directory is shared: another user can make a directory named like a dead
+    /// worker's there, writable by all, or a link of that name to one, with a record naming
+    /// the victim's process group. The sweep leaves such entries alone, and the group runs on
+    /// (the sweep killed it, trusting the record).
+    #[test]
+    fn the_sweep_leaves_alone_scratch_directories_others_could_have_planted() {
+        use std::os::unix::fs::PermissionsExt;
+        let temp = tempfile::tempdir().expect("tempdir");
+        let (mut victim, pgid) = sleeper();
+        let open = temp.path().join(format!("{SCRATCH_PREFIX}4194305"));
+        planted(&open, pgid);
+        std::fs::set_permissions(&open, PermissionsExt::from_mode(0o777)).expect("chmod");
+        // A link of the right name to a directory that would pass every other check.
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        let real = elsewhere.path().join("real");
+        planted(&real, pgid);
+        std::fs::set_permissions(&real, PermissionsExt::from_mode(0o700)).expect("chmod");
+        let link = temp.path().join(format!("{SCRATCH_PREFIX}4194306"));
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        remove_dead_scratch(temp.path());
+        assert!(
+            matches!(victim.try_wait(), Ok(None)),
+            "the process group a planted record named was killed"
+        );
+        assert!(open.join("b-x").exists(), "the open directory was swept");
+        assert!(real.join("b-x").exists(), "the linked directory was swept");
+        let _ = victim.kill();
+        let _ = victim.wait();
+    }
+
+    /// A scratch directory's lock file linked to a file of this user's (its `~/.bashrc`): the
+    /// lock is not taken through the link, so the file keeps its bytes, and the directory is
+    /// left alone.
+    #[test]
+    fn the_sweep_does_not_follow_a_lock_file_that_is_a_link() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let dir = temp.path().join(format!("{SCRATCH_PREFIX}4194305"));
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .expect("chmod");
+        let home = tempfile::tempdir().expect("tempdir");
+        let bashrc = home.path().join(".bashrc");
+        std::fs::write(&bashrc, "alias ll='ls -l'\n").expect("write");
+        std::os::unix::fs::symlink(&bashrc, dir.join(crate::statedir::LOCK_FILE)).expect("symlink");
+        remove_dead_scratch(temp.path());
+        assert_eq!(
+            std::fs::read_to_string(&bashrc).expect("read"),
+            "alias ll='ls -l'\n"
+        );
+        assert!(dir.exists(), "the directory was swept");
     }
 
     /// A directory is kept while the process that locked it runs, and is the next one's once
