@@ -151,15 +151,15 @@ fn closed_port() -> String {
     format!("http://{addr}")
 }
 
-/// A watch that cannot start (no client can be made, or the submission it would follow
-/// failed) could not follow its tasks: exit 2, not the 1 that says a task ended but did not
-/// complete. A submitted id that breaks the id rules is a usage error, 2 as well.
+/// A watch that cannot start (no client can be made) could not follow its tasks: exit 2, not
+/// the 1 that says a task ended but did not complete. A submitted id that breaks the id rules
+/// is a usage error, 2 as well.
 #[test]
 fn a_watch_that_cannot_start_exits_2_not_the_1_of_a_task_that_failed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let missing = dir.path().join("missing");
     let closed = closed_port();
-    let cases: [(&str, Vec<&std::ffi::OsStr>); 6] = [
+    let cases: [(&str, Vec<&std::ffi::OsStr>); 4] = [
         (
             "a URL that is no coordinator's",
             vec![
@@ -190,28 +190,6 @@ fn a_watch_that_cannot_start_exits_2_not_the_1_of_a_task_that_failed() {
             ],
         ),
         (
-            "submit --watch with a URL that is no coordinator's",
-            vec![
-                "submit".as_ref(),
-                "--watch".as_ref(),
-                "--coordinator".as_ref(),
-                "ftp://x".as_ref(),
-                "--".as_ref(),
-                "true".as_ref(),
-            ],
-        ),
-        (
-            "submit --watch whose submission is refused a connection",
-            vec![
-                "submit".as_ref(),
-                "--watch".as_ref(),
-                "--coordinator".as_ref(),
-                closed.as_ref(),
-                "--".as_ref(),
-                "true".as_ref(),
-            ],
-        ),
-        (
             "submit --id with a bad id",
             vec![
                 "submit".as_ref(),
@@ -229,6 +207,67 @@ fn a_watch_that_cannot_start_exits_2_not_the_1_of_a_task_that_failed() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{what}: {err}");
         assert!(err.starts_with("error"), "{what}: {err}");
+    }
+}
+
+/// `tether` with string arguments.
+fn tether_str(args: &[&str]) -> (Option<i32>, String) {
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::convert::AsRef::as_ref).collect();
+    let out = tether(&args);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Attempts and a timeout the API would refuse are usage errors (exit 2) naming the flag,
+/// before any request (the port is closed: a request would fail "cannot reach"), with
+/// --watch too. They went to the coordinator and came back in the API's words (`task 0:
+/// timeout_ms must be positive`, exit 1, or 2 under "the watch could not follow" with
+/// --watch); a timeout of a fraction of a millisecond was cut to whole ones in silence.
+#[test]
+fn submit_values_the_api_would_refuse_are_usage_errors_naming_the_flag() {
+    let closed = closed_port();
+    for watch in [&[][..], &["--watch"]] {
+        for (flag, value) in [
+            ("--max-attempts", "0"),
+            ("--timeout", "0s"),
+            ("--timeout", "1500us"),
+            ("--timeout", "2s 10ns"),
+        ] {
+            let args = ["submit", "--coordinator", &closed, flag, value];
+            let (code, err) = tether_str(&[&args[..], watch, &["--", "true"]].concat());
+            let what = format!("{flag} {value} {watch:?}");
+            assert_eq!(code, Some(2), "{what}: {err}");
+            assert!(err.contains(flag), "{what}: {err}");
+            assert!(!err.contains("cannot reach"), "{what}: {err}");
+            assert!(!err.contains("could not follow"), "{what}: {err}");
+        }
+    }
+    // Values it takes are sent: here, to no one.
+    let args = ["submit", "--coordinator", &closed, "--max-attempts", "1"];
+    let (code, err) = tether_str(&[&args[..], &["--timeout", "1500ms", "--", "true"]].concat());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
+}
+
+/// A submission that fails with --watch is the submission's failure, as without it: its own
+/// error and exit status (1), not a watch that could not follow its tasks (2, under "the
+/// watch could not follow its tasks to their end").
+#[test]
+fn a_submission_that_fails_with_watch_says_so_as_without_it() {
+    let closed = closed_port();
+    for (what, coordinator, says) in [
+        ("a URL that is no coordinator's", "ftp://x", "ftp"),
+        ("refused a connection", closed.as_str(), "cannot reach"),
+    ] {
+        for watch in [&[][..], &["--watch"]] {
+            let args = ["submit", "--coordinator", coordinator];
+            let (code, err) = tether_str(&[&args[..], watch, &["--", "true"]].concat());
+            assert_eq!(code, Some(1), "{what} {watch:?}: {err}");
+            assert!(err.contains(says), "{what} {watch:?}: {err}");
+            assert!(!err.contains("could not follow"), "{what} {watch:?}: {err}");
+        }
     }
 }
 

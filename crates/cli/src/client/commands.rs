@@ -17,11 +17,11 @@ pub struct SubmitArgs {
     /// A capability the worker must have (repeatable).
     #[arg(long = "require", conflicts_with = "file")]
     requires: Vec<String>,
-    /// Timeout, e.g. 10m.
-    #[arg(long, value_parser = crate::settings::parse_duration_arg, conflicts_with = "file")]
+    /// Timeout, e.g. 10m: more than zero, in whole milliseconds.
+    #[arg(long, value_parser = parse_timeout, conflicts_with = "file")]
     timeout: Option<std::time::Duration>,
-    /// Attempts before a task lost again and again fails.
-    #[arg(long, conflicts_with = "file")]
+    /// Attempts before a task lost again and again fails: at least 1.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "file")]
     max_attempts: Option<u32>,
     /// A label shown in listings.
     #[arg(long, conflicts_with = "file")]
@@ -94,6 +94,22 @@ fn command_spec(a: &SubmitArgs) -> anyhow::Result<TaskSpec> {
     Ok(spec)
 }
 
+/// A task's timeout as the API takes it (`timeout_ms`): refused as the arguments are read when
+/// the coordinator would refuse it (zero) or could not hold it (a fraction of a millisecond,
+/// which was cut off in silence), so the error names the flag, not the API's field.
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let d = crate::settings::parse_duration_arg(s)?;
+    if d.is_zero() {
+        return Err(format!("{s}: a task's timeout must be longer than zero"));
+    }
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        return Err(format!(
+            "{s}: a task's timeout is whole milliseconds (e.g. 1500ms, 2s)"
+        ));
+    }
+    Ok(d)
+}
+
 fn parse_priority(s: &str) -> Result<u8, String> {
     match s {
         "high" => Ok(1),
@@ -107,14 +123,13 @@ fn parse_priority(s: &str) -> Result<u8, String> {
 }
 
 pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
-    let submitted = send(&a).await;
+    // A submission that failed is that, --watch or not: its own error and exit status, not a
+    // watch's "could not follow" (a duplicate id, refused, was said as a watch that lost its
+    // tasks).
+    let (api, ids) = send(&a).await?;
     if !a.watch {
-        return submitted.map(|_| ());
+        return Ok(());
     }
-    // With --watch the exit status says how the tasks ended: a submission that failed (or a
-    // client that could not be made) left none to follow, which is 2, not the 1 of a task
-    // that ended but did not complete.
-    let (api, ids) = submitted.map_err(|e| e.context(crate::watch::Unfollowed))?;
     crate::watch::follow_submitted(&api, ids, a.common.json).await
 }
 
@@ -702,6 +717,38 @@ mod tests {
         assert_eq!(worker_of("failed", None), "w1");
         assert_eq!(worker_of("queued", None), "-");
         assert_eq!(worker_of("paused", None), "-");
+    }
+
+    /// A submission refused with --watch (a duplicate id) is the submission's failure, said
+    /// in its own words with its exit status (1), not as a watch that could not follow (2).
+    #[tokio::test]
+    async fn a_submission_refused_with_watch_is_the_submissions_error_not_the_watchs() {
+        let app = axum::Router::new().route(
+            "/api/v1/tasks",
+            axum::routing::post(|| async {
+                let body = json!({"error": {"code": "conflict", "message": "task nightly-1 already exists"}});
+                (http::StatusCode::CONFLICT, axum::Json(body))
+            }),
+        );
+        let url = format!("http://{}", serve_for_test(app).await);
+        let args = [
+            "--coordinator",
+            url.as_str(),
+            "--watch",
+            "--id",
+            "nightly-1",
+            "--",
+            "true",
+        ];
+        let e = submit(submit_args(&args).expect("parsed"))
+            .await
+            .expect_err("refused");
+        let said = crate::output::describe(&e);
+        assert!(said.starts_with("task nightly-1 already exists"), "{said}");
+        assert!(
+            e.downcast_ref::<crate::watch::Unfollowed>().is_none(),
+            "{said}"
+        );
     }
 
     #[test]
