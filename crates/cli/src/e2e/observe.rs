@@ -647,7 +647,17 @@ mod tests {
             }),
             ..blackhole()
         };
-        let tagged = rec(
+        // One `tag_failed` record a frame; the session's end they caused catches nothing more.
+        let tagged = |ms, failures| {
+            rec(
+                ms,
+                Event::TagFailed {
+                    generation: 1,
+                    failures,
+                },
+            )
+        };
+        let ended = rec(
             400,
             Event::SessionLost {
                 generation: 1,
@@ -655,11 +665,18 @@ mod tests {
                 dead: false,
             },
         );
-        let next = Record {
-            at: at(10_500),
-            ..tagged.clone()
-        };
-        let logs = BTreeMap::from([("w1".to_owned(), vec![tagged, registered(900), next])]);
+        let logs = BTreeMap::from([(
+            "w1".to_owned(),
+            vec![
+                tagged(390, 1),
+                tagged(395, 2),
+                tagged(399, 3),
+                ended,
+                registered(900),
+                // The next disruption's.
+                tagged(10_500, 1),
+            ],
+        )]);
         o.analyse(&logs, &[], at(10_000));
         assert_eq!(o.caught.coordinator_registrations, Some(1));
         assert_eq!(o.caught.workers, BTreeMap::from([("w1".to_owned(), 3)]));
