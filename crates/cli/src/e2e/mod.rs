@@ -746,14 +746,15 @@ fn acks(logs: &BTreeMap<String, Vec<Record>>) -> Vec<AckView> {
             if let Event::ResultAck {
                 task_id,
                 attempt,
+                seq,
                 disposition,
-                ..
             } = &r.event
             {
                 out.push(AckView {
                     worker: worker.clone(),
                     task: task_id.to_string(),
                     attempt: attempt.map(|a| a.0),
+                    seq: seq.0,
                     disposition: serde_json::to_value(disposition)
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_owned))
