@@ -52,25 +52,20 @@ impl WorkerAuth {
     }
 
     /// The secret `worker` must prove it holds; `None` when it has none (it cannot register).
-    pub async fn secret_for(&self, worker: &WorkerId) -> Result<Option<Secret>, AuthError> {
+    pub async fn secret_for(&self, worker: &WorkerId) -> Result<Option<Secret>, SecretError> {
         if let Some(dir) = &self.dir
             // Ids may be `.` or `..`; those never name a secret file.
             && !worker.as_str().starts_with('.')
         {
             let path = dir.join(worker.as_str());
             match tokio::fs::read(&path).await {
-                // An unusable file is the coordinator's problem: logged with its path, and
-                // told to the worker as any refusal is (nothing about the file gets out).
                 Ok(bytes) => {
                     return Secret::new(&zeroize::Zeroizing::new(bytes))
                         .map(Some)
-                        .map_err(|e| AuthError::SecretFile {
-                            path,
-                            source: std::io::Error::other(e.to_string()),
-                        });
+                        .map_err(|reason| SecretError::Unusable { path, reason });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(AuthError::SecretFile { path, source }),
+                Err(source) => return Err(SecretError::Unreadable { path, source }),
             }
         }
         Ok(self.fleet.clone())
@@ -80,7 +75,7 @@ impl WorkerAuth {
     /// gets a decoy (random, this process's), so that its registration costs what a known
     /// worker's does (a signature computed and compared) and the time of the refusal does not
     /// tell which ids exist. The decoy never verifies: its refusal is `bad_signature`.
-    pub async fn secret_or_decoy(&self, worker: &WorkerId) -> Result<(Secret, bool), AuthError> {
+    pub async fn secret_or_decoy(&self, worker: &WorkerId) -> Result<(Secret, bool), SecretError> {
         static DECOY: std::sync::OnceLock<Secret> = std::sync::OnceLock::new();
         Ok(match self.secret_for(worker).await? {
             Some(secret) => (secret, true),
@@ -93,6 +88,25 @@ impl WorkerAuth {
             }
         })
     }
+}
+
+/// Why the secret of a worker with a file in the secrets directory is not at hand.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// The file was read and holds no secret (empty, too short, too long). The operator's to
+    /// fix, and until then the worker is refused as with a wrong secret: the answer tells
+    /// nothing of the file, and the log names it.
+    #[error("secret file {path} holds no usable secret: {reason}")]
+    Unusable { path: PathBuf, reason: AuthError },
+    /// The coordinator could not read the file (too many open files in a reconnect storm, an
+    /// I/O error, a stale or unreadable mount). Its own trouble, likely to pass, and nothing
+    /// the worker could change: refused, every worker would stop for good after three of
+    /// these, so the worker is told to try again instead.
+    #[error("cannot read secret file {path}: {source}")]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// An entry of the secrets directory that no registration will ever read, and why.

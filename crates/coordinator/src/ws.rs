@@ -41,7 +41,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Instant, timeout_at};
 
 use crate::admission::{Bucket, Entry, OverEntryBudget, Peer};
-use crate::auth::WorkerAuth;
+use crate::auth::{SecretError, WorkerAuth};
 use crate::config::{Beat, Limits};
 use crate::core::registration_refusal;
 use crate::core::{Counters, Event, Outgoing, SessionRef};
@@ -68,6 +68,9 @@ const CLOSE_BAD_DATA: u16 = 1007;
 const CLOSE_POLICY: u16 = 1008;
 /// Close code of a failed authentication; the worker stops for good.
 pub const CLOSE_UNAUTHORIZED: u16 = 4001;
+/// Close code of a registration the coordinator could not check (its secret could not be
+/// read); the worker reconnects with backoff.
+const CLOSE_INTERNAL: u16 = 1011;
 /// Close code of a session whose frames failed their integrity tag too often; the worker
 /// reconnects and starts a fresh session.
 const CLOSE_INTEGRITY: u16 = CLOSE_POLICY;
@@ -1384,6 +1387,10 @@ impl Conn<'_> {
             None => None,
             Some((auth, nonce)) => match self.check(auth, nonce, &r, text).await {
                 Ok(keyed) => keyed,
+                Err(Unchecked::Secret(e @ SecretError::Unreadable { .. })) => {
+                    self.cannot_check(deadline, &e).await;
+                    return None;
+                }
                 Err(e) => {
                     self.refuse(deadline, &e).await;
                     return None;
@@ -1420,7 +1427,7 @@ impl Conn<'_> {
         nonce: &str,
         r: &Registration,
         text: &str,
-    ) -> Result<Option<(Opener, SessionKey)>, AuthError> {
+    ) -> Result<Option<(Opener, SessionKey)>, Unchecked> {
         // A worker without a secret fails exactly like a wrong secret: ids are not enumerable.
         // So the signature's form is judged before the secret is looked up.
         tether_proto::auth::signature_bytes(r.signature.as_deref())?;
@@ -1433,7 +1440,7 @@ impl Conn<'_> {
         }
         .verify(&secret, r.signature.as_deref(), now(), auth.max_skew);
         if !known {
-            return Err(AuthError::BadSignature);
+            return Err(AuthError::BadSignature.into());
         }
         verified?;
         if !auth.message_mac {
@@ -1448,12 +1455,12 @@ impl Conn<'_> {
         let mut opener = Opener::new(key.clone(), Direction::ToCoordinator);
         match opener.open_text(text) {
             Ok(_) => Ok(Some((opener, key))),
-            Err(MacError::Missing) => Err(AuthError::IntegrityRequired),
-            Err(MacError::Mismatch) => Err(AuthError::BadIntegrityTag),
+            Err(MacError::Missing) => Err(AuthError::IntegrityRequired.into()),
+            Err(MacError::Mismatch) => Err(AuthError::BadIntegrityTag.into()),
         }
     }
 
-    async fn refuse(&mut self, mut deadline: Instant, e: &AuthError) {
+    async fn refuse(&mut self, mut deadline: Instant, e: &Unchecked) {
         self.app
             .counters
             .auth_failures
@@ -1461,8 +1468,8 @@ impl Conn<'_> {
         tracing::warn!(worker = %self.worker, session = self.session_id, reason = %e, "worker authentication failed; closing with 4001");
         let message = match e {
             // Our own file problem is logged, not told.
-            AuthError::SecretFile { .. } => AuthError::BadSignature.to_string(),
-            e => e.to_string(),
+            Unchecked::Secret(_) => AuthError::BadSignature.to_string(),
+            Unchecked::Auth(e) => e.to_string(),
         };
         let reply = CoordMsg::error(
             ErrorCode::Unauthorized,
@@ -1476,9 +1483,34 @@ impl Conn<'_> {
         }
     }
 
+    /// Answers a registration whose secret the coordinator could not read: not refused (the
+    /// worker could do nothing about it, and three refusals stop it for good) but told to come
+    /// back, as a coordinator that is shutting down would.
+    async fn cannot_check(&mut self, mut deadline: Instant, e: &SecretError) {
+        tracing::error!(worker = %self.worker, session = self.session_id, error = %e, "cannot check a worker's registration: its secret could not be read; the worker is told to try again (close 1011)");
+        let reply = CoordMsg::error(
+            ErrorCode::Internal,
+            "the coordinator could not check the registration; try again later",
+            Some("registration".into()),
+            None,
+        );
+        if self.tx.send_rare(&mut deadline, reply).await {
+            self.close(deadline, CLOSE_INTERNAL, "internal error").await;
+        }
+    }
+
     async fn close(&mut self, deadline: Instant, code: u16, reason: &str) {
         self.tx.close(deadline, code, reason).await;
     }
+}
+
+/// Why a registration's check did not pass.
+#[derive(Debug, thiserror::Error)]
+enum Unchecked {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
 }
 
 /// Sends `first` and what else is queued behind it (the acks and assignments of one commit,
@@ -2052,6 +2084,7 @@ mod tests {
         events: tokio::sync::mpsc::Receiver<Event>,
         stop: tokio_util::sync::CancellationToken,
         store_stats: Arc<crate::store::StoreStats>,
+        counters: Arc<Counters>,
     }
 
     impl FakeCore {
@@ -2075,7 +2108,7 @@ mod tests {
             let limits = state.cfg.limits.clone();
             let router = axum::Router::new()
                 .route("/api/v1/worker/{*rest}", axum::routing::get(upgrade))
-                .with_state(state);
+                .with_state(state.clone());
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .expect("bind");
@@ -2094,6 +2127,7 @@ mod tests {
                 events,
                 stop,
                 store_stats,
+                counters: state.counters.clone(),
             }
         }
 
@@ -2303,5 +2337,93 @@ mod tests {
             };
             assert_eq!((worker.as_str(), session_id), (id, session.id));
         }
+    }
+
+    /// A connection of worker `id` that sent its registration, signed with `secret`.
+    async fn signed_registration(
+        core: &FakeCore,
+        id: &str,
+        secret: &tether_proto::auth::Secret,
+    ) -> Client {
+        let url = format!("ws://{}/api/v1/worker/{id}/ws", core.addr);
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+            .await
+            .expect("connect");
+        let welcome = next_json(&mut ws).await.expect("a welcome");
+        let nonce = welcome["nonce"].as_str().expect("a nonce").to_owned();
+        let worker = WorkerId::parse(id).expect("id");
+        let at = now();
+        let signature = Challenge {
+            worker: &worker,
+            nonce: &nonce,
+            timestamp: at,
+            boot_id: "b",
+        }
+        .sign(secret);
+        send_json(
+            &mut ws,
+            serde_json::json!({"type": "registration", "worker_id": id,
+                "protocol_version": PROTOCOL_VERSION, "boot_id": "b", "capabilities": [],
+                "slots": 1, "executors": ["sleep"], "timestamp": at, "signature": signature}),
+        )
+        .await;
+        ws
+    }
+
+    /// What a connection is told before it is closed: the last message, and the close code.
+    async fn answer(ws: &mut Client) -> (Option<serde_json::Value>, Option<u16>) {
+        use tokio_tungstenite::tungstenite::Message as M;
+        let mut error = None;
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .expect("a frame in time");
+            match m {
+                Some(Ok(M::Text(t))) => error = Some(serde_json::from_str(&t).expect("json")),
+                Some(Ok(M::Close(c))) => return (error, c.map(|c| u16::from(c.code))),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return (error, None),
+            }
+        }
+    }
+
+    /// A secret the coordinator cannot read (here the secrets "directory" is a file, so the
+    /// read fails with ENOTDIR; in life too many open files in a reconnect storm, an I/O
+    /// error, a stale mount) is the coordinator's trouble, not the worker's: the worker is told
+    /// `internal` and closed with 1011, which it retries, never refused with 4001, which three
+    /// times over stops it for good; nor is it counted as an authentication failure. Once the
+    /// secret can be read, the worker registers.
+    #[tokio::test]
+    async fn a_secret_the_coordinator_cannot_read_is_no_refusal_and_the_worker_registers_later() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secrets = dir.path().join("secrets");
+        std::fs::write(&secrets, "a file where the directory should be").expect("write");
+        let secret = tether_proto::auth::Secret::new(b"the worker's own secret").expect("secret");
+        let mut cfg = crate::CoordinatorConfig::new("/unused");
+        cfg.auth = Some(WorkerAuth {
+            fleet: None,
+            dir: Some(secrets.clone()),
+            max_skew: tether_proto::auth::DEFAULT_MAX_SKEW,
+            message_mac: false,
+        });
+        let mut core = FakeCore::start(cfg, 16).await;
+        // More attempts than the refusals that stop a worker.
+        for attempt in 1..=4 {
+            let mut ws = signed_registration(&core, "w-unread", &secret).await;
+            let (error, code) = answer(&mut ws).await;
+            let error = error.expect("an error");
+            assert_eq!(error["code"], "internal", "attempt {attempt}: {error}");
+            assert_eq!(code, Some(CLOSE_INTERNAL), "attempt {attempt}: {error}");
+        }
+        let failures = core.counters.auth_failures.load(Ordering::Relaxed);
+        assert_eq!(failures, 0, "not counted as authentication failures");
+        std::fs::remove_file(&secrets).expect("remove");
+        std::fs::create_dir(&secrets).expect("mkdir");
+        std::fs::write(secrets.join("w-unread"), "the worker's own secret\n").expect("write");
+        let _ws = signed_registration(&core, "w-unread", &secret).await;
+        let Event::Connected { worker, .. } = core.next().await else {
+            panic!("a connection");
+        };
+        assert_eq!(worker.as_str(), "w-unread");
     }
 }

@@ -14,4 +14,5 @@ mod lifecycle;
 mod metrics;
 mod raw;
 mod recovery;
+mod secrets;
 mod tls;
