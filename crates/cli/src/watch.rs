@@ -7,7 +7,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use anyhow::bail;
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::Args;
 use futures_util::StreamExt;
@@ -37,6 +36,8 @@ const REMOVAL_GAP: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
 /// Tasks a watch of every task keeps (to tell a change from a copy already reported) before
 /// it forgets those that ended long enough ago.
 const SEEN_MAX: usize = 100_000;
+/// What [`Watch::ended`] holds for a named task removed before its end was seen.
+const REMOVED: &str = "removed";
 /// Tasks read a request when catching up after a gap (`--page-size`), page after page.
 pub(crate) const PAGE: usize = 10_000;
 
@@ -515,7 +516,7 @@ impl Watch {
 
     /// A named task removed by the coordinator's retention before the watch saw it end (it
     /// ended, and was removed, while no stream was open; or its removal came first on a
-    /// stream): its outcome is unknown, and it counts as not completed.
+    /// stream): its outcome is unknown, so the watch could not follow it to its end (exit 2).
     fn on_removed(&mut self, id: &str) -> anyhow::Result<()> {
         let named = self.ids.as_ref().is_some_and(|ids| ids.contains(id));
         if !named || self.ended.contains_key(id) {
@@ -528,7 +529,7 @@ impl Watch {
                 "{id} removed by the coordinator's retention before its end was seen (outcome unknown)"
             )?;
         }
-        self.ended.insert(id.to_owned(), "removed".into());
+        self.ended.insert(id.to_owned(), REMOVED.into());
         Ok(())
     }
 
@@ -631,26 +632,42 @@ impl Watch {
         Ok(())
     }
 
-    /// `Ok` when every named task completed; else an error naming the others.
+    /// `Ok` when every named task completed; else an error naming the others, with the
+    /// context [`Unfollowed`] when one was removed before its end was seen: how that one ended
+    /// is unknown, and the 1 of a task that ended but did not complete would say it is known.
     fn verdict(&self) -> anyhow::Result<()> {
-        let unsuccessful: Vec<String> = self
+        let (removed, unsuccessful): (Vec<_>, Vec<_>) = self
             .ended
             .iter()
             .filter(|(_, s)| status_of(s) != Some(TaskStatus::Completed))
-            .map(|(id, s)| format!("{id} {s}"))
-            .collect();
+            .partition(|(_, s)| *s == REMOVED);
         if !self.json {
             outln!(
                 "{} of {} tasks completed",
-                self.ended.len() - unsuccessful.len(),
+                self.ended.len() - unsuccessful.len() - removed.len(),
                 self.ended.len()
             )?;
         }
-        if unsuccessful.is_empty() {
-            Ok(())
-        } else {
-            bail!("not completed: {}", unsuccessful.join(", "))
+        let unsuccessful: Vec<String> = unsuccessful
+            .into_iter()
+            .map(|(id, s)| format!("{id} {s}"))
+            .collect();
+        let not_completed = format!("not completed: {}", unsuccessful.join(", "));
+        if removed.is_empty() {
+            return match unsuccessful.is_empty() {
+                true => Ok(()),
+                false => Err(anyhow::anyhow!(not_completed)),
+            };
         }
+        let removed: Vec<&str> = removed.into_iter().map(|(id, _)| id.as_str()).collect();
+        let mut why = format!(
+            "{} removed by the coordinator's retention before its end was seen (outcome unknown)",
+            removed.join(", ")
+        );
+        if !unsuccessful.is_empty() {
+            why.push_str(&format!("; {not_completed}"));
+        }
+        Err(anyhow::anyhow!(why).context(Unfollowed))
     }
 }
 
@@ -1230,7 +1247,7 @@ mod tests {
 
     /// A named task that ended and was removed by retention while the watch had no stream is
     /// gone from every listing: the watch used to wait for its end for ever. It ends the watch
-    /// as removed (outcome unknown, so not completed), whether the names are read one by one or
+    /// as removed (outcome unknown: exit 2), whether the names are read one by one or
     /// from the listing; a short gap's listing (the tasks changed in it) cannot tell a removed
     /// task from an unchanged one, and retention removes none that ended so recently.
     #[tokio::test]
@@ -1260,8 +1277,16 @@ mod tests {
                 "n {n}"
             );
             assert_eq!(w.ended.len(), 1, "n {n}: {:?}", w.ended);
+            // Its outcome is unknown: exit 2, as a watch that could not follow its tasks, not
+            // the 1 of a task known not to have completed.
             let e = w.verdict().expect_err("not completed");
-            assert!(format!("{e:#}").contains("t0 removed"), "{e:#}");
+            assert!(e.downcast_ref::<Unfollowed>().is_some(), "{e:#}");
+            let said = crate::output::describe(&e);
+            assert!(
+                said.contains("t0 removed by the coordinator's retention"),
+                "{said}"
+            );
+            assert!(said.contains("outcome unknown"), "{said}");
         }
     }
 
