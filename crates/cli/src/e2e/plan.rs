@@ -131,7 +131,9 @@ impl Kind {
     /// heartbeats and small task messages need, and far below the counter task's checkpoints
     /// (600 KB of noise, a piece of it taking longer than the timeout): their sessions live
     /// because a frame still arriving counts as life on both sides (docs/PROTOCOL.md section
-    /// 4; before that, they were lost in most runs). Not among them, since they can end a live session by design:
+    /// 4; before that, they were lost in most runs). Each is held past that timeout
+    /// ([`past_liveness`]), or no silence could outlast it and losing none would show nothing.
+    /// Not among them, since they can end a live session by design:
     /// `stall`, whose holds stack (the proxy reads ahead and draws for every queued chunk, so
     /// four or five holds of 400 ms in a row, about one draw in a hundred, are a silence past
     /// the timeout before it has grown), and `link_crawl`, whose filter drops packets and so
@@ -246,6 +248,20 @@ pub const CRAWL_RATES: std::ops::RangeInclusive<u32> = 1_500..=4_000;
 /// Longest a disruption that waits to fire or be detected stays in place.
 pub const MAX_HOLD: Duration = Duration::from_secs(20);
 
+/// How far past the worker's liveness timeout a disruption every session must ride through
+/// stays on at least, and how long after the last disruption's removal the run still charges
+/// a lost session to it.
+pub const PAST_LIVENESS: Duration = Duration::from_secs(1);
+
+/// The least hold of a kind that [`Kind::rides_through`], and the least window of the last
+/// disruption: the worker's liveness timeout and [`PAST_LIVENESS`]. A slow link held for less
+/// than the timeout could never leave a silence long enough to end a session, and the check
+/// that every session rode through it would pass whether or not a frame still arriving counts
+/// as life (paced chunks flush at once when the fault goes).
+pub fn past_liveness() -> Duration {
+    super::procs::TIMINGS.worker_liveness() + PAST_LIVENESS
+}
+
 /// Rounds of the scenario's kinds, each shuffled, `rounds` of them.
 pub fn plan(
     kinds: &[Kind],
@@ -257,6 +273,7 @@ pub fn plan(
 ) -> Vec<Disruption> {
     let mut rng = SmallRng::seed_from_u64(seed);
     let timed = (interval / 2).clamp(Duration::from_secs(1), Duration::from_secs(5));
+    let ride = past_liveness();
     let mut out = Vec::new();
     for _ in 0..rounds.max(1) {
         let mut round = kinds.to_vec();
@@ -326,6 +343,11 @@ pub fn plan(
                 Kind::LinkDown => (None, Direction::Both, MAX_HOLD),
                 Kind::LinkCrawl => (None, Direction::Both, timed),
             };
+            let hold = if kind.rides_through() {
+                hold.max(ride)
+            } else {
+                hold
+            };
             out.push(Disruption {
                 index: out.len(),
                 kind,
@@ -383,6 +405,27 @@ mod tests {
                     d.rate_bps.is_some_and(|r| CRAWL_RATES.contains(&r)),
                     "{d:?}"
                 );
+            }
+        }
+    }
+
+    /// The slow links every session must live through stay on longer than the worker's
+    /// liveness timeout at the intervals the suite runs (1 s and 1.5 s gave them 1 s, under
+    /// the 1.5 s timeout: no silence could outlast it, and `slow_links_ridden_through` could
+    /// not fail), so that losing one is possible and the check means something.
+    #[test]
+    fn a_slow_link_to_ride_through_is_held_past_the_workers_liveness_timeout() {
+        let timeout = super::super::procs::TIMINGS.worker_liveness();
+        assert_eq!(timeout, Duration::from_millis(1_500));
+        let kinds = scenario_kinds("all", false).expect("all");
+        for ms in [1_000, 1_500, 4_000, 20_000] {
+            for seed in 0..20 {
+                let p = plan(&kinds, 1, 3, Duration::from_millis(ms), seed, CORRUPT_RATE);
+                let ridden: Vec<_> = p.iter().filter(|d| d.kind.rides_through()).collect();
+                assert_eq!(ridden.len(), 3);
+                for d in ridden {
+                    assert!(d.hold >= timeout + PAST_LIVENESS, "{ms} ms: {d:?}");
+                }
             }
         }
     }

@@ -45,6 +45,15 @@ pub const TIMINGS: Timings = Timings {
     worker_slots: 2,
 };
 
+impl Timings {
+    /// The worker's heartbeat timeout as configured: the least silence it declares a link
+    /// dead after (the adaptive timeout only grows from it, with the measured round trip).
+    pub fn worker_liveness(&self) -> Duration {
+        humantime::parse_duration(self.worker_heartbeat_timeout)
+            .expect("the run's own timings are durations")
+    }
+}
+
 fn spawn(exe: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
