@@ -595,7 +595,8 @@ impl<'a> Session<'a> {
 
     /// A frame whose tag did not verify is dropped and counted; too many end the session (a new
     /// one starts with a fresh key). Before the first verified frame, an untagged `error` is
-    /// still read: a coordinator that refuses the registration cannot tag its refusal.
+    /// still read: a coordinator that refuses the registration cannot tag its refusal (a
+    /// worker that requires integrity does not take it as one: `refusal_or_retry`).
     async fn on_bad_tag(&mut self, frame: &Message, e: MacError) -> Inbound {
         let verified = self.open.as_ref().map_or(0, |o| o.verified());
         if verified == 0
@@ -750,19 +751,35 @@ impl<'a> Session<'a> {
     /// after the registration went out says the registration is larger than the coordinator
     /// takes: sent again it would be closed again, for ever, so it is a refusal (the worker
     /// stops, saying why, after `refusals_before_stop` of them), not a reconnect.
+    ///
+    /// A close carries no tag: a worker that requires integrity takes none as a refusal
+    /// ([`Session::unproven`]).
     fn closed_end(&self, reason: String, code: Option<u16>) -> SessionEnd {
-        match code {
-            Some(CLOSE_UNAUTHORIZED | CLOSE_INCOMPATIBLE | CLOSE_CONFLICT) => {
-                SessionEnd::Refused(reason)
-            }
-            Some(CLOSE_TOO_BIG) if self.registration_bytes > 0 => SessionEnd::Refused(format!(
+        let refusal = match code {
+            Some(CLOSE_UNAUTHORIZED | CLOSE_INCOMPATIBLE | CLOSE_CONFLICT) => reason,
+            Some(CLOSE_TOO_BIG) if self.registration_bytes > 0 => format!(
                 "the coordinator closed the connection at this worker's registration of {} \
                  bytes as larger than its frames take (1009: {reason}); shorten the worker's \
                  tags or capabilities, or raise the coordinator's --max-frame",
                 self.registration_bytes
-            )),
-            _ => SessionEnd::NotRegistered(reason),
+            ),
+            _ => return SessionEnd::NotRegistered(reason),
+        };
+        match self.agent.cfg.require_message_mac {
+            true => self.unproven(refusal),
+            false => SessionEnd::Refused(refusal),
         }
+    }
+
+    /// A refusal without a verified tag, read by a worker that requires integrity: anyone on
+    /// the path could have sent it, and counted as refusals three such forgeries would stop
+    /// the worker for good. It is retried as a failed attempt (with backoff), never counted.
+    /// The price: a coordinator that really refuses this worker (a wrong secret, whose session
+    /// key cannot match) cannot tag its refusal either, so such a worker keeps trying, saying
+    /// why each time, rather than stop.
+    fn unproven(&self, refusal: String) -> SessionEnd {
+        tracing::warn!(worker = %self.worker(), generation = self.generation, %refusal, "refused without an integrity tag, which anyone on the path could forge: not taken as the coordinator's refusal since this worker requires integrity (--message-mac); trying again (if this goes on, check this worker's secret)");
+        SessionEnd::NotRegistered(format!("untagged refusal, not trusted: {refusal}"))
     }
 
     /// Sends the registration, remembering its size.
@@ -1039,7 +1056,16 @@ impl<'a> Session<'a> {
             .shared
             .errors_received
             .fetch_add(1, Ordering::Relaxed);
+        // Only an `error` whose tag verified came from the coordinator: before the key there is
+        // no tag, and after it an untagged one is let through only as the first frame
+        // (`on_bad_tag`), so a verified frame so far is this one.
+        let tagged = self.open.as_ref().is_some_and(|o| o.verified() > 0);
         match e.code {
+            ErrorCode::IncompatibleProtocol | ErrorCode::Unauthorized
+                if self.agent.cfg.require_message_mac && !tagged =>
+            {
+                self.unproven(format!("{}: {}", e.code.as_str(), e.message))
+            }
             ErrorCode::IncompatibleProtocol | ErrorCode::Unauthorized => {
                 SessionEnd::Refused(e.message.clone())
             }

@@ -578,6 +578,19 @@ impl KeyedCoordinator {
 
     /// Accepts the worker's next connection and registers it; the session's sealer.
     async fn register_next(&self, id: &str) -> (ServerWs, Sealer) {
+        let (mut ws, mut seal) = self.read_registration(id).await;
+        let ack = json!({
+            "type": "registration_ack", "worker_id": id, "session_id": 1, "directives": [],
+            "timestamp": chrono::Utc::now(),
+        });
+        let ack = seal.seal_text(ack.to_string());
+        ws.send(Message::text(ack)).await.expect("ack");
+        (ws, seal)
+    }
+
+    /// Accepts the worker's next connection, welcomes it and reads its registration, leaving
+    /// the answer to the test; the session's sealer.
+    async fn read_registration(&self, id: &str) -> (ServerWs, Sealer) {
         let (tcp, _) = tokio::time::timeout(DEADLINE, self.listener.accept())
             .await
             .expect("the worker connects again in time")
@@ -606,15 +619,26 @@ impl KeyedCoordinator {
         let client_nonce = reg["client_nonce"].as_str().expect("client nonce");
         let worker = WorkerId::parse(id).expect("id");
         let key = SessionKey::derive(&secret(), &worker, &nonce, client_nonce);
-        let mut seal = Sealer::new(key, Direction::ToWorker);
-        let ack = json!({
-            "type": "registration_ack", "worker_id": id, "session_id": 1, "directives": [],
+        (ws, Sealer::new(key, Direction::ToWorker))
+    }
+}
+
+/// Answers a registration with an untagged refusal: `error` `unauthorized` and close 4001, as
+/// a coordinator that cannot check the signature does, or with the close alone.
+async fn refuse_untagged(ws: &mut ServerWs, with_error: bool) {
+    if with_error {
+        let refusal = json!({
+            "type": "error", "code": "unauthorized", "message": "authentication failed",
             "timestamp": chrono::Utc::now(),
         });
-        let ack = seal.seal_text(ack.to_string());
-        ws.send(Message::text(ack)).await.expect("ack");
-        (ws, seal)
+        // The worker may have hung up already: what it read is what counts.
+        let _ = ws.send(Message::text(refusal.to_string())).await;
     }
+    let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: 4001u16.into(),
+        reason: "authentication failed".into(),
+    };
+    let _ = ws.close(Some(frame)).await;
 }
 
 /// A worker with the fleet secret, against `c`.
@@ -698,6 +722,51 @@ async fn with_message_mac_closes_after_the_registration_do_not_stop_a_worker() {
     w.wait_state(|s| s == ConnState::Connected).await;
     assert_eq!(w.handle.registrations(), 5);
     w.stop().await.expect("clean stop");
+}
+
+/// A refusal of the registration carries no tag (a coordinator that refuses the signature
+/// cannot key the session), so anyone on the path can forge one. A worker that requires
+/// integrity (`--message-mac`) does not count it towards `refusals_before_stop` (3): four
+/// forged `unauthorized` errors and four forged closes 4001 do not stop it (either kind alone
+/// would, counted), and it registers when properly acknowledged.
+#[tokio::test]
+async fn with_message_mac_required_untagged_refusals_of_the_registration_do_not_stop_a_worker() {
+    let c = KeyedCoordinator::bind().await;
+    let mut cfg = fast_worker_config(&c.url(), "strict");
+    cfg.secret = Some(secret());
+    cfg.require_message_mac = true;
+    let w = spawn_worker(cfg, Executors::builtin());
+    for with_error in [true, true, true, true, false, false, false, false] {
+        // Accepted again: the worker did not stop at the refusals before.
+        let (mut ws, _) = c.read_registration("strict").await;
+        refuse_untagged(&mut ws, with_error).await;
+    }
+    let _last = c.register_next("strict").await;
+    w.wait_state(|s| s == ConnState::Connected).await;
+    assert!(!w.join.is_finished(), "the worker stopped");
+    assert_eq!(w.handle.registrations(), 1);
+    w.stop().await.expect("clean stop");
+}
+
+/// Without `--message-mac` an untagged refusal still counts (the coordinator's own refusal of a
+/// wrong secret carries no tag, and it should stop the worker): the third stops it. The
+/// trade-off is in docs/SECURITY.md.
+#[tokio::test]
+async fn without_message_mac_required_untagged_refusals_still_stop_a_worker() {
+    let c = KeyedCoordinator::bind().await;
+    let w = keyed_worker(&c, "relaxed");
+    for _ in 0..3 {
+        let (mut ws, _) = c.read_registration("relaxed").await;
+        refuse_untagged(&mut ws, true).await;
+    }
+    match tokio::time::timeout(DEADLINE, w.join)
+        .await
+        .expect("stops")
+        .expect("task")
+    {
+        Err(AgentError::Refused(msg)) => assert!(msg.contains("authentication failed"), "{msg}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
 }
 
 /// Each frame from the coordinator that fails its tag leaves one `tag_failed` record in the
