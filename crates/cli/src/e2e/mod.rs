@@ -338,9 +338,12 @@ fn judge(
     extra: Extra,
 ) -> Report {
     let samples = sys.watcher.snapshot();
-    let starts: Vec<_> = observations.iter().map(|o| o.started_at).collect();
-    for (i, o) in observations.iter_mut().enumerate() {
-        let end = starts.get(i + 1).copied().unwrap_or(extra.over_at);
+    let times: Vec<_> = observations
+        .iter()
+        .map(|o| (o.started_at, o.removed_at))
+        .collect();
+    let ends = observe::window_ends(&times, extra.over_at);
+    for (o, end) in observations.iter_mut().zip(ends) {
         o.analyse(logs, &samples, end);
         o.handback_from(&truth.tasks);
     }
@@ -419,8 +422,9 @@ fn print_summary(report: &Report) -> anyhow::Result<()> {
 /// What the run gathered besides the verdict's ground truth.
 struct Extra {
     outcomes: TaskOutcomes,
-    /// When the last disruption had been dealt with; later events (the workers stopped at
-    /// the end) belong to none.
+    /// The end of the drain (and at least the liveness timeout and a second after the last
+    /// disruption's removal): the last disruption's window ends here; later events (the
+    /// workers stopped at the end) belong to none.
     over_at: chrono::DateTime<Utc>,
     workers_view: Vec<Value>,
 }
@@ -511,12 +515,21 @@ async fn drive(
             submit_wave(sys, d.index + 1, &mut rng, &mut submitted, &mut bodies).await?;
         }
     }
-    let over_at = Utc::now();
     outln!(
         "disruptions over; waiting for {} tasks to end",
         submitted.len()
     )?;
     let tasks = drain(sys, &submitted, a.drain_timeout).await?;
+    // The last disruption is judged to here (`observe::window_ends`), and at least past the
+    // liveness timeout after its removal: its aftermath can end a session that late. The
+    // workers stop only then, so that their stopping is no part of it.
+    if let Some(last) = observations.last() {
+        let settled = last.removed_at + chrono::Duration::from_std(plan::past_liveness())?;
+        if let Ok(left) = (settled - Utc::now()).to_std() {
+            tokio::time::sleep(left).await;
+        }
+    }
+    let over_at = Utc::now();
     // Workers stop first, so their logs hold every ack they will ever see. One that ended
     // while the tasks drained shows here: its leases moved on, and nothing else would tell.
     for w in &mut sys.workers {

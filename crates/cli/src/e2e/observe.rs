@@ -208,6 +208,26 @@ pub fn lost_since(events: &[Record], since: DateTime<Utc>) -> bool {
         .any(|r| r.at >= since && matches!(r.event, Event::SessionLost { .. }))
 }
 
+/// Where each disruption's window ends (what [`Observation::analyse`] is given): at the next
+/// one's start, and the last one's at `over_at` (the drain's end) but no sooner than
+/// [`super::plan::past_liveness`] after its removal. Ended when the last wave was in, it was
+/// judged over a few milliseconds, and a session lost just after the last slow link went (a
+/// liveness timer that ran through the removal) was charged to nothing.
+pub fn window_ends(
+    starts_removals: &[(DateTime<Utc>, DateTime<Utc>)],
+    over_at: DateTime<Utc>,
+) -> Vec<DateTime<Utc>> {
+    let settle = chrono::Duration::from_std(super::plan::past_liveness()).unwrap_or_default();
+    starts_removals
+        .iter()
+        .enumerate()
+        .map(|(i, (_, removed))| match starts_removals.get(i + 1) {
+            Some((next, _)) => *next,
+            None => over_at.max(*removed + settle),
+        })
+        .collect()
+}
+
 fn ms(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
     (to - from).num_microseconds().unwrap_or(i64::MAX) as f64 / 1000.0
 }
@@ -606,6 +626,39 @@ mod tests {
         assert!(view.recovered && failed, "{view:?}");
         let (view, failed) = judge(vec![registered(-5_000)]);
         assert!(view.sessions_lost.is_empty() && !failed, "{view:?}");
+    }
+
+    /// The last disruption's window runs past its removal by more than the liveness timeout:
+    /// a session lost 500 ms after the last latency went is that latency's, though the run
+    /// marked the disruptions over 10 ms after the removal.
+    #[test]
+    fn a_session_lost_just_after_the_last_slow_link_went_is_charged_to_it() {
+        let mut o = Observation {
+            kind: Kind::Latency,
+            affected: vec![],
+            ..blackhole()
+        };
+        let removed = o.removed_at;
+        let ends = window_ends(
+            &[(o.started_at, removed)],
+            removed + chrono::Duration::milliseconds(10),
+        );
+        assert_eq!(ends.len(), 1);
+        let logs = BTreeMap::from([(
+            "w1".to_owned(),
+            vec![
+                registered(-5_000),
+                lost(3_500 + 500, true),
+                registered(4_200),
+            ],
+        )]);
+        o.analyse(&logs, &[], ends[0]);
+        assert_eq!(o.view().sessions_lost, [("w1".to_owned(), true)]);
+        // A window between two disruptions still ends at the next one's start.
+        let next = at(3_600);
+        let ends = window_ends(&[(at(0), removed), (next, at(4_000))], at(9_000));
+        assert_eq!(ends[0], next);
+        assert_eq!(ends[1], at(9_000));
     }
 
     fn parse_events(text: &str) -> anyhow::Result<Vec<Record>> {
