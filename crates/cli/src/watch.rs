@@ -98,17 +98,19 @@ pub(crate) async fn follow(
     judge(api, watch).await
 }
 
-/// [`follow`] of the tasks `ids` that the coordinator at `api` has just taken (`submit
-/// --watch`): it was up, so an event stream it does not answer at first is asked again as
-/// through any restart (one between the submission and the stream's opening), not taken for
-/// a wrong address.
+/// [`follow`] of the tasks `ids` that the coordinator at `api` took in a submission sent at
+/// `sent` (`submit --watch`): it was up, so an event stream it does not answer at first is
+/// asked again as through any restart (one between the submission and the stream's
+/// opening), not taken for a wrong address; and many tasks are first read from those changed
+/// since the submission, not from the coordinator's whole table.
 pub(crate) async fn follow_submitted(
     api: &Api,
     ids: BTreeSet<String>,
     json: bool,
+    sent: std::time::Instant,
 ) -> anyhow::Result<()> {
     let mut watch = Watch::new(Some(ids), json, false);
-    watch.answered_before = true;
+    watch.submitted = Some(sent);
     judge(api, watch).await
 }
 
@@ -147,7 +149,7 @@ async fn follow_with(api: &Api, watch: &mut Watch) -> anyhow::Result<()> {
                 if opened {
                     opened_once = true;
                     delay = RETRY_FIRST;
-                } else if !opened_once && !reached && !watch.answered_before {
+                } else if !opened_once && !reached && watch.submitted.is_none() {
                     // Never reached: a wrong address or a coordinator that is not up; say so
                     // rather than wait for it. One that answered and ended the stream before
                     // its snapshot (busy with large answers) is asked again, and so is one
@@ -251,9 +253,10 @@ struct Watch {
     started: Option<DateTime<Utc>>,
     /// Tasks known when ended ones are next forgotten ([`SEEN_MAX`]).
     forget_at: usize,
-    /// The coordinator answered before the watch began (it took the tasks followed): one
-    /// not reached at the first opening is restarting, not a wrong address.
-    answered_before: bool,
+    /// When the tasks followed were submitted, if the watch follows a submission: the
+    /// coordinator answered then (it took them), so one not reached at the first opening is
+    /// restarting, not a wrong address; and the tasks changed no earlier.
+    submitted: Option<std::time::Instant>,
 }
 
 impl Watch {
@@ -271,7 +274,7 @@ impl Watch {
             silence: SILENCE,
             started: None,
             forget_at: SEEN_MAX,
-            answered_before: false,
+            submitted: None,
         }
     }
 
@@ -399,28 +402,7 @@ impl Watch {
                     .into_iter()
                     .filter(|id| !self.ended.contains_key(id))
                     .collect();
-                if open.len() > ONE_BY_ONE {
-                    // Long enough for retention to have removed a task unseen: read them all.
-                    let gap = before.zip(time(&snap["at"])).map(|(b, at)| at - b);
-                    let since = before.filter(|_| gap.is_some_and(|g| g < REMOVAL_GAP));
-                    self.read_named_listed(api, &open, before.is_some(), since)
-                        .await?;
-                } else {
-                    for id in open {
-                        match api.get(&format!("/api/v1/tasks/{id}")).await {
-                            Ok(t) => self.on_task(&t)?,
-                            // Found at an earlier catch-up, gone now: it ended while no stream
-                            // was open, and retention removed it.
-                            Err(e) if before.is_some() && status(&e) == Some(404) => {
-                                self.on_removed(&id)?;
-                            }
-                            Err(e) if status(&e) == Some(404) => {
-                                return Err(e.context(format!("no task {id} at this coordinator")));
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    }
-                }
+                self.read_named(api, snap, before, &open).await?;
             }
             None if !self.baseline => {
                 self.baseline = true;
@@ -473,22 +455,81 @@ impl Watch {
         Ok(())
     }
 
-    /// Many named tasks: read from the listing, page by page (every task the first time and
-    /// after a long gap, else those changed since `since`, just before the gap), not with a
-    /// request each: a watch of thousands of tasks whose stream lags would read them all again
-    /// at every snapshot. A name missing from a whole listing is refused at the first reading
-    /// (`found_before` false), as a request for it would be; later, it was removed by retention.
+    /// The named tasks not ended yet, `open`, after a gap that began after `before`.
+    async fn read_named(
+        &mut self,
+        api: &Api,
+        snap: &Value,
+        before: Option<DateTime<Utc>>,
+        open: &[String],
+    ) -> anyhow::Result<()> {
+        if open.len() <= ONE_BY_ONE {
+            return self.read_one_by_one(api, open, before).await;
+        }
+        if before.is_none()
+            && let Some(since) = self.since_submitted(snap)
+        {
+            // Just submitted: among the tasks changed since, not the whole table. One not
+            // there (its change stamped by a clock set back meanwhile) is asked for by itself.
+            let missing = self.read_named_listed(api, open, Some(since)).await?;
+            return self.read_one_by_one(api, &missing, before).await;
+        }
+        // After a gap long enough for retention to have removed a task unseen, every task (from
+        // the oldest named one on); after a shorter one, those changed in it, where a task
+        // missing is one that did not change.
+        let gap = before.zip(time(&snap["at"])).map(|(b, at)| at - b);
+        let since = before.filter(|_| gap.is_some_and(|g| g < REMOVAL_GAP));
+        let missing = self.read_named_listed(api, open, since).await?;
+        if since.is_some() {
+            return Ok(());
+        }
+        for id in missing {
+            // Never found: refused, as a request for it would be. Found before: removed.
+            if before.is_none() {
+                return Err(no_task(&id));
+            }
+            self.on_removed(&id)?;
+        }
+        Ok(())
+    }
+
+    /// Few named tasks, `ids`: read with a request each. One found at an earlier catch-up
+    /// (`before` is some) and gone now ended while no stream was open, and retention removed
+    /// it; one never found is refused.
+    async fn read_one_by_one(
+        &mut self,
+        api: &Api,
+        ids: &[String],
+        before: Option<DateTime<Utc>>,
+    ) -> anyhow::Result<()> {
+        for id in ids {
+            match api.get(&format!("/api/v1/tasks/{id}")).await {
+                Ok(t) => self.on_task(&t)?,
+                Err(e) if before.is_some() && status(&e) == Some(404) => self.on_removed(id)?,
+                Err(e) if status(&e) == Some(404) => {
+                    return Err(e.context(format!("no task {id} at this coordinator")));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Many named tasks, `open`: read from the listing, page by page (those changed since
+    /// `since`, else all), not with a request each: a watch of thousands of tasks whose stream
+    /// lags would read them all again at every snapshot. Once each has been seen, the listing
+    /// starts at the oldest of them (by `submit_seq`), not at the coordinator's oldest task.
+    /// The names the listing did not hold.
     async fn read_named_listed(
         &mut self,
         api: &Api,
         open: &[String],
-        found_before: bool,
         since: Option<DateTime<Utc>>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<String>> {
         let query = changed_since(since);
         let wanted: std::collections::HashSet<&str> = open.iter().map(String::as_str).collect();
         let mut found = std::collections::HashSet::new();
-        let mut pages = TaskPages::new(api, &query, self.page);
+        let mut pages = TaskPages::new(api, &query, self.page).after(self.oldest_seq(open));
         while let Some(page) = pages.next().await? {
             for t in &page {
                 if let Some(id) = t["task_id"].as_str().filter(|id| wanted.contains(id)) {
@@ -497,21 +538,29 @@ impl Watch {
                 }
             }
         }
-        if since.is_some() {
-            return Ok(());
-        }
-        for missing in open.iter().filter(|id| !found.contains(*id)) {
-            if found_before {
-                self.on_removed(missing)?;
-                continue;
-            }
-            let body = serde_json::json!({"error": {"message": format!("no task {missing}")}});
-            return Err(
-                anyhow::Error::from(Refused::of(http::StatusCode::NOT_FOUND, &body))
-                    .context(format!("no task {missing} at this coordinator")),
-            );
-        }
-        Ok(())
+        Ok(open
+            .iter()
+            .filter(|id| !found.contains(*id))
+            .cloned()
+            .collect())
+    }
+
+    /// The `submit_seq` a listing of the tasks `open` can start after: just before the
+    /// oldest of them, once each has been seen (a task submitted again under a removed one's
+    /// id has a higher one, so nothing of theirs is before it); `None` until then.
+    fn oldest_seq(&self, open: &[String]) -> Option<u64> {
+        let seqs: Option<Vec<u64>> = open
+            .iter()
+            .map(|id| self.seen.get(id).map(|k| k.shown.submit_seq))
+            .collect();
+        seqs?.into_iter().min()?.checked_sub(1)
+    }
+
+    /// For the first reading of tasks just submitted: the time, by the coordinator's clock
+    /// (the snapshot's), a little before they were submitted, so they changed since.
+    fn since_submitted(&self, snap: &Value) -> Option<DateTime<Utc>> {
+        let ago = chrono::TimeDelta::from_std(self.submitted?.elapsed()).ok()?;
+        time(&snap["at"])?.checked_sub_signed(ago)
     }
 
     /// A named task removed by the coordinator's retention before the watch saw it end (it
@@ -669,6 +718,13 @@ impl Watch {
         }
         Err(anyhow::anyhow!(why).context(Unfollowed))
     }
+}
+
+/// The refusal of a named task the coordinator does not have, as a request for it gets.
+fn no_task(id: &str) -> anyhow::Error {
+    let body = serde_json::json!({"error": {"message": format!("no task {id}")}});
+    anyhow::Error::from(Refused::of(http::StatusCode::NOT_FOUND, &body))
+        .context(format!("no task {id} at this coordinator"))
 }
 
 /// The HTTP status of a refusal, if `e` is one.
@@ -1288,6 +1344,107 @@ mod tests {
             );
             assert!(said.contains("outcome unknown"), "{said}");
         }
+    }
+
+    /// A coordinator whose listing honours `updated_since`, `after_seq` and `limit` over
+    /// `tasks`, and whose reads of one task give them (404 when missing); each listing's query
+    /// and each read's id are written to `asked`.
+    async fn honest(
+        tasks: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+        asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) -> Api {
+        use axum::extract::{Path, Query, RawQuery};
+        use std::collections::HashMap;
+        let (list_tasks, list_asked) = (tasks.clone(), asked.clone());
+        let list = move |RawQuery(raw): RawQuery, Query(q): Query<HashMap<String, String>>| {
+            list_asked
+                .lock()
+                .expect("asked")
+                .push(raw.unwrap_or_default());
+            let since = q.get("updated_since").and_then(|t| time(&json!(t)));
+            let after = q.get("after_seq").and_then(|a| a.parse::<u64>().ok());
+            let limit = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(1000);
+            let mut got: Vec<Value> = list_tasks
+                .lock()
+                .expect("tasks")
+                .iter()
+                .filter(|t| since.is_none_or(|s| time(&t["updated_at"]) >= Some(s)))
+                .filter(|t| after.is_none_or(|a| t["submit_seq"].as_u64() > Some(a)))
+                .cloned()
+                .collect();
+            got.sort_by_key(|t| t["submit_seq"].as_u64());
+            got.truncate(limit);
+            async move { axum::Json(Value::from(got)) }
+        };
+        let one = move |Path(id): Path<String>| {
+            asked.lock().expect("asked").push(format!("GET {id}"));
+            let t = tasks.lock().expect("tasks");
+            let found = t.iter().find(|t| t["task_id"] == id.as_str()).cloned();
+            async move { found.map(axum::Json).ok_or(http::StatusCode::NOT_FOUND) }
+        };
+        let app = axum::Router::new()
+            .route("/api/v1/tasks", axum::routing::get(list))
+            .route("/api/v1/tasks/{id}", axum::routing::get(one));
+        let addr = crate::client::serve_for_test(app).await;
+        Api::build(&format!("http://{addr}"), None, None).expect("client")
+    }
+
+    /// Many named tasks were read from the coordinator's whole table: gigabytes against one
+    /// that keeps a million. Tasks just submitted (`submit --watch`) are first read among those
+    /// changed since the submission (one missing there, stamped by a clock set back, is asked
+    /// for by itself), and every later listing starts at the oldest named task, not at the
+    /// coordinator's oldest; a task removed by retention is still told from the rest.
+    #[tokio::test]
+    async fn many_named_tasks_are_read_without_the_whole_table() {
+        let n = ONE_BY_ONE + 6;
+        let stamped = |id: String, seq: u64, at: &str| {
+            let mut t = task(&id, "running", 1, Some("w1"));
+            t["submit_seq"] = json!(seq);
+            t["updated_at"] = json!(at);
+            t
+        };
+        // Older tasks of others, then the submitted ones; t5's change stamped earlier.
+        let mut table: Vec<Value> = (0..5)
+            .map(|i| stamped(format!("old-{i}"), i, "2026-12-01T09:00:00Z"))
+            .collect();
+        table.extend((0..n).map(|i| {
+            let at = match i {
+                5 => "2026-12-01T10:30:00Z",
+                _ => "2026-12-01T10:39:59Z",
+            };
+            stamped(format!("t{i}"), 1000 + i as u64, at)
+        }));
+        let tasks = std::sync::Arc::new(std::sync::Mutex::new(table));
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let api = honest(tasks.clone(), asked.clone()).await;
+        let names = (0..n).map(|i| format!("t{i}")).collect();
+        let mut w = Watch::new(Some(names), true, false);
+        w.submitted = Some(std::time::Instant::now());
+        w.catch_up(&api, &snapshot_at("2026-12-01T10:40:00Z"))
+            .await
+            .expect("every name found");
+        assert_eq!(w.seen.len(), n, "every named task read");
+        let first = std::mem::take(&mut *asked.lock().expect("asked"));
+        assert_eq!(first.len(), 2, "{first:?}");
+        assert!(
+            first[0].contains("updated_since=2026-12-01T10:39:5"),
+            "{first:?}"
+        );
+        assert_eq!(first[1], "GET t5");
+        // A long gap, in which retention removed t3: the listing starts at the oldest named task.
+        tasks
+            .lock()
+            .expect("tasks")
+            .retain(|t| t["task_id"] != "t3");
+        w.catch_up(&api, &snapshot_at("2026-12-01T10:45:00Z"))
+            .await
+            .expect("read");
+        let later = std::mem::take(&mut *asked.lock().expect("asked"));
+        assert_eq!(later.len(), 1, "{later:?}");
+        assert!(later[0].contains("after_seq=999"), "{later:?}");
+        assert!(!later[0].contains("updated_since"), "{later:?}");
+        assert_eq!(w.ended.get("t3").map(String::as_str), Some("removed"));
+        assert_eq!(w.ended.len(), 1, "{:?}", w.ended);
     }
 
     /// A removal on the stream of a named task whose end the watch missed (its stream lagged)

@@ -126,11 +126,12 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     // A submission that failed is that, --watch or not: its own error and exit status, not a
     // watch's "could not follow" (a duplicate id, refused, was said as a watch that lost its
     // tasks).
+    let sent = std::time::Instant::now();
     let (api, ids) = send(&a).await?;
     if !a.watch {
         return Ok(());
     }
-    crate::watch::follow_submitted(&api, ids, a.common.json).await
+    crate::watch::follow_submitted(&api, ids, a.common.json, sent).await
 }
 
 /// Submits the tasks `a` describes and prints their ids; the client and the ids.

@@ -491,6 +491,13 @@ impl<'a> TaskPages<'a> {
         }
     }
 
+    /// The listing from the task after the one with `submit_seq` `seq` on (from the first
+    /// with `None`): a reader that wants no task older than one it knows reads no more.
+    pub(crate) fn after(mut self, seq: Option<u64>) -> Self {
+        self.after = seq;
+        self
+    }
+
     /// The next page, `None` once the listing was read whole.
     pub(crate) async fn next(&mut self) -> anyhow::Result<Option<Vec<Value>>> {
         if self.done {
