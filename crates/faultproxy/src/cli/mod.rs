@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::{self, DEFAULT_CONTROL_ADDR};
-use crate::fault::{Direction, KIND_NAMES};
+use crate::fault::{Direction, KIND_NAMES, validate_name};
 use crate::proxy::ProxyConfig;
 use crate::server::Server;
 
@@ -125,7 +125,7 @@ pub struct ProxyRef {
     #[command(flatten)]
     pub client: ClientArgs,
     /// Name of the proxy.
-    #[arg(long, default_value = DEFAULT_PROXY_NAME)]
+    #[arg(long, default_value = DEFAULT_PROXY_NAME, value_parser = parse_name)]
     pub proxy: String,
 }
 
@@ -135,7 +135,7 @@ pub struct FaultRef {
     #[command(flatten)]
     pub proxy: ProxyRef,
     /// Name of the fault.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_name)]
     pub name: String,
 }
 
@@ -161,6 +161,14 @@ pub struct FaultAddArgs {
     /// limited to workers never applies to it (the proxy warns once when it sees one).
     #[arg(long = "worker", value_name = "ID")]
     pub workers: Vec<tether_proto::WorkerId>,
+}
+
+/// A proxy's or a fault's name, as the control API takes it. The client puts names into the
+/// request's path, so one checked only by the server could name something else: `../../x`
+/// resolves to `/proxies/x` (a fault's removal deleted that proxy), and `cut?x` to fault `cut`.
+fn parse_name(s: &str) -> Result<String, String> {
+    validate_name(s).map_err(|e| e.to_string())?;
+    Ok(s.to_owned())
 }
 
 fn parse_direction(s: &str) -> Result<Direction, String> {

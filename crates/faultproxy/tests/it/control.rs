@@ -307,10 +307,65 @@ struct Cli {
     args: ProxyArgs,
 }
 
+/// Runs `tether proxy ARGS`; arguments clap refuses are an error like the command's own.
 async fn cli(args: &[&str]) -> anyhow::Result<()> {
     let argv = std::iter::once("proxy").chain(args.iter().copied());
-    let parsed = Cli::try_parse_from(argv).expect("cli args");
+    let parsed = Cli::try_parse_from(argv)?;
     within("cli command", run_cli(parsed.args)).await
+}
+
+/// The client puts `--proxy` and `--name` into the request's path: a name that is not one
+/// (`..` segments, a query) is refused before any request, not resolved into another path.
+/// `fault remove --name ../../coordinator` was DELETE /proxies/coordinator (the proxy gone,
+/// then an error), and `--name 'cut?x'` removed fault `cut`.
+#[tokio::test]
+async fn cli_names_that_would_reach_another_path_are_refused_before_any_request() {
+    let echo = echo().await;
+    let ctl = Control::start().await;
+    let create = json!({"name": "coordinator", "listen": "127.0.0.1:0", "upstream": echo.addr});
+    let (st, _) = ctl.call(M::POST, "/proxies", Some(create)).await;
+    assert_eq!(st, StatusCode::CREATED);
+    let cut = json!({"name": "cut", "kind": "blackhole", "direction": "both"});
+    let (st, _) = ctl
+        .call(M::POST, "/proxies/coordinator/faults", Some(cut))
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let base = ctl.base.clone();
+    let c = ["--control", base.as_str()];
+    let refused = [
+        vec!["fault", "remove", c[0], c[1], "--name", "../../coordinator"],
+        vec!["fault", "remove", c[0], c[1], "--name", "cut?x"],
+        vec![
+            "fault",
+            "remove",
+            c[0],
+            c[1],
+            "--proxy",
+            "coordinator/faults/cut?",
+            "--name",
+            "x",
+        ],
+        vec![
+            "fault",
+            "list",
+            c[0],
+            c[1],
+            "--proxy",
+            "../proxies/coordinator",
+        ],
+        vec!["down", c[0], c[1], "--proxy", "../proxies/coordinator"],
+    ];
+    for args in refused {
+        let err = cli(&args).await.expect_err("a name that is not one");
+        assert!(err.to_string().contains("ASCII letters"), "{args:?}: {err}");
+    }
+    let (st, proxy) = ctl.call(M::GET, "/proxies/coordinator", None).await;
+    assert_eq!(st, StatusCode::OK, "{proxy}");
+    assert_eq!(proxy["enabled"], json!(true));
+    let (st, faults) = ctl.call(M::GET, "/proxies/coordinator/faults", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(faults.as_array().map(Vec::len), Some(1), "{faults}");
+    ctl.stop().await;
 }
 
 #[tokio::test]
