@@ -54,11 +54,17 @@ impl FaultGuard {
         self.armed = false;
     }
 
-    /// Removes the fault now and returns its final counters.
-    pub fn remove(self) -> FaultStats {
-        let stats = self.stats();
-        drop(self);
-        stats
+    /// Removes the fault now and returns its counters as they stand once it is removed (read
+    /// before, they missed what links counted in between). Not final, though: a link applying
+    /// the fault to a chunk at that moment may still count that chunk, and the bytes a link
+    /// the fault ended (a `limit_data`, a reset) still held are counted as dropped once that
+    /// link's tasks are done, which can be later (the proxy's own counters,
+    /// [`Proxy::stats`], take those too).
+    pub fn remove(mut self) -> FaultStats {
+        self.armed = false;
+        let id = self.id;
+        self.proxy.remove_where(|e| e.id == id);
+        self.counters.snapshot()
     }
 }
 
