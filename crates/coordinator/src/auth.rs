@@ -58,14 +58,17 @@ impl WorkerAuth {
             && !worker.as_str().starts_with('.')
         {
             let path = dir.join(worker.as_str());
-            match tokio::fs::read(&path).await {
-                Ok(bytes) => {
-                    return Secret::new(&zeroize::Zeroizing::new(bytes))
-                        .map(Some)
-                        .map_err(|reason| SecretError::Unusable { path, reason });
+            let read = tokio::task::spawn_blocking(move || read_secret_file(path)).await;
+            match read {
+                Ok(Ok(None)) => {}
+                Ok(found) => return found,
+                // The read panicked: nothing the worker did.
+                Err(e) => {
+                    return Err(SecretError::Unreadable {
+                        path: dir.join(worker.as_str()),
+                        source: std::io::Error::other(e),
+                    });
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(SecretError::Unreadable { path, source }),
             }
         }
         Ok(self.fleet.clone())
@@ -98,6 +101,10 @@ pub enum SecretError {
     /// nothing of the file, and the log names it.
     #[error("secret file {path} holds no usable secret: {reason}")]
     Unusable { path: PathBuf, reason: AuthError },
+    /// The worker's entry is not a regular file (a directory, a device, a FIFO, or a link to
+    /// one), so it is not read; refused as [`SecretError::Unusable`] is.
+    #[error("secret file {path} is not a regular file (or a link to one): not read")]
+    NotAFile { path: PathBuf },
     /// The coordinator could not read the file (too many open files in a reconnect storm, an
     /// I/O error, a stale or unreadable mount). Its own trouble, likely to pass, and nothing
     /// the worker could change: refused, every worker would stop for good after three of
@@ -107,6 +114,37 @@ pub enum SecretError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// Reads the secret file at `path`, which an unauthenticated peer names (its worker id):
+/// `None` when there is none. Only a regular file (links followed) is read, and no further
+/// than a secret's length: a link to `/dev/zero` would fill memory, and a FIFO would hold the
+/// registration (and a blocking thread) until someone writes to it. It is opened without
+/// waiting, so a FIFO put in the file's place is found by the check after the open, not
+/// waited on by it.
+fn read_secret_file(path: PathBuf) -> Result<Option<Secret>, SecretError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(&path);
+    let file = match opened {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(SecretError::Unreadable { path, source }),
+    };
+    match file.metadata() {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Err(SecretError::NotAFile { path }),
+        Err(source) => return Err(SecretError::Unreadable { path, source }),
+    }
+    match Secret::from_reader(file, &path) {
+        Ok(secret) => Ok(Some(secret)),
+        Err(AuthError::SecretFile { path, source }) => {
+            Err(SecretError::Unreadable { path, source })
+        }
+        Err(reason) => Err(SecretError::Unusable { path, reason }),
+    }
 }
 
 /// An entry of the secrets directory that no registration will ever read, and why.
@@ -583,7 +621,8 @@ mod tests {
         let id = |s: &str| WorkerId::parse(s).expect("id");
         assert!(auth.secret_for(&id("w1")).await.expect("read").is_some());
         assert!(auth.secret_for(&id("w5~")).await.expect("read").is_some());
-        assert!(auth.secret_for(&id("w4")).await.is_err());
+        let w4 = auth.secret_for(&id("w4")).await;
+        assert!(matches!(w4, Err(SecretError::NotAFile { .. })), "{w4:?}");
         assert!(WorkerId::parse("worker 2").is_err());
         // No directory, nothing to list; a directory that cannot be read is an error.
         assert!(
@@ -597,6 +636,51 @@ mod tests {
             ..auth
         };
         assert!(gone.unread_secret_files().is_err());
+    }
+
+    /// A worker's entry that is a link to `/dev/zero` or a FIFO is refused at once, unread:
+    /// read whole, the one filled memory and the other held the registration until someone
+    /// wrote to it (a registration names its id before it authenticates). A file too long is
+    /// refused as too long, read no further than a secret's length.
+    #[tokio::test]
+    async fn a_secret_entry_that_is_no_regular_file_is_refused_unread() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join("w-zero")).expect("symlink");
+        nix::unistd::mkfifo(
+            &dir.path().join("w-fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .expect("mkfifo");
+        let long = std::fs::File::create(dir.path().join("w-long")).expect("create");
+        long.set_len(1 << 30).expect("a sparse GiB");
+        let auth = WorkerAuth {
+            fleet: None,
+            dir: Some(dir.path().to_owned()),
+            max_skew: tether_proto::auth::DEFAULT_MAX_SKEW,
+            message_mac: false,
+        };
+        for name in ["w-zero", "w-fifo", "w-long"] {
+            let worker = WorkerId::parse(name).expect("id");
+            let read = tokio::time::timeout(Duration::from_secs(10), auth.secret_for(&worker))
+                .await
+                .unwrap_or_else(|_| panic!("{name}: no answer within 10 s"));
+            match name {
+                "w-long" => assert!(
+                    matches!(
+                        read,
+                        Err(SecretError::Unusable {
+                            reason: AuthError::SecretTooLong,
+                            ..
+                        })
+                    ),
+                    "{name}: {read:?}"
+                ),
+                _ => assert!(
+                    matches!(read, Err(SecretError::NotAFile { .. })),
+                    "{name}: {read:?}"
+                ),
+            }
+        }
     }
 
     #[test]

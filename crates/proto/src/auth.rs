@@ -12,6 +12,7 @@
 //! the signature is compared in constant time. Every reconnect authenticates again.
 
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -26,8 +27,11 @@ use crate::ids::WorkerId;
 pub const AUTH_CONTEXT: &str = "tether-auth-v1";
 /// Shortest secret accepted, in bytes.
 pub const MIN_SECRET_LEN: usize = 16;
-/// Longest secret accepted, in bytes (a secret file is read whole).
+/// Longest secret accepted, in bytes.
 pub const MAX_SECRET_LEN: usize = 4096;
+/// Longest secret file read, in bytes: a secret of [`MAX_SECRET_LEN`] and its line ending
+/// (`\r\n`). A file that goes on past it is refused as too long, unread beyond.
+pub const MAX_SECRET_FILE_LEN: usize = MAX_SECRET_LEN + 2;
 /// Bytes of randomness in a nonce (sent as twice as many hex digits).
 pub const NONCE_BYTES: usize = 32;
 /// Default largest difference between the registration timestamp and the coordinator's clock.
@@ -97,13 +101,33 @@ impl Secret {
         Ok(Self(Zeroizing::new(bytes.to_vec())))
     }
 
-    /// Reads a secret file.
+    /// Reads a secret file, no further than [`MAX_SECRET_FILE_LEN`] bytes: a path that leads
+    /// to `/dev/zero` or a huge file is refused as too long instead of filling memory. A pipe
+    /// is read like a file (`--secret-file <(pass show tether)`), so this waits for its
+    /// writer: for a path a peer chooses, open it without waiting and check that it is a
+    /// regular file, then use [`Secret::from_reader`].
     pub fn from_file(path: &Path) -> Result<Self, AuthError> {
-        let bytes =
-            Zeroizing::new(std::fs::read(path).map_err(|source| AuthError::SecretFile {
+        let file = std::fs::File::open(path).map_err(|source| AuthError::SecretFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_reader(file, path)
+    }
+
+    /// Reads a secret from `r` (opened from `path`, named in errors), no further than
+    /// [`MAX_SECRET_FILE_LEN`] bytes and one more to tell a longer one.
+    pub fn from_reader(r: impl Read, path: &Path) -> Result<Self, AuthError> {
+        // Room for all that is read, so the buffer never moves and leaves no copy unzeroed.
+        let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_SECRET_FILE_LEN + 1));
+        r.take(MAX_SECRET_FILE_LEN as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|source| AuthError::SecretFile {
                 path: path.to_owned(),
                 source,
-            })?);
+            })?;
+        if bytes.len() > MAX_SECRET_FILE_LEN {
+            return Err(AuthError::SecretTooLong);
+        }
         Self::new(&bytes)
     }
 
@@ -310,5 +334,32 @@ mod tests {
         assert!(!shown.contains("horse"), "{shown}");
         assert_eq!(to_hex(&[0, 15, 255]), "000fff");
         assert_eq!(from_hex("000fff"), Some(vec![0, 15, 255]));
+    }
+
+    /// A secret file is read no further than a secret and its line ending: one that never
+    /// ends (`/dev/zero`, an endless reader) is refused as too long at once, where reading it
+    /// whole first would fill memory. A longest secret with its `\r\n` is read.
+    #[test]
+    fn a_secret_file_is_read_no_further_than_a_secret_and_its_line_ending() {
+        let endless = Secret::from_reader(std::io::repeat(b'x'), Path::new("endless"));
+        assert!(
+            matches!(endless, Err(AuthError::SecretTooLong)),
+            "{endless:?}"
+        );
+        let longest = [&[b'x'; MAX_SECRET_LEN][..], b"\r\n"].concat();
+        let read = Secret::from_reader(&longest[..], Path::new("longest")).expect("read");
+        assert_eq!(read.expose().len(), MAX_SECRET_LEN);
+        let more = [&longest[..], b"\n"].concat();
+        let more = Secret::from_reader(&more[..], Path::new("more"));
+        assert!(matches!(more, Err(AuthError::SecretTooLong)), "{more:?}");
+        // In a thread: were it read whole, the test would fail on the deadline, not hang.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(Secret::from_file(Path::new("/dev/zero")));
+        });
+        let zero = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("/dev/zero read within 10 s");
+        assert!(matches!(zero, Err(AuthError::SecretTooLong)), "{zero:?}");
     }
 }
