@@ -98,11 +98,29 @@ pub struct EventLog {
 /// order.
 #[derive(Debug)]
 struct Appender {
-    file: File,
+    file: Box<dyn Sink>,
     /// The number of the last record made (written or not).
     last: u64,
     /// Records that could not be encoded or written.
     failures: u64,
+}
+
+/// What the log appends to: its file, or in a unit test a writer that fails partway.
+trait Sink: Write + Send + std::fmt::Debug {
+    /// Bytes in it.
+    fn len(&self) -> std::io::Result<u64>;
+    /// Cuts it to `len` bytes.
+    fn set_len(&self, len: u64) -> std::io::Result<()>;
+}
+
+impl Sink for File {
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        File::set_len(self, len)
+    }
 }
 
 impl EventLog {
@@ -132,7 +150,7 @@ impl EventLog {
         Ok(Self {
             worker: worker.to_owned(),
             file: Mutex::new(Appender {
-                file,
+                file: Box::new(file),
                 last: 0,
                 failures: 0,
             }),
@@ -142,7 +160,9 @@ impl EventLog {
 
     /// Appends one event. A failed write is logged and counted (the `stopped` record says how
     /// many), never fatal: the log is a witness, and the worker's job is to keep running. Its
-    /// number is used up either way, so the line missing leaves a gap.
+    /// number is used up either way, so the line missing leaves a gap. What a write that
+    /// failed partway (a full disk) left is cut off: the next line appended to that fragment
+    /// would make two damaged lines of one failure.
     pub fn record(&self, event: Event) {
         let mut out = self.file.lock().unwrap_or_else(|p| p.into_inner());
         out.last += 1;
@@ -161,9 +181,17 @@ impl EventLog {
             }
         };
         line.push(b'\n');
+        let before = out.file.len();
         if let Err(error) = out.file.write_all(&line) {
             out.failures += 1;
             tracing::error!(path = %self.path.display(), %error, "cannot write the event log");
+            // Cut back only what it left (nothing, when the write failed at once).
+            if let Ok(before) = before
+                && !out.file.len().is_ok_and(|now| now == before)
+                && let Err(error) = out.file.set_len(before)
+            {
+                tracing::error!(path = %self.path.display(), %error, "cannot cut a record written in part off the event log; the next one is glued to it");
+            }
         }
     }
 
@@ -358,7 +386,7 @@ mod tests {
         let writable = {
             let mut out = log.file.lock().expect("lock");
             let read_only = File::open(&path).expect("read-only");
-            std::mem::replace(&mut out.file, read_only)
+            std::mem::replace(&mut out.file, Box::new(read_only))
         };
         log.record(registered());
         assert_eq!(log.write_failures(), 1);
@@ -368,6 +396,80 @@ mod tests {
         let n: Vec<_> = got.iter().map(|(n, _)| *n).collect();
         assert_eq!(n, [Some(1), Some(3)], "{got:?}");
         assert_eq!(got[1].1, Event::Stopped { write_failures: 1 });
+    }
+
+    /// An in-memory disk: it takes every byte until `room` is set, then `room` more, then fails
+    /// one write (as a full disk does: a short write, then `ENOSPC`), then takes every byte
+    /// again.
+    #[derive(Debug, Default)]
+    struct Disk {
+        bytes: Vec<u8>,
+        room: Option<usize>,
+    }
+
+    /// The log's side of a [`Disk`] the test also holds.
+    #[derive(Debug)]
+    struct OnDisk(std::sync::Arc<Mutex<Disk>>);
+
+    impl Write for OnDisk {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let mut disk = self.0.lock().expect("lock");
+            let n = match disk.room {
+                Some(0) => {
+                    disk.room = None;
+                    return Err(std::io::Error::from_raw_os_error(nix::libc::ENOSPC));
+                }
+                Some(room) => buf.len().min(room),
+                None => buf.len(),
+            };
+            if let Some(room) = &mut disk.room {
+                *room -= n;
+            }
+            disk.bytes.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Sink for OnDisk {
+        fn len(&self) -> std::io::Result<u64> {
+            Ok(self.0.lock().expect("lock").bytes.len() as u64)
+        }
+
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            let len = usize::try_from(len).expect("len");
+            self.0.lock().expect("lock").bytes.truncate(len);
+            Ok(())
+        }
+    }
+
+    /// A write that fails partway (the disk fills up 10 bytes into the line) leaves no
+    /// fragment for the next line to be glued to: that line is missing and counted, and every
+    /// other line reads.
+    #[test]
+    fn a_write_that_fails_partway_leaves_no_fragment_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = EventLog::open(&dir.path().join("events.jsonl"), "w1").expect("open");
+        let disk = std::sync::Arc::new(Mutex::new(Disk::default()));
+        log.file.lock().expect("lock").file = Box::new(OnDisk(disk.clone()));
+        log.record(registered());
+        disk.lock().expect("lock").room = Some(10);
+        log.record(registered());
+        log.record(Event::Started {
+            boot_id: "b1".into(),
+        });
+        assert_eq!(log.write_failures(), 1);
+        drop(log);
+        let text = String::from_utf8(disk.lock().expect("lock").bytes.clone()).expect("utf-8");
+        let read = parse(&text);
+        assert!(read.damaged.is_empty() && !read.torn, "{read:?}\n{text}");
+        // The second line is the one missing: a gap, and the last record counts it.
+        let n: Vec<_> = read.records.iter().map(|r| r.n).collect();
+        assert_eq!(n, [Some(1), Some(3), Some(4)], "{text}");
+        assert_eq!(read.records[2].event, Event::Stopped { write_failures: 1 });
     }
 
     /// A log written before records were numbered still reads.

@@ -1604,12 +1604,8 @@ impl<'a> Session<'a> {
             WorkerMsg::CheckpointFetch(_) => true,
             _ => false,
         };
-        let acked = self
-            .agent
-            .outbox
-            .take_acked_but([ack.ack_seq], misnamed)
-            .pop()
-            .map(|(_, m)| m);
+        let agent = &*self.agent;
+        let acked = take_witnessed(&agent.outbox, ack, result, misnamed, |e| agent.event(e));
         // A checkpoint whose announcement was refused: its pieces would be refused one by one.
         if ack.disposition == tether_proto::msg::Disposition::Rejected
             && let Some(WorkerMsg::Checkpoint(c)) = acked.as_deref()
@@ -1620,29 +1616,12 @@ impl<'a> Session<'a> {
                     .drop_checkpoint_pieces(&c.task_id, &c.checkpoint_id, ack.ack_seq);
             tracing::warn!(worker = %self.worker(), task = %c.task_id, checkpoint = %c.checkpoint_id, dropped, "checkpoint refused by the coordinator; its pieces are not sent");
         }
-        self.acked(ack, acked.as_deref(), result);
+        self.acked(ack, acked.as_deref());
     }
 
-    /// What follows an ack of a message (`held` if the outbox still held it).
-    fn acked(&mut self, ack: &tether_proto::msg::Ack, held: Option<&WorkerMsg>, result: bool) {
-        let held_result = match held {
-            Some(WorkerMsg::TaskResult(r)) => Some((&r.task_id, r.attempt)),
-            _ => None,
-        };
-        // A result's ack names its task (the message held says its attempt).
-        let task_id = ack
-            .task_id
-            .as_ref()
-            .filter(|_| result)
-            .or(held_result.map(|(t, _)| t));
-        if let Some(task_id) = task_id {
-            self.agent.event(crate::eventlog::Event::ResultAck {
-                task_id: task_id.clone(),
-                attempt: held_result.map(|(_, a)| a),
-                seq: ack.ack_seq,
-                disposition: ack.disposition,
-            });
-        }
+    /// What follows an ack of a message (`held` if the outbox still held it), once it left
+    /// the outbox.
+    fn acked(&mut self, ack: &tether_proto::msg::Ack, held: Option<&WorkerMsg>) {
         // What the coordinator holds of a checkpoint decides whether a stop may forget it.
         if let Some(msg) = held {
             self.agent.runner.acknowledged(msg, ack.disposition);
@@ -1687,7 +1666,9 @@ impl<'a> Session<'a> {
                 disposition: tether_proto::msg::Disposition::Recorded,
                 timestamp: acks.timestamp,
             };
-            self.acked(&ack, msg.as_deref(), false);
+            // No result leaves the outbox here (`result` above), so none has an ack to witness
+            // in the event log first (`take_witnessed`).
+            self.acked(&ack, msg.as_deref());
         }
     }
 
@@ -2120,9 +2101,124 @@ fn count_out(msg: &WorkerMsg) {
     }
 }
 
+/// Takes the message `ack` acknowledges out of the outbox (unless `kept` says it stays held),
+/// after `witness` saw the event-log record of a result's ack. In that order: with a state
+/// directory the outbox writes the removal through to its journal at once, and a worker killed
+/// between the two would lose the line that shows the result acknowledged (the end-to-end
+/// verdict `no_result_lost` reads it), while the other way round a restarted worker sends
+/// the result again and the coordinator acks it `duplicate`, which is harmless.
+fn take_witnessed(
+    outbox: &crate::outbox::Outbox,
+    ack: &tether_proto::msg::Ack,
+    result: bool,
+    kept: impl Fn(&WorkerMsg) -> bool,
+    witness: impl FnOnce(crate::eventlog::Event),
+) -> Option<std::sync::Arc<WorkerMsg>> {
+    let held = outbox.held(ack.ack_seq).filter(|m| !kept(m));
+    if let Some(event) = result_ack_event(ack, held.as_deref(), result) {
+        witness(event);
+    }
+    outbox
+        .take_acked_but([ack.ack_seq], kept)
+        .pop()
+        .map(|(_, m)| m)
+}
+
+/// The event-log record of `ack` if it acknowledges a result: `result` (a `task_result_ack`),
+/// or `held`, the message acknowledged if the outbox still holds it, is one.
+fn result_ack_event(
+    ack: &tether_proto::msg::Ack,
+    held: Option<&WorkerMsg>,
+    result: bool,
+) -> Option<crate::eventlog::Event> {
+    let held_result = match held {
+        Some(WorkerMsg::TaskResult(r)) => Some((&r.task_id, r.attempt)),
+        _ => None,
+    };
+    // A result's ack names its task (the message held says its attempt).
+    let task_id = ack
+        .task_id
+        .as_ref()
+        .filter(|_| result)
+        .or(held_result.map(|(t, _)| t))?;
+    Some(crate::eventlog::Event::ResultAck {
+        task_id: task_id.clone(),
+        attempt: held_result.map(|(_, a)| a),
+        seq: ack.ack_seq,
+        disposition: ack.disposition,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::sync::{Arc, Mutex};
+    use tether_proto::Seq;
+
+    /// The order in which the event log and the outbox's journal were written.
+    struct Order(Arc<Mutex<Vec<&'static str>>>);
+
+    impl crate::outbox::Journal for Order {
+        fn write(&self, _: Option<(Class, Seq, &WorkerMsg)>, removed: &[Seq]) {
+            if !removed.is_empty() {
+                self.0.lock().expect("lock").push("journal: removed");
+            }
+        }
+    }
+
+    /// A result's ack is in the event log before the result leaves the journal: a kill between
+    /// the two then costs a result sent again (acked `duplicate`), never the line that shows it
+    /// acknowledged.
+    #[test]
+    fn a_result_ack_is_in_the_event_log_before_the_result_leaves_the_journal() {
+        use tether_proto::msg::{Ack, Disposition, TaskResult};
+        use tether_proto::{Attempt, TaskId};
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let outbox = crate::outbox::Outbox::new(Default::default())
+            .with_journal(Arc::new(Order(order.clone())));
+        let task = TaskId::parse("t").expect("id");
+        let seq = outbox.push(Class::Result, None, |seq| {
+            WorkerMsg::TaskResult(TaskResult {
+                seq,
+                task_id: task.clone(),
+                attempt: Attempt(2),
+                outcome: tether_proto::Outcome::Completed,
+                result: serde_json::json!({}).into(),
+                error: None,
+                started_at: now(),
+                finished_at: now(),
+                duration_ms: 0,
+                timestamp: now(),
+            })
+        });
+        let ack = Ack {
+            ack_seq: seq,
+            task_id: Some(task.clone()),
+            checkpoint_id: None,
+            chunk: None,
+            disposition: Disposition::Recorded,
+            timestamp: now(),
+        };
+        let taken = take_witnessed(
+            &outbox,
+            &ack,
+            true,
+            |_| false,
+            |event| {
+                assert!(
+                    matches!(&event, crate::eventlog::Event::ResultAck { task_id, attempt: Some(Attempt(2)), .. } if *task_id == task),
+                    "{event:?}"
+                );
+                order.lock().expect("lock").push("event log: result_ack");
+            },
+        );
+        assert!(taken.is_some(), "the result left the outbox");
+        assert_eq!(
+            *order.lock().expect("lock"),
+            ["event log: result_ack", "journal: removed"]
+        );
+    }
 
     #[test]
     fn odd_values_of_a_registration_ack_are_each_named_and_usual_ones_are_not() {
