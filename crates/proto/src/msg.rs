@@ -72,7 +72,8 @@ pub enum CoordMsg {
 pub struct Registration {
     pub worker_id: WorkerId,
     pub protocol_version: u32,
-    /// Random id of this worker process; a new one means the worker restarted.
+    /// Random id of this worker process; a new one means the worker restarted. At most
+    /// [`MAX_BOOT_ID_BYTES`], and no control characters (see [`Registration::label_problem`]).
     pub boot_id: String,
     /// Capabilities a task may require, e.g. `cpu`, `cuda`. Decoded up to one past
     /// [`MAX_WORKER_LABELS`] (see [`Registration::label_problem`]).
@@ -131,9 +132,12 @@ impl Registration {
     /// Why what the registration says of the worker is out of bounds, if it is: at most
     /// [`MAX_WORKER_LABELS`] capabilities and executors, [`crate::task::MAX_LABELS`] tags
     /// (as a task may require), each name, key and value of at most
-    /// [`crate::task::MAX_LABEL_BYTES`], a `boot_id` of at most [`MAX_BOOT_ID_BYTES`]. The
-    /// coordinator keeps, shows and streams all of it: unbounded, one worker's registration
-    /// would weigh on every reader of the fleet's events.
+    /// [`crate::task::MAX_LABEL_BYTES`], a `boot_id` of at most [`MAX_BOOT_ID_BYTES`] and
+    /// without control characters. The coordinator keeps, shows and streams all of it:
+    /// unbounded, one worker's registration would weigh on every reader of the fleet's events.
+    /// A boot id is the worker's own random id (the Rust worker's is `b-` and 32 hex digits),
+    /// and the coordinator's logs name it: a `\n` in it could forge log lines (with
+    /// authentication off, anyone who reaches the port may register).
     ///
     /// A decoded registration holds at most one capability, executor or tag past its bound
     /// (what follows is read, not kept: a peer's megabyte of them, before it authenticated,
@@ -143,6 +147,11 @@ impl Registration {
             return Some(format!(
                 "a boot_id of {} bytes; at most {MAX_BOOT_ID_BYTES}",
                 self.boot_id.len()
+            ));
+        }
+        if let Some((at, c)) = self.boot_id.char_indices().find(|(_, c)| c.is_control()) {
+            return Some(format!(
+                "a boot_id with a control character ({c:?} at byte {at}); a boot id is printable text"
             ));
         }
         labels_problem(&self.capabilities, &self.tags, &self.executors, "at least ")
@@ -1237,6 +1246,35 @@ mod tests {
         let mut v = serde_json::to_value(&m).expect("json");
         v["capabilities"] = serde_json::json!(["cpu", 5]);
         assert!(crate::decode_worker(&v.to_string()).is_err());
+    }
+
+    /// A boot id with a control character (a newline that would forge a log line, an escape
+    /// sequence for the terminal that shows the log) is refused, saying which and where, and
+    /// the reason holds the character escaped, not as itself.
+    #[test]
+    fn a_boot_id_with_a_control_character_is_refused_saying_which() {
+        let mut r = match crate::samples::worker_messages().remove(0) {
+            WorkerMsg::Registration(r) => r,
+            other => panic!("{other:?}"),
+        };
+        r.boot_id = "b-0123456789abcdef0123456789abcdef".into();
+        assert_eq!(r.label_problem(), None);
+        r.boot_id = "b-é-ü".into();
+        assert_eq!(r.label_problem(), None, "printable text beyond ASCII");
+        for (boot, shown) in [
+            ("b-1\nINFO forged line", r#"('\n' at byte 3)"#),
+            ("b-1\r", r#"('\r' at byte 3)"#),
+            ("\u{1b}[2J", r#"('\u{1b}' at byte 0)"#),
+            ("b\u{7f}", r#"('\u{7f}' at byte 1)"#),
+        ] {
+            r.boot_id = boot.into();
+            let why = r.label_problem().expect("refused");
+            assert!(
+                why.contains("control character") && why.contains(shown),
+                "{why}"
+            );
+            assert!(!why.chars().any(char::is_control), "{why:?}");
+        }
     }
 
     /// The depth bound is serde_json's own: a text accepted at the bound can be made a tree

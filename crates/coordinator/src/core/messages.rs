@@ -10,7 +10,7 @@ use tether_proto::codec::MAX_CHECKPOINT_CHUNKS;
 use tether_proto::msg::{
     Checkpoint, CheckpointData, CheckpointError, CheckpointFetch, CheckpointPiece, CoordMsg,
     Directive, DirectiveAction, Disposition, ErrorCode, PROTOCOL_VERSION, Registration,
-    RegistrationAck, TaskNotice, TaskResult, TaskState, Telemetry, WorkerMsg, now,
+    RegistrationAck, TaskNotice, TaskResult, TaskState, Telemetry, WorkerMsg, logged, now,
 };
 use tether_proto::{Attempt, TaskId, TaskStatus, WorkerId, encode};
 
@@ -311,9 +311,16 @@ impl Core {
         }
         self.counters.id_conflicts.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::ID_CONFLICTS).increment(1);
-        tracing::warn!(worker = %worker, boot = %boot_id, holder = %w.boot_id, "a process this worker's newer process replaced registered again: two processes share this worker id; refused (give each its own id)");
-        // A close reason is at most 123 bytes: a boot id the worker made is 34.
-        let holder: String = w.boot_id.chars().take(40).collect();
+        tracing::warn!(worker = %worker, boot = ?logged(boot_id), holder = ?logged(&w.boot_id), "a process this worker's newer process replaced registered again: two processes share this worker id; refused (give each its own id)");
+        // A close reason is at most 123 bytes: a boot id the worker made is 34. Escaped: the
+        // reason is logged, and a boot id kept from before control characters were refused
+        // could hold a newline.
+        let holder: String = w
+            .boot_id
+            .chars()
+            .flat_map(char::escape_debug)
+            .take(40)
+            .collect();
         Some(Refusal {
             code: 4003,
             reason: format!(
@@ -367,7 +374,7 @@ impl Core {
         if !w.boot_id.is_empty() && w.boot_id != r.boot_id {
             // A new process of this worker: the one it replaces, should it be alive and come
             // back, shares the id with it (superseded_refusal).
-            tracing::info!(worker = %worker, boot = %r.boot_id, previous = %w.boot_id, "a new process of this worker registered");
+            tracing::info!(worker = %worker, boot = ?logged(&r.boot_id), previous = ?logged(&w.boot_id), "a new process of this worker registered");
             if w.superseded.len() == SUPERSEDED_KEPT {
                 w.superseded.remove(0);
             }

@@ -488,6 +488,69 @@ fn a_replaced_process_takes_its_id_back_once_the_newer_one_is_gone() {
     );
 }
 
+/// A boot id is the worker's own random id, and the coordinator's logs name it: one with a
+/// control character (a newline that would forge a log line) is refused (4002, `bad_frame`
+/// saying why) before the core takes the worker, and the reason shows the character escaped.
+#[test]
+fn a_registration_whose_boot_id_holds_a_newline_is_refused_saying_why() {
+    let mut h = Harness::new();
+    let (_, mut rx) = h.connect_registering("a", |r| {
+        r.boot_id = "b-1\nINFO worker registered".into();
+    });
+    let sent: Vec<Outgoing> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+    let error = sent.iter().find_map(|o| match o {
+        Outgoing::Msg(m) => match &**m {
+            CoordMsg::Error(e) => Some(e.clone()),
+            _ => None,
+        },
+        _ => None,
+    });
+    let error = error.expect("an error saying why");
+    assert_eq!(error.code, tether_proto::msg::ErrorCode::BadFrame);
+    assert!(
+        error
+            .message
+            .contains("boot_id with a control character ('\\n' at byte 3)"),
+        "{}",
+        error.message
+    );
+    let close = sent.iter().find_map(|o| match o {
+        Outgoing::Close(c) => Some(c.0),
+        _ => None,
+    });
+    assert_eq!(close, Some(4002));
+    assert!(h.core.workers.is_empty(), "the core never took it");
+}
+
+/// The refusal of a replaced process names the newer one's boot id, and the reason is logged:
+/// a boot id that holds a newline (kept in a store from before such ids were refused) shows
+/// there escaped, so it cannot forge a log line.
+#[test]
+fn a_refusal_naming_a_boot_id_shows_it_escaped() {
+    let mut h = Harness::new();
+    let boot = |b: &'static str| move |r: &mut Registration| r.boot_id = b.into();
+    let (_, mut first_rx) = h.connect_registering("a", boot("b-first"));
+    drain(&mut first_rx);
+    let (_, mut newer_rx) = h.connect_registering("a", boot("b-second"));
+    drain(&mut newer_rx);
+    let w = h.core.workers.get_mut(&wid("a")).expect("worker");
+    w.boot_id = "b-2\nERROR forged".into();
+    let (_, mut back_rx) = h.connect_registering("a", boot("b-first"));
+    let closed = std::iter::from_fn(|| back_rx.try_recv().ok())
+        .find_map(|o| match o {
+            Outgoing::Close(c) => Some(*c),
+            _ => None,
+        })
+        .expect("refused");
+    assert_eq!(closed.0, 4003);
+    assert!(
+        closed.1.contains(r"(boot b-2\nERROR forged)"),
+        "{}",
+        closed.1
+    );
+    assert!(!closed.1.chars().any(char::is_control), "{:?}", closed.1);
+}
+
 #[test]
 fn a_connection_whose_registration_is_refused_leaves_no_worker_record_and_saves_none() {
     let mut h = Harness::new();
