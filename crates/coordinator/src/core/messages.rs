@@ -437,6 +437,16 @@ impl Core {
             .and_then(|w| w.session.clone())
             .filter(|s| s.id == session.id);
         for task_id in resend {
+            // The worker's clock for the task starts now, with the assignment it gets: the
+            // timeout backstop counts from here (and from here after a restart), or it could end
+            // the task as overdue before the worker's own deadline.
+            if let Some(t) = self.tasks.get_mut(&task_id)
+                && let Some(lease) = t.lease.as_mut()
+            {
+                lease.since = now();
+                t.lease_started = Some(tokio::time::Instant::now());
+                self.save_task(&task_id, b);
+            }
             self.assign(&task_id, current.as_ref().unwrap_or(session), b);
         }
         self.dispatch_needed = true;

@@ -714,6 +714,43 @@ async fn the_timeout_backstop_counts_from_the_lease_not_from_the_restart() {
     assert_eq!(h.core.tasks[&waiting].status, TaskStatus::Running);
 }
 
+/// An assignment sent again at the worker's return starts the worker's clock for the task then,
+/// so the coordinator's backstop counts from the resend: counted from the lease, it ended the
+/// task as overdue while the worker's own deadline was still ahead (and stored a result that
+/// came just before that deadline as stale).
+#[tokio::test(start_paused = true)]
+async fn a_resent_assignment_is_not_timed_out_before_the_workers_own_deadline() {
+    use std::time::Duration;
+    let mut cfg = CoordinatorConfig::new("/nonexistent");
+    cfg.lost_after = Duration::from_secs(10);
+    let mut h = Harness::with(cfg);
+    let (s, mut rx) = h.connect("a");
+    let mut spec = TaskSpec::new("sleep", serde_json::json!({}));
+    spec.timeout_ms = Some(1_000);
+    let t = h.submit_spec(spec);
+    drain(&mut rx);
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: s,
+    });
+    // Back within the grace period, without the task: the assignment is sent again.
+    tokio::time::advance(Duration::from_millis(9_500)).await;
+    let (_s2, mut rx2) = h.connect("a");
+    assert!(
+        drain(&mut rx2)
+            .iter()
+            .any(|m| matches!(m, CoordMsg::TaskAssignment(a) if a.task_id == t))
+    );
+    // The lease's timeout and grace (11 s) have passed, the resend's have not.
+    tokio::time::advance(Duration::from_millis(2_000)).await;
+    sweep(&mut h);
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Running);
+    // And they do pass from the resend.
+    tokio::time::advance(Duration::from_millis(9_100)).await;
+    sweep(&mut h);
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::TimedOut);
+}
+
 #[test]
 fn an_assignment_the_worker_never_received_is_sent_again_after_the_registration_ack() {
     let mut h = Harness::new();
