@@ -68,6 +68,10 @@ pub const MAC_FAILURES: &str = "tether_worker_mac_failures_total";
 /// Counter: outbox entries too large for the coordinator's frames when about to be sent, by
 /// `type` (a result becomes its attempt's failure, anything else is dropped).
 pub const OVERSIZE: &str = "tether_worker_oversize_messages_total";
+/// Counter: writes of the outbox journal (the state directory's `worker.db`) that failed, the
+/// disk full, say: what they put would not survive a crash (a result's attempt stays recorded
+/// as running until the result is journaled or acknowledged).
+pub const JOURNAL_FAILURES: &str = "tether_worker_journal_write_failures_total";
 /// Gauge: outbox entries waiting for an ack.
 pub const OUTBOX_DEPTH: &str = "tether_worker_outbox_depth";
 /// Gauge: encoded bytes in the outbox.
@@ -181,6 +185,10 @@ fn describe() {
     describe_counter!(
         OVERSIZE,
         "outbox entries too large for the coordinator's frames: results failed, the rest dropped"
+    );
+    describe_counter!(
+        JOURNAL_FAILURES,
+        "outbox journal writes that failed (the disk full, say): what they put would not survive a crash"
     );
     describe_gauge!(OUTBOX_DEPTH, "outbox entries waiting for an ack");
     describe_gauge!(OUTBOX_BYTES, Unit::Bytes, "encoded bytes in the outbox");

@@ -7,7 +7,9 @@
 //! enter the outbox. The outbox is bounded: producers wait for room ([`Outbox::reserve`]),
 //! telemetry is dropped first, and the first time it fills a warning is logged and counted.
 //! With a [`Journal`] (the state directory) every change is written through before it takes
-//! effect, so a restarted worker finds what was not yet acknowledged. A checkpoint's pieces are
+//! effect, so a restarted worker finds what was not yet acknowledged; a write that fails (the
+//! disk is full) is logged and counted, and a result's push says so ([`Outbox::push_journaled`]):
+//! its attempt is not recorded as ended on the strength of it. A checkpoint's pieces are
 //! journaled by where they lie in the checkpoint ([`Outbox::push_piece`]), whose bytes the
 //! state directory keeps in a file of its own: the journal write under the lock stays small.
 
@@ -52,12 +54,19 @@ impl Coalesce {
     }
 }
 
+/// A journal write that did not reach the disk (it is full, say): what it put survives no
+/// crash, and what it removed is found again by a restart.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the outbox journal could not be written: {0}")]
+pub struct JournalError(pub String);
+
 /// Where the outbox writes itself through (the state directory). Called with the outbox's lock
 /// held, so writes land in the order the outbox changed; a write is complete (durable) when
 /// the call returns.
 pub trait Journal: Send + Sync {
     /// `put` entered the outbox and the entries `removed` left it (acked, coalesced away or
-    /// dropped), as one write.
+    /// dropped), as one write. A failure is the journal's to log; the outbox itself writes
+    /// through [`Journal::try_write`], which reports it.
     fn write(&self, put: Option<(Class, Seq, &WorkerMsg)>, removed: &[Seq]);
 
     /// As [`Journal::write`], for `put` a checkpoint piece (`checkpoint_data`) whose bytes lie
@@ -68,6 +77,23 @@ pub trait Journal: Send + Sync {
     fn write_piece(&self, put: (Class, Seq, &WorkerMsg), offset: u64, removed: &[Seq]) {
         let _ = offset;
         self.write(Some(put), removed);
+    }
+
+    /// [`Journal::write`] (or [`Journal::write_piece`], given `put`'s `offset` in its
+    /// checkpoint), saying whether the write reached the disk: a result the journal did not
+    /// take must not let its attempt be recorded as ended. A journal that cannot fail (a
+    /// test's recorder) keeps this default.
+    fn try_write(
+        &self,
+        put: Option<(Class, Seq, &WorkerMsg)>,
+        offset: Option<u64>,
+        removed: &[Seq],
+    ) -> Result<(), JournalError> {
+        match (put, offset) {
+            (Some(put), Some(offset)) => self.write_piece(put, offset, removed),
+            _ => self.write(put, removed),
+        }
+        Ok(())
     }
 }
 
@@ -184,6 +210,8 @@ pub struct Outbox {
     /// Entries found too large for the coordinator's frames when about to be sent
     /// ([`Outbox::too_large`]): results made failures of their attempts, the rest dropped.
     pub oversize: AtomicU64,
+    /// Journal writes that failed ([`JournalError`]).
+    pub journal_failures: AtomicU64,
 }
 
 /// What became of an entry too large for the coordinator's frames ([`Outbox::too_large`]).
@@ -235,6 +263,7 @@ impl Outbox {
             full_events: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             oversize: AtomicU64::new(0),
+            journal_failures: AtomicU64::new(0),
         }
     }
 
@@ -245,26 +274,36 @@ impl Outbox {
     }
 
     fn journal(&self, put: Option<(Class, Seq, &WorkerMsg)>, removed: &[u64]) {
-        self.journal_at(put, None, removed);
+        // Logged and counted by `journal_at`. A removal that did not reach the disk leaves the
+        // entry there, and a restart sends it again: the coordinator answers `duplicate` or
+        // `stale`. Only a result put needs more (`push_journaled`).
+        let _ = self.journal_at(put, None, removed);
     }
 
-    /// [`Outbox::journal`], with where `put` lies in its checkpoint if it is a piece of one.
+    /// [`Outbox::journal`], with where `put` lies in its checkpoint if it is a piece of one,
+    /// saying whether the write reached the disk (without a journal nothing is promised: `Ok`).
+    /// A failure is logged and counted here.
     fn journal_at(
         &self,
         put: Option<(Class, Seq, &WorkerMsg)>,
         offset: Option<u64>,
         removed: &[u64],
-    ) {
+    ) -> Result<(), JournalError> {
         if put.is_none() && removed.is_empty() {
-            return;
+            return Ok(());
         }
-        if let Some(j) = &self.journal {
-            let removed: Vec<Seq> = removed.iter().copied().map(Seq).collect();
-            match (put, offset) {
-                (Some(put), Some(offset)) => j.write_piece(put, offset, &removed),
-                _ => j.write(put, &removed),
-            }
+        let Some(j) = &self.journal else {
+            return Ok(());
+        };
+        let removed: Vec<Seq> = removed.iter().copied().map(Seq).collect();
+        let written = j.try_write(put, offset, &removed);
+        if let Err(error) = &written {
+            self.journal_failures.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::JOURNAL_FAILURES).increment(1);
+            let (seq, class) = (put.map(|p| p.1.0), put.map(|p| p.0));
+            tracing::error!(%error, seq, ?class, removed = removed.len(), "outbox journal write failed: what it put is still sent, but would not survive a crash");
         }
+        written
     }
 
     fn lock(&self) -> Locked<'_> {
@@ -285,14 +324,39 @@ impl Outbox {
         coalesce: Option<Coalesce>,
         make: impl FnOnce(Seq) -> WorkerMsg,
     ) -> Seq {
+        self.push_at(class, coalesce, None, make).0
+    }
+
+    /// [`Outbox::push`], saying whether the journal took the entry (`Err`: the disk is full,
+    /// say, and a crash would lose it). Held and sent either way; [`Outbox::rejournal`] writes
+    /// it again.
+    pub fn push_journaled(
+        &self,
+        class: Class,
+        coalesce: Option<Coalesce>,
+        make: impl FnOnce(Seq) -> WorkerMsg,
+    ) -> (Seq, Result<(), JournalError>) {
         self.push_at(class, coalesce, None, make)
+    }
+
+    /// Writes the entry `seq` through the journal again, if it is still held: one whose first
+    /// write failed. `Ok(false)`: no longer held (acknowledged meanwhile).
+    pub fn rejournal(&self, seq: Seq) -> Result<bool, JournalError> {
+        let inner = self.lock();
+        let Some(e) = inner.entries.get(&seq.0) else {
+            return Ok(false);
+        };
+        // INVARIANT: under the lock, as a push is: the removal an ack journals never lands
+        // before it.
+        self.journal_at(Some((e.class, seq, &e.msg)), None, &[])
+            .map(|()| true)
     }
 
     /// [`Outbox::push`] of a checkpoint piece (`checkpoint_data`, class state) whose bytes lie
     /// at `offset` of its checkpoint, which the journal keeps already: it journals the piece
     /// by reference ([`Journal::write_piece`]). Held here with its bytes, as any entry.
     pub fn push_piece(&self, offset: u64, make: impl FnOnce(Seq) -> WorkerMsg) -> Seq {
-        self.push_at(Class::State, None, Some(offset), make)
+        self.push_at(Class::State, None, Some(offset), make).0
     }
 
     fn push_at(
@@ -301,7 +365,7 @@ impl Outbox {
         coalesce: Option<Coalesce>,
         offset: Option<u64>,
         make: impl FnOnce(Seq) -> WorkerMsg,
-    ) -> Seq {
+    ) -> (Seq, Result<(), JournalError>) {
         let seq = {
             let mut inner = self.lock();
             let seq = inner.next_seq;
@@ -328,16 +392,16 @@ impl Outbox {
                 removed.extend(self.make_room(&mut inner));
             }
             // INVARIANT: journaled under the lock, before the entry can be acked or returned.
-            self.journal_at(Some((class, Seq(seq), &msg)), offset, &removed);
-            (Seq(seq), !removed.is_empty())
+            let journaled = self.journal_at(Some((class, Seq(seq), &msg)), offset, &removed);
+            (Seq(seq), !removed.is_empty(), journaled)
         };
-        let (seq, replaced) = seq;
+        let (seq, replaced, journaled) = seq;
         self.ready.notify_one();
         if replaced {
             // A state replaced by a smaller one, or telemetry dropped: room a producer waits for.
             self.room.notify_waiters();
         }
-        seq
+        (seq, journaled)
     }
 
     /// Waits until the outbox is below its bounds. Results, notices, state and checkpoints wait

@@ -16,7 +16,7 @@ use tether_proto::msg::{
     now,
 };
 use tether_proto::task::TaskError;
-use tether_proto::{Attempt, CheckpointId, Outcome, TaskId, TaskRef};
+use tether_proto::{Attempt, CheckpointId, Outcome, Seq, TaskId, TaskRef};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -174,11 +174,32 @@ struct Unhanded {
     latest: Option<(CheckpointId, Attempt)>,
 }
 
+/// An attempt that reported a result the journal could not take (the disk is full, say). Its
+/// end is not recorded, nor its directory removed, until the result is journaled after all
+/// ([`Runner::rejournal`]) or acknowledged ([`Runner::acknowledged`]): a crash meanwhile
+/// finds it recorded as running, so the next start reports it lost with its local checkpoint,
+/// and the coordinator runs it again from there rather than lose its result unseen.
+#[derive(Debug)]
+struct Unjournaled {
+    task: TaskId,
+    attempt: Attempt,
+    /// The outbox entry of its result.
+    seq: Seq,
+    /// Its checkpoint directory, removed with its end; `None` once a newer attempt of the task
+    /// was assigned, which takes the directory over.
+    dir: Option<PathBuf>,
+}
+
 #[derive(Debug, Default)]
 struct Table {
     running: HashMap<TaskId, Running>,
     done: HashSet<(TaskId, Attempt)>,
     done_order: VecDeque<(TaskId, Attempt)>,
+    /// Attempts ended here whose results the journal has not taken. Nearly always empty.
+    unjournaled: Vec<Unjournaled>,
+    /// Tasks whose checkpoint directory an unjournaled attempt's late end is removing: a newer
+    /// attempt assigned meanwhile waits for the removal before it starts in the directory.
+    clearing: HashMap<TaskId, CancellationToken>,
 }
 
 /// Runs assigned tasks.
@@ -558,9 +579,18 @@ impl Runner {
     /// checkpoint's announcement or piece, it says what the coordinator holds of that
     /// checkpoint, which decides whether a stopped attempt's checkpoint may be forgotten here
     /// ([`Runner::handed_back`]). Acks of other messages, and of attempts no longer running
-    /// nor waiting to be handed back, change nothing.
-    pub fn acknowledged(&self, msg: &WorkerMsg, disposition: Disposition) {
+    /// nor waiting to be handed back, change nothing. Of a result the journal never took, it
+    /// ends its attempt now, whatever the disposition: the outbox no longer holds the result,
+    /// so nothing of it is left to keep.
+    pub fn acknowledged(self: &Arc<Self>, msg: &WorkerMsg, disposition: Disposition) {
         let (task, attempt, id, chunks, chunk) = match msg {
+            WorkerMsg::TaskResult(r) => {
+                if let Some(late) = self.take_unjournaled(&r.task_id, r.attempt) {
+                    tracing::info!(task = %r.task_id, attempt = %r.attempt, ?disposition, "a result the journal never took was acknowledged; its attempt's end is recorded now");
+                    self.tracker.spawn(self.clone().end_unjournaled(late));
+                }
+                return;
+            }
             WorkerMsg::Checkpoint(c) => (
                 &c.task_id,
                 c.attempt,
@@ -630,7 +660,7 @@ impl Runner {
     /// Starts an assignment, unless this attempt already runs or finished here.
     pub fn assign(self: &Arc<Self>, a: TaskAssignment) {
         let key = (a.task_id.clone(), a.attempt);
-        let (shared, local, fetch, predecessor) = {
+        let (shared, local, fetch, predecessor, clearing) = {
             let mut t = self.table();
             if t.done.contains(&key) {
                 tracing::debug!(task = %a.task_id, attempt = %a.attempt, "assignment of a finished attempt ignored");
@@ -655,6 +685,12 @@ impl Runner {
                 Resume::Fetch(wanted, fallback) => (None, fallback, Some(wanted)),
             };
             let shared = TaskShared::new(a.task_id.clone(), a.attempt, latest);
+            // The task's directory is this attempt's now, not an older one's left to remove
+            // with its late end; one being removed is waited for.
+            for u in t.unjournaled.iter_mut().filter(|u| u.task == a.task_id) {
+                u.dir = None;
+            }
+            let clearing = t.clearing.get(&a.task_id).cloned();
             // With nothing to record it in, it is recorded as it enters the table; otherwise
             // on the blocking pool, by its own task (`record_start`), and `active()` leaves it
             // out until then.
@@ -669,7 +705,7 @@ impl Runner {
                     ending: false,
                 },
             );
-            (shared, local, fetch, predecessor)
+            (shared, local, fetch, predecessor, clearing)
         };
         if self.on_finished.is_some() {
             let held = Held {
@@ -688,6 +724,9 @@ impl Runner {
             this.record_start(&shared, predecessor.as_deref()).await;
             if let Some(older) = predecessor {
                 wait_for_predecessor(&older, &shared, grace).await;
+            }
+            if let Some(clearing) = clearing {
+                clearing.cancelled().await;
             }
             this.execute(a, shared, local, fetch).await
         });
@@ -934,6 +973,8 @@ impl Runner {
                 detail: None,
             });
         }
+        // The result's outbox entry, if the journal did not take it.
+        let mut unjournaled = None;
         if report {
             let duration_ms = t0.elapsed().as_millis() as u64;
             // Once the worker is stopping, no session reads the acks that make room: the
@@ -943,7 +984,7 @@ impl Runner {
                 () = self.outbox.reserve() => {}
                 () = self.stopping.cancelled() => {}
             }
-            self.outbox.push(Class::Result, None, |seq| {
+            let (seq, journaled) = self.outbox.push_journaled(Class::Result, None, |seq| {
                 WorkerMsg::TaskResult(TaskResult {
                     seq,
                     task_id: task_id.clone(),
@@ -957,6 +998,14 @@ impl Runner {
                     timestamp: now(),
                 })
             });
+            match journaled {
+                // The disk has room again, perhaps: the results it had none for go now.
+                Ok(()) => self.rejournal().await,
+                Err(error) => {
+                    tracing::error!(task = %task_id, attempt = %attempt, seq = seq.0, %error, "the task's result is sent but not journaled: the attempt stays recorded as running, with its checkpoint directory, until the result is journaled or acknowledged (a crash meanwhile reports it lost)");
+                    unjournaled = Some(seq);
+                }
+            }
             let status = tether_proto::TaskStatus::from(outcome).as_str();
             metrics::counter!(crate::metrics::TASKS_FINISHED, "outcome" => status).increment(1);
             crate::metrics::observe_labeled(crate::metrics::TASK_DURATION, status, t0.elapsed());
@@ -980,14 +1029,17 @@ impl Runner {
         // Kept are the directory of one the worker's stop stopped, for the next start, and
         // the one a newer attempt of the task took over (no longer this attempt's in the
         // table): the newer may have started in it (it waited for `ended` no longer than its
-        // grace). Removed before `ended`: a newer attempt of the task waits for that.
+        // grace). Removed before `ended`: a newer attempt of the task waits for that. Nor is
+        // the directory of one whose result the journal did not take removed yet: with its end
+        // (`Unjournaled`).
         let remove = self
             .with_stop(&task_id, &shared, |stop| {
                 report || stop == Some(StopReason::Superseded)
             })
-            .unwrap_or(false);
-        if let Some(dir) = checkpoint_dir.filter(|_| remove) {
-            remove_checkpoint_dir(dir).await;
+            .unwrap_or(false)
+            && unjournaled.is_none();
+        if let Some(dir) = checkpoint_dir.as_ref().filter(|_| remove) {
+            remove_checkpoint_dir(dir.clone()).await;
         }
         // The executor returned: it touches the task's directory no more.
         shared.ended.cancel();
@@ -999,6 +1051,24 @@ impl Runner {
             {
                 t.running.remove(&task_id);
             }
+            if let Some(seq) = unjournaled {
+                t.unjournaled.push(Unjournaled {
+                    task: task_id.clone(),
+                    attempt,
+                    seq,
+                    dir: checkpoint_dir,
+                });
+            }
+        }
+        if let Some(seq) = unjournaled {
+            self.forget_held(&task_id, attempt);
+            // Acknowledged before it was listed above, it found nothing to end: ended here.
+            if self.outbox.held(seq).is_none()
+                && let Some(late) = self.take_unjournaled(&task_id, attempt)
+            {
+                self.clone().end_unjournaled(late).await;
+            }
+            return;
         }
         match &self.on_finished {
             // The coordinator still leases it here: see `unhanded`. Its latest checkpoint is
@@ -1017,6 +1087,83 @@ impl Runner {
                 finish_off_thread(hook.clone(), vec![(task_id.clone(), attempt)]).await;
             }
             None => {}
+        }
+    }
+
+    /// Takes the unjournaled `attempt` of `task` out of the table, if it is still there (its
+    /// result's ack and the journal write that took it at last may race: one ends it), with
+    /// the token of its directory's removal, if it removes it: not when a newer attempt of the
+    /// task runs here or another removal of the directory is under way.
+    fn take_unjournaled(
+        &self,
+        task: &TaskId,
+        attempt: Attempt,
+    ) -> Option<(Unjournaled, Option<CancellationToken>)> {
+        let mut t = self.table();
+        let i = t
+            .unjournaled
+            .iter()
+            .position(|u| &u.task == task && u.attempt == attempt)?;
+        let mut late = t.unjournaled.swap_remove(i);
+        if t.running.contains_key(task) || t.clearing.contains_key(task) {
+            late.dir = None;
+        }
+        let clearing = late.dir.is_some().then(|| {
+            let token = CancellationToken::new();
+            t.clearing.insert(task.clone(), token.clone());
+            token
+        });
+        Some((late, clearing))
+    }
+
+    /// Ends an unjournaled attempt whose result is journaled or acknowledged now, as an
+    /// attempt whose result the journal took at once ends: its directory removed, then its end
+    /// recorded.
+    async fn end_unjournaled(
+        self: Arc<Self>,
+        (late, clearing): (Unjournaled, Option<CancellationToken>),
+    ) {
+        if let Some(token) = clearing {
+            if let Some(dir) = late.dir {
+                remove_checkpoint_dir(dir).await;
+            }
+            // INVARIANT: only the one that inserted a task's token removes it (none is
+            // inserted while one is there).
+            self.table().clearing.remove(&late.task);
+            token.cancel();
+        }
+        if let Some(hook) = &self.on_finished {
+            finish_off_thread(hook.clone(), vec![(late.task, late.attempt)]).await;
+        }
+    }
+
+    /// Writes the results the journal did not take through it again (the disk may have room
+    /// now), and ends the attempts of those it takes. Stops at the first that fails: the disk
+    /// is still full.
+    async fn rejournal(self: &Arc<Self>) {
+        let waiting: Vec<(TaskId, Attempt, Seq)> = {
+            let t = self.table();
+            if t.unjournaled.is_empty() {
+                return;
+            }
+            t.unjournaled
+                .iter()
+                .map(|u| (u.task.clone(), u.attempt, u.seq))
+                .collect()
+        };
+        for (task, attempt, seq) in waiting {
+            match self.outbox.rejournal(seq) {
+                Ok(true) => {
+                    if let Some(late) = self.take_unjournaled(&task, attempt) {
+                        tracing::info!(task = %task, %attempt, seq = seq.0, "a result the journal did not take is journaled now; its attempt's end is recorded");
+                        self.clone().end_unjournaled(late).await;
+                    }
+                }
+                // Acknowledged meanwhile: its ack ends it.
+                Ok(false) => {}
+                // Logged and counted by the outbox.
+                Err(_) => return,
+            }
         }
     }
 
@@ -2137,6 +2284,92 @@ mod tests {
             "the directory as the result was journaled"
         );
         assert!(!root.path().join("t").exists(), "removed once it was");
+    }
+
+    /// A journal whose disk has no room for a result while `full` is set (a result is the
+    /// large insert; anything else still fits).
+    struct FullForResults {
+        full: AtomicBool,
+    }
+
+    impl crate::outbox::Journal for FullForResults {
+        fn write(&self, _: Option<(Class, Seq, &WorkerMsg)>, _: &[Seq]) {}
+
+        fn try_write(
+            &self,
+            put: Option<(Class, Seq, &WorkerMsg)>,
+            _: Option<u64>,
+            _: &[Seq],
+        ) -> Result<(), crate::outbox::JournalError> {
+            match put {
+                Some((Class::Result, _, _)) if self.full.load(Ordering::SeqCst) => Err(
+                    crate::outbox::JournalError("database or disk is full".into()),
+                ),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    /// A result the journal could not take ends its attempt (its end recorded, its directory
+    /// removed) only once the result is acknowledged, or journaled after all at the next
+    /// result, the disk having room again: ended before, a crash lost the result, and the
+    /// attempt was not reported lost.
+    #[tokio::test]
+    async fn a_result_the_journal_did_not_take_ends_its_attempt_once_acknowledged_or_journaled() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let journal = Arc::new(FullForResults {
+            full: AtomicBool::new(true),
+        });
+        let mut executors = Executors::default();
+        executors.register(
+            "command",
+            crate::executor::command::CommandExecutor::default(),
+        );
+        let outbox = Arc::new(Outbox::new(Limits::default()).with_journal(journal.clone()));
+        let ended = Arc::new(Mutex::new(Vec::new()));
+        let record = ended.clone();
+        let runner = Arc::new(
+            Runner::new(executors, outbox.clone(), 64 * 1024)
+                .with_checkpoint_root(root.path().to_owned())
+                .with_finished_hook(Arc::new(move |t, _| {
+                    record.lock().expect("lock").push(t.to_string());
+                })),
+        );
+        let writes = serde_json::json!({ "shell": r#"echo x > "$TETHER_CHECKPOINT_DIR/f""# });
+        let idle = || async {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while runner.live_tasks() > 0 {
+                assert!(tokio::time::Instant::now() < deadline, "tasks still live");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let ended = || ended.lock().expect("lock").clone();
+        let kept = |task: &str| root.path().join(task).join("f").exists();
+        for task in ["t", "u"] {
+            runner.assign(command_assignment(task, 1, writes.clone()));
+            idle().await;
+        }
+        assert_eq!(outbox.journal_failures.load(Ordering::Relaxed), 2);
+        assert!(ended().is_empty(), "{:?}", ended());
+        assert!(kept("t") && kept("u"), "their directories are kept");
+        // `u`'s result is acknowledged: the outbox holds it no more.
+        let (_, seq, _) = outbox
+            .snapshot()
+            .into_iter()
+            .find(|(_, _, m)| matches!(m.as_ref(), WorkerMsg::TaskResult(r) if r.task_id.as_str() == "u"))
+            .expect("u's result");
+        let acked = outbox.take_acked(seq).expect("held");
+        runner.acknowledged(&acked, Disposition::Recorded);
+        idle().await;
+        assert_eq!(ended(), ["u"]);
+        assert!(!root.path().join("u").exists() && kept("t"));
+        // Room again: `v`'s result is journaled, and `t`'s with it.
+        journal.full.store(false, Ordering::SeqCst);
+        runner.assign(command_assignment("v", 1, writes));
+        idle().await;
+        assert_eq!(ended(), ["u", "t", "v"]);
+        assert!(!root.path().join("t").exists() && !root.path().join("v").exists());
+        assert_eq!(outbox.journal_failures.load(Ordering::Relaxed), 2);
     }
 
     /// Binary output grows up to six times as JSON: a tail of 1 MiB of zero bytes (6 MiB

@@ -20,7 +20,9 @@
 //! Every write is a committed transaction when the call returns: an outbox entry counts as
 //! produced, and a task as running, only once it is on disk. With `synchronous=NORMAL` in WAL
 //! mode a commit survives the death of the process (not of the machine), which is what a
-//! restarted worker needs.
+//! restarted worker needs. A journal write that fails (the disk is full) says so
+//! ([`Journal::try_write`]): the runner does not record the end of an attempt whose result it
+//! did not take, so a crash reports the attempt lost instead of losing its result unseen.
 //!
 //! Checkpoints have a database, a connection and a lock of their own: a checkpoint of many MiB
 //! is written on the blocking pool, while the outbox journal is written on the runtime under
@@ -57,7 +59,7 @@ use tether_proto::msg::WorkerMsg;
 use tether_proto::{Attempt, Seq, TaskId, TaskRef, WorkerId};
 
 use crate::executor::StoredCheckpoint;
-use crate::outbox::{Class, Journal};
+use crate::outbox::{Class, Journal, JournalError};
 
 mod checkpoints;
 mod pieces;
@@ -86,6 +88,10 @@ CREATE TABLE IF NOT EXISTS discarded (
 CREATE TABLE IF NOT EXISTS forget (
     task_id TEXT NOT NULL, attempt INTEGER NOT NULL, PRIMARY KEY (task_id, attempt));
 ";
+
+/// Raises the highest sequence number handed out to `?1`.
+const SEQ_HIGH: &str = "INSERT INTO meta (key, value) VALUES ('seq_high', ?1)
+    ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)";
 
 /// Why a state directory cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -510,6 +516,18 @@ impl StateDir {
         }
     }
 
+    /// Records `seq` as handed out, alone: the journal did not take the entry that has it (its
+    /// write, which records that too, failed). The entry still goes out under it, and may be
+    /// acknowledged under it: a restart that numbered another message with it would put two
+    /// messages under one (worker, seq), by which the end-to-end verdicts tell acknowledgements
+    /// apart. Small enough to fit where the entry did not; a failure is logged.
+    fn note_seq(&self, seq: Seq) {
+        let noted = self.conn().execute(SEQ_HIGH, params![seq.0 as i64]);
+        if let Err(error) = noted {
+            tracing::error!(dir = %self.dir.display(), %error, seq = seq.0, "could not record a sequence number as used; a restart may use it again");
+        }
+    }
+
     /// Writes the journal: `put` entered the outbox (a checkpoint piece at `offset` of its
     /// checkpoint, if given: journaled by reference, see [`pieces`]) and `removed` left it.
     fn write_journal(
@@ -538,13 +556,7 @@ impl StateDir {
                 "INSERT OR REPLACE INTO outbox (seq, class, msg) VALUES (?1, ?2, ?3)",
                 params![seq.0 as i64, class as i64, json],
             )
-            .and_then(|_| {
-                tx.execute(
-                    "INSERT INTO meta (key, value) VALUES ('seq_high', ?1)
-                     ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
-                    params![seq.0 as i64],
-                )
-            })
+            .and_then(|_| tx.execute(SEQ_HIGH, params![seq.0 as i64]))
             .map_err(|e| e.to_string())?;
         }
         for seq in removed {
@@ -557,16 +569,30 @@ impl StateDir {
 
 impl Journal for StateDir {
     fn write(&self, put: Option<(Class, Seq, &WorkerMsg)>, removed: &[Seq]) {
-        if let Err(error) = self.write_journal(put, None, removed) {
+        if let Err(error) = self.try_write(put, None, removed) {
             // The entry stays in memory and is delivered; only its survival of a crash is lost.
             tracing::error!(dir = %self.dir.display(), %error, seq = put.map(|p| p.1.0), "outbox journal write failed");
         }
     }
 
     fn write_piece(&self, put: (Class, Seq, &WorkerMsg), offset: u64, removed: &[Seq]) {
-        if let Err(error) = self.write_journal(Some(put), Some(offset), removed) {
+        if let Err(error) = self.try_write(Some(put), Some(offset), removed) {
             tracing::error!(dir = %self.dir.display(), %error, seq = put.1.0, "outbox journal write failed");
         }
+    }
+
+    fn try_write(
+        &self,
+        put: Option<(Class, Seq, &WorkerMsg)>,
+        offset: Option<u64>,
+        removed: &[Seq],
+    ) -> Result<(), JournalError> {
+        self.write_journal(put, offset, removed).map_err(|error| {
+            if let Some((_, seq, _)) = put {
+                self.note_seq(seq);
+            }
+            JournalError(format!("{}: {error}", self.db_path.display()))
+        })
     }
 }
 
@@ -1143,6 +1169,33 @@ mod tests {
             vec![(Class::Result, r1), (Class::State, s2)]
         );
         assert_eq!(restored.last_seq, Seq(3), "the acked seq 3 is still used");
+    }
+
+    /// A result the journal cannot take (the disk is full: here a trigger refuses it) is
+    /// reported as not written, and its sequence number is still recorded as used: it went
+    /// out under it, and a restart numbers no other message with it.
+    #[test]
+    fn a_result_the_journal_cannot_take_is_reported_and_its_seq_not_used_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s3 = state(3, "b");
+        {
+            let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+            sd.write(Some((Class::State, Seq(3), &s3)), &[]);
+            sd.conn()
+                .execute_batch(
+                    "CREATE TRIGGER full BEFORE INSERT ON outbox WHEN NEW.class = 0
+                     BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END",
+                )
+                .expect("trigger");
+            let full = sd.try_write(Some((Class::Result, Seq(4), &result(4, "a"))), None, &[]);
+            assert!(full.is_err_and(|e| e.to_string().contains("full")));
+            sd.conn()
+                .execute_batch("DROP TRIGGER full")
+                .expect("room again");
+        }
+        let (_sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+        assert_eq!(restored.entries, vec![(Class::State, s3)]);
+        assert_eq!(restored.last_seq, Seq(4), "its seq is not used again");
     }
 
     /// An entry that the write that put it also removes (telemetry dropped by the push that

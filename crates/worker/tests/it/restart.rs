@@ -303,3 +303,87 @@ async fn a_start_sweeps_the_checkpoint_directories_of_tasks_neither_running_nor_
         "only directories are swept"
     );
 }
+
+/// The disk fills as a task ends: the journal cannot take its result (a trigger refuses
+/// results in the outbox table, as a full disk refuses their large insert), while the small
+/// commits that follow would still fit. The result goes out, is never acknowledged, and the
+/// process dies. Its attempt was not recorded as ended on the strength of that result, nor its
+/// checkpoint directory removed: the next start finds the result journaled or the attempt
+/// lost, so the coordinator is told, and the directory is still there for a resume here.
+/// Recorded as ended, the result was gone and the attempt not lost, the directory deleted.
+#[test]
+fn a_result_the_journal_could_not_take_leaves_its_attempt_lost_at_the_next_start() {
+    use tether_proto::WorkerMsg;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = WorkerId::parse("w").expect("id");
+    // The task `Script::PieceForResult` assigns: a sleep of one step, at attempt 2.
+    let task = TaskId::parse("t-1").expect("id");
+    let task_dir = dir
+        .path()
+        .join(tether_worker::statedir::TASKS_DIR)
+        .join(task.as_str());
+    drop(StateDir::open(dir.path(), &id).expect("open"));
+    let full = "CREATE TRIGGER full BEFORE INSERT ON outbox WHEN NEW.class = 0
+        BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END";
+    Connection::open(dir.path().join(DB_FILE))
+        .and_then(|c| c.execute_batch(full))
+        .expect("trigger");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let failures = rt.block_on(async {
+        let fake = FakeConnector::new(Script::PieceForResult);
+        let mut cfg = tether_worker::WorkerConfig::new("ws://coordinator.invalid:1", id.clone());
+        cfg.state_dir = Some(dir.path().to_owned());
+        let agent = crate::fake::agent(&fake, cfg);
+        // Made after the start's sweep (a task neither running nor lost has no directory),
+        // as a `command` task's executor makes it.
+        std::fs::create_dir_all(&task_dir).expect("mkdir");
+        std::fs::write(task_dir.join("progress"), b"3").expect("write");
+        let running = Running::start_agent(agent);
+        // The result went out, and the attempt's task is over: all it does after queueing
+        // the result (its directory, the record of its end) is done.
+        let t0 = tokio::time::Instant::now();
+        while fake.outcomes.lock().expect("lock").is_empty()
+            || running.handle.runner.live_tasks() > 0
+        {
+            assert!(
+                t0.elapsed() < SETTLE,
+                "after {SETTLE:?}: {} results, {} tasks",
+                fake.outcomes.lock().expect("lock").len(),
+                running.handle.runner.live_tasks()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let failures = running
+            .handle
+            .outbox
+            .journal_failures
+            .load(std::sync::atomic::Ordering::Relaxed);
+        drop(running);
+        failures
+    });
+    // Killed: the runtime goes with the agent, and no shutdown runs.
+    drop(rt);
+    assert!(failures >= 1, "the journal refused the result");
+    Connection::open(dir.path().join(DB_FILE))
+        .and_then(|c| c.execute_batch("DROP TRIGGER full"))
+        .expect("room again");
+    let (_sd, restored) = StateDir::open(dir.path(), &id).expect("reopen");
+    let journaled = restored
+        .entries
+        .iter()
+        .any(|(_, m)| matches!(m, WorkerMsg::TaskResult(r) if r.task_id == task));
+    let lost = restored.lost == [TaskRef::new(task.clone(), Attempt(2))];
+    assert!(
+        journaled || lost,
+        "neither the result journaled nor the attempt lost: entries {:?}, lost {:?}",
+        restored.entries,
+        restored.lost
+    );
+    assert!(
+        task_dir.join("progress").exists(),
+        "the attempt's directory is kept"
+    );
+}
