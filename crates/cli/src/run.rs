@@ -554,8 +554,8 @@ pub struct WorkerArgs {
     /// Heartbeat interval (at least 10ms; default 5s).
     #[arg(long, value_parser = parse_duration_arg)]
     heartbeat_interval: Option<Duration>,
-    /// Silence after which the session is declared dead and reconnected (default 15s, or what
-    /// the coordinator announces).
+    /// Silence after which the session is declared dead and reconnected (default 15s; raised
+    /// only when the coordinator stretches the heartbeat interval for a large fleet).
     #[arg(long, value_parser = parse_duration_arg)]
     heartbeat_timeout: Option<Duration>,
     /// First reconnect delay (at least 10ms; default 1s), doubled up to the maximum.
