@@ -53,6 +53,14 @@ fn fleet(n: usize, kinds: &[&str]) -> IdMap<WorkerId, Worker> {
         .collect()
 }
 
+/// `n` workers of one slot, of four builds: the first kind only, the first two, and so on.
+fn mixed_fleet(n: usize) -> IdMap<WorkerId, Worker> {
+    (0..n)
+        .map(|i| worker(i, &KINDS[..1 + i % KINDS.len()]))
+        .map(|w| (w.worker_id.clone(), w))
+        .collect()
+}
+
 fn dispatch(c: &mut Criterion) {
     let mut g = c.benchmark_group("dispatch");
     g.throughput(Throughput::Elements(1));
@@ -79,6 +87,51 @@ fn dispatch(c: &mut Criterion) {
                 let p = plan(&mut q, &mut free, &workers, None);
                 assert_eq!(p.len(), 10_000);
             },
+            BatchSize::LargeInput,
+        )
+    });
+    // A task at a time onto 100 idle workers of 4 slots, as steady_load's submissions arrive:
+    // the fixed cost of one dispatch.
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("plan_1_task_100_idle_workers", |b| {
+        let workers: IdMap<WorkerId, Worker> = (0..100)
+            .map(|i| worker(i, &["noop"]))
+            .map(|mut w| {
+                w.slots = 4;
+                (w.worker_id.clone(), w)
+            })
+            .collect();
+        let free: BTreeSet<WorkerId> = workers.keys().cloned().collect();
+        b.iter_batched(
+            || (queue(1, &["noop"]), free.clone()),
+            |(mut q, mut f)| assert_eq!(plan(&mut q, &mut f, &workers, None).len(), 1),
+            BatchSize::SmallInput,
+        )
+    });
+    // The same with a task of each of 4 kinds and workers of 4 builds.
+    g.throughput(Throughput::Elements(4));
+    g.bench_function("plan_4_tasks_of_4_kinds_100_mixed_workers", |b| {
+        let workers = mixed_fleet(100);
+        let free: BTreeSet<WorkerId> = workers.keys().cloned().collect();
+        b.iter_batched(
+            || (queue(4, &KINDS), free.clone()),
+            |(mut q, mut f)| black_box(plan(&mut q, &mut f, &workers, None).len()),
+            BatchSize::SmallInput,
+        )
+    });
+    g.throughput(Throughput::Elements(10_000));
+    // Workers of four builds (one kind up to all four) and tasks of every kind: the plan
+    // must weigh which worker takes which task, not hand each worker its first one.
+    g.bench_function("plan_10k_mixed_workers_10k_tasks_of_4_kinds", |b| {
+        let workers = mixed_fleet(10_000);
+        b.iter_batched(
+            || {
+                (
+                    queue(10_000, &KINDS),
+                    workers.keys().cloned().collect::<BTreeSet<_>>(),
+                )
+            },
+            |(mut q, mut free)| black_box(plan(&mut q, &mut free, &workers, None).len()),
             BatchSize::LargeInput,
         )
     });
