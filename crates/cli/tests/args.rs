@@ -231,6 +231,7 @@ fn submit_values_the_api_would_refuse_are_usage_errors_naming_the_flag() {
     for watch in [&[][..], &["--watch"]] {
         for (flag, value) in [
             ("--max-attempts", "0"),
+            ("--max-attempts", "101"),
             ("--timeout", "0s"),
             ("--timeout", "1500us"),
             ("--timeout", "2s 10ns"),

@@ -135,7 +135,7 @@ pub struct TaskSpec {
     pub tags: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
-    /// Attempts before a task lost again and again fails; default 3.
+    /// Attempts before a task lost again and again fails; default 3, at most [`MAX_ATTEMPTS`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
     /// Free-form label shown in listings.
@@ -149,6 +149,12 @@ pub const DEFAULT_PRIORITY: u8 = 5;
 pub const MAX_PRIORITY: u8 = 9;
 /// Default number of attempts.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Most attempts a task may ask for. Each lease adds an attempt record (up to about 250 bytes
+/// with a long worker id) that every save of the task rewrites and its API answer carries: 100
+/// keep a save under 25 KB and the bytes written over the task's life near 1 MB, where
+/// 1,000,000 on a fleet the task keeps crashing grew without bound. A task lost 100 times is
+/// not unlucky.
+pub const MAX_ATTEMPTS: u32 = 100;
 /// Longest task name accepted, in bytes.
 pub const MAX_NAME_BYTES: usize = 1024;
 /// Most capabilities a task may require, and most tags it may ask for.
@@ -185,8 +191,13 @@ impl TaskSpec {
         if self.priority > MAX_PRIORITY {
             return Err(format!("priority must be 0..={MAX_PRIORITY}"));
         }
-        if self.max_attempts == Some(0) {
-            return Err("max_attempts must be at least 1".into());
+        if let Some(n) = self
+            .max_attempts
+            .filter(|n| !(1..=MAX_ATTEMPTS).contains(n))
+        {
+            return Err(format!(
+                "max_attempts of {n}; it must be 1..={MAX_ATTEMPTS}"
+            ));
         }
         if self.timeout_ms == Some(0) {
             return Err("timeout_ms must be positive".into());
@@ -404,6 +415,28 @@ mod tests {
                 .expect_err("refused")
                 .contains("at most 64")
         );
+    }
+
+    #[test]
+    fn max_attempts_is_refused_above_its_cap_and_at_zero_with_the_bounds_named() {
+        let mut spec = TaskSpec::new("sleep", serde_json::json!({}));
+        for ok in [
+            None,
+            Some(1),
+            Some(DEFAULT_MAX_ATTEMPTS),
+            Some(MAX_ATTEMPTS),
+        ] {
+            spec.max_attempts = ok;
+            spec.validate().expect("within the bounds");
+        }
+        for (n, says) in [
+            (MAX_ATTEMPTS + 1, "max_attempts of 101; it must be 1..=100"),
+            (1_000_000, "max_attempts of 1000000; it must be 1..=100"),
+            (0, "max_attempts of 0; it must be 1..=100"),
+        ] {
+            spec.max_attempts = Some(n);
+            assert_eq!(spec.validate().expect_err("refused"), says);
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use super::table::*;
 use super::*;
+use tether_proto::task::MAX_ATTEMPTS;
 
 #[derive(Args)]
 pub struct SubmitArgs {
@@ -20,8 +21,12 @@ pub struct SubmitArgs {
     /// Timeout, e.g. 10m: more than zero, in whole milliseconds.
     #[arg(long, value_parser = parse_timeout, conflicts_with = "file")]
     timeout: Option<std::time::Duration>,
-    /// Attempts before a task lost again and again fails: at least 1.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "file")]
+    /// Attempts before a task lost again and again fails: 1 to 100 (the API's cap).
+    #[arg(
+        long,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_ATTEMPTS)),
+        conflicts_with = "file"
+    )]
     max_attempts: Option<u32>,
     /// A label shown in listings.
     #[arg(long, conflicts_with = "file")]

@@ -1298,15 +1298,21 @@ async fn a_submission_with_a_bad_field_gets_a_json_error_naming_the_field_and_el
         assert!(message.starts_with(says), "{body}: {message}");
     }
     // An invalid value of the right type is still the core's 422 `invalid`, with its rule.
-    let (status, e) = client
-        .post("/api/v1/tasks", &json!({"kind": "sleep", "priority": 10}))
-        .await;
-    assert_eq!(status, 422, "{e}");
-    assert_eq!(e["error"]["code"], "invalid", "{e}");
-    assert_eq!(
-        e["error"]["message"], "task 0: priority must be 0..=9",
-        "{e}"
-    );
+    for (body, says) in [
+        (
+            json!({"kind": "sleep", "priority": 10}),
+            "task 0: priority must be 0..=9",
+        ),
+        (
+            json!({"kind": "sleep", "max_attempts": 101}),
+            "task 0: max_attempts of 101; it must be 1..=100",
+        ),
+    ] {
+        let (status, e) = client.post("/api/v1/tasks", &body).await;
+        assert_eq!(status, 422, "{body}: {e}");
+        assert_eq!(e["error"]["code"], "invalid", "{body}: {e}");
+        assert_eq!(e["error"]["message"], says, "{body}: {e}");
+    }
     // A config its built-in executor would refuse at every attempt is refused now, the whole
     // batch with it; a kind of no built-in executor is any executor's business.
     for (body, says) in [
