@@ -870,6 +870,11 @@ pub struct TaskAssignment {
     /// Latest checkpoint of an earlier attempt, to resume from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<CheckpointBlob>,
+    /// The last attempt of earlier tasks of this id, removed by retention, when there were
+    /// any: this task's attempts are numbered after them, so a checkpoint a worker kept of an
+    /// attempt up to it is one of theirs, not this task's past.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_base: Option<Attempt>,
     #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
@@ -1174,6 +1179,41 @@ pub const COORD_MSG_TYPES: &[&str] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `attempt_base` travels when given, is left out when not, and an assignment of a
+    /// coordinator that does not send it decodes without it.
+    #[test]
+    fn an_assignments_attempt_base_round_trips_and_may_be_missing() {
+        let sample = crate::samples::coord_messages()
+            .into_iter()
+            .find_map(|m| match m {
+                CoordMsg::TaskAssignment(a) => Some(a),
+                _ => None,
+            })
+            .expect("a sample assignment");
+        let decoded = |a: &TaskAssignment| {
+            let text = crate::encode(&CoordMsg::TaskAssignment(a.clone()));
+            match crate::decode_coord(&text) {
+                Ok(CoordMsg::TaskAssignment(a)) => (text, a),
+                other => panic!("{text}: {other:?}"),
+            }
+        };
+        let with = TaskAssignment {
+            attempt_base: Some(Attempt(3)),
+            ..sample.clone()
+        };
+        let (text, back) = decoded(&with);
+        assert!(text.contains(r#""attempt_base":3"#), "{text}");
+        assert_eq!(back, with);
+
+        let without = TaskAssignment {
+            attempt_base: None,
+            ..sample
+        };
+        let (text, back) = decoded(&without);
+        assert!(!text.contains("attempt_base"), "{text}");
+        assert_eq!(back, without);
+    }
 
     #[test]
     fn a_peers_error_text_is_logged_escaped_and_cut() {

@@ -215,6 +215,7 @@ pub fn coord_messages() -> Vec<CoordMsg> {
                 data: Some(Blob(b"{}".to_vec())),
                 size: None,
             }),
+            attempt_base: None,
             timestamp: ts,
         }),
         CoordMsg::TaskResultAck(ack.clone()),

@@ -496,9 +496,10 @@ impl Runner {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&a.task_id)
             // One of a later attempt than this assignment's is not this task's past: a task
-            // submitted again under the same id after the first was removed counts its
-            // attempts from 1 again.
-            .filter(|l| l.attempt <= a.attempt);
+            // submitted again under the same id after the first was removed long ago counts its
+            // attempts from 1 again. One of an attempt up to the assignment's base is not
+            // either: it is of a removed task of this id, whose attempts this task's follow.
+            .filter(|l| l.attempt <= a.attempt && a.attempt_base.is_none_or(|b| l.attempt > b));
         let remote = a.checkpoint.as_ref();
         match (local, remote) {
             (Some(l), None) => {
@@ -2749,6 +2750,7 @@ mod tests {
                 data: Some(Blob(data.as_bytes().to_vec())),
                 size: None,
             }),
+            attempt_base: None,
             timestamp: now(),
         }
     }
@@ -3008,6 +3010,26 @@ mod tests {
         // A local checkpoint of a later attempt than the assignment's is another task's of
         // the same id (submitted again after retention removed the first): none is taken.
         assert_eq!(got["reused"], serde_json::Value::Null, "{got:?}");
+    }
+
+    /// A task submitted again under the id of one this worker lost, after retention removed
+    /// the first, is not resumed from the first's checkpoint kept here: its assignment's
+    /// `attempt_base` says that attempt was the removed task's. A checkpoint of an attempt
+    /// after the base is this task's own, and resumed from as before.
+    #[tokio::test]
+    async fn a_task_submitted_again_under_a_lost_tasks_id_does_not_resume_from_its_checkpoint() {
+        let id = |s: &str| TaskId::parse(s).expect("id");
+        let local = vec![
+            (id("resubmitted"), stored("r-2-1", 2, "old task")),
+            (id("own"), stored("o-5-1", 5, "local")),
+        ];
+        let based = |task: &str, attempt: u32, base: u32| TaskAssignment {
+            attempt_base: Some(Attempt(base)),
+            ..assignment(task, attempt, None)
+        };
+        let got = resumed_from(local, vec![based("resubmitted", 4, 3), based("own", 6, 3)]).await;
+        assert_eq!(got["resubmitted"], serde_json::Value::Null, "{got:?}");
+        assert_eq!(got["own"], "local", "{got:?}");
     }
 
     /// Of two checkpoints of one attempt, both written here, the one stored later wins, though

@@ -212,6 +212,9 @@ impl Core {
             config: t.spec.config.clone(),
             timeout_ms: t.spec.timeout_ms,
             checkpoint: None,
+            // Given only when it says something: a worker may keep a checkpoint of a removed
+            // task of this id, and must not resume this one from it.
+            attempt_base: (!t.attempt_base.is_zero()).then_some(t.attempt_base),
             timestamp: now(),
         };
         let checkpoint = t.latest_checkpoint.clone();

@@ -430,6 +430,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                         config: serde_json::json!({"ms": 0, "steps": 1}).into(),
                         timeout_ms: None,
                         checkpoint: None,
+                        attempt_base: None,
                         timestamp: now(),
                     },
                 ));
@@ -462,6 +463,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                     config: serde_json::json!({"ms": 600_000, "steps": 10}).into(),
                     timeout_ms: None,
                     checkpoint: None,
+                    attempt_base: None,
                     timestamp: now(),
                 });
                 let _ = ws.send(send(assignment)).await;
@@ -477,6 +479,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                     config: serde_json::json!({}).into(),
                     timeout_ms: None,
                     checkpoint: None,
+                    attempt_base: None,
                     timestamp: now(),
                 });
                 let _ = ws.send(send(assignment)).await;
@@ -729,6 +732,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                 config: serde_json::json!({"ms": 0, "steps": 1}).into(),
                 timeout_ms: None,
                 checkpoint: named,
+                attempt_base: None,
                 timestamp: now(),
             });
             if conn == 0 && ws.send(send(assignment)).await.is_err() {
@@ -825,6 +829,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                 config: serde_json::json!({ "bytes": bytes }).into(),
                 timeout_ms: None,
                 checkpoint: None,
+                attempt_base: None,
                 timestamp: now(),
             });
             if conn == 0 && ws.send(send(assignment)).await.is_err() {
@@ -896,6 +901,7 @@ fn last_assignment() -> CoordMsg {
         config: serde_json::json!({}).into(),
         timeout_ms: None,
         checkpoint: None,
+        attempt_base: None,
         timestamp: now(),
     })
 }

@@ -462,6 +462,7 @@ async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>, conn: usize) {
                         config: serde_json::json!({"ms": ms, "steps": 4}).into(),
                         timeout_ms: None,
                         checkpoint: None,
+                        attempt_base: None,
                         timestamp: now(),
                     })
                 }));
