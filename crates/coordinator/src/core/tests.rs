@@ -651,16 +651,23 @@ async fn a_worker_is_lost_a_grace_period_after_its_last_session_ended_not_its_fi
     assert_eq!(h.core.tasks[&t].status, TaskStatus::Queued, "requeued");
 }
 
+/// A core whose workers are lost 10 s after they go, with worker `a` connected and running a
+/// task of a 1 s timeout: the core, `a`'s session and mailbox, and the task.
+fn running_a_timed_task() -> (Harness, u64, super::mailbox::Receiver<Outgoing>, TaskId) {
+    let mut cfg = CoordinatorConfig::new("/nonexistent");
+    cfg.lost_after = std::time::Duration::from_secs(10);
+    let mut h = Harness::with(cfg);
+    let (s, rx) = h.connect("a");
+    let mut spec = TaskSpec::new("sleep", serde_json::json!({}));
+    spec.timeout_ms = Some(1_000);
+    let t = h.submit_spec(spec);
+    (h, s, rx, t)
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_task_far_past_its_timeout_is_timed_out_by_the_sweep() {
     use std::time::Duration;
-    let mut cfg = CoordinatorConfig::new("/nonexistent");
-    cfg.lost_after = Duration::from_secs(10);
-    let mut h = Harness::with(cfg);
-    let (s, mut rx) = h.connect("a");
-    let mut spec = TaskSpec::new("sleep", serde_json::json!({}));
-    spec.timeout_ms = Some(1_000);
-    let timed = h.submit_spec(spec);
+    let (mut h, s, mut rx, timed) = running_a_timed_task();
     assert_eq!(h.core.tasks[&timed].status, TaskStatus::Running);
     // Its timeout and the grace period, less a moment: the worker may still report.
     tokio::time::advance(Duration::from_millis(10_900)).await;
@@ -721,13 +728,7 @@ async fn the_timeout_backstop_counts_from_the_lease_not_from_the_restart() {
 #[tokio::test(start_paused = true)]
 async fn a_resent_assignment_is_not_timed_out_before_the_workers_own_deadline() {
     use std::time::Duration;
-    let mut cfg = CoordinatorConfig::new("/nonexistent");
-    cfg.lost_after = Duration::from_secs(10);
-    let mut h = Harness::with(cfg);
-    let (s, mut rx) = h.connect("a");
-    let mut spec = TaskSpec::new("sleep", serde_json::json!({}));
-    spec.timeout_ms = Some(1_000);
-    let t = h.submit_spec(spec);
+    let (mut h, s, mut rx, t) = running_a_timed_task();
     drain(&mut rx);
     h.step(Event::Disconnected {
         worker: wid("a"),
