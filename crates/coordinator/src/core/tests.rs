@@ -190,12 +190,22 @@ fn sent_names(rx: &mut super::mailbox::Receiver<Outgoing>) -> Vec<String> {
 
 /// The code of the first close in the mailbox, if any.
 fn close_code(rx: &mut super::mailbox::Receiver<Outgoing>) -> Option<u16> {
+    close(rx).map(|c| c.0)
+}
+
+/// The first close in the mailbox, if any: its code and reason.
+fn close(rx: &mut super::mailbox::Receiver<Outgoing>) -> Option<(u16, String)> {
     while let Ok(out) = rx.try_recv() {
         if let Outgoing::Close(c) = out {
-            return Some(c.0);
+            return Some(*c);
         }
     }
     None
+}
+
+/// A registration edit giving it the boot id `b` (one process of the worker).
+fn boot(b: &'static str) -> impl FnOnce(&mut Registration) {
+    move |r: &mut Registration| r.boot_id = b.into()
 }
 
 fn result(seq: u64, task: &TaskId, attempt: u32) -> WorkerMsg {
@@ -399,7 +409,6 @@ fn a_refused_registration_does_not_replace_the_workers_live_session() {
 #[test]
 fn a_process_a_newer_one_of_its_worker_replaced_is_refused_when_it_comes_back() {
     let mut h = Harness::new();
-    let boot = |b: &'static str| move |r: &mut Registration| r.boot_id = b.into();
     let (_, mut first_rx) = h.connect_registering("a", boot("b-first"));
     drain(&mut first_rx);
     // A reconnect of the same process replaces its own session.
@@ -411,12 +420,7 @@ fn a_process_a_newer_one_of_its_worker_replaced_is_refused_when_it_comes_back() 
     let (_, mut back_rx) = h.connect_registering("a", boot("b-first"));
     let conflicts = &h.core.counters.id_conflicts;
     assert_eq!(conflicts.load(std::sync::atomic::Ordering::Relaxed), 1);
-    let closed = std::iter::from_fn(|| back_rx.try_recv().ok())
-        .find_map(|o| match o {
-            Outgoing::Close(c) => Some(*c),
-            _ => None,
-        })
-        .expect("refused");
+    let closed = close(&mut back_rx).expect("refused");
     assert_eq!(closed.0, 4003);
     assert!(closed.1.contains("b-second"), "{}", closed.1);
     assert!(closed.1.len() <= 123, "a close reason's limit");
@@ -455,7 +459,6 @@ fn a_process_a_newer_one_of_its_worker_replaced_is_refused_when_it_comes_back() 
 #[test]
 fn a_replaced_process_takes_its_id_back_once_the_newer_one_is_gone() {
     let mut h = Harness::new();
-    let boot = |b: &'static str| move |r: &mut Registration| r.boot_id = b.into();
     let (_, mut old_rx) = h.connect_registering("a", boot("b-old"));
     drain(&mut old_rx);
     let (impostor, mut imp_rx) = h.connect_registering("a", boot("b-brief"));
@@ -528,7 +531,6 @@ fn a_registration_whose_boot_id_holds_a_newline_is_refused_saying_why() {
 #[test]
 fn a_refusal_naming_a_boot_id_shows_it_escaped() {
     let mut h = Harness::new();
-    let boot = |b: &'static str| move |r: &mut Registration| r.boot_id = b.into();
     let (_, mut first_rx) = h.connect_registering("a", boot("b-first"));
     drain(&mut first_rx);
     let (_, mut newer_rx) = h.connect_registering("a", boot("b-second"));
@@ -536,12 +538,7 @@ fn a_refusal_naming_a_boot_id_shows_it_escaped() {
     let w = h.core.workers.get_mut(&wid("a")).expect("worker");
     w.boot_id = "b-2\nERROR forged".into();
     let (_, mut back_rx) = h.connect_registering("a", boot("b-first"));
-    let closed = std::iter::from_fn(|| back_rx.try_recv().ok())
-        .find_map(|o| match o {
-            Outgoing::Close(c) => Some(*c),
-            _ => None,
-        })
-        .expect("refused");
+    let closed = close(&mut back_rx).expect("refused");
     assert_eq!(closed.0, 4003);
     assert!(
         closed.1.contains(r"(boot b-2\nERROR forged)"),
@@ -784,7 +781,6 @@ fn an_assignment_the_worker_never_received_is_sent_again_after_the_registration_
 #[test]
 fn a_lease_a_new_process_of_the_worker_does_not_know_ends_lost_and_the_next_attempt_is_new() {
     let mut h = Harness::new();
-    let boot = |b: &'static str| move |r: &mut Registration| r.boot_id = b.into();
     let (s, mut rx) = h.connect_registering("a", boot("b-old"));
     let t = h.submit();
     drain(&mut rx);
