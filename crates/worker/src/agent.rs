@@ -867,7 +867,7 @@ impl Drop for LiveGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::{Class, Journal};
+    use crate::outbox::{Class, Journal, Put};
     use crate::statedir::StateDir;
     use tether_proto::msg::{CheckpointFetch, TaskState, now};
     use tether_proto::{Attempt, CheckpointId, Seq, TaskId};
@@ -1043,8 +1043,10 @@ mod tests {
         });
         {
             let (sd, _) = StateDir::open(dir.path(), &id).expect("open");
-            sd.write(Some((Class::State, Seq(1), &state)), &[]);
-            sd.write(Some((Class::Notice, Seq(2), &fetch)), &[]);
+            sd.write(Some(Put::new(Class::State, Seq(1), &state)), &[])
+                .expect("write");
+            sd.write(Some(Put::new(Class::Notice, Seq(2), &fetch)), &[])
+                .expect("write");
         }
         let mut cfg = WorkerConfig::new("ws://127.0.0.1:1", id.clone());
         cfg.state_dir = Some(dir.path().to_owned());

@@ -60,41 +60,41 @@ impl Coalesce {
 #[error("the outbox journal could not be written: {0}")]
 pub struct JournalError(pub String);
 
+/// An entry that entered the outbox, as its journal write carries it.
+#[derive(Debug, Clone, Copy)]
+pub struct Put<'a> {
+    pub class: Class,
+    pub seq: Seq,
+    pub msg: &'a WorkerMsg,
+    /// For a checkpoint piece (`checkpoint_data`) pushed by [`Outbox::push_piece`]: where its
+    /// bytes lie in its checkpoint. The state directory keeps the checkpoint's bytes already,
+    /// in a file of its own: it records the piece by reference, a few hundred bytes, not its
+    /// bytes again (base64 under the outbox's lock, which the session needs for every send and
+    /// ack), and rebuilds it when the journal is read. `None`: the message is journaled whole.
+    pub offset: Option<u64>,
+}
+
+impl<'a> Put<'a> {
+    /// `msg`, held under `seq` in `class`, journaled whole.
+    pub fn new(class: Class, seq: Seq, msg: &'a WorkerMsg) -> Self {
+        Self {
+            class,
+            seq,
+            msg,
+            offset: None,
+        }
+    }
+}
+
 /// Where the outbox writes itself through (the state directory). Called with the outbox's lock
 /// held, so writes land in the order the outbox changed; a write is complete (durable) when
 /// the call returns.
 pub trait Journal: Send + Sync {
     /// `put` entered the outbox and the entries `removed` left it (acked, coalesced away or
-    /// dropped), as one write. A failure is the journal's to log; the outbox itself writes
-    /// through [`Journal::try_write`], which reports it.
-    fn write(&self, put: Option<(Class, Seq, &WorkerMsg)>, removed: &[Seq]);
-
-    /// As [`Journal::write`], for `put` a checkpoint piece (`checkpoint_data`) whose bytes lie
-    /// at `offset` of its checkpoint ([`Outbox::push_piece`]). The state directory keeps the
-    /// checkpoint's bytes already, in a file of its own: it records the piece by reference, a
-    /// few hundred bytes, not its bytes again (base64 under the outbox's lock, which the
-    /// session needs for every send and ack), and rebuilds it when the journal is read.
-    fn write_piece(&self, put: (Class, Seq, &WorkerMsg), offset: u64, removed: &[Seq]) {
-        let _ = offset;
-        self.write(Some(put), removed);
-    }
-
-    /// [`Journal::write`] (or [`Journal::write_piece`], given `put`'s `offset` in its
-    /// checkpoint), saying whether the write reached the disk: a result the journal did not
-    /// take must not let its attempt be recorded as ended. A journal that cannot fail (a
-    /// test's recorder) keeps this default.
-    fn try_write(
-        &self,
-        put: Option<(Class, Seq, &WorkerMsg)>,
-        offset: Option<u64>,
-        removed: &[Seq],
-    ) -> Result<(), JournalError> {
-        match (put, offset) {
-            (Some(put), Some(offset)) => self.write_piece(put, offset, removed),
-            _ => self.write(put, removed),
-        }
-        Ok(())
-    }
+    /// dropped), as one write, saying whether it reached the disk: a result the journal did not
+    /// take must not let its attempt be recorded as ended. The caller logs and counts a failure
+    /// (the outbox does, [`Outbox::journal_failures`]).
+    fn write(&self, put: Option<Put<'_>>, removed: &[Seq]) -> Result<(), JournalError>;
 }
 
 #[derive(Debug)]
@@ -273,22 +273,16 @@ impl Outbox {
         self
     }
 
-    fn journal(&self, put: Option<(Class, Seq, &WorkerMsg)>, removed: &[u64]) {
-        // Logged and counted by `journal_at`. A removal that did not reach the disk leaves the
-        // entry there, and a restart sends it again: the coordinator answers `duplicate` or
+    fn journal(&self, put: Option<Put<'_>>, removed: &[u64]) {
+        // Logged and counted by `journal_checked`. A removal that did not reach the disk leaves
+        // the entry there, and a restart sends it again: the coordinator answers `duplicate` or
         // `stale`. Only a result put needs more (`push_journaled`).
-        let _ = self.journal_at(put, None, removed);
+        let _ = self.journal_checked(put, removed);
     }
 
-    /// [`Outbox::journal`], with where `put` lies in its checkpoint if it is a piece of one,
-    /// saying whether the write reached the disk (without a journal nothing is promised: `Ok`).
-    /// A failure is logged and counted here.
-    fn journal_at(
-        &self,
-        put: Option<(Class, Seq, &WorkerMsg)>,
-        offset: Option<u64>,
-        removed: &[u64],
-    ) -> Result<(), JournalError> {
+    /// [`Outbox::journal`], saying whether the write reached the disk (without a journal
+    /// nothing is promised: `Ok`). A failure is logged and counted here.
+    fn journal_checked(&self, put: Option<Put<'_>>, removed: &[u64]) -> Result<(), JournalError> {
         if put.is_none() && removed.is_empty() {
             return Ok(());
         }
@@ -296,11 +290,11 @@ impl Outbox {
             return Ok(());
         };
         let removed: Vec<Seq> = removed.iter().copied().map(Seq).collect();
-        let written = j.try_write(put, offset, &removed);
+        let written = j.write(put, &removed);
         if let Err(error) = &written {
             self.journal_failures.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(crate::metrics::JOURNAL_FAILURES).increment(1);
-            let (seq, class) = (put.map(|p| p.1.0), put.map(|p| p.0));
+            let (seq, class) = (put.map(|p| p.seq.0), put.map(|p| p.class));
             tracing::error!(%error, seq, ?class, removed = removed.len(), "outbox journal write failed: what it put is still sent, but would not survive a crash");
         }
         written
@@ -348,13 +342,13 @@ impl Outbox {
         };
         // INVARIANT: under the lock, as a push is: the removal an ack journals never lands
         // before it.
-        self.journal_at(Some((e.class, seq, &e.msg)), None, &[])
+        self.journal_checked(Some(Put::new(e.class, seq, &e.msg)), &[])
             .map(|()| true)
     }
 
     /// [`Outbox::push`] of a checkpoint piece (`checkpoint_data`, class state) whose bytes lie
     /// at `offset` of its checkpoint, which the journal keeps already: it journals the piece
-    /// by reference ([`Journal::write_piece`]). Held here with its bytes, as any entry.
+    /// by reference ([`Put::offset`]). Held here with its bytes, as any entry.
     pub fn push_piece(&self, offset: u64, make: impl FnOnce(Seq) -> WorkerMsg) -> Seq {
         self.push_at(Class::State, None, Some(offset), make).0
     }
@@ -392,7 +386,13 @@ impl Outbox {
                 removed.extend(self.make_room(&mut inner));
             }
             // INVARIANT: journaled under the lock, before the entry can be acked or returned.
-            let journaled = self.journal_at(Some((class, Seq(seq), &msg)), offset, &removed);
+            let put = Put {
+                class,
+                seq: Seq(seq),
+                msg: &msg,
+                offset,
+            };
+            let journaled = self.journal_checked(Some(put), &removed);
             (Seq(seq), !removed.is_empty(), journaled)
         };
         let (seq, replaced, journaled) = seq;
@@ -498,7 +498,7 @@ impl Outbox {
                     let class = e.class;
                     let msg = std::sync::Arc::new(failure);
                     // INVARIANT: journaled under the lock, as a push is.
-                    self.journal(Some((class, seq, &msg)), &[]);
+                    self.journal(Some(Put::new(class, seq, &msg)), &[]);
                     inner.replace(seq.0, msg);
                     (Oversize::Failed, ty)
                 }
@@ -1453,12 +1453,13 @@ mod tests {
     struct Recorder(std::sync::Mutex<Vec<(Option<u64>, Vec<u64>)>>);
 
     impl Journal for Recorder {
-        fn write(&self, put: Option<(Class, Seq, &WorkerMsg)>, removed: &[Seq]) {
+        fn write(&self, put: Option<Put<'_>>, removed: &[Seq]) -> Result<(), JournalError> {
             let removed = removed.iter().map(|s| s.0).collect();
             self.0
                 .lock()
                 .expect("recorder")
-                .push((put.map(|p| p.1.0), removed));
+                .push((put.map(|p| p.seq.0), removed));
+            Ok(())
         }
     }
 

@@ -2237,12 +2237,19 @@ mod tests {
     }
 
     impl crate::outbox::Journal for DirWitness {
-        fn write(&self, put: Option<(Class, Seq, &WorkerMsg)>, _removed: &[Seq]) {
-            if let Some((_, _, WorkerMsg::TaskResult(r))) = put {
+        fn write(
+            &self,
+            put: Option<crate::outbox::Put<'_>>,
+            _removed: &[Seq],
+        ) -> Result<(), crate::outbox::JournalError> {
+            if let Some(put) = put
+                && let WorkerMsg::TaskResult(r) = put.msg
+            {
                 let there = self.root.join(r.task_id.as_str()).exists();
                 let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
                 seen.push((r.task_id.to_string(), there));
             }
+            Ok(())
         }
     }
 
@@ -2294,16 +2301,13 @@ mod tests {
     }
 
     impl crate::outbox::Journal for FullForResults {
-        fn write(&self, _: Option<(Class, Seq, &WorkerMsg)>, _: &[Seq]) {}
-
-        fn try_write(
+        fn write(
             &self,
-            put: Option<(Class, Seq, &WorkerMsg)>,
-            _: Option<u64>,
+            put: Option<crate::outbox::Put<'_>>,
             _: &[Seq],
         ) -> Result<(), crate::outbox::JournalError> {
             match put {
-                Some((Class::Result, _, _)) if self.full.load(Ordering::SeqCst) => Err(
+                Some(p) if p.class == Class::Result && self.full.load(Ordering::SeqCst) => Err(
                     crate::outbox::JournalError("database or disk is full".into()),
                 ),
                 _ => Ok(()),

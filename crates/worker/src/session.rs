@@ -2160,10 +2160,15 @@ mod tests {
     struct Order(Arc<Mutex<Vec<&'static str>>>);
 
     impl crate::outbox::Journal for Order {
-        fn write(&self, _: Option<(Class, Seq, &WorkerMsg)>, removed: &[Seq]) {
+        fn write(
+            &self,
+            _: Option<crate::outbox::Put<'_>>,
+            removed: &[Seq],
+        ) -> Result<(), crate::outbox::JournalError> {
             if !removed.is_empty() {
                 self.0.lock().expect("lock").push("journal: removed");
             }
+            Ok(())
         }
     }
 

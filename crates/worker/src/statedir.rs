@@ -21,7 +21,7 @@
 //! produced, and a task as running, only once it is on disk. With `synchronous=NORMAL` in WAL
 //! mode a commit survives the death of the process (not of the machine), which is what a
 //! restarted worker needs. A journal write that fails (the disk is full) says so
-//! ([`Journal::try_write`]): the runner does not record the end of an attempt whose result it
+//! ([`Journal::write`]): the runner does not record the end of an attempt whose result it
 //! did not take, so a crash reports the attempt lost instead of losing its result unseen.
 //!
 //! Checkpoints have a database, a connection and a lock of their own: a checkpoint of many MiB
@@ -59,7 +59,7 @@ use tether_proto::msg::WorkerMsg;
 use tether_proto::{Attempt, Seq, TaskId, TaskRef, WorkerId};
 
 use crate::executor::StoredCheckpoint;
-use crate::outbox::{Class, Journal, JournalError};
+use crate::outbox::{Class, Journal, JournalError, Put};
 
 mod checkpoints;
 mod pieces;
@@ -528,17 +528,17 @@ impl StateDir {
         }
     }
 
-    /// Writes the journal: `put` entered the outbox (a checkpoint piece at `offset` of its
-    /// checkpoint, if given: journaled by reference, see [`pieces`]) and `removed` left it.
-    fn write_journal(
-        &self,
-        put: Option<(Class, Seq, &WorkerMsg)>,
-        offset: Option<u64>,
-        removed: &[Seq],
-    ) -> Result<(), String> {
+    /// Writes the journal: `put` entered the outbox (a checkpoint piece, given its offset in
+    /// its checkpoint: journaled by reference, see [`pieces`]) and `removed` left it.
+    fn write_journal(&self, put: Option<Put<'_>>, removed: &[Seq]) -> Result<(), String> {
         // Encoded before the lock is taken.
         let put = match put {
-            Some((class, seq, msg)) => {
+            Some(Put {
+                class,
+                seq,
+                msg,
+                offset,
+            }) => {
                 let json = offset
                     .and_then(|offset| pieces::encode(msg, offset))
                     .unwrap_or_else(|| serde_json::to_string(msg))
@@ -568,28 +568,10 @@ impl StateDir {
 }
 
 impl Journal for StateDir {
-    fn write(&self, put: Option<(Class, Seq, &WorkerMsg)>, removed: &[Seq]) {
-        if let Err(error) = self.try_write(put, None, removed) {
-            // The entry stays in memory and is delivered; only its survival of a crash is lost.
-            tracing::error!(dir = %self.dir.display(), %error, seq = put.map(|p| p.1.0), "outbox journal write failed");
-        }
-    }
-
-    fn write_piece(&self, put: (Class, Seq, &WorkerMsg), offset: u64, removed: &[Seq]) {
-        if let Err(error) = self.try_write(Some(put), Some(offset), removed) {
-            tracing::error!(dir = %self.dir.display(), %error, seq = put.1.0, "outbox journal write failed");
-        }
-    }
-
-    fn try_write(
-        &self,
-        put: Option<(Class, Seq, &WorkerMsg)>,
-        offset: Option<u64>,
-        removed: &[Seq],
-    ) -> Result<(), JournalError> {
-        self.write_journal(put, offset, removed).map_err(|error| {
-            if let Some((_, seq, _)) = put {
-                self.note_seq(seq);
+    fn write(&self, put: Option<Put<'_>>, removed: &[Seq]) -> Result<(), JournalError> {
+        self.write_journal(put, removed).map_err(|error| {
+            if let Some(put) = put {
+                self.note_seq(put.seq);
             }
             JournalError(format!("{}: {error}", self.db_path.display()))
         })
@@ -1158,10 +1140,13 @@ mod tests {
             let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("open");
             assert!(restored.entries.is_empty());
             assert_eq!(restored.last_seq, Seq(0));
-            sd.write(Some((Class::Result, Seq(1), &r1)), &[]);
-            sd.write(Some((Class::State, Seq(2), &s2)), &[]);
-            sd.write(Some((Class::Result, Seq(3), &result(3, "c"))), &[]);
-            sd.write(None, &[Seq(3)]);
+            sd.write(Some(Put::new(Class::Result, Seq(1), &r1)), &[])
+                .expect("write");
+            sd.write(Some(Put::new(Class::State, Seq(2), &s2)), &[])
+                .expect("write");
+            sd.write(Some(Put::new(Class::Result, Seq(3), &result(3, "c"))), &[])
+                .expect("write");
+            sd.write(None, &[Seq(3)]).expect("write");
         }
         let (_sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
         assert_eq!(
@@ -1180,14 +1165,15 @@ mod tests {
         let s3 = state(3, "b");
         {
             let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
-            sd.write(Some((Class::State, Seq(3), &s3)), &[]);
+            sd.write(Some(Put::new(Class::State, Seq(3), &s3)), &[])
+                .expect("write");
             sd.conn()
                 .execute_batch(
                     "CREATE TRIGGER full BEFORE INSERT ON outbox WHEN NEW.class = 0
                      BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END",
                 )
                 .expect("trigger");
-            let full = sd.try_write(Some((Class::Result, Seq(4), &result(4, "a"))), None, &[]);
+            let full = sd.write(Some(Put::new(Class::Result, Seq(4), &result(4, "a"))), &[]);
             assert!(full.is_err_and(|e| e.to_string().contains("full")));
             sd.conn()
                 .execute_batch("DROP TRIGGER full")
@@ -1207,8 +1193,13 @@ mod tests {
         let r1 = result(1, "a");
         {
             let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
-            sd.write(Some((Class::Result, Seq(1), &r1)), &[]);
-            sd.write(Some((Class::State, Seq(2), &state(2, "b"))), &[Seq(2)]);
+            sd.write(Some(Put::new(Class::Result, Seq(1), &r1)), &[])
+                .expect("write");
+            sd.write(
+                Some(Put::new(Class::State, Seq(2), &state(2, "b"))),
+                &[Seq(2)],
+            )
+            .expect("write");
         }
         let (_sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
         assert_eq!(restored.entries, vec![(Class::Result, r1)]);
@@ -1233,7 +1224,11 @@ mod tests {
             sd.task_finished(&tid("short"), Attempt(1)).expect("finish");
             // "done" finished and its result was journaled, but the process died before the
             // finished hook ran.
-            sd.write(Some((Class::Result, Seq(1), &result(1, "done"))), &[]);
+            sd.write(
+                Some(Put::new(Class::Result, Seq(1), &result(1, "done"))),
+                &[],
+            )
+            .expect("write");
         }
         let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
         assert_eq!(restored.lost, vec![TaskRef::new(tid("long"), Attempt(1))]);
@@ -1261,14 +1256,18 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let sd = open_running(dir.path(), "done", b"5");
-            sd.write(Some((Class::Result, Seq(1), &result(1, "done"))), &[]);
+            sd.write(
+                Some(Put::new(Class::Result, Seq(1), &result(1, "done"))),
+                &[],
+            )
+            .expect("write");
         }
         let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
         assert!(restored.lost.is_empty());
         assert_eq!(restored.entries.len(), 1, "the result is sent again");
         assert!(sd.latest_checkpoint(&tid("done")).expect("read").is_none());
         // The result is acknowledged: it leaves the journal.
-        sd.write(None, &[Seq(1)]);
+        sd.write(None, &[Seq(1)]).expect("write");
         drop(sd);
         let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
         assert!(restored.lost.is_empty(), "{:?}", restored.lost);
@@ -1349,14 +1348,25 @@ mod tests {
         {
             let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
             sd.write(
-                Some((Class::Result, Seq(1), &WorkerMsg::TaskResult(deep.clone()))),
+                Some(Put::new(
+                    Class::Result,
+                    Seq(1),
+                    &WorkerMsg::TaskResult(deep.clone()),
+                )),
                 &[],
-            );
+            )
+            .expect("write");
             sd.write(
-                Some((Class::State, Seq(2), &WorkerMsg::TaskState(deep_state))),
+                Some(Put::new(
+                    Class::State,
+                    Seq(2),
+                    &WorkerMsg::TaskState(deep_state),
+                )),
                 &[],
-            );
-            sd.write(Some((Class::State, Seq(4), &s4)), &[]);
+            )
+            .expect("write");
+            sd.write(Some(Put::new(Class::State, Seq(4), &s4)), &[])
+                .expect("write");
             sd.conn()
                 .execute(
                     "INSERT INTO outbox (seq, class, msg) VALUES (3, 1, '{\"type\":\"task_paused\"')",
@@ -1551,9 +1561,14 @@ mod tests {
                 .expect("the write began");
             let (sd, s2) = (sd.clone(), &s2);
             s.spawn(move || {
-                sd.write(Some((Class::Result, Seq(1), &result(1, "done"))), &[]);
-                sd.write(Some((Class::State, Seq(2), s2)), &[]);
-                sd.write(None, &[Seq(1)]);
+                sd.write(
+                    Some(Put::new(Class::Result, Seq(1), &result(1, "done"))),
+                    &[],
+                )
+                .expect("write");
+                sd.write(Some(Put::new(Class::State, Seq(2), s2)), &[])
+                    .expect("write");
+                sd.write(None, &[Seq(1)]).expect("write");
                 sd.task_started(&tid("next"), Attempt(1)).expect("start");
                 sd.task_finished(&tid("done"), Attempt(1)).expect("finish");
                 let _ = done.send(());
@@ -1604,7 +1619,8 @@ mod tests {
             let (done, finished) = std::sync::mpsc::channel();
             let (sd_, s2) = (sd.clone(), state(2, "next"));
             s.spawn(move || {
-                sd_.write(Some((Class::State, Seq(2), &s2)), &[]);
+                sd_.write(Some(Put::new(Class::State, Seq(2), &s2)), &[])
+                    .expect("write");
                 sd_.task_started(&tid("next"), Attempt(1)).expect("start");
                 let _ = done.send(());
             });
@@ -2026,7 +2042,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let sd = open_running(dir.path(), "long", b"5");
-            sd.write(Some((Class::Result, Seq(1), &result(1, "done"))), &[]);
+            sd.write(
+                Some(Put::new(Class::Result, Seq(1), &result(1, "done"))),
+                &[],
+            )
+            .expect("write");
         }
         let path = dir.path().join(CHECKPOINTS_FILE);
         let junk = b"this is not a sqlite database, not at all, not even close....".repeat(100);

@@ -164,7 +164,7 @@ pub(super) fn rebuild(
 mod tests {
     use super::*;
     use crate::executor::{StoredCheckpoint, upload_checkpoint};
-    use crate::outbox::{Journal, Limits, Outbox};
+    use crate::outbox::{Journal, Limits, Outbox, Put};
     use crate::statedir::StateDir;
     use std::sync::Arc;
     use tether_proto::WorkerId;
@@ -257,7 +257,11 @@ mod tests {
                 data: Blob(b"whole".to_vec()),
                 timestamp: tether_proto::msg::now(),
             });
-            sd.write(Some((Class::State, whole.seq().expect("seq"), &whole)), &[]);
+            sd.write(
+                Some(Put::new(Class::State, whole.seq().expect("seq"), &whole)),
+                &[],
+            )
+            .expect("write");
             (kept, newer, whole)
         };
         let (sd, restored) = open(dir.path());

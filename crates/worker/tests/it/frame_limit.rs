@@ -10,7 +10,7 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, U
 use tether_proto::msg::{TaskResult, TaskState, WorkerMsg, now};
 use tether_proto::{Attempt, Outcome, Seq, TaskId, WorkerId};
 use tether_worker::backoff::Jitter;
-use tether_worker::outbox::{Class, Journal};
+use tether_worker::outbox::{Class, Journal, Put};
 use tether_worker::statedir::StateDir;
 use tether_worker::{ConnState, WorkerConfig};
 
@@ -46,7 +46,8 @@ fn journal_checkpoint(
         chunks: pieces,
         timestamp: now(),
     });
-    sd.write(Some((Class::State, Seq(1), &announce)), &[]);
+    sd.write(Some(Put::new(Class::State, Seq(1), &announce)), &[])
+        .expect("write");
     for chunk in 0..pieces {
         let seq = Seq(2 + u64::from(chunk));
         let piece = WorkerMsg::CheckpointData(tether_proto::msg::CheckpointData {
@@ -58,7 +59,8 @@ fn journal_checkpoint(
             data: tether_proto::task::Blob(vec![7; bytes]),
             timestamp: now(),
         });
-        sd.write(Some((Class::State, seq, &piece)), &[]);
+        sd.write(Some(Put::new(Class::State, seq, &piece)), &[])
+            .expect("write");
     }
 }
 
@@ -156,12 +158,18 @@ async fn a_journaled_result_too_large_for_the_coordinator_fails_its_attempt_and_
             state: serde_json::json!({ "pad": "s".repeat(big) }).into(),
             timestamp: now(),
         });
-        sd.write(Some((Class::Result, Seq(1), &result(1, "t-big", big))), &[]);
-        sd.write(Some((Class::State, Seq(2), &state)), &[]);
         sd.write(
-            Some((Class::Result, Seq(3), &result(3, "t-small", 10))),
+            Some(Put::new(Class::Result, Seq(1), &result(1, "t-big", big))),
             &[],
-        );
+        )
+        .expect("write");
+        sd.write(Some(Put::new(Class::State, Seq(2), &state)), &[])
+            .expect("write");
+        sd.write(
+            Some(Put::new(Class::Result, Seq(3), &result(3, "t-small", 10))),
+            &[],
+        )
+        .expect("write");
     }
     let (fake, running) = connected_on(dir.path(), Script::SmallFrames).await;
     let outbox = running.handle.outbox.clone();
