@@ -252,6 +252,47 @@ fn submit_values_the_api_would_refuse_are_usage_errors_naming_the_flag() {
     assert!(err.contains("cannot reach"), "{err}");
 }
 
+/// An empty capability, a blank tag key and a capability, tag or name past the API's limits
+/// (256 bytes for a label, 1024 for a name) are usage errors (exit 2) naming the flag and
+/// why, before any request (the port is closed: a request would fail "cannot reach"), with
+/// --watch too. Only the coordinator refused them, once the command had reached it.
+#[test]
+fn submit_labels_the_api_would_refuse_are_usage_errors_naming_the_flag() {
+    let closed = closed_port();
+    let label = "c".repeat(256);
+    let name = "n".repeat(1024);
+    for watch in [&[][..], &["--watch"]] {
+        for (flag, value, says) in [
+            ("--require", String::new(), "an empty capability"),
+            ("--require", "  ".to_owned(), "an empty capability"),
+            ("--require", format!("{label}c"), "257 bytes; at most 256"),
+            ("--tag", " =linux".to_owned(), "an empty key"),
+            ("--tag", format!("os={label}x"), "257 bytes; at most 256"),
+            (
+                "--name",
+                format!("{name}n"),
+                "name of 1025 bytes; at most 1024",
+            ),
+        ] {
+            let args = ["submit", "--coordinator", &closed, flag, &value];
+            let (code, err) = tether_str(&[&args[..], watch, &["--", "true"]].concat());
+            let what = format!("{flag} {value:?} {watch:?}");
+            assert_eq!(code, Some(2), "{what}: {err}");
+            assert!(err.contains(&format!("for '{flag} ")), "{what}: {err}");
+            assert!(err.contains(says), "{what}: {err}");
+            assert!(!err.contains("cannot reach"), "{what}: {err}");
+            assert!(!err.contains("could not follow"), "{what}: {err}");
+        }
+    }
+    // At the limits, they are sent: here, to no one.
+    let tag = format!("os={label}");
+    let args = ["submit", "--coordinator", &closed, "--require", &label];
+    let more = ["--tag", &tag, "--name", &name, "--", "true"];
+    let (code, err) = tether_str(&[&args[..], &more].concat());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
+}
+
 /// A submission that fails with --watch is the submission's failure, as without it: its own
 /// error and exit status (1), not a watch that could not follow its tasks (2, under "the
 /// watch could not follow its tasks to their end").

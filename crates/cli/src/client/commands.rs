@@ -15,8 +15,9 @@ pub struct SubmitArgs {
     /// Priority: high, normal, low, or 0 (most urgent) to 9.
     #[arg(long, default_value = "normal", value_parser = parse_priority, conflicts_with = "file")]
     priority: u8,
-    /// A capability the worker must have (repeatable).
-    #[arg(long = "require", conflicts_with = "file")]
+    /// A capability the worker must have (repeatable): not blank, at most 256 bytes (the API's
+    /// rules, checked as the arguments are read).
+    #[arg(long = "require", value_parser = parse_require, conflicts_with = "file")]
     requires: Vec<String>,
     /// Timeout, e.g. 10m: more than zero, in whole milliseconds.
     #[arg(long, value_parser = parse_timeout, conflicts_with = "file")]
@@ -28,8 +29,9 @@ pub struct SubmitArgs {
         conflicts_with = "file"
     )]
     max_attempts: Option<u32>,
-    /// A label shown in listings.
-    #[arg(long, conflicts_with = "file")]
+    /// A label shown in listings: at most 1024 bytes (the API's limit, checked as the arguments
+    /// are read).
+    #[arg(long, value_parser = parse_name, conflicts_with = "file")]
     name: Option<String>,
     /// The task's id (default: one the coordinator makes); the same id twice is refused while
     /// the coordinator keeps the task (a `--retention` removes ended ones), so a submission
@@ -37,8 +39,9 @@ pub struct SubmitArgs {
     /// Checked against the id rules as the arguments are read: a bad one is a usage error.
     #[arg(long, conflicts_with = "file")]
     id: Option<tether_proto::TaskId>,
-    /// A tag the worker must carry, KEY=VALUE (repeatable).
-    #[arg(long = "tag", value_parser = parse_key_value, conflicts_with = "file")]
+    /// A tag the worker must carry, KEY=VALUE (repeatable): a key not blank, each at most 256
+    /// bytes (the API's rules, checked as the arguments are read).
+    #[arg(long = "tag", value_parser = parse_tag, conflicts_with = "file")]
     tags: Vec<(String, String)>,
     /// An environment variable for the command, KEY=VALUE (repeatable).
     #[arg(long = "env", value_parser = parse_key_value, conflicts_with = "file")]
@@ -63,6 +66,32 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
         _ => Err(format!("{s:?}: use KEY=VALUE")),
     }
+}
+
+/// What the coordinator says of a spec holding only what `set` puts in it: its rules for one
+/// flag's value ([`TaskSpec::validate`], the function it refuses a submission with), so that a
+/// value it would refuse is a usage error naming the flag, found before any request, in the
+/// same words and by the same limits.
+fn api_check(set: impl FnOnce(&mut TaskSpec)) -> Result<(), String> {
+    let mut spec = TaskSpec::new("command", Value::Null);
+    set(&mut spec);
+    spec.validate()
+}
+
+fn parse_require(s: &str) -> Result<String, String> {
+    api_check(|spec| spec.requires = vec![s.to_owned()])?;
+    Ok(s.to_owned())
+}
+
+fn parse_name(s: &str) -> Result<String, String> {
+    api_check(|spec| spec.name = Some(s.to_owned()))?;
+    Ok(s.to_owned())
+}
+
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    let (k, v) = parse_key_value(s)?;
+    api_check(|spec| _ = spec.tags.insert(k.clone(), v.clone()))?;
+    Ok((k, v))
 }
 
 /// The spec of a `command` task from the flags: a command line after `--` or a `--shell`
@@ -701,6 +730,45 @@ mod tests {
             .err()
             .expect("a bad id is refused as it is read");
         assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{e}");
+    }
+
+    /// A capability, tag or name is held to the API's limits as it is read: refused past them
+    /// (in the API's words), taken up to them.
+    #[test]
+    fn labels_are_held_to_the_apis_limits_as_they_are_read() {
+        use tether_proto::task::{MAX_LABEL_BYTES, MAX_NAME_BYTES};
+        let (label, name) = ("c".repeat(MAX_LABEL_BYTES), "n".repeat(MAX_NAME_BYTES));
+        let tag = format!("{label}={label}");
+        let a = submit_args(&[
+            "--require",
+            &label,
+            "--tag",
+            &tag,
+            "--name",
+            &name,
+            "--",
+            "true",
+        ])
+        .expect("at the limits");
+        let spec = command_spec(&a).expect("spec");
+        spec.validate().expect("the API takes it");
+        for (flag, value, says) in [
+            ("--require", "", "empty capability"),
+            ("--require", " ", "empty capability"),
+            ("--require", &format!("{label}c"), "of 257 bytes"),
+            ("--tag", " =v", "empty key"),
+            ("--tag", &format!("k={label}v"), "of 257 bytes"),
+            ("--name", &format!("{name}n"), "name of 1025 bytes"),
+        ] {
+            let e = submit_args(&[flag, value, "--", "true"])
+                .err()
+                .unwrap_or_else(|| panic!("{flag} {value:?} is refused"));
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{e}");
+            assert!(
+                e.to_string().contains(flag) && e.to_string().contains(says),
+                "{e}"
+            );
+        }
     }
 
     /// The WORKER column names where a task runs or, once it ended, where it ran: a task
