@@ -26,8 +26,13 @@ const CATCH_UP_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
 /// coordinator sends a keep-alive every 15 s, so a path that went dead (a half-open connection
 /// no write will reveal) shows as this much silence.
 const SILENCE: Duration = Duration::from_secs(45);
-/// Named tasks read one request each after a gap; more are read from the task listing.
+/// Named tasks read one request each after a gap; more are read from the task listing (but
+/// at the first catch-up, one request each: see [`Watch::read_named`]).
 const ONE_BY_ONE: usize = 64;
+/// Reads of one named task each that a catch-up has in flight at once: a few, so that a first
+/// catch-up of thousands is not one round trip after another, and not the coordinator's every
+/// turn for large answers (8), which other clients' reads share.
+const READS_AT_ONCE: usize = 4;
 /// A gap at least this long may have hidden a named task that ended and was removed by the
 /// coordinator's retention (at least a minute, `MIN_RETENTION`): the many named tasks are then
 /// read from the whole listing, where a task missing was removed, not from the tasks changed
@@ -466,12 +471,18 @@ impl Watch {
         if open.len() <= ONE_BY_ONE {
             return self.read_one_by_one(api, open, before).await;
         }
-        if before.is_none()
-            && let Some(since) = self.since_submitted(snap)
-        {
-            // Just submitted: among the tasks changed since, not the whole table. One not
-            // there (its change stamped by a clock set back meanwhile) is asked for by itself.
-            let missing = self.read_named_listed(api, open, Some(since)).await?;
+        if before.is_none() {
+            // The first catch-up: where the named tasks start in the listing is not known
+            // yet, so a listing would be read from the coordinator's oldest task on, the
+            // whole table (gigabytes on one that keeps a million) for tasks submitted long
+            // ago. Just submitted (`submit --watch`): among the tasks changed since, and one
+            // not there (its change stamped by a clock set back meanwhile) by itself. Else
+            // each by itself: as many reads as names, whatever the table holds. Once each was
+            // seen, a later listing starts at the oldest of them.
+            let missing = match self.since_submitted(snap) {
+                Some(since) => self.read_named_listed(api, open, Some(since)).await?,
+                None => open.to_vec(),
+            };
             return self.read_one_by_one(api, &missing, before).await;
         }
         // After a gap long enough for retention to have removed a task unseen, every task (from
@@ -483,27 +494,28 @@ impl Watch {
         if since.is_some() {
             return Ok(());
         }
+        // `before` is some: a name the whole listing lacks was found at an earlier catch-up,
+        // and retention removed it since.
         for id in missing {
-            // Never found: refused, as a request for it would be. Found before: removed.
-            if before.is_none() {
-                return Err(no_task(&id));
-            }
             self.on_removed(&id)?;
         }
         Ok(())
     }
 
-    /// Few named tasks, `ids`: read with a request each. One found at an earlier catch-up
-    /// (`before` is some) and gone now ended while no stream was open, and retention removed
-    /// it; one never found is refused.
+    /// Named tasks, `ids`, read with a request each ([`READS_AT_ONCE`] in flight), in order.
+    /// One found at an earlier catch-up (`before` is some) and gone now ended while no stream
+    /// was open, and retention removed it; one never found is refused.
     async fn read_one_by_one(
         &mut self,
         api: &Api,
         ids: &[String],
         before: Option<DateTime<Utc>>,
     ) -> anyhow::Result<()> {
-        for id in ids {
-            match api.get(&format!("/api/v1/tasks/{id}")).await {
+        let mut reads = futures_util::stream::iter(ids)
+            .map(|id| async move { (id, api.get(&format!("/api/v1/tasks/{id}")).await) })
+            .buffered(READS_AT_ONCE);
+        while let Some((id, read)) = reads.next().await {
+            match read {
                 Ok(t) => self.on_task(&t)?,
                 Err(e) if before.is_some() && status(&e) == Some(404) => self.on_removed(id)?,
                 Err(e) if status(&e) == Some(404) => {
@@ -718,13 +730,6 @@ impl Watch {
         }
         Err(anyhow::anyhow!(why).context(Unfollowed))
     }
-}
-
-/// The refusal of a named task the coordinator does not have, as a request for it gets.
-fn no_task(id: &str) -> anyhow::Error {
-    let body = serde_json::json!({"error": {"message": format!("no task {id}")}});
-    anyhow::Error::from(Refused::of(http::StatusCode::NOT_FOUND, &body))
-        .context(format!("no task {id} at this coordinator"))
 }
 
 /// The HTTP status of a refusal, if `e` is one.
@@ -1200,40 +1205,60 @@ mod tests {
         assert!(!w.seen.contains_key("old-7"));
     }
 
+    /// Many named tasks submitted long ago were first looked for in the listing from the
+    /// coordinator's oldest task on, the whole table (gigabytes against one that keeps a
+    /// million): the first catch-up reads each by itself and never the listing; once each was
+    /// seen, a later catch-up reads the listing from the oldest of them on, not a request each.
+    /// A name the coordinator lacks is refused as a missing task is.
     #[tokio::test]
-    async fn many_named_tasks_are_read_from_the_listing_not_one_request_each() {
+    async fn many_named_tasks_are_first_read_each_by_itself_not_from_the_whole_listing() {
         let n = ONE_BY_ONE + 6;
-        let listed: Vec<Value> = (0..n)
-            .map(|i| {
-                let mut t = task(&format!("t{i}"), "completed", 1, None);
-                t["submit_seq"] = json!(i);
-                t
-            })
+        let stamped = |id: String, seq: u64, at: &str| {
+            let mut t = task(&id, "running", 1, Some("w1"));
+            t["submit_seq"] = json!(seq);
+            t["updated_at"] = json!(at);
+            t
+        };
+        // Others' tasks before and after the named ones.
+        let mut table: Vec<Value> = (0..5)
+            .map(|i| stamped(format!("old-{i}"), i, "2026-12-01T09:00:00Z"))
             .collect();
-        let app = axum::Router::new()
-            .route(
-                "/api/v1/tasks",
-                axum::routing::get(move || async move { axum::Json(Value::from(listed)) }),
-            )
-            // Asked one by one, the watch would fail: every single read is refused here.
-            .route(
-                "/api/v1/tasks/{id}",
-                axum::routing::get(|| async { http::StatusCode::INTERNAL_SERVER_ERROR }),
-            );
-        let addr = crate::client::serve_for_test(app).await;
-        let api = Api::build(&format!("http://{addr}"), None, None).expect("client");
-        let snap = json!({"at": "2026-12-01T10:40:00Z", "tasks": []});
-        let names = (0..n).map(|i| format!("t{i}")).collect();
-        let mut w = Watch::new(Some(names), true, false);
-        w.catch_up(&api, &snap)
+        table.extend(
+            (0..n).map(|i| stamped(format!("t{i}"), 100 + i as u64, "2026-12-01T10:39:59Z")),
+        );
+        table.extend(
+            (0..200).map(|i| stamped(format!("new-{i}"), 1000 + i, "2026-12-01T09:30:00Z")),
+        );
+        let tasks = std::sync::Arc::new(std::sync::Mutex::new(table));
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let api = honest(tasks, asked.clone()).await;
+        let names: BTreeSet<String> = (0..n).map(|i| format!("t{i}")).collect();
+        let mut w = Watch::new(Some(names.clone()), true, false);
+        w.page = 10;
+        w.catch_up(&api, &snapshot_at("2026-12-01T10:40:00Z"))
             .await
-            .expect("read from the listing");
-        assert!(w.done(), "{} of {n} ended", w.ended.len());
-        // A name the listing lacks is refused as a missing task is.
-        let mut names: BTreeSet<String> = (0..n).map(|i| format!("t{i}")).collect();
+            .expect("every name found");
+        assert_eq!(w.seen.len(), n, "every named task read");
+        let mut first = std::mem::take(&mut *asked.lock().expect("asked"));
+        // Sent a few at once: they arrive in any order.
+        first.sort();
+        let want: Vec<String> = names.iter().map(|id| format!("GET {id}")).collect();
+        assert_eq!(first, want, "a read each, and no listing");
+        // A short gap: the tasks changed in it, listed from the oldest named one on.
+        w.catch_up(&api, &snapshot_at("2026-12-01T10:40:10Z"))
+            .await
+            .expect("read");
+        let later = std::mem::take(&mut *asked.lock().expect("asked"));
+        assert!(later[0].contains("after_seq=99"), "{later:?}");
+        assert!(later.iter().all(|q| !q.starts_with("GET ")), "{later:?}");
+        // A name the coordinator lacks is refused as a missing task is.
+        let mut names = names;
         names.insert("nope".into());
         let mut w = Watch::new(Some(names), true, false);
-        let e = w.catch_up(&api, &snap).await.expect_err("no such task");
+        let e = w
+            .catch_up(&api, &snapshot_at("2026-12-01T10:40:00Z"))
+            .await
+            .expect_err("no such task");
         assert!(is_refusal(&e), "{e:#}");
         assert!(format!("{e:#}").contains("no task nope"), "{e:#}");
     }

@@ -871,3 +871,109 @@ async fn submit_watch_follows_tasks_taken_just_before_the_coordinator_went_away(
         "{lines:?}"
     );
 }
+
+/// A TCP relay to `upstream` that keeps every byte its clients send through it (the requests
+/// they made, to count): its address and those bytes.
+async fn recording_relay(
+    upstream: SocketAddr,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = sent.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let down =
+                    tokio::spawn(
+                        async move { tokio::io::copy(&mut from_server, &mut to_client).await },
+                    );
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                    kept.lock().expect("kept").extend_from_slice(&buf[..n]);
+                    if to_server.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = to_server.shutdown().await;
+                let _ = down.await;
+            });
+        }
+    });
+    (addr, sent)
+}
+
+/// How many times `needle` occurs in `hay`.
+fn occurrences(hay: &[u8], needle: &str) -> usize {
+    hay.windows(needle.len())
+        .filter(|w| *w == needle.as_bytes())
+        .count()
+}
+
+/// A watch of more than 64 tasks submitted long ago looked for them, at its first catch-up,
+/// in the coordinator's whole task listing, from its oldest task to its newest, page after
+/// page (here 38 pages of 10, for 70 tasks): it reads each named task by itself, and no
+/// listing at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_of_many_tasks_submitted_long_ago_reads_each_not_the_whole_listing() {
+    let site = Site::new();
+    let _coord = site.coordinator().await;
+    let submit_all = |ids: Vec<String>| {
+        let specs: Vec<_> = ids
+            .iter()
+            .map(|id| json!({ "task_id": id, "kind": "sleep", "config": {} }))
+            .collect();
+        let r = site
+            .http
+            .post(format!("{}/api/v1/tasks", site.base))
+            .json(&json!({ "tasks": specs }))
+            .send();
+        async move {
+            let r = r.await.expect("submit");
+            assert!(r.status().is_success(), "submit: {}", r.status());
+        }
+    };
+    // The named tasks first, then many others; the named ones ended (cancelled, queued with
+    // no worker), so that the first catch-up finds every one ended and the watch exits.
+    let named: Vec<String> = (0..70).map(|i| format!("old-{i}")).collect();
+    submit_all(named.clone()).await;
+    submit_all((0..300).map(|i| format!("other-{i}")).collect()).await;
+    for id in &named {
+        let (ok, _, err) = client(&site.base, &["cancel", id]);
+        assert!(ok, "cancel {id}: {err}");
+    }
+    let (relay, sent) = recording_relay(site.addr).await;
+    let through = format!("http://{relay}");
+    let mut args = vec!["watch", "--coordinator", &through, "--page-size", "10"];
+    args.extend(named.iter().map(String::as_str));
+    let mut watch = Watcher::start(&args);
+    let (code, lines) = watch.wait_exit();
+    assert_eq!(
+        code,
+        Some(1),
+        "none completed: {lines:?}; {}",
+        watch.stderr_text()
+    );
+    for id in &named {
+        let ended = format!("  {id}  cancelled");
+        assert!(lines.iter().any(|l| l.contains(&ended)), "{id}: {lines:?}");
+    }
+    let sent = sent.lock().expect("sent").clone();
+    assert_eq!(
+        occurrences(&sent, "GET /api/v1/tasks?"),
+        0,
+        "no listing read: {}",
+        String::from_utf8_lossy(&sent)
+    );
+    assert_eq!(occurrences(&sent, "GET /api/v1/tasks/"), named.len());
+    assert_eq!(occurrences(&sent, "GET /api/v1/events"), 1);
+}
