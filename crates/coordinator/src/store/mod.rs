@@ -93,9 +93,24 @@ pub enum StoreError {
         supported: i64,
     },
     #[error(
-        "database {path} is corrupt ({detail}); refusing to touch it (restore a backup or move it away)"
+        "database {path} is corrupt ({detail}); refusing to touch it (restore a backup or move it away, either way with its -wal and -shm files and the states-*.journal files beside it)"
     )]
     Corrupt { path: PathBuf, detail: String },
+    /// The database is gone (or empty) while files that belong with it are still there: its
+    /// `-wal` or `-shm` with something in them, or state journals (what the operator left
+    /// when moving a refused database away alone).
+    #[error(
+        "database {} is {}, yet {} beside it hold its latest commits or task states, which a new database would drop (the journals replayed into no task and removed, the -wal deleted by SQLite); refusing to start, with nothing touched (put that database back; to start empty, or from a backup, move these files away too)",
+        db.display(),
+        if *empty { "empty" } else { "missing" },
+        file_names(leftovers)
+    )]
+    Leftovers {
+        db: PathBuf,
+        /// The database file is there with nothing in it (else it is missing).
+        empty: bool,
+        leftovers: Vec<PathBuf>,
+    },
     #[error(
         "state journal {path} is corrupt ({detail}); refusing to start (move it away to start without the task states it holds)"
     )]
@@ -112,6 +127,20 @@ pub enum StoreError {
         holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
     )]
     Locked { path: PathBuf, holder: Option<u32> },
+}
+
+/// The files' names, for a message that names the directory already.
+fn file_names(files: &[PathBuf]) -> String {
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| {
+            f.file_name()
+                .unwrap_or(f.as_os_str())
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.join(", ")
 }
 
 /// What to look at when `source` is a permission refused on `path`: its owner and mode, and
@@ -467,6 +496,7 @@ pub fn open(dir: &Path) -> Result<(Connection, Loaded), StoreError> {
         tracing::warn!(dir = %dir.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "the data directory is open to other users; it holds task specs, output and checkpoints (chmod 700)");
     }
     let path = dir.join(DB_FILE);
+    refuse_leftovers(dir, &path)?;
     let found = schema::check(&path)?;
     // What a previous process journaled and did not fold yet (read before the database is
     // opened for writing: a corrupt journal is refused with the database untouched).
@@ -487,6 +517,46 @@ pub fn open(dir: &Path) -> Result<(Connection, Loaded), StoreError> {
         },
     })?;
     Ok((conn, loaded))
+}
+
+/// Refuses a data directory whose database at `db` is missing or empty while files that
+/// belong with it are still there ([`StoreError::Leftovers`]): its `-wal` or `-shm` holding
+/// anything, or a state journal. Opened, it would start empty and destroy them: the journals
+/// replayed into a new database that holds no task (every state dropped) and removed, and a
+/// `-wal` beside a database of no pages deleted by SQLite at its first read. That is what
+/// moving a refused database away alone, its other files left, used to do at the next start.
+fn refuse_leftovers(dir: &Path, db: &Path) -> Result<(), StoreError> {
+    let empty = match std::fs::metadata(db) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Ok(m) if m.is_file() && m.len() == 0 => true,
+        // There, or not to be read: `schema::check` says what it is.
+        _ => return Ok(()),
+    };
+    // One that cannot be looked at is counted: it may hold anything.
+    let holds_bytes = |f: &PathBuf| {
+        std::fs::metadata(f).map_or_else(
+            |e| e.kind() != std::io::ErrorKind::NotFound,
+            |m| m.len() > 0,
+        )
+    };
+    let mut leftovers: Vec<PathBuf> = ["-wal", "-shm"]
+        .into_iter()
+        .map(|suffix| schema::sibling(db, suffix))
+        .filter(holds_bytes)
+        .collect();
+    let journals = states::journal_files(dir).map_err(|source| StoreError::DataDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    leftovers.extend(journals.into_iter().map(|(_, path)| path));
+    if leftovers.is_empty() {
+        return Ok(());
+    }
+    Err(StoreError::Leftovers {
+        db: db.to_owned(),
+        empty,
+        leftovers,
+    })
 }
 
 enum LoadError {

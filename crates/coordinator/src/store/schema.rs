@@ -172,19 +172,14 @@ pub(super) fn check(path: &Path) -> Result<i64, StoreError> {
     // A clean close removes both; a crash leaves both. The shared-memory file without the log
     // means the log was removed by hand (they look like temporary files), and with it the
     // latest commits: SQLite would open the database without them, silently.
-    let sibling = |suffix: &str| {
-        let mut f = path.as_os_str().to_owned();
-        f.push(suffix);
-        std::path::PathBuf::from(f)
-    };
-    let (wal, shm) = (sibling("-wal"), sibling("-shm"));
+    let (wal, shm) = (sibling(path, "-wal"), sibling(path, "-shm"));
     if shm.exists() && !wal.exists() {
         return Err(StoreError::WalMissing { wal, shm });
     }
     // The coordinator writes them all: one it cannot open is named as such, not taken for a
     // corrupt database (SQLite says "unable to open database file" of a WAL it cannot open).
     for suffix in ["", "-wal", "-shm"] {
-        let file = sibling(suffix);
+        let file = sibling(path, suffix);
         if let Err(source) = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -227,6 +222,14 @@ pub(super) fn check(path: &Path) -> Result<i64, StoreError> {
         return Err(corrupt(check));
     }
     Ok(version)
+}
+
+/// The file of SQLite's beside the database at `path` whose name ends in `suffix` (`-wal`,
+/// `-shm`).
+pub(super) fn sibling(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut f = path.as_os_str().to_owned();
+    f.push(suffix);
+    std::path::PathBuf::from(f)
 }
 
 /// Opens the database at `path` (passed by [`check`]) for writing, switches to WAL and applies

@@ -126,7 +126,7 @@ impl Unfolded {
 }
 
 /// The journal files of `dir`, oldest first, with their generations.
-fn journal_files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+pub(super) fn journal_files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;

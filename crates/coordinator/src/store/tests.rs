@@ -363,6 +363,68 @@ fn a_database_whose_write_ahead_log_was_removed_after_a_crash_is_refused() {
     assert_eq!(loaded.tasks.len(), 1);
 }
 
+/// A database moved away alone (as the advice for a refused one read) after its coordinator
+/// crashed: the `-wal`, `-shm` and state journal left behind hold its latest commits and
+/// states. The next start made a new database, replayed the journal into it (no task there:
+/// every state dropped), removed it, and SQLite deleted the `-wal`; it is refused now, with
+/// those files untouched, and so is an emptied database in its place. Put back, the database
+/// opens with everything.
+#[test]
+fn a_database_moved_away_without_its_wal_and_journal_is_refused_and_they_stay_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let aside = tempfile::tempdir().expect("tempdir");
+    let j = Journaled::open(dir.path());
+    let Journaled {
+        mut conn,
+        mut states,
+        ..
+    } = j;
+    let mut batches = vec![Batch {
+        muts: vec![new_task("a"), state_mut("a", 1)],
+        ..Batch::default()
+    }];
+    commit(&mut conn, &mut batches, &mut states).expect("commit");
+    // A crash: the connection is never closed, so its `-wal` and `-shm` stay, and the journal
+    // is not folded.
+    std::mem::forget(conn);
+    drop(states);
+    let db = dir.path().join(DB_FILE);
+    let moved = aside.path().join(DB_FILE);
+    std::fs::rename(&db, &moved).expect("move the database away");
+    let files = ["tether.db-wal", "tether.db-shm", "states-1.journal"];
+    let bytes = || files.map(|f| std::fs::read(dir.path().join(f)).expect(f));
+    let before = bytes();
+    assert!(before.iter().all(|b| !b.is_empty()), "each holds something");
+    let err = open(dir.path()).map(|_| ()).expect_err("refused");
+    assert!(
+        matches!(&err, StoreError::Leftovers { empty: false, .. }),
+        "{err}"
+    );
+    let said = err.to_string();
+    for f in files {
+        assert!(said.contains(f), "{f}: {said}");
+    }
+    assert!(
+        said.contains("is missing") && said.contains("move these files away too"),
+        "{said}"
+    );
+    assert_eq!(bytes(), before, "the -wal, -shm and journal untouched");
+    assert!(!db.exists(), "no database made");
+    std::fs::write(&db, b"").expect("an empty database");
+    let err = open(dir.path()).map(|_| ()).expect_err("refused");
+    assert!(
+        matches!(&err, StoreError::Leftovers { empty: true, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("is empty"), "{err}");
+    assert_eq!(bytes(), before, "untouched again");
+    assert_eq!(std::fs::metadata(&db).expect("db").len(), 0);
+    std::fs::rename(&moved, &db).expect("put the database back");
+    let (conn, loaded) = open(dir.path()).expect("opens once put back");
+    assert_eq!(loaded.tasks.len(), 1, "the task its -wal held");
+    assert_eq!(state_n(&conn, "a"), Some(1), "the state its journal held");
+}
+
 /// A file of the data directory that cannot be opened is named as such, not called corrupt
 /// with advice to move it away (which would throw good data away). Tests run as root, whom
 /// modes do not stop, so a symlink loop stands in for a file that cannot be opened; the
