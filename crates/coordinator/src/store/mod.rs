@@ -325,6 +325,9 @@ pub struct StoreStats {
     pub out_of_space: std::sync::atomic::AtomicBool,
     /// Times commits began to wait for space.
     pub stalls: AtomicU64,
+    /// Fold rounds of the task states that could not make or remove a journal file (tried
+    /// again a second later: [`WriteError::Fold`]).
+    pub fold_failures: AtomicU64,
     /// When the writer took the group it is working on, in microseconds since [`epoch`] plus
     /// one; 0 while it waits for work. Read by sessions ([`StoreStats::held_for`]).
     group_began: AtomicU64,
@@ -866,6 +869,11 @@ pub fn spawn_writer(
                 if states.due() {
                     match states.piece(&conn) {
                         Ok(p) => tracing::trace!(states = p.states_written, files = p.files_deleted, "states folded a piece"),
+                        // Said by `States` (once a minute while it lasts) and tried again: the
+                        // journal keeps the states meanwhile.
+                        Err(WriteError::Fold(_)) => {
+                            stats.fold_failures.fetch_add(1, Ordering::Relaxed);
+                        }
                         // Nothing of the piece was kept: it is done again when next due (the
                         // journal keeps the states meanwhile), as the commits wait for space.
                         Err(e) if e.out_of_space() => {

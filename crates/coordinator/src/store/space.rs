@@ -45,7 +45,7 @@ impl WriteError {
                     || e.extended_code == rusqlite::ffi::SQLITE_IOERR_SHMSIZE
             }
             WriteError::Sql(_) => false,
-            WriteError::Journal(e) => io_out_of_space(e),
+            WriteError::Journal(e) | WriteError::Fold(e) => io_out_of_space(e),
         }
     }
 }

@@ -9,7 +9,9 @@
 //! acknowledgements; the writer also keeps each task's newest unfolded state in memory
 //! ([`Unfolded`]), where reads find it. Now and then a round writes the newest state of every
 //! task that has one into `task_state`, a bounded piece after each group, and once it is done
-//! deletes the journal files the round covered.
+//! deletes the journal files the round covered. A round that cannot make its file or remove
+//! those (no file descriptor to be had, say) is tried again a second later: the journal keeps
+//! the states meanwhile, and the writer goes on.
 //!
 //! The journal is a sequence of files `states-<generation>.journal`; a round begins by moving
 //! the appends to the next generation. A file is created whole: its header is written under a
@@ -588,6 +590,11 @@ pub enum WriteError {
     Sql(#[from] rusqlite::Error),
     #[error("state journal: {0}")]
     Journal(#[from] std::io::Error),
+    /// A fold round could not make the next journal file, or list or remove the files it
+    /// covered (a file descriptor not to be had, say): the journal is whole and keeps every
+    /// state meanwhile, so the round is tried again ([`States::piece`]).
+    #[error("state journal, folding: {0}")]
+    Fold(std::io::Error),
 }
 
 /// The file appends go to.
@@ -690,7 +697,22 @@ pub(super) struct States {
     round_began: Instant,
     /// None when its thread could not start: the writer removes the files itself.
     reaper: Option<Reaper>,
+    /// No round begins before this, after one failed ([`States::fold_failed`]).
+    retry_at: Option<Instant>,
+    /// Rounds that failed since the last that went through.
+    failing: Option<Failing>,
 }
+
+/// Fold rounds failing one after another: said once, then every [`SAY_AGAIN`].
+#[derive(Debug)]
+struct Failing {
+    since: Instant,
+    said: Instant,
+    failures: u64,
+}
+
+/// How often fold rounds that keep failing are said again.
+const SAY_AGAIN: Duration = Duration::from_secs(60);
 
 impl States {
     /// Starts a journal in `dir` (where [`replay`] left none) with `unfolded` empty; a fold
@@ -724,6 +746,8 @@ impl States {
             round: None,
             round_began: Instant::now(),
             reaper,
+            retry_at: None,
+            failing: None,
         })
     }
 
@@ -814,11 +838,13 @@ impl States {
         self.journal.split_at = bytes;
     }
 
-    /// Makes a round due now, if anything is unfolded (the writer stops; tests).
+    /// Makes a round due now, if anything is unfolded, even one that failed just before (the
+    /// writer stops; tests).
     pub fn begin_now(&mut self) {
         self.round_began = Instant::now()
             .checked_sub(FOLD_EVERY)
             .unwrap_or(self.round_began);
+        self.retry_at = None;
     }
 
     /// Whether the next [`States::piece`] has anything to do.
@@ -826,7 +852,37 @@ impl States {
         self.round.is_some()
             || ((self.journal.grown >= self.journal.fold_bytes
                 || self.round_began.elapsed() >= FOLD_EVERY)
-                && !self.unfolded.is_empty())
+                && !self.unfolded.is_empty()
+                && self.retry_at.is_none_or(|at| Instant::now() >= at))
+    }
+
+    /// A round could not make or remove its files (`e`): nothing waits on a fold, and every
+    /// state is safe in the journal, which stays whole, so the round is tried again
+    /// [`FOLD_EVERY`] later (not after each group: a try may cost a sync) rather than the
+    /// coordinator stopped, as it was for a file descriptor not to be had for a moment in a
+    /// storm of reconnections. Said once, then every [`SAY_AGAIN`] while it lasts.
+    fn fold_failed(&mut self, e: std::io::Error) -> WriteError {
+        let now = Instant::now();
+        self.retry_at = Some(now + FOLD_EVERY);
+        let dir = self.journal.dir.display();
+        match &mut self.failing {
+            None => {
+                tracing::warn!(dir = %dir, error = %e, "a fold round of the task states failed; the journal keeps them, and the round is tried again in a second");
+                self.failing = Some(Failing {
+                    since: now,
+                    said: now,
+                    failures: 1,
+                });
+            }
+            Some(f) => {
+                f.failures += 1;
+                if now.duration_since(f.said) >= SAY_AGAIN {
+                    f.said = now;
+                    tracing::warn!(dir = %dir, error = %e, failures = f.failures, failing_s = now.duration_since(f.since).as_secs(), "fold rounds of the task states still fail; the journal keeps growing until one goes through");
+                }
+            }
+        }
+        WriteError::Fold(e)
     }
 
     /// Does one piece of folding in a transaction of its own: begins a round if one is due
@@ -837,9 +893,14 @@ impl States {
             if !self.due() {
                 return Ok(Piece::default());
             }
+            let through = self.journal.generation;
+            let file = match Journal::create(&self.journal.dir, through + 1) {
+                Ok(file) => file,
+                // Nothing changed: the appends go on to the current file.
+                Err(e) => return Err(self.fold_failed(e)),
+            };
             let j = &mut self.journal;
-            let through = j.generation;
-            j.file = Journal::create(&j.dir, through + 1)?;
+            j.file = file;
             j.generation = through + 1;
             j.covered += j.grown + MAGIC.len() as u64;
             j.grown = 0;
@@ -896,9 +957,17 @@ impl States {
         if round.written == round.tasks.len() {
             let through = round.through;
             self.round = None;
-            piece.files_deleted = self.delete_through(through)?;
+            // Its states are in `task_state`. Files it could not remove stay covered (and
+            // counted in the journal's bytes): the next round removes them with its own.
+            piece.files_deleted = match self.delete_through(through) {
+                Ok(n) => n,
+                Err(e) => return Err(self.fold_failed(e)),
+            };
             self.journal.covered = 0;
             metrics::counter!(crate::metrics::STORE_FOLD_ROUNDS).increment(1);
+            if let Some(f) = self.failing.take() {
+                tracing::info!(dir = %self.journal.dir.display(), failures = f.failures, failed_for_ms = f.since.elapsed().as_millis() as u64, "fold rounds of the task states go through again");
+            }
         }
         Ok(piece)
     }
@@ -1106,19 +1175,9 @@ mod tests {
     /// limit touches no other test.
     #[test]
     fn a_group_whose_append_fails_part_way_leaves_nothing_and_is_appended_again() {
-        const CHILD: &str = "TETHER_TEST_FSIZE_CHILD";
         const DONE: &str = "cut back, then appended again";
-        if std::env::var_os(CHILD).is_none() {
-            let me = std::env::current_exe().expect("the test binary");
-            let name = "store::states::tests::a_group_whose_append_fails_part_way_leaves_nothing_and_is_appended_again";
-            let out = std::process::Command::new(me)
-                .args([name, "--exact", "--nocapture", "--test-threads=1"])
-                .env(CHILD, "1")
-                .output()
-                .expect("run the child");
-            let text = String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success() && text.contains(DONE), "{text}");
+        let name = "store::states::tests::a_group_whose_append_fails_part_way_leaves_nothing_and_is_appended_again";
+        if !super::super::tests::in_a_child(name, DONE) {
             return;
         }
         use nix::sys::resource::{Resource, getrlimit, setrlimit};

@@ -1958,6 +1958,130 @@ fn the_writer_folds_the_states_a_second_after_the_last_round() {
     assert_eq!(table_n(&conn, "b"), Some(1));
 }
 
+/// Runs the test `name` (its path in this crate) again, alone, in a child process of this test
+/// binary, for a fault that would touch every test of this process (a resource limit). Answers
+/// whether this is the child, which runs the test; the parent checks that the child passed and
+/// printed `done`.
+pub(super) fn in_a_child(name: &str, done: &str) -> bool {
+    const CHILD: &str = "TETHER_TEST_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        return true;
+    }
+    let me = std::env::current_exe().expect("the test binary");
+    let out = std::process::Command::new(me)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .output()
+        .expect("run the child");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains(done), "{text}");
+    false
+}
+
+/// A fold round that cannot open its next journal file (no file descriptor to be had, as in
+/// a storm of reconnections) stopped the coordinator, though nothing waits on a fold and the
+/// states were safe in the journal. The writer goes on committing and acknowledging, the round
+/// is tried again, and once files open again it goes through and the files it covered go. The
+/// failure is real: RLIMIT_NOFILE lowered in a child process of this test binary, where no
+/// other test runs.
+#[test]
+fn a_fold_round_that_cannot_open_its_next_journal_file_is_tried_again_while_the_writer_goes_on() {
+    const DONE: &str = "folded once files could be opened again";
+    let name = "store::tests::a_fold_round_that_cannot_open_its_next_journal_file_is_tried_again_while_the_writer_goes_on";
+    if !in_a_child(name, DONE) {
+        return;
+    }
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    use std::os::fd::AsRawFd;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (conn, loaded) = open(dir.path()).expect("open");
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let stats = Arc::new(StoreStats::default());
+    let fatal = CancellationToken::new();
+    let thread = spawn_writer(
+        conn,
+        dir.path().join(DB_FILE),
+        rx,
+        stats.clone(),
+        (fatal.clone(), CancellationToken::new()),
+        // A round is due after every group with a state.
+        WriterOptions {
+            commit_interval: Duration::ZERO,
+            fold_bytes: 1,
+            ..Default::default()
+        },
+        loaded.unfolded,
+    )
+    .expect("writer");
+    // Opens nothing: the checks below run while no file can be opened.
+    let acknowledged = |muts: Vec<Mutation>| {
+        let (done, ran) = std::sync::mpsc::channel();
+        let mut b = Batch {
+            muts,
+            ..Batch::default()
+        };
+        b.effect(move |_| {
+            let _ = done.send(());
+        });
+        tx.blocking_send(b).expect("the writer takes the group");
+        ran.recv_timeout(Duration::from_secs(10))
+            .expect("the group acknowledged");
+    };
+    let file = |generation: u64| dir.path().join(format!("states-{generation}.journal"));
+    acknowledged(vec![new_task("a"), state_mut("a", 1)]);
+    // The first round moved the appends to file 2 and removed file 1 (on the reaper's thread).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while file(1).exists() {
+        assert!(Instant::now() < deadline, "file 1 removed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(file(2).exists());
+
+    // Every descriptor from the lowest free one on is refused (EMFILE).
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    let lowest = std::fs::File::open("/dev/null").expect("a descriptor");
+    let free = lowest.as_raw_fd() as u64;
+    drop(lowest);
+    setrlimit(Resource::RLIMIT_NOFILE, free, hard).expect("limit");
+    assert!(
+        std::fs::File::open("/dev/null").is_err(),
+        "no descriptor left"
+    );
+    for n in 2..=4 {
+        acknowledged(vec![state_mut("a", n)]);
+    }
+    assert!(!fatal.is_cancelled(), "the writer goes on");
+    assert!(
+        stats.fold_failures.load(Ordering::Relaxed) >= 1,
+        "the round was due and failed"
+    );
+    assert!(file(2).exists() && !file(3).exists(), "no next file made");
+    assert!(!dir.path().join("states-3.journal.tmp").exists());
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard).expect("no limit");
+
+    // Tried again (a second after it failed), it goes through and file 2 goes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 5;
+    while file(2).exists() {
+        assert!(Instant::now() < deadline, "file 2 removed");
+        acknowledged(vec![state_mut("a", n)]);
+        n += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(file(3).exists(), "the appends go to the next file");
+    assert!(!fatal.is_cancelled());
+    drop(tx);
+    thread.join().expect("writer ends");
+    let (conn, _) = open(dir.path()).expect("reopen");
+    assert!(
+        state_n(&conn, "a").is_some_and(|n| n >= 5),
+        "the newest state"
+    );
+    println!("{DONE}");
+}
+
 #[test]
 fn under_steady_states_the_writer_folds_and_the_journal_stays_bounded() {
     let dir = tempfile::tempdir().expect("tempdir");
