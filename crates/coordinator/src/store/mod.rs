@@ -813,7 +813,10 @@ pub fn spawn_writer(
                     // Out of space, the same group is tried again until it commits.
                     let mut stall: Option<space::Stall<'_>> = None;
                     loop {
-                        match commit(&mut conn, &mut batches, &mut states) {
+                        // A quota reached is an I/O error to SQLite: its system error tells.
+                        match commit(&mut conn, &mut batches, &mut states)
+                            .map_err(|e| e.with_errno(&conn))
+                        {
                             Ok(()) => break,
                             // A stop gives the waiting group up: nothing of it was
                             // acknowledged (its senders send it again), and nothing of it
@@ -867,7 +870,7 @@ pub fn spawn_writer(
                 stats.group_ends();
                 // After the effects: the acks of this group do not wait for a fold.
                 if states.due() {
-                    match states.piece(&conn) {
+                    match states.piece(&conn).map_err(|e| e.with_errno(&conn)) {
                         Ok(p) => tracing::trace!(states = p.states_written, files = p.files_deleted, "states folded a piece"),
                         // Said by `States` (once a minute while it lasts) and tried again: the
                         // journal keeps the states meanwhile.

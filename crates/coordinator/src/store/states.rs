@@ -588,6 +588,11 @@ pub(super) fn replay(
 pub enum WriteError {
     #[error("{0}")]
     Sql(#[from] rusqlite::Error),
+    /// An SQLite I/O error with the system's error number behind it, which SQLite's code does
+    /// not always carry (a quota reached is a failed write to it): see
+    /// [`WriteError::with_errno`].
+    #[error("{source} ({})", std::io::Error::from_raw_os_error(*errno))]
+    SqlIo { source: rusqlite::Error, errno: i32 },
     #[error("state journal: {0}")]
     Journal(#[from] std::io::Error),
     /// A fold round could not make the next journal file, or list or remove the files it

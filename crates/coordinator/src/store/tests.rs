@@ -1979,6 +1979,48 @@ pub(super) fn in_a_child(name: &str, done: &str) -> bool {
     false
 }
 
+/// A commit's I/O error carries the system error behind it, read from its connection: SQLite
+/// says "disk I/O error" of a quota reached as of a failing disk, and only that number tells
+/// them apart (`space::sql_out_of_space`). The error is real: a file size limit
+/// (RLIMIT_FSIZE, SIGXFSZ ignored) at the WAL's end, in a child process of this test binary,
+/// makes the WAL's next write fail with EFBIG, which is not for want of space.
+#[test]
+fn a_commits_io_error_carries_the_system_error_behind_it() {
+    const DONE: &str = "the commit's system error read";
+    let name = "store::tests::a_commits_io_error_carries_the_system_error_behind_it";
+    if !in_a_child(name, DONE) {
+        return;
+    }
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: ignoring a signal installs no handler; this process runs this test alone.
+    unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) }.expect("ignore SIGXFSZ");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut j = Journaled::open(dir.path());
+    j.commit(vec![new_task("a")]);
+    let wal = std::fs::metadata(dir.path().join("tether.db-wal"))
+        .expect("wal")
+        .len();
+    let (_, hard) = getrlimit(Resource::RLIMIT_FSIZE).expect("getrlimit");
+    setrlimit(Resource::RLIMIT_FSIZE, wal, hard).expect("limit");
+    let mut batches = vec![Batch {
+        muts: vec![new_task("b")],
+        ..Batch::default()
+    }];
+    let failed = commit(&mut j.conn, &mut batches, &mut j.states)
+        .expect_err("past the limit")
+        .with_errno(&j.conn);
+    setrlimit(Resource::RLIMIT_FSIZE, hard, hard).expect("no limit");
+    assert!(
+        matches!(failed, WriteError::SqlIo { errno, .. } if errno == nix::libc::EFBIG),
+        "{failed:?}"
+    );
+    assert!(!failed.out_of_space(), "{failed}");
+    assert!(failed.to_string().contains("File too large"), "{failed}");
+    j.commit(vec![new_task("b")]);
+    println!("{DONE}");
+}
+
 /// A fold round that cannot open its next journal file (no file descriptor to be had, as in
 /// a storm of reconnections) stopped the coordinator, though nothing waits on a fold and the
 /// states were safe in the journal. The writer goes on committing and acknowledging, the round
