@@ -514,6 +514,10 @@ pub(super) fn read_journals(dir: &Path, whole: bool) -> Result<Journaled, StoreE
     };
     for (_, path) in files {
         let read = read_file(&path, &mut out.latest, whole)?;
+        // Not only the newest file may end torn: with `process` durability no file is synced
+        // before the next one takes the appends (nor is its removal), so a machine crash can
+        // tear the file a round was covering, or bring back a removed one, as well. Refused as
+        // damage, it would have the operator move it away, and every state in it with it.
         if read.torn_bytes > 0 {
             tracing::warn!(journal = %path.display(), frames = read.frames, torn_bytes = read.torn_bytes, "the state journal ends in a torn write (a crash of the machine); its last unsynced group is not replayed");
         }

@@ -1420,6 +1420,55 @@ fn a_journal_torn_by_a_crash_replays_up_to_its_last_whole_group() {
     assert_eq!(journal(dir.path()), (0, 0));
 }
 
+/// An older journal file, the one a round was covering when the machine crashed, may end torn
+/// as well as the newest: with `process` durability neither was synced. It is read up to its
+/// tear, as the newest is, and the newer file after it; refused as damage, the operator would
+/// move it away and every state in it with it.
+#[test]
+fn an_older_journal_file_torn_by_a_crash_replays_up_to_its_tear_and_the_newer_file_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = |i: usize| format!("t{i:04}");
+    // One more than a piece: `z-` ids come after them all in a round (task-id order).
+    let tasks = PIECE_STATES + 1;
+    {
+        let mut j = Journaled::open(dir.path());
+        let mut all: Vec<Mutation> = (0..tasks).map(|i| new_task(&name(i))).collect();
+        all.extend([new_task("z-before"), new_task("z-torn")]);
+        j.commit(all);
+        j.commit(vec![state_mut("z-before", 1)]);
+        let mut last: Vec<Mutation> = (0..tasks).map(|i| state_mut(&name(i), 1)).collect();
+        last.push(state_mut("z-torn", 1));
+        j.commit(last);
+        // A round begins (the appends go to file 2), folds its first piece and is not over
+        // when the machine crashes.
+        j.states.begin_now();
+        let piece = j.piece();
+        assert_eq!(
+            (piece.states_written, piece.files_deleted),
+            (PIECE_STATES, 0)
+        );
+        j.commit(vec![state_mut(&name(tasks - 1), 2)]);
+    }
+    let older = dir.path().join("states-1.journal");
+    let len = std::fs::metadata(&older).expect("file 1").len();
+    std::fs::File::options()
+        .write(true)
+        .open(&older)
+        .and_then(|f| f.set_len(len - 3))
+        .expect("tear file 1's last group");
+    assert!(dir.path().join("states-2.journal").exists());
+    let (conn, _) = open(dir.path()).expect("opens");
+    assert_eq!(
+        state_n(&conn, "z-before"),
+        Some(1),
+        "file 1 before its tear"
+    );
+    assert_eq!(state_n(&conn, "z-torn"), None, "file 1's torn group");
+    assert_eq!(state_n(&conn, &name(tasks - 1)), Some(2), "file 2");
+    assert_eq!(state_n(&conn, &name(0)), Some(1), "folded before the crash");
+    assert_eq!(journal(dir.path()), (0, 0));
+}
+
 #[test]
 fn a_corrupt_journal_is_refused_and_left_untouched() {
     let dir = tempfile::tempdir().expect("tempdir");
