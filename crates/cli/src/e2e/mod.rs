@@ -122,9 +122,7 @@ async fn run_to_end(a: E2eArgs) -> anyhow::Result<()> {
     }
     let kinds = plan::scenario_kinds(&a.scenario, a.netns)?;
     let seed = a.seed.unwrap_or_else(rand::random);
-    let per_round = kinds.len() as u128;
-    let slots = a.duration.as_millis() / a.disruption_interval.as_millis().max(1);
-    let rounds = usize::try_from(slots.div_ceil(per_round).max(1)).unwrap_or(1);
+    let rounds = plan::rounds(kinds.len(), a.duration, a.disruption_interval)?;
     let corrupt_rate = if a.message_mac {
         plan::CORRUPT_RATE_TAGGED
     } else {

@@ -262,6 +262,35 @@ pub fn past_liveness() -> Duration {
     super::procs::TIMINGS.worker_liveness() + PAST_LIVENESS
 }
 
+/// The most disruptions a plan holds. The plan is built in full before the run starts (the
+/// report lists it), so `--duration 24h --disruption-interval 1ms` asked for 86 million of
+/// them, gigabytes, before the first ran. A disruption is held at least 300 ms and then waits
+/// for the fleet to be whole again: no run gets through more than a few a second, and this is
+/// more than a day at one a second.
+pub const MAX_PLANNED: u128 = 100_000;
+
+/// How many rounds of `kinds` kinds the plan of a run holds: enough for one disruption to start
+/// every `interval` for `duration` (an interval under a millisecond counts as one), and at
+/// least one (the first round always runs to its end). A plan of more than [`MAX_PLANNED`]
+/// disruptions is refused, naming the flags that asked for it.
+pub fn rounds(kinds: usize, duration: Duration, interval: Duration) -> anyhow::Result<usize> {
+    let per_round = kinds.max(1) as u128;
+    let slots = duration.as_millis() / interval.as_millis().max(1);
+    let rounds = slots.div_ceil(per_round).max(1);
+    let planned = rounds * per_round;
+    if planned > MAX_PLANNED {
+        bail!(
+            "--duration {} with --disruption-interval {} plans {planned} disruptions ({rounds} \
+             rounds of {per_round}), more than the {MAX_PLANNED} a run holds (the plan is built \
+             before the run): lengthen --disruption-interval or shorten --duration",
+            humantime::format_duration(duration),
+            humantime::format_duration(interval),
+        );
+    }
+    // At most MAX_PLANNED: it fits.
+    Ok(usize::try_from(rounds)?)
+}
+
 /// Rounds of the scenario's kinds, each shuffled, `rounds` of them.
 pub fn plan(
     kinds: &[Kind],
@@ -446,6 +475,30 @@ mod tests {
         }
         assert!(a.iter().all(|d| d.target.is_none_or(|t| t < 4)));
         assert!(a.iter().all(|d| d.kind.targeted() == d.target.is_some()));
+    }
+
+    #[test]
+    fn a_plan_of_more_disruptions_than_a_run_holds_is_refused_naming_the_flags() {
+        let s = Duration::from_secs;
+        // The defaults: 24 slots of 5 s in 120 s, two rounds of the twelve kinds.
+        assert_eq!(rounds(12, s(120), s(5)).expect("defaults"), 2);
+        // `0s` runs the first round alone.
+        assert_eq!(rounds(12, s(0), s(5)).expect("one round"), 1);
+        // A day at one a second fits; at one a millisecond it was 86 million disruptions.
+        assert_eq!(rounds(12, s(86_400), s(1)).expect("a day"), 7_200);
+        let e = rounds(12, s(86_400), Duration::from_millis(1)).expect_err("too many");
+        let said = e.to_string();
+        for flag in ["--duration 1day", "--disruption-interval 1ms", "86400000"] {
+            assert!(said.contains(flag), "{flag}: {said}");
+        }
+        // The bound itself, and one past it.
+        let ms = Duration::from_millis;
+        let most = u64::try_from(MAX_PLANNED).expect("bound");
+        assert_eq!(rounds(1, ms(most), ms(1)).expect("the most"), most as usize);
+        assert!(rounds(1, ms(most + 1), ms(1)).is_err());
+        // Far past anything a usize holds: refused, not cut to one round.
+        assert!(rounds(12, Duration::MAX, ms(1)).is_err());
+        assert!(rounds(12, Duration::MAX, Duration::from_nanos(1)).is_err());
     }
 
     #[test]
