@@ -88,6 +88,73 @@ fn read_sample(pid: u32) -> anyhow::Result<Sample> {
     sample(pid).with_context(|| format!("reading /proc/{pid}/stat and /proc/{pid}/status"))
 }
 
+/// What a process used over its whole life, its end included, as the kernel counts it once it
+/// exited: `/proc` has no VmHWM after the exit, and a sample before it leaves out the
+/// shutdown (the store's last commits, closing every session).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    pub cpu_s: f64,
+    /// `ru_maxrss`: its peak resident set, KiB.
+    pub peak_rss_kib: u64,
+}
+
+/// The [`Usage`] of the child `pid` if it has exited, read without reaping it: `waitid` with
+/// `WNOWAIT` and the Linux system call's fifth argument, the child's rusage (its own and its
+/// reaped children's; a coordinator starts none). The child stays waitable, for its `Child`'s
+/// `wait` to reap as usual. `None` while it runs, and off Linux.
+fn exited_usage(pid: u32) -> std::io::Result<Option<Usage>> {
+    #[cfg(target_os = "linux")]
+    {
+        use nix::libc;
+        // SAFETY: both are plain C structs, for which all bytes zero is a valid value.
+        let (mut info, mut usage): (libc::siginfo_t, libc::rusage) =
+            unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+        // SAFETY: the pointers are to live, writable values of the types the call fills in,
+        // and it writes nothing else. WNOHANG: it does not block; WNOWAIT: it reaps nothing.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_waitid,
+                libc::P_PID,
+                libc::id_t::from(pid),
+                &mut info as *mut libc::siginfo_t,
+                libc::WEXITED | libc::WNOWAIT | libc::WNOHANG,
+                &mut usage as *mut libc::rusage,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: waitid set the field: the child's pid, or 0 when it has not exited yet.
+        if unsafe { info.si_pid() } == 0 {
+            return Ok(None);
+        }
+        let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        Ok(Some(Usage {
+            cpu_s: seconds(usage.ru_utime) + seconds(usage.ru_stime),
+            peak_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
+        }))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        Ok(None)
+    }
+}
+
+/// Waits until the child `pid` has exited, at most until `deadline`, and gives its [`Usage`]
+/// (see [`exited_usage`]): `None` if it did not exit in time or none can be read.
+async fn usage_at_exit(pid: u32, deadline: tokio::time::Instant) -> anyhow::Result<Option<Usage>> {
+    loop {
+        if let Some(u) = exited_usage(pid).with_context(|| format!("waitid on {pid}"))? {
+            return Ok(Some(u));
+        }
+        if cfg!(not(target_os = "linux")) || tokio::time::Instant::now() > deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The coordinator as a child process.
 pub struct Coordinator {
     exe: PathBuf,
@@ -96,9 +163,10 @@ pub struct Coordinator {
     log: PathBuf,
     opts: CoordOpts,
     child: Option<Child>,
-    /// CPU seconds of coordinator processes that already ended.
+    /// CPU seconds of coordinator processes that already ended, each to its exit.
     cpu_before: f64,
-    /// Highest VmHWM seen over all coordinator processes.
+    /// Highest peak RSS over all coordinator processes: VmHWM while one runs, its rusage's
+    /// `ru_maxrss` once it exited (its shutdown included).
     pub peak_rss_kib: u64,
     /// When the running coordinator process was started (a restart sets it again).
     pub spawned_at: chrono::DateTime<chrono::Utc>,
@@ -261,26 +329,36 @@ impl Coordinator {
 
     /// SIGKILL: nothing is flushed, nothing is said to the workers.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
-        self.cpu_before = self.sample()?.cpu_s;
-        if let Some(mut c) = self.child.take() {
-            c.kill().await.context("killing the coordinator")?;
-        }
+        let ended = self.cpu_before;
+        let sampled = self.sample()?;
+        let Some(mut c) = self.child.take() else {
+            return Ok(());
+        };
+        let pid = c.id();
+        c.start_kill().context("killing the coordinator")?;
+        let deadline = tokio::time::Instant::now() + STOP_WITHIN;
+        self.count_exit(ended, sampled, pid, deadline).await?;
+        c.wait().await.context("killing the coordinator")?;
         Ok(())
     }
 
     /// SIGTERM and wait for a clean exit (the store is closed after it).
     pub async fn stop(&mut self) -> anyhow::Result<()> {
-        self.cpu_before = self.sample()?.cpu_s;
+        let ended = self.cpu_before;
+        let sampled = self.sample()?;
         let Some(mut c) = self.child.take() else {
             return Ok(());
         };
-        if let Some(pid) = c.id() {
+        let pid = c.id();
+        if let Some(pid) = pid {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
-        match tokio::time::timeout(Duration::from_secs(30), c.wait()).await {
+        let deadline = tokio::time::Instant::now() + STOP_WITHIN;
+        self.count_exit(ended, sampled, pid, deadline).await?;
+        match tokio::time::timeout_at(deadline, c.wait()).await {
             Ok(Ok(status)) if status.success() => Ok(()),
             Ok(Ok(status)) => bail!(
                 "the coordinator exited with {status}; see {}",
@@ -293,7 +371,30 @@ impl Coordinator {
             }
         }
     }
+
+    /// Adds the coordinator process `pid`, signalled to end, to the totals once it exited (by
+    /// `deadline`): its CPU and peak RSS to its exit, from the kernel. `ended`: the CPU of the
+    /// processes before it; `sampled`: the totals read just before the signal, which stand if
+    /// the exit cannot be read (it did not come in time, or off Linux).
+    async fn count_exit(
+        &mut self,
+        ended: f64,
+        sampled: Sample,
+        pid: Option<u32>,
+        deadline: tokio::time::Instant,
+    ) -> anyhow::Result<()> {
+        self.cpu_before = sampled.cpu_s;
+        let Some(pid) = pid else { return Ok(()) };
+        if let Some(u) = usage_at_exit(pid, deadline).await? {
+            self.cpu_before = ended + u.cpu_s;
+            self.peak_rss_kib = self.peak_rss_kib.max(u.peak_rss_kib);
+        }
+        Ok(())
+    }
 }
+
+/// How long the coordinator has to exit once told to stop.
+const STOP_WITHIN: Duration = Duration::from_secs(30);
 
 /// The fleet as a child process, driven over its stdin and stdout.
 pub struct Fleet {
@@ -625,6 +726,99 @@ mod tests {
             }
         }
         panic!("the script stayed busy for a second")
+    }
+
+    /// A coordinator played by a shell: idle until SIGTERM, then, in its shutdown, it counts to
+    /// 100,000 (CPU) and reads 32 MB into a variable (a peak RSS far above the one or two MB it
+    /// ran at) before it exits.
+    fn shutdown_heavy(dir: &Path) -> Coordinator {
+        let script = r#"trap 'i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; x=$(head -c 32000000 /dev/zero | tr "\000" a); exit 0' TERM; while :; do sleep 0.02; done"#;
+        let child = Proc::new("sh")
+            .args(["-c", script])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("sh");
+        Coordinator {
+            exe: PathBuf::from("sh"),
+            addr: "127.0.0.1:1".parse().expect("addr"),
+            data_dir: dir.join("data"),
+            log: dir.join("coordinator.log"),
+            opts: CoordOpts {
+                heartbeat_interval: Duration::from_secs(1),
+                heartbeat_timeout: Duration::from_secs(3),
+                lost_after: Duration::from_secs(1),
+                secret_file: None,
+                message_mac: false,
+                tls: None,
+                durability: tether_coordinator::store::Durability::Process,
+                idle_coalesce: None,
+                no_compression: false,
+            },
+            child: Some(child),
+            cpu_before: 0.5,
+            peak_rss_kib: 0,
+            spawned_at: chrono::Utc::now(),
+        }
+    }
+
+    /// The coordinator's CPU seconds and peak RSS are its whole life's, shutdown included: read
+    /// from the kernel once it exited, not from `/proc` before the SIGTERM (which left out
+    /// what its shutdown did, and a VmHWM `/proc` no longer has after the exit).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_coordinators_cpu_and_peak_rss_take_in_its_shutdown() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut c = shutdown_heavy(dir.path());
+        // Running: `/proc` has it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = c.sample().expect("running");
+        assert!(before.hwm_kib < 16_000, "{before:?}");
+        c.stop().await.expect("a clean exit");
+        assert_eq!(c.pid(), None);
+        let after = c.sample().expect("stopped");
+        // The 0.5 s of the processes before it, then its own, shutdown included.
+        assert!(
+            after.cpu_s >= before.cpu_s + 0.02,
+            "{} s before the SIGTERM, {} s in all",
+            before.cpu_s,
+            after.cpu_s
+        );
+        assert!(c.peak_rss_kib >= 31_000, "{} KiB", c.peak_rss_kib);
+        // A kill, too: its CPU and peak to its end are counted, and it is reaped.
+        let mut k = shutdown_heavy(dir.path());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        k.kill().await.expect("killed");
+        assert_eq!(k.pid(), None);
+        assert!(k.sample().expect("killed").cpu_s >= 0.5);
+        assert!(k.peak_rss_kib > 0);
+    }
+
+    /// The usage of a child is read without reaping it: its `wait` still gets its status.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_childs_usage_at_exit_leaves_it_to_be_reaped() {
+        let mut child = Proc::new("sh")
+            .args(["-c", "exit 3"])
+            .kill_on_drop(true)
+            .spawn()
+            .expect("sh");
+        let pid = child.id().expect("pid");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let usage = usage_at_exit(pid, deadline).await.expect("waitid");
+        assert!(usage.is_some_and(|u| u.peak_rss_kib > 0), "{usage:?}");
+        let status = child.wait().await.expect("reaped");
+        assert_eq!(status.code(), Some(3));
+        // One still running: nothing, within the deadline.
+        let mut running = Proc::new("sleep")
+            .arg("5")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("sleep");
+        let soon = tokio::time::Instant::now() + Duration::from_millis(50);
+        let pid = running.id().expect("pid");
+        assert_eq!(usage_at_exit(pid, soon).await.expect("waitid"), None);
+        running.kill().await.expect("killed");
     }
 
     /// The counts a run ends on are the fleet's last, printed once its workers stopped, not
