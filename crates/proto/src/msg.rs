@@ -323,6 +323,12 @@ pub struct TaskResult {
     pub result: JsonText,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TaskError>,
+    /// The attempt could not run on this worker for a fault of the worker's own (its disk, its
+    /// process limits), not the task's; sent with outcome `failed`, and only when true. The
+    /// coordinator then requeues the task, as for an attempt lost with its worker, instead of
+    /// ending it `failed`. A coordinator that does not know the field records the failure.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub worker_fault: bool,
     #[serde(with = "crate::time")]
     pub started_at: DateTime<Utc>,
     #[serde(with = "crate::time")]
@@ -1212,6 +1218,41 @@ mod tests {
         };
         let (text, back) = decoded(&without);
         assert!(!text.contains("attempt_base"), "{text}");
+        assert_eq!(back, without);
+    }
+
+    /// `worker_fault` travels only when true, and a result of a worker that does not send it
+    /// decodes without it.
+    #[test]
+    fn a_results_worker_fault_travels_only_when_true() {
+        let sample = crate::samples::worker_messages()
+            .into_iter()
+            .find_map(|m| match m {
+                WorkerMsg::TaskResult(r) => Some(r),
+                _ => None,
+            })
+            .expect("a sample result");
+        let decoded = |r: &TaskResult| {
+            let text = crate::encode(&WorkerMsg::TaskResult(r.clone()));
+            match crate::decode_worker(&text) {
+                Ok(WorkerMsg::TaskResult(r)) => (text, r),
+                other => panic!("{text}: {other:?}"),
+            }
+        };
+        let with = TaskResult {
+            worker_fault: true,
+            ..sample.clone()
+        };
+        let (text, back) = decoded(&with);
+        assert!(text.contains(r#""worker_fault":true"#), "{text}");
+        assert_eq!(back, with);
+
+        let without = TaskResult {
+            worker_fault: false,
+            ..sample
+        };
+        let (text, back) = decoded(&without);
+        assert!(!text.contains("worker_fault"), "{text}");
         assert_eq!(back, without);
     }
 

@@ -65,6 +65,7 @@ pub fn worker_messages() -> Vec<WorkerMsg> {
                 message: "exit status 1".into(),
                 detail: None,
             }),
+            worker_fault: false,
             started_at: ts,
             finished_at: ts,
             duration_ms: 12,

@@ -17,6 +17,7 @@ fn result(seq: Seq, task: &TaskId) -> WorkerMsg {
         outcome: Outcome::Completed,
         result: serde_json::json!({"steps": 10}).into(),
         error: None,
+        worker_fault: false,
         started_at: ts,
         finished_at: ts,
         duration_ms: 1,

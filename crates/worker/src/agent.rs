@@ -369,7 +369,7 @@ fn remove_dead_scratch(temp: &std::path::Path) {
         if killed > 0 {
             tracing::warn!(dir = %path.display(), groups = killed, "killed the task processes a worker process gone left running");
         }
-        match std::fs::remove_dir_all(&path) {
+        match crate::executor::packing::remove_tree(&path) {
             Ok(()) => {
                 tracing::info!(dir = %path.display(), "removed the checkpoint directories of a worker process gone")
             }
@@ -408,7 +408,7 @@ pub(crate) struct ScratchDir(pub(crate) std::path::PathBuf);
 
 impl Drop for ScratchDir {
     fn drop(&mut self) {
-        match std::fs::remove_dir_all(&self.0) {
+        match crate::executor::packing::remove_tree(&self.0) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 tracing::warn!(dir = %self.0.display(), error = %e, "could not remove the tasks' checkpoint directories");
             }

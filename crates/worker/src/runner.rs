@@ -304,11 +304,9 @@ async fn finish_off_thread(hook: FinishedHook, ended: Vec<(TaskId, Attempt)>) {
 /// only disk space is at stake.
 async fn remove_checkpoint_dir(dir: PathBuf) {
     let shown = dir.display().to_string();
-    let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    })
-    .await;
+    // Read-only directories the task left in it included.
+    let removed =
+        tokio::task::spawn_blocking(move || crate::executor::packing::remove_tree(&dir)).await;
     match removed {
         Ok(Ok(())) => {}
         Ok(Err(error)) => {
@@ -927,7 +925,11 @@ impl Runner {
             Err(ExecError::Cancelled | ExecError::Stopped { .. }) if timed_out => {
                 (Outcome::TimedOut, partial(), None)
             }
-            Err(e @ (ExecError::InvalidConfig(_) | ExecError::Panicked(_))) => (
+            Err(
+                e @ (ExecError::InvalidConfig(_)
+                | ExecError::Panicked(_)
+                | ExecError::WorkerFault(_)),
+            ) => (
                 Outcome::Failed,
                 serde_json::json!({}),
                 Some(TaskError {
@@ -939,6 +941,8 @@ impl Runner {
                 (Outcome::Cancelled, partial(), None)
             }
         };
+        // Not the task's failure: the coordinator runs it again.
+        let worker_fault = matches!(res, Err(ExecError::WorkerFault(_)));
         if outcome == Outcome::TimedOut {
             error = Some(TaskError {
                 message: "task timed out".into(),
@@ -993,6 +997,7 @@ impl Runner {
                     outcome,
                     result: (&result).into(),
                     error,
+                    worker_fault,
                     started_at,
                     finished_at: now(),
                     duration_ms,
@@ -1010,7 +1015,7 @@ impl Runner {
             let status = tether_proto::TaskStatus::from(outcome).as_str();
             metrics::counter!(crate::metrics::TASKS_FINISHED, "outcome" => status).increment(1);
             crate::metrics::observe_labeled(crate::metrics::TASK_DURATION, status, t0.elapsed());
-            tracing::info!(task = %task_id, attempt = %attempt, ?outcome, duration_ms, "task finished");
+            tracing::info!(task = %task_id, attempt = %attempt, ?outcome, worker_fault, duration_ms, "task finished");
         } else {
             let reason = match stop {
                 Some(StopReason::Superseded) => "a newer attempt replaced it",
@@ -1987,6 +1992,71 @@ mod tests {
             panic!("not a result: {msg:?}");
         };
         r.clone()
+    }
+
+    /// An attempt this worker could not run for a fault of its own, not the task's, reports
+    /// `failed` with `worker_fault`, for the coordinator to run the task again: its checkpoint
+    /// directory could not be made (here the tasks' root is a file, as a broken disk refuses
+    /// it, root or not), or its process not started for want of processes (`EAGAIN`, injected).
+    /// A program that does not exist is the task's failure, final as before.
+    #[tokio::test]
+    async fn an_attempt_the_worker_could_not_run_reports_a_worker_fault() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let not_a_dir = root.path().join("tasks");
+        std::fs::write(&not_a_dir, b"a file").expect("write");
+        let (runner, outbox) = command_runner(Default::default(), |r| {
+            r.with_checkpoint_root(not_a_dir.clone())
+        });
+        runner.assign(command_assignment(
+            "disk",
+            1,
+            serde_json::json!({"shell": "exit 0"}),
+        ));
+        let [r] = results_once_ended(&runner, &outbox)
+            .await
+            .try_into()
+            .expect("one result");
+        assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+        assert!(r.worker_fault, "{r:?}");
+        let message = r.error.map(|e| e.message).unwrap_or_default();
+        assert!(
+            message.contains("cannot prepare checkpoint dir"),
+            "{message}"
+        );
+
+        let busy = "/bin/tether-test-spawn-eagain";
+        crate::executor::command::SPAWN_FAILS
+            .lock()
+            .expect("lock")
+            .push((busy.into(), nix::errno::Errno::EAGAIN));
+        let (runner, outbox) = command_runner(Default::default(), |r| r);
+        runner.assign(command_assignment(
+            "busy",
+            1,
+            serde_json::json!({"program": busy}),
+        ));
+        runner.assign(command_assignment(
+            "missing",
+            1,
+            serde_json::json!({"program": "/nonexistent/tether-test-program"}),
+        ));
+        let results: HashMap<_, _> = results_once_ended(&runner, &outbox)
+            .await
+            .into_iter()
+            .map(|r| (r.task_id.to_string(), r))
+            .collect();
+        let busy = &results["busy"];
+        assert_eq!(
+            (busy.outcome, busy.worker_fault),
+            (Outcome::Failed, true),
+            "{busy:?}"
+        );
+        let missing = &results["missing"];
+        assert_eq!(
+            (missing.outcome, missing.worker_fault),
+            (Outcome::Failed, false),
+            "{missing:?}"
+        );
     }
 
     /// A process that left its task's group is killed when the task times out, like the group.

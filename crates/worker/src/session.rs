@@ -2191,6 +2191,7 @@ mod tests {
                 outcome: tether_proto::Outcome::Completed,
                 result: serde_json::json!({}).into(),
                 error: None,
+                worker_fault: false,
                 started_at: now(),
                 finished_at: now(),
                 duration_ms: 0,

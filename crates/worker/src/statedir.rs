@@ -359,7 +359,8 @@ impl StateDir {
             if needed.contains(task) {
                 continue;
             }
-            match std::fs::remove_dir_all(entry.path()) {
+            // Read-only directories a task left in it included.
+            match crate::executor::packing::remove_tree(&entry.path()) {
                 Ok(()) => swept.push(task.to_owned()),
                 Err(error) => {
                     tracing::warn!(dir = %entry.path().display(), %error, "could not remove the checkpoint directory of a task that ended");
@@ -927,6 +928,7 @@ fn journaled(class: i64, json: &str) -> Journaled {
                     message: format!("the result could not be sent ({error})"),
                     detail: None,
                 }),
+                worker_fault: false,
                 started_at: h.started_at,
                 finished_at: h.finished_at,
                 duration_ms: h.duration_ms,
@@ -1003,6 +1005,7 @@ mod tests {
             outcome: tether_proto::Outcome::Completed,
             result: serde_json::json!({"n": seq}).into(),
             error: None,
+            worker_fault: false,
             started_at: now(),
             finished_at: now(),
             duration_ms: 1,

@@ -561,6 +561,12 @@ impl Core {
                         Disposition::Duplicate,
                         m::disposition(Disposition::Duplicate),
                     )
+                } else if standing == Standing::Holder
+                    && r.worker_fault
+                    && r.outcome == tether_proto::Outcome::Failed
+                {
+                    self.requeue_worker_fault(worker, &r, b);
+                    (Disposition::Recorded, "worker_fault")
                 } else {
                     let stale = standing == Standing::Stale;
                     let cancelled = stale && self.attempt_cancelled(&task_id, r.attempt);
@@ -596,6 +602,22 @@ impl Core {
                 disposition,
             ),
         );
+    }
+
+    /// The holder's result of an attempt it could not run, for a fault of the worker's own
+    /// (its disk, its process limits) and not the task's (`worker_fault`): the lease ends (the
+    /// attempt's end `worker_fault`) and the task is queued again, as for an attempt lost
+    /// with its worker, or fails once its attempts are used up. The result is kept with the
+    /// attempt, not counted, as a stale one is.
+    fn requeue_worker_fault(&mut self, worker: &WorkerId, r: &TaskResult, b: &mut Batch) {
+        let error = r.error.as_ref().map_or("", |e| e.message.as_str());
+        let why = format!(
+            "worker {worker} could not run the attempt: {:?}",
+            tether_proto::msg::logged(error)
+        );
+        tracing::warn!(worker = %worker, task = %r.task_id, attempt = %r.attempt, error = ?tether_proto::msg::logged(error), "the worker could not run the attempt; the task runs again");
+        self.release_and_requeue_as(&r.task_id, &why, "worker_fault", b);
+        self.record_result(worker, r, true, b);
     }
 
     /// Whether the coordinator ended `attempt` of `task` itself, sending `cancel_task`: a

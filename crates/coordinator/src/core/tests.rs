@@ -216,6 +216,7 @@ fn result(seq: u64, task: &TaskId, attempt: u32) -> WorkerMsg {
         outcome: Outcome::Completed,
         result: serde_json::json!({}).into(),
         error: None,
+        worker_fault: false,
         started_at: now(),
         finished_at: now(),
         duration_ms: 1,
@@ -344,6 +345,64 @@ fn a_task_lost_more_than_max_attempts_times_fails_clearly() {
             .contains("no attempts left")
     );
     assert!(h.core.queue.is_empty());
+}
+
+/// A `failed` result that says its worker could not run the attempt (`worker_fault`: its
+/// disk, its process limits) does not end the task: the task runs again, its attempt used,
+/// the result kept with the attempt and not counted. The last attempt's fault fails it, saying
+/// why. A `failed` result without the flag ends the task as before.
+#[test]
+fn a_result_of_an_attempt_its_worker_could_not_run_requeues_the_task() {
+    let faulty =
+        |seq: u64, task: &TaskId, attempt: u32, fault: bool| match result(seq, task, attempt) {
+            WorkerMsg::TaskResult(r) => WorkerMsg::TaskResult(TaskResult {
+                outcome: Outcome::Failed,
+                error: Some(tether_proto::task::TaskError {
+                    message: "cannot prepare checkpoint dir /x: Permission denied".into(),
+                    detail: None,
+                }),
+                worker_fault: fault,
+                ..r
+            }),
+            other => other,
+        };
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit();
+    for attempt in 1..=3 {
+        assert_eq!(h.core.tasks[&t].attempt, Attempt(attempt));
+        drain(&mut rx);
+        h.frame("a", s, faulty(u64::from(attempt), &t, attempt, true));
+        let msgs = drain(&mut rx);
+        assert_eq!(result_ack(&msgs), Disposition::Recorded, "{msgs:?}");
+        let task = &h.core.tasks[&t];
+        assert_eq!(
+            task.attempts[attempt as usize - 1].end.as_deref(),
+            Some("worker_fault")
+        );
+        if attempt < 3 {
+            // Queued again, and leased at once to the one worker there is.
+            assert_eq!(task.status, TaskStatus::Running, "{task:?}");
+            assert_eq!(task.outcome, None);
+            assert!(msgs.iter().any(|m| matches!(m, CoordMsg::TaskAssignment(a) if a.attempt == Attempt(attempt + 1))), "{msgs:?}");
+        }
+    }
+    let task = &h.core.tasks[&t];
+    assert_eq!(task.status, TaskStatus::Failed);
+    let error = task.error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("no attempts left") && error.contains("Permission denied"),
+        "{error}"
+    );
+    // A replay of the last one is a duplicate, not a second end.
+    h.frame("a", s, faulty(3, &t, 3, true));
+    assert_eq!(result_ack(&drain(&mut rx)), Disposition::Duplicate);
+
+    let other = h.submit();
+    drain(&mut rx);
+    h.frame("a", s, faulty(4, &other, 1, false));
+    assert_eq!(h.core.tasks[&other].status, TaskStatus::Failed);
+    assert_eq!(h.core.tasks[&other].attempts.len(), 1);
 }
 
 #[test]

@@ -336,13 +336,7 @@ async fn run(
     // mark already.
     let mut watch = super::warden::Watch::start(&mark, kill_grace);
     let started = Instant::now();
-    let mut child = crate::reaper::spawn(&mut cmd).map_err(|e| ExecError::Failed {
-        message: match &plan.cwd {
-            Some(cwd) => format!("cannot start {} in {}: {e}", plan.program, cwd.display()),
-            None => format!("cannot start {}: {e}", plan.program),
-        },
-        result: not_started(),
-    })?;
+    let mut child = spawn(&mut cmd, &plan)?;
     let Some(pgid) = child
         .id()
         .and_then(|id| i32::try_from(id).ok())
@@ -434,6 +428,67 @@ async fn run(
     drop(sup);
     tracing::debug!(task_id = %ctx.task_id(), %status, "command exited");
     outcome(status, duration, &out_tail, &err_tail, ctx.max_frame())
+}
+
+/// Starts the attempt's process. A program (or `cwd`) that is missing or may not be run is
+/// the task's failure; anything else (no memory, no process or file left, a full disk) is the
+/// worker's ([`spawn_fault_is_the_tasks`]).
+fn spawn(cmd: &mut Command, plan: &Plan) -> Result<Child, ExecError> {
+    #[cfg(test)]
+    if let Some(errno) = spawn_fails_with(&plan.program) {
+        return Err(spawn_error(&std::io::Error::from(errno), plan));
+    }
+    crate::reaper::spawn(cmd).map_err(|e| spawn_error(&e, plan))
+}
+
+fn spawn_error(e: &std::io::Error, plan: &Plan) -> ExecError {
+    let message = match &plan.cwd {
+        Some(cwd) => format!("cannot start {} in {}: {e}", plan.program, cwd.display()),
+        None => format!("cannot start {}: {e}", plan.program),
+    };
+    match spawn_fault_is_the_tasks(e) {
+        true => ExecError::Failed {
+            message,
+            result: not_started(),
+        },
+        false => ExecError::WorkerFault(message),
+    }
+}
+
+/// Tests: programs whose start fails with the error beside them, as a start fails on a
+/// machine out of processes or memory.
+#[cfg(test)]
+pub(crate) static SPAWN_FAILS: std::sync::Mutex<Vec<(String, nix::errno::Errno)>> =
+    std::sync::Mutex::new(Vec::new());
+
+#[cfg(test)]
+fn spawn_fails_with(program: &str) -> Option<nix::errno::Errno> {
+    let fails = SPAWN_FAILS.lock().unwrap_or_else(|p| p.into_inner());
+    fails.iter().find(|(p, _)| p == program).map(|(_, e)| *e)
+}
+
+/// Whether a process could not be started for what the task asked (its program or `cwd`
+/// missing, not executable, not a program, its arguments too long) rather than for what the
+/// worker lacks at the moment (`EAGAIN`, `ENOMEM`, `EMFILE`, `ENFILE`, `ENOSPC`, `EIO`...).
+fn spawn_fault_is_the_tasks(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    let Some(errno) = e.raw_os_error().map(Errno::from_raw) else {
+        // Not from the kernel: std refused the command itself (a NUL byte in an argument).
+        return true;
+    };
+    matches!(
+        errno,
+        Errno::ENOENT
+            | Errno::EACCES
+            | Errno::EPERM
+            | Errno::ENOEXEC
+            | Errno::ENOTDIR
+            | Errno::EISDIR
+            | Errno::ELOOP
+            | Errno::ENAMETOOLONG
+            | Errno::E2BIG
+            | Errno::ELIBBAD
+    )
 }
 
 /// Turns an exit status into the task's result.
@@ -590,10 +645,8 @@ async fn prepare_dir(dir: &Path, latest: Option<Arc<Vec<u8>>>) -> Result<Checkpo
     })
     .await
     .and_then(|r| r.map_err(|e| e.to_string()))
-    .map_err(|e| ExecError::Failed {
-        message: format!("cannot prepare checkpoint dir {shown}: {e}"),
-        result: not_started(),
-    })?;
+    // The worker's disk, not the task: the attempt runs again, here or elsewhere.
+    .map_err(|e| ExecError::WorkerFault(format!("cannot prepare checkpoint dir {shown}: {e}")))?;
     Ok(Checkpoints {
         dir,
         last,
@@ -1415,6 +1468,29 @@ mod tests {
             .filter(|(w, _)| w == what)
             .map(|(w, on)| (w.clone(), *on == me))
             .collect()
+    }
+
+    /// A process not started because the program (or its `cwd`) is missing or may not be run
+    /// is the task's failure; one not started for what the machine lacks at the moment is the
+    /// worker's, and the task runs again.
+    #[test]
+    fn a_start_fails_for_the_task_only_when_its_program_cannot_run() {
+        use nix::errno::Errno;
+        for errno in [Errno::ENOENT, Errno::EACCES, Errno::ENOEXEC, Errno::ENOTDIR] {
+            let e = std::io::Error::from(errno);
+            assert!(spawn_fault_is_the_tasks(&e), "{errno}");
+        }
+        for errno in [
+            Errno::EAGAIN,
+            Errno::ENOMEM,
+            Errno::EMFILE,
+            Errno::ENFILE,
+            Errno::ENOSPC,
+            Errno::EIO,
+        ] {
+            let e = std::io::Error::from(errno);
+            assert!(!spawn_fault_is_the_tasks(&e), "{errno}");
+        }
     }
 
     /// A task's end, and each look of a kill grace, read the stat of every process on the

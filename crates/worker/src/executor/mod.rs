@@ -67,6 +67,13 @@ pub enum ExecError {
     /// tasks run on), and the attempt ends with this failure as its one result.
     #[error("executor panicked: {0}")]
     Panicked(String),
+    /// The attempt could not run on this worker, for a fault of the worker's own and not the
+    /// task's: its checkpoint directory could not be prepared (the disk full or failing, the
+    /// checkpoint not unpacked), a process could not be started for want of memory, processes
+    /// or files. Reported `failed` with `worker_fault`: the coordinator runs the task again
+    /// (an attempt used, as for one lost with its worker) rather than ending it.
+    #[error("{0}")]
+    WorkerFault(String),
 }
 
 /// A state the worker refused to send ([`TaskCtx::report_state`]) ends the attempt as a

@@ -331,9 +331,17 @@ fn is_safe_relative(rel: &str) -> bool {
             .all(|c| !c.is_empty() && c != "." && c != ".." && !c.contains('\0'))
 }
 
-/// Creates `dir` if needed and removes everything in it. Symlinks are removed, not followed.
+/// Creates `dir` if needed and removes everything in it. Symlinks are removed, not followed;
+/// `dir` itself, found a symlink or a file (a task may replace its directory), is replaced by
+/// a directory. A directory a task made read-only (`chmod 555`, its right: it runs as the
+/// worker's user) is made writable first ([`remove_tree`]), or only root could clear it.
 pub(crate) fn clear_dir(dir: &Path) -> Result<(), PackError> {
+    match fs::symlink_metadata(dir) {
+        Ok(meta) if !meta.is_dir() => fs::remove_file(dir).map_err(io_err("remove", dir))?,
+        _ => {}
+    }
     fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+    open_writable(dir);
     for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
         let entry = entry.map_err(io_err("list", dir))?;
         let path = entry.path();
@@ -342,12 +350,67 @@ pub(crate) fn clear_dir(dir: &Path) -> Result<(), PackError> {
             .map_err(io_err("inspect", &path))?
             .is_dir();
         if is_dir {
-            fs::remove_dir_all(&path).map_err(io_err("remove", &path))?;
+            remove_tree(&path).map_err(io_err("remove", &path))?;
         } else {
             fs::remove_file(&path).map_err(io_err("remove", &path))?;
         }
     }
     Ok(())
+}
+
+/// Removes the directory `dir` and everything in it, as [`fs::remove_dir_all`] does (which
+/// removes a symlink, never follows one), after making each directory in it writable and
+/// searchable by its owner: a task's processes run as the worker's user and may leave a
+/// directory of mode 0555 behind, whose entries then only root could remove. Only
+/// directories inside `dir` are changed, each opened without following a symlink; one that
+/// cannot be changed (not the worker's) is left to the removal to report. Not found is done.
+pub(crate) fn remove_tree(dir: &Path) -> io::Result<()> {
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        if !open_writable(&path) {
+            continue;
+        }
+        let Ok(entries) = fs::read_dir(&path) else {
+            continue;
+        };
+        // `file_type` of an entry is its own (lstat): a symlink to a directory is not entered.
+        pending.extend(
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+    }
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Gives the directory at `path` its owner's read, write and search bits, opening it without
+/// following a symlink (`O_NOFOLLOW`): a symlink's target, anywhere, is never changed. Whether
+/// it is a directory that now has them.
+fn open_writable(path: &Path) -> bool {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    const OWNER_RWX: u32 = 0o700;
+    let flags = nix::libc::O_NOFOLLOW | nix::libc::O_DIRECTORY;
+    let Ok(file) = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+    else {
+        return false;
+    };
+    let Ok(meta) = file.metadata() else {
+        return false;
+    };
+    let mode = meta.mode();
+    if mode & OWNER_RWX == OWNER_RWX {
+        return true;
+    }
+    // fchmod, on the directory opened: not a path another process could swap meanwhile.
+    file.set_permissions(fs::Permissions::from_mode((mode | OWNER_RWX) & 0o7777))
+        .is_ok()
 }
 
 struct FileInfo {
@@ -423,6 +486,126 @@ mod tests {
         let path = dir.join(rel);
         fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
         fs::write(path, content).expect("write");
+    }
+
+    /// Runs `f` on a thread of its own whose effective capabilities are dropped (`capset` is
+    /// per thread): as root, as CI runs the tests, the thread meets a file's mode as any
+    /// other user does, where root's `CAP_DAC_OVERRIDE` would let it write in a directory of
+    /// mode 0555. Its files stay its own (the same uid), so it may still change their modes.
+    fn without_capabilities<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const VERSION_3: u32 = 0x2008_0522;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let mut header = Header {
+                        version: VERSION_3,
+                        pid: 0,
+                    };
+                    let mut data = [Data::default(); 2];
+                    // SAFETY: `header` and two `Data` are what capget and capset read and
+                    // write for version 3, and both outlive the calls.
+                    let got = unsafe {
+                        nix::libc::syscall(nix::libc::SYS_capget, &mut header, data.as_mut_ptr())
+                    };
+                    assert_eq!(got, 0, "capget: {}", io::Error::last_os_error());
+                    for d in &mut data {
+                        d.effective = 0;
+                    }
+                    // SAFETY: as above.
+                    let set = unsafe {
+                        nix::libc::syscall(nix::libc::SYS_capset, &mut header, data.as_ptr())
+                    };
+                    assert_eq!(set, 0, "capset: {}", io::Error::last_os_error());
+                    f()
+                })
+                .join()
+                .expect("the thread without capabilities")
+        })
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::symlink_metadata(path).expect("stat").mode() & 0o7777
+    }
+
+    /// A task runs as the worker's user and may leave read-only directories (mode 0555, its
+    /// checkpoint directory itself among them) in its checkpoint directory: clearing it for
+    /// the next attempt makes them writable and removes them, instead of failing that
+    /// attempt "Permission denied". Run without root's power to ignore modes, as a worker of
+    /// another user runs. A symlink in it is removed, its target (elsewhere) left as it was.
+    #[test]
+    fn clearing_a_task_dir_removes_the_read_only_directories_it_left() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("task");
+        let outside = root.path().join("outside");
+        write(&dir, "ro/sub/state", b"1");
+        write(&dir, "ro/other", b"2");
+        write(&dir, "top", b"3");
+        write(&outside, "keep", b"4");
+        std::os::unix::fs::symlink(&outside, dir.join("ro/link")).expect("symlink");
+        let read_only =
+            |p: &Path| fs::set_permissions(p, fs::Permissions::from_mode(0o555)).expect("chmod");
+        read_only(&outside);
+        read_only(&dir.join("ro/sub"));
+        read_only(&dir.join("ro"));
+        read_only(&dir);
+
+        without_capabilities(|| clear_dir(&dir)).expect("cleared");
+        let left: Vec<_> = fs::read_dir(&dir).expect("list").flatten().collect();
+        assert!(left.is_empty(), "{left:?}");
+        assert_eq!(mode(&dir) & 0o700, 0o700, "the directory is writable again");
+        assert_eq!(mode(&outside), 0o555, "a symlink's target is not changed");
+        assert!(
+            outside.join("keep").exists(),
+            "nor is anything in it removed"
+        );
+
+        // The next attempt's checkpoint unpacks into it.
+        let pack = pack_v2(&[("ro/sub/state", "5")]);
+        without_capabilities(|| unpack(&pack, &dir)).expect("unpacked");
+        assert_eq!(fs::read(dir.join("ro/sub/state")).expect("read"), b"5");
+        fs::set_permissions(&outside, fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+
+    /// A task that replaced its checkpoint directory with a symlink gets a directory again:
+    /// clearing it neither follows the link nor empties its target.
+    #[test]
+    fn a_task_dir_replaced_by_a_symlink_is_cleared_without_following_it() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("task");
+        let elsewhere = root.path().join("elsewhere");
+        write(&elsewhere, "precious", b"1");
+        std::os::unix::fs::symlink(&elsewhere, &dir).expect("symlink");
+        clear_dir(&dir).expect("cleared");
+        assert!(fs::symlink_metadata(&dir).expect("stat").is_dir());
+        assert!(elsewhere.join("precious").exists());
+    }
+
+    /// Removing a finished task's directory removes read-only directories in it too.
+    #[test]
+    fn removing_a_task_dir_removes_the_read_only_directories_in_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("task");
+        write(&dir, "a/b/c", b"1");
+        for p in [dir.join("a/b"), dir.join("a"), dir.clone()] {
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o500)).expect("chmod");
+        }
+        without_capabilities(|| remove_tree(&dir)).expect("removed");
+        assert!(!dir.exists());
+        assert!(remove_tree(&dir).is_ok(), "gone already is done");
     }
 
     /// A `tether-dir-v1` pack of `files`, as older workers wrote.

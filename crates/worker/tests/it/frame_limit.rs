@@ -128,6 +128,7 @@ fn result(seq: u64, task: &str, pad: usize) -> WorkerMsg {
         outcome: Outcome::Completed,
         result: serde_json::json!({ "pad": "r".repeat(pad) }).into(),
         error: None,
+        worker_fault: false,
         started_at: now(),
         finished_at: now(),
         duration_ms: 5,
