@@ -8,7 +8,8 @@
 //! ```
 //!
 //! Exactly one of `program` (with optional `args`) or `shell` is given. The process inherits
-//! the worker's environment but its secret (`TETHER_SECRET`), plus `env`, `TETHER_TASK_ID`,
+//! the worker's environment but the worker's own settings and credentials ([`WORKER_ENV`]:
+//! `TETHER_WORKER_ID`, `TETHER_SECRET`...), plus `env`, `TETHER_TASK_ID`,
 //! `TETHER_ATTEMPT`, `TETHER_TASK_MARK` (`<executor nonce>:<task>:<attempt>`, which finds the
 //! attempt's processes that left its group, see [`super::procs`]) and, when the task has a
 //! checkpoint directory, `TETHER_CHECKPOINT_DIR`. Stdin is `/dev/null`; of stdout and
@@ -105,13 +106,39 @@ pub const ENV_TASK_MARK: &str = super::procs::MARK_ENV;
 /// The worker's own secret, when given in the environment (`tether worker`): never inherited
 /// by a task, whose output the coordinator keeps and serves.
 pub const ENV_SECRET: &str = "TETHER_SECRET";
-/// What a task's environment never inherits from the worker's: the worker's secret, where its
-/// secret file is, and an API token (an operator's, for the CLI).
-pub const CREDENTIAL_ENV: [&str; 4] = [
+/// What a task's environment never inherits from the worker's: the settings the `tether` CLI
+/// reads from the environment (every `env = "TETHER_..."` of its flags, the worker's and the
+/// coordinator's, checked by a test against its sources), its secret and an API token. A
+/// task that inherited them would run as this worker: a `tether worker` in a task registered
+/// under the worker's id, with its state directory, and replaced the worker's own session; and
+/// the credentials would end in output the coordinator keeps and serves. A task that wants
+/// one gives it in its `env`. What the worker sets for the task (`TETHER_TASK_ID`,
+/// `TETHER_CHECKPOINT_DIR`...) is not among them.
+pub const WORKER_ENV: [&str; 21] = [
+    // Credentials.
     ENV_SECRET,
     "TETHER_SECRET_FILE",
     "TETHER_TOKEN",
     "TETHER_TOKEN_FILE",
+    // `tether worker` (and the client's coordinator and CA).
+    "TETHER_COORDINATOR",
+    "TETHER_WORKER_ID",
+    "TETHER_STATE_DIR",
+    "TETHER_EVENT_LOG",
+    "TETHER_CA_FILE",
+    "TETHER_CONFIG",
+    "TETHER_METRICS_LISTEN",
+    "TETHER_LOG",
+    // `tether coordinator`, when started from the same environment.
+    "TETHER_LISTEN",
+    "TETHER_DATA_DIR",
+    "TETHER_HEARTBEAT_BUDGET",
+    "TETHER_IDLE_COALESCE",
+    "TETHER_SECRETS_DIR",
+    "TETHER_ADMIN_TOKEN_FILE",
+    "TETHER_READ_TOKEN_FILE",
+    "TETHER_TLS_CERT",
+    "TETHER_TLS_KEY",
 ];
 
 /// Room a result leaves beside it in its message for the error it may travel with (an exit
@@ -222,8 +249,8 @@ impl Plan {
     fn command(&self, ctx: &TaskCtx, checkpoint_dir: Option<&Path>, mark: &str) -> Command {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args);
-        for credential in CREDENTIAL_ENV {
-            cmd.env_remove(credential);
+        for setting in WORKER_ENV {
+            cmd.env_remove(setting);
         }
         cmd.envs(&self.env)
             .envs(super::procs::inherited_marks(std::env::vars_os()))
@@ -1637,6 +1664,110 @@ mod tests {
         assert_eq!(envs(serde_json::json!({"program": "env"})), Some(None));
         let own = serde_json::json!({"program": "env", "env": {ENV_SECRET: "the task's"}});
         assert_eq!(envs(own), Some(Some("the task's".into())));
+    }
+
+    /// Set in the process [`sees_none_of_the_workers_settings`] runs in.
+    const SETTINGS_CHILD: &str = "TETHER_TEST_SETTINGS_CHILD";
+
+    /// A worker started with its settings in the environment (`TETHER_WORKER_ID`,
+    /// `TETHER_COORDINATOR`, `TETHER_STATE_DIR`...) does not hand them to its tasks: a
+    /// `tether worker` started by a task registered as the worker itself and replaced its
+    /// session. The environment is a property of the whole process: the test runs in a
+    /// process of its own, whose environment holds every one of them.
+    #[test]
+    fn a_task_never_inherits_the_workers_settings() {
+        use std::ffi::OsStr;
+        let mut env: Vec<(&str, &OsStr)> = WORKER_ENV
+            .iter()
+            .map(|k| (*k, OsStr::new("the worker's")))
+            .collect();
+        env.push((SETTINGS_CHILD, OsStr::new("1")));
+        crate::testutil::pass_alone(
+            "executor::command::tests::sees_none_of_the_workers_settings",
+            &env,
+        );
+    }
+
+    #[tokio::test]
+    #[ignore = "run by a_task_never_inherits_the_workers_settings"]
+    async fn sees_none_of_the_workers_settings() {
+        if std::env::var_os(SETTINGS_CHILD).is_none() {
+            return;
+        }
+        assert_eq!(
+            std::env::var("TETHER_WORKER_ID").as_deref(),
+            Ok("the worker's")
+        );
+        let (ctx, _) = ctx(1);
+        let out = exec(serde_json::json!({"program": "env"}), ctx)
+            .await
+            .expect("env ran");
+        let seen: Vec<&str> = out["stdout_tail"]
+            .as_str()
+            .expect("output")
+            .lines()
+            .filter(|l| WORKER_ENV.iter().any(|k| l.starts_with(&format!("{k}="))))
+            .collect();
+        assert!(seen.is_empty(), "the task saw {seen:?}");
+        // What the worker sets for the task it still sees.
+        let (ctx, _) = self::ctx(1);
+        let out = exec(serde_json::json!({"shell": "echo $TETHER_TASK_ID"}), ctx)
+            .await
+            .expect("echo ran");
+        assert_eq!(out["stdout_tail"], "t-cmd\n");
+    }
+
+    /// Every variable the `tether` CLI reads a setting from (`env = "TETHER_..."` of a flag,
+    /// or a constant naming one) is in [`WORKER_ENV`]: a setting added to the CLI cannot be
+    /// forgotten there and leak into tasks.
+    #[test]
+    fn every_setting_the_cli_reads_from_the_environment_is_kept_from_tasks() {
+        let cli = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/src");
+        let mut pending = vec![cli.clone()];
+        let mut names = std::collections::BTreeSet::new();
+        while let Some(dir) = pending.pop() {
+            for entry in std::fs::read_dir(&dir)
+                .expect("list the CLI's sources")
+                .flatten()
+            {
+                let path = entry.path();
+                if path.is_dir() {
+                    pending.push(path);
+                    continue;
+                }
+                if path.extension().is_none_or(|e| e != "rs") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).expect("read");
+                for line in text.lines() {
+                    let setting = line.split_once("env = \"").map(|(_, rest)| rest);
+                    let constant = line
+                        .trim_start()
+                        .starts_with("pub const")
+                        .then(|| line.split_once("_ENV: &str = \"").map(|(_, rest)| rest))
+                        .flatten();
+                    if let Some(rest) = setting.or(constant)
+                        && let Some(name) = rest.split('"').next()
+                        && name.starts_with("TETHER_")
+                    {
+                        names.insert(name.to_owned());
+                    }
+                }
+            }
+        }
+        assert!(
+            names.contains("TETHER_WORKER_ID"),
+            "found {names:?} in {}",
+            cli.display()
+        );
+        let missing: Vec<_> = names
+            .iter()
+            .filter(|n| !WORKER_ENV.contains(&n.as_str()))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "the CLI reads {missing:?}, which tasks would inherit"
+        );
     }
 
     /// Set in the process [`made_with_a_non_utf8_environment`] runs in.
