@@ -445,6 +445,8 @@ fn arguments_no_run_can_use_are_refused_by_name_before_anything_starts() {
             "--churn does not apply",
         ),
         (&["steady_load", "--slots", "0"], "--slots"),
+        // The latency probes are what message_flood measures latency with.
+        (&["message_flood", "--probes", "0"], "--probes"),
         (&["thundering_herd", "--tasks", "0"], "--tasks"),
         (
             &[

@@ -162,8 +162,9 @@ pub struct StressArgs {
     /// steady_load: fraction of the workers replaced every second (half of them crash).
     #[arg(long, default_value_t = 0.05)]
     pub churn: f64,
-    /// message_flood: latency probes.
-    #[arg(long, default_value_t = 4)]
+    /// message_flood: latency probes, at least 1: the message latency is their round trips,
+    /// and a flood without them would pass with no latency figure at all.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     pub probes: u32,
     /// message_flood: messages per second of each probe.
     #[arg(long, default_value_t = 50)]
@@ -660,6 +661,24 @@ mod tests {
         ] {
             assert_eq!(applicable(line), None, "{line:?}");
         }
+    }
+
+    /// The probes are what message_flood measures its latency with: none would leave the
+    /// latency figure out and the run passing. Refused by the parser (exit code 2).
+    #[test]
+    fn a_flood_without_latency_probes_is_refused_by_the_parser() {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            a: StressArgs,
+        }
+        let parsed =
+            <Flags as clap::Parser>::try_parse_from(["stress", "message_flood", "--probes", "0"]);
+        let e = parsed.err().expect("--probes 0 refused");
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{e}");
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("--probes"), "{e}");
+        assert_eq!(args(&["message_flood", "--probes", "1"]).probes, 1);
     }
 
     #[test]
