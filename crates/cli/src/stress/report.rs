@@ -73,8 +73,14 @@ pub struct Report {
     /// thundering_herd: how the workers were cut off (`--cut`) and for how long.
     pub cut: Option<String>,
     /// Per-worker time from the cut clearing (the restarted coordinator answering, the proxy
-    /// up again, the reset fault removed) until re-registered.
+    /// up again, the reset fault removed) until re-registered. Negative for a worker back
+    /// before the run stamped the clearing (see `reregistered_before_cleared`).
     pub reconnect_after_ready_ms: Option<Dist>,
+    /// thundering_herd: workers that re-registered before the run stamped the cut's clearing
+    /// on their path (when the control call returned, or the restarted coordinator first
+    /// answered the run): their times after the clearing are below 0.
+    #[serde(default)]
+    pub reregistered_before_cleared: Option<u64>,
     /// Per-worker time from the start of the successful attempt until re-registered.
     pub reconnect_attempt_ms: Option<Dist>,
     /// Per-worker time from the cut clearing until re-registered, less the backoff delay
@@ -238,6 +244,12 @@ impl Report {
             row(
                 "re-registered after the cut cleared on its path, ms",
                 dist(d),
+            );
+        }
+        if let Some(n) = self.reregistered_before_cleared {
+            row(
+                "re-registered before the run stamped the cut's clearing (times below 0)",
+                n.to_string(),
             );
         }
         if let Some(d) = &self.reconnect_beyond_delay_ms {
@@ -502,6 +514,28 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("per task (window)"), "{text}");
+    }
+
+    /// A worker back before the run stamped the cut's clearing reads below 0 ms; the report
+    /// counts them, so a distribution starting below 0 is explained.
+    #[test]
+    fn workers_back_before_the_clearing_was_stamped_are_counted_in_the_report() {
+        let r = Report {
+            reconnect_after_ready_ms: Dist::of(vec![-12.5, 40.0, 300.0]),
+            reregistered_before_cleared: Some(1),
+            ..Report::default()
+        };
+        let text = r.markdown();
+        assert!(
+            text.contains(
+                "| re-registered before the run stamped the cut's clearing (times below 0) | 1 |"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("max 300.0 (n=3)"), "{text}");
+        let json = serde_json::to_value(&r).expect("JSON");
+        assert_eq!(json["reregistered_before_cleared"], 1);
+        assert_eq!(json["reconnect_after_ready_ms"]["p50"], 40.0);
     }
 
     #[test]

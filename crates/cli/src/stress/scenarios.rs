@@ -1208,8 +1208,12 @@ fn count(n: u64) -> anyhow::Result<u32> {
     u32::try_from(n).with_context(|| format!("{n} workers do not fit in a fleet command"))
 }
 
+/// Milliseconds from `from_us` to `us` (µs since the epoch): negative when `us` came first. A
+/// worker back before the run stamped the cut's clearing on its path (the stamp is taken when
+/// the control call returns, or the restarted coordinator first answers the run) reads below
+/// 0, not 0: a floor would hide how far off the stamp was.
 fn ms(us: u64, from_us: u64) -> f64 {
-    us.saturating_sub(from_us) as f64 / 1000.0
+    (i128::from(us) - i128::from(from_us)) as f64 / 1000.0
 }
 
 fn spec(kind: &str, config: Value, priority: u8) -> TaskSpec {
@@ -1359,6 +1363,7 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
     let window = run.a.max_reconnect_delay.as_secs_f64() * 1000.0 * 1.2;
     let r = &mut run.report;
     r.reconnect_window_ms = Some(window);
+    r.reregistered_before_cleared = Some(after_ready.iter().filter(|&&v| v < 0.0).count() as u64);
     r.reconnect_after_ready_ms = Dist::of(after_ready);
     r.reconnect_beyond_delay_ms = Dist::of(beyond_delay);
     r.reconnect_attempt_ms = Dist::of(attempt);
@@ -2484,10 +2489,11 @@ mod tests {
         let mut w = worker_back(&[(20_010, 10)], (20_010, 20_050, 10, 10_010));
         let c = Comeback::of(&w, 10_000_000, &cleared, &schedule).expect("came back");
         assert_eq!((c.after_ready_ms, c.beyond_delay_ms), (50.0, 40.0));
-        // The same worker behind proxy 1: back before its proxy's control call returned.
+        // The same worker behind proxy 1: back 450 ms before its proxy's control call
+        // returned, which says so (this read 0 ms, as though it came back at the clearing).
         w.coordinator = 1;
         let c = Comeback::of(&w, 10_000_000, &cleared, &schedule).expect("came back");
-        assert_eq!(c.after_ready_ms, 0.0);
+        assert_eq!(c.after_ready_ms, -450.0);
     }
 
     #[test]
