@@ -117,53 +117,68 @@ impl Count {
     }
 }
 
-/// checkpoint_heavy's crash: what the coordinator held when it came and whom it stopped.
+/// checkpoint_heavy's crash: what the coordinator held when it came and whom it stopped. The
+/// attempts it interrupted are read from the store in [`Run::finish`]
+/// ([`truth::Truth::crash_resumes`]).
 struct Crash {
     /// The attempts running on the crashed workers, each of a task with a complete checkpoint
     /// the coordinator held while that attempt ran: listed before the crash, or after it (the
     /// crashed workers seen disconnected) while still leased to the same attempt. The worker
     /// was dead by then, so a checkpoint held then was written before it died. Each with the
-    /// step of the latest such checkpoint listed (after the crash if it was listed then), set
-    /// by [`Crash::read_steps`].
+    /// step owed, of the newest such checkpoint listed ([`owed_step`]), set by
+    /// [`Crash::read_steps`].
     held: Vec<truth::Checkpointed>,
-    /// The id of the latest checkpoint listed for each of `held`, in its order.
-    checkpoints: Vec<String>,
+    /// The checkpoints listed of each of `held`, before the crash and after it (one if both
+    /// named the same), newest first.
+    checkpoints: Vec<Vec<Listed>>,
     /// Checkpoints of `held` whose bytes read back were not what their task wrote at any
     /// step: the coordinator holds them damaged.
     foreign: Vec<String>,
-    /// Tasks running on the crashed workers before the crash.
-    interrupted: u64,
-    /// Of those, the ones without a checkpoint before the crash that the listing after it no
-    /// longer found on their crashed attempt (requeued before it came): not judged, as
-    /// whether their first checkpoint came between the two listings is not known.
-    unseen: u64,
+    /// Of `held`, those none of whose listed checkpoints could be read (each gone first) and
+    /// none foreign: judged on resuming from any checkpoint.
+    unread: u64,
     /// The ids of the workers crashed.
     workers: HashSet<String>,
     /// Taken after the listing before the crash and before the crash was sent.
     at: chrono::DateTime<chrono::Utc>,
+    /// How long before the crash an attempt must have started to be owed a resume though no
+    /// checkpoint of it was listed: long enough to have written one and had it taken.
+    owed_after: Duration,
 }
+
+/// How long past its first step an attempt gets to have its first checkpoint taken by the
+/// coordinator (sent, stored, listed): one started longer before a crash is owed a resume.
+const CHECKPOINT_TAKEN_WITHIN: Duration = Duration::from_millis(500);
 
 impl Crash {
     /// The crash of `workers` at `at`, from the coordinator's running tasks listed `before`
-    /// it and `after` it.
+    /// it and `after` it; `owed_after`: see [`Crash::owed_after`].
     fn of(
         before: &[Running],
         after: &[Running],
         workers: HashSet<String>,
         at: chrono::DateTime<chrono::Utc>,
+        owed_after: Duration,
     ) -> Self {
         let on_crashed = |r: &&Running| workers.contains(&r.lease.worker);
-        let still: HashSet<&Lease> = after.iter().filter(on_crashed).map(|r| &r.lease).collect();
-        // The latest checkpoint of each lease: as listed after the crash, else before it.
-        let mut latest: HashMap<&Lease, &str> = HashMap::new();
+        // Every checkpoint listed of each lease, before the crash and after it: the newest is
+        // the one owed, and a listing after the crash that names an older one than the
+        // listing before (the coordinator rolled back) does not lower the bar.
+        let mut listed: HashMap<&Lease, Vec<Listed>> = HashMap::new();
         for r in after.iter().chain(before).filter(on_crashed) {
             if let Some(c) = &r.checkpoint {
-                latest.entry(&r.lease).or_insert(c);
+                let seen = listed.entry(&r.lease).or_default();
+                if !seen.iter().any(|s| s.id == c.id) {
+                    seen.push(c.clone());
+                }
             }
         }
-        let mut latest: Vec<(&Lease, &str)> = latest.into_iter().collect();
-        latest.sort_by(|a, b| (&a.0.task, a.0.attempt).cmp(&(&b.0.task, b.0.attempt)));
-        let held = latest
+        let mut listed: Vec<(&Lease, Vec<Listed>)> = listed.into_iter().collect();
+        listed.sort_by(|a, b| (&a.0.task, a.0.attempt).cmp(&(&b.0.task, b.0.attempt)));
+        for (_, seen) in &mut listed {
+            seen.sort_by_key(|c| std::cmp::Reverse(c.order()));
+        }
+        let held = listed
             .iter()
             .map(|(l, _)| truth::Checkpointed {
                 task: l.task.clone(),
@@ -172,26 +187,22 @@ impl Crash {
                 step: None,
             })
             .collect();
-        let unseen = before
-            .iter()
-            .filter(on_crashed)
-            .filter(|r| r.checkpoint.is_none() && !still.contains(&r.lease))
-            .count() as u64;
         Self {
-            interrupted: before.iter().filter(on_crashed).count() as u64,
             held,
-            checkpoints: latest.iter().map(|(_, c)| c.to_string()).collect(),
+            checkpoints: listed.into_iter().map(|(_, seen)| seen).collect(),
             foreign: Vec::new(),
-            unseen,
+            unread: 0,
             workers,
             at,
+            owed_after,
         }
     }
 
-    /// Reads the step of each held checkpoint from the first bytes the coordinator serves of
-    /// it (the `steps` executor's: its step, then a word drawn from its task and step). One
-    /// no longer there (superseded by a later attempt's, or the task ended) keeps no step; one
-    /// whose bytes are not what its task wrote at that step is `foreign`.
+    /// Reads the step of each listed checkpoint from the first bytes the coordinator serves of
+    /// it (the `steps` executor's: its step, then a word drawn from its task and step), and
+    /// sets each held attempt's step owed ([`owed_step`]). One no longer there (superseded by
+    /// a later attempt's, or the task ended) has no step; one whose bytes are not what its
+    /// task wrote at that step is `foreign`.
     async fn read_steps(&mut self, api: &crate::client::Api) -> anyhow::Result<()> {
         use futures_util::StreamExt;
         let head = super::fleet::MIN_STEP_CHECKPOINT;
@@ -199,6 +210,7 @@ impl Crash {
             .held
             .iter()
             .zip(&self.checkpoints)
+            .flat_map(|(h, seen)| seen.iter().map(move |c| (h, &c.id)))
             .map(|(h, c)| async move {
                 let path = format!("/api/v1/tasks/{}/checkpoints/{c}", h.task);
                 let mut body = match api.stream(&path, READ_STEP_WITHIN).await {
@@ -230,15 +242,53 @@ impl Crash {
             .buffered(READS_AT_ONCE)
             .collect()
             .await;
-        for ((h, c), bytes) in self.held.iter_mut().zip(&self.checkpoints).zip(read) {
-            let Some(bytes) = bytes? else { continue };
-            match step_of(&h.task, &bytes) {
-                Some(step) => h.step = Some(step),
-                None => self.foreign.push(format!("{c} of {}", h.task)),
+        // In the order read: each held attempt's checkpoints, newest first.
+        let mut read = read.into_iter();
+        for (h, seen) in self.held.iter_mut().zip(&self.checkpoints) {
+            let mut steps = Vec::with_capacity(seen.len());
+            let mut damaged = false;
+            for c in seen {
+                let Some(bytes) = read.next() else {
+                    bail!("no read of checkpoint {} of {}", c.id, h.task);
+                };
+                let step = match bytes? {
+                    None => None,
+                    Some(bytes) => {
+                        let step = step_of(&h.task, &bytes);
+                        if step.is_none() {
+                            damaged = true;
+                            self.foreign.push(format!("{} of {}", c.id, h.task));
+                        }
+                        step
+                    }
+                };
+                steps.push((c, step));
             }
+            h.step = owed_step(&steps);
+            self.unread += u64::from(h.step.is_none() && !damaged);
         }
         Ok(())
     }
+}
+
+/// The step a task must resume from after a crash, of the checkpoints listed of its attempt
+/// before the crash and after it, each with its step as read (`None`: gone before it was
+/// read, or not what its task wrote): the highest read, or one past it if a checkpoint
+/// listed after that one ([`Listed::order`]) could not be read (it held a later step);
+/// `None` if none could be read.
+fn owed_step(steps: &[(&Listed, Option<u32>)]) -> Option<u32> {
+    let (best, step) = steps
+        .iter()
+        .filter_map(|(c, step)| step.map(|s| (*c, s)))
+        .max_by_key(|(_, s)| *s)?;
+    let newer_unread = steps
+        .iter()
+        .any(|(c, s)| s.is_none() && c.order() > best.order());
+    Some(if newer_unread {
+        step.saturating_add(1)
+    } else {
+        step
+    })
 }
 
 /// Longest wait for the coordinator to answer a read of a checkpoint, and for each piece of
@@ -264,12 +314,41 @@ struct Lease {
     worker: String,
 }
 
-/// An attempt the coordinator lists running, and the id of the latest complete checkpoint of
-/// its task it holds (`latest_checkpoint`, of this attempt or an earlier one).
+/// An attempt the coordinator lists running, and the latest complete checkpoint of its task it
+/// holds (`latest_checkpoint`, of this attempt or an earlier one).
 #[derive(Debug, Clone)]
 struct Running {
     lease: Lease,
-    checkpoint: Option<String>,
+    checkpoint: Option<Listed>,
+}
+
+/// A checkpoint the coordinator listed as a running task's latest.
+#[derive(Debug, Clone, PartialEq)]
+struct Listed {
+    id: String,
+    /// The attempt that wrote it.
+    attempt: u64,
+    created_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Listed {
+    /// Of two checkpoints of one task, the later written has the greater order: a later
+    /// attempt's, or the same attempt's made later.
+    fn order(&self) -> (u64, Option<chrono::DateTime<chrono::Utc>>) {
+        (self.attempt, self.created_at)
+    }
+
+    /// The `latest_checkpoint` of a task as the API lists it, if it has one.
+    fn of(latest: &Value) -> Option<Self> {
+        Some(Self {
+            id: latest["checkpoint_id"].as_str()?.to_owned(),
+            attempt: latest["attempt"].as_u64().unwrap_or(0),
+            created_at: latest["created_at"]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&chrono::Utc)),
+        })
+    }
 }
 
 /// The `k` workers checkpoint_heavy crashes, of the `live` ones (oldest first): those running
@@ -769,9 +848,7 @@ impl Run {
                             attempt,
                             worker: worker.to_owned(),
                         },
-                        checkpoint: t["latest_checkpoint"]["checkpoint_id"]
-                            .as_str()
-                            .map(str::to_owned),
+                        checkpoint: Listed::of(&t["latest_checkpoint"]),
                     });
                 }
             }
@@ -1088,31 +1165,40 @@ fn span_rates(r: &mut Report, span: &Span, last: Option<chrono::DateTime<chrono:
     });
 }
 
-/// checkpoint_heavy's verdict on the store: every task whose attempt was running on a
-/// crashed worker at the crash, with a complete checkpoint the coordinator held while it ran
-/// (listed before the crash or after it), resumed from the latest of them or a later one (see
-/// [`truth::Truth::crash_resumes`]). With no such task there is nothing to judge, and the
-/// verdict fails rather than pass on nothing; so it does if a checkpoint held read back as
-/// not what its task wrote.
+/// checkpoint_heavy's verdict on the store: every task whose attempt the crash interrupted
+/// (running on a crashed worker at the crash, by the store) that had a complete checkpoint
+/// the coordinator held (listed before the crash or after it), or that had run long enough to
+/// write one ([`Crash::owed_after`]), resumed from the newest listed or a later one, or from
+/// any if none was listed (see [`truth::Truth::crash_resumes`]). Only attempts interrupted
+/// too soon after their start to have checkpointed, with none listed, are let off, and the
+/// detail counts them. With no task owed a resume there is nothing to judge, and the verdict
+/// fails rather than pass on nothing; so it does if a checkpoint listed read back as not what
+/// its task wrote.
 fn crash_verdict(r: &mut Report, t: &truth::Truth, crash: &Crash) {
-    let c = t.crash_resumes(&crash.held, &crash.workers, crash.at);
+    let c = t.crash_resumes(&crash.held, &crash.workers, crash.at, crash.owed_after);
     let crashed = crash.workers.len();
-    let interrupted = crash.interrupted;
-    let mut unseen = match crash.unseen {
+    let interrupted = c.interrupted;
+    let owed_ms = crash.owed_after.as_millis();
+    let mut more = match c.too_young {
         0 => String::new(),
         n => format!(
-            "; {n} of the {interrupted} tasks they ran, without a checkpoint before the crash, were requeued before the listing after it: not judged"
+            "; {n} of the {interrupted} interrupted had run under {owed_ms} ms, too short to have a checkpoint taken, and none was listed: not judged"
         ),
     };
-    // A foreign checkpoint keeps no step either.
-    let unread = crash.held.iter().filter(|h| h.step.is_none()).count() - crash.foreign.len();
+    if c.unlisted > 0 {
+        more.push_str(&format!(
+            "; {} had run {owed_ms} ms or longer with no checkpoint listed: judged on resuming from any",
+            c.unlisted
+        ));
+    }
+    let unread = crash.unread;
     if unread > 0 {
-        unseen.push_str(&format!(
-            "; {unread} whose latest checkpoint was gone before its step was read: judged on resuming from any"
+        more.push_str(&format!(
+            "; {unread} whose listed checkpoints were gone before a step was read: judged on resuming from any"
         ));
     }
     if let Some(first) = crash.foreign.first() {
-        unseen.push_str(&format!(
+        more.push_str(&format!(
             "; {} checkpoints held read back as not what their task wrote, first {first}",
             crash.foreign.len()
         ));
@@ -1122,13 +1208,13 @@ fn crash_verdict(r: &mut Report, t: &truth::Truth, crash: &Crash) {
         c.judged > 0 && c.not_resumed.is_empty() && crash.foreign.is_empty(),
         match (c.judged, c.not_resumed.first()) {
             (0, _) => format!(
-                "nothing to judge: none of the {interrupted} tasks the {crashed} crashed workers ran had a checkpoint the coordinator held{unseen}"
+                "nothing to judge: none of the {interrupted} tasks the {crashed} crashed workers were running had a checkpoint listed or had run {owed_ms} ms{more}"
             ),
             (n, None) => format!(
-                "{n} tasks running on the {crashed} crashed workers with a checkpoint the coordinator held each resumed from the latest or a later one (of {interrupted} they ran){unseen}"
+                "{n} tasks running on the {crashed} crashed workers, owed a resume, each resumed from the newest checkpoint listed or a later one (of {interrupted} interrupted){more}"
             ),
             (n, Some(first)) => format!(
-                "{} of {n} tasks running on the {crashed} crashed workers with a checkpoint the coordinator held did not resume from the latest: first {first}{unseen}",
+                "{} of {n} tasks running on the {crashed} crashed workers, owed a resume, did not resume from the newest checkpoint listed: first {first}{more}",
                 c.not_resumed.len()
             ),
         },
@@ -1857,7 +1943,8 @@ async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
     // before it, is judged too. The crashed attempts stay leased until `--lost-after`.
     run.disconnected(&workers).await?;
     let after = run.running().await?;
-    let mut crashed = Crash::of(&before, &after, workers, at);
+    let owed_after = Duration::from_millis(step_ms) + CHECKPOINT_TAKEN_WITHIN;
+    let mut crashed = Crash::of(&before, &after, workers, at, owed_after);
     // At once: the crashed attempts' tasks are requeued `--lost-after` after they went, and
     // a checkpoint is superseded once its task's next attempt wrote a few more.
     crashed.read_steps(&run.api).await?;
@@ -1879,15 +1966,25 @@ async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
     let s = run.fleet.now();
     let r = &mut run.report;
     r.checkpoints = Some(s.checkpoints);
-    r.verdict(
-        "every checkpoint resumed from was what its step wrote",
-        s.damaged == 0,
-        format!("{} damaged of {} resumed", s.damaged, s.resumed),
-    );
+    damage_verdict(r, &s);
     r.notes.push(format!(
         "{tasks} tasks of {steps} steps x {step_ms} ms, a checkpoint of {size} bytes after every step; {crash} workers crashed halfway and as many joined"
     ));
     Ok(())
+}
+
+/// checkpoint_heavy's verdict on the checkpoints its tasks resumed from, by the fleet's count:
+/// each was what its step wrote. A crash was injected, so some task must have resumed: with
+/// none, nothing was checked, and the verdict fails rather than pass on nothing.
+fn damage_verdict(r: &mut Report, s: &Status) {
+    r.verdict(
+        "every checkpoint resumed from was what its step wrote",
+        s.damaged == 0 && s.resumed > 0,
+        match s.resumed {
+            0 => "no execution resumed from a checkpoint after the crash: nothing to check".into(),
+            n => format!("{} damaged of {n} resumed", s.damaged),
+        },
+    );
 }
 
 /// A backlog of low-priority tasks, then high-priority ones: none may wait behind a low one.
@@ -2594,20 +2691,28 @@ mod tests {
         }
     }
 
-    /// A crash at 10 s of workers w-0 and w-1, each running a task with a checkpoint: (task,
-    /// its crashed worker, where its next attempt resumed).
+    /// A crash at 10 s of workers w-0 and w-1, each running a task (started 300 ms before it,
+    /// too soon to be owed a resume unless a checkpoint of it was listed): (task, its crashed
+    /// worker, where its next attempt resumed); those of `held` listed with a checkpoint.
     fn crash_of(tasks: &[(&str, &str, u64)], held: &[&str]) -> report::Verdict {
-        crash_read(tasks, held, &[])
+        crash_read(tasks, held, &[], 300)
     }
 
-    /// [`crash_of`], the checkpoints of `foreign` read back as not what their task wrote.
-    fn crash_read(tasks: &[(&str, &str, u64)], held: &[&str], foreign: &[&str]) -> report::Verdict {
+    /// [`crash_of`], the checkpoints of `foreign` read back as not what their task wrote, each
+    /// task started `ran_ms` before the crash (owed a resume from 600 ms on).
+    fn crash_read(
+        tasks: &[(&str, &str, u64)],
+        held: &[&str],
+        foreign: &[&str],
+        ran_ms: i64,
+    ) -> report::Verdict {
         let at = |s| chrono::DateTime::UNIX_EPOCH + chrono::Duration::seconds(s);
         let rows = tasks.iter().map(|&(id, worker, resumed_at)| {
             let runs = vec![
                 truth::AttemptRow {
                     attempt: 1,
                     worker: worker.into(),
+                    started_at: Some(at(10) - chrono::Duration::milliseconds(ran_ms)),
                     ended_at: Some(at(11)),
                     ..truth::AttemptRow::default()
                 },
@@ -2649,12 +2754,15 @@ mod tests {
                     step: (!foreign.contains(id)).then_some(20),
                 })
                 .collect(),
-            checkpoints: held.iter().map(|id| format!("c-{id}")).collect(),
+            checkpoints: held
+                .iter()
+                .map(|id| vec![listed(&format!("c-{id}"), 0)])
+                .collect(),
             foreign: foreign.iter().map(|id| format!("c-{id} of {id}")).collect(),
-            interrupted: tasks.len() as u64,
-            unseen: 0,
+            unread: 0,
             workers: ["w-0", "w-1"].iter().map(|w| w.to_string()).collect(),
             at: at(10),
+            owed_after: Duration::from_millis(600),
         };
         let mut r = Report::default();
         crash_verdict(&mut r, &t, &crash);
@@ -2678,10 +2786,72 @@ mod tests {
         assert!(v.detail.starts_with("nothing to judge"), "{}", v.detail);
     }
 
+    /// A task the crash interrupted after it had run long enough to checkpoint is owed a
+    /// resume whether or not a checkpoint of it was listed: "b", started 5 s before the crash
+    /// and started afresh after it, fails the verdict (with none listed, it was let off).
+    #[test]
+    fn the_crash_verdict_judges_every_task_that_ran_long_enough_to_checkpoint() {
+        let tasks = [("a", "w-0", 20), ("b", "w-1", 0)];
+        let v = crash_read(&tasks, &["a"], &[], 5_000);
+        assert!(!v.pass, "{}", v.detail);
+        assert!(v.detail.starts_with("1 of 2"), "{}", v.detail);
+        assert!(v.detail.contains("first b attempt 2"), "{}", v.detail);
+        assert!(
+            v.detail
+                .contains("1 had run 600 ms or longer with no checkpoint listed"),
+            "{}",
+            v.detail
+        );
+        // None listed at all: not "nothing to judge", but both judged.
+        let v = crash_read(&tasks, &[], &[], 5_000);
+        assert!(v.detail.starts_with("1 of 2"), "{}", v.detail);
+        // Both resumed from some checkpoint: passes.
+        let both = [("a", "w-0", 20), ("b", "w-1", 3)];
+        let v = crash_read(&both, &["a"], &[], 5_000);
+        assert!(v.pass, "{}", v.detail);
+        assert!(
+            v.detail.starts_with("2 tasks running on the 2 crashed"),
+            "{}",
+            v.detail
+        );
+        // Too young to have checkpointed, and not listed: let off, and said.
+        let v = crash_read(&tasks, &["a"], &[], 300);
+        assert!(v.pass, "{}", v.detail);
+        assert!(
+            v.detail
+                .contains("1 of the 2 interrupted had run under 600 ms"),
+            "{}",
+            v.detail
+        );
+    }
+
+    /// A crash injected with no execution resumed checked nothing: the verdict on the
+    /// checkpoints resumed from fails (it passed on "0 damaged of 0 resumed").
+    #[test]
+    fn the_damage_verdict_fails_when_nothing_resumed() {
+        let judged = |resumed, damaged| {
+            let mut r = Report::default();
+            let s = Status {
+                resumed,
+                damaged,
+                ..Status::default()
+            };
+            damage_verdict(&mut r, &s);
+            r.verdicts.pop().expect("a verdict")
+        };
+        let none = judged(0, 0);
+        assert!(!none.pass, "{}", none.detail);
+        assert!(none.detail.contains("nothing to check"), "{}", none.detail);
+        let fine = judged(3, 0);
+        assert!(fine.pass, "{}", fine.detail);
+        assert_eq!(fine.detail, "0 damaged of 3 resumed");
+        assert!(!judged(3, 1).pass);
+    }
+
     #[test]
     fn the_crash_verdict_fails_on_a_checkpoint_held_that_is_not_what_its_task_wrote() {
         let tasks = [("a", "w-0", 20), ("b", "w-1", 20)];
-        let v = crash_read(&tasks, &["a", "b"], &["b"]);
+        let v = crash_read(&tasks, &["a", "b"], &["b"], 300);
         assert!(!v.pass, "{}", v.detail);
         assert!(
             v.detail.contains(
@@ -2756,7 +2926,7 @@ mod tests {
     }
 
     /// A task the coordinator lists running on `worker`, attempt 1, with the id of its latest
-    /// checkpoint.
+    /// checkpoint (written by attempt 1, at second 0).
     fn running(task: &str, worker: &str, checkpoint: Option<&str>) -> Running {
         Running {
             lease: Lease {
@@ -2764,7 +2934,16 @@ mod tests {
                 attempt: 1,
                 worker: worker.into(),
             },
-            checkpoint: checkpoint.map(str::to_owned),
+            checkpoint: checkpoint.map(|id| listed(id, 0)),
+        }
+    }
+
+    /// A checkpoint listed with `id`, of attempt 1, written at `second` since the epoch.
+    fn listed(id: &str, second: i64) -> Listed {
+        Listed {
+            id: id.into(),
+            attempt: 1,
+            created_at: Some(chrono::DateTime::UNIX_EPOCH + chrono::Duration::seconds(second)),
         }
     }
 
@@ -2808,12 +2987,55 @@ mod tests {
             running("late", "w-1", Some("c-t1")),
             running("elsewhere", "w-4", Some("c-x2")),
         ];
-        let c = Crash::of(&before, &after, crashed, at);
+        let c = Crash::of(&before, &after, crashed, at, Duration::from_millis(600));
         let held: Vec<&str> = c.held.iter().map(|h| h.task.as_str()).collect();
         assert_eq!(held, ["early", "late", "left"]);
-        assert_eq!((c.interrupted, c.unseen), (4, 1));
-        // The latest listed of each: after the crash if listed then.
-        assert_eq!(c.checkpoints, ["c-e2", "c-t1", "c-l1"]);
+        // The latest listed of each (of equal order, after the crash if listed then), and
+        // every other listed of it after.
+        let newest: Vec<&str> = c.checkpoints.iter().map(|l| l[0].id.as_str()).collect();
+        assert_eq!(newest, ["c-e2", "c-t1", "c-l1"]);
+        let early: Vec<&str> = c.checkpoints[0].iter().map(|l| l.id.as_str()).collect();
+        assert_eq!(early, ["c-e2", "c-e1"]);
+    }
+
+    /// A listing after the crash that names an older checkpoint than the listing before it
+    /// (the coordinator rolled back) does not lower what the task must resume from: the newer
+    /// of the two is owed.
+    #[test]
+    fn a_rollback_in_the_listing_after_the_crash_does_not_lower_the_step_owed() {
+        let crashed: HashSet<String> = ["w-0"].iter().map(|w| w.to_string()).collect();
+        let with = |c: Listed| Running {
+            checkpoint: Some(c),
+            ..running("t", "w-0", None)
+        };
+        let (older, newer) = (listed("c-1", 1), listed("c-2", 2));
+        let at = chrono::DateTime::UNIX_EPOCH;
+        let c = Crash::of(
+            &[with(newer.clone())],
+            &[with(older.clone())],
+            crashed,
+            at,
+            Duration::ZERO,
+        );
+        assert_eq!(c.checkpoints, [vec![newer.clone(), older.clone()]]);
+        // Steps read from their bytes: the newer one's, 20, not the older one's, 10.
+        assert_eq!(
+            owed_step(&[(&newer, Some(20)), (&older, Some(10))]),
+            Some(20)
+        );
+        // The newer one gone before it was read: one past the older one's step.
+        assert_eq!(owed_step(&[(&newer, None), (&older, Some(10))]), Some(11));
+        // Only an older one gone: the newer one's.
+        assert_eq!(owed_step(&[(&newer, Some(20)), (&older, None)]), Some(20));
+        // Nothing read: any checkpoint will do.
+        assert_eq!(owed_step(&[(&newer, None), (&older, None)]), None);
+        assert_eq!(owed_step(&[]), None);
+        // A later attempt's checkpoint is newer whatever its time.
+        let next = Listed {
+            attempt: 2,
+            ..listed("c-3", 0)
+        };
+        assert!(next.order() > newer.order());
     }
 
     #[test]

@@ -48,20 +48,30 @@ pub struct Checkpointed {
     pub task: String,
     pub attempt: u64,
     pub worker: String,
-    /// The step of the latest of those checkpoints the run saw the coordinator hold (read
-    /// from its bytes): the task must resume from it or a later one. `None`: its bytes were
-    /// gone before they could be read (superseded or removed), and the task is judged only on
-    /// resuming from some checkpoint.
+    /// The step of the newest checkpoint the run saw the coordinator hold of it, listed before
+    /// the crash or after it (read from their bytes; a listing after the crash that names an
+    /// older one than before does not lower it): the task must resume from it or a later one.
+    /// `None`: no listed checkpoint's bytes could be read (superseded or removed first), and
+    /// the task is judged only on resuming from some checkpoint.
     pub step: Option<u32>,
 }
 
 /// What [`Truth::crash_resumes`] found.
 #[derive(Debug, Default, PartialEq)]
 pub struct CrashResumes {
-    /// Tasks whose attempt was running on a crashed worker at the crash, with a checkpoint
-    /// held while it ran.
+    /// Attempts running on a crashed worker at the crash, by the store.
+    pub interrupted: u64,
+    /// Of those, the ones owed a resume, each judged: listed with a checkpoint, or run long
+    /// enough before the crash to have written one.
     pub judged: u64,
-    /// Those that did not resume from a checkpoint, each with what the store holds.
+    /// Of the judged, those the run saw no checkpoint of listed (they had run long enough to
+    /// write one): judged on resuming from any.
+    pub unlisted: u64,
+    /// Interrupted too soon after they started to have written a checkpoint, and none listed:
+    /// they may start afresh, and are not judged.
+    pub too_young: u64,
+    /// Those judged that did not resume from the checkpoint owed, each with what the store
+    /// holds.
     pub not_resumed: Vec<String>,
 }
 
@@ -203,6 +213,33 @@ pub fn read(db: &Path, submitted: &HashSet<String>, since: DateTime<Utc>) -> any
     Ok(truth)
 }
 
+impl TaskRow {
+    /// Whether the next attempt after `a` (of this task, `id`) that ran to a result resumed
+    /// from at least `step` (any checkpoint when `None`): `None` if it did, else what it did.
+    fn resumed_after(&self, id: &str, a: &AttemptRow, step: Option<u32>) -> Option<String> {
+        let next = self
+            .runs
+            .iter()
+            .filter(|n| n.attempt > a.attempt)
+            .find_map(|n| n.resumed_at.map(|at| (n.attempt, at)));
+        let held = u64::from(step.unwrap_or(1).max(1));
+        let (attempt, worker) = (a.attempt, &a.worker);
+        match next {
+            Some((_, at)) if at >= held => None,
+            Some((n, 0)) => Some(format!(
+                "{id} attempt {n} started afresh after attempt {attempt} on crashed {worker}"
+            )),
+            Some((n, at)) => Some(format!(
+                "{id} attempt {n} resumed at step {at}, before step {held} held at the crash of attempt {attempt} on crashed {worker}"
+            )),
+            None => Some(format!(
+                "{id} {}: no attempt after attempt {attempt} on crashed {worker} ran to a result",
+                self.status
+            )),
+        }
+    }
+}
+
 /// One stored result row, as `tether e2e` holds it against what the API said.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResultRow {
@@ -249,65 +286,70 @@ pub fn results(db: &Path) -> anyhow::Result<Vec<ResultRow>> {
 }
 
 impl Truth {
-    /// Whether the tasks crashed workers were running resumed from a checkpoint. `held`: the
-    /// attempts the coordinator listed running, each of a task it held a complete checkpoint
-    /// of, read before the crash at `crash_at` or after it (the attempt still leased, its
-    /// worker dead); `crashed`: the ids of the workers crashed then. Judged: each of those
-    /// attempts on a crashed worker that was still running at the crash by the store (no
-    /// result recorded, not ended before it). Each such task had a checkpoint written before
-    /// its worker died, so the next of its attempts that ran to a result must say it resumed
-    /// from the latest one held (`resumed_at` at least its step, [`Checkpointed::step`]; a
-    /// later one, recorded after the run looked, will do); started afresh, or from an older
-    /// checkpoint, it lost the work the latest kept (a failed fetch, a checkpoint dropped, an
-    /// old one served).
+    /// Whether the tasks crashed workers were running resumed from a checkpoint. Interrupted:
+    /// by the store, each attempt on a worker of `crashed` (the ids of the workers crashed at
+    /// `crash_at`) that had started by the crash and was still running at it (no result
+    /// recorded, not ended before it). Each is owed a resume, and judged, if the coordinator
+    /// listed it with a checkpoint (`held`: the attempts it listed running before the crash or
+    /// after it, the attempt still leased and its worker dead, each of a task it held a
+    /// complete checkpoint of), or if it had started at least `owed_after` before the crash:
+    /// long enough to have written one and had it taken. One interrupted sooner, with none
+    /// listed, may start afresh ([`CrashResumes::too_young`]).
+    ///
+    /// The next of a judged task's attempts that ran to a result must say it resumed from the
+    /// newest checkpoint listed (`resumed_at` at least its step, [`Checkpointed::step`]; a
+    /// later one, recorded after the run looked, will do), or from any when none was listed or
+    /// read; started afresh, or from an older checkpoint, it lost the work the newest kept (a
+    /// failed fetch, a checkpoint dropped, an old one served).
     ///
     /// Counting every resumed result instead passed with one resume when several were owed
     /// (more than a task per worker, or fewer tasks than workers), and counted resumes that
-    /// other causes (connections reset) brought about.
+    /// other causes (connections reset) brought about. Judging only the attempts listed with
+    /// a checkpoint let a task whose checkpoints the coordinator never listed (dropped, or
+    /// written between the two listings and requeued before the second) start afresh.
     pub fn crash_resumes(
         &self,
         held: &[Checkpointed],
         crashed: &HashSet<String>,
         crash_at: DateTime<Utc>,
+        owed_after: std::time::Duration,
     ) -> CrashResumes {
         let mut out = CrashResumes::default();
+        let owed_after = chrono::Duration::from_std(owed_after).unwrap_or(chrono::Duration::MAX);
+        let listed: HashMap<(&str, u64, &str), &Checkpointed> = held
+            .iter()
+            .map(|h| ((h.task.as_str(), h.attempt, h.worker.as_str()), h))
+            .collect();
         for h in held.iter().filter(|h| crashed.contains(&h.worker)) {
-            let Some(task) = self.tasks.get(&h.task) else {
+            if !self.tasks.contains_key(&h.task) {
                 out.judged += 1;
                 out.not_resumed.push(format!("{} absent", h.task));
-                continue;
-            };
-            let running_at_crash = task.runs.iter().any(|a| {
-                a.attempt == h.attempt
-                    && a.worker == h.worker
-                    && !a.result_recorded
-                    && a.ended_at.is_none_or(|e| e >= crash_at)
-            });
-            if !running_at_crash {
-                continue;
             }
-            out.judged += 1;
-            let next = task
-                .runs
-                .iter()
-                .filter(|a| a.attempt > h.attempt)
-                .find_map(|a| a.resumed_at.map(|at| (a.attempt, at)));
-            // Any checkpoint's step is at least 1: one unread still asks for a resume.
-            let held = u64::from(h.step.unwrap_or(1).max(1));
-            match next {
-                Some((_, at)) if at >= held => {}
-                Some((n, 0)) => out.not_resumed.push(format!(
-                    "{} attempt {n} started afresh after attempt {} on crashed {}",
-                    h.task, h.attempt, h.worker
-                )),
-                Some((n, at)) => out.not_resumed.push(format!(
-                    "{} attempt {n} resumed at step {at}, before step {held} held at the crash of attempt {} on crashed {}",
-                    h.task, h.attempt, h.worker
-                )),
-                None => out.not_resumed.push(format!(
-                    "{} {}: no attempt after attempt {} on crashed {} ran to a result",
-                    h.task, task.status, h.attempt, h.worker
-                )),
+        }
+        for (id, task) in &self.tasks {
+            for a in &task.runs {
+                let interrupted = crashed.contains(&a.worker)
+                    && a.started_at.is_some_and(|s| s <= crash_at)
+                    && !a.result_recorded
+                    && a.ended_at.is_none_or(|e| e >= crash_at);
+                if !interrupted {
+                    continue;
+                }
+                out.interrupted += 1;
+                let h = listed.get(&(id.as_str(), a.attempt, a.worker.as_str()));
+                let ran_long = a
+                    .started_at
+                    .is_some_and(|s| crash_at.signed_duration_since(s) >= owed_after);
+                if h.is_none() && !ran_long {
+                    out.too_young += 1;
+                    continue;
+                }
+                out.judged += 1;
+                out.unlisted += u64::from(h.is_none());
+                // Any checkpoint's step is at least 1: one unread or unlisted still asks for
+                // a resume.
+                let step = h.and_then(|h| h.step);
+                out.not_resumed.extend(task.resumed_after(id, a, step));
             }
         }
         out.not_resumed.sort();
@@ -561,7 +603,7 @@ mod tests {
 
     /// A store of tasks with their attempts (attempt, worker, ended at second of 10:00,
     /// result recorded) and results (task, attempt, where it resumed), as the coordinator
-    /// lays them out.
+    /// lays them out. Every attempt started at 10:00:00, but those of "young", at 10:00:04.8.
     fn crash_store(
         dir: &Path,
         tasks: &[(&str, &str, Attempts)],
@@ -576,7 +618,10 @@ mod tests {
                     serde_json::json!({
                         "attempt": attempt,
                         "worker": worker,
-                        "started_at": "2026-12-03T10:00:00Z",
+                        "started_at": match *id {
+                            "young" => "2026-12-03T10:00:04.8Z",
+                            _ => "2026-12-03T10:00:00Z",
+                        },
                         "ended_at": format!("2026-12-03T10:00:{ended:02}Z"),
                         "result_recorded": recorded,
                     })
@@ -603,9 +648,11 @@ mod tests {
         path
     }
 
-    /// Workers w-0 and w-1 crashed at 10:00:05; each task was running (by the coordinator's
-    /// list before the crash) on the worker of its attempt 1, with a checkpoint.
-    fn crash_judged(held: &[&str]) -> CrashResumes {
+    /// Workers w-0 and w-1 crashed at 10:00:05; each task of `held` was running (by the
+    /// coordinator's list before the crash) on the worker of its attempt 1, with a checkpoint.
+    /// An attempt interrupted without one listed is owed a resume if it had started at least
+    /// [`LONG`] before the crash ([`NEVER`]: none is).
+    fn crash_judged(held: &[&str], owed_after: std::time::Duration) -> CrashResumes {
         let dir = tempfile::tempdir().expect("dir");
         let ran = |worker, ended, recorded| [(1, worker, ended, recorded)];
         let db = crash_store(
@@ -657,6 +704,12 @@ mod tests {
                     "completed",
                     &[(1, "w-0", 6, false), (2, "w-5", 9, true)],
                 ),
+                // Started 200 ms before the crash, and started afresh on another worker.
+                (
+                    "young",
+                    "completed",
+                    &[(1, "w-1", 6, false), (2, "w-6", 9, true)],
+                ),
             ],
             &[
                 ("resumed", 2, 20),
@@ -667,6 +720,7 @@ mod tests {
                 ("twice", 3, 40),
                 ("older", 2, 1),
                 ("unread", 2, 1),
+                ("young", 2, 0),
             ],
         );
         let t = read(
@@ -703,15 +757,22 @@ mod tests {
             &held,
             &crashed,
             "2026-12-03T10:00:05Z".parse().expect("time"),
+            owed_after,
         )
     }
+
+    /// How long an attempt must have run to be owed a resume without a checkpoint listed, in
+    /// [`crash_judged`]: a step and a margin, as checkpoint_heavy has it.
+    const LONG: std::time::Duration = std::time::Duration::from_millis(600);
+    /// Longer than any attempt in [`crash_judged`] ran: only those listed are owed.
+    const NEVER: std::time::Duration = std::time::Duration::from_secs(3_600);
 
     #[test]
     fn each_task_running_with_a_checkpoint_on_a_crashed_worker_must_resume_from_one() {
         let all = [
             "resumed", "afresh", "finished", "healthy", "ended", "twice", "stuck",
         ];
-        let c = crash_judged(&all);
+        let c = crash_judged(&all, NEVER);
         // One resume among several owed does not pass: each task is judged.
         assert_eq!(c.judged, 4, "{c:?}");
         assert_eq!(
@@ -722,23 +783,59 @@ mod tests {
             ]
         );
         // Those that resumed (the second one through a third attempt) are all it judges.
-        let c = crash_judged(&["resumed", "twice", "healthy"]);
+        let c = crash_judged(&["resumed", "twice", "healthy"], NEVER);
         assert_eq!((c.judged, c.not_resumed.len()), (2, 0), "{c:?}");
         // Resumes brought about by other causes count for nothing: with no task running on a
-        // crashed worker at the crash, nothing is judged (the verdict then fails).
-        let c = crash_judged(&["finished", "healthy", "ended"]);
-        assert_eq!(c, CrashResumes::default());
-        // A task running on a crashed worker without a checkpoint held before the crash (not
-        // in the list, as "afresh" here) may start afresh.
-        let c = crash_judged(&["resumed"]);
+        // crashed worker at the crash listed, and none run long enough to be owed one, nothing
+        // is judged (the verdict then fails).
+        let c = crash_judged(&["finished", "healthy", "ended"], NEVER);
+        assert_eq!((c.judged, c.not_resumed.len()), (0, 0), "{c:?}");
+        // Interrupted by the store: each of the seven attempts on w-0 and w-1 running at
+        // 10:00:05 ("finished" had its result, "ended" had ended, "healthy" is elsewhere).
+        assert_eq!((c.interrupted, c.too_young), (7, 7), "{c:?}");
+        // A task running on a crashed worker with no checkpoint listed ("afresh" here) may
+        // start afresh only if it had not run long enough to write one: after 5 s it had, and
+        // starting afresh fails. (This passed, judging "resumed" alone.)
+        let c = crash_judged(&["resumed"], LONG);
+        assert_eq!((c.judged, c.unlisted, c.too_young), (6, 5, 1), "{c:?}");
+        assert_eq!(
+            c.not_resumed,
+            [
+                "afresh attempt 2 started afresh after attempt 1 on crashed w-1",
+                "stuck queued: no attempt after attempt 1 on crashed w-1 ran to a result",
+            ]
+        );
+        // "young", 200 ms old at the crash, may: it is interrupted, and not judged.
+        let c = crash_judged(&["resumed"], NEVER);
         assert_eq!((c.judged, c.not_resumed.len()), (1, 0), "{c:?}");
+    }
+
+    /// Every attempt the crash interrupted that ran long enough to checkpoint is judged,
+    /// whether or not a listing named a checkpoint of it: the listings come before the crash
+    /// and after it, and a task whose first checkpoint came between them and that was
+    /// requeued before the second, or whose checkpoints the coordinator dropped, is in
+    /// neither.
+    #[test]
+    fn every_interrupted_task_that_ran_long_enough_to_checkpoint_is_judged() {
+        let c = crash_judged(&[], LONG);
+        assert_eq!(c.interrupted, 7, "{c:?}");
+        assert_eq!((c.judged, c.unlisted, c.too_young), (6, 6, 1), "{c:?}");
+        assert_eq!(c.not_resumed.len(), 2, "{c:?}");
+        // Listed young, it is owed: its checkpoint was held.
+        let c = crash_judged(&["young"], LONG);
+        assert_eq!((c.judged, c.too_young), (7, 0), "{c:?}");
+        assert!(
+            c.not_resumed
+                .contains(&"young attempt 2 started afresh after attempt 1 on crashed w-1".into()),
+            "{c:?}"
+        );
     }
 
     /// A coordinator that kept serving an old checkpoint lost the steps after it: resuming
     /// from one before the latest held at the crash is not resuming from the latest.
     #[test]
     fn a_task_resumed_from_a_checkpoint_older_than_the_latest_held_did_not_resume() {
-        let c = crash_judged(&["older"]);
+        let c = crash_judged(&["older"], NEVER);
         assert_eq!(c.judged, 1, "{c:?}");
         assert_eq!(
             c.not_resumed,
@@ -748,7 +845,7 @@ mod tests {
         );
         // A later one than the run saw held is fine ("resumed" at 20 of 18 held); one whose
         // step could not be read is judged on resuming at all.
-        let c = crash_judged(&["resumed", "unread"]);
+        let c = crash_judged(&["resumed", "unread"], NEVER);
         assert_eq!((c.judged, c.not_resumed.len()), (2, 0), "{c:?}");
     }
 }
