@@ -183,6 +183,11 @@ pub struct WorkerRecord {
     /// When the fleet stopped the worker (0: live as of the report).
     #[serde(default)]
     pub stopped_us: u64,
+    /// When the worker noticed it lost its session, if it has not registered again as of the
+    /// report (0: connected, or never registered): a spell away that no [`SessionRecord`]
+    /// closes yet.
+    #[serde(default)]
+    pub away_since_us: u64,
     pub failure: Option<String>,
 }
 
@@ -398,6 +403,10 @@ pub async fn run(a: FleetArgs) -> anyhow::Result<()> {
                                 r.send_bytes_per_sec = stats.send_bytes_per_sec;
                                 r.send_window_full = m.handle.shared.send_window_full.load(Ordering::Relaxed);
                                 r.resets = m.resets.load(Ordering::Relaxed);
+                                r.away_since_us = match *m.handle.shared.state.borrow() {
+                                    ConnState::Connected => 0,
+                                    _ => m.handle.shared.lost_unix_us.load(Ordering::Relaxed),
+                                };
                                 r
                             }).collect(),
                             at_us: now_us(),

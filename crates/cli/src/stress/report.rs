@@ -165,6 +165,10 @@ pub struct Report {
     pub failed: u64,
     /// Results the store kept but did not count (from an attempt whose lease had ended).
     pub stale_results: u64,
+    /// Tasks the store holds as run more than once: more than one attempt, or a result kept
+    /// stale (judged by the verdict "every task ran once, ...").
+    #[serde(default)]
+    pub tasks_run_again: Option<u64>,
     pub recorded_twice: u64,
     /// Connections the fleet reset on purpose (`--reset-every`).
     #[serde(default)]
@@ -437,6 +441,12 @@ impl Report {
             "results kept as stale (an attempt whose lease had ended)",
             self.stale_results.to_string(),
         );
+        if let Some(n) = self.tasks_run_again {
+            row(
+                "tasks run more than once (attempts, or a result kept stale)",
+                n.to_string(),
+            );
+        }
         let _ = writeln!(s, "\n## Verdicts\n");
         for v in &self.verdicts {
             let mark = if v.pass { "PASS" } else { "FAIL" };

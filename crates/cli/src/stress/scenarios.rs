@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use super::fleet::{Command, FleetReport, Status, WorkerRecord, now_us};
 use super::procs::{CoordOpts, Coordinator, Exited, FaultProxy, Fleet, TlsFiles};
 use super::report::{self, Dist, Report};
-use super::{Cut, Scenario, StressArgs, probe, truth};
+use super::{Cut, Scenario, StressArgs, probe, rerun, truth};
 
 /// Tasks per submission request.
 const SUBMIT_CHUNK: usize = 5000;
@@ -40,6 +40,8 @@ const FLEET_JITTER: f64 = 0.2;
 struct Run {
     a: StressArgs,
     workers: u64,
+    /// The coordinator's `--lost-after`.
+    lost_after: Duration,
     coord: Coordinator,
     /// The fault proxies between the workers and the coordinator (`--cut` other than `kill`).
     proxies: Vec<FaultProxy>,
@@ -592,6 +594,7 @@ impl Run {
             probe_tls,
             a,
             workers,
+            lost_after,
             coord,
             proxies,
             fleet,
@@ -1005,10 +1008,9 @@ impl Run {
             self.report.proxy_cpu_s = Some(samples.iter().map(|s| s.cpu_s).sum());
             self.report.proxy_peak_rss_kib = Some(samples.iter().map(|s| s.hwm_kib).sum());
         }
-        let resets = match self.a.reset_every {
-            Some(every) => Some((every, self.fleet.report().await?)),
-            None => None,
-        };
+        // Every worker's record before they all stop: whom the run stopped, and when each was
+        // away, by which the tasks that ran more than once are judged.
+        let records = self.fleet.report().await?;
         let exited = self.fleet.exit().await?;
         let fleet_status = &exited.status;
         // What the coordinator saw, not what was asked for: registrations that authenticated,
@@ -1046,9 +1048,9 @@ impl Run {
             .await?;
         self.report.results_duplicate = Some(duplicate);
         self.report.checkpoint_messages_duplicate = Some(checkpoint_duplicate);
-        if let Some((every, rep)) = resets {
+        if let Some(every) = self.a.reset_every {
             self.report.connections_reset = Some(fleet_status.resets);
-            reset_verdict(&mut self.report, &rep, every, duplicate);
+            reset_verdict(&mut self.report, &records, every, duplicate);
         }
         self.coord.sample()?;
         self.coord.stop().await?;
@@ -1097,6 +1099,14 @@ impl Run {
             r.resumed_from_checkpoint = Some(t.resumed);
             crash_verdict(r, &t, crash);
         }
+        // A silent cut is noticed by each side at its own liveness timeout: the coordinator
+        // may have counted a worker away up to a heartbeat longer than the worker did.
+        let slack = match (self.a.scenario, self.a.cut) {
+            (Scenario::ThunderingHerd, Cut::Blackhole) => rerun::SLACK + self.a.heartbeat_interval,
+            _ => rerun::SLACK,
+        };
+        let judge = rerun::Judge::new(&records, self.lost_after, slack);
+        rerun::verdict(r, &t, &self.submitted, &judge);
         if !self.done_before_cut.is_empty() {
             let unsettled = t.unsettled(&self.done_before_cut);
             r.verdict(
@@ -2676,6 +2686,7 @@ mod tests {
                     submitted_at: Some(at(sub)),
                     started_at: Some(at(start)),
                     counted: 1,
+                    stale: 0,
                     attempts: 1,
                     runs: vec![truth::AttemptRow {
                         attempt: 1,

@@ -18,6 +18,8 @@ pub struct TaskRow {
     pub started_at: Option<DateTime<Utc>>,
     /// Counted (non-stale) results.
     pub counted: u64,
+    /// Results kept stale: of an attempt whose lease had ended before it came.
+    pub stale: u64,
     /// Attempts made (leases given): more than one when the task ran again.
     pub attempts: u64,
     /// Each attempt, in the store's order (by attempt number).
@@ -34,8 +36,12 @@ pub struct AttemptRow {
     /// When the coordinator leased it (the task left the queue for this attempt).
     pub started_at: Option<DateTime<Utc>>,
     pub ended_at: Option<DateTime<Utc>>,
+    /// How it ended, as the coordinator recorded it: an outcome, `lost`, `stopped`, ...
+    pub end: Option<String>,
     /// A result of this attempt was recorded (counted or stale).
     pub result_recorded: bool,
+    /// That result was kept stale (the attempt's lease had ended).
+    pub stale_result: bool,
     /// Where the attempt's stored result (counted or stale) says its execution resumed (0:
     /// from the start); `None` without a stored result.
     pub resumed_at: Option<u64>,
@@ -120,24 +126,26 @@ pub fn read(db: &Path, submitted: &HashSet<String>, since: DateTime<Utc>) -> any
         [],
         |r| r.get(0),
     )?;
-    // Where each stored result (counted or stale) says its execution resumed, by task and
-    // attempt.
-    let mut resumed_at: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
+    // Where each stored result (counted or stale) says its execution resumed, and whether it
+    // was kept stale, by task and attempt.
+    let mut resumed_at: HashMap<String, Vec<(u64, u64, bool)>> = HashMap::new();
     let mut q = conn.prepare(
         "SELECT task_id, attempt, \
-         CAST(coalesce(json_extract(body, '$.result.resumed_at'), 0) AS INTEGER) FROM results",
+         CAST(coalesce(json_extract(body, '$.result.resumed_at'), 0) AS INTEGER), stale \
+         FROM results",
     )?;
     let rows = q.query_map([], |r| {
         Ok((
             r.get::<_, String>(0)?,
             r.get::<_, u64>(1)?,
             r.get::<_, i64>(2)?,
+            r.get::<_, bool>(3)?,
         ))
     })?;
     for row in rows {
-        let (id, attempt, at) = row?;
+        let (id, attempt, at, stale) = row?;
         let at = u64::try_from(at).unwrap_or(0);
-        resumed_at.entry(id).or_default().push((attempt, at));
+        resumed_at.entry(id).or_default().push((attempt, at, stale));
     }
     let mut q = conn.prepare("SELECT recorded_at, stale FROM results")?;
     let rows = q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)))?;
@@ -171,27 +179,29 @@ pub fn read(db: &Path, submitted: &HashSet<String>, since: DateTime<Utc>) -> any
                 .map(|t| t.with_timezone(&Utc))
         };
         let results = resumed_at.remove(&id).unwrap_or_default();
+        let stale = results.iter().filter(|r| r.2).count() as u64;
         let runs = doc["attempts"]
             .as_array()
             .into_iter()
             .flatten()
             .map(|a| {
                 let attempt = a["attempt"].as_u64().unwrap_or(0);
+                let result = results.iter().find(|(n, ..)| *n == attempt);
                 AttemptRow {
                     attempt,
                     worker: a["worker"].as_str().unwrap_or_default().to_owned(),
                     started_at: time(&a["started_at"]),
                     ended_at: time(&a["ended_at"]),
+                    end: a["end"].as_str().map(str::to_owned),
                     result_recorded: a["result_recorded"].as_bool().unwrap_or(false),
-                    resumed_at: results
-                        .iter()
-                        .find(|(n, _)| *n == attempt)
-                        .map(|(_, at)| *at),
+                    stale_result: result.is_some_and(|r| r.2),
+                    resumed_at: result.map(|r| r.1),
                 }
             })
             .collect();
         let row = TaskRow {
             counted: counted.get(&id).copied().unwrap_or(0),
+            stale,
             status,
             priority: spec["priority"].as_u64().unwrap_or(5) as u8,
             submitted_at: time(&doc["submitted_at"]),
@@ -353,6 +363,29 @@ impl Truth {
             }
         }
         out.not_resumed.sort();
+        out
+    }
+
+    /// The tasks of `ids` that ran more than once by the store (more than one attempt, or a
+    /// result kept stale), each with the attempts another replaced: all but its last, and any
+    /// whose result was kept stale. The store keeps a stale result apart and counts only the
+    /// last attempt's, so the lost and recorded-twice verdicts never see them.
+    pub fn ran_again<'a>(&'a self, ids: &HashSet<String>) -> Vec<(&'a str, Vec<&'a AttemptRow>)> {
+        let mut out: Vec<(&str, Vec<&AttemptRow>)> = self
+            .tasks
+            .iter()
+            .filter(|(id, t)| ids.contains(*id) && (t.attempts > 1 || t.stale > 0))
+            .map(|(id, t)| {
+                let last = t.runs.iter().map(|a| a.attempt).max();
+                let replaced = t
+                    .runs
+                    .iter()
+                    .filter(|a| Some(a.attempt) != last || a.stale_result)
+                    .collect();
+                (id.as_str(), replaced)
+            })
+            .collect();
+        out.sort_by_key(|(id, _)| *id);
         out
     }
 
@@ -596,6 +629,63 @@ mod tests {
                 (2, at("2026-12-03T10:00:05Z"), at("2026-12-03T10:00:06Z")),
             ]
         );
+    }
+
+    /// A task run twice is read from the file as such: its attempts, how each ended, and
+    /// which result was kept stale; a task of one attempt, or one not asked about, is not.
+    #[test]
+    fn the_tasks_run_more_than_once_are_read_with_the_attempts_another_replaced() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("again.db");
+        let c = with_tables(&path);
+        let attempt = |n: u32, worker: &str, end: &str| {
+            serde_json::json!({"attempt": n, "worker": worker, "end": end,
+                "started_at": "2026-12-03T10:00:00Z", "ended_at": "2026-12-03T10:00:03Z"})
+        };
+        for (id, attempts) in [
+            ("once", vec![attempt(1, "w-0", "completed")]),
+            (
+                "again",
+                vec![attempt(1, "w-1", "lost"), attempt(2, "w-2", "completed")],
+            ),
+            (
+                "unasked",
+                vec![attempt(1, "w-1", "lost"), attempt(2, "w-2", "completed")],
+            ),
+        ] {
+            let doc = serde_json::json!({ "attempts": attempts }).to_string();
+            c.execute(
+                "INSERT INTO tasks VALUES (?1, 'completed', '{}', ?2)",
+                [id, &doc],
+            )
+            .expect("task");
+        }
+        for (id, attempt, stale) in [("once", 1, false), ("again", 1, true), ("again", 2, false)] {
+            c.execute(
+                "INSERT INTO results VALUES (?1, ?2, ?3, '2026-12-03T10:00:04Z', '{}')",
+                rusqlite::params![id, attempt, stale],
+            )
+            .expect("result");
+        }
+        let ids: HashSet<String> = ["once", "again"].iter().map(|s| s.to_string()).collect();
+        let t = read(&path, &ids, DateTime::UNIX_EPOCH).expect("read");
+        assert_eq!((t.tasks["again"].stale, t.tasks["once"].stale), (1, 0));
+        let again = t.ran_again(&ids);
+        assert_eq!(again.len(), 1, "{again:?}");
+        let (id, replaced) = &again[0];
+        assert_eq!(*id, "again");
+        let seen: Vec<_> = replaced
+            .iter()
+            .map(|a| {
+                (
+                    a.attempt,
+                    a.worker.as_str(),
+                    a.end.as_deref(),
+                    a.stale_result,
+                )
+            })
+            .collect();
+        assert_eq!(seen, [(1, "w-1", Some("lost"), true)]);
     }
 
     /// A task's attempts in [`crash_store`]: (attempt, worker, ended at second, recorded).
