@@ -881,6 +881,12 @@ pub struct TaskAssignment {
     /// attempt up to it is one of theirs, not this task's past.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt_base: Option<Attempt>,
+    /// The coordinator's number of the submission this task came from (`submit_seq`), one per
+    /// task, never reused: a task submitted again under a removed task's id has another. A
+    /// worker keeps it with what it keeps of the attempt (its local checkpoint), and resumes
+    /// no task from a checkpoint of another submission, whatever their attempts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submit_seq: Option<u64>,
     #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
@@ -1254,6 +1260,35 @@ mod tests {
         let (text, back) = decoded(&without);
         assert!(!text.contains("worker_fault"), "{text}");
         assert_eq!(back, without);
+    }
+
+    /// `submit_seq` travels when given, is left out when not, and an assignment of a
+    /// coordinator that does not send it decodes without it.
+    #[test]
+    fn an_assignments_submit_seq_round_trips_and_may_be_missing() {
+        let sample = crate::samples::coord_messages()
+            .into_iter()
+            .find_map(|m| match m {
+                CoordMsg::TaskAssignment(a) => Some(a),
+                _ => None,
+            })
+            .expect("a sample assignment");
+        let with = TaskAssignment {
+            submit_seq: Some(41),
+            ..sample.clone()
+        };
+        let text = crate::encode(&CoordMsg::TaskAssignment(with.clone()));
+        assert!(text.contains(r#""submit_seq":41"#), "{text}");
+        assert!(
+            matches!(crate::decode_coord(&text), Ok(CoordMsg::TaskAssignment(a)) if a == with),
+            "{text}"
+        );
+        let text = crate::encode(&CoordMsg::TaskAssignment(sample.clone()));
+        assert!(!text.contains("submit_seq"), "{text}");
+        assert!(
+            matches!(crate::decode_coord(&text), Ok(CoordMsg::TaskAssignment(a)) if a.submit_seq.is_none()),
+            "{text}"
+        );
     }
 
     #[test]

@@ -217,6 +217,7 @@ pub fn coord_messages() -> Vec<CoordMsg> {
                 size: None,
             }),
             attempt_base: None,
+            submit_seq: None,
             timestamp: ts,
         }),
         CoordMsg::TaskResultAck(ack.clone()),

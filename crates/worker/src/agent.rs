@@ -815,8 +815,8 @@ fn holds_work(outbox: &Outbox, runner: &Runner) -> bool {
 fn persist_runner(runner: Runner, sd: &Arc<StateDir>) -> Runner {
     let (on_start, on_checkpoint, on_finish) = (sd.clone(), sd.clone(), sd.clone());
     runner
-        .with_start_hook(Arc::new(move |task, attempt| {
-            if let Err(error) = on_start.task_started(task, attempt) {
+        .with_start_hook(Arc::new(move |task, attempt, submit_seq| {
+            if let Err(error) = on_start.task_started_as(task, attempt, submit_seq) {
                 tracing::error!(task = %task, attempt = %attempt, %error, "could not record a running task");
             }
         }))

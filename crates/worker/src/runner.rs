@@ -47,7 +47,7 @@ pub type FinishedHook = Arc<dyn Fn(&TaskId, Attempt) + Send + Sync>;
 
 /// Called when a task enters the running set, before anything can report it running and
 /// before its executor starts; on the blocking pool.
-pub type StartHook = Arc<dyn Fn(&TaskId, Attempt) + Send + Sync>;
+pub type StartHook = Arc<dyn Fn(&TaskId, Attempt, Option<u64>) + Send + Sync>;
 
 /// Reads the latest checkpoint kept locally for a task (the state directory's). Called on the
 /// blocking pool, when an attempt resumes from it.
@@ -497,7 +497,14 @@ impl Runner {
             // submitted again under the same id after the first was removed long ago counts its
             // attempts from 1 again. One of an attempt up to the assignment's base is not
             // either: it is of a removed task of this id, whose attempts this task's follow.
-            .filter(|l| l.attempt <= a.attempt && a.attempt_base.is_none_or(|b| l.attempt > b));
+            .filter(|l| l.attempt <= a.attempt && a.attempt_base.is_none_or(|b| l.attempt > b))
+            // Nor one of another submission under this id (a removed task's, once the
+            // coordinator forgot the removal too and numbers this task's attempts from 1), when
+            // both say which they are of.
+            .filter(|l| match (l.submit_seq, a.submit_seq) {
+                (Some(kept), Some(this)) => kept == this,
+                _ => true,
+            });
         let remote = a.checkpoint.as_ref();
         match (local, remote) {
             (Some(l), None) => {
@@ -720,7 +727,8 @@ impl Runner {
             .get(&a.kind)
             .map_or(PREDECESSOR_GRACE, |e| e.stop_grace());
         self.tracker.spawn(async move {
-            this.record_start(&shared, predecessor.as_deref()).await;
+            this.record_start(&shared, predecessor.as_deref(), a.submit_seq)
+                .await;
             if let Some(older) = predecessor {
                 wait_for_predecessor(&older, &shared, grace).await;
             }
@@ -738,7 +746,12 @@ impl Runner {
     /// on reports the attempt lost; and only once the start of the `older` attempt it
     /// superseded was recorded, whose record would otherwise replace this one's (the running
     /// set holds one attempt a task). A failed record is logged: the task still runs.
-    async fn record_start(&self, shared: &TaskShared, older: Option<&TaskShared>) {
+    async fn record_start(
+        &self,
+        shared: &TaskShared,
+        older: Option<&TaskShared>,
+        submit_seq: Option<u64>,
+    ) {
         let Some(hook) = self.on_started.clone() else {
             return;
         };
@@ -746,7 +759,8 @@ impl Runner {
             older.recorded.cancelled().await;
         }
         let (task, attempt) = (shared.task_id.clone(), shared.attempt);
-        if let Err(error) = tokio::task::spawn_blocking(move || hook(&task, attempt)).await {
+        let record = move || hook(&task, attempt, submit_seq);
+        if let Err(error) = tokio::task::spawn_blocking(record).await {
             tracing::error!(task = %shared.task_id, attempt = %shared.attempt, %error, "recording the start of a task failed");
         }
         shared.recorded.cancel();
@@ -2573,8 +2587,8 @@ mod tests {
         let outbox = Arc::new(Outbox::new(Limits::default()));
         let (started, finished) = (sd.clone(), sd.clone());
         let runner = Runner::new(executors, outbox, 64 * 1024)
-            .with_start_hook(Arc::new(move |t, a| {
-                started.task_started(t, a).expect("recorded");
+            .with_start_hook(Arc::new(move |t, a, seq| {
+                started.task_started_as(t, a, seq).expect("recorded");
             }))
             .with_finished_hook(Arc::new(move |t, a| {
                 finished.task_finished(t, a).expect("recorded");
@@ -2617,7 +2631,7 @@ mod tests {
         fn hook(&self) -> StartHook {
             let (calls, recorded, held) =
                 (self.calls.clone(), self.recorded.clone(), self.held.clone());
-            Arc::new(move |_, attempt| {
+            Arc::new(move |_, attempt, _| {
                 let call = (attempt, std::thread::current().id());
                 calls.lock().expect("lock").push(call);
                 let (held, cv) = &*held;
@@ -2772,16 +2786,23 @@ mod tests {
     impl Runner {
         /// With `local` as the checkpoints kept for lost tasks, read from memory.
         fn with_kept(self, local: Vec<(TaskId, StoredCheckpoint)>) -> Self {
-            let described = local.iter().map(|(t, c)| {
+            self.with_kept_of(local.into_iter().map(|(t, c)| (t, c, None)).collect())
+        }
+
+        /// [`Runner::with_kept`], each checkpoint written for the submission beside it.
+        fn with_kept_of(self, local: Vec<(TaskId, StoredCheckpoint, Option<u64>)>) -> Self {
+            let described = local.iter().map(|(t, c, submit_seq)| {
                 let l = LocalCheckpoint {
                     id: c.id.clone(),
                     attempt: c.attempt,
                     bytes: c.data.len() as u64,
+                    submit_seq: *submit_seq,
                 };
                 (t.clone(), l)
             });
             let described: Vec<_> = described.collect();
-            let kept: HashMap<TaskId, StoredCheckpoint> = local.into_iter().collect();
+            let kept: HashMap<TaskId, StoredCheckpoint> =
+                local.into_iter().map(|(t, c, _)| (t, c)).collect();
             self.with_local_checkpoints(described, Arc::new(move |t| Ok(kept.get(t).cloned())))
         }
     }
@@ -2791,8 +2812,8 @@ mod tests {
     fn recording(runner: Runner, sd: &Arc<StateDir>) -> Runner {
         let (started, storing, finished) = (sd.clone(), sd.clone(), sd.clone());
         runner
-            .with_start_hook(Arc::new(move |t, a| {
-                started.task_started(t, a).expect("recorded");
+            .with_start_hook(Arc::new(move |t, a, seq| {
+                started.task_started_as(t, a, seq).expect("recorded");
             }))
             .with_checkpoint_sink(Arc::new(move |t, cp| {
                 storing.store_checkpoint(t, cp).expect("stored");
@@ -2825,6 +2846,7 @@ mod tests {
                 size: None,
             }),
             attempt_base: None,
+            submit_seq: None,
             timestamp: now(),
         }
     }
@@ -2834,10 +2856,20 @@ mod tests {
         local: Vec<(TaskId, StoredCheckpoint)>,
         assignments: Vec<TaskAssignment>,
     ) -> HashMap<String, serde_json::Value> {
+        let local = local.into_iter().map(|(t, c)| (t, c, None)).collect();
+        resumed_from_kept(local, assignments).await
+    }
+
+    /// [`resumed_from`], each kept checkpoint written for the submission beside it.
+    async fn resumed_from_kept(
+        local: Vec<(TaskId, StoredCheckpoint, Option<u64>)>,
+        assignments: Vec<TaskAssignment>,
+    ) -> HashMap<String, serde_json::Value> {
         let mut executors = Executors::default();
         executors.register("echo", Echo);
         let outbox = Arc::new(Outbox::new(Limits::default()));
-        let runner = Arc::new(Runner::new(executors, outbox.clone(), 64 * 1024).with_kept(local));
+        let runner =
+            Arc::new(Runner::new(executors, outbox.clone(), 64 * 1024).with_kept_of(local));
         for a in assignments {
             runner.assign(a);
         }
@@ -3104,6 +3136,45 @@ mod tests {
         let got = resumed_from(local, vec![based("resubmitted", 4, 3), based("own", 6, 3)]).await;
         assert_eq!(got["resubmitted"], serde_json::Value::Null, "{got:?}");
         assert_eq!(got["own"], "local", "{got:?}");
+    }
+
+    /// A task submitted again under a lost task's id after the coordinator forgot the first
+    /// (its retention, once more) has attempt 1 and no `attempt_base`: only its submission
+    /// (`submit_seq`), not the one the kept checkpoint was written for, tells it from the
+    /// first, and it starts afresh. Of the same submission, the kept checkpoint is its own; of
+    /// a submission not known on either side, the attempts decide as before.
+    #[tokio::test]
+    async fn a_task_of_another_submission_under_a_lost_tasks_id_does_not_resume_from_its_checkpoint()
+     {
+        let id = |s: &str| TaskId::parse(s).expect("id");
+        let local = vec![
+            (id("again"), stored("a-1-1", 1, "old"), Some(7)),
+            (id("same"), stored("s-1-1", 1, "mine"), Some(8)),
+            (id("unsaid"), stored("u-1-1", 1, "kept"), Some(9)),
+            (id("untold"), stored("t-1-1", 1, "kept"), None),
+        ];
+        let of = |task: &str, seq: Option<u64>| TaskAssignment {
+            submit_seq: seq,
+            ..assignment(task, 1, None)
+        };
+        let got = resumed_from_kept(
+            local,
+            vec![
+                of("again", Some(12)),
+                of("same", Some(8)),
+                of("unsaid", None),
+                of("untold", Some(13)),
+            ],
+        )
+        .await;
+        assert_eq!(got["again"], serde_json::Value::Null, "{got:?}");
+        assert_eq!(got["same"], "mine", "{got:?}");
+        assert_eq!(got["unsaid"], "kept", "{got:?}");
+        assert_eq!(got["untold"], "kept", "{got:?}");
+        // Without submissions, as the audit found it: the old checkpoint is resumed from.
+        let sketch = vec![(id("T"), stored("x-1-1", 1, "old"))];
+        let got = resumed_from(sketch, vec![assignment("T", 1, None)]).await;
+        assert_eq!(got["T"], "old", "{got:?}");
     }
 
     /// Of two checkpoints of one attempt, both written here, the one stored later wins, though

@@ -8,7 +8,9 @@
 //!   worker.db      SQLite (WAL, synchronous=NORMAL): identity, outbox journal, seq high-water
 //!                  mark, tasks running now, tasks lost with the previous process, journaled
 //!                  entries set aside at a start because they did not decode, checkpoint
-//!                  deletions owed to checkpoints.db (`forget`)
+//!                  deletions owed to checkpoints.db (`forget`), the submission (the
+//!                  coordinator's `submit_seq`) of each task id as it last started here
+//!                  (`incarnation`; a table an older worker of schema 2 leaves alone)
 //!   checkpoints.db SQLite (WAL, synchronous=NORMAL): the latest checkpoint of each task
 //!                  running or lost (`checkpoints`)
 //!   tasks/<task>/  checkpoint directories of command tasks (owned by the executor; those of
@@ -43,7 +45,10 @@
 //! never handed an ended attempt's checkpoint, and a lost task never loses its own. Forgetting
 //! the lost set (`forget_lost`) leaves their checkpoints: a newer attempt here may resume from
 //! one, and nothing forgets a task's checkpoints but the end of an attempt here (up to that
-//! attempt), so a crash while it runs still finds the checkpoint at the next start. Every open
+//! attempt), so a crash while it runs still finds the checkpoint at the next start, or the
+//! start here of another submission under the task's id (all of them: they are the removed
+//! task's, never the new one's past). So the checkpoints kept of a task id are all of the
+//! submission recorded for it, which a lost task's [`LocalCheckpoint`] carries. Every open
 //! also sweeps away the checkpoints of tasks neither running nor lost. A corrupt or emptied `checkpoints.db` is refused at open like
 //! `worker.db`, left untouched. A missing one is made at open: from the `checkpoints` table of
 //! a `worker.db` of schema 1 (then dropped), empty otherwise, as a missing `worker.db` is, with a
@@ -87,6 +92,7 @@ CREATE TABLE IF NOT EXISTS discarded (
     seq INTEGER PRIMARY KEY, class INTEGER NOT NULL, msg TEXT NOT NULL, reason TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS forget (
     task_id TEXT NOT NULL, attempt INTEGER NOT NULL, PRIMARY KEY (task_id, attempt));
+CREATE TABLE IF NOT EXISTS incarnation (task_id TEXT PRIMARY KEY, submit_seq INTEGER NOT NULL);
 ";
 
 /// Raises the highest sequence number handed out to `?1`.
@@ -159,6 +165,9 @@ pub struct LocalCheckpoint {
     pub attempt: Attempt,
     /// Its size.
     pub bytes: u64,
+    /// The submission of the task it was written for (the coordinator's `submit_seq`), when
+    /// its attempt's assignment said.
+    pub submit_seq: Option<u64>,
 }
 
 impl StateDirError {
@@ -278,8 +287,17 @@ impl StateDir {
         let needed = needed(&locked(&conn)).map_err(db)?;
         let swept =
             checkpoints::sweep(&mut cp_conn, &needed).map_err(StateDirError::db(&cp_path))?;
+        // Only those of tasks whose checkpoints are kept are still of use.
+        locked(&conn)
+            .execute(
+                "DELETE FROM incarnation WHERE task_id NOT IN
+                     (SELECT task_id FROM running UNION SELECT task_id FROM lost)",
+                [],
+            )
+            .map_err(db)?;
         for t in &restored.lost {
-            if let Some(cp) = checkpoints::describe(&cp_conn, &t.task_id, &cp_path)? {
+            if let Some(mut cp) = checkpoints::describe(&cp_conn, &t.task_id, &cp_path)? {
+                cp.submit_seq = incarnation(&locked(&conn), &t.task_id).map_err(db)?;
                 restored.checkpoints.push((t.task_id.clone(), cp));
             }
         }
@@ -399,15 +417,35 @@ impl StateDir {
         }
     }
 
-    /// Records that `task` runs at `attempt` (before it is reported running).
+    /// Records that `task` runs at `attempt` (before it is reported running), of a submission
+    /// not known ([`StateDir::task_started_as`]).
     pub fn task_started(&self, task: &TaskId, attempt: Attempt) -> Result<(), StateDirError> {
-        self.conn()
-            .execute(
-                "INSERT OR REPLACE INTO running (task_id, attempt) VALUES (?1, ?2)",
-                params![task.as_str(), attempt.0],
-            )
-            .map(drop)
-            .map_err(|e| self.db_err(e))
+        self.task_started_as(task, attempt, None)
+    }
+
+    /// Records that `task` runs at `attempt`, of submission `submit_seq` (the coordinator's,
+    /// when its assignment said). The checkpoints kept of another submission under the same
+    /// id (a task that retention removed, its id submitted again) are forgotten with it:
+    /// they are not this task's past. Of a submission not known, the one recorded is
+    /// forgotten: its checkpoints are then of none known.
+    pub fn task_started_as(
+        &self,
+        task: &TaskId,
+        attempt: Attempt,
+        submit_seq: Option<u64>,
+    ) -> Result<(), StateDirError> {
+        let other = {
+            let mut conn = self.conn();
+            let tx = conn.transaction().map_err(|e| self.db_err(e))?;
+            let other = started(&tx, task, attempt, submit_seq).map_err(|e| self.db_err(e))?;
+            tx.commit().map_err(|e| self.db_err(e))?;
+            other
+        };
+        if other {
+            tracing::info!(task = %task, %attempt, ?submit_seq, "another submission of the task id starts here: the checkpoints kept of the earlier one are forgotten");
+            self.owe();
+        }
+        Ok(())
     }
 
     /// Records that `attempt` of `task` left the running set; its checkpoint is no longer
@@ -428,6 +466,14 @@ impl StateDir {
                 tx.execute(
                     "INSERT OR IGNORE INTO forget (task_id, attempt) VALUES (?1, ?2)",
                     params![task.as_str(), attempt.0],
+                )
+            })
+            // Its submission, unless a newer attempt runs or it is lost (its checkpoint kept).
+            .and_then(|_| {
+                tx.execute(
+                    "DELETE FROM incarnation WHERE task_id = ?1 AND task_id NOT IN
+                         (SELECT task_id FROM running UNION SELECT task_id FROM lost)",
+                    [task.as_str()],
                 )
             })
             .and_then(|_| tx.commit())
@@ -703,6 +749,60 @@ pub(crate) static FORGOT_ON: Mutex<Vec<std::thread::ThreadId>> = Mutex::new(Vec:
 /// `m`, locked: a panic while it was held left a connection that is still usable.
 fn locked(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Records the start of `attempt` of `task`, of submission `submit_seq`, in `tx`; true when the
+/// checkpoints kept of the id were another submission's, and their deletion is now owed.
+fn started(
+    tx: &rusqlite::Transaction<'_>,
+    task: &TaskId,
+    attempt: Attempt,
+    submit_seq: Option<u64>,
+) -> rusqlite::Result<bool> {
+    tx.execute(
+        "INSERT OR REPLACE INTO running (task_id, attempt) VALUES (?1, ?2)",
+        params![task.as_str(), attempt.0],
+    )?;
+    let before: Option<i64> = tx
+        .query_row(
+            "SELECT submit_seq FROM incarnation WHERE task_id = ?1",
+            [task.as_str()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(seq) = submit_seq else {
+        tx.execute(
+            "DELETE FROM incarnation WHERE task_id = ?1",
+            [task.as_str()],
+        )?;
+        return Ok(false);
+    };
+    // Stored as SQLite's signed integer, bit for bit.
+    let seq = seq as i64;
+    let other = before.is_some_and(|b| b != seq);
+    if other {
+        // Every checkpoint of the id, whatever its attempt.
+        tx.execute(
+            "INSERT OR IGNORE INTO forget (task_id, attempt) VALUES (?1, ?2)",
+            params![task.as_str(), u32::MAX],
+        )?;
+    }
+    tx.execute(
+        "INSERT OR REPLACE INTO incarnation (task_id, submit_seq) VALUES (?1, ?2)",
+        params![task.as_str(), seq],
+    )?;
+    Ok(other)
+}
+
+/// The submission recorded for `task` ([`StateDir::task_started_as`]).
+fn incarnation(conn: &Connection, task: &TaskId) -> rusqlite::Result<Option<u64>> {
+    conn.query_row(
+        "SELECT submit_seq FROM incarnation WHERE task_id = ?1",
+        [task.as_str()],
+        |r| r.get::<_, i64>(0),
+    )
+    .optional()
+    .map(|s| s.map(|s| s as u64))
 }
 
 /// The tasks whose checkpoints are still needed: those running and those lost.
@@ -1207,6 +1307,55 @@ mod tests {
         let (_sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
         assert_eq!(restored.entries, vec![(Class::Result, r1)]);
         assert_eq!(restored.last_seq, Seq(2), "its seq is not used again");
+    }
+
+    /// A lost task's checkpoint comes back with the submission its attempt started as (the
+    /// coordinator's `submit_seq`), across more starts, to tell it from a task submitted again
+    /// under the id. Another submission of the id starting here forgets the earlier one's
+    /// checkpoints: none is that task's past. An attempt of no known submission leaves its
+    /// checkpoint of none.
+    #[test]
+    fn a_lost_tasks_checkpoint_keeps_the_submission_it_was_written_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+            sd.task_started_as(&tid("t"), Attempt(1), Some(7))
+                .expect("start");
+            sd.store_checkpoint(&tid("t"), &checkpoint(1, b"old"))
+                .expect("checkpoint");
+            sd.task_started(&tid("unknown"), Attempt(1)).expect("start");
+            sd.store_checkpoint(&tid("unknown"), &checkpoint(1, b"u"))
+                .expect("checkpoint");
+        }
+        let seq_of = |restored: &Restored, task: &str| {
+            let found = restored
+                .checkpoints
+                .iter()
+                .find(|(t, _)| t.as_str() == task);
+            found.map(|(_, cp)| cp.submit_seq)
+        };
+        {
+            let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+            assert_eq!(seq_of(&restored, "t"), Some(Some(7)), "{restored:?}");
+            assert_eq!(seq_of(&restored, "unknown"), Some(None), "{restored:?}");
+            sd.forget_lost().expect("forget the lost set");
+            // Lost again at the next start: still of submission 7.
+            sd.task_started_as(&tid("t"), Attempt(2), Some(7))
+                .expect("start");
+        }
+        {
+            let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+            assert_eq!(seq_of(&restored, "t"), Some(Some(7)), "{restored:?}");
+            assert_eq!(kept(&sd, &restored, 0), b"old");
+            sd.forget_lost().expect("forget the lost set");
+            // The id, submitted again, starts here at attempt 1 and dies before it stores.
+            sd.task_started_as(&tid("t"), Attempt(1), Some(9))
+                .expect("start");
+            assert!(sd.latest_checkpoint(&tid("t")).expect("read").is_none());
+        }
+        let (_sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+        assert_eq!(seq_of(&restored, "t"), None, "{restored:?}");
+        assert_eq!(restored.lost.len(), 1, "{restored:?}");
     }
 
     #[test]

@@ -215,6 +215,9 @@ impl Core {
             // Given only when it says something: a worker may keep a checkpoint of a removed
             // task of this id, and must not resume this one from it.
             attempt_base: (!t.attempt_base.is_zero()).then_some(t.attempt_base),
+            // Which submission this is, for a worker to tell its checkpoints from those of
+            // a removed task of this id, once this coordinator forgot the removal too.
+            submit_seq: Some(t.submit_seq),
             timestamp: now(),
         };
         let checkpoint = t.latest_checkpoint.clone();

@@ -405,6 +405,30 @@ fn a_result_of_an_attempt_its_worker_could_not_run_requeues_the_task() {
     assert_eq!(h.core.tasks[&other].attempts.len(), 1);
 }
 
+/// Every assignment names the submission its task came from (`submit_seq`), a number no
+/// other task has: a worker tells by it a checkpoint it kept of a removed task of the same id.
+#[test]
+fn an_assignment_names_its_tasks_submission() {
+    let mut h = Harness::new();
+    let (_s, mut rx) = h.connect("a");
+    let first = h.submit();
+    let seqs = |msgs: Vec<CoordMsg>| -> Vec<Option<u64>> {
+        msgs.iter()
+            .filter_map(|m| match m {
+                CoordMsg::TaskAssignment(a) => Some(a.submit_seq),
+                _ => None,
+            })
+            .collect()
+    };
+    let seq = h.core.tasks[&first].submit_seq;
+    assert_eq!(seqs(drain(&mut rx)), vec![Some(seq)]);
+    let (_s, mut rx) = h.connect("b");
+    let second = h.submit();
+    let other = h.core.tasks[&second].submit_seq;
+    assert_ne!(other, seq);
+    assert_eq!(seqs(drain(&mut rx)), vec![Some(other)]);
+}
+
 #[test]
 fn the_late_close_of_a_replaced_session_does_not_disconnect_the_new_one() {
     let mut h = Harness::new();

@@ -249,6 +249,7 @@ pub(super) fn describe(
         id,
         attempt: Attempt(attempt),
         bytes,
+        submit_seq: None,
     }))
 }
 

@@ -431,6 +431,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                         timeout_ms: None,
                         checkpoint: None,
                         attempt_base: None,
+                        submit_seq: None,
                         timestamp: now(),
                     },
                 ));
@@ -464,6 +465,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                     timeout_ms: None,
                     checkpoint: None,
                     attempt_base: None,
+                    submit_seq: None,
                     timestamp: now(),
                 });
                 let _ = ws.send(send(assignment)).await;
@@ -480,6 +482,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                     timeout_ms: None,
                     checkpoint: None,
                     attempt_base: None,
+                    submit_seq: None,
                     timestamp: now(),
                 });
                 let _ = ws.send(send(assignment)).await;
@@ -733,6 +736,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                 timeout_ms: None,
                 checkpoint: named,
                 attempt_base: None,
+                submit_seq: None,
                 timestamp: now(),
             });
             if conn == 0 && ws.send(send(assignment)).await.is_err() {
@@ -830,6 +834,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                 timeout_ms: None,
                 checkpoint: None,
                 attempt_base: None,
+                submit_seq: None,
                 timestamp: now(),
             });
             if conn == 0 && ws.send(send(assignment)).await.is_err() {
@@ -902,6 +907,7 @@ fn last_assignment() -> CoordMsg {
         timeout_ms: None,
         checkpoint: None,
         attempt_base: None,
+        submit_seq: None,
         timestamp: now(),
     })
 }

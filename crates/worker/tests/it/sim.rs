@@ -463,6 +463,7 @@ async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>, conn: usize) {
                         timeout_ms: None,
                         checkpoint: None,
                         attempt_base: None,
+                        submit_seq: None,
                         timestamp: now(),
                     })
                 }));
