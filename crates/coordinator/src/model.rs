@@ -168,6 +168,16 @@ pub struct Worker {
     /// its next registration (a process that starts again says so anew if it stops again).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopping: bool,
+    /// While some: the worker reported that it could not run an attempt for a fault of its own
+    /// (`worker_fault`: its disk, its process limits), and it takes no new task until the rest
+    /// ends, so that a worker that cannot run anything does not take every queued task's
+    /// attempts one after another. Not saved: a restarted coordinator tries it again at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resting: Option<Box<Rest>>,
+    /// Results in a row that said the worker could not run its attempt; each doubles the
+    /// next rest, and a result of a task it ran, or a new process, clears it.
+    #[serde(skip)]
+    pub faults_in_row: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     /// The latest connection statistics the worker reported, and when (`reported_at`).
     #[schema(value_type = Option<Object>)]
@@ -191,6 +201,20 @@ pub struct Worker {
     /// processes share the id, and it is refused (core::messages::superseded_refusal).
     #[serde(skip)]
     pub superseded: Vec<String>,
+}
+
+/// A worker's rest after a fault of its own ([`Worker::resting`]).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Rest {
+    /// When it takes tasks again.
+    pub until: DateTime<Utc>,
+    /// Results in a row that said it could not run its attempt, the one that began this rest
+    /// included.
+    pub faults: u32,
+    /// The worker's words on the last of them.
+    pub error: String,
+    #[serde(skip)]
+    pub ends: tokio::time::Instant,
 }
 
 /// A worker's latest connection statistics, and when the coordinator received them: they are
@@ -255,6 +279,8 @@ impl Worker {
             disconnected_at: Some(now),
             sessions: 0,
             stopping: false,
+            resting: None,
+            faults_in_row: 0,
             stats: None,
             stats_saved: None,
             stats_announced: None,
@@ -279,9 +305,14 @@ impl Worker {
         w
     }
 
-    /// Free slots, when the worker may take work now (never once it said it is stopping).
+    /// Free slots, when the worker may take work now (never once it said it is stopping, nor
+    /// while it rests after a fault of its own).
     pub fn free_slots(&self) -> usize {
-        if self.state != WorkerState::Connected || self.session.is_none() || self.stopping {
+        if self.state != WorkerState::Connected
+            || self.session.is_none()
+            || self.stopping
+            || self.resting.is_some()
+        {
             return 0;
         }
         (self.slots as usize).saturating_sub(self.leases.len())

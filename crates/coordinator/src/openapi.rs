@@ -226,6 +226,8 @@ mod tests {
             ("Task", "status"),
             ("Task", "attempts"),
             ("Worker", "leases"),
+            ("Worker", "resting"),
+            ("Rest", "until"),
             ("Overview", "queued"),
             ("Sample", "reconnections"),
             ("ErrorBody", "error"),

@@ -512,6 +512,16 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A worker's STATE column: its state, or, connected, why it takes no new task: it said it
+/// is stopping (`worker_stopping`), or it rests after a fault of its own (`worker_fault`).
+fn worker_state(w: &Value) -> String {
+    match (w["state"].as_str(), w["stopping"].as_bool()) {
+        (Some("connected"), Some(true)) => "stopping".to_owned(),
+        (Some("connected"), _) if w["resting"].is_object() => "resting".to_owned(),
+        _ => s(&w["state"]),
+    }
+}
+
 pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
     let api = Api::new(&a)?;
     let v = api.get("/api/v1/workers").await?;
@@ -525,11 +535,7 @@ pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
         let st = &w["stats"];
         vec![
             s(&w["worker_id"]),
-            // A worker that said it is stopping takes no new task (`worker_stopping`).
-            match (w["state"].as_str(), w["stopping"].as_bool()) {
-                (Some("connected"), Some(true)) => "stopping".to_owned(),
-                _ => s(&w["state"]),
-            },
+            worker_state(w),
             w["slots"].to_string(),
             w["leases"]
                 .as_array()
@@ -730,6 +736,34 @@ mod tests {
             .err()
             .expect("a bad id is refused as it is read");
         assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{e}");
+    }
+
+    /// A connected worker that takes no new task says why in its STATE column; any other
+    /// shows its state.
+    #[test]
+    fn a_workers_state_column_says_why_it_takes_no_task() {
+        let rest = serde_json::json!({"until": "2026-12-06T17:00:00Z", "faults": 1, "error": "x"});
+        for (w, want) in [
+            (serde_json::json!({"state": "connected"}), "connected"),
+            (
+                serde_json::json!({"state": "connected", "stopping": true}),
+                "stopping",
+            ),
+            (
+                serde_json::json!({"state": "connected", "resting": rest}),
+                "resting",
+            ),
+            (
+                serde_json::json!({"state": "disconnected", "resting": rest}),
+                "disconnected",
+            ),
+            (
+                serde_json::json!({"state": "lost", "stopping": true}),
+                "lost",
+            ),
+        ] {
+            assert_eq!(worker_state(&w), want, "{w}");
+        }
     }
 
     /// A capability, tag or name is held to the API's limits as it is read: refused past them

@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tether_proto::codec::MAX_CHECKPOINT_CHUNKS;
 use tether_proto::msg::{
@@ -18,8 +19,15 @@ use super::{
     Change, Core, InFlight, Outgoing, Partial, SUPERSEDED_REMEMBERED, SessionRef, Superseded, ack,
 };
 use crate::metrics as m;
-use crate::model::{CheckpointMeta, Desired, WorkerState};
+use crate::model::{CheckpointMeta, Desired, Rest, WorkerState};
 use crate::store::{self, Batch, Mutation};
+
+/// How long a worker takes no new task after its first result that said it could not run
+/// its attempt (`worker_fault`); each such result in a row doubles it, up to
+/// [`WORKER_FAULT_REST_MAX`].
+pub(crate) const WORKER_FAULT_REST: Duration = Duration::from_secs(5);
+/// The longest rest after faults of a worker's own.
+pub(crate) const WORKER_FAULT_REST_MAX: Duration = Duration::from_secs(300);
 
 /// A `task_cancelled`, `task_paused` or `task_resumed` notice: its ack, name and the status it
 /// reports.
@@ -88,12 +96,12 @@ pub(crate) const UNFINISHED_CHECKPOINTS_PER_ATTEMPT: usize = 64;
 /// coordinator (docs/PERFORMANCE.md, thirteenth round). A restart shows statistics at most
 /// this old until each worker's next report; a registration, like every other save of the
 /// record, carries the latest.
-pub(crate) const STATS_SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
+pub(crate) const STATS_SAVE_EVERY: Duration = Duration::from_secs(300);
 
 /// A worker's record is announced to event streams for new statistics at most this often: a
 /// worker may report a thousand times a second, and each announcement is a copy of its
 /// record for every stream to serialize.
-pub(crate) const STATS_ANNOUNCE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+pub(crate) const STATS_ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
 
 /// The answer to fetch `f`: its bytes, or why not.
 /// The most bytes one `checkpoint_piece` to a session carries: what a frame both ends take
@@ -384,6 +392,11 @@ impl Core {
         w.superseded.retain(|b| *b != r.boot_id);
         w.boot_id = r.boot_id;
         w.stopping &= same_process;
+        if !same_process {
+            // A new process (its disk emptied, its limits raised) is tried again at once.
+            w.resting = None;
+            w.faults_in_row = 0;
+        }
         // From the registration ack on, recorded messages are acknowledged by number.
         if let Some(s) = w.session.as_mut().filter(|s| s.id == session.id) {
             s.compact_acks = r.compact_acks;
@@ -582,6 +595,10 @@ impl Core {
                         self.counters.results_stale.fetch_add(1, Ordering::Relaxed);
                         (Disposition::Stale, m::disposition(Disposition::Stale))
                     } else {
+                        if let Some(w) = self.workers.get_mut(worker) {
+                            // It ran a task: its next fault rests it the shortest time again.
+                            w.faults_in_row = 0;
+                        }
                         self.counters
                             .results_recorded
                             .fetch_add(1, Ordering::Relaxed);
@@ -615,9 +632,40 @@ impl Core {
             "worker {worker} could not run the attempt: {:?}",
             tether_proto::msg::logged(error)
         );
-        tracing::warn!(worker = %worker, task = %r.task_id, attempt = %r.attempt, error = ?tether_proto::msg::logged(error), "the worker could not run the attempt; the task runs again");
+        let rest = self.rest(worker, error, b);
+        tracing::warn!(worker = %worker, task = %r.task_id, attempt = %r.attempt, error = ?tether_proto::msg::logged(error), rest_ms = rest.as_millis() as u64, "the worker could not run the attempt; the task runs again, and the worker takes no new task for a while");
+        // The rest first: the requeued task must not go straight back to the same worker.
         self.release_and_requeue_as(&r.task_id, &why, "worker_fault", b);
         self.record_result(worker, r, true, b);
+    }
+
+    /// Rests `worker` after a fault of its own: it takes no new task for [`WORKER_FAULT_REST`],
+    /// doubled for each such fault in a row up to [`WORKER_FAULT_REST_MAX`], so that a worker
+    /// whose disk is full does not take every queued task's attempts in turn while other
+    /// workers could run them. What it holds stays leased to it. Returns the rest.
+    fn rest(&mut self, worker: &WorkerId, error: &str, b: &mut Batch) -> Duration {
+        let Some(w) = self.workers.get_mut(worker) else {
+            return Duration::ZERO;
+        };
+        w.faults_in_row = w.faults_in_row.saturating_add(1);
+        let rest = WORKER_FAULT_REST
+            .saturating_mul(1 << (w.faults_in_row - 1).min(16))
+            .min(WORKER_FAULT_REST_MAX);
+        if w.resting.is_none() {
+            self.resting.push(worker.clone());
+        }
+        w.resting = Some(Box::new(Rest {
+            until: now() + chrono::Duration::from_std(rest).unwrap_or(chrono::Duration::MAX),
+            faults: w.faults_in_row,
+            error: error
+                .chars()
+                .take(tether_proto::msg::LOGGED_MESSAGE_CHARS)
+                .collect(),
+            ends: tokio::time::Instant::now() + rest,
+        }));
+        self.free.remove(worker);
+        self.save_worker(worker, b);
+        rest
     }
 
     /// Whether the coordinator ended `attempt` of `task` itself, sending `cancel_task`: a

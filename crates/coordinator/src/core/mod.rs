@@ -437,6 +437,9 @@ pub struct Core {
     workers: IdMap<WorkerId, Worker>,
     /// Workers that may have a free slot (see [`queue::plan`]).
     free: BTreeSet<WorkerId>,
+    /// Workers resting after a fault of their own ([`crate::model::Worker::resting`]): the
+    /// sweep ends their rests, walking these, not the fleet.
+    resting: Vec<WorkerId>,
     /// The worker the last dispatch leased to: the next starts after it.
     last_leased_to: Option<WorkerId>,
     partial: Uploads,
@@ -534,6 +537,7 @@ impl Core {
             queue: queue::Queue::default(),
             workers: IdMap::default(),
             free: BTreeSet::new(),
+            resting: Vec::new(),
             last_leased_to: None,
             partial: Uploads::default(),
             checkpoint_history: IdMap::default(),

@@ -389,6 +389,7 @@ impl Core {
         if self.sweeps % FREE_INDEX_CHECK_EVERY == 1 {
             self.check_free_index();
         }
+        self.end_rests(b);
         let grace = self.cfg.lost_after;
         let mut lost = Vec::new();
         while let Some((at, _)) = self.disconnects.front() {
@@ -456,6 +457,38 @@ impl Core {
                     b.muts.push(Mutation::ForgetRemoved { before: cutoff });
                 }
             }
+        }
+    }
+
+    /// Ends the rests of workers rested after a fault of their own whose time is up: they
+    /// take tasks again.
+    fn end_rests(&mut self, b: &mut Batch) {
+        if self.resting.is_empty() {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let workers = &mut self.workers;
+        let mut ended = Vec::new();
+        self.resting.retain(|id| {
+            let Some(w) = workers.get_mut(id) else {
+                return false;
+            };
+            match &w.resting {
+                Some(rest) if rest.ends > now => true,
+                Some(_) => {
+                    w.resting = None;
+                    ended.push(id.clone());
+                    false
+                }
+                // Cleared by a new process of the worker.
+                None => false,
+            }
+        });
+        for id in ended {
+            tracing::info!(worker = %id, "the worker's rest after a fault of its own ended; it takes tasks again");
+            self.free.insert(id.clone());
+            self.dispatch_needed = true;
+            self.save_worker(&id, b);
         }
     }
 

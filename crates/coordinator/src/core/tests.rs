@@ -347,28 +347,37 @@ fn a_task_lost_more_than_max_attempts_times_fails_clearly() {
     assert!(h.core.queue.is_empty());
 }
 
-/// A `failed` result that says its worker could not run the attempt (`worker_fault`: its
-/// disk, its process limits) does not end the task: the task runs again, its attempt used,
-/// the result kept with the attempt and not counted. The last attempt's fault fails it, saying
-/// why. A `failed` result without the flag ends the task as before.
-#[test]
-fn a_result_of_an_attempt_its_worker_could_not_run_requeues_the_task() {
-    let faulty =
-        |seq: u64, task: &TaskId, attempt: u32, fault: bool| match result(seq, task, attempt) {
-            WorkerMsg::TaskResult(r) => WorkerMsg::TaskResult(TaskResult {
-                outcome: Outcome::Failed,
-                error: Some(tether_proto::task::TaskError {
-                    message: "cannot prepare checkpoint dir /x: Permission denied".into(),
-                    detail: None,
-                }),
-                worker_fault: fault,
-                ..r
+/// A `failed` result of `task`'s `attempt` saying whether its worker could not run it
+/// (`worker_fault`: its disk, its process limits).
+fn faulty(seq: u64, task: &TaskId, attempt: u32, fault: bool) -> WorkerMsg {
+    match result(seq, task, attempt) {
+        WorkerMsg::TaskResult(r) => WorkerMsg::TaskResult(TaskResult {
+            outcome: Outcome::Failed,
+            error: Some(tether_proto::task::TaskError {
+                message: "cannot prepare checkpoint dir /x: Permission denied".into(),
+                detail: None,
             }),
-            other => other,
-        };
+            worker_fault: fault,
+            ..r
+        }),
+        other => other,
+    }
+}
+
+/// A `failed` result that says its worker could not run the attempt does not end the task:
+/// the task runs again, its attempt used, the result kept with the attempt and not counted.
+/// The worker takes no new task for a rest, doubled by each such fault in a row, so that it
+/// does not use up the attempts of every queued task in turn. The last attempt's fault fails
+/// the task, saying why. A `failed` result without the flag ends its task as before, and
+/// clears the row.
+#[tokio::test(start_paused = true)]
+async fn a_result_of_an_attempt_its_worker_could_not_run_requeues_the_task_and_rests_the_worker() {
+    use super::messages::WORKER_FAULT_REST;
+    use std::time::Duration;
     let mut h = Harness::new();
     let (s, mut rx) = h.connect("a");
     let t = h.submit();
+    let mut rest = WORKER_FAULT_REST;
     for attempt in 1..=3 {
         assert_eq!(h.core.tasks[&t].attempt, Attempt(attempt));
         drain(&mut rx);
@@ -380,12 +389,35 @@ fn a_result_of_an_attempt_its_worker_could_not_run_requeues_the_task() {
             task.attempts[attempt as usize - 1].end.as_deref(),
             Some("worker_fault")
         );
-        if attempt < 3 {
-            // Queued again, and leased at once to the one worker there is.
-            assert_eq!(task.status, TaskStatus::Running, "{task:?}");
-            assert_eq!(task.outcome, None);
-            assert!(msgs.iter().any(|m| matches!(m, CoordMsg::TaskAssignment(a) if a.attempt == Attempt(attempt + 1))), "{msgs:?}");
+        let w = &h.core.workers[&wid("a")];
+        assert_eq!(w.resting.as_ref().map(|r| r.faults), Some(attempt));
+        assert_eq!(w.free_slots(), 0, "resting");
+        if attempt == 3 {
+            break;
         }
+        // Queued again, not leased back to the one worker there is while it rests.
+        assert_eq!(task.status, TaskStatus::Queued, "{task:?}");
+        assert_eq!(task.outcome, None);
+        assert!(
+            !msgs
+                .iter()
+                .any(|m| matches!(m, CoordMsg::TaskAssignment(_))),
+            "{msgs:?}"
+        );
+        tokio::time::advance(rest - Duration::from_millis(100)).await;
+        sweep(&mut h);
+        assert_eq!(h.core.tasks[&t].status, TaskStatus::Queued, "still resting");
+        tokio::time::advance(Duration::from_millis(100)).await;
+        sweep(&mut h);
+        let msgs = drain(&mut rx);
+        assert!(
+            msgs.iter().any(
+                |m| matches!(m, CoordMsg::TaskAssignment(a) if a.attempt == Attempt(attempt + 1))
+            ),
+            "leased again once the rest ended: {msgs:?}"
+        );
+        assert!(h.core.workers[&wid("a")].resting.is_none());
+        rest *= 2;
     }
     let task = &h.core.tasks[&t];
     assert_eq!(task.status, TaskStatus::Failed);
@@ -398,11 +430,63 @@ fn a_result_of_an_attempt_its_worker_could_not_run_requeues_the_task() {
     h.frame("a", s, faulty(3, &t, 3, true));
     assert_eq!(result_ack(&drain(&mut rx)), Disposition::Duplicate);
 
+    tokio::time::advance(rest).await;
+    sweep(&mut h);
     let other = h.submit();
     drain(&mut rx);
     h.frame("a", s, faulty(4, &other, 1, false));
     assert_eq!(h.core.tasks[&other].status, TaskStatus::Failed);
     assert_eq!(h.core.tasks[&other].attempts.len(), 1);
+    assert_eq!(h.core.workers[&wid("a")].faults_in_row, 0, "it ran a task");
+}
+
+/// The task of an attempt its worker could not run goes at once to another worker that can
+/// run it, not back to the one resting; a new process of the resting worker takes tasks at
+/// once.
+#[tokio::test(start_paused = true)]
+async fn a_task_its_worker_could_not_run_goes_to_another_worker_at_once() {
+    let mut h = Harness::new();
+    let (sa, mut rxa) = h.connect("a");
+    let (sb, mut rxb) = h.connect("b");
+    let t = h.submit();
+    let u = h.submit();
+    assert_eq!(
+        [&t, &u].map(|id| h.core.tasks[id].lease.as_ref().map(|l| l.worker.clone())),
+        [Some(wid("a")), Some(wid("b"))]
+    );
+    // `b` ends `u`: the next dispatch starts after `b`, at `a`, which would take `t` back.
+    h.frame("b", sb, result(1, &u, 1));
+    drain(&mut rxa);
+    drain(&mut rxb);
+    h.frame("a", sa, faulty(1, &t, 1, true));
+    let task = &h.core.tasks[&t];
+    assert_eq!(task.status, TaskStatus::Running);
+    assert_eq!(
+        task.lease.as_ref().map(|l| l.worker.clone()),
+        Some(wid("b"))
+    );
+    assert!(
+        drain(&mut rxb)
+            .iter()
+            .any(|m| matches!(m, CoordMsg::TaskAssignment(a) if a.attempt == Attempt(2))),
+        "assigned to b"
+    );
+    assert!(h.core.workers[&wid("a")].resting.is_some());
+    // A new process of `a` is not the one that could not run it: it takes tasks at once.
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: sa,
+    });
+    let (_sa2, mut rxa2) = h.connect_registering("a", boot("a-second"));
+    drain(&mut rxa2);
+    assert!(h.core.workers[&wid("a")].resting.is_none());
+    let next = h.submit();
+    assert!(
+        drain(&mut rxa2)
+            .iter()
+            .any(|m| matches!(m, CoordMsg::TaskAssignment(a) if a.task_id == next)),
+        "the new process took the next task"
+    );
 }
 
 /// Every assignment names the submission its task came from (`submit_seq`), a number no
@@ -688,10 +772,14 @@ fn a_connection_whose_registration_is_refused_leaves_no_worker_record_and_saves_
     );
 }
 
-/// Runs the sweep as the core's loop does, with its effects.
+/// Runs the sweep as the core's loop does, with the dispatch it calls for and its effects.
 fn sweep(h: &mut Harness) {
     let mut b = Batch::default();
     h.core.sweep(&mut b);
+    if h.core.dispatch_needed {
+        h.core.dispatch_needed = false;
+        h.core.dispatch(&mut b);
+    }
     for e in b.effects {
         e.run(&h.conn);
     }
