@@ -286,12 +286,28 @@ pub struct CommandExecutor {
 /// How an attempt's looks through `/proc` for its marked processes are bounded.
 #[derive(Debug, Clone)]
 struct Scans {
-    /// Longest one is awaited ([`SCAN_LIMIT`]).
+    /// Longest one is awaited ([`SCAN_LIMIT`]), its wait for a permit included.
     limit: Duration,
+    /// The permits of looks under way ([`SCANS_AT_ONCE`]), shared by every executor of the
+    /// process ([`scan_permits`]); a look holds one on its thread until it ends, stuck or not.
+    permits: Arc<tokio::sync::Semaphore>,
     /// Tests: the last look of a termination (the one that kills) first waits until this
     /// receives or its sender is gone, as a look stuck on a process in the kernel waits.
     #[cfg(test)]
     stall: Option<Arc<std::sync::Mutex<std::sync::mpsc::Receiver<()>>>>,
+    /// Tests: how many looks wait in `stall` now.
+    #[cfg(test)]
+    stalled: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Scans {
+    /// Runs `look` as [`bounded_scan_within`] does, with these permits and limit.
+    async fn bounded<T: Send + 'static>(
+        &self,
+        look: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        bounded_scan_within(self.permits.clone(), self.limit, look).await
+    }
 }
 
 impl Default for CommandExecutor {
@@ -301,8 +317,11 @@ impl Default for CommandExecutor {
             nonce: uuid::Uuid::new_v4().simple().to_string().into(),
             scans: Scans {
                 limit: SCAN_LIMIT,
+                permits: scan_permits(),
                 #[cfg(test)]
                 stall: None,
+                #[cfg(test)]
+                stalled: Arc::default(),
             },
         }
     }
@@ -1067,15 +1086,18 @@ async fn terminate_group(child: &mut Child, procs: &TaskProcs, grace: Duration) 
         signal_group(pgid, Signal::SIGKILL);
         let mark = procs.mark.clone();
         #[cfg(test)]
-        let stall = procs.scans.stall.clone();
+        let (stall, stalled) = (procs.scans.stall.clone(), procs.scans.stalled.clone());
         let kill = move || {
             #[cfg(test)]
             if let Some(stall) = &stall {
+                use std::sync::atomic::Ordering::SeqCst;
+                stalled.fetch_add(1, SeqCst);
                 let _ = stall.lock().map(|r| r.recv());
+                stalled.fetch_sub(1, SeqCst);
             }
             super::procs::kill_marked(&mark)
         };
-        swept = bounded_scan_within(procs.scans.limit, kill).await.is_some();
+        swept = procs.scans.bounded(kill).await.is_some();
     }
     if !leader_has_exited(child) {
         // The leader left its group (setsid); it still ends with the task.
@@ -1163,25 +1185,60 @@ async fn marked(procs: &TaskProcs, sig: Option<Signal>) -> Option<usize> {
         }
         None => super::procs::marked(&mark).len(),
     };
-    bounded_scan_within(procs.scans.limit, look).await
+    procs.scans.bounded(look).await
 }
 
 /// Longest a look through `/proc` for marked processes is awaited.
 const SCAN_LIMIT: Duration = Duration::from_secs(5);
 
+/// Most looks through `/proc` the `command` executors of a process run at once. A look stuck
+/// on a process in the kernel holds its blocking-pool thread for as long as that process is
+/// stuck, and every task's end looks: unbounded, the stuck looks of a few hundred ends took
+/// every thread of the blocking pool, and no task could start (its preparation waits for
+/// one). With at most this many at once, at most this many threads are stuck; the looks
+/// that find no permit within their limit are given up as ones that did not finish.
+pub const SCANS_AT_ONCE: usize = 4;
+
+/// The permits of the looks through `/proc` of this process's `command` executors.
+fn scan_permits() -> Arc<tokio::sync::Semaphore> {
+    static PERMITS: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
+        std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(SCANS_AT_ONCE)));
+    PERMITS.clone()
+}
+
 /// Runs a look through `/proc` on the blocking pool, awaited at most `limit` ([`SCAN_LIMIT`]): reading a
 /// process's `environ` waits for its memory map, which a process stuck in the kernel (a hung
 /// network mount) may hold for ever, and the task's end must not wait with it. `None` when
-/// it did not finish in time (it may still, on its own thread).
+/// it did not finish in time (it may still, on its own thread), or did not start: it waits
+/// for one of `permits` (the process's [`SCANS_AT_ONCE`]) within the same limit.
 async fn bounded_scan_within<T: Send + 'static>(
+    permits: Arc<tokio::sync::Semaphore>,
     limit: Duration,
     look: impl FnOnce() -> T + Send + 'static,
 ) -> Option<T> {
-    match tokio::time::timeout(limit, tokio::task::spawn_blocking(look)).await {
+    let deadline = Instant::now() + limit;
+    let limit_ms = limit.as_millis() as u64;
+    let permit = match tokio::time::timeout_at(deadline, permits.acquire_owned()).await {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            tracing::warn!(
+                limit_ms,
+                at_once = SCANS_AT_ONCE,
+                "a look through /proc for a task's processes found the looks allowed at once all under way (stuck on a process in the kernel, perhaps) until its limit; going on without it"
+            );
+            return None;
+        }
+    };
+    // Held on the look's thread until the look ends, however long it is stuck.
+    let look = move || {
+        let _permit = permit;
+        look()
+    };
+    match tokio::time::timeout_at(deadline, tokio::task::spawn_blocking(look)).await {
         Ok(done) => done.ok(),
         Err(_) => {
             tracing::warn!(
-                limit_ms = limit.as_millis() as u64,
+                limit_ms,
                 "a look through /proc for a task's processes did not finish in time; going on without it"
             );
             None
@@ -1213,9 +1270,7 @@ async fn group_alive(procs: &TaskProcs) -> bool {
         return false;
     }
     let look = move || live_member_in_proc(pgid).unwrap_or(true);
-    bounded_scan_within(procs.scans.limit, look)
-        .await
-        .unwrap_or(true)
+    procs.scans.bounded(look).await.unwrap_or(true)
 }
 
 /// Whether a process of the attempt is known to be left: a live member of its group, or one
@@ -1230,9 +1285,7 @@ async fn any_left(procs: &TaskProcs) -> bool {
     let look = move || {
         live_member_in_proc(pgid).unwrap_or(true) || !super::procs::marked(&mark).is_empty()
     };
-    bounded_scan_within(procs.scans.limit, look)
-        .await
-        .unwrap_or(false)
+    procs.scans.bounded(look).await.unwrap_or(false)
 }
 
 /// Scans `/proc` for a non-zombie process in group `pgid`; `None` without a readable `/proc`.
@@ -1395,16 +1448,52 @@ impl Drop for GroupGuard {
     }
 }
 
-/// Starts the sweep of a dropped [`GroupGuard`] on a thread of its own.
+/// A sweep of a dropped [`GroupGuard`].
+type Sweep = Box<dyn FnOnce() + Send>;
+
+/// The sweeps waiting for the sweeper thread, and whether it runs.
+static SWEEPS: std::sync::Mutex<(VecDeque<Sweep>, bool)> =
+    std::sync::Mutex::new((VecDeque::new(), false));
+
+fn sweeps() -> std::sync::MutexGuard<'static, (VecDeque<Sweep>, bool)> {
+    SWEEPS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Queues the sweep of a dropped [`GroupGuard`] for the sweeper, a thread of its own started
+/// when none runs: one, not one per sweep, since a sweep looks through `/proc` and may be stuck
+/// there on a process in the kernel, as every sweep after it would be. An error when the
+/// thread cannot start: the sweep is not queued.
 fn spawn_sweep(sweep: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
     #[cfg(test)]
     if tests::SWEEP_CANNOT_START.get() {
         return Err(std::io::Error::other("no thread (test)"));
     }
-    std::thread::Builder::new()
-        .name("tether-group-sweep".into())
-        .spawn(sweep)
-        .map(drop)
+    let mut queue = sweeps();
+    if !queue.1 {
+        std::thread::Builder::new()
+            .name("tether-group-sweep".into())
+            .spawn(run_sweeps)?;
+        queue.1 = true;
+    }
+    queue.0.push_back(Box::new(sweep));
+    Ok(())
+}
+
+/// The sweeper: runs the sweeps queued, one at a time, and ends when none is left.
+fn run_sweeps() {
+    loop {
+        let next = {
+            let mut queue = sweeps();
+            match queue.0.pop_front() {
+                Some(sweep) => sweep,
+                None => {
+                    queue.1 = false;
+                    return;
+                }
+            }
+        };
+        next();
+    }
 }
 
 /// The last `cap` bytes of a stream.
@@ -2155,7 +2244,9 @@ mod tests {
         let mut executor = CommandExecutor::default().with_kill_grace(Duration::from_millis(200));
         executor.scans = Scans {
             limit: Duration::from_secs(1),
+            permits: scan_permits(),
             stall: Some(Arc::new(std::sync::Mutex::new(stall))),
+            stalled: Arc::default(),
         };
         let mark: Arc<str> = format!("{}:t-cmd:1", executor.nonce).into();
         let script = deaf_to_term("child", true, "echo done");
@@ -2214,15 +2305,99 @@ mod tests {
         assert_eq!(proc_state(leader), None, "reaped");
     }
 
+    /// Looks through `/proc` stuck on a process in the kernel hold at most [`SCANS_AT_ONCE`]
+    /// threads of the blocking pool, however many tasks end meanwhile, and the next task still
+    /// starts (its checkpoint directory is prepared on that pool). Before, each task's end left
+    /// one more thread stuck, until the pool (here of `SCANS_AT_ONCE + 2` threads) was full and
+    /// no task could start. The processes the stuck looks were to kill are killed by the
+    /// sweeper meanwhile.
+    #[test]
+    fn stuck_looks_through_proc_hold_a_bounded_number_of_threads() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(SCANS_AT_ONCE + 2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let (release, stall) = std::sync::mpsc::channel::<()>();
+            let mut executor =
+                CommandExecutor::default().with_kill_grace(Duration::from_millis(100));
+            // Permits of its own: the other tests of the process look through `/proc` too.
+            executor.scans = Scans {
+                limit: Duration::from_millis(500),
+                permits: Arc::new(tokio::sync::Semaphore::new(SCANS_AT_ONCE)),
+                stall: Some(Arc::new(std::sync::Mutex::new(stall))),
+                stalled: Arc::default(),
+            };
+            let ends = SCANS_AT_ONCE + 4;
+            let dirs: Vec<_> = (0..ends)
+                .map(|_| tempfile::tempdir().expect("tempdir"))
+                .collect();
+            let runs: Vec<_> = dirs
+                .iter()
+                .enumerate()
+                .map(|(i, dir)| {
+                    let task = TaskId::parse(&format!("t-stuck-{i}")).expect("id");
+                    let (ctx, _) = TaskCtx::detached(task.clone(), Attempt(1));
+                    let script = deaf_to_term("child", true, "echo done");
+                    let config = serde_json::json!({"shell": script, "env": {"D": dir.path()}});
+                    let input = TaskInput {
+                        task_id: task,
+                        attempt: Attempt(1),
+                        config,
+                        timeout: None,
+                    };
+                    tokio::spawn(executor.execute(input, ctx))
+                })
+                .collect();
+            let mut escaped = Vec::new();
+            for dir in &dirs {
+                escaped.push(KillOnDrop(read_pid(&dir.path().join("child.pid")).await));
+            }
+            for run in runs {
+                let out = run.await.expect("joined").expect("exit 0");
+                assert_eq!(out["stdout_tail"], "done\n");
+            }
+            let stalled = executor
+                .scans
+                .stalled
+                .load(std::sync::atomic::Ordering::SeqCst);
+            assert!(
+                (1..=SCANS_AT_ONCE).contains(&stalled),
+                "{stalled} looks stuck after {ends} ends"
+            );
+
+            let next = tempfile::tempdir().expect("tempdir");
+            let (ctx, _) = self::ctx(1);
+            let ctx = ctx.with_checkpoint_dir(next.path().join("cp"));
+            let config = serde_json::json!({"shell": "echo next"});
+            let out = tokio::time::timeout(PATIENCE, executor.execute(input(config), ctx))
+                .await
+                .expect("the next task started and ended")
+                .expect("exit 0");
+            assert_eq!(out["stdout_tail"], "next\n");
+            for pid in &escaped {
+                wait_for("the sweeper to kill an escaped process", || is_dead(pid.0)).await;
+            }
+            drop(release);
+        });
+    }
+
     /// A look through `/proc` stuck on a process (its `environ` held by the kernel) does not
     /// hold the task's end: it is given up after the limit.
     #[tokio::test]
     async fn a_stuck_look_through_proc_is_given_up() {
         let (release, stuck) = std::sync::mpsc::channel::<()>();
-        let look = bounded_scan_within(Duration::from_millis(50), move || stuck.recv().is_ok());
+        let look = bounded_scan_within(scan_permits(), Duration::from_millis(50), move || {
+            stuck.recv().is_ok()
+        });
         assert_eq!(look.await, None);
         release.send(()).expect("the look still waits");
-        assert_eq!(bounded_scan_within(SCAN_LIMIT, || 7).await, Some(7));
+        assert_eq!(
+            bounded_scan_within(scan_permits(), SCAN_LIMIT, || 7).await,
+            Some(7)
+        );
     }
 
     /// A pause stops the processes that left the task's group too, and a resume lets them go.
