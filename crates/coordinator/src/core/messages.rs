@@ -194,7 +194,7 @@ impl Core {
             .get(worker)
             .is_some_and(|w| w.state == WorkerState::Connected);
         match msg {
-            WorkerMsg::Registration(r) => self.on_registration(worker, session, r, b),
+            WorkerMsg::Registration(_) => self.refuse_repeated_registration(worker, session, b),
             WorkerMsg::Error(e) => {
                 metrics::counter!(m::ERRORS, "code" => e.code.as_str(), "direction" => "received")
                     .increment(1);
@@ -352,7 +352,34 @@ impl Core {
         b.close(session, refusal.code, refusal.reason);
     }
 
-    fn on_registration(
+    /// A `registration` in a session that registered already (in its `Event::Connected`): the
+    /// worker registers once a session, and again only on a new one. Answered `error`
+    /// `unexpected` and ignored, as the session itself answers one on an authenticated session
+    /// (`unauthorized`, its nonce used): nothing is reconciled again. Taken, each would send
+    /// again every lease the inventory leaves out, its checkpoint read whole on the store
+    /// writer's thread, and restart its timeout clock: a batch frame of such registrations
+    /// stalled every commit, and one every so often kept a task past its timeout for ever.
+    fn refuse_repeated_registration(
+        &mut self,
+        worker: &WorkerId,
+        session: &SessionRef,
+        b: &mut Batch,
+    ) {
+        if self.peer_logs.admit() {
+            tracing::warn!(worker = %worker, session = session.id, "registration again in a registered session; refused");
+        }
+        b.send(
+            session,
+            CoordMsg::error(
+                ErrorCode::Unexpected,
+                "this session has registered already; reconnect to register again",
+                Some("registration".to_owned()),
+                None,
+            ),
+        );
+    }
+
+    pub(super) fn on_registration(
         &mut self,
         worker: &WorkerId,
         session: &SessionRef,
@@ -450,19 +477,43 @@ impl Core {
             .and_then(|w| w.session.clone())
             .filter(|s| s.id == session.id);
         for task_id in resend {
-            // The worker's clock for the task starts now, with the assignment it gets: the
-            // timeout backstop counts from here (and from here after a restart), or it could end
-            // the task as overdue before the worker's own deadline.
-            if let Some(t) = self.tasks.get_mut(&task_id)
-                && let Some(lease) = t.lease.as_mut()
-            {
-                lease.since = now();
-                t.lease_started = Some(tokio::time::Instant::now());
-                self.save_task(&task_id, b);
-            }
+            self.restart_lease_clock(&task_id, b);
             self.assign(&task_id, current.as_ref().unwrap_or(session), b);
         }
         self.dispatch_needed = true;
+    }
+
+    /// The assignment of `task_id` goes again to its holder, which never got it: the worker's
+    /// clock for the task starts then, so the timeout backstop counts from here (and from here
+    /// after a restart), or it could end the task as overdue before the worker's own deadline.
+    ///
+    /// Once a lease only: a worker that registers again and again (each time on a new
+    /// session, leaving the lease out) would otherwise put the backstop off for ever. While
+    /// the lease's `since` is its attempt's start, its clock never restarted; once restarted,
+    /// a later resend leaves it, and the backstop ends the task at most a timeout and grace
+    /// period after the first resend, which itself came within those of the lease's start.
+    /// A worker that lost the same assignment twice may then be ended before its own
+    /// deadline of the second: the price of the bound.
+    fn restart_lease_clock(&mut self, task_id: &TaskId, b: &mut Batch) {
+        let Some(t) = self.tasks.get_mut(task_id) else {
+            return;
+        };
+        let Some(lease) = t.lease.as_mut() else {
+            return;
+        };
+        let restarted = t
+            .attempts
+            .iter()
+            .rev()
+            .find(|a| a.attempt == lease.attempt && a.worker == lease.worker)
+            .is_none_or(|a| a.started_at != lease.since);
+        if restarted {
+            tracing::debug!(task = %task_id, attempt = %lease.attempt, "assignment sent again; its lease's clock restarted once already and keeps running");
+            return;
+        }
+        lease.since = now();
+        t.lease_started = Some(tokio::time::Instant::now());
+        self.save_task(task_id, b);
     }
 
     /// Agrees with a (re)registering worker on the truth, in one exchange.

@@ -745,15 +745,12 @@ impl Core {
                 }
                 let session_id = session.id;
                 self.on_connected(worker.clone(), session);
-                let msgs = vec![WorkerMsg::Registration(*registration)];
-                self.apply(
-                    Event::Frame {
-                        worker,
-                        session_id,
-                        msgs,
-                    },
-                    b,
-                );
+                // The session's one registration: one in a later frame is refused
+                // (`on_message`), as with authentication on the session refuses it itself.
+                if let Some(session) = self.current_session(&worker, session_id) {
+                    self.counters.messages_in.fetch_add(1, Ordering::Relaxed);
+                    self.on_registration(&worker, &session, *registration, b);
+                }
             }
             Event::Disconnected { worker, session_id } => {
                 self.fetching.remove(&session_id);
@@ -773,18 +770,11 @@ impl Core {
                     if let Some(w) = self.workers.get_mut(&worker) {
                         w.last_seen = now();
                     }
-                    let mut session = session;
+                    // What the session agreed (acknowledgements by number, its frame limit)
+                    // holds for the whole frame: only its registration, in `Event::Connected`,
+                    // set it, and a registration in a frame is refused.
                     for msg in msgs {
-                        let registration = matches!(msg, WorkerMsg::Registration(_));
                         self.on_message(&worker, &session, msg, b);
-                        // A registration changes what the session agreed (acknowledgements by
-                        // number, its frame limit): the frame's later messages follow it.
-                        if registration {
-                            match self.current_session(&worker, session_id) {
-                                Some(now) => session = now,
-                                None => break,
-                            }
-                        }
                     }
                 }
             }

@@ -1903,10 +1903,11 @@ fn state(seq: u64, task: &TaskId, attempt: u32) -> WorkerMsg {
     })
 }
 
-/// A registration again in the session, in one frame with more messages: those after it
-/// follow what it agreed (here, whole acknowledgements), not what the session had agreed.
+/// A registration again in the session, in one frame with more messages: it is refused, and
+/// those after it follow what the session agreed at its registration (here, acknowledgements
+/// by number), not what the refused one asked for.
 #[test]
-fn messages_after_a_registration_in_the_same_frame_follow_what_it_agreed() {
+fn messages_after_a_refused_registration_in_the_same_frame_follow_what_the_session_agreed() {
     let mut h = Harness::new();
     let (s, mut rx) = h.connect_with("a", true);
     let t = h.submit();
@@ -1921,8 +1922,127 @@ fn messages_after_a_registration_in_the_same_frame_follow_what_it_agreed() {
         msgs: vec![WorkerMsg::Registration(again), state(1, &t, 1)],
     });
     let got = sent_names(&mut rx);
-    assert!(got.contains(&"task_state_ack".to_owned()), "{got:?}");
-    assert!(!got.iter().any(|g| g.starts_with("recorded")), "{got:?}");
+    assert_eq!(got, ["error", "recorded 1"]);
+}
+
+/// A worker registers once a session. A registration again in it (without authentication the
+/// session hands it to the core) is answered `error` `unexpected` and reconciles nothing: each
+/// sent again every lease its inventory left out, its checkpoint read on the store writer's
+/// thread, and restarted the lease's clock.
+#[test]
+fn registrations_again_in_the_same_session_are_refused_and_send_no_assignment_again() {
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect_registering("a", |r| r.checkpoint_fetch = false);
+    let t = h.submit();
+    let first = drain(&mut rx);
+    assert_eq!(
+        first
+            .iter()
+            .filter(|m| matches!(m, CoordMsg::TaskAssignment(_)))
+            .count(),
+        1
+    );
+    let lease = h.core.tasks[&t].lease.clone().expect("leased");
+    let started = h.core.tasks[&t].lease_started;
+    let registrations_before = Counters::get(&h.core.counters.registrations);
+    let mut effects = 0;
+    let mut muts = 0;
+    let repeats = 1_000;
+    let frames: Vec<usize> = (0..repeats).collect();
+    for frame in frames.chunks(super::FRAME_EVENT_MESSAGES) {
+        let msgs = frame
+            .iter()
+            .map(|_| WorkerMsg::Registration(registration("a")))
+            .collect();
+        let mut b = Batch::default();
+        h.core.apply(
+            Event::Frame {
+                worker: wid("a"),
+                session_id: s,
+                msgs,
+            },
+            &mut b,
+        );
+        // A job on the writer's connection (an assignment's checkpoint read is one).
+        effects += b
+            .effects
+            .iter()
+            .filter(|e| matches!(e, crate::store::Effect::Run(_)))
+            .count();
+        muts += b.muts.len() + b.reads.len();
+        for e in b.effects {
+            e.run(&h.conn);
+        }
+    }
+    let got = drain(&mut rx);
+    let errors: Vec<_> = got
+        .iter()
+        .filter_map(|m| match m {
+            CoordMsg::Error(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(errors.len(), repeats, "{got:?}");
+    assert!(errors.iter().all(|e| {
+        e.code == tether_proto::msg::ErrorCode::Unexpected
+            && e.offending_type.as_deref() == Some("registration")
+    }));
+    assert_eq!(got.len(), repeats, "nothing but the errors: {got:?}");
+    assert_eq!(
+        (effects, muts),
+        (0, 0),
+        "no job for the writer, nothing written or read"
+    );
+    assert_eq!(
+        Counters::get(&h.core.counters.registrations),
+        registrations_before
+    );
+    assert_eq!(h.core.tasks[&t].lease.as_ref(), Some(&lease));
+    assert_eq!(h.core.tasks[&t].lease_started, started);
+    // The session stays, and a registration on a new one is reconciled as ever: the lease
+    // it leaves out is sent again.
+    assert!(h.core.current_session(&wid("a"), s).is_some());
+    let (_s2, mut rx2) = h.connect("a");
+    assert!(
+        drain(&mut rx2)
+            .iter()
+            .any(|m| matches!(m, CoordMsg::TaskAssignment(a) if a.task_id == t))
+    );
+}
+
+/// A worker that registers again and again on new sessions, leaving its lease out each time,
+/// gets the assignment each time; but only the first resend restarts the lease's clock, so the
+/// timeout backstop still ends the task (each resend restarting it kept it running for ever).
+#[tokio::test(start_paused = true)]
+async fn registrations_again_and_again_on_new_sessions_do_not_keep_a_task_past_its_timeout() {
+    use std::time::Duration;
+    let mut cfg = CoordinatorConfig::new("/nonexistent");
+    cfg.lost_after = Duration::from_secs(10);
+    let mut h = Harness::with(cfg);
+    let (_s, mut rx) = h.connect("a");
+    let mut spec = TaskSpec::new("sleep", serde_json::json!({}));
+    spec.timeout_ms = Some(1_000);
+    let t = h.submit_spec(spec);
+    drain(&mut rx);
+    let mut resent = 0;
+    // The first resend at 2 s restarts the clock: timeout and grace (11 s) pass at 13 s.
+    for _ in 0..20 {
+        tokio::time::advance(Duration::from_secs(2)).await;
+        sweep(&mut h);
+        if h.core.tasks[&t].status != TaskStatus::Running {
+            break;
+        }
+        let (_s, mut rx) = h.connect("a");
+        resent += drain(&mut rx)
+            .iter()
+            .filter(|m| matches!(m, CoordMsg::TaskAssignment(a) if a.task_id == t))
+            .count();
+    }
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::TimedOut);
+    assert_eq!(
+        resent, 6,
+        "sent again at 2, 4, ..., 12 s; timed out at 14 s"
+    );
 }
 
 #[test]
