@@ -29,6 +29,13 @@ pub(crate) const WORKER_FAULT_REST: Duration = Duration::from_secs(5);
 /// The longest rest after faults of a worker's own.
 pub(crate) const WORKER_FAULT_REST_MAX: Duration = Duration::from_secs(300);
 
+/// The most running tasks a registration's inventory may list; one listing more is refused
+/// (4002, `error` `bad_frame`). Each becomes a directive in the `registration_ack`: unbounded,
+/// a registration of a whole frame of them (hundreds of thousands) made an ack several times
+/// larger than any frame the worker takes, and the core's work on it in proportion. A worker
+/// runs as many tasks as it has slots; thousands at once on one worker is already far out.
+pub(crate) const MAX_INVENTORY_RUNNING: usize = 4096;
+
 /// A `task_cancelled`, `task_paused` or `task_resumed` notice: its ack, name and the status it
 /// reports.
 struct NoticeKind {
@@ -1454,6 +1461,22 @@ pub(crate) fn registration_refusal(worker: &WorkerId, r: &Registration) -> Optio
             error: Some(CoordMsg::error(
                 ErrorCode::BadFrame,
                 problem,
+                Some("registration".into()),
+                None,
+            )),
+        });
+    }
+    // Each running task it lists is a directive in the ack: bounded, the ack is too.
+    if r.inventory.running.len() > MAX_INVENTORY_RUNNING {
+        return Some(Refusal {
+            code: 4002,
+            reason: "registration out of bounds".into(),
+            error: Some(CoordMsg::error(
+                ErrorCode::BadFrame,
+                format!(
+                    "inventory lists {} running tasks, more than the {MAX_INVENTORY_RUNNING} a registration may",
+                    r.inventory.running.len()
+                ),
                 Some("registration".into()),
                 None,
             )),

@@ -2323,6 +2323,57 @@ async fn a_batch_of_messages_only_skips_an_idle_writer_and_never_overtakes_an_un
     core_task.await.expect("core ends");
 }
 
+/// Each running task an inventory lists is a directive in the ack: a registration listing
+/// more than the bound is refused saying so (4002, `bad_frame`), one at the bound is answered.
+#[test]
+fn a_registration_listing_more_running_tasks_than_the_bound_is_refused_saying_why() {
+    use super::messages::MAX_INVENTORY_RUNNING;
+    let running = |n: usize| -> Vec<tether_proto::task::TaskRef> {
+        (0..n)
+            .map(|i| tether_proto::task::TaskRef {
+                task_id: TaskId::parse(&format!("t-{i}")).expect("id"),
+                attempt: Attempt(1),
+                paused: false,
+            })
+            .collect()
+    };
+    let mut h = Harness::new();
+    let (_, mut rx) = h.connect_registering("a", |r| {
+        r.inventory.running = running(MAX_INVENTORY_RUNNING + 1);
+    });
+    let sent = drain(&mut rx);
+    let error = sent
+        .iter()
+        .find_map(|m| match m {
+            CoordMsg::Error(e) => Some(e),
+            _ => None,
+        })
+        .expect("an error saying why");
+    assert_eq!(error.code, tether_proto::msg::ErrorCode::BadFrame);
+    assert!(
+        error.message.contains("inventory lists 4097 running tasks"),
+        "{}",
+        error.message
+    );
+    assert!(
+        !sent
+            .iter()
+            .any(|m| matches!(m, CoordMsg::RegistrationAck(_)))
+    );
+    assert!(h.core.workers.is_empty(), "the core never took it");
+    let (_, mut rx) = h.connect_registering("b", |r| {
+        r.inventory.running = running(MAX_INVENTORY_RUNNING);
+    });
+    let ack = drain(&mut rx)
+        .into_iter()
+        .find_map(|m| match m {
+            CoordMsg::RegistrationAck(a) => Some(a),
+            _ => None,
+        })
+        .expect("an ack");
+    assert_eq!(ack.directives.len(), MAX_INVENTORY_RUNNING);
+}
+
 #[test]
 fn a_registration_taking_frames_under_the_least_every_peer_takes_is_refused() {
     let mut h = Harness::new();
