@@ -36,6 +36,26 @@ pub(crate) const WORKER_FAULT_REST_MAX: Duration = Duration::from_secs(300);
 /// runs as many tasks as it has slots; thousands at once on one worker is already far out.
 pub(crate) const MAX_INVENTORY_RUNNING: usize = 4096;
 
+/// The most bytes of a worker's error text (its failed result's `error.message`) a task keeps
+/// in its record, marker included: the record is in memory, cloned by every save, event and
+/// listing, and the text may be as long as a frame (16 MiB). Longer text is cut on a character
+/// boundary and ends with "… (cut: N bytes)". The stored result keeps the whole text.
+pub(crate) const TASK_ERROR_BYTES: usize = 4096;
+
+/// `message` as a task's record keeps it: whole if within [`TASK_ERROR_BYTES`], else its
+/// start and a marker that says how many bytes were cut.
+pub(crate) fn kept_error(message: &str) -> String {
+    if message.len() <= TASK_ERROR_BYTES {
+        return message.to_owned();
+    }
+    // The marker takes at most 37 bytes ("…" is 3, a u64 at most 20 digits).
+    let mut end = TASK_ERROR_BYTES - 40;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… (cut: {} bytes)", &message[..end], message.len() - end)
+}
+
 /// A `task_cancelled`, `task_paused` or `task_resumed` notice: its ack, name and the status it
 /// reports.
 struct NoticeKind {
@@ -762,7 +782,8 @@ impl Core {
             t.lease = None;
             t.status = r.outcome.into();
             t.outcome = Some(r.outcome);
-            t.error = r.error.as_ref().map(|e| e.message.clone());
+            // Cut: the result stored below keeps it whole.
+            t.error = r.error.as_ref().map(|e| kept_error(&e.message));
             t.finished_at = Some(ts);
             t.updated_at = ts;
             if let Some(w) = self.workers.get_mut(worker) {

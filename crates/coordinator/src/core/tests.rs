@@ -2888,3 +2888,49 @@ async fn reports_from_workers_are_logged_within_a_budget_a_second() {
     let shown = format!("{:?}", tether_proto::msg::logged(&text));
     assert_eq!(shown.len(), tether_proto::msg::LOGGED_MESSAGE_CHARS + 2);
 }
+
+/// A failed result's error text may be as long as a frame; the task's record, in memory and
+/// copied by every save, event and listing, keeps its first 4 KiB with a marker (cut on a
+/// character boundary), while the stored result keeps it whole.
+#[test]
+fn a_failed_results_long_error_is_cut_in_the_tasks_record_and_kept_whole_in_the_result() {
+    use super::messages::TASK_ERROR_BYTES;
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit();
+    drain(&mut rx);
+    // Two-byte characters after one byte: the bound falls inside a character.
+    let message = format!("x{}", "é".repeat(4 << 20));
+    let WorkerMsg::TaskResult(mut r) = result(1, &t, 1) else {
+        unreachable!("a result")
+    };
+    r.outcome = Outcome::Failed;
+    r.error = Some(tether_proto::task::TaskError {
+        message: message.clone(),
+        detail: None,
+    });
+    h.frame("a", s, WorkerMsg::TaskResult(r));
+    assert_eq!(result_ack(&drain(&mut rx)), Disposition::Recorded);
+    let task = &h.core.tasks[&t];
+    assert_eq!(task.status, TaskStatus::Failed);
+    let kept = task.error.as_deref().expect("an error");
+    assert!(kept.len() <= TASK_ERROR_BYTES, "{} bytes", kept.len());
+    assert!(kept.len() > TASK_ERROR_BYTES - 64, "{} bytes", kept.len());
+    let cut = message.len() - kept.find('…').expect("a marker");
+    assert!(kept.ends_with(&format!("… (cut: {cut} bytes)")), "{kept}");
+    assert!(message.starts_with(&kept[..kept.find('…').expect("a marker")]));
+    let stored = h
+        .last_muts
+        .iter()
+        .find_map(|m| match m {
+            crate::store::Mutation::PutResult { body, .. } => Some(body),
+            _ => None,
+        })
+        .expect("the result stored");
+    assert!(
+        stored.len() > message.len(),
+        "the stored result keeps it whole"
+    );
+    // Short text is kept as it came.
+    assert_eq!(super::messages::kept_error("exit 1"), "exit 1");
+}
