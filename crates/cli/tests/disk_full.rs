@@ -1,8 +1,10 @@
-//! A real `tether coordinator` whose data directory runs out of space mid-run: a tmpfs of its
-//! own, mounted in a mount namespace made for it (`unshare --mount`), filled from outside
+//! A real `tether coordinator` whose data directory runs out of space: a tmpfs of its own,
+//! mounted in a mount namespace made for it (`unshare --mount`, held by a process that sleeps
+//! there, so that a coordinator may be restarted on it with `nsenter`), filled from outside
 //! through `/proc/<pid>/root`. The coordinator must not stop: its commits wait for room,
 //! submissions are refused at once with `503 out_of_space`, and once space is freed everything
-//! waiting commits, every task ends with exactly one counted result, and new work is taken.
+//! waiting commits, every task ends with exactly one counted result, and new work is taken. Nor
+//! must a restart while the disk is still full end it: the open waits for room.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -20,49 +22,87 @@ const LONG: Duration = Duration::from_secs(120);
 /// The tmpfs: room for the database's first pages and WAL, not for long.
 const FS_SIZE: &str = "24m";
 
-/// A `tether coordinator` in a mount namespace of its own, on a tmpfs mounted there at
-/// `mount`; killed when dropped (the tmpfs goes with its namespace).
-struct Confined {
-    child: Child,
+/// A tmpfs mounted at `mount` in a mount namespace of its own, held by a process sleeping
+/// there; coordinators run in it. Gone with the namespace when dropped.
+struct Disk {
+    holder: Child,
     mount: PathBuf,
 }
 
-impl Confined {
-    fn start(addr: SocketAddr, mount: &Path, log: &Path) -> Self {
-        let log = std::fs::File::create(log).expect("coordinator log");
-        // `unshare` and `sh` exec in turn: the child's pid is the coordinator's.
-        let child = Command::new("unshare")
+impl Disk {
+    fn mount(mount: &Path) -> Self {
+        let mut holder = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
             .arg(format!(
-                "mount -t tmpfs -o size={FS_SIZE} tether-disk-full \"$0\" && exec \"$@\""
+                "mount -t tmpfs -o size={FS_SIZE} tether-disk-full \"$0\" && exec sleep 100000"
             ))
             .arg(mount)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start unshare");
+        // Once it sleeps, the tmpfs is mounted.
+        let comm = format!("/proc/{}/comm", holder.id());
+        let deadline = std::time::Instant::now() + LONG;
+        while std::fs::read_to_string(&comm).map_or(true, |c| c.trim() != "sleep") {
+            let exited = holder.try_wait().expect("try_wait");
+            assert!(exited.is_none(), "mounting the tmpfs failed: {exited:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the tmpfs never mounted"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Disk {
+            holder,
+            mount: mount.to_owned(),
+        }
+    }
+
+    /// A path on the tmpfs, as seen from outside its namespace.
+    fn inside(&self, name: &str) -> PathBuf {
+        let relative = self.mount.strip_prefix("/").expect("an absolute path");
+        Path::new(&format!("/proc/{}/root", self.holder.id()))
+            .join(relative)
+            .join(name)
+    }
+
+    /// A `tether coordinator` on `addr` with its data directory on the tmpfs, logging to
+    /// `log`; killed when dropped.
+    fn coordinator(&self, addr: SocketAddr, log: &Path) -> Coordinator {
+        let log = std::fs::File::create(log).expect("coordinator log");
+        // `nsenter` execs the coordinator: the child's pid is the coordinator's.
+        let child = Command::new("nsenter")
+            .arg(format!("--target={}", self.holder.id()))
+            .args(["--mount", "--"])
             .arg(env!("CARGO_BIN_EXE_tether"))
             .args(["--log", "info", "coordinator", "--listen"])
             .arg(addr.to_string())
             .arg("--data-dir")
-            .arg(mount.join("data"))
+            .arg(self.mount.join("data"))
             .args(["--heartbeat-interval", "200ms", "--heartbeat-timeout", "5s"])
             .args(["--lost-after", "120s"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("start unshare");
-        Confined {
-            child,
-            mount: mount.to_owned(),
-        }
+            .expect("start nsenter");
+        Coordinator { child }
     }
+}
 
-    /// A path on its tmpfs, as seen from outside its namespace.
-    fn inside(&self, name: &str) -> PathBuf {
-        let relative = self.mount.strip_prefix("/").expect("an absolute path");
-        Path::new(&format!("/proc/{}/root", self.child.id()))
-            .join(relative)
-            .join(name)
+impl Drop for Disk {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
     }
+}
 
+struct Coordinator {
+    child: Child,
+}
+
+impl Coordinator {
     fn alive(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
     }
@@ -76,7 +116,7 @@ fn exited(pid: u32) -> bool {
         .unwrap_or(true)
 }
 
-impl Drop for Confined {
+impl Drop for Coordinator {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -100,6 +140,11 @@ fn namespaces_refused() -> Option<Refused> {
         .arg("mount -t tmpfs -o size=1m tether-probe \"$0\"")
         .arg(probe.path())
         .output();
+    if let Err(e) = Command::new("nsenter").arg("--version").output() {
+        return Some(Refused::Missing(format!(
+            "cannot run `nsenter` (util-linux): {e}"
+        )));
+    }
     match out {
         Ok(o) if o.status.success() => None,
         Ok(o) => Some(Refused::Namespace(format!(
@@ -149,13 +194,13 @@ async fn post_tasks(
         .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_data_directory_holds_the_commits_until_space_is_freed_and_loses_nothing() {
+/// Whether this machine can run these tests; says why not (failing in CI where it must).
+fn can_mount() -> bool {
     match namespaces_refused() {
-        None => {}
+        None => true,
         Some(Refused::Missing(why)) => {
-            skip_unless_ci("root and util-linux's unshare", &why);
-            return;
+            skip_unless_ci("root and util-linux's unshare and nsenter", &why);
+            false
         }
         // As the e2e test's network namespaces: in CI a refusal fails unless the CI
         // configuration records that its machine cannot have namespaces.
@@ -167,30 +212,51 @@ async fn a_full_data_directory_holds_the_commits_until_space_is_freed_and_loses_
                  if the CI machine cannot have namespaces"
             );
             eprintln!("skipped: this machine refuses mount namespaces ({why})");
-            return;
+            false
         }
     }
-    let work = tempfile::tempdir().expect("tempdir");
-    let mount = work.path().join("fs");
-    std::fs::create_dir(&mount).expect("mount point");
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+}
+
+/// A free port on the loopback.
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
-        .expect("a free port");
-    let base = format!("http://{addr}");
-    let log = work.path().join("coordinator.log");
-    let mut c = Confined::start(addr, &mount, &log);
-    let http = reqwest::Client::builder()
+        .expect("a free port")
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(5))
         .build()
-        .expect("http client");
-    let client = Client::new(&base);
-    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+        .expect("http client")
+}
+
+async fn wait_healthy(http: &reqwest::Client, base: &str) {
     wait_for("the coordinator to answer", LONG, || async {
         let r = http.get(format!("{base}/healthz")).send().await.ok()?;
         r.status().is_success().then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_data_directory_holds_the_commits_until_space_is_freed_and_loses_nothing() {
+    if !can_mount() {
+        return;
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let mount = work.path().join("fs");
+    std::fs::create_dir(&mount).expect("mount point");
+    let disk = Disk::mount(&mount);
+    let addr = free_addr();
+    let base = format!("http://{addr}");
+    let log = work.path().join("coordinator.log");
+    let mut c = disk.coordinator(addr, &log);
+    let http = http_client();
+    let client = Client::new(&base);
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_healthy(&http, &base).await;
     let mut wcfg = fast_worker_config(&format!("ws://{addr}"), "w1");
     wcfg.slots = 8;
     let w = spawn_worker(wcfg, Executors::builtin());
@@ -208,7 +274,7 @@ async fn a_full_data_directory_holds_the_commits_until_space_is_freed_and_loses_
     // The disk fills. The next submission's commit finds no room and waits; its request may
     // time out unanswered meanwhile.
     let registrations = w.handle.registrations();
-    let filled = fill(&c.inside("filler"));
+    let filled = fill(&disk.inside("filler"));
     assert!(filled > 0, "nothing could be written");
     let during = specs("during", 20);
     let held = {
@@ -277,7 +343,7 @@ async fn a_full_data_directory_holds_the_commits_until_space_is_freed_and_loses_
     );
 
     // Space again: what waited commits, and work flows.
-    std::fs::remove_file(c.inside("filler")).expect("free the space");
+    std::fs::remove_file(disk.inside("filler")).expect("free the space");
     match held.await.expect("the held submission") {
         // Answered once its commit went through, or timed out waiting: sent again, the
         // coordinator has it (409) or takes it now (201), never half of it.
@@ -325,6 +391,165 @@ async fn a_full_data_directory_holds_the_commits_until_space_is_freed_and_loses_
     assert!(!logged().contains('\u{1b}'), "colour codes in a log file");
     // What the coordinator said of it, for the reader of a run (`--nocapture`).
     for line in logged().lines().filter(|l| l.contains("space")) {
+        eprintln!("{line}");
+    }
+    w.stop().await.expect("clean stop");
+}
+
+/// The state journal files in the data directory `data`.
+fn journals(data: &Path) -> Vec<String> {
+    let names = std::fs::read_dir(data).expect("the data directory");
+    names
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("states-") && n.ends_with(".journal"))
+        .collect()
+}
+
+/// A coordinator stopped (SIGTERM) while its commits wait for space leaves its state journal
+/// to the next start. Restarted while the disk is still full, the next one could neither read
+/// its database (no room for the WAL's index: it was refused as corrupt) nor replay the
+/// journal, and exited, again at every restart by its supervisor. It waits for room instead,
+/// and once there is some it replays the journal and serves, having lost nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_restarted_while_its_disk_is_still_full_waits_for_room_and_loses_nothing() {
+    if !can_mount() {
+        return;
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let mount = work.path().join("fs");
+    std::fs::create_dir(&mount).expect("mount point");
+    let disk = Disk::mount(&mount);
+    let addr = free_addr();
+    let base = format!("http://{addr}");
+    let (first_log, second_log) = (
+        work.path().join("first.log"),
+        work.path().join("second.log"),
+    );
+    let mut first = disk.coordinator(addr, &first_log);
+    let http = http_client();
+    let client = Client::new(&base);
+    let logged = |log: &Path| std::fs::read_to_string(log).unwrap_or_default();
+    wait_healthy(&http, &base).await;
+    let mut wcfg = fast_worker_config(&format!("ws://{addr}"), "w1");
+    wcfg.slots = 8;
+    let w = spawn_worker(wcfg, Executors::builtin());
+
+    // Tasks that run through the stop and the restart, a state journaled at each step.
+    let long: Vec<TaskSpec> = (0..8)
+        .map(|i| {
+            let mut s = TaskSpec::new("sleep", json!({"ms": 6000, "steps": 60}));
+            s.task_id = Some(TaskId::parse(&format!("long-{i}")).expect("id"));
+            s
+        })
+        .collect();
+    let r = post_tasks(&http, &base, &long).await.expect("submitted");
+    assert_eq!(r.status().as_u16(), 201);
+    for s in &long {
+        let id = s.task_id.as_ref().expect("id");
+        wait_for(&format!("a state of {id}"), LONG, || async {
+            let (status, state) = client.get(&format!("/api/v1/tasks/{id}/state")).await;
+            (status == 200 && !state.is_null()).then_some(())
+        })
+        .await;
+    }
+
+    // The disk fills, and a submission's commit waits for room.
+    fill(&disk.inside("filler"));
+    let during = specs("during", 10);
+    let held = {
+        let (http, base, during) = (http.clone(), base.clone(), during.clone());
+        tokio::spawn(async move { post_tasks(&http, &base, &during).await })
+    };
+    let tries = std::sync::atomic::AtomicUsize::new(0);
+    let pid = first.child.id();
+    wait_for("a submission refused for want of space", LONG, || async {
+        assert!(
+            !exited(pid),
+            "the coordinator stopped:\n{}",
+            logged(&first_log)
+        );
+        let n = tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let r = post_tasks(&http, &base, &specs(&format!("try{n}"), 1))
+            .await
+            .ok()?;
+        (r.status().as_u16() == 503).then_some(())
+    })
+    .await;
+
+    // Stopped while it waits: the waiting group is given up, and the journal stays.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    wait_for("the first coordinator to stop", LONG, || async {
+        exited(pid).then_some(())
+    })
+    .await;
+    let status = first.child.wait().expect("wait");
+    assert!(status.success(), "{status}:\n{}", logged(&first_log));
+    held.abort();
+    let data = disk.inside("data");
+    assert!(
+        !journals(&data).is_empty(),
+        "no state journal left for the next start"
+    );
+    // What its close freed is taken too: the next start finds the disk full.
+    fill(&disk.inside("filler2"));
+
+    // Restarted on the full disk: it waits for room, neither exiting nor serving.
+    let mut second = disk.coordinator(addr, &second_log);
+    let second_pid = second.child.id();
+    let waiting = "the store cannot be opened";
+    wait_for("the open to wait for room", LONG, || async {
+        assert!(!exited(second_pid), "it exited:\n{}", logged(&second_log));
+        logged(&second_log).contains(waiting).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(second.alive(), "it exited:\n{}", logged(&second_log));
+    assert!(
+        !logged(&second_log).contains("corrupt"),
+        "{}",
+        logged(&second_log)
+    );
+    let healthz = http
+        .get(format!("{base}/healthz"))
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(healthz.is_err(), "served before the store was open");
+
+    // Room again: it opens, replays the journal, and serves.
+    std::fs::remove_file(disk.inside("filler")).expect("free the space");
+    std::fs::remove_file(disk.inside("filler2")).expect("free the space");
+    wait_healthy(&http, &base).await;
+    let said = logged(&second_log);
+    assert!(said.contains("space again: the store is open"), "{said}");
+    let replayed = said
+        .lines()
+        .find(|l| l.contains("state journal replayed"))
+        .unwrap_or_else(|| panic!("no journal replayed:\n{said}"));
+    assert!(!replayed.contains(" states=0"), "{replayed}");
+    // The submission given up at the stop, sent again: taken whole (or had whole already).
+    let r = wait_for("the held submission sent again", LONG, || async {
+        let r = post_tasks(&http, &base, &during).await.ok()?;
+        (r.status().as_u16() != 503).then_some(r)
+    })
+    .await;
+    assert!([201, 409].contains(&r.status().as_u16()), "{r:?}");
+    let after = specs("after", 10);
+    let r = post_tasks(&http, &base, &after).await.expect("submitted");
+    assert_eq!(r.status().as_u16(), 201);
+    for s in long.iter().chain(&during).chain(&after) {
+        let id = s.task_id.as_ref().expect("id");
+        client.wait_status(id, "completed").await;
+        let results = client.results(id).await;
+        let counted = results.iter().filter(|r| r["stale"] != true).count();
+        assert_eq!(counted, 1, "task {id}: {results:?}");
+    }
+    assert!(second.alive(), "it stopped:\n{}", logged(&second_log));
+    for line in logged(&second_log).lines().filter(|l| l.contains("space")) {
         eprintln!("{line}");
     }
     w.stop().await.expect("clean stop");

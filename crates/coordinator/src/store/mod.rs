@@ -127,6 +127,13 @@ pub enum StoreError {
         holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
     )]
     Locked { path: PathBuf, holder: Option<u32> },
+    /// The data directory is out of space (a full file system, a quota reached): an open
+    /// waits for room ([`open_until`]) and returns this only when stopped meanwhile.
+    #[error(
+        "database {}: the data directory is out of space ({source}); the store cannot be opened without room, and the coordinator was stopped while waiting for it, with nothing changed (free space, and start it again)",
+        path.display()
+    )]
+    OutOfSpace { path: PathBuf, source: WriteError },
 }
 
 /// The files' names, for a message that names the directory already.
@@ -488,37 +495,57 @@ fn make_dir(dir: &Path) -> Result<(), StoreError> {
     })
 }
 
-/// Opens (creating if needed) the database in `dir`, checks and migrates it, and loads it.
+/// Opens (creating if needed) the database in `dir`, checks and migrates it, and loads it,
+/// waiting for space as long as it takes ([`open_until`], never stopped).
 /// A coordinator locks the directory first ([`lock_dir`]).
 pub fn open(dir: &Path) -> Result<(Connection, Loaded), StoreError> {
+    open_until(dir, &CancellationToken::new())
+}
+
+/// Like [`open`], waiting for space until `stop`. Each step that fails for want of space
+/// (reading the database makes its WAL index; the replay of the state journals writes
+/// `task_state`; a migration) is tried again, pausing as the writer's commits do
+/// ([`space`]), until it goes through; every step is one that changes nothing when it fails
+/// so. Stopped during a wait, it returns [`StoreError::OutOfSpace`], with nothing changed.
+pub fn open_until(
+    dir: &Path,
+    stop: &CancellationToken,
+) -> Result<(Connection, Loaded), StoreError> {
     use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(DB_FILE);
+    let stats = StoreStats::default();
+    let mut wait = space::OpenWait::new(&path, &stats, stop);
     make_dir(dir)?;
     if let Ok(meta) = std::fs::metadata(dir)
         && meta.permissions().mode() & 0o077 != 0
     {
         tracing::warn!(dir = %dir.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "the data directory is open to other users; it holds task specs, output and checkpoints (chmod 700)");
     }
-    let path = dir.join(DB_FILE);
     refuse_leftovers(dir, &path)?;
-    let found = schema::check(&path)?;
+    let found = wait.retry(|| schema::check(&path))?;
     // What a previous process journaled and did not fold yet (read before the database is
     // opened for writing: a corrupt journal is refused with the database untouched).
     let journaled = states::read_journals(dir, found >= schema::WHOLE_JOURNALS)?;
-    let conn = schema::open_checked(&path, schema::WHOLE_JOURNALS - 1)?;
-    states::replay(&conn, dir, journaled)?;
+    let conn = wait.retry(|| schema::open_checked(&path, schema::WHOLE_JOURNALS - 1))?;
+    wait.retry(|| states::replay(&conn, dir, &journaled))?;
     // Only once the journals an older coordinator made are gone (durably: `replay` syncs the
     // directory) does the database say that every journal beside it is created whole.
-    schema::migrate(&conn, &path, SCHEMA_VERSION)?;
-    let loaded = load(&conn).map_err(|e| match e {
-        LoadError::Sql(source) => StoreError::Sql {
-            path: path.clone(),
-            source,
-        },
-        LoadError::Json(detail) => StoreError::BadRecord {
-            path: path.clone(),
-            detail,
-        },
+    wait.retry(|| schema::migrate(&conn, &path, SCHEMA_VERSION))?;
+    let loaded = wait.retry(|| {
+        load(&conn).map_err(|e| match e {
+            LoadError::Sql(source) => {
+                space::or_out_of_space(&conn, &path, source, |source| StoreError::Sql {
+                    path: path.clone(),
+                    source,
+                })
+            }
+            LoadError::Json(detail) => StoreError::BadRecord {
+                path: path.clone(),
+                detail,
+            },
+        })
     })?;
+    wait.done();
     Ok((conn, loaded))
 }
 
@@ -759,16 +786,28 @@ pub fn spawn_writer(
     })?;
     let dir = path.parent().unwrap_or(Path::new(".")).to_owned();
     let sync = opts.durability == Durability::Machine;
-    let mut states = States::start(&dir, unfolded, sync, opts.fold_bytes).map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("cannot start the state journal in {}: {e}", dir.display()),
-        )
-    })?;
+    // Out of space, the journal's first file is made by the writer's thread, which waits for
+    // room before it takes a group, as a commit does (see `start_states`).
+    let started = match States::start(&dir, unfolded.clone(), sync, opts.fold_bytes) {
+        Ok(states) => Some(states),
+        Err(e) if space::io_out_of_space(&e) => None,
+        Err(e) => {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("cannot start the state journal in {}: {e}", dir.display()),
+            ));
+        }
+    };
     std::thread::Builder::new()
         .name("tether-store".into())
         .spawn(move || {
             let mut conn = conn;
+            let start = || States::start(&dir, unfolded.clone(), sync, opts.fold_bytes);
+            let Some(mut states) =
+                started.or_else(|| start_states(start, &path, &stats, &fatal, &stopping))
+            else {
+                return;
+            };
             // The WAL is copied into the database by a thread of its own, not by a commit.
             let checkpointer = match Checkpointer::start(&path, opts.wal_restart_frames) {
                 Ok(c) => {
@@ -827,8 +866,10 @@ pub fn spawn_writer(
                                 return;
                             }
                             Err(e) if e.out_of_space() => stall
-                                .get_or_insert_with(|| space::Stall::begin(&stats, &path, &e))
-                                .pause(&path, &e),
+                                .get_or_insert_with(|| {
+                                    space::Stall::begin(&stats, space::Waiting::Commit, &path, &e)
+                                })
+                                .pause(&path, &e, &stopping),
                             Err(e) => {
                                 tracing::error!(db = %path.display(), error = %e, "commit failed; stopping the coordinator without acknowledging");
                                 fatal.cancel();
@@ -908,6 +949,43 @@ pub fn spawn_writer(
             }
             let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
         })
+}
+
+/// Starts the state journal with `start` on the writer's thread, before it takes a group: its
+/// first try, made before the thread, failed for want of space (its file's header needs a
+/// block). Tried again as a commit is ([`space::Stall`]): meanwhile nothing is committed, the
+/// writer's queue fills, and submissions are refused. `None` when the writer is to end: stopped
+/// meanwhile (nothing was taken), or the journal failed otherwise (`fatal` is cancelled).
+fn start_states(
+    mut start: impl FnMut() -> std::io::Result<States>,
+    db: &Path,
+    stats: &StoreStats,
+    fatal: &CancellationToken,
+    stopping: &CancellationToken,
+) -> Option<States> {
+    let mut stall: Option<space::Stall<'_>> = None;
+    loop {
+        match start() {
+            Ok(states) => {
+                if let Some(s) = stall {
+                    s.end(db);
+                }
+                return Some(states);
+            }
+            Err(e) if space::io_out_of_space(&e) && stopping.is_cancelled() => {
+                tracing::warn!(db = %db.display(), "stopping while out of space, before the state journal was started: nothing was taken");
+                return None;
+            }
+            Err(e) if space::io_out_of_space(&e) => stall
+                .get_or_insert_with(|| space::Stall::begin(stats, space::Waiting::Journal, db, &e))
+                .pause(db, &e, stopping),
+            Err(e) => {
+                tracing::error!(db = %db.display(), error = %e, "cannot start the state journal; stopping the coordinator");
+                fatal.cancel();
+                return None;
+            }
+        }
+    }
 }
 
 /// What a mutation overwrites whole: of several in one group, only the last is executed.

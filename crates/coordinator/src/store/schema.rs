@@ -205,9 +205,12 @@ pub(super) fn check(path: &Path) -> Result<i64, StoreError> {
     // Read-only, so that a file we refuse is left exactly as it was.
     let ro =
         Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(open_err)?;
+    // The first read of a database in WAL mode makes its WAL index (`-shm`), which needs room:
+    // a full disk is not a corrupt database.
+    let unread = |e| super::space::or_out_of_space(&ro, path, e, |e| corrupt(e.to_string()));
     let version: i64 = ro
         .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(|e| corrupt(e.to_string()))?;
+        .map_err(unread)?;
     if version > SCHEMA_VERSION {
         return Err(StoreError::TooNew {
             path: path.to_owned(),
@@ -217,7 +220,7 @@ pub(super) fn check(path: &Path) -> Result<i64, StoreError> {
     }
     let check: String = ro
         .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .map_err(|e| corrupt(e.to_string()))?;
+        .map_err(unread)?;
     if check != "ok" {
         return Err(corrupt(check));
     }
@@ -240,9 +243,11 @@ pub(super) fn open_checked(path: &Path, through: i64) -> Result<Connection, Stor
         source,
     };
     let conn = Connection::open(path).map_err(open_err)?;
-    let sql = |source| StoreError::Sql {
-        path: path.to_owned(),
-        source,
+    let sql = |source| {
+        super::space::or_out_of_space(&conn, path, source, |source| StoreError::Sql {
+            path: path.to_owned(),
+            source,
+        })
     };
     // WAL with synchronous=NORMAL: a commit survives the death of the process (kill -9);
     // `--durability machine` sets FULL (super::set_durability, from the writer's options;
@@ -266,9 +271,11 @@ pub(super) fn open_checked(path: &Path, through: i64) -> Result<Connection, Stor
 
 /// Applies the migrations of `conn`'s database (at `path`) up to version `through`.
 pub(super) fn migrate(conn: &Connection, path: &Path, through: i64) -> Result<(), StoreError> {
-    let sql = |source| StoreError::Sql {
-        path: path.to_owned(),
-        source,
+    let sql = |source| {
+        super::space::or_out_of_space(conn, path, source, |source| StoreError::Sql {
+            path: path.to_owned(),
+            source,
+        })
     };
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))

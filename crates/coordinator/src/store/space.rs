@@ -10,13 +10,23 @@
 //! on it, and the workers keep what they produced in their outboxes; submissions are refused
 //! with `503` at once ([`super::StoreStats::out_of_space`]). Once an operator frees space, the
 //! held group commits, and everything behind it follows.
+//!
+//! Opening the store waits for space the same way ([`super::open_until`]): a coordinator
+//! stopped during a wait leaves its state journal to the next start, which replays it into
+//! the database (and reads the database at all only with room for its WAL index), then makes
+//! a journal file of its own; a restart while the disk is still full would otherwise fail there
+//! and exit, again at every restart of its supervisor. Each step of the open changes nothing
+//! when it fails for space (a transaction rolled back, a file not made), so it is tried again
+//! until it goes through, or until the coordinator is stopped; nothing is served meanwhile.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::StoreStats;
+use tokio_util::sync::CancellationToken;
+
 use super::states::WriteError;
+use super::{StoreError, StoreStats};
 
 /// The first pause before a group is tried again.
 pub const RETRY_FIRST: Duration = Duration::from_millis(100);
@@ -24,6 +34,8 @@ pub const RETRY_FIRST: Duration = Duration::from_millis(100);
 pub const RETRY_MOST: Duration = Duration::from_secs(5);
 /// How often the error is repeated while the writer waits.
 pub const SAY_AGAIN: Duration = Duration::from_secs(60);
+/// How often a pause looks whether the coordinator is stopping.
+const STOP_LOOK: Duration = Duration::from_millis(50);
 
 /// Whether an I/O error says the file system is full or a quota is reached.
 pub fn io_out_of_space(e: &std::io::Error) -> bool {
@@ -68,25 +80,101 @@ impl WriteError {
     /// connection).
     pub(super) fn with_errno(self, conn: &rusqlite::Connection) -> Self {
         match self {
-            WriteError::Sql(source @ rusqlite::Error::SqliteFailure(..))
-                if source.sqlite_error_code() == Some(rusqlite::ErrorCode::SystemIoFailure) =>
-            {
-                // SAFETY: `conn` is open and borrowed for the call, on this thread;
-                // sqlite3_system_errno only reads a field of its handle.
-                let errno = unsafe { rusqlite::ffi::sqlite3_system_errno(conn.handle()) };
-                match errno {
-                    0 => WriteError::Sql(source),
-                    errno => WriteError::SqlIo { source, errno },
-                }
-            }
+            WriteError::Sql(source) => match system_errno(conn, &source) {
+                Some(errno) => WriteError::SqlIo { source, errno },
+                None => WriteError::Sql(source),
+            },
             other => other,
         }
     }
 }
 
-/// A wait for space: from the first failed try of a group until it commits.
+/// The system's error number behind `e` when it is an SQLite I/O error, read from `conn`, the
+/// connection it happened on, before anything else failed there (`sqlite3_system_errno`:
+/// SQLite keeps the number of the last I/O error of each connection).
+fn system_errno(conn: &rusqlite::Connection, e: &rusqlite::Error) -> Option<i32> {
+    if e.sqlite_error_code() != Some(rusqlite::ErrorCode::SystemIoFailure) {
+        return None;
+    }
+    // SAFETY: `conn` is open and borrowed for the call, on this thread; sqlite3_system_errno
+    // only reads a field of its handle.
+    let errno = unsafe { rusqlite::ffi::sqlite3_system_errno(conn.handle()) };
+    (errno != 0).then_some(errno)
+}
+
+/// `source`, an SQLite error on `conn` while the store opens its database at `db`:
+/// [`StoreError::OutOfSpace`] when it says there is no room (a read too may need some: the
+/// WAL's index is made at the first), else what `other` makes of it.
+pub(super) fn or_out_of_space(
+    conn: &rusqlite::Connection,
+    db: &Path,
+    source: rusqlite::Error,
+    other: impl FnOnce(rusqlite::Error) -> StoreError,
+) -> StoreError {
+    let errno = system_errno(conn, &source);
+    if !sql_out_of_space(&source, errno) {
+        return other(source);
+    }
+    StoreError::OutOfSpace {
+        path: db.to_owned(),
+        source: match errno {
+            Some(errno) => WriteError::SqlIo { source, errno },
+            None => WriteError::Sql(source),
+        },
+    }
+}
+
+/// What waits for space: what the log says of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Waiting {
+    /// A group's commit (the writer).
+    Commit,
+    /// The state journal's first file, which the writer makes before it takes a group.
+    Journal,
+    /// The store's open: nothing is served until it is done.
+    Open,
+}
+
+impl Waiting {
+    fn begins(self) -> &'static str {
+        match self {
+            Waiting::Commit => {
+                "the data directory is out of space: the commit waits for room and is tried again; nothing is acknowledged meanwhile, and submissions are refused; free space to resume"
+            }
+            Waiting::Journal => {
+                "the data directory is out of space: the state journal cannot be started; it waits for room and is tried again, and nothing is committed or acknowledged meanwhile, and submissions are refused; free space to resume"
+            }
+            Waiting::Open => {
+                "the data directory is out of space: the store cannot be opened (a journal of task states to replay, or the database's WAL index to make); it waits for room and is tried again, and nothing is served meanwhile (workers keep what they produced); free space to start"
+            }
+        }
+    }
+
+    fn lasts(self) -> &'static str {
+        match self {
+            Waiting::Commit => "the data directory is still out of space; the commit waits",
+            Waiting::Journal => {
+                "the data directory is still out of space; the state journal waits to be started"
+            }
+            Waiting::Open => "the data directory is still out of space; opening the store waits",
+        }
+    }
+
+    fn ends(self) -> &'static str {
+        match self {
+            Waiting::Commit => {
+                "space again: the waiting commit went through, and the store goes on"
+            }
+            Waiting::Journal => "space again: the state journal is started, and the store goes on",
+            Waiting::Open => "space again: the store is open, and the coordinator starts",
+        }
+    }
+}
+
+/// A wait for space: from the first failed try until one goes through.
 pub(super) struct Stall<'a> {
     stats: &'a StoreStats,
+    what: Waiting,
     began: Instant,
     said: Instant,
     tries: u64,
@@ -95,14 +183,20 @@ pub(super) struct Stall<'a> {
 
 impl<'a> Stall<'a> {
     /// The first try failed with `error`: says so, and marks the store out of space.
-    pub fn begin(stats: &'a StoreStats, db: &Path, error: &WriteError) -> Self {
-        tracing::error!(db = %db.display(), %error, "the data directory is out of space: the commit waits for room and is tried again; nothing is acknowledged meanwhile, and submissions are refused; free space to resume");
+    pub fn begin(
+        stats: &'a StoreStats,
+        what: Waiting,
+        db: &Path,
+        error: &dyn std::fmt::Display,
+    ) -> Self {
+        tracing::error!(db = %db.display(), %error, "{}", what.begins());
         stats.out_of_space.store(true, Ordering::Release);
         stats.stalls.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!(crate::metrics::STORE_OUT_OF_SPACE).set(1.0);
         let now = Instant::now();
         Stall {
             stats,
+            what,
             began: now,
             said: now,
             tries: 1,
@@ -110,23 +204,124 @@ impl<'a> Stall<'a> {
         }
     }
 
-    /// Pauses before the next try (longer each time, up to [`RETRY_MOST`]); another try
-    /// failed with `error` (said again every [`SAY_AGAIN`]).
-    pub fn pause(&mut self, db: &Path, error: &WriteError) {
+    /// Pauses before the next try (longer each time, up to [`RETRY_MOST`]), or until `stop`;
+    /// another try failed with `error` (said again every [`SAY_AGAIN`]).
+    pub fn pause(&mut self, db: &Path, error: &dyn std::fmt::Display, stop: &CancellationToken) {
         if self.said.elapsed() >= SAY_AGAIN {
             self.said = Instant::now();
-            tracing::error!(db = %db.display(), %error, tries = self.tries, waited_s = self.began.elapsed().as_secs(), "the data directory is still out of space; the commit waits");
+            tracing::error!(db = %db.display(), %error, tries = self.tries, waited_s = self.began.elapsed().as_secs(), "{}", self.what.lasts());
         }
-        std::thread::sleep(self.pause);
+        let until = Instant::now() + self.pause;
+        while !stop.is_cancelled() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(STOP_LOOK));
+        }
         self.pause = (self.pause * 2).min(RETRY_MOST);
         self.tries += 1;
     }
 
-    /// The group committed.
+    /// A try went through.
     pub fn end(self, db: &Path) {
         self.stats.out_of_space.store(false, Ordering::Release);
         metrics::gauge!(crate::metrics::STORE_OUT_OF_SPACE).set(0.0);
-        tracing::warn!(db = %db.display(), tries = self.tries, waited_ms = self.began.elapsed().as_millis() as u64, "space again: the waiting commit went through, and the store goes on");
+        tracing::warn!(db = %db.display(), tries = self.tries, waited_ms = self.began.elapsed().as_millis() as u64, "{}", self.what.ends());
+    }
+}
+
+/// The steps of the store's open, each tried again while it fails for want of space
+/// ([`StoreError::OutOfSpace`]) until it goes through or `stop` is cancelled.
+pub(super) struct OpenWait<'a> {
+    db: &'a Path,
+    stop: &'a CancellationToken,
+    /// The open's own: nothing else reads them (the core is not started yet); the gauge is
+    /// the process's.
+    stats: &'a StoreStats,
+    stall: Option<Stall<'a>>,
+}
+
+impl<'a> OpenWait<'a> {
+    pub fn new(db: &'a Path, stats: &'a StoreStats, stop: &'a CancellationToken) -> Self {
+        OpenWait {
+            db,
+            stop,
+            stats,
+            stall: None,
+        }
+    }
+
+    /// Runs `step` until it goes through, or fails other than for space, or fails for space
+    /// once `stop` is cancelled. `step` must change nothing when it fails for space, so that
+    /// it may be run again.
+    pub fn retry<T>(
+        &mut self,
+        mut step: impl FnMut() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        loop {
+            let e = match step() {
+                Err(StoreError::OutOfSpace { source, .. }) => source,
+                done => return done,
+            };
+            if self.stop.is_cancelled() {
+                tracing::warn!(db = %self.db.display(), "stopping while out of space, before the store was opened: nothing was changed, and the next start opens it");
+                return Err(StoreError::OutOfSpace {
+                    path: self.db.to_owned(),
+                    source: e,
+                });
+            }
+            match &mut self.stall {
+                Some(stall) => stall.pause(self.db, &e, self.stop),
+                None => {
+                    let mut stall = Stall::begin(self.stats, Waiting::Open, self.db, &e);
+                    stall.pause(self.db, &e, self.stop);
+                    self.stall = Some(stall);
+                }
+            }
+        }
+    }
+
+    /// Every step went through: says so if any waited.
+    pub fn done(self) {
+        if let Some(stall) = self.stall {
+            stall.end(self.db);
+        }
+    }
+}
+
+/// Tests: data directories taken for full, whose replays' commits and new journal files fail
+/// for want of space (`super::states`) until they are given room again.
+#[cfg(test)]
+pub(super) mod full {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    /// Each full directory, with the writes that failed in it so far.
+    static DIRS: Mutex<Vec<(PathBuf, u64)>> = Mutex::new(Vec::new());
+
+    fn dirs() -> std::sync::MutexGuard<'static, Vec<(PathBuf, u64)>> {
+        DIRS.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn fill(dir: &Path) {
+        dirs().push((dir.to_owned(), 0));
+    }
+
+    pub fn free(dir: &Path) {
+        dirs().retain(|(d, _)| d != dir);
+    }
+
+    /// The writes that failed in `dir` since it was filled.
+    pub fn failed(dir: &Path) -> u64 {
+        dirs().iter().find(|(d, _)| d == dir).map_or(0, |(_, n)| *n)
+    }
+
+    /// Whether a write in `dir` finds no room (counted).
+    pub(in crate::store) fn hit(dir: &Path) -> bool {
+        let mut dirs = dirs();
+        let found = dirs.iter_mut().find(|(d, _)| d == dir);
+        found.map(|(_, n)| *n += 1).is_some()
     }
 }
 
@@ -189,5 +384,38 @@ mod tests {
         assert!(matches!(with(ffi::SQLITE_FULL), WriteError::Sql(_)));
         let said = io(ffi::SQLITE_IOERR_WRITE, EDQUOT).to_string();
         assert!(said.contains(&format!("os error {EDQUOT}")), "{said}");
+    }
+
+    /// Opening, a read that cannot make the WAL's index (no room for it) failed as a corrupt
+    /// database, and the refusal told the operator to move the database away.
+    #[test]
+    fn an_open_that_finds_no_room_is_out_of_space_not_corrupt() {
+        use rusqlite::ffi;
+        let conn = rusqlite::Connection::open_in_memory().expect("connection");
+        let db = Path::new("/data/tether.db");
+        let fail = |code| {
+            let e = rusqlite::Error::SqliteFailure(ffi::Error::new(code), None);
+            or_out_of_space(&conn, db, e, |e| StoreError::Corrupt {
+                path: db.to_owned(),
+                detail: e.to_string(),
+            })
+        };
+        for code in [ffi::SQLITE_IOERR_SHMSIZE, ffi::SQLITE_FULL] {
+            match fail(code) {
+                StoreError::OutOfSpace { path, source } => {
+                    assert_eq!(path, db);
+                    assert!(source.out_of_space(), "{source}");
+                }
+                other => panic!("{code}: {other}"),
+            }
+        }
+        assert!(matches!(
+            fail(ffi::SQLITE_CORRUPT),
+            StoreError::Corrupt { .. }
+        ));
+        assert!(matches!(
+            fail(ffi::SQLITE_IOERR_READ),
+            StoreError::Corrupt { .. }
+        ));
     }
 }

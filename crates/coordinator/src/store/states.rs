@@ -528,10 +528,15 @@ pub(super) fn read_journals(dir: &Path, whole: bool) -> Result<Journaled, StoreE
 
 /// Folds what [`read_journals`] found into `task_state` (only for tasks that exist) in one
 /// transaction, then deletes the files. Returns the states written.
+///
+/// Failing for want of space ([`StoreError::OutOfSpace`]: the transaction needs room), it
+/// changed nothing (its transaction rolled back, the files kept), and is run again
+/// (`super::open_until`). Run again after its commit (a crash before the files were removed),
+/// it writes the same rows again, each a task's newest state whole: nothing is applied twice.
 pub(super) fn replay(
     conn: &Connection,
     dir: &Path,
-    journaled: Journaled,
+    journaled: &Journaled,
 ) -> Result<usize, StoreError> {
     let Journaled {
         files,
@@ -546,9 +551,11 @@ pub(super) fn replay(
         path: dir.to_owned(),
         source: e,
     };
-    let sql = |source| StoreError::Sql {
-        path: db.clone(),
-        source,
+    let sql = |source| {
+        super::space::or_out_of_space(conn, &db, source, |source| StoreError::Sql {
+            path: db.clone(),
+            source,
+        })
     };
     // The journal files go once these rows are in: their commit must be on disk by then, at
     // any durability (a synchronous NORMAL commit in WAL mode is not synced, and a power loss
@@ -565,26 +572,40 @@ pub(super) fn replay(
                  ON CONFLICT(task_id) DO UPDATE SET attempt = excluded.attempt, state = excluded.state, updated_at = excluded.updated_at",
             )
             .map_err(sql)?;
-        for (task, (attempt, state, at)) in &latest {
+        for (task, (attempt, state, at)) in latest {
             written += upsert
                 .execute(rusqlite::params![task, attempt, state, at])
                 .map_err(sql)?;
         }
     }
-    tx.commit().map_err(sql)?;
+    commit_replay(tx, dir).map_err(sql)?;
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(sql)?;
-    for path in files.iter().chain(&temporary) {
-        std::fs::remove_file(path).map_err(io)?;
-    }
-    // Before anything newer is written: a removal lost to a crash would replay older states.
-    sync_dir(dir).map_err(io)?;
+    let paths: Vec<PathBuf> = files.iter().chain(temporary).cloned().collect();
+    // Synced before anything newer is written: a removal lost to a crash would replay older
+    // states. One removed already (a replay run again) is no error.
+    remove_files(dir, &paths, true).map_err(io)?;
     tracing::info!(
         files = files.len(),
         states = written,
         "state journal replayed"
     );
     Ok(written)
+}
+
+/// Commits a replay's transaction, made on the database beside `dir`.
+fn commit_replay(tx: rusqlite::Transaction<'_>, dir: &Path) -> rusqlite::Result<()> {
+    #[cfg(test)]
+    if super::space::full::hit(dir) {
+        drop(tx);
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        ));
+    }
+    #[cfg(not(test))]
+    let _ = dir;
+    tx.commit()
 }
 
 /// Why the writer failed to keep a state.
@@ -651,6 +672,10 @@ impl Journal {
     /// journal file is damage, never a crash. This costs two syncs a file (about one a second
     /// while states flow), with either durability.
     fn create(dir: &Path, generation: u64) -> std::io::Result<File> {
+        #[cfg(test)]
+        if super::space::full::hit(dir) {
+            return Err(std::io::Error::from_raw_os_error(nix::libc::ENOSPC));
+        }
         let temporary = temporary_path(dir, generation);
         let made: std::io::Result<File> = (|| {
             let mut file = std::fs::OpenOptions::new()

@@ -9,6 +9,8 @@ use tether_proto::{Attempt, Outcome, TaskId, TaskSpec, TaskStatus, WorkerId};
 
 use super::*;
 
+mod open_full;
+
 fn task(id: &str, seq: u64, status: TaskStatus) -> Task {
     Task {
         task_id: TaskId::parse(id).expect("id"),
