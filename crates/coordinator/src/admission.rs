@@ -49,6 +49,13 @@ const MAX_TRACKED_ADDRS: usize = 4096;
 /// from the coordinator's `registration_pool`.
 pub const PRE_REGISTRATION_BYTES: usize = 64 * 1024;
 
+/// Bytes a second an HTTP answer must move, on average, while its reader keeps it waiting
+/// (its writes find the socket full), with `http_idle` of slack: a reader that frees a little
+/// of its socket's buffer now and then moves bytes, so the idle close never comes, and would
+/// otherwise hold the answer (and its turn of `http::HEAVY_AT_ONCE`) for as long as it likes.
+/// 512 kbit/s: an honest client on any link but the slowest keeps up.
+pub const MIN_ANSWER_RATE: u64 = 64 * 1024;
+
 /// A rate: `per_sec` tokens a second, at most `burst` saved up.
 #[derive(Debug, Clone, Copy)]
 pub struct Rate {
@@ -268,6 +275,8 @@ impl axum::serve::Listener for Admission {
                 awaiting_answer: true,
                 head: Head::Waiting,
                 moved: Instant::now(),
+                stalled_since: None,
+                slack: self.limits.http_idle,
                 handshake_timeout: self.limits.handshake_timeout,
                 http_idle: self.limits.http_idle,
                 counters: self.counters.clone(),
@@ -506,7 +515,12 @@ pub struct OverEntryBudget;
 /// first byte (of the accept, for the first request) closes it, and so does moving no byte
 /// either way for `http_idle` otherwise (idle between requests, or a reader that stopped
 /// reading its answer): a connection cannot be held open for ever by a client that sent one
-/// request and went quiet, nor hold an answer's turn (`http::HEAVY_AT_ONCE`).
+/// request and went quiet. Nor can a reader that takes its answer a little at a time hold it
+/// (and its turn of `http::HEAVY_AT_ONCE`): while writes wait for the reader, the time they
+/// wait is paid from the connection's slack, which starts at `http_idle`, is earned back at
+/// one second per [`MIN_ANSWER_RATE`] bytes written (up to `http_idle` again), and closes the
+/// connection when it runs out. The slack is the connection's, not an answer's: a client
+/// cannot win it back by sending the next request in the middle of an answer.
 pub struct Guarded {
     tcp: Stream,
     open: Arc<AtomicUsize>,
@@ -519,6 +533,11 @@ pub struct Guarded {
     head: Head,
     /// When the answer last moved a byte (while not `awaiting_answer`).
     moved: Instant,
+    /// Since when the answer's last write has been waiting for the reader to make room.
+    stalled_since: Option<Instant>,
+    /// How much longer writes may wait for the reader (see [`Guarded`]), not counting the
+    /// wait since `stalled_since`.
+    slack: Duration,
     handshake_timeout: Duration,
     http_idle: Duration,
     counters: Arc<Counters>,
@@ -738,8 +757,9 @@ impl Guarded {
                     "request not complete by the handshake deadline",
                 ));
             }
+            let now = Instant::now();
             let idle_until = self.moved + self.http_idle;
-            if idle_until <= Instant::now() {
+            if idle_until <= now {
                 self.counters
                     .idle_http_closed
                     .fetch_add(1, Ordering::Relaxed);
@@ -748,9 +768,43 @@ impl Guarded {
                     "HTTP connection idle past its deadline",
                 ));
             }
+            let slow_until = self.stalled_since.map(|since| since + self.slack);
+            if slow_until.is_some_and(|until| until <= now) {
+                self.counters
+                    .idle_http_closed
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    written = self.entry.written.load(Ordering::Relaxed),
+                    min_rate = MIN_ANSWER_RATE,
+                    "HTTP connection closed: its reader took its answer too slowly"
+                );
+                return Some(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "HTTP answer read slower than its minimum rate",
+                ));
+            }
             // Bytes moved since it was set: it moves on, and is polled again to wait.
-            deadline.as_mut().reset(idle_until);
+            deadline
+                .as_mut()
+                .reset(slow_until.map_or(idle_until, |slow| slow.min(idle_until)));
         }
+    }
+
+    /// A write of an answer found no room: the wait is paid from the slack from now on, and
+    /// the deadline comes no later than the slack's end. The error when it has already run out.
+    fn stalled(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        if self.awaiting_answer || self.stalled_since.is_some() {
+            return None;
+        }
+        let deadline = self.deadline.as_mut()?;
+        let now = Instant::now();
+        self.stalled_since = Some(now);
+        let slow_until = now + self.slack;
+        if slow_until < deadline.deadline() {
+            deadline.as_mut().reset(slow_until);
+        }
+        // Polled with this task's context, so that it wakes when the slack runs out.
+        self.expired(cx)
     }
 
     /// `n` bytes were written: of an answer, the request's deadline gives way to the idle
@@ -760,6 +814,13 @@ impl Guarded {
             return;
         }
         self.moved = Instant::now();
+        if let Some(since) = self.stalled_since.take() {
+            self.slack = self
+                .slack
+                .saturating_sub(self.moved.saturating_duration_since(since));
+        }
+        let earned = Duration::from_secs_f64(n as f64 / MIN_ANSWER_RATE as f64);
+        self.slack = self.slack.saturating_add(earned).min(self.http_idle);
         if self.awaiting_answer {
             self.awaiting_answer = false;
             if let Some(d) = self.deadline.as_mut() {
@@ -826,8 +887,14 @@ impl AsyncWrite for Guarded {
         }
         ready_or_return!(self.tcp, cx);
         let r = self.tcp.io().poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            self.wrote(n);
+        match r {
+            Poll::Ready(Ok(n)) => self.wrote(n),
+            Poll::Pending => {
+                if let Some(e) = self.stalled(cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            Poll::Ready(Err(_)) => {}
         }
         r
     }
@@ -852,8 +919,14 @@ impl AsyncWrite for Guarded {
         }
         ready_or_return!(self.tcp, cx);
         let r = self.tcp.io().poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = r {
-            self.wrote(n);
+        match r {
+            Poll::Ready(Ok(n)) => self.wrote(n),
+            Poll::Pending => {
+                if let Some(e) = self.stalled(cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            Poll::Ready(Err(_)) => {}
         }
         r
     }

@@ -138,7 +138,10 @@ impl IntoResponse for ApiError {
 /// How many answers that may run to many megabytes (a listing of up to `LIST_MAX` tasks, a
 /// task's results, a checkpoint of up to `max_checkpoint_bytes`, the workers, an event
 /// stream's snapshot) are made at once. Each holds its turn until its body is handed to the connection: unbounded, a few
-/// hundred such requests (of up to `max_connections`) held gigabytes.
+/// hundred such requests (of up to `max_connections`) held gigabytes. A reader cannot put that
+/// off for long by reading slowly: its connection is closed, and the turn freed, once it has
+/// read slower than [`MIN_ANSWER_RATE`](crate::admission::MIN_ANSWER_RATE) for about
+/// `http_idle` (`admission::Guarded`).
 pub const HEAVY_AT_ONCE: usize = 8;
 /// How long such an answer waits for a turn before `503 busy`, at most: half the handshake
 /// deadline (`--handshake-timeout`, 10 s by default), within which a new connection's first
@@ -150,7 +153,8 @@ fn heavy_wait(app: &AppState) -> Duration {
     HEAVY_WAIT.min(app.cfg.limits.handshake_timeout / 2)
 }
 /// The pieces a heavy body is handed to the connection in: it takes the next only when it has
-/// room, so a turn lasts until the last piece is taken, however slowly the client reads.
+/// room, so a turn lasts until the last piece is taken, or until the connection is closed for
+/// reading slower than its minimum rate.
 const HEAVY_PIECE: usize = 64 * 1024;
 
 /// How many submissions are read and parsed at once. Each may hold a body of up to

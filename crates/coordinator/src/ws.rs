@@ -62,6 +62,14 @@ pub const WS_READ_BUFFER: usize = 512;
 const WS_WRITE_BUFFER: usize = 16 * 1024;
 /// Most queued messages sent with one flush.
 const MAX_COALESCED: usize = 64;
+/// Most messages a session's outgoing queue holds before the session stops reading the
+/// worker's frames and writes instead. A batch frame's replies are at most two a message (an
+/// `error` and the acknowledgement of each refused one): the bound is twice a full batch
+/// frame's, so a session whose replies come a frame behind its reading is never held back by
+/// it, while a worker that sends faster than it reads its replies backs up in its own socket,
+/// not in the coordinator's memory (the core never waits on a session, so its queue has no
+/// bound of its own).
+const MAX_BACKLOG: usize = 4 * MAX_BATCH_MESSAGES as usize;
 /// Close code for a text frame that is not UTF-8 (RFC 6455: inconsistent data).
 const CLOSE_BAD_DATA: u16 = 1007;
 /// Close code for a peer that broke a rule (too many frames before authentication).
@@ -429,6 +437,11 @@ fn run(
         // keepalive (see `frame_arriving`).
         let mut read_seen = out.entry.bytes_read();
         let (kind, reason): (&'static str, String) = loop {
+            // Over its bound, the queue is written before another frame is read: a worker that
+            // sends faster than it reads its replies backs up in its own socket (a worker that
+            // reads nothing stalls the writes, which end the session), and the queue of a
+            // session stays within a frame's replies of the bound.
+            let backlog = rx.len() > MAX_BACKLOG;
             tokio::select! {
                 read = frame_arriving(&out.entry, read_seen, deadline, agreed.beat) => {
                     // A frame longer than the link carries in a heartbeat interval is arriving
@@ -460,7 +473,7 @@ fn run(
                     m::observe(m::DEAD_DETECT, Instant::now() + timeout - deadline);
                     break ("timeout", format!("no frame for {} ms", timeout.as_millis()));
                 }
-                frame = stream.next() => {
+                frame = stream.next(), if !backlog => {
                     let frame = match frame {
                         None => break ("closed", "closed".into()),
                         Some(Err(e)) => {
@@ -486,10 +499,16 @@ fn run(
                     tests::panic_if_asked(&worker);
                     // Over the session's message or byte rate: tell it once a second, and read
                     // nothing until both allow this frame, so a flood backs up in its own socket.
-                    if let Some(over) = pace.admit(Instant::now(), &app.cfg.limits)
-                        && !Box::pin(pace.wait(over, &mut out, &app, &worker, session_id, agreed.beat.timeout)).await
-                    {
-                        break ("error", "write failed".into());
+                    // What is queued for the worker is written meanwhile.
+                    if let Some(over) = pace.admit(Instant::now(), &app.cfg.limits) {
+                        sending.worker_frame = agreed.max_frame;
+                        let queue = Queue { rx: &mut rx, sending: &mut sending, known: &mut known };
+                        let paced = Box::pin(pace.wait(over, &mut out, queue, &mut deadline, &app, &worker, session_id, agreed.beat.timeout));
+                        match paced.await {
+                            Paced::Ready => {}
+                            Paced::Failed => break ("error", "write failed".into()),
+                            Paced::Closed(reason) => break ("coordinator", reason),
+                        }
                     }
                     let frame = match unseal(open.as_deref_mut(), &frame) {
                         Ok(f) => {
@@ -614,6 +633,11 @@ fn run(
                         break ("coordinator", format!("closed by coordinator: {reason}"));
                     }
                     Some(first) => {
+                        // Held back for the queue, the worker's frames wait unread: its silence
+                        // meanwhile is the session's doing.
+                        if backlog {
+                            deadline = deadline.max(Instant::now() + agreed.beat.timeout);
+                        }
                         // A registration read since the last write may have announced
                         // another frame limit.
                         sending.worker_frame = agreed.max_frame;
@@ -896,17 +920,27 @@ impl SessionPace {
     }
 
     /// Waits, counted and telling the worker at most once a second, until both rates have
-    /// room for the frame (its message token taken); false when the telling failed. Boxed by
-    /// the caller: a rare path, whose state would size every idle session's future.
+    /// room for the frame (its message token taken), writing what `queue` holds meanwhile
+    /// (the acks of the frames before: a paced worker still hears of them, and a session's
+    /// queue is not left to grow while it waits). Boxed by the caller: a rare path, whose state
+    /// would size every idle session's future.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the session's parts the wait writes with"
+    )]
     async fn wait(
         &mut self,
         mut over: Over,
         out: &mut Tx,
+        queue: Queue<'_>,
+        deadline: &mut Instant,
         app: &AppState,
         worker: &WorkerId,
         session_id: u64,
         timeout: Duration,
-    ) -> bool {
+    ) -> Paced {
+        let Queue { rx, sending, known } = queue;
+        let mut open = true;
         let limits = &app.cfg.limits;
         let mut counted = [false; 2];
         loop {
@@ -935,7 +969,7 @@ impl SessionPace {
                     None,
                 );
                 if !out.send(&mut (Instant::now() + timeout), &e).await {
-                    return false;
+                    return Paced::Failed;
                 }
             }
             let ready_at = {
@@ -945,12 +979,61 @@ impl SessionPace {
                     Over::Bytes => pace.bytes.next_token_at(limits.byte_rate()),
                 }
             };
-            tokio::time::sleep_until(ready_at).await;
+            let sleep = tokio::time::sleep_until(ready_at);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    biased;
+                    () = &mut sleep => break,
+                    queued = rx.recv(), if open => match queued {
+                        Some(Outgoing::Close(c)) => {
+                            let (code, reason) = *c;
+                            return Paced::close(out, *deadline, code, reason).await;
+                        }
+                        Some(first) => {
+                            let send = send_queued(out, rx, first, deadline, sending, known, app);
+                            match Box::pin(send).await {
+                                Ok(None) => {}
+                                Ok(Some((code, reason))) => {
+                                    return Paced::close(out, *deadline, code, reason).await;
+                                }
+                                Err(()) => return Paced::Failed,
+                            }
+                        }
+                        // The core has stopped: the session learns it once the wait is over.
+                        None => open = false,
+                    },
+                }
+            }
             match self.admit(Instant::now(), limits) {
-                None => return true,
+                None => return Paced::Ready,
                 Some(next) => over = next,
             }
         }
+    }
+}
+
+/// The session's outgoing queue and what writing it needs, lent to a wait.
+struct Queue<'a> {
+    rx: &'a mut crate::core::mailbox::Receiver<Outgoing>,
+    sending: &'a mut Outbound,
+    known: &'a mut KnownIds,
+}
+
+/// How a wait for the session's rates ended.
+enum Paced {
+    /// The frame may be handled.
+    Ready,
+    /// A write failed or stalled.
+    Failed,
+    /// The coordinator closed the session (the close sent), for this reason.
+    Closed(String),
+}
+
+impl Paced {
+    async fn close(out: &mut Tx, deadline: Instant, code: u16, reason: String) -> Self {
+        out.close(deadline, code, &reason).await;
+        Paced::Closed(format!("closed by coordinator: {reason}"))
     }
 }
 
@@ -2259,6 +2342,63 @@ mod tests {
             Some("heartbeat".into()),
             "the session was closed: {reply:?}"
         );
+    }
+
+    /// A session whose outgoing queue is over its bound writes before it reads another frame:
+    /// a worker that sends faster than it reads its replies backs up in its own socket, not in
+    /// the session's queue. Here the session waits on a full core queue while its own queue
+    /// fills past the bound and the worker sends a heartbeat (answered by the session itself,
+    /// so its reply shows where in the queue the session read it): the reply comes only after
+    /// the replies over the bound. Reading at once, it came within the first few writes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_over_its_queue_bound_writes_before_it_reads_another_frame() {
+        let mut core = FakeCore::start(crate::CoordinatorConfig::new("/unused"), 1).await;
+        let (mut ws, session) = registered(&mut core, "w-backlog").await;
+        // The first frame's event fills the core's queue; the second's waits for room, and the
+        // session reads and writes nothing meanwhile (pings aside).
+        send_json(&mut ws, task_state(1)).await;
+        send_json(&mut ws, task_state(2)).await;
+        let n = MAX_BACKLOG + 2 * MAX_BATCH_MESSAGES as usize;
+        let replies = (0..n).map(|i| {
+            let e = CoordMsg::error(ErrorCode::BadFrame, format!("queued {i}"), None, None);
+            Outgoing::Msg(Box::new(e))
+        });
+        session.tx.send_all(replies).expect("open");
+        send_json(
+            &mut ws,
+            serde_json::json!({"type": "heartbeat", "sequence": 1, "timestamp": now()}),
+        )
+        .await;
+        // Idle a moment, so the runtime's reactor has seen the heartbeat arrive (on this
+        // single-threaded runtime it looks only when no task is ready) and the session finds
+        // its frame ready beside its queue, as a session under a flood does.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for seq in [1, 2] {
+            let ev = core.next().await;
+            let Event::Frame { msgs, .. } = ev else {
+                panic!("frame {seq}, not {}", describe(&ev));
+            };
+            assert_eq!(msgs[0].seq().map(|s| s.0), Some(seq));
+        }
+        let mut errors = 0;
+        let at = loop {
+            let v = next_json(&mut ws).await.expect("open");
+            match v["type"].as_str() {
+                Some("error") => errors += 1,
+                Some("heartbeat") => break errors,
+                _ => panic!("a queued reply or the heartbeat's, not {v}"),
+            }
+        };
+        assert!(
+            at >= n - MAX_BACKLOG,
+            "the heartbeat was read with {} replies queued, over the bound of {MAX_BACKLOG}",
+            n - at
+        );
+        while errors < n {
+            let v = next_json(&mut ws).await.expect("open");
+            assert_eq!(v["type"], "error", "{v}");
+            errors += 1;
+        }
     }
 
     /// While the store is held on a commit for a heartbeat interval or more, a heartbeat's

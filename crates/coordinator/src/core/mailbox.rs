@@ -114,6 +114,16 @@ impl<T> Receiver<T> {
         }
     }
 
+    /// How many messages are queued: what the session has still to write.
+    pub fn len(&self) -> usize {
+        self.0.queue().len()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.0.queue().is_empty()
+    }
+
     /// The next message if one is queued.
     pub fn try_recv(&mut self) -> Result<T, TryRecvError> {
         if let Some(msg) = self.0.queue().pop_front() {
@@ -186,6 +196,7 @@ mod tests {
         tx.send(1).expect("open");
         tx.send_all([2, 3, 4]).expect("open");
         tx.send(5).expect("open");
+        assert_eq!(rx.len(), 5);
         let got: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
         assert_eq!(got, vec![1, 2, 3, 4, 5]);
         drop(rx);

@@ -1630,3 +1630,97 @@ async fn readers_that_hold_every_turn_for_large_answers_get_others_a_busy_answer
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in submission order");
     c.stop().await;
 }
+
+/// Readers that take their listing a little at a time, every half `http_idle`, keep it moving,
+/// so the idle close never comes for them: they hold every turn for large answers only until
+/// they have read slower than `MIN_ANSWER_RATE` for about `http_idle`; then their connections
+/// are closed, counted, and the worker list and an admin's control are answered again.
+#[tokio::test]
+async fn readers_that_hold_every_turn_reading_a_little_every_half_idle_are_cut_and_turns_come_back()
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const IDLE: Duration = Duration::from_secs(3);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.limits.http_idle = IDLE;
+    // A busy answer comes after 1 s (half the handshake deadline), not 5.
+    cfg.limits.handshake_timeout = Duration::from_secs(2);
+    // A small send buffer (its connections inherit it): a writer blocked on a full one is woken
+    // when a third of it drains, so 16 KiB read makes the coordinator write (with the default,
+    // megabytes on loopback, a reader would have to take about a megabyte each time).
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_send_buffer_size(16 * 1024).expect("buffer size");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let c = spawn_coordinator_on(cfg, socket.listen(1024).expect("listen")).await;
+    // 2,000 tasks of 4 KiB: each listing of them is 8 MB, more than sockets' buffers hold.
+    c.client().submit_padded("big", 2000, 4096).await;
+    let id = c.client().submit(&[sleep_task(50, 2, 1)]).await.remove(0);
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..tether_coordinator::http::HEAVY_AT_ONCE {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("buffer size");
+        let mut s = socket.connect(c.addr).await.expect("connect");
+        let request = format!(
+            "GET /api/v1/tasks?limit=100000 HTTP/1.1\r\nHost: {}\r\n\r\n",
+            c.addr
+        );
+        s.write_all(request.as_bytes()).await.expect("request");
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await.expect("status line");
+        assert_eq!(&head[9..12], b"200");
+        // 16 KiB every half `http_idle` (about 11 KB/s): the coordinator writes well within
+        // every idle limit.
+        readers.spawn(async move {
+            let mut got = 12;
+            let mut buf = [0u8; 16 * 1024];
+            let began = tokio::time::Instant::now();
+            while began.elapsed() < 4 * IDLE {
+                tokio::time::sleep(IDLE / 2).await;
+                match tokio::time::timeout(IDLE, s.read_exact(&mut buf)).await {
+                    Ok(Err(_)) => return Some(got),
+                    Ok(Ok(n)) => got += n,
+                    Err(_) => panic!("16 KiB not sent within {IDLE:?}"),
+                }
+            }
+            None
+        });
+    }
+    let workers = format!(
+        "GET /api/v1/workers HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        c.addr
+    );
+    assert_eq!(raw_status(c.addr, &workers).await, 503, "every turn held");
+    // Within the slack (`http_idle`, and what the readers' bytes earn back), every turn is
+    // free again: the old idle close alone left them held as long as the readers read on.
+    let until = tokio::time::Instant::now() + 3 * IDLE;
+    while raw_status(c.addr, &workers).await != 200 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "every turn still held by readers taking their answers slowly"
+        );
+    }
+    while let Some(reader) = readers.join_next().await {
+        let got = reader
+            .expect("reader")
+            .expect("a slow reader's connection is closed");
+        assert!(
+            (12..8_000_000).contains(&got),
+            "closed before its answer was read: {got}"
+        );
+    }
+    let (status, overview) = c.client().get("/api/v1/overview").await;
+    assert_eq!(status, 200);
+    assert!(counter(&overview, "idle_http_closed") >= 8, "{overview}");
+    let cancel = format!(
+        "POST /api/v1/tasks/{id}/cancel HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        c.addr
+    );
+    assert_eq!(
+        raw_status(c.addr, &cancel).await,
+        200,
+        "a control is answered"
+    );
+    c.stop().await;
+}
