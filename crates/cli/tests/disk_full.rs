@@ -408,8 +408,9 @@ fn journals(data: &Path) -> Vec<String> {
 /// A coordinator stopped (SIGTERM) while its commits wait for space leaves its state journal
 /// to the next start. Restarted while the disk is still full, the next one could neither read
 /// its database (no room for the WAL's index: it was refused as corrupt) nor replay the
-/// journal, and exited, again at every restart by its supervisor. It waits for room instead,
-/// and once there is some it replays the journal and serves, having lost nothing.
+/// journal, and exited, again at every restart by its supervisor. It waits for room instead
+/// (a SIGTERM meanwhile ends it at once, changing nothing), and once there is some it replays
+/// the journal and serves, having lost nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_restarted_while_its_disk_is_still_full_waits_for_room_and_loses_nothing() {
     if !can_mount() {
@@ -519,6 +520,36 @@ async fn a_coordinator_restarted_while_its_disk_is_still_full_waits_for_room_and
         .send()
         .await;
     assert!(healthz.is_err(), "served before the store was open");
+
+    // Stopped while the open waits: it ends at once, having started and changed nothing.
+    let left = journals(&data);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second_pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    wait_for("the waiting coordinator to stop", LONG, || async {
+        exited(second_pid).then_some(())
+    })
+    .await;
+    let status = second.child.wait().expect("wait");
+    assert!(status.success(), "{status}:\n{}", logged(&second_log));
+    assert_eq!(
+        journals(&data),
+        left,
+        "the journal is left to the next start"
+    );
+
+    // Started again on the still full disk: it waits for room as the one before.
+    let third_log = work.path().join("third.log");
+    let mut second = disk.coordinator(addr, &third_log);
+    let second_log = third_log;
+    let second_pid = second.child.id();
+    wait_for("the open to wait for room again", LONG, || async {
+        assert!(!exited(second_pid), "it exited:\n{}", logged(&second_log));
+        logged(&second_log).contains(waiting).then_some(())
+    })
+    .await;
 
     // Room again: it opens, replays the journal, and serves.
     std::fs::remove_file(disk.inside("filler")).expect("free the space");

@@ -96,7 +96,24 @@ pub async fn run_with(
     crate::metrics::install();
     // Held until the writer has finished, at the end of this function.
     let _lock = store::lock_dir(&cfg.data_dir)?;
-    let (conn, loaded) = store::open(&cfg.data_dir)?;
+    // Opened on the blocking pool: a disk still full waits there (retrying) until space
+    // returns, and a stop meanwhile ends the wait with nothing started.
+    let opened = {
+        let (dir, stop) = (cfg.data_dir.clone(), shutdown.clone());
+        tokio::task::spawn_blocking(move || store::open_until(&dir, &stop))
+            .await
+            .map_err(|e| std::io::Error::other(format!("opening the store: {e}")))?
+    };
+    let (conn, loaded) = match opened {
+        Ok(opened) => opened,
+        Err(StoreError::OutOfSpace { .. }) if shutdown.is_cancelled() => {
+            tracing::info!(
+                "stopped while waiting for space to open the store; nothing was started"
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     let counters = Arc::new(Counters::default());
     let store_stats = Arc::new(StoreStats::default());
     let fatal = CancellationToken::new();
