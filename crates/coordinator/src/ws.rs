@@ -1270,10 +1270,10 @@ fn on_message(
                 None,
             ))
         }
+        // A session's terms are agreed once, by the registration it was admitted with: one
+        // again goes to the core, which refuses it (`unexpected`) and changes nothing, so it
+        // changes none of the session's terms either (compression, batches, frame size).
         Ok(msg) => {
-            if let WorkerMsg::Registration(r) = &msg {
-                agreed.agree(app, r);
-            }
             frame.push(msg);
             None
         }
@@ -2291,6 +2291,40 @@ mod tests {
     fn task_state(seq: u64) -> serde_json::Value {
         serde_json::json!({"type": "task_state", "seq": seq, "task_id": "t-1", "attempt": 1,
             "state": {}, "timestamp": now()})
+    }
+
+    /// A registration again in a registered session (without authentication: with it, the
+    /// session refuses it itself) changes none of the session's terms: the core refuses it and
+    /// reconciles nothing, and a session that took its offer of compression would have taken
+    /// compressed frames the worker had not agreed when it registered.
+    #[tokio::test]
+    async fn a_registration_again_changes_none_of_the_sessions_terms() {
+        use tokio_tungstenite::tungstenite::Message as M;
+        let mut core = FakeCore::start(crate::CoordinatorConfig::new("/nonexistent"), 16).await;
+        let (mut ws, _session) = registered(&mut core, "w").await;
+        send_json(
+            &mut ws,
+            serde_json::json!({"type": "registration", "worker_id": "w",
+                "protocol_version": PROTOCOL_VERSION, "boot_id": "b", "capabilities": [],
+                "slots": 1, "executors": ["sleep"], "compression": ["zstd"],
+                "timestamp": now()}),
+        )
+        .await;
+        let ev = core.next().await;
+        assert!(
+            matches!(&ev, Event::Frame { msgs, .. } if matches!(msgs.as_slice(), [WorkerMsg::Registration(_)])),
+            "passed to the core to refuse: {}",
+            describe(&ev)
+        );
+        let beat = serde_json::json!({"type": "heartbeat", "sequence": 7, "timestamp": now()});
+        ws.send(M::binary(tether_proto::compress::deflate(
+            &beat.to_string(),
+        )))
+        .await
+        .expect("send");
+        let reply = next_json(&mut ws).await.expect("an answer");
+        assert_eq!(reply["type"], "error", "{reply}");
+        assert_eq!(reply["code"], "bad_frame", "{reply}");
     }
 
     /// A session waiting for room in the core's queue, for longer than its heartbeat timeout,
