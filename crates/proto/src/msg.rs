@@ -1192,29 +1192,36 @@ pub const COORD_MSG_TYPES: &[&str] = &[
 mod tests {
     use super::*;
 
-    /// `attempt_base` travels when given, is left out when not, and an assignment of a
-    /// coordinator that does not send it decodes without it.
-    #[test]
-    fn an_assignments_attempt_base_round_trips_and_may_be_missing() {
-        let sample = crate::samples::coord_messages()
+    /// The sample assignment.
+    fn sample_assignment() -> TaskAssignment {
+        crate::samples::coord_messages()
             .into_iter()
             .find_map(|m| match m {
                 CoordMsg::TaskAssignment(a) => Some(a),
                 _ => None,
             })
-            .expect("a sample assignment");
-        let decoded = |a: &TaskAssignment| {
-            let text = crate::encode(&CoordMsg::TaskAssignment(a.clone()));
-            match crate::decode_coord(&text) {
-                Ok(CoordMsg::TaskAssignment(a)) => (text, a),
-                other => panic!("{text}: {other:?}"),
-            }
-        };
+            .expect("a sample assignment")
+    }
+
+    /// `a` through the wire: its text, and the assignment decoded from it.
+    fn assignment_wire(a: &TaskAssignment) -> (String, TaskAssignment) {
+        let text = crate::encode(&CoordMsg::TaskAssignment(a.clone()));
+        match crate::decode_coord(&text) {
+            Ok(CoordMsg::TaskAssignment(a)) => (text, a),
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+
+    /// `attempt_base` travels when given, is left out when not, and an assignment of a
+    /// coordinator that does not send it decodes without it.
+    #[test]
+    fn an_assignments_attempt_base_round_trips_and_may_be_missing() {
+        let sample = sample_assignment();
         let with = TaskAssignment {
             attempt_base: Some(Attempt(3)),
             ..sample.clone()
         };
-        let (text, back) = decoded(&with);
+        let (text, back) = assignment_wire(&with);
         assert!(text.contains(r#""attempt_base":3"#), "{text}");
         assert_eq!(back, with);
 
@@ -1222,7 +1229,7 @@ mod tests {
             attempt_base: None,
             ..sample
         };
-        let (text, back) = decoded(&without);
+        let (text, back) = assignment_wire(&without);
         assert!(!text.contains("attempt_base"), "{text}");
         assert_eq!(back, without);
     }
@@ -1266,29 +1273,17 @@ mod tests {
     /// coordinator that does not send it decodes without it.
     #[test]
     fn an_assignments_submit_seq_round_trips_and_may_be_missing() {
-        let sample = crate::samples::coord_messages()
-            .into_iter()
-            .find_map(|m| match m {
-                CoordMsg::TaskAssignment(a) => Some(a),
-                _ => None,
-            })
-            .expect("a sample assignment");
+        let sample = sample_assignment();
         let with = TaskAssignment {
             submit_seq: Some(41),
             ..sample.clone()
         };
-        let text = crate::encode(&CoordMsg::TaskAssignment(with.clone()));
+        let (text, back) = assignment_wire(&with);
         assert!(text.contains(r#""submit_seq":41"#), "{text}");
-        assert!(
-            matches!(crate::decode_coord(&text), Ok(CoordMsg::TaskAssignment(a)) if a == with),
-            "{text}"
-        );
-        let text = crate::encode(&CoordMsg::TaskAssignment(sample.clone()));
+        assert_eq!(back, with, "{text}");
+        let (text, back) = assignment_wire(&sample);
         assert!(!text.contains("submit_seq"), "{text}");
-        assert!(
-            matches!(crate::decode_coord(&text), Ok(CoordMsg::TaskAssignment(a)) if a.submit_seq.is_none()),
-            "{text}"
-        );
+        assert!(back.submit_seq.is_none(), "{text}");
     }
 
     #[test]
