@@ -217,6 +217,22 @@ fn can_mount() -> bool {
     }
 }
 
+/// A work directory with a tmpfs mounted in it (`fs`), a free loopback address for a
+/// coordinator and its base URL; none where this machine cannot mount one (see
+/// [`can_mount`]).
+fn mounted() -> Option<(tempfile::TempDir, Disk, SocketAddr, String)> {
+    if !can_mount() {
+        return None;
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let mount = work.path().join("fs");
+    std::fs::create_dir(&mount).expect("mount point");
+    let disk = Disk::mount(&mount);
+    let addr = free_addr();
+    let base = format!("http://{addr}");
+    Some((work, disk, addr, base))
+}
+
 /// A free port on the loopback.
 fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -242,15 +258,9 @@ async fn wait_healthy(http: &reqwest::Client, base: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_data_directory_holds_the_commits_until_space_is_freed_and_loses_nothing() {
-    if !can_mount() {
+    let Some((work, disk, addr, base)) = mounted() else {
         return;
-    }
-    let work = tempfile::tempdir().expect("tempdir");
-    let mount = work.path().join("fs");
-    std::fs::create_dir(&mount).expect("mount point");
-    let disk = Disk::mount(&mount);
-    let addr = free_addr();
-    let base = format!("http://{addr}");
+    };
     let log = work.path().join("coordinator.log");
     let mut c = disk.coordinator(addr, &log);
     let http = http_client();
@@ -413,15 +423,9 @@ fn journals(data: &Path) -> Vec<String> {
 /// the journal and serves, having lost nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_restarted_while_its_disk_is_still_full_waits_for_room_and_loses_nothing() {
-    if !can_mount() {
+    let Some((work, disk, addr, base)) = mounted() else {
         return;
-    }
-    let work = tempfile::tempdir().expect("tempdir");
-    let mount = work.path().join("fs");
-    std::fs::create_dir(&mount).expect("mount point");
-    let disk = Disk::mount(&mount);
-    let addr = free_addr();
-    let base = format!("http://{addr}");
+    };
     let (first_log, second_log) = (
         work.path().join("first.log"),
         work.path().join("second.log"),
