@@ -807,6 +807,25 @@ impl Guarded {
         self.expired(cx)
     }
 
+    /// What a write came to, as the answer's pace sees it: bytes written ([`Self::wrote`]),
+    /// or no room, paid from the slack ([`Self::stalled`]), the write failing once it is spent.
+    fn paced(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Ready(Ok(n)) => self.wrote(n),
+            Poll::Pending => {
+                if let Some(e) = self.stalled(cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            Poll::Ready(Err(_)) => {}
+        }
+        r
+    }
+
     /// `n` bytes were written: of an answer, the request's deadline gives way to the idle
     /// one (the socket's [`Counted`] counts them).
     fn wrote(&mut self, n: usize) {
@@ -887,16 +906,7 @@ impl AsyncWrite for Guarded {
         }
         ready_or_return!(self.tcp, cx);
         let r = self.tcp.io().poll_write(cx, buf);
-        match r {
-            Poll::Ready(Ok(n)) => self.wrote(n),
-            Poll::Pending => {
-                if let Some(e) = self.stalled(cx) {
-                    return Poll::Ready(Err(e));
-                }
-            }
-            Poll::Ready(Err(_)) => {}
-        }
-        r
+        self.paced(cx, r)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -919,16 +929,7 @@ impl AsyncWrite for Guarded {
         }
         ready_or_return!(self.tcp, cx);
         let r = self.tcp.io().poll_write_vectored(cx, bufs);
-        match r {
-            Poll::Ready(Ok(n)) => self.wrote(n),
-            Poll::Pending => {
-                if let Some(e) = self.stalled(cx) {
-                    return Poll::Ready(Err(e));
-                }
-            }
-            Poll::Ready(Err(_)) => {}
-        }
-        r
+        self.paced(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
