@@ -46,7 +46,7 @@ pub fn io_out_of_space(e: &std::io::Error) -> bool {
 }
 
 /// Whether an SQLite error says the file system is full or a quota is reached, `errno` being
-/// the system's error number behind it when it is an I/O error ([`WriteError::with_errno`]).
+/// the system's error number behind it when it is an I/O error (`WriteError::with_errno`).
 /// SQLite's own code says so only of a write that found no room (`SQLITE_FULL`, from
 /// `ENOSPC`) and of the WAL's index that could not grow (`SQLITE_IOERR_SHMSIZE`: SQLite writes
 /// its pages before it maps them, so that a full disk is an error, not a SIGBUS). A quota

@@ -615,14 +615,14 @@ pub enum WriteError {
     Sql(#[from] rusqlite::Error),
     /// An SQLite I/O error with the system's error number behind it, which SQLite's code does
     /// not always carry (a quota reached is a failed write to it): see
-    /// [`WriteError::with_errno`].
+    /// `WriteError::with_errno`.
     #[error("{source} ({})", std::io::Error::from_raw_os_error(*errno))]
     SqlIo { source: rusqlite::Error, errno: i32 },
     #[error("state journal: {0}")]
     Journal(#[from] std::io::Error),
     /// A fold round could not make the next journal file, or list or remove the files it
     /// covered (a file descriptor not to be had, say): the journal is whole and keeps every
-    /// state meanwhile, so the round is tried again ([`States::piece`]).
+    /// state meanwhile, so the round is tried again (`States::piece`).
     #[error("state journal, folding: {0}")]
     Fold(std::io::Error),
 }
