@@ -1560,9 +1560,23 @@ async fn read_until_closed(reader: &mut (impl tokio::io::AsyncRead + Unpin)) -> 
     Some(String::from_utf8_lossy(&got).into_owned())
 }
 
+/// A connection with a 4 KiB receive buffer that asked `addr` for the whole task listing and
+/// read its status line (200), and nothing more: it holds a turn for large answers.
+async fn listing_reader(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("buffer size");
+    let mut s = socket.connect(addr).await.expect("connect");
+    let request = format!("GET /api/v1/tasks?limit=100000 HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    s.write_all(request.as_bytes()).await.expect("request");
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.expect("status line");
+    assert_eq!(&head[9..12], b"200");
+    s
+}
+
 #[tokio::test]
 async fn readers_that_hold_every_turn_for_large_answers_get_others_a_busy_answer_not_a_reset() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
     // 2,000 tasks of 4 KiB: each listing of them is 8 MB, more than sockets' buffers hold.
@@ -1572,17 +1586,7 @@ async fn readers_that_hold_every_turn_for_large_answers_get_others_a_busy_answer
     // Readers that ask for the listing and read nothing past its status line hold every turn.
     let mut held = Vec::new();
     for _ in 0..tether_coordinator::http::HEAVY_AT_ONCE {
-        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-        socket.set_recv_buffer_size(4096).expect("buffer size");
-        let mut s = socket.connect(c.addr).await.expect("connect");
-        let request = format!(
-            "GET /api/v1/tasks?limit=100000 HTTP/1.1\r\nHost: {}\r\n\r\n",
-            c.addr
-        );
-        s.write_all(request.as_bytes()).await.expect("request");
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head).await.expect("status line");
-        assert_eq!(&head[9..12], b"200");
+        let s = listing_reader(c.addr).await;
         held.push(s);
     }
     // The next large answer waits for a turn, then is told the coordinator is busy: within
@@ -1638,7 +1642,7 @@ async fn readers_that_hold_every_turn_for_large_answers_get_others_a_busy_answer
 #[tokio::test]
 async fn readers_that_hold_every_turn_reading_a_little_every_half_idle_are_cut_and_turns_come_back()
 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     const IDLE: Duration = Duration::from_secs(3);
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = fast_coordinator_config(dir.path().to_owned());
@@ -1659,17 +1663,7 @@ async fn readers_that_hold_every_turn_reading_a_little_every_half_idle_are_cut_a
     let id = c.client().submit(&[sleep_task(50, 2, 1)]).await.remove(0);
     let mut readers = tokio::task::JoinSet::new();
     for _ in 0..tether_coordinator::http::HEAVY_AT_ONCE {
-        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-        socket.set_recv_buffer_size(4096).expect("buffer size");
-        let mut s = socket.connect(c.addr).await.expect("connect");
-        let request = format!(
-            "GET /api/v1/tasks?limit=100000 HTTP/1.1\r\nHost: {}\r\n\r\n",
-            c.addr
-        );
-        s.write_all(request.as_bytes()).await.expect("request");
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head).await.expect("status line");
-        assert_eq!(&head[9..12], b"200");
+        let mut s = listing_reader(c.addr).await;
         // 16 KiB every half `http_idle` (about 11 KB/s): the coordinator writes well within
         // every idle limit.
         readers.spawn(async move {
