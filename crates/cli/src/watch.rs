@@ -1205,6 +1205,14 @@ mod tests {
         assert!(!w.seen.contains_key("old-7"));
     }
 
+    /// Task `id` running on `w1`, of submission `seq`, last changed `at`.
+    fn stamped(id: String, seq: u64, at: &str) -> Value {
+        let mut t = task(&id, "running", 1, Some("w1"));
+        t["submit_seq"] = json!(seq);
+        t["updated_at"] = json!(at);
+        t
+    }
+
     /// Many named tasks submitted long ago were first looked for in the listing from the
     /// coordinator's oldest task on, the whole table (gigabytes against one that keeps a
     /// million): the first catch-up reads each by itself and never the listing; once each was
@@ -1213,12 +1221,6 @@ mod tests {
     #[tokio::test]
     async fn many_named_tasks_are_first_read_each_by_itself_not_from_the_whole_listing() {
         let n = ONE_BY_ONE + 6;
-        let stamped = |id: String, seq: u64, at: &str| {
-            let mut t = task(&id, "running", 1, Some("w1"));
-            t["submit_seq"] = json!(seq);
-            t["updated_at"] = json!(at);
-            t
-        };
         // Others' tasks before and after the named ones.
         let mut table: Vec<Value> = (0..5)
             .map(|i| stamped(format!("old-{i}"), i, "2026-12-01T09:00:00Z"))
@@ -1422,12 +1424,6 @@ mod tests {
     #[tokio::test]
     async fn many_named_tasks_are_read_without_the_whole_table() {
         let n = ONE_BY_ONE + 6;
-        let stamped = |id: String, seq: u64, at: &str| {
-            let mut t = task(&id, "running", 1, Some("w1"));
-            t["submit_seq"] = json!(seq);
-            t["updated_at"] = json!(at);
-            t
-        };
         // Older tasks of others, then the submitted ones; t5's change stamped earlier.
         let mut table: Vec<Value> = (0..5)
             .map(|i| stamped(format!("old-{i}"), i, "2026-12-01T09:00:00Z"))
