@@ -108,6 +108,33 @@ fn a_stop_while_the_open_waits_for_space_returns_at_once_and_changes_nothing() {
     assert_eq!(state_n(&conn, "b"), Some(7));
 }
 
+/// A store opened in `dir`, the directory then made full, and its writer started with
+/// `tokens` (failure, stop): the writer's queue, its statistics and its thread.
+fn writer_on_a_full_disk(
+    dir: &std::path::Path,
+    tokens: (CancellationToken, CancellationToken),
+) -> (
+    tokio::sync::mpsc::Sender<Batch>,
+    Arc<StoreStats>,
+    std::thread::JoinHandle<()>,
+) {
+    let (conn, loaded) = open(dir).expect("open");
+    space::full::fill(dir);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let stats = Arc::new(StoreStats::default());
+    let thread = spawn_writer(
+        conn,
+        dir.join(DB_FILE),
+        rx,
+        stats.clone(),
+        tokens,
+        WriterOptions::default(),
+        loaded.unfolded,
+    )
+    .expect("the writer starts, to wait for room");
+    (tx, stats, thread)
+}
+
 /// The writer makes its journal's first file before it takes a group; with no room for it,
 /// starting the writer used to fail and the coordinator with it. The writer waits instead, as
 /// a commit does: the store says it is out of space, nothing is committed or acknowledged,
@@ -116,20 +143,7 @@ fn a_stop_while_the_open_waits_for_space_returns_at_once_and_changes_nothing() {
 fn a_writer_with_no_room_for_its_journal_waits_then_commits_what_waited() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().to_owned();
-    let (conn, loaded) = open(&dir).expect("open");
-    space::full::fill(&dir);
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let stats = Arc::new(StoreStats::default());
-    let thread = spawn_writer(
-        conn,
-        dir.join(DB_FILE),
-        rx,
-        stats.clone(),
-        Default::default(),
-        WriterOptions::default(),
-        loaded.unfolded,
-    )
-    .expect("the writer starts, to wait for room");
+    let (tx, stats, thread) = writer_on_a_full_disk(&dir, Default::default());
     let (done, committed) = std::sync::mpsc::channel();
     let mut b = Batch::default();
     b.muts.push(new_task("a"));
@@ -168,21 +182,8 @@ fn a_writer_with_no_room_for_its_journal_waits_then_commits_what_waited() {
 fn a_stop_while_the_writer_waits_to_start_its_journal_ends_it() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().to_owned();
-    let (conn, loaded) = open(&dir).expect("open");
-    space::full::fill(&dir);
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let stats = Arc::new(StoreStats::default());
     let (fatal, stopping) = (CancellationToken::new(), CancellationToken::new());
-    let thread = spawn_writer(
-        conn,
-        dir.join(DB_FILE),
-        rx,
-        stats.clone(),
-        (fatal.clone(), stopping.clone()),
-        WriterOptions::default(),
-        loaded.unfolded,
-    )
-    .expect("the writer starts, to wait for room");
+    let (tx, stats, thread) = writer_on_a_full_disk(&dir, (fatal.clone(), stopping.clone()));
     tx.blocking_send(Batch {
         muts: vec![new_task("a")],
         effects: vec![],
