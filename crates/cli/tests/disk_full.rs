@@ -106,6 +106,23 @@ impl Coordinator {
     fn alive(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
     }
+
+    /// SIGTERM, then the exit, which must be a success (its `log` shown if not).
+    async fn stop(&mut self, what: &str, log: &Path) {
+        let pid = self.child.id();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        wait_for(&format!("{what} to stop"), LONG, || async {
+            exited(pid).then_some(())
+        })
+        .await;
+        let status = self.child.wait().expect("wait");
+        let said = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(status.success(), "{what}: {status}:\n{said}");
+    }
 }
 
 /// Whether process `pid` has exited (a zombie not yet reaped, or gone), without reaping it.
@@ -482,17 +499,7 @@ async fn a_coordinator_restarted_while_its_disk_is_still_full_waits_for_room_and
     .await;
 
     // Stopped while it waits: the waiting group is given up, and the journal stays.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    wait_for("the first coordinator to stop", LONG, || async {
-        exited(pid).then_some(())
-    })
-    .await;
-    let status = first.child.wait().expect("wait");
-    assert!(status.success(), "{status}:\n{}", logged(&first_log));
+    first.stop("the first coordinator", &first_log).await;
     held.abort();
     let data = disk.inside("data");
     assert!(
@@ -527,17 +534,7 @@ async fn a_coordinator_restarted_while_its_disk_is_still_full_waits_for_room_and
 
     // Stopped while the open waits: it ends at once, having started and changed nothing.
     let left = journals(&data);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(second_pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    wait_for("the waiting coordinator to stop", LONG, || async {
-        exited(second_pid).then_some(())
-    })
-    .await;
-    let status = second.child.wait().expect("wait");
-    assert!(status.success(), "{status}:\n{}", logged(&second_log));
+    second.stop("the waiting coordinator", &second_log).await;
     assert_eq!(
         journals(&data),
         left,
