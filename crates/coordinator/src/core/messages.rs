@@ -1475,29 +1475,22 @@ pub(crate) fn registration_refusal(worker: &WorkerId, r: &Registration) -> Optio
         });
     }
     // What it says of itself is kept, shown and sent to every event stream: within bounds.
-    if let Some(problem) = r.label_problem() {
+    // Each running task it lists is a directive in the ack: bounded, the ack is too.
+    let problem = r.label_problem().or_else(|| {
+        (r.inventory.running.len() > MAX_INVENTORY_RUNNING).then(|| {
+            format!(
+                "inventory lists {} running tasks, more than the {MAX_INVENTORY_RUNNING} a registration may",
+                r.inventory.running.len()
+            )
+        })
+    });
+    if let Some(problem) = problem {
         return Some(Refusal {
             code: 4002,
             reason: "registration out of bounds".into(),
             error: Some(CoordMsg::error(
                 ErrorCode::BadFrame,
                 problem,
-                Some("registration".into()),
-                None,
-            )),
-        });
-    }
-    // Each running task it lists is a directive in the ack: bounded, the ack is too.
-    if r.inventory.running.len() > MAX_INVENTORY_RUNNING {
-        return Some(Refusal {
-            code: 4002,
-            reason: "registration out of bounds".into(),
-            error: Some(CoordMsg::error(
-                ErrorCode::BadFrame,
-                format!(
-                    "inventory lists {} running tasks, more than the {MAX_INVENTORY_RUNNING} a registration may",
-                    r.inventory.running.len()
-                ),
                 Some("registration".into()),
                 None,
             )),
