@@ -3,15 +3,19 @@
 //!
 //! The files are read again when they change (looked at, at most, every
 //! [`RELOAD_CHECK`] at a handshake), so a renewed certificate is served without a restart
-//! that would drop every worker's session. A certificate that is expired or not valid yet is
-//! refused at start (every worker would refuse it, and stop after three refusals) and never
+//! that would drop every worker's session. The look runs on a thread of its own, one at a
+//! time, and no handshake waits for it: a file that does not answer (a hung network mount, a
+//! FIFO in its place) leaves the certificate in use served, where reading it on the handshake
+//! stopped every handshake and a runtime thread with it. A change is served from the
+//! handshakes that follow the look that read it. A certificate that is expired or not valid
+//! yet is refused at start (every worker would refuse it, and stop after three refusals) and never
 //! replaces the one served; one not valid yet is tried again at each look, and served once it
 //! is valid (a renewal placed ahead of its start). The certificate served is warned of when it
 //! expires within [`EXPIRY_WARNING`], and again every [`EXPIRY_REMINDER`] (every
 //! [`EXPIRED_REMINDER`] once it has expired).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::{Duration, Instant, SystemTime};
 
 use rustls::crypto::CryptoProvider;
@@ -20,7 +24,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-/// How often, at most, a handshake looks whether the certificate or key file changed.
+/// How often, at most, a handshake starts a look whether the certificate or key file changed.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(10);
 
 /// A certificate that expires sooner than this is warned of, at start, at each reload, and
@@ -53,10 +57,18 @@ pub enum TlsError {
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let files = CertFiles::load(cert, key, provider.clone(), RELOAD_CHECK)?;
+    serving(Arc::new(files), provider)
+}
+
+/// A rustls server configuration that serves `files`.
+fn serving(
+    files: Arc<CertFiles>,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(files));
+        .with_cert_resolver(Arc::new(Reloading(files)));
     // Workers reconnect after every network fault. With a session ticket a reconnecting worker
     // resumes its TLS session (a key exchange, no certificate and no signature); stateless
     // tickets, under keys that rotate in memory every 6 hours, serve any number of workers,
@@ -72,16 +84,32 @@ struct CertFiles {
     key: PathBuf,
     provider: Arc<CryptoProvider>,
     check_every: Duration,
+    /// What handshakes serve. INVARIANT: written only to swap in a new certificate, so a
+    /// handshake's read never waits on a file.
     served: RwLock<Arc<CertifiedKey>>,
+    /// Held by the one look running, throughout (file reads included): never by a handshake.
     looked: Mutex<Looked>,
+    /// When a look is due, and whether one runs: held by a handshake only to decide, never
+    /// across a file read.
+    schedule: Mutex<Schedule>,
+}
+
+/// When the files were last looked at, and the look running, if one is.
+#[derive(Debug)]
+struct Schedule {
+    /// When the last look started.
+    last: Instant,
+    /// When the look running on its own thread started: no other starts until it ends.
+    running: Option<Instant>,
+    /// The look running was warned of as not returning (once per look).
+    hang_warned: bool,
 }
 
 /// What the last look at the files found, and what is known of the certificate served.
 #[derive(Debug)]
 struct Looked {
-    /// When the files were last looked at.
-    at: Instant,
-    /// What they held then: a change is read once, whether it loads or not, unless `retry`.
+    /// What the files held then: a change is read once, whether it loads or not, unless
+    /// `retry`.
     stamp: Stamp,
     /// Those contents were refused only because their certificate is not valid yet: they are
     /// tried again at each look until they load or are refused for good.
@@ -206,7 +234,6 @@ impl CertFiles {
         let now = SystemTime::now();
         let (served, until) = certified_key((cert, key), &contents, &provider, now)?;
         let mut looked = Looked {
-            at: Instant::now(),
             stamp: Some(contents.stamp()),
             retry: false,
             served_until: until,
@@ -222,23 +249,82 @@ impl CertFiles {
             check_every,
             served: RwLock::new(Arc::new(served)),
             looked: Mutex::new(looked),
+            schedule: Mutex::new(Schedule {
+                last: Instant::now(),
+                running: None,
+                hang_warned: false,
+            }),
         })
     }
 
-    /// Reads the files again if they changed since they were last looked at (at most every
-    /// `check_every`). A change that does not load (a half-written file, a key that does not
-    /// match, a certificate expired, a file gone) is logged once and the certificate served
-    /// stays; one whose certificate is not valid yet is logged once and tried again at each
-    /// look, until it loads or is refused for good. Warns of the served certificate's
-    /// expiry, as often as [`Looked::expiry_due`] says.
-    fn reload_if_changed(&self) -> Look {
-        // Under the lock throughout: one handshake at a time looks, and a load (a parse, a
-        // key check) only follows a change.
-        let mut looked = self.looked.lock().unwrap_or_else(|p| p.into_inner());
-        if looked.at.elapsed() < self.check_every {
-            return Look::Unchanged;
+    /// The certificate handshakes serve now.
+    fn served(&self) -> Arc<CertifiedKey> {
+        self.served
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn schedule(&self) -> MutexGuard<'_, Schedule> {
+        self.schedule.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a look at the files ([`CertFiles::reload_if_changed`]) on a thread of its own
+    /// when one is due: `check_every` after the last one started, and none running. Never
+    /// waits: not for the look, nor for another handshake deciding. A look that is due while
+    /// the last one still runs (a file that does not answer) is warned of once, and the files
+    /// are not read again until it returns.
+    ///
+    /// A std thread, not the runtime's blocking pool: a read that never returns must not hold
+    /// the runtime's shutdown, which waits for its blocking tasks.
+    fn look_if_due(self: &Arc<Self>) {
+        let mut schedule = match self.schedule.try_lock() {
+            Ok(s) => s,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            // Another handshake is deciding (a few instructions): it starts the look if due.
+            Err(TryLockError::WouldBlock) => return,
+        };
+        let now = Instant::now();
+        if now.saturating_duration_since(schedule.last) < self.check_every {
+            return;
         }
-        looked.at = Instant::now();
+        if let Some(started) = schedule.running {
+            let warn = !std::mem::replace(&mut schedule.hang_warned, true);
+            drop(schedule);
+            if warn {
+                tracing::warn!(cert = %self.cert.display(), key = %self.key.display(), waited_s = now.saturating_duration_since(started).as_secs(), "reading the TLS certificate and key files has not returned (a hung mount? a FIFO in a file's place?): the previous certificate is served still, and the files are read again once that read returns");
+            }
+            return;
+        }
+        *schedule = Schedule {
+            last: now,
+            running: Some(now),
+            hang_warned: false,
+        };
+        drop(schedule);
+        let files = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("tls-reload".into())
+            .spawn(move || {
+                let _ended = LookEnded(&files);
+                files.reload_if_changed();
+            });
+        if let Err(e) = spawned {
+            self.schedule().running = None;
+            tracing::error!(error = %e, "cannot start a thread to look at the TLS certificate and key files: the certificate served stays; tried again at a later handshake");
+        }
+    }
+
+    /// Reads the files again if they changed since they were last looked at (on the thread
+    /// [`CertFiles::look_if_due`] starts). A change that does not load (a half-written file,
+    /// a key that does not match, a certificate expired, a file gone) is logged once and the
+    /// certificate served stays; one whose certificate is not valid yet is logged once and
+    /// tried again at each look, until it loads or is refused for good. Warns of the served
+    /// certificate's expiry, as often as [`Looked::expiry_due`] says.
+    fn reload_if_changed(&self) -> Look {
+        // Under the lock throughout: one look at a time (it is never a handshake's, which
+        // only starts one), and a load (a parse, a key check) only follows a change.
+        let mut looked = self.looked.lock().unwrap_or_else(|p| p.into_inner());
         let now = SystemTime::now();
         let contents = Contents::read(&self.cert, &self.key);
         let stamp = contents.as_ref().ok().map(Contents::stamp);
@@ -278,15 +364,34 @@ impl CertFiles {
     }
 }
 
-impl ResolvesServerCert for CertFiles {
+/// Marks the look running as ended when its thread ends (a panic included), so the next
+/// one can start.
+struct LookEnded<'a>(&'a CertFiles);
+
+impl Drop for LookEnded<'_> {
+    fn drop(&mut self) {
+        let mut schedule = self.0.schedule();
+        let started = schedule.running.take();
+        if schedule.hang_warned {
+            drop(schedule);
+            let took_s = started.map_or(0, |s| s.elapsed().as_secs());
+            tracing::info!(
+                took_s,
+                "reading the TLS certificate and key files returned at last: they are looked at again as usual"
+            );
+        }
+    }
+}
+
+/// What handshakes ask for a certificate: the one served now, at once; a look at the files
+/// is started beside it when one is due.
+#[derive(Debug)]
+struct Reloading(Arc<CertFiles>);
+
+impl ResolvesServerCert for Reloading {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let _ = self.reload_if_changed();
-        Some(
-            self.served
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        )
+        self.0.look_if_due();
+        Some(self.0.served())
     }
 }
 
@@ -433,6 +538,133 @@ mod tests {
         files.served.read().expect("served").cert[0].clone()
     }
 
+    /// The certificate a client trusting `roots` (certificates for localhost) is served in a
+    /// handshake with `config` over a real socket, or why the handshake failed: one that does
+    /// not finish within 5 s fails.
+    fn handshake(
+        config: &Arc<rustls::ServerConfig>,
+        roots: &[CertificateDer<'static>],
+    ) -> Result<CertificateDer<'static>, String> {
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let config = Arc::clone(config);
+        // Detached: a server stuck in its handshake must not hold the test that reports it.
+        std::thread::spawn(move || -> Result<(), String> {
+            let (mut sock, _) = listener.accept().map_err(|e| e.to_string())?;
+            let mut conn = rustls::ServerConnection::new(config).map_err(|e| e.to_string())?;
+            while conn.is_handshaking() {
+                conn.complete_io(&mut sock).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        });
+        let mut store = rustls::RootCertStore::empty();
+        for root in roots {
+            store.add(root.clone()).expect("root");
+        }
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(store)
+            .with_no_client_auth();
+        let name = "localhost".try_into().expect("name");
+        let mut conn = rustls::ClientConnection::new(Arc::new(client), name).expect("client");
+        let mut sock = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        let bound = Some(Duration::from_secs(5));
+        sock.set_read_timeout(bound).expect("timeout");
+        sock.set_write_timeout(bound).expect("timeout");
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock)
+                .map_err(|e| format!("handshake: {e}"))?;
+        }
+        conn.peer_certificates()
+            .and_then(|c| c.first())
+            .cloned()
+            .ok_or_else(|| "no certificate".into())
+    }
+
+    /// `fifo` opened for writing without waiting: only while a reader has it open or waits in
+    /// its open.
+    fn writer_of(fifo: &Path) -> Option<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(fifo)
+            .ok()
+    }
+
+    /// Opens its FIFO for writing and closes it when dropped (at the test's end, or a
+    /// panic): a reader waiting in it reads an end of file, and its thread ends.
+    struct Unblock(PathBuf);
+
+    impl Drop for Unblock {
+        fn drop(&mut self) {
+            use std::os::unix::fs::FileTypeExt;
+            if std::fs::symlink_metadata(&self.0).is_ok_and(|m| m.file_type().is_fifo()) {
+                drop(writer_of(&self.0));
+            }
+        }
+    }
+
+    /// A certificate file that does not answer (a FIFO nobody writes, as a hung mount) holds
+    /// only the look that reads it: handshakes go on being served the certificate in use,
+    /// at once, and start no other look; once the read returns, a renewed certificate is
+    /// served.
+    #[test]
+    fn a_certificate_file_that_does_not_answer_leaves_the_certificate_in_use_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (c, k) = write_cert(dir.path(), -1, 30);
+        let first = CertificateDer::from_pem_file(&c).expect("pem");
+        let files = Arc::new(CertFiles::load(&c, &k, provider(), Duration::ZERO).expect("load"));
+        let config = serving(Arc::clone(&files), provider()).expect("config");
+        let roots = [first.clone()];
+        assert_eq!(handshake(&config, &roots), Ok(first.clone()));
+
+        std::fs::remove_file(&c).expect("remove");
+        nix::unistd::mkfifo(&c, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        let _unblock = Unblock(c.clone());
+        // Handshakes until one has started a look that waits in the FIFO's open (a writer
+        // that does not wait opens it only then).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let writer = loop {
+            assert_eq!(handshake(&config, &roots), Ok(first.clone()), "in use");
+            if let Some(w) = writer_of(&c) {
+                break w;
+            }
+            assert!(Instant::now() < deadline, "no look opened the FIFO");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // The look now waits in its read (a writer, nothing written).
+        for _ in 0..3 {
+            assert_eq!(handshake(&config, &roots), Ok(first.clone()), "in use");
+        }
+        let schedule = files.schedule();
+        assert!(schedule.running.is_some(), "the look is still running");
+        assert!(schedule.hang_warned, "and was warned of");
+        drop(schedule);
+
+        // A renewed certificate in the FIFO's place, and the FIFO's read ended: the look
+        // that waited ends (the FIFO held nothing: refused), and a later one serves it.
+        std::fs::remove_file(&c).expect("remove");
+        let renewed = dir.path().join("renewed");
+        std::fs::create_dir(&renewed).expect("dir");
+        let (c2, k2) = write_cert(&renewed, -1, 60);
+        std::fs::copy(&k2, &k).expect("copy");
+        std::fs::copy(&c2, &c).expect("copy");
+        drop(writer);
+        let second = CertificateDer::from_pem_file(&c2).expect("pem");
+        let roots = [first, second.clone()];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while handshake(&config, &roots).expect("handshake") != second {
+            assert!(
+                Instant::now() < deadline,
+                "the renewed certificate is never served"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// A renewed certificate is served once its files change; a change that cannot be served
     /// (expired, or a key of another certificate) leaves the previous one served.
     #[test]
@@ -540,7 +772,6 @@ mod tests {
         let t0 = Instant::now();
         let day = Duration::from_secs(86_400);
         let mut looked = Looked {
-            at: t0,
             stamp: None,
             retry: false,
             served_until: unix_secs(now + 60 * day),
