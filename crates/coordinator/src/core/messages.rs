@@ -36,6 +36,38 @@ pub(crate) const WORKER_FAULT_REST_MAX: Duration = Duration::from_secs(300);
 /// runs as many tasks as it has slots; thousands at once on one worker is already far out.
 pub(crate) const MAX_INVENTORY_RUNNING: usize = 4096;
 
+/// The `reason` of a `cancel` directive for a task this worker held at that attempt once.
+const MOVED_ON: &str = "the task moved on while this worker was away";
+/// The `reason` of a `cancel` directive for any other task the inventory lists.
+const NO_LEASE: &str = "this coordinator has no lease of that task for this worker";
+
+/// Bytes a `registration_ack` takes besides its directives, at most: its other fields at their
+/// largest (a 128-byte worker id, every number at its widest, every optional field present),
+/// the integrity tag that may follow its text, and room to spare (the test
+/// `the_largest_registration_ack_without_directives_fits_in_its_allowance` holds it).
+pub(super) const ACK_FIELDS_BYTES: usize = 1024;
+
+/// The most bytes the directive answering running task `task_id` at `attempt` can take in a
+/// `registration_ack`, its separating comma included: `cancel` with the longer reason (ids and
+/// integers need no escaping in JSON).
+pub(super) fn largest_directive(task_id: &TaskId, attempt: Attempt) -> usize {
+    // `{"task_id":"","attempt":,"action":"cancel","reason":""},`
+    const SKELETON: usize = 56;
+    let digits = attempt.0.checked_ilog10().map_or(1, |d| d as usize + 1);
+    SKELETON + task_id.as_str().len() + digits + MOVED_ON.len().max(NO_LEASE.len())
+}
+
+/// The most bytes the `registration_ack` to registration `r` can take: each running task its
+/// inventory lists is a directive in it, in the worst case a `cancel` with its reason.
+fn largest_ack(r: &Registration) -> usize {
+    r.inventory
+        .running
+        .iter()
+        .map(|run| largest_directive(&run.task_id, run.attempt))
+        .sum::<usize>()
+        + ACK_FIELDS_BYTES
+}
+
 /// The most bytes of a worker's error text (its failed result's `error.message`) a task keeps
 /// in its record, marker included: the record is in memory, cloned by every save, event and
 /// listing, and the text may be as long as a frame (16 MiB). Longer text is cut on a character
@@ -572,14 +604,8 @@ impl Core {
                         _ => (DirectiveAction::Continue, String::new()),
                     }
                 }
-                Standing::Stale => (
-                    DirectiveAction::Cancel,
-                    "the task moved on while this worker was away".to_owned(),
-                ),
-                Standing::Stranger => (
-                    DirectiveAction::Cancel,
-                    "this coordinator has no lease of that task for this worker".to_owned(),
-                ),
+                Standing::Stale => (DirectiveAction::Cancel, MOVED_ON.to_owned()),
+                Standing::Stranger => (DirectiveAction::Cancel, NO_LEASE.to_owned()),
             };
             directives.push(Directive {
                 task_id: run.task_id.clone(),
@@ -1506,6 +1532,29 @@ pub(crate) fn registration_refusal(worker: &WorkerId, r: &Registration) -> Optio
                 ErrorCode::IncompatibleProtocol,
                 format!(
                     "registration's max_frame of {max} bytes is under the {least} every peer takes"
+                ),
+                Some("registration".into()),
+                None,
+            )),
+        });
+    }
+    // The ack goes in one frame, which the worker takes only within its `max_frame`: one
+    // larger was refused by the worker as oversize, which ended the session, and the worker
+    // registered again into the same ack for ever. Bounded by the directives' largest form, so
+    // it holds whatever the core decides for each task.
+    let largest = largest_ack(r);
+    let max = r
+        .max_frame
+        .unwrap_or(tether_proto::codec::DEFAULT_MAX_FRAME as u64);
+    if max < largest as u64 {
+        return Some(Refusal {
+            code: 4002,
+            reason: "registration out of bounds".into(),
+            error: Some(CoordMsg::error(
+                ErrorCode::BadFrame,
+                format!(
+                    "the registration_ack to an inventory of {} running tasks may take {largest} bytes, more than the registration's max_frame of {max} bytes; register with a larger max_frame, or once fewer tasks run",
+                    r.inventory.running.len()
                 ),
                 Some("registration".into()),
                 None,

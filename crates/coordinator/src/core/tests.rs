@@ -2374,6 +2374,167 @@ fn a_registration_listing_more_running_tasks_than_the_bound_is_refused_saying_wh
     assert_eq!(ack.directives.len(), MAX_INVENTORY_RUNNING);
 }
 
+/// `n` running tasks for an inventory, each of id `t-<i>` padded with `-`s to `id_len` bytes,
+/// at `attempt`.
+fn running_of(n: usize, id_len: usize, attempt: u32) -> Vec<tether_proto::task::TaskRef> {
+    (0..n)
+        .map(|i| tether_proto::task::TaskRef {
+            task_id: TaskId::parse(&format!("{:-<id_len$}", format!("t-{i}"))).expect("id"),
+            attempt: Attempt(attempt),
+            paused: false,
+        })
+        .collect()
+}
+
+/// Every message in the mailbox, and the code of the close after them, if any.
+fn drain_to_close(rx: &mut super::mailbox::Receiver<Outgoing>) -> (Vec<CoordMsg>, Option<u16>) {
+    let mut sent = Vec::new();
+    while let Ok(out) = rx.try_recv() {
+        match out {
+            Outgoing::Msg(m) => sent.push(*m),
+            Outgoing::Close(c) => return (sent, Some(c.0)),
+            _ => {}
+        }
+    }
+    (sent, None)
+}
+
+/// The `registration_ack` among `sent`, if any.
+fn registration_ack(sent: &[CoordMsg]) -> Option<&tether_proto::msg::RegistrationAck> {
+    sent.iter().find_map(|m| match m {
+        CoordMsg::RegistrationAck(a) => Some(a),
+        _ => None,
+    })
+}
+
+/// The worker takes frames up to its `max_frame`, and the ack carries a directive for each
+/// running task its inventory lists in one frame: an ack larger than that frame was refused
+/// by the worker as oversize, its session ended and it registered again into the same ack, for
+/// ever. Such a registration is refused instead, saying both sizes, and nothing is sent that
+/// the worker could not take.
+#[test]
+fn a_registration_whose_ack_would_not_fit_its_max_frame_is_refused_naming_both_sizes() {
+    let mut h = Harness::new();
+    let (_, mut rx) = h.connect_registering("small", |r| {
+        r.max_frame = Some(32 * 1024);
+        r.inventory.running = running_of(400, 36, 1);
+    });
+    let (sent, close) = drain_to_close(&mut rx);
+    if let Some(ack) = registration_ack(&sent) {
+        let bytes = tether_proto::encode(&CoordMsg::RegistrationAck(ack.clone())).len();
+        panic!("an ack of {bytes} bytes went to a worker taking frames of 32768");
+    }
+    let error = sent
+        .iter()
+        .find_map(|m| match m {
+            CoordMsg::Error(e) => Some(e),
+            _ => None,
+        })
+        .expect("an error saying why");
+    assert_eq!(error.code, tether_proto::msg::ErrorCode::BadFrame);
+    let largest = 400 * (56 + 36 + 1 + 58) + super::messages::ACK_FIELDS_BYTES;
+    for says in [
+        "inventory of 400 running tasks".to_owned(),
+        format!("may take {largest} bytes"),
+        "max_frame of 32768 bytes".to_owned(),
+    ] {
+        assert!(error.message.contains(&says), "{}", error.message);
+    }
+    assert_eq!(close, Some(4002));
+    assert!(h.core.workers.is_empty(), "the core never took it");
+}
+
+/// The bound is the directives' largest form: the most running tasks of the longest ids and
+/// attempts that a frame of 32 KiB admits, each answered `cancel` with the longer reason (no
+/// task is leased to the worker), get an ack that fits in that frame with its integrity tag;
+/// one task more is refused.
+#[test]
+fn the_most_running_tasks_a_frame_admits_get_an_ack_that_fits_in_it() {
+    let frame = tether_proto::settings::MIN_FRAME;
+    let per_task = 56 + tether_proto::ids::MAX_ID_LEN + 10 + 58;
+    let most = (frame - super::messages::ACK_FIELDS_BYTES) / per_task;
+    let mut h = Harness::new();
+    let register = |r: &mut Registration, n: usize| {
+        r.max_frame = Some(frame as u64);
+        r.compression = vec![tether_proto::compress::ZSTD.to_owned()];
+        r.batching = true;
+        r.compact_acks = true;
+        r.inventory.running = running_of(n, tether_proto::ids::MAX_ID_LEN, u32::MAX);
+    };
+    let (_, mut rx) = h.connect_registering("a", |r| register(r, most));
+    let sent = drain(&mut rx);
+    let ack = registration_ack(&sent).expect("an ack");
+    assert_eq!(ack.directives.len(), most);
+    assert!(
+        ack.directives
+            .iter()
+            .all(|d| d.action == tether_proto::msg::DirectiveAction::Cancel)
+    );
+    let bytes = tether_proto::encode(&CoordMsg::RegistrationAck(ack.clone())).len()
+        + tether_proto::integrity::TEXT_TRAILER;
+    assert!(bytes <= frame, "{bytes} bytes");
+    let (_, mut rx) = h.connect_registering("b", |r| register(r, most + 1));
+    let (sent, close) = drain_to_close(&mut rx);
+    assert!(registration_ack(&sent).is_none());
+    assert_eq!(close, Some(4002));
+}
+
+/// What [`super::messages::largest_directive`] counts is what a directive takes, at its
+/// largest; and an ack's other fields, at their largest, with its integrity tag, take no more
+/// than their allowance.
+#[test]
+fn the_largest_registration_ack_without_directives_fits_in_its_allowance() {
+    use tether_proto::msg::{Directive, DirectiveAction, Rate, RegistrationAck};
+    for (id_len, attempt) in [(1, 0), (1, 9), (36, 10), (128, u32::MAX)] {
+        let task_id = TaskId::parse(&"t".repeat(id_len)).expect("id");
+        let largest = [
+            "the task moved on while this worker was away",
+            "this coordinator has no lease of that task for this worker",
+        ]
+        .map(|reason| {
+            tether_proto::encode(&Directive {
+                task_id: task_id.clone(),
+                attempt: Attempt(attempt),
+                action: DirectiveAction::Cancel,
+                reason: reason.to_owned(),
+            })
+            .len()
+                + 1
+        })
+        .into_iter()
+        .max();
+        assert_eq!(
+            Some(super::messages::largest_directive(
+                &task_id,
+                Attempt(attempt)
+            )),
+            largest
+        );
+    }
+    let rate = Rate {
+        per_sec: -f64::MAX / 3.0,
+        burst: u32::MAX,
+    };
+    let ack = CoordMsg::RegistrationAck(RegistrationAck {
+        worker_id: wid(&"w".repeat(tether_proto::ids::MAX_ID_LEN)),
+        session_id: u64::MAX,
+        directives: Vec::new(),
+        compression: Some(tether_proto::compress::ZSTD.to_owned()),
+        batching: Some(tether_proto::msg::Batching {
+            max_messages: u32::MAX,
+            max_bytes: u64::MAX,
+        }),
+        compact_acks: true,
+        max_frame: Some(u64::MAX),
+        max_checkpoint: Some(u64::MAX),
+        message_rate: Some(rate),
+        byte_rate: Some(rate),
+        timestamp: now(),
+    });
+    let bytes = tether_proto::encode(&ack).len() + tether_proto::integrity::TEXT_TRAILER;
+    assert!(bytes <= super::messages::ACK_FIELDS_BYTES, "{bytes} bytes");
+}
+
 #[test]
 fn a_registration_taking_frames_under_the_least_every_peer_takes_is_refused() {
     let mut h = Harness::new();

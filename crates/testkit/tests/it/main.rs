@@ -15,5 +15,6 @@ mod lifecycle;
 mod metrics;
 mod raw;
 mod recovery;
+mod registration_frame;
 mod secrets;
 mod tls;
