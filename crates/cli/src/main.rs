@@ -11,7 +11,7 @@ mod settings;
 mod stress;
 mod watch;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// mimalloc instead of the system allocator: the coordinator allocates per message, and under
 /// load glibc's malloc spent about a tenth of its CPU consolidating and unlinking chunks
@@ -80,8 +80,125 @@ enum Cmd {
     StressFleet(stress::FleetArgs),
 }
 
+impl Cli {
+    /// What clap cannot check value by value but the command can before it does anything: a
+    /// usage error (exit 2) with the subcommand's usage, as clap's own.
+    fn checked(self) -> Result<Self, clap::Error> {
+        let refused = match &self.cmd {
+            Cmd::Submit(s) => s.check().err().map(|why| ("submit", why)),
+            _ => None,
+        };
+        let Some((name, why)) = refused else {
+            return Ok(self);
+        };
+        let mut cmd = Cli::command();
+        cmd.build();
+        let error = clap::error::ErrorKind::ValueValidation;
+        Err(match cmd.find_subcommand_mut(name) {
+            Some(sub) => sub.error(error, why),
+            None => cmd.error(error, why),
+        })
+    }
+}
+
+/// Characters of a value an error quotes: a rejected argument may be megabytes (a name, a
+/// file read into an argument), and was echoed whole.
+const VALUE_SHOWN: usize = 64;
+
+/// `value` as an error quotes it: whole up to [`VALUE_SHOWN`] characters, else that many and
+/// how long it was (`nnnn… (1025 characters)`).
+pub(crate) fn cut_value(value: &str) -> std::borrow::Cow<'_, str> {
+    match value.char_indices().nth(VALUE_SHOWN) {
+        Some((at, _)) => {
+            let chars = value.chars().count();
+            format!("{}… ({chars} characters)", &value[..at]).into()
+        }
+        None => value.into(),
+    }
+}
+
+/// Characters of a value parser's own words an error shows: more than any of them says, unless
+/// it quotes the value.
+const REASON_SHOWN: usize = 512;
+
+/// `e` with every value it quotes (the rejected value, an unknown argument or subcommand)
+/// cut by [`cut_value`]: clap quotes them whole. A value parser's own words that quote the
+/// value again (`name "…"`, which clap cannot cut) are cut too, the error made again in
+/// clap's words.
+fn bounded(mut e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    let long: Vec<_> = e
+        .context()
+        .filter_map(|(kind, v)| match v {
+            ContextValue::String(s) if s.chars().nth(VALUE_SHOWN).is_some() => {
+                Some((kind, s.clone(), cut_value(s).into_owned()))
+            }
+            _ => None,
+        })
+        .collect();
+    let cut = |text: &str| {
+        long.iter()
+            .fold(text.to_owned(), |t, (_, whole, cut)| t.replace(whole, cut))
+    };
+    // The values themselves, and where they are quoted again (a tip: `use '-- --x…'`).
+    let quoting: Vec<_> = e
+        .context()
+        .filter(|(kind, _)| *kind != ContextKind::Usage)
+        .filter_map(|(kind, v)| {
+            let quotes = |text: &str| long.iter().any(|(_, whole, _)| text.contains(whole));
+            let v = match v {
+                ContextValue::String(s) if quotes(s) => ContextValue::String(cut(s)),
+                ContextValue::Strings(all) if all.iter().any(|s| quotes(s)) => {
+                    ContextValue::Strings(all.iter().map(|s| cut(s)).collect())
+                }
+                ContextValue::StyledStr(s) if quotes(&s.to_string()) => {
+                    ContextValue::StyledStr(cut(&s.to_string()).into())
+                }
+                ContextValue::StyledStrs(all) if all.iter().any(|s| quotes(&s.to_string())) => {
+                    ContextValue::StyledStrs(
+                        all.iter().map(|s| cut(&s.to_string()).into()).collect(),
+                    )
+                }
+                _ => return None,
+            };
+            Some((kind, v))
+        })
+        .collect();
+    for (kind, v) in quoting {
+        e.insert(kind, v);
+    }
+    let Some(mut reason) = std::error::Error::source(&e).map(ToString::to_string) else {
+        return e;
+    };
+    if reason.chars().nth(REASON_SHOWN).is_none() {
+        return e;
+    }
+    for (_, whole, cut) in &long {
+        reason = reason
+            .replace(&format!("{whole:?}"), &format!("{cut:?}"))
+            .replace(whole.as_str(), cut);
+    }
+    if let Some((at, _)) = reason.char_indices().nth(REASON_SHOWN) {
+        reason.truncate(at);
+        reason.push('…');
+    }
+    let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
+        e.get(ContextKind::InvalidArg),
+        e.get(ContextKind::InvalidValue),
+    ) else {
+        return e;
+    };
+    let said = format!(
+        "invalid value '{value}' for '{arg}': {reason}\n\nFor more information, try '--help'.\n"
+    );
+    clap::Error::raw(e.kind(), said).with_cmd(&Cli::command())
+}
+
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse().and_then(Cli::checked) {
+        Ok(cli) => cli,
+        Err(e) => bounded(e).exit(),
+    };
     // The client commands that read or steer the coordinator and print what they got.
     let client = matches!(
         &cli.cmd,
@@ -277,5 +394,78 @@ fn no_huge_pages() {
         Ok(true) => tracing::info!("transparent huge pages off for this process"),
         Ok(false) => tracing::info!("transparent huge pages stay allowed: the kernel kept them on"),
         Err(error) => tracing::info!(%error, "transparent huge pages stay allowed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every command, given a value of 100,000 characters that it refuses,
+    /// is refused with an error of bounded length: the value quoted cut, by clap and by the
+    /// argument's own parser. Clap quoted it whole, and some parsers quoted it again.
+    #[test]
+    fn an_over_long_value_is_quoted_cut_in_the_error_of_every_argument() {
+        let long = "x".repeat(100_000);
+        let mut tried = 0;
+        let mut long_errors = Vec::new();
+        let mut stack = vec![(vec!["tether".to_owned()], Cli::command())];
+        while let Some((path, cmd)) = stack.pop() {
+            for sub in cmd.get_subcommands() {
+                let mut p = path.clone();
+                p.push(sub.get_name().to_owned());
+                stack.push((p, sub.clone()));
+            }
+            // An argument or a subcommand it does not know.
+            for unknown in [format!("--{long}"), long.clone()] {
+                let mut argv = path.clone();
+                argv.push(unknown);
+                tried += 1;
+                if let Err(e) = Cli::try_parse_from(&argv).and_then(Cli::checked) {
+                    let said = bounded(e).render().to_string();
+                    if said.len() >= 2_000 {
+                        long_errors.push(format!("{path:?} unknown: {} bytes", said.len()));
+                    }
+                }
+            }
+            for arg in cmd.get_arguments() {
+                if !arg.get_action().takes_values() {
+                    continue;
+                }
+                let mut argv = path.clone();
+                match (arg.get_long(), arg.is_last_set()) {
+                    (Some(l), _) => argv.push(format!("--{l}")),
+                    (None, true) => argv.push("--".to_owned()),
+                    (None, false) => {}
+                }
+                argv.push(long.clone());
+                tried += 1;
+                let Err(e) = Cli::try_parse_from(&argv).and_then(Cli::checked) else {
+                    continue;
+                };
+                let said = bounded(e).render().to_string();
+                if said.len() >= 2_000 {
+                    long_errors.push(format!(
+                        "{:?}: {} bytes: {}",
+                        &argv[1..argv.len() - 1],
+                        said.len(),
+                        &said[..said.len().min(300)]
+                    ));
+                }
+            }
+        }
+        assert!(tried > 50, "{tried} arguments tried");
+        assert!(long_errors.is_empty(), "{}", long_errors.join("\n"));
+    }
+
+    #[test]
+    fn a_value_is_quoted_whole_up_to_its_bound_and_cut_past_it() {
+        let at = "é".repeat(VALUE_SHOWN);
+        assert_eq!(cut_value(&at), at);
+        let past = format!("{at}é");
+        assert_eq!(
+            cut_value(&past),
+            format!("{at}… ({} characters)", VALUE_SHOWN + 1)
+        );
     }
 }

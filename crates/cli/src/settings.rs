@@ -193,12 +193,24 @@ pub fn pick_duration(
 }
 
 pub fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 5s, 250ms)"))?;
+    // The value itself is not repeated (clap quotes it, cut when long: see `main`), nor is an
+    // unknown unit past a bounded prefix (`5` and a megabyte of letters is one unit).
+    let d = humantime::parse_duration(s).map_err(|e| match e {
+        humantime::DurationError::UnknownUnit { unit, .. }
+            if matches!(crate::cut_value(&unit), std::borrow::Cow::Owned(_)) =>
+        {
+            format!(
+                "unknown time unit {:?} (use e.g. 5s, 250ms)",
+                crate::cut_value(&unit)
+            )
+        }
+        e => format!("{e} (use e.g. 5s, 250ms)"),
+    })?;
     // A clock's instant plus a duration past this overflows: a deadline so far is no deadline
     // the user meant, and was a panic where it was added.
     if d > MAX_DURATION_ARG {
         return Err(format!(
-            "{s} is longer than {} days",
+            "longer than {} days",
             MAX_DURATION_ARG.as_secs() / 86_400
         ));
     }

@@ -359,3 +359,122 @@ fn a_client_command_logs_at_the_level_asked_and_says_an_empty_token_is_empty() {
     assert!(err.contains("TETHER_TOKEN is empty"), "{err}");
     assert!(!err.contains("without spaces"), "{err}");
 }
+
+/// More `--require`s or `--tag`s than a spec may hold (tether-proto's `MAX_LABELS`, the bound
+/// the coordinator refuses a submission by) are a usage error (exit 2) saying how many were
+/// given and the bound, before any request (the port is closed: a request would fail "cannot
+/// reach"), with --watch too; so are they in a `--file`'s spec. They were sent and refused
+/// by the coordinator. At the bound, they are sent.
+#[test]
+fn submit_more_requires_or_tags_than_a_spec_holds_is_a_usage_error_before_any_request() {
+    use tether_proto::task::MAX_LABELS;
+    let closed = closed_port();
+    let over = MAX_LABELS + 1;
+    let labels = |flag: &str, n: usize| -> Vec<String> {
+        (0..n)
+            .flat_map(|i| [flag.to_owned(), format!("k{i}=v")])
+            .collect()
+    };
+    for watch in [&[][..], &["--watch"]] {
+        for (flag, what) in [("--tag", "tags"), ("--require", "capabilities")] {
+            let mut args = vec!["submit".to_owned(), "--coordinator".into(), closed.clone()];
+            args.extend(labels(flag, over));
+            args.extend(watch.iter().map(|w| (*w).to_owned()));
+            args.extend(["--".into(), "true".into()]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (code, err) = tether_str(&args);
+            let says =
+                format!("{over} {what} given ({flag}); a task may ask for at most {MAX_LABELS}");
+            assert_eq!(code, Some(2), "{flag} {watch:?}: {err}");
+            assert!(err.contains(&says), "{flag} {watch:?}: {err}");
+            assert!(err.contains("Usage: tether submit"), "{err}");
+            assert!(!err.contains("cannot reach"), "{flag} {watch:?}: {err}");
+        }
+    }
+    let mut args = vec!["submit".to_owned(), "--coordinator".into(), closed.clone()];
+    args.extend(labels("--tag", MAX_LABELS));
+    args.extend(labels("--require", MAX_LABELS));
+    args.extend(["--".into(), "true".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, err) = tether_str(&args);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
+    // In a file: the spec's own bounds, by the same check.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("tags.json");
+    let tags: serde_json::Map<String, serde_json::Value> =
+        (0..over).map(|i| (format!("k{i}"), "v".into())).collect();
+    let spec = serde_json::json!({"tasks": [{"kind": "sleep"}, {"kind": "sleep", "tags": tags}]});
+    std::fs::write(&file, spec.to_string()).expect("write");
+    let path = file.to_str().expect("a UTF-8 path");
+    let (code, err) = tether_str(&["submit", "--coordinator", &closed, "--file", path]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("--file {path}: task 1: at most {MAX_LABELS}")),
+        "{err}"
+    );
+    assert!(!err.contains("cannot reach"), "{err}");
+}
+
+/// An over-long value refused is quoted cut in the error (its first 64 characters and its
+/// length), for clap's quote and the flag's own words alike: a `--name` of 100,000
+/// characters was printed whole, twice over for a `--priority` or an `--env`.
+#[test]
+fn an_over_long_value_refused_is_quoted_cut() {
+    let long = "n".repeat(100_000);
+    let cut = format!("{}… (100000 characters)", "n".repeat(64));
+    // Each of 100,000 characters too.
+    let env = format!("N{}", &long[1..]);
+    let timeout = format!("5{}", &long[1..]);
+    for (flag, value, says) in [
+        ("--name", &long, "name of 100000 bytes; at most 1024"),
+        ("--require", &long, "of 100000 bytes; at most 256"),
+        ("--priority", &long, "use high, normal, low or 0..=9"),
+        ("--env", &env, "use KEY=VALUE"),
+        ("--timeout", &timeout, "unknown time unit"),
+        ("--max-attempts", &long, "invalid digit"),
+        ("--id", &long, ""),
+    ] {
+        let (code, err) = tether_str(&["submit", flag, value, "--", "true"]);
+        assert_eq!(code, Some(2), "{flag}: {}", &err[..err.len().min(300)]);
+        assert!(
+            err.len() < 1_000,
+            "{flag}: {} bytes: {}",
+            err.len(),
+            &err[..300]
+        );
+        assert!(err.contains(flag) && err.contains(says), "{flag}: {err}");
+        assert!(err.contains("(100000 characters)"), "{flag}: {err}");
+    }
+    let (code, err) = tether_str(&["submit", "--name", &long, "--", "true"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("invalid value '{cut}' for '--name ")),
+        "{err}"
+    );
+}
+
+/// A command the `command` executor refuses (an empty program, an `--env` the worker sets
+/// itself) is a usage error (exit 2) in the executor's words, before any request: the
+/// coordinator refused it by the same check at submission, once the command had reached it.
+#[test]
+fn submit_a_command_the_executor_refuses_is_a_usage_error_before_any_request() {
+    let closed = closed_port();
+    for (args, says) in [
+        (&["--", ""][..], "`program` is empty"),
+        (
+            &["--env", "TETHER_TASK_ID=t-1", "--", "true"],
+            "`env` cannot set TETHER_TASK_ID",
+        ),
+        (
+            &["--env", "TETHER_TASK_ID=t-1", "--shell", "true"],
+            "`env` cannot set TETHER_TASK_ID",
+        ),
+    ] {
+        let head = ["submit", "--coordinator", &closed];
+        let (code, err) = tether_str(&[&head[..], args].concat());
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!err.contains("cannot reach"), "{args:?}: {err}");
+    }
+}

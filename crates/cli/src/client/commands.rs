@@ -2,7 +2,7 @@
 
 use super::table::*;
 use super::*;
-use tether_proto::task::MAX_ATTEMPTS;
+use tether_proto::task::{MAX_ATTEMPTS, MAX_LABELS};
 
 #[derive(Args)]
 pub struct SubmitArgs {
@@ -64,7 +64,8 @@ pub struct SubmitArgs {
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("{s:?}: use KEY=VALUE")),
+        // The value itself is not repeated: clap quotes it (cut when long, see `main`).
+        _ => Err("use KEY=VALUE".to_owned()),
     }
 }
 
@@ -94,13 +95,78 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
     Ok((k, v))
 }
 
-/// The spec of a `command` task from the flags: a command line after `--` or a `--shell`
-/// script, with its environment, directory and the worker it needs.
-fn command_spec(a: &SubmitArgs) -> anyhow::Result<TaskSpec> {
+impl SubmitArgs {
+    /// What the coordinator would refuse of the whole submission and clap cannot see value by
+    /// value, found before any request (`main` makes it a usage error, exit 2): more
+    /// `--require`s or `--tag`s than a spec may hold ([`MAX_LABELS`], the bound
+    /// [`TaskSpec::validate`] holds them to), and a command the `command` executor refuses
+    /// (the check the coordinator makes of it at submission, e.g. an empty program or an
+    /// `--env` the worker sets itself). With `--file`: a spec in it that parses but that
+    /// [`TaskSpec::validate`] refuses; one that does not parse is left to the coordinator,
+    /// which says where (line and column), and a file that cannot be read or is not JSON to
+    /// the submission, which says so.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if let Some(f) = &self.file {
+            return check_file(f);
+        }
+        let tags: BTreeSet<&str> = self.tags.iter().map(|(k, _)| k.as_str()).collect();
+        for (flag, given, what) in [
+            ("--require", self.requires.len(), "capabilities"),
+            ("--tag", tags.len(), "tags"),
+        ] {
+            if given > MAX_LABELS {
+                return Err(format!(
+                    "{given} {what} given ({flag}); a task may ask for at most {MAX_LABELS} (the \
+                     API's limit)"
+                ));
+            }
+        }
+        let Some(config) = command_config(self) else {
+            // Said by `command_spec`, as it was.
+            return Ok(());
+        };
+        let check = crate::run::builtin_config_check();
+        match (check.0)("command", &config.to_string()) {
+            Some(Err(why)) => Err(format!("the command executor refuses this command: {why}")),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `--file`'s checks ([`SubmitArgs::check`]).
+fn check_file(f: &std::path::Path) -> Result<(), String> {
+    // One that cannot be read or is not JSON is said as the submission reads it.
+    let Some(v) = std::fs::read_to_string(f)
+        .ok()
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+    else {
+        return Ok(());
+    };
+    let shown = crate::cut_value(&f.display().to_string()).into_owned();
+    let specs: Vec<TaskSpec> = match v.get("tasks") {
+        Some(tasks) => match serde_json::from_value(tasks.clone()) {
+            Ok(specs) => specs,
+            Err(_) => return Ok(()),
+        },
+        None => match serde_json::from_value(v) {
+            Ok(spec) => vec![spec],
+            Err(_) => return Ok(()),
+        },
+    };
+    for (i, spec) in specs.iter().enumerate() {
+        spec.validate()
+            .map_err(|e| format!("--file {shown}: task {i}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The config of a `command` task from the flags: a command line after `--` or a `--shell`
+/// script, with its environment and directory; `None` without either.
+fn command_config(a: &SubmitArgs) -> Option<Value> {
     let mut config = match (&a.shell, a.command.split_first()) {
         (Some(script), _) => json!({ "shell": script }),
         (None, Some((program, args))) => json!({ "program": program, "args": args }),
-        (None, None) => bail!("give a command after `--`, --shell SCRIPT or --file FILE"),
+        (None, None) => return None,
     };
     if !a.env.is_empty() {
         let env: serde_json::Map<String, Value> =
@@ -110,6 +176,14 @@ fn command_spec(a: &SubmitArgs) -> anyhow::Result<TaskSpec> {
     if let Some(dir) = &a.cwd {
         config["cwd"] = json!(dir);
     }
+    Some(config)
+}
+
+/// The spec of a `command` task from the flags ([`command_config`]) with the worker it needs.
+fn command_spec(a: &SubmitArgs) -> anyhow::Result<TaskSpec> {
+    let Some(config) = command_config(a) else {
+        bail!("give a command after `--`, --shell SCRIPT or --file FILE");
+    };
     let mut spec = TaskSpec::new("command", config);
     spec.task_id = a.id.clone();
     spec.priority = a.priority;
@@ -133,13 +207,12 @@ fn command_spec(a: &SubmitArgs) -> anyhow::Result<TaskSpec> {
 /// which was cut off in silence), so the error names the flag, not the API's field.
 fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
     let d = crate::settings::parse_duration_arg(s)?;
+    // The value itself is not repeated: clap quotes it (cut when long, see `main`).
     if d.is_zero() {
-        return Err(format!("{s}: a task's timeout must be longer than zero"));
+        return Err("a task's timeout must be longer than zero".to_owned());
     }
     if d.subsec_nanos() % 1_000_000 != 0 {
-        return Err(format!(
-            "{s}: a task's timeout is whole milliseconds (e.g. 1500ms, 2s)"
-        ));
+        return Err("a task's timeout is whole milliseconds (e.g. 1500ms, 2s)".to_owned());
     }
     Ok(d)
 }
@@ -151,7 +224,11 @@ fn parse_priority(s: &str) -> Result<u8, String> {
         "low" => Ok(9),
         n => match n.parse::<u8>() {
             Ok(p) if p <= tether_proto::task::MAX_PRIORITY => Ok(p),
-            _ => Err(format!("priority {n:?}: use high, normal, low or 0..=9")),
+            // The value itself is not repeated: clap quotes it (cut when long, see `main`).
+            _ => Err(format!(
+                "use high, normal, low or 0..={}",
+                tether_proto::task::MAX_PRIORITY
+            )),
         },
     }
 }
