@@ -634,6 +634,20 @@ impl Core {
     }
 }
 
+impl Core {
+    /// Cuts the error text of a task as the store loaded it, as a recorded result's is cut
+    /// (`messages::kept_error`: at most `TASK_ERROR_BYTES`, marker included): a task stored
+    /// before that cut, or imported, may hold one as long as a frame, which every save, event
+    /// and listing would copy. Its stored result keeps the whole text.
+    pub(crate) fn cut_loaded_error(task: &mut crate::model::Task) {
+        if let Some(error) = &mut task.error
+            && error.len() > super::messages::TASK_ERROR_BYTES
+        {
+            *error = super::messages::kept_error(error);
+        }
+    }
+}
+
 /// Whether `msg` with a checkpoint of `bytes` (base64 in its JSON: 4 characters for 3 bytes)
 /// fits in a frame of `limit`.
 fn fits_in_assignment(msg: &TaskAssignment, bytes: usize, limit: usize) -> bool {

@@ -619,7 +619,7 @@ fn load(conn: &Connection) -> Result<Loaded, LoadError> {
         let (id, doc, spec) = row?;
         let spec =
             spec.ok_or_else(|| LoadError::Json(format!("task {id:?} has no spec (table tasks)")))?;
-        let t =
+        let mut t =
             from_json::<schema::LoadedTaskDoc>(&format!("task {id:?} (table tasks, doc)"), &doc)?
                 .with_spec(from_json(
                     &format!("task {id:?} (table tasks, spec)"),
@@ -633,6 +633,8 @@ fn load(conn: &Connection) -> Result<Loaded, LoadError> {
                 t.submit_seq
             )));
         }
+        // Stored before a recorded result's error text was cut (or imported): cut as that is.
+        crate::core::Core::cut_loaded_error(&mut t);
         out.tasks.push(t);
     }
     out.next_submit_seq = conn

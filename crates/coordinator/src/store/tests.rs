@@ -2420,3 +2420,51 @@ fn a_checkpoint_range_is_read_across_its_pieces_and_only_for_its_own_task() {
         None
     );
 }
+
+/// A task stored with a failed result's error text as long as a frame (before the record kept
+/// at most 4 KiB of it, or imported) is loaded with that text cut as a recorded result's is
+/// (on a character boundary, with a marker saying how much went); its stored result keeps the
+/// whole text.
+#[test]
+fn a_stored_tasks_long_error_is_cut_at_load_and_its_stored_result_kept_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, _) = open(dir.path()).expect("open");
+    // Two-byte characters after one byte: the bound falls inside a character.
+    let message = format!("x{}", "é".repeat(512 * 1024));
+    let mut t = task("big", 0, TaskStatus::Failed);
+    t.outcome = Some(Outcome::Failed);
+    t.error = Some(message.clone());
+    let body = serde_json::json!({"outcome": "failed", "error": {"message": message}});
+    commit_muts(
+        &mut conn,
+        vec![
+            Mutation::PutTask(Box::new(t)),
+            Mutation::PutResult {
+                task_id: TaskId::parse("big").expect("id"),
+                attempt: Attempt(1),
+                worker: WorkerId::parse("w").expect("id"),
+                outcome: Outcome::Failed,
+                stale: false,
+                body: body.to_string(),
+            },
+            Mutation::PutTask(Box::new({
+                let mut short = task("short", 1, TaskStatus::Failed);
+                short.error = Some("exit 1".into());
+                short
+            })),
+        ],
+    );
+    drop(conn);
+    let (conn, loaded) = open(dir.path()).expect("reopen");
+    let kept = loaded.tasks[0].error.as_deref().expect("an error");
+    let bound = 4096;
+    assert!(kept.len() <= bound, "{} bytes", kept.len());
+    let at = kept.find('…').expect("a marker");
+    assert!(message.starts_with(&kept[..at]));
+    let cut = message.len() - at;
+    assert!(kept.ends_with(&format!("… (cut: {cut} bytes)")), "{kept}");
+    assert_eq!(loaded.tasks[1].error.as_deref(), Some("exit 1"));
+    let results = read_results(&conn, &TaskId::parse("big").expect("id")).expect("results");
+    let stored: serde_json::Value = serde_json::from_str(results[0].body.get()).expect("JSON");
+    assert_eq!(stored["error"]["message"], message.as_str(), "kept whole");
+}
