@@ -273,6 +273,18 @@ async fn wait_healthy(http: &reqwest::Client, base: &str) {
     .await;
 }
 
+/// A start's answer while its store is not open: `503 starting` with `Retry-After`, saying
+/// that it waits for space.
+async fn assert_starting(r: reqwest::Response) {
+    let url = r.url().clone();
+    assert_eq!(r.status().as_u16(), 503, "{url}");
+    assert_eq!(r.headers()["retry-after"], "5", "{url}");
+    let body: Value = r.json().await.expect("a JSON error");
+    assert_eq!(body["error"]["code"], "starting", "{url}: {body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("waiting for space"), "{url}: {body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_data_directory_holds_the_commits_until_space_is_freed_and_loses_nothing() {
     let Some((work, disk, addr, base)) = mounted() else {
@@ -525,12 +537,13 @@ async fn a_coordinator_restarted_while_its_disk_is_still_full_waits_for_room_and
         "{}",
         logged(&second_log)
     );
+    // It answers, saying that it waits: every request `503 starting`.
     let healthz = http
         .get(format!("{base}/healthz"))
-        .timeout(Duration::from_millis(500))
         .send()
-        .await;
-    assert!(healthz.is_err(), "served before the store was open");
+        .await
+        .expect("answered while the open waits");
+    assert_starting(healthz).await;
 
     // Stopped while the open waits: it ends at once, having started and changed nothing.
     let left = journals(&data);
@@ -585,4 +598,78 @@ async fn a_coordinator_restarted_while_its_disk_is_still_full_waits_for_room_and
         eprintln!("{line}");
     }
     w.stop().await.expect("clean stop");
+}
+
+/// A coordinator started on a disk full to its last page, its data directory not made yet:
+/// the pid cannot be written into its lock file, and it stopped at once ("cannot open
+/// .../tether.lock: No space left on device"), where a start one page less full waited for
+/// room. It takes the lock without the pid, saying so, and waits for room to open the store,
+/// answering every request meanwhile with `503 starting` (it answered none: to its health
+/// checks it looked dead) and serving its metrics, which say that it waits; once there is room
+/// it starts, writes its pid into the lock file and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_started_on_a_full_disk_answers_that_it_waits_and_starts_once_there_is_room()
+{
+    let Some((work, disk, addr, base)) = mounted() else {
+        return;
+    };
+    let log = work.path().join("coordinator.log");
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(fill(&disk.inside("filler")) > 0, "nothing could be written");
+    let mut c = disk.coordinator(addr, &log);
+    let pid = c.child.id();
+    let http = http_client();
+    // (Before the open finds no room, the answer says that it opens.)
+    wait_for("an answer that the open waits", LONG, || async {
+        assert!(!exited(pid), "it exited:\n{}", logged());
+        let r = http.get(format!("{base}/healthz")).send().await.ok()?;
+        let body: Value = r.json().await.ok()?;
+        let message = body["error"]["message"].as_str()?;
+        message.contains("waiting for space").then_some(())
+    })
+    .await;
+    // Every request, a worker's upgrade among them, gets that answer.
+    for path in [
+        "/healthz",
+        "/api/v1/tasks",
+        "/api/v1/worker/w1/ws",
+        "/no-such-path",
+    ] {
+        let r = http
+            .get(format!("{base}{path}"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{path} not answered: {e}"));
+        assert_starting(r).await;
+    }
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics answered");
+    assert_eq!(metrics.status().as_u16(), 200);
+    let metrics = metrics.text().await.expect("text");
+    assert!(metrics.contains("tether_store_out_of_space 1"), "{metrics}");
+    // Locked, without the pid, which the log says.
+    let lock = disk.inside("data/tether.lock");
+    assert_eq!(std::fs::read_to_string(&lock).expect("the lock file"), "");
+    assert!(
+        logged().contains("without this coordinator's pid"),
+        "{}",
+        logged()
+    );
+
+    // Room: it starts, and names itself in the lock file.
+    std::fs::remove_file(disk.inside("filler")).expect("free the space");
+    wait_healthy(&http, &base).await;
+    assert_eq!(
+        std::fs::read_to_string(&lock).expect("the lock file"),
+        pid.to_string()
+    );
+    let r = post_tasks(&http, &base, &specs("after", 1))
+        .await
+        .expect("submitted");
+    assert_eq!(r.status().as_u16(), 201);
+    assert!(c.alive(), "it stopped:\n{}", logged());
+    c.stop("the coordinator", &log).await;
 }

@@ -1,6 +1,7 @@
 //! `run(listener, config, shutdown)`: opens the store, starts the core and the writer, and
 //! serves the worker endpoint and the HTTP API on one listener until shutdown.
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 
 use axum::Router;
@@ -93,18 +94,43 @@ pub async fn run_with(
     let addr = listener.local_addr()?;
     crate::auth::check_exposure(addr, cfg.api_tokens.as_ref())?;
     let cfg = Arc::new(cfg);
-    crate::metrics::install();
+    let recorder = crate::metrics::install();
     // Held until the writer has finished, at the end of this function.
-    let _lock = store::lock_dir(&cfg.data_dir)?;
+    let mut lock = store::lock_dir(&cfg.data_dir)?;
+    let counters = Arc::new(Counters::default());
+    // Until the store is open, every request is answered `503 starting` (the metrics
+    // excepted), on a twin of the listener (the same socket): a start that waits for space is
+    // seen waiting, not dead. It stops taking connections once the open is over, and the
+    // listener serves the coordinator's router.
+    let (listener, twin) = twin(listener)?;
+    let opening = Arc::new(Opening {
+        stats: StoreStats::default(),
+        recorder,
+        cfg: cfg.clone(),
+    });
+    let opened = CancellationToken::new();
+    let answering = {
+        let mut twin = crate::admission::Admission::new(twin, cfg.limits.clone(), counters.clone());
+        if let Some(tls) = &cfg.tls {
+            twin = twin.with_tls(tls.clone());
+        }
+        let opened = opened.clone();
+        axum::serve(twin, opening_router(opening.clone()).into_make_service())
+            .with_graceful_shutdown(async move { opened.cancelled().await })
+    };
+    let answering = tokio::spawn(answering.into_future());
+    tracing::info!(%addr, "opening the store; until it is open every request is answered 503 (starting)");
     // Opened on the blocking pool: a disk still full waits there (retrying) until space
     // returns, and a stop meanwhile ends the wait with nothing started.
-    let opened = {
-        let (dir, stop) = (cfg.data_dir.clone(), shutdown.clone());
-        tokio::task::spawn_blocking(move || store::open_until(&dir, &stop))
-            .await
-            .map_err(|e| std::io::Error::other(format!("opening the store: {e}")))?
+    let opened_store = {
+        let (dir, stop, opening) = (cfg.data_dir.clone(), shutdown.clone(), opening.clone());
+        tokio::task::spawn_blocking(move || store::open_watched(&dir, &stop, &opening.stats)).await
     };
-    let (conn, loaded) = match opened {
+    // Its connections are closed as they finish their answers; new ones are the router's.
+    opened.cancel();
+    let opened_store =
+        opened_store.map_err(|e| std::io::Error::other(format!("opening the store: {e}")))?;
+    let (conn, loaded) = match opened_store {
         Ok(opened) => opened,
         Err(StoreError::OutOfSpace { .. }) if shutdown.is_cancelled() => {
             tracing::info!(
@@ -114,7 +140,8 @@ pub async fn run_with(
         }
         Err(e) => return Err(e.into()),
     };
-    let counters = Arc::new(Counters::default());
+    // Taken on a full disk, the lock file did not name this process: there is room now.
+    lock.stamp();
     let store_stats = Arc::new(StoreStats::default());
     let fatal = CancellationToken::new();
     let stop = CancellationToken::new();
@@ -218,12 +245,87 @@ pub async fn run_with(
     let _ = core_task.await;
     // The core dropped its writer sender: the writer commits what is left and exits.
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    // A connection of the start's answers still open (a reader that stopped reading) is let go.
+    answering.abort();
+    drop(lock);
     served?;
     if fatal.is_cancelled() {
         return Err(ServerError::StoreFailed);
     }
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// The listener and a twin of it, on the same socket (its descriptor duplicated): a
+/// connection is taken by whichever accepts it.
+fn twin(listener: TcpListener) -> std::io::Result<(TcpListener, TcpListener)> {
+    let listener = listener.into_std()?;
+    let twin = listener.try_clone()?;
+    Ok((
+        TcpListener::from_std(listener)?,
+        TcpListener::from_std(twin)?,
+    ))
+}
+
+/// What the answers served while the store opens look at.
+struct Opening {
+    /// The open's: whether it waits for space.
+    stats: StoreStats,
+    recorder: metrics_exporter_prometheus::PrometheusHandle,
+    cfg: Arc<CoordinatorConfig>,
+}
+
+impl Opening {
+    /// Whether `GET /metrics` may be served: as the router would, with a valid API token when
+    /// tokens are configured, else for a loopback host only (`auth::browser_guard`).
+    fn may_scrape(&self, headers: &axum::http::HeaderMap) -> bool {
+        use axum::http::header;
+        let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
+        match self.cfg.api_tokens.as_ref().filter(|t| !t.is_empty()) {
+            Some(tokens) => text(header::AUTHORIZATION)
+                .and_then(|v| v.trim_start().split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .is_some_and(|(_, token)| tokens.scope_of(token.trim()).is_some()),
+            None => text(header::HOST).is_none_or(tether_proto::endpoint::is_loopback_host),
+        }
+    }
+}
+
+/// The router served while the store opens: every request (a worker's upgrade among them) gets
+/// `503 starting` with `Retry-After`, saying whether the open waits for space; `GET /metrics`
+/// is served (what the recorder holds: `tether_store_out_of_space` among it) to whom the
+/// router would serve it.
+fn opening_router(opening: Arc<Opening>) -> Router {
+    Router::new().fallback(answer_opening).with_state(opening)
+}
+
+async fn answer_opening(
+    axum::extract::State(o): axum::extract::State<Arc<Opening>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::http::{HeaderValue, StatusCode, header};
+    use axum::response::IntoResponse;
+    if method == axum::http::Method::GET && uri.path() == "/metrics" && o.may_scrape(&headers) {
+        let content = [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)];
+        return (content, o.recorder.render()).into_response();
+    }
+    let message = match o
+        .stats
+        .out_of_space
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        true => {
+            "waiting for space in the data directory to open the store; the coordinator starts \
+             once there is room (free space there)"
+        }
+        false => "opening the store; the coordinator starts once it is open",
+    };
+    let mut r = crate::http::error_response(StatusCode::SERVICE_UNAVAILABLE, "starting", message);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    r
 }
 
 /// One route of the router: its methods and path, and the path under which the API

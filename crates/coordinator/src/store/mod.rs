@@ -511,10 +511,19 @@ pub fn open_until(
     dir: &Path,
     stop: &CancellationToken,
 ) -> Result<(Connection, Loaded), StoreError> {
+    open_watched(dir, stop, &StoreStats::default())
+}
+
+/// Like [`open_until`], saying in `stats` whether the open waits for space
+/// ([`StoreStats::out_of_space`]), for the answers served meanwhile.
+pub fn open_watched(
+    dir: &Path,
+    stop: &CancellationToken,
+    stats: &StoreStats,
+) -> Result<(Connection, Loaded), StoreError> {
     use std::os::unix::fs::PermissionsExt;
     let path = dir.join(DB_FILE);
-    let stats = StoreStats::default();
-    let mut wait = space::OpenWait::new(&path, &stats, stop);
+    let mut wait = space::OpenWait::new(&path, stats, stop);
     make_dir(dir)?;
     if let Ok(meta) = std::fs::metadata(dir)
         && meta.permissions().mode() & 0o077 != 0

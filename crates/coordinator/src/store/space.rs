@@ -17,7 +17,8 @@
 //! a journal file of its own; a restart while the disk is still full would otherwise fail there
 //! and exit, again at every restart of its supervisor. Each step of the open changes nothing
 //! when it fails for space (a transaction rolled back, a file not made), so it is tried again
-//! until it goes through, or until the coordinator is stopped; nothing is served meanwhile.
+//! until it goes through, or until the coordinator is stopped; meanwhile every request is
+//! answered `503 starting` (the metrics excepted: `crate::server`).
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -131,7 +132,7 @@ pub(super) enum Waiting {
     Commit,
     /// The state journal's first file, which the writer makes before it takes a group.
     Journal,
-    /// The store's open: nothing is served until it is done.
+    /// The store's open: nothing but `503 starting` is served until it is done.
     Open,
 }
 
@@ -145,7 +146,7 @@ impl Waiting {
                 "the data directory is out of space: the state journal cannot be started; it waits for room and is tried again, and nothing is committed or acknowledged meanwhile, and submissions are refused; free space to resume"
             }
             Waiting::Open => {
-                "the data directory is out of space: the store cannot be opened (a journal of task states to replay, or the database's WAL index to make); it waits for room and is tried again, and nothing is served meanwhile (workers keep what they produced); free space to start"
+                "the data directory is out of space: the store cannot be opened (a journal of task states to replay, or the database's WAL index to make); it waits for room and is tried again, every request answered 503 (starting) meanwhile (workers keep what they produced); free space to start"
             }
         }
     }
