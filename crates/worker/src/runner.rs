@@ -1552,6 +1552,99 @@ mod tests {
         }
     }
 
+    /// Writes a last checkpoint of `config.size` bytes and ends, as a command's last look at
+    /// its directory after its process exited; with `size` absent, ends at once.
+    struct LastCheckpoint;
+
+    impl Executor for LastCheckpoint {
+        fn execute(
+            &self,
+            input: TaskInput,
+            ctx: TaskCtx,
+        ) -> BoxFuture<'static, Result<serde_json::Value, ExecError>> {
+            Box::pin(async move {
+                if let Some(size) = input.config["size"].as_u64() {
+                    ctx.checkpoint(vec![7; size as usize]).await;
+                }
+                Ok(serde_json::json!({"done": true}))
+            })
+        }
+    }
+
+    /// What the outbox sends in a new session, each as its type and task.
+    fn replayed(outbox: &Outbox) -> Vec<(String, String)> {
+        outbox.requeue_all();
+        outbox
+            .take_unsent(usize::MAX)
+            .into_iter()
+            .map(|(_, m)| {
+                let task = match m.as_ref() {
+                    WorkerMsg::TaskResult(r) => r.task_id.to_string(),
+                    WorkerMsg::Checkpoint(c) => c.task_id.to_string(),
+                    WorkerMsg::CheckpointData(d) => d.task_id.to_string(),
+                    _ => String::new(),
+                };
+                (m.type_name().to_owned(), task)
+            })
+            .collect()
+    }
+
+    /// Results go first, in every session: one queued while its attempt's last checkpoint is
+    /// still in the outbox (unacknowledged) goes ahead of that upload again after a reconnect,
+    /// as it does on a slow link (the testkit's
+    /// `a_result_is_not_held_behind_a_checkpoint_on_a_slow_link`). The coordinator then stores
+    /// none of its pieces (the lease ended with the result): that last checkpoint is lost, by
+    /// design (docs/PROTOCOL.md, section 11). A finished task is never resumed, and its result
+    /// is not held back by the upload, however slow the link.
+    #[tokio::test]
+    async fn a_result_replayed_after_a_reconnect_goes_ahead_of_its_attempts_last_checkpoint() {
+        let mut executors = Executors::default();
+        executors.register("last", LastCheckpoint);
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner = Arc::new(Runner::new(executors, outbox.clone(), 256 * 1024));
+        runner.size_pieces_for(20_000.0);
+        let run = |task: &str, config: serde_json::Value| {
+            let mut a = assignment(task, 1, None);
+            a.kind = "last".into();
+            a.config = config.into();
+            runner.assign(a);
+        };
+        let results = |outbox: &Outbox| {
+            outbox
+                .snapshot()
+                .iter()
+                .filter(|(_, _, m)| matches!(m.as_ref(), WorkerMsg::TaskResult(_)))
+                .count()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let wait_for = |n: usize| {
+            let outbox = outbox.clone();
+            async move {
+                while results(&outbox) < n {
+                    assert!(tokio::time::Instant::now() < deadline, "no result");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        run("with-cp", serde_json::json!({ "size": 50_000 }));
+        wait_for(1).await;
+        run("plain", serde_json::json!({}));
+        wait_for(2).await;
+        let cp = |ty: &str| (ty.to_owned(), "with-cp".to_owned());
+        let mut want = vec![cp("task_result")];
+        want.push(("task_result".to_owned(), "plain".to_owned()));
+        want.push(cp("checkpoint"));
+        want.extend([
+            cp("checkpoint_data"),
+            cp("checkpoint_data"),
+            cp("checkpoint_data"),
+        ]);
+        for session in 1..=2 {
+            assert_eq!(replayed(&outbox), want, "session {session}");
+        }
+        runner.shutdown(Duration::from_secs(5)).await;
+    }
+
     /// The announcements of checkpoints in the outbox: each one's id and count of pieces.
     fn announced(outbox: &Outbox) -> Vec<(CheckpointId, u32)> {
         outbox

@@ -1376,6 +1376,67 @@ fn an_ended_attempts_unfinished_checkpoint_is_dropped_and_its_late_pieces_never_
     assert!(h.core.partial.is_empty());
 }
 
+/// An attempt's last checkpoint and its result, replayed by its worker in a new session: with
+/// the pieces first, the checkpoint completes and stays the finished task's latest; with the
+/// result first (the Rust worker's outbox sends results first), the result ends the lease and
+/// the pieces after it are `stale`, not stored: that checkpoint is lost. By design (section 11
+/// of docs/PROTOCOL.md): a late piece never completes an ended attempt's upload, every result
+/// ends its task for good, so nothing resumes from that checkpoint, and the result is not
+/// held back by its upload.
+#[test]
+fn an_attempts_last_checkpoint_is_kept_only_if_it_arrives_before_its_result() {
+    let mut h = Harness::new();
+    for (order, kept) in [("checkpoint first", true), ("result first", false)] {
+        let (s, mut rx) = h.connect("a");
+        let t = h.submit();
+        assert_eq!(h.core.tasks[&t].status, TaskStatus::Running, "{order}");
+        drain(&mut rx);
+        // The session is lost with the upload announced, unacknowledged pieces and the result
+        // in the outbox; the worker comes back and replays them.
+        h.frame("a", s, checkpoint(1, &t, "c-last", 2, 2));
+        h.step(Event::Disconnected {
+            worker: wid("a"),
+            session_id: s,
+        });
+        let (s2, mut rx2) = h.connect_registering("a", |r| {
+            r.inventory.finished = vec![tether_proto::task::TaskRef::new(t.clone(), Attempt(1))];
+        });
+        drain(&mut rx2);
+        let pieces = [
+            piece(2, &t, "c-last", 0, b"a"),
+            piece(3, &t, "c-last", 1, b"b"),
+        ];
+        if kept {
+            for p in pieces.clone() {
+                h.frame("a", s2, p);
+            }
+        }
+        h.frame("a", s2, result(4, &t, 1));
+        assert_eq!(
+            result_ack(&drain(&mut rx2)),
+            Disposition::Recorded,
+            "{order}"
+        );
+        if !kept {
+            for p in pieces {
+                h.frame("a", s2, p);
+                assert_eq!(data_ack(&drain(&mut rx2)), Disposition::Stale, "{order}");
+            }
+        }
+        assert_eq!(h.core.tasks[&t].status, TaskStatus::Completed, "{order}");
+        let latest = h.core.tasks[&t].latest_checkpoint.clone();
+        assert_eq!(
+            latest.map(|c| c.checkpoint_id.to_string()),
+            kept.then(|| "c-last".to_owned()),
+            "{order}"
+        );
+        h.step(Event::Disconnected {
+            worker: wid("a"),
+            session_id: s2,
+        });
+    }
+}
+
 #[test]
 fn abandoned_uploads_do_not_count_against_the_next_attempts_checkpoints() {
     let mut cfg = CoordinatorConfig::new("/nonexistent");
