@@ -49,13 +49,6 @@ const MAX_TRACKED_ADDRS: usize = 4096;
 /// from the coordinator's `registration_pool`.
 pub const PRE_REGISTRATION_BYTES: usize = 64 * 1024;
 
-/// Bytes a second an HTTP answer must move, on average, while its reader keeps it waiting
-/// (its writes find the socket full), with `http_idle` of slack: a reader that frees a little
-/// of its socket's buffer now and then moves bytes, so the idle close never comes, and would
-/// otherwise hold the answer (and its turn of `http::HEAVY_AT_ONCE`) for as long as it likes.
-/// 512 kbit/s: an honest client on any link but the slowest keeps up.
-pub const MIN_ANSWER_RATE: u64 = 64 * 1024;
-
 /// A rate: `per_sec` tokens a second, at most `burst` saved up.
 #[derive(Debug, Clone, Copy)]
 pub struct Rate {
@@ -279,6 +272,7 @@ impl axum::serve::Listener for Admission {
                 slack: self.limits.http_idle,
                 handshake_timeout: self.limits.handshake_timeout,
                 http_idle: self.limits.http_idle,
+                min_rate: self.limits.min_answer_rate,
                 counters: self.counters.clone(),
                 entry,
                 entry_read: 0,
@@ -518,9 +512,10 @@ pub struct OverEntryBudget;
 /// request and went quiet. Nor can a reader that takes its answer a little at a time hold it
 /// (and its turn of `http::HEAVY_AT_ONCE`): while writes wait for the reader, the time they
 /// wait is paid from the connection's slack, which starts at `http_idle`, is earned back at
-/// one second per [`MIN_ANSWER_RATE`] bytes written (up to `http_idle` again), and closes the
-/// connection when it runs out. The slack is the connection's, not an answer's: a client
-/// cannot win it back by sending the next request in the middle of an answer.
+/// one second per `min_answer_rate` bytes written (up to `http_idle` again; [`Limits`], 64 KiB
+/// by default), and closes the connection when it runs out (counted in `slow_http_closed`,
+/// apart from the idle closes' `idle_http_closed`). The slack is the connection's, not an
+/// answer's: a client cannot win it back by sending the next request in the middle of an answer.
 pub struct Guarded {
     tcp: Stream,
     open: Arc<AtomicUsize>,
@@ -540,6 +535,8 @@ pub struct Guarded {
     slack: Duration,
     handshake_timeout: Duration,
     http_idle: Duration,
+    /// `Limits::min_answer_rate`: bytes written that earn back a second of slack.
+    min_rate: u64,
     counters: Arc<Counters>,
     entry: Arc<Entry>,
     /// Bytes read since `entry` was armed.
@@ -771,11 +768,11 @@ impl Guarded {
             let slow_until = self.stalled_since.map(|since| since + self.slack);
             if slow_until.is_some_and(|until| until <= now) {
                 self.counters
-                    .idle_http_closed
+                    .slow_http_closed
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     written = self.entry.written.load(Ordering::Relaxed),
-                    min_rate = MIN_ANSWER_RATE,
+                    min_rate = self.min_rate,
                     "HTTP connection closed: its reader took its answer too slowly"
                 );
                 return Some(io::Error::new(
@@ -838,7 +835,7 @@ impl Guarded {
                 .slack
                 .saturating_sub(self.moved.saturating_duration_since(since));
         }
-        let earned = Duration::from_secs_f64(n as f64 / MIN_ANSWER_RATE as f64);
+        let earned = Duration::from_secs_f64(n as f64 / self.min_rate as f64);
         self.slack = self.slack.saturating_add(earned).min(self.http_idle);
         if self.awaiting_answer {
             self.awaiting_answer = false;

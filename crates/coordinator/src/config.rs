@@ -69,6 +69,15 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// answer) may move no byte either way before it is closed. Longer than twice the event
 /// stream's keep-alive, so a dashboard or `tether watch` left open is not cut.
 pub const DEFAULT_HTTP_IDLE: Duration = Duration::from_secs(60);
+/// Default bytes a second an HTTP answer must move, on average, while its reader keeps it
+/// waiting (its writes find the socket full), with `http_idle` of slack: a reader that frees a
+/// little of its socket's buffer now and then moves bytes, so the idle close never comes, and
+/// would otherwise hold the answer (and its turn of `http::HEAVY_AT_ONCE`) for as long as it
+/// likes. 512 kbit/s: an honest client on any link but the slowest keeps up.
+pub const DEFAULT_MIN_ANSWER_RATE: u64 = 64 * 1024;
+/// Highest minimum answer rate accepted: more than a gigabit link carries (about 119 MiB/s),
+/// so every reader on one, or on anything slower, would have its larger answers cut.
+pub const MAX_MIN_ANSWER_RATE: u64 = 128 * 1024 * 1024;
 /// Default messages per second of one worker session, sustained.
 pub const DEFAULT_MESSAGES_PER_SEC: f64 = 2000.0;
 /// Default burst of messages of one worker session.
@@ -103,6 +112,9 @@ pub struct Limits {
     /// Time an HTTP connection that is not reading a request may move no byte either way:
     /// idle between requests, or its reader stopped reading the answer.
     pub http_idle: Duration,
+    /// Bytes a second an HTTP answer must move, on average, while its reader keeps it
+    /// waiting; a reader slower than this for about `http_idle` is cut (see `admission`).
+    pub min_answer_rate: u64,
     pub messages_per_sec: f64,
     pub message_burst: u32,
     /// Decoded bytes per second of one worker session, and their burst; over it the session
@@ -124,6 +136,7 @@ impl Default for Limits {
             limit_loopback: false,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             http_idle: DEFAULT_HTTP_IDLE,
+            min_answer_rate: DEFAULT_MIN_ANSWER_RATE,
             messages_per_sec: DEFAULT_MESSAGES_PER_SEC,
             message_burst: DEFAULT_MESSAGE_BURST,
             bytes_per_sec: DEFAULT_BYTES_PER_SEC,
@@ -215,8 +228,8 @@ impl CoordinatorConfig {
     /// message's envelope, a checkpoint bound, connection limit or body limit of 0, a message,
     /// connection or byte rate that is not a positive number (0 does not mean unlimited), a
     /// handshake deadline or HTTP idle time under 100 ms ([`MIN_HANDSHAKE_TIMEOUT`],
-    /// [`MIN_HTTP_IDLE`]), a sweep or sample period under 10 ms ([`MIN_SWEEP_INTERVAL`],
-    /// [`MIN_HISTORY_INTERVAL`]). The `tether coordinator` command asks more of some (frames
+    /// [`MIN_HTTP_IDLE`]), a minimum answer rate of 0 or above [`MAX_MIN_ANSWER_RATE`], a
+    /// sweep or sample period under 10 ms ([`MIN_SWEEP_INTERVAL`], [`MIN_HISTORY_INTERVAL`]). The `tether coordinator` command asks more of some (frames
     /// of 1 MiB at least).
     pub fn validate(&self) -> Result<(), tether_proto::settings::ConfigError> {
         use tether_proto::settings::{ConfigError, check_frame, check_heartbeat};
@@ -301,6 +314,23 @@ impl CoordinatorConfig {
                     ),
                 ));
             }
+        }
+        // The slack of a slow reader is earned back at one second per `min_answer_rate` bytes:
+        // at 0 it never is (and the division gave no duration); past a gigabit link's bytes a
+        // second, every honest reader's answers would be cut.
+        if l.min_answer_rate == 0 || l.min_answer_rate > MAX_MIN_ANSWER_RATE {
+            return Err(ConfigError::new(
+                "min_answer_rate",
+                format!(
+                    "{} bytes a second {}: 1 to {MAX_MIN_ANSWER_RATE} (the default is {DEFAULT_MIN_ANSWER_RATE}, 64 KiB/s)",
+                    l.min_answer_rate,
+                    if l.min_answer_rate == 0 {
+                        "would never let a reader that keeps its answer waiting earn its slack back"
+                    } else {
+                        "is more than a gigabit link carries: every reader's larger answers would be cut"
+                    }
+                ),
+            ));
         }
         // A worker paces its messages, heartbeats among them, by the rate it is told: below a
         // heartbeat per heartbeat interval its sessions would time out (and a rate near zero
@@ -433,7 +463,7 @@ mod tests {
         let base = || CoordinatorConfig::new(&data);
         base().validate().expect("the defaults");
         type Spoil = fn(&mut CoordinatorConfig);
-        let cases: [(&str, Spoil); 23] = [
+        let cases: [(&str, Spoil); 25] = [
             ("lost_after", |c| c.lost_after = Duration::ZERO),
             ("heartbeat_interval", |c| {
                 c.heartbeat_interval = Duration::ZERO
@@ -485,6 +515,11 @@ mod tests {
             ("history_interval", |c| c.history_interval = Duration::ZERO),
             // Every event stream was cut after its first write.
             ("http_idle", |c| c.limits.http_idle = Duration::ZERO),
+            // No slack is ever earned back: every answer that waits for its reader is cut.
+            ("min_answer_rate", |c| c.limits.min_answer_rate = 0),
+            ("min_answer_rate", |c| {
+                c.limits.min_answer_rate = MAX_MIN_ANSWER_RATE + 1
+            }),
         ];
         for (field, spoil) in cases {
             let mut c = base();
@@ -499,6 +534,7 @@ mod tests {
         least.lost_after = MIN_LOST_AFTER;
         least.limits.handshake_timeout = MIN_HANDSHAKE_TIMEOUT;
         least.limits.http_idle = MIN_HTTP_IDLE;
+        least.limits.min_answer_rate = 1;
         least.sweep_interval = MIN_SWEEP_INTERVAL;
         least.history_interval = MIN_HISTORY_INTERVAL;
         least.validate().expect("the least of each");
@@ -513,6 +549,34 @@ mod tests {
             .expect_err("refused");
         assert!(e.to_string().contains("heartbeat_interval"), "{e}");
         assert!(!data.exists(), "nothing made for a refused configuration");
+    }
+
+    /// A minimum answer rate of 0 (no slack ever earned back) or past a gigabit link's is
+    /// refused, saying why and what is accepted; the default and the bounds pass.
+    #[test]
+    fn a_minimum_answer_rate_of_zero_or_past_a_gigabit_link_is_refused_clearly() {
+        let with = |rate| {
+            let mut c = CoordinatorConfig::new("/unused");
+            c.limits.min_answer_rate = rate;
+            c.validate()
+        };
+        let zero = with(0).expect_err("0 refused");
+        assert_eq!(zero.field, "min_answer_rate");
+        assert_eq!(
+            zero.why,
+            "0 bytes a second would never let a reader that keeps its answer waiting earn its slack back: 1 to 134217728 (the default is 65536, 64 KiB/s)"
+        );
+        let fast = with(MAX_MIN_ANSWER_RATE + 1).expect_err("too fast refused");
+        assert!(
+            fast.why
+                .starts_with("134217729 bytes a second is more than a gigabit link carries"),
+            "{}",
+            fast.why
+        );
+        for rate in [1, DEFAULT_MIN_ANSWER_RATE, MAX_MIN_ANSWER_RATE] {
+            with(rate).expect("accepted");
+        }
+        assert_eq!(Limits::default().min_answer_rate, 64 * 1024);
     }
 
     /// A message rate of 0 is refused by `run`, naming it, before anything starts: it is not

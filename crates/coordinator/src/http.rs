@@ -20,9 +20,11 @@
 //! Every route is listed once, in `server.rs`.
 //!
 //! Answers that may run to many megabytes (task listings, a task, its state or results,
-//! checkpoint bytes, the workers, a control's answer) take turns (`heavy`), so that requests
-//! at once cannot hold memory without bound; listings are made piece by piece as the
-//! connection takes them (`heavy_array`), never whole.
+//! checkpoint bytes, the workers) take turns (`heavy`), so that requests at once cannot hold
+//! memory without bound; listings are made piece by piece as the connection takes them
+//! (`heavy_array`), never whole. A control's answer (the task) takes a turn of its own kind
+//! ([`CONTROLS_AT_ONCE`]), so that readers of large answers never keep an operator from
+//! cancelling or pausing a task.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -137,11 +139,13 @@ impl IntoResponse for ApiError {
 
 /// How many answers that may run to many megabytes (a listing of up to `LIST_MAX` tasks, a
 /// task's results, a checkpoint of up to `max_checkpoint_bytes`, the workers, an event
-/// stream's snapshot) are made at once. Each holds its turn until its body is handed to the connection: unbounded, a few
-/// hundred such requests (of up to `max_connections`) held gigabytes. A reader cannot put that
-/// off for long by reading slowly: its connection is closed, and the turn freed, once it has
-/// read slower than [`MIN_ANSWER_RATE`](crate::admission::MIN_ANSWER_RATE) for about
-/// `http_idle` (`admission::Guarded`).
+/// stream's snapshot) are made at once. Each holds its turn until its body is handed to the
+/// connection: unbounded, a few hundred such requests (of up to `max_connections`) held
+/// gigabytes. A reader cannot put that off for long by reading slowly: its connection is
+/// closed, and the turn freed, once it has read slower than the minimum answer rate
+/// ([`Limits::min_answer_rate`](crate::config::Limits::min_answer_rate), 64 KiB/s by default)
+/// for about `http_idle` (`admission::Guarded`). Controls' answers take turns of their own
+/// ([`CONTROLS_AT_ONCE`]).
 pub const HEAVY_AT_ONCE: usize = 8;
 /// How long such an answer waits for a turn before `503 busy`, at most: half the handshake
 /// deadline (`--handshake-timeout`, 10 s by default), within which a new connection's first
@@ -156,6 +160,15 @@ fn heavy_wait(app: &AppState) -> Duration {
 /// room, so a turn lasts until the last piece is taken, or until the connection is closed for
 /// reading slower than its minimum rate.
 const HEAVY_PIECE: usize = 64 * 1024;
+
+/// How many controls' answers (cancel, pause, resume, checkpoint: each the task, with its
+/// config of up to a frame) are made at once. They have turns of their own, not those of
+/// [`HEAVY_AT_ONCE`]: readers that each take a listing at the minimum answer rate can hold
+/// every one of those for as long as they like, and an operator could then not cancel or pause
+/// a task (`503 busy`). Answers too large to hand over at once are rare (a socket's buffer takes
+/// a task of a small config whole), so two turns keep the memory bound without making one
+/// control wait for another in practice.
+pub const CONTROLS_AT_ONCE: usize = 2;
 
 /// How many submissions are read and parsed at once. Each may hold a body of up to
 /// `max_body` (16 MiB by default) and the specs parsed from it until the core took them:
@@ -220,10 +233,17 @@ async fn heavy_or_busy(app: &AppState) -> Result<tokio::sync::OwnedSemaphorePerm
 
 /// Makes `answer` in a turn of [`HEAVY_AT_ONCE`], kept until its body is handed over.
 async fn heavy(app: &AppState, answer: impl Future<Output = Response>) -> Response {
-    let turn = match heavy_or_busy(app).await {
-        Ok(turn) => turn,
-        Err(instead) => return instead,
-    };
+    match heavy_or_busy(app).await {
+        Ok(turn) => in_turn(turn, answer).await,
+        Err(instead) => instead,
+    }
+}
+
+/// Makes `answer` in `turn`, kept until its body is handed over.
+async fn in_turn(
+    turn: tokio::sync::OwnedSemaphorePermit,
+    answer: impl Future<Output = Response>,
+) -> Response {
     let (mut parts, body) = answer.await.into_parts();
     // Already whole in memory (JSON or a checkpoint's bytes): this only takes it back.
     let bytes = match axum::body::to_bytes(body, usize::MAX).await {
@@ -872,7 +892,7 @@ pub async fn checkpoint_data(
         (status = 404, description = "No such task or action", body = ErrorBody),
         (status = 409, description = "Not possible in the task's state", body = ErrorBody),
         (status = 422, description = "Not a task id (`invalid`)", body = ErrorBody),
-        (status = 503, description = "`busy`: every turn for large answers was held for half the handshake deadline, and nothing was done (Retry-After: 1); `shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
+        (status = 503, description = "`busy`: every turn for controls' answers (2 at once, their own: readers of large answers do not hold them) was held for half the handshake deadline, and nothing was done (Retry-After: 1); `shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
     )
 )]
 pub async fn control(
@@ -892,17 +912,28 @@ pub async fn control(
             );
         }
     };
-    match parse_task(&id) {
-        // The answer is the task, with its config of up to a frame: a large answer, whose
-        // turn is taken before the control acts, so that a busy answer did nothing.
-        Ok(task) => {
-            heavy(&app, async {
-                json(ask(&app, |reply| Api::Control { task, op, reply }).await)
-            })
-            .await
-        }
-        Err(e) => e.into_response(),
-    }
+    let task = match parse_task(&id) {
+        Ok(task) => task,
+        Err(e) => return e.into_response(),
+    };
+    // The answer is the task, with its config of up to a frame: a large answer, whose turn
+    // (of the controls' own, see `CONTROLS_AT_ONCE`) is taken before the control acts, so
+    // that a busy answer did nothing.
+    let turn = match turn_or_busy(
+        &app,
+        &app.controls,
+        CONTROLS_AT_ONCE,
+        "controls' answers are being made or sent",
+    )
+    .await
+    {
+        Ok(turn) => turn,
+        Err(instead) => return instead,
+    };
+    in_turn(turn, async {
+        json(ask(&app, |reply| Api::Control { task, op, reply }).await)
+    })
+    .await
 }
 
 #[utoipa::path(
@@ -1199,6 +1230,30 @@ mod tests {
         assert!(text.contains("tether_model_stale 1"), "{text}");
     }
 
+    /// What the scrape reads beside the core's overview: the writer's failed fold rounds
+    /// (`StoreStats::fold_failures`, which no metric showed) and the HTTP connections cut for
+    /// reading their answers too slowly, each a counter of its own.
+    #[tokio::test(start_paused = true)]
+    async fn failed_fold_rounds_and_slow_readers_cut_are_served_as_metrics() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (events, _rx) = tokio::sync::mpsc::channel(16);
+        let app = app_of(events);
+        app.store_stats.fold_failures.store(7, Relaxed);
+        app.counters.slow_http_closed.store(5, Relaxed);
+        let r = crate::metrics::scrape(State(app)).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(r.into_body(), 1 << 24)
+            .await
+            .expect("body");
+        let text = String::from_utf8_lossy(&body);
+        for line in [
+            "tether_store_fold_failures_total 7",
+            "tether_http_slow_closed_total 5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
+    }
+
     /// An app whose core events go to `events`.
     fn app_of(events: tokio::sync::mpsc::Sender<Event>) -> Arc<AppState> {
         Arc::new(AppState {
@@ -1210,6 +1265,7 @@ mod tests {
             history: Arc::new(crate::dashboard::History::new(Duration::from_secs(1))),
             stop: tokio_util::sync::CancellationToken::new(),
             heavy: Arc::new(tokio::sync::Semaphore::new(HEAVY_AT_ONCE)),
+            controls: Arc::new(tokio::sync::Semaphore::new(CONTROLS_AT_ONCE)),
             submits: Arc::new(tokio::sync::Semaphore::new(SUBMITS_AT_ONCE)),
             paces: crate::ws::Paces::default(),
         })

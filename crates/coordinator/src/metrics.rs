@@ -102,6 +102,10 @@ pub const COMPRESSION_RATIO: &str = "tether_compression_ratio";
 /// handshakes, connections over their budget before registration, frames paced by the message
 /// or byte rate, ... Set from this coordinator's totals at scrape.
 pub const CORE_COUNTERS: &str = "tether_counter_total";
+/// Counter: HTTP connections closed for taking their answer slower than the minimum answer
+/// rate (`Limits::min_answer_rate`) for about `http_idle`; those closed for moving no byte at
+/// all are `idle_http_closed` of [`CORE_COUNTERS`]. Set from the core's counters at scrape.
+pub const HTTP_SLOW_CLOSED: &str = "tether_http_slow_closed_total";
 
 // Store.
 /// Histogram (s): one group commit, from the start of the transaction to its end.
@@ -121,6 +125,9 @@ pub const STORE_JOURNAL_BYTES: &str = "tether_store_journal_bytes";
 pub const DATA_DIR_AVAILABLE: &str = "tether_data_dir_available_bytes";
 /// Counter: fold rounds completed (their journal files deleted).
 pub const STORE_FOLD_ROUNDS: &str = "tether_store_fold_rounds_total";
+/// Counter: fold rounds that could not make or remove a journal file (each tried again a
+/// second later). Set from the writer's `StoreStats::fold_failures` at scrape.
+pub const STORE_FOLD_FAILURES: &str = "tether_store_fold_failures_total";
 /// Gauge: 1 while a commit waits for space in the data directory (`store::space`), else 0.
 pub const STORE_OUT_OF_SPACE: &str = "tether_store_out_of_space";
 
@@ -258,6 +265,9 @@ pub async fn scrape(State(app): State<Arc<AppState>>) -> Response {
     metrics::counter!(COMPRESSION_RAW_BYTES).absolute(raw);
     metrics::counter!(COMPRESSION_WIRE_BYTES).absolute(wire);
     metrics::gauge!(COMPRESSION_RATIO).set(ratio(raw, wire));
+    // Counters kept outside the recorder, as their totals.
+    metrics::counter!(HTTP_SLOW_CLOSED).absolute(get(&c.slow_http_closed));
+    metrics::counter!(STORE_FOLD_FAILURES).absolute(get(&app.store_stats.fold_failures));
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], recorder.render()).into_response()
 }
 
@@ -374,6 +384,14 @@ fn describe() {
     describe_counter!(
         STORE_FOLD_ROUNDS,
         "state fold rounds completed (their journal files deleted)"
+    );
+    describe_counter!(
+        STORE_FOLD_FAILURES,
+        "state fold rounds that could not make or remove a journal file (each tried again a second later)"
+    );
+    describe_counter!(
+        HTTP_SLOW_CLOSED,
+        "HTTP connections closed for taking their answer slower than the minimum answer rate"
     );
     describe_gauge!(
         STORE_OUT_OF_SPACE,

@@ -1,6 +1,7 @@
 //! `run(listener, config, shutdown)`: opens the store, starts the core and the writer, and
 //! serves the worker endpoint and the HTTP API on one listener until shutdown.
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 
 use axum::Router;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub stop: CancellationToken,
     /// Turns for answers that may run to many megabytes ([`crate::http::HEAVY_AT_ONCE`]).
     pub heavy: Arc<tokio::sync::Semaphore>,
+    /// Turns for controls' answers ([`crate::http::CONTROLS_AT_ONCE`]), apart from `heavy`.
+    pub controls: Arc<tokio::sync::Semaphore>,
     /// Turns for reading and parsing submissions ([`crate::http::SUBMITS_AT_ONCE`]).
     pub submits: Arc<tokio::sync::Semaphore>,
     /// The message and byte rates of workers between sessions.
@@ -97,12 +100,10 @@ pub async fn run_with(
     // Held until the writer has finished, at the end of this function.
     let mut lock = store::lock_dir(&cfg.data_dir)?;
     let counters = Arc::new(Counters::default());
-    // While the open waits for space, every request is answered `503 starting` (the metrics
-    // excepted), on a twin of the listener (the same socket): a start that waits is seen
-    // waiting, not dead. It stops taking connections once the open is over, and the listener
-    // serves the coordinator's router. (An open that does not wait, as most do, answers
-    // nothing before it: a request made meanwhile waits in the socket's backlog, as before,
-    // and the router answers it.)
+    // Until the store is open, every request is answered `503 starting` (the metrics
+    // excepted), on a twin of the listener (the same socket): a start that waits for space is
+    // seen waiting, not dead. It stops taking connections once the open is over, and the
+    // listener serves the coordinator's router.
     let (listener, twin) = twin(listener)?;
     let opening = Arc::new(Opening {
         stats: StoreStats::default(),
@@ -119,17 +120,8 @@ pub async fn run_with(
         axum::serve(twin, opening_router(opening.clone()).into_make_service())
             .with_graceful_shutdown(async move { opened.cancelled().await })
     };
-    let answering = {
-        let (opened, opening) = (opened.clone(), opening.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                () = opened.cancelled() => return,
-                () = opening.waits() => {}
-            }
-            tracing::info!(%addr, "until the store is open, every request is answered 503 (starting)");
-            let _ = answering.await;
-        })
-    };
+    let answering = tokio::spawn(answering.into_future());
+    tracing::info!(%addr, "opening the store; until it is open every request is answered 503 (starting)");
     // Opened on the blocking pool: a disk still full waits there (retrying) until space
     // returns, and a stop meanwhile ends the wait with nothing started.
     let opened_store = {
@@ -186,6 +178,7 @@ pub async fn run_with(
         history: Arc::new(History::new(cfg.history_interval)),
         stop: stop.clone(),
         heavy: Arc::new(tokio::sync::Semaphore::new(crate::http::HEAVY_AT_ONCE)),
+        controls: Arc::new(tokio::sync::Semaphore::new(crate::http::CONTROLS_AT_ONCE)),
         submits: Arc::new(tokio::sync::Semaphore::new(crate::http::SUBMITS_AT_ONCE)),
         paces: crate::ws::Paces::default(),
     });
@@ -277,9 +270,6 @@ fn twin(listener: TcpListener) -> std::io::Result<(TcpListener, TcpListener)> {
     ))
 }
 
-/// How often a start looks whether its store's open waits for space, to answer meanwhile.
-const OPENING_LOOK: std::time::Duration = std::time::Duration::from_millis(50);
-
 /// What the answers served while the store opens look at.
 struct Opening {
     /// The open's: whether it waits for space.
@@ -289,18 +279,6 @@ struct Opening {
 }
 
 impl Opening {
-    /// Once the open waits for space (it says so in `stats`, from the blocking pool: looked
-    /// at every [`OPENING_LOOK`]).
-    async fn waits(&self) {
-        while !self
-            .stats
-            .out_of_space
-            .load(std::sync::atomic::Ordering::Acquire)
-        {
-            tokio::time::sleep(OPENING_LOOK).await;
-        }
-    }
-
     /// Whether `GET /metrics` may be served: as the router would, with a valid API token when
     /// tokens are configured, else for a loopback host only (`auth::browser_guard`).
     fn may_scrape(&self, headers: &axum::http::HeaderMap) -> bool {

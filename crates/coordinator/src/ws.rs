@@ -2184,6 +2184,7 @@ mod tests {
                 history: Arc::new(crate::dashboard::History::new(cfg.history_interval)),
                 stop: stop.clone(),
                 heavy: Arc::new(tokio::sync::Semaphore::new(1)),
+                controls: Arc::new(tokio::sync::Semaphore::new(1)),
                 submits: Arc::new(tokio::sync::Semaphore::new(1)),
                 paces: Paces::default(),
                 cfg: Arc::new(cfg),

@@ -476,6 +476,7 @@ impl Core {
             ("connections_throttled", &c.connections_throttled),
             ("slow_handshakes", &c.slow_handshakes),
             ("idle_http_closed", &c.idle_http_closed),
+            ("slow_http_closed", &c.slow_http_closed),
             ("rate_limited", &c.rate_limited),
             ("bytes_limited", &c.bytes_limited),
             ("pre_registration_overflows", &c.pre_registration_overflows),

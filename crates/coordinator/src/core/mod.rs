@@ -244,6 +244,9 @@ pub struct Counters {
     /// HTTP connections closed for moving no byte for `http_idle` between requests or while
     /// their answer was being written.
     pub idle_http_closed: AtomicU64,
+    /// HTTP connections closed for taking their answer slower than `Limits::min_answer_rate`
+    /// for about `http_idle` (moving bytes now and then, so never idle).
+    pub slow_http_closed: AtomicU64,
     /// Worker frames that had to wait for the session's message rate.
     pub rate_limited: AtomicU64,
     /// Worker frames that had to wait for the session's byte rate (decoded bytes a second).

@@ -1597,11 +1597,11 @@ async fn readers_that_hold_every_turn_for_large_answers_get_others_a_busy_answer
     );
     assert_eq!(raw_status(c.addr, &request).await, 503);
     // So is every other answer that may carry a task's config or state (up to a frame each):
-    // a task, its state, and a control's answer, whose control is then not done.
+    // a task and its state. (A control's answer has turns of its own: see
+    // `controls_are_answered_while_readers_hold_every_turn_for_large_answers`.)
     for (method, path) in [
         ("GET", format!("/api/v1/tasks/{id}")),
         ("GET", format!("/api/v1/tasks/{id}/state")),
-        ("POST", format!("/api/v1/tasks/{id}/cancel")),
     ] {
         let request = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
@@ -1619,7 +1619,7 @@ async fn readers_that_hold_every_turn_for_large_answers_get_others_a_busy_answer
     assert_eq!(
         c.client().task(&id).await["status"],
         "queued",
-        "a busy cancel did nothing"
+        "nothing controlled it"
     );
     // The listing, made piece by piece (8 MB in pieces of 64 KiB), is whole and in order.
     let (status, all) = c.client().get("/api/v1/tasks?limit=100000").await;
@@ -1637,8 +1637,9 @@ async fn readers_that_hold_every_turn_for_large_answers_get_others_a_busy_answer
 
 /// Readers that take their listing a little at a time, every half `http_idle`, keep it moving,
 /// so the idle close never comes for them: they hold every turn for large answers only until
-/// they have read slower than `MIN_ANSWER_RATE` for about `http_idle`; then their connections
-/// are closed, counted, and the worker list and an admin's control are answered again.
+/// they have read slower than the minimum answer rate (`Limits::min_answer_rate`) for about
+/// `http_idle`; then their connections are closed, counted as slow (not idle: they moved bytes),
+/// and the worker list and an admin's control are answered again.
 #[tokio::test]
 async fn readers_that_hold_every_turn_reading_a_little_every_half_idle_are_cut_and_turns_come_back()
 {
@@ -1706,7 +1707,9 @@ async fn readers_that_hold_every_turn_reading_a_little_every_half_idle_are_cut_a
     }
     let (status, overview) = c.client().get("/api/v1/overview").await;
     assert_eq!(status, 200);
-    assert!(counter(&overview, "idle_http_closed") >= 8, "{overview}");
+    // Counted as slow, not idle: they moved bytes now and then, never nothing for `http_idle`.
+    assert!(counter(&overview, "slow_http_closed") >= 8, "{overview}");
+    assert_eq!(counter(&overview, "idle_http_closed"), 0, "{overview}");
     let cancel = format!(
         "POST /api/v1/tasks/{id}/cancel HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         c.addr
@@ -1716,5 +1719,120 @@ async fn readers_that_hold_every_turn_reading_a_little_every_half_idle_are_cut_a
         200,
         "a control is answered"
     );
+    c.stop().await;
+}
+
+/// Controls have turns of their own: while readers that take nothing of their listings hold
+/// every turn for large answers (the worker list is `503 busy`), an operator's cancel, pause and
+/// resume of a task are done and answered 200. They shared those turns, and were told `busy`
+/// for as long as the readers held them.
+#[tokio::test]
+async fn controls_are_answered_while_readers_hold_every_turn_for_large_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    // A busy answer comes after 1 s (half the handshake deadline), not 5.
+    cfg.limits.handshake_timeout = Duration::from_secs(2);
+    let c = spawn_coordinator_with(cfg, None).await;
+    // 2,000 tasks of 4 KiB: each listing of them is 8 MB, more than sockets' buffers hold.
+    c.client().submit_padded("big", 2000, 4096).await;
+    // No worker: they stay queued, and each control of them succeeds.
+    let ids = c
+        .client()
+        .submit(&[sleep_task(50, 2, 1), sleep_task(50, 2, 1)])
+        .await;
+    let mut held = Vec::new();
+    for _ in 0..tether_coordinator::http::HEAVY_AT_ONCE {
+        held.push(listing_reader(c.addr).await);
+    }
+    let workers = format!(
+        "GET /api/v1/workers HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        c.addr
+    );
+    assert_eq!(raw_status(c.addr, &workers).await, 503, "every turn held");
+    let control = |id: &TaskId, action: &str| {
+        format!(
+            "POST /api/v1/tasks/{id}/{action} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            c.addr
+        )
+    };
+    for (id, action, status) in [
+        (&ids[0], "cancel", "cancelled"),
+        (&ids[1], "pause", "paused"),
+        (&ids[1], "resume", "queued"),
+    ] {
+        let answer = raw_answer(c.addr, &control(id, action)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{action}: {answer}");
+        let body = answer.split("\r\n\r\n").nth(1).expect("a body");
+        let task: Value = serde_json::from_str(body).expect("the task");
+        assert_eq!(task["status"], status, "{action}: {task}");
+    }
+    // The readers held every turn all along.
+    assert_eq!(
+        raw_status(c.addr, &workers).await,
+        503,
+        "every turn still held"
+    );
+    drop(held);
+    assert_eq!(c.client().status(&ids[0]).await, "cancelled");
+    assert_eq!(c.client().status(&ids[1]).await, "queued");
+    c.stop().await;
+}
+
+/// A coordinator configured with a lower minimum answer rate (`Limits::min_answer_rate`, 1 KiB/s
+/// here) lets a reader that takes its listing at about 32 KiB/s read it to its end, where the
+/// default (64 KiB/s) cuts it a few seconds in (about `http_idle` of slack, drained by a
+/// quarter second every half second); nothing is counted as slow or idle.
+#[tokio::test]
+async fn a_reader_slower_than_the_default_minimum_rate_reads_its_answer_whole_under_a_lower_one() {
+    use tokio::io::AsyncReadExt;
+    const IDLE: Duration = Duration::from_secs(2);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.limits.http_idle = IDLE;
+    cfg.limits.min_answer_rate = 1024;
+    // A small send buffer, as in the test of readers cut above: the coordinator writes each
+    // time the reader takes 16 KiB.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_send_buffer_size(16 * 1024).expect("buffer size");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let c = spawn_coordinator_on(cfg, socket.listen(1024).expect("listen")).await;
+    // 60 tasks of 4 KiB: a listing of about 270 KB, several times what the default lets the
+    // reader below take before it is cut (about 130 KB).
+    c.client().submit_padded("big", 60, 4096).await;
+    let mut s = listing_reader(c.addr).await;
+    // The chunked answer's end; the connection stays open after it.
+    const END: &[u8] = b"\r\n0\r\n\r\n";
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // 16 KiB every half second: the whole listing in about 9 s; at most 120 rounds (60 s).
+    'rounds: for _ in 0..120 {
+        tokio::time::sleep(IDLE / 4).await;
+        let mut took = 0;
+        while took < 16 * 1024 {
+            match tokio::time::timeout(IDLE, s.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    took += n;
+                    got.extend_from_slice(&buf[..n]);
+                    if got.ends_with(END) {
+                        break 'rounds;
+                    }
+                }
+                // Cut (closed or reset), or nothing sent within `http_idle`.
+                _ => break 'rounds,
+            }
+        }
+    }
+    assert!(
+        got.ends_with(END),
+        "the answer was cut after {} bytes",
+        got.len()
+    );
+    assert!(got.len() > 250_000, "{} bytes", got.len());
+    let (status, overview) = c.client().get("/api/v1/overview").await;
+    assert_eq!(status, 200);
+    assert_eq!(counter(&overview, "slow_http_closed"), 0, "{overview}");
+    assert_eq!(counter(&overview, "idle_http_closed"), 0, "{overview}");
     c.stop().await;
 }
