@@ -1,7 +1,6 @@
 //! `run(listener, config, shutdown)`: opens the store, starts the core and the writer, and
 //! serves the worker endpoint and the HTTP API on one listener until shutdown.
 
-use std::future::IntoFuture;
 use std::sync::Arc;
 
 use axum::Router;
@@ -100,10 +99,12 @@ pub async fn run_with(
     // Held until the writer has finished, at the end of this function.
     let mut lock = store::lock_dir(&cfg.data_dir)?;
     let counters = Arc::new(Counters::default());
-    // Until the store is open, every request is answered `503 starting` (the metrics
-    // excepted), on a twin of the listener (the same socket): a start that waits for space is
-    // seen waiting, not dead. It stops taking connections once the open is over, and the
-    // listener serves the coordinator's router.
+    // While the open waits for space, every request is answered `503 starting` (the metrics
+    // excepted), on a twin of the listener (the same socket): a start that waits is seen
+    // waiting, not dead. It stops taking connections once the open is over, and the listener
+    // serves the coordinator's router. (An open that does not wait, as most do, answers
+    // nothing before it: a request made meanwhile waits in the socket's backlog, as before,
+    // and the router answers it.)
     let (listener, twin) = twin(listener)?;
     let opening = Arc::new(Opening {
         stats: StoreStats::default(),
@@ -120,8 +121,17 @@ pub async fn run_with(
         axum::serve(twin, opening_router(opening.clone()).into_make_service())
             .with_graceful_shutdown(async move { opened.cancelled().await })
     };
-    let answering = tokio::spawn(answering.into_future());
-    tracing::info!(%addr, "opening the store; until it is open every request is answered 503 (starting)");
+    let answering = {
+        let (opened, opening) = (opened.clone(), opening.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = opened.cancelled() => return,
+                () = opening.waits() => {}
+            }
+            tracing::info!(%addr, "until the store is open, every request is answered 503 (starting)");
+            let _ = answering.await;
+        })
+    };
     // Opened on the blocking pool: a disk still full waits there (retrying) until space
     // returns, and a stop meanwhile ends the wait with nothing started.
     let opened_store = {
@@ -270,6 +280,9 @@ fn twin(listener: TcpListener) -> std::io::Result<(TcpListener, TcpListener)> {
     ))
 }
 
+/// How often a start looks whether its store's open waits for space, to answer meanwhile.
+const OPENING_LOOK: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// What the answers served while the store opens look at.
 struct Opening {
     /// The open's: whether it waits for space.
@@ -279,6 +292,18 @@ struct Opening {
 }
 
 impl Opening {
+    /// Once the open waits for space (it says so in `stats`, from the blocking pool: looked
+    /// at every [`OPENING_LOOK`]).
+    async fn waits(&self) {
+        while !self
+            .stats
+            .out_of_space
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            tokio::time::sleep(OPENING_LOOK).await;
+        }
+    }
+
     /// Whether `GET /metrics` may be served: as the router would, with a valid API token when
     /// tokens are configured, else for a loopback host only (`auth::browser_guard`).
     fn may_scrape(&self, headers: &axum::http::HeaderMap) -> bool {
