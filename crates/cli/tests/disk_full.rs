@@ -518,6 +518,17 @@ async fn a_coordinator_restarted_while_its_disk_is_still_full_waits_for_room_and
         !journals(&data).is_empty(),
         "no state journal left for the next start"
     );
+    // Whether the next open needs room depends on what the close could leave: a close that
+    // could not checkpoint leaves the WAL's index, and an open that finds one (and WAL pages to
+    // reuse) needs no new space. Without it, as after a close that could remove it, the open
+    // must make a new index from the WAL, which takes room: that is the start tested here
+    // (with the index there, it opened in about one run in four, and commits waited instead).
+    // No process has the database open, so the index is safe to remove.
+    match std::fs::remove_file(data.join("tether.db-shm")) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => panic!("removing the WAL's index: {e}"),
+    }
     // What its close freed is taken too: the next start finds the disk full.
     fill(&disk.inside("filler2"));
 
