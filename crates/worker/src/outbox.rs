@@ -3,8 +3,10 @@
 //! Entries are sent in order of class (results first, then control notices, then state and
 //! checkpoints, then telemetry) and by sequence number within a class. An entry stays until
 //! the coordinator acknowledges its sequence number (or its sender withdraws it: a fetch that
-//! ended); on every new session all of them are sent again. State updates of one attempt of a task coalesce to the latest, as does telemetry. Heartbeats never
-//! enter the outbox. The outbox is bounded: producers wait for room ([`Outbox::reserve`]),
+//! ended; or its attempt's result was acknowledged: a checkpoint's announcement or piece,
+//! which the coordinator would no longer store); on every new session all of them are sent
+//! again. State updates of one attempt of a task coalesce to the latest, as does telemetry.
+//! Heartbeats never enter the outbox. The outbox is bounded: producers wait for room ([`Outbox::reserve`]),
 //! telemetry is dropped first, and the first time it fills a warning is logged and counted.
 //! With a [`Journal`] (the state directory) every change is written through before it takes
 //! effect, so a restarted worker finds what was not yet acknowledged; a write that fails (the
@@ -131,6 +133,29 @@ struct Inner {
     /// whole bound (a checkpoint's piece) fills it each time it is queued.
     full_said: Option<std::time::Instant>,
     full_loud: bool,
+    /// Attempts whose results the coordinator acknowledged ([`Outbox::settle_attempt`]):
+    /// their checkpoints are not held. The latest [`SETTLED_KEPT`], oldest first in
+    /// `settled_order`; one forgotten only lets a late piece of it be sent, acknowledged
+    /// `stale`.
+    settled: std::collections::HashSet<(TaskId, Attempt), Hasher>,
+    settled_order: VecDeque<(TaskId, Attempt)>,
+    /// Held checkpoint announcements and pieces: an attempt's result acknowledged while there
+    /// are none (nearly always) looks through no entries for them.
+    checkpoints: usize,
+}
+
+/// How many attempts whose results were acknowledged the outbox remembers, to hold no more of
+/// their checkpoints: an upload still under way when its attempt's result is acknowledged
+/// ends within a few pieces.
+const SETTLED_KEPT: usize = 1024;
+
+/// The task and attempt of a checkpoint's announcement or piece.
+fn checkpoint_of(msg: &WorkerMsg) -> Option<(&TaskId, Attempt)> {
+    match msg {
+        WorkerMsg::Checkpoint(c) => Some((&c.task_id, c.attempt)),
+        WorkerMsg::CheckpointData(d) => Some((&d.task_id, d.attempt)),
+        _ => None,
+    }
 }
 
 /// The least time between two "outbox is full" warnings (the others are debug lines).
@@ -348,7 +373,9 @@ impl Outbox {
 
     /// [`Outbox::push`] of a checkpoint piece (`checkpoint_data`, class state) whose bytes lie
     /// at `offset` of its checkpoint, which the journal keeps already: it journals the piece
-    /// by reference ([`Put::offset`]). Held here with its bytes, as any entry.
+    /// by reference ([`Put::offset`]). Held here with its bytes, as any entry; not held at all
+    /// (nor journaled, its number left unused) once its attempt's result was acknowledged
+    /// ([`Outbox::settle_attempt`]), as a checkpoint's announcement pushed then is not.
     pub fn push_piece(&self, offset: u64, make: impl FnOnce(Seq) -> WorkerMsg) -> Seq {
         self.push_at(Class::State, None, Some(offset), make).0
     }
@@ -381,6 +408,13 @@ impl Outbox {
                 }
             }
             let msg = std::sync::Arc::new(make(Seq(seq)));
+            // The attempt's result was acknowledged: nothing of its checkpoints is stored any
+            // more. Its number is left unused, as a dropped entry's is.
+            if coalesce.is_none()
+                && checkpoint_of(&msg).is_some_and(|(t, a)| inner.settled.contains(&(t.clone(), a)))
+            {
+                return (Seq(seq), Ok(()));
+            }
             inner.insert(seq, class, msg.clone(), coalesce);
             if inner.over(&self.limits) {
                 removed.extend(self.make_room(&mut inner));
@@ -657,31 +691,86 @@ impl Outbox {
     pub fn withdraw(&self, seqs: impl IntoIterator<Item = Seq>) -> usize {
         let (held, removed) = {
             let mut inner = self.lock();
-            let mut held = Vec::new();
-            let mut removed = false;
-            for seq in seqs {
-                let Some(e) = inner.entries.get_mut(&seq.0) else {
-                    continue;
-                };
-                held.push(seq.0);
-                if e.sent {
-                    e.withdrawn = true;
-                } else {
-                    inner.remove(seq.0);
-                    removed = true;
-                }
-            }
-            // INVARIANT: journaled under the lock, as an ack is.
-            self.journal(None, &held);
-            if inner.full && !inner.over(&self.limits) {
-                inner.room_again();
-            }
-            (held.len(), removed)
+            self.withdraw_locked(&mut inner, seqs.into_iter().map(|s| s.0))
         };
         if removed {
             self.room.notify_waiters();
         }
         held
+    }
+
+    /// [`Outbox::withdraw`] under the lock: how many were held, and whether one left at once.
+    fn withdraw_locked(
+        &self,
+        inner: &mut Inner,
+        seqs: impl IntoIterator<Item = u64>,
+    ) -> (usize, bool) {
+        let mut held = Vec::new();
+        let mut removed = false;
+        for seq in seqs {
+            let Some(e) = inner.entries.get_mut(&seq) else {
+                continue;
+            };
+            held.push(seq);
+            if e.sent {
+                e.withdrawn = true;
+            } else {
+                inner.remove(seq);
+                removed = true;
+            }
+        }
+        // INVARIANT: journaled under the lock, as an ack is.
+        self.journal(None, &held);
+        if inner.full && !inner.over(&self.limits) {
+            inner.room_again();
+        }
+        (held.len(), removed)
+    }
+
+    /// The coordinator acknowledged the result of `attempt` of `task` (whatever its
+    /// disposition: the attempt's lease has ended, and the coordinator answers what follows
+    /// of its checkpoints `stale`, storing none of it; docs/PROTOCOL.md, section 11). Its
+    /// checkpoint announcements and pieces still held are withdrawn ([`Outbox::withdraw`]):
+    /// those not yet sent leave at once, those in flight are not sent again, and none survives
+    /// a restart. Nothing waits for their sequence numbers: the coordinator acknowledges each
+    /// message by its own. Pieces of that attempt pushed later are not held
+    /// ([`Outbox::push_piece`]), nor its announcements: an upload still under way (a re-upload
+    /// the coordinator asked for) queues nothing more. Checkpoints of the task's other
+    /// attempts, and of other tasks, are untouched. Returns how many were held.
+    pub fn settle_attempt(&self, task: &TaskId, attempt: Attempt) -> usize {
+        let (held, removed) = {
+            let mut inner = self.lock();
+            let key = (task.clone(), attempt);
+            if inner.settled.insert(key.clone()) {
+                inner.settled_order.push_back(key);
+                while inner.settled_order.len() > SETTLED_KEPT {
+                    if let Some(old) = inner.settled_order.pop_front() {
+                        inner.settled.remove(&old);
+                    }
+                }
+            }
+            if inner.checkpoints == 0 {
+                return 0;
+            }
+            let mut seqs: Vec<u64> = inner
+                .entries
+                .iter()
+                .filter(|(_, e)| checkpoint_of(&e.msg) == Some((task, attempt)))
+                .map(|(seq, _)| *seq)
+                .collect();
+            seqs.sort_unstable();
+            self.withdraw_locked(&mut inner, seqs)
+        };
+        if removed {
+            self.room.notify_waiters();
+        }
+        held
+    }
+
+    /// Whether the result of `attempt` of `task` was acknowledged ([`Outbox::settle_attempt`]):
+    /// its checkpoints are no longer queued.
+    pub fn is_settled(&self, task: &TaskId, attempt: Attempt) -> bool {
+        self.lock().settled.contains(&(task.clone(), attempt))
     }
 
     /// Starts a new session: everything held becomes unsent again, in order; what was
@@ -933,6 +1022,7 @@ impl Inner {
     ) {
         let bytes = approx_size(&msg);
         self.bytes += bytes;
+        self.checkpoints += usize::from(checkpoint_of(&msg).is_some());
         let unsent = &mut self.unsent[class as usize];
         match unsent.back() {
             // New entries: at the end.
@@ -965,6 +1055,8 @@ impl Inner {
         };
         let bytes = approx_size(&msg);
         self.bytes = self.bytes - e.bytes + bytes;
+        self.checkpoints = self.checkpoints - usize::from(checkpoint_of(&e.msg).is_some())
+            + usize::from(checkpoint_of(&msg).is_some());
         e.bytes = bytes;
         e.msg = msg;
         if std::mem::replace(&mut e.sent, false) {
@@ -978,6 +1070,7 @@ impl Inner {
     /// Removes an entry; the message if it was held.
     fn remove(&mut self, seq: u64) -> Option<std::sync::Arc<WorkerMsg>> {
         let e = self.entries.remove(&seq)?;
+        self.checkpoints -= usize::from(checkpoint_of(&e.msg).is_some());
         if !e.sent {
             let unsent = &mut self.unsent[e.class as usize];
             if let Ok(at) = unsent.binary_search(&seq) {

@@ -587,10 +587,17 @@ impl Runner {
     /// ([`Runner::handed_back`]). Acks of other messages, and of attempts no longer running
     /// nor waiting to be handed back, change nothing. Of a result the journal never took, it
     /// ends its attempt now, whatever the disposition: the outbox no longer holds the result,
-    /// so nothing of it is left to keep.
+    /// so nothing of it is left to keep. Of any result, whatever the disposition, the
+    /// attempt's checkpoints still queued are dropped, and none more is queued
+    /// ([`Outbox::settle_attempt`]): its lease has ended, and the coordinator would store
+    /// none of them (docs/PROTOCOL.md, section 11).
     pub fn acknowledged(self: &Arc<Self>, msg: &WorkerMsg, disposition: Disposition) {
         let (task, attempt, id, chunks, chunk) = match msg {
             WorkerMsg::TaskResult(r) => {
+                let dropped = self.outbox.settle_attempt(&r.task_id, r.attempt);
+                if dropped > 0 {
+                    tracing::debug!(task = %r.task_id, attempt = %r.attempt, ?disposition, dropped, "the attempt's result was acknowledged: its checkpoint pieces still queued are not sent");
+                }
                 if let Some(late) = self.take_unjournaled(&r.task_id, r.attempt) {
                     tracing::info!(task = %r.task_id, attempt = %r.attempt, ?disposition, "a result the journal never took was acknowledged; its attempt's end is recorded now");
                     self.tracker.spawn(self.clone().end_unjournaled(late));
@@ -1642,6 +1649,120 @@ mod tests {
         for session in 1..=2 {
             assert_eq!(replayed(&outbox), want, "session {session}");
         }
+        runner.shutdown(Duration::from_secs(5)).await;
+    }
+
+    /// Once the coordinator acknowledged an attempt's result, nothing more of its checkpoints
+    /// goes out: the coordinator would answer each `stale` and store none (docs/PROTOCOL.md,
+    /// section 11), and on a slow link each piece takes seconds. Its pieces still queued are
+    /// not sent, in that session or the next, a piece in flight when the ack came is not sent
+    /// again, and a re-upload of its checkpoint queues nothing; another task's checkpoint, and
+    /// the same task's newer attempt's, still go out whole.
+    #[tokio::test]
+    async fn an_attempts_checkpoint_pieces_are_not_sent_once_its_result_is_acknowledged() {
+        let mut executors = Executors::default();
+        executors.register("last", LastCheckpoint);
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner = Arc::new(Runner::new(executors, outbox.clone(), 256 * 1024));
+        runner.size_pieces_for(20_000.0);
+        let results = |outbox: &Outbox| {
+            outbox
+                .snapshot()
+                .iter()
+                .filter(|(_, _, m)| matches!(m.as_ref(), WorkerMsg::TaskResult(_)))
+                .count()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        // Each task's result is queued before the next one starts: the outbox's order is known.
+        for (n, (task, attempt)) in [("done", 1), ("other", 1), ("done", 2)]
+            .into_iter()
+            .enumerate()
+        {
+            let mut a = assignment(task, attempt, None);
+            a.kind = "last".into();
+            a.config = serde_json::json!({ "size": 50_000 }).into();
+            runner.assign(a);
+            while results(&outbox) <= n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no result of {task}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let of = |m: &WorkerMsg| -> (String, String, u32) {
+            let (task, attempt) = match m {
+                WorkerMsg::TaskResult(r) => (&r.task_id, r.attempt),
+                WorkerMsg::Checkpoint(c) => (&c.task_id, c.attempt),
+                WorkerMsg::CheckpointData(d) => (&d.task_id, d.attempt),
+                other => panic!("{other:?}"),
+            };
+            (m.type_name().to_owned(), task.to_string(), attempt.0)
+        };
+        let sent = |batch: Vec<(Seq, Arc<WorkerMsg>)>| -> Vec<(String, String, u32)> {
+            batch.iter().map(|(_, m)| of(m)).collect()
+        };
+        let e = |ty: &str, task: &str, attempt: u32| (ty.to_owned(), task.to_owned(), attempt);
+        // The three results go out, then the announcement and first piece of done's attempt 1.
+        let first = outbox.take_unsent(5);
+        let done_result = first[0].0;
+        assert_eq!(
+            sent(first),
+            [
+                e("task_result", "done", 1),
+                e("task_result", "other", 1),
+                e("task_result", "done", 2),
+                e("checkpoint", "done", 1),
+                e("checkpoint_data", "done", 1),
+            ]
+        );
+        // The coordinator acknowledges done's first result before its other pieces went out.
+        let acked = outbox.take_acked(done_result).expect("held");
+        runner.acknowledged(&acked, Disposition::Recorded);
+        let upload = |attempt: u32| {
+            let mut want = vec![e("checkpoint", "other", 1)];
+            want.extend(std::iter::repeat_n(e("checkpoint_data", "other", 1), 3));
+            want.push(e("checkpoint", "done", attempt));
+            want.extend(std::iter::repeat_n(
+                e("checkpoint_data", "done", attempt),
+                3,
+            ));
+            want
+        };
+        assert_eq!(
+            sent(outbox.take_unsent(usize::MAX)),
+            upload(2),
+            "none of done's attempt 1 after its result's ack"
+        );
+        // A re-upload of its checkpoint (asked for before the ack) queues nothing.
+        let cp = StoredCheckpoint {
+            id: CheckpointId::random(),
+            attempt: Attempt(1),
+            data: Arc::new(vec![1; 50_000]),
+            piece: 20_000,
+        };
+        let before = outbox.last_seq();
+        crate::executor::upload_checkpoint(
+            &outbox,
+            &TaskId::parse("done").expect("id"),
+            &cp,
+            20_000,
+            u64::MAX,
+        )
+        .await;
+        assert!(
+            outbox.last_seq().0 <= before.0 + 1,
+            "at most the announcement's number taken"
+        );
+        // A new session: the results not acknowledged, and the rest, without done's attempt 1
+        // (not the piece that was in flight either).
+        let mut want = vec![e("task_result", "other", 1), e("task_result", "done", 2)];
+        want.extend(upload(2));
+        let replayed: Vec<_> = {
+            outbox.requeue_all();
+            sent(outbox.take_unsent(usize::MAX))
+        };
+        assert_eq!(replayed, want);
         runner.shutdown(Duration::from_secs(5)).await;
     }
 

@@ -856,6 +856,12 @@ pub(crate) async fn upload_checkpoint(
     }
     for (i, piece) in pieces.into_iter().enumerate() {
         outbox.reserve().await;
+        // The attempt's result was acknowledged meanwhile: the coordinator would store none of
+        // what is left (and the outbox would not hold it).
+        if outbox.is_settled(task_id, cp.attempt) {
+            tracing::debug!(task = %task_id, checkpoint = %cp.id, left = cp.data.len().div_ceil(chunk_size) - i, "the attempt's result was acknowledged: the rest of its checkpoint is not queued");
+            return;
+        }
         // Journaled by where it lies in the checkpoint, which the state directory holds
         // already: its bytes are not written again, under the outbox's lock.
         let offset = (i * chunk_size) as u64;

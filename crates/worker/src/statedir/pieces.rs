@@ -318,6 +318,48 @@ mod tests {
         assert_eq!(again.entries, restored.entries);
     }
 
+    /// The pieces of an attempt whose result the coordinator acknowledged leave the journal
+    /// with the outbox ([`Outbox::settle_attempt`]), those not sent and the one in flight:
+    /// a restarted worker sends none of them (the coordinator would store none). Another
+    /// task's upload is replayed whole.
+    #[tokio::test]
+    async fn an_attempts_pieces_dropped_once_its_result_is_acknowledged_are_not_replayed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (done, other) = {
+            let (sd, _) = open(dir.path());
+            let outbox = Outbox::new(Limits::default()).with_journal(sd.clone());
+            let done = stored(&sd, "done", 3 * PIECE);
+            upload_checkpoint(&outbox, &tid("done"), &done, PIECE, u64::MAX).await;
+            let other = stored(&sd, "other", 2 * PIECE);
+            upload_checkpoint(&outbox, &tid("other"), &other, PIECE, u64::MAX).await;
+            // The announcement and first piece of done's upload are in flight.
+            assert_eq!(outbox.take_unsent(2).len(), 2);
+            assert_eq!(outbox.settle_attempt(&tid("done"), Attempt(1)), 4);
+            (done, other)
+        };
+        let (_sd, restored) = open(dir.path());
+        let replayed: Vec<(String, CheckpointId, Option<u32>)> = restored
+            .entries
+            .iter()
+            .map(|(_, m)| match m {
+                WorkerMsg::Checkpoint(c) => (c.task_id.to_string(), c.checkpoint_id.clone(), None),
+                WorkerMsg::CheckpointData(d) => (
+                    d.task_id.to_string(),
+                    d.checkpoint_id.clone(),
+                    Some(d.chunk),
+                ),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let of_other = |chunk| ("other".to_owned(), other.id.clone(), chunk);
+        assert_eq!(
+            replayed,
+            [of_other(None), of_other(Some(0)), of_other(Some(1))],
+            "nothing of {}",
+            done.id
+        );
+    }
+
     fn whole_id(msg: &WorkerMsg) -> CheckpointId {
         match msg {
             WorkerMsg::CheckpointData(d) => d.checkpoint_id.clone(),
