@@ -27,8 +27,13 @@ const CATCH_UP_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
 /// no write will reveal) shows as this much silence.
 const SILENCE: Duration = Duration::from_secs(45);
 /// Named tasks read one request each after a gap; more are read from the task listing (but
-/// at the first catch-up, one request each: see [`Watch::read_named`]).
+/// at the first catch-up, by their ids: see [`Watch::read_named`]).
 const ONE_BY_ONE: usize = 64;
+/// Named tasks one listing request names at most (`ids=`): the coordinator's bound.
+const IDS_AT_ONCE: usize = tether_coordinator::http::LIST_IDS_MAX;
+/// Bytes of ids one listing request names at most, so that its request line passes a proxy
+/// with a common 8 KiB limit (128 ids of 128 bytes would be 16 KiB and more).
+const IDS_BYTES: usize = 6 * 1024;
 /// Reads of one named task each that a catch-up has in flight at once: a few, so that a first
 /// catch-up of thousands is not one round trip after another, and not the coordinator's every
 /// turn for large answers (8), which other clients' reads share.
@@ -475,14 +480,16 @@ impl Watch {
             // The first catch-up: where the named tasks start in the listing is not known
             // yet, so a listing would be read from the coordinator's oldest task on, the
             // whole table (gigabytes on one that keeps a million) for tasks submitted long
-            // ago. Just submitted (`submit --watch`): among the tasks changed since, and one
-            // not there (its change stamped by a clock set back meanwhile) by itself. Else
-            // each by itself: as many reads as names, whatever the table holds. Once each was
-            // seen, a later listing starts at the oldest of them.
+            // ago. Just submitted (`submit --watch`): among the tasks changed since. Else (and
+            // those not there, their change stamped by a clock set back meanwhile) by their
+            // ids, 128 a request: a request per 128 names, whatever the table holds. One not
+            // found so is read by itself (refused as missing). Once each was seen, a later
+            // listing starts at the oldest of them.
             let missing = match self.since_submitted(snap) {
                 Some(since) => self.read_named_listed(api, open, Some(since)).await?,
                 None => open.to_vec(),
             };
+            let missing = self.read_by_ids(api, &missing).await?;
             return self.read_one_by_one(api, &missing, before).await;
         }
         // After a gap long enough for retention to have removed a task unseen, every task (from
@@ -500,6 +507,54 @@ impl Watch {
             self.on_removed(&id)?;
         }
         Ok(())
+    }
+
+    /// Named tasks, `ids`, read from the listing by their ids ([`IDS_AT_ONCE`] a request, fewer
+    /// when they are long), not with a request each: a first catch-up of 5,000 names made 5,000
+    /// requests. The names the listing did not hold; all those not read yet when the
+    /// coordinator does not know the filter (it refuses the parameter with 400, or, one that
+    /// ignores parameters it does not know, lists tasks not asked for): they are read one by
+    /// one.
+    async fn read_by_ids(&mut self, api: &Api, ids: &[String]) -> anyhow::Result<Vec<String>> {
+        let mut missing = Vec::new();
+        let mut rest = ids;
+        while !rest.is_empty() {
+            let mut bytes = 0;
+            let n = rest
+                .iter()
+                .take(IDS_AT_ONCE)
+                .take_while(|id| {
+                    bytes += id.len() + 2 * id.matches('+').count() + 1;
+                    bytes <= IDS_BYTES
+                })
+                .count()
+                .max(1);
+            let (chunk, after) = rest.split_at(n);
+            // `+` is the only id character a query does not take as itself.
+            let named = chunk.join(",").replace('+', "%2B");
+            let path = format!("/api/v1/tasks?limit={n}&ids={named}");
+            let got = match api.get(&path).await {
+                Ok(Value::Array(got)) => got,
+                Err(e) if status(&e) == Some(400) => return Ok([missing, rest.to_vec()].concat()),
+                Ok(_) => anyhow::bail!("the coordinator's task list is not a list"),
+                Err(e) => return Err(e),
+            };
+            let asked: std::collections::HashSet<&str> = chunk.iter().map(String::as_str).collect();
+            if !got
+                .iter()
+                .all(|t| t["task_id"].as_str().is_some_and(|id| asked.contains(id)))
+            {
+                return Ok([missing, rest.to_vec()].concat());
+            }
+            let mut found = std::collections::HashSet::new();
+            for t in &got {
+                found.insert(t["task_id"].as_str().unwrap_or_default().to_owned());
+                self.on_task(t)?;
+            }
+            missing.extend(chunk.iter().filter(|id| !found.contains(*id)).cloned());
+            rest = after;
+        }
+        Ok(missing)
     }
 
     /// Named tasks, `ids`, read with a request each ([`READS_AT_ONCE`] in flight), in order.
@@ -1215,37 +1270,37 @@ mod tests {
 
     /// Many named tasks submitted long ago were first looked for in the listing from the
     /// coordinator's oldest task on, the whole table (gigabytes against one that keeps a
-    /// million): the first catch-up reads each by itself and never the listing; once each was
-    /// seen, a later catch-up reads the listing from the oldest of them on, not a request each.
-    /// A name the coordinator lacks is refused as a missing task is.
+    /// million), then read each by itself (5,000 requests for 5,000 names): the first catch-up
+    /// reads them from the listing by their ids, [`IDS_AT_ONCE`] a request, never the whole
+    /// listing; once each was seen, a later catch-up reads the listing from the oldest of them
+    /// on. A name the coordinator lacks is refused as a missing task is. A coordinator without
+    /// the filter (refusing the parameter, or ignoring it) has each read by itself.
     #[tokio::test]
-    async fn many_named_tasks_are_first_read_each_by_itself_not_from_the_whole_listing() {
-        let n = ONE_BY_ONE + 6;
+    async fn many_named_tasks_are_first_read_by_their_ids_not_from_the_whole_listing() {
+        let n = 2 * IDS_AT_ONCE + 6;
         // Others' tasks before and after the named ones.
         let mut table: Vec<Value> = (0..5)
             .map(|i| stamped(format!("old-{i}"), i, "2026-12-01T09:00:00Z"))
             .collect();
         table.extend(
-            (0..n).map(|i| stamped(format!("t{i}"), 100 + i as u64, "2026-12-01T10:39:59Z")),
+            (0..n).map(|i| stamped(format!("t+{i}"), 100 + i as u64, "2026-12-01T10:39:59Z")),
         );
         table.extend(
             (0..200).map(|i| stamped(format!("new-{i}"), 1000 + i, "2026-12-01T09:30:00Z")),
         );
         let tasks = std::sync::Arc::new(std::sync::Mutex::new(table));
         let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let api = honest(tasks, asked.clone()).await;
-        let names: BTreeSet<String> = (0..n).map(|i| format!("t{i}")).collect();
+        let api = honest(tasks.clone(), asked.clone()).await;
+        let names: BTreeSet<String> = (0..n).map(|i| format!("t+{i}")).collect();
         let mut w = Watch::new(Some(names.clone()), true, false);
         w.page = 10;
         w.catch_up(&api, &snapshot_at("2026-12-01T10:40:00Z"))
             .await
             .expect("every name found");
         assert_eq!(w.seen.len(), n, "every named task read");
-        let mut first = std::mem::take(&mut *asked.lock().expect("asked"));
-        // Sent a few at once: they arrive in any order.
-        first.sort();
-        let want: Vec<String> = names.iter().map(|id| format!("GET {id}")).collect();
-        assert_eq!(first, want, "a read each, and no listing");
+        let first = std::mem::take(&mut *asked.lock().expect("asked"));
+        assert_eq!(first.len(), n.div_ceil(IDS_AT_ONCE), "{first:?}");
+        assert!(first.iter().all(|q| q.contains("ids=t%2B")), "{first:?}");
         // A short gap: the tasks changed in it, listed from the oldest named one on.
         w.catch_up(&api, &snapshot_at("2026-12-01T10:40:10Z"))
             .await
@@ -1254,15 +1309,28 @@ mod tests {
         assert!(later[0].contains("after_seq=99"), "{later:?}");
         assert!(later.iter().all(|q| !q.starts_with("GET ")), "{later:?}");
         // A name the coordinator lacks is refused as a missing task is.
-        let mut names = names;
-        names.insert("nope".into());
-        let mut w = Watch::new(Some(names), true, false);
+        let mut more = names.clone();
+        more.insert("nope".into());
+        let mut w = Watch::new(Some(more), true, false);
         let e = w
             .catch_up(&api, &snapshot_at("2026-12-01T10:40:00Z"))
             .await
             .expect_err("no such task");
         assert!(is_refusal(&e), "{e:#}");
         assert!(format!("{e:#}").contains("no task nope"), "{e:#}");
+        // Without the filter: one listing request, then a read each.
+        for mode in [Ids::Refuses, Ids::Ignores] {
+            let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let api = honest_with(tasks.clone(), asked.clone(), mode).await;
+            let mut w = Watch::new(Some(names.clone()), true, false);
+            w.catch_up(&api, &snapshot_at("2026-12-01T10:40:00Z"))
+                .await
+                .expect("every name found");
+            assert_eq!(w.seen.len(), n, "every named task read");
+            let first = std::mem::take(&mut *asked.lock().expect("asked"));
+            assert_eq!(first.len(), n + 1, "{first:?}");
+            assert!(first[0].contains("ids="), "{first:?}");
+        }
     }
 
     /// A coordinator for the catch-up tests: its listing and its reads of one task give the
@@ -1373,12 +1441,31 @@ mod tests {
         }
     }
 
-    /// A coordinator whose listing honours `updated_since`, `after_seq` and `limit` over
+    /// A coordinator whose listing honours `updated_since`, `after_seq`, `limit` and `ids` over
     /// `tasks`, and whose reads of one task give them (404 when missing); each listing's query
     /// and each read's id are written to `asked`.
     async fn honest(
         tasks: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
         asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) -> Api {
+        honest_with(tasks, asked, Ids::Filters).await
+    }
+
+    /// What a coordinator does with the listing's `ids` parameter.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Ids {
+        Filters,
+        /// As one before the filter did with a parameter it did not know.
+        Refuses,
+        /// As one that ignores parameters it does not know.
+        Ignores,
+    }
+
+    /// [`honest`], with `ids` taken as `mode` says.
+    async fn honest_with(
+        tasks: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+        asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+        mode: Ids,
     ) -> Api {
         use axum::extract::{Path, Query, RawQuery};
         use std::collections::HashMap;
@@ -1391,17 +1478,28 @@ mod tests {
             let since = q.get("updated_since").and_then(|t| time(&json!(t)));
             let after = q.get("after_seq").and_then(|a| a.parse::<u64>().ok());
             let limit = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(1000);
+            let ids: Option<BTreeSet<&str>> = match mode {
+                Ids::Filters => q.get("ids").map(|ids| ids.split(',').collect()),
+                _ => None,
+            };
+            if mode == Ids::Refuses && q.contains_key("ids") {
+                return std::future::ready(Err(http::StatusCode::BAD_REQUEST));
+            }
             let mut got: Vec<Value> = list_tasks
                 .lock()
                 .expect("tasks")
                 .iter()
                 .filter(|t| since.is_none_or(|s| time(&t["updated_at"]) >= Some(s)))
                 .filter(|t| after.is_none_or(|a| t["submit_seq"].as_u64() > Some(a)))
+                .filter(|t| {
+                    ids.as_ref()
+                        .is_none_or(|ids| t["task_id"].as_str().is_some_and(|id| ids.contains(id)))
+                })
                 .cloned()
                 .collect();
             got.sort_by_key(|t| t["submit_seq"].as_u64());
             got.truncate(limit);
-            async move { axum::Json(Value::from(got)) }
+            std::future::ready(Ok(axum::Json(Value::from(got))))
         };
         let one = move |Path(id): Path<String>| {
             asked.lock().expect("asked").push(format!("GET {id}"));
@@ -1419,7 +1517,7 @@ mod tests {
     /// Many named tasks were read from the coordinator's whole table: gigabytes against one
     /// that keeps a million. Tasks just submitted (`submit --watch`) are first read among those
     /// changed since the submission (one missing there, stamped by a clock set back, is asked
-    /// for by itself), and every later listing starts at the oldest named task, not at the
+    /// for by its id), and every later listing starts at the oldest named task, not at the
     /// coordinator's oldest; a task removed by retention is still told from the rest.
     #[tokio::test]
     async fn many_named_tasks_are_read_without_the_whole_table() {
@@ -1451,7 +1549,8 @@ mod tests {
             first[0].contains("updated_since=2026-12-01T10:39:5"),
             "{first:?}"
         );
-        assert_eq!(first[1], "GET t5");
+        // t5 by its id.
+        assert!(first[1].ends_with("&ids=t5"), "{first:?}");
         // A long gap, in which retention removed t3: the listing starts at the oldest named task.
         tasks
             .lock()

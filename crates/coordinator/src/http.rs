@@ -2,9 +2,10 @@
 //!
 //! ```text
 //! POST /api/v1/tasks                      submit one spec or {"tasks": [specs]}
-//! GET  /api/v1/tasks?status=&limit=&order=&updated_since=&after_seq=
+//! GET  /api/v1/tasks?status=&limit=&order=&updated_since=&after_seq=&ids=
 //!                                         list (order: oldest, the default, or newest;
-//!                                         updated_since: changed at or after an RFC 3339 time)
+//!                                         updated_since: changed at or after an RFC 3339 time;
+//!                                         ids: only these, comma-separated, at most 128)
 //! GET  /api/v1/tasks/{id}                 one task with its attempts
 //! GET  /api/v1/tasks/{id}/result          recorded results (counted first, stale after)
 //! GET  /api/v1/tasks/{id}/state           latest state
@@ -26,6 +27,7 @@
 //! ([`CONTROLS_AT_ONCE`]), so that readers of large answers never keep an operator from
 //! cancelling or pausing a task.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -638,6 +640,12 @@ pub async fn submit(State(app): State<Arc<AppState>>, request: axum::extract::Re
 /// Most tasks one listing returns; more are read page by page (`after_seq`).
 const LIST_MAX: usize = 100_000;
 
+/// Most task ids one listing may name (`ids=a,b,c`); more are refused (`400 bad_request`).
+/// The HTTP server takes a request target of up to 64 KiB (longer is `414`, and HTTP clients
+/// refuse to send one): at 128 bytes an id, each byte percent-encoded (`%2B`), 128 ids are
+/// 48 KiB of it; ids of 36 bytes (a UUID), under 5 KiB, within a proxy's common 8 KiB.
+pub const LIST_IDS_MAX: usize = 128;
+
 /// The query of a task listing. A parameter it does not know is refused (`400 bad_request`,
 /// as one whose value cannot be read): ignored, a typo (`state=failed`) listed every status,
 /// and a paging scheme it does not have (`offset`, `page`) gave the first page for ever.
@@ -649,6 +657,7 @@ pub struct ListQuery {
     order: Option<String>,
     updated_since: Option<String>,
     after_seq: Option<u64>,
+    ids: Option<String>,
 }
 
 #[utoipa::path(
@@ -661,11 +670,12 @@ pub struct ListQuery {
         ("order" = Option<String>, Query, description = "`oldest` (default): the oldest first; `newest`: the newest first"),
         ("updated_since" = Option<String>, Query, description = "only tasks changed at or after this RFC 3339 time (`updated_at`), e.g. 2026-12-01T12:00:00Z"),
         ("after_seq" = Option<u64>, Query, description = "the next page: only tasks after the one with this `submit_seq` in the order asked; pass a page's last `submit_seq`. A page shorter than `limit` is the last"),
+        ("ids" = Option<String>, Query, description = "only the tasks with these ids, comma-separated (at most 128; a `+` in an id sent as %2B), each looked up rather than the table scanned; an id no task has is simply absent. Combines with the others: e.g. `ids=a,b&status=running` lists those of a and b running"),
     ),
     responses(
         (status = 200, description = "Tasks in submission order (or the reverse)", body = Vec<crate::model::Task>),
-        (status = 400, description = "A query that cannot be read (`bad_request`): a parameter other than status, limit, order, updated_since and after_seq (named, with those), one given twice, or a `limit` or `after_seq` that is not a whole number", body = ErrorBody),
-        (status = 422, description = "Unknown status or order, a time that is not RFC 3339, or a `limit` above 100000", body = ErrorBody),
+        (status = 400, description = "A query that cannot be read (`bad_request`): a parameter other than status, limit, order, updated_since, after_seq and ids (named, with those), one given twice, a `limit` or `after_seq` that is not a whole number, or more than 128 `ids`", body = ErrorBody),
+        (status = 422, description = "Unknown status or order, a time that is not RFC 3339, a `limit` above 100000, or one of `ids` that is not a task id", body = ErrorBody),
         (status = 503, description = "`busy`: every turn for large answers was held for half the handshake deadline (Retry-After: 1); `shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
     )
 )]
@@ -708,14 +718,40 @@ pub async fn list_tasks(
                 .into_response();
         }
     };
+    // Refused, not cut: a client would take the tasks of the ids cut for missing ones.
+    let named = q.ids.as_deref().map_or(0, |ids| ids.split(',').count());
+    if named > LIST_IDS_MAX {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!(
+                "{named} ids in one listing; at most {LIST_IDS_MAX} (list more with more requests)"
+            ),
+        );
+    }
+    let ids = match q.ids.as_deref().map(parse_ids).transpose() {
+        Ok(ids) => ids,
+        Err(e) => return e.into_response(),
+    };
     let query = TaskQuery {
         status,
         limit,
         newest_first,
         updated_since,
         after_seq: q.after_seq,
+        ids,
     };
     heavy_array(&app, ask(&app, |reply| Api::ListTasks { query, reply })).await
+}
+
+/// The `ids` of a listing: comma-separated task ids (at most [`LIST_IDS_MAX`], checked first).
+fn parse_ids(s: &str) -> Result<BTreeSet<TaskId>, ApiError> {
+    s.split(',')
+        .map(|id| {
+            TaskId::parse(id)
+                .map_err(|e| ApiError::Invalid(format!("ids: {id:?} is not a task id ({e})")))
+        })
+        .collect()
 }
 
 /// An RFC 3339 time of a query.

@@ -1,6 +1,6 @@
 //! Commands behind the HTTP API. Replies are effects, so a client sees only committed state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -77,11 +77,15 @@ pub struct TaskQuery {
     /// for the next page; it stays valid when that task is gone (retention) and pages neither
     /// skip nor repeat a task as new ones arrive.
     pub after_seq: Option<u64>,
+    /// Only the tasks with these ids (an id no task has is simply absent from the answer): the
+    /// listing looks each up, not a pass over the table.
+    pub ids: Option<BTreeSet<TaskId>>,
 }
 
 impl TaskQuery {
     pub(super) fn admits(&self, t: &Task) -> bool {
-        self.status.is_none_or(|s| t.status == s)
+        self.ids.as_ref().is_none_or(|ids| ids.contains(&t.task_id))
+            && self.status.is_none_or(|s| t.status == s)
             && self.updated_since.is_none_or(|since| t.updated_at >= since)
             && self.after_seq.is_none_or(|a| match self.newest_first {
                 false => t.submit_seq > a,
@@ -249,8 +253,9 @@ impl Core {
     /// core the tasks it returns, not a pass over the table.
     pub(super) fn list_tasks(&self, q: &TaskQuery) -> Vec<Task> {
         let admits = |id: &TaskId| self.tasks.get(id).is_some_and(|t| q.admits(t));
+        let seq_of = |id: &TaskId| self.tasks.get(id).map(|t| t.submit_seq);
         self.listing
-            .query(q, admits)
+            .query(q, admits, seq_of)
             .iter()
             .filter_map(|id| self.tasks.get(id).cloned())
             .collect()

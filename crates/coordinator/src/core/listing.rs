@@ -92,10 +92,16 @@ impl Listing {
         self.counts[slot(status)]
     }
 
-    /// The ids `q` asks for, in its order, looked up in `admits` (which checks the task itself).
-    /// A page walks the index from its `after_seq`; a status filter walks that status's tasks;
-    /// an `updated_since` walks the tasks changed since, then keeps the first `limit` of them.
-    pub(super) fn query(&self, q: &TaskQuery, admits: impl Fn(&TaskId) -> bool) -> Vec<TaskId> {
+    /// The ids `q` asks for, in its order, looked up in `admits` (which checks the task itself;
+    /// `seq_of` gives a task's submission number). Named ids are each looked up; a page walks
+    /// the index from its `after_seq`; a status filter walks that status's tasks; an
+    /// `updated_since` walks the tasks changed since, then keeps the first `limit` of them.
+    pub(super) fn query(
+        &self,
+        q: &TaskQuery,
+        admits: impl Fn(&TaskId) -> bool,
+        seq_of: impl Fn(&TaskId) -> Option<u64>,
+    ) -> Vec<TaskId> {
         if q.limit == 0 {
             return Vec::new();
         }
@@ -106,22 +112,36 @@ impl Listing {
                 .filter(|e| admits(&e.id))
                 .map(|e| e.id.clone())
         };
-        if let Some(since) = q.updated_since {
-            let rank = |(seq, _): &(u64, TaskId)| match q.newest_first {
-                false => *seq,
-                true => u64::MAX - *seq,
-            };
-            let mut found: Vec<(u64, TaskId)> = self
-                .by_update
-                .range((since, 0)..)
-                .filter_map(|(_, seq)| wanted(seq).map(|id| (*seq, id)))
-                .collect();
+        let rank = |(seq, _): &(u64, TaskId)| match q.newest_first {
+            false => *seq,
+            true => u64::MAX - *seq,
+        };
+        let first = |mut found: Vec<(u64, TaskId)>| {
             if found.len() > q.limit {
                 found.select_nth_unstable_by_key(q.limit - 1, rank);
                 found.truncate(q.limit);
             }
             found.sort_unstable_by_key(rank);
-            return found.into_iter().map(|(_, id)| id).collect();
+            found.into_iter().map(|(_, id)| id).collect()
+        };
+        if let Some(ids) = &q.ids {
+            // The named tasks, each looked up: as many as named, whatever the table holds.
+            let found = ids
+                .iter()
+                .filter_map(|id| {
+                    let seq = seq_of(id)?;
+                    wanted(&seq).map(|id| (seq, id))
+                })
+                .collect();
+            return first(found);
+        }
+        if let Some(since) = q.updated_since {
+            let found: Vec<(u64, TaskId)> = self
+                .by_update
+                .range((since, 0)..)
+                .filter_map(|(_, seq)| wanted(seq).map(|id| (*seq, id)))
+                .collect();
+            return first(found);
         }
         // The submission numbers past `after_seq`, in the order asked.
         let (lo, hi) = match (q.newest_first, q.after_seq) {
@@ -254,9 +274,21 @@ mod tests {
                     .random_bool(0.3)
                     .then(|| t0 + Duration::milliseconds(rng.random_range(0..1000))),
                 after_seq: rng.random_bool(0.5).then(|| rng.random_range(0..round + 2)),
+                // Some of them never submitted, or removed since.
+                ids: rng.random_bool(0.4).then(|| {
+                    (0..rng.random_range(0..30))
+                        .map(|_| format!("t{}", rng.random_range(0..round + 20)))
+                        .map(|id| TaskId::parse(&id).expect("id"))
+                        .collect()
+                }),
             };
             let admits = |id: &TaskId| q.admits(&tasks[id]);
-            assert_eq!(listing.query(&q, admits), by_pass(&tasks, &q), "{q:?}");
+            let seq_of = |id: &TaskId| tasks.get(id).map(|t| t.submit_seq);
+            assert_eq!(
+                listing.query(&q, admits, seq_of),
+                by_pass(&tasks, &q),
+                "{q:?}"
+            );
         }
     }
 
@@ -280,10 +312,14 @@ mod tests {
         let looked = Cell::new(0u32);
         let ask = |q: TaskQuery| {
             looked.set(0);
-            let got = listing.query(&q, |_| {
-                looked.set(looked.get() + 1);
-                true
-            });
+            let got = listing.query(
+                &q,
+                |_| {
+                    looked.set(looked.get() + 1);
+                    true
+                },
+                |id| id.as_str()[1..].parse().ok(),
+            );
             (got.len(), looked.get())
         };
         let page = TaskQuery {
@@ -315,5 +351,17 @@ mod tests {
             ..page
         };
         assert_eq!(ask(recent), (5, 5));
+        // Named tasks, deep in the table and not, one never submitted: each looked up.
+        let named = TaskQuery {
+            ids: Some(
+                ["t9990", "t12", "t5000", "t77777"]
+                    .iter()
+                    .map(|id| TaskId::parse(id).expect("id"))
+                    .collect(),
+            ),
+            limit: 10,
+            ..TaskQuery::default()
+        };
+        assert_eq!(ask(named), (3, 3));
     }
 }

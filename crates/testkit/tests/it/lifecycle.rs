@@ -725,6 +725,78 @@ async fn bad_query_parameters_get_the_json_error_body() {
     c.stop().await;
 }
 
+/// `ids=` lists the named tasks (in submission order, an unknown id absent), combined with the
+/// other parameters; 128 ids of 128 bytes, every byte percent-encoded, fit the request target
+/// the coordinator reads (64 KiB), and more ids are refused with 400 naming the bound. Without
+/// the filter, a watch of 5,000 tasks read each with a request of its own.
+#[tokio::test]
+async fn a_listing_by_ids_returns_those_tasks_and_refuses_more_than_its_bound() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let client = c.client();
+    // No worker: every task stays queued but the one cancelled.
+    let specs: Vec<TaskSpec> = (0..6)
+        .map(|i| {
+            let mut s = TaskSpec::new("sleep", serde_json::json!({}));
+            s.task_id = Some(TaskId::parse(&format!("job+{i}")).expect("id"));
+            s
+        })
+        .collect();
+    let submitted = client.submit(&specs).await;
+    let (s, _) = client.control(&submitted[2], "cancel").await;
+    assert_eq!(s, 200);
+    let list = |query: String| {
+        let client = &client;
+        async move {
+            let (status, body) = client.get(&format!("/api/v1/tasks?{query}")).await;
+            assert_eq!(status, 200, "{query}: {body}");
+            let ids: Vec<String> = body
+                .as_array()
+                .expect("a list")
+                .iter()
+                .map(|t| t["task_id"].as_str().expect("an id").to_owned())
+                .collect();
+            (ids, body)
+        }
+    };
+    let named = "ids=job%2B4,job%2B1,nope,job%2B2";
+    let (ids, all) = list(named.into()).await;
+    assert_eq!(ids, ["job+1", "job+2", "job+4"]);
+    let (ids, _) = list(format!("{named}&status=queued")).await;
+    assert_eq!(ids, ["job+1", "job+4"]);
+    let (ids, _) = list(format!("{named}&order=newest&limit=2")).await;
+    assert_eq!(ids, ["job+4", "job+2"]);
+    let after = all[0]["submit_seq"].as_u64().expect("seq");
+    let (ids, _) = list(format!("{named}&after_seq={after}")).await;
+    assert_eq!(ids, ["job+2", "job+4"]);
+    // The cancel is the latest change.
+    let since = all[1]["updated_at"]
+        .as_str()
+        .expect("time")
+        .replace('+', "%2B");
+    let (ids, _) = list(format!("{named}&updated_since={since}")).await;
+    assert_eq!(ids, ["job+2"]);
+    // 128 ids of 128 bytes, each byte sent as %2B: 48 KiB of request target.
+    let filler = |i: usize| format!("{i:03}{}", "+".repeat(125)).replace('+', "%2B");
+    let mut many: Vec<String> = (0..127).map(filler).collect();
+    many.push("job%2B3".into());
+    let (ids, _) = list(format!("ids={}", many.join(","))).await;
+    assert_eq!(ids, ["job+3"]);
+    many.push(filler(127));
+    let (status, body) = client
+        .get(&format!("/api/v1/tasks?ids={}", many.join(",")))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "bad_request", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("at most 128"), "{body}");
+    // Not a task id: as a bad value of another parameter.
+    let (status, body) = client.get("/api/v1/tasks?ids=a,b%20c").await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid", "{body}");
+    c.stop().await;
+}
+
 /// A worker told to stop while a task runs that ignores cancellation (it finishes 200 ms in,
 /// within the shutdown grace): the result it produces during the grace reaches the
 /// coordinator, acknowledged, before the worker's session closes. Without a state directory
