@@ -1596,6 +1596,33 @@ mod tests {
             .collect()
     }
 
+    /// A runner whose `last` executor writes one checkpoint as it ends (see `LastCheckpoint`),
+    /// cut in pieces for a link measured at 20 kB/s.
+    fn last_checkpoint_runner() -> (Arc<Outbox>, Arc<Runner>) {
+        let mut executors = Executors::default();
+        executors.register("last", LastCheckpoint);
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner = Arc::new(Runner::new(executors, outbox.clone(), 256 * 1024));
+        runner.size_pieces_for(20_000.0);
+        (outbox, runner)
+    }
+
+    /// Waits until `outbox` holds `n` results, 10 s at most.
+    async fn results_queued(outbox: &Outbox, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let results = || {
+            outbox
+                .snapshot()
+                .iter()
+                .filter(|(_, _, m)| matches!(m.as_ref(), WorkerMsg::TaskResult(_)))
+                .count()
+        };
+        while results() < n {
+            assert!(tokio::time::Instant::now() < deadline, "no result {n}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Results go first, in every session: one queued while its attempt's last checkpoint is
     /// still in the outbox (unacknowledged) goes ahead of that upload again after a reconnect,
     /// as it does on a slow link (the testkit's
@@ -1605,38 +1632,17 @@ mod tests {
     /// is not held back by the upload, however slow the link.
     #[tokio::test]
     async fn a_result_replayed_after_a_reconnect_goes_ahead_of_its_attempts_last_checkpoint() {
-        let mut executors = Executors::default();
-        executors.register("last", LastCheckpoint);
-        let outbox = Arc::new(Outbox::new(Limits::default()));
-        let runner = Arc::new(Runner::new(executors, outbox.clone(), 256 * 1024));
-        runner.size_pieces_for(20_000.0);
+        let (outbox, runner) = last_checkpoint_runner();
         let run = |task: &str, config: serde_json::Value| {
             let mut a = assignment(task, 1, None);
             a.kind = "last".into();
             a.config = config.into();
             runner.assign(a);
         };
-        let results = |outbox: &Outbox| {
-            outbox
-                .snapshot()
-                .iter()
-                .filter(|(_, _, m)| matches!(m.as_ref(), WorkerMsg::TaskResult(_)))
-                .count()
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let wait_for = |n: usize| {
-            let outbox = outbox.clone();
-            async move {
-                while results(&outbox) < n {
-                    assert!(tokio::time::Instant::now() < deadline, "no result");
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        };
         run("with-cp", serde_json::json!({ "size": 50_000 }));
-        wait_for(1).await;
+        results_queued(&outbox, 1).await;
         run("plain", serde_json::json!({}));
-        wait_for(2).await;
+        results_queued(&outbox, 2).await;
         let cp = |ty: &str| (ty.to_owned(), "with-cp".to_owned());
         let mut want = vec![cp("task_result")];
         want.push(("task_result".to_owned(), "plain".to_owned()));
@@ -1660,19 +1666,7 @@ mod tests {
     /// the same task's newer attempt's, still go out whole.
     #[tokio::test]
     async fn an_attempts_checkpoint_pieces_are_not_sent_once_its_result_is_acknowledged() {
-        let mut executors = Executors::default();
-        executors.register("last", LastCheckpoint);
-        let outbox = Arc::new(Outbox::new(Limits::default()));
-        let runner = Arc::new(Runner::new(executors, outbox.clone(), 256 * 1024));
-        runner.size_pieces_for(20_000.0);
-        let results = |outbox: &Outbox| {
-            outbox
-                .snapshot()
-                .iter()
-                .filter(|(_, _, m)| matches!(m.as_ref(), WorkerMsg::TaskResult(_)))
-                .count()
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let (outbox, runner) = last_checkpoint_runner();
         // Each task's result is queued before the next one starts: the outbox's order is known.
         for (n, (task, attempt)) in [("done", 1), ("other", 1), ("done", 2)]
             .into_iter()
@@ -1682,13 +1676,7 @@ mod tests {
             a.kind = "last".into();
             a.config = serde_json::json!({ "size": 50_000 }).into();
             runner.assign(a);
-            while results(&outbox) <= n {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "no result of {task}"
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            results_queued(&outbox, n + 1).await;
         }
         let of = |m: &WorkerMsg| -> (String, String, u32) {
             let (task, attempt) = match m {
