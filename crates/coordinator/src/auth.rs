@@ -536,7 +536,7 @@ fn not_header_text(bytes: &[u8]) -> Option<String> {
 
 /// The token of an `Authorization: Bearer <token>` value; the scheme's name in any case
 /// (RFC 7235: `bearer` is `Bearer`).
-fn bearer_token(value: &str) -> Option<&str> {
+pub(crate) fn bearer_token(value: &str) -> Option<&str> {
     let (scheme, token) = value.trim_start().split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")

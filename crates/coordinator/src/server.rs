@@ -311,9 +311,8 @@ impl Opening {
         let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
         match self.cfg.api_tokens.as_ref().filter(|t| !t.is_empty()) {
             Some(tokens) => text(header::AUTHORIZATION)
-                .and_then(|v| v.trim_start().split_once(' '))
-                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-                .is_some_and(|(_, token)| tokens.scope_of(token.trim()).is_some()),
+                .and_then(crate::auth::bearer_token)
+                .is_some_and(|token| tokens.scope_of(token).is_some()),
             None => text(header::HOST).is_none_or(tether_proto::endpoint::is_loopback_host),
         }
     }
