@@ -26,9 +26,10 @@ const CATCH_UP_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
 /// coordinator sends a keep-alive every 15 s, so a path that went dead (a half-open connection
 /// no write will reveal) shows as this much silence.
 const SILENCE: Duration = Duration::from_secs(45);
-/// Named tasks read one request each after a gap; more are read from the task listing (but
-/// at the first catch-up, by their ids: see [`Watch::read_named`]).
-const ONE_BY_ONE: usize = 64;
+/// Named tasks read by their ids after every gap ([`IDS_AT_ONCE`] a request); more are read
+/// from the task listing (but at the first catch-up, by their ids too: see
+/// [`Watch::read_named`]).
+const BY_IDS: usize = 64;
 /// Named tasks one listing request names at most (`ids=`): the coordinator's bound.
 const IDS_AT_ONCE: usize = tether_coordinator::http::LIST_IDS_MAX;
 /// Bytes of ids one listing request names at most, so that its request line passes a proxy
@@ -473,21 +474,21 @@ impl Watch {
         before: Option<DateTime<Utc>>,
         open: &[String],
     ) -> anyhow::Result<()> {
-        if open.len() <= ONE_BY_ONE {
-            return self.read_one_by_one(api, open, before).await;
-        }
-        if before.is_none() {
-            // The first catch-up: where the named tasks start in the listing is not known
-            // yet, so a listing would be read from the coordinator's oldest task on, the
-            // whole table (gigabytes on one that keeps a million) for tasks submitted long
-            // ago. Just submitted (`submit --watch`): among the tasks changed since. Else (and
-            // those not there, their change stamped by a clock set back meanwhile) by their
-            // ids, 128 a request: a request per 128 names, whatever the table holds. One not
-            // found so is read by itself (refused as missing). Once each was seen, a later
-            // listing starts at the oldest of them.
+        let many = open.len() > BY_IDS;
+        if !many || before.is_none() {
+            // A few names: by their ids at every catch-up (a request a name made a watch of 60
+            // tasks send 60 at each gap). Many, at the first catch-up: where the named tasks
+            // start in the listing is not known yet, so a listing would be read from the
+            // coordinator's oldest task on, the whole table (gigabytes on one that keeps a
+            // million) for tasks submitted long ago. Just submitted (`submit --watch`): among
+            // the tasks changed since. Else (and those not there, their change stamped by a
+            // clock set back meanwhile) by their ids, 128 a request: a request per 128 names,
+            // whatever the table holds. One not found so is read by itself (refused as missing
+            // at the first catch-up, removed by retention at a later one). Once each of many
+            // was seen, a later listing starts at the oldest of them.
             let missing = match self.since_submitted(snap) {
-                Some(since) => self.read_named_listed(api, open, Some(since)).await?,
-                None => open.to_vec(),
+                Some(since) if many => self.read_named_listed(api, open, Some(since)).await?,
+                _ => open.to_vec(),
             };
             let missing = self.read_by_ids(api, &missing).await?;
             return self.read_one_by_one(api, &missing, before).await;
@@ -514,8 +515,12 @@ impl Watch {
     /// requests. The names the listing did not hold; all those not read yet when the
     /// coordinator does not know the filter (it refuses the parameter with 400, or, one that
     /// ignores parameters it does not know, lists tasks not asked for): they are read one by
-    /// one.
+    /// one. One name alone is left to be read by itself: a request either way, and that one
+    /// tells a missing task (404) at once and needs no filter.
     async fn read_by_ids(&mut self, api: &Api, ids: &[String]) -> anyhow::Result<Vec<String>> {
+        if ids.len() < 2 {
+            return Ok(ids.to_vec());
+        }
         let mut missing = Vec::new();
         let mut rest = ids;
         while !rest.is_empty() {
@@ -1398,12 +1403,12 @@ mod tests {
 
     /// A named task that ended and was removed by retention while the watch had no stream is
     /// gone from every listing: the watch used to wait for its end for ever. It ends the watch
-    /// as removed (outcome unknown: exit 2), whether the names are read one by one or
+    /// as removed (outcome unknown: exit 2), whether the names are read by their ids or
     /// from the listing; a short gap's listing (the tasks changed in it) cannot tell a removed
     /// task from an unchanged one, and retention removes none that ended so recently.
     #[tokio::test]
     async fn a_named_task_removed_while_the_watch_had_no_stream_ends_it_as_removed() {
-        for n in [2, ONE_BY_ONE + 6] {
+        for n in [2, BY_IDS + 6] {
             let tasks = std::sync::Arc::new(std::sync::Mutex::new(numbered(n, "running")));
             let api = scripted(tasks.clone(), |_| String::new()).await;
             let names: BTreeSet<String> = (0..n).map(|i| format!("t{i}")).collect();
@@ -1413,7 +1418,7 @@ mod tests {
                 .expect("every name found");
             assert!(w.ended.is_empty());
             tasks.lock().expect("tasks").remove(0);
-            if n > ONE_BY_ONE {
+            if n > BY_IDS {
                 w.catch_up(&api, &snapshot_at("2026-12-01T10:40:10Z"))
                     .await
                     .expect("a short gap");
@@ -1521,7 +1526,7 @@ mod tests {
     /// coordinator's oldest; a task removed by retention is still told from the rest.
     #[tokio::test]
     async fn many_named_tasks_are_read_without_the_whole_table() {
-        let n = ONE_BY_ONE + 6;
+        let n = BY_IDS + 6;
         // Older tasks of others, then the submitted ones; t5's change stamped earlier.
         let mut table: Vec<Value> = (0..5)
             .map(|i| stamped(format!("old-{i}"), i, "2026-12-01T09:00:00Z"))
@@ -1549,8 +1554,8 @@ mod tests {
             first[0].contains("updated_since=2026-12-01T10:39:5"),
             "{first:?}"
         );
-        // t5 by its id.
-        assert!(first[1].ends_with("&ids=t5"), "{first:?}");
+        // t5 by its id: alone, read by itself.
+        assert_eq!(first[1], "GET t5", "{first:?}");
         // A long gap, in which retention removed t3: the listing starts at the oldest named task.
         tasks
             .lock()
@@ -1565,6 +1570,79 @@ mod tests {
         assert!(!later[0].contains("updated_since"), "{later:?}");
         assert_eq!(w.ended.get("t3").map(String::as_str), Some("removed"));
         assert_eq!(w.ended.len(), 1, "{:?}", w.ended);
+    }
+
+    /// A few named tasks were read with a request each at every catch-up: a watch of 60 tasks
+    /// sent 60 at each gap in its stream. They are read by their ids, one listing request, at
+    /// every catch-up; one the listing lacks is read by itself (refused as missing at the
+    /// first, removed by retention at a later one); a watch of one task reads it by itself;
+    /// a coordinator without the filter (refusing it, or ignoring it) has each read by itself.
+    #[tokio::test]
+    async fn a_few_named_tasks_are_read_by_their_ids_at_every_catch_up() {
+        let n = 10;
+        let mut table: Vec<Value> = (0..5)
+            .map(|i| stamped(format!("old-{i}"), i, "2026-12-01T09:00:00Z"))
+            .collect();
+        table.extend((0..n).map(|i| stamped(format!("t{i}"), 100 + i, "2026-12-01T10:39:59Z")));
+        let tasks = std::sync::Arc::new(std::sync::Mutex::new(table));
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let api = honest(tasks.clone(), asked.clone()).await;
+        let names: BTreeSet<String> = (0..n).map(|i| format!("t{i}")).collect();
+        let mut w = Watch::new(Some(names.clone()), true, false);
+        // The requests of a catch-up at `at`.
+        async fn asked_at(
+            w: &mut Watch,
+            api: &Api,
+            asked: &std::sync::Mutex<Vec<String>>,
+            at: &str,
+        ) -> Vec<String> {
+            w.catch_up(api, &snapshot_at(at)).await.expect("read");
+            std::mem::take(&mut *asked.lock().expect("asked"))
+        }
+        let first = asked_at(&mut w, &api, &asked, "2026-12-01T10:40:00Z").await;
+        assert_eq!(w.seen.len(), n as usize, "every named task read");
+        assert_eq!(first.len(), 1, "{first:?}");
+        assert!(first[0].contains("ids=t0,t1,"), "{first:?}");
+        // A name the coordinator lacks is refused as a missing task is.
+        let mut more = names.clone();
+        more.insert("nope".into());
+        let mut other = Watch::new(Some(more), true, false);
+        let e = other
+            .catch_up(&api, &snapshot_at("2026-12-01T10:40:00Z"))
+            .await
+            .expect_err("no such task");
+        assert!(format!("{e:#}").contains("no task nope"), "{e:#}");
+        asked.lock().expect("asked").clear();
+        // A short gap, then a long one in which retention removed t3.
+        let later = asked_at(&mut w, &api, &asked, "2026-12-01T10:40:10Z").await;
+        assert_eq!(later, first, "{later:?}");
+        tasks
+            .lock()
+            .expect("tasks")
+            .retain(|t| t["task_id"] != "t3");
+        let later = asked_at(&mut w, &api, &asked, "2026-12-01T10:45:00Z").await;
+        assert_eq!(later.len(), 2, "{later:?}");
+        assert_eq!(later[0], first[0], "{later:?}");
+        assert_eq!(later[1], "GET t3", "{later:?}");
+        assert_eq!(w.ended.get("t3").map(String::as_str), Some("removed"));
+        assert_eq!(w.ended.len(), 1, "{:?}", w.ended);
+        // One name: a request either way, by itself.
+        let mut w = Watch::new(Some(["t0".to_owned()].into()), true, false);
+        let one = asked_at(&mut w, &api, &asked, "2026-12-01T10:40:00Z").await;
+        assert_eq!(one, ["GET t0"], "{one:?}");
+        // Without the filter: one listing request, then a read each, at every catch-up.
+        let left: BTreeSet<String> = names.into_iter().filter(|id| id != "t3").collect();
+        for mode in [Ids::Refuses, Ids::Ignores] {
+            let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let api = honest_with(tasks.clone(), asked.clone(), mode).await;
+            let mut w = Watch::new(Some(left.clone()), true, false);
+            for at in ["2026-12-01T10:46:00Z", "2026-12-01T10:46:10Z"] {
+                let got = asked_at(&mut w, &api, &asked, at).await;
+                assert_eq!(got.len(), 1 + left.len(), "{got:?}");
+                assert!(got[0].contains("ids="), "{got:?}");
+            }
+            assert_eq!(w.seen.len(), left.len(), "every named task read");
+        }
     }
 
     /// A removal on the stream of a named task whose end the watch missed (its stream lagged)

@@ -921,10 +921,10 @@ fn occurrences(hay: &[u8], needle: &str) -> usize {
 
 /// A watch of more than 64 tasks submitted long ago looked for them, at its first catch-up,
 /// in the coordinator's whole task listing, from its oldest task to its newest, page after
-/// page (here 38 pages of 10, for 70 tasks): it reads each named task by itself, and no
-/// listing at all.
+/// page (here 38 pages of 10, for 70 tasks): it reads the named tasks by their ids, one
+/// listing request (`ids=`, 128 a request), and no other listing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_watch_of_many_tasks_submitted_long_ago_reads_each_not_the_whole_listing() {
+async fn a_watch_of_many_tasks_submitted_long_ago_reads_them_by_their_ids_not_the_whole_listing() {
     let site = Site::new();
     let _coord = site.coordinator().await;
     let submit_all = |ids: Vec<String>| {
@@ -970,10 +970,16 @@ async fn a_watch_of_many_tasks_submitted_long_ago_reads_each_not_the_whole_listi
     let sent = sent.lock().expect("sent").clone();
     assert_eq!(
         occurrences(&sent, "GET /api/v1/tasks?"),
-        0,
-        "no listing read: {}",
+        1,
+        "one listing read: {}",
         String::from_utf8_lossy(&sent)
     );
-    assert_eq!(occurrences(&sent, "GET /api/v1/tasks/"), named.len());
+    assert_eq!(
+        occurrences(&sent, "GET /api/v1/tasks?limit=70&ids="),
+        1,
+        "by their ids: {}",
+        String::from_utf8_lossy(&sent)
+    );
+    assert_eq!(occurrences(&sent, "GET /api/v1/tasks/"), 0);
     assert_eq!(occurrences(&sent, "GET /api/v1/events"), 1);
 }
