@@ -2403,13 +2403,7 @@ fn a_registration_listing_more_running_tasks_than_the_bound_is_refused_saying_wh
         r.inventory.running = running(MAX_INVENTORY_RUNNING + 1);
     });
     let sent = drain(&mut rx);
-    let error = sent
-        .iter()
-        .find_map(|m| match m {
-            CoordMsg::Error(e) => Some(e),
-            _ => None,
-        })
-        .expect("an error saying why");
+    let error = error_sent(&sent);
     assert_eq!(error.code, tether_proto::msg::ErrorCode::BadFrame);
     assert!(
         error.message.contains("inventory lists 4097 running tasks"),
@@ -2460,6 +2454,16 @@ fn drain_to_close(rx: &mut super::mailbox::Receiver<Outgoing>) -> (Vec<CoordMsg>
     (sent, None)
 }
 
+/// The first `error` among `sent`, which must hold one.
+fn error_sent(sent: &[CoordMsg]) -> &tether_proto::msg::ErrorMsg {
+    sent.iter()
+        .find_map(|m| match m {
+            CoordMsg::Error(e) => Some(e),
+            _ => None,
+        })
+        .expect("an error saying why")
+}
+
 /// The `registration_ack` among `sent`, if any.
 fn registration_ack(sent: &[CoordMsg]) -> Option<&tether_proto::msg::RegistrationAck> {
     sent.iter().find_map(|m| match m {
@@ -2485,13 +2489,7 @@ fn a_registration_whose_ack_would_not_fit_its_max_frame_is_refused_naming_both_s
         let bytes = tether_proto::encode(&CoordMsg::RegistrationAck(ack.clone())).len();
         panic!("an ack of {bytes} bytes went to a worker taking frames of 32768");
     }
-    let error = sent
-        .iter()
-        .find_map(|m| match m {
-            CoordMsg::Error(e) => Some(e),
-            _ => None,
-        })
-        .expect("an error saying why");
+    let error = error_sent(&sent);
     assert_eq!(error.code, tether_proto::msg::ErrorCode::BadFrame);
     let largest = 400 * (56 + 36 + 1 + 58) + super::messages::ACK_FIELDS_BYTES;
     for says in [

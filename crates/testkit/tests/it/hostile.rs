@@ -1560,6 +1560,18 @@ async fn read_until_closed(reader: &mut (impl tokio::io::AsyncRead + Unpin)) -> 
     Some(String::from_utf8_lossy(&got).into_owned())
 }
 
+/// A coordinator whose connections have 16 KiB send buffers (they inherit the listener's).
+async fn coordinator_with_small_send_buffers(
+    cfg: tether_coordinator::CoordinatorConfig,
+) -> TestCoordinator {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_send_buffer_size(16 * 1024).expect("buffer size");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    spawn_coordinator_on(cfg, socket.listen(1024).expect("listen")).await
+}
+
 /// A connection with a 4 KiB receive buffer that asked `addr` for the whole task listing and
 /// read its status line (200), and nothing more: it holds a turn for large answers.
 async fn listing_reader(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
@@ -1653,12 +1665,7 @@ async fn readers_that_hold_every_turn_reading_a_little_every_half_idle_are_cut_a
     // A small send buffer (its connections inherit it): a writer blocked on a full one is woken
     // when a third of it drains, so 16 KiB read makes the coordinator write (with the default,
     // megabytes on loopback, a reader would have to take about a megabyte each time).
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_send_buffer_size(16 * 1024).expect("buffer size");
-    socket
-        .bind("127.0.0.1:0".parse().expect("addr"))
-        .expect("bind");
-    let c = spawn_coordinator_on(cfg, socket.listen(1024).expect("listen")).await;
+    let c = coordinator_with_small_send_buffers(cfg).await;
     // 2,000 tasks of 4 KiB: each listing of them is 8 MB, more than sockets' buffers hold.
     c.client().submit_padded("big", 2000, 4096).await;
     let id = c.client().submit(&[sleep_task(50, 2, 1)]).await.remove(0);
@@ -1792,12 +1799,7 @@ async fn a_reader_slower_than_the_default_minimum_rate_reads_its_answer_whole_un
     cfg.limits.min_answer_rate = 1024;
     // A small send buffer, as in the test of readers cut above: the coordinator writes each
     // time the reader takes 16 KiB.
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_send_buffer_size(16 * 1024).expect("buffer size");
-    socket
-        .bind("127.0.0.1:0".parse().expect("addr"))
-        .expect("bind");
-    let c = spawn_coordinator_on(cfg, socket.listen(1024).expect("listen")).await;
+    let c = coordinator_with_small_send_buffers(cfg).await;
     // 60 tasks of 4 KiB: a listing of about 270 KB, several times what the default lets the
     // reader below take before it is cut (about 130 KB).
     c.client().submit_padded("big", 60, 4096).await;
