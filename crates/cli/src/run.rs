@@ -91,6 +91,17 @@ pub struct CoordinatorArgs {
     /// least 100ms).
     #[arg(long, value_parser = parse_duration_arg)]
     handshake_timeout: Option<Duration>,
+    /// Time an HTTP connection that is not reading a request (idle between requests, or its
+    /// reader stopped reading the answer) may move no byte either way before it is closed
+    /// (default 60s, at least 100ms); event streams send a keep-alive at least every third of
+    /// it. A worker session's connection is exempt.
+    #[arg(long, value_parser = parse_http_idle)]
+    http_idle: Option<Duration>,
+    /// Bytes a second an HTTP answer must move, on average, while its reader keeps it
+    /// waiting; a reader slower than this for about --http-idle is cut (default 65536, 64 KiB;
+    /// 1 to 134217728, 128 MiB).
+    #[arg(long, value_parser = parse_min_answer_rate)]
+    min_answer_rate: Option<u64>,
     /// Messages per second of one worker session (default 2000; burst: 2 s worth); excess
     /// waits.
     #[arg(long)]
@@ -330,6 +341,13 @@ fn apply_limits(
     )? {
         l.handshake_timeout = d;
     }
+    // Checked with the rest by `validate`: a flag's value already was (see `limit_taken`).
+    if let Some(d) = settings::pick_duration(a.http_idle, file.http_idle.as_deref(), "http_idle")? {
+        l.http_idle = d;
+    }
+    if let Some(n) = a.min_answer_rate.or(file.min_answer_rate) {
+        l.min_answer_rate = n;
+    }
     if let Some(r) = a.max_messages_per_sec.or(file.max_messages_per_sec) {
         if !(r.is_finite() && r > 0.0) {
             bail!("--max-messages-per-sec must be a positive number");
@@ -360,6 +378,31 @@ fn apply_limits(
         cfg.max_checkpoint_bytes = n;
     }
     Ok(())
+}
+
+/// `--http-idle`: a duration the library's own check takes, or its reason (a usage error).
+fn parse_http_idle(s: &str) -> Result<Duration, String> {
+    let d = parse_duration_arg(s)?;
+    limit_taken(|l| l.http_idle = d)?;
+    Ok(d)
+}
+
+/// `--min-answer-rate`: bytes a second the library's own check takes, or its reason.
+fn parse_min_answer_rate(s: &str) -> Result<u64, String> {
+    let n = s
+        .parse::<u64>()
+        .map_err(|e| format!("{e} (bytes a second, e.g. 65536)"))?;
+    limit_taken(|l| l.min_answer_rate = n)?;
+    Ok(n)
+}
+
+/// Whether [`CoordinatorConfig::validate`] takes the default settings with one limit changed
+/// by `set`, else why not: a flag's value is refused by clap (exit 2, the flag named) in the
+/// library's words, which stay the one statement of the rule.
+fn limit_taken(set: impl FnOnce(&mut tether_coordinator::config::Limits)) -> Result<(), String> {
+    let mut cfg = CoordinatorConfig::new(tether_coordinator::config::DEFAULT_DATA_DIR);
+    set(&mut cfg.limits);
+    cfg.validate().map_err(|e| e.why)
 }
 
 /// API tokens from files; none when no file is given.
@@ -983,6 +1026,8 @@ mod tests {
             ("connects_per_sec", "3.5".into(), String::new()),
             ("limit_loopback", "true".into(), String::new()),
             ("handshake_timeout", "\"4s\"".into(), String::new()),
+            ("http_idle", "\"90s\"".into(), String::new()),
+            ("min_answer_rate", "1048576".into(), String::new()),
             ("max_messages_per_sec", "50.0".into(), String::new()),
             ("max_bytes_per_sec", "33554432.0".into(), String::new()),
             ("registration_pool", "1024".into(), String::new()),
@@ -1036,6 +1081,11 @@ mod tests {
                 format!("default {}", cc::DEFAULT_CONNECTS_PER_SEC),
             ),
             ("handshake-timeout", secs(cc::DEFAULT_HANDSHAKE_TIMEOUT)),
+            ("http-idle", secs(cc::DEFAULT_HTTP_IDLE)),
+            (
+                "min-answer-rate",
+                format!("default {}", cc::DEFAULT_MIN_ANSWER_RATE),
+            ),
             (
                 "max-messages-per-sec",
                 format!("default {}", cc::DEFAULT_MESSAGES_PER_SEC),

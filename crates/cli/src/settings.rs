@@ -38,6 +38,8 @@ pub struct CoordinatorFile {
     pub connects_per_sec: Option<f64>,
     pub limit_loopback: Option<bool>,
     pub handshake_timeout: Option<String>,
+    pub http_idle: Option<String>,
+    pub min_answer_rate: Option<u64>,
     pub max_messages_per_sec: Option<f64>,
     pub max_bytes_per_sec: Option<f64>,
     pub registration_pool: Option<usize>,

@@ -478,3 +478,168 @@ fn submit_a_command_the_executor_refuses_is_a_usage_error_before_any_request() {
         assert!(!err.contains("cannot reach"), "{args:?}: {err}");
     }
 }
+
+/// `tether` with `args` (and `--config file`, given), bounded in time: a coordinator that
+/// took a setting it should have refused would serve until stopped.
+fn tether_bounded(args: &[&str], config: Option<&std::path::Path>) -> (Option<i32>, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tether"));
+    c.args(args);
+    if let Some(file) = config {
+        c.arg("--config").arg(file);
+    }
+    let mut run = c
+        .env_remove("TETHER_LOG")
+        .env_remove("TETHER_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tether");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while run.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = run.kill();
+            let _ = run.wait();
+            panic!("tether {args:?} (config {config:?}) took a setting it should refuse");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = run.wait_with_output().expect("output");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `--http-idle` and `--min-answer-rate` out of the library's range (an idle time under
+/// 100 ms, a rate of 0 or past 128 MiB/s), past ten years or not a value at all are usage
+/// errors (exit 2) naming the flag and the range; the same values as `http_idle` and
+/// `min_answer_rate` in the config file are refused naming the key and its file (exit 1, as
+/// any setting of the file is), before anything is made. Neither had a flag nor a key.
+#[test]
+fn http_idle_and_min_answer_rate_out_of_range_are_refused_naming_the_flag_or_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    let head = ["coordinator", "--listen", "127.0.0.1:0", "--data-dir", data];
+    for (flag, value, says) in [
+        ("--http-idle", "0s", "at least 100 ms"),
+        ("--http-idle", "99ms", "at least 100 ms"),
+        ("--http-idle", "11y", "longer than 3650 days"),
+        ("--http-idle", "soon", "use e.g. 5s"),
+        ("--min-answer-rate", "0", "1 to 134217728"),
+        ("--min-answer-rate", "134217729", "1 to 134217728"),
+        ("--min-answer-rate", "64KiB", "bytes a second"),
+    ] {
+        let (code, err) = tether_bounded(&[&head[..], &[flag, value]].concat(), None);
+        let what = format!("{flag} {value}");
+        assert_eq!(code, Some(2), "{what}: {err}");
+        assert!(
+            err.contains(&format!("invalid value '{value}' for '{flag} ")),
+            "{what}: {err}"
+        );
+        assert!(err.contains(says), "{what}: {err}");
+    }
+    let file = dir.path().join("c.toml");
+    for (key, value, says) in [
+        ("http_idle", "\"50ms\"", "50 ms would cut answers"),
+        ("http_idle", "\"soon\"", "invalid duration"),
+        ("min_answer_rate", "0", "1 to 134217728"),
+        ("min_answer_rate", "200000000", "1 to 134217728"),
+    ] {
+        std::fs::write(&file, format!("[coordinator]\n{key} = {value}\n")).expect("write");
+        let (code, err) = tether_bounded(&head, Some(&file));
+        let what = format!("{key} = {value}");
+        assert_eq!(code, Some(1), "{what}: {err}");
+        assert!(err.contains(key) && err.contains(says), "{what}: {err}");
+        assert!(
+            err.contains(&file.display().to_string()) || err.contains("config file"),
+            "{what}: {err}"
+        );
+    }
+    assert!(!std::path::Path::new(data).exists(), "nothing made");
+}
+
+/// `--http-idle 200ms` (or `http_idle = "200ms"` in the config file), beside a minimum answer
+/// rate it takes, reaches the running coordinator: a connection idle after its answer is
+/// closed by it, long before the default 60 s (the read waits up to 30 s for the close).
+#[test]
+fn http_idle_and_min_answer_rate_given_reach_the_running_coordinator() {
+    use std::io::{BufRead, Read, Write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("c.toml");
+    std::fs::write(
+        &file,
+        "[coordinator]\nhttp_idle = \"200ms\"\nmin_answer_rate = 1048576\n",
+    )
+    .expect("write");
+    let flags = ["--http-idle", "200ms", "--min-answer-rate", "1048576"];
+    let config = ["--config", file.to_str().expect("utf-8 path")];
+    for (i, given) in [flags.as_slice(), config.as_slice()]
+        .into_iter()
+        .enumerate()
+    {
+        let data = dir.path().join(format!("data-{i}"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["--log", "info", "coordinator", "--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(given)
+            .env_remove("TETHER_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tether coordinator");
+        // Its log, read on a thread of its own (it ends when the process does).
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut log = Vec::new();
+        let addr = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let Ok(line) = rx.recv_timeout(left) else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{given:?}: no \"coordinator listening\" within 30 s: {log:#?}");
+            };
+            if line.contains("coordinator listening") {
+                let addr = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr="))
+                    .expect("the address logged")
+                    .to_owned();
+                break addr;
+            }
+            log.push(line);
+        };
+        let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .expect("read timeout");
+        conn.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .expect("request");
+        let mut answer = Vec::new();
+        let read = conn.read_to_end(&mut answer);
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = reader.join();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            read.is_ok(),
+            "{given:?}: the idle connection was not closed within 30 s ({read:?}): {answer}"
+        );
+        assert!(answer.starts_with("HTTP/1.1 "), "{given:?}: {answer}");
+        assert!(
+            !answer.to_ascii_lowercase().contains("connection: close"),
+            "{given:?}: closed as asked by the answer, not for being idle: {answer}"
+        );
+    }
+}
