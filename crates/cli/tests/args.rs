@@ -643,3 +643,39 @@ fn http_idle_and_min_answer_rate_given_reach_the_running_coordinator() {
         );
     }
 }
+
+/// A `--tag` key given twice with different values (`--tag os=a --tag os=b`) is a usage error
+/// (exit 2) naming the key and both values, each quoted cut as clap quotes a value, before
+/// any request: the last was kept in silence. The same `KEY=VALUE` twice is one tag, taken.
+#[test]
+fn submit_a_tag_key_given_twice_with_different_values_is_a_usage_error_naming_both() {
+    let closed = closed_port();
+    for watch in [&[][..], &["--watch"]] {
+        let args = ["submit", "--coordinator", &closed, "--tag", "os=a"];
+        let more = ["--tag", "arch=x86", "--tag", "os=b", "--", "true"];
+        let (code, err) = tether_str(&[&args[..], watch, &more].concat());
+        assert_eq!(code, Some(2), "{watch:?}: {err}");
+        assert!(
+            err.contains(r#"--tag "os" given twice with different values, "a" and "b""#),
+            "{watch:?}: {err}"
+        );
+        assert!(!err.contains("cannot reach"), "{watch:?}: {err}");
+        assert!(!err.contains("could not follow"), "{watch:?}: {err}");
+    }
+    // Values at the API's limit (256 bytes): quoted cut, the error bounded.
+    let (first, second) = (
+        format!("k={}", "a".repeat(254)),
+        format!("k={}", "b".repeat(254)),
+    );
+    let args = ["submit", "--coordinator", &closed, "--tag", &first];
+    let (code, err) = tether_str(&[&args[..], &["--tag", &second, "--", "true"]].concat());
+    assert_eq!(code, Some(2), "{err}");
+    let cut = |c: &str| format!("\"{}… (254 characters)\"", c.repeat(64));
+    assert!(err.contains(&cut("a")) && err.contains(&cut("b")), "{err}");
+    assert!(err.len() < 1_000, "{} bytes: {err}", err.len());
+    // The same tag twice is no conflict: sent, here to no one.
+    let args = ["submit", "--coordinator", &closed, "--tag", "os=a"];
+    let (code, err) = tether_str(&[&args[..], &["--tag", "os=a", "--", "true"]].concat());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
+}

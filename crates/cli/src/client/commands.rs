@@ -40,7 +40,8 @@ pub struct SubmitArgs {
     #[arg(long, conflicts_with = "file")]
     id: Option<tether_proto::TaskId>,
     /// A tag the worker must carry, KEY=VALUE (repeatable): a key not blank, each at most 256
-    /// bytes (the API's rules, checked as the arguments are read).
+    /// bytes (the API's rules, checked as the arguments are read); a key given again with
+    /// another value is refused (a task carries one value a key).
     #[arg(long = "tag", value_parser = parse_tag, conflicts_with = "file")]
     tags: Vec<(String, String)>,
     /// An environment variable for the command, KEY=VALUE (repeatable).
@@ -109,6 +110,7 @@ impl SubmitArgs {
         if let Some(f) = &self.file {
             return check_file(f);
         }
+        check_tags(&self.tags)?;
         let tags: BTreeSet<&str> = self.tags.iter().map(|(k, _)| k.as_str()).collect();
         for (flag, given, what) in [
             ("--require", self.requires.len(), "capabilities"),
@@ -131,6 +133,28 @@ impl SubmitArgs {
             _ => Ok(()),
         }
     }
+}
+
+/// `--tag`s that give one key two values: a task carries one value a key, and the last was
+/// kept in silence. The same `KEY=VALUE` again is the same tag, taken once.
+fn check_tags(tags: &[(String, String)]) -> Result<(), String> {
+    let mut taken = std::collections::HashMap::<&str, &str>::new();
+    for (key, value) in tags {
+        match taken.insert(key, value) {
+            Some(first) if first != value => {
+                // Each up to 256 bytes: quoted cut, as clap's own errors quote a value.
+                return Err(format!(
+                    "--tag {:?} given twice with different values, {:?} and {:?}: a task \
+                     carries one value a key",
+                    crate::cut_value(key),
+                    crate::cut_value(first),
+                    crate::cut_value(value)
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// `--file`'s checks ([`SubmitArgs::check`]).
