@@ -268,6 +268,10 @@ struct Watch {
     /// coordinator answered then (it took them), so one not reached at the first opening is
     /// restarting, not a wrong address; and the tasks changed no earlier.
     submitted: Option<std::time::Instant>,
+    /// The coordinator refused the listing's `ids` filter (400) or ignored it: named tasks are
+    /// read one by one from then on, without asking for the filter again at every catch-up. A
+    /// failure that says nothing of the filter (busy, a dropped connection) is not taken so.
+    no_ids_filter: bool,
 }
 
 impl Watch {
@@ -286,6 +290,7 @@ impl Watch {
             started: None,
             forget_at: SEEN_MAX,
             submitted: None,
+            no_ids_filter: false,
         }
     }
 
@@ -515,10 +520,11 @@ impl Watch {
     /// requests. The names the listing did not hold; all those not read yet when the
     /// coordinator does not know the filter (it refuses the parameter with 400, or, one that
     /// ignores parameters it does not know, lists tasks not asked for): they are read one by
-    /// one. One name alone is left to be read by itself: a request either way, and that one
-    /// tells a missing task (404) at once and needs no filter.
+    /// one, and so are they at every later catch-up of the watch (`no_ids_filter`). One name
+    /// alone is left to be read by itself: a request either way, and that one tells a missing
+    /// task (404) at once and needs no filter.
     async fn read_by_ids(&mut self, api: &Api, ids: &[String]) -> anyhow::Result<Vec<String>> {
-        if ids.len() < 2 {
+        if ids.len() < 2 || self.no_ids_filter {
             return Ok(ids.to_vec());
         }
         let mut missing = Vec::new();
@@ -540,7 +546,10 @@ impl Watch {
             let path = format!("/api/v1/tasks?limit={n}&ids={named}");
             let got = match api.get(&path).await {
                 Ok(Value::Array(got)) => got,
-                Err(e) if status(&e) == Some(400) => return Ok([missing, rest.to_vec()].concat()),
+                Err(e) if status(&e) == Some(400) => {
+                    self.no_ids_filter = true;
+                    return Ok([missing, rest.to_vec()].concat());
+                }
                 Ok(_) => anyhow::bail!("the coordinator's task list is not a list"),
                 Err(e) => return Err(e),
             };
@@ -549,6 +558,7 @@ impl Watch {
                 .iter()
                 .all(|t| t["task_id"].as_str().is_some_and(|id| asked.contains(id)))
             {
+                self.no_ids_filter = true;
                 return Ok([missing, rest.to_vec()].concat());
             }
             let mut found = std::collections::HashSet::new();
@@ -1576,7 +1586,8 @@ mod tests {
     /// sent 60 at each gap in its stream. They are read by their ids, one listing request, at
     /// every catch-up; one the listing lacks is read by itself (refused as missing at the
     /// first, removed by retention at a later one); a watch of one task reads it by itself;
-    /// a coordinator without the filter (refusing it, or ignoring it) has each read by itself.
+    /// a coordinator without the filter (refusing it, or ignoring it) has each read by itself,
+    /// and is not asked for the filter again at a later catch-up (it was, at every one).
     #[tokio::test]
     async fn a_few_named_tasks_are_read_by_their_ids_at_every_catch_up() {
         let n = 10;
@@ -1630,16 +1641,20 @@ mod tests {
         let mut w = Watch::new(Some(["t0".to_owned()].into()), true, false);
         let one = asked_at(&mut w, &api, &asked, "2026-12-01T10:40:00Z").await;
         assert_eq!(one, ["GET t0"], "{one:?}");
-        // Without the filter: one listing request, then a read each, at every catch-up.
+        // Without the filter: one listing request at the first catch-up, then a read each;
+        // at later ones a read each, the filter not asked for again.
         let left: BTreeSet<String> = names.into_iter().filter(|id| id != "t3").collect();
         for mode in [Ids::Refuses, Ids::Ignores] {
             let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
             let api = honest_with(tasks.clone(), asked.clone(), mode).await;
             let mut w = Watch::new(Some(left.clone()), true, false);
-            for at in ["2026-12-01T10:46:00Z", "2026-12-01T10:46:10Z"] {
+            let got = asked_at(&mut w, &api, &asked, "2026-12-01T10:46:00Z").await;
+            assert_eq!(got.len(), 1 + left.len(), "{got:?}");
+            assert!(got[0].contains("ids="), "{got:?}");
+            for at in ["2026-12-01T10:46:10Z", "2026-12-01T10:47:00Z"] {
                 let got = asked_at(&mut w, &api, &asked, at).await;
-                assert_eq!(got.len(), 1 + left.len(), "{got:?}");
-                assert!(got[0].contains("ids="), "{got:?}");
+                assert_eq!(got.len(), left.len(), "{got:?}");
+                assert!(got.iter().all(|q| q.starts_with("GET ")), "{got:?}");
             }
             assert_eq!(w.seen.len(), left.len(), "every named task read");
         }

@@ -983,3 +983,153 @@ async fn a_watch_of_many_tasks_submitted_long_ago_reads_them_by_their_ids_not_th
     assert_eq!(occurrences(&sent, "GET /api/v1/tasks/"), 0);
     assert_eq!(occurrences(&sent, "GET /api/v1/events"), 1);
 }
+
+/// What a stand-in coordinator does with the task listing's `ids` filter.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum IdsFilter {
+    /// Refuses the parameter (400), as a coordinator before the filter did.
+    Refused,
+    /// Lists every task, as one that ignores parameters it does not know.
+    Ignored,
+    /// Filters, but answers busy (503) to every listing while the first event stream is open.
+    BusyAtFirst,
+}
+
+/// The tasks a watch of [`stand_in_coordinator`] names.
+const NAMED: [&str; 3] = ["n-0", "n-1", "n-2"];
+
+/// A coordinator, stood in for by a small server, whose event stream sends three snapshots
+/// (three catch-ups of the watch), then each named task completed; its listing takes `ids` as
+/// `mode` says. Each listing's query (`LIST ...`) and each read of one task (`GET id`) is
+/// written to `asked`, each busy answer as `BUSY`.
+async fn stand_in_coordinator(
+    mode: IdsFilter,
+    asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) -> String {
+    use axum::extract::{Path, RawQuery};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let running = |id: &str| {
+        json!({
+            "task_id": id, "status": "running", "attempt": 1, "submit_seq": 1,
+            "updated_at": "2026-12-01T10:39:00Z", "lease": {"worker": "w1"},
+        })
+    };
+    let opened = std::sync::Arc::new(AtomicUsize::new(0));
+    let events = {
+        let opened = opened.clone();
+        move || {
+            opened.fetch_add(1, Ordering::SeqCst);
+            let snapshot =
+                "event: snapshot\ndata: {\"at\": \"2026-12-01T10:40:00Z\", \"tasks\": []}\n\n";
+            let mut body = [snapshot; 3].join("event: resync\ndata: {}\n\n");
+            for id in NAMED {
+                let mut t = running(id);
+                t["status"] = json!("completed");
+                t["updated_at"] = json!("2026-12-01T10:40:01Z");
+                body.push_str(&format!("event: task\ndata: {t}\n\n"));
+            }
+            let held = futures_util::StreamExt::chain(
+                futures_util::stream::once(async { Ok::<_, std::convert::Infallible>(body) }),
+                futures_util::stream::pending(),
+            );
+            async move {
+                (
+                    [("content-type", "text/event-stream")],
+                    axum::body::Body::from_stream(held),
+                )
+            }
+        }
+    };
+    let list_asked = asked.clone();
+    let list = move |RawQuery(raw): RawQuery| {
+        let query = raw.unwrap_or_default();
+        let busy = mode == IdsFilter::BusyAtFirst && opened.load(Ordering::SeqCst) < 2;
+        let mut asked = list_asked.lock().expect("asked");
+        if busy {
+            asked.push("BUSY".into());
+            return std::future::ready(Err(axum::http::StatusCode::SERVICE_UNAVAILABLE));
+        }
+        asked.push(format!("LIST {query}"));
+        let tasks: Vec<_> = match mode {
+            IdsFilter::Refused if query.contains("ids=") => {
+                return std::future::ready(Err(axum::http::StatusCode::BAD_REQUEST));
+            }
+            // Every task, one not named among them.
+            IdsFilter::Ignored => NAMED
+                .iter()
+                .chain(&["other-0"])
+                .map(|id| running(id))
+                .collect(),
+            _ => NAMED.iter().map(|id| running(id)).collect(),
+        };
+        std::future::ready(Ok(axum::Json(serde_json::Value::from(tasks))))
+    };
+    let one = move |Path(id): Path<String>| {
+        asked.lock().expect("asked").push(format!("GET {id}"));
+        std::future::ready(axum::Json(running(&id)))
+    };
+    let app = axum::Router::new()
+        .route("/api/v1/events", axum::routing::get(events))
+        .route("/api/v1/tasks", axum::routing::get(list))
+        .route("/api/v1/tasks/{id}", axum::routing::get(one));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+/// A watch against a coordinator that refuses the listing's `ids` filter (400) or ignores it
+/// asked for it at every catch-up, a request wasted each time before the reads of one task
+/// each: it asks once, and reads each named task by itself from then on. A coordinator that
+/// was busy when first asked (503, asked again until the watch gave the catch-up up) is asked
+/// for the filter again, and it serves every later catch-up: a busy answer says nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_asks_a_coordinator_without_the_ids_filter_for_it_once_not_at_every_catch_up() {
+    for mode in [
+        IdsFilter::Refused,
+        IdsFilter::Ignored,
+        IdsFilter::BusyAtFirst,
+    ] {
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let base = stand_in_coordinator(mode, asked.clone()).await;
+        let mut args = vec!["watch", "--coordinator", &base];
+        args.extend(NAMED);
+        let mut watch = Watcher::start(&args);
+        let (code, lines) = watch.wait_exit();
+        assert_eq!(
+            code,
+            Some(0),
+            "{mode:?}: {lines:?}; {}",
+            watch.stderr_text()
+        );
+        let asked = asked.lock().expect("asked").clone();
+        let count = |what: &str| asked.iter().filter(|a| a.starts_with(what)).count();
+        let by_ids = asked
+            .iter()
+            .filter(|a| a.starts_with("LIST ") && a.contains("ids="))
+            .count();
+        match mode {
+            IdsFilter::Refused | IdsFilter::Ignored => {
+                assert_eq!(by_ids, 1, "{mode:?}: asked once: {asked:?}");
+                assert_eq!(count("LIST "), 1, "{mode:?}: {asked:?}");
+                // Three catch-ups, each reading every named task by itself.
+                assert_eq!(count("GET "), 3 * NAMED.len(), "{mode:?}: {asked:?}");
+            }
+            IdsFilter::BusyAtFirst => {
+                assert!(count("BUSY") > 0, "{asked:?}");
+                assert!(
+                    watch
+                        .stderr_text()
+                        .contains("opening the event stream again"),
+                    "{}",
+                    watch.stderr_text()
+                );
+                // The second stream's three catch-ups, each by the filter.
+                assert_eq!(by_ids, 3, "{asked:?}");
+                assert_eq!(count("GET "), 0, "{asked:?}");
+            }
+        }
+    }
+}
