@@ -191,3 +191,93 @@ async fn submit_file_sends_the_file_as_written_so_errors_are_about_it() {
     assert_eq!(code, Some(0), "{err}");
     coord.stop().await;
 }
+
+/// Each line of `tether tasks`' table under the head above it: a cell of every column starts
+/// where the head's word does, after a gap of two spaces at least. Lines and why not, if not.
+fn misaligned(out: &str) -> Vec<String> {
+    let mut starts: Option<Vec<usize>> = None;
+    let mut bad = Vec::new();
+    for line in out.lines() {
+        if line.starts_with("TASK ") {
+            starts = Some(
+                line.match_indices(|c: char| c != ' ')
+                    .filter(|(i, _)| *i == 0 || line.as_bytes()[i - 1] == b' ')
+                    .map(|(i, _)| i)
+                    .collect(),
+            );
+            continue;
+        }
+        let Some(starts) = &starts else {
+            bad.push(format!("a row before any head: {line:?}"));
+            continue;
+        };
+        let b = line.as_bytes();
+        let aligned = starts
+            .iter()
+            .skip(1)
+            .all(|&at| at < b.len() && b[at] != b' ' && b[at - 1] == b' ' && b[at - 2] == b' ');
+        if !aligned {
+            bad.push(format!("{line:?} under columns at {starts:?}"));
+        }
+    }
+    bad
+}
+
+/// `tether tasks --all` prints its table a page at a time, each column as wide as its widest
+/// cell so far: a later page with a longer task id widened the columns from there on, under a
+/// head sized for the first page, so its rows and those after stood off the head's columns.
+/// A page that widens a column starts under a head of its own; every row is aligned with the
+/// head above it, and a page that needs no more width gets no head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_all_rows_stay_under_their_heads_columns_when_a_later_page_is_wider() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord = tether_testkit::spawn_coordinator(dir.path().join("data")).await;
+    let base = format!("http://{}", coord.addr);
+    // Pages of two: short ids, then a long one, then short ones again.
+    let long = format!("a-task-id-much-longer-than-the-others-{}", "x".repeat(40));
+    let ids = ["t-1", "t-2", &long, "t-4", "t-5"];
+    let specs: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({"task_id": id, "kind": "sleep", "config": {}}))
+        .collect();
+    let r = reqwest::Client::new()
+        .post(format!("{base}/api/v1/tasks"))
+        .json(&json!({ "tasks": specs }))
+        .send()
+        .await
+        .expect("submit");
+    assert!(r.status().is_success(), "submit: {}", r.status());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["tasks", "--all", "--limit", "2", "--coordinator", &base])
+            .env_remove("TETHER_LOG")
+            .env_remove("TETHER_TOKEN")
+            .env_remove("TETHER_TOKEN_FILE")
+            .stdin(Stdio::null())
+            .output()
+    })
+    .await
+    .expect("joined")
+    .expect("run tether tasks");
+    let text = String::from_utf8(out.stdout).expect("UTF-8");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = text.lines().filter(|l| !l.starts_with("TASK ")).collect();
+    assert_eq!(rows.len(), ids.len(), "{text}");
+    for (row, id) in rows.iter().zip(ids) {
+        assert!(row.starts_with(&format!("{id} ")), "{id}: {text}");
+    }
+    assert_eq!(misaligned(&text), Vec::<String>::new(), "{text}");
+    // The first page's head, and one where the long id widened the table.
+    let heads: Vec<usize> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with("TASK "))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(heads, [0, 3], "{text}");
+    coord.stop().await;
+}

@@ -353,7 +353,9 @@ pub struct TasksArgs {
     /// tasks read a request.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     limit: u64,
-    /// Every task, read page by page, however many there are.
+    /// Every task, read page by page, however many there are, each page printed as it comes:
+    /// the table's columns are as wide as their widest cell so far, and a page that needs them
+    /// wider begins under a head of its own.
     #[arg(long)]
     all: bool,
     /// The newest first (by default the oldest first): on a busy coordinator, what came last.
@@ -438,7 +440,8 @@ fn task_worker(t: &Value) -> String {
 
 /// `tether tasks --all` printed page by page, each page as it is read, so the listing is never
 /// held whole: with `--json` one JSON array (the same line as a listing of one page), element
-/// by element; else one table whose columns widen where a later page needs it.
+/// by element; else one table whose columns widen where a later page needs it, that page under
+/// a head of its own ([`Table`]).
 struct Listing {
     json: bool,
     /// Tasks printed so far.

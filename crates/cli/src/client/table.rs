@@ -94,8 +94,10 @@ pub(super) fn table_lines(head: &[&str], rows: &[Vec<String>]) -> Vec<String> {
 }
 
 /// A table printed in parts (a listing page by page): its head before the first part, each
-/// column padded to its widest cell so far. A later part with a wider cell widens the column
-/// from there on; the lines printed before stay as they were.
+/// column padded to its widest cell so far. A later part with a wider cell (but in the last
+/// column, which is not padded) widens the column from there on, and begins under a head of its
+/// own at the new widths: the lines printed before stay as they were, each row under the head
+/// above it. No part is held back to size the columns for the whole table.
 pub(super) struct Table {
     head: Vec<String>,
     widths: Vec<usize>,
@@ -128,11 +130,15 @@ impl Table {
             // and JSON leaves C1 controls and bidirectional overrides as they are.
             .map(|r| r.iter().map(|c| cut_line(&shown(c), CELL_SHOWN)).collect())
             .collect();
+        let before = self.widths.clone();
         for r in &rows {
             for (i, c) in r.iter().enumerate() {
                 self.widths[i] = self.widths[i].max(c.chars().count());
             }
         }
+        // The last column moves no other: wider, it needs no head of its own.
+        let padded = self.widths.len().saturating_sub(1);
+        let widened = self.widths[..padded] != before[..padded];
         let widths = &self.widths;
         let line = |cells: &[String]| {
             let parts: Vec<String> = cells
@@ -145,7 +151,7 @@ impl Table {
                 .collect();
             parts.join("  ").trim_end().to_owned()
         };
-        let head = (!self.started).then(|| line(&self.head));
+        let head = (!self.started || widened).then(|| line(&self.head));
         self.started = true;
         head.into_iter()
             .chain(rows.iter().map(|r| line(r)))
@@ -201,6 +207,20 @@ mod tests {
             cut_line(&rows[0][1], CELL_SHOWN).chars().count(),
             CELL_SHOWN + 1
         );
+    }
+
+    /// A part (a page of `tether tasks --all`) that widens a column begins under a head of its
+    /// own, so that every row stands under its head's columns; one that widens only the last
+    /// column, which moves no other, or none, does not.
+    #[test]
+    fn a_part_that_widens_a_column_begins_under_a_head_of_its_own() {
+        let mut t = Table::new(&["ID", "NAME"]);
+        let row = |id: &str, name: &str| vec![vec![id.to_owned(), name.to_owned()]];
+        assert_eq!(t.lines(&row("t1", "a")), ["ID  NAME", "t1  a"]);
+        assert_eq!(t.lines(&row("t2", "a longer name")), ["t2  a longer name"]);
+        assert_eq!(t.lines(&row("t-long", "b")), ["ID      NAME", "t-long  b"]);
+        assert_eq!(t.lines(&row("t3", "c")), ["t3      c"]);
+        assert!(t.lines(&[]).is_empty());
     }
 
     #[test]
