@@ -537,7 +537,8 @@ impl Agent {
         let events = match &cfg.event_log {
             Some(path) => Some(
                 EventLog::open(path, cfg.worker_id.as_str())
-                    .map_err(|e| AgentError::EventLog(e.to_string()))?,
+                    .map_err(|e| AgentError::EventLog(e.to_string()))?
+                    .with_max_bytes(cfg.event_log_max_bytes),
             ),
             None => None,
         };

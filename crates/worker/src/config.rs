@@ -37,6 +37,12 @@ pub const DEFAULT_MAX_FRAME: usize = tether_proto::codec::DEFAULT_MAX_FRAME;
 pub const DEFAULT_SLOTS: u32 = 1;
 /// Coordinator refusals in a row after which a worker stops for good.
 pub const DEFAULT_REFUSALS_BEFORE_STOP: u32 = 3;
+/// Default bound of the event log's file before it is rotated (64 MiB: months of records of a
+/// busy worker; the rotated file kept beside it doubles what the log may take).
+pub const DEFAULT_EVENT_LOG_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// Smallest bound of the event log's file (64 KiB, a few hundred records): below it a rotation
+/// every few records would keep too little to read a run from.
+pub const MIN_EVENT_LOG_MAX_BYTES: u64 = 64 * 1024;
 
 /// Everything a worker agent needs.
 #[derive(Debug, Clone)]
@@ -69,6 +75,10 @@ pub struct WorkerConfig {
     pub seed: Option<u64>,
     /// A JSON-lines file of connection events and result acks (see [`crate::eventlog`]).
     pub event_log: Option<PathBuf>,
+    /// The event log's file is rotated before a record would take it past this many bytes
+    /// (renamed to `FILE.1`, replacing the one there; see [`crate::eventlog`]); at least
+    /// [`MIN_EVENT_LOG_MAX_BYTES`].
+    pub event_log_max_bytes: u64,
     /// The secret that signs registrations when the coordinator asks (its `welcome` carries a
     /// nonce). Never sent, never logged.
     pub secret: Option<Secret>,
@@ -104,7 +114,7 @@ impl WorkerConfig {
     /// interval under [`MIN_HEARTBEAT_INTERVAL`] or a timeout not longer than it, a first
     /// reconnect delay under [`crate::backoff::MIN_INITIAL`] (a tight reconnect loop) or a cap
     /// below it, giving up after 0 attempts, no slots, frames too small for a message's
-    /// envelope.
+    /// envelope, an event log bound under [`MIN_EVENT_LOG_MAX_BYTES`].
     pub fn validate(&self) -> Result<(), tether_proto::settings::ConfigError> {
         use tether_proto::settings::{ConfigError, check_frame, check_heartbeat};
         check_heartbeat(
@@ -148,6 +158,15 @@ impl WorkerConfig {
         if self.slots == 0 {
             return Err(ConfigError::new("slots", "0 runs nothing: at least 1"));
         }
+        if self.event_log_max_bytes < MIN_EVENT_LOG_MAX_BYTES {
+            return Err(ConfigError::new(
+                "event_log_max_bytes",
+                format!(
+                    "{} bytes is too small: at least {MIN_EVENT_LOG_MAX_BYTES} (64 KiB); a log rotated every few records keeps too little to read",
+                    self.event_log_max_bytes
+                ),
+            ));
+        }
         // The coordinator refuses a registration past these (`Registration::label_problem`).
         let labels = tether_proto::msg::worker_labels_problem(&self.capabilities, &self.tags, &[]);
         if let Some((field, why)) = labels {
@@ -190,6 +209,7 @@ impl WorkerConfig {
             checkpoint_chunk_size: DEFAULT_CHUNK_SIZE,
             seed: None,
             event_log: None,
+            event_log_max_bytes: DEFAULT_EVENT_LOG_MAX_BYTES,
             secret: None,
             require_message_mac: false,
             refusals_before_stop: DEFAULT_REFUSALS_BEFORE_STOP,
@@ -214,7 +234,7 @@ mod tests {
         let base = || WorkerConfig::new("ws://127.0.0.1:1", WorkerId::parse("w").expect("id"));
         base().validate().expect("the defaults");
         type Spoil = fn(&mut WorkerConfig);
-        let cases: [(&str, Spoil); 15] = [
+        let cases: [(&str, Spoil); 17] = [
             ("heartbeat_interval", |c| {
                 c.heartbeat_interval = Duration::ZERO
             }),
@@ -226,6 +246,10 @@ mod tests {
             ("backoff.max", |c| c.backoff.max = c.backoff.initial / 2),
             ("backoff.max_attempts", |c| c.backoff.max_attempts = Some(0)),
             ("slots", |c| c.slots = 0),
+            ("event_log_max_bytes", |c| c.event_log_max_bytes = 0),
+            ("event_log_max_bytes", |c| {
+                c.event_log_max_bytes = MIN_EVENT_LOG_MAX_BYTES - 1
+            }),
             ("capabilities", |c| {
                 c.capabilities = vec!["cpu".into(), String::new()]
             }),
@@ -261,6 +285,7 @@ mod tests {
         least.backoff.initial = crate::backoff::MIN_INITIAL;
         least.backoff.max = crate::backoff::MIN_INITIAL;
         least.backoff.max_attempts = Some(1);
+        least.event_log_max_bytes = MIN_EVENT_LOG_MAX_BYTES;
         least.validate().expect("the least of each");
         // An agent is not built on a refused configuration.
         let mut c = base();

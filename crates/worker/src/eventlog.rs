@@ -14,6 +14,17 @@
 //! log (`n`, from 1 at each open: a gap is a lost line), and when the log is dropped (the agent
 //! that owns it ended: a graceful stop, not a kill) it writes a last record, `stopped`, with
 //! how many writes failed. Logs written before the numbers have records without `n`.
+//!
+//! The log is bounded, so that a worker running for months does not fill its disk: when a
+//! record would take the file past its bound ([`EventLog::with_max_bytes`];
+//! [`crate::config::DEFAULT_EVENT_LOG_MAX_BYTES`] unless told), the file is first renamed to
+//! `FILE.1`, replacing the one there (one older file is kept: the two take at most about twice
+//! the bound), and a new `FILE` begins with a `rotated` record. The numbers go on across a
+//! rotation (the `rotated` record takes the next one), so `FILE.1` then `FILE` read as one
+//! show no gap. A record alone longer than the bound still goes in whole, into a new file. A
+//! rename that fails is logged and counted ([`EventLog::rotation_failures`], not a write
+//! failure: no line is lost), and the records go on into the same file; the rotation is tried
+//! again once it has grown by another bound's worth.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Seek, SeekFrom, Write};
@@ -72,6 +83,10 @@ pub enum Event {
     /// The log's last record of this process, written when it is dropped (the agent ended):
     /// how many of its records could not be written. A killed process writes none.
     Stopped { write_failures: u64 },
+    /// The first record of a file that follows a rotation: the records before this one (of
+    /// this process, and of those before it) are in `previous`, the file renamed away when it
+    /// had `bytes` bytes.
+    Rotated { previous: String, bytes: u64 },
 }
 
 /// One line of the log.
@@ -103,6 +118,14 @@ struct Appender {
     last: u64,
     /// Records that could not be encoded or written.
     failures: u64,
+    /// The file's bound: a record that would take it past it goes into a new file.
+    max_bytes: u64,
+    /// Rotations that failed (the file was kept and written on).
+    rotation_failures: u64,
+    /// After a failed rotation, the size the file must reach before another is tried (0 when
+    /// none failed since the last rotation): a rename that fails once mostly fails again, and
+    /// trying at every record would log an error a record.
+    retry_at: u64,
 }
 
 /// What the log appends to: its file, or in a unit test a writer that fails partway.
@@ -153,36 +176,79 @@ impl EventLog {
                 file: Box::new(file),
                 last: 0,
                 failures: 0,
+                max_bytes: crate::config::DEFAULT_EVENT_LOG_MAX_BYTES,
+                rotation_failures: 0,
+                retry_at: 0,
             }),
             path: path.to_owned(),
         })
+    }
+
+    /// Bounds the file at `max_bytes` (see the module doc; at least 1: a bound of 0 is taken
+    /// as 1, a file of one record each).
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        let out = self.file.get_mut().unwrap_or_else(|p| p.into_inner());
+        out.max_bytes = max_bytes.max(1);
+        self
+    }
+
+    /// Where a rotation moves the file: its name with `.1` appended.
+    pub fn rotated_path(path: &Path) -> PathBuf {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".1");
+        PathBuf::from(name)
     }
 
     /// Appends one event. A failed write is logged and counted (the `stopped` record says how
     /// many), never fatal: the log is a witness, and the worker's job is to keep running. Its
     /// number is used up either way, so the line missing leaves a gap. What a write that
     /// failed partway (a full disk) left is cut off: the next line appended to that fragment
-    /// would make two damaged lines of one failure.
+    /// would make two damaged lines of one failure. A record that would take the file past its
+    /// bound first rotates it (see the module doc).
     pub fn record(&self, event: Event) {
         let mut out = self.file.lock().unwrap_or_else(|p| p.into_inner());
         out.last += 1;
-        let rec = Record {
+        let mut rec = Record {
             at: Utc::now(),
             worker: self.worker.clone(),
             n: Some(out.last),
             event,
         };
-        let mut line = match serde_json::to_vec(&rec) {
-            Ok(l) => l,
-            Err(error) => {
-                out.failures += 1;
-                tracing::error!(%error, "cannot encode an event log record");
-                return;
-            }
+        let Some(mut line) = encode(&mut out, &rec) else {
+            return;
         };
-        line.push(b'\n');
-        let before = out.file.len();
-        if let Err(error) = out.file.write_all(&line) {
+        let mut before = out.file.len();
+        if let Ok(len) = before
+            && len > 0
+            && len.saturating_add(line.len() as u64) > out.max_bytes
+            && len >= out.retry_at
+            && let Some(rotated) = self.rotate(&mut out, len)
+        {
+            // The `rotated` record takes this record's number, and this record the next.
+            let marker = Record {
+                at: rec.at,
+                worker: self.worker.clone(),
+                n: rec.n,
+                event: rotated,
+            };
+            if let Some(marker) = encode(&mut out, &marker) {
+                self.append(&mut out, &marker, Ok(0));
+            }
+            out.last += 1;
+            rec.n = Some(out.last);
+            line = match encode(&mut out, &rec) {
+                Some(line) => line,
+                None => return,
+            };
+            before = out.file.len();
+        }
+        self.append(&mut out, &line, before);
+    }
+
+    /// Writes `line` with one call; `before` is the file's length before it, to cut back what
+    /// a write that fails partway leaves.
+    fn append(&self, out: &mut Appender, line: &[u8], before: std::io::Result<u64>) {
+        if let Err(error) = out.file.write_all(line) {
             out.failures += 1;
             tracing::error!(path = %self.path.display(), %error, "cannot write the event log");
             // Cut back only what it left (nothing, when the write failed at once).
@@ -193,6 +259,45 @@ impl EventLog {
                 tracing::error!(path = %self.path.display(), %error, "cannot cut a record written in part off the event log; the next one is glued to it");
             }
         }
+    }
+
+    /// Renames the file (of `len` bytes) to [`Self::rotated_path`] and starts a new one in its
+    /// place; the new file's first record, when it did. When it did not,
+    /// the failure is logged and counted and the records go on into the file as it is (after
+    /// a rename whose new file cannot be made: into the renamed one).
+    fn rotate(&self, out: &mut Appender, len: u64) -> Option<Event> {
+        let previous = Self::rotated_path(&self.path);
+        let made = std::fs::rename(&self.path, &previous).and_then(|()| {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+        });
+        match made {
+            Ok(file) => {
+                out.file = Box::new(file);
+                out.retry_at = 0;
+                tracing::info!(path = %self.path.display(), previous = %previous.display(), bytes = len, "event log rotated");
+                Some(Event::Rotated {
+                    previous: previous.display().to_string(),
+                    bytes: len,
+                })
+            }
+            Err(error) => {
+                out.rotation_failures += 1;
+                out.retry_at = len.saturating_add(out.max_bytes);
+                tracing::error!(path = %self.path.display(), previous = %previous.display(), %error, "cannot rotate the event log; it grows past its bound until the next try");
+                None
+            }
+        }
+    }
+
+    /// Rotations that failed so far (see the module doc).
+    pub fn rotation_failures(&self) -> u64 {
+        self.file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .rotation_failures
     }
 
     /// Records that could not be written so far.
@@ -207,6 +312,21 @@ impl Drop for EventLog {
     fn drop(&mut self) {
         let write_failures = self.write_failures();
         self.record(Event::Stopped { write_failures });
+    }
+}
+
+/// The line of `rec`, with its newline; `None` (counted and logged) when it cannot be encoded.
+fn encode(out: &mut Appender, rec: &Record) -> Option<Vec<u8>> {
+    match serde_json::to_vec(rec) {
+        Ok(mut line) => {
+            line.push(b'\n');
+            Some(line)
+        }
+        Err(error) => {
+            out.failures += 1;
+            tracing::error!(%error, "cannot encode an event log record");
+            None
+        }
     }
 }
 
@@ -470,6 +590,164 @@ mod tests {
         let n: Vec<_> = read.records.iter().map(|r| r.n).collect();
         assert_eq!(n, [Some(1), Some(3), Some(4)], "{text}");
         assert_eq!(read.records[2].event, Event::Stopped { write_failures: 1 });
+    }
+
+    /// Records until `done` holds, at most `most` of them; how many it took.
+    fn record_until(log: &EventLog, most: usize, done: impl Fn(&EventLog) -> bool) -> usize {
+        for i in 1..=most {
+            log.record(registered());
+            if done(log) {
+                return i;
+            }
+        }
+        panic!("not done after {most} records");
+    }
+
+    /// Whether the log's file starts with a `rotated` record.
+    fn follows_a_rotation(path: &Path) -> bool {
+        numbered(path)
+            .first()
+            .is_some_and(|(_, e)| matches!(e, Event::Rotated { .. }))
+    }
+
+    /// A record that would take the file past its bound goes into a new file, which starts
+    /// with a `rotated` record naming the old one; the numbers go on across it (the old file
+    /// then the new one read as one have no gap), and a second rotation replaces the older
+    /// file: one is kept.
+    #[test]
+    fn a_record_past_the_bound_starts_a_new_file_whose_numbers_go_on_and_one_older_is_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        let older = EventLog::rotated_path(&path);
+        assert_eq!(older, dir.path().join("events.jsonl.1"));
+        const BOUND: u64 = 500;
+        let log = EventLog::open(&path, "w1")
+            .expect("open")
+            .with_max_bytes(BOUND);
+        let first = record_until(&log, 100, |_| older.exists());
+        // Rotated at the bound, not before: the file renamed held the records before, and the
+        // one that rotated it would have taken it past the bound.
+        let old_len = std::fs::metadata(&older).expect("older").len();
+        let old = numbered(&older);
+        let new = numbered(&path);
+        assert_eq!(old.len(), first - 1, "{old:?}");
+        assert!(old_len <= BOUND, "{old_len}");
+        let text = std::fs::read_to_string(&path).expect("text");
+        let mut lines = text.lines();
+        let marker = lines.next().expect("marker");
+        let rotating = lines.next().expect("the record that rotated it").len() as u64 + 1;
+        assert!(old_len + rotating > BOUND, "{old_len} + {rotating}");
+        assert_eq!(
+            new[0],
+            (
+                Some(first as u64),
+                Event::Rotated {
+                    previous: older.display().to_string(),
+                    bytes: old_len,
+                }
+            ),
+            "{marker}"
+        );
+        let numbers = |recs: &[(Option<u64>, Event)]| -> Vec<u64> {
+            recs.iter().map(|(n, _)| n.expect("numbered")).collect()
+        };
+        let all: Vec<u64> = numbers(&old).into_iter().chain(numbers(&new)).collect();
+        assert_eq!(all, (1..=first as u64 + 1).collect::<Vec<_>>());
+        // The next rotation replaces the older file with the newer one, so the two files
+        // together still read without a gap, and nothing else is kept.
+        let last_of_first = numbers(&new).last().copied().expect("a record");
+        record_until(&log, 100, |_| {
+            numbers(&numbered(&older)).first() == Some(&(first as u64))
+        });
+        let old = numbers(&numbered(&older));
+        let new = numbers(&numbered(&path));
+        assert!(*old.last().expect("old") >= last_of_first, "{old:?}");
+        let all: Vec<u64> = old.iter().chain(&new).copied().collect();
+        let from = first as u64;
+        assert_eq!(all, (from..from + all.len() as u64).collect::<Vec<_>>());
+        assert!(follows_a_rotation(&path));
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["events.jsonl", "events.jsonl.1"]);
+        assert_eq!((log.write_failures(), log.rotation_failures()), (0, 0));
+    }
+
+    /// A record alone longer than the bound still goes in whole, each into a new file.
+    #[test]
+    fn a_record_longer_than_the_bound_goes_in_whole_into_a_file_of_its_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        let log = EventLog::open(&path, "w1")
+            .expect("open")
+            .with_max_bytes(10);
+        log.record(registered());
+        log.record(registered());
+        log.record(registered());
+        drop(log);
+        let got = numbered(&path);
+        // Each record rotated the file before it: the last file holds the rotation the log's
+        // last record made and that record, the older one the third record's.
+        assert!(
+            matches!(
+                got[..],
+                [
+                    (Some(6), Event::Rotated { .. }),
+                    (Some(7), Event::Stopped { .. })
+                ]
+            ),
+            "{got:?}"
+        );
+        let older = numbered(&EventLog::rotated_path(&path));
+        assert!(
+            matches!(
+                older[..],
+                [
+                    (Some(4), Event::Rotated { .. }),
+                    (Some(5), Event::Registered { .. })
+                ]
+            ),
+            "{older:?}"
+        );
+    }
+
+    /// A rotation whose rename fails (a directory stands where the older file goes) is
+    /// counted, not as a lost line: the records go on into the same file, numbered without a
+    /// gap, and the rotation is not tried again at the next record but once the file has grown
+    /// by another bound's worth; it is done then, when the rename can be.
+    #[test]
+    fn a_rotation_that_fails_is_counted_and_the_log_goes_on_in_the_same_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        let older = EventLog::rotated_path(&path);
+        std::fs::create_dir(&older).expect("a directory in the way");
+        std::fs::write(older.join("x"), b"x").expect("not empty");
+        const BOUND: u64 = 500;
+        let log = EventLog::open(&path, "w1")
+            .expect("open")
+            .with_max_bytes(BOUND);
+        record_until(&log, 100, |l| l.rotation_failures() == 1);
+        let failed_at = std::fs::metadata(&path).expect("len").len();
+        log.record(registered());
+        assert_eq!(log.rotation_failures(), 1, "tried again at the next record");
+        record_until(&log, 100, |l| l.rotation_failures() == 2);
+        let len = std::fs::metadata(&path).expect("len").len();
+        assert!(len >= failed_at + BOUND, "{failed_at} then {len}");
+        let got = numbered(&path);
+        let n: Vec<_> = got.iter().map(|(n, _)| n.expect("numbered")).collect();
+        assert_eq!(n, (1..=n.len() as u64).collect::<Vec<_>>());
+        assert_eq!(log.write_failures(), 0);
+        // The way cleared, the next try rotates.
+        std::fs::remove_dir_all(&older).expect("clear the way");
+        record_until(&log, 100, |_| older.is_file());
+        assert_eq!(log.rotation_failures(), 2);
+        let last = n.last().copied().expect("a record");
+        let old: Vec<_> = numbered(&older).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(old.first(), Some(&Some(1)));
+        assert!(old.last().is_some_and(|l| l.is_some_and(|l| l >= last)));
+        assert!(follows_a_rotation(&path));
     }
 
     /// A log written before records were numbered still reads.
