@@ -146,7 +146,12 @@ struct Inner {
 
 /// How many attempts whose results were acknowledged the outbox remembers, to hold no more of
 /// their checkpoints: an upload still under way when its attempt's result is acknowledged
-/// ends within a few pieces.
+/// ends within a few pieces. Past it the oldest is forgotten, and a piece or announcement of
+/// it pushed later (its upload still going after 1024 more results were acknowledged) is
+/// held and sent again, as before [`Outbox::settle_attempt`]. That is harmless: it costs the
+/// link the piece's bytes, never a wrong checkpoint, since the coordinator stores no
+/// checkpoint of an attempt whose lease its result ended; what arrives after the result is
+/// acknowledged `stale` (docs/PROTOCOL.md, section 11).
 const SETTLED_KEPT: usize = 1024;
 
 /// The task and attempt of a checkpoint's announcement or piece.
@@ -1278,6 +1283,47 @@ mod tests {
         let left = order(&ob);
         assert_eq!(left, vec![kept[0].0, kept[1].0, later.0, kept_later.0]);
         assert!(dropped.iter().all(|s| !left.contains(&s.0)));
+    }
+
+    /// The outbox remembers the latest [`SETTLED_KEPT`] settled attempts: settling one more
+    /// forgets the oldest, whose late piece is then held (and sent: the coordinator answers it
+    /// `stale`), while the oldest still remembered holds none. Settling one already settled
+    /// again forgets nothing.
+    #[test]
+    fn past_the_settled_window_the_oldest_attempt_is_forgotten_and_its_late_piece_is_held() {
+        let ob = Outbox::new(Limits::default());
+        let task = |i: usize| format!("t{i}");
+        for i in 0..SETTLED_KEPT {
+            assert_eq!(
+                ob.settle_attempt(&tid(&task(i)), Attempt(1)),
+                0,
+                "none held"
+            );
+        }
+        assert!(
+            ob.is_settled(&tid("t0"), Attempt(1)),
+            "the window holds all"
+        );
+        ob.settle_attempt(&tid("t1"), Attempt(1));
+        assert!(
+            ob.is_settled(&tid("t0"), Attempt(1)),
+            "a repeat forgets nothing"
+        );
+        ob.settle_attempt(&tid(&task(SETTLED_KEPT)), Attempt(1));
+        assert!(
+            !ob.is_settled(&tid("t0"), Attempt(1)),
+            "the oldest forgotten"
+        );
+        assert!(ob.is_settled(&tid("t1"), Attempt(1)));
+        assert!(ob.is_settled(&tid(&task(SETTLED_KEPT)), Attempt(1)));
+        let late = piece(&ob, "t0", "c-1", 0);
+        piece(&ob, "t1", "c-1", 0);
+        announcement(&ob, "t1", "c-1");
+        assert_eq!(
+            order(&ob),
+            vec![late.0],
+            "only the forgotten attempt's piece is held"
+        );
     }
 
     /// Entries their sender withdrew (the requests of a fetch that ended): the unsent leave at

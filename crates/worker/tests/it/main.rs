@@ -7,5 +7,6 @@ mod event_log;
 mod fake;
 mod frame_limit;
 mod restart;
+mod settle;
 mod sim;
 mod state_machine;
