@@ -435,6 +435,115 @@ async fn a_full_data_directory_holds_the_commits_until_space_is_freed_and_loses_
     w.stop().await.expect("clean stop");
 }
 
+/// A worker that connects for the first time while the coordinator's disk is full: its
+/// registration's reconciliation waits for room to commit, and so does its
+/// `registration_ack` (nothing is acknowledged before it is durable). The coordinator was alive
+/// but said nothing meanwhile, and the worker took the silence for a dead link after its
+/// heartbeat timeout (2 s) and connected again, to wait again, every 2.3 s for as long as the
+/// disk stayed full. The coordinator pings it while the ack waits for the commit: it waits on
+/// its one connection, and once there is room it is acknowledged and runs work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_registering_while_the_disk_is_full_waits_on_one_connection_and_works_once_there_is_room()
+ {
+    let Some((work, disk, addr, base)) = mounted() else {
+        return;
+    };
+    let log = work.path().join("coordinator.log");
+    let mut c = disk.coordinator(addr, &log);
+    let http = http_client();
+    let client = Client::new(&base);
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_healthy(&http, &base).await;
+
+    // The disk fills, and a submission's commit waits for room.
+    assert!(fill(&disk.inside("filler")) > 0, "nothing could be written");
+    let during = specs("during", 4);
+    let held = {
+        let (http, base, during) = (http.clone(), base.clone(), during.clone());
+        tokio::spawn(async move { post_tasks(&http, &base, &during).await })
+    };
+    let tries = std::sync::atomic::AtomicUsize::new(0);
+    let pid = c.child.id();
+    wait_for("a submission refused for want of space", LONG, || async {
+        assert!(!exited(pid), "the coordinator stopped:\n{}", logged());
+        let n = tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let r = post_tasks(&http, &base, &specs(&format!("try{n}"), 1))
+            .await
+            .ok()?;
+        (r.status().as_u16() == 503).then_some(())
+    })
+    .await;
+
+    // A worker connects now; its registration cannot be committed, so it is not acknowledged.
+    let mut wcfg = fast_worker_config(&format!("ws://{addr}"), "w-new");
+    wcfg.slots = 4;
+    let timeout = wcfg.heartbeat_timeout;
+    let w = spawn_worker(wcfg, Executors::builtin());
+    wait_for("the worker's first attempt", LONG, || async {
+        (w.handle.stats().connection_attempts > 0).then_some(())
+    })
+    .await;
+    // For three of its heartbeat timeouts it waits on that one connection: no attempt fails,
+    // none follows, and no registration is acknowledged before it is committed.
+    let watched = std::time::Instant::now();
+    while watched.elapsed() < 3 * timeout {
+        let s = w.handle.stats();
+        assert_eq!(
+            (s.connection_attempts, s.failed_connections),
+            (1, 0),
+            "the worker connected again while its registration waited for room: {s:?}"
+        );
+        assert_eq!(
+            w.handle.registrations(),
+            0,
+            "acknowledged before it was durable"
+        );
+        assert!(c.alive(), "the coordinator stopped:\n{}", logged());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Room again: the registration commits, its ack comes on the same connection, and work
+    // flows to the worker, each task to exactly one counted result.
+    std::fs::remove_file(disk.inside("filler")).expect("free the space");
+    wait_for("the worker's registration", LONG, || async {
+        (w.handle.registrations() == 1).then_some(())
+    })
+    .await;
+    let held_ok =
+        matches!(held.await.expect("the held submission"), Ok(r) if r.status().as_u16() == 201);
+    if !held_ok {
+        let r = wait_for("the held submission sent again", LONG, || async {
+            let r = post_tasks(&http, &base, &during).await.ok()?;
+            (r.status().as_u16() != 503).then_some(r)
+        })
+        .await;
+        assert!([201, 409].contains(&r.status().as_u16()), "{r:?}");
+    }
+    let after = specs("after", 4);
+    let r = post_tasks(&http, &base, &after).await.expect("submitted");
+    assert_eq!(r.status().as_u16(), 201);
+    for s in during.iter().chain(&after) {
+        let id = s.task_id.as_ref().expect("id");
+        client.wait_status(id, "completed").await;
+        let results = client.results(id).await;
+        let counted = results.iter().filter(|r| r["stale"] != true).count();
+        assert_eq!(counted, 1, "task {id}: {results:?}");
+    }
+    let s = w.handle.stats();
+    assert_eq!(
+        (
+            s.connection_attempts,
+            s.failed_connections,
+            s.disconnections
+        ),
+        (1, 0, 0),
+        "{s:?}"
+    );
+    assert_eq!(w.handle.registrations(), 1);
+    assert!(c.alive(), "the coordinator stopped:\n{}", logged());
+    w.stop().await.expect("clean stop");
+}
+
 /// The state journal files in the data directory `data`.
 fn journals(data: &Path) -> Vec<String> {
     let names = std::fs::read_dir(data).expect("the data directory");

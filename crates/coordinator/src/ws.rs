@@ -8,7 +8,8 @@
 //! registers, the connection reads within its budget before registration (`admission`); after,
 //! a session's frames are read at its message and byte rates (`Pace`). Once the core knows a
 //! session, it hears of its end however the session's task ends, a panic included
-//! (`Departure`); a wait for room in the core's queue never counts as the worker's silence.
+//! (`Departure`); a wait for room in the core's queue never counts as the worker's silence, nor
+//! does its wait for its `registration_ack` (pinged while a commit holds the ack up).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -367,14 +368,26 @@ async fn handshake(
     let (tx, rx) = crate::core::mailbox::channel();
     let session = SessionRef::new(session_id, tx);
     let seen = session.seen.clone();
-    app.events
-        .send(Event::Connected {
-            worker: worker.clone(),
-            session,
-            registration: Box::new(registration),
-        })
-        .await
-        .ok()?;
+    let connected = Event::Connected {
+        worker: worker.clone(),
+        session,
+        registration: Box::new(registration),
+    };
+    match app.events.try_send(connected) {
+        Ok(()) => {}
+        Err(TrySendError::Closed(_)) => return None,
+        // The core is held up (its writer's queue full behind a commit that waits for room):
+        // the worker, waiting for its acknowledgement, is pinged meanwhile, or it would take
+        // its coordinator for dead. A ping that could not be written is found by the session's
+        // next write: the core knows the session once this wait is over.
+        Err(TrySendError::Full(connected)) => {
+            let events = app.events.clone();
+            let wait: Wait<'_> = Box::pin(async move {
+                let _ = events.send(connected).await;
+            });
+            core_wait(wait, out, agreed.beat, &app.counters).await;
+        }
+    }
     out.stall = agreed.beat.timeout;
     Some(Opened {
         rx,
@@ -428,10 +441,15 @@ fn run(
         let mut deadline = Instant::now() + agreed.beat.timeout;
         // Where the worker's last session left its rates: a reconnect is no fresh burst.
         let mut pace = app.paces.resume(&worker, &app.cfg.limits);
+        // Until the core's first message (the `registration_ack`, sent once the registration's
+        // reconciliation has committed, or a refusal), the worker waits for it and says
+        // nothing: its silence is the coordinator's doing (see `awaiting_ack`).
+        let mut awaiting = true;
         // One liveness timer for the session, moved lazily: every frame moves the deadline, and
         // only when the timer fires at a deadline that has since moved on is it set again (a timer
-        // made per frame was registered and cancelled in the timer wheel twice a frame).
-        let liveness = tokio::time::sleep_until(deadline);
+        // made per frame was registered and cancelled in the timer wheel twice a frame). Until
+        // the core's first message it also times the keepalives of `awaiting_ack`.
+        let liveness = tokio::time::sleep_until(Instant::now() + keepalive_every(agreed.beat));
         tokio::pin!(liveness);
         // The connection's bytes read at the last frame read (of any kind), or at the last
         // keepalive (see `frame_arriving`).
@@ -464,6 +482,14 @@ fn run(
                     }
                 }
                 () = &mut liveness => {
+                    if awaiting {
+                        // Boxed: a rare path, whose write state inline would size every idle session.
+                        if !Box::pin(awaiting_ack(&mut out, &mut deadline, agreed.beat, &app)).await {
+                            break ("error", "write failed".into());
+                        }
+                        liveness.as_mut().reset(Instant::now() + keepalive_every(agreed.beat));
+                        continue;
+                    }
                     if Instant::now() < deadline {
                         liveness.as_mut().reset(deadline);
                         continue;
@@ -634,8 +660,9 @@ fn run(
                     }
                     Some(first) => {
                         // Held back for the queue, the worker's frames wait unread: its silence
-                        // meanwhile is the session's doing.
-                        if backlog {
+                        // meanwhile is the session's doing. So it was until the core's first
+                        // message: the worker has its whole timeout from its acknowledgement.
+                        if backlog || std::mem::take(&mut awaiting) {
                             deadline = deadline.max(Instant::now() + agreed.beat.timeout);
                         }
                         // A registration read since the last write may have announced
@@ -678,6 +705,36 @@ fn count_slow_write(c: &Counters, before: Instant, after: Instant) {
 /// coordinator and time out sooner (its timeout is its own), and never says by how much.
 const KEEPALIVE_EVERY: Duration = Duration::from_millis(250);
 
+/// The period of a session's keepalive pings: its heartbeat interval, at most
+/// [`KEEPALIVE_EVERY`].
+fn keepalive_every(beat: Beat) -> Duration {
+    beat.interval.min(KEEPALIVE_EVERY)
+}
+
+/// A keepalive period of a session whose worker waits for its `registration_ack`. The ack is
+/// sent once the registration's reconciliation has committed (nothing is acknowledged before
+/// it is durable), and the worker says nothing until it comes: its silence is not counted
+/// (`deadline` moves on). While the store is held on a commit for a heartbeat interval or more
+/// (out of space, a disk that does not answer) the worker is pinged too: the coordinator did
+/// not answer it for so long that it took the silence for a dead link, gave the registration
+/// up at its heartbeat timeout and connected again, to wait again, for as long as the commit
+/// was held. False when the ping could not be written.
+async fn awaiting_ack(out: &mut Tx, deadline: &mut Instant, beat: Beat, app: &AppState) -> bool {
+    *deadline = (*deadline).max(Instant::now() + beat.timeout);
+    let held = app
+        .store_stats
+        .held_for()
+        .is_some_and(|h| h >= beat.interval);
+    if !held {
+        return true;
+    }
+    app.counters.keepalive_pings.fetch_add(1, Ordering::Relaxed);
+    let before = *deadline;
+    let sent = out.ping(deadline).await;
+    count_slow_write(&app.counters, before, *deadline);
+    sent
+}
+
 /// Waits for the core to take a session's events (`wait`: its queue was full), pinging the
 /// worker every heartbeat interval of the session, at most [`KEEPALIVE_EVERY`], meanwhile. The
 /// session reads nothing while it waits, so the worker's heartbeats go unanswered; without the
@@ -686,7 +743,7 @@ const KEEPALIVE_EVERY: Duration = Duration::from_millis(250);
 /// wait again at registration. False when a ping could not be written: the session is over,
 /// once the core has taken what was read (the events are the worker's, and whole).
 async fn core_wait(wait: Wait<'_>, out: &mut Tx, beat: Beat, counters: &Counters) -> bool {
-    let every = beat.interval.min(KEEPALIVE_EVERY);
+    let every = keepalive_every(beat);
     let mut wait = wait;
     let mut pinging = true;
     let mut next = Instant::now() + every;
@@ -721,7 +778,7 @@ fn frame_arriving(
     deadline: Instant,
     beat: Beat,
 ) -> impl Future<Output = u64> + '_ {
-    let every = beat.interval.min(KEEPALIVE_EVERY);
+    let every = keepalive_every(beat);
     let due = deadline - beat.timeout.saturating_sub(every);
     std::future::poll_fn(move |_| {
         let read = entry.bytes_read();
@@ -2234,9 +2291,48 @@ mod tests {
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >;
 
-    /// A worker `id` connected and registered; the core has taken its `Connected`, and holds
-    /// its session (a session whose core dropped it ends).
+    /// A worker `id` connected and registered; the core has taken its `Connected`, holds its
+    /// session (a session whose core dropped it ends), and has acknowledged the registration
+    /// (read by the worker).
     async fn registered(core: &mut FakeCore, id: &str) -> (Client, SessionRef) {
+        let (mut ws, session) = unacknowledged(core, id).await;
+        let ack = CoordMsg::RegistrationAck(tether_proto::msg::RegistrationAck {
+            worker_id: WorkerId::parse(id).expect("an id"),
+            session_id: session.id,
+            directives: Vec::new(),
+            compression: None,
+            batching: None,
+            compact_acks: false,
+            max_frame: None,
+            max_checkpoint: None,
+            message_rate: None,
+            byte_rate: None,
+            timestamp: now(),
+        });
+        session
+            .tx
+            .send_all([Outgoing::Msg(Box::new(ack))])
+            .expect("open");
+        let ack = next_json(&mut ws).await.expect("the registration_ack");
+        assert_eq!(ack["type"], "registration_ack", "{ack}");
+        (ws, session)
+    }
+
+    /// [`registered`], but the core has not answered the registration yet.
+    async fn unacknowledged(core: &mut FakeCore, id: &str) -> (Client, SessionRef) {
+        let ws = registering(core, id).await;
+        let Event::Connected {
+            worker, session, ..
+        } = core.next().await
+        else {
+            panic!("a connection first");
+        };
+        assert_eq!(worker.as_str(), id);
+        (ws, session)
+    }
+
+    /// A worker `id` connected, welcomed, and its registration sent.
+    async fn registering(core: &FakeCore, id: &str) -> Client {
         let url = format!("ws://{}/api/v1/worker/{id}/ws", core.addr);
         let (mut ws, _) = tokio_tungstenite::connect_async(&url)
             .await
@@ -2250,14 +2346,24 @@ mod tests {
                 "slots": 1, "executors": ["sleep"], "timestamp": now()}),
         )
         .await;
-        let Event::Connected {
-            worker, session, ..
-        } = core.next().await
-        else {
-            panic!("a connection first");
-        };
-        assert_eq!(worker.as_str(), id);
-        (ws, session)
+        ws
+    }
+
+    /// The frames `ws` gets for `d`: pings counted, anything else a failure (a close among it).
+    async fn pings_for(ws: &mut Client, d: Duration) -> usize {
+        use tokio_tungstenite::tungstenite::Message as M;
+        let mut pings = 0;
+        let over = tokio::time::sleep(d);
+        tokio::pin!(over);
+        loop {
+            tokio::select! {
+                () = &mut over => return pings,
+                m = ws.next() => match m {
+                    Some(Ok(M::Ping(_))) => pings += 1,
+                    other => panic!("pings only, not {other:?}"),
+                },
+            }
+        }
     }
 
     async fn send_json(ws: &mut Client, v: serde_json::Value) {
@@ -2376,6 +2482,91 @@ mod tests {
             reply.as_ref().map(|r| r["type"].clone()),
             Some("heartbeat".into()),
             "the session was closed: {reply:?}"
+        );
+    }
+
+    /// A registered worker waits, saying nothing, for its `registration_ack`, which is sent once
+    /// the registration's reconciliation has committed. Its silence meanwhile is not counted:
+    /// the session outlives its heartbeat timeout. While the store is held on a commit (out of
+    /// space) the worker is pinged every heartbeat interval, or it took its coordinator for
+    /// dead and registered again, and again, for as long as the commit was held. Once the ack
+    /// is out the pings stop and the worker has its whole timeout from then.
+    #[tokio::test]
+    async fn a_worker_waiting_for_its_registration_ack_behind_a_held_commit_is_pinged_and_kept() {
+        let mut cfg = crate::CoordinatorConfig::new("/unused");
+        cfg.heartbeat_interval = Duration::from_millis(100);
+        cfg.heartbeat_timeout = Duration::from_millis(400);
+        let mut core = FakeCore::start(cfg, 16).await;
+        let (mut ws, session) = unacknowledged(&mut core, "w-awaiting").await;
+        // The commit is not held: no ping, and no close past the timeout either.
+        assert_eq!(pings_for(&mut ws, Duration::from_millis(1000)).await, 0);
+        // Held: pings.
+        core.store_stats.group_begins();
+        let pings = pings_for(&mut ws, Duration::from_millis(1500)).await;
+        assert!(pings >= 5, "{pings} pings in 1.5 s, every 100 ms due");
+        assert_eq!(
+            core.counters.keepalive_pings.load(Ordering::Relaxed) as usize,
+            pings
+        );
+        // The commit goes through: the ack, then no more pings though the store is held
+        // again, and the worker's heartbeat within its timeout of the ack is answered.
+        core.store_stats.group_ends();
+        let ack = CoordMsg::RegistrationAck(tether_proto::msg::RegistrationAck {
+            worker_id: WorkerId::parse("w-awaiting").expect("an id"),
+            session_id: session.id,
+            directives: Vec::new(),
+            compression: None,
+            batching: None,
+            compact_acks: false,
+            max_frame: None,
+            max_checkpoint: None,
+            message_rate: None,
+            byte_rate: None,
+            timestamp: now(),
+        });
+        session
+            .tx
+            .send_all([Outgoing::Msg(Box::new(ack))])
+            .expect("open");
+        let ack = next_json(&mut ws).await.expect("the registration_ack");
+        assert_eq!(ack["type"], "registration_ack", "{ack}");
+        core.store_stats.group_begins();
+        assert_eq!(pings_for(&mut ws, Duration::from_millis(300)).await, 0);
+        send_json(
+            &mut ws,
+            serde_json::json!({"type": "heartbeat", "sequence": 1, "timestamp": now()}),
+        )
+        .await;
+        let reply = next_json(&mut ws).await;
+        assert_eq!(
+            reply.as_ref().map(|r| r["type"].clone()),
+            Some("heartbeat".into()),
+            "the session was closed: {reply:?}"
+        );
+    }
+
+    /// A registration that waits for room in the core's queue (the core held up behind its
+    /// store) has its worker pinged meanwhile, which waits for its acknowledgement; the core
+    /// gets it once there is room.
+    #[tokio::test]
+    async fn a_registration_waiting_on_a_full_core_queue_has_its_worker_pinged() {
+        let mut cfg = crate::CoordinatorConfig::new("/unused");
+        cfg.heartbeat_interval = Duration::from_millis(100);
+        cfg.heartbeat_timeout = Duration::from_millis(400);
+        let mut core = FakeCore::start(cfg, 1).await;
+        let (mut first, _session) = registered(&mut core, "w-first").await;
+        // The first worker's frame fills the core's queue.
+        send_json(&mut first, task_state(1)).await;
+        let mut ws = registering(&core, "w-second").await;
+        let pings = pings_for(&mut ws, Duration::from_millis(1500)).await;
+        assert!(pings >= 5, "{pings} pings in 1.5 s, every 100 ms due");
+        let ev = core.next().await;
+        assert!(matches!(ev, Event::Frame { .. }), "{}", describe(&ev));
+        let ev = core.next().await;
+        assert!(
+            matches!(&ev, Event::Connected { worker, .. } if worker.as_str() == "w-second"),
+            "{}",
+            describe(&ev)
         );
     }
 

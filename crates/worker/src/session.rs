@@ -884,6 +884,9 @@ impl<'a> Session<'a> {
             self.send_registration(&reg).await?;
         }
         // 3. the coordinator's decisions; anything else that arrives first is kept for after.
+        // The wait is bounded by liveness only (`recv`: every frame, a ping among them, moves
+        // the deadline): the ack follows the commit of the registration's reconciliation, and
+        // a coordinator whose commit is held up (its disk full) pings until it can send it.
         let mut early = Vec::new();
         let ack = loop {
             match self.recv(shutdown).await? {

@@ -2,6 +2,7 @@
 //! refusals, liveness, and a seeded simulation of partitions, holds and repairs (`sim`).
 //! Deterministic and fast: a 60 s backoff takes no real time.
 
+mod ack_wait;
 mod conformance;
 mod event_log;
 mod fake;

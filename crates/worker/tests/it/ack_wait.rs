@@ -1,0 +1,188 @@
+//! The wait for the `registration_ack`: bounded by the coordinator's liveness, not by a fixed
+//! time. A coordinator whose ack waits for a commit held up (its disk full) pings the worker
+//! meanwhile; the worker waits on its connection for as long as the pings come, and gives the
+//! registration up only after its heartbeat timeout without any frame.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::{SinkExt, StreamExt};
+use tether_proto::msg::{CoordMsg, PROTOCOL_VERSION, RegistrationAck, Welcome, now};
+use tether_proto::{WorkerId, encode};
+use tether_worker::connector::{ConnectError, Connector, Io, WsStream, handshake};
+use tether_worker::{ConnState, WorkerConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::fake::{KEEPALIVE, Running};
+
+/// A coordinator that welcomes the worker, reads its registration, and then, for `hold`,
+/// pings it every [`KEEPALIVE`] (`pinged`) or says nothing; then acknowledges the
+/// registration and answers heartbeats. Counts the connections.
+#[derive(Clone)]
+struct HeldAck {
+    hold: Duration,
+    pinged: bool,
+    connections: Arc<AtomicUsize>,
+}
+
+impl HeldAck {
+    fn new(hold: Duration, pinged: bool) -> Self {
+        Self {
+            hold,
+            pinged,
+            connections: Arc::default(),
+        }
+    }
+}
+
+impl Connector for HeldAck {
+    fn connect(
+        &self,
+        url: String,
+        config: WebSocketConfig,
+    ) -> BoxFuture<'static, Result<WsStream, ConnectError>> {
+        self.connections.fetch_add(1, Ordering::SeqCst);
+        let (hold, pinged) = (self.hold, self.pinged);
+        Box::pin(async move {
+            let (client, server) = tokio::io::duplex(1 << 16);
+            tokio::spawn(serve(server, hold, pinged));
+            let io: std::pin::Pin<Box<dyn Io>> = Box::pin(client);
+            handshake(url, io, config).await
+        })
+    }
+}
+
+async fn serve(io: tokio::io::DuplexStream, hold: Duration, pinged: bool) {
+    let Ok(mut ws) = tokio_tungstenite::accept_async(io).await else {
+        return;
+    };
+    let worker = WorkerId::parse("w").expect("id");
+    let send = |m: CoordMsg| Message::text(encode(&m));
+    let welcome = CoordMsg::Welcome(Welcome {
+        worker_id: worker.clone(),
+        protocol_version: PROTOCOL_VERSION,
+        session_id: 1,
+        heartbeat_interval_ms: 5000,
+        heartbeat_timeout_ms: 15000,
+        nonce: None,
+        integrity: None,
+        timestamp: now(),
+    });
+    if ws.send(send(welcome)).await.is_err() {
+        return;
+    }
+    while let Some(Ok(m)) = ws.next().await {
+        if let Message::Text(t) = m
+            && t.as_str().contains("\"registration\"")
+        {
+            break;
+        }
+    }
+    // The commit is held: pings (and the worker's pongs read), or silence.
+    let held = tokio::time::sleep(hold);
+    tokio::pin!(held);
+    let mut keepalive =
+        tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+    loop {
+        tokio::select! {
+            () = &mut held => break,
+            _ = keepalive.tick(), if pinged => {
+                if ws.send(Message::Ping(Vec::new().into())).await.is_err() {
+                    return;
+                }
+            }
+            m = ws.next() => match m {
+                Some(Ok(_)) => {}
+                _ => return,
+            },
+        }
+    }
+    let ack = CoordMsg::RegistrationAck(RegistrationAck {
+        worker_id: worker,
+        session_id: 1,
+        directives: vec![],
+        compression: None,
+        batching: None,
+        compact_acks: false,
+        max_frame: None,
+        max_checkpoint: None,
+        message_rate: None,
+        byte_rate: None,
+        timestamp: now(),
+    });
+    if ws.send(send(ack)).await.is_err() {
+        return;
+    }
+    while let Some(Ok(m)) = ws.next().await {
+        let Message::Text(t) = m else { continue };
+        if let Ok(tether_proto::msg::WorkerMsg::Heartbeat(h)) = tether_proto::decode_worker(&t) {
+            let reply = tether_proto::msg::HeartbeatReply::answering(h.sequence);
+            if ws.send(send(CoordMsg::Heartbeat(reply))).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn config() -> WorkerConfig {
+    let mut c = WorkerConfig::new(
+        "ws://coordinator.invalid:1",
+        WorkerId::parse("w").expect("id"),
+    );
+    c.backoff.jitter = tether_worker::backoff::Jitter::None;
+    c.seed = Some(1);
+    c
+}
+
+/// Pinged for four of its heartbeat timeouts while its ack waits, the worker keeps its one
+/// connection and registers on it once the ack comes.
+#[tokio::test(start_paused = true)]
+async fn a_registration_whose_ack_waits_while_the_coordinator_pings_keeps_its_connection() {
+    let cfg = config();
+    let hold = cfg.heartbeat_timeout * 4;
+    let fake = HeldAck::new(hold, true);
+    let started = tokio::time::Instant::now();
+    let running = Running::start_with(fake.clone(), cfg);
+    running.wait_state(|s| s == ConnState::Connected).await;
+    assert!(
+        started.elapsed() >= hold,
+        "registered after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(fake.connections.load(Ordering::SeqCst), 1);
+    let s = running.handle.stats();
+    assert_eq!(
+        (s.connection_attempts, s.failed_connections),
+        (1, 0),
+        "{s:?}"
+    );
+    assert_eq!(running.handle.registrations(), 1);
+    running.stop().await;
+}
+
+/// A coordinator that says nothing at all after the registration is given up at the worker's
+/// heartbeat timeout, and the worker connects again.
+#[tokio::test(start_paused = true)]
+async fn a_registration_answered_by_no_frame_at_all_is_given_up_at_the_heartbeat_timeout() {
+    let cfg = config();
+    let timeout = cfg.heartbeat_timeout;
+    let fake = HeldAck::new(Duration::from_secs(3600), false);
+    let started = tokio::time::Instant::now();
+    let running = Running::start_with(fake.clone(), cfg);
+    let waited = tokio::time::timeout(Duration::from_secs(600), async {
+        while fake.connections.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "the registration was never given up");
+    let gave_up = started.elapsed();
+    assert!(gave_up >= timeout, "given up after {gave_up:?}");
+    let s = running.handle.stats();
+    assert!(s.failed_connections >= 1, "{s:?}");
+    assert_eq!(running.handle.registrations(), 0);
+    running.stop().await;
+}
