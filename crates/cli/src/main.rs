@@ -86,6 +86,7 @@ impl Cli {
     fn checked(self) -> Result<Self, clap::Error> {
         let refused = match &self.cmd {
             Cmd::Submit(s) => s.check().err().map(|why| ("submit", why)),
+            Cmd::Worker(w) => w.check().err().map(|why| ("worker", why)),
             _ => None,
         };
         let Some((name, why)) = refused else {
@@ -115,6 +116,33 @@ pub(crate) fn cut_value(value: &str) -> std::borrow::Cow<'_, str> {
         }
         None => value.into(),
     }
+}
+
+/// The first key of `pairs` (a repeatable `KEY=VALUE` flag, in the order given) given again
+/// with another value, said naming `flag`, the key and both values, each quoted cut by
+/// [`cut_value`] (a value may be long, or a secret an `--env` passes), then `why`: a map keeps
+/// one value a key, and the last was kept in silence. The same `KEY=VALUE` again is the same
+/// pair, taken once.
+pub(crate) fn one_value_a_key(
+    flag: &str,
+    pairs: &[(String, String)],
+    why: &str,
+) -> Result<(), String> {
+    let mut taken = std::collections::HashMap::<&str, &str>::new();
+    for (key, value) in pairs {
+        match taken.insert(key, value) {
+            Some(first) if first != value => {
+                return Err(format!(
+                    "{flag} {:?} given twice with different values, {:?} and {:?}: {why}",
+                    cut_value(key),
+                    cut_value(first),
+                    cut_value(value)
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Characters of a value parser's own words an error shows: more than any of them says, unless

@@ -582,10 +582,11 @@ pub struct WorkerArgs {
     /// This worker's id (letters, digits, . _ ~ - : @ +; at most 128 bytes).
     #[arg(long, env = "TETHER_WORKER_ID")]
     id: Option<String>,
-    /// A capability tasks may require (repeatable).
+    /// A capability tasks may require (repeatable; one given twice is taken once).
     #[arg(long = "capability")]
     capabilities: Vec<String>,
-    /// A key=value tag tasks may require (repeatable).
+    /// A key=value tag tasks may require (repeatable; a key given again with another value is
+    /// refused: a worker carries one value a key).
     #[arg(long = "tag", value_parser = parse_tag)]
     tags: Vec<(String, String)>,
     /// Tasks run at once (default 1).
@@ -662,6 +663,14 @@ pub struct WorkerArgs {
     metrics_listen: Option<String>,
 }
 
+impl WorkerArgs {
+    /// What clap cannot check value by value, found before anything is read or made (`main`
+    /// makes it a usage error, exit 2): a `--tag` key given twice with different values.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        crate::one_value_a_key("--tag", &self.tags, "a worker carries one value a key")
+    }
+}
+
 fn parse_tag(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -726,11 +735,15 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     ))?;
     let id = WorkerId::parse(&id).with_context(|| format!("invalid worker id {id:?}"))?;
     let mut cfg = WorkerConfig::new(coordinator, id);
-    let caps = if a.capabilities.is_empty() {
+    let mut caps = if a.capabilities.is_empty() {
         file.capabilities.unwrap_or_default()
     } else {
         a.capabilities
     };
+    // A capability named twice is one: taken once, in the order first given (each counted
+    // against the registration's bound, they could refuse a worker that has few).
+    let mut seen = std::collections::HashSet::new();
+    caps.retain(|c| seen.insert(c.clone()));
     cfg.capabilities = caps;
     cfg.tags = if a.tags.is_empty() {
         file.tags.unwrap_or_default()
@@ -1228,6 +1241,32 @@ mod tests {
             assert_ne!(with, without, "{key} = {value} changed nothing");
             assert!(!with.starts_with("Err"), "{key} = {value}: {with}");
         }
+    }
+
+    /// A capability given twice (by flags or in the file) is one, kept where first given.
+    #[test]
+    fn a_capability_given_twice_is_taken_once_in_the_order_given() {
+        let flags = ["t", "--coordinator", "ws://127.0.0.1:1", "--id", "w"];
+        let caps = [
+            "--capability",
+            "b",
+            "--capability",
+            "a",
+            "--capability",
+            "b",
+        ];
+        let args = Work::try_parse_from(flags.iter().chain(&caps)).expect("flags");
+        let cfg = worker_config(args.a).expect("config");
+        assert_eq!(cfg.capabilities, ["b", "a"]);
+        let dir = tempfile::tempdir().expect("dir");
+        let toml = file(
+            dir.path(),
+            "[worker]\ncapabilities = [\"x\", \"x\", \"y\"]\n",
+        );
+        let config = ["--config", toml.to_str().expect("utf-8")];
+        let args = Work::try_parse_from(flags.iter().chain(&config)).expect("flags");
+        let cfg = worker_config(args.a).expect("config");
+        assert_eq!(cfg.capabilities, ["x", "y"]);
     }
 
     /// A required setting nothing gave is said to be required, not called a default's.

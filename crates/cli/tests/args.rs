@@ -679,3 +679,93 @@ fn submit_a_tag_key_given_twice_with_different_values_is_a_usage_error_naming_bo
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("cannot reach"), "{err}");
 }
+
+/// A worker's `--tag` key given twice with different values (`--tag os=a --tag os=b`) is a
+/// usage error (exit 2) naming the key and both values, each quoted cut as clap quotes a
+/// value, before anything is read or a connection tried: the last was kept in silence. The
+/// same `KEY=VALUE` twice is one tag: the worker runs (and gives up on the closed port).
+#[test]
+fn worker_a_tag_key_given_twice_with_different_values_is_a_usage_error_naming_both() {
+    let closed = closed_port();
+    let head = ["worker", "--coordinator", &closed, "--id", "w"];
+    let once = ["--max-reconnect-attempts", "1"];
+    let tags = ["--tag", "os=a", "--tag", "arch=x86", "--tag", "os=b"];
+    let (code, err) = tether_bounded(&[&head[..], &once, &tags].concat(), None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(r#"--tag "os" given twice with different values, "a" and "b""#),
+        "{err}"
+    );
+    assert!(err.contains("Usage: tether worker"), "{err}");
+    assert!(!err.contains("connection attempt"), "{err}");
+    // Long values: quoted cut, the error bounded.
+    let (first, second) = (
+        format!("k={}", "a".repeat(1000)),
+        format!("k={}", "b".repeat(1000)),
+    );
+    let tags = ["--tag", &first, "--tag", &second];
+    let (code, err) = tether_bounded(&[&head[..], &once, &tags].concat(), None);
+    assert_eq!(code, Some(2), "{err}");
+    let cut = |c: &str| format!("\"{}… (1000 characters)\"", c.repeat(64));
+    assert!(err.contains(&cut("a")) && err.contains(&cut("b")), "{err}");
+    assert!(err.len() < 1_000, "{} bytes: {err}", err.len());
+    // The same tag twice is no conflict: the worker runs.
+    let tags = ["--tag", "os=a", "--tag", "os=a"];
+    let (code, err) = tether_bounded(&[&head[..], &once, &tags].concat(), None);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("gave up after 1"), "{err}");
+}
+
+/// A worker's `--capability` given twice is one capability, taken once: 257 of the same name
+/// were counted against the registration's bound of 256 and refused the worker at start.
+#[test]
+fn worker_a_capability_given_twice_is_taken_once() {
+    let closed = closed_port();
+    let mut args = vec!["worker", "--coordinator", &closed, "--id", "w"];
+    args.extend(["--max-reconnect-attempts", "1"]);
+    for _ in 0..257 {
+        args.extend(["--capability", "gpu"]);
+    }
+    let (code, err) = tether_bounded(&args, None);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("gave up after 1"), "{err}");
+    assert!(!err.contains("capabilities"), "{err}");
+}
+
+/// An `--env` variable given twice with different values (`--env K=1 --env K=2`) is a usage
+/// error (exit 2) naming the variable and both values, each quoted cut (a value may be
+/// long, or secret), before any request: the last was kept in silence. The same `K=V` twice
+/// is one variable, sent.
+#[test]
+fn submit_an_env_variable_given_twice_with_different_values_is_a_usage_error_naming_both() {
+    let closed = closed_port();
+    for watch in [&[][..], &["--watch"]] {
+        let args = ["submit", "--coordinator", &closed, "--env", "K=1"];
+        let more = ["--env", "J=0", "--env", "K=2", "--", "true"];
+        let (code, err) = tether_str(&[&args[..], watch, &more].concat());
+        assert_eq!(code, Some(2), "{watch:?}: {err}");
+        assert!(
+            err.contains(r#"--env "K" given twice with different values, "1" and "2""#),
+            "{watch:?}: {err}"
+        );
+        assert!(err.contains("Usage: tether submit"), "{watch:?}: {err}");
+        assert!(!err.contains("cannot reach"), "{watch:?}: {err}");
+        assert!(!err.contains("could not follow"), "{watch:?}: {err}");
+    }
+    // Long values (a secret-ish token, say): quoted cut, the error bounded.
+    let (first, second) = (
+        format!("TOKEN={}", "a".repeat(100_000)),
+        format!("TOKEN={}", "b".repeat(100_000)),
+    );
+    let args = ["submit", "--coordinator", &closed, "--env", &first];
+    let (code, err) = tether_str(&[&args[..], &["--env", &second, "--", "true"]].concat());
+    assert_eq!(code, Some(2), "{}", &err[..err.len().min(300)]);
+    let cut = |c: &str| format!("\"{}… (100000 characters)\"", c.repeat(64));
+    assert!(err.contains(&cut("a")) && err.contains(&cut("b")), "{err}");
+    assert!(err.len() < 1_000, "{} bytes", err.len());
+    // The same variable twice is no conflict: sent, here to no one.
+    let args = ["submit", "--coordinator", &closed, "--env", "K=1"];
+    let (code, err) = tether_str(&[&args[..], &["--env", "K=1", "--", "true"]].concat());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
+}

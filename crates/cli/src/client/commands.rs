@@ -44,7 +44,8 @@ pub struct SubmitArgs {
     /// another value is refused (a task carries one value a key).
     #[arg(long = "tag", value_parser = parse_tag, conflicts_with = "file")]
     tags: Vec<(String, String)>,
-    /// An environment variable for the command, KEY=VALUE (repeatable).
+    /// An environment variable for the command, KEY=VALUE (repeatable); a key given again with
+    /// another value is refused (a command has one value a variable).
     #[arg(long = "env", value_parser = parse_key_value, conflicts_with = "file")]
     env: Vec<(String, String)>,
     /// The command's working directory on the worker.
@@ -98,7 +99,8 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
 
 impl SubmitArgs {
     /// What the coordinator would refuse of the whole submission and clap cannot see value by
-    /// value, found before any request (`main` makes it a usage error, exit 2): more
+    /// value, found before any request (`main` makes it a usage error, exit 2): a `--tag` key
+    /// or an `--env` variable given twice with different values, more
     /// `--require`s or `--tag`s than a spec may hold ([`MAX_LABELS`], the bound
     /// [`TaskSpec::validate`] holds them to), and a command the `command` executor refuses
     /// (the check the coordinator makes of it at submission, e.g. an empty program or an
@@ -110,7 +112,9 @@ impl SubmitArgs {
         if let Some(f) = &self.file {
             return check_file(f);
         }
-        check_tags(&self.tags)?;
+        // One key given two values: the last was kept in silence.
+        crate::one_value_a_key("--tag", &self.tags, "a task carries one value a key")?;
+        crate::one_value_a_key("--env", &self.env, "a command has one value a variable")?;
         let tags: BTreeSet<&str> = self.tags.iter().map(|(k, _)| k.as_str()).collect();
         for (flag, given, what) in [
             ("--require", self.requires.len(), "capabilities"),
@@ -133,28 +137,6 @@ impl SubmitArgs {
             _ => Ok(()),
         }
     }
-}
-
-/// `--tag`s that give one key two values: a task carries one value a key, and the last was
-/// kept in silence. The same `KEY=VALUE` again is the same tag, taken once.
-fn check_tags(tags: &[(String, String)]) -> Result<(), String> {
-    let mut taken = std::collections::HashMap::<&str, &str>::new();
-    for (key, value) in tags {
-        match taken.insert(key, value) {
-            Some(first) if first != value => {
-                // Each up to 256 bytes: quoted cut, as clap's own errors quote a value.
-                return Err(format!(
-                    "--tag {:?} given twice with different values, {:?} and {:?}: a task \
-                     carries one value a key",
-                    crate::cut_value(key),
-                    crate::cut_value(first),
-                    crate::cut_value(value)
-                ));
-            }
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 /// `--file`'s checks ([`SubmitArgs::check`]).
