@@ -89,16 +89,21 @@ impl Cli {
             Cmd::Worker(w) => w.check().err().map(|why| ("worker", why)),
             _ => None,
         };
-        let Some((name, why)) = refused else {
-            return Ok(self);
-        };
-        let mut cmd = Cli::command();
-        cmd.build();
-        let error = clap::error::ErrorKind::ValueValidation;
-        Err(match cmd.find_subcommand_mut(name) {
-            Some(sub) => sub.error(error, why),
-            None => cmd.error(error, why),
-        })
+        match refused {
+            Some((name, why)) => Err(usage_error(name, why)),
+            None => Ok(self),
+        }
+    }
+}
+
+/// A usage error of the subcommand `name` (exit 2), said with its usage as clap's own.
+fn usage_error(name: &str, why: impl std::fmt::Display) -> clap::Error {
+    let mut cmd = Cli::command();
+    cmd.build();
+    let error = clap::error::ErrorKind::ValueValidation;
+    match cmd.find_subcommand_mut(name) {
+        Some(sub) => sub.error(error, why),
+        None => cmd.error(error, why),
     }
 }
 
@@ -324,6 +329,14 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // The reader of the output has seen enough (`tether tasks | head`).
         Err(e) if output_only && output::is_closed(&e) => std::process::ExitCode::SUCCESS,
+        // A setting's value the command line gave, refused once the settings were put together:
+        // a usage error, as clap's refusal of a value (`settings::said`).
+        Err(e) if e.is::<settings::Usage>() => {
+            if let Some(u) = e.downcast_ref::<settings::Usage>() {
+                let _ = usage_error(u.command, &u.why).print();
+            }
+            std::process::ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {}", output::describe(&e));
             match e.downcast_ref::<watch::Unfollowed>() {

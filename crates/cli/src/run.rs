@@ -12,7 +12,7 @@ use tether_proto::auth::Secret;
 use tether_worker::backoff::Jitter;
 use tether_worker::{Agent, Executors, WorkerConfig};
 
-use crate::settings::{self, parse_duration_arg};
+use crate::settings::{self, Refused, parse_duration_arg, refuse};
 
 /// Default listen address of the coordinator.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8765";
@@ -95,7 +95,7 @@ pub struct CoordinatorArgs {
     /// reader stopped reading the answer) may move no byte either way before it is closed
     /// (default 60s, at least 100ms); event streams send a keep-alive at least every third of
     /// it. A worker session's connection is exempt.
-    #[arg(long, value_parser = parse_http_idle)]
+    #[arg(long, value_parser = parse_duration_arg)]
     http_idle: Option<Duration>,
     /// Bytes a second an HTTP answer must move, on average, while its reader keeps it
     /// waiting; a reader slower than this for about --http-idle is cut (default 65536, 64 KiB;
@@ -153,21 +153,28 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         .clone()
         .or(file.listen.clone())
         .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-    // An error names a setting the config file gave by its key there, not by its flag.
+    // An error names a setting the config file gave by its key there, not by its flag; a value
+    // the command line gave that is refused is a usage error.
     let keys = settings::keys(a.config.as_deref(), "coordinator");
     let path = a.config.clone();
-    let named =
-        |e| settings::named_by_source(e, path.as_deref(), &keys, settings::given_outside_the_file);
+    let said = |e| {
+        let given = settings::given_outside_the_file;
+        settings::said(e, "coordinator", path.as_deref(), &keys, given)
+    };
     let coalesce = settings::pick_duration(
         a.idle_coalesce,
         file.idle_coalesce.as_deref(),
         "idle_coalesce",
     )?
-    .map(crate::coalesce::check)
+    .map(|wait| {
+        crate::coalesce::check(wait).map_err(|e| {
+            let shown = humantime::format_duration(wait);
+            anyhow::Error::from(Refused::new("--idle-coalesce", format!("{shown}: {e}")))
+        })
+    })
     .transpose()
-    .context("--idle-coalesce")
-    .map_err(named)?;
-    let cfg = coordinator_config(a, file).map_err(named)?;
+    .map_err(said)?;
+    let cfg = coordinator_config(a, file).map_err(said)?;
     if let Some(wait) = coalesce {
         crate::coalesce::set(wait);
         tracing::info!(wait_us = wait.as_micros() as u64, "idle coalescing on");
@@ -255,12 +262,14 @@ fn coordinator_config(
     }
     if let Some(d) = settings::pick_duration(a.retention, file.retention.as_deref(), "retention")? {
         // Shorter, results would go before anyone reads them (`0s`: within a second).
-        anyhow::ensure!(
-            d >= MIN_RETENTION,
-            "retention {} would remove a finished task and its results before most readers see them: at least {}s (or leave it unset to keep them)",
-            humantime::format_duration(d),
-            MIN_RETENTION.as_secs()
-        );
+        if d < MIN_RETENTION {
+            refuse!(
+                "--retention",
+                "{} would remove a finished task and its results before most readers see them: at least {}s (or leave it unset to keep them)",
+                humantime::format_duration(d),
+                MIN_RETENTION.as_secs()
+            );
+        }
         cfg.retention = Some(d);
     }
     if let Some(n) = a.max_frame.or(file.max_frame) {
@@ -280,9 +289,10 @@ fn coordinator_config(
     // First: the library's own floor is lower.
     let min_frame = tether_coordinator::config::MIN_MAX_FRAME;
     if cfg.max_frame < min_frame {
-        bail!(
-            "--max-frame {} is too small: at least {min_frame} bytes (a worker's checkpoint piece \
-             and a batch frame must fit)",
+        refuse!(
+            "--max-frame",
+            "{} is too small: at least {min_frame} bytes (a worker's checkpoint piece and a batch \
+             frame must fit)",
             cfg.max_frame
         );
     }
@@ -328,7 +338,7 @@ fn apply_limits(
     }
     if let Some(r) = a.connects_per_sec.or(file.connects_per_sec) {
         if !(r.is_finite() && r > 0.0) {
-            bail!("--connects-per-sec must be a positive number");
+            refuse!("--connects-per-sec", "must be a positive number");
         }
         l.connects_per_sec = r;
         l.connect_burst = (r * 5.0).ceil().min(f64::from(u32::MAX)) as u32;
@@ -341,7 +351,7 @@ fn apply_limits(
     )? {
         l.handshake_timeout = d;
     }
-    // Checked with the rest by `validate`: a flag's value already was (see `limit_taken`).
+    // Checked with the rest by `validate`.
     if let Some(d) = settings::pick_duration(a.http_idle, file.http_idle.as_deref(), "http_idle")? {
         l.http_idle = d;
     }
@@ -350,7 +360,7 @@ fn apply_limits(
     }
     if let Some(r) = a.max_messages_per_sec.or(file.max_messages_per_sec) {
         if !(r.is_finite() && r > 0.0) {
-            bail!("--max-messages-per-sec must be a positive number");
+            refuse!("--max-messages-per-sec", "must be a positive number");
         }
         l.messages_per_sec = r;
         l.message_burst = (r * 2.0).ceil().min(f64::from(u32::MAX)) as u32;
@@ -358,7 +368,7 @@ fn apply_limits(
     if let Some(r) = a.max_bytes_per_sec.or(file.max_bytes_per_sec) {
         // How low it may go depends on the frame size and heartbeat timeout: `validate`.
         if !(r.is_finite() && r > 0.0) {
-            bail!("--max-bytes-per-sec must be a positive number");
+            refuse!("--max-bytes-per-sec", "must be a positive number");
         }
         l.bytes_per_sec = r;
         // At least one largest frame, which must pass whole.
@@ -373,36 +383,18 @@ fn apply_limits(
     }
     if let Some(n) = a.max_checkpoint_bytes.or(file.max_checkpoint_bytes) {
         if n == 0 {
-            bail!("--max-checkpoint-bytes must be at least 1");
+            refuse!("--max-checkpoint-bytes", "must be at least 1");
         }
         cfg.max_checkpoint_bytes = n;
     }
     Ok(())
 }
 
-/// `--http-idle`: a duration the library's own check takes, or its reason (a usage error).
-fn parse_http_idle(s: &str) -> Result<Duration, String> {
-    let d = parse_duration_arg(s)?;
-    limit_taken(|l| l.http_idle = d)?;
-    Ok(d)
-}
-
-/// `--min-answer-rate`: bytes a second the library's own check takes, or its reason.
+/// `--min-answer-rate`: bytes a second, said so when it does not parse (the range is checked
+/// with the rest of the settings, by `validate`).
 fn parse_min_answer_rate(s: &str) -> Result<u64, String> {
-    let n = s
-        .parse::<u64>()
-        .map_err(|e| format!("{e} (bytes a second, e.g. 65536)"))?;
-    limit_taken(|l| l.min_answer_rate = n)?;
-    Ok(n)
-}
-
-/// Whether [`CoordinatorConfig::validate`] takes the default settings with one limit changed
-/// by `set`, else why not: a flag's value is refused by clap (exit 2, the flag named) in the
-/// library's words, which stay the one statement of the rule.
-fn limit_taken(set: impl FnOnce(&mut tether_coordinator::config::Limits)) -> Result<(), String> {
-    let mut cfg = CoordinatorConfig::new(tether_coordinator::config::DEFAULT_DATA_DIR);
-    set(&mut cfg.limits);
-    cfg.validate().map_err(|e| e.why)
+    s.parse::<u64>()
+        .map_err(|e| format!("{e} (bytes a second, e.g. 65536)"))
 }
 
 /// API tokens from files; none when no file is given.
@@ -450,11 +442,15 @@ fn worker_auth(
 ) -> anyhow::Result<Option<WorkerAuth>> {
     if secret_file.is_none() && dir.is_none() {
         if message_mac {
-            bail!("--message-mac needs worker authentication: give --secret-file or --secrets-dir");
+            refuse!(
+                "--message-mac",
+                "needs worker authentication: give --secret-file or --secrets-dir"
+            );
         }
         if max_skew.is_some() {
-            bail!(
-                "--auth-max-skew needs worker authentication: give --secret-file or --secrets-dir"
+            refuse!(
+                "--auth-max-skew",
+                "needs worker authentication: give --secret-file or --secrets-dir"
             );
         }
         return Ok(None);
@@ -462,9 +458,10 @@ fn worker_auth(
     if let Some(skew) = max_skew
         && skew < tether_proto::auth::MIN_MAX_SKEW
     {
-        bail!(
-            "--auth-max-skew {} is too small: at least {} (a registration takes that long on \
-             its way, and every worker would be refused)",
+        refuse!(
+            "--auth-max-skew",
+            "{} is too small: at least {} (a registration takes that long on its way, and every \
+             worker would be refused)",
             humantime::format_duration(skew),
             humantime::format_duration(tether_proto::auth::MIN_MAX_SKEW)
         );
@@ -581,7 +578,7 @@ pub struct WorkerArgs {
     coordinator: Option<String>,
     /// This worker's id (letters, digits, . _ ~ - : @ +; at most 128 bytes).
     #[arg(long, env = "TETHER_WORKER_ID")]
-    id: Option<String>,
+    id: Option<WorkerId>,
     /// A capability tasks may require (repeatable; one given twice is taken once).
     #[arg(long = "capability")]
     capabilities: Vec<String>,
@@ -677,19 +674,18 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("tag {s:?} is not key=value"))
 }
 
-fn parse_jitter(s: &str) -> anyhow::Result<Jitter> {
+fn parse_jitter(s: &str) -> Result<Jitter, String> {
     match s {
         "full" => Ok(Jitter::Full),
         "0" | "none" => Ok(Jitter::None),
-        n => {
-            let j: f64 = n
-                .parse()
-                .with_context(|| format!("jitter {n:?} is not a fraction or `full`"))?;
-            if !(0.0..=1.0).contains(&j) {
-                bail!("jitter {j} is outside 0..=1");
-            }
-            Ok(Jitter::Proportional(j))
-        }
+        n => match n.parse::<f64>() {
+            Ok(j) if (0.0..=1.0).contains(&j) => Ok(Jitter::Proportional(j)),
+            Ok(j) => Err(format!("{j} is outside 0..=1")),
+            Err(_) => Err(format!(
+                "{:?} is not a fraction or `full`",
+                crate::cut_value(n)
+            )),
+        },
     }
 }
 
@@ -730,10 +726,19 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     let coordinator = a.coordinator.or(file.coordinator).ok_or(settings::Missing(
         "--coordinator is required (or TETHER_COORDINATOR, or coordinator in the config file)",
     ))?;
-    let id = a.id.or(file.id).ok_or(settings::Missing(
-        "--id is required (or TETHER_WORKER_ID, or id in the config file)",
-    ))?;
-    let id = WorkerId::parse(&id).with_context(|| format!("invalid worker id {id:?}"))?;
+    // The flag's (or TETHER_WORKER_ID's) was checked as the arguments were read.
+    let id = match (a.id, file.id) {
+        (Some(id), _) => id,
+        (None, Some(id)) => WorkerId::parse(&id).with_context(|| {
+            format!(
+                "id in the config file: {:?} is no worker id",
+                crate::cut_value(&id)
+            )
+        })?,
+        (None, None) => Err(settings::Missing(
+            "--id is required (or TETHER_WORKER_ID, or id in the config file)",
+        ))?,
+    };
     let mut cfg = WorkerConfig::new(coordinator, id);
     let mut caps = if a.capabilities.is_empty() {
         file.capabilities.unwrap_or_default()
@@ -752,7 +757,7 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     };
     if let Some(n) = a.slots.or(file.slots) {
         if n == 0 {
-            bail!("--slots must be at least 1");
+            refuse!("--slots", "must be at least 1");
         }
         cfg.slots = n;
     }
@@ -786,14 +791,15 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
         cfg.backoff.max = d;
     }
     if let Some(j) = a.reconnect_jitter.or(file.reconnect_jitter) {
-        cfg.backoff.jitter = parse_jitter(&j)?;
+        cfg.backoff.jitter = parse_jitter(&j).map_err(|e| Refused::new("--reconnect-jitter", e))?;
     }
     cfg.backoff.max_attempts = a.max_reconnect_attempts.or(file.max_reconnect_attempts);
     if let Some(d) = a.connect_timeout {
         // Shorter, no connect could finish: the worker would retry for ever, failing each.
         if d < MIN_CONNECT_TIMEOUT {
-            bail!(
-                "--connect-timeout {} is too short: at least {} ms",
+            refuse!(
+                "--connect-timeout",
+                "{} is too short: at least {} ms",
                 humantime::format_duration(d),
                 MIN_CONNECT_TIMEOUT.as_millis()
             );
@@ -831,13 +837,13 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     cfg.require_message_mac = a.message_mac || file.message_mac.unwrap_or(false);
     if let Some(n) = a.max_outbox_entries.or(file.max_outbox_entries) {
         if n == 0 {
-            bail!("--max-outbox-entries must be at least 1");
+            refuse!("--max-outbox-entries", "must be at least 1");
         }
         cfg.outbox.max_entries = n;
     }
     if let Some(n) = a.max_outbox_bytes.or(file.max_outbox_bytes) {
         if n == 0 {
-            bail!("--max-outbox-bytes must be at least 1");
+            refuse!("--max-outbox-bytes", "must be at least 1");
         }
         cfg.outbox.max_bytes = n;
     }
@@ -846,8 +852,9 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
         cfg.compress_threshold = n;
     }
     if cfg.require_message_mac && cfg.secret.is_none() {
-        bail!(
-            "--message-mac needs this worker's secret: give --secret-file, TETHER_SECRET_FILE or TETHER_SECRET"
+        refuse!(
+            "--message-mac",
+            "needs this worker's secret: give --secret-file, TETHER_SECRET_FILE or TETHER_SECRET"
         );
     }
     cfg.validate().map_err(as_flag)?;
@@ -856,7 +863,7 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
 
 /// A library's refusal of a setting, in terms of the flag that gives it (the same key, with
 /// underscores, in the configuration file).
-fn as_flag(e: tether_proto::settings::ConfigError) -> anyhow::Error {
+fn as_flag(e: tether_proto::settings::ConfigError) -> Refused {
     let flag = |field: &str| match field {
         "backoff.initial" => "--initial-reconnect-delay".to_owned(),
         "backoff.max" => "--max-reconnect-delay".to_owned(),
@@ -868,7 +875,7 @@ fn as_flag(e: tether_proto::settings::ConfigError) -> anyhow::Error {
     };
     // The reason may name another setting (a cap below the first delay).
     let why = e.why.replace("backoff.initial", &flag("backoff.initial"));
-    anyhow::anyhow!("{} {why}", flag(e.field))
+    Refused::new(flag(e.field), why)
 }
 
 pub async fn worker(mut a: WorkerArgs) -> anyhow::Result<()> {
@@ -876,7 +883,8 @@ pub async fn worker(mut a: WorkerArgs) -> anyhow::Result<()> {
     let keys = settings::keys(a.config.as_deref(), "worker");
     let path = a.config.clone();
     let cfg = worker_config(a).map_err(|e| {
-        settings::named_by_source(e, path.as_deref(), &keys, settings::given_outside_the_file)
+        let given = settings::given_outside_the_file;
+        settings::said(e, "worker", path.as_deref(), &keys, given)
     })?;
     adopt_orphans();
     let agent = Agent::new(cfg, Executors::builtin())?;

@@ -150,6 +150,71 @@ pub fn named_by_source(
     anyhow::anyhow!(out)
 }
 
+/// A setting's value that the command, or the library it configures, refuses: by the flag
+/// that gives it (`--max-frame`; its key in the config file is `max_frame`). [`said`] tells it
+/// by where the value came from, and as a usage error when the command line gave it.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag} {why}")]
+pub struct Refused {
+    pub flag: String,
+    pub why: String,
+}
+
+impl Refused {
+    pub fn new(flag: impl Into<String>, why: impl std::fmt::Display) -> Self {
+        Self {
+            flag: flag.into(),
+            why: why.to_string(),
+        }
+    }
+}
+
+/// Returns a [`Refused`] error: `refuse!("--slots", "{n} runs nothing: at least 1")`, as
+/// `bail!` with the flag first.
+macro_rules! refuse {
+    ($flag:expr, $($why:tt)+) => {
+        return Err($crate::settings::Refused::new($flag, format!($($why)+)).into())
+    };
+}
+pub(crate) use refuse;
+
+/// A usage error of the subcommand `command`, found once its settings were put together:
+/// `main` says it as clap says its own, with the subcommand's usage, and exits 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{why}")]
+pub struct Usage {
+    pub command: &'static str,
+    pub why: String,
+}
+
+/// `e`, an error about the settings of the subcommand `command`, as the user is told it: its
+/// flags named by where their values came from ([`named_by_source`]), and a [`Usage`] error
+/// (exit 2, as clap's own refusals of a value) when it refuses a value ([`Refused`]) that only
+/// the command line (or an environment variable, as clap takes one) can have given: the
+/// refused setting's flag is `given`, or the setting is a default refused beside others and
+/// the config file gave none (`keys` is empty). A value the file gave stays an error of the
+/// run (exit 1) naming its key and the file, as does a default refused beside settings the
+/// file gave, and any other error.
+pub fn said(
+    e: anyhow::Error,
+    command: &'static str,
+    file: Option<&Path>,
+    keys: &std::collections::BTreeSet<String>,
+    given: impl Fn(&str) -> bool,
+) -> anyhow::Error {
+    let refused = e.chain().find_map(|c| c.downcast_ref::<Refused>());
+    let usage = refused.is_some_and(|r| given(&r.flag) || keys.is_empty());
+    let named = named_by_source(e, file, keys, given);
+    if usage {
+        return Usage {
+            command,
+            why: named.to_string(),
+        }
+        .into();
+    }
+    named
+}
+
 /// Whether the command line of this process has `flag` (alone, or as `flag=value`).
 pub fn on_command_line(flag: &str) -> bool {
     // As bytes: an argument that is not UTF-8 (a Latin-1 path) made `args()` panic.
@@ -279,6 +344,48 @@ mod tests {
         let shown = named_by_source(e, Some(&path), &worker_keys, |_| false).to_string();
         assert!(shown.starts_with("capabilities (in "), "{shown}");
         assert!(super::keys(None, "coordinator").is_empty());
+    }
+
+    /// A refused value is a usage error when only the command line can have given it: its
+    /// flag was given, or it is a default and the file gave nothing. From the file, or a
+    /// default beside the file's settings, it is the run's error; so is any other error.
+    #[test]
+    fn a_refused_value_is_a_usage_error_when_only_the_command_line_gave_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[coordinator]\nmax_frame = 1000\n").expect("write");
+        let keys = keys(Some(&path), "coordinator");
+        let none = Default::default();
+        let refused = || anyhow::Error::from(Refused::new("--max-frame", "1000 is too small"));
+        let usage = |e: anyhow::Error, keys, given: bool| {
+            let e = said(e, "coordinator", Some(&path), keys, |_| given);
+            e.downcast_ref::<Usage>()
+                .map(|u| (u.command, u.why.clone()))
+        };
+        let shown = Some(("coordinator", "--max-frame 1000 is too small".to_owned()));
+        assert_eq!(
+            usage(refused(), &keys, true),
+            shown,
+            "the flag, over the file"
+        );
+        assert_eq!(usage(refused(), &none, true), shown, "the flag alone");
+        assert_eq!(
+            usage(refused().context("outer"), &none, true),
+            shown.map(|(c, _)| (c, "outer: --max-frame 1000 is too small".to_owned()))
+        );
+        assert_eq!(usage(refused(), &keys, false), None, "the file's");
+        let e = said(refused(), "coordinator", Some(&path), &keys, |_| false);
+        assert!(e.to_string().starts_with("max_frame (in "), "{e}");
+        // A default, beside the command line's values only: theirs.
+        let default = usage(refused(), &none, false).expect("a usage error");
+        assert_eq!(default.1, "the default --max-frame 1000 is too small");
+        // A default beside the file's settings: maybe the file's, as it was.
+        std::fs::write(&path, "[coordinator]\nlost_after = \"9m\"\n").expect("write");
+        let other = super::keys(Some(&path), "coordinator");
+        assert_eq!(usage(refused(), &other, false), None);
+        // Not a refused value: the run's error, wherever its flags came from.
+        let other_error = || anyhow::anyhow!("--tls-cert expired on 2021-01-01");
+        assert_eq!(usage(other_error(), &none, true), None);
     }
 
     #[test]

@@ -14,7 +14,8 @@ fn tether(args: &[&std::ffi::OsStr]) -> Output {
 }
 
 /// An argument that is not UTF-8 (a Latin-1 path) beside a bad setting: the setting's error,
-/// exit 1. Reading the command line as strings to name the setting panicked (exit 101).
+/// a usage error (exit 2) as the flag gave it. Reading the command line as strings to name the
+/// setting panicked (exit 101).
 #[test]
 fn a_bad_setting_beside_an_argument_that_is_not_utf8_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -28,7 +29,7 @@ fn a_bad_setting_beside_an_argument_that_is_not_utf8_is_an_error_not_a_panic() {
         "1000".as_ref(),
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("--max-frame"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
@@ -482,8 +483,17 @@ fn submit_a_command_the_executor_refuses_is_a_usage_error_before_any_request() {
 /// `tether` with `args` (and `--config file`, given), bounded in time: a coordinator that
 /// took a setting it should have refused would serve until stopped.
 fn tether_bounded(args: &[&str], config: Option<&std::path::Path>) -> (Option<i32>, String) {
+    tether_bounded_env(args, config, &[])
+}
+
+/// [`tether_bounded`] with environment variables `env` set.
+fn tether_bounded_env(
+    args: &[&str],
+    config: Option<&std::path::Path>,
+    env: &[(&str, &str)],
+) -> (Option<i32>, String) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tether"));
-    c.args(args);
+    c.args(args).envs(env.iter().copied());
     if let Some(file) = config {
         c.arg("--config").arg(file);
     }
@@ -513,7 +523,9 @@ fn tether_bounded(args: &[&str], config: Option<&std::path::Path>) -> (Option<i3
 
 /// `--http-idle` and `--min-answer-rate` out of the library's range (an idle time under
 /// 100 ms, a rate of 0 or past 128 MiB/s), past ten years or not a value at all are usage
-/// errors (exit 2) naming the flag and the range; the same values as `http_idle` and
+/// errors (exit 2) naming the flag and the range (one that does not parse in clap's words,
+/// one out of range in the library's, as any flag's value the settings refuse); the same
+/// values as `http_idle` and
 /// `min_answer_rate` in the config file are refused naming the key and its file (exit 1, as
 /// any setting of the file is), before anything is made. Neither had a flag nor a key.
 #[test]
@@ -522,22 +534,23 @@ fn http_idle_and_min_answer_rate_out_of_range_are_refused_naming_the_flag_or_key
     let data = dir.path().join("data");
     let data = data.to_str().expect("utf-8 path");
     let head = ["coordinator", "--listen", "127.0.0.1:0", "--data-dir", data];
-    for (flag, value, says) in [
-        ("--http-idle", "0s", "at least 100 ms"),
-        ("--http-idle", "99ms", "at least 100 ms"),
-        ("--http-idle", "11y", "longer than 3650 days"),
-        ("--http-idle", "soon", "use e.g. 5s"),
-        ("--min-answer-rate", "0", "1 to 134217728"),
-        ("--min-answer-rate", "134217729", "1 to 134217728"),
-        ("--min-answer-rate", "64KiB", "bytes a second"),
+    for (flag, value, says, parsed) in [
+        ("--http-idle", "0s", "at least 100 ms", true),
+        ("--http-idle", "99ms", "at least 100 ms", true),
+        ("--http-idle", "11y", "longer than 3650 days", false),
+        ("--http-idle", "soon", "use e.g. 5s", false),
+        ("--min-answer-rate", "0", "1 to 134217728", true),
+        ("--min-answer-rate", "134217729", "1 to 134217728", true),
+        ("--min-answer-rate", "64KiB", "bytes a second", false),
     ] {
         let (code, err) = tether_bounded(&[&head[..], &[flag, value]].concat(), None);
         let what = format!("{flag} {value}");
         assert_eq!(code, Some(2), "{what}: {err}");
-        assert!(
-            err.contains(&format!("invalid value '{value}' for '{flag} ")),
-            "{what}: {err}"
-        );
+        let named = match parsed {
+            true => format!("error: {flag} "),
+            false => format!("invalid value '{value}' for '{flag} "),
+        };
+        assert!(err.contains(&named), "{what}: {err}");
         assert!(err.contains(says), "{what}: {err}");
     }
     let file = dir.path().join("c.toml");
@@ -768,4 +781,159 @@ fn submit_an_env_variable_given_twice_with_different_values_is_a_usage_error_nam
     let (code, err) = tether_str(&[&args[..], &["--env", "K=1", "--", "true"]].concat());
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("cannot reach"), "{err}");
+}
+
+/// What the `error:` line of `err` says after `error: {flag} `, the refused setting named
+/// first by its flag (a panic when it is not).
+fn refusal<'a>(err: &'a str, flag: &str) -> &'a str {
+    err.lines()
+        .find_map(|l| l.strip_prefix("error: "))
+        .and_then(|l| l.strip_prefix(flag))
+        .and_then(|l| l.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no error naming {flag} first: {err}"))
+}
+
+/// A value the coordinator's settings refuse, given by a flag (or its environment variable),
+/// is a usage error (exit 2) naming the flag, never the library's field, with the command's
+/// usage, whether the command refuses it (`--max-frame 1000`, under its 1 MiB) or the
+/// library's check does (`--lost-after 500ms`), and beside a config file that gave other
+/// settings; a default refused beside it (the timeout, for a longer interval) too. The same
+/// values from the config file stay errors of the run (exit 1) naming the key and the file.
+/// A flag's value was exit 1, and exit 2 only for `--http-idle` and `--min-answer-rate`.
+#[test]
+fn a_coordinator_flag_value_the_settings_refuse_is_a_usage_error_and_a_file_key_is_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    let head = ["coordinator", "--listen", "127.0.0.1:0", "--data-dir", data];
+    let other = dir.path().join("other.toml");
+    std::fs::write(&other, "[coordinator]\nmax_body = 4096\n").expect("write");
+    for (flag, value, key, says) in [
+        ("--max-frame", "1000", "max_frame", "at least 1048576"),
+        ("--lost-after", "500ms", "lost_after", "at least 1 s"),
+        ("--retention", "59s", "retention", "at least 60s"),
+        (
+            "--max-checkpoint-bytes",
+            "0",
+            "max_checkpoint_bytes",
+            "at least 1",
+        ),
+        (
+            "--connects-per-sec",
+            "0",
+            "connects_per_sec",
+            "a positive number",
+        ),
+        ("--idle-coalesce", "25ms", "idle_coalesce", "20 ms allowed"),
+    ] {
+        let what = format!("{flag} {value}");
+        for config in [None, Some(other.as_path())] {
+            let (code, err) = tether_bounded(&[&head[..], &[flag, value]].concat(), config);
+            assert_eq!(code, Some(2), "{what} {config:?}: {err}");
+            let said = refusal(&err, flag);
+            assert!(said.contains(says), "{what}: {err}");
+            assert!(!said.contains(key), "{what}: the field named: {err}");
+            assert!(err.contains("Usage: tether coordinator"), "{what}: {err}");
+        }
+        // Its environment variable, where it has one: as the flag, as clap takes it.
+        if flag == "--idle-coalesce" {
+            let env = [("TETHER_IDLE_COALESCE", value)];
+            let (code, err) = tether_bounded_env(&head, None, &env);
+            assert_eq!(code, Some(2), "TETHER_IDLE_COALESCE={value}: {err}");
+            assert!(refusal(&err, flag).contains(says), "{err}");
+        }
+        // The same value in the file: the file's error, naming the key and the file.
+        let file = dir.path().join("c.toml");
+        let value = match value.parse::<f64>() {
+            Ok(_) => value.to_owned(),
+            Err(_) => format!("{value:?}"),
+        };
+        std::fs::write(&file, format!("[coordinator]\n{key} = {value}\n")).expect("write");
+        let (code, err) = tether_bounded(&head, Some(&file));
+        assert_eq!(code, Some(1), "{key} = {value}: {err}");
+        let named = format!("{key} (in {})", file.display());
+        assert!(err.contains(&named) && err.contains(says), "{key}: {err}");
+        assert!(!err.contains("Usage:"), "{key}: {err}");
+    }
+    // A default the library refuses beside a flag's value: the flag's doing, a usage error.
+    let interval = ["--heartbeat-interval", "20s"];
+    let (code, err) = tether_bounded(&[&head[..], &interval].concat(), None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("the default --heartbeat-timeout 15s must be longer than the heartbeat"),
+        "{err}"
+    );
+    // The same beside the file's interval: the file's doing, as it was.
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, "[coordinator]\nheartbeat_interval = \"20s\"\n").expect("write");
+    let (code, err) = tether_bounded(&head, Some(&file));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("the default --heartbeat-timeout"), "{err}");
+    assert!(!std::path::Path::new(data).exists(), "nothing made");
+}
+
+/// A value the worker's settings refuse, given by a flag, is a usage error (exit 2) naming the
+/// flag, never the library's field (`backoff.max`, `slots`), with the command's usage; the
+/// same value from the config file stays an error of the run (exit 1) naming the key and the
+/// file. A flag's value was exit 1.
+#[test]
+fn a_worker_flag_value_the_settings_refuse_is_a_usage_error_and_a_file_key_is_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let closed = closed_port();
+    // Taken by mistake, the worker would give up on the closed port (exit 1, "gave up").
+    let head = ["worker", "--coordinator", &closed, "--id", "w"];
+    let once = ["--max-reconnect-attempts", "1"];
+    for (flag, value, key, says) in [
+        (
+            "--max-reconnect-delay",
+            "100ms",
+            "max_reconnect_delay",
+            "is shorter than --initial-reconnect-delay",
+        ),
+        ("--slots", "0", "slots", "at least 1"),
+        ("--max-outbox-bytes", "0", "max_outbox_bytes", "at least 1"),
+        (
+            "--reconnect-jitter",
+            "2",
+            "reconnect_jitter",
+            "outside 0..=1",
+        ),
+        (
+            "--heartbeat-interval",
+            "1ms",
+            "heartbeat_interval",
+            "at least",
+        ),
+    ] {
+        let what = format!("{flag} {value}");
+        let (code, err) = tether_bounded(&[&head[..], &once, &[flag, value]].concat(), None);
+        assert_eq!(code, Some(2), "{what}: {err}");
+        let said = refusal(&err, flag);
+        assert!(said.contains(says), "{what}: {err}");
+        assert!(!said.contains(key), "{what}: the field named: {err}");
+        assert!(!said.contains("backoff."), "{what}: the field named: {err}");
+        assert!(err.contains("Usage: tether worker"), "{what}: {err}");
+        let file = dir.path().join("w.toml");
+        let value = match value.parse::<f64>() {
+            Ok(_) if key != "reconnect_jitter" => value.to_owned(),
+            _ => format!("{value:?}"),
+        };
+        std::fs::write(&file, format!("[worker]\n{key} = {value}\n")).expect("write");
+        let (code, err) = tether_bounded(&[&head[..], &once].concat(), Some(&file));
+        assert_eq!(code, Some(1), "{key} = {value}: {err}");
+        let named = format!("{key} (in {})", file.display());
+        assert!(err.contains(&named) && err.contains(says), "{key}: {err}");
+        assert!(!err.contains("Usage:"), "{key}: {err}");
+    }
+    // An id that breaks the id rules: refused as the flag is read, as `submit --id`; from the
+    // file, the file's error.
+    let head = ["worker", "--coordinator", &closed];
+    let (code, err) = tether_bounded(&[&head[..], &once, &["--id", "w x"]].concat(), None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("invalid value 'w x' for '--id "), "{err}");
+    let file = dir.path().join("w.toml");
+    std::fs::write(&file, "[worker]\nid = \"w x\"\n").expect("write");
+    let (code, err) = tether_bounded(&[&head[..], &once].concat(), Some(&file));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("id in the config file"), "{err}");
 }
