@@ -30,11 +30,12 @@ struct Disk {
 }
 
 impl Disk {
-    fn mount(mount: &Path) -> Self {
+    /// A tmpfs mounted with `options` (`-o`).
+    fn mount_with(mount: &Path, options: &str) -> Self {
         let mut holder = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
             .arg(format!(
-                "mount -t tmpfs -o size={FS_SIZE} tether-disk-full \"$0\" && exec sleep 100000"
+                "mount -t tmpfs -o {options} tether-disk-full \"$0\" && exec sleep 100000"
             ))
             .arg(mount)
             .stdin(Stdio::null())
@@ -238,13 +239,18 @@ fn can_mount() -> bool {
 /// coordinator and its base URL; none where this machine cannot mount one (see
 /// [`can_mount`]).
 fn mounted() -> Option<(tempfile::TempDir, Disk, SocketAddr, String)> {
+    mounted_with(&format!("size={FS_SIZE}"))
+}
+
+/// [`mounted`], the tmpfs mounted with `options`.
+fn mounted_with(options: &str) -> Option<(tempfile::TempDir, Disk, SocketAddr, String)> {
     if !can_mount() {
         return None;
     }
     let work = tempfile::tempdir().expect("tempdir");
     let mount = work.path().join("fs");
     std::fs::create_dir(&mount).expect("mount point");
-    let disk = Disk::mount(&mount);
+    let disk = Disk::mount_with(&mount, options);
     let addr = free_addr();
     let base = format!("http://{addr}");
     Some((work, disk, addr, base))
@@ -785,6 +791,114 @@ async fn a_coordinator_started_on_a_full_disk_answers_that_it_waits_and_starts_o
     assert_eq!(
         std::fs::read_to_string(&lock).expect("the lock file"),
         pid.to_string()
+    );
+    let r = post_tasks(&http, &base, &specs("after", 1))
+        .await
+        .expect("submitted");
+    assert_eq!(r.status().as_u16(), 201);
+    assert!(c.alive(), "it stopped:\n{}", logged());
+    c.stop("the coordinator", &log).await;
+}
+
+/// Takes every inode of the file system holding `dir` with empty files in it (bounded);
+/// returns them.
+fn take_inodes(dir: &Path) -> Vec<PathBuf> {
+    let mut taken = Vec::new();
+    for i in 0..100_000 {
+        let f = dir.join(format!("inode-{i}"));
+        match std::fs::File::create(&f) {
+            Ok(_) => taken.push(f),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => return taken,
+            Err(e) => panic!("taking inodes: {e}"),
+        }
+    }
+    panic!("the file system never ran out of inodes");
+}
+
+/// A coordinator started on a full disk whose data directory is not made yet: a directory
+/// takes an inode (and on most file systems a block), so making it failed at once for want of
+/// space, and the coordinator stopped ("data directory ...: No space left on device") where one
+/// whose directory was there waited for room; with an inode for the directory, the lock file
+/// failed so, and with one for that too, SQLite could not open the database it was to make
+/// ("unable to open database file"). It waits for room for each as for the rest of its open,
+/// answering every request `503 starting`, and once there is room it starts. (On a tmpfs whose
+/// inodes are all taken: its blocks do not hold directories.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_whose_data_directory_cannot_be_made_on_a_full_disk_waits_for_room_and_starts()
+ {
+    let Some((work, disk, addr, base)) = mounted_with(&format!("size={FS_SIZE},nr_inodes=64"))
+    else {
+        return;
+    };
+    let root = disk.inside("");
+    let taken = take_inodes(&root);
+    assert!(!taken.is_empty(), "no inode could be taken");
+    let data = disk.inside("data");
+    assert!(!data.exists());
+    let log = work.path().join("coordinator.log");
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut c = disk.coordinator(addr, &log);
+    let pid = c.child.id();
+    let http = http_client();
+    wait_for("an answer that the start waits", LONG, || async {
+        assert!(!exited(pid), "it exited:\n{}", logged());
+        let r = http.get(format!("{base}/healthz")).send().await.ok()?;
+        let body: Value = r.json().await.ok()?;
+        let message = body["error"]["message"].as_str()?;
+        message.contains("waiting for space").then_some(())
+    })
+    .await;
+    let healthz = http
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .expect("answered while the start waits");
+    assert_starting(healthz).await;
+    assert!(
+        logged().contains("the store cannot be opened"),
+        "{}",
+        logged()
+    );
+    assert!(!data.exists(), "the data directory was made on a full disk");
+
+    // An inode at a time: the directory is made, then its lock file, then the database, each
+    // once there is an inode for it; meanwhile the start goes on waiting, answering so.
+    let (steps, rest) = taken.split_at(3);
+    for (f, made) in steps.iter().zip(["", "tether.lock", "tether.db"]) {
+        std::fs::remove_file(f).expect("free an inode");
+        let made = data.join(made);
+        wait_for(&format!("{} made", made.display()), LONG, || async {
+            assert!(!exited(pid), "it exited:\n{}", logged());
+            made.exists().then_some(())
+        })
+        .await;
+        let healthz = http
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .expect("answered while the start waits");
+        assert_starting(healthz).await;
+    }
+
+    // Room: it opens the store, and serves.
+    for f in rest {
+        std::fs::remove_file(f).expect("free an inode");
+    }
+    wait_healthy(&http, &base).await;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&data)
+        .expect("the data directory")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+    assert_eq!(
+        std::fs::read_to_string(data.join("tether.lock")).expect("the lock file"),
+        pid.to_string()
+    );
+    assert!(
+        logged().contains("space again: the store is open"),
+        "{}",
+        logged()
     );
     let r = post_tasks(&http, &base, &specs("after", 1))
         .await

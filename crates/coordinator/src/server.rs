@@ -96,8 +96,6 @@ pub async fn run_with(
     crate::auth::check_exposure(addr, cfg.api_tokens.as_ref())?;
     let cfg = Arc::new(cfg);
     let recorder = crate::metrics::install();
-    // Held until the writer has finished, at the end of this function.
-    let mut lock = store::lock_dir(&cfg.data_dir)?;
     let counters = Arc::new(Counters::default());
     // While the open waits for space, every request is answered `503 starting` (the metrics
     // excepted), on a twin of the listener (the same socket): a start that waits is seen
@@ -132,17 +130,19 @@ pub async fn run_with(
             let _ = answering.await;
         })
     };
-    // Opened on the blocking pool: a disk still full waits there (retrying) until space
-    // returns, and a stop meanwhile ends the wait with nothing started.
+    // The data directory made and locked, and the store opened, on the blocking pool: a disk
+    // still full waits there (retrying) until space returns, and a stop meanwhile ends the wait
+    // with nothing started. The lock is held until the writer has finished, at the end of this
+    // function.
     let opened_store = {
         let (dir, stop, opening) = (cfg.data_dir.clone(), shutdown.clone(), opening.clone());
-        tokio::task::spawn_blocking(move || store::open_watched(&dir, &stop, &opening.stats)).await
+        tokio::task::spawn_blocking(move || store::lock_and_open(&dir, &stop, &opening.stats)).await
     };
     // Its connections are closed as they finish their answers; new ones are the router's.
     opened.cancel();
     let opened_store =
         opened_store.map_err(|e| std::io::Error::other(format!("opening the store: {e}")))?;
-    let (conn, loaded) = match opened_store {
+    let (mut lock, conn, loaded) = match opened_store {
         Ok(opened) => opened,
         Err(StoreError::OutOfSpace { .. }) if shutdown.is_cancelled() => {
             tracing::info!(

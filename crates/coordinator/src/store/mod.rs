@@ -479,7 +479,10 @@ pub fn set_durability(conn: &Connection, d: Durability) -> rusqlite::Result<()> 
 }
 
 /// Creates the data directory if need be, for the coordinator's user alone: the store holds
-/// task specs (their `env` often carries credentials), output tails and checkpoints.
+/// task specs (their `env` often carries credentials), output tails and checkpoints. On a full
+/// disk (a directory takes an inode, and on most file systems a block) or a quota reached,
+/// [`StoreError::OutOfSpace`]: nothing was made, and it may be tried again ([`lock_and_open`]
+/// waits for room).
 fn make_dir(dir: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::DirBuilderExt;
     let made = match dir.exists() && !dir.is_dir() {
@@ -489,10 +492,44 @@ fn make_dir(dir: &Path) -> Result<(), StoreError> {
             .mode(0o700)
             .create(dir),
     };
-    made.map_err(|source| StoreError::DataDir {
-        path: dir.to_owned(),
-        source,
+    made.map_err(|source| match space::io_out_of_space(&source) {
+        true => StoreError::OutOfSpace {
+            path: dir.to_owned(),
+            source: WriteError::Dir(source),
+        },
+        false => StoreError::DataDir {
+            path: dir.to_owned(),
+            source,
+        },
     })
+}
+
+/// Makes the data directory `dir` if need be, locks it ([`lock_dir`]) and opens the store in
+/// it ([`open_watched`]), waiting for space for each step as the open does: a directory or a
+/// lock file that cannot be made on a full disk (no inode or block for it) is tried again
+/// until there is room (or until `stop`), with the same log lines and the same
+/// [`StoreError::OutOfSpace`] when stopped, and `stats` saying meanwhile that the start waits
+/// (every request answered `503 starting`). Failing at once there stopped the coordinator on
+/// a full disk whose data directory was not made yet, where one whose directory was there
+/// waited for room.
+pub fn lock_and_open(
+    dir: &Path,
+    stop: &CancellationToken,
+    stats: &StoreStats,
+) -> Result<(DirLock, Connection, Loaded), StoreError> {
+    let db = dir.join(DB_FILE);
+    let mut wait = space::OpenWait::new(&db, stats, stop);
+    let lock = wait.retry(|| match lock_dir(dir) {
+        Err(StoreError::Access { path, source }) if space::io_out_of_space(&source) => {
+            Err(StoreError::OutOfSpace {
+                path,
+                source: WriteError::Dir(source),
+            })
+        }
+        locked => locked,
+    })?;
+    let (conn, loaded) = open_waiting(dir, wait)?;
+    Ok((lock, conn, loaded))
 }
 
 /// Opens (creating if needed) the database in `dir`, checks and migrates it, and loads it,
@@ -521,21 +558,30 @@ pub fn open_watched(
     stop: &CancellationToken,
     stats: &StoreStats,
 ) -> Result<(Connection, Loaded), StoreError> {
+    let db = dir.join(DB_FILE);
+    open_waiting(dir, space::OpenWait::new(&db, stats, stop))
+}
+
+/// The steps of [`open_watched`], each tried again by `wait` while it fails for space.
+fn open_waiting(dir: &Path, mut wait: space::OpenWait) -> Result<(Connection, Loaded), StoreError> {
     use std::os::unix::fs::PermissionsExt;
     let path = dir.join(DB_FILE);
-    let mut wait = space::OpenWait::new(&path, stats, stop);
-    make_dir(dir)?;
+    wait.retry(|| make_dir(dir))?;
     if let Ok(meta) = std::fs::metadata(dir)
         && meta.permissions().mode() & 0o077 != 0
     {
         tracing::warn!(dir = %dir.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "the data directory is open to other users; it holds task specs, output and checkpoints (chmod 700)");
     }
     refuse_leftovers(dir, &path)?;
-    let found = wait.retry(|| schema::check(&path))?;
+    let found =
+        wait.retry(|| schema::check(&path).map_err(|e| space::cannot_open_for_space(&path, e)))?;
     // What a previous process journaled and did not fold yet (read before the database is
     // opened for writing: a corrupt journal is refused with the database untouched).
     let journaled = states::read_journals(dir, found >= schema::WHOLE_JOURNALS)?;
-    let conn = wait.retry(|| schema::open_checked(&path, schema::WHOLE_JOURNALS - 1))?;
+    let conn = wait.retry(|| {
+        schema::open_checked(&path, schema::WHOLE_JOURNALS - 1)
+            .map_err(|e| space::cannot_open_for_space(&path, e))
+    })?;
     wait.retry(|| states::replay(&conn, dir, &journaled))?;
     // Only once the journals an older coordinator made are gone (durably: `replay` syncs the
     // directory) does the database say that every journal beside it is created whole.

@@ -11,7 +11,8 @@
 //! with `503` at once ([`super::StoreStats::out_of_space`]). Once an operator frees space, the
 //! held group commits, and everything behind it follows.
 //!
-//! Opening the store waits for space the same way ([`super::open_until`]): a coordinator
+//! Opening the store waits for space the same way ([`super::open_until`]; making and locking a
+//! data directory not there yet too, [`super::lock_and_open`]): a coordinator
 //! stopped during a wait leaves its state journal to the next start, which replays it into
 //! the database (and reads the database at all only with room for its WAL index), then makes
 //! a journal file of its own; a restart while the disk is still full would otherwise fail there
@@ -71,7 +72,7 @@ impl WriteError {
         match self {
             WriteError::Sql(e) => sql_out_of_space(e, None),
             WriteError::SqlIo { source, errno } => sql_out_of_space(source, Some(*errno)),
-            WriteError::Journal(e) | WriteError::Fold(e) => io_out_of_space(e),
+            WriteError::Journal(e) | WriteError::Fold(e) | WriteError::Dir(e) => io_out_of_space(e),
         }
     }
 
@@ -125,6 +126,36 @@ pub(super) fn or_out_of_space(
     }
 }
 
+/// `e`, an error of the open of the database at `db`, as [`StoreError::OutOfSpace`] when
+/// SQLite could not open a file of it (`SQLITE_CANTOPEN`: the database, its WAL or its index
+/// to be made) on a file system with no inode or no block left: SQLite says no more than that
+/// it could not open the file, and without room for it the file cannot be made. Other errors
+/// are `e` (and so is one found with room: a file that cannot be opened for another reason).
+pub(super) fn cannot_open_for_space(db: &Path, e: StoreError) -> StoreError {
+    let (path, source) = match e {
+        StoreError::Open { path, source } | StoreError::Sql { path, source }
+            if source.sqlite_error_code() == Some(rusqlite::ErrorCode::CannotOpen)
+                && no_room(db.parent().unwrap_or(Path::new("."))) =>
+        {
+            (path, source)
+        }
+        e => return e,
+    };
+    StoreError::OutOfSpace {
+        path,
+        source: WriteError::SqlIo {
+            source,
+            errno: nix::libc::ENOSPC,
+        },
+    }
+}
+
+/// Whether the file system holding `dir` has no inode or no block left for this process.
+fn no_room(dir: &Path) -> bool {
+    nix::sys::statvfs::statvfs(dir)
+        .is_ok_and(|s| s.files_available() == 0 || s.blocks_available() == 0)
+}
+
 /// What waits for space: what the log says of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Waiting {
@@ -146,7 +177,7 @@ impl Waiting {
                 "the data directory is out of space: the state journal cannot be started; it waits for room and is tried again, and nothing is committed or acknowledged meanwhile, and submissions are refused; free space to resume"
             }
             Waiting::Open => {
-                "the data directory is out of space: the store cannot be opened (a journal of task states to replay, or the database's WAL index to make); it waits for room and is tried again, every request answered 503 (starting) meanwhile (workers keep what they produced); free space to start"
+                "the data directory is out of space: the store cannot be opened (the directory or its lock file to make, a journal of task states to replay, or the database's WAL index to make); it waits for room and is tried again, every request answered 503 (starting) meanwhile (workers keep what they produced); free space to start"
             }
         }
     }

@@ -625,6 +625,9 @@ pub enum WriteError {
     /// state meanwhile, so the round is tried again (`States::piece`).
     #[error("state journal, folding: {0}")]
     Fold(std::io::Error),
+    /// The data directory could not be made, or its lock file (`super::lock_dir`).
+    #[error("data directory: {0}")]
+    Dir(std::io::Error),
 }
 
 /// The file appends go to.
