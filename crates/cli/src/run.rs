@@ -626,6 +626,11 @@ pub struct WorkerArgs {
     /// Append one JSON line per session registered or lost and per result ack to this file.
     #[arg(long, env = "TETHER_EVENT_LOG")]
     event_log: Option<PathBuf>,
+    /// Bytes the event log's file may reach: a record that would take it past them first
+    /// renames it to FILE.1 (replacing an older one) and starts a new FILE, so the log keeps at
+    /// most about twice this (default 67108864, 64 MiB; at least 65536, 64 KiB).
+    #[arg(long, value_parser = parse_bytes)]
+    event_log_max_bytes: Option<u64>,
     /// File holding this worker's secret (or the fleet secret); TETHER_SECRET may hold the
     /// secret itself. Never a flag value, so it never shows in `ps`.
     #[arg(long, env = "TETHER_SECRET_FILE")]
@@ -666,6 +671,13 @@ impl WorkerArgs {
     pub(crate) fn check(&self) -> Result<(), String> {
         crate::one_value_a_key("--tag", &self.tags, "a worker carries one value a key")
     }
+}
+
+/// A number of bytes, said so when it does not parse (the range is checked with the rest of
+/// the settings, by `validate`).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    s.parse::<u64>()
+        .map_err(|e| format!("{e} (a number of bytes, e.g. 67108864 for 64 MiB)"))
 }
 
 fn parse_tag(s: &str) -> Result<(String, String), String> {
@@ -815,6 +827,9 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     }
     cfg.seed = a.seed;
     cfg.event_log = a.event_log;
+    if let Some(n) = a.event_log_max_bytes.or(file.event_log_max_bytes) {
+        cfg.event_log_max_bytes = n;
+    }
     cfg.ca_file = a.ca_file;
     cfg.secret = match secret_source(
         a.secret_file,
@@ -1146,6 +1161,20 @@ mod tests {
                 "max-outbox-bytes",
                 format!("default {}", tether_worker::outbox::DEFAULT_MAX_BYTES),
             ),
+            (
+                "event-log-max-bytes",
+                format!(
+                    "default {}",
+                    tether_worker::config::DEFAULT_EVENT_LOG_MAX_BYTES
+                ),
+            ),
+            (
+                "event-log-max-bytes",
+                format!(
+                    "at least {}",
+                    tether_worker::config::MIN_EVENT_LOG_MAX_BYTES
+                ),
+            ),
         ];
         for (cmd, cases) in [(Coord::command(), coord), (Work::command(), worker)] {
             for (flag, default) in cases {
@@ -1225,6 +1254,7 @@ mod tests {
             ("max_outbox_bytes", "6000".into(), base.into()),
             ("compression", "false".into(), base.into()),
             ("min_compress_size", "4096".into(), base.into()),
+            ("event_log_max_bytes", "1048576".into(), base.into()),
         ];
         let mut covered: Vec<String> = cases.iter().map(|c| c.0.to_owned()).collect();
         covered.sort();
@@ -1466,6 +1496,40 @@ mod tests {
                 "the flags over the file"
             );
         }
+    }
+
+    /// The event log's rotation bound: the flag, else the file's key, else the library's
+    /// default; under the least, refused naming the flag or the key.
+    #[test]
+    fn the_event_log_bound_comes_from_its_flag_else_the_file_else_the_default() {
+        use tether_worker::config::{DEFAULT_EVENT_LOG_MAX_BYTES, MIN_EVENT_LOG_MAX_BYTES};
+        let dir = tempfile::tempdir().expect("dir");
+        let base = "[worker]\ncoordinator = \"ws://127.0.0.1:1\"\nid = \"w\"\n";
+        let parse = |lines: &str, flags: &[&str]| {
+            let toml = file(dir.path(), &format!("{base}{lines}"));
+            let mut args = vec!["t", "--config", toml.to_str().expect("utf-8")];
+            args.extend_from_slice(flags);
+            worker_config(Work::try_parse_from(args).expect("flags").a)
+        };
+        let bound =
+            |lines: &str, flags: &[&str]| parse(lines, flags).expect("config").event_log_max_bytes;
+        assert_eq!(bound("", &[]), DEFAULT_EVENT_LOG_MAX_BYTES);
+        let least = MIN_EVENT_LOG_MAX_BYTES.to_string();
+        assert_eq!(
+            bound("", &["--event-log-max-bytes", &least]),
+            MIN_EVENT_LOG_MAX_BYTES
+        );
+        let in_file = "event_log_max_bytes = 1048576\n";
+        assert_eq!(bound(in_file, &[]), 1_048_576);
+        assert_eq!(
+            bound(in_file, &["--event-log-max-bytes", "2097152"]),
+            2_097_152
+        );
+        let under = (MIN_EVENT_LOG_MAX_BYTES - 1).to_string();
+        let e = parse("", &["--event-log-max-bytes", &under]).expect_err("under the least");
+        assert!(e.to_string().starts_with("--event-log-max-bytes "), "{e}");
+        assert!(e.to_string().contains(&format!("at least {least}")), "{e}");
+        assert!(Work::try_parse_from(["t", "--event-log-max-bytes", "64MiB"]).is_err());
     }
 
     #[test]

@@ -74,6 +74,7 @@ pub struct WorkerFile {
     pub max_outbox_bytes: Option<usize>,
     pub compression: Option<bool>,
     pub min_compress_size: Option<usize>,
+    pub event_log_max_bytes: Option<u64>,
 }
 
 pub fn load(path: Option<&Path>) -> anyhow::Result<FileConfig> {

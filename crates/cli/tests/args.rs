@@ -937,3 +937,44 @@ fn a_worker_flag_value_the_settings_refuse_is_a_usage_error_and_a_file_key_is_no
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("id in the config file"), "{err}");
 }
+
+/// `--event-log-max-bytes` under the least the worker takes (64 KiB) is a usage error (exit 2)
+/// naming the flag and the least, before anything is made or a connection tried; as
+/// `event_log_max_bytes` in the config file, the file's error (exit 1) naming the key. A
+/// value that is no number of bytes is refused as the flag is read. At the least, the worker
+/// runs (and gives up on the closed port). Neither had a flag nor a key.
+#[test]
+fn worker_an_event_log_bound_under_the_least_is_refused_naming_the_flag_or_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let closed = closed_port();
+    let head = ["worker", "--coordinator", &closed, "--id", "w"];
+    let once = ["--max-reconnect-attempts", "1"];
+    let flag = "--event-log-max-bytes";
+    for value in ["0", "65535"] {
+        let (code, err) = tether_bounded(&[&head[..], &once, &[flag, value]].concat(), None);
+        assert_eq!(code, Some(2), "{value}: {err}");
+        let said = refusal(&err, flag);
+        assert!(said.contains("at least 65536"), "{value}: {err}");
+        assert!(err.contains("Usage: tether worker"), "{value}: {err}");
+        assert!(!err.contains("connection attempt"), "{value}: {err}");
+    }
+    let (code, err) = tether_bounded(&[&head[..], &once, &[flag, "64MiB"]].concat(), None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("invalid value '64MiB' for '--event-log-max-bytes "),
+        "{err}"
+    );
+    assert!(err.contains("a number of bytes"), "{err}");
+    let file = dir.path().join("w.toml");
+    std::fs::write(&file, "[worker]\nevent_log_max_bytes = 1000\n").expect("write");
+    let (code, err) = tether_bounded(&[&head[..], &once].concat(), Some(&file));
+    assert_eq!(code, Some(1), "{err}");
+    let named = format!("event_log_max_bytes (in {})", file.display());
+    assert!(
+        err.contains(&named) && err.contains("at least 65536"),
+        "{err}"
+    );
+    let (code, err) = tether_bounded(&[&head[..], &once, &[flag, "65536"]].concat(), None);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("gave up after 1"), "{err}");
+}
