@@ -11,7 +11,7 @@ mod settings;
 mod stress;
 mod watch;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// mimalloc instead of the system allocator: the coordinator allocates per message, and under
 /// load glibc's malloc spent about a tenth of its CPU consolidating and unlinking chunks
@@ -228,7 +228,13 @@ fn bounded(mut e: clap::Error) -> clap::Error {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = match Cli::try_parse().and_then(Cli::checked) {
+    // Parsed in two steps, so that the settings can ask clap where each value came from.
+    let parsed = Cli::command().try_get_matches().and_then(|m| {
+        let cli = Cli::from_arg_matches(&m).map_err(|e| e.format(&mut Cli::command()));
+        settings::keep_matches(m);
+        cli
+    });
+    let cli = match parsed.and_then(Cli::checked) {
         Ok(cli) => cli,
         Err(e) => bounded(e).exit(),
     };

@@ -216,27 +216,40 @@ pub fn said(
     named
 }
 
-/// Whether the command line of this process has `flag` (alone, or as `flag=value`).
-pub fn on_command_line(flag: &str) -> bool {
-    // As bytes: an argument that is not UTF-8 (a Latin-1 path) made `args()` panic.
-    use std::os::unix::ffi::OsStrExt;
-    let flag = flag.as_bytes();
-    std::env::args_os().any(|a| {
-        let a = a.as_bytes();
-        a == flag || a.strip_prefix(flag).is_some_and(|v| v.starts_with(b"="))
-    })
+/// The command line as clap took it, kept by `main`: where each value of the running
+/// subcommand came from (the command line, its environment variable, a default).
+static MATCHES: std::sync::OnceLock<clap::ArgMatches> = std::sync::OnceLock::new();
+
+/// Keeps `m`, the parsed command line, for [`on_command_line`] and [`given_outside_the_file`].
+pub fn keep_matches(m: clap::ArgMatches) {
+    let _ = MATCHES.set(m);
 }
 
-/// Whether `flag` was given by the command line or by its environment variable
-/// (`TETHER_<KEY>`, as `--idle-coalesce` has `TETHER_IDLE_COALESCE`): either beats the file.
+/// Whether the running subcommand's `flag` (`--max-frame`) was given on the command line.
+pub fn on_command_line(flag: &str) -> bool {
+    given_by(flag, |s| s == clap::parser::ValueSource::CommandLine)
+}
+
+/// Whether the running subcommand's `flag` was given by the command line or by its
+/// environment variable (as `--idle-coalesce` has `TETHER_IDLE_COALESCE`): either beats the
+/// file. Read from clap's own record of where each value came from.
 pub fn given_outside_the_file(flag: &str) -> bool {
-    let var = format!(
-        "TETHER_{}",
-        flag.trim_start_matches('-')
-            .replace('-', "_")
-            .to_uppercase()
-    );
-    on_command_line(flag) || std::env::var_os(var).is_some()
+    use clap::parser::ValueSource::{CommandLine, EnvVariable};
+    given_by(flag, |s| matches!(s, CommandLine | EnvVariable))
+}
+
+/// Whether the running subcommand's `flag` has a value whose source is `taken`.
+fn given_by(flag: &str, taken: impl Fn(clap::parser::ValueSource) -> bool) -> bool {
+    use clap::CommandFactory as _;
+    let Some((name, sub)) = MATCHES.get().and_then(|m| m.subcommand()) else {
+        return false;
+    };
+    let cli = crate::Cli::command();
+    let long = flag.trim_start_matches("--");
+    cli.find_subcommand(name)
+        .and_then(|c| c.get_arguments().find(|a| a.get_long() == Some(long)))
+        .and_then(|a| sub.value_source(a.get_id().as_str()))
+        .is_some_and(taken)
 }
 
 /// Parses a duration with a unit (`5s`, `250ms`, `1m`).
