@@ -360,9 +360,23 @@ pub struct Read {
     pub torn: bool,
 }
 
-/// Reads every record of a log (see [`parse`]).
+/// Reads every record of a log's file (see [`parse`]).
 pub fn read(path: &Path) -> std::io::Result<Read> {
     Ok(parse(&std::fs::read_to_string(path)?))
+}
+
+/// Reads every record a log keeps: those of the file it was last rotated to
+/// ([`EventLog::rotated_path`], `FILE.1`), when there is one, then those of `FILE`, as one
+/// text (a damaged line's number counts from the first line of `FILE.1`). A rotation happens
+/// between whole records, so the two join without a torn line between them.
+pub fn read_all(path: &Path) -> std::io::Result<Read> {
+    let mut text = match std::fs::read_to_string(EventLog::rotated_path(path)) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e),
+    };
+    text.push_str(&std::fs::read_to_string(path)?);
+    Ok(parse(&text))
 }
 
 /// The records of a log's text; lines that do not parse are skipped and told apart: a torn
@@ -673,6 +687,32 @@ mod tests {
         names.sort();
         assert_eq!(names, ["events.jsonl", "events.jsonl.1"]);
         assert_eq!((log.write_failures(), log.rotation_failures()), (0, 0));
+    }
+
+    /// `read_all` reads the file rotated to, then the log's file: every record kept, in
+    /// order, numbered without a gap; `read` reads the log's file alone.
+    #[test]
+    fn read_all_reads_the_rotated_file_then_the_log_s_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        let all = || {
+            let read = read_all(&path).expect("read_all");
+            assert!(!read.torn && read.damaged.is_empty(), "{read:?}");
+            read.records
+                .iter()
+                .map(|r| r.n.expect("numbered"))
+                .collect::<Vec<_>>()
+        };
+        let log = EventLog::open(&path, "w1").expect("open");
+        log.record(registered());
+        assert_eq!(all(), [1], "no rotated file: the log's own");
+        let log = log.with_max_bytes(500);
+        let first = record_until(&log, 100, |_| EventLog::rotated_path(&path).exists());
+        // The first record, those before the rotation, the `rotated` record and the one
+        // that rotated the file.
+        let numbers = all();
+        assert_eq!(numbers, (1..=first as u64 + 2).collect::<Vec<_>>());
+        assert!(numbered(&path).len() < numbers.len(), "read takes one file");
     }
 
     /// A record alone longer than the bound still goes in whole, each into a new file.

@@ -105,7 +105,7 @@ fn coordinator_detection(
 /// while there is no log to read (a worker that has not opened it yet). Never ground truth:
 /// see [`read_events`].
 pub fn events_now(path: &Path) -> Vec<Record> {
-    tether_worker::eventlog::read(path)
+    tether_worker::eventlog::read_all(path)
         .map(|r| r.records)
         .unwrap_or_default()
 }
@@ -113,9 +113,10 @@ pub fn events_now(path: &Path) -> Vec<Record> {
 /// A worker's event log, read as ground truth (its acknowledgements are inputs of
 /// `no_result_lost` and `no_result_recorded_twice`): a log that cannot be read is an error,
 /// and so is a line that does not parse, except a last line without its newline (torn: the
-/// process was killed while writing it, and nothing was written after it).
+/// process was killed while writing it, and nothing was written after it). A log that was
+/// rotated is read with the file it was rotated to (`FILE.1`, then `FILE`).
 pub fn read_events(path: &Path) -> anyhow::Result<Vec<Record>> {
-    let read = tether_worker::eventlog::read(path)
+    let read = tether_worker::eventlog::read_all(path)
         .with_context(|| format!("cannot read the event log {}", path.display()))?;
     whole(read).with_context(|| format!("the event log {} is damaged", path.display()))
 }
@@ -134,7 +135,9 @@ fn whole(read: tether_worker::eventlog::Read) -> anyhow::Result<Vec<Record>> {
 /// gracefully (exit 0 after SIGTERM). A process's records are those from its start to the
 /// next; their numbers must run from 1 without a gap, a `stopped` record must be the last and
 /// say no write failed, and a process that stopped gracefully must have written it. Records
-/// without a number (a worker older than the numbers) are not judged.
+/// without a number (a worker older than the numbers) are not judged. A process whose first
+/// record kept is a `rotated` one numbers from it: the records before it went with a file its
+/// log rotated away, not lost.
 pub fn log_gaps(records: &[Record], starts: &[(DateTime<Utc>, bool)]) -> Vec<String> {
     let mut bad = Vec::new();
     let stamp = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
@@ -153,7 +156,10 @@ pub fn log_gaps(records: &[Record], starts: &[(DateTime<Utc>, bool)]) -> Vec<Str
             .filter_map(|r| Some((r.n?, r)))
             .collect();
         let process = format!("the process started at {}", stamp(*from));
-        let mut expect = 1;
+        let mut expect = match own.first() {
+            Some((n, r)) if matches!(r.event, Event::Rotated { .. }) => *n,
+            _ => 1,
+        };
         for (j, (n, r)) in own.iter().enumerate() {
             if *n != expect {
                 bad.push(match n.checked_sub(1).filter(|last| *last >= expect) {
@@ -810,6 +816,32 @@ mod tests {
         assert!(said[0].contains("without its stopped record"), "{said:?}");
         let said = log_gaps(&boot(0, &[1], None), &[(at(-1), false), (at(5_000), true)]);
         assert!(said[0].contains("logged nothing"), "{said:?}");
+        // A log rotated twice keeps a process's records from a `rotated` one: not lost.
+        let rotated = |n: u64, ms: i64| Record {
+            n: Some(n),
+            ..rec(
+                ms,
+                Event::Rotated {
+                    previous: "events.jsonl.1".into(),
+                    bytes: 65_536,
+                },
+            )
+        };
+        let mut kept = vec![rotated(40, 0)];
+        kept.extend(boot(1_000, &[41, 42], Some(0)));
+        assert!(
+            log_gaps(&kept, &one).is_empty(),
+            "{:?}",
+            log_gaps(&kept, &one)
+        );
+        // But one that lost records after it is still incomplete.
+        let mut holed = vec![rotated(40, 0)];
+        holed.extend(boot(1_000, &[41, 43], Some(0)));
+        let said = log_gaps(&holed, &one);
+        assert!(
+            said.len() == 1 && said[0].contains("lost records 42 to 42"),
+            "{said:?}"
+        );
         // Unnumbered records: nothing to judge by.
         assert!(log_gaps(&[registered(0), lost(10, true)], &[(at(-1), false)]).is_empty());
     }
