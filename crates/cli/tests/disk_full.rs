@@ -820,9 +820,11 @@ fn take_inodes(dir: &Path) -> Vec<PathBuf> {
 /// space, and the coordinator stopped ("data directory ...: No space left on device") where one
 /// whose directory was there waited for room; with an inode for the directory, the lock file
 /// failed so, and with one for that too, SQLite could not open the database it was to make
-/// ("unable to open database file"). It waits for room for each as for the rest of its open,
-/// answering every request `503 starting`, and once there is room it starts. (On a tmpfs whose
-/// inodes are all taken: its blocks do not hold directories.)
+/// ("unable to open database file"), and stopped then it left the database it made, empty,
+/// which the next start refused as corrupt. It waits for room for each as for the rest of its
+/// open, answering every request `503 starting`, leaves no empty database when stopped, and
+/// once there is room it starts. (On a tmpfs whose inodes are all taken: its blocks do not
+/// hold directories.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_whose_data_directory_cannot_be_made_on_a_full_disk_waits_for_room_and_starts()
  {
@@ -861,10 +863,10 @@ async fn a_coordinator_whose_data_directory_cannot_be_made_on_a_full_disk_waits_
     );
     assert!(!data.exists(), "the data directory was made on a full disk");
 
-    // An inode at a time: the directory is made, then its lock file, then the database, each
-    // once there is an inode for it; meanwhile the start goes on waiting, answering so.
+    // An inode at a time: the directory is made, then its lock file, each once there is an
+    // inode for it; meanwhile the start goes on waiting, answering so.
     let (steps, rest) = taken.split_at(3);
-    for (f, made) in steps.iter().zip(["", "tether.lock", "tether.db"]) {
+    for (f, made) in steps.iter().zip(["", "tether.lock"]) {
         std::fs::remove_file(f).expect("free an inode");
         let made = data.join(made);
         wait_for(&format!("{} made", made.display()), LONG, || async {
@@ -879,6 +881,29 @@ async fn a_coordinator_whose_data_directory_cannot_be_made_on_a_full_disk_waits_
             .expect("answered while the start waits");
         assert_starting(healthz).await;
     }
+    // An inode for the database, none for SQLite's files beside it. Restarted, the start's
+    // first try (its first error logged) makes the database and cannot open its WAL; it waits,
+    // and leaves no empty database behind: the next start refused one as corrupt.
+    std::fs::remove_file(&steps[2]).expect("free an inode");
+    let mut log = log;
+    for n in ["second", "third"] {
+        c.stop("the waiting coordinator", &log).await;
+        log = work.path().join(format!("{n}.log"));
+        c = disk.coordinator(addr, &log);
+        let pid = c.child.id();
+        let said = wait_for("the restarted open to wait for room", LONG, || async {
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(!exited(pid), "it exited:\n{said}");
+            said.lines()
+                .find(|l| l.contains("the store cannot be opened"))
+                .map(str::to_owned)
+        })
+        .await;
+        assert!(said.contains("unable to open database file"), "{said}");
+        assert!(!data.join("tether.db").exists(), "an empty database left");
+    }
+    let pid = c.child.id();
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
 
     // Room: it opens the store, and serves.
     for f in rest {

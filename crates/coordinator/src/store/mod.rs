@@ -578,9 +578,18 @@ fn open_waiting(dir: &Path, mut wait: space::OpenWait) -> Result<(Connection, Lo
     // What a previous process journaled and did not fold yet (read before the database is
     // opened for writing: a corrupt journal is refused with the database untouched).
     let journaled = states::read_journals(dir, found >= schema::WHOLE_JOURNALS)?;
+    // A try that made the database and failed for want of space removes it again while it is
+    // empty, so that it changed nothing: left, a stop during the wait (a first start on a full
+    // disk) left an empty file, which the next start refused as a corrupt database.
     let conn = wait.retry(|| {
-        schema::open_checked(&path, schema::WHOLE_JOURNALS - 1)
-            .map_err(|e| space::cannot_open_for_space(&path, e))
+        let new = !path.exists();
+        schema::open_checked(&path, schema::WHOLE_JOURNALS - 1).map_err(|e| {
+            let e = space::cannot_open_for_space(&path, e);
+            if new && matches!(e, StoreError::OutOfSpace { .. }) {
+                remove_if_empty(&path);
+            }
+            e
+        })
     })?;
     wait.retry(|| states::replay(&conn, dir, &journaled))?;
     // Only once the journals an older coordinator made are gone (durably: `replay` syncs the
@@ -602,6 +611,15 @@ fn open_waiting(dir: &Path, mut wait: space::OpenWait) -> Result<(Connection, Lo
     })?;
     wait.done();
     Ok((conn, loaded))
+}
+
+/// Removes the file at `path` if it is empty (a database made by a try that failed).
+fn remove_if_empty(path: &Path) {
+    if std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0)
+        && let Err(error) = std::fs::remove_file(path)
+    {
+        tracing::warn!(db = %path.display(), %error, "could not remove the empty database a failed open made; the next start refuses it as corrupt (delete it)");
+    }
 }
 
 /// Refuses a data directory whose database at `db` is missing or empty while files that
