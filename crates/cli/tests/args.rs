@@ -113,29 +113,18 @@ fn an_api_token_no_header_can_carry_is_refused_at_start_with_its_file_and_line()
     std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let data = dir.path().join("data");
     // Taken, the coordinator would serve until stopped: it is given a while to refuse.
-    let mut run = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .arg("--admin-token-file")
-        .arg(&tokens)
-        .env_remove("TETHER_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run tether");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while run.try_wait().expect("wait").is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = run.kill();
-            let _ = run.wait();
-            panic!("the coordinator started with a token no header can carry");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let out = run.wait_with_output().expect("output");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (data_s, tokens_s) = (data.display().to_string(), tokens.display().to_string());
+    let args = [
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data_s,
+        "--admin-token-file",
+        &tokens_s,
+    ];
+    let (code, err) = tether_bounded(&args, None);
+    assert_eq!(code, Some(1), "{err}");
     assert!(err.contains(&tokens.display().to_string()), "{err}");
     assert!(
         err.contains("line 2") && err.contains("visible ASCII"),

@@ -291,6 +291,25 @@ async fn assert_starting(r: reqwest::Response) {
     assert!(message.contains("waiting for space"), "{url}: {body}");
 }
 
+/// Waits until the coordinator `pid` at `base`, starting, answers that it waits for space (it
+/// may say first that it opens); it must not exit meanwhile (`logged`: its log, said if it
+/// did).
+async fn answers_that_it_waits(
+    http: &reqwest::Client,
+    base: &str,
+    pid: u32,
+    logged: &impl Fn() -> String,
+) {
+    wait_for("an answer that the start waits for space", LONG, || async {
+        assert!(!exited(pid), "it exited:\n{}", logged());
+        let r = http.get(format!("{base}/healthz")).send().await.ok()?;
+        let body: Value = r.json().await.ok()?;
+        let message = body["error"]["message"].as_str()?;
+        message.contains("waiting for space").then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_data_directory_holds_the_commits_until_space_is_freed_and_loses_nothing() {
     let Some((work, disk, addr, base)) = mounted() else {
@@ -746,14 +765,7 @@ async fn a_coordinator_started_on_a_full_disk_answers_that_it_waits_and_starts_o
     let pid = c.child.id();
     let http = http_client();
     // (Before the open finds no room, the answer says that it opens.)
-    wait_for("an answer that the open waits", LONG, || async {
-        assert!(!exited(pid), "it exited:\n{}", logged());
-        let r = http.get(format!("{base}/healthz")).send().await.ok()?;
-        let body: Value = r.json().await.ok()?;
-        let message = body["error"]["message"].as_str()?;
-        message.contains("waiting for space").then_some(())
-    })
-    .await;
+    answers_that_it_waits(&http, &base, pid, &logged).await;
     // Every request, a worker's upgrade among them, gets that answer.
     for path in [
         "/healthz",
@@ -842,14 +854,7 @@ async fn a_coordinator_whose_data_directory_cannot_be_made_on_a_full_disk_waits_
     let mut c = disk.coordinator(addr, &log);
     let pid = c.child.id();
     let http = http_client();
-    wait_for("an answer that the start waits", LONG, || async {
-        assert!(!exited(pid), "it exited:\n{}", logged());
-        let r = http.get(format!("{base}/healthz")).send().await.ok()?;
-        let body: Value = r.json().await.ok()?;
-        let message = body["error"]["message"].as_str()?;
-        message.contains("waiting for space").then_some(())
-    })
-    .await;
+    answers_that_it_waits(&http, &base, pid, &logged).await;
     let healthz = http
         .get(format!("{base}/healthz"))
         .send()

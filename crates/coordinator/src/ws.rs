@@ -2296,6 +2296,12 @@ mod tests {
     /// (read by the worker).
     async fn registered(core: &mut FakeCore, id: &str) -> (Client, SessionRef) {
         let (mut ws, session) = unacknowledged(core, id).await;
+        acknowledge(&mut ws, &session, id).await;
+        (ws, session)
+    }
+
+    /// The core acknowledges worker `id`'s registration on `session`; the worker reads it.
+    async fn acknowledge(ws: &mut Client, session: &SessionRef, id: &str) {
         let ack = CoordMsg::RegistrationAck(tether_proto::msg::RegistrationAck {
             worker_id: WorkerId::parse(id).expect("an id"),
             session_id: session.id,
@@ -2313,9 +2319,8 @@ mod tests {
             .tx
             .send_all([Outgoing::Msg(Box::new(ack))])
             .expect("open");
-        let ack = next_json(&mut ws).await.expect("the registration_ack");
+        let ack = next_json(ws).await.expect("the registration_ack");
         assert_eq!(ack["type"], "registration_ack", "{ack}");
-        (ws, session)
     }
 
     /// [`registered`], but the core has not answered the registration yet.
@@ -2511,25 +2516,7 @@ mod tests {
         // The commit goes through: the ack, then no more pings though the store is held
         // again, and the worker's heartbeat within its timeout of the ack is answered.
         core.store_stats.group_ends();
-        let ack = CoordMsg::RegistrationAck(tether_proto::msg::RegistrationAck {
-            worker_id: WorkerId::parse("w-awaiting").expect("an id"),
-            session_id: session.id,
-            directives: Vec::new(),
-            compression: None,
-            batching: None,
-            compact_acks: false,
-            max_frame: None,
-            max_checkpoint: None,
-            message_rate: None,
-            byte_rate: None,
-            timestamp: now(),
-        });
-        session
-            .tx
-            .send_all([Outgoing::Msg(Box::new(ack))])
-            .expect("open");
-        let ack = next_json(&mut ws).await.expect("the registration_ack");
-        assert_eq!(ack["type"], "registration_ack", "{ack}");
+        acknowledge(&mut ws, &session, "w-awaiting").await;
         core.store_stats.group_begins();
         assert_eq!(pings_for(&mut ws, Duration::from_millis(300)).await, 0);
         send_json(

@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
-use tether_proto::msg::{CoordMsg, PROTOCOL_VERSION, RegistrationAck, Welcome, now};
+use tether_proto::msg::CoordMsg;
 use tether_proto::{WorkerId, encode};
 use tether_worker::connector::{ConnectError, Connector, Io, WsStream, handshake};
 use tether_worker::{ConnState, WorkerConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::fake::{KEEPALIVE, Running};
+use crate::fake::{KEEPALIVE, Running, registration_ack, until_registration, welcome};
 
 /// A coordinator that welcomes the worker, reads its registration, and then, for `hold`,
 /// pings it every [`KEEPALIVE`] (`pinged`) or says nothing; then acknowledges the
@@ -59,28 +59,11 @@ async fn serve(io: tokio::io::DuplexStream, hold: Duration, pinged: bool) {
     let Ok(mut ws) = tokio_tungstenite::accept_async(io).await else {
         return;
     };
-    let worker = WorkerId::parse("w").expect("id");
     let send = |m: CoordMsg| Message::text(encode(&m));
-    let welcome = CoordMsg::Welcome(Welcome {
-        worker_id: worker.clone(),
-        protocol_version: PROTOCOL_VERSION,
-        session_id: 1,
-        heartbeat_interval_ms: 5000,
-        heartbeat_timeout_ms: 15000,
-        nonce: None,
-        integrity: None,
-        timestamp: now(),
-    });
-    if ws.send(send(welcome)).await.is_err() {
+    if ws.send(send(welcome(1, 5000, 15000))).await.is_err() {
         return;
     }
-    while let Some(Ok(m)) = ws.next().await {
-        if let Message::Text(t) = m
-            && t.as_str().contains("\"registration\"")
-        {
-            break;
-        }
-    }
+    until_registration(&mut ws).await;
     // The commit is held: pings (and the worker's pongs read), or silence.
     let held = tokio::time::sleep(hold);
     tokio::pin!(held);
@@ -100,19 +83,7 @@ async fn serve(io: tokio::io::DuplexStream, hold: Duration, pinged: bool) {
             },
         }
     }
-    let ack = CoordMsg::RegistrationAck(RegistrationAck {
-        worker_id: worker,
-        session_id: 1,
-        directives: vec![],
-        compression: None,
-        batching: None,
-        compact_acks: false,
-        max_frame: None,
-        max_checkpoint: None,
-        message_rate: None,
-        byte_rate: None,
-        timestamp: now(),
-    });
+    let ack = CoordMsg::RegistrationAck(registration_ack(1));
     if ws.send(send(ack)).await.is_err() {
         return;
     }

@@ -361,50 +361,25 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
     let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(io, limit).await else {
         return;
     };
-    let worker = WorkerId::parse("w").expect("id");
     let send = |m: CoordMsg| Message::text(encode(&m));
-    let welcome = send(CoordMsg::Welcome(Welcome {
-        worker_id: worker.clone(),
-        protocol_version: PROTOCOL_VERSION,
-        session_id: 1,
-        heartbeat_interval_ms: 5000,
-        heartbeat_timeout_ms: 15000,
-        nonce: None,
-        integrity: None,
-        timestamp: now(),
-    }));
+    let welcome = send(welcome(1, 5000, 15000));
     let late = script == Script::WelcomeAfterRegistration;
     if !late {
         let _ = ws.send(welcome.clone()).await;
     }
-    // Wait for the registration.
-    while let Some(Ok(m)) = ws.next().await {
-        if let Message::Text(t) = m
-            && t.as_str().contains("\"registration\"")
-        {
-            break;
-        }
-    }
+    until_registration(&mut ws).await;
     if late {
         let _ = ws.send(welcome).await;
     }
     let _ = ws
         .send(send(CoordMsg::RegistrationAck(RegistrationAck {
-            compression: None,
             batching: matches!(script, Script::BatchConformance | Script::AssignTogether)
                 .then_some(tether_proto::msg::Batching {
                     max_messages: 256,
                     max_bytes: 65_536,
                 }),
-            worker_id: worker,
-            session_id: 1,
-            directives: vec![],
-            compact_acks: false,
             max_frame: (script == Script::SmallFrames).then_some(SMALL_FRAME as u64),
-            max_checkpoint: None,
-            message_rate: None,
-            byte_rate: None,
-            timestamp: now(),
+            ..registration_ack(1)
         })))
         .await;
     match script {
@@ -1042,5 +1017,52 @@ impl Running {
     pub async fn stop(self) {
         self.stop.cancel();
         self.run.await.expect("join").expect("clean stop");
+    }
+}
+
+/// The `welcome` of worker `w`'s session `session_id`, with these heartbeat interval and
+/// timeout, asking for nothing (no nonce, no integrity).
+pub fn welcome(session_id: u64, interval_ms: u64, timeout_ms: u64) -> CoordMsg {
+    CoordMsg::Welcome(Welcome {
+        worker_id: WorkerId::parse("w").expect("id"),
+        protocol_version: PROTOCOL_VERSION,
+        session_id,
+        heartbeat_interval_ms: interval_ms,
+        heartbeat_timeout_ms: timeout_ms,
+        nonce: None,
+        integrity: None,
+        timestamp: now(),
+    })
+}
+
+/// The `registration_ack` of worker `w`'s session `session_id`, agreeing to nothing optional
+/// (no compression, batching, compact acknowledgements, limits or rates).
+pub fn registration_ack(session_id: u64) -> RegistrationAck {
+    RegistrationAck {
+        worker_id: WorkerId::parse("w").expect("id"),
+        session_id,
+        directives: vec![],
+        compression: None,
+        batching: None,
+        compact_acks: false,
+        max_frame: None,
+        max_checkpoint: None,
+        message_rate: None,
+        byte_rate: None,
+        timestamp: now(),
+    }
+}
+
+/// Reads `ws` until the worker's registration, or its end.
+pub async fn until_registration<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    while let Some(Ok(m)) = ws.next().await {
+        if let Message::Text(t) = m
+            && t.as_str().contains("\"registration\"")
+        {
+            break;
+        }
     }
 }

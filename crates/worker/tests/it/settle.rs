@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
-use tether_proto::msg::{CoordMsg, PROTOCOL_VERSION, RegistrationAck, Welcome, now};
+use tether_proto::msg::{CoordMsg, now};
 use tether_proto::{Attempt, TaskId, WorkerId, WorkerMsg, decode_worker, encode};
 use tether_worker::connector::{ConnectError, Connector, Io, WsStream, handshake};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
-use crate::fake::Running;
+use crate::fake::{Running, registration_ack, until_registration, welcome};
 
 /// The task whose result is acknowledged while its checkpoint's pieces are still held.
 const DONE: &str = "t-done";
@@ -166,41 +166,13 @@ async fn serve(coord: Coordinator, conn: usize, io: tokio::io::DuplexStream) {
     let Ok(mut ws) = tokio_tungstenite::accept_async(io).await else {
         return;
     };
-    let worker = WorkerId::parse("w").expect("id");
     let send = |m: CoordMsg| Message::text(encode(&m));
-    let welcome = CoordMsg::Welcome(Welcome {
-        worker_id: worker.clone(),
-        protocol_version: PROTOCOL_VERSION,
-        session_id: conn as u64 + 1,
-        heartbeat_interval_ms: 5000,
-        heartbeat_timeout_ms: 15000,
-        nonce: None,
-        integrity: None,
-        timestamp: now(),
-    });
-    if ws.send(send(welcome)).await.is_err() {
+    let session = conn as u64 + 1;
+    if ws.send(send(welcome(session, 5000, 15000))).await.is_err() {
         return;
     }
-    while let Some(Ok(m)) = ws.next().await {
-        if let Message::Text(t) = m
-            && t.as_str().contains("\"registration\"")
-        {
-            break;
-        }
-    }
-    let ack = CoordMsg::RegistrationAck(RegistrationAck {
-        compression: None,
-        batching: None,
-        worker_id: worker,
-        session_id: conn as u64 + 1,
-        directives: vec![],
-        compact_acks: false,
-        max_frame: None,
-        max_checkpoint: None,
-        message_rate: None,
-        byte_rate: None,
-        timestamp: now(),
-    });
+    until_registration(&mut ws).await;
+    let ack = CoordMsg::RegistrationAck(registration_ack(session));
     if ws.send(send(ack)).await.is_err() {
         return;
     }

@@ -15,8 +15,7 @@ use futures_util::{SinkExt, StreamExt};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tether_proto::msg::{
-    Ack, CoordMsg, Disposition, HeartbeatReply, PROTOCOL_VERSION, RegistrationAck, TaskAssignment,
-    Welcome, WorkerMsg, now,
+    Ack, CoordMsg, Disposition, HeartbeatReply, TaskAssignment, WorkerMsg, now,
 };
 use tether_proto::{Attempt, TaskId, WorkerId, decode_worker, encode};
 use tether_worker::backoff::{BackoffConfig, Jitter};
@@ -29,7 +28,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::fake::Running;
+use crate::fake::{Running, registration_ack, welcome};
 
 /// What the network does to every connection, now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -400,19 +399,8 @@ async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>, conn: usize) {
     let Ok(mut ws) = tokio_tungstenite::accept_async(io).await else {
         return;
     };
-    let worker = WorkerId::parse("w").expect("id");
     let send = |m: CoordMsg| Message::text(encode(&m));
-    let welcome = CoordMsg::Welcome(Welcome {
-        worker_id: worker.clone(),
-        protocol_version: PROTOCOL_VERSION,
-        session_id: 1,
-        heartbeat_interval_ms: 1000,
-        heartbeat_timeout_ms: 3000,
-        nonce: None,
-        integrity: None,
-        timestamp: now(),
-    });
-    if ws.send(send(welcome)).await.is_err() {
+    if ws.send(send(welcome(1, 1000, 3000))).await.is_err() {
         return;
     }
     let mut registered = false;
@@ -441,19 +429,7 @@ async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>, conn: usize) {
                     registered = true;
                     std::mem::take(&mut t.to_assign)
                 };
-                let mut v = vec![CoordMsg::RegistrationAck(RegistrationAck {
-                    compression: None,
-                    batching: None,
-                    worker_id: worker.clone(),
-                    session_id: 1,
-                    directives: vec![],
-                    compact_acks: false,
-                    max_frame: None,
-                    max_checkpoint: None,
-                    message_rate: None,
-                    byte_rate: None,
-                    timestamp: now(),
-                })];
+                let mut v = vec![CoordMsg::RegistrationAck(registration_ack(1))];
                 v.extend(assign.into_iter().map(|(task_id, ms)| {
                     CoordMsg::TaskAssignment(TaskAssignment {
                         task_id,
