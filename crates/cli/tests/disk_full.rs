@@ -291,6 +291,17 @@ async fn assert_starting(r: reqwest::Response) {
     assert!(message.contains("waiting for space"), "{url}: {body}");
 }
 
+/// Sends the submission of `specs` again until the coordinator is not busy, which takes it
+/// whole (201) or had it whole already (409).
+async fn sent_again(http: &reqwest::Client, base: &str, specs: &[TaskSpec]) {
+    let r = wait_for("the held submission sent again", LONG, || async {
+        let r = post_tasks(http, base, specs).await.ok()?;
+        (r.status().as_u16() != 503).then_some(r)
+    })
+    .await;
+    assert!([201, 409].contains(&r.status().as_u16()), "{r:?}");
+}
+
 /// Waits until the coordinator `pid` at `base`, starting, answers that it waits for space (it
 /// may say first that it opens); it must not exit meanwhile (`logged`: its log, said if it
 /// did).
@@ -537,12 +548,7 @@ async fn a_worker_registering_while_the_disk_is_full_waits_on_one_connection_and
     let held_ok =
         matches!(held.await.expect("the held submission"), Ok(r) if r.status().as_u16() == 201);
     if !held_ok {
-        let r = wait_for("the held submission sent again", LONG, || async {
-            let r = post_tasks(&http, &base, &during).await.ok()?;
-            (r.status().as_u16() != 503).then_some(r)
-        })
-        .await;
-        assert!([201, 409].contains(&r.status().as_u16()), "{r:?}");
+        sent_again(&http, &base, &during).await;
     }
     let after = specs("after", 4);
     let r = post_tasks(&http, &base, &after).await.expect("submitted");
@@ -722,12 +728,7 @@ async fn a_coordinator_restarted_while_its_disk_is_still_full_waits_for_room_and
         .unwrap_or_else(|| panic!("no journal replayed:\n{said}"));
     assert!(!replayed.contains(" states=0"), "{replayed}");
     // The submission given up at the stop, sent again: taken whole (or had whole already).
-    let r = wait_for("the held submission sent again", LONG, || async {
-        let r = post_tasks(&http, &base, &during).await.ok()?;
-        (r.status().as_u16() != 503).then_some(r)
-    })
-    .await;
-    assert!([201, 409].contains(&r.status().as_u16()), "{r:?}");
+    sent_again(&http, &base, &during).await;
     let after = specs("after", 10);
     let r = post_tasks(&http, &base, &after).await.expect("submitted");
     assert_eq!(r.status().as_u16(), 201);

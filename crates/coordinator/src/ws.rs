@@ -2323,6 +2323,21 @@ mod tests {
         assert_eq!(ack["type"], "registration_ack", "{ack}");
     }
 
+    /// The worker on `ws` beats, and the session answers (it was not closed).
+    async fn beat_answered(ws: &mut Client) {
+        send_json(
+            ws,
+            serde_json::json!({"type": "heartbeat", "sequence": 1, "timestamp": now()}),
+        )
+        .await;
+        let reply = next_json(ws).await;
+        assert_eq!(
+            reply.as_ref().map(|r| r["type"].clone()),
+            Some("heartbeat".into()),
+            "the session was closed: {reply:?}"
+        );
+    }
+
     /// [`registered`], but the core has not answered the registration yet.
     async fn unacknowledged(core: &mut FakeCore, id: &str) -> (Client, SessionRef) {
         let ws = registering(core, id).await;
@@ -2477,17 +2492,7 @@ mod tests {
         }
         // Within its timeout of the room coming, the worker beats, and is answered.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        send_json(
-            &mut ws,
-            serde_json::json!({"type": "heartbeat", "sequence": 1, "timestamp": now()}),
-        )
-        .await;
-        let reply = next_json(&mut ws).await;
-        assert_eq!(
-            reply.as_ref().map(|r| r["type"].clone()),
-            Some("heartbeat".into()),
-            "the session was closed: {reply:?}"
-        );
+        beat_answered(&mut ws).await;
     }
 
     /// A registered worker waits, saying nothing, for its `registration_ack`, which is sent once
@@ -2519,17 +2524,7 @@ mod tests {
         acknowledge(&mut ws, &session, "w-awaiting").await;
         core.store_stats.group_begins();
         assert_eq!(pings_for(&mut ws, Duration::from_millis(300)).await, 0);
-        send_json(
-            &mut ws,
-            serde_json::json!({"type": "heartbeat", "sequence": 1, "timestamp": now()}),
-        )
-        .await;
-        let reply = next_json(&mut ws).await;
-        assert_eq!(
-            reply.as_ref().map(|r| r["type"].clone()),
-            Some("heartbeat".into()),
-            "the session was closed: {reply:?}"
-        );
+        beat_answered(&mut ws).await;
     }
 
     /// A registration that waits for room in the core's queue (the core held up behind its
