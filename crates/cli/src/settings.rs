@@ -193,7 +193,8 @@ pub struct Usage {
 /// (exit 2, as clap's own refusals of a value) when it refuses a value ([`Refused`]) that only
 /// the command line (or an environment variable, as clap takes one) can have given: the
 /// refused setting's flag is `given`, or the setting is a default refused beside others and
-/// the config file gave none (`keys` is empty). A value the file gave stays an error of the
+/// the config file gave none (`keys` is empty); so is a required setting nothing gave
+/// ([`Missing`]). A value the file gave stays an error of the
 /// run (exit 1) naming its key and the file, as does a default refused beside settings the
 /// file gave, and any other error.
 pub fn said(
@@ -204,7 +205,9 @@ pub fn said(
     given: impl Fn(&str) -> bool,
 ) -> anyhow::Error {
     let refused = e.chain().find_map(|c| c.downcast_ref::<Refused>());
-    let usage = refused.is_some_and(|r| given(&r.flag) || keys.is_empty());
+    // A required setting nothing gave is the command line's to give, as clap's own.
+    let missing = e.chain().any(|c| c.is::<Missing>());
+    let usage = missing || refused.is_some_and(|r| given(&r.flag) || keys.is_empty());
     let named = named_by_source(e, file, keys, given);
     if usage {
         return Usage {
@@ -400,6 +403,15 @@ mod tests {
         // Not a refused value: the run's error, wherever its flags came from.
         let other_error = || anyhow::anyhow!("--tls-cert expired on 2021-01-01");
         assert_eq!(usage(other_error(), &none, true), None);
+        // A required setting nothing gave: the command line's to give, with or without a
+        // file, and said as written.
+        let missing = || anyhow::Error::from(Missing("--id is required (or TETHER_WORKER_ID)"));
+        let needed = Some((
+            "coordinator",
+            "--id is required (or TETHER_WORKER_ID)".to_owned(),
+        ));
+        assert_eq!(usage(missing(), &keys, false), needed);
+        assert_eq!(usage(missing(), &none, false), needed);
     }
 
     #[test]

@@ -925,6 +925,18 @@ fn a_worker_flag_value_the_settings_refuse_is_a_usage_error_and_a_file_key_is_no
     let (code, err) = tether_bounded(&[&head[..], &once].concat(), Some(&file));
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("id in the config file"), "{err}");
+    // A required setting that nothing gave is a usage error too, as clap's own (was exit 1).
+    let no_coordinator = ["worker", "--id", "w"];
+    let no_id = ["worker", "--coordinator", &closed];
+    for (args, says) in [
+        (&no_coordinator[..], "--coordinator is required"),
+        (&no_id[..], "--id is required"),
+    ] {
+        let (code, err) = tether_bounded(args, None);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(err.contains("Usage: tether worker"), "{args:?}: {err}");
+    }
 }
 
 /// `--event-log-max-bytes` under the least the worker takes (64 KiB) is a usage error (exit 2)
