@@ -24,7 +24,9 @@
 //! show no gap. A record alone longer than the bound still goes in whole, into a new file. A
 //! rename that fails is logged and counted ([`EventLog::rotation_failures`], not a write
 //! failure: no line is lost), and the records go on into the same file; the rotation is tried
-//! again once it has grown by another bound's worth.
+//! again once it has grown by another bound's worth. So is one whose rename was done but whose
+//! new file could not be made (no inode left): the records go on into `FILE.1`, and the next
+//! try makes `FILE` alone.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Seek, SeekFrom, Write};
@@ -126,6 +128,13 @@ struct Appender {
     /// none failed since the last rotation): a rename that fails once mostly fails again, and
     /// trying at every record would log an error a record.
     retry_at: u64,
+    /// A rotation renamed the file to `FILE.1` but could not make the new `FILE` (no inode
+    /// left): the records go on into the renamed file, and the next try makes `FILE` alone. (A
+    /// rename then would find no `FILE` and fail at every try, the bound lost for good.)
+    renamed: bool,
+    /// A unit test's full disk: making a new file fails.
+    #[cfg(test)]
+    refuse_create: bool,
 }
 
 /// What the log appends to: its file, or in a unit test a writer that fails partway.
@@ -179,6 +188,9 @@ impl EventLog {
                 max_bytes: crate::config::DEFAULT_EVENT_LOG_MAX_BYTES,
                 rotation_failures: 0,
                 retry_at: 0,
+                renamed: false,
+                #[cfg(test)]
+                refuse_create: false,
             }),
             path: path.to_owned(),
         })
@@ -264,10 +276,20 @@ impl EventLog {
     /// Renames the file (of `len` bytes) to [`Self::rotated_path`] and starts a new one in its
     /// place; the new file's first record, when it did. When it did not,
     /// the failure is logged and counted and the records go on into the file as it is (after
-    /// a rename whose new file cannot be made: into the renamed one).
+    /// a rename whose new file cannot be made: into the renamed one, and the next try makes the
+    /// new file alone).
     fn rotate(&self, out: &mut Appender, len: u64) -> Option<Event> {
         let previous = Self::rotated_path(&self.path);
-        let made = std::fs::rename(&self.path, &previous).and_then(|()| {
+        let moved = match out.renamed {
+            true => Ok(()),
+            false => std::fs::rename(&self.path, &previous),
+        };
+        let made = moved.and_then(|()| {
+            out.renamed = true;
+            #[cfg(test)]
+            if out.refuse_create {
+                return Err(std::io::Error::from_raw_os_error(nix::libc::ENOSPC));
+            }
             OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -277,6 +299,7 @@ impl EventLog {
             Ok(file) => {
                 out.file = Box::new(file);
                 out.retry_at = 0;
+                out.renamed = false;
                 tracing::info!(path = %self.path.display(), previous = %previous.display(), bytes = len, "event log rotated");
                 Some(Event::Rotated {
                     previous: previous.display().to_string(),
@@ -788,6 +811,45 @@ mod tests {
         assert_eq!(old.first(), Some(&Some(1)));
         assert!(old.last().is_some_and(|l| l.is_some_and(|l| l >= last)));
         assert!(follows_a_rotation(&path));
+    }
+
+    /// A rotation that renamed the file but could not make the new one (no inode left) is
+    /// counted, and the records go on into the renamed file, numbered without a gap; the next
+    /// try, a bound's worth later, makes the new file alone and the log is bounded again. (It
+    /// renamed again: no file to rename, it failed at every try, and the log grew in `FILE.1`
+    /// for good.)
+    #[test]
+    fn a_rotation_whose_new_file_cannot_be_made_makes_it_at_the_next_try() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        let older = EventLog::rotated_path(&path);
+        const BOUND: u64 = 500;
+        let log = EventLog::open(&path, "w1")
+            .expect("open")
+            .with_max_bytes(BOUND);
+        log.file.lock().expect("lock").refuse_create = true;
+        record_until(&log, 100, |l| l.rotation_failures() == 1);
+        assert!(older.is_file() && !path.exists(), "renamed, no new file");
+        log.file.lock().expect("lock").refuse_create = false;
+        record_until(&log, 100, |_| path.exists());
+        assert_eq!(log.rotation_failures(), 1, "made at the next try");
+        assert!(follows_a_rotation(&path));
+        let old_len = std::fs::metadata(&older).expect("older").len();
+        assert!(old_len >= BOUND, "{old_len}: written on after the failure");
+        let all: Vec<u64> = numbered(&older)
+            .into_iter()
+            .chain(numbered(&path))
+            .map(|(n, _)| n.expect("numbered"))
+            .collect();
+        assert_eq!(all, (1..=all.len() as u64).collect::<Vec<_>>());
+        assert_eq!(log.write_failures(), 0);
+        // Bounded again: the next rotation replaces the older file.
+        record_until(&log, 100, |_| {
+            numbered(&older)
+                .first()
+                .is_some_and(|(_, e)| matches!(e, Event::Rotated { .. }))
+        });
+        assert_eq!(log.rotation_failures(), 1);
     }
 
     /// A log written before records were numbered still reads.
