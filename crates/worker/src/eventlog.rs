@@ -391,14 +391,23 @@ pub fn read(path: &Path) -> std::io::Result<Read> {
 /// Reads every record a log keeps: those of the file it was last rotated to
 /// ([`EventLog::rotated_path`], `FILE.1`), when there is one, then those of `FILE`, as one
 /// text (a damaged line's number counts from the first line of `FILE.1`). A rotation happens
-/// between whole records, so the two join without a torn line between them.
+/// between whole records, so the two join without a torn line between them. `FILE` may be
+/// missing beside `FILE.1` (a rotation renamed it and had not made the new one yet, or could
+/// not: the process was killed between the two, or no inode was left): `FILE.1` is then the
+/// whole log. With neither, the error is `FILE`'s.
 pub fn read_all(path: &Path) -> std::io::Result<Read> {
-    let mut text = match std::fs::read_to_string(EventLog::rotated_path(path)) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+    let not_found = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let rotated = match std::fs::read_to_string(EventLog::rotated_path(path)) {
+        Ok(text) => Some(text),
+        Err(e) if not_found(&e) => None,
         Err(e) => return Err(e),
     };
-    text.push_str(&std::fs::read_to_string(path)?);
+    let text = match (rotated, std::fs::read_to_string(path)) {
+        (Some(older), Ok(text)) => older + &text,
+        (None, Ok(text)) => text,
+        (Some(older), Err(e)) if not_found(&e) => older,
+        (_, Err(e)) => return Err(e),
+    };
     Ok(parse(&text))
 }
 
@@ -736,6 +745,19 @@ mod tests {
         let numbers = all();
         assert_eq!(numbers, (1..=first as u64 + 2).collect::<Vec<_>>());
         assert!(numbered(&path).len() < numbers.len(), "read takes one file");
+        // Renamed, and the new file not made yet: the rotated file is the whole log.
+        drop(log);
+        let every = all();
+        std::fs::rename(&path, EventLog::rotated_path(&path)).expect("rename");
+        let older = numbered(&EventLog::rotated_path(&path)).len();
+        assert_eq!(
+            all(),
+            every[every.len() - older..],
+            "the rotated file alone"
+        );
+        std::fs::remove_file(EventLog::rotated_path(&path)).expect("remove");
+        let e = read_all(&path).expect_err("no log at all");
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
     }
 
     /// A record alone longer than the bound still goes in whole, each into a new file.
