@@ -938,3 +938,41 @@ async fn a_coordinator_whose_data_directory_cannot_be_made_on_a_full_disk_waits_
     assert!(c.alive(), "it stopped:\n{}", logged());
     c.stop("the coordinator", &log).await;
 }
+
+/// On a file system that counts no inodes and no blocks (a tmpfs without `nr_inodes` or
+/// `size`; btrfs and vfat count no inodes either: statvfs says 0 of them, 0 free), a database
+/// SQLite cannot open for a reason other than space (`SQLITE_CANTOPEN`: here its path a link
+/// into a directory that does not exist) is refused at once with SQLite's own words, not taken
+/// for a full disk and waited on for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_cannot_be_opened_where_no_inodes_are_counted_is_refused_not_waited_for() {
+    let Some((work, disk, addr, _base)) = mounted_with("nr_inodes=0,size=0") else {
+        return;
+    };
+    let log = work.path().join("coordinator.log");
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    std::fs::create_dir(disk.inside("data")).expect("the data directory");
+    std::os::unix::fs::symlink(
+        "/no-such-directory-of-tether/tether.db",
+        disk.inside("data/tether.db"),
+    )
+    .expect("the database a dangling link");
+    let mut c = disk.coordinator(addr, &log);
+    let pid = c.child.id();
+    wait_for("the start to be refused, or to wait", LONG, || async {
+        (exited(pid) || logged().contains("out of space")).then_some(())
+    })
+    .await;
+    assert!(
+        !logged().contains("out of space"),
+        "taken for a full disk:\n{}",
+        logged()
+    );
+    let status = c.child.wait().expect("wait");
+    assert_eq!(status.code(), Some(1), "{}", logged());
+    assert!(
+        logged().contains("unable to open database file"),
+        "{}",
+        logged()
+    );
+}

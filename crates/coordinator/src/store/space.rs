@@ -150,10 +150,15 @@ pub(super) fn cannot_open_for_space(db: &Path, e: StoreError) -> StoreError {
     }
 }
 
-/// Whether the file system holding `dir` has no inode or no block left for this process.
+/// Whether the file system holding `dir` has no inode or no block left for this process. A
+/// file system that counts no inodes (statvfs says 0 of them, 0 free: btrfs, vfat, a tmpfs
+/// without `nr_inodes`) has none to run out of, and one that counts no blocks (a tmpfs
+/// without `size`) none either: taken for full, every file SQLite could not open there, for
+/// whatever reason, was waited on as a full disk for ever instead of refused.
 fn no_room(dir: &Path) -> bool {
-    nix::sys::statvfs::statvfs(dir)
-        .is_ok_and(|s| s.files_available() == 0 || s.blocks_available() == 0)
+    nix::sys::statvfs::statvfs(dir).is_ok_and(|s| {
+        (s.files() > 0 && s.files_available() == 0) || (s.blocks() > 0 && s.blocks_available() == 0)
+    })
 }
 
 /// What waits for space: what the log says of it.
