@@ -11,12 +11,12 @@ use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use tether_proto::msg::CoordMsg;
 use tether_proto::{WorkerId, encode};
-use tether_worker::connector::{ConnectError, Connector, Io, WsStream, handshake};
+use tether_worker::connector::{ConnectError, Connector, WsStream};
 use tether_worker::{ConnState, WorkerConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::fake::{KEEPALIVE, Running, registration_ack, until_registration, welcome};
+use crate::fake::{KEEPALIVE, Running, piped, registration_ack, until_registration, welcome};
 
 /// A coordinator that welcomes the worker, reads its registration, and then, for `hold`,
 /// pings it every [`KEEPALIVE`] (`pinged`) or says nothing; then acknowledges the
@@ -46,12 +46,7 @@ impl Connector for HeldAck {
     ) -> BoxFuture<'static, Result<WsStream, ConnectError>> {
         self.connections.fetch_add(1, Ordering::SeqCst);
         let (hold, pinged) = (self.hold, self.pinged);
-        Box::pin(async move {
-            let (client, server) = tokio::io::duplex(1 << 16);
-            tokio::spawn(serve(server, hold, pinged));
-            let io: std::pin::Pin<Box<dyn Io>> = Box::pin(client);
-            handshake(url, io, config).await
-        })
+        piped(url, config, move |io| serve(io, hold, pinged))
     }
 }
 

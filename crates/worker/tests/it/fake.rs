@@ -1066,3 +1066,21 @@ where
         }
     }
 }
+
+/// A connection to a scripted coordinator over an in-memory pipe: `serve` is spawned with the
+/// coordinator's end, and the worker's end shakes hands at `url`.
+pub fn piped<F>(
+    url: String,
+    config: WebSocketConfig,
+    serve: impl FnOnce(tokio::io::DuplexStream) -> F,
+) -> BoxFuture<'static, Result<WsStream, ConnectError>>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (client, server) = tokio::io::duplex(1 << 16);
+    tokio::spawn(serve(server));
+    Box::pin(async move {
+        let io: Pin<Box<dyn Io>> = Box::pin(client);
+        handshake(url, io, config).await
+    })
+}

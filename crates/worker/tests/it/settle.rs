@@ -2,7 +2,6 @@
 //! over real sessions: the coordinator stores none of them any more (docs/PROTOCOL.md, section
 //! 11), so the worker does not send them again, while another task's still go out.
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,12 +10,12 @@ use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use tether_proto::msg::{CoordMsg, now};
 use tether_proto::{Attempt, TaskId, WorkerId, WorkerMsg, decode_worker, encode};
-use tether_worker::connector::{ConnectError, Connector, Io, WsStream, handshake};
+use tether_worker::connector::{ConnectError, Connector, WsStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
-use crate::fake::{Running, registration_ack, until_registration, welcome};
+use crate::fake::{Running, piped, registration_ack, until_registration, welcome};
 
 /// The task whose result is acknowledged while its checkpoint's pieces are still held.
 const DONE: &str = "t-done";
@@ -118,12 +117,8 @@ impl Connector for Coordinator {
             *n += 1;
             *n - 1
         };
-        let (client, server) = tokio::io::duplex(1 << 16);
-        tokio::spawn(serve(self.clone(), conn, server));
-        Box::pin(async move {
-            let io: Pin<Box<dyn Io>> = Box::pin(client);
-            handshake(url, io, config).await
-        })
+        let coord = self.clone();
+        piped(url, config, move |io| serve(coord, conn, io))
     }
 }
 
