@@ -206,8 +206,20 @@ pub(super) fn check(path: &Path) -> Result<i64, StoreError> {
     let ro =
         Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(open_err)?;
     // The first read of a database in WAL mode makes its WAL index (`-shm`), which needs room:
-    // a full disk is not a corrupt database.
-    let unread = |e| super::space::or_out_of_space(&ro, path, e, |e| corrupt(e.to_string()));
+    // a full disk is not a corrupt database. Nor is a file SQLite cannot open or read (its
+    // `-wal` a directory, an I/O error): named as SQLite says it, not called corrupt with
+    // advice to move good data away. Only what SQLite finds damaged is corrupt.
+    let unread = |e: rusqlite::Error| {
+        super::space::or_out_of_space(&ro, path, e, |e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+                corrupt(e.to_string())
+            }
+            _ => StoreError::Sql {
+                path: path.to_owned(),
+                source: e,
+            },
+        })
+    };
     let version: i64 = ro
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(unread)?;

@@ -456,6 +456,16 @@ fn a_file_that_cannot_be_opened_is_named_not_called_corrupt() {
     assert!(!err.to_string().contains("move it away"), "{err}");
     std::fs::remove_file(&journal).expect("rm");
     open(dir.path()).expect("opens again, nothing lost");
+    // Closed cleanly (no -wal left), then a directory in the -wal's place: SQLite cannot open
+    // it, and says so; the database is not called corrupt.
+    assert!(!wal.exists());
+    std::fs::create_dir(&wal).expect("mkdir");
+    let err = open(dir.path()).expect_err("refused");
+    assert!(matches!(&err, StoreError::Sql { .. }), "{err}");
+    assert!(!err.to_string().contains("corrupt"), "{err}");
+    std::fs::remove_dir(&wal).expect("rmdir");
+    let (_, loaded) = open(dir.path()).expect("opens again, nothing lost");
+    assert_eq!(loaded.tasks.len(), 1);
 
     // What a permission refused says: the file's owner and mode, and who this process is.
     use std::os::unix::fs::PermissionsExt;
