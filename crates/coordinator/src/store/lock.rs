@@ -103,6 +103,14 @@ pub fn lock_dir(dir: &Path) -> Result<DirLock, StoreError> {
             path: dir.to_owned(),
             holder: stamp.trim().parse().ok(),
         }),
+        // A lock file that cannot be made for want of room (no inode, or no block, for it):
+        // nothing was made, and it may be tried again ([`super::lock_and_open`] waits).
+        Err(LockError::Io(source)) if super::space::io_out_of_space(&source) => {
+            Err(StoreError::OutOfSpace {
+                path: path.clone(),
+                source: super::WriteError::Dir(source),
+            })
+        }
         Err(LockError::Io(source)) => Err(StoreError::Access {
             path: path.clone(),
             source,

@@ -519,15 +519,7 @@ pub fn lock_and_open(
 ) -> Result<(DirLock, Connection, Loaded), StoreError> {
     let db = dir.join(DB_FILE);
     let mut wait = space::OpenWait::new(&db, stats, stop);
-    let lock = wait.retry(|| match lock_dir(dir) {
-        Err(StoreError::Access { path, source }) if space::io_out_of_space(&source) => {
-            Err(StoreError::OutOfSpace {
-                path,
-                source: WriteError::Dir(source),
-            })
-        }
-        locked => locked,
-    })?;
+    let lock = wait.retry(|| lock_dir(dir))?;
     let (conn, loaded) = open_waiting(dir, wait)?;
     Ok((lock, conn, loaded))
 }
