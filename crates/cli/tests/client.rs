@@ -117,9 +117,11 @@ async fn tasks_all_prints_each_page_before_asking_for_the_next() {
     }
 }
 
-/// Runs `tether` with `args` and no token from the environment: exit code and stderr.
-async fn run_tether(args: Vec<std::ffi::OsString>) -> (Option<i32>, String) {
-    let out = tokio::task::spawn_blocking(move || {
+/// Runs `tether` with `args` and no token from the environment: its whole output.
+async fn tether_output<S: AsRef<std::ffi::OsStr> + Send + 'static>(
+    args: Vec<S>,
+) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_tether"))
             .args(args)
             .env_remove("TETHER_LOG")
@@ -130,7 +132,12 @@ async fn run_tether(args: Vec<std::ffi::OsString>) -> (Option<i32>, String) {
     })
     .await
     .expect("joined")
-    .expect("run tether");
+    .expect("run tether")
+}
+
+/// Runs `tether` with `args` and no token from the environment: exit code and stderr.
+async fn run_tether(args: Vec<std::ffi::OsString>) -> (Option<i32>, String) {
+    let out = tether_output(args).await;
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -247,18 +254,15 @@ async fn tasks_all_rows_stay_under_their_heads_columns_when_a_later_page_is_wide
         .await
         .expect("submit");
     assert!(r.status().is_success(), "submit: {}", r.status());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(["tasks", "--all", "--limit", "2", "--coordinator", &base])
-            .env_remove("TETHER_LOG")
-            .env_remove("TETHER_TOKEN")
-            .env_remove("TETHER_TOKEN_FILE")
-            .stdin(Stdio::null())
-            .output()
-    })
-    .await
-    .expect("joined")
-    .expect("run tether tasks");
+    let out = tether_output(vec![
+        "tasks".to_owned(),
+        "--all".into(),
+        "--limit".into(),
+        "2".into(),
+        "--coordinator".into(),
+        base.clone(),
+    ])
+    .await;
     let text = String::from_utf8(out.stdout).expect("UTF-8");
     assert!(
         out.status.success(),
