@@ -8,6 +8,7 @@ mod e2e;
 mod output;
 mod run;
 mod settings;
+mod size;
 mod stress;
 mod watch;
 

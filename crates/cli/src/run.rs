@@ -13,6 +13,7 @@ use tether_worker::backoff::Jitter;
 use tether_worker::{Agent, Executors, WorkerConfig};
 
 use crate::settings::{self, Refused, parse_duration_arg, refuse};
+use crate::size;
 
 /// Default listen address of the coordinator.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8765";
@@ -46,8 +47,9 @@ pub struct CoordinatorArgs {
     /// least 1s).
     #[arg(long, value_parser = parse_duration_arg)]
     lost_after: Option<Duration>,
-    /// Largest frame accepted, bytes (at least 1048576; default 16 MiB).
-    #[arg(long)]
+    /// Largest frame accepted, bytes or with a unit, e.g. `16MiB` (at least 1MiB, 1048576;
+    /// default 16 MiB).
+    #[arg(long, value_parser = size::parse_usize)]
     max_frame: Option<usize>,
     /// Remove finished tasks, their results, state and checkpoints this long after they
     /// finished (e.g. `7d`; at least `1m`), and lost or stopped workers this long after they
@@ -113,15 +115,17 @@ pub struct CoordinatorArgs {
     max_bytes_per_sec: Option<f64>,
     /// Bytes shared by the WebSocket connections that read past their own 64 KiB before they
     /// registered (long registrations of workers back with many unacknowledged results;
-    /// default 67108864, 64 MiB).
-    #[arg(long)]
+    /// bytes or with a unit, e.g. `64MiB`; default 67108864, 64 MiB).
+    #[arg(long, value_parser = size::parse_usize)]
     registration_pool: Option<usize>,
-    /// Largest HTTP request body, bytes (default 16777216, 16 MiB).
-    #[arg(long)]
+    /// Largest HTTP request body, bytes or with a unit, e.g. `16MiB` (default 16777216,
+    /// 16 MiB).
+    #[arg(long, value_parser = size::parse_usize)]
     max_body: Option<usize>,
-    /// Largest checkpoint of a task, bytes (default 67108864, 64 MiB; at most 1 GiB, the most
-    /// a worker fetches; incomplete ones together: twice this).
-    #[arg(long)]
+    /// Largest checkpoint of a task, bytes or with a unit, e.g. `64MiB` (default 67108864,
+    /// 64 MiB; at most 1 GiB, the most a worker fetches; incomplete ones together: twice
+    /// this).
+    #[arg(long, value_parser = size::parse)]
     max_checkpoint_bytes: Option<u64>,
     /// PEM certificate chain: serve TLS (wss://, https://); needs --tls-key.
     #[arg(long, env = "TETHER_TLS_CERT", requires = "tls_key")]
@@ -138,8 +142,8 @@ pub struct CoordinatorArgs {
     #[arg(long)]
     no_compression: bool,
     /// Messages (or batches) of at least this many bytes of JSON go zstd-compressed, once a
-    /// worker agreed to it (default 1024).
-    #[arg(long)]
+    /// worker agreed to it (bytes or with a unit, e.g. `4KiB`; default 1024).
+    #[arg(long, value_parser = size::parse_usize)]
     min_compress_size: Option<usize>,
     /// TOML settings file ([coordinator] table).
     #[arg(long, env = "TETHER_CONFIG")]
@@ -272,7 +276,7 @@ fn coordinator_config(
         }
         cfg.retention = Some(d);
     }
-    if let Some(n) = a.max_frame.or(file.max_frame) {
+    if let Some(n) = a.max_frame.or(file.max_frame.map(size::Bytes::usize)) {
         cfg.max_frame = n;
     }
     if let Some(n) = file.checkpoints_kept {
@@ -282,7 +286,10 @@ fn coordinator_config(
         cfg.durability = d;
     }
     cfg.compression = !a.no_compression && file.compression.unwrap_or(true);
-    if let Some(n) = a.min_compress_size.or(file.min_compress_size) {
+    if let Some(n) = a
+        .min_compress_size
+        .or(file.min_compress_size.map(size::Bytes::usize))
+    {
         cfg.compress_threshold = n;
     }
     apply_limits(&mut cfg, &a, &file)?;
@@ -375,13 +382,19 @@ fn apply_limits(
         let burst = (r * 4.0).max(cfg.max_frame as f64);
         l.byte_burst = burst.ceil().min(f64::from(u32::MAX)) as u32;
     }
-    if let Some(n) = a.registration_pool.or(file.registration_pool) {
+    if let Some(n) = a
+        .registration_pool
+        .or(file.registration_pool.map(size::Bytes::usize))
+    {
         l.registration_pool = n;
     }
-    if let Some(n) = a.max_body.or(file.max_body) {
+    if let Some(n) = a.max_body.or(file.max_body.map(size::Bytes::usize)) {
         cfg.max_body = n;
     }
-    if let Some(n) = a.max_checkpoint_bytes.or(file.max_checkpoint_bytes) {
+    if let Some(n) = a
+        .max_checkpoint_bytes
+        .or(file.max_checkpoint_bytes.map(|b| b.0))
+    {
         if n == 0 {
             refuse!("--max-checkpoint-bytes", "must be at least 1");
         }
@@ -628,8 +641,9 @@ pub struct WorkerArgs {
     event_log: Option<PathBuf>,
     /// Bytes the event log's file may reach: a record that would take it past them first
     /// renames it to FILE.1 (replacing an older one) and starts a new FILE, so the log keeps at
-    /// most about twice this (default 67108864, 64 MiB; at least 65536, 64 KiB).
-    #[arg(long, value_parser = parse_bytes)]
+    /// most about twice this (bytes or with a unit, e.g. `64MiB`; default 67108864, 64 MiB; at
+    /// least 65536, 64 KiB).
+    #[arg(long, value_parser = size::parse)]
     event_log_max_bytes: Option<u64>,
     /// File holding this worker's secret (or the fleet secret); TETHER_SECRET may hold the
     /// secret itself. Never a flag value, so it never shows in `ps`.
@@ -643,16 +657,16 @@ pub struct WorkerArgs {
     /// 10000).
     #[arg(long)]
     max_outbox_entries: Option<usize>,
-    /// Most bytes the outbox holds while offline; producers (tasks) wait beyond it (default
-    /// 67108864, 64 MiB).
-    #[arg(long)]
+    /// Most bytes the outbox holds while offline; producers (tasks) wait beyond it (bytes or
+    /// with a unit, e.g. `64MiB`; default 67108864, 64 MiB).
+    #[arg(long, value_parser = size::parse_usize)]
     max_outbox_bytes: Option<usize>,
     /// Do not offer zstd compression: every frame goes as JSON text.
     #[arg(long)]
     no_compression: bool,
     /// Messages (or batches) of at least this many bytes of JSON go zstd-compressed, once the
-    /// coordinator agreed to it (default 1024).
-    #[arg(long)]
+    /// coordinator agreed to it (bytes or with a unit, e.g. `4KiB`; default 1024).
+    #[arg(long, value_parser = size::parse_usize)]
     min_compress_size: Option<usize>,
     /// PEM certificates to trust for a wss:// coordinator (default: the system's roots).
     #[arg(long, env = "TETHER_CA_FILE")]
@@ -671,13 +685,6 @@ impl WorkerArgs {
     pub(crate) fn check(&self) -> Result<(), String> {
         crate::one_value_a_key("--tag", &self.tags, "a worker carries one value a key")
     }
-}
-
-/// A number of bytes, said so when it does not parse (the range is checked with the rest of
-/// the settings, by `validate`).
-fn parse_bytes(s: &str) -> Result<u64, String> {
-    s.parse::<u64>()
-        .map_err(|e| format!("{e} (a number of bytes, e.g. 67108864 for 64 MiB)"))
 }
 
 fn parse_tag(s: &str) -> Result<(String, String), String> {
@@ -827,7 +834,10 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     }
     cfg.seed = a.seed;
     cfg.event_log = a.event_log;
-    if let Some(n) = a.event_log_max_bytes.or(file.event_log_max_bytes) {
+    if let Some(n) = a
+        .event_log_max_bytes
+        .or(file.event_log_max_bytes.map(|b| b.0))
+    {
         cfg.event_log_max_bytes = n;
     }
     cfg.ca_file = a.ca_file;
@@ -856,14 +866,20 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
         }
         cfg.outbox.max_entries = n;
     }
-    if let Some(n) = a.max_outbox_bytes.or(file.max_outbox_bytes) {
+    if let Some(n) = a
+        .max_outbox_bytes
+        .or(file.max_outbox_bytes.map(size::Bytes::usize))
+    {
         if n == 0 {
             refuse!("--max-outbox-bytes", "must be at least 1");
         }
         cfg.outbox.max_bytes = n;
     }
     cfg.compression = !a.no_compression && file.compression.unwrap_or(true);
-    if let Some(n) = a.min_compress_size.or(file.min_compress_size) {
+    if let Some(n) = a
+        .min_compress_size
+        .or(file.min_compress_size.map(size::Bytes::usize))
+    {
         cfg.compress_threshold = n;
     }
     if cfg.require_message_mac && cfg.secret.is_none() {
@@ -1529,7 +1545,111 @@ mod tests {
         let e = parse("", &["--event-log-max-bytes", &under]).expect_err("under the least");
         assert!(e.to_string().starts_with("--event-log-max-bytes "), "{e}");
         assert!(e.to_string().contains(&format!("at least {least}")), "{e}");
-        assert!(Work::try_parse_from(["t", "--event-log-max-bytes", "64MiB"]).is_err());
+        // With a unit, from the flag or the file (a string there).
+        assert_eq!(bound("", &["--event-log-max-bytes", "64MiB"]), 64 << 20);
+        assert_eq!(bound("event_log_max_bytes = \"2MiB\"\n", &[]), 2 << 20);
+        assert!(Work::try_parse_from(["t", "--event-log-max-bytes", "1.5MiB"]).is_err());
+    }
+
+    /// Every byte-size flag takes a unit (`1MiB`), says so in its help, and refuses a
+    /// fraction or an unknown unit as it is read; its config file key takes the same as a
+    /// string (`"1MiB"`), an integer still being bytes. They took plain bytes only.
+    #[test]
+    fn every_byte_size_flag_and_key_takes_a_unit() {
+        use clap::CommandFactory;
+        let coord = [
+            "max-frame",
+            "registration-pool",
+            "max-body",
+            "max-checkpoint-bytes",
+            "min-compress-size",
+        ];
+        let worker = [
+            "max-outbox-bytes",
+            "event-log-max-bytes",
+            "min-compress-size",
+        ];
+        let takes_coord = |argv: [&str; 3]| Coord::try_parse_from(argv).is_ok();
+        let takes_work = |argv: [&str; 3]| Work::try_parse_from(argv).is_ok();
+        for (cmd, flags, takes) in [
+            (
+                Coord::command(),
+                &coord[..],
+                &takes_coord as &dyn Fn([&str; 3]) -> bool,
+            ),
+            (Work::command(), &worker[..], &takes_work),
+        ] {
+            for flag in flags {
+                let arg = cmd
+                    .get_arguments()
+                    .find(|a| a.get_long() == Some(flag))
+                    .unwrap_or_else(|| panic!("--{flag}"));
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+                assert!(help.contains("bytes or with a unit"), "--{flag}: {help:?}");
+                let long = format!("--{flag}");
+                assert!(takes(["t", &long, "1MiB"]), "{long} 1MiB refused");
+                for bad in ["1.5MiB", "10XB", "-1"] {
+                    assert!(!takes(["t", &long, bad]), "{long} {bad} taken");
+                }
+            }
+        }
+        let dir = tempfile::tempdir().expect("dir");
+        let coordinator = |lines: &str, flags: &[&str]| {
+            let toml = file(dir.path(), &format!("[coordinator]\n{lines}"));
+            let mut args = vec!["t", "--config", toml.to_str().expect("utf-8")];
+            args.extend_from_slice(flags);
+            let a = Coord::try_parse_from(args).expect("flags").a;
+            let file = settings::load(a.config.as_deref())
+                .expect("file")
+                .coordinator;
+            coordinator_config(a, file)
+        };
+        let flags = [
+            "--max-frame",
+            "2MiB",
+            "--max-body",
+            "1MB",
+            "--max-checkpoint-bytes",
+            "1GiB",
+            "--registration-pool",
+            "32MiB",
+            "--min-compress-size",
+            "2KiB",
+        ];
+        let keys = "max_frame = \"2MiB\"\nmax_body = \"1MB\"\nmax_checkpoint_bytes = \"1GiB\"\n\
+                    registration_pool = \"32MiB\"\nmin_compress_size = \"2kib\"\n";
+        for cfg in [coordinator("", &flags), coordinator(keys, &[])] {
+            let cfg = cfg.expect("config");
+            assert_eq!(cfg.max_frame, 2 << 20);
+            assert_eq!(cfg.max_body, 1_000_000);
+            assert_eq!(cfg.max_checkpoint_bytes, 1 << 30);
+            assert_eq!(cfg.limits.registration_pool, 32 << 20);
+            assert_eq!(cfg.compress_threshold, 2048);
+        }
+        // An integer in the file is still bytes.
+        let cfg = coordinator("max_frame = 2097152\n", &[]).expect("config");
+        assert_eq!(cfg.max_frame, 2 << 20);
+        let e = settings::load(Some(&file(
+            dir.path(),
+            "[coordinator]\nmax_frame = \"1.5MiB\"\n",
+        )))
+        .expect_err("a fraction");
+        let e = format!("{e:#}");
+        assert!(e.contains("max_frame") && e.contains("whole number"), "{e}");
+        let base = "[worker]\ncoordinator = \"ws://127.0.0.1:1\"\nid = \"w\"\n";
+        let worker = |lines: &str, flags: &[&str]| {
+            let toml = file(dir.path(), &format!("{base}{lines}"));
+            let mut args = vec!["t", "--config", toml.to_str().expect("utf-8")];
+            args.extend_from_slice(flags);
+            worker_config(Work::try_parse_from(args).expect("flags").a).expect("config")
+        };
+        let flags = ["--max-outbox-bytes", "8MiB", "--min-compress-size", "1kB"];
+        let keys = "max_outbox_bytes = \"8MiB\"\nmin_compress_size = \"1kB\"\n";
+        for cfg in [worker("", &flags), worker(keys, &[])] {
+            assert_eq!(cfg.outbox.max_bytes, 8 << 20);
+            assert_eq!(cfg.compress_threshold, 1000);
+        }
     }
 
     #[test]

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::Deserialize;
 
-/// `[coordinator]` and `[worker]` tables; every key optional.
+use crate::size::Bytes;
+
+/// `[coordinator]` and `[worker]` tables; every key optional. A byte size ([`Bytes`]) is an
+/// integer or a string with a unit (`max_frame = "16MiB"`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
@@ -27,7 +30,7 @@ pub struct CoordinatorFile {
     pub heartbeat_budget: Option<u32>,
     pub idle_coalesce: Option<String>,
     pub lost_after: Option<String>,
-    pub max_frame: Option<usize>,
+    pub max_frame: Option<Bytes>,
     pub checkpoints_kept: Option<usize>,
     pub retention: Option<String>,
     pub secret_file: Option<PathBuf>,
@@ -42,14 +45,14 @@ pub struct CoordinatorFile {
     pub min_answer_rate: Option<u64>,
     pub max_messages_per_sec: Option<f64>,
     pub max_bytes_per_sec: Option<f64>,
-    pub registration_pool: Option<usize>,
-    pub max_body: Option<usize>,
-    pub max_checkpoint_bytes: Option<u64>,
+    pub registration_pool: Option<Bytes>,
+    pub max_body: Option<Bytes>,
+    pub max_checkpoint_bytes: Option<Bytes>,
     pub admin_token_file: Option<PathBuf>,
     pub read_token_file: Option<PathBuf>,
     pub durability: Option<tether_coordinator::store::Durability>,
     pub compression: Option<bool>,
-    pub min_compress_size: Option<usize>,
+    pub min_compress_size: Option<Bytes>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -71,10 +74,10 @@ pub struct WorkerFile {
     pub secret_file: Option<PathBuf>,
     pub message_mac: Option<bool>,
     pub max_outbox_entries: Option<usize>,
-    pub max_outbox_bytes: Option<usize>,
+    pub max_outbox_bytes: Option<Bytes>,
     pub compression: Option<bool>,
-    pub min_compress_size: Option<usize>,
-    pub event_log_max_bytes: Option<u64>,
+    pub min_compress_size: Option<Bytes>,
+    pub event_log_max_bytes: Option<Bytes>,
 }
 
 pub fn load(path: Option<&Path>) -> anyhow::Result<FileConfig> {

@@ -942,7 +942,7 @@ fn a_worker_flag_value_the_settings_refuse_is_a_usage_error_and_a_file_key_is_no
 /// `--event-log-max-bytes` under the least the worker takes (64 KiB) is a usage error (exit 2)
 /// naming the flag and the least, before anything is made or a connection tried; as
 /// `event_log_max_bytes` in the config file, the file's error (exit 1) naming the key. A
-/// value that is no number of bytes is refused as the flag is read. At the least, the worker
+/// value that is no size (an unknown unit) is refused as the flag is read. At the least, the worker
 /// runs (and gives up on the closed port). Neither had a flag nor a key.
 #[test]
 fn worker_an_event_log_bound_under_the_least_is_refused_naming_the_flag_or_key() {
@@ -959,13 +959,13 @@ fn worker_an_event_log_bound_under_the_least_is_refused_naming_the_flag_or_key()
         assert!(err.contains("Usage: tether worker"), "{value}: {err}");
         assert!(!err.contains("connection attempt"), "{value}: {err}");
     }
-    let (code, err) = tether_bounded(&[&head[..], &once, &[flag, "64MiB"]].concat(), None);
+    let (code, err) = tether_bounded(&[&head[..], &once, &[flag, "64XB"]].concat(), None);
     assert_eq!(code, Some(2), "{err}");
     assert!(
-        err.contains("invalid value '64MiB' for '--event-log-max-bytes "),
+        err.contains("invalid value '64XB' for '--event-log-max-bytes "),
         "{err}"
     );
-    assert!(err.contains("a number of bytes"), "{err}");
+    assert!(err.contains("unknown size unit"), "{err}");
     let file = dir.path().join("w.toml");
     std::fs::write(&file, "[worker]\nevent_log_max_bytes = 1000\n").expect("write");
     let (code, err) = tether_bounded(&[&head[..], &once].concat(), Some(&file));
@@ -975,7 +975,67 @@ fn worker_an_event_log_bound_under_the_least_is_refused_naming_the_flag_or_key()
         err.contains(&named) && err.contains("at least 65536"),
         "{err}"
     );
-    let (code, err) = tether_bounded(&[&head[..], &once, &[flag, "65536"]].concat(), None);
+    for value in ["65536", "64KiB"] {
+        let (code, err) = tether_bounded(&[&head[..], &once, &[flag, value]].concat(), None);
+        assert_eq!(code, Some(1), "{value}: {err}");
+        assert!(err.contains("gave up after 1"), "{value}: {err}");
+    }
+}
+
+/// A byte size takes a unit: `--max-frame 1MiB` reaches the coordinator's settings as
+/// 1048576 bytes (a byte rate too low for that frame is refused naming it, a usage error as
+/// any flag's value the settings refuse), `--max-frame 1000KiB` is refused as 1024000, under
+/// the least; `max_frame = "1MiB"` in the config file is taken the same. A fraction or an
+/// unknown unit is a usage error (exit 2) naming the flag; in the file, an error of the run
+/// (exit 1) naming the key and the file. Units were refused: plain bytes only.
+#[test]
+fn a_byte_size_takes_a_unit_from_the_flag_or_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    let head = ["coordinator", "--listen", "127.0.0.1:0", "--data-dir", data];
+    let slow = ["--max-bytes-per-sec", "100000"];
+    let (code, err) = tether_bounded(&[&head[..], &slow, &["--max-frame", "1MiB"]].concat(), None);
+    assert_eq!(code, Some(2), "{err}");
+    let said = refusal(&err, "--max-bytes-per-sec");
+    assert!(said.contains("one largest frame (1048576 bytes)"), "{err}");
+    let (code, err) = tether_bounded(&[&head[..], &["--max-frame", "1000KiB"]].concat(), None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        refusal(&err, "--max-frame").contains("1024000 is too small"),
+        "{err}"
+    );
+    for value in ["1.5MiB", "10XB"] {
+        let (code, err) = tether_bounded(&[&head[..], &["--max-frame", value]].concat(), None);
+        assert_eq!(code, Some(2), "{value}: {err}");
+        assert!(
+            err.contains(&format!("invalid value '{value}' for '--max-frame ")),
+            "{value}: {err}"
+        );
+    }
+    let file = dir.path().join("c.toml");
+    std::fs::write(
+        &file,
+        "[coordinator]\nmax_frame = \"1MiB\"\nmax_bytes_per_sec = 100000.0\n",
+    )
+    .expect("write");
+    let (code, err) = tether_bounded(&head, Some(&file));
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("gave up after 1"), "{err}");
+    assert!(err.contains("one largest frame (1048576 bytes)"), "{err}");
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    for (value, says) in [
+        ("\"1.5MiB\"", "whole number"),
+        ("\"10XB\"", "unknown size unit"),
+    ] {
+        std::fs::write(&file, format!("[coordinator]\nmax_frame = {value}\n")).expect("write");
+        let (code, err) = tether_bounded(&head, Some(&file));
+        assert_eq!(code, Some(1), "{value}: {err}");
+        assert!(
+            err.contains("max_frame") && err.contains(says),
+            "{value}: {err}"
+        );
+        assert!(err.contains(&file.display().to_string()), "{value}: {err}");
+        assert!(!err.contains("Usage:"), "{value}: {err}");
+    }
+    assert!(!std::path::Path::new(data).exists(), "nothing made");
 }
