@@ -270,8 +270,13 @@ struct Watch {
     submitted: Option<std::time::Instant>,
     /// The coordinator refused the listing's `ids` filter (400) or ignored it: named tasks are
     /// read one by one from then on, without asking for the filter again at every catch-up. A
-    /// failure that says nothing of the filter (busy, a dropped connection) is not taken so.
+    /// failure that says nothing of the filter (busy, a dropped connection) is not taken so,
+    /// nor is a request refused for its length (see `ids_bytes`).
     no_ids_filter: bool,
+    /// Bytes of ids one listing request names at most: [`IDS_BYTES`], halved for the rest of
+    /// the watch each time a request naming several is refused for its length (400, 414 or
+    /// 431 from the coordinator or a proxy before it, not saying the filter is unknown).
+    ids_bytes: usize,
 }
 
 impl Watch {
@@ -291,6 +296,7 @@ impl Watch {
             forget_at: SEEN_MAX,
             submitted: None,
             no_ids_filter: false,
+            ids_bytes: IDS_BYTES,
         }
     }
 
@@ -518,9 +524,13 @@ impl Watch {
     /// Named tasks, `ids`, read from the listing by their ids ([`IDS_AT_ONCE`] a request, fewer
     /// when they are long), not with a request each: a first catch-up of 5,000 names made 5,000
     /// requests. The names the listing did not hold; all those not read yet when the
-    /// coordinator does not know the filter (it refuses the parameter with 400, or, one that
-    /// ignores parameters it does not know, lists tasks not asked for): they are read one by
-    /// one, and so are they at every later catch-up of the watch (`no_ids_filter`). One name
+    /// coordinator does not know the filter (it refuses the parameter with 400 saying so, or,
+    /// one that ignores parameters it does not know, lists tasks not asked for): they are read
+    /// one by one, and so are they at every later catch-up of the watch (`no_ids_filter`). A
+    /// request naming several refused otherwise (400, 414, 431: too long for the coordinator or
+    /// a proxy) is sent again naming half as many bytes of ids, and so are the later ones
+    /// (`ids_bytes`); it was taken for a coordinator without the filter, every later catch-up
+    /// a request per name. One name refused so: the filter is taken for unknown. One name
     /// alone is left to be read by itself: a request either way, and that one tells a missing
     /// task (404) at once and needs no filter.
     async fn read_by_ids(&mut self, api: &Api, ids: &[String]) -> anyhow::Result<Vec<String>> {
@@ -536,7 +546,7 @@ impl Watch {
                 .take(IDS_AT_ONCE)
                 .take_while(|id| {
                     bytes += id.len() + 2 * id.matches('+').count() + 1;
-                    bytes <= IDS_BYTES
+                    bytes <= self.ids_bytes
                 })
                 .count()
                 .max(1);
@@ -546,9 +556,15 @@ impl Watch {
             let path = format!("/api/v1/tasks?limit={n}&ids={named}");
             let got = match api.get(&path).await {
                 Ok(Value::Array(got)) => got,
-                Err(e) if status(&e) == Some(400) => {
-                    self.no_ids_filter = true;
-                    return Ok([missing, rest.to_vec()].concat());
+                Err(e) if matches!(status(&e), Some(400 | 414 | 431)) => {
+                    if n == 1 || unknown_ids_parameter(&e) {
+                        self.no_ids_filter = true;
+                        return Ok([missing, rest.to_vec()].concat());
+                    }
+                    // INVARIANT: fewer ids at each refusal of this chunk, down to one.
+                    self.ids_bytes = named.len() / 2;
+                    tracing::debug!(ids = n, bytes = named.len(), error = %format!("{e:#}"), "a listing by ids refused: asking for fewer a request");
+                    continue;
                 }
                 Ok(_) => anyhow::bail!("the coordinator's task list is not a list"),
                 Err(e) => return Err(e),
@@ -800,6 +816,14 @@ impl Watch {
         }
         Err(anyhow::anyhow!(why).context(Unfollowed))
     }
+}
+
+/// Whether `e`, a listing's refusal, says the coordinator does not know its `ids` parameter,
+/// as one before the filter said (its query's fields were checked: ``unknown field `ids`,
+/// expected one of ...``).
+fn unknown_ids_parameter(e: &anyhow::Error) -> bool {
+    let said = format!("{e:#}");
+    said.contains("unknown field `ids`") || (said.contains("`ids`") && said.contains("unknown"))
 }
 
 /// The HTTP status of a refusal, if `e` is one.
@@ -1498,7 +1522,11 @@ mod tests {
                 _ => None,
             };
             if mode == Ids::Refuses && q.contains_key("ids") {
-                return std::future::ready(Err(http::StatusCode::BAD_REQUEST));
+                // In the words of a coordinator before the filter (its query's fields checked).
+                let said = "Failed to deserialize query string: unknown field `ids`, expected \
+                            one of `status`, `limit`, `order`, `updated_since`, `after_seq`";
+                let body = json!({"error": {"code": "bad_request", "message": said}});
+                return std::future::ready(Err((http::StatusCode::BAD_REQUEST, axum::Json(body))));
             }
             let mut got: Vec<Value> = list_tasks
                 .lock()

@@ -987,8 +987,13 @@ async fn a_watch_of_many_tasks_submitted_long_ago_reads_them_by_their_ids_not_th
 /// What a stand-in coordinator does with the task listing's `ids` filter.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum IdsFilter {
-    /// Refuses the parameter (400), as a coordinator before the filter did.
+    /// Refuses the parameter (400), in the words of a coordinator before the filter.
     Refused,
+    /// Filters (what a `TooLong` one does with a query it takes).
+    Filtered,
+    /// Filters, but a listing whose query is over [`LONGEST_QUERY`] is refused with this
+    /// status (400, 414), as a proxy with a short request line limit does, in its words.
+    TooLong(u16),
     /// Lists every task, as one that ignores parameters it does not know.
     Ignored,
     /// Filters, but answers busy (503) to every listing while the first event stream is open.
@@ -998,15 +1003,33 @@ enum IdsFilter {
 /// The tasks a watch of [`stand_in_coordinator`] names.
 const NAMED: [&str; 3] = ["n-0", "n-1", "n-2"];
 
+impl IdsFilter {
+    /// `TooLong` with its status when a listing of `query` is refused for its length, else
+    /// `self`.
+    fn too_long(self, query: &str) -> Self {
+        match self {
+            IdsFilter::TooLong(_) if query.len() > LONGEST_QUERY => self,
+            IdsFilter::TooLong(_) => IdsFilter::Filtered,
+            other => other,
+        }
+    }
+}
+
+/// The longest listing query an [`IdsFilter::TooLong`] stand-in takes.
+const LONGEST_QUERY: usize = 1024;
+
 /// A coordinator, stood in for by a small server, whose event stream sends three snapshots
-/// (three catch-ups of the watch), then each named task completed; its listing takes `ids` as
+/// (three catch-ups of the watch), then each of `named` completed; its listing takes `ids` as
 /// `mode` says. Each listing's query (`LIST ...`) and each read of one task (`GET id`) is
-/// written to `asked`, each busy answer as `BUSY`.
+/// written to `asked`, each busy answer as `BUSY`, each listing refused as too long as
+/// `TOO LONG ...`.
 async fn stand_in_coordinator(
     mode: IdsFilter,
+    named: Vec<String>,
     asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 ) -> String {
     use axum::extract::{Path, RawQuery};
+    use axum::response::IntoResponse;
     use std::sync::atomic::{AtomicUsize, Ordering};
     let running = |id: &str| {
         json!({
@@ -1015,14 +1038,15 @@ async fn stand_in_coordinator(
         })
     };
     let opened = std::sync::Arc::new(AtomicUsize::new(0));
+    let named = std::sync::Arc::new(named);
     let events = {
-        let opened = opened.clone();
+        let (opened, named) = (opened.clone(), named.clone());
         move || {
             opened.fetch_add(1, Ordering::SeqCst);
             let snapshot =
                 "event: snapshot\ndata: {\"at\": \"2026-12-01T10:40:00Z\", \"tasks\": []}\n\n";
             let mut body = [snapshot; 3].join("event: resync\ndata: {}\n\n");
-            for id in NAMED {
+            for id in named.iter() {
                 let mut t = running(id);
                 t["status"] = json!("completed");
                 t["updated_at"] = json!("2026-12-01T10:40:01Z");
@@ -1047,22 +1071,47 @@ async fn stand_in_coordinator(
         let mut asked = list_asked.lock().expect("asked");
         if busy {
             asked.push("BUSY".into());
-            return std::future::ready(Err(axum::http::StatusCode::SERVICE_UNAVAILABLE));
+            let busy = axum::http::StatusCode::SERVICE_UNAVAILABLE;
+            return std::future::ready(busy.into_response());
+        }
+        if let IdsFilter::TooLong(status) = mode.too_long(&query) {
+            asked.push(format!("TOO LONG {query}"));
+            let status = axum::http::StatusCode::from_u16(status).expect("a status");
+            let said = "<html><body>Request-URI Too Large</body></html>";
+            return std::future::ready((status, said).into_response());
         }
         asked.push(format!("LIST {query}"));
+        let asked_for: Option<std::collections::BTreeSet<&str>> = query
+            .split('&')
+            .find_map(|p| p.strip_prefix("ids="))
+            .map(|ids| ids.split(',').collect());
         let tasks: Vec<_> = match mode {
             IdsFilter::Refused if query.contains("ids=") => {
-                return std::future::ready(Err(axum::http::StatusCode::BAD_REQUEST));
+                // In the words of a coordinator before the filter (its query's fields checked).
+                let said = "Failed to deserialize query string: unknown field `ids`, expected \
+                            one of `status`, `limit`, `order`, `updated_since`, `after_seq`";
+                let body = json!({"error": {"code": "bad_request", "message": said}});
+                let refused = axum::http::StatusCode::BAD_REQUEST;
+                return std::future::ready((refused, axum::Json(body)).into_response());
             }
             // Every task, one not named among them.
-            IdsFilter::Ignored => NAMED
+            IdsFilter::Ignored => named
                 .iter()
-                .chain(&["other-0"])
+                .map(String::as_str)
+                .chain(["other-0"])
+                .map(running)
+                .collect(),
+            _ => named
+                .iter()
+                .filter(|id| {
+                    asked_for
+                        .as_ref()
+                        .is_none_or(|ids| ids.contains(id.as_str()))
+                })
                 .map(|id| running(id))
                 .collect(),
-            _ => NAMED.iter().map(|id| running(id)).collect(),
         };
-        std::future::ready(Ok(axum::Json(serde_json::Value::from(tasks))))
+        std::future::ready(axum::Json(serde_json::Value::from(tasks)).into_response())
     };
     let one = move |Path(id): Path<String>| {
         asked.lock().expect("asked").push(format!("GET {id}"));
@@ -1093,7 +1142,8 @@ async fn a_watch_asks_a_coordinator_without_the_ids_filter_for_it_once_not_at_ev
         IdsFilter::BusyAtFirst,
     ] {
         let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let base = stand_in_coordinator(mode, asked.clone()).await;
+        let named = NAMED.iter().map(|id| id.to_string()).collect();
+        let base = stand_in_coordinator(mode, named, asked.clone()).await;
         let mut args = vec!["watch", "--coordinator", &base];
         args.extend(NAMED);
         let mut watch = Watcher::start(&args);
@@ -1117,6 +1167,7 @@ async fn a_watch_asks_a_coordinator_without_the_ids_filter_for_it_once_not_at_ev
                 // Three catch-ups, each reading every named task by itself.
                 assert_eq!(count("GET "), 3 * NAMED.len(), "{mode:?}: {asked:?}");
             }
+            IdsFilter::Filtered | IdsFilter::TooLong(_) => unreachable!("not among the modes"),
             IdsFilter::BusyAtFirst => {
                 assert!(count("BUSY") > 0, "{asked:?}");
                 assert!(
@@ -1131,5 +1182,65 @@ async fn a_watch_asks_a_coordinator_without_the_ids_filter_for_it_once_not_at_ev
                 assert_eq!(count("GET "), 0, "{asked:?}");
             }
         }
+    }
+}
+
+/// A watch of named tasks whose listing by ids is refused for its length (400 or 414 from a
+/// proxy with a short request line limit, not from a coordinator that lacks the filter) asks
+/// for fewer ids a request, for the rest of the watch: every catch-up reads the names by the
+/// filter, none by itself. A 400 turned the filter off for the rest of the watch, a request
+/// per name at every catch-up; a 414 failed the catch-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_whose_listing_by_ids_is_refused_as_too_long_asks_for_fewer_a_request() {
+    // Under the 64 read by ids at every catch-up; 60 of 40 bytes: 2.4 KiB of query.
+    let named: Vec<String> = (0..60)
+        .map(|i| format!("a-task-named-at-some-length-{i:012}"))
+        .collect();
+    for status in [400, 414] {
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mode = IdsFilter::TooLong(status);
+        let base = stand_in_coordinator(mode, named.clone(), asked.clone()).await;
+        let mut args = vec!["watch", "--coordinator", base.as_str()];
+        args.extend(named.iter().map(String::as_str));
+        let mut watch = Watcher::start(&args);
+        let (code, lines) = watch.wait_exit();
+        assert_eq!(
+            code,
+            Some(0),
+            "{status}: {lines:?}; {}",
+            watch.stderr_text()
+        );
+        let asked = asked.lock().expect("asked").clone();
+        let count = |what: &str| asked.iter().filter(|a| a.starts_with(what)).count();
+        assert_eq!(count("GET "), 0, "{status}: none read by itself: {asked:?}");
+        let refused = count("TOO LONG ");
+        assert!((1..=4).contains(&refused), "{status}: {asked:?}");
+        // Refused at the first catch-up only: the later ones ask for fewer from the start.
+        let first_taken = asked
+            .iter()
+            .position(|a| a.starts_with("LIST "))
+            .expect("a listing");
+        assert!(
+            asked[first_taken..]
+                .iter()
+                .all(|a| !a.starts_with("TOO LONG ")),
+            "{status}: {asked:?}"
+        );
+        let by_ids: Vec<&String> = asked.iter().filter(|a| a.starts_with("LIST ")).collect();
+        assert!(
+            by_ids.iter().all(|a| a.contains("ids=")),
+            "{status}: {asked:?}"
+        );
+        // Every name at each of the three catch-ups, each once.
+        let listed = |id: &str| {
+            by_ids
+                .iter()
+                .filter(|a| a.split(['=', ',', '&']).any(|p| p == id))
+                .count()
+        };
+        assert!(
+            named.iter().all(|id| listed(id) == 3),
+            "{status}: {asked:?}"
+        );
     }
 }
