@@ -1,7 +1,8 @@
 //! The child processes of a stress run: the coordinator (killed and restarted on the same port
 //! and data directory when a scenario asks), the fleet of simulated workers, and the fault
 //! proxies between them when the workers are cut off through one; plus what `/proc/<pid>`
-//! says about their CPU and memory.
+//! says about their CPU and memory while they run, and what the kernel counted of their whole
+//! lives once they exited.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -153,6 +154,56 @@ async fn usage_at_exit(pid: u32, deadline: tokio::time::Instant) -> anyhow::Resu
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// How long a child killed (SIGKILL) for not exiting in time has to be gone.
+const KILLED_WITHIN: Duration = Duration::from_secs(10);
+
+/// How a child told to end ([`end`]) ended.
+#[derive(Debug)]
+struct Ended {
+    /// Its [`Usage`] to its exit; `None` off Linux, or when it had already been reaped.
+    usage: Option<Usage>,
+    /// Its exit status; `None` when it had to be killed.
+    status: Option<std::process::ExitStatus>,
+}
+
+/// Waits until `child`, told to end, has exited, at most until `deadline`, then SIGKILLs it:
+/// either way its [`Usage`] to its exit is read from the kernel ([`usage_at_exit`]) before it
+/// is reaped, and it is reaped, so no zombie stays behind.
+async fn end(child: &mut Child, deadline: tokio::time::Instant) -> anyhow::Result<Ended> {
+    let pid = child.id();
+    let mut usage = match pid {
+        Some(pid) => usage_at_exit(pid, deadline).await?,
+        None => None,
+    };
+    if let Ok(status) = tokio::time::timeout_at(deadline, child.wait()).await {
+        let status = status.context("waiting for a child process")?;
+        return Ok(Ended {
+            usage,
+            status: Some(status),
+        });
+    }
+    // It may have exited just as the deadline passed.
+    if let Some(status) = child.try_wait().context("waiting for a child process")? {
+        return Ok(Ended {
+            usage,
+            status: Some(status),
+        });
+    }
+    child.start_kill().context("killing a child process")?;
+    let soon = tokio::time::Instant::now() + KILLED_WITHIN;
+    if let Some(pid) = pid {
+        usage = usage_at_exit(pid, soon).await?;
+    }
+    tokio::time::timeout_at(soon, child.wait())
+        .await
+        .context("a child process killed did not end")?
+        .context("waiting for a child process")?;
+    Ok(Ended {
+        usage,
+        status: None,
+    })
 }
 
 /// The coordinator as a child process.
@@ -334,11 +385,11 @@ impl Coordinator {
         let Some(mut c) = self.child.take() else {
             return Ok(());
         };
-        let pid = c.id();
         c.start_kill().context("killing the coordinator")?;
-        let deadline = tokio::time::Instant::now() + STOP_WITHIN;
-        self.count_exit(ended, sampled, pid, deadline).await?;
-        c.wait().await.context("killing the coordinator")?;
+        let end = end(&mut c, tokio::time::Instant::now() + STOP_WITHIN)
+            .await
+            .context("killing the coordinator")?;
+        self.count_exit(ended, sampled, end.usage);
         Ok(())
     }
 
@@ -349,47 +400,37 @@ impl Coordinator {
         let Some(mut c) = self.child.take() else {
             return Ok(());
         };
-        let pid = c.id();
-        if let Some(pid) = pid {
+        if let Some(pid) = c.id() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
-        let deadline = tokio::time::Instant::now() + STOP_WITHIN;
-        self.count_exit(ended, sampled, pid, deadline).await?;
-        match tokio::time::timeout_at(deadline, c.wait()).await {
-            Ok(Ok(status)) if status.success() => Ok(()),
-            Ok(Ok(status)) => bail!(
+        let end = end(&mut c, tokio::time::Instant::now() + STOP_WITHIN)
+            .await
+            .context("waiting for the coordinator")?;
+        // Killed or not, what it used is counted.
+        self.count_exit(ended, sampled, end.usage);
+        match end.status {
+            Some(status) if status.success() => Ok(()),
+            Some(status) => bail!(
                 "the coordinator exited with {status}; see {}",
                 self.log.display()
             ),
-            Ok(Err(e)) => Err(e).context("waiting for the coordinator"),
-            Err(_) => {
-                let _ = c.kill().await;
-                bail!("the coordinator did not stop within 30 s")
-            }
+            None => bail!("the coordinator did not stop within 30 s"),
         }
     }
 
-    /// Adds the coordinator process `pid`, signalled to end, to the totals once it exited (by
-    /// `deadline`): its CPU and peak RSS to its exit, from the kernel. `ended`: the CPU of the
-    /// processes before it; `sampled`: the totals read just before the signal, which stand if
-    /// the exit cannot be read (it did not come in time, or off Linux).
-    async fn count_exit(
-        &mut self,
-        ended: f64,
-        sampled: Sample,
-        pid: Option<u32>,
-        deadline: tokio::time::Instant,
-    ) -> anyhow::Result<()> {
+    /// Adds a coordinator process, signalled to end, to the totals once it exited: its CPU
+    /// and peak RSS to its exit, from the kernel (`usage`). `ended`: the CPU of the processes
+    /// before it; `sampled`: the totals read just before the signal, which stand if the exit
+    /// could not be read (off Linux).
+    fn count_exit(&mut self, ended: f64, sampled: Sample, usage: Option<Usage>) {
         self.cpu_before = sampled.cpu_s;
-        let Some(pid) = pid else { return Ok(()) };
-        if let Some(u) = usage_at_exit(pid, deadline).await? {
+        if let Some(u) = usage {
             self.cpu_before = ended + u.cpu_s;
             self.peak_rss_kib = self.peak_rss_kib.max(u.peak_rss_kib);
         }
-        Ok(())
     }
 }
 
@@ -410,9 +451,14 @@ pub struct Fleet {
 /// What [`Fleet::exit`] gives: the fleet's last status. What the coordinator counts of the
 /// workers' results is read with it in hand, so after the workers stopped: a worker may still
 /// reconnect while stopping to hand back a result not yet acknowledged.
+///
+/// And what the process used over its whole life, its stopping included, from the kernel once
+/// it exited (`None` off Linux): a `/proc` sample before the exit leaves out the workers'
+/// shutdown.
 #[derive(Debug)]
 pub struct Exited {
     pub status: Status,
+    pub usage: Option<Usage>,
 }
 
 impl Fleet {
@@ -539,21 +585,31 @@ impl Fleet {
     /// Stops every worker, waits for the process and gives its last status, the one it
     /// printed once its workers stopped.
     pub async fn exit(&mut self) -> anyhow::Result<Exited> {
+        self.exit_within(Duration::from_secs(30)).await
+    }
+
+    /// [`Fleet::exit`], the process killed if it has not exited `within`.
+    async fn exit_within(&mut self, within: Duration) -> anyhow::Result<Exited> {
         let _ = self.send(&Command::Exit).await;
-        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
-            Ok(Ok(s)) if s.success() => {}
-            Ok(Ok(s)) => bail!("the fleet process exited with {s}"),
-            Ok(Err(e)) => return Err(e).context("waiting for the fleet"),
-            Err(_) => {
-                let _ = self.child.kill().await;
-                bail!("the fleet process did not exit within 30 s");
-            }
+        let end = end(&mut self.child, tokio::time::Instant::now() + within)
+            .await
+            .context("waiting for the fleet")?;
+        match end.status {
+            Some(s) if s.success() => {}
+            Some(s) => bail!("the fleet process exited with {s}"),
+            None => bail!(
+                "the fleet process did not exit within {} s",
+                within.as_secs_f64()
+            ),
         }
         // Its output is read to the end (the process is gone: it comes at once).
         let last = tokio::time::timeout(Duration::from_secs(5), &mut self.exited).await;
         self.reader.abort();
         match last {
-            Ok(Ok(status)) => Ok(Exited { status }),
+            Ok(Ok(status)) => Ok(Exited {
+                status,
+                usage: end.usage,
+            }),
             _ => bail!("the fleet process exited without its last status"),
         }
     }
@@ -688,11 +744,40 @@ impl FaultProxy {
         serde_json::from_value(info["stats"].clone()).context("the fault's counters")
     }
 
-    /// The process's CPU and memory now.
-    pub fn sample(&self) -> anyhow::Result<Sample> {
-        read_sample(self.child.id().context("the fault proxy has exited")?)
+    /// SIGTERM, and what the process used over its whole life, to its exit: its CPU seconds
+    /// and peak RSS from the kernel once it exited, its last links' closing included; a
+    /// `/proc` sample, read just before the signal, off Linux. One that has not exited
+    /// `within` is killed, counted all the same (`killed`), and reaped.
+    pub async fn stop(&mut self, within: Duration) -> anyhow::Result<ProxyEnd> {
+        let pid = self.child.id().context("the fault proxy has exited")?;
+        let sampled = read_sample(pid)?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid)?),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let end = end(&mut self.child, tokio::time::Instant::now() + within)
+            .await
+            .context("stopping a fault proxy")?;
+        Ok(ProxyEnd {
+            usage: end.usage.unwrap_or(Usage {
+                cpu_s: sampled.cpu_s,
+                peak_rss_kib: sampled.hwm_kib,
+            }),
+            killed: end.status.is_none(),
+        })
     }
 }
+
+/// What [`FaultProxy::stop`] gives.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyEnd {
+    pub usage: Usage,
+    /// It did not exit in time after the SIGTERM and was killed.
+    pub killed: bool,
+}
+
+/// How long a fault proxy has to exit once told to stop.
+pub const PROXY_STOP_WITHIN: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
@@ -702,6 +787,11 @@ mod tests {
     /// A fleet process played by a shell script: it prints `status`, reads the exit command,
     /// then prints what `on_exit` holds (lines of JSON) and ends.
     fn scripted_fleet(dir: &Path, status: &Status, on_exit: &[Event]) -> Fleet {
+        scripted_fleet_then(dir, status, on_exit, "")
+    }
+
+    /// [`scripted_fleet`], which then runs `then` (shell) before it ends.
+    fn scripted_fleet_then(dir: &Path, status: &Status, on_exit: &[Event], then: &str) -> Fleet {
         let line = |e: &Event| serde_json::to_string(e).expect("JSON");
         let mut script = format!(
             "#!/bin/sh\necho '{}'\nread cmd\n",
@@ -710,6 +800,8 @@ mod tests {
         for e in on_exit {
             script.push_str(&format!("echo '{}'\n", line(e)));
         }
+        script.push_str(then);
+        script.push('\n');
         let exe = dir.join("fleet.sh");
         std::fs::write(&exe, script).expect("script");
         use std::os::unix::fs::PermissionsExt;
@@ -728,17 +820,45 @@ mod tests {
         panic!("the script stayed busy for a second")
     }
 
-    /// A coordinator played by a shell: idle until SIGTERM, then, in its shutdown, it counts to
-    /// 100,000 (CPU) and reads 32 MB into a variable (a peak RSS far above the one or two MB it
-    /// ran at) before it exits.
-    fn shutdown_heavy(dir: &Path) -> Coordinator {
-        let script = r#"trap 'i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; x=$(head -c 32000000 /dev/zero | tr "\000" a); exit 0' TERM; while :; do sleep 0.02; done"#;
-        let child = Proc::new("sh")
-            .args(["-c", script])
+    /// Shell that counts to 100,000 (CPU) and reads 32 MB into a variable (a peak RSS far
+    /// above the one or two MB a shell runs at).
+    const HEAVY_END: &str = r#"i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; x=$(head -c 32000000 /dev/zero | tr "\000" a)"#;
+
+    /// A shell child running `trap`, then `script`, once it set its trap: it says so on its
+    /// output, which is read before it is given back.
+    async fn shell(trap: &str, script: &str) -> Child {
+        let mut child = Proc::new("sh")
+            .args(["-c", &format!("{trap}; echo trapped; {script}")])
             .stdin(Stdio::null())
+            .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("sh");
+        let out = child.stdout.take().expect("stdout");
+        let line = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::BufReader::new(out).lines().next_line(),
+        )
+        .await
+        .expect("the shell set its trap within 10 s")
+        .expect("read");
+        assert_eq!(line.as_deref(), Some("trapped"));
+        child
+    }
+
+    /// A process idle until SIGTERM, then, in its shutdown, [`HEAVY_END`] before it exits.
+    async fn heavy_on_sigterm() -> Child {
+        shell(
+            &format!("trap '{HEAVY_END}; exit 0' TERM"),
+            "while :; do sleep 0.02; done",
+        )
+        .await
+    }
+
+    /// A coordinator played by a shell: idle until SIGTERM, then, in its shutdown, it counts to
+    /// 100,000 (CPU) and reads 32 MB into a variable before it exits.
+    async fn shutdown_heavy(dir: &Path) -> Coordinator {
+        let child = heavy_on_sigterm().await;
         Coordinator {
             exe: PathBuf::from("sh"),
             addr: "127.0.0.1:1".parse().expect("addr"),
@@ -769,7 +889,7 @@ mod tests {
     #[tokio::test]
     async fn a_coordinators_cpu_and_peak_rss_take_in_its_shutdown() {
         let dir = tempfile::tempdir().expect("dir");
-        let mut c = shutdown_heavy(dir.path());
+        let mut c = shutdown_heavy(dir.path()).await;
         // Running: `/proc` has it.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let before = c.sample().expect("running");
@@ -786,12 +906,113 @@ mod tests {
         );
         assert!(c.peak_rss_kib >= 31_000, "{} KiB", c.peak_rss_kib);
         // A kill, too: its CPU and peak to its end are counted, and it is reaped.
-        let mut k = shutdown_heavy(dir.path());
+        let mut k = shutdown_heavy(dir.path()).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         k.kill().await.expect("killed");
         assert_eq!(k.pid(), None);
         assert!(k.sample().expect("killed").cpu_s >= 0.5);
         assert!(k.peak_rss_kib > 0);
+    }
+
+    /// A fault proxy played by `child`, a shell.
+    fn scripted_proxy(child: Child) -> FaultProxy {
+        FaultProxy {
+            child,
+            listen: "127.0.0.1:1".parse().expect("addr"),
+            control: "http://127.0.0.1:1".to_owned(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Whether `pid` is no child of this process any more: reaped, not a zombie.
+    fn reaped(pid: u32) -> bool {
+        matches!(exited_usage(pid), Err(e) if e.raw_os_error() == Some(nix::libc::ECHILD))
+    }
+
+    /// The fleet's CPU seconds and peak RSS are its whole life's, its stopping included: the
+    /// kernel's once it exited, not a `/proc` sample before the exit command (which left out
+    /// the workers' shutdown).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_fleets_cpu_and_peak_rss_take_in_its_stopping() {
+        let dir = tempfile::tempdir().expect("dir");
+        let running = Status {
+            completed: 1,
+            ..Status::default()
+        };
+        let last = [Event::Exited(running.clone())];
+        // Its last status printed, it still works and grows before it ends.
+        let mut fleet = scripted_fleet_then(dir.path(), &running, &last, HEAVY_END);
+        fleet
+            .wait("the first status", Duration::from_secs(10), |s| {
+                s.completed == 1
+            })
+            .await
+            .expect("status");
+        let before = fleet.sample().expect("running");
+        assert!(before.hwm_kib < 16_000, "{before:?}");
+        let pid = fleet.child.id().expect("pid");
+        let exited = fleet.exit().await.expect("exit");
+        let usage = exited.usage.expect("the kernel's count");
+        assert!(
+            usage.cpu_s >= before.cpu_s + 0.02,
+            "{} s before the exit command, {} s in all",
+            before.cpu_s,
+            usage.cpu_s
+        );
+        assert!(usage.peak_rss_kib >= 31_000, "{usage:?}");
+        assert!(reaped(pid));
+    }
+
+    /// A fleet that does not exit in time is killed and reaped, and the run told so.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_fleet_that_does_not_exit_in_time_is_killed_and_reaped() {
+        let dir = tempfile::tempdir().expect("dir");
+        let running = Status::default();
+        let forever = "while :; do sleep 0.02; done";
+        let mut fleet = scripted_fleet_then(dir.path(), &running, &[], forever);
+        let pid = fleet.child.id().expect("pid");
+        let said = fleet
+            .exit_within(Duration::from_millis(200))
+            .await
+            .expect_err("it never exits")
+            .to_string();
+        assert!(said.contains("did not exit within 0.2 s"), "{said}");
+        assert!(reaped(pid));
+    }
+
+    /// A fault proxy's CPU seconds and peak RSS are its whole life's, to its exit after the
+    /// SIGTERM: the kernel's, not a `/proc` sample before the stop (which left out its last
+    /// seconds). One that does not exit in time is killed, counted to its kill, and reaped.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_fault_proxys_cpu_and_peak_rss_take_in_its_last_seconds() {
+        let mut p = scripted_proxy(heavy_on_sigterm().await);
+        let pid = p.child.id().expect("pid");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = read_sample(pid).expect("running");
+        assert!(before.hwm_kib < 16_000, "{before:?}");
+        let end = p.stop(Duration::from_secs(30)).await.expect("stopped");
+        assert!(!end.killed);
+        assert!(
+            end.usage.cpu_s >= before.cpu_s + 0.02,
+            "{} s before the SIGTERM, {} s in all",
+            before.cpu_s,
+            end.usage.cpu_s
+        );
+        assert!(end.usage.peak_rss_kib >= 31_000, "{:?}", end.usage);
+        assert!(reaped(pid));
+
+        // Deaf to SIGTERM and spinning: killed after the time given, its CPU to then counted.
+        let mut deaf = scripted_proxy(shell("trap '' TERM", "while :; do :; done").await);
+        let pid = deaf.child.id().expect("pid");
+        let before = read_sample(pid).expect("running");
+        let end = deaf.stop(Duration::from_millis(200)).await.expect("killed");
+        assert!(end.killed);
+        assert!(end.usage.cpu_s > before.cpu_s, "{before:?} {end:?}");
+        assert!(end.usage.peak_rss_kib > 0, "{end:?}");
+        assert!(reaped(pid));
     }
 
     /// The usage of a child is read without reaping it: its `wait` still gets its status.

@@ -123,6 +123,8 @@ pub struct Report {
     pub resumed_from_checkpoint: Option<u64>,
     pub high_priority_wait_ms: Option<Dist>,
     pub low_priority_wait_ms: Option<Dist>,
+    /// CPU of every coordinator process of the run, each to its exit (the kernel's count once
+    /// it exited: its shutdown included).
     pub coordinator_cpu_s: f64,
     /// Coordinator CPU per handled worker message over the measured window, microseconds
     /// (message_flood): its capacity is about 1e6 / this per core.
@@ -135,11 +137,13 @@ pub struct Report {
     /// steady_load: workers replaced during the run by the coordinator's count (the fewer of
     /// the workers known and no longer connected, and those registered after the first).
     pub workers_replaced: Option<u64>,
-    /// CPU of the simulated workers' process (it shares the machine with the coordinator).
+    /// CPU of the simulated workers' process (it shares the machine with the coordinator), to
+    /// its exit (the kernel's count once it exited: its workers' stopping included).
     pub fleet_cpu_s: f64,
-    /// CPU of the fault proxies' processes (`--cut` through them).
+    /// CPU of the fault proxies' processes (`--cut` through them), each to its exit (the
+    /// kernel's count once it exited, after the fleet's).
     pub proxy_cpu_s: Option<f64>,
-    /// Peak RSS of the fault proxies' processes, summed.
+    /// Peak RSS of the fault proxies' processes, summed: each one's `ru_maxrss` once it exited.
     pub proxy_peak_rss_kib: Option<u64>,
     /// What the cut's fault did on the proxies (`--cut reset|blackhole`), summed over them:
     /// the connections it reset, the bytes it swallowed, the connections it touched.
@@ -157,6 +161,7 @@ pub struct Report {
     pub idle_frames_per_s: Option<f64>,
     /// The coordinator's CPU over the idle window divided by the frames read in it, µs.
     pub idle_us_per_frame: Option<f64>,
+    /// Highest peak RSS of the coordinator processes: each one's `ru_maxrss` once it exited.
     pub coordinator_peak_rss_kib: u64,
     /// (RSS with the workers connected and idle - RSS before they came) / workers.
     pub memory_per_worker_kib: Option<f64>,

@@ -15,7 +15,9 @@ use tether_proto::auth::Secret;
 use tokio::time::Instant;
 
 use super::fleet::{Command, FleetReport, Status, WorkerRecord, now_us};
-use super::procs::{CoordOpts, Coordinator, Exited, FaultProxy, Fleet, TlsFiles};
+use super::procs::{
+    CoordOpts, Coordinator, Exited, FaultProxy, Fleet, PROXY_STOP_WITHIN, TlsFiles,
+};
 use super::report::{self, Dist, Report};
 use super::{Cut, Scenario, StressArgs, probe, rerun, truth};
 
@@ -993,26 +995,39 @@ impl Run {
     /// after it exited, with its last status: results still arrive while the workers stop (a
     /// worker reconnecting to hand back work not yet acknowledged), and counts read before
     /// would miss them, so that the stored rows could outnumber what the coordinator said.
-    /// What only a live fleet can give (its CPU, its workers' records) is read before.
+    /// What only a live fleet can give (its niceness, its workers' records) is read before;
+    /// the fleet's and the proxies' CPU and peak RSS are their whole lives', read from the
+    /// kernel once each exited (the proxies are stopped after the fleet).
     async fn finish(mut self) -> anyhow::Result<Report> {
         self.phase("stopping", 1);
         let fleet = self.fleet.sample()?;
-        self.report.fleet_cpu_s = fleet.cpu_s;
         self.report.fleet_nice = Some(fleet.nice);
-        if !self.proxies.is_empty() {
-            let samples = self
-                .proxies
-                .iter()
-                .map(FaultProxy::sample)
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            self.report.proxy_cpu_s = Some(samples.iter().map(|s| s.cpu_s).sum());
-            self.report.proxy_peak_rss_kib = Some(samples.iter().map(|s| s.hwm_kib).sum());
-        }
         // Every worker's record before they all stop: whom the run stopped, and when each was
         // away, by which the tasks that ran more than once are judged.
         let records = self.fleet.report().await?;
         let exited = self.fleet.exit().await?;
+        // Off Linux, the sample before the exit.
+        self.report.fleet_cpu_s = exited.usage.map_or(fleet.cpu_s, |u| u.cpu_s);
         let fleet_status = &exited.status;
+        if !self.proxies.is_empty() {
+            let (mut cpu_s, mut peak_rss_kib, mut killed) = (0.0, 0, 0);
+            for p in &mut self.proxies {
+                let end = p.stop(PROXY_STOP_WITHIN).await?;
+                cpu_s += end.usage.cpu_s;
+                peak_rss_kib += end.usage.peak_rss_kib;
+                killed += u32::from(end.killed);
+            }
+            self.report.proxy_cpu_s = Some(cpu_s);
+            self.report.proxy_peak_rss_kib = Some(peak_rss_kib);
+            if killed > 0 {
+                self.report.notes.push(format!(
+                    "{killed} of {} fault proxies did not exit within {} s of a SIGTERM and \
+                     were killed; their CPU and peak RSS are to their kill",
+                    self.proxies.len(),
+                    PROXY_STOP_WITHIN.as_secs()
+                ));
+            }
+        }
         // What the coordinator saw, not what was asked for: registrations that authenticated,
         // sessions whose frames carried tags, and the scheme every connection of the run used.
         let [authenticated, tagged, zin, zout] = self
