@@ -906,7 +906,16 @@ fn as_flag(e: tether_proto::settings::ConfigError) -> Refused {
     };
     // The reason may name another setting (a cap below the first delay).
     let why = e.why.replace("backoff.initial", &flag("backoff.initial"));
-    Refused::new(flag(e.field), why)
+    // The other settings each refusal weighs the field against: a usage error when none came
+    // from the config file (`settings::said`).
+    let with: &[&str] = match e.field {
+        "heartbeat_timeout" | "max_messages_per_sec" => &["--heartbeat-interval"],
+        "backoff.max" => &["--initial-reconnect-delay"],
+        "max_bytes_per_sec" => &["--max-frame", "--heartbeat-timeout"],
+        _ => &[],
+    };
+    with.iter()
+        .fold(Refused::new(flag(e.field), why), |r, f| r.with(f))
 }
 
 pub async fn worker(mut a: WorkerArgs) -> anyhow::Result<()> {

@@ -113,6 +113,18 @@ pub fn keys(path: Option<&Path>, section: &str) -> std::collections::BTreeSet<St
 #[error("{0}")]
 pub struct Missing(pub &'static str);
 
+/// The key of the config file (among `keys`) that gives the setting of `flag`
+/// (`--max-frame`: `max_frame`); a repeatable flag (`--tag`, `--capability`) is a list in the
+/// file (`tags`, `capabilities`).
+fn file_key(keys: &std::collections::BTreeSet<String>, flag: &str) -> Option<String> {
+    let key = flag.trim_start_matches("--").replace('-', "_");
+    let plural = match key.strip_suffix('y') {
+        Some(stem) => format!("{stem}ies"),
+        None => format!("{key}s"),
+    };
+    [key, plural].into_iter().find(|k| keys.contains(k))
+}
+
 pub fn named_by_source(
     e: anyhow::Error,
     file: Option<&Path>,
@@ -132,14 +144,7 @@ pub fn named_by_source(
             .find(|c: char| !(c.is_ascii_lowercase() || c == '-'))
             .unwrap_or(tail.len());
         let flag = &rest[at..at + 2 + len];
-        let key = tail[..len].replace('-', "_");
-        // A repeatable flag (`--tag`, `--capability`) is a list in the file (`tags`,
-        // `capabilities`).
-        let plural = match key.strip_suffix('y') {
-            Some(stem) => format!("{stem}ies"),
-            None => format!("{key}s"),
-        };
-        let in_file = [key.clone(), plural].into_iter().find(|k| keys.contains(k));
+        let in_file = file_key(keys, flag);
         match (len > 0 && !given(flag), in_file, file) {
             (true, Some(key), Some(file)) => {
                 out.push_str(&format!("{key} (in {})", file.display()));
@@ -155,12 +160,15 @@ pub fn named_by_source(
 }
 
 /// A setting's value that the command, or the library it configures, refuses: by the flag
-/// that gives it (`--max-frame`; its key in the config file is `max_frame`). [`said`] tells it
-/// by where the value came from, and as a usage error when the command line gave it.
+/// that gives it (`--max-frame`; its key in the config file is `max_frame`), and the flags of
+/// the other settings the refusal weighs it against (`with`: a heartbeat timeout is refused
+/// for an interval as long). [`said`] tells it by where those values came from, and as a
+/// usage error when none came from the config file.
 #[derive(Debug, thiserror::Error)]
-#[error("{flag} {why}")]
+#[error("{flag} {why}{}", see(why, with))]
 pub struct Refused {
     pub flag: String,
+    pub with: Vec<String>,
     pub why: String,
 }
 
@@ -168,8 +176,30 @@ impl Refused {
     pub fn new(flag: impl Into<String>, why: impl std::fmt::Display) -> Self {
         Self {
             flag: flag.into(),
+            with: Vec::new(),
             why: why.to_string(),
         }
+    }
+
+    /// The refusal weighs the value against the setting of `flag` too; the error names it
+    /// (`; see --heartbeat-interval`) when its reason does not already, so that [`said`] can
+    /// say where it came from.
+    pub fn with(mut self, flag: &str) -> Self {
+        self.with.push(flag.to_owned());
+        self
+    }
+}
+
+/// `; see --a, --b`: the flags of `with` that `why` does not name, if any.
+fn see(why: &str, with: &[String]) -> String {
+    let unnamed: Vec<&str> = with
+        .iter()
+        .map(String::as_str)
+        .filter(|f| !why.contains(f))
+        .collect();
+    match unnamed.is_empty() {
+        true => String::new(),
+        false => format!("; see {}", unnamed.join(", ")),
     }
 }
 
@@ -193,13 +223,15 @@ pub struct Usage {
 
 /// `e`, an error about the settings of the subcommand `command`, as the user is told it: its
 /// flags named by where their values came from ([`named_by_source`]), and a [`Usage`] error
-/// (exit 2, as clap's own refusals of a value) when it refuses a value ([`Refused`]) that only
-/// the command line (or an environment variable, as clap takes one) can have given: the
-/// refused setting's flag is `given`, or the setting is a default refused beside others and
-/// the config file gave none (`keys` is empty); so is a required setting nothing gave
-/// ([`Missing`]). A value the file gave stays an error of the
-/// run (exit 1) naming its key and the file, as does a default refused beside settings the
-/// file gave, and any other error.
+/// (exit 2, as clap's own refusals of a value) when it refuses a value ([`Refused`]) and no
+/// value the refusal weighs (the refused setting's and those it is refused `with`) came from
+/// the config file: each was given by the command line (or an environment variable, as clap
+/// takes one, `given`) or is a default. So is a required setting nothing gave ([`Missing`]).
+/// A refusal that weighs a value the file gave (a key in `keys` whose flag is not `given`)
+/// stays an error of the run (exit 1) naming that key and the file, as does any other error.
+/// (A default refused beside a flag's value was the file's error whenever the file set any
+/// key of the section: a worker's file that names its coordinator made
+/// `--heartbeat-interval 20s` exit 1.)
 pub fn said(
     e: anyhow::Error,
     command: &'static str,
@@ -210,8 +242,14 @@ pub fn said(
     let refused = e.chain().find_map(|c| c.downcast_ref::<Refused>());
     // A required setting nothing gave is the command line's to give, as clap's own.
     let missing = e.chain().any(|c| c.is::<Missing>());
-    let usage = missing || refused.is_some_and(|r| given(&r.flag) || keys.is_empty());
-    let named = named_by_source(e, file, keys, given);
+    let from_file = |flag: &str| !given(flag) && file_key(keys, flag).is_some();
+    let usage = missing
+        || refused.is_some_and(|r| {
+            !std::iter::once(&r.flag)
+                .chain(&r.with)
+                .any(|f| from_file(f))
+        });
+    let named = named_by_source(e, file, keys, &given);
     if usage {
         return Usage {
             command,
@@ -366,9 +404,9 @@ mod tests {
         assert!(super::keys(None, "coordinator").is_empty());
     }
 
-    /// A refused value is a usage error when only the command line can have given it: its
-    /// flag was given, or it is a default and the file gave nothing. From the file, or a
-    /// default beside the file's settings, it is the run's error; so is any other error.
+    /// A refused value is a usage error when the file gave none of the values the refusal
+    /// weighs: its flag was given, or it is a default. From the file it is the run's error; so
+    /// is any other error.
     #[test]
     fn a_refused_value_is_a_usage_error_when_only_the_command_line_gave_it() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -399,10 +437,12 @@ mod tests {
         // A default, beside the command line's values only: theirs.
         let default = usage(refused(), &none, false).expect("a usage error");
         assert_eq!(default.1, "the default --max-frame 1000 is too small");
-        // A default beside the file's settings: maybe the file's, as it was.
+        // A default beside file settings it is not refused with: not the file's (it was, as
+        // the file set some key).
         std::fs::write(&path, "[coordinator]\nlost_after = \"9m\"\n").expect("write");
         let other = super::keys(Some(&path), "coordinator");
-        assert_eq!(usage(refused(), &other, false), None);
+        let default = usage(refused(), &other, false).expect("a usage error");
+        assert_eq!(default.1, "the default --max-frame 1000 is too small");
         // Not a refused value: the run's error, wherever its flags came from.
         let other_error = || anyhow::anyhow!("--tls-cert expired on 2021-01-01");
         assert_eq!(usage(other_error(), &none, true), None);
@@ -415,6 +455,76 @@ mod tests {
         ));
         assert_eq!(usage(missing(), &keys, false), needed);
         assert_eq!(usage(missing(), &none, false), needed);
+    }
+
+    /// A default refused `with` a flag's value is the command line's doing (a usage error
+    /// naming the flag), whatever other keys the file sets (a worker's file names its
+    /// coordinator and id: it was the file's error then); refused with a value the file gave,
+    /// or a flag's value refused with one, it is the file's, naming the key and the file.
+    #[test]
+    fn a_refusal_is_the_files_only_when_a_value_it_weighs_came_from_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.toml");
+        let refused = || {
+            let why = "15s must be longer than the heartbeat interval (20s)";
+            Refused::new("--heartbeat-timeout", why).with("--heartbeat-interval")
+        };
+        assert_eq!(
+            refused().to_string(),
+            "--heartbeat-timeout 15s must be longer than the heartbeat interval (20s); see \
+             --heartbeat-interval"
+        );
+        let say = |text: &str, given: &[&str]| {
+            std::fs::write(&path, text).expect("write");
+            let keys = keys(Some(&path), "worker");
+            let e = said(refused().into(), "worker", Some(&path), &keys, |f| {
+                given.contains(&f)
+            });
+            let usage = e.downcast_ref::<Usage>().is_some();
+            (usage, e.to_string())
+        };
+        let named = "[worker]\ncoordinator = \"ws://h:1\"\nid = \"w\"\n";
+        let (usage, shown) = say(named, &["--heartbeat-interval"]);
+        assert!(usage, "{shown}");
+        assert_eq!(
+            shown,
+            "the default --heartbeat-timeout 15s must be longer than the heartbeat interval \
+             (20s); see --heartbeat-interval"
+        );
+        // The flag over the file's value: still the command line's.
+        let interval = format!("{named}heartbeat_interval = \"20s\"\n");
+        let (usage, shown) = say(&interval, &["--heartbeat-interval"]);
+        assert!(usage, "{shown}");
+        // The file's interval: the file's error, naming the key and the file.
+        let (usage, shown) = say(&interval, &[]);
+        assert!(!usage, "{shown}");
+        let key = format!("heartbeat_interval (in {})", path.display());
+        assert!(
+            shown.starts_with("the default --heartbeat-timeout "),
+            "{shown}"
+        );
+        assert!(shown.ends_with(&format!("; see {key}")), "{shown}");
+        // A flag's timeout refused with the file's interval: the file's too.
+        let (usage, shown) = say(&interval, &["--heartbeat-timeout"]);
+        assert!(!usage, "{shown}");
+        assert!(shown.starts_with("--heartbeat-timeout 15s"), "{shown}");
+        assert!(shown.contains(&key), "{shown}");
+        // Named in the reason already: not named again; two unnamed: named together.
+        let r = Refused::new(
+            "--max-reconnect-delay",
+            "shorter than --initial-reconnect-delay",
+        );
+        let r = r.with("--initial-reconnect-delay");
+        assert_eq!(
+            r.to_string(),
+            "--max-reconnect-delay shorter than --initial-reconnect-delay"
+        );
+        let r = Refused::new("--max-bytes-per-sec", "1 is too few").with("--max-frame");
+        let r = r.with("--heartbeat-timeout");
+        assert_eq!(
+            r.to_string(),
+            "--max-bytes-per-sec 1 is too few; see --max-frame, --heartbeat-timeout"
+        );
     }
 
     #[test]

@@ -1039,3 +1039,45 @@ fn a_byte_size_takes_a_unit_from_the_flag_or_the_file() {
     }
     assert!(!std::path::Path::new(data).exists(), "nothing made");
 }
+
+/// A default refused beside a flag's value (`--heartbeat-interval 20s`, longer than the
+/// default 15 s timeout) is a usage error (exit 2) naming the flag, though the config file
+/// sets other keys of the section (a worker's file names its coordinator and id): it was the
+/// file's error (exit 1) whenever the file set any key. The same interval from the file is
+/// the file's error, naming the key and the file.
+#[test]
+fn a_default_refused_beside_a_flags_value_is_a_usage_error_beside_a_file_of_other_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let closed = closed_port();
+    let file = dir.path().join("w.toml");
+    let named = format!("[worker]\ncoordinator = \"{closed}\"\nid = \"w\"\n");
+    std::fs::write(&file, &named).expect("write");
+    let once = ["worker", "--max-reconnect-attempts", "1"];
+    let interval = ["--heartbeat-interval", "20s"];
+    let (code, err) = tether_bounded(&[&once[..], &interval].concat(), Some(&file));
+    assert_eq!(code, Some(2), "{err}");
+    let said = refusal(&err, "the default --heartbeat-timeout");
+    assert!(said.contains("see --heartbeat-interval"), "{err}");
+    assert!(err.contains("Usage: tether worker"), "{err}");
+    // The coordinator's, beside a file of another key: the same.
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    let head = ["coordinator", "--listen", "127.0.0.1:0", "--data-dir", data];
+    let other = dir.path().join("c.toml");
+    std::fs::write(&other, "[coordinator]\nmax_body = 4096\n").expect("write");
+    let (code, err) = tether_bounded(&[&head[..], &interval].concat(), Some(&other));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        refusal(&err, "the default --heartbeat-timeout").contains("see --heartbeat-interval"),
+        "{err}"
+    );
+    // The interval from the file: the file's error, naming the key and the file.
+    std::fs::write(&file, format!("{named}heartbeat_interval = \"20s\"\n")).expect("write");
+    let (code, err) = tether_bounded(&once, Some(&file));
+    assert_eq!(code, Some(1), "{err}");
+    let key = format!("heartbeat_interval (in {})", file.display());
+    assert!(err.contains("the default --heartbeat-timeout"), "{err}");
+    assert!(err.contains(&key), "{err}");
+    assert!(!err.contains("Usage:"), "{err}");
+    assert!(!std::path::Path::new(data).exists(), "nothing made");
+}
