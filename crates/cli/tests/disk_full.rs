@@ -976,3 +976,49 @@ async fn a_database_that_cannot_be_opened_where_no_inodes_are_counted_is_refused
         logged()
     );
 }
+
+/// On a file system that counts no blocks (a tmpfs mounted with `size=0`, unbounded; some FUSE
+/// and virtual file systems: statvfs says 0 blocks, 0 free), the data directory's free space
+/// is not known: the coordinator says so once, and neither warns that it is running out of
+/// space (it did at once, and every 10 minutes for ever, reading 0 bytes free) nor shows 0
+/// bytes in `tether_data_dir_available_bytes` (NaN: not known).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_on_a_file_system_that_counts_no_blocks_is_not_said_to_run_out_of_space() {
+    let Some((work, disk, addr, base)) = mounted_with("size=0") else {
+        return;
+    };
+    let log = work.path().join("coordinator.log");
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut c = disk.coordinator(addr, &log);
+    let http = http_client();
+    wait_healthy(&http, &base).await;
+    // The watcher's first look is made as the coordinator starts: one of the two is said.
+    wait_for("the watcher's first look to be said", LONG, || async {
+        let said = logged();
+        (said.contains("counts no blocks") || said.contains("running out of space")).then_some(())
+    })
+    .await;
+    assert!(
+        !logged().contains("running out of space"),
+        "warned of low space:\n{}",
+        logged()
+    );
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics answered");
+    assert_eq!(metrics.status().as_u16(), 200);
+    let metrics = metrics.text().await.expect("text");
+    let gauge = metrics
+        .lines()
+        .find(|l| l.starts_with("tether_data_dir_available_bytes "))
+        .unwrap_or_else(|| panic!("the gauge:\n{metrics}"));
+    assert_eq!(gauge, "tether_data_dir_available_bytes NaN");
+    let r = post_tasks(&http, &base, &specs("uncounted", 1))
+        .await
+        .expect("submitted");
+    assert_eq!(r.status().as_u16(), 201, "it takes work");
+    assert!(c.alive(), "it stopped:\n{}", logged());
+    c.stop("the coordinator", &log).await;
+}

@@ -18,15 +18,64 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(10);
 /// How often the warning is repeated while space stays low.
 pub const WARN_AGAIN: Duration = Duration::from_secs(600);
 
-/// Bytes an unprivileged writer may still use in the file system holding `dir`.
-pub fn available(dir: &Path) -> std::io::Result<u64> {
-    let s = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
-    #[allow(clippy::useless_conversion)] // the field types differ between platforms
-    let (blocks, size) = (
-        u64::from(s.blocks_available()),
-        u64::from(s.fragment_size()),
-    );
-    Ok(blocks.saturating_mul(size))
+/// What `statvfs` says of the room in a file system: its blocks (of [`Room::block`] bytes) and
+/// its inodes, each in all, free, and free to an unprivileged writer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Room {
+    /// Blocks in all (`f_blocks`): 0 where the file system counts none.
+    pub blocks: u64,
+    /// Blocks free (`f_bfree`), those kept for the superuser among them.
+    pub blocks_free: u64,
+    /// Blocks free to an unprivileged writer (`f_bavail`).
+    pub blocks_available: u64,
+    /// The size of a block, in bytes (`f_frsize`).
+    pub block: u64,
+    /// Inodes in all (`f_files`): 0 where the file system counts none.
+    pub files: u64,
+    /// Inodes free (`f_ffree`).
+    pub files_free: u64,
+    /// Inodes free to an unprivileged writer (`f_favail`).
+    pub files_available: u64,
+}
+
+impl Room {
+    /// The room in the file system holding `dir`.
+    pub fn of(dir: &Path) -> std::io::Result<Room> {
+        let s = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+        #[allow(clippy::useless_conversion)] // the field types differ between platforms
+        Ok(Room {
+            blocks: u64::from(s.blocks()),
+            blocks_free: u64::from(s.blocks_free()),
+            blocks_available: u64::from(s.blocks_available()),
+            block: u64::from(s.fragment_size()),
+            files: u64::from(s.files()),
+            files_free: u64::from(s.files_free()),
+            files_available: u64::from(s.files_available()),
+        })
+    }
+
+    /// Bytes an unprivileged writer may still use; `None` where the file system counts no
+    /// blocks (`f_blocks` 0: a tmpfs mounted with `size=0`, some FUSE and virtual file
+    /// systems), whose room is unbounded or not known, not nil. Read as 0 bytes, such a file
+    /// system had the coordinator warn that it was running out of space every
+    /// [`WARN_AGAIN`], for ever.
+    pub fn available(&self) -> Option<u64> {
+        (self.blocks > 0).then(|| self.blocks_available.saturating_mul(self.block))
+    }
+
+    /// Whether no block or no inode is left for a writer. Only what the file system counts
+    /// can run out: one that counts no inodes (0 of them, 0 free: btrfs, vfat, a tmpfs with
+    /// `nr_inodes=0`) or no blocks (see [`Room::available`]) has none to run out of.
+    pub fn exhausted(&self) -> bool {
+        (self.files > 0 && self.files_available == 0)
+            || (self.blocks > 0 && self.blocks_available == 0)
+    }
+}
+
+/// Bytes an unprivileged writer may still use in the file system holding `dir`; `None` where
+/// it counts no blocks ([`Room::available`]).
+pub fn available(dir: &Path) -> std::io::Result<Option<u64>> {
+    Room::of(dir).map(|r| r.available())
 }
 
 /// What a look at the free space asks to say.
@@ -36,17 +85,23 @@ pub enum Say {
     Low,
     /// Space was low and is not any more.
     Recovered,
+    /// The file system counts no blocks ([`Room::available`]): how much room it has is not
+    /// known, and no warning comes. Said once, until it counts them again.
+    Uncounted,
 }
 
 /// Whether space is low, and when that was last said.
 #[derive(Debug, Default)]
 pub struct Watch {
     warned: Option<Instant>,
+    /// [`Say::Uncounted`] was said, and the file system has counted no blocks since.
+    uncounted: bool,
 }
 
 impl Watch {
     /// Takes a look: `available` bytes at `now`.
     pub fn look(&mut self, available: u64, now: Instant) -> Option<Say> {
+        self.uncounted = false;
         let low = available < LOW_SPACE;
         match (low, self.warned) {
             (true, Some(at)) if now.saturating_duration_since(at) < WARN_AGAIN => None,
@@ -60,6 +115,13 @@ impl Watch {
             }
             (false, None) => None,
         }
+    }
+
+    /// Takes a look at a file system that counts no blocks: nothing to warn of (a warning
+    /// said before is over with no more said of it), and [`Say::Uncounted`] once.
+    pub fn uncounted(&mut self) -> Option<Say> {
+        self.warned = None;
+        (!std::mem::replace(&mut self.uncounted, true)).then_some(Say::Uncounted)
     }
 }
 
@@ -80,11 +142,13 @@ pub async fn watch(dir: PathBuf, stop: CancellationToken) {
 /// One look at the free space: sets the gauge and says what `w` asks to. A failed read (the
 /// directory removed, its file system gone) sets the gauge to NaN, not to the last value
 /// read, which would keep an alert on it quiet while nothing is known; it is said once
-/// until a read succeeds again (`failed`).
+/// until a read succeeds again (`failed`). So does a file system that counts no blocks
+/// ([`Room::available`]), not the 0 that `statvfs` says of its free blocks, which would fire
+/// an alert on it for ever; it is said once at `info`.
 fn look(dir: &Path, w: &mut Watch, failed: &mut bool) {
     let gauge = metrics::gauge!(crate::metrics::DATA_DIR_AVAILABLE);
     match available(dir) {
-        Ok(bytes) => {
+        Ok(Some(bytes)) => {
             // A later failure is said again.
             *failed = false;
             gauge.set(bytes as f64);
@@ -100,7 +164,17 @@ fn look(dir: &Path, w: &mut Watch, failed: &mut bool) {
                     available_mib = bytes >> 20,
                     "the data directory has space again"
                 ),
-                None => {}
+                Some(Say::Uncounted) | None => {}
+            }
+        }
+        Ok(None) => {
+            *failed = false;
+            gauge.set(f64::NAN);
+            if w.uncounted().is_some() {
+                tracing::info!(
+                    data_dir = %dir.display(),
+                    "the data directory's file system counts no blocks (a tmpfs without a size, say): its free space is not known, and no warning of low space comes"
+                );
             }
         }
         Err(e) => {
@@ -133,6 +207,77 @@ mod tests {
             Some(Say::Low),
             "low again: said at once"
         );
+    }
+
+    /// A file system that counts no blocks (a tmpfs mounted with `size=0`, some FUSE file
+    /// systems: `f_blocks` 0, and so 0 free) read as 0 bytes available, and the coordinator
+    /// warned that the data directory was running out of space every 10 minutes, for ever.
+    /// Its room is not known: no warning (a warning before is over), said once; nor is it
+    /// taken for exhausted. Nor is one that counts no inodes.
+    #[test]
+    fn a_file_system_that_counts_no_blocks_is_not_low_on_space_nor_full() {
+        let counted = Room {
+            blocks: 1000,
+            blocks_free: 10,
+            blocks_available: 10,
+            block: 4096,
+            files: 100,
+            files_free: 5,
+            files_available: 5,
+        };
+        assert_eq!(counted.available(), Some(10 * 4096));
+        assert!(!counted.exhausted());
+        assert!(
+            Room {
+                blocks_available: 0,
+                ..counted
+            }
+            .exhausted()
+        );
+        assert!(
+            Room {
+                files_available: 0,
+                ..counted
+            }
+            .exhausted()
+        );
+        let no_blocks = Room {
+            blocks: 0,
+            blocks_free: 0,
+            blocks_available: 0,
+            ..counted
+        };
+        assert_eq!(no_blocks.available(), None, "not known, not 0");
+        assert!(!no_blocks.exhausted());
+        let no_inodes = Room {
+            files: 0,
+            files_free: 0,
+            files_available: 0,
+            ..counted
+        };
+        assert!(!no_inodes.exhausted());
+        assert!(
+            !Room {
+                files: 0,
+                ..no_blocks
+            }
+            .exhausted()
+        );
+
+        let mut w = Watch::default();
+        let t0 = Instant::now();
+        let secs = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(w.look(0, t0), Some(Say::Low));
+        assert_eq!(w.uncounted(), Some(Say::Uncounted), "said once");
+        for _ in 0..(2 * WARN_AGAIN.as_secs() / CHECK_EVERY.as_secs()) {
+            assert_eq!(w.uncounted(), None, "nothing more said, no warning");
+        }
+        assert_eq!(
+            w.look(0, secs(1)),
+            Some(Say::Low),
+            "counted again, and low: said at once"
+        );
+        assert_eq!(w.uncounted(), Some(Say::Uncounted), "said again");
     }
 
     /// The gauge follows each look; one that fails makes it NaN (unknown), not the last
@@ -169,7 +314,7 @@ mod tests {
     #[test]
     fn the_free_space_of_a_real_directory_is_read() {
         let dir = tempfile::tempdir().expect("tempdir");
-        assert!(available(dir.path()).expect("statvfs") > 0);
+        assert!(available(dir.path()).expect("statvfs").expect("counted") > 0);
         assert!(available(&dir.path().join("missing")).is_err());
     }
 }

@@ -150,15 +150,14 @@ pub(super) fn cannot_open_for_space(db: &Path, e: StoreError) -> StoreError {
     }
 }
 
-/// Whether the file system holding `dir` has no inode or no block left for this process. A
-/// file system that counts no inodes (statvfs says 0 of them, 0 free: btrfs, vfat, a tmpfs
-/// without `nr_inodes`) has none to run out of, and one that counts no blocks (a tmpfs
-/// without `size`) none either: taken for full, every file SQLite could not open there, for
-/// whatever reason, was waited on as a full disk for ever instead of refused.
+/// Whether the file system holding `dir` has no inode or no block left for this process
+/// ([`crate::disk::Room::exhausted`]: only what the file system counts can run out). A file
+/// system that counts no inodes (statvfs says 0 of them, 0 free: btrfs, vfat, a tmpfs
+/// without `nr_inodes`) or no blocks (a tmpfs without `size`) was taken for full, and every
+/// file SQLite could not open there, for whatever reason, was waited on as a full disk for
+/// ever instead of refused.
 fn no_room(dir: &Path) -> bool {
-    nix::sys::statvfs::statvfs(dir).is_ok_and(|s| {
-        (s.files() > 0 && s.files_available() == 0) || (s.blocks() > 0 && s.blocks_available() == 0)
-    })
+    crate::disk::Room::of(dir).is_ok_and(|r| r.exhausted())
 }
 
 /// What waits for space: what the log says of it.
