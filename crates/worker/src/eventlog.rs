@@ -13,7 +13,10 @@
 //! from an event that never happened. Each record therefore carries its number in its process's
 //! log (`n`, from 1 at each open: a gap is a lost line), and when the log is dropped (the agent
 //! that owns it ended: a graceful stop, not a kill) it writes a last record, `stopped`, with
-//! how many writes failed. Logs written before the numbers have records without `n`.
+//! how many writes failed (`write_failures`) and how many rotations failed
+//! (`rotation_failures`, below; both always written, 0 included; a `stopped` record of a log
+//! older than the rotation count reads as 0). Logs written before the numbers have records
+//! without `n`.
 //!
 //! The log is bounded, so that a worker running for months does not fill its disk: when a
 //! record would take the file past its bound ([`EventLog::with_max_bytes`];
@@ -26,7 +29,15 @@
 //! failure: no line is lost), and the records go on into the same file; the rotation is tried
 //! again once it has grown by another bound's worth. So is one whose rename was done but whose
 //! new file could not be made (no inode left): the records go on into `FILE.1`, and the next
-//! try makes `FILE` alone.
+//! try makes `FILE` alone. The `stopped` record counts these failures, so a reader of a log
+//! that outgrew its bound can tell why.
+//!
+//! A rotation never cuts a line in two: the rename and every write are made under one lock,
+//! and a write that began on the file before a rename ends in it (the handle follows the file,
+//! now `FILE.1`). `FILE.1` can still end in a fragment, when a write failed partway and what
+//! it left could not be cut off, and the next record rotated the file; [`read_all`] reads each
+//! file's lines apart, so that fragment is one damaged line and `FILE`'s first record (its
+//! `rotated` record) reads whole.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Seek, SeekFrom, Write};
@@ -83,8 +94,15 @@ pub enum Event {
         disposition: Disposition,
     },
     /// The log's last record of this process, written when it is dropped (the agent ended):
-    /// how many of its records could not be written. A killed process writes none.
-    Stopped { write_failures: u64 },
+    /// how many of its records could not be written, and how many of its rotations failed (the
+    /// file grew past its bound meanwhile; no record was lost to them). A killed process
+    /// writes none.
+    Stopped {
+        write_failures: u64,
+        /// 0 when read from a log older than this count.
+        #[serde(default)]
+        rotation_failures: u64,
+    },
     /// The first record of a file that follows a rotation: the records before this one (of
     /// this process, and of those before it) are in `previous`, the file renamed away when it
     /// had `bytes` bytes.
@@ -234,20 +252,33 @@ impl EventLog {
             && len > 0
             && len.saturating_add(line.len() as u64) > out.max_bytes
             && len >= out.retry_at
-            && let Some(rotated) = self.rotate(&mut out, len)
         {
-            // The `rotated` record takes this record's number, and this record the next.
-            let marker = Record {
-                at: rec.at,
-                worker: self.worker.clone(),
-                n: rec.n,
-                event: rotated,
-            };
-            if let Some(marker) = encode(&mut out, &marker) {
-                self.append(&mut out, &marker, Ok(0));
+            match self.rotate(&mut out, len) {
+                Some(rotated) => {
+                    // The `rotated` record takes this record's number, and this record the
+                    // next.
+                    let marker = Record {
+                        at: rec.at,
+                        worker: self.worker.clone(),
+                        n: rec.n,
+                        event: rotated,
+                    };
+                    if let Some(marker) = encode(&mut out, &marker) {
+                        self.append(&mut out, &marker, Ok(0));
+                    }
+                    out.last += 1;
+                    rec.n = Some(out.last);
+                }
+                // The `stopped` record counts the failed rotation it tried itself too.
+                None => {
+                    if let Event::Stopped {
+                        rotation_failures, ..
+                    } = &mut rec.event
+                    {
+                        *rotation_failures = out.rotation_failures;
+                    }
+                }
             }
-            out.last += 1;
-            rec.n = Some(out.last);
             line = match encode(&mut out, &rec) {
                 Some(line) => line,
                 None => return,
@@ -331,10 +362,15 @@ impl EventLog {
 
 impl Drop for EventLog {
     /// The owner ended without being killed: the last record says how many writes failed, so
-    /// that a reader can tell a whole log from one that lost lines.
+    /// that a reader can tell a whole log from one that lost lines, and how many rotations
+    /// failed, so that one can tell why the file outgrew its bound.
     fn drop(&mut self) {
         let write_failures = self.write_failures();
-        self.record(Event::Stopped { write_failures });
+        let rotation_failures = self.rotation_failures();
+        self.record(Event::Stopped {
+            write_failures,
+            rotation_failures,
+        });
     }
 }
 
@@ -376,7 +412,9 @@ fn whole_lines_len(file: &mut File, len: u64) -> std::io::Result<u64> {
 #[derive(Debug, Default)]
 pub struct Read {
     pub records: Vec<Record>,
-    /// The numbers (from 1) of whole lines that do not parse: damage.
+    /// The numbers (from 1) of lines that do not parse, other than a torn last line: damage.
+    /// A line without its newline that is not the log's last (a fragment ending `FILE.1`,
+    /// followed by `FILE`'s lines) is damage too.
     pub damaged: Vec<usize>,
     /// The last line lacks its newline and does not parse: a write cut short (the process was
     /// killed during it, and nothing was written after it).
@@ -389,12 +427,14 @@ pub fn read(path: &Path) -> std::io::Result<Read> {
 }
 
 /// Reads every record a log keeps: those of the file it was last rotated to
-/// ([`EventLog::rotated_path`], `FILE.1`), when there is one, then those of `FILE`, as one
-/// text (a damaged line's number counts from the first line of `FILE.1`). A rotation happens
-/// between whole records, so the two join without a torn line between them. `FILE` may be
-/// missing beside `FILE.1` (a rotation renamed it and had not made the new one yet, or could
-/// not: the process was killed between the two, or no inode was left): `FILE.1` is then the
-/// whole log. With neither, the error is `FILE`'s.
+/// ([`EventLog::rotated_path`], `FILE.1`), when there is one, then those of `FILE` (a damaged
+/// line's number counts from the first line of `FILE.1`). Each file's lines are its own: a
+/// fragment ending `FILE.1` (a write that failed partway, not cut off, then a rotation) is
+/// one damaged line, and `FILE`'s first line reads whole; when `FILE` has no lines, that
+/// fragment is the log's torn last line. `FILE` may be missing beside `FILE.1` (a rotation
+/// renamed it and had not made the new one yet, or could not: the process was killed between
+/// the two, or no inode was left): `FILE.1` is then the whole log. With neither, the error is
+/// `FILE`'s.
 pub fn read_all(path: &Path) -> std::io::Result<Read> {
     let not_found = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
     let rotated = match std::fs::read_to_string(EventLog::rotated_path(path)) {
@@ -402,27 +442,37 @@ pub fn read_all(path: &Path) -> std::io::Result<Read> {
         Err(e) if not_found(&e) => None,
         Err(e) => return Err(e),
     };
-    let text = match (rotated, std::fs::read_to_string(path)) {
-        (Some(older), Ok(text)) => older + &text,
-        (None, Ok(text)) => text,
-        (Some(older), Err(e)) if not_found(&e) => older,
-        (_, Err(e)) => return Err(e),
-    };
-    Ok(parse(&text))
+    match (rotated, std::fs::read_to_string(path)) {
+        (Some(older), Ok(text)) => Ok(parse_files(&[&older, &text])),
+        (None, Ok(text)) => Ok(parse(&text)),
+        (Some(older), Err(e)) if not_found(&e) => Ok(parse(&older)),
+        (_, Err(e)) => Err(e),
+    }
 }
 
 /// The records of a log's text; lines that do not parse are skipped and told apart: a torn
 /// last line, or damage.
 pub fn parse(text: &str) -> Read {
+    parse_files(&[text])
+}
+
+/// The records of a log's files' texts, in order, each split into lines of its own (a file's
+/// last line without its newline is not joined to the next file's first line); lines are
+/// numbered across them.
+fn parse_files(texts: &[&str]) -> Read {
     let mut read = Read::default();
-    // Only the last piece can lack its newline.
-    for (n, line) in text.split_inclusive('\n').enumerate() {
+    let mut lines = texts
+        .iter()
+        .flat_map(|text| text.split_inclusive('\n'))
+        .enumerate()
+        .peekable();
+    while let Some((n, line)) = lines.next() {
         if line.trim().is_empty() {
             continue;
         }
         match serde_json::from_str(line) {
             Ok(r) => read.records.push(r),
-            Err(_) if !line.ends_with('\n') => read.torn = true,
+            Err(_) if !line.ends_with('\n') && lines.peek().is_none() => read.torn = true,
             Err(_) => read.damaged.push(n + 1),
         }
     }
@@ -529,7 +579,10 @@ mod tests {
         let log = EventLog::open(&path, "w1").expect("open again");
         log.record(started("b2"));
         std::mem::forget(log);
-        let stopped = |write_failures| Event::Stopped { write_failures };
+        let stopped = |write_failures| Event::Stopped {
+            write_failures,
+            rotation_failures: 0,
+        };
         let got = numbered(&path);
         assert_eq!(got.len(), 4, "{got:?}");
         assert_eq!(got[0], (Some(1), started("b1")));
@@ -561,7 +614,13 @@ mod tests {
         let got = numbered(&path);
         let n: Vec<_> = got.iter().map(|(n, _)| *n).collect();
         assert_eq!(n, [Some(1), Some(3)], "{got:?}");
-        assert_eq!(got[1].1, Event::Stopped { write_failures: 1 });
+        assert_eq!(
+            got[1].1,
+            Event::Stopped {
+                write_failures: 1,
+                rotation_failures: 0
+            }
+        );
     }
 
     /// An in-memory disk: it takes every byte until `room` is set, then `room` more, then fails
@@ -635,7 +694,13 @@ mod tests {
         // The second line is the one missing: a gap, and the last record counts it.
         let n: Vec<_> = read.records.iter().map(|r| r.n).collect();
         assert_eq!(n, [Some(1), Some(3), Some(4)], "{text}");
-        assert_eq!(read.records[2].event, Event::Stopped { write_failures: 1 });
+        assert_eq!(
+            read.records[2].event,
+            Event::Stopped {
+                write_failures: 1,
+                rotation_failures: 0
+            }
+        );
     }
 
     /// Records until `done` holds, at most `most` of them; how many it took.
@@ -872,6 +937,126 @@ mod tests {
                 .is_some_and(|(_, e)| matches!(e, Event::Rotated { .. }))
         });
         assert_eq!(log.rotation_failures(), 1);
+    }
+
+    /// The `stopped` record counts the rotations that failed, those before it and the one it
+    /// tried itself, so that a reader of a stopped worker's log can tell that the file grew
+    /// past its bound; a `stopped` record written before the count reads as 0.
+    #[test]
+    fn the_stopped_record_counts_the_rotations_that_failed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stopped = |path: &Path| {
+            let got = numbered(path);
+            got.last().expect("a record").1.clone()
+        };
+        let blocked = |path: &Path| {
+            let older = EventLog::rotated_path(path);
+            std::fs::create_dir(&older).expect("a directory in the way");
+            std::fs::write(older.join("x"), b"x").expect("not empty");
+        };
+        let path = dir.path().join("events.jsonl");
+        blocked(&path);
+        let log = EventLog::open(&path, "w1")
+            .expect("open")
+            .with_max_bytes(500);
+        record_until(&log, 100, |l| l.rotation_failures() == 1);
+        // The next try is a bound's worth on: the `stopped` record does not try.
+        drop(log);
+        let want = |rotation_failures| Event::Stopped {
+            write_failures: 0,
+            rotation_failures,
+        };
+        assert_eq!(stopped(&path), want(1));
+        // A bound of one record a file: the `stopped` record's own rotation fails, and counts.
+        let path = dir.path().join("own.jsonl");
+        blocked(&path);
+        let log = EventLog::open(&path, "w1").expect("open").with_max_bytes(1);
+        log.record(registered());
+        assert_eq!(log.rotation_failures(), 0, "an empty file is not rotated");
+        drop(log);
+        assert_eq!(stopped(&path), want(1));
+        let old = r#"{"at":"2026-01-02T03:04:05Z","worker":"w1","n":3,"event":"stopped","write_failures":2}"#;
+        let read = parse(&format!("{old}\n"));
+        assert_eq!(
+            read.records[0].event,
+            Event::Stopped {
+                write_failures: 2,
+                rotation_failures: 0
+            }
+        );
+    }
+
+    /// A fragment at the end of the file (a write that failed partway and could not be cut
+    /// off) that the next record rotates away to `FILE.1` is read as one damaged line:
+    /// `read_all` reads `FILE`'s first line whole (the `rotated` record), not glued to the
+    /// fragment. With `FILE` missing or empty, the fragment is the log's torn last line.
+    #[test]
+    fn a_fragment_ending_the_rotated_file_is_one_damaged_line_and_the_next_file_reads_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        let log = EventLog::open(&path, "w1").expect("open");
+        for _ in 0..3 {
+            log.record(registered());
+        }
+        // The fragment is appended behind the log's back; its next record rotates the file.
+        tear(&path);
+        let log = log.with_max_bytes(1);
+        log.record(registered());
+        std::mem::forget(log);
+        assert!(follows_a_rotation(&path));
+        let read = read_all(&path).expect("read_all");
+        assert_eq!(read.damaged, [4], "{read:?}");
+        assert!(!read.torn, "{read:?}");
+        let n: Vec<_> = read.records.iter().map(|r| r.n).collect();
+        assert_eq!(n, [Some(1), Some(2), Some(3), Some(4), Some(5)], "{read:?}");
+        assert!(matches!(read.records[3].event, Event::Rotated { .. }));
+        // Nothing after the fragment: it is the log's torn last line.
+        std::fs::write(&path, b"").expect("empty");
+        let read = read_all(&path).expect("read_all");
+        assert!(read.torn && read.damaged.is_empty(), "{read:?}");
+        assert_eq!(read.records.len(), 3);
+        std::fs::remove_file(&path).expect("remove");
+        let read = read_all(&path).expect("read_all");
+        assert!(read.torn && read.damaged.is_empty(), "{read:?}");
+        assert_eq!(read.records.len(), 3);
+    }
+
+    /// A rotation never cuts a line in two, even with records made from several threads at
+    /// once: the rename and the writes take turns under one lock. Each file reads whole, and
+    /// the two read as one without a gap. (Rotation made no torn line before either: this
+    /// guards it.)
+    #[test]
+    fn records_from_several_threads_rotate_without_a_line_cut_in_two() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        let log = EventLog::open(&path, "w1")
+            .expect("open")
+            .with_max_bytes(2_000);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..200 {
+                        log.record(registered());
+                    }
+                });
+            }
+        });
+        assert_eq!((log.write_failures(), log.rotation_failures()), (0, 0));
+        drop(log);
+        let older = numbered(&EventLog::rotated_path(&path));
+        let newer = numbered(&path);
+        assert!(matches!(newer[0].1, Event::Rotated { .. }), "{newer:?}");
+        let n: Vec<u64> = older
+            .iter()
+            .chain(&newer)
+            .map(|(n, _)| n.expect("numbered"))
+            .collect();
+        let first = n[0];
+        assert_eq!(n, (first..first + n.len() as u64).collect::<Vec<_>>());
+        assert!(matches!(
+            newer.last().expect("a record").1,
+            Event::Stopped { .. }
+        ));
     }
 
     /// A log written before records were numbered still reads.

@@ -168,7 +168,7 @@ pub fn log_gaps(records: &[Record], starts: &[(DateTime<Utc>, bool)]) -> Vec<Str
                 });
             }
             expect = n + 1;
-            if let Event::Stopped { write_failures } = r.event {
+            if let Event::Stopped { write_failures, .. } = r.event {
                 if write_failures > 0 {
                     bad.push(format!("{process} failed {write_failures} writes"));
                 }
@@ -779,7 +779,10 @@ mod tests {
                 n: Some(n),
                 ..rec(
                     ms + 1_000 * numbers.len() as i64,
-                    Event::Stopped { write_failures },
+                    Event::Stopped {
+                        write_failures,
+                        rotation_failures: 0,
+                    },
                 )
             });
         }

@@ -66,6 +66,9 @@ async fn an_agent_rotates_its_event_log_at_the_configured_bound() {
     assert_eq!(n, (1..=n.len() as u64).collect::<Vec<_>>());
     assert!(matches!(
         new.last().expect("a record").event,
-        Event::Stopped { write_failures: 0 }
+        Event::Stopped {
+            write_failures: 0,
+            rotation_failures: 0
+        }
     ));
 }
