@@ -443,8 +443,10 @@ fn run(
         let mut pace = app.paces.resume(&worker, &app.cfg.limits);
         // Until the core's first message (the `registration_ack`, sent once the registration's
         // reconciliation has committed, or a refusal), the worker waits for it and says
-        // nothing: its silence is the coordinator's doing (see `awaiting_ack`).
+        // nothing: its silence is the coordinator's doing (see `awaiting_ack`), unless it is
+        // pinged meanwhile (`pinged`) and answers none of the pings.
         let mut awaiting = true;
+        let mut pinged = false;
         // One liveness timer for the session, moved lazily: every frame moves the deadline, and
         // only when the timer fires at a deadline that has since moved on is it set again (a timer
         // made per frame was registered and cancelled in the timer wheel twice a frame). Until
@@ -484,13 +486,16 @@ fn run(
                 () = &mut liveness => {
                     if awaiting {
                         // Boxed: a rare path, whose write state inline would size every idle session.
-                        if !Box::pin(awaiting_ack(&mut out, &mut deadline, agreed.beat, &app)).await {
-                            break ("error", "write failed".into());
+                        match Box::pin(awaiting_ack(&mut out, &mut deadline, &mut pinged, agreed.beat, &app)).await {
+                            Awaited::Kept => {
+                                liveness.as_mut().reset(Instant::now() + keepalive_every(agreed.beat));
+                                continue;
+                            }
+                            Awaited::Failed => break ("error", "write failed".into()),
+                            // Dead as a registered worker silent for its timeout is.
+                            Awaited::Silent => {}
                         }
-                        liveness.as_mut().reset(Instant::now() + keepalive_every(agreed.beat));
-                        continue;
-                    }
-                    if Instant::now() < deadline {
+                    } else if Instant::now() < deadline {
                         liveness.as_mut().reset(deadline);
                         continue;
                     }
@@ -540,8 +545,10 @@ fn run(
                         Ok(f) => {
                             // With integrity on, only a frame that verified is the worker: pings
                             // and pongs carry no tag, and whoever holds the connection could keep
-                            // a dead worker's session (and its leases) alive with them.
-                            if open.is_none() || matches!(f, Data::Text(_) | Data::Binary(_)) {
+                            // a dead worker's session (and its leases) alive with them. Until the
+                            // ack, though, the worker sends nothing else: a pong is its answer
+                            // to `awaiting_ack`'s pings (before, nothing at all was asked).
+                            if open.is_none() || awaiting || matches!(f, Data::Text(_) | Data::Binary(_)) {
                                 deadline = Instant::now() + agreed.beat.timeout;
                                 seen.mark();
                             }
@@ -711,6 +718,16 @@ fn keepalive_every(beat: Beat) -> Duration {
     beat.interval.min(KEEPALIVE_EVERY)
 }
 
+/// What a keepalive period of a session awaiting its `registration_ack` found.
+enum Awaited {
+    /// The session goes on.
+    Kept,
+    /// The worker answered none of the pings for its heartbeat timeout: it is gone.
+    Silent,
+    /// A ping could not be written.
+    Failed,
+}
+
 /// A keepalive period of a session whose worker waits for its `registration_ack`. The ack is
 /// sent once the registration's reconciliation has committed (nothing is acknowledged before
 /// it is durable), and the worker says nothing until it comes: its silence is not counted
@@ -718,21 +735,41 @@ fn keepalive_every(beat: Beat) -> Duration {
 /// (out of space, a disk that does not answer) the worker is pinged too: the coordinator did
 /// not answer it for so long that it took the silence for a dead link, gave the registration
 /// up at its heartbeat timeout and connected again, to wait again, for as long as the commit
-/// was held. False when the ping could not be written.
-async fn awaiting_ack(out: &mut Tx, deadline: &mut Instant, beat: Beat, app: &AppState) -> bool {
-    *deadline = (*deadline).max(Instant::now() + beat.timeout);
+/// was held. Pinged (`pinged`), the worker answers (a pong, which moves `deadline` as any
+/// frame does), so from the first ping its silence counts again: a worker that answers none
+/// for its heartbeat timeout is gone ([`Awaited::Silent`]: a pulled cable closes no TCP
+/// connection), and was kept until the commit went through, however long the disk stayed
+/// full.
+async fn awaiting_ack(
+    out: &mut Tx,
+    deadline: &mut Instant,
+    pinged: &mut bool,
+    beat: Beat,
+    app: &AppState,
+) -> Awaited {
     let held = app
         .store_stats
         .held_for()
         .is_some_and(|h| h >= beat.interval);
     if !held {
-        return true;
+        *pinged = false;
+        *deadline = (*deadline).max(Instant::now() + beat.timeout);
+        return Awaited::Kept;
+    }
+    if !std::mem::replace(pinged, true) {
+        // The first ping: the worker has its whole timeout from it to answer.
+        *deadline = (*deadline).max(Instant::now() + beat.timeout);
+    } else if Instant::now() >= *deadline {
+        return Awaited::Silent;
     }
     app.counters.keepalive_pings.fetch_add(1, Ordering::Relaxed);
     let before = *deadline;
     let sent = out.ping(deadline).await;
     count_slow_write(&app.counters, before, *deadline);
-    sent
+    match sent {
+        true => Awaited::Kept,
+        false => Awaited::Failed,
+    }
 }
 
 /// Waits for the core to take a session's events (`wait`: its queue was full), pinging the
@@ -2525,6 +2562,122 @@ mod tests {
         core.store_stats.group_begins();
         assert_eq!(pings_for(&mut ws, Duration::from_millis(300)).await, 0);
         beat_answered(&mut ws).await;
+    }
+
+    /// A worker that vanished while it waited for its `registration_ack` behind a held commit
+    /// (a pulled cable: no TCP close, no answer to the pings) is dropped once it answered no
+    /// ping for its heartbeat timeout, as a registered worker silent for its timeout is: the
+    /// core hears of the session's end, and the ack, once the commit goes through, finds no
+    /// session to write to. It was kept for as long as the commit was held.
+    #[tokio::test]
+    async fn a_worker_that_answers_no_ping_while_its_registration_ack_is_held_is_dropped() {
+        use tokio_tungstenite::tungstenite::Message as M;
+        let mut cfg = crate::CoordinatorConfig::new("/unused");
+        cfg.heartbeat_interval = Duration::from_millis(100);
+        cfg.heartbeat_timeout = Duration::from_millis(400);
+        let mut core = FakeCore::start(cfg, 16).await;
+        let (mut ws, session) = unacknowledged(&mut core, "w-gone").await;
+        // Held, and the worker reads nothing from here on: no pong answers the pings.
+        core.store_stats.group_begins();
+        let ev = core.next().await;
+        assert!(
+            matches!(&ev, Event::Disconnected { worker, session_id }
+                if worker.as_str() == "w-gone" && *session_id == session.id),
+            "{}",
+            describe(&ev)
+        );
+        assert!(
+            core.counters.keepalive_pings.load(Ordering::Relaxed) >= 1,
+            "pinged first"
+        );
+        // The commit goes through: its ack has no session to go to.
+        core.store_stats.group_ends();
+        let mut closed = false;
+        for _ in 0..500 {
+            let ack = CoordMsg::error(ErrorCode::BadFrame, "stands for the ack", None, None);
+            if session.tx.send_all([Outgoing::Msg(Box::new(ack))]).is_err() {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(closed, "the session's queue is still open");
+        // What the worker was sent: pings, then the connection's end; no message.
+        let mut pings = 0;
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .expect("a frame, or the end, in time");
+            match m {
+                Some(Ok(M::Ping(_))) => pings += 1,
+                Some(Ok(M::Close(_))) | Some(Err(_)) | None => break,
+                other => panic!("pings only, not {other:?}"),
+            }
+        }
+        assert!(pings >= 1, "{pings} pings");
+    }
+
+    /// With integrity tags on, pings and pongs keep no registered session alive (they carry
+    /// no tag); but a worker waiting for its `registration_ack` sends nothing else, so while
+    /// the ack is held its pongs are its answers, and it is kept.
+    #[tokio::test]
+    async fn a_keyed_worker_answering_the_pings_while_its_registration_ack_is_held_is_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secrets = dir.path().join("secrets");
+        std::fs::create_dir(&secrets).expect("mkdir");
+        std::fs::write(secrets.join("w-keyed"), "the worker's own secret\n").expect("write");
+        let secret = tether_proto::auth::Secret::new(b"the worker's own secret").expect("secret");
+        let mut cfg = crate::CoordinatorConfig::new("/unused");
+        cfg.heartbeat_interval = Duration::from_millis(100);
+        cfg.heartbeat_timeout = Duration::from_millis(400);
+        cfg.auth = Some(WorkerAuth {
+            fleet: None,
+            dir: Some(secrets),
+            max_skew: tether_proto::auth::DEFAULT_MAX_SKEW,
+            message_mac: true,
+        });
+        let mut core = FakeCore::start(cfg, 16).await;
+        // The registration, signed, and its frame tagged under the session key.
+        let url = format!("ws://{}/api/v1/worker/w-keyed/ws", core.addr);
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+            .await
+            .expect("connect");
+        let welcome = next_json(&mut ws).await.expect("a welcome");
+        let nonce = welcome["nonce"].as_str().expect("a nonce").to_owned();
+        let id = WorkerId::parse("w-keyed").expect("id");
+        let client_nonce = to_hex(&[7u8; NONCE_BYTES]);
+        let at = now();
+        let signature = Challenge {
+            worker: &id,
+            nonce: &nonce,
+            timestamp: at,
+            boot_id: "b",
+        }
+        .sign(&secret);
+        let registration = serde_json::json!({"type": "registration", "worker_id": "w-keyed",
+            "protocol_version": PROTOCOL_VERSION, "boot_id": "b", "capabilities": [],
+            "slots": 1, "executors": ["sleep"], "timestamp": at, "signature": signature,
+            "client_nonce": client_nonce});
+        let key = SessionKey::derive(&secret, &id, &nonce, &client_nonce);
+        let sealed = Sealer::new(key, Direction::ToCoordinator).seal_text(registration.to_string());
+        ws.send(tokio_tungstenite::tungstenite::Message::text(sealed))
+            .await
+            .expect("send");
+        // Held: a session whose core dropped it ends.
+        let Event::Connected {
+            worker,
+            session: _session,
+            ..
+        } = core.next().await
+        else {
+            panic!("a connection");
+        };
+        assert_eq!(worker.as_str(), "w-keyed");
+        core.store_stats.group_begins();
+        // Read, the pings are answered (tungstenite pongs each as it reads on).
+        let pings = pings_for(&mut ws, Duration::from_millis(1500)).await;
+        assert!(pings >= 5, "{pings} pings in 1.5 s, every 100 ms due");
+        assert_eq!(core.counters.mac_sessions.load(Ordering::Relaxed), 1);
     }
 
     /// A registration that waits for room in the core's queue (the core held up behind its
