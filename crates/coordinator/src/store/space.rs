@@ -151,13 +151,24 @@ pub(super) fn cannot_open_for_space(db: &Path, e: StoreError) -> StoreError {
 }
 
 /// Whether the file system holding `dir` has no inode or no block left for this process
-/// ([`crate::disk::Room::exhausted`]: only what the file system counts can run out). A file
+/// ([`crate::disk::Room::exhausted`]: only what the file system counts can run out; running
+/// as root, the blocks and inodes kept for the superuser count, which others may not use). A
+/// file system full to others (ext4 keeps 5 % of its blocks for root) was taken for full for a
+/// coordinator running as root, and a database it could not open for another reason was
+/// waited on for room instead of refused with SQLite's error. A file
 /// system that counts no inodes (statvfs says 0 of them, 0 free: btrfs, vfat, a tmpfs
 /// without `nr_inodes`) or no blocks (a tmpfs without `size`) was taken for full, and every
 /// file SQLite could not open there, for whatever reason, was waited on as a full disk for
 /// ever instead of refused.
 fn no_room(dir: &Path) -> bool {
-    crate::disk::Room::of(dir).is_ok_and(|r| r.exhausted())
+    crate::disk::Room::of(dir).is_ok_and(|r| r.exhausted(superuser()))
+}
+
+/// Whether this process runs as the superuser (its effective uid 0), which may use what a
+/// file system keeps from others.
+fn superuser() -> bool {
+    // SAFETY: geteuid takes nothing, touches no memory of the caller's and cannot fail.
+    unsafe { nix::libc::geteuid() == 0 }
 }
 
 /// What waits for space: what the log says of it.
@@ -364,6 +375,19 @@ pub(super) mod full {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The room kept for the superuser is counted for this process when its effective uid
+    /// (the second of `/proc/self/status`'s `Uid:`) is 0 (`disk::tests` tries the decision).
+    #[test]
+    fn the_superuser_is_a_process_whose_effective_uid_is_0() {
+        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+        let euid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            .expect("an effective uid");
+        assert_eq!(superuser(), euid == "0", "euid {euid}");
+    }
 
     #[test]
     fn out_of_space_is_a_full_disk_or_a_quota_and_nothing_else() {
