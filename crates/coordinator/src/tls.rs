@@ -3,11 +3,18 @@
 //!
 //! The files are read again when they change (looked at, at most, every
 //! [`RELOAD_CHECK`] at a handshake), so a renewed certificate is served without a restart
-//! that would drop every worker's session. The look runs on a thread of its own, one at a
-//! time, and no handshake waits for it: a file that does not answer (a hung network mount, a
-//! FIFO in its place) leaves the certificate in use served, where reading it on the handshake
-//! stopped every handshake and a runtime thread with it. A change is served from the
-//! handshakes that follow the look that read it. A certificate that is expired or not valid
+//! that would drop every worker's session. The look runs on a thread of its own, and no
+//! handshake waits for it: a file that does not answer (a hung network mount, a FIFO in its
+//! place) leaves the certificate in use served, where reading it on the handshake stopped
+//! every handshake and a runtime thread with it. A look that has not returned when the next
+//! is due is warned of (once) and left to its thread, and the next look starts beside it on a
+//! thread of its own, so that once the files answer again (the mount back, the FIFO replaced
+//! by a file) the new certificate is served without a restart. A read that never returns
+//! holds its thread (and the little it owns) for the rest of the process: the thread is
+//! leaked, and at most [`MAX_HUNG_LOOKS`] looks run at once; with that many hung, no other
+//! starts until one returns (warned of once). A look that returns after a later one was
+//! taken is dropped: what it read is older. A change is served from the handshakes that
+//! follow the look that read it. A certificate that is expired or not valid
 //! yet is refused at start (every worker would refuse it, and stop after three refusals) and never
 //! replaces the one served; one not valid yet is tried again at each look, and served once it
 //! is valid (a renewal placed ahead of its start). The certificate served is warned of when it
@@ -26,6 +33,10 @@ use rustls::sign::CertifiedKey;
 
 /// How often, at most, a handshake starts a look whether the certificate or key file changed.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(10);
+
+/// How many looks at the files may run at once: looks whose reads do not return (each holds
+/// its thread, leaked while it hangs) and the one started beside them.
+pub const MAX_HUNG_LOOKS: usize = 4;
 
 /// A certificate that expires sooner than this is warned of, at start, at each reload, and
 /// while it is served every [`EXPIRY_REMINDER`].
@@ -87,22 +98,37 @@ struct CertFiles {
     /// What handshakes serve. INVARIANT: written only to swap in a new certificate, so a
     /// handshake's read never waits on a file.
     served: RwLock<Arc<CertifiedKey>>,
-    /// Held by the one look running, throughout (file reads included): never by a handshake.
+    /// Held by a look once it has read the files (never across a read, which may hang) and
+    /// never by a handshake.
     looked: Mutex<Looked>,
     /// When a look is due, and whether one runs: held by a handshake only to decide, never
     /// across a file read.
     schedule: Mutex<Schedule>,
 }
 
-/// When the files were last looked at, and the look running, if one is.
+/// When the files were last looked at, and the looks running.
 #[derive(Debug)]
 struct Schedule {
     /// When the last look started.
     last: Instant,
-    /// When the look running on its own thread started: no other starts until it ends.
-    running: Option<Instant>,
-    /// The look running was warned of as not returning (once per look).
-    hang_warned: bool,
+    /// The looks running on threads of their own, by number, with when each started, oldest
+    /// first: the last is the one started last; those before it have not returned (hung). At
+    /// most [`MAX_HUNG_LOOKS`].
+    running: Vec<(u64, Instant)>,
+    /// The number the next look takes (numbers grow in the order looks start).
+    next: u64,
+    /// The latest look warned of as not returning: each is warned of once.
+    hang_warned: Option<u64>,
+    /// [`MAX_HUNG_LOOKS`] looks run and no other starts: warned of (once, until one returns).
+    full_warned: bool,
+}
+
+impl Schedule {
+    /// A number for a look starting now.
+    fn number(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
 }
 
 /// What the last look at the files found, and what is known of the certificate served.
@@ -111,6 +137,9 @@ struct Looked {
     /// What the files held then: a change is read once, whether it loads or not, unless
     /// `retry`.
     stamp: Stamp,
+    /// The number of that look: a look numbered before it read the files earlier (it hung),
+    /// and what it read is dropped.
+    look: u64,
     /// Those contents were refused only because their certificate is not valid yet: they are
     /// tried again at each look until they load or are refused for good.
     retry: bool,
@@ -131,6 +160,8 @@ enum Look {
     Refused,
     /// Their certificate is not valid yet: tried again at the next look.
     NotYetValid,
+    /// A look started later was taken first: this one's read (older) is dropped.
+    Outrun,
 }
 
 /// How near the end of its validity a certificate is.
@@ -235,6 +266,7 @@ impl CertFiles {
         let (served, until) = certified_key((cert, key), &contents, &provider, now)?;
         let mut looked = Looked {
             stamp: Some(contents.stamp()),
+            look: 0,
             retry: false,
             served_until: until,
             expiry_warned: None,
@@ -251,8 +283,10 @@ impl CertFiles {
             looked: Mutex::new(looked),
             schedule: Mutex::new(Schedule {
                 last: Instant::now(),
-                running: None,
-                hang_warned: false,
+                running: Vec::new(),
+                next: 0,
+                hang_warned: None,
+                full_warned: false,
             }),
         })
     }
@@ -269,14 +303,14 @@ impl CertFiles {
         self.schedule.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts a look at the files ([`CertFiles::reload_if_changed`]) on a thread of its own
-    /// when one is due: `check_every` after the last one started, and none running. Never
-    /// waits: not for the look, nor for another handshake deciding. A look that is due while
-    /// the last one still runs (a file that does not answer) is warned of once, and the files
-    /// are not read again until it returns.
+    /// Starts a look at the files ([`CertFiles::look`]) on a thread of its own when one is
+    /// due: `check_every` after the last one started. Never waits: not for a look, nor for
+    /// another handshake deciding. A look due while the last one still runs (a file that does
+    /// not answer) warns of that one as hung (once for each) and starts beside it, unless
+    /// [`MAX_HUNG_LOOKS`] run: then none starts until one returns (warned of once).
     ///
     /// A std thread, not the runtime's blocking pool: a read that never returns must not hold
-    /// the runtime's shutdown, which waits for its blocking tasks.
+    /// the runtime's shutdown, which waits for its blocking tasks. Such a thread is leaked.
     fn look_if_due(self: &Arc<Self>) {
         let mut schedule = match self.schedule.try_lock() {
             Ok(s) => s,
@@ -288,45 +322,68 @@ impl CertFiles {
         if now.saturating_duration_since(schedule.last) < self.check_every {
             return;
         }
-        if let Some(started) = schedule.running {
-            let warn = !std::mem::replace(&mut schedule.hang_warned, true);
+        if schedule.running.len() >= MAX_HUNG_LOOKS {
+            let warn = !std::mem::replace(&mut schedule.full_warned, true);
             drop(schedule);
             if warn {
-                tracing::warn!(cert = %self.cert.display(), key = %self.key.display(), waited_s = now.saturating_duration_since(started).as_secs(), "reading the TLS certificate and key files has not returned (a hung mount? a FIFO in a file's place?): the previous certificate is served still, and the files are read again once that read returns");
+                tracing::warn!(cert = %self.cert.display(), key = %self.key.display(), hung = MAX_HUNG_LOOKS, "reads of the TLS certificate and key files have not returned: the previous certificate is served still, and no other read starts until one returns");
             }
             return;
         }
-        *schedule = Schedule {
-            last: now,
-            running: Some(now),
-            hang_warned: false,
-        };
+        // The last look started `check_every` ago or more and has not returned: hung.
+        let hung = schedule
+            .running
+            .last()
+            .copied()
+            .filter(|(n, _)| schedule.hang_warned.is_none_or(|w| w < *n));
+        if let Some((n, _)) = hung {
+            schedule.hang_warned = Some(n);
+        }
+        let number = schedule.number();
+        schedule.last = now;
+        schedule.running.push((number, now));
         drop(schedule);
+        if let Some((_, started)) = hung {
+            tracing::warn!(cert = %self.cert.display(), key = %self.key.display(), waited_s = now.saturating_duration_since(started).as_secs(), "reading the TLS certificate and key files has not returned (a hung mount? a FIFO in a file's place?): the previous certificate is served still; the read is left to its thread and the files are read again beside it");
+        }
         let files = Arc::clone(self);
         let spawned = std::thread::Builder::new()
             .name("tls-reload".into())
             .spawn(move || {
-                let _ended = LookEnded(&files);
-                files.reload_if_changed();
+                let _ended = LookEnded(&files, number);
+                files.look(number);
             });
         if let Err(e) = spawned {
-            self.schedule().running = None;
+            self.schedule().running.retain(|(n, _)| *n != number);
             tracing::error!(error = %e, "cannot start a thread to look at the TLS certificate and key files: the certificate served stays; tried again at a later handshake");
         }
     }
 
-    /// Reads the files again if they changed since they were last looked at (on the thread
-    /// [`CertFiles::look_if_due`] starts). A change that does not load (a half-written file,
+    /// A look at the files now, on this thread (see [`CertFiles::look`]).
+    #[cfg(test)]
+    fn reload_if_changed(&self) -> Look {
+        let number = self.schedule().number();
+        self.look(number)
+    }
+
+    /// Look number `number`: reads the files again if they changed since they were last
+    /// looked at (on the thread [`CertFiles::look_if_due`] starts). What a look read is
+    /// dropped when a look started after it was taken first (it hung, and read older files). A change that does not load (a half-written file,
     /// a key that does not match, a certificate expired, a file gone) is logged once and the
     /// certificate served stays; one whose certificate is not valid yet is logged once and
     /// tried again at each look, until it loads or is refused for good. Warns of the served
     /// certificate's expiry, as often as [`Looked::expiry_due`] says.
-    fn reload_if_changed(&self) -> Look {
-        // Under the lock throughout: one look at a time (it is never a handshake's, which
-        // only starts one), and a load (a parse, a key check) only follows a change.
-        let mut looked = self.looked.lock().unwrap_or_else(|p| p.into_inner());
-        let now = SystemTime::now();
+    fn look(&self, number: u64) -> Look {
+        // Read outside the lock: a read that hangs must not hold the looks after it.
         let contents = Contents::read(&self.cert, &self.key);
+        // Under the lock from here: one look decides at a time (never a handshake, which only
+        // starts one), and a load (a parse, a key check) only follows a change.
+        let mut looked = self.looked.lock().unwrap_or_else(|p| p.into_inner());
+        if number < looked.look {
+            return Look::Outrun;
+        }
+        looked.look = number;
+        let now = SystemTime::now();
         let stamp = contents.as_ref().ok().map(Contents::stamp);
         let retrying = stamp == looked.stamp;
         if retrying && !looked.retry {
@@ -364,20 +421,23 @@ impl CertFiles {
     }
 }
 
-/// Marks the look running as ended when its thread ends (a panic included), so the next
-/// one can start.
-struct LookEnded<'a>(&'a CertFiles);
+/// Marks look number `.1` as ended when its thread ends (a panic included), so that it no
+/// longer counts among those running.
+struct LookEnded<'a>(&'a CertFiles, u64);
 
 impl Drop for LookEnded<'_> {
     fn drop(&mut self) {
         let mut schedule = self.0.schedule();
-        let started = schedule.running.take();
-        if schedule.hang_warned {
-            drop(schedule);
+        let at = schedule.running.iter().position(|(n, _)| *n == self.1);
+        let started = at.map(|at| schedule.running.remove(at).1);
+        schedule.full_warned = false;
+        let warned = schedule.hang_warned.is_some_and(|w| w >= self.1);
+        drop(schedule);
+        if warned {
             let took_s = started.map_or(0, |s| s.elapsed().as_secs());
             tracing::info!(
                 took_s,
-                "reading the TLS certificate and key files returned at last: they are looked at again as usual"
+                "a read of the TLS certificate and key files returned at last"
             );
         }
     }
@@ -608,9 +668,9 @@ mod tests {
     }
 
     /// A certificate file that does not answer (a FIFO nobody writes, as a hung mount) holds
-    /// only the look that reads it: handshakes go on being served the certificate in use,
-    /// at once, and start no other look; once the read returns, a renewed certificate is
-    /// served.
+    /// only the looks that read it: handshakes go on being served the certificate in use, at
+    /// once, and start at most [`MAX_HUNG_LOOKS`] looks; once the reads return, a renewed
+    /// certificate is served.
     #[test]
     fn a_certificate_file_that_does_not_answer_leaves_the_certificate_in_use_served() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -640,8 +700,13 @@ mod tests {
             assert_eq!(handshake(&config, &roots), Ok(first.clone()), "in use");
         }
         let schedule = files.schedule();
-        assert!(schedule.running.is_some(), "the look is still running");
-        assert!(schedule.hang_warned, "and was warned of");
+        // Each handshake started a look beside the hung ones, up to the bound.
+        let running = schedule.running.len();
+        assert!(
+            (1..=MAX_HUNG_LOOKS).contains(&running),
+            "{running} looks run"
+        );
+        assert!(schedule.hang_warned.is_some(), "and were warned of");
         drop(schedule);
 
         // A renewed certificate in the FIFO's place, and the FIFO's read ended: the look
@@ -663,6 +728,114 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Waits (at most 10 s) until no look runs.
+    fn looks_ended(files: &CertFiles) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !files.schedule().running.is_empty() {
+            assert!(Instant::now() < deadline, "a look never ended");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A key file that never answers (a FIFO nobody writes) holds the look reading it for
+    /// good, yet the next look starts beside it: once the FIFO is replaced by the renewed
+    /// files, handshakes are served the renewed certificate without a restart. The hung look,
+    /// when it returns at last with the older files it read, is dropped: the renewed
+    /// certificate stays served.
+    #[test]
+    fn a_look_that_never_returns_does_not_stop_a_renewed_certificate_being_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (c, k) = write_cert(dir.path(), -1, 30);
+        let first = CertificateDer::from_pem_file(&c).expect("pem");
+        let old_key = std::fs::read(&k).expect("key");
+        let files = Arc::new(CertFiles::load(&c, &k, provider(), Duration::ZERO).expect("load"));
+        let config = serving(Arc::clone(&files), provider()).expect("config");
+
+        std::fs::remove_file(&k).expect("remove");
+        nix::unistd::mkfifo(&k, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        let aside = dir.path().join("key.fifo");
+        let _unblock = Unblock(aside.clone());
+        files.look_if_due();
+        // The look has read the certificate and waits in the FIFO's open: a writer that does
+        // not wait opens it only then, and the look waits in its read after.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut writer = loop {
+            if let Some(w) = writer_of(&k) {
+                break w;
+            }
+            assert!(Instant::now() < deadline, "no look opened the FIFO");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // The FIFO is moved away (its reader still waits) and the renewed files put in place.
+        std::fs::rename(&k, &aside).expect("move the FIFO away");
+        let renewed = dir.path().join("renewed");
+        std::fs::create_dir(&renewed).expect("dir");
+        let (c2, k2) = write_cert(&renewed, -1, 60);
+        std::fs::copy(&k2, &k).expect("copy");
+        std::fs::copy(&c2, &c).expect("copy");
+        let second = CertificateDer::from_pem_file(&c2).expect("pem");
+        let roots = [first, second.clone()];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while handshake(&config, &roots).expect("handshake") != second {
+            assert!(
+                Instant::now() < deadline,
+                "the renewed certificate is never served while a look hangs"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        {
+            let schedule = files.schedule();
+            assert_eq!(schedule.running.first().map(|(n, _)| *n), Some(1), "hung");
+            // Warned of (a look started by a handshake may have been warned of since).
+            assert!(schedule.hang_warned.is_some_and(|w| w >= 1), "warned of");
+        }
+        // The hung look returns at last, with the older certificate it read and the older key:
+        // a pair that loads, but older than what a later look took. It is dropped.
+        use std::io::Write as _;
+        writer.write_all(&old_key).expect("the older key");
+        drop(writer);
+        looks_ended(&files);
+        let served = files.served().cert[0].clone();
+        assert_eq!(
+            served, second,
+            "the hung look's older pair replaced the renewed one"
+        );
+    }
+
+    /// Reads that never return hold at most [`MAX_HUNG_LOOKS`] threads: with that many hung,
+    /// a due look starts none; once they return, looks start again.
+    #[test]
+    fn at_most_a_bounded_number_of_looks_hang_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (c, k) = write_cert(dir.path(), -1, 30);
+        let files = Arc::new(CertFiles::load(&c, &k, provider(), Duration::ZERO).expect("load"));
+        std::fs::remove_file(&c).expect("remove");
+        nix::unistd::mkfifo(&c, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        let unblock = Unblock(c.clone());
+        for _ in 0..3 * MAX_HUNG_LOOKS {
+            files.look_if_due();
+        }
+        {
+            let schedule = files.schedule();
+            assert_eq!(schedule.running.len(), MAX_HUNG_LOOKS);
+            assert!(schedule.full_warned);
+            assert_eq!(schedule.next, MAX_HUNG_LOOKS as u64, "looks started");
+        }
+        // Every reader waiting in the FIFO's open reads an end of file once a writer closes
+        // it; a look may still be on its way to the open, so this repeats until none runs.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !files.schedule().running.is_empty() {
+            drop(writer_of(&c));
+            assert!(Instant::now() < deadline, "a look never ended");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(unblock);
+        std::fs::remove_file(&c).expect("remove");
+        files.look_if_due();
+        looks_ended(&files);
+        assert_eq!(files.schedule().next, MAX_HUNG_LOOKS as u64 + 1);
     }
 
     /// A renewed certificate is served once its files change; a change that cannot be served
@@ -773,6 +946,7 @@ mod tests {
         let day = Duration::from_secs(86_400);
         let mut looked = Looked {
             stamp: None,
+            look: 0,
             retry: false,
             served_until: unix_secs(now + 60 * day),
             expiry_warned: None,
