@@ -18,6 +18,11 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(10);
 /// How often the warning is repeated while space stays low.
 pub const WARN_AGAIN: Duration = Duration::from_secs(600);
 
+/// The share of its blocks, in percent, that ext4 keeps at most from every writer, the
+/// superuser included (its reserved clusters, `s_resv_clusters`: 2 % or 4096 clusters,
+/// whichever is fewer), yet counts as free in `f_bfree` ([`Room::exhausted`]).
+pub const EXT4_KEPT_FROM_ALL_PERCENT: u64 = 2;
+
 /// What `statvfs` says of the room in a file system: its blocks (of [`Room::block`] bytes) and
 /// its inodes, each in all, free, and free to an unprivileged writer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -63,15 +68,23 @@ impl Room {
         (self.blocks > 0).then(|| self.blocks_available.saturating_mul(self.block))
     }
 
-    /// Whether no block or no inode is left for a writer, the superuser when `root` (it may
-    /// use the free blocks and inodes kept from others: `f_bfree` and `f_ffree`, not
-    /// `f_bavail` and `f_favail`; ext4 keeps 5 % of its blocks so by default). Only what the
-    /// file system counts can run out: one that counts no inodes (0 of them, 0 free: btrfs,
-    /// vfat, a tmpfs with `nr_inodes=0`) or no blocks (see [`Room::available`]) has none to
-    /// run out of.
+    /// Whether no block or no inode is left for a writer, the superuser of an ext2, ext3 or
+    /// ext4 file system when `root` (the caller tells: `store::space`). Such a superuser may
+    /// use the free blocks and inodes kept from others (`f_bfree` and `f_ffree`, not
+    /// `f_bavail` and `f_favail`; ext4 keeps 5 % of its blocks so by default), but not what
+    /// ext4 keeps from every writer, itself included, which `f_bfree` counts all the same
+    /// (its reserved clusters: 2 % of the blocks or 4096 clusters, whichever is fewer): the
+    /// superuser's room is what `f_bfree` says over 2 % of the blocks
+    /// ([`EXT4_KEPT_FROM_ALL_PERCENT`]; read as its own, a full ext4 was never full to root).
+    /// Only what the file system counts can run out: one that counts no inodes (0 of them, 0
+    /// free: btrfs, vfat, a tmpfs with `nr_inodes=0`) or no blocks (see [`Room::available`])
+    /// has none to run out of.
     pub fn exhausted(&self, root: bool) -> bool {
         let (blocks, files) = match root {
-            true => (self.blocks_free, self.files_free),
+            true => {
+                let kept = self.blocks.saturating_mul(EXT4_KEPT_FROM_ALL_PERCENT) / 100;
+                (self.blocks_free.saturating_sub(kept), self.files_free)
+            }
             false => (self.blocks_available, self.files_available),
         };
         (self.files > 0 && files == 0) || (self.blocks > 0 && blocks == 0)
@@ -269,6 +282,12 @@ mod tests {
             }
             .exhausted(false)
         );
+        // As root too, with blocks to spare over the 2 % ext4 keeps from everyone.
+        let no_inodes = Room {
+            blocks_free: 100,
+            blocks_available: 100,
+            ..no_inodes
+        };
         for root in [false, true] {
             assert!(!no_blocks.exhausted(root) && !no_inodes.exhausted(root));
         }
@@ -287,6 +306,38 @@ mod tests {
             "counted again, and low: said at once"
         );
         assert_eq!(w.uncounted(), Some(Say::Uncounted), "said again");
+    }
+
+    /// ext4 counts in `f_bfree` the clusters it keeps from every writer, the superuser too (2 %
+    /// of its blocks, or 4096 clusters): full to root, it still says some free (4096 blocks of
+    /// a 1,000,000, or 2 % of a small one). Those read as root's room, a full disk was not
+    /// full to a coordinator running as root, and a database it could not open for want of
+    /// room was refused instead of waited on.
+    #[test]
+    fn the_superuser_has_no_room_in_what_ext4_keeps_from_everyone() {
+        let full = Room {
+            blocks: 1_000_000,
+            blocks_free: 4096,
+            blocks_available: 0,
+            block: 4096,
+            files: 1000,
+            files_free: 10,
+            files_available: 10,
+        };
+        assert!(full.exhausted(true), "full to root");
+        let small = Room {
+            blocks: 10_000,
+            blocks_free: 200,
+            ..full
+        };
+        assert!(small.exhausted(true), "2 % kept");
+        // Beyond what it keeps from everyone, the superuser's own reserve is room.
+        let kept_for_root = Room {
+            blocks_free: 50_000,
+            ..full
+        };
+        assert!(kept_for_root.exhausted(false));
+        assert!(!kept_for_root.exhausted(true));
     }
 
     /// On ext4 the superuser may still use the blocks (and inodes) kept from others: with

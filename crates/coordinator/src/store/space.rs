@@ -152,16 +152,18 @@ pub(super) fn cannot_open_for_space(db: &Path, e: StoreError) -> StoreError {
 
 /// Whether the file system holding `dir` has no inode or no block left for this process
 /// ([`crate::disk::Room::exhausted`]: only what the file system counts can run out; running
-/// as root, the blocks and inodes kept for the superuser count, which others may not use). A
-/// file system full to others (ext4 keeps 5 % of its blocks for root) was taken for full for a
-/// coordinator running as root, and a database it could not open for another reason was
-/// waited on for room instead of refused with SQLite's error. A file
+/// as root on ext2, ext3 or ext4, the blocks and inodes kept for the superuser count, which
+/// others may not use, [`keeps_for_this_process`]). A file system full to others (ext4 keeps
+/// 5 % of its blocks for root) was taken for full for a coordinator running as root, and a
+/// database it could not open for another reason was waited on for room instead of refused
+/// with SQLite's error. A file
 /// system that counts no inodes (statvfs says 0 of them, 0 free: btrfs, vfat, a tmpfs
 /// without `nr_inodes`) or no blocks (a tmpfs without `size`) was taken for full, and every
 /// file SQLite could not open there, for whatever reason, was waited on as a full disk for
 /// ever instead of refused.
 fn no_room(dir: &Path) -> bool {
-    crate::disk::Room::of(dir).is_ok_and(|r| r.exhausted(superuser()))
+    let root = superuser() && keeps_for_this_process(dir);
+    crate::disk::Room::of(dir).is_ok_and(|r| r.exhausted(root))
 }
 
 /// Whether this process runs as the superuser (its effective uid 0), which may use what a
@@ -169,6 +171,31 @@ fn no_room(dir: &Path) -> bool {
 fn superuser() -> bool {
     // SAFETY: geteuid takes nothing, touches no memory of the caller's and cannot fail.
     unsafe { nix::libc::geteuid() == 0 }
+}
+
+/// Whether what the file system holding `dir` keeps from others (`f_bfree` over `f_bavail`)
+/// is this process's, its superuser's ([`keeps_for`]).
+fn keeps_for_this_process(dir: &Path) -> bool {
+    let Ok(fs) = nix::sys::statfs::statfs(dir) else {
+        return false;
+    };
+    let uid_map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+    keeps_for(fs.filesystem_type(), &uid_map)
+}
+
+/// Whether a superuser whose user namespace maps its ids as `uid_map` says
+/// (`/proc/self/uid_map`) may use what a file system of type `fs` keeps from others. Only
+/// ext2, ext3 and ext4 keep blocks for the superuser (one magic number for the three): on
+/// btrfs `f_bfree` over `f_bavail` is room no one may write (metadata's, RAID's), and read as
+/// root's a full btrfs was not full. And only the superuser of the first user namespace is
+/// theirs (uid 0 mapped to uid 0): uid 0 in a rootless container is another user to the file
+/// system, for which a disk full to others is full.
+fn keeps_for(fs: nix::sys::statfs::FsType, uid_map: &str) -> bool {
+    let root_outside = uid_map.lines().any(|l| {
+        let ids: Vec<&str> = l.split_whitespace().collect();
+        matches!(ids.as_slice(), ["0", "0", count] if count.parse::<u64>().is_ok_and(|n| n > 0))
+    });
+    fs == nix::sys::statfs::EXT4_SUPER_MAGIC && root_outside
 }
 
 /// What waits for space: what the log says of it.
@@ -387,6 +414,33 @@ mod tests {
             .and_then(|ids| ids.split_whitespace().nth(1))
             .expect("an effective uid");
         assert_eq!(superuser(), euid == "0", "euid {euid}");
+    }
+
+    /// The blocks a file system keeps from others are a superuser's only on ext2, ext3 and
+    /// ext4, and only the first user namespace's: btrfs's are no one's (its `f_bfree` over
+    /// `f_bavail` is metadata's), and uid 0 of a rootless container is another user to the
+    /// file system. Taken for room, a disk full to such a root was not full, and a database
+    /// it could not open for want of room was refused instead of waited on.
+    #[test]
+    fn only_ext4_keeps_room_for_the_superuser_of_the_first_user_namespace() {
+        use nix::sys::statfs::{BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, TMPFS_MAGIC};
+        let first = "         0          0 4294967295\n";
+        assert!(keeps_for(EXT4_SUPER_MAGIC, first));
+        assert!(!keeps_for(BTRFS_SUPER_MAGIC, first), "btrfs");
+        assert!(!keeps_for(TMPFS_MAGIC, first), "tmpfs");
+        let rootless = "         0       1000          1\n         1     100000      65536\n";
+        assert!(
+            !keeps_for(EXT4_SUPER_MAGIC, rootless),
+            "a rootless container"
+        );
+        assert!(!keeps_for(EXT4_SUPER_MAGIC, ""), "no map read");
+        // This process: on the file system its directory is on, as its map says.
+        let dir = std::env::temp_dir();
+        let fs = nix::sys::statfs::statfs(&dir)
+            .expect("statfs")
+            .filesystem_type();
+        let map = std::fs::read_to_string("/proc/self/uid_map").expect("uid_map");
+        assert_eq!(keeps_for_this_process(&dir), keeps_for(fs, &map));
     }
 
     #[test]
