@@ -153,6 +153,10 @@ struct Appender {
     /// A unit test's full disk: making a new file fails.
     #[cfg(test)]
     refuse_create: bool,
+    /// A unit test's disk that is full for a moment once a rotation made the new file: its
+    /// first write fails.
+    #[cfg(test)]
+    new_file_fails_once: bool,
 }
 
 /// What the log appends to: its file, or in a unit test a writer that fails partway.
@@ -209,6 +213,8 @@ impl EventLog {
                 renamed: false,
                 #[cfg(test)]
                 refuse_create: false,
+                #[cfg(test)]
+                new_file_fails_once: false,
             }),
             path: path.to_owned(),
         })
@@ -253,31 +259,30 @@ impl EventLog {
             && len.saturating_add(line.len() as u64) > out.max_bytes
             && len >= out.retry_at
         {
-            match self.rotate(&mut out, len) {
-                Some(rotated) => {
-                    // The `rotated` record takes this record's number, and this record the
-                    // next.
-                    let marker = Record {
-                        at: rec.at,
-                        worker: self.worker.clone(),
-                        n: rec.n,
-                        event: rotated,
-                    };
-                    if let Some(marker) = encode(&mut out, &marker) {
-                        self.append(&mut out, &marker, Ok(0));
-                    }
-                    out.last += 1;
-                    rec.n = Some(out.last);
+            if let Some(rotated) = self.rotate(&mut out, len) {
+                // The `rotated` record takes this record's number, and this record the
+                // next.
+                let marker = Record {
+                    at: rec.at,
+                    worker: self.worker.clone(),
+                    n: rec.n,
+                    event: rotated,
+                };
+                if let Some(marker) = encode(&mut out, &marker) {
+                    self.append(&mut out, &marker, Ok(0));
                 }
-                // The `stopped` record counts the failed rotation it tried itself too.
-                None => {
-                    if let Event::Stopped {
-                        rotation_failures, ..
-                    } = &mut rec.event
-                    {
-                        *rotation_failures = out.rotation_failures;
-                    }
-                }
+                out.last += 1;
+                rec.n = Some(out.last);
+            }
+            // The `stopped` record counts what the rotation it tried itself cost too: the
+            // rotation when it failed, the `rotated` record when that could not be written.
+            if let Event::Stopped {
+                write_failures,
+                rotation_failures,
+            } = &mut rec.event
+            {
+                *write_failures = out.failures;
+                *rotation_failures = out.rotation_failures;
             }
             line = match encode(&mut out, &rec) {
                 Some(line) => line,
@@ -328,6 +333,11 @@ impl EventLog {
         });
         match made {
             Ok(file) => {
+                #[cfg(test)]
+                let file = tests::FailsOnce {
+                    file,
+                    armed: std::mem::take(&mut out.new_file_fails_once),
+                };
                 out.file = Box::new(file);
                 out.retry_at = 0;
                 out.renamed = false;
@@ -482,6 +492,37 @@ fn parse_files(texts: &[&str]) -> Read {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A new file of a rotation, whose first write fails when `armed` (the disk full for a
+    /// moment): it writes nothing, as a write refused at once.
+    #[derive(Debug)]
+    pub(super) struct FailsOnce {
+        pub(super) file: File,
+        pub(super) armed: bool,
+    }
+
+    impl Write for FailsOnce {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            match std::mem::take(&mut self.armed) {
+                true => Err(std::io::Error::from_raw_os_error(nix::libc::ENOSPC)),
+                false => self.file.write(buf),
+            }
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.file.flush()
+        }
+    }
+
+    impl Sink for FailsOnce {
+        fn len(&self) -> std::io::Result<u64> {
+            Sink::len(&self.file)
+        }
+
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            Sink::set_len(&self.file, len)
+        }
+    }
 
     /// Appends a line cut short, as a process killed during its write leaves it.
     fn tear(path: &Path) {
@@ -975,6 +1016,25 @@ mod tests {
         assert_eq!(log.rotation_failures(), 0, "an empty file is not rotated");
         drop(log);
         assert_eq!(stopped(&path), want(1));
+        // The `stopped` record's own rotation goes through, but its `rotated` record cannot be
+        // written: that gap is counted in the same `stopped` record.
+        let path = dir.path().join("marker.jsonl");
+        let log = EventLog::open(&path, "w1").expect("open").with_max_bytes(1);
+        log.record(registered());
+        log.file.lock().expect("lock").new_file_fails_once = true;
+        drop(log);
+        let got = numbered(&path);
+        assert_eq!(
+            got,
+            [(
+                Some(3),
+                Event::Stopped {
+                    write_failures: 1,
+                    rotation_failures: 0
+                }
+            )],
+            "the rotated record (2) is missing, and counted"
+        );
         let old = r#"{"at":"2026-01-02T03:04:05Z","worker":"w1","n":3,"event":"stopped","write_failures":2}"#;
         let read = parse(&format!("{old}\n"));
         assert_eq!(
