@@ -1122,6 +1122,16 @@ mod tests {
         }
     }
 
+    /// The `--help` text of `cmd`'s `--flag`, its lines joined by single spaces.
+    fn help_of(cmd: &clap::Command, flag: &str) -> String {
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(flag))
+            .unwrap_or_else(|| panic!("--{flag}"));
+        let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+        help.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
     /// The defaults a flag's help states are the ones in force (a help text cannot name the
     /// constant it describes).
     #[test]
@@ -1203,12 +1213,7 @@ mod tests {
         ];
         for (cmd, cases) in [(Coord::command(), coord), (Work::command(), worker)] {
             for (flag, default) in cases {
-                let arg = cmd
-                    .get_arguments()
-                    .find(|a| a.get_long() == Some(flag))
-                    .unwrap_or_else(|| panic!("--{flag}"));
-                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
-                let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+                let help = help_of(&cmd, flag);
                 assert!(
                     help.contains(&default),
                     "--{flag}: {help:?} lacks {default:?}"
@@ -1589,12 +1594,7 @@ mod tests {
             (Work::command(), &worker[..], &takes_work),
         ] {
             for flag in flags {
-                let arg = cmd
-                    .get_arguments()
-                    .find(|a| a.get_long() == Some(flag))
-                    .unwrap_or_else(|| panic!("--{flag}"));
-                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
-                let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+                let help = help_of(&cmd, flag);
                 assert!(help.contains("bytes or with a unit"), "--{flag}: {help:?}");
                 let long = format!("--{flag}");
                 assert!(takes(["t", &long, "1MiB"]), "{long} 1MiB refused");

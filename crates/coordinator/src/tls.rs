@@ -720,12 +720,24 @@ mod tests {
         drop(writer);
         let second = CertificateDer::from_pem_file(&c2).expect("pem");
         let roots = [first, second.clone()];
+        served_in_time(
+            &config,
+            &roots,
+            &second,
+            "the renewed certificate is never served",
+        );
+    }
+
+    /// Waits (at most 10 s) until handshakes are served `want`; else fails saying `never`.
+    fn served_in_time(
+        config: &Arc<rustls::ServerConfig>,
+        roots: &[CertificateDer<'static>],
+        want: &CertificateDer<'static>,
+        never: &str,
+    ) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while handshake(&config, &roots).expect("handshake") != second {
-            assert!(
-                Instant::now() < deadline,
-                "the renewed certificate is never served"
-            );
+        while handshake(config, roots).expect("handshake") != *want {
+            assert!(Instant::now() < deadline, "{never}");
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -777,14 +789,12 @@ mod tests {
         std::fs::copy(&c2, &c).expect("copy");
         let second = CertificateDer::from_pem_file(&c2).expect("pem");
         let roots = [first, second.clone()];
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while handshake(&config, &roots).expect("handshake") != second {
-            assert!(
-                Instant::now() < deadline,
-                "the renewed certificate is never served while a look hangs"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        served_in_time(
+            &config,
+            &roots,
+            &second,
+            "the renewed certificate is never served while a look hangs",
+        );
         {
             let schedule = files.schedule();
             assert_eq!(schedule.running.first().map(|(n, _)| *n), Some(1), "hung");
