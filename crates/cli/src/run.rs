@@ -100,18 +100,19 @@ pub struct CoordinatorArgs {
     #[arg(long, value_parser = parse_duration_arg)]
     http_idle: Option<Duration>,
     /// Bytes a second an HTTP answer must move, on average, while its reader keeps it
-    /// waiting; a reader slower than this for about --http-idle is cut (default 65536, 64 KiB;
-    /// 1 to 134217728, 128 MiB).
-    #[arg(long, value_parser = parse_min_answer_rate)]
+    /// waiting; a reader slower than this for about --http-idle is cut (bytes a second or
+    /// with a unit, e.g. `64KiB/s`; default 65536, 64 KiB; 1 to 134217728, 128 MiB).
+    #[arg(long, value_parser = size::parse_rate)]
     min_answer_rate: Option<u64>,
     /// Messages per second of one worker session (default 2000; burst: 2 s worth); excess
     /// waits.
     #[arg(long)]
     max_messages_per_sec: Option<f64>,
-    /// Decoded bytes per second of one worker session (default 67108864, 64 MiB; inflated, for
-    /// compressed frames; burst: 4 s worth, at least one largest frame); excess waits. The largest frame must pass within a third of the
-    /// heartbeat timeout.
-    #[arg(long)]
+    /// Decoded bytes per second of one worker session (bytes a second or with a unit, e.g.
+    /// `64MiB/s`; default 67108864, 64 MiB; inflated, for compressed frames; burst: 4 s worth,
+    /// at least one largest frame); excess waits. The largest frame must pass within a third
+    /// of the heartbeat timeout.
+    #[arg(long, value_parser = size::parse_rate_f64)]
     max_bytes_per_sec: Option<f64>,
     /// Bytes shared by the WebSocket connections that read past their own 64 KiB before they
     /// registered (long registrations of workers back with many unacknowledged results;
@@ -362,7 +363,7 @@ fn apply_limits(
     if let Some(d) = settings::pick_duration(a.http_idle, file.http_idle.as_deref(), "http_idle")? {
         l.http_idle = d;
     }
-    if let Some(n) = a.min_answer_rate.or(file.min_answer_rate) {
+    if let Some(n) = a.min_answer_rate.or(file.min_answer_rate.map(|r| r.0)) {
         l.min_answer_rate = n;
     }
     if let Some(r) = a.max_messages_per_sec.or(file.max_messages_per_sec) {
@@ -372,7 +373,7 @@ fn apply_limits(
         l.messages_per_sec = r;
         l.message_burst = (r * 2.0).ceil().min(f64::from(u32::MAX)) as u32;
     }
-    if let Some(r) = a.max_bytes_per_sec.or(file.max_bytes_per_sec) {
+    if let Some(r) = a.max_bytes_per_sec.or(file.max_bytes_per_sec.map(|r| r.0)) {
         // How low it may go depends on the frame size and heartbeat timeout: `validate`.
         if !(r.is_finite() && r > 0.0) {
             refuse!("--max-bytes-per-sec", "must be a positive number");
@@ -401,13 +402,6 @@ fn apply_limits(
         cfg.max_checkpoint_bytes = n;
     }
     Ok(())
-}
-
-/// `--min-answer-rate`: bytes a second, said so when it does not parse (the range is checked
-/// with the rest of the settings, by `validate`).
-fn parse_min_answer_rate(s: &str) -> Result<u64, String> {
-    s.parse::<u64>()
-        .map_err(|e| format!("{e} (bytes a second, e.g. 65536)"))
 }
 
 /// API tokens from files; none when no file is given.
@@ -1563,6 +1557,73 @@ mod tests {
         assert_eq!(bound("", &["--event-log-max-bytes", "64MiB"]), 64 << 20);
         assert_eq!(bound("event_log_max_bytes = \"2MiB\"\n", &[]), 2 << 20);
         assert!(Work::try_parse_from(["t", "--event-log-max-bytes", "1.5MiB"]).is_err());
+    }
+
+    /// Every byte-rate flag takes a unit with an optional `/s` (`1MiB/s`, `1MiB`), as well as
+    /// what it took (a plain number; a fraction where the rate is a float), says so in its
+    /// help, and refuses a fraction before a unit or an unknown unit as it is read; its
+    /// config file key takes the same as a string (`"1MiB/s"`), a number still being bytes a
+    /// second. They took plain numbers only.
+    #[test]
+    fn every_byte_rate_flag_and_key_takes_a_unit() {
+        use clap::CommandFactory;
+        let cmd = Coord::command();
+        let takes = |flag: &str, value: &str| Coord::try_parse_from(["t", flag, value]).is_ok();
+        for flag in ["min-answer-rate", "max-bytes-per-sec"] {
+            let help = help_of(&cmd, flag);
+            assert!(help.contains("or with a unit"), "--{flag}: {help:?}");
+            let long = format!("--{flag}");
+            for good in ["65536", "1MiB", "1MiB/s", "64/s", "512 KiB/s"] {
+                assert!(takes(&long, good), "{long} {good} refused");
+            }
+            for bad in ["1.5MiB", "1.5MiB/s", "64XB", "64KiB/m", "fast"] {
+                assert!(!takes(&long, bad), "{long} {bad} taken");
+            }
+        }
+        assert!(takes("--max-bytes-per-sec", "1500000.5"), "a float rate");
+        assert!(!takes("--min-answer-rate", "1500.5"), "a whole rate");
+        let dir = tempfile::tempdir().expect("dir");
+        let coordinator = |lines: &str, flags: &[&str]| {
+            let toml = file(dir.path(), &format!("[coordinator]\n{lines}"));
+            let mut args = vec!["t", "--config", toml.to_str().expect("utf-8")];
+            args.extend_from_slice(flags);
+            let a = Coord::try_parse_from(args).expect("flags").a;
+            let file = settings::load(a.config.as_deref())
+                .expect("file")
+                .coordinator;
+            coordinator_config(a, file)
+        };
+        let flags = [
+            "--min-answer-rate",
+            "512KiB/s",
+            "--max-bytes-per-sec",
+            "32MiB/s",
+        ];
+        let keys = "min_answer_rate = \"512KiB/s\"\nmax_bytes_per_sec = \"32mib\"\n";
+        for cfg in [coordinator("", &flags), coordinator(keys, &[])] {
+            let l = cfg.expect("config").limits;
+            assert_eq!(l.min_answer_rate, 512 << 10);
+            assert_eq!(l.bytes_per_sec, (32 << 20) as f64);
+            assert_eq!(l.byte_burst, 128 << 20);
+        }
+        // Numbers in the file are still bytes a second; a float where it was.
+        let cfg = coordinator(
+            "min_answer_rate = 1000\nmax_bytes_per_sec = 20000000.5\n",
+            &[],
+        )
+        .expect("config");
+        assert_eq!(cfg.limits.min_answer_rate, 1000);
+        assert_eq!(cfg.limits.bytes_per_sec, 20_000_000.5);
+        for (line, says) in [
+            ("min_answer_rate = \"1.5KiB\"", "whole number"),
+            ("max_bytes_per_sec = \"64XB/s\"", "unknown size unit"),
+        ] {
+            let e = settings::load(Some(&file(dir.path(), &format!("[coordinator]\n{line}\n"))))
+                .expect_err(line);
+            let e = format!("{e:#}");
+            let key = line.split(' ').next().expect("key");
+            assert!(e.contains(key) && e.contains(says), "{line}: {e}");
+        }
     }
 
     /// Every byte-size flag takes a unit (`1MiB`), says so in its help, and refuses a

@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::Deserialize;
 
-use crate::size::Bytes;
+use crate::size::{Bytes, FloatRate, Rate};
 
 /// `[coordinator]` and `[worker]` tables; every key optional. A byte size ([`Bytes`]) is an
-/// integer or a string with a unit (`max_frame = "16MiB"`).
+/// integer or a string with a unit (`max_frame = "16MiB"`); a byte rate ([`Rate`],
+/// [`FloatRate`]) a number or a string with a unit and an optional `/s` (`"64MiB/s"`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
@@ -42,9 +43,9 @@ pub struct CoordinatorFile {
     pub limit_loopback: Option<bool>,
     pub handshake_timeout: Option<String>,
     pub http_idle: Option<String>,
-    pub min_answer_rate: Option<u64>,
+    pub min_answer_rate: Option<Rate>,
     pub max_messages_per_sec: Option<f64>,
-    pub max_bytes_per_sec: Option<f64>,
+    pub max_bytes_per_sec: Option<FloatRate>,
     pub registration_pool: Option<Bytes>,
     pub max_body: Option<Bytes>,
     pub max_checkpoint_bytes: Option<Bytes>,

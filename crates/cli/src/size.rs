@@ -4,6 +4,11 @@
 //! (1000, 1000², 1000³). Units are matched without regard to case (`mib` is `MiB`, `kb` and
 //! `KB` are `kB`): the `i` alone makes a unit binary. A space may stand between number and
 //! unit. Fractions (`1.5MiB`), signs and sizes past `u64` are refused, saying why.
+//!
+//! Byte rates (`--min-answer-rate`, `--max-bytes-per-sec`) take the same, optionally followed
+//! by `/s`: `64KiB/s`, `64KiB`, `65536/s` and `65536` are one rate. A rate that is a float
+//! (`--max-bytes-per-sec`) still takes a plain number with a fraction (`1500.5`), but a unit
+//! only after a whole number.
 
 use serde::Deserialize;
 
@@ -20,14 +25,47 @@ const UNITS: [(&str, u64); 7] = [
 
 /// Parses a byte size: `65536`, `64KiB`, `1 MiB`, `2GB`.
 pub fn parse(s: &str) -> Result<u64, String> {
+    parse_as(
+        s,
+        "is no size: a whole number of bytes, or with a unit (e.g. 65536, 64KiB, 16MiB)",
+    )
+}
+
+/// Parses a byte rate, bytes a second: a size as [`parse`] takes it, optionally followed by
+/// `/s` (`65536`, `64KiB/s`, `1 MiB/s`, `65536/s`).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    parse_as(per_second(s), NO_RATE)
+}
+
+/// [`parse_rate`] for a rate that is a float: a plain number, with a fraction or not
+/// (`1500.5`, `1e6`, `-1`: its range is the setting's to check), or a whole number with a
+/// unit; either optionally followed by `/s`.
+pub fn parse_rate_f64(s: &str) -> Result<f64, String> {
+    let s = per_second(s);
+    match s.parse::<f64>() {
+        Ok(r) => Ok(r),
+        Err(_) => parse_as(s, NO_RATE).map(|n| n as f64),
+    }
+}
+
+const NO_RATE: &str = "is no rate: bytes a second, or with a unit (e.g. 65536, 64KiB/s, 16MiB/s)";
+
+/// `s` trimmed and without a trailing `/s` (in any case).
+fn per_second(s: &str) -> &str {
+    let s = s.trim();
+    match s.len().checked_sub(2).map(|at| (at, &s.as_bytes()[at..])) {
+        Some((at, b"/s" | b"/S")) => s[..at].trim_end(),
+        _ => s,
+    }
+}
+
+/// [`parse`], saying `no` after the value when it does not begin with a digit.
+fn parse_as(s: &str, no: &str) -> Result<u64, String> {
     let s = s.trim();
     let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (number, unit) = (&s[..digits], s[digits..].trim_start());
     if number.is_empty() {
-        return Err(format!(
-            "{:?} is no size: a whole number of bytes, or with a unit (e.g. 65536, 64KiB, 16MiB)",
-            crate::cut_value(s)
-        ));
+        return Err(format!("{:?} {no}", crate::cut_value(s)));
     }
     if unit.starts_with(['.', ',']) {
         return Err(format!(
@@ -93,6 +131,66 @@ impl<'de> Deserialize<'de> for Bytes {
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Bytes, E> {
                 parse(s).map(Bytes).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// A byte rate in the config file: an integer (`min_answer_rate = 65536`) or a string with a
+/// unit (`min_answer_rate = "64KiB/s"`), as [`parse_rate`] takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate(pub u64);
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Rate;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes a second, or a string with a unit (e.g. \"64KiB/s\")")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Rate, E> {
+                Ok(Rate(n))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Rate, E> {
+                u64::try_from(n)
+                    .map(Rate)
+                    .map_err(|_| E::custom(format!("{n}: a rate is not negative")))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Rate, E> {
+                parse_rate(s).map(Rate).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// A byte rate that is a float in the config file: a number, integer or float
+/// (`max_bytes_per_sec = 67108864.0`), or a string with a unit (`"64MiB/s"`), as
+/// [`parse_rate_f64`] takes it. Its range is the setting's to check.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FloatRate(pub f64);
+
+impl<'de> Deserialize<'de> for FloatRate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = FloatRate;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes a second, or a string with a unit (e.g. \"64MiB/s\")")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<FloatRate, E> {
+                Ok(FloatRate(n as f64))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<FloatRate, E> {
+                Ok(FloatRate(n as f64))
+            }
+            fn visit_f64<E: serde::de::Error>(self, r: f64) -> Result<FloatRate, E> {
+                Ok(FloatRate(r))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<FloatRate, E> {
+                parse_rate_f64(s).map(FloatRate).map_err(E::custom)
             }
         }
         d.deserialize_any(Visitor)
@@ -181,5 +279,104 @@ mod tests {
             assert!(e.contains(says), "{v}: {e}");
         }
         assert_eq!(Bytes(7).usize(), 7);
+    }
+
+    /// A rate is a size, optionally followed by `/s` (`64/s` too); a float rate also takes
+    /// a plain number with a fraction, as before, but no fraction before a unit.
+    #[test]
+    fn a_rate_is_a_size_optionally_per_second() {
+        for (s, n) in [
+            ("65536", 65_536),
+            ("65536/s", 65_536),
+            ("64/s", 64),
+            ("64KiB", 65_536),
+            ("64KiB/s", 65_536),
+            ("1 MiB/s", 1 << 20),
+            (" 1MiB /s ", 1 << 20),
+            ("1mib/S", 1 << 20),
+            ("512KiB/s", 512 << 10),
+            ("1GB/s", 1_000_000_000),
+        ] {
+            assert_eq!(parse_rate(s), Ok(n), "{s}");
+            assert_eq!(parse_rate_f64(s), Ok(n as f64), "{s}");
+        }
+        for (s, r) in [
+            ("1500.5", 1500.5),
+            ("1500.5/s", 1500.5),
+            ("1e6", 1e6),
+            ("-1", -1.0),
+        ] {
+            assert_eq!(parse_rate_f64(s), Ok(r), "{s}");
+        }
+        for (s, says) in [
+            ("1.5MiB", "whole number"),
+            ("1.5MiB/s", "whole number"),
+            ("64XB", "unknown size unit \"XB\""),
+            ("64XB/s", "unknown size unit \"XB\""),
+            ("64KiB/m", "unknown size unit \"KiB/m\""),
+            ("64KiB/s/s", "unknown size unit"),
+            ("/s", "no rate"),
+            ("", "no rate"),
+            ("fast", "no rate: bytes a second"),
+            ("99999999999999999999999KiB/s", "too large"),
+        ] {
+            let e = parse_rate_f64(s).expect_err(s);
+            assert!(e.contains(says), "{s}: {e}");
+            let e = parse_rate(s).expect_err(s);
+            assert!(e.contains(says), "{s}: {e}");
+        }
+        // The whole rate takes no fraction, no sign.
+        for s in ["1500.5", "-1", "1e6"] {
+            assert!(parse_rate(s).is_err(), "{s}");
+        }
+        // A size takes no `/s`.
+        assert!(
+            parse("64KiB/s")
+                .expect_err("size")
+                .contains("unknown size unit")
+        );
+    }
+
+    /// In the config file: an integer (or, for a float rate, a float) or a string with a
+    /// unit and an optional `/s`.
+    #[test]
+    fn a_config_rate_is_a_number_or_a_string_with_a_unit() {
+        #[derive(Deserialize)]
+        struct T {
+            n: Option<Rate>,
+            r: Option<FloatRate>,
+        }
+        let whole = |v: &str| toml::from_str::<T>(&format!("n = {v}\n")).map(|t| t.n);
+        let float = |v: &str| toml::from_str::<T>(&format!("r = {v}\n")).map(|t| t.r);
+        assert_eq!(whole("65536").expect("integer"), Some(Rate(65_536)));
+        assert_eq!(whole("\"64KiB/s\"").expect("string"), Some(Rate(65_536)));
+        assert_eq!(whole("\"1MiB\"").expect("string"), Some(Rate(1 << 20)));
+        assert_eq!(float("65536").expect("integer"), Some(FloatRate(65_536.0)));
+        assert_eq!(float("1500.5").expect("float"), Some(FloatRate(1500.5)));
+        assert_eq!(
+            float("\"64MiB/s\"").expect("string"),
+            Some(FloatRate((64 << 20) as f64))
+        );
+        assert_eq!(
+            float("\"1500.5/s\"").expect("string"),
+            Some(FloatRate(1500.5))
+        );
+        for (v, says) in [
+            ("-1", "not negative"),
+            ("1.5", "bytes a second"),
+            ("\"1.5MiB\"", "whole number"),
+            ("\"64XB/s\"", "unknown size unit"),
+        ] {
+            let e = whole(v).expect_err(v).to_string();
+            assert!(e.contains(says), "{v}: {e}");
+        }
+        for (v, says) in [
+            ("\"1.5MiB/s\"", "whole number"),
+            ("\"64XB\"", "unknown size unit"),
+            ("true", "bytes a second"),
+        ] {
+            let e = float(v).expect_err(v).to_string();
+            assert!(e.contains(says), "{v}: {e}");
+        }
     }
 }

@@ -530,7 +530,10 @@ fn http_idle_and_min_answer_rate_out_of_range_are_refused_naming_the_flag_or_key
         ("--http-idle", "soon", "use e.g. 5s", false),
         ("--min-answer-rate", "0", "1 to 134217728", true),
         ("--min-answer-rate", "134217729", "1 to 134217728", true),
-        ("--min-answer-rate", "64KiB", "bytes a second", false),
+        ("--min-answer-rate", "64XB", "unknown size unit", false),
+        ("--min-answer-rate", "fast", "bytes a second", false),
+        // With a unit, taken: past the range in the library's words.
+        ("--min-answer-rate", "256MiB/s", "1 to 134217728", true),
     ] {
         let (code, err) = tether_bounded(&[&head[..], &[flag, value]].concat(), None);
         let what = format!("{flag} {value}");
@@ -980,6 +983,59 @@ fn worker_an_event_log_bound_under_the_least_is_refused_naming_the_flag_or_key()
         assert_eq!(code, Some(1), "{value}: {err}");
         assert!(err.contains("gave up after 1"), "{value}: {err}");
     }
+}
+
+/// A byte rate takes a unit and an optional `/s`: `--max-bytes-per-sec 1MiB/s` reaches the
+/// coordinator's settings as 1048576 bytes a second (too low for the default 16 MiB frame,
+/// refused naming it, as any flag's value the settings refuse), as does `max_bytes_per_sec =
+/// "1MiB/s"` in the config file (refused naming the key and the file). `--min-answer-rate
+/// 1.5MiB` (a fraction before a unit) and `64XB` are usage errors (exit 2) naming the flag;
+/// `min_answer_rate = "1.5MiB"` in the file an error of the run (exit 1) naming key and file.
+/// Rates took plain numbers only.
+#[test]
+fn a_byte_rate_takes_a_unit_from_the_flag_or_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    let head = ["coordinator", "--listen", "127.0.0.1:0", "--data-dir", data];
+    let rate = ["--max-bytes-per-sec", "1MiB/s"];
+    let (code, err) = tether_bounded(&[&head[..], &rate].concat(), None);
+    assert_eq!(code, Some(2), "{err}");
+    let said = refusal(&err, "--max-bytes-per-sec");
+    assert!(
+        said.starts_with(
+            "1048576 would hold a session 16.0 s for one largest frame (16777216 bytes)"
+        ),
+        "{err}"
+    );
+    for value in ["1.5MiB", "64XB"] {
+        let (code, err) =
+            tether_bounded(&[&head[..], &["--min-answer-rate", value]].concat(), None);
+        assert_eq!(code, Some(2), "{value}: {err}");
+        assert!(
+            err.contains(&format!("invalid value '{value}' for '--min-answer-rate ")),
+            "{value}: {err}"
+        );
+    }
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, "[coordinator]\nmax_bytes_per_sec = \"1MiB/s\"\n").expect("write");
+    let (code, err) = tether_bounded(&head, Some(&file));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("max_bytes_per_sec") && err.contains("1048576 would hold a session 16.0 s"),
+        "{err}"
+    );
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    std::fs::write(&file, "[coordinator]\nmin_answer_rate = \"1.5MiB\"\n").expect("write");
+    let (code, err) = tether_bounded(&head, Some(&file));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("min_answer_rate") && err.contains("whole number"),
+        "{err}"
+    );
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    assert!(!err.contains("Usage:"), "{err}");
+    assert!(!std::path::Path::new(data).exists(), "nothing made");
 }
 
 /// A byte size takes a unit: `--max-frame 1MiB` reaches the coordinator's settings as
