@@ -982,6 +982,23 @@ mod tests {
         p
     }
 
+    /// The coordinator's config from `flags` beside a file in `dir` whose `[coordinator]`
+    /// table holds `lines`.
+    fn coordinator_from(
+        dir: &std::path::Path,
+        lines: &str,
+        flags: &[&str],
+    ) -> anyhow::Result<CoordinatorConfig> {
+        let toml = file(dir, &format!("[coordinator]\n{lines}"));
+        let mut args = vec!["t", "--config", toml.to_str().expect("utf-8")];
+        args.extend_from_slice(flags);
+        let a = Coord::try_parse_from(args).expect("flags").a;
+        let file = settings::load(a.config.as_deref())
+            .expect("file")
+            .coordinator;
+        coordinator_config(a, file)
+    }
+
     #[test]
     fn every_coordinator_limit_comes_from_its_flag_else_the_file() {
         let dir = tempfile::tempdir().expect("dir");
@@ -1583,16 +1600,7 @@ mod tests {
         assert!(takes("--max-bytes-per-sec", "1500000.5"), "a float rate");
         assert!(!takes("--min-answer-rate", "1500.5"), "a whole rate");
         let dir = tempfile::tempdir().expect("dir");
-        let coordinator = |lines: &str, flags: &[&str]| {
-            let toml = file(dir.path(), &format!("[coordinator]\n{lines}"));
-            let mut args = vec!["t", "--config", toml.to_str().expect("utf-8")];
-            args.extend_from_slice(flags);
-            let a = Coord::try_parse_from(args).expect("flags").a;
-            let file = settings::load(a.config.as_deref())
-                .expect("file")
-                .coordinator;
-            coordinator_config(a, file)
-        };
+        let coordinator = |lines: &str, flags: &[&str]| coordinator_from(dir.path(), lines, flags);
         let flags = [
             "--min-answer-rate",
             "512KiB/s",
@@ -1665,16 +1673,7 @@ mod tests {
             }
         }
         let dir = tempfile::tempdir().expect("dir");
-        let coordinator = |lines: &str, flags: &[&str]| {
-            let toml = file(dir.path(), &format!("[coordinator]\n{lines}"));
-            let mut args = vec!["t", "--config", toml.to_str().expect("utf-8")];
-            args.extend_from_slice(flags);
-            let a = Coord::try_parse_from(args).expect("flags").a;
-            let file = settings::load(a.config.as_deref())
-                .expect("file")
-                .coordinator;
-            coordinator_config(a, file)
-        };
+        let coordinator = |lines: &str, flags: &[&str]| coordinator_from(dir.path(), lines, flags);
         let flags = [
             "--max-frame",
             "2MiB",

@@ -712,11 +712,7 @@ mod tests {
         // A renewed certificate in the FIFO's place, and the FIFO's read ended: the look
         // that waited ends (the FIFO held nothing: refused), and a later one serves it.
         std::fs::remove_file(&c).expect("remove");
-        let renewed = dir.path().join("renewed");
-        std::fs::create_dir(&renewed).expect("dir");
-        let (c2, k2) = write_cert(&renewed, -1, 60);
-        std::fs::copy(&k2, &k).expect("copy");
-        std::fs::copy(&c2, &c).expect("copy");
+        let c2 = renew(dir.path(), &c, &k);
         drop(writer);
         let second = CertificateDer::from_pem_file(&c2).expect("pem");
         let roots = [first, second.clone()];
@@ -726,6 +722,17 @@ mod tests {
             &second,
             "the renewed certificate is never served",
         );
+    }
+
+    /// Writes a renewed certificate and key (valid for 60 days) over `c` and `k`, the key
+    /// first; the renewed certificate's own file, made in `dir`.
+    fn renew(dir: &Path, c: &Path, k: &Path) -> PathBuf {
+        let renewed = dir.join("renewed");
+        std::fs::create_dir(&renewed).expect("dir");
+        let (c2, k2) = write_cert(&renewed, -1, 60);
+        std::fs::copy(&k2, k).expect("copy");
+        std::fs::copy(&c2, c).expect("copy");
+        c2
     }
 
     /// Waits (at most 10 s) until handshakes are served `want`; else fails saying `never`.
@@ -782,11 +789,7 @@ mod tests {
         };
         // The FIFO is moved away (its reader still waits) and the renewed files put in place.
         std::fs::rename(&k, &aside).expect("move the FIFO away");
-        let renewed = dir.path().join("renewed");
-        std::fs::create_dir(&renewed).expect("dir");
-        let (c2, k2) = write_cert(&renewed, -1, 60);
-        std::fs::copy(&k2, &k).expect("copy");
-        std::fs::copy(&c2, &c).expect("copy");
+        let c2 = renew(dir.path(), &c, &k);
         let second = CertificateDer::from_pem_file(&c2).expect("pem");
         let roots = [first, second.clone()];
         served_in_time(
