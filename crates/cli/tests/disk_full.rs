@@ -263,6 +263,37 @@ fn free_addr() -> SocketAddr {
         .expect("a free port")
 }
 
+/// A coordinator on a tmpfs mounted with `options` (see [`mounted_with`]), logging to
+/// `coordinator.log` in the work directory, once it answers; and a client to ask it.
+/// A test binds `work` and `disk` to a name even when it does not use them (`_work`, not
+/// `_`): a field left unbound is dropped at once, removing the directory or unmounting.
+struct Serving {
+    work: tempfile::TempDir,
+    disk: Disk,
+    addr: SocketAddr,
+    base: String,
+    log: PathBuf,
+    c: Coordinator,
+    http: reqwest::Client,
+}
+
+async fn serving(options: &str) -> Option<Serving> {
+    let (work, disk, addr, base) = mounted_with(options)?;
+    let log = work.path().join("coordinator.log");
+    let c = disk.coordinator(addr, &log);
+    let http = http_client();
+    wait_healthy(&http, &base).await;
+    Some(Serving {
+        work,
+        disk,
+        addr,
+        base,
+        log,
+        c,
+        http,
+    })
+}
+
 fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
@@ -323,15 +354,20 @@ async fn answers_that_it_waits(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_data_directory_holds_the_commits_until_space_is_freed_and_loses_nothing() {
-    let Some((work, disk, addr, base)) = mounted() else {
+    let Some(Serving {
+        work: _work,
+        disk,
+        addr,
+        base,
+        log,
+        mut c,
+        http,
+    }) = serving(&format!("size={FS_SIZE}")).await
+    else {
         return;
     };
-    let log = work.path().join("coordinator.log");
-    let mut c = disk.coordinator(addr, &log);
-    let http = http_client();
     let client = Client::new(&base);
     let logged = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_healthy(&http, &base).await;
     let mut wcfg = fast_worker_config(&format!("ws://{addr}"), "w1");
     wcfg.slots = 8;
     let w = spawn_worker(wcfg, Executors::builtin());
@@ -481,15 +517,20 @@ async fn a_full_data_directory_holds_the_commits_until_space_is_freed_and_loses_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_registering_while_the_disk_is_full_waits_on_one_connection_and_works_once_there_is_room()
  {
-    let Some((work, disk, addr, base)) = mounted() else {
+    let Some(Serving {
+        work: _work,
+        disk,
+        addr,
+        base,
+        log,
+        mut c,
+        http,
+    }) = serving(&format!("size={FS_SIZE}")).await
+    else {
         return;
     };
-    let log = work.path().join("coordinator.log");
-    let mut c = disk.coordinator(addr, &log);
-    let http = http_client();
     let client = Client::new(&base);
     let logged = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_healthy(&http, &base).await;
 
     // The disk fills, and a submission's commit waits for room.
     assert!(fill(&disk.inside("filler")) > 0, "nothing could be written");
@@ -984,14 +1025,19 @@ async fn a_database_that_cannot_be_opened_where_no_inodes_are_counted_is_refused
 /// bytes in `tether_data_dir_available_bytes` (NaN: not known).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_directory_on_a_file_system_that_counts_no_blocks_is_not_said_to_run_out_of_space() {
-    let Some((work, disk, addr, base)) = mounted_with("size=0") else {
+    let Some(Serving {
+        work: _work,
+        disk: _disk,
+        addr: _,
+        base,
+        log,
+        mut c,
+        http,
+    }) = serving("size=0").await
+    else {
         return;
     };
-    let log = work.path().join("coordinator.log");
     let logged = || std::fs::read_to_string(&log).unwrap_or_default();
-    let mut c = disk.coordinator(addr, &log);
-    let http = http_client();
-    wait_healthy(&http, &base).await;
     // The watcher's first look is made as the coordinator starts: one of the two is said.
     wait_for("the watcher's first look to be said", LONG, || async {
         let said = logged();
