@@ -283,15 +283,20 @@ pub fn given_outside_the_file(flag: &str) -> bool {
     given_by(flag, |s| matches!(s, CommandLine | EnvVariable))
 }
 
+/// The command tree, built once: [`given_by`] looks a flag up in it for each flag an error or
+/// a check names (a stress run's check of the flags that apply to its scenario asks about a
+/// dozen), and building it is building every subcommand's every argument.
+static COMMAND: std::sync::LazyLock<clap::Command> =
+    std::sync::LazyLock::new(<crate::Cli as clap::CommandFactory>::command);
+
 /// Whether the running subcommand's `flag` has a value whose source is `taken`.
 fn given_by(flag: &str, taken: impl Fn(clap::parser::ValueSource) -> bool) -> bool {
-    use clap::CommandFactory as _;
     let Some((name, sub)) = MATCHES.get().and_then(|m| m.subcommand()) else {
         return false;
     };
-    let cli = crate::Cli::command();
     let long = flag.trim_start_matches("--");
-    cli.find_subcommand(name)
+    COMMAND
+        .find_subcommand(name)
         .and_then(|c| c.get_arguments().find(|a| a.get_long() == Some(long)))
         .and_then(|a| sub.value_source(a.get_id().as_str()))
         .is_some_and(taken)
