@@ -23,18 +23,36 @@ const UNITS: [(&str, u64); 7] = [
     ("GB", 1_000_000_000),
 ];
 
+/// What [`parse_as`]'s errors call a value that is not one: a size or a rate.
+struct Kind {
+    /// Said after a value that does not begin with a digit.
+    no: &'static str,
+    /// Said after an unknown unit: the units taken.
+    units: &'static str,
+}
+
+const SIZE: Kind = Kind {
+    no: "is no size: a whole number of bytes, or with a unit (e.g. 65536, 64KiB, 16MiB)",
+    units: "use B, KiB, MiB, GiB, kB, MB or GB, or none for bytes",
+};
+
+/// A rate's unit may end in `/s`, which an unknown unit's error says too (`5XB/s` would
+/// otherwise be told only the size units, as if `/s` were not taken).
+const RATE: Kind = Kind {
+    no: "is no rate: bytes a second, or with a unit (e.g. 65536, 64KiB/s, 16MiB/s)",
+    units: "use B, KiB, MiB, GiB, kB, MB or GB, or none for bytes; optionally followed by /s, \
+            e.g. 64KiB/s",
+};
+
 /// Parses a byte size: `65536`, `64KiB`, `1 MiB`, `2GB`.
 pub fn parse(s: &str) -> Result<u64, String> {
-    parse_as(
-        s,
-        "is no size: a whole number of bytes, or with a unit (e.g. 65536, 64KiB, 16MiB)",
-    )
+    parse_as(s, &SIZE)
 }
 
 /// Parses a byte rate, bytes a second: a size as [`parse`] takes it, optionally followed by
 /// `/s` (`65536`, `64KiB/s`, `1 MiB/s`, `65536/s`).
 pub fn parse_rate(s: &str) -> Result<u64, String> {
-    parse_as(per_second(s), NO_RATE)
+    parse_as(per_second(s), &RATE)
 }
 
 /// [`parse_rate`] for a rate that is a float: a plain number, with a fraction or not
@@ -44,11 +62,9 @@ pub fn parse_rate_f64(s: &str) -> Result<f64, String> {
     let s = per_second(s);
     match s.parse::<f64>() {
         Ok(r) => Ok(r),
-        Err(_) => parse_as(s, NO_RATE).map(|n| n as f64),
+        Err(_) => parse_as(s, &RATE).map(|n| n as f64),
     }
 }
-
-const NO_RATE: &str = "is no rate: bytes a second, or with a unit (e.g. 65536, 64KiB/s, 16MiB/s)";
 
 /// `s` trimmed and without a trailing `/s` (in any case).
 fn per_second(s: &str) -> &str {
@@ -59,13 +75,13 @@ fn per_second(s: &str) -> &str {
     }
 }
 
-/// [`parse`], saying `no` after the value when it does not begin with a digit.
-fn parse_as(s: &str, no: &str) -> Result<u64, String> {
+/// [`parse`], its errors in the words of `kind`.
+fn parse_as(s: &str, kind: &Kind) -> Result<u64, String> {
     let s = s.trim();
     let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (number, unit) = (&s[..digits], s[digits..].trim_start());
     if number.is_empty() {
-        return Err(format!("{:?} {no}", crate::cut_value(s)));
+        return Err(format!("{:?} {}", crate::cut_value(s), kind.no));
     }
     if unit.starts_with(['.', ',']) {
         return Err(format!(
@@ -79,8 +95,9 @@ fn parse_as(s: &str, no: &str) -> Result<u64, String> {
     };
     let Some((_, times)) = UNITS.iter().find(|(u, _)| u.eq_ignore_ascii_case(unit)) else {
         return Err(format!(
-            "unknown size unit {:?} (use B, KiB, MiB, GiB, kB, MB or GB, or none for bytes)",
-            crate::cut_value(unit)
+            "unknown size unit {:?} ({})",
+            crate::cut_value(unit),
+            kind.units
         ));
     };
     let too_large = || {
@@ -335,6 +352,27 @@ mod tests {
                 .expect_err("size")
                 .contains("unknown size unit")
         );
+    }
+
+    /// A rate's unknown unit is told that a rate may end in `/s`; a size's is not (it takes
+    /// none).
+    #[test]
+    fn an_unknown_unit_of_a_rate_says_a_rate_may_end_in_per_second() {
+        for s in ["5XB/s", "3foo", "64KiB/m"] {
+            for e in [parse_rate(s).expect_err(s), parse_rate_f64(s).expect_err(s)] {
+                assert!(e.contains("unknown size unit"), "{s}: {e}");
+                assert!(
+                    e.contains("optionally followed by /s, e.g. 64KiB/s"),
+                    "{s}: {e}"
+                );
+            }
+        }
+        let e = parse("5XB").expect_err("size");
+        assert_eq!(
+            e,
+            "unknown size unit \"XB\" (use B, KiB, MiB, GiB, kB, MB or GB, or none for bytes)"
+        );
+        assert!(!e.contains("/s"), "{e}");
     }
 
     /// In the config file: an integer (or, for a float rate, a float) or a string with a

@@ -1038,6 +1038,37 @@ fn a_byte_rate_takes_a_unit_from_the_flag_or_the_file() {
     assert!(!std::path::Path::new(data).exists(), "nothing made");
 }
 
+/// A byte rate's unknown unit is a usage error (exit 2) naming the flag, and says that a rate
+/// may end in `/s` (it listed the size units alone); a size's unknown unit does not.
+#[test]
+fn a_byte_rates_unknown_unit_says_a_rate_may_end_in_per_second() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    let head = ["coordinator", "--listen", "127.0.0.1:0", "--data-dir", data];
+    for (flag, value) in [
+        ("--max-bytes-per-sec", "5XB/s"),
+        ("--min-answer-rate", "3foo"),
+    ] {
+        let (code, err) = tether_bounded(&[&head[..], &[flag, value]].concat(), None);
+        assert_eq!(code, Some(2), "{flag} {value}: {err}");
+        assert!(
+            err.contains(&format!("invalid value '{value}' for '{flag} ")),
+            "{flag} {value}: {err}"
+        );
+        assert!(err.contains("unknown size unit"), "{flag} {value}: {err}");
+        assert!(
+            err.contains("optionally followed by /s, e.g. 64KiB/s"),
+            "{flag} {value}: {err}"
+        );
+    }
+    let (code, err) = tether_bounded(&[&head[..], &["--max-frame", "5XB"]].concat(), None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("unknown size unit \"XB\""), "{err}");
+    assert!(!err.contains("/s"), "{err}");
+    assert!(!std::path::Path::new(data).exists(), "nothing made");
+}
+
 /// A byte size takes a unit: `--max-frame 1MiB` reaches the coordinator's settings as
 /// 1048576 bytes (a byte rate too low for that frame is refused naming it, a usage error as
 /// any flag's value the settings refuse), `--max-frame 1000KiB` is refused as 1024000, under
