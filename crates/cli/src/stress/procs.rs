@@ -455,10 +455,21 @@ pub struct Fleet {
 /// And what the process used over its whole life, its stopping included, from the kernel once
 /// it exited (`None` off Linux): a `/proc` sample before the exit leaves out the workers'
 /// shutdown.
+///
+/// A fleet that did not exit in time is killed and still gives both (`killed_after` says
+/// so): the run reports it, with a failed verdict, rather than end without a report.
 #[derive(Debug)]
 pub struct Exited {
+    /// The last status: the one printed once every worker stopped when `stopped` holds,
+    /// else the last one the process printed before it was killed.
     pub status: Status,
     pub usage: Option<Usage>,
+    /// How long it was given after the exit command when it did not exit within that and was
+    /// killed (its usage is then to its kill); `None` when it exited by itself.
+    pub killed_after: Option<Duration>,
+    /// Whether it printed its last status, the one after every worker stopped (or was
+    /// aborted, 10 s on). Always so for a fleet that exited by itself.
+    pub stopped: bool,
 }
 
 impl Fleet {
@@ -584,8 +595,13 @@ impl Fleet {
 
     /// Stops every worker, waits for the process and gives its last status, the one it
     /// printed once its workers stopped.
+    ///
+    /// One that has not exited [`FLEET_EXIT_WITHIN`] after the exit command is killed and
+    /// given back all the same, marked ([`Exited::killed_after`]): it stops its workers
+    /// within 10 s and then aborts those left, so one still running by then holds a worker
+    /// that did not stop.
     pub async fn exit(&mut self) -> anyhow::Result<Exited> {
-        self.exit_within(Duration::from_secs(30)).await
+        self.exit_within(FLEET_EXIT_WITHIN).await
     }
 
     /// [`Fleet::exit`], the process killed if it has not exited `within`.
@@ -594,26 +610,36 @@ impl Fleet {
         let end = end(&mut self.child, tokio::time::Instant::now() + within)
             .await
             .context("waiting for the fleet")?;
-        match end.status {
-            Some(s) if s.success() => {}
+        let killed_after = match end.status {
+            Some(s) if s.success() => None,
             Some(s) => bail!("the fleet process exited with {s}"),
-            None => bail!(
-                "the fleet process did not exit within {} s",
-                within.as_secs_f64()
-            ),
-        }
+            None => Some(within),
+        };
         // Its output is read to the end (the process is gone: it comes at once).
         let last = tokio::time::timeout(Duration::from_secs(5), &mut self.exited).await;
         self.reader.abort();
-        match last {
-            Ok(Ok(status)) => Ok(Exited {
+        match (last, killed_after) {
+            (Ok(Ok(status)), _) => Ok(Exited {
                 status,
                 usage: end.usage,
+                killed_after,
+                stopped: true,
             }),
-            _ => bail!("the fleet process exited without its last status"),
+            // Killed before it printed its last status: the last it printed stands in.
+            (_, Some(_)) => Ok(Exited {
+                status: self.now(),
+                usage: end.usage,
+                killed_after,
+                stopped: false,
+            }),
+            (_, None) => bail!("the fleet process exited without its last status"),
         }
     }
 }
+
+/// How long the fleet has to exit after the exit command before it is killed: its workers'
+/// 10 s to stop, and its runtimes' to wind down, with room on a busy machine.
+pub const FLEET_EXIT_WITHIN: Duration = Duration::from_secs(30);
 
 /// A fault proxy between the workers and the coordinator, as a child process (`tether proxy`):
 /// each holds two sockets a worker, so several share a large fleet within the open-file limit.
@@ -953,6 +979,11 @@ mod tests {
         assert!(before.hwm_kib < 16_000, "{before:?}");
         let pid = fleet.child.id().expect("pid");
         let exited = fleet.exit().await.expect("exit");
+        assert_eq!(exited.killed_after, None);
+        assert!(exited.stopped);
+        let mut r = crate::stress::report::Report::default();
+        crate::stress::scenarios::fleet_end(&mut r, &exited, 0.0);
+        assert!(r.passed(), "{:?}", r.verdicts);
         let usage = exited.usage.expect("the kernel's count");
         assert!(
             usage.cpu_s >= before.cpu_s + 0.02,
@@ -964,22 +995,77 @@ mod tests {
         assert!(reaped(pid));
     }
 
-    /// A fleet that does not exit in time is killed and reaped, and the run told so.
+    /// A fleet that does not exit in time is killed and reaped, and given back all the same:
+    /// its usage to its kill, the kill marked, and the last status it printed. The run's
+    /// report then carries its CPU and peak RSS and a failed verdict on its exit (the run
+    /// used to end in an error, its figures read and dropped).
     #[cfg(target_os = "linux")]
     #[tokio::test]
-    async fn a_fleet_that_does_not_exit_in_time_is_killed_and_reaped() {
+    async fn a_fleet_that_does_not_exit_in_time_is_killed_reaped_and_reported_failed() {
+        use crate::stress::report::Report;
+        use crate::stress::scenarios::fleet_end;
         let dir = tempfile::tempdir().expect("dir");
-        let running = Status::default();
-        let forever = "while :; do sleep 0.02; done";
+        let running = Status {
+            completed: 3,
+            ..Status::default()
+        };
+        // Deaf to SIGTERM and never ending once told to exit.
+        let forever = "trap '' TERM; while :; do sleep 0.02; done";
         let mut fleet = scripted_fleet_then(dir.path(), &running, &[], forever);
-        let pid = fleet.child.id().expect("pid");
-        let said = fleet
-            .exit_within(Duration::from_millis(200))
+        fleet
+            .wait("the first status", Duration::from_secs(10), |s| {
+                s.completed == 3
+            })
             .await
-            .expect_err("it never exits")
-            .to_string();
-        assert!(said.contains("did not exit within 0.2 s"), "{said}");
+            .expect("status");
+        let pid = fleet.child.id().expect("pid");
+        let within = Duration::from_millis(200);
+        let exited = fleet.exit_within(within).await.expect("killed, given back");
         assert!(reaped(pid));
+        assert_eq!(exited.killed_after, Some(within));
+        assert!(!exited.stopped);
+        assert_eq!(exited.status.completed, 3, "{:?}", exited.status);
+        let usage = exited.usage.expect("the kernel's count to its kill");
+        assert!(usage.peak_rss_kib > 0, "{usage:?}");
+
+        let mut r = Report::default();
+        r.verdict("lost", true, "0");
+        fleet_end(&mut r, &exited, 99.0);
+        assert!(!r.passed());
+        let text = r.markdown();
+        assert!(
+            text.contains(
+                "- FAIL the fleet stopped when told: the fleet process did not exit within 0.2 s \
+                 of the exit command and was killed"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("it never printed its last status"), "{text}");
+        assert!(text.contains("| fleet peak RSS, MiB |"), "{text}");
+        let json = serde_json::to_value(&r).expect("JSON");
+        assert_eq!(json["fleet_cpu_s"], usage.cpu_s);
+        assert_eq!(json["fleet_peak_rss_kib"], usage.peak_rss_kib);
+
+        // One that printed its last status, its workers stopped, and then hung: its counts are
+        // that status, and it fails all the same.
+        let stopped = Status {
+            completed: 4,
+            ..Status::default()
+        };
+        let last = [Event::Exited(stopped)];
+        let mut fleet = scripted_fleet_then(dir.path(), &running, &last, forever);
+        let exited = fleet.exit_within(within).await.expect("killed, given back");
+        assert_eq!(exited.killed_after, Some(within));
+        assert!(exited.stopped);
+        assert_eq!(exited.status.completed, 4, "{:?}", exited.status);
+        let mut r = Report::default();
+        fleet_end(&mut r, &exited, 0.0);
+        assert!(!r.passed());
+        assert!(
+            r.verdicts[0].detail.contains("printed its last status"),
+            "{:?}",
+            r.verdicts
+        );
     }
 
     /// A fault proxy's CPU seconds and peak RSS are its whole life's, to its exit after the

@@ -140,6 +140,10 @@ pub struct Report {
     /// CPU of the simulated workers' process (it shares the machine with the coordinator), to
     /// its exit (the kernel's count once it exited: its workers' stopping included).
     pub fleet_cpu_s: f64,
+    /// Peak RSS of the simulated workers' process: its `ru_maxrss` once it exited (or was
+    /// killed); `None` off Linux.
+    #[serde(default)]
+    pub fleet_peak_rss_kib: Option<u64>,
     /// CPU of the fault proxies' processes (`--cut` through them), each to its exit (the
     /// kernel's count once it exited, after the fleet's).
     pub proxy_cpu_s: Option<f64>,
@@ -333,6 +337,9 @@ impl Report {
             format!("{:.2}", self.coordinator_cpu_s),
         );
         row("fleet CPU seconds", format!("{:.2}", self.fleet_cpu_s));
+        if let Some(v) = self.fleet_peak_rss_kib {
+            row("fleet peak RSS, MiB", format!("{:.1}", v as f64 / 1024.0));
+        }
         if let Some(v) = self.proxy_cpu_s {
             row("fault proxies' CPU seconds", format!("{v:.2}"));
         }

@@ -1006,8 +1006,6 @@ impl Run {
         // away, by which the tasks that ran more than once are judged.
         let records = self.fleet.report().await?;
         let exited = self.fleet.exit().await?;
-        // Off Linux, the sample before the exit.
-        self.report.fleet_cpu_s = exited.usage.map_or(fleet.cpu_s, |u| u.cpu_s);
         let fleet_status = &exited.status;
         if !self.proxies.is_empty() {
             let (mut cpu_s, mut peak_rss_kib, mut killed) = (0.0, 0, 0);
@@ -1152,6 +1150,8 @@ impl Run {
             fleet_status.failed == 0,
             format!("{} workers failed", fleet_status.failed),
         );
+        // Off Linux, the sample before the exit.
+        fleet_end(r, &exited, fleet.cpu_s);
         if self.a.scenario == Scenario::MixedPriority {
             mixed_priority_verdicts(r, &t, &self.submitted, &self.high_priority);
         }
@@ -1163,6 +1163,35 @@ impl Run {
         self.pb.finish_and_clear();
         Ok(self.report)
     }
+}
+
+/// The fleet's CPU and peak RSS to its exit (or its kill), `sampled_cpu_s` when the kernel
+/// gave none, and the verdict on its exit: a fleet killed for not exiting within
+/// [`super::procs::FLEET_EXIT_WITHIN`] of the exit command held a worker that did not stop
+/// (it stops its workers within 10 s and then aborts those left), which fails the run; its
+/// figures are reported all the same.
+pub(super) fn fleet_end(r: &mut Report, exited: &Exited, sampled_cpu_s: f64) {
+    r.fleet_cpu_s = exited.usage.map_or(sampled_cpu_s, |u| u.cpu_s);
+    r.fleet_peak_rss_kib = exited.usage.map(|u| u.peak_rss_kib);
+    let detail = match exited.killed_after {
+        None => "the fleet process exited by itself after its workers stopped".to_owned(),
+        Some(after) => format!(
+            "the fleet process did not exit within {} s of the exit command and was killed \
+             (its CPU and peak RSS are to its kill): {}",
+            after.as_secs_f64(),
+            if exited.stopped {
+                "it printed its last status, every worker stopped or aborted, then hung"
+            } else {
+                "it never printed its last status, so its workers did not stop; its counts \
+                 are the last it printed before"
+            }
+        ),
+    };
+    r.verdict(
+        "the fleet stopped when told",
+        exited.killed_after.is_none(),
+        detail,
+    );
 }
 
 /// checkpoint_heavy's and mixed_priority's rates over `span`, ended by `last`: when the
