@@ -1,6 +1,7 @@
 //! The client commands against an `https://` coordinator: they verify its certificate against
 //! `--ca-file` and refuse one they cannot verify. And the coordinator's own certificate file
-//! not answering when it is looked at again: TLS connections are accepted still.
+//! replaced by a FIFO when it is looked at again: refused at once, TLS connections accepted
+//! still, and its renewal served.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -146,6 +147,15 @@ fn handshake(
         .ok_or_else(|| "no certificate".into())
 }
 
+/// How many threads of this process look at TLS files (`tls-reload`) now.
+fn reload_threads() -> usize {
+    let tasks = std::fs::read_dir("/proc/self/task").expect("/proc/self/task");
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim_end() == "tls-reload")
+        .count()
+}
+
 /// `fifo` opened for writing without waiting: only while a reader has it open or waits in its
 /// open.
 fn writer_of(fifo: &Path) -> Option<std::fs::File> {
@@ -170,11 +180,12 @@ impl Drop for Unblock {
     }
 }
 
-/// The certificate file replaced by one that does not answer (a FIFO nobody writes, as a file
-/// on a hung mount): the look at it, due `RELOAD_CHECK` after the start, waits in it, and
-/// TLS connections go on being accepted with the certificate in use.
+/// The certificate file replaced by a FIFO nobody writes: the look at it, due `RELOAD_CHECK`
+/// after the start, refuses it at once, unread (no look is left waiting in it), TLS
+/// connections go on being accepted with the certificate in use, and a renewed certificate
+/// that takes the FIFO's place is served from a later look, without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_certificate_file_that_does_not_answer_leaves_tls_connections_accepted() {
+async fn a_fifo_in_the_certificate_files_place_is_refused_and_its_renewal_served() {
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = tempfile::tempdir().expect("certs");
     let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).expect("certificate");
@@ -186,6 +197,8 @@ async fn a_certificate_file_that_does_not_answer_leaves_tls_connections_accepted
     std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
     let mut cfg = fast_coordinator_config(dir.path().to_owned());
     cfg.tls = Some(tether_coordinator::tls::server_config(&cert, &key).expect("server TLS"));
+    // The files were read no later than this: the first look is due `RELOAD_CHECK` after.
+    let loaded = Instant::now();
     let c = spawn_coordinator_with(cfg, None).await;
     let addr = c.addr;
     let served = made.cert.der().clone();
@@ -195,28 +208,49 @@ async fn a_certificate_file_that_does_not_answer_leaves_tls_connections_accepted
         std::fs::remove_file(&cert).expect("remove");
         let made = Command::new("mkfifo").arg(&cert).status().expect("mkfifo");
         assert!(made.success(), "mkfifo: {made}");
+        // Should a look wait in the FIFO after all, it is let go at the test's end.
         let _unblock = Unblock(cert.clone());
-        // Handshakes until one has started a look that waits in the FIFO's open (a writer
-        // that does not wait opens it only then).
-        let bound = tether_coordinator::tls::RELOAD_CHECK + Duration::from_secs(20);
-        let deadline = Instant::now() + bound;
-        let writer = loop {
+        // Handshakes until one starts after the look is due: it starts the look.
+        let due = loaded + tether_coordinator::tls::RELOAD_CHECK;
+        let deadline = due + Duration::from_secs(20);
+        loop {
+            let after_due = Instant::now() > due;
             assert_eq!(handshake(addr, &ca), Ok(served.clone()), "in use");
-            if let Some(w) = writer_of(&cert) {
-                break w;
+            if after_due {
+                break;
             }
-            assert!(Instant::now() < deadline, "no look opened the FIFO");
+            assert!(Instant::now() < deadline, "the look never came due");
             std::thread::sleep(Duration::from_millis(100));
-        };
-        // The look now waits in its read (a writer, nothing written).
-        for _ in 0..3 {
-            assert_eq!(handshake(addr, &ca), Ok(served.clone()), "in use");
         }
-        // The certificate back in its place, and the read ended (nothing in it: refused).
+        // That look refused the FIFO at once: its thread ended, none waits in the FIFO.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reload_threads() > 0 {
+            assert!(Instant::now() < deadline, "a look waits in the FIFO");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(handshake(addr, &ca), Ok(served.clone()), "in use");
+
+        // A renewed certificate (the key first) in the FIFO's place, trusted beside the first.
+        let renewed =
+            rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).expect("certificate");
         std::fs::remove_file(&cert).expect("remove");
-        std::fs::copy(&ca, &cert).expect("copy");
-        drop(writer);
-        assert_eq!(handshake(addr, &ca), Ok(served), "in use");
+        std::fs::write(&key, renewed.signing_key.serialize_pem()).expect("write key");
+        std::fs::write(&cert, renewed.cert.pem()).expect("write cert");
+        let both = format!(
+            "{}{}",
+            std::fs::read_to_string(&ca).expect("ca"),
+            renewed.cert.pem()
+        );
+        std::fs::write(&ca, both).expect("write ca");
+        let deadline =
+            Instant::now() + tether_coordinator::tls::RELOAD_CHECK + Duration::from_secs(20);
+        while handshake(addr, &ca).expect("handshake") != *renewed.cert.der() {
+            assert!(
+                Instant::now() < deadline,
+                "the renewed certificate is never served"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     })
     .await
     .expect("handshakes");

@@ -3,21 +3,26 @@
 //!
 //! The files are read again when they change (looked at, at most, every
 //! [`RELOAD_CHECK`] at a handshake), so a renewed certificate is served without a restart
-//! that would drop every worker's session. The look runs on a thread of its own, and no
-//! handshake waits for it: a file that does not answer (a hung network mount, a FIFO in its
-//! place) leaves the certificate in use served, where reading it on the handshake stopped
-//! every handshake and a runtime thread with it. A look that has not returned when the next
-//! is due is warned of (once) and left to its thread, and the next look starts beside it on a
-//! thread of its own, so that once the files answer again (the mount back, the FIFO replaced
-//! by a file) the new certificate is served without a restart. A read that never returns
-//! holds its thread (and the little it owns) for the rest of the process: the thread is
-//! leaked, and at most [`MAX_HUNG_LOOKS`] looks run at once; with that many hung, no other
-//! starts until one returns (warned of once). A look that returns after a later one was
-//! taken is dropped: what it read is older. A change is served from the handshakes that
-//! follow the look that read it. A certificate that is expired or not valid
-//! yet is refused at start (every worker would refuse it, and stop after three refusals) and never
-//! replaces the one served; one not valid yet is tried again at each look, and served once it
-//! is valid (a renewal placed ahead of its start). The certificate served is warned of when it
+//! that would drop every worker's session. Only a regular file (or a link to one, as
+//! cert-manager places them) is read: anything else in a file's place (a FIFO, a socket, a
+//! device, a directory) is refused unread, at once, as a change that does not load is (a FIFO
+//! nobody writes would hold its read for good). The look runs on a thread of its own, and no
+//! handshake waits for it: a file system that does not answer (a hung network mount) leaves
+//! the certificate in use served, where reading it on the handshake stopped every handshake
+//! and a runtime thread with it. A look that has not returned when the next is due is warned
+//! of (once) and left to its thread, and the next look starts beside it on a thread of its
+//! own, so that once the files answer again (the mount back) the new certificate is served
+//! without a restart. A read that never returns holds its thread (and the little it owns) for
+//! the rest of the process: the thread is leaked, and at most [`MAX_HUNG_LOOKS`] looks run at
+//! once; with that many hung, no other starts until one returns (warned of once). What that
+//! leaves: a mount that never answers again holds [`MAX_HUNG_LOOKS`] threads and no look
+//! starts again, so the certificate served stays until the process ends; a restart does not
+//! help either (the files are read at start, and that read hangs as well). A look that
+//! returns after a later one was taken is dropped: what it read is older. A change is served
+//! from the handshakes that follow the look that read it. A certificate that is expired or
+//! not valid yet is refused at start (every worker would refuse it, and stop after three
+//! refusals) and never replaces the one served; one not valid yet is tried again at each
+//! look, and served once it is valid (a renewal placed ahead of its start). The certificate served is warned of when it
 //! expires within [`EXPIRY_WARNING`], and again every [`EXPIRY_REMINDER`] (every
 //! [`EXPIRED_REMINDER`] once it has expired).
 
@@ -34,8 +39,8 @@ use rustls::sign::CertifiedKey;
 /// How often, at most, a handshake starts a look whether the certificate or key file changed.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(10);
 
-/// How many looks at the files may run at once: looks whose reads do not return (each holds
-/// its thread, leaked while it hangs) and the one started beside them.
+/// How many looks at the files may run at once: looks whose reads do not return (a hung
+/// mount: each holds its thread, leaked while it hangs) and the one started beside them.
 pub const MAX_HUNG_LOOKS: usize = 4;
 
 /// A certificate that expires sooner than this is warned of, at start, at each reload, and
@@ -104,6 +109,9 @@ struct CertFiles {
     /// When a look is due, and whether one runs: held by a handshake only to decide, never
     /// across a file read.
     schedule: Mutex<Schedule>,
+    /// Holds looks after their read, as a hung mount holds them in it.
+    #[cfg(test)]
+    stall: tests::Stall,
 }
 
 /// When the files were last looked at, and the looks running.
@@ -238,7 +246,7 @@ struct Contents {
 
 impl Contents {
     fn read(cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        let read = |path: &Path| std::fs::read(path).map_err(|e| (path.to_owned(), e.to_string()));
+        let read = |path: &Path| read_regular(path).map_err(|reason| (path.to_owned(), reason));
         let cert = read(cert).map_err(|(path, reason)| TlsError::Cert { path, reason })?;
         let key = read(key).map_err(|(path, reason)| TlsError::Key { path, reason })?;
         Ok(Self { cert, key })
@@ -252,6 +260,56 @@ impl Contents {
         h.update(&self.key);
         h.finalize().into()
     }
+}
+
+/// The contents of `path` if it is a regular file (links followed: cert-manager and the like
+/// place a link to the renewed file), or why not. Anything else is refused unread, at once:
+/// the read of a FIFO waits for a writer that may never come, a device may never end, and
+/// neither is a certificate.
+fn read_regular(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // The metadata of a FIFO or a device comes at once, where opening one may wait (a FIFO
+    // for a writer) or do something (a tape rewinds).
+    let kind = std::fs::metadata(path)
+        .map_err(|e| e.to_string())?
+        .file_type();
+    if !kind.is_file() {
+        return Err(not_regular(kind));
+    }
+    // Opened without waiting, and checked again once open: a FIFO put in the file's place
+    // after the check is found then, not waited on in the open or the read. On Linux
+    // O_NONBLOCK changes nothing for a regular file: its reads wait for the disk as they
+    // would without it (open(2)), so the file is read as before.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let kind = file.metadata().map_err(|e| e.to_string())?.file_type();
+    if !kind.is_file() {
+        return Err(not_regular(kind));
+    }
+    let mut contents = Vec::new();
+    file.read_to_end(&mut contents).map_err(|e| e.to_string())?;
+    Ok(contents)
+}
+
+/// Why a file of type `kind` (not a regular file) is not read.
+fn not_regular(kind: std::fs::FileType) -> String {
+    use std::os::unix::fs::FileTypeExt as _;
+    let what = if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else {
+        "of another type"
+    };
+    format!("not a regular file but {what} (links followed): not read")
 }
 
 impl CertFiles {
@@ -288,6 +346,8 @@ impl CertFiles {
                 hang_warned: None,
                 full_warned: false,
             }),
+            #[cfg(test)]
+            stall: tests::Stall::default(),
         })
     }
 
@@ -305,9 +365,15 @@ impl CertFiles {
 
     /// Starts a look at the files ([`CertFiles::look`]) on a thread of its own when one is
     /// due: `check_every` after the last one started. Never waits: not for a look, nor for
-    /// another handshake deciding. A look due while the last one still runs (a file that does
-    /// not answer) warns of that one as hung (once for each) and starts beside it, unless
-    /// [`MAX_HUNG_LOOKS`] run: then none starts until one returns (warned of once).
+    /// another handshake deciding. A look due while the last one still runs (its file system
+    /// does not answer, a hung mount; a FIFO or a device is refused at once, unread, and
+    /// hangs no look) warns of that one as hung (once for each) and starts beside it, unless
+    /// [`MAX_HUNG_LOOKS`] run: then none starts until one returns (warned of once), and the
+    /// first handshake after that starts one (the last start is long past). Nothing better is
+    /// at hand there: a blocked read cannot be taken back from its thread, and more threads
+    /// would hang on the same mount, so a mount that never answers again holds
+    /// [`MAX_HUNG_LOOKS`] threads and no look starts again (the certificate served stays; a
+    /// restart, which reads the files at start, would hang there as well).
     ///
     /// A std thread, not the runtime's blocking pool: a read that never returns must not hold
     /// the runtime's shutdown, which waits for its blocking tasks. Such a thread is leaked.
@@ -344,7 +410,7 @@ impl CertFiles {
         schedule.running.push((number, now));
         drop(schedule);
         if let Some((_, started)) = hung {
-            tracing::warn!(cert = %self.cert.display(), key = %self.key.display(), waited_s = now.saturating_duration_since(started).as_secs(), "reading the TLS certificate and key files has not returned (a hung mount? a FIFO in a file's place?): the previous certificate is served still; the read is left to its thread and the files are read again beside it");
+            tracing::warn!(cert = %self.cert.display(), key = %self.key.display(), waited_s = now.saturating_duration_since(started).as_secs(), "reading the TLS certificate and key files has not returned (a hung mount?): the previous certificate is served still; the read is left to its thread and the files are read again beside it");
         }
         let files = Arc::clone(self);
         let spawned = std::thread::Builder::new()
@@ -376,6 +442,8 @@ impl CertFiles {
     fn look(&self, number: u64) -> Look {
         // Read outside the lock: a read that hangs must not hold the looks after it.
         let contents = Contents::read(&self.cert, &self.key);
+        #[cfg(test)]
+        self.stall.hold(number);
         // Under the lock from here: one look decides at a time (never a handshake, which only
         // starts one), and a load (a parse, a key check) only follows a change.
         let mut looked = self.looked.lock().unwrap_or_else(|p| p.into_inner());
@@ -667,12 +735,124 @@ mod tests {
         }
     }
 
-    /// A certificate file that does not answer (a FIFO nobody writes, as a hung mount) holds
-    /// only the looks that read it: handshakes go on being served the certificate in use, at
-    /// once, and start at most [`MAX_HUNG_LOOKS`] looks; once the reads return, a renewed
-    /// certificate is served.
+    /// Holds the looks numbered from the one after `let_go` up to `to` after their read, until
+    /// they are let go, as a file system that does not answer holds them in it (at most a
+    /// minute, so that no test leaves a thread for good).
+    #[derive(Debug, Default)]
+    pub(super) struct Stall {
+        held: Mutex<Held>,
+        changed: std::sync::Condvar,
+    }
+
+    #[derive(Debug, Default)]
+    struct Held {
+        let_go: u64,
+        to: u64,
+        /// How many looks wait now.
+        waiting: usize,
+    }
+
+    impl Held {
+        fn holds(&self, number: u64) -> bool {
+            self.let_go < number && number <= self.to
+        }
+    }
+
+    impl Stall {
+        fn held(&self) -> MutexGuard<'_, Held> {
+            self.held.lock().unwrap_or_else(|p| p.into_inner())
+        }
+
+        /// Look `number` waits here while it is held.
+        pub(super) fn hold(&self, number: u64) {
+            let mut held = self.held();
+            if !held.holds(number) {
+                return;
+            }
+            held.waiting += 1;
+            self.changed.notify_all();
+            let (mut held, _) = self
+                .changed
+                .wait_timeout_while(held, Duration::from_secs(60), |h| h.holds(number))
+                .unwrap_or_else(|p| p.into_inner());
+            held.waiting -= 1;
+            self.changed.notify_all();
+        }
+
+        /// Holds the looks numbered up to `to`.
+        fn hold_up_to(&self, to: u64) {
+            self.held().to = to;
+        }
+
+        /// Lets the looks numbered up to `to` go on.
+        fn let_go(&self, to: u64) {
+            self.held().let_go = to;
+            self.changed.notify_all();
+        }
+
+        /// Waits (at most 10 s) until `n` looks are held.
+        fn wait_holding(&self, n: usize) {
+            let held = self.held();
+            let (held, _) = self
+                .changed
+                .wait_timeout_while(held, Duration::from_secs(10), |h| h.waiting < n)
+                .unwrap_or_else(|p| p.into_inner());
+            assert_eq!(held.waiting, n, "looks held");
+        }
+    }
+
+    /// What `f` returns, on a thread of its own: one that has not returned within 10 s (a read
+    /// that waits in a FIFO) fails the test, where it would hang it.
+    fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(f()));
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("returned within 10 s")
+    }
+
+    /// Only a regular file, or a link to one, is read: a FIFO, a directory, a socket or a
+    /// device in a file's place is refused at start, at once and unread, and named so.
     #[test]
-    fn a_certificate_file_that_does_not_answer_leaves_the_certificate_in_use_served() {
+    fn a_file_that_is_no_regular_file_is_refused_unread_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (c, k) = write_cert(dir.path(), -1, 30);
+        let refused = |cert: &Path, key: &Path| {
+            let (cert, key) = (cert.to_owned(), key.to_owned());
+            within(move || server_config(&cert, &key))
+                .expect_err("refused")
+                .to_string()
+        };
+        // A link to the file (cert-manager's way) is read.
+        let link = dir.path().join("link.pem");
+        std::os::unix::fs::symlink(&c, &link).expect("symlink");
+        server_config(&link, &k).expect("a link to a regular file is read");
+
+        let fifo = dir.path().join("fifo.pem");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        let _unblock = Unblock(fifo.clone());
+        let e = refused(&fifo, &k);
+        assert!(e.contains("not a regular file but a FIFO"), "{e}");
+        let e = refused(dir.path(), &k);
+        assert!(e.contains("not a regular file but a directory"), "{e}");
+        let sock = dir.path().join("sock.pem");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        let e = refused(&sock, &k);
+        assert!(e.contains("not a regular file but a socket"), "{e}");
+        let null = dir.path().join("null.pem");
+        std::os::unix::fs::symlink("/dev/null", &null).expect("symlink");
+        let e = refused(&c, &null);
+        assert!(
+            e.contains("TLS key file") && e.contains("not a regular file but a device"),
+            "{e}"
+        );
+    }
+
+    /// A FIFO in the certificate file's place (nobody writes it) is refused by each look at
+    /// once, unread: no look is left waiting in it, however many looks see it (more than
+    /// [`MAX_HUNG_LOOKS`]), handshakes go on being served the certificate in use, and once a
+    /// renewed certificate takes the FIFO's place it is served.
+    #[test]
+    fn a_fifo_in_the_certificates_place_is_refused_at_each_look_and_its_renewal_served() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (c, k) = write_cert(dir.path(), -1, 30);
         let first = CertificateDer::from_pem_file(&c).expect("pem");
@@ -683,37 +863,31 @@ mod tests {
 
         std::fs::remove_file(&c).expect("remove");
         nix::unistd::mkfifo(&c, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        // Should a look wait in the FIFO after all, it is let go at the test's end.
         let _unblock = Unblock(c.clone());
-        // Handshakes until one has started a look that waits in the FIFO's open (a writer
-        // that does not wait opens it only then).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let writer = loop {
-            assert_eq!(handshake(&config, &roots), Ok(first.clone()), "in use");
-            if let Some(w) = writer_of(&c) {
-                break w;
-            }
-            assert!(Instant::now() < deadline, "no look opened the FIFO");
-            std::thread::sleep(Duration::from_millis(10));
+        let look = || {
+            let files = Arc::clone(&files);
+            within(move || files.reload_if_changed())
         };
-        // The look now waits in its read (a writer, nothing written).
-        for _ in 0..3 {
+        assert_eq!(look(), Look::Refused, "a FIFO is no certificate");
+        assert_eq!(look(), Look::Unchanged, "refused once (and logged once)");
+        // Each handshake starts a look (due at once here), which returns with its refusal.
+        let started = files.schedule().next;
+        for _ in 0..3 * MAX_HUNG_LOOKS {
+            if files.schedule().next > started + MAX_HUNG_LOOKS as u64 {
+                break;
+            }
             assert_eq!(handshake(&config, &roots), Ok(first.clone()), "in use");
+            looks_ended(&files);
         }
-        let schedule = files.schedule();
-        // Each handshake started a look beside the hung ones, up to the bound.
-        let running = schedule.running.len();
+        let looked = files.schedule().next - started;
         assert!(
-            (1..=MAX_HUNG_LOOKS).contains(&running),
-            "{running} looks run"
+            looked > MAX_HUNG_LOOKS as u64,
+            "{looked} looks saw the FIFO"
         );
-        assert!(schedule.hang_warned.is_some(), "and were warned of");
-        drop(schedule);
 
-        // A renewed certificate in the FIFO's place, and the FIFO's read ended: the look
-        // that waited ends (the FIFO held nothing: refused), and a later one serves it.
         std::fs::remove_file(&c).expect("remove");
         let c2 = renew(dir.path(), &c, &k);
-        drop(writer);
         let second = CertificateDer::from_pem_file(&c2).expect("pem");
         let roots = [first, second.clone()];
         served_in_time(
@@ -722,6 +896,7 @@ mod tests {
             &second,
             "the renewed certificate is never served",
         );
+        looks_ended(&files);
     }
 
     /// Writes a renewed certificate and key (valid for 60 days) over `c` and `k`, the key
@@ -758,37 +933,23 @@ mod tests {
         }
     }
 
-    /// A key file that never answers (a FIFO nobody writes) holds the look reading it for
-    /// good, yet the next look starts beside it: once the FIFO is replaced by the renewed
-    /// files, handshakes are served the renewed certificate without a restart. The hung look,
-    /// when it returns at last with the older files it read, is dropped: the renewed
-    /// certificate stays served.
+    /// A look whose read never returns (its file system does not answer: here held after its
+    /// read) holds its thread, yet the next look starts beside it: once the files answer,
+    /// handshakes are served the renewed certificate without a restart. The hung look, when
+    /// it returns at last with the older files it read, is dropped: the renewed certificate
+    /// stays served.
     #[test]
     fn a_look_that_never_returns_does_not_stop_a_renewed_certificate_being_served() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (c, k) = write_cert(dir.path(), -1, 30);
         let first = CertificateDer::from_pem_file(&c).expect("pem");
-        let old_key = std::fs::read(&k).expect("key");
         let files = Arc::new(CertFiles::load(&c, &k, provider(), Duration::ZERO).expect("load"));
         let config = serving(Arc::clone(&files), provider()).expect("config");
 
-        std::fs::remove_file(&k).expect("remove");
-        nix::unistd::mkfifo(&k, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
-        let aside = dir.path().join("key.fifo");
-        let _unblock = Unblock(aside.clone());
+        files.stall.hold_up_to(1);
         files.look_if_due();
-        // The look has read the certificate and waits in the FIFO's open: a writer that does
-        // not wait opens it only then, and the look waits in its read after.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut writer = loop {
-            if let Some(w) = writer_of(&k) {
-                break w;
-            }
-            assert!(Instant::now() < deadline, "no look opened the FIFO");
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        // The FIFO is moved away (its reader still waits) and the renewed files put in place.
-        std::fs::rename(&k, &aside).expect("move the FIFO away");
+        // The look has read the files (the first ones) and is held.
+        files.stall.wait_holding(1);
         let c2 = renew(dir.path(), &c, &k);
         let second = CertificateDer::from_pem_file(&c2).expect("pem");
         let roots = [first, second.clone()];
@@ -804,11 +965,9 @@ mod tests {
             // Warned of (a look started by a handshake may have been warned of since).
             assert!(schedule.hang_warned.is_some_and(|w| w >= 1), "warned of");
         }
-        // The hung look returns at last, with the older certificate it read and the older key:
-        // a pair that loads, but older than what a later look took. It is dropped.
-        use std::io::Write as _;
-        writer.write_all(&old_key).expect("the older key");
-        drop(writer);
+        // The hung look returns at last, with the older certificate and key it read: a pair
+        // that loads, but older than what a later look took. It is dropped.
+        files.stall.let_go(1);
         looks_ended(&files);
         let served = files.served().cert[0].clone();
         assert_eq!(
@@ -818,15 +977,14 @@ mod tests {
     }
 
     /// Reads that never return hold at most [`MAX_HUNG_LOOKS`] threads: with that many hung,
-    /// a due look starts none; once they return, looks start again.
+    /// a due look starts none; one that returns frees its place for the next due look; once
+    /// all return, looks start again.
     #[test]
     fn at_most_a_bounded_number_of_looks_hang_at_once() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (c, k) = write_cert(dir.path(), -1, 30);
         let files = Arc::new(CertFiles::load(&c, &k, provider(), Duration::ZERO).expect("load"));
-        std::fs::remove_file(&c).expect("remove");
-        nix::unistd::mkfifo(&c, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
-        let unblock = Unblock(c.clone());
+        files.stall.hold_up_to(u64::MAX);
         for _ in 0..3 * MAX_HUNG_LOOKS {
             files.look_if_due();
         }
@@ -836,19 +994,26 @@ mod tests {
             assert!(schedule.full_warned);
             assert_eq!(schedule.next, MAX_HUNG_LOOKS as u64, "looks started");
         }
-        // Every reader waiting in the FIFO's open reads an end of file once a writer closes
-        // it; a look may still be on its way to the open, so this repeats until none runs.
+        // The first returns: the next due look starts in its place, and then none again.
+        files.stall.let_go(1);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !files.schedule().running.is_empty() {
-            drop(writer_of(&c));
-            assert!(Instant::now() < deadline, "a look never ended");
+        while files.schedule().running.len() == MAX_HUNG_LOOKS {
+            assert!(Instant::now() < deadline, "the look let go never ended");
             std::thread::sleep(Duration::from_millis(10));
         }
-        drop(unblock);
-        std::fs::remove_file(&c).expect("remove");
+        files.look_if_due();
+        files.look_if_due();
+        {
+            let schedule = files.schedule();
+            assert_eq!(schedule.running.len(), MAX_HUNG_LOOKS);
+            assert!(schedule.full_warned, "full again: warned of again");
+            assert_eq!(schedule.next, MAX_HUNG_LOOKS as u64 + 1, "one look started");
+        }
+        files.stall.let_go(u64::MAX);
+        looks_ended(&files);
         files.look_if_due();
         looks_ended(&files);
-        assert_eq!(files.schedule().next, MAX_HUNG_LOOKS as u64 + 1);
+        assert_eq!(files.schedule().next, MAX_HUNG_LOOKS as u64 + 2);
     }
 
     /// A renewed certificate is served once its files change; a change that cannot be served
