@@ -403,6 +403,9 @@ fn print_summary(report: &Report) -> anyhow::Result<()> {
             c.detail
         )?;
     }
+    if let Some(note) = report::rotation_note(&report.workers) {
+        outln!("{note}")?;
+    }
     let b = &report.blackhole;
     let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0}"));
     outln!(
@@ -810,6 +813,7 @@ fn worker_figures(
                 sessions_lost: count(|e| matches!(e, Event::SessionLost { .. })),
                 sessions_declared_dead: count(|e| matches!(e, Event::SessionLost { dead: true, .. })),
                 attempts_failed: count(|e| matches!(e, Event::AttemptFailed { .. })),
+                rotation_failures: observe::rotation_failures(records),
                 acks,
                 coordinator_view,
             }

@@ -192,6 +192,21 @@ pub fn log_gaps(records: &[Record], starts: &[(DateTime<Utc>, bool)]) -> Vec<Str
     bad
 }
 
+/// Rotations of a worker's event log that failed, as its processes' `stopped` records count
+/// them (a killed process's are not known). No line is lost to one, so they fail nothing
+/// ([`log_gaps`] passes them): the log grew past its bound, which the report says.
+pub fn rotation_failures(records: &[Record]) -> u64 {
+    records
+        .iter()
+        .map(|r| match r.event {
+            Event::Stopped {
+                rotation_failures, ..
+            } => rotation_failures,
+            _ => 0,
+        })
+        .sum()
+}
+
 /// Whether the worker's latest session event says it is registered.
 pub fn registered_now(events: &[Record]) -> bool {
     events

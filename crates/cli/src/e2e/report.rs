@@ -73,6 +73,9 @@ pub struct WorkerFigures {
     pub sessions_lost: usize,
     pub sessions_declared_dead: usize,
     pub attempts_failed: usize,
+    /// Rotations of its event log that failed, by its `stopped` records: no line lost, the
+    /// log grew past its bound ([`super::observe::rotation_failures`]).
+    pub rotation_failures: u64,
     pub acks: BTreeMap<String, usize>,
     /// The coordinator's `stats` of this worker (the worker's own telemetry) and sessions.
     pub coordinator_view: serde_json::Value,
@@ -321,24 +324,7 @@ impl Report {
                 o.note
             );
         }
-        let _ = writeln!(
-            s,
-            "\n## Workers\n\n| worker | starts | registered | lost | declared dead | failed attempts | result acks |\n|---|---|---|---|---|---|---|"
-        );
-        for w in &self.workers {
-            let acks: Vec<String> = w.acks.iter().map(|(k, v)| format!("{k} {v}")).collect();
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} | {} | {} | {} |",
-                w.worker,
-                w.process_starts,
-                w.sessions_registered,
-                w.sessions_lost,
-                w.sessions_declared_dead,
-                w.attempts_failed,
-                acks.join(", ")
-            );
-        }
+        s.push_str(&workers_section(&self.workers));
         let t = &self.tasks;
         let statuses: Vec<String> = t
             .by_status
@@ -382,6 +368,54 @@ impl Report {
     }
 }
 
+/// The report's section of per-worker figures, from each worker's event log, with a word on
+/// failed log rotations when there were any.
+fn workers_section(workers: &[WorkerFigures]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n## Workers\n\n| worker | starts | registered | lost | declared dead | failed attempts | result acks | log rotations failed |\n|---|---|---|---|---|---|---|---|"
+    );
+    for w in workers {
+        let acks: Vec<String> = w.acks.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            w.worker,
+            w.process_starts,
+            w.sessions_registered,
+            w.sessions_lost,
+            w.sessions_declared_dead,
+            w.attempts_failed,
+            acks.join(", "),
+            w.rotation_failures
+        );
+    }
+    if let Some(note) = rotation_note(workers) {
+        let _ = writeln!(s, "\n{note}");
+    }
+    s
+}
+
+/// What a run whose workers' event logs failed to rotate says of it (`None` when none did):
+/// how many, whose, and that no line was lost to them (so `event_logs_complete` does not
+/// fail on them), only the logs grew past their bound.
+pub fn rotation_note(workers: &[WorkerFigures]) -> Option<String> {
+    let whose: Vec<String> = workers
+        .iter()
+        .filter(|w| w.rotation_failures > 0)
+        .map(|w| format!("{} {}", w.worker, w.rotation_failures))
+        .collect();
+    let total: u64 = workers.iter().map(|w| w.rotation_failures).sum();
+    (total > 0).then(|| {
+        format!(
+            "Event-log rotations failed: {total} ({}); no line was lost to them, the logs grew \
+             past their bound.",
+            whose.join(", ")
+        )
+    })
+}
+
 /// The report's last line: where the run's logs and state are, which is nowhere once a
 /// passing run's temporary directory was removed (`e2e::run` keeps it when the run fails).
 fn where_logs_are(temporary: bool, passed: bool, work_dir: &std::path::Path) -> String {
@@ -409,6 +443,60 @@ mod tests {
                 "Logs and state: `/tmp/e2e-x`"
             );
         }
+    }
+
+    /// A worker's event log whose rotations failed lost no line: it passes
+    /// `event_logs_complete`, and the report counts the failures, per worker and in a note,
+    /// from each process's `stopped` record.
+    #[test]
+    fn failed_event_log_rotations_are_counted_in_the_report_but_lose_no_line() {
+        use crate::e2e::observe::{log_gaps, read_events, rotation_failures};
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("w1.events.jsonl");
+        // Two processes, both stopped gracefully: the first's rotations failed twice, the
+        // second's once.
+        let lines = [
+            r#"{"at":"2026-01-02T03:00:00Z","worker":"w1","n":1,"event":"started","boot_id":"a"}"#,
+            r#"{"at":"2026-01-02T03:00:01Z","worker":"w1","n":2,"event":"registered","generation":1,"session_id":1}"#,
+            r#"{"at":"2026-01-02T03:00:02Z","worker":"w1","n":3,"event":"stopped","write_failures":0,"rotation_failures":2}"#,
+            r#"{"at":"2026-01-02T03:01:00Z","worker":"w1","n":1,"event":"started","boot_id":"b"}"#,
+            r#"{"at":"2026-01-02T03:01:01Z","worker":"w1","n":2,"event":"stopped","write_failures":0,"rotation_failures":1}"#,
+        ];
+        std::fs::write(&path, lines.join("\n") + "\n").expect("log");
+        let records = read_events(&path).expect("a whole log");
+        let at = |t: &str| t.parse::<chrono::DateTime<chrono::Utc>>().expect("time");
+        let starts = [
+            (at("2026-01-02T02:59:59Z"), true),
+            (at("2026-01-02T03:00:59Z"), true),
+        ];
+        assert_eq!(log_gaps(&records, &starts), Vec::<String>::new());
+        assert_eq!(rotation_failures(&records), 3);
+
+        let figures = |worker: &str, rotation_failures| WorkerFigures {
+            worker: worker.into(),
+            process_starts: 2,
+            sessions_registered: 1,
+            sessions_lost: 0,
+            sessions_declared_dead: 0,
+            attempts_failed: 0,
+            rotation_failures,
+            acks: BTreeMap::new(),
+            coordinator_view: serde_json::Value::Null,
+        };
+        let workers = [figures("w1", rotation_failures(&records)), figures("w2", 0)];
+        let text = workers_section(&workers);
+        assert!(text.contains("| log rotations failed |"), "{text}");
+        assert!(text.contains("| w1 | 2 | 1 | 0 | 0 | 0 |  | 3 |"), "{text}");
+        assert!(
+            text.contains("Event-log rotations failed: 3 (w1 3); no line was lost to them"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&workers[0]).expect("JSON");
+        assert_eq!(json["rotation_failures"], 3);
+        // None failed: no note.
+        let none = [figures("w1", 0)];
+        assert_eq!(rotation_note(&none), None);
+        assert!(!workers_section(&none).contains("rotations failed:"));
     }
 
     #[test]
