@@ -4,7 +4,12 @@
 //! acknowledged or taken meanwhile. The WAL alone may grow
 //! to [`crate::store::WAL_RESTART_FRAMES`] pages before it starts over, so the warning comes
 //! while there is still room for that and more.
+//!
+//! The room is the coordinator's own ([`Writer::of`]): the watcher's gauge and warning and the
+//! store's reading of a failed open (`store::space`) count the same blocks, those a superuser
+//! may use on ext2/3/4 when it runs as one.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -18,9 +23,13 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(10);
 /// How often the warning is repeated while space stays low.
 pub const WARN_AGAIN: Duration = Duration::from_secs(600);
 
-/// The share of its blocks, in percent, that ext4 keeps at most from every writer, the
-/// superuser included (its reserved clusters, `s_resv_clusters`: 2 % or 4096 clusters,
-/// whichever is fewer), yet counts as free in `f_bfree` ([`Room::exhausted`]).
+/// Where sysfs is mounted: ext4 says there what it keeps from every writer ([`Reserve::of`]).
+pub const SYS: &str = "/sys";
+
+/// The share of its blocks, in percent, taken for what ext4 keeps from every writer, the
+/// superuser included, where its own count cannot be read ([`Room::kept_from_all`]). Its
+/// reserved clusters (`s_resv_clusters`) are by default 2 % of its clusters or 4096 of them,
+/// whichever is fewer: never more than 2 % of the blocks, whatever the cluster size.
 pub const EXT4_KEPT_FROM_ALL_PERCENT: u64 = 2;
 
 /// What `statvfs` says of the room in a file system: its blocks (of [`Room::block`] bytes) and
@@ -43,6 +52,38 @@ pub struct Room {
     pub files_available: u64,
 }
 
+/// Who writes, as a file system sees it: which of its free blocks and inodes are theirs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    /// A writer to whom the file system gives nothing of what it keeps from others: those
+    /// free to an unprivileged writer (`f_bavail`, `f_favail`).
+    Other,
+    /// The superuser of an ext2, ext3 or ext4 file system: the free blocks and inodes
+    /// (`f_bfree`, `f_ffree`; ext4 keeps 5 % of its blocks for it by default) but the `kept`
+    /// blocks that ext4 keeps from every writer, itself included, and counts in `f_bfree` all
+    /// the same ([`Room::kept_from_all`]; read as its own, a full ext4 was never full to root).
+    Root {
+        /// Blocks counted free that no writer may use.
+        kept: u64,
+    },
+}
+
+impl Writer {
+    /// This process, writing in the file system holding `dir`, whose room is `room`:
+    /// [`Writer::Root`] where it is a superuser the file system keeps blocks for (its
+    /// effective uid 0, the file system ext2, ext3 or ext4, and uid 0 mapped to uid 0 in
+    /// `/proc/self/uid_map`: not a rootless container's), with what ext4 keeps from everyone
+    /// read under `sys` ([`SYS`]; a test gives a tree of its own), else [`Writer::Other`].
+    pub fn of(dir: &Path, room: &Room, sys: &Path) -> Writer {
+        if !(superuser() && keeps_for_this_process(dir)) {
+            return Writer::Other;
+        }
+        Writer::Root {
+            kept: room.kept_from_all(Reserve::of(dir, sys)),
+        }
+    }
+}
+
 impl Room {
     /// The room in the file system holding `dir`.
     pub fn of(dir: &Path) -> std::io::Result<Room> {
@@ -59,42 +100,139 @@ impl Room {
         })
     }
 
-    /// Bytes an unprivileged writer may still use; `None` where the file system counts no
-    /// blocks (`f_blocks` 0: a tmpfs mounted with `size=0`, some FUSE and virtual file
-    /// systems), whose room is unbounded or not known, not nil. Read as 0 bytes, such a file
-    /// system had the coordinator warn that it was running out of space every
-    /// [`WARN_AGAIN`], for ever.
-    pub fn available(&self) -> Option<u64> {
-        (self.blocks > 0).then(|| self.blocks_available.saturating_mul(self.block))
+    /// The blocks and the inodes left to `who`.
+    fn left(&self, who: Writer) -> (u64, u64) {
+        match who {
+            Writer::Other => (self.blocks_available, self.files_available),
+            Writer::Root { kept } => (self.blocks_free.saturating_sub(kept), self.files_free),
+        }
     }
 
-    /// Whether no block or no inode is left for a writer, the superuser of an ext2, ext3 or
-    /// ext4 file system when `root` (the caller tells: `store::space`). Such a superuser may
-    /// use the free blocks and inodes kept from others (`f_bfree` and `f_ffree`, not
-    /// `f_bavail` and `f_favail`; ext4 keeps 5 % of its blocks so by default), but not what
-    /// ext4 keeps from every writer, itself included, which `f_bfree` counts all the same
-    /// (its reserved clusters: 2 % of the blocks or 4096 clusters, whichever is fewer): the
-    /// superuser's room is what `f_bfree` says over 2 % of the blocks
-    /// ([`EXT4_KEPT_FROM_ALL_PERCENT`]; read as its own, a full ext4 was never full to root).
-    /// Only what the file system counts can run out: one that counts no inodes (0 of them, 0
-    /// free: btrfs, vfat, a tmpfs with `nr_inodes=0`) or no blocks (see [`Room::available`])
-    /// has none to run out of.
-    pub fn exhausted(&self, root: bool) -> bool {
-        let (blocks, files) = match root {
-            true => {
-                let kept = self.blocks.saturating_mul(EXT4_KEPT_FROM_ALL_PERCENT) / 100;
-                (self.blocks_free.saturating_sub(kept), self.files_free)
-            }
-            false => (self.blocks_available, self.files_available),
-        };
+    /// Bytes `who` may still use; `None` where the file system counts no blocks (`f_blocks`
+    /// 0: a tmpfs mounted with `size=0`, some FUSE and virtual file systems), whose room is
+    /// unbounded or not known, not nil. Read as 0 bytes, such a file system had the
+    /// coordinator warn that it was running out of space every [`WARN_AGAIN`], for ever.
+    pub fn available(&self, who: Writer) -> Option<u64> {
+        (self.blocks > 0).then(|| self.left(who).0.saturating_mul(self.block))
+    }
+
+    /// Whether no block or no inode is left to `who`. Only what the file system counts can
+    /// run out: one that counts no inodes (0 of them, 0 free: btrfs, vfat, a tmpfs with
+    /// `nr_inodes=0`) or no blocks (see [`Room::available`]) has none to run out of.
+    pub fn exhausted(&self, who: Writer) -> bool {
+        let (blocks, files) = self.left(who);
         (self.files > 0 && files == 0) || (self.blocks > 0 && blocks == 0)
+    }
+
+    /// The blocks that ext4 keeps from every writer of this file system, the superuser too:
+    /// its `reserve` where it was read ([`Reserve::of`]), else [`EXT4_KEPT_FROM_ALL_PERCENT`]
+    /// of the blocks. That fallback is never less than ext4 keeps by default, whatever its
+    /// cluster size, so that a disk full to root is still taken for full (an
+    /// `SQLITE_CANTOPEN` there waited on for room, as since 95b74fd), at the cost of taking
+    /// one with a little room for full too; it is more than ext4 keeps on any file system
+    /// over 800 MiB (4096 clusters of 4 KiB), and more than an ext2 or ext3 mounted by its
+    /// own driver keeps (none: those have no directory in `/sys/fs/ext4`).
+    pub fn kept_from_all(&self, reserve: Option<Reserve>) -> u64 {
+        match reserve {
+            Some(r) => r.blocks(self.block),
+            None => self.blocks.saturating_mul(EXT4_KEPT_FROM_ALL_PERCENT) / 100,
+        }
     }
 }
 
-/// Bytes an unprivileged writer may still use in the file system holding `dir`; `None` where
-/// it counts no blocks ([`Room::available`]).
+/// What ext4 keeps from every writer of a file system, as it says in sysfs: its reserved
+/// clusters, `/sys/fs/ext4/<device>/reserved_clusters` (`s_resv_clusters`; its `statfs`
+/// counts them in `f_bfree` and takes them out of `f_bavail`, and no allocation, the
+/// superuser's included, may use them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reserve {
+    /// Clusters kept.
+    pub clusters: u64,
+    /// The size of a cluster, in bytes, at most: the block size but with `bigalloc`, where a
+    /// cluster is 2^n blocks ([`cluster_bound`]).
+    pub cluster: u64,
+}
+
+impl Reserve {
+    /// The reserve of the file system holding `dir`, read under `sys` (sysfs's mount point:
+    /// [`SYS`]): the device of `dir` (`st_dev`) names the file system's directory there
+    /// ([`reserved_clusters`]), and the blocks charged to `dir` bound its cluster size. `None`
+    /// where either cannot be read (no sysfs, not ext4, a directory charged nothing).
+    pub fn of(dir: &Path, sys: &Path) -> Option<Reserve> {
+        let meta = std::fs::metadata(dir).ok()?;
+        Some(Reserve {
+            clusters: reserved_clusters(sys, meta.dev())?,
+            cluster: cluster_bound(meta.blocks())?,
+        })
+    }
+
+    /// The clusters kept, in blocks of `block` bytes (`f_frsize`: ext4's block size).
+    pub fn blocks(&self, block: u64) -> u64 {
+        let per_cluster = (self.cluster / block.max(1)).max(1);
+        self.clusters.saturating_mul(per_cluster)
+    }
+}
+
+/// The clusters ext4 keeps from every writer of the file system on device `dev` (an
+/// `st_dev`), as sysfs under `sys` says: `<sys>/dev/block/MAJOR:MINOR` is a link whose last
+/// component is the device's name (`sda1`, `dm-0`, `loop3`), which ext4 names its directory
+/// after (`<sys>/fs/ext4/<name>/reserved_clusters`, a count of clusters). `None` where any of
+/// it is missing or not a count.
+pub fn reserved_clusters(sys: &Path, dev: u64) -> Option<u64> {
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let link = std::fs::read_link(sys.join(format!("dev/block/{major}:{minor}"))).ok()?;
+    let name = link.file_name()?;
+    let path = sys.join("fs/ext4").join(name).join("reserved_clusters");
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The largest cluster size, in bytes, that a file charged `sectors` (`st_blocks`, 512 bytes
+/// each) allows: ext4 charges whole clusters (blocks, but with `bigalloc`), so the bytes
+/// charged are a multiple of its cluster size, a power of two. A directory of one block or
+/// cluster, as the data directory is, gives the size itself; a larger one may give more (more
+/// taken for kept: a disk with a little room taken for full, not the other way). `None` for
+/// a file charged nothing (a directory kept in its inode, `inline_data`).
+pub fn cluster_bound(sectors: u64) -> Option<u64> {
+    let bytes = sectors.checked_mul(512).filter(|&b| b > 0)?;
+    Some(1 << bytes.trailing_zeros())
+}
+
+/// Whether this process runs as the superuser (its effective uid 0), which may use what a
+/// file system keeps from others.
+fn superuser() -> bool {
+    // SAFETY: geteuid takes nothing, touches no memory of the caller's and cannot fail.
+    unsafe { nix::libc::geteuid() == 0 }
+}
+
+/// Whether what the file system holding `dir` keeps from others (`f_bfree` over `f_bavail`)
+/// is this process's, its superuser's ([`keeps_for`]).
+fn keeps_for_this_process(dir: &Path) -> bool {
+    let Ok(fs) = nix::sys::statfs::statfs(dir) else {
+        return false;
+    };
+    let uid_map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+    keeps_for(fs.filesystem_type(), &uid_map)
+}
+
+/// Whether a superuser whose user namespace maps its ids as `uid_map` says
+/// (`/proc/self/uid_map`) may use what a file system of type `fs` keeps from others. Only
+/// ext2, ext3 and ext4 keep blocks for the superuser (one magic number for the three): on
+/// btrfs `f_bfree` over `f_bavail` is room no one may write (metadata's, RAID's), and read as
+/// root's a full btrfs was not full. And only the superuser of the first user namespace is
+/// theirs (uid 0 mapped to uid 0): uid 0 in a rootless container is another user to the file
+/// system, for which a disk full to others is full.
+fn keeps_for(fs: nix::sys::statfs::FsType, uid_map: &str) -> bool {
+    let root_outside = uid_map.lines().any(|l| {
+        let ids: Vec<&str> = l.split_whitespace().collect();
+        matches!(ids.as_slice(), ["0", "0", count] if count.parse::<u64>().is_ok_and(|n| n > 0))
+    });
+    fs == nix::sys::statfs::EXT4_SUPER_MAGIC && root_outside
+}
+
+/// Bytes this process may still write in the file system holding `dir` ([`Writer::of`]);
+/// `None` where it counts no blocks ([`Room::available`]).
 pub fn available(dir: &Path) -> std::io::Result<Option<u64>> {
-    Room::of(dir).map(|r| r.available())
+    Room::of(dir).map(|r| r.available(Writer::of(dir, &r, Path::new(SYS))))
 }
 
 /// What a look at the free space asks to say.
@@ -158,15 +296,23 @@ pub async fn watch(dir: PathBuf, stop: CancellationToken) {
     }
 }
 
-/// One look at the free space: sets the gauge and says what `w` asks to. A failed read (the
+/// One look at the free space: sets the gauge and says what `w` asks to. The bytes are this
+/// process's ([`Writer::of`]), as the store's reading of a failed open counts them: running as
+/// root on ext2/3/4, the blocks kept for the superuser are room (the unprivileged count warned
+/// while root still had them), less what ext4 keeps from everyone. A failed read (the
 /// directory removed, its file system gone) sets the gauge to NaN, not to the last value
 /// read, which would keep an alert on it quiet while nothing is known; it is said once
 /// until a read succeeds again (`failed`). So does a file system that counts no blocks
 /// ([`Room::available`]), not the 0 that `statvfs` says of its free blocks, which would fire
 /// an alert on it for ever; it is said once at `info`.
 fn look(dir: &Path, w: &mut Watch, failed: &mut bool) {
+    look_as(dir, |room| Writer::of(dir, room, Path::new(SYS)), w, failed);
+}
+
+/// [`look`], the room counted being `who`'s.
+fn look_as(dir: &Path, who: impl FnOnce(&Room) -> Writer, w: &mut Watch, failed: &mut bool) {
     let gauge = metrics::gauge!(crate::metrics::DATA_DIR_AVAILABLE);
-    match available(dir) {
+    match Room::of(dir).map(|room| room.available(who(&room))) {
         Ok(Some(bytes)) => {
             // A later failure is said again.
             *failed = false;
@@ -209,6 +355,12 @@ fn look(dir: &Path, w: &mut Watch, failed: &mut bool) {
 mod tests {
     use super::*;
 
+    /// A writer that is not the superuser.
+    const USER: Writer = Writer::Other;
+    /// The superuser of an ext4 of 1000 blocks: 2 % of them kept from everyone, as ext4 keeps
+    /// by default on one so small.
+    const ROOT: Writer = Writer::Root { kept: 20 };
+
     #[test]
     fn low_space_is_said_once_then_again_after_a_while_and_its_end_once() {
         let mut w = Watch::default();
@@ -244,21 +396,21 @@ mod tests {
             files_free: 5,
             files_available: 5,
         };
-        assert_eq!(counted.available(), Some(10 * 4096));
-        assert!(!counted.exhausted(false));
+        assert_eq!(counted.available(USER), Some(10 * 4096));
+        assert!(!counted.exhausted(USER));
         assert!(
             Room {
                 blocks_available: 0,
                 ..counted
             }
-            .exhausted(false)
+            .exhausted(USER)
         );
         assert!(
             Room {
                 files_available: 0,
                 ..counted
             }
-            .exhausted(false)
+            .exhausted(USER)
         );
         let no_blocks = Room {
             blocks: 0,
@@ -266,21 +418,21 @@ mod tests {
             blocks_available: 0,
             ..counted
         };
-        assert_eq!(no_blocks.available(), None, "not known, not 0");
-        assert!(!no_blocks.exhausted(false));
+        assert_eq!(no_blocks.available(USER), None, "not known, not 0");
+        assert!(!no_blocks.exhausted(USER));
         let no_inodes = Room {
             files: 0,
             files_free: 0,
             files_available: 0,
             ..counted
         };
-        assert!(!no_inodes.exhausted(false));
+        assert!(!no_inodes.exhausted(USER));
         assert!(
             !Room {
                 files: 0,
                 ..no_blocks
             }
-            .exhausted(false)
+            .exhausted(USER)
         );
         // As root too, with blocks to spare over the 2 % ext4 keeps from everyone.
         let no_inodes = Room {
@@ -288,7 +440,7 @@ mod tests {
             blocks_available: 100,
             ..no_inodes
         };
-        for root in [false, true] {
+        for root in [USER, ROOT] {
             assert!(!no_blocks.exhausted(root) && !no_inodes.exhausted(root));
         }
 
@@ -309,10 +461,10 @@ mod tests {
     }
 
     /// ext4 counts in `f_bfree` the clusters it keeps from every writer, the superuser too (2 %
-    /// of its blocks, or 4096 clusters): full to root, it still says some free (4096 blocks of
-    /// a 1,000,000, or 2 % of a small one). Those read as root's room, a full disk was not
+    /// of its clusters, or 4096 of them): full to root, it still says some free (4096 blocks
+    /// of a 1,000,000, or 2 % of a small one). Those read as root's room, a full disk was not
     /// full to a coordinator running as root, and a database it could not open for want of
-    /// room was refused instead of waited on.
+    /// room was refused instead of waited on. So it is, what ext4 says it keeps read or not.
     #[test]
     fn the_superuser_has_no_room_in_what_ext4_keeps_from_everyone() {
         let full = Room {
@@ -324,20 +476,248 @@ mod tests {
             files_free: 10,
             files_available: 10,
         };
-        assert!(full.exhausted(true), "full to root");
+        let of_4k = |clusters| Reserve {
+            clusters,
+            cluster: 4096,
+        };
+        let root = |room: &Room, reserve| Writer::Root {
+            kept: room.kept_from_all(reserve),
+        };
+        for reserve in [Some(of_4k(4096)), None] {
+            assert!(full.exhausted(root(&full, reserve)), "full to root");
+        }
         let small = Room {
             blocks: 10_000,
             blocks_free: 200,
             ..full
         };
-        assert!(small.exhausted(true), "2 % kept");
+        for reserve in [Some(of_4k(200)), None] {
+            assert!(small.exhausted(root(&small, reserve)), "2 % kept");
+        }
         // Beyond what it keeps from everyone, the superuser's own reserve is room.
         let kept_for_root = Room {
             blocks_free: 50_000,
             ..full
         };
-        assert!(kept_for_root.exhausted(false));
-        assert!(!kept_for_root.exhausted(true));
+        assert!(kept_for_root.exhausted(USER));
+        for reserve in [Some(of_4k(4096)), None] {
+            assert!(!kept_for_root.exhausted(root(&kept_for_root, reserve)));
+        }
+    }
+
+    /// On a large ext4, what it keeps from every writer is 4096 clusters (16 MiB of 4 KiB),
+    /// not 2 % of it (20 GB of a 1 TB disk): read as 2 %, a disk with less than that free to
+    /// root was taken for full, and a coordinator running as root waited for room on an
+    /// `SQLITE_CANTOPEN` of another cause instead of exiting with SQLite's error, and warned
+    /// of low space with gigabytes to spare. Read from sysfs, root's room is what `f_bfree`
+    /// says over those clusters, in blocks (of 16 with `bigalloc`'s 64 KiB clusters).
+    #[test]
+    fn a_large_ext4_keeps_from_root_only_its_reserved_clusters() {
+        let tb = Room {
+            blocks: 268_435_456, // 1 TiB of 4 KiB
+            blocks_free: 1_000_000,
+            blocks_available: 0,
+            block: 4096,
+            files: 1000,
+            files_free: 10,
+            files_available: 10,
+        };
+        let reserve = Reserve {
+            clusters: 4096,
+            cluster: 4096,
+        };
+        let root = Writer::Root {
+            kept: tb.kept_from_all(Some(reserve)),
+        };
+        assert_eq!(root, Writer::Root { kept: 4096 });
+        assert!(!tb.exhausted(root), "under 2 % free, but room for root");
+        assert_eq!(tb.available(root), Some((1_000_000 - 4096) * 4096));
+        assert!(tb.exhausted(USER));
+        // Full to root: only the reserved clusters are free.
+        let full = Room {
+            blocks_free: 4096,
+            ..tb
+        };
+        assert!(full.exhausted(root));
+        assert_eq!(full.available(root), Some(0));
+        // bigalloc: 81 clusters of 64 KiB kept (2 % of a 1 GiB one's), 16 blocks each.
+        let bigalloc = Reserve {
+            clusters: 81,
+            cluster: 65536,
+        };
+        assert_eq!(bigalloc.blocks(4096), 81 * 16);
+        let full_bigalloc = Room {
+            blocks_free: 81 * 16,
+            ..tb
+        };
+        let root = Writer::Root {
+            kept: tb.kept_from_all(Some(bigalloc)),
+        };
+        assert!(full_bigalloc.exhausted(root), "full to root");
+        // Not read: 2 % of the blocks, as before (a disk with little room taken for full).
+        let fallback = Writer::Root {
+            kept: tb.kept_from_all(None),
+        };
+        assert_eq!(fallback, Writer::Root { kept: 5_368_709 });
+        assert!(tb.exhausted(fallback));
+    }
+
+    /// The reserve is read from sysfs: the device's number names its directory
+    /// (`dev/block/MAJ:MIN`, a link whose last component is the device's name), and
+    /// `fs/ext4/<name>/reserved_clusters` says how many clusters are kept. Anything missing
+    /// or not a count: not read.
+    #[test]
+    fn the_reserved_clusters_are_read_from_sysfs_through_the_device_name() {
+        let sys = tempfile::tempdir().expect("tempdir");
+        let sys = sys.path();
+        let link = |dev: &str, to: &str| {
+            std::fs::create_dir_all(sys.join("dev/block")).expect("mkdir");
+            std::os::unix::fs::symlink(to, sys.join("dev/block").join(dev)).expect("symlink");
+        };
+        let ext4 = |name: &str, text: &str| {
+            let dir = sys.join("fs/ext4").join(name);
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            std::fs::write(dir.join("reserved_clusters"), text).expect("write");
+        };
+        let dev = nix::sys::stat::makedev;
+        link("7:3", "../../devices/virtual/block/loop3");
+        ext4("loop3", "1310\n");
+        link(
+            "259:5",
+            "../../devices/pci0000:00/0000:00:04.0/nvme/nvme0/nvme0n1/nvme0n1p2",
+        );
+        ext4("nvme0n1p2", "4096\n");
+        ext4("nvme0n1", "7\n");
+        link("253:0", "../../devices/virtual/block/dm-0");
+        ext4("dm-0", "many\n");
+        link("8:1", "../../devices/pci0000:00/block/sda/sda1");
+        assert_eq!(reserved_clusters(sys, dev(7, 3)), Some(1310));
+        assert_eq!(
+            reserved_clusters(sys, dev(259, 5)),
+            Some(4096),
+            "a partition: its own name, not its disk's"
+        );
+        assert_eq!(reserved_clusters(sys, dev(253, 0)), None, "not a count");
+        assert_eq!(reserved_clusters(sys, dev(8, 1)), None, "not ext4's");
+        assert_eq!(reserved_clusters(sys, dev(7, 4)), None, "no such device");
+        assert_eq!(
+            reserved_clusters(Path::new("/nonexistent-sys-of-tether"), dev(7, 3)),
+            None,
+            "no sysfs"
+        );
+    }
+
+    /// The cluster size is not in sysfs; ext4 charges whole clusters to every file, so the
+    /// bytes charged to the data directory bound it: exactly for one of a block or a cluster,
+    /// from above (more kept, never less) for a larger one.
+    #[test]
+    fn the_cluster_size_is_bound_by_what_a_directory_is_charged() {
+        assert_eq!(cluster_bound(8), Some(4096), "one 4 KiB block");
+        assert_eq!(cluster_bound(2), Some(1024), "one 1 KiB block");
+        assert_eq!(cluster_bound(128), Some(65536), "one 64 KiB cluster");
+        assert_eq!(cluster_bound(3 * 8), Some(4096), "three 4 KiB blocks");
+        assert_eq!(cluster_bound(2 * 8), Some(8192), "two: at most 8 KiB");
+        assert_eq!(cluster_bound(0), None, "kept in its inode");
+        let reserve = |cluster| Reserve {
+            clusters: 100,
+            cluster,
+        };
+        assert_eq!(reserve(4096).blocks(4096), 100);
+        assert_eq!(reserve(1024).blocks(1024), 100);
+        assert_eq!(reserve(65536).blocks(4096), 1600);
+        assert_eq!(reserve(1024).blocks(4096), 100, "never under a block");
+    }
+
+    /// Through a real directory: its device's number leads to the fake tree's entry, and the
+    /// blocks charged to it bound the cluster (a tmpfs charges a directory nothing: not read).
+    #[test]
+    fn the_reserve_of_a_real_directory_is_read_through_its_device() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sys = tempfile::tempdir().expect("tempdir");
+        let meta = std::fs::metadata(dir.path()).expect("stat");
+        let (major, minor) = (
+            nix::sys::stat::major(meta.dev()),
+            nix::sys::stat::minor(meta.dev()),
+        );
+        std::fs::create_dir_all(sys.path().join("dev/block")).expect("mkdir");
+        std::os::unix::fs::symlink(
+            "../../devices/virtual/block/tether-test0",
+            sys.path().join(format!("dev/block/{major}:{minor}")),
+        )
+        .expect("symlink");
+        let ext4 = sys.path().join("fs/ext4/tether-test0");
+        std::fs::create_dir_all(&ext4).expect("mkdir");
+        std::fs::write(ext4.join("reserved_clusters"), "77\n").expect("write");
+        let read = Reserve::of(dir.path(), sys.path());
+        match cluster_bound(meta.blocks()) {
+            Some(cluster) => assert_eq!(
+                read,
+                Some(Reserve {
+                    clusters: 77,
+                    cluster
+                })
+            ),
+            None => assert_eq!(read, None),
+        }
+        assert_eq!(Reserve::of(&dir.path().join("missing"), sys.path()), None);
+    }
+
+    /// The watcher counts the room as the store does, this process's: as root on ext4 the
+    /// blocks kept for the superuser, less what ext4 keeps from everyone. It read the
+    /// unprivileged count, and warned of low space (and showed it in the gauge) while root
+    /// still had room; here root's room is nil where others have some, and it is that the
+    /// gauge shows and the warning says.
+    #[test]
+    fn the_watcher_counts_the_room_of_the_writer_the_coordinator_is() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gauge = || {
+            let text = handle.render();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(crate::metrics::DATA_DIR_AVAILABLE))
+                .map(str::to_owned);
+            let value = line
+                .expect("the gauge")
+                .rsplit(' ')
+                .next()
+                .map(str::to_owned);
+            value.expect("a value").parse::<f64>().expect("a number")
+        };
+        let (mut w, mut failed) = (Watch::default(), false);
+        metrics::with_local_recorder(&recorder, || {
+            look_as(dir.path(), |_| Writer::Other, &mut w, &mut failed)
+        });
+        assert!(gauge() > 0.0, "others have room");
+        let mut asked = 0;
+        let nil = |room: &Room| {
+            asked += 1;
+            Writer::Root {
+                kept: room.blocks_free,
+            }
+        };
+        metrics::with_local_recorder(&recorder, || look_as(dir.path(), nil, &mut w, &mut failed));
+        assert_eq!(asked, 1, "the writer is asked for at each look");
+        assert_eq!(gauge(), 0.0, "root's room shown");
+        assert!(w.warned.is_some(), "low space said");
+        assert!(!failed);
+    }
+
+    /// The writer of this process: the superuser's room only for the superuser of an ext2/3/4,
+    /// then with what ext4 keeps read where it can be.
+    #[test]
+    fn this_process_is_root_only_where_the_file_system_keeps_room_for_it() {
+        let dir = std::env::temp_dir();
+        let room = Room::of(&dir).expect("statvfs");
+        let sys = tempfile::tempdir().expect("tempdir");
+        match Writer::of(&dir, &room, sys.path()) {
+            Writer::Other => assert!(!(superuser() && keeps_for_this_process(&dir))),
+            Writer::Root { kept } => {
+                assert!(superuser() && keeps_for_this_process(&dir));
+                assert_eq!(kept, room.kept_from_all(None), "no sysfs: 2 %");
+            }
+        }
     }
 
     /// On ext4 the superuser may still use the blocks (and inodes) kept from others: with
@@ -355,29 +735,29 @@ mod tests {
             files_free: 5,
             files_available: 5,
         };
-        assert!(room.exhausted(false), "none for others");
-        assert!(!room.exhausted(true), "the reserved blocks are root's");
+        assert!(room.exhausted(USER), "none for others");
+        assert!(!room.exhausted(ROOT), "the reserved blocks are root's");
         let inodes = Room {
             blocks_available: 10,
             files_free: 3,
             files_available: 0,
             ..room
         };
-        assert!(inodes.exhausted(false));
-        assert!(!inodes.exhausted(true));
+        assert!(inodes.exhausted(USER));
+        assert!(!inodes.exhausted(ROOT));
         // None free at all: full for everyone.
-        for root in [false, true] {
+        for root in [USER, ROOT] {
             let full = Room {
                 blocks_free: 0,
                 ..room
             };
-            assert!(full.exhausted(root), "root {root}");
+            assert!(full.exhausted(root), "{root:?}");
             let no_inode = Room {
                 files_free: 0,
                 files_available: 0,
                 ..inodes
             };
-            assert!(no_inode.exhausted(root), "root {root}");
+            assert!(no_inode.exhausted(root), "{root:?}");
         }
         // A tmpfs (as in the disk_full tests): free and available are the same.
         let tmpfs = Room {
@@ -385,7 +765,7 @@ mod tests {
             blocks_available: 0,
             ..room
         };
-        assert!(tmpfs.exhausted(false) && tmpfs.exhausted(true));
+        assert!(tmpfs.exhausted(USER) && tmpfs.exhausted(ROOT));
     }
 
     /// The gauge follows each look; one that fails makes it NaN (unknown), not the last
@@ -424,5 +804,45 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         assert!(available(dir.path()).expect("statvfs").expect("counted") > 0);
         assert!(available(&dir.path().join("missing")).is_err());
+    }
+
+    /// The room kept for the superuser is counted for this process when its effective uid
+    /// (the second of `/proc/self/status`'s `Uid:`) is 0 (the tests above try the decision).
+    #[test]
+    fn the_superuser_is_a_process_whose_effective_uid_is_0() {
+        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+        let euid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            .expect("an effective uid");
+        assert_eq!(superuser(), euid == "0", "euid {euid}");
+    }
+
+    /// The blocks a file system keeps from others are a superuser's only on ext2, ext3 and
+    /// ext4, and only the first user namespace's: btrfs's are no one's (its `f_bfree` over
+    /// `f_bavail` is metadata's), and uid 0 of a rootless container is another user to the
+    /// file system. Taken for room, a disk full to such a root was not full, and a database
+    /// it could not open for want of room was refused instead of waited on.
+    #[test]
+    fn only_ext4_keeps_room_for_the_superuser_of_the_first_user_namespace() {
+        use nix::sys::statfs::{BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, TMPFS_MAGIC};
+        let first = "         0          0 4294967295\n";
+        assert!(keeps_for(EXT4_SUPER_MAGIC, first));
+        assert!(!keeps_for(BTRFS_SUPER_MAGIC, first), "btrfs");
+        assert!(!keeps_for(TMPFS_MAGIC, first), "tmpfs");
+        let rootless = "         0       1000          1\n         1     100000      65536\n";
+        assert!(
+            !keeps_for(EXT4_SUPER_MAGIC, rootless),
+            "a rootless container"
+        );
+        assert!(!keeps_for(EXT4_SUPER_MAGIC, ""), "no map read");
+        // This process: on the file system its directory is on, as its map says.
+        let dir = std::env::temp_dir();
+        let fs = nix::sys::statfs::statfs(&dir)
+            .expect("statfs")
+            .filesystem_type();
+        let map = std::fs::read_to_string("/proc/self/uid_map").expect("uid_map");
+        assert_eq!(keeps_for_this_process(&dir), keeps_for(fs, &map));
     }
 }

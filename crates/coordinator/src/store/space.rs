@@ -153,49 +153,17 @@ pub(super) fn cannot_open_for_space(db: &Path, e: StoreError) -> StoreError {
 /// Whether the file system holding `dir` has no inode or no block left for this process
 /// ([`crate::disk::Room::exhausted`]: only what the file system counts can run out; running
 /// as root on ext2, ext3 or ext4, the blocks and inodes kept for the superuser count, which
-/// others may not use, [`keeps_for_this_process`]). A file system full to others (ext4 keeps
-/// 5 % of its blocks for root) was taken for full for a coordinator running as root, and a
-/// database it could not open for another reason was waited on for room instead of refused
-/// with SQLite's error. A file
-/// system that counts no inodes (statvfs says 0 of them, 0 free: btrfs, vfat, a tmpfs
-/// without `nr_inodes`) or no blocks (a tmpfs without `size`) was taken for full, and every
-/// file SQLite could not open there, for whatever reason, was waited on as a full disk for
-/// ever instead of refused.
+/// others may not use, but not what ext4 keeps from everyone: [`crate::disk::Writer::of`], as
+/// the free-space watcher counts them). A file system full to others (ext4 keeps 5 % of its
+/// blocks for root) was taken for full for a coordinator running as root, and a database it
+/// could not open for another reason was waited on for room instead of refused with SQLite's
+/// error. A file system that counts no inodes (statvfs says 0 of them, 0 free: btrfs, vfat, a
+/// tmpfs without `nr_inodes`) or no blocks (a tmpfs without `size`) was taken for full, and
+/// every file SQLite could not open there, for whatever reason, was waited on as a full disk
+/// for ever instead of refused.
 fn no_room(dir: &Path) -> bool {
-    let root = superuser() && keeps_for_this_process(dir);
-    crate::disk::Room::of(dir).is_ok_and(|r| r.exhausted(root))
-}
-
-/// Whether this process runs as the superuser (its effective uid 0), which may use what a
-/// file system keeps from others.
-fn superuser() -> bool {
-    // SAFETY: geteuid takes nothing, touches no memory of the caller's and cannot fail.
-    unsafe { nix::libc::geteuid() == 0 }
-}
-
-/// Whether what the file system holding `dir` keeps from others (`f_bfree` over `f_bavail`)
-/// is this process's, its superuser's ([`keeps_for`]).
-fn keeps_for_this_process(dir: &Path) -> bool {
-    let Ok(fs) = nix::sys::statfs::statfs(dir) else {
-        return false;
-    };
-    let uid_map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
-    keeps_for(fs.filesystem_type(), &uid_map)
-}
-
-/// Whether a superuser whose user namespace maps its ids as `uid_map` says
-/// (`/proc/self/uid_map`) may use what a file system of type `fs` keeps from others. Only
-/// ext2, ext3 and ext4 keep blocks for the superuser (one magic number for the three): on
-/// btrfs `f_bfree` over `f_bavail` is room no one may write (metadata's, RAID's), and read as
-/// root's a full btrfs was not full. And only the superuser of the first user namespace is
-/// theirs (uid 0 mapped to uid 0): uid 0 in a rootless container is another user to the file
-/// system, for which a disk full to others is full.
-fn keeps_for(fs: nix::sys::statfs::FsType, uid_map: &str) -> bool {
-    let root_outside = uid_map.lines().any(|l| {
-        let ids: Vec<&str> = l.split_whitespace().collect();
-        matches!(ids.as_slice(), ["0", "0", count] if count.parse::<u64>().is_ok_and(|n| n > 0))
-    });
-    fs == nix::sys::statfs::EXT4_SUPER_MAGIC && root_outside
+    use crate::disk::{Room, SYS, Writer};
+    Room::of(dir).is_ok_and(|r| r.exhausted(Writer::of(dir, &r, Path::new(SYS))))
 }
 
 /// What waits for space: what the log says of it.
@@ -402,46 +370,6 @@ pub(super) mod full {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The room kept for the superuser is counted for this process when its effective uid
-    /// (the second of `/proc/self/status`'s `Uid:`) is 0 (`disk::tests` tries the decision).
-    #[test]
-    fn the_superuser_is_a_process_whose_effective_uid_is_0() {
-        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-        let euid = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|ids| ids.split_whitespace().nth(1))
-            .expect("an effective uid");
-        assert_eq!(superuser(), euid == "0", "euid {euid}");
-    }
-
-    /// The blocks a file system keeps from others are a superuser's only on ext2, ext3 and
-    /// ext4, and only the first user namespace's: btrfs's are no one's (its `f_bfree` over
-    /// `f_bavail` is metadata's), and uid 0 of a rootless container is another user to the
-    /// file system. Taken for room, a disk full to such a root was not full, and a database
-    /// it could not open for want of room was refused instead of waited on.
-    #[test]
-    fn only_ext4_keeps_room_for_the_superuser_of_the_first_user_namespace() {
-        use nix::sys::statfs::{BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, TMPFS_MAGIC};
-        let first = "         0          0 4294967295\n";
-        assert!(keeps_for(EXT4_SUPER_MAGIC, first));
-        assert!(!keeps_for(BTRFS_SUPER_MAGIC, first), "btrfs");
-        assert!(!keeps_for(TMPFS_MAGIC, first), "tmpfs");
-        let rootless = "         0       1000          1\n         1     100000      65536\n";
-        assert!(
-            !keeps_for(EXT4_SUPER_MAGIC, rootless),
-            "a rootless container"
-        );
-        assert!(!keeps_for(EXT4_SUPER_MAGIC, ""), "no map read");
-        // This process: on the file system its directory is on, as its map says.
-        let dir = std::env::temp_dir();
-        let fs = nix::sys::statfs::statfs(&dir)
-            .expect("statfs")
-            .filesystem_type();
-        let map = std::fs::read_to_string("/proc/self/uid_map").expect("uid_map");
-        assert_eq!(keeps_for_this_process(&dir), keeps_for(fs, &map));
-    }
 
     #[test]
     fn out_of_space_is_a_full_disk_or_a_quota_and_nothing_else() {
