@@ -12,6 +12,7 @@
 //! does its wait for its `registration_ack` (pinged while a commit holds the ack up).
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -187,6 +188,11 @@ struct Inbound {
     /// The largest frame the worker takes, as its registration said (the protocol's default
     /// when none did; as the core keeps it in [`SessionRef::max_frame`]).
     max_frame: usize,
+    /// The worker's liveness timeout as its registration stated it, ms (at least
+    /// `MIN_STATED_TIMEOUT_MS`, `Registration::label_problem`; saturated at 49 days, far past
+    /// any heartbeat interval); none from an older worker. In 4 bytes, not a `Duration`'s 16:
+    /// every idle session keeps it.
+    stated_ms: Option<NonZeroU32>,
 }
 
 impl Inbound {
@@ -196,6 +202,7 @@ impl Inbound {
             batch: false,
             beat,
             max_frame: tether_proto::codec::DEFAULT_MAX_FRAME,
+            stated_ms: None,
         }
     }
 
@@ -204,6 +211,38 @@ impl Inbound {
         self.batch = app.cfg.batching && r.batching;
         if let Some(n) = r.max_frame {
             self.max_frame = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        // INVARIANT: at least `MIN_STATED_TIMEOUT_MS` when stated (a registration stating less
+        // was refused, `registration_refusal`): a keepalive period of 0 would ping without end.
+        self.stated_ms = r
+            .heartbeat_timeout_ms
+            .map(|ms| u32::try_from(ms).unwrap_or(u32::MAX))
+            .and_then(NonZeroU32::new);
+    }
+
+    /// The period of the session's keepalive pings: its heartbeat interval, or a
+    /// [`PINGS_PER_TIMEOUT`]th of the timeout its worker stated when that is shorter; for a
+    /// worker that stated none, at most [`KEEPALIVE_EVERY`].
+    fn keepalive(&self) -> Duration {
+        match self.stated_ms {
+            Some(ms) => {
+                let stated = Duration::from_millis(u64::from(ms.get()));
+                self.beat.interval.min(stated / PINGS_PER_TIMEOUT)
+            }
+            None => self.beat.interval.min(KEEPALIVE_EVERY),
+        }
+    }
+
+    /// How long a commit holds the session's `registration_ack` up before its worker is
+    /// pinged ([`awaiting_ack`]): a heartbeat interval, or one keepalive period for a worker
+    /// that stated its timeout. Its first ping then comes within two periods of the hold's
+    /// start (the hold is seen at a keepalive tick), two thirds of its timeout; a worker whose
+    /// timeout is shorter than the coordinator's heartbeat interval gave up before the first
+    /// ping.
+    fn ping_after(&self) -> Duration {
+        match self.stated_ms {
+            Some(_) => self.keepalive(),
+            None => self.beat.interval,
         }
     }
 
@@ -385,7 +424,7 @@ async fn handshake(
             let wait: Wait<'_> = Box::pin(async move {
                 let _ = events.send(connected).await;
             });
-            core_wait(wait, out, agreed.beat, &app.counters).await;
+            core_wait(wait, out, agreed, &app.counters).await;
         }
     }
     out.stall = agreed.beat.timeout;
@@ -451,7 +490,7 @@ fn run(
         // only when the timer fires at a deadline that has since moved on is it set again (a timer
         // made per frame was registered and cancelled in the timer wheel twice a frame). Until
         // the core's first message it also times the keepalives of `awaiting_ack`.
-        let liveness = tokio::time::sleep_until(Instant::now() + keepalive_every(agreed.beat));
+        let liveness = tokio::time::sleep_until(Instant::now() + agreed.keepalive());
         tokio::pin!(liveness);
         // The connection's bytes read at the last frame read (of any kind), or at the last
         // keepalive (see `frame_arriving`).
@@ -463,7 +502,7 @@ fn run(
             // session stays within a frame's replies of the bound.
             let backlog = rx.len() > MAX_BACKLOG;
             tokio::select! {
-                read = frame_arriving(&out.entry, read_seen, deadline, agreed.beat) => {
+                read = frame_arriving(&out.entry, read_seen, deadline, agreed) => {
                     // A frame longer than the link carries in a heartbeat interval is arriving
                     // (a checkpoint's piece on a slow link): the worker is alive, and its
                     // heartbeats wait behind that frame, so it hears nothing to answer them.
@@ -486,9 +525,9 @@ fn run(
                 () = &mut liveness => {
                     if awaiting {
                         // Boxed: a rare path, whose write state inline would size every idle session.
-                        match Box::pin(awaiting_ack(&mut out, &mut deadline, &mut pinged, agreed.beat, &app)).await {
+                        match Box::pin(awaiting_ack(&mut out, &mut deadline, &mut pinged, agreed, &app)).await {
                             Awaited::Kept => {
-                                liveness.as_mut().reset(Instant::now() + keepalive_every(agreed.beat));
+                                liveness.as_mut().reset(Instant::now() + agreed.keepalive());
                                 continue;
                             }
                             Awaited::Failed => break ("error", "write failed".into()),
@@ -628,7 +667,7 @@ fn run(
                     // per frame, not a licence to send more.
                     pace.charge_messages(messages.saturating_sub(1), &app.cfg.limits);
                     if let Some(wait) = wait {
-                        if !Box::pin(core_wait(wait, &mut out, agreed.beat, &app.counters)).await {
+                        if !Box::pin(core_wait(wait, &mut out, agreed, &app.counters)).await {
                             break ("error", "write failed".into());
                         }
                         // The wait was the coordinator's slowness, not the worker's silence: the
@@ -707,16 +746,21 @@ fn count_slow_write(c: &Counters, before: Instant, after: Instant) {
     }
 }
 
-/// How often, at most, a worker whose frame is still arriving is pinged: every heartbeat
-/// interval of the session, but no less often than this. A worker may beat faster than the
-/// coordinator and time out sooner (its timeout is its own), and never says by how much.
+/// How often, at most, a worker kept waiting (its `registration_ack` behind a held commit, its
+/// frames unread behind a busy core, a frame of it still arriving) is pinged when its
+/// registration stated no liveness timeout (an older worker): every heartbeat interval of the
+/// session, but no less often than this. Such a worker may beat faster than the coordinator
+/// and time out sooner (its timeout is its own), and never says by how much. A worker that
+/// states it is pinged by it ([`PINGS_PER_TIMEOUT`]): 10,000 workers waiting behind a commit
+/// held up for want of disk took 40,000 pings a second at this period; at a third of the Rust
+/// worker's 15 s timeout (bounded by the default 5 s interval), 2,000.
 const KEEPALIVE_EVERY: Duration = Duration::from_millis(250);
 
-/// The period of a session's keepalive pings: its heartbeat interval, at most
-/// [`KEEPALIVE_EVERY`].
-fn keepalive_every(beat: Beat) -> Duration {
-    beat.interval.min(KEEPALIVE_EVERY)
-}
+/// Keepalive periods in a worker's stated liveness timeout (the period is a third of it): after
+/// any frame the worker takes, two more pings are due before its deadline, the second a third
+/// of its timeout early, so one ping lost or held up (behind a write into a slow link, a timer
+/// late on a loaded host) still leaves the worker alive. At a half, one late ping ended it.
+const PINGS_PER_TIMEOUT: u32 = 3;
 
 /// What a keepalive period of a session awaiting its `registration_ack` found.
 enum Awaited {
@@ -744,13 +788,14 @@ async fn awaiting_ack(
     out: &mut Tx,
     deadline: &mut Instant,
     pinged: &mut bool,
-    beat: Beat,
+    agreed: Inbound,
     app: &AppState,
 ) -> Awaited {
+    let beat = agreed.beat;
     let held = app
         .store_stats
         .held_for()
-        .is_some_and(|h| h >= beat.interval);
+        .is_some_and(|h| h >= agreed.ping_after());
     if !held {
         *pinged = false;
         *deadline = (*deadline).max(Instant::now() + beat.timeout);
@@ -773,14 +818,14 @@ async fn awaiting_ack(
 }
 
 /// Waits for the core to take a session's events (`wait`: its queue was full), pinging the
-/// worker every heartbeat interval of the session, at most [`KEEPALIVE_EVERY`], meanwhile. The
+/// worker every keepalive period of the session ([`Inbound::keepalive`]) meanwhile. The
 /// session reads nothing while it waits, so the worker's heartbeats go unanswered; without the
 /// pings a core held up for longer than the worker's timeout (a store out of space, its queue
 /// backed up to every session) had every worker take its coordinator for dead, reconnect, and
 /// wait again at registration. False when a ping could not be written: the session is over,
 /// once the core has taken what was read (the events are the worker's, and whole).
-async fn core_wait(wait: Wait<'_>, out: &mut Tx, beat: Beat, counters: &Counters) -> bool {
-    let every = keepalive_every(beat);
+async fn core_wait(wait: Wait<'_>, out: &mut Tx, agreed: Inbound, counters: &Counters) -> bool {
+    let (every, beat) = (agreed.keepalive(), agreed.beat);
     let mut wait = wait;
     let mut pinging = true;
     let mut next = Instant::now() + every;
@@ -799,7 +844,7 @@ async fn core_wait(wait: Wait<'_>, out: &mut Tx, beat: Beat, counters: &Counters
 
 /// Ready with the connection's count of bytes read once bytes came since `read_seen` (the
 /// count at the worker's last frame, or at the last keepalive) and no frame has completed for
-/// a heartbeat interval, at most [`KEEPALIVE_EVERY`] (`deadline` is the last one's time plus
+/// a keepalive period of the session ([`Inbound::keepalive`]; `deadline` is the last one's time plus
 /// the timeout): a frame is arriving slower than the worker's heartbeats would. Never wakes
 /// the task itself: it is polled whenever the session wakes, and a frame arriving wakes it
 /// with each read, so an idle session pays nothing for it and a busy one an atomic load a
@@ -813,10 +858,10 @@ fn frame_arriving(
     entry: &Entry,
     read_seen: u64,
     deadline: Instant,
-    beat: Beat,
+    agreed: Inbound,
 ) -> impl Future<Output = u64> + '_ {
-    let every = keepalive_every(beat);
-    let due = deadline - beat.timeout.saturating_sub(every);
+    let every = agreed.keepalive();
+    let due = deadline - agreed.beat.timeout.saturating_sub(every);
     std::future::poll_fn(move |_| {
         let read = entry.bytes_read();
         match read != read_seen && Instant::now() >= due {
@@ -2377,7 +2422,16 @@ mod tests {
 
     /// [`registered`], but the core has not answered the registration yet.
     async fn unacknowledged(core: &mut FakeCore, id: &str) -> (Client, SessionRef) {
-        let ws = registering(core, id).await;
+        unacknowledged_stating(core, id, None).await
+    }
+
+    /// [`unacknowledged`], the registration stating the worker's liveness timeout `stated` (ms).
+    async fn unacknowledged_stating(
+        core: &mut FakeCore,
+        id: &str,
+        stated: Option<u64>,
+    ) -> (Client, SessionRef) {
+        let ws = registering_stating(core, id, stated).await;
         let Event::Connected {
             worker, session, ..
         } = core.next().await
@@ -2390,19 +2444,25 @@ mod tests {
 
     /// A worker `id` connected, welcomed, and its registration sent.
     async fn registering(core: &FakeCore, id: &str) -> Client {
+        registering_stating(core, id, None).await
+    }
+
+    /// [`registering`], the registration stating the worker's liveness timeout `stated` (ms;
+    /// none: the field left out, as an older worker does).
+    async fn registering_stating(core: &FakeCore, id: &str, stated: Option<u64>) -> Client {
         let url = format!("ws://{}/api/v1/worker/{id}/ws", core.addr);
         let (mut ws, _) = tokio_tungstenite::connect_async(&url)
             .await
             .expect("connect");
         let welcome = next_json(&mut ws).await.expect("a welcome");
         assert_eq!(welcome["type"], "welcome", "{welcome}");
-        send_json(
-            &mut ws,
-            serde_json::json!({"type": "registration", "worker_id": id,
-                "protocol_version": PROTOCOL_VERSION, "boot_id": "b", "capabilities": [],
-                "slots": 1, "executors": ["sleep"], "timestamp": now()}),
-        )
-        .await;
+        let mut registration = serde_json::json!({"type": "registration", "worker_id": id,
+            "protocol_version": PROTOCOL_VERSION, "boot_id": "b", "capabilities": [],
+            "slots": 1, "executors": ["sleep"], "timestamp": now()});
+        if let Some(ms) = stated {
+            registration["heartbeat_timeout_ms"] = ms.into();
+        }
+        send_json(&mut ws, registration).await;
         ws
     }
 
@@ -2695,6 +2755,126 @@ mod tests {
         let mut ws = registering(&core, "w-second").await;
         let pings = pings_for(&mut ws, Duration::from_millis(1500)).await;
         assert!(pings >= 5, "{pings} pings in 1.5 s, every 100 ms due");
+        let ev = core.next().await;
+        assert!(matches!(ev, Event::Frame { .. }), "{}", describe(&ev));
+        let ev = core.next().await;
+        assert!(
+            matches!(&ev, Event::Connected { worker, .. } if worker.as_str() == "w-second"),
+            "{}",
+            describe(&ev)
+        );
+    }
+
+    /// A worker that states its liveness timeout in its registration is pinged, while its
+    /// `registration_ack` waits behind a held commit, at a third of that timeout (bounded by
+    /// the heartbeat interval), not every 250 ms: here 1 s, where a worker that states none is
+    /// still pinged every 250 ms. Before, 10,000 workers registering while the disk was full
+    /// took 40,000 pings a second, all for as long as it stayed full.
+    #[tokio::test]
+    async fn a_worker_stating_its_timeout_is_pinged_at_a_third_of_it_and_one_stating_none_every_250_ms()
+     {
+        let mut cfg = crate::CoordinatorConfig::new("/unused");
+        cfg.heartbeat_interval = Duration::from_millis(1000);
+        cfg.heartbeat_timeout = Duration::from_millis(3000);
+        let mut core = FakeCore::start(cfg, 16).await;
+        let (mut stating, _a) = unacknowledged_stating(&mut core, "w-states", Some(3000)).await;
+        let (mut older, _b) = unacknowledged(&mut core, "w-older").await;
+        core.store_stats.group_begins();
+        let held = Duration::from_millis(4000);
+        let (pinged, older_pinged) =
+            tokio::join!(pings_for(&mut stating, held), pings_for(&mut older, held));
+        // Held a second before the first, then a second apart: 3 at most; every 250 ms, 12.
+        assert!(pinged <= 4, "{pinged} pings in 4 s, every 1 s due");
+        assert!(
+            older_pinged >= 5,
+            "{older_pinged} pings in 4 s, every 250 ms due after 1 s"
+        );
+        assert_eq!(
+            core.counters.keepalive_pings.load(Ordering::Relaxed) as usize,
+            pinged + older_pinged
+        );
+    }
+
+    /// A worker whose liveness timeout (1.5 s, as its registration states) is shorter than the
+    /// coordinator's heartbeat interval (2 s) is kept through a commit held for more than twice
+    /// its timeout: the client here declares the link dead as the Rust worker does, once its
+    /// timeout passes without a frame. Its first ping comes once the commit was held a
+    /// keepalive period (a third of its timeout), not a heartbeat interval, by which time it had
+    /// given up on its coordinator and registered again, and again, while the disk stayed full.
+    #[tokio::test]
+    async fn a_worker_stating_a_timeout_shorter_than_the_heartbeat_interval_is_kept_through_a_held_commit()
+     {
+        use tokio_tungstenite::tungstenite::Message as M;
+        let mut cfg = crate::CoordinatorConfig::new("/unused");
+        cfg.heartbeat_interval = Duration::from_millis(2000);
+        cfg.heartbeat_timeout = Duration::from_millis(6000);
+        let mut core = FakeCore::start(cfg, 16).await;
+        let timeout = Duration::from_millis(1500);
+        let (mut ws, session) =
+            unacknowledged_stating(&mut core, "w-short", Some(timeout.as_millis() as u64)).await;
+        core.store_stats.group_begins();
+        // The worker's last frame was the welcome, read before it registered.
+        let mut last_frame = tokio::time::Instant::now();
+        let until = last_frame + timeout * 2 + Duration::from_millis(200);
+        let mut pings = 0;
+        while tokio::time::Instant::now() < until {
+            let dead = last_frame + timeout;
+            match tokio::time::timeout_at(dead.min(until), ws.next()).await {
+                Ok(Some(Ok(M::Ping(_)))) => {
+                    pings += 1;
+                    last_frame = tokio::time::Instant::now();
+                }
+                Ok(other) => panic!("pings only, not {other:?}"),
+                Err(_) => assert!(
+                    until <= dead,
+                    "no frame for its timeout of {timeout:?}: the worker gave up ({pings} pings)"
+                ),
+            }
+        }
+        assert!(pings >= 2, "{pings} pings");
+        // The commit goes through: the ack, and the session goes on.
+        core.store_stats.group_ends();
+        acknowledge(&mut ws, &session, "w-short").await;
+        beat_answered(&mut ws).await;
+    }
+
+    /// A registration that states a liveness timeout under 10 ms (0 among them) is refused
+    /// saying so, `bad_frame` and close 4002, before the core hears of it: taken, a timeout of
+    /// 0 had its session ping without end.
+    #[tokio::test]
+    async fn a_registration_stating_a_timeout_under_the_least_is_refused_saying_so() {
+        let core = FakeCore::start(crate::CoordinatorConfig::new("/unused"), 16).await;
+        for ms in [0, 9] {
+            let mut ws = registering_stating(&core, "w-zero", Some(ms)).await;
+            let (error, code) = answer(&mut ws).await;
+            let error = error.expect("an error");
+            assert_eq!(error["code"], "bad_frame", "{error}");
+            let said = format!("a heartbeat_timeout_ms of {ms}; at least 10");
+            assert!(
+                error["message"].as_str().is_some_and(|m| m.contains(&said)),
+                "{error}"
+            );
+            assert_eq!(code, Some(4002), "{error}");
+        }
+    }
+
+    /// A registration that waits for room in the core's queue has its worker pinged at a
+    /// third of the timeout it stated (bounded by the heartbeat interval), not every 250 ms.
+    #[tokio::test]
+    async fn a_registration_waiting_on_a_full_core_queue_is_pinged_at_a_third_of_its_stated_timeout()
+     {
+        let mut cfg = crate::CoordinatorConfig::new("/unused");
+        cfg.heartbeat_interval = Duration::from_millis(1000);
+        cfg.heartbeat_timeout = Duration::from_millis(3000);
+        let mut core = FakeCore::start(cfg, 1).await;
+        let (mut first, _session) = registered(&mut core, "w-first").await;
+        // The first worker's frame fills the core's queue.
+        send_json(&mut first, task_state(1)).await;
+        let mut ws = registering_stating(&core, "w-second", Some(3000)).await;
+        let pings = pings_for(&mut ws, Duration::from_millis(3000)).await;
+        // A second apart: 3; every 250 ms, 12.
+        assert!(pings <= 4, "{pings} pings in 3 s, every 1 s due");
+        assert!(pings >= 1, "pinged at all");
         let ev = core.next().await;
         assert!(matches!(ev, Event::Frame { .. }), "{}", describe(&ev));
         let ev = core.next().await;

@@ -119,6 +119,15 @@ pub struct Registration {
     /// left out of it (the task starts afresh).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub checkpoint_fetch: bool,
+    /// The worker's liveness timeout as it registers, ms: it declares the link dead after this
+    /// long without any inbound frame. The coordinator pings a worker it keeps waiting (its
+    /// `registration_ack` behind a held commit, its frames unread behind a busy core, a frame
+    /// of it still arriving) every third of it, or every heartbeat interval of the session
+    /// when that is shorter; absent (an older worker), every 250 ms at most. At least
+    /// [`MIN_STATED_TIMEOUT_MS`] (see [`Registration::label_problem`]); a long one is taken as
+    /// it is (the session's heartbeat interval bounds the pings' period).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_timeout_ms: Option<u64>,
     #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
@@ -127,6 +136,12 @@ pub struct Registration {
 pub const MAX_WORKER_LABELS: usize = 256;
 /// The longest `boot_id`, bytes (the Rust worker's are 34).
 pub const MAX_BOOT_ID_BYTES: usize = 128;
+/// The shortest liveness timeout a registration may state (`heartbeat_timeout_ms`), ms: both
+/// ends refuse a heartbeat interval under 10 ms and a timeout not longer than it, so no worker
+/// configured to work states less. A worker that gives up on its link sooner could be kept by
+/// no coordinator, and pinging it three times within its timeout would take a ping every 3 ms
+/// or less; a timeout of 0, pings without end.
+pub const MIN_STATED_TIMEOUT_MS: u64 = 10;
 
 impl Registration {
     /// Why what the registration says of the worker is out of bounds, if it is: at most
@@ -138,6 +153,8 @@ impl Registration {
     /// A boot id is the worker's own random id (the Rust worker's is `b-` and 32 hex digits),
     /// and the coordinator's logs name it: a `\n` in it could forge log lines (with
     /// authentication off, anyone who reaches the port may register).
+    ///
+    /// A stated `heartbeat_timeout_ms` is at least [`MIN_STATED_TIMEOUT_MS`].
     ///
     /// A decoded registration holds at most one capability, executor or tag past its bound
     /// (what follows is read, not kept: a peer's megabyte of them, before it authenticated,
@@ -152,6 +169,14 @@ impl Registration {
         if let Some((at, c)) = self.boot_id.char_indices().find(|(_, c)| c.is_control()) {
             return Some(format!(
                 "a boot_id with a control character ({c:?} at byte {at}); a boot id is printable text"
+            ));
+        }
+        if let Some(ms) = self
+            .heartbeat_timeout_ms
+            .filter(|&ms| ms < MIN_STATED_TIMEOUT_MS)
+        {
+            return Some(format!(
+                "a heartbeat_timeout_ms of {ms}; at least {MIN_STATED_TIMEOUT_MS} (a heartbeat interval is at least 10 ms, and the timeout longer)"
             ));
         }
         labels_problem(&self.capabilities, &self.tags, &self.executors, "at least ")
@@ -1357,6 +1382,70 @@ mod tests {
         let mut v = serde_json::to_value(&m).expect("json");
         v["capabilities"] = serde_json::json!(["cpu", 5]);
         assert!(crate::decode_worker(&v.to_string()).is_err());
+    }
+
+    /// The liveness timeout a registration states travels when given and is left out when
+    /// not; an older worker's registration, without it, decodes. Under
+    /// [`MIN_STATED_TIMEOUT_MS`] it is refused saying so (0 would have the coordinator ping
+    /// without end); a long one is taken as it is.
+    #[test]
+    fn a_registrations_stated_timeout_round_trips_may_be_missing_and_is_bounded_below() {
+        let sample = match crate::samples::worker_messages().remove(0) {
+            WorkerMsg::Registration(r) => r,
+            other => panic!("{other:?}"),
+        };
+        let wire = |r: &Registration| {
+            let text = crate::encode(&WorkerMsg::Registration(r.clone()));
+            match crate::decode_worker(&text) {
+                Ok(WorkerMsg::Registration(r)) => (text, r),
+                other => panic!("{text}: {other:?}"),
+            }
+        };
+        let with = Registration {
+            heartbeat_timeout_ms: Some(15_000),
+            ..sample.clone()
+        };
+        let (text, back) = wire(&with);
+        assert!(text.contains(r#""heartbeat_timeout_ms":15000"#), "{text}");
+        assert_eq!(back, with);
+        let without = Registration {
+            heartbeat_timeout_ms: None,
+            ..sample
+        };
+        let (text, back) = wire(&without);
+        assert!(!text.contains("heartbeat_timeout_ms"), "{text}");
+        assert_eq!(back, without);
+        // An older worker's registration, field by field as it sent them.
+        let older = serde_json::json!({"type": "registration", "worker_id": "w",
+            "protocol_version": PROTOCOL_VERSION, "boot_id": "b", "slots": 1,
+            "timestamp": "2026-01-01T00:00:00Z"});
+        match crate::decode_worker(&older.to_string()) {
+            Ok(WorkerMsg::Registration(r)) => {
+                assert_eq!(r.heartbeat_timeout_ms, None);
+                assert_eq!(r.label_problem(), None);
+            }
+            other => panic!("{other:?}"),
+        }
+        for ms in [0, 1, MIN_STATED_TIMEOUT_MS - 1] {
+            let r = Registration {
+                heartbeat_timeout_ms: Some(ms),
+                ..with.clone()
+            };
+            assert_eq!(
+                r.label_problem(),
+                Some(format!(
+                    "a heartbeat_timeout_ms of {ms}; at least 10 (a heartbeat interval is at least 10 ms, and the timeout longer)"
+                ))
+            );
+        }
+        for ms in [MIN_STATED_TIMEOUT_MS, 15_000, 86_400_000 * 365, u64::MAX] {
+            let r = Registration {
+                heartbeat_timeout_ms: Some(ms),
+                ..with.clone()
+            };
+            assert_eq!(r.label_problem(), None, "{ms}");
+            assert_eq!(wire(&r).1, r, "{ms}");
+        }
     }
 
     /// A boot id with a control character (a newline that would forge a log line, an escape

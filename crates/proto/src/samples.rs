@@ -48,6 +48,7 @@ pub fn worker_messages() -> Vec<WorkerMsg> {
             compact_acks: true,
             max_frame: Some(16 * 1024 * 1024),
             checkpoint_fetch: true,
+            heartbeat_timeout_ms: Some(15_000),
             timestamp: ts,
         }),
         WorkerMsg::Heartbeat(Heartbeat {

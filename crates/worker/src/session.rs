@@ -1008,6 +1008,10 @@ impl<'a> Session<'a> {
             batching: a.cfg.batching,
             compact_acks: a.cfg.compact_acks,
             checkpoint_fetch: true,
+            // What the wait for the ack is bounded by (every session starts at the configured
+            // timeout; the adaptive one only follows heartbeat replies, after the ack): the
+            // coordinator paces its pings meanwhile by it, at most a third of it apart.
+            heartbeat_timeout_ms: Some(self.timeout.as_millis().try_into().unwrap_or(u64::MAX)),
             timestamp,
         })
     }

@@ -188,6 +188,8 @@ async fn probe(
         compact_acks: false,
         max_frame: None,
         checkpoint_fetch: false,
+        // No liveness timeout: it waits at most 30 s for each answer, pings or not.
+        heartbeat_timeout_ms: None,
         timestamp,
     }))
     .await?;

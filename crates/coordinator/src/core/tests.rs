@@ -157,6 +157,7 @@ fn registration(worker: &str) -> Registration {
         compact_acks: false,
         max_frame: None,
         checkpoint_fetch: true,
+        heartbeat_timeout_ms: None,
         timestamp: now(),
     }
 }

@@ -152,3 +152,98 @@ async fn a_registration_answered_by_no_frame_at_all_is_given_up_at_the_heartbeat
     assert_eq!(running.handle.registrations(), 0);
     running.stop().await;
 }
+
+/// A coordinator that welcomes the worker, reads its registration and records the liveness
+/// timeout it states (`stated`), then, for `hold`, pings it every third of that timeout (as
+/// the coordinator does for a worker that states one; a worker that states none is not pinged
+/// here), then acknowledges the registration. Counts the connections.
+#[derive(Clone)]
+struct PacedByStated {
+    hold: Duration,
+    stated: Arc<std::sync::Mutex<Vec<Option<u64>>>>,
+    connections: Arc<AtomicUsize>,
+}
+
+impl Connector for PacedByStated {
+    fn connect(
+        &self,
+        url: String,
+        config: WebSocketConfig,
+    ) -> BoxFuture<'static, Result<WsStream, ConnectError>> {
+        self.connections.fetch_add(1, Ordering::SeqCst);
+        let (hold, stated) = (self.hold, self.stated.clone());
+        piped(url, config, move |io| async move {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(io).await else {
+                return;
+            };
+            let send = |m: CoordMsg| Message::text(encode(&m));
+            if ws.send(send(welcome(1, 5000, 15000))).await.is_err() {
+                return;
+            }
+            let registration = loop {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) => {
+                        if let Ok(tether_proto::msg::WorkerMsg::Registration(r)) =
+                            tether_proto::decode_worker(&t)
+                        {
+                            break r;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    _ => return,
+                }
+            };
+            stated
+                .lock()
+                .expect("stated")
+                .push(registration.heartbeat_timeout_ms);
+            let every = registration
+                .heartbeat_timeout_ms
+                .map(|ms| Duration::from_millis(ms) / 3);
+            let held = tokio::time::sleep(hold);
+            tokio::pin!(held);
+            let first = tokio::time::Instant::now() + every.unwrap_or(hold);
+            let mut keepalive =
+                tokio::time::interval_at(first, every.unwrap_or(Duration::from_secs(3600)));
+            loop {
+                tokio::select! {
+                    () = &mut held => break,
+                    _ = keepalive.tick(), if every.is_some() => {
+                        if ws.send(Message::Ping(Vec::new().into())).await.is_err() {
+                            return;
+                        }
+                    }
+                    m = ws.next() => match m {
+                        Some(Ok(_)) => {}
+                        _ => return,
+                    },
+                }
+            }
+            let ack = CoordMsg::RegistrationAck(registration_ack(1));
+            if ws.send(send(ack)).await.is_err() {
+                return;
+            }
+            while let Some(Ok(_)) = ws.next().await {}
+        })
+    }
+}
+
+/// The registration states the liveness timeout the session waits for its ack by (here a
+/// configured 9 s, not the default), and a coordinator that pings it every third of that
+/// while a commit holds the ack up for four such timeouts keeps it on its one connection.
+#[tokio::test(start_paused = true)]
+async fn the_registration_states_the_timeout_its_wait_for_the_ack_is_bounded_by() {
+    let mut cfg = config();
+    cfg.heartbeat_timeout = Duration::from_secs(9);
+    let fake = PacedByStated {
+        hold: cfg.heartbeat_timeout * 4,
+        stated: Arc::default(),
+        connections: Arc::default(),
+    };
+    let running = Running::start_with(fake.clone(), cfg);
+    running.wait_state(|s| s == ConnState::Connected).await;
+    assert_eq!(*fake.stated.lock().expect("stated"), [Some(9000)]);
+    assert_eq!(fake.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(running.handle.registrations(), 1);
+    running.stop().await;
+}

@@ -211,7 +211,8 @@ pub const SLOW_REPLY: std::time::Duration = std::time::Duration::from_secs(4);
 pub const LATE_REPLY: std::time::Duration = std::time::Duration::from_millis(7_300);
 
 /// How often [`Script::Stall`] pings while it answers nothing (the coordinator's
-/// `KEEPALIVE_EVERY`).
+/// `KEEPALIVE_EVERY`, for a worker whose registration states no timeout; one that states it,
+/// as this worker does, is pinged a third of it apart at most: see `ack_wait`).
 pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Tasks assigned at once by [`Script::AssignTogether`].
