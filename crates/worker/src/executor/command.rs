@@ -29,7 +29,12 @@
 //!    (a poll interval), and did not change while packed: a file still being written is not
 //!    shipped half written. A directory that never stays the same for a poll interval is
 //!    shipped only at the end; a state of several files is best written aside and renamed
-//!    into place.
+//!    into place. A checkpoint request (`tether checkpoint`) looks at once, not at the next
+//!    poll: the directory, if it changed since the last checkpoint, is shipped once it stays
+//!    the same for [`REQUEST_SETTLE`] (or the poll interval, if shorter), looked at up to
+//!    [`REQUEST_LOOKS`] times; unchanged, it ships nothing (the runner has re-sent the latest
+//!    checkpoint, or answered that there is none). Like the poll, a request waits while the
+//!    task is paused or a look is in flight.
 //! 4. When the leader exits, the rest of its group is terminated the same way (a task's
 //!    processes end with it), the output pipes are drained, and the directory is shipped one
 //!    last time if it changed.
@@ -78,6 +83,13 @@ pub const MAX_TAIL_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_CHECKPOINT_POLL_MS: u64 = 1000;
 /// Smallest `checkpoint_poll_ms` accepted.
 pub const MIN_CHECKPOINT_POLL_MS: u64 = 10;
+/// How long the checkpoint directory must stay the same for a checkpoint request to ship it
+/// (the poll interval instead, if shorter): a request does not wait a whole poll interval, yet
+/// a file being written (not paused that long) is not shipped half written.
+pub const REQUEST_SETTLE: Duration = Duration::from_millis(200);
+/// Looks a checkpoint request takes at a directory that keeps changing before it gives up,
+/// leaving it to the poll (and the end of the task).
+pub const REQUEST_LOOKS: u32 = 10;
 /// Time a process group gets between SIGTERM and SIGKILL.
 pub const KILL_GRACE: Duration = Duration::from_secs(2);
 /// How long output is still read once the process group is gone; a process that left the
@@ -786,6 +798,42 @@ async fn ship(
     }
 }
 
+/// A checkpoint request's look: ships the directory if it changed since `last` and then stays
+/// the same for `settle` (a directory already seen the same at the last poll, `seen`, at
+/// once); looks up to [`REQUEST_LOOKS`] times.
+async fn ship_requested(
+    ctx: &TaskCtx,
+    dir: PathBuf,
+    (last, mut seen): (Signature, Option<Signature>),
+    settle: Duration,
+) -> Result<Looked, String> {
+    for look in 1..=REQUEST_LOOKS {
+        match ship(
+            ctx,
+            dir.clone(),
+            (last.clone(), seen.clone()),
+            Look::Running,
+        )
+        .await?
+        {
+            Looked::Unsettled(sig) if look < REQUEST_LOOKS => {
+                seen = Some(sig);
+                tokio::time::sleep(settle).await;
+            }
+            Looked::Unsettled(sig) => {
+                tracing::info!(task_id = %ctx.task_id(), looks = REQUEST_LOOKS, "checkpoint request: the checkpoint dir kept changing; shipped once it stays the same for a poll interval, or at the end");
+                return Ok(Looked::Unsettled(sig));
+            }
+            Looked::Unchanged => {
+                tracing::debug!(task_id = %ctx.task_id(), "checkpoint request: the checkpoint dir is as last shipped");
+                return Ok(Looked::Unchanged);
+            }
+            shipped @ Looked::Shipped(_) => return Ok(shipped),
+        }
+    }
+    Ok(Looked::Unchanged)
+}
+
 /// Runs blocking work on the blocking pool; `Err` if it panicked or the runtime is going away.
 async fn off_thread<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
@@ -881,6 +929,12 @@ impl<'a> Supervisor<'a> {
                         self.park = Some(Box::pin(ctx.pause_point()));
                     }
                 }
+                // A request asks for the look at once; taken here, so that a directory as
+                // last shipped does not keep it pending (a checkpoint stored clears it too).
+                () = ctx.checkpoint_wanted(), if can_poll => {
+                    ctx.shared.checkpoint_requested.store(false, std::sync::atomic::Ordering::Relaxed);
+                    self.start_requested();
+                }
                 _ = tick.tick(), if can_poll => self.start_shipping(Look::Running),
                 () = &mut pumps, if !pumps_done => pumps_done = true,
             }
@@ -961,6 +1015,16 @@ impl<'a> Supervisor<'a> {
         if let Some(cp) = &self.checkpoints {
             let seen = (cp.last.clone(), cp.seen.clone());
             let fut = ship(self.ctx, cp.dir.clone(), seen, look);
+            self.shipping = Some(Box::pin(fut));
+        }
+    }
+
+    /// Starts a checkpoint request's look ([`ship_requested`]).
+    fn start_requested(&mut self) {
+        if let Some(cp) = &self.checkpoints {
+            let seen = (cp.last.clone(), cp.seen.clone());
+            let settle = REQUEST_SETTLE.min(self.poll);
+            let fut = ship_requested(self.ctx, cp.dir.clone(), seen, settle);
             self.shipping = Some(Box::pin(fut));
         }
     }
@@ -2558,6 +2622,55 @@ mod tests {
             .map(|(_, m)| m.type_name())
             .collect();
         assert!(kinds.contains(&"checkpoint") && kinds.contains(&"checkpoint_data"));
+    }
+
+    /// A checkpoint request ships the changed directory at once, not at the next poll (a
+    /// minute here: only the requests can explain the checkpoints), each time it is asked
+    /// for. Before, the executor never read a request: `tether checkpoint` did nothing.
+    #[tokio::test]
+    async fn a_checkpoint_request_ships_the_changed_dir_before_the_next_poll() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, control) = ctx(1);
+        let ctx = ctx.with_checkpoint_dir(dir.path().join("cp"));
+        let script = r#"echo 1 > "$TETHER_CHECKPOINT_DIR/n"; touch "$D/ready"
+            while [ ! -e "$D/two" ]; do sleep 0.02; done
+            echo 2 > "$TETHER_CHECKPOINT_DIR/n.new"; mv "$TETHER_CHECKPOINT_DIR/n.new" "$TETHER_CHECKPOINT_DIR/n"
+            touch "$D/written"
+            while [ ! -e "$D/stop" ]; do sleep 0.02; done"#;
+        let config = serde_json::json!({
+            "shell": script,
+            "env": {"D": dir.path()},
+            "checkpoint_poll_ms": 60_000,
+        });
+        let run = tokio::spawn(exec(config, ctx));
+        let n = |control: &TaskControl| {
+            let data = control.latest_checkpoint()?;
+            let files = packing::decode(&data).expect("a valid pack");
+            files.get("n").cloned()
+        };
+        wait_for("the first state written", || {
+            dir.path().join("ready").exists()
+        })
+        .await;
+        assert_eq!(n(&control), None, "nothing shipped before the request");
+        control.request_checkpoint();
+        wait_for("the requested checkpoint", || {
+            n(&control).as_deref() == Some(b"1\n")
+        })
+        .await;
+
+        std::fs::write(dir.path().join("two"), "").expect("two");
+        wait_for("the second state written", || {
+            dir.path().join("written").exists()
+        })
+        .await;
+        control.request_checkpoint();
+        wait_for("the second requested checkpoint", || {
+            n(&control).as_deref() == Some(b"2\n")
+        })
+        .await;
+        std::fs::write(dir.path().join("stop"), "").expect("stop");
+        run.await.expect("joined").expect("exit 0");
     }
 
     /// The packs queued for upload in `outbox`, by checkpoint, their pieces put together.
