@@ -6,8 +6,11 @@
 //! that would drop every worker's session. Only a regular file (or a link to one, as
 //! cert-manager places them) is read: anything else in a file's place (a FIFO, a socket, a
 //! device, a directory) is refused unread, at once, as a change that does not load is (a FIFO
-//! nobody writes would hold its read for good). The look runs on a thread of its own, and no
-//! handshake waits for it: a file system that does not answer (a hung network mount) leaves
+//! nobody writes would hold its read for good), and so is a file larger than [`MAX_FILE_LEN`]
+//! (a wrong path to a log or a disk image is not read into memory). Each different failure
+//! to read the files is logged once, the same one seen again not again. The look runs on a
+//! thread of its own, and no handshake waits for it: a file system that does not answer (a
+//! hung network mount) leaves
 //! the certificate in use served, where reading it on the handshake stopped every handshake
 //! and a runtime thread with it. A look that has not returned when the next is due is warned
 //! of (once) and left to its thread, and the next look starts beside it on a thread of its
@@ -38,6 +41,15 @@ use rustls::sign::CertifiedKey;
 
 /// How often, at most, a handshake starts a look whether the certificate or key file changed.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(10);
+
+/// The most a certificate file or a key file may hold, in bytes: a larger one is refused
+/// unread (at start, and at a look, where the certificate served stays), so that a wrong path
+/// to a log or a disk image is not read whole into memory at start and at each change. Far
+/// beyond what real files weigh: a Let's Encrypt full chain is 4 to 6 KiB in PEM, a 4096-bit
+/// RSA key about 3.3 KiB, a chain of five certificates with 4096-bit RSA keys under 15 KiB;
+/// even a bundle of every root a distribution trusts (Debian's
+/// `/etc/ssl/certs/ca-certificates.crt`, some 140 roots) is about 215 KiB.
+pub const MAX_FILE_LEN: u64 = 1 << 20;
 
 /// How many looks at the files may run at once: looks whose reads do not return (a hung
 /// mount: each holds its thread, leaked while it hangs) and the one started beside them.
@@ -235,8 +247,34 @@ impl Looked {
 
 /// What tells the files changed: a digest of their contents (a modification time is only as
 /// fine as the kernel's clock tick, and a renewed certificate often has the size of the old
-/// one); `None` while either cannot be read.
-type Stamp = Option<[u8; 32]>;
+/// one), or which file could not be read and why, so that another failure (a FIFO, then the
+/// file gone) is a change, logged, and the same one seen again is not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stamp {
+    /// A digest of both files' contents.
+    Read([u8; 32]),
+    /// The certificate file (`cert`), else the key file, could not be read.
+    Unread { cert: bool, why: Unread },
+}
+
+/// Why a file was not read: what tells one failure from another. Not its message, which may
+/// hold a size that changes at each look (a log growing in the file's place would be logged
+/// at each one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unread {
+    /// The system's error: its number where it has one (a file missing, permission denied).
+    Io(std::io::ErrorKind, Option<i32>),
+    /// Not a regular file but this (a FIFO, a directory, ...).
+    NotRegular(&'static str),
+    /// Larger than [`MAX_FILE_LEN`].
+    TooLarge,
+}
+
+impl Unread {
+    fn io(e: &std::io::Error) -> (Self, String) {
+        (Unread::Io(e.kind(), e.raw_os_error()), e.to_string())
+    }
+}
 
 /// The certificate file's and the key file's contents, read together.
 struct Contents {
@@ -244,11 +282,33 @@ struct Contents {
     key: Vec<u8>,
 }
 
+/// Why the files could not be read: the error, and its [`Stamp`].
+struct ReadFailed {
+    error: TlsError,
+    stamp: Stamp,
+}
+
+impl From<ReadFailed> for TlsError {
+    fn from(failed: ReadFailed) -> Self {
+        failed.error
+    }
+}
+
 impl Contents {
-    fn read(cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        let read = |path: &Path| read_regular(path).map_err(|reason| (path.to_owned(), reason));
-        let cert = read(cert).map_err(|(path, reason)| TlsError::Cert { path, reason })?;
-        let key = read(key).map_err(|(path, reason)| TlsError::Key { path, reason })?;
+    fn read(cert: &Path, key: &Path) -> Result<Self, ReadFailed> {
+        let failed = |cert: bool, path: &Path| {
+            let path = path.to_owned();
+            move |(why, reason): (Unread, String)| ReadFailed {
+                error: if cert {
+                    TlsError::Cert { path, reason }
+                } else {
+                    TlsError::Key { path, reason }
+                },
+                stamp: Stamp::Unread { cert, why },
+            }
+        };
+        let cert = read_regular(cert).map_err(failed(true, cert))?;
+        let key = read_regular(key).map_err(failed(false, key))?;
         Ok(Self { cert, key })
     }
 
@@ -265,14 +325,14 @@ impl Contents {
 /// The contents of `path` if it is a regular file (links followed: cert-manager and the like
 /// place a link to the renewed file), or why not. Anything else is refused unread, at once:
 /// the read of a FIFO waits for a writer that may never come, a device may never end, and
-/// neither is a certificate.
-fn read_regular(path: &Path) -> Result<Vec<u8>, String> {
-    use std::io::Read as _;
+/// neither is a certificate. A file larger than [`MAX_FILE_LEN`] is refused as well: by its
+/// size before it is read, and while it is read should it grow after that.
+fn read_regular(path: &Path) -> Result<Vec<u8>, (Unread, String)> {
     use std::os::unix::fs::OpenOptionsExt as _;
     // The metadata of a FIFO or a device comes at once, where opening one may wait (a FIFO
     // for a writer) or do something (a tape rewinds).
     let kind = std::fs::metadata(path)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| Unread::io(&e))?
         .file_type();
     if !kind.is_file() {
         return Err(not_regular(kind));
@@ -285,18 +345,42 @@ fn read_regular(path: &Path) -> Result<Vec<u8>, String> {
         .read(true)
         .custom_flags(nix::libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| e.to_string())?;
-    let kind = file.metadata().map_err(|e| e.to_string())?.file_type();
-    if !kind.is_file() {
-        return Err(not_regular(kind));
+        .map_err(|e| Unread::io(&e))?;
+    let meta = file.metadata().map_err(|e| Unread::io(&e))?;
+    if !meta.file_type().is_file() {
+        return Err(not_regular(meta.file_type()));
     }
+    if meta.len() > MAX_FILE_LEN {
+        let reason = format!(
+            "{} bytes, more than the {MAX_FILE_LEN} (1 MiB) a certificate chain or key may hold \
+             (a wrong path?): not read",
+            meta.len()
+        );
+        return Err((Unread::TooLarge, reason));
+    }
+    read_bounded(&mut file)
+}
+
+/// All `from` holds, if that is at most [`MAX_FILE_LEN`] bytes: no more than one byte past
+/// that is read (a file may grow after its size was checked).
+fn read_bounded(from: &mut impl std::io::Read) -> Result<Vec<u8>, (Unread, String)> {
+    use std::io::Read as _;
     let mut contents = Vec::new();
-    file.read_to_end(&mut contents).map_err(|e| e.to_string())?;
+    from.take(MAX_FILE_LEN + 1)
+        .read_to_end(&mut contents)
+        .map_err(|e| Unread::io(&e))?;
+    if contents.len() as u64 > MAX_FILE_LEN {
+        let reason = format!(
+            "more than {MAX_FILE_LEN} bytes (1 MiB), the most a certificate chain or key may \
+             hold, once read (it grew after its size was checked): refused"
+        );
+        return Err((Unread::TooLarge, reason));
+    }
     Ok(contents)
 }
 
 /// Why a file of type `kind` (not a regular file) is not read.
-fn not_regular(kind: std::fs::FileType) -> String {
+fn not_regular(kind: std::fs::FileType) -> (Unread, String) {
     use std::os::unix::fs::FileTypeExt as _;
     let what = if kind.is_dir() {
         "a directory"
@@ -309,7 +393,8 @@ fn not_regular(kind: std::fs::FileType) -> String {
     } else {
         "of another type"
     };
-    format!("not a regular file but {what} (links followed): not read")
+    let reason = format!("not a regular file but {what} (links followed): not read");
+    (Unread::NotRegular(what), reason)
 }
 
 impl CertFiles {
@@ -323,7 +408,7 @@ impl CertFiles {
         let now = SystemTime::now();
         let (served, until) = certified_key((cert, key), &contents, &provider, now)?;
         let mut looked = Looked {
-            stamp: Some(contents.stamp()),
+            stamp: Stamp::Read(contents.stamp()),
             look: 0,
             retry: false,
             served_until: until,
@@ -452,7 +537,10 @@ impl CertFiles {
         }
         looked.look = number;
         let now = SystemTime::now();
-        let stamp = contents.as_ref().ok().map(Contents::stamp);
+        let stamp = match &contents {
+            Ok(contents) => Stamp::Read(contents.stamp()),
+            Err(failed) => failed.stamp,
+        };
         let retrying = stamp == looked.stamp;
         if retrying && !looked.retry {
             if let Some(expiry) = looked.expiry_due(now, Instant::now()) {
@@ -463,7 +551,10 @@ impl CertFiles {
         looked.stamp = stamp;
         looked.retry = false;
         let paths = (self.cert.as_path(), self.key.as_path());
-        match contents.and_then(|c| certified_key(paths, &c, &self.provider, now)) {
+        let served = contents
+            .map_err(TlsError::from)
+            .and_then(|c| certified_key(paths, &c, &self.provider, now));
+        match served {
             Ok((new, until)) => {
                 *self.served.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
                 tracing::info!(cert = %self.cert.display(), key = %self.key.display(), "TLS certificate changed on disk: serving the new one");
@@ -847,6 +938,157 @@ mod tests {
         );
     }
 
+    /// `path` made `len` bytes long (its contents kept, zeros after them; sparse, so that a
+    /// file of gigabytes takes no room).
+    fn grow(path: &Path, len: u64) {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .expect("open");
+        file.set_len(len).expect("set_len");
+    }
+
+    /// A certificate or key file larger than [`MAX_FILE_LEN`] (a wrong path to a log or a
+    /// disk image) is refused at start unread, its size and the limit named.
+    #[test]
+    fn a_file_over_the_size_limit_is_refused_at_start_with_its_size_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (c, k) = write_cert(dir.path(), -1, 30);
+        // A certificate followed by junk: it would load, read whole.
+        grow(&c, MAX_FILE_LEN + 1);
+        let e = server_config(&c, &k).expect_err("too large").to_string();
+        assert!(
+            e.contains("TLS certificate file")
+                && e.contains(&format!(
+                    "{} bytes, more than the {MAX_FILE_LEN}",
+                    MAX_FILE_LEN + 1
+                )),
+            "{e}"
+        );
+        let (c, k) = write_cert(dir.path(), -1, 30);
+        grow(&c, MAX_FILE_LEN);
+        server_config(&c, &k).expect("a file of the limit's size is read");
+        // A disk image in the key's place: refused by its size, not read into memory.
+        let (c, k) = write_cert(dir.path(), -1, 30);
+        grow(&k, 4 << 30);
+        let e = server_config(&c, &k).expect_err("too large").to_string();
+        assert!(
+            e.contains("TLS key file") && e.contains("4294967296 bytes, more than the"),
+            "{e}"
+        );
+    }
+
+    /// A file that grows past [`MAX_FILE_LEN`] after its size was checked is read no further
+    /// than one byte past the limit, and refused.
+    #[test]
+    fn a_file_that_grows_past_the_limit_after_its_size_was_checked_is_refused_once_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("growing.pem");
+        grow(&path, MAX_FILE_LEN);
+        // Opened (its size the limit, as at the check), then grown before the read.
+        let mut file = std::fs::File::open(&path).expect("open");
+        grow(&path, 8 * MAX_FILE_LEN);
+        let (why, reason) = read_bounded(&mut file).expect_err("refused");
+        assert_eq!(why, Unread::TooLarge);
+        assert!(
+            reason.contains(&format!("more than {MAX_FILE_LEN} bytes")),
+            "{reason}"
+        );
+        use std::io::Seek as _;
+        let read = file.stream_position().expect("position");
+        assert_eq!(read, MAX_FILE_LEN + 1, "read past the limit");
+
+        let mut file = std::fs::File::open(&path).expect("open");
+        std::fs::File::create(&path).expect("truncate");
+        grow(&path, MAX_FILE_LEN);
+        let contents = read_bounded(&mut file).expect("the limit's size is read");
+        assert_eq!(contents.len() as u64, MAX_FILE_LEN);
+    }
+
+    /// A certificate file replaced by one over [`MAX_FILE_LEN`] is refused at a look (once:
+    /// it growing further is no new failure) and handshakes are served the certificate in
+    /// use; a renewed certificate in its place is then served.
+    #[test]
+    fn a_file_over_the_size_limit_is_refused_at_a_look_and_the_served_certificate_stays() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (c, k) = write_cert(dir.path(), -1, 30);
+        let first = CertificateDer::from_pem_file(&c).expect("pem");
+        let files = Arc::new(CertFiles::load(&c, &k, provider(), Duration::ZERO).expect("load"));
+        let config = serving(Arc::clone(&files), provider()).expect("config");
+        let roots = [first.clone()];
+        assert_eq!(handshake(&config, &roots), Ok(first.clone()));
+
+        grow(&c, MAX_FILE_LEN + 1);
+        assert_eq!(files.reload_if_changed(), Look::Refused, "too large");
+        assert_eq!(files.reload_if_changed(), Look::Unchanged, "logged once");
+        grow(&c, 2 * MAX_FILE_LEN);
+        assert_eq!(
+            files.reload_if_changed(),
+            Look::Unchanged,
+            "grown further: the same failure, not logged again"
+        );
+        assert_eq!(handshake(&config, &roots), Ok(first.clone()), "in use");
+        looks_ended(&files);
+        assert_eq!(files.served().cert[0], first);
+
+        let c2 = renew(dir.path(), &c, &k);
+        let second = CertificateDer::from_pem_file(&c2).expect("pem");
+        let roots = [first, second.clone()];
+        served_in_time(
+            &config,
+            &roots,
+            &second,
+            "the renewed certificate is never served",
+        );
+        looks_ended(&files);
+    }
+
+    /// Each different failure to read the files is a change, logged (once): the operator
+    /// learns each reason in turn; the same failure seen again is not logged again. (Run as
+    /// root, as here, permission denied cannot be made: it is an error number like the rest.)
+    #[test]
+    fn each_different_failure_to_read_the_files_is_logged_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (c, k) = write_cert(dir.path(), -1, 30);
+        let files = Arc::new(CertFiles::load(&c, &k, provider(), Duration::ZERO).expect("load"));
+        let look = || {
+            let files = Arc::clone(&files);
+            within(move || files.reload_if_changed())
+        };
+        let good = std::fs::read(&c).expect("read");
+        let mut failures = 0;
+        let mut refused_once = |what: &str| {
+            assert_eq!(look(), Look::Refused, "{what}: logged");
+            assert_eq!(look(), Look::Unchanged, "{what}: logged once");
+            failures += 1;
+        };
+        std::fs::remove_file(&c).expect("remove");
+        refused_once("the certificate missing");
+        nix::unistd::mkfifo(&c, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        let _unblock = Unblock(c.clone());
+        refused_once("a FIFO in its place");
+        std::fs::remove_file(&c).expect("remove");
+        std::fs::create_dir(&c).expect("dir");
+        refused_once("a directory in its place");
+        std::fs::remove_dir(&c).expect("rmdir");
+        grow(&c, MAX_FILE_LEN + 1);
+        refused_once("a file too large in its place");
+        std::fs::write(&c, &good).expect("write");
+        std::fs::remove_file(&k).expect("remove");
+        refused_once("the key missing");
+        std::fs::remove_file(&c).expect("remove");
+        refused_once("the certificate missing, then the key too");
+        assert_eq!(failures, 6);
+        let c2 = renew(dir.path(), &c, &k);
+        assert_eq!(look(), Look::Served);
+        assert_eq!(
+            files.served().cert[0],
+            CertificateDer::from_pem_file(&c2).expect("pem")
+        );
+    }
+
     /// A FIFO in the certificate file's place (nobody writes it) is refused by each look at
     /// once, unread: no look is left waiting in it, however many looks see it (more than
     /// [`MAX_HUNG_LOOKS`]), handshakes go on being served the certificate in use, and once a
@@ -1123,7 +1365,7 @@ mod tests {
         let t0 = Instant::now();
         let day = Duration::from_secs(86_400);
         let mut looked = Looked {
-            stamp: None,
+            stamp: Stamp::Read([0; 32]),
             look: 0,
             retry: false,
             served_until: unix_secs(now + 60 * day),
