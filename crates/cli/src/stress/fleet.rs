@@ -35,6 +35,11 @@ use transport::{BoundConnector, Reset};
 
 /// How often the fleet prints its status.
 pub const STATUS_EVERY: Duration = Duration::from_millis(200);
+/// How long the fleet waits for its workers to stop after the exit command before it aborts
+/// those left (and counts them: [`Status::aborted`]).
+pub const EXIT_DRAIN: Duration = Duration::from_secs(10);
+/// How long the workers aborted at the exit have to end once aborted.
+const ABORTED_WITHIN: Duration = Duration::from_secs(5);
 /// Read buffer of a simulated worker's WebSocket: frames are small, and 10,000 workers in one
 /// process should not hold 128 KiB each.
 const FLEET_READ_BUFFER: usize = 8 * 1024;
@@ -148,6 +153,10 @@ pub struct Status {
     /// Connections the fleet reset on purpose (`--reset-every`).
     #[serde(default)]
     pub resets: u64,
+    /// Workers that had not stopped [`EXIT_DRAIN`] after the exit command and were aborted:
+    /// in the last status ([`Event::Exited`]) only, 0 before.
+    #[serde(default)]
+    pub aborted: u64,
 }
 
 /// One worker's timeline, in microseconds since the Unix epoch.
@@ -423,12 +432,37 @@ pub async fn run(a: FleetArgs) -> anyhow::Result<()> {
     for m in &members {
         m.stop.cancel();
     }
-    let drain = async { while set.join_next().await.is_some() {} };
-    let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
-    set.abort_all();
-    emit(&Event::Exited(status(&members, &shared)))?;
+    let aborted = drain(&mut set, EXIT_DRAIN).await;
+    emit(&Event::Exited(Status {
+        aborted,
+        ..status(&members, &shared)
+    }))?;
     tokio::task::spawn_blocking(move || shards.join()).await?;
     Ok(())
+}
+
+/// Waits `within` for every worker's task in `set` to end (each told to stop), then aborts
+/// those left and gives how many it aborted: workers that did not stop when told. A task
+/// that ended by itself as the wait ran out is not counted; one whose shard does not get to
+/// its abort within [`ABORTED_WITHIN`] (a thread held by a blocking executor) is.
+async fn drain(set: &mut JoinSet<()>, within: Duration) -> u64 {
+    let until = tokio::time::Instant::now() + within;
+    while let Ok(Some(_)) = tokio::time::timeout_at(until, set.join_next()).await {}
+    if set.is_empty() {
+        return 0;
+    }
+    set.abort_all();
+    let mut aborted = 0;
+    let until = tokio::time::Instant::now() + ABORTED_WITHIN;
+    loop {
+        match tokio::time::timeout_at(until, set.join_next()).await {
+            Ok(Some(Err(e))) if e.is_cancelled() => aborted += 1,
+            // Ended by itself (or panicked) before the abort reached it.
+            Ok(Some(_)) => {}
+            Ok(None) => return aborted,
+            Err(_) => return aborted + set.len() as u64,
+        }
+    }
 }
 
 fn emit(ev: &Event) -> anyhow::Result<()> {
@@ -974,6 +1008,80 @@ mod tests {
         members[0].abort.abort();
         assert_eq!(within(&|n| n == 0), 0, "tasks left after an abrupt stop");
         shards.join();
+    }
+
+    /// At the exit, the workers that stop when told end within the drain and are not counted;
+    /// one that does not stop (here a task deaf to its stop, on the workers' shard) is aborted
+    /// once the drain runs out, counted, and leaves nothing running: the fleet used to abort
+    /// it silently, and its last status said nothing of it.
+    #[test]
+    fn a_worker_that_does_not_stop_when_told_is_aborted_and_counted() {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            a: FleetArgs,
+        }
+        // Nothing listens there: the workers hold no work and stop at once when told.
+        let a = <Flags as clap::Parser>::try_parse_from(["t", "--coordinator", "ws://127.0.0.1:1"])
+            .expect("flags")
+            .a;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let shared = Arc::new(Shared::new());
+        let shards = Shards::start(1).expect("shards");
+        let (mut members, mut set) = (Vec::new(), JoinSet::new());
+        start(&a, &shared, &shards, &mut members, &mut set, 2).expect("start");
+        for m in &members {
+            m.stop.cancel();
+        }
+        assert_eq!(
+            rt.block_on(drain(&mut set, Duration::from_secs(10))),
+            0,
+            "real workers told to stop stop"
+        );
+        assert!(set.is_empty());
+
+        start(&a, &shared, &shards, &mut members, &mut set, 2).expect("start");
+        let deaf = CancellationToken::new();
+        set.spawn_on(
+            {
+                let deaf = deaf.clone();
+                async move { deaf.cancelled().await }
+            },
+            shards.for_worker(0),
+        );
+        for m in &members {
+            m.stop.cancel();
+        }
+        assert_eq!(
+            rt.block_on(drain(&mut set, Duration::from_millis(500))),
+            1,
+            "the one that did not stop"
+        );
+        assert!(set.is_empty());
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        let alive = || shards.handles[0].metrics().num_alive_tasks();
+        while alive() > 0 && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(alive(), 0, "tasks left on the shard after the drain");
+        shards.join();
+    }
+
+    /// The last status carries the count; a status from before it (or an older fleet) reads
+    /// as none aborted.
+    #[test]
+    fn the_last_status_carries_the_workers_aborted() {
+        let line = serde_json::to_string(&Event::Exited(Status {
+            aborted: 3,
+            ..Status::default()
+        }))
+        .expect("JSON");
+        assert!(line.contains(r#""aborted":3"#), "{line}");
+        let old: Status = serde_json::from_str(r#"{"started":1,"live":0,"connected":0,"failed":0,"registrations":1,"executions":0,"completed":0,"resumed":0,"checkpoints":0,"flood_sent":0}"#).expect("old status");
+        assert_eq!(old.aborted, 0);
     }
 
     #[test]

@@ -457,18 +457,23 @@ pub struct Fleet {
 /// shutdown.
 ///
 /// A fleet that did not exit in time is killed and still gives both (`killed_after` says
-/// so): the run reports it, with a failed verdict, rather than end without a report.
+/// so), and so does one that exited with a failure or without its last status
+/// (`exit_status`, `stopped`): the run reports it, with a failed verdict, rather than end
+/// without a report.
 #[derive(Debug)]
 pub struct Exited {
     /// The last status: the one printed once every worker stopped when `stopped` holds,
-    /// else the last one the process printed before it was killed.
+    /// else the last one the process printed before it ended or was killed.
     pub status: Status,
     pub usage: Option<Usage>,
     /// How long it was given after the exit command when it did not exit within that and was
     /// killed (its usage is then to its kill); `None` when it exited by itself.
     pub killed_after: Option<Duration>,
+    /// How it exited by itself (a failure: an exit code other than 0, or a signal); `None`
+    /// when it was killed.
+    pub exit_status: Option<std::process::ExitStatus>,
     /// Whether it printed its last status, the one after every worker stopped (or was
-    /// aborted, 10 s on). Always so for a fleet that exited by itself.
+    /// aborted, 10 s on: [`Status::aborted`] counts those).
     pub stopped: bool,
 }
 
@@ -599,7 +604,9 @@ impl Fleet {
     /// One that has not exited [`FLEET_EXIT_WITHIN`] after the exit command is killed and
     /// given back all the same, marked ([`Exited::killed_after`]): it stops its workers
     /// within 10 s and then aborts those left, so one still running by then holds a worker
-    /// that did not stop.
+    /// that did not stop. One that exited with a failure, or without printing its last
+    /// status, is given back too, marked ([`Exited::exit_status`], [`Exited::stopped`]).
+    /// An error only when the process could not be waited for.
     pub async fn exit(&mut self) -> anyhow::Result<Exited> {
         self.exit_within(FLEET_EXIT_WITHIN).await
     }
@@ -610,30 +617,23 @@ impl Fleet {
         let end = end(&mut self.child, tokio::time::Instant::now() + within)
             .await
             .context("waiting for the fleet")?;
-        let killed_after = match end.status {
-            Some(s) if s.success() => None,
-            Some(s) => bail!("the fleet process exited with {s}"),
-            None => Some(within),
-        };
+        let killed_after = end.status.is_none().then_some(within);
         // Its output is read to the end (the process is gone: it comes at once).
         let last = tokio::time::timeout(Duration::from_secs(5), &mut self.exited).await;
         self.reader.abort();
-        match (last, killed_after) {
-            (Ok(Ok(status)), _) => Ok(Exited {
-                status,
-                usage: end.usage,
-                killed_after,
-                stopped: true,
-            }),
-            // Killed before it printed its last status: the last it printed stands in.
-            (_, Some(_)) => Ok(Exited {
-                status: self.now(),
-                usage: end.usage,
-                killed_after,
-                stopped: false,
-            }),
-            (_, None) => bail!("the fleet process exited without its last status"),
-        }
+        let (status, stopped) = match last {
+            Ok(Ok(status)) => (status, true),
+            // Ended or killed before it printed its last status: the last it printed stands
+            // in.
+            _ => (self.now(), false),
+        };
+        Ok(Exited {
+            status,
+            usage: end.usage,
+            killed_after,
+            exit_status: end.status,
+            stopped,
+        })
     }
 }
 
@@ -984,6 +984,7 @@ mod tests {
         let mut r = crate::stress::report::Report::default();
         crate::stress::scenarios::fleet_end(&mut r, &exited, 0.0);
         assert!(r.passed(), "{:?}", r.verdicts);
+        assert_eq!(r.fleet_workers_aborted, Some(0));
         let usage = exited.usage.expect("the kernel's count");
         assert!(
             usage.cpu_s >= before.cpu_s + 0.02,
@@ -1066,6 +1067,178 @@ mod tests {
             "{:?}",
             r.verdicts
         );
+    }
+
+    /// A fleet that ends with a failure after the exit command (an exit code, a signal) is
+    /// reaped and given back with its usage to its end and the last status it printed; the
+    /// run's report carries its CPU and peak RSS and fails "the fleet stopped when told",
+    /// saying how it ended, and, when it never printed its last status, "every worker stopped
+    /// when told", the count of workers aborted missing (the run used to end in an error with
+    /// no report).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_fleet_that_exits_with_a_failure_is_reported_failed_with_its_usage() {
+        use crate::stress::report::Report;
+        use crate::stress::scenarios::fleet_end;
+        use std::os::unix::process::ExitStatusExt;
+        let dir = tempfile::tempdir().expect("dir");
+        let running = Status {
+            completed: 3,
+            ..Status::default()
+        };
+        let mut fleet = scripted_fleet_then(dir.path(), &running, &[], "exit 3");
+        fleet
+            .wait("the first status", Duration::from_secs(10), |s| {
+                s.completed == 3
+            })
+            .await
+            .expect("status");
+        let pid = fleet.child.id().expect("pid");
+        let exited = fleet.exit().await.expect("ended, given back");
+        assert!(reaped(pid));
+        assert_eq!(exited.killed_after, None);
+        assert_eq!(exited.exit_status.and_then(|s| s.code()), Some(3));
+        assert!(!exited.stopped);
+        assert_eq!(exited.status.completed, 3, "{:?}", exited.status);
+        let usage = exited.usage.expect("the kernel's count to its end");
+        assert!(usage.peak_rss_kib > 0, "{usage:?}");
+
+        let mut r = Report::default();
+        r.verdict("lost", true, "0");
+        fleet_end(&mut r, &exited, 99.0);
+        assert!(!r.passed());
+        let text = r.markdown();
+        assert!(
+            text.contains(
+                "- FAIL the fleet stopped when told: the fleet process ended with exit status: 3 \
+                 after the exit command"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("it never printed its last status"), "{text}");
+        assert!(
+            text.contains("- FAIL every worker stopped when told: unknown"),
+            "{text}"
+        );
+        assert!(text.contains("| fleet peak RSS, MiB |"), "{text}");
+        let json = serde_json::to_value(&r).expect("JSON");
+        assert_eq!(json["fleet_cpu_s"], usage.cpu_s);
+        assert_eq!(json["fleet_peak_rss_kib"], usage.peak_rss_kib);
+        assert!(json["fleet_workers_aborted"].is_null(), "missing, not 0");
+
+        // Killed by a signal of its own after its last status: how it ended is said, and its
+        // workers' count stands.
+        let stopped = Status {
+            completed: 4,
+            ..Status::default()
+        };
+        let last = [Event::Exited(stopped)];
+        let mut fleet = scripted_fleet_then(dir.path(), &running, &last, "kill -KILL $$");
+        let exited = fleet.exit().await.expect("ended, given back");
+        assert_eq!(exited.killed_after, None);
+        assert_eq!(exited.exit_status.and_then(|s| s.signal()), Some(9));
+        assert!(exited.stopped);
+        assert_eq!(exited.status.completed, 4, "{:?}", exited.status);
+        assert!(exited.usage.is_some());
+        let mut r = Report::default();
+        fleet_end(&mut r, &exited, 0.0);
+        assert!(!r.passed());
+        let said = &r.verdicts[0];
+        assert!(!said.pass);
+        assert!(said.detail.contains("ended with signal: 9"), "{said:?}");
+        assert!(
+            said.detail.contains("it printed its last status first"),
+            "{said:?}"
+        );
+        assert_eq!(r.fleet_workers_aborted, Some(0));
+    }
+
+    /// A fleet that exits cleanly but never printed its last status is given back with its
+    /// usage and the last status it printed, and fails "the fleet stopped when told" with
+    /// "no last status" (the run used to end in an error with no report).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_fleet_that_exits_without_its_last_status_is_reported_failed_with_its_usage() {
+        use crate::stress::report::Report;
+        use crate::stress::scenarios::fleet_end;
+        let dir = tempfile::tempdir().expect("dir");
+        let running = Status {
+            completed: 2,
+            resets: 7,
+            ..Status::default()
+        };
+        let mut fleet = scripted_fleet(dir.path(), &running, &[]);
+        fleet
+            .wait("the first status", Duration::from_secs(10), |s| {
+                s.completed == 2
+            })
+            .await
+            .expect("status");
+        let exited = fleet.exit().await.expect("exited, given back");
+        assert_eq!(exited.killed_after, None);
+        assert!(exited.exit_status.is_some_and(|s| s.success()));
+        assert!(!exited.stopped);
+        assert_eq!(exited.status.completed, 2, "{:?}", exited.status);
+        let usage = exited.usage.expect("the kernel's count to its exit");
+        let mut r = Report::default();
+        fleet_end(&mut r, &exited, 99.0);
+        assert!(!r.passed());
+        let text = r.markdown();
+        assert!(
+            text.contains(
+                "- FAIL the fleet stopped when told: the fleet process exited cleanly but with \
+                 no last status"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("- FAIL every worker stopped when told: unknown"),
+            "{text}"
+        );
+        assert_eq!(r.fleet_cpu_s, usage.cpu_s);
+        assert_eq!(r.fleet_peak_rss_kib, Some(usage.peak_rss_kib));
+        assert_eq!(r.fleet_workers_aborted, None);
+    }
+
+    /// The workers the fleet aborted at its exit, as its last status counts them, fail "every
+    /// worker stopped when told" and are shown in the report, though the process itself
+    /// exited as told.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn workers_the_fleet_aborted_at_its_exit_fail_a_verdict_and_are_shown() {
+        use crate::stress::report::Report;
+        use crate::stress::scenarios::fleet_end;
+        let dir = tempfile::tempdir().expect("dir");
+        let last = [Event::Exited(Status {
+            started: 5,
+            aborted: 2,
+            ..Status::default()
+        })];
+        let mut fleet = scripted_fleet(dir.path(), &Status::default(), &last);
+        let exited = fleet.exit().await.expect("exit");
+        assert!(exited.stopped);
+        assert_eq!(exited.status.aborted, 2);
+        let mut r = Report::default();
+        fleet_end(&mut r, &exited, 0.0);
+        assert!(!r.passed());
+        let text = r.markdown();
+        assert!(
+            text.contains("- PASS the fleet stopped when told"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "- FAIL every worker stopped when told: 2 of 5 workers did not stop within 10 s \
+                 of the exit command and were aborted"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("| workers the fleet aborted at its exit | 2 |"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&r).expect("JSON");
+        assert_eq!(json["fleet_workers_aborted"], 2);
     }
 
     /// A fault proxy's CPU seconds and peak RSS are its whole life's, to its exit after the
@@ -1154,10 +1327,20 @@ mod tests {
             .expect("status");
         let exited = fleet.exit().await.expect("exit");
         assert_eq!(exited.status.completed, 2, "{:?}", exited.status);
-        // A fleet that ends without its last status (it crashed while stopping) is an error,
-        // not a count read too early.
+        assert!(exited.stopped);
+        // A fleet that ends without its last status (it crashed while stopping) is marked so,
+        // its count not taken for the last, and fails its verdict (it used to be an error
+        // that ended the run with no report).
         let mut fleet = scripted_fleet(dir.path(), &running, &[Event::Status(stopped)]);
-        let said = fleet.exit().await.expect_err("no last status").to_string();
-        assert!(said.contains("without its last status"), "{said}");
+        let exited = fleet.exit().await.expect("given back");
+        assert!(!exited.stopped);
+        let mut r = crate::stress::report::Report::default();
+        crate::stress::scenarios::fleet_end(&mut r, &exited, 0.0);
+        assert!(!r.passed());
+        assert!(
+            r.verdicts[0].detail.contains("no last status"),
+            "{:?}",
+            r.verdicts
+        );
     }
 }

@@ -144,6 +144,11 @@ pub struct Report {
     /// killed); `None` off Linux.
     #[serde(default)]
     pub fleet_peak_rss_kib: Option<u64>,
+    /// Workers the fleet aborted at its exit, not stopped within
+    /// [`super::fleet::EXIT_DRAIN`] of the exit command (the verdict "every worker stopped
+    /// when told"); `None` when the fleet never printed its last status, which counts them.
+    #[serde(default)]
+    pub fleet_workers_aborted: Option<u64>,
     /// CPU of the fault proxies' processes (`--cut` through them), each to its exit (the
     /// kernel's count once it exited, after the fleet's).
     pub proxy_cpu_s: Option<f64>,
@@ -339,6 +344,9 @@ impl Report {
         row("fleet CPU seconds", format!("{:.2}", self.fleet_cpu_s));
         if let Some(v) = self.fleet_peak_rss_kib {
             row("fleet peak RSS, MiB", format!("{:.1}", v as f64 / 1024.0));
+        }
+        if let Some(v) = self.fleet_workers_aborted {
+            row("workers the fleet aborted at its exit", v.to_string());
         }
         if let Some(v) = self.proxy_cpu_s {
             row("fault proxies' CPU seconds", format!("{v:.2}"));

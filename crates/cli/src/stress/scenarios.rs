@@ -1006,7 +1006,9 @@ impl Run {
         // away, by which the tasks that ran more than once are judged.
         let records = self.fleet.report().await?;
         let exited = self.fleet.exit().await?;
-        let fleet_status = &exited.status;
+        // None when the fleet never printed its last status (it ended or was killed first):
+        // what only that status gives is then missing, not the last count it printed.
+        let fleet_status = exited.stopped.then_some(&exited.status);
         if !self.proxies.is_empty() {
             let (mut cpu_s, mut peak_rss_kib, mut killed) = (0.0, 0, 0);
             for p in &mut self.proxies {
@@ -1062,7 +1064,7 @@ impl Run {
         self.report.results_duplicate = Some(duplicate);
         self.report.checkpoint_messages_duplicate = Some(checkpoint_duplicate);
         if let Some(every) = self.a.reset_every {
-            self.report.connections_reset = Some(fleet_status.resets);
+            self.report.connections_reset = fleet_status.map(|s| s.resets);
             reset_verdict(&mut self.report, &records, every, duplicate);
         }
         self.coord.sample()?;
@@ -1145,11 +1147,22 @@ impl Run {
                 self.submitted.len()
             ),
         );
-        r.verdict(
-            "no worker gave up",
-            fleet_status.failed == 0,
-            format!("{} workers failed", fleet_status.failed),
-        );
+        match fleet_status {
+            Some(s) => r.verdict(
+                "no worker gave up",
+                s.failed == 0,
+                format!("{} workers failed", s.failed),
+            ),
+            None => r.verdict(
+                "no worker gave up",
+                false,
+                format!(
+                    "unknown: the fleet never printed its last status ({} workers had failed \
+                     by the last status it printed)",
+                    exited.status.failed
+                ),
+            ),
+        }
         // Off Linux, the sample before the exit.
         fleet_end(r, &exited, fleet.cpu_s);
         if self.a.scenario == Scenario::MixedPriority {
@@ -1166,32 +1179,82 @@ impl Run {
 }
 
 /// The fleet's CPU and peak RSS to its exit (or its kill), `sampled_cpu_s` when the kernel
-/// gave none, and the verdict on its exit: a fleet killed for not exiting within
-/// [`super::procs::FLEET_EXIT_WITHIN`] of the exit command held a worker that did not stop
-/// (it stops its workers within 10 s and then aborts those left), which fails the run; its
-/// figures are reported all the same.
+/// gave none, the workers it aborted at its exit, and the verdicts on its exit. A fleet killed
+/// for not exiting within [`super::procs::FLEET_EXIT_WITHIN`] of the exit command held a
+/// worker that did not stop (it stops its workers within [`super::fleet::EXIT_DRAIN`] and
+/// then aborts those left); one that exited with a failure (an exit code, a signal) or
+/// without printing its last status did not stop as told either; one that aborted workers
+/// did not stop them. Each fails the run; its figures are reported all the same, those only
+/// its last status gives missing when it never printed it.
 pub(super) fn fleet_end(r: &mut Report, exited: &Exited, sampled_cpu_s: f64) {
     r.fleet_cpu_s = exited.usage.map_or(sampled_cpu_s, |u| u.cpu_s);
     r.fleet_peak_rss_kib = exited.usage.map(|u| u.peak_rss_kib);
-    let detail = match exited.killed_after {
-        None => "the fleet process exited by itself after its workers stopped".to_owned(),
-        Some(after) => format!(
-            "the fleet process did not exit within {} s of the exit command and was killed \
-             (its CPU and peak RSS are to its kill): {}",
-            after.as_secs_f64(),
-            if exited.stopped {
-                "it printed its last status, every worker stopped or aborted, then hung"
-            } else {
-                "it never printed its last status, so its workers did not stop; its counts \
-                 are the last it printed before"
-            }
+    r.fleet_workers_aborted = exited.stopped.then_some(exited.status.aborted);
+    let last = if exited.stopped {
+        "it printed its last status first"
+    } else {
+        "it never printed its last status, so its workers did not stop; its counts are the \
+         last it printed before"
+    };
+    let (passed, detail) = match (exited.killed_after, exited.exit_status) {
+        (Some(after), _) => (
+            false,
+            format!(
+                "the fleet process did not exit within {} s of the exit command and was \
+                 killed (its CPU and peak RSS are to its kill): {}",
+                after.as_secs_f64(),
+                if exited.stopped {
+                    "it printed its last status, every worker stopped or aborted, then hung"
+                } else {
+                    last
+                }
+            ),
+        ),
+        (None, Some(s)) if !s.success() => (
+            false,
+            format!(
+                "the fleet process ended with {s} after the exit command (its CPU and peak \
+                 RSS are to its end): {last}"
+            ),
+        ),
+        (None, _) if !exited.stopped => (
+            false,
+            "the fleet process exited cleanly but with no last status: it never printed the \
+             status it prints once its workers stopped, so their stopping is unaccounted for; \
+             its counts are the last it printed before"
+                .to_owned(),
+        ),
+        (None, _) => (
+            true,
+            "the fleet process exited by itself after its workers stopped".to_owned(),
         ),
     };
-    r.verdict(
-        "the fleet stopped when told",
-        exited.killed_after.is_none(),
-        detail,
-    );
+    r.verdict("the fleet stopped when told", passed, detail);
+    let (passed, detail) = match r.fleet_workers_aborted {
+        Some(0) => (
+            true,
+            format!(
+                "every worker stopped within {} s of the exit command",
+                super::fleet::EXIT_DRAIN.as_secs()
+            ),
+        ),
+        Some(n) => (
+            false,
+            format!(
+                "{n} of {} workers did not stop within {} s of the exit command and were \
+                 aborted",
+                exited.status.started,
+                super::fleet::EXIT_DRAIN.as_secs()
+            ),
+        ),
+        None => (
+            false,
+            "unknown: the fleet never printed its last status, which counts the workers it \
+             aborted"
+                .to_owned(),
+        ),
+    };
+    r.verdict("every worker stopped when told", passed, detail);
 }
 
 /// checkpoint_heavy's and mixed_priority's rates over `span`, ended by `last`: when the
