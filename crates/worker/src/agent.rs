@@ -276,28 +276,89 @@ fn sweep_dead_scratch_once() {
     SWEPT.call_once(|| remove_dead_scratch(&std::env::temp_dir()));
 }
 
-/// This process's scratch directory (made once a process, readable by its user only: the
-/// tasks' checkpoints may hold secrets), locked for the process's life as a state directory is
-/// (`statedir::LockFile`): the lock, not a process id, tells the next worker process that it is
-/// in use. `None`, said once, when it cannot be made (a `TMPDIR` that is a file, a read-only or
-/// full `/tmp`): tasks then run without a checkpoint directory, as they would fail to make one.
-fn scratch_root() -> Option<&'static std::path::Path> {
-    static ROOT: std::sync::OnceLock<Option<(std::path::PathBuf, LockFile)>> =
-        std::sync::OnceLock::new();
-    ROOT.get_or_init(|| {
-        let temp = std::env::temp_dir();
-        let root = temp.join(format!("{SCRATCH_PREFIX}{}", std::process::id()));
-        match make_scratch_root(&temp, &root) {
-            Ok(lock) => Some((root, lock)),
-            Err(e) => {
-                tracing::warn!(dir = %temp.display(), error = %e, "cannot make checkpoint directories under the temporary directory: command tasks run without $TETHER_CHECKPOINT_DIR (give --state-dir, or a usable TMPDIR)");
-                None
-            }
-        }
-    })
-    .as_ref()
-    .map(|(root, _)| root.as_path())
+/// This process's scratch directory while an agent uses it (readable by its user only: the
+/// tasks' checkpoints may hold secrets), locked as a state directory is (`statedir::LockFile`):
+/// the lock, not a process id, tells another worker process's sweep that it is in use. Made by
+/// the first agent without a state directory, shared by the agents of the process (a `tether
+/// stress` fleet, a test), removed by the last one's drop ([`release_scratch_root`]), made
+/// again by the next one. `None`, said once, when it cannot be made (a `TMPDIR` that is a
+/// file, a read-only or full `/tmp`): tasks then run without a checkpoint directory, as they
+/// would fail to make one.
+static SCRATCH_ROOT: Mutex<Option<ScratchRoot>> = Mutex::new(None);
+
+/// The process's scratch directory, its lock, and how many agents use it.
+struct ScratchRoot {
+    path: std::path::PathBuf,
+    lock: LockFile,
+    users: usize,
 }
+
+/// The process's scratch directory, made if no agent uses it yet, counted as used by one more
+/// agent, which gives it back with [`release_scratch_root`].
+fn acquire_scratch_root() -> Option<std::path::PathBuf> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let mut held = SCRATCH_ROOT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(root) = held.as_mut() {
+        root.users += 1;
+        return Some(root.path.clone());
+    }
+    let temp = std::env::temp_dir();
+    let path = temp.join(format!("{SCRATCH_PREFIX}{}", std::process::id()));
+    match make_scratch_root(&temp, &path) {
+        Ok(lock) => {
+            *held = Some(ScratchRoot {
+                path: path.clone(),
+                lock,
+                users: 1,
+            });
+            Some(path)
+        }
+        Err(e) => {
+            WARNED.call_once(|| tracing::warn!(dir = %temp.display(), error = %e, "cannot make checkpoint directories under the temporary directory: command tasks run without $TETHER_CHECKPOINT_DIR (give --state-dir, or a usable TMPDIR)"));
+            None
+        }
+    }
+}
+
+/// One agent is done with the process's scratch directory; the last one removes it. Under the
+/// lock of [`SCRATCH_ROOT`], so an agent being built meanwhile makes a new one only after.
+///
+/// The directory is first renamed, still locked, to a name that other processes' sweeps
+/// ([`remove_dead_scratch`]) pass over, and only then emptied, its lock file included: under
+/// its own name, a sweep could find it without a lock file, take a new one and sweep the
+/// directory of a process still running.
+fn release_scratch_root() {
+    let mut held = SCRATCH_ROOT.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(root) = held.as_mut() else {
+        return;
+    };
+    root.users = root.users.saturating_sub(1);
+    if root.users > 0 {
+        return;
+    }
+    let Some(ScratchRoot { path, lock, .. }) = held.take() else {
+        return;
+    };
+    let mut going = path.clone().into_os_string();
+    going.push(GOING);
+    let going = std::path::PathBuf::from(going);
+    // Left by an earlier process of this pid that could not empty it: nothing of it is in use.
+    let _ = crate::executor::packing::remove_tree(&going);
+    let doomed = match std::fs::rename(&path, &going) {
+        Ok(()) => going,
+        // Removed in place: a sweep may then take it for a dead process's, which is harmless
+        // now that no agent uses it.
+        Err(_) => path,
+    };
+    if let Err(e) = crate::executor::packing::remove_tree(&doomed) {
+        tracing::warn!(dir = %doomed.display(), error = %e, "could not remove the worker's checkpoint directory");
+    }
+    drop(lock);
+}
+
+/// The suffix of a scratch directory being removed (`release_scratch_root`), which sweeps leave
+/// alone.
+const GOING: &str = ".gone";
 
 /// Makes `root` under another name, locks it and only then names it: a sweep by another
 /// process never finds it unlocked.
@@ -327,8 +388,15 @@ const YOUNG: &str = ".new";
 /// `temp` is shared with every user of the machine: anyone can make a directory of that name
 /// there, and the records in it would name the process groups this sweep kills. Only a real
 /// directory of this process's user that no one else can write is taken ([`unsafe_scratch`]);
-/// its lock file is never followed if it is a link (`tether_proto::lockfile`).
+/// its lock file is never followed if it is a link (`tether_proto::lockfile`). Another user's
+/// workers' directories are theirs to sweep: passed over, said at debug only (on a shared
+/// machine every start found some).
 fn remove_dead_scratch(temp: &std::path::Path) {
+    sweep_scratch(temp, nix::unistd::geteuid().as_raw());
+}
+
+/// [`remove_dead_scratch`] by the user `uid`.
+fn sweep_scratch(temp: &std::path::Path, uid: u32) {
     let Ok(entries) = std::fs::read_dir(temp) else {
         return;
     };
@@ -342,13 +410,27 @@ fn remove_dead_scratch(temp: &std::path::Path) {
         if !ours {
             continue;
         }
-        if let Some(why) = unsafe_scratch(&path) {
-            tracing::warn!(dir = %path.display(), why, "leaving alone a directory named like a worker's scratch directory that is not one of this user's");
-            continue;
+        match unsafe_scratch(&path, uid) {
+            None => {}
+            // Removed since it was listed: by its process, or by another's sweep.
+            Some(Unswept::Gone) => continue,
+            Some(Unswept::OtherUsers) => {
+                tracing::debug!(dir = %path.display(), "leaving alone another user's worker scratch directory");
+                continue;
+            }
+            Some(Unswept::Unsafe(why)) => {
+                tracing::warn!(dir = %path.display(), why, "leaving alone a directory named like a worker's scratch directory that is not one of this user's");
+                continue;
+            }
         }
         let _gone = match LockFile::acquire(&path) {
             Ok(lock) => lock,
             Err(crate::statedir::StateDirError::Locked { .. }) => continue,
+            Err(crate::statedir::StateDirError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(dir = %path.display(), error = %e, "leaving alone a scratch directory whose lock cannot be taken");
                 continue;
@@ -374,37 +456,51 @@ fn remove_dead_scratch(temp: &std::path::Path) {
                 tracing::info!(dir = %path.display(), "removed the checkpoint directories of a worker process gone")
             }
             Err(e) => {
-                tracing::debug!(dir = %path.display(), error = %e, "could not remove a gone worker's checkpoint directories")
+                tracing::warn!(dir = %path.display(), error = %e, "could not remove a gone worker's checkpoint directories")
             }
         }
     }
 }
 
-/// Why the entry at `path` of the temporary directory is not a scratch directory this process
-/// may sweep, if it is not: a symbolic link (to anything), not a directory, another user's, or
-/// one that others may write into (they could plant records there). A worker's own are made
-/// `0700` by its user (`make_scratch_root`).
-fn unsafe_scratch(path: &std::path::Path) -> Option<&'static str> {
+/// Why an entry of the temporary directory named like a scratch directory is not swept.
+#[derive(Debug, PartialEq)]
+enum Unswept {
+    /// No longer there.
+    Gone,
+    /// Another user's (a link included): their workers sweep it.
+    OtherUsers,
+    /// This user's, but not as a worker makes its own: why.
+    Unsafe(&'static str),
+}
+
+/// Why the entry at `path` of the temporary directory is not a scratch directory the user `uid`
+/// may sweep, if it is not: gone, another user's, a symbolic link (to anything), not a
+/// directory, or one that others may write into (they could plant records there). A worker's
+/// own are made `0700` by its user (`make_scratch_root`).
+fn unsafe_scratch(path: &std::path::Path, uid: u32) -> Option<Unswept> {
     use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return Some("cannot be read");
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(Unswept::Gone),
+        Err(_) => return Some(Unswept::Unsafe("cannot be read")),
     };
-    if meta.file_type().is_symlink() {
-        Some("a symbolic link")
+    if meta.uid() != uid {
+        Some(Unswept::OtherUsers)
+    } else if meta.file_type().is_symlink() {
+        Some(Unswept::Unsafe("a symbolic link"))
     } else if !meta.is_dir() {
-        Some("not a directory")
-    } else if meta.uid() != nix::unistd::geteuid().as_raw() {
-        Some("owned by another user")
+        Some(Unswept::Unsafe("not a directory"))
     } else if meta.mode() & 0o022 != 0 {
-        Some("writable by its group or others")
+        Some(Unswept::Unsafe("writable by its group or others"))
     } else {
         None
     }
 }
 
-/// A directory of the agent's own, removed (with what is in it) when the agent is dropped.
+/// A directory of the agent's own in the process's scratch directory, removed (with what is in
+/// it) when the agent is dropped; the last agent's drop removes the process's directory too.
 #[derive(Debug)]
-pub(crate) struct ScratchDir(pub(crate) std::path::PathBuf);
+pub(crate) struct ScratchDir(std::path::PathBuf);
 
 impl Drop for ScratchDir {
     fn drop(&mut self) {
@@ -414,6 +510,7 @@ impl Drop for ScratchDir {
             }
             _ => {}
         }
+        release_scratch_root();
     }
 }
 
@@ -516,7 +613,7 @@ impl Agent {
                     .with_group_root(dir.join(crate::executor::orphans::GROUPS_DIR));
                 None
             }
-            None if let Some(root) = scratch_root() => {
+            None if let Some(root) = acquire_scratch_root() => {
                 let dir = root.join(&boot_id);
                 // The tasks' process groups are recorded there too: a process killed before it
                 // could stop them leaves their records for the next one (`remove_dead_scratch`).
@@ -980,6 +1077,65 @@ mod tests {
             "alias ll='ls -l'\n"
         );
         assert!(dir.exists(), "the directory was swept");
+    }
+
+    /// The messages and fields of the events at WARN or above that `f` logs on this thread.
+    fn warnings_of(f: impl FnOnce()) -> Vec<String> {
+        use tracing::span::{Attributes, Id, Record};
+        struct Warnings(Arc<Mutex<Vec<String>>>);
+        impl tracing::Subscriber for Warnings {
+            fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+                true
+            }
+            fn new_span(&self, _: &Attributes<'_>) -> Id {
+                Id::from_u64(1)
+            }
+            fn record(&self, _: &Id, _: &Record<'_>) {}
+            fn record_follows_from(&self, _: &Id, _: &Id) {}
+            fn event(&self, event: &tracing::Event<'_>) {
+                if *event.metadata().level() <= tracing::Level::WARN {
+                    let mut text = String::new();
+                    event.record(&mut |f: &tracing::field::Field, v: &dyn std::fmt::Debug| {
+                        text.push_str(&format!("{}={v:?} ", f.name()));
+                    });
+                    self.0.lock().unwrap_or_else(|p| p.into_inner()).push(text);
+                }
+            }
+            fn enter(&self, _: &Id) {}
+            fn exit(&self, _: &Id) {}
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        tracing::subscriber::with_default(Warnings(seen.clone()), f);
+        let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.clone()
+    }
+
+    /// On a machine shared by several users, each one's workers leave scratch directories in
+    /// the one `/tmp`: another user's is passed over without a warning (every start warned of
+    /// each), and left alone; one of this user's that is not as a worker makes it still warns.
+    #[test]
+    fn the_sweep_passes_over_other_users_scratch_directories_without_a_warning() {
+        use std::os::unix::fs::PermissionsExt;
+        let temp = tempfile::tempdir().expect("tempdir");
+        let theirs = temp.path().join(format!("{SCRATCH_PREFIX}4194305"));
+        std::fs::create_dir_all(theirs.join("b-x")).expect("mkdir");
+        std::fs::set_permissions(&theirs, PermissionsExt::from_mode(0o700)).expect("chmod");
+        let me = nix::unistd::geteuid().as_raw();
+        // Swept as another user: the directory is someone else's.
+        let warned = warnings_of(|| sweep_scratch(temp.path(), me.wrapping_add(1)));
+        assert_eq!(warned, Vec::<String>::new());
+        assert!(
+            theirs.join("b-x").exists(),
+            "another user's directory was swept"
+        );
+        // This user's, open to all: a warning, and left alone.
+        std::fs::set_permissions(&theirs, PermissionsExt::from_mode(0o777)).expect("chmod");
+        let warned = warnings_of(|| sweep_scratch(temp.path(), me));
+        assert!(
+            warned.len() == 1 && warned[0].contains("writable by its group or others"),
+            "{warned:?}"
+        );
+        assert!(theirs.join("b-x").exists(), "an open directory was swept");
     }
 
     /// A directory is kept while the process that locked it runs, and is the next one's once

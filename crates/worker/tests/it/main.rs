@@ -8,6 +8,7 @@ mod event_log;
 mod fake;
 mod frame_limit;
 mod restart;
+mod scratch;
 mod settle;
 mod sim;
 mod state_machine;
