@@ -57,6 +57,14 @@ pub struct AttemptRecord {
     /// or later than this one, or afresh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_refused: Option<String>,
+    /// Why the worker last said it could not provide a checkpoint of this attempt
+    /// (`checkpoint_error`, the answer to a `checkpoint_request` it cannot serve), its first
+    /// [`tether_proto::msg::LOGGED_MESSAGE_CHARS`] characters; `checkpoint_error_at` says when
+    /// the coordinator received it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_error_at: Option<DateTime<Utc>>,
 }
 
 /// Metadata of a stored checkpoint.

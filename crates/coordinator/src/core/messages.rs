@@ -301,18 +301,41 @@ impl Core {
 
     /// `checkpoint_error`: the worker cannot provide a checkpoint (asked for by
     /// `checkpoint_request`, or one whose upload it abandoned). An unfinished upload of it by
-    /// this worker for that task is dropped at once: its missing pieces will not come.
+    /// this worker for that task is dropped at once: its missing pieces will not come. The
+    /// holder's reason is kept on its attempt's record (cut to
+    /// [`tether_proto::msg::LOGGED_MESSAGE_CHARS`] characters), where `tether task` and
+    /// `tether checkpoint --wait` read it: in memory only, written with the task's next save
+    /// (an answer to a request changes nothing a restart needs).
     fn on_checkpoint_error(&mut self, worker: &WorkerId, e: CheckpointError, b: &mut Batch) {
-        let holder = self
+        let attempt = self
             .tasks
             .get(&e.task_id)
             .and_then(|t| t.lease.as_ref())
-            .is_some_and(|l| &l.worker == worker);
-        if !holder {
-            tracing::debug!(worker = %worker, task = %e.task_id, "checkpoint_error about a task this worker does not hold; ignored");
-        } else if self.peer_logs.admit() {
-            let error = tether_proto::msg::logged(&e.error);
-            tracing::info!(worker = %worker, task = %e.task_id, checkpoint = ?e.checkpoint_id, ?error, "worker cannot provide a checkpoint");
+            .filter(|l| &l.worker == worker)
+            .map(|l| l.attempt);
+        match attempt {
+            None => {
+                tracing::debug!(worker = %worker, task = %e.task_id, "checkpoint_error about a task this worker does not hold; ignored");
+            }
+            Some(attempt) => {
+                if self.peer_logs.admit() {
+                    let error = tether_proto::msg::logged(&e.error);
+                    tracing::info!(worker = %worker, task = %e.task_id, checkpoint = ?e.checkpoint_id, ?error, "worker cannot provide a checkpoint");
+                }
+                if let Some(a) = self
+                    .tasks
+                    .get_mut(&e.task_id)
+                    .and_then(|t| t.attempt_record(attempt))
+                {
+                    let end = e
+                        .error
+                        .char_indices()
+                        .nth(tether_proto::msg::LOGGED_MESSAGE_CHARS)
+                        .map_or(e.error.len(), |(i, _)| i);
+                    a.checkpoint_error = Some(e.error[..end].to_owned());
+                    a.checkpoint_error_at = Some(now());
+                }
+            }
         }
         let Some(id) = e.checkpoint_id else {
             return;

@@ -152,6 +152,8 @@ impl Core {
             end: None,
             result_recorded: false,
             checkpoint_refused: None,
+            checkpoint_error: None,
+            checkpoint_error_at: None,
         });
         let Some(w) = self.workers.get_mut(worker) else {
             return;

@@ -806,6 +806,8 @@ fn a_task_round_trips_through_its_spec_and_doc_columns() {
         end: Some("lost".into()),
         result_recorded: false,
         checkpoint_refused: Some("checkpoint c-1 of 9 bytes exceeds the limit of 8".into()),
+        checkpoint_error: None,
+        checkpoint_error_at: None,
     }];
     commit_muts(&mut conn, vec![Mutation::InsertTask(Box::new(t.clone()))]);
     let spec: String = conn

@@ -5,6 +5,7 @@ mod batching;
 mod browser;
 mod budget;
 mod byte_limits;
+mod checkpoint_request;
 mod dashboard;
 mod faults;
 mod frames;
