@@ -62,8 +62,9 @@ enum Cmd {
     /// Resume a paused task (a held one is queued again).
     Resume(client::ControlArgs),
     /// Ask a running task for a checkpoint now (an executor that checkpoints makes one at its
-    /// next chance).
-    Checkpoint(client::ControlArgs),
+    /// next chance: a `command` task's changed checkpoint directory is shipped at once); with
+    /// `--wait`, wait for it.
+    Checkpoint(client::CheckpointArgs),
     /// A self-contained demonstration: a coordinator, workers, tasks and network faults.
     Demo(demo::DemoArgs),
     /// An end-to-end run: coordinator and worker processes, network faults and crashes on a
@@ -323,7 +324,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Cancel(a) => client::control(a, "cancel").await,
             Cmd::Pause(a) => client::control(a, "pause").await,
             Cmd::Resume(a) => client::control(a, "resume").await,
-            Cmd::Checkpoint(a) => client::control(a, "checkpoint").await,
+            Cmd::Checkpoint(a) => client::checkpoint(a).await,
             Cmd::Demo(a) => demo::run(a).await,
             Cmd::E2e(a) => e2e::run(a).await,
             Cmd::Cert(a) => cert::run(a).await,

@@ -546,6 +546,15 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
                 shown(why)
             )?;
         }
+        // The worker's answer to the last checkpoint asked of it that it could not make.
+        if let Some(why) = a["checkpoint_error"].as_str() {
+            outln!(
+                "attempt {}: no checkpoint at {}: {}",
+                a["attempt"],
+                when(&a["checkpoint_error_at"]),
+                shown(why)
+            )?;
+        }
     }
     outln!()?;
     // Why a result is not counted: how its attempt ended (`lost`, `cancelled`, ...).
@@ -713,6 +722,142 @@ pub async fn control(a: ControlArgs, action: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// How long `tether checkpoint --wait` waits when given no duration.
+const CHECKPOINT_WAIT: &str = "30s";
+/// How often `tether checkpoint --wait` reads the task.
+const CHECKPOINT_POLL: Duration = Duration::from_millis(250);
+/// How long `tether checkpoint --wait` still waits for a checkpoint once the worker said it
+/// cannot give one: the runner answers at once that the attempt has made none yet, while its
+/// executor, asked too, may be packing one.
+const CHECKPOINT_ERROR_GRACE: Duration = Duration::from_secs(3);
+
+#[derive(Args)]
+pub struct CheckpointArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Task id, checked against the id rules before any request.
+    id: tether_proto::TaskId,
+    /// Wait until a checkpoint newer than the request is stored (exit 0, its id and size
+    /// printed), the worker says why it cannot make one (exit 1), the task ends, or DURATION
+    /// passes (exit 1): `--wait` waits 30 s, `--wait=2m` two minutes.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = CHECKPOINT_WAIT,
+        value_parser = parse_wait
+    )]
+    wait: Option<Duration>,
+}
+
+fn parse_wait(s: &str) -> Result<Duration, String> {
+    let d = crate::settings::parse_duration_arg(s)?;
+    if d.is_zero() {
+        return Err("a wait must be longer than zero".to_owned());
+    }
+    Ok(d)
+}
+
+/// The attempt's record in a task's JSON.
+fn attempt_of(t: &Value, attempt: &Value) -> Value {
+    t["attempts"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| &a["attempt"] == attempt))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// `tether checkpoint`: asks the task's worker for a checkpoint now, says of whom it was asked
+/// and, with `--wait`, what came of it. A task that is not running on a connected worker is
+/// refused by the coordinator (HTTP 409), which is said and exits 1.
+pub async fn checkpoint(a: CheckpointArgs) -> anyhow::Result<()> {
+    let api = Api::new(&a.common)?;
+    let path = format!("/api/v1/tasks/{}", a.id);
+    // What was there before the request: only what differs from it answers it.
+    let before = match a.wait {
+        Some(_) => Some(api.get(&path).await?),
+        None => None,
+    };
+    let v = api.post(&format!("{path}/checkpoint"), &json!({})).await?;
+    let (worker, attempt) = (&v["lease"]["worker"], &v["attempt"]);
+    if !a.common.json || a.wait.is_none() {
+        let asked = format!(
+            "checkpoint asked of worker {} for {} (attempt {attempt})",
+            s(worker),
+            s(&v["task_id"])
+        );
+        match a.common.json {
+            true => outln!("{v}")?,
+            false => outln!("{asked}")?,
+        }
+        if v["status"] == "paused" {
+            eprintln!("(the task is paused: a `command` task makes it once resumed)");
+        }
+    }
+    let (Some(wait), Some(before)) = (a.wait, before) else {
+        return Ok(());
+    };
+    let latest = |t: &Value| t["latest_checkpoint"]["checkpoint_id"].clone();
+    let error_at = |t: &Value| attempt_of(t, attempt)["checkpoint_error_at"].clone();
+    let (old_latest, old_error) = (latest(&before), error_at(&before));
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut refused: Option<(tokio::time::Instant, String)> = None;
+    loop {
+        let t = api.get(&path).await?;
+        let cp = &t["latest_checkpoint"];
+        if !cp["checkpoint_id"].is_null() && latest(&t) != old_latest {
+            match a.common.json {
+                true => outln!("{cp}")?,
+                false => outln!(
+                    "checkpoint {} of {} (attempt {}): {} bytes",
+                    s(&cp["checkpoint_id"]),
+                    s(&t["task_id"]),
+                    cp["attempt"],
+                    cp["size"]
+                )?,
+            }
+            return Ok(());
+        }
+        let now = tokio::time::Instant::now();
+        if refused.is_none() && error_at(&t) != old_error && !error_at(&t).is_null() {
+            let why = s(&attempt_of(&t, attempt)["checkpoint_error"]);
+            refused = Some((now, why));
+        }
+        if let Some((since, why)) = &refused
+            && (now >= *since + CHECKPOINT_ERROR_GRACE || now >= deadline)
+        {
+            bail!(
+                "worker {} made no checkpoint of {}: {}",
+                s(worker),
+                a.id,
+                shown(why)
+            );
+        }
+        if &t["attempt"] != attempt || t["lease"].is_null() {
+            bail!(
+                "{} is {} (attempt {}) and no checkpoint of attempt {attempt} came",
+                a.id,
+                s(&t["status"]),
+                t["attempt"]
+            );
+        }
+        if now >= deadline {
+            bail!(
+                "no checkpoint of {} within {}: its executor may make none, or its checkpoint \
+                 directory is unchanged since its latest checkpoint ({}), which holds its state",
+                a.id,
+                humantime::format_duration(wait),
+                match old_latest.is_null() {
+                    true => "none".to_owned(),
+                    false => s(&old_latest),
+                }
+            );
+        }
+        tokio::time::sleep(CHECKPOINT_POLL.min(deadline - now)).await;
+    }
 }
 
 /// Characters of a task's config and of its state `tether task` shows (`--json` has all of

@@ -15,7 +15,8 @@ mod commands;
 mod table;
 
 pub use commands::{
-    ControlArgs, SubmitArgs, TaskArgs, TasksArgs, control, submit, task, tasks, workers,
+    CheckpointArgs, ControlArgs, SubmitArgs, TaskArgs, TasksArgs, checkpoint, control, submit,
+    task, tasks, workers,
 };
 pub(crate) use table::shown;
 

@@ -1,0 +1,148 @@
+//! `tether checkpoint` against a real coordinator and worker in this process: what it says it
+//! asked, what `--wait` reports, and a task that is not running.
+
+use std::time::Duration;
+
+use tether_proto::TaskSpec;
+use tether_testkit::*;
+use tether_worker::{ConnState, Executors};
+
+/// The longest one `tether` run may take here.
+const RUN_LIMIT: Duration = Duration::from_secs(60);
+
+/// Runs `tether checkpoint` with `args` against `base`; its exit code, stdout and stderr.
+async fn checkpoint(base: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut all = vec!["checkpoint"];
+    all.extend_from_slice(args);
+    tether(base, &all).await
+}
+
+/// Runs `tether` with `args` against `base`; its exit code, stdout and stderr.
+async fn tether(base: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"));
+    cmd.args(args)
+        .args(["--coordinator", base])
+        .env_remove("TETHER_LOG")
+        .env_remove("TETHER_TOKEN")
+        .env_remove("TETHER_TOKEN_FILE")
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(RUN_LIMIT, cmd.output())
+        .await
+        .expect("tether checkpoint ended in time")
+        .expect("run tether checkpoint");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A `--shell` task that wrote its checkpoint directory, polled only every minute: `tether
+/// checkpoint --wait` says whom it asked, and the checkpoint the request made (exit 0), well
+/// before the poll would have. Before, the `command` executor ignored the request: the command
+/// printed the task's status and exited 0 with no checkpoint made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_wait_reports_the_checkpoint_a_shell_task_made_at_the_request() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().join("c")).await;
+    let mut cfg = fast_worker_config(&c.ws_url(), "w1");
+    cfg.state_dir = Some(dir.path().join("w"));
+    let w = spawn_worker(cfg, Executors::builtin());
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let ready = dir.path().join("ready");
+    let script = r#"echo 41 > "$TETHER_CHECKPOINT_DIR/state"; touch "$READY"
+        i=0; while [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done"#;
+    let spec = TaskSpec::new(
+        "command",
+        serde_json::json!({
+            "shell": script,
+            "env": {"READY": ready},
+            "checkpoint_poll_ms": 60_000,
+        }),
+    );
+    let id = client.submit(&[spec]).await.remove(0);
+    client.wait_status(&id, "running").await;
+    wait_for("the task's state written", DEADLINE, || async {
+        ready.exists().then_some(())
+    })
+    .await;
+    assert!(client.task(&id).await["latest_checkpoint"].is_null());
+
+    let base = format!("http://{}", c.addr);
+    let (code, out, err) = checkpoint(&base, &["--wait=20s", id.as_str()]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(
+        out.contains(&format!(
+            "checkpoint asked of worker w1 for {id} (attempt 1)"
+        )),
+        "{out}"
+    );
+    let t = client.task(&id).await;
+    let cp = &t["latest_checkpoint"];
+    let said = format!(
+        "checkpoint {} of {id} (attempt 1): {} bytes",
+        cp["checkpoint_id"].as_str().expect("a checkpoint"),
+        cp["size"]
+    );
+    assert!(out.contains(&said), "{out}\n{t}");
+    // The worker's first answer (the attempt had made no checkpoint yet; the task was asked for
+    // one) is on the attempt, and `tether task` shows it.
+    let (code, shown, err) = tether(&base, &["task", id.as_str()]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        shown.contains("attempt 1: no checkpoint at ")
+            && shown.contains("yet; the task was asked for one"),
+        "{shown}"
+    );
+
+    // Asked again with the directory as shipped: no new checkpoint comes, which the wait says
+    // when its time is up, naming the latest (which holds the task's state).
+    let (code, out, err) = checkpoint(&base, &["--wait=1s", id.as_str()]).await;
+    assert_eq!(code, Some(1), "stdout: {out}\nstderr: {err}");
+    let latest = cp["checkpoint_id"].as_str().expect("a checkpoint");
+    assert!(
+        err.contains(&format!("no checkpoint of {id} within 1s")) && err.contains(latest),
+        "{err}"
+    );
+
+    client.control(&id, "cancel").await;
+    client.wait_status(&id, "cancelled").await;
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+/// A task that is not running has no worker to ask: `tether checkpoint` exits 1 with the
+/// coordinator's reason, with or without `--wait`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_of_a_task_not_running_exits_1_saying_why() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().join("c")).await;
+    let client = c.client();
+    // No worker: the task stays queued.
+    let id = client
+        .submit(&[TaskSpec::new(
+            "command",
+            serde_json::json!({"shell": "true"}),
+        )])
+        .await
+        .remove(0);
+    let base = format!("http://{}", c.addr);
+    for args in [vec![id.as_str()], vec!["--wait", id.as_str()]] {
+        let (code, out, err) = checkpoint(&base, &args).await;
+        assert_eq!(code, Some(1), "stdout: {out}\nstderr: {err}");
+        assert!(
+            err.contains(&format!("task {id} is not running on a connected worker")),
+            "{err}"
+        );
+        assert!(!out.contains("checkpoint asked"), "{out}");
+    }
+    client.control(&id, "cancel").await;
+    let (code, _, err) = checkpoint(&base, &[id.as_str()]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("task {id} is already cancelled")),
+        "{err}"
+    );
+    c.stop().await;
+}
