@@ -77,11 +77,19 @@ impl Disk {
     /// A `tether coordinator` on `addr` with its data directory on the tmpfs, logging to
     /// `log`; killed when dropped.
     fn coordinator(&self, addr: SocketAddr, log: &Path) -> Coordinator {
+        self.coordinator_by(&[], addr, log)
+    }
+
+    /// [`Disk::coordinator`], started by `wrapper` (a command that execs the rest of its
+    /// arguments, as `setpriv` does; none: the coordinator itself).
+    fn coordinator_by(&self, wrapper: &[&str], addr: SocketAddr, log: &Path) -> Coordinator {
         let log = std::fs::File::create(log).expect("coordinator log");
-        // `nsenter` execs the coordinator: the child's pid is the coordinator's.
+        // `nsenter` execs the coordinator (through `wrapper`, which execs it too): the child's
+        // pid is the coordinator's.
         let child = Command::new("nsenter")
             .arg(format!("--target={}", self.holder.id()))
             .args(["--mount", "--"])
+            .args(wrapper)
             .arg(env!("CARGO_BIN_EXE_tether"))
             .args(["--log", "info", "coordinator", "--listen"])
             .arg(addr.to_string())
@@ -1083,6 +1091,14 @@ const EXT4_SIZE: u64 = 2 << 30;
 /// `mkfs.ext4`) and loop-mounted in it as [`mounted`] mounts its tmpfs, a free loopback
 /// address and its base URL; none where this machine cannot (no e2fsprogs, no loop device).
 fn ext4_mounted(mkfs: &[&str]) -> Option<(tempfile::TempDir, Disk, SocketAddr, String)> {
+    ext4_mounted_with(mkfs, "loop")
+}
+
+/// [`ext4_mounted`], mounted with `options` (`-o`, `loop` among them).
+fn ext4_mounted_with(
+    mkfs: &[&str],
+    options: &str,
+) -> Option<(tempfile::TempDir, Disk, SocketAddr, String)> {
     if !can_mount() {
         return None;
     }
@@ -1128,7 +1144,7 @@ fn ext4_mounted(mkfs: &[&str]) -> Option<(tempfile::TempDir, Disk, SocketAddr, S
         eprintln!("skipped: this machine cannot loop-mount an ext4 ({why})");
         return None;
     }
-    let disk = Disk::mounted_by(&mount, &format!("mount -o loop {}", image.display()));
+    let disk = Disk::mounted_by(&mount, &format!("mount -o {options} {}", image.display()));
     let addr = free_addr();
     let base = format!("http://{addr}");
     Some((work, disk, addr, base))
@@ -1185,9 +1201,11 @@ fn a_real_ext4s_reserve_for_no_one_is_read_as_its_statfs_counts_it() {
                 "{what}: under 2 %: {kept} of {blocks}"
             );
         }
-        // This test runs as root (to mount), as the coordinator in the tests above.
+        // This test runs as root (to mount), as the coordinator in the tests above; the
+        // holder, root too, sees the mount, as the coordinator in its namespace does.
+        let holder = PathBuf::from(format!("/proc/{}", disk.holder.id()));
         assert_eq!(
-            Writer::of(&data, &room, Path::new(SYS)),
+            Writer::of_in(&data, &room, Path::new(SYS), &holder),
             Writer::Root { kept },
             "{what}"
         );
@@ -1301,6 +1319,163 @@ async fn as_root_on_an_ext4_full_to_others_the_free_space_gauge_shows_roots_room
         "{gauge} bytes shown, {free} blocks free"
     );
     let r = post_tasks(&http, &base, &specs("root-room", 1))
+        .await
+        .expect("submitted");
+    assert_eq!(r.status().as_u16(), 201, "it takes work");
+    assert!(
+        !logged().contains("running out of space"),
+        "warned of low space:\n{}",
+        logged()
+    );
+    c.stop("the coordinator", &log).await;
+}
+
+/// `setpriv` (util-linux) to start a coordinator with other credentials; none where it is
+/// missing (a failure in CI).
+fn setpriv() -> Option<()> {
+    match Command::new("setpriv").arg("--version").output() {
+        Ok(out) if out.status.success() => Some(()),
+        Ok(out) => {
+            skip_unless_ci(
+                "util-linux's setpriv",
+                &String::from_utf8_lossy(&out.stderr),
+            );
+            None
+        }
+        Err(e) => {
+            skip_unless_ci("util-linux's setpriv", &e.to_string());
+            None
+        }
+    }
+}
+
+/// An ext4 with half its blocks kept for the superuser, mounted `resuid=65534,resgid=65534`
+/// (as this machine's root file system is), filled to leave 200,000 blocks free: none to
+/// others, 781 MiB to those the kernel gives the superuser's blocks; with its work directory,
+/// the data directory made, owned by `owner`, the coordinator's log, a free address and its
+/// base URL.
+fn ext4_full_to_others_kept_for_nobody(
+    owner: u32,
+) -> Option<(tempfile::TempDir, Disk, PathBuf, SocketAddr, String)> {
+    setpriv()?;
+    let (work, disk, addr, base) = ext4_mounted_with(
+        &["-b", "4096", "-m", "50"],
+        "loop,resuid=65534,resgid=65534",
+    )?;
+    let data = disk.inside("data");
+    std::fs::create_dir(&data).expect("the data directory");
+    std::os::unix::fs::chown(&data, Some(owner), Some(owner)).expect("chown");
+    // The mount point is in the work directory: others may pass through it.
+    std::fs::set_permissions(
+        work.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    // Filled by the resuid: root without CAP_SYS_RESOURCE (this test, here) may not use the
+    // blocks kept.
+    std::fs::set_permissions(
+        disk.inside(""),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .expect("chmod");
+    let (_, free, _) = statvfs(&data);
+    let filled = Command::new("nsenter")
+        .arg(format!("--target={}", disk.holder.id()))
+        .args(["--mount", "--", "setpriv", "--reuid=65534", "--regid=65534"])
+        .args(["--clear-groups", "--", "fallocate", "-l"])
+        .arg(((free - 200_000) * 4096).to_string())
+        .arg(disk.mount.join("filler"))
+        .output()
+        .expect("run fallocate (util-linux)");
+    assert!(
+        filled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&filled.stderr)
+    );
+    let (_, _, available) = statvfs(&data);
+    assert_eq!(available, 0, "full to others");
+    let log = work.path().join("coordinator.log");
+    Some((work, disk, log, addr, base))
+}
+
+/// Root without `CAP_SYS_RESOURCE` (Docker's default set drops it; so does `setpriv` here) on
+/// an ext4 whose `resuid` is another user is not given the blocks kept for the superuser: the
+/// disk, full to others, is full to it, and a database it cannot open (a dangling link) is
+/// waited on for room. It counted them as root's (its euid 0) and, the disk not full to it,
+/// exited with SQLite's error where it had no room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_root_without_cap_sys_resource_on_an_ext4_kept_for_another_a_disk_full_to_others_is_waited_on()
+ {
+    let Some((_work, disk, log, addr, _base)) = ext4_full_to_others_kept_for_nobody(0) else {
+        return;
+    };
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    std::os::unix::fs::symlink(
+        "/no-such-directory-of-tether/tether.db",
+        disk.inside("data/tether.db"),
+    )
+    .expect("the database a dangling link");
+    let without = [
+        "setpriv",
+        "--inh-caps=-sys_resource",
+        "--bounding-set=-sys_resource",
+        "--",
+    ];
+    let mut c = disk.coordinator_by(&without, addr, &log);
+    let pid = c.child.id();
+    // The lock file is made without its pid (out of space) either way: the open is what waits.
+    let waits = "the store cannot be opened";
+    wait_for("the open to wait, or to be refused", LONG, || async {
+        (exited(pid) || logged().contains(waits)).then_some(())
+    })
+    .await;
+    assert!(
+        logged().contains(waits),
+        "not taken for a full disk:\n{}",
+        logged()
+    );
+    assert!(c.alive(), "it exited:\n{}", logged());
+}
+
+/// A coordinator that is not root but is the `resuid` of its ext4 is given the blocks kept
+/// for the superuser: on a disk full to others, its free-space gauge shows them and it takes
+/// work without a low-space warning. Not root, it counted only what others may use: 0 bytes
+/// shown and `running out of space` said while it had 781 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_that_is_its_ext4s_resuid_counts_the_superusers_blocks_as_its_room() {
+    let Some((_work, disk, log, addr, base)) = ext4_full_to_others_kept_for_nobody(65534) else {
+        return;
+    };
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    let nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+    ];
+    let mut c = disk.coordinator_by(&nobody, addr, &log);
+    let http = http_client();
+    wait_healthy(&http, &base).await;
+    let gauge = wait_for("the watcher's first look", LONG, || async {
+        let text = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("tether_data_dir_available_bytes "))?
+            .to_owned();
+        line.rsplit(' ').next()?.parse::<f64>().ok()
+    })
+    .await;
+    let low = tether_coordinator::disk::LOW_SPACE as f64;
+    assert!(gauge > low, "{gauge} bytes shown:\n{}", logged());
+    let r = post_tasks(&http, &base, &specs("resuid-room", 1))
         .await
         .expect("submitted");
     assert_eq!(r.status().as_u16(), 201, "it takes work");

@@ -6,8 +6,9 @@
 //! while there is still room for that and more.
 //!
 //! The room is the coordinator's own ([`Writer::of`]): the watcher's gauge and warning and the
-//! store's reading of a failed open (`store::space`) count the same blocks, those a superuser
-//! may use on ext2/3/4 when it runs as one.
+//! store's reading of a failed open (`store::space`) count the same blocks: on ext2/3/4, those
+//! kept for the superuser too where the kernel gives them to the coordinator
+//! (`CAP_SYS_RESOURCE`, or the file system's `resuid` or `resgid`: [`Credentials::may_use`]).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -70,12 +71,19 @@ pub enum Writer {
 
 impl Writer {
     /// This process, writing in the file system holding `dir`, whose room is `room`:
-    /// [`Writer::Root`] where it is a superuser the file system keeps blocks for (its
-    /// effective uid 0, the file system ext2, ext3 or ext4, and uid 0 mapped to uid 0 in
-    /// `/proc/self/uid_map`: not a rootless container's), with what ext4 keeps from everyone
-    /// read under `sys` ([`SYS`]; a test gives a tree of its own), else [`Writer::Other`].
+    /// [`Writer::Root`] where the file system gives it the blocks it keeps for the superuser
+    /// (an ext2, ext3 or ext4 whose reserve [`Credentials::may_use`], as read under [`PROC`]),
+    /// with what ext4 keeps from everyone read under `sys` ([`SYS`]; a test gives a tree of its
+    /// own), else [`Writer::Other`].
     pub fn of(dir: &Path, room: &Room, sys: &Path) -> Writer {
-        if !(superuser() && keeps_for_this_process(dir)) {
+        Writer::of_in(dir, room, sys, Path::new(PROC))
+    }
+
+    /// [`Writer::of`], the writer's credentials and mounts read in `proc` (a process's
+    /// directory in procfs: [`PROC`], this process's): `status`, `uid_map`, `gid_map`
+    /// ([`Credentials::of`]) and `mountinfo` ([`Owners::of`]), at each call.
+    pub fn of_in(dir: &Path, room: &Room, sys: &Path, proc: &Path) -> Writer {
+        if !keeps_for_this_process(dir, proc) {
             return Writer::Other;
         }
         Writer::Root {
@@ -197,36 +205,189 @@ pub fn cluster_bound(sectors: u64) -> Option<u64> {
     Some(1 << bytes.trailing_zeros())
 }
 
-/// Whether this process runs as the superuser (its effective uid 0), which may use what a
-/// file system keeps from others.
-fn superuser() -> bool {
-    // SAFETY: geteuid takes nothing, touches no memory of the caller's and cannot fail.
-    unsafe { nix::libc::geteuid() == 0 }
+/// Who this process is to ext2/3/4 when it allocates a block (`ext4_has_free_clusters`,
+/// `ext2_has_free_blocks`): the blocks kept for the superuser are given to a process whose
+/// fsuid is the file system's `resuid`, or which is in its `resgid` (but group 0), or which
+/// holds `CAP_SYS_RESOURCE` in the first user namespace; its ids are compared as that
+/// namespace knows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    /// The fsuid (the fourth of `Uid:`), mapped through `uid_map`; `None` where not mapped.
+    pub fsuid: Option<u32>,
+    /// The fsgid (the fourth of `Gid:`) and the supplementary groups (`Groups:`), mapped
+    /// through `gid_map`; those not mapped left out.
+    pub groups: Vec<u32>,
+    /// `CAP_SYS_RESOURCE` is in the effective set (`CapEff`, bit [`CAP_SYS_RESOURCE`]) and the
+    /// user namespace is the first (`uid_map` maps every id to itself, `0 0 4294967295`): held
+    /// in a container's own user namespace, it gives nothing of the file system's.
+    pub sys_resource: bool,
 }
 
-/// Whether what the file system holding `dir` keeps from others (`f_bfree` over `f_bavail`)
-/// is this process's, its superuser's ([`keeps_for`]).
-fn keeps_for_this_process(dir: &Path) -> bool {
+/// `CAP_SYS_RESOURCE`'s bit in the capability sets of `/proc/<pid>/status`.
+pub const CAP_SYS_RESOURCE: u32 = 24;
+
+/// This process's directory in procfs: its credentials ([`Credentials::of`]) and mounts
+/// ([`Owners::of`]) are read there.
+pub const PROC: &str = "/proc/self";
+
+impl Credentials {
+    /// A process's, read in its procfs directory `proc` ([`PROC`]): `status`, `uid_map` and
+    /// `gid_map` ([`Credentials::parse`]); what cannot be read gives nothing.
+    pub fn of(proc: &Path) -> Credentials {
+        let read = |name: &str| std::fs::read_to_string(proc.join(name));
+        Credentials::parse(
+            &read("status").unwrap_or_default(),
+            &read("uid_map").unwrap_or_default(),
+            &read("gid_map").unwrap_or_default(),
+        )
+    }
+
+    /// From the text of `/proc/<pid>/status`, `uid_map` and `gid_map`. An id maps through the
+    /// line of its map whose range holds it (`inside outside count`), to the parent user
+    /// namespace's id: in a namespace nested in another one, not the first's, which this does
+    /// not see (taken for the first's).
+    pub fn parse(status: &str, uid_map: &str, gid_map: &str) -> Credentials {
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .unwrap_or_default()
+        };
+        let fs_id = |name: &str| field(name).split_whitespace().nth(3)?.parse::<u32>().ok();
+        let mut groups: Vec<u32> = fs_id("Gid")
+            .into_iter()
+            .chain(
+                field("Groups")
+                    .split_whitespace()
+                    .filter_map(|g| g.parse().ok()),
+            )
+            .filter_map(|g| map_id(gid_map, g))
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        let cap_eff = u64::from_str_radix(field("CapEff").trim(), 16).unwrap_or(0);
+        Credentials {
+            fsuid: fs_id("Uid").and_then(|u| map_id(uid_map, u)),
+            groups,
+            sys_resource: cap_eff & (1 << CAP_SYS_RESOURCE) != 0 && first_namespace(uid_map),
+        }
+    }
+
+    /// Whether a file system whose reserve is for `owners` (`None`: not known) gives it to
+    /// these credentials: as the kernel decides, `resuid` is the fsuid, or `resgid` is not 0
+    /// and one of the groups, or `CAP_SYS_RESOURCE` is held. Owners not known, only the
+    /// capability counts: a process that the file system gives them but which is not counted
+    /// so is told it has no room before it is so (it waits for room), where one counted so
+    /// that is not given them takes an `SQLITE_CANTOPEN` on a disk full to it for another
+    /// cause (refused with SQLite's error).
+    pub fn may_use(&self, owners: Option<Owners>) -> bool {
+        self.sys_resource
+            || owners.is_some_and(|o| {
+                self.fsuid == Some(o.resuid) || (o.resgid != 0 && self.groups.contains(&o.resgid))
+            })
+    }
+}
+
+/// `id` of a user namespace mapped as `map` says (`/proc/<pid>/uid_map` or `gid_map`: lines
+/// of `inside outside count`) to its parent's; `None` where no line holds it.
+fn map_id(map: &str, id: u32) -> Option<u32> {
+    map.lines().find_map(|l| {
+        let ids: Vec<u64> = l
+            .split_whitespace()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let [inside, outside, count] = ids[..] else {
+            return None;
+        };
+        let offset = u64::from(id).checked_sub(inside).filter(|&o| o < count)?;
+        u32::try_from(outside + offset).ok()
+    })
+}
+
+/// Whether `uid_map` is the first user namespace's: every id mapped to itself.
+fn first_namespace(uid_map: &str) -> bool {
+    let lines: Vec<Vec<&str>> = uid_map
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .filter(|l: &Vec<&str>| !l.is_empty())
+        .collect();
+    matches!(lines.as_slice(), [only] if only.as_slice() == ["0", "0", "4294967295"])
+}
+
+/// Whom an ext2/3/4 gives the blocks it keeps for the superuser, besides the holders of
+/// `CAP_SYS_RESOURCE`: its `resuid` and `resgid` (the mount's options, else the superblock's,
+/// set by `tune2fs -u`/`-g`; 0 both by default, and so a process whose fsuid is the first
+/// user namespace's 0 is given them without the capability).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owners {
+    /// The user given them (`resuid`), as the first user namespace knows it.
+    pub resuid: u32,
+    /// The group given them (`resgid`; 0: none), as the first user namespace knows it.
+    pub resgid: u32,
+}
+
+impl Owners {
+    /// The owners of the file system on device `dev` (an `st_dev`), as `mountinfo` in a
+    /// process's procfs directory `proc` ([`PROC`]) says ([`Owners::parse`]): the mounts of
+    /// that process's mount namespace.
+    pub fn of(proc: &Path, dev: u64) -> Option<Owners> {
+        let mountinfo = std::fs::read_to_string(proc.join("mountinfo")).ok()?;
+        Owners::parse(&mountinfo, dev)
+    }
+
+    /// From the text of `/proc/<pid>/mountinfo`: the super options of a mount of device `dev`
+    /// (its third field `MAJOR:MINOR`). ext2, ext3 and ext4 list `resuid=` and `resgid=` there
+    /// whenever either the mount's or the superblock's is not 0: one not listed is 0. `None`
+    /// where no mount of `dev` is listed or an id is not a number.
+    pub fn parse(mountinfo: &str, dev: u64) -> Option<Owners> {
+        let dev = format!(
+            "{}:{}",
+            nix::sys::stat::major(dev),
+            nix::sys::stat::minor(dev)
+        );
+        let line = mountinfo
+            .lines()
+            .find(|l| l.split_whitespace().nth(2) == Some(dev.as_str()))?;
+        // After the optional fields, `-`, the type, the source, the super options.
+        let mut after = line.split_whitespace().skip_while(|&f| f != "-").skip(3);
+        let mut owners = Owners {
+            resuid: 0,
+            resgid: 0,
+        };
+        for option in after.next()?.split(',') {
+            if let Some(uid) = option.strip_prefix("resuid=") {
+                owners.resuid = uid.parse().ok()?;
+            } else if let Some(gid) = option.strip_prefix("resgid=") {
+                owners.resgid = gid.parse().ok()?;
+            }
+        }
+        Some(owners)
+    }
+}
+
+/// Whether the blocks that the file system holding `dir` keeps from others (`f_bfree` over
+/// `f_bavail`) are the writer's ([`keeps_for`]), read in its procfs directory `proc`
+/// ([`PROC`]).
+fn keeps_for_this_process(dir: &Path, proc: &Path) -> bool {
     let Ok(fs) = nix::sys::statfs::statfs(dir) else {
         return false;
     };
-    let uid_map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
-    keeps_for(fs.filesystem_type(), &uid_map)
+    let owners = std::fs::metadata(dir)
+        .ok()
+        .and_then(|m| Owners::of(proc, m.dev()));
+    keeps_for(fs.filesystem_type(), &Credentials::of(proc), owners)
 }
 
-/// Whether a superuser whose user namespace maps its ids as `uid_map` says
-/// (`/proc/self/uid_map`) may use what a file system of type `fs` keeps from others. Only
-/// ext2, ext3 and ext4 keep blocks for the superuser (one magic number for the three): on
-/// btrfs `f_bfree` over `f_bavail` is room no one may write (metadata's, RAID's), and read as
-/// root's a full btrfs was not full. And only the superuser of the first user namespace is
-/// theirs (uid 0 mapped to uid 0): uid 0 in a rootless container is another user to the file
-/// system, for which a disk full to others is full.
-fn keeps_for(fs: nix::sys::statfs::FsType, uid_map: &str) -> bool {
-    let root_outside = uid_map.lines().any(|l| {
-        let ids: Vec<&str> = l.split_whitespace().collect();
-        matches!(ids.as_slice(), ["0", "0", count] if count.parse::<u64>().is_ok_and(|n| n > 0))
-    });
-    fs == nix::sys::statfs::EXT4_SUPER_MAGIC && root_outside
+/// Whether a process of credentials `who` may use what a file system of type `fs`, its
+/// reserve for `owners`, keeps from others. Only ext2, ext3 and ext4 keep blocks for the
+/// superuser (one magic number for the three): on btrfs `f_bfree` over `f_bavail` is room no
+/// one may write (metadata's, RAID's), and read as root's a full btrfs was not full. And only
+/// those the kernel gives them to ([`Credentials::may_use`]): not uid 0 in a rootless
+/// container (another user to the file system), nor uid 0 without `CAP_SYS_RESOURCE` (a
+/// Docker container's, by default) where `resuid` is another user; but a user that is the
+/// `resuid`, root or not.
+fn keeps_for(fs: nix::sys::statfs::FsType, who: &Credentials, owners: Option<Owners>) -> bool {
+    fs == nix::sys::statfs::EXT4_SUPER_MAGIC && who.may_use(owners)
 }
 
 /// Bytes this process may still write in the file system holding `dir` ([`Writer::of`]);
@@ -297,9 +458,10 @@ pub async fn watch(dir: PathBuf, stop: CancellationToken) {
 }
 
 /// One look at the free space: sets the gauge and says what `w` asks to. The bytes are this
-/// process's ([`Writer::of`]), as the store's reading of a failed open counts them: running as
-/// root on ext2/3/4, the blocks kept for the superuser are room (the unprivileged count warned
-/// while root still had them), less what ext4 keeps from everyone. A failed read (the
+/// process's ([`Writer::of`]), as the store's reading of a failed open counts them: on ext2/3/4,
+/// where the kernel gives this process the blocks kept for the superuser, they are room (the
+/// unprivileged count warned while root still had them), less what ext4 keeps from everyone. A
+/// failed read (the
 /// directory removed, its file system gone) sets the gauge to NaN, not to the last value
 /// read, which would keep an alert on it quiet while nothing is known; it is said once
 /// until a read succeeds again (`failed`). So does a file system that counts no blocks
@@ -704,17 +866,18 @@ mod tests {
         assert!(!failed);
     }
 
-    /// The writer of this process: the superuser's room only for the superuser of an ext2/3/4,
-    /// then with what ext4 keeps read where it can be.
+    /// The writer of this process: the superuser's room only where the file system gives it
+    /// to this process, then with what ext4 keeps read where it can be.
     #[test]
     fn this_process_is_root_only_where_the_file_system_keeps_room_for_it() {
         let dir = std::env::temp_dir();
         let room = Room::of(&dir).expect("statvfs");
         let sys = tempfile::tempdir().expect("tempdir");
+        let proc = Path::new(PROC);
         match Writer::of(&dir, &room, sys.path()) {
-            Writer::Other => assert!(!(superuser() && keeps_for_this_process(&dir))),
+            Writer::Other => assert!(!keeps_for_this_process(&dir, proc)),
             Writer::Root { kept } => {
-                assert!(superuser() && keeps_for_this_process(&dir));
+                assert!(keeps_for_this_process(&dir, proc));
                 assert_eq!(kept, room.kept_from_all(None), "no sysfs: 2 %");
             }
         }
@@ -806,43 +969,262 @@ mod tests {
         assert!(available(&dir.path().join("missing")).is_err());
     }
 
-    /// The room kept for the superuser is counted for this process when its effective uid
-    /// (the second of `/proc/self/status`'s `Uid:`) is 0 (the tests above try the decision).
+    /// This process's credentials are read from `/proc/self/status`: the fsuid (the fourth
+    /// of `Uid:`), and `CAP_SYS_RESOURCE` in `CapEff`, counted only in the first user
+    /// namespace.
     #[test]
-    fn the_superuser_is_a_process_whose_effective_uid_is_0() {
+    fn this_process_s_credentials_are_read_from_proc() {
         let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-        let euid = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|ids| ids.split_whitespace().nth(1))
-            .expect("an effective uid");
-        assert_eq!(superuser(), euid == "0", "euid {euid}");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .expect(name)
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let uid_map = std::fs::read_to_string("/proc/self/uid_map").expect("uid_map");
+        let me = Credentials::of(Path::new(PROC));
+        let fsuid: u32 = field("Uid:")[3].parse().expect("a uid");
+        if first_namespace(&uid_map) {
+            assert_eq!(me.fsuid, Some(fsuid));
+        }
+        let cap_eff = u64::from_str_radix(&field("CapEff:")[0], 16).expect("hex");
+        assert_eq!(
+            me.sys_resource,
+            cap_eff & (1 << 24) != 0 && first_namespace(&uid_map),
+            "{cap_eff:x}"
+        );
+        assert_eq!(
+            Credentials::of(Path::new("/nonexistent-proc-of-tether")),
+            Credentials::default(),
+            "no procfs: nothing"
+        );
     }
 
-    /// The blocks a file system keeps from others are a superuser's only on ext2, ext3 and
-    /// ext4, and only the first user namespace's: btrfs's are no one's (its `f_bfree` over
+    /// A `/proc/<pid>/status` of a process of fsuid `uid`, fsgid `gid`, supplementary
+    /// `groups` and effective capabilities `cap_eff`.
+    fn status(uid: u32, gid: u32, groups: &str, cap_eff: &str) -> String {
+        format!(
+            "Name:\ttether\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\nGid:\t{gid}\t{gid}\t{gid}\t{gid}\n\
+             Groups:\t{groups}\nCapInh:\t0000000000000000\nCapPrm:\t{cap_eff}\n\
+             CapEff:\t{cap_eff}\nCapBnd:\t{cap_eff}\n"
+        )
+    }
+    /// The first user namespace's map.
+    const FIRST: &str = "         0          0 4294967295\n";
+    /// A rootless container's: uid 0 is 1000 outside.
+    const ROOTLESS: &str = "         0       1000          1\n         1     100000      65536\n";
+    /// Every capability, as root has them.
+    const ALL_CAPS: &str = "000001ffffffffff";
+    /// Every capability but `CAP_SYS_RESOURCE`: Docker's default set has more dropped, this
+    /// one among them; this machine's root, too.
+    const NO_SYS_RESOURCE: &str = "000001fffeffffff";
+    /// An ext4's default owners: uid 0, no group.
+    const DEFAULT_OWNERS: Owners = Owners {
+        resuid: 0,
+        resgid: 0,
+    };
+
+    /// The kernel gives the blocks kept for the superuser to a process holding
+    /// `CAP_SYS_RESOURCE` in the first user namespace, whatever its uid and whoever the
+    /// `resuid`; held in a rootless container's namespace, the capability gives nothing.
+    #[test]
+    fn cap_sys_resource_in_the_first_user_namespace_is_given_the_superusers_room() {
+        let nobody_owns = Some(Owners {
+            resuid: 65534,
+            resgid: 65534,
+        });
+        let root = Credentials::parse(&status(0, 0, "0", ALL_CAPS), FIRST, FIRST);
+        assert!(root.sys_resource);
+        assert!(root.may_use(nobody_owns), "the capability");
+        assert!(root.may_use(None), "owners not known");
+        let capable_user = Credentials::parse(&status(1000, 1000, "", ALL_CAPS), FIRST, FIRST);
+        assert!(capable_user.may_use(nobody_owns), "not root, but capable");
+        let rootless = Credentials::parse(&status(0, 0, "", ALL_CAPS), ROOTLESS, ROOTLESS);
+        assert!(!rootless.sys_resource, "its own namespace's capability");
+        assert_eq!(rootless.fsuid, Some(1000), "uid 0 is 1000 outside");
+        assert!(!rootless.may_use(nobody_owns));
+        assert!(!rootless.may_use(Some(DEFAULT_OWNERS)), "not uid 0 outside");
+        // A namespace mapping 0 to 0 but not all ids is not the first.
+        let partial = "         0          0      65536\n";
+        let partial = Credentials::parse(&status(0, 0, "", ALL_CAPS), partial, partial);
+        assert!(!partial.sys_resource);
+        assert!(
+            partial.may_use(Some(DEFAULT_OWNERS)),
+            "but its uid 0 is the resuid"
+        );
+    }
+
+    /// Root without `CAP_SYS_RESOURCE` (in a Docker container by default, and this machine's
+    /// root) is given the superuser's room only as the `resuid`: by default 0, so it is; but
+    /// on an ext4 whose `resuid` is another user (this machine's root file system is mounted
+    /// `resuid=65534`), it is not, and counting it a disk full to it was not full: an
+    /// `SQLITE_CANTOPEN` there was refused with SQLite's error instead of waited on.
+    #[test]
+    fn root_without_cap_sys_resource_is_given_the_superusers_room_only_as_its_resuid() {
+        let docker_root = Credentials::parse(&status(0, 0, "0", NO_SYS_RESOURCE), FIRST, FIRST);
+        assert!(!docker_root.sys_resource);
+        assert_eq!(docker_root.fsuid, Some(0));
+        assert!(docker_root.may_use(Some(DEFAULT_OWNERS)), "resuid 0");
+        let nobody_owns = Some(Owners {
+            resuid: 65534,
+            resgid: 65534,
+        });
+        assert!(!docker_root.may_use(nobody_owns), "resuid 65534");
+        assert!(!docker_root.may_use(None), "owners not known: not counted");
+        use nix::sys::statfs::EXT4_SUPER_MAGIC;
+        assert!(!keeps_for(EXT4_SUPER_MAGIC, &docker_root, nobody_owns));
+    }
+
+    /// A user that is the file system's `resuid` (mounted `resuid=<uid>`, or `tune2fs -u`), or
+    /// in its `resgid` (its fsgid or a supplementary group), is given the superuser's room,
+    /// root or not; group 0 is no `resgid`. It was told there was no room while there was.
+    #[test]
+    fn the_resuid_and_the_resgid_are_given_the_superusers_room() {
+        let owners = |resuid, resgid| Some(Owners { resuid, resgid });
+        let user = Credentials::parse(&status(1000, 1000, "4 27 1000", "0"), FIRST, FIRST);
+        assert_eq!(user.fsuid, Some(1000));
+        assert_eq!(user.groups, vec![4, 27, 1000]);
+        assert!(!user.sys_resource);
+        assert!(user.may_use(owners(1000, 0)), "the resuid");
+        assert!(
+            user.may_use(owners(0, 27)),
+            "a supplementary group the resgid"
+        );
+        assert!(user.may_use(owners(0, 1000)), "its fsgid the resgid");
+        assert!(!user.may_use(owners(0, 0)), "not uid 0, no group");
+        assert!(!user.may_use(owners(1001, 5)), "another's");
+        assert!(!user.may_use(None), "owners not known");
+        let in_root_group = Credentials::parse(&status(1000, 0, "0", "0"), FIRST, FIRST);
+        assert!(!in_root_group.may_use(owners(0, 0)), "group 0 is none");
+        // In a user namespace, ids are compared as the first one knows them.
+        let mapped = "0 100000 65536\n";
+        let inside = Credentials::parse(&status(1000, 1000, "", "0"), mapped, mapped);
+        assert_eq!(inside.fsuid, Some(101_000));
+        assert_eq!(inside.groups, vec![101_000]);
+        assert!(inside.may_use(owners(101_000, 0)));
+        assert!(
+            !inside.may_use(owners(1000, 1000)),
+            "inside's ids are not the file system's"
+        );
+        // Nothing read: nothing given.
+        let nothing = Credentials::parse("", "", "");
+        assert_eq!(nothing, Credentials::default());
+        assert!(!nothing.may_use(Some(DEFAULT_OWNERS)));
+    }
+
+    /// The owners are read from the super options of a mount of the device in
+    /// `/proc/self/mountinfo`, where ext2/3/4 lists them unless both are 0: an ext4 mounted
+    /// `resuid=65534,resgid=65534` (as this machine's root), one of `tune2fs -u 1234`, and
+    /// one of the defaults.
+    #[test]
+    fn the_owners_of_the_superusers_room_are_read_from_mountinfo() {
+        let dev = nix::sys::stat::makedev;
+        let mountinfo = "\
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard,resuid=65534,resgid=65534
+45 27 254:0 /run/netns /run/netns rw,relatime shared:1 - ext4 /dev/vda rw,discard,resuid=65534,resgid=65534
+46 27 7:0 / /tmp/a\\040b rw,relatime shared:7 master:2 - ext4 /dev/loop0 rw,resuid=1234,resgid=1234
+47 27 7:1 / /mnt/default rw,relatime - ext4 /dev/loop1 rw
+48 27 7:2 / /mnt/bad rw,relatime - ext4 /dev/loop2 rw,resuid=many
+49 27 0:30 / /tmp rw - tmpfs tmpfs rw,size=1024k
+";
+        let owners = |resuid, resgid| Some(Owners { resuid, resgid });
+        assert_eq!(Owners::parse(mountinfo, dev(254, 0)), owners(65534, 65534));
+        assert_eq!(
+            Owners::parse(mountinfo, dev(7, 0)),
+            owners(1234, 1234),
+            "optional fields"
+        );
+        assert_eq!(
+            Owners::parse(mountinfo, dev(7, 1)),
+            owners(0, 0),
+            "not listed: 0"
+        );
+        assert_eq!(Owners::parse(mountinfo, dev(7, 2)), None, "not a number");
+        assert_eq!(Owners::parse(mountinfo, dev(0, 30)), owners(0, 0));
+        assert_eq!(Owners::parse(mountinfo, dev(8, 1)), None, "not mounted");
+        // Through a fake procfs, and none where it is missing.
+        let proc = tempfile::tempdir().expect("tempdir");
+        std::fs::write(proc.path().join("mountinfo"), mountinfo).expect("write");
+        assert_eq!(Owners::of(proc.path(), dev(254, 0)), owners(65534, 65534));
+        assert_eq!(
+            Owners::of(Path::new("/nonexistent-proc-of-tether"), dev(254, 0)),
+            None
+        );
+    }
+
+    /// The blocks a file system keeps from others are a writer's only on ext2, ext3 and
+    /// ext4, and only one the kernel gives them to: btrfs's are no one's (its `f_bfree` over
     /// `f_bavail` is metadata's), and uid 0 of a rootless container is another user to the
     /// file system. Taken for room, a disk full to such a root was not full, and a database
     /// it could not open for want of room was refused instead of waited on.
     #[test]
     fn only_ext4_keeps_room_for_the_superuser_of_the_first_user_namespace() {
         use nix::sys::statfs::{BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, TMPFS_MAGIC};
-        let first = "         0          0 4294967295\n";
-        assert!(keeps_for(EXT4_SUPER_MAGIC, first));
-        assert!(!keeps_for(BTRFS_SUPER_MAGIC, first), "btrfs");
-        assert!(!keeps_for(TMPFS_MAGIC, first), "tmpfs");
-        let rootless = "         0       1000          1\n         1     100000      65536\n";
+        let first = Credentials::parse(&status(0, 0, "0", ALL_CAPS), FIRST, FIRST);
+        let owners = Some(DEFAULT_OWNERS);
+        assert!(keeps_for(EXT4_SUPER_MAGIC, &first, owners));
+        assert!(!keeps_for(BTRFS_SUPER_MAGIC, &first, owners), "btrfs");
+        assert!(!keeps_for(TMPFS_MAGIC, &first, owners), "tmpfs");
+        let rootless = Credentials::parse(&status(0, 0, "0", ALL_CAPS), ROOTLESS, ROOTLESS);
         assert!(
-            !keeps_for(EXT4_SUPER_MAGIC, rootless),
+            !keeps_for(EXT4_SUPER_MAGIC, &rootless, owners),
             "a rootless container"
         );
-        assert!(!keeps_for(EXT4_SUPER_MAGIC, ""), "no map read");
-        // This process: on the file system its directory is on, as its map says.
+        let no_map = Credentials::parse(&status(0, 0, "0", ALL_CAPS), "", "");
+        assert!(!keeps_for(EXT4_SUPER_MAGIC, &no_map, owners), "no map read");
+        // This process: on the file system its directory is on, as its procfs says.
         let dir = std::env::temp_dir();
         let fs = nix::sys::statfs::statfs(&dir)
             .expect("statfs")
             .filesystem_type();
-        let map = std::fs::read_to_string("/proc/self/uid_map").expect("uid_map");
-        assert_eq!(keeps_for_this_process(&dir), keeps_for(fs, &map));
+        let proc = Path::new(PROC);
+        let dev = std::fs::metadata(&dir).expect("stat").dev();
+        assert_eq!(
+            keeps_for_this_process(&dir, proc),
+            keeps_for(fs, &Credentials::of(proc), Owners::of(proc, dev))
+        );
+    }
+
+    /// The writer is decided by the procfs given: a fake one's credentials and mounts.
+    #[test]
+    fn the_writer_is_decided_by_the_credentials_and_mounts_read_under_proc() {
+        let dir = std::env::temp_dir();
+        let room = Room::of(&dir).expect("statvfs");
+        let ext4 = nix::sys::statfs::statfs(&dir)
+            .expect("statfs")
+            .filesystem_type()
+            == nix::sys::statfs::EXT4_SUPER_MAGIC;
+        let dev = std::fs::metadata(&dir).expect("stat").dev();
+        let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+        let sys = tempfile::tempdir().expect("tempdir");
+        let proc = tempfile::tempdir().expect("tempdir");
+        let fake = |status: &str, resuid: u32| {
+            let me = proc.path();
+            std::fs::write(me.join("status"), status).expect("write");
+            std::fs::write(me.join("uid_map"), FIRST).expect("write");
+            std::fs::write(me.join("gid_map"), FIRST).expect("write");
+            let line = format!("1 0 {major}:{minor} / / rw - ext4 /dev/x rw,resuid={resuid}\n");
+            std::fs::write(me.join("mountinfo"), line).expect("write");
+            Writer::of_in(&dir, &room, sys.path(), proc.path())
+        };
+        let root = Writer::Root {
+            kept: room.kept_from_all(None),
+        };
+        let docker_root = status(0, 0, "0", NO_SYS_RESOURCE);
+        assert_eq!(fake(&docker_root, 65534), Writer::Other, "the Docker case");
+        let resuid = status(1000, 1000, "", "0");
+        let capable = status(0, 0, "0", ALL_CAPS);
+        if ext4 {
+            assert_eq!(fake(&docker_root, 0), root, "resuid 0");
+            assert_eq!(fake(&resuid, 1000), root, "the resuid, not root");
+            assert_eq!(fake(&capable, 65534), root, "the capability");
+        } else {
+            for (who, resuid) in [(&docker_root, 0), (&resuid, 1000), (&capable, 65534)] {
+                assert_eq!(fake(who, resuid), Writer::Other, "not ext2/3/4");
+            }
+        }
     }
 }

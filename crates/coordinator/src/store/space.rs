@@ -151,8 +151,9 @@ pub(super) fn cannot_open_for_space(db: &Path, e: StoreError) -> StoreError {
 }
 
 /// Whether the file system holding `dir` has no inode or no block left for this process
-/// ([`crate::disk::Room::exhausted`]: only what the file system counts can run out; running
-/// as root on ext2, ext3 or ext4, the blocks and inodes kept for the superuser count, which
+/// ([`crate::disk::Room::exhausted`]: only what the file system counts can run out; on ext2,
+/// ext3 or ext4, where the kernel gives them to this process (`CAP_SYS_RESOURCE`, or the file
+/// system's `resuid` or `resgid`), the blocks and inodes kept for the superuser count, which
 /// others may not use, but not what ext4 keeps from everyone: [`crate::disk::Writer::of`], as
 /// the free-space watcher counts them). A file system full to others (ext4 keeps 5 % of its
 /// blocks for root) was taken for full for a coordinator running as root, and a database it
