@@ -92,13 +92,24 @@ pub async fn run(a: CertArgs) -> anyhow::Result<()> {
         w.secret.display(),
     );
     outln!()?;
+    let host = url_host(&effective_names(&a.names)[0]);
     outln!("  tether coordinator --listen 0.0.0.0:8765 --tls-cert {cert} --tls-key {key} \\")?;
     outln!("      --secret-file {secret} --message-mac --admin-token-file <tokens>")?;
     outln!(
-        "  tether worker --coordinator wss://<name>:8765 --ca-file {ca} --secret-file {secret} --message-mac"
+        "  tether worker --coordinator wss://{host}:8765 --ca-file {ca} --secret-file {secret} --message-mac"
     )?;
-    outln!("  tether tasks --coordinator https://<name>:8765 --ca-file {ca} --token-file <token>")?;
+    outln!("  tether tasks --coordinator https://{host}:8765 --ca-file {ca} --token-file <token>")?;
     Ok(())
+}
+
+/// `name` (a DNS name or an IP address the certificate is for) as the host of a URL: an IPv6
+/// address in brackets. The commands printed name the first name given, where they showed
+/// `<name>` for the user to fill in.
+fn url_host(name: &str) -> String {
+    match name.parse::<std::net::Ipv6Addr>() {
+        Ok(_) => format!("[{name}]"),
+        Err(_) => name.to_owned(),
+    }
 }
 
 fn effective_names(names: &[String]) -> Vec<String> {

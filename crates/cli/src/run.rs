@@ -20,10 +20,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8765";
 
 #[derive(Args)]
 pub struct CoordinatorArgs {
-    /// Address to listen on (worker endpoint and HTTP API).
+    /// Address to listen on, HOST:PORT (worker endpoint and HTTP API; default 127.0.0.1:8765).
     #[arg(long, env = "TETHER_LISTEN")]
     listen: Option<String>,
-    /// Directory of the database.
+    /// Directory of the database (default ./tether-data).
     #[arg(long, env = "TETHER_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Heartbeat interval announced to workers (at least 10ms; default 5s).
@@ -162,10 +162,12 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     // the command line gave that is refused is a usage error.
     let keys = settings::keys(a.config.as_deref(), "coordinator");
     let path = a.config.clone();
-    let said = |e| {
+    let said = |e: anyhow::Error| {
         let given = settings::given_outside_the_file;
         settings::said(e, "coordinator", path.as_deref(), &keys, given)
     };
+    // Before anything is made: a value that is no address was refused only at the bind.
+    listen_address("--listen", &listen).map_err(|r| said(r.into()))?;
     let coalesce = settings::pick_duration(
         a.idle_coalesce,
         file.idle_coalesce.as_deref(),
@@ -219,11 +221,31 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
 /// The coordinator's settings: each from its flag, else the file, else the library default.
 /// The built-in executors' checks of task configs (`sleep`, `command`): a coordinator refuses
 /// at submission a task that their executor would refuse at every attempt.
+/// A `command` task's `shell` script that is empty (or blank) is refused with them: it runs
+/// nothing and "completes", where an empty `program` is refused.
 pub(crate) fn builtin_config_check() -> tether_coordinator::config::ConfigCheck {
     let builtin = tether_worker::Executors::builtin();
-    tether_coordinator::config::ConfigCheck(std::sync::Arc::new(move |kind, config| {
-        builtin.check_config(kind, config)
+    tether_coordinator::config::ConfigCheck(std::sync::Arc::new(move |kind, config| match builtin
+        .check_config(kind, config)
+    {
+        Some(Ok(())) if kind == "command" && blank_shell(config) => Some(Err(
+            "`shell` is empty: a script of nothing runs nothing".to_owned(),
+        )),
+        checked => checked,
     }))
+}
+
+/// Whether the config of a `command` task (JSON text) holds a `shell` script that is blank.
+fn blank_shell(config: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Shell {
+        shell: Option<String>,
+    }
+    serde_json::from_str::<Option<Shell>>(config)
+        .ok()
+        .flatten()
+        .and_then(|c| c.shell)
+        .is_some_and(|s| s.trim().is_empty())
 }
 
 /// The shortest `--connect-timeout` the worker takes.
@@ -555,6 +577,32 @@ fn adopt_orphans() {
 /// dropped handshake costs that worker a SYN retransmission, 1 s and then 3 s.
 pub const LISTEN_BACKLOG: u32 = 65_535;
 
+/// `value` of `flag` as [`bind`] takes it: `HOST:PORT`, the host an IP address (`[::1]` for
+/// IPv6) or a name resolved at the bind, the port a number. Refused as a setting (a usage error
+/// from the command line): one that is no address was an error of the run, found only once the
+/// command had started. An address that parses but cannot be bound stays the run's error.
+fn listen_address(flag: &str, value: &str) -> Result<(), Refused> {
+    if value.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let named = value.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.trim().is_empty()
+            && !host.contains(char::is_whitespace)
+            && port.parse::<u16>().is_ok()
+    });
+    match named {
+        true => Ok(()),
+        false => Err(Refused::new(
+            flag,
+            format!(
+                "{:?}{} is not an address to listen on: give HOST:PORT, e.g. {DEFAULT_LISTEN}",
+                crate::cut_value(value),
+                settings::by_env(flag)
+            ),
+        )),
+    }
+}
+
 /// Binds like `TcpListener::bind` (address reuse on), with [`LISTEN_BACKLOG`].
 async fn bind(listen: &str) -> std::io::Result<tokio::net::TcpListener> {
     let mut last = None;
@@ -752,6 +800,28 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
             "--id is required (or TETHER_WORKER_ID, or id in the config file)",
         ))?,
     };
+    // Here, with the other settings (a usage error naming the flag, or the variable or the
+    // file's key that gave it), not when the agent is built: that was an error of the run,
+    // naming no flag, after the worker had started.
+    if let Err(e) = tether_proto::endpoint::derive_endpoint(&coordinator, &id) {
+        let mut why = e.to_string();
+        if let std::borrow::Cow::Owned(cut) = crate::cut_value(&coordinator) {
+            why = why.replace(&format!("{coordinator:?}"), &format!("{cut:?}"));
+        }
+        let by = settings::env_of("--coordinator")
+            .map_or_else(String::new, |v| format!("(given by {v}) "));
+        let refused = Refused::new("--coordinator", format!("{by}refused: {why}"));
+        // A URL that names another worker is refused for the id as much as for itself.
+        let mismatch = matches!(
+            e,
+            tether_proto::endpoint::EndpointError::WorkerIdMismatch { .. }
+        );
+        return Err(match mismatch {
+            true => refused.with("--id"),
+            false => refused,
+        }
+        .into());
+    }
     let mut cfg = WorkerConfig::new(coordinator, id);
     let mut caps = if a.capabilities.is_empty() {
         file.capabilities.unwrap_or_default()
@@ -916,10 +986,15 @@ pub async fn worker(mut a: WorkerArgs) -> anyhow::Result<()> {
     let metrics_listen = a.metrics_listen.take();
     let keys = settings::keys(a.config.as_deref(), "worker");
     let path = a.config.clone();
-    let cfg = worker_config(a).map_err(|e| {
+    let said = |e: anyhow::Error| {
         let given = settings::given_outside_the_file;
         settings::said(e, "worker", path.as_deref(), &keys, given)
-    })?;
+    };
+    // With the other settings: it was refused only at its bind, after the worker had started.
+    if let Some(addr) = &metrics_listen {
+        listen_address("--metrics-listen", addr).map_err(|r| said(r.into()))?;
+    }
+    let cfg = worker_config(a).map_err(said)?;
     adopt_orphans();
     let agent = Agent::new(cfg, Executors::builtin())?;
     // The first signal stops the worker gracefully (its tasks stop, what they leave is sent,
@@ -963,6 +1038,76 @@ mod tests {
     use clap::Parser;
 
     use super::*;
+
+    /// `HOST:PORT` as the bind resolves it is taken (an IP address, IPv6 in brackets, a name);
+    /// anything else is refused naming the flag: it was refused only at the bind.
+    #[test]
+    fn a_listen_address_is_host_and_port() {
+        for ok in [
+            "127.0.0.1:8765",
+            "0.0.0.0:0",
+            "[::1]:80",
+            "localhost:9465",
+            "coordinator.example:1",
+        ] {
+            assert!(listen_address("--listen", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "notanaddr",
+            "127.0.0.1",
+            ":80",
+            "host:",
+            "host:99999",
+            "a b:1",
+            "",
+        ] {
+            let e = listen_address("--listen", bad).expect_err(bad).to_string();
+            assert!(
+                e.starts_with(&format!("--listen {bad:?} is not an address to listen on")),
+                "{e}"
+            );
+        }
+    }
+
+    /// The coordinator refuses at submission a `command` task whose `shell` script is empty
+    /// or blank (it ran nothing and "completed"), as it refuses an empty `program`; a script
+    /// and a program are taken.
+    #[test]
+    fn a_blank_shell_script_is_refused_by_the_submission_check() {
+        let check = builtin_config_check();
+        for blank in [r#"{"shell": ""}"#, r#"{"shell": " \n\t"}"#] {
+            let said = (check.0)("command", blank);
+            assert!(
+                matches!(&said, Some(Err(why)) if why.contains("`shell` is empty")),
+                "{blank}: {said:?}"
+            );
+        }
+        for taken in [r#"{"shell": "true"}"#, r#"{"program": "true"}"#] {
+            assert_eq!((check.0)("command", taken), Some(Ok(())), "{taken}");
+        }
+        // A kind no executor takes is left alone (the coordinator knows nothing of it).
+        assert_eq!((check.0)("other", r#"{"shell": ""}"#), None);
+    }
+
+    /// The help of `--listen` and `--data-dir` says the defaults the command applies (not a
+    /// clap default, which would hide the config file's value).
+    #[test]
+    fn the_coordinator_help_says_the_defaults_in_use() {
+        let cmd = <crate::Cli as clap::CommandFactory>::command();
+        let coord = cmd.find_subcommand("coordinator").expect("coordinator");
+        let help = |long: &str| {
+            let arg = coord.get_arguments().find(|a| a.get_long() == Some(long));
+            let arg = arg.expect(long);
+            assert!(
+                arg.get_default_values().is_empty(),
+                "{long}: a clap default"
+            );
+            arg.get_help().map(ToString::to_string).unwrap_or_default()
+        };
+        assert!(help("listen").contains(&format!("default {DEFAULT_LISTEN}")));
+        let data_dir = tether_coordinator::config::DEFAULT_DATA_DIR;
+        assert!(help("data-dir").contains(&format!("default {data_dir}")));
+    }
 
     #[derive(Parser)]
     struct Coord {

@@ -289,6 +289,27 @@ pub fn given_outside_the_file(flag: &str) -> bool {
 static COMMAND: std::sync::LazyLock<clap::Command> =
     std::sync::LazyLock::new(<crate::Cli as clap::CommandFactory>::command);
 
+/// The environment variable that gave the running subcommand's `flag` its value (`TETHER_X`),
+/// if one did: an error about that value names where the user set it, its flag still named
+/// first so that [`said`] tells it by the flag.
+pub fn env_of(flag: &str) -> Option<String> {
+    if !given_by(flag, |s| s == clap::parser::ValueSource::EnvVariable) {
+        return None;
+    }
+    let long = flag.trim_start_matches("--");
+    let name = MATCHES.get()?.subcommand_name()?;
+    let arg = COMMAND
+        .find_subcommand(name)?
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))?;
+    arg.get_env().map(|v| v.to_string_lossy().into_owned())
+}
+
+/// ` (given by TETHER_X)`, as [`env_of`], or nothing.
+pub fn by_env(flag: &str) -> String {
+    env_of(flag).map_or_else(String::new, |var| format!(" (given by {var})"))
+}
+
 /// Whether the running subcommand's `flag` has a value whose source is `taken`.
 fn given_by(flag: &str, taken: impl Fn(clap::parser::ValueSource) -> bool) -> bool {
     let Some((name, sub)) = MATCHES.get().and_then(|m| m.subcommand()) else {

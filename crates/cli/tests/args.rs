@@ -1168,3 +1168,184 @@ fn a_default_refused_beside_a_flags_value_is_a_usage_error_beside_a_file_of_othe
     assert!(!err.contains("Usage:"), "{err}");
     assert!(!std::path::Path::new(data).exists(), "nothing made");
 }
+
+/// A coordinator URL the worker cannot use is refused with the other settings: from the flag
+/// (or `TETHER_COORDINATOR`, named) a usage error (exit 2) naming `--coordinator`, from the
+/// config file the run's error (exit 1) naming the key and the file. It was checked only as
+/// the agent was built, after the worker had started: exit 1, "invalid coordinator URL", no
+/// flag named.
+#[test]
+fn a_coordinator_url_the_worker_cannot_use_is_refused_naming_where_it_came_from() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let once = ["--max-reconnect-attempts", "1"];
+    let says = "refused: coordinator URL \"ftp://x\" has scheme \"ftp\"";
+    let flag = ["worker", "--coordinator", "ftp://x", "--id", "x"];
+    let (code, err) = tether_bounded(&[&flag[..], &once].concat(), None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(refusal(&err, "--coordinator").starts_with(says), "{err}");
+    assert!(err.contains("Usage: tether worker"), "{err}");
+    let env = [("TETHER_COORDINATOR", "ftp://x")];
+    let (code, err) =
+        tether_bounded_env(&[&["worker", "--id", "x"][..], &once].concat(), None, &env);
+    assert_eq!(code, Some(2), "{err}");
+    let said = refusal(&err, "--coordinator");
+    assert!(
+        said.starts_with("(given by TETHER_COORDINATOR) refused: "),
+        "{err}"
+    );
+    let file = dir.path().join("w.toml");
+    std::fs::write(&file, "[worker]\ncoordinator = \"ftp://x\"\n").expect("write");
+    let (code, err) = tether_bounded(&[&["worker", "--id", "x"][..], &once].concat(), Some(&file));
+    assert_eq!(code, Some(1), "{err}");
+    let named = format!("coordinator (in {}) {says}", file.display());
+    assert!(err.contains(&named), "{err}");
+    assert!(!err.contains("Usage:"), "{err}");
+    // A URL that names another worker is refused for the id too.
+    let other = "ws://127.0.0.1:1/api/v1/worker/other/ws";
+    let (code, err) = tether_bounded(&["worker", "--coordinator", other, "--id", "x"], None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        refusal(&err, "--coordinator").contains("names worker \"other\""),
+        "{err}"
+    );
+}
+
+/// A `--listen` that is no address (`notanaddr`) is a usage error (exit 2) naming the flag,
+/// or `TETHER_LISTEN`, before anything is made; the file's `listen`, the run's error naming
+/// the key and the file. It was refused only at the bind: exit 1, "cannot listen on". An
+/// address that parses but cannot be bound (one in use) stays the run's error.
+#[test]
+fn a_listen_address_that_does_not_parse_is_a_usage_error_and_one_in_use_is_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    let head = ["coordinator", "--data-dir", data];
+    let says = "\"notanaddr\" is not an address to listen on: give HOST:PORT";
+    let (code, err) = tether_bounded(&[&head[..], &["--listen", "notanaddr"]].concat(), None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(refusal(&err, "--listen").starts_with(says), "{err}");
+    assert!(err.contains("Usage: tether coordinator"), "{err}");
+    let env = [("TETHER_LISTEN", "notanaddr")];
+    let (code, err) = tether_bounded_env(&head, None, &env);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        refusal(&err, "--listen").contains("(given by TETHER_LISTEN)"),
+        "{err}"
+    );
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, "[coordinator]\nlisten = \"notanaddr\"\n").expect("write");
+    let (code, err) = tether_bounded(&head, Some(&file));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("listen (in {}) {says}", file.display())),
+        "{err}"
+    );
+    assert!(!std::path::Path::new(data).exists(), "nothing made");
+    // An address in use: the run's error, as it was.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let (code, err) = tether_bounded(&[&head[..], &["--listen", &addr]].concat(), None);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+    assert!(!err.contains("Usage:"), "{err}");
+}
+
+/// A worker's `--metrics-listen` (or `TETHER_METRICS_LISTEN`) that is no address is a usage
+/// error (exit 2) naming it, found with the other settings: it was exit 1, found at its bind,
+/// once the worker was configured and had swept its temporary files.
+#[test]
+fn a_worker_metrics_address_that_does_not_parse_is_a_usage_error() {
+    let closed = closed_port();
+    let head = ["worker", "--coordinator", &closed, "--id", "w"];
+    let once = ["--max-reconnect-attempts", "1"];
+    let bogus = ["--metrics-listen", "bogus"];
+    let (code, err) = tether_bounded(&[&head[..], &once, &bogus].concat(), None);
+    assert_eq!(code, Some(2), "{err}");
+    let said = refusal(&err, "--metrics-listen");
+    assert!(
+        said.starts_with("\"bogus\" is not an address to listen on"),
+        "{err}"
+    );
+    assert!(err.contains("Usage: tether worker"), "{err}");
+    assert!(!err.contains("worker configured"), "{err}");
+    let env = [("TETHER_METRICS_LISTEN", "bogus")];
+    let (code, err) = tether_bounded_env(&[&head[..], &once].concat(), None, &env);
+    assert_eq!(code, Some(2), "{err}");
+    let said = refusal(&err, "--metrics-listen");
+    assert!(said.contains("(given by TETHER_METRICS_LISTEN)"), "{err}");
+}
+
+/// `tether submit` with nothing to run is a usage error (exit 2) with the usage, as every
+/// other refused submission, before any request: it was exit 1. So is an empty `--shell`
+/// script, which was accepted and "completed" having run nothing, where an empty program was
+/// refused.
+#[test]
+fn submit_with_no_command_or_an_empty_script_is_a_usage_error() {
+    let closed = closed_port();
+    let head = ["submit", "--coordinator", &closed];
+    for (args, says) in [
+        (
+            &[][..],
+            "give a command after `--`, --shell SCRIPT or --file FILE",
+        ),
+        (&["--shell", ""][..], "`shell` is empty"),
+        (&["--shell", " \n"][..], "`shell` is empty"),
+    ] {
+        let (code, err) = tether_str(&[&head[..], args].concat());
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(err.contains("Usage: tether submit"), "{args:?}: {err}");
+        assert!(!err.contains("cannot reach"), "{args:?}: {err}");
+    }
+}
+
+/// The commands `tether cert` prints to use its files name the coordinator by the name the
+/// certificate was made for (an IPv6 address in brackets), where they showed `<name>`.
+#[test]
+fn cert_prints_commands_with_the_name_given() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, host) in [
+        (None, "localhost"),
+        (Some("coordinator.example"), "coordinator.example"),
+        (Some("::1"), "[::1]"),
+    ] {
+        let out_dir = dir.path().join(host);
+        let mut args = vec!["cert".as_ref(), "--out".as_ref(), out_dir.as_os_str()];
+        if let Some(n) = name {
+            args.push("--name".as_ref());
+            args.push(n.as_ref());
+        }
+        let out = tether(&args);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{said}");
+        assert!(!said.contains("<name>"), "{said}");
+        assert!(
+            said.contains(&format!("--coordinator wss://{host}:8765 ")),
+            "{said}"
+        );
+        assert!(
+            said.contains(&format!("--coordinator https://{host}:8765 ")),
+            "{said}"
+        );
+    }
+}
+
+/// `tether coordinator --help` says the defaults of `--listen` and `--data-dir` (they are
+/// no clap defaults: a default there would hide the config file's value), and `tether submit
+/// --help` the number each named priority stands for.
+#[test]
+fn help_says_the_listen_and_data_dir_defaults_and_the_priorities_numbers() {
+    let (code, help) = {
+        let out = tether(&["coordinator".as_ref(), "--help".as_ref()]);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(0), "{help}");
+    assert!(help.contains("default 127.0.0.1:8765"), "{help}");
+    assert!(help.contains("default ./tether-data"), "{help}");
+    let out = tether(&["submit".as_ref(), "--help".as_ref()]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("high (1), normal (5), low (9)"), "{help}");
+}

@@ -285,3 +285,33 @@ async fn tasks_all_rows_stay_under_their_heads_columns_when_a_later_page_is_wide
     assert_eq!(heads, [0, 3], "{text}");
     coord.stop().await;
 }
+
+/// A `submit --file` larger than the coordinator's `--max-body` is said plainly: larger than
+/// the coordinator accepts, its limit named, and what to do (split the file). It was axum's
+/// own "Failed to buffer the request body: length limit exceeded (HTTP 413)".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_file_over_the_body_limit_is_said_plainly_with_what_to_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = tether_testkit::fast_coordinator_config(dir.path().join("data"));
+    cfg.max_body = 64 * 1024;
+    let coord = tether_testkit::spawn_coordinator_with(cfg, None).await;
+    let big = dir.path().join("big.json");
+    let name = "n".repeat(1000);
+    let spec = json!({"kind": "sleep", "config": {}, "name": name});
+    let specs: Vec<Value> = std::iter::repeat_n(spec, 100).collect();
+    std::fs::write(&big, json!({ "tasks": specs }).to_string()).expect("write");
+    let base = format!("http://{}", coord.addr);
+    let args = ["submit", "--coordinator", &base, "--file"];
+    let mut args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+    args.push(big.clone().into());
+    let (code, err) = run_tether(args).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("larger than this coordinator accepts: at most 65536 bytes (its --max-body)"),
+        "{err}"
+    );
+    assert!(err.contains(&format!("split {}", big.display())), "{err}");
+    assert!(err.contains("(HTTP 413)"), "{err}");
+    assert!(!err.contains("Failed to buffer"), "{err}");
+    coord.stop().await;
+}

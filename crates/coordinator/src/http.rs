@@ -437,6 +437,20 @@ impl IntoResponse for SubmitError {
     }
 }
 
+/// `413 too_large` for a submission over the body limit, naming the limit: axum's own words
+/// ("Failed to buffer the request body: length limit exceeded") said neither what limit nor
+/// whose.
+fn too_large(max_body: usize) -> Response {
+    error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        &format!(
+            "the request is larger than this coordinator accepts: at most {max_body} bytes (its \
+             --max-body); send the tasks in several requests"
+        ),
+    )
+}
+
 /// Whether an object body has a `tasks` key (any value), read without keeping anything.
 #[derive(Deserialize)]
 struct Probe {
@@ -574,7 +588,7 @@ fn specs_of(body: &serde_json::value::RawValue, max: usize) -> Result<Vec<TaskSp
         (status = 201, description = "Accepted", body = Submitted),
         (status = 400, description = "Not JSON, or a query parameter (`bad_request`, naming it): submission takes none", body = ErrorBody),
         (status = 409, description = "A task id already exists", body = ErrorBody),
-        (status = 413, description = "Larger than the body limit", body = ErrorBody),
+        (status = 413, description = "Larger than the body limit (`too_large`, naming it)", body = ErrorBody),
         (status = 415, description = "Not sent as `application/json`", body = ErrorBody),
         (status = 503, description = "`out_of_space`: the data directory is out of space, nothing new is taken until there is room (Retry-After: 5); `busy`: every turn for submissions (4 at once) was held for half the handshake deadline (Retry-After: 1); neither took anything. `shutting_down`: the coordinator is stopping (Retry-After: 5)", body = ErrorBody),
         (status = 422, description = "Not a spec (`bad_request`; the message starts with the field at fault, e.g. `tasks[2].kind: invalid type: ...`), an invalid spec (a config its built-in executor would refuse among them), or too many in one request (`invalid`)", body = ErrorBody),
@@ -604,6 +618,9 @@ pub async fn submit(State(app): State<Arc<AppState>>, request: axum::extract::Re
         .and_then(|Json(raw)| specs_of(&raw, app.cfg.max_submit_batch))
     {
         Ok(specs) => specs,
+        Err(SubmitError::Body(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return too_large(app.cfg.max_body);
+        }
         Err(e) => return e.into_response(),
     };
     // Nothing new is taken while commits wait for space: the answer comes at once, rather

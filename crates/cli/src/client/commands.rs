@@ -12,7 +12,7 @@ pub struct SubmitArgs {
     /// every flag that would shape it is refused beside this one, rather than ignored.
     #[arg(long, conflicts_with = "command")]
     file: Option<PathBuf>,
-    /// Priority: high, normal, low, or 0 (most urgent) to 9.
+    /// Priority: high (1), normal (5), low (9), or 0 (most urgent) to 9.
     #[arg(long, default_value = "normal", value_parser = parse_priority, conflicts_with = "file")]
     priority: u8,
     /// A capability the worker must have (repeatable): not blank, at most 256 bytes (the API's
@@ -128,8 +128,9 @@ impl SubmitArgs {
             }
         }
         let Some(config) = command_config(self) else {
-            // Said by `command_spec`, as it was.
-            return Ok(());
+            // Nothing to run: refused here, with the usage, as every other refused input (it
+            // was the run's error, exit 1).
+            return Err(NO_COMMAND.to_owned());
         };
         let check = crate::run::builtin_config_check();
         match (check.0)("command", &config.to_string()) {
@@ -185,10 +186,13 @@ fn command_config(a: &SubmitArgs) -> Option<Value> {
     Some(config)
 }
 
+/// Why a submission without `--file` that names no command is refused.
+const NO_COMMAND: &str = "give a command after `--`, --shell SCRIPT or --file FILE";
+
 /// The spec of a `command` task from the flags ([`command_config`]) with the worker it needs.
 fn command_spec(a: &SubmitArgs) -> anyhow::Result<TaskSpec> {
     let Some(config) = command_config(a) else {
-        bail!("give a command after `--`, --shell SCRIPT or --file FILE");
+        bail!(NO_COMMAND);
     };
     let mut spec = TaskSpec::new("command", config);
     spec.task_id = a.id.clone();
@@ -276,6 +280,18 @@ async fn send(a: &SubmitArgs) -> anyhow::Result<(Api, BTreeSet<String>)> {
         }
     };
     let v = api.post_text("/api/v1/tasks", body).await.map_err(|e| {
+        if let (Some(r), Some(f)) = (e.downcast_ref::<Refused>(), &a.file)
+            && r.too_large()
+        {
+            // What to do about it: the API takes {"tasks": [...]} a request, so several files.
+            return anyhow::anyhow!(
+                "{}; split {} into several files (each one spec or {{\"tasks\": [specs]}}) and \
+                 submit each (HTTP {})",
+                r.message,
+                crate::cut_value(&f.display().to_string()),
+                r.status
+            );
+        }
         if e.downcast_ref::<NoAnswer>().is_none() {
             return e;
         }
@@ -347,13 +363,7 @@ pub struct TasksArgs {
 
 pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
     let api = Api::new(&a.common)?;
-    let mut query = match &a.status {
-        Some(s) => format!("status={s}"),
-        None => String::new(),
-    };
-    if a.newest {
-        query.push_str("&order=newest");
-    }
+    let query = tasks_query(a.status.as_deref(), a.newest);
     if a.all {
         // Printed a page at a time as each comes: the listing may be larger than memory.
         let mut listing = Listing::new(a.common.json);
@@ -363,9 +373,7 @@ pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
         }
         return listing.end();
     }
-    let v = api
-        .get(&format!("/api/v1/tasks?limit={}&{query}", a.limit))
-        .await?;
+    let v = api.get(&tasks_path(a.limit, &query)).await?;
     if a.common.json {
         outln!("{v}")?;
         return Ok(());
@@ -386,6 +394,26 @@ pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The query of a task listing past its `limit`: its parameters joined by `&`, none when
+/// nothing is asked (a lone `&` ended the URL that errors quote).
+fn tasks_query(status: Option<&str>, newest: bool) -> String {
+    let status = status.map(|s| format!("status={s}"));
+    let order = newest.then(|| "order=newest".to_owned());
+    status
+        .into_iter()
+        .chain(order)
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// The path of one page of at most `limit` tasks with `query` ([`tasks_query`]).
+fn tasks_path(limit: u64, query: &str) -> String {
+    match query.is_empty() {
+        true => format!("/api/v1/tasks?limit={limit}"),
+        false => format!("/api/v1/tasks?limit={limit}&{query}"),
+    }
 }
 
 const TASK_HEAD: [&str; 7] = [
@@ -867,6 +895,43 @@ const CONFIG_SHOWN: usize = 200;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listing's URL has no stray `&` (errors quote it: `/api/v1/tasks?limit=1000&`), and
+    /// its parameters are joined by one `&` each.
+    #[test]
+    fn a_task_listings_path_joins_its_parameters_with_one_ampersand_each() {
+        assert_eq!(
+            tasks_path(1000, &tasks_query(None, false)),
+            "/api/v1/tasks?limit=1000"
+        );
+        assert_eq!(
+            tasks_path(7, &tasks_query(None, true)),
+            "/api/v1/tasks?limit=7&order=newest"
+        );
+        assert_eq!(
+            tasks_path(7, &tasks_query(Some("failed"), true)),
+            "/api/v1/tasks?limit=7&status=failed&order=newest"
+        );
+        assert_eq!(
+            tasks_path(7, &tasks_query(Some("failed"), false)),
+            "/api/v1/tasks?limit=7&status=failed"
+        );
+    }
+
+    /// The help of `--priority` says the number each named priority stands for, as parsed.
+    #[test]
+    fn the_priority_help_says_what_each_name_stands_for() {
+        let cmd = <crate::Cli as clap::CommandFactory>::command();
+        let submit = cmd.find_subcommand("submit").expect("submit");
+        let arg = submit
+            .get_arguments()
+            .find(|a| a.get_long() == Some("priority"));
+        let help = arg.and_then(|a| a.get_help()).expect("help").to_string();
+        for name in ["high", "normal", "low"] {
+            let n = parse_priority(name).expect(name);
+            assert!(help.contains(&format!("{name} ({n})")), "{name}: {help}");
+        }
+    }
 
     fn submit_args(args: &[&str]) -> Result<SubmitArgs, clap::Error> {
         #[derive(clap::Parser)]

@@ -103,13 +103,30 @@ pub(crate) struct Refused {
 
 impl Refused {
     pub(crate) fn of(status: http::StatusCode, body: &Value) -> Self {
+        let said = body["error"]["message"].as_str();
+        let message = match said {
+            // The coordinator's own words name its limit; others (axum's "Failed to buffer the
+            // request body: length limit exceeded", a proxy's page) say nothing to act on.
+            Some(m) if body["error"]["code"] == "too_large" => m,
+            _ if status == http::StatusCode::PAYLOAD_TOO_LARGE => TOO_LARGE,
+            Some(m) => m,
+            None => "request failed",
+        };
         Refused {
             status: status.as_u16(),
-            message: body["error"]["message"]
-                .as_str()
-                .unwrap_or("request failed")
-                .to_owned(),
+            message: message.to_owned(),
         }
+    }
+}
+
+/// What an answer 413 without the coordinator's own words is said as.
+const TOO_LARGE: &str =
+    "the request is larger than the coordinator accepts (the limit is its --max-body)";
+
+impl Refused {
+    /// Whether the coordinator refused the request as larger than it accepts (HTTP 413).
+    pub(crate) fn too_large(&self) -> bool {
+        self.status == http::StatusCode::PAYLOAD_TOO_LARGE.as_u16()
     }
 }
 
@@ -539,6 +556,30 @@ pub(crate) async fn serve_for_test(app: axum::Router) -> std::net::SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 413 is said plainly: in the coordinator's own words when they are its (`too_large`,
+    /// naming its limit), else (axum's "Failed to buffer the request body", a proxy's page)
+    /// as larger than the coordinator accepts, its --max-body; other refusals as they came.
+    #[test]
+    fn an_answer_413_says_the_request_was_larger_than_the_coordinator_accepts() {
+        let too_large = http::StatusCode::PAYLOAD_TOO_LARGE;
+        let axum = serde_json::json!({"error": {"code": "bad_request",
+            "message": "Failed to buffer the request body: length limit exceeded"}});
+        for body in [axum, Value::Null, serde_json::json!("<html>")] {
+            let r = Refused::of(too_large, &body);
+            assert!(r.too_large());
+            assert_eq!(r.to_string(), format!("{TOO_LARGE} (HTTP 413)"), "{body}");
+        }
+        let own = serde_json::json!({"error": {"code": "too_large", "message": "at most 9"}});
+        assert_eq!(
+            Refused::of(too_large, &own).to_string(),
+            "at most 9 (HTTP 413)"
+        );
+        let other = serde_json::json!({"error": {"code": "conflict", "message": "exists"}});
+        let r = Refused::of(http::StatusCode::CONFLICT, &other);
+        assert!(!r.too_large());
+        assert_eq!(r.to_string(), "exists (HTTP 409)");
+    }
 
     /// An https:// URL to a coordinator that serves plain HTTP: the error says what to try.
     #[tokio::test]
