@@ -587,6 +587,10 @@ fn open_waiting(dir: &Path, mut wait: space::OpenWait) -> Result<(Connection, Lo
     // Only once the journals an older coordinator made are gone (durably: `replay` syncs the
     // directory) does the database say that every journal beside it is created whole.
     wait.retry(|| schema::migrate(&conn, &path, SCHEMA_VERSION))?;
+    // One line for the steps of both calls (a new database takes every one).
+    if found < SCHEMA_VERSION {
+        tracing::info!(db = %path.display(), from = found, to = SCHEMA_VERSION, steps = SCHEMA_VERSION - found, "database migrated");
+    }
     let loaded = wait.retry(|| {
         load(&conn).map_err(|e| match e {
             LoadError::Sql(source) => {
