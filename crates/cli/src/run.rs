@@ -221,31 +221,11 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
 /// The coordinator's settings: each from its flag, else the file, else the library default.
 /// The built-in executors' checks of task configs (`sleep`, `command`): a coordinator refuses
 /// at submission a task that their executor would refuse at every attempt.
-/// A `command` task's `shell` script that is empty (or blank) is refused with them: it runs
-/// nothing and "completes", where an empty `program` is refused.
 pub(crate) fn builtin_config_check() -> tether_coordinator::config::ConfigCheck {
     let builtin = tether_worker::Executors::builtin();
-    tether_coordinator::config::ConfigCheck(std::sync::Arc::new(move |kind, config| match builtin
-        .check_config(kind, config)
-    {
-        Some(Ok(())) if kind == "command" && blank_shell(config) => Some(Err(
-            "`shell` is empty: a script of nothing runs nothing".to_owned(),
-        )),
-        checked => checked,
+    tether_coordinator::config::ConfigCheck(std::sync::Arc::new(move |kind, config| {
+        builtin.check_config(kind, config)
     }))
-}
-
-/// Whether the config of a `command` task (JSON text) holds a `shell` script that is blank.
-fn blank_shell(config: &str) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Shell {
-        shell: Option<String>,
-    }
-    serde_json::from_str::<Option<Shell>>(config)
-        .ok()
-        .flatten()
-        .and_then(|c| c.shell)
-        .is_some_and(|s| s.trim().is_empty())
 }
 
 /// The shortest `--connect-timeout` the worker takes.
@@ -1070,8 +1050,8 @@ mod tests {
     }
 
     /// The coordinator refuses at submission a `command` task whose `shell` script is empty
-    /// or blank (it ran nothing and "completed"), as it refuses an empty `program`; a script
-    /// and a program are taken.
+    /// or blank (it ran nothing and "completed"), as it refuses an empty `program`, by the
+    /// executor's own check; a script and a program are taken.
     #[test]
     fn a_blank_shell_script_is_refused_by_the_submission_check() {
         let check = builtin_config_check();

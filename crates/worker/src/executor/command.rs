@@ -225,6 +225,10 @@ impl Plan {
                 return invalid("`args` go with `program`; a `shell` script has its own".into());
             }
             (Some(p), None, _) if p.is_empty() => return invalid("`program` is empty".into()),
+            // Ran nothing and "completed", where an empty program is refused.
+            (None, Some(s), None) if s.trim().is_empty() => {
+                return invalid("`shell` is empty: a script of nothing runs nothing".into());
+            }
             (Some(p), None, args) => (p, args.unwrap_or_default()),
             (None, Some(script), None) => (SHELL.to_owned(), vec!["-c".to_owned(), script]),
         };
@@ -2071,6 +2075,8 @@ mod tests {
                 "`args` go with `program`",
             ),
             (serde_json::json!({"program": ""}), "`program` is empty"),
+            (serde_json::json!({"shell": ""}), "`shell` is empty"),
+            (serde_json::json!({"shell": " \n\t"}), "`shell` is empty"),
             (
                 serde_json::json!({"program": "a", "colour": 1}),
                 "unknown field `colour`",
