@@ -435,14 +435,15 @@ impl Signals {
 /// at once in a thundering herd, runs without them too: their zeroing took 5.8 % of its CPU
 /// there, and without them the proxies used 16-25 % less (thirty-second round).
 ///
-/// Says so at info, as read back from the kernel: kernels before 6.0 do not show the flag in
-/// `/proc/<pid>/status`, and the tests read this line there instead.
+/// Says so at debug (at info, it came before every refusal of a bad configuration), as read
+/// back from the kernel: kernels before 6.0 do not show the flag in `/proc/<pid>/status`, and
+/// the tests read this line there instead (asking for `tether=debug`).
 fn no_huge_pages() {
     #[cfg(target_os = "linux")]
     match nix::sys::prctl::set_thp_disable(true).and_then(|()| nix::sys::prctl::get_thp_disable()) {
-        Ok(true) => tracing::info!("transparent huge pages off for this process"),
-        Ok(false) => tracing::info!("transparent huge pages stay allowed: the kernel kept them on"),
-        Err(error) => tracing::info!(%error, "transparent huge pages stay allowed"),
+        Ok(true) => tracing::debug!("transparent huge pages off for this process"),
+        Ok(false) => tracing::debug!("transparent huge pages stay allowed: the kernel kept them on"),
+        Err(error) => tracing::debug!(%error, "transparent huge pages stay allowed"),
     }
 }
 

@@ -11,9 +11,10 @@ use tokio::process::Command;
 
 fn coordinator(dir: &std::path::Path, wait: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tether"));
+    // Debug for the binary's own line on huge pages (`THP_OFF`).
     c.args([
         "--log",
-        "info",
+        "info,tether=debug",
         "coordinator",
         "--listen",
         "127.0.0.1:0",
@@ -92,7 +93,13 @@ async fn a_fault_proxy_runs_on_the_threads_asked_without_transparent_huge_pages(
     for (threads, expected) in [(None, 1), (Some("3"), 4)] {
         let mut proxy = Command::new(env!("CARGO_BIN_EXE_tether"));
         proxy
-            .args(["--log", "info", "proxy", "--listen", "127.0.0.1:0"])
+            .args([
+                "--log",
+                "info,tether=debug",
+                "proxy",
+                "--listen",
+                "127.0.0.1:0",
+            ])
             .args(["--upstream", "127.0.0.1:9", "--control", "127.0.0.1:0"])
             .arg("--json")
             .env_remove("TETHER_CONFIG")
@@ -130,7 +137,7 @@ async fn a_fault_proxy_runs_on_the_threads_asked_without_transparent_huge_pages(
     }
 }
 
-/// What the process logs once the kernel confirmed its huge pages off.
+/// What the process logs, at debug, once the kernel confirmed its huge pages off.
 #[cfg(target_os = "linux")]
 const THP_OFF: &str = "transparent huge pages off for this process";
 
