@@ -484,16 +484,26 @@ fn the_demo_with_one_task_waits_for_the_stalled_worker_and_passes() {
     }
 }
 
-/// Runs `tether demo` with `args`, asserts it exited 0, and returns what it printed.
+/// Runs `tether demo` with `args`, asserts it exited 0 and left nothing in its temporary
+/// directory (its workers' scratch directory, `tether-worker-<pid>`, was left behind, lock
+/// file and all, for the next worker to sweep), and returns what it printed.
 fn demo_passes(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+    let temp = tempfile::tempdir().expect("tempdir");
+    let child = Command::new(env!("CARGO_BIN_EXE_tether"))
         .arg("demo")
         .args(args)
+        .env("TMPDIR", temp.path())
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run tether demo");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("wait for tether demo");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{}\n{text}\n{err}", out.status);
+    let scratch = temp.path().join(format!("tether-worker-{pid}"));
+    assert!(!scratch.exists(), "{} left behind", scratch.display());
     text
 }
