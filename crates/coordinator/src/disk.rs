@@ -824,6 +824,16 @@ mod tests {
         assert_eq!(Reserve::of(&dir.path().join("missing"), sys.path()), None);
     }
 
+    /// The value of the free-space gauge as `handle` renders it (`NaN` where unknown).
+    fn available_gauge(handle: &metrics_exporter_prometheus::PrometheusHandle) -> String {
+        let text = handle.render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(crate::metrics::DATA_DIR_AVAILABLE))
+            .expect("the gauge");
+        line.rsplit(' ').next().expect("a value").to_owned()
+    }
+
     /// The watcher counts the room as the store does, this process's: as root on ext4 the
     /// blocks kept for the superuser, less what ext4 keeps from everyone. It read the
     /// unprivileged count, and warned of low space (and showed it in the gauge) while root
@@ -834,19 +844,7 @@ mod tests {
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         let dir = tempfile::tempdir().expect("tempdir");
-        let gauge = || {
-            let text = handle.render();
-            let line = text
-                .lines()
-                .find(|l| l.starts_with(crate::metrics::DATA_DIR_AVAILABLE))
-                .map(str::to_owned);
-            let value = line
-                .expect("the gauge")
-                .rsplit(' ')
-                .next()
-                .map(str::to_owned);
-            value.expect("a value").parse::<f64>().expect("a number")
-        };
+        let gauge = || available_gauge(&handle).parse::<f64>().expect("a number");
         let (mut w, mut failed) = (Watch::default(), false);
         metrics::with_local_recorder(&recorder, || {
             look_as(dir.path(), |_| Writer::Other, &mut w, &mut failed)
@@ -940,18 +938,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         std::fs::create_dir(&data).expect("mkdir");
-        let gauge = || {
-            let text = handle.render();
-            let line = text
-                .lines()
-                .find(|l| l.starts_with(crate::metrics::DATA_DIR_AVAILABLE))
-                .map(str::to_owned);
-            line.expect("the gauge")
-                .rsplit(' ')
-                .next()
-                .expect("a value")
-                .to_owned()
-        };
+        let gauge = || available_gauge(&handle);
         let (mut w, mut failed) = (Watch::default(), false);
         metrics::with_local_recorder(&recorder, || look(&data, &mut w, &mut failed));
         let read: f64 = gauge().parse().expect("a number");
