@@ -1013,10 +1013,7 @@ mod tests {
     #[test]
     fn a_file_over_the_size_limit_is_refused_at_a_look_and_the_served_certificate_stays() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (c, k) = write_cert(dir.path(), -1, 30);
-        let first = CertificateDer::from_pem_file(&c).expect("pem");
-        let files = Arc::new(CertFiles::load(&c, &k, provider(), Duration::ZERO).expect("load"));
-        let config = serving(Arc::clone(&files), provider()).expect("config");
+        let (c, k, first, files, config) = serve_first(dir.path());
         let roots = [first.clone()];
         assert_eq!(handshake(&config, &roots), Ok(first.clone()));
 
@@ -1033,13 +1030,11 @@ mod tests {
         looks_ended(&files);
         assert_eq!(files.served().cert[0], first);
 
-        let c2 = renew(dir.path(), &c, &k);
-        let second = CertificateDer::from_pem_file(&c2).expect("pem");
-        let roots = [first, second.clone()];
-        served_in_time(
+        renew_and_serve(
+            dir.path(),
+            (&c, &k),
             &config,
-            &roots,
-            &second,
+            first,
             "the renewed certificate is never served",
         );
         looks_ended(&files);
@@ -1096,10 +1091,7 @@ mod tests {
     #[test]
     fn a_fifo_in_the_certificates_place_is_refused_at_each_look_and_its_renewal_served() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (c, k) = write_cert(dir.path(), -1, 30);
-        let first = CertificateDer::from_pem_file(&c).expect("pem");
-        let files = Arc::new(CertFiles::load(&c, &k, provider(), Duration::ZERO).expect("load"));
-        let config = serving(Arc::clone(&files), provider()).expect("config");
+        let (c, k, first, files, config) = serve_first(dir.path());
         let roots = [first.clone()];
         assert_eq!(handshake(&config, &roots), Ok(first.clone()));
 
@@ -1129,13 +1121,11 @@ mod tests {
         );
 
         std::fs::remove_file(&c).expect("remove");
-        let c2 = renew(dir.path(), &c, &k);
-        let second = CertificateDer::from_pem_file(&c2).expect("pem");
-        let roots = [first, second.clone()];
-        served_in_time(
+        renew_and_serve(
+            dir.path(),
+            (&c, &k),
             &config,
-            &roots,
-            &second,
+            first,
             "the renewed certificate is never served",
         );
         looks_ended(&files);
@@ -1150,6 +1140,42 @@ mod tests {
         std::fs::copy(&k2, k).expect("copy");
         std::fs::copy(&c2, c).expect("copy");
         c2
+    }
+
+    /// Writes a certificate (valid for 30 days) and its key in `dir`, loads them (looks due
+    /// at once) and serves them: the two files, the certificate, the loaded files and the
+    /// server config serving them.
+    fn serve_first(
+        dir: &Path,
+    ) -> (
+        PathBuf,
+        PathBuf,
+        CertificateDer<'static>,
+        Arc<CertFiles>,
+        Arc<rustls::ServerConfig>,
+    ) {
+        let (c, k) = write_cert(dir, -1, 30);
+        let first = CertificateDer::from_pem_file(&c).expect("pem");
+        let files = Arc::new(CertFiles::load(&c, &k, provider(), Duration::ZERO).expect("load"));
+        let config = serving(Arc::clone(&files), provider()).expect("config");
+        (c, k, first, files, config)
+    }
+
+    /// Renews the certificate and key `(c, k)` (see [`renew`]) and waits until handshakes,
+    /// trusting `first` and the renewal, are served the renewal (else fails saying `never`);
+    /// the renewed certificate.
+    fn renew_and_serve(
+        dir: &Path,
+        (c, k): (&Path, &Path),
+        config: &Arc<rustls::ServerConfig>,
+        first: CertificateDer<'static>,
+        never: &str,
+    ) -> CertificateDer<'static> {
+        let c2 = renew(dir, c, k);
+        let second = CertificateDer::from_pem_file(&c2).expect("pem");
+        let roots = [first, second.clone()];
+        served_in_time(config, &roots, &second, never);
+        second
     }
 
     /// Waits (at most 10 s) until handshakes are served `want`; else fails saying `never`.
@@ -1183,22 +1209,17 @@ mod tests {
     #[test]
     fn a_look_that_never_returns_does_not_stop_a_renewed_certificate_being_served() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (c, k) = write_cert(dir.path(), -1, 30);
-        let first = CertificateDer::from_pem_file(&c).expect("pem");
-        let files = Arc::new(CertFiles::load(&c, &k, provider(), Duration::ZERO).expect("load"));
-        let config = serving(Arc::clone(&files), provider()).expect("config");
+        let (c, k, first, files, config) = serve_first(dir.path());
 
         files.stall.hold_up_to(1);
         files.look_if_due();
         // The look has read the files (the first ones) and is held.
         files.stall.wait_holding(1);
-        let c2 = renew(dir.path(), &c, &k);
-        let second = CertificateDer::from_pem_file(&c2).expect("pem");
-        let roots = [first, second.clone()];
-        served_in_time(
+        let second = renew_and_serve(
+            dir.path(),
+            (&c, &k),
             &config,
-            &roots,
-            &second,
+            first,
             "the renewed certificate is never served while a look hangs",
         );
         {
