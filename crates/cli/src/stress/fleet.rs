@@ -971,42 +971,51 @@ mod tests {
         }
     }
 
-    /// A flood stops soon after it is cancelled, whether its ticks are quick or slow: it waits
-    /// for the cancellation beside its tick. (Real time: the slack is for a busy machine; a
-    /// flood of 2-second ticks that only looked at the token each tick would take up to 2 s.)
-    /// A worker stopped abruptly (its task aborted, as a crash) leaves nothing running on its
-    /// shard: neither its agent nor its registration watch, which holds the agent's state and
-    /// would otherwise wait for a change forever.
-    #[test]
-    fn an_abrupt_stop_leaves_none_of_the_workers_tasks_on_its_shard() {
+    /// The fleet's flags, with a coordinator where nothing listens (the workers keep trying,
+    /// with their backoff).
+    fn unreachable_fleet() -> FleetArgs {
         #[derive(clap::Parser)]
         struct Flags {
             #[command(flatten)]
             a: FleetArgs,
         }
-        // Nothing listens there: the worker keeps trying, with its backoff.
-        let a = <Flags as clap::Parser>::try_parse_from(["t", "--coordinator", "ws://127.0.0.1:1"])
+        <Flags as clap::Parser>::try_parse_from(["t", "--coordinator", "ws://127.0.0.1:1"])
             .expect("flags")
-            .a;
+            .a
+    }
+
+    /// The tasks alive on the first shard once `want` holds of their number, or after 10 s.
+    fn alive_within(shards: &Shards, want: impl Fn(usize) -> bool) -> usize {
+        let alive = || shards.handles[0].metrics().num_alive_tasks();
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while !want(alive()) && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        alive()
+    }
+
+    /// A worker stopped abruptly (its task aborted, as a crash) leaves nothing running on its
+    /// shard: neither its agent nor its registration watch, which holds the agent's state and
+    /// would otherwise wait for a change forever.
+    #[test]
+    fn an_abrupt_stop_leaves_none_of_the_workers_tasks_on_its_shard() {
+        // Nothing listens there: the worker keeps trying, with its backoff.
+        let a = unreachable_fleet();
         let shared = Arc::new(Shared::new());
         let shards = Shards::start(1).expect("shards");
         let (mut members, mut set) = (Vec::new(), JoinSet::new());
         start(&a, &shared, &shards, &mut members, &mut set, 1).expect("start");
-        let alive = || shards.handles[0].metrics().num_alive_tasks();
-        let within = |want: &dyn Fn(usize) -> bool| {
-            let until = std::time::Instant::now() + Duration::from_secs(10);
-            while !want(alive()) && std::time::Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            alive()
-        };
-        let running = within(&|n| n >= 2);
+        let running = alive_within(&shards, |n| n >= 2);
         assert!(
             running >= 2,
             "the worker and its watch run: {running} tasks"
         );
         members[0].abort.abort();
-        assert_eq!(within(&|n| n == 0), 0, "tasks left after an abrupt stop");
+        assert_eq!(
+            alive_within(&shards, |n| n == 0),
+            0,
+            "tasks left after an abrupt stop"
+        );
         shards.join();
     }
 
@@ -1016,15 +1025,8 @@ mod tests {
     /// it silently, and its last status said nothing of it.
     #[test]
     fn a_worker_that_does_not_stop_when_told_is_aborted_and_counted() {
-        #[derive(clap::Parser)]
-        struct Flags {
-            #[command(flatten)]
-            a: FleetArgs,
-        }
         // Nothing listens there: the workers hold no work and stop at once when told.
-        let a = <Flags as clap::Parser>::try_parse_from(["t", "--coordinator", "ws://127.0.0.1:1"])
-            .expect("flags")
-            .a;
+        let a = unreachable_fleet();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -1061,12 +1063,11 @@ mod tests {
             "the one that did not stop"
         );
         assert!(set.is_empty());
-        let until = std::time::Instant::now() + Duration::from_secs(10);
-        let alive = || shards.handles[0].metrics().num_alive_tasks();
-        while alive() > 0 && std::time::Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(alive(), 0, "tasks left on the shard after the drain");
+        assert_eq!(
+            alive_within(&shards, |n| n == 0),
+            0,
+            "tasks left on the shard after the drain"
+        );
         shards.join();
     }
 
@@ -1103,6 +1104,9 @@ mod tests {
         assert_eq!(count.sum(), 12 * 1000 + (0..12).sum::<u64>());
     }
 
+    /// A flood stops soon after it is cancelled, whether its ticks are quick or slow: it waits
+    /// for the cancellation beside its tick. (Real time: the slack is for a busy machine; a
+    /// flood of 2-second ticks that only looked at the token each tick would take up to 2 s.)
     #[tokio::test]
     async fn a_flood_stops_soon_after_it_is_cancelled_at_any_rate() {
         for rate in [25.0, 0.5] {
