@@ -816,6 +816,44 @@ mod tests {
         scripted_fleet_then(dir, status, on_exit, "")
     }
 
+    /// Waits (at most 10 s) for the fleet's first status, of `completed` tasks.
+    async fn first_status(fleet: &mut Fleet, completed: u64) {
+        fleet
+            .wait("the first status", Duration::from_secs(10), |s| {
+                s.completed == completed
+            })
+            .await
+            .expect("status");
+    }
+
+    /// The report of a run that ended with `exited`, with `sampled_cpu_s` as the fleet's CPU
+    /// where the kernel's count is missing.
+    fn report_of(exited: &Exited, sampled_cpu_s: f64) -> crate::stress::report::Report {
+        let mut r = crate::stress::report::Report::default();
+        crate::stress::scenarios::fleet_end(&mut r, exited, sampled_cpu_s);
+        r
+    }
+
+    /// The report of a run (its losses none) whose fleet, `exited`, failed to end as told
+    /// before it printed its last status: it fails, says so, and carries the fleet's `usage`;
+    /// its text and its JSON.
+    fn failed_before_its_last_status(
+        exited: &Exited,
+        usage: &Usage,
+    ) -> (String, serde_json::Value) {
+        let mut r = crate::stress::report::Report::default();
+        r.verdict("lost", true, "0");
+        crate::stress::scenarios::fleet_end(&mut r, exited, 99.0);
+        assert!(!r.passed());
+        let text = r.markdown();
+        assert!(text.contains("it never printed its last status"), "{text}");
+        assert!(text.contains("| fleet peak RSS, MiB |"), "{text}");
+        let json = serde_json::to_value(&r).expect("JSON");
+        assert_eq!(json["fleet_cpu_s"], usage.cpu_s);
+        assert_eq!(json["fleet_peak_rss_kib"], usage.peak_rss_kib);
+        (text, json)
+    }
+
     /// [`scripted_fleet`], which then runs `then` (shell) before it ends.
     fn scripted_fleet_then(dir: &Path, status: &Status, on_exit: &[Event], then: &str) -> Fleet {
         let line = |e: &Event| serde_json::to_string(e).expect("JSON");
@@ -969,20 +1007,14 @@ mod tests {
         let last = [Event::Exited(running.clone())];
         // Its last status printed, it still works and grows before it ends.
         let mut fleet = scripted_fleet_then(dir.path(), &running, &last, HEAVY_END);
-        fleet
-            .wait("the first status", Duration::from_secs(10), |s| {
-                s.completed == 1
-            })
-            .await
-            .expect("status");
+        first_status(&mut fleet, 1).await;
         let before = fleet.sample().expect("running");
         assert!(before.hwm_kib < 16_000, "{before:?}");
         let pid = fleet.child.id().expect("pid");
         let exited = fleet.exit().await.expect("exit");
         assert_eq!(exited.killed_after, None);
         assert!(exited.stopped);
-        let mut r = crate::stress::report::Report::default();
-        crate::stress::scenarios::fleet_end(&mut r, &exited, 0.0);
+        let r = report_of(&exited, 0.0);
         assert!(r.passed(), "{:?}", r.verdicts);
         assert_eq!(r.fleet_workers_aborted, Some(0));
         let usage = exited.usage.expect("the kernel's count");
@@ -1003,8 +1035,6 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn a_fleet_that_does_not_exit_in_time_is_killed_reaped_and_reported_failed() {
-        use crate::stress::report::Report;
-        use crate::stress::scenarios::fleet_end;
         let dir = tempfile::tempdir().expect("dir");
         let running = Status {
             completed: 3,
@@ -1013,12 +1043,7 @@ mod tests {
         // Deaf to SIGTERM and never ending once told to exit.
         let forever = "trap '' TERM; while :; do sleep 0.02; done";
         let mut fleet = scripted_fleet_then(dir.path(), &running, &[], forever);
-        fleet
-            .wait("the first status", Duration::from_secs(10), |s| {
-                s.completed == 3
-            })
-            .await
-            .expect("status");
+        first_status(&mut fleet, 3).await;
         let pid = fleet.child.id().expect("pid");
         let within = Duration::from_millis(200);
         let exited = fleet.exit_within(within).await.expect("killed, given back");
@@ -1029,11 +1054,7 @@ mod tests {
         let usage = exited.usage.expect("the kernel's count to its kill");
         assert!(usage.peak_rss_kib > 0, "{usage:?}");
 
-        let mut r = Report::default();
-        r.verdict("lost", true, "0");
-        fleet_end(&mut r, &exited, 99.0);
-        assert!(!r.passed());
-        let text = r.markdown();
+        let (text, _) = failed_before_its_last_status(&exited, &usage);
         assert!(
             text.contains(
                 "- FAIL the fleet stopped when told: the fleet process did not exit within 0.2 s \
@@ -1041,11 +1062,6 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("it never printed its last status"), "{text}");
-        assert!(text.contains("| fleet peak RSS, MiB |"), "{text}");
-        let json = serde_json::to_value(&r).expect("JSON");
-        assert_eq!(json["fleet_cpu_s"], usage.cpu_s);
-        assert_eq!(json["fleet_peak_rss_kib"], usage.peak_rss_kib);
 
         // One that printed its last status, its workers stopped, and then hung: its counts are
         // that status, and it fails all the same.
@@ -1059,8 +1075,7 @@ mod tests {
         assert_eq!(exited.killed_after, Some(within));
         assert!(exited.stopped);
         assert_eq!(exited.status.completed, 4, "{:?}", exited.status);
-        let mut r = Report::default();
-        fleet_end(&mut r, &exited, 0.0);
+        let r = report_of(&exited, 0.0);
         assert!(!r.passed());
         assert!(
             r.verdicts[0].detail.contains("printed its last status"),
@@ -1078,8 +1093,6 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn a_fleet_that_exits_with_a_failure_is_reported_failed_with_its_usage() {
-        use crate::stress::report::Report;
-        use crate::stress::scenarios::fleet_end;
         use std::os::unix::process::ExitStatusExt;
         let dir = tempfile::tempdir().expect("dir");
         let running = Status {
@@ -1087,12 +1100,7 @@ mod tests {
             ..Status::default()
         };
         let mut fleet = scripted_fleet_then(dir.path(), &running, &[], "exit 3");
-        fleet
-            .wait("the first status", Duration::from_secs(10), |s| {
-                s.completed == 3
-            })
-            .await
-            .expect("status");
+        first_status(&mut fleet, 3).await;
         let pid = fleet.child.id().expect("pid");
         let exited = fleet.exit().await.expect("ended, given back");
         assert!(reaped(pid));
@@ -1103,11 +1111,7 @@ mod tests {
         let usage = exited.usage.expect("the kernel's count to its end");
         assert!(usage.peak_rss_kib > 0, "{usage:?}");
 
-        let mut r = Report::default();
-        r.verdict("lost", true, "0");
-        fleet_end(&mut r, &exited, 99.0);
-        assert!(!r.passed());
-        let text = r.markdown();
+        let (text, json) = failed_before_its_last_status(&exited, &usage);
         assert!(
             text.contains(
                 "- FAIL the fleet stopped when told: the fleet process ended with exit status: 3 \
@@ -1115,15 +1119,10 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("it never printed its last status"), "{text}");
         assert!(
             text.contains("- FAIL every worker stopped when told: unknown"),
             "{text}"
         );
-        assert!(text.contains("| fleet peak RSS, MiB |"), "{text}");
-        let json = serde_json::to_value(&r).expect("JSON");
-        assert_eq!(json["fleet_cpu_s"], usage.cpu_s);
-        assert_eq!(json["fleet_peak_rss_kib"], usage.peak_rss_kib);
         assert!(json["fleet_workers_aborted"].is_null(), "missing, not 0");
 
         // Killed by a signal of its own after its last status: how it ended is said, and its
@@ -1140,8 +1139,7 @@ mod tests {
         assert!(exited.stopped);
         assert_eq!(exited.status.completed, 4, "{:?}", exited.status);
         assert!(exited.usage.is_some());
-        let mut r = Report::default();
-        fleet_end(&mut r, &exited, 0.0);
+        let r = report_of(&exited, 0.0);
         assert!(!r.passed());
         let said = &r.verdicts[0];
         assert!(!said.pass);
@@ -1159,8 +1157,6 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn a_fleet_that_exits_without_its_last_status_is_reported_failed_with_its_usage() {
-        use crate::stress::report::Report;
-        use crate::stress::scenarios::fleet_end;
         let dir = tempfile::tempdir().expect("dir");
         let running = Status {
             completed: 2,
@@ -1168,20 +1164,14 @@ mod tests {
             ..Status::default()
         };
         let mut fleet = scripted_fleet(dir.path(), &running, &[]);
-        fleet
-            .wait("the first status", Duration::from_secs(10), |s| {
-                s.completed == 2
-            })
-            .await
-            .expect("status");
+        first_status(&mut fleet, 2).await;
         let exited = fleet.exit().await.expect("exited, given back");
         assert_eq!(exited.killed_after, None);
         assert!(exited.exit_status.is_some_and(|s| s.success()));
         assert!(!exited.stopped);
         assert_eq!(exited.status.completed, 2, "{:?}", exited.status);
         let usage = exited.usage.expect("the kernel's count to its exit");
-        let mut r = Report::default();
-        fleet_end(&mut r, &exited, 99.0);
+        let r = report_of(&exited, 99.0);
         assert!(!r.passed());
         let text = r.markdown();
         assert!(
@@ -1206,8 +1196,6 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn workers_the_fleet_aborted_at_its_exit_fail_a_verdict_and_are_shown() {
-        use crate::stress::report::Report;
-        use crate::stress::scenarios::fleet_end;
         let dir = tempfile::tempdir().expect("dir");
         let last = [Event::Exited(Status {
             started: 5,
@@ -1218,8 +1206,7 @@ mod tests {
         let exited = fleet.exit().await.expect("exit");
         assert!(exited.stopped);
         assert_eq!(exited.status.aborted, 2);
-        let mut r = Report::default();
-        fleet_end(&mut r, &exited, 0.0);
+        let r = report_of(&exited, 0.0);
         assert!(!r.passed());
         let text = r.markdown();
         assert!(
@@ -1319,12 +1306,7 @@ mod tests {
             Event::Exited(stopped.clone()),
         ];
         let mut fleet = scripted_fleet(dir.path(), &running, &last);
-        fleet
-            .wait("the first status", Duration::from_secs(10), |s| {
-                s.completed == 1
-            })
-            .await
-            .expect("status");
+        first_status(&mut fleet, 1).await;
         let exited = fleet.exit().await.expect("exit");
         assert_eq!(exited.status.completed, 2, "{:?}", exited.status);
         assert!(exited.stopped);
@@ -1334,8 +1316,7 @@ mod tests {
         let mut fleet = scripted_fleet(dir.path(), &running, &[Event::Status(stopped)]);
         let exited = fleet.exit().await.expect("given back");
         assert!(!exited.stopped);
-        let mut r = crate::stress::report::Report::default();
-        crate::stress::scenarios::fleet_end(&mut r, &exited, 0.0);
+        let r = report_of(&exited, 0.0);
         assert!(!r.passed());
         assert!(
             r.verdicts[0].detail.contains("no last status"),
