@@ -60,26 +60,7 @@ async fn serve(io: tokio::io::DuplexStream, hold: Duration, pinged: bool) {
     }
     until_registration(&mut ws).await;
     // The commit is held: pings (and the worker's pongs read), or silence.
-    let held = tokio::time::sleep(hold);
-    tokio::pin!(held);
-    let mut keepalive =
-        tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
-    loop {
-        tokio::select! {
-            () = &mut held => break,
-            _ = keepalive.tick(), if pinged => {
-                if ws.send(Message::Ping(Vec::new().into())).await.is_err() {
-                    return;
-                }
-            }
-            m = ws.next() => match m {
-                Some(Ok(_)) => {}
-                _ => return,
-            },
-        }
-    }
-    let ack = CoordMsg::RegistrationAck(registration_ack(1));
-    if ws.send(send(ack)).await.is_err() {
+    if !hold_then_ack(&mut ws, hold, pinged.then_some(KEEPALIVE)).await {
         return;
     }
     while let Some(Ok(m)) = ws.next().await {
@@ -91,6 +72,36 @@ async fn serve(io: tokio::io::DuplexStream, hold: Duration, pinged: bool) {
             }
         }
     }
+}
+
+/// Holds the registration's commit for `hold`, pinging the worker every `every` (`None`:
+/// saying nothing) and reading its frames (its pongs), then acknowledges the registration.
+/// False if the connection ended first.
+async fn hold_then_ack(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio::io::DuplexStream>,
+    hold: Duration,
+    every: Option<Duration>,
+) -> bool {
+    let held = tokio::time::sleep(hold);
+    tokio::pin!(held);
+    let period = every.unwrap_or(Duration::from_secs(3600));
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        tokio::select! {
+            () = &mut held => break,
+            _ = keepalive.tick(), if every.is_some() => {
+                if ws.send(Message::Ping(Vec::new().into())).await.is_err() {
+                    return false;
+                }
+            }
+            m = ws.next() => match m {
+                Some(Ok(_)) => {}
+                _ => return false,
+            },
+        }
+    }
+    let ack = CoordMsg::RegistrationAck(registration_ack(1));
+    ws.send(Message::text(encode(&ack))).await.is_ok()
 }
 
 fn config() -> WorkerConfig {
@@ -200,27 +211,7 @@ impl Connector for PacedByStated {
             let every = registration
                 .heartbeat_timeout_ms
                 .map(|ms| Duration::from_millis(ms) / 3);
-            let held = tokio::time::sleep(hold);
-            tokio::pin!(held);
-            let first = tokio::time::Instant::now() + every.unwrap_or(hold);
-            let mut keepalive =
-                tokio::time::interval_at(first, every.unwrap_or(Duration::from_secs(3600)));
-            loop {
-                tokio::select! {
-                    () = &mut held => break,
-                    _ = keepalive.tick(), if every.is_some() => {
-                        if ws.send(Message::Ping(Vec::new().into())).await.is_err() {
-                            return;
-                        }
-                    }
-                    m = ws.next() => match m {
-                        Some(Ok(_)) => {}
-                        _ => return,
-                    },
-                }
-            }
-            let ack = CoordMsg::RegistrationAck(registration_ack(1));
-            if ws.send(send(ack)).await.is_err() {
+            if !hold_then_ack(&mut ws, hold, every).await {
                 return;
             }
             while let Some(Ok(_)) = ws.next().await {}
