@@ -1287,7 +1287,6 @@ async fn as_root_on_an_ext4_full_to_others_the_free_space_gauge_shows_roots_room
         return;
     };
     let log = work.path().join("coordinator.log");
-    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
     let data = disk.inside("data");
     std::fs::create_dir(&data).expect("the data directory");
     // 781 MiB free: 765 MiB of them root's, none others'.
@@ -1297,7 +1296,20 @@ async fn as_root_on_an_ext4_full_to_others_the_free_space_gauge_shows_roots_room
     let mut c = disk.coordinator(addr, &log);
     let http = http_client();
     wait_healthy(&http, &base).await;
-    let gauge = wait_for("the watcher's first look", LONG, || async {
+    let gauge = first_look_gauge(&http, &base).await;
+    let low = tether_coordinator::disk::LOW_SPACE as f64;
+    assert!(
+        gauge > low && gauge <= ((free - 4096) * 4096) as f64,
+        "{gauge} bytes shown, {free} blocks free"
+    );
+    takes_work_unwarned(&http, &base, "root-room", &log).await;
+    c.stop("the coordinator", &log).await;
+}
+
+/// The free-space gauge, in bytes, once the coordinator at `base` shows it (its watcher's
+/// first look).
+async fn first_look_gauge(http: &reqwest::Client, base: &str) -> f64 {
+    wait_for("the watcher's first look", LONG, || async {
         let text = http
             .get(format!("{base}/metrics"))
             .send()
@@ -1312,22 +1324,20 @@ async fn as_root_on_an_ext4_full_to_others_the_free_space_gauge_shows_roots_room
             .to_owned();
         line.rsplit(' ').next()?.parse::<f64>().ok()
     })
-    .await;
-    let low = tether_coordinator::disk::LOW_SPACE as f64;
-    assert!(
-        gauge > low && gauge <= ((free - 4096) * 4096) as f64,
-        "{gauge} bytes shown, {free} blocks free"
-    );
-    let r = post_tasks(&http, &base, &specs("root-room", 1))
+    .await
+}
+
+/// The coordinator at `base` takes a task (`name`), and its `log` says no low space.
+async fn takes_work_unwarned(http: &reqwest::Client, base: &str, name: &str, log: &Path) {
+    let r = post_tasks(http, base, &specs(name, 1))
         .await
         .expect("submitted");
     assert_eq!(r.status().as_u16(), 201, "it takes work");
+    let logged = std::fs::read_to_string(log).unwrap_or_default();
     assert!(
-        !logged().contains("running out of space"),
-        "warned of low space:\n{}",
-        logged()
+        !logged.contains("running out of space"),
+        "warned of low space:\n{logged}"
     );
-    c.stop("the coordinator", &log).await;
 }
 
 /// `setpriv` (util-linux) to start a coordinator with other credentials; none where it is
@@ -1457,32 +1467,9 @@ async fn a_coordinator_that_is_its_ext4s_resuid_counts_the_superusers_blocks_as_
     let mut c = disk.coordinator_by(&nobody, addr, &log);
     let http = http_client();
     wait_healthy(&http, &base).await;
-    let gauge = wait_for("the watcher's first look", LONG, || async {
-        let text = http
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("tether_data_dir_available_bytes "))?
-            .to_owned();
-        line.rsplit(' ').next()?.parse::<f64>().ok()
-    })
-    .await;
+    let gauge = first_look_gauge(&http, &base).await;
     let low = tether_coordinator::disk::LOW_SPACE as f64;
     assert!(gauge > low, "{gauge} bytes shown:\n{}", logged());
-    let r = post_tasks(&http, &base, &specs("resuid-room", 1))
-        .await
-        .expect("submitted");
-    assert_eq!(r.status().as_u16(), 201, "it takes work");
-    assert!(
-        !logged().contains("running out of space"),
-        "warned of low space:\n{}",
-        logged()
-    );
+    takes_work_unwarned(&http, &base, "resuid-room", &log).await;
     c.stop("the coordinator", &log).await;
 }
