@@ -1,9 +1,9 @@
 //! A checkpoint asked of a running task (`POST /tasks/{id}/checkpoint`, `tether checkpoint`):
 //! what the user can read of the worker's answer.
 
-use tether_proto::TaskSpec;
 use tether_testkit::*;
-use tether_worker::{ConnState, Executors};
+
+use crate::support::{cancel_and_stop, one_task_on_a_worker};
 
 /// A worker that cannot provide the checkpoint asked for answers `checkpoint_error`; its
 /// reason is kept on the task's attempt, where `tether task` and `tether checkpoint --wait`
@@ -13,22 +13,12 @@ use tether_worker::{ConnState, Executors};
 async fn a_workers_checkpoint_error_is_shown_on_the_tasks_attempt() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = spawn_coordinator(dir.path().to_owned()).await;
-    let mut executors = Executors::builtin();
     // Makes no checkpoint: the worker has none to give.
-    executors.register(
-        "no-checkpoints",
-        executor(|_, ctx| async move {
-            ctx.cancelled().await;
-            Err(tether_worker::ExecError::Cancelled)
-        }),
-    );
-    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), executors);
-    w.wait_state(|s| s == ConnState::Connected).await;
-    let client = c.client();
-    let id = client
-        .submit(&[TaskSpec::new("no-checkpoints", serde_json::json!({}))])
-        .await
-        .remove(0);
+    let no_checkpoints = executor(|_, ctx| async move {
+        ctx.cancelled().await;
+        Err(tether_worker::ExecError::Cancelled)
+    });
+    let (w, client, id) = one_task_on_a_worker(&c, "no-checkpoints", no_checkpoints).await;
     client.wait_status(&id, "running").await;
     let before = client.task(&id).await;
     assert!(
@@ -50,8 +40,5 @@ async fn a_workers_checkpoint_error_is_shown_on_the_tasks_attempt() {
         "{t}"
     );
     assert!(t["attempts"][0]["checkpoint_error_at"].is_string(), "{t}");
-    client.control(&id, "cancel").await;
-    client.wait_status(&id, "cancelled").await;
-    w.stop().await.expect("clean stop");
-    c.stop().await;
+    cancel_and_stop(&client, &id, w, c).await;
 }

@@ -5,6 +5,7 @@ use tether_testkit::*;
 use tether_worker::{ConnState, Executors};
 
 use crate::raw::Raw;
+use crate::support::{cancel_and_stop, one_task_on_a_worker};
 
 #[tokio::test]
 async fn a_worker_registers_and_runs_a_task_to_one_result() {
@@ -213,23 +214,13 @@ async fn checkpoint_pieces_fit_in_the_frames_the_coordinator_takes() {
     let mut ccfg = fast_coordinator_config(dir.path().to_owned());
     ccfg.max_frame = 256 * 1024;
     let c = spawn_coordinator_with(ccfg, None).await;
-    let mut executors = Executors::builtin();
-    executors.register(
-        "checkpoints",
-        executor(|_, ctx| async move {
-            ctx.checkpoint(vec![7u8; 600_000]).await;
-            // Running on, so that the checkpoint is one of a running attempt.
-            ctx.cancelled().await;
-            Err(tether_worker::ExecError::Cancelled)
-        }),
-    );
-    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), executors);
-    w.wait_state(|s| s == ConnState::Connected).await;
-    let client = c.client();
-    let id = client
-        .submit(&[TaskSpec::new("checkpoints", serde_json::json!({}))])
-        .await
-        .remove(0);
+    let checkpoints = executor(|_, ctx| async move {
+        ctx.checkpoint(vec![7u8; 600_000]).await;
+        // Running on, so that the checkpoint is one of a running attempt.
+        ctx.cancelled().await;
+        Err(tether_worker::ExecError::Cancelled)
+    });
+    let (w, client, id) = one_task_on_a_worker(&c, "checkpoints", checkpoints).await;
     let t = wait_for("the checkpoint to be stored", DEADLINE, || async {
         let t = client.task(&id).await;
         (!t["latest_checkpoint"].is_null()).then_some(t)
@@ -237,10 +228,7 @@ async fn checkpoint_pieces_fit_in_the_frames_the_coordinator_takes() {
     .await;
     assert_eq!(t["latest_checkpoint"]["size"], 600_000, "{t}");
     assert_eq!(w.handle.registrations(), 1);
-    client.control(&id, "cancel").await;
-    client.wait_status(&id, "cancelled").await;
-    w.stop().await.expect("clean stop");
-    c.stop().await;
+    cancel_and_stop(&client, &id, w, c).await;
 }
 
 /// A checkpoint larger than the coordinator keeps (its `registration_ack` says how large) is
@@ -254,23 +242,13 @@ async fn a_checkpoint_larger_than_the_coordinator_keeps_is_announced_alone_and_r
     let mut ccfg = fast_coordinator_config(dir.path().to_owned());
     ccfg.max_checkpoint_bytes = 100_000;
     let c = spawn_coordinator_with(ccfg, None).await;
-    let mut executors = Executors::builtin();
-    executors.register(
-        "checkpoints",
-        executor(|_, ctx| async move {
-            ctx.checkpoint(vec![7u8; 300_000]).await;
-            ctx.checkpoint(vec![8u8; 50_000]).await;
-            ctx.cancelled().await;
-            Err(tether_worker::ExecError::Cancelled)
-        }),
-    );
-    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), executors);
-    w.wait_state(|s| s == ConnState::Connected).await;
-    let client = c.client();
-    let id = client
-        .submit(&[TaskSpec::new("checkpoints", serde_json::json!({}))])
-        .await
-        .remove(0);
+    let checkpoints = executor(|_, ctx| async move {
+        ctx.checkpoint(vec![7u8; 300_000]).await;
+        ctx.checkpoint(vec![8u8; 50_000]).await;
+        ctx.cancelled().await;
+        Err(tether_worker::ExecError::Cancelled)
+    });
+    let (w, client, id) = one_task_on_a_worker(&c, "checkpoints", checkpoints).await;
     let t = wait_for("the small checkpoint to be stored", DEADLINE, || async {
         let t = client.task(&id).await;
         (!t["latest_checkpoint"].is_null()).then_some(t)
@@ -286,10 +264,7 @@ async fn a_checkpoint_larger_than_the_coordinator_keeps_is_announced_alone_and_r
     );
     let o = client.overview().await;
     assert_eq!(o["counters"]["checkpoints_too_large"], 1, "{o}");
-    client.control(&id, "cancel").await;
-    client.wait_status(&id, "cancelled").await;
-    w.stop().await.expect("clean stop");
-    c.stop().await;
+    cancel_and_stop(&client, &id, w, c).await;
 }
 
 #[tokio::test]

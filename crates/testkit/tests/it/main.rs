@@ -18,4 +18,5 @@ mod raw;
 mod recovery;
 mod registration_frame;
 mod secrets;
+mod support;
 mod tls;
