@@ -442,7 +442,9 @@ fn no_huge_pages() {
     #[cfg(target_os = "linux")]
     match nix::sys::prctl::set_thp_disable(true).and_then(|()| nix::sys::prctl::get_thp_disable()) {
         Ok(true) => tracing::debug!("transparent huge pages off for this process"),
-        Ok(false) => tracing::debug!("transparent huge pages stay allowed: the kernel kept them on"),
+        Ok(false) => {
+            tracing::debug!("transparent huge pages stay allowed: the kernel kept them on")
+        }
         Err(error) => tracing::debug!(%error, "transparent huge pages stay allowed"),
     }
 }
