@@ -1005,31 +1005,10 @@ async fn a_database_that_cannot_be_opened_where_no_inodes_are_counted_is_refused
         return;
     };
     let log = work.path().join("coordinator.log");
-    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
     std::fs::create_dir(disk.inside("data")).expect("the data directory");
-    std::os::unix::fs::symlink(
-        "/no-such-directory-of-tether/tether.db",
-        disk.inside("data/tether.db"),
-    )
-    .expect("the database a dangling link");
+    dangling_database(&disk.inside("data"));
     let mut c = disk.coordinator(addr, &log);
-    let pid = c.child.id();
-    wait_for("the start to be refused, or to wait", LONG, || async {
-        (exited(pid) || logged().contains("out of space")).then_some(())
-    })
-    .await;
-    assert!(
-        !logged().contains("out of space"),
-        "taken for a full disk:\n{}",
-        logged()
-    );
-    let status = c.child.wait().expect("wait");
-    assert_eq!(status.code(), Some(1), "{}", logged());
-    assert!(
-        logged().contains("unable to open database file"),
-        "{}",
-        logged()
-    );
+    refused_not_waited_for(&mut c, &log).await;
 }
 
 /// On a file system that counts no blocks (a tmpfs mounted with `size=0`, unbounded; some FUSE
@@ -1224,13 +1203,8 @@ async fn as_root_on_a_large_ext4_with_room_under_2_percent_a_database_that_canno
         return;
     };
     let log = work.path().join("coordinator.log");
-    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
     std::fs::create_dir(disk.inside("data")).expect("the data directory");
-    std::os::unix::fs::symlink(
-        "/no-such-directory-of-tether/tether.db",
-        disk.inside("data/tether.db"),
-    )
-    .expect("the database a dangling link");
+    dangling_database(&disk.inside("data"));
     // Leave root 24 MiB over the 4096 blocks kept from everyone: under 2 % of the blocks.
     let (blocks, _, _) = statvfs(&disk.inside("data"));
     let leave = 4096 + 6144;
@@ -1240,6 +1214,23 @@ async fn as_root_on_a_large_ext4_with_room_under_2_percent_a_database_that_canno
     assert_eq!(available, 0, "full to others");
     assert!(free > 4096 && free < blocks * 2 / 100, "{free} of {blocks}");
     let mut c = disk.coordinator(addr, &log);
+    refused_not_waited_for(&mut c, &log).await;
+}
+
+/// Makes the database in `data` a dangling link: one SQLite cannot open, for a reason other
+/// than room.
+fn dangling_database(data: &Path) {
+    std::os::unix::fs::symlink(
+        "/no-such-directory-of-tether/tether.db",
+        data.join("tether.db"),
+    )
+    .expect("the database a dangling link");
+}
+
+/// The coordinator `c` (its log `log`) refuses its start with SQLite's error (exit status 1,
+/// `unable to open database file`); it does not take its disk for full and wait for room.
+async fn refused_not_waited_for(c: &mut Coordinator, log: &Path) {
+    let logged = || std::fs::read_to_string(log).unwrap_or_default();
     let pid = c.child.id();
     wait_for("the start to be refused, or to wait", LONG, || async {
         (exited(pid) || logged().contains("out of space")).then_some(())
@@ -1420,11 +1411,7 @@ async fn as_root_without_cap_sys_resource_on_an_ext4_kept_for_another_a_disk_ful
         return;
     };
     let logged = || std::fs::read_to_string(&log).unwrap_or_default();
-    std::os::unix::fs::symlink(
-        "/no-such-directory-of-tether/tether.db",
-        disk.inside("data/tether.db"),
-    )
-    .expect("the database a dangling link");
+    dangling_database(&disk.inside("data"));
     let without = [
         "setpriv",
         "--inh-caps=-sys_resource",
