@@ -1335,14 +1335,20 @@ async fn a_submission_with_a_bad_field_gets_a_json_error_naming_the_field_and_el
         let message = e["error"]["message"].as_str().unwrap_or_default();
         assert!(message.starts_with(says), "{body}: {message}");
     }
-    // Not JSON, too large, or not JSON by its content type keep their statuses, as JSON.
+    // Not JSON, too large, or not JSON by its content type keep their statuses, as JSON; too
+    // large is `too_large`, naming the limit (a57929e), the others `bad_request`.
     let http = loopback_client(reqwest::Client::builder());
     let url = format!("http://{}/api/v1/tasks", c.addr);
     let big = json!({"kind": "sleep", "name": "n".repeat(128 * 1024)}).to_string();
-    for (content_type, body, want) in [
-        ("application/json", "{\"kind\": ".to_owned(), 400),
-        ("application/json", big, 413),
-        ("text/plain", ok.to_string(), 415),
+    for (content_type, body, want, code) in [
+        (
+            "application/json",
+            "{\"kind\": ".to_owned(),
+            400,
+            "bad_request",
+        ),
+        ("application/json", big, 413, "too_large"),
+        ("text/plain", ok.to_string(), 415, "bad_request"),
     ] {
         let r = http
             .post(&url)
@@ -1354,7 +1360,11 @@ async fn a_submission_with_a_bad_field_gets_a_json_error_naming_the_field_and_el
         let status = r.status().as_u16();
         let e: serde_json::Value = r.json().await.expect("a JSON error body");
         assert_eq!(status, want, "{content_type}: {e}");
-        assert_eq!(e["error"]["code"], "bad_request", "{e}");
+        assert_eq!(e["error"]["code"], code, "{e}");
+        if status == 413 {
+            let message = e["error"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains("--max-body"), "{message}");
+        }
     }
     // Nothing of a refused batch was queued, and honest work runs.
     let (status, listed) = client.get("/api/v1/tasks").await;
