@@ -516,7 +516,11 @@ async fn checkpoint_asks_a_running_task_for_one_and_task_shows_its_state_and_che
     assert_eq!(v["checkpoints"], json!([]), "none before it is asked: {v}");
     let (ok, out, err) = run(&["checkpoint", "long"]);
     assert!(ok, "{out} {err}");
-    assert_eq!(out.trim(), "long running");
+    // It says whom it asked (b633b7d; it printed the task's status, "long running").
+    assert_eq!(
+        out.trim(),
+        "checkpoint asked of worker w1 for long (attempt 1)"
+    );
     tether_testkit::wait_for("the checkpoint asked for", LONG, || async {
         let (_, out, _) = run(&["task", "long", "--json"]);
         let v: serde_json::Value = serde_json::from_str(&out).ok()?;
