@@ -3,7 +3,7 @@
 
 use tether_testkit::*;
 
-use crate::support::{cancel_and_stop, one_task_on_a_worker};
+use crate::support::{cancel_and_stop, coordinator, one_task_on_a_worker};
 
 /// A worker that cannot provide the checkpoint asked for answers `checkpoint_error`; its
 /// reason is kept on the task's attempt, where `tether task` and `tether checkpoint --wait`
@@ -11,8 +11,7 @@ use crate::support::{cancel_and_stop, one_task_on_a_worker};
 /// checkpoint came.
 #[tokio::test]
 async fn a_workers_checkpoint_error_is_shown_on_the_tasks_attempt() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     // Makes no checkpoint: the worker has none to give.
     let no_checkpoints = executor(|_, ctx| async move {
         ctx.cancelled().await;

@@ -5,15 +5,14 @@ use tether_testkit::*;
 use tether_worker::{ConnState, Executors};
 
 use crate::raw::Raw;
-use crate::support::{cancel_and_stop, one_task_on_a_worker};
+use crate::support::{
+    builtin_and, cancel_and_stop, checkpointed, connected, connected_worker, coordinator,
+    coordinator_and_worker, coordinator_with, one_task_on_a_worker, restarted, submit_one,
+};
 
 #[tokio::test]
 async fn a_worker_registers_and_runs_a_task_to_one_result() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
-    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
-    w.wait_state(|s| s == ConnState::Connected).await;
-    let client = c.client();
+    let (_dir, c, w, client) = coordinator_and_worker().await;
     let ids = client.submit(&[sleep_task(100, 4, 0)]).await;
     let t = client.wait_status(&ids[0], "completed").await;
     assert_eq!(t["attempt"], 1);
@@ -33,23 +32,13 @@ async fn a_worker_registers_and_runs_a_task_to_one_result() {
 
 #[tokio::test]
 async fn an_executor_that_panics_fails_its_task_with_one_result_and_the_worker_runs_on() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
-    let mut executors = Executors::builtin();
+    let (_dir, c) = coordinator().await;
     // Panics in its task, every time it runs.
-    executors.register(
-        "panics",
-        executor(|_, _| async { panic!("the executor's own bug") }),
-    );
-    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), executors);
-    w.wait_state(|s| s == ConnState::Connected).await;
-    let client = c.client();
-    let ids = client
-        .submit(&[TaskSpec::new("panics", serde_json::json!({}))])
-        .await;
-    let t = client.wait_status(&ids[0], "failed").await;
+    let panics = executor(|_, _| async { panic!("the executor's own bug") });
+    let (w, client, id) = one_task_on_a_worker(&c, "panics", panics).await;
+    let t = client.wait_status(&id, "failed").await;
     assert_eq!(t["attempt"], 1, "{t}");
-    let results = client.results(&ids[0]).await;
+    let results = client.results(&id).await;
     assert_eq!(results.len(), 1, "{results:?}");
     let error = results[0]["body"]["error"]["message"]
         .as_str()
@@ -78,28 +67,27 @@ async fn a_result_or_state_too_large_for_a_message_is_not_sent_and_the_session_l
     // limit in the registration's ack, the worker does not send a 2 MB result as it is, which
     // would end the session at the coordinator's limit, and again at every resend.
     const LIMIT: usize = 1024 * 1024;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut ccfg = fast_coordinator_config(dir.path().to_owned());
-    ccfg.max_frame = LIMIT;
-    let c = spawn_coordinator_with(ccfg, None).await;
-    let mut executors = Executors::builtin();
+    let (_dir, c) = coordinator_with(|cfg| {
+        cfg.max_frame = LIMIT;
+    })
+    .await;
     // Reports a state of `config.state_bytes` and returns a result of `config.result_bytes`;
     // with `config.hold`, runs until cancelled after its state.
-    executors.register(
-        "big",
-        executor(|input, ctx| async move {
-            let n = |k: &str| input.config[k].as_u64().unwrap_or(0) as usize;
-            ctx.report_state(serde_json::json!({ "pad": "s".repeat(n("state_bytes")) }))
-                .await?;
-            if input.config["hold"] == true {
-                ctx.cancelled().await;
-                return Err(tether_worker::ExecError::Cancelled);
-            }
-            Ok(serde_json::json!({ "pad": "r".repeat(n("result_bytes")) }))
-        }),
-    );
-    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), executors);
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let big = executor(|input, ctx| async move {
+        let n = |k: &str| input.config[k].as_u64().unwrap_or(0) as usize;
+        ctx.report_state(serde_json::json!({ "pad": "s".repeat(n("state_bytes")) }))
+            .await?;
+        if input.config["hold"] == true {
+            ctx.cancelled().await;
+            return Err(tether_worker::ExecError::Cancelled);
+        }
+        Ok(serde_json::json!({ "pad": "r".repeat(n("result_bytes")) }))
+    });
+    let w = connected(
+        fast_worker_config(&c.ws_url(), "w1"),
+        builtin_and("big", big),
+    )
+    .await;
     let client = c.client();
     let big = |state: usize, result: usize, hold: bool| {
         TaskSpec::new(
@@ -146,31 +134,20 @@ async fn a_result_or_state_too_large_for_a_message_is_not_sent_and_the_session_l
 #[tokio::test]
 async fn a_result_queued_before_the_coordinator_came_back_with_smaller_frames_fails_its_attempt() {
     const SMALLER: usize = 1024 * 1024;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (dir, c) = coordinator().await;
     let addr = c.addr;
     let go = tokio_util::sync::CancellationToken::new();
-    let mut executors = Executors::builtin();
-    {
+    let big = {
         let go = go.clone();
-        executors.register(
-            "big",
-            executor(move |_, _| {
-                let go = go.clone();
-                async move {
-                    go.cancelled().await;
-                    Ok(serde_json::json!({ "pad": "r".repeat(2 * SMALLER) }))
-                }
-            }),
-        );
-    }
-    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), executors);
-    w.wait_state(|s| s == ConnState::Connected).await;
-    let client = c.client();
-    let id = client
-        .submit(&[TaskSpec::new("big", serde_json::json!({}))])
-        .await
-        .remove(0);
+        executor(move |_, _| {
+            let go = go.clone();
+            async move {
+                go.cancelled().await;
+                Ok(serde_json::json!({ "pad": "r".repeat(2 * SMALLER) }))
+            }
+        })
+    };
+    let (w, client, id) = one_task_on_a_worker(&c, "big", big).await;
     client.wait_status(&id, "running").await;
     c.stop().await;
     w.wait_state(|s| s != ConnState::Connected).await;
@@ -210,10 +187,10 @@ async fn a_result_queued_before_the_coordinator_came_back_with_smaller_frames_fa
 async fn checkpoint_pieces_fit_in_the_frames_the_coordinator_takes() {
     // A coordinator that takes 256 KiB frames, a worker whose pieces are 256 KiB (342 KiB as
     // base64): told the limit, the worker cuts smaller pieces, and the checkpoint arrives.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut ccfg = fast_coordinator_config(dir.path().to_owned());
-    ccfg.max_frame = 256 * 1024;
-    let c = spawn_coordinator_with(ccfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        cfg.max_frame = 256 * 1024;
+    })
+    .await;
     let checkpoints = executor(|_, ctx| async move {
         ctx.checkpoint(vec![7u8; 600_000]).await;
         // Running on, so that the checkpoint is one of a running attempt.
@@ -221,11 +198,7 @@ async fn checkpoint_pieces_fit_in_the_frames_the_coordinator_takes() {
         Err(tether_worker::ExecError::Cancelled)
     });
     let (w, client, id) = one_task_on_a_worker(&c, "checkpoints", checkpoints).await;
-    let t = wait_for("the checkpoint to be stored", DEADLINE, || async {
-        let t = client.task(&id).await;
-        (!t["latest_checkpoint"].is_null()).then_some(t)
-    })
-    .await;
+    let t = checkpointed(&client, &id).await;
     assert_eq!(t["latest_checkpoint"]["size"], 600_000, "{t}");
     assert_eq!(w.handle.registrations(), 1);
     cancel_and_stop(&client, &id, w, c).await;
@@ -238,10 +211,10 @@ async fn checkpoint_pieces_fit_in_the_frames_the_coordinator_takes() {
 /// earlier checkpoint). The next one, within the limit, is stored.
 #[tokio::test]
 async fn a_checkpoint_larger_than_the_coordinator_keeps_is_announced_alone_and_refused_visibly() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut ccfg = fast_coordinator_config(dir.path().to_owned());
-    ccfg.max_checkpoint_bytes = 100_000;
-    let c = spawn_coordinator_with(ccfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        cfg.max_checkpoint_bytes = 100_000;
+    })
+    .await;
     let checkpoints = executor(|_, ctx| async move {
         ctx.checkpoint(vec![7u8; 300_000]).await;
         ctx.checkpoint(vec![8u8; 50_000]).await;
@@ -249,11 +222,7 @@ async fn a_checkpoint_larger_than_the_coordinator_keeps_is_announced_alone_and_r
         Err(tether_worker::ExecError::Cancelled)
     });
     let (w, client, id) = one_task_on_a_worker(&c, "checkpoints", checkpoints).await;
-    let t = wait_for("the small checkpoint to be stored", DEADLINE, || async {
-        let t = client.task(&id).await;
-        (!t["latest_checkpoint"].is_null()).then_some(t)
-    })
-    .await;
+    let t = checkpointed(&client, &id).await;
     assert_eq!(t["latest_checkpoint"]["size"], 50_000, "{t}");
     let refused = t["attempts"][0]["checkpoint_refused"]
         .as_str()
@@ -269,8 +238,7 @@ async fn a_checkpoint_larger_than_the_coordinator_keeps_is_announced_alone_and_r
 
 #[tokio::test]
 async fn two_workers_with_distinct_ids_stay_distinct_and_share_the_work() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     // One through a bare host:port, one through a full endpoint URL with the placeholder.
     let a = spawn_worker(
         fast_worker_config(&c.addr.to_string(), "worker-a"),
@@ -309,8 +277,7 @@ async fn two_workers_with_distinct_ids_stay_distinct_and_share_the_work() {
 /// unregisters the live one.
 #[tokio::test]
 async fn a_second_connection_with_the_same_id_replaces_the_first_cleanly() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     // Two connections of one raw process (one boot id): the second replaces the first.
     let mut first = Raw::connect(&c, "dup").await;
     first.send(&first.registration(None, &[])).await;
@@ -335,18 +302,15 @@ async fn a_second_connection_with_the_same_id_replaces_the_first_cleanly() {
 /// running is finished by the newer one and counted once.
 #[tokio::test]
 async fn a_second_process_with_the_same_id_takes_it_over_and_the_first_stops_saying_why() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let client = c.client();
-    let first = spawn_worker(fast_worker_config(&c.ws_url(), "dup"), Executors::builtin());
-    first.wait_state(|s| s == ConnState::Connected).await;
+    let first = connected_worker(&c.ws_url(), "dup").await;
     let ids = client.submit(&[sleep_task(1_500, 3, 0)]).await;
     wait_for("the task to run on the first", DEADLINE, || async {
         (client.status(&ids[0]).await == "running").then_some(())
     })
     .await;
-    let second = spawn_worker(fast_worker_config(&c.ws_url(), "dup"), Executors::builtin());
-    second.wait_state(|s| s == ConnState::Connected).await;
+    let second = connected_worker(&c.ws_url(), "dup").await;
     let workers: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
     let second_boot = workers[0]["boot_id"]
         .as_str()
@@ -396,9 +360,7 @@ async fn worker_list(client: &Client) -> Vec<(String, String, String)> {
 
 #[tokio::test]
 async fn a_connection_that_never_registers_is_not_listed_or_saved_once_it_ends() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
-    let addr = c.addr;
+    let (_dir, c) = coordinator().await;
     let client = c.client();
     // A worker that registers, then goes.
     let mut known = Raw::connect(&c, "known").await;
@@ -437,9 +399,7 @@ async fn a_connection_that_never_registers_is_not_listed_or_saved_once_it_ends()
     );
 
     // Nor was either saved: a restarted coordinator knows the registered worker only.
-    c.stop().await;
-    let c =
-        spawn_coordinator_with(fast_coordinator_config(dir.path().to_owned()), Some(addr)).await;
+    let c = restarted(c).await;
     assert_eq!(worker_list(&c.client()).await, expected, "after a restart");
     c.stop().await;
 }
@@ -458,12 +418,11 @@ async fn worker_sessions(client: &Client, id: &str) -> (String, u64) {
 async fn a_connection_that_never_registers_does_not_replace_the_workers_session() {
     // A connection that has not registered within this is cut.
     const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.heartbeat_timeout = TIMEOUT;
-    let c = spawn_coordinator_with(cfg, None).await;
-    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        cfg.heartbeat_timeout = TIMEOUT;
+    })
+    .await;
+    let w = connected_worker(&c.ws_url(), "w1").await;
     let client = c.client();
     let untouched = |when: &'static str| {
         let (w, client) = (&w, &client);
@@ -577,11 +536,7 @@ async fn settled_iteration(w: &TestWorker, client: &Client, id: &TaskId) -> u64 
 /// task, of the same steps, moves on; resumed, the worker shows it running and it moves again.
 #[tokio::test]
 async fn cancel_and_pause_reach_a_running_task() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
-    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
-    w.wait_state(|s| s == ConnState::Connected).await;
-    let client = c.client();
+    let (_dir, c, w, client) = coordinator_and_worker().await;
     let ids = client
         .submit(&[sleep_task(60_000, 600, 1), sleep_task(60_000, 600, 0)])
         .await;
@@ -651,11 +606,7 @@ async fn cancel_and_pause_reach_a_running_task() {
 
 #[tokio::test]
 async fn a_task_past_its_timeout_ends_timed_out_with_one_result() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
-    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
-    w.wait_state(|s| s == ConnState::Connected).await;
-    let client = c.client();
+    let (_dir, c, w, client) = coordinator_and_worker().await;
     let mut spec = TaskSpec::new(
         "command",
         serde_json::json!({"program": "sleep", "args": ["30"]}),
@@ -675,8 +626,7 @@ async fn a_task_past_its_timeout_ends_timed_out_with_one_result() {
 
 #[tokio::test]
 async fn bad_query_parameters_get_the_json_error_body() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let client = c.client();
     for (query, want, code) in [
         ("limit=abc", 400, "bad_request"),
@@ -706,8 +656,7 @@ async fn bad_query_parameters_get_the_json_error_body() {
 /// the filter, a watch of 5,000 tasks read each with a request of its own.
 #[tokio::test]
 async fn a_listing_by_ids_returns_those_tasks_and_refuses_more_than_its_bound() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let client = c.client();
     // No worker: every task stays queued but the one cancelled.
     let specs: Vec<TaskSpec> = (0..6)
@@ -778,17 +727,12 @@ async fn a_listing_by_ids_returns_those_tasks_and_refuses_more_than_its_bound() 
 /// the result had nowhere else to go: it was lost with the process.
 #[tokio::test]
 async fn a_stopping_worker_delivers_the_results_its_tasks_produce_during_the_grace() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let started = tokio_util::sync::CancellationToken::new();
     let executors = stubborn(&started, std::time::Duration::from_millis(200));
-    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), executors);
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let w = connected(fast_worker_config(&c.ws_url(), "w1"), executors).await;
     let client = c.client();
-    let id = client
-        .submit(&[TaskSpec::new("stubborn", serde_json::json!({}))])
-        .await
-        .remove(0);
+    let id = submit_one(&client, "stubborn").await;
     started.cancelled().await;
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     w.stop().await.expect("clean stop");
@@ -828,22 +772,19 @@ async fn stubborn_on_a(
     runs: std::time::Duration,
 ) -> (TestWorker, TaskId) {
     let started = tokio_util::sync::CancellationToken::new();
-    let a = spawn_worker(fast_worker_config(url, "a"), stubborn(&started, runs));
-    a.wait_state(|s| s == ConnState::Connected).await;
-    let held = c
-        .client()
-        .submit(&[TaskSpec::new("stubborn", serde_json::json!({}))])
-        .await
-        .remove(0);
+    let a = connected(fast_worker_config(url, "a"), stubborn(&started, runs)).await;
+    let held = submit_one(&c.client(), "stubborn").await;
     started.cancelled().await;
     (a, held)
 }
 
-/// A coordinator that keeps a disconnected worker's leases for an hour.
-async fn keeping_leases(dir: &tempfile::TempDir) -> TestCoordinator {
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.lost_after = std::time::Duration::from_secs(3600);
-    spawn_coordinator_with(cfg, None).await
+/// A coordinator that keeps a disconnected worker's leases for an hour, in a new temporary
+/// directory: the directory, and the coordinator.
+async fn keeping_leases() -> (tempfile::TempDir, TestCoordinator) {
+    coordinator_with(|cfg| {
+        cfg.lost_after = std::time::Duration::from_secs(3600);
+    })
+    .await
 }
 
 /// `held`'s first attempt, on `a`, still holds its lease: not handed on.
@@ -858,10 +799,8 @@ async fn assert_still_leased_to_a(client: &Client, held: &TaskId) {
 /// reconnect to deliver anything.
 #[tokio::test]
 async fn a_stopping_worker_with_no_coordinator_stops_without_waiting_for_one() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
-    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let (_dir, c) = coordinator().await;
+    let w = connected_worker(&c.ws_url(), "w1").await;
     c.stop().await;
     w.wait_state(|s| s != ConnState::Connected).await;
     tokio::time::timeout(std::time::Duration::from_secs(30), w.stop())
@@ -875,22 +814,12 @@ async fn a_stopping_worker_with_no_coordinator_stops_without_waiting_for_one() {
 /// (`worker_stopping`, then `worker_stopped`).
 #[tokio::test]
 async fn a_stopped_worker_s_task_moves_at_once_and_resumes_from_its_checkpoint() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = keeping_leases(&dir).await;
-    let a = spawn_worker(fast_worker_config(&c.ws_url(), "a"), Executors::builtin());
-    a.wait_state(|s| s == ConnState::Connected).await;
+    let (_dir, c) = keeping_leases().await;
+    let a = connected_worker(&c.ws_url(), "a").await;
     let client = c.client();
     // 40 steps of 200 ms, a checkpoint every 2 steps.
     let id = client.submit(&[sleep_task(8_000, 40, 2)]).await.remove(0);
-    wait_for(
-        "a checkpoint to reach the coordinator",
-        DEADLINE,
-        || async {
-            let t = client.task(&id).await;
-            (!t["latest_checkpoint"].is_null()).then_some(())
-        },
-    )
-    .await;
+    checkpointed(&client, &id).await;
     a.stop().await.expect("clean stop");
     let t = client.task(&id).await;
     assert_eq!(t["status"], "queued", "moved as a stopped: {t}");
@@ -920,8 +849,7 @@ async fn a_stopped_worker_s_task_moves_at_once_and_resumes_from_its_checkpoint()
 /// its results may come back with it.
 #[tokio::test]
 async fn a_stopping_worker_gets_no_task_and_a_drain_cut_short_keeps_its_lease() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = keeping_leases(&dir).await;
+    let (_dir, c) = keeping_leases().await;
     let relay = Relay::start(c.addr).await;
     // It outlives the drain.
     let (a, held) = stubborn_on_a(&c, &relay.url(), std::time::Duration::from_secs(20)).await;
@@ -955,8 +883,7 @@ async fn a_stopping_worker_gets_no_task_and_a_drain_cut_short_keeps_its_lease() 
 /// runs here), so the lease stays, for the grace period, as after a crash.
 #[tokio::test]
 async fn a_worker_whose_task_outlives_the_shutdown_grace_does_not_say_it_stopped() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = keeping_leases(&dir).await;
+    let (_dir, c) = keeping_leases().await;
     let (a, held) = stubborn_on_a(&c, &c.ws_url(), std::time::Duration::from_secs(30)).await;
     let client = c.client();
     let handle = a.handle.clone();
@@ -979,30 +906,21 @@ async fn a_worker_whose_task_outlives_the_shutdown_grace_does_not_say_it_stopped
 #[tokio::test]
 async fn a_stopping_worker_says_it_stopped_only_once_the_last_checkpoint_is_in() {
     const LAST: usize = 4 * 1024 * 1024;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = keeping_leases(&dir).await;
-    let mut executors = Executors::builtin();
-    executors.register(
-        "last-words",
-        executor(|_, ctx| async move {
-            ctx.checkpoint(vec![1u8; 10]).await;
-            ctx.cancelled().await;
-            ctx.checkpoint(vec![2u8; LAST]).await;
-            Err(tether_worker::ExecError::Cancelled)
-        }),
-    );
-    let a = spawn_worker(fast_worker_config(&c.ws_url(), "a"), executors);
-    a.wait_state(|s| s == ConnState::Connected).await;
-    let client = c.client();
-    let id = client
-        .submit(&[TaskSpec::new("last-words", serde_json::json!({}))])
-        .await
-        .remove(0);
-    wait_for("the first checkpoint", DEADLINE, || async {
-        let t = client.task(&id).await;
-        (!t["latest_checkpoint"].is_null()).then_some(())
-    })
+    let (_dir, c) = keeping_leases().await;
+    let last_words = executor(|_, ctx| async move {
+        ctx.checkpoint(vec![1u8; 10]).await;
+        ctx.cancelled().await;
+        ctx.checkpoint(vec![2u8; LAST]).await;
+        Err(tether_worker::ExecError::Cancelled)
+    });
+    let a = connected(
+        fast_worker_config(&c.ws_url(), "a"),
+        builtin_and("last-words", last_words),
+    )
     .await;
+    let client = c.client();
+    let id = submit_one(&client, "last-words").await;
+    checkpointed(&client, &id).await;
     a.stop().await.expect("clean stop");
     let t = client.task(&id).await;
     assert_eq!(t["status"], "queued", "{t}");
@@ -1015,8 +933,7 @@ async fn a_stopping_worker_says_it_stopped_only_once_the_last_checkpoint_is_in()
 /// its own, and the time of its last frame stays once it is gone.
 #[tokio::test]
 async fn a_workers_last_seen_moves_with_its_heartbeats_alone() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let mut raw = Raw::connect(&c, "beats").await;
     let reg = raw.registration(None, &[]);
     raw.send(&reg).await;
@@ -1068,13 +985,11 @@ async fn a_workers_last_seen_moves_with_its_heartbeats_alone() {
 /// grace period (here an hour) and then `lost`.
 #[tokio::test]
 async fn a_worker_stopped_while_cut_off_hands_its_task_back_once_it_reaches_the_coordinator() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = keeping_leases(&dir).await;
+    let (_dir, c) = keeping_leases().await;
     let relay = Relay::start(c.addr).await;
     let mut wcfg = fast_worker_config(&relay.url(), "a");
     wcfg.stop_reconnect = std::time::Duration::from_secs(20);
-    let a = spawn_worker(wcfg, Executors::builtin());
-    a.wait_state(|s| s == ConnState::Connected).await;
+    let a = connected(wcfg, Executors::builtin()).await;
     let client = c.client();
     let id = client.submit(&[sleep_task(60_000, 60, 0)]).await.remove(0);
     client.wait_status(&id, "running").await;
@@ -1107,14 +1022,9 @@ async fn a_worker_stopped_while_cut_off_hands_its_task_back_once_it_reaches_the_
 /// latest, and the directory goes with the worker.
 #[tokio::test]
 async fn a_command_task_checkpoints_and_resumes_on_workers_without_a_state_directory() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let client = c.client();
-    let first = spawn_worker(
-        fast_worker_config(&c.ws_url(), "first"),
-        Executors::builtin(),
-    );
-    first.wait_state(|s| s == ConnState::Connected).await;
+    let first = connected_worker(&c.ws_url(), "first").await;
     let script = r#"d=${TETHER_CHECKPOINT_DIR:?}; n=$(cat "$d/n" 2>/dev/null || echo 0); echo "start $n"
 while [ "$n" -lt 40 ]; do n=$((n+1)); echo "$n" > "$d/n"; sleep 0.1; done; echo "end $n""#;
     let spec = TaskSpec::new(

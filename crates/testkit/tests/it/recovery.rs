@@ -5,14 +5,16 @@ use tether_testkit::*;
 use tether_worker::{ConnState, Executors};
 
 use crate::raw::Raw;
+use crate::support::{
+    checkpointed, connected, connected_worker, coordinator, coordinator_and_worker, restarted,
+    restarted_with,
+};
 
 #[tokio::test]
 async fn a_result_finished_while_disconnected_is_recorded_once_after_reconnect() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let relay = Relay::start(c.addr).await;
-    let w = spawn_worker(fast_worker_config(&relay.url(), "w1"), Executors::builtin());
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let w = connected_worker(&relay.url(), "w1").await;
     let client = c.client();
     let ids = client.submit(&[sleep_task(1500, 15, 0)]).await;
     wait_for("the worker to run the task", DEADLINE, || async {
@@ -39,24 +41,14 @@ async fn a_result_finished_while_disconnected_is_recorded_once_after_reconnect()
 
 #[tokio::test]
 async fn a_lost_worker_s_task_resumes_elsewhere_from_its_checkpoint_and_its_late_result_is_stale() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let relay = Relay::start(c.addr).await;
-    let a = spawn_worker(fast_worker_config(&relay.url(), "a"), Executors::builtin());
-    a.wait_state(|s| s == ConnState::Connected).await;
+    let a = connected_worker(&relay.url(), "a").await;
     let client = c.client();
     // 40 steps of 200 ms, a checkpoint every 2 steps.
     let ids = client.submit(&[sleep_task(8_000, 40, 2)]).await;
     let id = &ids[0];
-    wait_for(
-        "a checkpoint to reach the coordinator",
-        DEADLINE,
-        || async {
-            let t = client.task(id).await;
-            (!t["latest_checkpoint"].is_null()).then_some(())
-        },
-    )
-    .await;
+    checkpointed(&client, id).await;
     relay.cut();
     // Worker b takes over once a is declared lost (after the grace period).
     let b = spawn_worker(fast_worker_config(&c.ws_url(), "b"), Executors::builtin());
@@ -173,11 +165,11 @@ fn small_frames(dir: &std::path::Path) -> tether_coordinator::CoordinatorConfig 
 
 /// A task that worker a checkpointed with [`BYTES`] and left (a stopped).
 async fn a_task_checkpointed_and_left(c: &TestCoordinator) -> tether_proto::TaskId {
-    let a = spawn_worker(
+    let a = connected(
         fast_worker_config(&c.ws_url(), "a"),
         big_checkpoint_executors(),
-    );
-    a.wait_state(|s| s == ConnState::Connected).await;
+    )
+    .await;
     let client = c.client();
     let id = client
         .submit(&[tether_proto::TaskSpec::new(
@@ -332,12 +324,8 @@ async fn fetch_through_a_restart(max_frame: usize) {
 
 #[tokio::test]
 async fn a_restarted_coordinator_keeps_tasks_and_leases_and_records_each_result_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (dir, c, w, client) = coordinator_and_worker().await;
     let addr = c.addr;
-    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
-    w.wait_state(|s| s == ConnState::Connected).await;
-    let client = c.client();
     let ids = client
         .submit(&[
             sleep_task(2_000, 20, 0),
@@ -386,9 +374,7 @@ async fn only_the_latest_checkpoints_of_a_task_are_kept_across_a_coordinator_res
     let mut cfg = fast_coordinator_config(dir.path().to_owned());
     cfg.checkpoints_kept = 2;
     let c = spawn_coordinator_with(cfg.clone(), None).await;
-    let addr = c.addr;
-    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let w = connected_worker(&c.ws_url(), "w1").await;
     let client = c.client();
     // 16 steps of 250 ms, a checkpoint after each but the last: 15 checkpoints.
     let id = client.submit(&[sleep_task(4_000, 16, 1)]).await.remove(0);
@@ -399,8 +385,7 @@ async fn only_the_latest_checkpoints_of_a_task_are_kept_across_a_coordinator_res
     let before = checkpoint_ids(&client, &id).await;
     // Restarted, the coordinator still knows which checkpoints it holds, so it goes on
     // removing the oldest: the two from before the restart do not stay behind.
-    c.stop().await;
-    let c = spawn_coordinator_with(cfg, Some(addr)).await;
+    let c = restarted_with(c, cfg).await;
     let client = c.client();
     client.wait_status(&id, "completed").await;
     let kept = checkpoint_ids(&client, &id).await;
@@ -437,7 +422,6 @@ async fn retention_removes_old_finished_tasks_for_good_and_keeps_the_rest() {
     let mut cfg = fast_coordinator_config(dir.path().to_owned());
     cfg.retention = Some(Duration::from_millis(500));
     let c = spawn_coordinator_with(cfg.clone(), None).await;
-    let addr = c.addr;
     let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
     let client = c.client();
     // A short task with a checkpoint, and a long one that is still running at the cutoff.
@@ -469,8 +453,7 @@ async fn retention_removes_old_finished_tasks_for_good_and_keeps_the_rest() {
     assert_eq!(o["counters"]["tasks_expired"], 1, "{o}");
 
     // Gone from the database too: a restart does not bring it back.
-    c.stop().await;
-    let c = spawn_coordinator_with(cfg, Some(addr)).await;
+    let c = restarted_with(c, cfg).await;
     let client = c.client();
     assert_eq!(client.get(&format!("/api/v1/tasks/{short}")).await.0, 404);
     assert_eq!(client.status(long).await, "running");
@@ -493,7 +476,6 @@ async fn a_task_submitted_again_under_a_removed_id_runs_on_the_worker_that_ran_t
     let mut cfg = fast_coordinator_config(dir.path().to_owned());
     cfg.retention = Some(Duration::from_millis(300));
     let c = spawn_coordinator_with(cfg.clone(), None).await;
-    let addr = c.addr;
     // One worker: it runs both tasks of the id, and remembers finishing the first's attempt.
     let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
     let spec = tether_proto::TaskSpec {
@@ -510,10 +492,9 @@ async fn a_task_submitted_again_under_a_removed_id_runs_on_the_worker_that_ran_t
     )
     .await;
     // What retention removed is remembered across a restart.
-    c.stop().await;
     let mut cfg = cfg;
     cfg.retention = None;
-    let c = spawn_coordinator_with(cfg, Some(addr)).await;
+    let c = restarted_with(c, cfg).await;
     let client = c.client();
     assert_eq!(client.submit(&[spec]).await, std::slice::from_ref(&id));
     let t = client.wait_status(&id, "completed").await;
@@ -568,7 +549,6 @@ async fn a_replayed_checkpoint_pruned_since_is_a_duplicate_across_a_coordinator_
     let cfg = fast_coordinator_config(dir.path().to_owned());
     assert_eq!(cfg.checkpoints_kept, 3);
     let c = spawn_coordinator_with(cfg.clone(), None).await;
-    let addr = c.addr;
     let client = c.client();
     let mut m = Raw::connect(&c, "replayer").await;
     let reg = m.registration(None, &["replayer-only"]);
@@ -596,8 +576,7 @@ async fn a_replayed_checkpoint_pruned_since_is_a_duplicate_across_a_coordinator_
 
     // Restarted, the coordinator still knows c-x1 for a checkpoint of this lease.
     drop(m);
-    c.stop().await;
-    let c = spawn_coordinator_with(cfg, Some(addr)).await;
+    let c = restarted_with(c, cfg).await;
     let client = c.client();
     let mut m = Raw::connect(&c, "replayer").await;
     let mut reg = m.registration(None, &["replayer-only"]);
@@ -625,10 +604,7 @@ async fn a_replayed_checkpoint_pruned_since_is_a_duplicate_across_a_coordinator_
 /// the first serves on untouched; once the first has stopped, the directory is free again.
 #[tokio::test]
 async fn a_second_coordinator_on_a_data_directory_in_use_is_refused() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
-    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let (dir, c, w, client) = coordinator_and_worker().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -650,7 +626,6 @@ async fn a_second_coordinator_on_a_data_directory_in_use_is_refused() {
         "{said}"
     );
     // The first serves on: its worker still connected, its tasks run.
-    let client = c.client();
     let id = client.submit(&[sleep_task(20, 2, 0)]).await.remove(0);
     client.wait_status(&id, "completed").await;
     let workers: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
@@ -678,20 +653,10 @@ async fn worker_state(client: &Client, id: &str) -> String {
 /// be lost (and counted) again.
 #[tokio::test]
 async fn stopped_and_lost_workers_stay_so_and_are_not_lost_again_after_a_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
-    let addr = c.addr;
+    let (_dir, c) = coordinator().await;
     let client = c.client();
-    let stopper = spawn_worker(
-        fast_worker_config(&c.ws_url(), "stopper"),
-        Executors::builtin(),
-    );
-    let gone = spawn_worker(
-        fast_worker_config(&c.ws_url(), "gone"),
-        Executors::builtin(),
-    );
-    stopper.wait_state(|s| s == ConnState::Connected).await;
-    gone.wait_state(|s| s == ConnState::Connected).await;
+    let stopper = connected_worker(&c.ws_url(), "stopper").await;
+    let gone = connected_worker(&c.ws_url(), "gone").await;
     stopper.stop().await.expect("clean stop");
     assert_eq!(worker_state(&client, "stopper").await, "stopped");
     // Cut off without a word: lost after the grace period (3 s).
@@ -705,9 +670,7 @@ async fn stopped_and_lost_workers_stay_so_and_are_not_lost_again_after_a_restart
     assert_eq!(o["workers"]["stopped"], 1, "{o}");
     assert_eq!(worker_state(&client, "stopper").await, "stopped");
 
-    c.stop().await;
-    let c =
-        spawn_coordinator_with(fast_coordinator_config(dir.path().to_owned()), Some(addr)).await;
+    let c = restarted(c).await;
     let client = c.client();
     assert_eq!(worker_state(&client, "stopper").await, "stopped");
     assert_eq!(worker_state(&client, "gone").await, "lost");
@@ -717,11 +680,7 @@ async fn stopped_and_lost_workers_stay_so_and_are_not_lost_again_after_a_restart
     assert_eq!(o["counters"]["workers_lost"], 0, "{o}");
     assert_eq!(worker_state(&client, "gone").await, "lost");
     // A stopped worker started again is connected, as any.
-    let again = spawn_worker(
-        fast_worker_config(&c.ws_url(), "stopper"),
-        Executors::builtin(),
-    );
-    again.wait_state(|s| s == ConnState::Connected).await;
+    let again = connected_worker(&c.ws_url(), "stopper").await;
     assert_eq!(worker_state(&client, "stopper").await, "connected");
     again.stop().await.expect("clean stop");
     c.stop().await;
@@ -732,8 +691,7 @@ async fn stopped_and_lost_workers_stay_so_and_are_not_lost_again_after_a_restart
 /// and its statistics are its latest report's, which telemetry alone saves only every 5 min.
 #[tokio::test]
 async fn a_worker_connected_at_a_stop_is_last_seen_at_the_stop_after_the_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (dir, c) = coordinator().await;
     // A raw worker: it registers, reports once, then says nothing, and does not come back
     // after the stop.
     let mut raw = Raw::connect(&c, "quiet").await;
@@ -791,13 +749,11 @@ async fn a_worker_connected_at_a_stop_is_last_seen_at_the_stop_after_the_restart
 /// then it runs its next attempt to completion.
 #[tokio::test]
 async fn a_paused_task_whose_worker_stops_waits_paused_through_a_restart_until_resumed() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let client = c.client();
     let mut one = fast_worker_config(&c.ws_url(), "one");
     one.capabilities = vec!["special".into()];
-    let first = spawn_worker(one, Executors::builtin());
-    first.wait_state(|s| s == ConnState::Connected).await;
+    let first = connected(one, Executors::builtin()).await;
     let mut spec = sleep_task(2_000, 20, 0);
     spec.requires = vec!["special".into()];
     let ids = client.submit(&[spec]).await;
@@ -811,8 +767,7 @@ async fn a_paused_task_whose_worker_stops_waits_paused_through_a_restart_until_r
     // Another worker that could run it is there; the paused task's worker stops.
     let mut two = fast_worker_config(&c.ws_url(), "two");
     two.capabilities = vec!["special".into()];
-    let second = spawn_worker(two, Executors::builtin());
-    second.wait_state(|s| s == ConnState::Connected).await;
+    let second = connected(two, Executors::builtin()).await;
     first.stop().await.expect("stop");
     let t = client.task(&ids[0]).await;
     assert_eq!(t["attempts"][0]["end"], "stopped", "{t}");
@@ -820,10 +775,7 @@ async fn a_paused_task_whose_worker_stops_waits_paused_through_a_restart_until_r
     assert_eq!(client.status(&ids[0]).await, "paused");
     assert_eq!(second.handle.executions(), 0, "a paused task is not run");
     // Held through a restart.
-    let addr = c.addr;
-    c.stop().await;
-    let c =
-        spawn_coordinator_with(fast_coordinator_config(dir.path().to_owned()), Some(addr)).await;
+    let c = restarted(c).await;
     let client = c.client();
     second.wait_state(|s| s == ConnState::Connected).await;
     tokio::time::sleep(Duration::from_millis(500)).await;

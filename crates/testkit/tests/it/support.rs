@@ -1,8 +1,88 @@
 //! Setup and teardown shared by the tests of several modules.
 
+use tempfile::TempDir;
+use tether_coordinator::CoordinatorConfig;
 use tether_proto::{TaskId, TaskSpec};
 use tether_testkit::*;
-use tether_worker::{ConnState, Executor, Executors};
+use tether_worker::{ConnState, Executor, Executors, WorkerConfig};
+
+/// A coordinator with fast settings in a new temporary directory: the directory (it lives as
+/// long as the caller keeps it) and the coordinator.
+pub async fn coordinator() -> (TempDir, TestCoordinator) {
+    coordinator_with(|_| {}).await
+}
+
+/// [`coordinator`], with the fast settings as `tune` changes them.
+pub async fn coordinator_with(
+    tune: impl FnOnce(&mut CoordinatorConfig),
+) -> (TempDir, TestCoordinator) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    tune(&mut cfg);
+    let c = spawn_coordinator_with(cfg, None).await;
+    (dir, c)
+}
+
+/// [`coordinator`], with a worker `w1` of it with the built-in executors, connected: the
+/// directory, the coordinator, the worker and a client of the coordinator.
+pub async fn coordinator_and_worker() -> (TempDir, TestCoordinator, TestWorker, Client) {
+    let (dir, c) = coordinator().await;
+    let w = connected_worker(&c.ws_url(), "w1").await;
+    let client = c.client();
+    (dir, c, w, client)
+}
+
+/// Stops `c` and starts a coordinator with `cfg` on its address (workers reconnect to it).
+pub async fn restarted_with(c: TestCoordinator, cfg: CoordinatorConfig) -> TestCoordinator {
+    let addr = c.addr;
+    c.stop().await;
+    spawn_coordinator_with(cfg, Some(addr)).await
+}
+
+/// Stops `c` and starts a coordinator with fast settings on its data directory and address.
+pub async fn restarted(c: TestCoordinator) -> TestCoordinator {
+    let cfg = fast_coordinator_config(c.data_dir.clone());
+    restarted_with(c, cfg).await
+}
+
+/// Starts a worker with `cfg` and `executors` and waits until it is connected.
+pub async fn connected(cfg: WorkerConfig, executors: Executors) -> TestWorker {
+    let w = spawn_worker(cfg, executors);
+    w.wait_state(|s| s == ConnState::Connected).await;
+    w
+}
+
+/// A worker `id` of the coordinator at `url`, with fast settings and the built-in executors,
+/// connected.
+pub async fn connected_worker(url: &str, id: &str) -> TestWorker {
+    connected(fast_worker_config(url, id), Executors::builtin()).await
+}
+
+/// The built-in executors and `run` as `kind`.
+pub fn builtin_and(kind: &str, run: impl Executor) -> Executors {
+    let mut executors = Executors::builtin();
+    executors.register(kind, run);
+    executors
+}
+
+/// Submits one task of `kind` with an empty config to `client`: its id.
+pub async fn submit_one(client: &Client, kind: &str) -> TaskId {
+    client
+        .submit(&[TaskSpec::new(kind, serde_json::json!({}))])
+        .await
+        .remove(0)
+}
+
+/// Waits until the task `id` has a checkpoint stored (its `latest_checkpoint` is set): the
+/// task then.
+pub async fn checkpointed(client: &Client, id: &TaskId) -> serde_json::Value {
+    let what = format!("a checkpoint of task {id} to be stored");
+    wait_for(&what, DEADLINE, || async {
+        let t = client.task(id).await;
+        (!t["latest_checkpoint"].is_null()).then_some(t)
+    })
+    .await
+}
 
 /// A worker `w1` of `c`, with the built-in executors and `run` as `kind`, connected, and one
 /// task of that kind submitted to `c`: the worker, a client of `c`, and the task's id.
@@ -11,15 +91,13 @@ pub async fn one_task_on_a_worker(
     kind: &str,
     run: impl Executor,
 ) -> (TestWorker, Client, TaskId) {
-    let mut executors = Executors::builtin();
-    executors.register(kind, run);
-    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), executors);
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let w = connected(
+        fast_worker_config(&c.ws_url(), "w1"),
+        builtin_and(kind, run),
+    )
+    .await;
     let client = c.client();
-    let id = client
-        .submit(&[TaskSpec::new(kind, serde_json::json!({}))])
-        .await
-        .remove(0);
+    let id = submit_one(&client, kind).await;
     (w, client, id)
 }
 
