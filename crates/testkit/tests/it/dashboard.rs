@@ -8,10 +8,11 @@ use serde_json::json;
 use tether_faultproxy::{Direction, Fault, FaultKind, Target};
 use tether_proto::WorkerId;
 use tether_testkit::*;
-use tether_worker::{ConnState, Executors};
+use tether_worker::Executors;
 
 use crate::browser::{Browser, chromium};
 use crate::faults::proxy_in_front;
+use crate::support::{connected_worker, coordinator, coordinator_with};
 
 /// Says the test is skipped, or fails it in CI (which installs chromium).
 #[track_caller]
@@ -36,19 +37,14 @@ async fn the_dashboard_shows_the_fleet_a_task_and_a_worker_cut_off_and_back() {
         no_browser();
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.history_interval = Duration::from_millis(250);
-    cfg.lost_after = Duration::from_secs(60);
-    let c = spawn_coordinator_with(cfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        cfg.history_interval = Duration::from_millis(250);
+        cfg.lost_after = Duration::from_secs(60);
+    })
+    .await;
     let proxy = proxy_in_front(&c, 5).await;
-    let w1 = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
-    let w2 = spawn_worker(
-        fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w2"),
-        Executors::builtin(),
-    );
-    w1.wait_state(|s| s == ConnState::Connected).await;
-    w2.wait_state(|s| s == ConnState::Connected).await;
+    let w1 = connected_worker(&c.ws_url(), "w1").await;
+    let w2 = connected_worker(&format!("ws://{}", proxy.listen_addr()), "w2").await;
 
     // The page loads and shows the workers.
     browser.navigate(&format!("http://{}/", c.addr)).await;
@@ -226,21 +222,20 @@ async fn with_tokens_the_dashboard_asks_for_one_and_its_controls_need_the_admin_
         no_browser();
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    let mut tokens = ApiTokens::default();
-    tokens.add(
-        &Secret::new(b"admin-token-for-tests").expect("t"),
-        Scope::Admin,
-    );
-    tokens.add(
-        &Secret::new(b"read-token-for-tests").expect("t"),
-        Scope::Read,
-    );
-    cfg.api_tokens = Some(tokens);
-    let c = spawn_coordinator_with(cfg, None).await;
-    let w = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), Executors::builtin());
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        let mut tokens = ApiTokens::default();
+        tokens.add(
+            &Secret::new(b"admin-token-for-tests").expect("t"),
+            Scope::Admin,
+        );
+        tokens.add(
+            &Secret::new(b"read-token-for-tests").expect("t"),
+            Scope::Read,
+        );
+        cfg.api_tokens = Some(tokens);
+    })
+    .await;
+    let w = connected_worker(&c.ws_url(), "w1").await;
     let admin = Client::with_token(&format!("http://{}", c.addr), "admin-token-for-tests");
 
     // The page itself is public; its data is not.
@@ -291,8 +286,7 @@ async fn with_tokens_the_dashboard_asks_for_one_and_its_controls_need_the_admin_
 
 #[tokio::test]
 async fn the_dashboard_assets_and_the_api_description_are_served_from_the_binary() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let base = format!("http://{}", c.addr);
     for (path, kind, needle) in [
         ("/", "text/html", "/dashboard/app.js"),
@@ -395,10 +389,10 @@ async fn open_events(c: &TestCoordinator) -> (reqwest::Response, String, serde_j
 
 #[tokio::test]
 async fn the_event_stream_starts_with_a_snapshot_follows_changes_and_ends_with_the_coordinator() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.history_interval = Duration::from_millis(100);
-    let c = spawn_coordinator_with(cfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        cfg.history_interval = Duration::from_millis(100);
+    })
+    .await;
     let mut resp = loopback_client(reqwest::Client::builder())
         .get(format!("http://{}/api/v1/events", c.addr))
         .send()
@@ -451,8 +445,7 @@ async fn the_event_stream_starts_with_a_snapshot_follows_changes_and_ends_with_t
 
 #[tokio::test]
 async fn tasks_can_be_listed_by_when_they_last_changed_and_page_by_page() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let client = c.client();
     let first = client.submit(&[sleep_task(10, 1, 0)]).await.remove(0);
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -530,8 +523,7 @@ async fn tasks_can_be_listed_by_when_they_last_changed_and_page_by_page() {
 
 #[tokio::test]
 async fn tasks_can_be_listed_newest_first() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let client = c.client();
     let ids = client
         .submit(&[
@@ -620,10 +612,10 @@ async fn tasks_can_be_listed_newest_first() {
 
 #[tokio::test]
 async fn a_client_that_lagged_gets_a_fresh_snapshot_and_no_sample_older_than_its_history() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.history_interval = Duration::from_millis(50);
-    let c = spawn_coordinator_with(cfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        cfg.history_interval = Duration::from_millis(50);
+    })
+    .await;
     let (mut resp, mut buf, _) = open_events(&c).await;
     // The client stops reading; 20,000 changes of 2 KiB fill the sockets' buffers and overrun
     // its share of the change buffer (4,096), while samples pile up behind it.
@@ -666,8 +658,7 @@ async fn a_client_that_lagged_gets_a_fresh_snapshot_and_no_sample_older_than_its
 #[tokio::test]
 async fn a_client_that_stopped_reading_its_event_stream_does_not_hold_up_the_stop() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (dir, c) = coordinator().await;
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("buffer size");
     let mut stalled = socket.connect(c.addr).await.expect("connect");
@@ -694,10 +685,10 @@ async fn a_client_that_stopped_reading_its_event_stream_does_not_hold_up_the_sto
 
 #[tokio::test]
 async fn what_retention_removes_is_announced_on_the_event_stream() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.retention = Some(Duration::from_millis(500));
-    let c = spawn_coordinator_with(cfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        cfg.retention = Some(Duration::from_millis(500));
+    })
+    .await;
     let (mut resp, mut buf, _) = open_events(&c).await;
     let w = spawn_worker(
         fast_worker_config(&c.ws_url(), "short-lived"),
@@ -725,12 +716,12 @@ async fn what_retention_removes_is_announced_on_the_event_stream() {
 /// stream was cut at `http_idle`, and a dashboard or `tether watch` reconnected for ever).
 #[tokio::test]
 async fn a_quiet_event_stream_outlives_a_short_http_idle() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.limits.http_idle = Duration::from_millis(600);
-    // No chart sample within the test but the first: keep-alives alone move on the stream.
-    cfg.history_interval = Duration::from_secs(3600);
-    let c = spawn_coordinator_with(cfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        cfg.limits.http_idle = Duration::from_millis(600);
+        // No chart sample within the test but the first: keep-alives alone move on the stream.
+        cfg.history_interval = Duration::from_secs(3600);
+    })
+    .await;
     let (mut resp, _, _) = open_events(&c).await;
     // Five idle periods: every read ends in a chunk (a keep-alive comment), none in the end
     // of the stream.

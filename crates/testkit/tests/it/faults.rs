@@ -9,6 +9,8 @@ use tether_testkit::*;
 use tether_worker::agent::unix_us;
 use tether_worker::{ConnState, Executors};
 
+use crate::support::{builtin_and, connected, connected_worker, coordinator, coordinator_with};
+
 /// A fault proxy in front of `c` (its faults drawn from `seed`).
 pub(crate) async fn proxy_in_front(c: &TestCoordinator, seed: u64) -> Proxy {
     Proxy::start(ProxyConfig {
@@ -21,22 +23,18 @@ pub(crate) async fn proxy_in_front(c: &TestCoordinator, seed: u64) -> Proxy {
     .expect("proxy")
 }
 
-/// A coordinator, a fault proxy in front of it, and worker `w1` connected through the proxy.
-async fn worker_behind_proxy(dir: &tempfile::TempDir) -> (TestCoordinator, Proxy, TestWorker) {
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+/// A coordinator in a new temporary directory, a fault proxy in front of it, and worker `w1`
+/// connected through the proxy: the directory, the coordinator, the proxy and the worker.
+async fn worker_behind_proxy() -> (tempfile::TempDir, TestCoordinator, Proxy, TestWorker) {
+    let (dir, c) = coordinator().await;
     let proxy = proxy_in_front(&c, 11).await;
-    let w = spawn_worker(
-        fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w1"),
-        Executors::builtin(),
-    );
-    w.wait_state(|s| s == ConnState::Connected).await;
-    (c, proxy, w)
+    let w = connected_worker(&format!("ws://{}", proxy.listen_addr()), "w1").await;
+    (dir, c, proxy, w)
 }
 
 #[tokio::test]
 async fn a_black_holed_worker_is_detected_by_both_sides_and_its_task_completes_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (c, proxy, w) = worker_behind_proxy(&dir).await;
+    let (_dir, c, proxy, w) = worker_behind_proxy().await;
     let client = c.client();
     let ids = client.submit(&[sleep_task(2_000, 20, 0)]).await;
     wait_for("the worker to run the task", DEADLINE, || async {
@@ -91,8 +89,7 @@ fn number_in(path: &std::path::Path) -> Option<u64> {
 /// running, the process is no longer stopped and counts on.
 #[tokio::test]
 async fn cancel_and_pause_reach_a_running_command_through_resets() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (c, proxy, w) = worker_behind_proxy(&dir).await;
+    let (dir, c, proxy, w) = worker_behind_proxy().await;
     let client = c.client();
     let out = dir.path().join("commands");
     std::fs::create_dir(&out).expect("dir");
@@ -264,16 +261,15 @@ impl tether_worker::Executor for BigCheckpoint {
 async fn a_result_is_not_held_behind_a_checkpoint_on_a_slow_link() {
     const SIZE: usize = 256 * 1024;
     const RATE: u64 = 8_000;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let proxy = proxy_in_front(&c, 8).await;
     // Slow from the start: the worker's measure holds a rate for some seconds.
     let slow = slow_link(&proxy, RATE, Direction::Upstream).await;
-    let w = spawn_worker(
+    let w = connected(
         fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w1"),
         big_checkpoints(SIZE),
-    );
-    w.wait_state(|s| s == ConnState::Connected).await;
+    )
+    .await;
     let measured = wait_for("the link measured", DEADLINE, || async {
         let r = w.handle.stats().send_bytes_per_sec;
         (r > 0).then_some(r)
@@ -305,16 +301,15 @@ async fn a_link_that_slowed_while_idle_is_measured_again_before_the_next_checkpo
     const FIRST: usize = 1024 * 1024;
     const SIZE: usize = 256 * 1024;
     const RATE: u64 = 8_000;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let proxy = proxy_in_front(&c, 9).await;
     let mut executors = big_checkpoints(FIRST);
     executors.register("small_checkpoint", BigCheckpoint(SIZE));
-    let w = spawn_worker(
+    let w = connected(
         fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w1"),
         executors,
-    );
-    w.wait_state(|s| s == ConnState::Connected).await;
+    )
+    .await;
     let client = c.client();
     let ids = big_checkpoint_in(&client).await;
     assert_eq!(client.control(&ids[0], "cancel").await.0, 200);
@@ -337,15 +332,11 @@ async fn a_link_that_slowed_while_idle_is_measured_again_before_the_next_checkpo
 #[tokio::test]
 async fn a_large_checkpoint_over_a_slow_link_does_not_starve_the_session() {
     const SIZE: usize = 1024 * 1024;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let proxy = proxy_in_front(&c, 5).await;
     let mut cfg = fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w1");
     cfg.heartbeat_timeout = std::time::Duration::from_secs(3);
-    let mut executors = Executors::builtin();
-    executors.register("big_checkpoint", BigCheckpoint(SIZE));
-    let w = spawn_worker(cfg, executors);
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let w = connected(cfg, big_checkpoints(SIZE)).await;
     // About 1 MB upstream at 400 kB/s (base64 of noise, which zstd takes back to about its
     // size): two and a half seconds of upload, more than the liveness timeout of both sides,
     // and twice the window.
@@ -447,11 +438,11 @@ struct SlowFrame {
 /// is: it used to be cut at the timeout, and sent again, and cut again, for ever.
 #[tokio::test]
 async fn a_registration_slower_than_the_heartbeat_timeout_is_waited_for() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.heartbeat_interval = std::time::Duration::from_millis(500);
-    cfg.heartbeat_timeout = std::time::Duration::from_millis(1500);
-    let c = spawn_coordinator_with(cfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        cfg.heartbeat_interval = std::time::Duration::from_millis(500);
+        cfg.heartbeat_timeout = std::time::Duration::from_millis(1500);
+    })
+    .await;
     let proxy = proxy_in_front(&c, 7).await;
     let mut raw = crate::raw::Raw::connect_at(proxy.listen_addr(), "slow-registration").await;
     let _slow = slow_link(&proxy, 20_000, Direction::Upstream).await;
@@ -485,24 +476,23 @@ async fn a_slow_frame_keeps_the_session(how: SlowFrame) {
         small_send_buffer,
     } = how;
     const SIZE: usize = 256 * 1024;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut coordinator = fast_coordinator_config(dir.path().to_owned());
-    if let Some(interval) = interval {
-        coordinator.heartbeat_interval = interval;
-        coordinator.heartbeat_timeout = 3 * interval;
-    }
-    if let Some(secret) = &secret {
-        let mut auth = tether_coordinator::auth::WorkerAuth::fleet(secret.clone());
-        auth.message_mac = true;
-        coordinator.auth = Some(auth);
-    }
-    let c = spawn_coordinator_with(coordinator, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        if let Some(interval) = interval {
+            cfg.heartbeat_interval = interval;
+            cfg.heartbeat_timeout = 3 * interval;
+        }
+        if let Some(secret) = &secret {
+            let mut auth = tether_coordinator::auth::WorkerAuth::fleet(secret.clone());
+            auth.message_mac = true;
+            cfg.auth = Some(auth);
+        }
+    })
+    .await;
     let proxy = proxy_in_front(&c, 6).await;
     let mut cfg = fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w1");
     cfg.secret = secret;
     let timeout = cfg.heartbeat_timeout;
-    let mut executors = Executors::builtin();
-    executors.register("big_checkpoint", BigCheckpoint(SIZE));
+    let executors = big_checkpoints(SIZE);
     let w = match small_send_buffer {
         true => spawn_agent(
             tether_worker::Agent::with_transport(cfg, executors, SMALL_SEND_BUFFER).expect("agent"),
@@ -828,16 +818,13 @@ async fn a_slow_handover_keeps_the_session(narrow: bool) {
 
 /// The built-in executors and `big_checkpoint`, writing `size` bytes.
 fn big_checkpoints(size: usize) -> Executors {
-    let mut executors = Executors::builtin();
-    executors.register("big_checkpoint", BigCheckpoint(size));
-    executors
+    builtin_and("big_checkpoint", BigCheckpoint(size))
 }
 
 /// Worker `w1` runs a `big_checkpoint` task of `size` bytes on `c` until its checkpoint is in:
 /// `w1`, and the task (in a list of one) for another worker to resume.
 async fn checkpointed_by_w1(c: &TestCoordinator, size: usize) -> (TestWorker, Vec<TaskId>) {
-    let w1 = spawn_worker(fast_worker_config(&c.ws_url(), "w1"), big_checkpoints(size));
-    w1.wait_state(|s| s == ConnState::Connected).await;
+    let w1 = connected(fast_worker_config(&c.ws_url(), "w1"), big_checkpoints(size)).await;
     (w1, big_checkpoint_in(&c.client()).await)
 }
 
@@ -950,9 +937,8 @@ async fn an_assignment_is_not_held_behind_a_checkpoint_fetch_on_a_slow_link() {
 
 #[tokio::test]
 async fn an_agent_stamps_each_attempt_and_registration_when_they_happen() {
-    let dir = tempfile::tempdir().expect("tempdir");
     let before = unix_us();
-    let (c, proxy, w) = worker_behind_proxy(&dir).await;
+    let (_dir, c, proxy, w) = worker_behind_proxy().await;
     let shared = &w.handle.shared;
     let stamps = || {
         (

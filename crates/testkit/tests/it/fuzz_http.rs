@@ -6,7 +6,9 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Value, json};
 use tether_testkit::*;
-use tether_worker::{ConnState, Executors};
+use tether_worker::Executors;
+
+use crate::support::{connected_worker, coordinator};
 
 fn json_value() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
@@ -47,13 +49,8 @@ fn json_value() -> impl Strategy<Value = Value> {
 
 #[tokio::test]
 async fn random_json_bodies_get_a_clear_answer_and_never_a_server_error() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
-    let w = spawn_worker(
-        fast_worker_config(&c.ws_url(), "w-fuzz"),
-        Executors::builtin(),
-    );
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let (_dir, c) = coordinator().await;
+    let w = connected_worker(&c.ws_url(), "w-fuzz").await;
     let http = loopback_client(reqwest::Client::builder());
     let base = format!("http://{}", c.addr);
     let cases: u32 = std::env::var("PROPTEST_CASES")

@@ -17,26 +17,28 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::faults::proxy_in_front;
 use crate::raw::Ws;
+use crate::support::{builtin_and, connected, coordinator_with};
 
 fn secret() -> Secret {
     Secret::new(b"fleet secret for the integrity tests").expect("secret")
 }
 
-async fn mac_coordinator(dir: &std::path::Path) -> TestCoordinator {
-    let mut cfg = fast_coordinator_config(dir.to_owned());
-    let mut auth = WorkerAuth::fleet(secret());
-    auth.message_mac = true;
-    cfg.auth = Some(auth);
-    spawn_coordinator_with(cfg, None).await
+/// A coordinator that requires the fleet secret and per-message integrity, in a new temporary
+/// directory: the directory, and the coordinator.
+async fn mac_coordinator() -> (tempfile::TempDir, TestCoordinator) {
+    coordinator_with(|cfg| {
+        let mut auth = WorkerAuth::fleet(secret());
+        auth.message_mac = true;
+        cfg.auth = Some(auth);
+    })
+    .await
 }
 
 /// A worker with the fleet secret, connected.
 async fn honest_worker(url: &str, id: &str) -> TestWorker {
     let mut cfg = fast_worker_config(url, id);
     cfg.secret = Some(secret());
-    let w = spawn_worker(cfg, Executors::builtin());
-    w.wait_state(|s| s == ConnState::Connected).await;
-    w
+    connected(cfg, Executors::builtin()).await
 }
 
 fn counter(o: &Value, name: &str) -> u64 {
@@ -235,8 +237,7 @@ impl Keyed {
 
 #[tokio::test]
 async fn with_message_mac_every_frame_is_tagged_both_ways_and_work_completes() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = mac_coordinator(dir.path()).await;
+    let (_dir, c) = mac_coordinator().await;
     let w = honest_worker(&c.ws_url(), "honest").await;
     work_completes_intact(&c.client(), 6, 3).await;
 
@@ -270,8 +271,7 @@ async fn with_message_mac_every_frame_is_tagged_both_ways_and_work_completes() {
 /// `error` that carries its tag, like every frame after the registration, then close 4002.
 #[tokio::test]
 async fn a_signed_registration_of_another_protocol_is_refused_with_a_tagged_error() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = mac_coordinator(dir.path()).await;
+    let (_dir, c) = mac_coordinator().await;
     let (mut k, _) = Keyed::connect_speaking(&c, "keyed", &secret(), true, None, 99).await;
     match k.next().await {
         Frame::Msg(v) => assert_eq!(v["code"], "incompatible_protocol", "tagged: {v}"),
@@ -291,8 +291,7 @@ async fn a_signed_registration_of_another_protocol_is_refused_with_a_tagged_erro
 #[tokio::test]
 async fn forged_and_replayed_frames_are_dropped_and_counted_and_repeated_failures_close_the_session()
  {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = mac_coordinator(dir.path()).await;
+    let (_dir, c) = mac_coordinator().await;
     let honest = honest_worker(&c.ws_url(), "honest").await;
     let client = c.client();
 
@@ -350,8 +349,7 @@ async fn forged_and_replayed_frames_are_dropped_and_counted_and_repeated_failure
 
 #[tokio::test]
 async fn registrations_without_a_tag_or_under_another_key_are_refused_with_4001() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = mac_coordinator(dir.path()).await;
+    let (_dir, c) = mac_coordinator().await;
     let honest = honest_worker(&c.ws_url(), "honest").await;
 
     // Signed but untagged: the coordinator requires tags.
@@ -385,10 +383,10 @@ async fn registrations_without_a_tag_or_under_another_key_are_refused_with_4001(
 
 #[tokio::test]
 async fn a_worker_that_requires_integrity_refuses_a_coordinator_that_does_not_ask() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.auth = Some(WorkerAuth::fleet(secret()));
-    let c = spawn_coordinator_with(cfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        cfg.auth = Some(WorkerAuth::fleet(secret()));
+    })
+    .await;
     let mut strict = fast_worker_config(&c.ws_url(), "strict");
     strict.secret = Some(secret());
     strict.require_message_mac = true;
@@ -432,30 +430,25 @@ fn letters(seed: u64, bytes: usize) -> String {
 /// carries what is left), and each is recorded once, whole, as the task produced it.
 #[tokio::test]
 async fn bytes_corrupted_on_the_wire_are_caught_by_the_tags_and_nothing_corrupted_is_recorded() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    let mut auth = WorkerAuth::fleet(secret());
-    auth.message_mac = true;
-    cfg.auth = Some(auth);
-    // The worker keeps its leases however long its sessions keep dying: every result is of
-    // the first attempt, so the whole of it is known.
-    cfg.lost_after = Duration::from_secs(600);
-    let c = spawn_coordinator_with(cfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        let mut auth = WorkerAuth::fleet(secret());
+        auth.message_mac = true;
+        cfg.auth = Some(auth);
+        // The worker keeps its leases however long its sessions keep dying: every result is of
+        // the first attempt, so the whole of it is known.
+        cfg.lost_after = Duration::from_secs(600);
+    })
+    .await;
     let proxy = proxy_in_front(&c, 29).await;
     // `text` returns a kilobyte and a half of letters: most of what a result frame carries is
     // bytes a flip leaves readable, so a flip that got past the tags would show in a record.
-    let mut executors = Executors::builtin();
-    executors.register(
-        "text",
-        executor(|input, _ctx| async move {
-            let seed = input.config["seed"].as_u64().unwrap_or(0);
-            Ok(json!({ "text": letters(seed, 1500) }))
-        }),
-    );
+    let text = executor(|input, _ctx| async move {
+        let seed = input.config["seed"].as_u64().unwrap_or(0);
+        Ok(json!({ "text": letters(seed, 1500) }))
+    });
     let mut wcfg = fast_worker_config(&format!("ws://{}", proxy.listen_addr()), "w1");
     wcfg.secret = Some(secret());
-    let w = spawn_worker(wcfg, executors);
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let w = connected(wcfg, builtin_and("text", text)).await;
     let client = c.client();
     // A flip every 5 kB or so, both ways: a session lives long enough to carry some messages
     // (at 0.0005, a session rarely outlived its registration: the eight `sleep` tasks alone
@@ -531,8 +524,7 @@ async fn bytes_corrupted_on_the_wire_are_caught_by_the_tags_and_nothing_corrupte
 
 #[tokio::test]
 async fn with_message_mac_only_verified_frames_keep_a_session_alive() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = mac_coordinator(dir.path()).await;
+    let (_dir, c) = mac_coordinator().await;
     let (mut k, _) = Keyed::connect(&c, "pinger", &secret(), true, None).await;
     k.next_of("registration_ack").await;
     // Whoever holds the connection (the worker's host gone) may send pings and frames that

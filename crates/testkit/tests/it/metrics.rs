@@ -4,8 +4,10 @@
 
 use tether_coordinator::metrics as m;
 use tether_testkit::*;
+use tether_worker::ConnState;
 use tether_worker::metrics as wm;
-use tether_worker::{ConnState, Executors};
+
+use crate::support::{connected_worker, coordinator};
 
 /// A counter or a histogram's `_count`, 0 when absent.
 fn v(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -14,8 +16,7 @@ fn v(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 #[tokio::test]
 async fn metrics_families_are_served_and_move_with_a_run_with_a_reconnection() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let url = format!("http://{}/metrics", c.addr);
     let before = scrape(&url).await;
     // The counters alerts watch with `increase()` are there from the start, so that their
@@ -32,11 +33,7 @@ async fn metrics_families_are_served_and_move_with_a_run_with_a_reconnection() {
         );
     }
     let relay = Relay::start(c.addr).await;
-    let w = spawn_worker(
-        fast_worker_config(&relay.url(), "metrics-w1"),
-        Executors::builtin(),
-    );
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let w = connected_worker(&relay.url(), "metrics-w1").await;
     let client = c.client();
     let ids = client.submit(&[sleep_task(30, 4, 2)]).await;
     client.wait_status(&ids[0], "completed").await;

@@ -7,8 +7,10 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 use tether_testkit::*;
-use tether_worker::{Agent, AgentError, ConnState, Executors};
+use tether_worker::{Agent, AgentError, Executors};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{builtin_and, connected};
 
 /// One HTTPS request with `Connection: close`; returns status and JSON body.
 async fn https(
@@ -117,8 +119,7 @@ async fn tls_workers_verify_the_coordinator_and_untrusted_or_plain_clients_get_n
 
     let mut wcfg = fast_worker_config(&url, "tls-w");
     wcfg.ca_file = Some(cert.clone());
-    let w = spawn_worker(wcfg, Executors::builtin());
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let w = connected(wcfg, Executors::builtin()).await;
 
     // Without the CA the worker does not trust the coordinator: it stops (or cannot even start
     // when the machine has no system roots).
@@ -375,10 +376,7 @@ async fn a_frame_to_the_worker_arriving_over_tls_slower_than_its_heartbeat_timeo
     wcfg.ca_file = Some(cert.clone());
     // Uncompressed, so that the assignment's frame is as long as its config.
     wcfg.compression = false;
-    let mut executors = Executors::builtin();
-    executors.register("pad_length", PadLength);
-    let w = spawn_worker(wcfg, executors);
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let w = connected(wcfg, builtin_and("pad_length", PadLength)).await;
     let timeout = w.handle.stats().heartbeat_timeout_ms;
     let slow = proxy
         .add_fault(Fault::new(
