@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::raw::{Raw, counter};
+use crate::support::coordinator;
 
 /// Frames of 256 messages the worker sends: past the session's burst (4,000 messages), some
 /// five seconds at its rate (2,000 a second).
@@ -33,8 +34,7 @@ fn task_state(seq: u64) -> Value {
 
 #[tokio::test]
 async fn acks_of_a_batch_flood_keep_up_with_the_messages_the_coordinator_reads() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let mut r = Raw::connect(&c, "flooder").await;
     let mut reg = r.registration(None, &[]);
     reg["batching"] = true.into();

@@ -13,10 +13,11 @@ use tether_proto::auth::Secret;
 use tether_proto::msg::{Telemetry, WorkerMsg, now};
 use tether_proto::task::ConnStats;
 use tether_testkit::*;
-use tether_worker::{ConnState, Executors};
+use tether_worker::Executors;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::raw::{Raw, counter};
+use crate::support::{builtin_and, connected, coordinator, coordinator_with};
 
 fn telemetry(seq: u64) -> Value {
     serde_json::to_value(WorkerMsg::Telemetry(Telemetry {
@@ -68,8 +69,7 @@ fn acks_by_seq(replies: &[Value]) -> BTreeMap<u64, usize> {
 
 #[tokio::test]
 async fn a_batch_frame_is_handled_message_by_message_and_answered_in_batch_frames() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let (mut r, ack) = registered(&c, "batcher", true).await;
     assert_eq!(
         ack["batching"],
@@ -147,8 +147,7 @@ async fn a_batch_frame_is_handled_message_by_message_and_answered_in_batch_frame
 /// gets its own ack (the test above).
 #[tokio::test]
 async fn recorded_messages_are_acknowledged_together_in_acks_once_agreed() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let mut r = Raw::connect(&c, "compact").await;
     let mut reg = r.registration(None, &[]);
     reg["batching"] = true.into();
@@ -204,8 +203,7 @@ async fn recorded_messages_are_acknowledged_together_in_acks_once_agreed() {
 
 #[tokio::test]
 async fn batch_frames_need_agreement_and_stay_within_their_bounds() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
 
     // Not agreed: the whole frame is refused, none of its messages handled.
     let (mut r, ack) = registered(&c, "plain", false).await;
@@ -246,11 +244,11 @@ async fn batch_frames_need_agreement_and_stay_within_their_bounds() {
 
 #[tokio::test]
 async fn a_batch_is_charged_to_the_message_rate_by_its_messages() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.limits.messages_per_sec = 20.0;
-    cfg.limits.message_burst = 20;
-    let c = spawn_coordinator_with(cfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        cfg.limits.messages_per_sec = 20.0;
+        cfg.limits.message_burst = 20;
+    })
+    .await;
     let (mut r, _) = registered(&c, "bulk", true).await;
     // Within the burst by frames (registration, batch, lone message), far over it by messages.
     let items: Vec<Value> = (1..=60).map(telemetry).collect();
@@ -270,15 +268,15 @@ async fn a_batch_is_charged_to_the_message_rate_by_its_messages() {
 
 #[tokio::test]
 async fn workers_that_batch_lose_nothing_with_integrity_tags_and_compression() {
-    let dir = tempfile::tempdir().expect("tempdir");
     let secret = Secret::new(b"fleet secret for the batching tests").expect("secret");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    let mut auth = WorkerAuth::fleet(secret.clone());
-    auth.message_mac = true;
-    cfg.auth = Some(auth);
-    // Small enough that batches of a few messages go compressed.
-    cfg.compress_threshold = 256;
-    let c = spawn_coordinator_with(cfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        let mut auth = WorkerAuth::fleet(secret.clone());
+        auth.message_mac = true;
+        cfg.auth = Some(auth);
+        // Small enough that batches of a few messages go compressed.
+        cfg.compress_threshold = 256;
+    })
+    .await;
     let client = c.client();
     let relay = Relay::start(c.addr).await;
 
@@ -290,8 +288,7 @@ async fn workers_that_batch_lose_nothing_with_integrity_tags_and_compression() {
         wc.slots = 8;
         wc.batching = batching;
         wc.compress_threshold = 256;
-        let w = spawn_worker(wc, Executors::builtin());
-        w.wait_state(|s| s == ConnState::Connected).await;
+        let w = connected(wc, Executors::builtin()).await;
         let specs: Vec<_> = (0..tasks).map(|_| sleep_task(600, 6, 2)).collect();
         let ids = client.submit(&specs).await;
         if batching {
@@ -409,8 +406,7 @@ fn of_type<'a>(seen: &'a [Value], ty: &str) -> Vec<&'a Value> {
 /// frames refuses, reconnects, and is sent again, for ever.
 #[tokio::test]
 async fn batch_frames_to_a_worker_stay_within_the_max_frame_it_announced() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let client = c.client();
     for (id, compression) in [("small", false), ("small-zstd", true)] {
         let (mut r, ack) = registered_small(&c, id, compression).await;
@@ -449,8 +445,7 @@ async fn batch_frames_to_a_worker_stay_within_the_max_frame_it_announced() {
 #[tokio::test]
 async fn checkpoint_pieces_to_a_worker_stay_within_the_max_frame_it_announced() {
     use base64::Engine as _;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let (mut r, _) = registered_small(&c, "fetcher", false).await;
     let task = c.client().submit(&[padded_task("fetcher")]).await.remove(0);
     let a = r.next_of("task_assignment").await;
@@ -505,22 +500,16 @@ async fn checkpoint_pieces_to_a_worker_stay_within_the_max_frame_it_announced() 
 /// session: batched together they ended its session at every registration.
 #[tokio::test]
 async fn a_worker_with_small_frames_runs_tasks_that_batch_past_them_in_one_session() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let mut wc = fast_worker_config(&c.ws_url(), "small-worker");
     wc.max_frame = SMALL_FRAME;
     wc.slots = 4;
     wc.batching = true;
     wc.capabilities = vec!["small-worker".into()];
-    let mut executors = Executors::builtin();
-    executors.register(
-        "padded",
-        executor(|input, _| async move {
-            Ok(json!({ "pad_bytes": input.config["pad"].as_str().map_or(0, str::len) }))
-        }),
-    );
-    let w = spawn_worker(wc, executors);
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let padded = executor(|input, _| async move {
+        Ok(json!({ "pad_bytes": input.config["pad"].as_str().map_or(0, str::len) }))
+    });
+    let w = connected(wc, builtin_and("padded", padded)).await;
     let client = c.client();
     let specs: Vec<_> = (0..4).map(|_| padded_task("small-worker")).collect();
     let ids = client.submit(&specs).await;

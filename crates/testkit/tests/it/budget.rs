@@ -8,18 +8,20 @@ use std::time::Duration;
 use tether_testkit::*;
 use tether_worker::{ConnState, Executors};
 
+use crate::support::coordinator_with;
+
 const DEADLINE: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn a_fleet_past_the_heartbeat_budget_beats_slower_and_stays_connected() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.heartbeat_interval = Duration::from_millis(100);
-    cfg.heartbeat_timeout = Duration::from_secs(1);
-    // Three workers at 100 ms would be 30 heartbeats a second: told 1.5 s, longer than the
-    // configured timeout, so both sides must take the stretched timeout (15 s) too.
-    cfg.heartbeat_budget = 2;
-    let c = spawn_coordinator_with(cfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        cfg.heartbeat_interval = Duration::from_millis(100);
+        cfg.heartbeat_timeout = Duration::from_secs(1);
+        // Three workers at 100 ms would be 30 heartbeats a second: told 1.5 s, longer than the
+        // configured timeout, so both sides must take the stretched timeout (15 s) too.
+        cfg.heartbeat_budget = 2;
+    })
+    .await;
     let workers: Vec<TestWorker> = (0..3)
         .map(|i| {
             let mut w = fast_worker_config(&c.ws_url(), &format!("budget-{i}"));

@@ -8,15 +8,16 @@ use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tether_coordinator::admission::PRE_REGISTRATION_BYTES;
 use tether_testkit::*;
-use tether_worker::{ConnState, Executors};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::raw::{Raw, counter};
+use crate::support::{
+    builtin_and, cancel_and_stop, connected, connected_worker, coordinator_with, submit_one,
+};
 
 /// An honest worker connects and runs `n` short tasks, each to one result.
 async fn honest_work_completes(c: &TestCoordinator, id: &str, n: usize) -> TestWorker {
-    let w = spawn_worker(fast_worker_config(&c.ws_url(), id), Executors::builtin());
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let w = connected_worker(&c.ws_url(), id).await;
     let client = c.client();
     let ids = client
         .submit(&(0..n).map(|_| sleep_task(20, 2, 1)).collect::<Vec<_>>())
@@ -58,13 +59,13 @@ async fn heartbeat_reply(raw: &mut Raw, sequence: u64) {
 
 #[tokio::test]
 async fn a_large_frame_before_registration_closes_the_connection_and_after_it_is_taken() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
     // Room in the shared pool for one long registration at a time, not for two (checked
     // below against the registrations' size).
     let pool = 192 * 1024;
-    cfg.limits.registration_pool = pool;
-    let c = spawn_coordinator_with(cfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        cfg.limits.registration_pool = pool;
+    })
+    .await;
 
     // 1 MiB before registering: the coordinator reads its budget, then closes the connection.
     let mut m = Raw::connect(&c, "mallory").await;
@@ -116,10 +117,10 @@ async fn a_large_frame_before_registration_closes_the_connection_and_after_it_is
 /// request of megabytes on a connection of the same listener is taken whole.
 #[tokio::test]
 async fn http_requests_of_megabytes_are_not_held_to_the_budget_before_registration() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.limits.registration_pool = 0;
-    let c = spawn_coordinator_with(cfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        cfg.limits.registration_pool = 0;
+    })
+    .await;
     let client = c.client();
     // 20 tasks of 100 KB each in one submission: 2 MB, 30 times a WebSocket's budget.
     client.submit_padded("big", 20, 100_000).await;
@@ -134,14 +135,14 @@ async fn http_requests_of_megabytes_are_not_held_to_the_budget_before_registrati
 
 #[tokio::test]
 async fn a_session_inflating_more_than_its_byte_rate_is_paced_and_others_are_not() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    // Frames up to 1.25 MiB, a burst of one of them, and a rate that passes one within a
-    // third of the 2 s heartbeat timeout (the least the configuration accepts).
-    cfg.max_frame = 1280 * 1024;
-    cfg.limits.bytes_per_sec = 2.0 * 1024.0 * 1024.0;
-    cfg.limits.byte_burst = 1280 * 1024;
-    let c = spawn_coordinator_with(cfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        // Frames up to 1.25 MiB, a burst of one of them, and a rate that passes one within a
+        // third of the 2 s heartbeat timeout (the least the configuration accepts).
+        cfg.max_frame = 1280 * 1024;
+        cfg.limits.bytes_per_sec = 2.0 * 1024.0 * 1024.0;
+        cfg.limits.byte_burst = 1280 * 1024;
+    })
+    .await;
 
     let mut m = Raw::connect(&c, "inflater").await;
     let mut reg = m.registration(None, &[]);
@@ -202,35 +203,31 @@ async fn a_session_inflating_more_than_its_byte_rate_is_paced_and_others_are_not
 /// burst at once and `bytes_limited` counts each frame held back.
 #[tokio::test]
 async fn a_worker_paces_its_checkpoint_pieces_under_the_coordinators_byte_rate() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    // 1 MiB frames, so that 2 MiB a second passes the largest within a third of the 2 s
-    // heartbeat timeout; a burst of one frame.
-    cfg.max_frame = 1024 * 1024;
-    cfg.limits.bytes_per_sec = 2.0 * 1024.0 * 1024.0;
-    cfg.limits.byte_burst = 1024 * 1024;
-    let c = spawn_coordinator_with(cfg, None).await;
-    let mut executors = Executors::builtin();
+    let (_dir, c) = coordinator_with(|cfg| {
+        // 1 MiB frames, so that 2 MiB a second passes the largest within a third of the 2 s
+        // heartbeat timeout; a burst of one frame.
+        cfg.max_frame = 1024 * 1024;
+        cfg.limits.bytes_per_sec = 2.0 * 1024.0 * 1024.0;
+        cfg.limits.byte_burst = 1024 * 1024;
+    })
+    .await;
     // Four checkpoints of 1 MiB at once, each filled with its number: about 5.6 MB of text in
     // 256 KiB pieces, against a burst of 1 MiB and 2 MiB a second. Then it runs on, so that
     // the checkpoints stay those of a running attempt.
-    executors.register(
-        "heavy",
-        executor(|_, ctx| async move {
-            for i in 1..=4u8 {
-                ctx.checkpoint(vec![i; 1 << 20]).await;
-            }
-            ctx.cancelled().await;
-            Err(tether_worker::ExecError::Cancelled)
-        }),
-    );
-    let w = spawn_worker(fast_worker_config(&c.ws_url(), "heavy"), executors);
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let heavy = executor(|_, ctx| async move {
+        for i in 1..=4u8 {
+            ctx.checkpoint(vec![i; 1 << 20]).await;
+        }
+        ctx.cancelled().await;
+        Err(tether_worker::ExecError::Cancelled)
+    });
+    let w = connected(
+        fast_worker_config(&c.ws_url(), "heavy"),
+        builtin_and("heavy", heavy),
+    )
+    .await;
     let client = c.client();
-    let id = client
-        .submit(&[tether_proto::TaskSpec::new("heavy", json!({}))])
-        .await
-        .remove(0);
+    let id = submit_one(&client, "heavy").await;
     let http = loopback_client(reqwest::Client::builder());
     wait_for("the fourth checkpoint to be stored", DEADLINE, || async {
         let t = client.task(&id).await;
@@ -244,8 +241,5 @@ async fn a_worker_paces_its_checkpoint_pieces_under_the_coordinators_byte_rate()
     assert_eq!(counter(&o, "bytes_limited"), 0, "{o}");
     assert_eq!(counter(&o, "rate_limited"), 0, "{o}");
     assert_eq!(w.handle.registrations(), 1, "one session throughout");
-    client.control(&id, "cancel").await;
-    client.wait_status(&id, "cancelled").await;
-    w.stop().await.expect("clean stop");
-    c.stop().await;
+    cancel_and_stop(&client, &id, w, c).await;
 }

@@ -2,6 +2,8 @@ use futures_util::{SinkExt, StreamExt};
 use tether_testkit::*;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::support::{coordinator, coordinator_with};
+
 async fn next_json(
     ws: &mut tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
@@ -18,8 +20,7 @@ async fn next_json(
 
 #[tokio::test]
 async fn unknown_and_malformed_frames_get_an_error_reply_and_the_session_survives() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let url = format!("ws://{}/api/v1/worker/raw-1/ws", c.addr);
     let (mut ws, _) = tokio_tungstenite::connect_async(&url)
         .await
@@ -68,8 +69,7 @@ async fn unknown_and_malformed_frames_get_an_error_reply_and_the_session_survive
 
 #[tokio::test]
 async fn bad_upgrade_paths_are_refused_before_the_upgrade() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     for (path, status) in [
         ("/api/v1/worker/%7Bworker_id%7D/ws", 400),
         ("/api/v1/worker/a%2Fb/ws", 400),
@@ -90,10 +90,10 @@ async fn bad_upgrade_paths_are_refused_before_the_upgrade() {
 
 #[tokio::test]
 async fn an_oversize_frame_closes_the_session_with_1009() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.max_frame = 64 * 1024;
-    let c = spawn_coordinator_with(cfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        cfg.max_frame = 64 * 1024;
+    })
+    .await;
     let url = format!("ws://{}/api/v1/worker/big/ws", c.addr);
     let (mut ws, _) = tokio_tungstenite::connect_async(&url)
         .await
@@ -121,8 +121,7 @@ async fn an_oversize_frame_closes_the_session_with_1009() {
 #[tokio::test]
 async fn the_coordinator_decodes_and_handles_every_worker_message() {
     use tether_proto::msg::WorkerMsg;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let url = format!("ws://{}/api/v1/worker/worker-sample/ws", c.addr);
     let (mut ws, _) = tokio_tungstenite::connect_async(&url)
         .await
@@ -226,8 +225,7 @@ fn bare_registration(id: &str) -> serde_json::Value {
 
 #[tokio::test]
 async fn a_worker_that_registers_first_gets_its_welcome_with_the_acknowledgement() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let url = |addr, id: &str, query: &str| format!("ws://{addr}/api/v1/worker/{id}/ws{query}");
     let quiet = std::time::Duration::from_millis(300);
 
@@ -259,12 +257,12 @@ async fn a_worker_that_registers_first_gets_its_welcome_with_the_acknowledgement
     c.stop().await;
 
     // A coordinator that asks authentication never holds it: its nonce is to be signed.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.auth = Some(tether_coordinator::auth::WorkerAuth::fleet(
-        tether_proto::auth::Secret::new(b"a fleet secret of the frames test").expect("secret"),
-    ));
-    let c = spawn_coordinator_with(cfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        cfg.auth = Some(tether_coordinator::auth::WorkerAuth::fleet(
+            tether_proto::auth::Secret::new(b"a fleet secret of the frames test").expect("secret"),
+        ));
+    })
+    .await;
     let (mut ws, _) = tokio_tungstenite::connect_async(url(c.addr, "p3", "?pipelined=1"))
         .await
         .expect("connect");
@@ -280,10 +278,10 @@ async fn a_worker_that_registers_first_gets_its_welcome_with_the_acknowledgement
 /// with an error that says so, instead of reconnecting for ever.
 #[tokio::test]
 async fn a_registration_too_large_for_the_coordinator_stops_the_worker_saying_why() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.max_frame = tether_proto::settings::MIN_FRAME;
-    let c = spawn_coordinator_with(cfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        cfg.max_frame = tether_proto::settings::MIN_FRAME;
+    })
+    .await;
     let mut wcfg = fast_worker_config(&c.ws_url(), "w-tags");
     // Within the bounds of a registration's labels (200 of 200 bytes), past the frame.
     wcfg.capabilities = (0..200).map(|i| format!("{i:0200}")).collect();
@@ -362,8 +360,7 @@ async fn registration_after_heartbeats(c: &TestCoordinator, id: &str, beats: u64
 /// 17th frame was refused.
 #[tokio::test]
 async fn sixteen_frames_before_a_registration_are_allowed_and_a_seventeenth_is_refused() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     assert_eq!(
         registration_after_heartbeats(&c, "beats-16", 16).await,
         "registration_ack"

@@ -6,6 +6,7 @@ use tether_testkit::*;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::raw::Raw;
+use crate::support::coordinator;
 
 /// Over a real socket: a worker taking frames of 32 KiB registers with 400 running tasks, an
 /// ack of a directive each that no such frame holds. Every frame the coordinator sends it fits
@@ -15,8 +16,7 @@ use crate::raw::Raw;
 #[tokio::test]
 async fn a_registration_whose_ack_would_not_fit_its_frames_is_refused_in_frames_that_do() {
     const FRAME: usize = 32 * 1024;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().to_owned()).await;
+    let (_dir, c) = coordinator().await;
     let mut r = Raw::connect(&c, "small-frames").await;
     let mut reg = r.registration(None, &["sleep"]);
     reg["max_frame"] = FRAME.into();

@@ -8,6 +8,7 @@ use tether_testkit::*;
 use tether_worker::{ConnState, Executors};
 
 use crate::raw::counter;
+use crate::support::coordinator_with;
 
 const SECRET: &str = "the worker's own secret";
 
@@ -18,18 +19,18 @@ const SECRET: &str = "the worker's own secret";
 /// directory is repaired.
 #[tokio::test]
 async fn a_worker_keeps_trying_while_the_coordinator_cannot_read_its_secret_and_registers_after() {
-    let dir = tempfile::tempdir().expect("tempdir");
     let secrets = tempfile::tempdir().expect("secrets");
     let broken = secrets.path().join("secrets");
     std::fs::write(&broken, "a file where the directory should be").expect("write");
-    let mut cfg = fast_coordinator_config(dir.path().to_owned());
-    cfg.auth = Some(WorkerAuth {
-        fleet: None,
-        dir: Some(broken.clone()),
-        max_skew: Duration::from_secs(30),
-        message_mac: false,
-    });
-    let c = spawn_coordinator_with(cfg, None).await;
+    let (_dir, c) = coordinator_with(|cfg| {
+        cfg.auth = Some(WorkerAuth {
+            fleet: None,
+            dir: Some(broken.clone()),
+            max_skew: Duration::from_secs(30),
+            message_mac: false,
+        });
+    })
+    .await;
     let mut wcfg = fast_worker_config(&c.ws_url(), "w-unread");
     wcfg.secret = Some(Secret::new(SECRET.as_bytes()).expect("secret"));
     let attempts_past_stop = wcfg.refusals_before_stop as usize + 2;
