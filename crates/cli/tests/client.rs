@@ -315,3 +315,92 @@ async fn submit_file_over_the_body_limit_is_said_plainly_with_what_to_do() {
     assert!(!err.contains("Failed to buffer"), "{err}");
     coord.stop().await;
 }
+
+/// `tether submit --id X` sent again with the same spec (its first reply lost: a script's
+/// retry under `set -e`) exits 0, prints the id as the first did and says on stderr that the
+/// task was already submitted; nothing is made twice. With another spec under the id it is
+/// refused (exit 1), naming what differs. It was refused as a duplicate (HTTP 409), exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_sent_again_with_the_same_id_exits_0_saying_it_was_already_submitted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord = tether_testkit::spawn_coordinator(dir.path().join("data")).await;
+    let base = format!("http://{}", coord.addr);
+    let submit = |extra: &[&str]| {
+        let mut args: Vec<String> = ["submit", "--coordinator", &base, "--id", "nightly-7"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args.extend(["--shell".to_owned(), "make bench".to_owned()]);
+        tether_output(args)
+    };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let first = submit(&["--env", "MODE=full"]).await;
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert_eq!(text(&first.stdout), "nightly-7\n");
+    assert!(
+        !text(&first.stderr).contains("already"),
+        "{}",
+        text(&first.stderr)
+    );
+
+    let again = submit(&["--env", "MODE=full"]).await;
+    let err = text(&again.stderr);
+    assert_eq!(again.status.code(), Some(0), "{err}");
+    assert_eq!(text(&again.stdout), "nightly-7\n", "the same output: {err}");
+    assert!(
+        err.contains("task nightly-7 was already submitted (same spec)"),
+        "{err}"
+    );
+
+    let other = submit(&["--env", "MODE=quick"]).await;
+    let err = text(&other.stderr);
+    assert_eq!(other.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("task nightly-7 already exists with a different spec: its `config` differs"),
+        "{err}"
+    );
+    assert!(err.contains("(HTTP 409)"), "{err}");
+
+    let client = coord.client();
+    let (status, v) = client.get("/api/v1/tasks").await;
+    assert_eq!(status, 200, "{v}");
+    let listed = v.as_array().expect("a listing");
+    assert_eq!(listed.len(), 1, "one task: {v}");
+    assert_eq!(listed[0]["spec"]["config"]["env"]["MODE"], "full", "{v}");
+    coord.stop().await;
+}
+
+/// A relative `--cwd` is a usage error (exit 2) naming the flag, before any request: the
+/// directory is the worker's, and a relative one would depend on where the worker was
+/// started. It was sent, and failed only on the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_with_a_relative_cwd_is_a_usage_error_naming_the_flag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord = tether_testkit::spawn_coordinator(dir.path().join("data")).await;
+    let base = format!("http://{}", coord.addr);
+    for cwd in ["rel/dir", "./here", "~/bench", ""] {
+        let args = ["submit", "--coordinator", &base, "--cwd", cwd, "--", "true"];
+        let (code, err) = run_tether(args.iter().map(Into::into).collect()).await;
+        assert_eq!(code, Some(2), "{cwd:?}: {err}");
+        assert!(
+            err.contains("--cwd") && err.contains("must be an absolute path on the worker"),
+            "{cwd:?}: {err}"
+        );
+    }
+    let (status, v) = coord.client().get("/api/v1/tasks").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v, json!([]), "nothing was sent");
+    let args = [
+        "submit",
+        "--coordinator",
+        &base,
+        "--cwd",
+        "/tmp",
+        "--",
+        "true",
+    ];
+    let (code, err) = run_tether(args.iter().map(Into::into).collect()).await;
+    assert_eq!(code, Some(0), "an absolute one is taken: {err}");
+    coord.stop().await;
+}

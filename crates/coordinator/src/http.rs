@@ -1,7 +1,9 @@
 //! The HTTP API, JSON in and out, on the same listener as the worker endpoint.
 //!
 //! ```text
-//! POST /api/v1/tasks                      submit one spec or {"tasks": [specs]}
+//! POST /api/v1/tasks                      submit one spec or {"tasks": [specs]} (a task_id
+//!                                         there already: the same spec is answered, not
+//!                                         made again; another is refused, 409)
 //! GET  /api/v1/tasks?status=&limit=&order=&updated_since=&after_seq=&ids=
 //!                                         list (order: oldest, the default, or newest;
 //!                                         updated_since: changed at or after an RFC 3339 time;
@@ -61,11 +63,17 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
-/// The reply to a submission.
+/// The reply to a submission: `201` when it made a task, `200` when every task it names was
+/// there already with the same spec (a submission sent again, as after a lost reply).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Submitted {
+    /// Each task's id, in the order of the specs.
     #[schema(value_type = Vec<String>)]
     pub task_ids: Vec<TaskId>,
+    /// Those of `task_ids` that were there already with the same spec: nothing was made of
+    /// them (whatever their status: an ended one is not run again). Empty when all are new.
+    #[schema(value_type = Vec<String>)]
+    pub existing: Vec<TaskId>,
 }
 
 /// A JSON error response with an [`ErrorBody`].
@@ -585,9 +593,10 @@ fn specs_of(body: &serde_json::value::RawValue, max: usize) -> Result<Vec<TaskSp
     tag = "tasks",
     request_body(content = serde_json::Value, description = "One task spec, or `{\"tasks\": [specs]}`: kind, config, requires, tags, priority, timeout_ms, max_attempts, task_id (optional)"),
     responses(
-        (status = 201, description = "Accepted", body = Submitted),
+        (status = 201, description = "Accepted: at least one task was made. A spec whose `task_id` names a task there already, with the same spec, makes nothing and is listed in `existing` (the same: `kind`, `name` and `timeout_ms` equal; `priority` and `max_attempts` with their defaults, 5 and 3, filled in; `config` equal as JSON, spacing and key order aside; `requires` as a set; `tags` as a map)", body = Submitted),
+        (status = 200, description = "Every task named was there already with the same spec (as for 201): nothing was made, `existing` lists them all. A submission sent again after its reply was lost is answered so", body = Submitted),
         (status = 400, description = "Not JSON, or a query parameter (`bad_request`, naming it): submission takes none", body = ErrorBody),
-        (status = 409, description = "A task id already exists", body = ErrorBody),
+        (status = 409, description = "A `task_id` names a task there already with a different spec (the message names the first field that differs), or is given twice in the request: nothing was made", body = ErrorBody),
         (status = 413, description = "Larger than the body limit (`too_large`, naming it)", body = ErrorBody),
         (status = 415, description = "Not sent as `application/json`", body = ErrorBody),
         (status = 503, description = "`out_of_space`: the data directory is out of space, nothing new is taken until there is room (Retry-After: 5); `busy`: every turn for submissions (4 at once) was held for half the handshake deadline (Retry-After: 1); neither took anything. `shutting_down`: the coordinator is stopping (Retry-After: 5)", body = ErrorBody),
@@ -649,7 +658,17 @@ pub async fn submit(State(app): State<Arc<AppState>>, request: axum::extract::Re
         }
     }
     match ask(&app, |reply| Api::Submit { specs, reply }).await {
-        Ok(task_ids) => (StatusCode::CREATED, Json(Submitted { task_ids })).into_response(),
+        Ok(done) => {
+            let status = match done.made_any() {
+                true => StatusCode::CREATED,
+                false => StatusCode::OK,
+            };
+            let body = Submitted {
+                task_ids: done.task_ids,
+                existing: done.existing,
+            };
+            (status, Json(body)).into_response()
+        }
         Err(e) => e.into_response(),
     }
 }

@@ -115,7 +115,9 @@ impl From<Outcome> for TaskStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
-    /// Optional caller-chosen id; submitting the same id twice is refused.
+    /// Optional caller-chosen id, which names one task while the coordinator keeps it: the
+    /// same spec submitted again under it is answered with that task (nothing is made), another
+    /// spec is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_id: Option<TaskId>,
     /// Executor kind: `command`, `sleep`, or one an embedding program registered.

@@ -33,10 +33,12 @@ pub struct SubmitArgs {
     /// are read).
     #[arg(long, value_parser = parse_name, conflicts_with = "file")]
     name: Option<String>,
-    /// The task's id (default: one the coordinator makes); the same id twice is refused while
-    /// the coordinator keeps the task (a `--retention` removes ended ones), so a submission
-    /// whose reply was lost can be sent again safely.
-    /// Checked against the id rules as the arguments are read: a bad one is a usage error.
+    /// The task's id (default: one the coordinator makes). While the coordinator keeps the task
+    /// (a `--retention` removes ended ones), the id names it: a submission sent again with the
+    /// same id and the same spec (its reply lost) makes nothing and exits 0, saying the task
+    /// was already submitted; one with another spec is refused (HTTP 409), naming what
+    /// differs. Checked against the id rules as the arguments are read: a bad one is a usage
+    /// error.
     #[arg(long, conflicts_with = "file")]
     id: Option<tether_proto::TaskId>,
     /// A tag the worker must carry, KEY=VALUE (repeatable): a key not blank, each at most 256
@@ -48,8 +50,9 @@ pub struct SubmitArgs {
     /// another value is refused (a command has one value a variable).
     #[arg(long = "env", value_parser = parse_key_value, conflicts_with = "file")]
     env: Vec<(String, String)>,
-    /// The command's working directory on the worker.
-    #[arg(long, conflicts_with = "file")]
+    /// The command's working directory on the worker: an absolute path (a relative one would
+    /// depend on where the worker was started, and is refused as the arguments are read).
+    #[arg(long, value_parser = parse_cwd, conflicts_with = "file")]
     cwd: Option<String>,
     /// A script run with `/bin/sh -c` on the worker, instead of a command line after `--`.
     #[arg(long, conflicts_with_all = ["command", "file"])]
@@ -79,6 +82,16 @@ fn api_check(set: impl FnOnce(&mut TaskSpec)) -> Result<(), String> {
     let mut spec = TaskSpec::new("command", Value::Null);
     set(&mut spec);
     spec.validate()
+}
+
+/// `--cwd`: a directory on the worker, so an absolute path, as the `command` executor (and the
+/// coordinator, by its check) takes only; a relative one was sent, and failed on the worker.
+fn parse_cwd(s: &str) -> Result<String, String> {
+    // The value itself is not repeated: clap quotes it (cut when long, see `main`).
+    match std::path::Path::new(s).is_absolute() {
+        true => Ok(s.to_owned()),
+        false => Err("the working directory must be an absolute path on the worker".to_owned()),
+    }
 }
 
 fn parse_require(s: &str) -> Result<String, String> {
@@ -295,20 +308,32 @@ async fn send(a: &SubmitArgs) -> anyhow::Result<(Api, BTreeSet<String>)> {
         if e.downcast_ref::<NoAnswer>().is_none() {
             return e;
         }
-        // Sending it again blindly may submit it twice.
+        // Sending it again blindly may submit it twice; under the same id, it is answered with
+        // the task if that was made.
         e.context(match &a.id {
             Some(id) => format!(
-                "the submission's outcome is unknown: task {id} may have been submitted; check \
-                 with `tether task {id}`, or submit it again with the same --id, which is refused \
-                 as a duplicate (HTTP 409) if it was"
+                "the submission's outcome is unknown: task {id} may have been submitted; submit \
+                 it again with the same --id and the same spec, which makes it only if it was \
+                 not (else says it was already submitted), or check with `tether task {id}`"
             ),
             None => "the submission's outcome is unknown: the task may have been submitted; \
-                     check with `tether tasks`, or submit with --id so that a retry is refused \
-                     as a duplicate (HTTP 409)"
+                     check with `tether tasks`; one whose tasks have ids (--id, or `task_id` in a \
+                     --file) can be sent again safely: an id and its spec make a task once"
                 .to_owned(),
         })
     })?;
     let ids = submitted_ids(&v, sent)?;
+    // There already with the same spec (sent again): said beside the ids, which stay all the
+    // output, so that a script reads the same whether its first try's reply was lost or not.
+    let existing: BTreeSet<&str> = v["existing"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    for id in ids.iter().filter(|id| existing.contains(id.as_str())) {
+        eprintln!("task {} was already submitted (same spec)", shown(id));
+    }
     if a.common.json {
         outln!("{v}")?;
     } else {
@@ -1210,7 +1235,8 @@ mod tests {
                 .expect_err("no answer");
             let said = crate::output::describe(&e);
             assert!(said.contains("outcome is unknown"), "{said}");
-            assert!(said.contains("409"), "{said}");
+            assert!(said.contains("--id"), "{said}");
+            assert!(!said.contains("refused as a duplicate"), "{said}");
             assert!(!said.contains("cannot reach"), "{said}");
             let body = read
                 .try_recv()

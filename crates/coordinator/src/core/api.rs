@@ -94,11 +94,28 @@ impl TaskQuery {
     }
 }
 
+/// What a submission did: the id of each task asked for, in the order given, and which of
+/// them were there already with the same spec (sent again, as after a lost reply): nothing
+/// was made of those.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Submission {
+    pub task_ids: Vec<TaskId>,
+    /// Those of `task_ids` that were there already, in the same order.
+    pub existing: Vec<TaskId>,
+}
+
+impl Submission {
+    /// Whether any task was made (else every one was there already).
+    pub fn made_any(&self) -> bool {
+        self.existing.len() < self.task_ids.len()
+    }
+}
+
 /// API commands.
 pub enum Api {
     Submit {
         specs: Vec<TaskSpec>,
-        reply: Reply<Vec<TaskId>>,
+        reply: Reply<Submission>,
     },
     Control {
         task: TaskId,
@@ -267,7 +284,12 @@ impl Core {
             .ok_or_else(|| ApiError::NotFound(format!("no task {id}")))
     }
 
-    fn submit(&mut self, specs: Vec<TaskSpec>, b: &mut Batch) -> Result<Vec<TaskId>, ApiError> {
+    /// Makes a task of each spec, all or none. A spec whose `task_id` names a task there
+    /// already is no new task: with the same spec ([`spec_difference`]) it is answered as one
+    /// of the submission's tasks, among the `existing`, and nothing is made of it (whatever
+    /// the task's status: an ended one is not run again); with another spec it refuses the
+    /// whole submission, as does an id given twice in it.
+    fn submit(&mut self, specs: Vec<TaskSpec>, b: &mut Batch) -> Result<Submission, ApiError> {
         if specs.is_empty() {
             return Err(ApiError::Invalid("no tasks given".into()));
         }
@@ -279,6 +301,9 @@ impl Core {
             )));
         }
         let mut ids = Vec::with_capacity(specs.len());
+        // Whether each is made (else it is there already, the same).
+        let mut new = Vec::with_capacity(specs.len());
+        let mut existing = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for (i, s) in specs.iter().enumerate() {
             s.validate()
@@ -294,13 +319,26 @@ impl Core {
                 )));
             }
             let id = s.task_id.clone().unwrap_or_else(TaskId::fresh);
-            if self.tasks.contains_key(&id) || !seen.insert(id.clone()) {
-                return Err(ApiError::Conflict(format!("task {id} already exists")));
+            if !seen.insert(id.clone()) {
+                return Err(ApiError::Conflict(format!(
+                    "task {id} is given twice in this request; an id names one task"
+                )));
             }
+            if let Some(t) = self.tasks.get(&id) {
+                if let Some(differs) = spec_difference(&t.spec, s) {
+                    return Err(ApiError::Conflict(format!(
+                        "task {id} already exists with a different spec: its {differs}; an id \
+                         names one task, so submit this one under another id (the same spec \
+                         sent again is answered with the task already there)"
+                    )));
+                }
+                existing.push(id.clone());
+            }
+            new.push(!self.tasks.contains_key(&id));
             ids.push(id);
         }
         let ts = now();
-        for (spec, id) in specs.into_iter().zip(&ids) {
+        for ((spec, id), _) in specs.into_iter().zip(&ids).zip(&new).filter(|(_, n)| **n) {
             let seq = self.next_submit_seq;
             self.next_submit_seq += 1;
             let base = self.removed.last_attempt(id.as_str());
@@ -331,8 +369,20 @@ impl Core {
             self.listing.put(&t);
             self.tasks.insert(id.clone(), t);
         }
-        self.dispatch_needed = true;
-        Ok(ids)
+        if let Some(first) = existing.first() {
+            tracing::debug!(
+                tasks = existing.len(),
+                %first,
+                "tasks submitted again with the same spec: answered with those there"
+            );
+        }
+        if new.contains(&true) {
+            self.dispatch_needed = true;
+        }
+        Ok(Submission {
+            task_ids: ids,
+            existing,
+        })
     }
 
     /// Pauses (`want` paused) or resumes a task that no worker holds: a paused one waits out
@@ -526,6 +576,70 @@ impl Core {
     }
 }
 
+/// How `new`, submitted under the id of a task whose spec is `kept`, differs from it: its
+/// first field that does (in the spec's order), said for the refusal, e.g. "`priority` differs
+/// (5 there, 1 here)"; `None` when it is the same spec. Compared as the coordinator keeps and
+/// uses a spec, each field with its default filled in: `kind`, `name` and `timeout_ms` exactly
+/// (no timeout is no timeout); `priority` with its default (absent is 5); `max_attempts` with
+/// its default (absent is [`DEFAULT_MAX_ATTEMPTS`](tether_proto::task::DEFAULT_MAX_ATTEMPTS));
+/// `config` as JSON, spacing and key order aside ([`JsonText`](tether_proto::msg::JsonText)'s
+/// equality; its values are never quoted, as they may carry credentials); `requires` as a set
+/// (order and repeats aside: a worker matches them so); `tags` as a map. The `task_id` is the
+/// id both were found by.
+fn spec_difference(kept: &TaskSpec, new: &TaskSpec) -> Option<String> {
+    use tether_proto::task::DEFAULT_MAX_ATTEMPTS;
+    // Destructured, so that a field added to the spec must be compared here to compile.
+    let TaskSpec {
+        task_id: _,
+        kind,
+        config,
+        priority,
+        requires,
+        tags,
+        timeout_ms,
+        max_attempts,
+        name,
+    } = new;
+    let values = |field: &str, there: &dyn std::fmt::Display, here: &dyn std::fmt::Display| {
+        Some(format!("`{field}` differs ({there} there, {here} here)"))
+    };
+    fn set(v: &[String]) -> BTreeSet<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let timeout = |ms: Option<u64>| ms.map_or_else(|| "none".to_owned(), |ms| format!("{ms} ms"));
+    if *kind != kept.kind {
+        return values("kind", &kept.kind, kind);
+    }
+    if *config != kept.config {
+        return Some("`config` differs".to_owned());
+    }
+    if *priority != kept.priority {
+        return values("priority", &kept.priority, priority);
+    }
+    if set(requires) != set(&kept.requires) {
+        return Some("`requires` differs".to_owned());
+    }
+    if *tags != kept.tags {
+        return Some("`tags` differs".to_owned());
+    }
+    if *timeout_ms != kept.timeout_ms {
+        return values(
+            "timeout_ms",
+            &timeout(kept.timeout_ms),
+            &timeout(*timeout_ms),
+        );
+    }
+    let attempts = |n: Option<u32>| n.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+    if attempts(*max_attempts) != attempts(kept.max_attempts) {
+        let (there, here) = (attempts(kept.max_attempts), attempts(*max_attempts));
+        return values("max_attempts", &there, &here);
+    }
+    if *name != kept.name {
+        return Some("`name` differs".to_owned());
+    }
+    None
+}
+
 fn internal(e: rusqlite::Error) -> ApiError {
     match e {
         // A record that cannot be read says which (store::stored_json).
@@ -533,5 +647,93 @@ fn internal(e: rusqlite::Error) -> ApiError {
             ApiError::Internal(format!("store: {why}"))
         }
         e => ApiError::Internal(format!("store: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The spec the API reads from `v`, as a submission's body gives it.
+    fn spec(v: &serde_json::Value) -> TaskSpec {
+        serde_json::from_str(&v.to_string()).expect("a spec")
+    }
+
+    fn base() -> serde_json::Value {
+        json!({
+            "kind": "command",
+            "config": {"program": "make", "args": ["bench"], "env": {"A": "1"}},
+            "requires": ["cpu", "cuda"],
+            "tags": {"os": "linux", "rack": "r1"},
+        })
+    }
+
+    /// A spec sent again is the same spec with its defaults spelled out, its config laid out
+    /// otherwise (spacing, key order) and its requirements in another order or repeated:
+    /// the coordinator keeps and runs it the same.
+    #[test]
+    fn a_spec_is_the_same_with_defaults_spelled_out_and_its_json_laid_out_otherwise() {
+        let kept = spec(&base());
+        assert_eq!(spec_difference(&kept, &kept.clone()), None);
+        let again: TaskSpec = serde_json::from_str(
+            r#"{"kind": "command", "priority": 5, "max_attempts": 3,
+                "config": {
+                    "env": {"A": "1"},
+                    "args": ["bench"],   "program": "make"
+                },
+                "requires": ["cuda", "cpu", "cuda"], "tags": {"rack": "r1", "os": "linux"}}"#,
+        )
+        .expect("a spec");
+        assert_ne!(kept.config.get(), again.config.get(), "another text");
+        assert_eq!(spec_difference(&kept, &again), None);
+        assert_eq!(spec_difference(&again, &kept), None);
+    }
+
+    /// A spec under a kept task's id that differs in any field is said by the first field that
+    /// does, with both values where they are short numbers or the kind (never the config's,
+    /// which may carry credentials).
+    #[test]
+    fn a_spec_that_differs_is_said_by_its_first_field_that_does() {
+        let kept = spec(&base());
+        for (field, value, says) in [
+            (
+                "kind",
+                json!("sleep"),
+                "`kind` differs (command there, sleep here)",
+            ),
+            (
+                "config",
+                json!({"program": "make", "args": ["bench"], "env": {"A": "2"}}),
+                "`config` differs",
+            ),
+            ("priority", json!(1), "`priority` differs (5 there, 1 here)"),
+            ("requires", json!(["cpu"]), "`requires` differs"),
+            ("tags", json!({"os": "linux"}), "`tags` differs"),
+            (
+                "timeout_ms",
+                json!(60000),
+                "`timeout_ms` differs (none there, 60000 ms here)",
+            ),
+            (
+                "max_attempts",
+                json!(4),
+                "`max_attempts` differs (3 there, 4 here)",
+            ),
+            ("name", json!("nightly"), "`name` differs"),
+        ] {
+            let mut v = base();
+            v[field] = value;
+            let said = spec_difference(&kept, &spec(&v));
+            assert_eq!(said.as_deref(), Some(says), "{field}");
+        }
+        // Two fields differ: the first in the spec's order is named.
+        let mut v = base();
+        v["priority"] = json!(0);
+        v["name"] = json!("n");
+        assert_eq!(
+            spec_difference(&kept, &spec(&v)).as_deref(),
+            Some("`priority` differs (5 there, 0 here)")
+        );
     }
 }

@@ -27,7 +27,7 @@ use tether_proto::{Attempt, CheckpointId, Seq, TaskId, WorkerId};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-pub use api::{Api, ApiError, ControlOp, Overview, TaskQuery};
+pub use api::{Api, ApiError, ControlOp, Overview, Submission, TaskQuery};
 pub(crate) use messages::registration_refusal;
 
 use crate::config::CoordinatorConfig;

@@ -134,7 +134,11 @@ impl Harness {
             specs: vec![spec],
             reply: tx,
         }));
-        rx.try_recv().expect("reply").expect("submitted").remove(0)
+        rx.try_recv()
+            .expect("reply")
+            .expect("submitted")
+            .task_ids
+            .remove(0)
     }
 }
 

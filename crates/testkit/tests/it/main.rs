@@ -11,6 +11,7 @@ mod faults;
 mod frames;
 mod fuzz_http;
 mod hostile;
+mod idempotent_submit;
 mod integrity;
 mod lifecycle;
 mod metrics;

@@ -3,11 +3,13 @@
 //! Config (unknown fields are refused):
 //!
 //! ```json
-//! {"program": "prog", "args": ["a"], "env": {"K": "V"}, "cwd": "dir",
+//! {"program": "prog", "args": ["a"], "env": {"K": "V"}, "cwd": "/abs/dir",
 //!  "shell": "script run with /bin/sh -c", "tail_bytes": 4096, "checkpoint_poll_ms": 1000}
 //! ```
 //!
-//! Exactly one of `program` (with optional `args`) or `shell` is given. The process inherits
+//! Exactly one of `program` (with optional `args`) or `shell` is given; `cwd`, when given, is
+//! an absolute path (a relative one is refused: it would depend on where the worker was
+//! started). The process inherits
 //! the worker's environment but the worker's own settings and credentials ([`WORKER_ENV`]:
 //! `TETHER_WORKER_ID`, `TETHER_SECRET`...), plus `env`, `TETHER_TASK_ID`,
 //! `TETHER_ATTEMPT`, `TETHER_TASK_MARK` (`<executor nonce>:<task>:<attempt>`, which finds the
@@ -241,6 +243,13 @@ impl Plan {
             {
                 return invalid(format!("`env` cannot set {k}; the worker sets it"));
             }
+        }
+        // A relative one is taken from where the worker was started, no place a task can
+        // count on (and the coordinator refuses it at submission by this check).
+        if let Some(cwd) = c.cwd.as_ref().filter(|d| !d.is_absolute()) {
+            return invalid(format!(
+                "`cwd` {cwd:?} is relative; it must be an absolute path on the worker"
+            ));
         }
         if c.tail_bytes > MAX_TAIL_BYTES {
             let n = c.tail_bytes;
@@ -2096,6 +2105,10 @@ mod tests {
             (
                 serde_json::json!({"program": "a", "env": {"TETHER_ATTEMPT": "9"}}),
                 "worker sets it",
+            ),
+            (
+                serde_json::json!({"program": "a", "cwd": "rel/dir"}),
+                "must be an absolute path on the worker",
             ),
         ];
         for (config, expected) in cases {
