@@ -234,11 +234,12 @@ impl Inbound {
     }
 
     /// How long a commit holds the session's `registration_ack` up before its worker is
-    /// pinged ([`awaiting_ack`]): a heartbeat interval, or one keepalive period for a worker
-    /// that stated its timeout. Its first ping then comes within two periods of the hold's
-    /// start (the hold is seen at a keepalive tick), two thirds of its timeout; a worker whose
-    /// timeout is shorter than the coordinator's heartbeat interval gave up before the first
-    /// ping.
+    /// pinged ([`awaiting_ack`]), and the acknowledgements of its messages before a
+    /// heartbeat's reply comes with a ping: a heartbeat interval, or one keepalive period for
+    /// a worker that stated its timeout. A worker waiting for its ack then has its first ping
+    /// within two periods of the hold's start (the hold is seen at a keepalive tick), two
+    /// thirds of its timeout; at a heartbeat interval, a worker whose timeout is shorter than
+    /// that gave up before the first ping.
     fn ping_after(&self) -> Duration {
         match self.stated_ms {
             Some(_) => self.keepalive(),
@@ -681,9 +682,15 @@ fn run(
                     // its acknowledgement behind a commit that is held up (out of space, a disk
                     // that does not answer): a ping with the reply tells the worker that the
                     // coordinator has it, or it would take the silence for a link that lost its
-                    // frames and reconnect, to wait again at registration.
+                    // frames and reconnect, to wait again at registration. The hold that earns
+                    // the ping is `ping_after`'s, as for a worker awaiting its ack: a keepalive
+                    // period for a worker that stated its timeout (it takes a message
+                    // unacknowledged for that long as lost: at a heartbeat interval, one whose
+                    // timeout is shorter gave up before the first ping), a heartbeat interval for
+                    // one that stated none (its timeout unknown; `keepalive`'s 250 ms would add a
+                    // ping to every such worker's replies through any commit that long).
                     let held = replies.iter().any(|r| matches!(r, CoordMsg::Heartbeat(_)))
-                        && app.store_stats.held_for().is_some_and(|h| h >= agreed.beat.interval);
+                        && app.store_stats.held_for().is_some_and(|h| h >= agreed.ping_after());
                     let sent = (!replies.is_empty()).then(|| Box::pin(async {
                         let before = deadline;
                         let mut sent = out.send_all(&mut deadline, &replies).await;
@@ -775,8 +782,8 @@ enum Awaited {
 /// A keepalive period of a session whose worker waits for its `registration_ack`. The ack is
 /// sent once the registration's reconciliation has committed (nothing is acknowledged before
 /// it is durable), and the worker says nothing until it comes: its silence is not counted
-/// (`deadline` moves on). While the store is held on a commit for a heartbeat interval or more
-/// (out of space, a disk that does not answer) the worker is pinged too: the coordinator did
+/// (`deadline` moves on). While the store is held on a commit for [`Inbound::ping_after`] or
+/// more (out of space, a disk that does not answer) the worker is pinged too: the coordinator did
 /// not answer it for so long that it took the silence for a dead link, gave the registration
 /// up at its heartbeat timeout and connected again, to wait again, for as long as the commit
 /// was held. Pinged (`pinged`), the worker answers (a pong, which moves `deadline` as any
@@ -2942,13 +2949,42 @@ mod tests {
         }
     }
 
+    /// The frames that follow heartbeat `beat` sent on `ws`, until a marker frame sent after it
+    /// is answered (an unknown type, refused with an `error` by the session itself): "reply"
+    /// for the heartbeat's reply, "ping", "other".
+    async fn after_beat(ws: &mut Client, beat: serde_json::Value) -> Vec<&'static str> {
+        use tokio_tungstenite::tungstenite::Message as M;
+        send_json(ws, beat).await;
+        send_json(ws, serde_json::json!({"type": "no_such_type"})).await;
+        let mut seen = Vec::new();
+        // Bounded: the marker's answer comes within a few frames, each within 5 s.
+        for _ in 0..100 {
+            let m = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+            match m.expect("a frame in time") {
+                Some(Ok(M::Text(t))) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).expect("json");
+                    if v["type"] == "error" {
+                        return seen;
+                    }
+                    seen.push(if v["type"] == "heartbeat" {
+                        "reply"
+                    } else {
+                        "other"
+                    });
+                }
+                Some(Ok(M::Ping(_))) => seen.push("ping"),
+                other => panic!("{other:?}"),
+            }
+        }
+        panic!("the marker was never answered: {seen:?}");
+    }
+
     /// While the store is held on a commit for a heartbeat interval or more, a heartbeat's
     /// reply comes with a ping: what the worker sent before waits for its acknowledgement
     /// behind that commit, and without a sign that the coordinator has it the worker would
     /// take the silence for a link that lost its frames. Otherwise the reply comes alone.
     #[tokio::test]
     async fn a_heartbeat_answered_while_the_store_is_held_comes_with_a_ping() {
-        use tokio_tungstenite::tungstenite::Message as M;
         let mut cfg = crate::CoordinatorConfig::new("/unused");
         cfg.heartbeat_interval = Duration::from_millis(100);
         cfg.heartbeat_timeout = Duration::from_millis(1000);
@@ -2956,37 +2992,55 @@ mod tests {
         let (mut ws, _session) = registered(&mut core, "w-held").await;
         let beat =
             |n: u64| serde_json::json!({"type": "heartbeat", "sequence": n, "timestamp": now()});
-        // The frames that follow a heartbeat, until a marker frame is answered: an unknown
-        // type, refused with an `error` by the session itself.
-        async fn after(ws: &mut Client, beat: serde_json::Value) -> Vec<&'static str> {
-            send_json(ws, beat).await;
-            send_json(ws, serde_json::json!({"type": "no_such_type"})).await;
-            let mut seen = Vec::new();
-            loop {
-                let m = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
-                match m.expect("a frame in time") {
-                    Some(Ok(M::Text(t))) => {
-                        let v: serde_json::Value = serde_json::from_str(&t).expect("json");
-                        if v["type"] == "error" {
-                            return seen;
-                        }
-                        seen.push(if v["type"] == "heartbeat" {
-                            "reply"
-                        } else {
-                            "other"
-                        });
-                    }
-                    Some(Ok(M::Ping(_))) => seen.push("ping"),
-                    other => panic!("{other:?}"),
-                }
-            }
-        }
-        assert_eq!(after(&mut ws, beat(1)).await, ["reply"], "not held");
+        assert_eq!(after_beat(&mut ws, beat(1)).await, ["reply"], "not held");
         core.store_stats.group_begins();
         tokio::time::sleep(Duration::from_millis(150)).await;
-        assert_eq!(after(&mut ws, beat(2)).await, ["reply", "ping"], "held");
+        assert_eq!(
+            after_beat(&mut ws, beat(2)).await,
+            ["reply", "ping"],
+            "held"
+        );
         core.store_stats.group_ends();
-        assert_eq!(after(&mut ws, beat(3)).await, ["reply"], "no longer held");
+        assert_eq!(
+            after_beat(&mut ws, beat(3)).await,
+            ["reply"],
+            "no longer held"
+        );
+    }
+
+    /// A worker that stated its liveness timeout (1.5 s, under the coordinator's 10 s heartbeat
+    /// interval) takes a message of its unacknowledged for that long as lost: its heartbeat
+    /// answered once the store has held a commit for a keepalive period of its session (a
+    /// third of its timeout) comes with a ping. Pinged only past a heartbeat interval of hold,
+    /// it had given up on the link long before. A worker that stated none gets the ping past a
+    /// heartbeat interval, as before: its timeout is not known.
+    #[tokio::test]
+    async fn a_heartbeat_of_a_worker_stating_its_timeout_comes_with_a_ping_once_held_a_keepalive_period()
+     {
+        let mut cfg = crate::CoordinatorConfig::new("/unused");
+        cfg.heartbeat_interval = Duration::from_secs(10);
+        cfg.heartbeat_timeout = Duration::from_secs(30);
+        let mut core = FakeCore::start(cfg, 16).await;
+        let (mut stating, stating_session) =
+            unacknowledged_stating(&mut core, "w-states", Some(1500)).await;
+        acknowledge(&mut stating, &stating_session, "w-states").await;
+        let (mut older, _older_session) = registered(&mut core, "w-older").await;
+        core.store_stats.group_begins();
+        // Held for two of the stating worker's keepalive periods (500 ms), a tenth of the
+        // heartbeat interval.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let beat = serde_json::json!({"type": "heartbeat", "sequence": 1, "timestamp": now()});
+        assert_eq!(
+            after_beat(&mut stating, beat.clone()).await,
+            ["reply", "ping"],
+            "stating 1.5 s, held 1 s"
+        );
+        assert_eq!(
+            after_beat(&mut older, beat).await,
+            ["reply"],
+            "stating none, held under the interval"
+        );
+        core.store_stats.group_ends();
     }
 
     /// A session whose task panics still tells the core it ended, with the queue free and
