@@ -3043,6 +3043,83 @@ mod tests {
         core.store_stats.group_ends();
     }
 
+    /// A frame still arriving (its bytes coming, no frame completed) has its worker pinged
+    /// every keepalive period of the session: for a worker that stated its timeout (300 ms),
+    /// a third of it, however long the coordinator's heartbeat interval (10 s here). Its
+    /// heartbeats wait behind that frame: pinged every interval, it took the coordinator for
+    /// dead before the first ping.
+    #[tokio::test]
+    async fn a_frame_arriving_slowly_has_a_worker_stating_its_timeout_pinged_every_keepalive_period()
+     {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut cfg = crate::CoordinatorConfig::new("/unused");
+        cfg.heartbeat_interval = Duration::from_secs(10);
+        cfg.heartbeat_timeout = Duration::from_secs(30);
+        let mut core = FakeCore::start(cfg, 16).await;
+        let (mut ws, session) = unacknowledged_stating(&mut core, "w-slow", Some(300)).await;
+        acknowledge(&mut ws, &session, "w-slow").await;
+        // From here the test speaks WebSocket on the socket itself (nothing more is sent to
+        // the worker unasked): a client library would write its pong to a ping in the middle
+        // of the frame being written.
+        let (mut rd, mut wr) = tokio::io::split(ws.get_mut());
+        let text = serde_json::json!({"type": "heartbeat", "sequence": 1, "timestamp": now(),
+            "pad": "x".repeat(16 * 1024)})
+        .to_string();
+        // A client's text frame, masked with a key of zeros: the payload as it is.
+        let mut frame = vec![0x81, 0x80 | 126];
+        frame.extend_from_slice(&u16::try_from(text.len()).expect("short").to_be_bytes());
+        frame.extend_from_slice(&[0; 4]);
+        frame.extend_from_slice(text.as_bytes());
+        // In 32 pieces 50 ms apart: 1.6 s, 16 keepalive periods and a sixth of an interval.
+        let write = async {
+            for piece in frame.chunks(frame.len().div_ceil(32)) {
+                wr.write_all(piece).await.expect("write");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        // The coordinator's frames (unmasked): pings counted until the heartbeat's reply.
+        let read = async {
+            let mut pings = 0;
+            for _ in 0..1000 {
+                let mut head = [0u8; 2];
+                rd.read_exact(&mut head).await.expect("a frame");
+                let len = match head[1] & 0x7f {
+                    126 => {
+                        let mut n = [0u8; 2];
+                        rd.read_exact(&mut n).await.expect("its length");
+                        usize::from(u16::from_be_bytes(n))
+                    }
+                    127 => panic!("a frame too long for this test"),
+                    n => usize::from(n),
+                };
+                let mut payload = vec![0; len];
+                rd.read_exact(&mut payload).await.expect("its payload");
+                match head[0] & 0x0f {
+                    0x9 => pings += 1,
+                    0x1 => {
+                        let v: serde_json::Value = serde_json::from_slice(&payload).expect("json");
+                        return (pings, v);
+                    }
+                    op => panic!("a ping or the reply, not opcode {op}"),
+                }
+            }
+            panic!("no reply in 1000 frames");
+        };
+        let ((), (pings, reply)) =
+            tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(write, read) })
+                .await
+                .expect("the frame sent and answered in time");
+        assert_eq!(reply["type"], "heartbeat", "{reply}");
+        assert!(
+            pings >= 3,
+            "{pings} pings while the frame arrived for 1.6 s, every 100 ms due"
+        );
+        assert_eq!(
+            core.counters.keepalive_pings.load(Ordering::Relaxed) as usize,
+            pings
+        );
+    }
+
     /// A session whose task panics still tells the core it ended, with the queue free and
     /// with it full (the event then waits for room): its worker does not stay connected.
     #[tokio::test]
