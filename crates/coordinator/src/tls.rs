@@ -176,7 +176,8 @@ enum Look {
     Unchanged,
     /// Their new contents are served.
     Served,
-    /// Their new contents cannot be served (logged once, not tried again).
+    /// A file could not be read, or their new contents cannot be served (logged once, saying
+    /// which, and not tried again).
     Refused,
     /// Their certificate is not valid yet: tried again at the next look.
     NotYetValid,
@@ -520,8 +521,9 @@ impl CertFiles {
     /// Look number `number`: reads the files again if they changed since they were last
     /// looked at (on the thread [`CertFiles::look_if_due`] starts). What a look read is
     /// dropped when a look started after it was taken first (it hung, and read older files). A change that does not load (a half-written file,
-    /// a key that does not match, a certificate expired, a file gone) is logged once and the
-    /// certificate served stays; one whose certificate is not valid yet is logged once and
+    /// a key that does not match, a certificate expired) or a file that cannot be read (gone,
+    /// not a regular file, too large) is logged once, saying which ([`Refusal::message`]), and
+    /// the certificate served stays; one whose certificate is not valid yet is logged once and
     /// tried again at each look, until it loads or is refused for good. Warns of the served
     /// certificate's expiry, as often as [`Looked::expiry_due`] says.
     fn look(&self, number: u64) -> Look {
@@ -551,10 +553,7 @@ impl CertFiles {
         looked.stamp = stamp;
         looked.retry = false;
         let paths = (self.cert.as_path(), self.key.as_path());
-        let served = contents
-            .map_err(TlsError::from)
-            .and_then(|c| certified_key(paths, &c, &self.provider, now));
-        match served {
+        match loaded(paths, contents, &self.provider, now) {
             Ok((new, until)) => {
                 *self.served.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
                 tracing::info!(cert = %self.cert.display(), key = %self.key.display(), "TLS certificate changed on disk: serving the new one");
@@ -565,19 +564,67 @@ impl CertFiles {
                 }
                 Look::Served
             }
-            Err(e @ TlsError::NotYetValid { .. }) => {
+            Err(Refusal::Unloadable(e @ TlsError::NotYetValid { .. })) => {
                 looked.retry = true;
                 if !retrying {
                     tracing::warn!(error = %e, "TLS certificate changed on disk but is not valid yet: it will be served once it is; the previous certificate is served until then");
                 }
                 Look::NotYetValid
             }
-            Err(e) => {
-                tracing::error!(error = %e, "TLS certificate or key changed on disk but cannot be served; the previous certificate is served still");
+            Err(refused) => {
+                tracing::error!(cert = %self.cert.display(), key = %self.key.display(), "{}", refused.message());
                 Look::Refused
             }
         }
     }
+}
+
+/// Why a look does not serve what it found in the files.
+#[derive(Debug)]
+enum Refusal {
+    /// A file could not be read: missing, not a regular file, too large, permission denied.
+    Unread(TlsError),
+    /// The files were read, and what they hold does not load: a half-written file, a key that
+    /// does not match, a certificate expired (or not valid yet).
+    Unloadable(TlsError),
+}
+
+impl Refusal {
+    /// The line a look logs (once for each different failure, [`Stamp`]): a file that could
+    /// not be read is said to be so, by its path and why (an operator looks at the file, its
+    /// path or its permissions); what was read and does not load cannot be served (an operator
+    /// looks at what the file holds).
+    fn message(&self) -> String {
+        const KEPT: &str = "the previous certificate is served still";
+        match self {
+            Refusal::Unread(TlsError::Cert { path, reason }) => format!(
+                "TLS certificate file {} could not be read: {reason}; {KEPT}",
+                path.display()
+            ),
+            Refusal::Unread(TlsError::Key { path, reason }) => format!(
+                "TLS key file {} could not be read: {reason}; {KEPT}",
+                path.display()
+            ),
+            Refusal::Unread(e) => {
+                format!("TLS certificate or key file could not be read: {e}; {KEPT}")
+            }
+            Refusal::Unloadable(e) => {
+                format!("TLS certificate or key changed on disk but cannot be served: {e}; {KEPT}")
+            }
+        }
+    }
+}
+
+/// The certificate and key that `contents`, as a look read them from the files `paths`,
+/// hold, with the end of the certificate's validity (see [`certified_key`]); or why not.
+fn loaded(
+    paths: (&Path, &Path),
+    contents: Result<Contents, ReadFailed>,
+    provider: &CryptoProvider,
+    now: SystemTime,
+) -> Result<(CertifiedKey, i64), Refusal> {
+    let contents = contents.map_err(|failed| Refusal::Unread(failed.error))?;
+    certified_key(paths, &contents, provider, now).map_err(Refusal::Unloadable)
 }
 
 /// Marks look number `.1` as ended when its thread ends (a panic included), so that it no
@@ -1081,6 +1128,51 @@ mod tests {
         assert_eq!(
             files.served().cert[0],
             CertificateDer::from_pem_file(&c2).expect("pem")
+        );
+    }
+
+    /// A look that cannot read a file says so, naming the file and why (gone, a directory in
+    /// its place); one that read the files and cannot load what they hold says the change
+    /// cannot be served. Every refusal said "cannot be served", a file never read included.
+    #[test]
+    fn a_refused_change_says_whether_a_file_could_not_be_read_or_cannot_be_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (c, k) = write_cert(dir.path(), -1, 30);
+        let refused = |cert: &Path, key: &Path| {
+            let contents = Contents::read(cert, key);
+            match loaded((cert, key), contents, &provider(), SystemTime::now()) {
+                Ok(_) => panic!("{} and {} served", cert.display(), key.display()),
+                Err(refusal) => refusal.message(),
+            }
+        };
+        let kept = "; the previous certificate is served still";
+        let gone = dir.path().join("gone.pem");
+        let why = std::fs::metadata(&gone).expect_err("gone").to_string();
+        assert_eq!(
+            refused(&gone, &k),
+            format!(
+                "TLS certificate file {} could not be read: {why}{kept}",
+                gone.display()
+            )
+        );
+        let key_dir = dir.path().join("key.d");
+        std::fs::create_dir(&key_dir).expect("mkdir");
+        let said = refused(&c, &key_dir);
+        let read = format!("TLS key file {} could not be read: ", key_dir.display());
+        assert!(said.starts_with(&read), "{said}");
+        assert!(
+            said.contains("not a regular file but a directory"),
+            "{said}"
+        );
+        let half = dir.path().join("half.pem");
+        std::fs::write(&half, "half a certificate").expect("write");
+        assert_eq!(
+            refused(&half, &k),
+            format!(
+                "TLS certificate or key changed on disk but cannot be served: TLS certificate \
+                 file {}: no certificate in it{kept}",
+                half.display()
+            )
         );
     }
 
