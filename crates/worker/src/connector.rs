@@ -438,12 +438,29 @@ pub async fn tls_handshake(
             )
         });
         if untrusted {
-            ConnectError::Refused(format!("TLS with {host}:{port}: {e}"))
+            let hint = cause.and_then(untrusted_hint).unwrap_or_default();
+            ConnectError::Refused(format!("TLS with {host}:{port}: {e}{hint}"))
         } else {
             ConnectError::Transient(format!("TLS with {host}:{port}: {e}"))
         }
     })?;
     Ok(Box::pin(stream))
+}
+
+/// What to add to a certificate refused as not signed by an authority this worker trusts: the
+/// usual cause is a worker not given the coordinator's CA (a certificate of `tether cert`, or
+/// of a private authority, is in no system's roots: `UnknownIssuer`), or given another CA of
+/// the same name (`tether cert --force` made a new one: `BadSignature`).
+fn untrusted_hint(e: &rustls::Error) -> Option<&'static str> {
+    use rustls::CertificateError as C;
+    matches!(
+        e,
+        rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature)
+    )
+    .then_some(
+        " (the coordinator's certificate is not signed by a CA this worker trusts: give the \
+         CA that signed it with --ca-file or TETHER_CA_FILE)",
+    )
 }
 
 /// What to say of a certificate refused for its dates alone: expired, or not valid yet. That
@@ -511,7 +528,27 @@ pub async fn handshake(
                 Err(ConnectError::Transient(msg))
             }
         }
-        Err(e) => Err(ConnectError::Transient(format!("handshake: {e}"))),
+        Err(e) => Err(ConnectError::Transient(format!(
+            "handshake: {e}{}",
+            plain_to_tls_hint(&url, &e)
+        ))),
+    }
+}
+
+/// What to add to a plain (`ws://`) attempt's handshake that read no HTTP answer: a coordinator
+/// serving TLS answers the upgrade request with a TLS alert, which reads as "invalid HTTP
+/// version" and says nothing of TLS (the CLI's client says the same of an `http://` URL).
+fn plain_to_tls_hint(url: &str, e: &tokio_tungstenite::tungstenite::Error) -> &'static str {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
+    let plain = url
+        .get(..5)
+        .is_some_and(|s| s.eq_ignore_ascii_case("ws://"));
+    match e {
+        WsError::Protocol(ProtocolError::HttparseError(_)) if plain => {
+            " (is the coordinator serving TLS? then give a wss:// URL)"
+        }
+        _ => "",
     }
 }
 
@@ -832,6 +869,67 @@ mod tests {
         let good = signed("ca", (2020, 1, 1), (4000, 1, 1));
         let ca = good.ca.clone();
         handshake_with(good, ca).await.expect("a valid certificate");
+    }
+
+    /// A certificate from an authority the worker does not trust (a worker not given the
+    /// coordinator's CA, or given another of the same name) is refused saying how to give it;
+    /// one refused otherwise is not told so.
+    #[tokio::test]
+    async fn an_unknown_issuer_is_refused_saying_to_give_the_coordinators_ca() {
+        use super::ConnectError;
+        let stranger = signed("stranger", (2020, 1, 1), (4000, 1, 1));
+        let other_ca = signed("ca", (2020, 1, 1), (4000, 1, 1)).ca;
+        match handshake_with(stranger, other_ca).await {
+            Err(ConnectError::Refused(said)) => assert!(
+                said.contains("UnknownIssuer")
+                    && said.contains("give the CA that signed it with --ca-file or TETHER_CA_FILE"),
+                "{said}"
+            ),
+            other => panic!("a certificate of an unknown authority: {other:?}"),
+        }
+        use rustls::CertificateError as C;
+        let another_ca = rustls::Error::InvalidCertificate(C::BadSignature);
+        assert!(super::untrusted_hint(&another_ca).is_some());
+        for other in [C::NotValidForName, C::Revoked, C::UnknownRevocationStatus] {
+            let e = rustls::Error::InvalidCertificate(other);
+            assert_eq!(super::untrusted_hint(&e), None, "{e}");
+        }
+    }
+
+    /// A `ws://` URL given for a coordinator serving TLS: the TLS alert read where an HTTP
+    /// answer was due ("invalid HTTP version") is said with what to give instead.
+    #[tokio::test]
+    async fn a_plain_attempt_at_a_tls_coordinator_says_to_give_a_wss_url() {
+        use super::{ConnectError, Connector};
+        let served = signed("ca", (2020, 1, 1), (4000, 1, 1));
+        let ca = served.ca.clone();
+        let (server, _) = tls_configs(served, ca);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let serving = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            // Fails on the plain request, answering it with an alert.
+            let _ = acceptor.accept(tcp).await;
+        });
+        let attempt = super::TcpConnector::default().connect(
+            format!("ws://127.0.0.1:{port}/ws/w1"),
+            super::ws_config(1 << 20),
+        );
+        let r = tokio::time::timeout(std::time::Duration::from_secs(10), attempt)
+            .await
+            .expect("the attempt ends");
+        serving.await.expect("server");
+        match r {
+            Err(ConnectError::Transient(said)) => assert!(
+                said.contains("(is the coordinator serving TLS? then give a wss:// URL)"),
+                "{said}"
+            ),
+            Err(other) => panic!("a plain attempt at a TLS server: {other:?}"),
+            Ok(_) => panic!("a plain attempt at a TLS server opened"),
+        }
     }
 
     #[test]
