@@ -96,7 +96,7 @@ pub async fn run(a: CertArgs) -> anyhow::Result<()> {
     outln!("  tether coordinator --listen 0.0.0.0:8765 --tls-cert {cert} --tls-key {key} \\")?;
     outln!("      --secret-file {secret} --message-mac --admin-token-file <tokens>")?;
     outln!(
-        "  tether worker --coordinator wss://{host}:8765 --ca-file {ca} --secret-file {secret} --message-mac"
+        "  tether worker --coordinator wss://{host}:8765 --id <worker-id> --ca-file {ca} --secret-file {secret} --message-mac"
     )?;
     outln!("  tether tasks --coordinator https://{host}:8765 --ca-file {ca} --token-file <token>")?;
     Ok(())

@@ -61,6 +61,16 @@ async fn tether_cert_files_make_a_working_tls_authenticated_tagged_deployment() 
         "{}",
         text(&made.stdout)
     );
+    // The worker command printed has a place for the id it needs: `--id` is required, and
+    // pasted without it the command failed.
+    assert!(
+        text(&made.stdout)
+            .lines()
+            .any(|l| l.contains("tether worker --coordinator wss://")
+                && l.contains(" --id <worker-id> ")),
+        "{}",
+        text(&made.stdout)
+    );
     let (ca, cert, key, secret) = (
         certs.join("ca.pem"),
         certs.join("cert.pem"),
