@@ -630,8 +630,11 @@ pub struct WorkerArgs {
     /// Heartbeat interval (at least 10ms; default 5s).
     #[arg(long, value_parser = parse_duration_arg)]
     heartbeat_interval: Option<Duration>,
-    /// Silence after which the session is declared dead and reconnected (default 15s; raised
-    /// only when the coordinator stretches the heartbeat interval for a large fleet).
+    /// Silence after which the session is declared dead and reconnected (default 15s). Each
+    /// session starts at this value and raises it, never lowers it: to the heartbeat interval
+    /// plus 4 x the p95 round-trip time of its heartbeats (at most 60s, or this value if
+    /// longer), and to the coordinator's timeout when it stretches the heartbeat interval for a
+    /// large fleet.
     #[arg(long, value_parser = parse_duration_arg)]
     heartbeat_timeout: Option<Duration>,
     /// First reconnect delay (at least 10ms; default 1s), doubled up to the maximum.
