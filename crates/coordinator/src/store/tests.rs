@@ -2175,7 +2175,10 @@ fn a_fold_round_that_cannot_open_its_next_journal_file_is_tried_again_while_the_
         n += 1;
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert!(file(3).exists(), "the appends go to the next file");
+    // The appends went on in a later file: the 3rd, or a later one where the reaper removed
+    // file 2 only after the next group's round had moved them on again (on a loaded machine).
+    let newest = (3..u64::from(n) + 3).rev().find(|&g| file(g).exists());
+    assert!(newest.is_some(), "the appends go to a later file");
     assert!(!fatal.is_cancelled());
     drop(tx);
     thread.join().expect("writer ends");
