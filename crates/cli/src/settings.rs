@@ -104,10 +104,6 @@ pub fn keys(path: Option<&Path>, section: &str) -> std::collections::BTreeSet<St
         .unwrap_or_default()
 }
 
-/// An error about settings, its flags named as the user gave them: a `--flag` the command
-/// line (`given`) did not have but the config file's `keys` did is named by its key in `file`
-/// (`--capability` and `--tag` by `capabilities` and `tags`); the setting an error is about
-/// (the flag it starts with) that neither gave is the default, and said so.
 /// A setting that nothing gave and that has no default: its error is shown as written (it
 /// names the flag, the variable and the key), never as a default's.
 #[derive(Debug, thiserror::Error)]
@@ -126,11 +122,29 @@ fn file_key(keys: &std::collections::BTreeSet<String>, flag: &str) -> Option<Str
     [key, plural].into_iter().find(|k| keys.contains(k))
 }
 
+/// An error about settings, its flags named as the user gave them: a `--flag` the command
+/// line (`given`) did not have but the config file's `keys` did is named by its key in `file`
+/// (`--capability` and `--tag` by `capabilities` and `tags`); the setting an error is about
+/// (the flag it starts with) that neither gave is the default, and said so. A flag its
+/// environment variable gave ([`env_of`]) is named with it, ` (given by TETHER_X)` after its
+/// first mention, unless the error names the variable already: the user who set the variable
+/// gave no flag.
 pub fn named_by_source(
     e: anyhow::Error,
     file: Option<&Path>,
     keys: &std::collections::BTreeSet<String>,
     given: impl Fn(&str) -> bool,
+) -> anyhow::Error {
+    named_by(e, file, keys, given, env_of)
+}
+
+/// [`named_by_source`], the variable that gave a flag told by `env`.
+fn named_by(
+    e: anyhow::Error,
+    file: Option<&Path>,
+    keys: &std::collections::BTreeSet<String>,
+    given: impl Fn(&str) -> bool,
+    env: impl Fn(&str) -> Option<String>,
 ) -> anyhow::Error {
     if e.downcast_ref::<Missing>().is_some() {
         return e;
@@ -138,6 +152,7 @@ pub fn named_by_source(
     let text = crate::output::describe(&e);
     let mut out = String::with_capacity(text.len());
     let mut rest = text.as_str();
+    let mut told = Vec::new();
     while let Some(at) = rest.find("--") {
         out.push_str(&rest[..at]);
         let tail = &rest[at + 2..];
@@ -152,7 +167,17 @@ pub fn named_by_source(
             }
             // The subject of the error, from nowhere the user wrote: the default.
             (true, None, _) if out.is_empty() => out.push_str(&format!("the default {flag}")),
-            _ => out.push_str(flag),
+            _ => {
+                out.push_str(flag);
+                let by = (len > 0 && given(flag) && !told.contains(&flag))
+                    .then(|| env(flag))
+                    .flatten()
+                    .filter(|var| !text.contains(var.as_str()));
+                if let Some(var) = by {
+                    out.push_str(&format!(" (given by {var})"));
+                    told.push(flag);
+                }
+            }
         }
         rest = &tail[len..];
     }
@@ -429,6 +454,58 @@ mod tests {
         let shown = named_by_source(e, Some(&path), &worker_keys, |_| false).to_string();
         assert!(shown.starts_with("capabilities (in "), "{shown}");
         assert!(super::keys(None, "coordinator").is_empty());
+    }
+
+    /// A flag whose value an environment variable gave is named with the variable, once: its
+    /// user gave no flag. An error that names the variable already (`--listen "x" (given by
+    /// TETHER_LISTEN) ...`) is left as it is; a flag the command line gave, or the file, or
+    /// none (a default), is named as before.
+    #[test]
+    fn a_flag_its_environment_variable_gave_is_named_with_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[coordinator]\nmax_frame = 1000\n").expect("write");
+        let keys = keys(Some(&path), "coordinator");
+        let env = |f: &str| (f == "--idle-coalesce").then(|| "TETHER_IDLE_COALESCE".to_owned());
+        let named = |e: anyhow::Error, given: &[&str]| {
+            named_by(e, Some(&path), &keys, |f| given.contains(&f), env).to_string()
+        };
+        let refused = || {
+            anyhow::Error::from(Refused::new(
+                "--idle-coalesce",
+                "25ms: at most 20 ms; give --idle-coalesce 20ms or less",
+            ))
+        };
+        assert_eq!(
+            named(refused(), &["--idle-coalesce"]),
+            "--idle-coalesce (given by TETHER_IDLE_COALESCE) 25ms: at most 20 ms; give \
+             --idle-coalesce 20ms or less"
+        );
+        // Beside the file's value it weighs: the file's key named too.
+        let r = Refused::new("--idle-coalesce", "25ms is too long").with("--max-frame");
+        assert_eq!(
+            named(r.into(), &["--idle-coalesce"]),
+            format!(
+                "--idle-coalesce (given by TETHER_IDLE_COALESCE) 25ms is too long; see \
+                 max_frame (in {})",
+                path.display()
+            )
+        );
+        // Named already: not twice.
+        let by = "\"x\" (given by TETHER_IDLE_COALESCE) is no duration";
+        let e = anyhow::Error::from(Refused::new("--idle-coalesce", by));
+        assert_eq!(
+            named(e, &["--idle-coalesce"]),
+            format!("--idle-coalesce {by}")
+        );
+        // Not given at all: the default, no variable named; given by the command line (no
+        // variable): as written.
+        assert_eq!(
+            named(refused(), &[]),
+            "the default --idle-coalesce 25ms: at most 20 ms; give --idle-coalesce 20ms or less"
+        );
+        let e = named_by(refused(), None, &keys, |_| true, |_| None);
+        assert_eq!(e.to_string(), refused().to_string());
     }
 
     /// A refused value is a usage error when the file gave none of the values the refusal

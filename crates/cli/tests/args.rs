@@ -786,12 +786,13 @@ fn refusal<'a>(err: &'a str, flag: &str) -> &'a str {
 }
 
 /// A value the coordinator's settings refuse, given by a flag (or its environment variable),
-/// is a usage error (exit 2) naming the flag, never the library's field, with the command's
-/// usage, whether the command refuses it (`--max-frame 1000`, under its 1 MiB) or the
-/// library's check does (`--lost-after 500ms`), and beside a config file that gave other
-/// settings; a default refused beside it (the timeout, for a longer interval) too. The same
-/// values from the config file stay errors of the run (exit 1) naming the key and the file.
-/// A flag's value was exit 1, and exit 2 only for `--http-idle` and `--min-answer-rate`.
+/// is a usage error (exit 2) naming the flag (and the variable that gave it, if one did),
+/// never the library's field, with the command's usage, whether the command refuses it
+/// (`--max-frame 1000`, under its 1 MiB) or the library's check does (`--lost-after 500ms`),
+/// and beside a config file that gave other settings; a default refused beside it (the
+/// timeout, for a longer interval) too. The same values from the config file stay errors of
+/// the run (exit 1) naming the key and the file. A flag's value was exit 1, and exit 2 only
+/// for `--http-idle` and `--min-answer-rate`.
 #[test]
 fn a_coordinator_flag_value_the_settings_refuse_is_a_usage_error_and_a_file_key_is_not() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -827,12 +828,18 @@ fn a_coordinator_flag_value_the_settings_refuse_is_a_usage_error_and_a_file_key_
             assert!(!said.contains(key), "{what}: the field named: {err}");
             assert!(err.contains("Usage: tether coordinator"), "{what}: {err}");
         }
-        // Its environment variable, where it has one: as the flag, as clap takes it.
+        // Its environment variable, where it has one: as the flag, as clap takes it, and
+        // named, where the flag alone was (the user gave no flag).
         if flag == "--idle-coalesce" {
             let env = [("TETHER_IDLE_COALESCE", value)];
             let (code, err) = tether_bounded_env(&head, None, &env);
             assert_eq!(code, Some(2), "TETHER_IDLE_COALESCE={value}: {err}");
-            assert!(refusal(&err, flag).contains(says), "{err}");
+            let said = refusal(&err, flag);
+            assert!(said.contains(says), "{err}");
+            assert!(
+                said.starts_with("(given by TETHER_IDLE_COALESCE) "),
+                "{err}"
+            );
         }
         // The same value in the file: the file's error, naming the key and the file.
         let file = dir.path().join("c.toml");
