@@ -323,10 +323,12 @@ fn acquire_scratch_root() -> Option<std::path::PathBuf> {
 /// One agent is done with the process's scratch directory; the last one removes it. Under the
 /// lock of [`SCRATCH_ROOT`], so an agent being built meanwhile makes a new one only after.
 ///
-/// The directory is first renamed, still locked, to a name that other processes' sweeps
-/// ([`remove_dead_scratch`]) pass over, and only then emptied, its lock file included: under
-/// its own name, a sweep could find it without a lock file, take a new one and sweep the
-/// directory of a process still running.
+/// The directory is first renamed, still locked, to `<name>.gone`, and only then emptied, its
+/// lock file included: emptied under its own name, it could be found by another process's
+/// sweep ([`remove_dead_scratch`]) without a lock file, locked anew, and removed after this
+/// process had made its next one there. One that cannot be emptied stays under the `.gone`
+/// name, unlocked once this is done, for the next worker process's sweep, which takes such a
+/// directory as it takes a dead process's.
 fn release_scratch_root() {
     let mut held = SCRATCH_ROOT.lock().unwrap_or_else(|p| p.into_inner());
     let Some(root) = held.as_mut() else {
@@ -356,8 +358,9 @@ fn release_scratch_root() {
     drop(lock);
 }
 
-/// The suffix of a scratch directory being removed (`release_scratch_root`), which sweeps leave
-/// alone.
+/// The suffix of a scratch directory being removed (`release_scratch_root`), which sweeps take
+/// only once its lock is free: one its process could not empty, or a process killed while
+/// emptying it, left behind.
 const GOING: &str = ".gone";
 
 /// Makes `root` under another name, locks it and only then names it: a sweep by another
@@ -381,9 +384,10 @@ const YOUNG: &str = ".new";
 
 /// Removes the scratch directories that processes now gone left in `temp` (killed, they could
 /// not remove their own), after killing the task processes recorded there, which outlived
-/// them (as a state directory's next start does). A directory whose lock its process still
-/// holds is left alone, as is anything else in `temp`. The lock is free once the process is
-/// gone, killed and not yet reaped included.
+/// them (as a state directory's next start does), and those their processes let go but could
+/// not empty (named `<name>.gone`). A directory whose lock its process still holds is left
+/// alone, as is one being made (`.new`, locked only once made) and anything else in `temp`.
+/// The lock is free once the process is gone, killed and not yet reaped included.
 ///
 /// `temp` is shared with every user of the machine: anyone can make a directory of that name
 /// there, and the records in it would name the process groups this sweep kills. Only a real
@@ -405,6 +409,7 @@ fn sweep_scratch(temp: &std::path::Path, uid: u32) {
         let ours = name
             .to_str()
             .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
+            .map(|rest| rest.strip_suffix(GOING).unwrap_or(rest))
             .is_some_and(|pid| pid.parse::<u32>().is_ok());
         let path = entry.path();
         if !ours {
@@ -1138,16 +1143,10 @@ mod tests {
         assert!(theirs.join("b-x").exists(), "an open directory was swept");
     }
 
-    /// A directory is kept while the process that locked it runs, and is the next one's once
-    /// that process is killed, even before its parent reaps it (a zombie holds no lock): a
-    /// worker restarted at once after a `kill -9` cleans up after it.
-    #[test]
-    fn a_scratch_directory_is_kept_while_its_process_runs_and_freed_by_its_kill() {
-        let temp = tempfile::tempdir().expect("tempdir");
-        let dir = temp.path().join(format!("{SCRATCH_PREFIX}77"));
-        std::fs::create_dir(&dir).expect("mkdir");
-        // A child holds the lock: it opens and locks the file itself, between its fork and
-        // its exec (no descriptor of this process, which other tests' children could inherit).
+    /// A child process (`sleep 300`) holding the lock of `dir`, as its worker process would:
+    /// it opens and locks the lock file itself, between its fork and its exec (no descriptor
+    /// of this process, which other tests' children could inherit).
+    fn locked_by_child(dir: &std::path::Path) -> std::process::Child {
         let lock = dir.join(crate::statedir::LOCK_FILE);
         std::fs::File::create(&lock).expect("lock file");
         let path = std::ffi::CString::new(lock.as_os_str().as_encoded_bytes()).expect("path");
@@ -1164,7 +1163,53 @@ mod tests {
                 Ok(())
             });
         }
-        let mut child = sleep.spawn().expect("spawn");
+        sleep.spawn().expect("spawn")
+    }
+
+    /// A scratch directory its process let go but could not empty stays as
+    /// `tether-worker-<pid>.gone`, unlocked: the next sweep removes it as a dead process's
+    /// (sweeps passed over the name, so it stayed for good). One whose lock its process still
+    /// holds (removing it) is left alone until that process exits, and one being made (`.new`,
+    /// locked only once made) is left alone.
+    #[test]
+    fn a_scratch_directory_left_being_removed_is_swept_once_its_lock_is_free() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        // Pids past the kernel's largest (4194304): no process has them.
+        let left = temp.path().join(format!("{SCRATCH_PREFIX}4194305{GOING}"));
+        let held = temp.path().join(format!("{SCRATCH_PREFIX}4194306{GOING}"));
+        let young = temp.path().join(format!("{SCRATCH_PREFIX}4194307{YOUNG}"));
+        for d in [&left, &held, &young] {
+            std::fs::create_dir_all(d.join("b-x").join("tasks")).expect("mkdir");
+            // As a worker makes its own, whatever the umask here.
+            std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .expect("chmod");
+        }
+        // The lock file its process left, unlocked.
+        std::fs::write(left.join(crate::statedir::LOCK_FILE), "4194305 1").expect("lock file");
+        let mut owner = locked_by_child(&held);
+        remove_dead_scratch(temp.path());
+        assert!(!left.exists(), "a leftover whose lock is free stayed");
+        assert!(
+            held.join("b-x").exists(),
+            "one whose process holds its lock was swept"
+        );
+        assert!(young.join("b-x").exists(), "one being made was swept");
+        owner.kill().expect("kill");
+        owner.wait().expect("reap");
+        remove_dead_scratch(temp.path());
+        assert!(!held.exists(), "kept once its process exited");
+        assert!(young.join("b-x").exists(), "one being made was swept");
+    }
+
+    /// A directory is kept while the process that locked it runs, and is the next one's once
+    /// that process is killed, even before its parent reaps it (a zombie holds no lock): a
+    /// worker restarted at once after a `kill -9` cleans up after it.
+    #[test]
+    fn a_scratch_directory_is_kept_while_its_process_runs_and_freed_by_its_kill() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let dir = temp.path().join(format!("{SCRATCH_PREFIX}77"));
+        std::fs::create_dir(&dir).expect("mkdir");
+        let mut child = locked_by_child(&dir);
         remove_dead_scratch(temp.path());
         assert!(dir.exists(), "kept while its process runs");
         child.kill().expect("kill");
