@@ -40,7 +40,10 @@ async fn tether(base: &str, args: &[&str]) -> (Option<i32>, String, String) {
 /// A `--shell` task that wrote its checkpoint directory, polled only every minute: `tether
 /// checkpoint --wait` says whom it asked, and the checkpoint the request made (exit 0), well
 /// before the poll would have. Before, the `command` executor ignored the request: the command
-/// printed the task's status and exited 0 with no checkpoint made.
+/// printed the task's status and exited 0 with no checkpoint made. Asked again with the
+/// directory unchanged, the worker says so at once, naming that checkpoint, and `--wait`
+/// (30 s) exits 1 with its reason; before, it waited its 30 s out and said only that nothing
+/// came.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoint_wait_reports_the_checkpoint_a_shell_task_made_at_the_request() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -86,24 +89,32 @@ async fn checkpoint_wait_reports_the_checkpoint_a_shell_task_made_at_the_request
         cp["size"]
     );
     assert!(out.contains(&said), "{out}\n{t}");
-    // The worker's first answer (the attempt had made no checkpoint yet; the task was asked for
-    // one) is on the attempt, and `tether task` shows it.
+
+    // Asked again with the directory as shipped: the worker's look finds nothing new and says
+    // so at once, naming the latest (which holds the task's state), well within the wait.
+    let (code, out, err) = checkpoint(&base, &["--wait", id.as_str()]).await;
+    assert_eq!(code, Some(1), "stdout: {out}\nstderr: {err}");
+    let latest = cp["checkpoint_id"].as_str().expect("a checkpoint");
+    assert!(
+        err.contains(&format!(
+            "worker w1 made no checkpoint of {id}: the checkpoint dir is unchanged since \
+             checkpoint {latest}: nothing new to ship"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("within 30s"), "{err}");
+    // The worker's answer is on the attempt, and `tether task` shows it.
     let (code, shown, err) = tether(&base, &["task", id.as_str()]).await;
     assert_eq!(code, Some(0), "{err}");
     assert!(
         shown.contains("attempt 1: no checkpoint at ")
-            && shown.contains("yet; the task was asked for one"),
+            && shown.contains(&format!("unchanged since checkpoint {latest}")),
         "{shown}"
     );
-
-    // Asked again with the directory as shipped: no new checkpoint comes, which the wait says
-    // when its time is up, naming the latest (which holds the task's state).
-    let (code, out, err) = checkpoint(&base, &["--wait=1s", id.as_str()]).await;
-    assert_eq!(code, Some(1), "stdout: {out}\nstderr: {err}");
-    let latest = cp["checkpoint_id"].as_str().expect("a checkpoint");
-    assert!(
-        err.contains(&format!("no checkpoint of {id} within 1s")) && err.contains(latest),
-        "{err}"
+    assert_eq!(
+        client.task(&id).await["latest_checkpoint"]["checkpoint_id"].as_str(),
+        Some(latest),
+        "no newer checkpoint"
     );
 
     client.control(&id, "cancel").await;

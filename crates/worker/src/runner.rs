@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::executor::{
-    CheckpointSink, ExecError, Executors, Notice, StoredCheckpoint, TaskCtx, TaskInput, TaskShared,
-    push_notice, push_state,
+    CheckpointSink, ExecError, Executors, Notice, Replies, StoredCheckpoint, TaskCtx, TaskInput,
+    TaskShared, push_notice, push_state,
 };
 use crate::fetch::{FETCH_PIECE, FetchError, Fetches, Wanted, fetch};
 use crate::outbox::{Class, Outbox};
@@ -248,6 +248,8 @@ pub struct Runner {
     /// here or stopped and not yet handed back; kept only when the ends of attempts are
     /// recorded (`on_finished`: a state directory).
     held: Mutex<HashMap<TaskId, Held>>,
+    /// The executors' replies for the session to send (`Runner::replies`).
+    replies: Arc<Replies>,
 }
 
 /// Waits, up to `grace`, until the older attempt a newer one superseded has ended:
@@ -396,7 +398,14 @@ impl Runner {
             stopping: CancellationToken::new(),
             unhanded: Mutex::default(),
             held: Mutex::default(),
+            replies: Arc::default(),
         }
+    }
+
+    /// What the tasks' executors answer outside the outbox (a `checkpoint_error` once a
+    /// checkpoint request's look found nothing new), for the session to send as it comes.
+    pub(crate) fn replies(&self) -> &Replies {
+        &self.replies
     }
 
     /// The largest frame a message may take (the worker's `max_frame`).
@@ -843,6 +852,7 @@ impl Runner {
                 .as_ref()
                 .map(|r| crate::executor::orphans::record_file(r, &task_id)),
             on_checkpoint: self.on_checkpoint.clone(),
+            replies: self.replies.clone(),
         };
         let timeout = a.timeout_ms.map(Duration::from_millis);
         let mut timed_out = false;
@@ -1328,7 +1338,9 @@ impl Runner {
     }
 
     /// `checkpoint_request`: re-sends the asked-for (or latest) checkpoint and asks the task for
-    /// a fresh one. Returns an error message to send when there is nothing to give.
+    /// a fresh one. Returns an error message to send when there is nothing to give, unless the
+    /// executor answers the request itself (`TaskShared::answers_requests`: the `command`
+    /// executor looks at its checkpoint directory at once, and ships it or says why not).
     ///
     /// Never waits: it is called on the session's task, and the re-upload waits for room in
     /// the outbox, which only the acks that task reads can make (waiting there, the session
@@ -1387,6 +1399,10 @@ impl Runner {
                 None
             }
             (None, Some(id)) => error(format!("checkpoint {id} not found")),
+            (None, None) if shared.answers_requests.load(Ordering::Relaxed) => {
+                tracing::debug!(task = %req.task_id, "no checkpoint yet: the executor answers the request once it looked");
+                None
+            }
             (None, None) => error(format!(
                 "no checkpoint for task {} yet; the task was asked for one",
                 req.task_id
@@ -1803,6 +1819,75 @@ mod tests {
         }
         assert_eq!(announced(&outbox), [first[0].clone(), first[0].clone()]);
         runner.shutdown(Duration::from_secs(5)).await;
+    }
+
+    /// A request for a `command` task that has no checkpoint yet is left to its executor,
+    /// which looks at the directory and answers why none comes (here: the task wrote none),
+    /// once: the session sends the executor's answer. Before, the runner answered first that
+    /// the attempt had none yet, and `tether checkpoint --wait` reported that answer, not the
+    /// executor's.
+    #[tokio::test]
+    async fn a_request_the_command_executor_answers_itself_gets_one_answer_the_executors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let executors = Executors::builtin();
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner = Arc::new(
+            Runner::new(executors, outbox.clone(), 64 * 1024)
+                .with_checkpoint_root(dir.path().join("cps")),
+        );
+        let ready = dir.path().join("ready");
+        let stop = dir.path().join("stop");
+        let mut a = assignment("t", 1, None);
+        a.kind = "command".into();
+        a.config = serde_json::json!({
+            "shell": r#"touch "$READY"; while [ ! -e "$STOP" ]; do sleep 0.02; done"#,
+            "env": {"READY": ready, "STOP": stop},
+            "checkpoint_poll_ms": 60_000,
+        })
+        .into();
+        runner.assign(a);
+        let task = TaskId::parse("t").expect("id");
+        let answering = || {
+            runner
+                .table()
+                .running
+                .get(&task)
+                .is_some_and(|r| r.shared.answers_requests.load(Ordering::Relaxed))
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !(ready.exists() && answering()) {
+            assert!(tokio::time::Instant::now() < deadline, "never watched");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let req = CheckpointRequest {
+            task_id: task.clone(),
+            attempt: Attempt(1),
+            checkpoint_id: None,
+            timestamp: now(),
+        };
+        assert_eq!(
+            runner.checkpoint_request(&req),
+            None,
+            "left to the executor"
+        );
+        tokio::time::timeout(Duration::from_secs(10), runner.replies().ready())
+            .await
+            .expect("the executor answered");
+        let answers = runner.replies().take();
+        let [WorkerMsg::CheckpointError(e)] = &answers[..] else {
+            panic!("one checkpoint_error: {answers:?}");
+        };
+        assert_eq!((&e.task_id, &e.checkpoint_id), (&task, &None));
+        assert!(
+            e.error
+                .starts_with("the task has written no checkpoint in ")
+                && e.error
+                    .contains(&dir.path().join("cps").join("t").display().to_string()),
+            "{}",
+            e.error
+        );
+        std::fs::write(&stop, "").expect("stop");
+        runner.shutdown(Duration::from_secs(10)).await;
     }
 
     /// A result nested deeper than the other end decodes would never be acknowledged and

@@ -101,6 +101,8 @@ enum Ev {
     Stopped,
     /// What was left could not all be acknowledged in time.
     FlushTimeout,
+    /// An executor queued a reply to send (`Runner::replies`).
+    Reply,
 }
 
 /// How long a stopping worker's session waits, once its tasks stopped, for the coordinator to
@@ -1109,6 +1111,7 @@ impl<'a> Session<'a> {
         // that end within the grace, reach the coordinator before it sees the close.
         let mut stopping: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = None;
         let mut flushing: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        let replies = self.agent.runner.clone();
         loop {
             if outbox.has_unsent()
                 && let Err(reason) = self.flush_outbox().await
@@ -1160,6 +1163,7 @@ impl<'a> Session<'a> {
                 _ = while_some(&mut flushing) => Ev::FlushTimeout,
                 f = self.ws.next() => Ev::Frame(f),
                 _ = &mut timer => Ev::Timer,
+                _ = replies.replies().ready() => Ev::Reply,
                 _ = outbox.ready(), if !unsent => Ev::Ready,
                 _ = std::future::ready(()), if more => Ev::Wake,
             };
@@ -1254,6 +1258,13 @@ impl<'a> Session<'a> {
                 // timers fired together) add theirs first: one frame carries them all, for one
                 // scheduler round of delay and no timer.
                 Ev::Ready => tokio::task::yield_now().await,
+                Ev::Reply => {
+                    for reply in replies.replies().take() {
+                        if let Err(reason) = self.send(&reply).await {
+                            return Ok(reason);
+                        }
+                    }
+                }
                 Ev::Wake => {}
             }
         }

@@ -34,9 +34,12 @@
 //!    into place. A checkpoint request (`tether checkpoint`) looks at once, not at the next
 //!    poll: the directory, if it changed since the last checkpoint, is shipped once it stays
 //!    the same for [`REQUEST_SETTLE`] (or the poll interval, if shorter), looked at up to
-//!    [`REQUEST_LOOKS`] times; unchanged, it ships nothing (the runner has re-sent the latest
-//!    checkpoint, or answered that there is none). Like the poll, a request waits while the
-//!    task is paused or a look is in flight.
+//!    [`REQUEST_LOOKS`] times. A look that ships nothing answers the request at once with a
+//!    `checkpoint_error` saying why: the directory is unchanged since checkpoint N (the runner
+//!    has re-sent that one), the task has written no checkpoint in it (it holds no files), it
+//!    cannot be packed or read, or it kept changing. Like the poll, a request waits while the
+//!    task is paused or a look is in flight (the runner answers at once, while paused, a
+//!    request it has no checkpoint to re-send for).
 //! 4. When the leader exits, the rest of its group is terminated the same way (a task's
 //!    processes end with it), the output pipes are drained, and the directory is shipped one
 //!    last time if it changed.
@@ -75,7 +78,7 @@ use tokio::process::{Child, Command};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::packing::{self, PackError, Signature};
-use super::{ExecError, Executor, TaskCtx, TaskInput};
+use super::{ExecError, Executor, StoredCheckpoint, TaskCtx, TaskInput, TaskShared};
 
 /// Bytes kept of stdout, and of stderr, when `tail_bytes` is not given.
 pub const DEFAULT_TAIL_BYTES: usize = 4096;
@@ -396,7 +399,7 @@ async fn run(
 ) -> Result<serde_json::Value, ExecError> {
     let plan = Plan::parse(input.config)?;
     let checkpoints = match ctx.checkpoint_dir() {
-        Some(dir) => Some(prepare_dir(dir, ctx.latest_checkpoint()).await?),
+        Some(dir) => Some(prepare_dir(dir, ctx.shared.latest()).await?),
         None => None,
     };
     if ctx.is_cancelled() {
@@ -691,6 +694,9 @@ struct Checkpoints {
     dir: PathBuf,
     /// The signature last shipped (or found at start).
     last: Signature,
+    /// What the files `last` describes are: what a checkpoint request that finds them as they
+    /// were answers.
+    basis: Basis,
     /// Another signature the last look saw, not shipped then: the directory is shipped once
     /// the next look sees it again (it stayed the same for a poll interval), not while a file
     /// in it is still being written.
@@ -699,17 +705,54 @@ struct Checkpoints {
     last_error: Option<String>,
 }
 
+/// What the files of a checkpoint directory as last shipped (or found at start) are.
+#[derive(Debug, Clone, PartialEq)]
+enum Basis {
+    /// None: the directory as prepared for an attempt that resumed from no checkpoint, empty.
+    Empty,
+    /// Checkpoint `id`'s: shipped by this attempt, or the one it resumed from.
+    Checkpoint(CheckpointId),
+    /// Files that could not be packed (why): shipped by no look until they change.
+    Unpackable(String),
+}
+
+impl Basis {
+    /// Why a checkpoint request that finds the directory `dir` as these files left it ships
+    /// nothing. What matters comes first: the coordinator keeps 256 characters of it.
+    fn unchanged(&self, dir: &Path) -> String {
+        let dir = dir.display();
+        match self {
+            Basis::Empty => {
+                format!("the task has written no checkpoint in {dir} (it holds no files)")
+            }
+            Basis::Checkpoint(id) => format!(
+                "the checkpoint dir is unchanged since checkpoint {id}: nothing new to ship ({dir})"
+            ),
+            Basis::Unpackable(e) => {
+                format!("the checkpoint dir cannot be packed, and is unchanged since: {e} ({dir})")
+            }
+        }
+    }
+}
+
 /// Creates the checkpoint directory and restores the latest checkpoint into it; with no
 /// checkpoint, empties it. An attempt starts from its checkpoint or from nothing, never from
 /// files an earlier attempt (or an earlier task of the same id) left without shipping them: a
 /// resumable script would take them for its own progress.
-async fn prepare_dir(dir: &Path, latest: Option<Arc<Vec<u8>>>) -> Result<Checkpoints, ExecError> {
+async fn prepare_dir(
+    dir: &Path,
+    latest: Option<StoredCheckpoint>,
+) -> Result<Checkpoints, ExecError> {
     let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     let shown = dir.display().to_string();
     let blocking_dir = dir.clone();
+    let basis = match &latest {
+        Some(cp) => Basis::Checkpoint(cp.id.clone()),
+        None => Basis::Empty,
+    };
     let last = off_thread(move || {
         match latest {
-            Some(data) => packing::unpack(&data, &blocking_dir)?,
+            Some(cp) => packing::unpack(&cp.data, &blocking_dir)?,
             None => packing::clear_dir(&blocking_dir)?,
         }
         packing::signature(&blocking_dir)
@@ -721,6 +764,7 @@ async fn prepare_dir(dir: &Path, latest: Option<Arc<Vec<u8>>>) -> Result<Checkpo
     Ok(Checkpoints {
         dir,
         last,
+        basis,
         seen: None,
         last_error: None,
     })
@@ -781,8 +825,8 @@ enum Looked {
     Unchanged,
     /// Changed since the look before; not shipped (yet).
     Unsettled(Signature),
-    /// Shipped (or known not to pack: the same files would fail the same way).
-    Shipped(Signature),
+    /// Shipped (or known not to pack: the same files would fail the same way), as what.
+    Shipped(Signature, Basis),
 }
 
 /// Ships the directory if it changed (and, while running, settled); returns what to remember
@@ -800,12 +844,12 @@ async fn ship(
             let size = data.len();
             let id = ctx.checkpoint(data).await;
             tracing::debug!(task_id = %ctx.task_id(), checkpoint_id = %id, size, "checkpoint shipped");
-            Ok(Looked::Shipped(sig))
+            Ok(Looked::Shipped(sig, Basis::Checkpoint(id)))
         }
         Snapshot::Changed(sig, Err(e)) => {
             // Remember the signature anyway: the same files would fail the same way.
             tracing::warn!(task_id = %ctx.task_id(), error = %e, "checkpoint dir not shipped");
-            Ok(Looked::Shipped(sig))
+            Ok(Looked::Shipped(sig, Basis::Unpackable(e.to_string())))
         }
         Snapshot::Unreadable(e) => Err(e),
     }
@@ -814,37 +858,69 @@ async fn ship(
 /// A checkpoint request's look: ships the directory if it changed since `last` and then stays
 /// the same for `settle` (a directory already seen the same at the last poll, `seen`, at
 /// once); looks up to [`REQUEST_LOOKS`] times.
+///
+/// A look that ships nothing answers the request with a `checkpoint_error` saying why, so
+/// that `tether checkpoint --wait` need not wait out its time for a checkpoint that will not
+/// come: the directory is as the files of `basis` left it (unchanged since that checkpoint, or
+/// empty with none written, or not packable), it could not be read, or it kept changing. The
+/// answer is true when the look was made: files the task writes just after it are shipped by
+/// the next poll (or request) all the same, after an answer that said there was nothing new.
 async fn ship_requested(
     ctx: &TaskCtx,
     dir: PathBuf,
-    (last, mut seen): (Signature, Option<Signature>),
+    (last, mut seen, basis): (Signature, Option<Signature>, Basis),
     settle: Duration,
 ) -> Result<Looked, String> {
     for look in 1..=REQUEST_LOOKS {
-        match ship(
+        let looked = ship(
             ctx,
             dir.clone(),
             (last.clone(), seen.clone()),
             Look::Running,
         )
-        .await?
-        {
-            Looked::Unsettled(sig) if look < REQUEST_LOOKS => {
+        .await;
+        let why = match looked {
+            Ok(Looked::Unsettled(sig)) if look < REQUEST_LOOKS => {
                 seen = Some(sig);
                 tokio::time::sleep(settle).await;
+                continue;
             }
-            Looked::Unsettled(sig) => {
+            Ok(Looked::Unsettled(_)) => {
                 tracing::info!(task_id = %ctx.task_id(), looks = REQUEST_LOOKS, "checkpoint request: the checkpoint dir kept changing; shipped once it stays the same for a poll interval, or at the end");
-                return Ok(Looked::Unsettled(sig));
+                format!(
+                    "the checkpoint dir kept changing over {REQUEST_LOOKS} looks: it is shipped once it stays the same for a poll interval, or as the task ends ({})",
+                    dir.display()
+                )
             }
-            Looked::Unchanged => {
+            Ok(Looked::Unchanged) => {
                 tracing::debug!(task_id = %ctx.task_id(), "checkpoint request: the checkpoint dir is as last shipped");
-                return Ok(Looked::Unchanged);
+                basis.unchanged(&dir)
             }
-            shipped @ Looked::Shipped(_) => return Ok(shipped),
-        }
+            Ok(Looked::Shipped(_, Basis::Unpackable(ref e))) => {
+                format!(
+                    "the checkpoint dir cannot be packed: {e} ({})",
+                    dir.display()
+                )
+            }
+            Ok(Looked::Shipped(..)) => return looked,
+            Err(ref e) => format!("cannot read the checkpoint dir {}: {e}", dir.display()),
+        };
+        ctx.refuse_checkpoint(why);
+        return looked;
     }
     Ok(Looked::Unchanged)
+}
+
+/// Says that the executor answers checkpoint requests itself ([`TaskShared`]'s
+/// `answers_requests`) while it lives, and no longer once dropped.
+struct Answering<'a>(&'a TaskShared);
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        self.0
+            .answers_requests
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Runs blocking work on the blocking pool; `Err` if it panicked or the runtime is going away.
@@ -908,6 +984,13 @@ impl<'a> Supervisor<'a> {
         mut pumps: std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> End {
         let ctx = self.ctx;
+        // From now on a request is answered here (a checkpoint, or why none comes), except
+        // while the task is paused, until this returns.
+        ctx.shared.answers_requests.store(
+            self.checkpoints.is_some(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let _answering = Answering(&ctx.shared);
         let mut pause = ctx.pause_watch();
         // A pause requested before the start applies at once.
         pause.mark_changed();
@@ -1035,7 +1118,7 @@ impl<'a> Supervisor<'a> {
     /// Starts a checkpoint request's look ([`ship_requested`]).
     fn start_requested(&mut self) {
         if let Some(cp) = &self.checkpoints {
-            let seen = (cp.last.clone(), cp.seen.clone());
+            let seen = (cp.last.clone(), cp.seen.clone(), cp.basis.clone());
             let settle = REQUEST_SETTLE.min(self.poll);
             let fut = ship_requested(self.ctx, cp.dir.clone(), seen, settle);
             self.shipping = Some(Box::pin(fut));
@@ -1048,8 +1131,9 @@ impl<'a> Supervisor<'a> {
         };
         cp.seen = None;
         match shipped {
-            Ok(Looked::Shipped(sig)) => {
+            Ok(Looked::Shipped(sig, basis)) => {
                 cp.last = sig;
+                cp.basis = basis;
                 cp.last_error = None;
             }
             Ok(Looked::Unsettled(sig)) => {
@@ -1069,6 +1153,11 @@ impl<'a> Supervisor<'a> {
     /// Stops the group and the processes that left it, and parks at a pause point (after an
     /// in-flight checkpoint, which parks at its own).
     async fn stop(&mut self) {
+        // Paused, the task looks at no request until resumed: the runner answers meanwhile.
+        self.ctx
+            .shared
+            .answers_requests
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         signal_group(self.procs.pgid, Signal::SIGSTOP);
         marked(&self.procs, Some(Signal::SIGSTOP)).await;
         self.stopped = true;
@@ -1084,6 +1173,10 @@ impl<'a> Supervisor<'a> {
         signal_group(self.procs.pgid, Signal::SIGCONT);
         marked(&self.procs, Some(Signal::SIGCONT)).await;
         self.stopped = false;
+        self.ctx.shared.answers_requests.store(
+            self.checkpoints.is_some(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         tracing::debug!(task_id = %self.ctx.task_id(), "command resumed");
     }
 }
@@ -2688,6 +2781,164 @@ mod tests {
             n(&control).as_deref() == Some(b"2\n")
         })
         .await;
+        std::fs::write(dir.path().join("stop"), "").expect("stop");
+        run.await.expect("joined").expect("exit 0");
+    }
+
+    /// The `checkpoint_error`s the executor queued for the session to send, each with the
+    /// checkpoint it names and its reason.
+    fn refusals(ctx: &TaskCtx) -> Vec<(Option<CheckpointId>, String)> {
+        ctx.replies
+            .take()
+            .into_iter()
+            .map(|m| match m {
+                tether_proto::msg::WorkerMsg::CheckpointError(e) => {
+                    assert_eq!(e.task_id.as_str(), "t-cmd");
+                    (e.checkpoint_id, e.error)
+                }
+                other => panic!("not a checkpoint_error: {other:?}"),
+            })
+            .collect()
+    }
+
+    /// The kinds of the messages queued in `outbox` since the last look.
+    fn queued_kinds(outbox: &crate::outbox::Outbox) -> Vec<&'static str> {
+        outbox
+            .take_unsent(10_000)
+            .iter()
+            .map(|(_, m)| m.type_name())
+            .collect()
+    }
+
+    /// A checkpoint request that finds the directory as it was shipped is answered at once
+    /// with a `checkpoint_error` naming that checkpoint (naming none in its `checkpoint_id`:
+    /// the coordinator would drop the runner's re-upload of it), and ships nothing. Before,
+    /// the look shipped nothing and said nothing: `tether checkpoint --wait` waited out its
+    /// 30 s for a checkpoint that would not come. A request that ships one says nothing.
+    #[tokio::test]
+    async fn a_checkpoint_request_on_a_dir_unchanged_since_its_checkpoint_says_so_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, control) = ctx(1);
+        let cp_dir = dir.path().join("cp");
+        let ctx = ctx.with_checkpoint_dir(cp_dir.clone());
+        let (outbox, probe) = (ctx.outbox().clone(), ctx.clone());
+        let script = r#"echo 1 > "$TETHER_CHECKPOINT_DIR/n"; touch "$D/ready"
+            while [ ! -e "$D/stop" ]; do sleep 0.02; done"#;
+        let config = serde_json::json!({
+            "shell": script,
+            "env": {"D": dir.path()},
+            "checkpoint_poll_ms": 60_000,
+        });
+        let run = tokio::spawn(exec(config, ctx));
+        wait_for("the state written", || dir.path().join("ready").exists()).await;
+        control.request_checkpoint();
+        wait_for("the requested checkpoint", || {
+            control.latest_checkpoint().is_some()
+        })
+        .await;
+        let shipped = control.shared.latest().expect("shipped").id;
+        assert!(queued_kinds(&outbox).contains(&"checkpoint"));
+        let said = refusals(&probe);
+        assert!(
+            said.is_empty(),
+            "a request that shipped says nothing: {said:?}"
+        );
+
+        control.request_checkpoint();
+        let mut said = Vec::new();
+        wait_for("the answer to the second request", || {
+            said.extend(refusals(&probe));
+            !said.is_empty()
+        })
+        .await;
+        let why = format!(
+            "the checkpoint dir is unchanged since checkpoint {shipped}: nothing new to ship ({})",
+            cp_dir.display()
+        );
+        assert_eq!(said, [(None, why)]);
+        let queued = queued_kinds(&outbox);
+        assert!(queued.is_empty(), "nothing shipped: {queued:?}");
+        assert_eq!(control.shared.latest().map(|c| c.id), Some(shipped));
+        std::fs::write(dir.path().join("stop"), "").expect("stop");
+        run.await.expect("joined").expect("exit 0");
+    }
+
+    /// A request to a task that resumed from a checkpoint and has not changed its directory
+    /// since names the checkpoint it resumed from.
+    #[tokio::test]
+    async fn a_checkpoint_request_on_a_dir_as_resumed_names_the_checkpoint_resumed_from() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).expect("src");
+        std::fs::write(src.join("n"), "5\n").expect("n");
+        let packed = packing::pack(&src).expect("pack");
+        let (ctx, control) = ctx(2);
+        let cp_dir = dir.path().join("cp");
+        let ctx = ctx
+            .with_checkpoint_dir(cp_dir.clone())
+            .with_checkpoint(packed);
+        let resumed = control.shared.latest().expect("resumed from").id;
+        let probe = ctx.clone();
+        let script = r#"touch "$D/ready"; while [ ! -e "$D/stop" ]; do sleep 0.02; done"#;
+        let config = serde_json::json!({
+            "shell": script,
+            "env": {"D": dir.path()},
+            "checkpoint_poll_ms": 60_000,
+        });
+        let run = tokio::spawn(exec(config, ctx));
+        wait_for("the task started", || dir.path().join("ready").exists()).await;
+        control.request_checkpoint();
+        let mut said = Vec::new();
+        wait_for("the answer", || {
+            said.extend(refusals(&probe));
+            !said.is_empty()
+        })
+        .await;
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(
+            said[0]
+                .1
+                .contains(&format!("unchanged since checkpoint {resumed}")),
+            "{said:?}"
+        );
+        assert_eq!(control.shared.latest().map(|c| c.id), Some(resumed));
+        std::fs::write(dir.path().join("stop"), "").expect("stop");
+        run.await.expect("joined").expect("exit 0");
+    }
+
+    /// A request to a task that has written nothing in its checkpoint directory says so, with
+    /// the directory, and ships nothing (an empty checkpoint would hold nothing to resume
+    /// from).
+    #[tokio::test]
+    async fn a_checkpoint_request_on_an_empty_dir_says_the_task_has_written_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, control) = ctx(1);
+        let cp_dir = dir.path().join("cp");
+        let ctx = ctx.with_checkpoint_dir(cp_dir.clone());
+        let (outbox, probe) = (ctx.outbox().clone(), ctx.clone());
+        let script = r#"touch "$D/ready"; while [ ! -e "$D/stop" ]; do sleep 0.02; done"#;
+        let config = serde_json::json!({
+            "shell": script,
+            "env": {"D": dir.path()},
+            "checkpoint_poll_ms": 60_000,
+        });
+        let run = tokio::spawn(exec(config, ctx));
+        wait_for("the task started", || dir.path().join("ready").exists()).await;
+        control.request_checkpoint();
+        let mut said = Vec::new();
+        wait_for("the answer", || {
+            said.extend(refusals(&probe));
+            !said.is_empty()
+        })
+        .await;
+        let why = format!(
+            "the task has written no checkpoint in {} (it holds no files)",
+            cp_dir.display()
+        );
+        assert_eq!(said, [(None, why)]);
+        let queued = queued_kinds(&outbox);
+        assert!(queued.is_empty(), "nothing shipped: {queued:?}");
+        assert!(control.latest_checkpoint().is_none());
         std::fs::write(dir.path().join("stop"), "").expect("stop");
         run.await.expect("joined").expect("exit 0");
     }

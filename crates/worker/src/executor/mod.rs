@@ -12,7 +12,7 @@ pub mod procs;
 pub mod sleep;
 pub(crate) mod warden;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +21,8 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tether_proto::msg::{
-    Checkpoint, CheckpointData, StateJson, StateTextError, TaskNotice, TaskState, WorkerMsg, now,
+    Checkpoint, CheckpointData, CheckpointError, StateJson, StateTextError, TaskNotice, TaskState,
+    WorkerMsg, now,
 };
 use tether_proto::task::Blob;
 use tether_proto::{Attempt, CheckpointId, TaskId};
@@ -284,6 +285,12 @@ pub(crate) struct TaskShared {
     pub latest: Mutex<Option<StoredCheckpoint>>,
     pub checkpoint_requested: AtomicBool,
     pub checkpoint_wanted: Notify,
+    /// Set while the executor answers every checkpoint request itself, soon: with a checkpoint,
+    /// or with a `checkpoint_error` saying why none comes (the `command` executor, while it
+    /// watches its checkpoint directory and the task is not paused). The runner then leaves a
+    /// request it has nothing to re-send for to the executor, rather than answer first that
+    /// there is no checkpoint yet.
+    pub answers_requests: AtomicBool,
     /// A re-upload of the latest checkpoint (`checkpoint_request`) is under way.
     pub reuploading: AtomicBool,
     /// Cancelled once the executor's run has returned: the attempt touches its checkpoint
@@ -325,6 +332,7 @@ impl TaskShared {
             latest: Mutex::new(latest),
             checkpoint_requested: AtomicBool::new(false),
             checkpoint_wanted: Notify::new(),
+            answers_requests: AtomicBool::new(false),
             reuploading: AtomicBool::new(false),
             ended: CancellationToken::new(),
             recorded: CancellationToken::new(),
@@ -401,6 +409,53 @@ pub(crate) fn stored_order(id: &CheckpointId) -> Option<u64> {
     n.parse().ok().filter(|_| random && digits)
 }
 
+/// Replies the worker's executors queue for the session to send as they come (a
+/// `checkpoint_error` answering a checkpoint request once the executor looked): sent directly,
+/// outside the outbox, never acknowledged. One queued while no session runs goes with the
+/// next; at most [`MAX_REPLIES`] wait, the oldest dropped past them.
+#[derive(Debug, Default)]
+pub(crate) struct Replies {
+    queue: Mutex<VecDeque<WorkerMsg>>,
+    ready: Notify,
+}
+
+/// The most replies [`Replies`] holds unsent: requests come one per operator's call, so more
+/// than this wait only while no session runs, and the oldest are stale by then.
+pub(crate) const MAX_REPLIES: usize = 64;
+
+impl Replies {
+    /// Queues `msg` for the session to send.
+    pub(crate) fn push(&self, msg: WorkerMsg) {
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if q.len() >= MAX_REPLIES
+                && let Some(old) = q.pop_front()
+            {
+                tracing::debug!(
+                    r#type = old.type_name(),
+                    "a reply waited too long unsent; dropped"
+                );
+            }
+            q.push_back(msg);
+        }
+        // A permit when no one waits: the next wait returns at once.
+        self.ready.notify_one();
+    }
+
+    /// Takes every reply queued, oldest first.
+    pub(crate) fn take(&self) -> Vec<WorkerMsg> {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.drain(..).collect()
+    }
+
+    /// Resolves once a reply was queued since the last wait resolved (one queued while none
+    /// waited leaves a permit, so none is missed; [`Replies::take`] may find it taken already).
+    /// Takes no lock of the queue: the session waits for this in every round of its loop.
+    pub(crate) async fn ready(&self) {
+        self.ready.notified().await;
+    }
+}
+
 /// Called when a task stores a checkpoint (the state directory persists it). Runs on the
 /// blocking pool: it may write the whole checkpoint to disk.
 pub type CheckpointSink = Arc<dyn Fn(&TaskId, &StoredCheckpoint) + Send + Sync>;
@@ -423,6 +478,8 @@ pub struct TaskCtx {
     /// starts after a crash ([`orphans`]).
     pub(crate) group_record: Option<PathBuf>,
     pub(crate) on_checkpoint: Option<CheckpointSink>,
+    /// Where [`TaskCtx::refuse_checkpoint`] queues its answers, for the session to send.
+    pub(crate) replies: Arc<Replies>,
 }
 
 impl std::fmt::Debug for TaskCtx {
@@ -472,6 +529,7 @@ impl TaskCtx {
             checkpoint_dir: None,
             group_record: None,
             on_checkpoint: None,
+            replies: Arc::default(),
         };
         (ctx, TaskControl { shared })
     }
@@ -634,6 +692,20 @@ impl TaskCtx {
     /// attempt left, handed over at start.
     pub fn latest_checkpoint(&self) -> Option<Arc<Vec<u8>>> {
         self.shared.latest().map(|c| c.data)
+    }
+
+    /// Answers a checkpoint request with no checkpoint: a `checkpoint_error` saying `why`,
+    /// sent directly by the session (not through the outbox, never acknowledged). It names no
+    /// checkpoint: the coordinator would drop an upload under way of the one it named (the
+    /// runner's re-upload of the latest).
+    pub(crate) fn refuse_checkpoint(&self, why: String) {
+        self.replies
+            .push(WorkerMsg::CheckpointError(CheckpointError {
+                task_id: self.shared.task_id.clone(),
+                checkpoint_id: None,
+                error: why,
+                timestamp: now(),
+            }));
     }
 
     /// Whether the coordinator asked for a checkpoint since the last one.
