@@ -99,8 +99,13 @@ pub struct AgentShared {
     pub send_window_full: AtomicU64,
     /// Current backoff factor x 1000.
     pub backoff_factor_milli: AtomicU64,
-    /// Next backoff delay before jitter, ms.
+    /// Next backoff delay before jitter, ms, as the latest failure or lost session left it
+    /// (read through [`AgentShared::next_backoff_ms`], which knows a healthy session's).
     pub next_backoff_ms: AtomicU64,
+    /// How long a registered session lasts before its loss starts the delays over.
+    pub healthy_after: Duration,
+    /// The first delay, before jitter, ms: the next after a healthy session.
+    pub first_backoff_ms: u64,
     /// The delay (with jitter) waited before the current connection attempt, µs; 0 before
     /// the first.
     pub backoff_delay_us: AtomicU64,
@@ -159,6 +164,21 @@ impl AgentShared {
 
     pub(crate) fn stats(&self) -> std::sync::MutexGuard<'_, StatsTracker> {
         self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The delay before jitter, ms, that the wait after this moment's loss or failure would
+    /// start from: in a registered session that has lasted `healthy_after`, the first (its
+    /// loss starts the delays over); otherwise what the latest failure or lost session left
+    /// (a session lost sooner is followed by the grown delay).
+    pub fn next_backoff_ms(&self) -> u64 {
+        let healthy = self
+            .stats()
+            .session_age()
+            .is_some_and(|age| age >= self.healthy_after);
+        match healthy {
+            true => self.first_backoff_ms,
+            false => self.next_backoff_ms.load(Ordering::Relaxed),
+        }
     }
 
     pub(crate) fn set_state(&self, s: ConnState) {
@@ -220,7 +240,7 @@ impl AgentHandle {
         s.heartbeat_interval_ms = self.shared.heartbeat_interval_ms.load(Ordering::Relaxed);
         s.send_bytes_per_sec = self.shared.send_bytes_per_sec.load(Ordering::Relaxed);
         s.backoff_factor = self.shared.backoff_factor_milli.load(Ordering::Relaxed) as f64 / 1000.0;
-        s.next_backoff_ms = self.shared.next_backoff_ms.load(Ordering::Relaxed);
+        s.next_backoff_ms = self.shared.next_backoff_ms();
         s
     }
 
@@ -673,6 +693,8 @@ impl Agent {
             send_window_full: AtomicU64::new(0),
             backoff_factor_milli: AtomicU64::new((cfg.backoff.factor * 1000.0) as u64),
             next_backoff_ms: AtomicU64::new(cfg.backoff.initial.as_millis() as u64),
+            healthy_after: cfg.healthy_after,
+            first_backoff_ms: cfg.backoff.initial.min(cfg.backoff.max).as_millis() as u64,
             backoff_delay_us: AtomicU64::new(0),
             attempt_started_unix_us: AtomicU64::new(0),
             registered_unix_us: AtomicU64::new(0),

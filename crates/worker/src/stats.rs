@@ -103,6 +103,11 @@ impl StatsTracker {
         outage
     }
 
+    /// How long the registered session under way has lasted; `None` between sessions.
+    pub fn session_age(&self) -> Option<Duration> {
+        self.connected_since.map(|since| since.elapsed())
+    }
+
     /// A registered session ended.
     pub fn on_session_end(&mut self) {
         let now = Instant::now();

@@ -3,6 +3,7 @@
 //! Deterministic and fast: a 60 s backoff takes no real time.
 
 mod ack_wait;
+mod backoff_stat;
 mod conformance;
 mod event_log;
 mod fake;
