@@ -184,9 +184,14 @@ pub struct Report {
     #[serde(default)]
     pub tasks_run_again: Option<u64>,
     pub recorded_twice: u64,
-    /// Connections the fleet reset on purpose (`--reset-every`).
+    /// Connections the fleet reset on purpose (`--reset-every`), by its last status: `None`
+    /// when the run asked for none, or when the fleet never printed that status (unknown:
+    /// `reset_every_ms` then says resets were asked for).
     #[serde(default)]
     pub connections_reset: Option<u64>,
+    /// `--reset-every`, milliseconds, when given.
+    #[serde(default)]
+    pub reset_every_ms: Option<f64>,
     /// Results the coordinator running last answered `duplicate`: sent again after their
     /// acknowledgement was lost (a reset, a restart), known, and not recorded again.
     #[serde(default)]
@@ -220,6 +225,39 @@ impl Report {
             met: at_size.then_some(met),
             detail: detail.into(),
         });
+    }
+
+    /// What only the fleet's last status gives, the one it prints once every worker stopped
+    /// (`exited.stopped`): the connections it reset, when the run asked for resets
+    /// (`reset_every`), and the verdict "no worker gave up". A fleet that never printed it
+    /// (it ended, or was killed, first) leaves both unknown, not the last counts it printed
+    /// before: `connections_reset` null (the Markdown says unknown), and the verdict failed.
+    pub fn fleet_last_counts(
+        &mut self,
+        exited: &super::procs::Exited,
+        reset_every: Option<std::time::Duration>,
+    ) {
+        let last = exited.stopped.then_some(&exited.status);
+        if let Some(every) = reset_every {
+            self.reset_every_ms = Some(every.as_secs_f64() * 1000.0);
+            self.connections_reset = last.map(|s| s.resets);
+        }
+        match last {
+            Some(s) => self.verdict(
+                "no worker gave up",
+                s.failed == 0,
+                format!("{} workers failed", s.failed),
+            ),
+            None => self.verdict(
+                "no worker gave up",
+                false,
+                format!(
+                    "unknown: the fleet never printed its last status ({} workers had failed \
+                     by the last status it printed)",
+                    exited.status.failed
+                ),
+            ),
+        }
     }
 
     pub fn passed(&self) -> bool {
@@ -450,11 +488,15 @@ impl Report {
                 n.to_string(),
             );
         }
-        if let Some(n) = self.connections_reset {
-            row(
-                "connections reset by the fleet (--reset-every)",
-                n.to_string(),
-            );
+        let resets = match (self.connections_reset, self.reset_every_ms) {
+            (Some(n), _) => Some(n.to_string()),
+            (None, Some(_)) => Some(
+                "unknown: the fleet never printed its last status, which counts them".to_owned(),
+            ),
+            (None, None) => None,
+        };
+        if let Some(v) = resets {
+            row("connections reset by the fleet (--reset-every)", v);
         }
         row("ended failed", self.failed.to_string());
         row(
@@ -566,6 +608,113 @@ mod tests {
         let json = serde_json::to_value(&r).expect("JSON");
         assert_eq!(json["reregistered_before_cleared"], 1);
         assert_eq!(json["reconnect_after_ready_ms"]["p50"], 40.0);
+    }
+
+    /// The row of the connections the fleet reset, in the Markdown.
+    const RESETS_ROW: &str = "| connections reset by the fleet (--reset-every) |";
+
+    /// The verdict named `name` in the report's JSON.
+    fn verdict_of<'a>(json: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+        json["verdicts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no verdict {name:?}: {json:#}"))
+    }
+
+    /// A fleet killed, ended with a failure, or exited cleanly without printing its last
+    /// status (the one counted once its workers stopped) gets a report all the same, as the
+    /// run builds it; what only that status counts is unknown there, not the counts it printed
+    /// before (7 resets, no worker failed) nor 0: the connections it reset are null in the
+    /// JSON and "unknown" in the Markdown, "no worker gave up" fails as unknown, and so the
+    /// run fails (its exit code and the JSON's `passed` follow [`Report::passed`]).
+    #[cfg(unix)]
+    #[test]
+    fn a_fleet_without_its_last_status_leaves_its_resets_and_workers_given_up_unknown() {
+        use super::super::fleet::Status;
+        use super::super::procs::Exited;
+        use super::super::scenarios::fleet_end;
+        use std::os::unix::process::ExitStatusExt;
+        use std::time::Duration;
+        let printed = Status {
+            started: 5,
+            failed: 0,
+            resets: 7,
+            ..Status::default()
+        };
+        let ended = |killed_after, exit_status| Exited {
+            status: printed.clone(),
+            usage: None,
+            killed_after,
+            exit_status,
+            stopped: false,
+        };
+        for exited in [
+            ended(Some(Duration::from_secs(30)), None),
+            ended(None, Some(std::process::ExitStatus::from_raw(3 << 8))),
+            ended(None, Some(std::process::ExitStatus::from_raw(0))),
+        ] {
+            let mut r = Report::default();
+            r.verdict(
+                "lost",
+                true,
+                "0 of 10 acknowledged tasks without a counted result",
+            );
+            r.fleet_last_counts(&exited, Some(Duration::from_millis(200)));
+            // By this verdict alone, before the fleet's own.
+            assert!(!r.passed(), "{exited:?}: {:?}", r.verdicts);
+            fleet_end(&mut r, &exited, 1.0);
+            assert!(!r.passed());
+            let text = r.markdown();
+            assert!(
+                text.contains(&format!(
+                    "{RESETS_ROW} unknown: the fleet never printed its last status"
+                )),
+                "{exited:?}: {text}"
+            );
+            assert!(
+                text.contains(
+                    "- FAIL no worker gave up: unknown: the fleet never printed its last status"
+                ),
+                "{exited:?}: {text}"
+            );
+            let json = serde_json::to_value(&r).expect("JSON");
+            assert!(json["connections_reset"].is_null(), "{exited:?}: {json:#}");
+            assert_eq!(json["reset_every_ms"], 200.0);
+            let gave_up = verdict_of(&json, "no worker gave up");
+            assert_eq!(gave_up["pass"], false, "{exited:?}: {gave_up}");
+            assert!(
+                gave_up["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("unknown")),
+                "{gave_up}"
+            );
+        }
+
+        // With its last status, its counts stand; without --reset-every, no resets at all.
+        let stopped = Exited {
+            stopped: true,
+            ..ended(None, Some(std::process::ExitStatus::from_raw(0)))
+        };
+        let mut r = Report::default();
+        r.fleet_last_counts(&stopped, Some(Duration::from_millis(200)));
+        assert!(r.passed(), "{:?}", r.verdicts);
+        let text = r.markdown();
+        assert!(text.contains(&format!("{RESETS_ROW} 7 |")), "{text}");
+        assert!(
+            text.contains("- PASS no worker gave up: 0 workers failed"),
+            "{text}"
+        );
+        assert_eq!(
+            serde_json::to_value(&r).expect("JSON")["connections_reset"],
+            7
+        );
+        let mut r = Report::default();
+        r.fleet_last_counts(&stopped, None);
+        assert!(!r.markdown().contains(RESETS_ROW));
+        let json = serde_json::to_value(&r).expect("JSON");
+        assert!(json["connections_reset"].is_null() && json["reset_every_ms"].is_null());
     }
 
     #[test]

@@ -1006,9 +1006,6 @@ impl Run {
         // away, by which the tasks that ran more than once are judged.
         let records = self.fleet.report().await?;
         let exited = self.fleet.exit().await?;
-        // None when the fleet never printed its last status (it ended or was killed first):
-        // what only that status gives is then missing, not the last count it printed.
-        let fleet_status = exited.stopped.then_some(&exited.status);
         if !self.proxies.is_empty() {
             let (mut cpu_s, mut peak_rss_kib, mut killed) = (0.0, 0, 0);
             for p in &mut self.proxies {
@@ -1064,7 +1061,6 @@ impl Run {
         self.report.results_duplicate = Some(duplicate);
         self.report.checkpoint_messages_duplicate = Some(checkpoint_duplicate);
         if let Some(every) = self.a.reset_every {
-            self.report.connections_reset = fleet_status.map(|s| s.resets);
             reset_verdict(&mut self.report, &records, every, duplicate);
         }
         self.coord.sample()?;
@@ -1147,22 +1143,9 @@ impl Run {
                 self.submitted.len()
             ),
         );
-        match fleet_status {
-            Some(s) => r.verdict(
-                "no worker gave up",
-                s.failed == 0,
-                format!("{} workers failed", s.failed),
-            ),
-            None => r.verdict(
-                "no worker gave up",
-                false,
-                format!(
-                    "unknown: the fleet never printed its last status ({} workers had failed \
-                     by the last status it printed)",
-                    exited.status.failed
-                ),
-            ),
-        }
+        // Unknown (not the last counts it printed) when the fleet never printed its last
+        // status.
+        r.fleet_last_counts(&exited, self.a.reset_every);
         // Off Linux, the sample before the exit.
         fleet_end(r, &exited, fleet.cpu_s);
         if self.a.scenario == Scenario::MixedPriority {
