@@ -163,6 +163,19 @@ fn followed_timeout(ms: Option<u64>, every: Duration) -> Duration {
         .min(MAX_FOLLOWED_TIMEOUT)
 }
 
+/// What to add to a refusal of the registration's signature (a wrong secret, as a rule): where
+/// this worker's secret comes from. Other refusals (a clock out of the skew window, integrity
+/// asked for) say what to fix themselves.
+fn secret_hint(e: &ErrorMsg) -> &'static str {
+    let wrong_secret = e.code == ErrorCode::Unauthorized
+        && e.message
+            .contains(&tether_proto::auth::AuthError::BadSignature.to_string());
+    match wrong_secret {
+        true => " (check this worker's secret: --secret-file, TETHER_SECRET_FILE or TETHER_SECRET)",
+        false => "",
+    }
+}
+
 /// Drives `write` to its end. A stop that comes meanwhile, unless `told` (the tasks were told
 /// already), tells the tasks to stop at once and sets `told`: the write goes on (a frame half
 /// written cannot be taken back, and a tagged one never written would leave a gap in the tags'
@@ -1069,14 +1082,15 @@ impl<'a> Session<'a> {
         // no tag, and after it an untagged one is let through only as the first frame
         // (`on_bad_tag`), so a verified frame so far is this one.
         let tagged = self.open.as_ref().is_some_and(|o| o.verified() > 0);
+        let hint = secret_hint(e);
         match e.code {
             ErrorCode::IncompatibleProtocol | ErrorCode::Unauthorized
                 if self.agent.cfg.require_message_mac && !tagged =>
             {
-                self.unproven(format!("{}: {}", e.code.as_str(), e.message))
+                self.unproven(format!("{}: {}{hint}", e.code.as_str(), e.message))
             }
             ErrorCode::IncompatibleProtocol | ErrorCode::Unauthorized => {
-                SessionEnd::Refused(e.message.clone())
+                SessionEnd::Refused(format!("{}{hint}", e.message))
             }
             _ => SessionEnd::NotRegistered(format!("{}: {}", e.code.as_str(), e.message)),
         }

@@ -13,3 +13,4 @@ mod scratch;
 mod settle;
 mod sim;
 mod state_machine;
+mod wrong_secret;
