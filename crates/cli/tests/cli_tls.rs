@@ -101,6 +101,18 @@ async fn client_commands_speak_https_and_verify_the_coordinator_certificate() {
     );
     let err = String::from_utf8_lossy(&untrusted.stderr);
     assert!(err.to_lowercase().contains("certificate"), "{err}");
+    assert!(err.contains("not signed by the CA of --ca-file"), "{err}");
+    // Without --ca-file: the system's roots, none of which signed it; the error names the
+    // flag that gives its CA (as does the one of a system without roots).
+    let unknown = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || tether(&["tasks", "--json", "--coordinator", &url])
+    })
+    .await
+    .expect("join");
+    assert!(!unknown.status.success(), "{unknown:?}");
+    let err = String::from_utf8_lossy(&unknown.stderr);
+    assert!(err.contains("with --ca-file (or TETHER_CA_FILE)"), "{err}");
 
     let plain = tokio::task::spawn_blocking({
         let (port, cert_s) = (c.addr.port(), cert_s.clone());

@@ -61,21 +61,48 @@ fn api_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
 }
 
 /// The token `raw` holds (read from `source`), or why it holds none: an empty one is said to
-/// be empty (an exported `TETHER_TOKEN=`), not to hold spaces.
+/// be empty (an exported `TETHER_TOKEN=`), not to hold spaces. Blank lines and `#` comment
+/// lines are skipped, as in the coordinator's token files, so a file of one token with a
+/// comment serves both. One with several tokens (a coordinator's file in a rotation) is
+/// refused, not read for its first: a client sends one token, and the first of a rotation is
+/// as likely the one being retired, which would work until the day it is removed.
 fn token_of(raw: &str, source: &str) -> anyhow::Result<String> {
-    let token = raw.trim();
-    if token.is_empty() {
+    if raw.trim().is_empty() {
         bail!("{source} is empty: give the API token there, or unset it to send none");
     }
-    if token.contains(char::is_whitespace) {
-        bail!("the API token in {source} must be one line without spaces");
+    let tokens: Vec<(usize, &str)> = raw
+        .lines()
+        .map(str::trim)
+        .enumerate()
+        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    match tokens[..] {
+        [] => bail!(
+            "{source} holds only # comments, no token: give the API token there, on a line of \
+             its own"
+        ),
+        [(_, token)] if token.contains(char::is_whitespace) => {
+            bail!("the API token in {source} must be one line without spaces")
+        }
+        [(_, token)] => Ok(token.to_owned()),
+        ref several => {
+            let lines: Vec<String> = several.iter().map(|(i, _)| (i + 1).to_string()).collect();
+            bail!(
+                "{source} holds {} tokens (lines {}); a client sends one: give a file (or \
+                 TETHER_TOKEN) with only the one to use",
+                several.len(),
+                lines.join(", ")
+            )
+        }
     }
-    Ok(token.to_owned())
 }
 
 pub(crate) struct Api {
     base: String,
     transport: Transport,
+    /// Whether requests carry an API token: a refusal of the token is told apart from one
+    /// for the lack of it.
+    sends_token: bool,
 }
 
 /// Plain HTTP through reqwest (built without TLS); `https://` through hyper with the same rustls
@@ -85,6 +112,8 @@ enum Transport {
     Tls {
         client: HttpsClient,
         auth: Option<reqwest::header::HeaderValue>,
+        /// Whether the CA came from `--ca-file` (else the system's roots).
+        ca_given: bool,
     },
 }
 
@@ -128,6 +157,51 @@ impl Refused {
     pub(crate) fn too_large(&self) -> bool {
         self.status == http::StatusCode::PAYLOAD_TOO_LARGE.as_u16()
     }
+
+    /// This refusal, told how a client command gives a token when it refused the request's
+    /// token (see [`token_hint`]); the coordinator's words cannot know the client's flags.
+    fn with_token_hint(mut self, asks_for_bearer: bool, sent_token: bool) -> Self {
+        if let Some(hint) = token_hint(self.status, asks_for_bearer, sent_token) {
+            self.message = format!("{}; {hint}", self.message);
+        }
+        self
+    }
+}
+
+/// What a client command is told when the coordinator refused the request's token: an answer
+/// 401 (no token, or one it does not know), or 403 asking for a bearer token (a read-only
+/// token on a command; the coordinator's other 403s, to a browser's page, ask for none), with
+/// whether the request `sent_token`.
+fn token_hint(status: u16, asks_for_bearer: bool, sent_token: bool) -> Option<&'static str> {
+    match (status, sent_token) {
+        (401, false) => Some(
+            "give the API token with --token-file FILE (or TETHER_TOKEN_FILE=FILE), or the \
+             token itself in TETHER_TOKEN",
+        ),
+        (401, true) => Some(
+            "the token given (--token-file, TETHER_TOKEN_FILE or TETHER_TOKEN) is not one this \
+             coordinator accepts",
+        ),
+        (403, true) if asks_for_bearer => Some(
+            "the token given (--token-file, TETHER_TOKEN_FILE or TETHER_TOKEN) may only read: \
+             give one of the admin scope for this command",
+        ),
+        _ => None,
+    }
+}
+
+/// Whether an answer asks for a bearer token (`WWW-Authenticate: Bearer`), as the
+/// coordinator's refusals of a request's token do.
+fn asks_for_bearer(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.trim_start()
+                .get(..6)
+                .is_some_and(|s| s.eq_ignore_ascii_case("bearer"))
+        })
 }
 
 /// Whether the host of `url` is this machine: `localhost`, `127.0.0.0/8` or `::1`.
@@ -171,18 +245,33 @@ pub(crate) struct NoAnswer {
 pub(crate) type Chunks =
     std::pin::Pin<Box<dyn futures_util::Stream<Item = anyhow::Result<bytes::Bytes>> + Send>>;
 
-/// A TLS request that reached no coordinator: said so, with a hint when what answered is no
-/// TLS server (rustls reads a plain HTTP answer as "corrupt message of type
-/// InvalidContentType"): a coordinator serving plain HTTP, asked through an https:// URL.
-fn unreachable_tls(base: &str, e: impl Into<anyhow::Error>) -> anyhow::Error {
+/// A TLS request that reached no coordinator: said so, with a hint ([`tls_hint`]) when the
+/// cause says what to do.
+fn unreachable_tls(base: &str, ca_given: bool, e: impl Into<anyhow::Error>) -> anyhow::Error {
     let e = e.into();
-    let hint = match format!("{e:#}").contains("InvalidContentType") {
-        true => {
-            " (what answered speaks no TLS: if the coordinator serves plain HTTP, use an http:// URL)"
-        }
-        false => "",
-    };
+    let hint = tls_hint(&format!("{e:#}"), ca_given);
     e.context(format!("cannot reach the coordinator at {base}{hint}"))
+}
+
+/// What a failed TLS connection, whose causes are `said`, is told besides: when what answered
+/// is no TLS server (rustls reads a plain HTTP answer as "corrupt message of type
+/// InvalidContentType"), a coordinator serving plain HTTP asked through an https:// URL; when
+/// its certificate's chain is unknown (`UnknownIssuer`), the CA to give, or that the one given
+/// (`ca_given`) did not sign it; so too when the CA given has the name of the one that signed it
+/// but not its key (`BadSignature`: two CAs made with one tool's default name).
+fn tls_hint(said: &str, ca_given: bool) -> &'static str {
+    let not_its_ca = said.contains("UnknownIssuer") || (ca_given && said.contains("BadSignature"));
+    if said.contains("InvalidContentType") {
+        " (what answered speaks no TLS: if the coordinator serves plain HTTP, use an http:// URL)"
+    } else if !not_its_ca {
+        ""
+    } else if ca_given {
+        " (its certificate is not signed by the CA of --ca-file (TETHER_CA_FILE): give the CA \
+         that signed it)"
+    } else {
+        " (its certificate is not signed by a CA this system trusts: give the PEM file of the \
+         CA that signed it with --ca-file (or TETHER_CA_FILE))"
+    }
 }
 
 impl Api {
@@ -211,6 +300,7 @@ impl Api {
     ) -> anyhow::Result<Self> {
         let base = tether_proto::endpoint::derive_http_base(coordinator)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let sends_token = token.is_some();
         let auth = match token {
             Some(token) => {
                 let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
@@ -221,8 +311,14 @@ impl Api {
             None => None,
         };
         let transport = if base.starts_with("https://") {
-            let tls = tether_worker::connector::tls_client_config(ca_file)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let tls = tether_worker::connector::tls_client_config(ca_file).map_err(|e| match e {
+                tether_worker::connector::TlsSetupError::NoRoots => anyhow::anyhow!(
+                    "this system has no trusted root certificates to verify {base} by: give the \
+                     PEM file of the CA that signed its certificate with --ca-file (or \
+                     TETHER_CA_FILE)"
+                ),
+                e => anyhow::anyhow!("{e}"),
+            })?;
             let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
             tcp.enforce_http(false);
             tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
@@ -236,7 +332,11 @@ impl Api {
                     .pool_idle_timeout(POOL_IDLE)
                     .pool_timer(hyper_util::rt::TokioTimer::new())
                     .build(connector);
-            Transport::Tls { client, auth }
+            Transport::Tls {
+                client,
+                auth,
+                ca_given: ca_file.is_some(),
+            }
         } else {
             if ca_file.is_some() {
                 bail!("--ca-file is for an https:// coordinator; {base} is plain HTTP");
@@ -260,7 +360,11 @@ impl Api {
                 .context("HTTP client")?;
             Transport::Plain(http)
         };
-        Ok(Self { base, transport })
+        Ok(Self {
+            base,
+            transport,
+            sends_token,
+        })
     }
 
     /// `method` on `path`, with `body` (JSON text) when given.
@@ -297,10 +401,15 @@ impl Api {
                         lost(e.into(), connecting)
                     })?;
                     let status = resp.status();
+                    let bearer = asks_for_bearer(resp.headers());
                     let bytes = resp.bytes().await.map_err(|e| lost(e.into(), false))?;
-                    anyhow::Ok((status, bytes))
+                    anyhow::Ok((status, bearer, bytes))
                 }
-                Transport::Tls { client, auth } => {
+                Transport::Tls {
+                    client,
+                    auth,
+                    ca_given,
+                } => {
                     use http_body_util::BodyExt;
                     let mut req = http::Request::builder()
                         .method(method.clone())
@@ -321,21 +430,22 @@ impl Api {
                     let resp = client.request(req).await.map_err(|e| {
                         match once_sent && !e.is_connect() {
                             true => anyhow::Error::new(e).context(no_answer()),
-                            false => unreachable_tls(&self.base, e),
+                            false => unreachable_tls(&self.base, *ca_given, e),
                         }
                     })?;
                     let status = resp.status();
+                    let bearer = asks_for_bearer(resp.headers());
                     let bytes = resp
                         .into_body()
                         .collect()
                         .await
                         .map_err(|e| lost(e.into(), false))?
                         .to_bytes();
-                    Ok((status, bytes))
+                    Ok((status, bearer, bytes))
                 }
             }
         };
-        let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        let (status, bearer, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
             .map_err(|_| {
                 let e = anyhow::anyhow!(
@@ -350,9 +460,7 @@ impl Api {
                 }
             })??;
         if !status.is_success() {
-            // An error's body is the API's `{"error": ...}`, or whatever a proxy in between said.
-            let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            return Err(Refused::of(status, &v).into());
+            return Err(self.refused(status, bearer, &bytes));
         }
         serde_json::from_slice(&bytes).with_context(|| {
             format!(
@@ -360,6 +468,15 @@ impl Api {
                 bytes.len()
             )
         })
+    }
+
+    /// The error of an answer `status` with `body` (the API's `{"error": ...}`, or whatever a
+    /// proxy in between said), `bearer` if it asks for a bearer token.
+    fn refused(&self, status: http::StatusCode, bearer: bool, body: &[u8]) -> anyhow::Error {
+        let v = serde_json::from_slice(body).unwrap_or(Value::Null);
+        Refused::of(status, &v)
+            .with_token_hint(bearer, self.sends_token)
+            .into()
     }
 
     /// GET `path` and its body as it comes (an event stream). An error status is an error,
@@ -387,17 +504,14 @@ impl Api {
         use futures_util::StreamExt;
         let url = format!("{}{}", self.base, path);
         let unreachable = || format!("cannot reach the coordinator at {}", self.base);
-        let refused = |status: http::StatusCode, body: &[u8]| {
-            let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-            anyhow::Error::from(Refused::of(status, &v))
-        };
         match &self.transport {
             Transport::Plain(http) => {
                 let resp = http.get(&url).send().await.with_context(unreachable)?;
                 let status = resp.status();
                 if !status.is_success() {
+                    let bearer = asks_for_bearer(resp.headers());
                     let body = resp.bytes().await.unwrap_or_default();
-                    return Err(refused(status, &body));
+                    return Err(self.refused(status, bearer, &body));
                 }
                 Ok(futures_util::stream::unfold(resp, |mut r| async move {
                     match r.chunk().await {
@@ -408,7 +522,11 @@ impl Api {
                 })
                 .boxed())
             }
-            Transport::Tls { client, auth } => {
+            Transport::Tls {
+                client,
+                auth,
+                ca_given,
+            } => {
                 use http_body_util::BodyExt;
                 let mut req = http::Request::builder().uri(url.as_str());
                 if let Some(v) = auth {
@@ -420,16 +538,17 @@ impl Api {
                 let resp = client
                     .request(req)
                     .await
-                    .map_err(|e| unreachable_tls(&self.base, e))?;
+                    .map_err(|e| unreachable_tls(&self.base, *ca_given, e))?;
                 let status = resp.status();
                 if !status.is_success() {
+                    let bearer = asks_for_bearer(resp.headers());
                     let body = resp
                         .into_body()
                         .collect()
                         .await
                         .map(|b| b.to_bytes())
                         .unwrap_or_default();
-                    return Err(refused(status, &body));
+                    return Err(self.refused(status, bearer, &body));
                 }
                 let body = http_body_util::BodyDataStream::new(resp.into_body());
                 Ok(body
@@ -676,6 +795,105 @@ mod tests {
         let e = token_of("a b", TOKEN_ENV).expect_err("two words");
         assert!(e.to_string().contains("one line without spaces"), "{e}");
         assert_eq!(token_of(" s3cret\n", TOKEN_ENV).expect("a token"), "s3cret");
+    }
+
+    /// A file in the coordinator's token format serves a client when it holds one token: its
+    /// comments and blank lines are skipped; one of a rotation, with several, is refused
+    /// saying so, not as a token with spaces.
+    #[test]
+    fn a_token_file_with_comments_gives_its_one_token_and_one_with_several_is_refused() {
+        let file = "the token file t";
+        let one = "# admin token, made 2026-12-01\n\n  s3cret  \r\n# end\n";
+        assert_eq!(token_of(one, file).expect("one token"), "s3cret");
+        let rotation = "# rotation: new first, old until Friday\nnew-token\nold-token\n";
+        let e = token_of(rotation, file)
+            .expect_err("two tokens")
+            .to_string();
+        assert_eq!(
+            e,
+            "the token file t holds 2 tokens (lines 2, 3); a client sends one: give a file (or \
+             TETHER_TOKEN) with only the one to use"
+        );
+        let e = token_of("# nothing yet\n\n", file).expect_err("comments only");
+        assert!(
+            e.to_string()
+                .starts_with("the token file t holds only # comments, no token"),
+            "{e}"
+        );
+        let e = token_of("# c\na b\n", file).expect_err("a space");
+        assert!(e.to_string().contains("one line without spaces"), "{e}");
+    }
+
+    /// A refusal of the request's token says how a client command gives one; other refusals
+    /// (a 403 to a browser's page, which asks for no bearer token; a 404) are as they came.
+    #[test]
+    fn a_refused_token_is_told_how_to_give_one() {
+        let body = |m: &str| serde_json::json!({"error": {"code": "x", "message": m}});
+        let told = |status: u16, bearer: bool, sent: bool| {
+            let status = http::StatusCode::from_u16(status).expect("status");
+            Refused::of(status, &body("said"))
+                .with_token_hint(bearer, sent)
+                .to_string()
+        };
+        assert_eq!(
+            told(401, true, false),
+            "said; give the API token with --token-file FILE (or TETHER_TOKEN_FILE=FILE), or \
+             the token itself in TETHER_TOKEN (HTTP 401)"
+        );
+        // A 401 from something in between that asks for no bearer token: the same.
+        assert_eq!(told(401, false, false), told(401, true, false));
+        let unknown = told(401, true, true);
+        assert!(
+            unknown.contains("the token given (--token-file, TETHER_TOKEN_FILE or TETHER_TOKEN) is not one this coordinator accepts"),
+            "{unknown}"
+        );
+        let read_only = told(403, true, true);
+        assert!(
+            read_only.contains("may only read: give one of the admin scope")
+                && read_only.ends_with("(HTTP 403)"),
+            "{read_only}"
+        );
+        assert_eq!(told(403, false, true), "said (HTTP 403)");
+        assert_eq!(told(403, false, false), "said (HTTP 403)");
+        assert_eq!(told(404, true, true), "said (HTTP 404)");
+        let mut h = http::HeaderMap::new();
+        assert!(!asks_for_bearer(&h));
+        h.insert(
+            http::header::WWW_AUTHENTICATE,
+            "Basic realm=x".parse().expect("value"),
+        );
+        assert!(!asks_for_bearer(&h));
+        h.append(
+            http::header::WWW_AUTHENTICATE,
+            "bearer".parse().expect("value"),
+        );
+        assert!(asks_for_bearer(&h));
+    }
+
+    /// A certificate whose chain is unknown names the flag that gives its CA, or says the CA
+    /// given did not sign it; a plain HTTP answer says to use http://; other failures get no
+    /// hint.
+    #[test]
+    fn an_unknown_issuer_names_the_ca_file() {
+        let unknown = "client error (Connect): invalid peer certificate: UnknownIssuer";
+        assert!(
+            tls_hint(unknown, false).contains(
+                "give the PEM file of the CA that signed it with --ca-file (or TETHER_CA_FILE)"
+            ),
+            "{}",
+            tls_hint(unknown, false)
+        );
+        assert!(
+            tls_hint(unknown, true).contains("not signed by the CA of --ca-file"),
+            "{}",
+            tls_hint(unknown, true)
+        );
+        let bad = "client error (Connect): invalid peer certificate: BadSignature";
+        assert_eq!(tls_hint(bad, true), tls_hint(unknown, true));
+        assert_eq!(tls_hint(bad, false), "");
+        let plain = "received corrupt message of type InvalidContentType";
+        assert!(tls_hint(plain, false).contains("use an http:// URL"));
+        assert_eq!(tls_hint("Connection refused (os error 111)", false), "");
     }
 
     /// A proxy from the environment (here given to the builder, as reqwest would take it from

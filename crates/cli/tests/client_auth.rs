@@ -1,0 +1,117 @@
+//! The client commands against a coordinator that needs API tokens: a refusal of the token
+//! (none sent, one it does not know, a read-only one on a command) tells a CLI user how to give
+//! one, and a token file in the coordinator's own format (comments, one token a line) serves
+//! the client when it holds one token.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tether_coordinator::auth::{ApiTokens, Scope};
+use tether_testkit::*;
+use tokio::process::Command;
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// `tether args...` against the coordinator at `http`, without any token or coordinator from
+/// the environment; its output, once it exited (within [`LONG`]).
+async fn tether(http: &str, args: &[&str], token_file: Option<&Path>) -> std::process::Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tether"));
+    c.args(args)
+        .args(["--coordinator", http])
+        .env_remove("TETHER_TOKEN")
+        .env_remove("TETHER_TOKEN_FILE")
+        .env_remove("TETHER_CA_FILE")
+        .env_remove("TETHER_COORDINATOR")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    if let Some(f) = token_file {
+        c.arg("--token-file").arg(f);
+    }
+    tokio::time::timeout(LONG, c.output())
+        .await
+        .expect("tether exits")
+        .expect("run tether")
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).expect("write");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
+#[tokio::test]
+async fn a_refused_token_is_told_how_to_give_one_and_a_commented_token_file_serves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = tempfile::tempdir().expect("files");
+    let admin = files.path().join("admin.tokens");
+    let read = files.path().join("read.tokens");
+    // The coordinator's rotation format: a comment, then two tokens.
+    write_private(
+        &admin,
+        "# admin tokens: the new one first, the old until Friday\nadmin-token-new-of-the-test\nadmin-token-old-of-the-test\n",
+    );
+    write_private(&read, "read-token-of-the-client-test\n");
+    let mut tokens = ApiTokens::default();
+    tokens.add_file(&admin, Scope::Admin).expect("admin tokens");
+    tokens.add_file(&read, Scope::Read).expect("read tokens");
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.api_tokens = Some(tokens);
+    let c = spawn_coordinator_with(cfg, None).await;
+    let http = format!("http://{}", c.addr);
+
+    // No token: the coordinator's words, and how to give a token.
+    for args in [&["tasks"][..], &["watch", "no-such-task"]] {
+        let out = tether(&http, args, None).await;
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(
+            err.contains("bearer token")
+                && err.contains("(HTTP 401)")
+                && err.contains("--token-file FILE (or TETHER_TOKEN_FILE=FILE)")
+                && err.contains("TETHER_TOKEN"),
+            "{args:?}: {err}"
+        );
+    }
+
+    // A token the coordinator does not know.
+    let wrong = files.path().join("wrong.token");
+    write_private(&wrong, "not-a-token-of-this-coordinator\n");
+    let out = tether(&http, &["tasks"], Some(&wrong)).await;
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("unknown token") && err.contains("is not one this coordinator accepts"),
+        "{err}"
+    );
+
+    // A read-only token on a command: said to be one, not told to give a token.
+    let out = tether(&http, &["cancel", "no-such-task"], Some(&read)).await;
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("admin scope") && err.contains("may only read") && err.contains("(HTTP 403)"),
+        "{err}"
+    );
+
+    // The coordinator's file of two tokens: refused, saying so.
+    let out = tether(&http, &["tasks"], Some(&admin)).await;
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("holds 2 tokens (lines 2, 3); a client sends one"),
+        "{err}"
+    );
+    // One token under a comment: sent, and the listing read.
+    let one = files.path().join("one.token");
+    write_private(&one, "# the admin token\n\nadmin-token-new-of-the-test\n");
+    let out = tether(&http, &["tasks", "--json"], Some(&one)).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(listed.is_array() || listed["tasks"].is_array(), "{listed}");
+    c.stop().await;
+}
