@@ -163,6 +163,9 @@ async fn fault(cmd: FaultCommand) -> anyhow::Result<()> {
                     bail!("--attr {k} is given twice");
                 }
             }
+            if let Some(why) = super::attrs::missing(&args.kind, &attrs) {
+                bail!("{why}");
+            }
             let fault = Fault {
                 name: args.fault.name.clone(),
                 kind: FaultKind::from_parts(&args.kind, attrs)?,

@@ -12,6 +12,7 @@
 //! The client subcommands take `--control URL` (default `http://127.0.0.1:8474`, or
 //! `TETHER_PROXY_CONTROL`) and `--json` for machine output.
 
+mod attrs;
 mod client;
 
 use std::net::SocketAddr;
@@ -101,6 +102,7 @@ pub enum ProxyCommand {
 #[derive(Debug, Clone, Subcommand)]
 pub enum FaultCommand {
     /// Add a fault.
+    #[command(after_help = attrs::help())]
     Add(FaultAddArgs),
     /// Remove a fault by name; prints it with its counters at the removal.
     Remove(FaultRef),
@@ -153,7 +155,8 @@ pub struct FaultAddArgs {
     /// Share of connections the fault applies to, in [0, 1].
     #[arg(long, default_value_t = 1.0)]
     pub toxicity: f64,
-    /// Attribute of the kind as key=value, e.g. latency_ms=200; repeatable.
+    /// Attribute of the kind as key=value, e.g. latency_ms=200; repeatable. Each kind's are
+    /// listed below.
     #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse_attr)]
     pub attrs: Vec<(String, serde_json::Value)>,
     /// Apply only to links of this worker; repeatable. Default: every link. A link's worker is
@@ -420,6 +423,28 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    /// `fault add --help` lists each kind's attributes, required and optional, with units.
+    #[test]
+    fn fault_add_help_lists_each_kinds_attributes() {
+        let e = parse(&["fault", "add", "--help"]).expect_err("help");
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp);
+        let help = e.to_string();
+        for line in [
+            "  latency     latency_ms=<ms> [jitter_ms=<ms> (default 0)]",
+            "  blackhole   (none)",
+            "  corrupt     rate=<0..1>",
+            "  stall       loss_rate=<0..1> stall_ms=<ms>",
+        ] {
+            assert!(help.contains(line), "{line:?} not in:\n{help}");
+        }
+        for kind in KIND_NAMES {
+            assert!(
+                help.contains(&format!("\n  {kind} ")),
+                "{kind} not in:\n{help}"
+            );
+        }
     }
 
     #[test]
