@@ -65,8 +65,12 @@ pub const OVERSIZE_FRAMES: &str = "tether_oversize_frames_total";
 // Tasks.
 /// Gauge: tasks by `state`.
 pub const TASKS: &str = "tether_tasks";
-/// Gauge: tasks waiting for a worker.
+/// Gauge: tasks waiting for a worker, by `priority` (0 to 9, each always there; `sum()` is the
+/// depth).
 pub const QUEUE_DEPTH: &str = "tether_queue_depth";
+/// The `priority` labels of [`QUEUE_DEPTH`], index = priority.
+pub const PRIORITY_LABELS: [&str; crate::core::queue::PRIORITIES] =
+    ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
 /// Counter: tasks that reached a terminal state, by `status`.
 pub const TASKS_FINISHED: &str = "tether_tasks_finished_total";
 /// Counter: results received, by `disposition` (recorded, duplicate, stale, rejected).
@@ -169,17 +173,106 @@ pub fn install() -> PrometheusHandle {
                 );
             }
             describe();
-            // The counters alerts watch with `increase()`, shown at 0 from the start: a series
-            // that first appears at its value (an id conflict comes as three refusals) has
-            // no increase to Prometheus, and the first episode of a process would not alert.
-            for name in [WORKERS_LOST, ID_CONFLICTS, CHECKPOINTS_TOO_LARGE, RECONNECTIONS] {
-                metrics::counter!(name).increment(0);
-            }
-            MESSAGES_IN_BY_TYPE.register();
-            MESSAGES_OUT_BY_TYPE.register();
+            register();
             handle
         })
         .clone()
+}
+
+/// `reason`s of [`SESSIONS_ENDED`]: how a session's loop in `ws` ends.
+pub const SESSION_END_REASONS: &[&str] = &[
+    "closed",
+    "timeout",
+    "error",
+    "oversize",
+    "invalid_utf8",
+    "integrity",
+    "coordinator",
+];
+/// `disposition`s of [`RESULTS`]: [`disposition`]'s, and `cancelled` (a stale result of an
+/// attempt a cancel ended, counted apart).
+pub const RESULT_DISPOSITIONS: &[&str] =
+    &["recorded", "duplicate", "stale", "cancelled", "rejected"];
+/// `direction`s of [`ERRORS`].
+pub const ERROR_DIRECTIONS: &[&str] = &["sent", "received"];
+/// `code`s of [`ERRORS`]: every [`ErrorCode`](tether_proto::msg::ErrorCode).
+pub const ERROR_CODES: &[tether_proto::msg::ErrorCode] = {
+    use tether_proto::msg::ErrorCode as E;
+    &[
+        E::UnknownType,
+        E::BadFrame,
+        E::Unexpected,
+        E::NotLeased,
+        E::IncompatibleProtocol,
+        E::Unauthorized,
+        E::RateLimited,
+        E::BadMac,
+        E::Internal,
+    ]
+};
+
+/// Makes every counter and histogram family exist before its first event, counters at 0 for
+/// each label value known up front (reasons, codes, statuses, dispositions), histograms empty:
+/// a rule over one (`rate(tether_mac_failures_total[5m])`) reads 0, not nothing, and a series
+/// that first appeared at its value (an id conflict comes as three refusals) would be no
+/// increase to Prometheus, so the first episode of a process would not alert. Gauges are set
+/// at each scrape or look, but [`STORE_OUT_OF_SPACE`], set only as a commit starts or stops
+/// waiting for space: 0 until then.
+fn register() {
+    metrics::gauge!(STORE_OUT_OF_SPACE).set(0.0);
+    for name in [
+        CONNECTIONS,
+        RECONNECTIONS,
+        SESSIONS_REPLACED,
+        ID_CONFLICTS,
+        CHECKPOINTS_TOO_LARGE,
+        WORKERS_LOST,
+        MAC_FAILURES,
+        OVERSIZE_FRAMES,
+        ASSIGNMENTS,
+        REQUEUED,
+        TASKS_EXPIRED,
+        CHECKPOINT_BYTES,
+        CHECKPOINT_BYTES_SERVED,
+        STORE_COMMITS,
+        STORE_MUTATIONS,
+        STORE_DIRECT,
+        STORE_FOLD_ROUNDS,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for &reason in SESSION_END_REASONS {
+        metrics::counter!(SESSIONS_ENDED, "reason" => reason).increment(0);
+    }
+    for &d in RESULT_DISPOSITIONS {
+        metrics::counter!(RESULTS, "disposition" => d).increment(0);
+    }
+    for code in ERROR_CODES {
+        for &direction in ERROR_DIRECTIONS {
+            metrics::counter!(ERRORS, "code" => code.as_str(), "direction" => direction)
+                .increment(0);
+        }
+    }
+    let ended = tether_proto::TaskStatus::ALL
+        .into_iter()
+        .filter(|s| s.is_terminal());
+    for status in ended {
+        metrics::counter!(TASKS_FINISHED, "status" => status.as_str()).increment(0);
+        // Registered: rendered with no observation.
+        let _ = metrics::histogram!(TASK_DURATION, "outcome" => status.as_str());
+    }
+    for name in [
+        DEAD_DETECT,
+        RECONNECT_DURATION,
+        HEARTBEAT_RTT,
+        DISPATCH_LATENCY,
+        CHECKPOINT_SIZE,
+        STORE_COMMIT,
+    ] {
+        let _ = metrics::histogram!(name);
+    }
+    MESSAGES_IN_BY_TYPE.register();
+    MESSAGES_OUT_BY_TYPE.register();
 }
 
 /// The recorder's configuration: histograms with buckets (not summaries).
@@ -240,7 +333,11 @@ pub async fn scrape(State(app): State<Arc<AppState>>) -> Response {
             for (state, n) in &overview.workers {
                 metrics::gauge!(WORKERS, "state" => *state).set(*n as f64);
             }
-            metrics::gauge!(QUEUE_DEPTH).set(overview.queued as f64);
+            // By priority, as the queue keeps it; `sum()` is the depth.
+            let queued = app.counters.queued.get();
+            for (priority, n) in PRIORITY_LABELS.iter().zip(queued) {
+                metrics::gauge!(QUEUE_DEPTH, "priority" => *priority).set(n as f64);
+            }
             for (name, n) in &overview.counters {
                 metrics::counter!(CORE_COUNTERS, "name" => *name).absolute(*n);
             }
@@ -320,7 +417,10 @@ fn describe() {
         "worker frames dropped because their integrity tag did not verify"
     );
     describe_gauge!(TASKS, "tasks by state");
-    describe_gauge!(QUEUE_DEPTH, "tasks waiting for a worker");
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "tasks waiting for a worker, by priority (sum() for all)"
+    );
     describe_gauge!(
         MODEL_STALE,
         "1 when the last scrape got no overview from the core in time (task, worker and queue gauges from an earlier one)"

@@ -277,6 +277,8 @@ pub struct Counters {
     pub slow_writes: AtomicU64,
     /// Sessions open now (past their welcome): the fleet the heartbeat budget is shared by.
     pub sessions_open: AtomicU64,
+    /// Queued tasks by priority, kept by the queue (`tether_queue_depth{priority}`).
+    pub queued: Arc<queue::Depths>,
 }
 
 impl Counters {
@@ -537,7 +539,7 @@ impl Core {
         let mut core = Self {
             cfg,
             tasks: IdMap::with_capacity_and_hasher(loaded.tasks.len(), Default::default()),
-            queue: queue::Queue::default(),
+            queue: queue::Queue::sharing(counters.queued.clone()),
             workers: IdMap::default(),
             free: BTreeSet::new(),
             resting: Vec::new(),

@@ -10,6 +10,8 @@
 //! the choice of worker and any chain of moves that makes room ([`plan`]) work over classes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tether_proto::{TaskId, TaskSpec, WorkerId};
 
@@ -74,14 +76,51 @@ fn frame_needed(config: &tether_proto::msg::JsonText) -> usize {
     }
 }
 
+/// Priorities a task may have (0..=[`tether_proto::task::MAX_PRIORITY`]).
+pub const PRIORITIES: usize = tether_proto::task::MAX_PRIORITY as usize + 1;
+
+/// Queued tasks by priority, kept by the [`Queue`] as it changes and read by `/metrics`
+/// (`tether_queue_depth{priority}`) without asking the core.
+#[derive(Debug, Default)]
+pub struct Depths([AtomicU64; PRIORITIES]);
+
+impl Depths {
+    /// Queued tasks of each priority, index = priority.
+    pub fn get(&self) -> [u64; PRIORITIES] {
+        std::array::from_fn(|p| self.0[p].load(Ordering::Relaxed))
+    }
+
+    fn of(&self, priority: u8) -> &AtomicU64 {
+        // A priority past the last (validated away at submission) counts as the last.
+        &self.0[usize::from(priority).min(PRIORITIES - 1)]
+    }
+
+    fn add(&self, priority: u8) {
+        self.of(priority).fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn sub(&self, priority: u8) {
+        self.of(priority).fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Queued tasks, grouped by requirement.
 #[derive(Debug, Default)]
 pub struct Queue {
     groups: HashMap<Requirement, BTreeSet<QueueKey>>,
     len: usize,
+    depths: Arc<Depths>,
 }
 
 impl Queue {
+    /// An empty queue that keeps its depth by priority in `depths`.
+    pub fn sharing(depths: Arc<Depths>) -> Self {
+        Self {
+            depths,
+            ..Self::default()
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -91,6 +130,7 @@ impl Queue {
     }
 
     pub fn insert(&mut self, spec: &TaskSpec, key: QueueKey) {
+        let priority = key.0;
         if self
             .groups
             .entry(Requirement::of(spec))
@@ -98,6 +138,7 @@ impl Queue {
             .insert(key)
         {
             self.len += 1;
+            self.depths.add(priority);
         }
     }
 
@@ -112,6 +153,9 @@ impl Queue {
             self.groups.remove(&req);
         }
         self.len -= usize::from(removed);
+        if removed {
+            self.depths.sub(key.0);
+        }
         removed
     }
 
@@ -130,6 +174,7 @@ impl Queue {
             self.groups.remove(&req);
         }
         self.len -= 1;
+        self.depths.sub(key.0);
         Some(key)
     }
 }
@@ -196,6 +241,9 @@ pub fn plan(
         .collect();
     queue.groups.retain(|_, g| !g.is_empty());
     queue.len -= leases.len();
+    for ((priority, ..), _) in &leases {
+        queue.depths.sub(*priority);
+    }
     for id in full {
         free.remove(&id);
     }
@@ -490,6 +538,43 @@ mod tests {
         let order: Vec<(u64, &str)> = plan.iter().map(|(k, w)| (k.1, w.as_str())).collect();
         assert_eq!(order, vec![(0, "a"), (1, "b"), (2, "a"), (3, "b")]);
         assert!(free.is_empty(), "both workers are full");
+        assert_eq!(q.len(), 1);
+    }
+
+    /// The depth by priority follows every way in and out of the queue: insert (once per
+    /// key), remove, `pop_for` and `plan`.
+    #[test]
+    fn depths_by_priority_follow_the_queue() {
+        let depths = Arc::new(Depths::default());
+        let mut q = Queue::sharing(depths.clone());
+        let at = |p: &[(usize, u64)]| {
+            let mut d = [0; PRIORITIES];
+            for &(i, n) in p {
+                d[i] = n;
+            }
+            d
+        };
+        let low = task(&mut q, "sleep", 9, 1);
+        // Inserted again: not queued twice.
+        q.insert(
+            &TaskSpec::new("sleep", serde_json::Value::Null),
+            low.clone(),
+        );
+        task(&mut q, "sleep", 0, 2);
+        task(&mut q, "sleep", 0, 3);
+        let cmd = task(&mut q, "command", 5, 4);
+        assert_eq!(depths.get(), at(&[(0, 2), (5, 1), (9, 1)]));
+        let mut spec = TaskSpec::new("command", serde_json::Value::Null);
+        spec.priority = 5;
+        assert!(q.remove(&spec, &cmd));
+        assert!(!q.remove(&spec, &cmd));
+        assert_eq!(depths.get(), at(&[(0, 2), (9, 1)]));
+        assert_eq!(q.pop_for(&worker("a", &["sleep"], 1)).map(|k| k.0), Some(0));
+        assert_eq!(depths.get(), at(&[(0, 1), (9, 1)]));
+        let workers = fleet(vec![worker("b", &["sleep"], 1)]);
+        let mut free: BTreeSet<WorkerId> = workers.keys().cloned().collect();
+        assert_eq!(plan(&mut q, &mut free, &workers, None).len(), 1);
+        assert_eq!(depths.get(), at(&[(9, 1)]));
         assert_eq!(q.len(), 1);
     }
 

@@ -1,0 +1,201 @@
+//! A fresh coordinator's `/metrics`: every family the coordinator's table in
+//! docs/OPERATIONS.md names is exported before anything happened, with the type the table
+//! gives, so that a rule over a counter (`rate(tether_mac_failures_total[5m])`) reads 0, not
+//! nothing, until its first event. The table is read from the document, so a family added to
+//! it and not exported fails here.
+//!
+//! The recorder is process-wide, so this binary holds nothing else that records a family
+//! before the first scrape: its other test makes no worker session and only submits, and its
+//! gauges are set from its own coordinator at each scrape.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// How long a step may take before the test fails rather than hangs.
+const STEP: Duration = Duration::from_secs(30);
+
+/// The (name, type) of every family in the coordinator's metrics table of OPERATIONS.md.
+fn documented_families() -> Vec<(String, String)> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/OPERATIONS.md");
+    let doc = std::fs::read_to_string(path).expect("read docs/OPERATIONS.md");
+    let section = doc
+        .split_once("### Coordinator (`/metrics` on the coordinator)")
+        .expect("the coordinator's metrics section")
+        .1;
+    let mut families = Vec::new();
+    for row in section
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .filter(|l| l.starts_with("| `"))
+    {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        // "", metric(s), type, labels, meaning, "".
+        let (names, kind) = (cells[1], cells[2]);
+        for name in names.split('`').skip(1).step_by(2) {
+            families.push((name.to_owned(), kind.to_owned()));
+        }
+    }
+    families
+}
+
+/// A request over a plain HTTP/1.1 connection: status code and body.
+async fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(format!("{head}{body}").as_bytes())
+        .await
+        .expect("send the request");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)
+        .await
+        .expect("read the answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (status, body.to_owned())
+}
+
+/// `GET /metrics`.
+async fn scrape(addr: SocketAddr) -> (u16, String) {
+    request(addr, "GET", "/metrics", "").await
+}
+
+/// A coordinator in `dir` on `127.0.0.1:0`, started.
+async fn start(
+    dir: &std::path::Path,
+) -> (
+    SocketAddr,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), tether_coordinator::ServerError>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = CancellationToken::new();
+    let (started, on_start) = tokio::sync::oneshot::channel();
+    let join = tokio::spawn(tether_coordinator::run_with(
+        listener,
+        tether_coordinator::CoordinatorConfig::new(dir),
+        shutdown.clone(),
+        move |_| {
+            let _ = started.send(());
+        },
+    ));
+    tokio::time::timeout(STEP, on_start)
+        .await
+        .expect("started in time")
+        .expect("started");
+    (addr, shutdown, join)
+}
+
+/// Stops a coordinator [`start`] started.
+async fn stop(
+    shutdown: CancellationToken,
+    join: tokio::task::JoinHandle<Result<(), tether_coordinator::ServerError>>,
+) {
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(STEP, join)
+        .await
+        .expect("stopped in time")
+        .expect("the coordinator's task");
+    stopped.expect("stopped cleanly");
+}
+
+#[tokio::test]
+async fn a_fresh_coordinator_exports_every_documented_family() {
+    let families = documented_families();
+    // The table as it stood when this test was written had 44 names; a parse that finds far
+    // fewer read the wrong lines.
+    assert!(families.len() >= 40, "parsed {families:?}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (addr, shutdown, join) = start(dir.path()).await;
+
+    let (status, text) = tokio::time::timeout(STEP, scrape(addr))
+        .await
+        .expect("scraped in time");
+    assert_eq!(status, 200, "{text}");
+    let missing: Vec<String> = families
+        .iter()
+        .filter(|(name, kind)| {
+            let typed = text.contains(&format!("# TYPE {name} {kind}\n"));
+            // A sample of it: `name 0`, `name{...} 0`, or a histogram's `name_count 0`.
+            let sampled = text.lines().any(|l| {
+                l.strip_prefix(name.as_str()).is_some_and(|rest| {
+                    rest.starts_with(' ') || rest.starts_with('{') || rest.starts_with("_count")
+                })
+            });
+            !(typed && sampled)
+        })
+        .map(|(name, kind)| format!("{name} ({kind})"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "documented and not exported by a fresh coordinator: {missing:?}\n{text}"
+    );
+
+    stop(shutdown, join).await;
+}
+
+/// The queue's depth by priority, `priority` "0" to "9", from a scrape.
+fn depths(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("tether_queue_depth{priority=\""))
+        .filter_map(|rest| {
+            let (p, v) = rest.split_once("\"} ")?;
+            Some((p.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_queue_depth_is_exported_by_priority() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (addr, shutdown, join) = start(dir.path()).await;
+    // No worker: they all wait.
+    let tasks = r#"{"tasks": [
+        {"kind": "sleep", "priority": 1},
+        {"kind": "sleep", "priority": 1},
+        {"kind": "sleep", "priority": 7}
+    ]}"#;
+    let (status, body) = tokio::time::timeout(STEP, request(addr, "POST", "/api/v1/tasks", tasks))
+        .await
+        .expect("submitted in time");
+    assert_eq!(status, 201, "{body}");
+    let want: Vec<(String, f64)> = (0..10)
+        .map(|p| {
+            let n = match p {
+                1 => 2.0,
+                7 => 1.0,
+                _ => 0.0,
+            };
+            (p.to_string(), n)
+        })
+        .collect();
+    // Queued by the core as the submission is answered; looked at until then, boundedly.
+    let mut seen = Vec::new();
+    for _ in 0..500 {
+        let (status, text) = tokio::time::timeout(STEP, scrape(addr))
+            .await
+            .expect("scraped in time");
+        assert_eq!(status, 200, "{text}");
+        seen = depths(&text);
+        seen.sort_by(|a, b| a.0.cmp(&b.0));
+        if seen == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen, want, "tether_queue_depth by priority");
+    stop(shutdown, join).await;
+}
