@@ -286,8 +286,9 @@ pub struct ConnStats {
     pub rtt_p50_ms: f64,
     pub rtt_p95_ms: f64,
     pub rtt_p99_ms: f64,
-    /// Time from losing a session to the next registered one.
+    /// Sessions lost and followed by a registered one (a count).
     pub reconnects: u64,
+    /// Time from losing a session to the next registered one: mean and longest, ms.
     pub reconnect_avg_ms: f64,
     pub reconnect_max_ms: f64,
     /// Current adaptive values.
