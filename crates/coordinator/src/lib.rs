@@ -10,6 +10,7 @@
 //! - [`store`]: SQLite persistence with group commit; effects run after commit.
 //! - [`admission`]: connection limits at accept, and the token bucket of rate limits.
 //! - [`auth`]: worker secrets and API tokens.
+//! - [`ratelimit`]: log lines a fleet can repeat without end, said once a window.
 //! - [`tls`]: the rustls server configuration from PEM files.
 //! - [`config`]: settings and their defaults.
 
@@ -23,6 +24,7 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod openapi;
+pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod tls;

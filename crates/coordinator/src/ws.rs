@@ -1694,7 +1694,15 @@ impl Conn<'_> {
             .counters
             .auth_failures
             .fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(worker = %self.worker, session = self.session_id, reason = %e, "worker authentication failed; closing with 4001");
+        // Once a window per worker and reason at WARN: a fleet left on an old secret tries
+        // again without end.
+        let reason = e.to_string();
+        let said = crate::ratelimit::auth_refusal(self.worker.as_str(), &reason);
+        if said.warn {
+            tracing::warn!(worker = %self.worker, session = self.session_id, %reason, repeats_at_debug = said.repeats, "worker authentication failed; closing with 4001 (its repeats for this reason within 10 min are logged at debug; `repeats_at_debug` counts those of the last window)");
+        } else {
+            tracing::debug!(worker = %self.worker, session = self.session_id, %reason, repeat = said.repeats, "worker authentication failed again; closing with 4001");
+        }
         let message = match e {
             // Our own file problem is logged, not told.
             Unchecked::Secret(_) => AuthError::BadSignature.to_string(),
