@@ -503,3 +503,37 @@ fn describe() {
         "free space for the coordinator in the data directory's file system (looked at every 10 s)"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use tether_proto::msg::ErrorCode as E;
+
+    /// [`super::ERROR_CODES`] lists every code once: a code added to `ErrorCode` stops this
+    /// match compiling until it is listed here, and then fails it until it is listed there.
+    #[test]
+    fn every_error_code_is_registered_once() {
+        let every = |c: E| match c {
+            E::UnknownType
+            | E::BadFrame
+            | E::Unexpected
+            | E::NotLeased
+            | E::IncompatibleProtocol
+            | E::Unauthorized
+            | E::RateLimited
+            | E::BadMac
+            | E::Internal => c,
+        };
+        let all = [
+            every(E::UnknownType),
+            every(E::BadFrame),
+            every(E::Unexpected),
+            every(E::NotLeased),
+            every(E::IncompatibleProtocol),
+            every(E::Unauthorized),
+            every(E::RateLimited),
+            every(E::BadMac),
+            every(E::Internal),
+        ];
+        assert_eq!(super::ERROR_CODES, all);
+    }
+}
