@@ -1063,6 +1063,9 @@ mod tests {
         let (c, k, first, files, config) = serve_first(dir.path());
         let roots = [first.clone()];
         assert_eq!(handshake(&config, &roots), Ok(first.clone()));
+        // The look the handshake started ends before the file grows (else it may be the one
+        // to refuse it).
+        looks_ended(&files);
 
         grow(&c, MAX_FILE_LEN + 1);
         assert_eq!(files.reload_if_changed(), Look::Refused, "too large");
@@ -1186,6 +1189,10 @@ mod tests {
         let (c, k, first, files, config) = serve_first(dir.path());
         let roots = [first.clone()];
         assert_eq!(handshake(&config, &roots), Ok(first.clone()));
+        // The handshake started a look (due at once here): had it not ended before the FIFO
+        // came, on a loaded machine it could read the FIFO first, and the look below would
+        // find the refusal already made (unchanged) or be outrun.
+        looks_ended(&files);
 
         std::fs::remove_file(&c).expect("remove");
         nix::unistd::mkfifo(&c, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
