@@ -711,12 +711,10 @@ mod tests {
         (server, tokio_rustls::TlsConnector::from(Arc::new(client)))
     }
 
-    /// The TLS handshake of a client trusting `trusted` with a server presenting `served`.
-    async fn handshake_with(
-        served: Signed,
-        trusted: rustls::pki_types::CertificateDer<'static>,
-    ) -> Result<(), super::ConnectError> {
-        let (server, connector) = tls_configs(served, trusted);
+    /// A TLS server on a free loopback port that takes one connection and its handshake
+    /// (which fails once the client gives up on the certificate, or is answered with an alert
+    /// where the client sent a plain request): its port and its task.
+    async fn serving_once(server: rustls::ServerConfig) -> (u16, tokio::task::JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -724,9 +722,18 @@ mod tests {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
         let serving = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.expect("accept");
-            // Fails once the client gives up on the certificate.
             let _ = acceptor.accept(tcp).await;
         });
+        (port, serving)
+    }
+
+    /// The TLS handshake of a client trusting `trusted` with a server presenting `served`.
+    async fn handshake_with(
+        served: Signed,
+        trusted: rustls::pki_types::CertificateDer<'static>,
+    ) -> Result<(), super::ConnectError> {
+        let (server, connector) = tls_configs(served, trusted);
+        let (port, serving) = serving_once(server).await;
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .expect("connect");
@@ -904,16 +911,7 @@ mod tests {
         let served = signed("ca", (2020, 1, 1), (4000, 1, 1));
         let ca = served.ca.clone();
         let (server, _) = tls_configs(served, ca);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-        let serving = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.expect("accept");
-            // Fails on the plain request, answering it with an alert.
-            let _ = acceptor.accept(tcp).await;
-        });
+        let (port, serving) = serving_once(server).await;
         let attempt = super::TcpConnector::default().connect(
             format!("ws://127.0.0.1:{port}/ws/w1"),
             super::ws_config(1 << 20),

@@ -2810,6 +2810,49 @@ mod tests {
             .collect()
     }
 
+    /// Starts a `shell` task that runs `first`, says it is ready and waits for `dir/stop`,
+    /// with a 60 s checkpoint poll (only a request makes it look); returns once it is ready.
+    async fn started_waiting(
+        dir: &Path,
+        first: &str,
+        ctx: TaskCtx,
+    ) -> tokio::task::JoinHandle<Result<serde_json::Value, ExecError>> {
+        let script =
+            format!(r#"{first}touch "$D/ready"; while [ ! -e "$D/stop" ]; do sleep 0.02; done"#);
+        let config = serde_json::json!({
+            "shell": script,
+            "env": {"D": dir},
+            "checkpoint_poll_ms": 60_000,
+        });
+        let run = tokio::spawn(exec(config, ctx));
+        wait_for("the task started", || dir.join("ready").exists()).await;
+        run
+    }
+
+    /// Asks the task for a checkpoint and waits until it answers with a refusal: what it said.
+    async fn answer_to_a_request(
+        control: &TaskControl,
+        probe: &TaskCtx,
+    ) -> Vec<(Option<CheckpointId>, String)> {
+        control.request_checkpoint();
+        let mut said = Vec::new();
+        wait_for("the answer to the request", || {
+            said.extend(refusals(probe));
+            !said.is_empty()
+        })
+        .await;
+        said
+    }
+
+    /// Stops a task [`started_waiting`] started and checks that it exited 0.
+    async fn stop_waiting(
+        dir: &Path,
+        run: tokio::task::JoinHandle<Result<serde_json::Value, ExecError>>,
+    ) {
+        std::fs::write(dir.join("stop"), "").expect("stop");
+        run.await.expect("joined").expect("exit 0");
+    }
+
     /// A checkpoint request that finds the directory as it was shipped is answered at once
     /// with a `checkpoint_error` naming that checkpoint (naming none in its `checkpoint_id`:
     /// the coordinator would drop the runner's re-upload of it), and ships nothing. Before,
@@ -2822,15 +2865,8 @@ mod tests {
         let cp_dir = dir.path().join("cp");
         let ctx = ctx.with_checkpoint_dir(cp_dir.clone());
         let (outbox, probe) = (ctx.outbox().clone(), ctx.clone());
-        let script = r#"echo 1 > "$TETHER_CHECKPOINT_DIR/n"; touch "$D/ready"
-            while [ ! -e "$D/stop" ]; do sleep 0.02; done"#;
-        let config = serde_json::json!({
-            "shell": script,
-            "env": {"D": dir.path()},
-            "checkpoint_poll_ms": 60_000,
-        });
-        let run = tokio::spawn(exec(config, ctx));
-        wait_for("the state written", || dir.path().join("ready").exists()).await;
+        let first = r#"echo 1 > "$TETHER_CHECKPOINT_DIR/n"; "#;
+        let run = started_waiting(dir.path(), first, ctx).await;
         control.request_checkpoint();
         wait_for("the requested checkpoint", || {
             control.latest_checkpoint().is_some()
@@ -2844,13 +2880,7 @@ mod tests {
             "a request that shipped says nothing: {said:?}"
         );
 
-        control.request_checkpoint();
-        let mut said = Vec::new();
-        wait_for("the answer to the second request", || {
-            said.extend(refusals(&probe));
-            !said.is_empty()
-        })
-        .await;
+        let said = answer_to_a_request(&control, &probe).await;
         let why = format!(
             "the checkpoint dir is unchanged since checkpoint {shipped}: nothing new to ship ({})",
             cp_dir.display()
@@ -2859,8 +2889,7 @@ mod tests {
         let queued = queued_kinds(&outbox);
         assert!(queued.is_empty(), "nothing shipped: {queued:?}");
         assert_eq!(control.shared.latest().map(|c| c.id), Some(shipped));
-        std::fs::write(dir.path().join("stop"), "").expect("stop");
-        run.await.expect("joined").expect("exit 0");
+        stop_waiting(dir.path(), run).await;
     }
 
     /// A request to a task that resumed from a checkpoint and has not changed its directory
@@ -2879,21 +2908,8 @@ mod tests {
             .with_checkpoint(packed);
         let resumed = control.shared.latest().expect("resumed from").id;
         let probe = ctx.clone();
-        let script = r#"touch "$D/ready"; while [ ! -e "$D/stop" ]; do sleep 0.02; done"#;
-        let config = serde_json::json!({
-            "shell": script,
-            "env": {"D": dir.path()},
-            "checkpoint_poll_ms": 60_000,
-        });
-        let run = tokio::spawn(exec(config, ctx));
-        wait_for("the task started", || dir.path().join("ready").exists()).await;
-        control.request_checkpoint();
-        let mut said = Vec::new();
-        wait_for("the answer", || {
-            said.extend(refusals(&probe));
-            !said.is_empty()
-        })
-        .await;
+        let run = started_waiting(dir.path(), "", ctx).await;
+        let said = answer_to_a_request(&control, &probe).await;
         assert_eq!(said.len(), 1, "{said:?}");
         assert!(
             said[0]
@@ -2902,8 +2918,7 @@ mod tests {
             "{said:?}"
         );
         assert_eq!(control.shared.latest().map(|c| c.id), Some(resumed));
-        std::fs::write(dir.path().join("stop"), "").expect("stop");
-        run.await.expect("joined").expect("exit 0");
+        stop_waiting(dir.path(), run).await;
     }
 
     /// A request to a task that has written nothing in its checkpoint directory says so, with
@@ -2916,21 +2931,8 @@ mod tests {
         let cp_dir = dir.path().join("cp");
         let ctx = ctx.with_checkpoint_dir(cp_dir.clone());
         let (outbox, probe) = (ctx.outbox().clone(), ctx.clone());
-        let script = r#"touch "$D/ready"; while [ ! -e "$D/stop" ]; do sleep 0.02; done"#;
-        let config = serde_json::json!({
-            "shell": script,
-            "env": {"D": dir.path()},
-            "checkpoint_poll_ms": 60_000,
-        });
-        let run = tokio::spawn(exec(config, ctx));
-        wait_for("the task started", || dir.path().join("ready").exists()).await;
-        control.request_checkpoint();
-        let mut said = Vec::new();
-        wait_for("the answer", || {
-            said.extend(refusals(&probe));
-            !said.is_empty()
-        })
-        .await;
+        let run = started_waiting(dir.path(), "", ctx).await;
+        let said = answer_to_a_request(&control, &probe).await;
         let why = format!(
             "the task has written no checkpoint in {} (it holds no files)",
             cp_dir.display()
@@ -2939,8 +2941,7 @@ mod tests {
         let queued = queued_kinds(&outbox);
         assert!(queued.is_empty(), "nothing shipped: {queued:?}");
         assert!(control.latest_checkpoint().is_none());
-        std::fs::write(dir.path().join("stop"), "").expect("stop");
-        run.await.expect("joined").expect("exit 0");
+        stop_waiting(dir.path(), run).await;
     }
 
     /// The packs queued for upload in `outbox`, by checkpoint, their pieces put together.
