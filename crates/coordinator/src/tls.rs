@@ -1062,10 +1062,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (c, k, first, files, config) = serve_first(dir.path());
         let roots = [first.clone()];
-        assert_eq!(handshake(&config, &roots), Ok(first.clone()));
-        // The look the handshake started ends before the file grows (else it may be the one
-        // to refuse it).
-        looks_ended(&files);
+        served_and_looked(&config, &roots, &files);
 
         grow(&c, MAX_FILE_LEN + 1);
         assert_eq!(files.reload_if_changed(), Look::Refused, "too large");
@@ -1188,11 +1185,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (c, k, first, files, config) = serve_first(dir.path());
         let roots = [first.clone()];
-        assert_eq!(handshake(&config, &roots), Ok(first.clone()));
-        // The handshake started a look (due at once here): had it not ended before the FIFO
-        // came, on a loaded machine it could read the FIFO first, and the look below would
-        // find the refusal already made (unchanged) or be outrun.
-        looks_ended(&files);
+        served_and_looked(&config, &roots, &files);
 
         std::fs::remove_file(&c).expect("remove");
         nix::unistd::mkfifo(&c, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
@@ -1258,6 +1251,19 @@ mod tests {
         let files = Arc::new(CertFiles::load(&c, &k, provider(), Duration::ZERO).expect("load"));
         let config = serving(Arc::clone(&files), provider()).expect("config");
         (c, k, first, files, config)
+    }
+
+    /// Checks that a handshake is served the first of `roots`, and waits for the look it
+    /// started (due at once after [`serve_first`]) to end: a test that changes the files next
+    /// would otherwise race it on a loaded machine (it could read the change first, and the
+    /// test's own look find the refusal made already, or be outrun).
+    fn served_and_looked(
+        config: &Arc<rustls::ServerConfig>,
+        roots: &[CertificateDer<'static>],
+        files: &CertFiles,
+    ) {
+        assert_eq!(handshake(config, roots), Ok(roots[0].clone()));
+        looks_ended(files);
     }
 
     /// Renews the certificate and key `(c, k)` (see [`renew`]) and waits until handshakes,

@@ -2324,6 +2324,15 @@ mod tests {
         counters: Arc<Counters>,
     }
 
+    /// A [`FakeCore`] (its queue `queue` long) behind a coordinator with this heartbeat
+    /// interval and timeout (ms), its other settings the defaults.
+    async fn beating(interval_ms: u64, timeout_ms: u64, queue: usize) -> FakeCore {
+        let mut cfg = crate::CoordinatorConfig::new("/unused");
+        cfg.heartbeat_interval = Duration::from_millis(interval_ms);
+        cfg.heartbeat_timeout = Duration::from_millis(timeout_ms);
+        FakeCore::start(cfg, queue).await
+    }
+
     impl FakeCore {
         async fn start(cfg: crate::CoordinatorConfig, queue: usize) -> Self {
             let (tx, events) = tokio::sync::mpsc::channel(queue);
@@ -2571,10 +2580,7 @@ mod tests {
     /// worker has its whole timeout from then on to send its next frame.
     #[tokio::test]
     async fn a_session_waiting_on_a_full_core_queue_is_not_timed_out_for_it() {
-        let mut cfg = crate::CoordinatorConfig::new("/unused");
-        cfg.heartbeat_interval = Duration::from_millis(100);
-        cfg.heartbeat_timeout = Duration::from_millis(400);
-        let mut core = FakeCore::start(cfg, 1).await;
+        let mut core = beating(100, 400, 1).await;
         let (mut ws, _session) = registered(&mut core, "w-slow-core").await;
         // The first frame's event fills the queue; the second's waits for room.
         send_json(&mut ws, task_state(1)).await;
@@ -2615,10 +2621,7 @@ mod tests {
     /// is out the pings stop and the worker has its whole timeout from then.
     #[tokio::test]
     async fn a_worker_waiting_for_its_registration_ack_behind_a_held_commit_is_pinged_and_kept() {
-        let mut cfg = crate::CoordinatorConfig::new("/unused");
-        cfg.heartbeat_interval = Duration::from_millis(100);
-        cfg.heartbeat_timeout = Duration::from_millis(400);
-        let mut core = FakeCore::start(cfg, 16).await;
+        let mut core = beating(100, 400, 16).await;
         let (mut ws, session) = unacknowledged(&mut core, "w-awaiting").await;
         // The commit is not held: no ping, and no close past the timeout either.
         assert_eq!(pings_for(&mut ws, Duration::from_millis(1000)).await, 0);
@@ -2647,10 +2650,7 @@ mod tests {
     #[tokio::test]
     async fn a_worker_that_answers_no_ping_while_its_registration_ack_is_held_is_dropped() {
         use tokio_tungstenite::tungstenite::Message as M;
-        let mut cfg = crate::CoordinatorConfig::new("/unused");
-        cfg.heartbeat_interval = Duration::from_millis(100);
-        cfg.heartbeat_timeout = Duration::from_millis(400);
-        let mut core = FakeCore::start(cfg, 16).await;
+        let mut core = beating(100, 400, 16).await;
         let (mut ws, session) = unacknowledged(&mut core, "w-gone").await;
         // Held, and the worker reads nothing from here on: no pong answers the pings.
         core.store_stats.group_begins();
@@ -2760,10 +2760,7 @@ mod tests {
     /// gets it once there is room.
     #[tokio::test]
     async fn a_registration_waiting_on_a_full_core_queue_has_its_worker_pinged() {
-        let mut cfg = crate::CoordinatorConfig::new("/unused");
-        cfg.heartbeat_interval = Duration::from_millis(100);
-        cfg.heartbeat_timeout = Duration::from_millis(400);
-        let mut core = FakeCore::start(cfg, 1).await;
+        let mut core = beating(100, 400, 1).await;
         let (mut first, _session) = registered(&mut core, "w-first").await;
         // The first worker's frame fills the core's queue.
         send_json(&mut first, task_state(1)).await;
@@ -2788,10 +2785,7 @@ mod tests {
     #[tokio::test]
     async fn a_worker_stating_its_timeout_is_pinged_at_a_third_of_it_and_one_stating_none_every_250_ms()
      {
-        let mut cfg = crate::CoordinatorConfig::new("/unused");
-        cfg.heartbeat_interval = Duration::from_millis(1000);
-        cfg.heartbeat_timeout = Duration::from_millis(3000);
-        let mut core = FakeCore::start(cfg, 16).await;
+        let mut core = beating(1000, 3000, 16).await;
         let (mut stating, _a) = unacknowledged_stating(&mut core, "w-states", Some(3000)).await;
         let (mut older, _b) = unacknowledged(&mut core, "w-older").await;
         core.store_stats.group_begins();
@@ -2820,10 +2814,7 @@ mod tests {
     async fn a_worker_stating_a_timeout_shorter_than_the_heartbeat_interval_is_kept_through_a_held_commit()
      {
         use tokio_tungstenite::tungstenite::Message as M;
-        let mut cfg = crate::CoordinatorConfig::new("/unused");
-        cfg.heartbeat_interval = Duration::from_millis(2000);
-        cfg.heartbeat_timeout = Duration::from_millis(6000);
-        let mut core = FakeCore::start(cfg, 16).await;
+        let mut core = beating(2000, 6000, 16).await;
         let timeout = Duration::from_millis(1500);
         let (mut ws, session) =
             unacknowledged_stating(&mut core, "w-short", Some(timeout.as_millis() as u64)).await;
@@ -2878,10 +2869,7 @@ mod tests {
     #[tokio::test]
     async fn a_registration_waiting_on_a_full_core_queue_is_pinged_at_a_third_of_its_stated_timeout()
      {
-        let mut cfg = crate::CoordinatorConfig::new("/unused");
-        cfg.heartbeat_interval = Duration::from_millis(1000);
-        cfg.heartbeat_timeout = Duration::from_millis(3000);
-        let mut core = FakeCore::start(cfg, 1).await;
+        let mut core = beating(1000, 3000, 1).await;
         let (mut first, _session) = registered(&mut core, "w-first").await;
         // The first worker's frame fills the core's queue.
         send_json(&mut first, task_state(1)).await;
@@ -2993,10 +2981,7 @@ mod tests {
     /// take the silence for a link that lost its frames. Otherwise the reply comes alone.
     #[tokio::test]
     async fn a_heartbeat_answered_while_the_store_is_held_comes_with_a_ping() {
-        let mut cfg = crate::CoordinatorConfig::new("/unused");
-        cfg.heartbeat_interval = Duration::from_millis(100);
-        cfg.heartbeat_timeout = Duration::from_millis(1000);
-        let mut core = FakeCore::start(cfg, 16).await;
+        let mut core = beating(100, 1000, 16).await;
         let (mut ws, _session) = registered(&mut core, "w-held").await;
         let beat =
             |n: u64| serde_json::json!({"type": "heartbeat", "sequence": n, "timestamp": now()});
@@ -3025,10 +3010,7 @@ mod tests {
     #[tokio::test]
     async fn a_heartbeat_of_a_worker_stating_its_timeout_comes_with_a_ping_once_held_a_keepalive_period()
      {
-        let mut cfg = crate::CoordinatorConfig::new("/unused");
-        cfg.heartbeat_interval = Duration::from_secs(10);
-        cfg.heartbeat_timeout = Duration::from_secs(30);
-        let mut core = FakeCore::start(cfg, 16).await;
+        let mut core = beating(10000, 30000, 16).await;
         let (mut stating, stating_session) =
             unacknowledged_stating(&mut core, "w-states", Some(1500)).await;
         acknowledge(&mut stating, &stating_session, "w-states").await;
@@ -3060,10 +3042,7 @@ mod tests {
     async fn a_frame_arriving_slowly_has_a_worker_stating_its_timeout_pinged_every_keepalive_period()
      {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut cfg = crate::CoordinatorConfig::new("/unused");
-        cfg.heartbeat_interval = Duration::from_secs(10);
-        cfg.heartbeat_timeout = Duration::from_secs(30);
-        let mut core = FakeCore::start(cfg, 16).await;
+        let mut core = beating(10000, 30000, 16).await;
         let (mut ws, session) = unacknowledged_stating(&mut core, "w-slow", Some(300)).await;
         acknowledge(&mut ws, &session, "w-slow").await;
         // From here the test speaks WebSocket on the socket itself (nothing more is sent to
