@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
+use tether_proto::encode;
 use tether_proto::msg::CoordMsg;
-use tether_proto::{WorkerId, encode};
 use tether_worker::connector::{ConnectError, Connector, WsStream};
 use tether_worker::{ConnState, WorkerConfig};
 use tokio_tungstenite::tungstenite::Message;
@@ -105,13 +105,7 @@ async fn hold_then_ack(
 }
 
 fn config() -> WorkerConfig {
-    let mut c = WorkerConfig::new(
-        "ws://coordinator.invalid:1",
-        WorkerId::parse("w").expect("id"),
-    );
-    c.backoff.jitter = tether_worker::backoff::Jitter::None;
-    c.seed = Some(1);
-    c
+    crate::fake::steady_config()
 }
 
 /// Pinged for four of its heartbeat timeouts while its ack waits, the worker keeps its one

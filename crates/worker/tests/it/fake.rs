@@ -937,6 +937,19 @@ fn heartbeat_reply(seq: u64) -> Message {
     )))
 }
 
+/// The config a test of a fake connector starts from: worker `w` of a URL the connector
+/// stands in for, its backoff without jitter and its randomness seeded, so that its attempts
+/// come when the schedule says.
+pub fn steady_config() -> tether_worker::WorkerConfig {
+    let mut c = tether_worker::WorkerConfig::new(
+        "ws://coordinator.invalid:1",
+        tether_proto::WorkerId::parse("w").expect("id"),
+    );
+    c.backoff.jitter = tether_worker::backoff::Jitter::None;
+    c.seed = Some(1);
+    c
+}
+
 /// An agent whose connections go to `fake`.
 pub fn agent(fake: &FakeConnector, cfg: tether_worker::WorkerConfig) -> tether_worker::Agent {
     tether_worker::Agent::with_transport(cfg, tether_worker::Executors::builtin(), fake.clone())

@@ -9,7 +9,6 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, U
 
 use tether_proto::msg::{TaskResult, TaskState, WorkerMsg, now};
 use tether_proto::{Attempt, Outcome, Seq, TaskId, WorkerId};
-use tether_worker::backoff::Jitter;
 use tether_worker::outbox::{Class, Journal, Put};
 use tether_worker::statedir::StateDir;
 use tether_worker::{ConnState, WorkerConfig};
@@ -17,13 +16,7 @@ use tether_worker::{ConnState, WorkerConfig};
 use crate::fake::{FakeConnector, Running, SMALL_FRAME, Script};
 
 fn config() -> WorkerConfig {
-    let mut c = WorkerConfig::new(
-        "ws://coordinator.invalid:1",
-        WorkerId::parse("w").expect("id"),
-    );
-    c.backoff.jitter = Jitter::None;
-    c.seed = Some(1);
-    c
+    crate::fake::steady_config()
 }
 
 /// Journals in the state directory `dir` (worker `w`) the upload of a checkpoint of `task`,

@@ -1,21 +1,13 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tether_proto::WorkerId;
-use tether_worker::backoff::Jitter;
 use tether_worker::{AgentError, ConnState, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::fake::{FakeConnector, Running, Script, agent};
 
 fn config() -> WorkerConfig {
-    let mut c = WorkerConfig::new(
-        "ws://coordinator.invalid:1",
-        WorkerId::parse("w").expect("id"),
-    );
-    c.backoff.jitter = Jitter::None;
-    c.seed = Some(1);
-    c
+    crate::fake::steady_config()
 }
 
 fn gaps(attempts: &[tokio::time::Instant]) -> Vec<u64> {

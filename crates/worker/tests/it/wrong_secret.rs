@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
+use tether_proto::encode;
 use tether_proto::msg::{CoordMsg, ErrorCode};
-use tether_proto::{WorkerId, encode};
 use tether_worker::connector::{ConnectError, Connector, WsStream};
 use tether_worker::{AgentError, WorkerConfig};
 use tokio_tungstenite::tungstenite::Message;
@@ -71,12 +71,7 @@ async fn serve(io: tokio::io::DuplexStream) {
 }
 
 fn config() -> WorkerConfig {
-    let mut c = WorkerConfig::new(
-        "ws://coordinator.invalid:1",
-        WorkerId::parse("w").expect("id"),
-    );
-    c.backoff.jitter = tether_worker::backoff::Jitter::None;
-    c.seed = Some(1);
+    let mut c = crate::fake::steady_config();
     c.secret = Some(
         tether_proto::auth::Secret::new(b"not the coordinator's secret at all").expect("secret"),
     );
