@@ -65,10 +65,15 @@ fn dispatch(c: &mut Criterion) {
     let mut g = c.benchmark_group("dispatch");
     g.throughput(Throughput::Elements(1));
     g.bench_function("next_task_of_one_worker_in_100k_queue", |b| {
+        // A dispatch with one worker free, as when a worker's slot frees under a deep queue.
         let mut q = queue(100_000, &KINDS);
         let w = worker(0, &["sleep", "noop"]);
+        let workers: IdMap<WorkerId, Worker> = [(w.worker_id.clone(), w)].into_iter().collect();
+        let mut free = BTreeSet::new();
         b.iter(|| {
-            let key = q.pop_for(black_box(&w)).expect("a task");
+            free.extend(workers.keys().cloned());
+            let planned = plan(&mut q, black_box(&mut free), &workers, None);
+            let (key, _) = planned.into_iter().next().expect("a task");
             let kind = KINDS[(key.1 % KINDS.len() as u64) as usize];
             q.insert(&spec(kind), key);
         })
