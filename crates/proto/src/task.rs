@@ -281,8 +281,15 @@ pub struct ConnStats {
     pub stability: f64,
     /// successful_connections / connection_attempts (1.0 before any attempt).
     pub success_rate: f64,
+    /// The heartbeat round trips the RTT figures are over: those of the session under way (a
+    /// new session, maybe over another path, starts them over), of the last 5 minutes, the
+    /// latest 128 at most, each answered with no queue on the link (one sent behind 16 KiB
+    /// unacknowledged, or answered behind as much, measures the queue and is left out). 0:
+    /// none yet, and the figures below are 0, not a measure.
     pub rtt_samples: u64,
+    /// The mean of those round trips, ms.
     pub rtt_avg_ms: f64,
+    /// Their percentiles, ms, by nearest rank (over 60 samples, the p99 is the largest).
     pub rtt_p50_ms: f64,
     pub rtt_p95_ms: f64,
     pub rtt_p99_ms: f64,
@@ -297,8 +304,14 @@ pub struct ConnStats {
     /// keep its fleet within its heartbeat budget).
     #[serde(default)]
     pub heartbeat_interval_ms: u64,
-    /// The link's delivery rate to the coordinator, bytes a second, as last measured from
-    /// acknowledgements (0 before a measure): it sizes the send window and checkpoint pieces.
+    /// The link's delivery rate to the coordinator, bytes a second, as acknowledgements
+    /// measured it while the worker had more to send than went at once (the send window or
+    /// its pace held the rest): the most of such samples of the last 5 to 10 s, or the last
+    /// such measure when there are none (an idle worker shows what its link carried when it
+    /// was last busy). Messages sent with nothing behind them are left out: their samples say
+    /// how little there was to send (one report over a 300 ms path reads 3 kB/s), not how fast
+    /// the link is. 0: never so measured. The send window and checkpoint pieces are sized
+    /// from every sample.
     #[serde(default)]
     pub send_bytes_per_sec: u64,
     pub backoff_factor: f64,

@@ -91,9 +91,15 @@ pub struct AgentShared {
     pub heartbeat_timeout_ms: AtomicU64,
     /// Current heartbeat interval, ms.
     pub heartbeat_interval_ms: AtomicU64,
-    /// The link's delivery rate to the coordinator, bytes a second, as last measured; 0
-    /// before a measure.
+    /// The link's delivery rate to the coordinator, bytes a second, as last measured while
+    /// the worker had more to send than went at once (`link::ShownRate`); 0 before such a
+    /// measure.
     pub send_bytes_per_sec: AtomicU64,
+    /// The link's delivery rate to the coordinator, bytes a second, as last measured from
+    /// every acknowledgement (`link::DeliveryRate`), 0 before a measure: it sizes the send
+    /// window (the next session's starts from it) and the pieces of checkpoints. Not what the
+    /// stats show: a worker with little to send measures how little, not its link.
+    pub link_bytes_per_sec: AtomicU64,
     /// Times entries started to wait for the send window to open (a window held back what
     /// was ready to send): on a link sized right, rare outside large uploads.
     pub send_window_full: AtomicU64,
@@ -690,6 +696,7 @@ impl Agent {
             heartbeat_timeout_ms: AtomicU64::new(cfg.heartbeat_timeout.as_millis() as u64),
             heartbeat_interval_ms: AtomicU64::new(cfg.heartbeat_interval.as_millis() as u64),
             send_bytes_per_sec: AtomicU64::new(0),
+            link_bytes_per_sec: AtomicU64::new(0),
             send_window_full: AtomicU64::new(0),
             backoff_factor_milli: AtomicU64::new((cfg.backoff.factor * 1000.0) as u64),
             next_backoff_ms: AtomicU64::new(cfg.backoff.initial.as_millis() as u64),
@@ -890,7 +897,11 @@ impl Agent {
                     self.attempt_failed(generation, &reason);
                     self.failed(&mut backoff)
                 }
-                SessionEnd::Lost { alive_for, reason } => {
+                SessionEnd::Lost {
+                    alive_for,
+                    silent_for,
+                    reason,
+                } => {
                     self.shared.lost_unix_us.store(unix_us(), Ordering::Relaxed);
                     self.shared.stats().on_session_end();
                     self.event(Event::SessionLost {
@@ -900,7 +911,9 @@ impl Agent {
                     });
                     metrics::counter!(m::SESSIONS_LOST).increment(1);
                     refusals = 0;
-                    tracing::warn!(worker = %self.cfg.worker_id, generation, %reason, alive_ms = alive_for.as_millis() as u64, "session lost");
+                    // alive_ms: registration to the last sign the link was whole (what
+                    // `healthy_after` is held against); silent_ms: from then to the detection.
+                    tracing::warn!(worker = %self.cfg.worker_id, generation, %reason, alive_ms = alive_for.as_millis() as u64, silent_ms = silent_for.as_millis() as u64, "session lost");
                     // Its attempt succeeded: `max_attempts` counts the attempts from here on.
                     let healthy = alive_for >= self.cfg.healthy_after;
                     Some(self.session_lost(&mut backoff, healthy))

@@ -79,6 +79,40 @@ impl DeliveryRate {
     }
 }
 
+/// The delivery rate the statistics show (`send_bytes_per_sec`): the most of the recent
+/// samples of messages sent while more waited to go (held by the window or the pace), so that
+/// the link, or the coordinator's byte rate the worker paces itself to, set the figure. A
+/// message sent with nothing behind it is application-limited, as BBR marks such samples: it
+/// says how little the worker had to send (one report over a 300 ms path reads 3 kB/s,
+/// whatever the link carries), and is left out. Once the recent samples age out, the last
+/// measure stays: an idle worker shows what its link carried when last busy, not a figure of
+/// its idleness. (The window and the pieces are sized from every sample, [`DeliveryRate`]:
+/// a link that slowed while idle must be measured again before the next checkpoint is cut.)
+#[derive(Debug, Default)]
+pub struct ShownRate {
+    rate: DeliveryRate,
+    last: Option<f64>,
+}
+
+impl ShownRate {
+    /// A sample as [`DeliveryRate::sample`] takes it, of a message sent while more waited
+    /// (`backlogged`); the others are not counted.
+    pub fn sample(&mut self, bytes: u64, over: Duration, now: Instant, backlogged: bool) {
+        if backlogged {
+            self.rate.sample(bytes, over, now);
+        }
+    }
+
+    /// The rate to show as of `now` (bytes a second): the recent samples' most, or the last
+    /// such measure once they aged out; `None` before any sample that counted.
+    pub fn estimate(&mut self, now: Instant) -> Option<f64> {
+        if let Some(r) = self.rate.estimate(now) {
+            self.last = Some(r);
+        }
+        self.last
+    }
+}
+
 /// The send window for a link of `rate` bytes a second (`None`: not measured yet).
 pub fn window_for(rate: Option<f64>) -> usize {
     rate.map_or(MAX_WINDOW, |r| {
@@ -118,6 +152,38 @@ mod tests {
             t0 + Duration::from_secs(16),
         );
         assert_eq!(r.estimate(t0 + Duration::from_secs(16)), Some(1e8));
+    }
+
+    /// An idle worker on a path of 300 ms: its reports, each sent with nothing behind it,
+    /// read 3 kB/s. The shown rate leaves them out and keeps what the link carried when the
+    /// worker last had more to send than went at once, past the samples' age; the rate that
+    /// sizes the window and the pieces follows every sample.
+    #[test]
+    fn the_shown_rate_leaves_out_samples_of_a_worker_with_little_to_send() {
+        let t0 = Instant::now();
+        let secs = Duration::from_secs;
+        let mut shown = ShownRate::default();
+        let mut sizing = DeliveryRate::default();
+        let report = |shown: &mut ShownRate, sizing: &mut DeliveryRate, at| {
+            shown.sample(900, Duration::from_millis(300), at, false);
+            sizing.sample(900, Duration::from_millis(300), at);
+        };
+        report(&mut shown, &mut sizing, t0);
+        assert_eq!(shown.estimate(t0), None, "no measure of the link yet");
+        assert_eq!(sizing.estimate(t0), Some(3_000.0));
+        // An upload kept the window full: 2 MB/s.
+        shown.sample(600_000, Duration::from_millis(300), t0 + secs(1), true);
+        assert_eq!(shown.estimate(t0 + secs(1)), Some(2_000_000.0));
+        // Idle again, for long past two buckets.
+        for i in 0..12 {
+            report(&mut shown, &mut sizing, t0 + secs(30 + 30 * i));
+        }
+        let later = t0 + secs(30 * 12);
+        assert_eq!(shown.estimate(later), Some(2_000_000.0), "the last measure");
+        assert_eq!(sizing.estimate(later), Some(3_000.0));
+        // A busy spell on a link that slowed shows at once, lower.
+        shown.sample(150_000, Duration::from_millis(300), later + secs(1), true);
+        assert_eq!(shown.estimate(later + secs(1)), Some(500_000.0));
     }
 
     #[test]

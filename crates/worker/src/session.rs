@@ -81,9 +81,15 @@ pub enum SessionEnd {
     /// A registered session was lost.
     Lost {
         /// How long the session was alive: from its registration to the last frame the
-        /// coordinator sent (not to its end, which a silent link puts a liveness timeout
-        /// later: a session dead from its start would count as healthy for that long).
+        /// coordinator sent, or to the sending of the message it ended for not having
+        /// acknowledged when that came first (not to its end, which a silent link puts a
+        /// liveness timeout later: a session dead from its start would count as healthy for
+        /// that long). What `healthy_after` is held against.
         alive_for: Duration,
+        /// From the end of `alive_for` to the loss's detection: how long the link was silent,
+        /// or swallowed what was sent, before the session was found lost (about the liveness
+        /// timeout for a black hole; little for a close or a reset).
+        silent_for: Duration,
         reason: String,
     },
 }
@@ -383,7 +389,7 @@ impl<'a> Session<'a> {
         let max_frame_out = agent.cfg.max_frame;
         let read_seen = ws.get_ref().bytes_read();
         let written = ws.get_ref().written();
-        let measured = agent.shared.send_bytes_per_sec.load(Ordering::Relaxed);
+        let measured = agent.shared.link_bytes_per_sec.load(Ordering::Relaxed);
         let measured = (measured > 0).then_some(measured as f64);
         // The statistics show the timeout this session starts with, not the last one's.
         agent
@@ -443,6 +449,7 @@ impl<'a> Session<'a> {
                             .map_or(self.last_frame, |w| w.min(self.last_frame));
                         SessionEnd::Lost {
                             alive_for: alive.saturating_duration_since(registered_at),
+                            silent_for: Instant::now().saturating_duration_since(alive),
                             reason,
                         }
                     }
@@ -969,6 +976,15 @@ impl<'a> Session<'a> {
             session_id: ack.session_id,
         });
         self.agent.outbox.requeue_all();
+        // After an outage the coordinator's view of this worker's connection is fresh within a
+        // round trip of the registration (the reconnect counted, the state), not a telemetry
+        // interval later: the report rides the replay's frames, and replaces one left
+        // unacknowledged by the last session (telemetry is latest-wins). A first registration
+        // has no stale view to correct: its first report goes with its first round trip
+        // (`on_rtt`).
+        if outage.is_some() {
+            self.push_telemetry();
+        }
         tracing::info!(
             worker = %self.worker(),
             generation = self.generation,
@@ -982,6 +998,7 @@ impl<'a> Session<'a> {
             if let Err(reason) = self.handle(m).await {
                 return Err(SessionEnd::Lost {
                     alive_for: Duration::ZERO,
+                    silent_for: Duration::ZERO,
                     reason,
                 });
             }
@@ -1349,6 +1366,9 @@ impl<'a> Session<'a> {
         }
         let sent_at = Instant::now();
         let read_at = self.ws.get_ref().bytes_read();
+        // More waits than went (the window or the pace held it): what these deliver measures
+        // the link, not how little there was to send (`link::ShownRate`). Once a batch.
+        let backlogged = self.agent.outbox.has_unsent();
         // Frames to feed: their text and the entries they carry.
         let mut frames: Vec<(String, std::ops::Range<usize>)> = Vec::new();
         match self.batching {
@@ -1437,6 +1457,7 @@ impl<'a> Session<'a> {
                     delivered: 0,
                     read: read_at,
                     in_order: !matches!(msg.as_ref(), WorkerMsg::CheckpointFetch(_)),
+                    backlogged,
                 });
             }
         }
@@ -1560,15 +1581,23 @@ impl<'a> Session<'a> {
         self.retime(p95);
     }
 
-    /// Publishes the link's delivery rate when an acknowledgement moved it: the stats show it,
-    /// and checkpoints written from now on are cut into pieces of about a second of it.
+    /// Publishes the link's delivery rate when an acknowledgement moved it: checkpoints
+    /// written from now on are cut into pieces of about a second of it, and the next session's
+    /// window starts from it. The stats show the rate measured while the worker had more to
+    /// send than went at once ([`link::ShownRate`]).
     fn publish_rate(&mut self) {
+        if let Some(shown) = self.window.shown_moved() {
+            self.agent
+                .shared
+                .send_bytes_per_sec
+                .store(shown as u64, Ordering::Relaxed);
+        }
         let Some(rate) = self.window.rate_moved() else {
             return;
         };
         self.agent
             .shared
-            .send_bytes_per_sec
+            .link_bytes_per_sec
             .store(rate as u64, Ordering::Relaxed);
         self.agent.runner.size_pieces_for(rate);
     }
@@ -1592,12 +1621,17 @@ impl<'a> Session<'a> {
             metrics::counter!(m::HEARTBEAT_RTT_LOADED).increment(1);
             return;
         }
-        let p95 = {
+        let (p95, first) = {
             let mut s = self.agent.shared.stats();
-            s.on_rtt(rtt);
-            s.rtt_percentile(95.0)
+            let held = s.on_rtt(rtt);
+            (s.rtt_percentile(95.0), held == 1)
         };
         self.retime(p95);
+        // The report at the registration had no round trip of this session (its figures
+        // start over with it): the first one is reported at once, not a telemetry interval on.
+        if first {
+            self.push_telemetry();
+        }
     }
 
     /// The session's timeout for the recent p95 RTT (ms), its interval and the coordinator's
@@ -1848,6 +1882,10 @@ struct Window {
     limit: usize,
     /// The rate last published ([`Window::rate_moved`]).
     published: Option<f64>,
+    /// The rate the statistics show, from the samples of messages sent with more waiting.
+    shown: link::ShownRate,
+    /// The shown rate last published ([`Window::shown_moved`]).
+    shown_published: Option<f64>,
     /// The rate the link delivers to this worker, from the checkpoint pieces that answer its
     /// fetches: the bytes read while a fetch was on its way.
     down: link::DeliveryRate,
@@ -1889,6 +1927,8 @@ struct Sent {
     /// `checkpoint_fetch`, whose `checkpoint_piece` is read from the store apart from the
     /// commits that acknowledge the rest, and may come before or after them.
     in_order: bool,
+    /// Sent while more waited in the outbox: its sample counts for the rate shown.
+    backlogged: bool,
 }
 
 impl Default for Window {
@@ -1908,6 +1948,8 @@ impl Window {
             rate: link::DeliveryRate::default(),
             limit: link::window_for(rate),
             published: None,
+            shown: link::ShownRate::default(),
+            shown_published: None,
             down: link::DeliveryRate::default(),
             full: false,
             last_ack: None,
@@ -1960,6 +2002,7 @@ impl Window {
             self.delivered += e.bytes as u64;
             let delivered = self.delivered - e.delivered;
             self.rate.sample(delivered, now - e.at, now);
+            self.shown.sample(delivered, now - e.at, now, e.backlogged);
             self.limit = link::window_for(self.rate.estimate(now));
         }
     }
@@ -1976,6 +2019,16 @@ impl Window {
         }
         self.leave(seq);
         self.down.estimate(now)
+    }
+
+    /// The rate to show when it moved since last asked (and was published).
+    fn shown_moved(&mut self) -> Option<f64> {
+        let shown = self.shown.estimate(Instant::now());
+        if shown == self.shown_published {
+            return None;
+        }
+        self.shown_published = shown;
+        shown
     }
 
     /// The link's rate when it moved since last asked (and was published).
@@ -2566,6 +2619,7 @@ mod tests {
             delivered: 0,
             read: 0,
             in_order: true,
+            backlogged: true,
         }
     }
 
@@ -2587,6 +2641,38 @@ mod tests {
         assert_eq!(w.rate_moved(), Some(50_000.0));
         assert_eq!(w.limit, 50_000);
         assert_eq!(w.rate_moved(), None, "published once");
+    }
+
+    /// An idle worker's reports over a 300 ms path, each sent with nothing behind it: they
+    /// size the window (as every sample does) but the rate shown is not theirs (3 kB/s, a
+    /// figure of how little there was to send); a burst sent with more waiting is.
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_shown_is_measured_only_while_more_waits_to_go() {
+        let mut w = Window::default();
+        for seq in 1..=3 {
+            tokio::time::advance(Duration::from_secs(30)).await;
+            w.enter(Sent {
+                backlogged: false,
+                ..sent(seq, 900, Instant::now())
+            });
+            tokio::time::advance(Duration::from_millis(300)).await;
+            w.leave(seq);
+        }
+        assert_eq!(w.rate_moved(), Some(3_000.0));
+        assert_eq!(w.shown_moved(), None, "nothing measured the link");
+        let t = Instant::now();
+        for seq in 4..=8 {
+            w.enter(Sent {
+                backlogged: seq < 8,
+                ..sent(seq, 60_000, t)
+            });
+        }
+        tokio::time::advance(Duration::from_millis(300)).await;
+        for seq in 4..=8 {
+            w.leave(seq);
+        }
+        assert_eq!(w.shown_moved(), Some(800_000.0), "four of five counted");
+        assert_eq!(w.shown_moved(), None, "published once");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Connection statistics with correct formulas: every interval counts (including the current
-//! one), failures are counted, RTT percentiles come from a window of recent samples.
+//! one), failures are counted, RTT percentiles come from a window of recent samples of the
+//! session under way.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -7,8 +8,13 @@ use std::time::Duration;
 use tether_proto::task::ConnStats;
 use tokio::time::Instant;
 
-/// Samples kept for percentiles.
+/// Samples kept for the RTT percentiles, and reconnect durations kept for their mean.
 const WINDOW: usize = 128;
+/// The oldest RTT sample the percentiles count. With heartbeats every 5 s the window holds the
+/// last 60 samples: enough for a p95, and a path that changed within a session (a route, a
+/// proxy's added latency) shows in the p50 within half of it and wholly within it, where 128
+/// samples of any age held the old path for over ten minutes.
+pub const RTT_AGE: Duration = Duration::from_secs(300);
 
 /// The connection state machine's states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,8 +53,9 @@ pub struct StatsTracker {
     /// a coordinator not there yet, not a link that does not stay up).
     first_registered: Option<Instant>,
     lost_at: Option<Instant>,
-    rtt_count: u64,
-    rtts: VecDeque<f64>,
+    /// RTT samples of the session under way, with when each was taken: at most [`WINDOW`],
+    /// none older than [`RTT_AGE`] counted.
+    rtts: VecDeque<(Instant, f64)>,
     reconnects: u64,
     reconnect_ms: VecDeque<f64>,
     reconnect_max_ms: f64,
@@ -67,7 +74,6 @@ impl StatsTracker {
             connected_since: None,
             first_registered: None,
             lost_at: None,
-            rtt_count: 0,
             rtts: VecDeque::with_capacity(WINDOW),
             reconnects: 0,
             reconnect_ms: VecDeque::with_capacity(WINDOW),
@@ -87,8 +93,12 @@ impl StatsTracker {
     }
 
     /// A session registered. Returns the reconnect duration if this ends an outage.
+    ///
+    /// The RTT samples start over: a new connection may take another path (a failover, a
+    /// proxy that came back with other latency), and the figures describe the path in use.
     pub fn on_registered(&mut self) -> Option<Duration> {
         let now = Instant::now();
+        self.rtts.clear();
         self.successes += 1;
         self.connected_since = Some(now);
         self.first_registered.get_or_insert(now);
@@ -119,14 +129,38 @@ impl StatsTracker {
         self.state = ConnState::Disconnected;
     }
 
-    pub fn on_rtt(&mut self, rtt: Duration) {
-        self.rtt_count += 1;
-        push_window(&mut self.rtts, rtt.as_secs_f64() * 1e3);
+    /// A round trip measured in the session under way. Returns how many samples the window
+    /// holds now.
+    pub fn on_rtt(&mut self, rtt: Duration) -> usize {
+        let now = Instant::now();
+        if self.rtts.len() == WINDOW {
+            self.rtts.pop_front();
+        }
+        self.rtts.push_back((now, rtt.as_secs_f64() * 1e3));
+        // Aged samples leave here too, so the window never holds more than it counts for long.
+        while self
+            .rtts
+            .front()
+            .is_some_and(|&(at, _)| now.saturating_duration_since(at) > RTT_AGE)
+        {
+            self.rtts.pop_front();
+        }
+        self.rtts.len()
+    }
+
+    /// The RTT samples the figures count now, ms: the session's, of the last [`RTT_AGE`].
+    fn recent_rtts(&self) -> VecDeque<f64> {
+        let now = Instant::now();
+        self.rtts
+            .iter()
+            .filter(|&&(at, _)| now.saturating_duration_since(at) <= RTT_AGE)
+            .map(|&(_, ms)| ms)
+            .collect()
     }
 
     /// The given percentile (0..=100) of recent RTT samples, in ms.
     pub fn rtt_percentile(&self, p: f64) -> Option<f64> {
-        percentile(&self.rtts, p)
+        percentile(&self.recent_rtts(), p)
     }
 
     pub fn reset(&mut self) {
@@ -169,6 +203,7 @@ impl StatsTracker {
     pub fn snapshot(&self) -> ConnStats {
         let total = self.started.elapsed().as_secs_f64();
         let connected = self.connected_time().as_secs_f64();
+        let rtts = self.recent_rtts();
         ConnStats {
             state: self.state.as_str().to_owned(),
             connection_attempts: self.attempts,
@@ -187,11 +222,11 @@ impl StatsTracker {
             } else {
                 1.0
             },
-            rtt_samples: self.rtt_count,
-            rtt_avg_ms: mean(&self.rtts),
-            rtt_p50_ms: percentile(&self.rtts, 50.0).unwrap_or(0.0),
-            rtt_p95_ms: percentile(&self.rtts, 95.0).unwrap_or(0.0),
-            rtt_p99_ms: percentile(&self.rtts, 99.0).unwrap_or(0.0),
+            rtt_samples: rtts.len() as u64,
+            rtt_avg_ms: mean(&rtts),
+            rtt_p50_ms: percentile(&rtts, 50.0).unwrap_or(0.0),
+            rtt_p95_ms: percentile(&rtts, 95.0).unwrap_or(0.0),
+            rtt_p99_ms: percentile(&rtts, 99.0).unwrap_or(0.0),
             reconnects: self.reconnects,
             reconnect_avg_ms: mean(&self.reconnect_ms),
             reconnect_max_ms: self.reconnect_max_ms,
@@ -306,7 +341,73 @@ mod tests {
             s.on_rtt(Duration::from_millis(7));
         }
         assert_eq!(s.snapshot().rtt_p99_ms, 7.0, "old samples leave the window");
-        assert_eq!(s.snapshot().rtt_samples, 300);
+        assert_eq!(
+            s.snapshot().rtt_samples,
+            WINDOW as u64,
+            "the samples the figures are over"
+        );
+    }
+
+    /// A path whose latency rose mid-session (200 ms to 900 ms): within [`RTT_AGE`] the
+    /// figures are the new path's alone, and a session whose heartbeats stopped being answered
+    /// reports no figure rather than one minutes old.
+    #[tokio::test(start_paused = true)]
+    async fn rtt_samples_older_than_the_window_age_out() {
+        let mut s = StatsTracker::new();
+        s.on_attempt();
+        s.on_registered();
+        for _ in 0..60 {
+            s.on_rtt(Duration::from_millis(200));
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        assert_eq!(s.snapshot().rtt_p50_ms, 200.0);
+        for _ in 0..30 {
+            s.on_rtt(Duration::from_millis(900));
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        let half = s.snapshot();
+        assert_eq!(
+            (half.rtt_p50_ms, half.rtt_p95_ms),
+            (200.0, 900.0),
+            "half-way"
+        );
+        for _ in 0..31 {
+            s.on_rtt(Duration::from_millis(900));
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        let snap = s.snapshot();
+        assert_eq!(snap.rtt_p50_ms, 900.0);
+        assert_eq!(snap.rtt_avg_ms, 900.0, "no sample of the old path is left");
+        assert!(snap.rtt_samples <= 61, "{}", snap.rtt_samples);
+        tokio::time::sleep(RTT_AGE).await;
+        let silent = s.snapshot();
+        assert_eq!((silent.rtt_samples, silent.rtt_p50_ms), (0, 0.0));
+        assert_eq!(s.rtt_percentile(95.0), None);
+    }
+
+    /// The RTT figures describe the path of the session under way: a reconnect (maybe over
+    /// another path) starts them over, and its first reply is the whole window.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_session_starts_its_rtt_figures_over() {
+        let mut s = StatsTracker::new();
+        s.on_attempt();
+        s.on_registered();
+        for _ in 0..20 {
+            s.on_rtt(Duration::from_millis(300));
+        }
+        s.on_session_end();
+        assert_eq!(
+            s.snapshot().rtt_p50_ms,
+            300.0,
+            "the last session's, until the next"
+        );
+        s.on_attempt();
+        s.on_registered();
+        let fresh = s.snapshot();
+        assert_eq!((fresh.rtt_samples, fresh.rtt_p99_ms), (0, 0.0));
+        assert_eq!(s.on_rtt(Duration::from_millis(12)), 1);
+        assert_eq!(s.snapshot().rtt_p99_ms, 12.0);
+        assert_eq!(s.rtt_percentile(95.0), Some(12.0));
     }
 
     #[test]

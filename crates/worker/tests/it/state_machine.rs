@@ -295,10 +295,10 @@ async fn sessions_whose_messages_go_unacknowledged_let_the_backoff_grow() {
 
 /// A coordinator whose heartbeats come back but which never acknowledges what the worker sent
 /// (a middlebox swallowed it): the session ends once a message has waited the liveness timeout
-/// for its acknowledgement, and the next session sends it again. Without this the message
-/// would wait in the outbox for as long as the heartbeats kept the session up.
+/// for its acknowledgement, and the next session delivers what it held. Without this the
+/// message would wait in the outbox for as long as the heartbeats kept the session up.
 #[tokio::test(start_paused = true)]
-async fn a_message_never_acknowledged_ends_the_session_and_goes_again_in_the_next() {
+async fn a_message_never_acknowledged_ends_the_session_and_is_delivered_in_the_next() {
     let fake = FakeConnector::new(Script::Unacknowledging);
     let mut cfg = config();
     cfg.telemetry_interval = Duration::from_secs(3);
@@ -309,7 +309,7 @@ async fn a_message_never_acknowledged_ends_the_session_and_goes_again_in_the_nex
     running.wait_state(|s| s != ConnState::Connected).await;
     let ended_after = connected.elapsed();
     fake.set(Script::Healthy);
-    // The first telemetry leaves within its period, then waits the 15 s timeout; the check
+    // The first telemetry leaves at the registration, then waits the 15 s timeout; the check
     // runs with the session's duties (a heartbeat every 5 s).
     assert!(
         ended_after >= Duration::from_secs(15) && ended_after < Duration::from_secs(26),
@@ -319,15 +319,19 @@ async fn a_message_never_acknowledged_ends_the_session_and_goes_again_in_the_nex
     assert!(!first.is_empty(), "nothing was sent in the first session");
     running.wait_state(|s| s == ConnState::Connected).await;
     tokio::time::sleep(Duration::from_secs(60)).await;
-    // What the first session left unacknowledged went again first in the second (telemetry
-    // is latest-wins: each report replaced the one before it in the outbox, so the last is
-    // what was left), and was acknowledged there: that session lasts.
+    // What the first session left unacknowledged (its last report: telemetry is latest-wins,
+    // each report replaced the one before it in the outbox) was replaced by the report made at
+    // the second registration, which went first and was acknowledged there: that session
+    // lasts. The stale report is never sent again.
     let second = fake.received_on(1);
     let last = first.last().expect("one");
     assert!(
-        second.first() == Some(last),
-        "{last} not sent again first: {first:?} / {second:?}"
+        second.first().is_some_and(|s| s > last) && !second.contains(last),
+        "{last} not replaced by a later report: {first:?} / {second:?}"
     );
+    let reported = fake.telemetry.lock().expect("lock").clone();
+    let (_, fresh) = reported.iter().find(|(c, _)| *c == 1).expect("a report");
+    assert_eq!(fresh.reconnects, 1, "{fresh:?}");
     assert_eq!(handle.state(), ConnState::Connected);
     assert_eq!(handle.stats().reconnects, 1);
     assert_eq!(fake.attempts().len(), 2);
@@ -336,19 +340,21 @@ async fn a_message_never_acknowledged_ends_the_session_and_goes_again_in_the_nex
 
 #[tokio::test(start_paused = true)]
 async fn a_liveness_timeout_that_shrinks_as_the_link_recovers_applies_at_once() {
-    // Heartbeats answered 4 s late raise the adaptive timeout to 5 + 4 x 4 = 21 s. Once prompt
-    // answers fill the RTT window (128 samples, p95 by nearest rank: after 122 of them) it is
-    // 15 s again; the coordinator falls silent right after that answer, and the session must
-    // be declared dead 15 s after it, not at the later deadline its liveness timer was last
-    // set for. Where that timer stands depends on the phase of the heartbeats against it, so
-    // four runs take each phase (the timer is set again every 20 s, a heartbeat comes every 5).
+    // Heartbeats answered 4 s late raise the adaptive timeout to 5 + 4 x 4 = 21 s. Once the
+    // slow samples have aged out of the RTT window (its last 5 minutes: at a heartbeat every
+    // 5 s, the p95 by nearest rank of its 61 samples is prompt once 3 slow ones are left, at the
+    // 58th prompt answer) it is 15 s again; the coordinator falls silent right after that
+    // answer, and the session must be declared dead 15 s after it, not at the later deadline
+    // its liveness timer was last set for. Where that timer stands depends on the phase of the
+    // heartbeats against it, so four runs take each phase (the timer is set again every 20 s, a
+    // heartbeat comes every 5).
     for slow in 9..13 {
         shrinks_after(slow).await;
     }
 }
 
 async fn shrinks_after(slow: u32) {
-    const PROMPT: u32 = 122;
+    const PROMPT: u32 = 58;
     let fake = FakeConnector::new(Script::Recovering {
         slow,
         prompt: PROMPT,
@@ -363,7 +369,7 @@ async fn shrinks_after(slow: u32) {
     });
     assert!(raised.await, "slow answers raise the timeout to 21 s");
     let answered = held_within(Duration::from_secs(1_200), step, || {
-        handle.stats().rtt_samples >= u64::from(slow + PROMPT)
+        handle.shared.heartbeats_answered.load(Ordering::Relaxed) >= u64::from(slow + PROMPT)
     });
     assert!(answered.await, "every heartbeat answered");
     let last = tokio::time::Instant::now();
