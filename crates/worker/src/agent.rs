@@ -173,13 +173,14 @@ impl AgentShared {
     }
 
     /// The delay before jitter, ms, that the wait after this moment's loss or failure would
-    /// start from: in a registered session that has lasted `healthy_after`, the first (its
-    /// loss starts the delays over); otherwise what the latest failure or lost session left
-    /// (a session lost sooner is followed by the grown delay).
+    /// start from: in a registered session alive for `healthy_after` (up to the last frame it
+    /// heard, as its loss counts it: `StatsTracker::alive_age`), the first (its loss starts
+    /// the delays over); otherwise what the latest failure or lost session left (a session
+    /// lost sooner, or silent since, is followed by the grown delay).
     pub fn next_backoff_ms(&self) -> u64 {
         let healthy = self
             .stats()
-            .session_age()
+            .alive_age()
             .is_some_and(|age| age >= self.healthy_after);
         match healthy {
             true => self.first_backoff_ms,

@@ -1273,6 +1273,9 @@ impl<'a> Session<'a> {
                     if Instant::now() >= self.deadline {
                         return Ok(self.dead_reason());
                     }
+                    // The statistics' view of how long the session was alive (`next_backoff_ms`),
+                    // said with the duties rather than at every frame.
+                    self.agent.shared.stats().on_heard(self.last_frame);
                     if let Some((reason, sent)) = self.unacknowledged() {
                         self.whole_until = Some(sent);
                         return Ok(reason);
@@ -1624,6 +1627,7 @@ impl<'a> Session<'a> {
         let (p95, first) = {
             let mut s = self.agent.shared.stats();
             let held = s.on_rtt(rtt);
+            s.on_heard(self.last_frame);
             (s.rtt_percentile(95.0), held == 1)
         };
         self.retime(p95);

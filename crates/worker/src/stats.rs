@@ -49,6 +49,9 @@ pub struct StatsTracker {
     disconnections: u64,
     connected_total: Duration,
     connected_since: Option<Instant>,
+    /// The last frame of the session under way as the session last said ([`Self::on_heard`]):
+    /// the end of what its loss would count as alive.
+    heard_until: Option<Instant>,
     /// When the first session registered: the link's record starts there (time before it is
     /// a coordinator not there yet, not a link that does not stay up).
     first_registered: Option<Instant>,
@@ -72,6 +75,7 @@ impl StatsTracker {
             disconnections: 0,
             connected_total: Duration::ZERO,
             connected_since: None,
+            heard_until: None,
             first_registered: None,
             lost_at: None,
             rtts: VecDeque::with_capacity(WINDOW),
@@ -101,6 +105,7 @@ impl StatsTracker {
         self.rtts.clear();
         self.successes += 1;
         self.connected_since = Some(now);
+        self.heard_until = Some(now);
         self.first_registered.get_or_insert(now);
         self.state = ConnState::Connected;
         let outage = self.lost_at.take().map(|t| now - t);
@@ -113,14 +118,30 @@ impl StatsTracker {
         outage
     }
 
-    /// How long the registered session under way has lasted; `None` between sessions.
-    pub fn session_age(&self) -> Option<Duration> {
-        self.connected_since.map(|since| since.elapsed())
+    /// The session under way heard from the coordinator at `at` (its latest frame, as the
+    /// session last looked: with its duties and at each heartbeat answer, never per frame).
+    pub fn on_heard(&mut self, at: Instant) {
+        if self.connected_since.is_some() {
+            self.heard_until = self.heard_until.max(Some(at));
+        }
+    }
+
+    /// How long the registered session under way was alive as of the session's last look:
+    /// from its registration to the last frame it had heard then, which is what its loss would
+    /// hold against `healthy_after` (frames since that look, at most a heartbeat interval's,
+    /// are not counted yet). Not its age: a session silent since its registration is not
+    /// healthy however long its liveness timeout takes. `None` between sessions.
+    pub fn alive_age(&self) -> Option<Duration> {
+        Some(
+            self.heard_until?
+                .saturating_duration_since(self.connected_since?),
+        )
     }
 
     /// A registered session ended.
     pub fn on_session_end(&mut self) {
         let now = Instant::now();
+        self.heard_until = None;
         if let Some(since) = self.connected_since.take() {
             self.connected_total += now - since;
             self.disconnections += 1;
@@ -170,6 +191,7 @@ impl StatsTracker {
         self.state = state;
         if connected {
             self.connected_since = Some(self.started);
+            self.heard_until = Some(self.started);
             self.first_registered = Some(self.started);
         }
     }
