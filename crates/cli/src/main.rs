@@ -52,8 +52,15 @@ enum Cmd {
     /// completed, 1 if one ended otherwise, 2 if the watch could not follow them to their end),
     /// or every task until interrupted; survives a restart of the coordinator.
     Watch(watch::WatchArgs),
-    /// List workers with their connection statistics.
-    Workers(client::CommonArgs),
+    /// List workers with their connection statistics, or show one in detail: its record and
+    /// every connection statistic it last reported.
+    Workers {
+        #[command(flatten)]
+        common: client::CommonArgs,
+        /// A worker's id: that worker in detail. Checked against the id rules before any
+        /// request, as a task's id is.
+        id: Option<tether_proto::WorkerId>,
+    },
     /// Cancel a task.
     Cancel(client::ControlArgs),
     /// Pause a task: a running one stops at its next pause point; a queued one is held. It stays
@@ -229,6 +236,88 @@ fn bounded(mut e: clap::Error) -> clap::Error {
     clap::Error::raw(e.kind(), said).with_cmd(&Cli::command())
 }
 
+/// The arguments clap's error `e` names whose value came from their environment variable,
+/// each as the error quotes it (`--id <ID>`) with the variable: the error names the flag
+/// alone, and the user looks for a flag never typed. Clap takes a variable's value only when
+/// the command line `argv` does not give the flag, so an argument is taken to have its value
+/// from its variable when the words before `--` do not name it and the variable `is_set`.
+fn given_by_env(
+    e: &clap::Error,
+    argv: &[std::ffi::OsString],
+    is_set: impl Fn(&std::ffi::OsStr) -> bool,
+) -> Vec<(String, String)> {
+    use clap::error::{ContextKind, ContextValue};
+    let named: Vec<&String> = [ContextKind::InvalidArg, ContextKind::PriorArg]
+        .into_iter()
+        .filter_map(|kind| e.get(kind))
+        .flat_map(|v| match v {
+            ContextValue::String(one) => std::slice::from_ref(one),
+            ContextValue::Strings(all) => all.as_slice(),
+            _ => &[],
+        })
+        .collect();
+    if named.is_empty() {
+        return Vec::new();
+    }
+    // After `--` every word is a value (a submitted command's own flags).
+    let words: Vec<std::borrow::Cow<'_, str>> = argv
+        .iter()
+        .skip(1)
+        .take_while(|w| *w != "--")
+        .map(|w| w.to_string_lossy())
+        .collect();
+    // The subcommands the words name, outermost first: an argument is looked up from the
+    // innermost out (a global one, `--log`, is the root's).
+    let mut chain = vec![Cli::command()];
+    for w in &words {
+        let sub = chain.last().and_then(|c| c.find_subcommand(&**w)).cloned();
+        chain.extend(sub);
+    }
+    let typed = |arg: &clap::Arg| {
+        let longs = arg
+            .get_long()
+            .into_iter()
+            .chain(arg.get_all_aliases().into_iter().flatten());
+        let shorts: Vec<char> = arg.get_short_and_visible_aliases().unwrap_or_default();
+        words.iter().any(|w| match w.strip_prefix("--") {
+            Some(flag) => longs
+                .clone()
+                .any(|l| flag == l || flag.strip_prefix(l).is_some_and(|r| r.starts_with('='))),
+            None => w
+                .strip_prefix('-')
+                .is_some_and(|s| shorts.iter().any(|c| s.starts_with(*c))),
+        })
+    };
+    named
+        .into_iter()
+        .filter_map(|quoted| {
+            let long = quoted.strip_prefix("--")?.split([' ', '=']).next()?;
+            let arg = chain
+                .iter()
+                .rev()
+                .find_map(|c| c.get_arguments().find(|a| a.get_long() == Some(long)))?;
+            let var = arg.get_env()?;
+            (!typed(arg) && is_set(var))
+                .then(|| (quoted.clone(), var.to_string_lossy().into_owned()))
+        })
+        .collect()
+}
+
+/// `e` with each argument of `given` ([`given_by_env`]) followed by ` (given by TETHER_X)`
+/// where it quotes it, as the settings' own errors name a variable; `e` itself when none is.
+fn with_env_named(e: clap::Error, given: &[(String, String)]) -> clap::Error {
+    if given.is_empty() {
+        return e;
+    }
+    let text = e.render().to_string();
+    let mut said = text.strip_prefix("error: ").unwrap_or(&text).to_owned();
+    for (arg, var) in given {
+        let quoted = format!("'{arg}'");
+        said = said.replacen(&quoted, &format!("{quoted} (given by {var})"), 1);
+    }
+    clap::Error::raw(e.kind(), said).with_cmd(&Cli::command())
+}
+
 fn main() -> std::process::ExitCode {
     // Parsed in two steps, so that the settings can ask clap where each value came from.
     let parsed = Cli::command().try_get_matches().and_then(|m| {
@@ -238,7 +327,11 @@ fn main() -> std::process::ExitCode {
     });
     let cli = match parsed.and_then(Cli::checked) {
         Ok(cli) => cli,
-        Err(e) => bounded(e).exit(),
+        Err(e) => {
+            let argv: Vec<_> = std::env::args_os().collect();
+            let given = given_by_env(&e, &argv, |var| std::env::var_os(var).is_some());
+            with_env_named(bounded(e), &given).exit()
+        }
     };
     // The client commands that read or steer the coordinator and print what they got.
     let client = matches!(
@@ -246,7 +339,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Cert(_)
             | Cmd::Tasks(_)
             | Cmd::Task(_)
-            | Cmd::Workers(_)
+            | Cmd::Workers { .. }
             | Cmd::Cancel(_)
             | Cmd::Pause(_)
             | Cmd::Resume(_)
@@ -320,7 +413,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Tasks(a) => client::tasks(a).await,
             Cmd::Task(a) => client::task(a).await,
             Cmd::Watch(a) => watch::run(a).await,
-            Cmd::Workers(a) => client::workers(a).await,
+            Cmd::Workers { common, id } => client::workers(common, id).await,
             Cmd::Cancel(a) => client::control(a, "cancel").await,
             Cmd::Pause(a) => client::control(a, "pause").await,
             Cmd::Resume(a) => client::control(a, "resume").await,
@@ -508,6 +601,52 @@ mod tests {
         }
         assert!(tried > 50, "{tried} arguments tried");
         assert!(long_errors.is_empty(), "{}", long_errors.join("\n"));
+    }
+
+    /// A value clap refused is said to come from its environment variable when the command
+    /// line did not give the flag (clap then takes the variable's value), in each form a flag
+    /// may be typed, and only then.
+    #[test]
+    fn a_refused_value_is_named_by_its_variable_when_no_flag_gave_it() {
+        let os =
+            |words: &[&str]| -> Vec<std::ffi::OsString> { words.iter().map(Into::into).collect() };
+        let typed = ["tether", "coordinator", "--idle-coalesce", "soon"];
+        let e = Cli::try_parse_from(typed).err().expect("refused");
+        let var = |v: &std::ffi::OsStr| v == "TETHER_IDLE_COALESCE";
+        let arg = "--idle-coalesce <IDLE_COALESCE>".to_owned();
+        let from_env = vec![(arg.clone(), "TETHER_IDLE_COALESCE".to_owned())];
+        let none = Vec::new();
+        for (argv, want) in [
+            (&["tether", "coordinator"][..], &from_env),
+            (
+                &["tether", "coordinator", "--", "--idle-coalesce"][..],
+                &from_env,
+            ),
+            (&typed[..], &none),
+            (
+                &["tether", "coordinator", "--idle-coalesce=soon"][..],
+                &none,
+            ),
+        ] {
+            assert_eq!(&given_by_env(&e, &os(argv), var), want, "{argv:?}");
+        }
+        let unset = given_by_env(&e, &os(&["tether", "coordinator"]), |_| false);
+        assert_eq!(unset, none);
+        let said = with_env_named(e, &from_env).render().to_string();
+        assert!(
+            said.contains(&format!("'{arg}' (given by TETHER_IDLE_COALESCE)")),
+            "{said}"
+        );
+        assert!(said.starts_with("error: invalid value 'soon'"), "{said}");
+        // A worker's id from TETHER_WORKER_ID: the worker's argument, not the client's.
+        let e = Cli::try_parse_from(["tether", "worker", "--id", "a b"])
+            .err()
+            .expect("refused");
+        let given = given_by_env(&e, &os(&["tether", "worker"]), |v| v == "TETHER_WORKER_ID");
+        assert_eq!(
+            given,
+            [("--id <ID>".to_owned(), "TETHER_WORKER_ID".to_owned())]
+        );
     }
 
     #[test]

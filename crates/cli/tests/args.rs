@@ -1356,3 +1356,37 @@ fn help_says_the_listen_and_data_dir_defaults_and_the_priorities_numbers() {
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("high (1), normal (5), low (9)"), "{help}");
 }
+
+/// A value clap refuses that came from an environment variable names the variable beside the
+/// flag (`'--id <ID>' (given by TETHER_WORKER_ID)`): the flag alone sent the user looking for
+/// a flag never typed. The same value typed as the flag (the variable set too, and not taken)
+/// names the flag alone.
+#[test]
+fn a_value_clap_refuses_from_an_environment_variable_names_the_variable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    let worker = ["worker", "--coordinator", "http://127.0.0.1:1"];
+    let coordinator = ["coordinator", "--listen", "127.0.0.1:0", "--data-dir", data];
+    for (head, flag, var, value) in [
+        (&worker[..], "--id <ID>", "TETHER_WORKER_ID", "bad id!"),
+        (
+            &coordinator,
+            "--idle-coalesce <IDLE_COALESCE>",
+            "TETHER_IDLE_COALESCE",
+            "soon",
+        ),
+    ] {
+        let named = format!("'{flag}' (given by {var})");
+        let (code, err) = tether_bounded_env(head, None, &[(var, value)]);
+        assert_eq!(code, Some(2), "{var}={value}: {err}");
+        assert!(err.contains(&format!("invalid value '{value}'")), "{err}");
+        assert!(err.contains(&named), "{var}={value}: {err}");
+        let typed = [flag.split(' ').next().expect("the flag"), value];
+        let (code, err) = tether_bounded_env(&[head, &typed].concat(), None, &[(var, value)]);
+        assert_eq!(code, Some(2), "{typed:?}: {err}");
+        assert!(err.contains(&format!("'{flag}'")), "{typed:?}: {err}");
+        assert!(!err.contains("given by"), "{typed:?}: {err}");
+    }
+    assert!(!std::path::Path::new(data).exists(), "nothing made");
+}

@@ -404,3 +404,204 @@ async fn submit_with_a_relative_cwd_is_a_usage_error_naming_the_flag() {
     assert_eq!(code, Some(0), "an absolute one is taken: {err}");
     coord.stop().await;
 }
+
+/// The cell of column `head` in each line of a table (`out`) whose first cell is `first`: the
+/// text under the head's word, up to the next column's (a cell may hold a space: `3s ago`).
+fn cell<'a>(out: &'a str, first: &str, head: &str) -> &'a str {
+    let mut lines = out.lines();
+    let top = lines.next().expect("a head");
+    let starts: Vec<usize> = top
+        .match_indices(|c: char| c != ' ')
+        .filter(|(i, _)| *i == 0 || top.as_bytes()[i - 1] == b' ')
+        .map(|(i, _)| i)
+        .collect();
+    let col = starts
+        .iter()
+        .position(|&at| top[at..].split(' ').next() == Some(head))
+        .unwrap_or_else(|| panic!("no column {head}: {out}"));
+    let row = lines
+        .find(|l| l.split(' ').next() == Some(first))
+        .unwrap_or_else(|| panic!("no row {first}: {out}"));
+    let end = starts.get(col + 1).map_or(row.len(), |&e| e.min(row.len()));
+    row[starts[col].min(row.len())..end].trim()
+}
+
+/// The value of `key` in `tether workers ID`'s output: the rest of the line it starts.
+fn field<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| {
+            l.strip_prefix(key)
+                .filter(|rest| rest.starts_with("  "))
+                .map(str::trim)
+        })
+        .unwrap_or_else(|| panic!("no {key}: {out}"))
+}
+
+/// `tether workers` against a real coordinator and a real worker whose path was cut for a
+/// while: the table has the failed attempts (FAILED) and the next backoff (BACKOFF_S) an
+/// operator watching a flaky network looks for, as the API reports them; `tether workers ID`
+/// shows that worker, one field a line: its state, tasks, labels and every connection
+/// statistic it reported, with the report's age; `--json` is the API's record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_shows_failed_attempts_and_one_worker_with_every_statistic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord = tether_testkit::spawn_coordinator(dir.path().join("data")).await;
+    let base = format!("http://{}", coord.addr);
+    let relay = tether_testkit::Relay::start(coord.addr).await;
+    let mut cfg = tether_testkit::fast_worker_config(&relay.url(), "flaky-1");
+    cfg.tags.insert("os".into(), "linux".into());
+    let worker = tether_testkit::spawn_worker(cfg, tether_worker::Executors::builtin());
+    let connected = |s: tether_worker::ConnState| s == tether_worker::ConnState::Connected;
+    worker.wait_state(connected).await;
+    // Cut off: attempts fail until the path is back.
+    relay.cut();
+    let deadline = Duration::from_secs(30);
+    let handle = &worker.handle;
+    tether_testkit::wait_for("failed connection attempts", deadline, || async move {
+        (handle.stats().failed_connections >= 2).then_some(())
+    })
+    .await;
+    relay.restore();
+    worker.wait_state(connected).await;
+    let client = coord.client();
+    let task = client
+        .submit(&[tether_testkit::sleep_task(60_000, 1, 0)])
+        .await;
+    let task = task[0].to_string();
+    let (client, task) = (&client, task.as_str());
+    // A report from after the cut, and the task leased to the worker.
+    let api = tether_testkit::wait_for("a report of the failures", deadline, || async move {
+        let (status, w) = client.get("/api/v1/workers/flaky-1").await;
+        let failed = w["stats"]["failed_connections"].as_u64().unwrap_or(0);
+        let reconnected = w["stats"]["reconnects"].as_u64().unwrap_or(0) >= 1;
+        let leased = w["leases"] == json!([task]);
+        (status == 200 && failed >= 2 && reconnected && leased).then_some(w)
+    })
+    .await;
+    let failed = api["stats"]["failed_connections"].to_string();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+
+    let out = tether_output(
+        ["workers", "--coordinator", base.as_str()]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    let table = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(cell(&table, "flaky-1", "FAILED"), failed, "{table}");
+    assert_eq!(cell(&table, "flaky-1", "STATE"), "connected", "{table}");
+    assert_eq!(cell(&table, "flaky-1", "TASKS"), "1", "{table}");
+    let backoff = cell(&table, "flaky-1", "BACKOFF_S");
+    let secs: f64 = backoff
+        .parse()
+        .unwrap_or_else(|_| panic!("{backoff}: {table}"));
+    assert!(secs > 0.0, "{table}");
+    assert!(
+        cell(&table, "flaky-1", "REPORTED").ends_with("s ago"),
+        "{table}"
+    );
+
+    let one = |extra: &[&str]| {
+        let mut args: Vec<String> = ["workers", "flaky-1", "--coordinator", base.as_str()]
+            .map(String::from)
+            .to_vec();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        tether_output(args)
+    };
+    let out = one(&[]).await;
+    let shown = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(field(&shown, "worker"), "flaky-1", "{shown}");
+    assert_eq!(field(&shown, "state"), "connected", "{shown}");
+    assert_eq!(field(&shown, "slots"), "2", "{shown}");
+    assert_eq!(field(&shown, "tasks"), task, "{shown}");
+    assert_eq!(field(&shown, "capabilities"), "cpu", "{shown}");
+    assert_eq!(field(&shown, "tags"), "os=linux", "{shown}");
+    assert!(field(&shown, "executors").contains("sleep"), "{shown}");
+    assert_eq!(field(&shown, "failed"), failed, "{shown}");
+    assert!(field(&shown, "reported").ends_with("s ago)"), "{shown}");
+    // Every statistic, under its key.
+    for key in [
+        "connection",
+        "attempts",
+        "successful",
+        "success rate",
+        "disconnections",
+        "reconnects",
+        "reconnect avg",
+        "reconnect max",
+        "rtt samples",
+        "rtt avg",
+        "rtt p50",
+        "rtt p95",
+        "rtt p99",
+        "heartbeat every",
+        "heartbeat timeout",
+        "send rate",
+        "stability",
+        "backoff factor",
+        "next backoff",
+        "first seen",
+        "last seen",
+    ] {
+        let v = field(&shown, key);
+        assert!(!v.is_empty() && v != "-", "{key}: {shown}");
+    }
+    let reconnects: u64 = field(&shown, "reconnects").parse().expect("a count");
+    assert!(reconnects >= 1, "{shown}");
+
+    let out = one(&["--json"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["worker_id"], "flaky-1", "{v}");
+    assert_eq!(
+        v["stats"]["failed_connections"],
+        api["stats"]["failed_connections"]
+    );
+    assert_eq!(v["leases"], api["leases"], "{v}");
+    assert!(v["stats"]["rtt_p99_ms"].is_number(), "{v}");
+
+    let _ = worker.stop().await;
+    coord.stop().await;
+}
+
+/// `tether workers ID` of a worker the coordinator does not know is an error naming it, with
+/// the exit code of `tether task` for an unknown task (1); an id the id rules refuse is a
+/// usage error (exit 2) before any request (its coordinator here is a closed port).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_of_an_unknown_id_is_an_error_and_a_bad_id_refused_before_any_request() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord = tether_testkit::spawn_coordinator(dir.path().join("data")).await;
+    let base = format!("http://{}", coord.addr);
+    let args = |words: &[&str]| words.iter().map(Into::into).collect::<Vec<_>>();
+    let (code, err) = run_tether(args(&["workers", "nobody", "--coordinator", &base])).await;
+    let (task_code, task_err) = run_tether(args(&["task", "t-none", "--coordinator", &base])).await;
+    assert_eq!(task_code, Some(1), "{task_err}");
+    assert_eq!(code, task_code, "{err}");
+    assert!(
+        err.contains("no worker nobody at this coordinator"),
+        "{err}"
+    );
+    assert!(err.contains("`tether workers` lists"), "{err}");
+    coord.stop().await;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let closed = format!("http://{}", listener.local_addr().expect("addr"));
+    drop(listener);
+    for bad in ["bad id!", "x/../other", ".."] {
+        let (code, err) = run_tether(args(&["workers", bad, "--coordinator", &closed])).await;
+        assert_eq!(code, Some(2), "{bad:?}: {err}");
+        assert!(
+            err.contains("invalid value") && err.contains("[ID]"),
+            "{bad:?}: {err}"
+        );
+        assert!(!err.contains("cannot reach"), "{bad:?}: {err}");
+    }
+    // The same closed port, an id the rules take: the request is made, and fails.
+    let (code, err) = run_tether(args(&["workers", "w-1", "--coordinator", &closed])).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
+}

@@ -670,63 +670,19 @@ fn worker_state(w: &Value) -> String {
     }
 }
 
-pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
+/// `tether workers`: the fleet's table or, given an id, that worker in detail.
+pub async fn workers(a: CommonArgs, id: Option<tether_proto::WorkerId>) -> anyhow::Result<()> {
     let api = Api::new(&a)?;
+    if let Some(id) = id {
+        return worker(&api, &id, a.json).await;
+    }
     let v = api.get("/api/v1/workers").await?;
     if a.json {
         outln!("{v}")?;
         return Ok(());
     }
-    // The statistics are the worker's last report's: how old it is, beside them.
-    let now = chrono::Utc::now();
-    let rows = rows_of(&v, |w| {
-        let st = &w["stats"];
-        vec![
-            s(&w["worker_id"]),
-            worker_state(w),
-            w["slots"].to_string(),
-            w["leases"]
-                .as_array()
-                .map(|l| l.len())
-                .unwrap_or(0)
-                .to_string(),
-            fmt_f(&st["rtt_p50_ms"], 1),
-            // The cadence the worker beats at (a large fleet's budget stretches it).
-            st["heartbeat_interval_ms"]
-                .as_f64()
-                .map(|ms| format!("{:.1}", ms / 1000.0))
-                .unwrap_or_else(|| "-".into()),
-            // The link's delivery rate as the worker measures it ("-": not measured yet).
-            st["send_bytes_per_sec"]
-                .as_f64()
-                .filter(|r| *r > 0.0)
-                .map(|r| format!("{:.1}", r / 1000.0))
-                .unwrap_or_else(|| "-".into()),
-            fmt_f(&st["stability"], 3),
-            st["reconnects"]
-                .as_u64()
-                .map(|n| n.to_string())
-                .unwrap_or_else(|| "-".into()),
-            age(&st["reported_at"], now),
-            when(&w["last_seen"]),
-        ]
-    });
-    print_table(
-        &[
-            "WORKER",
-            "STATE",
-            "SLOTS",
-            "TASKS",
-            "RTT_P50_MS",
-            "HEARTBEAT_S",
-            "SEND_KB_S",
-            "STABILITY",
-            "RECONNECTS",
-            "REPORTED",
-            "LAST_SEEN",
-        ],
-        &rows,
-    )?;
+    let rows = rows_of(&v, |w| worker_row(w, chrono::Utc::now()));
+    print_table(&WORKER_HEAD, &rows)?;
     // A worker's statistics come with its telemetry: a "-" is not a fault. Said on stderr, so
     // the table stays the table.
     let new = v.as_array().map_or(0, |ws| {
@@ -734,12 +690,231 @@ pub async fn workers(a: CommonArgs) -> anyhow::Result<()> {
         ws.iter().filter(new).count()
     });
     if new > 0 {
-        eprintln!(
-            "{new} connected worker(s) without statistics yet: a worker reports them with its \
-             telemetry, the first within a telemetry interval (30 s by default) of connecting"
-        );
+        eprintln!("{new} connected worker(s) without statistics yet: {NO_STATS_YET}");
     }
     Ok(())
+}
+
+/// Why a connected worker shows no statistics.
+const NO_STATS_YET: &str = "a worker reports them with its telemetry, the first within a \
+                            telemetry interval (30 s by default) of connecting";
+
+const WORKER_HEAD: [&str; 13] = [
+    "WORKER",
+    "STATE",
+    "SLOTS",
+    "TASKS",
+    "RTT_P50_MS",
+    "HEARTBEAT_S",
+    "SEND_KB_S",
+    "STABILITY",
+    "RECONNECTS",
+    "FAILED",
+    "BACKOFF_S",
+    "REPORTED",
+    "LAST_SEEN",
+];
+
+/// A worker's row in `tether workers`, its ages counted to `now`. The statistics are the
+/// worker's last report's: how old it is, beside them (REPORTED). FAILED and BACKOFF_S are
+/// what a flaky path shows first: connection attempts that failed, and how long the worker
+/// would wait before its next attempt were its session lost now.
+fn worker_row(w: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<String> {
+    let st = &w["stats"];
+    let count = |v: &Value| v.as_u64().map_or_else(|| "-".into(), |n| n.to_string());
+    let secs = |v: &Value| {
+        v.as_f64()
+            .map_or_else(|| "-".into(), |ms| format!("{:.1}", ms / 1000.0))
+    };
+    vec![
+        s(&w["worker_id"]),
+        worker_state(w),
+        w["slots"].to_string(),
+        w["leases"].as_array().map_or(0, Vec::len).to_string(),
+        fmt_f(&st["rtt_p50_ms"], 1),
+        // The cadence the worker beats at (a large fleet's budget stretches it).
+        secs(&st["heartbeat_interval_ms"]),
+        // The link's delivery rate as the worker measures it ("-": not measured yet).
+        st["send_bytes_per_sec"]
+            .as_f64()
+            .filter(|r| *r > 0.0)
+            .map_or_else(|| "-".into(), |r| format!("{:.1}", r / 1000.0)),
+        fmt_f(&st["stability"], 3),
+        count(&st["reconnects"]),
+        count(&st["failed_connections"]),
+        secs(&st["next_backoff_ms"]),
+        age(&st["reported_at"], now),
+        // An age, as REPORTED: the timestamp made the table 15 columns wider, and
+        // `tether workers ID` has it.
+        age(&w["last_seen"], now),
+    ]
+}
+
+/// Most task ids `tether workers ID` lists on its `tasks` line (`--json` has all of them): a
+/// worker of many slots holds as many leases.
+const LEASES_SHOWN: usize = 20;
+
+/// `tether workers ID`: the worker's record from `GET /api/v1/workers/{id}`, one field a line.
+async fn worker(api: &Api, id: &tether_proto::WorkerId, json: bool) -> anyhow::Result<()> {
+    let w = api
+        .get(&format!("/api/v1/workers/{id}"))
+        .await
+        .map_err(|e| {
+            let unknown = e.downcast_ref::<Refused>().is_some_and(|r| r.status == 404);
+            match unknown {
+                true => e.context(format!(
+                    "no worker {id} at this coordinator: `tether workers` lists those it knows"
+                )),
+                false => e,
+            }
+        })?;
+    if json {
+        outln!("{w}")?;
+        return Ok(());
+    }
+    let fields = worker_fields(&w, chrono::Utc::now());
+    let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 2;
+    for (key, value) in fields {
+        match key.is_empty() {
+            // Between the worker's record and the statistics it reported.
+            true => outln!()?,
+            false => outln!("{key:width$}{value}")?,
+        }
+    }
+    Ok(())
+}
+
+/// The lines of `tether workers ID` as (key, value), ages counted to `now`; an empty key is a
+/// blank line. The record first (what the coordinator knows), then each connection statistic
+/// the worker last reported, under when it reported them.
+fn worker_fields(w: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<(&'static str, String)> {
+    let list = |v: &Value| match v.as_array().filter(|a| !a.is_empty()) {
+        Some(a) => a.iter().map(s).collect::<Vec<_>>().join(", "),
+        None => "-".into(),
+    };
+    let at = |v: &Value| format!("{} ({})", when(v), age(v, now));
+    let mut f = vec![("worker", s(&w["worker_id"]))];
+    let state = worker_state(w);
+    let why = match state.as_str() {
+        "stopping" => " (connected; it said it is stopping: it takes no new task)",
+        "resting" => " (connected; it takes no new task until its rest ends)",
+        _ => "",
+    };
+    f.push(("state", format!("{state}{why}")));
+    // A rest outlives a session: a worker that comes back before its end still rests.
+    let rest = &w["resting"];
+    if rest.is_object() {
+        let until = match rest["until"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        {
+            Some(t) => {
+                let left = (t.with_timezone(&chrono::Utc) - now).num_seconds();
+                format!("{} (in {})", when(&rest["until"]), span(left))
+            }
+            None => s(&rest["until"]),
+        };
+        f.push(("resting until", until));
+        f.push((
+            "rest for",
+            format!(
+                "{} fault(s) of its own in a row, the last: {}",
+                rest["faults"],
+                cut_line(&s(&rest["error"]), CONFIG_SHOWN)
+            ),
+        ));
+    }
+    let leases = w["leases"].as_array().map_or(&[][..], Vec::as_slice);
+    let mut tasks: Vec<String> = leases.iter().take(LEASES_SHOWN).map(s).collect();
+    if leases.len() > LEASES_SHOWN {
+        tasks.push(format!(
+            "… ({} in all; --json lists every one)",
+            leases.len()
+        ));
+    }
+    f.push(("slots", w["slots"].to_string()));
+    f.push((
+        "tasks",
+        match tasks.is_empty() {
+            true => "none".into(),
+            false => tasks.join(", "),
+        },
+    ));
+    f.push(("capabilities", list(&w["capabilities"])));
+    let tags: Vec<String> = w["tags"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{}={}", shown(k), s(v)))
+        .collect();
+    f.push((
+        "tags",
+        match tags.is_empty() {
+            true => "-".into(),
+            false => tags.join(", "),
+        },
+    ));
+    f.push(("executors", list(&w["executors"])));
+    f.push(("sessions", w["sessions"].to_string()));
+    f.push(("first seen", at(&w["first_seen"])));
+    f.push(("last seen", at(&w["last_seen"])));
+    if !w["disconnected_at"].is_null() {
+        f.push(("disconnected", at(&w["disconnected_at"])));
+    }
+    f.push(("", String::new()));
+    let st = &w["stats"];
+    if !st.is_object() {
+        f.push(("reported", format!("no statistics yet: {NO_STATS_YET}")));
+        return f;
+    }
+    let count = |v: &Value| v.as_u64().map_or_else(|| "-".into(), |n| n.to_string());
+    let ms = |v: &Value| fmt_f(v, 1) + " ms";
+    // A reconnection, the backoff or the heartbeat: in milliseconds under a second, else in
+    // seconds to a tenth (a reconnection of `6271.9 ms` reads as 6.3 s).
+    let dur = |v: &Value| match v.as_f64() {
+        Some(ms) if ms >= 1000.0 => format!("{:.1} s", ms / 1000.0),
+        Some(ms) => format!("{ms:.0} ms"),
+        None => "-".into(),
+    };
+    f.extend([
+        ("reported", at(&st["reported_at"])),
+        // The worker's own view of its connection when it reported.
+        ("connection", s(&st["state"])),
+        ("attempts", count(&st["connection_attempts"])),
+        ("successful", count(&st["successful_connections"])),
+        ("failed", count(&st["failed_connections"])),
+        ("success rate", fmt_f(&st["success_rate"], 3)),
+        ("disconnections", count(&st["disconnections"])),
+        ("reconnects", count(&st["reconnects"])),
+        ("reconnect avg", dur(&st["reconnect_avg_ms"])),
+        ("reconnect max", dur(&st["reconnect_max_ms"])),
+        ("rtt samples", count(&st["rtt_samples"])),
+        ("rtt avg", ms(&st["rtt_avg_ms"])),
+        ("rtt p50", ms(&st["rtt_p50_ms"])),
+        ("rtt p95", ms(&st["rtt_p95_ms"])),
+        ("rtt p99", ms(&st["rtt_p99_ms"])),
+        ("heartbeat every", dur(&st["heartbeat_interval_ms"])),
+        ("heartbeat timeout", dur(&st["heartbeat_timeout_ms"])),
+        (
+            "send rate",
+            match st["send_bytes_per_sec"].as_f64() {
+                Some(r) if r > 0.0 => format!("{:.1} kB/s", r / 1000.0),
+                _ => "not measured yet".into(),
+            },
+        ),
+        (
+            "stability",
+            format!(
+                "{} (connected {} s of {} s)",
+                fmt_f(&st["stability"], 3),
+                fmt_f(&st["connected_secs"], 1),
+                fmt_f(&st["total_secs"], 1)
+            ),
+        ),
+        ("backoff factor", fmt_f(&st["backoff_factor"], 2)),
+        ("next backoff", dur(&st["next_backoff_ms"])),
+    ]);
+    f
 }
 
 #[derive(Args)]
@@ -1085,6 +1260,149 @@ mod tests {
         ] {
             assert_eq!(worker_state(&w), want, "{w}");
         }
+    }
+
+    /// A worker as `GET /api/v1/workers/{id}` gives it, connected, with statistics.
+    fn reported_worker() -> Value {
+        json!({
+            "worker_id": "w-1", "state": "connected", "slots": 2, "sessions": 3,
+            "leases": ["t-1", "t-2"], "capabilities": ["cpu", "cuda"], "tags": {"os": "linux"},
+            "executors": ["command", "sleep"], "boot_id": "b",
+            "first_seen": "2026-12-07T06:00:00Z", "last_seen": "2026-12-07T07:00:00Z",
+            "stats": {
+                "state": "connected", "connection_attempts": 9, "successful_connections": 4,
+                "failed_connections": 5, "disconnections": 3, "connected_secs": 50.0,
+                "total_secs": 60.0, "stability": 0.8333, "success_rate": 0.4444,
+                "rtt_samples": 120, "rtt_avg_ms": 1.25, "rtt_p50_ms": 1.0, "rtt_p95_ms": 2.5,
+                "rtt_p99_ms": 7.0, "reconnects": 3, "reconnect_avg_ms": 812.4,
+                "reconnect_max_ms": 1500.0, "heartbeat_timeout_ms": 15000,
+                "heartbeat_interval_ms": 5000, "send_bytes_per_sec": 123400,
+                "backoff_factor": 2.0, "next_backoff_ms": 4000,
+                "reported_at": "2026-12-07T06:59:48Z",
+            },
+        })
+    }
+
+    fn at(t: &str) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::parse_from_rfc3339(t)
+            .expect("time")
+            .with_timezone(&chrono::Utc)
+    }
+
+    /// `tether workers ID` shows each statistic the worker reported, one a line under its
+    /// key, with how old the report is; and its record: tasks, labels, when it was seen.
+    #[test]
+    fn one_workers_view_has_every_statistic_it_reported_a_line_each() {
+        let f = worker_fields(&reported_worker(), at("2026-12-07T07:00:00Z"));
+        let got = |key: &str| {
+            f.iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.as_str())
+                .unwrap_or_else(|| panic!("no {key}: {f:?}"))
+        };
+        for (key, want) in [
+            ("worker", "w-1"),
+            ("state", "connected"),
+            ("slots", "2"),
+            ("tasks", "t-1, t-2"),
+            ("capabilities", "cpu, cuda"),
+            ("tags", "os=linux"),
+            ("executors", "command, sleep"),
+            ("sessions", "3"),
+            ("last seen", "2026-12-07T07:00:00.000Z (0s ago)"),
+            ("reported", "2026-12-07T06:59:48.000Z (12s ago)"),
+            ("connection", "connected"),
+            ("attempts", "9"),
+            ("successful", "4"),
+            ("failed", "5"),
+            ("success rate", "0.444"),
+            ("disconnections", "3"),
+            ("reconnects", "3"),
+            ("reconnect avg", "812 ms"),
+            ("reconnect max", "1.5 s"),
+            ("rtt samples", "120"),
+            ("rtt avg", "1.2 ms"),
+            ("rtt p50", "1.0 ms"),
+            ("rtt p95", "2.5 ms"),
+            ("rtt p99", "7.0 ms"),
+            ("heartbeat every", "5.0 s"),
+            ("heartbeat timeout", "15.0 s"),
+            ("send rate", "123.4 kB/s"),
+            ("stability", "0.833 (connected 50.0 s of 60.0 s)"),
+            ("backoff factor", "2.00"),
+            ("next backoff", "4.0 s"),
+        ] {
+            assert_eq!(got(key), want, "{key}");
+        }
+        // Every field of the API's statistics is on a line of its own.
+        let stats = reported_worker()["stats"].as_object().expect("stats").len();
+        let after_blank = f.iter().skip_while(|(k, _)| !k.is_empty()).skip(1).count();
+        assert_eq!(
+            after_blank,
+            stats - 2,
+            "connected and total secs share a line: {f:?}"
+        );
+    }
+
+    /// A worker that takes no new task says why: stopping, or resting until when and for
+    /// what fault; one that has reported nothing says when it will.
+    #[test]
+    fn one_workers_view_says_why_it_takes_no_task_and_when_it_reports() {
+        let now = at("2026-12-07T07:00:00Z");
+        let field = |w: &Value, key: &str| {
+            worker_fields(w, now)
+                .into_iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v)
+        };
+        let mut w = reported_worker();
+        w["stopping"] = json!(true);
+        let state = field(&w, "state").expect("state");
+        assert!(
+            state.starts_with("stopping (") && state.contains("no new task"),
+            "{state}"
+        );
+        let mut w = reported_worker();
+        w["resting"] = json!({"until": "2026-12-07T07:01:30Z", "faults": 2, "error": "disk\nfull"});
+        let state = field(&w, "state").expect("state");
+        assert!(state.starts_with("resting ("), "{state}");
+        assert_eq!(
+            field(&w, "resting until").as_deref(),
+            Some("2026-12-07T07:01:30.000Z (in 1m30s)")
+        );
+        assert_eq!(
+            field(&w, "rest for").as_deref(),
+            Some("2 fault(s) of its own in a row, the last: disk\\nfull")
+        );
+        let mut w = reported_worker();
+        w["stats"] = Value::Null;
+        w["leases"] = json!([]);
+        let reported = field(&w, "reported").expect("reported");
+        assert!(reported.starts_with("no statistics yet"), "{reported}");
+        assert_eq!(field(&w, "failed"), None);
+        assert_eq!(field(&w, "tasks").as_deref(), Some("none"));
+    }
+
+    /// The table's FAILED and BACKOFF_S columns: failed connection attempts and the next
+    /// backoff, in seconds; `-` before any report.
+    #[test]
+    fn the_workers_table_has_failed_attempts_and_the_next_backoff() {
+        let now = at("2026-12-07T07:00:00Z");
+        let cell = |w: &Value, head: &str| {
+            let i = WORKER_HEAD.iter().position(|h| *h == head).expect(head);
+            worker_row(w, now)[i].clone()
+        };
+        let w = reported_worker();
+        assert_eq!(cell(&w, "FAILED"), "5");
+        assert_eq!(cell(&w, "BACKOFF_S"), "4.0");
+        assert_eq!(cell(&w, "RECONNECTS"), "3");
+        assert_eq!(cell(&w, "REPORTED"), "12s ago");
+        assert_eq!(cell(&w, "LAST_SEEN"), "0s ago");
+        let mut w = reported_worker();
+        w["stats"] = Value::Null;
+        assert_eq!(cell(&w, "FAILED"), "-");
+        assert_eq!(cell(&w, "BACKOFF_S"), "-");
+        assert_eq!(worker_row(&w, now).len(), WORKER_HEAD.len());
     }
 
     /// A capability, tag or name is held to the API's limits as it is read: refused past them

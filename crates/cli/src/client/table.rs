@@ -21,16 +21,28 @@ pub(super) fn s(v: &Value) -> String {
     }
 }
 
-/// `text` with its control characters escaped (`\n`, `\u{1b}`).
-/// How long before `now` the time `v` was, in whole seconds (`12s ago`), or `-`.
+/// How long before `now` the time `v` was (`12s ago`, [`span`]), or `-`.
 pub(super) fn age(v: &Value, now: chrono::DateTime<chrono::Utc>) -> String {
     v.as_str()
         .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
         .map(|t| {
-            let secs = (now - t.with_timezone(&chrono::Utc)).num_seconds().max(0);
-            format!("{secs}s ago")
+            let secs = (now - t.with_timezone(&chrono::Utc)).num_seconds();
+            format!("{} ago", span(secs))
         })
         .unwrap_or_else(|| "-".into())
+}
+
+/// `secs` (0 if less) in whole seconds up to a minute (`12s`), then in its two largest units
+/// (`5m12s`, `3h5m`, `2d3h`): a worker lost for a day was `86400s`.
+pub(super) fn span(secs: i64) -> String {
+    let secs = secs.max(0);
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m{s}s"),
+        (0, _, _) => format!("{h}h{m}m"),
+        _ => format!("{d}d{h}h"),
+    }
 }
 
 /// A time of the API as tables show it: UTC to the millisecond, one format for every column
@@ -235,6 +247,18 @@ mod tests {
             "a clock ahead"
         );
         assert_eq!(age(&Value::Null, now), "-");
+        assert_eq!(age(&json!("2026-12-04T19:40:00Z"), now), "1h12m ago");
+    }
+
+    /// A span is seconds up to a minute, then its two largest units, the smaller whole.
+    #[test]
+    fn a_span_is_said_in_its_two_largest_units() {
+        assert_eq!(span(-5), "0s");
+        assert_eq!(span(59), "59s");
+        assert_eq!(span(60), "1m0s");
+        assert_eq!(span(3599), "59m59s");
+        assert_eq!(span(3600 + 59 * 60 + 59), "1h59m");
+        assert_eq!(span(86_400 * 3 + 3600 * 23 + 3599), "3d23h");
     }
 
     /// Every time column in one format, whatever precision or offset the API gave.
