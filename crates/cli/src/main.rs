@@ -52,13 +52,14 @@ enum Cmd {
     /// completed, 1 if one ended otherwise, 2 if the watch could not follow them to their end),
     /// or every task until interrupted; survives a restart of the coordinator.
     Watch(watch::WatchArgs),
-    /// List workers with their connection statistics, or show one in detail: its record and
-    /// every connection statistic it last reported.
+    /// List workers with their connection statistics; given a worker's id, that worker in
+    /// detail.
     Workers {
         #[command(flatten)]
         common: client::CommonArgs,
-        /// A worker's id: that worker in detail. Checked against the id rules before any
-        /// request, as a task's id is.
+        /// A worker's id: that worker in detail, with every connection statistic it last
+        /// reported. Checked against the id rules before any request, as a task's id is.
+        #[arg(value_name = "WORKER_ID")]
         id: Option<tether_proto::WorkerId>,
     },
     /// Cancel a task.

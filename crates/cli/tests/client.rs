@@ -595,7 +595,7 @@ async fn workers_of_an_unknown_id_is_an_error_and_a_bad_id_refused_before_any_re
         let (code, err) = run_tether(args(&["workers", bad, "--coordinator", &closed])).await;
         assert_eq!(code, Some(2), "{bad:?}: {err}");
         assert!(
-            err.contains("invalid value") && err.contains("[ID]"),
+            err.contains("invalid value") && err.contains("[WORKER_ID]"),
             "{bad:?}: {err}"
         );
         assert!(!err.contains("cannot reach"), "{bad:?}: {err}");
