@@ -12,7 +12,7 @@ use tether_proto::auth::Secret;
 use tether_worker::backoff::Jitter;
 use tether_worker::{Agent, Executors, WorkerConfig};
 
-use crate::settings::{self, Refused, parse_duration_arg, refuse};
+use crate::settings::{self, Refused, duration_setting, parse_duration_arg, refuse};
 use crate::size;
 
 /// Default listen address of the coordinator.
@@ -168,19 +168,15 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     };
     // Before anything is made: a value that is no address was refused only at the bind.
     listen_address("--listen", &listen).map_err(|r| said(r.into()))?;
-    let coalesce = settings::pick_duration(
-        a.idle_coalesce,
-        file.idle_coalesce.as_deref(),
-        "idle_coalesce",
-    )?
-    .map(|wait| {
-        crate::coalesce::check(wait).map_err(|e| {
-            let shown = humantime::format_duration(wait);
-            anyhow::Error::from(Refused::new("--idle-coalesce", format!("{shown}: {e}")))
+    let coalesce = duration_setting!(a, file, idle_coalesce)
+        .map(|wait| {
+            crate::coalesce::check(wait).map_err(|e| {
+                let shown = humantime::format_duration(wait);
+                anyhow::Error::from(Refused::new("--idle-coalesce", format!("{shown}: {e}")))
+            })
         })
-    })
-    .transpose()
-    .map_err(said)?;
+        .transpose()
+        .map_err(said)?;
     let cfg = coordinator_config(a, file).map_err(said)?;
     if let Some(wait) = coalesce {
         crate::coalesce::set(wait);
@@ -245,29 +241,19 @@ fn coordinator_config(
         .unwrap_or_else(|| tether_coordinator::config::DEFAULT_DATA_DIR.into());
     let mut cfg = CoordinatorConfig::new(data_dir);
     cfg.config_check = Some(builtin_config_check());
-    if let Some(d) = settings::pick_duration(
-        a.heartbeat_interval,
-        file.heartbeat_interval.as_deref(),
-        "heartbeat_interval",
-    )? {
+    if let Some(d) = duration_setting!(a, file, heartbeat_interval) {
         cfg.heartbeat_interval = d;
     }
-    if let Some(d) = settings::pick_duration(
-        a.heartbeat_timeout,
-        file.heartbeat_timeout.as_deref(),
-        "heartbeat_timeout",
-    )? {
+    if let Some(d) = duration_setting!(a, file, heartbeat_timeout) {
         cfg.heartbeat_timeout = d;
     }
     if let Some(n) = a.heartbeat_budget.or(file.heartbeat_budget) {
         cfg.heartbeat_budget = n;
     }
-    if let Some(d) =
-        settings::pick_duration(a.lost_after, file.lost_after.as_deref(), "lost_after")?
-    {
+    if let Some(d) = duration_setting!(a, file, lost_after) {
         cfg.lost_after = d;
     }
-    if let Some(d) = settings::pick_duration(a.retention, file.retention.as_deref(), "retention")? {
+    if let Some(d) = duration_setting!(a, file, retention) {
         // Shorter, results would go before anyone reads them (`0s`: within a second).
         if d < MIN_RETENTION {
             refuse!(
@@ -322,11 +308,7 @@ fn coordinator_config(
     cfg.auth = worker_auth(
         a.secret_file.or(file.secret_file),
         a.secrets_dir.or(file.secrets_dir),
-        settings::pick_duration(
-            a.auth_max_skew,
-            file.auth_max_skew.as_deref(),
-            "auth_max_skew",
-        )?,
+        duration_setting!(a, file, auth_max_skew),
         a.message_mac || file.message_mac.unwrap_or(false),
     )?;
     cfg.api_tokens = api_tokens(
@@ -354,15 +336,11 @@ fn apply_limits(
         l.connect_burst = (r * 5.0).ceil().min(f64::from(u32::MAX)) as u32;
     }
     l.limit_loopback = a.limit_loopback || file.limit_loopback.unwrap_or(false);
-    if let Some(d) = settings::pick_duration(
-        a.handshake_timeout,
-        file.handshake_timeout.as_deref(),
-        "handshake_timeout",
-    )? {
+    if let Some(d) = duration_setting!(a, file, handshake_timeout) {
         l.handshake_timeout = d;
     }
     // Checked with the rest by `validate`.
-    if let Some(d) = settings::pick_duration(a.http_idle, file.http_idle.as_deref(), "http_idle")? {
+    if let Some(d) = duration_setting!(a, file, http_idle) {
         l.http_idle = d;
     }
     if let Some(n) = a.min_answer_rate.or(file.min_answer_rate.map(|r| r.0)) {
@@ -828,32 +806,16 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
         cfg.slots = n;
     }
     cfg.state_dir = a.state_dir.or(file.state_dir);
-    if let Some(d) = settings::pick_duration(
-        a.heartbeat_interval,
-        file.heartbeat_interval.as_deref(),
-        "heartbeat_interval",
-    )? {
+    if let Some(d) = duration_setting!(a, file, heartbeat_interval) {
         cfg.heartbeat_interval = d;
     }
-    if let Some(d) = settings::pick_duration(
-        a.heartbeat_timeout,
-        file.heartbeat_timeout.as_deref(),
-        "heartbeat_timeout",
-    )? {
+    if let Some(d) = duration_setting!(a, file, heartbeat_timeout) {
         cfg.heartbeat_timeout = d;
     }
-    if let Some(d) = settings::pick_duration(
-        a.initial_reconnect_delay,
-        file.initial_reconnect_delay.as_deref(),
-        "initial_reconnect_delay",
-    )? {
+    if let Some(d) = duration_setting!(a, file, initial_reconnect_delay) {
         cfg.backoff.initial = d;
     }
-    if let Some(d) = settings::pick_duration(
-        a.max_reconnect_delay,
-        file.max_reconnect_delay.as_deref(),
-        "max_reconnect_delay",
-    )? {
+    if let Some(d) = duration_setting!(a, file, max_reconnect_delay) {
         cfg.backoff.max = d;
     }
     if let Some(j) = a.reconnect_jitter.or(file.reconnect_jitter) {
@@ -872,11 +834,7 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
         }
         cfg.connect_timeout = d;
     }
-    if let Some(d) = settings::pick_duration(
-        a.stop_reconnect,
-        file.stop_reconnect.as_deref(),
-        "stop_reconnect",
-    )? {
+    if let Some(d) = duration_setting!(a, file, stop_reconnect) {
         cfg.stop_reconnect = d;
     }
     cfg.seed = a.seed;

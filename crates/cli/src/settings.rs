@@ -353,6 +353,17 @@ pub fn duration(s: &str) -> anyhow::Result<std::time::Duration> {
     parse_duration_arg(s).map_err(|e| anyhow::anyhow!("invalid duration {s:?}: {e}"))
 }
 
+/// [`pick_duration`] of a setting whose flag and config-file key share the field name:
+/// `duration_setting!(a, file, lost_after)` is the flag `a.lost_after`, else the file's
+/// `lost_after` (an error that names that key when it does not parse), else `None`; `?`
+/// applied. The key named in the error is the field's own name, so the two cannot drift.
+macro_rules! duration_setting {
+    ($flags:ident, $file:ident, $key:ident) => {
+        $crate::settings::pick_duration($flags.$key, $file.$key.as_deref(), stringify!($key))?
+    };
+}
+pub(crate) use duration_setting;
+
 /// A duration from a flag, else from the file's `key`, else none (the library default
 /// applies). A bad value in the file is refused with the key's name.
 pub fn pick_duration(
@@ -646,5 +657,37 @@ mod tests {
             std::time::Duration::from_secs(2)
         );
         assert!(duration("2 parsecs").is_err());
+    }
+
+    /// `duration_setting!` takes the flag over the file, and a file value that is no duration
+    /// is refused naming the key: the field's own name.
+    #[test]
+    fn a_duration_setting_prefers_the_flag_and_names_its_key_when_the_file_is_wrong() {
+        use std::time::Duration;
+        struct Flags {
+            lost_after: Option<Duration>,
+        }
+        struct File {
+            lost_after: Option<String>,
+        }
+        fn pick(flag: Option<u64>, file: Option<&str>) -> anyhow::Result<Option<Duration>> {
+            let a = Flags {
+                lost_after: flag.map(Duration::from_secs),
+            };
+            let file = File {
+                lost_after: file.map(str::to_owned),
+            };
+            Ok(duration_setting!(a, file, lost_after))
+        }
+        let secs = |n| Some(Duration::from_secs(n));
+        assert_eq!(pick(Some(5), Some("ten")).expect("the flag"), secs(5));
+        assert_eq!(pick(None, Some("10s")).expect("the file"), secs(10));
+        assert_eq!(pick(None, None).expect("neither"), None);
+        let err = pick(None, Some("ten")).expect_err("no duration");
+        assert!(
+            format!("{err:#}")
+                .starts_with("lost_after in the config file: invalid duration \"ten\""),
+            "{err:#}"
+        );
     }
 }
