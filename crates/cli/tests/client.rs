@@ -475,7 +475,10 @@ async fn workers_shows_failed_attempts_and_one_worker_with_every_statistic() {
         let failed = w["stats"]["failed_connections"].as_u64().unwrap_or(0);
         let reconnected = w["stats"]["reconnects"].as_u64().unwrap_or(0) >= 1;
         let leased = w["leases"] == json!([task]);
-        (status == 200 && failed >= 2 && reconnected && leased).then_some(w)
+        // A round trip measured, so that the RTT lines are figures (a report at a reconnect
+        // may come before the first).
+        let measured = w["stats"]["rtt_samples"].as_u64().unwrap_or(0) >= 1;
+        (status == 200 && failed >= 2 && reconnected && leased && measured).then_some(w)
     })
     .await;
     let failed = api["stats"]["failed_connections"].to_string();

@@ -731,7 +731,11 @@ fn worker_row(w: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<String> {
         worker_state(w),
         w["slots"].to_string(),
         w["leases"].as_array().map_or(0, Vec::len).to_string(),
-        fmt_f(&st["rtt_p50_ms"], 1),
+        // No round trip measured yet: its 0 is no measure.
+        match st["rtt_samples"].as_u64() {
+            Some(0) => "-".into(),
+            _ => fmt_f(&st["rtt_p50_ms"], 1),
+        },
         // The cadence the worker beats at (a large fleet's budget stretches it).
         secs(&st["heartbeat_interval_ms"]),
         // The link's delivery rate as the worker measures it ("-": not measured yet).
@@ -868,7 +872,12 @@ fn worker_fields(w: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<(&'static
         return f;
     }
     let count = |v: &Value| v.as_u64().map_or_else(|| "-".into(), |n| n.to_string());
-    let ms = |v: &Value| fmt_f(v, 1) + " ms";
+    // With no round trip measured yet the worker reports its RTT figures as 0, no measure.
+    let measured = st["rtt_samples"].as_u64() != Some(0);
+    let ms = |v: &Value| match measured {
+        true => fmt_f(v, 1) + " ms",
+        false => "-".into(),
+    };
     // A reconnection, the backoff or the heartbeat: in milliseconds under a second, else in
     // seconds to a tenth (a reconnection of `6271.9 ms` reads as 6.3 s).
     let dur = |v: &Value| match v.as_f64() {
@@ -1375,6 +1384,14 @@ mod tests {
             Some("2 fault(s) of its own in a row, the last: disk\\nfull")
         );
         let mut w = reported_worker();
+        w["stats"]["rtt_samples"] = json!(0);
+        for rtt in ["rtt_avg_ms", "rtt_p50_ms", "rtt_p95_ms", "rtt_p99_ms"] {
+            w["stats"][rtt] = json!(0.0);
+        }
+        for key in ["rtt avg", "rtt p50", "rtt p95", "rtt p99"] {
+            assert_eq!(field(&w, key).as_deref(), Some("-"), "{key}: no measure");
+        }
+        let mut w = reported_worker();
         w["stats"] = Value::Null;
         w["leases"] = json!([]);
         let reported = field(&w, "reported").expect("reported");
@@ -1398,6 +1415,14 @@ mod tests {
         assert_eq!(cell(&w, "RECONNECTS"), "3");
         assert_eq!(cell(&w, "REPORTED"), "12s ago");
         assert_eq!(cell(&w, "LAST_SEEN"), "0s ago");
+        let mut w = reported_worker();
+        w["stats"]["rtt_samples"] = json!(0);
+        w["stats"]["rtt_p50_ms"] = json!(0.0);
+        assert_eq!(
+            cell(&w, "RTT_P50_MS"),
+            "-",
+            "no round trip measured: no RTT"
+        );
         let mut w = reported_worker();
         w["stats"] = Value::Null;
         assert_eq!(cell(&w, "FAILED"), "-");
