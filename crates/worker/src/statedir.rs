@@ -1843,6 +1843,32 @@ mod tests {
         assert!(len < 1 << 20, "worker.db is {len} bytes on disk");
     }
 
+    /// A half-made checkpoint database beside the one in place is swept at open, its journal
+    /// too, the checkpoints in place kept; a directory of that name is no file a start made,
+    /// and is left, without failing the start.
+    #[test]
+    fn a_half_made_checkpoint_database_beside_the_one_in_place_is_swept_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let task = TaskId::parse("t").expect("id");
+        let (sd, _) = StateDir::open(dir.path(), &wid("w1")).expect("open");
+        sd.task_started(&task, Attempt(1)).expect("start");
+        sd.store_checkpoint(&task, &checkpoint(1, b"5"))
+            .expect("store");
+        drop(sd);
+        let new = dir.path().join("checkpoints.db.new");
+        let journal = dir.path().join("checkpoints.db.new-journal");
+        std::fs::write(&new, b"SQLite format 3\0 and then nothing").expect("write");
+        std::fs::write(&journal, b"a journal").expect("write");
+        let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+        assert!(!new.exists() && !journal.exists());
+        assert_eq!(kept(&sd, &restored, 0), b"5");
+        drop(sd);
+        std::fs::create_dir(&new).expect("mkdir");
+        let (sd, restored) = StateDir::open(dir.path(), &wid("w1")).expect("reopen");
+        assert!(new.is_dir(), "a directory is left");
+        assert_eq!(kept(&sd, &restored, 0), b"5");
+    }
+
     /// A start that died while moving the checkpoints of schema 1 leaves the move to the next:
     /// before the new file was in place it is made again; after, the old table's rows are
     /// copied again over the file's (the same rows) and the table is dropped.

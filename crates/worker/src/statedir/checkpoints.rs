@@ -11,7 +11,8 @@
 //! two) copies the table's rows again, over the file's, before dropping it: nothing of this
 //! version writes the file while the table exists, and an older worker run since (after a
 //! rollback) wrote its newer checkpoints into the table. A missing file's `-wal` and `-shm`, left by a killed process, are removed before
-//! it is made, or SQLite would replay the old file's pages into the new one.
+//! it is made, or SQLite would replay the old file's pages into the new one. A
+//! `checkpoints.db.new` (and its journal) found beside a file in place is swept at open too.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -53,7 +54,10 @@ pub(super) fn open(
         )
         .map_err(StateDirError::db(main_path))?;
     let created = match std::fs::metadata(&path) {
-        Ok(_) => false,
+        Ok(_) => {
+            sweep_half_made(&path);
+            false
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if version >= super::SCHEMA_VERSION {
                 // Removed by hand (a start never leaves it missing once it was made): like a
@@ -105,10 +109,10 @@ fn create(
     main_path: &Path,
     copy: bool,
 ) -> Result<(), StateDirError> {
-    let new = path.with_extension("db.new");
+    let new = path.with_extension(HALF_MADE);
     let (io, db) = (StateDirError::io, StateDirError::db);
     // Left by a start that died while making it.
-    for stale in [new.clone(), path.with_extension("db.new-journal")] {
+    for stale in half_made(path) {
         match std::fs::remove_file(&stale) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&stale)(e)),
             _ => {}
@@ -133,6 +137,46 @@ fn create(
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io(dir))
+}
+
+/// The extension of the checkpoint database while it is made ([`create`]).
+const HALF_MADE: &str = "db.new";
+
+/// The files of a checkpoint database at `path` being made: the file, and its rollback
+/// journal.
+fn half_made(path: &Path) -> [PathBuf; 2] {
+    let new = path.with_extension(HALF_MADE);
+    let mut journal = new.clone().into_os_string();
+    journal.push("-journal");
+    [new, PathBuf::from(journal)]
+}
+
+/// Removes what a making of the checkpoint database at `path` left, now that the database is
+/// in place (a crash after its rename whose directory entries were not all on disk, or a
+/// file restored by hand after a start died making it): nothing else ever would, and the file
+/// may hold every checkpoint of the directory. Called under the state directory's lock, so
+/// no start is making it meanwhile; only these two names are touched, and only a file (a
+/// directory of that name, or anything that cannot be removed, stays, with a warning): a
+/// failure costs disk space, not the start.
+fn sweep_half_made(path: &Path) {
+    for stale in half_made(path) {
+        let Ok(meta) = std::fs::symlink_metadata(&stale) else {
+            continue;
+        };
+        let removed = match meta.is_dir() {
+            true => Err(std::io::Error::other("it is a directory")),
+            false => std::fs::remove_file(&stale),
+        };
+        match removed {
+            Ok(()) => {
+                tracing::warn!(path = %stale.display(), bytes = meta.len(), "removed, left by a start that died making the checkpoint database");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                tracing::warn!(path = %stale.display(), %error, "cannot remove what a start that died making the checkpoint database left");
+            }
+        }
+    }
 }
 
 /// Copies the rows of `main`'s old `checkpoints` table into `to` (at `to_path`), over the rows

@@ -387,3 +387,49 @@ fn a_result_the_journal_could_not_take_leaves_its_attempt_lost_at_the_next_start
         "the attempt's directory is kept"
     );
 }
+
+/// A `checkpoints.db.new` (and its rollback journal) left beside `checkpoints.db`, by a start
+/// that died making it (its rename on disk, their removal not), is removed at the next start,
+/// which connects as usual and keeps the checkpoint of the task it lost; the databases in
+/// place are not touched. Before, nothing ever removed it, and it may hold every checkpoint of
+/// the directory.
+#[test]
+fn a_checkpoint_database_left_half_made_is_swept_and_the_worker_starts_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = WorkerId::parse("w").expect("id");
+    let task = TaskId::parse("t-lost").expect("id");
+    {
+        let (sd, _) = StateDir::open(dir.path(), &id).expect("open");
+        sd.task_started(&task, Attempt(1)).expect("start");
+        let cp = StoredCheckpoint {
+            id: CheckpointId::parse("c-1").expect("id"),
+            attempt: Attempt(1),
+            data: Arc::new(b"7".to_vec()),
+            piece: 0,
+        };
+        sd.store_checkpoint(&task, &cp).expect("checkpoint");
+    }
+    let half_made = [
+        dir.path().join(format!("{CHECKPOINTS_FILE}.new")),
+        dir.path().join(format!("{CHECKPOINTS_FILE}.new-journal")),
+    ];
+    for f in &half_made {
+        std::fs::write(f, vec![7u8; 64 * 1024]).expect("plant");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let fake = FakeConnector::new(Script::Healthy);
+        let mut cfg = tether_worker::WorkerConfig::new("ws://coordinator.invalid:1", id.clone());
+        cfg.state_dir = Some(dir.path().to_owned());
+        let running = Running::start(&fake, cfg);
+        running.wait_state(|s| s == ConnState::Connected).await;
+        for f in &half_made {
+            assert!(!f.exists(), "{} left", f.display());
+        }
+        assert_eq!(kept_under(dir.path(), "t-lost"), Some(1), "the lost task's");
+        drop(running);
+    });
+}
