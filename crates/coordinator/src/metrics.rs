@@ -29,8 +29,8 @@ pub const RECONNECTIONS: &str = "tether_reconnections_total";
 /// Gauge: 1 when the last scrape got no overview from the core in time (its task, worker and
 /// queue gauges are then from an earlier scrape), else 0.
 pub const MODEL_STALE: &str = "tether_model_stale";
-/// Counter: sessions ended, by `reason` (closed, timeout, error, oversize, invalid_utf8,
-/// integrity, coordinator).
+/// Counter: sessions ended, by `reason` ([`SessionEnd`]: closed, timeout, error, oversize,
+/// invalid_utf8, integrity, coordinator).
 pub const SESSIONS_ENDED: &str = "tether_sessions_ended_total";
 /// Counter: sessions closed because a newer connection of the same worker arrived.
 pub const SESSIONS_REPLACED: &str = "tether_sessions_replaced_total";
@@ -179,16 +179,53 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
-/// `reason`s of [`SESSIONS_ENDED`]: how a session's loop in `ws` ends.
-pub const SESSION_END_REASONS: &[&str] = &[
-    "closed",
-    "timeout",
-    "error",
-    "oversize",
-    "invalid_utf8",
-    "integrity",
-    "coordinator",
-];
+/// How a worker's session ended: the `reason` label of [`SESSIONS_ENDED`]. The session's loop
+/// in `ws` ends with one of these and the label is registered at 0 for each of [`Self::ALL`],
+/// so a new way to end is a variant here, not a string there that no series was made for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The worker closed the connection, or it ended without a close.
+    Closed,
+    /// No frame from the worker for its liveness timeout.
+    Timeout,
+    /// A read or a write failed.
+    Error,
+    /// A frame, or a compressed frame once inflated, over the size limit.
+    Oversize,
+    /// A text frame that is not UTF-8.
+    InvalidUtf8,
+    /// Too many frames failed their `--message-mac` tag.
+    Integrity,
+    /// The coordinator closed it: replaced, refused, paced out, or the core stopping.
+    Coordinator,
+}
+
+impl SessionEnd {
+    /// Every way a session ends, each once.
+    pub const ALL: [SessionEnd; 7] = [
+        Self::Closed,
+        Self::Timeout,
+        Self::Error,
+        Self::Oversize,
+        Self::InvalidUtf8,
+        Self::Integrity,
+        Self::Coordinator,
+    ];
+
+    /// Its `reason` label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Timeout => "timeout",
+            Self::Error => "error",
+            Self::Oversize => "oversize",
+            Self::InvalidUtf8 => "invalid_utf8",
+            Self::Integrity => "integrity",
+            Self::Coordinator => "coordinator",
+        }
+    }
+}
+
 /// `disposition`s of [`RESULTS`]: [`disposition`]'s, and `cancelled` (a stale result of an
 /// attempt a cancel ended, counted apart).
 pub const RESULT_DISPOSITIONS: &[&str] =
@@ -241,8 +278,8 @@ fn register() {
     ] {
         metrics::counter!(name).increment(0);
     }
-    for &reason in SESSION_END_REASONS {
-        metrics::counter!(SESSIONS_ENDED, "reason" => reason).increment(0);
+    for end in SessionEnd::ALL {
+        metrics::counter!(SESSIONS_ENDED, "reason" => end.as_str()).increment(0);
     }
     for &d in RESULT_DISPOSITIONS {
         metrics::counter!(RESULTS, "disposition" => d).increment(0);
@@ -535,5 +572,36 @@ mod tests {
             every(E::Internal),
         ];
         assert_eq!(super::ERROR_CODES, all);
+    }
+
+    /// [`SessionEnd::ALL`](super::SessionEnd::ALL), whose labels are registered at 0, lists every
+    /// way a session ends once, each with its own label: a variant added stops this match
+    /// compiling until it is listed here, and then fails it until it is listed there.
+    #[test]
+    fn every_session_end_is_registered_once_under_its_own_label() {
+        use super::SessionEnd as S;
+        let every = |e: S| match e {
+            S::Closed
+            | S::Timeout
+            | S::Error
+            | S::Oversize
+            | S::InvalidUtf8
+            | S::Integrity
+            | S::Coordinator => e,
+        };
+        let all = [
+            every(S::Closed),
+            every(S::Timeout),
+            every(S::Error),
+            every(S::Oversize),
+            every(S::InvalidUtf8),
+            every(S::Integrity),
+            every(S::Coordinator),
+        ];
+        assert_eq!(S::ALL, all);
+        let mut labels: Vec<&str> = S::ALL.iter().map(|e| e.as_str()).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), S::ALL.len(), "a label shared: {labels:?}");
     }
 }

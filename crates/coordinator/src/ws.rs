@@ -48,6 +48,7 @@ use crate::config::{Beat, Limits};
 use crate::core::registration_refusal;
 use crate::core::{Counters, Event, Outgoing, SessionRef};
 use crate::metrics as m;
+use crate::metrics::SessionEnd;
 use crate::server::AppState;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
@@ -496,7 +497,7 @@ fn run(
         // The connection's bytes read at the last frame read (of any kind), or at the last
         // keepalive (see `frame_arriving`).
         let mut read_seen = out.entry.bytes_read();
-        let (kind, reason): (&'static str, String) = loop {
+        let (end, reason): (SessionEnd, String) = loop {
             // Over its bound, the queue is written before another frame is read: a worker that
             // sends faster than it reads its replies backs up in its own socket (a worker that
             // reads nothing stalls the writes, which end the session), and the queue of a
@@ -520,7 +521,7 @@ fn run(
                         sent
                     });
                     if !sent.await {
-                        break ("error", "write failed".into());
+                        break (SessionEnd::Error, "write failed".into());
                     }
                 }
                 () = &mut liveness => {
@@ -531,7 +532,7 @@ fn run(
                                 liveness.as_mut().reset(Instant::now() + agreed.keepalive());
                                 continue;
                             }
-                            Awaited::Failed => break ("error", "write failed".into()),
+                            Awaited::Failed => break (SessionEnd::Error, "write failed".into()),
                             // Dead as a registered worker silent for its timeout is.
                             Awaited::Silent => {}
                         }
@@ -542,24 +543,24 @@ fn run(
                     // The last frame arrived `timeout` before the deadline.
                     let timeout = agreed.beat.timeout;
                     m::observe(m::DEAD_DETECT, Instant::now() + timeout - deadline);
-                    break ("timeout", format!("no frame for {} ms", timeout.as_millis()));
+                    break (SessionEnd::Timeout, format!("no frame for {} ms", timeout.as_millis()));
                 }
                 frame = stream.next(), if !backlog => {
                     let frame = match frame {
-                        None => break ("closed", "closed".into()),
+                        None => break (SessionEnd::Closed, "closed".into()),
                         Some(Err(e)) => {
                             if is_too_big(&e) {
                                 app.counters.oversize_frames.fetch_add(1, Ordering::Relaxed);
                                 metrics::counter!(m::OVERSIZE_FRAMES).increment(1);
                                 out.close(deadline, CLOSE_TOO_BIG, "frame exceeds the size limit").await;
-                                break ("oversize", "oversize frame".into());
+                                break (SessionEnd::Oversize, "oversize frame".into());
                             }
                             if is_bad_utf8(&e) {
                                 app.counters.malformed_frames.fetch_add(1, Ordering::Relaxed);
                                 out.close(deadline, CLOSE_BAD_DATA, "text frame is not valid UTF-8").await;
-                                break ("invalid_utf8", "invalid UTF-8 in a text frame".into());
+                                break (SessionEnd::InvalidUtf8, "invalid UTF-8 in a text frame".into());
                             }
-                            break ("error", format!("read: {e}"));
+                            break (SessionEnd::Error, format!("read: {e}"));
                         }
                         Some(Ok(m)) => m,
                     };
@@ -577,8 +578,8 @@ fn run(
                         let paced = Box::pin(pace.wait(over, &mut out, queue, &mut deadline, &app, &worker, session_id, agreed.beat.timeout));
                         match paced.await {
                             Paced::Ready => {}
-                            Paced::Failed => break ("error", "write failed".into()),
-                            Paced::Closed(reason) => break ("coordinator", reason),
+                            Paced::Failed => break (SessionEnd::Error, "write failed".into()),
+                            Paced::Closed(reason) => break (SessionEnd::Coordinator, reason),
                         }
                     }
                     let frame = match unseal(open.as_deref_mut(), &frame) {
@@ -603,11 +604,11 @@ fn run(
                             tracing::warn!(worker = %worker, session = session_id, error = %e, failures, "frame dropped: integrity tag");
                             if failures >= DEFAULT_MAX_FAILURES {
                                 out.close(deadline, CLOSE_INTEGRITY, "too many frames failed their integrity tag").await;
-                                break ("integrity", format!("{failures} frames failed their integrity tag"));
+                                break (SessionEnd::Integrity, format!("{failures} frames failed their integrity tag"));
                             }
                             let e = CoordMsg::error(ErrorCode::BadMac, format!("{e}; the frame was dropped"), None, None);
                             if !out.send_rare(&mut deadline, e).await {
-                                break ("error", "write failed".into());
+                                break (SessionEnd::Error, "write failed".into());
                             }
                             continue;
                         }
@@ -638,7 +639,7 @@ fn run(
                                 app.counters.decompression_refused.fetch_add(1, Ordering::Relaxed);
                                 app.counters.oversize_frames.fetch_add(1, Ordering::Relaxed);
                                 out.close(deadline, CLOSE_TOO_BIG, "compressed frame inflates past the size limit").await;
-                                break ("oversize", "compressed frame inflates past the size limit".into());
+                                break (SessionEnd::Oversize, "compressed frame inflates past the size limit".into());
                             }
                             Err(e) => {
                                 // What it inflated before failing is not known: up to the limit.
@@ -656,7 +657,7 @@ fn run(
                                 None,
                             ))
                         }
-                        Data::Close => break ("closed", "closed by worker".into()),
+                        Data::Close => break (SessionEnd::Closed, "closed by worker".into()),
                         Data::Control => Handled::default(),
                     };
                     // A heartbeat's reply may have retuned the session's cadence: a longer timeout
@@ -669,7 +670,7 @@ fn run(
                     pace.charge_messages(messages.saturating_sub(1), &app.cfg.limits);
                     if let Some(wait) = wait {
                         if !Box::pin(core_wait(wait, &mut out, agreed, &app.counters)).await {
-                            break ("error", "write failed".into());
+                            break (SessionEnd::Error, "write failed".into());
                         }
                         // The wait was the coordinator's slowness, not the worker's silence: the
                         // worker has its whole timeout from now (it may have sent nothing, its
@@ -702,14 +703,14 @@ fn run(
                         sent
                     }));
                     if let Some(sent) = sent && !sent.await {
-                        break ("error", "write failed".into());
+                        break (SessionEnd::Error, "write failed".into());
                     }
                 }
                 queued = rx.recv() => match queued {
                     Some(Outgoing::Close(c)) => {
                         let (code, reason) = *c;
                         out.close(deadline, code, &reason).await;
-                        break ("coordinator", format!("closed by coordinator: {reason}"));
+                        break (SessionEnd::Coordinator, format!("closed by coordinator: {reason}"));
                     }
                     Some(first) => {
                         // Held back for the queue, the worker's frames wait unread: its silence
@@ -728,17 +729,17 @@ fn run(
                             Ok(None) => {}
                             Ok(Some((code, reason))) => {
                                 out.close(deadline, code, &reason).await;
-                                break ("coordinator", format!("closed by coordinator: {reason}"));
+                                break (SessionEnd::Coordinator, format!("closed by coordinator: {reason}"));
                             }
-                            Err(()) => break ("error", "write failed".into()),
+                            Err(()) => break (SessionEnd::Error, "write failed".into()),
                         }
                     }
-                    None => break ("coordinator", "core stopped".into()),
+                    None => break (SessionEnd::Coordinator, "core stopped".into()),
                 },
             }
         };
         tracing::info!(worker = %worker, session = session_id, %reason, "session ended");
-        metrics::counter!(m::SESSIONS_ENDED, "reason" => kind).increment(1);
+        metrics::counter!(m::SESSIONS_ENDED, "reason" => end.as_str()).increment(1);
         app.paces.keep(&worker, pace, &app.cfg.limits);
         // Boxed: inline, the wait's state would size every idle session's future.
         Box::pin(departure.leave()).await;

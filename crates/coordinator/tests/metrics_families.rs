@@ -5,8 +5,8 @@
 //! it and not exported fails here.
 //!
 //! The recorder is process-wide, so this binary holds nothing else that records a family
-//! before the first scrape: its other test makes no worker session and only submits, and its
-//! gauges are set from its own coordinator at each scrape.
+//! before the first scrape: its other tests make no worker session (one only submits), and
+//! its gauges are set from its own coordinator at each scrape.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -144,6 +144,50 @@ async fn a_fresh_coordinator_exports_every_documented_family() {
         "documented and not exported by a fresh coordinator: {missing:?}\n{text}"
     );
 
+    stop(shutdown, join).await;
+}
+
+/// The labels cell of `family`'s row in the coordinator's metrics table of OPERATIONS.md.
+fn documented_labels(family: &str) -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/OPERATIONS.md");
+    let doc = std::fs::read_to_string(path).expect("read docs/OPERATIONS.md");
+    let row = doc
+        .lines()
+        .find(|l| l.starts_with(&format!("| `{family}` |")))
+        .unwrap_or_else(|| panic!("a row of {family} in OPERATIONS.md"));
+    // "", metric(s), type, labels, meaning, "".
+    row.split('|').nth(3).expect("a labels cell").to_owned()
+}
+
+/// Every way a worker's session ends ([`SessionEnd`], which the session's loop ends with) is
+/// a `reason` of `tether_sessions_ended_total` at 0 before any session, and the table of
+/// OPERATIONS.md names it: an end added and not registered, or not documented, fails here.
+#[tokio::test]
+async fn every_way_a_session_ends_is_a_reason_at_0_from_the_start_and_documented() {
+    use tether_coordinator::metrics::{SESSIONS_ENDED, SessionEnd};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (addr, shutdown, join) = start(dir.path()).await;
+    let (status, text) = tokio::time::timeout(STEP, scrape(addr))
+        .await
+        .expect("scraped in time");
+    assert_eq!(status, 200, "{text}");
+    let documented = documented_labels(SESSIONS_ENDED);
+    for end in SessionEnd::ALL {
+        let sample = format!("{SESSIONS_ENDED}{{reason=\"{}\"}} 0\n", end.as_str());
+        assert!(text.contains(&sample), "{sample:?} not in\n{text}");
+        let mut words = documented.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
+        assert!(
+            words.any(|w| w == end.as_str()),
+            "{end:?} ({}) is not among the reasons OPERATIONS.md lists: {documented}",
+            end.as_str()
+        );
+    }
+    // And no reason is exported that is not one of them.
+    let exported = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{SESSIONS_ENDED}{{")))
+        .count();
+    assert_eq!(exported, SessionEnd::ALL.len(), "{text}");
     stop(shutdown, join).await;
 }
 
