@@ -232,6 +232,7 @@ mod tests {
             ("Sample", "reconnections"),
             ("ErrorBody", "error"),
             ("Submitted", "task_ids"),
+            ("Submitted", "existing"),
         ] {
             assert!(
                 schemas[name]["properties"][field].is_object(),
@@ -244,6 +245,44 @@ mod tests {
             get_task["content"]["application/json"]["schema"]["$ref"],
             "#/components/schemas/Task"
         );
+    }
+
+    /// A task id is an idempotency key: the submission's answers say so. 201 (something made)
+    /// and 200 (all there already) carry the same body, whose `existing` lists the ids that
+    /// were there, always present; another spec under a kept id is a 409.
+    #[test]
+    fn a_submission_s_answers_describe_existing_and_the_200_and_409_of_a_kept_id() {
+        let doc = openapi_json();
+        let answers = &doc["paths"]["/api/v1/tasks"]["post"]["responses"];
+        for status in ["200", "201"] {
+            assert_eq!(
+                answers[status]["content"]["application/json"]["schema"]["$ref"],
+                "#/components/schemas/Submitted",
+                "{status}: {}",
+                answers[status]
+            );
+            let said = answers[status]["description"].as_str().unwrap_or_default();
+            assert!(
+                said.contains("`existing`"),
+                "{status} says what `existing` is: {said}"
+            );
+        }
+        let conflict = answers["409"]["description"].as_str().unwrap_or_default();
+        assert!(conflict.contains("different spec"), "{conflict}");
+        let submitted = &doc["components"]["schemas"]["Submitted"];
+        let existing = &submitted["properties"]["existing"];
+        assert_eq!(existing["type"], "array", "{submitted}");
+        assert_eq!(existing["items"]["type"], "string", "{submitted}");
+        assert!(
+            existing["description"]
+                .as_str()
+                .is_some_and(|d| d.contains("same spec")),
+            "{submitted}"
+        );
+        let required = submitted["required"].as_array().expect("required fields");
+        for field in ["task_ids", "existing"] {
+            assert!(required.iter().any(|r| r == field), "{field}: {submitted}");
+        }
     }
 
     #[test]
