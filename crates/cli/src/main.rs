@@ -374,10 +374,14 @@ fn main() -> std::process::ExitCode {
     // Colour for a terminal only: a log sent to a file or a journal stays plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    // A log line that cannot be written (the reader of a pipe went away: `| head`, a stopped
+    // journal) is dropped. By default the subscriber reports the failure with `eprintln!`,
+    // which panics on the same closed stderr: a worker died of it (exit 101) with its tasks.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
+        .log_internal_errors(false)
         .try_init();
     if matches!(&cli.cmd, Cmd::Coordinator(_))
         || matches!(&cli.cmd, Cmd::Proxy(p) if !p.is_client())
