@@ -383,9 +383,14 @@ impl Report {
         if let Some(v) = self.fleet_peak_rss_kib {
             row("fleet peak RSS, MiB", format!("{:.1}", v as f64 / 1024.0));
         }
-        if let Some(v) = self.fleet_workers_aborted {
-            row("workers the fleet aborted at its exit", v.to_string());
-        }
+        // Always shown: a row left out would read as none aborted.
+        row(
+            "workers the fleet aborted at its exit",
+            match self.fleet_workers_aborted {
+                Some(n) => n.to_string(),
+                None => ABORTED_UNKNOWN.to_owned(),
+            },
+        );
         if let Some(v) = self.proxy_cpu_s {
             row("fault proxies' CPU seconds", format!("{v:.2}"));
         }
@@ -534,6 +539,10 @@ impl Report {
         s
     }
 }
+
+/// The workers the fleet aborted at its exit, as the Markdown says them when the fleet never
+/// printed the last status that counts them.
+const ABORTED_UNKNOWN: &str = "unknown: the fleet never printed its last status, which counts them";
 
 /// Handled messages a second that `message_flood`'s 200,000 a second target asks for.
 pub const TOP_RATE: f64 = 200_000.0;
@@ -715,6 +724,31 @@ mod tests {
         assert!(!r.markdown().contains(RESETS_ROW));
         let json = serde_json::to_value(&r).expect("JSON");
         assert!(json["connections_reset"].is_null() && json["reset_every_ms"].is_null());
+    }
+
+    /// The row of the workers the fleet aborted at its exit, in the Markdown.
+    const ABORTED_ROW: &str = "| workers the fleet aborted at its exit |";
+
+    /// The workers the fleet aborted at its exit are shown when its last status counted them,
+    /// none included, and said unknown, with why, when it never printed that status: the row
+    /// left out read as none aborted. The JSON keeps null for unknown.
+    #[test]
+    fn workers_the_fleet_aborted_are_shown_and_said_unknown_when_never_counted() {
+        let unknown = "unknown: the fleet never printed its last status, which counts them";
+        for (aborted, shown) in [(Some(0), "0"), (Some(3), "3"), (None, unknown)] {
+            let r = Report {
+                fleet_workers_aborted: aborted,
+                ..Report::default()
+            };
+            let text = r.markdown();
+            assert!(
+                text.contains(&format!("{ABORTED_ROW} {shown} |")),
+                "{aborted:?}: {text}"
+            );
+            assert_eq!(text.matches(ABORTED_ROW).count(), 1, "{text}");
+            let json = serde_json::to_value(&r).expect("JSON");
+            assert_eq!(json["fleet_workers_aborted"], serde_json::json!(aborted));
+        }
     }
 
     #[test]
