@@ -268,3 +268,114 @@ async fn a_fifo_in_the_certificate_files_place_is_refused_and_its_renewal_served
     .expect("handshakes");
     c.stop().await;
 }
+
+/// A `tether worker` process given `url` for its coordinator, its stderr read line by line
+/// (killed when dropped).
+struct WorkerProcess {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+}
+
+impl WorkerProcess {
+    fn start(url: &str) -> Self {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args([
+                "--log",
+                "warn",
+                "worker",
+                "--id",
+                "w1",
+                "--coordinator",
+                url,
+            ])
+            .env_remove("TETHER_CA_FILE")
+            .env_remove("TETHER_LOG")
+            .env_remove("TETHER_SECRET")
+            .env_remove("TETHER_SECRET_FILE")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start tether worker");
+        let stderr = child.stderr.take().expect("stderr");
+        use tokio::io::AsyncBufReadExt;
+        let lines = tokio::io::BufReader::new(stderr).lines();
+        Self { child, lines }
+    }
+
+    /// The next `n` lines of its log that say an attempt failed, read within `DEADLINE`.
+    async fn failed_attempts(&mut self, n: usize) -> Vec<String> {
+        let mut failed = Vec::new();
+        let read = async {
+            while failed.len() < n {
+                match self.lines.next_line().await.expect("read stderr") {
+                    Some(line) if line.contains("connection attempt failed") => failed.push(line),
+                    Some(_) => {}
+                    None => panic!("the worker ended; it said: {failed:?}"),
+                }
+            }
+        };
+        tokio::time::timeout(DEADLINE, read)
+            .await
+            .unwrap_or_else(|_| panic!("{n} failed attempts not said in time: {failed:?}"));
+        failed
+    }
+
+    /// Whether the process still runs (it retries rather than stop).
+    fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+}
+
+/// A worker told `https://` (`wss://`) for a coordinator serving plain WebSocket, and one told
+/// `http://` (`ws://`) for one serving TLS, each log at every attempt what the coordinator
+/// answered in and what URL to give instead, and keep retrying (the coordinator may be
+/// restarted with TLS on or off). Before, the first said only rustls's "received corrupt
+/// message of type InvalidContentType", the second an httparse "invalid HTTP version" with a
+/// question.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_given_the_wrong_scheme_says_what_the_coordinator_serves_and_retries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plain = spawn_coordinator(dir.path().join("plain")).await;
+    let certs = tempfile::tempdir().expect("certs");
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).expect("certificate");
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).expect("write cert");
+    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
+    let mut cfg = fast_coordinator_config(dir.path().join("tls"));
+    cfg.tls = Some(tether_coordinator::tls::server_config(&cert, &key).expect("server TLS"));
+    let tls = spawn_coordinator_with(cfg, None).await;
+
+    let at = format!("127.0.0.1:{}", plain.addr.port());
+    let mut w = WorkerProcess::start(&format!("https://{at}"));
+    let said = w.failed_attempts(2).await;
+    for line in &said {
+        assert!(
+            line.contains(&format!(
+                "the coordinator at {at} answered in plain text: it does not serve TLS; give an \
+                 http:// or ws:// URL"
+            )) && line.contains("retrying"),
+            "{said:?}"
+        );
+    }
+    assert!(w.running(), "retrying, not stopped: {said:?}");
+    drop(w);
+
+    let at = format!("127.0.0.1:{}", tls.addr.port());
+    let mut w = WorkerProcess::start(&format!("http://{at}"));
+    let said = w.failed_attempts(2).await;
+    for line in &said {
+        assert!(
+            line.contains(&format!(
+                "the coordinator at {at} answered with TLS: give an https:// or wss:// URL, with \
+                 --ca-file or TETHER_CA_FILE"
+            )) && line.contains("retrying"),
+            "{said:?}"
+        );
+    }
+    assert!(w.running(), "retrying, not stopped: {said:?}");
+    drop(w);
+    plain.stop().await;
+    tls.stop().await;
+}

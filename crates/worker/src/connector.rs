@@ -440,6 +440,12 @@ pub async fn tls_handshake(
         if untrusted {
             let hint = cause.and_then(untrusted_hint).unwrap_or_default();
             ConnectError::Refused(format!("TLS with {host}:{port}: {e}{hint}"))
+        } else if cause.is_some_and(answered_in_plain_text) {
+            ConnectError::Transient(format!(
+                "TLS with {host}:{port}: {e} (the coordinator at {host}:{port} answered in plain \
+                 text: it does not serve TLS; give an http:// or ws:// URL, or start it with \
+                 --tls-cert and --tls-key; retrying)"
+            ))
         } else {
             ConnectError::Transient(format!("TLS with {host}:{port}: {e}"))
         }
@@ -460,6 +466,17 @@ fn untrusted_hint(e: &rustls::Error) -> Option<&'static str> {
     .then_some(
         " (the coordinator's certificate is not signed by a CA this worker trusts: give the \
          CA that signed it with --ca-file or TETHER_CA_FILE)",
+    )
+}
+
+/// Whether a TLS handshake failed on an answer that is no TLS record at all: what a coordinator
+/// serving plain WebSocket sends to a `wss://` attempt (its HTTP 400 to the ClientHello, whose
+/// first byte is no record type). Retried all the same: the coordinator may be restarted with
+/// TLS on, and a proxy starting up may answer so for a moment; the reason says what to change.
+fn answered_in_plain_text(e: &rustls::Error) -> bool {
+    matches!(
+        e,
+        rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)
     )
 }
 
@@ -536,20 +553,26 @@ pub async fn handshake(
 }
 
 /// What to add to a plain (`ws://`) attempt's handshake that read no HTTP answer: a coordinator
-/// serving TLS answers the upgrade request with a TLS alert, which reads as "invalid HTTP
-/// version" and says nothing of TLS (the CLI's client says the same of an `http://` URL).
-fn plain_to_tls_hint(url: &str, e: &tokio_tungstenite::tungstenite::Error) -> &'static str {
+/// serving TLS answers the upgrade request with a TLS alert (its handshake fails on the
+/// request's first byte), which reads as "invalid HTTP version" and says nothing of TLS (the
+/// CLI's client says the same of an `http://` URL). Retried all the same, as a plain answer
+/// to a `wss://` attempt is ([`answered_in_plain_text`]).
+fn plain_to_tls_hint(url: &str, e: &tokio_tungstenite::tungstenite::Error) -> String {
     use tokio_tungstenite::tungstenite::Error as WsError;
     use tokio_tungstenite::tungstenite::error::ProtocolError;
-    let plain = url
-        .get(..5)
-        .is_some_and(|s| s.eq_ignore_ascii_case("ws://"));
-    match e {
-        WsError::Protocol(ProtocolError::HttparseError(_)) if plain => {
-            " (is the coordinator serving TLS? then give a wss:// URL)"
-        }
-        _ => "",
+    let Ok(parsed) = url::Url::parse(url) else {
+        return String::new();
+    };
+    if parsed.scheme() != "ws" || !matches!(e, WsError::Protocol(ProtocolError::HttparseError(_))) {
+        return String::new();
     }
+    let host = parsed.host_str().unwrap_or_default();
+    let port = parsed.port_or_known_default().unwrap_or(80);
+    format!(
+        " (the coordinator at {host}:{port} answered with TLS: give an https:// or wss:// URL, \
+         with --ca-file or TETHER_CA_FILE naming the CA that signed its certificate unless the \
+         system's roots hold it; retrying)"
+    )
 }
 
 /// Whether an HTTP answer to the upgrade means "never": 401 or 403 only. Anything else may
@@ -922,12 +945,64 @@ mod tests {
         serving.await.expect("server");
         match r {
             Err(ConnectError::Transient(said)) => assert!(
-                said.contains("(is the coordinator serving TLS? then give a wss:// URL)"),
+                said.contains(&format!(
+                    "(the coordinator at 127.0.0.1:{port} answered with TLS: give an https:// \
+                     or wss:// URL, with --ca-file"
+                )) && said.ends_with("retrying)"),
                 "{said}"
             ),
             Err(other) => panic!("a plain attempt at a TLS server: {other:?}"),
             Ok(_) => panic!("a plain attempt at a TLS server opened"),
         }
+    }
+
+    /// A `wss://` URL given for a coordinator serving plain WebSocket: its HTTP answer to the
+    /// ClientHello ("received corrupt message of type InvalidContentType" to rustls) is said
+    /// to be plain text, with what to give instead, and retried (it may be restarted with TLS).
+    #[tokio::test]
+    async fn a_tls_attempt_at_a_plain_coordinator_says_to_give_a_ws_url() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        // As an HTTP server does with bytes that are no request: 400, then close.
+        let serving = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.expect("accept");
+            let mut hello = [0u8; 64];
+            let _ = tcp.read(&mut hello).await;
+            let _ = tcp
+                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        });
+        let served = signed("ca", (2020, 1, 1), (4000, 1, 1));
+        let ca = served.ca.clone();
+        let (_, connector) = tls_configs(served, ca);
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            super::tls_handshake(&connector, "localhost", port, tcp),
+        )
+        .await
+        .expect("the handshake ends");
+        serving.await.expect("server");
+        match r {
+            Err(super::ConnectError::Transient(said)) => assert!(
+                said.contains("InvalidContentType")
+                    && said.contains(&format!(
+                        "(the coordinator at localhost:{port} answered in plain text: it does \
+                         not serve TLS; give an http:// or ws:// URL, or start it with \
+                         --tls-cert and --tls-key; retrying)"
+                    )),
+                "{said}"
+            ),
+            Err(other) => panic!("a TLS attempt at a plain server: {other:?}"),
+            Ok(_) => panic!("a TLS attempt at a plain server opened"),
+        }
+        let other = rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidCcs);
+        assert!(!super::answered_in_plain_text(&other));
     }
 
     #[test]
