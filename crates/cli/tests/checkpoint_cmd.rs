@@ -123,6 +123,91 @@ async fn checkpoint_wait_reports_the_checkpoint_a_shell_task_made_at_the_request
     c.stop().await;
 }
 
+/// The state of process `pid` (`R`, `S`, `T` for stopped, ...), if it is there.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// `tether checkpoint --wait` on a paused `command` task (its processes stopped) exits 1 at
+/// once with the worker's answer that the task is paused, naming its latest checkpoint; once
+/// resumed, what its directory holds is shipped without another request (its poll is a
+/// minute away). Before, the request went unanswered (the worker re-sent the checkpoint the
+/// coordinator held): `--wait` waited out its time and said only that nothing came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_wait_on_a_paused_task_says_it_is_paused_and_the_resume_ships_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().join("c")).await;
+    let mut cfg = fast_worker_config(&c.ws_url(), "w1");
+    cfg.state_dir = Some(dir.path().join("w"));
+    let w = spawn_worker(cfg, Executors::builtin());
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let d = dir.path().join("d");
+    std::fs::create_dir(&d).expect("mkdir");
+    let script = r#"echo 1 > "$TETHER_CHECKPOINT_DIR/n"; echo "$TETHER_CHECKPOINT_DIR" > "$D/cp"
+        echo $$ > "$D/pid.tmp"; mv "$D/pid.tmp" "$D/pid"
+        i=0; while [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done"#;
+    let spec = TaskSpec::new(
+        "command",
+        serde_json::json!({"shell": script, "env": {"D": d}, "checkpoint_poll_ms": 60_000}),
+    );
+    let id = client.submit(&[spec]).await.remove(0);
+    client.wait_status(&id, "running").await;
+    let pid: u32 = wait_for("the task started", DEADLINE, || async {
+        std::fs::read_to_string(d.join("pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    })
+    .await;
+    let cp_dir = std::fs::read_to_string(d.join("cp")).expect("cp");
+    let cp_dir = std::path::PathBuf::from(cp_dir.trim_end());
+    let base = format!("http://{}", c.addr);
+    let (code, out, err) = checkpoint(&base, &["--wait=20s", id.as_str()]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    let t = client.task(&id).await;
+    let latest = t["latest_checkpoint"]["checkpoint_id"]
+        .as_str()
+        .expect("a checkpoint")
+        .to_owned();
+
+    let (status, v) = client.control(&id, "pause").await;
+    assert_eq!(status, 200, "{v}");
+    wait_for("the task's processes stopped", DEADLINE, || async {
+        (proc_state(pid) == Some('T')).then_some(())
+    })
+    .await;
+    let (code, out, err) = checkpoint(&base, &["--wait=20s", id.as_str()]).await;
+    assert_eq!(code, Some(1), "stdout: {out}\nstderr: {err}");
+    assert!(
+        err.contains(&format!(
+            "worker w1 made no checkpoint of {id}: the task is paused: no checkpoint is made \
+             while it is; its checkpoint dir is looked at once it is resumed (its latest \
+             checkpoint is {latest})"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("within 20s"), "{err}");
+
+    // Written while paused (by the test: the task's processes are stopped), shipped once
+    // resumed.
+    std::fs::write(cp_dir.join("n"), "2\n").expect("write");
+    let (status, v) = client.control(&id, "resume").await;
+    assert_eq!(status, 200, "{v}");
+    let newer = wait_for("a checkpoint shipped once resumed", DEADLINE, || async {
+        let t = client.task(&id).await;
+        let now = t["latest_checkpoint"]["checkpoint_id"].as_str()?.to_owned();
+        (now != latest).then_some(now)
+    })
+    .await;
+    assert_ne!(newer, latest);
+
+    client.control(&id, "cancel").await;
+    client.wait_status(&id, "cancelled").await;
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
 /// A task that is not running has no worker to ask: `tether checkpoint` exits 1 with the
 /// coordinator's reason, with or without `--wait`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

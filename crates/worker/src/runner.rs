@@ -1340,7 +1340,10 @@ impl Runner {
     /// `checkpoint_request`: re-sends the asked-for (or latest) checkpoint and asks the task for
     /// a fresh one. Returns an error message to send when there is nothing to give, unless the
     /// executor answers the request itself (`TaskShared::answers_requests`: the `command`
-    /// executor looks at its checkpoint directory at once, and ships it or says why not).
+    /// executor looks at its checkpoint directory at once, and ships it or says why not). An
+    /// operator's request (naming no checkpoint) to a task parked at a pause point is answered
+    /// that it is paused: it makes none until resumed, and the latest, re-sent, is no newer
+    /// than what the coordinator holds (`tether checkpoint --wait` waited out its time).
     ///
     /// Never waits: it is called on the session's task, and the re-upload waits for room in
     /// the outbox, which only the acks that task reads can make (waiting there, the session
@@ -1368,6 +1371,12 @@ impl Runner {
         };
         shared.checkpoint_requested.store(true, Ordering::Relaxed);
         shared.checkpoint_wanted.notify_waiters();
+        let answers = shared.answers_requests.load(Ordering::Relaxed);
+        // Left set: the task is asked for one once it is resumed.
+        let paused =
+            (req.checkpoint_id.is_none() && !answers && shared.parked.load(Ordering::Relaxed))
+                .then(|| error(shared.paused_answer("it is asked for one once it is resumed")))
+                .flatten();
         // Only a checkpoint written by this attempt can be uploaded under it; one handed over
         // from an earlier attempt is already at the coordinator.
         let own = shared.latest().filter(|c| c.attempt == req.attempt);
@@ -1376,7 +1385,7 @@ impl Runner {
             (Some(cp), _) => {
                 if shared.reuploading.swap(true, Ordering::AcqRel) {
                     tracing::debug!(task = %req.task_id, checkpoint = %cp.id, "a re-upload of the checkpoint is under way already");
-                    return None;
+                    return paused;
                 }
                 let max_frame = self.max_frame.load(Ordering::Relaxed);
                 let now = crate::executor::piece_size(
@@ -1396,13 +1405,14 @@ impl Runner {
                     }
                     shared.reuploading.store(false, Ordering::Release);
                 });
-                None
+                paused
             }
             (None, Some(id)) => error(format!("checkpoint {id} not found")),
-            (None, None) if shared.answers_requests.load(Ordering::Relaxed) => {
+            (None, None) if answers => {
                 tracing::debug!(task = %req.task_id, "no checkpoint yet: the executor answers the request once it looked");
                 None
             }
+            (None, None) if paused.is_some() => paused,
             (None, None) => error(format!(
                 "no checkpoint for task {} yet; the task was asked for one",
                 req.task_id
@@ -1887,6 +1897,69 @@ mod tests {
             e.error
         );
         std::fs::write(&stop, "").expect("stop");
+        runner.shutdown(Duration::from_secs(10)).await;
+    }
+
+    /// An operator's request to a task parked at a pause point, which has a checkpoint of its
+    /// own, is answered at once that the task is paused, naming that checkpoint; the task is
+    /// asked for one once resumed. Before, the runner only re-sent that checkpoint, which the
+    /// coordinator held already: `tether checkpoint --wait` waited out its whole time.
+    #[tokio::test]
+    async fn a_request_to_a_parked_task_is_answered_that_it_is_paused() {
+        let outbox = Arc::new(Outbox::new(Limits::default()));
+        let runner = Arc::new(Runner::new(Executors::builtin(), outbox.clone(), 64 * 1024));
+        let mut a = assignment("t", 1, None);
+        a.kind = "sleep".into();
+        a.config = serde_json::json!({"ms": 20, "steps": 100_000, "checkpoint_every": 1}).into();
+        runner.assign(a);
+        let task = TaskId::parse("t").expect("id");
+        let shared = || runner.table().running.get(&task).map(|r| r.shared.clone());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while shared().and_then(|s| s.latest()).is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "no checkpoint");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let control = TaskControl {
+            task_id: task.clone(),
+            attempt: Attempt(1),
+            reason: String::new(),
+            timestamp: now(),
+        };
+        runner.pause(&control);
+        while !shared().is_some_and(|s| s.parked.load(Ordering::Relaxed)) {
+            assert!(tokio::time::Instant::now() < deadline, "never parked");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let latest = shared().and_then(|s| s.latest()).expect("a checkpoint").id;
+        let req = CheckpointRequest {
+            task_id: task.clone(),
+            attempt: Attempt(1),
+            checkpoint_id: None,
+            timestamp: now(),
+        };
+        let Some(WorkerMsg::CheckpointError(e)) = runner.checkpoint_request(&req) else {
+            panic!("no answer to a request to a paused task");
+        };
+        assert_eq!((&e.task_id, &e.checkpoint_id), (&task, &None));
+        assert_eq!(
+            e.error,
+            format!(
+                "the task is paused: no checkpoint is made while it is; it is asked for one once \
+                 it is resumed (its latest checkpoint is {latest})"
+            )
+        );
+        assert!(
+            shared().is_some_and(|s| s.checkpoint_requested.load(Ordering::Relaxed)),
+            "asked for one once resumed"
+        );
+        // One naming a checkpoint is the coordinator's, for pieces it lacks: re-sent, paused
+        // or not.
+        let named = CheckpointRequest {
+            checkpoint_id: Some(latest),
+            ..req
+        };
+        let answer = runner.checkpoint_request(&named);
+        assert!(answer.is_none(), "{answer:?}");
         runner.shutdown(Duration::from_secs(10)).await;
     }
 

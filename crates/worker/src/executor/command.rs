@@ -37,9 +37,11 @@
 //!    [`REQUEST_LOOKS`] times. A look that ships nothing answers the request at once with a
 //!    `checkpoint_error` saying why: the directory is unchanged since checkpoint N (the runner
 //!    has re-sent that one), the task has written no checkpoint in it (it holds no files), it
-//!    cannot be packed or read, or it kept changing. Like the poll, a request waits while the
-//!    task is paused or a look is in flight (the runner answers at once, while paused, a
-//!    request it has no checkpoint to re-send for).
+//!    cannot be packed or read, or it kept changing. A request that comes while a look is in
+//!    flight is looked at once that look ends (unless the checkpoint it stored answers it).
+//!    One that comes while the task is paused (its processes stopped) is answered at once
+//!    that the task is paused, naming its latest checkpoint, and the directory is looked at
+//!    once it is resumed (shipped if it changed, nothing said otherwise).
 //! 4. When the leader exits, the rest of its group is terminated the same way (a task's
 //!    processes end with it), the output pipes are drained, and the directory is shipped one
 //!    last time if it changed.
@@ -865,11 +867,15 @@ async fn ship(
 /// empty with none written, or not packable), it could not be read, or it kept changing. The
 /// answer is true when the look was made: files the task writes just after it are shipped by
 /// the next poll (or request) all the same, after an answer that said there was nothing new.
+///
+/// Not `answer`ing (the look a request answered while the task was paused owes once it is
+/// resumed), a look that ships nothing says nothing.
 async fn ship_requested(
     ctx: &TaskCtx,
     dir: PathBuf,
     (last, mut seen, basis): (Signature, Option<Signature>, Basis),
     settle: Duration,
+    answer: bool,
 ) -> Result<Looked, String> {
     for look in 1..=REQUEST_LOOKS {
         let looked = ship(
@@ -905,10 +911,19 @@ async fn ship_requested(
             Ok(Looked::Shipped(..)) => return looked,
             Err(ref e) => format!("cannot read the checkpoint dir {}: {e}", dir.display()),
         };
-        ctx.refuse_checkpoint(why);
+        if answer {
+            ctx.refuse_checkpoint(why);
+        }
         return looked;
     }
     Ok(Looked::Unchanged)
+}
+
+/// The answer to a checkpoint request while the task is paused (its processes stopped): no
+/// look until it is resumed.
+fn paused_answer(ctx: &TaskCtx) -> String {
+    ctx.shared
+        .paused_answer("its checkpoint dir is looked at once it is resumed")
 }
 
 /// Says that the executor answers checkpoint requests itself ([`TaskShared`]'s
@@ -947,6 +962,9 @@ struct Supervisor<'a> {
     park: Option<BoxFuture<'a, ()>>,
     /// Stopped while a checkpoint was in flight: that checkpoint parks first, then we do.
     park_pending: bool,
+    /// A request came while the task was paused, answered so: the directory is looked at
+    /// once it is resumed.
+    owed: bool,
     /// A checkpoint being looked at, packed or shipped (shipping may park while paused).
     shipping: Option<BoxFuture<'a, Result<Looked, String>>>,
     /// When the cancellation was seen: a worker's stop, for the last checkpoint's queueing
@@ -971,6 +989,7 @@ impl<'a> Supervisor<'a> {
             stopped: false,
             park: None,
             park_pending: false,
+            owed: false,
             shipping: None,
             cancelled_at: None,
         }
@@ -984,8 +1003,8 @@ impl<'a> Supervisor<'a> {
         mut pumps: std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> End {
         let ctx = self.ctx;
-        // From now on a request is answered here (a checkpoint, or why none comes), except
-        // while the task is paused, until this returns.
+        // From now on a request is answered here (a checkpoint, or why none comes; that the
+        // task is paused, while it is), until this returns.
         ctx.shared.answers_requests.store(
             self.checkpoints.is_some(),
             std::sync::atomic::Ordering::Relaxed,
@@ -1027,9 +1046,24 @@ impl<'a> Supervisor<'a> {
                 }
                 // A request asks for the look at once; taken here, so that a directory as
                 // last shipped does not keep it pending (a checkpoint stored clears it too).
-                () = ctx.checkpoint_wanted(), if can_poll => {
+                // While paused it is answered at once, a look in flight or not: no look
+                // starts until the task is resumed, and a request waiting for one was
+                // answered by nothing.
+                () = ctx.checkpoint_wanted(), if can_poll || (self.stopped && self.checkpoints.is_some()) => {
                     ctx.shared.checkpoint_requested.store(false, std::sync::atomic::Ordering::Relaxed);
-                    self.start_requested();
+                    if self.stopped {
+                        self.owed = true;
+                        ctx.refuse_checkpoint(paused_answer(ctx));
+                    } else {
+                        self.owed = false;
+                        self.start_requested(true);
+                    }
+                }
+                // Resumed after a request answered that the task was paused: the look it was
+                // told of.
+                () = std::future::ready(()), if can_poll && self.owed => {
+                    self.owed = false;
+                    self.start_requested(false);
                 }
                 _ = tick.tick(), if can_poll => self.start_shipping(Look::Running),
                 () = &mut pumps, if !pumps_done => pumps_done = true,
@@ -1115,12 +1149,13 @@ impl<'a> Supervisor<'a> {
         }
     }
 
-    /// Starts a checkpoint request's look ([`ship_requested`]).
-    fn start_requested(&mut self) {
+    /// Starts a checkpoint request's look ([`ship_requested`]), answering the request if it
+    /// ships nothing when `answer`.
+    fn start_requested(&mut self, answer: bool) {
         if let Some(cp) = &self.checkpoints {
             let seen = (cp.last.clone(), cp.seen.clone(), cp.basis.clone());
             let settle = REQUEST_SETTLE.min(self.poll);
-            let fut = ship_requested(self.ctx, cp.dir.clone(), seen, settle);
+            let fut = ship_requested(self.ctx, cp.dir.clone(), seen, settle, answer);
             self.shipping = Some(Box::pin(fut));
         }
     }
@@ -1153,11 +1188,6 @@ impl<'a> Supervisor<'a> {
     /// Stops the group and the processes that left it, and parks at a pause point (after an
     /// in-flight checkpoint, which parks at its own).
     async fn stop(&mut self) {
-        // Paused, the task looks at no request until resumed: the runner answers meanwhile.
-        self.ctx
-            .shared
-            .answers_requests
-            .store(false, std::sync::atomic::Ordering::Relaxed);
         signal_group(self.procs.pgid, Signal::SIGSTOP);
         marked(&self.procs, Some(Signal::SIGSTOP)).await;
         self.stopped = true;
@@ -1173,10 +1203,6 @@ impl<'a> Supervisor<'a> {
         signal_group(self.procs.pgid, Signal::SIGCONT);
         marked(&self.procs, Some(Signal::SIGCONT)).await;
         self.stopped = false;
-        self.ctx.shared.answers_requests.store(
-            self.checkpoints.is_some(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
         tracing::debug!(task_id = %self.ctx.task_id(), "command resumed");
     }
 }
@@ -2942,6 +2968,60 @@ mod tests {
         assert!(queued.is_empty(), "nothing shipped: {queued:?}");
         assert!(control.latest_checkpoint().is_none());
         stop_waiting(dir.path(), run).await;
+    }
+
+    /// A request to a paused task (its processes stopped) is answered at once that it is
+    /// paused, naming its latest checkpoint, and ships nothing; once resumed, the directory is
+    /// looked at (a poll is a minute away here): what changed meanwhile is shipped, with
+    /// nothing more said. Before, a request waited unanswered for the resume (the runner's
+    /// re-send of the latest was no newer than the coordinator's copy).
+    #[tokio::test]
+    async fn a_checkpoint_request_to_a_paused_task_says_so_and_the_dir_is_looked_at_once_resumed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, control) = ctx(1);
+        let cp_dir = dir.path().join("cp");
+        let ctx = ctx.with_checkpoint_dir(cp_dir.clone());
+        let (outbox, probe) = (ctx.outbox().clone(), ctx.clone());
+        let first = r#"echo 1 > "$TETHER_CHECKPOINT_DIR/n"; echo $$ > "$D/pid.tmp"; mv "$D/pid.tmp" "$D/pid"; "#;
+        let run = started_waiting(dir.path(), first, ctx).await;
+        let pid = read_pid(&dir.path().join("pid")).await;
+        control.request_checkpoint();
+        wait_for("the requested checkpoint", || {
+            control.latest_checkpoint().is_some()
+        })
+        .await;
+        let shipped = control.shared.latest().expect("shipped").id;
+        queued_kinds(&outbox);
+
+        control.set_paused(true);
+        wait_for("the task to park", || control.is_parked()).await;
+        wait_for("the process to stop", || proc_state(pid) == Some('T')).await;
+        let said = answer_to_a_request(&control, &probe).await;
+        let why = format!(
+            "the task is paused: no checkpoint is made while it is; its checkpoint dir is looked \
+             at once it is resumed (its latest checkpoint is {shipped})"
+        );
+        assert_eq!(said, [(None, why)]);
+        assert!(queued_kinds(&outbox).contains(&"task_paused"));
+        assert_eq!(control.shared.latest().map(|c| c.id), Some(shipped.clone()));
+
+        // Written while paused (by someone else: the task's processes are stopped).
+        std::fs::write(cp_dir.join("n"), "2\n").expect("write");
+        control.set_paused(false);
+        let n = |control: &TaskControl| {
+            let data = control.latest_checkpoint()?;
+            packing::decode(&data)
+                .expect("a valid pack")
+                .get("n")
+                .cloned()
+        };
+        wait_for("the change shipped once resumed", || {
+            n(&control).as_deref() == Some(b"2\n")
+        })
+        .await;
+        assert!(refusals(&probe).is_empty(), "nothing more said");
+        stop_waiting(dir.path(), run).await;
+        assert!(refusals(&probe).is_empty(), "nothing more said");
     }
 
     /// The packs queued for upload in `outbox`, by checkpoint, their pieces put together.

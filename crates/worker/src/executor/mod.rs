@@ -287,9 +287,9 @@ pub(crate) struct TaskShared {
     pub checkpoint_wanted: Notify,
     /// Set while the executor answers every checkpoint request itself, soon: with a checkpoint,
     /// or with a `checkpoint_error` saying why none comes (the `command` executor, while it
-    /// watches its checkpoint directory and the task is not paused). The runner then leaves a
-    /// request it has nothing to re-send for to the executor, rather than answer first that
-    /// there is no checkpoint yet.
+    /// watches its checkpoint directory, paused or not). The runner then leaves a request it
+    /// has nothing to re-send for to the executor, rather than answer first that there is no
+    /// checkpoint yet, or that the task is paused.
     pub answers_requests: AtomicBool,
     /// A re-upload of the latest checkpoint (`checkpoint_request`) is under way.
     pub reuploading: AtomicBool,
@@ -380,6 +380,18 @@ impl TaskShared {
             return;
         }
         upload_checkpoint(outbox, &self.task_id, cp, piece, max_checkpoint).await;
+    }
+
+    /// Why a checkpoint request to this task, paused, gets no checkpoint now, and what comes
+    /// `then`, once it is resumed; naming its latest checkpoint (which holds its state), since
+    /// `tether checkpoint --wait` waits for a newer one. What matters comes first: the
+    /// coordinator keeps 256 characters of it.
+    pub(crate) fn paused_answer(&self, then: &str) -> String {
+        let latest = match self.latest() {
+            Some(cp) => format!("its latest checkpoint is {}", cp.id),
+            None => "it has no checkpoint yet".to_owned(),
+        };
+        format!("the task is paused: no checkpoint is made while it is; {then} ({latest})")
     }
 
     pub(crate) fn latest(&self) -> Option<StoredCheckpoint> {
