@@ -1,0 +1,219 @@
+//! A real coordinator's answers against the OpenAPI document it serves: each answer's status
+//! is one the document lists for its operation, and its body fits that status's schema, every
+//! field of it described (a field the document does not name is a failure here, as a client
+//! generated from the document would not see it).
+
+use serde_json::{Value, json};
+
+use crate::support::coordinator;
+
+/// The schema `s` names, through `$ref`s into the document's components.
+fn resolve<'a>(doc: &'a Value, s: &'a Value) -> Result<&'a Value, String> {
+    let mut s = s;
+    // A chain of references is short; a loop of them is a broken document.
+    for _ in 0..16 {
+        let Some(r) = s.get("$ref").and_then(Value::as_str) else {
+            return Ok(s);
+        };
+        let name = r
+            .strip_prefix("#/components/schemas/")
+            .ok_or_else(|| format!("a $ref outside the components: {r}"))?;
+        s = doc["components"]["schemas"]
+            .get(name)
+            .ok_or_else(|| format!("{r} is not in the document"))?;
+    }
+    Err("a loop of $refs".into())
+}
+
+fn is_type(v: &Value, ty: &str) -> bool {
+    match ty {
+        "object" => v.is_object(),
+        "array" => v.is_array(),
+        "string" => v.is_string(),
+        "integer" => v.is_i64() || v.is_u64(),
+        "number" => v.is_number(),
+        "boolean" => v.is_boolean(),
+        "null" => v.is_null(),
+        _ => false,
+    }
+}
+
+/// Whether `v` fits `schema` of `doc`, for the parts of JSON Schema the document uses
+/// (`$ref`, `type`, `properties`, `required`, `items`, `enum`, `oneOf`, `anyOf`, `allOf`,
+/// `additionalProperties`). An object's field the schema does not describe is refused unless
+/// the schema allows others (`additionalProperties`). `at` names the place, for the message.
+fn fits(doc: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), String> {
+    let s = resolve(doc, schema)?;
+    if let Some(any) = s
+        .get("oneOf")
+        .or_else(|| s.get("anyOf"))
+        .and_then(Value::as_array)
+    {
+        let tries: Vec<String> = any
+            .iter()
+            .filter_map(|alt| fits(doc, alt, v, at).err())
+            .collect();
+        if tries.len() == any.len() {
+            return Err(format!("{at}: fits none of its alternatives: {tries:?}"));
+        }
+    }
+    for part in s
+        .get("allOf")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        fits(doc, part, v, at)?;
+    }
+    if let Some(ty) = s.get("type") {
+        let types: Vec<&str> = match ty {
+            Value::String(t) => vec![t.as_str()],
+            Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+            other => return Err(format!("{at}: a type that is not one: {other}")),
+        };
+        if !types.iter().any(|t| is_type(v, t)) {
+            return Err(format!("{at}: {v} is not of type {ty}"));
+        }
+    }
+    if let Some(allowed) = s.get("enum").and_then(Value::as_array)
+        && !allowed.contains(v)
+    {
+        return Err(format!("{at}: {v} is not one of {allowed:?}"));
+    }
+    if let Some(items) = s.get("items")
+        && let Some(elements) = v.as_array()
+    {
+        for (i, e) in elements.iter().enumerate() {
+            fits(doc, items, e, &format!("{at}[{i}]"))?;
+        }
+    }
+    let described = s.get("properties").and_then(Value::as_object);
+    if let (Some(obj), Some(fields)) = (v.as_object(), described) {
+        for name in s
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let name = name.as_str().unwrap_or_default();
+            if !obj.contains_key(name) {
+                return Err(format!("{at}: required `{name}` is missing from {v}"));
+            }
+        }
+        let others = s.get("additionalProperties");
+        for (name, field) in obj {
+            match fields.get(name) {
+                Some(f) => fits(doc, f, field, &format!("{at}.{name}"))?,
+                None => match others {
+                    Some(Value::Bool(true)) => {}
+                    Some(o @ Value::Object(_)) => fits(doc, o, field, &format!("{at}.{name}"))?,
+                    _ => return Err(format!("{at}: `{name}` is not described ({v})")),
+                },
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether an answer of `status` with JSON `body` to `method path` (the document's path, with
+/// its `{id}`s) is one the document describes.
+fn described(
+    doc: &Value,
+    method: &str,
+    path: &str,
+    status: u16,
+    body: &Value,
+) -> Result<(), String> {
+    let op = &doc["paths"][path][method];
+    let answer = &op["responses"][status.to_string()];
+    if !answer.is_object() {
+        return Err(format!(
+            "{method} {path}: {status} is not among its responses {:?}",
+            op["responses"]
+                .as_object()
+                .map(|r| r.keys().collect::<Vec<_>>())
+        ));
+    }
+    let schema = &answer["content"]["application/json"]["schema"];
+    if schema.is_null() {
+        return Err(format!(
+            "{method} {path} {status}: no JSON body is described"
+        ));
+    }
+    fits(doc, schema, body, &format!("{method} {path} {status}"))
+}
+
+/// Every answer of a submission (201 made, 200 there already, 409 another spec under the
+/// id, and a batch of both kinds) is described by the served document: its status listed, its
+/// body, `existing` among it, of the status's schema.
+#[tokio::test]
+async fn the_answers_of_a_submission_are_those_the_served_openapi_document_describes() {
+    let (_dir, c) = coordinator().await;
+    let client = c.client();
+    let (status, doc) = client.get("/api/v1/openapi.json").await;
+    assert_eq!(status, 200, "{doc}");
+    let spec = json!({"task_id": "described-1", "kind": "sleep", "config": {"ms": 10}});
+    let other = json!({"task_id": "described-1", "kind": "sleep", "config": {"ms": 20}});
+    let batch = json!({"tasks": [spec, {"task_id": "described-2", "kind": "sleep"}]});
+    let mut answers = Vec::new();
+    for (what, body, want) in [
+        ("new", &spec, 201),
+        ("the same again", &spec, 200),
+        ("another spec under the id", &other, 409),
+        ("a batch of one there and one new", &batch, 201),
+    ] {
+        let (status, answer) = client.post("/api/v1/tasks", body).await;
+        assert_eq!(status, want, "{what}: {answer}");
+        if let Err(e) = described(&doc, "post", "/api/v1/tasks", status, &answer) {
+            panic!("{what}: the answer is not as described: {e}");
+        }
+        answers.push(answer);
+    }
+    // What the statuses mean, so that the schemas were checked against the answers that
+    // carry `existing`.
+    assert_eq!(
+        answers[1]["existing"],
+        json!(["described-1"]),
+        "{}",
+        answers[1]
+    );
+    assert_eq!(
+        answers[3]["existing"],
+        json!(["described-1"]),
+        "{}",
+        answers[3]
+    );
+    assert_eq!(answers[0]["existing"], json!([]), "{}", answers[0]);
+
+    // The check itself can fail: the same answers against the document without `existing`
+    // in the answer's schema, or with the 200 not listed, are refused.
+    let mut undescribed = doc.clone();
+    let submitted = undescribed["paths"]["/api/v1/tasks"]["post"]["responses"]["200"]["content"]
+        ["application/json"]["schema"]
+        .clone();
+    let name = submitted["$ref"]
+        .as_str()
+        .and_then(|r| r.rsplit('/').next())
+        .expect("the 200 names its schema")
+        .to_owned();
+    let schema = &mut undescribed["components"]["schemas"][&name];
+    schema["properties"]
+        .as_object_mut()
+        .expect("its properties")
+        .remove("existing");
+    if let Some(required) = schema["required"].as_array_mut() {
+        required.retain(|r| r != "existing");
+    }
+    let e = described(&undescribed, "post", "/api/v1/tasks", 200, &answers[1])
+        .expect_err("an answer with a field the document lacks");
+    assert!(e.contains("`existing` is not described"), "{e}");
+    let mut unlisted = doc.clone();
+    unlisted["paths"]["/api/v1/tasks"]["post"]["responses"]
+        .as_object_mut()
+        .expect("responses")
+        .remove("200");
+    let e = described(&unlisted, "post", "/api/v1/tasks", 200, &answers[1])
+        .expect_err("a status the document lacks");
+    assert!(e.contains("200 is not among"), "{e}");
+    c.stop().await;
+}

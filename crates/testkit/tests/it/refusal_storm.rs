@@ -1,0 +1,193 @@
+//! A storm of refused registrations against a real coordinator with worker authentication:
+//! every one is refused, an honest worker keeps its session and its work meanwhile, and the
+//! log says each (worker, reason) once at WARN and its repeats at debug, counted, as the
+//! coordinator's refusal limiter (`ratelimit::auth_refusal`, called where `ws` refuses) rules.
+//!
+//! The log is read from a subscriber set for this test's thread only: the test's runtime runs
+//! on it (current-thread), and so do the coordinator's sessions it spawns, while other tests of
+//! the binary log on their own threads. The limiter is process-wide: the ids here are used by
+//! no other test.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use tether_coordinator::auth::WorkerAuth;
+use tether_proto::TaskSpec;
+use tether_proto::auth::Secret;
+use tether_testkit::*;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::raw::{Raw, counter};
+use crate::support::{connected, coordinator_with};
+
+/// The ids the storm registers as: no other test uses them, as the limiter remembers them for
+/// the whole process.
+const STORMERS: [&str; 2] = ["refusal-storm-a", "refusal-storm-b"];
+/// Attempts of each stormer for each way it is refused.
+const ROUNDS: u64 = 8;
+
+/// What the coordinator's session logs at WARN for the first refusal of a window.
+const SAID: &str = "worker authentication failed; closing with 4001";
+/// What it logs at debug for a repeat within the window.
+const REPEATED: &str = "worker authentication failed again; closing with 4001";
+
+fn fleet_secret() -> Secret {
+    Secret::new(b"fleet secret of the refusal storm test").expect("secret")
+}
+
+/// The log lines written while it is set as the thread's subscriber.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Log {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Log {
+    /// Captures the coordinator's session log, debug and up, on this thread until the guard
+    /// is dropped.
+    fn capture() -> (Log, tracing::subscriber::DefaultGuard) {
+        let log = Log::default();
+        let writer = log.clone();
+        let guard = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "tether_coordinator::ws=debug",
+            ))
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish()
+            .set_default();
+        (log, guard)
+    }
+
+    /// The lines that say `message` of `worker`.
+    fn lines(&self, message: &str, worker: &str) -> Vec<String> {
+        let bytes = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .filter(|l| l.contains(message) && l.contains(&format!("worker={worker} ")))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// The number a line gives `field` (`field=12`).
+fn field(line: &str, name: &str) -> u64 {
+    let at = line
+        .find(&format!(" {name}="))
+        .unwrap_or_else(|| panic!("{name} in {line}"));
+    line[at + name.len() + 2..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a number for {name} in {line}"))
+}
+
+/// One refused attempt of `id`: signed with a secret that is not the fleet's, or unsigned.
+/// Returns what the refusal said.
+async fn refused(c: &TestCoordinator, id: &str, signed: bool) -> String {
+    let wrong = Secret::new(b"a guess at the fleet secret, wrong").expect("secret");
+    let mut raw = Raw::connect(c, id).await;
+    let mut reg = raw.registration(Some(&wrong), &[]);
+    if !signed {
+        drop(reg.as_object_mut().expect("object").remove("signature"));
+    }
+    raw.send(&reg).await;
+    let e = raw
+        .next_error("unauthorized", "authentication failed")
+        .await;
+    assert_eq!(raw.close_code().await, Some(4001), "{id}: {e}");
+    e["message"].as_str().unwrap_or_default().to_owned()
+}
+
+/// The ways of the storm: signed with a wrong secret, unsigned; and what each is told.
+const WAYS: [(bool, &str); 2] = [
+    (true, "signature does not match"),
+    (false, "registration has no signature"),
+];
+
+#[tokio::test]
+async fn a_storm_of_refused_registrations_is_refused_every_time_said_once_per_reason_at_warn_and_an_honest_worker_keeps_working()
+ {
+    let (log, _logging) = Log::capture();
+    let (_dir, c) =
+        coordinator_with(|cfg| cfg.auth = Some(WorkerAuth::fleet(fleet_secret()))).await;
+    let mut honest = fast_worker_config(&c.ws_url(), "refusal-storm-honest");
+    honest.secret = Some(fleet_secret());
+    let honest = connected(honest, tether_worker::Executors::builtin()).await;
+    let client = c.client();
+
+    let storm = async {
+        for _ in 0..ROUNDS {
+            for id in STORMERS {
+                for (signed, told) in WAYS {
+                    let said = refused(&c, id, signed).await;
+                    assert!(said.contains(told), "{id}: {said}");
+                }
+            }
+        }
+    };
+    // Meanwhile the honest worker runs tasks, each counted once.
+    let work = async {
+        let specs: Vec<TaskSpec> = (0..4).map(|_| sleep_task(50, 2, 1)).collect();
+        let ids = client.submit(&specs).await;
+        for id in &ids {
+            client.wait_status(id, "completed").await;
+            assert_eq!(client.results(id).await.len(), 1, "task {id}");
+        }
+    };
+    tokio::join!(storm, work);
+
+    let storms = ROUNDS * (STORMERS.len() * WAYS.len()) as u64;
+    let o = client.overview().await;
+    assert_eq!(
+        counter(&o, "auth_failures"),
+        storms,
+        "every attempt refused: {o}"
+    );
+    assert_eq!(counter(&o, "sessions_replaced"), 0, "{o}");
+    assert_eq!(
+        honest.handle.registrations(),
+        1,
+        "the honest session was kept"
+    );
+
+    // Each (stormer, way) said once at WARN, with no repeats before it; its other attempts at
+    // debug, numbered 1 to ROUNDS - 1 in its window. Without the limiter, every attempt of
+    // the storm is a WARN line.
+    for id in STORMERS {
+        for (_, told) in WAYS {
+            let warned: Vec<String> = log
+                .lines(SAID, id)
+                .into_iter()
+                .filter(|l| l.contains(told))
+                .collect();
+            assert_eq!(warned.len(), 1, "{id}, {told}: said at WARN {warned:#?}");
+            assert!(warned[0].contains(" WARN "), "{}", warned[0]);
+            assert_eq!(field(&warned[0], "repeats_at_debug"), 0, "{}", warned[0]);
+            let repeats: Vec<u64> = log
+                .lines(REPEATED, id)
+                .iter()
+                .filter(|l| l.contains(told))
+                .map(|l| field(l, "repeat"))
+                .collect();
+            assert_eq!(
+                repeats,
+                (1..ROUNDS).collect::<Vec<_>>(),
+                "{id}, {told}: its repeats at debug"
+            );
+        }
+    }
+    honest.stop().await.expect("clean stop");
+    c.stop().await;
+}
