@@ -608,3 +608,58 @@ async fn workers_of_an_unknown_id_is_an_error_and_a_bad_id_refused_before_any_re
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("cannot reach"), "{err}");
 }
+
+/// A closed loopback port: a request to it fails with `cannot reach`.
+async fn closed_port() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let closed = format!("http://{}", listener.local_addr().expect("addr"));
+    drop(listener);
+    closed
+}
+
+/// A `--file` spec whose config its built-in executor refuses (a `sleep` with a key it does not
+/// have, a `command` with no program) is a usage error (exit 2) naming the file, the task and
+/// the key, before any request (the coordinator is a closed port), as the same config from the
+/// flags is: it was sent and refused with HTTP 422 (exit 1). A kind no built-in executor runs
+/// is left to the coordinator, so it is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_file_whose_config_its_executor_refuses_is_a_usage_error_before_any_request() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let closed = closed_port().await;
+    let submit = |text: &str, name: &str| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, text).expect("write");
+        let args = ["submit", "--coordinator", &closed, "--file"];
+        let mut args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+        args.push(file.into());
+        run_tether(args)
+    };
+    let (code, err) = submit(r#"{"kind":"sleep","config":{"msec":100}}"#, "sleep.json").await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("sleep.json: task 0: the `sleep` executor refuses its config")
+            && err.contains("msec"),
+        "{err}"
+    );
+    assert!(!err.contains("cannot reach"), "{err}");
+    let list =
+        r#"{"tasks": [{"kind":"sleep","config":{}}, {"kind":"command","config":{"args":["x"]}}]}"#;
+    let (code, err) = submit(list, "list.json").await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("task 1: the `command` executor refuses its config"),
+        "{err}"
+    );
+    assert!(!err.contains("cannot reach"), "{err}");
+    // Valid configs and a kind of the fleet's own reach the (closed) coordinator.
+    for (text, name) in [
+        (r#"{"kind":"sleep","config":{"ms":100}}"#, "good.json"),
+        (r#"{"kind":"custom","config":{"any":1}}"#, "custom.json"),
+    ] {
+        let (code, err) = submit(text, name).await;
+        assert_eq!(code, Some(1), "{name}: {err}");
+        assert!(err.contains("cannot reach"), "{name}: {err}");
+    }
+}

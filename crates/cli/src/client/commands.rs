@@ -118,7 +118,8 @@ impl SubmitArgs {
     /// [`TaskSpec::validate`] holds them to), and a command the `command` executor refuses
     /// (the check the coordinator makes of it at submission, e.g. an empty program or an
     /// `--env` the worker sets itself). With `--file`: a spec in it that parses but that
-    /// [`TaskSpec::validate`] refuses; one that does not parse is left to the coordinator,
+    /// [`TaskSpec::validate`] or its built-in executor (`sleep`, `command`) refuses; one that
+    /// does not parse is left to the coordinator,
     /// which says where (line and column), and a file that cannot be read or is not JSON to
     /// the submission, which says so.
     pub(crate) fn check(&self) -> Result<(), String> {
@@ -173,9 +174,18 @@ fn check_file(f: &std::path::Path) -> Result<(), String> {
             Err(_) => return Ok(()),
         },
     };
+    // The coordinator's two checks, in its order and words: the spec's rules, then the
+    // built-in executor's of its config (a kind it does not know is left to it).
+    let check = crate::run::builtin_config_check();
     for (i, spec) in specs.iter().enumerate() {
         spec.validate()
             .map_err(|e| format!("--file {shown}: task {i}: {e}"))?;
+        if let Some(Err(why)) = (check.0)(&spec.kind, spec.config.get()) {
+            let kind = &spec.kind;
+            return Err(format!(
+                "--file {shown}: task {i}: the `{kind}` executor refuses its config: {why}"
+            ));
+        }
     }
     Ok(())
 }
