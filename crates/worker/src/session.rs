@@ -1589,13 +1589,15 @@ impl<'a> Session<'a> {
     /// window starts from it. The stats show the rate measured while the worker had more to
     /// send than went at once ([`link::ShownRate`]).
     fn publish_rate(&mut self) {
-        if let Some(shown) = self.window.shown_moved() {
+        // One reading of the clock for both (this runs at every acknowledgement).
+        let now = Instant::now();
+        if let Some(shown) = self.window.shown_moved(now) {
             self.agent
                 .shared
                 .send_bytes_per_sec
                 .store(shown as u64, Ordering::Relaxed);
         }
-        let Some(rate) = self.window.rate_moved() else {
+        let Some(rate) = self.window.rate_moved(now) else {
             return;
         };
         self.agent
@@ -2026,8 +2028,8 @@ impl Window {
     }
 
     /// The rate to show when it moved since last asked (and was published).
-    fn shown_moved(&mut self) -> Option<f64> {
-        let shown = self.shown.estimate(Instant::now());
+    fn shown_moved(&mut self, now: Instant) -> Option<f64> {
+        let shown = self.shown.estimate(now);
         if shown == self.shown_published {
             return None;
         }
@@ -2036,8 +2038,8 @@ impl Window {
     }
 
     /// The link's rate when it moved since last asked (and was published).
-    fn rate_moved(&mut self) -> Option<f64> {
-        let rate = self.rate.estimate(Instant::now());
+    fn rate_moved(&mut self, now: Instant) -> Option<f64> {
+        let rate = self.rate.estimate(now);
         if rate == self.published {
             return None;
         }
@@ -2642,9 +2644,9 @@ mod tests {
             tokio::time::advance(Duration::from_secs(1)).await;
             w.leave(seq);
         }
-        assert_eq!(w.rate_moved(), Some(50_000.0));
+        assert_eq!(w.rate_moved(Instant::now()), Some(50_000.0));
         assert_eq!(w.limit, 50_000);
-        assert_eq!(w.rate_moved(), None, "published once");
+        assert_eq!(w.rate_moved(Instant::now()), None, "published once");
     }
 
     /// An idle worker's reports over a 300 ms path, each sent with nothing behind it: they
@@ -2662,8 +2664,12 @@ mod tests {
             tokio::time::advance(Duration::from_millis(300)).await;
             w.leave(seq);
         }
-        assert_eq!(w.rate_moved(), Some(3_000.0));
-        assert_eq!(w.shown_moved(), None, "nothing measured the link");
+        assert_eq!(w.rate_moved(Instant::now()), Some(3_000.0));
+        assert_eq!(
+            w.shown_moved(Instant::now()),
+            None,
+            "nothing measured the link"
+        );
         let t = Instant::now();
         for seq in 4..=8 {
             w.enter(Sent {
@@ -2675,8 +2681,12 @@ mod tests {
         for seq in 4..=8 {
             w.leave(seq);
         }
-        assert_eq!(w.shown_moved(), Some(800_000.0), "four of five counted");
-        assert_eq!(w.shown_moved(), None, "published once");
+        assert_eq!(
+            w.shown_moved(Instant::now()),
+            Some(800_000.0),
+            "four of five counted"
+        );
+        assert_eq!(w.shown_moved(Instant::now()), None, "published once");
     }
 
     #[test]
