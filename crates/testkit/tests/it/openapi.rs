@@ -217,3 +217,41 @@ async fn the_answers_of_a_submission_are_those_the_served_openapi_document_descr
     assert!(e.contains("200 is not among"), "{e}");
     c.stop().await;
 }
+
+/// The answers of the reading operations after a real run (a task completed by a worker) are
+/// those the served document describes: a task, the listing, its result, the fleet, a
+/// worker, the overview, and a 404 of a task that is not there.
+#[tokio::test]
+async fn the_answers_of_the_reading_operations_after_a_run_are_those_the_document_describes() {
+    let (_dir, c) = coordinator().await;
+    let w = crate::support::connected_worker(&c.ws_url(), "described-w").await;
+    let client = c.client();
+    let (_, doc) = client.get("/api/v1/openapi.json").await;
+    let id = client
+        .submit(&[tether_testkit::sleep_task(10, 2, 1)])
+        .await
+        .remove(0);
+    client.wait_status(&id, "completed").await;
+    for (path, asked) in [
+        ("/api/v1/tasks/{id}", format!("/api/v1/tasks/{id}")),
+        ("/api/v1/tasks", "/api/v1/tasks".to_owned()),
+        (
+            "/api/v1/tasks/{id}/result",
+            format!("/api/v1/tasks/{id}/result"),
+        ),
+        ("/api/v1/workers", "/api/v1/workers".to_owned()),
+        (
+            "/api/v1/workers/{id}",
+            "/api/v1/workers/described-w".to_owned(),
+        ),
+        ("/api/v1/overview", "/api/v1/overview".to_owned()),
+        ("/api/v1/tasks/{id}", "/api/v1/tasks/not-there".to_owned()),
+    ] {
+        let (status, answer) = client.get(&asked).await;
+        if let Err(e) = described(&doc, "get", path, status, &answer) {
+            panic!("GET {asked}: the answer is not as described: {e}");
+        }
+    }
+    w.stop().await.expect("clean stop");
+    c.stop().await;
+}
