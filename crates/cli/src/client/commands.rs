@@ -753,7 +753,7 @@ fn worker_row(w: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<String> {
             .as_f64()
             .filter(|r| *r > 0.0)
             .map_or_else(|| "-".into(), |r| format!("{:.1}", r / 1000.0)),
-        fmt_f(&st["stability"], 3),
+        stability(st),
         count(&st["reconnects"]),
         count(&st["failed_connections"]),
         secs(&st["next_backoff_ms"]),
@@ -762,6 +762,25 @@ fn worker_row(w: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<String> {
         // `tether workers ID` has it.
         age(&w["last_seen"], now),
     ]
+}
+
+/// Connected time under which a worker that never lost a session has no stability yet.
+const STABILITY_FROM_SECS: f64 = 1.0;
+
+/// A report's `stability` to 3 places, or `-` while it is no measure of the link: the worker
+/// never lost a session and has been connected less than [`STABILITY_FROM_SECS`] (the report
+/// made as its first session began), so the share is of the wait before that session, 0.000
+/// for a worker just connected, read as "never connected". A worker that lost a session has a
+/// measure, however short its time connected.
+fn stability(st: &Value) -> String {
+    let fresh = st["disconnections"].as_u64() == Some(0)
+        && st["connected_secs"]
+            .as_f64()
+            .is_some_and(|c| c < STABILITY_FROM_SECS);
+    match fresh {
+        true => "-".into(),
+        false => fmt_f(&st["stability"], 3),
+    }
 }
 
 /// Most task ids `tether workers ID` lists on its `tasks` line (`--json` has all of them): a
@@ -895,6 +914,12 @@ fn worker_fields(w: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<(&'static
         Some(ms) => format!("{ms:.0} ms"),
         None => "-".into(),
     };
+    // With no reconnect yet the worker reports its times as 0, no measure ("0 ms" read as
+    // reconnects that took no time).
+    let reconnect = |v: &Value| match st["reconnects"].as_u64() {
+        Some(0) => "-".into(),
+        _ => dur(v),
+    };
     f.extend([
         ("reported", at(&st["reported_at"])),
         // The worker's own view of its connection when it reported.
@@ -905,8 +930,8 @@ fn worker_fields(w: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<(&'static
         ("success rate", fmt_f(&st["success_rate"], 3)),
         ("disconnections", count(&st["disconnections"])),
         ("reconnects", count(&st["reconnects"])),
-        ("reconnect avg", dur(&st["reconnect_avg_ms"])),
-        ("reconnect max", dur(&st["reconnect_max_ms"])),
+        ("reconnect avg", reconnect(&st["reconnect_avg_ms"])),
+        ("reconnect max", reconnect(&st["reconnect_max_ms"])),
         ("rtt samples", count(&st["rtt_samples"])),
         ("rtt avg", ms(&st["rtt_avg_ms"])),
         ("rtt p50", ms(&st["rtt_p50_ms"])),
@@ -925,7 +950,7 @@ fn worker_fields(w: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<(&'static
             "stability",
             format!(
                 "{} (connected {} s of {} s)",
-                fmt_f(&st["stability"], 3),
+                stability(st),
                 fmt_f(&st["connected_secs"], 1),
                 fmt_f(&st["total_secs"], 1)
             ),
@@ -1302,6 +1327,59 @@ mod tests {
         })
     }
 
+    /// A worker's report as its first session began: connected no time yet, after 0.3 s of
+    /// looking for the coordinator.
+    fn just_connected() -> Value {
+        let mut w = reported_worker();
+        let st = &mut w["stats"];
+        for (k, v) in [
+            ("connection_attempts", json!(1)),
+            ("successful_connections", json!(1)),
+            ("failed_connections", json!(0)),
+            ("disconnections", json!(0)),
+            ("connected_secs", json!(0.0)),
+            ("total_secs", json!(0.3)),
+            ("stability", json!(0.0)),
+            ("reconnects", json!(0)),
+            ("reconnect_avg_ms", json!(0.0)),
+            ("reconnect_max_ms", json!(0.0)),
+        ] {
+            st[k] = v;
+        }
+        w
+    }
+
+    /// STABILITY is `-` while it is no measure: a worker that never lost a session and has
+    /// been connected under a second (its report came as its first session began: 0.000 read
+    /// as "never connected"); a second in, or once a session was lost, it is the figure, 0
+    /// included.
+    #[test]
+    fn stability_is_no_figure_until_a_worker_has_been_connected_a_second_or_lost_a_session() {
+        let now = at("2026-12-07T07:00:00Z");
+        let cell = |w: &Value| {
+            let i = WORKER_HEAD
+                .iter()
+                .position(|h| *h == "STABILITY")
+                .expect("head");
+            worker_row(w, now)[i].clone()
+        };
+        let mut w = just_connected();
+        assert_eq!(cell(&w), "-");
+        w["stats"]["connected_secs"] = json!(0.999);
+        assert_eq!(cell(&w), "-");
+        w["stats"]["connected_secs"] = json!(1.0);
+        w["stats"]["total_secs"] = json!(1.3);
+        w["stats"]["stability"] = json!(0.769);
+        assert_eq!(cell(&w), "0.769", "a second connected is a measure");
+        let mut w = just_connected();
+        w["stats"]["disconnections"] = json!(1);
+        w["stats"]["connected_secs"] = json!(0.2);
+        w["stats"]["total_secs"] = json!(600.0);
+        w["stats"]["stability"] = json!(0.0003);
+        assert_eq!(cell(&w), "0.000", "a lost session: a measure, however poor");
+        assert_eq!(cell(&reported_worker()), "0.833");
+    }
+
     fn at(t: &str) -> chrono::DateTime<chrono::Utc> {
         chrono::DateTime::parse_from_rfc3339(t)
             .expect("time")
@@ -1401,6 +1479,15 @@ mod tests {
         for key in ["rtt avg", "rtt p50", "rtt p95", "rtt p99"] {
             assert_eq!(field(&w, key).as_deref(), Some("-"), "{key}: no measure");
         }
+        let w = just_connected();
+        assert_eq!(
+            field(&w, "stability").as_deref(),
+            Some("- (connected 0.0 s of 0.3 s)"),
+            "a worker just connected: no measure"
+        );
+        for key in ["reconnect avg", "reconnect max"] {
+            assert_eq!(field(&w, key).as_deref(), Some("-"), "{key}: no reconnect");
+        }
         let mut w = reported_worker();
         w["stats"] = Value::Null;
         w["leases"] = json!([]);
@@ -1436,6 +1523,7 @@ mod tests {
         let mut w = reported_worker();
         w["stats"] = Value::Null;
         assert_eq!(cell(&w, "FAILED"), "-");
+        assert_eq!(cell(&w, "STABILITY"), "-");
         assert_eq!(cell(&w, "BACKOFF_S"), "-");
         assert_eq!(worker_row(&w, now).len(), WORKER_HEAD.len());
     }
