@@ -2,7 +2,10 @@
 //! (`/api/v1/events`), until each named task has ended, or, with no task named, until
 //! interrupted. A lost stream (a coordinator restart, a dropped connection) is opened again
 //! with a growing delay, and what changed meanwhile is caught up from the API, so nothing in
-//! between goes unreported and nothing is reported twice.
+//! between goes unreported and nothing is reported twice. A task's checkpoints are folded
+//! in the text output (`fold`): a checkpoint alone makes no line.
+
+mod fold;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -61,6 +64,11 @@ pub struct WatchArgs {
     /// Show workers' changes too (connected, disconnected, lost).
     #[arg(long)]
     workers: bool,
+    /// A line for every checkpoint of a task. Without it, a checkpoint alone makes no line: a
+    /// task's next line names its latest checkpoint and how many came since its last line, and
+    /// one that only checkpoints gets a line at most every 30 s. (`--json` writes every change.)
+    #[arg(long)]
+    checkpoints: bool,
     /// Tasks read a request when catching up on what changed while the stream was down; the
     /// catch-up reads page after page until it has every such task.
     #[arg(long, default_value_t = PAGE as u64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
@@ -78,7 +86,10 @@ pub async fn run(a: WatchArgs) -> anyhow::Result<()> {
     // coordinator's, a CA file that does not load): 2 as well.
     let api = Api::new(&a.common).map_err(|e| e.context(Unfollowed))?;
     let ids = (!a.ids.is_empty()).then(|| a.ids.iter().cloned().collect());
-    follow(&api, ids, a.common.json, a.workers, a.page_size as usize).await
+    let mut watch = Watch::new(ids, a.common.json, a.workers);
+    watch.page = a.page_size as usize;
+    watch.folds.every = a.checkpoints;
+    judge(&api, watch).await
 }
 
 /// Why a watch could not tell how its tasks ended (interrupted, unreachable, refused): exit
@@ -94,22 +105,7 @@ impl std::fmt::Display for Unfollowed {
     }
 }
 
-/// Follows `ids` (or every task) on `api`, printing each change; `Ok` once every named task
-/// has completed, an error naming those that ended otherwise, or one with the context
-/// [`Unfollowed`] when it could not follow them.
-pub(crate) async fn follow(
-    api: &Api,
-    ids: Option<BTreeSet<String>>,
-    json: bool,
-    workers: bool,
-    page: usize,
-) -> anyhow::Result<()> {
-    let mut watch = Watch::new(ids, json, workers);
-    watch.page = page;
-    judge(api, watch).await
-}
-
-/// [`follow`] of the tasks `ids` that the coordinator at `api` took in a submission sent at
+/// A watch of the tasks `ids` that the coordinator at `api` took in a submission sent at
 /// `sent` (`submit --watch`): it was up, so an event stream it does not answer at first is
 /// asked again as through any restart (one between the submission and the stream's
 /// opening), not taken for a wrong address; and many tasks are first read from those changed
@@ -125,7 +121,9 @@ pub(crate) async fn follow_submitted(
     judge(api, watch).await
 }
 
-/// Follows as `watch` is set up, and says how its tasks ended.
+/// Follows as `watch` is set up, and says how its tasks ended: `Ok` once every named task has
+/// completed, an error naming those that ended otherwise, or one with the context
+/// [`Unfollowed`] when it could not follow them.
 async fn judge(api: &Api, mut watch: Watch) -> anyhow::Result<()> {
     match follow_with(api, &mut watch).await {
         // Every task, until interrupted: nothing to judge.
@@ -144,10 +142,13 @@ async fn follow_with(api: &Api, watch: &mut Watch) -> anyhow::Result<()> {
     loop {
         let outcome = tokio::select! {
             o = watch.stream(api) => o,
-            () = stop.cancelled() => return match named {
-                false => Ok(()),
-                true => Err(anyhow::anyhow!("interrupted before every task ended")),
-            },
+            () = stop.cancelled() => {
+                watch.show_held()?;
+                return match named {
+                    false => Ok(()),
+                    true => Err(anyhow::anyhow!("interrupted before every task ended")),
+                };
+            }
         };
         match outcome {
             Ok(Turn::Done) => return Ok(()),
@@ -167,6 +168,8 @@ async fn follow_with(api: &Api, watch: &mut Watch) -> anyhow::Result<()> {
                     // that took the tasks followed.
                     return Err(why);
                 }
+                // What the gap would hold back longer than its period.
+                watch.show_held()?;
                 eprintln!(
                     "watch: {why:#}; opening the event stream again in {} ms",
                     delay.as_millis()
@@ -225,6 +228,18 @@ impl Seen {
     fn ended(&self) -> bool {
         status_of(&self.status).is_some_and(TaskStatus::is_terminal)
     }
+
+    /// Whether `other` differs from this in its checkpoint at most: no change a user watches
+    /// for (status, attempt, worker, the task itself).
+    fn same_but_checkpoint(&self, other: &Seen) -> bool {
+        (&self.status, self.attempt, self.submit_seq, &self.worker)
+            == (
+                &other.status,
+                other.attempt,
+                other.submit_seq,
+                &other.worker,
+            )
+    }
 }
 
 /// A task as the watch last saw it.
@@ -254,6 +269,8 @@ struct Watch {
     ended: BTreeMap<String, String>,
     /// Workers' states as last reported.
     worker_states: HashMap<String, String>,
+    /// Checkpoints since each task's last line, and the lines held back for them (text only).
+    folds: fold::Folds,
     /// Tasks read a request when catching up.
     page: usize,
     /// Following every task: a first snapshot has set what counts as already seen.
@@ -289,6 +306,7 @@ impl Watch {
             high_water: None,
             ended: BTreeMap::new(),
             worker_states: HashMap::new(),
+            folds: fold::Folds::new(),
             page: PAGE,
             baseline: false,
             silence: SILENCE,
@@ -328,8 +346,21 @@ impl Watch {
         };
         let mut parser = SseParser::default();
         let mut opened = false;
+        let mut quiet = tokio::time::Instant::now() + self.silence;
         loop {
-            let chunk = match tokio::time::timeout(self.silence, chunks.next()).await {
+            // A line held back for a task's checkpoints is due while the stream says nothing.
+            let due = self.folds.next_due();
+            let next = tokio::select! {
+                // A line already due goes first, even with chunks waiting.
+                biased;
+                () = tokio::time::sleep_until(due.unwrap_or(quiet)), if due.is_some() => {
+                    self.show_due().map_err(Fatal)?;
+                    continue;
+                }
+                next = tokio::time::timeout_at(quiet, chunks.next()) => next,
+            };
+            quiet = tokio::time::Instant::now() + self.silence;
+            let chunk = match next {
                 Ok(Some(Ok(c))) => c,
                 Ok(Some(Err(why))) => return Ok(lost(opened, why)),
                 Ok(None) => {
@@ -374,6 +405,7 @@ impl Watch {
                         if let Ok(t) = serde_json::from_str::<Value>(&ev.data)
                             && let Some(id) = t["task_id"].as_str()
                         {
+                            self.folds.forget(id);
                             match self.ids {
                                 None => _ = self.seen.remove(id),
                                 Some(_) => self.on_removed(id).map_err(Fatal)?,
@@ -665,6 +697,7 @@ impl Watch {
     /// ended, and was removed, while no stream was open; or its removal came first on a
     /// stream): its outcome is unknown, so the watch could not follow it to its end (exit 2).
     fn on_removed(&mut self, id: &str) -> anyhow::Result<()> {
+        self.folds.forget(id);
         let named = self.ids.as_ref().is_some_and(|ids| ids.contains(id));
         if !named || self.ended.contains_key(id) {
             return Ok(());
@@ -691,11 +724,15 @@ impl Watch {
         let Some(now) = self.fresh(id, t) else {
             return Ok(());
         };
-        if self.seen.get(id).is_none_or(|k| k.shown != now.shown) {
+        let before = self.seen.get(id).map(|k| &k.shown);
+        if before.is_none_or(|b| *b != now.shown) {
             if self.json {
                 outln!("{t}")?;
-            } else {
-                outln!("{}", task_line(t, &now.shown))?;
+            } else if let Some(line) =
+                self.folds
+                    .line(t, before, &now.shown, tokio::time::Instant::now())
+            {
+                outln!("{line}")?;
             }
             if now.shown.ended() && self.ids.is_some() {
                 self.ended.insert(id.to_owned(), now.shown.status.clone());
@@ -719,9 +756,27 @@ impl Watch {
         };
         self.seen
             .retain(|_, k| !(k.shown.ended() && k.at.is_some_and(|at| at < cutoff)));
+        let seen = &self.seen;
+        self.folds.retain(|id| seen.contains_key(id));
         // What is left is running (or just ended): look again once as many more came, so that
         // a look costs a pass over the tasks only as often as that many changes.
         self.forget_at = (2 * self.seen.len()).max(SEEN_MAX);
+    }
+
+    /// Writes the lines held back for tasks' checkpoints that are due now.
+    fn show_due(&mut self) -> anyhow::Result<()> {
+        for line in self.folds.due_lines(tokio::time::Instant::now()) {
+            outln!("{line}")?;
+        }
+        Ok(())
+    }
+
+    /// Writes every line held back for tasks' checkpoints, due or not.
+    fn show_held(&mut self) -> anyhow::Result<()> {
+        for line in self.folds.held_lines(tokio::time::Instant::now()) {
+            outln!("{line}")?;
+        }
+        Ok(())
     }
 
     /// Takes `t` as it is for seen, without reporting it.
@@ -860,8 +915,9 @@ fn time_of(v: &Value) -> String {
         .to_owned()
 }
 
-/// `10:31:02  <task>  running  attempt 1  on w1  <name>  <error>`
-fn task_line(t: &Value, seen: &Seen) -> String {
+/// `10:31:02  <task>  running  attempt 1  on w1  <checkpoint>  <name>  <error>`, the
+/// checkpoint part as [`fold`] words it.
+fn task_line(t: &Value, seen: &Seen, checkpoint: Option<&str>) -> String {
     let mut line = format!(
         "{}  {}  {}  attempt {}",
         time_of(&t["updated_at"]),
@@ -872,8 +928,8 @@ fn task_line(t: &Value, seen: &Seen) -> String {
     if let Some(w) = &seen.worker {
         line.push_str(&format!("  on {w}"));
     }
-    if let Some(c) = &seen.checkpoint {
-        line.push_str(&format!("  checkpoint {c}"));
+    if let Some(c) = checkpoint {
+        line.push_str(&format!("  {c}"));
     }
     // Anyone's text: escaped as `tether task` and `tether tasks` show it.
     if let Some(n) = t["spec"]["name"].as_str() {
@@ -966,7 +1022,7 @@ mod tests {
             "spec": {"name": "A\u{1b}[31mRED\u{1b}]0;pwned\u{7}\u{202e}evil\r\n23:40:00  x  completed"},
             "error": "boom\nforged"
         });
-        let line = task_line(&t, &Seen::of(&t));
+        let line = task_line(&t, &Seen::of(&t), None);
         assert!(
             !line.chars().any(|c| c.is_control() || c == '\u{202e}'),
             "{line:?}"
@@ -1703,6 +1759,38 @@ mod tests {
         let turn = tokio::time::timeout(Duration::from_secs(10), w.stream(&api)).await;
         assert!(matches!(turn, Ok(Ok(Turn::Done))), "the watch ended");
         assert_eq!(w.ended.get("t0").map(String::as_str), Some("removed"));
+    }
+
+    /// A task that only checkpoints, then goes quiet: the line held back for its checkpoints
+    /// is written a period after its last line, while the stream says nothing, not at the
+    /// task's next change (which may be an hour away).
+    #[tokio::test]
+    async fn a_line_held_for_checkpoints_is_written_when_due_while_the_stream_is_quiet() {
+        let tasks = std::sync::Arc::new(std::sync::Mutex::new(numbered(1, "running")));
+        let api = scripted(tasks, |_| {
+            let mut text =
+                "event: snapshot\ndata: {\"at\": \"2026-12-01T10:40:00Z\", \"tasks\": []}\n\n"
+                    .to_owned();
+            for n in 1..=3 {
+                let mut t = task("t0", "running", 1, None);
+                t["submit_seq"] = json!(0);
+                t["updated_at"] = json!(format!("2026-12-01T10:40:0{n}Z"));
+                t["latest_checkpoint"] = json!({"checkpoint_id": format!("c-{n}"), "size": n});
+                text.push_str(&format!("event: task\ndata: {t}\n\n"));
+            }
+            text
+        })
+        .await;
+        let mut w = Watch::new(Some(["t0".to_owned()].into()), false, false);
+        w.folds.period = Duration::from_millis(50);
+        w.silence = Duration::from_millis(500);
+        let turn = tokio::time::timeout(Duration::from_secs(10), w.stream(&api)).await;
+        assert!(
+            matches!(turn, Ok(Ok(Turn::Lost { opened: true, .. }))),
+            "the quiet stream is lost after its silence"
+        );
+        assert_eq!(w.seen["t0"].shown.checkpoint.as_deref(), Some("c-3"));
+        assert_eq!(w.folds.next_due(), None, "the held line was written");
     }
 
     /// A coordinator that answers the event stream but ends it before its snapshot (busy with

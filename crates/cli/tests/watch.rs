@@ -1248,3 +1248,66 @@ async fn a_watch_whose_listing_by_ids_is_refused_as_too_long_asks_for_fewer_a_re
         );
     }
 }
+
+/// A task that checkpointed every couple of seconds made a line each time, and a watch of many
+/// such tasks drowned the changes a user watches for. By default a checkpoint alone makes no
+/// line: the task's next line names its latest checkpoint and how many came since; `--json`
+/// still has every checkpoint (machines read it), and `--checkpoints` a line for each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_folds_a_tasks_checkpoints_into_its_next_line_and_json_or_the_flag_shows_each() {
+    let site = Site::new();
+    let _coord = site.coordinator().await;
+    // Nine checkpoints, 400 ms apart.
+    let config = json!({"ms": 4000, "steps": 10, "checkpoint_every": 1});
+    site.submit("cps", config).await;
+    let base = site.base.as_str();
+    let mut folded = Watcher::start(&["watch", "--coordinator", base, "cps"]);
+    let mut json = Watcher::start(&["watch", "--coordinator", base, "--json", "cps"]);
+    let mut each = Watcher::start(&["watch", "--coordinator", base, "--checkpoints", "cps"]);
+    // Each follows the task before it runs: every checkpoint comes on its stream.
+    folded.wait_line(&["cps", "queued"]);
+    json.wait_line(&[r#""status":"queued""#]);
+    each.wait_line(&["cps", "queued"]);
+    let _w = worker(site.addr, "w1");
+    let mut ended = Vec::new();
+    for w in [&mut folded, &mut json, &mut each] {
+        let (code, lines) = w.wait_exit();
+        assert_eq!(code, Some(0), "{lines:?}; stderr: {}", w.stderr_text());
+        ended.push(lines);
+    }
+    let [folded, json, each] = <[Vec<String>; 3]>::try_from(ended).expect("three watches");
+    // Every checkpoint in the JSON, in order.
+    let mut ids: Vec<String> = Vec::new();
+    for l in &json {
+        let t: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+        if let Some(c) = t["latest_checkpoint"]["checkpoint_id"].as_str()
+            && ids.last().map(String::as_str) != Some(c)
+        {
+            ids.push(c.to_owned());
+        }
+    }
+    assert!(ids.len() >= 5, "several checkpoints: {json:#?}");
+    // The latest is the coordinator's.
+    let (ok, out, err) = client(&site.base, &["task", "cps", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let latest = ids.last().expect("a checkpoint");
+    assert_eq!(v["task"]["latest_checkpoint"]["checkpoint_id"], **latest);
+    // `--checkpoints`: a line each, each once.
+    for id in &ids {
+        let with = each
+            .iter()
+            .filter(|l| l.contains(&format!("checkpoint {id} ")));
+        assert_eq!(with.count(), 1, "{id}: {each:#?}");
+    }
+    // By default: fewer lines than checkpoints, still every change, and the latest checkpoint
+    // named with how many came.
+    assert!(folded.len() < ids.len(), "{folded:#?}");
+    let has = |parts: &[&str]| folded.iter().any(|l| parts.iter().all(|p| l.contains(p)));
+    assert!(has(&["cps", "running", "on w1"]), "{folded:#?}");
+    let count = format!("{} since the last line", ids.len());
+    assert!(
+        has(&["cps", "completed", &format!("checkpoint {latest} "), &count]),
+        "{folded:#?}"
+    );
+}
