@@ -27,14 +27,16 @@
 //!    a pause request sends SIGSTOP (to the group and to the processes that left it, found
 //!    by their mark), parks at [`TaskCtx::pause_point`], then sends SIGCONT;
 //!    every `checkpoint_poll_ms` the directory is looked at, and shipped as a checkpoint if
-//!    its files changed (paths, sizes, mtimes) and then stayed the same until the next look
-//!    (a poll interval), and did not change while packed: a file still being written is not
-//!    shipped half written. A directory that never stays the same for a poll interval is
-//!    shipped only at the end; a state of several files is best written aside and renamed
-//!    into place. A checkpoint request (`tether checkpoint`) looks at once, not at the next
-//!    poll: the directory, if it changed since the last checkpoint, is shipped once it stays
-//!    the same for [`REQUEST_SETTLE`] (or the poll interval, if shorter), looked at up to
-//!    [`REQUEST_LOOKS`] times. A look that ships nothing answers the request at once with a
+//!    its files changed (paths, sizes, mtimes) and then stay the same for [`SETTLE`] (or the
+//!    poll interval, if shorter: looked at again every settle until the next poll is due),
+//!    and did not change while packed: a file still being written is not shipped half written.
+//!    So a task that rewrites its state once a second is checkpointed at every poll (its
+//!    writes leave the directory still between them); one whose directory never stays the
+//!    same for a settle is shipped only at the end, and a state of several files is best
+//!    written aside and renamed into place. A checkpoint request (`tether checkpoint`) looks
+//!    at once, not at the next poll: the directory, if it changed since the last checkpoint,
+//!    is shipped once it stays the same for [`SETTLE`] (or the poll interval, if shorter),
+//!    looked at up to [`REQUEST_LOOKS`] times. A look that ships nothing answers the request at once with a
 //!    `checkpoint_error` saying why: the directory is unchanged since checkpoint N (the runner
 //!    has re-sent that one), the task has written no checkpoint in it (it holds no files), it
 //!    cannot be packed or read, or it kept changing. A request that comes while a look is in
@@ -90,10 +92,13 @@ pub const MAX_TAIL_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_CHECKPOINT_POLL_MS: u64 = 1000;
 /// Smallest `checkpoint_poll_ms` accepted.
 pub const MIN_CHECKPOINT_POLL_MS: u64 = 10;
-/// How long the checkpoint directory must stay the same for a checkpoint request to ship it
-/// (the poll interval instead, if shorter): a request does not wait a whole poll interval, yet
-/// a file being written (not paused that long) is not shipped half written.
-pub const REQUEST_SETTLE: Duration = Duration::from_millis(200);
+/// How long the checkpoint directory must stay the same to be shipped, at a poll or a
+/// checkpoint request (the poll interval instead, if shorter): a file being written (not
+/// paused that long) is not shipped half written, yet a task that rewrites its state about
+/// once a poll interval is not left unshipped until its end, as it was when the directory
+/// had to stay the same from one poll to the next (a user's review found a task writing every
+/// second checkpointed only on request).
+pub const SETTLE: Duration = Duration::from_millis(200);
 /// Looks a checkpoint request takes at a directory that keeps changing before it gives up,
 /// leaving it to the poll (and the end of the task).
 pub const REQUEST_LOOKS: u32 = 10;
@@ -700,8 +705,8 @@ struct Checkpoints {
     /// were answers.
     basis: Basis,
     /// Another signature the last look saw, not shipped then: the directory is shipped once
-    /// the next look sees it again (it stayed the same for a poll interval), not while a file
-    /// in it is still being written.
+    /// a later look sees it again (it stayed the same for a settle, [`SETTLE`]), not while a
+    /// file in it is still being written.
     seen: Option<Signature>,
     /// The last error looking at the directory, to log each distinct one once.
     last_error: Option<String>,
@@ -873,50 +878,70 @@ async fn ship(
 async fn ship_requested(
     ctx: &TaskCtx,
     dir: PathBuf,
-    (last, mut seen, basis): (Signature, Option<Signature>, Basis),
+    (last, seen, basis): (Signature, Option<Signature>, Basis),
     settle: Duration,
     answer: bool,
 ) -> Result<Looked, String> {
-    for look in 1..=REQUEST_LOOKS {
-        let looked = ship(
-            ctx,
-            dir.clone(),
-            (last.clone(), seen.clone()),
-            Look::Running,
-        )
-        .await;
-        let why = match looked {
-            Ok(Looked::Unsettled(sig)) if look < REQUEST_LOOKS => {
-                seen = Some(sig);
-                tokio::time::sleep(settle).await;
-                continue;
-            }
-            Ok(Looked::Unsettled(_)) => {
-                tracing::info!(task_id = %ctx.task_id(), looks = REQUEST_LOOKS, "checkpoint request: the checkpoint dir kept changing; shipped once it stays the same for a poll interval, or at the end");
-                format!(
-                    "the checkpoint dir kept changing over {REQUEST_LOOKS} looks: it is shipped once it stays the same for a poll interval, or as the task ends ({})",
-                    dir.display()
-                )
-            }
-            Ok(Looked::Unchanged) => {
-                tracing::debug!(task_id = %ctx.task_id(), "checkpoint request: the checkpoint dir is as last shipped");
-                basis.unchanged(&dir)
-            }
-            Ok(Looked::Shipped(_, Basis::Unpackable(ref e))) => {
-                format!(
-                    "the checkpoint dir cannot be packed: {e} ({})",
-                    dir.display()
-                )
-            }
-            Ok(Looked::Shipped(..)) => return looked,
-            Err(ref e) => format!("cannot read the checkpoint dir {}: {e}", dir.display()),
-        };
-        if answer {
-            ctx.refuse_checkpoint(why);
+    let looked = ship_settled(ctx, dir.clone(), (last, seen), settle, REQUEST_LOOKS).await;
+    let why = match looked {
+        Ok(Looked::Unsettled(_)) => {
+            tracing::info!(task_id = %ctx.task_id(), looks = REQUEST_LOOKS, "checkpoint request: the checkpoint dir kept changing; shipped once it stays the same for a settle, or at the end");
+            format!(
+                "the checkpoint dir kept changing over {REQUEST_LOOKS} looks: it is shipped once it stays the same for {} ms, or as the task ends ({})",
+                settle.as_millis(),
+                dir.display()
+            )
         }
-        return looked;
+        Ok(Looked::Unchanged) => {
+            tracing::debug!(task_id = %ctx.task_id(), "checkpoint request: the checkpoint dir is as last shipped");
+            basis.unchanged(&dir)
+        }
+        Ok(Looked::Shipped(_, Basis::Unpackable(ref e))) => {
+            format!(
+                "the checkpoint dir cannot be packed: {e} ({})",
+                dir.display()
+            )
+        }
+        Ok(Looked::Shipped(..)) => return looked,
+        Err(ref e) => format!("cannot read the checkpoint dir {}: {e}", dir.display()),
+    };
+    if answer {
+        ctx.refuse_checkpoint(why);
     }
-    Ok(Looked::Unchanged)
+    looked
+}
+
+/// Ships the directory if it changed since `last` and then stays the same for `settle` (at
+/// once if it is as `seen`, the look before last saw it), looking up to `looks` times (at
+/// least once); returns what the last look left. A directory still changing at the last look
+/// is left `Unsettled`, for the next look to find it settled.
+async fn ship_settled(
+    ctx: &TaskCtx,
+    dir: PathBuf,
+    (last, mut seen): (Signature, Option<Signature>),
+    settle: Duration,
+    looks: u32,
+) -> Result<Looked, String> {
+    let mut look = 1;
+    loop {
+        match ship(ctx, dir.clone(), (last.clone(), seen), Look::Running).await {
+            Ok(Looked::Unsettled(sig)) if look < looks => {
+                seen = Some(sig);
+                look += 1;
+                tokio::time::sleep(settle).await;
+            }
+            looked => return looked,
+        }
+    }
+}
+
+/// Looks a poll takes at a changed directory, [`SETTLE`] apart, before the next poll is due:
+/// one when the settle is the poll interval itself.
+fn poll_looks(poll: Duration, settle: Duration) -> u32 {
+    let looks = poll.as_millis() / settle.as_millis().max(1);
+    u32::try_from(looks)
+        .unwrap_or(REQUEST_LOOKS)
+        .clamp(1, REQUEST_LOOKS)
 }
 
 /// The answer to a checkpoint request while the task is paused (its processes stopped): no
@@ -1065,7 +1090,7 @@ impl<'a> Supervisor<'a> {
                     self.owed = false;
                     self.start_requested(false);
                 }
-                _ = tick.tick(), if can_poll => self.start_shipping(Look::Running),
+                _ = tick.tick(), if can_poll => self.start_polling(),
                 () = &mut pumps, if !pumps_done => pumps_done = true,
             }
         }
@@ -1141,6 +1166,18 @@ impl<'a> Supervisor<'a> {
         queue_after_stop((ctx.task_id().clone(), id, size), upload, until);
     }
 
+    /// A poll's look: ships the directory if it changed and then settles before the next
+    /// poll is due ([`ship_settled`]).
+    fn start_polling(&mut self) {
+        if let Some(cp) = &self.checkpoints {
+            let settle = SETTLE.min(self.poll);
+            let looks = poll_looks(self.poll, settle);
+            let seen = (cp.last.clone(), cp.seen.clone());
+            let fut = ship_settled(self.ctx, cp.dir.clone(), seen, settle, looks);
+            self.shipping = Some(Box::pin(fut));
+        }
+    }
+
     fn start_shipping(&mut self, look: Look) {
         if let Some(cp) = &self.checkpoints {
             let seen = (cp.last.clone(), cp.seen.clone());
@@ -1154,7 +1191,7 @@ impl<'a> Supervisor<'a> {
     fn start_requested(&mut self, answer: bool) {
         if let Some(cp) = &self.checkpoints {
             let seen = (cp.last.clone(), cp.seen.clone(), cp.basis.clone());
-            let settle = REQUEST_SETTLE.min(self.poll);
+            let settle = SETTLE.min(self.poll);
             let fut = ship_requested(self.ctx, cp.dir.clone(), seen, settle, answer);
             self.shipping = Some(Box::pin(fut));
         }
@@ -2760,6 +2797,51 @@ mod tests {
             .map(|(_, m)| m.type_name())
             .collect();
         assert!(kinds.contains(&"checkpoint") && kinds.contains(&"checkpoint_data"));
+    }
+
+    /// A task that rewrites its state every half second (aside, then renamed into place, as
+    /// advised) is checkpointed while it runs, at the default poll of a second: a poll that
+    /// finds the directory changed looks again a settle later, when it has stayed the same.
+    /// Before, it had to stay the same from one poll to the next, which a state rewritten more
+    /// often than the poll never does: it was shipped only at the end (in a user's review, a
+    /// task whose worker died lost its progress).
+    #[tokio::test]
+    async fn a_state_rewritten_more_often_than_the_poll_is_checkpointed_while_it_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, control) = ctx(1);
+        let ctx = ctx.with_checkpoint_dir(dir.path().join("cp"));
+        let script = r#"n=0
+            while [ ! -e "$D/stop" ]; do
+                n=$((n + 1))
+                echo $n > "$TETHER_CHECKPOINT_DIR/n.new"
+                mv "$TETHER_CHECKPOINT_DIR/n.new" "$TETHER_CHECKPOINT_DIR/n"
+                sleep 0.5
+            done"#;
+        let config = serde_json::json!({"shell": script, "env": {"D": dir.path()}});
+        let run = tokio::spawn(exec(config, ctx));
+        let mut states = std::collections::BTreeSet::new();
+        wait_for("three states checkpointed while the task runs", || {
+            let data = control.latest_checkpoint();
+            let files = data.map(|d| packing::decode(&d).expect("a valid pack"));
+            if let Some(n) = files.and_then(|f| f.get("n").cloned()) {
+                states.insert(n);
+            }
+            states.len() >= 3
+        })
+        .await;
+        std::fs::write(dir.path().join("stop"), "").expect("stop");
+        run.await.expect("joined").expect("exit 0");
+    }
+
+    /// A poll looks again at a changed directory a settle apart until the next poll is due,
+    /// once when the poll is no longer than the settle.
+    #[test]
+    fn a_poll_looks_as_often_as_a_settle_fits_in_its_interval() {
+        let ms = Duration::from_millis;
+        assert_eq!(poll_looks(ms(1000), SETTLE), 5);
+        assert_eq!(poll_looks(ms(20), SETTLE.min(ms(20))), 1);
+        assert_eq!(poll_looks(ms(300), SETTLE), 1);
+        assert_eq!(poll_looks(ms(3_600_000), SETTLE), REQUEST_LOOKS);
     }
 
     /// A checkpoint request ships the changed directory at once, not at the next poll (a
