@@ -1,7 +1,7 @@
 //! The client commands against a coordinator that needs API tokens: a refusal of the token
 //! (none sent, one it does not know, a read-only one on a command) tells a CLI user how to give
-//! one, and a token file in the coordinator's own format (comments, one token a line) serves
-//! the client when it holds one token.
+//! one, a token file in the coordinator's own format (comments, one token a line) serves the
+//! client when it holds one token, and what is a token is one rule on both sides.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -113,5 +113,81 @@ async fn a_refused_token_is_told_how_to_give_one_and_a_commented_token_file_serv
     assert!(out.status.success(), "{}", stderr(&out));
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert!(listed.is_array() || listed["tasks"].is_array(), "{listed}");
+    c.stop().await;
+}
+
+/// A token the coordinator takes from its token file (here with spaces inside, one of a
+/// rotation) is one the client sends, from a file or from `TETHER_TOKEN`, and it is served; a
+/// line the coordinator would refuse (too short) the client refuses too, in the same words,
+/// before any request: no refusal of a token reaches the coordinator. The client used to
+/// refuse a token with a space that the coordinator took.
+#[tokio::test]
+async fn a_token_with_spaces_the_coordinator_takes_the_client_sends_and_a_short_one_neither_takes()
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = tempfile::tempdir().expect("files");
+    let spaced = "an admin token with spaces inside";
+    let admin = files.path().join("admin.tokens");
+    write_private(
+        &admin,
+        &format!("# rotation: the new one first\n{spaced}\nadmin-token-old-of-the-test\n"),
+    );
+    let mut tokens = ApiTokens::default();
+    assert_eq!(tokens.add_file(&admin, Scope::Admin).expect("taken"), 2);
+    let mut cfg = fast_coordinator_config(dir.path().to_owned());
+    cfg.api_tokens = Some(tokens);
+    let c = spawn_coordinator_with(cfg, None).await;
+    let http = format!("http://{}", c.addr);
+
+    let one = files.path().join("one.token");
+    write_private(&one, &format!("# the admin token\n{spaced}\n"));
+    let out = tether(&http, &["tasks", "--json"], Some(&one)).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(listed.is_array() || listed["tasks"].is_array(), "{listed}");
+    // The same token in TETHER_TOKEN.
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["tasks", "--json", "--coordinator", &http])
+        .env_remove("TETHER_TOKEN_FILE")
+        .env_remove("TETHER_CA_FILE")
+        .env_remove("TETHER_COORDINATOR")
+        .env("TETHER_TOKEN", spaced)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(LONG, out)
+        .await
+        .expect("tether exits")
+        .expect("run tether");
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // A line the coordinator refuses at start, refused by the client in the same words.
+    let short = files.path().join("short.token");
+    write_private(&short, "short-token\n");
+    let said = ApiTokens::default()
+        .add_file(&short, Scope::Admin)
+        .expect_err("refused by the coordinator")
+        .to_string();
+    assert_eq!(
+        said,
+        "the token on line 1 is not usable: 11 bytes, at least 16 are required"
+    );
+    let out = tether(&http, &["tasks"], Some(&short)).await;
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "the API token on line 1 of the token file {} is not usable: 11 bytes, at least 16 \
+             are required",
+            short.display()
+        )),
+        "{err}"
+    );
+    let refused = c
+        .handles
+        .counters
+        .api_auth_failures
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(refused, 0, "a token was refused by the coordinator");
     c.stop().await;
 }

@@ -21,7 +21,7 @@ use axum::response::Response;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tether_proto::WorkerId;
-use tether_proto::auth::{AuthError, Secret};
+use tether_proto::auth::{AuthError, MAX_SECRET_LEN, MIN_SECRET_LEN, Secret};
 use tether_proto::endpoint::is_loopback_host;
 
 use crate::server::AppState;
@@ -233,7 +233,53 @@ pub enum TokenFileError {
     #[error("it holds no token (one a line; a line that starts with # is a comment)")]
     Empty,
     #[error("the token on line {line} is not usable: {reason}")]
-    Token { line: usize, reason: String },
+    Token { line: usize, reason: TokenError },
+}
+
+/// Why a line is no API token. [`token_lines`] is the one rule of what a token is, read by
+/// the coordinator from its token files and by the client (`--token-file`, `TETHER_TOKEN`)
+/// for the one it sends: a token one side takes, the other takes too.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("{len} bytes, at least {MIN_SECRET_LEN} are required")]
+    TooShort { len: usize },
+    #[error("{len} bytes, at most {MAX_SECRET_LEN} are taken")]
+    TooLong { len: usize },
+    /// A header carries a token as text: one with any other byte could never be presented,
+    /// and every request with it would be told to send a token.
+    #[error(
+        "byte {byte:#04x} at column {column} is not visible ASCII: an Authorization header \
+         carries only visible ASCII, so no request could present it"
+    )]
+    NotHeaderText { byte: u8, column: usize },
+}
+
+/// The tokens of a token file's text (or of the client's `TETHER_TOKEN`), each with its line
+/// number (from 1) and whether it is one: one token a line; blank lines and lines that start
+/// with `#` are skipped; the ASCII whitespace around a line (an indent, a `\r\n` ending) is
+/// not part of its token. A token is 16 to 4096 bytes of visible ASCII, spaces and tabs
+/// inside it too: what an `Authorization` header carries as text, and what the coordinator
+/// reads back unchanged from `Authorization: Bearer <token>`.
+pub fn token_lines(text: &[u8]) -> impl Iterator<Item = (usize, Result<&[u8], TokenError>)> {
+    text.split(|b| *b == b'\n')
+        .enumerate()
+        .filter_map(|(i, line)| {
+            let line = line.trim_ascii();
+            let skipped = line.is_empty() || line.starts_with(b"#");
+            (!skipped).then(|| (i + 1, token(line).map(|()| line)))
+        })
+}
+
+/// Whether a line of a token file, trimmed, is a token (see [`token_lines`]).
+fn token(line: &[u8]) -> Result<(), TokenError> {
+    if let Some((byte, column)) = not_header_text(line) {
+        return Err(TokenError::NotHeaderText { byte, column });
+    }
+    match line.len() {
+        len if len < MIN_SECRET_LEN => Err(TokenError::TooShort { len }),
+        len if len > MAX_SECRET_LEN => Err(TokenError::TooLong { len }),
+        _ => Ok(()),
+    }
 }
 
 /// Bearer tokens of the HTTP API, by digest.
@@ -259,10 +305,9 @@ impl ApiTokens {
         self.tokens.push((digest(token.expose()), scope));
     }
 
-    /// Reads a token file: one token per line (several allow rotation); blank lines and lines
-    /// that start with `#` are skipped. A token is visible ASCII (spaces and tabs inside it
-    /// too), what an `Authorization` header carries as text: a line with another byte (`ö`, a
-    /// control character) is refused by its number.
+    /// Reads a token file: one token per line (several allow rotation), as [`token_lines`]
+    /// reads them; a line that is no token (too short, or with a byte no header carries as
+    /// text: `ö`, a control character) refuses the file, by its number.
     pub fn add_file(
         &mut self,
         path: &std::path::Path,
@@ -270,32 +315,9 @@ impl ApiTokens {
     ) -> Result<usize, TokenFileError> {
         let text = std::fs::read(path).map_err(TokenFileError::Read)?;
         let mut n = 0;
-        for (i, line) in text.split(|b| *b == b'\n').enumerate() {
-            let line = line.trim_ascii();
-            if line.is_empty() || line.starts_with(b"#") {
-                continue;
-            }
-            // A header carries a token as text: one with any other byte could never be
-            // presented, and every request with it would be told to send a token.
-            if let Some(why) = not_header_text(line) {
-                return Err(TokenFileError::Token {
-                    line: i + 1,
-                    reason: format!(
-                        "{why}: an Authorization header carries only visible ASCII, so no request could present it"
-                    ),
-                });
-            }
-            let token = Secret::new(line).map_err(|e| TokenFileError::Token {
-                line: i + 1,
-                reason: match e {
-                    AuthError::SecretTooShort { len } => format!(
-                        "{len} bytes, at least {} are required",
-                        tether_proto::auth::MIN_SECRET_LEN
-                    ),
-                    e => e.to_string(),
-                },
-            })?;
-            self.add(&token, scope);
+        for (line, token) in token_lines(&text) {
+            let token = token.map_err(|reason| TokenFileError::Token { line, reason })?;
+            self.tokens.push((digest(token), scope));
             n += 1;
         }
         if n == 0 {
@@ -516,22 +538,23 @@ fn presented(value: Option<&HeaderValue>) -> Result<Option<&str>, String> {
         Ok(text) => Ok(bearer_token(text)),
         Err(_) => Err(format!(
             "malformed Authorization header: {}; send Authorization: Bearer <token>, a token being visible ASCII",
-            not_header_text(value.as_bytes()).unwrap_or_else(|| "it is not text".into())
+            not_header_text(value.as_bytes()).map_or_else(
+                || "it is not text".to_owned(),
+                |(byte, column)| format!(
+                    "byte {byte:#04x} at column {column} is not visible ASCII"
+                )
+            )
         )),
     }
 }
 
-/// Where `bytes` have one an HTTP header value cannot carry as text (HeaderValue::to_str takes
-/// visible ASCII, spaces and tabs), said as `byte 0x.. at column n`.
-fn not_header_text(bytes: &[u8]) -> Option<String> {
+/// The first byte of `bytes` an HTTP header value cannot carry as text (HeaderValue::to_str
+/// takes visible ASCII, spaces and tabs), and its column (from 1).
+fn not_header_text(bytes: &[u8]) -> Option<(u8, usize)> {
     let at = bytes
         .iter()
         .position(|&b| !(b == b'\t' || (b' '..=b'~').contains(&b)))?;
-    Some(format!(
-        "byte {:#04x} at column {} is not visible ASCII",
-        bytes[at],
-        at + 1
-    ))
+    Some((bytes[at], at + 1))
 }
 
 /// The token of an `Authorization: Bearer <token>` value; the scheme's name in any case
@@ -756,6 +779,77 @@ mod tests {
             .expect_err("empty");
         assert!(matches!(e, TokenFileError::Empty), "{e}");
         assert!(e.to_string().contains("holds no token"), "{e}");
+    }
+
+    /// The one rule of what a token is: 16 to 4096 bytes of visible ASCII, spaces and tabs
+    /// inside it too, one a line with the whitespace around it left out; each token a file
+    /// takes is the one its `Authorization: Bearer` header presents, read back unchanged.
+    #[test]
+    fn a_token_is_a_line_of_16_to_4096_header_bytes_and_its_header_presents_it() {
+        let longest = "t".repeat(MAX_SECRET_LEN);
+        let text = format!(
+            "# rotation\n\n  with spaces inside it\t\r\nwith\ttab inside-0123\n\
+             exactly-16-bytes\n{longest}\n!\"#$%&'()*+,-./:;<=>?@[\\]^_`{{|}}~\n"
+        );
+        let read: Vec<(usize, &[u8])> = token_lines(text.as_bytes())
+            .map(|(line, t)| (line, t.expect("a token")))
+            .collect();
+        let tokens: Vec<&[u8]> = read.iter().map(|(_, t)| *t).collect();
+        assert_eq!(
+            tokens,
+            [
+                &b"with spaces inside it"[..],
+                b"with\ttab inside-0123",
+                b"exactly-16-bytes",
+                longest.as_bytes(),
+                br##"!"#$%&'()*+,-./:;<=>?@[\]^_`{|}~"##,
+            ]
+        );
+        assert_eq!(
+            read.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
+            [3, 4, 5, 6, 7]
+        );
+        let dir = tempfile::tempdir().expect("dir");
+        let p = dir.path().join("admin");
+        std::fs::write(&p, &text).expect("w");
+        let mut t = ApiTokens::default();
+        assert_eq!(t.add_file(&p, Scope::Admin).expect("taken"), 5);
+        for token in tokens {
+            let token = std::str::from_utf8(token).expect("ASCII");
+            let header = HeaderValue::from_str(&format!("Bearer {token}")).expect("a header");
+            assert_eq!(
+                presented(Some(&header)).map(|p| p.map(|p| t.scope_of(p))),
+                Ok(Some(Some(Scope::Admin))),
+                "{token:?}"
+            );
+        }
+        let refused = |line: &str| {
+            let mut lines = token_lines(line.as_bytes());
+            let (_, token) = lines.next().expect("a line");
+            token.expect_err("refused")
+        };
+        assert_eq!(refused("fifteen-bytes!!"), TokenError::TooShort { len: 15 });
+        assert_eq!(
+            refused(&format!("{longest}t")),
+            TokenError::TooLong {
+                len: MAX_SECRET_LEN + 1
+            }
+        );
+        assert_eq!(
+            refused("vertical\x0btab-0123456789"),
+            TokenError::NotHeaderText {
+                byte: 0x0b,
+                column: 9
+            }
+        );
+        assert_eq!(
+            refused("nbsp\u{a0}inside-0123456789"),
+            TokenError::NotHeaderText {
+                byte: 0xc2,
+                column: 5
+            }
+        );
+        assert_eq!(token_lines(b"\n  \r\n# only comments\n").count(), 0);
     }
 
     /// A token line with a byte an `Authorization` header cannot carry as text (not visible

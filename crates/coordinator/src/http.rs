@@ -677,10 +677,45 @@ pub async fn submit(State(app): State<Arc<AppState>>, request: axum::extract::Re
 const LIST_MAX: usize = 100_000;
 
 /// Most task ids one listing may name (`ids=a,b,c`); more are refused (`400 bad_request`).
-/// The HTTP server takes a request target of up to 64 KiB (longer is `414`, and HTTP clients
-/// refuse to send one): at 128 bytes an id, each byte percent-encoded (`%2B`), 128 ids are
-/// 48 KiB of it; ids of 36 bytes (a UUID), under 5 KiB, within a proxy's common 8 KiB.
+/// The API reads a request target of up to [`MAX_TARGET_BYTES`] (56 KiB): at 128 bytes an id,
+/// each byte percent-encoded (`%2B`), 128 ids are 48 KiB of it; ids of 36 bytes (a UUID),
+/// under 5 KiB, within a proxy's common 8 KiB.
 pub const LIST_IDS_MAX: usize = 128;
+
+/// Longest request target (path and query) the API reads, in bytes; a longer one is refused
+/// `414 uri_too_long`, saying so ([`target_limit`]). Below hyper's own bound (65,534 bytes, a
+/// constant of its HTTP/1 parser, not a setting), which answers a bare `414` with an empty
+/// body before any of the coordinator's code sees the request: the limit clients meet is this
+/// one, in the API's words. Room for the longest listing by ids, with its other parameters.
+pub const MAX_TARGET_BYTES: usize = 56 * 1024;
+
+/// hyper's bound on a request target (`MAX_URI_LEN` of its HTTP/1 parser).
+const HYPER_MAX_TARGET: usize = u16::MAX as usize - 1;
+const _: () = assert!(MAX_TARGET_BYTES < HYPER_MAX_TARGET);
+// [`LIST_IDS_MAX`] ids of the longest, every byte percent-encoded, a comma after each, and
+// 1 KiB for the path and the other parameters.
+const _: () =
+    assert!(LIST_IDS_MAX * (3 * tether_proto::ids::MAX_ID_LEN + 1) + 1024 <= MAX_TARGET_BYTES);
+
+/// Middleware: a request whose target (path and query) is over [`MAX_TARGET_BYTES`] is
+/// refused `414 uri_too_long` with the error body of every refusal, naming the limit, before
+/// any other check (hyper's own refusal of a longer one comes first and has no body; a
+/// request is not more welcome for having a token).
+pub async fn target_limit(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let len = req.uri().path_and_query().map_or(0, |t| t.as_str().len());
+    if len > MAX_TARGET_BYTES {
+        return error_response(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            &format!(
+                "the request target (path and query) is {len} bytes; this coordinator reads at \
+                 most {MAX_TARGET_BYTES}: ask for less a request (a listing names at most \
+                 {LIST_IDS_MAX} ids)"
+            ),
+        );
+    }
+    next.run(req).await
+}
 
 /// The query of a task listing. A parameter it does not know is refused (`400 bad_request`,
 /// as one whose value cannot be read): ignored, a typo (`state=failed`) listed every status,

@@ -499,6 +499,8 @@ fn router(state: Arc<AppState>) -> Router {
             crate::auth::browser_guard,
         ))
         .layer(DefaultBodyLimit::max(max_body))
+        // Outermost: a target too long is refused in the API's words before anything else.
+        .layer(axum::middleware::from_fn(crate::http::target_limit))
         .with_state(state)
 }
 

@@ -9,6 +9,7 @@ use crate::output::outln;
 use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::{Value, json};
+use tether_coordinator::auth::token_lines;
 use tether_proto::TaskSpec;
 
 mod commands;
@@ -48,45 +49,52 @@ fn api_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
     let (raw, source) = match file {
         Some(f) => {
             crate::run::warn_if_open(f, "the API token file");
-            let raw = std::fs::read_to_string(f)
+            // Bytes, not text: a byte no header carries is named by its column, as the
+            // coordinator names it in its own files.
+            let raw = std::fs::read(f)
                 .with_context(|| format!("cannot read token file {}", f.display()))?;
             (raw, format!("the token file {}", f.display()))
         }
-        None => match std::env::var(TOKEN_ENV) {
-            Ok(t) => (t, TOKEN_ENV.to_owned()),
-            Err(_) => return Ok(None),
+        None => match std::env::var_os(TOKEN_ENV) {
+            Some(t) => {
+                use std::os::unix::ffi::OsStringExt;
+                (t.into_vec(), TOKEN_ENV.to_owned())
+            }
+            None => return Ok(None),
         },
     };
     token_of(&raw, &source).map(Some)
 }
 
-/// The token `raw` holds (read from `source`), or why it holds none: an empty one is said to
-/// be empty (an exported `TETHER_TOKEN=`), not to hold spaces. Blank lines and `#` comment
-/// lines are skipped, as in the coordinator's token files, so a file of one token with a
-/// comment serves both. One with several tokens (a coordinator's file in a rotation) is
-/// refused, not read for its first: a client sends one token, and the first of a rotation is
-/// as likely the one being retired, which would work until the day it is removed.
-fn token_of(raw: &str, source: &str) -> anyhow::Result<String> {
-    if raw.trim().is_empty() {
+/// The token `raw` holds (read from `source`), or why it holds none. Its lines are read by the
+/// coordinator's own rule ([`token_lines`]: blank lines and `#` comment lines skipped, 16 to
+/// 4096 bytes of visible ASCII, spaces inside too), so a token the coordinator takes from its
+/// files is one the client sends, and one it would refuse is refused here, in its words,
+/// before any request: sent, it could only be answered "unknown token". An empty one is said
+/// to be empty (an exported `TETHER_TOKEN=`). One with several tokens (a coordinator's file in
+/// a rotation) is refused, not read for its first: a client sends one token, and the first of
+/// a rotation is as likely the one being retired, which would work until the day it is
+/// removed.
+fn token_of(raw: &[u8], source: &str) -> anyhow::Result<String> {
+    if raw.trim_ascii().is_empty() {
         bail!("{source} is empty: give the API token there, or unset it to send none");
     }
-    let tokens: Vec<(usize, &str)> = raw
-        .lines()
-        .map(str::trim)
-        .enumerate()
-        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
-        .collect();
+    let mut tokens = Vec::new();
+    for (line, token) in token_lines(raw) {
+        match token {
+            Ok(token) => tokens.push((line, token)),
+            Err(why) => bail!("the API token on line {line} of {source} is not usable: {why}"),
+        }
+    }
     match tokens[..] {
         [] => bail!(
             "{source} holds only # comments, no token: give the API token there, on a line of \
              its own"
         ),
-        [(_, token)] if token.contains(char::is_whitespace) => {
-            bail!("the API token in {source} must be one line without spaces")
-        }
-        [(_, token)] => Ok(token.to_owned()),
+        // Visible ASCII, so text as it is.
+        [(_, token)] => Ok(String::from_utf8_lossy(token).into_owned()),
         ref several => {
-            let lines: Vec<String> = several.iter().map(|(i, _)| (i + 1).to_string()).collect();
+            let lines: Vec<String> = several.iter().map(|(i, _)| i.to_string()).collect();
             bail!(
                 "{source} holds {} tokens (lines {}); a client sends one: give a file (or \
                  TETHER_TOKEN) with only the one to use",
@@ -139,6 +147,8 @@ impl Refused {
             Some(m) if body["error"]["code"] == "too_large" => m,
             _ if status == http::StatusCode::PAYLOAD_TOO_LARGE => TOO_LARGE,
             Some(m) => m,
+            // The HTTP server's own (a target past hyper's bound) or a proxy's, without words.
+            None if status == http::StatusCode::URI_TOO_LONG => TOO_LONG,
             None => "request failed",
         };
         Refused {
@@ -151,6 +161,9 @@ impl Refused {
 /// What an answer 413 without the coordinator's own words is said as.
 const TOO_LARGE: &str =
     "the request is larger than the coordinator accepts (the limit is its --max-body)";
+/// What an answer 414 without the coordinator's own words is said as.
+const TOO_LONG: &str = "the request's URL (path and query) is longer than the coordinator, or \
+     a proxy before it, reads";
 
 impl Refused {
     /// Whether the coordinator refused the request as larger than it accepts (HTTP 413).
@@ -700,6 +713,24 @@ mod tests {
         assert_eq!(r.to_string(), "exists (HTTP 409)");
     }
 
+    /// A 414 in the coordinator's words is said as it came; a bare one (hyper's own, past its
+    /// bound, or a proxy's) says the URL was too long, not "request failed".
+    #[test]
+    fn an_answer_414_without_words_says_the_url_was_too_long() {
+        let too_long = http::StatusCode::URI_TOO_LONG;
+        for body in [Value::Null, serde_json::json!("<html>")] {
+            let r = Refused::of(too_long, &body).to_string();
+            assert_eq!(r, format!("{TOO_LONG} (HTTP 414)"), "{body}");
+        }
+        let own = serde_json::json!({"error": {"code": "uri_too_long", "message": "at most 9"}});
+        assert_eq!(
+            Refused::of(too_long, &own).to_string(),
+            "at most 9 (HTTP 414)"
+        );
+        let bare = Refused::of(http::StatusCode::BAD_GATEWAY, &Value::Null).to_string();
+        assert_eq!(bare, "request failed (HTTP 502)");
+    }
+
     /// An https:// URL to a coordinator that serves plain HTTP: the error says what to try.
     #[tokio::test]
     async fn tls_to_a_plain_http_coordinator_says_to_use_http() {
@@ -789,12 +820,11 @@ mod tests {
     #[test]
     fn an_empty_token_is_said_to_be_empty_not_to_hold_spaces() {
         for raw in ["", " \n"] {
-            let e = token_of(raw, TOKEN_ENV).expect_err("empty");
+            let e = token_of(raw.as_bytes(), TOKEN_ENV).expect_err("empty");
             assert!(e.to_string().starts_with("TETHER_TOKEN is empty"), "{e}");
         }
-        let e = token_of("a b", TOKEN_ENV).expect_err("two words");
-        assert!(e.to_string().contains("one line without spaces"), "{e}");
-        assert_eq!(token_of(" s3cret\n", TOKEN_ENV).expect("a token"), "s3cret");
+        let token = token_of(b" s3cret-of-the-client\n", TOKEN_ENV).expect("a token");
+        assert_eq!(token, "s3cret-of-the-client");
     }
 
     /// A file in the coordinator's token format serves a client when it holds one token: its
@@ -803,10 +833,12 @@ mod tests {
     #[test]
     fn a_token_file_with_comments_gives_its_one_token_and_one_with_several_is_refused() {
         let file = "the token file t";
-        let one = "# admin token, made 2026-12-01\n\n  s3cret  \r\n# end\n";
-        assert_eq!(token_of(one, file).expect("one token"), "s3cret");
-        let rotation = "# rotation: new first, old until Friday\nnew-token\nold-token\n";
-        let e = token_of(rotation, file)
+        let one = "# admin token, made 2026-12-01\n\n  s3cret-of-the-client  \r\n# end\n";
+        let token = token_of(one.as_bytes(), file).expect("one token");
+        assert_eq!(token, "s3cret-of-the-client");
+        let rotation =
+            "# rotation: new first, old until Friday\nnew-token-0123456789\nold-token-0123456789\n";
+        let e = token_of(rotation.as_bytes(), file)
             .expect_err("two tokens")
             .to_string();
         assert_eq!(
@@ -814,14 +846,67 @@ mod tests {
             "the token file t holds 2 tokens (lines 2, 3); a client sends one: give a file (or \
              TETHER_TOKEN) with only the one to use"
         );
-        let e = token_of("# nothing yet\n\n", file).expect_err("comments only");
+        let e = token_of(b"# nothing yet\n\n", file).expect_err("comments only");
         assert!(
             e.to_string()
                 .starts_with("the token file t holds only # comments, no token"),
             "{e}"
         );
-        let e = token_of("# c\na b\n", file).expect_err("a space");
-        assert!(e.to_string().contains("one line without spaces"), "{e}");
+    }
+
+    /// The client reads its token by the coordinator's rule: a line the coordinator takes
+    /// from its token file (spaces or a tab inside, punctuation, 16 bytes, 4096) is the token
+    /// the client sends, and the coordinator knows what it sends; a line the coordinator
+    /// refuses (too short, too long, a byte no header carries) the client refuses too, in the
+    /// coordinator's words. A space inside used to be refused by the client alone.
+    #[test]
+    fn a_token_the_coordinator_takes_the_client_sends_and_one_it_refuses_the_client_refuses() {
+        use tether_coordinator::auth::{ApiTokens, Scope};
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("token");
+        let longest = "t".repeat(tether_proto::auth::MAX_SECRET_LEN);
+        let lines = [
+            "with spaces inside it".to_owned(),
+            "with\ttab inside-0123".to_owned(),
+            "exactly-16-bytes".to_owned(),
+            "  indented, and a CRLF-0123\r".to_owned(),
+            longest.clone(),
+            "fifteen-bytes!!".to_owned(),
+            format!("{longest}t"),
+            "prod-tökén-0123456789".to_owned(),
+            "control\x7f-0123456789".to_owned(),
+        ];
+        let mut taken = 0;
+        for line in &lines {
+            let text = format!("# the admin token\n{line}\n");
+            std::fs::write(&path, &text).expect("write");
+            let mut tokens = ApiTokens::default();
+            let coordinator = tokens.add_file(&path, Scope::Admin);
+            let client = token_of(text.as_bytes(), "the token file t");
+            match (coordinator, client) {
+                (Ok(_), Ok(sent)) => {
+                    taken += 1;
+                    assert_eq!(tokens.scope_of(&sent), Some(Scope::Admin), "{line:?}");
+                    let header = format!("Bearer {sent}");
+                    assert!(
+                        reqwest::header::HeaderValue::from_str(&header).is_ok(),
+                        "{line:?}"
+                    );
+                }
+                (Err(coordinator), Err(client)) => {
+                    let (coordinator, client) = (coordinator.to_string(), client.to_string());
+                    let why = coordinator
+                        .strip_prefix("the token on line 2 is not usable: ")
+                        .expect("the line's reason");
+                    assert_eq!(
+                        client,
+                        format!("the API token on line 2 of the token file t is not usable: {why}")
+                    );
+                }
+                (coordinator, client) => panic!("{line:?}: {coordinator:?} but {client:?}"),
+            }
+        }
+        assert_eq!(taken, 5, "the lines the coordinator takes");
     }
 
     /// A refusal of the request's token says how a client command gives one; other refusals

@@ -1,5 +1,6 @@
 //! Random JSON bodies against the HTTP API of a real coordinator: every answer is a 2xx or a
 //! 4xx with the error body, never a 5xx or a dropped connection, and honest work still runs.
+//! Request targets too long for it are refused with the error body too, naming the limit.
 
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -113,5 +114,85 @@ async fn random_json_bodies_get_a_clear_answer_and_never_a_server_error() {
     c.client().wait_status(&ids[0], "completed").await;
     honest.stop().await.expect("clean stop");
     w.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+/// Sends `GET target` as raw HTTP/1.1 (`Connection: close`; a target this long no HTTP client
+/// builds), with `token` as a bearer token, and reads the whole answer: its status and body.
+async fn raw_get(addr: std::net::SocketAddr, target: &str, token: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(request.as_bytes()).await.expect("send");
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.expect("read the answer");
+        answer
+    };
+    let answer = tokio::time::timeout(DEADLINE, exchange)
+        .await
+        .expect("an answer within the deadline");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("a status line: {head}"));
+    (status, body.to_owned())
+}
+
+/// A request target (path and query) over the API's limit is refused `414 uri_too_long` with
+/// the error body of every refusal, naming the limit and the target's length, whatever its
+/// path and before its token is looked at; one at the limit is read by the API. Up to hyper's
+/// own bound (65,534 bytes) the refusal is the API's: hyper's, past it, is a bare `414` with
+/// an empty body, which every request the API's clients make used to get between the two.
+#[tokio::test]
+async fn a_request_target_over_the_limit_is_refused_414_with_the_error_body_naming_it() {
+    use tether_coordinator::auth::{ApiTokens, Scope};
+    use tether_coordinator::http::MAX_TARGET_BYTES;
+    const TOKEN: &str = "read-token-of-the-target-test";
+    let (_dir, c) = crate::support::coordinator_with(|cfg| {
+        let mut tokens = ApiTokens::default();
+        let token = tether_proto::auth::Secret::new(TOKEN.as_bytes()).expect("token");
+        tokens.add(&token, Scope::Read);
+        cfg.api_tokens = Some(tokens);
+    })
+    .await;
+    let target = |prefix: &str, len: usize| {
+        let pad = len.checked_sub(prefix.len()).expect("room for the prefix");
+        format!("{prefix}{}", "x".repeat(pad))
+    };
+    // At the limit: read, and answered by the route (or its absence) as any other request.
+    let (status, body) = raw_get(c.addr, &target("/nope/", MAX_TARGET_BYTES), TOKEN).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = raw_get(c.addr, &target("/nope/", MAX_TARGET_BYTES), "wrong").await;
+    assert_eq!(status, 401, "{body}");
+    for (prefix, len, token) in [
+        ("/nope/", MAX_TARGET_BYTES + 1, TOKEN),
+        ("/api/v1/tasks?ids=", MAX_TARGET_BYTES + 1, TOKEN),
+        ("/api/v1/tasks/", 60 * 1024, "wrong"),
+        ("/api/v1/worker/w-1/ws?", 60 * 1024, TOKEN),
+        ("/healthz?", u16::MAX as usize - 1, TOKEN),
+    ] {
+        let (status, body) = raw_get(c.addr, &target(prefix, len), token).await;
+        assert_eq!(status, 414, "{prefix} ({len} bytes): {body}");
+        let e: Value = serde_json::from_str(&body).expect("a JSON error body");
+        assert_eq!(e["error"]["code"], "uri_too_long", "{body}");
+        let message = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(&format!("is {len} bytes"))
+                && message.contains(&format!("reads at most {MAX_TARGET_BYTES}")),
+            "{body}"
+        );
+    }
+    // Past hyper's bound, hyper answers before the API: the status stands.
+    let (status, _) = raw_get(c.addr, &target("/nope/", u16::MAX as usize), TOKEN).await;
+    assert_eq!(status, 414);
+    let (status, _) = c.client().get("/healthz").await;
+    assert_eq!(status, 200, "still serving");
     c.stop().await;
 }
