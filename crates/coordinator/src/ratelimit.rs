@@ -1,10 +1,15 @@
-//! Log lines a fleet can repeat without end, said once a window per worker and reason.
+//! Log lines a fleet can repeat without end, said once a window per worker and kind.
 //!
 //! A worker refused its registration tries again, and again: a fleet left on an old secret
-//! after a rotation made one WARN line per worker per attempt, for as long as it ran. The
-//! first refusal of a worker for a reason is said at WARN; its repeats within [`WINDOW`] go to
-//! debug, and the next WARN after the window says how many there were. Counters (the
-//! overview's `auth_failures`) count every one regardless.
+//! after a rotation, or on another protocol, made one WARN line per worker per attempt, for as
+//! long as it ran, and so did a client that sends frames and never registers. The first
+//! refusal of a worker of a kind is said at WARN; its repeats within [`WINDOW`] go to debug,
+//! and the next WARN after the window says how many there were. Counters (the overview's
+//! `auth_failures`, `pre_registration_overflows`) count every one regardless.
+//!
+//! A kind is a `&'static str`, a class of the refusal and not its text: a reason may carry
+//! what the attempt sent (an id, a clock's skew), and keyed on that every attempt would be a
+//! first. The line still says the whole reason.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -12,11 +17,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// How long repeats of a worker's refusal for the same reason are logged at debug after the
-/// WARN line that said it.
+/// How long repeats of a worker's refusal of the same kind are logged at debug after the WARN
+/// line that said it.
 pub const WINDOW: Duration = Duration::from_secs(600);
 
-/// (worker, reason) pairs remembered at most; past it, windows that ended are forgotten, then
+/// (worker, kind) pairs remembered at most; past it, windows that ended are forgotten, then
 /// the oldest. A few MB at most, against ids made up by the attempt.
 pub const MAX_KEYS: usize = 16_384;
 
@@ -36,15 +41,16 @@ struct Window {
     repeats: u64,
 }
 
-/// The windows of the (worker, reason) pairs seen lately.
+/// The windows of the (worker, kind) pairs seen lately.
 #[derive(Debug)]
 pub struct Repeats {
     window: Duration,
     max_keys: usize,
-    seen: HashMap<(String, String), Window>,
+    seen: HashMap<(String, &'static str), Window>,
 }
 
 impl Repeats {
+    /// Windows of `window`, for at most `max_keys` (worker, kind) pairs.
     pub fn new(window: Duration, max_keys: usize) -> Self {
         Self {
             window,
@@ -53,9 +59,9 @@ impl Repeats {
         }
     }
 
-    /// Notes an event of `worker` for `reason` at `now` and says how to log it.
-    pub fn note(&mut self, worker: &str, reason: &str, now: Instant) -> Verdict {
-        let key = (worker.to_owned(), reason.to_owned());
+    /// Notes an event of `worker` of `kind` at `now` and says how to log it.
+    pub fn note(&mut self, worker: &str, kind: &'static str, now: Instant) -> Verdict {
+        let key = (worker.to_owned(), kind);
         if let Some(w) = self.seen.get_mut(&key) {
             if now.saturating_duration_since(w.since) < self.window {
                 w.repeats += 1;
@@ -106,13 +112,15 @@ impl Repeats {
     }
 }
 
-/// Notes a refused worker registration (process-wide, as the log is) and says how to log it.
-pub fn auth_refusal(worker: &str, reason: &str) -> Verdict {
+/// Notes a worker connection refused before its registration was taken, of `kind` (a failed
+/// authentication, a registration refused, too many frames before one), process-wide as the
+/// log is, and says how to log it.
+pub fn refusal(worker: &str, kind: &'static str) -> Verdict {
     static REFUSALS: OnceLock<Mutex<Repeats>> = OnceLock::new();
     let refusals = REFUSALS.get_or_init(|| Mutex::new(Repeats::new(WINDOW, MAX_KEYS)));
     // A panic elsewhere while holding it left a map that is still whole: go on with it.
     let mut r = refusals.lock().unwrap_or_else(|p| p.into_inner());
-    r.note(worker, reason, Instant::now())
+    r.note(worker, kind, Instant::now())
 }
 
 #[cfg(test)]

@@ -1597,7 +1597,14 @@ impl Conn<'_> {
             .counters
             .pre_registration_overflows
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::warn!(worker = %self.worker, reason, "connection closed (1008) before its registration");
+        // Once a window per worker at WARN: a client that never registers may come back as
+        // often as it is let in.
+        let said = crate::ratelimit::refusal(self.worker.as_str(), reason);
+        if said.warn {
+            tracing::warn!(worker = %self.worker, session = self.session_id, reason, repeats_at_debug = said.repeats, "connection closed (1008) before its registration (its repeats within 10 min are logged at debug; `repeats_at_debug` counts those of the last window)");
+        } else {
+            tracing::debug!(worker = %self.worker, session = self.session_id, reason, repeat = said.repeats, "connection closed (1008) before its registration, again");
+        }
         self.close(deadline, CLOSE_POLICY, reason).await;
         None
     }
@@ -1628,7 +1635,17 @@ impl Conn<'_> {
             },
         };
         if let Some(refusal) = registration_refusal(self.worker, &r) {
-            tracing::warn!(worker = %self.worker, session = self.session_id, code = refusal.code, reason = %refusal.reason, "registration refused");
+            // Once a window per worker and kind at WARN: a worker on another protocol, or on
+            // another's endpoint, tries again without end.
+            let said = crate::ratelimit::refusal(
+                self.worker.as_str(),
+                refusal_kind(refusal.code, &refusal.reason),
+            );
+            if said.warn {
+                tracing::warn!(worker = %self.worker, session = self.session_id, code = refusal.code, reason = %refusal.reason, repeats_at_debug = said.repeats, "registration refused (its repeats for this reason within 10 min are logged at debug; `repeats_at_debug` counts those of the last window)");
+            } else {
+                tracing::debug!(worker = %self.worker, session = self.session_id, code = refusal.code, reason = %refusal.reason, repeat = said.repeats, "registration refused again");
+            }
             // The key exists once the signature verified: the refusal carries its tag, as
             // every frame after the registration does.
             if let Some((_, key)) = &keyed {
@@ -1698,7 +1715,7 @@ impl Conn<'_> {
         // Once a window per worker and reason at WARN: a fleet left on an old secret tries
         // again without end.
         let reason = e.to_string();
-        let said = crate::ratelimit::auth_refusal(self.worker.as_str(), &reason);
+        let said = crate::ratelimit::refusal(self.worker.as_str(), e.kind());
         if said.warn {
             tracing::warn!(worker = %self.worker, session = self.session_id, %reason, repeats_at_debug = said.repeats, "worker authentication failed; closing with 4001 (its repeats for this reason within 10 min are logged at debug; `repeats_at_debug` counts those of the last window)");
         } else {
@@ -1749,6 +1766,39 @@ enum Unchecked {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Secret(#[from] SecretError),
+}
+
+impl Unchecked {
+    /// Its class, which its refusals are logged under (`ratelimit`): the text of a clock's
+    /// skew or of a file's error changes from one attempt to the next.
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Auth(e) => match e {
+                AuthError::MissingSignature => "missing signature",
+                AuthError::BadSignatureEncoding => "bad signature encoding",
+                AuthError::BadSignature => "bad signature",
+                AuthError::IntegrityRequired => "integrity required",
+                AuthError::BadIntegrityTag => "bad integrity tag",
+                AuthError::ClockSkew { .. } => "clock skew",
+                AuthError::SecretTooShort { .. }
+                | AuthError::SecretTooLong
+                | AuthError::SecretFile { .. } => "secret",
+            },
+            Self::Secret(_) => "secret file",
+        }
+    }
+}
+
+/// The class a refused registration is logged under (`ratelimit`): the reason of one that
+/// names another worker carries the id it named, which the attempt makes up.
+fn refusal_kind(code: u16, reason: &str) -> &'static str {
+    match (code, reason) {
+        (4003, _) => "registration for another worker",
+        (_, "incompatible protocol") => "incompatible protocol",
+        (_, "frame limit too small") => "frame limit too small",
+        (_, "registration out of bounds") => "registration out of bounds",
+        _ => "registration refused",
+    }
 }
 
 /// Sends `first` and what else is queued behind it (the acks and assignments of one commit,

@@ -1,7 +1,9 @@
-//! A storm of refused registrations against a real coordinator with worker authentication:
-//! every one is refused, an honest worker keeps its session and its work meanwhile, and the
-//! log says each (worker, reason) once at WARN and its repeats at debug, counted, as the
-//! coordinator's refusal limiter (`ratelimit::auth_refusal`, called where `ws` refuses) rules.
+//! Storms of refused connections against a real coordinator: registrations that fail
+//! authentication, registrations refused before the core hears of them (another worker's id,
+//! another protocol, a frame limit too small) and connections that only send frames. Every one
+//! is refused, an honest worker keeps its session and its work meanwhile, and the log says each
+//! (worker, kind of refusal) once at WARN and its repeats at debug, numbered, as the
+//! coordinator's refusal limiter (`ratelimit::refusal`, called where `ws` refuses) rules.
 //!
 //! The log is read from a subscriber set for this test's thread only: the test's runtime runs
 //! on it (current-thread), and so do the coordinator's sessions it spawns, while other tests of
@@ -11,6 +13,7 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use serde_json::json;
 use tether_coordinator::auth::WorkerAuth;
 use tether_proto::TaskSpec;
 use tether_proto::auth::Secret;
@@ -185,6 +188,164 @@ async fn a_storm_of_refused_registrations_is_refused_every_time_said_once_per_re
                 repeats,
                 (1..ROUNDS).collect::<Vec<_>>(),
                 "{id}, {told}: its repeats at debug"
+            );
+        }
+    }
+    honest.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+/// The ids of the storm of registrations refused before the core: no other test uses them.
+const MISFITS: [&str; 2] = ["refusal-storm-c", "refusal-storm-d"];
+
+/// A way a connection to a coordinator without authentication is refused before the core hears
+/// of it.
+#[derive(Debug, Clone, Copy)]
+enum Misfit {
+    /// Frames, bad ones (malformed, of an unknown type), past those allowed before a
+    /// registration.
+    Chatter,
+    /// A registration naming another worker than the endpoint's, a new one each time: the
+    /// reason names it, so keyed on the reason each would be a first.
+    OtherId,
+    /// A registration of another protocol version.
+    OldProtocol,
+    /// A registration whose frame limit no peer could work within.
+    TinyFrames,
+}
+
+impl Misfit {
+    const ALL: [Misfit; 4] = [
+        Self::Chatter,
+        Self::OtherId,
+        Self::OldProtocol,
+        Self::TinyFrames,
+    ];
+
+    /// The close code it is refused with.
+    fn code(self) -> u16 {
+        match self {
+            Self::Chatter => 1008,
+            Self::OtherId => 4003,
+            Self::OldProtocol | Self::TinyFrames => 4002,
+        }
+    }
+
+    /// What the WARN line says, what its repeats at debug say, and words of its reason.
+    fn said(self) -> (&'static str, &'static str, &'static str) {
+        const CLOSED: &str = "connection closed (1008) before its registration (its repeats";
+        const CLOSED_AGAIN: &str = "connection closed (1008) before its registration, again";
+        const REFUSED: &str = "registration refused (its repeats";
+        const REFUSED_AGAIN: &str = "registration refused again";
+        match self {
+            Self::Chatter => (CLOSED, CLOSED_AGAIN, "too many frames before registration"),
+            Self::OtherId => (REFUSED, REFUSED_AGAIN, "but this endpoint is for"),
+            Self::OldProtocol => (REFUSED, REFUSED_AGAIN, "incompatible protocol"),
+            Self::TinyFrames => (REFUSED, REFUSED_AGAIN, "frame limit too small"),
+        }
+    }
+
+    /// One attempt of `id` (its `round`th), which must be refused with its close code.
+    async fn refused(self, c: &TestCoordinator, id: &str, round: u64) {
+        let mut raw = Raw::connect(c, id).await;
+        let mut reg = raw.registration(None, &[]);
+        match self {
+            Self::Chatter => {
+                // One past the frames allowed before a registration (16), each answered.
+                for n in 0..17 {
+                    let frame = match n % 2 {
+                        0 => json!({"type": "no-such-type", "n": n}),
+                        _ => json!({"type": "heartbeat", "sequence": "not a number"}),
+                    };
+                    raw.send(&frame).await;
+                }
+            }
+            Self::OtherId => reg["worker_id"] = format!("{id}-elsewhere-{round}").into(),
+            Self::OldProtocol => {
+                reg["protocol_version"] = (tether_proto::PROTOCOL_VERSION + 1).into();
+            }
+            Self::TinyFrames => reg["max_frame"] = 1.into(),
+        }
+        if !matches!(self, Self::Chatter) {
+            raw.send(&reg).await;
+        }
+        assert_eq!(
+            raw.close_code().await,
+            Some(self.code()),
+            "{id}, {self:?}, round {round}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn storms_of_registrations_refused_before_the_core_and_of_frames_without_one_are_refused_every_time_said_once_per_worker_and_kind_at_warn_and_an_honest_worker_keeps_working()
+ {
+    let (log, _logging) = Log::capture();
+    let (_dir, c) = coordinator_with(|_| {}).await;
+    let honest = fast_worker_config(&c.ws_url(), "refusal-storm-plain-honest");
+    let honest = connected(honest, tether_worker::Executors::builtin()).await;
+    let client = c.client();
+
+    let storm = async {
+        for round in 0..ROUNDS {
+            for id in MISFITS {
+                for way in Misfit::ALL {
+                    way.refused(&c, id, round).await;
+                }
+            }
+        }
+    };
+    let work = async {
+        let specs: Vec<TaskSpec> = (0..4).map(|_| sleep_task(50, 2, 1)).collect();
+        let ids = client.submit(&specs).await;
+        for id in &ids {
+            client.wait_status(id, "completed").await;
+            assert_eq!(client.results(id).await.len(), 1, "task {id}");
+        }
+    };
+    tokio::join!(storm, work);
+
+    let o = client.overview().await;
+    assert_eq!(
+        counter(&o, "pre_registration_overflows"),
+        ROUNDS * MISFITS.len() as u64,
+        "every chatter counted: {o}"
+    );
+    assert_eq!(counter(&o, "registrations"), 1, "only the honest one: {o}");
+    assert_eq!(counter(&o, "sessions_replaced"), 0, "{o}");
+    assert_eq!(
+        honest.handle.registrations(),
+        1,
+        "the honest session was kept"
+    );
+
+    // Each (misfit, way) said once at WARN, with no repeats before it; its other attempts at
+    // debug, numbered 1 to ROUNDS - 1 in its window. Without the limiter, every attempt is a
+    // WARN line (and, keyed on the reason, so is every OtherId one).
+    for id in MISFITS {
+        for way in Misfit::ALL {
+            let (said, again, reason) = way.said();
+            let warned: Vec<String> = log
+                .lines(said, id)
+                .into_iter()
+                .filter(|l| l.contains(reason))
+                .collect();
+            assert_eq!(warned.len(), 1, "{id}, {way:?}: said at WARN {warned:#?}");
+            assert!(warned[0].contains(" WARN "), "{}", warned[0]);
+            assert_eq!(field(&warned[0], "repeats_at_debug"), 0, "{}", warned[0]);
+            let repeats: Vec<u64> = log
+                .lines(again, id)
+                .iter()
+                .filter(|l| l.contains(reason))
+                .map(|l| {
+                    assert!(l.contains(" DEBUG "), "{l}");
+                    field(l, "repeat")
+                })
+                .collect();
+            assert_eq!(
+                repeats,
+                (1..ROUNDS).collect::<Vec<_>>(),
+                "{id}, {way:?}: its repeats at debug"
             );
         }
     }
