@@ -663,3 +663,81 @@ async fn submit_file_whose_config_its_executor_refuses_is_a_usage_error_before_a
         assert!(err.contains("cannot reach"), "{name}: {err}");
     }
 }
+
+/// `tether tasks` against a real coordinator and a real worker whose path is cut while it runs
+/// a task: during the coordinator's grace the row still says `running` on that worker (the
+/// API's state, as scripts read it), and a line on stderr names the task, its worker as
+/// disconnected and what becomes of it; with the worker connected, before the cut and once it
+/// is back, there is no such line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_names_a_running_task_whose_worker_is_disconnected_on_stderr() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = tether_testkit::fast_coordinator_config(dir.path().join("data"));
+    // The grace outlasts the test: the task stays `running` on its worker while it is away.
+    cfg.lost_after = Duration::from_secs(600);
+    let coord = tether_testkit::spawn_coordinator_with(cfg, None).await;
+    let base = format!("http://{}", coord.addr);
+    let relay = tether_testkit::Relay::start(coord.addr).await;
+    let cfg = tether_testkit::fast_worker_config(&relay.url(), "away-1");
+    let worker = tether_testkit::spawn_worker(cfg, tether_worker::Executors::builtin());
+    let client = coord.client();
+    let task = client
+        .submit(&[tether_testkit::sleep_task(120_000, 1, 0)])
+        .await;
+    let task = task[0].to_string();
+    let deadline = Duration::from_secs(30);
+    let state_is = |want: &'static str| {
+        let client = &client;
+        tether_testkit::wait_for(want, deadline, move || async move {
+            let (_, w) = client.get("/api/v1/workers/away-1").await;
+            (w["state"] == want && w["leases"].as_array().is_some_and(|l| l.len() == 1))
+                .then_some(())
+        })
+    };
+    let tasks = || {
+        tether_output(
+            ["tasks", "--coordinator", base.as_str()]
+                .map(String::from)
+                .to_vec(),
+        )
+    };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    state_is("connected").await;
+    let out = tasks().await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "", "connected: no hint");
+
+    relay.cut();
+    state_is("disconnected").await;
+    let out = tasks().await;
+    let (table, err) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{err}");
+    assert_eq!(cell(&table, &task, "STATUS"), "running", "{table}");
+    assert_eq!(cell(&table, &task, "WORKER"), "away-1", "{table}");
+    assert!(
+        err.contains("worker away-1 disconnected")
+            && err.contains(&format!("running task(s) {task} wait"))
+            && err.contains("--lost-after"),
+        "{err}"
+    );
+    // `--all` says it too.
+    let out = tether_output(
+        ["tasks", "--all", "--coordinator", base.as_str()]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    assert!(
+        text(&out.stderr).contains("worker away-1 disconnected"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    relay.restore();
+    state_is("connected").await;
+    let out = tasks().await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "", "back: no hint");
+    let _ = worker.stop().await;
+    coord.stop().await;
+}

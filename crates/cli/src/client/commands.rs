@@ -2,6 +2,7 @@
 
 use super::table::*;
 use super::*;
+use std::collections::BTreeMap;
 use tether_proto::task::{MAX_ATTEMPTS, MAX_LABELS};
 
 #[derive(Args)]
@@ -402,11 +403,17 @@ pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
     if a.all {
         // Printed a page at a time as each comes: the listing may be larger than memory.
         let mut listing = Listing::new(a.common.json);
+        let mut away = Away::default();
         let mut pages = TaskPages::new(&api, &query, a.limit as usize);
         while let Some(page) = pages.next().await? {
             listing.page(&page)?;
+            if !a.common.json {
+                page.iter().for_each(|t| away.add(t));
+            }
         }
-        return listing.end();
+        listing.end()?;
+        away.say(&api).await;
+        return Ok(());
     }
     let v = api.get(&tasks_path(a.limit, &query)).await?;
     if a.common.json {
@@ -415,6 +422,9 @@ pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
     }
     let rows = rows_of(&v, task_row);
     Table::new(&TASK_HEAD).print(&rows)?;
+    let mut away = Away::default();
+    v.as_array().into_iter().flatten().for_each(|t| away.add(t));
+    away.say(&api).await;
     // A full page may not be all: said on stderr, so the table stays the table.
     if rows.len() as u64 >= a.limit {
         eprintln!(
@@ -481,6 +491,102 @@ fn task_worker(t: &Value) -> String {
             .map_or(&Value::Null, |a| &a["worker"])),
         w => s(w),
     }
+}
+
+/// Most running tasks whose worker `tether tasks` looks up ([`Away`]): a listing of more
+/// leaves the rest out of its hint.
+const AWAY_TASKS_HELD: usize = 10_000;
+/// Most distinct workers looked up one by one ([`Away::say`]); more read the whole list.
+const AWAY_WORKERS_ASKED: usize = 16;
+/// Most task ids a line of the hint names.
+const AWAY_TASKS_SHOWN: usize = 10;
+
+/// The running tasks of a listing by the worker that holds their lease, for the hint below
+/// the table ([`away_lines`]): a task whose worker is disconnected still says `running` on
+/// that worker until the coordinator's grace ends, which read as running on a machine gone.
+#[derive(Default)]
+struct Away {
+    by_worker: BTreeMap<String, Vec<String>>,
+    held: usize,
+}
+
+impl Away {
+    fn add(&mut self, t: &Value) {
+        let (Some("running"), Some(w), Some(id)) = (
+            t["status"].as_str(),
+            t["lease"]["worker"].as_str(),
+            t["task_id"].as_str(),
+        ) else {
+            return;
+        };
+        if self.held < AWAY_TASKS_HELD {
+            self.held += 1;
+            self.by_worker
+                .entry(w.to_owned())
+                .or_default()
+                .push(id.to_owned());
+        }
+    }
+
+    /// Reads the workers of the tasks held and says on stderr, a line each, those that are
+    /// disconnected. A read that fails says nothing: the table above stands as the API gave it.
+    async fn say(self, api: &Api) {
+        if self.by_worker.is_empty() {
+            return;
+        }
+        let workers: Vec<Value> = if self.by_worker.len() <= AWAY_WORKERS_ASKED {
+            let reads = self
+                .by_worker
+                .keys()
+                .map(|w| async move { api.get(&format!("/api/v1/workers/{w}")).await.ok() });
+            futures_util::future::join_all(reads)
+                .await
+                .into_iter()
+                .flatten()
+                .collect()
+        } else {
+            match api.get("/api/v1/workers").await {
+                Ok(Value::Array(all)) => all,
+                _ => Vec::new(),
+            }
+        };
+        for line in away_lines(&self.by_worker, &workers, chrono::Utc::now()) {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// The hint's lines: for each disconnected worker among `workers` that holds running tasks
+/// of `by_worker`, since when, which tasks, and what becomes of them.
+fn away_lines(
+    by_worker: &BTreeMap<String, Vec<String>>,
+    workers: &[Value],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Vec<String> {
+    workers
+        .iter()
+        .filter(|w| w["state"] == "disconnected")
+        .filter_map(|w| {
+            let id = w["worker_id"].as_str()?;
+            let tasks = by_worker.get(id)?;
+            let mut named: Vec<String> = tasks
+                .iter()
+                .take(AWAY_TASKS_SHOWN)
+                .map(|t| shown(t))
+                .collect();
+            if tasks.len() > AWAY_TASKS_SHOWN {
+                named.push(format!("and {} more", tasks.len() - AWAY_TASKS_SHOWN));
+            }
+            Some(format!(
+                "(worker {} disconnected {}: its running task(s) {} wait for it to come back until \
+                 the coordinator's grace ends (--lost-after, 60s by default, from the \
+                 disconnection), then go to another worker, resuming from their latest checkpoint)",
+                shown(id),
+                age(&w["disconnected_at"], now),
+                named.join(", ")
+            ))
+        })
+        .collect()
 }
 
 /// `tether tasks --all` printed page by page, each page as it is read, so the listing is never
@@ -1384,6 +1490,42 @@ mod tests {
         chrono::DateTime::parse_from_rfc3339(t)
             .expect("time")
             .with_timezone(&chrono::Utc)
+    }
+
+    /// Below `tether tasks`' table, a running task whose worker is disconnected is named with
+    /// its worker, since when and what becomes of it; one whose worker is connected, or that
+    /// is not running, is not; past [`AWAY_TASKS_SHOWN`] tasks of a worker, a count.
+    #[test]
+    fn tasks_whose_worker_is_disconnected_are_named_below_the_table() {
+        let now = at("2026-12-07T07:00:00Z");
+        let mut away = Away::default();
+        let leased = |id: &str, status: &str, w: &str| json!({"task_id": id, "status": status, "lease": {"worker": w}});
+        away.add(&leased("t-1", "running", "w1"));
+        away.add(&leased("t-2", "running", "w2"));
+        away.add(&leased("t-3", "paused", "w1"));
+        away.add(&json!({"task_id": "t-4", "status": "queued"}));
+        for i in 0..12 {
+            away.add(&leased(&format!("m-{i}"), "running", "w3"));
+        }
+        let workers = [
+            json!({"worker_id": "w1", "state": "disconnected", "disconnected_at": "2026-12-07T06:59:52Z"}),
+            json!({"worker_id": "w2", "state": "connected"}),
+            json!({"worker_id": "w3", "state": "disconnected", "disconnected_at": "2026-12-07T06:59:00Z"}),
+            json!({"worker_id": "w4", "state": "disconnected", "disconnected_at": "2026-12-07T06:59:00Z"}),
+        ];
+        let lines = away_lines(&away.by_worker, &workers, now);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].starts_with("(worker w1 disconnected 8s ago: its running task(s) t-1 wait")
+                && lines[0].contains("--lost-after"),
+            "{lines:?}"
+        );
+        assert!(!lines[0].contains("t-3"), "{lines:?}");
+        assert!(
+            lines[1].contains("m-0, m-1") && lines[1].contains("m-9, and 2 more wait"),
+            "{lines:?}"
+        );
+        assert!(!lines[1].contains("m-10"), "{lines:?}");
     }
 
     /// `tether workers ID` shows each statistic the worker reported, one a line under its
