@@ -406,14 +406,28 @@ fn make_scratch_root(temp: &std::path::Path, root: &std::path::Path) -> Result<L
     Ok(lock)
 }
 
-/// The suffix of a scratch directory being made (`make_scratch_root`), which sweeps leave alone.
+/// The suffix of a scratch directory being made (`make_scratch_root`), which sweeps leave alone
+/// while a process has its pid.
 const YOUNG: &str = ".new";
+
+/// Whether no process has the id `pid` (one of another user's counts as there; 0 and ids past
+/// `i32` name none, and are taken as there: `kill(0)` would name this process's group).
+fn process_gone(pid: u32) -> bool {
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
+    raw > 0
+        && nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None)
+            == Err(nix::errno::Errno::ESRCH)
+}
 
 /// Removes the scratch directories that processes now gone left in `temp` (killed, they could
 /// not remove their own), after killing the task processes recorded there, which outlived
 /// them (as a state directory's next start does), and those their processes let go but could
-/// not empty (named `<name>.gone`). A directory whose lock its process still holds is left
-/// alone, as is one being made (`.new`, locked only once made) and anything else in `temp`.
+/// not empty (named `<name>.gone`), and those a process killed while making one left (named
+/// `<name>.new`, taken once no process has its pid). A directory whose lock its process still
+/// holds is left alone, as is one being made (`.new`, locked only once made, of a pid a process
+/// has) and anything else in `temp`.
 /// The lock is free once the process is gone, killed and not yet reaped included.
 ///
 /// `temp` is shared with every user of the machine: anyone can make a directory of that name
@@ -433,15 +447,23 @@ fn sweep_scratch(temp: &std::path::Path, uid: u32) {
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let ours = name
+        let Some((pid, young)) = name
             .to_str()
             .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
-            .map(|rest| rest.strip_suffix(GOING).unwrap_or(rest))
-            .is_some_and(|pid| pid.parse::<u32>().is_ok());
-        let path = entry.path();
-        if !ours {
+            .map(|rest| match rest.strip_suffix(YOUNG) {
+                Some(pid) => (pid, true),
+                None => (rest.strip_suffix(GOING).unwrap_or(rest), false),
+            })
+            .and_then(|(pid, young)| Some((pid.parse::<u32>().ok()?, young)))
+        else {
+            continue;
+        };
+        // One being made is locked only once made: taken only when no process has its pid,
+        // so that none can be making it (a process killed between the two left it).
+        if young && !process_gone(pid) {
             continue;
         }
+        let path = entry.path();
         match unsafe_scratch(&path, uid) {
             None => {}
             // Removed since it was listed: by its process, or by another's sweep.
@@ -1205,16 +1227,20 @@ mod tests {
     /// A scratch directory its process let go but could not empty stays as
     /// `tether-worker-<pid>.gone`, unlocked: the next sweep removes it as a dead process's
     /// (sweeps passed over the name, so it stayed for good). One whose lock its process still
-    /// holds (removing it) is left alone until that process exits, and one being made (`.new`,
-    /// locked only once made) is left alone.
+    /// holds (removing it) is left alone until that process exits. One being made (`.new`,
+    /// locked only once made) is left alone while a process has its pid, and swept once none
+    /// has (a process killed while making it left it, and sweeps passed over the name).
     #[test]
     fn a_scratch_directory_left_being_removed_is_swept_once_its_lock_is_free() {
         let temp = tempfile::tempdir().expect("tempdir");
         // Pids past the kernel's largest (4194304): no process has them.
         let left = temp.path().join(format!("{SCRATCH_PREFIX}4194305{GOING}"));
         let held = temp.path().join(format!("{SCRATCH_PREFIX}4194306{GOING}"));
-        let young = temp.path().join(format!("{SCRATCH_PREFIX}4194307{YOUNG}"));
-        for d in [&left, &held, &young] {
+        let orphan = temp.path().join(format!("{SCRATCH_PREFIX}4194307{YOUNG}"));
+        let young = temp
+            .path()
+            .join(format!("{SCRATCH_PREFIX}{}{YOUNG}", std::process::id()));
+        for d in [&left, &held, &orphan, &young] {
             std::fs::create_dir_all(d.join("b-x").join("tasks")).expect("mkdir");
             // As a worker makes its own, whatever the umask here.
             std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o700))
@@ -1230,6 +1256,7 @@ mod tests {
             "one whose process holds its lock was swept"
         );
         assert!(young.join("b-x").exists(), "one being made was swept");
+        assert!(!orphan.exists(), "one a dead process was making stayed");
         owner.kill().expect("kill");
         owner.wait().expect("reap");
         remove_dead_scratch(temp.path());
