@@ -3276,4 +3276,40 @@ mod tests {
         };
         assert_eq!(worker.as_str(), "w-unread");
     }
+
+    /// A refused registration is logged (`ratelimit`) under a kind that holds nothing the
+    /// attempt made up, and each reason the core's check gives has its own: this reads the
+    /// reasons' texts, so a reason reworded there fails here rather than merging kinds.
+    #[test]
+    fn a_refused_registration_is_logged_under_its_kind_never_under_the_id_it_named() {
+        let endpoint = WorkerId::parse("w-endpoint").expect("id");
+        let kind = |v: serde_json::Value| {
+            let r: Registration = serde_json::from_value(v).expect("a registration");
+            let refusal = registration_refusal(&endpoint, &r).expect("refused");
+            refusal_kind(refusal.code, &refusal.reason)
+        };
+        let reg = |id: &str| {
+            serde_json::json!({
+                "worker_id": id,
+                "protocol_version": tether_proto::PROTOCOL_VERSION,
+                "boot_id": "b-1",
+                "capabilities": [],
+                "slots": 1,
+                "executors": ["sleep"],
+                "timestamp": "2026-01-01T00:00:00Z",
+            })
+        };
+        assert_eq!(kind(reg("w-a")), "registration for another worker");
+        assert_eq!(kind(reg("w-b")), "registration for another worker");
+        let mut old = reg("w-endpoint");
+        old["protocol_version"] = (tether_proto::PROTOCOL_VERSION + 1).into();
+        assert_eq!(kind(old), "incompatible protocol");
+        let mut tiny = reg("w-endpoint");
+        tiny["max_frame"] = 1.into();
+        assert_eq!(kind(tiny), "frame limit too small");
+        let mut many = reg("w-endpoint");
+        let labels = tether_proto::msg::MAX_WORKER_LABELS + 1;
+        many["capabilities"] = (0..labels).map(|n| format!("c{n}")).collect();
+        assert_eq!(kind(many), "registration out of bounds");
+    }
 }

@@ -96,14 +96,40 @@ fn field(line: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("a number for {name} in {line}"))
 }
 
-/// One refused attempt of `id`: signed with a secret that is not the fleet's, or unsigned.
-/// Returns what the refusal said.
-async fn refused(c: &TestCoordinator, id: &str, signed: bool) -> String {
+/// A way a registration fails its authentication.
+#[derive(Debug, Clone, Copy)]
+enum Way {
+    /// Signed with a secret that is not the fleet's.
+    WrongSecret,
+    /// Not signed.
+    Unsigned,
+    /// Signed with the fleet's secret at a time over an hour off, a second more each round: its
+    /// reason (the skew in ms) is another text at every attempt.
+    Stale,
+}
+
+/// One refused attempt of `id` (its `round`th) in `way`. Returns what the refusal said.
+async fn refused(c: &TestCoordinator, id: &str, way: Way, round: u64) -> String {
     let wrong = Secret::new(b"a guess at the fleet secret, wrong").expect("secret");
     let mut raw = Raw::connect(c, id).await;
     let mut reg = raw.registration(Some(&wrong), &[]);
-    if !signed {
-        drop(reg.as_object_mut().expect("object").remove("signature"));
+    match way {
+        Way::WrongSecret => {}
+        Way::Unsigned => drop(reg.as_object_mut().expect("object").remove("signature")),
+        Way::Stale => {
+            let offset = 3600 + i64::try_from(round).expect("round");
+            let then = chrono::Utc::now() - chrono::Duration::seconds(offset);
+            let worker = tether_proto::WorkerId::parse(id).expect("id");
+            reg["timestamp"] = json!(then);
+            reg["signature"] = tether_proto::auth::Challenge {
+                worker: &worker,
+                nonce: raw.welcome["nonce"].as_str().expect("nonce"),
+                timestamp: then,
+                boot_id: "b-raw",
+            }
+            .sign(&fleet_secret())
+            .into();
+        }
     }
     raw.send(&reg).await;
     let e = raw
@@ -113,14 +139,15 @@ async fn refused(c: &TestCoordinator, id: &str, signed: bool) -> String {
     e["message"].as_str().unwrap_or_default().to_owned()
 }
 
-/// The ways of the storm: signed with a wrong secret, unsigned; and what each is told.
-const WAYS: [(bool, &str); 2] = [
-    (true, "signature does not match"),
-    (false, "registration has no signature"),
+/// The ways of the storm, and what each is told.
+const WAYS: [(Way, &str); 3] = [
+    (Way::WrongSecret, "signature does not match"),
+    (Way::Unsigned, "registration has no signature"),
+    (Way::Stale, "registration timestamp is"),
 ];
 
 #[tokio::test]
-async fn a_storm_of_refused_registrations_is_refused_every_time_said_once_per_reason_at_warn_and_an_honest_worker_keeps_working()
+async fn a_storm_of_failed_authentications_is_refused_every_time_said_once_per_kind_at_warn_whatever_its_reason_says_and_an_honest_worker_keeps_working()
  {
     let (log, _logging) = Log::capture();
     let (_dir, c) =
@@ -131,10 +158,10 @@ async fn a_storm_of_refused_registrations_is_refused_every_time_said_once_per_re
     let client = c.client();
 
     let storm = async {
-        for _ in 0..ROUNDS {
+        for round in 0..ROUNDS {
             for id in STORMERS {
-                for (signed, told) in WAYS {
-                    let said = refused(&c, id, signed).await;
+                for (way, told) in WAYS {
+                    let said = refused(&c, id, way, round).await;
                     assert!(said.contains(told), "{id}: {said}");
                 }
             }
@@ -167,7 +194,7 @@ async fn a_storm_of_refused_registrations_is_refused_every_time_said_once_per_re
 
     // Each (stormer, way) said once at WARN, with no repeats before it; its other attempts at
     // debug, numbered 1 to ROUNDS - 1 in its window. Without the limiter, every attempt of
-    // the storm is a WARN line.
+    // the storm is a WARN line; keyed on the reason's text, so is every stale one.
     for id in STORMERS {
         for (_, told) in WAYS {
             let warned: Vec<String> = log
