@@ -741,3 +741,36 @@ async fn tasks_names_a_running_task_whose_worker_is_disconnected_on_stderr() {
     let _ = worker.stop().await;
     coord.stop().await;
 }
+
+/// `tether submit --kind sleep --config JSON` submits a `sleep` task with that config, as a
+/// file would; a config its executor refuses, or a command given to a `sleep`, is a usage
+/// error (exit 2) before any request (nothing reaches the coordinator).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_kind_and_config_send_a_task_of_that_kind_and_a_bad_config_is_a_usage_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord = tether_testkit::spawn_coordinator(dir.path().join("data")).await;
+    let base = format!("http://{}", coord.addr);
+    let submit = |extra: &[&str]| {
+        let mut args = vec!["submit", "--coordinator", &base, "--kind", "sleep"];
+        args.extend_from_slice(extra);
+        run_tether(args.iter().map(Into::into).collect())
+    };
+    for bad in [
+        &["--config", r#"{"msec": 100}"#][..],
+        &["--config", r#"{"ms": "long"}"#],
+        &["--", "true"],
+    ] {
+        let (code, err) = submit(bad).await;
+        assert_eq!(code, Some(2), "{bad:?}: {err}");
+    }
+    let (status, v) = coord.client().get("/api/v1/tasks").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v, json!([]), "nothing was sent");
+    let (code, err) = submit(&["--id", "s-1", "--config", r#"{"ms": 100, "steps": 2}"#]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let (status, t) = coord.client().get("/api/v1/tasks/s-1").await;
+    assert_eq!(status, 200, "{t}");
+    assert_eq!(t["spec"]["kind"], "sleep", "{t}");
+    assert_eq!(t["spec"]["config"], json!({"ms": 100, "steps": 2}), "{t}");
+    coord.stop().await;
+}

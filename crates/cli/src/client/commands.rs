@@ -58,6 +58,17 @@ pub struct SubmitArgs {
     /// A script run with `/bin/sh -c` on the worker, instead of a command line after `--`.
     #[arg(long, conflicts_with_all = ["command", "file"])]
     shell: Option<String>,
+    /// The task's kind: the executor that runs it (`command`, `sleep`, or one the fleet's
+    /// workers registered); 1 to 64 characters.
+    #[arg(long, default_value = "command", value_parser = parse_kind, conflicts_with = "file")]
+    kind: String,
+    /// The task's config, as JSON: its kind's keys (docs/OPERATIONS.md, "Task kinds and their
+    /// configs"), e.g. `--kind sleep --config '{"ms": 5000}'`, or a `command`'s `tail_bytes`
+    /// and `checkpoint_poll_ms`. Instead of a command after `--`, `--shell`, `--env` and
+    /// `--cwd`, which make a `command`'s config. A built-in kind's config is checked as the
+    /// coordinator checks it, before any request.
+    #[arg(long, value_parser = parse_config, conflicts_with_all = ["file", "command", "shell", "env", "cwd"])]
+    config: Option<Value>,
     /// Then follow the submitted tasks until each has ended, as `tether watch` does (exit 0
     /// only if all completed).
     #[arg(long)]
@@ -93,6 +104,16 @@ fn parse_cwd(s: &str) -> Result<String, String> {
         true => Ok(s.to_owned()),
         false => Err("the working directory must be an absolute path on the worker".to_owned()),
     }
+}
+
+fn parse_kind(s: &str) -> Result<String, String> {
+    api_check(|spec| spec.kind = s.to_owned())?;
+    Ok(s.to_owned())
+}
+
+/// `--config`: JSON, said where it is not (clap quotes the value).
+fn parse_config(s: &str) -> Result<Value, String> {
+    serde_json::from_str(s).map_err(|e| format!("not JSON: {e}"))
 }
 
 fn parse_require(s: &str) -> Result<String, String> {
@@ -142,14 +163,18 @@ impl SubmitArgs {
                 ));
             }
         }
-        let Some(config) = command_config(self) else {
-            // Nothing to run: refused here, with the usage, as every other refused input (it
-            // was the run's error, exit 1).
-            return Err(NO_COMMAND.to_owned());
-        };
+        // Nothing to run: refused here, with the usage, as every other refused input (it was
+        // the run's error, exit 1).
+        let config = spec_config(self)?;
         let check = crate::run::builtin_config_check();
-        match (check.0)("command", &config.to_string()) {
-            Some(Err(why)) => Err(format!("the command executor refuses this command: {why}")),
+        match (check.0)(&self.kind, &config.to_string()) {
+            Some(Err(why)) if self.config.is_none() && self.kind == "command" => {
+                Err(format!("the command executor refuses this command: {why}"))
+            }
+            Some(Err(why)) => Err(format!(
+                "the `{}` executor refuses this --config: {why}",
+                self.kind
+            )),
             _ => Ok(()),
         }
     }
@@ -210,15 +235,34 @@ fn command_config(a: &SubmitArgs) -> Option<Value> {
     Some(config)
 }
 
+/// The config of the task the flags describe: `--config`, else a `command`'s from its flags
+/// ([`command_config`]), else none (`null`, every default of the kind); an error, said as a
+/// usage error, when there is nothing to run or a command is given to another kind.
+fn spec_config(a: &SubmitArgs) -> Result<Value, String> {
+    if let Some(config) = &a.config {
+        return Ok(config.clone());
+    }
+    if a.kind == "command" {
+        return command_config(a).ok_or_else(|| NO_COMMAND.to_owned());
+    }
+    let commandish = a.shell.is_some() || !a.command.is_empty();
+    if commandish || !a.env.is_empty() || a.cwd.is_some() {
+        return Err(format!(
+            "a command after `--`, --shell, --env and --cwd make a `command` task's config, not \
+             a `{}` one's: give its config with --config JSON",
+            a.kind
+        ));
+    }
+    Ok(Value::Null)
+}
+
 /// Why a submission without `--file` that names no command is refused.
 const NO_COMMAND: &str = "give a command after `--`, --shell SCRIPT or --file FILE";
 
 /// The spec of a `command` task from the flags ([`command_config`]) with the worker it needs.
 fn command_spec(a: &SubmitArgs) -> anyhow::Result<TaskSpec> {
-    let Some(config) = command_config(a) else {
-        bail!(NO_COMMAND);
-    };
-    let mut spec = TaskSpec::new("command", config);
+    let config = spec_config(a).map_err(anyhow::Error::msg)?;
+    let mut spec = TaskSpec::new(a.kind.as_str(), config);
     spec.task_id = a.id.clone();
     spec.priority = a.priority;
     spec.requires = a.requires.clone();
@@ -1291,6 +1335,50 @@ mod tests {
         }
         let argv = std::iter::once("submit").chain(args.iter().copied());
         <Cli as clap::Parser>::try_parse_from(argv).map(|c| c.submit)
+    }
+
+    /// `--kind` and `--config` make a task of any kind from the flags: the config as given
+    /// (a `command`'s too, with keys no flag has), none for a kind's defaults; a command's
+    /// flags with them, or for another kind, are refused, as is a config that is not JSON.
+    #[test]
+    fn kind_and_config_make_a_spec_of_any_kind_and_refuse_a_command_beside_them() {
+        let a = submit_args(&["--kind", "sleep", "--config", r#"{"ms": 500, "steps": 5}"#])
+            .expect("args");
+        a.check().expect("a valid sleep config");
+        let spec = command_spec(&a).expect("spec");
+        assert_eq!(spec.kind, "sleep");
+        assert_eq!(
+            spec.config.get(),
+            json!({"ms": 500, "steps": 5}).to_string()
+        );
+        let a = submit_args(&["--kind", "sleep"]).expect("args");
+        a.check().expect("every default");
+        assert_eq!(command_spec(&a).expect("spec").config.get(), "null");
+        let a =
+            submit_args(&["--config", r#"{"program": "x", "tail_bytes": 65536}"#]).expect("args");
+        a.check().expect("a command's config");
+        assert_eq!(command_spec(&a).expect("spec").kind, "command");
+        let a = submit_args(&["--kind", "sleep", "--config", r#"{"msec": 1}"#]).expect("args");
+        let e = a.check().expect_err("an unknown key");
+        assert!(
+            e.contains("the `sleep` executor refuses this --config") && e.contains("msec"),
+            "{e}"
+        );
+        let a = submit_args(&["--kind", "sleep", "--", "true"]).expect("args");
+        let e = a.check().expect_err("a command for a sleep");
+        assert!(e.contains("--config JSON"), "{e}");
+        for args in [
+            &["--config", "{}", "--", "true"][..],
+            &["--config", "{}", "--shell", "true"],
+            &["--config", "{}", "--env", "A=1"],
+            &["--config", "{}", "--cwd", "/tmp"],
+            &["--config", "{}", "--file", "f.json"],
+            &["--kind", "sleep", "--file", "f.json"],
+            &["--config", "{not json"],
+            &["--kind", "", "--config", "{}"],
+        ] {
+            assert!(submit_args(args).is_err(), "{args:?}");
+        }
     }
 
     #[test]
