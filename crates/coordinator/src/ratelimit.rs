@@ -112,9 +112,10 @@ impl Repeats {
     }
 }
 
-/// Notes a worker connection refused before its registration was taken, of `kind` (a failed
-/// authentication, a registration refused, too many frames before one), process-wide as the
-/// log is, and says how to log it.
+/// Notes what a worker connection met or said before its registration was taken, of `kind` (a
+/// failed authentication, a registration refused, too many frames before one, an `error` it
+/// reported), which it may repeat at every attempt without end; process-wide as the log is.
+/// Says how to log it.
 pub fn refusal(worker: &str, kind: &'static str) -> Verdict {
     static REFUSALS: OnceLock<Mutex<Repeats>> = OnceLock::new();
     let refusals = REFUSALS.get_or_init(|| Mutex::new(Repeats::new(WINDOW, MAX_KEYS)));

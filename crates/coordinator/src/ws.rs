@@ -1555,7 +1555,18 @@ impl Conn<'_> {
                             // Never answered: an error for an error could go back and forth.
                             WorkerMsg::Error(e) => {
                                 metrics::counter!(m::ERRORS, "code" => e.code.as_str(), "direction" => "received").increment(1);
-                                tracing::warn!(worker = %self.worker, session = self.session_id, code = e.code.as_str(), message = ?e.logged(), "worker reported an error before registering");
+                                // Once a window per worker at WARN: the core's budget of
+                                // peers' lines is for registered sessions, and a connection
+                                // may send these until its frames run out, then come back.
+                                let said = crate::ratelimit::refusal(
+                                    self.worker.as_str(),
+                                    "error before registration",
+                                );
+                                if said.warn {
+                                    tracing::warn!(worker = %self.worker, session = self.session_id, code = e.code.as_str(), message = ?e.logged(), repeats_at_debug = said.repeats, "worker reported an error before registering (its repeats within 10 min are logged at debug; `repeats_at_debug` counts those of the last window)");
+                                } else {
+                                    tracing::debug!(worker = %self.worker, session = self.session_id, code = e.code.as_str(), message = ?e.logged(), repeat = said.repeats, "worker reported an error before registering, again");
+                                }
                                 continue;
                             }
                             other => CoordMsg::error(

@@ -1,9 +1,10 @@
 //! Storms of refused connections against a real coordinator: registrations that fail
 //! authentication, registrations refused before the core hears of them (another worker's id,
-//! another protocol, a frame limit too small) and connections that only send frames. Every one
-//! is refused, an honest worker keeps its session and its work meanwhile, and the log says each
-//! (worker, kind of refusal) once at WARN and its repeats at debug, numbered, as the
-//! coordinator's refusal limiter (`ratelimit::refusal`, called where `ws` refuses) rules.
+//! another protocol, a frame limit too small), connections that only send frames and ones that
+//! only report errors. Every one is refused, an honest worker keeps its session and its work
+//! meanwhile, and the log says each (worker, kind) once at WARN and its repeats at debug,
+//! numbered, as the coordinator's limiter (`ratelimit::refusal`, called where `ws` refuses or
+//! logs before a registration) rules.
 //!
 //! The log is read from a subscriber set for this test's thread only: the test's runtime runs
 //! on it (current-thread), and so do the coordinator's sessions it spawns, while other tests of
@@ -239,22 +240,38 @@ enum Misfit {
     OldProtocol,
     /// A registration whose frame limit no peer could work within.
     TinyFrames,
+    /// `error` frames, [`REPORTS`] an attempt, and no registration: not refused, but each a
+    /// log line.
+    Reporter,
 }
 
+/// The `error` frames a [`Misfit::Reporter`] sends an attempt.
+const REPORTS: u64 = 3;
+
 impl Misfit {
-    const ALL: [Misfit; 4] = [
+    const ALL: [Misfit; 5] = [
         Self::Chatter,
         Self::OtherId,
         Self::OldProtocol,
         Self::TinyFrames,
+        Self::Reporter,
     ];
 
-    /// The close code it is refused with.
-    fn code(self) -> u16 {
+    /// The close code it is refused with (none for a reporter, which closes itself).
+    fn code(self) -> Option<u16> {
         match self {
-            Self::Chatter => 1008,
-            Self::OtherId => 4003,
-            Self::OldProtocol | Self::TinyFrames => 4002,
+            Self::Chatter => Some(1008),
+            Self::OtherId => Some(4003),
+            Self::OldProtocol | Self::TinyFrames => Some(4002),
+            Self::Reporter => None,
+        }
+    }
+
+    /// The log lines it makes an attempt.
+    fn lines(self) -> u64 {
+        match self {
+            Self::Reporter => REPORTS,
+            _ => 1,
         }
     }
 
@@ -269,10 +286,16 @@ impl Misfit {
             Self::OtherId => (REFUSED, REFUSED_AGAIN, "but this endpoint is for"),
             Self::OldProtocol => (REFUSED, REFUSED_AGAIN, "incompatible protocol"),
             Self::TinyFrames => (REFUSED, REFUSED_AGAIN, "frame limit too small"),
+            Self::Reporter => (
+                "worker reported an error before registering (its repeats",
+                "worker reported an error before registering, again",
+                "\"a report of the refusal storm\"",
+            ),
         }
     }
 
-    /// One attempt of `id` (its `round`th), which must be refused with its close code.
+    /// One attempt of `id` (its `round`th), which must be refused with its close code (a
+    /// reporter's, taken to its end).
     async fn refused(self, c: &TestCoordinator, id: &str, round: u64) {
         let mut raw = Raw::connect(c, id).await;
         let mut reg = raw.registration(None, &[]);
@@ -292,13 +315,27 @@ impl Misfit {
                 reg["protocol_version"] = (tether_proto::PROTOCOL_VERSION + 1).into();
             }
             Self::TinyFrames => reg["max_frame"] = 1.into(),
+            Self::Reporter => {
+                for _ in 0..REPORTS {
+                    let now = chrono::Utc::now();
+                    let e = json!({"type": "error", "code": "internal", "message": "a report of the refusal storm", "timestamp": now});
+                    raw.send(&e).await;
+                }
+                // Answered once the reports before it were read (and logged).
+                let now = chrono::Utc::now();
+                raw.send(&json!({"type": "heartbeat", "sequence": 1, "timestamp": now}))
+                    .await;
+                raw.next_of("heartbeat").await;
+                raw.ws.close(None).await.expect("close");
+                return;
+            }
         }
         if !matches!(self, Self::Chatter) {
             raw.send(&reg).await;
         }
         assert_eq!(
             raw.close_code().await,
-            Some(self.code()),
+            self.code(),
             "{id}, {self:?}, round {round}"
         );
     }
@@ -346,9 +383,9 @@ async fn storms_of_registrations_refused_before_the_core_and_of_frames_without_o
         "the honest session was kept"
     );
 
-    // Each (misfit, way) said once at WARN, with no repeats before it; its other attempts at
-    // debug, numbered 1 to ROUNDS - 1 in its window. Without the limiter, every attempt is a
-    // WARN line (and, keyed on the reason, so is every OtherId one).
+    // Each (misfit, way) said once at WARN, with no repeats before it; its other lines at
+    // debug, numbered from 1 in its window. Without the limiter, every line is a WARN (and,
+    // keyed on the reason, so is every OtherId one).
     for id in MISFITS {
         for way in Misfit::ALL {
             let (said, again, reason) = way.said();
@@ -371,7 +408,7 @@ async fn storms_of_registrations_refused_before_the_core_and_of_frames_without_o
                 .collect();
             assert_eq!(
                 repeats,
-                (1..ROUNDS).collect::<Vec<_>>(),
+                (1..ROUNDS * way.lines()).collect::<Vec<_>>(),
                 "{id}, {way:?}: its repeats at debug"
             );
         }
