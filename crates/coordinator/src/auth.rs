@@ -225,11 +225,21 @@ impl Scope {
     }
 }
 
+/// The most a token file may hold, bytes: room for hundreds of the longest tokens, rotation
+/// included. A larger file is refused, not read whole: a path that names `/dev/zero` or a
+/// runaway log would otherwise fill the memory of the process that reads it.
+pub const MAX_TOKEN_FILE_LEN: u64 = 1 << 20;
+
 /// Why a token file cannot serve.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenFileError {
     #[error("cannot read it: {0}")]
     Read(std::io::Error),
+    #[error(
+        "it holds more than {MAX_TOKEN_FILE_LEN} bytes (1 MiB), which no token file needs: \
+         is it the right file?"
+    )]
+    TooLarge,
     #[error("it holds no token (one a line; a line that starts with # is a comment)")]
     Empty,
     #[error("the token on line {line} is not usable: {reason}")]
@@ -282,6 +292,21 @@ fn token(line: &[u8]) -> Result<(), TokenError> {
     }
 }
 
+/// What the token file `path` holds, if that is at most [`MAX_TOKEN_FILE_LEN`] bytes: read
+/// no more than one byte past it, however much the file would give. The coordinator reads its
+/// token files with it, and the CLI client its `--token-file`.
+pub fn read_token_file(path: &std::path::Path) -> Result<Vec<u8>, TokenFileError> {
+    use std::io::Read;
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_TOKEN_FILE_LEN + 1).read_to_end(&mut text))
+        .map_err(TokenFileError::Read)?;
+    match text.len() as u64 > MAX_TOKEN_FILE_LEN {
+        true => Err(TokenFileError::TooLarge),
+        false => Ok(text),
+    }
+}
+
 /// Bearer tokens of the HTTP API, by digest.
 #[derive(Clone, Default)]
 pub struct ApiTokens {
@@ -313,7 +338,7 @@ impl ApiTokens {
         path: &std::path::Path,
         scope: Scope,
     ) -> Result<usize, TokenFileError> {
-        let text = std::fs::read(path).map_err(TokenFileError::Read)?;
+        let text = read_token_file(path)?;
         let mut n = 0;
         for (line, token) in token_lines(&text) {
             let token = token.map_err(|reason| TokenFileError::Token { line, reason })?;
@@ -779,6 +804,32 @@ mod tests {
             .expect_err("empty");
         assert!(matches!(e, TokenFileError::Empty), "{e}");
         assert!(e.to_string().contains("holds no token"), "{e}");
+    }
+
+    /// A token file is read to its bound and no further: one past it is refused, and a file
+    /// without end (`/dev/zero`) is refused as well, not read into memory for good.
+    #[test]
+    fn a_token_file_past_its_bound_is_refused_unread() {
+        let dir = tempfile::tempdir().expect("dir");
+        let p = dir.path().join("admin");
+        let line = format!("{}\n", "t".repeat(63));
+        let at_bound = line.repeat((MAX_TOKEN_FILE_LEN / 64) as usize);
+        std::fs::write(&p, &at_bound).expect("w");
+        let n = ApiTokens::default()
+            .add_file(&p, Scope::Admin)
+            .expect("at the bound");
+        assert_eq!(n as u64, MAX_TOKEN_FILE_LEN / 64);
+        std::fs::write(&p, format!("{at_bound}#")).expect("w");
+        let e = ApiTokens::default()
+            .add_file(&p, Scope::Admin)
+            .expect_err("past the bound");
+        assert!(matches!(e, TokenFileError::TooLarge), "{e}");
+        assert!(e.to_string().contains("1 MiB"), "{e}");
+        let zero = std::path::Path::new("/dev/zero");
+        if zero.exists() {
+            let e = read_token_file(zero).expect_err("endless");
+            assert!(matches!(e, TokenFileError::TooLarge), "{e}");
+        }
     }
 
     /// The one rule of what a token is: 16 to 4096 bytes of visible ASCII, spaces and tabs

@@ -51,8 +51,8 @@ fn api_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
             crate::run::warn_if_open(f, "the API token file");
             // Bytes, not text: a byte no header carries is named by its column, as the
             // coordinator names it in its own files.
-            let raw = std::fs::read(f)
-                .with_context(|| format!("cannot read token file {}", f.display()))?;
+            let raw = tether_coordinator::auth::read_token_file(f)
+                .with_context(|| format!("token file {}", f.display()))?;
             (raw, format!("the token file {}", f.display()))
         }
         None => match std::env::var_os(TOKEN_ENV) {
