@@ -856,8 +856,8 @@ pub async fn workers(a: CommonArgs, id: Option<tether_proto::WorkerId>) -> anyho
 }
 
 /// Why a connected worker shows no statistics.
-const NO_STATS_YET: &str = "a worker reports them with its telemetry, the first within a \
-                            telemetry interval (30 s by default) of connecting";
+const NO_STATS_YET: &str = "a worker reports them with its telemetry, the first with its \
+                            first heartbeat's answer (5 s by default after connecting)";
 
 const WORKER_HEAD: [&str; 13] = [
     "WORKER",
@@ -1093,7 +1093,7 @@ fn worker_fields(w: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<(&'static
             "send rate",
             match st["send_bytes_per_sec"].as_f64() {
                 Some(r) if r > 0.0 => format!("{:.1} kB/s", r / 1000.0),
-                _ => "not measured yet".into(),
+                _ => "not measured yet (measured while more waits to go than goes at once)".into(),
             },
         ),
         (
