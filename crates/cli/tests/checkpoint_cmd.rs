@@ -37,6 +37,17 @@ async fn tether(base: &str, args: &[&str]) -> (Option<i32>, String, String) {
     )
 }
 
+/// A coordinator (its data under `dir/c`) and a worker `w1` of the built-in executors (its
+/// state directory `dir/w`), connected to it.
+async fn coordinator_and_worker(dir: &std::path::Path) -> (TestCoordinator, TestWorker) {
+    let c = spawn_coordinator(dir.join("c")).await;
+    let mut cfg = fast_worker_config(&c.ws_url(), "w1");
+    cfg.state_dir = Some(dir.join("w"));
+    let w = spawn_worker(cfg, Executors::builtin());
+    w.wait_state(|s| s == ConnState::Connected).await;
+    (c, w)
+}
+
 /// A `--shell` task that wrote its checkpoint directory, polled only every minute: `tether
 /// checkpoint --wait` says whom it asked, and the checkpoint the request made (exit 0), well
 /// before the poll would have. Before, the `command` executor ignored the request: the command
@@ -47,11 +58,7 @@ async fn tether(base: &str, args: &[&str]) -> (Option<i32>, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoint_wait_reports_the_checkpoint_a_shell_task_made_at_the_request() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().join("c")).await;
-    let mut cfg = fast_worker_config(&c.ws_url(), "w1");
-    cfg.state_dir = Some(dir.path().join("w"));
-    let w = spawn_worker(cfg, Executors::builtin());
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let (c, w) = coordinator_and_worker(dir.path()).await;
     let client = c.client();
     let ready = dir.path().join("ready");
     let script = r#"echo 41 > "$TETHER_CHECKPOINT_DIR/state"; touch "$READY"
@@ -137,11 +144,7 @@ fn proc_state(pid: u32) -> Option<char> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoint_wait_on_a_paused_task_says_it_is_paused_and_the_resume_ships_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().join("c")).await;
-    let mut cfg = fast_worker_config(&c.ws_url(), "w1");
-    cfg.state_dir = Some(dir.path().join("w"));
-    let w = spawn_worker(cfg, Executors::builtin());
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let (c, w) = coordinator_and_worker(dir.path()).await;
     let client = c.client();
     let d = dir.path().join("d");
     std::fs::create_dir(&d).expect("mkdir");

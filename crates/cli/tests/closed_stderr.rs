@@ -1,23 +1,13 @@
 //! A long-running `tether` process whose log reader went away keeps working: a log line it
 //! cannot write is dropped, not a panic (exit 101) that takes its tasks with it.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tether_testkit::*;
 
 /// How long a task or a stop may take before the test gives up on it.
 const LONG: Duration = Duration::from_secs(60);
-
-/// Kills the child when dropped (a failed assertion leaves no process behind).
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A worker started as `tether worker ... 2>&1 | head -3`, its log's reader gone before the
 /// first line: every write of its log fails (EPIPE). It registers, runs a task to completion,

@@ -1,20 +1,10 @@
 //! A real `tether worker --metrics-listen` process serves its Prometheus metrics, and a real
 //! worker process with nothing to do sleeps: no busy-waiting sender, connected or not.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use tether_testkit::*;
 use tether_worker::metrics as wm;
-
-/// Kills the child when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A free port for a worker's metrics (released just before the worker binds it).
 fn free_port() -> u16 {

@@ -4,22 +4,12 @@
 //! (as CI is) starts the worker as `nobody`, whose tasks are then refused the worker's files.
 
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use tether_coordinator::auth::WorkerAuth;
 use tether_proto::TaskSpec;
 use tether_proto::auth::Secret;
 use tether_testkit::*;
-
-/// Kills the child when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 const SECRET: &str = "a fleet secret no task may print";
 const TOKEN: &str = "an operator token no task may print";

@@ -453,6 +453,17 @@ pub fn sleep_task(ms: u64, steps: u32, checkpoint_every: u32) -> TaskSpec {
     )
 }
 
+/// A child process (a real `tether` in a test) killed and reaped when dropped: a failed
+/// assertion leaves no process behind.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A TCP relay with a kill switch, for cutting a worker off in tests that do not need the
 /// full fault proxy.
 pub struct Relay {
