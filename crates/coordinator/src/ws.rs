@@ -1648,10 +1648,7 @@ impl Conn<'_> {
         if let Some(refusal) = registration_refusal(self.worker, &r) {
             // Once a window per worker and kind at WARN: a worker on another protocol, or on
             // another's endpoint, tries again without end.
-            let said = crate::ratelimit::refusal(
-                self.worker.as_str(),
-                refusal_kind(refusal.code, &refusal.reason),
-            );
+            let said = crate::ratelimit::refusal(self.worker.as_str(), refusal.kind);
             if said.warn {
                 tracing::warn!(worker = %self.worker, session = self.session_id, code = refusal.code, reason = %refusal.reason, repeats_at_debug = said.repeats, "registration refused (its repeats for this reason within 10 min are logged at debug; `repeats_at_debug` counts those of the last window)");
             } else {
@@ -1797,18 +1794,6 @@ impl Unchecked {
             },
             Self::Secret(_) => "secret file",
         }
-    }
-}
-
-/// The class a refused registration is logged under (`ratelimit`): the reason of one that
-/// names another worker carries the id it named, which the attempt makes up.
-fn refusal_kind(code: u16, reason: &str) -> &'static str {
-    match (code, reason) {
-        (4003, _) => "registration for another worker",
-        (_, "incompatible protocol") => "incompatible protocol",
-        (_, "frame limit too small") => "frame limit too small",
-        (_, "registration out of bounds") => "registration out of bounds",
-        _ => "registration refused",
     }
 }
 
@@ -3289,15 +3274,15 @@ mod tests {
     }
 
     /// A refused registration is logged (`ratelimit`) under a kind that holds nothing the
-    /// attempt made up, and each reason the core's check gives has its own: this reads the
-    /// reasons' texts, so a reason reworded there fails here rather than merging kinds.
+    /// attempt made up (`Refusal::kind`, fixed where the refusal is made), and each reason the
+    /// core's check gives has its own: two ids named make one kind, not two.
     #[test]
     fn a_refused_registration_is_logged_under_its_kind_never_under_the_id_it_named() {
         let endpoint = WorkerId::parse("w-endpoint").expect("id");
         let kind = |v: serde_json::Value| {
             let r: Registration = serde_json::from_value(v).expect("a registration");
             let refusal = registration_refusal(&endpoint, &r).expect("refused");
-            refusal_kind(refusal.code, &refusal.reason)
+            refusal.kind
         };
         let reg = |id: &str| {
             serde_json::json!({

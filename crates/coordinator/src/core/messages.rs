@@ -401,7 +401,13 @@ impl Core {
         }
         self.counters.id_conflicts.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::ID_CONFLICTS).increment(1);
-        tracing::warn!(worker = %worker, boot = ?logged(boot_id), holder = ?logged(&w.boot_id), "a process this worker's newer process replaced registered again: two processes share this worker id; refused (give each its own id)");
+        // Once a window per worker at WARN: the replaced process tries again without end.
+        let said = crate::ratelimit::refusal(worker.as_str(), REPLACED_AGAIN);
+        if said.warn {
+            tracing::warn!(worker = %worker, boot = ?logged(boot_id), holder = ?logged(&w.boot_id), repeats_at_debug = said.repeats, "a process this worker's newer process replaced registered again: two processes share this worker id; refused (give each its own id; its repeats within 10 min are logged at debug)");
+        } else {
+            tracing::debug!(worker = %worker, boot = ?logged(boot_id), holder = ?logged(&w.boot_id), repeat = said.repeats, "a replaced process of this worker registered again; refused");
+        }
         // A close reason is at most 123 bytes: a boot id the worker made is 34. Escaped: the
         // reason is logged, and a boot id kept from before control characters were refused
         // could hold a newline.
@@ -413,6 +419,7 @@ impl Core {
             .collect();
         Some(Refusal {
             code: 4003,
+            kind: "worker id taken by a newer process",
             reason: format!(
                 "worker id taken by a newer process (boot {holder}); give each its own id"
             ),
@@ -427,7 +434,13 @@ impl Core {
         refusal: Refusal,
         b: &mut Batch,
     ) {
-        tracing::warn!(worker = %worker, code = refusal.code, reason = %refusal.reason, "registration refused");
+        // Once a window per worker and kind at WARN, as the session says its own refusals.
+        let said = crate::ratelimit::refusal(worker.as_str(), refusal.kind);
+        if said.warn {
+            tracing::warn!(worker = %worker, code = refusal.code, reason = %refusal.reason, repeats_at_debug = said.repeats, "registration refused (its repeats for this reason within 10 min are logged at debug)");
+        } else {
+            tracing::debug!(worker = %worker, code = refusal.code, reason = %refusal.reason, repeat = said.repeats, "registration refused again");
+        }
         if let Some(e) = refusal.error {
             b.send(session, e);
         }
@@ -1482,6 +1495,9 @@ impl Core {
     }
 }
 
+/// The kind a replaced process's registration is logged under (`ratelimit::refusal`).
+pub(crate) const REPLACED_AGAIN: &str = "registered again after replaced";
+
 /// Processes replaced by a newer one remembered a worker (`Worker::superseded`).
 const SUPERSEDED_KEPT: usize = 4;
 
@@ -1489,6 +1505,9 @@ const SUPERSEDED_KEPT: usize = 4;
 pub(crate) struct Refusal {
     /// The close code: 4003 for another worker's id, 4002 for another protocol.
     pub code: u16,
+    /// What kind of refusal, in words fixed here: its log lines are limited per worker and
+    /// kind (`ratelimit::refusal`), and `reason` may hold what the attempt made up (an id).
+    pub kind: &'static str,
     pub reason: String,
     /// The `error` sent before the close, if any.
     pub error: Option<CoordMsg>,
@@ -1501,6 +1520,7 @@ pub(crate) fn registration_refusal(worker: &WorkerId, r: &Registration) -> Optio
     if &r.worker_id != worker {
         return Some(Refusal {
             code: 4003,
+            kind: "registration for another worker",
             reason: format!(
                 "registration names worker {} but this endpoint is for {}",
                 r.worker_id, worker
@@ -1511,6 +1531,7 @@ pub(crate) fn registration_refusal(worker: &WorkerId, r: &Registration) -> Optio
     if r.protocol_version != PROTOCOL_VERSION {
         return Some(Refusal {
             code: 4002,
+            kind: "incompatible protocol",
             reason: "incompatible protocol".into(),
             error: Some(CoordMsg::error(
                 ErrorCode::IncompatibleProtocol,
@@ -1536,6 +1557,7 @@ pub(crate) fn registration_refusal(worker: &WorkerId, r: &Registration) -> Optio
     if let Some(problem) = problem {
         return Some(Refusal {
             code: 4002,
+            kind: "registration out of bounds",
             reason: "registration out of bounds".into(),
             error: Some(CoordMsg::error(
                 ErrorCode::BadFrame,
@@ -1550,6 +1572,7 @@ pub(crate) fn registration_refusal(worker: &WorkerId, r: &Registration) -> Optio
     if let Some(max) = r.max_frame.filter(|&m| m < least) {
         return Some(Refusal {
             code: 4002,
+            kind: "frame limit too small",
             reason: "frame limit too small".into(),
             error: Some(CoordMsg::error(
                 ErrorCode::IncompatibleProtocol,
@@ -1572,6 +1595,7 @@ pub(crate) fn registration_refusal(worker: &WorkerId, r: &Registration) -> Optio
     if max < largest as u64 {
         return Some(Refusal {
             code: 4002,
+            kind: "registration out of bounds",
             reason: "registration out of bounds".into(),
             error: Some(CoordMsg::error(
                 ErrorCode::BadFrame,

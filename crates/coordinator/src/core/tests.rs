@@ -623,6 +623,37 @@ fn a_process_a_newer_one_of_its_worker_replaced_is_refused_when_it_comes_back() 
     );
 }
 
+/// A replaced process that keeps coming back is refused every time (4003, counted each
+/// time), and each attempt is noted under one kind in the refusal log's limiter
+/// (`ratelimit`), so it is said at WARN once a window, its repeats at debug: a stale process
+/// of a fleet retries without end, and each attempt was a WARN line.
+#[test]
+fn a_replaced_process_coming_back_again_and_again_is_said_once_at_warn() {
+    // An id of its own: the limiter is process-wide.
+    let id = "a-replaced-again";
+    let mut h = Harness::new();
+    let (_, mut first_rx) = h.connect_registering(id, boot("b-first"));
+    drain(&mut first_rx);
+    let (_, mut newer_rx) = h.connect_registering(id, boot("b-second"));
+    drain(&mut newer_rx);
+    const BACK: u64 = 5;
+    for _ in 0..BACK {
+        let (_, mut back_rx) = h.connect_registering(id, boot("b-first"));
+        assert_eq!(close(&mut back_rx).map(|c| c.0), Some(4003));
+    }
+    let conflicts = &h.core.counters.id_conflicts;
+    assert_eq!(conflicts.load(std::sync::atomic::Ordering::Relaxed), BACK);
+    // The first was the window's WARN, the other BACK - 1 its repeats: the next is one more.
+    let next = crate::ratelimit::refusal(id, super::messages::REPLACED_AGAIN);
+    assert_eq!(
+        next,
+        crate::ratelimit::Verdict {
+            warn: false,
+            repeats: BACK
+        }
+    );
+}
+
 /// The refusal holds only while the newer process holds a live session: once it is gone
 /// (crashed, or a client that registered under the id once and left), the older process,
 /// alive, takes the id back, and is then no replaced process itself (a reconnect of it that
