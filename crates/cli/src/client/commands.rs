@@ -856,8 +856,8 @@ pub async fn workers(a: CommonArgs, id: Option<tether_proto::WorkerId>) -> anyho
 }
 
 /// Why a connected worker shows no statistics.
-const NO_STATS_YET: &str = "a worker reports them with its telemetry, the first with its \
-                            first heartbeat's answer (5 s by default after connecting)";
+const NO_STATS_YET: &str = "a worker reports them with its telemetry, the first within a \
+                            telemetry interval (30 s by default) of connecting";
 
 const WORKER_HEAD: [&str; 13] = [
     "WORKER",

@@ -241,9 +241,6 @@ pub struct FakeConnector {
     pub checkpoint_errors: Arc<Mutex<Vec<tether_proto::msg::CheckpointError>>>,
     /// `worker_stopped` notices received, over all connections (the scripts like `Healthy`).
     pub stopped: Arc<std::sync::atomic::AtomicUsize>,
-    /// The connection statistics of each `telemetry` received, with the connection that
-    /// carried it (the scripts like `Healthy`).
-    pub telemetry: Arc<Mutex<Vec<(usize, tether_proto::task::ConnStats)>>>,
 }
 
 impl FakeConnector {
@@ -260,7 +257,6 @@ impl FakeConnector {
             heartbeats: Arc::default(),
             checkpoint_errors: Arc::default(),
             stopped: Arc::default(),
-            telemetry: Arc::default(),
         }
     }
 
@@ -308,7 +304,6 @@ impl Connector for FakeConnector {
         let heartbeats = self.heartbeats.clone();
         let checkpoint_errors = self.checkpoint_errors.clone();
         let stopped = self.stopped.clone();
-        let telemetry = self.telemetry.clone();
         Box::pin(async move {
             match script {
                 Script::Refuse => return Err(ConnectError::Transient("connection refused".into())),
@@ -331,7 +326,6 @@ impl Connector for FakeConnector {
                 heartbeats,
                 checkpoint_errors,
                 stopped,
-                telemetry,
             };
             tokio::spawn(serve(server, script, seen));
             let io: Pin<Box<dyn Io>> = Box::pin(client);
@@ -350,7 +344,6 @@ struct Seen {
     heartbeats: Arc<std::sync::atomic::AtomicU64>,
     checkpoint_errors: Arc<Mutex<Vec<tether_proto::msg::CheckpointError>>>,
     stopped: Arc<std::sync::atomic::AtomicUsize>,
-    telemetry: Arc<Mutex<Vec<(usize, tether_proto::task::ConnStats)>>>,
 }
 
 async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
@@ -363,7 +356,6 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
         heartbeats,
         checkpoint_errors,
         stopped,
-        telemetry,
     } = seen;
     let limit =
         (script == Script::SmallFrames).then(|| tether_worker::connector::ws_config(SMALL_FRAME));
@@ -502,12 +494,6 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                         }
                         Ok(tether_proto::WorkerMsg::WorkerStopped(_)) => {
                             stopped.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        }
-                        Ok(tether_proto::WorkerMsg::Telemetry(t)) => {
-                            telemetry
-                                .lock()
-                                .expect("lock")
-                                .push((conn, t.connection_stats));
                         }
                         Ok(tether_proto::WorkerMsg::CheckpointData(d))
                             if script == Script::AssignAndHoldPieces =>
