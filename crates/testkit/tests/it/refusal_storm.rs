@@ -74,6 +74,43 @@ impl Log {
         (log, guard)
     }
 
+    /// Checks that `worker`'s lines of `reason` were said once at WARN (`said`, no repeats
+    /// before it) and then `repeats` times at debug (`again`), numbered 1 to `repeats`.
+    fn said_once_then_repeated(
+        &self,
+        (said, again): (&str, &str),
+        worker: &str,
+        reason: &str,
+        repeats: u64,
+    ) {
+        let warned: Vec<String> = self
+            .lines(said, worker)
+            .into_iter()
+            .filter(|l| l.contains(reason))
+            .collect();
+        assert_eq!(
+            warned.len(),
+            1,
+            "{worker}, {reason}: said at WARN {warned:#?}"
+        );
+        assert!(warned[0].contains(" WARN "), "{}", warned[0]);
+        assert_eq!(field(&warned[0], "repeats_at_debug"), 0, "{}", warned[0]);
+        let numbered: Vec<u64> = self
+            .lines(again, worker)
+            .iter()
+            .filter(|l| l.contains(reason))
+            .map(|l| {
+                assert!(l.contains(" DEBUG "), "{l}");
+                field(l, "repeat")
+            })
+            .collect();
+        assert_eq!(
+            numbered,
+            (1..=repeats).collect::<Vec<_>>(),
+            "{worker}, {reason}: its repeats at debug"
+        );
+    }
+
     /// The lines that say `message` of `worker`.
     fn lines(&self, message: &str, worker: &str) -> Vec<String> {
         let bytes = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -198,25 +235,7 @@ async fn a_storm_of_failed_authentications_is_refused_every_time_said_once_per_k
     // the storm is a WARN line; keyed on the reason's text, so is every stale one.
     for id in STORMERS {
         for (_, told) in WAYS {
-            let warned: Vec<String> = log
-                .lines(SAID, id)
-                .into_iter()
-                .filter(|l| l.contains(told))
-                .collect();
-            assert_eq!(warned.len(), 1, "{id}, {told}: said at WARN {warned:#?}");
-            assert!(warned[0].contains(" WARN "), "{}", warned[0]);
-            assert_eq!(field(&warned[0], "repeats_at_debug"), 0, "{}", warned[0]);
-            let repeats: Vec<u64> = log
-                .lines(REPEATED, id)
-                .iter()
-                .filter(|l| l.contains(told))
-                .map(|l| field(l, "repeat"))
-                .collect();
-            assert_eq!(
-                repeats,
-                (1..ROUNDS).collect::<Vec<_>>(),
-                "{id}, {told}: its repeats at debug"
-            );
+            log.said_once_then_repeated((SAID, REPEATED), id, told, ROUNDS - 1);
         }
     }
     honest.stop().await.expect("clean stop");
@@ -389,28 +408,7 @@ async fn storms_of_registrations_refused_before_the_core_and_of_frames_without_o
     for id in MISFITS {
         for way in Misfit::ALL {
             let (said, again, reason) = way.said();
-            let warned: Vec<String> = log
-                .lines(said, id)
-                .into_iter()
-                .filter(|l| l.contains(reason))
-                .collect();
-            assert_eq!(warned.len(), 1, "{id}, {way:?}: said at WARN {warned:#?}");
-            assert!(warned[0].contains(" WARN "), "{}", warned[0]);
-            assert_eq!(field(&warned[0], "repeats_at_debug"), 0, "{}", warned[0]);
-            let repeats: Vec<u64> = log
-                .lines(again, id)
-                .iter()
-                .filter(|l| l.contains(reason))
-                .map(|l| {
-                    assert!(l.contains(" DEBUG "), "{l}");
-                    field(l, "repeat")
-                })
-                .collect();
-            assert_eq!(
-                repeats,
-                (1..ROUNDS * way.lines()).collect::<Vec<_>>(),
-                "{id}, {way:?}: its repeats at debug"
-            );
+            log.said_once_then_repeated((said, again), id, reason, ROUNDS * way.lines() - 1);
         }
     }
     honest.stop().await.expect("clean stop");
