@@ -72,6 +72,15 @@ async fn scrape(addr: SocketAddr) -> (u16, String) {
     request(addr, "GET", "/metrics", "").await
 }
 
+/// The metrics page, scraped within [`STEP`] and answered 200.
+async fn scraped(addr: SocketAddr) -> String {
+    let (status, text) = tokio::time::timeout(STEP, scrape(addr))
+        .await
+        .expect("scraped in time");
+    assert_eq!(status, 200, "{text}");
+    text
+}
+
 /// A coordinator in `dir` on `127.0.0.1:0`, started.
 async fn start(
     dir: &std::path::Path,
@@ -121,10 +130,7 @@ async fn a_fresh_coordinator_exports_every_documented_family() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (addr, shutdown, join) = start(dir.path()).await;
 
-    let (status, text) = tokio::time::timeout(STEP, scrape(addr))
-        .await
-        .expect("scraped in time");
-    assert_eq!(status, 200, "{text}");
+    let text = scraped(addr).await;
     let missing: Vec<String> = families
         .iter()
         .filter(|(name, kind)| {
@@ -167,10 +173,7 @@ async fn every_way_a_session_ends_is_a_reason_at_0_from_the_start_and_documented
     use tether_coordinator::metrics::{SESSIONS_ENDED, SessionEnd};
     let dir = tempfile::tempdir().expect("tempdir");
     let (addr, shutdown, join) = start(dir.path()).await;
-    let (status, text) = tokio::time::timeout(STEP, scrape(addr))
-        .await
-        .expect("scraped in time");
-    assert_eq!(status, 200, "{text}");
+    let text = scraped(addr).await;
     let documented = documented_labels(SESSIONS_ENDED);
     for end in SessionEnd::ALL {
         let sample = format!("{SESSIONS_ENDED}{{reason=\"{}\"}} 0\n", end.as_str());
@@ -229,10 +232,7 @@ async fn the_queue_depth_is_exported_by_priority() {
     // Queued by the core as the submission is answered; looked at until then, boundedly.
     let mut seen = Vec::new();
     for _ in 0..500 {
-        let (status, text) = tokio::time::timeout(STEP, scrape(addr))
-            .await
-            .expect("scraped in time");
-        assert_eq!(status, 200, "{text}");
+        let text = scraped(addr).await;
         seen = depths(&text);
         seen.sort_by(|a, b| a.0.cmp(&b.0));
         if seen == want {
