@@ -1109,7 +1109,7 @@ impl<'a> Supervisor<'a> {
                 let shipped = inflight.await;
                 self.shipped(shipped);
             }
-            self.start_shipping(Look::Final);
+            self.start_last_look();
             if let Some(last) = self.shipping.take() {
                 let shipped = last.await;
                 self.shipped(shipped);
@@ -1178,10 +1178,12 @@ impl<'a> Supervisor<'a> {
         }
     }
 
-    fn start_shipping(&mut self, look: Look) {
+    /// The look once the task's processes are gone: whatever the directory holds is shipped
+    /// if it changed, settled or not.
+    fn start_last_look(&mut self) {
         if let Some(cp) = &self.checkpoints {
             let seen = (cp.last.clone(), cp.seen.clone());
-            let fut = ship(self.ctx, cp.dir.clone(), seen, look);
+            let fut = ship(self.ctx, cp.dir.clone(), seen, Look::Final);
             self.shipping = Some(Box::pin(fut));
         }
     }
