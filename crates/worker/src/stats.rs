@@ -150,9 +150,8 @@ impl StatsTracker {
         self.state = ConnState::Disconnected;
     }
 
-    /// A round trip measured in the session under way. Returns how many samples the window
-    /// holds now.
-    pub fn on_rtt(&mut self, rtt: Duration) -> usize {
+    /// A round trip measured in the session under way.
+    pub fn on_rtt(&mut self, rtt: Duration) {
         let now = Instant::now();
         if self.rtts.len() == WINDOW {
             self.rtts.pop_front();
@@ -166,7 +165,6 @@ impl StatsTracker {
         {
             self.rtts.pop_front();
         }
-        self.rtts.len()
     }
 
     /// The RTT samples the figures count now, ms: the session's, of the last [`RTT_AGE`].
@@ -427,7 +425,8 @@ mod tests {
         s.on_registered();
         let fresh = s.snapshot();
         assert_eq!((fresh.rtt_samples, fresh.rtt_p99_ms), (0, 0.0));
-        assert_eq!(s.on_rtt(Duration::from_millis(12)), 1);
+        s.on_rtt(Duration::from_millis(12));
+        assert_eq!(s.snapshot().rtt_samples, 1);
         assert_eq!(s.snapshot().rtt_p99_ms, 12.0);
         assert_eq!(s.rtt_percentile(95.0), Some(12.0));
     }
