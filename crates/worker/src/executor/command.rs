@@ -46,7 +46,9 @@
 //!    once it is resumed (shipped if it changed, nothing said otherwise).
 //! 4. When the leader exits, the rest of its group is terminated the same way (a task's
 //!    processes end with it), the output pipes are drained, and the directory is shipped one
-//!    last time if it changed.
+//!    last time if it changed. A request no look took (it came as the process exited, or
+//!    while a poll's look was in flight) is answered then: by that checkpoint, or with a
+//!    `checkpoint_error` that the task ended and why nothing new came.
 //!
 //! Whenever the group is terminated (cancel, timeout, the leader's exit), so are the processes
 //! that left it (`setsid`, a daemon's double fork) but still carry the attempt's mark in their
@@ -82,7 +84,7 @@ use tokio::process::{Child, Command};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::packing::{self, PackError, Signature};
-use super::{ExecError, Executor, StoredCheckpoint, TaskCtx, TaskInput, TaskShared};
+use super::{ExecError, Executor, StoredCheckpoint, TaskCtx, TaskInput};
 
 /// Bytes kept of stdout, and of stderr, when `tail_bytes` is not given.
 pub const DEFAULT_TAIL_BYTES: usize = 4096;
@@ -951,18 +953,6 @@ fn paused_answer(ctx: &TaskCtx) -> String {
         .paused_answer("its checkpoint dir is looked at once it is resumed")
 }
 
-/// Says that the executor answers checkpoint requests itself ([`TaskShared`]'s
-/// `answers_requests`) while it lives, and no longer once dropped.
-struct Answering<'a>(&'a TaskShared);
-
-impl Drop for Answering<'_> {
-    fn drop(&mut self) {
-        self.0
-            .answers_requests
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// Runs blocking work on the blocking pool; `Err` if it panicked or the runtime is going away.
 async fn off_thread<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
@@ -995,6 +985,44 @@ struct Supervisor<'a> {
     /// When the cancellation was seen: a worker's stop, for the last checkpoint's queueing
     /// ([`STOP_QUEUE_UNTIL`]).
     cancelled_at: Option<Instant>,
+    /// The directory was looked at once the task's processes were gone: `checkpoints` says
+    /// what it holds for good.
+    looked_last: bool,
+}
+
+/// The supervisor answers checkpoint requests (`TaskShared::answers_requests`) from the
+/// start of its watch until it is dropped, past the process's exit: the runner leaves a
+/// request for a task with no checkpoint of its own to the executor while it answers, so one
+/// that came as the process exited (its exit is seen first), or while a look was in flight,
+/// would otherwise be answered by nothing, and `tether checkpoint --wait` wait out its time.
+/// The last look stores a checkpoint if the directory changed (which answers the request);
+/// one still pending is answered here, with what that look found.
+impl Drop for Supervisor<'_> {
+    fn drop(&mut self) {
+        let shared = &self.ctx.shared;
+        shared
+            .answers_requests
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let Some(cp) = &self.checkpoints else {
+            return;
+        };
+        if !shared
+            .checkpoint_requested
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        let why = match (&cp.last_error, self.looked_last) {
+            (Some(e), true) => format!("cannot read the checkpoint dir {}: {e}", cp.dir.display()),
+            (None, true) => format!("the task ended: {}", cp.basis.unchanged(&cp.dir)),
+            (_, false) => format!(
+                "the task ended before its checkpoint dir was looked at again ({})",
+                cp.dir.display()
+            ),
+        };
+        tracing::debug!(task_id = %self.ctx.task_id(), %why, "checkpoint request answered as the task ended");
+        self.ctx.refuse_checkpoint(why);
+    }
 }
 
 impl<'a> Supervisor<'a> {
@@ -1017,6 +1045,7 @@ impl<'a> Supervisor<'a> {
             owed: false,
             shipping: None,
             cancelled_at: None,
+            looked_last: false,
         }
     }
 
@@ -1029,12 +1058,11 @@ impl<'a> Supervisor<'a> {
     ) -> End {
         let ctx = self.ctx;
         // From now on a request is answered here (a checkpoint, or why none comes; that the
-        // task is paused, while it is), until this returns.
+        // task is paused, while it is), until the supervisor is dropped (its `Drop`).
         ctx.shared.answers_requests.store(
             self.checkpoints.is_some(),
             std::sync::atomic::Ordering::Relaxed,
         );
-        let _answering = Answering(&ctx.shared);
         let mut pause = ctx.pause_watch();
         // A pause requested before the start applies at once.
         pause.mark_changed();
@@ -1113,6 +1141,7 @@ impl<'a> Supervisor<'a> {
             if let Some(last) = self.shipping.take() {
                 let shipped = last.await;
                 self.shipped(shipped);
+                self.looked_last = true;
             }
         };
         tokio::select! {
@@ -1140,7 +1169,11 @@ impl<'a> Supervisor<'a> {
         self.shipping = None;
         let (dir, last) = (cp.dir.clone(), cp.last.clone());
         let data = match snapshot(dir.clone(), last, None, Look::Final).await {
-            Snapshot::Unchanged | Snapshot::Unsettled(_) => return,
+            Snapshot::Unchanged => {
+                self.looked_last = true;
+                return;
+            }
+            Snapshot::Unsettled(_) => return,
             Snapshot::Changed(_, Ok(data)) => data,
             Snapshot::Changed(_, Err(e)) => {
                 tracing::warn!(task_id = %ctx.task_id(), error = %e, "the checkpoint dir written as the worker stops is not shipped");
@@ -1854,10 +1887,7 @@ mod tests {
     async fn the_scans_and_group_record_of_a_kill_grace_run_off_the_runtime_threads() {
         let state = tempfile::tempdir().expect("tempdir");
         let dir = tempfile::tempdir().expect("tempdir");
-        let record = state
-            .path()
-            .join(super::super::orphans::GROUPS_DIR)
-            .join("t-cmd");
+        let record = group_record(state.path());
         let (ctx, control) = ctx(1);
         let ctx = ctx.with_group_record(record.clone());
         let executor = CommandExecutor::default().with_kill_grace(Duration::from_millis(300));
@@ -2673,10 +2703,7 @@ mod tests {
     async fn after_a_crash_the_next_worker_kills_the_processes_that_left_the_group() {
         let state = tempfile::tempdir().expect("tempdir");
         let dir = tempfile::tempdir().expect("tempdir");
-        let record = state
-            .path()
-            .join(super::super::orphans::GROUPS_DIR)
-            .join("t-cmd");
+        let record = group_record(state.path());
         let (ctx, _control) = ctx(1);
         let ctx = ctx.with_group_record(record.clone());
         let script =
@@ -2736,11 +2763,7 @@ mod tests {
         std::fs::write(dir.path().join("go"), "").expect("go");
         let out = run.await.expect("joined").expect("exit 0");
         assert_eq!(out["stdout_tail"], "done\n");
-        let kinds: Vec<&str> = outbox
-            .take_unsent(100)
-            .iter()
-            .map(|(_, m)| m.type_name())
-            .collect();
+        let kinds = queued_kinds(&outbox);
         assert_eq!(kinds, ["task_paused", "task_resumed"]);
     }
 
@@ -2776,11 +2799,7 @@ mod tests {
             "checkpoint_poll_ms": 20,
         });
         let run = tokio::spawn(exec(config, ctx));
-        let state = |control: &TaskControl| {
-            let data = control.latest_checkpoint()?;
-            let files = packing::decode(&data).expect("a valid pack");
-            files.get("sub/state.txt").cloned()
-        };
+        let state = |control: &TaskControl| latest_file(control, "sub/state.txt");
         wait_for("the running checkpoint", || {
             state(&control).as_deref() == Some(b"1\n")
         })
@@ -2793,11 +2812,7 @@ mod tests {
             Some(&b"2\n"[..]),
             "shipped at exit"
         );
-        let kinds: Vec<&str> = outbox
-            .take_unsent(100)
-            .iter()
-            .map(|(_, m)| m.type_name())
-            .collect();
+        let kinds = queued_kinds(&outbox);
         assert!(kinds.contains(&"checkpoint") && kinds.contains(&"checkpoint_data"));
     }
 
@@ -2865,11 +2880,7 @@ mod tests {
             "checkpoint_poll_ms": 60_000,
         });
         let run = tokio::spawn(exec(config, ctx));
-        let n = |control: &TaskControl| {
-            let data = control.latest_checkpoint()?;
-            let files = packing::decode(&data).expect("a valid pack");
-            files.get("n").cloned()
-        };
+        let n = |control: &TaskControl| latest_file(control, "n");
         wait_for("the first state written", || {
             dir.path().join("ready").exists()
         })
@@ -2909,6 +2920,38 @@ mod tests {
                 other => panic!("not a checkpoint_error: {other:?}"),
             })
             .collect()
+    }
+
+    /// The contents of file `name` in the task's latest checkpoint, if it has one holding it.
+    fn latest_file(control: &TaskControl, name: &str) -> Option<Vec<u8>> {
+        let data = control.latest_checkpoint()?;
+        let files = packing::decode(&data).expect("a valid pack");
+        files.get(name).cloned()
+    }
+
+    /// A task (attempt 1) whose checkpoint dir is `dir/cp`: its context, its control, the dir.
+    fn checkpointing(dir: &Path) -> (TaskCtx, TaskControl, PathBuf) {
+        let (ctx, control) = ctx(1);
+        let cp_dir = dir.join("cp");
+        (ctx.with_checkpoint_dir(cp_dir.clone()), control, cp_dir)
+    }
+
+    /// The config of a task whose TERM trap writes a checkpoint (`n`, `7`) and exits; it says
+    /// it is ready (`D/ready`) once the trap is set, and polls only after a minute.
+    fn trapping(dir: &Path) -> serde_json::Value {
+        let script = r#"trap 'echo 7 > "$TETHER_CHECKPOINT_DIR/n"; exit 0' TERM
+            touch "$D/ready"
+            while :; do sleep 0.05; done"#;
+        serde_json::json!({
+            "shell": script,
+            "env": {"D": dir},
+            "checkpoint_poll_ms": 60_000,
+        })
+    }
+
+    /// Where a worker whose state directory is `state` records the test task's group.
+    fn group_record(state: &Path) -> PathBuf {
+        state.join(super::super::orphans::GROUPS_DIR).join("t-cmd")
     }
 
     /// The kinds of the messages queued in `outbox` since the last look.
@@ -2971,9 +3014,7 @@ mod tests {
     #[tokio::test]
     async fn a_checkpoint_request_on_a_dir_unchanged_since_its_checkpoint_says_so_at_once() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (ctx, control) = ctx(1);
-        let cp_dir = dir.path().join("cp");
-        let ctx = ctx.with_checkpoint_dir(cp_dir.clone());
+        let (ctx, control, cp_dir) = checkpointing(dir.path());
         let (outbox, probe) = (ctx.outbox().clone(), ctx.clone());
         let first = r#"echo 1 > "$TETHER_CHECKPOINT_DIR/n"; "#;
         let run = started_waiting(dir.path(), first, ctx).await;
@@ -3031,15 +3072,43 @@ mod tests {
         stop_waiting(dir.path(), run).await;
     }
 
+    /// A request whose wake-up comes with the process's exit (both ready at one look of the
+    /// watch, which takes the exit first) is answered once the last look found nothing new,
+    /// saying the task ended. Before, it was taken by no look and answered by nothing (the
+    /// runner leaves it to the executor while it answers): `tether checkpoint --wait` waited
+    /// out its time. The flag is set without its wake-up, and a background `sleep` holds the
+    /// output pipes open, so that nothing but the exit wakes the watch.
+    #[tokio::test]
+    async fn a_checkpoint_request_that_comes_as_the_task_exits_is_answered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ctx, control, cp_dir) = checkpointing(dir.path());
+        let probe = ctx.clone();
+        let run = started_waiting(dir.path(), "sleep 30 & ", ctx).await;
+        control
+            .shared
+            .checkpoint_requested
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        stop_waiting(dir.path(), run).await;
+        let why = format!(
+            "the task ended: the task has written no checkpoint in {} (it holds no files)",
+            cp_dir.display()
+        );
+        assert_eq!(refusals(&probe), [(None, why)]);
+        assert!(
+            !control
+                .shared
+                .checkpoint_requested
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
+
     /// A request to a task that has written nothing in its checkpoint directory says so, with
     /// the directory, and ships nothing (an empty checkpoint would hold nothing to resume
     /// from).
     #[tokio::test]
     async fn a_checkpoint_request_on_an_empty_dir_says_the_task_has_written_none() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (ctx, control) = ctx(1);
-        let cp_dir = dir.path().join("cp");
-        let ctx = ctx.with_checkpoint_dir(cp_dir.clone());
+        let (ctx, control, cp_dir) = checkpointing(dir.path());
         let (outbox, probe) = (ctx.outbox().clone(), ctx.clone());
         let run = started_waiting(dir.path(), "", ctx).await;
         let said = answer_to_a_request(&control, &probe).await;
@@ -3062,9 +3131,7 @@ mod tests {
     #[tokio::test]
     async fn a_checkpoint_request_to_a_paused_task_says_so_and_the_dir_is_looked_at_once_resumed() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (ctx, control) = ctx(1);
-        let cp_dir = dir.path().join("cp");
-        let ctx = ctx.with_checkpoint_dir(cp_dir.clone());
+        let (ctx, control, cp_dir) = checkpointing(dir.path());
         let (outbox, probe) = (ctx.outbox().clone(), ctx.clone());
         let first = r#"echo 1 > "$TETHER_CHECKPOINT_DIR/n"; echo $$ > "$D/pid.tmp"; mv "$D/pid.tmp" "$D/pid"; "#;
         let run = started_waiting(dir.path(), first, ctx).await;
@@ -3092,13 +3159,7 @@ mod tests {
         // Written while paused (by someone else: the task's processes are stopped).
         std::fs::write(cp_dir.join("n"), "2\n").expect("write");
         control.set_paused(false);
-        let n = |control: &TaskControl| {
-            let data = control.latest_checkpoint()?;
-            packing::decode(&data)
-                .expect("a valid pack")
-                .get("n")
-                .cloned()
-        };
+        let n = |control: &TaskControl| latest_file(control, "n");
         wait_for("the change shipped once resumed", || {
             n(&control).as_deref() == Some(b"2\n")
         })
@@ -3164,14 +3225,7 @@ mod tests {
             let dir = tempfile::tempdir().expect("tempdir");
             let (ctx, control) = ctx(1);
             let ctx = ctx.with_checkpoint_dir(dir.path().join("cp"));
-            let script = r#"trap 'echo 7 > "$TETHER_CHECKPOINT_DIR/n"; exit 0' TERM
-                touch "$D/ready"
-                while :; do sleep 0.05; done"#;
-            let config = serde_json::json!({
-                "shell": script,
-                "env": {"D": dir.path()},
-                "checkpoint_poll_ms": 60_000,
-            });
+            let config = trapping(dir.path());
             let run = tokio::spawn(exec(config, ctx));
             wait_for("the trap set", || dir.path().join("ready").exists()).await;
             match worker_stops {
@@ -3179,10 +3233,7 @@ mod tests {
                 false => control.cancel(),
             }
             stopped(run.await.expect("joined"));
-            let n = control
-                .latest_checkpoint()
-                .map(|data| packing::decode(&data).expect("a valid pack"))
-                .and_then(|files| files.get("n").cloned());
+            let n = latest_file(&control, "n");
             match worker_stops {
                 true => assert_eq!(n.as_deref(), Some(&b"7\n"[..])),
                 false => assert_eq!(n, None, "a cancelled task ships nothing more"),
@@ -3208,14 +3259,7 @@ mod tests {
         });
         ctx.on_checkpoint = Some(sink);
         let outbox = ctx.outbox().clone();
-        let script = r#"trap 'echo 7 > "$TETHER_CHECKPOINT_DIR/n"; exit 0' TERM
-            touch "$D/ready"
-            while :; do sleep 0.05; done"#;
-        let config = serde_json::json!({
-            "shell": script,
-            "env": {"D": dir.path()},
-            "checkpoint_poll_ms": 60_000,
-        });
+        let config = trapping(dir.path());
         let run = tokio::spawn(exec(config, ctx));
         wait_for("the trap set", || dir.path().join("ready").exists()).await;
         control.stop_worker();
@@ -3225,10 +3269,7 @@ mod tests {
             1,
             "stored"
         );
-        let n = control
-            .latest_checkpoint()
-            .map(|data| packing::decode(&data).expect("a valid pack"))
-            .and_then(|files| files.get("n").cloned());
+        let n = latest_file(&control, "n");
         assert_eq!(n.as_deref(), Some(&b"7\n"[..]), "the latest");
         let packs = queued_packs(&outbox);
         let queued: Vec<_> = packs.iter().map(|files| files.get("n").cloned()).collect();
@@ -3278,16 +3319,9 @@ mod tests {
         let warnings = Warnings::default();
         let _log = tracing::subscriber::set_default(warnings.clone());
         let (outbox, control, _) = stopped_with_room_for_one(None).await;
-        let n = control
-            .latest_checkpoint()
-            .map(|data| packing::decode(&data).expect("a valid pack"))
-            .and_then(|files| files.get("n").cloned());
+        let n = latest_file(&control, "n");
         assert_eq!(n.as_deref(), Some(&b"7\n"[..]), "stored");
-        let kinds: Vec<&str> = outbox
-            .take_unsent(100)
-            .iter()
-            .map(|(_, m)| m.type_name())
-            .collect();
+        let kinds = queued_kinds(&outbox);
         assert_eq!(kinds, ["checkpoint"], "announced; its piece found no room");
         let said = warnings.lines();
         assert!(
@@ -3320,14 +3354,7 @@ mod tests {
         };
         ctx.outbox = Arc::new(crate::outbox::Outbox::new(limits));
         let outbox = ctx.outbox().clone();
-        let script = r#"trap 'echo 7 > "$TETHER_CHECKPOINT_DIR/n"; exit 0' TERM
-            touch "$D/ready"
-            while :; do sleep 0.05; done"#;
-        let config = serde_json::json!({
-            "shell": script,
-            "env": {"D": dir.path()},
-            "checkpoint_poll_ms": 60_000,
-        });
+        let config = trapping(dir.path());
         let mut run = std::pin::pin!(exec(config, ctx));
         let ready = dir.path().join("ready");
         tokio::select! {
