@@ -280,6 +280,13 @@ impl Duties {
         }
     }
 
+    /// Brings `duty` forward to `at` if it is due later; it keeps its period from then on.
+    fn bring_forward(&mut self, duty: Duty, at: Instant) {
+        if let Some(i) = DUTIES.iter().position(|&d| d == duty) {
+            self.next[i] = self.next[i].min(at);
+        }
+    }
+
     /// When the first duty is due.
     fn next(&self) -> Instant {
         self.next.into_iter().fold(self.next[0], Instant::min)
@@ -352,8 +359,14 @@ pub(crate) struct Session<'a> {
     coordinator_every: Duration,
     /// The coordinator asked for a budget's interval (longer than its welcome's).
     budget: bool,
-    /// A heartbeat reply retuned the cadence: the duties' periods follow.
+    /// A heartbeat reply retuned the cadence, or brought the report forward (`report_by`):
+    /// the duties follow.
     retuned: bool,
+    /// The RTT moved far from the one last reported ([`StatsTracker::report_stale`]): the
+    /// telemetry duty is brought forward to this time at the latest.
+    ///
+    /// [`StatsTracker::report_stale`]: crate::stats::StatsTracker::report_stale
+    report_by: Option<Instant>,
     /// The coordinator's timeout while it asks for a budget's interval: the session is not
     /// declared dead sooner than the coordinator would close it.
     timeout_floor: Duration,
@@ -415,6 +428,7 @@ impl<'a> Session<'a> {
             coordinator_every: Duration::ZERO,
             budget: false,
             retuned: false,
+            report_by: None,
             timeout_floor: Duration::ZERO,
             seal: None,
             open: None,
@@ -1259,6 +1273,9 @@ impl<'a> Session<'a> {
                     if std::mem::take(&mut self.retuned) {
                         let every = periods(self.heartbeat_every, &cfg, self.stretch());
                         duties.retune(Instant::now(), every);
+                        if let Some(at) = self.report_by.take() {
+                            duties.bring_forward(Duty::Telemetry, at);
+                        }
                         armed = duties.next().min(self.deadline);
                         timer.as_mut().reset(armed);
                     }
@@ -1509,6 +1526,8 @@ impl<'a> Session<'a> {
 
     fn push_telemetry(&self) {
         let stats = self.agent.handle().stats();
+        // What the coordinator will show, for the early report's comparison.
+        self.agent.shared.stats().on_reported(&stats);
         let metrics: serde_json::Map<String, serde_json::Value> = self
             .agent
             .runner
@@ -1621,13 +1640,35 @@ impl<'a> Session<'a> {
             metrics::counter!(m::HEARTBEAT_RTT_LOADED).increment(1);
             return;
         }
-        let p95 = {
+        let (p95, stale) = {
             let mut s = self.agent.shared.stats();
             s.on_rtt(rtt);
             s.on_heard(self.last_frame);
-            s.rtt_percentile(95.0)
+            (s.rtt_percentile(95.0), s.report_stale())
         };
         self.retime(p95);
+        if stale {
+            self.report_soon();
+        }
+    }
+
+    /// Brings the telemetry duty forward: the RTT the coordinator shows is far from this
+    /// session's (a latency fault, another path), and would stay so until the next report, a
+    /// telemetry interval (30 s) on. At a random point of the next heartbeat period (of
+    /// [`EARLY_REPORT_GAP`] at most): a change every worker sees at once (the coordinator's
+    /// own latency) has the fleet's reports spread over a period beyond their heartbeats'
+    /// phases, and the report moves the periodic one rather than adding to it.
+    ///
+    /// [`EARLY_REPORT_GAP`]: crate::stats::EARLY_REPORT_GAP
+    fn report_soon(&mut self) {
+        use rand::Rng;
+        let spread = self
+            .heartbeat_every
+            .min(crate::stats::EARLY_REPORT_GAP)
+            .mul_f64(self.agent.rng.random::<f64>());
+        let at = Instant::now() + spread;
+        self.report_by = Some(self.report_by.map_or(at, |by| by.min(at)));
+        self.retuned = true;
     }
 
     /// The session's timeout for the recent p95 RTT (ms), its interval and the coordinator's

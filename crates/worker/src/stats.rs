@@ -38,6 +38,39 @@ impl ConnState {
     }
 }
 
+/// The least time between a report of these statistics and one sent early for a moved RTT
+/// ([`StatsTracker::report_stale`]).
+pub const EARLY_REPORT_GAP: Duration = Duration::from_secs(5);
+/// The RTT samples of the session a report sent early needs at least: one or two round trips
+/// of a new path are no figure to correct the coordinator's by.
+pub const EARLY_REPORT_SAMPLES: usize = 3;
+/// How far the RTT p50 must have moved from the one last reported for a report to go early:
+/// by more than this share of it, and by more than [`EARLY_REPORT_MS`].
+pub const EARLY_REPORT_SHARE: f64 = 0.5;
+/// See [`EARLY_REPORT_SHARE`]: on a LAN path of a millisecond or two, jitter alone moves the
+/// p50 by more than half.
+pub const EARLY_REPORT_MS: f64 = 20.0;
+
+/// The unit of an RTT sample's time: fine enough beside [`RTT_AGE`], and a `u32` of them
+/// lasts some 13 years.
+const TICK: Duration = Duration::from_millis(100);
+
+/// One RTT sample, in 8 bytes (an `Instant` and an `f64` took 24): when it was taken, in
+/// [`TICK`]s since its tracker started, and the round trip in ms (an `f32` holds a round trip
+/// to a millionth of itself).
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: u32,
+    ms: f32,
+}
+
+impl Sample {
+    /// Older than [`RTT_AGE`] at tick `now`.
+    fn aged(self, now: u32) -> bool {
+        u128::from(now.saturating_sub(self.at)) * TICK.as_millis() > RTT_AGE.as_millis()
+    }
+}
+
 /// Tracks one worker's connection history.
 #[derive(Debug, Clone)]
 pub struct StatsTracker {
@@ -57,11 +90,16 @@ pub struct StatsTracker {
     first_registered: Option<Instant>,
     lost_at: Option<Instant>,
     /// RTT samples of the session under way, with when each was taken: at most [`WINDOW`],
-    /// none older than [`RTT_AGE`] counted.
-    rtts: VecDeque<(Instant, f64)>,
+    /// none older than [`RTT_AGE`] counted. Grown as samples come (a 5 s heartbeat fills
+    /// 60 in [`RTT_AGE`]), not held at [`WINDOW`] from the start: at 24 bytes a sample the
+    /// 128 preallocated cost a fleet of 10,000 workers in one process some 30 MB.
+    rtts: VecDeque<Sample>,
     reconnects: u64,
     reconnect_ms: VecDeque<f64>,
     reconnect_max_ms: f64,
+    /// The last report of these statistics sent (`telemetry`): when, and the RTT p50 it
+    /// showed (`None`: it had no RTT sample). What the coordinator shows until the next.
+    reported: Option<(Instant, Option<f64>)>,
 }
 
 impl StatsTracker {
@@ -78,10 +116,11 @@ impl StatsTracker {
             heard_until: None,
             first_registered: None,
             lost_at: None,
-            rtts: VecDeque::with_capacity(WINDOW),
+            rtts: VecDeque::new(),
             reconnects: 0,
-            reconnect_ms: VecDeque::with_capacity(WINDOW),
+            reconnect_ms: VecDeque::new(),
             reconnect_max_ms: 0.0,
+            reported: None,
         }
     }
 
@@ -152,29 +191,67 @@ impl StatsTracker {
 
     /// A round trip measured in the session under way.
     pub fn on_rtt(&mut self, rtt: Duration) {
-        let now = Instant::now();
+        let now = self.tick(Instant::now());
         if self.rtts.len() == WINDOW {
             self.rtts.pop_front();
         }
-        self.rtts.push_back((now, rtt.as_secs_f64() * 1e3));
+        self.rtts.push_back(Sample {
+            at: now,
+            ms: (rtt.as_secs_f64() * 1e3) as f32,
+        });
         // Aged samples leave here too, so the window never holds more than it counts for long.
-        while self
-            .rtts
-            .front()
-            .is_some_and(|&(at, _)| now.saturating_duration_since(at) > RTT_AGE)
-        {
+        while self.rtts.front().is_some_and(|s| s.aged(now)) {
             self.rtts.pop_front();
         }
     }
 
+    /// `at` in [`TICK`]s since the tracker started (saturating, some 13 years on).
+    fn tick(&self, at: Instant) -> u32 {
+        let ticks = at.saturating_duration_since(self.started).as_millis() / TICK.as_millis();
+        u32::try_from(ticks).unwrap_or(u32::MAX)
+    }
+
     /// The RTT samples the figures count now, ms: the session's, of the last [`RTT_AGE`].
     fn recent_rtts(&self) -> VecDeque<f64> {
-        let now = Instant::now();
+        let now = self.tick(Instant::now());
         self.rtts
             .iter()
-            .filter(|&&(at, _)| now.saturating_duration_since(at) <= RTT_AGE)
-            .map(|&(_, ms)| ms)
+            .filter(|s| !s.aged(now))
+            .map(|s| f64::from(s.ms))
             .collect()
+    }
+
+    /// A report of these statistics, `sent` (a snapshot), went out.
+    pub fn on_reported(&mut self, sent: &ConnStats) {
+        let p50 = (sent.rtt_samples > 0).then_some(sent.rtt_p50_ms);
+        self.reported = Some((Instant::now(), p50));
+    }
+
+    /// Whether the RTT the coordinator shows, the last report's p50, is wrong enough that a
+    /// report should go before the next telemetry interval: the session's p50, over at least
+    /// [`EARLY_REPORT_SAMPLES`] round trips, moved from it by more than
+    /// [`EARLY_REPORT_SHARE`] of it and more than [`EARLY_REPORT_MS`], and the last report
+    /// went [`EARLY_REPORT_GAP`] ago or more.
+    ///
+    /// Never for a registration alone: the figure compared with is the last report's of any
+    /// session, so a reconnect over the same path (a herd's, after a coordinator's restart)
+    /// finds nothing moved; and a worker that has reported no RTT yet has no figure shown to
+    /// correct (the coordinator shows none, not a wrong one), so a fleet's first sessions
+    /// wait for their periodic reports.
+    pub fn report_stale(&self) -> bool {
+        let Some((at, Some(shown))) = self.reported else {
+            return false;
+        };
+        if at.elapsed() < EARLY_REPORT_GAP {
+            return false;
+        }
+        let rtts = self.recent_rtts();
+        if rtts.len() < EARLY_REPORT_SAMPLES {
+            return false;
+        }
+        percentile(&rtts, 50.0).is_some_and(|p50| {
+            (p50 - shown).abs() > (shown * EARLY_REPORT_SHARE).max(EARLY_REPORT_MS)
+        })
     }
 
     /// The given percentile (0..=100) of recent RTT samples, in ms.
@@ -429,6 +506,87 @@ mod tests {
         assert_eq!(s.snapshot().rtt_samples, 1);
         assert_eq!(s.snapshot().rtt_p99_ms, 12.0);
         assert_eq!(s.rtt_percentile(95.0), Some(12.0));
+    }
+
+    /// A sample takes 8 bytes, and a tracker holds room for none until samples come: a fleet
+    /// of 10,000 workers in one process (the stress fleet) held 3 KiB each of room for 128
+    /// samples of 24 bytes, some 30 MB.
+    #[test]
+    fn a_tracker_holds_room_only_for_the_samples_it_took() {
+        assert_eq!(std::mem::size_of::<Sample>(), 8);
+        let mut s = StatsTracker::new();
+        assert_eq!((s.rtts.capacity(), s.reconnect_ms.capacity()), (0, 0));
+        for _ in 0..3 {
+            s.on_rtt(Duration::from_millis(5));
+        }
+        assert!(s.rtts.capacity() < WINDOW, "{}", s.rtts.capacity());
+    }
+
+    /// The tracker's half of the early report: the session's p50 against the last report's,
+    /// by more than half and 20 ms, over three samples or more, 5 s after that report at the
+    /// soonest; nothing for a worker that reported no RTT yet, nor for a new session over the
+    /// same path.
+    #[tokio::test(start_paused = true)]
+    async fn a_report_is_stale_once_the_rtt_moved_far_from_the_one_reported() {
+        let ms = Duration::from_millis;
+        let mut s = StatsTracker::new();
+        s.on_attempt();
+        s.on_registered();
+        for _ in 0..5 {
+            s.on_rtt(ms(100));
+        }
+        assert!(
+            !s.report_stale(),
+            "no report sent: no figure shown to correct"
+        );
+        s.on_reported(&s.snapshot());
+        tokio::time::sleep(EARLY_REPORT_GAP).await;
+        // A reconnect over the same path: nothing moved.
+        s.on_session_end();
+        s.on_attempt();
+        s.on_registered();
+        for _ in 0..5 {
+            s.on_rtt(ms(110));
+            assert!(!s.report_stale(), "within half of 100 ms");
+        }
+        // The path slowed: 160 ms is more than half again, but only once most samples are.
+        for n in 1..=6 {
+            s.on_rtt(ms(160));
+            assert_eq!(s.report_stale(), n == 6, "after {n} slow samples");
+        }
+        s.on_reported(&s.snapshot());
+        assert!(!s.report_stale(), "reported");
+        for _ in 0..20 {
+            s.on_rtt(ms(1_000));
+        }
+        assert!(!s.report_stale(), "within 5 s of the last report");
+        tokio::time::sleep(EARLY_REPORT_GAP).await;
+        assert!(s.report_stale());
+
+        // A LAN path: 1 ms to 15 ms is more than half again but not 20 ms more; 25 ms is
+        // both, once over three samples.
+        let mut lan = StatsTracker::new();
+        let session = |lan: &mut StatsTracker| {
+            lan.on_session_end();
+            lan.on_attempt();
+            lan.on_registered();
+        };
+        session(&mut lan);
+        for _ in 0..3 {
+            lan.on_rtt(ms(1));
+        }
+        lan.on_reported(&lan.snapshot());
+        tokio::time::sleep(EARLY_REPORT_GAP).await;
+        session(&mut lan);
+        for _ in 0..3 {
+            lan.on_rtt(ms(15));
+        }
+        assert!(!lan.report_stale(), "15 ms against 1 ms");
+        session(&mut lan);
+        for n in 1..=3 {
+            lan.on_rtt(ms(25));
+            assert_eq!(lan.report_stale(), n == 3, "after {n} samples of 25 ms");
+        }
     }
 
     #[test]

@@ -112,6 +112,11 @@ pub enum Script {
     /// `pieces`): a checkpoint's announcement is stored, its pieces never are (a link that
     /// carries them slower than the worker's stop lasts).
     AssignAndHoldPieces,
+    /// Registers the worker and acknowledges every message; records every `telemetry` in
+    /// `telemetry`. On the first connection answers each heartbeat `first_ms` late, and closes
+    /// once a `telemetry` with an RTT figure came; on the later ones (the path after a
+    /// reconnect) answers each `then_ms` late.
+    PathChange { first_ms: u64, then_ms: u64 },
     /// Like `Healthy`, and on the first connection assigns [`STOPPING`] at attempt 2, a
     /// [`RESUMES_KIND`] task, naming no checkpoint (the coordinator completed none): as a
     /// coordinator hands a task back to the worker that stopped it.
@@ -241,7 +246,13 @@ pub struct FakeConnector {
     pub checkpoint_errors: Arc<Mutex<Vec<tether_proto::msg::CheckpointError>>>,
     /// `worker_stopped` notices received, over all connections (the scripts like `Healthy`).
     pub stopped: Arc<std::sync::atomic::AtomicUsize>,
+    /// Each `telemetry` received, with its connection and when it came
+    /// ([`Script::PathChange`]).
+    pub telemetry: Telemetry,
 }
+
+/// The `telemetry` a fake coordinator received: the connection, when, the statistics.
+pub type Telemetry = Arc<Mutex<Vec<(usize, Instant, tether_proto::task::ConnStats)>>>;
 
 impl FakeConnector {
     pub fn new(script: Script) -> Self {
@@ -257,6 +268,7 @@ impl FakeConnector {
             heartbeats: Arc::default(),
             checkpoint_errors: Arc::default(),
             stopped: Arc::default(),
+            telemetry: Arc::default(),
         }
     }
 
@@ -304,6 +316,7 @@ impl Connector for FakeConnector {
         let heartbeats = self.heartbeats.clone();
         let checkpoint_errors = self.checkpoint_errors.clone();
         let stopped = self.stopped.clone();
+        let telemetry = self.telemetry.clone();
         Box::pin(async move {
             match script {
                 Script::Refuse => return Err(ConnectError::Transient("connection refused".into())),
@@ -326,6 +339,7 @@ impl Connector for FakeConnector {
                 heartbeats,
                 checkpoint_errors,
                 stopped,
+                telemetry,
             };
             tokio::spawn(serve(server, script, seen));
             let io: Pin<Box<dyn Io>> = Box::pin(client);
@@ -344,6 +358,7 @@ struct Seen {
     heartbeats: Arc<std::sync::atomic::AtomicU64>,
     checkpoint_errors: Arc<Mutex<Vec<tether_proto::msg::CheckpointError>>>,
     stopped: Arc<std::sync::atomic::AtomicUsize>,
+    telemetry: Telemetry,
 }
 
 async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
@@ -356,6 +371,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
         heartbeats,
         checkpoint_errors,
         stopped,
+        telemetry,
     } = seen;
     let limit =
         (script == Script::SmallFrames).then(|| tether_worker::connector::ws_config(SMALL_FRAME));
@@ -513,6 +529,37 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                 received.lock().expect("lock").push((conn, seq));
                 if script != Script::Unacknowledging && ws.send(send(ack)).await.is_err() {
                     break;
+                }
+            }
+        }
+        Script::PathChange { first_ms, then_ms } => {
+            let delay =
+                std::time::Duration::from_millis(if conn == 0 { first_ms } else { then_ms });
+            while let Some(Ok(m)) = ws.next().await {
+                if let Some(seq) = heartbeat_in(&m) {
+                    tokio::time::sleep(delay).await;
+                    if ws.send(heartbeat_reply(seq)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                let mut measured = false;
+                if let Message::Text(t) = &m
+                    && let Ok(tether_proto::WorkerMsg::Telemetry(t)) = decode_worker(t.as_str())
+                {
+                    measured = t.connection_stats.rtt_samples > 0;
+                    let at = Instant::now();
+                    let stats = t.connection_stats;
+                    telemetry.lock().expect("lock").push((conn, at, stats));
+                }
+                if let Some((_, ack)) = ack_of(&m)
+                    && ws.send(send(ack)).await.is_err()
+                {
+                    return;
+                }
+                if conn == 0 && measured {
+                    let _ = ws.close(None).await;
+                    return;
                 }
             }
         }

@@ -8,6 +8,7 @@ mod conformance;
 mod event_log;
 mod fake;
 mod frame_limit;
+mod fresh_stats;
 mod restart;
 mod scratch;
 mod settle;
