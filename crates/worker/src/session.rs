@@ -1640,12 +1640,19 @@ impl<'a> Session<'a> {
             metrics::counter!(m::HEARTBEAT_RTT_LOADED).increment(1);
             return;
         }
-        let (p95, stale) = {
+        let (p50, p95, stale) = {
             let mut s = self.agent.shared.stats();
             s.on_rtt(rtt);
             s.on_heard(self.last_frame);
-            (s.rtt_percentile(95.0), s.report_stale())
+            (
+                s.rtt_percentile(50.0),
+                s.rtt_percentile(95.0),
+                s.report_stale(),
+            )
         };
+        if let Some(ms) = p50 {
+            self.window.rtt = Duration::from_secs_f64(ms / 1e3);
+        }
         self.retime(p95);
         if stale {
             self.report_soon();
@@ -1913,10 +1920,14 @@ struct Window {
     delivered: u64,
     /// The link's rate, from the acknowledgements.
     rate: link::DeliveryRate,
-    /// The most estimated bytes sent and not yet acknowledged: about a second of the link
-    /// ([`link::window_for`]). Bounds how long a result or a heartbeat sits behind a large
-    /// upload on a slow link, so that a big checkpoint never starves the session.
+    /// The most estimated bytes sent and not yet acknowledged: a round trip and about a
+    /// second of the link ([`link::window_for`]). Bounds how long a result or a heartbeat
+    /// sits behind a large upload on a slow link, so that a big checkpoint never starves the
+    /// session.
     limit: usize,
+    /// The path's round trip, the heartbeats' p50 (zero before one is answered): what the
+    /// window holds in flight beside its queue.
+    rtt: Duration,
     /// The rate last published ([`Window::rate_moved`]).
     published: Option<f64>,
     /// The rate the statistics show, from the samples of messages sent with more waiting.
@@ -1983,7 +1994,8 @@ impl Window {
             bytes: 0,
             delivered: 0,
             rate: link::DeliveryRate::default(),
-            limit: link::window_for(rate),
+            limit: link::window_for(rate, Duration::ZERO),
+            rtt: Duration::ZERO,
             published: None,
             shown: link::ShownRate::default(),
             shown_published: None,
@@ -2040,7 +2052,7 @@ impl Window {
             let delivered = self.delivered - e.delivered;
             self.rate.sample(delivered, now - e.at, now);
             self.shown.sample(delivered, now - e.at, now, e.backlogged);
-            self.limit = link::window_for(self.rate.estimate(now));
+            self.limit = link::window_for(self.rate.estimate(now), self.rtt);
         }
     }
 
