@@ -1928,6 +1928,10 @@ struct Window {
     /// The path's round trip, the heartbeats' p50 (zero before one is answered): what the
     /// window holds in flight beside its queue.
     rtt: Duration,
+    /// The shortest wait of a small message ([`SMALL_ACKED`]) for its acknowledgement in
+    /// this session: the round trip where no heartbeat measured one (each sent behind a window
+    /// in flight is left out, and an upload from the registration on leaves none).
+    min_ack: Option<Duration>,
     /// The rate last published ([`Window::rate_moved`]).
     published: Option<f64>,
     /// The rate the statistics show, from the samples of messages sent with more waiting.
@@ -1947,6 +1951,11 @@ struct Window {
     /// ours arrives) or that its answers wait behind a frame of its own (one arriving).
     heard: Option<Instant>,
 }
+
+/// The largest message whose wait for its acknowledgement is taken for a round trip
+/// ([`Window::min_ack`]): a larger one's includes its own time on a slow link (a second for a
+/// piece of a second of it).
+const SMALL_ACKED: usize = 2048;
 
 /// A heartbeat sent and not yet answered.
 #[derive(Debug, Clone, Copy)]
@@ -1996,6 +2005,7 @@ impl Window {
             rate: link::DeliveryRate::default(),
             limit: link::window_for(rate, Duration::ZERO),
             rtt: Duration::ZERO,
+            min_ack: None,
             published: None,
             shown: link::ShownRate::default(),
             shown_published: None,
@@ -2050,9 +2060,16 @@ impl Window {
             // What the link delivered while this message was on its way.
             self.delivered += e.bytes as u64;
             let delivered = self.delivered - e.delivered;
-            self.rate.sample(delivered, now - e.at, now);
-            self.shown.sample(delivered, now - e.at, now, e.backlogged);
-            self.limit = link::window_for(self.rate.estimate(now), self.rtt);
+            let waited = now - e.at;
+            self.rate.sample(delivered, waited, now);
+            self.shown.sample(delivered, waited, now, e.backlogged);
+            if e.bytes <= SMALL_ACKED {
+                self.min_ack = Some(self.min_ack.map_or(waited, |m| m.min(waited)));
+            }
+            // The heartbeats' round trip, or the acknowledgements' where it is shorter (none
+            // measured, or measured before the path slowed).
+            let rtt = self.rtt.max(self.min_ack.unwrap_or_default());
+            self.limit = link::window_for(self.rate.estimate(now), rtt);
         }
     }
 
@@ -2690,6 +2707,33 @@ mod tests {
         assert_eq!(w.rate_moved(Instant::now()), Some(50_000.0));
         assert_eq!(w.limit, 50_000);
         assert_eq!(w.rate_moved(Instant::now()), None, "published once");
+    }
+
+    /// A path of 1.2 s whose heartbeats all measured a queue (an upload from the registration
+    /// on), the link faster than the window: each round a checkpoint's announcement and a
+    /// window of its pieces go whole and are acknowledged 1.2 s later. The announcement's
+    /// round trip keeps the window whole (it grows by (1.2 + 1) / 1.2 a round until the cap);
+    /// without it, a window of a second of what the window itself carried shrank by 1.2 each
+    /// time the rate's samples turned over (to 334 KiB within these 12 s), down to 32 KiB.
+    #[tokio::test(start_paused = true)]
+    async fn a_window_on_a_path_slower_than_a_second_stays_whole_with_no_heartbeat_measured() {
+        let mut w = Window::default();
+        let mut seq = 0;
+        for _ in 0..10 {
+            let t0 = Instant::now();
+            let first = seq + 1;
+            seq += 1;
+            w.enter(sent(seq, 300, t0));
+            while w.bytes + 16_384 <= w.limit {
+                seq += 1;
+                w.enter(sent(seq, 16_384, t0));
+            }
+            tokio::time::advance(Duration::from_millis(1_200)).await;
+            for s in first..=seq {
+                w.leave(s);
+            }
+        }
+        assert_eq!(w.limit, link::MAX_WINDOW);
     }
 
     /// An idle worker's reports over a 300 ms path, each sent with nothing behind it: they
