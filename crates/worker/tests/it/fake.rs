@@ -112,6 +112,11 @@ pub enum Script {
     /// `pieces`): a checkpoint's announcement is stored, its pieces never are (a link that
     /// carries them slower than the worker's stop lasts).
     AssignAndHoldPieces,
+    /// A path of `ack_ms` and no bandwidth limit: acknowledges every message `ack_ms` after it
+    /// came, without waiting to read the next (answers heartbeats at once); on the first
+    /// connection assigns one [`BIG_KIND`] task of [`SLOW_ACKS_CHECKPOINT`] bytes, recording
+    /// every `checkpoint_data` in `pieces`.
+    SlowAcks { ack_ms: u64 },
     /// Registers the worker and acknowledges every message; records every `telemetry` in
     /// `telemetry`. On the first connection answers each heartbeat `first_ms` late, and closes
     /// once a `telemetry` with an RTT figure came; on the later ones (the path after a
@@ -701,6 +706,65 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                 }
             }
         }
+        Script::SlowAcks { ack_ms } => {
+            if conn == 0 {
+                let assignment = CoordMsg::TaskAssignment(tether_proto::msg::TaskAssignment {
+                    task_id: tether_proto::TaskId::parse("t-big").expect("id"),
+                    attempt: tether_proto::Attempt(1),
+                    kind: BIG_KIND.into(),
+                    config: serde_json::json!({ "bytes": SLOW_ACKS_CHECKPOINT }).into(),
+                    timeout_ms: None,
+                    checkpoint: None,
+                    attempt_base: None,
+                    submit_seq: None,
+                    timestamp: now(),
+                });
+                if ws.send(send(assignment)).await.is_err() {
+                    return;
+                }
+            }
+            let delay = std::time::Duration::from_millis(ack_ms);
+            let mut due: std::collections::VecDeque<(Instant, CoordMsg)> =
+                std::collections::VecDeque::new();
+            loop {
+                let next = due.front().map(|&(at, _)| at);
+                let wait = async {
+                    match next {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = wait => {
+                        let Some((_, ack)) = due.pop_front() else { continue };
+                        if ws.send(send(ack)).await.is_err() {
+                            return;
+                        }
+                    }
+                    m = ws.next() => {
+                        let Some(Ok(m)) = m else { return };
+                        if let Some(seq) = heartbeat_in(&m) {
+                            if ws.send(heartbeat_reply(seq)).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        if let Message::Text(t) = &m
+                            && let Ok(tether_proto::WorkerMsg::CheckpointData(d)) =
+                                decode_worker(t.as_str())
+                        {
+                            pieces
+                                .lock()
+                                .expect("lock")
+                                .push((d.checkpoint_id.to_string(), d.chunk));
+                        }
+                        if let Some((_, ack)) = ack_of(&m) {
+                            due.push_back((Instant::now() + delay, ack));
+                        }
+                    }
+                }
+            }
+        }
         Script::RejectCheckpoint => {
             while let Some(Ok(m)) = ws.next().await {
                 if let Some(seq) = heartbeat_in(&m) {
@@ -934,6 +998,10 @@ fn last_assignment() -> CoordMsg {
         timestamp: now(),
     })
 }
+
+/// Bytes of the checkpoint a [`Script::SlowAcks`] task writes: eight times the send window of
+/// a link not measured yet, in pieces of the chunk size.
+pub const SLOW_ACKS_CHECKPOINT: usize = 4 << 20;
 
 /// Bytes of the checkpoint a [`Script::RequestCheckpoint`] task writes.
 pub const BIG_CHECKPOINT: usize = 16 * 1024;

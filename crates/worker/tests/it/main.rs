@@ -12,6 +12,7 @@ mod fresh_stats;
 mod restart;
 mod scratch;
 mod settle;
+mod shown_rate;
 mod sim;
 mod state_machine;
 mod wrong_secret;
