@@ -267,6 +267,8 @@ impl axum::serve::Listener for Admission {
                 deadline: Some(Box::pin(tokio::time::sleep(self.limits.handshake_timeout))),
                 awaiting_answer: true,
                 head: Head::Waiting,
+                target: Target::Method,
+                dropped: 0,
                 moved: Instant::now(),
                 stalled_since: None,
                 slack: self.limits.http_idle,
@@ -526,6 +528,10 @@ pub struct Guarded {
     awaiting_answer: bool,
     /// How far that request has come (see [`Head`]).
     head: Head,
+    /// How far its target has come (see [`Target`]).
+    target: Target,
+    /// Bytes of a head whose target is over hyper's bound read and dropped so far.
+    dropped: usize,
     /// When the answer last moved a byte (while not `awaiting_answer`).
     moved: Instant,
     /// Since when the answer's last write has been waiting for the reader to make room.
@@ -699,36 +705,127 @@ impl Head {
     }
 }
 
+/// How far the target of the request being read has come, read off its request line as it
+/// passes: its method, then its target (this many bytes so far), then the rest. hyper refuses a
+/// target over its bound (`http::HYPER_MAX_TARGET`) with a bare `414` and no body, before any
+/// of the coordinator's code sees it: one that long is answered here instead, in the API's
+/// words, as [`http::target_limit`](crate::http::target_limit) answers a shorter one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Method,
+    Reading(usize),
+    /// Past the target, within the bound.
+    Done,
+    /// Over the bound: the request is refused.
+    TooLong,
+}
+
+impl Target {
+    /// The state once `bytes` more of the request were read.
+    fn after(self, mut bytes: &[u8]) -> Target {
+        let mut state = self;
+        loop {
+            match state {
+                Target::Done | Target::TooLong => return state,
+                // Empty lines before the request line are skipped, as the parser does.
+                Target::Method => match bytes.iter().position(|&b| b == b' ') {
+                    Some(at) => {
+                        state = Target::Reading(0);
+                        bytes = &bytes[at + 1..];
+                    }
+                    None => return state,
+                },
+                Target::Reading(n) => {
+                    let end = bytes
+                        .iter()
+                        .position(|&b| matches!(b, b' ' | b'\r' | b'\n'));
+                    let n = n.saturating_add(end.unwrap_or(bytes.len()));
+                    return match end {
+                        _ if n > crate::http::HYPER_MAX_TARGET => Target::TooLong,
+                        Some(_) => Target::Done,
+                        None => Target::Reading(n),
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Bytes of a request head whose target is over hyper's bound read and dropped at most before
+/// it is answered: hyper's own buffer for a head is about 400 KiB.
+const DROPPED_MOST: usize = 512 * 1024;
+
+/// The answer to a request whose target is over hyper's bound, closing the connection.
+fn uri_too_long_answer() -> Vec<u8> {
+    let message = crate::http::target_too_long(&format!("over {}", crate::http::HYPER_MAX_TARGET));
+    let body = serde_json::json!({"error": {"code": "uri_too_long", "message": message}});
+    closing_answer("414 URI Too Long", &body.to_string())
+}
+
+/// An answer of `status` with the JSON `body`, closing the connection.
+fn closing_answer(status: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
 /// The answer to a request whose head was not whole by its deadline, closing the connection.
 fn request_timeout_answer(deadline: Duration) -> Vec<u8> {
     let body = format!(
         "{{\"error\":{{\"code\":\"request_timeout\",\"message\":\"the request's head was not complete within {} s (the handshake deadline)\"}}}}",
         deadline.as_secs_f64()
     );
-    format!(
-        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
+    closing_answer("408 Request Timeout", &body)
 }
 
 impl Guarded {
-    /// Writes [`request_timeout_answer`] as far as the socket takes it now (a connection that
-    /// has written nothing has room for it), over TLS when the connection has it.
-    fn answer_request_timeout(&mut self, cx: &mut Context<'_>) {
+    /// Writes `answer`, which closes the connection, as far as the socket takes it now (a
+    /// connection that has written nothing has room for it), over TLS when the connection has
+    /// it.
+    fn answer_closing(&mut self, cx: &mut Context<'_>, answer: &[u8]) {
         // Once: the error that follows ends the connection, however often it is polled.
         self.head = Head::Whole;
         if !matches!(self.tcp, Stream::Plain(_) | Stream::Tls(_)) {
             return;
         }
-        let answer = request_timeout_answer(self.handshake_timeout);
         let mut io = self.tcp.io();
-        if let Poll::Ready(Ok(n)) = io.as_mut().poll_write(cx, &answer) {
+        if let Poll::Ready(Ok(n)) = io.as_mut().poll_write(cx, answer) {
             if n < answer.len() {
-                tracing::debug!(written = n, "a 408 answer was cut short");
+                tracing::debug!(
+                    written = n,
+                    "an answer closing its connection was cut short"
+                );
             }
             let _ = io.as_mut().poll_flush(cx);
         }
+    }
+
+    /// A request whose target is over hyper's bound: what is left of its head is read and
+    /// dropped (closed with bytes unread, the connection would be reset, and the client could
+    /// lose the answer), up to [`DROPPED_MOST`] bytes and the request's deadline, then it is
+    /// answered `414 uri_too_long` and the read fails, closing the connection.
+    fn refuse_long_target(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut scratch = [0u8; 4096];
+        // Bounded: each turn reads a byte at least, or returns.
+        while self.head != Head::Whole && self.dropped <= DROPPED_MOST {
+            let mut read = ReadBuf::new(&mut scratch);
+            match self.tcp.io().poll_read(cx, &mut read) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) if read.filled().is_empty() => break,
+                Poll::Ready(Ok(())) => {
+                    self.dropped += read.filled().len();
+                    self.head = self.head.after(read.filled());
+                }
+            }
+        }
+        self.answer_closing(cx, &uri_too_long_answer());
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "request target over hyper's bound",
+        )))
     }
 
     /// The error that closes the connection when its deadline passed (see [`Guarded`]); polls
@@ -746,8 +843,10 @@ impl Guarded {
                 self.counters
                     .slow_handshakes
                     .fetch_add(1, Ordering::Relaxed);
-                if matches!(self.head, Head::Reading(_)) {
-                    self.answer_request_timeout(cx);
+                if self.target == Target::TooLong {
+                    self.answer_closing(cx, &uri_too_long_answer());
+                } else if matches!(self.head, Head::Reading(_)) {
+                    self.answer_closing(cx, &request_timeout_answer(self.handshake_timeout));
                 }
                 return Some(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -856,6 +955,9 @@ impl AsyncRead for Guarded {
             return Poll::Ready(Err(e));
         }
         ready_or_return!(self.tcp, cx);
+        if self.target == Target::TooLong {
+            return self.refuse_long_target(cx);
+        }
         let before = buf.filled().len();
         let r = self.tcp.io().poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -864,12 +966,20 @@ impl AsyncRead for Guarded {
             // The next request: its answer must begin within the handshake deadline.
             this.awaiting_answer = true;
             this.head = Head::Waiting;
+            this.target = Target::Method;
             if let Some(d) = this.deadline.as_mut() {
                 d.as_mut().reset(Instant::now() + this.handshake_timeout);
             }
         }
         if n > 0 && this.awaiting_answer && this.head != Head::Whole && this.deadline.is_some() {
-            this.head = this.head.after(&buf.filled()[before..]);
+            let read = &buf.filled()[before..];
+            this.head = this.head.after(read);
+            this.target = this.target.after(read);
+            if this.target == Target::TooLong {
+                // hyper never sees it, nor answers it.
+                buf.set_filled(before);
+                return this.refuse_long_target(cx);
+            }
         }
         let count = match n {
             0 => Count::Within,
@@ -1055,6 +1165,31 @@ mod tests {
             assert_eq!(dribble, Head::Reading(1));
         }
         assert_eq!(Head::Waiting.after(b""), Head::Reading(0));
+    }
+
+    /// A target over hyper's bound is told from the bytes of its request line however they
+    /// are cut, and one at the bound is not: it is hyper's to read, and the API's to refuse.
+    #[test]
+    fn a_target_over_hypers_bound_is_found_however_the_bytes_are_cut() {
+        let bound = crate::http::HYPER_MAX_TARGET;
+        for (len, want) in [(bound, Target::Done), (bound + 1, Target::TooLong)] {
+            let head = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "x".repeat(len - 1));
+            for piece in [1, 7, 4096, head.len()] {
+                let mut state = Target::Method;
+                for chunk in head.as_bytes().chunks(piece) {
+                    state = state.after(chunk);
+                }
+                assert_eq!(
+                    state, want,
+                    "a target of {len} bytes read in pieces of {piece}"
+                );
+            }
+        }
+        // Empty lines before the request line are passed over; a line without a version ends
+        // its target; a request not yet past its method has none yet.
+        assert_eq!(Target::Method.after(b"\r\nGET /a\r\n"), Target::Done);
+        assert_eq!(Target::Method.after(b"GET /a"), Target::Reading(2));
+        assert_eq!(Target::Method.after(b"GE"), Target::Method);
     }
 
     #[test]

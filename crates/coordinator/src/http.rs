@@ -689,8 +689,9 @@ pub const LIST_IDS_MAX: usize = 128;
 /// one, in the API's words. Room for the longest listing by ids, with its other parameters.
 pub const MAX_TARGET_BYTES: usize = 56 * 1024;
 
-/// hyper's bound on a request target (`MAX_URI_LEN` of its HTTP/1 parser).
-const HYPER_MAX_TARGET: usize = u16::MAX as usize - 1;
+/// hyper's bound on a request target (`MAX_URI_LEN` of its HTTP/1 parser). A longer one is
+/// answered by `admission` before hyper parses it, in the words of [`target_limit`].
+pub(crate) const HYPER_MAX_TARGET: usize = u16::MAX as usize - 1;
 const _: () = assert!(MAX_TARGET_BYTES < HYPER_MAX_TARGET);
 // [`LIST_IDS_MAX`] ids of the longest, every byte percent-encoded, a comma after each, and
 // 1 KiB for the path and the other parameters.
@@ -707,14 +708,18 @@ pub async fn target_limit(req: axum::extract::Request, next: axum::middleware::N
         return error_response(
             StatusCode::URI_TOO_LONG,
             "uri_too_long",
-            &format!(
-                "the request target (path and query) is {len} bytes; this coordinator reads at \
-                 most {MAX_TARGET_BYTES}: ask for less a request (a listing names at most \
-                 {LIST_IDS_MAX} ids)"
-            ),
+            &target_too_long(&len.to_string()),
         );
     }
     next.run(req).await
+}
+
+/// The message of a `414 uri_too_long`, for a target of `len` bytes (a number, or "over N").
+pub(crate) fn target_too_long(len: &str) -> String {
+    format!(
+        "the request target (path and query) is {len} bytes; this coordinator reads at most \
+         {MAX_TARGET_BYTES}: ask for less a request (a listing names at most {LIST_IDS_MAX} ids)"
+    )
 }
 
 /// The query of a task listing. A parameter it does not know is refused (`400 bad_request`,
@@ -1375,6 +1380,7 @@ mod tests {
             controls: Arc::new(tokio::sync::Semaphore::new(CONTROLS_AT_ONCE)),
             submits: Arc::new(tokio::sync::Semaphore::new(SUBMITS_AT_ONCE)),
             paces: crate::ws::Paces::default(),
+            refusals: Arc::default(),
         })
     }
 

@@ -10,7 +10,8 @@
 //! - [`store`]: SQLite persistence with group commit; effects run after commit.
 //! - [`admission`]: connection limits at accept, and the token bucket of rate limits.
 //! - [`auth`]: worker secrets and API tokens.
-//! - [`ratelimit`]: log lines a fleet can repeat without end, said once a window.
+//! - [`ratelimit`]: log lines a fleet can repeat without end, said once a window, and a few a
+//!   minute over the fleet.
 //! - [`tls`]: the rustls server configuration from PEM files.
 //! - [`config`]: settings and their defaults.
 

@@ -36,6 +36,9 @@ pub const SESSIONS_ENDED: &str = "tether_sessions_ended_total";
 pub const SESSIONS_REPLACED: &str = "tether_sessions_replaced_total";
 /// Counter: registrations refused as a replaced process's: two live processes share an id.
 pub const ID_CONFLICTS: &str = "tether_worker_id_conflicts_total";
+/// Counter: worker registrations refused, by `reason` ([`Refused`]), whether the session
+/// refused them before the core heard of the connection (4001, 4002, 4003) or the core did.
+pub const REGISTRATIONS_REFUSED: &str = "tether_registrations_refused_total";
 /// Counter: checkpoints refused as larger than `max_checkpoint_bytes`.
 pub const CHECKPOINTS_TOO_LARGE: &str = "tether_checkpoints_too_large_total";
 /// Counter: workers past the grace period whose leases were released.
@@ -226,6 +229,56 @@ impl SessionEnd {
     }
 }
 
+/// Why a worker's registration was refused: the `reason` label of [`REGISTRATIONS_REFUSED`],
+/// registered at 0 for each of [`Self::ALL`]. Its label is also the class its log lines are
+/// limited under (`ratelimit`): fixed here, never what the attempt sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Its signature, or its integrity tag, did not verify (`unauthorized`, 4001); or a second
+    /// registration on an authenticated session (`unauthorized`, the session kept).
+    Unauthorized,
+    /// Another protocol version (`incompatible_protocol`, 4002).
+    IncompatibleProtocol,
+    /// A frame limit under the least every peer takes (`incompatible_protocol`, 4002).
+    FrameLimit,
+    /// Labels, an inventory or an acknowledgement past their bounds (`bad_frame`, 4002).
+    OutOfBounds,
+    /// `worker_id` is not the endpoint's (4003).
+    OtherWorker,
+    /// A process a newer one of the same worker id replaced (4003; also
+    /// [`ID_CONFLICTS`]).
+    Replaced,
+}
+
+impl Refused {
+    /// Every reason, each once.
+    pub const ALL: [Refused; 6] = [
+        Self::Unauthorized,
+        Self::IncompatibleProtocol,
+        Self::FrameLimit,
+        Self::OutOfBounds,
+        Self::OtherWorker,
+        Self::Replaced,
+    ];
+
+    /// Its `reason` label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Unauthorized => "unauthorized",
+            Self::IncompatibleProtocol => "incompatible_protocol",
+            Self::FrameLimit => "frame_limit",
+            Self::OutOfBounds => "out_of_bounds",
+            Self::OtherWorker => "other_worker",
+            Self::Replaced => "replaced",
+        }
+    }
+
+    /// Counts one refusal of this reason.
+    pub fn count(self) {
+        metrics::counter!(REGISTRATIONS_REFUSED, "reason" => self.as_str()).increment(1);
+    }
+}
+
 /// `disposition`s of [`RESULTS`]: [`disposition`]'s, and `cancelled` (a stale result of an
 /// attempt a cancel ended, counted apart).
 pub const RESULT_DISPOSITIONS: &[&str] =
@@ -280,6 +333,9 @@ fn register() {
     }
     for end in SessionEnd::ALL {
         metrics::counter!(SESSIONS_ENDED, "reason" => end.as_str()).increment(0);
+    }
+    for refused in Refused::ALL {
+        metrics::counter!(REGISTRATIONS_REFUSED, "reason" => refused.as_str()).increment(0);
     }
     for &d in RESULT_DISPOSITIONS {
         metrics::counter!(RESULTS, "disposition" => d).increment(0);
@@ -427,6 +483,10 @@ fn describe() {
     describe_counter!(
         CHECKPOINTS_TOO_LARGE,
         "checkpoints refused as larger than the coordinator keeps"
+    );
+    describe_counter!(
+        REGISTRATIONS_REFUSED,
+        "worker registrations refused, by reason"
     );
     describe_counter!(WORKERS_LOST, "workers lost after the grace period");
     describe_gauge!(WORKERS, "known workers by connection state");
@@ -603,5 +663,34 @@ mod tests {
         labels.sort_unstable();
         labels.dedup();
         assert_eq!(labels.len(), S::ALL.len(), "a label shared: {labels:?}");
+    }
+
+    /// [`Refused::ALL`](super::Refused::ALL), whose labels are registered at 0, lists every
+    /// reason once, each with its own label: a variant added stops this match compiling until
+    /// it is listed here, and then fails it until it is listed there.
+    #[test]
+    fn every_refusal_reason_is_registered_once_under_its_own_label() {
+        use super::Refused as R;
+        let every = |r: R| match r {
+            R::Unauthorized
+            | R::IncompatibleProtocol
+            | R::FrameLimit
+            | R::OutOfBounds
+            | R::OtherWorker
+            | R::Replaced => r,
+        };
+        let all = [
+            every(R::Unauthorized),
+            every(R::IncompatibleProtocol),
+            every(R::FrameLimit),
+            every(R::OutOfBounds),
+            every(R::OtherWorker),
+            every(R::Replaced),
+        ];
+        assert_eq!(R::ALL, all);
+        let mut labels: Vec<&str> = R::ALL.iter().map(|r| r.as_str()).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), R::ALL.len(), "a label shared: {labels:?}");
     }
 }

@@ -12,7 +12,7 @@ use crate::{dashboard, http, metrics, ws};
 
 #[derive(OpenApi)]
 #[openapi(
-    modifiers(&BearerTokens),
+    modifiers(&BearerTokens, &TargetLimit),
     info(
         title = "tether coordinator",
         description = "Tasks, workers and the fleet's health. Errors are `{\"error\": {\"code\", \"message\"}}`. The worker WebSocket protocol is described in docs/PROTOCOL.md."
@@ -65,15 +65,6 @@ impl Modify for BearerTokens {
         doc.components
             .get_or_insert_with(Default::default)
             .add_security_scheme(BEARER, SecurityScheme::Http(scheme));
-        let error = |what: &str| {
-            ResponseBuilder::new()
-                .description(what)
-                .content(
-                    "application/json",
-                    Content::new(Some(Ref::from_schema_name("ErrorBody"))),
-                )
-                .build()
-        };
         for (path, item) in doc.paths.paths.iter_mut() {
             if crate::auth::is_public(path) {
                 continue;
@@ -95,6 +86,46 @@ impl Modify for BearerTokens {
                     r.entry("403".into())
                         .or_insert_with(|| error("A read token on an admin request").into());
                 }
+            }
+        }
+    }
+}
+
+/// An answer of the error body, saying `what`.
+fn error(what: &str) -> utoipa::openapi::Response {
+    ResponseBuilder::new()
+        .description(what)
+        .content(
+            "application/json",
+            Content::new(Some(Ref::from_schema_name("ErrorBody"))),
+        )
+        .build()
+}
+
+/// Lists on every operation the `414 uri_too_long` of a request target over the API's limit
+/// ([`http::target_limit`], outermost in the router; past hyper's bound, the admitted
+/// connection's own answer): every path can be asked with one.
+struct TargetLimit;
+
+impl Modify for TargetLimit {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let what = format!(
+            "`uri_too_long`: the request target (path and query) is over the {} bytes this coordinator reads",
+            http::MAX_TARGET_BYTES
+        );
+        for item in doc.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in ops.into_iter().flatten() {
+                op.responses
+                    .responses
+                    .entry("414".into())
+                    .or_insert_with(|| error(&what).into());
             }
         }
     }
@@ -216,6 +247,28 @@ mod tests {
             of_the_core, 11,
             "every operation of tasks, workers and the overview"
         );
+    }
+
+    /// Every operation lists the `414 uri_too_long` of a target over the limit, with the error
+    /// body: the limit is the router's outermost layer, and every path can be asked with one.
+    #[test]
+    fn every_operation_lists_the_414_of_a_target_over_the_limit() {
+        let doc = openapi_json();
+        let mut ops = 0;
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for (method, op) in item.as_object().expect("item") {
+                ops += 1;
+                let r = &op["responses"]["414"];
+                assert_eq!(
+                    r["content"]["application/json"]["schema"]["$ref"],
+                    "#/components/schemas/ErrorBody",
+                    "{method} {path}: {r}"
+                );
+                let said = r["description"].as_str().unwrap_or_default();
+                assert!(said.contains("uri_too_long"), "{method} {path}: {said}");
+            }
+        }
+        assert!(ops >= 18, "every operation: {ops}");
     }
 
     #[test]

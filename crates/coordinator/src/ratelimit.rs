@@ -1,18 +1,29 @@
-//! Log lines a fleet can repeat without end, said once a window per worker and kind.
+//! Log lines a fleet can repeat without end, said once a window per worker and kind, and no
+//! more than a few a minute over all of them.
 //!
 //! A worker refused its registration tries again, and again: a fleet left on an old secret
 //! after a rotation, or on another protocol, made one WARN line per worker per attempt, for as
 //! long as it ran, and so did a client that sends frames and never registers. The first
 //! refusal of a worker of a kind is said at WARN; its repeats within [`WINDOW`] go to debug,
 //! and the next WARN after the window says how many there were. Counters (the overview's
-//! `auth_failures`, `pre_registration_overflows`) count every one regardless.
+//! `auth_failures`, `pre_registration_overflows`, `tether_registrations_refused_total`) count
+//! every one regardless.
+//!
+//! A client that makes up a new worker id at every attempt is a first every time: over every
+//! worker and kind, at most [`WARNS_A_MINUTE`] first lines are said at WARN a minute
+//! ([`CAP_WINDOW`]). The first one past them says so at WARN, the rest of the minute go to
+//! debug (a worker's refusal among them is said at WARN when it comes again after the
+//! minute), and the first refusal after the minute says at WARN how many went to debug.
 //!
 //! A kind is a `&'static str`, a class of the refusal and not its text: a reason may carry
 //! what the attempt sent (an id, a clock's skew), and keyed on that every attempt would be a
 //! first. The line still says the whole reason.
+//!
+//! Each coordinator has its own ([`Refusals`], shared by its sessions and its core): one
+//! embedded beside another, or a test's, is not told its first lines were said by the other.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -25,6 +36,12 @@ pub const WINDOW: Duration = Duration::from_secs(600);
 /// the oldest. A few MB at most, against ids made up by the attempt.
 pub const MAX_KEYS: usize = 16_384;
 
+/// First lines said at WARN at most a [`CAP_WINDOW`], over every worker and kind.
+pub const WARNS_A_MINUTE: u64 = 20;
+
+/// The window of [`WARNS_A_MINUTE`].
+pub const CAP_WINDOW: Duration = Duration::from_secs(60);
+
 /// How to say one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Verdict {
@@ -35,54 +52,148 @@ pub struct Verdict {
     pub repeats: u64,
 }
 
+/// What the cap over every worker says of itself, at WARN, before the event's own line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// The cap was reached: this first line and the rest of the minute's go to debug.
+    Capped,
+    /// A minute began after one that sent `suppressed` first lines to debug over the cap.
+    Suppressed(u64),
+}
+
 #[derive(Debug)]
 struct Window {
     since: Instant,
     repeats: u64,
+    /// Said at WARN: its repeats within the window go to debug. Not yet (the cap sent its
+    /// first line to debug): the next is tried at WARN again.
+    said: bool,
 }
 
-/// The windows of the (worker, kind) pairs seen lately.
+/// The first lines said at WARN in the current window, over every worker and kind.
+#[derive(Debug)]
+struct Cap {
+    most: u64,
+    window: Duration,
+    since: Option<Instant>,
+    said: u64,
+    suppressed: u64,
+}
+
+impl Cap {
+    /// Whether a first line may be said at WARN at `now`, and what the cap says first.
+    fn take(&mut self, now: Instant) -> (bool, Option<Notice>) {
+        let mut notice = None;
+        if self
+            .since
+            .is_none_or(|since| now.saturating_duration_since(since) >= self.window)
+        {
+            notice = (self.suppressed > 0).then_some(Notice::Suppressed(self.suppressed));
+            *self = Cap {
+                since: Some(now),
+                said: 0,
+                suppressed: 0,
+                ..*self
+            };
+        }
+        if self.said < self.most {
+            self.said += 1;
+            return (true, notice);
+        }
+        self.suppressed += 1;
+        // Not with `Suppressed`: a window that just began has room (`most` is at least 1).
+        (false, (self.suppressed == 1).then_some(Notice::Capped))
+    }
+}
+
+/// The windows of the (worker, kind) pairs seen lately, and the cap over all of them.
 #[derive(Debug)]
 pub struct Repeats {
     window: Duration,
     max_keys: usize,
     seen: HashMap<(String, &'static str), Window>,
+    cap: Cap,
 }
 
 impl Repeats {
-    /// Windows of `window`, for at most `max_keys` (worker, kind) pairs.
+    /// Windows of `window`, for at most `max_keys` (worker, kind) pairs, and at most
+    /// [`WARNS_A_MINUTE`] first lines at WARN a [`CAP_WINDOW`].
     pub fn new(window: Duration, max_keys: usize) -> Self {
         Self {
             window,
             max_keys: max_keys.max(1),
             seen: HashMap::new(),
+            cap: Cap {
+                most: WARNS_A_MINUTE,
+                window: CAP_WINDOW,
+                since: None,
+                said: 0,
+                suppressed: 0,
+            },
         }
     }
 
-    /// Notes an event of `worker` of `kind` at `now` and says how to log it.
-    pub fn note(&mut self, worker: &str, kind: &'static str, now: Instant) -> Verdict {
+    /// At most `most` (at least 1) first lines at WARN a `window`, over every worker and kind.
+    pub fn capped(mut self, most: u64, window: Duration) -> Self {
+        self.cap.most = most.max(1);
+        self.cap.window = window;
+        self
+    }
+
+    /// Notes an event of `worker` of `kind` at `now` and says how to log it, and what the cap
+    /// says before it.
+    pub fn note(
+        &mut self,
+        worker: &str,
+        kind: &'static str,
+        now: Instant,
+    ) -> (Verdict, Option<Notice>) {
         let key = (worker.to_owned(), kind);
-        if let Some(w) = self.seen.get_mut(&key) {
-            if now.saturating_duration_since(w.since) < self.window {
-                w.repeats += 1;
-                return Verdict {
-                    warn: false,
-                    repeats: w.repeats,
-                };
-            }
-            let repeats = std::mem::replace(
-                w,
-                Window {
-                    since: now,
-                    repeats: 0,
-                },
-            )
-            .repeats;
-            return Verdict {
+        if let Some(w) = self.seen.get_mut(&key)
+            && w.said
+            && now.saturating_duration_since(w.since) < self.window
+        {
+            w.repeats += 1;
+            let repeat = Verdict {
+                warn: false,
+                repeats: w.repeats,
+            };
+            return (repeat, None);
+        }
+        let (warn, notice) = self.cap.take(now);
+        if !self.seen.contains_key(&key) {
+            self.make_room(now);
+        }
+        let w = self.seen.entry(key).or_insert(Window {
+            since: now,
+            repeats: 0,
+            said: false,
+        });
+        if !warn {
+            w.repeats += 1;
+            let demoted = Verdict {
+                warn: false,
+                repeats: w.repeats,
+            };
+            return (demoted, notice);
+        }
+        let window = Window {
+            since: now,
+            repeats: 0,
+            said: true,
+        };
+        let repeats = std::mem::replace(w, window).repeats;
+        (
+            Verdict {
                 warn: true,
                 repeats,
-            };
-        }
+            },
+            notice,
+        )
+    }
+
+    /// Room for one more pair: windows that ended are forgotten, then the oldest.
+    fn make_room(&mut self, now: Instant) {
         if self.seen.len() >= self.max_keys {
             let window = self.window;
             self.seen
@@ -98,30 +209,49 @@ impl Repeats {
                 self.seen.remove(&k);
             }
         }
-        self.seen.insert(
-            key,
-            Window {
-                since: now,
-                repeats: 0,
-            },
-        );
-        Verdict {
-            warn: true,
-            repeats: 0,
-        }
     }
 }
 
-/// Notes what a worker connection met or said before its registration was taken, of `kind` (a
-/// failed authentication, a registration refused, too many frames before one, an `error` it
-/// reported), which it may repeat at every attempt without end; process-wide as the log is.
-/// Says how to log it.
-pub fn refusal(worker: &str, kind: &'static str) -> Verdict {
-    static REFUSALS: OnceLock<Mutex<Repeats>> = OnceLock::new();
-    let refusals = REFUSALS.get_or_init(|| Mutex::new(Repeats::new(WINDOW, MAX_KEYS)));
-    // A panic elsewhere while holding it left a map that is still whole: go on with it.
-    let mut r = refusals.lock().unwrap_or_else(|p| p.into_inner());
-    r.note(worker, kind, Instant::now())
+/// What a coordinator's worker connections met or said before their registration was taken,
+/// and the registrations its core refused (a failed authentication, a registration refused,
+/// too many frames before one, an `error` reported), which a client may repeat at every
+/// attempt without end: shared by its sessions and its core.
+#[derive(Debug)]
+pub struct Refusals(Mutex<Repeats>);
+
+impl Default for Refusals {
+    fn default() -> Self {
+        Self(Mutex::new(Repeats::new(WINDOW, MAX_KEYS)))
+    }
+}
+
+impl Refusals {
+    /// Notes an event of `worker` of `kind` now, says what the cap has to say, and says how to
+    /// log the event.
+    pub fn note(&self, worker: &str, kind: &'static str) -> Verdict {
+        // A panic elsewhere while holding it left a map that is still whole: go on with it.
+        let (verdict, notice) =
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .note(worker, kind, Instant::now());
+        match notice {
+            Some(Notice::Capped) => {
+                tracing::warn!(
+                    most = WARNS_A_MINUTE,
+                    "more workers refused within a minute than said at WARN (`most`): the rest of this minute's refusals are logged at debug, and their number when the minute is over (tether_registrations_refused_total counts every registration refused)"
+                );
+            }
+            Some(Notice::Suppressed(n)) => {
+                tracing::warn!(
+                    suppressed = n,
+                    "refusals of workers logged at debug in the last minute, past the WARN lines a minute allows (`suppressed`)"
+                );
+            }
+            None => {}
+        }
+        verdict
+    }
 }
 
 #[cfg(test)]
@@ -130,8 +260,8 @@ mod tests {
 
     const MIN: Duration = Duration::from_secs(60);
 
-    fn say(warn: bool, repeats: u64) -> Verdict {
-        Verdict { warn, repeats }
+    fn say(warn: bool, repeats: u64) -> (Verdict, Option<Notice>) {
+        (Verdict { warn, repeats }, None)
     }
 
     #[test]
@@ -162,13 +292,13 @@ mod tests {
         let t0 = Instant::now();
         let mut r = Repeats::new(10 * MIN, 3);
         for (i, w) in ["a", "b", "c"].into_iter().enumerate() {
-            assert!(r.note(w, "x", t0 + MIN * i as u32).warn);
+            assert!(r.note(w, "x", t0 + MIN * i as u32).0.warn);
         }
         // Full, none ended: the oldest (`a`) goes.
-        assert!(r.note("d", "x", t0 + 3 * MIN).warn);
+        assert!(r.note("d", "x", t0 + 3 * MIN).0.warn);
         assert_eq!(r.seen.len(), 3);
-        assert!(!r.note("b", "x", t0 + 4 * MIN).warn);
-        assert!(r.note("a", "x", t0 + 4 * MIN).warn, "a was forgotten");
+        assert!(!r.note("b", "x", t0 + 4 * MIN).0.warn);
+        assert!(r.note("a", "x", t0 + 4 * MIN).0.warn, "a was forgotten");
         // Past every window: all are forgotten at once, and the map stays bounded.
         for i in 0..100u32 {
             r.note(
@@ -178,5 +308,52 @@ mod tests {
             );
             assert!(r.seen.len() <= 3);
         }
+    }
+
+    /// A client that makes up a worker id at every attempt is a first every time: over all of
+    /// them at most the cap is said at WARN a window, the first past it saying so, and the
+    /// first of the next window saying how many went to debug. A worker whose first line the
+    /// cap sent to debug is said at WARN when it comes again after the flood, with its count;
+    /// one said before the flood keeps its own window.
+    #[test]
+    fn a_flood_of_made_up_ids_is_said_at_warn_at_most_the_cap_a_minute_then_counted() {
+        let t0 = Instant::now();
+        let mut r = Repeats::new(10 * MIN, 1000).capped(5, MIN);
+        assert_eq!(r.note("real", "bad signature", t0), say(true, 0));
+        let (mut warned, mut notices) = (1, Vec::new());
+        for i in 0..50u32 {
+            let at = t0 + Duration::from_millis(100 * u64::from(i));
+            let (said, notice) = r.note(&format!("made-up-{i}"), "other_worker", at);
+            warned += u64::from(said.warn);
+            notices.extend(notice);
+            if i == 25 {
+                // Another real worker, caught in the flood; the first one, quiet in its window.
+                assert_eq!(r.note("late", "bad signature", at), say(false, 1));
+                assert_eq!(r.note("real", "bad signature", at), say(false, 1));
+            }
+        }
+        assert_eq!(warned, 5, "at most the cap a window");
+        assert_eq!(
+            notices,
+            [Notice::Capped],
+            "said once, as the cap is reached"
+        );
+        // The minute over: its count first (46 made up, 4 of 50 said with `real`'s, and
+        // `late`), then `late` at WARN with the line that went to debug.
+        let after = t0 + MIN + Duration::from_secs(5);
+        assert_eq!(
+            r.note("late", "bad signature", after),
+            (
+                Verdict {
+                    warn: true,
+                    repeats: 1
+                },
+                Some(Notice::Suppressed(47))
+            )
+        );
+        assert_eq!(r.note("late", "bad signature", after), say(false, 1));
+        assert_eq!(r.note("real", "bad signature", after), say(false, 2));
+        // Said once: the next window has no count to say.
+        assert_eq!(r.note("made-up-x", "other_worker", after), say(true, 0));
     }
 }

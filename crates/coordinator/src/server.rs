@@ -42,6 +42,8 @@ pub struct AppState {
     pub submits: Arc<tokio::sync::Semaphore>,
     /// The message and byte rates of workers between sessions.
     pub paces: crate::ws::Paces,
+    /// The log lines of refused connections said lately (shared with the core).
+    pub refusals: Arc<crate::ratelimit::Refusals>,
 }
 
 /// How long a stopping coordinator waits for its HTTP connections to finish what they send.
@@ -172,7 +174,10 @@ pub async fn run_with(
     )?;
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let (changes, _) = broadcast::channel(dashboard::CHANGES_BUFFER);
-    let core = Core::new(cfg.clone(), loaded, counters.clone()).with_changes(changes.clone());
+    let refusals = Arc::new(crate::ratelimit::Refusals::default());
+    let core = Core::new(cfg.clone(), loaded, counters.clone())
+        .with_changes(changes.clone())
+        .with_refusals(refusals.clone());
     let handoff = store::Handoff::new(writer_tx, store_stats.clone());
     let core_task = tokio::spawn(watch_core(
         tokio::spawn(core.run(events_rx, handoff, stop.clone())),
@@ -191,6 +196,7 @@ pub async fn run_with(
         controls: Arc::new(tokio::sync::Semaphore::new(crate::http::CONTROLS_AT_ONCE)),
         submits: Arc::new(tokio::sync::Semaphore::new(crate::http::SUBMITS_AT_ONCE)),
         paces: crate::ws::Paces::default(),
+        refusals,
     });
     let disk = tokio::spawn(crate::disk::watch(cfg.data_dir.clone(), stop.clone()));
     let sampler = tokio::spawn(dashboard::sample(

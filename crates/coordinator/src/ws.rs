@@ -1409,6 +1409,7 @@ fn on_message(
         }
         Ok(WorkerMsg::Registration(_)) if app.cfg.auth.is_some() => {
             app.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+            m::Refused::Unauthorized.count();
             tracing::warn!(worker = %worker, session = session_id, "second registration on an authenticated session refused");
             Some(CoordMsg::error(
                 ErrorCode::Unauthorized,
@@ -1558,14 +1559,14 @@ impl Conn<'_> {
                                 // Once a window per worker at WARN: the core's budget of
                                 // peers' lines is for registered sessions, and a connection
                                 // may send these until its frames run out, then come back.
-                                let said = crate::ratelimit::refusal(
-                                    self.worker.as_str(),
-                                    "error before registration",
-                                );
+                                let said = self
+                                    .app
+                                    .refusals
+                                    .note(self.worker.as_str(), "error before registration");
                                 if said.warn {
-                                    tracing::warn!(worker = %self.worker, session = self.session_id, code = e.code.as_str(), message = ?e.logged(), repeats_at_debug = said.repeats, "worker reported an error before registering (its repeats within 10 min are logged at debug; `repeats_at_debug` counts those of the last window)");
+                                    tracing::warn!(worker = %self.worker, session = self.session_id, code = e.code.as_str(), error_message = ?e.logged(), repeats_at_debug = said.repeats, "worker reported an error before registering (its repeats within 10 min are logged at debug; `repeats_at_debug` counts those of the last window)");
                                 } else {
-                                    tracing::debug!(worker = %self.worker, session = self.session_id, code = e.code.as_str(), message = ?e.logged(), repeat = said.repeats, "worker reported an error before registering, again");
+                                    tracing::debug!(worker = %self.worker, session = self.session_id, code = e.code.as_str(), error_message = ?e.logged(), repeat = said.repeats, "worker reported an error before registering, again");
                                 }
                                 continue;
                             }
@@ -1610,7 +1611,7 @@ impl Conn<'_> {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Once a window per worker at WARN: a client that never registers may come back as
         // often as it is let in.
-        let said = crate::ratelimit::refusal(self.worker.as_str(), reason);
+        let said = self.app.refusals.note(self.worker.as_str(), reason);
         if said.warn {
             tracing::warn!(worker = %self.worker, session = self.session_id, reason, repeats_at_debug = said.repeats, "connection closed (1008) before its registration (its repeats within 10 min are logged at debug; `repeats_at_debug` counts those of the last window)");
         } else {
@@ -1648,7 +1649,8 @@ impl Conn<'_> {
         if let Some(refusal) = registration_refusal(self.worker, &r) {
             // Once a window per worker and kind at WARN: a worker on another protocol, or on
             // another's endpoint, tries again without end.
-            let said = crate::ratelimit::refusal(self.worker.as_str(), refusal.kind);
+            refusal.kind.count();
+            let said = (self.app.refusals).note(self.worker.as_str(), refusal.kind.as_str());
             if said.warn {
                 tracing::warn!(worker = %self.worker, session = self.session_id, code = refusal.code, reason = %refusal.reason, repeats_at_debug = said.repeats, "registration refused (its repeats for this reason within 10 min are logged at debug; `repeats_at_debug` counts those of the last window)");
             } else {
@@ -1720,10 +1722,11 @@ impl Conn<'_> {
             .counters
             .auth_failures
             .fetch_add(1, Ordering::Relaxed);
+        m::Refused::Unauthorized.count();
         // Once a window per worker and reason at WARN: a fleet left on an old secret tries
         // again without end.
         let reason = e.to_string();
-        let said = crate::ratelimit::refusal(self.worker.as_str(), e.kind());
+        let said = self.app.refusals.note(self.worker.as_str(), e.kind());
         if said.warn {
             tracing::warn!(worker = %self.worker, session = self.session_id, %reason, repeats_at_debug = said.repeats, "worker authentication failed; closing with 4001 (its repeats for this reason within 10 min are logged at debug; `repeats_at_debug` counts those of the last window)");
         } else {
@@ -2397,6 +2400,7 @@ mod tests {
                 controls: Arc::new(tokio::sync::Semaphore::new(1)),
                 submits: Arc::new(tokio::sync::Semaphore::new(1)),
                 paces: Paces::default(),
+                refusals: Default::default(),
                 cfg: Arc::new(cfg),
             });
             let limits = state.cfg.limits.clone();
@@ -3282,7 +3286,7 @@ mod tests {
         let kind = |v: serde_json::Value| {
             let r: Registration = serde_json::from_value(v).expect("a registration");
             let refusal = registration_refusal(&endpoint, &r).expect("refused");
-            refusal.kind
+            refusal.kind.as_str()
         };
         let reg = |id: &str| {
             serde_json::json!({
@@ -3295,17 +3299,17 @@ mod tests {
                 "timestamp": "2026-01-01T00:00:00Z",
             })
         };
-        assert_eq!(kind(reg("w-a")), "registration for another worker");
-        assert_eq!(kind(reg("w-b")), "registration for another worker");
+        assert_eq!(kind(reg("w-a")), "other_worker");
+        assert_eq!(kind(reg("w-b")), "other_worker");
         let mut old = reg("w-endpoint");
         old["protocol_version"] = (tether_proto::PROTOCOL_VERSION + 1).into();
-        assert_eq!(kind(old), "incompatible protocol");
+        assert_eq!(kind(old), "incompatible_protocol");
         let mut tiny = reg("w-endpoint");
         tiny["max_frame"] = 1.into();
-        assert_eq!(kind(tiny), "frame limit too small");
+        assert_eq!(kind(tiny), "frame_limit");
         let mut many = reg("w-endpoint");
         let labels = tether_proto::msg::MAX_WORKER_LABELS + 1;
         many["capabilities"] = (0..labels).map(|n| format!("c{n}")).collect();
-        assert_eq!(kind(many), "registration out of bounds");
+        assert_eq!(kind(many), "out_of_bounds");
     }
 }

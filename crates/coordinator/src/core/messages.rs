@@ -259,7 +259,7 @@ impl Core {
                     .increment(1);
                 if self.peer_logs.admit() {
                     let offending = e.offending_type.as_deref().map(tether_proto::msg::logged);
-                    tracing::warn!(worker = %worker, code = e.code.as_str(), message = ?e.logged(), ?offending, "worker reported an error");
+                    tracing::warn!(worker = %worker, code = e.code.as_str(), error_message = ?e.logged(), ?offending, "worker reported an error");
                 }
             }
             other if !registered => {
@@ -402,7 +402,7 @@ impl Core {
         self.counters.id_conflicts.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::ID_CONFLICTS).increment(1);
         // Once a window per worker at WARN: the replaced process tries again without end.
-        let said = crate::ratelimit::refusal(worker.as_str(), REPLACED_AGAIN);
+        let said = self.refusals.note(worker.as_str(), REPLACED_AGAIN);
         if said.warn {
             tracing::warn!(worker = %worker, boot = ?logged(boot_id), holder = ?logged(&w.boot_id), repeats_at_debug = said.repeats, "a process this worker's newer process replaced registered again: two processes share this worker id; refused (give each its own id; its repeats within 10 min are logged at debug)");
         } else {
@@ -419,7 +419,7 @@ impl Core {
             .collect();
         Some(Refusal {
             code: 4003,
-            kind: "worker id taken by a newer process",
+            kind: m::Refused::Replaced,
             reason: format!(
                 "worker id taken by a newer process (boot {holder}); give each its own id"
             ),
@@ -429,13 +429,15 @@ impl Core {
 
     /// Tells `session` why its registration is refused, and closes it.
     pub(super) fn refuse_registration(
+        &self,
         worker: &WorkerId,
         session: &SessionRef,
         refusal: Refusal,
         b: &mut Batch,
     ) {
         // Once a window per worker and kind at WARN, as the session says its own refusals.
-        let said = crate::ratelimit::refusal(worker.as_str(), refusal.kind);
+        refusal.kind.count();
+        let said = self.refusals.note(worker.as_str(), refusal.kind.as_str());
         if said.warn {
             tracing::warn!(worker = %worker, code = refusal.code, reason = %refusal.reason, repeats_at_debug = said.repeats, "registration refused (its repeats for this reason within 10 min are logged at debug)");
         } else {
@@ -482,7 +484,7 @@ impl Core {
         b: &mut Batch,
     ) {
         if let Some(refusal) = registration_refusal(worker, &r) {
-            return Self::refuse_registration(worker, session, refusal, b);
+            return self.refuse_registration(worker, session, refusal, b);
         }
         self.counters.registrations.fetch_add(1, Ordering::Relaxed);
         let compression = self.cfg.compression
@@ -1495,7 +1497,7 @@ impl Core {
     }
 }
 
-/// The kind a replaced process's registration is logged under (`ratelimit::refusal`).
+/// The kind a replaced process's registration is logged under (`ratelimit::Refusals`).
 pub(crate) const REPLACED_AGAIN: &str = "registered again after replaced";
 
 /// Processes replaced by a newer one remembered a worker (`Worker::superseded`).
@@ -1505,9 +1507,9 @@ const SUPERSEDED_KEPT: usize = 4;
 pub(crate) struct Refusal {
     /// The close code: 4003 for another worker's id, 4002 for another protocol.
     pub code: u16,
-    /// What kind of refusal, in words fixed here: its log lines are limited per worker and
-    /// kind (`ratelimit::refusal`), and `reason` may hold what the attempt made up (an id).
-    pub kind: &'static str,
+    /// What kind of refusal: it is counted by it, and its log lines are limited per worker and
+    /// kind (`ratelimit::Refusals`), as `reason` may hold what the attempt made up (an id).
+    pub kind: m::Refused,
     pub reason: String,
     /// The `error` sent before the close, if any.
     pub error: Option<CoordMsg>,
@@ -1520,7 +1522,7 @@ pub(crate) fn registration_refusal(worker: &WorkerId, r: &Registration) -> Optio
     if &r.worker_id != worker {
         return Some(Refusal {
             code: 4003,
-            kind: "registration for another worker",
+            kind: m::Refused::OtherWorker,
             reason: format!(
                 "registration names worker {} but this endpoint is for {}",
                 r.worker_id, worker
@@ -1531,7 +1533,7 @@ pub(crate) fn registration_refusal(worker: &WorkerId, r: &Registration) -> Optio
     if r.protocol_version != PROTOCOL_VERSION {
         return Some(Refusal {
             code: 4002,
-            kind: "incompatible protocol",
+            kind: m::Refused::IncompatibleProtocol,
             reason: "incompatible protocol".into(),
             error: Some(CoordMsg::error(
                 ErrorCode::IncompatibleProtocol,
@@ -1557,7 +1559,7 @@ pub(crate) fn registration_refusal(worker: &WorkerId, r: &Registration) -> Optio
     if let Some(problem) = problem {
         return Some(Refusal {
             code: 4002,
-            kind: "registration out of bounds",
+            kind: m::Refused::OutOfBounds,
             reason: "registration out of bounds".into(),
             error: Some(CoordMsg::error(
                 ErrorCode::BadFrame,
@@ -1572,7 +1574,7 @@ pub(crate) fn registration_refusal(worker: &WorkerId, r: &Registration) -> Optio
     if let Some(max) = r.max_frame.filter(|&m| m < least) {
         return Some(Refusal {
             code: 4002,
-            kind: "frame limit too small",
+            kind: m::Refused::FrameLimit,
             reason: "frame limit too small".into(),
             error: Some(CoordMsg::error(
                 ErrorCode::IncompatibleProtocol,
@@ -1595,7 +1597,7 @@ pub(crate) fn registration_refusal(worker: &WorkerId, r: &Registration) -> Optio
     if max < largest as u64 {
         return Some(Refusal {
             code: 4002,
-            kind: "registration out of bounds",
+            kind: m::Refused::OutOfBounds,
             reason: "registration out of bounds".into(),
             error: Some(CoordMsg::error(
                 ErrorCode::BadFrame,

@@ -484,6 +484,8 @@ pub struct Core {
     counters: Arc<Counters>,
     /// Where committed changes are announced, when anyone listens.
     changes: Option<broadcast::Sender<Change>>,
+    /// The log lines of refused registrations said lately (shared with the sessions).
+    refusals: Arc<crate::ratelimit::Refusals>,
     /// Task states the store's writer has not folded into the database yet (for reads).
     unfolded: Arc<crate::store::Unfolded>,
     /// Lines of what workers report (their errors, why they cannot serve a state or a
@@ -559,6 +561,7 @@ impl Core {
             next_submit_seq: 0,
             dispatch_needed: true,
             counters,
+            refusals: Default::default(),
             changes: None,
             unfolded: loaded.unfolded,
             peer_logs: PeerLogs::default(),
@@ -646,6 +649,12 @@ impl Core {
             "state recovered"
         );
         core
+    }
+
+    /// Notes its refusals' log lines in `refusals`, which the coordinator's sessions share.
+    pub fn with_refusals(mut self, refusals: Arc<crate::ratelimit::Refusals>) -> Self {
+        self.refusals = refusals;
+        self
     }
 
     /// Announces committed changes of tasks and workers on `tx`.
@@ -746,7 +755,7 @@ impl Core {
                 let refusal = registration_refusal(&worker, &registration)
                     .or_else(|| self.superseded_refusal(&worker, &registration.boot_id));
                 if let Some(refusal) = refusal {
-                    return Self::refuse_registration(&worker, &session, refusal, b);
+                    return self.refuse_registration(&worker, &session, refusal, b);
                 }
                 let session_id = session.id;
                 self.on_connected(worker.clone(), session);

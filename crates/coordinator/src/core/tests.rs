@@ -644,7 +644,7 @@ fn a_replaced_process_coming_back_again_and_again_is_said_once_at_warn() {
     let conflicts = &h.core.counters.id_conflicts;
     assert_eq!(conflicts.load(std::sync::atomic::Ordering::Relaxed), BACK);
     // The first was the window's WARN, the other BACK - 1 its repeats: the next is one more.
-    let next = crate::ratelimit::refusal(id, super::messages::REPLACED_AGAIN);
+    let next = h.core.refusals.note(id, super::messages::REPLACED_AGAIN);
     assert_eq!(
         next,
         crate::ratelimit::Verdict {

@@ -61,12 +61,15 @@ impl Log {
     /// Captures the coordinator's session log, debug and up, on this thread until the guard
     /// is dropped.
     fn capture() -> (Log, tracing::subscriber::DefaultGuard) {
+        Self::capture_of("tether_coordinator::ws=debug")
+    }
+
+    /// Captures what `filter` lets through on this thread until the guard is dropped.
+    fn capture_of(filter: &str) -> (Log, tracing::subscriber::DefaultGuard) {
         let log = Log::default();
         let writer = log.clone();
         let guard = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(
-                "tether_coordinator::ws=debug",
-            ))
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
             .with_writer(move || writer.clone())
             .with_ansi(false)
             .finish()
@@ -113,10 +116,19 @@ impl Log {
 
     /// The lines that say `message` of `worker`.
     fn lines(&self, message: &str, worker: &str) -> Vec<String> {
+        let worker = format!("worker={worker} ");
+        self.all(message)
+            .into_iter()
+            .filter(|l| l.contains(&worker))
+            .collect()
+    }
+
+    /// The lines that say `message`, of any worker.
+    fn all(&self, message: &str) -> Vec<String> {
         let bytes = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
         String::from_utf8_lossy(&bytes)
             .lines()
-            .filter(|l| l.contains(message) && l.contains(&format!("worker={worker} ")))
+            .filter(|l| l.contains(message))
             .map(str::to_owned)
             .collect()
     }
@@ -412,5 +424,126 @@ async fn storms_of_registrations_refused_before_the_core_and_of_frames_without_o
         }
     }
     honest.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+/// A client that makes up a new worker id at every attempt is refused every time, and its
+/// refusals are said at WARN no more than the cap over the fleet allows a minute
+/// (`ratelimit::WARNS_A_MINUTE`), the first past it saying so once, the rest at debug: every
+/// made-up id is a first, and each was a WARN line. An honest worker keeps its session.
+#[tokio::test]
+async fn a_flood_of_made_up_worker_ids_is_said_at_warn_no_more_than_the_cap_a_minute_and_the_rest_at_debug()
+ {
+    use tether_coordinator::ratelimit::{CAP_WINDOW, WARNS_A_MINUTE};
+    let (log, _logging) =
+        Log::capture_of("tether_coordinator::ws=debug,tether_coordinator::ratelimit=debug");
+    let (_dir, c) = coordinator_with(|_| {}).await;
+    let honest = fast_worker_config(&c.ws_url(), "flood-honest");
+    let honest = connected(honest, tether_worker::Executors::builtin()).await;
+    let flood = 3 * WARNS_A_MINUTE;
+    let began = tokio::time::Instant::now();
+    for n in 0..flood {
+        let id = format!("flood-made-up-{n}");
+        Misfit::OldProtocol.refused(&c, &id, 0).await;
+    }
+    // A flood slower than a minute (a loaded machine) may say the cap again in each minute.
+    let minutes = 1 + began.elapsed().as_secs() / CAP_WINDOW.as_secs();
+
+    const REFUSED: &str = "registration refused (its repeats";
+    const REFUSED_AGAIN: &str = "registration refused again";
+    const CAPPED: &str = "more workers refused within a minute than said at WARN";
+    let warned = log.all(REFUSED);
+    assert!(warned.iter().all(|l| l.contains(" WARN ")), "{warned:#?}");
+    let again = log.all(REFUSED_AGAIN);
+    assert!(again.iter().all(|l| l.contains(" DEBUG ")), "{again:#?}");
+    assert_eq!(
+        (warned.len() + again.len()) as u64,
+        flood,
+        "every refusal said once, at WARN or at debug"
+    );
+    let capped = log.all(CAPPED);
+    assert!(capped.iter().all(|l| l.contains(" WARN ")), "{capped:#?}");
+    assert!(
+        warned.len() as u64 <= WARNS_A_MINUTE * minutes,
+        "{} WARN lines in {minutes} minute(s): {warned:#?}",
+        warned.len()
+    );
+    if minutes == 1 {
+        assert_eq!(warned.len() as u64, WARNS_A_MINUTE, "the cap, reached");
+        assert_eq!(capped.len(), 1, "said once that the rest go to debug");
+        assert!(
+            capped[0].contains(&format!("most={WARNS_A_MINUTE}")),
+            "{}",
+            capped[0]
+        );
+    }
+    let o = c.client().overview().await;
+    assert_eq!(crate::raw::counter(&o, "sessions_replaced"), 0, "{o}");
+    assert_eq!(
+        honest.handle.registrations(),
+        1,
+        "the honest session was kept"
+    );
+    honest.stop().await.expect("clean stop");
+    c.stop().await;
+}
+
+/// A worker's `error` is logged with its text in a field of its own (`error_message`), apart
+/// from the line's message: in a field named `message` it was printed bare beside the line's
+/// own words, one text run into the other, and a log reader keyed on `message` got either.
+/// Before its registration (the session logs it) and after (the core does).
+#[tokio::test]
+async fn a_workers_error_is_logged_with_its_text_as_error_message_apart_from_the_lines_own_message()
+{
+    let (log, _logging) =
+        Log::capture_of("tether_coordinator::ws=debug,tether_coordinator::core=debug");
+    let (_dir, c) = coordinator_with(|_| {}).await;
+    let report = |text: &str| {
+        let now = chrono::Utc::now();
+        json!({"type": "error", "code": "internal", "message": text, "timestamp": now})
+    };
+    let mut raw = Raw::connect(&c, "error-reporter").await;
+    raw.send(&report("said before registering")).await;
+    let reg = raw.registration(None, &[]);
+    raw.send(&reg).await;
+    raw.next_of("registration_ack").await;
+    raw.send(&report("said once registered")).await;
+    // Read by then: heartbeats are answered in order after it.
+    let now = chrono::Utc::now();
+    raw.send(&json!({"type": "heartbeat", "sequence": 1, "timestamp": now}))
+        .await;
+    raw.next_of("heartbeat").await;
+    // The core logs it as it takes the frame, which the heartbeat's reply does not wait for.
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while log.all("said once registered").is_empty() {
+        assert!(tokio::time::Instant::now() < end, "the core's line in time");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    for (says, text) in [
+        (
+            "worker reported an error before registering (its repeats",
+            "said before registering",
+        ),
+        ("worker reported an error", "said once registered"),
+    ] {
+        let lines: Vec<String> = log
+            .lines(says, "error-reporter")
+            .into_iter()
+            .filter(|l| l.contains(text))
+            .collect();
+        assert_eq!(lines.len(), 1, "{says}: {lines:#?}");
+        let line = &lines[0];
+        assert!(line.contains(" WARN "), "{line}");
+        assert!(
+            line.contains(&format!(" error_message=\"{text}\"")),
+            "the worker's text in its own field: {line}"
+        );
+        assert_eq!(line.matches(text).count(), 1, "said once: {line}");
+        assert!(
+            !line.contains(" message="),
+            "no field named message: {line}"
+        );
+    }
+    raw.ws.close(None).await.expect("close");
     c.stop().await;
 }
