@@ -98,7 +98,10 @@ pub fn lock_dir(dir: &Path) -> Result<DirLock, StoreError> {
     super::make_dir(dir)?;
     let path = dir.join(LOCK_FILE);
     let locked = |r| match r {
-        Ok(lock) => Ok(lock),
+        Ok(lock) => {
+            private(&path);
+            Ok(lock)
+        }
         Err(LockError::Held { stamp }) => Err(StoreError::Locked {
             path: dir.to_owned(),
             holder: stamp.trim().parse().ok(),
@@ -132,6 +135,15 @@ pub fn lock_dir(dir: &Path) -> Result<DirLock, StoreError> {
             unstamped: None,
         }),
     }
+}
+
+/// Makes the lock file at `path`, which this process holds, its user's alone as the store's
+/// other files are ([`super::FILE_MODE`]): `tether_proto::lockfile` makes it with the umask's
+/// mode. It holds only a pid: a failure here is left to the store's open, which tries again
+/// and warns (`super::tighten_files`).
+fn private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(super::FILE_MODE));
 }
 
 #[cfg(test)]

@@ -564,6 +564,7 @@ fn open_waiting(dir: &Path, mut wait: space::OpenWait) -> Result<(Connection, Lo
     {
         tracing::warn!(dir = %dir.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "the data directory is open to other users; it holds task specs, output and checkpoints (chmod 700)");
     }
+    tighten_files(dir);
     refuse_leftovers(dir, &path)?;
     let found =
         wait.retry(|| schema::check(&path).map_err(|e| space::cannot_open_for_space(&path, e)))?;
@@ -607,6 +608,61 @@ fn open_waiting(dir: &Path, mut wait: space::OpenWait) -> Result<(Connection, Lo
     })?;
     wait.done();
     Ok((conn, loaded))
+}
+
+/// The mode of every file the store makes in the data directory: its user's alone, whatever
+/// the umask. The files hold task specs (their `env` often carries credentials), output tails
+/// and checkpoints; a data directory made by a package (`/var/lib/tether`, 0755) is all that
+/// kept them from other local users when they were made 0644.
+pub(super) const FILE_MODE: u32 = 0o600;
+
+/// Whether `name` is a file the store makes in the data directory: the database with its
+/// `-wal` and `-shm`, the lock file, a state journal (or one being made).
+fn made_by_store(name: &str) -> bool {
+    let journal = name
+        .strip_prefix("states-")
+        .and_then(|n| {
+            n.strip_suffix(".journal.tmp")
+                .or(n.strip_suffix(".journal"))
+        })
+        .is_some_and(|g| g.parse::<u64>().is_ok());
+    journal || [DB_FILE, "tether.db-wal", "tether.db-shm", LOCK_FILE].contains(&name)
+}
+
+/// Takes group and other access off the store's files in `dir` that have it (made by a version
+/// that created them 0644 under the usual umask, or changed by hand), each said at WARN with
+/// its old mode. Tightened rather than only warned of: an upgrade would otherwise leave every
+/// existing deployment's task specs readable until someone acts on a log line, and no other
+/// user has a reason to read these files (a backup runs as the coordinator's user or as root).
+/// One that cannot be changed (another owner) is warned of and left: the open goes on, and
+/// says of a file it cannot open whose it is ([`StoreError::Access`]).
+fn tighten_files(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        // The open that follows names what is wrong with the directory.
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_str().is_some_and(made_by_store) {
+            continue;
+        }
+        // Not following a link: the store never makes one, and a chmod through it would
+        // change a file elsewhere.
+        let Ok(meta) = entry.metadata() else { continue };
+        let mode = meta.permissions().mode() & 0o7777;
+        if !meta.is_file() || mode & 0o077 == 0 {
+            continue;
+        }
+        let path = entry.path();
+        match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(FILE_MODE)) {
+            Ok(()) => {
+                tracing::warn!(file = %path.display(), was = format!("{mode:o}"), now = format!("{FILE_MODE:o}"), "a file of the data directory was open to other users (it holds task specs, whose env may carry credentials, and their output); made private to this user");
+            }
+            Err(error) => {
+                tracing::warn!(file = %path.display(), mode = format!("{mode:o}"), %error, "a file of the data directory is open to other users (it holds task specs, whose env may carry credentials, and their output) and cannot be made private: chmod 600 it");
+            }
+        }
+    }
 }
 
 /// Removes the file at `path` if it is empty (a database made by a try that failed).

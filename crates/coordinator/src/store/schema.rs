@@ -239,6 +239,33 @@ pub(super) fn check(path: &Path) -> Result<i64, StoreError> {
     Ok(version)
 }
 
+/// Creates the database file at `path`, empty, with [`super::FILE_MODE`] whatever the umask,
+/// unless it exists. SQLite makes a new database with 0644 less the umask, and gives its
+/// `-wal` and `-shm` the database file's mode when it makes them (umask or not): so a database
+/// made here keeps all three private. An empty file is what SQLite makes a new database of.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let made = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(super::FILE_MODE)
+        .open(path)
+        // A umask that takes the owner's bits too (0277) would leave it unwritable.
+        .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(super::FILE_MODE)));
+    match made {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) if super::space::io_out_of_space(&source) => Err(StoreError::OutOfSpace {
+            path: path.to_owned(),
+            source: super::WriteError::Dir(source),
+        }),
+        Err(source) => Err(StoreError::Access {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
 /// The file of SQLite's beside the database at `path` whose name ends in `suffix` (`-wal`,
 /// `-shm`).
 pub(super) fn sibling(path: &Path, suffix: &str) -> std::path::PathBuf {
@@ -254,6 +281,7 @@ pub(super) fn open_checked(path: &Path, through: i64) -> Result<Connection, Stor
         path: path.to_owned(),
         source,
     };
+    create_private(path)?;
     let conn = Connection::open(path).map_err(open_err)?;
     let sql = |source| {
         super::space::or_out_of_space(&conn, path, source, |source| StoreError::Sql {

@@ -625,7 +625,8 @@ pub enum WriteError {
     /// state meanwhile, so the round is tried again (`States::piece`).
     #[error("state journal, folding: {0}")]
     Fold(std::io::Error),
-    /// The data directory could not be made, or its lock file (`super::lock_dir`).
+    /// The data directory could not be made, or its lock file (`super::lock_dir`), or the
+    /// file of a new database.
     #[error("data directory: {0}")]
     Dir(std::io::Error),
 }
@@ -681,10 +682,12 @@ impl Journal {
         }
         let temporary = temporary_path(dir, generation);
         let made: std::io::Result<File> = (|| {
+            use std::os::unix::fs::OpenOptionsExt;
             let mut file = std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(true)
                 .write(true)
+                .mode(super::FILE_MODE)
                 .open(&temporary)?;
             file.write_all(MAGIC)?;
             file.sync_data()?;

@@ -9,6 +9,7 @@ use tether_proto::{Attempt, Outcome, TaskId, TaskSpec, TaskStatus, WorkerId};
 
 use super::*;
 
+mod modes;
 mod open_full;
 
 fn task(id: &str, seq: u64, status: TaskStatus) -> Task {
