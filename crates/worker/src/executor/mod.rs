@@ -286,8 +286,9 @@ pub(crate) struct TaskShared {
     pub checkpoint_requested: AtomicBool,
     pub checkpoint_wanted: Notify,
     /// Set while the executor answers every checkpoint request itself, soon: with a checkpoint,
-    /// or with a `checkpoint_error` saying why none comes (the `command` executor, while it
-    /// watches its checkpoint directory, paused or not). The runner then leaves a request it
+    /// or with a `checkpoint_error` saying why none comes (the `command` executor, from the
+    /// start of its watch of its checkpoint directory, paused or not, until its last look
+    /// once the process is gone answered what is left). The runner then leaves a request it
     /// has nothing to re-send for to the executor, rather than answer first that there is no
     /// checkpoint yet, or that the task is paused.
     pub answers_requests: AtomicBool,
