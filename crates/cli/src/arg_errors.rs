@@ -232,6 +232,119 @@ pub(crate) fn with_env_named(e: clap::Error, given: &[(String, String)]) -> clap
     clap::Error::raw(e.kind(), said).with_cmd(&Cli::command())
 }
 
+/// The arguments whose value came from their environment variable (as in [`given_by_env`])
+/// and that require an argument clap's error `e` says is missing, each as clap quotes it
+/// (`--tls-cert <TLS_CERT>`) with the variable: `TETHER_TLS_CERT` set alone made clap say only
+/// that `--tls-key` was not provided, and the user, who typed neither, did not know what
+/// required it. Clap does not say which argument requires another, so an argument is taken
+/// to be one when `parse`, given the command with that argument's variable taken off it, no
+/// longer finds one of those arguments missing. Only when `e` is that error: the command line
+/// is parsed again once for each argument its variables gave.
+pub(crate) fn required_by_env(
+    e: &clap::Error,
+    argv: &[std::ffi::OsString],
+    is_set: impl Fn(&std::ffi::OsStr) -> bool,
+    parse: impl Fn(clap::Command) -> Result<clap::ArgMatches, clap::Error>,
+) -> Vec<(String, String)> {
+    use clap::error::ErrorKind::MissingRequiredArgument;
+    if e.kind() != MissingRequiredArgument {
+        return Vec::new();
+    }
+    let missing = |e: &clap::Error| -> Vec<String> {
+        use clap::error::{ContextKind, ContextValue};
+        match e.get(ContextKind::InvalidArg) {
+            Some(ContextValue::String(one)) => vec![one.clone()],
+            Some(ContextValue::Strings(all)) => all.clone(),
+            _ => Vec::new(),
+        }
+    };
+    let missed = missing(e);
+    let words = command_words(argv);
+    // Built: an argument is quoted as clap quotes it (`--tls-cert <TLS_CERT>`) only then.
+    let mut root = Cli::command();
+    root.build();
+    let chain = subcommands(root, &words);
+    let path: Vec<&str> = chain.iter().skip(1).map(clap::Command::get_name).collect();
+    let mut found = Vec::new();
+    for (depth, cmd) in chain.iter().enumerate() {
+        for arg in cmd.get_arguments() {
+            let Some(var) = arg.get_env().filter(|v| is_set(v)) else {
+                continue;
+            };
+            if typed(arg, &words) {
+                continue;
+            }
+            // A global argument is its root's (its copies in the subcommands are clap's).
+            if depth > 0 && arg.is_global_set() {
+                continue;
+            }
+            let Some(cmd) = without_env(Cli::command(), &path[..depth], arg.get_id()) else {
+                continue;
+            };
+            let still = match parse(cmd) {
+                Err(again) if again.kind() == MissingRequiredArgument => missing(&again),
+                _ => Vec::new(),
+            };
+            if missed.iter().any(|m| !still.contains(m)) {
+                found.push((arg.to_string(), var.to_string_lossy().into_owned()));
+            }
+        }
+    }
+    found
+}
+
+/// `cmd` with the argument `id` of its subcommand at `path` (none: its own) read from no
+/// environment variable; `None` when `cmd` has no such subcommand or argument (one clap makes
+/// as it builds the command: `help`, a global argument copied into a subcommand).
+fn without_env(cmd: clap::Command, path: &[&str], id: &clap::Id) -> Option<clap::Command> {
+    match path.split_first() {
+        None => {
+            let has = cmd.get_arguments().any(|a| a.get_id() == id);
+            has.then(|| cmd.mut_arg(id, |a| a.env(None::<&'static str>)))
+        }
+        Some((name, rest)) => {
+            let sub = cmd
+                .get_subcommands()
+                .find(|s| s.get_name() == *name)?
+                .clone();
+            let sub = without_env(sub, rest, id)?;
+            Some(cmd.mut_subcommand(*name, |_| sub))
+        }
+    }
+}
+
+/// `e`, clap's error that arguments are missing, followed by what required them:
+/// `by` ([`required_by_env`]), each named with its variable, and what to do; `e` itself when
+/// `by` is empty.
+pub(crate) fn with_requirers_named(e: clap::Error, by: &[(String, String)]) -> clap::Error {
+    if by.is_empty() {
+        return e;
+    }
+    let text = e.render().to_string();
+    let mut said = text.strip_prefix("error: ").unwrap_or(&text).to_owned();
+    // Clap lists the missing arguments a line each, indented, before its usage.
+    let at = said.find("\n\nUsage:").unwrap_or(said.trim_end().len());
+    let missing = said[..at].lines().filter(|l| l.starts_with("  ")).count();
+    let named: Vec<String> = by
+        .iter()
+        .map(|(arg, var)| format!("'{arg}' (given by {var})"))
+        .collect();
+    let vars: Vec<&str> = by.iter().map(|(_, var)| var.as_str()).collect();
+    let line = format!(
+        "{} {} {}: give {} too, or unset {}",
+        named.join(" and "),
+        if by.len() == 1 { "requires" } else { "require" },
+        if missing == 1 { "it" } else { "them" },
+        if missing == 1 { "it" } else { "them" },
+        vars.join(" and ")
+    );
+    said.insert_str(at, &format!("\n\n{line}"));
+    if !said.ends_with('\n') {
+        said.push('\n');
+    }
+    clap::Error::raw(e.kind(), said).with_cmd(&Cli::command())
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;

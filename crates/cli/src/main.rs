@@ -18,7 +18,9 @@ mod watch;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use arg_errors::{bounded, given_by_env, usage_error, with_env_named};
+use arg_errors::{
+    bounded, given_by_env, required_by_env, usage_error, with_env_named, with_requirers_named,
+};
 pub(crate) use arg_errors::{cut_value, one_value_a_key};
 pub(crate) use signals::{cancel_on_signal, cancel_on_signals};
 
@@ -125,8 +127,10 @@ fn main() -> std::process::ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let argv: Vec<_> = std::env::args_os().collect();
-            let given = given_by_env(&e, &argv, |var| std::env::var_os(var).is_some());
-            with_env_named(bounded(e), &given).exit()
+            let set = |var: &std::ffi::OsStr| std::env::var_os(var).is_some();
+            let given = given_by_env(&e, &argv, set);
+            let requiring = required_by_env(&e, &argv, set, |cmd| cmd.try_get_matches_from(&argv));
+            with_requirers_named(with_env_named(bounded(e), &given), &requiring).exit()
         }
     };
     // The client commands that read or steer the coordinator and print what they got.

@@ -1390,3 +1390,47 @@ fn a_value_clap_refuses_from_an_environment_variable_names_the_variable() {
     }
     assert!(!std::path::Path::new(data).exists(), "nothing made");
 }
+
+/// A flag that requires another, given by its environment variable alone (`TETHER_TLS_CERT`
+/// without `--tls-key`): clap said only that the other was not provided, and the user, who
+/// typed neither, did not know what required it. The error names the requiring flag with its
+/// variable, and what to do; a variable set that requires nothing is not named, and the flag
+/// typed (its variable set too, and not taken) leaves clap's error as it was.
+#[test]
+fn a_flag_its_variable_gave_is_named_when_the_flag_it_requires_is_missing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    let coordinator = ["coordinator", "--listen", "127.0.0.1:0", "--data-dir", data];
+    let pem = "/nonexistent/tls.pem";
+    for (var, flag, missing) in [
+        (
+            "TETHER_TLS_CERT",
+            "--tls-cert <TLS_CERT>",
+            "--tls-key <TLS_KEY>",
+        ),
+        (
+            "TETHER_TLS_KEY",
+            "--tls-key <TLS_KEY>",
+            "--tls-cert <TLS_CERT>",
+        ),
+    ] {
+        let unrelated = ("TETHER_IDLE_COALESCE", "5ms");
+        let (code, err) = tether_bounded_env(&coordinator, None, &[(var, pem), unrelated]);
+        assert_eq!(code, Some(2), "{var}: {err}");
+        assert!(
+            err.contains(&format!("were not provided:\n  {missing}\n")),
+            "{var}: {err}"
+        );
+        let named = format!("'{flag}' (given by {var}) requires it: give it too, or unset {var}");
+        assert!(err.contains(&named), "{var}: {err}");
+        assert!(!err.contains(unrelated.0), "{var}: {err}");
+        let typed = [flag.split(' ').next().expect("the flag"), pem];
+        let (code, err) =
+            tether_bounded_env(&[&coordinator[..], &typed].concat(), None, &[(var, pem)]);
+        assert_eq!(code, Some(2), "{typed:?}: {err}");
+        assert!(err.contains(&format!("  {missing}\n")), "{typed:?}: {err}");
+        assert!(!err.contains("given by"), "{typed:?}: {err}");
+    }
+    assert!(!std::path::Path::new(data).exists(), "nothing made");
+}
