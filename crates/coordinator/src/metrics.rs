@@ -43,6 +43,9 @@ pub const REGISTRATIONS_REFUSED: &str = "tether_registrations_refused_total";
 pub const CHECKPOINTS_TOO_LARGE: &str = "tether_checkpoints_too_large_total";
 /// Counter: workers past the grace period whose leases were released.
 pub const WORKERS_LOST: &str = "tether_workers_lost_total";
+/// Counter: leases given back to a worker that came back, past the grace period, with the
+/// lost attempt finished and the task not yet started elsewhere (its result is then counted).
+pub const LEASES_RESTORED: &str = "tether_leases_restored_total";
 /// Gauge: known workers by `state` (connected, disconnected, lost).
 pub const WORKERS: &str = "tether_workers";
 /// Histogram (s): silence after which a session was declared dead (last frame to close).
@@ -279,10 +282,17 @@ impl Refused {
     }
 }
 
-/// `disposition`s of [`RESULTS`]: [`disposition`]'s, and `cancelled` (a stale result of an
-/// attempt a cancel ended, counted apart).
-pub const RESULT_DISPOSITIONS: &[&str] =
-    &["recorded", "duplicate", "stale", "cancelled", "rejected"];
+/// `disposition`s of [`RESULTS`]: [`disposition`]'s, `cancelled` (a stale result of an
+/// attempt a cancel ended, counted apart) and `adopted` (a finished result of an attempt whose
+/// lease was lost, counted because the task had no counted result yet: answered `recorded`).
+pub const RESULT_DISPOSITIONS: &[&str] = &[
+    "recorded",
+    "duplicate",
+    "stale",
+    "cancelled",
+    "adopted",
+    "rejected",
+];
 /// `direction`s of [`ERRORS`].
 pub const ERROR_DIRECTIONS: &[&str] = &["sent", "received"];
 /// `code`s of [`ERRORS`]: every [`ErrorCode`](tether_proto::msg::ErrorCode).
@@ -317,6 +327,7 @@ fn register() {
         ID_CONFLICTS,
         CHECKPOINTS_TOO_LARGE,
         WORKERS_LOST,
+        LEASES_RESTORED,
         MAC_FAILURES,
         OVERSIZE_FRAMES,
         ASSIGNMENTS,
@@ -489,6 +500,10 @@ fn describe() {
         "worker registrations refused, by reason"
     );
     describe_counter!(WORKERS_LOST, "workers lost after the grace period");
+    describe_counter!(
+        LEASES_RESTORED,
+        "leases given back to a worker that came back past the grace period with the lost attempt finished"
+    );
     describe_gauge!(WORKERS, "known workers by connection state");
     describe_histogram!(
         DEAD_DETECT,

@@ -500,6 +500,8 @@ impl Core {
             ("results_duplicate", &c.results_duplicate),
             ("results_stale", &c.results_stale),
             ("results_cancelled", &c.results_cancelled),
+            ("results_adopted", &c.results_adopted),
+            ("leases_restored", &c.leases_restored),
             (
                 "checkpoint_messages_duplicate",
                 &c.checkpoint_messages_duplicate,

@@ -539,8 +539,10 @@ impl Core {
         w.state = WorkerState::Connected;
         w.disconnected_at = None;
         w.disconnected_mono = None;
-        // Saved now, with its statistics: the next telemetry need not save it again.
-        w.stats_saved = Some(tokio::time::Instant::now());
+        // Saved now, with its statistics: the next telemetry need not save it again. A worker
+        // with none yet has its first report saved, or a restart would show it with none for
+        // up to `STATS_SAVE_EVERY`.
+        w.stats_saved = w.stats.is_some().then(tokio::time::Instant::now);
         self.free.insert(worker.clone());
         self.save_worker(worker, b);
         tracing::info!(worker = %worker, session = session.id, directives = directives.len(), "worker registered");
@@ -652,6 +654,12 @@ impl Core {
                 reason,
             });
         }
+        // A finished attempt whose lease was lost while the worker was away, of a task that
+        // waits in the queue: the lease goes back, so the result the replay brings next is
+        // counted instead of the task run again.
+        for done in &inv.finished {
+            self.restore_lease(&done.task_id, worker, done.attempt, b);
+        }
         let held: Vec<TaskId> = self
             .workers
             .get(worker)
@@ -722,6 +730,17 @@ impl Core {
                 {
                     self.requeue_worker_fault(worker, &r, b);
                     (Disposition::Recorded, "worker_fault")
+                } else if standing == Standing::Stale && self.adoptable(worker, &r) {
+                    self.supersede_for(&task_id, r.attempt, b);
+                    self.record_result(worker, &r, false, b);
+                    tracing::info!(worker = %worker, task = %task_id, attempt = %r.attempt, outcome = ?r.outcome, "late result of an attempt whose lease was lost counted: the task had no counted result");
+                    self.counters
+                        .results_recorded
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .results_adopted
+                        .fetch_add(1, Ordering::Relaxed);
+                    (Disposition::Recorded, "adopted")
                 } else {
                     let stale = standing == Standing::Stale;
                     let cancelled = stale && self.attempt_cancelled(&task_id, r.attempt);
@@ -810,6 +829,33 @@ impl Core {
         rest
     }
 
+    /// Whether `r`, from an attempt that is not the lease's, is counted all the same: the
+    /// attempt's lease was lost with its worker (not ended by a cancel, a timeout or a fault
+    /// of the worker's), it ran to an end of its own (completed, failed, timed out: not
+    /// stopped), and its task has no counted result and was not ended by the coordinator.
+    /// Finished work is not thrown away for a network's fault; the attempt that replaced it,
+    /// queued or running, is superseded ([`Core::supersede_for`]). A task whose attempt ran
+    /// already counted keeps that result; this one is kept stale.
+    fn adoptable(&self, worker: &WorkerId, r: &TaskResult) -> bool {
+        use tether_proto::Outcome;
+        if r.worker_fault
+            || !matches!(
+                r.outcome,
+                Outcome::Completed | Outcome::Failed | Outcome::TimedOut
+            )
+        {
+            return false;
+        }
+        self.tasks.get(&r.task_id).is_some_and(|t| {
+            !t.status.is_terminal()
+                && t.attempts.iter().any(|a| {
+                    a.attempt == r.attempt
+                        && &a.worker == worker
+                        && a.end.as_deref() == Some(super::tasks::LOST)
+                })
+        })
+    }
+
     /// Whether the coordinator ended `attempt` of `task` itself, sending `cancel_task`: a
     /// user's cancel (its record's end is `cancelled`) or the timeout backstop (`timed_out`).
     fn attempt_cancelled(&self, task: &TaskId, attempt: Attempt) -> bool {
@@ -825,9 +871,12 @@ impl Core {
             return;
         };
         let ts = now();
+        let mut started = t.lease.as_ref().map(|l| l.since);
         if let Some(a) = t.attempt_record(r.attempt) {
             a.result_recorded = true;
-            if a.ended_at.is_none() {
+            // A counted result's attempt ends with its outcome, one adopted after its lease
+            // was lost too (`lost` was the coordinator's guess, the result the truth).
+            if a.ended_at.is_none() || !stale {
                 a.ended_at = Some(ts);
                 a.end = Some(
                     tether_proto::TaskStatus::from(r.outcome)
@@ -835,12 +884,13 @@ impl Core {
                         .to_owned(),
                 );
             }
+            started.get_or_insert(a.started_at);
         }
         if !stale {
-            if let Some(l) = &t.lease {
+            if let Some(since) = started {
                 let status = TaskStatus::from(r.outcome).as_str();
                 metrics::histogram!(m::TASK_DURATION, "outcome" => status)
-                    .record(m::secs_between(l.since, ts));
+                    .record(m::secs_between(since, ts));
                 metrics::counter!(m::TASKS_FINISHED, "status" => status).increment(1);
             }
             t.lease = None;
@@ -1470,7 +1520,9 @@ impl Core {
                 last.is_none_or(|last| at.duration_since(last) >= every)
             };
             if due(w.stats_saved, STATS_SAVE_EVERY) {
+                // A save announces the record too.
                 w.stats_saved = Some(at);
+                w.stats_announced = Some(at);
                 (true, false)
             } else if due(w.stats_announced, STATS_ANNOUNCE_EVERY) {
                 w.stats_announced = Some(at);

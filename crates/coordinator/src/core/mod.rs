@@ -192,6 +192,12 @@ pub struct Counters {
     /// Results of attempts a cancel ended: kept and answered `stale`, but counted apart, as
     /// they are no sign of a fault.
     pub results_cancelled: AtomicU64,
+    /// Finished results of attempts whose lease was lost, counted because their task had no
+    /// counted result yet (answered `recorded`; counted in `results_recorded` too).
+    pub results_adopted: AtomicU64,
+    /// Leases given back to a worker that came back with the lost attempt finished, before
+    /// any other attempt started ([`Core::restore_lease`]).
+    pub leases_restored: AtomicU64,
     /// `checkpoint` and `checkpoint_data` messages answered `duplicate`: replays of what was
     /// stored already.
     pub checkpoint_messages_duplicate: AtomicU64,

@@ -300,7 +300,7 @@ impl Core {
     /// Ends the current lease and queues the task again, or fails it when its attempts are
     /// used up.
     pub(super) fn release_and_requeue(&mut self, task_id: &TaskId, why: &str, b: &mut Batch) {
-        self.release_and_requeue_as(task_id, why, "lost", b);
+        self.release_and_requeue_as(task_id, why, LOST, b);
     }
 
     /// [`Self::release_and_requeue`], the attempt's end recorded as `end`.
@@ -634,7 +634,114 @@ impl Core {
         self.dispatch_needed = true;
         self.save_task(task_id, b);
     }
+
+    /// Gives the lease of a queued task back to `worker` at `attempt`: an attempt whose lease
+    /// was lost with the worker (away past `lost_after`) but which the worker finished, as its
+    /// registration says (`inventory.finished`: the result follows in its outbox replay). No
+    /// other attempt has started (the task waits in the queue, its attempt number unchanged),
+    /// so the finished work is counted when it comes, as the holder's, instead of run again;
+    /// its checkpoints replayed before it are the holder's too. If the result never comes, the
+    /// lease is lost again as any other. Returns whether the lease was given back.
+    pub(super) fn restore_lease(
+        &mut self,
+        task_id: &TaskId,
+        worker: &WorkerId,
+        attempt: Attempt,
+        b: &mut Batch,
+    ) -> bool {
+        let Some(t) = self.tasks.get_mut(task_id) else {
+            return false;
+        };
+        let lost = |a: &AttemptRecord| {
+            a.attempt == attempt && &a.worker == worker && a.end.as_deref() == Some(LOST)
+        };
+        if t.status != TaskStatus::Queued || t.lease.is_some() || t.attempt != attempt {
+            return false;
+        }
+        let Some(a) = t.attempts.iter_mut().rev().find(|a| lost(a)) else {
+            return false;
+        };
+        if !self
+            .queue
+            .remove(&t.spec, &(t.spec.priority, t.submit_seq, task_id.clone()))
+        {
+            return false;
+        }
+        a.ended_at = None;
+        a.end = None;
+        let since = a.started_at;
+        t.status = TaskStatus::Running;
+        t.updated_at = now();
+        t.lease = Some(Lease {
+            worker: worker.clone(),
+            attempt,
+            since,
+            desired: Desired::Running,
+        });
+        t.lease_started = Some(tokio::time::Instant::now());
+        if t.spec.timeout_ms.is_some() {
+            self.timed_leases.insert(task_id.clone());
+        }
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.leases.insert(task_id.clone());
+        }
+        self.counters
+            .leases_restored
+            .fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::LEASES_RESTORED).increment(1);
+        tracing::info!(task = %task_id, worker = %worker, %attempt, "the worker whose lease was lost came back with the attempt finished: lease given back, the task is not run again");
+        self.save_task(task_id, b);
+        true
+    }
+
+    /// Ends the lease of the attempt that replaced `attempt`, lost earlier, whose finished
+    /// result just came and is counted (first finished, first counted): the queued task
+    /// leaves the queue, a running replacement is ended `superseded` and its worker told to
+    /// stop it (one away learns it when it registers again: its attempt is not the lease's).
+    pub(super) fn supersede_for(&mut self, task_id: &TaskId, attempt: Attempt, b: &mut Batch) {
+        let Some(t) = self.tasks.get_mut(task_id) else {
+            return;
+        };
+        let ts = now();
+        self.queue
+            .remove(&t.spec, &(t.spec.priority, t.submit_seq, task_id.clone()));
+        t.lease_started = None;
+        let Some(lease) = t.lease.take() else {
+            return;
+        };
+        if let Some(a) = t.attempts.iter_mut().find(|a| a.attempt == lease.attempt) {
+            a.ended_at.get_or_insert(ts);
+            a.end.get_or_insert_with(|| SUPERSEDED.to_owned());
+        }
+        let why = format!(
+            "attempt {attempt}, whose lease was lost, finished first: its result is counted"
+        );
+        tracing::info!(task = %task_id, attempt = %lease.attempt, worker = %lease.worker, %why, "attempt superseded");
+        if let Some(w) = self.workers.get_mut(&lease.worker) {
+            w.leases.remove(task_id);
+            self.free.insert(lease.worker.clone());
+            if let Some(s) = &w.session {
+                b.send(
+                    s,
+                    CoordMsg::CancelTask(TaskControl {
+                        task_id: task_id.clone(),
+                        attempt: lease.attempt,
+                        reason: why,
+                        timestamp: ts,
+                    }),
+                );
+            }
+        }
+        self.drop_partials(task_id, None, b);
+        self.dispatch_needed = true;
+    }
 }
+
+/// How an attempt whose lease ended with its worker's loss (or its process's) ends.
+pub(super) const LOST: &str = "lost";
+
+/// How an attempt ends that a late-counted earlier attempt replaced ([`Core::supersede_for`]).
+pub(super) const SUPERSEDED: &str = "superseded";
 
 impl Core {
     /// Cuts the error text of a task as the store loaded it, as a recorded result's is cut

@@ -264,7 +264,8 @@ fn a_resent_result_is_acknowledged_as_duplicate_and_counted_once() {
 }
 
 #[test]
-fn a_result_of_an_attempt_that_lost_its_lease_is_stale_and_one_from_a_stranger_is_rejected() {
+fn a_result_of_an_attempt_that_lost_its_lease_is_stale_once_another_counted_and_one_from_a_stranger_is_rejected()
+ {
     let mut h = Harness::new();
     let (sa, mut rxa) = h.connect("a");
     let t = h.submit();
@@ -277,11 +278,6 @@ fn a_result_of_an_attempt_that_lost_its_lease_is_stale_and_one_from_a_stranger_i
             .iter()
             .any(|m| matches!(m, CoordMsg::TaskAssignment(x) if x.attempt == Attempt(2)))
     );
-    // a comes back with its late result for attempt 1: kept as stale, not counted.
-    let (sa2, mut rxa2) = h.connect("a");
-    h.frame("a", sa2, result(1, &t, 1));
-    assert_eq!(result_ack(&drain(&mut rxa2)), Disposition::Stale);
-    assert_eq!(h.core.tasks[&t].status, TaskStatus::Running);
     // c never held the task.
     let (sc, mut rxc) = h.connect("c");
     h.frame("c", sc, result(1, &t, 2));
@@ -294,8 +290,156 @@ fn a_result_of_an_attempt_that_lost_its_lease_is_stale_and_one_from_a_stranger_i
     h.frame("b", sb, result(1, &t, 2));
     assert_eq!(result_ack(&drain(&mut rxb)), Disposition::Recorded);
     assert_eq!(h.core.tasks[&t].status, TaskStatus::Completed);
+    // a comes back with its late result for attempt 1: kept as stale, not counted.
+    let (sa2, mut rxa2) = h.connect("a");
+    h.frame("a", sa2, result(1, &t, 1));
+    assert_eq!(result_ack(&drain(&mut rxa2)), Disposition::Stale);
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Completed);
+    assert_eq!(
+        h.core.tasks[&t].attempts[1].end.as_deref(),
+        Some("completed")
+    );
     assert_eq!(Counters::get(&h.core.counters.results_stale), 1);
+    assert_eq!(Counters::get(&h.core.counters.results_recorded), 1);
+    assert_eq!(Counters::get(&h.core.counters.results_adopted), 0);
     assert_eq!(Counters::get(&h.core.counters.rejected), 1);
+}
+
+/// First finished, first counted: a worker away past the grace period comes back with its
+/// attempt finished while the task's next attempt runs on another worker. The finished
+/// work is counted, not thrown away, and the attempt that replaced it is stopped; its own
+/// result, when it comes, is kept stale.
+#[test]
+fn a_late_finished_result_is_counted_when_the_task_has_none_and_the_attempt_that_replaced_it_is_stopped()
+ {
+    let mut h = Harness::new();
+    let (sa, mut rxa) = h.connect("a");
+    let t = h.submit();
+    drain(&mut rxa);
+    h.lose("a", sa, &t);
+    let (sb, mut rxb) = h.connect("b");
+    assert!(
+        drain(&mut rxb)
+            .iter()
+            .any(|m| matches!(m, CoordMsg::TaskAssignment(x) if x.attempt == Attempt(2)))
+    );
+    let (sa2, mut rxa2) = h.connect("a");
+    drain(&mut rxa2);
+    h.frame("a", sa2, result(1, &t, 1));
+    assert_eq!(result_ack(&drain(&mut rxa2)), Disposition::Recorded);
+    let task = &h.core.tasks[&t];
+    assert_eq!(task.status, TaskStatus::Completed);
+    assert_eq!(task.lease, None);
+    assert_eq!(task.attempts[0].end.as_deref(), Some("completed"));
+    assert!(task.attempts[0].result_recorded);
+    assert_eq!(task.attempts[1].end.as_deref(), Some("superseded"));
+    assert!(
+        drain(&mut rxb).iter().any(
+            |m| matches!(m, CoordMsg::CancelTask(c) if c.task_id == t && c.attempt == Attempt(2))
+        ),
+        "b is told to stop the attempt that replaced a's"
+    );
+    assert!(!h.core.workers[&wid("b")].leases.contains(&t));
+    h.frame("b", sb, result(1, &t, 2));
+    assert_eq!(result_ack(&drain(&mut rxb)), Disposition::Stale);
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Completed);
+    assert_eq!(Counters::get(&h.core.counters.results_recorded), 1);
+    assert_eq!(Counters::get(&h.core.counters.results_adopted), 1);
+    assert_eq!(Counters::get(&h.core.counters.results_stale), 1);
+    // The stored result of attempt 1 is the counted one.
+    assert!(h.last_muts.iter().any(|m| matches!(
+        m,
+        crate::store::Mutation::PutResult { attempt, stale: true, .. } if *attempt == Attempt(2)
+    )));
+}
+
+/// Only finished work of a lost lease is counted late: a result of an attempt the worker
+/// stopped (`cancelled`), or that it could not run (a fault of its own), is kept stale and
+/// the task runs again; so is a late result of a task cancelled meanwhile.
+#[test]
+fn a_late_result_that_is_not_finished_work_is_kept_stale() {
+    for (case, edit) in [
+        (
+            "stopped",
+            (|r: &mut TaskResult| r.outcome = Outcome::Cancelled) as fn(&mut TaskResult),
+        ),
+        ("a fault of the worker's", |r: &mut TaskResult| {
+            r.outcome = Outcome::Failed;
+            r.worker_fault = true;
+        }),
+    ] {
+        let mut h = Harness::new();
+        let (sa, mut rxa) = h.connect("a");
+        let t = h.submit();
+        drain(&mut rxa);
+        h.lose("a", sa, &t);
+        assert_eq!(h.core.tasks[&t].status, TaskStatus::Queued, "{case}");
+        let (sa2, mut rxa2) = h.connect("a");
+        drain(&mut rxa2);
+        let WorkerMsg::TaskResult(mut r) = result(1, &t, 1) else {
+            unreachable!()
+        };
+        edit(&mut r);
+        h.frame("a", sa2, WorkerMsg::TaskResult(r));
+        assert_eq!(result_ack(&drain(&mut rxa2)), Disposition::Stale, "{case}");
+        assert!(!h.core.tasks[&t].status.is_terminal(), "{case}");
+        assert_eq!(Counters::get(&h.core.counters.results_adopted), 0, "{case}");
+    }
+}
+
+/// A worker away past the grace period registers again holding the result of the attempt
+/// it lost, while its task still waits in the queue: the lease goes back to it before the
+/// dispatch (nothing is assigned again, to it or another), and the result the replay brings
+/// counts as the holder's.
+#[test]
+fn a_worker_back_with_the_lost_attempt_finished_gets_its_lease_back_before_the_task_runs_again() {
+    let mut h = Harness::new();
+    let (sa, mut rxa) = h.connect("a");
+    let t = h.submit();
+    drain(&mut rxa);
+    h.lose("a", sa, &t);
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Queued);
+    let (sa2, mut rxa2) = h.connect_registering("a", |r| {
+        r.inventory.finished = vec![tether_proto::task::TaskRef::new(t.clone(), Attempt(1))];
+    });
+    assert!(
+        !drain(&mut rxa2)
+            .iter()
+            .any(|m| matches!(m, CoordMsg::TaskAssignment(_))),
+        "the task is not assigned again"
+    );
+    let task = &h.core.tasks[&t];
+    assert_eq!(task.status, TaskStatus::Running);
+    assert_eq!(task.attempt, Attempt(1));
+    assert_eq!(task.lease.as_ref().map(|l| l.attempt), Some(Attempt(1)));
+    assert_eq!(task.attempts.len(), 1);
+    assert_eq!(task.attempts[0].end, None);
+    assert_eq!(Counters::get(&h.core.counters.leases_restored), 1);
+    // Another worker connecting meanwhile gets nothing of it.
+    let (_sb, mut rxb) = h.connect("b");
+    assert!(
+        !drain(&mut rxb)
+            .iter()
+            .any(|m| matches!(m, CoordMsg::TaskAssignment(_)))
+    );
+    h.frame("a", sa2, result(1, &t, 1));
+    assert_eq!(result_ack(&drain(&mut rxa2)), Disposition::Recorded);
+    let task = &h.core.tasks[&t];
+    assert_eq!(task.status, TaskStatus::Completed);
+    assert_eq!(task.attempts[0].end.as_deref(), Some("completed"));
+    assert_eq!(Counters::get(&h.core.counters.results_recorded), 1);
+    assert_eq!(Counters::get(&h.core.counters.results_stale), 0);
+    // A worker that says nothing finished gets no lease back: the task runs again.
+    let mut h = Harness::new();
+    let (sc, mut rxc) = h.connect("c");
+    let u = h.submit();
+    drain(&mut rxc);
+    h.lose("c", sc, &u);
+    let (_sc2, mut rxc2) = h.connect("c");
+    assert!(drain(&mut rxc2).iter().any(
+        |m| matches!(m, CoordMsg::TaskAssignment(x) if x.task_id == u && x.attempt == Attempt(2))
+    ));
+    assert_eq!(Counters::get(&h.core.counters.leases_restored), 0);
 }
 
 #[test]
@@ -2311,24 +2455,55 @@ async fn telemetry_updates_the_statistics_every_time_and_saves_the_record_at_mos
         );
         (saved, acked)
     };
-    // The registration saved the record a moment ago.
+    // The registration saved the record a moment ago, without statistics: a worker's first
+    // report is saved, or a restart would show it with none for a whole period.
     assert_eq!(
         report(&mut h, 1, 1),
+        (vec![1], true),
+        "a worker's first report is saved"
+    );
+    assert_eq!(
+        report(&mut h, 2, 2),
         (vec![], true),
         "a report within the period only updates the model"
     );
     tokio::time::advance(super::messages::STATS_SAVE_EVERY - std::time::Duration::from_secs(1))
         .await;
-    assert_eq!(report(&mut h, 2, 2), (vec![], true));
+    assert_eq!(report(&mut h, 3, 3), (vec![], true));
     tokio::time::advance(std::time::Duration::from_secs(1)).await;
     assert_eq!(
-        report(&mut h, 3, 3),
-        (vec![3], true),
+        report(&mut h, 4, 4),
+        (vec![4], true),
         "a period after the last save, saved with the latest"
     );
-    assert_eq!(report(&mut h, 4, 4), (vec![], true));
+    assert_eq!(report(&mut h, 5, 5), (vec![], true));
     tokio::time::advance(super::messages::STATS_SAVE_EVERY).await;
-    assert_eq!(report(&mut h, 5, 5), (vec![5], true));
+    assert_eq!(report(&mut h, 6, 6), (vec![6], true));
+    // A registration with statistics known saves them: the next report is not saved again.
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: s,
+    });
+    let (s2, mut rx2) = h.connect("a");
+    drain(&mut rx2);
+    let mut b = Batch::default();
+    h.core.apply(
+        Event::Frame {
+            worker: wid("a"),
+            session_id: s2,
+            msgs: vec![WorkerMsg::Telemetry(tether_proto::msg::Telemetry {
+                seq: Seq(7),
+                connection_stats: Default::default(),
+                metrics: serde_json::Value::Null.into(),
+                timestamp: now(),
+            })],
+        },
+        &mut b,
+    );
+    assert!(
+        !b.muts.iter().any(|m| matches!(m, Mutation::PutWorker(_))),
+        "a report right after a registration that saved statistics is not saved"
+    );
 }
 
 /// A batch of messages only (a telemetry report's ack) is delivered by the core itself while
@@ -2385,7 +2560,12 @@ async fn a_batch_of_messages_only_skips_an_idle_writer_and_never_overtakes_an_un
         !registered.muts.is_empty(),
         "the registration saves the worker"
     );
-    // The writer has not finished the registration's batch: the report's ack goes behind it.
+    // A worker's first report is saved (a restart would show it without statistics).
+    events.send(telemetry(0)).await.expect("core");
+    let first =
+        within("the first report's batch")(tokio::time::timeout(second, writer.recv()).await);
+    assert!(!first.muts.is_empty(), "a worker's first report is saved");
+    // The writer has not finished those batches: the next report's ack goes behind them.
     events.send(telemetry(1)).await.expect("core");
     let behind = within("the report's batch, behind the registration's")(
         tokio::time::timeout(second, writer.recv()).await,
@@ -2395,13 +2575,18 @@ async fn a_batch_of_messages_only_skips_an_idle_writer_and_never_overtakes_an_un
         matches!(mailbox.try_recv(), Err(super::mailbox::TryRecvError::Empty)),
         "nothing was delivered ahead of the writer"
     );
-    for e in registered.effects.into_iter().chain(behind.effects) {
+    for e in registered
+        .effects
+        .into_iter()
+        .chain(first.effects)
+        .chain(behind.effects)
+    {
         e.run(&conn);
     }
-    stats.batches.fetch_add(2, Ordering::Release);
+    stats.batches.fetch_add(3, Ordering::Release);
     let sent = drain(&mut mailbox);
     assert!(
-        matches!(&sent[..], [CoordMsg::RegistrationAck(_), CoordMsg::TelemetryAck(a)] if a.ack_seq == Seq(1)),
+        matches!(&sent[..], [CoordMsg::RegistrationAck(_), CoordMsg::TelemetryAck(z), CoordMsg::TelemetryAck(a)] if z.ack_seq == Seq(0) && a.ack_seq == Seq(1)),
         "{sent:?}"
     );
     // Nothing unfinished: the next report's ack comes from the core, the writer sees nothing.

@@ -105,6 +105,56 @@ async fn a_lost_worker_s_task_resumes_elsewhere_from_its_checkpoint_and_its_late
     c.stop().await;
 }
 
+/// A worker cut off past the grace period finishes its task offline, and no other worker
+/// took the task meanwhile: when it comes back, the lease goes back to it and its finished
+/// work is counted. The task is not run again, and no result is kept stale.
+#[tokio::test]
+async fn a_lost_worker_back_with_its_task_finished_has_it_counted_not_run_again() {
+    let (_dir, c) = coordinator().await;
+    let relay = Relay::start(c.addr).await;
+    let a = connected_worker(&relay.url(), "a").await;
+    let client = c.client();
+    let ids = client.submit(&[sleep_task(1_500, 15, 0)]).await;
+    let id = &ids[0];
+    wait_for("the worker to run the task", DEADLINE, || async {
+        (!a.handle.active_tasks().is_empty()).then_some(())
+    })
+    .await;
+    relay.cut();
+    // Declared lost (the grace period ran out): the task waits in the queue for a worker.
+    wait_for(
+        "the worker to be lost and its task queued",
+        DEADLINE,
+        || async {
+            let o = client.overview().await;
+            (o["counters"]["workers_lost"] == 1 && client.status(id).await == "queued")
+                .then_some(())
+        },
+    )
+    .await;
+    wait_for("the result to be produced offline", DEADLINE, || async {
+        (a.handle.outbox.pending_results().len() == 1).then_some(())
+    })
+    .await;
+    relay.restore();
+    let t = client.wait_status(id, "completed").await;
+    assert_eq!(t["attempt"], 1, "{t}");
+    assert_eq!(t["attempts"].as_array().map(Vec::len), Some(1), "{t}");
+    assert_eq!(t["attempts"][0]["worker"], "a");
+    assert_eq!(t["attempts"][0]["end"], "completed");
+    let results = client.results(id).await;
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0]["stale"], false);
+    assert_eq!(results[0]["worker"], "a");
+    assert_eq!(a.handle.executions(), 1, "run once");
+    let o = client.overview().await;
+    assert_eq!(o["counters"]["leases_restored"], 1, "{o}");
+    assert_eq!(o["counters"]["results_stale"], 0, "{o}");
+    assert_eq!(o["counters"]["results_recorded"], 1, "{o}");
+    a.stop().await.expect("stop");
+    c.stop().await;
+}
+
 /// `n` bytes that do not compress, as a real checkpoint's often do not (xorshift64*).
 fn noise(n: u64) -> Vec<u8> {
     let mut x: u64 = 0x2545_F491_4F6C_DD1D;
