@@ -1,6 +1,10 @@
 //! `tether cert`: the files of a self-signed secure setup in one step. A private CA signs the
 //! coordinator's certificate for the names it is reached by; workers and client commands
-//! trust that CA with `--ca-file`. A fleet secret is written too, unless one exists.
+//! trust that CA with `--ca-file`. A fleet secret is written too, unless one exists. The CA's
+//! key is kept beside it (`ca-key.pem`, private) and the CA lives long (`--ca-days`), so that
+//! `tether cert --renew` signs the coordinator a new certificate that every worker trusting
+//! `ca.pem` accepts as it is: renewing with a new CA stopped every worker at its next full
+//! handshake.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,13 +13,18 @@ use crate::output::outln;
 use anyhow::{Context, bail};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
 };
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 
 /// Names the certificate is valid for when none are given.
 const DEFAULT_NAMES: &[&str] = &["localhost", "127.0.0.1"];
-/// Default validity, days.
+/// Default validity of the coordinator's certificate, days.
 const DEFAULT_DAYS: u32 = 365;
+/// Default validity of a new CA, days (ten years): the coordinator's certificate is renewed
+/// under it (`--renew`) that long, with no change on any worker.
+const DEFAULT_CA_DAYS: u32 = 3650;
 /// Longest validity, days (a hundred years).
 const MAX_DAYS: u32 = 36_500;
 /// Random bytes of a generated fleet secret (written as twice as many hex digits).
@@ -23,17 +32,27 @@ const SECRET_BYTES: usize = 32;
 
 #[derive(clap::Args, Debug)]
 pub struct CertArgs {
-    /// Directory to write ca.pem, cert.pem, key.pem and fleet.secret into (created if missing).
+    /// Directory to write ca.pem, ca-key.pem, cert.pem, key.pem and fleet.secret into
+    /// (created if missing); with --renew, the directory whose CA signs the new certificate.
     #[arg(long, default_value = "tether-certs")]
     out: PathBuf,
     /// A DNS name or IP address the coordinator is reached by; repeat for several
-    /// (default: localhost and 127.0.0.1).
+    /// (default: localhost and 127.0.0.1; with --renew, the names of the certificate renewed).
     #[arg(long = "name")]
     names: Vec<String>,
-    /// Days the certificates are valid.
+    /// Days the coordinator's certificate is valid.
     #[arg(long, default_value_t = DEFAULT_DAYS)]
     days: u32,
-    /// Replace certificate files that exist (a fleet secret that exists is always kept).
+    /// Days a new CA is valid: the coordinator's certificate can be renewed under it
+    /// (--renew) until then, with nothing to change on workers.
+    #[arg(long, default_value_t = DEFAULT_CA_DAYS)]
+    ca_days: u32,
+    /// Sign a new certificate and key for the coordinator (cert.pem, key.pem) with the CA in
+    /// --out (ca.pem and ca-key.pem, kept), which workers and clients trust already.
+    #[arg(long, conflicts_with_all = ["force", "ca_days"])]
+    renew: bool,
+    /// Replace certificate files that exist, the CA among them: workers trusting the old CA
+    /// refuse the new certificate (a fleet secret that exists is always kept).
     #[arg(long)]
     force: bool,
 }
@@ -46,6 +65,8 @@ impl CertArgs {
             out,
             names: Vec::new(),
             days: 1,
+            ca_days: 1,
+            renew: false,
             force: false,
         }
     }
@@ -55,25 +76,60 @@ impl CertArgs {
 #[derive(Debug)]
 pub struct Written {
     pub ca: PathBuf,
+    pub ca_key: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
     pub secret: PathBuf,
     /// Whether the fleet secret was created now (false: an existing one was kept).
     pub new_secret: bool,
+    /// Whether a CA that was there was replaced (`--force`): workers trusting it refuse the
+    /// new certificate.
+    pub replaced_ca: bool,
+}
+
+impl Written {
+    fn paths(out: &Path) -> Self {
+        Written {
+            ca: out.join("ca.pem"),
+            ca_key: out.join("ca-key.pem"),
+            cert: out.join("cert.pem"),
+            key: out.join("key.pem"),
+            secret: out.join("fleet.secret"),
+            new_secret: false,
+            replaced_ca: false,
+        }
+    }
 }
 
 pub async fn run(a: CertArgs) -> anyhow::Result<()> {
+    if a.renew {
+        let r = renew(&a)?;
+        return say_renewed(&r);
+    }
     let w = write(&a)?;
     let names = effective_names(&a.names).join(", ");
     outln!(
-        "wrote {} (the CA: give it to workers and client commands as --ca-file)",
-        w.ca.display()
+        "wrote {} (the CA, valid {} days: give it to workers and client commands as --ca-file)",
+        w.ca.display(),
+        a.ca_days
     )?;
     outln!(
-        "wrote {} and {} (the coordinator's certificate for {names}, and its key)",
-        w.cert.display(),
-        w.key.display()
+        "wrote {} (the CA's key: keep it private; tether cert --renew --out {} signs the next certificate with it)",
+        w.ca_key.display(),
+        a.out.display()
     )?;
+    outln!(
+        "wrote {} and {} (the coordinator's certificate for {names}, valid {} days, and its key)",
+        w.cert.display(),
+        w.key.display(),
+        a.days
+    )?;
+    if w.replaced_ca {
+        outln!(
+            "replaced the CA that was in {}: workers and clients trusting the old one refuse the new certificate at their next full TLS handshake; to renew under the old CA, use --renew (see docs/SECURITY.md, \"Renewing the certificate\")",
+            w.ca.display()
+        )?;
+    }
     if w.new_secret {
         outln!(
             "wrote {} (a new fleet secret; keep it private)",
@@ -102,6 +158,37 @@ pub async fn run(a: CertArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `tether cert --renew` did, and what the operator does next.
+fn say_renewed(r: &Renewed) -> anyhow::Result<()> {
+    let (ca, ca_key, cert, key) = (
+        r.files.ca.display(),
+        r.files.ca_key.display(),
+        r.files.cert.display(),
+        r.files.key.display(),
+    );
+    outln!(
+        "wrote {cert} and {key} (a new certificate for {}, valid until {} UTC, and its key)",
+        r.names.join(", "),
+        r.until
+    )?;
+    outln!(
+        "kept {ca} and {ca_key} (the CA that signed it, valid until {} UTC): workers and clients trusting {ca} accept the new certificate as they are",
+        r.ca_until
+    )?;
+    outln!()?;
+    outln!(
+        "next: nothing to restart. A coordinator started with --tls-cert {cert} --tls-key {key} reads them again by itself: at a TLS handshake {}s or more after it last looked, it serves the new certificate (its log says \"TLS certificate changed on disk: serving the new one\"). One that serves copies of these files needs both copied.",
+        tether_coordinator::tls::RELOAD_CHECK.as_secs()
+    )?;
+    if r.ca_days_left < CA_RENEWAL_NOTICE_DAYS {
+        outln!(
+            "note: the CA ends in {} days; before then, rotate it (docs/SECURITY.md, \"Rotating the CA\")",
+            r.ca_days_left
+        )?;
+    }
+    Ok(())
+}
+
 /// `name` (a DNS name or an IP address the certificate is for) as the host of a URL: an IPv6
 /// address in brackets. The commands printed name the first name given, where they showed
 /// `<name>` for the user to fill in.
@@ -120,10 +207,17 @@ fn effective_names(names: &[String]) -> Vec<String> {
     }
 }
 
-/// Creates the CA, the coordinator certificate signed by it, and (when missing) the secret.
+/// Creates the CA (its key kept), the coordinator certificate signed by it, and (when missing)
+/// the secret.
 pub fn write(a: &CertArgs) -> anyhow::Result<Written> {
-    if !(1..=MAX_DAYS).contains(&a.days) {
-        bail!("--days must be between 1 and {MAX_DAYS}");
+    check_days("--days", a.days)?;
+    check_days("--ca-days", a.ca_days)?;
+    if a.days > a.ca_days {
+        bail!(
+            "--days {} is longer than the CA's --ca-days {}: the certificate would outlive the CA that signs it",
+            a.days,
+            a.ca_days
+        );
     }
     let names = effective_names(&a.names);
     for n in &names {
@@ -131,62 +225,251 @@ pub fn write(a: &CertArgs) -> anyhow::Result<Written> {
     }
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create directory {}", a.out.display()))?;
-    let w = Written {
-        ca: a.out.join("ca.pem"),
-        cert: a.out.join("cert.pem"),
-        key: a.out.join("key.pem"),
-        secret: a.out.join("fleet.secret"),
-        new_secret: false,
-    };
+    let w = Written::paths(&a.out);
     if !a.force {
-        for p in [&w.ca, &w.cert, &w.key] {
+        for p in [&w.ca, &w.ca_key, &w.cert, &w.key] {
             if p.exists() {
                 bail!(
-                    "{} exists; give --force to replace the certificates",
+                    "{} exists; give --renew to sign a new certificate with the CA there, or --force to replace the CA and the certificate (workers trusting that CA then refuse the new certificate)",
                     p.display()
                 );
             }
         }
     }
-    // From yesterday, so a worker whose clock is a little behind still accepts it; until the
-    // midnight (UTC) after `--days` full days from now (a date's certificate time is its
-    // midnight: `today + days` would leave one made at 23:59 a minute of its last day).
-    use chrono::Datelike;
-    let ymd = |d: chrono::NaiveDate| rcgen::date_time_ymd(d.year(), d.month() as u8, d.day() as u8);
+    let replaced_ca = w.ca.exists();
     let today = chrono::Utc::now().date_naive();
-    let from = ymd(today - chrono::Days::new(1));
-    let until = ymd(today + chrono::Days::new(u64::from(a.days) + 1));
-
     let ca_key = KeyPair::generate().context("generate the CA key")?;
-    let mut ca = CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca.distinguished_name = name("tether private CA");
-    ca.not_before = from;
-    ca.not_after = until;
+    let ca = ca_params(from(today), until(today, a.ca_days));
     let ca_cert = ca.self_signed(&ca_key).context("sign the CA")?;
+    let ca_key_pem = ca_key.serialize_pem();
+    let (cert, key) = leaf(&names, today, a.days, &Issuer::new(ca, ca_key))?;
 
-    let key = KeyPair::generate().context("generate the coordinator key")?;
-    let mut leaf = CertificateParams::new(names.clone())
-        .with_context(|| format!("names {names:?} are not DNS names or IP addresses"))?;
-    leaf.distinguished_name = name("tether coordinator");
-    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    leaf.not_before = from;
-    leaf.not_after = until;
-    let issuer = Issuer::new(ca, ca_key);
-    let cert = leaf
-        .signed_by(&key, &issuer)
-        .context("sign the coordinator certificate")?;
-
+    write_file(&w.ca_key, ca_key_pem.as_bytes(), true)?;
     write_file(&w.ca, ca_cert.pem().as_bytes(), false)?;
-    write_file(&w.cert, cert.pem().as_bytes(), false)?;
-    write_file(&w.key, key.serialize_pem().as_bytes(), true)?;
+    write_file(&w.key, key.as_bytes(), true)?;
+    write_file(&w.cert, cert.as_bytes(), false)?;
     let new_secret = !w.secret.exists();
     if new_secret {
         write_secret(&w.secret)?;
     }
-    Ok(Written { new_secret, ..w })
+    Ok(Written {
+        new_secret,
+        replaced_ca,
+        ..w
+    })
+}
+
+/// What `tether cert --renew` wrote.
+#[derive(Debug)]
+pub struct Renewed {
+    pub files: Written,
+    /// The names the new certificate is for.
+    pub names: Vec<String>,
+    /// The end of the new certificate's validity.
+    pub until: chrono::NaiveDateTime,
+    /// The end of the CA's validity.
+    pub ca_until: chrono::NaiveDateTime,
+    /// Whole days from now to the CA's end.
+    pub ca_days_left: i64,
+}
+
+/// A CA with fewer days left than this is noted at a renewal: time to rotate it.
+const CA_RENEWAL_NOTICE_DAYS: i64 = 365;
+
+/// Signs a new certificate and key for the coordinator with the CA in `a.out` (`ca.pem` and
+/// `ca-key.pem`, both kept), for `a.names` or else the names of the certificate there. The
+/// new certificate is checked to verify against `ca.pem` for each name, as a worker verifies
+/// it, before anything is written. Refused, with nothing written, when the CA's key is not
+/// there (a directory an older `tether cert` made: the CA has to be rotated), is not the key
+/// of `ca.pem`, or the CA ends before the new certificate would.
+pub fn renew(a: &CertArgs) -> anyhow::Result<Renewed> {
+    check_days("--days", a.days)?;
+    let w = Written::paths(&a.out);
+    let ca_pem = std::fs::read(&w.ca).with_context(|| {
+        format!(
+            "cannot read the CA certificate {} to renew under (make a new setup with tether cert --out {})",
+            w.ca.display(),
+            a.out.display()
+        )
+    })?;
+    let ca_key_pem = match std::fs::read_to_string(&w.ca_key) {
+        Ok(k) => k,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "{} is missing: the CA's key was not kept (tether cert did not keep it before it wrote ca-key.pem), so no certificate can be signed that workers trusting {} accept. Rotate the CA instead (docs/SECURITY.md, \"Rotating the CA\"): make a new setup with tether cert --out <new-dir>, give every worker and client a --ca-file holding both CAs (cat {} <new-dir>/ca.pem > both.pem), then serve <new-dir>/cert.pem and <new-dir>/key.pem",
+            w.ca_key.display(),
+            w.ca.display(),
+            w.ca.display()
+        ),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot read the CA key {}", w.ca_key.display()));
+        }
+    };
+    let ca_der = CertificateDer::from_pem_slice(&ca_pem)
+        .map_err(|e| anyhow::anyhow!("{} holds no PEM certificate: {e}", w.ca.display()))?;
+    let ca_parts = der::Parts::of(&ca_der)
+        .with_context(|| format!("{} is not an X.509 certificate", w.ca.display()))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem)
+        .map_err(|e| anyhow::anyhow!("{} holds no private key: {e}", w.ca_key.display()))?;
+    if ca_key.subject_public_key_info() != ca_parts.spki {
+        bail!(
+            "{} is not the key of the CA in {}: put the CA's own key there (or rotate the CA: docs/SECURITY.md, \"Rotating the CA\")",
+            w.ca_key.display(),
+            w.ca.display()
+        );
+    }
+    let names = if a.names.is_empty() {
+        leaf_names(&w.cert)?
+    } else {
+        a.names.clone()
+    };
+    for n in &names {
+        check_name(n)?;
+    }
+    let now = chrono::Utc::now();
+    let today = now.date_naive();
+    let ca_until = ca_parts.not_after;
+    let ends = until(today, a.days).and_time(chrono::NaiveTime::MIN);
+    if ca_until <= now.naive_utc() {
+        bail!(
+            "the CA in {} expired on {ca_until} UTC: every worker refuses what it signs; rotate it (docs/SECURITY.md, \"Rotating the CA\")",
+            w.ca.display()
+        );
+    }
+    if ends > ca_until {
+        let most = (ca_until.date() - today).num_days() - 1;
+        let shorter = match most {
+            1.. => format!("give --days {most} or fewer to renew until then, and "),
+            _ => String::new(),
+        };
+        bail!(
+            "the CA in {} ends on {ca_until} UTC, before a certificate of --days {} would (on {ends} UTC): {shorter}rotate the CA before it ends (docs/SECURITY.md, \"Rotating the CA\")",
+            w.ca.display(),
+            a.days
+        );
+    }
+    // The issuer as the CA was made: its name is what the new certificate's issuer field
+    // holds, its key what signs. A CA made otherwise (another name) fails the check below.
+    let issuer = Issuer::new(ca_params(from(today), from(today)), ca_key);
+    let (cert, key) = leaf(&names, today, a.days, &issuer)?;
+    verify(&ca_der, &cert, &names).with_context(|| {
+        format!(
+            "the new certificate does not verify against {} (was it made by tether cert?); nothing was written: rotate the CA (docs/SECURITY.md, \"Rotating the CA\")",
+            w.ca.display()
+        )
+    })?;
+    // Each file whole (renamed into place). A coordinator that looks between the two renames
+    // reads a pair that does not match: it says so once and serves the old pair until its
+    // next look, which finds both new.
+    write_file(&w.key, key.as_bytes(), true)?;
+    write_file(&w.cert, cert.as_bytes(), false)?;
+    Ok(Renewed {
+        files: w,
+        names,
+        until: ends,
+        ca_until,
+        ca_days_left: (ca_until - now.naive_utc()).num_days(),
+    })
+}
+
+fn check_days(flag: &str, days: u32) -> anyhow::Result<()> {
+    if !(1..=MAX_DAYS).contains(&days) {
+        bail!("{flag} must be between 1 and {MAX_DAYS}");
+    }
+    Ok(())
+}
+
+/// A certificate's start: yesterday, so that a worker whose clock is a little behind still
+/// accepts it.
+fn from(today: chrono::NaiveDate) -> chrono::NaiveDate {
+    today - chrono::Days::new(1)
+}
+
+/// A certificate's end: the midnight (UTC) after `days` full days from now (a date's
+/// certificate time is its midnight: `today + days` would leave one made at 23:59 a minute of
+/// its last day).
+fn until(today: chrono::NaiveDate, days: u32) -> chrono::NaiveDate {
+    today + chrono::Days::new(u64::from(days) + 1)
+}
+
+/// Makes `params` valid from the midnight (UTC) that begins `from` to the one that begins
+/// `until`.
+fn valid(params: &mut CertificateParams, from: chrono::NaiveDate, until: chrono::NaiveDate) {
+    use chrono::Datelike;
+    let ymd = |d: chrono::NaiveDate| rcgen::date_time_ymd(d.year(), d.month() as u8, d.day() as u8);
+    params.not_before = ymd(from);
+    params.not_after = ymd(until);
+}
+
+/// The CA's parameters, valid from `from` until `until`: a renewal signs with these (their
+/// name and key usages), so they stay as the CA was made.
+fn ca_params(from: chrono::NaiveDate, until: chrono::NaiveDate) -> CertificateParams {
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.distinguished_name = name("tether private CA");
+    valid(&mut ca, from, until);
+    ca
+}
+
+/// A new coordinator certificate for `names`, valid `days` from `today`, signed by `issuer`,
+/// and its new key, both PEM.
+fn leaf(
+    names: &[String],
+    today: chrono::NaiveDate,
+    days: u32,
+    issuer: &Issuer<'_, KeyPair>,
+) -> anyhow::Result<(String, String)> {
+    let key = KeyPair::generate().context("generate the coordinator key")?;
+    let mut leaf = CertificateParams::new(names.to_vec())
+        .with_context(|| format!("names {names:?} are not DNS names or IP addresses"))?;
+    leaf.distinguished_name = name("tether coordinator");
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    valid(&mut leaf, from(today), until(today, days));
+    let cert = leaf
+        .signed_by(&key, issuer)
+        .context("sign the coordinator certificate")?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// The names of the coordinator certificate at `path`, for a renewal given no `--name`.
+fn leaf_names(path: &Path) -> anyhow::Result<Vec<String>> {
+    let give = "give the names it is for with --name";
+    let pem = std::fs::read(path)
+        .with_context(|| format!("cannot read {} for its names; {give}", path.display()))?;
+    let names = CertificateDer::from_pem_slice(&pem)
+        .ok()
+        .and_then(|der| der::Parts::of(&der))
+        .map(|p| p.names)
+        .unwrap_or_default();
+    if names.is_empty() {
+        bail!("{} names no DNS name or IP address; {give}", path.display());
+    }
+    Ok(names)
+}
+
+/// Checks that `cert_pem` verifies for each of `names` against the CA `ca` alone, now, as a
+/// worker with `--ca-file ca.pem` verifies the coordinator.
+fn verify(ca: &CertificateDer<'_>, cert_pem: &str, names: &[String]) -> anyhow::Result<()> {
+    use rustls::client::danger::ServerCertVerifier;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).context("the CA as a trust anchor")?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+            .build()
+            .context("a verifier")?;
+    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("the new certificate: {e}"))?;
+    for n in names {
+        let server = rustls::pki_types::ServerName::try_from(n.as_str())
+            .map_err(|_| anyhow::anyhow!("{n:?} is not a name to verify"))?;
+        verifier
+            .verify_server_cert(&cert, &[], &server, &[], rustls::pki_types::UnixTime::now())
+            .with_context(|| format!("for {n}"))?;
+    }
+    Ok(())
 }
 
 /// Writes a new random fleet secret (hex), readable by its owner only.
@@ -209,28 +492,193 @@ fn name(common: &str) -> DistinguishedName {
     dn
 }
 
-/// Writes a file; a private one is created readable by its owner only.
+/// Writes a file whole or not at all: a temporary file beside it, synced, renamed over it
+/// (a coordinator looking at its certificate meanwhile reads the old file or the new one,
+/// never half of one), and the directory synced. A private one is readable by its owner
+/// only from its creation; others are 0644.
 fn write_file(path: &Path, bytes: &[u8], private: bool) -> anyhow::Result<()> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(path)
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    // `tempfile` makes it 0600.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .tempfile_in(dir)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    // A file replaced with --force keeps its old mode at open: tighten it first.
     #[cfg(unix)]
-    if private {
+    if !private {
         use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("cannot restrict {}", path.display()))?;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    f.write_all(bytes)
+    #[cfg(not(unix))]
+    let _ = private;
+    tmp.write_all(bytes)
+        .and_then(|()| tmp.as_file().sync_all())
         .with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    // The rename durable: a crash after `tether cert` said it wrote the files keeps them.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
     Ok(())
+}
+
+/// Just enough DER to read what a renewal needs from a certificate (the CLI has no X.509
+/// parser; the tests check this against one): the CA's end and public key, and the names of
+/// the certificate renewed.
+mod der {
+    /// SubjectAltName's object identifier, 2.5.29.17, as DER content.
+    const SAN: &[u8] = &[0x55, 0x1d, 0x11];
+
+    /// What a renewal reads from a certificate.
+    pub(super) struct Parts {
+        /// The end of its validity (UTC).
+        pub not_after: chrono::NaiveDateTime,
+        /// Its SubjectPublicKeyInfo, whole (tag and length too).
+        pub spki: Vec<u8>,
+        /// Its DNS names and IP addresses.
+        pub names: Vec<String>,
+    }
+
+    impl Parts {
+        /// The parts of the certificate `der`, or `None` if it is not one.
+        pub(super) fn of(der: &[u8]) -> Option<Parts> {
+            let (0x30, cert, _) = element(der)? else {
+                return None;
+            };
+            let (0x30, tbs, _) = element(cert)? else {
+                return None;
+            };
+            let mut rest = tbs;
+            // version [0], optional
+            if rest.first() == Some(&0xa0) {
+                rest = element(rest)?.2;
+            }
+            // serial, signature algorithm, issuer
+            for _ in 0..3 {
+                rest = element(rest)?.2;
+            }
+            let (0x30, validity, after) = element(rest)? else {
+                return None;
+            };
+            let (_, _, validity) = element(validity)?;
+            let (tag, not_after, _) = element(validity)?;
+            let not_after = time(tag, not_after)?;
+            // subject
+            let after = element(after)?.2;
+            let (0x30, _, more) = element(after)? else {
+                return None;
+            };
+            let spki = after[..after.len() - more.len()].to_vec();
+            let mut names = Vec::new();
+            let mut rest = more;
+            // Bounded: each step takes an element off `rest`.
+            while let Some((tag, content, next)) = element(rest) {
+                if tag == 0xa3 {
+                    names = san(content)?;
+                }
+                rest = next;
+            }
+            Some(Parts {
+                not_after,
+                spki,
+                names,
+            })
+        }
+    }
+
+    /// The names of the SubjectAltName among `extensions` ([3] content), if any.
+    fn san(extensions: &[u8]) -> Option<Vec<String>> {
+        let (0x30, mut list, _) = element(extensions)? else {
+            return None;
+        };
+        let mut names = Vec::new();
+        while let Some((_, ext, next)) = element(list) {
+            list = next;
+            let (0x06, oid, mut rest) = element(ext)? else {
+                return None;
+            };
+            if oid != SAN {
+                continue;
+            }
+            // critical, optional
+            if rest.first() == Some(&0x01) {
+                rest = element(rest)?.2;
+            }
+            let (0x04, value, _) = element(rest)? else {
+                return None;
+            };
+            let (0x30, mut general, _) = element(value)? else {
+                return None;
+            };
+            while let Some((tag, name, next)) = element(general) {
+                general = next;
+                match (tag, name.len()) {
+                    (0x82, _) => names.push(String::from_utf8(name.to_vec()).ok()?),
+                    (0x87, 4) => {
+                        let a: [u8; 4] = name.try_into().ok()?;
+                        names.push(std::net::Ipv4Addr::from(a).to_string());
+                    }
+                    (0x87, 16) => {
+                        let a: [u8; 16] = name.try_into().ok()?;
+                        names.push(std::net::Ipv6Addr::from(a).to_string());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Some(names)
+    }
+
+    /// A UTCTime (0x17) or GeneralizedTime (0x18), as a certificate holds them (`Z`, seconds).
+    fn time(tag: u8, content: &[u8]) -> Option<chrono::NaiveDateTime> {
+        let text = std::str::from_utf8(content).ok()?;
+        let full = match tag {
+            // RFC 5280: a two-digit year from 50 is 19xx, below 50 20xx.
+            0x17 if text.len() == 13 => {
+                let century = if text[..2].parse::<u8>().ok()? >= 50 {
+                    "19"
+                } else {
+                    "20"
+                };
+                format!("{century}{text}")
+            }
+            0x18 if text.len() == 15 => text.to_owned(),
+            _ => return None,
+        };
+        chrono::NaiveDateTime::parse_from_str(&full, "%Y%m%d%H%M%SZ").ok()
+    }
+
+    /// The first element of `b`: its tag, its content and the bytes after it; `None` if `b`
+    /// does not begin with a whole element (definite lengths of up to four bytes).
+    fn element(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = b.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            let len = rest[..n]
+                .iter()
+                .fold(0usize, |l, byte| (l << 8) | usize::from(*byte));
+            (len, &rest[n..])
+        };
+        if rest.len() < len {
+            return None;
+        }
+        Some((tag, &rest[..len], &rest[len..]))
+    }
 }
 
 #[cfg(test)]
@@ -250,6 +698,48 @@ mod tests {
         let until = cert.validity().not_after.timestamp();
         assert!(until >= day_from_now, "{until} < {day_from_now}");
         assert!(until <= day_from_now + 86_400, "no more than a day over");
+    }
+
+    /// What the renewal reads of a certificate (its own DER reading) is what an X.509 parser
+    /// reads: the end of validity in both time forms (UTCTime until 2049, GeneralizedTime
+    /// after), the public key, and DNS names and IP addresses of both families.
+    #[test]
+    fn the_parts_a_renewal_reads_are_those_an_x509_parser_reads() {
+        let dir = tempfile::tempdir().expect("dir");
+        for ca_days in [30, super::MAX_DAYS] {
+            let mut a = super::CertArgs::local(dir.path().join(ca_days.to_string()));
+            a.names = ["coordinator.example", "10.1.2.3", "::1"]
+                .map(String::from)
+                .to_vec();
+            a.ca_days = ca_days;
+            let w = super::write(&a).expect("write");
+            for (path, want_names) in [(&w.ca, vec![]), (&w.cert, a.names.clone())] {
+                let pem = std::fs::read(path).expect("pem");
+                let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).expect("pem");
+                let cert = pem.parse_x509().expect("x509");
+                let parts = super::der::Parts::of(&pem.contents).expect("parts");
+                assert_eq!(
+                    parts.not_after.and_utc().timestamp(),
+                    cert.validity().not_after.timestamp()
+                );
+                assert_eq!(parts.spki, cert.tbs_certificate.subject_pki.raw);
+                assert_eq!(parts.names, want_names);
+            }
+        }
+    }
+
+    /// Damaged input is refused, never a panic: every cut of a certificate.
+    #[test]
+    fn a_cut_certificate_is_not_read() {
+        let dir = tempfile::tempdir().expect("dir");
+        let w = super::write(&super::CertArgs::local(dir.path().to_owned())).expect("write");
+        let pem = std::fs::read(&w.cert).expect("pem");
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).expect("pem");
+        let der = &pem.contents;
+        assert!(super::der::Parts::of(der).is_some());
+        for len in 0..der.len() {
+            assert!(super::der::Parts::of(&der[..len]).is_none(), "cut at {len}");
+        }
     }
 
     #[test]
