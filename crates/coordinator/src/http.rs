@@ -873,26 +873,14 @@ pub async fn get_task(State(app): State<Arc<AppState>>, ApiPath(id): ApiPath<Str
     params(("id" = String, Path, description = "task id")),
     responses(
         (status = 200, description = "Recorded results: the counted one first, stale ones after", body = serde_json::Value),
-        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8, or a query parameter (`bad_request`, naming it): the endpoint takes none", body = ErrorBody),
-        (status = 404, description = "No such task", body = ErrorBody),
-        (status = 422, description = "Not a task id (`invalid`)", body = ErrorBody),
-        (status = 500, description = "The store could not be read (`internal`)", body = ErrorBody),
-        (status = 503, description = "`busy`: every turn for large answers was held for half the handshake deadline (Retry-After: 1); `shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
+        TaskReadErrors,
     )
 )]
 pub async fn task_result(
     State(app): State<Arc<AppState>>,
     ApiPath(id): ApiPath<String>,
 ) -> Response {
-    match parse_task(&id) {
-        Ok(task) => {
-            heavy(&app, async {
-                json(ask(&app, |reply| Api::Results { task, reply }).await)
-            })
-            .await
-        }
-        Err(e) => e.into_response(),
-    }
+    heavy_of_task(&app, &id, |task, reply| Api::Results { task, reply }).await
 }
 
 #[utoipa::path(
@@ -902,25 +890,53 @@ pub async fn task_result(
     params(("id" = String, Path, description = "task id")),
     responses(
         (status = 200, description = "The latest state the worker reported (attempt, state, updated_at), or null", body = serde_json::Value),
-        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8, or a query parameter (`bad_request`, naming it): the endpoint takes none", body = ErrorBody),
-        (status = 404, description = "No such task", body = ErrorBody),
-        (status = 422, description = "Not a task id (`invalid`)", body = ErrorBody),
-        (status = 500, description = "The store could not be read (`internal`)", body = ErrorBody),
-        (status = 503, description = "`busy`: every turn for large answers was held for half the handshake deadline (Retry-After: 1); `shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
+        TaskReadErrors,
     )
 )]
 pub async fn task_state(
     State(app): State<Arc<AppState>>,
     ApiPath(id): ApiPath<String>,
 ) -> Response {
-    match parse_task(&id) {
+    heavy_of_task(&app, &id, |task, reply| Api::State { task, reply }).await
+}
+
+/// The core's answer to `question` of the task path parameter `id` names, made in a turn of
+/// [`HEAVY_AT_ONCE`] (a task's results or state may run to megabytes).
+async fn heavy_of_task<T: Serialize>(
+    app: &AppState,
+    id: &str,
+    question: impl FnOnce(TaskId, oneshot::Sender<Result<T, ApiError>>) -> Api,
+) -> Response {
+    match parse_task(id) {
         Ok(task) => {
-            heavy(&app, async {
-                json(ask(&app, |reply| Api::State { task, reply }).await)
+            heavy(app, async {
+                json(ask(app, |reply| question(task, reply)).await)
             })
             .await
         }
         Err(e) => e.into_response(),
+    }
+}
+
+/// What a read of one task through [`heavy_of_task`] answers besides its success, for the
+/// document: said once for each of them.
+pub(crate) struct TaskReadErrors;
+
+impl utoipa::IntoResponses for TaskReadErrors {
+    fn responses() -> std::collections::BTreeMap<
+        String,
+        utoipa::openapi::RefOr<utoipa::openapi::response::Response>,
+    > {
+        [
+            ("400", "A path parameter that is not valid percent-encoded UTF-8, or a query parameter (`bad_request`, naming it): the endpoint takes none"),
+            ("404", "No such task"),
+            ("422", "Not a task id (`invalid`)"),
+            ("500", "The store could not be read (`internal`)"),
+            ("503", "`busy`: every turn for large answers was held for half the handshake deadline (Retry-After: 1); `shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)"),
+        ]
+        .into_iter()
+        .map(|(status, what)| (status.to_owned(), crate::openapi::error(what).into()))
+        .collect()
     }
 }
 

@@ -92,7 +92,7 @@ impl Modify for BearerTokens {
 }
 
 /// An answer of the error body, saying `what`.
-fn error(what: &str) -> utoipa::openapi::Response {
+pub(crate) fn error(what: &str) -> utoipa::openapi::Response {
     ResponseBuilder::new()
         .description(what)
         .content(
