@@ -267,7 +267,7 @@ impl axum::serve::Listener for Admission {
                 deadline: Some(Box::pin(tokio::time::sleep(self.limits.handshake_timeout))),
                 awaiting_answer: true,
                 head: Head::Waiting,
-                target: Target::Method,
+                target: Target::Method(false),
                 dropped: 0,
                 moved: Instant::now(),
                 stalled_since: None,
@@ -712,7 +712,8 @@ impl Head {
 /// words, as [`http::target_limit`](crate::http::target_limit) answers a shorter one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
-    Method,
+    /// Its method: begun (`true`), or only empty lines so far.
+    Method(bool),
     Reading(usize),
     /// Past the target, within the bound.
     Done,
@@ -727,14 +728,22 @@ impl Target {
         loop {
             match state {
                 Target::Done | Target::TooLong => return state,
-                // Empty lines before the request line are skipped, as the parser does.
-                Target::Method => match bytes.iter().position(|&b| b == b' ') {
-                    Some(at) => {
-                        state = Target::Reading(0);
-                        bytes = &bytes[at + 1..];
-                    }
-                    None => return state,
-                },
+                Target::Method(begun) => {
+                    let Some(at) = bytes.iter().position(|&b| matches!(b, b' ' | b'\n')) else {
+                        let begun = begun || bytes.iter().any(|&b| b != b'\r');
+                        return Target::Method(begun);
+                    };
+                    let begun = begun || bytes[..at].iter().any(|&b| b != b'\r');
+                    state = match bytes[at] {
+                        b' ' => Target::Reading(0),
+                        // A line without a target: the parser's to refuse.
+                        _ if begun => Target::Done,
+                        // Empty lines before the request line are passed over, as the parser
+                        // does.
+                        _ => Target::Method(false),
+                    };
+                    bytes = &bytes[at + 1..];
+                }
                 Target::Reading(n) => {
                     let end = bytes
                         .iter()
@@ -966,7 +975,7 @@ impl AsyncRead for Guarded {
             // The next request: its answer must begin within the handshake deadline.
             this.awaiting_answer = true;
             this.head = Head::Waiting;
-            this.target = Target::Method;
+            this.target = Target::Method(false);
             if let Some(d) = this.deadline.as_mut() {
                 d.as_mut().reset(Instant::now() + this.handshake_timeout);
             }
@@ -1175,7 +1184,7 @@ mod tests {
         for (len, want) in [(bound, Target::Done), (bound + 1, Target::TooLong)] {
             let head = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "x".repeat(len - 1));
             for piece in [1, 7, 4096, head.len()] {
-                let mut state = Target::Method;
+                let mut state = Target::Method(false);
                 for chunk in head.as_bytes().chunks(piece) {
                     state = state.after(chunk);
                 }
@@ -1186,10 +1195,16 @@ mod tests {
             }
         }
         // Empty lines before the request line are passed over; a line without a version ends
-        // its target; a request not yet past its method has none yet.
-        assert_eq!(Target::Method.after(b"\r\nGET /a\r\n"), Target::Done);
-        assert_eq!(Target::Method.after(b"GET /a"), Target::Reading(2));
-        assert_eq!(Target::Method.after(b"GE"), Target::Method);
+        // its target; a request not yet past its method has none yet; a line without a target
+        // has none, and a long header after it is not taken for one.
+        let at_once = |bytes: &[u8]| Target::Method(false).after(bytes);
+        assert_eq!(at_once(b"\r\nGET /a\r\n"), Target::Done);
+        assert_eq!(at_once(b"\r\n").after(b"\r\nGET /a\r\n"), Target::Done);
+        assert_eq!(at_once(b"GET /a"), Target::Reading(2));
+        assert_eq!(at_once(b"GE"), Target::Method(true));
+        assert_eq!(at_once(b"GE").after(b"T\r\nX: y\r\n"), Target::Done);
+        let header = format!("X: {}\r\n", "y".repeat(bound + 1));
+        assert_eq!(at_once(b"GET\r\n").after(header.as_bytes()), Target::Done);
     }
 
     #[test]
