@@ -177,7 +177,7 @@ fn say_renewed(r: &Renewed) -> anyhow::Result<()> {
     )?;
     outln!()?;
     outln!(
-        "next: nothing to restart. A coordinator started with --tls-cert {cert} --tls-key {key} reads them again by itself: at a TLS handshake {}s or more after it last looked, it serves the new certificate (its log says \"TLS certificate changed on disk: serving the new one\"). One that serves copies of these files needs both copied.",
+        "next: nothing to restart. A coordinator started with --tls-cert {cert} --tls-key {key} reads them again by itself: a TLS handshake {}s or more after its last look starts a look, and the handshakes after it are served the new certificate (its log says \"TLS certificate changed on disk: serving the new one\"). One that serves copies of these files needs both copied.",
         tether_coordinator::tls::RELOAD_CHECK.as_secs()
     )?;
     if r.ca_days_left < CA_RENEWAL_NOTICE_DAYS {
