@@ -3,7 +3,9 @@
 //! interrupted. A lost stream (a coordinator restart, a dropped connection) is opened again
 //! with a growing delay, and what changed meanwhile is caught up from the API, so nothing in
 //! between goes unreported and nothing is reported twice. A task's checkpoints are folded
-//! in the text output (`fold`): a checkpoint alone makes no line.
+//! in the text output (`fold`): a checkpoint alone makes no line. A followed task running on a
+//! worker that is disconnected is said on stderr, as `tether tasks` says it: it says `running`
+//! until the coordinator's grace ends.
 
 mod fold;
 
@@ -269,6 +271,12 @@ struct Watch {
     ended: BTreeMap<String, String>,
     /// Workers' states as last reported.
     worker_states: HashMap<String, String>,
+    /// The followed tasks running on each worker, as last seen (text output only): a worker's
+    /// disconnection is said with them ([`Watch::on_away`]).
+    running: HashMap<String, BTreeSet<String>>,
+    /// The disconnection said of each worker (its `disconnected_at`): said once, however
+    /// often the stream is opened again.
+    told_away: HashMap<String, String>,
     /// Checkpoints since each task's last line, and the lines held back for them (text only).
     folds: fold::Folds,
     /// Tasks read a request when catching up.
@@ -306,6 +314,8 @@ impl Watch {
             high_water: None,
             ended: BTreeMap::new(),
             worker_states: HashMap::new(),
+            running: HashMap::new(),
+            told_away: HashMap::new(),
             folds: fold::Folds::new(),
             page: PAGE,
             baseline: false,
@@ -395,9 +405,13 @@ impl Watch {
                             self.on_task(&t).map_err(Fatal)?;
                         }
                     }
-                    "worker" if self.workers => {
+                    // Read only when shown, or when followed tasks run on some worker.
+                    "worker" if self.workers || !self.running.is_empty() => {
                         if let Ok(w) = serde_json::from_str::<Value>(&ev.data) {
-                            self.on_worker(&w).map_err(Fatal)?;
+                            if self.workers {
+                                self.on_worker(&w).map_err(Fatal)?;
+                            }
+                            self.on_away(&w);
                         }
                     }
                     "task_removed" => {
@@ -407,7 +421,7 @@ impl Watch {
                         {
                             self.folds.forget(id);
                             match self.ids {
-                                None => _ = self.seen.remove(id),
+                                None => self.forget(id),
                                 Some(_) => self.on_removed(id).map_err(Fatal)?,
                             }
                         }
@@ -475,10 +489,12 @@ impl Watch {
                 }
             }
         }
-        if self.workers {
-            for w in snap["workers"].as_array().into_iter().flatten() {
+        for w in snap["workers"].as_array().into_iter().flatten() {
+            if self.workers {
                 self.on_worker(w)?;
             }
+            // Disconnected while no stream was open, or before the watch began.
+            self.on_away(w);
         }
         Ok(())
     }
@@ -738,7 +754,7 @@ impl Watch {
                 self.ended.insert(id.to_owned(), now.shown.status.clone());
             }
         }
-        self.seen.insert(id.to_owned(), now);
+        self.keep(id, now);
         self.forget_old_ends();
         Ok(())
     }
@@ -785,7 +801,7 @@ impl Watch {
             return;
         };
         if let Some(now) = self.fresh(id, t) {
-            self.seen.insert(id.to_owned(), now);
+            self.keep(id, now);
         }
     }
 
@@ -816,6 +832,72 @@ impl Watch {
             shown,
             at: at.or(seen_at),
         })
+    }
+
+    /// Takes `now` for what the watch knows of task `id`, and files it under the worker it
+    /// runs on, if it runs ([`Watch::running`]).
+    fn keep(&mut self, id: &str, now: Known) {
+        fn on(s: &Seen) -> Option<&str> {
+            s.worker.as_deref().filter(|_| s.status == "running")
+        }
+        let was = self.seen.get(id).and_then(|k| on(&k.shown));
+        let is = on(&now.shown).filter(|_| !self.json);
+        if was != is {
+            if let Some(w) = was {
+                let w = w.to_owned();
+                self.unfile(id, &w);
+            }
+            if let Some(w) = is {
+                let tasks = self.running.entry(w.to_owned()).or_default();
+                tasks.insert(id.to_owned());
+            }
+        }
+        self.seen.insert(id.to_owned(), now);
+    }
+
+    /// Forgets task `id` (retention removed it).
+    fn forget(&mut self, id: &str) {
+        if let Some(k) = self.seen.remove(id)
+            && let Some(w) = &k.shown.worker
+        {
+            self.unfile(id, w);
+        }
+    }
+
+    /// Takes task `id` off the tasks running on worker `w`.
+    fn unfile(&mut self, id: &str, w: &str) {
+        if let Some(tasks) = self.running.get_mut(w) {
+            tasks.remove(id);
+            if tasks.is_empty() {
+                self.running.remove(w);
+            }
+        }
+    }
+
+    /// Says on stderr, as `tether tasks` does, that worker `w` is disconnected while followed
+    /// tasks run on it, once a disconnection; a worker back (or lost, its tasks moving on)
+    /// can be said again at its next one.
+    fn on_away(&mut self, w: &Value) {
+        let Some(id) = w["worker_id"].as_str() else {
+            return;
+        };
+        if w["state"] != "disconnected" {
+            self.told_away.remove(id);
+            return;
+        }
+        let Some(tasks) = self.running.get(id) else {
+            return;
+        };
+        let since = w["disconnected_at"].as_str().unwrap_or_default();
+        if self.told_away.get(id).is_some_and(|told| told == since) {
+            return;
+        }
+        let by_worker = BTreeMap::from([(id.to_owned(), tasks.iter().cloned().collect())]);
+        let lines = crate::client::away_lines(&by_worker, std::slice::from_ref(w), Utc::now());
+        for line in lines {
+            eprintln!("{line}");
+        }
+        self.told_away.insert(id.to_owned(), since.to_owned());
     }
 
     fn on_worker(&mut self, w: &Value) -> anyhow::Result<()> {

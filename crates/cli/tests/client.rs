@@ -668,9 +668,11 @@ async fn submit_file_whose_config_its_executor_refuses_is_a_usage_error_before_a
 /// a task: during the coordinator's grace the row still says `running` on that worker (the
 /// API's state, as scripts read it), and a line on stderr names the task, its worker as
 /// disconnected and what becomes of it; with the worker connected, before the cut and once it
-/// is back, there is no such line.
+/// is back, there is no such line. `tether task ID` says the same line then, and only then;
+/// so does `tether watch ID`, once, whether it was following when the worker went (from the
+/// worker's event) or began after (from the stream's snapshot).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tasks_names_a_running_task_whose_worker_is_disconnected_on_stderr() {
+async fn tasks_task_and_watch_name_a_running_task_whose_worker_is_disconnected_on_stderr() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = tether_testkit::fast_coordinator_config(dir.path().join("data"));
     // The grace outlasts the test: the task stays `running` on its worker while it is away.
@@ -701,14 +703,44 @@ async fn tasks_names_a_running_task_whose_worker_is_disconnected_on_stderr() {
                 .to_vec(),
         )
     };
+    let one = || {
+        tether_output(
+            ["task", &task, "--coordinator", &base]
+                .map(String::from)
+                .to_vec(),
+        )
+    };
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     state_is("connected").await;
     let out = tasks().await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stderr), "", "connected: no hint");
+    let out = one().await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "", "connected: no hint from task");
+    // Following the task from before the cut: its line says it runs on the worker.
+    let mut before = Watching::start(&task, &base);
+    before.wait_line("on away-1");
+    assert_eq!(before.stderr(), "", "connected: no hint from watch");
 
     relay.cut();
     state_is("disconnected").await;
+    let hint = "(worker away-1 disconnected ";
+    let hinted = |err: &str| {
+        err.contains(hint)
+            && err.contains(&format!("running task(s) {task} wait"))
+            && err.contains("--lost-after")
+    };
+    let err = before.wait_stderr(hint).await;
+    assert!(hinted(&err), "watch, from the event: {err}");
+    let after = Watching::start(&task, &base);
+    let err = after.wait_stderr(hint).await;
+    assert!(hinted(&err), "watch, from the snapshot: {err}");
+    let out = one().await;
+    let (shown, err) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{err}");
+    assert!(shown.contains("status    running"), "{shown}");
+    assert!(hinted(&err), "task: {err}");
     let out = tasks().await;
     let (table, err) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "{err}");
@@ -738,8 +770,86 @@ async fn tasks_names_a_running_task_whose_worker_is_disconnected_on_stderr() {
     let out = tasks().await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stderr), "", "back: no hint");
+    let out = one().await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "", "back: no hint from task");
+    for (watch, what) in [(&before, "the event"), (&after, "the snapshot")] {
+        let err = watch.stderr();
+        assert_eq!(
+            err.matches(hint).count(),
+            1,
+            "said once, from {what}: {err}"
+        );
+    }
     let _ = worker.stop().await;
     coord.stop().await;
+}
+
+/// A `tether watch` of one task, its stdout lines arriving on a channel and its stderr kept in
+/// a file (killed when dropped).
+struct Watching {
+    _proc: tether_testkit::Killed,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: tempfile::NamedTempFile,
+}
+
+impl Watching {
+    fn start(task: &str, base: &str) -> Self {
+        let stderr = tempfile::NamedTempFile::new().expect("stderr file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["watch", task, "--coordinator", base])
+            .env_remove("TETHER_LOG")
+            .env_remove("TETHER_TOKEN")
+            .env_remove("TETHER_TOKEN_FILE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr.reopen().expect("stderr"))
+            .spawn()
+            .expect("start tether watch");
+        let out = child.stdout.take().expect("piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Watching {
+            _proc: tether_testkit::Killed(child),
+            lines,
+            stderr,
+        }
+    }
+
+    /// Waits (30 s at most) for a stdout line holding `part`.
+    fn wait_line(&mut self, part: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(part) => return l,
+                Ok(l) => seen.push(l),
+                Err(_) => panic!("no line with {part:?}: {seen:?}; stderr: {}", self.stderr()),
+            }
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.stderr.path()).expect("read stderr")
+    }
+
+    /// Waits (30 s at most) for its stderr to hold `part`; all of it then.
+    async fn wait_stderr(&self, part: &str) -> String {
+        let deadline = Duration::from_secs(30);
+        tether_testkit::wait_for(part, deadline, || async {
+            let err = self.stderr();
+            err.contains(part).then_some(err)
+        })
+        .await
+    }
 }
 
 /// `tether submit --kind sleep --config JSON` submits a `sleep` task with that config, as a

@@ -601,8 +601,9 @@ impl Away {
 }
 
 /// The hint's lines: for each disconnected worker among `workers` that holds running tasks
-/// of `by_worker`, since when, which tasks, and what becomes of them.
-fn away_lines(
+/// of `by_worker`, since when, which tasks, and what becomes of them. `tether task` and
+/// `tether watch` say it in the same words.
+pub(crate) fn away_lines(
     by_worker: &BTreeMap<String, Vec<String>>,
     workers: &[Value],
     now: chrono::DateTime<chrono::Utc>,
@@ -817,6 +818,11 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
         });
         print_table(&["CHECKPOINT", "ATTEMPT", "BYTES", "CREATED"], &rows)?;
     }
+    // Running on a disconnected worker, it says `running` until the coordinator's grace ends:
+    // said as `tether tasks` says it, on stderr.
+    let mut away = Away::default();
+    away.add(&t);
+    away.say(&api).await;
     Ok(())
 }
 

@@ -15,6 +15,7 @@ use tether_proto::TaskSpec;
 mod commands;
 mod table;
 
+pub(crate) use commands::away_lines;
 pub use commands::{
     CheckpointArgs, ControlArgs, SubmitArgs, TaskArgs, TasksArgs, checkpoint, control, submit,
     task, tasks, workers,
