@@ -41,12 +41,19 @@ pub fn describe(e: &anyhow::Error) -> String {
         }
         out.push_str(&text);
     }
-    // What a plain-HTTP client reads from a TLS server says nothing of TLS.
+    // What a plain-HTTP client reads from a TLS server (its alert) says nothing of TLS. Said
+    // as the https:// client says the converse (`client::tls_hint`), with the flag that gives
+    // a private CA: a coordinator serving TLS has `--tls-cert`, often of a CA of its own.
     if out.contains("invalid HTTP version parsed") {
-        out.push_str(" (is the coordinator serving TLS? then give an https:// URL)");
+        out.push_str(TLS_ANSWER);
     }
     out
 }
+
+/// What [`describe`] adds to an error in which what answered an `http://` URL spoke no HTTP.
+const TLS_ANSWER: &str = " (what answered speaks no plain HTTP: if the coordinator serves TLS, \
+                          give an https:// URL, with --ca-file (or TETHER_CA_FILE) when a CA \
+                          this system does not trust signed its certificate)";
 
 /// `text` without the ` (HTTP nnn)` an answer of the coordinator ends with.
 fn without_status(text: &str) -> &str {
@@ -94,11 +101,7 @@ mod tests {
         let e = anyhow::anyhow!("no task x (HTTP 404)").context("no task x at this coordinator");
         assert_eq!(describe(&e), "no task x at this coordinator");
         let e = anyhow::anyhow!("invalid HTTP version parsed").context("GET http://h/api");
-        assert!(
-            describe(&e).ends_with("then give an https:// URL)"),
-            "{}",
-            describe(&e)
-        );
+        assert!(describe(&e).ends_with(TLS_ANSWER), "{}", describe(&e));
     }
 
     #[test]

@@ -133,6 +133,23 @@ async fn client_commands_speak_https_and_verify_the_coordinator_certificate() {
         String::from_utf8_lossy(&plain.stderr).contains("--ca-file is for an https://"),
         "{plain:?}"
     );
+    // An http:// URL for it: what answered is said to speak no plain HTTP, and what to give.
+    let plain = tokio::task::spawn_blocking({
+        let url = format!("http://127.0.0.1:{}", c.addr.port());
+        move || tether(&["tasks", "--coordinator", &url])
+    })
+    .await
+    .expect("join");
+    assert!(!plain.status.success(), "{plain:?}");
+    let err = String::from_utf8_lossy(&plain.stderr);
+    assert!(
+        err.contains(
+            "(what answered speaks no plain HTTP: if the coordinator serves TLS, give an \
+             https:// URL, with --ca-file (or TETHER_CA_FILE) when a CA this system does not \
+             trust signed its certificate)"
+        ),
+        "{err}"
+    );
     c.stop().await;
 }
 
