@@ -23,3 +23,4 @@ mod registration_frame;
 mod secrets;
 mod support;
 mod tls;
+mod worker_stats;
