@@ -15,10 +15,13 @@
 //!   bytes, a second's worth under a bandwidth fault) and a writer task (chunk through the
 //!   stages, then to the socket), re-reading the chain on change.
 //! - `sniff`: learns the worker id from the upgrade request line before anything is forwarded.
+//! - `direct`: while no fault applies to a link, its own task moves both streams, each chunk
+//!   written from the buffer it was read into; a fault that comes to apply hands the link,
+//!   with the bytes it holds, to the pump tasks.
 //! - `link`: one connection: sniff, wait while a blackhole holds it back (a lost SYN),
 //!   connect upstream (to a loopback one from one of [`LOOPBACK_SOURCES`] source addresses
 //!   on Linux),
-//!   run the four pump tasks, close with FIN or RST.
+//!   run it direct or through the four pump tasks, close with FIN or RST.
 //! - [`proxy`]: the listener, live links, the fault chain in a `watch` channel, down and up,
 //!   and (in `guard`) the [`FaultGuard`] tests hold.
 //! - [`server`] and [`control`]: many proxies by name behind a Toxiproxy-shaped HTTP API.
@@ -49,6 +52,7 @@
 
 pub mod cli;
 pub mod control;
+mod direct;
 pub mod fault;
 mod gate;
 mod guard;

@@ -1,5 +1,6 @@
 //! One accepted connection ("link"): learn the worker id, wait while a blackhole holds the
-//! link back (a lost SYN), connect upstream, run the four pump tasks, then close the sockets
+//! link back (a lost SYN), connect upstream, move the bytes (direct while no fault applies,
+//! `direct.rs`; else, or once one does, through the four pump tasks), then close the sockets
 //! the way the link ended (FIN, or RST after a reset).
 
 use std::collections::BTreeMap;
@@ -19,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::direct::{self, End, Pipe, State};
 use crate::fault::Stream;
 use crate::gate::LogGate;
 use crate::pump::{CHUNK_SIZE, FIRST_READ, Writer, outcome_of, queue, read_loop, sleep_opt};
@@ -385,61 +387,173 @@ async fn run_inner(ctx: LinkCtx, client: TcpStream, peer: SocketAddr) {
     tracing::debug!("link open");
     let (server_rd, server_wr) = server.into_split();
 
-    let (up_tx, up_rx) = queue();
-    let (down_tx, down_rx) = queue();
-    let writer = |stream, sink, queue, stages| {
-        Writer::new(
-            stream,
-            sink,
-            queue,
-            ctx.chain.clone(),
-            stages,
-            Arc::clone(&link),
-            Arc::clone(&ctx.counters),
+    // The chain may have changed while the link was dialling: looked at again, so that a link
+    // goes direct only while no fault applies to it.
+    let mut chain = ctx.chain.clone();
+    let current = Arc::clone(&chain.borrow_and_update());
+    for s in [&mut up_stages, &mut down_stages] {
+        s.rebuild(&current, Instant::now());
+    }
+    drop(current);
+    let legs = if !first.reset && !first.eof && up_stages.is_idle() && down_stages.is_idle() {
+        let mut pipes = [
+            Pipe::new(
+                Stream::Upstream,
+                client_rd,
+                server_wr,
+                std::mem::take(&mut first.bytes),
+                first.arrived,
+            ),
+            Pipe::new(
+                Stream::Downstream,
+                server_rd,
+                client_wr,
+                Vec::new(),
+                Instant::now(),
+            ),
+        ];
+        let end = direct::run(
+            &mut pipes,
+            &link,
+            &mut chain,
+            [&mut up_stages, &mut down_stages],
+            &ctx.counters,
         )
-    };
-    let up = writer(Stream::Upstream, server_wr, up_rx, up_stages);
-    let down = writer(Stream::Downstream, client_wr, down_rx, down_stages);
-
-    let mut tasks = JoinSet::new();
-    let mut halves = Vec::with_capacity(4);
-    // INVARIANT: the queue is empty here, so these sends cannot wait (and at most a chunk is
-    // sent, which an empty queue always takes, whatever its bytes limit).
-    // The first bytes leave as a chunk of their own size; the sniffing buffer (1 KiB at least)
-    // goes now, not with the link.
-    let sniffed = std::mem::take(&mut first.bytes);
-    if !sniffed.is_empty() {
-        up_tx.try_send(Chunk::data(
-            BytesMut::from(sniffed.as_slice()),
-            first.arrived,
-        ));
-    }
-    drop(sniffed);
-    if first.reset {
-        // After the bytes sniffed, the reset that ended sniffing (see `read_loop`).
-        link.source_reset(Stream::Upstream);
-        up_tx.try_send(Chunk::reset(first.arrived));
-        halves.push(Half::Read(client_rd));
-    } else if first.eof {
-        up_tx.try_send(Chunk::eof(first.arrived));
-        halves.push(Half::Read(client_rd));
+        .await;
+        if let End::Done = end {
+            let mut halves = Vec::with_capacity(4);
+            for p in pipes {
+                link.undelivered(p.waiting().len());
+                halves.extend([Half::Read(p.src), Half::Write(p.sink)]);
+            }
+            link.settle();
+            return close(halves, link.outcome(), &ctx.counters, registered);
+        }
+        pipes.map(Leg::handed_over)
     } else {
-        let l = Arc::clone(&link);
-        tasks.spawn(
-            async move { Half::Read(read_loop(client_rd, Stream::Upstream, up_tx, l).await) }
-                .in_current_span(),
-        );
-    }
-    let l = Arc::clone(&link);
-    tasks.spawn(
-        async move { Half::Read(read_loop(server_rd, Stream::Downstream, down_tx, l).await) }
-            .in_current_span(),
-    );
-    tasks.spawn(async move { Half::Write(up.run().await) }.in_current_span());
-    tasks.spawn(async move { Half::Write(down.run().await) }.in_current_span());
-    halves.extend(join_all(tasks, &link).await);
+        // The first bytes leave as a chunk of their own size; the sniffing buffer (1 KiB at
+        // least) goes now, not with the link.
+        let sniffed = std::mem::take(&mut first.bytes);
+        let mut queued = Vec::with_capacity(2);
+        if !sniffed.is_empty() {
+            queued.push(Chunk::data(
+                BytesMut::from(sniffed.as_slice()),
+                first.arrived,
+            ));
+        }
+        drop(sniffed);
+        if first.reset {
+            // After the bytes sniffed, the reset that ended sniffing (see `read_loop`).
+            link.source_reset(Stream::Upstream);
+            queued.push(Chunk::reset(first.arrived));
+        } else if first.eof {
+            queued.push(Chunk::eof(first.arrived));
+        }
+        let up = Leg {
+            stream: Stream::Upstream,
+            read: !(first.reset || first.eof),
+            src: client_rd,
+            sink: server_wr,
+            queued,
+            state: State::Open,
+        };
+        let down = Leg {
+            stream: Stream::Downstream,
+            read: true,
+            src: server_rd,
+            sink: client_wr,
+            queued: Vec::new(),
+            state: State::Open,
+        };
+        [up, down]
+    };
+    let halves = staged(&ctx, &link, chain, legs, [up_stages, down_stages]).await;
     link.settle();
     close(halves, link.outcome(), &ctx.counters, registered);
+}
+
+/// One stream of a link as the staged path takes it over.
+struct Leg {
+    stream: Stream,
+    src: OwnedReadHalf,
+    /// Whether `src` is still to be read (not once its end is queued).
+    read: bool,
+    sink: OwnedWriteHalf,
+    /// Chunks read and not yet delivered, in order.
+    queued: Vec<Chunk>,
+    state: State,
+}
+
+impl Leg {
+    /// What the direct path leaves of one stream when a fault comes to apply to the link.
+    fn handed_over(p: Pipe) -> Leg {
+        let waiting = p.waiting();
+        let queued = if waiting.is_empty() {
+            Vec::new()
+        } else {
+            vec![Chunk::data(BytesMut::from(waiting), p.arrived)]
+        };
+        Leg {
+            stream: p.stream,
+            read: p.state == State::Open,
+            src: p.src,
+            sink: p.sink,
+            queued,
+            state: p.state,
+        }
+    }
+}
+
+/// Runs the staged path of a link (per stream a reader task and a writer task, `pump`) to the
+/// link's end; returns its socket halves.
+async fn staged(
+    ctx: &LinkCtx,
+    link: &Arc<LinkCtl>,
+    chain: watch::Receiver<Chain>,
+    legs: [Leg; 2],
+    stages: [Stages; 2],
+) -> Vec<Half> {
+    let mut tasks = JoinSet::new();
+    let mut halves = Vec::with_capacity(4);
+    for (leg, stages) in legs.into_iter().zip(stages) {
+        if leg.state == State::Stopped {
+            // Its sink failed and the link is ending; the staged path would only read its
+            // source to drop what it reads.
+            halves.extend([Half::Read(leg.src), Half::Write(leg.sink)]);
+            continue;
+        }
+        let (tx, rx) = queue();
+        // INVARIANT: the queue is empty here, so these sends cannot wait (and at most two
+        // chunks are sent, which an empty queue always takes, whatever its bytes limit).
+        for c in leg.queued {
+            tx.try_send(c);
+        }
+        if leg.read {
+            let l = Arc::clone(link);
+            let (src, stream) = (leg.src, leg.stream);
+            tasks.spawn(
+                async move { Half::Read(read_loop(src, stream, tx, l).await) }.in_current_span(),
+            );
+        } else {
+            halves.push(Half::Read(leg.src));
+        }
+        let writer = Writer::new(
+            leg.stream,
+            leg.sink,
+            rx,
+            chain.clone(),
+            stages,
+            Arc::clone(link),
+            Arc::clone(&ctx.counters),
+        );
+        if leg.state == State::Ended {
+            tasks.spawn(async move { Half::Write(writer.run_ended().await) }.in_current_span());
+        } else {
+            tasks.spawn(async move { Half::Write(writer.run().await) }.in_current_span());
+        }
+    }
+    halves.extend(join_all(tasks, link).await);
+    halves
 }
 
 /// Waits for every task of a link and collects what they hand back. A task that fails (a

@@ -149,7 +149,7 @@ impl QueueRx {
 pub const FIRST_READ: usize = 4 * 1024;
 
 /// The read buffer's next length after a read of `n` bytes into `len`.
-fn grown(len: usize, n: usize) -> usize {
+pub(crate) fn grown(len: usize, n: usize) -> usize {
     if n == len {
         (len * 2).min(CHUNK_SIZE)
     } else {
@@ -338,6 +338,15 @@ impl Writer {
         self.sink
     }
 
+    /// For a stream whose end the direct path (`direct.rs`) already passed on before the link
+    /// took the staged path: waits as [`Writer::run`] does after a FIN it passed itself.
+    pub async fn run_ended(mut self) -> OwnedWriteHalf {
+        self.refresh();
+        self.after_the_end().await;
+        self.link.undelivered(self.queue.drain().await);
+        self.sink
+    }
+
     /// The stream's end was passed on while the other stream goes on (a half-closed link): a
     /// reset fault on this stream, already there or added now, still fires on time, until the
     /// link ends.
@@ -511,7 +520,7 @@ impl Writer {
 }
 
 /// The other stream of a link: the one whose source is this stream's sink.
-fn opposite(stream: Stream) -> Stream {
+pub(crate) fn opposite(stream: Stream) -> Stream {
     match stream {
         Stream::Upstream => Stream::Downstream,
         Stream::Downstream => Stream::Upstream,

@@ -337,6 +337,11 @@ impl Stages {
             })
     }
 
+    /// Whether no fault applies to this stream: a chunk would pass untouched and at once.
+    pub fn is_idle(&self) -> bool {
+        self.active.is_empty()
+    }
+
     /// The first active blackhole of this stream: what it is sent is swallowed whole.
     pub fn blackhole(&self) -> Option<&Arc<FaultEntry>> {
         self.active

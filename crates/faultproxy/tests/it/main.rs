@@ -2,6 +2,7 @@
 //! the upstream, and every wait bounded by a deadline.
 
 mod control;
+mod direct;
 mod faults;
 mod targeting;
 mod updown;
