@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+mod support;
+use support::Watcher;
+
 /// A task as the listing gives it.
 fn task(seq: u64) -> Value {
     json!({
@@ -43,12 +46,7 @@ async fn paged_coordinator(
         }
     };
     let app = axum::Router::new().route("/api/v1/tasks", axum::routing::get(list));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}")
+    support::serve(app).await
 }
 
 /// `tether tasks --all` prints each page as it comes, not the whole listing once read (which
@@ -719,9 +717,9 @@ async fn tasks_task_and_watch_name_a_running_task_whose_worker_is_disconnected_o
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stderr), "", "connected: no hint from task");
     // Following the task from before the cut: its line says it runs on the worker.
-    let mut before = Watching::start(&task, &base);
-    before.wait_line("on away-1");
-    assert_eq!(before.stderr(), "", "connected: no hint from watch");
+    let mut before = Watcher::start(&["watch", &task, "--coordinator", &base]);
+    before.wait_line(&["on away-1"]);
+    assert_eq!(before.stderr_text(), "", "connected: no hint from watch");
 
     relay.cut();
     state_is("disconnected").await;
@@ -731,10 +729,10 @@ async fn tasks_task_and_watch_name_a_running_task_whose_worker_is_disconnected_o
             && err.contains(&format!("running task(s) {task} wait"))
             && err.contains("--lost-after")
     };
-    let err = before.wait_stderr(hint).await;
+    let err = before.wait_stderr(hint, deadline).await;
     assert!(hinted(&err), "watch, from the event: {err}");
-    let after = Watching::start(&task, &base);
-    let err = after.wait_stderr(hint).await;
+    let mut after = Watcher::start(&["watch", &task, "--coordinator", &base]);
+    let err = after.wait_stderr(hint, deadline).await;
     assert!(hinted(&err), "watch, from the snapshot: {err}");
     let out = one().await;
     let (shown, err) = (text(&out.stdout), text(&out.stderr));
@@ -773,8 +771,9 @@ async fn tasks_task_and_watch_name_a_running_task_whose_worker_is_disconnected_o
     let out = one().await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stderr), "", "back: no hint from task");
-    for (watch, what) in [(&before, "the event"), (&after, "the snapshot")] {
-        let err = watch.stderr();
+    for (watch, what) in [(&mut before, "the event"), (&mut after, "the snapshot")] {
+        assert!(watch.try_wait().is_none(), "still following, from {what}");
+        let err = watch.stderr_text();
         assert_eq!(
             err.matches(hint).count(),
             1,
@@ -783,73 +782,6 @@ async fn tasks_task_and_watch_name_a_running_task_whose_worker_is_disconnected_o
     }
     let _ = worker.stop().await;
     coord.stop().await;
-}
-
-/// A `tether watch` of one task, its stdout lines arriving on a channel and its stderr kept in
-/// a file (killed when dropped).
-struct Watching {
-    _proc: tether_testkit::Killed,
-    lines: std::sync::mpsc::Receiver<String>,
-    stderr: tempfile::NamedTempFile,
-}
-
-impl Watching {
-    fn start(task: &str, base: &str) -> Self {
-        let stderr = tempfile::NamedTempFile::new().expect("stderr file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(["watch", task, "--coordinator", base])
-            .env_remove("TETHER_LOG")
-            .env_remove("TETHER_TOKEN")
-            .env_remove("TETHER_TOKEN_FILE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr.reopen().expect("stderr"))
-            .spawn()
-            .expect("start tether watch");
-        let out = child.stdout.take().expect("piped");
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Watching {
-            _proc: tether_testkit::Killed(child),
-            lines,
-            stderr,
-        }
-    }
-
-    /// Waits (30 s at most) for a stdout line holding `part`.
-    fn wait_line(&mut self, part: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(part) => return l,
-                Ok(l) => seen.push(l),
-                Err(_) => panic!("no line with {part:?}: {seen:?}; stderr: {}", self.stderr()),
-            }
-        }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(self.stderr.path()).expect("read stderr")
-    }
-
-    /// Waits (30 s at most) for its stderr to hold `part`; all of it then.
-    async fn wait_stderr(&self, part: &str) -> String {
-        let deadline = Duration::from_secs(30);
-        tether_testkit::wait_for(part, deadline, || async {
-            let err = self.stderr();
-            err.contains(part).then_some(err)
-        })
-        .await
-    }
 }
 
 /// `tether submit --kind sleep --config JSON` submits a `sleep` task with that config, as a

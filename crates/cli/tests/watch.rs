@@ -5,14 +5,15 @@
 //! its data directory; `tether checkpoint` gets a running task checkpointed now, and `tether
 //! task` shows its live state and checkpoints; `tether tasks --all` reads every task page by page.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+
+mod support;
+use support::Watcher;
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -65,69 +66,12 @@ fn worker(addr: SocketAddr, id: &str) -> Proc {
     quiet(&mut cmd, "worker")
 }
 
-/// A client command with its stdout lines arriving on a channel and its stderr kept in a file.
-struct Watcher {
-    proc: Proc,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-    stderr: tempfile::NamedTempFile,
-}
-
 impl Watcher {
-    fn start(args: &[&str]) -> Self {
-        let stderr = tempfile::NamedTempFile::new().expect("stderr file");
-        let mut child = tether()
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr.reopen().expect("stderr"))
-            .spawn()
-            .expect("start watch");
-        let out = child.stdout.take().expect("piped");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Watcher {
-            proc: Proc(child),
-            lines,
-            seen: Vec::new(),
-            stderr,
-        }
-    }
-
-    /// Waits for a stdout line holding every one of `parts`.
-    fn wait_line(&mut self, parts: &[&str]) -> String {
-        let deadline = Instant::now() + LONG;
-        loop {
-            if let Some(l) = self
-                .seen
-                .iter()
-                .find(|l| parts.iter().all(|p| l.contains(p)))
-            {
-                return l.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => self.seen.push(l),
-                Err(_) => panic!(
-                    "no line with {parts:?}; got {:?}; stderr: {}",
-                    self.seen,
-                    self.stderr_text()
-                ),
-            }
-        }
-    }
-
     /// Waits for the exit; its code, and every stdout line.
     fn wait_exit(&mut self) -> (Option<i32>, Vec<String>) {
         let deadline = Instant::now() + LONG;
         loop {
-            if let Some(status) = self.proc.0.try_wait().expect("wait") {
+            if let Some(status) = self.try_wait() {
                 while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
                     self.seen.push(l);
                 }
@@ -148,16 +92,8 @@ impl Watcher {
 
     /// Waits until the watch says it lost its stream and will open it again.
     async fn wait_reopening(&self) {
-        tether_testkit::wait_for("the watch to lose its stream", LONG, || async {
-            self.stderr_text()
-                .contains("opening the event stream again")
-                .then_some(())
-        })
-        .await;
-    }
-
-    fn stderr_text(&self) -> String {
-        std::fs::read_to_string(self.stderr.path()).unwrap_or_default()
+        self.wait_stderr("opening the event stream again", LONG)
+            .await;
     }
 }
 
@@ -849,7 +785,7 @@ async fn submit_watch_follows_tasks_taken_just_before_the_coordinator_went_away(
         .stderr_text()
         .contains("opening the event stream again")
     {
-        if let Some(exit) = submit.proc.0.try_wait().expect("wait") {
+        if let Some(exit) = submit.try_wait() {
             panic!("gave up: {exit}; stderr: {}", submit.stderr_text());
         }
         assert!(Instant::now() < deadline, "{}", submit.stderr_text());
@@ -1125,12 +1061,7 @@ async fn stand_in_coordinator(
         .route("/api/v1/events", axum::routing::get(events))
         .route("/api/v1/tasks", axum::routing::get(list))
         .route("/api/v1/tasks/{id}", axum::routing::get(one));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}")
+    support::serve(app).await
 }
 
 /// A watch against a coordinator that refuses the listing's `ids` filter (400) or ignores it
