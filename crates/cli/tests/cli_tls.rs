@@ -18,14 +18,31 @@ fn tether(args: &[&str]) -> std::process::Output {
         .expect("run tether")
 }
 
+/// [`tether`] on a blocking thread, so the test's runtime serves the coordinator meanwhile.
+async fn tether_off_runtime(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        tether(&args)
+    })
+    .await
+    .expect("join")
+}
+
+/// A self-signed certificate for 127.0.0.1, written to `dir` as `cert.pem` and `key.pem`: the
+/// certificate, and the two paths.
+fn self_signed(dir: &Path) -> (rcgen::CertifiedKey<rcgen::KeyPair>, PathBuf, PathBuf) {
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).expect("certificate");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).expect("write cert");
+    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
+    (made, cert, key)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_commands_speak_https_and_verify_the_coordinator_certificate() {
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = tempfile::tempdir().expect("certs");
-    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).expect("certificate");
-    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    std::fs::write(&cert, made.cert.pem()).expect("write cert");
-    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
+    let (_, cert, key) = self_signed(certs.path());
     // Another CA that did not sign the coordinator's certificate.
     let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).expect("certificate");
     let wrong = certs.path().join("wrong.pem");
@@ -37,21 +54,11 @@ async fn client_commands_speak_https_and_verify_the_coordinator_certificate() {
     let url = format!("https://127.0.0.1:{}", c.addr.port());
     let cert_s = cert.to_string_lossy().into_owned();
 
-    let ok = tokio::task::spawn_blocking({
-        let (url, cert_s) = (url.clone(), cert_s.clone());
-        move || {
-            tether(&[
-                "tasks",
-                "--json",
-                "--coordinator",
-                &url,
-                "--ca-file",
-                &cert_s,
-            ])
-        }
-    })
-    .await
-    .expect("join");
+    let tasks_trusting = |ca: &str| {
+        let args = ["tasks", "--json", "--coordinator", &url, "--ca-file", ca];
+        tether_off_runtime(args.map(String::from).to_vec())
+    };
+    let ok = tasks_trusting(&cert_s).await;
     assert!(ok.status.success(), "{ok:?}");
     let v: serde_json::Value = serde_json::from_slice(&ok.stdout).expect("JSON");
     assert!(v.is_array() || v["tasks"].is_array(), "{v}");
@@ -80,21 +87,7 @@ async fn client_commands_speak_https_and_verify_the_coordinator_certificate() {
         "{out:?}"
     );
 
-    let untrusted = tokio::task::spawn_blocking({
-        let (url, wrong) = (url.clone(), wrong.to_string_lossy().into_owned());
-        move || {
-            tether(&[
-                "tasks",
-                "--json",
-                "--coordinator",
-                &url,
-                "--ca-file",
-                &wrong,
-            ])
-        }
-    })
-    .await
-    .expect("join");
+    let untrusted = tasks_trusting(&wrong.to_string_lossy()).await;
     assert!(
         !untrusted.status.success(),
         "an unverified coordinator is refused"
@@ -104,42 +97,24 @@ async fn client_commands_speak_https_and_verify_the_coordinator_certificate() {
     assert!(err.contains("not signed by the CA of --ca-file"), "{err}");
     // Without --ca-file: the system's roots, none of which signed it; the error names the
     // flag that gives its CA (as does the one of a system without roots).
-    let unknown = tokio::task::spawn_blocking({
-        let url = url.clone();
-        move || tether(&["tasks", "--json", "--coordinator", &url])
-    })
-    .await
-    .expect("join");
+    let args = ["tasks", "--json", "--coordinator", &url];
+    let unknown = tether_off_runtime(args.map(String::from).to_vec()).await;
     assert!(!unknown.status.success(), "{unknown:?}");
     let err = String::from_utf8_lossy(&unknown.stderr);
     assert!(err.contains("with --ca-file (or TETHER_CA_FILE)"), "{err}");
 
-    let plain = tokio::task::spawn_blocking({
-        let (port, cert_s) = (c.addr.port(), cert_s.clone());
-        move || {
-            tether(&[
-                "tasks",
-                "--coordinator",
-                &format!("http://127.0.0.1:{port}"),
-                "--ca-file",
-                &cert_s,
-            ])
-        }
-    })
-    .await
-    .expect("join");
+    // The same coordinator by an http:// URL: plain HTTP, where a CA file has no use.
+    let http = format!("http://127.0.0.1:{}", c.addr.port());
+    let args = ["tasks", "--coordinator", &http, "--ca-file", &cert_s];
+    let plain = tether_off_runtime(args.map(String::from).to_vec()).await;
     assert!(!plain.status.success());
     assert!(
         String::from_utf8_lossy(&plain.stderr).contains("--ca-file is for an https://"),
         "{plain:?}"
     );
-    // An http:// URL for it: what answered is said to speak no plain HTTP, and what to give.
-    let plain = tokio::task::spawn_blocking({
-        let url = format!("http://127.0.0.1:{}", c.addr.port());
-        move || tether(&["tasks", "--coordinator", &url])
-    })
-    .await
-    .expect("join");
+    // Without the CA file: what answered is said to speak no plain HTTP, and what to give.
+    let plain =
+        tether_off_runtime(["tasks", "--coordinator", &http].map(String::from).to_vec()).await;
     assert!(!plain.status.success(), "{plain:?}");
     let err = String::from_utf8_lossy(&plain.stderr);
     assert!(
@@ -217,13 +192,9 @@ impl Drop for Unblock {
 async fn a_fifo_in_the_certificate_files_place_is_refused_and_its_renewal_served() {
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = tempfile::tempdir().expect("certs");
-    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).expect("certificate");
-    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let (made, cert, key) = self_signed(certs.path());
     let ca = certs.path().join("ca.pem");
-    for path in [&cert, &ca] {
-        std::fs::write(path, made.cert.pem()).expect("write cert");
-    }
-    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
+    std::fs::write(&ca, made.cert.pem()).expect("write ca");
     let mut cfg = fast_coordinator_config(dir.path().to_owned());
     cfg.tls = Some(tether_coordinator::tls::server_config(&cert, &key).expect("server TLS"));
     // The files were read no later than this: the first look is due `RELOAD_CHECK` after.
@@ -356,10 +327,7 @@ async fn a_worker_given_the_wrong_scheme_says_what_the_coordinator_serves_and_re
     let dir = tempfile::tempdir().expect("tempdir");
     let plain = spawn_coordinator(dir.path().join("plain")).await;
     let certs = tempfile::tempdir().expect("certs");
-    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).expect("certificate");
-    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    std::fs::write(&cert, made.cert.pem()).expect("write cert");
-    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
+    let (_, cert, key) = self_signed(certs.path());
     let mut cfg = fast_coordinator_config(dir.path().join("tls"));
     cfg.tls = Some(tether_coordinator::tls::server_config(&cert, &key).expect("server TLS"));
     let tls = spawn_coordinator_with(cfg, None).await;
