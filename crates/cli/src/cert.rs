@@ -307,7 +307,7 @@ pub fn renew(a: &CertArgs) -> anyhow::Result<Renewed> {
     };
     let ca_der = CertificateDer::from_pem_slice(&ca_pem)
         .map_err(|e| anyhow::anyhow!("{} holds no PEM certificate: {e}", w.ca.display()))?;
-    let ca_parts = der::Parts::of(&ca_der)
+    let ca_parts = Parts::of(&ca_der)
         .with_context(|| format!("{} is not an X.509 certificate", w.ca.display()))?;
     let ca_key = KeyPair::from_pem(&ca_key_pem)
         .map_err(|e| anyhow::anyhow!("{} holds no private key: {e}", w.ca_key.display()))?;
@@ -440,7 +440,7 @@ fn leaf_names(path: &Path) -> anyhow::Result<Vec<String>> {
         .with_context(|| format!("cannot read {} for its names; {give}", path.display()))?;
     let names = CertificateDer::from_pem_slice(&pem)
         .ok()
-        .and_then(|der| der::Parts::of(&der))
+        .and_then(|der| Parts::of(&der))
         .map(|p| p.names)
         .unwrap_or_default();
     if names.is_empty() {
@@ -531,159 +531,60 @@ fn write_file(path: &Path, bytes: &[u8], private: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Just enough DER to read what a renewal needs from a certificate (the CLI has no X.509
-/// parser; the tests check this against one): the CA's end and public key, and the names of
-/// the certificate renewed.
-mod der {
-    /// SubjectAltName's object identifier, 2.5.29.17, as DER content.
-    const SAN: &[u8] = &[0x55, 0x1d, 0x11];
+/// What a renewal reads from a certificate: the CA's end and public key, and the names of the
+/// certificate renewed.
+struct Parts {
+    /// The end of its validity (UTC).
+    not_after: chrono::NaiveDateTime,
+    /// Its SubjectPublicKeyInfo, whole (tag and length too), as [`PublicKeyData`] gives a key's.
+    spki: Vec<u8>,
+    /// Its DNS names and IP addresses.
+    names: Vec<String>,
+}
 
-    /// What a renewal reads from a certificate.
-    pub(super) struct Parts {
-        /// The end of its validity (UTC).
-        pub not_after: chrono::NaiveDateTime,
-        /// Its SubjectPublicKeyInfo, whole (tag and length too).
-        pub spki: Vec<u8>,
-        /// Its DNS names and IP addresses.
-        pub names: Vec<String>,
-    }
-
-    impl Parts {
-        /// The parts of the certificate `der`, or `None` if it is not one.
-        pub(super) fn of(der: &[u8]) -> Option<Parts> {
-            let (0x30, cert, _) = element(der)? else {
-                return None;
-            };
-            let (0x30, tbs, _) = element(cert)? else {
-                return None;
-            };
-            let mut rest = tbs;
-            // version [0], optional
-            if rest.first() == Some(&0xa0) {
-                rest = element(rest)?.2;
-            }
-            // serial, signature algorithm, issuer
-            for _ in 0..3 {
-                rest = element(rest)?.2;
-            }
-            let (0x30, validity, after) = element(rest)? else {
-                return None;
-            };
-            let (_, _, validity) = element(validity)?;
-            let (tag, not_after, _) = element(validity)?;
-            let not_after = time(tag, not_after)?;
-            // subject
-            let after = element(after)?.2;
-            let (0x30, _, more) = element(after)? else {
-                return None;
-            };
-            let spki = after[..after.len() - more.len()].to_vec();
-            let mut names = Vec::new();
-            let mut rest = more;
-            // Bounded: each step takes an element off `rest`.
-            while let Some((tag, content, next)) = element(rest) {
-                if tag == 0xa3 {
-                    names = san(content)?;
-                }
-                rest = next;
-            }
-            Some(Parts {
-                not_after,
-                spki,
-                names,
+impl Parts {
+    /// The parts of the certificate `der`, or `None` if it is not one (or its SubjectAltName
+    /// cannot be read).
+    fn of(der: &[u8]) -> Option<Parts> {
+        use x509_parser::extensions::GeneralName;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let not_after =
+            chrono::DateTime::from_timestamp(cert.validity().not_after.timestamp(), 0)?.naive_utc();
+        let san = cert.subject_alternative_name().ok()?;
+        let names = san
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        GeneralName::DNSName(d) => Some((*d).to_owned()),
+                        GeneralName::IPAddress(a) => ip(a).map(|a| a.to_string()),
+                        _ => None,
+                    })
+                    .collect()
             })
-        }
+            .unwrap_or_default();
+        Some(Parts {
+            not_after,
+            spki: cert.tbs_certificate.subject_pki.raw.to_vec(),
+            names,
+        })
     }
+}
 
-    /// The names of the SubjectAltName among `extensions` ([3] content), if any.
-    fn san(extensions: &[u8]) -> Option<Vec<String>> {
-        let (0x30, mut list, _) = element(extensions)? else {
-            return None;
-        };
-        let mut names = Vec::new();
-        while let Some((_, ext, next)) = element(list) {
-            list = next;
-            let (0x06, oid, mut rest) = element(ext)? else {
-                return None;
-            };
-            if oid != SAN {
-                continue;
-            }
-            // critical, optional
-            if rest.first() == Some(&0x01) {
-                rest = element(rest)?.2;
-            }
-            let (0x04, value, _) = element(rest)? else {
-                return None;
-            };
-            let (0x30, mut general, _) = element(value)? else {
-                return None;
-            };
-            while let Some((tag, name, next)) = element(general) {
-                general = next;
-                match (tag, name.len()) {
-                    (0x82, _) => names.push(String::from_utf8(name.to_vec()).ok()?),
-                    (0x87, 4) => {
-                        let a: [u8; 4] = name.try_into().ok()?;
-                        names.push(std::net::Ipv4Addr::from(a).to_string());
-                    }
-                    (0x87, 16) => {
-                        let a: [u8; 16] = name.try_into().ok()?;
-                        names.push(std::net::Ipv6Addr::from(a).to_string());
-                    }
-                    _ => {}
-                }
-            }
-        }
-        Some(names)
-    }
-
-    /// A UTCTime (0x17) or GeneralizedTime (0x18), as a certificate holds them (`Z`, seconds).
-    fn time(tag: u8, content: &[u8]) -> Option<chrono::NaiveDateTime> {
-        let text = std::str::from_utf8(content).ok()?;
-        let full = match tag {
-            // RFC 5280: a two-digit year from 50 is 19xx, below 50 20xx.
-            0x17 if text.len() == 13 => {
-                let century = if text[..2].parse::<u8>().ok()? >= 50 {
-                    "19"
-                } else {
-                    "20"
-                };
-                format!("{century}{text}")
-            }
-            0x18 if text.len() == 15 => text.to_owned(),
-            _ => return None,
-        };
-        chrono::NaiveDateTime::parse_from_str(&full, "%Y%m%d%H%M%SZ").ok()
-    }
-
-    /// The first element of `b`: its tag, its content and the bytes after it; `None` if `b`
-    /// does not begin with a whole element (definite lengths of up to four bytes).
-    fn element(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = b.split_first()?;
-        let (&first, rest) = rest.split_first()?;
-        let (len, rest) = if first < 0x80 {
-            (usize::from(first), rest)
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n == 0 || n > 4 || rest.len() < n {
-                return None;
-            }
-            let len = rest[..n]
-                .iter()
-                .fold(0usize, |l, byte| (l << 8) | usize::from(*byte));
-            (len, &rest[n..])
-        };
-        if rest.len() < len {
-            return None;
-        }
-        Some((tag, &rest[..len], &rest[len..]))
+/// The address of a SubjectAltName's iPAddress (4 or 16 bytes); `None` for other lengths.
+fn ip(bytes: &[u8]) -> Option<std::net::IpAddr> {
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(std::net::IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(std::net::IpAddr::from),
+        _ => None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::check_name;
+    use rustls::pki_types::pem::PemObject;
 
     /// A certificate made for `--days 1` is valid a whole day from now at any time of day:
     /// it is served for at least that long (it used to expire at the next midnight).
@@ -700,11 +601,13 @@ mod tests {
         assert!(until <= day_from_now + 86_400, "no more than a day over");
     }
 
-    /// What the renewal reads of a certificate (its own DER reading) is what an X.509 parser
-    /// reads: the end of validity in both time forms (UTCTime until 2049, GeneralizedTime
-    /// after), the public key, and DNS names and IP addresses of both families.
+    /// What a renewal reads of a setup is what was written: the CA's end in both time forms
+    /// (UTCTime until 2049, GeneralizedTime after), the CA's public key as its kept key has it
+    /// (the check that `ca-key.pem` belongs to `ca.pem`), and the certificate's DNS names and
+    /// IP addresses of both families (the names a renewal given no `--name` keeps).
     #[test]
-    fn the_parts_a_renewal_reads_are_those_an_x509_parser_reads() {
+    fn a_renewal_reads_the_ca_end_and_key_and_the_names_a_setup_was_written_with() {
+        use rcgen::PublicKeyData;
         let dir = tempfile::tempdir().expect("dir");
         for ca_days in [30, super::MAX_DAYS] {
             let mut a = super::CertArgs::local(dir.path().join(ca_days.to_string()));
@@ -712,19 +615,27 @@ mod tests {
                 .map(String::from)
                 .to_vec();
             a.ca_days = ca_days;
+            let before = chrono::Utc::now().date_naive();
             let w = super::write(&a).expect("write");
-            for (path, want_names) in [(&w.ca, vec![]), (&w.cert, a.names.clone())] {
+            let after = chrono::Utc::now().date_naive();
+            let parts = |path: &std::path::Path| {
                 let pem = std::fs::read(path).expect("pem");
-                let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).expect("pem");
-                let cert = pem.parse_x509().expect("x509");
-                let parts = super::der::Parts::of(&pem.contents).expect("parts");
-                assert_eq!(
-                    parts.not_after.and_utc().timestamp(),
-                    cert.validity().not_after.timestamp()
-                );
-                assert_eq!(parts.spki, cert.tbs_certificate.subject_pki.raw);
-                assert_eq!(parts.names, want_names);
-            }
+                let der = super::CertificateDer::from_pem_slice(&pem).expect("der");
+                super::Parts::of(&der).expect("parts")
+            };
+            let ca = parts(&w.ca);
+            let ends =
+                [before, after].map(|d| super::until(d, ca_days).and_time(chrono::NaiveTime::MIN));
+            assert!(
+                ends.contains(&ca.not_after),
+                "{} not in {ends:?}",
+                ca.not_after
+            );
+            let key = std::fs::read_to_string(&w.ca_key).expect("ca key");
+            let key = rcgen::KeyPair::from_pem(&key).expect("key");
+            assert_eq!(ca.spki, key.subject_public_key_info());
+            assert!(ca.names.is_empty(), "{:?}", ca.names);
+            assert_eq!(parts(&w.cert).names, a.names);
         }
     }
 
@@ -734,11 +645,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let w = super::write(&super::CertArgs::local(dir.path().to_owned())).expect("write");
         let pem = std::fs::read(&w.cert).expect("pem");
-        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).expect("pem");
-        let der = &pem.contents;
-        assert!(super::der::Parts::of(der).is_some());
+        let der = super::CertificateDer::from_pem_slice(&pem).expect("der");
+        assert!(super::Parts::of(&der).is_some());
         for len in 0..der.len() {
-            assert!(super::der::Parts::of(&der[..len]).is_none(), "cut at {len}");
+            assert!(super::Parts::of(&der[..len]).is_none(), "cut at {len}");
         }
     }
 
