@@ -41,6 +41,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -191,8 +192,11 @@ impl EventLog {
             .create(true)
             .read(true)
             .append(true)
+            .mode(crate::statedir::FILE_MODE)
             .open(path)
             .map_err(err)?;
+        // An older worker made it with the umask's mode.
+        crate::statedir::tighten(path, "task ids and the worker's errors");
         let len = file.metadata().map_err(err)?.len();
         let whole = whole_lines_len(&mut file, len).map_err(err)?;
         if whole < len {
@@ -329,6 +333,7 @@ impl EventLog {
             OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(crate::statedir::FILE_MODE)
                 .open(&self.path)
         });
         match made {
@@ -902,6 +907,32 @@ mod tests {
             ),
             "{older:?}"
         );
+    }
+
+    /// Under the usual umask (022) the log and the files its rotations make are the worker's
+    /// user's alone (0600), and a log an older worker left open to others is made so at open.
+    #[test]
+    fn the_log_and_the_files_its_rotations_make_are_the_users_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        let was = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+        std::fs::write(&path, b"").expect("an older worker's log");
+        let older_mode = mode(&path);
+        let log = EventLog::open(&path, "w1")
+            .expect("open")
+            .with_max_bytes(10);
+        let at_open = mode(&path);
+        for _ in 0..3 {
+            log.record(registered());
+        }
+        drop(log);
+        nix::sys::stat::umask(was);
+        assert_eq!(older_mode, 0o644, "made with the umask's mode");
+        assert_eq!(at_open, 0o600, "made private at open");
+        let rotated = EventLog::rotated_path(&path);
+        assert_eq!((mode(&path), mode(&rotated)), (0o600, 0o600));
     }
 
     /// A rotation whose rename fails (a directory stands where the older file goes) is

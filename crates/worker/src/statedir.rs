@@ -67,9 +67,13 @@ use crate::executor::StoredCheckpoint;
 use crate::outbox::{Class, Journal, JournalError, Put};
 
 mod checkpoints;
+#[cfg(test)]
+mod modes;
 mod pieces;
+mod private;
 
 pub use checkpoints::CHECKPOINTS_FILE;
+pub(crate) use private::{DIR_MODE, FILE_MODE, create_dir_all as create_private_dir, tighten};
 
 /// File name of the lock.
 pub const LOCK_FILE: &str = "lock";
@@ -244,19 +248,14 @@ impl StateDir {
         // checkpoints and results, which may hold secrets.
         let made = match dir.exists() && !dir.is_dir() {
             true => Err(std::io::Error::other("it exists and is not a directory")),
-            false => {
-                use std::os::unix::fs::DirBuilderExt;
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-            }
+            false => private::create_dir_all(dir),
         };
         made.map_err(|source| StateDirError::Io {
             path: dir.to_owned(),
             source,
         })?;
         let lock = LockFile::acquire(dir)?;
+        tighten_files(dir);
         let db_path = dir.join(DB_FILE);
         let (mut conn, version) = open_db(&db_path, SCHEMA, SCHEMA_VERSION)?;
         let db = |source| StateDirError::Db {
@@ -635,7 +634,10 @@ fn open_db(path: &Path, schema: &str, newest: i64) -> Result<(Connection, i64), 
     };
     // SQLite would take an empty file for a new database and a directory for a disk error.
     match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => remove_stale_wal(path)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            remove_stale_wal(path)?;
+            private::create_file(path).map_err(StateDirError::io(path))?;
+        }
         Ok(m) if m.is_dir() => return Err(corrupt("it is a directory, not a file".into())),
         Ok(m) if m.len() == 0 => {
             return Err(corrupt(
@@ -680,6 +682,26 @@ fn open_db(path: &Path, schema: &str, newest: i64) -> Result<(Connection, i64), 
         .and_then(|_| conn.execute_batch(schema))
         .map_err(|e| corrupt(e.to_string()))?;
     Ok((conn, version))
+}
+
+/// Makes private ([`private::tighten`]) what an older worker made in the state directory `dir`
+/// with the umask's mode: the databases with their `-wal` and `-shm`, and the directories of
+/// the checkpoints and the process-group records (what is in those two is out of other users'
+/// reach once they are private).
+fn tighten_files(dir: &Path) {
+    for db in [DB_FILE, CHECKPOINTS_FILE] {
+        for suffix in ["", "-wal", "-shm"] {
+            private::tighten(
+                &dir.join(format!("{db}{suffix}")),
+                "task results, output and checkpoints",
+            );
+        }
+    }
+    private::tighten(&dir.join(TASKS_DIR), "the tasks' checkpoint directories");
+    private::tighten(
+        &dir.join(crate::executor::orphans::GROUPS_DIR),
+        "the records of the tasks' process groups",
+    );
 }
 
 /// Removes the `-wal` and `-shm` files of the missing database at `path` (moved away without
@@ -1062,7 +1084,16 @@ impl LockFile {
         let pid = std::process::id();
         let stamp = format!("{pid} {}", start_time(pid).unwrap_or_default());
         match tether_proto::lockfile::lock(&path, &stamp) {
-            Ok(lock) => Ok(Self { _lock: lock }),
+            Ok(lock) => {
+                // `lockfile` makes it with the umask's mode. It holds only a pid: a failure
+                // here costs nothing worth refusing the start for.
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(
+                    &path,
+                    std::fs::Permissions::from_mode(private::FILE_MODE),
+                );
+                Ok(Self { _lock: lock })
+            }
             Err(LockError::Held { stamp }) => Err(StateDirError::Locked {
                 dir: dir.to_owned(),
                 pid: held_by(&stamp).unwrap_or(0),

@@ -46,9 +46,21 @@ pub(crate) fn record(file: &Path, pgid: Pid, mark: &str) {
     let pid = pgid.as_raw().unsigned_abs();
     let start = start_time(pid).unwrap_or_else(|| UNKNOWN_START.to_owned());
     let stamp = format!("{pid} {start} {mark}");
+    let write = || {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // The worker's user's alone, as the state directory's other files are.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(crate::statedir::FILE_MODE)
+            .open(file)
+            .and_then(|mut f| f.write_all(stamp.as_bytes()))
+    };
     let written = match file.parent() {
-        Some(dir) => std::fs::create_dir_all(dir).and_then(|()| std::fs::write(file, &stamp)),
-        None => std::fs::write(file, &stamp),
+        Some(dir) => crate::statedir::create_private_dir(dir).and_then(|()| write()),
+        None => write(),
     };
     if let Err(e) = written {
         tracing::warn!(file = %file.display(), error = %e, "cannot record a task's process group");

@@ -311,9 +311,12 @@ pub fn unpack(data: &[u8], dir: &Path) -> Result<(), PackError> {
     for (rel, file) in files {
         let path = dir.join(&rel);
         if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(io_err("create", parent))?;
+            crate::statedir::create_private_dir(parent).map_err(io_err("create", parent))?;
         }
-        fs::write(&path, file.content).map_err(io_err("write", &path))?;
+        write_private(&path, &file.content).map_err(io_err("write", &path))?;
+        // A mode the pack carries is the task's own (its script's execute bit, a file it
+        // opened to others on the worker that packed it): kept, in a directory no other user
+        // can enter.
         if let Some(mode) = file.mode {
             // Permission bits only: no setuid, setgid or sticky bit comes from another worker.
             fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o777))
@@ -340,8 +343,8 @@ pub(crate) fn clear_dir(dir: &Path) -> Result<(), PackError> {
         Ok(meta) if !meta.is_dir() => fs::remove_file(dir).map_err(io_err("remove", dir))?,
         _ => {}
     }
-    fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-    open_writable(dir);
+    crate::statedir::create_private_dir(dir).map_err(io_err("create", dir))?;
+    open_private(dir);
     for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
         let entry = entry.map_err(io_err("list", dir))?;
         let path = entry.path();
@@ -384,6 +387,40 @@ pub(crate) fn remove_tree(dir: &Path) -> io::Result<()> {
     match fs::remove_dir_all(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         other => other,
+    }
+}
+
+/// Writes `content` to a new file at `path`, its user's alone whatever the umask (the
+/// directory is cleared first: no file is there).
+fn write_private(path: &Path, content: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(crate::statedir::FILE_MODE)
+        .open(path)?
+        .write_all(content)
+}
+
+/// Makes the checkpoint directory at `path` its user's alone (0700) if it was open to others:
+/// made by an older worker with the umask's mode, or by the task (`chmod`), whose files a
+/// restored checkpoint puts back in it. Opened without following a symlink, as
+/// [`open_writable`] does; one that cannot be changed is left to the writes to report.
+fn open_private(path: &Path) {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let flags = nix::libc::O_NOFOLLOW | nix::libc::O_DIRECTORY;
+    let Ok(file) = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+    else {
+        return;
+    };
+    let Ok(meta) = file.metadata() else { return };
+    let private = crate::statedir::DIR_MODE;
+    if meta.mode() & 0o777 != private {
+        let _ = file.set_permissions(fs::Permissions::from_mode(private));
     }
 }
 

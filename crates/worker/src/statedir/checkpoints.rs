@@ -119,6 +119,8 @@ fn create(
         }
     }
     {
+        // Its rollback journal takes its mode, and so does the file renamed into place.
+        super::private::create_file(&new).map_err(io(&new))?;
         let mut conn = Connection::open(&new).map_err(db(&new))?;
         let tx = conn.transaction().map_err(db(&new))?;
         tx.execute_batch(SCHEMA)
