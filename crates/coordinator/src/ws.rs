@@ -2470,6 +2470,7 @@ mod tests {
             max_checkpoint: None,
             message_rate: None,
             byte_rate: None,
+            lost_after_ms: None,
             timestamp: now(),
         });
         session

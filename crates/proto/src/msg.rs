@@ -733,6 +733,19 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, for metrics registered before their first event.
+    pub const ALL: [ErrorCode; 9] = [
+        ErrorCode::UnknownType,
+        ErrorCode::BadFrame,
+        ErrorCode::Unexpected,
+        ErrorCode::NotLeased,
+        ErrorCode::IncompatibleProtocol,
+        ErrorCode::Unauthorized,
+        ErrorCode::RateLimited,
+        ErrorCode::BadMac,
+        ErrorCode::Internal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::UnknownType => "unknown_type",
@@ -804,6 +817,11 @@ pub struct RegistrationAck {
     /// may send, enforced and paced as the message rate is. Absent: no limit said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub byte_rate: Option<Rate>,
+    /// How long, ms, the coordinator waits for a disconnected worker before it declares it
+    /// lost and hands its tasks to others (its `--lost-after`). A worker holding leased work
+    /// keeps its reconnect delays well below it. Absent (an older coordinator): not said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_after_ms: Option<u64>,
     #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }

@@ -196,6 +196,7 @@ pub fn coord_messages() -> Vec<CoordMsg> {
                 per_sec: 67_108_864.0,
                 burst: 268_435_456,
             }),
+            lost_after_ms: Some(60_000),
             timestamp: ts,
         }),
         CoordMsg::Heartbeat(HeartbeatReply {

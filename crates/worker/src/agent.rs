@@ -288,6 +288,10 @@ pub struct Agent {
     /// The pace of what the outbox sends, below the coordinator's message and byte rates; kept
     /// across sessions, as the coordinator keeps its counts ([`crate::pace`]).
     pub(crate) pace: Option<crate::pace::Pace>,
+    /// The coordinator's grace for a disconnected worker, as its latest `registration_ack`
+    /// said (`lost_after_ms`): while this worker holds leased work, its reconnect delays stay
+    /// well below it (see [`crate::dial`]).
+    pub(crate) grace: Option<Duration>,
     /// The root of the tasks' checkpoint directories of an agent without a state directory.
     pub(crate) _scratch: Option<ScratchDir>,
 }
@@ -696,9 +700,12 @@ impl Agent {
         let connector: Arc<dyn Connector> = match connector {
             Some(c) => c,
             None if endpoint.starts_with("wss://") => {
-                let tls = tls_client_config(cfg.ca_file.as_deref())
-                    .map_err(|e| AgentError::Tls(e.to_string()))?;
-                Arc::new(TcpConnector::with_tls(tls))
+                let connector = match cfg.ca_file.as_deref() {
+                    // Read again at each attempt: a new CA bundle heals the worker.
+                    Some(path) => TcpConnector::with_ca_file(path),
+                    None => tls_client_config(None).map(TcpConnector::with_tls),
+                };
+                Arc::new(connector.map_err(|e| AgentError::Tls(e.to_string()))?)
             }
             None => Arc::new(TcpConnector::default()),
         };
@@ -749,6 +756,7 @@ impl Agent {
             warned_unauthenticated: false,
             warned_ack: Vec::new(),
             pace: None,
+            grace: None,
             cfg,
         })
     }
@@ -855,8 +863,8 @@ impl Agent {
         give_up: &CancellationToken,
     ) -> Result<(), AgentError> {
         let mut backoff = Backoff::new(self.cfg.backoff);
-        // Refusals by the coordinator since the last registration, at the upgrade (401, 403,
-        // an untrusted certificate: counted in `dial`) or in the session (close 4001-4003,
+        // Refusals by the coordinator since the last registration, at the upgrade (401, 403:
+        // counted in `dial`; an untrusted certificate is retried, never counted) or in the session (close 4001-4003,
         // `unauthorized`, `incompatible_protocol`). One may be a frame damaged on the wire (a
         // flipped bit in a signature reads as a wrong secret), a proxy's hiccup or a forgery;
         // the same refusal on several fresh connections is the coordinator's answer.
@@ -967,7 +975,7 @@ impl Agent {
 
 /// Whether the worker holds something a coordinator should be told of before it stops: a
 /// running task, or a result, state, notice or checkpoint not yet acknowledged.
-fn holds_work(outbox: &Outbox, runner: &Runner) -> bool {
+pub(crate) fn holds_work(outbox: &Outbox, runner: &Runner) -> bool {
     runner.running_count() > 0 || !outbox.holds_only_telemetry()
 }
 

@@ -62,6 +62,9 @@ pub struct Backoff {
     /// failed attempt (its attempt opened one), and ends the run.
     failed_attempts: u32,
     boost: f64,
+    /// The longest delay while the worker holds work the coordinator leased to it (see
+    /// [`Backoff::set_ceiling`]); `None`: the configured cap only.
+    ceiling: Option<Duration>,
 }
 
 impl Backoff {
@@ -71,6 +74,7 @@ impl Backoff {
             failures: 0,
             failed_attempts: 0,
             boost: 1.0,
+            ceiling: None,
         }
     }
 
@@ -94,6 +98,15 @@ impl Backoff {
     /// Sets the adaptive multiplier of the factor (1.0 = as configured).
     pub fn set_boost(&mut self, boost: f64) {
         self.boost = boost.max(1.0);
+    }
+
+    /// Caps every delay, jitter included, at `ceiling` (never below the first delay), or
+    /// lifts that cap (`None`). A worker holding leased work sets it well below the
+    /// coordinator's grace, so that its own backoff never keeps it away, once the path is
+    /// back, until its tasks are declared lost; an idle one keeps the configured cap, so a
+    /// herd of them does not storm a coordinator that comes back.
+    pub fn set_ceiling(&mut self, ceiling: Option<Duration>) {
+        self.ceiling = ceiling.map(|c| c.max(self.cfg.initial.min(self.cfg.max)));
     }
 
     /// The factor in effect.
@@ -123,13 +136,18 @@ impl Backoff {
     /// Draws the delay the next failure would wait, without recording one: how long an
     /// attempt may stay unanswered before the next one starts beside it.
     pub fn upcoming(&self, rng: &mut impl Rng) -> Duration {
-        let base = self.base(self.failures.saturating_add(1));
+        let base = self.peek();
         match self.cfg.jitter {
             Jitter::None => base,
             Jitter::Full => base.mul_f64(rng.random_range(0.0..=1.0)),
             Jitter::Proportional(j) => {
                 let j = j.clamp(0.0, 1.0);
-                base.mul_f64(rng.random_range((1.0 - j)..=(1.0 + j)))
+                // Inside the ceiling: a fleet held at it still spreads, below it.
+                let high = match self.ceiling {
+                    Some(c) => (1.0 + j).min(c.as_secs_f64() / base.as_secs_f64().max(1e-9)),
+                    None => 1.0 + j,
+                };
+                base.mul_f64(rng.random_range((1.0 - j)..=high.max(1.0 - j)))
             }
         }
     }
@@ -157,7 +175,8 @@ impl Backoff {
 
     /// The delay the next failure would wait, before jitter (for statistics).
     pub fn peek(&self) -> Duration {
-        self.base(self.failures.saturating_add(1))
+        let base = self.base(self.failures.saturating_add(1));
+        self.ceiling.map_or(base, |c| base.min(c))
     }
 
     /// A healthy session: start again from the initial delay.
@@ -289,5 +308,55 @@ mod tests {
         b.set_boost(1.5);
         assert_eq!(b.base(3), Duration::from_secs(9));
         assert_eq!(b.base(30), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_ceiling_caps_every_delay_jitter_included_and_the_delays_still_spread() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let ceiling = Duration::from_secs(15);
+        let mut capped = Vec::new();
+        for _ in 0..200 {
+            let mut b = Backoff::new(BackoffConfig::default());
+            b.set_ceiling(Some(ceiling));
+            for _ in 0..8 {
+                assert!(b.next_delay(&mut rng) <= ceiling);
+            }
+            capped.push(secs(b.next_delay(&mut rng)));
+        }
+        let min = capped.iter().copied().fold(f64::MAX, f64::min);
+        let max = capped.iter().copied().fold(0.0, f64::max);
+        assert!(max <= 15.0, "never past the ceiling: {max}");
+        assert!(
+            min >= 12.0 && max - min > 2.0,
+            "spread below it: {min}..{max}"
+        );
+    }
+
+    #[test]
+    fn without_a_ceiling_the_delays_grow_to_the_configured_cap_again() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let mut b = Backoff::new(BackoffConfig {
+            jitter: Jitter::None,
+            ..BackoffConfig::default()
+        });
+        b.set_ceiling(Some(Duration::from_secs(15)));
+        let held: Vec<f64> = (0..7).map(|_| secs(b.next_delay(&mut rng))).collect();
+        assert_eq!(held, [1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0]);
+        assert_eq!(b.peek(), Duration::from_secs(15));
+        b.set_ceiling(None);
+        assert_eq!(b.next_delay(&mut rng), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_ceiling_below_the_first_delay_is_raised_to_it() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let mut b = Backoff::new(BackoffConfig {
+            jitter: Jitter::None,
+            ..BackoffConfig::default()
+        });
+        b.set_ceiling(Some(Duration::ZERO));
+        for _ in 0..5 {
+            assert_eq!(b.next_delay(&mut rng), Duration::from_secs(1));
+        }
     }
 }

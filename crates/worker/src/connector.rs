@@ -216,6 +216,11 @@ pub enum ConnectError {
     /// Retrying will not help: bad credentials, path refused, id taken by policy.
     #[error("coordinator refused this worker: {0}")]
     Refused(String),
+    /// The coordinator's TLS certificate is not one this worker trusts: a misconfiguration
+    /// (its CA changed, or the worker was given another), said loudly but retried, since the
+    /// fix is on the coordinator's side or in the CA file, which is read again at each attempt.
+    #[error("{0}")]
+    Untrusted(String),
 }
 
 /// Opens a WebSocket to a URL.
@@ -227,17 +232,56 @@ pub trait Connector: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<WsStream, ConnectError>>;
 }
 
-/// TCP, plain for `ws://` or with TLS for `wss://` when built [`TcpConnector::with_tls`].
+/// TCP, plain for `ws://` or with TLS for `wss://` when built [`TcpConnector::with_tls`] or
+/// [`TcpConnector::with_ca_file`].
 #[derive(Clone, Default)]
 pub struct TcpConnector {
     tls: Option<tokio_rustls::TlsConnector>,
+    /// The CA file trusted, read again at each attempt: a new bundle pushed to it (the
+    /// coordinator's CA rotated) is trusted from the next attempt on, without a restart.
+    ca: Option<Arc<CaFile>>,
 }
 
 impl std::fmt::Debug for TcpConnector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TcpConnector")
-            .field("tls", &self.tls.is_some())
+            .field("tls", &(self.tls.is_some() || self.ca.is_some()))
             .finish()
+    }
+}
+
+/// A CA file and the TLS client made from its latest readable contents.
+struct CaFile {
+    path: PathBuf,
+    /// The contents the client trusts, and the client: made again only when they change, so
+    /// that the client's TLS session cache (resumption) survives the attempts in between.
+    held: std::sync::Mutex<(Vec<u8>, tokio_rustls::TlsConnector)>,
+}
+
+impl CaFile {
+    /// The client trusting the file's current contents. A file that cannot be read now, or
+    /// holds no certificate (a bundle half written), leaves the last good client in use.
+    async fn current(&self) -> tokio_rustls::TlsConnector {
+        let read = tokio::fs::read(&self.path).await;
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let pem = match read {
+            Ok(pem) if pem == held.0 => return held.1.clone(),
+            Ok(pem) => pem,
+            Err(e) => {
+                tracing::warn!(file = %self.path.display(), error = %e, "cannot read the CA file; trusting what it held before");
+                return held.1.clone();
+            }
+        };
+        match config_from_pem(&self.path, &pem) {
+            Ok(config) => {
+                tracing::info!(file = %self.path.display(), "the CA file changed: trusting its certificates from this attempt on");
+                *held = (pem, tokio_rustls::TlsConnector::from(config));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the CA file changed but cannot be used; trusting what it held before");
+            }
+        }
+        held.1.clone()
     }
 }
 
@@ -256,29 +300,14 @@ pub enum TlsSetupError {
 pub fn tls_client_config(
     ca_file: Option<&Path>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| TlsSetupError::CaFile {
-                    path: path.to_owned(),
-                    reason: e.to_string(),
-                })?;
-            if certs.is_empty() {
-                return Err(TlsSetupError::CaFile {
-                    path: path.to_owned(),
-                    reason: "no certificate in it (a PEM file of CERTIFICATE blocks)".into(),
-                });
-            }
-            for c in certs {
-                roots.add(c).map_err(|e| TlsSetupError::CaFile {
-                    path: path.to_owned(),
-                    reason: e.to_string(),
-                })?;
-            }
+            let pem = std::fs::read(path).map_err(|e| TlsSetupError::CaFile {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+            return config_from_pem(path, &pem);
         }
         None => {
             let found = rustls_native_certs::load_native_certs();
@@ -287,6 +316,36 @@ pub fn tls_client_config(
             }
         }
     }
+    config_trusting(roots)
+}
+
+/// A rustls client configuration trusting the certificates of `pem`, the contents of the CA
+/// file `path`.
+fn config_from_pem(path: &Path, pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let bad = |reason: String| TlsSetupError::CaFile {
+        path: path.to_owned(),
+        reason,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad(
+            "no certificate in it (a PEM file of CERTIFICATE blocks)".into(),
+        ));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs {
+        roots.add(c).map_err(|e| bad(e.to_string()))?;
+    }
+    config_trusting(roots)
+}
+
+fn config_trusting(
+    roots: rustls::RootCertStore,
+) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
     if roots.is_empty() {
         return Err(TlsSetupError::NoRoots);
     }
@@ -303,7 +362,25 @@ impl TcpConnector {
     pub fn with_tls(config: Arc<rustls::ClientConfig>) -> Self {
         Self {
             tls: Some(tokio_rustls::TlsConnector::from(config)),
+            ca: None,
         }
+    }
+
+    /// A connector that speaks TLS to `wss://` URLs trusting the CA file `path`, read now
+    /// (an unusable one is an error) and again at each attempt.
+    pub fn with_ca_file(path: &Path) -> Result<Self, TlsSetupError> {
+        let pem = std::fs::read(path).map_err(|e| TlsSetupError::CaFile {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let config = config_from_pem(path, &pem)?;
+        Ok(Self {
+            tls: None,
+            ca: Some(Arc::new(CaFile {
+                path: path.to_owned(),
+                held: std::sync::Mutex::new((pem, tokio_rustls::TlsConnector::from(config))),
+            })),
+        })
     }
 }
 
@@ -313,10 +390,14 @@ impl Connector for TcpConnector {
         url: String,
         config: WebSocketConfig,
     ) -> BoxFuture<'static, Result<WsStream, ConnectError>> {
-        let tls = self.tls.clone();
+        let (tls, ca) = (self.tls.clone(), self.ca.clone());
         Box::pin(async move {
             let parsed = url::Url::parse(&url)
                 .map_err(|e| ConnectError::Refused(format!("bad url {url}: {e}")))?;
+            let tls = match ca {
+                Some(ca) if parsed.scheme() == "wss" => Some(ca.current().await),
+                _ => tls,
+            };
             let tls = match (parsed.scheme(), tls) {
                 ("ws", _) => None,
                 ("wss", Some(tls)) => Some(tls),
@@ -400,7 +481,7 @@ async fn connect_any(
 }
 
 /// Runs the TLS client handshake over `tcp` with `host` (a DNS name or an IP address), and
-/// classifies a failure: a certificate this client does not trust is refused for good; one
+/// classifies a failure: a certificate this client does not trust is [`ConnectError::Untrusted`]; one
 /// outside its validity period (see `out_of_date`) and anything else (a reset, a timeout, a
 /// record damaged on the wire) may pass on a retry.
 ///
@@ -439,7 +520,7 @@ pub async fn tls_handshake(
         });
         if untrusted {
             let hint = cause.and_then(untrusted_hint).unwrap_or_default();
-            ConnectError::Refused(format!("TLS with {host}:{port}: {e}{hint}"))
+            ConnectError::Untrusted(format!("TLS with {host}:{port}: {e}{hint}"))
         } else if cause.is_some_and(answered_in_plain_text) {
             ConnectError::Transient(format!(
                 "TLS with {host}:{port}: {e} (the coordinator at {host}:{port} answered in plain \
@@ -867,9 +948,9 @@ mod tests {
     /// A certificate refused for its dates (expired: a renewal that lapsed; not valid yet: a
     /// worker booted before its clock was set) is retried, saying what to check: the
     /// coordinator takes up a renewed certificate without a restart. One from an authority
-    /// the worker does not trust is still refused for good.
+    /// the worker does not trust is said to be untrusted (retried by the agent, loudly).
     #[tokio::test]
-    async fn a_certificate_out_of_date_is_retried_and_an_untrusted_one_refused() {
+    async fn a_certificate_out_of_date_is_retried_and_an_untrusted_one_said_untrusted() {
         use super::ConnectError;
         let expired = signed("ca", (2020, 1, 1), (2021, 1, 1));
         let ca = expired.ca.clone();
@@ -892,7 +973,7 @@ mod tests {
         let stranger = signed("stranger", (2020, 1, 1), (4000, 1, 1));
         let other_ca = signed("ca", (2020, 1, 1), (4000, 1, 1)).ca;
         match handshake_with(stranger, other_ca).await {
-            Err(ConnectError::Refused(said)) => assert!(said.contains("UnknownIssuer"), "{said}"),
+            Err(ConnectError::Untrusted(said)) => assert!(said.contains("UnknownIssuer"), "{said}"),
             other => panic!("a certificate of an unknown authority: {other:?}"),
         }
         // And one in date from the authority trusted passes: the test's setup is sound.
@@ -910,7 +991,7 @@ mod tests {
         let stranger = signed("stranger", (2020, 1, 1), (4000, 1, 1));
         let other_ca = signed("ca", (2020, 1, 1), (4000, 1, 1)).ca;
         match handshake_with(stranger, other_ca).await {
-            Err(ConnectError::Refused(said)) => assert!(
+            Err(ConnectError::Untrusted(said)) => assert!(
                 said.contains("UnknownIssuer")
                     && said.contains("give the CA that signed it with --ca-file or TETHER_CA_FILE"),
                 "{said}"
@@ -1012,5 +1093,80 @@ mod tests {
         for status in [400, 404, 408, 426, 429, 500, 502, 503] {
             assert!(!is_refusal(status), "{status}");
         }
+    }
+
+    /// PEM text of a certificate.
+    fn pem(cert: &rustls::pki_types::CertificateDer<'_>) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).expect("ascii"))
+            .collect();
+        format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            lines.join("\n")
+        )
+    }
+
+    /// A worker given a CA file that does not hold the coordinator's CA (the coordinator's CA
+    /// was rotated) is told its certificate is untrusted, retryable; once a bundle with the
+    /// new CA is pushed to the file, the next attempt reads it and opens a WebSocket over TLS,
+    /// with no restart. Real TLS on loopback; the server takes WebSocket upgrades.
+    #[tokio::test]
+    async fn a_ca_bundle_pushed_to_the_ca_file_is_trusted_from_the_next_attempt() {
+        use super::{ConnectError, Connector};
+        let served = signed("ca", (2020, 1, 1), (4000, 1, 1));
+        let new_ca = served.ca.clone();
+        let old_ca = signed("ca", (2020, 1, 1), (4000, 1, 1)).ca;
+        let (server, _) = tls_configs(served, new_ca.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let serving = tokio::spawn(async move {
+            for _ in 0..2 {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                if let Ok(tls) = acceptor.accept(tcp).await
+                    && let Ok(mut ws) = tokio_tungstenite::accept_async(tls).await
+                {
+                    use futures_util::StreamExt;
+                    while let Some(Ok(_)) = ws.next().await {}
+                }
+            }
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("ca.pem");
+        std::fs::write(&file, pem(&old_ca)).expect("write");
+        let connector = super::TcpConnector::with_ca_file(&file).expect("a usable CA file");
+        let url = format!("wss://localhost:{port}/ws/w1");
+        let first = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            connector.connect(url.clone(), super::ws_config(1 << 20)),
+        )
+        .await
+        .expect("the attempt ends");
+        match first {
+            Err(ConnectError::Untrusted(said)) => {
+                assert!(said.contains("invalid peer certificate"), "{said}")
+            }
+            Err(other) => panic!("an untrusted certificate: {other:?}"),
+            Ok(_) => panic!("an untrusted certificate: opened"),
+        }
+        // The rotation's bundle: the old CA and the new one.
+        std::fs::write(&file, pem(&old_ca) + &pem(&new_ca)).expect("write");
+        let second = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            connector.connect(url, super::ws_config(1 << 20)),
+        )
+        .await
+        .expect("the attempt ends");
+        let ws = second.expect("trusted once the bundle holds the coordinator's CA");
+        drop(ws);
+        serving.await.expect("server");
     }
 }

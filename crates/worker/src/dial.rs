@@ -8,7 +8,11 @@
 //! timed out), an attempt left unanswered for the delay the worker would wait had it failed
 //! counts as failed, and the next starts beside it. On a blackhole that clears, the worker is
 //! so back within its current delay instead of after the connect timeout of an attempt made
-//! while it was silent. The rate of attempts is the backoff's either way: at most
+//! while it was silent. An attempt of a silent path that times out before its delay ran out
+//! (a delay longer than the connect timeout) leaves the next due a delay after it started, not
+//! a delay after the timeout: the rate stays the backoff's, and a path that clears meanwhile
+//! is found within one delay, not a connect timeout and a delay. The rate of attempts is the
+//! backoff's either way: at most
 //! [`MAX_UNDER_WAY`] attempts of a worker are under way at once, the oldest is given up for a
 //! newer one, and an attempt still under way when another opens is dropped unused (it never
 //! registers, so it never displaces the session of the one that won).
@@ -32,6 +36,12 @@ use crate::eventlog::Event;
 use crate::metrics as m;
 use crate::stats::ConnState;
 
+/// The share of the coordinator's grace (`lost_after_ms`) a reconnect delay may take, at
+/// most, while the worker holds leased work: a quarter leaves room for the connect timeout of
+/// an attempt made into the outage, and for the coordinator having noticed the loss before
+/// the worker did.
+pub const GRACE_SHARE: u32 = 4;
+
 /// Attempts of one worker under way at once.
 pub const MAX_UNDER_WAY: usize = 2;
 
@@ -46,7 +56,7 @@ const TWIN_DROPPED: &str = "dropped for another attempt beside it";
 pub(crate) enum Dialed {
     /// A WebSocket is open (boxed: the other outcomes are small); the attempt's generation.
     Open(Box<WsStream>, u64),
-    /// The coordinator refused this worker at the upgrade (401, 403, a TLS certificate) on
+    /// The coordinator refused this worker at the upgrade (401, 403) on
     /// the last of `refusals_before_stop` connections in a row.
     Refused(String),
     /// `max_attempts` attempts failed in a row.
@@ -57,6 +67,7 @@ pub(crate) enum Dialed {
 /// One connection attempt under way.
 struct Dialing {
     generation: u64,
+    started: Instant,
     started_unix_us: u64,
     /// The backoff delay waited before it.
     delay: Duration,
@@ -74,6 +85,8 @@ enum Ended {
     Open(Box<WsStream>),
     Refused(String),
     Failed(String),
+    /// The coordinator's TLS certificate is not trusted: a misconfiguration, retried.
+    Untrusted(String),
     /// No answer within the connect timeout: the path may be silent.
     TimedOut,
 }
@@ -91,6 +104,7 @@ impl Future for FirstEnded<'_> {
                     Ok(Ok(ws)) => Ended::Open(Box::new(ws)),
                     Ok(Err(ConnectError::Refused(reason))) => Ended::Refused(reason),
                     Ok(Err(ConnectError::Transient(reason))) => Ended::Failed(reason),
+                    Ok(Err(ConnectError::Untrusted(reason))) => Ended::Untrusted(reason),
                     Err(_) => Ended::TimedOut,
                 };
                 return Poll::Ready((i, ended));
@@ -165,7 +179,13 @@ impl Agent {
                             }
                             return Dialed::Refused(reason);
                         }
-                        ended @ (Ended::Refused(_) | Ended::Failed(_) | Ended::TimedOut) => {
+                        ended @ (Ended::Refused(_)
+                        | Ended::Failed(_)
+                        | Ended::Untrusted(_)
+                        | Ended::TimedOut) => {
+                            // Timed out on a path already known silent: the next attempt is
+                            // due a delay after this one started (set when it started).
+                            let paced = matches!(ended, Ended::TimedOut) && silent;
                             let reason = match ended {
                                 Ended::Refused(reason) => {
                                     *refusals += 1;
@@ -173,6 +193,13 @@ impl Agent {
                                     reason
                                 }
                                 Ended::Failed(reason) => reason,
+                                Ended::Untrusted(reason) => {
+                                    // Not counted as a refusal: nothing the coordinator said, and
+                                    // the fix (its certificate, or a CA bundle pushed to the file
+                                    // read at each attempt) needs no restart of this worker.
+                                    tracing::error!(worker = %self.cfg.worker_id, generation = a.generation, %reason, "the coordinator's TLS certificate is not trusted by this worker: a misconfiguration (its CA changed, or this worker was given another); trying again with backoff, the CA file read again at each attempt");
+                                    reason
+                                }
                                 _ => {
                                     silent = true;
                                     TIMED_OUT.to_owned()
@@ -180,8 +207,11 @@ impl Agent {
                             };
                             self.attempt_failed(a.generation, &reason);
                             if !a.counted {
-                                // The newest failed: the next waits a delay from now.
-                                next = self.failed(backoff).map(|d| (Instant::now() + d, d));
+                                next = match next {
+                                    Some(due) if paced => self.timed_out(backoff, a.started, due),
+                                    // The newest failed: the next waits a delay from now.
+                                    _ => self.failed(backoff).map(|d| (Instant::now() + d, d)),
+                                };
                             }
                             if under_way.is_empty() {
                                 if next.is_none() {
@@ -217,6 +247,7 @@ impl Agent {
                     }
                     under_way.push_back(self.start_attempt(delay));
                     // On a silent path, when the next starts if this one is still unanswered.
+                    self.tune(backoff);
                     next = silent.then(|| {
                         let d = backoff.upcoming(&mut self.rng);
                         (Instant::now() + d, d)
@@ -242,6 +273,7 @@ impl Agent {
             .connect(self.endpoint.clone(), ws_config(self.cfg.max_frame));
         Dialing {
             generation,
+            started: Instant::now(),
             started_unix_us,
             delay,
             counted: false,
@@ -284,6 +316,26 @@ impl Agent {
         Some(delay)
     }
 
+    /// Records the failure of the newest attempt, timed out on a silent path before the next
+    /// was `due` (a delay after it `started`): the next stays due then, or `None` once
+    /// `max_attempts` failed in a row.
+    fn timed_out(
+        &mut self,
+        backoff: &mut Backoff,
+        started: Instant,
+        due: (Instant, Duration),
+    ) -> Option<(Instant, Duration)> {
+        self.tune(backoff);
+        backoff.record_failure();
+        self.publish(backoff);
+        if backoff.exhausted() {
+            return None;
+        }
+        let (at, delay) = due;
+        tracing::info!(worker = %self.cfg.worker_id, delay_ms = delay.as_millis() as u64, in_ms = at.saturating_duration_since(Instant::now()).as_millis() as u64, since_start_ms = started.elapsed().as_millis() as u64, failures = backoff.failures(), "reconnecting a backoff delay after the timed-out attempt started");
+        Some(due)
+    }
+
     /// Records a lost session in the backoff (no failed attempt: see
     /// [`Backoff::session_lost`]): the delay before the first attempt to reconnect.
     pub(crate) fn session_lost(&mut self, backoff: &mut Backoff, healthy: bool) -> Duration {
@@ -294,8 +346,15 @@ impl Agent {
         delay
     }
 
-    /// Sets the backoff's adaptive boost from the link's record so far.
+    /// Sets the backoff's adaptive boost from the link's record so far, and its ceiling from
+    /// the coordinator's grace while this worker holds leased work (an idle one keeps the
+    /// configured cap: a herd of them must not storm a coordinator that comes back).
     fn tune(&self, backoff: &mut Backoff) {
+        backoff.set_ceiling(
+            self.grace
+                .filter(|_| crate::agent::holds_work(&self.outbox, &self.runner))
+                .map(|g| g / GRACE_SHARE),
+        );
         let (stability, sessions) = {
             let s = self.shared.stats();
             (s.link_stability().unwrap_or(1.0), s.sessions())

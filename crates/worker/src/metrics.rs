@@ -65,6 +65,10 @@ pub const MESSAGES_OUT: &str = "tether_worker_messages_out_total";
 pub const ERRORS: &str = "tether_worker_errors_total";
 /// Counter: coordinator frames dropped because their integrity tag did not verify.
 pub const MAC_FAILURES: &str = "tether_worker_mac_failures_total";
+/// Counter: results acknowledged `stale`: the coordinator kept them for the record but did not
+/// count them, their attempt no longer holding the lease (this worker away past its grace, or
+/// the task moved on): work done for nothing.
+pub const STALE_RESULTS: &str = "tether_worker_stale_results_total";
 /// Counter: outbox entries too large for the coordinator's frames when about to be sent, by
 /// `type` (a result becomes its attempt's failure, anything else is dropped).
 pub const OVERSIZE: &str = "tether_worker_oversize_messages_total";
@@ -129,11 +133,61 @@ pub fn install() -> PrometheusHandle {
                 );
             }
             describe();
+            register();
             MESSAGES_IN_BY_TYPE.register();
             MESSAGES_OUT_BY_TYPE.register();
             handle
         })
         .clone()
+}
+
+/// `direction`s of [`ERRORS`].
+const ERROR_DIRECTIONS: [&str; 2] = ["sent", "received"];
+
+/// Makes every counter and histogram family exist before its first event, counters at 0 for
+/// each label value known up front, histograms empty, as the coordinator does: Prometheus
+/// reads a series born at 1 as no increase, so an alert on the first failures of a worker
+/// (`rate(tether_worker_connection_failures_total[5m])`) would not fire.
+fn register() {
+    for name in [
+        CONNECTION_ATTEMPTS,
+        CONNECTION_FAILURES,
+        SESSIONS_LOST,
+        RECONNECTIONS,
+        HEARTBEAT_RTT_LOADED,
+        SEND_WINDOW_FULL,
+        MAC_FAILURES,
+        STALE_RESULTS,
+        JOURNAL_FAILURES,
+        CHECKPOINT_BYTES,
+        CHECKPOINTS_TOO_LARGE,
+        COMPRESSION_RAW_BYTES,
+        COMPRESSION_WIRE_BYTES,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for code in tether_proto::msg::ErrorCode::ALL {
+        for direction in ERROR_DIRECTIONS {
+            metrics::counter!(ERRORS, "code" => code.as_str(), "direction" => direction)
+                .increment(0);
+        }
+    }
+    for &ty in WORKER_MSG_TYPES {
+        metrics::counter!(OVERSIZE, "type" => ty).increment(0);
+    }
+    // The `outcome`s of an execution: the terminal statuses.
+    let ended = tether_proto::TaskStatus::ALL
+        .into_iter()
+        .filter(|s| s.is_terminal())
+        .map(|s| s.as_str());
+    for outcome in ended {
+        metrics::counter!(TASKS_FINISHED, "outcome" => outcome).increment(0);
+        // Registered: rendered with no observation.
+        let _ = metrics::histogram!(TASK_DURATION, "outcome" => outcome);
+    }
+    for name in [HEARTBEAT_RTT, DEAD_DETECT, RECONNECT_DURATION] {
+        let _ = metrics::histogram!(name);
+    }
 }
 
 fn describe() {
@@ -181,6 +235,10 @@ fn describe() {
     describe_counter!(
         MAC_FAILURES,
         "coordinator frames dropped because their integrity tag did not verify"
+    );
+    describe_counter!(
+        STALE_RESULTS,
+        "results acknowledged stale: kept by the coordinator, not counted (their lease was lost)"
     );
     describe_counter!(
         OVERSIZE,
@@ -244,6 +302,8 @@ pub fn record_compression(raw: u64, wire: u64) {
 
 /// Sets the gauges of `agent` and renders everything recorded.
 pub fn render(agent: &AgentHandle) -> String {
+    // Installed before the gauges are set: set first, the first scrape's went nowhere.
+    let handle = install();
     let state = agent.state();
     for s in [
         ConnState::Connecting,
@@ -276,7 +336,7 @@ pub fn render(agent: &AgentHandle) -> String {
     } else {
         raw as f64 / wire as f64
     });
-    install().render()
+    handle.render()
 }
 
 /// Why the metrics endpoint stopped.
@@ -303,4 +363,48 @@ pub async fn serve(
 
 async fn scrape(State(agent): State<Arc<AgentHandle>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], render(&agent))
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every family the worker's table in OPERATIONS.md documents is in a fresh worker's
+    /// scrape, before any event: counters at 0, histograms empty. Alerts on a first failure
+    /// (`rate(tether_worker_connection_failures_total[5m])`) read a series from the start.
+    #[tokio::test]
+    async fn a_fresh_workers_scrape_has_every_documented_family() {
+        let doc = include_str!("../../../docs/OPERATIONS.md");
+        let table = doc
+            .split("### Worker (`--metrics-listen`)")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("the worker's metrics table");
+        let documented: Vec<&str> = table
+            .split('`')
+            .filter(|t| t.starts_with("tether_worker_") && !t.ends_with('*'))
+            .collect();
+        assert!(documented.len() > 20, "{documented:?}");
+        let cfg = crate::WorkerConfig::new(
+            "ws://127.0.0.1:1",
+            tether_proto::WorkerId::parse("fresh").expect("id"),
+        );
+        let agent = crate::Agent::with_transport(
+            cfg,
+            crate::Executors::builtin(),
+            crate::connector::TcpConnector::default(),
+        )
+        .expect("an agent");
+        let scraped = super::render(&agent.handle());
+        let missing: Vec<&str> = documented
+            .iter()
+            .copied()
+            .filter(|name| !scraped.contains(&format!("# TYPE {name} ")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "absent from a fresh scrape: {missing:?}"
+        );
+        for name in [super::CONNECTION_FAILURES, super::STALE_RESULTS] {
+            assert!(scraped.contains(&format!("\n{name} 0\n")), "{name} at 0");
+        }
+    }
 }

@@ -393,6 +393,13 @@ pub(crate) struct Session<'a> {
     stop: CancellationToken,
     /// The tasks were told to stop: at the stop, or by a write it found waiting on the link.
     tasks_told: bool,
+    /// When what was in flight was last sent again after a `bad_frame` ([`Self::resend`]):
+    /// at most once a liveness timeout, so a coordinator that cannot read what this worker
+    /// sends (a bug, not the wire) gets no storm of resends.
+    resent_at: Option<Instant>,
+    /// A message the coordinator answered `bad_frame` naming its `seq`: sent again at the next
+    /// tick of the duties if no ack (a refusal) has taken it out of the outbox by then.
+    suspect: Option<u64>,
 }
 
 impl<'a> Session<'a> {
@@ -439,6 +446,8 @@ impl<'a> Session<'a> {
             draining: false,
             stop: CancellationToken::new(),
             tasks_told: false,
+            resent_at: None,
+            suspect: None,
         }
     }
 
@@ -818,6 +827,21 @@ impl<'a> Session<'a> {
         SessionEnd::NotRegistered(format!("untagged refusal, not trusted: {refusal}"))
     }
 
+    /// A welcome this worker cannot key a session from. It carries no tag (none can exist
+    /// before the key), so for a worker that requires integrity (`--message-mac`) it is no
+    /// proof of the coordinator's setup: a byte flipped on the wire (`"hiac-sha256"`, a key
+    /// name, the nonce) reads the same as a coordinator set up otherwise, and three such on a
+    /// corrupting link would stop the worker for good. Retried with backoff, warned each time,
+    /// never counted as a refusal; the coordinator's own refusals (a tagged `error`, a 401 or
+    /// 403 at the upgrade) still stop it. Without `--message-mac`, a refusal as before.
+    fn unverified(&self, reason: String) -> SessionEnd {
+        if !self.agent.cfg.require_message_mac {
+            return SessionEnd::Refused(reason);
+        }
+        tracing::warn!(worker = %self.worker(), generation = self.generation, %reason, "the coordinator's welcome does not allow the integrity this worker requires (--message-mac); an untagged welcome may have been damaged on the wire or forged, so trying again with backoff (if this goes on, the coordinator is set up without --message-mac or with another secret scheme)");
+        SessionEnd::NotRegistered(format!("welcome not usable: {reason}"))
+    }
+
     /// Sends the registration, remembering its size.
     async fn send_registration(&mut self, reg: &WorkerMsg) -> Result<(), SessionEnd> {
         self.registration_bytes = self
@@ -963,6 +987,8 @@ impl<'a> Session<'a> {
             .runner
             .limit_frames_to(self.max_frame_out, self.agent.cfg.max_frame);
         self.agent.runner.limit_checkpoints_to(ack.max_checkpoint);
+        // Every session too: a coordinator restarted with another grace says so.
+        self.agent.grace = ack.lost_after_ms.map(Duration::from_millis);
         // The coordinator's rates: paced below them, the levels kept across sessions.
         self.agent.pace = crate::pace::Pace::follow(
             self.agent.pace.take(),
@@ -1067,7 +1093,7 @@ impl<'a> Session<'a> {
         let cfg = &self.agent.cfg;
         let (integrity, nonce, secret) = match (&welcome.integrity, &welcome.nonce, &cfg.secret) {
             (None, _, _) if cfg.require_message_mac => {
-                return Err(SessionEnd::Refused(
+                return Err(self.unverified(
                     "this worker requires per-message integrity (--message-mac) and the \
                      coordinator does not ask for it (start it with --message-mac, or check \
                      what sits between the two)"
@@ -1077,7 +1103,7 @@ impl<'a> Session<'a> {
             (None, _, _) => return Ok(None),
             (Some(i), Some(n), Some(s)) => (i, n, s),
             (Some(_), _, _) => {
-                return Err(SessionEnd::Refused(
+                return Err(self.unverified(
                     "the coordinator asks for per-message integrity without an authentication \
                      nonce, or this worker has no secret"
                         .into(),
@@ -1085,7 +1111,7 @@ impl<'a> Session<'a> {
             }
         };
         if integrity != HMAC_SHA256 {
-            return Err(SessionEnd::Refused(format!(
+            return Err(self.unverified(format!(
                 "the coordinator asks for integrity {integrity:?}; this worker knows {HMAC_SHA256:?}"
             )));
         }
@@ -1291,6 +1317,11 @@ impl<'a> Session<'a> {
                     if let Some((reason, sent)) = self.unacknowledged() {
                         self.whole_until = Some(sent);
                         return Ok(reason);
+                    }
+                    if let Some(seq) = self.suspect.take()
+                        && self.agent.outbox.held(tether_proto::Seq(seq)).is_some()
+                    {
+                        self.resend(Some(seq));
                     }
                     for duty in duties.take_due(Instant::now()) {
                         if let Err(reason) = self.duty(duty).await {
@@ -1726,7 +1757,53 @@ impl<'a> Session<'a> {
                     .drop_checkpoint_pieces(&c.task_id, &c.checkpoint_id, ack.ack_seq);
             tracing::warn!(worker = %self.worker(), task = %c.task_id, checkpoint = %c.checkpoint_id, dropped, "checkpoint refused by the coordinator; its pieces are not sent");
         }
+        if result && ack.disposition == tether_proto::msg::Disposition::Stale {
+            self.stale(ack, acked.as_deref());
+        }
         self.acked(ack, acked.as_deref());
+    }
+
+    /// A result acknowledged `stale`: kept by the coordinator, never counted. Said at WARN, as
+    /// it is work done for nothing (the task runs again elsewhere, or here as a later attempt),
+    /// and counted.
+    fn stale(&self, ack: &tether_proto::msg::Ack, held: Option<&WorkerMsg>) {
+        // A cancel's end is answered `stale` too (the coordinator counts it apart): no waste.
+        if let Some(WorkerMsg::TaskResult(r)) = held
+            && r.outcome == tether_proto::Outcome::Cancelled
+        {
+            tracing::debug!(worker = %self.worker(), task = %r.task_id, attempt = %r.attempt, "the result of a cancelled attempt is kept, not counted");
+            return;
+        }
+        metrics::counter!(m::STALE_RESULTS).increment(1);
+        // The ack names no reason: stale is one, that the attempt no longer holds the lease.
+        let why = "its attempt no longer holds the task's lease: the coordinator declared this worker lost (away past its grace, --lost-after) or moved the task on, and runs it as another attempt";
+        match held {
+            Some(WorkerMsg::TaskResult(r)) => {
+                tracing::warn!(worker = %self.worker(), task = %r.task_id, attempt = %r.attempt, outcome = ?r.outcome, seq = %ack.ack_seq, "result kept by the coordinator but not counted (stale): {why}");
+            }
+            _ => {
+                tracing::warn!(worker = %self.worker(), task = ?ack.task_id, seq = %ack.ack_seq, "result kept by the coordinator but not counted (stale): {why}");
+            }
+        }
+    }
+
+    /// Sends again what the coordinator dropped as damaged: message `seq`, or everything in
+    /// flight. At most once a liveness timeout; later ones wait for the ack deadline.
+    fn resend(&mut self, seq: Option<u64>) {
+        let now = Instant::now();
+        if self.resent_at.is_some_and(|at| now < at + self.timeout) {
+            tracing::debug!(worker = %self.worker(), "another bad_frame: left to the ack deadline");
+            return;
+        }
+        let seqs = self.window.forget(seq);
+        if seqs.is_empty() {
+            return;
+        }
+        self.resent_at = Some(now);
+        tracing::warn!(worker = %self.worker(), resent = seqs.len(), first = seqs[0], "the coordinator dropped a frame of this worker as damaged in transit (bad_frame): sending again what it has not acknowledged");
+        self.agent
+            .outbox
+            .unsend(seqs.into_iter().map(tether_proto::Seq));
     }
 
     /// What follows an ack of a message (`held` if the outbox still held it), once it left
@@ -1889,6 +1966,23 @@ impl<'a> Session<'a> {
                         timestamp: now(),
                     });
                 }
+                // A frame of ours arrived damaged (a corrupting link): the coordinator dropped
+                // it, and its ack will never come. Sent again now rather than after the ack
+                // deadline (a liveness timeout of waiting, then a new session): the coordinator
+                // keeps one of each message (as a `sync_state` resend relies on), so what was
+                // read after all is answered `duplicate`. One it could not read a `seq` of: all
+                // in flight, it may have been any (or a batch of them). One whose `seq` it read
+                // was read whole, and is refused by an ack that follows (a checkpoint too
+                // large, say) unless damaged: sent again only if still unanswered at the next
+                // tick. A fetch's error was handled above.
+                if e.code == ErrorCode::BadFrame
+                    && e.offending_type.as_deref() != Some("checkpoint_fetch")
+                {
+                    match e.ref_seq {
+                        None => self.resend(None),
+                        Some(seq) => self.suspect = Some(seq),
+                    }
+                }
                 // A frame of ours failed its tag there: it is lost, and so is every later one
                 // (tags count frames, and the coordinator's count stays at the lost frame's
                 // number). Not kept: no resend in this session can verify (the lost frame's
@@ -2047,6 +2141,17 @@ impl Window {
     }
 
     /// The acknowledged message no longer takes room.
+    /// Takes message `seq` (or every message) out of the window unacknowledged, to be sent
+    /// again: no sample of the link's rate. Returns their sequence numbers, in order.
+    fn forget(&mut self, seq: Option<u64>) -> Vec<u64> {
+        let (keep, gone): (VecDeque<Sent>, VecDeque<Sent>) = std::mem::take(&mut self.sent)
+            .into_iter()
+            .partition(|s| seq.is_some_and(|q| q != s.seq));
+        self.sent = keep;
+        self.bytes -= gone.iter().map(|s| s.bytes).sum::<usize>();
+        gone.into_iter().map(|s| s.seq).collect()
+    }
+
     fn leave(&mut self, seq: u64) {
         if let Ok(i) = self.sent.binary_search_by_key(&seq, |s| s.seq)
             && let Some(e) = self.sent.remove(i)
@@ -2400,6 +2505,7 @@ mod tests {
                 per_sec: 4e6,
                 burst: 8_000_000,
             }),
+            lost_after_ms: Some(60_000),
             timestamp: now(),
         };
         assert!(odd_in_ack(&usual).is_empty(), "{:?}", odd_in_ack(&usual));

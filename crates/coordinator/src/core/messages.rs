@@ -565,6 +565,8 @@ impl Core {
                     per_sec: self.cfg.limits.bytes_per_sec,
                     burst: self.cfg.limits.byte_burst,
                 }),
+                // A worker holding its leases keeps its reconnect delays well below it.
+                lost_after_ms: Some(self.cfg.lost_after.as_millis() as u64),
                 timestamp: now(),
             }),
         );

@@ -2693,6 +2693,20 @@ fn registration_ack(sent: &[CoordMsg]) -> Option<&tether_proto::msg::Registratio
     })
 }
 
+/// The `registration_ack` states the coordinator's grace (`lost_after_ms`): a worker holding
+/// leased work keeps its reconnect delays well below it, so that its own backoff does not
+/// keep it away past it once the path is back.
+#[test]
+fn the_registration_ack_states_the_coordinators_grace() {
+    let mut cfg = CoordinatorConfig::new("/nonexistent");
+    cfg.lost_after = std::time::Duration::from_secs(42);
+    let mut h = Harness::with(cfg);
+    let (_, mut rx) = h.connect_registering("a", |_| {});
+    let sent = drain(&mut rx);
+    let ack = registration_ack(&sent).expect("an ack");
+    assert_eq!(ack.lost_after_ms, Some(42_000));
+}
+
 /// The worker takes frames up to its `max_frame`, and the ack carries a directive for each
 /// running task its inventory lists in one frame: an ack larger than that frame was refused
 /// by the worker as oversize, its session ended and it registered again into the same ack, for
@@ -2809,6 +2823,7 @@ fn the_largest_registration_ack_without_directives_fits_in_its_allowance() {
         max_checkpoint: Some(u64::MAX),
         message_rate: Some(rate),
         byte_rate: Some(rate),
+        lost_after_ms: Some(u64::MAX),
         timestamp: now(),
     });
     let bytes = tether_proto::encode(&ack).len() + tether_proto::integrity::TEXT_TRAILER;

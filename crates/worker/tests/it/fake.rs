@@ -126,6 +126,21 @@ pub enum Script {
     /// [`RESUMES_KIND`] task, naming no checkpoint (the coordinator completed none): as a
     /// coordinator hands a task back to the worker that stopped it.
     ReassignStopping,
+    /// Like `Reassign` on the first connection (a ten-minute task at attempt 2), then reads
+    /// and writes nothing more, like `RegisterThenSilence`: a worker holding leased work whose
+    /// path goes silent.
+    ReassignThenSilence,
+    /// Like `Healthy`, and on the first connection assigns a one-step `sleep` task; every
+    /// `task_result` is acknowledged `stale` (kept, not counted: the attempt lost its lease).
+    StaleResults,
+    /// Like `Healthy`, and on the first connection assigns a one-step `sleep` task; the first
+    /// `task_result` is answered by an `error` `bad_frame` instead of its ack, as a coordinator
+    /// does for a frame damaged on the wire (naming the result's `seq` when `named`: read far
+    /// enough for that). Records every `task_result` in `results`, with when it came in
+    /// `result_times`.
+    DamagedResult { named: bool },
+    /// The coordinator's TLS certificate is not trusted ([`ConnectError::Untrusted`]).
+    Untrusted,
 }
 
 /// The task [`Script::AssignThenGone`] assigns.
@@ -254,6 +269,11 @@ pub struct FakeConnector {
     /// Each `telemetry` received, with its connection and when it came
     /// ([`Script::PathChange`]).
     pub telemetry: Telemetry,
+    /// The `lost_after_ms` of every `registration_ack` (none: not said).
+    pub lost_after_ms: Arc<Mutex<Option<u64>>>,
+    /// When each `task_result` came ([`Script::DamagedResult`]), and when the `bad_frame` went.
+    pub result_times: Arc<Mutex<Vec<Instant>>>,
+    pub damaged_at: Arc<Mutex<Option<Instant>>>,
 }
 
 /// The `telemetry` a fake coordinator received: the connection, when, the statistics.
@@ -274,7 +294,15 @@ impl FakeConnector {
             checkpoint_errors: Arc::default(),
             stopped: Arc::default(),
             telemetry: Arc::default(),
+            lost_after_ms: Arc::default(),
+            result_times: Arc::default(),
+            damaged_at: Arc::default(),
         }
+    }
+
+    /// The `lost_after_ms` the `registration_ack`s say from now on.
+    pub fn set_lost_after(&self, ms: Option<u64>) {
+        *self.lost_after_ms.lock().expect("lock") = ms;
     }
 
     /// How many `worker_stopped` notices came.
@@ -322,6 +350,8 @@ impl Connector for FakeConnector {
         let checkpoint_errors = self.checkpoint_errors.clone();
         let stopped = self.stopped.clone();
         let telemetry = self.telemetry.clone();
+        let lost_after_ms = *self.lost_after_ms.lock().expect("lock");
+        let (result_times, damaged_at) = (self.result_times.clone(), self.damaged_at.clone());
         Box::pin(async move {
             match script {
                 Script::Refuse => return Err(ConnectError::Transient("connection refused".into())),
@@ -332,6 +362,12 @@ impl Connector for FakeConnector {
                     return Err(ConnectError::Refused("HTTP 401 at upgrade".into()));
                 }
                 Script::Unanswered => std::future::pending().await,
+                Script::Untrusted => {
+                    return Err(ConnectError::Untrusted(
+                        "TLS with coordinator.invalid:1: invalid peer certificate: UnknownIssuer"
+                            .into(),
+                    ));
+                }
                 _ => {}
             }
             let (client, server) = tokio::io::duplex(1 << 16);
@@ -345,6 +381,9 @@ impl Connector for FakeConnector {
                 checkpoint_errors,
                 stopped,
                 telemetry,
+                lost_after_ms,
+                result_times,
+                damaged_at,
             };
             tokio::spawn(serve(server, script, seen));
             let io: Pin<Box<dyn Io>> = Box::pin(client);
@@ -364,6 +403,9 @@ struct Seen {
     checkpoint_errors: Arc<Mutex<Vec<tether_proto::msg::CheckpointError>>>,
     stopped: Arc<std::sync::atomic::AtomicUsize>,
     telemetry: Telemetry,
+    lost_after_ms: Option<u64>,
+    result_times: Arc<Mutex<Vec<Instant>>>,
+    damaged_at: Arc<Mutex<Option<Instant>>>,
 }
 
 async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
@@ -377,6 +419,9 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
         checkpoint_errors,
         stopped,
         telemetry,
+        lost_after_ms,
+        result_times,
+        damaged_at,
     } = seen;
     let limit =
         (script == Script::SmallFrames).then(|| tether_worker::connector::ws_config(SMALL_FRAME));
@@ -401,6 +446,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                     max_bytes: 65_536,
                 }),
             max_frame: (script == Script::SmallFrames).then_some(SMALL_FRAME as u64),
+            lost_after_ms,
             ..registration_ack(1)
         })))
         .await;
@@ -415,6 +461,53 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
         Script::RegisterThenSilence => {
             // Hold the connection open and never read or write again.
             std::future::pending::<()>().await;
+        }
+        Script::ReassignThenSilence => {
+            let _ = ws.send(send(reassignment())).await;
+            std::future::pending::<()>().await;
+        }
+        Script::StaleResults | Script::DamagedResult { .. } => {
+            if conn == 0 {
+                let _ = ws.send(send(one_step())).await;
+            }
+            let mut damaged = false;
+            while let Some(Ok(m)) = ws.next().await {
+                if let Some(seq) = heartbeat_in(&m)
+                    && ws.send(heartbeat_reply(seq)).await.is_err()
+                {
+                    break;
+                }
+                let Some((seq, mut ack)) = ack_of(&m) else {
+                    continue;
+                };
+                let result = matches!(ack, CoordMsg::TaskResultAck(_));
+                if result {
+                    result_times.lock().expect("lock").push(Instant::now());
+                }
+                let reply = match script {
+                    Script::StaleResults if result => {
+                        if let CoordMsg::TaskResultAck(a) = &mut ack {
+                            a.disposition = tether_proto::msg::Disposition::Stale;
+                        }
+                        ack
+                    }
+                    Script::DamagedResult { named } if result && !damaged => {
+                        damaged = true;
+                        *damaged_at.lock().expect("lock") = Some(Instant::now());
+                        CoordMsg::error(
+                            tether_proto::msg::ErrorCode::BadFrame,
+                            "compressed frame is not valid zstd: Data corruption detected",
+                            named.then(|| "task_result".to_owned()),
+                            named.then_some(seq),
+                        )
+                    }
+                    _ => ack,
+                };
+                received.lock().expect("lock").push((conn, seq));
+                if ws.send(send(reply)).await.is_err() {
+                    break;
+                }
+            }
         }
         Script::AssignTogether => {
             let mut batch = tether_proto::Batch::new();
@@ -980,9 +1073,42 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                 }
             }
         }
-        Script::Refuse | Script::Unauthorized | Script::Unanswered => {}
+        Script::Refuse | Script::Unauthorized | Script::Unanswered | Script::Untrusted => {}
     }
 }
+
+/// The assignment of [`REASSIGNED`] at attempt 2: a `sleep` task of ten minutes in ten steps.
+fn reassignment() -> CoordMsg {
+    CoordMsg::TaskAssignment(tether_proto::msg::TaskAssignment {
+        task_id: tether_proto::TaskId::parse(REASSIGNED).expect("id"),
+        attempt: tether_proto::Attempt(2),
+        kind: "sleep".into(),
+        config: serde_json::json!({"ms": 600_000, "steps": 10}).into(),
+        timeout_ms: None,
+        checkpoint: None,
+        attempt_base: None,
+        submit_seq: None,
+        timestamp: now(),
+    })
+}
+
+/// The assignment of [`ONE_STEP`] at attempt 1: a `sleep` task of one step, at once.
+fn one_step() -> CoordMsg {
+    CoordMsg::TaskAssignment(tether_proto::msg::TaskAssignment {
+        task_id: tether_proto::TaskId::parse(ONE_STEP).expect("id"),
+        attempt: tether_proto::Attempt(1),
+        kind: "sleep".into(),
+        config: serde_json::json!({"ms": 0, "steps": 1}).into(),
+        timeout_ms: None,
+        checkpoint: None,
+        attempt_base: None,
+        submit_seq: None,
+        timestamp: now(),
+    })
+}
+
+/// The task of [`Script::StaleResults`] and [`Script::DamagedResult`].
+pub const ONE_STEP: &str = "t-one-step";
 
 /// The assignment of [`STOPPING`] at attempt 1, a [`LAST_KIND`] task.
 fn last_assignment() -> CoordMsg {
@@ -1178,6 +1304,7 @@ pub fn registration_ack(session_id: u64) -> RegistrationAck {
         max_checkpoint: None,
         message_rate: None,
         byte_rate: None,
+        lost_after_ms: None,
         timestamp: now(),
     }
 }
