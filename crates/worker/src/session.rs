@@ -2140,7 +2140,6 @@ impl Window {
         started
     }
 
-    /// The acknowledged message no longer takes room.
     /// Takes message `seq` (or every message) out of the window unacknowledged, to be sent
     /// again: no sample of the link's rate. Returns their sequence numbers, in order.
     fn forget(&mut self, seq: Option<u64>) -> Vec<u64> {
@@ -2152,6 +2151,7 @@ impl Window {
         gone.into_iter().map(|s| s.seq).collect()
     }
 
+    /// The acknowledged message no longer takes room.
     fn leave(&mut self, seq: u64) {
         if let Ok(i) = self.sent.binary_search_by_key(&seq, |s| s.seq)
             && let Some(e) = self.sent.remove(i)
