@@ -105,7 +105,7 @@ fn a_run_that_cannot_start_keeps_the_log_its_error_names() {
     );
 }
 
-const KINDS: [&str; 12] = [
+const KINDS: [&str; 14] = [
     "latency",
     "bandwidth",
     "blackhole",
@@ -118,6 +118,8 @@ const KINDS: [&str; 12] = [
     "worker_kill",
     "worker_stop",
     "coordinator_kill",
+    "lease_loss",
+    "slow_close",
 ];
 
 #[test]
@@ -184,6 +186,19 @@ fn a_short_e2e_run_with_every_disruption_passes_on_ground_truth() {
                     assert!(o["outlived"]["ran"].is_u64(), "{o}");
                     assert_eq!(o["outlived"]["left"], serde_json::json!([]), "{o}");
                 }
+                continue;
+            }
+            Some("lease_loss") => {
+                // Its blackhole dropped bytes, and the coordinator took the worker for lost
+                // while it held leases.
+                let e = o["evidence"].as_str().unwrap_or_default();
+                assert!(e.contains("listed lost: after"), "{o}");
+                "bytes_dropped"
+            }
+            Some("slow_close") => {
+                // The stopped worker's link outlived its process: the FINs were held.
+                let e = o["evidence"].as_str().unwrap_or_default();
+                assert!(e.starts_with("exited 0 after SIGTERM"), "{o}");
                 continue;
             }
             Some("worker_stop") => {
@@ -254,8 +269,21 @@ fn a_short_e2e_run_with_every_disruption_passes_on_ground_truth() {
     let ran = |k: &str| r["by_kind"][k]["count"].as_u64().unwrap_or(0);
     assert_eq!(
         restarts,
-        ran("worker_kill") + ran("worker_stop"),
+        ran("worker_kill") + ran("worker_stop") + ran("slow_close"),
         "{workers:?}"
+    );
+    // The lease loss brought back results after their lease moved, and the verdict said how
+    // each was judged (adopted, or kept stale behind a started attempt).
+    let late = r["verdict"]["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["name"] == "late_results_explained")
+        .expect("the late_results_explained check");
+    let said = late["detail"].as_str().unwrap_or_default();
+    assert!(
+        !said.starts_with("0 results"),
+        "no result came after its lease moved: {said}\n{md}"
     );
     assert!(md.contains("# tether e2e: PASS"), "{md}");
 }

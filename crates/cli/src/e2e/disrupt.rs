@@ -351,8 +351,9 @@ impl System {
                 };
                 &retargeted
             }
-            // Corruption goes where tasks run, so that their results meet it.
-            Kind::WorkerStop | Kind::Corrupt => {
+            // Corruption goes where tasks run, so that their results meet it; a lease loss
+            // must have a lease to lose.
+            Kind::WorkerStop | Kind::Corrupt | Kind::LeaseLoss => {
                 retargeted = Disruption {
                     target: self.holding_a_lease(d.target).await,
                     ..d.clone()
@@ -395,7 +396,23 @@ impl System {
                         guards.push(p.add_fault(fault.clone()).await?);
                     }
                 }
-                let held = self.hold(d, &guards, target.as_deref(), started_at).await;
+                let held = match (d.kind, d.target) {
+                    (Kind::LeaseLoss, _) => {
+                        let moved = self
+                            .lease_moved(target.as_deref(), started_at, d.hold)
+                            .await;
+                        let shown = moved.0;
+                        evidence = Some(moved);
+                        shown
+                    }
+                    (Kind::SlowClose, Some(i)) => {
+                        let closed = self.stop_through_slow_close(i, d.hold, started_at).await?;
+                        let shown = closed.0;
+                        evidence = Some(closed);
+                        shown
+                    }
+                    _ => self.hold(d, &guards, target.as_deref(), started_at).await,
+                };
                 if !held {
                     note = format!("not seen to take effect within {:?}", d.hold);
                 }
@@ -508,6 +525,10 @@ impl System {
         let fleet_recovered = self.wait_whole().await;
         let frames = FrameCounters::rose(frames_before, frame_counters(self).await);
         let fired = match (&fault_stats, &shape_stats, &evidence) {
+            // A lease loss's blackhole dropped bytes, and the lease moved; a slow close's
+            // FINs were held (the proxy counts no bytes for them): its evidence alone.
+            (Some(_), _, Some((shown, _))) if d.kind == Kind::SlowClose => *shown,
+            (Some(s), _, Some((shown, _))) => fired(s) && *shown,
             (Some(s), _, _) => fired(s),
             // The kernel's filter held packets back or dropped them.
             (None, Some(s), _) => s.fired(),
@@ -576,6 +597,179 @@ impl System {
         }
     }
 
+    /// The tasks the coordinator lists `worker` holding a lease of now (none when it does not
+    /// answer).
+    async fn leases_of(&self, worker: &str) -> Vec<String> {
+        let Ok(ws) = self.coordinator.api.get("/api/v1/workers").await else {
+            return Vec::new();
+        };
+        ws.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|w| w["worker_id"] == worker)
+            .flat_map(|w| w["leases"].as_array().cloned().unwrap_or_default())
+            .filter_map(|t| t.as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Whether the coordinator lists `worker` in `state` now.
+    async fn listed(&self, worker: &str, state: &str) -> bool {
+        self.coordinator
+            .api
+            .get("/api/v1/workers")
+            .await
+            .ok()
+            .and_then(|ws| {
+                ws.as_array()?
+                    .iter()
+                    .find(|w| w["worker_id"] == worker)
+                    .map(|w| w["state"] == state)
+            })
+            .unwrap_or(false)
+    }
+
+    /// Of `tasks`, the ones the coordinator lists with an attempt started on another worker
+    /// than `worker` since `since`, or ended (what another attempt made of them).
+    async fn moved_from(
+        &self,
+        worker: &str,
+        tasks: &[String],
+        since: DateTime<Utc>,
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        for t in tasks {
+            let Ok(v) = self
+                .coordinator
+                .api
+                .get(&format!("/api/v1/tasks/{t}"))
+                .await
+            else {
+                continue;
+            };
+            let elsewhere = v["attempts"].as_array().into_iter().flatten().any(|a| {
+                a["worker"] != worker
+                    && a["started_at"]
+                        .as_str()
+                        .and_then(|s| s.parse::<DateTime<Utc>>().ok())
+                        .is_some_and(|at| at >= since)
+            });
+            if elsewhere {
+                out.push(t.clone());
+            }
+        }
+        out
+    }
+
+    /// A `lease_loss`'s hold (its blackhole in place): until both sides declared the link
+    /// dead, the coordinator lists the worker lost, and one of the tasks it held started on
+    /// another worker, all within `limit`. What it saw, and whether the lease moved: the
+    /// coordinator took the worker for lost while its link was silent. A lease that moved to
+    /// no other worker (none free) still counts: what comes back then is a result for a task
+    /// that waits, queued.
+    async fn lease_moved(
+        &self,
+        worker: Option<&str>,
+        since: DateTime<Utc>,
+        limit: Duration,
+    ) -> (bool, String) {
+        let Some(worker) = worker else {
+            return (false, "no worker to cut off".into());
+        };
+        let end = tokio::time::Instant::now() + limit;
+        let held = self.leases_of(worker).await;
+        let left = || end.saturating_duration_since(tokio::time::Instant::now());
+        let silent = self.silence_detected(worker, since, left()).await;
+        let mut lost = false;
+        while tokio::time::Instant::now() < end {
+            if self.listed(worker, "lost").await {
+                lost = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let lost_at = Utc::now();
+        let mut moved = Vec::new();
+        while lost && tokio::time::Instant::now() < end {
+            moved = self.moved_from(worker, &held, since).await;
+            if !moved.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let said = format!(
+            "held {} lease(s) ({}); link declared dead by both sides: {silent}; listed lost: {}; \
+             started on another worker before the link came back: {}",
+            held.len(),
+            held.join(", "),
+            if lost {
+                format!("after {} ms", (lost_at - since).num_milliseconds())
+            } else {
+                "no".to_owned()
+            },
+            if moved.is_empty() {
+                "none".to_owned()
+            } else {
+                moved.join(", ")
+            }
+        );
+        (silent && lost && !held.is_empty(), said)
+    }
+
+    /// A `slow_close`: with both FINs of worker `i`'s link held for `delay`, stops the worker
+    /// gracefully, waits until the coordinator saw it go, starts it again at once (its new
+    /// session opens beside the old link), and waits (`delay` and 5 s at most) until the old
+    /// link closed. Fired when the worker exited 0 and its old link outlived its process by
+    /// half the delay or more: a process that has exited holds no socket open, the held FIN
+    /// does.
+    async fn stop_through_slow_close(
+        &mut self,
+        i: usize,
+        delay: Duration,
+        since: DateTime<Utc>,
+    ) -> anyhow::Result<(bool, String)> {
+        let Some(id) = self.workers.get(i).map(|w| w.id.clone()) else {
+            return Ok((false, "no worker to stop".into()));
+        };
+        let links = |sys: &System| -> Vec<u64> {
+            sys.proxies
+                .iter()
+                .flat_map(Proxy::links)
+                .filter(|l| l.worker.as_ref().is_some_and(|w| w.as_str() == id))
+                .map(|l| l.id)
+                .collect()
+        };
+        let old = links(self);
+        let (graceful, how) = stopped(self.workers[i].stop().await);
+        let exited = tokio::time::Instant::now();
+        until(TARGET_WAIT, || self.watcher.detected(&id, since).is_some()).await;
+        self.workers[i].start()?;
+        let open = |sys: &System| links(sys).into_iter().filter(|l| old.contains(l)).count();
+        let beside = open(self) > 0;
+        until(delay + Duration::from_secs(5), || open(self) == 0).await;
+        let outlived = exited.elapsed();
+        let still = open(self);
+        let fired = graceful && !old.is_empty() && still == 0 && outlived >= delay / 2;
+        Ok((
+            fired,
+            format!(
+                "{how}; its {} link(s) closed {} ms after it exited (FINs held {} ms){}{}",
+                old.len(),
+                outlived.as_millis(),
+                delay.as_millis(),
+                if beside {
+                    "; it started again beside its old link"
+                } else {
+                    ""
+                },
+                if still > 0 {
+                    format!("; {still} still open")
+                } else {
+                    String::new()
+                }
+            ),
+        ))
+    }
+
     /// Waits (at most `limit`) until both the worker's log and the coordinator's view show
     /// `worker`'s link declared dead since `since`.
     async fn silence_detected(
@@ -617,7 +811,7 @@ impl System {
                     .is_some_and(|x| observe::lost_since(&observe::events_now(&x.events), since))
             };
             let noticed = match kind {
-                Kind::WorkerKill | Kind::WorkerStop => affected
+                Kind::WorkerKill | Kind::WorkerStop | Kind::SlowClose => affected
                     .iter()
                     .all(|w| self.watcher.detected(w, since).is_some()),
                 Kind::Corrupt => {

@@ -71,7 +71,7 @@ pub struct E2eArgs {
     /// `all`, `network` (proxy faults only), `crash` (the kills), `kernel` (with --netns),
     /// or a comma-separated list of: latency, bandwidth, blackhole, reset, limit_data,
     /// slicer, stall, corrupt, proxy_down, worker_kill, worker_stop, coordinator_kill,
-    /// link_down, link_crawl.
+    /// lease_loss, slow_close, link_down, link_crawl.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Where to write the report: a path prefix (`PREFIX.json`, `PREFIX.md`) or a directory.
@@ -482,7 +482,10 @@ async fn drive(
         // for one holding a lease: the next wave goes first, its command task with it. After
         // the wave, one that finished just before the wait began left nothing for the wait to
         // find for 10 s; corruption would meet few results.
-        let wave_first = matches!(d.kind, Kind::WorkerKill | Kind::WorkerStop | Kind::Corrupt);
+        let wave_first = matches!(
+            d.kind,
+            Kind::WorkerKill | Kind::WorkerStop | Kind::Corrupt | Kind::LeaseLoss
+        );
         if wave_first {
             submit_wave(sys, d.index + 1, &mut rng, &mut submitted, &mut bodies).await?;
         }
@@ -705,28 +708,51 @@ fn stored_view(db: &Path, submitted: &[(String, Expect)]) -> anyhow::Result<Stor
     let ids: std::collections::HashSet<String> =
         submitted.iter().map(|(id, _)| id.clone()).collect();
     let read = || -> anyhow::Result<StoredView> {
+        let mut runs = BTreeMap::new();
         let tasks = truth::read(db, &ids, chrono::DateTime::UNIX_EPOCH)?
             .tasks
             .into_iter()
             .filter(|(id, _)| ids.contains(id))
             .map(|(id, t)| {
-                let workers = t.runs.into_iter().map(|a| a.worker).collect();
+                let workers = t.runs.iter().map(|a| a.worker.clone()).collect();
+                let stored: Vec<verdict::StoredRun> = t
+                    .runs
+                    .into_iter()
+                    .map(|a| verdict::StoredRun {
+                        attempt: u32::try_from(a.attempt).unwrap_or(u32::MAX),
+                        worker: a.worker,
+                        started_at: a.started_at,
+                        ended_at: a.ended_at,
+                        end: a.end,
+                    })
+                    .collect();
+                runs.insert(id.clone(), stored);
                 (id, (t.status, workers))
             })
             .collect();
         let mut results: BTreeMap<String, Vec<ResultView>> = BTreeMap::new();
+        let mut recorded_at = BTreeMap::new();
         for r in truth::results(db)?
             .into_iter()
             .filter(|r| ids.contains(&r.task))
         {
+            let attempt = u32::try_from(r.attempt).unwrap_or(u32::MAX);
+            if let Some(at) = r.recorded_at {
+                recorded_at.insert((r.task.clone(), attempt), at);
+            }
             results.entry(r.task).or_default().push(ResultView {
-                attempt: u32::try_from(r.attempt).unwrap_or(u32::MAX),
+                attempt,
                 stale: r.stale,
                 outcome: r.outcome,
                 result: r.result,
             });
         }
-        Ok(StoredView { tasks, results })
+        Ok(StoredView {
+            tasks,
+            results,
+            runs,
+            recorded_at,
+        })
     };
     read().with_context(|| format!("cannot read the coordinator's database {}", db.display()))
 }

@@ -376,8 +376,7 @@ impl Observation {
                 self.coordinator_detect_ms
                     .insert(worker.clone(), ms(start, at));
             }
-            let killed = matches!(self.kind, Kind::WorkerKill | Kind::WorkerStop)
-                && self.target.as_deref() == Some(worker);
+            let killed = self.kind.restarts_its_worker() && self.target.as_deref() == Some(worker);
             if first_loss.is_none() && !killed {
                 continue;
             }
@@ -417,11 +416,11 @@ impl Observation {
             |f: &dyn Fn(&String) -> bool| !self.affected.is_empty() && self.affected.iter().all(f);
         let lost = |w: &String| self.worker_detect_ms.contains_key(w);
         self.detected = self.kind.detectable().then(|| match self.kind {
-            Kind::WorkerKill | Kind::WorkerStop => self
+            Kind::WorkerKill | Kind::WorkerStop | Kind::SlowClose => self
                 .target
                 .as_ref()
                 .is_some_and(|t| self.coordinator_detect_ms.contains_key(t)),
-            Kind::Blackhole | Kind::LinkDown => every(&|w| {
+            Kind::Blackhole | Kind::LeaseLoss | Kind::LinkDown => every(&|w| {
                 self.worker_detect_dead.get(w) == Some(&true)
                     && self.coordinator_detect_ms.contains_key(w)
             }),

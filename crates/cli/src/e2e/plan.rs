@@ -40,6 +40,15 @@ pub enum Kind {
     WorkerStop,
     /// SIGKILL the coordinator; restart it on the same data directory and port.
     CoordinatorKill,
+    /// Drop everything on the link of one worker that holds a lease, past the coordinator's
+    /// lost-after: its leases move to other workers while it runs on, and what it finished
+    /// meanwhile comes back after its lease moved (adopted, or kept stale once another
+    /// attempt started).
+    LeaseLoss,
+    /// Hold both FINs of one worker's link (`slow_close`) while that worker stops gracefully
+    /// (SIGTERM) and starts again: its old link outlives its process, and the new session
+    /// opens beside it.
+    SlowClose,
     /// Kernel-made (`--netns`): one worker's veth link down, TCP left to retransmit into
     /// nothing, then up.
     LinkDown,
@@ -49,7 +58,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 14] = [
         Kind::Latency,
         Kind::Bandwidth,
         Kind::Blackhole,
@@ -62,6 +71,8 @@ impl Kind {
         Kind::WorkerKill,
         Kind::WorkerStop,
         Kind::CoordinatorKill,
+        Kind::LeaseLoss,
+        Kind::SlowClose,
     ];
 
     /// Kinds that need `--netns`.
@@ -86,6 +97,8 @@ impl Kind {
             Kind::WorkerKill => "worker_kill",
             Kind::WorkerStop => "worker_stop",
             Kind::CoordinatorKill => "coordinator_kill",
+            Kind::LeaseLoss => "lease_loss",
+            Kind::SlowClose => "slow_close",
             Kind::LinkDown => "link_down",
             Kind::LinkCrawl => "link_crawl",
         }
@@ -108,6 +121,8 @@ impl Kind {
                 | Kind::WorkerKill
                 | Kind::WorkerStop
                 | Kind::CoordinatorKill
+                | Kind::LeaseLoss
+                | Kind::SlowClose
                 | Kind::LinkDown
         )
     }
@@ -146,8 +161,14 @@ impl Kind {
     pub fn ends_a_process(self) -> bool {
         matches!(
             self,
-            Kind::WorkerKill | Kind::WorkerStop | Kind::CoordinatorKill
+            Kind::WorkerKill | Kind::WorkerStop | Kind::CoordinatorKill | Kind::SlowClose
         )
+    }
+
+    /// Whether the worker it aims at stops and starts again (its sessions end with its
+    /// process, not through the network).
+    pub fn restarts_its_worker(self) -> bool {
+        matches!(self, Kind::WorkerKill | Kind::WorkerStop | Kind::SlowClose)
     }
 
     /// Whether it aims at one worker (the others aim at every worker).
@@ -161,6 +182,8 @@ impl Kind {
                 | Kind::Corrupt
                 | Kind::WorkerKill
                 | Kind::WorkerStop
+                | Kind::LeaseLoss
+                | Kind::SlowClose
                 | Kind::LinkDown
                 | Kind::LinkCrawl
         )
@@ -260,6 +283,30 @@ pub const PAST_LIVENESS: Duration = Duration::from_secs(1);
 /// as life (paced chunks flush at once when the fault goes).
 pub fn past_liveness() -> Duration {
     super::procs::TIMINGS.worker_liveness() + PAST_LIVENESS
+}
+
+/// The longest a `lease_loss` blackhole stays: until the coordinator declares its worker lost
+/// (its heartbeat timeout, then its lost-after) and one of the worker's tasks started on
+/// another worker, which [`MAX_HOLD`] bounds.
+pub fn lease_loss_hold() -> Duration {
+    super::procs::TIMINGS.coordinator_grace() + MAX_HOLD
+}
+
+/// The disruption kind that schedules each of the proxy's fault kinds. The match has no
+/// wildcard: a fault kind added to the proxy does not compile here until the plan uses it
+/// (and `every_fault_kind_of_the_proxy_is_in_every_full_plan` holds the plan to it).
+pub fn kind_of_fault(f: &FaultKind) -> Kind {
+    match f {
+        FaultKind::Latency { .. } => Kind::Latency,
+        FaultKind::Bandwidth { .. } => Kind::Bandwidth,
+        FaultKind::Blackhole => Kind::Blackhole,
+        FaultKind::Reset { .. } => Kind::Reset,
+        FaultKind::LimitData { .. } => Kind::LimitData,
+        FaultKind::Slicer { .. } => Kind::Slicer,
+        FaultKind::SlowClose { .. } => Kind::SlowClose,
+        FaultKind::Corrupt { .. } => Kind::Corrupt,
+        FaultKind::Stall { .. } => Kind::Stall,
+    }
 }
 
 /// The most disruptions a plan holds. The plan is built in full before the run starts (the
@@ -364,6 +411,25 @@ pub fn plan(
                     Direction::Both,
                     MAX_HOLD,
                 ),
+                // Held until the coordinator took the worker for lost and another worker took
+                // one of its tasks (`disrupt`), at most this long.
+                Kind::LeaseLoss => (
+                    Some(FaultKind::Blackhole),
+                    Direction::Both,
+                    lease_loss_hold(),
+                ),
+                // The hold is the FINs' delay: the run waits that long, and a little more, for
+                // the stopped worker's old link to close.
+                Kind::SlowClose => {
+                    let delay = ms(&mut rng, 1_000, 2_500);
+                    (
+                        Some(FaultKind::SlowClose {
+                            delay_ms: delay.as_millis() as u64,
+                        }),
+                        Direction::Both,
+                        delay,
+                    )
+                }
                 Kind::ProxyDown => (None, Direction::Both, ms(&mut rng, 800, 1_500)),
                 Kind::WorkerKill | Kind::WorkerStop | Kind::CoordinatorKill => {
                     (None, Direction::Both, ms(&mut rng, 300, 1_000))
@@ -372,6 +438,12 @@ pub fn plan(
                 Kind::LinkDown => (None, Direction::Both, MAX_HOLD),
                 Kind::LinkCrawl => (None, Direction::Both, timed),
             };
+            // Each proxy fault is scheduled by its own kind (a lease loss is a blackhole held
+            // longer).
+            debug_assert!(fault.as_ref().is_none_or(|f| {
+                let by = kind_of_fault(f);
+                by == kind || (kind, by) == (Kind::LeaseLoss, Kind::Blackhole)
+            }));
             let hold = if kind.rides_through() {
                 hold.max(ride)
             } else {
@@ -403,6 +475,7 @@ mod humantime_ms {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     /// The crawl's fastest pace is below what a worker's heartbeats alone put on its link at
     /// the run's heartbeat interval (the frame, its WebSocket, TCP/IP and Ethernet headers),
@@ -477,6 +550,34 @@ mod tests {
         assert!(a.iter().all(|d| d.kind.targeted() == d.target.is_some()));
     }
 
+    /// Every fault kind the proxy offers (its own list of names, which its tests hold to its
+    /// enum) is scheduled by every round of a full plan, by the kind [`kind_of_fault`] names:
+    /// a fault kind added to the proxy and left out of the plan fails here.
+    #[test]
+    fn every_fault_kind_of_the_proxy_is_in_every_full_plan() {
+        use tether_faultproxy::fault::KIND_NAMES;
+        let kinds = scenario_kinds("all", false).expect("all");
+        for seed in 0..5 {
+            let p = plan(&kinds, 2, 3, Duration::from_secs(2), seed, CORRUPT_RATE);
+            for round in p.chunks(kinds.len()) {
+                let mut faults = BTreeSet::new();
+                for d in round {
+                    let Some(f) = &d.fault else { continue };
+                    // A lease loss is a blackhole held longer.
+                    let by = match d.kind {
+                        Kind::LeaseLoss => Kind::Blackhole,
+                        k => k,
+                    };
+                    assert_eq!(kind_of_fault(f), by, "{d:?}");
+                    faults.insert(f.name());
+                }
+                for name in KIND_NAMES {
+                    assert!(faults.contains(name), "{name} not in the plan: {faults:?}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_plan_of_more_disruptions_than_a_run_holds_is_refused_naming_the_flags() {
         let s = Duration::from_secs;
@@ -516,7 +617,7 @@ mod tests {
         for d in plan(&network, 1, 4, Duration::from_secs(4), 5, CORRUPT_RATE) {
             assert!(d.fault.is_some() || d.kind == Kind::ProxyDown, "{d:?}");
         }
-        assert_eq!(network.len(), Kind::ALL.len() - 3);
+        assert_eq!(network.len(), Kind::ALL.len() - 4);
         assert_eq!(
             scenario_kinds("reset, blackhole,reset", false).expect("list"),
             [Kind::Reset, Kind::Blackhole]

@@ -36,7 +36,10 @@ pub struct Timings {
 pub const TIMINGS: Timings = Timings {
     coordinator_heartbeat_interval: "250ms",
     coordinator_heartbeat_timeout: "3s",
-    coordinator_lost_after: "30s",
+    // Short, so that a `lease_loss` blackhole outlasts it within seconds. Every other
+    // disruption has its worker back within about 2 s of its removal (backoff at most 1 s, a
+    // connect within 2 s), well inside it.
+    coordinator_lost_after: "6s",
     worker_heartbeat_interval: "250ms",
     worker_heartbeat_timeout: "1500ms",
     worker_connect_timeout: "2s",
@@ -51,6 +54,14 @@ impl Timings {
     pub fn worker_liveness(&self) -> Duration {
         humantime::parse_duration(self.worker_heartbeat_timeout)
             .expect("the run's own timings are durations")
+    }
+
+    /// How long a silent worker keeps its leases at the coordinator: its heartbeat timeout,
+    /// then its lost-after from the disconnection.
+    pub fn coordinator_grace(&self) -> Duration {
+        let d =
+            |s: &str| humantime::parse_duration(s).expect("the run's own timings are durations");
+        d(self.coordinator_heartbeat_timeout) + d(self.coordinator_lost_after)
     }
 }
 

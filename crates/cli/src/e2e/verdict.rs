@@ -173,6 +173,140 @@ pub struct StoredView {
     pub tasks: BTreeMap<String, (String, Vec<String>)>,
     /// Each task's stored results (counted and stale), in attempt order.
     pub results: BTreeMap<String, Vec<ResultView>>,
+    /// Each task's attempts as stored, in attempt order.
+    pub runs: BTreeMap<String, Vec<StoredRun>>,
+    /// When the coordinator recorded each stored result, by task and attempt.
+    pub recorded_at: BTreeMap<(String, u32), DateTime<Utc>>,
+}
+
+/// One attempt of a task as the coordinator's file holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRun {
+    pub attempt: u32,
+    pub worker: String,
+    /// When its lease was given.
+    pub started_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    /// How it ended: an outcome, `lost`, `stopped`, ...
+    pub end: Option<String>,
+}
+
+/// The results the coordinator's file holds that came after their attempt's lease had moved:
+/// kept stale (the attempt's lease had ended), or of an attempt it recorded `lost` before the
+/// result came (adopted when counted), with what explains each and the breaches.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LateResults {
+    /// Results that came after their lease moved.
+    pub came: usize,
+    /// Of those, counted.
+    pub adopted: usize,
+    /// Of those, kept stale while another attempt of their task had started: `task#a (#b
+    /// had started on w)`.
+    pub superseded: Vec<String>,
+    /// Kept stale with no later attempt of their task started when they came, or a task of a
+    /// late result not counted exactly once.
+    pub bad: Vec<String>,
+}
+
+impl LateResults {
+    /// Judged from the store alone (`stored`): the results, their times, the attempts.
+    pub fn of(stored: &StoredView) -> Self {
+        let mut out = LateResults::default();
+        for (task, rows) in &stored.results {
+            let runs = stored.runs.get(task).map(Vec::as_slice).unwrap_or_default();
+            let mut late_here = false;
+            for r in rows {
+                let came = stored.recorded_at.get(&(task.clone(), r.attempt)).copied();
+                let own = runs.iter().find(|a| a.attempt == r.attempt);
+                // A later attempt of the task whose lease was given before the result came: where
+                // its lease had moved (an earlier attempt explains nothing).
+                let other = runs
+                    .iter()
+                    .filter(|a| a.attempt > r.attempt)
+                    .find(|a| a.started_at.zip(came).is_some_and(|(s, c)| s <= c));
+                let lost_first = own.is_some_and(|a| {
+                    a.end.as_deref() == Some("lost")
+                        && a.ended_at.zip(came).is_some_and(|(e, c)| e <= c)
+                });
+                let moved_first = other.is_some();
+                if !(r.stale || lost_first || moved_first) {
+                    continue;
+                }
+                late_here = true;
+                out.came += 1;
+                if !r.stale {
+                    out.adopted += 1;
+                    continue;
+                }
+                match (other, came) {
+                    (Some(o), _) => out.superseded.push(format!(
+                        "{task}#{} (#{} had started on {})",
+                        r.attempt, o.attempt, o.worker
+                    )),
+                    (None, None) => out.bad.push(format!(
+                        "{task}#{}: kept stale, recorded at a time that does not read",
+                        r.attempt
+                    )),
+                    (None, Some(c)) => {
+                        let later = runs
+                            .iter()
+                            .filter(|a| a.attempt > r.attempt)
+                            .filter_map(|a| a.started_at.map(|s| (a.attempt, s)))
+                            .map(|(a, s)| {
+                                format!("#{a} started {} ms later", (s - c).num_milliseconds())
+                            })
+                            .collect::<Vec<_>>();
+                        out.bad.push(format!(
+                            "{task}#{}: a {} result kept stale at {c} while no later attempt of the task had started ({}): finished work thrown away",
+                            r.attempt,
+                            r.outcome,
+                            if later.is_empty() {
+                                "none ever did".to_owned()
+                            } else {
+                                later.join(", ")
+                            }
+                        ));
+                    }
+                }
+            }
+            let counted = rows.iter().filter(|r| !r.stale).count();
+            if late_here && counted != 1 {
+                out.bad
+                    .push(format!("{task}: {counted} counted results, one owed"));
+            }
+        }
+        out
+    }
+
+    /// `3 results came after their lease moved: 1 adopted, 2 kept stale because another
+    /// attempt had started (t#1 (#2 had started on w1), ...)`.
+    pub fn summary(&self) -> String {
+        let shown: Vec<&str> = self
+            .superseded
+            .iter()
+            .take(NAMED)
+            .map(String::as_str)
+            .collect();
+        format!(
+            "{} results came after their lease moved: {} adopted, {} kept stale because another attempt had started{}",
+            self.came,
+            self.adopted,
+            self.superseded.len(),
+            if shown.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({}{})",
+                    shown.join(", "),
+                    if self.superseded.len() > NAMED {
+                        ", ..."
+                    } else {
+                        ""
+                    }
+                )
+            }
+        )
+    }
 }
 
 /// Everything the verdict looks at.
@@ -614,6 +748,37 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
         "tasks killed mid-way with checkpoints shipped",
         bad,
     ));
+    // What came back after its lease moved (a `lease_loss`, or any cut long enough): counted
+    // once, and thrown away only when another attempt had started by then. Judged on the
+    // coordinator's file: its result rows, their times, its attempt records.
+    let late = g.stored.as_ref().map(LateResults::of);
+    checks.push(match late {
+        None => Check {
+            name: "late_results_explained",
+            pass: false,
+            detail: "the coordinator's database was not read".to_owned(),
+        },
+        Some(l) if l.bad.is_empty() => Check {
+            name: "late_results_explained",
+            pass: true,
+            detail: l.summary(),
+        },
+        Some(l) => {
+            let shown: Vec<&str> = l.bad.iter().take(NAMED).map(String::as_str).collect();
+            Check {
+                name: "late_results_explained",
+                pass: false,
+                detail: format!(
+                    "{}; {} fail: {}{}",
+                    l.summary(),
+                    l.bad.len(),
+                    shown.join("; "),
+                    if l.bad.len() > NAMED { "; ..." } else { "" }
+                ),
+            }
+        }
+    });
+
     let ran: BTreeSet<Kind> = d.iter().map(|x| x.kind).collect();
     let missing: Vec<String> = g
         .kinds
@@ -621,7 +786,21 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
         .filter(|k| !ran.contains(k))
         .map(|k| format!("{} never ran", k.as_str()))
         .collect();
-    checks.push(check("every_kind_ran", g.kinds.len(), "kinds", missing));
+    // Held to the proxy's own list of fault kinds too: one the scenario did not ask for is
+    // named, so that a kind never scheduled cannot pass unseen; with every kind asked for
+    // (`all`), one of them that did not run fails above.
+    let unasked: Vec<&str> = tether_faultproxy::fault::KIND_NAMES
+        .into_iter()
+        .filter(|name| !g.kinds.iter().any(|k| k.as_str() == *name))
+        .collect();
+    let mut kinds_check = check("every_kind_ran", g.kinds.len(), "kinds", missing);
+    if !unasked.is_empty() {
+        kinds_check.detail.push_str(&format!(
+            "; proxy fault kinds the scenario left out: {}",
+            unasked.join(", ")
+        ));
+    }
+    checks.push(kinds_check);
 
     checks.push(check(
         "no_unexpected_exit",
@@ -820,7 +999,39 @@ mod tests {
                 })
                 .collect(),
             results: g.results.clone(),
+            runs: g
+                .tasks
+                .iter()
+                .map(|t| {
+                    let runs = t
+                        .attempts
+                        .iter()
+                        .zip(1..)
+                        .map(|(a, attempt)| StoredRun {
+                            attempt,
+                            worker: a.worker.clone(),
+                            started_at: Some(a.started_at),
+                            ended_at: a.ended_at,
+                            end: a.end.clone(),
+                        })
+                        .collect();
+                    (t.id.clone(), runs)
+                })
+                .collect(),
+            // Every result came a second after the attempts started (at the epoch).
+            recorded_at: g
+                .results
+                .iter()
+                .flat_map(|(t, rows)| {
+                    rows.iter()
+                        .map(move |r| ((t.clone(), r.attempt), at(1_000)))
+                })
+                .collect(),
         }
+    }
+
+    fn at(ms: i64) -> DateTime<Utc> {
+        DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::milliseconds(ms)
     }
 
     /// The verdict of `g`; a fixture whose database the test did not set has one that agrees
@@ -863,7 +1074,148 @@ mod tests {
     fn a_healthy_run_passes_every_check() {
         let v = judged(&healthy());
         assert!(v.pass, "{v:?}");
-        assert_eq!(v.checks.len(), 17);
+        assert_eq!(v.checks.len(), 18);
+    }
+
+    /// A task whose first attempt's lease was lost at 5 s: attempt 2 is leased at `second`
+    /// ms, and attempt 1's completed result comes at 10 s, `stale` or counted; attempt 2 ends
+    /// with a counted result of its own when `stale`.
+    fn came_late(second: Option<i64>, stale: bool) -> GroundTruth {
+        let mut g = healthy();
+        let mut stored = stored_as_listed(&g);
+        let mut runs = vec![StoredRun {
+            attempt: 1,
+            worker: "w2".into(),
+            started_at: Some(at(0)),
+            ended_at: Some(at(5_000)),
+            end: Some("lost".into()),
+        }];
+        if let Some(ms) = second {
+            runs.push(StoredRun {
+                attempt: 2,
+                worker: "w1".into(),
+                started_at: Some(at(ms)),
+                ended_at: Some(at(ms + 1_000)),
+                end: Some("completed".into()),
+            });
+        }
+        stored.runs.insert("a".into(), runs);
+        let mut rows = vec![result(1, stale, "completed")];
+        if stale && second.is_some() {
+            rows.push(result(2, false, "completed"));
+        }
+        stored.results.insert("a".into(), rows.clone());
+        for r in &rows {
+            stored
+                .recorded_at
+                .insert(("a".into(), r.attempt), at(10_000 + i64::from(r.attempt)));
+        }
+        g.results.insert("a".into(), rows);
+        g.stored = Some(stored);
+        g
+    }
+
+    #[test]
+    fn late_results_adopted_or_kept_stale_behind_a_started_attempt_pass_with_their_numbers() {
+        // Kept stale: attempt 2 had started (at 7 s) when attempt 1's result came (10 s).
+        let g = came_late(Some(7_000), true);
+        let l = LateResults::of(g.stored.as_ref().expect("stored"));
+        assert_eq!((l.came, l.adopted, l.bad.len()), (1, 0, 0), "{l:?}");
+        assert!(!failing(&g).contains(&"late_results_explained"), "{l:?}");
+        assert_eq!(
+            detail(&g, "late_results_explained"),
+            "1 results came after their lease moved: 0 adopted, 1 kept stale because another attempt had started (a#1 (#2 had started on w1))"
+        );
+        // Adopted: counted though its lease was lost first, no other attempt.
+        let g = came_late(None, false);
+        assert_eq!(
+            detail(&g, "late_results_explained"),
+            "1 results came after their lease moved: 1 adopted, 0 kept stale because another attempt had started"
+        );
+        assert!(!failing(&g).contains(&"late_results_explained"));
+    }
+
+    /// Finding 1 of review h5: the worker came back with a finished result after its lease
+    /// was lost, nothing else had started the task, and the result was thrown away while the
+    /// task ran again (attempt 2 leased after the result came).
+    #[test]
+    fn a_finished_result_kept_stale_while_no_other_attempt_had_started_fails() {
+        let g = came_late(Some(12_000), true);
+        let said = detail(&g, "late_results_explained");
+        assert!(failing(&g).contains(&"late_results_explained"), "{said}");
+        assert!(
+            said.contains("a#1: a completed result kept stale"),
+            "{said}"
+        );
+        assert!(said.contains("#2 started 1999 ms later"), "{said}");
+        // No other attempt at all.
+        let g = came_late(None, true);
+        let said = detail(&g, "late_results_explained");
+        assert!(said.contains("none ever did"), "{said}");
+        assert!(failing(&g).contains(&"late_results_explained"));
+    }
+
+    /// A stale result is explained only by a later attempt: one before it, started first,
+    /// says nothing of where its lease went (the first run named those).
+    #[test]
+    fn a_stale_result_with_only_an_earlier_attempt_started_fails() {
+        let mut g = came_late(Some(7_000), true);
+        let stored = g.stored.as_mut().expect("stored");
+        let rows = stored.results.get_mut("a").expect("a");
+        rows[0].stale = false;
+        rows[1].stale = true;
+        let said = detail(&g, "late_results_explained");
+        assert!(
+            said.contains("a#2: a completed result kept stale"),
+            "{said}"
+        );
+        assert!(said.contains("none ever did"), "{said}");
+    }
+
+    /// A late result adopted while another attempt's result was counted too: counted twice.
+    #[test]
+    fn a_late_result_counted_beside_another_fails() {
+        let mut g = came_late(Some(7_000), false);
+        let stored = g.stored.as_mut().expect("stored");
+        stored
+            .results
+            .get_mut("a")
+            .expect("a")
+            .push(result(2, false, "completed"));
+        stored.recorded_at.insert(("a".into(), 2), at(11_000));
+        let said = detail(&g, "late_results_explained");
+        assert!(said.contains("a: 2 counted results, one owed"), "{said}");
+    }
+
+    /// The proxy's kinds the scenario did not ask for are named; with every kind asked for,
+    /// one not run fails.
+    #[test]
+    fn every_kind_ran_names_the_proxy_s_fault_kinds_left_out() {
+        let g = healthy();
+        let said = detail(&g, "every_kind_ran");
+        assert!(
+            said.contains("left out: latency, bandwidth, blackhole, limit_data"),
+            "{said}"
+        );
+        assert!(said.contains("slow_close"), "{said}");
+        // Every kind asked for, every one ran but slow_close.
+        let mut g = healthy();
+        g.kinds = Kind::ALL.to_vec();
+        g.disruptions = Kind::ALL
+            .into_iter()
+            .filter(|k| *k != Kind::SlowClose)
+            .enumerate()
+            .map(|(i, k)| fired(i, k))
+            .collect();
+        let said = detail(&g, "every_kind_ran");
+        assert!(!said.contains("left out"), "{said}");
+        assert!(
+            said.starts_with("1 of 14 kinds fail: slow_close never ran"),
+            "{said}"
+        );
+        assert!(failing(&g).contains(&"every_kind_ran"));
+        g.disruptions.push(fired(13, Kind::SlowClose));
+        assert!(!failing(&g).contains(&"every_kind_ran"));
     }
 
     #[test]
@@ -905,11 +1257,18 @@ mod tests {
         // A counted result the database holds as stale, and one it does not hold at all.
         let mut other = db.clone();
         other.results.get_mut("a").expect("a")[0].stale = true;
-        fails_only_saying(
-            &with(other),
-            "api_matches_database",
-            "a: results [#1 stale completed, #2 counted completed] by the API, [#1 stale completed, #2 stale completed] in the database",
+        // (The database's own account then leaves a task with a late result uncounted too.)
+        assert_eq!(
+            failing(&with(other.clone())),
+            ["api_matches_database", "late_results_explained"]
         );
+        let said = detail(&with(other.clone()), "api_matches_database");
+        assert!(
+            said.contains("a: results [#1 stale completed, #2 counted completed] by the API, [#1 stale completed, #2 stale completed] in the database"),
+            "{said}"
+        );
+        let said = detail(&with(other), "late_results_explained");
+        assert!(said.contains("a: 0 counted results, one owed"), "{said}");
         let mut other = db.clone();
         other.results.remove("b");
         assert_eq!(failing(&with(other)), ["api_matches_database"]);
@@ -991,7 +1350,11 @@ mod tests {
             .get_mut("a")
             .expect("a")
             .push(result(3, false, "completed"));
-        assert_eq!(failing(&g), ["no_result_recorded_twice"]);
+        // Its first result came late (kept stale): the late results' check counts it too.
+        assert_eq!(
+            failing(&g),
+            ["no_result_recorded_twice", "late_results_explained"]
+        );
     }
 
     /// The realistic double record: the worker resends a result the coordinator had already

@@ -8,8 +8,8 @@
 //!   mixed_priority.
 //! - [`probe`]: latency probes (telemetry round trips from when due to the ack, behind the commits before it).
 //! - [`truth`]: lost and recorded-twice verdicts from the coordinator's database.
-//! - [`rerun`]: the verdict that every task ran once, unless a fault of the run took its worker
-//!   away.
+//! - [`rerun`]: the verdict that no task ran again without a cause: a fault of the run took
+//!   its worker away.
 //! - [`report`]: the figures, as Markdown or JSON.
 
 pub mod fleet;
@@ -154,8 +154,8 @@ pub struct StressArgs {
     /// they go back to the queue (default 60s in thundering_herd, so that the outage loses no
     /// worker, 1s otherwise, so that crashed workers' tasks move on at once). A thundering_herd
     /// whose `--outage` outlasts it has every task taken from its cut-off worker and run again.
-    /// The verdict that every task ran once lets off only a task whose worker the run stopped
-    /// or kept away this long; any other run again fails the run.
+    /// The verdict that no task ran again without a cause lets off only a task whose worker
+    /// the run stopped or kept away this long; any other run again fails the run.
     #[arg(long, value_parser = parse_duration_arg)]
     pub lost_after: Option<Duration>,
     /// thundering_herd: how every worker is cut off from the coordinator at once.

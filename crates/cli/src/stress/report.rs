@@ -83,11 +83,11 @@ pub struct Report {
     pub reregistered_before_cleared: Option<u64>,
     /// Per-worker time from the start of the successful attempt until re-registered.
     pub reconnect_attempt_ms: Option<Dist>,
-    /// Per-worker time from the cut clearing until re-registered, less the backoff delay
-    /// current when it cleared: the delay before the worker's first attempt that started after
-    /// the clearing, whether that attempt came back or failed (0 when the attempt that came
-    /// back was under way through the clearing). Negative when the worker was part way through
-    /// that delay when the cut cleared.
+    /// Per-worker time until re-registered from the later of the cut clearing and the end of
+    /// the backoff delay current then (the start of the worker's first attempt after the
+    /// clearing, whether that attempt came back or failed; for an attempt under way through
+    /// the clearing, when the next was due by the schedule): what the worker took past what its
+    /// backoff made it wait. Never below 0.
     pub reconnect_beyond_delay_ms: Option<Dist>,
     /// thundering_herd: connection attempts each worker made from the cut until it was
     /// registered again (the successful one included).
@@ -180,9 +180,13 @@ pub struct Report {
     /// Results the store kept but did not count (from an attempt whose lease had ended).
     pub stale_results: u64,
     /// Tasks the store holds as run more than once: more than one attempt, or a result kept
-    /// stale (judged by the verdict "every task ran once, ...").
+    /// stale (judged by the verdict "no task ran again without a cause ...").
     #[serde(default)]
     pub tasks_run_again: Option<u64>,
+    /// Of the attempts those reruns replaced, the ones whose result came back `completed` and
+    /// was kept stale: finished work thrown away, the waste a user sees.
+    #[serde(default)]
+    pub completed_results_discarded: Option<u64>,
     pub recorded_twice: u64,
     /// Connections the fleet reset on purpose (`--reset-every`), by its last status: `None`
     /// when the run asked for none, or when the fleet never printed that status (unknown:
@@ -310,7 +314,7 @@ impl Report {
         }
         if let Some(d) = &self.reconnect_beyond_delay_ms {
             row(
-                "re-registered after the cut cleared on its path, less the backoff delay current then, ms",
+                "re-registered past the end of the backoff delay current when the cut cleared on its path (or past the clearing, if later), ms",
                 dist(d),
             );
         }
@@ -511,6 +515,12 @@ impl Report {
         if let Some(n) = self.tasks_run_again {
             row(
                 "tasks run more than once (attempts, or a result kept stale)",
+                n.to_string(),
+            );
+        }
+        if let Some(n) = self.completed_results_discarded {
+            row(
+                "completed results thrown away (kept stale, the task run again)",
                 n.to_string(),
             );
         }

@@ -1,18 +1,23 @@
-//! The verdict "every task ran once": a task the store holds as run more than once (more than
-//! one attempt, or a result kept stale) had an attempt taken from its worker. The coordinator
-//! does that to a worker that stopped (crashed, or shut down without finishing it) or stayed
-//! away past `--lost-after`; to any other it took a live worker for lost, and ran its tasks
-//! twice (or the worker said it could not run the attempt, `worker_fault`: its disk or its
-//! limits, a fault no scenario injects). The lost and recorded-twice verdicts cannot see it:
+//! The verdict "no task ran again without a cause": a task the store holds as run more than
+//! once (more than one attempt, or a result kept stale) had an attempt taken from its worker.
+//! The coordinator does that to a worker that stopped (crashed, or shut down without finishing
+//! it) or stayed away past `--lost-after`; to any other it took a live worker for lost, and ran
+//! its tasks twice (or the worker said it could not run the attempt, `worker_fault`: its disk or
+//! its limits, a fault no scenario injects). The lost and recorded-twice verdicts cannot see it:
 //! the store counts the last attempt's result and keeps the first's apart, as stale.
 //!
 //! Each attempt that another replaced is judged against what the fleet recorded of its worker
 //! ([`FleetReport`]), so that exactly the tasks a fault of the run could touch are let off: a
-//! worker the run stopped (steady_load's churn, checkpoint_heavy's crash) before the attempt
-//! ended, or one away from the coordinator for `--lost-after` or longer around its end
-//! (thundering_herd's cut outlasting it, a connection reset whose reconnect took that long).
-//! In a run without such a fault (message_flood, mixed_priority, and the others whenever their
-//! faults never took a worker away for that long) every task must have run once.
+//! worker the run stopped (steady_load's churn, checkpoint_heavy's crash) while the attempt
+//! was its (after the attempt started, before it ended), or one that went away at least
+//! `--lost-after` before the attempt ended and was still away then (thundering_herd's cut
+//! outlasting it, a connection reset whose reconnect took that long). In a run without such a
+//! fault (message_flood, mixed_priority, and the others whenever their faults never took a
+//! worker away for that long) every task must have run once.
+//!
+//! Reruns are counted apart from the waste a user sees: a replaced attempt whose result
+//! came back completed and was kept stale is finished work thrown away
+//! (`completed_results_discarded`), whatever excused the rerun.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -21,9 +26,10 @@ use super::fleet::{FleetReport, WorkerRecord};
 use super::report::Report;
 use super::truth::{AttemptRow, Truth};
 
-/// The verdict's name.
+/// The verdict's name: what it checks. Reruns the run caused pass it; the report counts them
+/// (`tasks_run_again`) and the completed results they threw away apart.
 pub const VERDICT: &str =
-    "every task ran once, unless the run stopped its worker or kept it away for --lost-after";
+    "no task ran again without a cause (its worker stopped by the run, or away for --lost-after)";
 
 /// Slack on the times compared: the fleet stamps what its workers saw, the coordinator what it
 /// saw, moments apart (a reset is seen at once on both sides; a registration is acknowledged a
@@ -60,12 +66,22 @@ impl<'a> Judge<'a> {
         }
     }
 
-    /// Why `a` (an attempt another replaced) is let off, if it is.
+    /// Why `a` (an attempt another replaced) is let off, if it is: each excuse from the
+    /// fleet's record of its worker, held to the attempt's own times in the store. Stopped:
+    /// the run stopped the worker while the attempt was its (not before it started: a stop
+    /// then says nothing of it). Away: the worker had been away for `--lost-after` when the
+    /// attempt ended, and was still away then; a spell away that long elsewhere in the
+    /// attempt's life, or one that began too late to run out by its end, is no excuse.
     fn excuse(&self, a: &AttemptRow) -> Option<Excuse> {
         let w = self.workers.get(a.worker.as_str())?;
-        let end = u64::try_from(a.ended_at?.timestamp_micros()).ok()?;
+        let us = |t: chrono::DateTime<chrono::Utc>| u64::try_from(t.timestamp_micros()).ok();
+        let end = us(a.ended_at?)?;
         let slack = self.slack.as_micros() as u64;
-        if w.stopped_us > 0 && w.stopped_us <= end + slack {
+        let started = a.started_at.and_then(us);
+        if w.stopped_us > 0
+            && w.stopped_us <= end + slack
+            && started.is_none_or(|s| w.stopped_us + slack >= s)
+        {
             return Some(Excuse::Stopped);
         }
         let long = (self.lost_after.saturating_sub(self.slack)).as_micros() as u64;
@@ -77,9 +93,7 @@ impl<'a> Judge<'a> {
             .map(|s| (s.lost_us, s.registered_us))
             .chain(open);
         spells
-            .any(|(from, to)| {
-                from <= end + slack && to + slack >= end && to.saturating_sub(from) >= long
-            })
+            .any(|(from, to)| end.saturating_sub(from) >= long && to + slack >= end)
             .then_some(Excuse::Away)
     }
 }
@@ -104,6 +118,12 @@ pub fn verdict(r: &mut Report, t: &Truth, submitted: &HashSet<String>, judge: &J
         unexcused.extend(bad);
     }
     r.tasks_run_again = Some(again.len() as u64);
+    let discarded = again
+        .iter()
+        .flat_map(|(_, replaced)| replaced)
+        .filter(|a| a.stale_result && a.result_outcome.as_deref() == Some("completed"))
+        .count() as u64;
+    r.completed_results_discarded = Some(discarded);
     let n = submitted.len();
     let lost_after = judge.lost_after.as_millis();
     let excused = match (stopped, away) {
@@ -112,13 +132,17 @@ pub fn verdict(r: &mut Report, t: &Truth, submitted: &HashSet<String>, judge: &J
             "; of the attempts replaced, {stopped} were of a worker the run stopped (crashed or shut down) and {away} of one away for --lost-after ({lost_after} ms) or longer: let off"
         ),
     };
+    let thrown = match discarded {
+        0 => String::new(),
+        d => format!("; {d} completed results were thrown away (kept stale) by those reruns"),
+    };
     let detail = match (again.len(), unexcused.first()) {
         (0, _) => format!("each of the {n} tasks ran once: one attempt, no result kept stale"),
         (k, None) => format!(
-            "{k} of {n} tasks ran more than once, each after the run stopped the worker of an earlier attempt or kept it away for --lost-after{excused}"
+            "{k} of {n} tasks ran more than once, each with a cause: the run stopped the worker of an earlier attempt or kept it away for --lost-after{excused}{thrown}"
         ),
         (k, Some(first)) => format!(
-            "{} of the {k} of {n} tasks that ran more than once lost an attempt whose worker the run neither stopped nor kept away for --lost-after ({lost_after} ms): taken from a live worker (one ended `lost` was taken for lost) and run again; first {first}{excused}",
+            "{} of the {k} of {n} tasks that ran more than once lost an attempt whose worker the run neither stopped nor kept away for --lost-after ({lost_after} ms): taken from a live worker (one ended `lost` was taken for lost) and run again; first {first}{excused}{thrown}",
             unexcused.len()
         ),
     };
@@ -336,6 +360,73 @@ mod tests {
         assert!(judged(&tasks, ws).1);
         // A worker the fleet has no record of: no excuse.
         assert!(!judged(&tasks, vec![worker("w-9", &[], 0)]).1);
+    }
+
+    /// A let-off needs evidence tied to the attempt itself: a stop before the attempt began,
+    /// or a spell away that began too late to have run --lost-after (1 s) by the attempt's end
+    /// (the coordinator could not have taken the worker for lost for it), excuses nothing.
+    #[test]
+    fn a_stop_before_the_attempt_or_a_spell_away_too_short_at_its_end_excuses_nothing() {
+        let mut row = task(&[("w-1", 3_000), ("w-9", 5_000)]);
+        row.runs[0].started_at = at(2_600);
+        // Stopped at 2 s, the attempt leased to it at 2.6 s: no excuse.
+        let (r, pass) = judged(
+            &[("t", row.clone())],
+            vec![worker("w-1", &[], 2_000), worker("w-9", &[], 0)],
+        );
+        assert!(!pass, "{}", detail(&r));
+        // Stopped at 2.8 s, while the attempt was its: let off.
+        let (r, pass) = judged(
+            &[("t", row.clone())],
+            vec![worker("w-1", &[], 2_800), worker("w-9", &[], 0)],
+        );
+        assert!(pass, "{}", detail(&r));
+        // Away from 2.8 s to 10 s: a long spell, but 200 ms old when the attempt ended at 3 s.
+        let (r, pass) = judged(
+            &[("t", row.clone())],
+            vec![worker("w-1", &[(2_800, 10_000)], 0), worker("w-9", &[], 0)],
+        );
+        assert!(!pass, "{}", detail(&r));
+        assert!(
+            detail(&r).contains("first t attempt 1 on w-1"),
+            "{}",
+            detail(&r)
+        );
+        // Away from 1.9 s: --lost-after had run by 3 s (within the slack), still away then.
+        let (r, pass) = judged(
+            &[("t", row)],
+            vec![worker("w-1", &[(1_900, 10_000)], 0), worker("w-9", &[], 0)],
+        );
+        assert!(pass, "{}", detail(&r));
+    }
+
+    /// The verdict is named for what it checks, passes reruns with a cause, and the report
+    /// counts the completed results those reruns threw away apart from the reruns.
+    #[test]
+    fn completed_results_thrown_away_by_reruns_are_counted_apart() {
+        let mut thrown = task(&[("w-1", 3_000), ("w-9", 5_000)]);
+        thrown.runs[0].stale_result = true;
+        thrown.runs[0].result_outcome = Some("completed".into());
+        thrown.stale = 1;
+        let mut failed = task(&[("w-1", 3_000), ("w-9", 5_000)]);
+        failed.runs[0].stale_result = true;
+        failed.runs[0].result_outcome = Some("failed".into());
+        failed.stale = 1;
+        let plain = task(&[("w-1", 3_000), ("w-9", 5_000)]);
+        let (r, pass) = judged(
+            &[("thrown", thrown), ("failed", failed), ("plain", plain)],
+            vec![worker("w-1", &[], 2_000), worker("w-9", &[], 0)],
+        );
+        assert!(pass, "{}", detail(&r));
+        assert_eq!(r.verdicts.last().expect("a verdict").name, VERDICT);
+        assert!(VERDICT.starts_with("no task ran again without a cause"));
+        assert_eq!(r.tasks_run_again, Some(3));
+        assert_eq!(r.completed_results_discarded, Some(1));
+        assert!(
+            detail(&r).contains("1 completed results were thrown away"),
+            "{}",
+            detail(&r)
+        );
     }
 
     /// Over no task at all, "each ran once" would hold vacuously.

@@ -42,6 +42,8 @@ pub struct AttemptRow {
     pub result_recorded: bool,
     /// That result was kept stale (the attempt's lease had ended).
     pub stale_result: bool,
+    /// That result's outcome (`completed`, `failed`, ...); `None` without a stored result.
+    pub result_outcome: Option<String>,
     /// Where the attempt's stored result (counted or stale) says its execution resumed (0:
     /// from the start); `None` without a stored result.
     pub resumed_at: Option<u64>,
@@ -128,10 +130,10 @@ pub fn read(db: &Path, submitted: &HashSet<String>, since: DateTime<Utc>) -> any
     )?;
     // Where each stored result (counted or stale) says its execution resumed, and whether it
     // was kept stale, by task and attempt.
-    let mut resumed_at: HashMap<String, Vec<(u64, u64, bool)>> = HashMap::new();
+    let mut resumed_at: HashMap<String, Vec<(u64, u64, bool, String)>> = HashMap::new();
     let mut q = conn.prepare(
         "SELECT task_id, attempt, \
-         CAST(coalesce(json_extract(body, '$.result.resumed_at'), 0) AS INTEGER), stale \
+         CAST(coalesce(json_extract(body, '$.result.resumed_at'), 0) AS INTEGER), stale, outcome \
          FROM results",
     )?;
     let rows = q.query_map([], |r| {
@@ -140,12 +142,16 @@ pub fn read(db: &Path, submitted: &HashSet<String>, since: DateTime<Utc>) -> any
             r.get::<_, u64>(1)?,
             r.get::<_, i64>(2)?,
             r.get::<_, bool>(3)?,
+            r.get::<_, String>(4)?,
         ))
     })?;
     for row in rows {
-        let (id, attempt, at, stale) = row?;
+        let (id, attempt, at, stale, outcome) = row?;
         let at = u64::try_from(at).unwrap_or(0);
-        resumed_at.entry(id).or_default().push((attempt, at, stale));
+        resumed_at
+            .entry(id)
+            .or_default()
+            .push((attempt, at, stale, outcome));
     }
     let mut q = conn.prepare("SELECT recorded_at, stale FROM results")?;
     let rows = q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)))?;
@@ -195,6 +201,7 @@ pub fn read(db: &Path, submitted: &HashSet<String>, since: DateTime<Utc>) -> any
                     end: a["end"].as_str().map(str::to_owned),
                     result_recorded: a["result_recorded"].as_bool().unwrap_or(false),
                     stale_result: result.is_some_and(|r| r.2),
+                    result_outcome: result.map(|r| r.3.clone()),
                     resumed_at: result.map(|r| r.1),
                 }
             })
@@ -260,6 +267,8 @@ pub struct ResultRow {
     pub outcome: String,
     /// The executor's payload (`body.result`), `null` when the body has none.
     pub result: serde_json::Value,
+    /// When the coordinator recorded it (`None`: not a time the row could be read as).
+    pub recorded_at: Option<DateTime<Utc>>,
 }
 
 /// Every result row of the store file `db`, by task and attempt.
@@ -267,7 +276,8 @@ pub fn results(db: &Path) -> anyhow::Result<Vec<ResultRow>> {
     let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .with_context(|| format!("opening {}", db.display()))?;
     let mut q = conn.prepare(
-        "SELECT task_id, attempt, stale, outcome, body FROM results ORDER BY task_id, attempt",
+        "SELECT task_id, attempt, stale, outcome, body, recorded_at FROM results \
+         ORDER BY task_id, attempt",
     )?;
     let rows = q.query_map([], |r| {
         Ok((
@@ -276,11 +286,12 @@ pub fn results(db: &Path) -> anyhow::Result<Vec<ResultRow>> {
             r.get::<_, bool>(2)?,
             r.get::<_, String>(3)?,
             r.get::<_, String>(4)?,
+            r.get::<_, String>(5)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (task, attempt, stale, outcome, body) = row?;
+        let (task, attempt, stale, outcome, body, recorded_at) = row?;
         let body: serde_json::Value = serde_json::from_str(&body).with_context(|| {
             format!("the stored result of {task} attempt {attempt} is not JSON")
         })?;
@@ -290,6 +301,9 @@ pub fn results(db: &Path) -> anyhow::Result<Vec<ResultRow>> {
             stale,
             outcome,
             result: body["result"].clone(),
+            recorded_at: DateTime::parse_from_rfc3339(&recorded_at)
+                .ok()
+                .map(|t| t.with_timezone(&Utc)),
         });
     }
     Ok(out)
@@ -420,7 +434,8 @@ mod tests {
         let c = Connection::open(path).expect("create");
         c.execute_batch(
             "CREATE TABLE tasks (id TEXT PRIMARY KEY, status TEXT, spec TEXT, doc TEXT);
-             CREATE TABLE results (task_id TEXT, attempt INTEGER, stale INTEGER, recorded_at TEXT, body TEXT);",
+             CREATE TABLE results (task_id TEXT, attempt INTEGER, stale INTEGER, recorded_at TEXT, body TEXT,
+               outcome TEXT NOT NULL DEFAULT 'completed');",
         )
         .expect("schema");
         c
@@ -448,7 +463,7 @@ mod tests {
         }
         for (id, attempt, stale) in results {
             c.execute(
-                "INSERT INTO results VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO results (task_id, attempt, stale, recorded_at, body) VALUES (?1, ?2, ?3, ?4, ?5)",
                 rusqlite::params![
                     id,
                     attempt,
@@ -521,7 +536,7 @@ mod tests {
             (3, true, "2026-12-03T10:00:09Z"),
         ] {
             c.execute(
-                "INSERT INTO results VALUES ('t', ?1, ?2, ?3, '{}')",
+                "INSERT INTO results (task_id, attempt, stale, recorded_at, body) VALUES ('t', ?1, ?2, ?3, '{}')",
                 rusqlite::params![attempt, stale, at],
             )
             .expect("result");
@@ -662,7 +677,7 @@ mod tests {
         }
         for (id, attempt, stale) in [("once", 1, false), ("again", 1, true), ("again", 2, false)] {
             c.execute(
-                "INSERT INTO results VALUES (?1, ?2, ?3, '2026-12-03T10:00:04Z', '{}')",
+                "INSERT INTO results (task_id, attempt, stale, recorded_at, body) VALUES (?1, ?2, ?3, '2026-12-03T10:00:04Z', '{}')",
                 rusqlite::params![id, attempt, stale],
             )
             .expect("result");
@@ -726,7 +741,7 @@ mod tests {
         }
         for (id, attempt, resumed_at) in results {
             c.execute(
-                "INSERT INTO results VALUES (?1, ?2, 0, '2026-12-03T10:00:30Z', ?3)",
+                "INSERT INTO results (task_id, attempt, stale, recorded_at, body) VALUES (?1, ?2, 0, '2026-12-03T10:00:30Z', ?3)",
                 rusqlite::params![
                     id,
                     attempt,
