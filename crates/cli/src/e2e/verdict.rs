@@ -238,6 +238,25 @@ impl LateResults {
                     out.adopted += 1;
                     continue;
                 }
+                // Or the task was done by then: another attempt's result counted first (an
+                // adopted late result supersedes the attempt that ran meanwhile).
+                let counted_first = rows.iter().find(|o| {
+                    !o.stale
+                        && o.attempt != r.attempt
+                        && came.is_some_and(|c| {
+                            stored
+                                .recorded_at
+                                .get(&(task.clone(), o.attempt))
+                                .is_some_and(|t| *t <= c)
+                        })
+                });
+                if let (None, Some(o)) = (other, counted_first) {
+                    out.superseded.push(format!(
+                        "{task}#{} (#{} counted first)",
+                        r.attempt, o.attempt
+                    ));
+                    continue;
+                }
                 match (other, came) {
                     (Some(o), _) => out.superseded.push(format!(
                         "{task}#{} (#{} had started on {})",
@@ -1133,6 +1152,19 @@ mod tests {
             "1 results came after their lease moved: 1 adopted, 0 kept stale because another attempt had started"
         );
         assert!(!failing(&g).contains(&"late_results_explained"));
+        // The attempt that ran meanwhile, superseded by that adoption, reports after it: kept
+        // stale, explained by the result counted first (seen in a run).
+        let mut g = came_late(Some(7_000), false);
+        let stored = g.stored.as_mut().expect("stored");
+        stored
+            .results
+            .get_mut("a")
+            .expect("a")
+            .push(result(2, true, "cancelled"));
+        stored.recorded_at.insert(("a".into(), 2), at(10_500));
+        let said = detail(&g, "late_results_explained");
+        assert!(said.contains("a#2 (#1 counted first)"), "{said}");
+        assert!(!failing(&g).contains(&"late_results_explained"), "{said}");
     }
 
     /// Finding 1 of review h5: the worker came back with a finished result after its lease
@@ -1164,6 +1196,8 @@ mod tests {
         let rows = stored.results.get_mut("a").expect("a");
         rows[0].stale = false;
         rows[1].stale = true;
+        // (#1 counted only after #2's came: nothing had ended the task when #2's was kept.)
+        stored.recorded_at.insert(("a".into(), 1), at(10_500));
         let said = detail(&g, "late_results_explained");
         assert!(
             said.contains("a#2: a completed result kept stale"),
