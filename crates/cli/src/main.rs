@@ -9,6 +9,7 @@ mod e2e;
 mod huge_pages;
 mod logging;
 mod output;
+mod reload;
 mod run;
 mod settings;
 mod signals;

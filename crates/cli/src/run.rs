@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use tether_coordinator::CoordinatorConfig;
-use tether_coordinator::auth::{ApiTokens, Scope, WorkerAuth};
+use tether_coordinator::auth::{ApiTokens, Fleet, Scope, WorkerAuth};
 use tether_proto::WorkerId;
 use tether_proto::auth::Secret;
 use tether_worker::backoff::Jitter;
@@ -61,6 +61,11 @@ pub struct CoordinatorArgs {
     /// File holding the fleet secret workers authenticate with (turns authentication on).
     #[arg(long, env = "TETHER_SECRET_FILE")]
     secret_file: Option<PathBuf>,
+    /// File holding the next fleet secret, accepted beside --secret-file's during a rotation
+    /// (workers move to it one at a time; then it becomes --secret-file). Both are read again
+    /// on SIGHUP.
+    #[arg(long, requires = "secret_file")]
+    next_secret_file: Option<PathBuf>,
     /// Directory of per-worker secret files named by worker id (turns authentication on;
     /// a worker's own file wins over the fleet secret).
     #[arg(long, env = "TETHER_SECRETS_DIR")]
@@ -79,6 +84,10 @@ pub struct CoordinatorArgs {
     /// File of read-only API tokens, one per line.
     #[arg(long, env = "TETHER_READ_TOKEN_FILE")]
     read_token_file: Option<PathBuf>,
+    /// File of metrics API tokens, one per line: they read GET /metrics and nothing else (the
+    /// credential to give a Prometheus scraper).
+    #[arg(long, env = "TETHER_METRICS_TOKEN_FILE")]
+    metrics_token_file: Option<PathBuf>,
     /// Most connections open at once; more are closed at accept (default 16384).
     #[arg(long)]
     max_connections: Option<usize>,
@@ -177,7 +186,7 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         })
         .transpose()
         .map_err(said)?;
-    let cfg = coordinator_config(a, file).map_err(said)?;
+    let (cfg, reload) = coordinator_setup(a, file).map_err(said)?;
     if let Some(wait) = coalesce {
         crate::coalesce::set(wait);
         tracing::info!(wait_us = wait.as_micros() as u64, "idle coalescing on");
@@ -210,6 +219,7 @@ pub async fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let shutdown = crate::cancel_on_signal();
+    crate::signals::on_hangup(move || reload.run());
     tether_coordinator::run(listener, cfg, shutdown).await?;
     Ok(())
 }
@@ -230,10 +240,20 @@ const MIN_CONNECT_TIMEOUT: Duration = Duration::from_millis(100);
 /// The shortest `--retention` the command takes.
 const MIN_RETENTION: Duration = Duration::from_secs(60);
 
+#[cfg(test)]
 fn coordinator_config(
     a: CoordinatorArgs,
     file: settings::CoordinatorFile,
 ) -> anyhow::Result<CoordinatorConfig> {
+    coordinator_setup(a, file).map(|(cfg, _)| cfg)
+}
+
+/// The coordinator's settings ([`coordinator_config`]) and what a reload reads again.
+fn coordinator_setup(
+    a: CoordinatorArgs,
+    file: settings::CoordinatorFile,
+) -> anyhow::Result<(CoordinatorConfig, crate::reload::Reload)> {
+    let mut tls_files = None;
     let data_dir = a
         .data_dir
         .clone()
@@ -295,18 +315,22 @@ fn coordinator_config(
     cfg.validate().map_err(as_flag)?;
     if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
         warn_if_open(key, "the TLS private key");
-        cfg.tls = Some(
-            tether_coordinator::tls::server_config(cert, key).with_context(|| {
+        let (tls, files) = tether_coordinator::tls::server_config_with_files(cert, key)
+            .with_context(|| {
                 format!(
                     "TLS certificate {} with key {}",
                     cert.display(),
                     key.display()
                 )
-            })?,
-        );
+            })?;
+        cfg.tls = Some(tls);
+        tls_files = Some(files);
     }
     cfg.auth = worker_auth(
-        a.secret_file.or(file.secret_file),
+        (
+            a.secret_file.or(file.secret_file),
+            a.next_secret_file.or(file.next_secret_file),
+        ),
         a.secrets_dir.or(file.secrets_dir),
         duration_setting!(a, file, auth_max_skew),
         a.message_mac || file.message_mac.unwrap_or(false),
@@ -314,8 +338,15 @@ fn coordinator_config(
     cfg.api_tokens = api_tokens(
         a.admin_token_file.or(file.admin_token_file),
         a.read_token_file.or(file.read_token_file),
+        a.metrics_token_file.or(file.metrics_token_file),
     )?;
-    Ok(cfg)
+    let reload = crate::reload::Reload {
+        tokens: cfg.api_tokens.clone(),
+        fleet: cfg.auth.as_ref().and_then(|a| a.fleet.clone()),
+        secrets_dir: cfg.auth.as_ref().and_then(|a| a.dir.clone()),
+        tls: tls_files,
+    };
+    Ok((cfg, reload))
 }
 
 /// Connection, message, body and checkpoint limits: flag, else file.
@@ -385,17 +416,26 @@ fn apply_limits(
 }
 
 /// API tokens from files; none when no file is given.
-fn api_tokens(admin: Option<PathBuf>, read: Option<PathBuf>) -> anyhow::Result<Option<ApiTokens>> {
-    if admin.is_none() && read.is_none() {
+fn api_tokens(
+    admin: Option<PathBuf>,
+    read: Option<PathBuf>,
+    metrics: Option<PathBuf>,
+) -> anyhow::Result<Option<ApiTokens>> {
+    if admin.is_none() && read.is_none() && metrics.is_none() {
         return Ok(None);
     }
     if admin.is_none() {
         tracing::warn!(
-            "only read tokens are given (--read-token-file): no request can submit or control a task"
+            "no admin tokens are given (--admin-token-file): no request can submit or control a task"
         );
     }
     let mut tokens = ApiTokens::default();
-    for (file, scope) in [(admin, Scope::Admin), (read, Scope::Read)] {
+    let files = [
+        (admin, Scope::Admin),
+        (read, Scope::Read),
+        (metrics, Scope::Metrics),
+    ];
+    for (file, scope) in files {
         if let Some(f) = file {
             warn_if_open(&f, "an API token file");
             tokens
@@ -422,7 +462,7 @@ pub(crate) fn warn_if_open(path: &std::path::Path, what: &str) {
 
 /// Worker authentication from a fleet secret file and/or a per-worker directory.
 fn worker_auth(
-    secret_file: Option<PathBuf>,
+    (secret_file, next_file): (Option<PathBuf>, Option<PathBuf>),
     dir: Option<PathBuf>,
     max_skew: Option<Duration>,
     message_mac: bool,
@@ -453,11 +493,21 @@ fn worker_auth(
             humantime::format_duration(tether_proto::auth::MIN_MAX_SKEW)
         );
     }
-    let fleet = secret_file
+    if next_file.is_some() && secret_file.is_none() {
+        refuse!(
+            "--next-secret-file",
+            "is accepted beside the fleet secret: give --secret-file too"
+        );
+    }
+    let mut fleet = secret_file
         .inspect(|f| warn_if_open(f, "the fleet secret file"))
-        .map(|f| Secret::from_file(&f))
+        .map(|f| Fleet::from_file(&f))
         .transpose()
         .context("fleet secret")?;
+    if let (Some(f), Some(next)) = (fleet.take(), next_file) {
+        warn_if_open(&next, "the next fleet secret file");
+        fleet = Some(f.with_next_file(&next).context("next fleet secret")?);
+    }
     if let Some(d) = &dir {
         if !d.is_dir() {
             bail!("secrets directory {} is not a directory", d.display());
@@ -948,6 +998,13 @@ pub async fn worker(mut a: WorkerArgs) -> anyhow::Result<()> {
         tracing::error!(killed, "exiting");
         std::process::exit(130);
     })));
+    // A terminal's hangup, or a "reload" habit, no longer ends the worker with its tasks.
+    crate::signals::on_hangup(|| {
+        tracing::info!(
+            "SIGHUP: nothing to reload (the worker reads its secret and settings at start; \
+             restart it with SIGTERM to change them); the worker and its tasks go on"
+        );
+    });
     let metrics = match metrics_listen {
         Some(addr) => {
             // Before the agent runs, so nothing it records is missed.
@@ -1178,6 +1235,7 @@ mod tests {
             ("retention", "\"3d\"".into(), String::new()),
             ("secret_file", secret.clone(), String::new()),
             ("secrets_dir", secrets.clone(), String::new()),
+            ("next_secret_file", secret.clone(), auth.clone()),
             ("auth_max_skew", "\"77s\"".into(), auth.clone()),
             ("message_mac", "true".into(), auth.clone()),
             ("max_connections", "7".into(), String::new()),
@@ -1193,6 +1251,7 @@ mod tests {
             ("max_checkpoint_bytes", "1000000".into(), String::new()),
             ("admin_token_file", secret.clone(), String::new()),
             ("read_token_file", secret.clone(), String::new()),
+            ("metrics_token_file", secret.clone(), String::new()),
             ("durability", "\"machine\"".into(), String::new()),
             ("compression", "false".into(), String::new()),
             ("min_compress_size", "4096".into(), String::new()),

@@ -1,5 +1,6 @@
 //! Ctrl-c and SIGTERM as the commands stop on them: a token cancelled at the first, and a
-//! second that may do more (a worker's second signal stops its tasks at once).
+//! second that may do more (a worker's second signal stops its tasks at once). SIGHUP, for
+//! the commands that take it ([`on_hangup`]), reloads instead of ending the process.
 
 /// A token cancelled on ctrl-c or SIGTERM.
 pub(crate) fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
@@ -70,4 +71,32 @@ impl Signals {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// Runs `reload` at each SIGHUP, on the blocking pool and one at a time, in place of the
+/// signal's default action, which ends the process at once (no log line, no drain: a worker's
+/// tasks killed and not handed back). Signals that come while one runs are taken as one.
+pub(crate) fn on_hangup(reload: impl Fn() + Send + Sync + 'static) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot handle SIGHUP: it ends this process");
+                return;
+            }
+        };
+        let reload = std::sync::Arc::new(reload);
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let reload = reload.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || (*reload)()).await {
+                    tracing::error!(error = %e, "the SIGHUP reload failed");
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = reload;
 }

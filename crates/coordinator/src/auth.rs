@@ -26,11 +26,113 @@ use tether_proto::endpoint::is_loopback_host;
 
 use crate::server::AppState;
 
+/// The fleet secret, and the next one during a rotation (both accepted): shared by the clones
+/// of a [`WorkerAuth`], and read again from their files on [`Fleet::reload`] (SIGHUP), so a
+/// new secret is asked of the registrations that follow without a restart.
+#[derive(Clone)]
+pub struct Fleet {
+    current: Arc<std::sync::RwLock<(Secret, Option<Secret>)>>,
+    file: Option<PathBuf>,
+    next_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Fleet(file: {:?}, next: {:?})",
+            self.file, self.next_file
+        )
+    }
+}
+
+impl From<Secret> for Fleet {
+    fn from(secret: Secret) -> Self {
+        Self {
+            current: Arc::new(std::sync::RwLock::new((secret, None))),
+            file: None,
+            next_file: None,
+        }
+    }
+}
+
+impl Fleet {
+    /// The fleet secret of the file at `path`, which [`Fleet::reload`] reads again.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, AuthError> {
+        let secret = Secret::from_file(path)?;
+        Ok(Self {
+            file: Some(path.to_owned()),
+            ..Self::from(secret)
+        })
+    }
+
+    /// With a next secret from the file at `path`, accepted beside the fleet secret: workers
+    /// move to it one at a time, and then it becomes the fleet secret (no flag day).
+    pub fn with_next_file(mut self, path: &std::path::Path) -> Result<Self, AuthError> {
+        let next = Secret::from_file(path)?;
+        self.current.write().unwrap_or_else(|p| p.into_inner()).1 = Some(next);
+        self.next_file = Some(path.to_owned());
+        Ok(self)
+    }
+
+    /// The secret asked of a registration now.
+    pub fn secret(&self) -> Secret {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+
+    /// The secrets a registration may prove: the fleet secret, then the next one if any.
+    pub fn secrets(&self) -> Vec<Secret> {
+        let current = self.current.read().unwrap_or_else(|p| p.into_inner());
+        std::iter::once(current.0.clone())
+            .chain(current.1.clone())
+            .collect()
+    }
+
+    /// Reads the files again: `Ok(true)` when a secret changed (asked from the next
+    /// registration on; sessions under way keep theirs), `Ok(false)` when they are the same or
+    /// there is no file. A file that holds no usable secret keeps both in use.
+    pub fn reload(&self) -> Result<bool, AuthError> {
+        let Some(path) = &self.file else {
+            return Ok(false);
+        };
+        let new = Secret::from_file(path)?;
+        let next = self
+            .next_file
+            .as_deref()
+            .map(Secret::from_file)
+            .transpose()?;
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let same = |a: &Secret, b: &Secret| bool::from(a.expose().ct_eq(b.expose()));
+        let changed = !same(&new, &current.0)
+            || match (&next, &current.1) {
+                (Some(a), Some(b)) => !same(a, b),
+                (None, None) => false,
+                _ => true,
+            };
+        *current = (new, next);
+        Ok(changed)
+    }
+
+    /// The file of the next secret, if any.
+    pub fn next_file(&self) -> Option<&std::path::Path> {
+        self.next_file.as_deref()
+    }
+
+    /// The file the secret is read from, if any.
+    pub fn file(&self) -> Option<&std::path::Path> {
+        self.file.as_deref()
+    }
+}
+
 /// How workers authenticate. `None` in the config means authentication is off.
 #[derive(Debug, Clone)]
 pub struct WorkerAuth {
     /// The secret every worker without its own file uses.
-    pub fleet: Option<Secret>,
+    pub fleet: Option<Fleet>,
     /// A directory holding one secret file per worker, named by the worker id.
     pub dir: Option<PathBuf>,
     /// Largest difference between a registration's timestamp and this clock.
@@ -44,7 +146,7 @@ impl WorkerAuth {
     /// Authentication with one fleet secret.
     pub fn fleet(secret: Secret) -> Self {
         Self {
-            fleet: Some(secret),
+            fleet: Some(secret.into()),
             dir: None,
             max_skew: tether_proto::auth::DEFAULT_MAX_SKEW,
             message_mac: false,
@@ -71,7 +173,24 @@ impl WorkerAuth {
                 }
             }
         }
-        Ok(self.fleet.clone())
+        Ok(self.fleet.as_ref().map(Fleet::secret))
+    }
+
+    /// The secrets `worker` may prove it holds (its own file's, else the fleet secret and the
+    /// next one), and whether it has any: see [`WorkerAuth::secret_or_decoy`].
+    pub async fn secrets_or_decoy(
+        &self,
+        worker: &WorkerId,
+    ) -> Result<(Vec<Secret>, bool), SecretError> {
+        let (secret, known) = self.secret_or_decoy(worker).await?;
+        let from_fleet = self.fleet.as_ref().filter(|f| {
+            // The worker's own file wins: the fleet's secrets are its only when they gave it.
+            known && bool::from(f.secret().expose().ct_eq(secret.expose()))
+        });
+        Ok(match from_fleet {
+            Some(fleet) => (fleet.secrets(), true),
+            None => (vec![secret], known),
+        })
     }
 
     /// The secret `worker` must prove it holds and whether it has one: a worker without one
@@ -201,6 +320,9 @@ impl WorkerAuth {
 /// What an API token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Scope {
+    /// `GET /metrics` and nothing else: a scraper's credential, which reads no task, its
+    /// `--env` values and output included.
+    Metrics,
     /// GET and HEAD: list and read tasks, workers, results, metrics.
     Read,
     /// Everything: submit, cancel, pause, resume, and all reads.
@@ -210,6 +332,7 @@ pub enum Scope {
 impl Scope {
     pub fn as_str(self) -> &'static str {
         match self {
+            Scope::Metrics => "metrics",
             Scope::Read => "read",
             Scope::Admin => "admin",
         }
@@ -221,6 +344,15 @@ impl Scope {
             Scope::Read
         } else {
             Scope::Admin
+        }
+    }
+
+    /// The scope a request for `path` needs: [`Scope::needed_for`] its method, but a read of
+    /// `/metrics` needs only [`Scope::Metrics`].
+    pub fn needed(method: &Method, path: &str) -> Scope {
+        match Scope::needed_for(method) {
+            Scope::Read if path == "/metrics" => Scope::Metrics,
+            needed => needed,
         }
     }
 }
@@ -307,65 +439,274 @@ pub fn read_token_file(path: &std::path::Path) -> Result<Vec<u8>, TokenFileError
     }
 }
 
-/// Bearer tokens of the HTTP API, by digest.
+/// Bearer tokens of the HTTP API, by digest, each with a label that names it in the log
+/// (its file and line, never the token). Clones share one set: [`ApiTokens::reload`] (SIGHUP,
+/// or [`ApiTokens::watch`] seeing a file change) replaces it for every clone at once.
 #[derive(Clone, Default)]
 pub struct ApiTokens {
-    tokens: Vec<([u8; 32], Scope)>,
+    shared: Arc<std::sync::RwLock<TokenSet>>,
+}
+
+/// What the token files held when last read, and the tokens given in code.
+#[derive(Default)]
+struct TokenSet {
+    /// Tokens read from files, replaced whole by a reload.
+    read: Vec<Token>,
+    /// Tokens given by [`ApiTokens::add`], kept by reloads.
+    given: Vec<Token>,
+    /// The files, in the order they were added, with their scope.
+    files: Vec<(PathBuf, Scope)>,
+    /// A digest of what the files held at the last read (the watch's change test).
+    stamp: [u8; 32],
+}
+
+struct Token {
+    digest: [u8; 32],
+    scope: Scope,
+    label: Arc<str>,
+}
+
+/// What a presented token is: its scope and the label that names it in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub scope: Scope,
+    /// `admin.token:2` (the file's name and the token's line), never the token.
+    pub label: Arc<str>,
+}
+
+/// What a reload of the token files did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Tokens before and after, by scope: (admin, read, metrics).
+    pub before: (usize, usize, usize),
+    pub after: (usize, usize, usize),
+    /// Whether the files held anything else than at the last read.
+    pub changed: bool,
+}
+
+/// A token file that refused a reload: every token in use is kept.
+#[derive(Debug, thiserror::Error)]
+#[error("{} token file {}: {error}", .scope.as_str(), .path.display())]
+pub struct ReloadError {
+    pub path: PathBuf,
+    pub scope: Scope,
+    pub error: TokenFileError,
 }
 
 impl std::fmt::Debug for ApiTokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let admin = self.tokens.iter().filter(|t| t.1 == Scope::Admin).count();
+        let (admin, read, metrics) = self.set().counts();
         write!(
             f,
-            "ApiTokens({admin} admin, {} read)",
-            self.tokens.len() - admin
+            "ApiTokens({admin} admin, {read} read, {metrics} metrics)"
         )
     }
 }
 
+impl TokenSet {
+    fn all(&self) -> impl Iterator<Item = &Token> {
+        self.read.iter().chain(&self.given)
+    }
+
+    fn counts(&self) -> (usize, usize, usize) {
+        let n = |scope| self.all().filter(|t| t.scope == scope).count();
+        (n(Scope::Admin), n(Scope::Read), n(Scope::Metrics))
+    }
+}
+
 impl ApiTokens {
+    fn set(&self) -> std::sync::RwLockReadGuard<'_, TokenSet> {
+        self.shared.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_mut(&self) -> std::sync::RwLockWriteGuard<'_, TokenSet> {
+        self.shared.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Adds a token with a scope.
     pub fn add(&mut self, token: &Secret, scope: Scope) {
-        self.tokens.push((digest(token.expose()), scope));
+        let mut set = self.set_mut();
+        let label = format!("token {} given in code", set.given.len() + 1).into();
+        set.given.push(Token {
+            digest: digest(token.expose()),
+            scope,
+            label,
+        });
     }
 
     /// Reads a token file: one token per line (several allow rotation), as [`token_lines`]
     /// reads them; a line that is no token (too short, or with a byte no header carries as
-    /// text: `ö`, a control character) refuses the file, by its number.
+    /// text: `ö`, a control character) refuses the file, by its number. The file is read
+    /// again by [`ApiTokens::reload`].
     pub fn add_file(
         &mut self,
         path: &std::path::Path,
         scope: Scope,
     ) -> Result<usize, TokenFileError> {
         let text = read_token_file(path)?;
-        let mut n = 0;
-        for (line, token) in token_lines(&text) {
-            let token = token.map_err(|reason| TokenFileError::Token { line, reason })?;
-            self.tokens.push((digest(token), scope));
-            n += 1;
-        }
-        if n == 0 {
-            return Err(TokenFileError::Empty);
-        }
+        let tokens = file_tokens(path, &text, scope)?;
+        let n = tokens.len();
+        let mut set = self.set_mut();
+        set.read.extend(tokens);
+        set.files.push((path.to_owned(), scope));
+        let mut stamp = Sha256::new();
+        stamp.update(set.stamp);
+        stamp.update(digest(&text));
+        set.stamp = stamp.finalize().into();
         Ok(n)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
+        let set = self.set();
+        set.read.is_empty() && set.given.is_empty()
+    }
+
+    /// Whether any token comes from a file (a reload has something to read).
+    pub fn has_files(&self) -> bool {
+        !self.set().files.is_empty()
     }
 
     /// The scope of a presented token; every known token is compared, in constant time.
     pub fn scope_of(&self, presented: &str) -> Option<Scope> {
+        self.caller(presented).map(|c| c.scope)
+    }
+
+    /// The scope and label of a presented token; every known token is compared, in constant
+    /// time. A token on several lines is taken with its widest scope.
+    pub fn caller(&self, presented: &str) -> Option<Caller> {
         let d = digest(presented.as_bytes());
-        let mut best = None;
-        for (known, scope) in &self.tokens {
-            if bool::from(known.ct_eq(&d)) {
-                best = best.max(Some(*scope));
+        let set = self.set();
+        let mut best: Option<&Token> = None;
+        for known in set.all() {
+            if bool::from(known.digest.ct_eq(&d)) && best.is_none_or(|b| b.scope < known.scope) {
+                best = Some(known);
             }
         }
-        best
+        best.map(|t| Caller {
+            scope: t.scope,
+            label: t.label.clone(),
+        })
     }
+
+    /// Reads every token file again and, if all of them serve, takes their tokens in place of
+    /// those read before (tokens given in code stay). One that does not (unreadable, empty, a
+    /// line that is no token) keeps every token in use, and says which file and why.
+    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
+        let files = self.set().files.clone();
+        let mut read = Vec::new();
+        let mut stamp = [0u8; 32];
+        for (path, scope) in &files {
+            let refused = |error| ReloadError {
+                path: path.clone(),
+                scope: *scope,
+                error,
+            };
+            let text = read_token_file(path).map_err(refused)?;
+            read.extend(file_tokens(path, &text, *scope).map_err(refused)?);
+            let mut next = Sha256::new();
+            next.update(stamp);
+            next.update(digest(&text));
+            stamp = next.finalize().into();
+        }
+        let mut set = self.set_mut();
+        let before = set.counts();
+        let changed = set.stamp != stamp;
+        set.read = read;
+        set.stamp = stamp;
+        Ok(Reloaded {
+            before,
+            after: set.counts(),
+            changed,
+        })
+    }
+
+    /// Reads the token files every `every` until `stop`, and reloads them when what they hold
+    /// changed since the last read (a change that does not serve is logged once, and the
+    /// tokens in use are kept): a rotation needs no signal. Each read runs on a thread of its
+    /// own, not the runtime's blocking pool (a hung mount must not hold the process's exit),
+    /// and none starts while the last one has not returned.
+    pub async fn watch(self, every: Duration, stop: tokio_util::sync::CancellationToken) {
+        let running = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refused = Arc::new(std::sync::Mutex::new(None::<[u8; 32]>));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            if running.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                continue;
+            }
+            let (tokens, running, refused) = (self.clone(), running.clone(), refused.clone());
+            let spawned = std::thread::Builder::new()
+                .name("token-reload".into())
+                .spawn(move || {
+                    tokens.look(&refused);
+                    running.store(false, std::sync::atomic::Ordering::Release);
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start a thread to read the API token files; tried again later");
+            }
+        }
+    }
+
+    /// One look of [`ApiTokens::watch`]: reloads when the files changed; a refused change is
+    /// logged once (`refused` holds what it read), not at every look.
+    fn look(&self, refused: &std::sync::Mutex<Option<[u8; 32]>>) {
+        let files = self.set().files.clone();
+        let mut stamp = [0u8; 32];
+        for (path, _) in &files {
+            // Unreadable: the reload below says why (once).
+            let text = read_token_file(path).unwrap_or_default();
+            let mut next = Sha256::new();
+            next.update(stamp);
+            next.update(digest(&text));
+            stamp = next.finalize().into();
+        }
+        let mut refused = refused.lock().unwrap_or_else(|p| p.into_inner());
+        if stamp == self.set().stamp || *refused == Some(stamp) {
+            return;
+        }
+        match self.reload() {
+            Ok(r) => {
+                *refused = None;
+                tracing::info!(
+                    admin = r.after.0,
+                    read = r.after.1,
+                    metrics = r.after.2,
+                    "API token files changed on disk: their tokens are taken"
+                );
+            }
+            Err(e) => {
+                *refused = Some(stamp);
+                tracing::error!(error = %e, "an API token file changed on disk but cannot serve: every token in use is kept");
+            }
+        }
+    }
+}
+
+/// The tokens of a token file's `text`, labelled by its name and their line.
+fn file_tokens(
+    path: &std::path::Path,
+    text: &[u8],
+    scope: Scope,
+) -> Result<Vec<Token>, TokenFileError> {
+    let name = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let mut tokens = Vec::new();
+    for (line, token) in token_lines(text) {
+        let token = token.map_err(|reason| TokenFileError::Token { line, reason })?;
+        tokens.push(Token {
+            digest: digest(token),
+            scope,
+            label: format!("{name}:{line}").into(),
+        });
+    }
+    if tokens.is_empty() {
+        return Err(TokenFileError::Empty);
+    }
+    Ok(tokens)
 }
 
 fn digest(bytes: &[u8]) -> [u8; 32] {
@@ -511,46 +852,99 @@ fn from_another_site(req: &Request, host: Option<&str>) -> bool {
     }
 }
 
-/// Middleware: the request needs a bearer token of the scope its method needs, when tokens are
-/// configured. 401 without a valid token, 403 with a read token on an admin route.
+/// Middleware: the request needs a bearer token of the scope it needs ([`Scope::needed`]), when
+/// tokens are configured. 401 without a valid token, 403 with a token of a narrower scope.
+///
+/// The audit trail: a refusal is logged with the peer's address, the method, the path and the
+/// token's label when the token is known (never the token), at WARN once an address a minute
+/// ([`crate::ratelimit::Refusals::note_api`]: anyone who reaches the port sends them as often
+/// as they like), its repeats at debug; every command (a method that needs the admin scope:
+/// submissions, cancels, pauses, resumes, checkpoints) is logged at INFO with the peer, the
+/// token's label (`none` without tokens) and the status answered, so who did what can be told.
 pub async fn require_token(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let Some(tokens) = app.cfg.api_tokens.as_ref().filter(|t| !t.is_empty()) else {
-        return next.run(req).await;
-    };
-    if is_public(req.uri().path()) {
+    let path = req.uri().path();
+    if is_public(path) {
         return next.run(req).await;
     }
-    let needed = Scope::needed_for(req.method());
-    let presented = presented(req.headers().get(header::AUTHORIZATION));
-    let refuse = |status, code, message: &str| {
-        app.counters
-            .api_auth_failures
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut r = crate::http::error_response(status, code, message);
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        r
+    let needed = Scope::needed(req.method(), path);
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<crate::admission::Peer>>()
+        .map(|c| c.0.addr);
+    let method = req.method().clone();
+    let path = path.to_owned();
+    let shown = tether_proto::msg::logged(&path);
+    let label = match app.cfg.api_tokens.as_ref().filter(|t| !t.is_empty()) {
+        None => None,
+        Some(tokens) => match checked(tokens, &req, needed) {
+            Ok(caller) => Some(caller.label),
+            Err((status, code, message, label)) => {
+                app.counters
+                    .api_auth_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let said = peer.map(|p| app.refusals.note_api(p.ip()));
+                let token = label.as_deref().unwrap_or("none known");
+                let status_code = status.as_u16();
+                match said {
+                    Some(v) if !v.warn => {
+                        tracing::debug!(peer = ?peer, %method, path = ?shown, token, status = status_code, repeat = v.repeats, "API request refused again: {message}")
+                    }
+                    _ => {
+                        let repeats = said.map_or(0, |v| v.repeats);
+                        tracing::warn!(peer = ?peer, %method, path = ?shown, token, status = status_code, repeats_at_debug = repeats, "API request refused: {message} (this address's repeats within a minute are logged at debug; `repeats_at_debug` counts those of the last)")
+                    }
+                }
+                let mut r = crate::http::error_response(status, code, &message);
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return r;
+            }
+        },
     };
-    let presented = match presented {
-        Ok(p) => p,
-        Err(why) => return refuse(StatusCode::UNAUTHORIZED, "unauthorized", &why),
-    };
-    match presented.map(|p| tokens.scope_of(p)) {
-        None => refuse(
+    if needed < Scope::Admin {
+        return next.run(req).await;
+    }
+    let answer = next.run(req).await;
+    let token = label.as_deref().unwrap_or("none (no API tokens)");
+    tracing::info!(peer = ?peer, %method, path = ?shown, token, status = answer.status().as_u16(), "API command");
+    answer
+}
+
+/// A refusal of [`require_token`]: its status, code, message and the label of the token
+/// presented, when it is a known one.
+type Refused = (StatusCode, &'static str, String, Option<Arc<str>>);
+
+/// Who presented `req`'s token, if `tokens` know it with the scope `needed`.
+fn checked(tokens: &ApiTokens, req: &Request, needed: Scope) -> Result<Caller, Refused> {
+    let presented = presented(req.headers().get(header::AUTHORIZATION))
+        .map_err(|why| (StatusCode::UNAUTHORIZED, "unauthorized", why, None))?;
+    let Some(presented) = presented else {
+        let message = "this API needs a bearer token (Authorization: Bearer ...)";
+        return Err((
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "this API needs a bearer token (Authorization: Bearer ...)",
-        ),
-        Some(None) => refuse(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token"),
-        Some(Some(scope)) if scope < needed => {
-            tracing::warn!(method = %req.method(), path = ?tether_proto::msg::logged(req.uri().path()), "a read-only token tried an admin request");
-            refuse(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                &format!("this request needs the {} scope", needed.as_str()),
-            )
-        }
-        Some(Some(_)) => next.run(req).await,
+            message.into(),
+            None,
+        ));
+    };
+    match tokens.caller(presented) {
+        None => Err((
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "unknown token".into(),
+            None,
+        )),
+        Some(caller) if caller.scope < needed => Err((
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "this request needs the {} scope; the token given has the {} scope",
+                needed.as_str(),
+                caller.scope.as_str()
+            ),
+            Some(caller.label),
+        )),
+        Some(caller) => Ok(caller),
     }
 }
 
@@ -752,6 +1146,109 @@ mod tests {
             Scope::Read,
         );
         t
+    }
+
+    /// A reload takes the files' tokens in place of those read before: a token added works,
+    /// one removed is refused, in every clone (the server's and the signal handler's). A file
+    /// that does not serve keeps every token in use.
+    #[test]
+    fn a_reload_takes_a_token_added_drops_one_removed_and_keeps_all_on_a_bad_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let p = dir.path().join("admin.token");
+        std::fs::write(&p, "# ops\nfirst-token-0123456789\n").expect("w");
+        let mut t = ApiTokens::default();
+        t.add_file(&p, Scope::Admin).expect("read");
+        let served = t.clone();
+        let caller = served.caller("first-token-0123456789").expect("known");
+        assert_eq!(&*caller.label, "admin.token:2");
+        std::fs::write(&p, "second-token-0123456789\n").expect("w");
+        let r = t.reload().expect("reloaded");
+        assert!(r.changed);
+        assert_eq!((r.before, r.after), ((1, 0, 0), (1, 0, 0)));
+        assert_eq!(served.scope_of("first-token-0123456789"), None);
+        assert_eq!(
+            served.scope_of("second-token-0123456789"),
+            Some(Scope::Admin)
+        );
+        assert!(!t.reload().expect("again").changed);
+        std::fs::write(&p, "second-token-0123456789\nshort\n").expect("w");
+        let e = t.reload().expect_err("a bad file").to_string();
+        assert!(
+            e.contains("admin token file") && e.contains("line 2"),
+            "{e}"
+        );
+        assert_eq!(
+            served.scope_of("second-token-0123456789"),
+            Some(Scope::Admin)
+        );
+        std::fs::remove_file(&p).expect("rm");
+        assert!(t.reload().is_err());
+        assert_eq!(
+            served.scope_of("second-token-0123456789"),
+            Some(Scope::Admin)
+        );
+    }
+
+    /// A token file changed on disk is taken without a signal, by the watch.
+    #[tokio::test]
+    async fn a_token_file_changed_on_disk_is_taken_by_the_watch() {
+        let dir = tempfile::tempdir().expect("dir");
+        let p = dir.path().join("read.token");
+        std::fs::write(&p, "first-token-0123456789\n").expect("w");
+        let mut t = ApiTokens::default();
+        t.add_file(&p, Scope::Read).expect("read");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let watch = tokio::spawn(t.clone().watch(Duration::from_millis(20), stop.clone()));
+        std::fs::write(&p, "second-token-0123456789\n").expect("w");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while t.scope_of("second-token-0123456789").is_none() {
+            assert!(std::time::Instant::now() < deadline, "not taken in 30 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(t.scope_of("first-token-0123456789"), None);
+        stop.cancel();
+        watch.await.expect("watch ends on stop");
+    }
+
+    /// The fleet secret read again from its file: a new one is asked of registrations from
+    /// then on; a file that holds none keeps the one in use.
+    #[tokio::test]
+    async fn a_fleet_secret_reload_takes_a_new_secret_and_keeps_it_on_a_bad_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let p = dir.path().join("fleet.secret");
+        std::fs::write(&p, "the-first-fleet-secret-0123\n").expect("w");
+        let auth = WorkerAuth {
+            fleet: Some(Fleet::from_file(&p).expect("fleet")),
+            dir: None,
+            max_skew: tether_proto::auth::DEFAULT_MAX_SKEW,
+            message_mac: false,
+        };
+        let served = auth.clone();
+        let w = WorkerId::parse("w1").expect("id");
+        async fn secret(a: &WorkerAuth, w: &WorkerId) -> Vec<u8> {
+            let s = a.secret_for(w).await.expect("read").expect("a secret");
+            s.expose().to_vec()
+        }
+        assert_eq!(secret(&served, &w).await, b"the-first-fleet-secret-0123");
+        let fleet = auth.fleet.as_ref().expect("fleet");
+        assert!(!fleet.reload().expect("same"));
+        std::fs::write(&p, "the-second-fleet-secret-0123\n").expect("w");
+        assert!(fleet.reload().expect("new"));
+        assert_eq!(secret(&served, &w).await, b"the-second-fleet-secret-0123");
+        std::fs::write(&p, "short\n").expect("w");
+        assert!(fleet.reload().is_err());
+        assert_eq!(secret(&served, &w).await, b"the-second-fleet-secret-0123");
+    }
+
+    /// A metrics token reads `/metrics` and nothing else; a read token reads it too.
+    #[test]
+    fn a_metrics_scope_reads_metrics_only() {
+        let get = Method::GET;
+        assert_eq!(Scope::needed(&get, "/metrics"), Scope::Metrics);
+        assert_eq!(Scope::needed(&get, "/api/v1/tasks"), Scope::Read);
+        assert_eq!(Scope::needed(&get, "/api/v1/tasks/t-1"), Scope::Read);
+        assert_eq!(Scope::needed(&Method::POST, "/metrics"), Scope::Admin);
+        assert!(Scope::Metrics < Scope::Read && Scope::Read < Scope::Admin);
     }
 
     #[test]

@@ -51,7 +51,7 @@ pub struct ApiDoc;
 pub const BEARER: &str = "bearer";
 
 /// Marks every operation outside [`crate::auth::is_public`] as needing a bearer token (when the
-/// coordinator has tokens), with its 401 and, for writes, 403.
+/// coordinator has tokens), with its 401 and 403 (a narrower scope than it needs).
 struct BearerTokens;
 
 impl Modify for BearerTokens {
@@ -59,7 +59,7 @@ impl Modify for BearerTokens {
         let scheme = HttpBuilder::new()
             .scheme(HttpAuthScheme::Bearer)
             .description(Some(
-                "When the coordinator is started with tokens: a read token for GET, an admin token for everything else. Without tokens it serves loopback only and asks for none.",
+                "When the coordinator is started with tokens: a read token for GET, an admin token for everything else; a metrics token reads GET /metrics only. Without tokens it serves loopback only and asks for none.",
             ))
             .build();
         doc.components
@@ -83,8 +83,12 @@ impl Modify for BearerTokens {
                 r.entry("401".into())
                     .or_insert_with(|| error("No token, an unknown one, or an Authorization header that is not text (malformed)").into());
                 if write {
+                    r.entry("403".into()).or_insert_with(|| {
+                        error("A read or metrics token on an admin request").into()
+                    });
+                } else if path != "/metrics" {
                     r.entry("403".into())
-                        .or_insert_with(|| error("A read token on an admin request").into());
+                        .or_insert_with(|| error("A metrics token on a read request").into());
                 }
             }
         }

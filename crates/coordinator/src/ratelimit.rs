@@ -216,16 +216,48 @@ impl Repeats {
 /// and the registrations its core refused (a failed authentication, a registration refused,
 /// too many frames before one, an `error` reported), which a client may repeat at every
 /// attempt without end: shared by its sessions and its core.
+///
+/// Beside them, the API requests refused (401, 403) by source address: [`Refusals::note_api`].
 #[derive(Debug)]
-pub struct Refusals(Mutex<Repeats>);
+pub struct Refusals(Mutex<Repeats>, Mutex<Repeats>);
+
+/// How long repeats of an address's refused API requests are logged at debug after the WARN
+/// line that said the first.
+pub const API_WINDOW: Duration = Duration::from_secs(60);
 
 impl Default for Refusals {
     fn default() -> Self {
-        Self(Mutex::new(Repeats::new(WINDOW, MAX_KEYS)))
+        Self(
+            Mutex::new(Repeats::new(WINDOW, MAX_KEYS)),
+            Mutex::new(Repeats::new(API_WINDOW, MAX_KEYS)),
+        )
     }
 }
 
 impl Refusals {
+    /// Notes an API request from `peer` refused now (a bad or missing token, a scope too
+    /// narrow): the first of an address a minute is said at WARN, its repeats at debug and
+    /// counted in the next WARN line (over every address, [`WARNS_A_MINUTE`] at most).
+    pub fn note_api(&self, peer: std::net::IpAddr) -> Verdict {
+        let (verdict, notice) = self.1.lock().unwrap_or_else(|p| p.into_inner()).note(
+            &peer.to_string(),
+            "api",
+            Instant::now(),
+        );
+        match notice {
+            Some(Notice::Capped) => tracing::warn!(
+                most = WARNS_A_MINUTE,
+                "more API requests refused within a minute than said at WARN: the rest of this minute's are logged at debug (tether_counter_total{{name=\"api_auth_failures\"}} counts every one)"
+            ),
+            Some(Notice::Suppressed(n)) => tracing::warn!(
+                suppressed = n,
+                "refused API requests logged at debug in the last minute, past the WARN lines a minute allows"
+            ),
+            None => {}
+        }
+        verdict
+    }
+
     /// Notes an event of `worker` of `kind` now, says what the cap has to say, and says how to
     /// log the event.
     pub fn note(&self, worker: &str, kind: &'static str) -> Verdict {

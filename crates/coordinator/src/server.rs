@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::ApiTokens;
 use crate::config::CoordinatorConfig;
 use crate::core::{Change, Core, Counters, Event};
 use crate::dashboard::{self, History};
@@ -212,10 +213,13 @@ pub async fn run_with(
     let app = router(state);
     // INVARIANT: nothing below returns before the tasks above are stopped and joined.
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "coordinator listening");
-    match &cfg.api_tokens {
-        Some(t) if !t.is_empty() => tracing::info!(tokens = ?t, "the HTTP API needs bearer tokens"),
-        _ => tracing::warn!(%addr, "the HTTP API has no tokens: serving a loopback address only"),
-    }
+    exposure_warnings(addr, &cfg);
+    // Token files are read again when they change: a rotation needs no restart, nor a signal.
+    let token_watch = cfg
+        .api_tokens
+        .clone()
+        .filter(ApiTokens::has_files)
+        .map(|t| tokio::spawn(t.watch(TOKEN_CHECK, stop.clone())));
     let serve_stop = {
         let shutdown = shutdown.clone();
         let fatal = fatal.clone();
@@ -261,6 +265,9 @@ pub async fn run_with(
     stop.cancel();
     let _ = sampler.await;
     let _ = disk.await;
+    if let Some(watch) = token_watch {
+        let _ = watch.await;
+    }
     let _ = core_task.await;
     // The core dropped its writer sender: the writer commits what is left and exits.
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
@@ -273,6 +280,44 @@ pub async fn run_with(
     }
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// How often the API token files are looked at for a change.
+pub const TOKEN_CHECK: std::time::Duration = crate::tls::RELOAD_CHECK;
+
+/// What the start says of who can reach what: no API tokens (every local user may submit
+/// commands that every worker runs), and, beyond loopback without TLS, what crosses the
+/// network in clear.
+fn exposure_warnings(addr: std::net::SocketAddr, cfg: &CoordinatorConfig) {
+    let tokens = cfg.api_tokens.as_ref().filter(|t| !t.is_empty());
+    match tokens {
+        Some(t) => tracing::info!(tokens = ?t, "the HTTP API needs bearer tokens"),
+        None => tracing::warn!(
+            %addr,
+            "the HTTP API has no tokens: serving a loopback address only, where any local user \
+             of this host can submit commands that the workers run as their own users; give \
+             --admin-token-file (and --read-token-file, --metrics-token-file) to require tokens"
+        ),
+    }
+    if addr.ip().is_loopback() || cfg.tls.is_some() {
+        return;
+    }
+    if tokens.is_some() {
+        tracing::warn!(
+            %addr,
+            "serving beyond loopback without TLS: API tokens, task commands, their --env values \
+             and outputs cross the network in clear text; give --tls-cert and --tls-key (workers \
+             and clients then trust its CA with --ca-file)"
+        );
+    }
+    if cfg.auth.as_ref().is_some_and(|a| !a.message_mac) {
+        tracing::warn!(
+            %addr,
+            "serving workers beyond loopback without TLS or --message-mac: an on-path attacker \
+             can read their tasks, send them tasks and forge their results; give --tls-cert and \
+             --tls-key, or --message-mac"
+        );
+    }
 }
 
 /// The listener and a twin of it, on the same socket (its descriptor duplicated): a

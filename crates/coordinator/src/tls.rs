@@ -88,6 +88,42 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
     serving(Arc::new(files), provider)
 }
 
+/// Like [`server_config`], with a handle that has the files looked at now
+/// ([`TlsFiles::look_now`]: on SIGHUP) rather than at the first handshake past
+/// [`RELOAD_CHECK`].
+pub fn server_config_with_files(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Arc<rustls::ServerConfig>, TlsFiles), TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let files = Arc::new(CertFiles::load(cert, key, provider.clone(), RELOAD_CHECK)?);
+    Ok((serving(files.clone(), provider)?, TlsFiles(files)))
+}
+
+/// The certificate and key files a configuration of [`server_config_with_files`] serves.
+#[derive(Debug, Clone)]
+pub struct TlsFiles(Arc<CertFiles>);
+
+impl TlsFiles {
+    /// Starts a look at the files now, on a thread of its own, as a handshake starts one when
+    /// due: what it finds is logged as the looks log it (a change served, or refused and the
+    /// certificate in use kept), nothing when the files are unchanged. None starts while
+    /// [`MAX_HUNG_LOOKS`] have not returned.
+    pub fn look_now(&self) {
+        {
+            let mut schedule = self.0.schedule();
+            let past = Instant::now().checked_sub(self.0.check_every);
+            schedule.last = past.unwrap_or(schedule.last);
+        }
+        self.0.look_if_due();
+    }
+
+    /// The certificate file and the key file.
+    pub fn paths(&self) -> (&Path, &Path) {
+        (&self.0.cert, &self.0.key)
+    }
+}
+
 /// A rustls server configuration that serves `files`.
 fn serving(
     files: Arc<CertFiles>,

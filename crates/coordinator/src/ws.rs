@@ -129,6 +129,7 @@ pub async fn upgrade(
     let opening = Opening {
         hold_welcome: app.cfg.auth.is_none() && is_pipelined(uri.query()),
         entry: peer.entry,
+        peer: peer.addr,
     };
     // The frame limit holds for the whole session (axum sets it once); until the session has
     // registered, the connection reads only within its budget before registration.
@@ -148,6 +149,8 @@ struct Opening {
     hold_welcome: bool,
     /// The connection's budget before registration, ended once the session has registered.
     entry: Arc<Entry>,
+    /// The address the connection comes from, for the log lines of its registration.
+    peer: std::net::SocketAddr,
 }
 
 /// Splits the socket before the session's future is made, so that the socket (moved into the
@@ -345,6 +348,7 @@ async fn handshake(
     let Opening {
         hold_welcome,
         entry,
+        peer,
     } = opening;
     let timeout = app.cfg.heartbeat_timeout;
     // The welcome tells the configured cadence (a worker beats at it, or at its own when
@@ -389,6 +393,7 @@ async fn handshake(
         app,
         worker,
         session_id,
+        peer,
         tx: out,
         stream,
     };
@@ -407,7 +412,8 @@ async fn handshake(
     let mut agreed = Inbound::new(beat);
     agreed.agree(app, &registration);
     let (tx, rx) = crate::core::mailbox::channel();
-    let session = SessionRef::new(session_id, tx);
+    let mut session = SessionRef::new(session_id, tx);
+    session.peer = Some(peer);
     let seen = session.seen.clone();
     let connected = Event::Connected {
         worker: worker.clone(),
@@ -638,6 +644,15 @@ fn run(
                             Err(InflateError::TooBig { .. }) => {
                                 app.counters.decompression_refused.fetch_add(1, Ordering::Relaxed);
                                 app.counters.oversize_frames.fetch_add(1, Ordering::Relaxed);
+                                metrics::counter!(m::OVERSIZE_FRAMES).increment(1);
+                                // Hostile or broken: a worker's own frames never inflate past
+                                // the limit it was told. Once a window per worker at WARN.
+                                let said = app.refusals.note(worker.as_str(), "decompression bomb");
+                                if said.warn {
+                                    tracing::warn!(worker = %worker, session = session_id, wire_bytes = b.len(), limit = app.cfg.max_frame, repeats_at_debug = said.repeats, "a compressed frame inflates past the frame limit (a decompression bomb?): closing with 1009");
+                                } else {
+                                    tracing::debug!(worker = %worker, session = session_id, wire_bytes = b.len(), repeat = said.repeats, "a compressed frame inflates past the frame limit again: closing with 1009");
+                                }
                                 out.close(deadline, CLOSE_TOO_BIG, "compressed frame inflates past the size limit").await;
                                 break (SessionEnd::Oversize, "compressed frame inflates past the size limit".into());
                             }
@@ -1456,6 +1471,7 @@ struct Conn<'a> {
     app: &'a AppState,
     worker: &'a WorkerId,
     session_id: u64,
+    peer: std::net::SocketAddr,
     tx: &'a mut Tx,
     stream: &'a mut SplitStream<WebSocket>,
 }
@@ -1688,14 +1704,30 @@ impl Conn<'_> {
         // A worker without a secret fails exactly like a wrong secret: ids are not enumerable.
         // So the signature's form is judged before the secret is looked up.
         tether_proto::auth::signature_bytes(r.signature.as_deref())?;
-        let (secret, known) = auth.secret_or_decoy(self.worker).await?;
-        let verified = Challenge {
+        let (secrets, known) = auth.secrets_or_decoy(self.worker).await?;
+        let challenge = Challenge {
             worker: self.worker,
             nonce,
             timestamp: r.timestamp,
             boot_id: &r.boot_id,
+        };
+        let at = now();
+        // During a rotation the fleet has two secrets: the one the signature proves is the
+        // session's. A refusal says what the first (the fleet secret) found.
+        let mut verified = None;
+        for (i, candidate) in secrets.iter().enumerate() {
+            let v = challenge.verify(candidate, r.signature.as_deref(), at, auth.max_skew);
+            let ok = v.is_ok();
+            if ok || i == 0 {
+                verified = Some((v, candidate));
+            }
+            if ok {
+                break;
+            }
         }
-        .verify(&secret, r.signature.as_deref(), now(), auth.max_skew);
+        let Some((verified, secret)) = verified else {
+            return Err(AuthError::BadSignature.into());
+        };
         if !known {
             return Err(AuthError::BadSignature.into());
         }
@@ -1708,7 +1740,7 @@ impl Conn<'_> {
             .as_deref()
             .filter(|n| integrity::is_nonce(n))
             .ok_or(AuthError::IntegrityRequired)?;
-        let key = SessionKey::derive(&secret, self.worker, nonce, client_nonce);
+        let key = SessionKey::derive(secret, self.worker, nonce, client_nonce);
         let mut opener = Opener::new(key.clone(), Direction::ToCoordinator);
         match opener.open_text(text) {
             Ok(_) => Ok(Some((opener, key))),
@@ -1728,9 +1760,9 @@ impl Conn<'_> {
         let reason = e.to_string();
         let said = self.app.refusals.note(self.worker.as_str(), e.kind());
         if said.warn {
-            tracing::warn!(worker = %self.worker, session = self.session_id, %reason, repeats_at_debug = said.repeats, "worker authentication failed; closing with 4001 (its repeats for this reason within 10 min are logged at debug; `repeats_at_debug` counts those of the last window)");
+            tracing::warn!(worker = %self.worker, session = self.session_id, peer = %self.peer, %reason, repeats_at_debug = said.repeats, "worker authentication failed; closing with 4001 (its repeats for this reason within 10 min are logged at debug; `repeats_at_debug` counts those of the last window)");
         } else {
-            tracing::debug!(worker = %self.worker, session = self.session_id, %reason, repeat = said.repeats, "worker authentication failed again; closing with 4001");
+            tracing::debug!(worker = %self.worker, session = self.session_id, peer = %self.peer, %reason, repeat = said.repeats, "worker authentication failed again; closing with 4001");
         }
         let message = match e {
             // Our own file problem is logged, not told.

@@ -184,7 +184,7 @@ impl Refused {
 
 /// What a client command is told when the coordinator refused the request's token: an answer
 /// 401 (no token, or one it does not know), or 403 asking for a bearer token (a read-only
-/// token on a command; the coordinator's other 403s, to a browser's page, ask for none), with
+/// token on a command, a metrics token on anything but `/metrics`; the coordinator's other 403s, to a browser's page, ask for none), with
 /// whether the request `sent_token`.
 fn token_hint(status: u16, asks_for_bearer: bool, sent_token: bool) -> Option<&'static str> {
     match (status, sent_token) {
@@ -197,8 +197,9 @@ fn token_hint(status: u16, asks_for_bearer: bool, sent_token: bool) -> Option<&'
              coordinator accepts",
         ),
         (403, true) if asks_for_bearer => Some(
-            "the token given (--token-file, TETHER_TOKEN_FILE or TETHER_TOKEN) may only read: \
-             give one of the admin scope for this command",
+            "the token given (--token-file, TETHER_TOKEN_FILE or TETHER_TOKEN) has a narrower \
+             scope than this request needs (a read token may only read, a metrics token only \
+             scrape /metrics): give one of the scope named",
         ),
         _ => None,
     }
@@ -935,7 +936,8 @@ mod tests {
         );
         let read_only = told(403, true, true);
         assert!(
-            read_only.contains("may only read: give one of the admin scope")
+            read_only.contains("a read token may only read")
+                && read_only.contains("give one of the scope named")
                 && read_only.ends_with("(HTTP 403)"),
             "{read_only}"
         );

@@ -545,7 +545,7 @@ impl Core {
         w.stats_saved = w.stats.is_some().then(tokio::time::Instant::now);
         self.free.insert(worker.clone());
         self.save_worker(worker, b);
-        tracing::info!(worker = %worker, session = session.id, directives = directives.len(), "worker registered");
+        tracing::info!(worker = %worker, session = session.id, peer = ?session.peer, directives = directives.len(), "worker registered");
         b.send(
             session,
             CoordMsg::RegistrationAck(RegistrationAck {

@@ -125,6 +125,8 @@ pub struct SessionRef {
     /// From its registration: the worker fetches a checkpoint too large for an assignment
     /// (`checkpoint_fetch`); without it, such a checkpoint is left out.
     pub checkpoint_fetch: bool,
+    /// The address the session's connection comes from (for the log), when known.
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 impl SessionRef {
@@ -136,6 +138,7 @@ impl SessionRef {
             compact_acks: false,
             max_frame: tether_proto::codec::DEFAULT_MAX_FRAME,
             checkpoint_fetch: false,
+            peer: None,
         }
     }
 

@@ -134,7 +134,7 @@ async fn per_worker_secrets_from_a_directory_override_the_fleet_secret() {
     .expect("write");
     let mut cfg = fast_coordinator_config(dir.path().to_owned());
     cfg.auth = Some(WorkerAuth {
-        fleet: Some(fleet_secret()),
+        fleet: Some(fleet_secret().into()),
         dir: Some(secrets.path().to_owned()),
         max_skew: Duration::from_secs(30),
         message_mac: false,
@@ -941,8 +941,18 @@ async fn compression_is_negotiated_and_a_decompression_bomb_is_refused_with_1009
     assert_eq!(ack["compression"], "zstd", "{ack}");
     let bomb = tether_proto::compress::deflate(&"0".repeat(64 << 20));
     assert!(bomb.len() < 256 * 1024);
+    let metrics = format!("http://{}/metrics", c.addr);
+    let oversize = |text: &str| metric_value(text, "tether_oversize_frames_total", &[]);
+    let before = oversize(&scrape(&metrics).await).unwrap_or(0.0);
     m.ws.send(Message::binary(bomb)).await.expect("send");
     assert_eq!(m.close_code().await, Some(1009));
+    // Counted where a frame too big is (the family is process-wide: other tests' frames may
+    // add to it, never take away).
+    let after = oversize(&scrape(&metrics).await).unwrap_or(0.0);
+    assert!(
+        after >= before + 1.0,
+        "tether_oversize_frames_total {before} -> {after}"
+    );
 
     // Honest traffic compressed both ways: an assignment with a large config goes out
     // compressed, a result with a large output comes back compressed.

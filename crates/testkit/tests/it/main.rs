@@ -1,5 +1,6 @@
 //! Coordinator and workers together over real sockets on 127.0.0.1.
 
+mod audit;
 mod backlog;
 mod batching;
 mod browser;

@@ -62,3 +62,81 @@ async fn a_worker_keeps_trying_while_the_coordinator_cannot_read_its_secret_and_
     w.stop().await.expect("clean stop");
     c.stop().await;
 }
+
+/// A rotation of the fleet secret without a flag day: with a next secret beside it, workers on
+/// either register (with integrity tags under the secret each proved), and one on neither is
+/// refused; the next secret made the fleet secret (and the old one dropped) and read again,
+/// workers on the old one are refused and those on the new one register.
+#[tokio::test]
+async fn workers_on_the_fleet_secret_or_the_next_one_register_during_a_rotation() {
+    let files = tempfile::tempdir().expect("files");
+    let (old, new) = (
+        "the fleet secret before the rotation",
+        "the fleet secret after the rotation",
+    );
+    let fleet_file = files.path().join("fleet.secret");
+    let next_file = files.path().join("next.secret");
+    std::fs::write(&fleet_file, old).expect("write");
+    std::fs::write(&next_file, new).expect("write");
+    let fleet = tether_coordinator::auth::Fleet::from_file(&fleet_file)
+        .expect("fleet")
+        .with_next_file(&next_file)
+        .expect("next");
+    let mut auth = WorkerAuth::fleet(Secret::new(old.as_bytes()).expect("secret"));
+    auth.fleet = Some(fleet.clone());
+    auth.message_mac = true;
+    let (_dir, c) = coordinator_with(|cfg| cfg.auth = Some(auth)).await;
+    let worker = |id: &str, secret: &str| {
+        let mut w = fast_worker_config(&c.ws_url(), id);
+        w.secret = Some(Secret::new(secret.as_bytes()).expect("secret"));
+        w
+    };
+    let on_old = crate::support::connected(worker("w-old", old), Executors::builtin()).await;
+    let on_new = crate::support::connected(worker("w-new", new), Executors::builtin()).await;
+    // Work flows over both sessions (their tags are under the secret each proved).
+    let client = c.client();
+    let ids = client
+        .submit(&[
+            sleep_task(10, 1, 0),
+            sleep_task(10, 1, 0),
+            sleep_task(10, 1, 0),
+        ])
+        .await;
+    for id in &ids {
+        client.wait_status(id, "completed").await;
+    }
+    let refused = |n: u64| {
+        let client = client.clone();
+        async move {
+            wait_for("a refusal", DEADLINE, || {
+                let client = client.clone();
+                async move { (counter(&client.overview().await, "auth_failures") >= n).then_some(()) }
+            })
+            .await
+        }
+    };
+    let o = client.overview().await;
+    assert_eq!(counter(&o, "auth_failures"), 0, "{o}");
+    assert!(counter(&o, "mac_sessions") >= 2, "{o}");
+    let stranger = spawn_worker(
+        worker("w-neither", "neither the old nor the new secret"),
+        Executors::builtin(),
+    );
+    refused(1).await;
+    assert_eq!(stranger.handle.registrations(), 0);
+    let _ = stranger.stop().await;
+    on_old.stop().await.expect("clean stop");
+    on_new.stop().await.expect("clean stop");
+
+    // The rotation ends: the new secret is the fleet's, the next file holds it as well.
+    std::fs::write(&fleet_file, new).expect("write");
+    assert!(fleet.reload().expect("reloaded"));
+    let before = counter(&client.overview().await, "auth_failures");
+    let late = spawn_worker(worker("w-late", old), Executors::builtin());
+    refused(before + 1).await;
+    assert_eq!(late.handle.registrations(), 0);
+    let _ = late.stop().await;
+    let moved = crate::support::connected(worker("w-moved", new), Executors::builtin()).await;
+    moved.stop().await.expect("clean stop");
+    c.stop().await;
+}
