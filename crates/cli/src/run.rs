@@ -671,7 +671,7 @@ pub struct WorkerArgs {
     /// Longest reconnect delay, before jitter (default 60s; at least the first delay).
     #[arg(long, value_parser = parse_duration_arg)]
     max_reconnect_delay: Option<Duration>,
-    /// `0.2` for +/-20 %, `full` for full jitter, `0` for none.
+    /// `0.2` for +/-20 %, `full` for full jitter, `0` for none (default 0.2).
     #[arg(long)]
     reconnect_jitter: Option<String>,
     /// Consecutive failed connection attempts before giving up (at least 1; a lost session is not
@@ -1335,6 +1335,10 @@ mod tests {
             (
                 "slots",
                 format!("default {}", tether_worker::config::DEFAULT_SLOTS),
+            ),
+            (
+                "reconnect-jitter",
+                format!("default {}", tether_worker::backoff::DEFAULT_JITTER),
             ),
             (
                 "heartbeat-timeout",

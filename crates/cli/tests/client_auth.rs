@@ -160,6 +160,25 @@ async fn a_token_with_spaces_the_coordinator_takes_the_client_sends_and_a_short_
         .expect("tether exits")
         .expect("run tether");
     assert!(out.status.success(), "{}", stderr(&out));
+    // Both a token file and TETHER_TOKEN: the file's token is sent, and the client says the
+    // variable was passed over (a token that is not the one meant is no silent guess).
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["tasks", "--json", "--coordinator", &http, "--token-file"])
+        .arg(&one)
+        .env_remove("TETHER_TOKEN_FILE")
+        .env_remove("TETHER_CA_FILE")
+        .env_remove("TETHER_COORDINATOR")
+        .env("TETHER_TOKEN", "a token the coordinator does not know")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(LONG, out)
+        .await
+        .expect("tether exits")
+        .expect("run tether");
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("TETHER_TOKEN is passed over"), "{err}");
 
     // A line the coordinator refuses at start, refused by the client in the same words.
     let short = files.path().join("short.token");

@@ -50,6 +50,11 @@ fn api_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
     let (raw, source) = match file {
         Some(f) => {
             crate::run::warn_if_open(f, "the API token file");
+            // Both given: which one is sent must not be a guess (the worker says the same of
+            // its secrets).
+            if std::env::var_os(TOKEN_ENV).is_some_and(|t| !t.is_empty()) {
+                tracing::warn!(file = %f.display(), "both a token file (--token-file or TETHER_TOKEN_FILE) and {TOKEN_ENV} are set: the file's token is sent, {TOKEN_ENV} is passed over");
+            }
             // Bytes, not text: a byte no header carries is named by its column, as the
             // coordinator names it in its own files.
             let raw = tether_coordinator::auth::read_token_file(f)

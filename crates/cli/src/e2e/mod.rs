@@ -74,7 +74,8 @@ pub struct E2eArgs {
     /// lease_loss, slow_close, link_down, link_crawl.
     #[arg(long, default_value = "all")]
     scenario: String,
-    /// Where to write the report: a path prefix (`PREFIX.json`, `PREFIX.md`) or a directory.
+    /// Where to write the report: a path prefix (`PREFIX.json`, `PREFIX.md`) or a directory
+    /// (default: none written; the summary goes to stdout).
     #[arg(long)]
     report: Option<PathBuf>,
     /// Directory for the processes' data, state, event logs and logs (default: a temporary
