@@ -609,30 +609,45 @@ impl Core {
         t.updated_at = ts;
         t.error = Some(why.to_owned());
         t.lease_started = None;
-        if let Some(lease) = t.lease.take() {
-            if let Some(a) = t.attempts.iter_mut().find(|a| a.attempt == lease.attempt) {
-                a.ended_at.get_or_insert(ts);
-                a.end.get_or_insert_with(|| status.as_str().to_owned());
-            }
-            if let Some(w) = self.workers.get_mut(&lease.worker) {
-                w.leases.remove(task_id);
-                self.free.insert(lease.worker.clone());
-                if let Some(s) = &w.session {
-                    b.send(
-                        s,
-                        CoordMsg::CancelTask(TaskControl {
-                            task_id: task_id.clone(),
-                            attempt: lease.attempt,
-                            reason: why.to_owned(),
-                            timestamp: ts,
-                        }),
-                    );
-                }
-            }
-        }
+        self.stop_lease(task_id, status.as_str(), why, ts, b);
         self.drop_partials(task_id, None, b);
         self.dispatch_needed = true;
         self.save_task(task_id, b);
+    }
+
+    /// Ends the task's lease, if it has one, as `end`, frees its worker and tells it to stop
+    /// the attempt (`cancel_task` saying `why`; a worker away learns it when it registers
+    /// again: its attempt is not the lease's). Returns the lease it ended.
+    fn stop_lease(
+        &mut self,
+        task_id: &TaskId,
+        end: &str,
+        why: &str,
+        ts: DateTime<Utc>,
+        b: &mut Batch,
+    ) -> Option<Lease> {
+        let t = self.tasks.get_mut(task_id)?;
+        let lease = t.lease.take()?;
+        if let Some(a) = t.attempts.iter_mut().find(|a| a.attempt == lease.attempt) {
+            a.ended_at.get_or_insert(ts);
+            a.end.get_or_insert_with(|| end.to_owned());
+        }
+        if let Some(w) = self.workers.get_mut(&lease.worker) {
+            w.leases.remove(task_id);
+            self.free.insert(lease.worker.clone());
+            if let Some(s) = &w.session {
+                b.send(
+                    s,
+                    CoordMsg::CancelTask(TaskControl {
+                        task_id: task_id.clone(),
+                        attempt: lease.attempt,
+                        reason: why.to_owned(),
+                        timestamp: ts,
+                    }),
+                );
+            }
+        }
+        Some(lease)
     }
 
     /// Gives the lease of a queued task back to `worker` at `attempt`: an attempt whose lease
@@ -706,32 +721,13 @@ impl Core {
         self.queue
             .remove(&t.spec, &(t.spec.priority, t.submit_seq, task_id.clone()));
         t.lease_started = None;
-        let Some(lease) = t.lease.take() else {
-            return;
-        };
-        if let Some(a) = t.attempts.iter_mut().find(|a| a.attempt == lease.attempt) {
-            a.ended_at.get_or_insert(ts);
-            a.end.get_or_insert_with(|| SUPERSEDED.to_owned());
-        }
         let why = format!(
             "attempt {attempt}, whose lease was lost, finished first: its result is counted"
         );
+        let Some(lease) = self.stop_lease(task_id, SUPERSEDED, &why, ts, b) else {
+            return;
+        };
         tracing::info!(task = %task_id, attempt = %lease.attempt, worker = %lease.worker, %why, "attempt superseded");
-        if let Some(w) = self.workers.get_mut(&lease.worker) {
-            w.leases.remove(task_id);
-            self.free.insert(lease.worker.clone());
-            if let Some(s) = &w.session {
-                b.send(
-                    s,
-                    CoordMsg::CancelTask(TaskControl {
-                        task_id: task_id.clone(),
-                        attempt: lease.attempt,
-                        reason: why,
-                        timestamp: ts,
-                    }),
-                );
-            }
-        }
         self.drop_partials(task_id, None, b);
         self.dispatch_needed = true;
     }
