@@ -248,7 +248,8 @@ fn coordinator_config(
     coordinator_setup(a, file).map(|(cfg, _)| cfg)
 }
 
-/// The coordinator's settings ([`coordinator_config`]) and what a reload reads again.
+/// The coordinator's settings (what the tests' `coordinator_config` reads) and what a reload
+/// reads again.
 fn coordinator_setup(
     a: CoordinatorArgs,
     file: settings::CoordinatorFile,

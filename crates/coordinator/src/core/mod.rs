@@ -199,7 +199,7 @@ pub struct Counters {
     /// counted result yet (answered `recorded`; counted in `results_recorded` too).
     pub results_adopted: AtomicU64,
     /// Leases given back to a worker that came back with the lost attempt finished, before
-    /// any other attempt started ([`Core::restore_lease`]).
+    /// any other attempt started (`Core::restore_lease`).
     pub leases_restored: AtomicU64,
     /// `checkpoint` and `checkpoint_data` messages answered `duplicate`: replays of what was
     /// stored already.
