@@ -1053,7 +1053,7 @@ mod tests {
     #[test]
     fn a_stall_detected_sooner_than_silence_allows_or_with_nothing_dropped_fails() {
         let min = SILENT_DETECTION_MIN.as_millis() as u64;
-        assert_eq!(min, 1_500);
+        assert_eq!(min, 1_000);
         let at = |stall_detect_ms, stall_bytes_dropped| Tally {
             stall_detect_ms,
             stall_bytes_dropped,
