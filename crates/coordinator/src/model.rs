@@ -171,6 +171,12 @@ pub struct Worker {
     pub last_seen: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disconnected_at: Option<DateTime<Utc>>,
+    /// While disconnected: when the coordinator's grace for it ends and its leases go to other
+    /// workers (`--lost-after` from the disconnection; for a worker a restarted coordinator
+    /// found away, from that start). Set in the records the API and the event stream show
+    /// (`Core::view`), never stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost_at: Option<DateTime<Utc>>,
     pub sessions: u64,
     /// The worker said it is stopping (`worker_stopping`): it takes no new tasks. Cleared by
     /// its next registration (a process that starts again says so anew if it stops again).
@@ -285,6 +291,7 @@ impl Worker {
             first_seen: now,
             last_seen: now,
             disconnected_at: Some(now),
+            lost_at: None,
             sessions: 0,
             stopping: false,
             resting: None,

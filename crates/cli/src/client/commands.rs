@@ -622,10 +622,17 @@ pub(crate) fn away_lines(
             if tasks.len() > AWAY_TASKS_SHOWN {
                 named.push(format!("and {} more", tasks.len() - AWAY_TASKS_SHOWN));
             }
+            // When the grace ends, as the coordinator says (`lost_at`); one that does not say
+            // it gets the rule.
+            let until = match until(&w["lost_at"], now) {
+                Some(until) => format!("the coordinator's grace ends {until} (--lost-after)"),
+                None => {
+                    "the coordinator's grace ends (--lost-after, from the disconnection)".into()
+                }
+            };
             Some(format!(
                 "(worker {} disconnected {}: its running task(s) {} wait for it to come back until \
-                 the coordinator's grace ends (--lost-after, 60s by default, from the \
-                 disconnection), then go to another worker, resuming from their latest checkpoint)",
+                 {until}, then go to another worker, resuming from their latest checkpoint)",
                 shown(id),
                 age(&w["disconnected_at"], now),
                 named.join(", ")
@@ -1611,7 +1618,7 @@ mod tests {
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert!(
             lines[0].starts_with("(worker w1 disconnected 8s ago: its running task(s) t-1 wait")
-                && lines[0].contains("--lost-after"),
+                && lines[0].contains("grace ends (--lost-after, from the disconnection)"),
             "{lines:?}"
         );
         assert!(!lines[0].contains("t-3"), "{lines:?}");
@@ -1620,6 +1627,31 @@ mod tests {
             "{lines:?}"
         );
         assert!(!lines[1].contains("m-10"), "{lines:?}");
+    }
+
+    /// A coordinator that says when a disconnected worker's grace ends (`lost_at`) is
+    /// believed: the hint says how long is left (its `--lost-after` is not the default, or a
+    /// restart began the grace anew), and `now` once it is past.
+    #[test]
+    fn the_hint_says_when_the_coordinators_grace_ends_when_it_says() {
+        let now = at("2026-12-07T07:00:00Z");
+        let mut away = Away::default();
+        for (t, w) in [("t-1", "w1"), ("t-2", "w2")] {
+            away.add(&json!({"task_id": t, "status": "running", "lease": {"worker": w}}));
+        }
+        let workers = [
+            json!({"worker_id": "w1", "state": "disconnected", "disconnected_at": "2026-12-07T06:59:52Z", "lost_at": "2026-12-07T07:04:52Z"}),
+            json!({"worker_id": "w2", "state": "disconnected", "disconnected_at": "2026-12-07T06:58:00Z", "lost_at": "2026-12-07T06:59:59.500Z"}),
+        ];
+        let lines = away_lines(&away.by_worker, &workers, now);
+        assert!(
+            lines[0].contains("until the coordinator's grace ends in 4m52s (--lost-after), then"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1].contains("until the coordinator's grace ends now (--lost-after), then"),
+            "{lines:?}"
+        );
     }
 
     /// `tether workers ID` shows each statistic the worker reported, one a line under its

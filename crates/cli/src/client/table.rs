@@ -32,6 +32,18 @@ pub(super) fn age(v: &Value, now: chrono::DateTime<chrono::Utc>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// How long after `now` the time `v` comes (`in 42s`, [`span`]; `now` once it has come), or
+/// `None` when `v` is not a time.
+pub(super) fn until(v: &Value, now: chrono::DateTime<chrono::Utc>) -> Option<String> {
+    let t = chrono::DateTime::parse_from_rfc3339(v.as_str()?).ok()?;
+    let secs = (t.with_timezone(&chrono::Utc) - now).num_seconds();
+    Some(if secs > 0 {
+        format!("in {}", span(secs))
+    } else {
+        "now".into()
+    })
+}
+
 /// `secs` (0 if less) in whole seconds up to a minute (`12s`), then in its two largest units
 /// (`5m12s`, `3h5m`, `2d3h`): a worker lost for a day was `86400s`.
 pub(super) fn span(secs: i64) -> String {

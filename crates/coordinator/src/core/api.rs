@@ -192,7 +192,7 @@ impl Core {
                 reply_after_commit(b, reply, Ok(v));
             }
             Api::ListWorkers { reply } => {
-                let mut v: Vec<Worker> = self.workers.values().map(Worker::seen_now).collect();
+                let mut v: Vec<Worker> = self.workers.values().map(|w| self.view(w)).collect();
                 v.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
                 reply_after_commit(b, reply, Ok(v));
             }
@@ -200,7 +200,7 @@ impl Core {
                 let r = self
                     .workers
                     .get(&worker)
-                    .map(Worker::seen_now)
+                    .map(|w| self.view(w))
                     .ok_or_else(|| ApiError::NotFound(format!("no worker {worker}")));
                 reply_after_commit(b, reply, r);
             }

@@ -1536,7 +1536,7 @@ impl Core {
         if save {
             self.save_worker(worker, b);
         } else if announce && let Some(w) = self.workers.get(worker) {
-            self.announce(b, || Change::Worker(Box::new(w.clone())));
+            self.announce(b, || Change::Worker(Box::new(self.view(w))));
         }
         Core::send_ack(b, session, t.seq, Disposition::Recorded, || {
             ack(

@@ -895,8 +895,28 @@ impl Core {
     fn save_worker(&self, id: &WorkerId, b: &mut Batch) {
         if let Some(w) = self.workers.get(id) {
             b.muts.push(Mutation::PutWorker(Box::new(w.clone())));
-            self.announce(b, || Change::Worker(Box::new(w.clone())));
+            self.announce(b, || Change::Worker(Box::new(self.view(w))));
         }
+    }
+
+    /// `w` as the API and the event stream show it: its last frame folded into `last_seen`,
+    /// and while it is disconnected, when its grace ends ([`Worker::lost_at`]), which a
+    /// client cannot work out itself: it does not know `--lost-after`, and after a restart the
+    /// grace runs from the coordinator's start, not from `disconnected_at`.
+    pub(crate) fn view(&self, w: &Worker) -> Worker {
+        let mut v = w.seen_now();
+        if v.state == WorkerState::Disconnected
+            && let Some(at) = v.disconnected_mono
+        {
+            // Past due (the next sweep declares it lost) it is now; a grace too long to say,
+            // never.
+            v.lost_at = at
+                .checked_add(self.cfg.lost_after)
+                .map(|end| end.saturating_duration_since(tokio::time::Instant::now()))
+                .and_then(|left| chrono::TimeDelta::from_std(left).ok())
+                .and_then(|left| now().checked_add_signed(left));
+        }
+        v
     }
 }
 

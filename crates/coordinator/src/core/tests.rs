@@ -2707,6 +2707,43 @@ fn the_registration_ack_states_the_coordinators_grace() {
     assert_eq!(ack.lost_after_ms, Some(42_000));
 }
 
+/// A disconnected worker's record, as the API lists it, says when its grace ends
+/// (`lost_at`, `--lost-after` from the disconnection): a client cannot know the coordinator's
+/// grace. A connected worker's says nothing; nor does the stored record.
+#[test]
+fn a_disconnected_workers_record_says_when_its_grace_ends() {
+    let mut cfg = CoordinatorConfig::new("/nonexistent");
+    cfg.lost_after = std::time::Duration::from_secs(42);
+    let mut h = Harness::with(cfg);
+    let (sa, _rx_a) = h.connect("a");
+    let (_sb, _rx_b) = h.connect("b");
+    let listed = |h: &mut Harness| {
+        let (reply, mut rx) = tokio::sync::oneshot::channel();
+        h.step(Event::Api(Api::ListWorkers { reply }));
+        rx.try_recv().expect("reply").expect("workers")
+    };
+    assert!(listed(&mut h).iter().all(|w| w.lost_at.is_none()));
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: sa,
+    });
+    let workers = listed(&mut h);
+    let a = workers.iter().find(|w| w.worker_id == wid("a")).expect("a");
+    let grace = a.lost_at.expect("lost_at") - a.disconnected_at.expect("disconnected_at");
+    assert!(
+        (41_900..=42_100).contains(&grace.num_milliseconds()),
+        "{grace:?}"
+    );
+    let b = workers.iter().find(|w| w.worker_id == wid("b")).expect("b");
+    assert_eq!(b.lost_at, None);
+    assert!(
+        h.core.workers.values().all(|w| w.lost_at.is_none()),
+        "only the views say it"
+    );
+    let json = serde_json::to_value(a).expect("json");
+    assert!(json["lost_at"].is_string(), "{json}");
+}
+
 /// The worker takes frames up to its `max_frame`, and the ack carries a directive for each
 /// running task its inventory lists in one frame: an ack larger than that frame was refused
 /// by the worker as oversize, its session ended and it registered again into the same ack, for
