@@ -500,15 +500,18 @@ fn worker_auth(
             "is accepted beside the fleet secret: give --secret-file too"
         );
     }
-    let mut fleet = secret_file
+    let fleet = secret_file
         .inspect(|f| warn_if_open(f, "the fleet secret file"))
         .map(|f| Fleet::from_file(&f))
         .transpose()
         .context("fleet secret")?;
-    if let (Some(f), Some(next)) = (fleet.take(), next_file) {
-        warn_if_open(&next, "the next fleet secret file");
-        fleet = Some(f.with_next_file(&next).context("next fleet secret")?);
-    }
+    let fleet = match (fleet, next_file) {
+        (Some(f), Some(next)) => {
+            warn_if_open(&next, "the next fleet secret file");
+            Some(f.with_next_file(&next).context("next fleet secret")?)
+        }
+        (fleet, _) => fleet,
+    };
     if let Some(d) = &dir {
         if !d.is_dir() {
             bail!("secrets directory {} is not a directory", d.display());
@@ -1215,6 +1218,22 @@ mod tests {
         std::fs::create_dir_all(&secrets).expect("secrets dir");
         let q = |p: PathBuf| format!("{:?}", p.display().to_string());
         (q(secret), q(secrets))
+    }
+
+    /// The fleet secret is kept with a next one and without: `--secret-file` alone once
+    /// (9d33ca4) left the coordinator with no fleet secret, refusing every worker's
+    /// registration as signed with a wrong secret.
+    #[test]
+    fn the_fleet_secret_is_kept_with_or_without_a_next_one() {
+        let dir = tempfile::tempdir().expect("dir");
+        let _ = secret_files(dir.path());
+        let secret = dir.path().join("secret");
+        for next in [None, Some(secret.clone())] {
+            let auth = worker_auth((Some(secret.clone()), next.clone()), None, None, false)
+                .expect("auth")
+                .expect("on");
+            assert!(auth.fleet.is_some(), "no fleet secret with next {next:?}");
+        }
     }
 
     #[test]
