@@ -109,28 +109,24 @@ fn herd(outage: &str, max_delay: &str, extra: &[&str]) -> Value {
     r
 }
 
-/// The shortest backoff delay a simulated worker waits before an attempt after a lost session,
-/// ms: the fleet's first delay (200 ms, `FLEET_BACKOFF_INITIAL` in crates/cli/src/stress, or
-/// `--max-reconnect-delay` if shorter; 300 and 500 ms here) less its 20 % jitter. The delays
-/// after it only grow.
-const LEAST_DELAY_MS: f64 = 160.0;
-
 /// A herd's reconnect figures agree: each worker's time back beyond its backoff delay is its
-/// time back after the cut cleared less that delay, which is at least [`LEAST_DELAY_MS`]
-/// (the delay drawn, not a time measured: this holds on any machine). So every rank of the
-/// one distribution lies that much below the same rank of the other.
+/// time back after the cut cleared less the part of that delay still to run at the clearing,
+/// never below 0 (a worker back before its delay ran out took nothing past it). So every rank
+/// of the one distribution lies at or below the same rank of the other, and at or above 0.
+/// (Before 3d4d4bd the whole delay was taken off, at least the fleet's shortest, 160 ms: the
+/// part spent before the clearing read as time saved, -626 ms p50 in a herd of 500.)
 fn assert_reconnect_figures_consistent(r: &Value) {
     let (after, beyond) = (
         &r["reconnect_after_ready_ms"],
         &r["reconnect_beyond_delay_ms"],
     );
+    assert!(count(after) > 0, "{r}");
     assert_eq!(count(beyond), count(after), "{r}");
     for rank in ["p50", "p95", "p99", "max"] {
         let (a, b) = (after[rank].as_f64(), beyond[rank].as_f64());
         assert!(
             // Less a µs, for the rounding of the two divisions into ms.
-            a.zip(b)
-                .is_some_and(|(a, b)| a - b >= LEAST_DELAY_MS - 0.001),
+            a.zip(b).is_some_and(|(a, b)| b >= 0.0 && a - b >= -0.001),
             "{rank}: {b:?} ms beyond the delay, {a:?} ms after the cut cleared: {r}"
         );
     }

@@ -45,5 +45,6 @@ mod woken;
 
 pub use agent::{AckHook, Agent, AgentError, AgentHandle};
 pub use config::WorkerConfig;
+pub use dial::GRACE_SHARE;
 pub use executor::{ExecError, Executor, Executors, TaskCtx, TaskInput};
 pub use stats::ConnState;

@@ -1508,10 +1508,17 @@ async fn thundering_herd(run: &mut Run) -> anyhow::Result<()> {
         .await?;
     let (mut after_ready, mut beyond_delay, mut attempt) = (Vec::new(), Vec::new(), Vec::new());
     // Every attempt after the cut started a backoff delay after the one before (or after the
-    // session's end), the delays growing from the fleet's first: at least this first.
+    // session's end), the delays growing from the fleet's first: at least this first. A worker
+    // holding leased work caps its delays at a quarter of the coordinator's grace (9bd99c9),
+    // under --max-reconnect-delay when --lost-after is short: which workers held work is not
+    // recorded, so every worker is allowed the shorter cap.
+    let cap = run
+        .a
+        .max_reconnect_delay
+        .min(run.lost_after / tether_worker::GRACE_SHARE);
     let schedule = Schedule {
-        first: FLEET_BACKOFF_INITIAL.min(run.a.max_reconnect_delay),
-        cap: run.a.max_reconnect_delay,
+        first: FLEET_BACKOFF_INITIAL.min(cap),
+        cap,
         jitter: FLEET_JITTER,
     };
     let least_delay_us = schedule.least(1).as_micros() as u64;
