@@ -1,6 +1,6 @@
 //! `tether coordinator` and `tether worker`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -536,6 +536,30 @@ fn worker_auth(
     }))
 }
 
+/// A worker's SIGHUP: its secret file read again, registered with from its next connection
+/// (a fleet secret rotated without a restart, which would stop its tasks; the session under
+/// way keeps its key), or, the file unusable, the secret in use kept, said at ERROR. Its other
+/// settings are read at start only. The worker and its tasks go on.
+fn worker_hangup(secret_file: Option<&Path>, agent: &tether_worker::AgentHandle) {
+    let Some(file) = secret_file else {
+        tracing::info!(
+            "SIGHUP: nothing to reload (no secret file; the worker reads its settings at start, \
+             restart it with SIGTERM to change them); the worker and its tasks go on"
+        );
+        return;
+    };
+    match Secret::from_file(file) {
+        Ok(secret) => {
+            warn_if_open(file, "the worker secret file");
+            agent.replace_secret(secret);
+            tracing::info!(file = %file.display(), "SIGHUP: the worker secret read again; it signs the next registration (this session keeps its key); the worker and its tasks go on");
+        }
+        Err(e) => {
+            tracing::error!(file = %file.display(), error = %e, "SIGHUP: the worker secret file read again cannot serve; the secret in use is kept")
+        }
+    }
+}
+
 /// Environment variable holding a worker's secret itself (prefer a file); its `command` tasks
 /// do not inherit it.
 pub const SECRET_ENV: &str = tether_worker::executor::command::ENV_SECRET;
@@ -797,7 +821,14 @@ fn secret_source(
     }
 }
 
+#[cfg(test)]
 pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
+    worker_setup(a).map(|(cfg, _)| cfg)
+}
+
+/// The worker's configuration, and the file its secret came from (read again on SIGHUP), if
+/// one did.
+fn worker_setup(a: WorkerArgs) -> anyhow::Result<(WorkerConfig, Option<PathBuf>)> {
     let file = settings::load(a.config.as_deref())?.worker;
     let coordinator = a.coordinator.or(file.coordinator).ok_or(settings::Missing(
         "--coordinator is required (or TETHER_COORDINATOR, or coordinator in the config file)",
@@ -900,6 +931,7 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
         cfg.event_log_max_bytes = n;
     }
     cfg.ca_file = a.ca_file;
+    let mut secret_file = None;
     cfg.secret = match secret_source(
         a.secret_file,
         std::env::var_os(SECRET_ENV),
@@ -907,7 +939,9 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
     ) {
         Some(SecretSource::File(f)) => {
             warn_if_open(&f, "the worker secret file");
-            Some(Secret::from_file(&f).context("worker secret")?)
+            let secret = Secret::from_file(&f).context("worker secret")?;
+            secret_file = Some(f);
+            Some(secret)
         }
         Some(SecretSource::Env(v)) => Some(
             Secret::new(v.as_encoded_bytes())
@@ -948,7 +982,7 @@ pub fn worker_config(a: WorkerArgs) -> anyhow::Result<WorkerConfig> {
         );
     }
     cfg.validate().map_err(as_flag)?;
-    Ok(cfg)
+    Ok((cfg, secret_file))
 }
 
 /// A library's refusal of a setting, in terms of the flag that gives it (the same key, with
@@ -989,7 +1023,7 @@ pub async fn worker(mut a: WorkerArgs) -> anyhow::Result<()> {
     if let Some(addr) = &metrics_listen {
         listen_address("--metrics-listen", addr).map_err(|r| said(r.into()))?;
     }
-    let cfg = worker_config(a).map_err(said)?;
+    let (cfg, secret_file) = worker_setup(a).map_err(said)?;
     adopt_orphans();
     let agent = Agent::new(cfg, Executors::builtin())?;
     // The first signal stops the worker gracefully (its tasks stop, what they leave is sent,
@@ -1003,12 +1037,8 @@ pub async fn worker(mut a: WorkerArgs) -> anyhow::Result<()> {
         std::process::exit(130);
     })));
     // A terminal's hangup, or a "reload" habit, no longer ends the worker with its tasks.
-    crate::signals::on_hangup(|| {
-        tracing::info!(
-            "SIGHUP: nothing to reload (the worker reads its secret and settings at start; \
-             restart it with SIGTERM to change them); the worker and its tasks go on"
-        );
-    });
+    let handle = agent.handle();
+    crate::signals::on_hangup(move || worker_hangup(secret_file.as_deref(), &handle));
     let metrics = match metrics_listen {
         Some(addr) => {
             // Before the agent runs, so nothing it records is missed.

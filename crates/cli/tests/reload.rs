@@ -1,6 +1,7 @@
 //! SIGHUP, the conventional "reload": a `tether coordinator` process reads its API token file
 //! again (a token added works, one removed is refused, a bad file keeps the tokens in use),
-//! and a `tether worker` process running a task goes on with it instead of dying.
+//! and a `tether worker` process running a task goes on with it instead of dying, reading its
+//! secret file again for its next registration.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -180,4 +181,88 @@ async fn a_sighup_to_a_worker_running_a_task_leaves_it_running() {
     logged(&log, "SIGHUP: nothing to reload", 2).await;
     assert!(worker.runs(), "a second SIGHUP ended the worker");
     assert_eq!(client.status(&id).await, "running");
+}
+
+/// A worker reads its secret file again on SIGHUP and signs its next registration with it,
+/// its session and task going on meanwhile: a fleet secret rotates with no worker restarted.
+/// A file that cannot serve keeps the secret in use. The coordinator, restarted on the new
+/// secret alone, takes the worker back into the same attempt of its task; with the old
+/// secret the worker would be refused there.
+#[tokio::test]
+async fn a_sighup_to_a_worker_reads_its_secret_file_again_for_its_next_registration() {
+    const OLD: &str = "the old fleet secret of the worker reload test";
+    const NEW: &str = "the new fleet secret of the worker reload test";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let on = |secret: &str| {
+        let mut cfg = fast_coordinator_config(dir.path().join("data"));
+        // Time for the worker to come back on a busy machine, its task still its own.
+        cfg.lost_after = Duration::from_secs(30);
+        cfg.auth = Some(tether_coordinator::auth::WorkerAuth::fleet(
+            tether_proto::auth::Secret::new(secret.as_bytes()).expect("secret"),
+        ));
+        cfg
+    };
+    let c = spawn_coordinator_with(on(OLD), None).await;
+    let secret = dir.path().join("worker.secret");
+    write_private(&secret, OLD);
+    let log = dir.path().join("worker.log");
+    let mut worker = Proc(
+        tether(&log)
+            .args(["--log", "info", "worker", "--coordinator"])
+            .arg(c.ws_url())
+            .args(["--id", "rotate-w", "--secret-file"])
+            .arg(&secret)
+            .args(["--heartbeat-interval", "200ms", "--heartbeat-timeout", "2s"])
+            .spawn()
+            .expect("start tether worker"),
+    );
+    let id = c
+        .client()
+        .submit(&[sleep_task(600_000, 1, 0)])
+        .await
+        .remove(0);
+    c.client().wait_status(&id, "running").await;
+
+    write_private(&secret, "short");
+    worker.signal(Signal::SIGHUP);
+    logged(
+        &log,
+        "SIGHUP: the worker secret file read again cannot serve",
+        1,
+    )
+    .await;
+    write_private(&secret, NEW);
+    worker.signal(Signal::SIGHUP);
+    let text = logged(&log, "SIGHUP: the worker secret read again", 1).await;
+    assert!(worker.runs(), "SIGHUP ended the worker:\n{text}");
+    let task = c.client().task(&id).await;
+    assert_eq!(
+        (&task["status"], &task["attempt"]),
+        (&serde_json::json!("running"), &serde_json::json!(1)),
+        "{task}"
+    );
+
+    let addr = c.addr;
+    c.stop().await;
+    let c = spawn_coordinator_with(on(NEW), Some(addr)).await;
+    let client = c.client();
+    wait_for("the worker back on the new secret", LONG, || async {
+        let ws: Vec<serde_json::Value> = client.get_as("/api/v1/workers").await;
+        ws.iter()
+            .any(|w| w["worker_id"] == "rotate-w" && w["state"] == "connected")
+            .then_some(())
+    })
+    .await;
+    let task = client.task(&id).await;
+    assert_eq!(
+        (&task["status"], &task["attempt"]),
+        (&serde_json::json!("running"), &serde_json::json!(1)),
+        "the same attempt, its worker back: {task}"
+    );
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(
+        text.contains("registering with the secret given since the last connection")
+            && !text.contains("signature does not match"),
+        "{text}"
+    );
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
+use tether_proto::auth::Secret;
 use tether_proto::endpoint::{EndpointError, derive_endpoint};
 use tether_proto::msg::{Ack, WorkerMsg};
 use tether_proto::task::ConnStats;
@@ -129,6 +130,9 @@ pub struct AgentShared {
     pub lost_unix_us: AtomicU64,
     /// Why the agent failed, if it did.
     pub refusal: Mutex<Option<String>>,
+    /// A secret given while the agent runs ([`AgentHandle::replace_secret`]), taken at its next
+    /// connection.
+    new_secret: Mutex<Option<Secret>>,
 }
 
 /// Connection attempts kept in [`AgentShared::recent_attempts`].
@@ -222,6 +226,20 @@ pub struct AgentHandle {
 }
 
 impl AgentHandle {
+    /// Registers with `secret` from the next connection on, in place of the secret the worker
+    /// was configured with (the CLI's SIGHUP, reading its secret file again): a fleet secret
+    /// rotates without a restart, which would stop the worker's tasks. The session under way
+    /// keeps the key it registered with; a coordinator in a rotation takes either secret. A
+    /// worker configured without a secret keeps none (its endpoint said it registers
+    /// unsigned).
+    pub fn replace_secret(&self, secret: Secret) {
+        *self
+            .shared
+            .new_secret
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(secret);
+    }
+
     pub fn state(&self) -> ConnState {
         *self.shared.state.borrow()
     }
@@ -738,6 +756,7 @@ impl Agent {
             recent_attempts: Mutex::new(VecDeque::new()),
             lost_unix_us: AtomicU64::new(0),
             refusal: Mutex::new(None),
+            new_secret: Mutex::new(None),
         });
         Ok(Self {
             endpoint,
@@ -855,6 +874,27 @@ impl Agent {
         result
     }
 
+    /// Takes the secret given since the last connection, if any ([`AgentHandle::replace_secret`]),
+    /// for the session about to register: the refusals counted under the old one start over.
+    fn take_new_secret(&mut self, generation: u64, refusals: &mut u32) {
+        let given = self
+            .shared
+            .new_secret
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(secret) = given else {
+            return;
+        };
+        if self.cfg.secret.is_none() {
+            tracing::warn!(worker = %self.cfg.worker_id, "a secret was given to a worker configured without one; it registers unsigned, as its endpoint says (restart it with a secret)");
+            return;
+        }
+        self.cfg.secret = Some(secret);
+        *refusals = 0;
+        tracing::info!(worker = %self.cfg.worker_id, generation, "registering with the secret given since the last connection");
+    }
+
     /// Connects, runs sessions and reconnects until `shutdown` (then, while it holds work and
     /// is not connected, until `give_up`: see [`Agent::run`]).
     async fn connect_loop(
@@ -900,6 +940,7 @@ impl Agent {
                 Dialed::GaveUp(attempts) => return Err(AgentError::GaveUp { attempts }),
                 Dialed::Shutdown => return Ok(()),
             };
+            self.take_new_secret(generation, &mut refusals);
             let end = {
                 let _live = LiveGuard::new(self.shared.clone());
                 Session::new(self, *ws, generation)
