@@ -322,6 +322,13 @@ pub struct Inventory {
     /// Highest sequence number acknowledged by a coordinator so far.
     #[serde(default)]
     pub acked_seq: Seq,
+    /// The highest sequence number among the messages the worker holds unacknowledged, which
+    /// it sends again right after the registration: the tasks in `lost` stay off the queue
+    /// until that replay is through, so that a checkpoint of theirs that the dead process
+    /// wrote and no coordinator acknowledged is resumed from. Absent (an older worker, or
+    /// nothing to replay): they are requeued at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_through: Option<Seq>,
 }
 
 /// Application heartbeat, worker to coordinator. Never queued: sent only on a live session.

@@ -40,6 +40,7 @@ pub fn worker_messages() -> Vec<WorkerMsg> {
                 finished: vec![],
                 lost: vec![],
                 acked_seq: Seq(4),
+                replay_through: Some(Seq(6)),
             },
             signature: Some("0".repeat(64)),
             compression: vec![crate::compress::ZSTD.into()],

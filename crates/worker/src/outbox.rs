@@ -932,6 +932,19 @@ impl Outbox {
         Seq(self.lock().next_seq - 1)
     }
 
+    /// The highest sequence number held unacknowledged, telemetry left out (it may be
+    /// replaced before it is sent), if any: what the replay after a registration reaches. A
+    /// scan, once a registration.
+    pub fn last_pending(&self) -> Option<Seq> {
+        self.lock()
+            .entries
+            .iter()
+            .filter(|(_, e)| e.class != Class::Telemetry)
+            .map(|(seq, _)| *seq)
+            .max()
+            .map(Seq)
+    }
+
     /// Whether nothing is held but telemetry: every result, state, notice and checkpoint
     /// piece is acknowledged (a stopping worker's last step, see the session).
     pub fn holds_only_telemetry(&self) -> bool {
@@ -1244,6 +1257,23 @@ mod tests {
     }
 
     /// The pieces of a refused checkpoint leave, sent or not; another checkpoint's, another
+    /// What a registration's replay reaches (`Inventory::replay_through`): the highest
+    /// sequence number held, acknowledged ones and telemetry (replaced before it goes) left
+    /// out; none with nothing else held.
+    #[test]
+    fn the_last_pending_message_leaves_out_the_acknowledged_and_telemetry() {
+        let ob = Outbox::new(Limits::default());
+        assert_eq!(ob.last_pending(), None);
+        let announced = announcement(&ob, "a", "c-1");
+        let data = piece(&ob, "a", "c-1", 0);
+        telemetry(&ob);
+        assert_eq!(ob.last_pending(), Some(data));
+        assert!(ob.ack(data));
+        assert_eq!(ob.last_pending(), Some(announced));
+        assert!(ob.ack(announced));
+        assert_eq!(ob.last_pending(), None, "telemetry alone");
+    }
+
     /// task's and everything else stay.
     #[test]
     fn the_pieces_of_a_refused_checkpoint_are_dropped_and_nothing_else() {

@@ -1063,6 +1063,9 @@ impl<'a> Session<'a> {
                 finished: a.outbox.pending_results(),
                 lost: a.lost.clone(),
                 acked_seq: a.outbox.acked_max(),
+                // What the replay after this registration reaches: the dead process's
+                // checkpoints among it come before its lost tasks are requeued.
+                replay_through: a.outbox.last_pending().filter(|_| !a.lost.is_empty()),
             },
             signature,
             compression: if a.cfg.compression {

@@ -631,6 +631,8 @@ impl Core {
     /// - Finished results it still holds need nothing here: they follow in the outbox replay,
     ///   and a result already recorded is acknowledged again without being recorded twice.
     fn reconcile(&mut self, worker: &WorkerId, r: &Registration, b: &mut Batch) -> Reconciled {
+        // Held for a replay of an earlier session that did not come through: dead all the same.
+        self.release_held(worker, "the worker registered again", b);
         let inv = &r.inventory;
         let mut directives = Vec::new();
         for run in &inv.running {
@@ -682,6 +684,10 @@ impl Core {
             .collect();
         let died: crate::model::IdSet<(&TaskId, Attempt)> =
             inv.lost.iter().map(|x| (&x.task_id, x.attempt)).collect();
+        // Dead tasks wait for the replay that follows when it holds anything past what was
+        // acknowledged: a checkpoint of theirs may come in it.
+        let replay = inv.replay_through.filter(|t| *t > inv.acked_seq);
+        let mut hold = Vec::new();
         for task_id in held {
             let Some(lease) = self.tasks.get(&task_id).and_then(|t| t.lease.clone()) else {
                 continue;
@@ -690,8 +696,13 @@ impl Core {
                 continue;
             }
             if died.contains(&(&task_id, lease.attempt)) {
-                tracing::info!(worker = %worker, task = %task_id, attempt = %lease.attempt, "task died with the worker's previous process; requeued");
-                self.release_and_requeue(&task_id, "died with the worker process", b);
+                if replay.is_some() {
+                    tracing::info!(worker = %worker, task = %task_id, attempt = %lease.attempt, "task died with the worker's previous process; requeued once the replay of what that process sent is through");
+                    hold.push((task_id, lease.attempt));
+                } else {
+                    tracing::info!(worker = %worker, task = %task_id, attempt = %lease.attempt, "task died with the worker's previous process; requeued");
+                    self.release_and_requeue(&task_id, "died with the worker process", b);
+                }
             } else if new_process {
                 tracing::info!(worker = %worker, task = %task_id, attempt = %lease.attempt, "a new process of the worker does not know its lease; requeued");
                 self.release_and_requeue(&task_id, "the worker's process was replaced", b);
@@ -699,6 +710,9 @@ impl Core {
                 tracing::info!(worker = %worker, task = %task_id, attempt = %lease.attempt, "worker does not know its lease; assignment sent again");
                 resend.push(task_id);
             }
+        }
+        if let Some(through) = replay {
+            self.hold_dead(worker, through, hold);
         }
         Reconciled { directives, resend }
     }

@@ -330,6 +330,14 @@ struct AttemptUploads {
 }
 
 impl Uploads {
+    /// Whether an upload of `task`'s `attempt` is unfinished.
+    fn unfinished(&self, task: &TaskId, attempt: Attempt) -> bool {
+        self.by_task
+            .get(task)
+            .and_then(|t| t.get(&attempt))
+            .is_some_and(|a| !a.ids.is_empty())
+    }
+
     fn insert(&mut self, p: Partial) {
         let id = p.meta.checkpoint_id.clone();
         self.remove(&id);
@@ -457,6 +465,9 @@ pub struct Core {
     /// The worker the last dispatch leased to: the next starts after it.
     last_leased_to: Option<WorkerId>,
     partial: Uploads,
+    /// Tasks that died with a worker's previous process, held on their leases until the new
+    /// process's replay is through ([`tasks::HeldDead`]); almost always empty.
+    held_dead: IdMap<WorkerId, tasks::HeldDead>,
     /// Complete checkpoints per task, oldest first, for pruning.
     checkpoint_history: IdMap<TaskId, VecDeque<CheckpointId>>,
     /// Per task, the complete checkpoints its current lease pruned (see [`Superseded`]).
@@ -556,6 +567,7 @@ impl Core {
             resting: Vec::new(),
             last_leased_to: None,
             partial: Uploads::default(),
+            held_dead: IdMap::default(),
             checkpoint_history: IdMap::default(),
             superseded: IdMap::default(),
             checkpoint_owner: IdMap::default(),
@@ -796,8 +808,12 @@ impl Core {
                     // What the session agreed (acknowledgements by number, its frame limit)
                     // holds for the whole frame: only its registration, in `Event::Connected`,
                     // set it, and a registration in a frame is refused.
+                    let top = msgs.iter().filter_map(WorkerMsg::seq).max();
                     for msg in msgs {
                         self.on_message(&worker, &session, msg, b);
+                    }
+                    if !self.held_dead.is_empty() {
+                        self.replay_seen(&worker, top, b);
                     }
                 }
             }
@@ -839,6 +855,11 @@ impl Core {
     }
 
     fn on_disconnected(&mut self, worker: &WorkerId, session_id: u64, b: &mut Batch) {
+        let owns = |w: &Worker| w.session.as_ref().map(|s| s.id) == Some(session_id);
+        if self.held_dead.contains_key(worker) && self.workers.get(worker).is_some_and(owns) {
+            // Dead: nothing waits for the worker to come back with them.
+            self.release_held(worker, "its session ended before its replay was through", b);
+        }
         let Some(w) = self.workers.get_mut(worker) else {
             return;
         };

@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tether_proto::msg::{CheckpointBlob, CoordMsg, TaskAssignment, TaskControl, now};
 use tether_proto::task::Blob;
-use tether_proto::{Attempt, TaskId, TaskStatus, WorkerId};
+use tether_proto::{Attempt, Seq, TaskId, TaskStatus, WorkerId};
 
 use super::{Core, Outgoing, SessionRef, queue};
 use crate::metrics as m;
@@ -392,6 +392,7 @@ impl Core {
             self.check_free_index();
         }
         self.end_rests(b);
+        self.release_overdue_held(b);
         let grace = self.cfg.lost_after;
         let mut lost = Vec::new();
         while let Some((at, _)) = self.disconnects.front() {
@@ -758,4 +759,97 @@ impl Core {
 fn fits_in_assignment(msg: &TaskAssignment, bytes: usize, limit: usize) -> bool {
     let config = tether_proto::codec::json_len(&msg.config);
     tether_proto::codec::fits(config + tether_proto::codec::base64_len(bytes), limit)
+}
+
+/// Tasks that died with a worker's previous process, held on their leases until the new
+/// process's replay of what the old one sent is through (`Inventory::replay_through`): a
+/// checkpoint of theirs that no coordinator acknowledged comes in it, and their next attempt
+/// resumes from it instead of from the start. Requeued once a message at or past that
+/// sequence number came and no upload of theirs is unfinished; at the session's end; at the
+/// worker's next registration; or at the deadline (the heartbeat timeout), so that a replay
+/// that never comes through does not hold them.
+#[derive(Debug)]
+pub(super) struct HeldDead {
+    through: Seq,
+    /// A message at or past `through` came.
+    seen: bool,
+    until: tokio::time::Instant,
+    tasks: Vec<(TaskId, Attempt)>,
+}
+
+impl Core {
+    /// Holds `tasks`, dead with `worker`'s previous process, until its replay reaches `through`
+    /// ([`HeldDead`]).
+    pub(super) fn hold_dead(
+        &mut self,
+        worker: &WorkerId,
+        through: Seq,
+        tasks: Vec<(TaskId, Attempt)>,
+    ) {
+        if tasks.is_empty() {
+            return;
+        }
+        let until = tokio::time::Instant::now() + self.cfg.heartbeat_timeout;
+        self.held_dead.insert(
+            worker.clone(),
+            HeldDead {
+                through,
+                seen: false,
+                until,
+                tasks,
+            },
+        );
+    }
+
+    /// After a frame of `worker` whose highest sequence number is `top`: its held tasks are
+    /// requeued once the replay is through and their uploads are finished.
+    pub(super) fn replay_seen(&mut self, worker: &WorkerId, top: Option<Seq>, b: &mut Batch) {
+        let Some(h) = self.held_dead.get_mut(worker) else {
+            return;
+        };
+        h.seen |= top.is_some_and(|t| t >= h.through);
+        let uploading = h
+            .tasks
+            .iter()
+            .any(|(task, attempt)| self.partial.unfinished(task, *attempt));
+        if h.seen && !uploading {
+            self.release_held(worker, "its replay is through", b);
+        }
+    }
+
+    /// Requeues the tasks held for `worker` ([`HeldDead`]) that are still its leases, in the
+    /// attempts that died (a cancel meanwhile ended one otherwise).
+    pub(super) fn release_held(&mut self, worker: &WorkerId, when: &str, b: &mut Batch) {
+        let Some(h) = self.held_dead.remove(worker) else {
+            return;
+        };
+        for (task, attempt) in h.tasks {
+            let held = self
+                .tasks
+                .get(&task)
+                .and_then(|t| t.lease.as_ref())
+                .is_some_and(|l| l.worker == *worker && l.attempt == attempt);
+            if held {
+                tracing::info!(worker = %worker, task = %task, attempt = %attempt, when, "task died with the worker's previous process; requeued");
+                self.release_and_requeue(&task, "died with the worker process", b);
+            }
+        }
+    }
+
+    /// The sweep's part: the held tasks whose replay did not come through in time.
+    fn release_overdue_held(&mut self, b: &mut Batch) {
+        if self.held_dead.is_empty() {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let due: Vec<WorkerId> = self
+            .held_dead
+            .iter()
+            .filter(|(_, h)| h.until <= now)
+            .map(|(w, _)| w.clone())
+            .collect();
+        for worker in due {
+            self.release_held(&worker, "its replay did not come through in time", b);
+        }
+    }
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use tether_proto::msg::{
-    CoordMsg, Disposition, Inventory, Registration, TaskResult, WorkerMsg, now,
+    CoordMsg, Disposition, Inventory, Registration, TaskAssignment, TaskResult, WorkerMsg, now,
 };
 use tether_proto::{Attempt, Outcome, Seq, TaskId, TaskSpec, TaskStatus, WorkerId};
 
@@ -3426,4 +3426,110 @@ fn a_failed_results_long_error_is_cut_in_the_tasks_record_and_kept_whole_in_the_
     );
     // Short text is kept as it came.
     assert_eq!(super::messages::kept_error("exit 1"), "exit 1");
+}
+
+/// The assignment of `task` among `sent`, if any.
+fn assignment_of<'a>(sent: &'a [CoordMsg], task: &TaskId) -> Option<&'a TaskAssignment> {
+    sent.iter().find_map(|m| match m {
+        CoordMsg::TaskAssignment(a) if a.task_id == *task => Some(a),
+        _ => None,
+    })
+}
+
+/// A new process of worker `a` (boot `b-new`) registering with `task`'s attempt 1 lost with the
+/// previous one, its outbox holding messages 5 and 6 unacknowledged.
+fn registering_after_a_death(
+    task: &TaskId,
+    replay_through: Option<u64>,
+) -> impl FnOnce(&mut Registration) + '_ {
+    move |r: &mut Registration| {
+        r.boot_id = "b-new".into();
+        r.inventory.lost = vec![tether_proto::task::TaskRef {
+            task_id: task.clone(),
+            attempt: Attempt(1),
+            paused: false,
+        }];
+        r.inventory.acked_seq = Seq(4);
+        r.inventory.replay_through = replay_through.map(Seq);
+    }
+}
+
+/// A task that died with its worker's process waits on its lease for the new process's replay
+/// (`replay_through`): the checkpoint the dead process wrote, which no coordinator had
+/// acknowledged, comes in it, and the next attempt resumes from it. Requeued at the
+/// registration, as before, it was dispatched at once from the start, and the checkpoint
+/// came stale (the e2e run's killed_work_resumed_from_checkpoints failed on it, seed 7).
+#[test]
+fn a_task_dead_with_its_workers_process_resumes_from_the_checkpoint_its_replay_brings() {
+    let mut h = Harness::new();
+    let (sa, mut rxa) = h.connect("a");
+    let t = h.submit();
+    assert!(assignment_of(&drain(&mut rxa), &t).is_some());
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: sa,
+    });
+    let (sa2, mut rxa2) = h.connect_registering("a", registering_after_a_death(&t, Some(6)));
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Running, "held");
+    assert!(assignment_of(&drain(&mut rxa2), &t).is_none());
+    h.frame("a", sa2, checkpoint(5, &t, "c-dead", 1, 1));
+    assert_eq!(
+        h.core.tasks[&t].attempt,
+        Attempt(1),
+        "the replay is not through"
+    );
+    h.frame("a", sa2, piece(6, &t, "c-dead", 0, b"x"));
+    let sent = drain(&mut rxa2);
+    let again = assignment_of(&sent, &t).expect("dispatched again once the replay is through");
+    assert_eq!(again.attempt, Attempt(2));
+    // The assignment carries the task's latest checkpoint, read from the store after the
+    // commit (which this harness has not): that checkpoint is the dead process's.
+    let latest = h.core.tasks[&t].latest_checkpoint.as_ref().expect("latest");
+    assert_eq!(
+        (latest.checkpoint_id.as_str(), latest.attempt),
+        ("c-dead", Attempt(1)),
+        "resumed from the dead process's checkpoint"
+    );
+    assert!(h.core.held_dead.is_empty());
+}
+
+/// The hold ends however the replay does not come through: at the session's end (the task is
+/// requeued at once, not left to the grace period), and at the deadline, the heartbeat
+/// timeout, swept. Without a `replay_through`, an older worker's, it is requeued at the
+/// registration.
+#[test]
+fn a_dead_task_held_for_a_replay_is_requeued_when_the_replay_does_not_come() {
+    for ending in ["session end", "deadline", "no replay"] {
+        let mut cfg = CoordinatorConfig::new("/nonexistent");
+        cfg.heartbeat_timeout = std::time::Duration::ZERO;
+        let mut h = Harness::with(cfg);
+        let (sa, mut rxa) = h.connect("a");
+        let t = h.submit();
+        drain(&mut rxa);
+        h.step(Event::Disconnected {
+            worker: wid("a"),
+            session_id: sa,
+        });
+        let through = (ending != "no replay").then_some(6);
+        let (sa2, _rxa2) = h.connect_registering("a", registering_after_a_death(&t, through));
+        match ending {
+            "session end" => h.step(Event::Disconnected {
+                worker: wid("a"),
+                session_id: sa2,
+            }),
+            "deadline" => {
+                assert_eq!(h.core.tasks[&t].attempt, Attempt(1), "held");
+                let mut b = Batch::default();
+                h.core.sweep(&mut b);
+            }
+            _ => {}
+        }
+        let task = &h.core.tasks[&t];
+        assert!(
+            task.attempts[0].end.as_deref() == Some("lost")
+                && task.lease.as_ref().is_none_or(|l| l.attempt != Attempt(1)),
+            "{ending}: {task:?}"
+        );
+        assert!(h.core.held_dead.is_empty(), "{ending}");
+    }
 }
