@@ -168,7 +168,9 @@ fn session(
         entry: opening.entry.clone(),
         stall: app.cfg.heartbeat_timeout,
     };
-    run(app, worker, out, stream, opening)
+    // Boxed: the session's future keeps its arguments for its whole life, and the opening
+    // (the peer's address alone is 32 bytes) is spent by the handshake.
+    run(app, worker, out, stream, Box::new(opening))
 }
 
 /// What the handshake leaves to the session loop.
@@ -343,13 +345,13 @@ async fn handshake(
     session_id: u64,
     out: &mut Tx,
     stream: &mut SplitStream<WebSocket>,
-    opening: Opening,
+    opening: Box<Opening>,
 ) -> Option<Opened> {
     let Opening {
         hold_welcome,
         entry,
         peer,
-    } = opening;
+    } = *opening;
     let timeout = app.cfg.heartbeat_timeout;
     // The welcome tells the configured cadence (a worker beats at it, or at its own when
     // shorter); a fleet over the heartbeat budget retunes it in the first heartbeat's reply.
@@ -456,7 +458,7 @@ fn run(
     worker: WorkerId,
     mut out: Tx,
     mut stream: SplitStream<WebSocket>,
-    opening: Opening,
+    opening: Box<Opening>,
 ) -> impl Future<Output = ()> + Send {
     async move {
         let session_id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
@@ -2268,7 +2270,9 @@ mod tests {
     /// await: the writes and the handshake are boxed so that 10,000 idle sessions do not each
     /// carry their state (1,640 bytes before, 912 after; docs/PERFORMANCE.md, fourteenth
     /// round), and `run` keeps its arguments once (1,024 bytes before, 928 after: room for a
-    /// few more fields). A new await that sizes every session fails here.
+    /// few more fields). A new await that sizes every session fails here: the peer's address
+    /// for the registration's log lines (9d33ca4) took it to 1,032, until the opening that
+    /// carries it went boxed, spent by the handshake (992).
     #[test]
     fn an_idle_sessions_future_stays_small() {
         let size = future_size(run);
