@@ -906,7 +906,13 @@ pub async fn require_token(State(app): State<Arc<AppState>>, req: Request, next:
     }
     let answer = next.run(req).await;
     let token = label.as_deref().unwrap_or("none (no API tokens)");
-    tracing::info!(peer = ?peer, %method, path = ?shown, token, status = answer.status().as_u16(), "API command");
+    let status = answer.status().as_u16();
+    match answer.extensions().get::<crate::http::AuditTasks>() {
+        Some(tasks) => {
+            tracing::info!(peer = ?peer, %method, path = ?shown, token, status, tasks = %tasks.0, "API command")
+        }
+        None => tracing::info!(peer = ?peer, %method, path = ?shown, token, status, "API command"),
+    }
     answer
 }
 

@@ -663,13 +663,43 @@ pub async fn submit(State(app): State<Arc<AppState>>, request: axum::extract::Re
                 true => StatusCode::CREATED,
                 false => StatusCode::OK,
             };
+            let tasks = AuditTasks::of(&done.task_ids, &done.existing);
             let body = Submitted {
                 task_ids: done.task_ids,
                 existing: done.existing,
             };
-            (status, Json(body)).into_response()
+            let mut answer = (status, Json(body)).into_response();
+            answer.extensions_mut().insert(tasks);
+            answer
         }
         Err(e) => e.into_response(),
+    }
+}
+
+/// The tasks a submission made or found, as its audit line names them (`auth`): which tasks a
+/// token made is an audit's first question, and the request line alone does not say. At most
+/// [`AUDIT_TASKS_NAMED`] are named, then how many more.
+#[derive(Debug, Clone)]
+pub(crate) struct AuditTasks(pub String);
+
+/// Most task ids an audit line names.
+const AUDIT_TASKS_NAMED: usize = 8;
+
+impl AuditTasks {
+    fn of(ids: &[TaskId], existing: &[TaskId]) -> Self {
+        let mut named: Vec<&str> = ids
+            .iter()
+            .take(AUDIT_TASKS_NAMED)
+            .map(TaskId::as_str)
+            .collect();
+        let more = ids.len().saturating_sub(AUDIT_TASKS_NAMED);
+        let more = (more > 0).then(|| format!("and {more} more"));
+        named.extend(more.as_deref());
+        let mut said = named.join(", ");
+        if !existing.is_empty() {
+            said.push_str(&format!(" ({} of them existing)", existing.len()));
+        }
+        AuditTasks(said)
     }
 }
 
@@ -1177,6 +1207,20 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
+
+    /// A submission's audit line names its tasks, eight at most and then how many more, and
+    /// how many of them were there already.
+    #[test]
+    fn a_submissions_audit_names_its_tasks_within_a_bound() {
+        let ids: Vec<TaskId> = (0..11)
+            .map(|i| TaskId::parse(&format!("t-{i}")).expect("id"))
+            .collect();
+        assert_eq!(AuditTasks::of(&ids[..1], &[]).0, "t-0");
+        assert_eq!(
+            AuditTasks::of(&ids, &ids[..2]).0,
+            "t-0, t-1, t-2, t-3, t-4, t-5, t-6, t-7, and 3 more (2 of them existing)"
+        );
+    }
 
     /// [`specs_of`] of `body` as a client would send it, at the default limit.
     fn read(body: Value) -> Result<Vec<TaskSpec>, SubmitError> {

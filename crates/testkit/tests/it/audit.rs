@@ -152,6 +152,12 @@ async fn refused_requests_and_commands_are_logged_with_their_peer_and_token_labe
         assert!(line.contains("peer=Some(127.0.0.1:"), "{line}");
         assert!(line.contains(&path) && line.contains(status), "{line}");
     }
+    // A submission's line names the tasks it made.
+    assert!(
+        commands[0].contains(&format!("tasks={id}")),
+        "{}",
+        commands[0]
+    );
     // Reads are not commands.
     let (status, _) = admin_client.get("/api/v1/tasks").await;
     assert_eq!(status, 200);

@@ -140,7 +140,7 @@ pub const ENV_SECRET: &str = "TETHER_SECRET";
 /// the credentials would end in output the coordinator keeps and serves. A task that wants
 /// one gives it in its `env`. What the worker sets for the task (`TETHER_TASK_ID`,
 /// `TETHER_CHECKPOINT_DIR`...) is not among them.
-pub const WORKER_ENV: [&str; 21] = [
+pub const WORKER_ENV: [&str; 22] = [
     // Credentials.
     ENV_SECRET,
     "TETHER_SECRET_FILE",
@@ -163,6 +163,7 @@ pub const WORKER_ENV: [&str; 21] = [
     "TETHER_SECRETS_DIR",
     "TETHER_ADMIN_TOKEN_FILE",
     "TETHER_READ_TOKEN_FILE",
+    "TETHER_METRICS_TOKEN_FILE",
     "TETHER_TLS_CERT",
     "TETHER_TLS_KEY",
 ];
