@@ -636,7 +636,10 @@ fn open_db(path: &Path, schema: &str, newest: i64) -> Result<(Connection, i64), 
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             remove_stale_wal(path)?;
-            private::create_file(path).map_err(StateDirError::io(path))?;
+            // A dangling link is left to SQLite, which says it cannot open it.
+            if std::fs::symlink_metadata(path).is_err() {
+                create_db(path)?;
+            }
         }
         Ok(m) if m.is_dir() => return Err(corrupt("it is a directory, not a file".into())),
         Ok(m) if m.len() == 0 => {
@@ -702,6 +705,46 @@ fn tighten_files(dir: &Path) {
         &dir.join(crate::executor::orphans::GROUPS_DIR),
         "the records of the tasks' process groups",
     );
+}
+
+/// Makes a new database at `path`, its header written, under another name (`path` with `.new`)
+/// renamed into place: a process killed while making it leaves that name, which the next try
+/// removes, never an empty file at `path`, which the next start would refuse as an emptied
+/// database (made at `path` itself, a worker SIGKILLed between the file and its header could
+/// not start again until the file was moved away by hand).
+fn create_db(path: &Path) -> Result<(), StateDirError> {
+    let named = |suffix: &str| {
+        let mut f = path.as_os_str().to_owned();
+        f.push(suffix);
+        PathBuf::from(f)
+    };
+    let new = named(".new");
+    for suffix in [".new", ".new-wal", ".new-shm", ".new-journal"] {
+        match std::fs::remove_file(named(suffix)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(StateDirError::io(&named(suffix))(e));
+            }
+            _ => {}
+        }
+    }
+    private::create_file(&new).map_err(StateDirError::io(&new))?;
+    // WAL mode is kept in the header, which setting it writes: the file is a database.
+    Connection::open(&new)
+        .and_then(|conn| conn.pragma_update(None, "journal_mode", "WAL"))
+        .map_err(|e| StateDirError::Corrupt {
+            path: new.clone(),
+            detail: e.to_string(),
+        })?;
+    std::fs::File::open(&new)
+        .and_then(|f| f.sync_all())
+        .and_then(|()| std::fs::rename(&new, path))
+        .map_err(StateDirError::io(path))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(StateDirError::io(dir))?;
+    }
+    Ok(())
 }
 
 /// Removes the `-wal` and `-shm` files of the missing database at `path` (moved away without
@@ -1697,6 +1740,22 @@ mod tests {
         );
         std::fs::remove_file(dir.path().join("worker.db-shm")).expect("rm");
         drop(StateDir::open(dir.path(), &wid("w1")).expect("opens once told"));
+    }
+
+    /// A worker killed while it made its database leaves no empty file where the database
+    /// goes (which the next start refuses): it is made under another name and renamed into
+    /// place, and a start after such a kill removes what that name left and starts afresh.
+    #[test]
+    fn a_database_made_anew_is_never_an_empty_file_and_a_killed_making_is_cleared() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // What a kill between the file and its header left.
+        std::fs::write(dir.path().join(format!("{DB_FILE}.new")), b"").expect("write");
+        drop(StateDir::open(dir.path(), &wid("w1")).expect("starts afresh"));
+        assert!(!dir.path().join(format!("{DB_FILE}.new")).exists());
+        let made = std::fs::read(dir.path().join(DB_FILE)).expect("read");
+        assert!(made.starts_with(b"SQLite format 3\0"), "{}", made.len());
+        // And the made database is opened as the worker's, its next start too.
+        drop(StateDir::open(dir.path(), &wid("w1")).expect("opens again"));
     }
 
     #[test]

@@ -239,30 +239,68 @@ pub(super) fn check(path: &Path) -> Result<i64, StoreError> {
     Ok(version)
 }
 
-/// Creates the database file at `path`, empty, with [`super::FILE_MODE`] whatever the umask,
-/// unless it exists. SQLite makes a new database with 0644 less the umask, and gives its
-/// `-wal` and `-shm` the database file's mode when it makes them (umask or not): so a database
-/// made here keeps all three private. An empty file is what SQLite makes a new database of.
+/// Creates the database at `path` with [`super::FILE_MODE`] whatever the umask, unless it
+/// exists. SQLite makes a new database with 0644 less the umask, and gives its `-wal` and
+/// `-shm` the database file's mode when it makes them (umask or not): so a database made here
+/// keeps all three private. Made whole under another name (`path` with `.new`), its header
+/// written, then renamed into place: a coordinator killed while making it leaves that name,
+/// which the next start removes, never an empty file at `path`, which [`check`] refuses as an
+/// emptied database (made at `path` itself, a SIGKILL between the file and its header left a
+/// data directory the coordinator would not start on until the file was deleted by hand).
 fn create_private(path: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let made = std::fs::OpenOptions::new()
+    // Anything there, a dangling link too, is left to SQLite: it says what it cannot open.
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Ok(());
+    }
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source: std::io::Error| match super::space::io_out_of_space(&source) {
+            true => StoreError::OutOfSpace {
+                path,
+                source: super::WriteError::Dir(source),
+            },
+            false => StoreError::Access { path, source },
+        }
+    };
+    let new = sibling(path, ".new");
+    for suffix in [".new", ".new-wal", ".new-shm", ".new-journal"] {
+        let left = sibling(path, suffix);
+        match std::fs::remove_file(&left) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&left)(e)),
+            _ => {}
+        }
+    }
+    std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(super::FILE_MODE)
-        .open(path)
+        .open(&new)
         // A umask that takes the owner's bits too (0277) would leave it unwritable.
-        .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(super::FILE_MODE)));
-    match made {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(source) if super::space::io_out_of_space(&source) => Err(StoreError::OutOfSpace {
-            path: path.to_owned(),
-            source: super::WriteError::Dir(source),
-        }),
-        Err(source) => Err(StoreError::Access {
-            path: path.to_owned(),
-            source,
-        }),
+        .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(super::FILE_MODE)))
+        .map_err(io(&new))?;
+    // WAL mode is kept in the header, which setting it writes: the file is a database.
+    let conn = Connection::open(&new).map_err(|source| StoreError::Open {
+        path: new.clone(),
+        source,
+    })?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(|e| {
+            super::space::or_out_of_space(&conn, &new, e, |source| StoreError::Sql {
+                path: new.clone(),
+                source,
+            })
+        })?;
+    drop(conn);
+    std::fs::File::open(&new)
+        .and_then(|f| f.sync_all())
+        .and_then(|()| std::fs::rename(&new, path))
+        .map_err(io(path))?;
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir)),
+        None => Ok(()),
     }
 }
 

@@ -222,6 +222,20 @@ fn a_file_that_is_not_a_database_is_refused_and_left_untouched() {
     assert_eq!(file_bytes(dir.path()), garbage, "the file must not change");
 }
 
+/// A coordinator killed while it made its database leaves no empty file where the database
+/// goes (which the next start refuses): it is made under another name and renamed into place,
+/// and a start after such a kill removes what that name left and starts afresh.
+#[test]
+fn a_database_made_anew_is_never_an_empty_file_and_a_killed_making_is_cleared() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let left = dir.path().join(format!("{DB_FILE}.new"));
+    std::fs::write(&left, b"").expect("write");
+    drop(open(dir.path()).expect("starts afresh"));
+    assert!(!left.exists());
+    assert!(file_bytes(dir.path()).starts_with(b"SQLite format 3\0"));
+    drop(open(dir.path()).expect("opens again"));
+}
+
 #[test]
 fn an_emptied_database_file_or_a_directory_in_its_place_is_refused_not_started_afresh() {
     // An empty file would open as a new, empty database: every task gone, without a word.
