@@ -997,6 +997,16 @@ fn worker_fields(w: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<(&'static
         _ => "",
     };
     f.push(("state", format!("{state}{why}")));
+    // While disconnected, the coordinator says when its grace ends.
+    if let Some(left) = until(&w["lost_at"], now) {
+        f.push((
+            "lost at",
+            format!(
+                "{} ({left}) unless it comes back: its tasks then go to other workers",
+                when(&w["lost_at"])
+            ),
+        ));
+    }
     // A rest outlives a session: a worker that comes back before its end still rests.
     let rest = &w["resting"];
     if rest.is_object() {
@@ -1651,6 +1661,23 @@ mod tests {
         assert!(
             lines[1].contains("until the coordinator's grace ends now (--lost-after), then"),
             "{lines:?}"
+        );
+    }
+
+    /// A disconnected worker's view says when the coordinator's grace for it ends
+    /// (`lost_at`); a connected one's has no such line.
+    #[test]
+    fn a_disconnected_workers_view_says_when_it_is_lost() {
+        let now = at("2026-12-07T07:00:00Z");
+        let mut w = reported_worker();
+        assert!(!worker_fields(&w, now).iter().any(|(k, _)| *k == "lost at"));
+        w["state"] = json!("disconnected");
+        w["lost_at"] = json!("2026-12-07T07:00:42Z");
+        let f = worker_fields(&w, now);
+        let lost = f.iter().find(|(k, _)| *k == "lost at").expect("lost at");
+        assert_eq!(
+            lost.1,
+            "2026-12-07T07:00:42.000Z (in 42s) unless it comes back: its tasks then go to other workers"
         );
     }
 
