@@ -684,9 +684,10 @@ impl Core {
             .collect();
         let died: crate::model::IdSet<(&TaskId, Attempt)> =
             inv.lost.iter().map(|x| (&x.task_id, x.attempt)).collect();
-        // Dead tasks wait for the replay that follows when it holds anything past what was
-        // acknowledged: a checkpoint of theirs may come in it.
-        let replay = inv.replay_through.filter(|t| *t > inv.acked_seq);
+        // Dead tasks wait for the replay that follows, when the worker says it holds one: a
+        // checkpoint of theirs may come in it. Not weighed against `acked_seq`: results go
+        // first, so a checkpoint may wait below a later message already acknowledged.
+        let replay = inv.replay_through;
         let mut hold = Vec::new();
         for task_id in held {
             let Some(lease) = self.tasks.get(&task_id).and_then(|t| t.lease.clone()) else {

@@ -3437,7 +3437,8 @@ fn assignment_of<'a>(sent: &'a [CoordMsg], task: &TaskId) -> Option<&'a TaskAssi
 }
 
 /// A new process of worker `a` (boot `b-new`) registering with `task`'s attempt 1 lost with the
-/// previous one, its outbox holding messages 5 and 6 unacknowledged.
+/// previous one, its outbox holding messages 5 and 6 unacknowledged, and 7 acknowledged (a
+/// result, which goes before checkpoints).
 fn registering_after_a_death(
     task: &TaskId,
     replay_through: Option<u64>,
@@ -3449,7 +3450,7 @@ fn registering_after_a_death(
             attempt: Attempt(1),
             paused: false,
         }];
-        r.inventory.acked_seq = Seq(4);
+        r.inventory.acked_seq = Seq(7);
         r.inventory.replay_through = replay_through.map(Seq);
     }
 }
