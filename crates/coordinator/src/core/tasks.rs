@@ -323,16 +323,10 @@ impl Core {
             Some(lease) => lease.desired == Desired::Paused,
             None => t.status == TaskStatus::Paused,
         };
-        if let Some(lease) = t.lease.take() {
-            if let Some(a) = t.attempts.iter_mut().find(|a| a.attempt == lease.attempt) {
-                a.ended_at.get_or_insert(ts);
-                a.end.get_or_insert_with(|| end.to_owned());
-            }
-            if let Some(w) = self.workers.get_mut(&lease.worker) {
-                w.leases.remove(task_id);
-                self.free.insert(lease.worker.clone());
-            }
-        }
+        self.end_lease(task_id, end, ts);
+        let Some(t) = self.tasks.get_mut(task_id) else {
+            return;
+        };
         t.lease_started = None;
         t.updated_at = ts;
         let exhausted = t.attempts_started() >= t.max_attempts();
@@ -627,6 +621,29 @@ impl Core {
         ts: DateTime<Utc>,
         b: &mut Batch,
     ) -> Option<Lease> {
+        let lease = self.end_lease(task_id, end, ts)?;
+        if let Some(s) = self
+            .workers
+            .get(&lease.worker)
+            .and_then(|w| w.session.as_ref())
+        {
+            b.send(
+                s,
+                CoordMsg::CancelTask(TaskControl {
+                    task_id: task_id.clone(),
+                    attempt: lease.attempt,
+                    reason: why.to_owned(),
+                    timestamp: ts,
+                }),
+            );
+        }
+        Some(lease)
+    }
+
+    /// Takes the task's lease, if any: its attempt ends as `end` at `ts` (unless it ended
+    /// before), and its worker's slot frees. Returns the lease. What comes of the task is the
+    /// caller's ([`Self::release_and_requeue_as`], [`Self::stop_lease`]).
+    fn end_lease(&mut self, task_id: &TaskId, end: &str, ts: DateTime<Utc>) -> Option<Lease> {
         let t = self.tasks.get_mut(task_id)?;
         let lease = t.lease.take()?;
         if let Some(a) = t.attempts.iter_mut().find(|a| a.attempt == lease.attempt) {
@@ -636,17 +653,6 @@ impl Core {
         if let Some(w) = self.workers.get_mut(&lease.worker) {
             w.leases.remove(task_id);
             self.free.insert(lease.worker.clone());
-            if let Some(s) = &w.session {
-                b.send(
-                    s,
-                    CoordMsg::CancelTask(TaskControl {
-                        task_id: task_id.clone(),
-                        attempt: lease.attempt,
-                        reason: why.to_owned(),
-                        timestamp: ts,
-                    }),
-                );
-            }
         }
         Some(lease)
     }
