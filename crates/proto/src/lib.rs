@@ -23,6 +23,8 @@ pub mod counters;
 #[cfg(feature = "drain")]
 pub mod drain;
 pub mod endpoint;
+#[cfg(feature = "file-modes")]
+pub mod file_modes;
 pub mod ids;
 pub mod integrity;
 #[cfg(feature = "lockfile")]

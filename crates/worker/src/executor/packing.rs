@@ -408,13 +408,8 @@ fn write_private(path: &Path, content: &[u8]) -> io::Result<()> {
 /// restored checkpoint puts back in it. Opened without following a symlink, as
 /// [`open_writable`] does; one that cannot be changed is left to the writes to report.
 fn open_private(path: &Path) {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let flags = nix::libc::O_NOFOLLOW | nix::libc::O_DIRECTORY;
-    let Ok(file) = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(flags)
-        .open(path)
-    else {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(file) = open_dir_nofollow(path) else {
         return;
     };
     let Ok(meta) = file.metadata() else { return };
@@ -428,14 +423,9 @@ fn open_private(path: &Path) {
 /// following a symlink (`O_NOFOLLOW`): a symlink's target, anywhere, is never changed. Whether
 /// it is a directory that now has them.
 fn open_writable(path: &Path) -> bool {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     const OWNER_RWX: u32 = 0o700;
-    let flags = nix::libc::O_NOFOLLOW | nix::libc::O_DIRECTORY;
-    let Ok(file) = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(flags)
-        .open(path)
-    else {
+    let Some(file) = open_dir_nofollow(path) else {
         return false;
     };
     let Ok(meta) = file.metadata() else {
@@ -448,6 +438,18 @@ fn open_writable(path: &Path) -> bool {
     // fchmod, on the directory opened: not a path another process could swap meanwhile.
     file.set_permissions(fs::Permissions::from_mode((mode | OWNER_RWX) & 0o7777))
         .is_ok()
+}
+
+/// The directory at `path`, opened without following a symlink (`O_NOFOLLOW`, `O_DIRECTORY`):
+/// what is changed through it is that directory, never a link's target. `None` if it is not
+/// one, or cannot be opened.
+fn open_dir_nofollow(path: &Path) -> Option<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_DIRECTORY)
+        .open(path)
+        .ok()
 }
 
 struct FileInfo {
@@ -517,6 +519,8 @@ fn walk_counting(dir: &Path) -> Result<(BTreeMap<String, FileInfo>, usize), Pack
 
 #[cfg(test)]
 mod tests {
+    use tether_proto::file_modes::mode;
+
     use super::*;
 
     fn write(dir: &Path, rel: &str, content: &[u8]) {
@@ -570,10 +574,6 @@ mod tests {
                 .join()
                 .expect("the thread without capabilities")
         })
-    }
-
-    fn mode(path: &Path) -> u32 {
-        fs::symlink_metadata(path).expect("stat").mode() & 0o7777
     }
 
     /// A task runs as the worker's user and may leave read-only directories (mode 0555, its

@@ -2,59 +2,15 @@
 //! task with a checkpoint leaves in the state directory, and on what an older worker left.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
+use tether_proto::file_modes::{Umask, mode, modes};
 use tether_proto::{Attempt, CheckpointId, TaskId, WorkerId};
 
 use super::StateDir;
 use crate::eventlog::EventLog;
 use crate::executor::{StoredCheckpoint, orphans, packing};
-
-fn mode(path: &Path) -> u32 {
-    std::fs::symlink_metadata(path)
-        .expect("metadata")
-        .permissions()
-        .mode()
-        & 0o7777
-}
-
-/// Every entry under `dir`, with its mode.
-fn modes(dir: &Path) -> Vec<(PathBuf, u32)> {
-    let mut found = Vec::new();
-    let mut dirs = vec![dir.to_owned()];
-    // Bounded: the test makes no tree deeper than a few levels, nor many files.
-    while let Some(d) = dirs.pop() {
-        assert!(found.len() < 1000, "more entries than the test makes");
-        for entry in std::fs::read_dir(&d).expect("read dir") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                dirs.push(path.clone());
-            }
-            let m = mode(&path);
-            found.push((path, m));
-        }
-    }
-    found
-}
-
-/// The umask of the usual system for the test's length (it makes files 0644 and directories
-/// 0755), the one it found put back after.
-struct Umask(nix::sys::stat::Mode);
-
-impl Umask {
-    fn usual() -> Self {
-        Umask(nix::sys::stat::umask(
-            nix::sys::stat::Mode::from_bits_truncate(0o022),
-        ))
-    }
-}
-
-impl Drop for Umask {
-    fn drop(&mut self) {
-        nix::sys::stat::umask(self.0);
-    }
-}
 
 fn tid(s: &str) -> TaskId {
     TaskId::parse(s).expect("id")

@@ -5,52 +5,9 @@
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 
+use tether_proto::file_modes::{Umask, mode, modes};
+
 use super::*;
-
-fn mode(path: &Path) -> u32 {
-    std::fs::symlink_metadata(path)
-        .expect("metadata")
-        .permissions()
-        .mode()
-        & 0o7777
-}
-
-/// Every entry under `dir`, with its mode.
-fn modes(dir: &Path) -> Vec<(PathBuf, u32)> {
-    let mut found = Vec::new();
-    let mut dirs = vec![dir.to_owned()];
-    // Bounded: the store makes no tree deeper than a few levels, nor many files.
-    while let Some(d) = dirs.pop() {
-        assert!(found.len() < 1000, "more entries than a store makes");
-        for entry in std::fs::read_dir(&d).expect("read dir") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                dirs.push(path.clone());
-            }
-            let m = mode(&path);
-            found.push((path, m));
-        }
-    }
-    found
-}
-
-/// The umask of the usual system for the test's length (it makes files 0644 and directories
-/// 0755), the one it found put back after.
-struct Umask(nix::sys::stat::Mode);
-
-impl Umask {
-    fn usual() -> Self {
-        Umask(nix::sys::stat::umask(
-            nix::sys::stat::Mode::from_bits_truncate(0o022),
-        ))
-    }
-}
-
-impl Drop for Umask {
-    fn drop(&mut self) {
-        nix::sys::stat::umask(self.0);
-    }
-}
 
 #[test]
 fn every_file_the_store_makes_is_its_users_alone_under_the_usual_umask() {
