@@ -5,7 +5,7 @@
 //! whose CA key was not kept is refused, saying how to rotate the CA instead.
 
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,41 +14,9 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tether_testkit::wait_for;
 use tokio::process::{Child, Command};
 
-const LONG: Duration = Duration::from_secs(60);
-
-fn tether() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tether"));
-    for var in [
-        "TETHER_TOKEN",
-        "TETHER_TOKEN_FILE",
-        "TETHER_SECRET",
-        "TETHER_SECRET_FILE",
-        "TETHER_SECRETS_DIR",
-        "TETHER_CA_FILE",
-        "TETHER_COORDINATOR",
-        "TETHER_CONFIG",
-    ] {
-        c.env_remove(var);
-    }
-    c.stdin(Stdio::null()).kill_on_drop(true);
-    c
-}
-
-async fn run(cmd: &mut Command) -> Output {
-    tokio::time::timeout(LONG, cmd.output())
-        .await
-        .expect("the command finishes")
-        .expect("run tether")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn mode(p: &Path) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
-}
+#[path = "support/cli_proc.rs"]
+mod cli_proc;
+use cli_proc::{LONG, mode, run, tether, text};
 
 fn read(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))

@@ -4,48 +4,13 @@
 //! that trusts only that CA and insists on integrity tags runs a task submitted and watched
 //! through the https:// client commands.
 
-use std::process::{Output, Stdio};
-use std::time::Duration;
+use std::process::Stdio;
 
 use tether_testkit::wait_for;
-use tokio::process::Command;
 
-const LONG: Duration = Duration::from_secs(60);
-
-fn tether() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tether"));
-    for var in [
-        "TETHER_TOKEN",
-        "TETHER_TOKEN_FILE",
-        "TETHER_SECRET",
-        "TETHER_SECRET_FILE",
-        "TETHER_SECRETS_DIR",
-        "TETHER_CA_FILE",
-        "TETHER_COORDINATOR",
-        "TETHER_CONFIG",
-    ] {
-        c.env_remove(var);
-    }
-    c.stdin(Stdio::null()).kill_on_drop(true);
-    c
-}
-
-async fn run(cmd: &mut Command) -> Output {
-    tokio::time::timeout(LONG, cmd.output())
-        .await
-        .expect("the command finishes")
-        .expect("run tether")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-#[cfg(unix)]
-fn mode(p: &std::path::Path) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
-}
+#[path = "support/cli_proc.rs"]
+mod cli_proc;
+use cli_proc::{LONG, mode, run, tether, text};
 
 #[tokio::test]
 async fn tether_cert_files_make_a_working_tls_authenticated_tagged_deployment() {
