@@ -1099,6 +1099,13 @@ mod tests {
     /// A task whose first attempt's lease was lost at 5 s: attempt 2 is leased at `second`
     /// ms, and attempt 1's completed result comes at 10 s, `stale` or counted; attempt 2 ends
     /// with a counted result of its own when `stale`.
+    /// Task `a` of `g` stores `row` too, recorded at `ms`.
+    fn another_result(g: &mut GroundTruth, row: ResultView, ms: i64) {
+        let stored = g.stored.as_mut().expect("stored");
+        stored.recorded_at.insert(("a".into(), row.attempt), at(ms));
+        stored.results.get_mut("a").expect("a").push(row);
+    }
+
     fn came_late(second: Option<i64>, stale: bool) -> GroundTruth {
         let mut g = healthy();
         let mut stored = stored_as_listed(&g);
@@ -1155,13 +1162,7 @@ mod tests {
         // The attempt that ran meanwhile, superseded by that adoption, reports after it: kept
         // stale, explained by the result counted first (seen in a run).
         let mut g = came_late(Some(7_000), false);
-        let stored = g.stored.as_mut().expect("stored");
-        stored
-            .results
-            .get_mut("a")
-            .expect("a")
-            .push(result(2, true, "cancelled"));
-        stored.recorded_at.insert(("a".into(), 2), at(10_500));
+        another_result(&mut g, result(2, true, "cancelled"), 10_500);
         let said = detail(&g, "late_results_explained");
         assert!(said.contains("a#2 (#1 counted first)"), "{said}");
         assert!(!failing(&g).contains(&"late_results_explained"), "{said}");
@@ -1210,13 +1211,7 @@ mod tests {
     #[test]
     fn a_late_result_counted_beside_another_fails() {
         let mut g = came_late(Some(7_000), false);
-        let stored = g.stored.as_mut().expect("stored");
-        stored
-            .results
-            .get_mut("a")
-            .expect("a")
-            .push(result(2, false, "completed"));
-        stored.recorded_at.insert(("a".into(), 2), at(11_000));
+        another_result(&mut g, result(2, false, "completed"), 11_000);
         let said = detail(&g, "late_results_explained");
         assert!(said.contains("a: 2 counted results, one owed"), "{said}");
     }
