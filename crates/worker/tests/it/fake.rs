@@ -768,19 +768,12 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
             }
         }
         Script::LateReplies => {
-            let mut due: std::collections::VecDeque<(u64, tokio::time::Instant)> =
+            let mut due: std::collections::VecDeque<(Instant, u64)> =
                 std::collections::VecDeque::new();
             loop {
-                let next = due.front().map(|&(_, at)| at);
-                let wait = async {
-                    match next {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                };
                 tokio::select! {
-                    () = wait => {
-                        let Some((seq, _)) = due.pop_front() else { continue };
+                    () = first_due(&due) => {
+                        let Some((_, seq)) = due.pop_front() else { continue };
                         if ws.send(heartbeat_reply(seq)).await.is_err() {
                             return;
                         }
@@ -788,7 +781,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                     m = ws.next() => {
                         let Some(Ok(m)) = m else { return };
                         if let Some(seq) = heartbeat_in(&m) {
-                            due.push_back((seq, tokio::time::Instant::now() + LATE_REPLY));
+                            due.push_back((Instant::now() + LATE_REPLY, seq));
                         } else if let Some((seq, ack)) = ack_of(&m) {
                             received.lock().expect("lock").push((conn, seq));
                             if ws.send(send(ack)).await.is_err() {
@@ -820,15 +813,8 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
             let mut due: std::collections::VecDeque<(Instant, CoordMsg)> =
                 std::collections::VecDeque::new();
             loop {
-                let next = due.front().map(|&(at, _)| at);
-                let wait = async {
-                    match next {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                };
                 tokio::select! {
-                    () = wait => {
+                    () = first_due(&due) => {
                         let Some((_, ack)) = due.pop_front() else { continue };
                         if ws.send(send(ack)).await.is_err() {
                             return;
@@ -1133,6 +1119,20 @@ pub const SLOW_ACKS_CHECKPOINT: usize = 4 << 20;
 pub const BIG_CHECKPOINT: usize = 16 * 1024;
 
 /// The sequence number of a heartbeat frame.
+/// Sleeps until the first of `due` is due; for ever while none is. Its time is read as it is
+/// made: the queue is free to change once it waits.
+fn first_due<T>(
+    due: &std::collections::VecDeque<(Instant, T)>,
+) -> impl std::future::Future<Output = ()> + use<T> {
+    let next = due.front().map(|&(at, _)| at);
+    async move {
+        match next {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
 fn heartbeat_in(m: &Message) -> Option<u64> {
     match m {
         Message::Text(t) => match decode_worker(t.as_str()) {
