@@ -7,69 +7,21 @@
 //! The log is read from a subscriber set for this test's thread only (the test's runtime,
 //! current-thread, runs the coordinator's tasks it spawns), as in `refusal_storm`.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use serde_json::json;
 use tether_coordinator::auth::{ApiTokens, Scope, WorkerAuth};
 use tether_proto::auth::Secret;
 use tether_testkit::*;
-use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::support::coordinator_with;
+use crate::support::{CapturedLog, coordinator_with};
 
 const ADMIN: &str = "admin-token-of-the-audit-test";
 const READ: &str = "read-token-of-the-audit-test";
 const METRICS: &str = "metrics-token-of-the-audit-test";
 const UNKNOWN: &str = "unknown-token-of-the-audit-test";
 
-/// The log lines written while it is set as the thread's subscriber.
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Log {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Log {
-    /// Captures the coordinator's log, debug and up, on this thread until the guard is dropped.
-    fn capture() -> (Log, tracing::subscriber::DefaultGuard) {
-        let log = Log::default();
-        let writer = log.clone();
-        let guard = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(
-                "tether_coordinator=debug",
-            ))
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish()
-            .set_default();
-        (log, guard)
-    }
-
-    fn text(&self) -> String {
-        let bytes = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        String::from_utf8_lossy(&bytes).into_owned()
-    }
-
-    /// The lines that say `message`.
-    fn lines(&self, message: &str) -> Vec<String> {
-        self.text()
-            .lines()
-            .filter(|l| l.contains(message))
-            .map(str::to_owned)
-            .collect()
-    }
+/// The coordinator's log, debug and up, captured on this thread until the guard is dropped.
+fn capture() -> (CapturedLog, tracing::subscriber::DefaultGuard) {
+    CapturedLog::capture("tether_coordinator=debug")
 }
 
 fn token_file(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
@@ -80,7 +32,7 @@ fn token_file(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathB
 
 #[tokio::test]
 async fn refused_requests_and_commands_are_logged_with_their_peer_and_token_label() {
-    let (log, _guard) = Log::capture();
+    let (log, _guard) = capture();
     let files = tempfile::tempdir().expect("files");
     let mut tokens = ApiTokens::default();
     let admin = token_file(files.path(), "admin.token", &format!("# ops\n{ADMIN}\n"));
@@ -194,7 +146,7 @@ async fn refused_requests_and_commands_are_logged_with_their_peer_and_token_labe
 
 #[tokio::test]
 async fn worker_authentication_failures_and_registrations_name_the_peer() {
-    let (log, _guard) = Log::capture();
+    let (log, _guard) = capture();
     let secret = Secret::new(b"fleet secret of the audit test").expect("secret");
     let (_dir, c) =
         coordinator_with(|cfg| cfg.auth = Some(WorkerAuth::fleet(secret.clone()))).await;

@@ -11,18 +11,14 @@
 //! the binary log on their own threads. The limiter is process-wide: the ids here are used by
 //! no other test.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use serde_json::json;
 use tether_coordinator::auth::WorkerAuth;
 use tether_proto::TaskSpec;
 use tether_proto::auth::Secret;
 use tether_testkit::*;
-use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::raw::{Raw, counter};
-use crate::support::{connected, coordinator_with};
+use crate::support::{CapturedLog, connected, coordinator_with};
 
 /// The ids the storm registers as: no other test uses them, as the limiter remembers them for
 /// the whole process.
@@ -39,23 +35,8 @@ fn fleet_secret() -> Secret {
     Secret::new(b"fleet secret of the refusal storm test").expect("secret")
 }
 
-/// The log lines written while it is set as the thread's subscriber.
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Log {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+/// The coordinator's log as captured, read by worker and by reason.
+struct Log(CapturedLog);
 
 impl Log {
     /// Captures the coordinator's session log, debug and up, on this thread until the guard
@@ -66,15 +47,8 @@ impl Log {
 
     /// Captures what `filter` lets through on this thread until the guard is dropped.
     fn capture_of(filter: &str) -> (Log, tracing::subscriber::DefaultGuard) {
-        let log = Log::default();
-        let writer = log.clone();
-        let guard = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish()
-            .set_default();
-        (log, guard)
+        let (log, guard) = CapturedLog::capture(filter);
+        (Log(log), guard)
     }
 
     /// Checks that `worker`'s lines of `reason` were said once at WARN (`said`, no repeats
@@ -125,12 +99,7 @@ impl Log {
 
     /// The lines that say `message`, of any worker.
     fn all(&self, message: &str) -> Vec<String> {
-        let bytes = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        String::from_utf8_lossy(&bytes)
-            .lines()
-            .filter(|l| l.contains(message))
-            .map(str::to_owned)
-            .collect()
+        self.0.lines(message)
     }
 }
 

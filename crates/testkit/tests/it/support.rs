@@ -108,3 +108,54 @@ pub async fn cancel_and_stop(client: &Client, id: &TaskId, w: TestWorker, c: Tes
     w.stop().await.expect("clean stop");
     c.stop().await;
 }
+
+/// The log lines written on this thread while it is captured ([`CapturedLog::capture`]): the
+/// coordinator's tasks a current-thread test runtime spawns log there too.
+#[derive(Clone, Default)]
+pub struct CapturedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLog {
+    /// Captures what `filter` (an `EnvFilter`) lets through on this thread until the guard is
+    /// dropped.
+    pub fn capture(filter: &str) -> (Self, tracing::subscriber::DefaultGuard) {
+        use tracing_subscriber::util::SubscriberInitExt;
+        let log = CapturedLog::default();
+        let writer = log.clone();
+        let guard = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish()
+            .set_default();
+        (log, guard)
+    }
+
+    /// Everything captured so far.
+    pub fn text(&self) -> String {
+        let bytes = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// The lines that say `message`.
+    pub fn lines(&self, message: &str) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|l| l.contains(message))
+            .map(str::to_owned)
+            .collect()
+    }
+}
