@@ -124,6 +124,32 @@ impl Harness {
         b
     }
 
+    /// A task leased to worker `a`, then lost with it (queued again, or failed once its
+    /// attempts are used up).
+    fn lost_on_a(&mut self) -> TaskId {
+        let (sa, mut rxa) = self.connect("a");
+        let t = self.submit();
+        drain(&mut rxa);
+        self.lose("a", sa, &t);
+        t
+    }
+
+    /// Connects `worker`, which must be assigned a task's `attempt`: its session and mailbox.
+    fn assigned(
+        &mut self,
+        worker: &str,
+        attempt: Attempt,
+    ) -> (u64, super::mailbox::Receiver<Outgoing>) {
+        let (s, mut rx) = self.connect(worker);
+        assert!(
+            drain(&mut rx)
+                .iter()
+                .any(|m| matches!(m, CoordMsg::TaskAssignment(x) if x.attempt == attempt)),
+            "{worker} is assigned attempt {attempt}"
+        );
+        (s, rx)
+    }
+
     fn submit(&mut self) -> TaskId {
         self.submit_spec(TaskSpec::new("sleep", serde_json::json!({})))
     }
@@ -267,17 +293,9 @@ fn a_resent_result_is_acknowledged_as_duplicate_and_counted_once() {
 fn a_result_of_an_attempt_that_lost_its_lease_is_stale_once_another_counted_and_one_from_a_stranger_is_rejected()
  {
     let mut h = Harness::new();
-    let (sa, mut rxa) = h.connect("a");
-    let t = h.submit();
-    drain(&mut rxa);
     // a goes away; its lease is released and the task requeued (attempt 2 goes to b).
-    h.lose("a", sa, &t);
-    let (sb, mut rxb) = h.connect("b");
-    assert!(
-        drain(&mut rxb)
-            .iter()
-            .any(|m| matches!(m, CoordMsg::TaskAssignment(x) if x.attempt == Attempt(2)))
-    );
+    let t = h.lost_on_a();
+    let (sb, mut rxb) = h.assigned("b", Attempt(2));
     // c never held the task.
     let (sc, mut rxc) = h.connect("c");
     h.frame("c", sc, result(1, &t, 2));
@@ -313,16 +331,8 @@ fn a_result_of_an_attempt_that_lost_its_lease_is_stale_once_another_counted_and_
 fn a_late_finished_result_is_counted_when_the_task_has_none_and_the_attempt_that_replaced_it_is_stopped()
  {
     let mut h = Harness::new();
-    let (sa, mut rxa) = h.connect("a");
-    let t = h.submit();
-    drain(&mut rxa);
-    h.lose("a", sa, &t);
-    let (sb, mut rxb) = h.connect("b");
-    assert!(
-        drain(&mut rxb)
-            .iter()
-            .any(|m| matches!(m, CoordMsg::TaskAssignment(x) if x.attempt == Attempt(2)))
-    );
+    let t = h.lost_on_a();
+    let (sb, mut rxb) = h.assigned("b", Attempt(2));
     let (sa2, mut rxa2) = h.connect("a");
     drain(&mut rxa2);
     h.frame("a", sa2, result(1, &t, 1));
@@ -369,10 +379,7 @@ fn a_late_result_that_is_not_finished_work_is_kept_stale() {
         }),
     ] {
         let mut h = Harness::new();
-        let (sa, mut rxa) = h.connect("a");
-        let t = h.submit();
-        drain(&mut rxa);
-        h.lose("a", sa, &t);
+        let t = h.lost_on_a();
         assert_eq!(h.core.tasks[&t].status, TaskStatus::Queued, "{case}");
         let (sa2, mut rxa2) = h.connect("a");
         drain(&mut rxa2);
@@ -394,10 +401,7 @@ fn a_late_result_that_is_not_finished_work_is_kept_stale() {
 #[test]
 fn a_worker_back_with_the_lost_attempt_finished_gets_its_lease_back_before_the_task_runs_again() {
     let mut h = Harness::new();
-    let (sa, mut rxa) = h.connect("a");
-    let t = h.submit();
-    drain(&mut rxa);
-    h.lose("a", sa, &t);
+    let t = h.lost_on_a();
     assert_eq!(h.core.tasks[&t].status, TaskStatus::Queued);
     let (sa2, mut rxa2) = h.connect_registering("a", |r| {
         r.inventory.finished = vec![tether_proto::task::TaskRef::new(t.clone(), Attempt(1))];
