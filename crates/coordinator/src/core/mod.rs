@@ -701,7 +701,11 @@ impl Core {
         mut writer: Handoff,
         shutdown: CancellationToken,
     ) {
-        let mut sweep = tokio::time::interval(self.cfg.sweep_interval);
+        // The first sweep one interval after the start, not at once: nothing is due then (a
+        // worker is lost `lost_after` from the start at the earliest), and a sweep at once
+        // raced the first events for the first batch.
+        let period = self.cfg.sweep_interval;
+        let mut sweep = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut first = Batch::default();
         self.drop_unleased_partials(&mut first);
