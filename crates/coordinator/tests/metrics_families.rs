@@ -8,15 +8,10 @@
 //! before the first scrape: its other tests make no worker session (one only submits), and
 //! its gauges are set from its own coordinator at each scrape.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
-
-/// How long a step may take before the test fails rather than hangs.
-const STEP: Duration = Duration::from_secs(30);
+mod support;
+use support::{STEP, request, scraped, start, stop};
 
 /// The (name, type) of every family in the coordinator's metrics table of OPERATIONS.md.
 fn documented_families() -> Vec<(String, String)> {
@@ -43,84 +38,6 @@ fn documented_families() -> Vec<(String, String)> {
     families
 }
 
-/// A request over a plain HTTP/1.1 connection: status code and body.
-async fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(format!("{head}{body}").as_bytes())
-        .await
-        .expect("send the request");
-    let mut answer = String::new();
-    s.read_to_string(&mut answer)
-        .await
-        .expect("read the answer");
-    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status code");
-    (status, body.to_owned())
-}
-
-/// `GET /metrics`.
-async fn scrape(addr: SocketAddr) -> (u16, String) {
-    request(addr, "GET", "/metrics", "").await
-}
-
-/// The metrics page, scraped within [`STEP`] and answered 200.
-async fn scraped(addr: SocketAddr) -> String {
-    let (status, text) = tokio::time::timeout(STEP, scrape(addr))
-        .await
-        .expect("scraped in time");
-    assert_eq!(status, 200, "{text}");
-    text
-}
-
-/// A coordinator in `dir` on `127.0.0.1:0`, started.
-async fn start(
-    dir: &std::path::Path,
-) -> (
-    SocketAddr,
-    CancellationToken,
-    tokio::task::JoinHandle<Result<(), tether_coordinator::ServerError>>,
-) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let shutdown = CancellationToken::new();
-    let (started, on_start) = tokio::sync::oneshot::channel();
-    let join = tokio::spawn(tether_coordinator::run_with(
-        listener,
-        tether_coordinator::CoordinatorConfig::new(dir),
-        shutdown.clone(),
-        move |_| {
-            let _ = started.send(());
-        },
-    ));
-    tokio::time::timeout(STEP, on_start)
-        .await
-        .expect("started in time")
-        .expect("started");
-    (addr, shutdown, join)
-}
-
-/// Stops a coordinator [`start`] started.
-async fn stop(
-    shutdown: CancellationToken,
-    join: tokio::task::JoinHandle<Result<(), tether_coordinator::ServerError>>,
-) {
-    shutdown.cancel();
-    let stopped = tokio::time::timeout(STEP, join)
-        .await
-        .expect("stopped in time")
-        .expect("the coordinator's task");
-    stopped.expect("stopped cleanly");
-}
-
 #[tokio::test]
 async fn a_fresh_coordinator_exports_every_documented_family() {
     let families = documented_families();
@@ -128,7 +45,8 @@ async fn a_fresh_coordinator_exports_every_documented_family() {
     // fewer read the wrong lines.
     assert!(families.len() >= 40, "parsed {families:?}");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (addr, shutdown, join) = start(dir.path()).await;
+    let (addr, shutdown, join) =
+        start(tether_coordinator::CoordinatorConfig::new(dir.path())).await;
 
     let text = scraped(addr).await;
     let missing: Vec<String> = families
@@ -172,7 +90,8 @@ fn documented_labels(family: &str) -> String {
 async fn every_way_a_session_ends_is_a_reason_at_0_from_the_start_and_documented() {
     use tether_coordinator::metrics::{SESSIONS_ENDED, SessionEnd};
     let dir = tempfile::tempdir().expect("tempdir");
-    let (addr, shutdown, join) = start(dir.path()).await;
+    let (addr, shutdown, join) =
+        start(tether_coordinator::CoordinatorConfig::new(dir.path())).await;
     let text = scraped(addr).await;
     let documented = documented_labels(SESSIONS_ENDED);
     for end in SessionEnd::ALL {
@@ -208,7 +127,8 @@ fn depths(text: &str) -> Vec<(String, f64)> {
 #[tokio::test]
 async fn the_queue_depth_is_exported_by_priority() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (addr, shutdown, join) = start(dir.path()).await;
+    let (addr, shutdown, join) =
+        start(tether_coordinator::CoordinatorConfig::new(dir.path())).await;
     // No worker: they all wait.
     let tasks = r#"{"tasks": [
         {"kind": "sleep", "priority": 1},

@@ -7,65 +7,21 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tether_coordinator::metrics::{REGISTRATIONS_REFUSED, Refused};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
 
-/// How long a step may take before the test fails rather than hangs.
-const STEP: Duration = Duration::from_secs(30);
+mod support;
+use support::{STEP, scraped, start, stop};
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
-/// A coordinator on `127.0.0.1:0` with `cfg`, started.
-async fn start(
-    cfg: tether_coordinator::CoordinatorConfig,
-) -> (
-    SocketAddr,
-    CancellationToken,
-    tokio::task::JoinHandle<Result<(), tether_coordinator::ServerError>>,
-) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let shutdown = CancellationToken::new();
-    let (started, on_start) = tokio::sync::oneshot::channel();
-    let join = tokio::spawn(tether_coordinator::run_with(
-        listener,
-        cfg,
-        shutdown.clone(),
-        move |_| {
-            let _ = started.send(());
-        },
-    ));
-    tokio::time::timeout(STEP, on_start)
-        .await
-        .expect("started in time")
-        .expect("started");
-    (addr, shutdown, join)
-}
-
 /// `reason` -> value of every sample of the family, from a scrape of `/metrics`.
 async fn refused(addr: SocketAddr) -> BTreeMap<String, u64> {
-    let scrape = async {
-        let mut s = TcpStream::connect(addr).await.expect("connect");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("send the request");
-        let mut answer = String::new();
-        s.read_to_string(&mut answer)
-            .await
-            .expect("read the answer");
-        answer
-    };
-    let answer = tokio::time::timeout(STEP, scrape)
-        .await
-        .expect("scraped in time");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer = scraped(addr).await;
     let prefix = format!("{REGISTRATIONS_REFUSED}{{reason=\"");
     answer
         .lines()
@@ -189,9 +145,7 @@ async fn every_refused_registration_moves_its_own_reason_by_one() {
     refused_once(addr, "refused-twice", back, 4003, Refused::Replaced).await;
     drop(newer);
 
-    shutdown.cancel();
-    let stopped = tokio::time::timeout(STEP, join).await.expect("stopped");
-    stopped.expect("its task").expect("stopped cleanly");
+    stop(shutdown, join).await;
 
     // Refused by authentication: an unsigned registration to a coordinator that checks.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -202,7 +156,5 @@ async fn every_refused_registration_moves_its_own_reason_by_one() {
     let (addr, shutdown, join) = start(cfg).await;
     let unsigned = registration("refused-w", "b-1");
     refused_once(addr, "refused-w", unsigned, 4001, Refused::Unauthorized).await;
-    shutdown.cancel();
-    let stopped = tokio::time::timeout(STEP, join).await.expect("stopped");
-    stopped.expect("its task").expect("stopped cleanly");
+    stop(shutdown, join).await;
 }
