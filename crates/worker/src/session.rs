@@ -1065,7 +1065,12 @@ impl<'a> Session<'a> {
                 acked_seq: a.outbox.acked_max(),
                 // What the replay after this registration reaches: the dead process's
                 // checkpoints among it come before its lost tasks are requeued.
-                replay_through: a.outbox.last_pending().filter(|_| !a.lost.is_empty()),
+                // (The outbox is scanned only when something was lost: rarely.)
+                replay_through: if a.lost.is_empty() {
+                    None
+                } else {
+                    a.outbox.last_pending()
+                },
             },
             signature,
             compression: if a.cfg.compression {
