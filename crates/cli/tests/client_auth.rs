@@ -4,44 +4,27 @@
 //! client when it holds one token, and what is a token is one rule on both sides.
 
 use std::path::Path;
-use std::process::Stdio;
-use std::time::Duration;
 
 use tether_coordinator::auth::{ApiTokens, Scope};
 use tether_testkit::*;
-use tokio::process::Command;
 
-const LONG: Duration = Duration::from_secs(60);
+#[path = "support/cli_proc.rs"]
+mod cli_proc;
+use cli_proc::{run, write_private};
 
 /// `tether args...` against the coordinator at `http`, without any token or coordinator from
-/// the environment; its output, once it exited (within [`LONG`]).
+/// the environment; its output, once it exited (within [`cli_proc::LONG`]).
 async fn tether(http: &str, args: &[&str], token_file: Option<&Path>) -> std::process::Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tether"));
-    c.args(args)
-        .args(["--coordinator", http])
-        .env_remove("TETHER_TOKEN")
-        .env_remove("TETHER_TOKEN_FILE")
-        .env_remove("TETHER_CA_FILE")
-        .env_remove("TETHER_COORDINATOR")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    let mut c = cli_proc::tether();
+    c.args(args).args(["--coordinator", http]);
     if let Some(f) = token_file {
         c.arg("--token-file").arg(f);
     }
-    tokio::time::timeout(LONG, c.output())
-        .await
-        .expect("tether exits")
-        .expect("run tether")
+    run(&mut c).await
 }
 
 fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn write_private(path: &Path, text: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, text).expect("write");
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    cli_proc::text(&out.stderr)
 }
 
 #[tokio::test]
@@ -146,36 +129,18 @@ async fn a_token_with_spaces_the_coordinator_takes_the_client_sends_and_a_short_
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert!(listed.is_array() || listed["tasks"].is_array(), "{listed}");
     // The same token in TETHER_TOKEN.
-    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+    let out = run(cli_proc::tether()
         .args(["tasks", "--json", "--coordinator", &http])
-        .env_remove("TETHER_TOKEN_FILE")
-        .env_remove("TETHER_CA_FILE")
-        .env_remove("TETHER_COORDINATOR")
-        .env("TETHER_TOKEN", spaced)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(LONG, out)
-        .await
-        .expect("tether exits")
-        .expect("run tether");
+        .env("TETHER_TOKEN", spaced))
+    .await;
     assert!(out.status.success(), "{}", stderr(&out));
     // Both a token file and TETHER_TOKEN: the file's token is sent, and the client says the
     // variable was passed over (a token that is not the one meant is no silent guess).
-    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+    let out = run(cli_proc::tether()
         .args(["tasks", "--json", "--coordinator", &http, "--token-file"])
         .arg(&one)
-        .env_remove("TETHER_TOKEN_FILE")
-        .env_remove("TETHER_CA_FILE")
-        .env_remove("TETHER_COORDINATOR")
-        .env("TETHER_TOKEN", "a token the coordinator does not know")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(LONG, out)
-        .await
-        .expect("tether exits")
-        .expect("run tether");
+        .env("TETHER_TOKEN", "a token the coordinator does not know"))
+    .await;
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("TETHER_TOKEN is passed over"), "{err}");

@@ -68,11 +68,9 @@ async fn status_with(base: &str, token: &str) -> u16 {
     Client::with_token(base, token).get("/api/v1/tasks").await.0
 }
 
-fn write_private(path: &Path, text: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, text).expect("write");
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-}
+#[path = "support/cli_proc.rs"]
+mod cli_proc;
+use cli_proc::write_private;
 
 #[tokio::test]
 async fn a_sighup_to_the_coordinator_takes_a_token_added_to_its_file_and_drops_one_removed() {

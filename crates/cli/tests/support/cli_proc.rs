@@ -1,6 +1,7 @@
 //! What the tests of `tether` run as real processes, in a tokio test, share: the command
 //! without the settings of the test's own environment, a run bounded in time, its output as
-//! text, a file's mode.
+//! text, a file's mode, a private file written. A test file takes what it needs of it.
+#![allow(dead_code)]
 
 use std::path::Path;
 use std::process::{Output, Stdio};
@@ -47,4 +48,11 @@ pub fn text(b: &[u8]) -> String {
 pub fn mode(p: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
+}
+
+/// Writes `text` to `path`, readable by its user alone (as a token or secret file must be).
+pub fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).expect("write");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
 }
