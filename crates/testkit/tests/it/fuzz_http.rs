@@ -120,29 +120,12 @@ async fn random_json_bodies_get_a_clear_answer_and_never_a_server_error() {
 /// Sends `GET target` as raw HTTP/1.1 (`Connection: close`; a target this long no HTTP client
 /// builds), with `token` as a bearer token, and reads the whole answer: its status and body.
 async fn raw_get(addr: std::net::SocketAddr, target: &str, token: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let request = format!(
         "GET {target} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
          Connection: close\r\n\r\n"
     );
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        s.write_all(request.as_bytes()).await.expect("send");
-        let mut answer = Vec::new();
-        s.read_to_end(&mut answer).await.expect("read the answer");
-        answer
-    };
-    let answer = tokio::time::timeout(DEADLINE, exchange)
-        .await
-        .expect("an answer within the deadline");
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("a status line: {head}"));
-    (status, body.to_owned())
+    let (status, _, body) = crate::support::raw_http(addr, &request).await;
+    (status, body)
 }
 
 /// A request target (path and query) over the API's limit is refused `414 uri_too_long` with

@@ -260,30 +260,10 @@ async fn the_answers_of_the_reading_operations_after_a_run_are_those_the_documen
 /// target this long no HTTP client builds) and reads the whole answer: its status, head and
 /// body. A connection reset before the answer is read fails it.
 async fn raw(addr: std::net::SocketAddr, method: &str, target: &str) -> (u16, String, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let request = format!(
         "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        s.write_all(request.as_bytes()).await.expect("send");
-        let mut answer = Vec::new();
-        s.read_to_end(&mut answer).await.expect("read the answer");
-        answer
-    };
-    let answer = tokio::time::timeout(tether_testkit::DEADLINE, exchange)
-        .await
-        .expect("an answer within the deadline");
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    let (head, body) = answer
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("a head and a body: {answer:?}"));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("a status line: {head}"));
-    (status, head.to_owned(), body.to_owned())
+    crate::support::raw_http(addr, &request).await
 }
 
 /// A request target over the API's limit is answered `414 uri_too_long` with the error body

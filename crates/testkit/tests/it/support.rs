@@ -159,3 +159,30 @@ impl CapturedLog {
             .collect()
     }
 }
+
+/// Sends `request` (a whole HTTP/1.1 request, with `Connection: close`) as it is, and reads
+/// the whole answer within [`DEADLINE`]: its status, head and body. For what no HTTP client
+/// sends (a target past hyper's bound, one of every byte).
+pub async fn raw_http(addr: std::net::SocketAddr, request: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(request.as_bytes()).await.expect("send");
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.expect("read the answer");
+        answer
+    };
+    let answer = tokio::time::timeout(DEADLINE, exchange)
+        .await
+        .expect("an answer within the deadline");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("a head and a body: {answer:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("a status line: {head}"));
+    (status, head.to_owned(), body.to_owned())
+}
