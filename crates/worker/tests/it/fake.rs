@@ -1273,6 +1273,22 @@ impl Running {
         self.stop.cancel();
         self.run.await.expect("join").expect("clean stop");
     }
+
+    /// Whether the agent has ended on its own.
+    pub fn is_finished(&self) -> bool {
+        self.run.is_finished()
+    }
+
+    /// Waits for the agent to end on its own (a refusal, attempts given up), within
+    /// [`STATE_WAIT`]: how it ended.
+    pub async fn ended(self) -> Result<(), tether_worker::AgentError> {
+        tokio::time::timeout(STATE_WAIT, self.run)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("agent still {:?} after {STATE_WAIT:?}", self.handle.state())
+            })
+            .expect("join")
+    }
 }
 
 /// The `welcome` of worker `w`'s session `session_id`, with these heartbeat interval and

@@ -16,7 +16,6 @@ use tether_worker::{AgentError, ConnState, WorkerConfig};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_util::sync::CancellationToken;
 
 use crate::fake::{FakeConnector, ONE_STEP, Running, Script};
 
@@ -326,15 +325,7 @@ fn with_secret(require_message_mac: bool) -> WorkerConfig {
 #[tokio::test(start_paused = true)]
 async fn a_damaged_welcome_never_stops_a_worker_that_requires_integrity() {
     let coordinator = DamagedWelcome::default();
-    let agent = tether_worker::Agent::with_transport(
-        with_secret(true),
-        tether_worker::Executors::builtin(),
-        coordinator.clone(),
-    )
-    .expect("valid config");
-    let handle = agent.handle();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(agent.run(stop.clone()));
+    let running = Running::start_with(coordinator.clone(), with_secret(true));
     assert!(
         within(Duration::from_secs(300), || coordinator
             .connections
@@ -343,24 +334,14 @@ async fn a_damaged_welcome_never_stops_a_worker_that_requires_integrity() {
         .await,
         "attempts went on"
     );
-    assert_ne!(handle.state(), ConnState::Failed);
-    assert!(!run.is_finished(), "the worker did not stop");
-    stop.cancel();
-    run.await.expect("join").expect("clean stop");
+    assert_ne!(running.handle.state(), ConnState::Failed);
+    assert!(!running.is_finished(), "the worker did not stop");
+    running.stop().await;
 
     let coordinator = DamagedWelcome::default();
-    let agent = tether_worker::Agent::with_transport(
-        with_secret(false),
-        tether_worker::Executors::builtin(),
-        coordinator.clone(),
-    )
-    .expect("valid config");
-    let r = tokio::time::timeout(
-        Duration::from_secs(600),
-        agent.run(CancellationToken::new()),
-    )
-    .await
-    .expect("the worker stops");
+    let r = Running::start_with(coordinator.clone(), with_secret(false))
+        .ended()
+        .await;
     assert!(matches!(r, Err(AgentError::Refused(_))), "{r:?}");
     assert_eq!(coordinator.connections.load(Ordering::SeqCst), 3);
 }

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
@@ -15,9 +14,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_util::sync::CancellationToken;
 
-use crate::fake::{until_registration, welcome};
+use crate::fake::{Running, until_registration, welcome};
 
 /// A coordinator that refuses every registration as a coordinator refuses a wrong secret:
 /// `error` `unauthorized`, untagged, then close 4001. Counts the connections.
@@ -83,18 +81,9 @@ fn config() -> WorkerConfig {
 #[tokio::test(start_paused = true)]
 async fn a_wrong_secret_stops_the_worker_naming_where_its_secret_comes_from() {
     let coordinator = Refusing::default();
-    let agent = tether_worker::Agent::with_transport(
-        config(),
-        tether_worker::Executors::builtin(),
-        coordinator.clone(),
-    )
-    .expect("valid config");
-    let r = tokio::time::timeout(
-        Duration::from_secs(600),
-        agent.run(CancellationToken::new()),
-    )
-    .await
-    .expect("the worker stops");
+    let r = Running::start_with(coordinator.clone(), config())
+        .ended()
+        .await;
     match r {
         Err(AgentError::Refused(said)) => assert!(
             said.contains("authentication failed")
