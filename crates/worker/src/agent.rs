@@ -19,7 +19,7 @@ use tether_proto::auth::Secret;
 use tether_proto::endpoint::{EndpointError, derive_endpoint};
 use tether_proto::msg::{Ack, WorkerMsg};
 use tether_proto::task::ConnStats;
-use tether_proto::{TaskRef, WorkerId};
+use tether_proto::{Seq, TaskRef, WorkerId};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -293,7 +293,16 @@ pub struct Agent {
     pub(crate) connector: Arc<dyn Connector>,
     pub(crate) boot_id: String,
     pub(crate) rng: StdRng,
+    /// Tasks that died with the previous process, reported `lost` at every registration
+    /// until the coordinator has the replay of what that process sent (`lost_through`).
     pub(crate) lost: Vec<TaskRef>,
+    /// The `replay_through` of the registration that last reported `lost`: the lost tasks
+    /// are forgotten once nothing held here is at or below it (their checkpoints among it
+    /// reached the coordinator, which requeues them then). `None` before that registration's
+    /// ack.
+    pub(crate) lost_through: Option<Seq>,
+    /// Set once `lost` is forgotten, for the state directory to forget it too.
+    pub(crate) lost_settled: watch::Sender<bool>,
     pub(crate) heartbeat_seq: u64,
     pub(crate) state: Option<Arc<StateDir>>,
     pub(crate) ack_hook: Option<AckHook>,
@@ -768,6 +777,8 @@ impl Agent {
             _scratch: scratch,
             rng: StdRng::seed_from_u64(seed),
             lost: restored.lost,
+            lost_through: None,
+            lost_settled: watch::Sender::new(false),
             heartbeat_seq: 0,
             state,
             ack_hook: None,
@@ -819,9 +830,9 @@ impl Agent {
         self.event(Event::Started {
             boot_id: self.boot_id.clone(),
         });
-        let forget = forget_lost_once_registered(
+        let forget = forget_lost_once_settled(
             self.state.clone().filter(|_| !self.lost.is_empty()),
-            self.shared.state.subscribe(),
+            self.lost_settled.subscribe(),
         );
         // Orphans of tasks re-parent to a process that chose to adopt them (`reaper`): reaped until the tasks are
         // stopped, after the connection loop.
@@ -1042,14 +1053,14 @@ fn persist_runner(runner: Runner, sd: &Arc<StateDir>) -> Runner {
         }))
 }
 
-/// Once a registration has been acknowledged (the coordinator requeued the lost tasks before
-/// it answered), the lost set is forgotten on disk too. Never completes.
-async fn forget_lost_once_registered(
+/// Once the session forgot the lost tasks (the coordinator has them, and the replay that may
+/// carry their checkpoints), the state directory forgets them too. Never completes.
+async fn forget_lost_once_settled(
     state: Option<Arc<StateDir>>,
-    mut conn: watch::Receiver<ConnState>,
+    mut settled: watch::Receiver<bool>,
 ) -> Infallible {
     if let Some(sd) = state
-        && conn.wait_for(|s| *s == ConnState::Connected).await.is_ok()
+        && settled.wait_for(|s| *s).await.is_ok()
         && let Err(error) = sd.forget_lost()
     {
         tracing::error!(%error, "could not forget the tasks reported lost");

@@ -945,6 +945,14 @@ impl Outbox {
             .map(Seq)
     }
 
+    /// Whether something other than telemetry is held at or below `through`.
+    pub fn holds_through(&self, through: Seq) -> bool {
+        self.lock()
+            .entries
+            .iter()
+            .any(|(seq, e)| *seq <= through.0 && e.class != Class::Telemetry)
+    }
+
     /// Whether nothing is held but telemetry: every result, state, notice and checkpoint
     /// piece is acknowledged (a stopping worker's last step, see the session).
     pub fn holds_only_telemetry(&self) -> bool {
@@ -1272,6 +1280,22 @@ mod tests {
         assert_eq!(ob.last_pending(), Some(announced));
         assert!(ob.ack(announced));
         assert_eq!(ob.last_pending(), None, "telemetry alone");
+    }
+
+    /// Whether the replay through a sequence number is acknowledged: anything but telemetry
+    /// held at or below it says not; a later message held does not.
+    #[test]
+    fn what_is_held_through_a_sequence_number_leaves_out_telemetry_and_later_messages() {
+        let ob = Outbox::new(Limits::default());
+        let announced = announcement(&ob, "a", "c-1");
+        let data = piece(&ob, "a", "c-1", 0);
+        let report = telemetry(&ob);
+        assert!(ob.holds_through(announced) && ob.holds_through(data));
+        assert!(ob.ack(announced));
+        assert!(!ob.holds_through(announced), "only a later message held");
+        assert!(ob.holds_through(report), "the piece below the telemetry");
+        assert!(ob.ack(data));
+        assert!(!ob.holds_through(report), "telemetry alone");
     }
 
     /// task's and everything else stay.

@@ -844,6 +844,9 @@ impl<'a> Session<'a> {
 
     /// Sends the registration, remembering its size.
     async fn send_registration(&mut self, reg: &WorkerMsg) -> Result<(), SessionEnd> {
+        if let WorkerMsg::Registration(r) = reg {
+            self.agent.lost_through = r.inventory.replay_through;
+        }
         self.registration_bytes = self
             .send_sized(reg)
             .await
@@ -996,7 +999,7 @@ impl<'a> Session<'a> {
             ack.byte_rate,
             Instant::now(),
         );
-        self.agent.lost.clear();
+        self.settle_lost();
         let outage = self.agent.shared.stats().on_registered();
         if let Some(d) = outage {
             metrics::counter!(m::RECONNECTIONS).increment(1);
@@ -1039,6 +1042,26 @@ impl<'a> Session<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Forgets the tasks reported lost once the coordinator has them (its registration ack
+    /// came) and nothing is held here at or below the `replay_through` that registration gave:
+    /// until then the coordinator holds their leases for the checkpoints the replay may bring,
+    /// and a coordinator restarted meanwhile (which forgot that hold) learns of them again at
+    /// the next registration instead of sending the dead attempt back as if still running.
+    fn settle_lost(&mut self) {
+        let agent = &mut *self.agent;
+        if agent.lost.is_empty()
+            || agent
+                .lost_through
+                .is_some_and(|through| agent.outbox.holds_through(through))
+        {
+            return;
+        }
+        tracing::info!(worker = %agent.cfg.worker_id, tasks = agent.lost.len(), through = ?agent.lost_through.map(|s| s.0), "the coordinator has the tasks that died with the previous process and what that process sent; no longer reported lost");
+        agent.lost.clear();
+        agent.lost_through = None;
+        agent.lost_settled.send_replace(true);
     }
 
     /// This worker's registration: who it is, what it can run, and its inventory (running,
@@ -1304,6 +1327,7 @@ impl<'a> Session<'a> {
                         // refused at that registration.
                         Inbound::Closed(reason, _) => return Ok(reason),
                     }
+                    self.settle_lost();
                     if std::mem::take(&mut self.retuned) {
                         let every = periods(self.heartbeat_every, &cfg, self.stretch());
                         duties.retune(Instant::now(), every);

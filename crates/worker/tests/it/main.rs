@@ -9,6 +9,7 @@ mod event_log;
 mod fake;
 mod frame_limit;
 mod fresh_stats;
+mod lost_replay;
 mod outage;
 mod restart;
 mod scratch;
