@@ -474,6 +474,32 @@ pub struct Caller {
     pub label: Arc<str>,
 }
 
+/// The scope of the token a request was let in with, when the coordinator has tokens (a
+/// request extension [`require_token`] adds): what an answer shows may depend on it
+/// ([`EnvShown`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted(pub Scope);
+
+/// Whether an answer shows the values of tasks' `env` (their config's `env` object, which
+/// `tether submit --env` fills, and where secrets a task needs go): to a caller with the admin
+/// scope, or to anyone when the coordinator has no tokens (everyone may submit then); to a
+/// read token, the names with each value replaced ([`crate::model::Task::without_env_values`]).
+/// Outputs are not filtered: a task that prints a secret shows it to a read token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnvShown(pub bool);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for EnvShown {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let admitted = parts.extensions.get::<Admitted>();
+        Ok(EnvShown(admitted.is_none_or(|a| a.0 >= Scope::Admin)))
+    }
+}
+
 /// What a reload of the token files did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reloaded {
@@ -861,7 +887,11 @@ fn from_another_site(req: &Request, host: Option<&str>) -> bool {
 /// as they like), its repeats at debug; every command (a method that needs the admin scope:
 /// submissions, cancels, pauses, resumes, checkpoints) is logged at INFO with the peer, the
 /// token's label (`none` without tokens) and the status answered, so who did what can be told.
-pub async fn require_token(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+pub async fn require_token(
+    State(app): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let path = req.uri().path();
     if is_public(path) {
         return next.run(req).await;
@@ -877,7 +907,10 @@ pub async fn require_token(State(app): State<Arc<AppState>>, req: Request, next:
     let label = match app.cfg.api_tokens.as_ref().filter(|t| !t.is_empty()) {
         None => None,
         Some(tokens) => match checked(tokens, &req, needed) {
-            Ok(caller) => Some(caller.label),
+            Ok(caller) => {
+                req.extensions_mut().insert(Admitted(caller.scope));
+                Some(caller.label)
+            }
             Err((status, code, message, label)) => {
                 app.counters
                     .api_auth_failures

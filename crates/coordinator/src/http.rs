@@ -47,7 +47,9 @@ use serde::{Deserialize, Serialize};
 use tether_proto::{CheckpointId, TaskId, TaskSpec, TaskStatus, WorkerId};
 use tokio::sync::oneshot;
 
+use crate::auth::EnvShown;
 use crate::core::{Api, ApiError, ControlOp, Event, TaskQuery};
+use crate::model::Task;
 use crate::server::AppState;
 
 /// The body of every error: `{"error": {"code": "...", "message": "..."}}`.
@@ -779,7 +781,7 @@ pub struct ListQuery {
         ("ids" = Option<String>, Query, description = "only the tasks with these ids, comma-separated (at most 128; a `+` in an id sent as %2B), each looked up rather than the table scanned; an id no task has is simply absent. Combines with the others: e.g. `ids=a,b&status=running` lists those of a and b running"),
     ),
     responses(
-        (status = 200, description = "Tasks in submission order (or the reverse)", body = Vec<crate::model::Task>),
+        (status = 200, description = "Tasks in submission order (or the reverse); to a token of the read scope, each value of a config's `env` is `(redacted)`", body = Vec<crate::model::Task>),
         (status = 400, description = "A query that cannot be read (`bad_request`): a parameter other than status, limit, order, updated_since, after_seq and ids (named, with those), one given twice, a `limit` or `after_seq` that is not a whole number, or more than 128 `ids`", body = ErrorBody),
         (status = 422, description = "Unknown status or order, a time that is not RFC 3339, a `limit` above 100000, or one of `ids` that is not a task id", body = ErrorBody),
         (status = 503, description = "`busy`: every turn for large answers was held for half the handshake deadline (Retry-After: 1); `shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
@@ -787,6 +789,7 @@ pub struct ListQuery {
 )]
 pub async fn list_tasks(
     State(app): State<Arc<AppState>>,
+    EnvShown(env_shown): EnvShown,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Response {
     let q = match q {
@@ -847,7 +850,15 @@ pub async fn list_tasks(
         after_seq: q.after_seq,
         ids,
     };
-    heavy_array(&app, ask(&app, |reply| Api::ListTasks { query, reply })).await
+    let tasks = ask(&app, |reply| Api::ListTasks { query, reply });
+    heavy_array(&app, async move {
+        let tasks = tasks.await?;
+        Ok(match env_shown {
+            true => tasks,
+            false => tasks.into_iter().map(Task::without_env_values).collect(),
+        })
+    })
+    .await
 }
 
 /// The `ids` of a listing: comma-separated task ids (at most [`LIST_IDS_MAX`], checked first).
@@ -877,18 +888,26 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, ApiError> {
     tag = "tasks",
     params(("id" = String, Path, description = "task id")),
     responses(
-        (status = 200, description = "The task with its spec, status, lease, attempts and latest checkpoint", body = crate::model::Task),
+        (status = 200, description = "The task with its spec, status, lease, attempts and latest checkpoint; to a token of the read scope, each value of its config's `env` is `(redacted)`", body = crate::model::Task),
         (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8, or a query parameter (`bad_request`, naming it): the endpoint takes none", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
         (status = 422, description = "Not a task id (`invalid`)", body = ErrorBody),
         (status = 503, description = "`busy`: every turn for large answers was held for half the handshake deadline (Retry-After: 1); `shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
     )
 )]
-pub async fn get_task(State(app): State<Arc<AppState>>, ApiPath(id): ApiPath<String>) -> Response {
+pub async fn get_task(
+    State(app): State<Arc<AppState>>,
+    EnvShown(env_shown): EnvShown,
+    ApiPath(id): ApiPath<String>,
+) -> Response {
     match parse_task(&id) {
         Ok(task) => {
             heavy(&app, async {
-                json(ask(&app, |reply| Api::GetTask { task, reply }).await)
+                let task = ask(&app, |reply| Api::GetTask { task, reply }).await;
+                json(task.map(|t| match env_shown {
+                    true => t,
+                    false => t.without_env_values(),
+                }))
             })
             .await
         }
@@ -1485,7 +1504,7 @@ mod tests {
         let app = app_snapshotting(3_000);
         let mut streams = Vec::new();
         for _ in 0..HEAVY_AT_ONCE {
-            let stream = crate::dashboard::events::events(State(app.clone())).await;
+            let stream = crate::dashboard::events::events(State(app.clone()), EnvShown(true)).await;
             let mut frames = stream.into_body().into_data_stream();
             let first = tokio::time::timeout(Duration::from_secs(2), frames.next())
                 .await
@@ -1568,7 +1587,7 @@ mod tests {
         assert_eq!(busy.headers()[axum::http::header::RETRY_AFTER], "1");
         assert_eq!(asked.load(SeqCst), HEAVY_AT_ONCE + 2);
         // An event stream's snapshot waits for a turn too (the core is not asked for it).
-        let stream = crate::dashboard::events::events(State(app.clone())).await;
+        let stream = crate::dashboard::events::events(State(app.clone()), EnvShown(true)).await;
         let mut frames = stream.into_body().into_data_stream();
         let first = tokio::time::timeout(Duration::from_secs(2), frames.next()).await;
         assert!(first.is_err(), "no snapshot without a turn");

@@ -128,7 +128,37 @@ pub struct Task {
     pub lease_started: Option<tokio::time::Instant>,
 }
 
+/// What a task's `env` values are replaced with for a caller who may not see them
+/// ([`crate::auth::EnvShown`]).
+pub const REDACTED: &str = "(redacted)";
+
 impl Task {
+    /// This task with each value of its config's `env` object replaced by [`REDACTED`], the
+    /// names kept; as it is when it has none. A config without the text `"env"` (nor an
+    /// escape, which could spell it) is not parsed.
+    pub fn without_env_values(mut self) -> Self {
+        let text = self.spec.config.get();
+        if !text.contains("\"env\"") && !text.contains('\\') {
+            return self;
+        }
+        let Ok(mut config) = self.spec.config.to_value() else {
+            return self;
+        };
+        let Some(serde_json::Value::Object(env)) = config.get_mut("env") else {
+            return self;
+        };
+        if env.is_empty() {
+            return self;
+        }
+        for value in env.values_mut() {
+            *value = serde_json::Value::String(REDACTED.into());
+        }
+        let mut spec = (*self.spec).clone();
+        spec.config = config.into();
+        self.spec = Arc::new(spec);
+        self
+    }
+
     pub fn max_attempts(&self) -> u32 {
         self.spec
             .max_attempts
@@ -341,5 +371,70 @@ impl Worker {
                 .tags
                 .iter()
                 .all(|(k, v)| self.tags.get(k).is_some_and(|w| w == v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn with_config(config: &str) -> Task {
+        let spec: TaskSpec =
+            serde_json::from_str(&format!(r#"{{"kind": "command", "config": {config}}}"#))
+                .expect("spec");
+        Task {
+            task_id: TaskId::parse("t-1").expect("id"),
+            spec: Arc::new(spec),
+            status: TaskStatus::Queued,
+            attempt: Attempt(0),
+            attempt_base: Attempt::default(),
+            lease: None,
+            submit_seq: 0,
+            submitted_at: Utc::now(),
+            updated_at: Utc::now(),
+            finished_at: None,
+            outcome: None,
+            error: None,
+            latest_checkpoint: None,
+            attempts: vec![],
+            lease_started: None,
+        }
+    }
+
+    fn config_after(config: &str) -> serde_json::Value {
+        with_config(config)
+            .without_env_values()
+            .spec
+            .config
+            .to_value()
+            .expect("json")
+    }
+
+    /// Each value of `env` is replaced, its names and the rest of the config kept; a key
+    /// spelled with an escape is the same key; a config without an `env` object, or with an
+    /// empty one, is shown as submitted.
+    #[test]
+    fn env_values_are_replaced_and_nothing_else() {
+        assert_eq!(
+            config_after(r#"{"program": "p", "args": ["a"], "env": {"K": "v", "N": 3}}"#),
+            json!({"program": "p", "args": ["a"], "env": {"K": REDACTED, "N": REDACTED}})
+        );
+        assert_eq!(
+            config_after(r#"{"shell": "s", "\u0065nv": {"K": "v"}}"#),
+            json!({"shell": "s", "env": {"K": REDACTED}})
+        );
+        for kept in [
+            r#"{"program": "env"}"#,
+            r#"{"env": "not an object"}"#,
+            r#"{"env": {}}"#,
+            r#"{"nested": {"env": {"K": "v"}}}"#,
+            r#"[1, "env"]"#,
+        ] {
+            let task = with_config(kept);
+            let before = Arc::clone(&task.spec);
+            let after = task.without_env_values();
+            assert!(Arc::ptr_eq(&before, &after.spec), "{kept}: not rebuilt");
+        }
     }
 }

@@ -14,6 +14,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::{SNAPSHOT_TASKS, Sample};
 use crate::core::{Api, ApiError, Change, TaskQuery};
 use crate::http::ask;
+use crate::model::Task;
 use crate::server::AppState;
 
 /// Least time between two snapshots for a client that lags.
@@ -33,13 +34,17 @@ fn keep_alive(idle: Duration) -> Duration {
     path = "/api/v1/events",
     tag = "observe",
     responses(
-        (status = 200, description = "Server-sent events: `snapshot` first, then `task`, `worker`, `sample`, `task_removed` and `worker_removed` (retention); `resync` before a fresh snapshot", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Server-sent events: `snapshot` first, then `task`, `worker`, `sample`, `task_removed` and `worker_removed` (retention); `resync` before a fresh snapshot; to a token of the read scope, each value of a task config's `env` is `(redacted)`", content_type = "text/event-stream", body = String),
         (status = 400, description = "A query parameter (`bad_request`, naming it): the stream takes none", body = crate::http::ErrorBody),
     )
 )]
-pub async fn events(State(app): State<Arc<AppState>>) -> Response {
+pub async fn events(
+    State(app): State<Arc<AppState>>,
+    crate::auth::EnvShown(env_shown): crate::auth::EnvShown,
+) -> Response {
     let app_idle = app.cfg.limits.http_idle;
     let stream = Feed {
+        env_shown,
         changes: app.changes.subscribe(),
         samples: app.history.tx.subscribe(),
         app,
@@ -57,6 +62,8 @@ pub async fn events(State(app): State<Arc<AppState>>) -> Response {
 /// One client's position in the feed.
 struct Feed {
     app: Arc<AppState>,
+    /// Whether tasks' `env` values are shown ([`crate::auth::EnvShown`]).
+    env_shown: bool,
     changes: Receiver<Change>,
     samples: Receiver<Arc<Sample>>,
     snapshot_due: bool,
@@ -101,7 +108,7 @@ impl Feed {
         tokio::select! {
             _ = stop.cancelled() => None,
             c = self.changes.recv() => match c {
-                Ok(Change::Task(t)) => Some(json_event("task", &t)),
+                Ok(Change::Task(t)) => Some(json_event("task", &self.shown(*t))),
                 Ok(Change::Worker(w)) => Some(json_event("worker", &w)),
                 Ok(Change::TaskRemoved(id)) => {
                     Some(json_event("task_removed", &serde_json::json!({ "task_id": id })))
@@ -142,7 +149,10 @@ impl Feed {
             newest_first: true,
             ..TaskQuery::default()
         };
-        let newest = ask(app, |reply| Api::ListTasks { query, reply }).await?;
+        let mut newest = ask(app, |reply| Api::ListTasks { query, reply }).await?;
+        if !self.env_shown {
+            newest = newest.into_iter().map(Task::without_env_values).collect();
+        }
         let snapshot = json_event(
             "snapshot",
             &serde_json::json!({
@@ -155,6 +165,16 @@ impl Feed {
             }),
         );
         Ok((snapshot, turn))
+    }
+}
+
+impl Feed {
+    /// `task` as this client may see it.
+    fn shown(&self, task: Task) -> Task {
+        match self.env_shown {
+            true => task,
+            false => task.without_env_values(),
+        }
     }
 }
 

@@ -343,7 +343,7 @@ async fn the_dashboard_assets_and_the_api_description_are_served_from_the_binary
 }
 
 /// Reads the next server-sent event: its name and JSON data (comments are skipped).
-async fn next_event(
+pub(crate) async fn next_event(
     resp: &mut reqwest::Response,
     buf: &mut String,
 ) -> Option<(String, serde_json::Value)> {

@@ -19,6 +19,7 @@ mod metrics;
 mod openapi;
 mod raw;
 mod recovery;
+mod redaction;
 mod refusal_storm;
 mod registration_frame;
 mod secrets;
