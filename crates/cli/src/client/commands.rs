@@ -514,7 +514,7 @@ fn task_row(t: &Value) -> Vec<String> {
     vec![
         s(&t["task_id"]),
         s(&t["status"]),
-        t["attempt"].to_string(),
+        task_attempt(t),
         task_worker(t),
         s(&t["spec"]["kind"]),
         t["spec"]["priority"].to_string(),
@@ -522,14 +522,33 @@ fn task_row(t: &Value) -> Vec<String> {
     ]
 }
 
+/// Whether a task's status is one it ends in.
+fn has_ended(t: &Value) -> bool {
+    serde_json::from_value::<tether_proto::TaskStatus>(t["status"].clone())
+        .is_ok_and(tether_proto::TaskStatus::is_terminal)
+}
+
+/// The attempt a task's row names: the lease's, or the last one of a task that ended. A task
+/// waiting for a worker names its last attempt with how it ended (`1 lost`: queued again after
+/// its worker went), or `-` before its first: the bare number read as the attempt it runs.
+fn task_attempt(t: &Value) -> String {
+    if has_ended(t) || !t["lease"].is_null() {
+        return t["attempt"].to_string();
+    }
+    let last = t["attempts"].as_array().and_then(|a| a.last());
+    match last.filter(|a| a["attempt"] == t["attempt"]) {
+        Some(a) if !a["end"].is_null() => format!("{} {}", t["attempt"], s(&a["end"])),
+        Some(_) => t["attempt"].to_string(),
+        None => "-".to_owned(),
+    }
+}
+
 /// The worker a task's row names: the lease's; once the task ended, the last attempt's (the
 /// worker that ran it). A task waiting for a worker (queued again after its worker went, or
 /// paused without a lease) has none: the last attempt's would read as where it runs.
 fn task_worker(t: &Value) -> String {
-    let ended = serde_json::from_value::<tether_proto::TaskStatus>(t["status"].clone())
-        .is_ok_and(tether_proto::TaskStatus::is_terminal);
     match &t["lease"]["worker"] {
-        Value::Null if ended => s(t["attempts"]
+        Value::Null if has_ended(t) => s(t["attempts"]
             .as_array()
             .and_then(|a| a.last())
             .map_or(&Value::Null, |a| &a["worker"])),
@@ -1312,6 +1331,29 @@ const CONFIG_SHOWN: usize = 200;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ATTEMPT of a listing's row: a leased or ended task's attempt; a task waiting again
+    /// its last attempt with how it ended; a task never started none.
+    #[test]
+    fn a_rows_attempt_says_how_the_last_one_ended_while_the_task_waits() {
+        let leased = json!({"status": "running", "attempt": 2, "lease": {"worker": "w"},
+            "attempts": [{"attempt": 1, "end": "lost"}, {"attempt": 2}]});
+        assert_eq!(task_attempt(&leased), "2");
+        let requeued = json!({"status": "queued", "attempt": 1,
+            "attempts": [{"attempt": 1, "end": "lost"}]});
+        assert_eq!(task_attempt(&requeued), "1 lost");
+        let fresh = json!({"status": "queued", "attempt": 0, "attempts": []});
+        assert_eq!(task_attempt(&fresh), "-");
+        // Earlier tasks of its id left their numbers (attempt_base), none of its own yet.
+        let reused = json!({"status": "queued", "attempt": 4, "attempt_base": 4, "attempts": []});
+        assert_eq!(task_attempt(&reused), "-");
+        let done = json!({"status": "completed", "attempt": 3,
+            "attempts": [{"attempt": 3, "end": "completed"}]});
+        assert_eq!(task_attempt(&done), "3");
+        let paused = json!({"status": "paused", "attempt": 1,
+            "attempts": [{"attempt": 1, "end": "stopped"}]});
+        assert_eq!(task_attempt(&paused), "1 stopped");
+    }
 
     /// A listing's URL has no stray `&` (errors quote it: `/api/v1/tasks?limit=1000&`), and
     /// its parameters are joined by one `&` each.
