@@ -84,6 +84,12 @@ enum Cmd {
     /// next chance: a `command` task's changed checkpoint directory is shipped at once); with
     /// `--wait`, wait for it.
     Checkpoint(client::CheckpointArgs),
+    /// Drain a worker: no new task goes to it, and what it runs goes on to its end; with
+    /// `--wait`, wait until it holds none. It stays drained, across its restarts and the
+    /// coordinator's, until undrained.
+    Drain(client::DrainArgs),
+    /// Put a drained worker back: it takes tasks again.
+    Undrain(client::UndrainArgs),
     /// A self-contained demonstration: a coordinator, workers, tasks and network faults.
     Demo(demo::DemoArgs),
     /// An end-to-end run: coordinator and worker processes, network faults and crashes on a
@@ -145,6 +151,8 @@ fn main() -> std::process::ExitCode {
             | Cmd::Pause(_)
             | Cmd::Resume(_)
             | Cmd::Checkpoint(_)
+            | Cmd::Drain(_)
+            | Cmd::Undrain(_)
     );
     // Commands whose output is all they do: a reader that has seen enough (`| head`) ends them
     // with success. The others (a run's verdict, a watch's outcome) end with failure then,
@@ -202,6 +210,8 @@ fn main() -> std::process::ExitCode {
             Cmd::Pause(a) => client::control(a, "pause").await,
             Cmd::Resume(a) => client::control(a, "resume").await,
             Cmd::Checkpoint(a) => client::checkpoint(a).await,
+            Cmd::Drain(a) => client::drain(a).await,
+            Cmd::Undrain(a) => client::undrain(a).await,
             Cmd::Demo(a) => demo::run(a).await,
             Cmd::E2e(a) => e2e::run(a).await,
             Cmd::Cert(a) => cert::run(a).await,

@@ -1160,6 +1160,47 @@ pub async fn get_worker(
 }
 
 #[utoipa::path(
+    post,
+    path = "/api/v1/workers/{id}/{action}",
+    tag = "workers",
+    params(("id" = String, Path, description = "worker id"), ("action" = String, Path, description = "drain or undrain")),
+    responses(
+        (status = 200, description = "The worker after the command. `drain`: no new task goes to it, what it holds runs on to its end (`draining` in its record; `leases` empty once it is drained); `undrain`: it takes tasks again. Kept across the worker's reconnections and restarts and the coordinator's; the same command again changes nothing", body = crate::model::Worker),
+        (status = 400, description = "A path parameter that is not valid percent-encoded UTF-8, or a query parameter (`bad_request`, naming it): the endpoint takes none", body = ErrorBody),
+        (status = 404, description = "No such worker or action", body = ErrorBody),
+        (status = 422, description = "Not a worker id (`invalid`)", body = ErrorBody),
+        (status = 503, description = "`shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
+    )
+)]
+pub async fn worker_action(
+    State(app): State<Arc<AppState>>,
+    ApiPath((id, action)): ApiPath<(String, String)>,
+) -> Response {
+    let drain = match action.as_str() {
+        "drain" => true,
+        "undrain" => false,
+        other => {
+            return error_response(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no action {other:?}; use drain or undrain"),
+            );
+        }
+    };
+    match WorkerId::parse(&id) {
+        Ok(worker) => json(
+            ask(&app, |reply| Api::DrainWorker {
+                worker,
+                drain,
+                reply,
+            })
+            .await,
+        ),
+        Err(e) => ApiError::Invalid(format!("worker id: {e}")).into_response(),
+    }
+}
+
+#[utoipa::path(
     get,
     path = "/api/v1/overview",
     tag = "observe",

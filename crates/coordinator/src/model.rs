@@ -212,6 +212,12 @@ pub struct Worker {
     /// its next registration (a process that starts again says so anew if it stops again).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopping: bool,
+    /// Drained by an operator (`POST /api/v1/workers/{id}/drain`, `tether drain`): it takes no
+    /// new task, and what it holds runs on to its end, until undrained. Saved, and kept across
+    /// the worker's sessions and processes and the coordinator's restarts: a machine taken
+    /// out for maintenance stays out until someone puts it back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
     /// While some: the worker reported that it could not run an attempt for a fault of its own
     /// (`worker_fault`: its disk, its process limits), and it takes no new task until the rest
     /// ends, so that a worker that cannot run anything does not take every queued task's
@@ -324,6 +330,7 @@ impl Worker {
             lost_at: None,
             sessions: 0,
             stopping: false,
+            draining: false,
             resting: None,
             faults_in_row: 0,
             stats: None,
@@ -350,12 +357,13 @@ impl Worker {
         w
     }
 
-    /// Free slots, when the worker may take work now (never once it said it is stopping, nor
-    /// while it rests after a fault of its own).
+    /// Free slots, when the worker may take work now (never once it said it is stopping, while
+    /// it is drained, nor while it rests after a fault of its own).
     pub fn free_slots(&self) -> usize {
         if self.state != WorkerState::Connected
             || self.session.is_none()
             || self.stopping
+            || self.draining
             || self.resting.is_some()
         {
             return 0;

@@ -29,6 +29,7 @@ use crate::{dashboard, http, metrics, ws};
         http::control,
         http::list_workers,
         http::get_worker,
+        http::worker_action,
         http::overview,
         http::history,
         dashboard::events::events,

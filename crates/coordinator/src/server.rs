@@ -508,6 +508,11 @@ fn table() -> Table {
         get(http::get_worker).route_layer(no_query()),
     )
     .add(
+        POST,
+        "/api/v1/workers/{id}/{action}",
+        post(http::worker_action).route_layer(no_query()),
+    )
+    .add(
         GET,
         "/api/v1/overview",
         get(http::overview).route_layer(no_query()),

@@ -857,6 +857,13 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
 fn worker_state(w: &Value) -> String {
     match (w["state"].as_str(), w["stopping"].as_bool()) {
         (Some("connected"), Some(true)) => "stopping".to_owned(),
+        // Drained by an operator: "draining" while its tasks run on, "drained" once it holds none.
+        (Some("connected"), _) if w["draining"] == true => {
+            match w["leases"].as_array().is_some_and(|l| !l.is_empty()) {
+                true => "draining".to_owned(),
+                false => "drained".to_owned(),
+            }
+        }
         (Some("connected"), _) if w["resting"].is_object() => "resting".to_owned(),
         _ => s(&w["state"]),
     }
@@ -974,15 +981,7 @@ async fn worker(api: &Api, id: &tether_proto::WorkerId, json: bool) -> anyhow::R
     let w = api
         .get(&format!("/api/v1/workers/{id}"))
         .await
-        .map_err(|e| {
-            let unknown = e.downcast_ref::<Refused>().is_some_and(|r| r.status == 404);
-            match unknown {
-                true => e.context(format!(
-                    "no worker {id} at this coordinator: `tether workers` lists those it knows"
-                )),
-                false => e,
-            }
-        })?;
+        .map_err(|e| unknown_worker(e, id))?;
     if json {
         outln!("{w}")?;
         return Ok(());
@@ -1013,6 +1012,9 @@ fn worker_fields(w: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<(&'static
     let why = match state.as_str() {
         "stopping" => " (connected; it said it is stopping: it takes no new task)",
         "resting" => " (connected; it takes no new task until its rest ends)",
+        "draining" => " (connected; drained: it takes no new task, what it holds runs on)",
+        "drained" => " (connected; drained: it takes no new task, and holds none)",
+        _ if w["draining"] == true => " (drained: it takes no new task when it comes back)",
         _ => "",
     };
     f.push(("state", format!("{state}{why}")));
@@ -1186,6 +1188,151 @@ pub async fn control(a: ControlArgs, action: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[derive(Args)]
+pub struct DrainArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Worker id, checked against the id rules before any request.
+    #[arg(value_name = "WORKER_ID")]
+    id: tether_proto::WorkerId,
+    /// Wait until the worker holds no task (exit 0), or DURATION passes (exit 1): `--wait`
+    /// waits for as long as its tasks run, `--wait=30m` half an hour at most. Ends with exit 1
+    /// too if the worker is undrained meanwhile.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        num_args = 0..=1,
+        require_equals = true,
+        value_parser = parse_wait
+    )]
+    wait: Option<Option<Duration>>,
+}
+
+/// How often `tether drain --wait` reads the worker.
+const DRAIN_POLL: Duration = Duration::from_millis(500);
+
+/// The tasks a worker's record says it holds, a few named.
+fn held_tasks(w: &Value) -> String {
+    let leases: Vec<String> = w["leases"]
+        .as_array()
+        .map(|l| l.iter().map(s).collect())
+        .unwrap_or_default();
+    match leases.len() {
+        0 => "no task".to_owned(),
+        n => {
+            let named = leases[..n.min(LEASES_SHOWN)].join(", ");
+            let more = n.saturating_sub(LEASES_SHOWN);
+            let tasks = if n == 1 { "task" } else { "tasks" };
+            match more {
+                0 => format!("{n} {tasks} ({named})"),
+                _ => format!("{n} {tasks} ({named} and {more} more)"),
+            }
+        }
+    }
+}
+
+/// `tether drain`: the worker takes no new task; what it holds runs on. With `--wait`, until
+/// it holds none.
+pub async fn drain(a: DrainArgs) -> anyhow::Result<()> {
+    let api = Api::new(&a.common)?;
+    let path = format!("/api/v1/workers/{}", a.id);
+    let mut w = api
+        .post(&format!("{path}/drain"), &json!({}))
+        .await
+        .map_err(|e| unknown_worker(e, &a.id))?;
+    if a.common.json && a.wait.is_none() {
+        outln!("{w}")?;
+        return Ok(());
+    }
+    if !a.common.json {
+        outln!(
+            "worker {} drained: it takes no new task until `tether undrain {}`; it holds {}{}",
+            a.id,
+            a.id,
+            held_tasks(&w),
+            match w["leases"].as_array().is_some_and(|l| !l.is_empty()) {
+                true => ", which run on to their end",
+                false => "",
+            }
+        )?;
+        if w["state"] != "connected" {
+            eprintln!(
+                "(worker {} is {}: the drain is kept for it, across its reconnections)",
+                a.id,
+                s(&w["state"])
+            );
+        }
+    }
+    let Some(limit) = a.wait else {
+        return Ok(());
+    };
+    let deadline = limit.map(|l| tokio::time::Instant::now() + l);
+    loop {
+        let holds = w["leases"].as_array().map_or(0, Vec::len);
+        if holds == 0 {
+            match a.common.json {
+                true => outln!("{w}")?,
+                false => outln!("worker {} holds no task", a.id)?,
+            }
+            return Ok(());
+        }
+        if w["draining"] != true {
+            bail!(
+                "worker {} was undrained while {} waited; it holds {}",
+                a.id,
+                "`tether drain --wait`",
+                held_tasks(&w)
+            );
+        }
+        if let (Some(deadline), Some(limit)) = (deadline, limit)
+            && tokio::time::Instant::now() >= deadline
+        {
+            bail!(
+                "worker {} still holds {} after {}",
+                a.id,
+                held_tasks(&w),
+                humantime::format_duration(limit)
+            );
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+        w = api.get(&path).await.map_err(|e| unknown_worker(e, &a.id))?;
+    }
+}
+
+#[derive(Args)]
+pub struct UndrainArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Worker id, checked against the id rules before any request.
+    #[arg(value_name = "WORKER_ID")]
+    id: tether_proto::WorkerId,
+}
+
+/// `tether undrain`: a drained worker takes tasks again.
+pub async fn undrain(a: UndrainArgs) -> anyhow::Result<()> {
+    let api = Api::new(&a.common)?;
+    let w = api
+        .post(&format!("/api/v1/workers/{}/undrain", a.id), &json!({}))
+        .await
+        .map_err(|e| unknown_worker(e, &a.id))?;
+    match a.common.json {
+        true => outln!("{w}")?,
+        false => outln!("worker {} undrained: it takes tasks again", a.id)?,
+    }
+    Ok(())
+}
+
+/// An answer 404 about worker `id` said as such.
+fn unknown_worker(e: anyhow::Error, id: &tether_proto::WorkerId) -> anyhow::Error {
+    let unknown = e.downcast_ref::<Refused>().is_some_and(|r| r.status == 404);
+    match unknown {
+        true => e.context(format!(
+            "no worker {id} at this coordinator: `tether workers` lists those it knows"
+        )),
+        false => e,
+    }
 }
 
 /// How long `tether checkpoint --wait` waits when given no duration.

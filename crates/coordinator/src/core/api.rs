@@ -157,12 +157,22 @@ pub enum Api {
     Overview {
         reply: Reply<Overview>,
     },
+    /// Drains a worker (`drain`: no new task goes to it, what it holds runs on) or puts it
+    /// back (`!drain`); answered with the worker's record once saved.
+    DrainWorker {
+        worker: WorkerId,
+        drain: bool,
+        reply: Reply<Worker>,
+    },
 }
 
 impl Api {
     /// Whether the command only reads: given up by its asker, it changes nothing.
     pub fn is_read(&self) -> bool {
-        !matches!(self, Api::Submit { .. } | Api::Control { .. })
+        !matches!(
+            self,
+            Api::Submit { .. } | Api::Control { .. } | Api::DrainWorker { .. }
+        )
     }
 }
 
@@ -195,6 +205,14 @@ impl Core {
                 let mut v: Vec<Worker> = self.workers.values().map(|w| self.view(w)).collect();
                 v.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
                 reply_after_commit(b, reply, Ok(v));
+            }
+            Api::DrainWorker {
+                worker,
+                drain,
+                reply,
+            } => {
+                let r = self.drain_worker(&worker, drain, b);
+                reply_after_commit(b, reply, r);
             }
             Api::GetWorker { worker, reply } => {
                 let r = self
@@ -407,6 +425,35 @@ impl Core {
             tracing::info!(task = %id, status = t.status.as_str(), "task held or released");
         }
         self.save_task(id, b);
+    }
+
+    /// Drains worker `id` or puts it back ([`Api::DrainWorker`]); the same again changes
+    /// nothing. A worker put back is offered the queue at once.
+    fn drain_worker(
+        &mut self,
+        id: &WorkerId,
+        drain: bool,
+        b: &mut Batch,
+    ) -> Result<Worker, ApiError> {
+        let w = self
+            .workers
+            .get_mut(id)
+            .ok_or_else(|| ApiError::NotFound(format!("no worker {id}")))?;
+        if w.draining != drain {
+            w.draining = drain;
+            match drain {
+                true => {
+                    tracing::info!(worker = %id, leases = w.leases.len(), "worker drained by request: no new task goes to it; what it holds runs on")
+                }
+                false => {
+                    tracing::info!(worker = %id, "worker undrained by request: it takes tasks again");
+                    self.free.insert(id.clone());
+                    self.dispatch_needed = true;
+                }
+            }
+            self.save_worker(id, b);
+        }
+        Ok(self.view(&self.workers[id]))
     }
 
     fn control(&mut self, id: &TaskId, op: ControlOp, b: &mut Batch) -> Result<Task, ApiError> {

@@ -3079,6 +3079,87 @@ fn a_stopping_worker_gets_no_new_task_and_keeps_what_it_holds() {
     assert_eq!(h.core.tasks[&next].status, TaskStatus::Running);
 }
 
+/// An operator's drain of worker `id` (`on`) or its undoing, answered.
+fn drain_command(
+    h: &mut Harness,
+    id: &str,
+    on: bool,
+) -> Result<crate::model::Worker, crate::core::ApiError> {
+    let (tx, mut reply) = tokio::sync::oneshot::channel();
+    h.step(Event::Api(Api::DrainWorker {
+        worker: wid(id),
+        drain: on,
+        reply: tx,
+    }));
+    reply.try_recv().expect("reply")
+}
+
+/// Whether the last step saved worker `id`'s record, drained or not.
+fn saved_draining(h: &Harness, id: &str) -> Option<bool> {
+    h.last_muts.iter().find_map(|m| match m {
+        crate::store::Mutation::PutWorker(w) if w.worker_id == wid(id) => Some(w.draining),
+        _ => None,
+    })
+}
+
+/// An operator's drain takes a worker out of dispatch: what it holds runs on to its result,
+/// nothing new goes to it, through its reconnection and a new process of it; undrained, it is
+/// offered the queue at once. The record is saved at each change; the same command again
+/// changes nothing; an unknown worker is not found.
+#[test]
+fn a_drained_worker_finishes_what_it_holds_and_takes_nothing_new_until_undrained() {
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect_registering("a", |r| r.slots = 2);
+    let held = h.submit();
+    drain(&mut rx);
+    let w = drain_command(&mut h, "a", true).expect("drained");
+    assert!(w.draining);
+    assert_eq!(w.leases.len(), 1, "what it holds stays");
+    assert_eq!(saved_draining(&h, "a"), Some(true));
+    assert!(matches!(
+        drain_command(&mut h, "nobody", true),
+        Err(crate::core::ApiError::NotFound(_))
+    ));
+    let waiting = h.submit();
+    h.frame("a", s, result(1, &held, 1));
+    assert_eq!(h.core.tasks[&held].status, TaskStatus::Completed);
+    assert_eq!(h.core.tasks[&waiting].status, TaskStatus::Queued);
+    assert!(
+        !drain(&mut rx)
+            .iter()
+            .any(|m| matches!(m, CoordMsg::TaskAssignment(_))),
+        "no assignment to a drained worker"
+    );
+    // Its link drops and a new process of it registers: still drained.
+    h.step(Event::Disconnected {
+        worker: wid("a"),
+        session_id: s,
+    });
+    let (_s2, mut rx2) = h.connect_registering("a", |r| {
+        r.slots = 2;
+        r.boot_id = "b-new".into();
+    });
+    assert!(h.core.workers[&wid("a")].draining);
+    assert_eq!(h.core.tasks[&waiting].status, TaskStatus::Queued);
+    drain(&mut rx2);
+    drain_command(&mut h, "a", true).expect("drained again");
+    assert_eq!(
+        saved_draining(&h, "a"),
+        None,
+        "the same drain again saves nothing"
+    );
+    // Undrained: the queued task goes to it at once.
+    let w = drain_command(&mut h, "a", false).expect("undrained");
+    assert!(!w.draining);
+    assert_eq!(saved_draining(&h, "a"), Some(false));
+    assert_eq!(h.core.tasks[&waiting].status, TaskStatus::Running);
+    assert!(
+        drain(&mut rx2)
+            .iter()
+            .any(|m| matches!(m, CoordMsg::TaskAssignment(a) if a.task_id == waiting))
+    );
+}
+
 /// Loaded from the store after a restart, a stopping process that comes back still takes
 /// nothing new, and a process a newer one replaced is refused while the newer one is connected.
 #[test]

@@ -404,6 +404,9 @@ pub(super) struct WorkerDoc {
     /// never ran, each using up an attempt).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     stopping: bool,
+    /// Drained by an operator (absent in records of older coordinators, which had no drain).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    draining: bool,
     /// Processes a newer one replaced (absent in records of older coordinators, which forgot
     /// them at a restart: the older process, registering again first, took the id back and
     /// the newer one was refused).
@@ -429,6 +432,7 @@ impl WorkerDoc {
             connected: w.state == WorkerState::Connected,
             disconnected_at: w.disconnected_at,
             stopping: w.stopping,
+            draining: w.draining,
             superseded: w.superseded.clone(),
         }
     }
@@ -448,6 +452,7 @@ impl WorkerDoc {
         w.last_seen = self.last_seen;
         w.sessions = self.sessions;
         w.stopping = self.stopping;
+        w.draining = self.draining;
         w.superseded = self.superseded;
         let reported_at = self.stats_at.unwrap_or(self.last_seen);
         w.stats = self

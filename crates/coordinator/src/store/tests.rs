@@ -953,14 +953,16 @@ fn a_worker_connected_at_a_crash_is_last_seen_when_the_coordinator_was_last_aliv
 /// What a worker's process said of itself survives a restart: that it is stopping (it comes
 /// back only to hand back what it holds, and takes nothing new), and the processes a newer one
 /// replaced (one of them coming back is refused while the newer one is connected). Lost, the
-/// stopping process was leased tasks it never ran, and the older process took the id back.
+/// stopping process was leased tasks it never ran, and the older process took the id back. So
+/// does an operator's drain.
 #[test]
-fn a_workers_stopping_and_replaced_processes_survive_a_restart() {
+fn a_workers_stopping_draining_and_replaced_processes_survive_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut conn, _) = open(dir.path()).expect("open");
     let mut w = Worker::new(WorkerId::parse("w-1").expect("id"), Utc::now());
     w.boot_id = "b-new".into();
     w.stopping = true;
+    w.draining = true;
     w.superseded = vec!["b-old".into()];
     let plain = Worker::new(WorkerId::parse("w-2").expect("id"), Utc::now());
     commit_muts(
@@ -975,10 +977,10 @@ fn a_workers_stopping_and_replaced_processes_survive_a_restart() {
     let of = |id: &str| {
         let w = loaded.workers.iter().find(|w| w.worker_id.as_str() == id);
         let w = w.expect("loaded");
-        (w.stopping, w.superseded.clone())
+        (w.stopping, w.draining, w.superseded.clone())
     };
-    assert_eq!(of("w-1"), (true, vec!["b-old".to_owned()]));
-    assert_eq!(of("w-2"), (false, vec![]));
+    assert_eq!(of("w-1"), (true, true, vec!["b-old".to_owned()]));
+    assert_eq!(of("w-2"), (false, false, vec![]));
 }
 
 fn state_mut(task: &str, n: u32) -> Mutation {

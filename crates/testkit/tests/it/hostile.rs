@@ -467,8 +467,23 @@ async fn the_http_api_needs_a_token_of_the_right_scope_and_workers_are_unaffecte
     admin.wait_status(&ids[0], "completed").await;
     let (s, v) = reader.get(&format!("/api/v1/tasks/{}", ids[0])).await;
     assert_eq!((s, v["status"].as_str()), (200, Some("completed")));
+    // Draining a worker is a command: the admin scope's.
+    let (s, v) = reader.post("/api/v1/workers/w-api/drain", &json!({})).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (403, Some("forbidden")),
+        "{v}"
+    );
+    let (s, v) = admin.post("/api/v1/workers/w-api/drain", &json!({})).await;
+    assert_eq!((s, v["draining"].as_bool()), (200, Some(true)), "{v}");
+    let (s, v) = admin.post("/api/v1/workers/w-api/retire", &json!({})).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (404, Some("not_found")),
+        "{v}"
+    );
     let o = admin.overview().await;
-    assert_eq!(counter(&o, "api_auth_failures"), 5, "{o}");
+    assert_eq!(counter(&o, "api_auth_failures"), 6, "{o}");
     w.stop().await.expect("clean stop");
     c.stop().await;
 }

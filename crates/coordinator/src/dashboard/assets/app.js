@@ -240,7 +240,7 @@ function renderWorkers() {
     const reconnects = s.reconnects ?? Math.max(0, (w.sessions || 0) - 1);
     return el("tr", { "data-worker": w.worker_id, "data-state": w.state, "data-reconnects": reconnects },
       el("td", {}, w.worker_id),
-      el("td", {}, badge(w.state !== "connected" ? w.state : w.stopping ? "stopping" : w.resting ? "resting" : w.state)),
+      el("td", {}, badge(w.state !== "connected" ? w.state : w.stopping ? "stopping" : w.draining ? "draining" : w.resting ? "resting" : w.state)),
       el("td", {}, (w.capabilities || []).join(", ")),
       el("td", {}, (w.leases || []).map((t) => t.slice(0, 8)).join(" ")),
       el("td", {}, `${(w.leases || []).length}/${w.slots}`),

@@ -1,0 +1,165 @@
+//! `tether drain` and `tether undrain` against a real coordinator and workers in this process:
+//! a drained worker finishes what it holds and takes nothing new, through a restart of the
+//! coordinator, until undrained; `--wait` ends when it holds nothing, or at its limit.
+
+use std::time::Duration;
+
+use tether_proto::{TaskId, TaskSpec};
+use tether_testkit::*;
+use tether_worker::{ConnState, Executors};
+
+/// The longest one `tether` run may take here.
+const RUN_LIMIT: Duration = Duration::from_secs(90);
+
+/// A `tether` run against `base`: the command, for a caller to await or hold.
+fn tether_cmd(base: &str, args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"));
+    cmd.args(args)
+        .args(["--coordinator", base])
+        .env_remove("TETHER_LOG")
+        .env_remove("TETHER_TOKEN")
+        .env_remove("TETHER_TOKEN_FILE")
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs `tether` with `args` against `base`; its exit code, stdout and stderr.
+async fn tether(base: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = tokio::time::timeout(RUN_LIMIT, tether_cmd(base, args).output())
+        .await
+        .expect("tether ended in time")
+        .expect("run tether");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn worker(c: &TestCoordinator, id: &str) -> TestWorker {
+    spawn_worker(fast_worker_config(&c.ws_url(), id), Executors::builtin())
+}
+
+/// A `command` task that runs until `go` exists (a minute at most).
+fn held_until(go: &std::path::Path) -> TaskSpec {
+    TaskSpec::new(
+        "command",
+        serde_json::json!({
+            "shell": r#"i=0; while [ ! -e "$GO" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done"#,
+            "env": {"GO": go},
+        }),
+    )
+}
+
+/// The worker that ran `id`'s last attempt.
+async fn ran_on(client: &Client, id: &TaskId) -> String {
+    let t = client.task(id).await;
+    t["attempts"][0]["worker"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_worker_finishes_its_task_takes_nothing_new_and_stays_drained_until_undrained() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().join("c")).await;
+    let addr = c.addr;
+    let base = format!("http://{addr}");
+    let client = c.client();
+    let w1 = worker(&c, "w1");
+    w1.wait_state(|s| s == ConnState::Connected).await;
+    let go = dir.path().join("go");
+    let long = client.submit(&[held_until(&go)]).await.remove(0);
+    client.wait_status(&long, "running").await;
+
+    let (code, out, err) = tether(&base, &["drain", "w1"]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(
+        out.contains(&format!(
+            "worker w1 drained: it takes no new task until `tether undrain w1`; it holds 1 task \
+             ({long}), which run on to their end"
+        )),
+        "{out}"
+    );
+    // A wait bounded below the task's run ends at its limit, saying what is held.
+    let (code, out, err) = tether(&base, &["drain", "w1", "--wait=1s"]).await;
+    assert_eq!(code, Some(1), "stdout: {out}\nstderr: {err}");
+    assert!(
+        err.contains(&format!("worker w1 still holds 1 task ({long}) after 1s")),
+        "{err}"
+    );
+    // An unbounded wait runs on meanwhile.
+    let mut waiting = tether_cmd(&base, &["drain", "w1", "--wait"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start tether drain --wait");
+
+    // A new task waits in the queue: the only worker is drained.
+    let quick = client.submit(&[sleep_task(10, 1, 0)]).await.remove(0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(client.status(&quick).await, "queued");
+    let (code, out, _) = tether(&base, &["workers"]).await;
+    assert_eq!(code, Some(0));
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("w1 "))
+        .expect("w1's row");
+    assert!(row.contains("draining"), "{out}");
+    // Another worker takes it.
+    let w2 = worker(&c, "w2");
+    client.wait_status(&quick, "completed").await;
+    assert_eq!(ran_on(&client, &quick).await, "w2");
+
+    // The held task ends: the wait ends with it.
+    std::fs::write(&go, b"").expect("release the task");
+    client.wait_status(&long, "completed").await;
+    let out = tokio::time::timeout(RUN_LIMIT, waiting.wait())
+        .await
+        .expect("the wait ended once the worker held nothing")
+        .expect("wait");
+    assert_eq!(out.code(), Some(0));
+    let mut said = String::new();
+    tokio::io::AsyncReadExt::read_to_string(waiting.stdout.as_mut().expect("piped"), &mut said)
+        .await
+        .expect("read");
+    assert!(said.contains("worker w1 holds no task"), "{said}");
+    let (_, out, _) = tether(&base, &["workers", "w1"]).await;
+    assert!(
+        out.contains("drained (connected; drained: it takes no new task, and holds none)"),
+        "{out}"
+    );
+
+    // The coordinator restarts on the same address and data: w1 is still drained. With w2
+    // gone, a new task waits for w1 until it is undrained.
+    w2.stop().await.expect("w2 stops");
+    c.stop().await;
+    let c = spawn_coordinator_with(fast_coordinator_config(dir.path().join("c")), Some(addr)).await;
+    w1.wait_state(|s| s == ConnState::Connected).await;
+    let client = c.client();
+    let (_, record) = client.get("/api/v1/workers/w1").await;
+    assert_eq!(record["draining"], true, "{record}");
+    let after = client.submit(&[sleep_task(10, 1, 0)]).await.remove(0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(client.status(&after).await, "queued");
+    let (code, out, err) = tether(&base, &["undrain", "w1"]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(
+        out.contains("worker w1 undrained: it takes tasks again"),
+        "{out}"
+    );
+    client.wait_status(&after, "completed").await;
+    assert_eq!(ran_on(&client, &after).await, "w1");
+
+    // A worker the coordinator does not know, and an id no worker may have.
+    let (code, _, err) = tether(&base, &["drain", "nobody"]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("no worker nobody at this coordinator"),
+        "{err}"
+    );
+    let (code, _, err) = tether(&base, &["drain", "no/such"]).await;
+    assert_eq!(code, Some(2), "{err}");
+    w1.stop().await.expect("w1 stops");
+    c.stop().await;
+}
