@@ -82,6 +82,11 @@ async fn a_drained_worker_finishes_its_task_takes_nothing_new_and_stays_drained_
         )),
         "{out}"
     );
+    let draining = |text: &str| metric_value(text, "tether_workers_draining", &[]);
+    assert_eq!(
+        draining(&scrape(&format!("{base}/metrics")).await),
+        Some(1.0)
+    );
     // A wait bounded below the task's run ends at its limit, saying what is held.
     let (code, out, err) = tether(&base, &["drain", "w1", "--wait=1s"]).await;
     assert_eq!(code, Some(1), "stdout: {out}\nstderr: {err}");
@@ -150,6 +155,10 @@ async fn a_drained_worker_finishes_its_task_takes_nothing_new_and_stays_drained_
     );
     client.wait_status(&after, "completed").await;
     assert_eq!(ran_on(&client, &after).await, "w1");
+    assert_eq!(
+        draining(&scrape(&format!("{base}/metrics")).await),
+        Some(0.0)
+    );
 
     // A worker the coordinator does not know, and an id no worker may have.
     let (code, _, err) = tether(&base, &["drain", "nobody"]).await;

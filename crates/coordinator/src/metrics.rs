@@ -48,6 +48,7 @@ pub const WORKERS_LOST: &str = "tether_workers_lost_total";
 pub const LEASES_RESTORED: &str = "tether_leases_restored_total";
 /// Gauge: known workers by `state` (connected, disconnected, lost).
 pub const WORKERS: &str = "tether_workers";
+pub const WORKERS_DRAINING: &str = "tether_workers_draining";
 /// Histogram (s): silence after which a session was declared dead (last frame to close).
 pub const DEAD_DETECT: &str = "tether_dead_connection_detect_seconds";
 /// Histogram (s): from a worker's disconnect to its next registration.
@@ -437,6 +438,7 @@ pub async fn scrape(State(app): State<Arc<AppState>>) -> Response {
             for (state, n) in &overview.workers {
                 metrics::gauge!(WORKERS, "state" => *state).set(*n as f64);
             }
+            metrics::gauge!(WORKERS_DRAINING).set(overview.workers_draining as f64);
             // By priority, as the queue keeps it; `sum()` is the depth.
             let queued = app.counters.queued.get();
             for (priority, n) in PRIORITY_LABELS.iter().zip(queued) {
@@ -505,6 +507,10 @@ fn describe() {
         "leases given back to a worker that came back past the grace period with the lost attempt finished"
     );
     describe_gauge!(WORKERS, "known workers by connection state");
+    describe_gauge!(
+        WORKERS_DRAINING,
+        "known workers an operator drained (tether drain): they take no new task"
+    );
     describe_histogram!(
         DEAD_DETECT,
         Unit::Seconds,

@@ -57,6 +57,8 @@ pub struct Overview {
     pub workers: BTreeMap<&'static str, u64>,
     pub workers_connected: usize,
     pub workers_known: usize,
+    /// Known workers an operator drained (`tether drain`), whatever their state.
+    pub workers_draining: usize,
     /// Mean of the connected workers' reported median heartbeat RTT, ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rtt_p50_ms_mean: Option<f64>,
@@ -620,6 +622,7 @@ impl Core {
                 .filter(|w| w.state == crate::model::WorkerState::Connected)
                 .count(),
             workers_known: self.workers.len(),
+            workers_draining: self.workers.values().filter(|w| w.draining).count(),
             counters,
         }
     }
