@@ -1518,6 +1518,7 @@ mod tests {
                             workers: Default::default(),
                             workers_connected: n,
                             workers_known: n,
+                            workers_draining: 0,
                             rtt_p50_ms_mean: None,
                             counters: Default::default(),
                         }));
