@@ -245,11 +245,11 @@ mod tests {
             }
         }
         assert_eq!(
-            with_ids, 7,
+            with_ids, 8,
             "every operation of a task, a checkpoint or a worker"
         );
         assert_eq!(
-            of_the_core, 11,
+            of_the_core, 12,
             "every operation of tasks, workers and the overview"
         );
     }

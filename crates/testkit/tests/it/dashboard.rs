@@ -274,12 +274,45 @@ async fn with_tokens_the_dashboard_asks_for_one_and_its_controls_need_the_admin_
         )
         .await;
     assert_eq!(admin.status(&ids[0]).await, "running");
+    // Nor drain a worker.
+    let drain = |action: &str| {
+        format!(
+            "document.querySelector('#workers tr[data-worker=\"w1\"] button[data-drain=\"{action}\"]').click()"
+        )
+    };
+    let fleet = "document.querySelector('#fleet-message').textContent";
+    browser.eval(&drain("drain")).await;
+    browser
+        .wait_eval(
+            "the drain's refusal",
+            &format!("{fleet}.startsWith('w1 drain: ') && {fleet}.includes('admin')"),
+            json!(true),
+        )
+        .await;
     type_token(&mut browser, "admin-token-for-tests").await;
     browser.eval(cancel).await;
     browser
         .wait_eval("cancel", &task_status(id), json!("cancelled"))
         .await;
     assert_eq!(admin.status(&ids[0]).await, "cancelled");
+    // The admin token drains w1 from its row (holding nothing now: drained), and undrains it.
+    let badge = "document.querySelector('#workers tr[data-worker=\"w1\"] .badge').textContent";
+    let draining = || async { admin.get("/api/v1/workers/w1").await.1["draining"].clone() };
+    assert_eq!(
+        draining().await,
+        json!(null),
+        "not drained by the read token"
+    );
+    browser.eval(&drain("drain")).await;
+    browser
+        .wait_eval("w1 drained", badge, json!("drained"))
+        .await;
+    assert_eq!(draining().await, json!(true));
+    browser.eval(&drain("undrain")).await;
+    browser
+        .wait_eval("w1 undrained", badge, json!("connected"))
+        .await;
+    assert_eq!(draining().await, json!(null));
     w.stop().await.expect("stop");
     c.stop().await;
 }

@@ -240,16 +240,46 @@ function renderWorkers() {
     const reconnects = s.reconnects ?? Math.max(0, (w.sessions || 0) - 1);
     return el("tr", { "data-worker": w.worker_id, "data-state": w.state, "data-reconnects": reconnects },
       el("td", {}, w.worker_id),
-      el("td", {}, badge(w.state !== "connected" ? w.state : w.stopping ? "stopping" : w.draining ? "draining" : w.resting ? "resting" : w.state)),
+      el("td", {}, badge(workerBadge(w))),
       el("td", {}, (w.capabilities || []).join(", ")),
       el("td", {}, (w.leases || []).map((t) => t.slice(0, 8)).join(" ")),
       el("td", {}, `${(w.leases || []).length}/${w.slots}`),
       el("td", {}, s.rtt_samples ? `${s.rtt_p50_ms.toFixed(1)} ms` : ""),
       el("td", {}, s.stability !== undefined ? `${(s.stability * 100).toFixed(1)} %` : ""),
       el("td", {}, reconnects),
-      el("td", { title: w.last_seen }, w.state === "connected" ? "now" : ago(w.last_seen)));
+      el("td", { title: w.last_seen }, w.state === "connected" ? "now" : ago(w.last_seen)),
+      el("td", {}, drainButton(w)));
   });
   $("#workers tbody").replaceChildren(...rows);
+}
+
+// A connected worker's badge says why it takes no new task; drained by an operator, "draining"
+// while what it holds runs on and "drained" once it holds nothing (as `tether workers` says).
+function workerBadge(w) {
+  if (w.state !== "connected") return w.state;
+  if (w.stopping) return "stopping";
+  if (w.draining) return (w.leases || []).length ? "draining" : "drained";
+  return w.resting ? "resting" : w.state;
+}
+
+function drainButton(w) {
+  const action = w.draining ? "undrain" : "drain";
+  const b = el("button", { "data-drain": action, title: w.draining ? "take tasks again" : "no new task; what it holds runs on" }, action);
+  b.onclick = () => drainWorker(w.worker_id, action);
+  return b;
+}
+
+async function drainWorker(id, action) {
+  const msg = $("#fleet-message");
+  try {
+    const w = await api("POST", `/api/v1/workers/${encodeURIComponent(id)}/${action}`);
+    state.workers.set(w.worker_id, w);
+    msg.textContent = `${id}: ${action}ed`;
+    dirty.workers = true;
+    schedule();
+  } catch (e) {
+    msg.textContent = `${id} ${action}: ${e.message}`;
+  }
 }
 
 function renderTasks() {
