@@ -104,6 +104,13 @@ async fn a_drained_worker_finishes_its_task_takes_nothing_new_and_stays_drained_
     let quick = client.submit(&[sleep_task(10, 1, 0)]).await.remove(0);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(client.status(&quick).await, "queued");
+    // `tether task` says why it waits.
+    let (code, out, err) = tether(&base, &["task", quick.as_str()]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("waiting   1 connected worker can run it: 1 drained (tether undrain)"),
+        "{out}"
+    );
     let (code, out, _) = tether(&base, &["workers"]).await;
     assert_eq!(code, Some(0));
     let row = out

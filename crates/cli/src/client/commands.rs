@@ -522,6 +522,86 @@ fn task_row(t: &Value) -> Vec<String> {
     ]
 }
 
+/// Why a queued task of `spec` waits, from the fleet's records: how many connected workers could
+/// run it and what keeps each from taking it now, or, when none could, what the others lack
+/// (the coordinator's own rule: its kind's executor, every capability it requires, every tag
+/// it names with the same value).
+fn why_waiting(spec: &Value, workers: &[Value]) -> String {
+    let kind = spec["kind"].as_str().unwrap_or_default();
+    let set = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let requires = set(&spec["requires"]);
+    let tags: Vec<(String, String)> = spec["tags"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), s(v))).collect())
+        .unwrap_or_default();
+    let mut lacks: BTreeMap<String, usize> = BTreeMap::new();
+    let mut able: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut away = 0;
+    for w in workers {
+        let (executors, capabilities) = (set(&w["executors"]), set(&w["capabilities"]));
+        let missing = if !executors.iter().any(|e| e == kind) {
+            Some(format!("the `{kind}` executor"))
+        } else if let Some(c) = requires.iter().find(|c| !capabilities.contains(c)) {
+            Some(format!("capability {c}"))
+        } else {
+            tags.iter()
+                .find(|(k, v)| w["tags"][k.as_str()].as_str() != Some(v.as_str()))
+                .map(|(k, v)| format!("tag {k}={v}"))
+        };
+        if w["state"] != "connected" {
+            away += usize::from(missing.is_none() && w["state"] == "disconnected");
+            continue;
+        }
+        let Some(missing) = missing else {
+            let held = w["leases"].as_array().map_or(0, Vec::len) as u64;
+            let why = match () {
+                () if w["stopping"] == true => "stopping",
+                () if w["draining"] == true => "drained (tether undrain)",
+                () if w["resting"].is_object() => "resting after a fault of its own",
+                () if held >= w["slots"].as_u64().unwrap_or(0) => "busy (every slot taken)",
+                () => "with a free slot (it takes the task at once, unless tasks ahead take it)",
+            };
+            *able.entry(why).or_default() += 1;
+            continue;
+        };
+        *lacks.entry(missing).or_default() += 1;
+    }
+    let workers_of = |n: usize| if n == 1 { "worker" } else { "workers" };
+    let capable: usize = able.values().sum();
+    let mut said = match capable {
+        0 => {
+            let lacking: Vec<String> = lacks
+                .iter()
+                .map(|(what, n)| format!("{n} {} {what}", if *n == 1 { "lacks" } else { "lack" }))
+                .collect();
+            match lacking.is_empty() {
+                true => "no worker is connected".to_owned(),
+                false => format!("no connected worker can run it: {}", lacking.join(", ")),
+            }
+        }
+        n => {
+            let parts: Vec<String> = able.iter().map(|(why, n)| format!("{n} {why}")).collect();
+            format!(
+                "{n} connected {} can run it: {}",
+                workers_of(n),
+                parts.join(", ")
+            )
+        }
+    };
+    if away > 0 {
+        said.push_str(&format!("; {away} disconnected {} could", workers_of(away)));
+    }
+    said
+}
+
 /// Whether a task's status is one it ends in.
 fn has_ended(t: &Value) -> bool {
     serde_json::from_value::<tether_proto::TaskStatus>(t["status"].clone())
@@ -765,6 +845,13 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
     outln!("submitted {}", when(&t["submitted_at"]))?;
     if !t["error"].is_null() {
         outln!("error     {}", s(&t["error"]))?;
+    }
+    // A queued task: what keeps the fleet from taking it. Said from the workers' records; a
+    // listing that cannot be read says nothing.
+    if t["status"] == "queued"
+        && let Ok(Value::Array(workers)) = api.get("/api/v1/workers").await
+    {
+        outln!("waiting   {}", why_waiting(spec, &workers))?;
     }
     outln!()?;
     let rows = rows_of(&t["attempts"], |a| {
@@ -1478,6 +1565,64 @@ const CONFIG_SHOWN: usize = 200;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A queued task's `waiting` line: what the capable connected workers are doing, or what
+    /// the others lack, and the disconnected ones that could run it.
+    #[test]
+    fn a_queued_task_says_what_keeps_the_fleet_from_taking_it() {
+        let spec = json!({"kind": "command", "requires": ["cuda"], "tags": {"os": "linux"}});
+        let worker = |state: &str, caps: Value, tags: Value, extra: Value| {
+            let mut w = json!({"state": state, "executors": ["command", "sleep"],
+                "capabilities": caps, "tags": tags, "slots": 1, "leases": []});
+            for (k, v) in extra.as_object().expect("object") {
+                w[k] = v.clone();
+            }
+            w
+        };
+        let linux = json!({"os": "linux"});
+        let fleet = [
+            worker(
+                "connected",
+                json!(["cuda"]),
+                linux.clone(),
+                json!({"leases": ["t-1"]}),
+            ),
+            worker(
+                "connected",
+                json!(["cuda"]),
+                linux.clone(),
+                json!({"draining": true}),
+            ),
+            worker("connected", json!([]), linux.clone(), json!({})),
+            worker(
+                "connected",
+                json!(["cuda"]),
+                json!({"os": "mac"}),
+                json!({}),
+            ),
+            worker("disconnected", json!(["cuda"]), linux.clone(), json!({})),
+            worker("lost", json!(["cuda"]), linux.clone(), json!({})),
+        ];
+        assert_eq!(
+            why_waiting(&spec, &fleet),
+            "2 connected workers can run it: 1 busy (every slot taken), 1 drained (tether \
+             undrain); 1 disconnected worker could"
+        );
+        assert_eq!(
+            why_waiting(&spec, &fleet[2..4]),
+            "no connected worker can run it: 1 lacks capability cuda, 1 lacks tag os=linux"
+        );
+        let other = json!({"kind": "gpu_bench"});
+        assert_eq!(
+            why_waiting(&other, &fleet[..1]),
+            "no connected worker can run it: 1 lacks the `gpu_bench` executor"
+        );
+        assert_eq!(why_waiting(&spec, &[]), "no worker is connected");
+        assert_eq!(
+            why_waiting(&spec, &fleet[4..5]),
+            "no worker is connected; 1 disconnected worker could"
+        );
+    }
 
     /// The ATTEMPT of a listing's row: a leased or ended task's attempt; a task waiting again
     /// its last attempt with how it ended; a task never started none.
