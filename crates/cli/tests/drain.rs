@@ -8,32 +8,23 @@ use tether_proto::{TaskId, TaskSpec};
 use tether_testkit::*;
 use tether_worker::{ConnState, Executors};
 
-/// The longest one `tether` run may take here.
-const RUN_LIMIT: Duration = Duration::from_secs(90);
+#[path = "support/cli_proc.rs"]
+mod cli_proc;
+use cli_proc::{LONG, run, text};
 
 /// A `tether` run against `base`: the command, for a caller to await or hold.
 fn tether_cmd(base: &str, args: &[&str]) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"));
+    let mut cmd = cli_proc::tether();
     cmd.args(args)
         .args(["--coordinator", base])
-        .env_remove("TETHER_LOG")
-        .env_remove("TETHER_TOKEN")
-        .env_remove("TETHER_TOKEN_FILE")
-        .kill_on_drop(true);
+        .env_remove("TETHER_LOG");
     cmd
 }
 
 /// Runs `tether` with `args` against `base`; its exit code, stdout and stderr.
 async fn tether(base: &str, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = tokio::time::timeout(RUN_LIMIT, tether_cmd(base, args).output())
-        .await
-        .expect("tether ended in time")
-        .expect("run tether");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = run(&mut tether_cmd(base, args)).await;
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
 }
 
 fn worker(c: &TestCoordinator, id: &str) -> TestWorker {
@@ -126,7 +117,7 @@ async fn a_drained_worker_finishes_its_task_takes_nothing_new_and_stays_drained_
     // The held task ends: the wait ends with it.
     std::fs::write(&go, b"").expect("release the task");
     client.wait_status(&long, "completed").await;
-    let out = tokio::time::timeout(RUN_LIMIT, waiting.wait())
+    let out = tokio::time::timeout(LONG, waiting.wait())
         .await
         .expect("the wait ended once the worker held nothing")
         .expect("wait");

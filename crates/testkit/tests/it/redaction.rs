@@ -28,6 +28,21 @@ fn keyed_task() -> TaskSpec {
     )
 }
 
+/// The event stream opened with a read token, and its first event, the snapshot.
+async fn read_events(base: &str) -> (reqwest::Response, String, Value) {
+    let mut events = loopback_client(reqwest::Client::builder())
+        .get(format!("{base}/api/v1/events"))
+        .bearer_auth(READ)
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(events.status(), 200);
+    let mut buf = String::new();
+    let (name, snapshot) = next_event(&mut events, &mut buf).await.expect("snapshot");
+    assert_eq!(name, "snapshot");
+    (events, buf, snapshot)
+}
+
 fn env_of(task: &Value) -> &Value {
     &task["spec"]["config"]["env"]
 }
@@ -51,16 +66,7 @@ async fn a_read_token_sees_the_names_of_a_tasks_env_not_their_values() {
 
     // The event stream opened with a read token, before the task: its snapshot and the
     // changes that follow.
-    let mut events = loopback_client(reqwest::Client::builder())
-        .get(format!("{base}/api/v1/events"))
-        .bearer_auth(READ)
-        .send()
-        .await
-        .expect("events");
-    assert_eq!(events.status(), 200);
-    let mut buf = String::new();
-    let (name, _) = next_event(&mut events, &mut buf).await.expect("snapshot");
-    assert_eq!(name, "snapshot");
+    let (mut events, mut buf, _) = read_events(&base).await;
 
     let w = spawn_worker(
         fast_worker_config(&c.ws_url(), "w-env"),
@@ -108,14 +114,7 @@ async fn a_read_token_sees_the_names_of_a_tasks_env_not_their_values() {
     }
     assert!(changes >= 2, "queued, running, completed: {changes} seen");
     drop(events);
-    let mut events = loopback_client(reqwest::Client::builder())
-        .get(format!("{base}/api/v1/events"))
-        .bearer_auth(READ)
-        .send()
-        .await
-        .expect("events");
-    let mut buf = String::new();
-    let (_, snapshot) = next_event(&mut events, &mut buf).await.expect("snapshot");
+    let (events, _, snapshot) = read_events(&base).await;
     assert_eq!(env_of(&snapshot["tasks"][0]), &redacted, "{snapshot}");
     assert!(!snapshot.to_string().contains(VALUE));
     drop(events);

@@ -1339,6 +1339,14 @@ where
     }
 }
 
+/// The number of the connection being made (0 for the first), counted in `connections`: a
+/// scripted coordinator's connector numbers its connections so that each can play its part.
+pub fn next_connection(connections: &Mutex<usize>) -> usize {
+    let mut n = connections.lock().expect("lock");
+    *n += 1;
+    *n - 1
+}
+
 /// A connection to a scripted coordinator over an in-memory pipe: `serve` is spawned with the
 /// coordinator's end, and the worker's end shakes hands at `url`.
 pub fn piped<F>(

@@ -18,7 +18,7 @@ use tether_worker::statedir::StateDir;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::fake::{Running, piped, registration_ack, welcome};
+use crate::fake::{Running, next_connection, piped, registration_ack, welcome};
 
 const LOST: &str = "t-dead";
 
@@ -40,11 +40,7 @@ impl Connector for Coordinator {
         url: String,
         config: WebSocketConfig,
     ) -> BoxFuture<'static, Result<WsStream, ConnectError>> {
-        let conn = {
-            let mut n = self.connections.lock().expect("lock");
-            *n += 1;
-            *n - 1
-        };
+        let conn = next_connection(&self.connections);
         let coord = self.clone();
         piped(url, config, move |io| serve(coord, conn, io))
     }

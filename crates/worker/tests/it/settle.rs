@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
-use crate::fake::{Running, piped, registration_ack, until_registration, welcome};
+use crate::fake::{Running, next_connection, piped, registration_ack, until_registration, welcome};
 
 /// The task whose result is acknowledged while its checkpoint's pieces are still held.
 const DONE: &str = "t-done";
@@ -112,11 +112,7 @@ impl Connector for Coordinator {
         url: String,
         config: WebSocketConfig,
     ) -> BoxFuture<'static, Result<WsStream, ConnectError>> {
-        let conn = {
-            let mut n = self.connections.lock().expect("lock");
-            *n += 1;
-            *n - 1
-        };
+        let conn = next_connection(&self.connections);
         let coord = self.clone();
         piped(url, config, move |io| serve(coord, conn, io))
     }
