@@ -133,6 +133,34 @@ pub struct Task {
 pub const REDACTED: &str = "(redacted)";
 
 impl Task {
+    /// A task of the tests: `id`, `spec`, `status`, submitted as `seq` at `at`, never leased.
+    #[cfg(test)]
+    pub(crate) fn fixture(
+        id: &str,
+        spec: TaskSpec,
+        status: TaskStatus,
+        seq: u64,
+        at: DateTime<Utc>,
+    ) -> Self {
+        Task {
+            task_id: TaskId::parse(id).expect("id"),
+            spec: Arc::new(spec),
+            status,
+            attempt: Attempt::default(),
+            attempt_base: Attempt::default(),
+            lease: None,
+            submit_seq: seq,
+            submitted_at: at,
+            updated_at: at,
+            finished_at: None,
+            outcome: None,
+            error: None,
+            latest_checkpoint: None,
+            attempts: vec![],
+            lease_started: None,
+        }
+    }
+
     /// This task with each value of its config's `env` object replaced by [`REDACTED`], the
     /// names kept; as it is when it has none. A config without the text `"env"` (nor an
     /// escape, which could spell it) is not parsed.
@@ -391,23 +419,7 @@ mod tests {
         let spec: TaskSpec =
             serde_json::from_str(&format!(r#"{{"kind": "command", "config": {config}}}"#))
                 .expect("spec");
-        Task {
-            task_id: TaskId::parse("t-1").expect("id"),
-            spec: Arc::new(spec),
-            status: TaskStatus::Queued,
-            attempt: Attempt(0),
-            attempt_base: Attempt::default(),
-            lease: None,
-            submit_seq: 0,
-            submitted_at: Utc::now(),
-            updated_at: Utc::now(),
-            finished_at: None,
-            outcome: None,
-            error: None,
-            latest_checkpoint: None,
-            attempts: vec![],
-            lease_started: None,
-        }
+        Task::fixture("t-1", spec, TaskStatus::Queued, 0, Utc::now())
     }
 
     fn config_after(config: &str) -> serde_json::Value {

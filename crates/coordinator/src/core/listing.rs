@@ -186,33 +186,16 @@ impl Listing {
 
 #[cfg(test)]
 mod tests {
-    use std::cell::Cell;
-    use std::sync::Arc;
-
     use chrono::Duration;
     use rand::{Rng, SeedableRng};
-    use tether_proto::{Attempt, TaskSpec};
+    use std::cell::Cell;
+    use tether_proto::TaskSpec;
 
     use super::*;
 
     fn task(seq: u64, status: TaskStatus, updated_at: DateTime<Utc>) -> Task {
-        Task {
-            task_id: TaskId::parse(&format!("t{seq}")).expect("id"),
-            spec: Arc::new(TaskSpec::new("sleep", serde_json::json!({}))),
-            status,
-            attempt: Attempt::default(),
-            attempt_base: Attempt::default(),
-            lease: None,
-            submit_seq: seq,
-            submitted_at: updated_at,
-            updated_at,
-            finished_at: None,
-            outcome: None,
-            error: None,
-            latest_checkpoint: None,
-            attempts: vec![],
-            lease_started: None,
-        }
+        let spec = TaskSpec::new("sleep", serde_json::json!({}));
+        Task::fixture(&format!("t{seq}"), spec, status, seq, updated_at)
     }
 
     /// What a listing returned before the indexes: a pass over every task.

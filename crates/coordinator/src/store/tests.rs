@@ -13,23 +13,11 @@ mod modes;
 mod open_full;
 
 fn task(id: &str, seq: u64, status: TaskStatus) -> Task {
-    Task {
-        task_id: TaskId::parse(id).expect("id"),
-        spec: Arc::new(TaskSpec::new("sleep", serde_json::json!({}))),
-        status,
-        attempt: Attempt(1),
-        attempt_base: Attempt::default(),
-        lease: None,
-        submit_seq: seq,
-        submitted_at: Utc::now(),
-        updated_at: Utc::now(),
-        finished_at: status.is_terminal().then(Utc::now),
-        outcome: None,
-        error: None,
-        latest_checkpoint: None,
-        attempts: vec![],
-        lease_started: None,
-    }
+    let spec = TaskSpec::new("sleep", serde_json::json!({}));
+    let mut t = Task::fixture(id, spec, status, seq, Utc::now());
+    t.attempt = Attempt(1);
+    t.finished_at = status.is_terminal().then(Utc::now);
+    t
 }
 
 /// Retention's removal of a task whose last attempt was 1.

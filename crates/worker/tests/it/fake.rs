@@ -1339,6 +1339,16 @@ where
     }
 }
 
+/// Waits until `done`, polling every 10 ms, failing the test after `limit` (virtual time in a
+/// paused test, real time otherwise).
+pub async fn until(what: &str, limit: std::time::Duration, done: impl Fn() -> bool) {
+    let end = tokio::time::Instant::now() + limit;
+    while !done() {
+        assert!(tokio::time::Instant::now() < end, "never: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// The number of the connection being made (0 for the first), counted in `connections`: a
 /// scripted coordinator's connector numbers its connections so that each can play its part.
 pub fn next_connection(connections: &Mutex<usize>) -> usize {

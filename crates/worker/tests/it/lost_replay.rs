@@ -18,7 +18,7 @@ use tether_worker::statedir::StateDir;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::fake::{Running, next_connection, piped, registration_ack, welcome};
+use crate::fake::{Running, next_connection, piped, registration_ack, until, welcome};
 
 const LOST: &str = "t-dead";
 
@@ -101,15 +101,6 @@ async fn serve(coord: Coordinator, conn: usize, io: tokio::io::DuplexStream) {
     }
 }
 
-/// Waits (real time) until `done`, failing the test after twenty seconds.
-async fn until(what: &str, done: impl Fn() -> bool) {
-    let end = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(tokio::time::Instant::now() < end, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// The previous process ran `t-dead` at attempt 1 and sent a state of it, unacknowledged,
 /// when it died. The restarted worker reports the attempt lost, with the replay through that
 /// state, at every registration until the state is acknowledged: the first coordinator went
@@ -148,7 +139,7 @@ async fn tasks_lost_are_reported_until_the_replay_through_them_is_acknowledged()
     .expect("valid config");
     assert_eq!(agent.lost(), std::slice::from_ref(&dead));
     let running = Running::start_agent(agent);
-    until("three registrations", || {
+    until("three registrations", Duration::from_secs(20), || {
         coord.inventories.lock().expect("lock").len() >= 3
     })
     .await;

@@ -212,11 +212,7 @@ async fn serve(coord: Coordinator, conn: usize, io: tokio::io::DuplexStream) {
 
 /// Waits (virtual time) until `done`, failing the test after two minutes.
 async fn until(what: &str, done: impl Fn() -> bool) {
-    let end = tokio::time::Instant::now() + Duration::from_secs(120);
-    while !done() {
-        assert!(tokio::time::Instant::now() < end, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    crate::fake::until(what, Duration::from_secs(120), done).await
 }
 
 /// Two tasks each send a checkpoint the coordinator does not acknowledge; one's result is
