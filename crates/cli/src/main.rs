@@ -84,6 +84,9 @@ enum Cmd {
     /// next chance: a `command` task's changed checkpoint directory is shipped at once); with
     /// `--wait`, wait for it.
     Checkpoint(client::CheckpointArgs),
+    /// Run ended tasks again: each submitted anew, as a new task, with the spec it had (the
+    /// new ids printed, `NEW (retry of OLD)`); with `--watch`, follow them to their end.
+    Retry(client::RetryArgs),
     /// Drain a worker: no new task goes to it, and what it runs goes on to its end; with
     /// `--wait`, wait until it holds none. It stays drained, across its restarts and the
     /// coordinator's, until undrained.
@@ -159,10 +162,11 @@ fn main() -> std::process::ExitCode {
     // since the outcome they exist to report was not read.
     let output_only = client
         || matches!(&cli.cmd, Cmd::Submit(s) if !s.watch)
+        || matches!(&cli.cmd, Cmd::Retry(r) if !r.watches())
         || matches!(&cli.cmd, Cmd::Proxy(p) if p.is_client());
     // Client commands print their own output and log only warnings; the demo prints its own
     // narrative and logs only errors. A level asked for (--log, TETHER_LOG) is what it says.
-    let quiet = client || matches!(cli.cmd, Cmd::Submit(_) | Cmd::Watch(_));
+    let quiet = client || matches!(cli.cmd, Cmd::Submit(_) | Cmd::Retry(_) | Cmd::Watch(_));
     let level = match cli.log.as_deref().filter(|l| !l.is_empty()) {
         Some(asked) => asked,
         None if quiet => "warn",
@@ -210,6 +214,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Pause(a) => client::control(a, "pause").await,
             Cmd::Resume(a) => client::control(a, "resume").await,
             Cmd::Checkpoint(a) => client::checkpoint(a).await,
+            Cmd::Retry(a) => client::retry(a).await,
             Cmd::Drain(a) => client::drain(a).await,
             Cmd::Undrain(a) => client::undrain(a).await,
             Cmd::Demo(a) => demo::run(a).await,

@@ -1,6 +1,7 @@
-//! `tether drain` and `tether undrain` against a real coordinator and workers in this process:
-//! a drained worker finishes what it holds and takes nothing new, through a restart of the
-//! coordinator, until undrained; `--wait` ends when it holds nothing, or at its limit.
+//! `tether drain`, `tether undrain` and `tether retry` against a real coordinator and workers in
+//! this process: a drained worker finishes what it holds and takes nothing new, through a
+//! restart of the coordinator, until undrained; `--wait` ends when it holds nothing, or at its
+//! limit. An ended task runs again as a new task with its spec.
 
 use std::time::Duration;
 
@@ -168,5 +169,63 @@ async fn a_drained_worker_finishes_its_task_takes_nothing_new_and_stays_drained_
     let (code, _, err) = tether(&base, &["drain", "no/such"]).await;
     assert_eq!(code, Some(2), "{err}");
     w1.stop().await.expect("w1 stops");
+    c.stop().await;
+}
+
+/// `tether retry` submits an ended task's spec again as a new task, and `--watch` follows it:
+/// a task that failed for want of a file completes once the file is there. A task not ended
+/// is refused, and nothing is submitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_runs_an_ended_task_again_as_a_new_task_with_its_spec() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().join("c")).await;
+    let base = format!("http://{}", c.addr);
+    let client = c.client();
+    let w = worker(&c, "w1");
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let ok = dir.path().join("ok");
+    let mut spec = TaskSpec::new(
+        "command",
+        serde_json::json!({"shell": r#"[ -e "$OK" ]"#, "env": {"OK": ok}}),
+    );
+    spec.max_attempts = Some(1);
+    spec.name = Some("needs-ok".into());
+    let first = client.submit(&[spec]).await.remove(0);
+    client.wait_status(&first, "failed").await;
+
+    std::fs::write(&ok, b"").expect("the file it needs");
+    let (code, out, err) = tether(&base, &["retry", "--watch", first.as_str()]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    let line = out
+        .lines()
+        .find(|l| l.ends_with(&format!(" (retry of {first})")))
+        .unwrap_or_else(|| panic!("a line naming the retry: {out}"));
+    let again = TaskId::parse(line.split(' ').next().expect("an id")).expect("a task id");
+    assert_ne!(again, first);
+    let (old, new) = (client.task(&first).await, client.task(&again).await);
+    assert_eq!(new["status"], "completed", "{new}");
+    assert_eq!(
+        old["status"], "failed",
+        "the first stays as it ended: {old}"
+    );
+    for field in ["kind", "config", "name", "max_attempts", "priority"] {
+        assert_eq!(old["spec"][field], new["spec"][field], "{field}");
+    }
+
+    let held = client
+        .submit(&[held_until(&ok.with_extension("never"))])
+        .await;
+    client.wait_status(&held[0], "running").await;
+    let before = client.get("/api/v1/tasks").await.1.as_array().map(Vec::len);
+    let (code, _, err) = tether(&base, &["retry", held[0].as_str()]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("is running: only an ended task is run again"),
+        "{err}"
+    );
+    let after = client.get("/api/v1/tasks").await.1.as_array().map(Vec::len);
+    assert_eq!(before, after, "nothing submitted");
+    client.control(&held[0], "cancel").await;
+    w.stop().await.expect("w1 stops");
     c.stop().await;
 }

@@ -3,6 +3,7 @@
 use super::table::*;
 use super::*;
 use std::collections::BTreeMap;
+use tether_coordinator::model::REDACTED;
 use tether_proto::task::{MAX_ATTEMPTS, MAX_LABELS};
 
 #[derive(Args)]
@@ -397,6 +398,92 @@ async fn send(a: &SubmitArgs) -> anyhow::Result<(Api, BTreeSet<String>)> {
         }
     }
     Ok((api, ids.into_iter().collect()))
+}
+
+#[derive(Args)]
+pub struct RetryArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Ids of ended tasks (completed, failed, timed out or cancelled), each checked against the
+    /// id rules before any request.
+    #[arg(required = true, value_name = "TASK_ID")]
+    ids: Vec<tether_proto::TaskId>,
+    /// Then follow the new tasks until each has ended, as `tether watch` does (exit 0 only if
+    /// all completed).
+    #[arg(long)]
+    watch: bool,
+}
+
+impl RetryArgs {
+    /// Whether the new tasks are followed to their end (`--watch`).
+    pub fn watches(&self) -> bool {
+        self.watch
+    }
+}
+
+/// The spec of an ended task `t`, to submit again as a new task: its own id left out (the same
+/// id and spec name the task that is there), everything else as submitted.
+fn spec_to_retry(t: &Value) -> anyhow::Result<Value> {
+    let id = s(&t["task_id"]);
+    let ended = has_ended(t);
+    if !ended {
+        bail!(
+            "task {id} is {}: only an ended task is run again (cancel it first: `tether cancel              {id}`)",
+            s(&t["status"])
+        );
+    }
+    let mut spec = t["spec"].clone();
+    let Some(fields) = spec.as_object_mut() else {
+        bail!("task {id} has no spec in the coordinator's answer");
+    };
+    fields.remove("task_id");
+    // A read token sees env values replaced (and cannot submit): a spec that holds one would
+    // run with the placeholder for the value.
+    let redacted = fields
+        .get("config")
+        .and_then(|c| c.get("env"))
+        .and_then(Value::as_object)
+        .is_some_and(|env| env.values().any(|v| v == REDACTED));
+    if redacted {
+        bail!(
+            "task {id}'s env values are hidden from this token (`{REDACTED}`): run it again with              an admin token"
+        );
+    }
+    Ok(spec)
+}
+
+/// `tether retry`: ended tasks submitted again as new tasks, with their specs; a line each,
+/// `NEW_ID (retry of OLD_ID)`, then, with `--watch`, followed to their end.
+pub async fn retry(a: RetryArgs) -> anyhow::Result<()> {
+    let api = Api::new(&a.common)?;
+    let mut specs = Vec::with_capacity(a.ids.len());
+    for id in &a.ids {
+        let t = api.get(&format!("/api/v1/tasks/{id}")).await?;
+        specs.push(spec_to_retry(&t)?);
+    }
+    let sent = std::time::Instant::now();
+    let body = serde_json::to_vec(&json!({ "tasks": specs }))?;
+    let v = api
+        .post_text("/api/v1/tasks", bytes::Bytes::from(body))
+        .await
+        .map_err(|e| match e.downcast_ref::<NoAnswer>() {
+            Some(_) => e.context(
+                "the submission's outcome is unknown: the tasks may have been submitted again;                  check with `tether tasks --newest` before retrying again",
+            ),
+            None => e,
+        })?;
+    let ids = submitted_ids(&v, specs.len())?;
+    if a.common.json {
+        outln!("{v}")?;
+    } else {
+        for (new, old) in ids.iter().zip(&a.ids) {
+            outln!("{} (retry of {old})", shown(new))?;
+        }
+    }
+    if !a.watch {
+        return Ok(());
+    }
+    crate::watch::follow_submitted(&api, ids.into_iter().collect(), a.common.json, sent).await
 }
 
 /// The ids of the `sent` tasks from the answer `v` to their submission: an id each, or an
@@ -1565,6 +1652,28 @@ const CONFIG_SHOWN: usize = 200;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An ended task's spec goes again without its id; a task not ended, or one whose env a
+    /// read token saw replaced, is refused saying why.
+    #[test]
+    fn a_retry_sends_an_ended_tasks_spec_without_its_id() {
+        let spec = json!({"task_id": "t-1", "kind": "command", "priority": 1,
+            "config": {"shell": "make", "env": {"K": "v"}}, "tags": {"os": "linux"}});
+        let t = json!({"task_id": "t-1", "status": "failed", "spec": spec});
+        let again = spec_to_retry(&t).expect("an ended task");
+        assert_eq!(
+            again,
+            json!({"kind": "command", "priority": 1,
+                "config": {"shell": "make", "env": {"K": "v"}}, "tags": {"os": "linux"}})
+        );
+        let running = json!({"task_id": "t-1", "status": "running", "spec": spec});
+        let e = spec_to_retry(&running).expect_err("running").to_string();
+        assert!(e.contains("task t-1 is running: only an ended task"), "{e}");
+        let hidden = json!({"task_id": "t-1", "status": "completed",
+            "spec": {"kind": "command", "config": {"shell": "x", "env": {"K": REDACTED}}}});
+        let e = spec_to_retry(&hidden).expect_err("redacted").to_string();
+        assert!(e.contains("hidden from this token"), "{e}");
+    }
 
     /// A queued task's `waiting` line: what the capable connected workers are doing, or what
     /// the others lack, and the disconnected ones that could run it.

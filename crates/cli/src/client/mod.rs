@@ -17,8 +17,8 @@ mod table;
 
 pub(crate) use commands::away_lines;
 pub use commands::{
-    CheckpointArgs, ControlArgs, DrainArgs, SubmitArgs, TaskArgs, TasksArgs, UndrainArgs,
-    checkpoint, control, drain, submit, task, tasks, undrain, workers,
+    CheckpointArgs, ControlArgs, DrainArgs, RetryArgs, SubmitArgs, TaskArgs, TasksArgs,
+    UndrainArgs, checkpoint, control, drain, retry, submit, task, tasks, undrain, workers,
 };
 pub(crate) use table::shown;
 
