@@ -1242,6 +1242,35 @@ pub const COORD_MSG_TYPES: &[&str] = &[
 mod tests {
     use super::*;
 
+    /// [`ErrorCode::ALL`] lists every code once: a code added to `ErrorCode` stops this
+    /// match compiling until it is listed here, and then fails it until it is listed there.
+    #[test]
+    fn every_error_code_is_listed_once() {
+        let every = |c: ErrorCode| match c {
+            ErrorCode::UnknownType
+            | ErrorCode::BadFrame
+            | ErrorCode::Unexpected
+            | ErrorCode::NotLeased
+            | ErrorCode::IncompatibleProtocol
+            | ErrorCode::Unauthorized
+            | ErrorCode::RateLimited
+            | ErrorCode::BadMac
+            | ErrorCode::Internal => c,
+        };
+        let all = [
+            every(ErrorCode::UnknownType),
+            every(ErrorCode::BadFrame),
+            every(ErrorCode::Unexpected),
+            every(ErrorCode::NotLeased),
+            every(ErrorCode::IncompatibleProtocol),
+            every(ErrorCode::Unauthorized),
+            every(ErrorCode::RateLimited),
+            every(ErrorCode::BadMac),
+            every(ErrorCode::Internal),
+        ];
+        assert_eq!(ErrorCode::ALL, all);
+    }
+
     /// The sample assignment.
     fn sample_assignment() -> TaskAssignment {
         crate::samples::coord_messages()
