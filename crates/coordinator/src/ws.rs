@@ -558,8 +558,7 @@ fn run(
                         None => break (SessionEnd::Closed, "closed".into()),
                         Some(Err(e)) => {
                             if is_too_big(&e) {
-                                app.counters.oversize_frames.fetch_add(1, Ordering::Relaxed);
-                                metrics::counter!(m::OVERSIZE_FRAMES).increment(1);
+                                oversize(&app.counters);
                                 out.close(deadline, CLOSE_TOO_BIG, "frame exceeds the size limit").await;
                                 break (SessionEnd::Oversize, "oversize frame".into());
                             }
@@ -645,8 +644,7 @@ fn run(
                             }
                             Err(InflateError::TooBig { .. }) => {
                                 app.counters.decompression_refused.fetch_add(1, Ordering::Relaxed);
-                                app.counters.oversize_frames.fetch_add(1, Ordering::Relaxed);
-                                metrics::counter!(m::OVERSIZE_FRAMES).increment(1);
+                                oversize(&app.counters);
                                 // Hostile or broken: a worker's own frames never inflate past
                                 // the limit it was told. Once a window per worker at WARN.
                                 let said = app.refusals.note(worker.as_str(), "decompression bomb");
@@ -840,6 +838,13 @@ async fn awaiting_ack(
         true => Awaited::Kept,
         false => Awaited::Failed,
     }
+}
+
+/// A frame over the size limit (as sent, or once inflated): counted in the overview's
+/// counters and in `tether_oversize_frames_total`, whichever way it came.
+fn oversize(counters: &Counters) {
+    counters.oversize_frames.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(m::OVERSIZE_FRAMES).increment(1);
 }
 
 /// Waits for the core to take a session's events (`wait`: its queue was full), pinging the
@@ -1521,8 +1526,7 @@ impl Conn<'_> {
             let frame = match next {
                 Some(Ok(m)) => m,
                 Some(Err(e)) if is_too_big(&e) => {
-                    counters.oversize_frames.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(m::OVERSIZE_FRAMES).increment(1);
+                    oversize(counters);
                     self.close(deadline, CLOSE_TOO_BIG, "frame exceeds the size limit")
                         .await;
                     return None;
