@@ -223,6 +223,12 @@ async fn retry_runs_an_ended_task_again_as_a_new_task_with_its_spec() {
         err.contains("is running: only an ended task is run again"),
         "{err}"
     );
+    let (code, _, err) = tether(&base, &["retry", first.as_str(), "t-nobody"]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("no task t-nobody at this coordinator"),
+        "{err}"
+    );
     let after = client.get("/api/v1/tasks").await.1.as_array().map(Vec::len);
     assert_eq!(before, after, "nothing submitted");
     client.control(&held[0], "cancel").await;

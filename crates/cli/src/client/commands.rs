@@ -456,10 +456,22 @@ fn spec_to_retry(t: &Value) -> anyhow::Result<Value> {
 /// `NEW_ID (retry of OLD_ID)`, then, with `--watch`, followed to their end.
 pub async fn retry(a: RetryArgs) -> anyhow::Result<()> {
     let api = Api::new(&a.common)?;
+    // Read as listings of the ids, as many a request as the API takes, not one request each.
+    let mut found: BTreeMap<String, Value> = BTreeMap::new();
+    let unique: BTreeSet<&str> = a.ids.iter().map(|id| id.as_str()).collect();
+    let unique: Vec<&str> = unique.into_iter().collect();
+    for ids in unique.chunks(tether_coordinator::http::LIST_IDS_MAX) {
+        let path = format!("/api/v1/tasks?limit={}&ids={}", ids.len(), ids.join(","));
+        for t in api.get(&path).await?.as_array().into_iter().flatten() {
+            found.insert(s(&t["task_id"]), t.clone());
+        }
+    }
     let mut specs = Vec::with_capacity(a.ids.len());
     for id in &a.ids {
-        let t = api.get(&format!("/api/v1/tasks/{id}")).await?;
-        specs.push(spec_to_retry(&t)?);
+        let Some(t) = found.get(id.as_str()) else {
+            bail!("no task {id} at this coordinator: `tether tasks` lists those it knows");
+        };
+        specs.push(spec_to_retry(t)?);
     }
     let sent = std::time::Instant::now();
     let body = serde_json::to_vec(&json!({ "tasks": specs }))?;
