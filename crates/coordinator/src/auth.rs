@@ -488,6 +488,24 @@ pub struct Admitted(pub Scope);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EnvShown(pub bool);
 
+impl EnvShown {
+    /// `task` as this caller may see it.
+    pub fn task(self, task: crate::model::Task) -> crate::model::Task {
+        match self.0 {
+            true => task,
+            false => task.without_env_values(),
+        }
+    }
+
+    /// `tasks` as this caller may see them.
+    pub fn tasks(self, tasks: Vec<crate::model::Task>) -> Vec<crate::model::Task> {
+        match self.0 {
+            true => tasks,
+            false => tasks.into_iter().map(|t| self.task(t)).collect(),
+        }
+    }
+}
+
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for EnvShown {
     type Rejection = std::convert::Infallible;
 

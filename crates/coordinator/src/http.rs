@@ -49,7 +49,6 @@ use tokio::sync::oneshot;
 
 use crate::auth::EnvShown;
 use crate::core::{Api, ApiError, ControlOp, Event, TaskQuery};
-use crate::model::Task;
 use crate::server::AppState;
 
 /// The body of every error: `{"error": {"code": "...", "message": "..."}}`.
@@ -789,7 +788,7 @@ pub struct ListQuery {
 )]
 pub async fn list_tasks(
     State(app): State<Arc<AppState>>,
-    EnvShown(env_shown): EnvShown,
+    shown: EnvShown,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Response {
     let q = match q {
@@ -851,14 +850,7 @@ pub async fn list_tasks(
         ids,
     };
     let tasks = ask(&app, |reply| Api::ListTasks { query, reply });
-    heavy_array(&app, async move {
-        let tasks = tasks.await?;
-        Ok(match env_shown {
-            true => tasks,
-            false => tasks.into_iter().map(Task::without_env_values).collect(),
-        })
-    })
-    .await
+    heavy_array(&app, async move { Ok(shown.tasks(tasks.await?)) }).await
 }
 
 /// The `ids` of a listing: comma-separated task ids (at most [`LIST_IDS_MAX`], checked first).
@@ -897,17 +889,14 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, ApiError> {
 )]
 pub async fn get_task(
     State(app): State<Arc<AppState>>,
-    EnvShown(env_shown): EnvShown,
+    shown: EnvShown,
     ApiPath(id): ApiPath<String>,
 ) -> Response {
     match parse_task(&id) {
         Ok(task) => {
             heavy(&app, async {
                 let task = ask(&app, |reply| Api::GetTask { task, reply }).await;
-                json(task.map(|t| match env_shown {
-                    true => t,
-                    false => t.without_env_values(),
-                }))
+                json(task.map(|t| shown.task(t)))
             })
             .await
         }

@@ -12,9 +12,9 @@ use tokio::sync::broadcast::Receiver;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{SNAPSHOT_TASKS, Sample};
+use crate::auth::EnvShown;
 use crate::core::{Api, ApiError, Change, TaskQuery};
 use crate::http::ask;
-use crate::model::Task;
 use crate::server::AppState;
 
 /// Least time between two snapshots for a client that lags.
@@ -38,13 +38,10 @@ fn keep_alive(idle: Duration) -> Duration {
         (status = 400, description = "A query parameter (`bad_request`, naming it): the stream takes none", body = crate::http::ErrorBody),
     )
 )]
-pub async fn events(
-    State(app): State<Arc<AppState>>,
-    crate::auth::EnvShown(env_shown): crate::auth::EnvShown,
-) -> Response {
+pub async fn events(State(app): State<Arc<AppState>>, shown: EnvShown) -> Response {
     let app_idle = app.cfg.limits.http_idle;
     let stream = Feed {
-        env_shown,
+        shown,
         changes: app.changes.subscribe(),
         samples: app.history.tx.subscribe(),
         app,
@@ -62,8 +59,8 @@ pub async fn events(
 /// One client's position in the feed.
 struct Feed {
     app: Arc<AppState>,
-    /// Whether tasks' `env` values are shown ([`crate::auth::EnvShown`]).
-    env_shown: bool,
+    /// Whether tasks' `env` values are shown.
+    shown: EnvShown,
     changes: Receiver<Change>,
     samples: Receiver<Arc<Sample>>,
     snapshot_due: bool,
@@ -108,7 +105,7 @@ impl Feed {
         tokio::select! {
             _ = stop.cancelled() => None,
             c = self.changes.recv() => match c {
-                Ok(Change::Task(t)) => Some(json_event("task", &self.shown(*t))),
+                Ok(Change::Task(t)) => Some(json_event("task", &self.shown.task(*t))),
                 Ok(Change::Worker(w)) => Some(json_event("worker", &w)),
                 Ok(Change::TaskRemoved(id)) => {
                     Some(json_event("task_removed", &serde_json::json!({ "task_id": id })))
@@ -149,10 +146,9 @@ impl Feed {
             newest_first: true,
             ..TaskQuery::default()
         };
-        let mut newest = ask(app, |reply| Api::ListTasks { query, reply }).await?;
-        if !self.env_shown {
-            newest = newest.into_iter().map(Task::without_env_values).collect();
-        }
+        let newest = self
+            .shown
+            .tasks(ask(app, |reply| Api::ListTasks { query, reply }).await?);
         let snapshot = json_event(
             "snapshot",
             &serde_json::json!({
@@ -165,16 +161,6 @@ impl Feed {
             }),
         );
         Ok((snapshot, turn))
-    }
-}
-
-impl Feed {
-    /// `task` as this client may see it.
-    fn shown(&self, task: Task) -> Task {
-        match self.env_shown {
-            true => task,
-            false => task.without_env_values(),
-        }
     }
 }
 
