@@ -162,7 +162,7 @@ fn main() -> std::process::ExitCode {
     // since the outcome they exist to report was not read.
     let output_only = client
         || matches!(&cli.cmd, Cmd::Submit(s) if !s.watch)
-        || matches!(&cli.cmd, Cmd::Retry(r) if !r.watches())
+        || matches!(&cli.cmd, Cmd::Retry(r) if !r.watch)
         || matches!(&cli.cmd, Cmd::Proxy(p) if p.is_client());
     // Client commands print their own output and log only warnings; the demo prints its own
     // narrative and logs only errors. A level asked for (--log, TETHER_LOG) is what it says.

@@ -128,6 +128,27 @@ pub struct Task {
     pub lease_started: Option<tokio::time::Instant>,
 }
 
+/// What a worker lacks to run a task ([`Worker::lacks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lack<'a> {
+    /// The executor of the task's kind.
+    Executor(&'a str),
+    /// A capability the task requires.
+    Capability(&'a str),
+    /// A tag the task names, with its value.
+    Tag(&'a str, &'a str),
+}
+
+impl std::fmt::Display for Lack<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lack::Executor(kind) => write!(f, "the `{kind}` executor"),
+            Lack::Capability(c) => write!(f, "capability {c}"),
+            Lack::Tag(k, v) => write!(f, "tag {k}={v}"),
+        }
+    }
+}
+
 /// What a task's `env` values are replaced with for a caller who may not see them
 /// ([`crate::auth::EnvShown`]).
 pub const REDACTED: &str = "(redacted)";
@@ -401,12 +422,28 @@ impl Worker {
 
     /// Whether this worker can run `spec`.
     pub fn can_run(&self, spec: &TaskSpec) -> bool {
-        self.executors.contains(&spec.kind)
-            && spec.requires.iter().all(|c| self.capabilities.contains(c))
-            && spec
-                .tags
-                .iter()
-                .all(|(k, v)| self.tags.get(k).is_some_and(|w| w == v))
+        self.lacks(&spec.kind, &spec.requires, &spec.tags).is_none()
+    }
+
+    /// What this worker lacks to run tasks of `kind` that require `requires` and name `tags`:
+    /// the first the rule finds (the kind's executor, a capability, a tag with that value), or
+    /// `None` when it can run them. The one rule: dispatch (`queue::Requirement::met_by`),
+    /// [`Self::can_run`] and `tether task`'s account of a waiting task apply it.
+    pub fn lacks<'a>(
+        &self,
+        kind: &'a str,
+        requires: &'a [String],
+        tags: &'a BTreeMap<String, String>,
+    ) -> Option<Lack<'a>> {
+        if !self.executors.contains(kind) {
+            return Some(Lack::Executor(kind));
+        }
+        if let Some(c) = requires.iter().find(|c| !self.capabilities.contains(*c)) {
+            return Some(Lack::Capability(c));
+        }
+        tags.iter()
+            .find(|(k, v)| self.tags.get(*k) != Some(*v))
+            .map(|(k, v)| Lack::Tag(k, v))
     }
 }
 

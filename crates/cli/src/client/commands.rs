@@ -411,22 +411,14 @@ pub struct RetryArgs {
     /// Then follow the new tasks until each has ended, as `tether watch` does (exit 0 only if
     /// all completed).
     #[arg(long)]
-    watch: bool,
-}
-
-impl RetryArgs {
-    /// Whether the new tasks are followed to their end (`--watch`).
-    pub fn watches(&self) -> bool {
-        self.watch
-    }
+    pub(crate) watch: bool,
 }
 
 /// The spec of an ended task `t`, to submit again as a new task: its own id left out (the same
 /// id and spec name the task that is there), everything else as submitted.
 fn spec_to_retry(t: &Value) -> anyhow::Result<Value> {
     let id = s(&t["task_id"]);
-    let ended = has_ended(t);
-    if !ended {
+    if !has_ended(t) {
         bail!(
             "task {id} is {}: only an ended task is run again (cancel it first: `tether cancel              {id}`)",
             s(&t["status"])
@@ -621,70 +613,54 @@ fn task_row(t: &Value) -> Vec<String> {
     ]
 }
 
-/// Why a queued task of `spec` waits, from the fleet's records: how many connected workers could
-/// run it and what keeps each from taking it now, or, when none could, what the others lack
-/// (the coordinator's own rule: its kind's executor, every capability it requires, every tag
-/// it names with the same value).
-fn why_waiting(spec: &Value, workers: &[Value]) -> String {
-    let kind = spec["kind"].as_str().unwrap_or_default();
-    let set = |v: &Value| -> Vec<String> {
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let requires = set(&spec["requires"]);
-    let tags: Vec<(String, String)> = spec["tags"]
-        .as_object()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), s(v))).collect())
-        .unwrap_or_default();
+/// Why a queued task of `spec` waits, from the fleet's records (`GET /api/v1/workers`): how
+/// many connected workers could run it and what keeps each from taking it now, or, when none
+/// could, what the others lack (the coordinator's own rule, [`Worker::lacks`]). `None` when the
+/// spec or a record does not read as this version's: nothing is said then.
+///
+/// [`Worker::lacks`]: tether_coordinator::model::Worker::lacks
+fn why_waiting(spec: &Value, workers: &[Value]) -> Option<String> {
+    use tether_coordinator::model::Worker;
+    let spec: tether_proto::TaskSpec = serde_json::from_value(spec.clone()).ok()?;
     let mut lacks: BTreeMap<String, usize> = BTreeMap::new();
     let mut able: BTreeMap<&str, usize> = BTreeMap::new();
     let mut away = 0;
     for w in workers {
-        let (executors, capabilities) = (set(&w["executors"]), set(&w["capabilities"]));
-        let missing = if !executors.iter().any(|e| e == kind) {
-            Some(format!("the `{kind}` executor"))
-        } else if let Some(c) = requires.iter().find(|c| !capabilities.contains(c)) {
-            Some(format!("capability {c}"))
-        } else {
-            tags.iter()
-                .find(|(k, v)| w["tags"][k.as_str()].as_str() != Some(v.as_str()))
-                .map(|(k, v)| format!("tag {k}={v}"))
-        };
+        // What the rule reads of the record: the worker's offer.
+        let id = tether_proto::WorkerId::parse(w["worker_id"].as_str()?).ok()?;
+        let mut offer = Worker::new(id, chrono::Utc::now());
+        offer.executors = serde_json::from_value(w["executors"].clone()).ok()?;
+        offer.capabilities = serde_json::from_value(w["capabilities"].clone()).ok()?;
+        offer.tags = serde_json::from_value(w["tags"].clone()).ok()?;
+        let missing = offer.lacks(&spec.kind, &spec.requires, &spec.tags);
         if w["state"] != "connected" {
             away += usize::from(missing.is_none() && w["state"] == "disconnected");
             continue;
         }
-        let Some(missing) = missing else {
-            let held = w["leases"].as_array().map_or(0, Vec::len) as u64;
-            let why = match () {
-                () if w["stopping"] == true => "stopping",
-                () if w["draining"] == true => "drained (tether undrain)",
-                () if w["resting"].is_object() => "resting after a fault of its own",
-                () if held >= w["slots"].as_u64().unwrap_or(0) => "busy (every slot taken)",
-                () => "with a free slot (it takes the task at once, unless tasks ahead take it)",
-            };
-            *able.entry(why).or_default() += 1;
+        if let Some(missing) = missing {
+            *lacks.entry(missing.to_string()).or_default() += 1;
             continue;
+        }
+        let held = w["leases"].as_array().map_or(0, Vec::len) as u64;
+        let why = match () {
+            () if w["stopping"] == true => "stopping",
+            () if w["draining"] == true => "drained (tether undrain)",
+            () if w["resting"].is_object() => "resting after a fault of its own",
+            () if held >= w["slots"].as_u64().unwrap_or(0) => "busy (every slot taken)",
+            () => "with a free slot (it takes the task at once, unless tasks ahead take it)",
         };
-        *lacks.entry(missing).or_default() += 1;
+        *able.entry(why).or_default() += 1;
     }
     let workers_of = |n: usize| if n == 1 { "worker" } else { "workers" };
     let capable: usize = able.values().sum();
     let mut said = match capable {
+        0 if lacks.is_empty() => "no worker is connected".to_owned(),
         0 => {
             let lacking: Vec<String> = lacks
                 .iter()
                 .map(|(what, n)| format!("{n} {} {what}", if *n == 1 { "lacks" } else { "lack" }))
                 .collect();
-            match lacking.is_empty() {
-                true => "no worker is connected".to_owned(),
-                false => format!("no connected worker can run it: {}", lacking.join(", ")),
-            }
+            format!("no connected worker can run it: {}", lacking.join(", "))
         }
         n => {
             let parts: Vec<String> = able.iter().map(|(why, n)| format!("{n} {why}")).collect();
@@ -698,7 +674,7 @@ fn why_waiting(spec: &Value, workers: &[Value]) -> String {
     if away > 0 {
         said.push_str(&format!("; {away} disconnected {} could", workers_of(away)));
     }
-    said
+    Some(said)
 }
 
 /// Whether a task's status is one it ends in.
@@ -949,8 +925,9 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
     // listing that cannot be read says nothing.
     if t["status"] == "queued"
         && let Ok(Value::Array(workers)) = api.get("/api/v1/workers").await
+        && let Some(why) = why_waiting(spec, &workers)
     {
-        outln!("waiting   {}", why_waiting(spec, &workers))?;
+        outln!("waiting   {why}")?;
     }
     outln!()?;
     let rows = rows_of(&t["attempts"], |a| {
@@ -1693,8 +1670,10 @@ mod tests {
     fn a_queued_task_says_what_keeps_the_fleet_from_taking_it() {
         let spec = json!({"kind": "command", "requires": ["cuda"], "tags": {"os": "linux"}});
         let worker = |state: &str, caps: Value, tags: Value, extra: Value| {
-            let mut w = json!({"state": state, "executors": ["command", "sleep"],
-                "capabilities": caps, "tags": tags, "slots": 1, "leases": []});
+            let mut w = json!({"worker_id": "w", "state": state, "boot_id": "b",
+                "executors": ["command", "sleep"], "capabilities": caps, "tags": tags,
+                "slots": 1, "leases": [], "sessions": 1,
+                "first_seen": "2026-12-07T00:00:00Z", "last_seen": "2026-12-07T00:00:00Z"});
             for (k, v) in extra.as_object().expect("object") {
                 w[k] = v.clone();
             }
@@ -1725,24 +1704,31 @@ mod tests {
             worker("lost", json!(["cuda"]), linux.clone(), json!({})),
         ];
         assert_eq!(
-            why_waiting(&spec, &fleet),
-            "2 connected workers can run it: 1 busy (every slot taken), 1 drained (tether \
+            why_waiting(&spec, &fleet).as_deref(),
+            Some(
+                "2 connected workers can run it: 1 busy (every slot taken), 1 drained (tether \
              undrain); 1 disconnected worker could"
+            )
         );
         assert_eq!(
-            why_waiting(&spec, &fleet[2..4]),
-            "no connected worker can run it: 1 lacks capability cuda, 1 lacks tag os=linux"
+            why_waiting(&spec, &fleet[2..4]).as_deref(),
+            Some("no connected worker can run it: 1 lacks capability cuda, 1 lacks tag os=linux")
         );
         let other = json!({"kind": "gpu_bench"});
         assert_eq!(
-            why_waiting(&other, &fleet[..1]),
-            "no connected worker can run it: 1 lacks the `gpu_bench` executor"
+            why_waiting(&other, &fleet[..1]).as_deref(),
+            Some("no connected worker can run it: 1 lacks the `gpu_bench` executor")
         );
-        assert_eq!(why_waiting(&spec, &[]), "no worker is connected");
         assert_eq!(
-            why_waiting(&spec, &fleet[4..5]),
-            "no worker is connected; 1 disconnected worker could"
+            why_waiting(&spec, &[]).as_deref(),
+            Some("no worker is connected")
         );
+        assert_eq!(
+            why_waiting(&spec, &fleet[4..5]).as_deref(),
+            Some("no worker is connected; 1 disconnected worker could")
+        );
+        // A record that does not read as this version's: nothing is said.
+        assert_eq!(why_waiting(&spec, &[json!({"state": "connected"})]), None);
     }
 
     /// The ATTEMPT of a listing's row: a leased or ended task's attempt; a task waiting again

@@ -50,12 +50,7 @@ impl Requirement {
     /// carry the assignment (a worker of smaller frames is passed over, not sent a frame it
     /// would refuse).
     pub fn met_by(&self, w: &Worker) -> bool {
-        w.executors.contains(&self.kind)
-            && self.requires.iter().all(|c| w.capabilities.contains(c))
-            && self
-                .tags
-                .iter()
-                .all(|(k, v)| w.tags.get(k).is_some_and(|x| x == v))
+        w.lacks(&self.kind, &self.requires, &self.tags).is_none()
             && (self.frame == 0
                 || w.session
                     .as_ref()
